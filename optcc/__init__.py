@@ -1,0 +1,45 @@
+"""optcc: an ONNX graph-optimization and quantization compiler that verifies what it emits.
+
+Public API (what ``optcc.passes`` and third-party passes may import):
+
+- ``optimize(model, passes=None, level=2, verify=True, inputs=None, ...)`` -> OptimizeResult
+- ``Pass``, ``PassResult``: the pass contract; ``PassManager``, ``Fixpoint``
+- ``register``, ``available_passes``, ``create_pass``: the pass registry
+- ``Report``, ``Verifier``, ``verify``, ``Tolerance``
+- ``optcc.ir``: load/save and the graph walker; errors in ``optcc.errors``
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from optcc import ir
+from optcc.api import OptimizeResult, optimize
+from optcc.errors import BadInputError, OptccError, UnsafeInputError, VerificationError
+from optcc.pass_base import Pass, PassResult
+from optcc.pass_manager import Fixpoint, PassManager
+from optcc.registry import available_passes, create_pass, register
+from optcc.report import Report
+from optcc.verify import Tolerance, Verifier, verify
+
+__all__ = [
+    "__version__",
+    "ir",
+    "optimize",
+    "OptimizeResult",
+    "Pass",
+    "PassResult",
+    "PassManager",
+    "Fixpoint",
+    "register",
+    "available_passes",
+    "create_pass",
+    "Report",
+    "Verifier",
+    "verify",
+    "Tolerance",
+    "OptccError",
+    "BadInputError",
+    "UnsafeInputError",
+    "VerificationError",
+]

@@ -1,0 +1,42 @@
+"""The errors optcc raises on purpose, each tied to a command-line exit code."""
+
+from __future__ import annotations
+
+__all__ = ["OptccError", "BadInputError", "UnsafeInputError", "VerificationError", "PassFailedError"]
+
+ISSUES_URL = "https://github.com/optcc/optcc/issues"
+
+
+class OptccError(Exception):
+    """Base of every error optcc raises deliberately."""
+
+    exit_code = 3
+
+
+class BadInputError(OptccError, ValueError):
+    """The model, data or options given to optcc are unusable (exit code 2).
+
+    The message is one line that names the file (when there is one) and the problem.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, path: object | None = None) -> None:
+        self.path = None if path is None else str(path)
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class UnsafeInputError(BadInputError):
+    """The model tries something optcc refuses for safety, e.g. external data outside its folder."""
+
+
+class VerificationError(OptccError):
+    """The optimized model does not match the original within tolerance (exit code 1)."""
+
+    exit_code = 1
+
+
+class PassFailedError(OptccError):
+    """A pass raised or broke an invariant while the pass manager ran with ``strict=True``."""
+
+    exit_code = 3

@@ -1,0 +1,121 @@
+"""Structural invariants checked after every pass that modified the model.
+
+A pass that breaks one is reverted by the pass manager (or stops the run when strict).
+The checks: nodes in topological order with every input defined, value names unique
+within their scope and never shadowing an outer one, the graph's input/output names,
+types and (symbolic) dimensions unchanged, and onnx's checker accepting the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+import onnx_ir as ir
+
+from optcc import ir as oir
+
+__all__ = ["Signature", "signature", "check_invariants"]
+
+# Running onnx's checker needs a serialized copy of in-memory weights; skip it above this.
+CHECKER_MAX_INMEMORY_BYTES = 1_000_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """The model's interface: what callers depend on and no pass may change."""
+
+    inputs: tuple[tuple[str, str, tuple[object, ...] | None], ...]
+    outputs: tuple[tuple[str, str, tuple[object, ...] | None], ...]
+
+
+def _describe(value: ir.Value) -> tuple[str, str, tuple[object, ...] | None]:
+    shape = None if value.shape is None else tuple(
+        d.value if isinstance(d, ir.SymbolicDim) else int(d) for d in value.shape
+    )
+    return (value.name or "", str(value.type), shape)
+
+
+def signature(model: ir.Model) -> Signature:
+    return Signature(
+        inputs=tuple(_describe(v) for v in model.graph.inputs),
+        outputs=tuple(_describe(v) for v in model.graph.outputs),
+    )
+
+
+def check_invariants(model: ir.Model, expected: Signature, *, run_checker: bool = True) -> list[str]:
+    """Every invariant the model violates, as one-line descriptions (empty when sound)."""
+    problems: list[str] = []
+    order = oir.first_order_problem(model)
+    if order:
+        problems.append(order)
+    problems.extend(_name_problems(model))
+    problems.extend(_signature_problems(signature(model), expected))
+    if run_checker and not problems:
+        problems.extend(_checker_problems(model))
+    return problems
+
+
+def _name_problems(model: ir.Model) -> list[str]:
+    problems: list[str] = []
+
+    def visit(graph: ir.Graph | ir.Function, outer: frozenset[str]) -> None:
+        seen: set[str] = set()
+
+        def define(value: ir.Value, what: str) -> None:
+            name = value.name
+            if not name:
+                if value.uses() or value.is_graph_output():
+                    problems.append(f"{what} has no name but is used")
+                return
+            if name in seen:
+                problems.append(f"value name '{name}' is defined twice")
+            elif name in outer:
+                problems.append(f"value name '{name}' shadows a value of an enclosing graph")
+            seen.add(name)
+
+        for value in graph.inputs:
+            define(value, "a graph input")
+        if isinstance(graph, ir.Graph):
+            for value in graph.initializers.values():
+                if not value.is_graph_input():
+                    define(value, "an initializer")
+        for node in graph:
+            for value in node.outputs:
+                define(value, f"an output of node '{node.name}' ({node.op_type})")
+        for node in graph:
+            for sub in oir.subgraphs(node):
+                visit(sub, outer | seen)
+
+    visit(model.graph, frozenset())
+    for function in model.functions.values():
+        visit(function, frozenset())
+    return problems
+
+
+def _signature_problems(actual: Signature, expected: Signature) -> list[str]:
+    problems = []
+    for kind, got, want in (
+        ("input", actual.inputs, expected.inputs),
+        ("output", actual.outputs, expected.outputs),
+    ):
+        if got != want:
+            problems.append(f"graph {kind}s changed: {list(want)} -> {list(got)}")
+    return problems
+
+
+def _checker_problems(model: ir.Model) -> list[str]:
+    in_memory = sum(
+        v.const_value.nbytes
+        for g in oir.graphs(model)
+        if isinstance(g, ir.Graph)
+        for v in g.initializers.values()
+        if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+    )
+    if in_memory > CHECKER_MAX_INMEMORY_BYTES:
+        return []
+    try:
+        onnx.checker.check_model(oir.serialize(model))
+    except Exception as e:  # the checker's error types vary across onnx versions
+        return ["onnx checker: " + " ".join(str(e).split())[:300]]
+    return []

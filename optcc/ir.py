@@ -1,0 +1,478 @@
+"""Thin helpers over onnx-ir: safe loading, atomic saving and the one walker every pass uses.
+
+Nothing here is a second IR. A model is an ``onnx_ir.Model`` from load to save; these
+functions add optcc's rules on top: untrusted files are validated before use, external
+data may not point outside the model's folder, and output files appear atomically.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from optcc.errors import BadInputError, UnsafeInputError
+
+__all__ = [
+    "ModelSource",
+    "load",
+    "save",
+    "graphs",
+    "nodes",
+    "op_histogram",
+    "weight_bytes",
+    "default_opset",
+    "uses_external_data",
+    "external_data_files",
+    "unique_value_name",
+    "serialize",
+]
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
+
+# Protobuf refuses messages of 2 GiB; leave room for the graph structure itself.
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(source: ModelSource) -> ir.Model:
+    """Load and validate a model from a path, serialized bytes, a ModelProto or an ir.Model.
+
+    Raises BadInputError (UnsafeInputError for security problems) with a one-line message
+    naming the file. An ``ir.Model`` is returned as given (it is trusted: it came from code).
+    """
+    if isinstance(source, ir.Model):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        return _from_proto(source, base_dir=None, label="<ModelProto>")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        proto = _parse_bytes(bytes(source), "<bytes>")
+        return _from_proto(proto, base_dir=None, label="<bytes>")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        proto = _read_model_file(path)
+        return _from_proto(proto, base_dir=path.resolve().parent, label=str(path))
+    raise BadInputError(
+        f"cannot load a model from a {type(source).__name__}; "
+        "give a path, bytes, onnx.ModelProto or onnx_ir.Model"
+    )
+
+
+def _read_model_file(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise BadInputError("no such file", path)
+    if not path.is_file():
+        raise BadInputError("not a file", path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadInputError(f"cannot read: {e.strerror or e}", path) from None
+    return _parse_bytes(data, str(path))
+
+
+def _parse_bytes(data: bytes, label: str) -> onnx.ModelProto:
+    if not data:
+        raise BadInputError("empty file, not an ONNX model", label)
+    if data.startswith(_ZIP_MAGIC):
+        raise BadInputError("is a zip archive (an .npz?), not an ONNX model", label)
+    if data.startswith(_NPY_MAGIC):
+        raise BadInputError("is a NumPy .npy array, not an ONNX model", label)
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError):
+        raise BadInputError(
+            "not a valid ONNX protobuf (truncated or garbage bytes)", label
+        ) from None
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        raise BadInputError("not an ONNX model (no ir_version or no graph)", label)
+    return proto
+
+
+def _from_proto(proto: onnx.ModelProto, base_dir: Path | None, label: str) -> ir.Model:
+    _check_versions(proto, label)
+    _check_external_data(proto, base_dir, label)
+    _check_structure(proto, label)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:  # onnx-ir rejects some malformed protos the checker lets through
+        raise BadInputError(f"malformed model: {_one_line(e)}", label) from None
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    _sort_or_reject_cycle(model, label)
+    return model
+
+
+def _check_versions(proto: onnx.ModelProto, label: str) -> None:
+    if proto.ir_version > onnx.IR_VERSION:
+        raise BadInputError(
+            f"IR version {proto.ir_version} is newer than this onnx ({onnx.__version__}) "
+            f"supports (<= {onnx.IR_VERSION}); upgrade onnx",
+            label,
+        )
+    default = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if not default:
+        raise BadInputError("no opset import for the default ONNX domain ('')", label)
+    newest = onnx.defs.onnx_opset_version()
+    if default[0] > newest:
+        raise BadInputError(
+            f"opset {default[0]} is newer than this onnx ({onnx.__version__}) supports "
+            f"(<= {newest}); upgrade onnx",
+            label,
+        )
+
+
+def _tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of a graph and its subgraphs: initializers and tensor attributes."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensor_protos(attr.g)
+            for sub in attr.graphs:
+                yield from _tensor_protos(sub)
+
+
+def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: str) -> None:
+    graphs_ = [proto.graph] + [
+        onnx.GraphProto(node=f.node) for f in proto.functions
+    ]
+    for graph in graphs_:
+        for tensor in _tensor_protos(graph):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            _check_external_location(tensor.name, info, base_dir, label)
+
+
+def _check_external_location(
+    tensor_name: str, info: dict[str, str], base_dir: Path | None, label: str
+) -> None:
+    location = info.get("location", "")
+    if not location:
+        raise BadInputError(f"tensor '{tensor_name}' has external data with no location", label)
+    if base_dir is None:
+        raise BadInputError(
+            f"tensor '{tensor_name}' stores its data in external file '{location}'; "
+            "load the model from its path so the file can be found",
+            label,
+        )
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
+        raise UnsafeInputError(
+            f"refusing external data path '{location}' of tensor '{tensor_name}': "
+            "absolute paths are not allowed",
+            label,
+        )
+    root = base_dir.resolve()
+    target = (root / location).resolve()  # resolves '..' and symlinks
+    if target != root and root not in target.parents:
+        raise UnsafeInputError(
+            f"refusing external data path '{location}' of tensor '{tensor_name}': "
+            "it points outside the model's folder",
+            label,
+        )
+    if not target.is_file():
+        raise BadInputError(
+            f"external data file '{location}' of tensor '{tensor_name}' is missing", label
+        )
+    try:
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+    except ValueError:
+        raise BadInputError(
+            f"tensor '{tensor_name}' has a non-numeric external data offset/length", label
+        ) from None
+    if end > target.stat().st_size:
+        raise BadInputError(
+            f"external data file '{location}' is shorter than tensor '{tensor_name}' needs "
+            "(truncated?)",
+            label,
+        )
+
+
+def _check_structure(proto: onnx.ModelProto, label: str) -> None:
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        message = _one_line(e)
+        if "topologically sorted" in message:
+            return  # normalized after deserialization (or reported there as a cycle)
+        raise BadInputError(f"invalid ONNX model: {message}", label) from None
+    except Exception as e:  # the checker raises plain errors on some malformed input
+        raise BadInputError(f"invalid ONNX model: {_one_line(e)}", label) from None
+
+
+def _sort_or_reject_cycle(model: ir.Model, label: str) -> None:
+    """Put nodes in topological order; a graph that cannot be sorted has a cycle or a
+    node input that nothing defines."""
+    problem = first_order_problem(model)
+    if problem is None:
+        return
+    try:
+        model.graph.sort()
+        for fn in model.functions.values():
+            fn.sort()
+    except Exception:
+        pass
+    problem = first_order_problem(model)
+    if problem is not None:
+        raise BadInputError(f"invalid graph: {problem}", label)
+
+
+def first_order_problem(model: ir.Model) -> str | None:
+    """The first use-before-definition in any graph of the model, or None when every node
+    input is defined (by a graph input, an initializer, an earlier node or an outer scope)."""
+    for graph in (model.graph, *model.functions.values()):
+        problem = _order_problem(graph, frozenset())
+        if problem:
+            return problem
+    return None
+
+
+def _order_problem(graph: ir.Graph | ir.Function, outer: frozenset[ir.Value]) -> str | None:
+    defined = set(outer)
+    defined.update(graph.inputs)
+    if isinstance(graph, ir.Graph):
+        defined.update(graph.initializers.values())
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and value not in defined:
+                what = "a cycle" if value.producer() is not None else "an undefined value"
+                return (
+                    f"node '{node.name}' ({node.op_type}) reads '{value.name}' before it is "
+                    f"defined ({what})"
+                )
+        for attr in node.attributes.values():
+            for sub in _attr_graphs(attr):
+                problem = _order_problem(sub, frozenset(defined))
+                if problem:
+                    return problem
+        defined.update(node.outputs)
+    for value in graph.outputs:
+        if value not in defined:
+            return f"graph output '{value.name}' is not defined"
+    return None
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+# --------------------------------------------------------------------------- walking
+
+
+def _attr_graphs(attr: ir.Attr | ir.RefAttr) -> list[ir.Graph]:
+    if attr.type == ir.AttributeType.GRAPH:
+        return [attr.as_graph()]
+    if attr.type == ir.AttributeType.GRAPHS:
+        return list(attr.as_graphs())
+    return []
+
+
+def subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The If/Loop/Scan (or custom) bodies held directly by a node's attributes."""
+    return [g for attr in node.attributes.values() for g in _attr_graphs(attr)]
+
+
+def graphs(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
+    """Every graph-like of a model: the main graph, each model-local function, and every
+    If/Loop/Scan body inside them (depth first, parents before their bodies).
+
+    This is the one walker passes use; iterate a graph's nodes with ``list(graph)`` when
+    the pass mutates it.
+    """
+
+    def walk(graph: ir.Graph | ir.Function) -> Iterator[ir.Graph | ir.Function]:
+        yield graph
+        for node in list(graph):
+            for sub in subgraphs(node):
+                yield from walk(sub)
+
+    yield from walk(model.graph)
+    for function in list(model.functions.values()):
+        yield from walk(function)
+
+
+def nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """Every node of every graph-like of the model (see ``graphs``)."""
+    for graph in graphs(model):
+        yield from graph
+
+
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    """Node counts keyed by op type ("domain::op" for non-default domains), sorted by name."""
+    counts = collections.Counter(
+        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+        for n in nodes(model)
+    )
+    return dict(sorted(counts.items()))
+
+
+def _tensor_nbytes(tensor: ir.TensorProtocol | None) -> int:
+    if tensor is None:
+        return 0
+    try:
+        return int(tensor.nbytes)
+    except Exception:
+        return 0
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes held by initializers and Constant-node tensors in every graph."""
+    total = 0
+    for graph in graphs(model):
+        if isinstance(graph, ir.Graph):
+            total += sum(_tensor_nbytes(v.const_value) for v in graph.initializers.values())
+        for node in graph:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                value = node.attributes.get("value")
+                if value is not None and value.type == ir.AttributeType.TENSOR:
+                    total += _tensor_nbytes(value.as_tensor())
+    return total
+
+
+def default_opset(model: ir.Model) -> int:
+    """The model's opset version for the default ONNX domain."""
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
+
+
+def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    for graph in graphs(model):
+        if isinstance(graph, ir.Graph):
+            for value in graph.initializers.values():
+                if isinstance(value.const_value, ir.ExternalTensor):
+                    yield value.const_value
+
+
+def uses_external_data(model: ir.Model) -> bool:
+    """Whether any initializer's data lives in an external file."""
+    return any(True for _ in _external_tensors(model))
+
+
+def external_data_files(model: ir.Model) -> set[Path]:
+    """The resolved paths of the external data files the model's tensors read from."""
+    return {
+        Path(t.base_dir, t.location).resolve() for t in _external_tensors(model) if t.base_dir
+    }
+
+
+def unique_value_name(graph: ir.Graph | ir.Function, base: str) -> str:
+    """A value name based on ``base`` that no value of the model's graphs uses yet."""
+    root = graph
+    while isinstance(root, ir.Graph) and root.parent is not None and root.parent.graph is not None:
+        root = root.parent.graph
+    taken: set[str] = set()
+    stack = [root]
+    while stack:
+        g = stack.pop()
+        taken.update(v.name for v in g.inputs if v.name)
+        if isinstance(g, ir.Graph):
+            taken.update(g.initializers)
+        for node in g:
+            taken.update(v.name for v in node.outputs if v.name)
+            stack.extend(subgraphs(node))
+    if base not in taken:
+        return base
+    i = 1
+    while f"{base}_{i}" in taken:
+        i += 1
+    return f"{base}_{i}"
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def serialize(model: ir.Model) -> onnx.ModelProto:
+    """The model as a ModelProto (external tensors stay references to their files)."""
+    return ir.serde.serialize_model(model)
+
+
+def needs_external_data(model: ir.Model) -> bool:
+    """External data is used when the model came with it or its weights near 2 GB."""
+    return uses_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+
+
+def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> Path:
+    """Refuse an output path before any work is done: the input itself, a missing or
+    unwritable folder, a directory. Returns the path."""
+    out = Path(path)
+    if out.is_dir():
+        raise BadInputError("output path is a directory", out)
+    if input_path is not None and Path(input_path).exists() and out.exists():
+        if os.path.samefile(out, input_path):
+            raise BadInputError("output path is the input model; refusing to overwrite it", out)
+    folder = out.resolve().parent
+    if not folder.is_dir():
+        raise BadInputError("output folder does not exist", out)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".probe")
+    except OSError as e:
+        raise BadInputError(f"output folder is not writable ({e.strerror or e})", out) from None
+    os.close(fd)
+    os.unlink(probe)
+    return out
+
+
+def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
+    """Write the model atomically: a temporary file in the target folder, then a rename.
+
+    With external data (automatic when the model was loaded with it or its weights are
+    near 2 GB), the weights go to ``<name>.data`` beside the model, written first, also
+    atomically. A failure leaves no partial output behind.
+    """
+    out = check_output_path(path)
+    if external_data is None:
+        external_data = needs_external_data(model)
+    folder = out.resolve().parent
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    data_name = f"{out.name}.data"
+    try:
+        if external_data:
+            if (folder / data_name).resolve() in external_data_files(model):
+                raise BadInputError(
+                    f"would overwrite '{data_name}', the external data the model reads from; "
+                    "choose another output name",
+                    out,
+                )
+            ir.save(model, tmp_name, external_data=data_name, size_threshold_bytes=1024)
+        else:
+            _write_bytes(tmp_name, serialize(model).SerializeToString())
+        os.replace(tmp_name, out)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def as_numpy(value: ir.Value) -> np.ndarray | None:
+    """The constant array behind a value (initializer or Constant output), else None."""
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()

@@ -1,0 +1,44 @@
+"""The contract every optcc pass follows: an onnx-ir in-place pass that also reports stats."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Literal
+
+import onnx_ir as ir
+
+__all__ = ["Pass", "PassResult", "Numerics", "NUMERICS_ORDER"]
+
+# What a pass may do to the numbers a model computes, from strictest to loosest. The
+# verifier's tolerance is chosen by the loosest kind among the passes that changed the model.
+Numerics = Literal["exact", "fusion", "fp16", "int8"]
+NUMERICS_ORDER: tuple[Numerics, ...] = ("exact", "fusion", "fp16", "int8")
+
+
+@dataclasses.dataclass
+class PassResult(ir.passes.PassResult):
+    """onnx-ir's PassResult plus ``stats``: what the pass rewrote, and how many times."""
+
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Pass(ir.passes.InPlacePass):
+    """Base class for optcc passes.
+
+    Subclasses implement ``call(model) -> PassResult`` and set, as class attributes:
+
+    - ``name``: the registry name (kebab-case, e.g. ``"eliminate-identities"``);
+    - ``level``: the lowest -O level whose pipeline includes the pass (None: opt-in only);
+    - ``numerics``: "exact", "fusion", "fp16" or "int8" (selects the verification tolerance).
+
+    Options go in the constructor. A pass must not modify tensor data in place (tensors
+    are shared with the pass manager's snapshot used for reverting); it builds new tensors.
+    The class docstring states the rewrite, its preconditions, and why it is exact.
+    """
+
+    name: ClassVar[str] = ""
+    level: ClassVar[int | None] = None
+    numerics: ClassVar[Numerics] = "exact"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

@@ -1,0 +1,69 @@
+"""The -O levels, each a pipeline of registered passes (the one place they are built).
+
+| level | pipeline |
+|---|---|
+| 0 | normalize (topological order, names) |
+| 1 | 0 + a fixpoint of the exact eliminations |
+| 2 | 1 + reassociating fusions into standard ops (none yet beyond level 1) |
+| 3 | 2 + runtime-specific rewrites; records the target runtime in metadata_props |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from optcc.errors import BadInputError
+from optcc.pass_manager import Fixpoint, PipelineStep
+from optcc.registry import available_passes, create_pass
+
+__all__ = ["LEVELS", "build_pipeline", "pipeline_names"]
+
+# A level is a list of pass names; a tuple of names is run as a Fixpoint.
+LEVELS: dict[int, list[str | tuple[str, ...]]] = {
+    0: ["normalize"],
+    1: ["normalize", ("eliminate-identities", "eliminate-dead-nodes")],
+    2: ["normalize", ("eliminate-identities", "eliminate-dead-nodes")],
+    3: ["normalize", ("eliminate-identities", "eliminate-dead-nodes"), "record-target"],
+}
+
+FIXPOINT_MAX_ITERS = 8
+
+
+def pipeline_names(level: int) -> list[str]:
+    """Every pass name the level's pipeline uses, in order."""
+    if level not in LEVELS:
+        raise BadInputError(f"unknown optimization level {level} (use 0, 1, 2 or 3)")
+    names: list[str] = []
+    for step in LEVELS[level]:
+        names.extend(step if isinstance(step, tuple) else [step])
+    return names
+
+
+def build_pipeline(
+    level: int = 2,
+    *,
+    passes: Sequence[object] | None = None,
+    disable: Iterable[str] = (),
+) -> list[PipelineStep]:
+    """The pipeline to run: the level's, or exactly ``passes`` (names or pass objects)
+    when given; ``disable`` drops passes by name."""
+    disabled = set(disable)
+    unknown = disabled - set(available_passes())
+    if unknown:
+        raise BadInputError(f"cannot disable unknown pass(es): {', '.join(sorted(unknown))}")
+    if passes is not None:
+        return [
+            create_pass(p) if isinstance(p, str) else p
+            for p in passes
+            if not (isinstance(p, str) and p in disabled)
+        ]
+    pipeline_names(level)  # validates the level
+    steps: list[PipelineStep] = []
+    for step in LEVELS[level]:
+        if isinstance(step, tuple):
+            inner = [create_pass(name) for name in step if name not in disabled]
+            if inner:
+                steps.append(Fixpoint(inner, FIXPOINT_MAX_ITERS, name="+".join(step)))
+        elif step not in disabled:
+            steps.append(create_pass(step))
+    return steps

@@ -1,0 +1,101 @@
+"""The pass registry: one name -> pass-factory mapping.
+
+Built lazily on first use from optcc's built-in passes (``optcc.passes.BUILTIN_PASSES``)
+and third-party passes advertised through the entry-point group ``optcc.passes``; this
+mapping is optcc's only global mutable state. Nothing registers itself as a side effect
+of importing a module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import warnings
+from collections.abc import Callable
+
+import onnx_ir as ir
+
+from optcc.errors import BadInputError
+
+__all__ = ["PassInfo", "available_passes", "register", "create_pass"]
+
+ENTRY_POINT_GROUP = "optcc.passes"
+
+PassFactory = Callable[..., ir.passes.PassBase]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassInfo:
+    name: str
+    factory: PassFactory
+    level: int | None
+    description: str
+    origin: str  # "builtin" or the distribution that provides the entry point
+
+
+_registry: dict[str, PassInfo] | None = None
+
+
+def _info(factory: PassFactory, origin: str, name: str | None = None) -> PassInfo:
+    doc = (getattr(factory, "__doc__", None) or "").strip()
+    return PassInfo(
+        name=name or getattr(factory, "name", "") or getattr(factory, "__name__", str(factory)),
+        factory=factory,
+        level=getattr(factory, "level", None),
+        description=doc.splitlines()[0] if doc else "",
+        origin=origin,
+    )
+
+
+def _load() -> dict[str, PassInfo]:
+    from optcc.passes import BUILTIN_PASSES
+
+    found = {}
+    for cls in BUILTIN_PASSES:
+        info = _info(cls, "builtin")
+        found[info.name] = info
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            factory = entry.load()
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not break optcc
+            warnings.warn(f"optcc: cannot load pass plugin '{entry.name}': {e}", stacklevel=2)
+            continue
+        origin = entry.dist.name if entry.dist is not None else "plugin"
+        if entry.name in found:
+            warnings.warn(
+                f"optcc: plugin pass '{entry.name}' from {origin} ignored: the name is taken",
+                stacklevel=2,
+            )
+            continue
+        found[entry.name] = _info(factory, origin, name=entry.name)
+    return found
+
+
+def available_passes() -> dict[str, PassInfo]:
+    """Every registered pass by name, built-ins first."""
+    global _registry
+    if _registry is None:
+        _registry = _load()
+    return dict(_registry)
+
+
+def register(factory: PassFactory, name: str | None = None, *, replace: bool = False) -> PassInfo:
+    """Register a pass factory (a Pass subclass or any callable returning a pass)."""
+    global _registry
+    info = _info(factory, "register()", name)
+    passes = available_passes()
+    if info.name in passes and not replace:
+        raise ValueError(f"a pass named '{info.name}' is already registered")
+    assert _registry is not None
+    _registry[info.name] = info
+    return info
+
+
+def create_pass(name: str, **options: object) -> ir.passes.PassBase:
+    """A new pass object for a registered name."""
+    passes = available_passes()
+    if name not in passes:
+        raise BadInputError(
+            f"unknown pass '{name}' (known: {', '.join(sorted(passes))}; see --list-passes)"
+        )
+    return passes[name].factory(**options)

@@ -1,0 +1,63 @@
+"""EliminateDeadNodesPass: remove what no graph output depends on.
+
+Rewrite: nodes whose outputs are unused (in every graph, function and If/Loop/Scan body,
+uses from inside bodies counted), unused trailing optional outputs, unused initializers
+(of the main graph and of bodies), model-local functions no node calls, and opset
+imports no node uses. onnx-ir's ``RemoveUnusedNodesPass``, ``RemoveUnusedFunctionsPass``
+and ``RemoveUnusedOpsetsPass`` do the work (tests/test_passes_elimination.py shows they
+are correct on the cases that matter); this pass adds body initializers and stats.
+Preconditions: none. Graph inputs and outputs are never removed.
+Exact: removed nodes computed values nothing reads; ONNX ops have no side effects.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes.common import (
+    RemoveUnusedFunctionsPass,
+    RemoveUnusedNodesPass,
+    RemoveUnusedOpsetsPass,
+)
+
+import optcc
+
+
+def _remove_unused_body_initializers(model: ir.Model) -> int:
+    removed = 0
+    for graph in optcc.ir.graphs(model):
+        if graph is model.graph or not isinstance(graph, ir.Graph):
+            continue  # the main graph's initializers are handled by RemoveUnusedNodesPass
+        for value in list(graph.initializers.values()):
+            if not (value.uses() or value.is_graph_output() or value.is_graph_input()):
+                del graph.initializers[value.name]
+                removed += 1
+    return removed
+
+
+class EliminateDeadNodesPass(optcc.Pass):
+    """Remove unused nodes, initializers, functions and opset imports, in every graph."""
+
+    name = "eliminate-dead-nodes"
+    level = 1
+    numerics = "exact"
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        nodes_before = sum(1 for _ in optcc.ir.nodes(model))
+        inits_before = sum(
+            len(g.initializers) for g in optcc.ir.graphs(model) if isinstance(g, ir.Graph)
+        )
+        functions_before = len(model.functions)
+        opsets_before = len(model.opset_imports)
+        modified = RemoveUnusedNodesPass()(model).modified
+        modified |= RemoveUnusedFunctionsPass()(model).modified
+        modified |= RemoveUnusedOpsetsPass()(model).modified
+        body_inits = _remove_unused_body_initializers(model)
+        modified |= bool(body_inits)
+        stats = {
+            "nodes": nodes_before - sum(1 for _ in optcc.ir.nodes(model)),
+            "initializers": inits_before
+            - sum(len(g.initializers) for g in optcc.ir.graphs(model) if isinstance(g, ir.Graph)),
+            "functions": functions_before - len(model.functions),
+            "opset_imports": opsets_before - len(model.opset_imports),
+        }
+        return optcc.PassResult(model, modified, {k: v for k, v in stats.items() if v})
