@@ -194,6 +194,8 @@ def _print_summary(args: argparse.Namespace, result: OptimizeResult, output: Pat
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(argv)
+    except SystemExit as stop:  # argparse's --help and usage errors
+        return stop.code if isinstance(stop.code, int) else EXIT_BAD_INPUT
     except OptccError as error:
         print(f"optcc: error: {error}", file=sys.stderr)
         return error.exit_code

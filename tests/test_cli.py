@@ -1,0 +1,178 @@
+"""The command line: every exit code, levels, reports, default output path, listing.
+(The bad-input catalogue lives in test_bad_inputs.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import optcc
+from optcc import cli, registry
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "fixtures" / "tinycnn.onnx"
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Path:
+    path = tmp_path / "tinycnn.onnx"
+    shutil.copy(EXAMPLE, path)
+    return path
+
+
+@pytest.fixture
+def fresh_registry():
+    """Tests that register passes get a registry rebuilt afterwards."""
+    yield
+    registry._registry = None
+
+
+class SubInsteadOfAddPass(optcc.Pass):
+    """A deliberately wrong pass: Add becomes Sub."""
+
+    name = "test-sub-instead-of-add"
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        changed = False
+        for node in optcc.ir.nodes(model):
+            if node.op_type == "Add":
+                node.op_type, changed = "Sub", True
+        return optcc.PassResult(model, changed)
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_exit_0_writes_verified_output_and_report(example: Path, tmp_path: Path, capsys):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code = cli.main([str(example), "-O2", "-o", str(out), "--report", str(report)])
+    assert code == 0
+    stderr = capsys.readouterr().err
+    assert "nodes 19 -> 13" in stderr and "verify: PASS" in stderr
+    model = onnx.load(out)
+    onnx.checker.check_model(model, full_check=True)
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & {"Identity", "Dropout", "Shape", "Mul"}
+    assert [i.name for i in model.graph.input] == ["image"]
+    assert [o.name for o in model.graph.output] == ["logits"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    data = json.loads(report.read_text())
+    assert data["schema_version"] == 1 and data["level"] == 2
+    assert data["verification"]["status"] == "passed"
+    assert data["model_before"]["op_histogram"]["Identity"] == 2
+    assert {p["name"] for p in data["passes"]} >= {"eliminate-identities", "eliminate-dead-nodes"}
+    assert data["peak_rss_bytes"] > 0 and data["total_time_s"] > 0
+
+
+@pytest.mark.parametrize("level", ["-O0", "-O1", "-O3"])
+def test_other_levels_run(example: Path, tmp_path: Path, level: str):
+    out = tmp_path / "out.onnx"
+    assert cli.main([str(example), level, "-o", str(out), "-q"]) == 0
+    model = onnx.load(out)
+    if level == "-O0":
+        assert len(model.graph.node) == 19
+    if level == "-O3":
+        assert {p.key: p.value for p in model.metadata_props}["optcc.target"] == "onnxruntime"
+
+
+def test_default_output_is_beside_the_input_with_opt_suffix(example: Path):
+    assert cli.main([str(example), "-q"]) == 0
+    assert (example.parent / "tinycnn.opt.onnx").is_file()
+
+
+def test_quiet_prints_nothing_on_success(example: Path, tmp_path: Path, capsys):
+    assert cli.main([str(example), "-q", "-o", str(tmp_path / "o.onnx")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+def test_exit_1_on_failed_verification_writes_nothing(example: Path, tmp_path: Path, capsys, fresh_registry):
+    optcc.register(SubInsteadOfAddPass)
+    before = _files(tmp_path)
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code = cli.main([str(example), "--passes", "test-sub-instead-of-add", "-o", str(out), "--report", str(report)])
+    assert code == 1
+    assert "verification failed" in capsys.readouterr().err
+    assert not out.exists()
+    assert _files(tmp_path) == before | {"r.json"}, "only the report is written"
+    assert json.loads(report.read_text())["verification"]["status"] == "failed"
+
+
+def test_exit_1_with_force_writes_the_output(example: Path, tmp_path: Path, fresh_registry):
+    optcc.register(SubInsteadOfAddPass)
+    out = tmp_path / "out.onnx"
+    assert cli.main([str(example), "--passes", "test-sub-instead-of-add", "-o", str(out), "--force", "-q"]) == 1
+    assert out.is_file()
+
+
+def test_verify_each_reverts_the_wrong_pass_and_exits_0(example: Path, tmp_path: Path, fresh_registry):
+    optcc.register(SubInsteadOfAddPass)
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code = cli.main([str(example), "--passes", "test-sub-instead-of-add,eliminate-identities",
+                     "--verify-each", "-o", str(out), "--report", str(report), "-q"])
+    assert code == 0
+    passes = json.loads(report.read_text())["passes"]
+    assert passes[0]["status"] == "reverted" and "numerics" in passes[0]["reason"]
+    assert "Add" in {n.op_type for n in onnx.load(out).graph.node}
+
+
+def test_no_verify_skips_verification(example: Path, tmp_path: Path):
+    report = tmp_path / "r.json"
+    assert cli.main([str(example), "--no-verify", "-o", str(tmp_path / "o.onnx"), "--report", str(report), "-q"]) == 0
+    assert json.loads(report.read_text())["verification"] is None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--passes", "no-such-pass"], "unknown pass 'no-such-pass'"),
+        (["--disable", "no-such-pass"], "cannot disable unknown pass"),
+        (["-O", "7"], "usage error"),
+        (["--input-shape", "image:1,x"], "--input-shape"),
+        (["--providers", "tpu"], "execution provider 'tpu' is not available"),
+    ],
+)
+def test_exit_2_on_bad_usage(example: Path, tmp_path: Path, capsys, args, message):
+    before = _files(tmp_path)
+    code = cli.main([str(example), "-o", str(tmp_path / "out.onnx"), *args])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert _files(tmp_path) == before
+
+
+def test_exit_3_on_internal_error(example: Path, tmp_path: Path, capsys, monkeypatch):
+    def explode(*args, **kwargs):
+        raise KeyError("something optcc did not expect")
+
+    monkeypatch.setattr(cli, "optimize", explode)
+    out = tmp_path / "out.onnx"
+    assert cli.main([str(example), "-o", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "internal error" in err and "report" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_list_passes_shows_name_level_and_description(capsys):
+    assert cli.main(["--list-passes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.startswith("eliminate-identities"))
+    assert "O1" in row and "Identity" in row
+
+
+def test_python_dash_m_entry_point(example: Path, tmp_path: Path):
+    out = tmp_path / "o.onnx"
+    proc = subprocess.run([sys.executable, "-m", "optcc", str(example), "-o", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "verify: PASS" in proc.stderr and out.is_file()

@@ -1,0 +1,200 @@
+"""The pass manager: revert on exception, on broken invariants and on broken numerics;
+fixpoint warnings; strict mode naming the passes that ran before; per-pass records."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import optcc
+from optcc.errors import PassFailedError
+from optcc.pass_manager import Fixpoint, PassManager
+from optcc.passes import EliminateDeadNodesPass, EliminateIdentitiesPass
+from optcc.verify import Verifier
+
+MODEL_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+agraph (float[N, 4] x) => (float[N, 4] y) {
+    a = Add(x, x)
+    i = Identity(a)
+    dead = Mul(x, x)
+    y = Relu(i)
+}
+"""
+
+
+def _model() -> ir.Model:
+    return ir.from_proto(onnx.parser.parse_model(MODEL_TEXT))
+
+
+def _ops(model: ir.Model) -> list[str]:
+    return [n.op_type for n in model.graph]
+
+
+class RaisingPass(optcc.Pass):
+    """Removes the Relu's input wiring halfway, then raises."""
+
+    name = "test-raising"
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        relu = next(n for n in model.graph if n.op_type == "Relu")
+        relu.replace_input_with(0, model.graph.inputs[0])
+        raise RuntimeError("boom")
+
+
+class WrongNumericsPass(optcc.Pass):
+    """Turns Add into Sub: structurally valid, numerically wrong."""
+
+    name = "test-wrong-numerics"
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        for node in model.graph:
+            if node.op_type == "Add":
+                node.op_type = "Sub"
+                return optcc.PassResult(model, True, {"broken": 1})
+        return optcc.PassResult(model, False)
+
+
+class RenameOutputPass(optcc.Pass):
+    """Renames the graph output: breaks the model's interface invariant."""
+
+    name = "test-rename-output"
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        model.graph.outputs[0].name = "renamed"
+        return optcc.PassResult(model, True)
+
+
+class UseBeforeDefPass(optcc.Pass):
+    """Moves the last node to the front: breaks topological order."""
+
+    name = "test-use-before-def"
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        last = list(model.graph)[-1]
+        model.graph.remove(last)
+        model.graph.insert_before(model.graph[0], last)
+        return optcc.PassResult(model, True)
+
+
+class AlwaysModifiedPass(optcc.Pass):
+    """Claims to modify the model every time: a fixpoint can never converge."""
+
+    name = "test-always-modified"
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        return optcc.PassResult(model, True)
+
+
+def test_raising_pass_is_reverted_and_the_run_continues():
+    model = _model()
+    before = ir.to_proto(model).SerializeToString()
+    result = PassManager([RaisingPass(), EliminateIdentitiesPass()]).run(model)
+    failed, eliminated = result.records
+    assert failed.status == "failed" and "boom" in failed.reason
+    assert eliminated.status == "changed"
+    # The raising pass left nothing behind: the Relu still reads the Identity's input.
+    relu = next(n for n in result.model.graph if n.op_type == "Relu")
+    assert relu.inputs[0].producer().op_type == "Add"
+    assert "Identity" not in _ops(result.model)
+    assert before != ir.to_proto(result.model).SerializeToString()
+
+
+def test_strict_mode_raises_naming_the_passes_run_before():
+    with pytest.raises(PassFailedError, match=r"test-raising.*passes run before it: eliminate-identities"):
+        PassManager([EliminateIdentitiesPass(), RaisingPass()], strict=True).run(_model())
+
+
+@pytest.mark.parametrize(
+    "broken, expected",
+    [(RenameOutputPass, "graph outputs changed"), (UseBeforeDefPass, "before it is defined")],
+)
+def test_invariants_catch_a_broken_pass(broken, expected):
+    result = PassManager([broken()]).run(_model())
+    (record,) = result.records
+    assert record.status == "reverted"
+    assert expected in record.reason
+    assert result.model.graph.outputs[0].name == "y"
+    assert _ops(result.model) == ["Add", "Identity", "Mul", "Relu"]
+
+
+def test_verify_each_reverts_a_pass_that_breaks_numerics():
+    model = _model()
+    original = model.clone()
+    with Verifier(original) as verifier:
+        result = PassManager(
+            [WrongNumericsPass(), EliminateDeadNodesPass()], verifier=verifier
+        ).run(model)
+        wrong, dead = result.records
+        assert wrong.status == "reverted" and "numerics" in wrong.reason
+        assert wrong.verification["status"] == "failed"
+        assert dead.status == "changed" and dead.verification["status"] == "passed"
+        assert "Add" in _ops(result.model) and "Sub" not in _ops(result.model)
+        assert verifier.check(result.model).passed
+
+
+def test_optimize_reports_the_reverted_pass_and_verifies():
+    proto = onnx.parser.parse_model(MODEL_TEXT)
+    result = optcc.optimize(proto, passes=[WrongNumericsPass(), "eliminate-identities"], verify_each=True)
+    names = {r.name: r for r in result.report.passes}
+    assert names["test-wrong-numerics"].status == "reverted"
+    assert result.report.verification["status"] == "passed"
+    assert [r.name for r in result.report.reverted()] == ["test-wrong-numerics"]
+
+
+def test_final_verification_failure_raises_with_the_result_attached():
+    proto = onnx.parser.parse_model(MODEL_TEXT)
+    with pytest.raises(optcc.VerificationError) as info:
+        optcc.optimize(proto, passes=[WrongNumericsPass()])
+    report = info.value.result.report
+    assert report.verification["status"] == "failed"
+    assert "max rel" in report.verification["summary"]
+
+
+def test_fixpoint_warns_when_it_stops_unconverged():
+    manager = PassManager([Fixpoint([AlwaysModifiedPass()], max_iters=3, name="loop")])
+    with pytest.warns(RuntimeWarning, match="loop stopped unconverged after 3 iterations"):
+        result = manager.run(_model())
+    assert len(result.records) == 3
+    assert [r.iteration for r in result.records] == [1, 2, 3]
+    assert any("unconverged" in w for w in result.warnings)
+
+
+def test_fixpoint_stops_once_nothing_changes():
+    result = PassManager(
+        [Fixpoint([EliminateIdentitiesPass(), EliminateDeadNodesPass()], max_iters=8)]
+    ).run(_model())
+    assert max(r.iteration for r in result.records) == 2
+    assert not result.warnings
+    assert _ops(result.model) == ["Add", "Relu"]
+
+
+def test_records_hold_time_op_delta_bytes_and_stats():
+    proto = onnx.parser.parse_model(MODEL_TEXT)
+    report = optcc.optimize(proto, level=1).report
+    changed = [r for r in report.passes if r.status == "changed"]
+    identities = next(r for r in changed if r.name == "eliminate-identities")
+    assert identities.op_delta == {"Identity": -1}
+    assert identities.stats == {"Identity": 1}
+    assert identities.nodes_before - identities.nodes_after == 1
+    assert all(r.time_s >= 0 for r in report.passes)
+    assert report.model_before.nodes == 4 and report.model_after.nodes == 2
+    assert report.peak_rss_bytes > 0
+
+
+def test_input_model_is_not_modified():
+    model = _model()
+    before = ir.to_proto(model).SerializeToString()
+    result = optcc.optimize(model, level=2)
+    assert ir.to_proto(model).SerializeToString() == before
+    assert result.model is not model and isinstance(result.model, ir.Model)
+
+
+def test_user_inputs_drive_verification():
+    proto = onnx.parser.parse_model(MODEL_TEXT)
+    feeds = [{"x": np.full((3, 4), v, np.float32)} for v in (-1.0, 2.0)]
+    report = optcc.optimize(proto, level=2, inputs=feeds).report
+    assert report.verification["samples"] == 2
+    assert report.verification["status"] == "passed"

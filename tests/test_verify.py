@@ -1,0 +1,100 @@
+"""The verifier: generated inputs, metrics, tolerance kinds, NaN handling, providers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import optcc
+from optcc.verify import TOLERANCES, Verifier, compare_outputs, generate_inputs, resolve_providers
+
+
+def _model(text: str) -> ir.Model:
+    return ir.from_proto(onnx.parser.parse_model(text))
+
+
+def test_generated_inputs_respect_dtypes_symbols_and_index_bounds():
+    model = _model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (int64[B, T] ids, float[B, T, 8] h, bool[B] m) => (float[B, T, 8] y) <float[5, 8] table = {1.0}> {
+        e = Gather(table, ids)
+        y = Add(e, h)
+    }
+    """)
+    (feeds,) = generate_inputs(model, samples=1, seed=3)
+    assert feeds["ids"].dtype == np.int64 and feeds["h"].dtype == np.float32 and feeds["m"].dtype == bool
+    assert feeds["ids"].shape[:2] == feeds["h"].shape[:2], "same symbol, same size"
+    assert feeds["ids"].min() >= 0 and feeds["ids"].max() < 5, "indices bounded by the table size"
+    shaped = generate_inputs(model, {"h": [2, 7, 8]})[0]
+    assert shaped["h"].shape == (2, 7, 8) and shaped["ids"].shape == (2, 7)
+
+
+def test_metrics_match_their_definitions():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 10)).astype(np.float32)
+    noise = (rng.standard_normal((4, 10)) * 1e-3).astype(np.float32)
+    got = ref + noise
+    m = compare_outputs("y", "cpu", ref, got, TOLERANCES["int8"])
+    err = np.abs(got.astype(np.float64) - ref)
+    assert m.max_abs == pytest.approx(err.max())
+    assert m.max_rel == pytest.approx(err.max() / np.abs(ref).max())
+    assert m.sqnr_db == pytest.approx(10 * math.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum(err**2)))
+    assert m.argmax_agreement == pytest.approx(np.mean(ref.argmax(-1) == got.argmax(-1)))
+    assert m.passed
+    assert not compare_outputs("y", "cpu", ref, got, TOLERANCES["exact"]).passed
+
+
+def test_nan_pattern_shape_and_integer_mismatches_fail():
+    a = np.array([1.0, np.nan], np.float32)
+    assert not compare_outputs("y", "cpu", a, np.array([1.0, 2.0], np.float32), TOLERANCES["int8"]).passed
+    assert compare_outputs("y", "cpu", a, a.copy(), TOLERANCES["exact"]).passed
+    assert not compare_outputs("y", "cpu", a, a[:1], TOLERANCES["int8"]).passed
+    ints = np.arange(4)
+    assert not compare_outputs("y", "cpu", ints, ints[::-1].copy(), TOLERANCES["int8"]).passed
+
+
+def test_fusion_tolerance_is_looser_than_exact():
+    ref = np.ones((2, 3), np.float32)
+    got = ref * (1 + 5e-5)
+    assert not compare_outputs("y", "cpu", ref, got, TOLERANCES["exact"]).passed
+    assert compare_outputs("y", "cpu", ref, got, TOLERANCES["fusion"]).passed
+
+
+def test_verifier_detects_a_changed_model_and_skips_what_onnxruntime_cannot_run():
+    original = _model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[N, 4] x) => (float[N, 4] y) { y = Relu(x) }
+    """)
+    changed = _model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[N, 4] x) => (float[N, 4] y) { y = Abs(x) }
+    """)
+    with Verifier(original, samples=2) as verifier:
+        assert verifier.check(original.clone()).passed
+        verdict = verifier.check(changed)
+        assert verdict.status == "failed" and verdict.samples == 2
+    custom = _model("""
+    <ir_version: 8, opset_import: ["" : 17, "acme" : 1]>
+    agraph (float[N, 4] x) => (float[N, 4] y) { y = acme.Mystery(x) }
+    """)
+    verdict = optcc.verify(custom, custom.clone())
+    assert verdict.status == "skipped" and "cannot run the original" in verdict.reason
+
+
+def test_providers_default_to_cpu_and_cuda_only_when_available():
+    chosen = resolve_providers(None)
+    assert chosen[0] == "CPUExecutionProvider"
+    assert ("CUDAExecutionProvider" in chosen) == ("CUDAExecutionProvider" in ort.get_available_providers())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(), reason="no CUDA execution provider")
+def test_cuda_provider_verifies_the_example():
+    result = optcc.optimize("fixtures/tinycnn.onnx", providers=["cpu", "cuda"])
+    assert result.report.verification["status"] == "passed"
+    assert "CUDAExecutionProvider" in result.report.verification["providers"]
