@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +34,9 @@ __all__ = [
     "uses_external_data",
     "external_data_files",
     "unique_value_name",
+    "value_names",
     "serialize",
+    "create_temp_file",
 ]
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
@@ -65,7 +68,7 @@ def load(source: ModelSource) -> ir.Model:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         proto = _read_model_file(path)
-        return _from_proto(proto, base_dir=path.resolve().parent, label=str(path))
+        return _from_proto(proto, base_dir=path.resolve().parent, label=str(path), path=path)
     raise BadInputError(
         f"cannot load a model from a {type(source).__name__}; "
         "give a path, bytes, onnx.ModelProto or onnx_ir.Model"
@@ -103,10 +106,14 @@ def _parse_bytes(data: bytes, label: str) -> onnx.ModelProto:
     return proto
 
 
-def _from_proto(proto: onnx.ModelProto, base_dir: Path | None, label: str) -> ir.Model:
+def _from_proto(
+    proto: onnx.ModelProto, base_dir: Path | None, label: str, path: Path | None = None
+) -> ir.Model:
     _check_versions(proto, label)
-    _check_external_data(proto, base_dir, label)
-    _check_structure(proto, label)
+    has_external = _check_external_data(proto, base_dir, label)
+    # The checker resolves external data files against the model's folder, which only a
+    # path gives it (their locations were validated just above).
+    _check_structure(str(path) if has_external and path is not None else proto, label)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:  # onnx-ir rejects some malformed protos the checker lets through
@@ -126,7 +133,13 @@ def _check_versions(proto: onnx.ModelProto, label: str) -> None:
         )
     default = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     if not default:
-        raise BadInputError("no opset import for the default ONNX domain ('')", label)
+        # A model made only of other domains' ops (e.g. ai.onnx.ml) needs no '' import.
+        if _uses_default_domain(proto):
+            raise BadInputError(
+                "uses ONNX operators but has no opset import for the default domain ('')",
+                label,
+            )
+        return
     newest = onnx.defs.onnx_opset_version()
     if default[0] > newest:
         raise BadInputError(
@@ -134,6 +147,24 @@ def _check_versions(proto: onnx.ModelProto, label: str) -> None:
             f"(<= {newest}); upgrade onnx",
             label,
         )
+
+
+def _node_protos(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every NodeProto of a graph and of its subgraphs."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _node_protos(attr.g)
+            for sub in attr.graphs:
+                yield from _node_protos(sub)
+
+
+def _uses_default_domain(proto: onnx.ModelProto) -> bool:
+    graphs_ = [proto.graph, *(onnx.GraphProto(node=f.node) for f in proto.functions)]
+    return any(
+        node.domain in ("", "ai.onnx") for graph in graphs_ for node in _node_protos(graph)
+    )
 
 
 def _tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -153,16 +184,20 @@ def _tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _tensor_protos(sub)
 
 
-def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: str) -> None:
+def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: str) -> bool:
+    """Validate every external data reference; True when the model has any."""
     graphs_ = [proto.graph] + [
         onnx.GraphProto(node=f.node) for f in proto.functions
     ]
+    found = False
     for graph in graphs_:
         for tensor in _tensor_protos(graph):
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             info = {e.key: e.value for e in tensor.external_data}
             _check_external_location(tensor.name, info, base_dir, label)
+            found = True
+    return found
 
 
 def _check_external_location(
@@ -209,7 +244,7 @@ def _check_external_location(
         )
 
 
-def _check_structure(proto: onnx.ModelProto, label: str) -> None:
+def _check_structure(proto: onnx.ModelProto | str, label: str) -> None:
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
@@ -376,27 +411,38 @@ def external_data_files(model: ir.Model) -> set[Path]:
     }
 
 
-def unique_value_name(graph: ir.Graph | ir.Function, base: str) -> str:
-    """A value name based on ``base`` that no value of the model's graphs uses yet."""
-    root = graph
-    while isinstance(root, ir.Graph) and root.parent is not None and root.parent.graph is not None:
-        root = root.parent.graph
+def value_names(scope: ir.Model | ir.Graph | ir.Function) -> set[str]:
+    """Every value name defined in ``scope`` (a model: all its graphs; a graph or function:
+    it and the bodies nested in it)."""
+    if isinstance(scope, ir.Model):
+        graph_likes = list(graphs(scope))
+    else:
+        graph_likes, stack = [], [scope]
+        while stack:
+            g = stack.pop()
+            graph_likes.append(g)
+            stack.extend(sub for node in g for sub in subgraphs(node))
     taken: set[str] = set()
-    stack = [root]
-    while stack:
-        g = stack.pop()
+    for g in graph_likes:
         taken.update(v.name for v in g.inputs if v.name)
         if isinstance(g, ir.Graph):
             taken.update(g.initializers)
         for node in g:
             taken.update(v.name for v in node.outputs if v.name)
-            stack.extend(subgraphs(node))
-    if base not in taken:
-        return base
-    i = 1
-    while f"{base}_{i}" in taken:
+    return taken
+
+
+def unique_value_name(scope: ir.Model | ir.Graph | ir.Function, base: str, taken: set[str] | None = None) -> str:
+    """A value name based on ``base`` not used in ``scope`` (pass the model to be safe
+    across all graphs). With ``taken`` (from ``value_names``), that set is used and the
+    new name added to it, so repeated calls do not rescan the model."""
+    names = value_names(scope) if taken is None else taken
+    name, i = base, 0
+    while name in names:
         i += 1
-    return f"{base}_{i}"
+        name = f"{base}_{i}"
+    names.add(name)
+    return name
 
 
 # --------------------------------------------------------------------------- saving
@@ -433,6 +479,21 @@ def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | N
     return out
 
 
+def create_temp_file(folder: str | os.PathLike, name: str, suffix: str = ".tmp") -> str:
+    """Create an empty hidden file ``.<name>.<random><suffix>`` in ``folder`` and return
+    its path. Unlike ``tempfile.mkstemp`` (always mode 0600) the file gets the mode the
+    user's umask gives new files, so the output renamed from it is readable as usual."""
+    for _ in range(100):
+        candidate = os.path.join(folder, f".{name}.{secrets.token_hex(6)}{suffix}")
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(f"cannot create a temporary file in {folder}")
+
+
 def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
     """Write the model atomically: a temporary file in the target folder, then a rename.
 
@@ -444,8 +505,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     if external_data is None:
         external_data = needs_external_data(model)
     folder = out.resolve().parent
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp_name = create_temp_file(folder, out.name)
     data_name = f"{out.name}.data"
     try:
         if external_data:

@@ -3,8 +3,10 @@
 For every pass the manager keeps a snapshot (``model.clone()``: graphs are copied, tensors
 shared, so it is cheap), runs the pass, and records wall time, node counts by op type and
 weight bytes before/after, ``modified`` and the pass's stats. After a pass that modified
-the model it checks the structural invariants (``optcc.invariants``) and, with a verifier
-(``--verify-each``), the numerics against the original. A pass that raises, breaks an
+the model it checks the structural invariants (``optcc.invariants``) and, given a verifier,
+the numerics against the original: after every pass with ``verify_each`` (``--verify-each``),
+otherwise after each pass that is not exact (fusions, FP16, INT8), so one inexact rewrite
+that misses its tolerance on a model is reverted alone instead of failing the whole run. A pass that raises, breaks an
 invariant or breaks numerics is reverted to the snapshot and recorded with its reason;
 the run goes on, unless ``strict=True``, which raises instead, naming the passes that ran
 before it.
@@ -67,11 +69,13 @@ class PassManager:
         *,
         strict: bool = False,
         verifier: Verifier | None = None,
+        verify_each: bool = False,
         check_invariants: bool = True,
     ) -> None:
         self.pipeline = list(pipeline)
         self.strict = strict
         self.verifier = verifier
+        self.verify_each = verify_each
         self.check_invariants = check_invariants
 
     def run(self, model: ir.Model) -> PipelineResult:
@@ -136,7 +140,9 @@ class PassManager:
                 problems = check_invariants(model, self._signature) if self.check_invariants else []
                 if problems:
                     status, reason = "reverted", "broke an invariant: " + problems[0]
-                elif self.verifier is not None:
+                elif self.verifier is not None and (
+                    self.verify_each or getattr(pass_, "numerics", "exact") != "exact"
+                ):
                     numerics = loosest([*self._kept, getattr(pass_, "numerics", "exact")])
                     check = self.verifier.check(model, numerics)
                     verification = {**check.to_dict(), "summary": check.describe()}

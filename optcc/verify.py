@@ -194,7 +194,7 @@ def _dim_sizes(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> dict[str
             )
         dims = []
         for axis, dim in enumerate(value.shape):
-            if isinstance(dim, int):
+            if isinstance(dim, int) and dim >= 0:
                 dims.append(dim)
             elif dim.value and dim.value in symbols:
                 dims.append(symbols[dim.value])
@@ -262,8 +262,8 @@ def _random_array(value: ir.Value, shape: tuple[int, ...], rng: np.random.Genera
 
 def check_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray], label: str = "inputs") -> None:
     """Refuse feeds whose names, ranks or dtypes do not fit the model's graph inputs."""
-    expected = {v.name: v for v in model.graph.inputs if not v.is_initializer()}
-    missing = sorted(set(expected) - set(feeds))
+    expected = {v.name: v for v in model.graph.inputs}
+    missing = sorted(n for n, v in expected.items() if n not in feeds and not v.is_initializer())
     extra = sorted(set(feeds) - set(expected))
     if missing or extra:
         raise BadInputError(
@@ -285,7 +285,7 @@ def check_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray], label: str = "
                     f"{value.shape.rank()}"
                 )
             for dim, size in zip(value.shape, array.shape):
-                if isinstance(dim, int) and dim != size:
+                if isinstance(dim, int) and dim >= 0 and dim != size:
                     raise BadInputError(
                         f"{label}: '{name}' has shape {array.shape}, the model expects "
                         f"{[d if isinstance(d, int) else d.value for d in value.shape]}"
@@ -368,7 +368,8 @@ def compare_outputs(
     metrics.sqnr_db = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
     norms = float(np.linalg.norm(r) * np.linalg.norm(g))
     metrics.cosine = float(np.dot(r, g) / norms) if norms > 0 else (1.0 if noise == 0 else 0.0)
-    if ref.ndim >= 2 and ref.shape[-1] > 1 and np.all(np.isfinite(ref64)):
+    if ref.ndim == 2 and ref.size > 0 and ref.shape[-1] > 1 and np.all(np.isfinite(ref64)):
+        # classifier-like [N, C] outputs only: on feature maps argmax ties are noise
         metrics.argmax_agreement = float(np.mean(np.argmax(ref64, -1) == np.argmax(got64, -1)))
     metrics.passed, metrics.problem = _meets(metrics, tolerance)
     return metrics
@@ -418,6 +419,8 @@ class Verifier:
         self._progress = progress
         self._scratch = tempfile.TemporaryDirectory(prefix="optcc-verify-")
         model = original if isinstance(original, ir.Model) else oir.load(original)
+        if not isinstance(original, (str, os.PathLike)):
+            self.original = model  # bytes / ModelProto: run the loaded model
         if inputs is None:
             self.feeds = generate_inputs(model, input_shapes, samples=samples, seed=seed)
         else:

@@ -34,6 +34,22 @@ def _remove_unused_body_initializers(model: ir.Model) -> int:
     return removed
 
 
+def _drop_detached_uses(model: ir.Model) -> int:
+    """Forget uses by nodes no longer in the model (e.g. inside the body of a removed If),
+    so values read only there count as dead."""
+    live, dropped = set(optcc.ir.nodes(model)), 0
+    for graph in optcc.ir.graphs(model):
+        values = [*graph.inputs, *(v for n in graph for v in n.outputs)]
+        if isinstance(graph, ir.Graph):
+            values += list(graph.initializers.values())
+        for value in values:
+            for use in list(value.uses()):
+                if use.node not in live:
+                    use.node.replace_input_with(use.idx, None)
+                    dropped += 1
+    return dropped
+
+
 class EliminateDeadNodesPass(optcc.Pass):
     """Remove unused nodes, initializers, functions and opset imports, in every graph."""
 
@@ -49,6 +65,8 @@ class EliminateDeadNodesPass(optcc.Pass):
         functions_before = len(model.functions)
         opsets_before = len(model.opset_imports)
         modified = RemoveUnusedNodesPass()(model).modified
+        while _drop_detached_uses(model):
+            modified |= RemoveUnusedNodesPass()(model).modified
         modified |= RemoveUnusedFunctionsPass()(model).modified
         modified |= RemoveUnusedOpsetsPass()(model).modified
         body_inits = _remove_unused_body_initializers(model)

@@ -25,6 +25,8 @@ def _is_inference_dropout(node: ir.Node, opset: int) -> bool:
         is_test = node.attributes.get("is_test")
         return is_test is not None and is_test.type == ir.AttributeType.INT and is_test.as_int() == 1
     if len(node.inputs) >= 3 and node.inputs[2] is not None:
+        if node.inputs[2].is_graph_input():
+            return False  # a default the caller can override
         training = optcc.ir.as_numpy(node.inputs[2])
         return training is not None and training.size == 1 and not bool(training.item())
     return True

@@ -125,7 +125,7 @@ def test_verify_each_reverts_a_pass_that_breaks_numerics():
     original = model.clone()
     with Verifier(original) as verifier:
         result = PassManager(
-            [WrongNumericsPass(), EliminateDeadNodesPass()], verifier=verifier
+            [WrongNumericsPass(), EliminateDeadNodesPass()], verifier=verifier, verify_each=True
         ).run(model)
         wrong, dead = result.records
         assert wrong.status == "reverted" and "numerics" in wrong.reason
