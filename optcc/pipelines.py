@@ -3,9 +3,9 @@
 | level | pipeline |
 |---|---|
 | 0 | normalize (topological order, names) |
-| 1 | 0 + a fixpoint of the exact eliminations |
-| 2 | 1 + reassociating fusions into standard ops (none yet beyond level 1) |
-| 3 | 2 + runtime-specific rewrites; records the target runtime in metadata_props |
+| 1 | 0 + initializer dedup + a fixpoint of constant folding and exact eliminations |
+| 2 | 1 + a fixpoint of fusions into standard ops, then the exact fixpoint again |
+| 3 | 2 + onnxruntime FusedConv; records the target runtime in metadata_props |
 """
 
 from __future__ import annotations
@@ -19,11 +19,27 @@ from optcc.registry import available_passes, create_pass
 __all__ = ["LEVELS", "build_pipeline", "pipeline_names"]
 
 # A level is a list of pass names; a tuple of names is run as a Fixpoint.
+_EXACT = (
+    "fold-constants",
+    "eliminate-identities",
+    "eliminate-noops",
+    "merge-consecutive",
+    "eliminate-common-subexpressions",
+    "eliminate-dead-nodes",
+)
+_FUSIONS = (
+    "fuse-batchnorm",
+    "fuse-conv-affine",
+    "fuse-matmul-add",
+    "fuse-normalization",
+    "eliminate-dead-nodes",
+)
+_O1 = ["normalize", "deduplicate-initializers", _EXACT, "deduplicate-initializers"]
 LEVELS: dict[int, list[str | tuple[str, ...]]] = {
     0: ["normalize"],
-    1: ["normalize", ("eliminate-identities", "eliminate-dead-nodes")],
-    2: ["normalize", ("eliminate-identities", "eliminate-dead-nodes")],
-    3: ["normalize", ("eliminate-identities", "eliminate-dead-nodes"), "record-target"],
+    1: _O1,
+    2: [*_O1, _FUSIONS, _EXACT],
+    3: [*_O1, _FUSIONS, _EXACT, "fuse-ort-conv-activation", "record-target"],
 }
 
 FIXPOINT_MAX_ITERS = 8

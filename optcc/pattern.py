@@ -1,0 +1,603 @@
+"""optcc.pattern: a small declarative rewrite engine over onnx-ir.
+
+A fusion is a list of ``Rule`` objects. A rule keeps three things apart, as onnxscript's
+rewriter does: the **pattern** (a tree of ``Op`` / ``Var`` / ``Const`` rooted at one
+node), the **check** (``check(match) -> None | reason``: why a structural match is
+refused) and the **rewrite** (``rewrite(match, builder) -> Value``: the replacement of
+the root's first output, built with ``Builder``). Rules are dispatched by the root's op
+type, as in tinygrad's ``PatternMatcher``.
+
+The driver (``apply_rules``, or the ``RewritePass`` base class) walks every graph with
+``optcc.ir.graphs`` (main graph, functions, If/Loop/Scan bodies) and, for every rule,
+enforces the safety rules so that rules need not repeat them:
+
+- only default-domain nodes match (``Op(..., domain=...)`` opts in to another domain);
+- every matched node lives in the graph being rewritten;
+- no value computed inside the match (other than the root's first output) is read
+  outside the match, or is a graph output;
+- the root's other outputs are unused;
+- a ``Const(..., exclusive=True)`` (a weight the rewrite replaces) is read only by
+  matched nodes (else: rejected as "shared weight '<name>'");
+- the replacement value takes the root output's name, type and shape, so graph outputs
+  and value names are kept; then the matched nodes and the constants only they read
+  are removed.
+
+The driver runs a worklist to a fixed point: round 1 visits every node (consumers
+before producers, so the largest pattern wins), later rounds visit what a rewrite
+created or touched. It stops after ``max_iters`` rounds with a ``RuntimeWarning``
+and ``stats["capped"]`` rather than silently. Stats count applications per rule and
+rejections per rule and reason (each node counted once per rule and reason).
+
+Example::
+
+    rule = Rule(
+        "double-neg",
+        Op("Neg", Op("Neg", Var("x"))),
+        rewrite=lambda m, b: b.op("Identity", m["x"]),
+    )
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Union
+
+import numpy as np
+import onnx_ir as ir
+
+from optcc import ir as oir
+from optcc.pass_base import Pass, PassResult
+
+__all__ = [
+    "Op",
+    "Var",
+    "Const",
+    "Pattern",
+    "Match",
+    "Builder",
+    "Rule",
+    "RewriteStats",
+    "apply_rules",
+    "RewritePass",
+]
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+# --------------------------------------------------------------------------- patterns
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Var:
+    """Matches any value (``optional``: also a missing input); the same name twice must
+    bind the same value."""
+
+    name: str
+    optional: bool = False
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Const:
+    """Matches a constant (an initializer that is not a graph input, or a Constant
+    node's output). ``exclusive``: only nodes of the match may read it."""
+
+    name: str
+    optional: bool = False
+    exclusive: bool = False
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Op:
+    """Matches the first output of a node of ``op_type`` (a name or a tuple of names)
+    whose inputs match ``inputs`` in order (missing trailing inputs match only optional
+    patterns; extra non-empty inputs never match). ``commute``: a two-input op may also
+    match with its inputs swapped. ``name`` binds the node in the match; one ``Op``
+    object used twice in a pattern must match the same node."""
+
+    op_type: Union[str, tuple[str, ...]]
+    inputs: tuple[Pattern, ...]
+    name: str | None = None
+    commute: bool = False
+    domain: str = ""
+
+    def __init__(
+        self,
+        op_type: Union[str, tuple[str, ...]],
+        *inputs: Pattern,
+        name: str | None = None,
+        commute: bool = False,
+        domain: str = "",
+    ) -> None:
+        object.__setattr__(self, "op_type", op_type)
+        object.__setattr__(self, "inputs", tuple(inputs))
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "commute", commute)
+        object.__setattr__(self, "domain", domain)
+
+    @property
+    def op_types(self) -> tuple[str, ...]:
+        return (self.op_type,) if isinstance(self.op_type, str) else tuple(self.op_type)
+
+    def depth(self) -> int:
+        return 1 + max((p.depth() for p in self.inputs if isinstance(p, Op)), default=0)
+
+
+Pattern = Union[Op, Var, Const]
+
+
+# --------------------------------------------------------------------------- matches
+
+
+def _body(graph: ir.Graph | ir.Function) -> ir.Graph:
+    """The graph whose nodes a graph-like holds (a function's is its ``.graph``)."""
+    return graph.graph if isinstance(graph, ir.Function) else graph
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scope:
+    """The graph being rewritten and what rules need to know about it."""
+
+    graph: ir.Graph | ir.Function
+    opset: int
+    # Below IR version 4 every initializer is also listed as a graph input and is a
+    # constant (onnxruntime does not let a caller override it); new constants must then
+    # be Constant nodes, as an initializer would need a graph input of its own.
+    legacy_initializers: bool
+
+    @property
+    def body(self) -> ir.Graph:
+        return _body(self.graph)
+
+
+def _const_array(value: ir.Value, legacy_initializers: bool = False) -> np.ndarray | None:
+    if value.is_graph_input() and not (legacy_initializers and value.is_initializer()):
+        return None
+    try:
+        return oir.as_numpy(value)
+    except Exception:  # noqa: BLE001 - malformed Constant nodes are simply not constants
+        return None
+
+
+class Match:
+    """What a pattern bound: ``match["x"]`` is the value of ``Var``/``Const`` "x" or the
+    node of ``Op(name="x")``; ``match.array("w")`` the constant's numpy array (None
+    for a missing optional input)."""
+
+    def __init__(
+        self,
+        root: ir.Node,
+        scope: _Scope,
+        bindings: Mapping[Any, Any],
+        nodes: Sequence[ir.Node],
+    ) -> None:
+        self.root = root
+        self.scope = scope
+        self.graph = scope.graph
+        self.opset = scope.opset
+        self.nodes = list(nodes)
+        self._bindings = {k: v for k, v in bindings.items() if isinstance(k, str)}
+
+    def __getitem__(self, name: str) -> Any:
+        return self._bindings[name]
+
+    def get(self, name: str) -> Any:
+        return self._bindings.get(name)
+
+    def values(self) -> list[ir.Value | None]:
+        """The values bound by ``Var`` and ``Const`` patterns."""
+        return [v for v in self._bindings.values() if not isinstance(v, ir.Node)]
+
+    def array(self, name: str) -> np.ndarray | None:
+        value = self._bindings.get(name)
+        return None if value is None else _const_array(value, self.scope.legacy_initializers)
+
+    @property
+    def output(self) -> ir.Value:
+        """The root's first output: what the replacement stands in for."""
+        return self.root.outputs[0]
+
+
+def _input_of(node: ir.Node, i: int) -> ir.Value | None:
+    return node.inputs[i] if i < len(node.inputs) else None
+
+
+def _match(
+    pattern: Pattern,
+    value: ir.Value | None,
+    scope: _Scope,
+    bindings: dict[Any, Any],
+) -> Iterator[dict[Any, Any]]:
+    """Every way ``pattern`` matches ``value``, as extended copies of ``bindings``."""
+    if isinstance(pattern, (Var, Const)):
+        if value is None:
+            if pattern.optional and bindings.get(pattern.name, None) is None:
+                yield {**bindings, pattern.name: None}
+            return
+        if isinstance(pattern, Const) and _const_array(value, scope.legacy_initializers) is None:
+            return
+        if pattern.name in bindings:
+            if bindings[pattern.name] is value:
+                yield bindings
+            return
+        yield {**bindings, pattern.name: value}
+        return
+    if value is None:
+        return
+    node = value.producer()
+    if node is None or node.graph is not scope.body or value is not node.outputs[0]:
+        return
+    domains = DEFAULT_DOMAINS if pattern.domain in DEFAULT_DOMAINS else (pattern.domain,)
+    if node.op_type not in pattern.op_types or node.domain not in domains:
+        return
+    yield from _match_node(pattern, node, scope, bindings)
+
+
+def _match_node(
+    pattern: Op, node: ir.Node, scope: _Scope, bindings: dict[Any, Any]
+) -> Iterator[dict[Any, Any]]:
+    key = pattern.name if pattern.name is not None else ("#op", id(pattern))
+    if key in bindings:
+        if bindings[key] is node:
+            yield bindings
+        return
+    if any(v is not None for v in node.inputs[len(pattern.inputs):]):
+        return
+    bindings = {**bindings, key: node}
+    orders = [pattern.inputs]
+    if pattern.commute and len(pattern.inputs) == 2:
+        orders.append(pattern.inputs[::-1])
+    for order in orders:
+        yield from _match_inputs(order, node, 0, scope, bindings)
+
+
+def _match_inputs(
+    patterns: Sequence[Pattern],
+    node: ir.Node,
+    i: int,
+    scope: _Scope,
+    bindings: dict[Any, Any],
+) -> Iterator[dict[Any, Any]]:
+    if i == len(patterns):
+        yield bindings
+        return
+    for extended in _match(patterns[i], _input_of(node, i), scope, bindings):
+        yield from _match_inputs(patterns, node, i + 1, scope, extended)
+
+
+def _consts_of(pattern: Pattern, out: dict[str, bool]) -> dict[str, bool]:
+    if isinstance(pattern, Const):
+        out[pattern.name] = out.get(pattern.name, False) or pattern.exclusive
+    elif isinstance(pattern, Op):
+        for p in pattern.inputs:
+            _consts_of(p, out)
+    return out
+
+
+# --------------------------------------------------------------------------- building
+
+
+class _Names:
+    """Value names in use anywhere in the model, to hand out fresh ones.
+
+    (``optcc.ir.unique_value_name`` needs ``Graph.parent``, which onnx-ir 1.1 lacks, and
+    rescans the model on every call; the driver collects the names once instead.)"""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.taken: set[str] = set()
+        self.node_names: set[str] = set()
+        for graph in oir.graphs(model):
+            self.taken.update(v.name for v in graph.inputs if v.name)
+            if isinstance(graph, ir.Graph):
+                self.taken.update(graph.initializers)
+            for node in graph:
+                self.taken.update(v.name for v in node.outputs if v.name)
+                if node.name:
+                    self.node_names.add(node.name)
+
+    @staticmethod
+    def _fresh(base: str, taken: set[str]) -> str:
+        name, i = base, 0
+        while name in taken:
+            i += 1
+            name = f"{base}_{i}"
+        taken.add(name)
+        return name
+
+    def fresh(self, base: str) -> str:
+        """A value name no graph of the model uses."""
+        return self._fresh(base, self.taken)
+
+    def fresh_node(self, base: str) -> str:
+        """A node name no graph of the model uses."""
+        return self._fresh(base, self.node_names)
+
+
+class Builder:
+    """Builds the replacement: new nodes (inserted before the root) and constants
+    (initializers of a graph; Constant nodes in a function, which has none)."""
+
+    def __init__(self, match: Match, rule_name: str, names: _Names) -> None:
+        self._match = match
+        self._rule = rule_name
+        self._names = names
+        self.nodes: list[ir.Node] = []
+        self.initializers: list[ir.Value] = []
+
+    def _name(self, base: str) -> str:
+        return self._names.fresh(base)
+
+    def op(
+        self,
+        op_type: str,
+        *inputs: ir.Value | None,
+        domain: str = "",
+        attributes: Mapping[str, ir.Attr] | None = None,
+        **attrs: Any,
+    ) -> ir.Value:
+        """A new node with one output; ``attributes``: ir.Attr objects to copy (e.g. a
+        matched node's), ``attrs``: Python values (int, float, str, lists)."""
+        copied = [ir.Attr(a.name, a.type, a.value) for a in (attributes or {}).values()]
+        copied = [a for a in copied if a.name not in attrs]
+        copied.extend(ir.convenience.convert_attributes(attrs))
+        root_name = self._match.root.name or self._match.root.op_type
+        node = ir.Node(
+            domain,
+            op_type,
+            list(inputs),
+            copied,
+            num_outputs=1,
+            name=self._names.fresh_node(f"{root_name}/{self._rule}"),
+        )
+        node.outputs[0].name = self._name(f"{self._match.output.name or 'v'}_{op_type.lower()}")
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def const(self, array: np.ndarray, base: str) -> ir.Value:
+        """A new constant holding ``array`` (never shared with another tensor)."""
+        name = self._name(base)
+        tensor = ir.tensor(np.array(array, copy=True), name=name)
+        if isinstance(self._match.graph, ir.Graph) and not self._match.scope.legacy_initializers:
+            value = ir.Value(
+                name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=tensor.shape
+            )
+            self.initializers.append(value)
+            return value
+        node = ir.Node("", "Constant", [], [ir.AttrTensor("value", tensor)], num_outputs=1,
+                       name=self._names.fresh_node(f"{name}/Constant"))
+        node.outputs[0].name = name
+        self.nodes.append(node)
+        return node.outputs[0]
+
+
+# --------------------------------------------------------------------------- rules
+
+
+Check = Callable[[Match], Union[str, None]]
+Rewrite = Callable[[Match, Builder], ir.Value]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Rule:
+    """A named rewrite: ``pattern`` (rooted at an ``Op``), ``check`` (None to accept,
+    else the reason for refusing) and ``rewrite`` (returns the new value replacing the
+    root's first output; it must be produced by a node the builder made)."""
+
+    name: str
+    pattern: Op
+    rewrite: Rewrite
+    check: Check | None = None
+    min_opset: int = 0
+
+
+@dataclasses.dataclass
+class RewriteStats:
+    applied: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    rejected: dict[str, collections.Counter] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(collections.Counter)
+    )
+    capped: int = 0
+
+    @property
+    def modified(self) -> bool:
+        return sum(self.applied.values()) > 0
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"applied": dict(sorted(self.applied.items()))}
+        rejected = {r: dict(sorted(c.items())) for r, c in sorted(self.rejected.items()) if c}
+        if rejected:
+            out["rejected"] = rejected
+        if self.capped:
+            out["capped"] = self.capped
+        return out
+
+
+def _safety_problem(match: Match, consts: Mapping[str, bool]) -> str | None:
+    inside = set(match.nodes)
+    for extra in match.root.outputs[1:]:
+        if extra.uses() or extra.is_graph_output():
+            return f"output '{extra.name}' of the root is used"
+    for node in match.nodes:
+        if node is match.root:
+            continue
+        for value in node.outputs:
+            if value.is_graph_output():
+                return f"intermediate '{value.name}' is a graph output"
+            if any(use.node not in inside for use in value.uses()):
+                return f"intermediate '{value.name}' has readers outside the match"
+    for value in match.values():
+        if value is not None and value.producer() in inside:
+            return f"'{value.name}' is both computed inside the match and read as an operand"
+    for name, exclusive in consts.items():
+        value = match.get(name)
+        if exclusive and value is not None:
+            if value.is_graph_output() or any(u.node not in inside for u in value.uses()):
+                return f"shared weight '{name}'"
+    return None
+
+
+def _drop_if_unused(value: ir.Value, graph: ir.Graph | ir.Function) -> None:
+    if value.uses() or value.is_graph_output() or value.is_graph_input():
+        return
+    producer = value.producer()
+    if producer is None:
+        if isinstance(graph, ir.Graph) and graph.initializers.get(value.name) is value:
+            graph.initializers.pop(value.name)
+    elif producer.graph is _body(graph) and producer.op_type == "Constant" and len(producer.outputs) == 1:
+        graph.remove(producer, safe=True)
+
+
+def _replace(
+    match: Match, builder: Builder, new: ir.Value, consts: Mapping[str, bool], names: _Names
+) -> None:
+    graph, root, old = match.graph, match.root, match.output
+    if new.producer() not in builder.nodes:
+        raise ValueError("a rewrite must return a value produced by a node it built")
+    for value in builder.initializers:
+        assert isinstance(graph, ir.Graph)
+        graph.register_initializer(value)
+    graph.insert_before(root, builder.nodes)
+    name, type_, shape = old.name, old.type, old.shape
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    old.name = names.fresh(f"{name}_replaced")
+    new.name, new.type, new.shape = name, type_, shape
+    graph.remove(list(reversed(match.nodes)), safe=True)
+    for const_name in consts:
+        value = match.get(const_name)
+        if value is not None:
+            _drop_if_unused(value, graph)
+
+
+def _downstream(values: Sequence[ir.Value], depth: int) -> list[ir.Node]:
+    found: list[ir.Node] = []
+    frontier = list(values)
+    for _ in range(depth):
+        nxt = []
+        for value in frontier:
+            for use in value.uses():
+                if use.node not in found:
+                    found.append(use.node)
+                    nxt.extend(use.node.outputs)
+        frontier = nxt
+    return found
+
+
+def _graph_opset(graph: ir.Graph | ir.Function, model_opset: int) -> int:
+    if isinstance(graph, ir.Function):
+        return int(graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", model_opset)))
+    return model_opset
+
+
+def _rewrite_graph(
+    scope: _Scope,
+    rules: Sequence[Rule],
+    max_iters: int,
+    stats: RewriteStats,
+    names: _Names,
+) -> None:
+    graph = scope.graph
+    by_op: dict[str, list[Rule]] = collections.defaultdict(list)
+    for rule in rules:
+        if scope.opset >= rule.min_opset:
+            for op_type in rule.pattern.op_types:
+                by_op[op_type].append(rule)
+    if not by_op:
+        return
+    depth = max(rule.pattern.depth() for rule in rules)
+    seen_rejections: set[tuple[str, int, str]] = set()
+    keep_alive: list[ir.Node] = []  # ids stay unique while the nodes are referenced
+    worklist = list(reversed(list(graph)))
+    for _ in range(max_iters):
+        if not worklist:
+            return
+        pending: list[ir.Node] = []
+        for node in worklist:
+            if node.graph is not scope.body:
+                continue  # removed by an earlier rewrite
+            touched = _try_rules(node, scope, by_op.get(node.op_type, ()), stats,
+                                 seen_rejections, keep_alive, names)
+            if touched is not None:
+                new_nodes, inputs = touched
+                pending.extend(new_nodes)
+                pending.extend(_downstream([n.outputs[0] for n in new_nodes], depth))
+                pending.extend(_downstream(inputs, depth))
+        worklist = list(dict.fromkeys(pending))
+    if worklist:
+        stats.capped += 1
+        warnings.warn(
+            f"optcc.pattern: graph '{graph.name}' did not reach a fixed point within "
+            f"{max_iters} rounds; stopping with rewrites pending",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _try_rules(
+    node: ir.Node,
+    scope: _Scope,
+    rules: Sequence[Rule],
+    stats: RewriteStats,
+    seen: set[tuple[str, int, str]],
+    keep_alive: list[ir.Node],
+    names: _Names,
+) -> tuple[list[ir.Node], list[ir.Value]] | None:
+    if node.domain not in DEFAULT_DOMAINS:
+        rules = [r for r in rules if r.pattern.domain == node.domain]
+    elif rules:
+        rules = [r for r in rules if r.pattern.domain in DEFAULT_DOMAINS]
+    for rule in rules:
+        for bindings in _match_node(rule.pattern, node, scope, {}):
+            nodes = [v for v in bindings.values() if isinstance(v, ir.Node)]
+            consts = _consts_of(rule.pattern, {})
+            match = Match(node, scope, bindings, nodes)
+            reason = _safety_problem(match, consts)
+            if reason is None and rule.check is not None:
+                reason = rule.check(match)
+            if reason is not None:
+                key = (rule.name, id(node), reason)
+                if key not in seen:
+                    seen.add(key)
+                    keep_alive.append(node)
+                    stats.rejected[rule.name][reason] += 1
+                continue
+            builder = Builder(match, rule.name, names)
+            new = rule.rewrite(match, builder)
+            inputs = [v for n in match.nodes for v in n.inputs if v is not None]
+            _replace(match, builder, new, consts, names)
+            stats.applied[rule.name] += 1
+            return builder.nodes, inputs
+    return None
+
+
+def apply_rules(
+    model: ir.Model, rules: Sequence[Rule], *, max_iters: int = 32
+) -> RewriteStats:
+    """Rewrite every graph of ``model`` in place with ``rules`` to a fixed point (at most
+    ``max_iters`` worklist rounds per graph; hitting the cap warns)."""
+    stats = RewriteStats()
+    model_opset = oir.default_opset(model)
+    legacy = int(model.ir_version or 0) < 4
+    names = _Names(model)
+    for graph in list(oir.graphs(model)):
+        scope = _Scope(graph, _graph_opset(graph, model_opset), legacy)
+        _rewrite_graph(scope, rules, max_iters, stats, names)
+    return stats
+
+
+class RewritePass(Pass):
+    """A pass made of rules: subclasses set ``name``, ``level``, ``numerics`` and
+    ``rules`` (a tuple of ``Rule``). Stats: ``applied`` per rule, ``rejected`` per rule
+    and reason, ``capped`` when a graph hit the round cap."""
+
+    rules: ClassVar[tuple[Rule, ...]] = ()
+    numerics = "fusion"
+
+    def __init__(self, max_iters: int = 32) -> None:
+        super().__init__()
+        self.max_iters = max_iters
+
+    def call(self, model: ir.Model) -> PassResult:
+        stats = apply_rules(model, self.rules, max_iters=self.max_iters)
+        return PassResult(model, stats.modified, stats.as_dict())

@@ -1,0 +1,347 @@
+"""EliminateNoOpsPass: remove nodes that provably return their input unchanged.
+
+Rewrites (``y = Op(x, ...)`` removed, every use of ``y`` reads ``x``), each only when
+the value types and constant operands prove the node is a no-op:
+
+- ``cast``: Cast to the dtype ``x`` already has; CastLike to a value of that dtype.
+- ``reshape``: Reshape whose target (a constant) gives ``x``'s own shape: every entry is
+  a copy (``0`` without allowzero), the equal static dim, or a single ``-1`` when every
+  other dim of ``x`` is static and positive (so the inferred size is ``x``'s dim).
+- ``expand``: Expand whose target broadcasts to ``x``'s shape (rank <= rank(x); each
+  entry 1 or equal to a static dim of ``x``).
+- ``transpose``: Transpose with the identity permutation (no ``perm``: rank <= 1).
+- ``pad``: Pad whose pads are all zero (any mode; ``pads`` attribute or constant input).
+- ``slice``: Slice that selects everything: on every sliced axis step 1, start clamps
+  to 0 and end clamps to the dim (a static dim; on a symbolic dim only start 0 and end
+  INT64_MAX prove it).
+- ``concat``: Concat of one input; ``split``: Split into one output (given split sizes
+  must equal a static dim).
+- ``mul``/``div``/``add``/``sub``: ``x*1``, ``1*x``, ``x/1``, ``x-0``, ``x+(-0.0)``,
+  ``(-0.0)+x`` (integers: ``x+0``, ``0+x``), where the constant has ``x``'s dtype and
+  broadcasting keeps ``x``'s shape (the constant's rank <= rank(x), each of its dims 1
+  or equal to a static dim of ``x``).
+
+Why each is exact (bit for bit): the removed node copies ``x``. For the arithmetic rules
+IEEE 754 gives ``x*1 = x/1 = x`` and ``x - (+0.0) = x + (-0.0) = x`` for every ``x``,
+signed zeros, infinities and NaN included; the only bit-level difference is that a
+signalling-NaN input is no longer quieted (it stays a NaN). ``x + (+0.0)`` is NOT
+removed for floats: ``-0.0 + 0.0`` is ``+0.0``, which is observable (``1/x``); likewise
+``x - (-0.0)``.
+
+Preconditions: default-domain ops only (custom domains pass through untouched); a
+constant operand is an initializer that is not a graph input (those are overridable) or
+a Constant node; anything unknown leaves the node. When ``y`` is a graph output, ``x``
+takes its name only if ``x`` is produced by a node of the same graph and is no graph
+input, initializer or other graph output (the rule of ``eliminate-identities``);
+otherwise the node stays. Every graph is visited: main graph, functions, If/Loop/Scan
+bodies. Types and shapes come from the model's value info; running shape inference
+before this pass lets it prove more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+import optcc
+
+__all__ = [
+    "EliminateNoOpsPass",
+    "constant_array",
+    "bypass",
+    "remove_if_dead",
+    "static_dim",
+    "graph_opset",
+]
+
+INT64_MAX = np.iinfo(np.int64).max
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The array behind an initializer (not an overridable graph input) or a Constant
+    node's output; None when the value is not a constant or cannot be read."""
+    if value is None or value.is_graph_input():
+        return None
+    try:
+        return optcc.ir.as_numpy(value)
+    except (ValueError, TypeError):
+        return None
+
+
+def static_dim(dim: object) -> int | None:
+    """A dim as an int when it is static, else None (negative dims, which some exporters
+    write for "dynamic", count as unknown)."""
+    return dim if isinstance(dim, int) and dim >= 0 else None
+
+
+def _ints(node: ir.Node, attr: str, input_index: int | None) -> list[int] | None:
+    """Integer list from a constant input (newer opsets) or an attribute (older ones)."""
+    if input_index is not None and _has_input(node, input_index):
+        array = constant_array(node.inputs[input_index])
+        return None if array is None else [int(v) for v in array.reshape(-1)]
+    attribute = node.attributes.get(attr)
+    if attribute is None or attribute.type != ir.AttributeType.INTS:
+        return None
+    return [int(v) for v in attribute.as_ints()]
+
+
+def _has_input(node: ir.Node, index: int) -> bool:
+    return len(node.inputs) > index and node.inputs[index] is not None
+
+
+def remove_if_dead(node: ir.Node) -> bool:
+    """Remove ``node`` when none of its outputs is used or a graph output."""
+    if any(v.uses() or v.is_graph_output() for v in node.outputs):
+        return False
+    assert node.graph is not None
+    node.graph.remove(node, safe=True)
+    return True
+
+
+def bypass(node: ir.Node, result: ir.Value, source: ir.Value) -> bool:
+    """Make every use of ``result`` (an output of ``node``) read ``source`` and remove
+    ``node`` when it becomes dead. A graph output ``result`` is handed to ``source`` by
+    renaming, only when ``source`` is an ordinary value of the same graph; otherwise
+    nothing changes and False is returned."""
+    graph = node.graph
+    assert graph is not None
+    if result.is_graph_output():
+        producer = source.producer()
+        renamable = (
+            producer is not None
+            and producer.graph is graph
+            and not source.is_graph_input()
+            and not source.is_initializer()
+            and not source.is_graph_output()
+        )
+        if not renamable:
+            return False
+        name, type_, shape = result.name, result.type, result.shape
+        result.replace_all_uses_with(source, replace_graph_outputs=True)
+        remove_if_dead(node)
+        source.name = name
+        source.type = type_ or source.type  # the declared output type and dims stay
+        source.shape = shape if shape is not None else source.shape
+        return True
+    result.replace_all_uses_with(source)
+    remove_if_dead(node)
+    return True
+
+
+def graph_opset(graph: ir.Graph | ir.Function, model_opset: int) -> int:
+    """The default-domain opset a graph's nodes follow: a function's own import, else the
+    model's (If/Loop/Scan bodies follow the model's)."""
+    if isinstance(graph, ir.Function):
+        return int(graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", model_opset)))
+    return model_opset
+
+
+def _keeps_shape(shape: ir.Shape | None, other: Sequence[int]) -> bool:
+    """Whether broadcasting a value of ``shape`` with static dims ``other`` (numpy rules)
+    provably gives ``shape`` back."""
+    if shape is None or len(other) > shape.rank():
+        return False
+    for dim, size in zip(reversed(list(shape)), reversed(list(other))):
+        if size != 1 and static_dim(dim) != size:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- rules
+# Each rule returns the input the node's single output equals, or None.
+
+
+def _cast(node: ir.Node, opset: int) -> ir.Value | None:
+    x = node.inputs[0]
+    if x is None or x.dtype is None:
+        return None
+    if node.op_type == "CastLike":
+        like = node.inputs[1] if _has_input(node, 1) else None
+        return x if like is not None and like.dtype == x.dtype else None
+    to = node.attributes.get("to")
+    if to is None or to.type != ir.AttributeType.INT:
+        return None
+    return x if to.as_int() == x.dtype.value else None
+
+
+def _reshape(node: ir.Node, opset: int) -> ir.Value | None:
+    x = node.inputs[0]
+    target = _ints(node, "shape", 1 if opset >= 5 else None)
+    if x is None or x.shape is None or target is None or len(target) != x.shape.rank():
+        return None
+    allowzero = node.attributes.get_int("allowzero", 0) if opset >= 14 else 0
+    inferred = [i for i, t in enumerate(target) if t == -1]
+    if len(inferred) > 1:
+        return None
+    for i, (dim, t) in enumerate(zip(x.shape, target)):
+        if t == -1:
+            continue
+        if t == 0 and not allowzero:
+            if inferred and not (static_dim(dim) or 0) > 0:
+                return None  # -1 is only provable when every other dim is known and non-zero
+            continue
+        if static_dim(dim) != t:
+            return None
+        if inferred and t <= 0:
+            return None
+    return x
+
+
+def _expand(node: ir.Node, opset: int) -> ir.Value | None:
+    x = node.inputs[0]
+    target = _ints(node, "", 1)
+    if x is None or target is None or not _keeps_shape(x.shape, target):
+        return None
+    return x
+
+
+def _transpose(node: ir.Node, opset: int) -> ir.Value | None:
+    x = node.inputs[0]
+    perm = node.attributes.get("perm")
+    if perm is None:
+        return x if x is not None and x.shape is not None and x.shape.rank() <= 1 else None
+    return x if list(perm.as_ints()) == list(range(len(perm.as_ints()))) else None
+
+
+def _pad(node: ir.Node, opset: int) -> ir.Value | None:
+    if opset >= 11:
+        pads = _ints(node, "", 1)
+    else:
+        pads = _ints(node, "pads" if opset >= 2 else "paddings", None)
+    return node.inputs[0] if pads is not None and not any(pads) else None
+
+
+def _slice_axis_is_whole(dim: object, start: int, end: int, step: int) -> bool:
+    if step != 1:
+        return False
+    size = static_dim(dim)
+    if size is None:
+        return start == 0 and end == INT64_MAX
+    start = start + size if start < 0 else start
+    end = end + size if end < 0 else end
+    return min(max(start, 0), size) == 0 and min(max(end, 0), size) == size
+
+
+def _slice(node: ir.Node, opset: int) -> ir.Value | None:
+    x = node.inputs[0]
+    if x is None or x.shape is None:
+        return None
+    rank = x.shape.rank()
+    if opset >= 10:
+        starts, ends = _ints(node, "", 1), _ints(node, "", 2)
+        axes = _ints(node, "", 3) if _has_input(node, 3) else None
+        steps = _ints(node, "", 4) if _has_input(node, 4) else None
+        if (_has_input(node, 3) and axes is None) or (_has_input(node, 4) and steps is None):
+            return None
+    else:
+        starts, ends = _ints(node, "starts", None), _ints(node, "ends", None)
+        axes, steps = _ints(node, "axes", None), None
+    if starts is None or ends is None or len(starts) != len(ends):
+        return None
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    if len(axes) != len(starts) or len(steps) != len(starts):
+        return None
+    if any(not -rank <= a < rank for a in axes) or len({a % rank for a in axes}) != len(axes):
+        return None
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        if not _slice_axis_is_whole(x.shape[axis % rank], start, end, step):
+            return None
+    return x
+
+
+def _concat(node: ir.Node, opset: int) -> ir.Value | None:
+    return node.inputs[0] if len(node.inputs) == 1 else None
+
+
+def _split(node: ir.Node, opset: int) -> ir.Value | None:
+    x = node.inputs[0]
+    if len(node.outputs) != 1 or x is None:
+        return None
+    if not (_has_input(node, 1) or "split" in node.attributes):
+        return x
+    sizes = _ints(node, "split", 1)
+    if sizes is None or len(sizes) != 1 or x.shape is None:
+        return None
+    axis = node.attributes.get_int("axis", 0)
+    rank = x.shape.rank()
+    if not -rank <= axis < rank:
+        return None
+    return x if static_dim(x.shape[axis % rank]) == sizes[0] else None
+
+
+def _is_neutral(array: np.ndarray, op: str) -> bool:
+    """Whether ``array`` is the identity element of ``op`` with ``x`` on the other side."""
+    floating = np.issubdtype(array.dtype, np.floating)
+    if op in ("Mul", "Div"):
+        return bool(np.all(array == 1))
+    if op == "Sub" or not floating:  # x - (+0.0); integer 0
+        return bool(np.all(array == 0)) and not (floating and np.any(np.signbit(array)))
+    return bool(np.all(array == 0) and np.all(np.signbit(array)))  # x + (-0.0)
+
+
+def _arithmetic(node: ir.Node, opset: int) -> ir.Value | None:
+    if len(node.inputs) != 2 or None in node.inputs:
+        return None
+    positions = (1, 0) if node.op_type in ("Mul", "Add") else (1,)
+    for position in positions:
+        x, c = node.inputs[1 - position], node.inputs[position]
+        array = constant_array(c)
+        if array is None or x.dtype is None or array.dtype == object:
+            continue
+        if array.dtype != x.dtype.numpy():
+            continue
+        if _is_neutral(array, node.op_type) and _keeps_shape(x.shape, array.shape):
+            return x
+    return None
+
+
+_RULES: dict[str, tuple[str, Callable[[ir.Node, int], ir.Value | None]]] = {
+    "Cast": ("cast", _cast),
+    "CastLike": ("cast", _cast),
+    "Reshape": ("reshape", _reshape),
+    "Expand": ("expand", _expand),
+    "Transpose": ("transpose", _transpose),
+    "Pad": ("pad", _pad),
+    "Slice": ("slice", _slice),
+    "Concat": ("concat", _concat),
+    "Split": ("split", _split),
+    "Mul": ("mul", _arithmetic),
+    "Div": ("div", _arithmetic),
+    "Add": ("add", _arithmetic),
+    "Sub": ("sub", _arithmetic),
+}
+
+
+class EliminateNoOpsPass(optcc.Pass):
+    """Remove nodes that provably return their input (same-type Cast, x*1, zero Pad, ...).
+
+    Rules, preconditions and why each is exact: see the module docstring.
+    """
+
+    name = "eliminate-noops"
+    level = 1
+    numerics = "exact"
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        model_opset = optcc.ir.default_opset(model)
+        removed: dict[str, int] = {}
+        for graph in optcc.ir.graphs(model):
+            opset = graph_opset(graph, model_opset)
+            for node in list(graph):
+                rule = _RULES.get(node.op_type)
+                if rule is None or node.domain not in _DEFAULT_DOMAINS:
+                    continue
+                if len(node.outputs) != 1 or not node.inputs or node.inputs[0] is None:
+                    continue
+                label, match = rule
+                source = match(node, opset)
+                if source is not None and bypass(node, node.outputs[0], source):
+                    removed[label] = removed.get(label, 0) + 1
+        return optcc.PassResult(model, bool(removed), removed)

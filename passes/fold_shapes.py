@@ -1,0 +1,296 @@
+"""FoldShapesPass: replace Shape/Size of statically shaped values by constants.
+
+Rewrite: ``s = Shape(x)`` (``start``/``end`` honoured) and ``n = Size(x)`` become int64
+constants when every dimension they read is a static integer; ``g = Gather(Shape(x), i)``
+with a constant ``i`` becomes a constant when the gathered dimensions are static even if
+others are symbolic (partial folding: the batch stays dynamic, the rest folds).
+Shapes come from the model's own annotations merged with onnx shape inference run on a
+clone, so nothing inferred is committed to the model (graph input/output declarations
+and value annotations stay as they were).
+Preconditions: default-domain nodes; the dimensions read are integers after inference.
+A symbolic dimension is never replaced by a number.
+Where the constant goes: an initializer in the main graph (the value keeps its name); a
+``Constant`` node in If/Loop/Scan bodies and functions, and for any graph output (which
+keeps its name, declared type and shape).
+Exact: a tensor's shape does not depend on its values; the constant is what the node
+returns for every input the declared shapes admit.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+import optcc
+
+__all__ = [
+    "FoldShapesPass",
+    "fold_shapes",
+    "materialize",
+    "remove_if_dead",
+    "infer_shapes",
+    "const_array",
+    "is_constant",
+    "initializers_are_constant",
+]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+Dims = tuple  # of int | ir.SymbolicDim
+
+
+def _is_default(node: ir.Node) -> bool:
+    return node.domain in _DEFAULT_DOMAINS
+
+
+def initializers_are_constant(model: ir.Model) -> bool:
+    """Whether initializers listed as graph inputs are constants: below IR version 4 every
+    initializer had to be listed as an input, so (as in onnxruntime) it is not overridable;
+    from IR version 4 on, listing it as an input means a caller may feed another value."""
+    return int(model.ir_version or 0) < 4
+
+
+def is_constant(value: ir.Value, *, inputs_constant: bool = False) -> bool:
+    """Whether the value is a constant (cheap: no tensor data is read): an initializer (one
+    that is also a graph input only with ``inputs_constant``) or a Constant node's output."""
+    if value.is_initializer():
+        return value.const_value is not None and (inputs_constant or not value.is_graph_input())
+    if value.is_graph_input():
+        return False
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant" and _is_default(producer)
+
+
+def const_array(value: ir.Value, *, inputs_constant: bool = False) -> np.ndarray | None:
+    """The data of a constant value (see ``is_constant``); None for anything else."""
+    if not is_constant(value, inputs_constant=inputs_constant):
+        return None
+    if value.is_initializer():
+        return value.const_value.numpy()
+    try:
+        return optcc.ir.as_numpy(value)
+    except Exception:  # noqa: BLE001 - sparse or malformed Constant: not a usable constant
+        return None
+
+
+def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
+    """Shapes of the model's values after onnx shape inference on a clone (the model itself
+    is not touched). Values whose shape inference could not improve keep their own."""
+    shapes: dict[ir.Value, ir.Shape] = {}
+    clone = model.clone()  # graphs copied, tensors shared
+    try:
+        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(clone)
+    except Exception:  # noqa: BLE001 - inference is best effort; declared shapes remain
+        logger.debug("shape inference failed", exc_info=True)
+        return shapes
+    for graph, twin in zip(optcc.ir.graphs(model), optcc.ir.graphs(clone)):
+        for node, node_twin in zip(graph, twin):
+            for value, value_twin in zip(node.outputs, node_twin.outputs):
+                if value_twin.shape is not None:
+                    shapes[value] = value_twin.shape
+    return shapes
+
+
+def _static_shape(value: ir.Value, inferred: dict[ir.Value, ir.Shape]) -> Dims | None:
+    """The best known dims of ``value`` (ints where static, SymbolicDim otherwise)."""
+    candidates = [value.shape, inferred.get(value)]
+    best: Dims | None = None
+    for shape in candidates:
+        if shape is None:
+            continue
+        dims = tuple(shape.dims)
+        if best is None or sum(isinstance(d, int) for d in dims) > sum(isinstance(d, int) for d in best):
+            if best is not None and len(best) != len(dims):
+                return None  # conflicting ranks: trust nothing
+            best = dims
+    return best
+
+
+def _shape_slice(node: ir.Node, dims: Dims) -> Dims:
+    rank = len(dims)
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", rank)
+    return dims[slice(start, end)]  # Python slicing clamps exactly as the ONNX spec says
+
+
+def _fold_value(
+    node: ir.Node, inferred: dict[ir.Value, ir.Shape], inputs_constant: bool
+) -> np.ndarray | None:
+    """The constant a Shape/Size/Gather-of-Shape node computes, or None."""
+    if node.op_type in ("Shape", "Size") and len(node.inputs) == 1 and node.inputs[0] is not None:
+        dims = _static_shape(node.inputs[0], inferred)
+        if dims is None:
+            return None
+        if node.op_type == "Size":
+            return np.array(int(np.prod(dims)), dtype=np.int64) if all(isinstance(d, int) for d in dims) else None
+        selected = _shape_slice(node, dims)
+        if not all(isinstance(d, int) for d in selected):
+            return None
+        return np.array(selected, dtype=np.int64)
+    if node.op_type == "Gather" and len(node.inputs) == 2 and None not in node.inputs:
+        data, indices = node.inputs
+        shape_node = data.producer()
+        if shape_node is None or shape_node.op_type != "Shape" or not _is_default(shape_node):
+            return None
+        if node.attributes.get_int("axis", 0) not in (0, -1):
+            return None
+        index_array = const_array(indices, inputs_constant=inputs_constant)
+        source = shape_node.inputs[0]
+        if index_array is None or source is None or index_array.dtype.kind not in "iu":
+            return None
+        dims = _static_shape(source, inferred)
+        if dims is None:
+            return None
+        selected = _shape_slice(shape_node, dims)
+        flat = index_array.astype(np.int64).reshape(-1)
+        if flat.size and (flat.min() < -len(selected) or flat.max() >= len(selected)):
+            return None  # out of range: leave the error to the runtime
+        picked = [selected[int(i)] for i in flat]
+        if not all(isinstance(d, int) for d in picked):
+            return None
+        return np.array(picked, dtype=np.int64).reshape(index_array.shape)
+    return None
+
+
+def materialize(
+    graph: ir.Graph | ir.Function, value: ir.Value, array: np.ndarray, *, as_initializer: bool
+) -> ir.Value:
+    """Make the uses (and graph-output role) of node output ``value`` read the constant
+    ``array`` instead. The producer stays (remove it with ``remove_if_dead``).
+
+    With ``as_initializer`` (the main graph, IR version >= 4) and not a graph output: a new
+    initializer that takes the value's name once the producer is removed (``remove_if_dead``
+    renames it). Otherwise a Constant node is inserted before the producer; a graph output
+    keeps its name, declared type and shape.
+    Returns the new value.
+    """
+    producer = value.producer()
+    assert producer is not None
+    tensor = ir.tensor(array)
+    dtype = tensor.dtype
+    is_output = value.is_graph_output()
+    if as_initializer and isinstance(graph, ir.Graph) and not is_output:
+        new = ir.Value(name=None, type=ir.TensorType(dtype), shape=ir.Shape(array.shape), const_value=tensor)
+        new.meta["optcc.fold.name"] = value.name
+        value.replace_all_uses_with(new)
+        return new
+    out = ir.Value(
+        name=None,
+        type=value.type if is_output and value.type is not None else ir.TensorType(dtype),
+        shape=value.shape if is_output and value.shape is not None else ir.Shape(array.shape),
+    )
+    const = ir.Node(
+        "", "Constant", inputs=[], attributes=[ir.AttrTensor("value", tensor)], outputs=[out],
+        name=f"folded_{value.name}" if value.name else None,
+    )
+    out.meta["optcc.fold.name"] = value.name
+    graph.insert_before(producer, const)
+    value.replace_all_uses_with(out, replace_graph_outputs=True)
+    return out
+
+
+def remove_if_dead(graph: ir.Graph | ir.Function, node: ir.Node, replacements: list[ir.Value]) -> bool:
+    """Remove ``node`` when no output is used any more, name the ``replacements`` made by
+    ``materialize`` after the values they replaced (registering main-graph initializers),
+    and drop the Constant nodes and initializers that fed only ``node``."""
+    if any(v.uses() or v.is_graph_output() for v in node.outputs):
+        return False
+    inputs = [v for v in node.inputs if v is not None]
+    graph.remove(node, safe=True)
+    for value in node.outputs:
+        value.name = None  # free the name for its replacement
+    for new in replacements:
+        if "optcc.fold.name" not in new.meta:
+            continue
+        # Names are unique in the model, so the replaced value's name is free now.
+        new.name = new.meta.pop("optcc.fold.name") or _fresh_name(graph, f"{node.op_type}_folded")
+        if new.const_value is not None and new.producer() is None:
+            new.const_value.name = new.name
+            graph.register_initializer(new)
+    for value in inputs:
+        _drop_dead_constant(value)
+    return True
+
+
+def _fresh_name(graph: ir.Graph | ir.Function, base: str) -> str:
+    """A name for a value that had none. (``optcc.ir.unique_value_name`` fails on onnx-ir
+    1.1 graphs, which have no ``parent``; this checks the graph and its bodies.)"""
+    try:
+        return optcc.ir.unique_value_name(graph, base)
+    except AttributeError:
+        pass
+    taken: set[str] = set()
+    stack: list[ir.Graph | ir.Function] = [graph]
+    while stack:
+        g = stack.pop()
+        taken.update(v.name for v in g.inputs if v.name)
+        if isinstance(g, ir.Graph):
+            taken.update(g.initializers)
+        for n in g:
+            taken.update(v.name for v in n.outputs if v.name)
+            stack.extend(optcc.ir.subgraphs(n))
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _drop_dead_constant(value: ir.Value) -> None:
+    if value.uses() or value.is_graph_output() or value.is_graph_input():
+        return
+    if value.is_initializer() and value.graph is not None and value.name in value.graph.initializers:
+        del value.graph.initializers[value.name]
+        return
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and _is_default(producer):
+        owner = producer.graph
+        if owner is not None and not any(v.uses() or v.is_graph_output() for v in producer.outputs):
+            owner.remove(producer, safe=True)
+
+
+def fold_shapes(model: ir.Model) -> collections.Counter[str]:
+    """Fold Shape/Size/Gather-of-Shape nodes in every graph; returns counts by op type."""
+    folded: collections.Counter[str] = collections.Counter()
+    has_shape_ops = any(n.op_type in ("Shape", "Size") and _is_default(n) for n in optcc.ir.nodes(model))
+    if not has_shape_ops:
+        return folded
+    inferred = infer_shapes(model)
+    inputs_constant = initializers_are_constant(model)
+    for graph in optcc.ir.graphs(model):
+        for node in list(graph):
+            if not _is_default(node) or node.op_type not in ("Shape", "Size", "Gather"):
+                continue
+            if node.graph is None or len(node.outputs) != 1:
+                continue  # removed already (a Shape feeding a folded Gather)
+            array = _fold_value(node, inferred, inputs_constant)
+            if array is None:
+                continue
+            output = node.outputs[0]
+            if output.dtype is not None and output.dtype != ir.DataType.INT64:
+                continue
+            new = materialize(graph, output, array, as_initializer=graph is model.graph and not inputs_constant)
+            source = node.inputs[0]
+            remove_if_dead(graph, node, [new])
+            folded[node.op_type] += 1
+            shape_node = source.producer() if source is not None else None
+            if node.op_type == "Gather" and shape_node is not None and shape_node.graph is graph:
+                remove_if_dead(graph, shape_node, [])
+    return folded
+
+
+class FoldShapesPass(optcc.Pass):
+    """Replace Shape/Size (and Gather of a Shape) of statically shaped values by constants."""
+
+    name = "fold-shapes"
+    level = 1
+    numerics = "exact"
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        folded = fold_shapes(model)
+        return optcc.PassResult(model, bool(folded), {"folded": dict(sorted(folded.items()))} if folded else {})

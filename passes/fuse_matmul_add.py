@@ -1,0 +1,71 @@
+"""FuseMatMulAddPass: ``Add(MatMul(a, B), c)`` becomes ``Gemm(a, B, c)``.
+
+Rewrite (``matmul-add``; either operand order of the Add): ``y = Add(MatMul(a, B), c)``
+becomes ``y = Gemm(a, B, c)`` (alpha = beta = 1, no transposes).
+
+Preconditions: default-domain ops; ``a`` of static rank 2 (a batched or unknown-rank
+MatMul is left alone: Gemm is 2-D only); ``B`` a constant 2-D weight ``[K, N]``; ``c``
+of known shape that Gemm's C accepts and that does not enlarge ``[M, N]``: rank <= 2,
+last dim 1 or N, first dim (rank 2) 1 or equal to a static M; float32/float64 (the
+types every onnxruntime Gemm kernel takes); the MatMul result read by nothing else and
+not a graph output (enforced by ``optcc.pattern``).
+
+Numerics ("fusion"): Gemm computes the same sum of products plus the same bias; only
+the kernel's accumulation order and the point where the bias is added differ, a
+rounding difference far inside 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from optcc.pattern import Builder, Const, Match, Op, RewritePass, Rule, Var
+
+__all__ = ["FuseMatMulAddPass", "RULES"]
+
+_GEMM_DTYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE)
+
+
+def _check(m: Match) -> str | None:
+    a, c, w = m["a"], m["c"], m.array("w")
+    if w.ndim != 2:
+        return "weight is not 2-D"
+    if a.shape is None:
+        return "unknown input rank"
+    if a.shape.rank() != 2:
+        return "batched MatMul (input rank is not 2)"
+    if a.dtype not in _GEMM_DTYPES:
+        return "dtype without a Gemm kernel"
+    c_array = m.array("c")
+    shape = c_array.shape if c_array is not None else c.shape
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return "bias shape unknown"
+    dims, n, rows = tuple(shape), int(w.shape[1]), a.shape[0]
+    if len(dims) > 2 or (dims and dims[-1] not in (1, n)):
+        return "bias does not broadcast to [M, N]"
+    if len(dims) == 2 and dims[0] != 1 and dims[0] != rows:
+        return "bias does not broadcast to [M, N]"
+    return None
+
+
+def _rewrite(m: Match, b: Builder) -> ir.Value:
+    return b.op("Gemm", m["a"], m["w"], m["c"])
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "matmul-add",
+        Op("Add", Op("MatMul", Var("a"), Const("w"), name="matmul"), Var("c"), commute=True),
+        _rewrite,
+        _check,
+    ),
+)
+
+
+class FuseMatMulAddPass(RewritePass):
+    """Turn a 2-D MatMul with a constant weight followed by a bias Add into Gemm."""
+
+    name = "fuse-matmul-add"
+    level = 2
+    numerics = "fusion"
+    rules = RULES

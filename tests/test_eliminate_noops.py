@@ -1,0 +1,411 @@
+"""EliminateNoOpsPass: each rule removes what is provably a no-op and keeps everything
+else (broadcasting that changes a shape, +0.0 additions, dynamic dims, overridable
+constants, graph inputs as outputs, custom ops), in the main graph and in If bodies."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import optcc
+from optcc.invariants import check_invariants, signature
+from optcc.verify import generate_inputs
+from optcc.passes.eliminate_noops import EliminateNoOpsPass
+
+HEADER = '<ir_version: 8, opset_import: ["" : {opset}]>\n'
+
+
+def _model(body: str, opset: int = 17) -> ir.Model:
+    proto = onnx.parser.parse_model(HEADER.replace("{opset}", str(opset)) + body)
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto, strict_mode=True))
+
+
+def _ort_outputs(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, feeds)
+
+
+def _feeds(model: ir.Model, seed: int = 0, **fixed: np.ndarray) -> dict[str, np.ndarray]:
+    feeds = generate_inputs(model, seed=seed)[0]
+    feeds.update(fixed)
+    return feeds
+
+
+def _run(model: ir.Model, feeds: dict[str, np.ndarray] | None = None) -> optcc.PassResult:
+    """Run the pass; check invariants, onnx's checker, numerics (optcc.verify and bit
+    for bit) against the original on onnxruntime, and idempotence."""
+    original = model.clone()
+    result = EliminateNoOpsPass()(model)
+    assert check_invariants(result.model, signature(original)) == []
+    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
+    feeds = feeds if feeds is not None else _feeds(original)
+    verification = optcc.verify(original, result.model, inputs=feeds)
+    assert verification.passed, verification.describe()
+    for ref, got in zip(_ort_outputs(original, feeds), _ort_outputs(result.model, feeds)):
+        assert ref.dtype == got.dtype and ref.shape == got.shape
+        assert ref.tobytes() == got.tobytes(), "exact pass must be bit-exact"
+    assert not EliminateNoOpsPass()(result.model).modified, "second run must be a no-op"
+    return result
+
+
+def _ops(model: ir.Model) -> dict[str, int]:
+    return optcc.ir.op_histogram(model)
+
+
+def test_cast_to_the_same_dtype_is_removed_and_real_casts_stay():
+    model = _model("""
+    agraph (float[2, 3] x, int64[2, 3] k) => (float[2, 3] y, float[2, 3] z) {
+        a = Cast<to = 1>(x)
+        b = Cast<to = 7>(a)
+        c = Cast<to = 1>(b)
+        y = Add(c, a)
+        d = CastLike(x, y)
+        z = CastLike(k, d)
+    }
+    """)
+    result = _run(model)
+    assert _ops(result.model) == {"Add": 1, "Cast": 2, "CastLike": 1}
+    assert result.stats == {"cast": 2}
+
+
+def test_reshape_to_the_same_shape_is_removed():
+    model = _model("""
+    agraph (float[2, 3, 4] x) => (float[2, 12] y)
+        <int64[3] same = {2, 3, 4}, int64[3] copy_infer = {0, 3, -1}, int64[2] flat = {2, 12}> {
+        a = Reshape(x, same)
+        b = Reshape(a, copy_infer)
+        y = Reshape(b, flat)
+    }
+    """)
+    result = _run(model)
+    assert _ops(result.model) == {"Reshape": 1}
+    assert result.stats == {"reshape": 2}
+
+
+def test_reshape_with_dynamic_dims_is_removed_only_when_provable():
+    model = _model("""
+    agraph (float[N, 3, 4] x) => (float[N, 3, 4] y, float[N, 3, 4] z, float[N, 3, 4] w)
+        <int64[3] copy = {0, 3, 4}, int64[3] infer = {0, 3, -1}, int64[3] fixed = {1, 3, 4}> {
+        a = Reshape(x, copy)
+        y = Relu(a)
+        b = Reshape(x, infer)
+        z = Relu(b)
+        c = Reshape(x, fixed)
+        w = Relu(c)
+    }
+    """, opset=17)
+    result = _run(model)
+    # Only the copying target [0, 3, 4] is provable: with -1, a copied symbolic dim
+    # could be 0 (then -1 is not inferable), and 1 may differ from N.
+    assert _ops(result.model) == {"Relu": 3, "Reshape": 2}
+    assert result.stats == {"reshape": 1}
+
+
+def test_expand_that_keeps_the_shape_is_removed_and_broadcasting_ones_stay():
+    model = _model("""
+    agraph (float[2, 1, 4] x, float[N, 4] s) => (float[2, 1, 4] y, float[2, 3, 4] z, float[1, 2, 1, 4] w, float[2, 4] v, float[N, 4] u)
+        <int64[2] keep = {1, 4}, int64[3] same = {2, 1, 4}, int64[2] grow = {3, 4},
+         int64[4] rank_up = {1, 1, 1, 4}, int64[2] fixed = {2, 4}, int64[2] ones = {1, 4}> {
+        a = Expand(x, keep)
+        b = Expand(a, same)
+        y = Neg(b)
+        e1 = Expand(x, grow)
+        z = Neg(e1)
+        e2 = Expand(x, rank_up)
+        w = Neg(e2)
+        e3 = Expand(s, fixed)
+        v = Neg(e3)
+        u = Expand(s, ones)
+    }
+    """)
+    result = _run(model)
+    # a and b are no-ops; grow and rank_up change the shape; [2, 4] on a dynamic N may
+    # broadcast N=1 to 2. u is a no-op but would hand the output name to the graph input.
+    assert _ops(result.model) == {"Expand": 4, "Neg": 4}
+    assert result.stats == {"expand": 2}
+
+
+def test_identity_transpose_is_removed_and_real_ones_stay():
+    model = _model("""
+    agraph (float[2, 3, 4] x, float[5] v) => (float[4, 3, 2] y, float[5] z) {
+        a = Transpose<perm = [0, 1, 2]>(x)
+        t = Transpose(a)
+        y = Neg(t)
+        b = Transpose(v)
+        z = Neg(b)
+    }
+    """)
+    result = _run(model)
+    assert _ops(result.model) == {"Neg": 2, "Transpose": 1}
+    assert result.stats == {"transpose": 2}
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
+def test_pad_with_zero_pads_is_removed_in_any_mode(mode: str):
+    model = _model(f"""
+    agraph (float[2, 3] x) => (float[2, 3] y, float[2, 5] z) <int64[4] zero = {{0, 0, 0, 0}}, int64[4] one = {{0, 1, 0, 1}}> {{
+        a = Pad<mode = "{mode}">(x, zero)
+        y = Neg(a)
+        b = Pad<mode = "{mode}">(x, one)
+        z = Neg(b)
+    }}
+    """)
+    result = _run(model)
+    assert _ops(result.model) == {"Neg": 2, "Pad": 1}
+
+
+def test_pad_with_zero_pads_attribute_before_opset_11():
+    model = _model("""
+    agraph (float[2, 3] x) => (float[2, 3] y) {
+        a = Pad<pads = [0, 0, 0, 0]>(x)
+        y = Neg(a)
+    }
+    """, opset=10)
+    result = _run(model)
+    assert _ops(result.model) == {"Neg": 1}
+    assert result.stats == {"pad": 1}
+
+
+def test_slice_selecting_everything_is_removed_with_clamping_rules():
+    big = np.iinfo(np.int64).max
+    model = _model(f"""
+    agraph (float[4, 6] x, float[N, 6] d) => (float[4, 6] y1, float[4, 6] y2, float[4, 5] y3, float[4, 6] y4,
+                                              float[4, 6] y5, float[N, 6] y6, float[M, 6] y7)
+        <int64[1] z = {{0}}, int64[1] neg4 = {{-4}}, int64[1] neg9 = {{-9}}, int64[1] e_big = {{{big}}},
+         int64[1] e_100 = {{100}}, int64[1] e_m1 = {{-1}}, int64[1] e_6 = {{6}}, int64[1] ax1 = {{1}},
+         int64[1] ax0 = {{0}}, int64[1] st_m1 = {{-1}}, int64[1] st_1 = {{1}}, int64[1] e_1000 = {{1000}}> {{
+        a1 = Slice(x, z, e_big)
+        y1 = Neg(a1)
+        a2 = Slice(x, neg9, e_6, ax1, st_1)
+        y2 = Neg(a2)
+        a3 = Slice(x, z, e_m1, ax1)
+        y3 = Neg(a3)
+        a4 = Slice(x, neg4, e_100, ax0)
+        y4 = Neg(a4)
+        a5 = Slice(x, e_m1, neg9, ax0, st_m1)
+        y5 = Neg(a5)
+        a6 = Slice(d, z, e_big)
+        y6 = Neg(a6)
+        a7 = Slice(d, z, e_1000)
+        y7 = Neg(a7)
+    }}
+    """)
+    result = _run(model)
+    # y3 drops a column, y5 reverses, y7 may cut a dynamic dim: those stay.
+    assert _ops(result.model) == {"Neg": 7, "Slice": 3}
+    assert result.stats == {"slice": 4}
+
+
+def test_slice_attributes_before_opset_10():
+    model = _model("""
+    agraph (float[4, 6] x) => (float[4, 6] y, float[4, 2] z) {
+        a = Slice<starts = [0, -6], ends = [4, 60]>(x)
+        y = Neg(a)
+        b = Slice<starts = [0], ends = [2], axes = [1]>(x)
+        z = Neg(b)
+    }
+    """, opset=9)
+    result = _run(model)
+    assert _ops(result.model) == {"Neg": 2, "Slice": 1}
+
+
+def test_single_input_concat_and_single_output_split_are_removed():
+    model = _model("""
+    agraph (float[4, 6] x) => (float[4, 6] y, float[4, 3] z1, float[4, 3] z2) <int64[1] six = {6}> {
+        a = Concat<axis = 1>(x)
+        b = Split<axis = 1>(a, six)
+        y = Neg(b)
+        z1, z2 = Split<axis = 1, num_outputs = 2>(x)
+    }
+    """, opset=18)
+    result = _run(model)
+    assert _ops(result.model) == {"Neg": 1, "Split": 1}
+    assert result.stats == {"concat": 1, "split": 1}
+
+
+ARITHMETIC = """
+agraph (float[2, 4] x, float[N, 4] d, int64[2, 4] k) =>
+       (float[2, 4] r1, float[2, 4] r2, float[2, 4] r3, float[2, 4] r4, float[2, 4] r5, float[2, 4] r6,
+        float[N, 4] r7, int64[2, 4] r8, float[2, 4] k1, float[2, 4] k2, float[2, 4] k3, float[2, 4] k4,
+        float[3, 2, 4] k5, float[N, 4] k6)
+    <float[4] one = {1, 1, 1, 1}, float[1] nzero = {-0.0}, float[1, 1] pzero = {0.0},
+     float[3, 1, 1] one3 = {1, 1, 1}, float[2, 4] one24 = {1, 1, 1, 1, 1, 1, 1, 1}, int64 izero = {0}> {
+    a1 = Mul(x, one)
+    r1 = Neg(a1)
+    a2 = Mul(one, x)
+    r2 = Neg(a2)
+    a3 = Div(x, one)
+    r3 = Neg(a3)
+    a4 = Sub(x, pzero)
+    r4 = Neg(a4)
+    a5 = Add(x, nzero)
+    r5 = Neg(a5)
+    a6 = Add(nzero, x)
+    r6 = Neg(a6)
+    a7 = Mul(d, one)
+    r7 = Neg(a7)
+    a8 = Add(k, izero)
+    r8 = Neg(a8)
+    b1 = Add(x, pzero)
+    k1 = Neg(b1)
+    b2 = Sub(x, nzero)
+    k2 = Neg(b2)
+    b3 = Div(one, x)
+    k3 = Neg(b3)
+    b4 = Sub(pzero, x)
+    k4 = Neg(b4)
+    b5 = Mul(x, one3)
+    k5 = Neg(b5)
+    b6 = Mul(d, one24)
+    k6 = Neg(b6)
+}
+"""
+
+
+def test_neutral_arithmetic_is_removed_bit_exactly_even_on_special_values():
+    model = _model(ARITHMETIC)
+    special = np.array([[-0.0, 0.0, np.nan, np.inf], [-np.inf, 1e-45, -3.5, 65504.0]], np.float32)
+    feeds = _feeds(model, x=special, d=special)
+    result = _run(model, feeds)
+    # Kept: x + (+0.0) (turns -0.0 into +0.0), x - (-0.0) (same), 1 / x, 0 - x,
+    # broadcasting to a higher rank, and [2, 4] ones against a dynamic N (N=1 grows).
+    assert result.stats == {"mul": 3, "div": 1, "sub": 1, "add": 3}
+    assert _ops(result.model) == {"Add": 1, "Div": 1, "Mul": 2, "Neg": 14, "Sub": 2}
+
+
+def test_adding_positive_zero_is_kept_because_it_turns_negative_zero_positive():
+    """The reason x + 0.0 is not removed: onnxruntime computes -0.0 + 0.0 = +0.0."""
+    model = _model("""
+    agraph (float[2] x) => (float[2] y) <float[1] pzero = {0.0}> {
+        a = Add(x, pzero)
+        y = Neg(a)
+    }
+    """)
+    x = np.array([-0.0, 1.0], np.float32)
+    (y,) = _ort_outputs(model, {"x": x})
+    assert np.signbit(-x[0]) != np.signbit(y[0]), "-(x + 0.0) is not -x for x = -0.0"
+    assert not EliminateNoOpsPass()(model).modified
+
+
+def test_overridable_initializer_is_not_a_constant():
+    proto = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Mul", ["x", "scale"], ["m"]), helper.make_node("Neg", ["m"], ["y"])],
+            "g",
+            [
+                helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                helper.make_tensor_value_info("scale", TensorProto.FLOAT, [4]),
+            ],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+            [helper.make_tensor("scale", TensorProto.FLOAT, [4], [1.0] * 4)],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
+    )
+    result = EliminateNoOpsPass()(ir.from_proto(proto))
+    assert not result.modified
+    assert _ops(result.model) == {"Mul": 1, "Neg": 1}
+
+
+def test_graph_outputs_keep_their_names_and_interface_values_are_not_renamed():
+    model = _model("""
+    agraph (float[N, 4] x) => (float[N, 4] y, float[N, 4] z, float[N, 4] w1, float[N, 4] w2)
+        <float[1] one = {1}> {
+        r = Relu(x)
+        y = Mul(r, one)
+        z = Mul(x, one)
+        w1 = Abs(x)
+        w2 = Cast<to = 1>(w1)
+    }
+    """)
+    result = _run(model)
+    # y: Relu's output takes the name y. z would rename the graph input; w2 would merge
+    # two graph outputs: both stay.
+    assert result.stats == {"mul": 1}
+    graph = result.model.graph
+    assert [v.name for v in graph.outputs] == ["y", "z", "w1", "w2"]
+    assert [str(d) for d in graph.outputs[0].shape] == ["N", "4"]
+    assert graph.outputs[0].producer().op_type == "Relu"
+    assert _ops(result.model) == {"Abs": 1, "Cast": 1, "Mul": 1, "Relu": 1}
+
+
+def test_custom_domain_ops_and_unknown_types_are_untouched():
+    proto = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17, "custom" : 1]>
+    agraph (float[2, 4] x) => (float[2, 4] y) <float[1] one = {1}> {
+        a = custom.Cast<to = 1>(x)
+        b = custom.Mul(a, one)
+        c = Cast<to = 1>(b)
+        y = Mul(c, one)
+    }
+    """)
+    model = ir.from_proto(proto)
+    result = EliminateNoOpsPass()(model)
+    # c's input type is unknown (custom op): the Cast stays; Mul by one on c (of unknown
+    # shape) stays too.
+    assert not result.modified
+    assert _ops(result.model) == {"Cast": 1, "Mul": 1, "custom::Cast": 1, "custom::Mul": 1}
+
+
+def _if_model() -> ir.Model:
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    then_g = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["x"], ["t_id"], perm=[0, 1]),
+            helper.make_node("Mul", ["t_id", "one"], ["t_m"]),
+            helper.make_node("Neg", ["t_m"], ["t_out"]),
+        ],
+        "then", [], [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [3, 4])],
+    )
+    else_g = helper.make_graph(
+        [
+            helper.make_node("Abs", ["x"], ["e_abs"]),
+            helper.make_node("Div", ["e_abs", "one"], ["e_out"]),
+        ],
+        "else", [], [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [3, 4])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+        [one],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+
+
+@pytest.mark.parametrize("cond", [True, False])
+def test_noops_inside_if_bodies_are_removed(cond: bool):
+    model = _if_model()
+    x = np.random.default_rng(3).standard_normal((3, 4)).astype(np.float32)
+    result = _run(model, {"x": x, "c": np.array(cond)})
+    assert result.stats == {"transpose": 1, "mul": 1, "div": 1}
+    assert _ops(result.model) == {"Abs": 1, "If": 1, "Neg": 1}
+    else_branch = result.model.graph.node(0).attributes["else_branch"].as_graph()
+    assert [v.name for v in else_branch.outputs] == ["e_out"]
+
+
+def test_through_optimize_with_verification():
+    model = _model("""
+    agraph (float[N, 3] x) => (float[N, 3] y) <float[1] one = {1}, int64[2] perm_shape = {0, 3}> {
+        a = Reshape(x, perm_shape)
+        b = Mul(a, one)
+        c = Cast<to = 1>(b)
+        y = Relu(c)
+    }
+    """)
+    result = optcc.optimize(model, passes=[EliminateNoOpsPass()], verify=True)
+    assert optcc.ir.op_histogram(result.ir_model) == {"Relu": 1}
+    assert result.report.verification["status"] == "passed"

@@ -1,0 +1,243 @@
+"""FuseBatchNormPass: BatchNormalization folded into Conv (groups, depthwise),
+ConvTranspose, Gemm (transB, alpha, beta) and 2-D MatMul, else turned into Mul+Add; left
+alone in training mode, with shared weights, an intermediate graph output, unknown rank
+or a custom-domain producer."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import optcc
+from optcc.invariants import check_invariants, signature
+from optcc.passes.fuse_batchnorm import FuseBatchNormPass
+
+RNG_SEED = 0
+
+
+def _bn_inits(rng: np.random.Generator, c: int, prefix: str = "") -> list[onnx.TensorProto]:
+    arrays = {
+        "scale": rng.normal(size=c),
+        "beta": rng.normal(size=c),
+        "mean": rng.normal(size=c),
+        "var": rng.uniform(0.5, 2.0, size=c),
+    }
+    return [numpy_helper.from_array(a.astype(np.float32), prefix + k) for k, a in arrays.items()]
+
+
+def _bn(inp: str, out: str, prefix: str = "", **attrs: object) -> onnx.NodeProto:
+    names = [prefix + k for k in ("scale", "beta", "mean", "var")]
+    return helper.make_node("BatchNormalization", [inp, *names], [out], epsilon=1e-3, **attrs)
+
+
+def _tensor(rng: np.random.Generator, name: str, *shape: int) -> onnx.TensorProto:
+    return numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+
+
+def _model(nodes: list, inputs: list, outputs: list, inits: list, opset: int = 17) -> ir.Model:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto = onnx.shape_inference.infer_shapes(proto)
+    return ir.from_proto(proto)
+
+
+def _vi(name: str, shape: list | None) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _fuse(model: ir.Model, **shapes: list[int]) -> optcc.PassResult:
+    """Run the pass; check invariants, the checker, numerics and idempotence."""
+    original = model.clone()
+    result = FuseBatchNormPass()(model)
+    assert check_invariants(result.model, signature(original)) == []
+    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
+    verification = optcc.verify(original, result.model, numerics="fusion", input_shapes=shapes,
+                                seed=RNG_SEED)
+    assert verification.passed, verification.describe()
+    assert not FuseBatchNormPass()(result.model).modified, "second run must be a no-op"
+    return result
+
+
+def _ops(model: ir.Model) -> dict[str, int]:
+    return optcc.ir.op_histogram(model)
+
+
+@pytest.mark.parametrize("group,with_bias", [(1, True), (1, False), (2, True), (6, False)])
+def test_conv_batchnorm_folds_into_conv(group: int, with_bias: bool) -> None:
+    rng = np.random.default_rng(group)
+    c = 6
+    inits = [_tensor(rng, "w", c, 6 // group, 3, 3), *_bn_inits(rng, c)]
+    conv_inputs = ["x", "w"]
+    if with_bias:
+        inits.append(_tensor(rng, "b", c))
+        conv_inputs.append("b")
+    nodes = [helper.make_node("Conv", conv_inputs, ["t"], pads=[1, 1, 1, 1], group=group),
+             _bn("t", "y")]
+    model = _model(nodes, [_vi("x", ["N", 6, 5, 5])], [_vi("y", ["N", c, 5, 5])], inits)
+    result = _fuse(model, x=[2, 6, 5, 5])
+    assert _ops(result.model) == {"Conv": 1}
+    assert result.stats == {"applied": {"conv-batchnorm": 1}}
+    conv = result.model.graph.outputs[0].producer()
+    assert result.model.graph.outputs[0].name == "y" and conv.attributes["group"].as_int() == group
+    assert str(result.model.graph.outputs[0].shape[0]) == "N"
+    # Only the fused weight and bias remain.
+    assert len(result.model.graph.initializers) == 2
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_convtranspose_batchnorm_uses_the_cin_cout_layout(group: int) -> None:
+    rng = np.random.default_rng(10 + group)
+    cin, cout = 4, 6
+    inits = [_tensor(rng, "w", cin, cout // group, 3, 3), _tensor(rng, "b", cout),
+             *_bn_inits(rng, cout)]
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["t"], strides=[2, 2],
+                              group=group),
+             _bn("t", "y")]
+    model = _model(nodes, [_vi("x", [1, cin, 4, 4])], [_vi("y", None)], inits)
+    result = _fuse(model)
+    assert _ops(result.model) == {"ConvTranspose": 1}
+
+
+@pytest.mark.parametrize("trans_b,alpha,beta,with_c", [(0, 1.0, 1.0, True), (1, 0.5, 2.0, True),
+                                                        (1, 1.5, 1.0, False)])
+def test_gemm_batchnorm(trans_b: int, alpha: float, beta: float, with_c: bool) -> None:
+    rng = np.random.default_rng(20)
+    k, n = 5, 4
+    inits = [_tensor(rng, "w", *((n, k) if trans_b else (k, n))), *_bn_inits(rng, n)]
+    inputs = ["a", "w"]
+    if with_c:
+        inits.append(_tensor(rng, "c", n))
+        inputs.append("c")
+    nodes = [helper.make_node("Gemm", inputs, ["t"], transB=trans_b, alpha=alpha, beta=beta),
+             _bn("t", "y")]
+    model = _model(nodes, [_vi("a", [3, k])], [_vi("y", [3, n])], inits)
+    result = _fuse(model)
+    assert _ops(result.model) == {"Gemm": 1}
+
+
+def test_matmul_2d_batchnorm_becomes_gemm() -> None:
+    rng = np.random.default_rng(30)
+    inits = [_tensor(rng, "w", 5, 4), *_bn_inits(rng, 4)]
+    nodes = [helper.make_node("MatMul", ["a", "w"], ["t"]), _bn("t", "y")]
+    model = _model(nodes, [_vi("a", ["M", 5])], [_vi("y", ["M", 4])], inits)
+    result = _fuse(model, a=[3, 5])
+    assert _ops(result.model) == {"Gemm": 1}
+    assert result.stats["applied"] == {"matmul-batchnorm": 1}
+
+
+def test_matmul_3d_batchnorm_is_not_gemm() -> None:
+    rng = np.random.default_rng(31)
+    # BatchNormalization normalizes axis 1 (size 4 here), MatMul's output axis is the last.
+    inits = [_tensor(rng, "w", 5, 3), *_bn_inits(rng, 4)]
+    nodes = [helper.make_node("MatMul", ["a", "w"], ["t"]), _bn("t", "y")]
+    model = _model(nodes, [_vi("a", [2, 4, 5])], [_vi("y", [2, 4, 3])], inits)
+    result = _fuse(model)
+    assert _ops(result.model) == {"Add": 1, "MatMul": 1, "Mul": 1}
+    assert result.stats["rejected"]["matmul-batchnorm"] == {
+        "channel axis is not MatMul's output axis": 1
+    }
+
+
+@pytest.mark.parametrize("shape", [["N", 3, 4, 4], ["N", 3]])
+def test_batchnorm_alone_becomes_mul_add(shape: list) -> None:
+    rng = np.random.default_rng(40)
+    model = _model([_bn("x", "y")], [_vi("x", shape)], [_vi("y", shape)], _bn_inits(rng, 3))
+    result = _fuse(model, x=[2, *shape[1:]])
+    assert _ops(result.model) == {"Add": 1, "Mul": 1}
+    mul = next(n for n in result.model.graph if n.op_type == "Mul")
+    assert optcc.ir.as_numpy(mul.inputs[1]).shape == (3,) + (1,) * (len(shape) - 2)
+    assert result.model.graph.outputs[0].name == "y"
+
+
+def test_shared_conv_weight_is_not_folded() -> None:
+    rng = np.random.default_rng(50)
+    inits = [_tensor(rng, "w", 4, 3, 1, 1), *_bn_inits(rng, 4, "p"), *_bn_inits(rng, 4, "q")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t1"]), _bn("t1", "y1", "p"),
+             helper.make_node("Conv", ["x", "w"], ["t2"]), _bn("t2", "y2", "q")]
+    model = _model(nodes, [_vi("x", [1, 3, 4, 4])], [_vi("y1", None), _vi("y2", None)], inits)
+    result = _fuse(model)
+    assert _ops(result.model) == {"Add": 2, "Conv": 2, "Mul": 2}
+    assert result.stats["rejected"]["conv-batchnorm"] == {"shared weight 'w'": 2}
+
+
+def test_conv_output_that_is_a_graph_output_is_not_folded() -> None:
+    rng = np.random.default_rng(60)
+    inits = [_tensor(rng, "w", 4, 3, 1, 1), *_bn_inits(rng, 4)]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t"]), _bn("t", "y")]
+    model = _model(nodes, [_vi("x", [1, 3, 4, 4])], [_vi("y", None), _vi("t", None)], inits)
+    result = _fuse(model)
+    assert _ops(result.model) == {"Add": 1, "Conv": 1, "Mul": 1}
+    assert result.stats["rejected"]["conv-batchnorm"] == {"intermediate 't' is a graph output": 1}
+    assert [v.name for v in result.model.graph.outputs] == ["y", "t"]
+
+
+def test_training_mode_batchnorm_is_left_alone() -> None:
+    rng = np.random.default_rng(70)
+    inits = [_tensor(rng, "w", 4, 3, 1, 1), *_bn_inits(rng, 4)]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t"]), _bn("t", "y", training_mode=1)]
+    model = _model(nodes, [_vi("x", [1, 3, 4, 4])], [_vi("y", None)], inits, opset=15)
+    result = FuseBatchNormPass()(model)
+    assert not result.modified and _ops(result.model) == {"BatchNormalization": 1, "Conv": 1}
+    assert result.stats["rejected"]["conv-batchnorm"] == {"training mode": 1}
+    assert result.stats["rejected"]["batchnorm-to-mul-add"] == {"training mode": 1}
+
+
+def test_unknown_rank_and_custom_producer_are_left_alone() -> None:
+    rng = np.random.default_rng(80)
+    inits = [_tensor(rng, "w", 4, 3, 1, 1), *_bn_inits(rng, 4)]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t"], domain="custom"), _bn("t", "y")]
+    graph = helper.make_graph(nodes, "g", [_vi("x", [1, 3, 4, 4])], [_vi("y", None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("custom", 1)])
+    model = ir.from_proto(proto)
+    result = FuseBatchNormPass()(model)
+    assert not result.modified
+    assert _ops(result.model) == {"BatchNormalization": 1, "custom::Conv": 1}
+    assert result.stats["rejected"] == {"batchnorm-to-mul-add": {"unknown input rank": 1}}
+
+
+def test_batchnorm_inside_if_body() -> None:
+    rng = np.random.default_rng(90)
+    inits = [_tensor(rng, "w", 4, 3, 1, 1), *_bn_inits(rng, 4)]
+    then_graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["t"]), _bn("t", "o1")], "then", [],
+        [_vi("o1", [1, 4, 4, 4])])
+    else_graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["o2"])], "else", [], [_vi("o2", [1, 4, 4, 4])])
+    nodes = [helper.make_node("If", ["c"], ["y"], then_branch=then_graph, else_branch=else_graph)]
+    cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    model = _model(nodes, [_vi("x", [1, 3, 4, 4]), cond], [_vi("y", [1, 4, 4, 4])], inits)
+    original = model.clone()
+    result = FuseBatchNormPass()(model)
+    # The weight is read by both branches: the BatchNormalization becomes Mul+Add.
+    assert result.stats["applied"] == {"batchnorm-to-mul-add": 1}
+    assert _ops(result.model) == {"Add": 1, "Conv": 2, "If": 1, "Mul": 1}
+    x = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
+    for c in (True, False):
+        feeds = {"x": x, "c": np.array(c)}
+        assert optcc.verify(original, result.model, numerics="fusion", inputs=feeds).passed
+
+
+def test_ir_version_3_initializers_are_constants_and_new_weights_are_constant_nodes() -> None:
+    rng = np.random.default_rng(100)
+    inits = [_tensor(rng, "w", 4, 3, 1, 1), *_bn_inits(rng, 4)]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t"]), _bn("t", "y")]
+    # Below IR version 4 every initializer is also a graph input (and not overridable).
+    inputs = [_vi("x", [1, 3, 4, 4])] + [
+        helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in inits
+    ]
+    graph = helper.make_graph(nodes, "g", inputs, [_vi("y", [1, 4, 4, 4])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    model = ir.from_proto(proto)
+    input_names = [v.name for v in model.graph.inputs]
+    original = model.clone()
+    result = FuseBatchNormPass()(model)
+    assert result.stats["applied"] == {"conv-batchnorm": 1}
+    assert _ops(result.model) == {"Constant": 2, "Conv": 1}
+    assert [v.name for v in result.model.graph.inputs] == input_names
+    assert check_invariants(result.model, signature(original)) == []
+    feeds = {"x": rng.normal(size=(1, 3, 4, 4)).astype(np.float32)}
+    assert optcc.verify(original, result.model, numerics="fusion", inputs=feeds).passed

@@ -1,0 +1,119 @@
+"""FuseMatMulAddPass: 2-D MatMul + bias Add becomes Gemm; batched or unknown-rank MatMul,
+non-constant weights, biases Gemm cannot take, shared or exposed MatMul results stay."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import numpy_helper
+
+import optcc
+from optcc.invariants import check_invariants, signature
+from optcc.passes.fuse_matmul_add import FuseMatMulAddPass
+
+
+def _model(body: str, inits: dict[str, np.ndarray], opset: int = 17) -> ir.Model:
+    proto = onnx.parser.parse_model(f'<ir_version: 9, opset_import: ["" : {opset}]>\n' + body)
+    for name, array in inits.items():
+        proto.graph.initializer.append(numpy_helper.from_array(array, name))
+    proto = onnx.shape_inference.infer_shapes(proto)
+    return ir.from_proto(proto)
+
+
+def _rand(seed: int, *shape: int, dtype: type = np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(dtype)
+
+
+def _fuse(model: ir.Model, **shapes: list[int]) -> optcc.PassResult:
+    original = model.clone()
+    result = FuseMatMulAddPass()(model)
+    assert check_invariants(result.model, signature(original)) == []
+    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
+    verification = optcc.verify(original, result.model, numerics="fusion", input_shapes=shapes)
+    assert verification.passed, verification.describe()
+    assert not FuseMatMulAddPass()(result.model).modified, "second run must be a no-op"
+    return result
+
+
+def _ops(model: ir.Model) -> dict[str, int]:
+    return optcc.ir.op_histogram(model)
+
+
+@pytest.mark.parametrize("bias_shape", [(4,), (1, 4), (3, 4), (3, 1), (), (1,)])
+@pytest.mark.parametrize("order", ["Add(t, c)", "Add(c, t)"])
+def test_matmul_add_becomes_gemm(bias_shape: tuple[int, ...], order: str) -> None:
+    body = f"g (float[3, 5] a) => (float[3, 4] y) {{ t = MatMul(a, w) y = {order} }}"
+    model = _model(body, {"w": _rand(1, 5, 4), "c": _rand(2, *bias_shape)})
+    result = _fuse(model)
+    assert _ops(result.model) == {"Gemm": 1}
+    assert result.stats == {"applied": {"matmul-add": 1}}
+    assert result.model.graph.outputs[0].name == "y"
+
+
+def test_symbolic_rows_and_a_bias_that_is_a_graph_input() -> None:
+    body = "g (float[M, 5] a, float[4] c) => (float[M, 4] y) { t = MatMul(a, w) y = Add(t, c) }"
+    result = _fuse(_model(body, {"w": _rand(1, 5, 4)}), a=[7, 5])
+    assert _ops(result.model) == {"Gemm": 1}
+    assert str(result.model.graph.outputs[0].shape[0]) == "M"
+
+
+def test_batched_matmul_is_not_gemm() -> None:
+    body = "g (float[2, 3, 5] a) => (float[2, 3, 4] y) { t = MatMul(a, w) y = Add(t, c) }"
+    result = _fuse(_model(body, {"w": _rand(1, 5, 4), "c": _rand(2, 4)}))
+    assert not result.modified and _ops(result.model) == {"Add": 1, "MatMul": 1}
+    assert result.stats["rejected"]["matmul-add"] == {"batched MatMul (input rank is not 2)": 1}
+
+
+def test_unknown_rank_input_is_left_alone() -> None:
+    proto = onnx.parser.parse_model(
+        '<ir_version: 9, opset_import: ["" : 17]>\n'
+        "g (float a) => (float y) { t = MatMul(a, w) y = Add(t, c) }"
+    )
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.ClearField("shape")
+    proto.graph.initializer.extend(
+        [numpy_helper.from_array(_rand(1, 5, 4), "w"), numpy_helper.from_array(_rand(2, 4), "c")]
+    )
+    model = ir.from_proto(proto)
+    result = FuseMatMulAddPass()(model)
+    assert not result.modified and _ops(result.model) == {"Add": 1, "MatMul": 1}
+    assert result.stats["rejected"]["matmul-add"] == {"unknown input rank": 1}
+
+
+def test_non_constant_weight_is_not_matched() -> None:
+    body = "g (float[3, 5] a, float[5, 4] w) => (float[3, 4] y) { t = MatMul(a, w) y = Add(t, c) }"
+    result = _fuse(_model(body, {"c": _rand(2, 4)}))
+    assert not result.modified and result.stats == {"applied": {}}
+
+
+@pytest.mark.parametrize("bias_shape", [(2, 3, 4), (6, 4), (1, 1, 4)])
+def test_bias_gemm_cannot_take_is_left_alone(bias_shape: tuple[int, ...]) -> None:
+    body = "g (float[1, 5] a) => (float y) { t = MatMul(a, w) y = Add(t, c) }"
+    proto = onnx.parser.parse_model('<ir_version: 9, opset_import: ["" : 17]>\n' + body)
+    proto.graph.output[0].type.tensor_type.ClearField("shape")
+    proto.graph.initializer.extend(
+        [numpy_helper.from_array(_rand(1, 5, 4), "w"),
+         numpy_helper.from_array(_rand(2, *bias_shape), "c")]
+    )
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+    result = _fuse(model)
+    assert not result.modified and _ops(result.model) == {"Add": 1, "MatMul": 1}
+    assert result.stats["rejected"]["matmul-add"] == {"bias does not broadcast to [M, N]": 1}
+
+
+def test_shared_or_exposed_matmul_result_is_left_alone() -> None:
+    shared = "g (float[3, 5] a) => (float[3, 4] y, float[3, 4] z) { t = MatMul(a, w) y = Add(t, c) z = Relu(t) }"
+    exposed = "g (float[3, 5] a) => (float[3, 4] y, float[3, 4] t) { t = MatMul(a, w) y = Add(t, c) }"
+    for body in (shared, exposed):
+        result = _fuse(_model(body, {"w": _rand(1, 5, 4), "c": _rand(2, 4)}))
+        assert not result.modified and _ops(result.model)["MatMul"] == 1
+
+
+def test_integer_matmul_is_left_alone() -> None:
+    body = "g (int32[3, 5] a) => (int32[3, 4] y) { t = MatMul(a, w) y = Add(t, c) }"
+    inits = {"w": np.arange(20, dtype=np.int32).reshape(5, 4), "c": np.arange(4, dtype=np.int32)}
+    result = _fuse(_model(body, inits))
+    assert not result.modified
+    assert result.stats["rejected"]["matmul-add"] == {"dtype without a Gemm kernel": 1}
