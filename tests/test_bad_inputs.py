@@ -1,0 +1,397 @@
+"""The bad-input catalogue, through the command line.
+
+Every refused input must give: exit code 2, exactly one line on stderr that names the
+problem (and the file), no traceback, no output file (the folder listing is unchanged)
+and the input's bytes unchanged. The one deliberate exception is a model with an unknown
+custom-domain op: it passes through untouched (exit 0, the op still in the output) with
+verification *skipped*, because onnxruntime cannot run an op it does not know; the
+summary says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from optcc import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "fixtures" / "tinycnn.onnx"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _listing(*folders: Path) -> dict[str, set[str]]:
+    return {str(f): {p.name for p in f.iterdir()} for f in folders if f.is_dir()}
+
+
+def _refused(capsys: pytest.CaptureFixture[str], args: list[str], needle: str,
+             model: Path | None = None, watch: tuple[Path, ...] = (), names: str | None = None) -> str:
+    """Run the CLI and assert the refusal contract; returns the stderr line."""
+    folders = tuple(watch) + ((model.parent,) if model is not None and model.parent.is_dir() else ())
+    before, digest = _listing(*folders), _digest(model) if model else None
+    code = cli.main(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert "Traceback" not in err and line.startswith("optcc: ")
+    assert needle.lower() in line.lower(), line
+    if names is not None:
+        assert names in line, line
+    assert _listing(*folders) == before, "an output file was created"
+    if model is not None:
+        assert _digest(model) == digest, "the input changed"
+    return line
+
+
+def _copy_example(tmp_path: Path, name: str = "model.onnx") -> Path:
+    path = tmp_path / name
+    shutil.copy(EXAMPLE, path)
+    return path
+
+
+def _tiny(nodes: list[onnx.NodeProto], inputs: list[str] = ("x",), outputs: list[str] = ("y",),
+          opsets: list[tuple[str, int]] = (("", 17),), ir_version: int = 8,
+          inits: list[onnx.TensorProto] = ()) -> onnx.ModelProto:
+    f = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3])  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [f(n) for n in inputs], [f(n) for n in outputs], list(inits))
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets], ir_version=ir_version
+    )
+
+
+def _write(path: Path, model: onnx.ModelProto) -> Path:
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+# --------------------------------------------------------------------------- unreadable files
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"", "empty file"),
+        (np.random.default_rng(0).bytes(4096), "not"),
+        (b"this is a text file, not a model\n", "not"),
+    ],
+    ids=["empty", "random-bytes", "text"],
+)
+def test_unreadable_model_file(tmp_path: Path, capsys, content: bytes, needle: str) -> None:
+    model = tmp_path / "model.onnx"
+    model.write_bytes(content)
+    _refused(capsys, [str(model)], needle, model, names=str(model))
+
+
+def test_truncated_protobuf(tmp_path: Path, capsys) -> None:
+    model = tmp_path / "model.onnx"
+    model.write_bytes(EXAMPLE.read_bytes()[: EXAMPLE.stat().st_size // 2])
+    _refused(capsys, [str(model)], "truncated", model, names=str(model))
+
+
+def test_npz_named_onnx(tmp_path: Path, capsys) -> None:
+    model = tmp_path / "model.onnx"
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.zeros(3, np.float32))
+    model.write_bytes(buffer.getvalue())
+    _refused(capsys, [str(model)], "npz", model, names=str(model))
+
+
+def test_directory_as_model(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "model.onnx"
+    folder.mkdir()
+    _refused(capsys, [str(folder)], "not a file", watch=(tmp_path, folder), names=str(folder))
+
+
+def test_missing_model_file(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nope.onnx"
+    _refused(capsys, [str(missing)], "no such file", watch=(tmp_path,), names=str(missing))
+
+
+# --------------------------------------------------------------------------- invalid graphs
+
+
+def test_graph_with_a_cycle(tmp_path: Path, capsys) -> None:
+    nodes = [
+        helper.make_node("Add", ["x", "b"], ["a"], name="first"),
+        helper.make_node("Relu", ["a"], ["b"], name="second"),
+        helper.make_node("Identity", ["b"], ["y"], name="third"),
+    ]
+    model = _write(tmp_path / "model.onnx", _tiny(nodes))
+    _refused(capsys, [str(model)], "cycle", model, names=str(model))
+
+
+def test_node_input_nothing_defines(tmp_path: Path, capsys) -> None:
+    model = _write(tmp_path / "model.onnx", _tiny([helper.make_node("Add", ["x", "ghost"], ["y"])]))
+    line = _refused(capsys, [str(model)], "ghost", model, names=str(model))
+    assert "undefined" in line or "not output of any" in line
+
+
+def test_duplicate_output_names(tmp_path: Path, capsys) -> None:
+    nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["y"])]
+    model = _write(tmp_path / "model.onnx", _tiny(nodes))
+    _refused(capsys, [str(model)], "'y'", model, names=str(model))
+
+
+def test_missing_default_domain_opset_import(tmp_path: Path, capsys) -> None:
+    proto = _tiny([helper.make_node("Relu", ["x"], ["y"])], opsets=[("com.example", 1)])
+    model = _write(tmp_path / "model.onnx", proto)
+    _refused(capsys, [str(model)], "opset import for the default domain", model, names=str(model))
+
+
+def test_opset_newer_than_installed_onnx(tmp_path: Path, capsys) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    proto = _tiny([helper.make_node("Relu", ["x"], ["y"])], opsets=[("", newest + 5)])
+    model = _write(tmp_path / "model.onnx", proto)
+    _refused(capsys, [str(model)], f"opset {newest + 5} is newer", model, names=str(model))
+
+
+def test_ir_version_newer_than_installed_onnx(tmp_path: Path, capsys) -> None:
+    proto = _tiny([helper.make_node("Relu", ["x"], ["y"])], ir_version=onnx.IR_VERSION + 3)
+    model = _write(tmp_path / "model.onnx", proto)
+    _refused(capsys, [str(model)], f"IR version {onnx.IR_VERSION + 3}", model, names=str(model))
+
+
+def test_unknown_custom_domain_op_passes_through_with_verification_skipped(tmp_path: Path, capsys) -> None:
+    nodes = [
+        helper.make_node("Identity", ["x"], ["i"]),
+        helper.make_node("Frobnicate", ["i"], ["f"], domain="com.example", strength=3),
+        helper.make_node("Relu", ["f"], ["y"]),
+    ]
+    model = _write(tmp_path / "model.onnx", _tiny(nodes, opsets=[("", 17), ("com.example", 1)]))
+    digest = _digest(model)
+    out = tmp_path / "out.onnx"
+    code = cli.main([str(model), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Traceback" not in err and "skipped" in err, err
+    assert _digest(model) == digest
+    result = onnx.load(str(out))
+    custom = [n for n in result.graph.node if n.domain == "com.example"]
+    assert len(custom) == 1 and custom[0].op_type == "Frobnicate"
+    assert helper.get_attribute_value(custom[0].attribute[0]) == 3
+    assert "com.example" in {o.domain for o in result.opset_import}
+    assert [n.op_type for n in result.graph.node] == ["Frobnicate", "Relu"]  # Identity went
+
+
+def test_initializer_data_shorter_than_its_shape(tmp_path: Path, capsys) -> None:
+    w = numpy_helper.from_array(np.ones((2, 3), np.float32), "w")
+    w.raw_data = w.raw_data[:5]
+    model = _write(tmp_path / "model.onnx", _tiny([helper.make_node("Add", ["x", "w"], ["y"])], inits=[w]))
+    _refused(capsys, [str(model)], "too small", model, names=str(model))
+
+
+# --------------------------------------------------------------------------- external data
+
+
+def _external_model(folder: Path, location: str) -> Path:
+    """A model whose weight 'w' lives in external file ``location`` (not created here)."""
+    w = numpy_helper.from_array(np.ones((2, 3), np.float32), "w")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "24")):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    proto = _tiny([helper.make_node("Add", ["x", "w"], ["y"])], inits=[w])
+    return _write(folder / "model.onnx", proto)
+
+
+def test_external_data_file_missing(tmp_path: Path, capsys) -> None:
+    model = _external_model(tmp_path, "weights.bin")
+    _refused(capsys, [str(model)], "missing", model, names="weights.bin")
+
+
+def test_external_data_file_truncated(tmp_path: Path, capsys) -> None:
+    model = _external_model(tmp_path, "weights.bin")
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 10)  # 24 bytes needed
+    _refused(capsys, [str(model)], "shorter", model, watch=(tmp_path,), names="weights.bin")
+
+
+def test_external_data_that_is_a_folder(tmp_path: Path, capsys) -> None:
+    model = _external_model(tmp_path, "weights.bin")
+    (tmp_path / "weights.bin").mkdir()
+    _refused(capsys, [str(model)], "missing", model, names="weights.bin")
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_external_data_escaping_the_model_folder_is_a_security_error(tmp_path: Path, capsys, kind: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.bin"
+    secret.write_bytes(np.ones(6, np.float32).tobytes())
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if kind == "dotdot":
+        location = "../outside/secret.bin"
+    elif kind == "absolute":
+        location = str(secret)
+    else:
+        (folder / "link.bin").symlink_to(secret)
+        location = "link.bin"
+    model = _external_model(folder, location)
+    line = _refused(capsys, [str(model)], "refusing external data", model, watch=(outside,))
+    assert location in line
+
+
+# --------------------------------------------------------------------------- output paths
+
+
+def test_output_folder_missing(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    out = tmp_path / "no-such-folder" / "out.onnx"
+    _refused(capsys, [str(model), "-o", str(out)], "output folder does not exist", model, names=str(out))
+
+
+def test_output_parent_is_a_regular_file(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = blocker / "out.onnx"
+    _refused(capsys, [str(model), "-o", str(out)], "output folder", model, names=str(out))
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores permissions")
+def test_output_folder_read_only(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        _refused(capsys, [str(model), "-o", str(folder / "out.onnx")], "not writable", model, watch=(folder,))
+    finally:
+        folder.chmod(0o755)
+
+
+def test_output_path_is_a_directory(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    _refused(capsys, [str(model), "-o", str(tmp_path)], "directory", model)
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink", "hardlink"])
+def test_output_equal_to_input_is_refused(tmp_path: Path, capsys, spelling: str) -> None:
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    model = _copy_example(tmp_path)
+    if spelling == "same":
+        out = str(model)
+    elif spelling == "dotdot":
+        out = str(sub / ".." / "model.onnx")
+    elif spelling == "symlink":
+        (sub / "alias.onnx").symlink_to(model)
+        out = str(sub / "alias.onnx")
+    else:
+        os.link(model, sub / "alias.onnx")
+        out = str(sub / "alias.onnx")
+    _refused(capsys, [str(model), "-o", out], "input model", model, watch=(sub,))
+
+
+def test_output_and_input_through_a_symlinked_folder(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    (tmp_path / "alias").symlink_to(tmp_path, target_is_directory=True)
+    _refused(capsys, [str(tmp_path / "alias" / "model.onnx"), "-o", str(model)], "input model", model)
+
+
+def test_report_path_equal_to_input(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    _refused(capsys, [str(model), "-o", str(tmp_path / "out.onnx"), "--report", str(model)], "input model", model)
+
+
+# --------------------------------------------------------------------------- --inputs data
+
+
+def _input_spec(model: Path) -> tuple[str, list[int]]:
+    value = onnx.load(str(model)).graph.input[0]
+    return value.name, [d.dim_value or 1 for d in value.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("problem", ["wrong-name", "wrong-shape", "wrong-dtype", "nan", "no-sample-axis"])
+def test_bad_verification_data(tmp_path: Path, capsys, problem: str) -> None:
+    model = _copy_example(tmp_path)
+    name, shape = _input_spec(model)
+    good = np.random.default_rng(0).standard_normal([2, *shape]).astype(np.float32)
+    arrays = {
+        "wrong-name": {"not_" + name: good},
+        "wrong-shape": {name: good[:, ..., :-1]},
+        "wrong-dtype": {name: good.astype(np.float64)},
+        "nan": {name: np.where(good > 1.0, np.nan, good).astype(np.float32)},
+        "no-sample-axis": {name: np.float32(1.0)},
+    }[problem]
+    data = tmp_path / "data.npz"
+    np.savez(data, **arrays)
+    needle = {"wrong-name": "missing", "wrong-shape": "shape", "wrong-dtype": "dtype",
+              "nan": "nan", "no-sample-axis": "sample axis"}[problem]
+    _refused(capsys, [str(model), "--inputs", str(data)], needle, model, watch=(tmp_path,))
+
+
+def test_pickled_object_array_is_never_unpickled(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    name, _ = _input_spec(model)
+    marker = tmp_path / "unpickled"
+    payload = np.empty(1, dtype=object)
+    payload[0] = _Boom(str(marker))
+    data = tmp_path / "data.npz"
+    np.savez(data, **{name: payload})
+    _refused(capsys, [str(model), "--inputs", str(data)], "pickle", model, watch=(tmp_path,))
+    assert not marker.exists()
+
+
+class _Boom:
+    """Unpickling it would create a file: proof that nothing was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (self.path, "w"))
+
+
+def test_verification_data_missing_or_empty_folder(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    missing = tmp_path / "nope.npz"
+    _refused(capsys, [str(model), "--inputs", str(missing)], "no such file", model, names=str(missing))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _refused(capsys, [str(model), "--inputs", str(empty)], "no .npz", model, watch=(empty,))
+
+
+def test_bad_verification_data_file_is_not_an_npz(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    data = tmp_path / "data.npz"
+    data.write_text("hello")
+    _refused(capsys, [str(model), "--inputs", str(data)], "npz", model, names=str(data))
+
+
+# --------------------------------------------------------------------------- as a subprocess
+
+
+def test_refusal_through_python_dash_m(tmp_path: Path) -> None:
+    """The real entry point: one line, exit 2, nothing written (no in-process shortcuts)."""
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"\x08\x07garbage")
+    before = _listing(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "optcc", str(model)], capture_output=True, text=True, timeout=120,
+        cwd=ROOT, check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(model) in lines[0] and "Traceback" not in done.stderr, done.stderr
+    assert _listing(tmp_path) == before

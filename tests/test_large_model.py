@@ -1,0 +1,215 @@
+"""Models with external data: a small round trip in the default suite, and (slow) a model
+over 2 GB optimized within a memory bound.
+
+The slow test runs only when asked for: ``python -m pytest -m slow tests/test_large_model.py``
+(or with ``OPTCC_SLOW=1``); it writes about 2.4 GB to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import optcc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _chain_model(width: int, layers: int, rng: np.random.Generator) -> onnx.ModelProto:
+    """x -> (MatMul W_i -> Add b_i -> Relu) * layers, weights as initializers."""
+    nodes, inits = [], []
+    h = "x"
+    for i in range(layers):
+        w = rng.standard_normal((width, width)).astype(np.float32) / np.float32(np.sqrt(width))
+        inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(rng.standard_normal(width).astype(np.float32), f"b{i}")]
+        nodes += [
+            helper.make_node("MatMul", [h, f"W{i}"], [f"mm{i}"]),
+            helper.make_node("Add", [f"mm{i}", f"b{i}"], [f"add{i}"]),
+            helper.make_node("Relu", [f"add{i}"], [f"h{i}"]),
+        ]
+        h = f"h{i}"
+    nodes.append(helper.make_node("Identity", [h], ["y"]))
+    graph = helper.make_graph(
+        nodes, "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, width])],
+        inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+
+
+def _external_locations(model: onnx.ModelProto) -> set[str]:
+    return {
+        entry.value
+        for t in model.graph.initializer
+        if t.data_location == TensorProto.EXTERNAL
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+
+
+def test_forced_external_data_round_trip(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    model = src / "model.onnx"
+    onnx.save_model(
+        _chain_model(64, 3, np.random.default_rng(0)), str(model),
+        save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0,
+    )  # fmt: skip
+    assert _external_locations(onnx.load(str(model), load_external_data=False)) == {"weights.bin"}
+    before = _digests(src)
+
+    result = optcc.optimize(model, level=2)  # verified on onnxruntime; raises on a mismatch
+    assert result.report.verification["status"] == "passed"
+    out = dst / "model.opt.onnx"
+    result.save(out)
+
+    assert _digests(src) == before, "the input model or its external data changed"
+    assert sorted(p.name for p in dst.iterdir()) == ["model.opt.onnx", "model.opt.onnx.data"]
+    saved = onnx.load(str(out), load_external_data=False)
+    assert _external_locations(saved) == {"model.opt.onnx.data"}
+    assert out.stat().st_size < 16 * 1024, "weights were inlined into the .onnx file"
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (out, dst / "model.opt.onnx.data"):  # not mkstemp's 0600
+        assert written.stat().st_mode & 0o777 == 0o666 & ~umask, oct(written.stat().st_mode)
+    onnx.checker.check_model(str(out), full_check=True)
+
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)}
+    want, got = _run(model, feeds), _run(out, feeds)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)
+
+    # And it loads back through optcc (external data resolved beside the new file).
+    again = optcc.optimize(out, level=2)
+    assert again.report.verification["status"] == "passed"
+
+
+def test_passes_are_not_reverted_on_external_data_models(tmp_path: Path) -> None:
+    model = tmp_path / "model.onnx"
+    onnx.save_model(
+        _chain_model(64, 3, np.random.default_rng(0)), str(model),
+        save_as_external_data=True, location="weights.bin", size_threshold=0,
+    )  # fmt: skip
+    result = optcc.optimize(model, level=2)
+    assert result.report.reverted() == [], result.report.summary()
+    assert "Identity" not in [n.op_type for n in result.model.graph.node]
+
+
+def test_external_data_through_the_command_line(tmp_path: Path) -> None:
+    model = tmp_path / "model.onnx"
+    onnx.save_model(
+        _chain_model(32, 2, np.random.default_rng(2)), str(model),
+        save_as_external_data=True, location="model.bin", size_threshold=0,
+    )  # fmt: skip
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "optcc", str(model), "-o", str(out), "-q"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx", "m.onnx.data"]
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+# --------------------------------------------------------------------------- > 2 GB
+
+WIDTH, LAYERS = 8192, 9  # 9 x 256 MiB of weights: 2.25 GiB, past protobuf's 2 GiB limit
+
+
+def _write_large_model(folder: Path) -> tuple[Path, int]:
+    """A >2 GB model written tensor by tensor (never whole in memory): the .onnx with
+    external references, and one data file."""
+    data = folder / "big.onnx.data"
+    nodes, inits, offset = [], [], 0
+    rng = np.random.default_rng(0)
+    with open(data, "wb") as f:
+        h = "x"
+        for i in range(LAYERS):
+            for name, shape in ((f"W{i}", (WIDTH, WIDTH)), (f"b{i}", (WIDTH,))):
+                tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=shape)
+                rows = shape[0] if len(shape) == 2 else 1
+                for start in range(0, rows, 1024):
+                    count = min(1024, rows - start)
+                    chunk = rng.standard_normal((count, *shape[1:]) if len(shape) == 2 else shape)
+                    f.write((chunk / np.sqrt(WIDTH)).astype(np.float32).tobytes())
+                length = int(np.prod(shape)) * 4
+                tensor.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+                offset += length
+                inits.append(tensor)
+            nodes += [
+                helper.make_node("MatMul", [h, f"W{i}"], [f"mm{i}"]),
+                helper.make_node("Add", [f"mm{i}", f"b{i}"], [f"h{i}"]),
+            ]
+            h = f"h{i}"
+    nodes.append(helper.make_node("Relu", [h], ["y"]))
+    graph = helper.make_graph(
+        nodes, "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, WIDTH])],
+        inits,
+    )  # fmt: skip
+    model = folder / "big.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(model))
+    return model, offset
+
+
+MEASURE = """
+import json, resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+print(json.dumps({"rc": done.returncode, "stderr": done.stderr[-2000:], "peak": peak}))
+"""
+
+
+@pytest.mark.slow
+def test_model_over_2gb_optimizes_within_1_5x_its_weights(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if "slow" not in (request.config.getoption("markexpr") or "") and not os.environ.get("OPTCC_SLOW"):
+        pytest.skip("slow (writes 2.4 GB): run with -m slow or OPTCC_SLOW=1")
+    model, weight_bytes = _write_large_model(tmp_path)
+    assert weight_bytes > 2**31
+    out = tmp_path / "out" / "big.opt.onnx"
+    out.parent.mkdir()
+    # The optimizer runs in a grandchild so that RUSAGE_CHILDREN sees only it. Numerics
+    # are not verified here: onnxruntime would hold both models' weights in memory.
+    command = [sys.executable, "-m", "optcc", str(model), "-O2", "--no-verify", "-o", str(out), "-q"]
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, timeout=3600, cwd=ROOT, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["rc"] == 0, measured["stderr"]
+    assert measured["peak"] < 1.5 * weight_bytes, (
+        f"peak RSS {measured['peak'] / 2**30:.2f} GiB for {weight_bytes / 2**30:.2f} GiB of weights"
+    )
+    saved = onnx.load(str(out), load_external_data=False)
+    assert _external_locations(saved) == {"big.opt.onnx.data"}
+    assert out.stat().st_size < 1024 * 1024
+    data = out.parent / "big.opt.onnx.data"
+    assert weight_bytes <= data.stat().st_size < 1.1 * weight_bytes
+    assert [o.name for o in saved.graph.output] == ["y"]
