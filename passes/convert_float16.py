@@ -1,0 +1,428 @@
+"""ConvertFloat16Pass: float32 weights and computation to float16, verified, with fallback.
+
+Rewrite: float32 initializers, Constants and node computations become float16, in the main
+graph, If/Loop/Scan bodies and functions (``float16_rewrite``). Graph inputs/outputs keep
+float32 (``keep_io_types=True``, or the names to keep; others become float16), with one
+Cast at each boundary; body and function interfaces keep their types the same way.
+
+A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
+- its op is in ``block`` (op types or node names), or is custom-domain, or is an op whose
+  types are its semantics (Cast, Range, ConstantOfShape, random ops, quantization, control
+  flow: their bodies are converted inside);
+- onnxruntime has no float16 implementation of it (``optcc.fp16_support`` probes a
+  one-node session per op type, opset and provider — CPU, plus CUDA when present — and
+  caches the verdict; ops that CPU runs through its own inserted float32 Casts are
+  converted and listed in ``stats["cpu_fp32_fallback_ops"]``);
+- data says float16 is unsafe: on the given feeds (or generated ones) an input or output
+  reaches |x| >= 65504, more than 10% of its non-zero values flush to zero in float16, or a
+  reduction's partial sums / a normalization's squares would overflow;
+- the accuracy check fails: the candidate is compared with the float32 original on the
+  same feeds; when an output's SQNR is below ``min_sqnr_db`` (default 40 dB), main-graph
+  nodes are ranked by how much SQNR they lose (their inputs' SQNR minus their outputs'),
+  and the smallest prefix of that ranking whose return to float32 meets the tolerance is
+  found by doubling then bisection. Those nodes are recorded by name in the model's
+  ``metadata_props["optcc.fp16.keep_float32"]`` so that a second run keeps them too.
+
+Not exact: float16 rounding; the tolerance above is checked before the pass returns.
+Weights beyond +-65504 are clamped, each listed in ``stats["clamped"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+import optcc
+from optcc import fp16_support
+from optcc.verify import generate_inputs, resolve_providers
+from optcc.passes import float16_ranges as ranges_
+from optcc.passes.float16_rewrite import FLOAT, FLOAT16, FP16_MAX, Emulator, Rewriter, Slots, float16_slots
+
+KEEP_MARKER = "optcc.fp16.keep_float32"
+FALLBACK_REASON = "returned to float32 by the accuracy check"
+UNDERFLOW_FRACTION = 0.10
+_SUM_REDUCES = frozenset({"ReduceSum", "ReduceMean"})
+_SQUARE_REDUCES = frozenset({"ReduceSumSquare", "ReduceL2", "LpNormalization"})
+_NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization",
+                    "MeanVarianceNormalization", "RMSNormalization"})
+_SCORE_CAP_DB = 60.0  # about float16 rounding noise: losses below it are inherent
+Feeds = Mapping[str, np.ndarray]
+
+
+def _node_keys(model: ir.Model) -> tuple[dict[ir.Node, int], dict[ir.Node, int]]:
+    """Each node's position in walk order, and each node's main-graph ancestor position."""
+    keys: dict[ir.Node, int] = {}
+    for graph in optcc.ir.graphs(model):
+        for node in graph:
+            keys[node] = len(keys)
+    top: dict[ir.Node, int] = {}
+
+    def mark(graph: ir.Graph, key: int) -> None:
+        for node in graph:
+            top[node] = key
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    mark(attr.as_graph(), key)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    for g in attr.as_graphs():
+                        mark(g, key)
+
+    for node in model.graph:
+        top[node] = keys[node]
+        for attr in node.attributes.values():
+            subs = [attr.as_graph()] if attr.type == ir.AttributeType.GRAPH else (
+                list(attr.as_graphs()) if attr.type == ir.AttributeType.GRAPHS else [])
+            for g in subs:
+                mark(g, keys[node])
+    return keys, top
+
+
+def _inferred_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
+    try:
+        proto = onnx.shape_inference.infer_shapes(optcc.ir.serialize(model), strict_mode=False)
+    except Exception:  # noqa: BLE001 - inference is a help, not a requirement
+        return {}
+    found: dict[str, ir.DataType] = {}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for info in (*graph.value_info, *graph.output, *graph.input):
+            if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
+                found.setdefault(info.name, ir.DataType(info.type.tensor_type.elem_type))
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    visit(attr.g)
+                for g in attr.graphs:
+                    visit(g)
+
+    visit(proto.graph)
+    return found
+
+
+def _label(node: ir.Node, key: int) -> str:
+    return node.name or f"{node.op_type}#{key}"
+
+
+class ConvertFloat16Pass(optcc.Pass):
+    """Convert float32 computation to float16 where onnxruntime and the data allow it."""
+
+    name = "convert-float16"
+    level = None
+    numerics = "fp16"
+
+    def __init__(
+        self,
+        keep_io_types: bool | Sequence[str] = True,
+        block: Iterable[str] = (),
+        inputs: Iterable[Feeds] | Feeds | None = None,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        min_sqnr_db: float = 40.0,
+        providers: Sequence[str] | None = None,
+        max_evaluations: int = 24,
+    ) -> None:
+        super().__init__()
+        self.keep_io_types = keep_io_types if isinstance(keep_io_types, bool) else frozenset(keep_io_types)
+        self.block = frozenset(block)
+        self.inputs = [dict(inputs)] if isinstance(inputs, Mapping) else (
+            None if inputs is None else [dict(f) for f in inputs])
+        self.input_shapes = dict(input_shapes or {})
+        self.min_sqnr_db = float(min_sqnr_db)
+        self.providers = resolve_providers(providers)
+        self.max_evaluations = max_evaluations
+
+    def __repr__(self) -> str:
+        return f"ConvertFloat16Pass(keep_io_types={self.keep_io_types!r}, block={sorted(self.block)!r})"
+
+    def _keep_io(self, name: str) -> bool:
+        return self.keep_io_types if isinstance(self.keep_io_types, bool) else name in self.keep_io_types
+
+    # -- facts -------------------------------------------------------------------------
+    def _facts(self, model: ir.Model) -> None:
+        self.reference = model.clone()
+        self.opset = optcc.ir.default_opset(model)
+        self.inferred = _inferred_dtypes(model)
+        self.feeds = self.inputs or generate_inputs(
+            self.reference, self.input_shapes, samples=2, seed=0)
+        self.ref_values: list[dict[str, np.ndarray]] = []
+        self.range_note = None
+        try:
+            self.ref_values = ranges_.run_all(self.reference, self.feeds)
+        except Exception as e:  # noqa: BLE001
+            self.range_note = f"ranges not observed: onnxruntime cannot run the model ({e})"[:300]
+        self.ranges = ranges_.ranges(self.ref_values, self.feeds)
+
+    def _dtype(self, value: ir.Value) -> ir.DataType | None:
+        return value.dtype if value.dtype is not None else self.inferred.get(value.name or "")
+
+    # -- reasons to keep a node float32 ------------------------------------------------
+    def _range_reason(self, node: ir.Node) -> str | None:
+        r = self.ranges
+        ins = [r[v.name] for v in node.inputs if v is not None and v.name in r]
+        outs = [r[v.name] for v in node.outputs if v.name in r]
+        for v in (*node.inputs, *node.outputs):
+            if v is not None and v.name in r and r[v.name].max_abs >= FP16_MAX:
+                return f"'{v.name}' reaches |x| = {r[v.name].max_abs:.6g} >= 65504"
+            if v is not None and v.name in r and r[v.name].flushed_fraction > UNDERFLOW_FRACTION:
+                return f"{r[v.name].flushed_fraction:.1%} of '{v.name}' underflows to 0 in float16"
+        if not ins:
+            return None
+        peak, size = ins[0].max_abs, ins[0].size
+        extent = size / max(1, outs[0].size) if outs else 1
+        if node.op_type in _SUM_REDUCES and peak * extent >= FP16_MAX:
+            return f"partial sums up to {peak:.3g} x {extent:.0f} may overflow float16"
+        if node.op_type in _SQUARE_REDUCES and peak * peak * extent >= FP16_MAX:
+            return f"sums of squares up to {peak:.3g}^2 x {extent:.0f} may overflow float16"
+        if node.op_type == "ReduceLogSumExp" and peak >= math.log(FP16_MAX):
+            return f"exp({peak:.3g}) overflows float16"
+        if node.op_type in _NORMS and peak * peak >= FP16_MAX:
+            return f"squared deviations up to {peak:.3g}^2 overflow float16"
+        return None
+
+    def _probe_reason(self, node: ir.Node, slots: Slots) -> str | None:
+        key = fp16_support.op_key(node.domain, node.op_type)
+        if key in self._probed:
+            return self._probed[key]
+        specs: list[np.ndarray | onnx.ValueInfoProto | None] = []
+        values = self.ref_values[0] if self.ref_values else {}
+        for v in node.inputs:
+            if v is None:
+                specs.append(None)
+                continue
+            array = optcc.ir.as_numpy(v)
+            if array is None:
+                array = values.get(v.name) if v.name in values else self.feeds[0].get(v.name or "")
+            if array is not None:
+                specs.append(np.asarray(array))
+                continue
+            dims = None if v.shape is None else [d if isinstance(d, int) else -1 for d in v.shape]
+            elem = self._dtype(v)
+            specs.append(onnx.helper.make_tensor_value_info(
+                v.name or "x", int(elem or FLOAT), dims) if dims is not None else
+                onnx.helper.make_tensor_value_info(v.name or "x", int(elem or FLOAT), None))
+        proto = ir.serde.serialize_node(node)
+        flags = [i in slots.inputs for i in range(len(node.inputs))]
+        reason = None
+        for provider in self.providers:
+            status, detail = fp16_support.support(proto, specs, flags, self.opset, provider)
+            if status == "fallback" and provider == "CPUExecutionProvider":
+                self._cpu_fallback.add(node.op_type)
+            if status == "unsupported":
+                reason = f"no float16 kernel in onnxruntime {ort.__version__} {provider}: {detail}"
+            elif status == "unknown":
+                reason = f"float16 support on {provider} could not be probed: {detail}"
+            if reason:
+                break
+        self._probed[key] = reason
+        return reason
+
+    def _base_keep(self, model: ir.Model) -> tuple[dict[int, str], dict[ir.Node, Slots]]:
+        keys, top = _node_keys(model)
+        marked = set(json.loads(model.metadata_props.get(KEEP_MARKER, "[]") or "[]"))
+        keep: dict[int, str] = {}
+        plan: dict[ir.Node, Slots] = {}
+        self._probed: dict[str, str | None] = {}
+        self._cpu_fallback: set[str] = set()
+        for node, key in keys.items():
+            slots = float16_slots(node, self.opset, self._dtype)
+            if isinstance(slots, str):
+                continue  # nothing to convert; not a decision worth reporting
+            reason = None
+            if node.op_type in self.block or (node.name and node.name in self.block):
+                reason = "blocked by the user"
+            elif node.name and node.name in marked:
+                reason = "kept float32 by an earlier run's accuracy check"
+            elif top.get(node) == key:
+                reason = self._range_reason(node)
+            reason = reason or self._probe_reason(node, slots)
+            if reason:
+                keep[key] = reason
+            else:
+                plan[node] = slots
+        return keep, plan
+
+    # -- building and judging candidates ----------------------------------------------
+    def _rewrite(self, model: ir.Model, keep: Mapping[int, str], emulate: bool = False) -> ir.Model:
+        keys, top = _node_keys(model)
+        annotated = {v for v in model.graph.outputs}
+
+        def slots_of(node: ir.Node) -> Slots | None:
+            key = keys[node]
+            if key in keep or top.get(node, -1) in keep:
+                return None
+            slots = float16_slots(node, self.opset, self._dtype)
+            return None if isinstance(slots, str) else slots
+
+        for graph in optcc.ir.graphs(model):  # declare inferred float types before retyping
+            for node in graph:
+                for v in (*node.inputs, *node.outputs):
+                    if v is not None and v.type is None and v not in annotated:
+                        dtype = self.inferred.get(v.name or "")
+                        if dtype is not None:
+                            v.type = ir.TensorType(dtype)
+        self._last = (Emulator if emulate else Rewriter)(model, slots_of, self._dtype, self._keep_io).run()
+        return model
+
+    def _candidate_feeds(self, candidate: ir.Model) -> list[dict[str, np.ndarray]]:
+        types = {v.name: v.dtype for v in candidate.graph.inputs}
+        return [{k: (a.astype(np.float16) if types.get(k) == FLOAT16 else a) for k, a in f.items()}
+                for f in self.feeds]
+
+    def _output_sqnr(self, candidate: ir.Model) -> dict[str, float]:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        worst: dict[str, float] = {}
+        for provider in self.providers:
+            ref = ort.InferenceSession(optcc.ir.serialize(self.reference).SerializeToString(),
+                                       options, providers=[provider])
+            got = ort.InferenceSession(optcc.ir.serialize(candidate).SerializeToString(),
+                                       options, providers=[provider])
+            names = [o.name for o in ref.get_outputs()]
+            for f, f16 in zip(self.feeds, self._candidate_feeds(candidate)):
+                for name, r, c in zip(names, ref.run(None, f), got.run(None, f16)):
+                    r, c = np.asarray(r), np.asarray(c)
+                    if np.issubdtype(r.dtype, np.floating):
+                        worst[name] = min(worst.get(name, math.inf), ranges_.sqnr_db(r, c))
+                    elif not np.array_equal(r, c):
+                        worst[name] = -math.inf
+        return worst
+
+    def _evaluate(self, keep: Mapping[int, str]) -> tuple[bool, dict[str, float], ir.Model]:
+        candidate = self._rewrite(self.reference.clone(), keep, emulate=True)
+        self.evaluations += 1
+        try:
+            sqnr = self._output_sqnr(candidate)
+        except Exception:  # noqa: BLE001 - a candidate onnxruntime rejects fails the check
+            return False, {}, candidate
+        return all(s >= self.min_sqnr_db for s in sqnr.values()), sqnr, candidate
+
+    def _ranking(self, candidate: ir.Model, keep: Mapping[int, str]) -> list[set[int]]:
+        """Regions (a main-graph node with the converted producers of its inputs), most
+        harmful first: ranked by the SQNR the node loses between its inputs and outputs."""
+        try:
+            got = ranges_.run_all(candidate, self._candidate_feeds(candidate)[:1])[0]
+        except Exception:  # noqa: BLE001
+            got = {}
+        ref = self.ref_values[0] if self.ref_values else {}
+        keys, _ = _node_keys(self.reference)
+
+        def sqnr(value: ir.Value | None) -> float:
+            if value is None or value.name not in ref or value.name not in got:
+                return _SCORE_CAP_DB
+            return max(-_SCORE_CAP_DB, min(_SCORE_CAP_DB, ranges_.sqnr_db(ref[value.name], got[value.name])))
+
+        def converts(node: ir.Node) -> bool:
+            return keys[node] not in keep and (
+                not isinstance(float16_slots(node, self.opset, self._dtype), str)
+                or bool(optcc.ir.subgraphs(node)))
+
+        scores = []
+        for node in self.reference.graph:
+            if not converts(node):
+                continue
+            lost = min((sqnr(v) for v in node.inputs), default=_SCORE_CAP_DB) - min(
+                (sqnr(v) for v in node.outputs), default=_SCORE_CAP_DB)
+            region = {keys[node]} | {
+                keys[v.producer()] for v in node.inputs
+                if v is not None and v.producer() is not None and v.producer() in keys
+                and v.producer().graph is self.reference.graph and converts(v.producer())
+            }
+            scores.append((-lost, keys[node], region))
+        return [region for _, _, region in sorted(scores, key=lambda t: (t[0], t[1]))]
+
+    def _fallback(
+        self, keep: dict[int, str], candidate: ir.Model
+    ) -> tuple[dict[int, str], dict[str, float], bool]:
+        ranked = self._ranking(candidate, keep)
+        labels = {k: _label(n, k) for n, k in _node_keys(self.reference)[0].items()}
+
+        def with_prefix(k: int) -> dict[int, str]:
+            extra = {key: FALLBACK_REASON for region in ranked[:k] for key in region}
+            return {**keep, **extra}
+
+        low, high, best, met = 0, None, None, False
+        k = 1
+        while k <= len(ranked) and self.evaluations < self.max_evaluations:
+            ok, sqnr, _ = self._evaluate(with_prefix(k))
+            if ok:
+                high, best, met = k, sqnr, True
+                break
+            low, k = k, min(2 * k, len(ranked)) if k < len(ranked) else k + 1
+        if high is None:
+            high = len(ranked)
+            met, best, _ = self._evaluate(with_prefix(high))
+        while high - low > 1 and self.evaluations < self.max_evaluations:
+            mid = (low + high) // 2
+            ok, sqnr, _ = self._evaluate(with_prefix(mid))
+            if ok:
+                high, best, met = mid, sqnr, True
+            else:
+                low = mid
+        self._fallback_labels = sorted({labels[key] for region in ranked[:high] for key in region})
+        return with_prefix(high), best or {}, met
+
+    # -- the pass ------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        self._facts(model)
+        self.evaluations = 0
+        self._fallback_labels: list[str] = []
+        keep, plan = self._base_keep(self.reference)
+        stats: dict = {"providers": self.providers, "samples": len(self.feeds)}
+        if self.range_note:
+            stats["ranges"] = self.range_note
+        if not self.ref_values:
+            stats["skipped"] = "nothing converted: " + (self.range_note or "no reference values")
+            return optcc.PassResult(model, False, stats)
+        if not plan:
+            stats["kept_float32"] = self._kept_report(keep)
+            return optcc.PassResult(model, False, stats)
+        ok, sqnr, candidate = self._evaluate(keep)
+        if not ok:
+            keep, sqnr, ok = self._fallback(keep, candidate)
+        if not ok:
+            stats["skipped"] = (
+                f"nothing converted: no float16 conversion met {self.min_sqnr_db:g} dB on every "
+                f"output after {self.evaluations} evaluation(s) (worst: {sqnr})")
+            stats["kept_float32"] = self._kept_report(keep)
+            return optcc.PassResult(model, False, stats)
+        model_keys, _ = _node_keys(model)
+        self._rewrite(model, keep)
+        result = self._last
+        if self._fallback_labels:
+            names = self._name_fallback_nodes(model_keys, keep)
+            marked = set(json.loads(model.metadata_props.get(KEEP_MARKER, "[]") or "[]")) | names
+            model.metadata_props[KEEP_MARKER] = json.dumps(sorted(marked))
+        stats.update({
+            "converted": dict(sorted(result.converted_nodes.items())),
+            "kept_float32": self._kept_report(keep),
+            "initializers_converted": result.initializers_converted,
+            "casts_inserted": result.casts_inserted,
+            "casts_removed": result.casts_removed,
+            "clamped": result.clamped,
+            "cpu_fp32_fallback_ops": sorted(self._cpu_fallback),
+            "returned_to_float32": self._fallback_labels,
+            "sqnr_db": {k: (round(v, 2) if math.isfinite(v) else str(v)) for k, v in sqnr.items()},
+            "min_sqnr_db": self.min_sqnr_db,
+            "evaluations": self.evaluations,
+        })
+        return optcc.PassResult(model, result.modified, stats)
+
+    def _name_fallback_nodes(self, keys: Mapping[ir.Node, int], keep: Mapping[int, str]) -> set[str]:
+        """Names of the nodes the accuracy check kept (unnamed ones get a name)."""
+        names = set()
+        for node, key in keys.items():
+            if keep.get(key) == FALLBACK_REASON:
+                if not node.name:
+                    node.name = f"fp16_keep/{node.op_type}_{key}"
+                names.add(node.name)
+        return names
+
+    def _kept_report(self, keep: Mapping[int, str]) -> dict[str, str]:
+        keys, _ = _node_keys(self.reference)
+        return {_label(n, k): keep[k] for n, k in keys.items() if k in keep}

@@ -1,0 +1,107 @@
+"""Observe a model's main-graph values in onnxruntime: ranges for float16 safety, and the
+values themselves for comparing a float16 candidate with its float32 original.
+
+Every node output of the main graph is added as an extra graph output, the model runs on
+onnxruntime's CPU provider with graph optimizations disabled, and per float tensor the
+largest |value|, the fraction of non-zero values that float16 flushes to zero, and the
+reduction extent seen by reduce ops are recorded over all samples. (Values inside
+If/Loop/Scan bodies cannot be graph outputs; the pass judges bodies by the control-flow
+node's outputs and by the final accuracy check.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+import optcc
+
+FP16_TINY = 2.0**-24  # smallest float16 subnormal; half of it rounds to zero
+
+
+@dataclasses.dataclass
+class TensorRange:
+    max_abs: float = 0.0
+    flushed_fraction: float = 0.0  # of the non-zero values, how many become 0 in float16
+    size: int = 0
+
+    def merge(self, array: np.ndarray) -> None:
+        a = np.abs(array.astype(np.float64, copy=False))
+        finite = a[np.isfinite(a)]
+        if finite.size:
+            self.max_abs = max(self.max_abs, float(finite.max()))
+        if np.isinf(a).any():
+            self.max_abs = math.inf
+        nonzero = np.count_nonzero(finite)
+        if nonzero:
+            flushed = np.count_nonzero((finite > 0) & (finite < FP16_TINY / 2))
+            self.flushed_fraction = max(self.flushed_fraction, flushed / nonzero)
+        self.size = max(self.size, int(array.size))
+
+
+def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def with_all_outputs(model: ir.Model) -> onnx.ModelProto:
+    """The model's proto with every named node output of the main graph as a graph output."""
+    proto = optcc.ir.serialize(model)
+    present = {o.name for o in proto.graph.output}
+    inferred = {v.name: v for v in proto.graph.value_info}
+    for node in proto.graph.node:
+        for name in node.output:
+            if name and name not in present:
+                present.add(name)
+                info = inferred.get(name) or onnx.ValueInfoProto(name=name)
+                proto.graph.output.append(info)
+    return proto
+
+
+def run_all(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Every main-graph value of the model, per sample (float tensors only)."""
+    session = _session(with_all_outputs(model))
+    names = [o.name for o in session.get_outputs()]
+    results = []
+    for sample in feeds:
+        arrays = session.run(None, dict(sample))
+        results.append({
+            n: np.asarray(a) for n, a in zip(names, arrays)
+            if isinstance(a, np.ndarray) and np.issubdtype(a.dtype, np.floating)
+        })
+    return results
+
+
+def ranges(values: Sequence[Mapping[str, np.ndarray]], feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, TensorRange]:
+    """Per-tensor ranges over samples (node outputs and float graph inputs)."""
+    found: dict[str, TensorRange] = {}
+    for sample_values, sample_feeds in zip(values, feeds):
+        for name, array in [*sample_values.items(), *sample_feeds.items()]:
+            if isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.floating):
+                found.setdefault(name, TensorRange()).merge(array)
+    return found
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of ``candidate`` against ``reference`` in dB
+    (inf when equal; -inf when shapes differ or non-finite values disagree)."""
+    if reference.shape != candidate.shape:
+        return -math.inf
+    r = reference.astype(np.float64)
+    c = candidate.astype(np.float64)
+    finite = np.isfinite(r)
+    if not np.array_equal(finite, np.isfinite(c)):
+        return -math.inf
+    noise = float(np.sum((r[finite] - c[finite]) ** 2))
+    signal = float(np.sum(r[finite] ** 2))
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf

@@ -1,0 +1,393 @@
+"""The float32 -> float16 rewrite itself, given a decision per node (convert or keep).
+
+Used by ``convert_float16.ConvertFloat16Pass``, which decides which nodes to keep. Here:
+
+- which inputs/outputs of a node become float16 comes from the op's schema: every type
+  parameter that admits ``tensor(float16)`` and holds a float32 slot, except slots that
+  must keep their type (``KEEP_INPUTS``: Resize/Upsample roi and scales); a node whose
+  kept slot shares a type parameter with a converted one is kept whole;
+- an initializer or float32 Constant becomes float16 (a new tensor, values beyond
+  +-65504 clamped and counted) when every reader converts it; otherwise it stays float32;
+- a value read in another type than it has gets one Cast per (graph, value, type), shared
+  by all readers in that graph; ``Cast(to=float)`` of a float16 value read as float16
+  reads the float16 value itself (f16->f32->f16 is exact; f32->f16->f32 is never removed);
+- graph outputs keep their name and float32 type: the float16 value is renamed and one
+  Cast restores the output. Subgraph (If/Loop/Scan body) and function inputs/outputs
+  keep their types the same way, so control-flow nodes themselves never change type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+import optcc
+
+FLOAT = ir.DataType.FLOAT
+FLOAT16 = ir.DataType.FLOAT16
+FP16_MAX = 65504.0
+
+# Input slots whose type is a parameter of the op, not its data: never converted.
+KEEP_INPUTS: dict[str, frozenset[int]] = {
+    "Resize": frozenset({1, 2}),
+    "Upsample": frozenset({1}),
+}
+# Ops whose output type is an attribute, whose float16 form is not worth having, or that
+# own subgraphs: they compute as they are and readers get a Cast when needed.
+KEEP_OPS = frozenset({
+    "Cast", "CastLike", "Range", "ConstantOfShape", "EyeLike", "RandomNormal", "RandomUniform",
+    "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "NonMaxSuppression",
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+    "QLinearMatMul", "MatMulInteger", "ConvInteger", "If", "Loop", "Scan", "SequenceConstruct",
+    "SequenceInsert", "SequenceAt", "SplitToSequence", "ConcatFromSequence", "SequenceEmpty",
+    "Optional", "OptionalGetElement", "Constant",
+})
+# Ops that read any element type and never need a Cast in front of them.
+NEUTRAL_OPS = frozenset({"Shape", "Size"})
+# Source types whose Cast to float32 is exact, so Cast(Cast(x, f32), f16) == Cast(x, f16).
+_EXACT_IN_FLOAT = frozenset({
+    ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.BOOL, ir.DataType.INT8,
+    ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16,
+})
+
+
+def _is_default(node: ir.Node) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+@dataclasses.dataclass(frozen=True)
+class Slots:
+    """The input and output indices of one node that become float16."""
+
+    inputs: frozenset[int]
+    outputs: frozenset[int]
+
+
+def float16_slots(node: ir.Node, opset: int, dtype: Callable[[ir.Value], ir.DataType | None]) -> Slots | str:
+    """The node's float32 slots that can become float16, or the reason it cannot convert."""
+    if not _is_default(node):
+        return f"custom-domain op '{node.domain}::{node.op_type}' passes through untouched"
+    if node.op_type in KEEP_OPS:
+        return f"{node.op_type} keeps its types"
+    if node.op_type in NEUTRAL_OPS:
+        return f"{node.op_type} reads any type"
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return f"no schema for {node.op_type} at opset {opset}"
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+
+    def params(formals: list[Any], values: Iterable[ir.Value | None]) -> list[str | None]:
+        result = []
+        for i, _ in enumerate(values):
+            formal = formals[min(i, len(formals) - 1)] if formals else None
+            result.append(None if formal is None else formal.type_str)
+        return result
+
+    in_params = params(list(schema.inputs), node.inputs)
+    out_params = params(list(schema.outputs), node.outputs)
+    keep = KEEP_INPUTS.get(node.op_type, frozenset())
+    kept_params = {in_params[i] for i in keep if i < len(in_params)}
+    convertible = {
+        p for p in set(in_params) | set(out_params)
+        if p in allowed and "tensor(float16)" in allowed[p] and p not in kept_params
+    }
+    ins = frozenset(
+        i for i, (v, p) in enumerate(zip(node.inputs, in_params))
+        if v is not None and p in convertible and dtype(v) == FLOAT
+    )
+    outs = frozenset(
+        i for i, (v, p) in enumerate(zip(node.outputs, out_params))
+        if p in convertible and dtype(v) == FLOAT
+    )
+    if not ins and not outs:
+        return "no float32 data"
+    for p in convertible:  # a type parameter converts as a whole, or not at all
+        slot_types = [dtype(v) for v, q in zip(node.inputs, in_params) if v is not None and q == p]
+        slot_types += [dtype(v) for v, q in zip(node.outputs, out_params) if q == p]
+        if any(t not in (FLOAT, FLOAT16) for t in slot_types):
+            return f"type parameter {p} of {node.op_type} holds a type that is not float32/float16"
+    return Slots(ins, outs)
+
+
+class Names:
+    """Unique value names across every graph and function of the model.
+
+    (``optcc.ir.unique_value_name`` fails on If/Loop/Scan bodies — see the report — and
+    rescans the model per call; this collects the names once.)
+    """
+
+    def __init__(self, model: ir.Model) -> None:
+        self.taken: set[str] = set()
+        for graph in optcc.ir.graphs(model):
+            self.taken.update(v.name for v in graph.inputs if v.name)
+            if isinstance(graph, ir.Graph):
+                self.taken.update(graph.initializers)
+            for node in graph:
+                self.taken.update(v.name for v in node.outputs if v.name)
+
+    def new(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        return name
+
+
+@dataclasses.dataclass
+class RewriteStats:
+    converted_nodes: dict[str, int] = dataclasses.field(default_factory=dict)
+    casts_inserted: int = 0
+    casts_removed: int = 0
+    initializers_converted: int = 0
+    clamped: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.converted_nodes or self.casts_inserted or self.initializers_converted)
+
+
+def _to_float16(array: np.ndarray, name: str, stats: RewriteStats) -> np.ndarray:
+    finite = np.isfinite(array)
+    over = finite & (np.abs(array) > FP16_MAX)
+    if over.any():
+        stats.clamped.append(
+            f"'{name}': {int(over.sum())} value(s) beyond +-65504 (max |x| "
+            f"{float(np.abs(array[finite]).max()):.6g}) clamped to +-65504"
+        )
+        array = np.where(over, np.sign(array) * FP16_MAX, array)
+    return array.astype(np.float16)
+
+
+class Rewriter:
+    """Rewrites one model given ``slots_of``: node -> Slots (convert) or None (keep)."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        slots_of: Callable[[ir.Node], Slots | None],
+        dtype: Callable[[ir.Value], ir.DataType | None],
+        keep_io: Callable[[str], bool],
+    ) -> None:
+        self.model = model
+        self.dtype = dtype
+        self.keep_io = keep_io
+        self.names = Names(model)
+        self.stats = RewriteStats()
+        self.graphs = list(optcc.ir.graphs(model))
+        self.plan: dict[ir.Node, Slots] = {}
+        for graph in self.graphs:
+            for node in graph:
+                slots = slots_of(node)
+                if slots is not None:
+                    self.plan[node] = slots
+        self.original_type: dict[ir.Value, ir.DataType | None] = {}
+        self.casts: dict[tuple[int, ir.Value, ir.DataType], ir.Value] = {}
+
+    # -- decisions -------------------------------------------------------------------
+    def _reads_as(self, node: ir.Node, index: int) -> ir.DataType | None:
+        """The type ``node`` needs input ``index`` in (None: any)."""
+        if node.op_type in NEUTRAL_OPS and _is_default(node):
+            return None
+        slots = self.plan.get(node)
+        if slots is not None and index in slots.inputs:
+            return FLOAT16
+        value = node.inputs[index]
+        return self.original_type.get(value) if value is not None else None
+
+    def _all_readers_convert(self, value: ir.Value) -> bool:
+        uses = value.uses()
+        return bool(uses) and not value.is_graph_output() and all(
+            self._reads_as(u.node, u.idx) in (FLOAT16, None) for u in uses
+        )
+
+    # -- the rewrite -----------------------------------------------------------------
+    def run(self) -> RewriteStats:
+        nodes = [(g, n) for g in self.graphs for n in g]
+        for _, node in nodes:
+            for v in (*node.inputs, *node.outputs):
+                if v is not None:
+                    self.original_type.setdefault(v, self.dtype(v))
+        for graph in self.graphs:
+            for v in graph.inputs:
+                self.original_type.setdefault(v, self.dtype(v))
+        self._retype_outputs()
+        self._retype_constants()
+        self._retype_main_inputs()
+        self._fix_graph_outputs()
+        self._insert_casts(nodes)
+        return self.stats
+
+    def _set16(self, value: ir.Value) -> None:
+        value.type = ir.TensorType(FLOAT16)
+
+    def _retype_outputs(self) -> None:
+        for node, slots in self.plan.items():
+            for i in slots.outputs:
+                self._set16(node.outputs[i])
+            key = node.op_type
+            self.stats.converted_nodes[key] = self.stats.converted_nodes.get(key, 0) + 1
+
+    def _retype_constants(self) -> None:
+        for graph in self.graphs:
+            if isinstance(graph, ir.Graph):
+                for value in list(graph.initializers.values()):
+                    if (
+                        self.original_type.get(value, self.dtype(value)) == FLOAT
+                        and not value.is_graph_input()
+                        and value.const_value is not None
+                        and self._all_readers_convert(value)
+                    ):
+                        array = _to_float16(value.const_value.numpy(), value.name or "", self.stats)
+                        value.const_value = ir.tensor(array, name=value.name)
+                        self._set16(value)
+                        self.stats.initializers_converted += 1
+            for node in graph:
+                if node.op_type != "Constant" or not _is_default(node) or "value" not in node.attributes:
+                    continue
+                out = node.outputs[0]
+                attr = node.attributes["value"]
+                if attr.type != ir.AttributeType.TENSOR or attr.as_tensor().dtype != FLOAT:
+                    continue
+                if self._all_readers_convert(out):
+                    array = _to_float16(attr.as_tensor().numpy(), out.name or "", self.stats)
+                    node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array, name=out.name))
+                    self._set16(out)
+                    self.stats.initializers_converted += 1
+
+    def _retype_main_inputs(self) -> None:
+        for value in self.model.graph.inputs:
+            if self.original_type.get(value) == FLOAT and not self.keep_io(value.name or ""):
+                self._set16(value)
+
+    def _fix_graph_outputs(self) -> None:
+        for graph in self.graphs:
+            is_main = graph is self.model.graph
+            restored: dict[ir.Value, ir.Value] = {}
+            for i, value in enumerate(list(graph.outputs)):
+                if self.original_type.get(value, self.dtype(value)) != FLOAT or value.dtype != FLOAT16:
+                    continue
+                if is_main and not self.keep_io(value.name or ""):
+                    continue
+                if value not in restored:
+                    name, shape = value.name or "", value.shape
+                    value.name = self.names.new(f"{name}_float16")
+                    out = ir.Value(name=name, type=ir.TensorType(FLOAT), shape=shape)
+                    cast = ir.Node("", "Cast", [value], [ir.AttrInt64("to", FLOAT)], outputs=[out],
+                                   name=self.names.new(f"{name}/cast_float32"))
+                    self._place(graph, value, cast)
+                    restored[value] = out
+                graph.outputs[i] = restored[value]
+
+    def _place(self, graph: ir.Graph | ir.Function, value: ir.Value, cast: ir.Node) -> None:
+        producer = value.producer()
+        if producer is not None and producer.graph is graph:
+            graph.insert_after(producer, cast)
+        elif len(graph) > 0:
+            graph.insert_before(next(iter(graph)), cast)
+        else:
+            graph.append(cast)
+        self.stats.casts_inserted += 1
+
+    def _cast(self, graph: ir.Graph | ir.Function, value: ir.Value, to: ir.DataType) -> ir.Value:
+        key = (id(graph), value, to)
+        if key in self.casts:
+            return self.casts[key]
+        source = value
+        producer = value.producer()
+        if (
+            to == FLOAT16 and producer is not None and producer.op_type == "Cast"
+            and _is_default(producer) and producer.inputs[0] is not None
+            and producer.inputs[0].dtype in _EXACT_IN_FLOAT
+        ):
+            source = producer.inputs[0]  # Cast(x, f32) read as f16: read x, or cast x directly
+            self.bypassed.add(producer)
+            if source.dtype == FLOAT16:
+                self.casts[key] = source
+                return source
+        suffix = "float16" if to == FLOAT16 else "float32"
+        out = ir.Value(name=self.names.new(f"{value.name}_{suffix}"), type=ir.TensorType(to),
+                       shape=value.shape)
+        cast = ir.Node("", "Cast", [source], [ir.AttrInt64("to", to)], outputs=[out],
+                       name=self.names.new(f"{value.name}/cast_{suffix}"))
+        self._place(graph, source, cast)
+        self.casts[key] = out
+        return out
+
+    def _insert_casts(self, nodes: list[tuple[ir.Graph | ir.Function, ir.Node]]) -> None:
+        self.bypassed: set[ir.Node] = set()
+        for graph, node in nodes:
+            for i, value in enumerate(node.inputs):
+                if value is None:
+                    continue
+                want = self._reads_as(node, i)
+                if want is None or value.dtype is None or value.dtype == want:
+                    continue
+                if {want, value.dtype} == {FLOAT, FLOAT16}:
+                    node.replace_input_with(i, self._cast(graph, value, want))
+        for cast in self.bypassed:  # original Cast(to=float) nodes nobody reads any more
+            out = cast.outputs[0]
+            if not out.uses() and not out.is_graph_output() and cast.graph is not None:
+                cast.graph.remove(cast, safe=True)
+                self.stats.casts_removed += 1
+
+
+class Emulator(Rewriter):
+    """The same decisions, emulated in float32: every value the rewrite would hold in
+    float16 is rounded to float16 by an explicit Cast pair (onnxruntime's CPU provider
+    runs float16 nodes without kernels in float32 and drops its own Cast pairs, so the
+    float16 model itself would hide float16 rounding there; explicit pairs in a float32
+    graph are kept). Rounded values take the original names, for per-tensor comparison.
+    """
+
+    def run(self) -> RewriteStats:
+        rounded: dict[tuple[int, ir.Value], ir.Value] = {}
+
+        def round_(graph: ir.Graph | ir.Function, value: ir.Value) -> ir.Value:
+            key = (id(graph), value)
+            if key not in rounded:
+                half = ir.Value(name=self.names.new(f"{value.name}_f16"), type=ir.TensorType(FLOAT16),
+                                shape=value.shape)
+                back = ir.Value(name=self.names.new(f"{value.name}_rounded"), type=ir.TensorType(FLOAT),
+                                shape=value.shape)
+                first = ir.Node("", "Cast", [value], [ir.AttrInt64("to", FLOAT16)], outputs=[half])
+                second = ir.Node("", "Cast", [half], [ir.AttrInt64("to", FLOAT)], outputs=[back])
+                self._place(graph, value, first)
+                graph.insert_after(first, second)
+                rounded[key] = back
+            return rounded[key]
+
+        for graph in self.graphs:
+            if isinstance(graph, ir.Graph):
+                for value in list(graph.initializers.values()):
+                    if value.dtype == FLOAT and value.const_value is not None and not value.is_graph_input() \
+                            and self._all_readers_convert(value):
+                        array = value.const_value.numpy()
+                        clipped = np.clip(array, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
+                        value.const_value = ir.tensor(np.where(np.isfinite(array), clipped, array), name=value.name)
+        for node, slots in list(self.plan.items()):
+            graph = node.graph
+            assert graph is not None
+            for i in slots.inputs:
+                value = node.inputs[i]
+                if value is not None and not (value.producer() is not None and value.producer() in self.plan):
+                    node.replace_input_with(i, round_(graph, value))
+            for i in slots.outputs:
+                value = node.outputs[i]
+                users = [(u.node, u.idx) for u in value.uses()]
+                outputs = [j for j, o in enumerate(graph.outputs) if o is value]
+                name = value.name
+                value.name = self.names.new(f"{name}_unrounded")
+                new = round_(graph, value)
+                new.name = name
+                for user, idx in users:
+                    user.replace_input_with(idx, new)
+                for j in outputs:
+                    graph.outputs[j] = new
+            self.stats.converted_nodes[node.op_type] = self.stats.converted_nodes.get(node.op_type, 0) + 1
+        return self.stats

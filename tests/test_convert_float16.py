@@ -1,0 +1,286 @@
+"""ConvertFloat16Pass: boundaries, kept inputs, range safety, subgraphs, fallback, fp16 inputs."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import optcc
+from optcc.passes.convert_float16 import KEEP_MARKER, ConvertFloat16Pass
+
+F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("OPTCC_CACHE", str(tmp_path_factory.getbasetemp() / "optcc-cache"))
+
+
+def parse(text: str) -> onnx.ModelProto:
+    return onnx.parser.parse_model(text)
+
+
+def convert(proto: onnx.ModelProto, **options):
+    """Run the pass, then check what every converted model must satisfy."""
+    onnx.checker.check_model(proto)
+    model = optcc.ir.load(proto)
+    result = ConvertFloat16Pass(**options)(model)
+    out = optcc.ir.serialize(result.model)
+    onnx.checker.check_model(out)
+    options_ = ort.SessionOptions()
+    options_.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ort.InferenceSession(out.SerializeToString(), options_, providers=["CPUExecutionProvider"])
+    for node in optcc.ir.nodes(result.model):  # every Cast's `to` matches its declared type
+        if node.op_type == "Cast":
+            declared = node.outputs[0].dtype
+            assert declared is None or int(declared) == node.attributes["to"].as_int(), node.name
+    before = optcc.ir.load(proto)
+    for old, new in zip([*before.graph.inputs, *before.graph.outputs],
+                        [*result.model.graph.inputs, *result.model.graph.outputs]):
+        assert (old.name, old.dtype, str(old.shape)) == (new.name, new.dtype, str(new.shape))
+    return result
+
+
+def hist(model: ir.Model, graph=None) -> dict[str, int]:
+    nodes = list(graph) if graph is not None else list(optcc.ir.nodes(model))
+    return dict(collections.Counter(n.op_type for n in nodes))
+
+
+def node(model: ir.Model, op: str) -> ir.Node:
+    return next(n for n in model.graph if n.op_type == op)
+
+
+def check_numerics(proto: onnx.ModelProto, result, min_db: float = 40.0, **kw) -> None:
+    from optcc.verify import verify
+
+    verdict = verify(optcc.ir.load(proto), result.model, numerics="fp16", **kw)
+    assert verdict.passed, verdict.describe()
+    assert all(o.sqnr_db is None or o.sqnr_db >= min_db for o in verdict.outputs)
+
+
+MLP = """<ir_version: 8, opset_import: ["": 17]>
+mlp (float[N, 16] x) => (float[N, 8] y, float[N, 16] h) {
+  h = Relu(x)
+  a = MatMul(x, w1)
+  b = Add(a, bias)
+  c = Mul(h, h)
+  d = MatMul(c, w1)
+  y = Add(b, d)
+}
+"""
+
+
+def mlp() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    proto = parse(MLP)
+    proto.graph.initializer.extend([
+        onnx.numpy_helper.from_array((rng.standard_normal((16, 8)) * 0.3).astype(np.float32), "w1"),
+        onnx.numpy_helper.from_array((rng.standard_normal(8)).astype(np.float32), "bias"),
+    ])
+    return proto
+
+
+def test_boundaries_one_shared_cast_per_input_and_output():
+    proto = mlp()
+    result = convert(proto)
+    model = result.model
+    assert result.modified
+    casts = [n for n in model.graph if n.op_type == "Cast"]
+    # x (read by Relu and MatMul) -> one Cast; outputs y and h -> one Cast each.
+    assert len(casts) == 3
+    x_cast = [c for c in casts if c.inputs[0].name == "x"]
+    assert len(x_cast) == 1 and len(x_cast[0].outputs[0].uses()) == 2
+    # h is a graph output in the middle of the computation: Mul reads the float16 value.
+    assert node(model, "Mul").inputs[0].dtype == F16
+    assert model.graph.outputs[1].producer().op_type == "Cast"
+    assert {v.dtype for v in model.graph.initializers.values()} == {F16}
+    assert result.stats["initializers_converted"] == 2
+    check_numerics(proto, result, input_shapes={"x": [4, 16]})
+    # Idempotence: a second run has nothing left to convert.
+    again = ConvertFloat16Pass()(model)
+    assert not again.modified
+
+
+def test_keep_io_types_list_converts_the_other_interfaces():
+    model = optcc.ir.load(mlp())
+    result = ConvertFloat16Pass(keep_io_types=["y"])(model)
+    types = {v.name: v.dtype for v in (*result.model.graph.inputs, *result.model.graph.outputs)}
+    assert types == {"x": F16, "h": F16, "y": F32}
+    assert hist(result.model)["Cast"] == 1
+
+
+def test_resize_scales_and_roi_stay_float32():
+    proto = parse("""<ir_version: 8, opset_import: ["": 17]>
+    g (float[1, 2, 4, 4] x) => (float[1, 2, 8, 8] y) {
+      roi = Constant <value = float[0] {}> ()
+      scales = Constant <value = float[4] {1.0, 1.0, 2.0, 2.0}> ()
+      r = Resize <mode = "linear"> (x, roi, scales)
+      y = Relu(r)
+    }""")
+    result = convert(proto)
+    resize = node(result.model, "Resize")
+    assert resize.inputs[0].dtype == F16 and resize.outputs[0].dtype == F16
+    assert resize.inputs[1].dtype == F32 and resize.inputs[2].dtype == F32
+    assert resize.inputs[1].producer().op_type == "Constant"
+    check_numerics(proto, result)
+
+
+def test_overflowing_region_stays_float32():
+    proto = parse("""<ir_version: 8, opset_import: ["": 17]>
+    g (float[4, 8] x) => (float[4, 8] y) {
+      k1 = Constant <value = float {300.0}> ()
+      k2 = Constant <value = float {1000.0}> ()
+      k3 = Constant <value = float {0.0001}> ()
+      a = Mul(x, k1)
+      big = Mul(a, k2)
+      small = Mul(big, k3)
+      y = Tanh(small)
+    }""")
+    result = convert(proto)
+    model = result.model
+    muls = [n for n in model.graph if n.op_type == "Mul"]
+    assert [m.outputs[0].dtype for m in muls] == [F16, F32, F32]  # 'big' reaches ~1e6
+    assert node(model, "Tanh").outputs[0].dtype == F16
+    kept = result.stats["kept_float32"]
+    assert len(kept) == 2 and all(">= 65504" in r for r in kept.values())
+    check_numerics(proto, result)
+
+
+def test_if_body_is_converted_with_its_interface_kept():
+    proto = parse("""<ir_version: 8, opset_import: ["": 17]>
+    g (float[3, 5] x, bool c) => (float[3, 5] y) {
+      y = If(c) <
+        then_branch = t () => (float[3, 5] a) {
+          k = Constant <value = float {0.5}> ()
+          m = Mul(x, k)
+          a = Relu(m)
+        },
+        else_branch = e () => (float[3, 5] b) { b = Neg(x) }
+      >
+    }""")
+    result = convert(proto)
+    graphs = list(optcc.ir.graphs(result.model))
+    then_body = graphs[1]
+    assert hist(result.model, then_body) == {"Cast": 2, "Constant": 1, "Mul": 1, "Relu": 1}
+    mul = next(n for n in then_body if n.op_type == "Mul")
+    assert mul.outputs[0].dtype == F16 and mul.inputs[1].dtype == F16
+    assert then_body.outputs[0].dtype == F32 and node(result.model, "If").outputs[0].dtype == F32
+    rng = np.random.default_rng(1)
+    for flag in (True, False):
+        feeds = {"x": rng.standard_normal((3, 5)).astype(np.float32), "c": np.array(flag)}
+        check_numerics(proto, result, inputs=[feeds])
+
+
+def test_fallback_returns_the_sensitive_nodes_to_float32():
+    proto = parse("""<ir_version: 8, opset_import: ["": 17]>
+    g (float[16, 16] x) => (float[16, 16] y) {
+      h = Relu(x)
+      k = Constant <value = float {1000.0}> ()
+      up = Add(h, k)
+      down = Sub(up, k)
+      y = Sigmoid(down)
+    }""")
+    result = convert(proto)
+    model = result.model
+    assert node(model, "Relu").outputs[0].dtype == F16
+    assert node(model, "Sigmoid").outputs[0].dtype == F16
+    assert node(model, "Add").outputs[0].dtype == F32
+    assert node(model, "Sub").outputs[0].dtype == F32
+    assert len(result.stats["returned_to_float32"]) == 2
+    assert result.stats["sqnr_db"]["y"] >= 40
+    assert KEEP_MARKER in model.metadata_props
+    check_numerics(proto, result)
+    assert not ConvertFloat16Pass()(model).modified
+
+
+def test_partly_float16_model_is_not_double_converted():
+    proto = parse("""<ir_version: 8, opset_import: ["": 17]>
+    g (float16[4, 6] x) => (float[4, 6] y, float16[4, 6] z) {
+      xf = Cast <to = 1> (x)
+      y = Mul(xf, w)
+      z = Add(x, b16)
+    }""")
+    rng = np.random.default_rng(2)
+    proto.graph.initializer.extend([
+        onnx.numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "w"),
+        onnx.numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float16), "b16"),
+    ])
+    result = convert(proto)
+    model = result.model
+    mul = node(model, "Mul")
+    assert mul.inputs[0].name == "x"  # f16 -> f32 -> f16 removed: the original Cast is gone
+    assert hist(model) == {"Mul": 1, "Add": 1, "Cast": 1}  # only the output boundary Cast
+    assert model.graph.initializers["b16"].const_value.dtype == F16
+    check_numerics(proto, result)
+
+
+def test_custom_domain_op_passes_through():
+    proto = parse("""<ir_version: 8, opset_import: ["": 17, "local": 1]>
+    g (float[2, 3] x) => (float[2, 3] y) {
+      a = Relu(x)
+      b = local.Twice(a)
+      y = Neg(b)
+    }
+    <domain: "local", opset_import: ["": 17]>
+    Twice (t) => (u) { u = Add(t, t) }""")
+    result = convert(proto)
+    twice = next(n for n in result.model.graph if n.domain == "local")
+    assert twice.inputs[0].dtype == F32 and twice.outputs[0].dtype == F32
+    assert node(result.model, "Relu").outputs[0].dtype == F16
+    check_numerics(proto, result)
+
+
+def test_user_block_keeps_op_types_and_named_nodes():
+    proto = mlp()
+    for node_ in proto.graph.node:
+        node_.name = f"n_{node_.output[0]}"
+    result = convert(proto, block=["Mul", "n_y"])
+    kept = result.stats["kept_float32"]
+    assert set(kept) == {"n_c", "n_y"} and set(kept.values()) == {"blocked by the user"}
+    assert node(result.model, "Mul").outputs[0].dtype == F32
+
+
+def test_weights_beyond_float16_range_are_clamped_and_reported():
+    proto = parse("""<ir_version: 8, opset_import: ["": 17]>
+    g (float[2, 3] x) => (float[2, 3] y) {
+      m = Max(x, cap)
+      y = Relu(m)
+    }""")
+    proto.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.array([-1e6, 1.0, -1e9], np.float32), "cap"))
+    result = convert(proto)
+    assert len(result.stats["clamped"]) == 1 and "'cap'" in result.stats["clamped"][0]
+    cap = result.model.graph.initializers["cap"].const_value.numpy()
+    assert cap.dtype == np.float16 and np.isfinite(cap).all()
+    check_numerics(proto, result)
+
+
+def test_tinycnn_through_optimize_meets_40db():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "fixtures" / "tinycnn.onnx"
+    result = optcc.optimize(str(path), passes=[ConvertFloat16Pass()], verify=True)
+    assert result.report.verification["status"] == "passed"
+    assert result.report.model_after.weight_bytes <= 0.52 * result.report.model_before.weight_bytes
+
+
+def test_fp16_support_probes_onnxruntime_and_caches_the_verdict():
+    from optcc import fp16_support
+
+    x = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
+    relu = onnx.helper.make_node("Relu", ["a"], ["b"])
+    norm = onnx.helper.make_node("LayerNormalization", ["a", "s", "c"], ["b"])
+    ones, zeros = np.ones(8, np.float32), np.zeros(8, np.float32)
+    assert fp16_support.support(relu, [x], [True], 17)[0] == "fallback"  # ORT casts around it
+    assert fp16_support.support(norm, [x, ones, zeros], [True] * 3, 17)[0] == "native"
+    path = fp16_support.cache_path("CPUExecutionProvider", 17)
+    assert ort.__version__ in path.name
+    import json
+
+    cached = json.loads(path.read_text())
+    assert cached["ai.onnx::Relu"]["status"] == "fallback"
