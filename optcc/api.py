@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -13,10 +14,11 @@ import onnx
 import onnx_ir as ir
 
 from optcc import ir as oir
-from optcc.errors import VerificationError
-from optcc.pass_base import Numerics
+from optcc.errors import BadInputError, VerificationError
+from optcc.pass_base import Numerics, PassResult
 from optcc.pass_manager import PassManager
 from optcc.pipelines import build_pipeline
+from optcc.registry import create_pass
 from optcc.report import ModelSummary, Report, peak_rss_bytes
 from optcc.verify import Tolerance, Verifier
 
@@ -57,6 +59,11 @@ def optimize(
     tolerances: Mapping[Numerics, Tolerance] | None = None,
     strict: bool = False,
     progress: bool = False,
+    fp16: bool = False,
+    fp16_block: Iterable[str] = (),
+    int8_calibration: Iterable[Feeds] | None = None,
+    int8_method: str = "minmax",
+    int8_dynamic: bool = False,
 ) -> OptimizeResult:
     """Optimize ``model`` (path, bytes, onnx.ModelProto or onnx_ir.Model).
 
@@ -64,7 +71,14 @@ def optimize(
     result is compared with the original on onnxruntime (``inputs``: feed dicts, or
     generated); a mismatch raises VerificationError whose ``result`` holds the model and
     report. The input is never modified: an ``onnx_ir.Model`` is cloned first.
+
+    After the level's pipeline: ``fp16`` converts to float16 (``int8_calibration``, when
+    given, serves as range data); ``int8_calibration`` (feed dicts) quantizes to INT8 with
+    ``int8_method`` calibration, verified on the held-out last 20% of the samples;
+    ``int8_dynamic`` quantizes MatMuls dynamically. These change what is computed, so the
+    final verification uses the FP16/INT8 tolerances.
     """
+    samples = None if int8_calibration is None else [dict(f) for f in int8_calibration]
     start = time.perf_counter()
     loaded = oir.load(model)
     working = loaded.clone() if loaded is model else loaded
@@ -73,7 +87,23 @@ def optimize(
         original = loaded.clone()  # the passes modify ``working`` in place
     report = Report(level=None if passes is not None else level)
     report.model_before = ModelSummary.of(working)
+    quantizing = samples is not None and not fp16
+    if fp16 or quantizing or int8_dynamic:
+        disable = [*disable, "fuse-ort-conv-activation"]  # quantizers/fp16 skip contrib ops
     pipeline = build_pipeline(level, passes=passes, disable=disable)
+    if fp16:
+        from optcc.passes import ConvertFloat16Pass
+
+        pipeline.append(ConvertFloat16Pass(block=fp16_block, inputs=samples or inputs,
+                                           input_shapes=input_shapes, providers=providers))
+    elif quantizing:
+        if not samples:
+            raise BadInputError("INT8 calibration data holds no samples")
+        pipeline.append(CalibratedInt8Pass(samples, int8_method, progress=progress))
+        if inputs is None:
+            inputs = samples[-max(1, len(samples) // 5):]  # the held-out part
+    if int8_dynamic:
+        pipeline.append(create_pass("quantize-dynamic"))
 
     verifier = None
     if verify or verify_each:
@@ -86,7 +116,7 @@ def optimize(
             progress=progress,
         )
     try:
-        manager = PassManager(pipeline, strict=strict, verifier=verifier if verify_each else None)
+        manager = PassManager(pipeline, strict=strict, verifier=verifier, verify_each=verify_each)
         outcome = manager.run(working)
         report.passes = outcome.records
         report.warnings.extend(outcome.warnings)
@@ -108,3 +138,22 @@ def optimize(
         raise error
     return result
 
+
+
+class CalibratedInt8Pass(ir.passes.FunctionalPass):
+    """Calibrate, quantize to INT8 (QDQ) and fall back layer by layer (optcc.quantize)."""
+
+    name = "quantize-int8-calibrated"
+    level = None
+    numerics = "int8"
+
+    def __init__(self, samples: list[dict[str, np.ndarray]], method: str, *, progress: bool = False) -> None:
+        super().__init__()
+        self.samples, self.method, self.progress = samples, method, progress
+
+    def call(self, model: ir.Model) -> PassResult:
+        from optcc.quantize import quantize_int8
+
+        quantized, stats = quantize_int8(model.clone(), self.samples, self.method, progress=self.progress)
+        modified = any(n.op_type == "QuantizeLinear" for n in oir.nodes(quantized))
+        return PassResult(quantized, modified, json.loads(json.dumps(stats, default=str)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -44,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="quantize to INT8 after the pipeline")
     p.add_argument("--calibration", help="calibration data (.npz or a folder of them) for --int8")
     p.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy", "mse"], default="minmax")
+    p.add_argument("--int8-dynamic", action="store_true",
+                   help="quantize MatMuls dynamically to INT8 (no calibration data needed)")
+    p.add_argument("--fp16-block", action="append", default=[], metavar="OPTYPE|NODE",
+                   help="keep these op types or node names in float32 with --fp16 (repeatable, comma-separated)")
     p.add_argument("--verify", dest="verify", action="store_true", default=True,
                    help="verify numerics against the original (default)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip verification")
@@ -124,14 +127,14 @@ def _list_passes() -> str:
     rows = []
     for info in available_passes().values():
         level = "-" if info.level is None else f"O{info.level}"
-        rows.append(f"{info.name:<28} {level:<4} {info.description}")
+        rows.append(f"{info.name:<32} {level:<4} {info.description}")
     return "\n".join(rows)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = oir.create_temp_file(path.resolve().parent, path.name)
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -147,13 +150,18 @@ def run(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if not args.model:
         raise BadInputError("no MODEL given (see --help)")
-    if args.fp16 or args.int8 or args.calibration:
-        raise BadInputError("--fp16 and --int8 are not implemented in this version yet")
+    if args.int8 and not args.calibration:
+        raise BadInputError("--int8 needs --calibration DATA (.npz or a folder of them)")
+    if args.int8 and args.fp16:
+        raise BadInputError("--int8 and --fp16 exclude each other")
+    if args.calibration and not (args.int8 or args.fp16):
+        raise BadInputError("--calibration is used with --int8 or --fp16")
     output = oir.check_output_path(args.output or default_output(args.model), args.model)
     report_path = oir.check_output_path(args.report, args.model) if args.report else None
     if report_path is not None and report_path.resolve() == output.resolve():
         raise BadInputError("--report and the output are the same file", report_path)
     inputs = load_npz_samples(args.inputs) if args.inputs else None
+    calibration = load_npz_samples(args.calibration) if args.calibration else None
 
     status = EXIT_OK
     try:
@@ -169,6 +177,11 @@ def run(argv: Sequence[str] | None = None) -> int:
             input_shapes=_parse_shapes(args.input_shape),
             strict=args.strict,
             progress=not args.quiet,
+            fp16=args.fp16,
+            fp16_block=[b for item in args.fp16_block for b in _split(item)],
+            int8_calibration=calibration,
+            int8_method=args.calibration_method,
+            int8_dynamic=args.int8_dynamic,
         )
     except VerificationError as error:
         result = error.result  # type: ignore[attr-defined]

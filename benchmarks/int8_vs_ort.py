@@ -1,0 +1,327 @@
+"""INT8 post-training quantization: optcc vs onnxruntime.quantization.quantize_static.
+
+    pip install scikit-image             # real calibration images
+    python -m fixtures.corpus            # fetch the corpus models (once)
+    python benchmarks/int8_vs_ort.py [--models nudenet-320n,ppocrv4-det,...] [--out FILE.md]
+
+For every model, on the same calibration data and the same held-out data, in one run:
+
+- ``fp32``: the float model (latency reference);
+- ``optcc-minmax`` / ``optcc-entropy``: ``optcc.quantize.quantize_int8`` (QDQ, per-channel
+  int8 weights, uint8 activations), accuracy fallback off so the comparison is like for like;
+- ``optcc-minmax+fallback``: the same with the accuracy-aware fallback (target 25 dB on
+  the held-out data; at most ``--max-float`` layers returned to float, the ``--ranked``
+  first layers ranked by sensitivity);
+- ``ort-minmax`` / ``ort-minmax+pre`` / ``ort-entropy``: ``quantize_static`` (QDQ,
+  per_channel=True, QUInt8 activations, QInt8 weights), without / with
+  ``quant_pre_process`` first, MinMax or Entropy calibration.
+
+Inputs: detectors get random crops (random scale, flips) of scikit-image's astronaut(),
+chelsea(), coffee() and rocket() resized to the model's input; OCR recognition and
+direction classification get crops of text lines from page() and text(). Calibration
+and held-out samples are different crops (different seeds).
+
+Each configuration runs in a fresh subprocess (``--timeout`` seconds, address space
+capped at ``--memory-gb``), which reports: calibration+quantization time and the peak RSS
+of the process at that point (interpreter, onnxruntime and the model included), then
+validity (onnx.checker + onnxruntime loads it), SQNR on the held-out samples (worst
+output; float model with ORT_DISABLE_ALL vs the quantized one with ORT_ENABLE_ALL, i.e.
+the integer kernels), CPU latency (2 intra-op threads, median of ``--runs``), the
+integer kernels onnxruntime runs (QLinearConv, QLinearMatMul, QGemm, ...) and the size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {
+    # name: (input h, w, kind)
+    "nudenet-320n": (320, 320, "detector-01"),
+    "ppocrv4-det": (640, 640, "detector-imagenet"),
+    "ppocrv4-rec": (48, 320, "text"),
+    "ppocr-mobile-cls": (48, 192, "text"),
+}
+CONFIGS = ["fp32", "optcc-minmax", "optcc-entropy", "optcc-minmax+fallback", "ort-minmax", "ort-minmax+pre", "ort-entropy"]
+_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _rgb(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = np.stack([img] * 3, -1)
+    return img[..., :3].astype(np.float32) / (255.0 if img.dtype == np.uint8 else 1.0)
+
+
+def _resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    from skimage.transform import resize
+
+    return resize(img, (h, w), anti_aliasing=True, preserve_range=True).astype(np.float32)
+
+
+def detector_images(h: int, w: int, n: int, seed: int, imagenet: bool) -> list[np.ndarray]:
+    from skimage import data as skd
+
+    images = [_rgb(f()) for f in (skd.astronaut, skd.chelsea, skd.coffee, skd.rocket)]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = images[i % len(images)]
+        H, W = img.shape[:2]
+        s = rng.uniform(0.5, 1.0)
+        ch, cw = int(H * s), int(min(W, H * s * w / h))
+        y, x = int(rng.integers(0, H - ch + 1)), int(rng.integers(0, W - cw + 1))
+        crop = _resize(img[y : y + ch, x : x + cw], h, w)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        chw = crop.transpose(2, 0, 1)
+        out.append(np.ascontiguousarray((chw - _MEAN) / _STD if imagenet else chw))
+    return out
+
+
+def text_lines(h: int, w: int, n: int, seed: int) -> list[np.ndarray]:
+    from skimage import data as skd
+
+    pages = [_rgb(skd.page()), _rgb(skd.text())]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = pages[i % 2]
+        H, W = img.shape[:2]
+        lh = int(rng.integers(20, 40))
+        y = int(rng.integers(0, H - lh))
+        cw = int(min(W, lh * w / h * rng.uniform(0.8, 1.2)))
+        x = int(rng.integers(0, W - cw + 1))
+        crop = _resize(img[y : y + lh, x : x + cw], h, w)
+        out.append(np.ascontiguousarray(((crop - 0.5) / 0.5).transpose(2, 0, 1)))
+    return out
+
+
+def samples(model: str, n: int, seed: int, input_name: str) -> list[dict[str, np.ndarray]]:
+    h, w, kind = MODELS[model]
+    if kind == "text":
+        arrays = text_lines(h, w, n, seed)
+    else:
+        arrays = detector_images(h, w, n, seed, imagenet=kind == "detector-imagenet")
+    return [{input_name: a[None]} for a in arrays]
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _prepare_model(name: str, folder: Path) -> Path:
+    """The corpus model with negative ("-1") input dims made symbolic (optcc's feed
+    check treats -1 as a fixed size)."""
+    import onnx
+
+    sys.path.insert(0, str(ROOT))
+    from fixtures.corpus import fetch, find_model
+
+    path = Path(fetch(find_model(name)))
+    proto = onnx.load(path)
+    changed = False
+    for value in proto.graph.input:
+        for i, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.Clear()
+                dim.dim_param = f"{value.name}_dim{i}"
+                changed = True
+    if not changed:
+        return path
+    out = folder / f"{name}.onnx"
+    onnx.save(proto, out)
+    return out
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _ort_quantize(source: Path, out: Path, calib: list, method: str, pre: bool) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    model_in = source
+    if pre:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        model_in = out.with_name("pre.onnx")
+        quant_pre_process(str(source), str(model_in))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(calib)
+
+        def get_next(self):  # noqa: ANN201 - onnxruntime's interface
+            return next(self.it, None)
+
+    quantize_static(
+        str(model_in), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.Entropy if method == "entropy" else CalibrationMethod.MinMax,
+    )
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import onnx
+
+    sys.path.insert(0, str(ROOT))
+    import optcc
+    from optcc.quant_fallback import evaluate, integer_op_histogram, measure_latency
+
+    folder = Path(args.scratch)
+    source = _prepare_model(args.model, folder)
+    input_name = onnx.load(source, load_external_data=False).graph.input[0].name
+    calib = samples(args.model, args.calibration_samples, 0, input_name)
+    held = samples(args.model, args.held_out_samples, 1, input_name)
+    result: dict = {"model": args.model, "config": args.config}
+    out = folder / f"{args.model}.{args.config}.onnx"
+    rss_before = _peak_rss_mib()
+    start = time.perf_counter()
+    config = args.config
+    if config == "fp32":
+        out = source
+    elif config.startswith("optcc"):
+        from optcc.quantize import quantize_int8
+
+        method = "entropy" if "entropy" in config else "minmax"
+        fallback = config.endswith("+fallback")
+        model, stats = quantize_int8(
+            str(source), calib + held if fallback else calib, method,
+            holdout_fraction=len(held) / (len(calib) + len(held)) if fallback else 0.0,
+            accuracy_fallback=fallback, max_float_layers=args.max_float, max_layers_ranked=args.ranked,
+        )
+        optcc.ir.save(model, out)
+        result["kept_float"] = stats["fallback"].get("kept_float", [])
+        result["target_met"] = stats["fallback"].get("target_met")
+    else:
+        _ort_quantize(source, out, calib, "entropy" if "entropy" in config else "minmax", pre=config.endswith("+pre"))
+    result["quantize_s"] = round(time.perf_counter() - start, 2)
+    result["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    result["rss_before_mib"] = round(rss_before, 1)
+    # evaluation
+    proto = onnx.load(out)
+    try:
+        onnx.checker.check_model(proto)
+        result["valid"] = True
+    except Exception as e:  # noqa: BLE001
+        result["valid"] = f"onnx.checker: {str(e).splitlines()[0][:120]}"
+    quantized = optcc.ir.load(proto)
+    reference = optcc.ir.load(str(source))
+    result["sqnr_db"] = evaluate(reference, quantized, held).worst_sqnr_db
+    result["latency_ms"] = round(measure_latency(quantized, held[0], threads=2, runs=args.runs) * 1e3, 3)
+    ops = integer_op_histogram(quantized)
+    result["integer_nodes"] = sum(n for op, n in ops.items() if op not in ("QuantizeLinear", "DequantizeLinear"))
+    result["size_mib"] = round(out.stat().st_size / 2**20, 2)
+    return result
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_one(model: str, config: str, args: argparse.Namespace, scratch: str) -> dict:
+    command = [
+        sys.executable, __file__, "--worker", "--model", model, "--config", config, "--scratch", scratch,
+        "--calibration-samples", str(args.calibration_samples), "--held-out-samples", str(args.held_out_samples),
+        "--runs", str(args.runs), "--max-float", str(args.max_float), "--ranked", str(args.ranked),
+    ]
+    limit = args.memory_gb * 2**30
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, preexec_fn=cap)
+    except subprocess.TimeoutExpired:
+        return {"model": model, "config": config, "status": f"timeout ({args.timeout} s)"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1][:160]
+        return {"model": model, "config": config, "status": f"error: {tail}"}
+    return {**json.loads(lines[-1]), "status": "ok"}
+
+
+def table(rows: list[dict]) -> str:
+    fp32 = {r["model"]: r.get("latency_ms") for r in rows if r["config"] == "fp32" and r["status"] == "ok"}
+    head = (
+        "| model | config | status | valid | SQNR dB (held-out) | latency ms (2 thr) | vs fp32 | integer nodes |"
+        " quantize s | peak RSS MiB | size MiB | kept float |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']} | {r['config']} | {r['status']} |" + " |" * 9)
+            continue
+        base = fp32.get(r["model"])
+        speed = f"{base / r['latency_ms']:.2f}x" if base and r["config"] != "fp32" else ""
+        sqnr = r["sqnr_db"]
+        sqnr_text = "exact" if sqnr == float("inf") else f"{sqnr:.1f}"
+        kept = r.get("kept_float")
+        kept_text = "" if kept is None else (f"{len(kept)} ({'met' if r.get('target_met') else 'not met'})")
+        lines.append(
+            f"| {r['model']} | {r['config']} | ok | {r['valid'] is True} | {sqnr_text} | {r['latency_ms']:.2f} | {speed} |"
+            f" {r['integer_nodes']} | {r['quantize_s'] if r['config'] != 'fp32' else ''} |"
+            f" {r['peak_rss_mib'] if r['config'] != 'fp32' else ''} | {r['size_mib']} | {kept_text} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--calibration-samples", type=int, default=8)
+    parser.add_argument("--held-out-samples", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--max-float", type=int, default=8)
+    parser.add_argument("--ranked", type=int, default=24)
+    parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--memory-gb", type=int, default=16)
+    parser.add_argument("--json", help="write the raw rows here")
+    parser.add_argument("--out", help="write the markdown table here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        os.environ.setdefault("OMP_NUM_THREADS", "2")
+        print(json.dumps(worker(args), default=float))
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="optcc-int8-bench-") as scratch:
+        for model in args.models.split(","):
+            for config in args.configs.split(","):
+                row = run_one(model, config, args, scratch)
+                rows.append(row)
+                print(json.dumps(row, default=float), file=sys.stderr, flush=True)
+    text = table(rows)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

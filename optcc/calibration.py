@@ -1,0 +1,648 @@
+"""Calibration for INT8 quantization: streaming activation statistics and clipping ranges.
+
+Calibration is an analysis, separate from the rewrite (``QuantizeInt8Pass(ranges=...)``):
+
+1. ``collect_statistics(model, data)`` runs the float model on onnxruntime (graph
+   optimizations off) with the wanted intermediates added as extra graph outputs, sample by
+   sample, and folds each activation into a ``TensorHistogram``. Only the running
+   statistics are kept, never the activations: memory is (tensors x bins), whatever the
+   number of samples. When one sample's activations would exceed ``memory_budget_bytes``,
+   the tensors are split into chunks, one onnxruntime session per chunk.
+2. ``CalibrationStats.ranges(method)`` turns the statistics into a ``(lo, hi)`` range per
+   tensor: ``minmax``, ``percentile`` (default 99.99), ``entropy`` (KL divergence, as in
+   TensorRT) or ``mse`` (the clipping that minimizes the expected quantization error).
+
+Histograms use a symmetric range ``[-2**e, 2**e]`` with a fixed number of bins. When a
+value falls outside, the exponent grows and bins are merged pairwise (``2**k`` old bins
+make one new bin), which is exact: a histogram built incrementally, or from two merged
+shards, equals the one built in one pass over all the data at the final range.
+
+Statistics are mergeable (``a.merge(b)``, for sharded calibration) and cacheable
+(``calibrate(..., cache_dir=...)`` stores an .npz, no pickle, keyed by a hash of the
+model, the data and the method).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from optcc import ir as oir
+from optcc.errors import BadInputError
+from optcc.progress import Progress
+from optcc.verify import check_feeds
+
+__all__ = [
+    "METHODS",
+    "DEFAULT_BINS",
+    "DEFAULT_PERCENTILE",
+    "DEFAULT_MEMORY_BUDGET_BYTES",
+    "TensorHistogram",
+    "CalibrationStats",
+    "CalibrationResult",
+    "calibration_tensors",
+    "collect_statistics",
+    "calibrate",
+    "load_samples",
+    "split_holdout",
+    "model_hash",
+    "data_hash",
+]
+
+Feeds = Mapping[str, np.ndarray]
+CalibrationData = Union[str, os.PathLike, Iterable[Feeds]]
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+DEFAULT_BINS = 2048
+DEFAULT_PERCENTILE = 99.99
+DEFAULT_MEMORY_BUDGET_BYTES = 512 * 1024 * 1024
+_MIN_EXPONENT = -40  # ranges below 2**-40 are treated as zero
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+class TensorHistogram:
+    """Running min/max and a fixed-size histogram of one tensor over ``[-2**e, 2**e]``.
+
+    State: two floats, an exponent, a sample count and ``bins`` int64 counts, so its size
+    does not depend on how many values were added.
+    """
+
+    __slots__ = ("bins", "counts", "exponent", "min", "max", "count")
+
+    def __init__(self, bins: int = DEFAULT_BINS) -> None:
+        if bins < 16 or bins % 2:
+            raise BadInputError(f"histogram bins must be an even number >= 16, got {bins}")
+        self.bins = bins
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.exponent: int | None = None  # None until a value has been seen
+        self.min = math.inf
+        self.max = -math.inf
+        self.count = 0
+
+    @property
+    def limit(self) -> float:
+        """Half-width of the histogram's range (0 before any value)."""
+        return 0.0 if self.exponent is None else math.ldexp(1.0, self.exponent)
+
+    @property
+    def bin_width(self) -> float:
+        return 2.0 * self.limit / self.bins
+
+    def edges(self) -> np.ndarray:
+        return np.linspace(-self.limit, self.limit, self.bins + 1)
+
+    def _grow_to(self, exponent: int) -> None:
+        if self.exponent is None:
+            self.exponent = exponent
+            return
+        k = exponent - self.exponent
+        if k <= 0:
+            return
+        factor = 2**k
+        half = self.bins // 2
+        # old bin i maps to new bin floor((i + (factor - 1) * half) / factor): exact nesting
+        index = (np.arange(self.bins, dtype=np.int64) + (factor - 1) * half) // factor
+        self.counts = _rebin(self.counts, index, self.bins)
+        self.exponent = exponent
+
+    def add(self, values: np.ndarray) -> None:
+        """Fold an array of values into the statistics."""
+        flat = np.asarray(values).reshape(-1)
+        if flat.size == 0:
+            return
+        flat = flat.astype(np.float64, copy=False)
+        finite = flat[np.isfinite(flat)] if not np.all(np.isfinite(flat)) else flat
+        if finite.size == 0:
+            return
+        lo, hi = float(finite.min()), float(finite.max())
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        self.count += int(finite.size)
+        self._grow_to(_exponent_for(max(abs(lo), abs(hi))))
+        width = self.bin_width
+        index = np.floor((finite + self.limit) / width).astype(np.int64)
+        np.clip(index, 0, self.bins - 1, out=index)
+        self.counts += np.bincount(index, minlength=self.bins)
+
+    def merge(self, other: TensorHistogram) -> TensorHistogram:
+        """A new histogram holding both (exact: ranges are powers of two, bins nest)."""
+        if other.bins != self.bins:
+            raise BadInputError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
+        out = self.copy()
+        if other.exponent is None:
+            return out
+        theirs = other.copy()
+        target = max(e for e in (out.exponent, theirs.exponent) if e is not None)
+        out._grow_to(target)
+        theirs._grow_to(target)
+        out.counts = out.counts + theirs.counts
+        out.min, out.max = min(out.min, other.min), max(out.max, other.max)
+        out.count += other.count
+        return out
+
+    def copy(self) -> TensorHistogram:
+        out = TensorHistogram(self.bins)
+        out.counts = self.counts.copy()
+        out.exponent, out.min, out.max, out.count = self.exponent, self.min, self.max, self.count
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of state (constant in the number of samples)."""
+        return int(self.counts.nbytes) + 4 * 8
+
+    # ----------------------------------------------------------------- ranges
+
+    def range(self, method: str = "minmax", **options: Any) -> tuple[float, float]:
+        """The clipping range ``(lo, hi)`` by ``method``; always within ``[min, max]``."""
+        if self.exponent is None or self.count == 0:
+            return (0.0, 0.0)
+        if method == "minmax":
+            return (self.min, self.max)
+        if method == "percentile":
+            return self._percentile_range(float(options.get("percentile", DEFAULT_PERCENTILE)))
+        if method == "entropy":
+            return self._entropy_range(int(options.get("levels", 128)))
+        if method == "mse":
+            return self._mse_range(int(options.get("levels", 256)))
+        raise BadInputError(f"unknown calibration method '{method}' (use {', '.join(METHODS)})")
+
+    def quantile(self, q: float) -> float:
+        """The value below which a fraction ``q`` of the values lie (linear within a bin)."""
+        cdf = np.cumsum(self.counts)
+        target = q * cdf[-1]
+        i = int(np.searchsorted(cdf, target, side="left"))
+        i = min(i, self.bins - 1)
+        before = cdf[i - 1] if i > 0 else 0
+        inside = self.counts[i]
+        frac = 0.0 if inside == 0 else (target - before) / inside
+        value = -self.limit + (i + float(frac)) * self.bin_width
+        return float(min(max(value, self.min), self.max))
+
+    def _percentile_range(self, percentile: float) -> tuple[float, float]:
+        if not 50.0 < percentile <= 100.0:
+            raise BadInputError(f"percentile must be in (50, 100], got {percentile}")
+        q = percentile / 100.0
+        return (self.quantile(1.0 - q), self.quantile(q))
+
+    def _abs_counts(self) -> np.ndarray:
+        """Histogram of |x| over [0, limit] with bins/2 bins (folded at zero)."""
+        half = self.bins // 2
+        return self.counts[half:] + self.counts[:half][::-1]
+
+    def _entropy_range(self, levels: int) -> tuple[float, float]:
+        """TensorRT's KL-divergence threshold on |x|, then intersected with [min, max]."""
+        hist = self._abs_counts().astype(np.float64)
+        n = hist.size
+        nonzero = np.nonzero(hist)[0]
+        if nonzero.size == 0:
+            return (0.0, 0.0)
+        last = int(nonzero[-1]) + 1  # bins past the last value only add empty tail
+        if last <= levels:
+            return (self.min, self.max)
+        stride = max(1, (last - levels) // 256)
+        best, best_i = math.inf, last
+        for i in range(levels, last + 1, stride):
+            p = hist[:i].copy()
+            p[-1] += hist[i:].sum()
+            edges = np.linspace(0, i, levels + 1).astype(np.int64)
+            ref = hist[:i]
+            sums = np.add.reduceat(ref, edges[:-1])
+            nz = np.add.reduceat((ref > 0).astype(np.float64), edges[:-1])
+            per = np.where(nz > 0, sums / np.maximum(nz, 1), 0.0)
+            q = np.repeat(per, np.diff(edges)) * (ref > 0)
+            kl = _kl(p, q)
+            if kl < best:
+                best, best_i = kl, i
+        threshold = best_i * (self.limit / n)
+        return (max(self.min, -threshold), min(self.max, threshold))
+
+    def _mse_range(self, levels: int) -> tuple[float, float]:
+        """The scaled range ``a * (min, max)`` minimizing the expected squared error of
+        uniform quantization with ``levels`` steps (clipping plus rounding), from bin
+        centres weighted by counts."""
+        centres = (self.edges()[:-1] + self.edges()[1:]) / 2
+        mask = self.counts > 0
+        x, w = centres[mask], self.counts[mask].astype(np.float64)
+        x = np.clip(x, self.min, self.max)
+        lo0, hi0 = min(self.min, 0.0), max(self.max, 0.0)
+        if hi0 - lo0 <= 0:
+            return (self.min, self.max)
+        best, best_range = math.inf, (self.min, self.max)
+        for a in np.linspace(0.02, 1.0, 99):
+            lo, hi = lo0 * a, hi0 * a
+            scale = (hi - lo) / (levels - 1)
+            zero = np.round(-lo / scale)
+            q = (np.clip(np.round(x / scale) + zero, 0, levels - 1) - zero) * scale
+            err = float(np.dot(w, (x - q) ** 2))
+            if err < best:
+                best, best_range = err, (max(lo, self.min), min(hi, self.max))
+        return best_range
+
+
+def _rebin(counts: np.ndarray, index: np.ndarray, bins: int) -> np.ndarray:
+    out = np.zeros(bins, dtype=np.int64)
+    np.add.at(out, index, counts)
+    return out
+
+
+def _exponent_for(magnitude: float) -> int:
+    if magnitude <= 0.0 or not math.isfinite(magnitude):
+        return _MIN_EXPONENT
+    _, exponent = math.frexp(magnitude)  # magnitude = m * 2**e with 0.5 <= m < 1: < 2**e
+    return max(exponent, _MIN_EXPONENT)
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    p_sum, q_sum = p.sum(), q.sum()
+    if p_sum <= 0 or q_sum <= 0:
+        return math.inf
+    p = p / p_sum
+    q = q / q_sum
+    mask = p > 0
+    if np.any(q[mask] <= 0):
+        # smooth: a bin with reference mass but no candidate mass is heavily penalised
+        q = np.where(mask & (q <= 0), 1e-12, q)
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+@dataclasses.dataclass
+class CalibrationStats:
+    """Per-tensor histograms (keyed by value name), mergeable and serializable."""
+
+    histograms: dict[str, TensorHistogram] = dataclasses.field(default_factory=dict)
+    samples: int = 0
+    bins: int = DEFAULT_BINS
+
+    def add(self, name: str, values: np.ndarray) -> None:
+        hist = self.histograms.get(name)
+        if hist is None:
+            hist = self.histograms[name] = TensorHistogram(self.bins)
+        hist.add(values)
+
+    def merge(self, other: CalibrationStats) -> CalibrationStats:
+        """Statistics over both shards' samples (a new object; neither input changes)."""
+        if other.bins != self.bins:
+            raise BadInputError(f"cannot merge statistics of {self.bins} and {other.bins} bins")
+        merged = {name: h.copy() for name, h in self.histograms.items()}
+        for name, hist in other.histograms.items():
+            merged[name] = merged[name].merge(hist) if name in merged else hist.copy()
+        return CalibrationStats(merged, self.samples + other.samples, self.bins)
+
+    def ranges(self, method: str = "minmax", **options: Any) -> dict[str, tuple[float, float]]:
+        """``{tensor: (lo, hi)}`` by ``method`` (see ``TensorHistogram.range``)."""
+        if method not in METHODS:
+            raise BadInputError(f"unknown calibration method '{method}' (use {', '.join(METHODS)})")
+        return {name: h.range(method, **options) for name, h in self.histograms.items()}
+
+    def nbytes(self) -> int:
+        """Bytes of state; bounded by (tensors x bins), independent of the sample count."""
+        return sum(h.nbytes() for h in self.histograms.values())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as .npz (plain arrays only; loadable without pickle), atomically."""
+        names = sorted(self.histograms)
+        hists = [self.histograms[n] for n in names]
+        arrays = {
+            "names": np.array(names, dtype=np.str_),
+            "counts": np.stack([h.counts for h in hists]) if hists else np.zeros((0, self.bins), np.int64),
+            "exponents": np.array([_MIN_EXPONENT - 1 if h.exponent is None else h.exponent for h in hists], np.int64),
+            "minmax": np.array([[h.min, h.max] for h in hists], np.float64).reshape(-1, 2),
+            "value_counts": np.array([h.count for h in hists], np.int64),
+            "meta": np.array([self.samples, self.bins], np.int64),
+        }
+        target = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=target.resolve().parent, prefix=f".{target.name}.", suffix=".npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationStats:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                names = [str(n) for n in data["names"]]
+                counts, exponents = data["counts"], data["exponents"]
+                minmax, value_counts = data["minmax"], data["value_counts"]
+                samples, bins = (int(x) for x in data["meta"])
+        except Exception as e:  # noqa: BLE001 - any unreadable cache is an input problem
+            raise BadInputError(f"not a calibration statistics file ({type(e).__name__})", path) from None
+        stats = cls(samples=samples, bins=bins)
+        for i, name in enumerate(names):
+            hist = TensorHistogram(bins)
+            hist.counts = counts[i].astype(np.int64)
+            e = int(exponents[i])
+            hist.exponent = None if e < _MIN_EXPONENT else e
+            hist.min, hist.max = float(minmax[i, 0]), float(minmax[i, 1])
+            hist.count = int(value_counts[i])
+            stats.histograms[name] = hist
+        return stats
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_samples(data: CalibrationData) -> Iterable[Feeds]:
+    """Feed dicts from a path (.npz or folder of them, via ``optcc.cli.load_npz_samples``)
+    or the iterable itself."""
+    if isinstance(data, (str, os.PathLike)):
+        from optcc.cli import load_npz_samples  # the CLI owns the file format
+
+        return load_npz_samples(data)
+    if isinstance(data, Mapping):
+        return [data]
+    return data
+
+
+def split_holdout(samples: Sequence[Feeds], fraction: float = 0.2) -> tuple[list[Feeds], list[Feeds]]:
+    """(calibration, held-out): the last ``fraction`` of the samples is held out. With
+    fewer than 2 samples both parts are the same samples."""
+    samples = list(samples)
+    if len(samples) < 2 or fraction <= 0:
+        return samples, samples
+    held = max(1, int(round(len(samples) * fraction)))
+    held = min(held, len(samples) - 1)
+    return samples[:-held], samples[-held:]
+
+
+def calibration_tensors(model: ir.Model) -> list[str]:
+    """Names of the float tensors of the main graph worth calibrating: graph inputs and
+    every node output (initializers and constants excluded)."""
+    names: list[str] = []
+    seen: set[str] = set()
+
+    def wanted(value: ir.Value | None) -> bool:
+        return (
+            value is not None
+            and bool(value.name)
+            and value.name not in seen
+            and not value.is_initializer()
+            and value.const_value is None
+            and (value.dtype is None or value.dtype in _FLOAT_TYPES)
+        )
+
+    for value in model.graph.inputs:
+        if wanted(value):
+            names.append(value.name)
+            seen.add(value.name)
+    for node in model.graph:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            continue
+        for value in node.outputs:
+            if wanted(value):
+                names.append(value.name)
+                seen.add(value.name)
+    return names
+
+
+def _session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def _estimate_sizes(model: ir.Model, names: Sequence[str], feeds: Feeds) -> dict[str, int]:
+    """Bytes per tensor for one sample, by shape inference at the sample's input shapes.
+    Tensors of unknown shape are assumed as large as the largest input."""
+    proto = oir.serialize(model)
+    for value in proto.graph.input:
+        if value.name in feeds:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, feeds[value.name].shape):
+                dim.Clear()
+                dim.dim_value = int(size)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 - estimation only
+        pass
+    known: dict[str, int] = {}
+    for info in [*proto.graph.value_info, *proto.graph.output, *proto.graph.input]:
+        dims = info.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            known[info.name] = int(np.prod([d.dim_value for d in dims], dtype=np.int64)) * 4
+    fallback = max((int(a.nbytes) for a in feeds.values()), default=0)
+    return {n: known.get(n, fallback) for n in names}
+
+
+def _chunks(names: Sequence[str], sizes: Mapping[str, int], budget: int) -> list[list[str]]:
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        size = sizes.get(name, 0)
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += size
+    return [c for c in chunks if c]
+
+
+class _Collector:
+    """onnxruntime sessions that expose chosen intermediates as extra outputs."""
+
+    def __init__(self, model: ir.Model, names: Sequence[str], threads: int | None) -> None:
+        proto = oir.serialize(model)
+        outputs = {o.name for o in proto.graph.output}
+        inputs = {i.name for i in proto.graph.input}
+        for name in names:
+            if name not in outputs and name not in inputs:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+        self.session = ort.InferenceSession(
+            proto.SerializeToString(), _session_options(threads), providers=["CPUExecutionProvider"]
+        )
+        self.names = [n for n in names if n not in inputs]
+        self.input_names = [n for n in names if n in inputs]
+
+    def run(self, feeds: Feeds) -> Iterator[tuple[str, np.ndarray]]:
+        if self.names:
+            for name, array in zip(self.names, self.session.run(self.names, dict(feeds))):
+                yield name, array
+        for name in self.input_names:
+            yield name, feeds[name]
+
+
+def collect_statistics(
+    model: oir.ModelSource,
+    data: CalibrationData,
+    *,
+    tensors: Sequence[str] | None = None,
+    bins: int = DEFAULT_BINS,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    threads: int | None = None,
+    progress: bool = False,
+) -> CalibrationStats:
+    """Stream ``data`` (feed dicts, or an .npz path/folder) through the float model and
+    return the per-tensor statistics of ``tensors`` (default: ``calibration_tensors``).
+
+    One onnxruntime session exposes all tensors, unless one sample's activations exceed
+    ``memory_budget_bytes``; then the tensors are split into chunks with one session each
+    (every sample then runs once per chunk). Only histograms are kept between samples.
+    """
+    ir_model = oir.load(model)
+    names = list(tensors) if tensors is not None else calibration_tensors(ir_model)
+    samples = load_samples(data)
+    total = len(samples) if hasattr(samples, "__len__") else 0
+    stats = CalibrationStats(bins=bins)
+    collectors: list[_Collector] | None = None
+    with Progress("calibrating", total or 1, enabled=progress and total > 0) as bar:
+        for i, feeds in enumerate(samples):
+            if not isinstance(feeds, Mapping):
+                raise BadInputError(f"calibration sample {i} is a {type(feeds).__name__}, not a dict of arrays")
+            feeds = dict(feeds)
+            check_feeds(ir_model, feeds, label=f"calibration sample {i}")
+            if collectors is None:
+                sizes = _estimate_sizes(ir_model, names, feeds)
+                collectors = [
+                    _Collector(ir_model, chunk, threads)
+                    for chunk in _chunks(names, sizes, memory_budget_bytes)
+                ]
+            for collector in collectors:
+                for name, array in collector.run(feeds):
+                    if np.issubdtype(np.asarray(array).dtype, np.floating):
+                        stats.add(name, array)
+            stats.samples += 1
+            bar.advance()
+    if stats.samples == 0:
+        raise BadInputError("no calibration samples given (empty data)")
+    return stats
+
+
+# --------------------------------------------------------------------------- caching
+
+
+def model_hash(model: ir.Model) -> str:
+    """SHA-256 of the model's serialized graph (and opsets)."""
+    proto = oir.serialize(model)
+    digest = hashlib.sha256()
+    digest.update(proto.graph.SerializeToString(deterministic=True))
+    for opset in proto.opset_import:
+        digest.update(f"{opset.domain}:{opset.version};".encode())
+    return digest.hexdigest()
+
+
+def data_hash(samples: Iterable[Feeds]) -> str:
+    """SHA-256 over every sample's names, dtypes, shapes and bytes, in order."""
+    digest = hashlib.sha256()
+    for feeds in samples:
+        for name in sorted(feeds):
+            array = np.ascontiguousarray(feeds[name])
+            digest.update(f"{name}|{array.dtype.str}|{array.shape};".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class CalibrationResult:
+    """What ``calibrate`` produced: the ranges, the statistics behind them, and whether
+    they came from the cache."""
+
+    ranges: dict[str, tuple[float, float]]
+    stats: CalibrationStats
+    method: str
+    cache_hit: bool = False
+    cache_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "samples": self.stats.samples,
+            "tensors": len(self.ranges),
+            "cache_hit": self.cache_hit,
+            "cache_path": self.cache_path,
+            "state_bytes": self.stats.nbytes(),
+        }
+
+
+def calibrate(
+    model: oir.ModelSource,
+    data: CalibrationData,
+    method: str = "minmax",
+    *,
+    tensors: Sequence[str] | None = None,
+    bins: int = DEFAULT_BINS,
+    cache_dir: str | os.PathLike | None = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    progress: bool = False,
+    **method_options: Any,
+) -> CalibrationResult:
+    """Collect statistics (or read them from ``cache_dir``) and compute ranges by ``method``.
+
+    The model's graph outputs always keep their min..max range (never clipped).
+    The cache file is ``calib-<hash>.npz`` where the hash covers the model graph, the data,
+    the method with its options, the bins and the tensor list. Caching needs data that can
+    be read twice (a list, a tuple or a path); a one-shot iterator is not cached.
+    """
+    if method not in METHODS:
+        raise BadInputError(f"unknown calibration method '{method}' (use {', '.join(METHODS)})")
+    ir_model = oir.load(model)
+    samples = load_samples(data)
+    cache_path: Path | None = None
+    if cache_dir is not None and isinstance(samples, (list, tuple)):
+        key = hashlib.sha256(
+            json.dumps(
+                {
+                    "model": model_hash(ir_model),
+                    "data": data_hash(samples),
+                    "method": method,
+                    "options": {k: repr(v) for k, v in sorted(method_options.items())},
+                    "bins": bins,
+                    "tensors": list(tensors) if tensors is not None else None,
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:32]
+        folder = Path(cache_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        cache_path = folder / f"calib-{key}.npz"
+        if cache_path.is_file():
+            stats = CalibrationStats.load(cache_path)
+            return CalibrationResult(_ranges(ir_model, stats, method, method_options), stats, method, True,
+                                     str(cache_path))
+    stats = collect_statistics(
+        ir_model,
+        samples,
+        tensors=tensors,
+        bins=bins,
+        memory_budget_bytes=memory_budget_bytes,
+        progress=progress,
+    )
+    if cache_path is not None:
+        stats.save(cache_path)
+    return CalibrationResult(
+        _ranges(ir_model, stats, method, method_options), stats, method, False,
+        None if cache_path is None else str(cache_path),
+    )
+
+
+def _ranges(model: ir.Model, stats: CalibrationStats, method: str, options: Mapping[str, Any]
+            ) -> dict[str, tuple[float, float]]:
+    """Ranges by ``method``, except that the model's outputs keep their full min..max:
+    clipping a model output (box coordinates, logits) is never what the user wants."""
+    ranges = stats.ranges(method, **options)
+    if method != "minmax":
+        for value in model.graph.outputs:
+            hist = stats.histograms.get(value.name or "")
+            if hist is not None:
+                ranges[value.name] = hist.range("minmax")
+    return ranges

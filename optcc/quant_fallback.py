@@ -1,0 +1,330 @@
+"""Accuracy-aware fallback and measurements for quantized models.
+
+- ``count_integer_nodes(model)``: the integer kernels onnxruntime runs once it has fused a
+  QDQ model (ORT_ENABLE_EXTENDED, the optimized graph saved and counted).
+- ``evaluate(reference, candidate, samples)``: SQNR per output over held-out samples (and
+  argmax agreement for classifier-like outputs), on onnxruntime with its default
+  optimizations, i.e. the integer kernels the user will run.
+- ``rank_sensitivity`` and ``fallback``: when the quantized model misses the target, rank
+  the quantized layers by sensitivity and return the worst to float one at a time until
+  the target holds.
+- ``measure_latency``: median latency on onnxruntime CPU (2 threads by default).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from optcc import ir as oir
+
+__all__ = [
+    "INTEGER_OPS",
+    "Target",
+    "Evaluation",
+    "count_integer_nodes",
+    "integer_op_histogram",
+    "measure_latency",
+    "evaluate",
+    "sqnr_db",
+    "rank_sensitivity",
+    "propagated_sqnr",
+    "fallback",
+]
+
+Feeds = Mapping[str, np.ndarray]
+
+INTEGER_OPS = frozenset(
+    {
+        "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "QLinearAdd",
+        "QLinearMul", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat",
+        "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearConvTranspose",
+        "QLinearReduceMean", "QLinearWhere", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+        "QAttention", "QEmbedLayerNormalization", "NhwcQLinearConv",
+    }
+)
+
+
+def _session(model: ir.Model | bytes, level: ort.GraphOptimizationLevel, threads: int | None = None,
+             optimized_path: str | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    data = model if isinstance(model, bytes) else oir.serialize(model).SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def integer_op_histogram(model: ir.Model) -> dict[str, int]:
+    """Op counts of the graph onnxruntime runs (ORT_ENABLE_EXTENDED, CPU) for ``model``,
+    restricted to integer kernels and Q/DQ nodes left unfused."""
+    with tempfile.TemporaryDirectory(prefix="optcc-int8-") as folder:
+        path = os.path.join(folder, "optimized.onnx")
+        _session(model, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, optimized_path=path)
+        saved = onnx.load(path, load_external_data=False)
+    counts: collections.Counter[str] = collections.Counter()
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if node.op_type in INTEGER_OPS or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                counts[node.op_type] += 1
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
+
+    walk(saved.graph)
+    return dict(sorted(counts.items()))
+
+
+def count_integer_nodes(model: ir.Model) -> int:
+    """How many integer kernels (QLinearConv, QLinearMatMul, MatMulInteger, QGemm, ...)
+    onnxruntime ends up running for ``model``."""
+    return sum(n for op, n in integer_op_histogram(model).items() if op in INTEGER_OPS)
+
+
+def measure_latency(model: ir.Model, feeds: Feeds, *, threads: int = 2, runs: int = 20,
+                    warmup: int = 3) -> float:
+    """Median seconds per run on onnxruntime CPU with all graph optimizations."""
+    session = _session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, threads=threads)
+    feeds = dict(feeds)
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def sqnr_db(reference: np.ndarray, result: np.ndarray) -> float:
+    """10 log10(signal power / noise power); inf when identical."""
+    ref = reference.astype(np.float64).ravel()
+    noise = float(np.sum((ref - result.astype(np.float64).ravel()) ** 2))
+    signal = float(np.sum(ref**2))
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def _classifier_like(array: np.ndarray) -> bool:
+    return array.ndim == 2 and array.shape[-1] >= 2 and np.issubdtype(array.dtype, np.floating)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What the quantized model must achieve on every output, over the held-out samples."""
+
+    min_sqnr_db: float = 25.0
+    min_argmax_agreement: float = 0.9
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Per-output SQNR (over all held-out samples) and argmax agreement."""
+
+    sqnr_db: dict[str, float]
+    argmax_agreement: dict[str, float]
+    target: Target
+
+    @property
+    def passed(self) -> bool:
+        return all(v >= self.target.min_sqnr_db for v in self.sqnr_db.values()) and all(
+            v >= self.target.min_argmax_agreement for v in self.argmax_agreement.values()
+        )
+
+    @property
+    def worst_sqnr_db(self) -> float:
+        return min(self.sqnr_db.values(), default=math.inf)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "sqnr_db": {k: _finite(v) for k, v in self.sqnr_db.items()},
+            "argmax_agreement": self.argmax_agreement,
+            "target": dataclasses.asdict(self.target),
+        }
+
+
+def _finite(x: float) -> float | str:
+    if math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+class _Outputs:
+    """Runs a model on the held-out samples once and keeps its outputs."""
+
+    def __init__(self, model: ir.Model, samples: Sequence[Feeds], optimized: bool,
+                 extra: Sequence[str] = ()) -> None:
+        proto = oir.serialize(model)
+        declared = {o.name for o in proto.graph.output}
+        for name in extra:
+            if name not in declared:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+        level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = _session(proto.SerializeToString(), level)
+        self.names = [o.name for o in session.get_outputs()]
+        self.values: list[list[np.ndarray]] = [
+            [np.asarray(a) for a in session.run(None, dict(f))] for f in samples
+        ]
+
+    def get(self, name: str) -> list[np.ndarray]:
+        i = self.names.index(name)
+        return [row[i] for row in self.values]
+
+
+def _compare(reference: _Outputs, candidate: _Outputs, names: Sequence[str], target: Target) -> Evaluation:
+    sqnr: dict[str, float] = {}
+    agreement: dict[str, float] = {}
+    for name in names:
+        refs, gots = reference.get(name), candidate.get(name)
+        if not refs or not np.issubdtype(refs[0].dtype, np.floating):
+            continue
+        sqnr[name] = sqnr_db(np.concatenate([r.ravel() for r in refs]), np.concatenate([g.ravel() for g in gots]))
+        if _classifier_like(refs[0]):
+            ref_arg = np.concatenate([r.argmax(-1) for r in refs])
+            got_arg = np.concatenate([g.argmax(-1) for g in gots])
+            agreement[name] = float(np.mean(ref_arg == got_arg))
+    return Evaluation(sqnr, agreement, target)
+
+
+def evaluate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds],
+             target: Target = Target(), *, optimized: bool = True) -> Evaluation:
+    """Compare the candidate's graph outputs with the float reference's on ``samples``."""
+    names = [v.name for v in reference.graph.outputs]
+    return _compare(_Outputs(reference, samples, False), _Outputs(candidate, samples, optimized), names, target)
+
+
+# quantize(exclude=[...], only=[...] or None) -> (a new quantized model, the pass stats);
+# stats["layer_outputs"][layer] = [name in the float model, name in the quantized model]
+QuantizeFn = Callable[..., tuple[ir.Model, dict[str, Any]]]
+
+
+def _flat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([a.ravel() for a in arrays])
+
+
+def rank_sensitivity(reference: ir.Model, quantize: QuantizeFn, layers: Sequence[str],
+                     samples: Sequence[Feeds], target: Target = Target(), *,
+                     max_layers: int = 64) -> list[dict[str, Any]]:
+    """Per layer, worst first: ``model_sqnr_db``, the worst model-output SQNR when only
+    that layer is quantized (its error as propagated to the outputs), and
+    ``local_sqnr_db``, the SQNR of the layer's own result then (its error with float
+    inputs). Only the first ``max_layers`` layers are ranked."""
+    model_outputs = [v.name for v in reference.graph.outputs]
+    singles = []
+    for layer in layers[:max_layers]:
+        model, stats = quantize(only=[layer])
+        float_name, quant_name = stats.get("layer_outputs", {}).get(layer, [None, None])
+        singles.append((layer, model, float_name, quant_name))
+    ref_out = _Outputs(reference, samples, False, extra=[f for _, _, f, _ in singles if f])
+    rows = []
+    for layer, model, float_name, quant_name in singles:
+        got = _Outputs(model, samples, False, extra=[quant_name] if quant_name else [])
+        evaluation = _compare(ref_out, got, model_outputs, target)
+        local = math.nan
+        if float_name in ref_out.names and quant_name in got.names:
+            local = sqnr_db(_flat(ref_out.get(float_name)), _flat(got.get(quant_name)))
+        rows.append({"layer": layer, "model_sqnr_db": evaluation.worst_sqnr_db, "local_sqnr_db": local})
+    rows.sort(key=lambda r: (r["model_sqnr_db"], math.inf if math.isnan(r["local_sqnr_db"]) else r["local_sqnr_db"]))
+    return rows
+
+
+def propagated_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
+                    samples: Sequence[Feeds]) -> dict[str, float]:
+    """SQNR of every layer's result in the fully quantized model (quantization error as
+    accumulated up to that layer), streamed sample by sample: only per-layer signal and
+    noise sums are kept."""
+    pairs = {layer: names for layer, names in layer_outputs.items() if names[0] and names[1]}
+    ref_session = _extra_session(reference, [names[0] for names in pairs.values()])
+    got_session = _extra_session(quantized, [names[1] for names in pairs.values()])
+    signal = dict.fromkeys(pairs, 0.0)
+    noise = dict.fromkeys(pairs, 0.0)
+    ref_names = [names[0] for names in pairs.values()]
+    got_names = [names[1] for names in pairs.values()]
+    for feeds in samples:
+        refs = ref_session.run(ref_names, dict(feeds))
+        gots = got_session.run(got_names, dict(feeds))
+        for layer, r, g in zip(pairs, refs, gots):
+            r64 = np.asarray(r, np.float64)
+            signal[layer] += float(np.sum(r64**2))
+            noise[layer] += float(np.sum((r64 - np.asarray(g, np.float64)) ** 2))
+    return {
+        layer: math.inf if noise[layer] == 0 else (
+            10 * math.log10(signal[layer] / noise[layer]) if signal[layer] > 0 else -math.inf)
+        for layer in pairs
+    }
+
+
+def _extra_session(model: ir.Model, names: Sequence[str]) -> ort.InferenceSession:
+    proto = oir.serialize(model)
+    declared = {o.name for o in proto.graph.output}
+    for name in dict.fromkeys(names):
+        if name not in declared:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    return _session(proto.SerializeToString(), ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+
+
+def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
+             target: Target = Target(), *, max_float_layers: int | None = None,
+             max_layers_ranked: int = 64) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
+    """Quantize; if the target is missed on ``samples``, return the most sensitive layers
+    to float one at a time (worst first; a layer stays float only when that improves the
+    worst output SQNR) until the target holds or ``max_float_layers`` are float. Candidates:
+    the ``max_layers_ranked`` layers whose results are worst in the fully quantized model
+    (``propagated_sqnr``), ranked by ``rank_sensitivity``. Returns the model, the pass
+    stats of the last quantization, and a report: ``initial`` and final ``evaluation``, ``sensitivity``
+    (the ranking), ``kept_float`` (layers returned to float, in order), ``target_met``."""
+    model, stats = quantize(exclude=[])
+    initial = evaluate(reference, model, samples, target)
+    report: dict[str, Any] = {"initial": initial.to_dict(), "kept_float": [], "sensitivity": []}
+    if initial.passed:
+        report.update(evaluation=initial.to_dict(), target_met=True)
+        return model, stats, report
+    layers = list(stats.get("layers", []))
+    propagated = propagated_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
+    # the layers whose results are worst in the full model are ranked by quantizing them alone
+    layers.sort(key=lambda layer: propagated.get(layer, math.inf))
+    ranking = rank_sensitivity(reference, quantize, layers, samples, target, max_layers=max_layers_ranked)
+    for row in ranking:
+        row["propagated_sqnr_db"] = propagated.get(row["layer"], math.nan)
+    report["sensitivity"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ranking]
+    limit = len(ranking) if max_float_layers is None else min(max_float_layers, len(ranking))
+    excluded: list[str] = []
+    best = (initial, model, stats)
+    tried: list[dict[str, Any]] = []
+    for row in ranking:
+        if len(excluded) >= limit or best[0].passed:
+            break
+        candidate, candidate_stats = quantize(exclude=[*excluded, row["layer"]])
+        evaluation = evaluate(reference, candidate, samples, target)
+        improved = evaluation.passed or evaluation.worst_sqnr_db > best[0].worst_sqnr_db
+        tried.append({"layer": row["layer"], "worst_sqnr_db": _finite(evaluation.worst_sqnr_db), "kept": improved})
+        if improved:  # a layer goes back to float only when that helps
+            excluded.append(row["layer"])
+            best = (evaluation, candidate, candidate_stats)
+    evaluation, model, stats = best
+    report["tried"] = tried
+    report.update(kept_float=excluded, evaluation=evaluation.to_dict(), target_met=evaluation.passed)
+    return model, stats, report

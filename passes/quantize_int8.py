@@ -1,0 +1,651 @@
+"""QuantizeInt8Pass: static INT8 quantization in QDQ form, from calibrated ranges.
+
+Rewrite: every quantizable op ``y = op(x, W, b)`` becomes
+``y' = DQ(Q(op(DQ(Q(x)), DQ(W_q), DQ(b_q))))`` with QuantizeLinear/DequantizeLinear
+pairs, the form onnxruntime fuses into integer kernels (QLinearConv, QLinearMatMul,
+QGemm, QLinearAdd/Mul, QLinearAveragePool, QLinearConcat, ...):
+
+- weights (Conv, ConvTranspose, Gemm, MatMul with a constant 2-D B): int8 symmetric,
+  per output channel by default (``scale[c] = max|W[c]| / 127``, zero point 0), or per
+  tensor (``per_channel=False``, and always for opset < 13);
+- activations: uint8 asymmetric over the calibrated range widened to contain 0
+  (``scale = (hi - lo) / 255``, ``zero_point = round(-lo / scale)``), or int8 symmetric
+  (``activation_type="int8"``: ``scale = max(|lo|, |hi|) / 127``);
+- bias (Conv, ConvTranspose, Gemm with a 1-D C): int32, ``scale = x_scale * w_scale[c]``,
+  zero point 0. Overflow guard: when ``|b[c] / scale| > 2**31 - 1``, the weight scale of
+  that channel is raised to ``|b[c]| / (x_scale * (2**31 - 1))`` (the int32 bias then
+  fits; the weights of that channel are quantized a little more coarsely). Counted in
+  ``stats["bias_scale_raised"]``;
+- Relu and Clip(min <= 0 <= max) right after a quantized op (its only use) are absorbed
+  (uint8 only): the op's output is quantized with the activation's output range, whose
+  clamp at the range's ends is exactly what the activation did (range lo = 0 for Relu).
+- data-movement ops (Reshape, Transpose, Slice, Flatten, Squeeze, Unsqueeze, MaxPool,
+  Resize) reuse their input's scale and zero point, so onnxruntime drops their Q/DQ and
+  runs them on 8-bit data; they are quantized only when a consumer is quantized;
+- any other op (Softmax, Sigmoid, custom domains, ...) stays float, and a tensor gets a
+  Q/DQ pair only when its producer or one of its consumers is quantized: no useless pair.
+
+Preconditions (else the node stays float, reason in ``stats["kept_float"]``): default
+domain, float32 tensors, a calibrated range for every activation input and output
+(``ranges`` keyed by value name), constant weights read by no float op, no
+BatchNormalization right after (fold it first: ``fuse-batchnorm``), Gemm with
+alpha = beta = 1 and transA = 0, opset >= 10. Graph inputs and output names, types and
+shapes stay; a quantized op's graph output becomes the DQ output under the same name.
+Nodes in ``exclude`` (node names, output names or op types) stay float; ``only``
+restricts quantization to the listed nodes. Function bodies are left float (no ranges
+can be collected inside them); If/Loop/Scan bodies are quantized where ranges are given.
+
+Numerics ("int8"): lossy; the result is judged by SQNR/cosine/argmax agreement. The
+pass is deterministic given ``ranges``. ``stats["integer_nodes"]`` counts the integer
+kernels onnxruntime (ORT_ENABLE_EXTENDED) actually runs after fusing the QDQ model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+import optcc
+
+__all__ = ["QuantizeInt8Pass", "COMPUTE_OPS", "SHARED_SCALE_OPS", "layer_id", "activation_params"]
+
+COMPUTE_OPS = frozenset(
+    {"Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat"}
+)
+SHARED_SCALE_OPS = frozenset(
+    {"Reshape", "Transpose", "Slice", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Resize"}
+)
+_WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm"})
+_SINGLE_INPUT_OPS = _WEIGHTED | {"AveragePool", "GlobalAveragePool"}  # other inputs: weights
+INT32_MAX = 2**31 - 1
+_MIN_WEIGHT_SCALE = 1e-12
+
+Params = tuple[np.ndarray, np.ndarray]  # (scale float32, zero point uint8/int8)
+
+
+def layer_id(node: ir.Node) -> str:
+    """How a node is named in stats, ``exclude`` and ``only``: its name, else its first
+    output's name."""
+    return node.name or (node.outputs[0].name if node.outputs and node.outputs[0].name else "")
+
+
+def activation_params(lo: float, hi: float, activation_type: str = "uint8") -> Params:
+    """Scale and zero point of an activation over ``[lo, hi]`` (widened to contain 0)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if activation_type == "uint8":
+        scale = np.float32((hi - lo) / 255.0)
+        if not scale > 0 or not np.isfinite(scale):
+            return np.array(1.0, np.float32), np.array(0, np.uint8)
+        zero = np.clip(np.round(-lo / float(scale)), 0, 255)
+        return np.array(scale, np.float32), np.array(zero, np.uint8)
+    scale = np.float32(max(-lo, hi) / 127.0)
+    if not scale > 0 or not np.isfinite(scale):
+        scale = np.float32(1.0)
+    return np.array(scale, np.float32), np.array(0, np.int8)
+
+
+def _quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int | None) -> np.ndarray:
+    info = np.iinfo(zero.dtype)
+    if axis is not None and scale.ndim == 1:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    q = np.round(x.astype(np.float64) / scale.astype(np.float64)) + zero.astype(np.int64)
+    return np.clip(q, info.min, info.max).astype(zero.dtype)
+
+
+def _is_default(node: ir.Node) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def _int_attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.as_int())
+
+
+def _float_attr(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return default if attr is None else float(attr.as_float())
+
+
+def _is_float32(value: ir.Value) -> bool:
+    return value.dtype is None or value.dtype == ir.DataType.FLOAT
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    return None if value is None else optcc.ir.as_numpy(value)
+
+
+class _Plan:
+    """What to quantize in one graph: nodes, per-value params, absorbed activations."""
+
+    def __init__(self) -> None:
+        self.compute: dict[ir.Node, str] = {}  # node -> weight handling ("conv", "gemm", ...)
+        self.shared: set[ir.Node] = set()
+        self.params: dict[ir.Value, Params] = {}
+        self.absorbed: dict[ir.Node, ir.Node] = {}  # quantized node -> absorbed Relu/Clip
+        self.kept: dict[str, int] = {}
+
+    def keep(self, reason: str) -> None:
+        self.kept[reason] = self.kept.get(reason, 0) + 1
+
+
+class QuantizeInt8Pass(optcc.Pass):
+    """Insert QDQ pairs so onnxruntime runs Conv/MatMul/Gemm/... on INT8 (see module doc)."""
+
+    name = "quantize-int8"
+    level = None
+    numerics = "int8"
+
+    def __init__(
+        self,
+        ranges: Mapping[str, tuple[float, float]] | None = None,
+        *,
+        per_channel: bool = True,
+        activation_type: str = "uint8",
+        exclude: Iterable[str] = (),
+        only: Iterable[str] | None = None,
+        count_fused: bool = True,
+    ) -> None:
+        super().__init__()
+        if activation_type not in ("uint8", "int8"):
+            raise optcc.BadInputError(f"activation_type must be 'uint8' or 'int8', got '{activation_type}'")
+        self.ranges = dict(ranges or {})
+        self.per_channel = per_channel
+        self.activation_type = activation_type
+        self.exclude = frozenset(exclude)
+        self.only = None if only is None else frozenset(only)
+        self.count_fused = count_fused
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizeInt8Pass(ranges=<{len(self.ranges)} tensors>, per_channel={self.per_channel}, "
+            f"activation_type='{self.activation_type}', exclude={sorted(self.exclude)})"
+        )
+
+    # ------------------------------------------------------------------ call
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        opset = optcc.ir.default_opset(model)
+        stats: dict[str, Any] = {"quantized": {}, "kept_float": {}, "absorbed": {}, "qdq_pairs": 0,
+                                 "bias_scale_raised": 0, "layers": [], "layer_outputs": {}}
+        if opset < 10:
+            stats["reason"] = f"opset {opset} < 10 has no QuantizeLinear"
+            return optcc.PassResult(model, False, stats)
+        if not self.ranges:
+            stats["reason"] = "no calibrated ranges given"
+            return optcc.PassResult(model, False, stats)
+        per_channel = self.per_channel and opset >= 13
+        names = _Names(model)
+        modified = False
+        for graph in optcc.ir.graphs(model):
+            if not isinstance(graph, ir.Graph):
+                if any(n.op_type in COMPUTE_OPS for n in graph):
+                    _count(stats["kept_float"], "inside a function")
+                continue
+            plan = self._plan(graph)
+            for reason, n in plan.kept.items():
+                _count(stats["kept_float"], reason, n)
+            if plan.compute or plan.shared:
+                _Rewriter(graph, plan, per_channel, self.activation_type, stats, names).run()
+                modified = True
+        if modified:
+            for graph in optcc.ir.graphs(model):
+                graph.sort()
+            if self.count_fused:
+                from optcc.quant_fallback import count_integer_nodes
+
+                try:
+                    stats["integer_nodes"] = count_integer_nodes(model)
+                except Exception as e:  # noqa: BLE001 - reporting only; verify judges the model
+                    stats["integer_nodes_error"] = str(e).splitlines()[0][:200]
+        return optcc.PassResult(model, modified, stats)
+
+    # ------------------------------------------------------------------ planning
+
+    def _range(self, value: ir.Value | None) -> tuple[float, float] | None:
+        if value is None or not value.name or not _is_float32(value):
+            return None
+        r = self.ranges.get(value.name)
+        if r is None or not all(np.isfinite(r)):
+            return None
+        return (float(r[0]), float(r[1]))
+
+    def _selected(self, node: ir.Node) -> bool:
+        names = {node.name, node.op_type, *(v.name for v in node.outputs)}
+        if self.exclude & names:
+            return False
+        return self.only is None or bool(self.only & names)
+
+    def _plan(self, graph: ir.Graph) -> _Plan:
+        plan = _Plan()
+        weight_users: dict[ir.Value, list[ir.Node]] = {}
+        for node in graph:
+            if not _is_default(node) or node.op_type not in COMPUTE_OPS:
+                continue
+            if not self._selected(node):
+                plan.keep("excluded")
+                continue
+            kind = self._check(node, plan)
+            if kind is None:
+                continue
+            plan.compute[node] = kind
+            if kind in ("weighted", "matmul-const"):
+                weight_users.setdefault(node.inputs[1], []).append(node)
+        # a weight read by a float op too is not quantized (the float copy would stay)
+        for weight, users in weight_users.items():
+            if any(use.node not in plan.compute for use in weight.uses()) or weight.is_graph_output():
+                for node in users:
+                    plan.compute.pop(node, None)
+                    plan.keep("weight shared with a float op")
+        self._absorb_activations(graph, plan)
+        self._plan_shared(graph, plan)
+        self._assign_params(graph, plan)
+        return plan
+
+    def _check(self, node: ir.Node, plan: _Plan) -> str | None:
+        """The kind of quantization for ``node``, or None (reason recorded)."""
+        op = node.op_type
+        outputs = list(node.outputs)
+        if len(outputs) != 1 or self._range(outputs[0]) is None:
+            plan.keep("no calibrated float output range" if len(outputs) == 1 else "several outputs")
+            return None
+        if op in _WEIGHTED:
+            if any(use.node.op_type == "BatchNormalization" for use in outputs[0].uses()):
+                plan.keep("BatchNormalization not folded (run fuse-batchnorm first)")
+                return None
+            if len(node.inputs) < 2 or self._range(node.inputs[0]) is None:
+                plan.keep("no calibrated input range")
+                return None
+            w = _const(node.inputs[1])
+            if w is None or w.dtype != np.float32:
+                plan.keep("weight not a float32 constant")
+                return None
+            if op == "Gemm":
+                if w.ndim != 2 or _int_attr(node, "transA", 0) or _float_attr(node, "alpha", 1.0) != 1.0 or (
+                    len(node.inputs) > 2 and node.inputs[2] is not None and _float_attr(node, "beta", 1.0) != 1.0
+                ):
+                    plan.keep("Gemm with transA/alpha/beta")
+                    return None
+            elif w.ndim < 3:
+                plan.keep("malformed weight")
+                return None
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                b = _const(node.inputs[2])
+                n_out = self._out_channels(node, w)
+                if b is None or b.dtype != np.float32 or b.ndim != 1 or b.shape[0] != n_out:
+                    plan.keep("bias not a constant vector")
+                    return None
+            return "weighted"
+        if op == "MatMul":
+            if self._range(node.inputs[0]) is None:
+                plan.keep("no calibrated input range")
+                return None
+            w = _const(node.inputs[1])
+            if w is not None:
+                if w.dtype != np.float32:
+                    plan.keep("weight not a float32 constant")
+                    return None
+                return "matmul-const"
+            if self._range(node.inputs[1]) is None:
+                plan.keep("no calibrated input range")
+                return None
+            return "activations"
+        # Add, Mul, Concat, AveragePool, GlobalAveragePool: activations (or constants)
+        data = [v for v in node.inputs if v is not None]
+        if op in ("AveragePool", "GlobalAveragePool"):
+            data = data[:1]
+        consts = [v for v in data if _const(v) is not None]
+        if len(consts) == len(data):
+            plan.keep("all inputs constant")
+            return None
+        for v in data:
+            c = _const(v)
+            if c is not None:
+                if c.dtype != np.float32:
+                    plan.keep("constant input not float32")
+                    return None
+            elif self._range(v) is None:
+                plan.keep("no calibrated input range")
+                return None
+        return "activations"
+
+    @staticmethod
+    def _out_channels(node: ir.Node, w: np.ndarray) -> int:
+        if node.op_type == "Conv":
+            return int(w.shape[0])
+        if node.op_type == "ConvTranspose":
+            return int(w.shape[1]) * _int_attr(node, "group", 1)
+        return int(w.shape[0] if _int_attr(node, "transB", 0) else w.shape[1])
+
+    def _absorb_activations(self, graph: ir.Graph, plan: _Plan) -> None:
+        if self.activation_type != "uint8":
+            return
+        for node in list(plan.compute):
+            out = node.outputs[0]
+            uses = list(out.uses())
+            if out.is_graph_output() or len(uses) != 1:
+                continue
+            act = uses[0].node
+            if act.graph is not graph or not _is_default(act) or act.op_type not in ("Relu", "Clip"):
+                continue
+            if len(act.outputs) != 1 or self._range(act.outputs[0]) is None or uses[0].idx != 0:
+                continue
+            if act.op_type == "Clip":
+                bounds = self._clip_bounds(act)
+                if bounds is None or not bounds[0] <= 0.0 <= bounds[1]:
+                    continue
+            plan.absorbed[node] = act
+
+    @staticmethod
+    def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+        if "min" in node.attributes or "max" in node.attributes:  # opset < 11
+            return (_float_attr(node, "min", -np.inf), _float_attr(node, "max", np.inf))
+        bounds = [-np.inf, np.inf]
+        for i in (1, 2):
+            if len(node.inputs) > i and node.inputs[i] is not None:
+                c = _const(node.inputs[i])
+                if c is None or c.size != 1:
+                    return None
+                bounds[i - 1] = float(c.reshape(()))
+        return (bounds[0], bounds[1])
+
+    def _plan_shared(self, graph: ir.Graph, plan: _Plan) -> None:
+        """Data-movement ops whose output feeds a quantized op (reverse order: chains)."""
+        for node in reversed(list(graph)):
+            if not _is_default(node) or node.op_type not in SHARED_SCALE_OPS or not self._selected(node):
+                continue
+            if len(node.outputs) != 1 or not node.inputs or self._range(node.inputs[0]) is None:
+                continue
+            if _const(node.inputs[0]) is not None:
+                continue
+            consumers = [u.node for u in node.outputs[0].uses()]
+            if any(c in plan.compute or c in plan.shared for c in consumers):
+                plan.shared.add(node)
+
+    def _assign_params(self, graph: ir.Graph, plan: _Plan) -> None:
+        t = self.activation_type
+
+        def of_range(value: ir.Value) -> Params | None:
+            r = self._range(value)
+            return None if r is None else activation_params(r[0], r[1], t)
+
+        # an absorbed activation's output is replaced by its producer's output
+        alias = {act.outputs[0]: node.outputs[0] for node, act in plan.absorbed.items()}
+        for node in graph:  # topological: inputs are assigned before shared outputs
+            if node in plan.compute:
+                data = node.inputs[:1] if node.op_type in _SINGLE_INPUT_OPS else node.inputs
+                for v in data:
+                    v = alias.get(v, v)  # type: ignore[arg-type]
+                    if v is not None and _const(v) is None and v not in plan.params:
+                        plan.params[v] = of_range(v)  # type: ignore[assignment]
+                out = node.outputs[0]
+                source = plan.absorbed[node].outputs[0] if node in plan.absorbed else out
+                plan.params[out] = of_range(source)  # type: ignore[assignment]
+            elif node in plan.shared:
+                src = alias.get(node.inputs[0], node.inputs[0])  # type: ignore[arg-type]
+                if src not in plan.params:
+                    plan.params[src] = of_range(src)  # type: ignore[assignment]
+                plan.params[node.outputs[0]] = plan.params[src]
+
+
+class _Names:
+    """Unique value names across every graph of the model, computed once.
+
+    (``optcc.ir.unique_value_name`` reads ``Graph.parent``, which onnx-ir 1.1 lacks, and
+    rescans the model per call; reported.)"""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.taken: set[str] = set()
+        for graph in optcc.ir.graphs(model):
+            self.taken.update(v.name for v in graph.inputs if v.name)
+            self.taken.update(v.name for v in graph.outputs if v.name)
+            if isinstance(graph, ir.Graph):
+                self.taken.update(graph.initializers)
+            for node in graph:
+                self.taken.update(v.name for v in node.inputs if v is not None and v.name)
+                self.taken.update(v.name for v in node.outputs if v.name)
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.taken:
+            i += 1
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name
+
+
+def _count(counter: dict[str, int], key: str, n: int = 1) -> None:
+    counter[key] = counter.get(key, 0) + n
+
+
+class _Rewriter:
+    """Applies a plan to one graph."""
+
+    def __init__(self, graph: ir.Graph, plan: _Plan, per_channel: bool, activation_type: str,
+                 stats: dict[str, Any], names: _Names) -> None:
+        self.graph = graph
+        self.names = names
+        self.plan = plan
+        self.per_channel = per_channel
+        self.act_dtype = np.uint8 if activation_type == "uint8" else np.int8
+        self.stats = stats
+        self.dq_of: dict[ir.Value, ir.Value] = {}
+        self.weight_cache: dict[tuple[int, Any], tuple[ir.Value, np.ndarray]] = {}
+
+    def run(self) -> None:
+        plan = self.plan
+        float_names = {
+            node: (plan.absorbed[node].outputs[0].name if node in plan.absorbed else node.outputs[0].name)
+            for node in plan.compute
+        }
+        for node, act in plan.absorbed.items():
+            self._remove_activation(node, act)
+            _count(self.stats["absorbed"], act.op_type)
+        for value, params in list(plan.params.items()):
+            self._insert_pair(value, params)
+        for node, kind in plan.compute.items():
+            if kind == "weighted":
+                self._quantize_weighted(node)
+            elif kind == "matmul-const":
+                self._quantize_weight_input(node, 1, axis=1 if self._two_d(node.inputs[1]) else None)
+            else:
+                for i, v in enumerate(node.inputs):
+                    if v is not None and _const(v) is not None:
+                        self._quantize_constant_activation(node, i)
+            _count(self.stats["quantized"], node.op_type)
+            self.stats["layers"].append(layer_id(node))
+            deq = self.dq_of.get(node.outputs[0])
+            # the layer's result: its name in the float model, and in this one (DQ output)
+            self.stats["layer_outputs"][layer_id(node)] = [float_names[node], deq.name if deq else None]
+        for node in plan.shared:
+            _count(self.stats["quantized"], node.op_type)
+
+    @staticmethod
+    def _two_d(value: ir.Value) -> bool:
+        c = _const(value)
+        return c is not None and c.ndim == 2
+
+    # -------------------------------------------------------------- helpers
+
+    def _initializer(self, base: str, array: np.ndarray) -> ir.Value:
+        name = self.names(base)
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.dtype = ir.DataType.from_numpy(array.dtype)
+        value.shape = ir.Shape(array.shape)
+        self.graph.register_initializer(value)
+        return value
+
+    def _new_value(self, base: str, like: ir.Value | None, dtype: ir.DataType | None) -> ir.Value:
+        value = ir.Value(name=self.names(base))
+        if like is not None and like.shape is not None:
+            value.shape = like.shape.copy() if hasattr(like.shape, "copy") else like.shape
+        if dtype is not None:
+            value.dtype = dtype
+        return value
+
+    def _remove_activation(self, node: ir.Node, act: ir.Node) -> None:
+        out, y = node.outputs[0], act.outputs[0]
+        if y.is_graph_output():
+            name, type_, shape = y.name, y.type, y.shape
+            y.replace_all_uses_with(out, replace_graph_outputs=True)
+            self.graph.remove(act, safe=True)
+            y.name = None
+            out.name, out.type, out.shape = name, type_ or out.type, shape or out.shape
+        else:
+            y.replace_all_uses_with(out)
+            self.graph.remove(act, safe=True)
+
+    def _insert_pair(self, value: ir.Value, params: Params) -> None:
+        """x -> Q -> DQ; every use of x reads the DQ output. A quantized producer's graph
+        output becomes the DQ output, under the original name."""
+        scale, zero = params
+        base = value.name or "x"
+        s = self._initializer(f"{base}_scale", scale)
+        z = self._initializer(f"{base}_zero_point", zero)
+        quant = self._new_value(f"{base}_quantized", value, ir.DataType.from_numpy(zero.dtype))
+        deq = self._new_value(f"{base}_dequantized", value, ir.DataType.FLOAT)
+        q_node = ir.node("QuantizeLinear", [value, s, z], outputs=[quant])
+        dq_node = ir.node("DequantizeLinear", [quant, s, z], outputs=[deq])
+        producer = value.producer()
+        if producer is not None and producer.graph is self.graph:
+            self.graph.insert_after(producer, [q_node, dq_node])
+        else:
+            first = next(iter(self.graph), None)
+            if first is None:
+                self.graph.extend([q_node, dq_node])
+            else:
+                self.graph.insert_before(first, [q_node, dq_node])
+        local = producer is not None and producer.graph is self.graph
+        for use in list(value.uses()):
+            # an outer-scope value is re-read only by this graph's nodes (not by sibling bodies)
+            if use.node is not q_node and (local or use.node.graph is self.graph):
+                use.node.replace_input_with(use.idx, deq)
+        producer_quantized = producer is not None and (
+            producer in self.plan.compute or producer in self.plan.shared
+        )
+        if value.is_graph_output() and producer_quantized:
+            name, type_, shape = value.name, value.type, value.shape
+            for i, out in enumerate(self.graph.outputs):
+                if out is value:
+                    self.graph.outputs[i] = deq
+            value.name = self.names(f"{name}_float")
+            deq.name, deq.type, deq.shape = name, type_ or deq.type, shape or deq.shape
+        self.dq_of[value] = deq
+        self.stats["qdq_pairs"] += 1
+
+    def _dequantize_const(self, node: ir.Node, index: int, q: np.ndarray, scale: np.ndarray,
+                          zero: np.ndarray, axis: int | None, base: str) -> None:
+        qv = self._initializer(f"{base}_quantized", q)
+        sv = self._initializer(f"{base}_scale", scale)
+        zv = self._initializer(f"{base}_zero_point", zero)
+        out = self._new_value(f"{base}_dequantized", node.inputs[index], ir.DataType.FLOAT)
+        attrs = {"axis": axis} if axis is not None and scale.ndim == 1 else {}
+        dq = ir.node("DequantizeLinear", [qv, sv, zv], attributes=attrs, outputs=[out])
+        self.graph.insert_before(node, dq)
+        replaced = node.inputs[index]
+        node.replace_input_with(index, out)
+        self._drop_if_unused(replaced)
+
+    def _drop_if_unused(self, value: ir.Value | None) -> None:
+        """Remove a float initializer nothing reads any more (never a graph input/output)."""
+        if value is None or list(value.uses()) or value.is_graph_output() or value.is_graph_input():
+            return
+        if value.name in self.graph.initializers and self.graph.initializers[value.name] is value:
+            del self.graph.initializers[value.name]
+            return
+        producer = value.producer()
+        if (
+            producer is not None
+            and producer.graph is self.graph
+            and producer.op_type == "Constant"
+            and _is_default(producer)
+        ):
+            self.graph.remove(producer, safe=True)
+
+    def _weight_params(self, w: np.ndarray, axis: int | None, floor: np.ndarray | None) -> Params:
+        if axis is None:
+            scale = np.array(np.abs(w).max() / 127.0 if w.size else 1.0, np.float32)
+            if floor is not None:
+                scale = np.maximum(scale, floor.max()).astype(np.float32)
+            scale = np.maximum(scale, _MIN_WEIGHT_SCALE).astype(np.float32)
+            return scale, np.array(0, np.int8)
+        moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        scale = (np.abs(moved).max(axis=1) / 127.0).astype(np.float32)
+        if floor is not None:
+            scale = np.maximum(scale, floor).astype(np.float32)
+        scale = np.maximum(scale, _MIN_WEIGHT_SCALE).astype(np.float32)
+        return scale, np.zeros(scale.shape, np.int8)
+
+    def _quantize_weight_input(self, node: ir.Node, index: int, axis: int | None,
+                               floor: np.ndarray | None = None) -> Params:
+        value = node.inputs[index]
+        w = _const(value)
+        assert value is not None and w is not None
+        if not self.per_channel:
+            axis = None
+        scale, zero = self._weight_params(w, axis, floor)
+        key = (id(value), axis, scale.tobytes())
+        cached = self.weight_cache.get(key)
+        if cached is not None:
+            node.replace_input_with(index, cached[0])
+            self._drop_if_unused(value)
+            return scale, zero
+        q = _quantize(w, scale, zero, axis)
+        self._dequantize_const(node, index, q, scale, zero, axis, value.name or "weight")
+        self.weight_cache[key] = (node.inputs[index], scale)  # type: ignore[assignment]
+        return scale, zero
+
+    def _quantize_weighted(self, node: ir.Node) -> None:
+        w = _const(node.inputs[1])
+        assert w is not None
+        op = node.op_type
+        if op == "Conv":
+            axis: int | None = 0
+        elif op == "ConvTranspose":
+            axis = 1 if _int_attr(node, "group", 1) == 1 else None
+        else:
+            axis = 0 if _int_attr(node, "transB", 0) else 1
+        has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+        x_scale = self.plan.params[self._original_input(node)][0]
+        floor = None
+        if has_bias:
+            b = _const(node.inputs[2])
+            assert b is not None
+            # smallest weight scale whose int32 bias fits: |b| / (x_scale * w_scale) <= INT32_MAX
+            needed = (np.abs(b.astype(np.float64)) / (float(x_scale) * INT32_MAX)).astype(np.float32)
+            if axis is None or not self.per_channel:
+                needed = np.array(needed.max() if needed.size else 0.0, np.float32)
+            floor = needed
+            plain = self._weight_params(w, axis if self.per_channel else None, None)[0]
+            self.stats["bias_scale_raised"] += int(np.sum(np.broadcast_to(needed, plain.shape) > plain))
+        w_scale, _ = self._quantize_weight_input(node, 1, axis, floor)
+        if has_bias:
+            b = _const(node.inputs[2])
+            assert b is not None
+            bias_scale = (np.float32(x_scale) * w_scale).astype(np.float32)  # [C] or scalar
+            per_element = np.broadcast_to(bias_scale, b.shape).astype(np.float64)
+            q = np.clip(np.round(b.astype(np.float64) / per_element), -INT32_MAX, INT32_MAX).astype(np.int32)
+            zero = np.zeros(bias_scale.shape, np.int32)
+            axis = 0 if bias_scale.ndim == 1 else None
+            self._dequantize_const(node, 2, q, bias_scale, zero, axis, node.inputs[2].name or "bias")
+
+    def _original_input(self, node: ir.Node) -> ir.Value:
+        """The float value whose Q/DQ pair feeds input 0 (the DQ output's source)."""
+        current = node.inputs[0]
+        for value, deq in self.dq_of.items():
+            if deq is current:
+                return value
+        return current  # type: ignore[return-value]
+
+    def _quantize_constant_activation(self, node: ir.Node, index: int) -> None:
+        value = node.inputs[index]
+        c = _const(value)
+        assert value is not None and c is not None
+        lo, hi = (float(c.min()), float(c.max())) if c.size else (0.0, 0.0)
+        scale, zero = activation_params(lo, hi, "uint8" if self.act_dtype == np.uint8 else "int8")
+        q = _quantize(c, scale, zero, None)
+        self._dequantize_const(node, index, q, scale, zero, None, value.name or "const")

@@ -1,0 +1,242 @@
+"""Calibrators: known distributions, streaming state, merge, cache, chunked collection, errors."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as oh
+from onnx import numpy_helper as nh
+
+import optcc
+from optcc.calibration import (
+    CalibrationStats,
+    TensorHistogram,
+    calibrate,
+    calibration_tensors,
+    collect_statistics,
+    split_holdout,
+)
+
+
+def _mlp(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    w1 = nh.from_array(rng.normal(size=(8, 16)).astype(np.float32), "W1")
+    w2 = nh.from_array(rng.normal(size=(16, 4)).astype(np.float32), "W2")
+    graph = oh.make_graph(
+        [
+            oh.make_node("MatMul", ["x", "W1"], ["h"]),
+            oh.make_node("Relu", ["h"], ["r"]),
+            oh.make_node("MatMul", ["r", "W2"], ["y"]),
+        ],
+        "mlp",
+        [oh.make_tensor_value_info("x", TP.FLOAT, ["N", 8])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, ["N", 4])],
+        [w1, w2],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def _samples(n: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(size=(2, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def _reference(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Every intermediate of every sample, computed with numpy (the test's oracle)."""
+    w1 = nh.to_array(model.graph.initializer[0]).astype(np.float64)
+    w2 = nh.to_array(model.graph.initializer[1]).astype(np.float64)
+    xs = np.stack([s["x"] for s in samples]).astype(np.float64)
+    h = xs @ w1
+    r = np.maximum(h, 0)
+    return {"x": xs, "h": h, "r": r, "y": r @ w2}
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+def test_minmax_is_exact_over_streamed_samples() -> None:
+    model, samples = _mlp(), _samples(12)
+    stats = collect_statistics(model, samples)
+    ref = _reference(model, samples)
+    ranges = stats.ranges("minmax")
+    assert set(ranges) == {"x", "h", "r", "y"}
+    for name, values in ref.items():
+        lo, hi = ranges[name]
+        np.testing.assert_allclose([lo, hi], [values.min(), values.max()], rtol=1e-5, atol=1e-6)
+    assert stats.samples == 12
+
+
+@pytest.mark.parametrize("dist", ["uniform", "normal"])
+def test_percentile_matches_numpy_within_one_bin(dist: str) -> None:
+    rng = np.random.default_rng(3)
+    data = rng.uniform(-3, 5, 200_000) if dist == "uniform" else rng.normal(1.0, 2.0, 200_000)
+    hist = TensorHistogram()
+    for chunk in np.array_split(data, 7):
+        hist.add(chunk)
+    for p in (99.0, 99.9, 99.99):
+        lo, hi = hist.range("percentile", percentile=p)
+        expected_lo, expected_hi = np.percentile(data, [100 - p, p])
+        assert abs(lo - expected_lo) <= hist.bin_width
+        assert abs(hi - expected_hi) <= hist.bin_width
+
+
+def test_entropy_and_mse_clip_inside_the_data_range() -> None:
+    rng = np.random.default_rng(4)
+    gauss = rng.normal(0.0, 1.0, 100_000)
+    data = np.concatenate([gauss, [60.0, -45.0, 80.0]])  # a Gaussian with outliers
+    hist = TensorHistogram()
+    hist.add(data)
+    for method in ("entropy", "mse"):
+        lo, hi = hist.range(method)
+        assert data.min() <= lo <= 0.0 <= hi <= data.max(), method
+        assert hi >= 3.0 and lo <= -3.0, method  # keeps the bulk of the Gaussian
+    lo, hi = hist.range("entropy")
+    assert hi < 0.5 * data.max() and lo > 0.5 * data.min()  # the outliers are clipped
+    # heavy tails: the MSE-optimal clipping is strictly inside min..max
+    laplace = TensorHistogram()
+    laplace.add(rng.laplace(0.0, 1.0, 200_000))
+    lo, hi = laplace.range("mse")
+    assert laplace.min < lo < 0 < hi < laplace.max
+
+
+def test_unknown_method_is_a_bad_input() -> None:
+    hist = TensorHistogram()
+    hist.add(np.arange(10.0))
+    with pytest.raises(optcc.BadInputError):
+        hist.range("kl")
+    with pytest.raises(optcc.BadInputError):
+        calibrate(_mlp(), _samples(2), "median")
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def _stream(n: int):
+    rng = np.random.default_rng(5)
+    for _ in range(n):
+        yield {"x": rng.normal(size=(2, 8)).astype(np.float32)}
+
+
+def test_state_size_does_not_grow_with_the_number_of_samples() -> None:
+    model = _mlp()
+    small = collect_statistics(model, _stream(4))
+    tracemalloc.start()
+    large = collect_statistics(model, _stream(200))
+    _, peak_large = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert large.samples == 200 and small.samples == 4
+    assert large.nbytes() == small.nbytes()  # tensors x bins, whatever the sample count
+    for hist in large.histograms.values():
+        assert hist.counts.shape == (large.bins,)
+    # 200 samples of activations would be far more than a few histograms' worth
+    assert peak_large < 4 * 1024 * 1024
+
+
+def test_rebinning_when_the_range_grows_is_exact() -> None:
+    rng = np.random.default_rng(6)
+    parts = [rng.normal(0, s, 5000) for s in (0.01, 1.0, 30.0)]
+    streamed = TensorHistogram()
+    for part in parts:
+        streamed.add(part)
+    once = TensorHistogram()
+    once.add(np.concatenate(parts))
+    assert streamed.exponent == once.exponent
+    np.testing.assert_array_equal(streamed.counts, once.counts)
+
+
+def test_chunked_collection_equals_one_session() -> None:
+    model, samples = _mlp(), _samples(6)
+    whole = collect_statistics(model, samples)
+    chunked = collect_statistics(model, samples, memory_budget_bytes=64)  # one tensor per session
+    assert set(whole.histograms) == set(chunked.histograms)
+    for name, hist in whole.histograms.items():
+        np.testing.assert_array_equal(hist.counts, chunked.histograms[name].counts)
+        assert (hist.min, hist.max) == (chunked.histograms[name].min, chunked.histograms[name].max)
+
+
+# --------------------------------------------------------------------------- merge and cache
+
+
+def test_merged_shards_equal_one_pass_over_all() -> None:
+    model, samples = _mlp(), _samples(10)
+    samples[7] = {"x": samples[7]["x"] * 20}  # a later shard widens the range
+    a = collect_statistics(model, samples[:4])
+    b = collect_statistics(model, samples[4:])
+    merged = a.merge(b)
+    whole = collect_statistics(model, samples)
+    assert merged.samples == whole.samples == 10
+    for name, hist in whole.histograms.items():
+        np.testing.assert_array_equal(merged.histograms[name].counts, hist.counts)
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        assert merged.ranges(method) == whole.ranges(method)
+
+
+def test_save_and_load_without_pickle(tmp_path: Path) -> None:
+    stats = collect_statistics(_mlp(), _samples(3))
+    path = tmp_path / "stats.npz"
+    stats.save(path)
+    with np.load(path, allow_pickle=False) as data:  # plain arrays only
+        assert data["counts"].dtype == np.int64
+    loaded = CalibrationStats.load(path)
+    assert loaded.ranges("percentile") == stats.ranges("percentile")
+    assert loaded.samples == 3
+
+
+def test_second_calibration_hits_the_cache(tmp_path: Path) -> None:
+    model, samples = _mlp(), _samples(4)
+    first = calibrate(model, samples, "entropy", cache_dir=tmp_path)
+    assert not first.cache_hit and first.cache_path and Path(first.cache_path).is_file()
+    second = calibrate(model, samples, "entropy", cache_dir=tmp_path)
+    assert second.cache_hit and second.cache_path == first.cache_path
+    assert second.ranges == first.ranges
+    other_method = calibrate(model, samples, "minmax", cache_dir=tmp_path)
+    assert not other_method.cache_hit  # the key covers the method
+    other_data = calibrate(model, _samples(4, seed=9), "entropy", cache_dir=tmp_path)
+    assert not other_data.cache_hit  # and the data
+    streamed = calibrate(model, _stream(3), "entropy", cache_dir=tmp_path)
+    assert not streamed.cache_hit and streamed.cache_path is None  # one-shot iterators are not cached
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def test_npz_file_input(tmp_path: Path) -> None:
+    model = _mlp()
+    rng = np.random.default_rng(7)
+    xs = rng.normal(size=(5, 2, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=xs)
+    from_file = calibrate(model, tmp_path / "calib.npz", "minmax")
+    from_list = calibrate(model, [{"x": x} for x in xs], "minmax")
+    assert from_file.ranges == from_list.ranges
+    assert from_file.stats.samples == 5
+
+
+@pytest.mark.parametrize(
+    "feeds, message",
+    [
+        ({"y": np.zeros((2, 8), np.float32)}, "missing"),
+        ({"x": np.zeros((2, 8), np.float64)}, "dtype"),
+        ({"x": np.zeros((2, 8, 1), np.float32)}, "rank"),
+        ({"x": np.zeros((2, 9), np.float32)}, "shape"),
+    ],
+)
+def test_mismatched_samples_are_bad_input(feeds: dict, message: str) -> None:
+    with pytest.raises(optcc.BadInputError, match=message):
+        collect_statistics(_mlp(), [feeds])
+
+
+def test_empty_data_is_bad_input() -> None:
+    with pytest.raises(optcc.BadInputError):
+        collect_statistics(_mlp(), [])
+
+
+def test_calibration_tensors_and_holdout() -> None:
+    model = optcc.ir.load(_mlp())
+    assert calibration_tensors(model) == ["x", "h", "r", "y"]
+    calib, held = split_holdout(list(range(10)))
+    assert calib == list(range(8)) and held == [8, 9]

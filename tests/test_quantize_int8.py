@@ -1,0 +1,464 @@
+"""QuantizeInt8Pass, QuantizeDynamicPass and the INT8 driver with accuracy-aware fallback."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx import TensorProto as TP
+from onnx import helper as oh
+from onnx import numpy_helper as nh
+
+import optcc
+from optcc.calibration import calibrate
+from optcc.passes.quantize_dynamic import QuantizeDynamicPass
+from optcc.passes.quantize_int8 import QuantizeInt8Pass, activation_params
+from optcc.quant_fallback import count_integer_nodes, evaluate, integer_op_histogram, sqnr_db
+from optcc.quantize import quantize_int8
+
+SEED = 0
+# optcc's int8 tolerance also asks 90% argmax agreement along the last axis of every
+# rank >= 2 output; for feature maps and regressions that is near-ties, not accuracy.
+NO_ARGMAX = {"int8": optcc.Tolerance(min_sqnr_db=25.0, min_cosine=0.99)}
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return nh.from_array(np.asarray(array), name)
+
+
+def _he(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
+    return (rng.normal(size=shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+
+def small_cnn(seed: int = SEED) -> onnx.ModelProto:
+    """Conv-Relu-MaxPool-Conv-Relu-Conv(1x1)+residual Add-GAP-Reshape-Gemm-Softmax (no BN)."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        _init("W1", _he(rng, 8, 3, 3, 3)), _init("B1", (rng.normal(size=8) * 0.1).astype(np.float32)),
+        _init("W2", _he(rng, 16, 8, 3, 3)), _init("B2", (rng.normal(size=16) * 0.1).astype(np.float32)),
+        _init("W3", _he(rng, 16, 16, 1, 1)),
+        _init("Wfc", _he(rng, 16, 10).T.copy().T), _init("Bfc", np.full(10, 0.01, np.float32)),
+        _init("shape", np.array([-1, 16], np.int64)),
+    ]
+    nodes = [
+        oh.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        oh.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        oh.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2], name="pool1"),
+        oh.make_node("Conv", ["p1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        oh.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        oh.make_node("Conv", ["r2", "W3"], ["c3"], name="conv3"),
+        oh.make_node("Add", ["c3", "r2"], ["a3"], name="add3"),
+        oh.make_node("GlobalAveragePool", ["a3"], ["g"], name="gap"),
+        oh.make_node("Reshape", ["g", "shape"], ["f"], name="flatten"),
+        oh.make_node("Gemm", ["f", "Wfc", "Bfc"], ["logits"], name="fc"),
+        oh.make_node("Softmax", ["logits"], ["probs"], axis=-1, name="softmax"),
+    ]
+    graph = oh.make_graph(
+        nodes, "cnn", [oh.make_tensor_value_info("x", TP.FLOAT, ["N", 3, 16, 16])],
+        [oh.make_tensor_value_info("probs", TP.FLOAT, ["N", 10])], inits,
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def images(n: int, seed: int = 1, shape: tuple[int, ...] = (1, 3, 16, 16)) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(size=shape).astype(np.float32)} for _ in range(n)]
+
+
+def quantized_cnn(**options) -> tuple[onnx.ModelProto, ir.Model, optcc.PassResult, dict]:
+    model = small_cnn()
+    ranges = calibrate(model, images(16), "minmax").ranges
+    result = QuantizeInt8Pass(ranges, **options)(optcc.ir.load(model))
+    return model, result.model, result, ranges
+
+
+def producers(model: ir.Model) -> dict[str, ir.Node]:
+    return {v.name: n for n in model.graph for v in n.outputs}
+
+
+def initializer(model: ir.Model, value: ir.Value) -> np.ndarray:
+    array = optcc.ir.as_numpy(value)
+    assert array is not None
+    return array
+
+
+def dq_source(model: ir.Model, node: ir.Node, index: int) -> ir.Node:
+    """The DequantizeLinear feeding input ``index`` of ``node``."""
+    producer = node.inputs[index].producer()
+    assert producer is not None and producer.op_type == "DequantizeLinear", (node.name, index)
+    return producer
+
+
+def by_name(model: ir.Model, name: str) -> ir.Node:
+    return next(n for n in model.graph if n.name == name)
+
+
+# --------------------------------------------------------------------------- static QDQ
+
+
+def test_cnn_placement_numerics_and_fusion() -> None:
+    original, quantized, result, _ = quantized_cnn()
+    hist = optcc.ir.op_histogram(quantized)
+    assert result.modified
+    assert result.stats["quantized"] == {
+        "Conv": 3, "Add": 1, "GlobalAveragePool": 1, "Gemm": 1, "MaxPool": 1, "Reshape": 1,
+    }
+    assert result.stats["absorbed"] == {"Relu": 2}
+    assert "Relu" not in hist and hist["Softmax"] == 1
+    for name in ("conv1", "conv2", "conv3", "add3", "gap", "fc"):
+        node = by_name(quantized, name)
+        assert node.inputs[0].producer().op_type == "DequantizeLinear"
+        (use,) = [u.node for u in node.outputs[0].uses()]
+        assert use.op_type == "QuantizeLinear", name
+    # Softmax has no integer kernel: its input is the DQ after Gemm's Q, its output is bare
+    softmax = by_name(quantized, "softmax")
+    assert softmax.inputs[0].producer().op_type == "DequantizeLinear"
+    assert softmax.outputs[0].is_graph_output() and not list(softmax.outputs[0].uses())
+    # interface unchanged
+    assert [v.name for v in quantized.graph.inputs] == ["x"]
+    assert [v.name for v in quantized.graph.outputs] == ["probs"]
+    assert [str(d) for d in quantized.graph.outputs[0].shape] == ["N", "10"]
+    # valid, loads in onnxruntime, fused into integer kernels
+    proto = optcc.ir.serialize(quantized)
+    onnx.checker.check_model(proto, full_check=True)
+    ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    ops = integer_op_histogram(quantized)
+    assert ops.get("QLinearConv") == 3 and ops.get("QGemm") == 1 and ops.get("QLinearAdd") == 1
+    assert result.stats["integer_nodes"] == count_integer_nodes(quantized) >= 6
+    # numerics: onnxruntime with optimizations disabled on both sides, then with its integer kernels
+    held_out = images(8, seed=2)
+    check = optcc.verify(optcc.ir.load(original), quantized, numerics="int8", inputs=held_out)
+    assert check.passed, check.describe()
+    assert all(m.sqnr_db >= 25 for m in check.outputs)
+    fused = evaluate(optcc.ir.load(original), quantized, held_out)
+    assert fused.passed and fused.worst_sqnr_db >= 25
+
+
+def test_second_run_changes_nothing() -> None:
+    _, quantized, _, ranges = quantized_cnn()
+    again = QuantizeInt8Pass(ranges)(quantized)
+    assert not again.modified
+
+
+def test_per_channel_weight_scales() -> None:
+    original, quantized, _, _ = quantized_cnn()
+    w = nh.to_array(original.graph.initializer[0])  # W1 [8, 3, 3, 3]
+    dq = dq_source(quantized, by_name(quantized, "conv1"), 1)
+    scale = initializer(quantized, dq.inputs[1])
+    zero = initializer(quantized, dq.inputs[2])
+    q = initializer(quantized, dq.inputs[0])
+    np.testing.assert_allclose(scale, np.abs(w).reshape(8, -1).max(axis=1) / 127, rtol=1e-6)
+    assert dq.attributes["axis"].as_int() == 0
+    assert q.dtype == np.int8 and zero.dtype == np.int8 and not zero.any()
+    assert np.abs(q).max() == 127
+    # Gemm's B [16, 10] is per output column (axis 1)
+    dq_fc = dq_source(quantized, by_name(quantized, "fc"), 1)
+    wfc = nh.to_array(original.graph.initializer[5])
+    np.testing.assert_allclose(initializer(quantized, dq_fc.inputs[1]), np.abs(wfc).max(axis=0) / 127, rtol=1e-6)
+    assert dq_fc.attributes["axis"].as_int() == 1
+
+
+def test_per_tensor_option() -> None:
+    original, quantized, _, _ = quantized_cnn(per_channel=False)
+    w = nh.to_array(original.graph.initializer[0])
+    scale = initializer(quantized, dq_source(quantized, by_name(quantized, "conv1"), 1).inputs[1])
+    assert scale.shape == () and np.isclose(scale, np.abs(w).max() / 127, rtol=1e-6)
+
+
+def test_bias_is_int32_with_input_times_weight_scale() -> None:
+    original, quantized, _, ranges = quantized_cnn()
+    conv2 = by_name(quantized, "conv2")
+    x_dq = dq_source(quantized, conv2, 0)
+    x_scale = initializer(quantized, x_dq.inputs[1])
+    w_scale = initializer(quantized, dq_source(quantized, conv2, 1).inputs[1])
+    b_dq = dq_source(quantized, conv2, 2)
+    b_q, b_scale, b_zero = (initializer(quantized, v) for v in b_dq.inputs)
+    assert b_q.dtype == np.int32 and not b_zero.any()
+    np.testing.assert_allclose(b_scale, np.float32(x_scale) * w_scale, rtol=1e-7)
+    b = nh.to_array(original.graph.initializer[3])
+    np.testing.assert_allclose(b_q * b_scale, b, atol=float(b_scale.max()))
+    # the activation scale is the calibrated input range's (p1 after MaxPool shares relu1's)
+    lo, hi = ranges["r1"]
+    expected_scale, expected_zero = activation_params(lo, hi)
+    assert np.isclose(x_scale, expected_scale) and initializer(quantized, x_dq.inputs[2]) == expected_zero
+
+
+def test_bias_overflow_raises_the_weight_scale() -> None:
+    rng = np.random.default_rng(3)
+    w = (rng.normal(size=(4, 2, 1, 1)) * 1e-4).astype(np.float32)
+    b = np.array([5e3, -1.0, 0.5, 2e3], np.float32)
+    graph = oh.make_graph(
+        [oh.make_node("Conv", ["x", "W", "B"], ["y"], name="conv")], "g",
+        [oh.make_tensor_value_info("x", TP.FLOAT, [1, 2, 4, 4])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, [1, 4, 4, 4])], [_init("W", w), _init("B", b)],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    data = images(4, shape=(1, 2, 4, 4))
+    ranges = calibrate(model, data).ranges
+    result = QuantizeInt8Pass(ranges)(optcc.ir.load(model))
+    assert result.stats["bias_scale_raised"] == 2
+    conv = by_name(result.model, "conv")
+    b_q = initializer(result.model, dq_source(result.model, conv, 2).inputs[0])
+    assert b_q.dtype == np.int32 and np.abs(b_q.astype(np.int64)).max() <= 2**31 - 1
+    check = optcc.verify(optcc.ir.load(model), result.model, numerics="int8", inputs=data, tolerances=NO_ARGMAX)
+    assert check.passed, check.describe()
+
+
+def _conv_sigmoid_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(5)
+    graph = oh.make_graph(
+        [
+            oh.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+            oh.make_node("Sigmoid", ["c"], ["s"], name="sigmoid"),
+            oh.make_node("Softmax", ["s"], ["y"], axis=1, name="softmax"),
+        ],
+        "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, [1, 4, 8, 8])], [_init("W", _he(rng, 4, 3, 1, 1))],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def test_no_qdq_pair_around_ops_without_integer_kernels() -> None:
+    model = _conv_sigmoid_model()
+    data = images(4, shape=(1, 3, 8, 8))
+    result = QuantizeInt8Pass(calibrate(model, data).ranges)(optcc.ir.load(model))
+    q = result.model
+    hist = optcc.ir.op_histogram(q)
+    assert hist["QuantizeLinear"] == 2  # x and the Conv output, nothing for Sigmoid/Softmax
+    sigmoid, softmax = by_name(q, "sigmoid"), by_name(q, "softmax")
+    assert sigmoid.inputs[0].producer().op_type == "DequantizeLinear"  # the Conv's output pair
+    assert softmax.inputs[0].producer() is sigmoid  # no pair between two float ops
+    assert [u.node for u in softmax.outputs[0].uses()] == []
+    assert optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=data, tolerances=NO_ARGMAX).passed
+
+
+def test_graph_output_inside_the_pattern_keeps_its_name() -> None:
+    rng = np.random.default_rng(6)
+    graph = oh.make_graph(
+        [
+            oh.make_node("Conv", ["x", "W1"], ["c1"], name="conv1"),
+            oh.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+            oh.make_node("Conv", ["r1", "W2"], ["c2"], name="conv2"),
+        ],
+        "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])],
+        [oh.make_tensor_value_info("c1", TP.FLOAT, [1, 4, 8, 8]), oh.make_tensor_value_info("c2", TP.FLOAT, [1, 4, 8, 8])],
+        [_init("W1", _he(rng, 4, 3, 1, 1)), _init("W2", _he(rng, 4, 4, 1, 1))],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    data = images(4, shape=(1, 3, 8, 8))
+    q = QuantizeInt8Pass(calibrate(model, data).ranges)(optcc.ir.load(model)).model
+    assert [v.name for v in q.graph.outputs] == ["c1", "c2"]
+    assert by_name(q, "relu1").op_type == "Relu"  # not absorbed: c1 is a graph output
+    for out in q.graph.outputs:
+        assert out.producer().op_type == "DequantizeLinear" and out.dtype == ir.DataType.FLOAT
+        assert list(out.shape) == [1, 4, 8, 8]
+    assert optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=data, tolerances=NO_ARGMAX).passed
+
+
+def test_shared_weight_custom_op_and_batchnorm_stay_float() -> None:
+    rng = np.random.default_rng(7)
+    c = 4
+    graph = oh.make_graph(
+        [
+            oh.make_node("MatMul", ["x", "W"], ["m"], name="matmul"),
+            oh.make_node("Add", ["W", "W"], ["w2"], name="uses_weight"),  # a float op reads W
+            oh.make_node("MatMul", ["m", "w2"], ["m2"], name="matmul2"),
+            oh.make_node("Custom", ["m2"], ["u"], domain="com.example", name="custom"),
+            oh.make_node("Conv", ["img", "Wc"], ["conv_out"], name="conv"),
+            oh.make_node("BatchNormalization", ["conv_out", "s", "b", "mean", "var"], ["bn"], name="bn"),
+        ],
+        "g",
+        [oh.make_tensor_value_info("x", TP.FLOAT, [2, c]), oh.make_tensor_value_info("img", TP.FLOAT, [1, 3, 4, 4])],
+        [oh.make_tensor_value_info("u", TP.FLOAT, [2, c]), oh.make_tensor_value_info("bn", TP.FLOAT, [1, c, 4, 4])],
+        [
+            _init("W", rng.normal(size=(c, c)).astype(np.float32)), _init("Wc", _he(rng, c, 3, 1, 1)),
+            _init("s", np.ones(c, np.float32)), _init("b", np.zeros(c, np.float32)),
+            _init("mean", np.zeros(c, np.float32)), _init("var", np.ones(c, np.float32)),
+        ],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("com.example", 1)])
+    ranges = {name: (-4.0, 4.0) for name in ("x", "m", "w2", "m2", "u", "img", "conv_out", "bn")}
+    before = optcc.ir.load(model)
+    result = QuantizeInt8Pass(ranges, count_fused=False)(before)
+    kept = result.stats["kept_float"]
+    assert kept["weight shared with a float op"] == 1
+    assert kept["BatchNormalization not folded (run fuse-batchnorm first)"] == 1
+    q = result.model
+    assert by_name(q, "matmul").inputs[1].name == "W"  # untouched float weight
+    assert by_name(q, "conv").inputs[1].name == "Wc"
+    custom = by_name(q, "custom")
+    assert custom.domain == "com.example" and custom.op_type == "Custom"
+    assert [u.node.name for u in custom.outputs[0].uses()] == []  # nothing quantizes its output
+    # matmul2 (activation x activation) is quantized; its output feeds only the custom op
+    assert result.stats["quantized"] == {"MatMul": 1}
+    assert custom.inputs[0].producer().op_type == "DequantizeLinear"
+
+
+def test_int8_symmetric_activations_keep_relu() -> None:
+    original, quantized, result, _ = quantized_cnn(activation_type="int8")
+    hist = optcc.ir.op_histogram(quantized)
+    assert hist["Relu"] == 2 and result.stats["absorbed"] == {}
+    for node in quantized.graph:
+        if node.op_type == "QuantizeLinear":
+            zero = initializer(quantized, node.inputs[2])
+            assert zero.dtype == np.int8 and not zero.any()
+    check = optcc.verify(optcc.ir.load(original), quantized, numerics="int8", inputs=images(4, seed=2))
+    assert check.passed, check.describe()
+
+
+def test_exclude_keeps_a_layer_float() -> None:
+    _, quantized, result, _ = quantized_cnn(exclude=["conv2"])
+    conv2 = by_name(quantized, "conv2")
+    assert conv2.inputs[1].name == "W2"
+    assert "conv2" not in result.stats["layers"] and result.stats["kept_float"]["excluded"] == 1
+
+
+def test_if_body_is_quantized_with_given_ranges() -> None:
+    rng = np.random.default_rng(8)
+    body = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "Wb"], ["inner"], name="body_matmul")], "then",
+        [], [oh.make_tensor_value_info("inner", TP.FLOAT, [2, 4])], [_init("Wb", rng.normal(size=(4, 4)).astype(np.float32))],
+    )
+    other = oh.make_graph([oh.make_node("Identity", ["x"], ["same"])], "else", [],
+                          [oh.make_tensor_value_info("same", TP.FLOAT, [2, 4])])
+    graph = oh.make_graph(
+        [oh.make_node("If", ["cond"], ["y"], then_branch=body, else_branch=other, name="if")], "g",
+        [oh.make_tensor_value_info("cond", TP.BOOL, []), oh.make_tensor_value_info("x", TP.FLOAT, [2, 4])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, [2, 4])],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    result = QuantizeInt8Pass({"x": (-3.0, 3.0), "inner": (-8.0, 8.0)}, count_fused=False)(optcc.ir.load(model))
+    assert result.stats["quantized"] == {"MatMul": 1}
+    body_ops = collections.Counter(n.op_type for g in optcc.ir.graphs(result.model) for n in g if g is not result.model.graph)
+    assert body_ops["QuantizeLinear"] == 2 and body_ops["MatMul"] == 1
+    x = rng.normal(size=(2, 4)).astype(np.float32)
+    check = optcc.verify(optcc.ir.load(model), result.model, numerics="int8",
+                         inputs=[{"cond": np.array(True), "x": x}, {"cond": np.array(False), "x": x}],
+                         tolerances=NO_ARGMAX)
+    assert check.passed, check.describe()
+
+
+# --------------------------------------------------------------------------- dynamic
+
+
+def _mlp(shared_with_add: bool = False) -> onnx.ModelProto:
+    rng = np.random.default_rng(9)
+    nodes = [
+        oh.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+        oh.make_node("Relu", ["h"], ["r"], name="relu"),
+        oh.make_node("MatMul", ["r", "W2"], ["y"], name="mm2"),
+    ]
+    outputs = [oh.make_tensor_value_info("y", TP.FLOAT, ["B", 32])]
+    if shared_with_add:
+        nodes.append(oh.make_node("Add", ["W2", "W2"], ["w2x2"]))
+        outputs.append(oh.make_tensor_value_info("w2x2", TP.FLOAT, [128, 32]))
+    graph = oh.make_graph(
+        nodes, "mlp", [oh.make_tensor_value_info("x", TP.FLOAT, ["B", 64])], outputs,
+        [_init("W1", (rng.normal(size=(64, 128)) * 0.1).astype(np.float32)),
+         _init("W2", (rng.normal(size=(128, 32)) * 0.1).astype(np.float32))],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def test_dynamic_quantization() -> None:
+    model = _mlp()
+    result = QuantizeDynamicPass()(optcc.ir.load(model))
+    q = result.model
+    hist = optcc.ir.op_histogram(q)
+    assert result.stats["quantized"] == 2 and "MatMul" not in hist
+    assert hist["DynamicQuantizeLinear"] == 2 and hist["MatMulInteger"] == 2 and hist["Relu"] == 1
+    assert [v.name for v in q.graph.outputs] == ["y"] and [str(d) for d in q.graph.outputs[0].shape] == ["B", "32"]
+    assert result.stats["integer_nodes"] >= 2
+    mmi = next(n for n in q.graph if n.op_type == "MatMulInteger")
+    w = nh.to_array(model.graph.initializer[0])
+    scale_mul = next(n for n in q.graph if n.op_type == "Mul" and n.inputs[0] is mmi.inputs[0].producer().outputs[1])
+    np.testing.assert_allclose(initializer(q, scale_mul.inputs[1]), np.abs(w).max(axis=0) / 127, rtol=1e-6)
+    onnx.checker.check_model(optcc.ir.serialize(q), full_check=True)
+    rng = np.random.default_rng(10)
+    data = [{"x": rng.normal(size=(4, 64)).astype(np.float32)} for _ in range(3)]
+    check = optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=data, tolerances=NO_ARGMAX)
+    assert check.passed and check.outputs[0].sqnr_db >= 30, check.describe()
+    assert not QuantizeDynamicPass()(q).modified
+
+
+def test_dynamic_leaves_a_shared_weight_float() -> None:
+    result = QuantizeDynamicPass(count_fused=False)(optcc.ir.load(_mlp(shared_with_add=True)))
+    assert result.stats["quantized"] == 1
+    assert result.stats["kept_float"] == {"weight shared with another op": 1}
+    assert by_name(result.model, "mm2").inputs[1].name == "W2"
+
+
+# --------------------------------------------------------------------------- driver and fallback
+
+
+def _sensitive_mlp() -> onnx.ModelProto:
+    """mm2's weight has one huge row that multiplies an always-zero feature: per-column
+    INT8 scales are set by it, so the real weights round to zero. mm1/mm3 are benign."""
+    rng = np.random.default_rng(11)
+    w1 = (rng.normal(size=(16, 32)) * 0.3).astype(np.float32)
+    w1[:, 0] = 0.0  # feature 0 of h is always 0 (before and after Relu)
+    w2 = (rng.normal(size=(32, 32)) * 0.3).astype(np.float32)
+    w2[0, :] = 1000.0
+    w3 = (rng.normal(size=(32, 8)) * 0.3).astype(np.float32)
+    graph = oh.make_graph(
+        [
+            oh.make_node("MatMul", ["x", "W1"], ["h1"], name="mm1"),
+            oh.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+            oh.make_node("MatMul", ["r1", "W2"], ["h2"], name="mm2"),
+            oh.make_node("MatMul", ["h2", "W3"], ["y"], name="mm3"),
+        ],
+        "sensitive", [oh.make_tensor_value_info("x", TP.FLOAT, ["N", 16])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, ["N", 8])],
+        [_init("W1", w1), _init("W2", w2), _init("W3", w3)],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def test_fallback_returns_the_sensitive_layer_to_float() -> None:
+    model = _sensitive_mlp()
+    rng = np.random.default_rng(12)
+    data = [{"x": rng.normal(size=(4, 16)).astype(np.float32)} for _ in range(20)]
+    q, stats = quantize_int8(model, data, "minmax")
+    report = stats["fallback"]
+    assert report["initial"]["passed"] is False
+    assert report["sensitivity"][0]["layer"] == "mm2"
+    assert report["kept_float"] == ["mm2"] and report["target_met"] is True
+    assert stats["modified"] and stats["calibration"]["held_out_samples"] == 4
+    assert by_name(q, "mm2").inputs[1].name == "W2"
+    assert set(stats["pass"]["layers"]) == {"mm1", "mm3"}
+    check = optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=data[-4:], tolerances=NO_ARGMAX)
+    assert check.passed, check.describe()
+
+
+def test_driver_on_cnn_reports_ranges_fusion_and_size() -> None:
+    model = small_cnn()
+    q, stats = quantize_int8(model, images(20), "entropy", require_speedup=False)
+    assert stats["modified"] and stats["fallback"]["target_met"]
+    assert stats["integer_nodes"] >= 6 and stats["method"] == "entropy"
+    assert stats["size_bytes"]["after"] < stats["size_bytes"]["before"]
+    assert set(stats["ranges"]) >= {"x", "c1", "r1", "probs"}
+    assert optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=images(6, seed=3)).passed
+    assert len(model.graph.node) == 11  # the input model is untouched
+
+
+def test_driver_speed_check_reports_latency() -> None:
+    model = small_cnn()
+    q, stats = quantize_int8(model, images(10), "minmax", require_speedup=True)
+    latency = stats["latency_s"]
+    assert latency["float32"] > 0 and latency["int8"] > 0 and latency["threads"] == 2
+    if stats["modified"]:
+        assert optcc.ir.op_histogram(q).get("QuantizeLinear", 0) > 0
+    else:  # slower in INT8: the float model comes back, with the reason
+        assert "not faster" in stats["reason"] and "QuantizeLinear" not in optcc.ir.op_histogram(q)
+
+
+def test_optimize_api_runs_the_pass_with_verification() -> None:
+    model = small_cnn()
+    ranges = calibrate(model, images(16)).ranges
+    result = optcc.optimize(model, passes=[QuantizeInt8Pass(ranges)], verify=True, inputs=images(4, seed=4))
+    assert result.report.verification["status"] == "passed"
+    assert sqnr_db(np.ones(3), np.ones(3)) == float("inf")
