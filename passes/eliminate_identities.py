@@ -16,6 +16,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 import optcc
+from optcc.passes.eliminate_noops import bypass
 
 
 def _is_inference_dropout(node: ir.Node, opset: int) -> bool:
@@ -42,33 +43,6 @@ def _is_copy(node: ir.Node, opset: int) -> bool:
     return False
 
 
-def _eliminate(node: ir.Node) -> bool:
-    graph = node.graph
-    source, result = node.inputs[0], node.outputs[0]
-    assert graph is not None and source is not None
-    if result.is_graph_output():
-        renamable = (
-            source.producer() is not None
-            and source.producer().graph is graph
-            and not source.is_graph_input()
-            and not source.is_initializer()
-            and not source.is_graph_output()
-        )
-        if not renamable:
-            return False
-        name, type_, shape = result.name, result.type, result.shape
-        result.replace_all_uses_with(source, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        source.name = name
-        # The graph output's declared type and shape (symbolic dims included) stay as declared.
-        source.type = type_ or source.type
-        source.shape = shape if shape is not None else source.shape
-        return True
-    result.replace_all_uses_with(source)
-    graph.remove(node, safe=True)
-    return True
-
-
 class EliminateIdentitiesPass(optcc.Pass):
     """Remove Identity and inference-mode Dropout nodes."""
 
@@ -81,6 +55,6 @@ class EliminateIdentitiesPass(optcc.Pass):
         removed: dict[str, int] = {}
         for graph in optcc.ir.graphs(model):
             for node in list(graph):
-                if _is_copy(node, opset) and _eliminate(node):
+                if _is_copy(node, opset) and bypass(node, node.outputs[0], node.inputs[0]):
                     removed[node.op_type] = removed.get(node.op_type, 0) + 1
         return optcc.PassResult(model, bool(removed), removed)
