@@ -64,6 +64,7 @@ def optimize(
     int8_calibration: Iterable[Feeds] | None = None,
     int8_method: str = "minmax",
     int8_dynamic: bool = False,
+    fold_large: bool = False,
 ) -> OptimizeResult:
     """Optimize ``model`` (path, bytes, onnx.ModelProto or onnx_ir.Model).
 
@@ -71,6 +72,8 @@ def optimize(
     result is compared with the original on onnxruntime (``inputs``: feed dicts, or
     generated); a mismatch raises VerificationError whose ``result`` holds the model and
     report. The input is never modified: an ``onnx_ir.Model`` is cloned first.
+    ``fold_large`` lets constant folding materialize tensors that grow the model by more
+    than 1 MiB.
 
     After the level's pipeline: ``fp16`` converts to float16 (``int8_calibration``, when
     given, serves as range data); ``int8_calibration`` (feed dicts) quantizes to INT8 with
@@ -90,7 +93,8 @@ def optimize(
     quantizing = samples is not None and not fp16
     if fp16 or quantizing or int8_dynamic:
         disable = [*disable, "fuse-ort-conv-activation"]  # quantizers/fp16 skip contrib ops
-    pipeline = build_pipeline(level, passes=passes, disable=disable)
+    options = {"fold-constants": {"fold_large": True}} if fold_large else None
+    pipeline = build_pipeline(level, passes=passes, disable=disable, options=options)
     if fp16:
         from optcc.passes import ConvertFloat16Pass
 

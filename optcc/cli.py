@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimization level: -O0 normalize, -O1 exact, -O2 fusions (default), -O3 runtime ops")
     p.add_argument("--passes", help="comma-separated passes to run instead of the level's pipeline")
     p.add_argument("--disable", default="", help="comma-separated passes to leave out")
+    p.add_argument("--fold-large", action="store_true",
+                   help="constant-fold even when folded tensors grow the model by more than 1 MiB")
     p.add_argument("--fp16", action="store_true", help="convert to float16 after the pipeline")
     p.add_argument("--int8", action="store_true", help="quantize to INT8 after the pipeline")
     p.add_argument("--calibration", help="calibration data (.npz or a folder of them) for --int8")
@@ -182,6 +184,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             int8_calibration=calibration,
             int8_method=args.calibration_method,
             int8_dynamic=args.int8_dynamic,
+            fold_large=args.fold_large,
         )
     except VerificationError as error:
         result = error.result  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from optcc.errors import BadInputError
 from optcc.pass_manager import Fixpoint, PipelineStep
@@ -60,16 +60,23 @@ def build_pipeline(
     *,
     passes: Sequence[object] | None = None,
     disable: Iterable[str] = (),
+    options: Mapping[str, Mapping[str, object]] | None = None,
 ) -> list[PipelineStep]:
     """The pipeline to run: the level's, or exactly ``passes`` (names or pass objects)
-    when given; ``disable`` drops passes by name."""
+    when given; ``disable`` drops passes by name; ``options`` holds constructor options
+    per pass name (e.g. ``{"fold-constants": {"fold_large": True}}``)."""
+    options = options or {}
+
+    def create(name: str) -> PipelineStep:
+        return create_pass(name, **options.get(name, {}))
+
     disabled = set(disable)
     unknown = disabled - set(available_passes())
     if unknown:
         raise BadInputError(f"cannot disable unknown pass(es): {', '.join(sorted(unknown))}")
     if passes is not None:
         return [
-            create_pass(p) if isinstance(p, str) else p
+            create(p) if isinstance(p, str) else p
             for p in passes
             if not (isinstance(p, str) and p in disabled)
         ]
@@ -77,9 +84,9 @@ def build_pipeline(
     steps: list[PipelineStep] = []
     for step in LEVELS[level]:
         if isinstance(step, tuple):
-            inner = [create_pass(name) for name in step if name not in disabled]
+            inner = [create(name) for name in step if name not in disabled]
             if inner:
                 steps.append(Fixpoint(inner, FIXPOINT_MAX_ITERS, name="+".join(step)))
         elif step not in disabled:
-            steps.append(create_pass(step))
+            steps.append(create(step))
     return steps

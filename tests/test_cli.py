@@ -210,3 +210,14 @@ def test_int8_flag_calibrates_quantizes_and_verifies_on_held_out_samples(example
 def test_quantization_flags_are_checked(example: Path, tmp_path: Path, capsys, args, message):
     assert cli.main([str(example), "-o", str(tmp_path / "o.onnx"), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_fold_large_materializes_weights_the_size_policy_keeps(tmp_path: Path):
+    light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_squeezenet.onnx"
+    small, large = tmp_path / "small.onnx", tmp_path / "large.onnx"
+    assert cli.main([str(light), "-o", str(small), "-q", "--no-verify"]) == 0
+    assert cli.main([str(light), "-o", str(large), "-q", "--no-verify", "--fold-large"]) == 0
+    kept = sum(n.op_type == "ConstantOfShape" for n in onnx.load(small).graph.node)
+    folded = sum(n.op_type == "ConstantOfShape" for n in onnx.load(large).graph.node)
+    assert kept > 0 and folded < kept
+    assert large.stat().st_size > small.stat().st_size + 2**20
