@@ -432,10 +432,14 @@ def value_names(scope: ir.Model | ir.Graph | ir.Function) -> set[str]:
     return taken
 
 
-def unique_value_name(scope: ir.Model | ir.Graph | ir.Function, base: str, taken: set[str] | None = None) -> str:
+def unique_value_name(
+    scope: ir.Model | ir.Graph | ir.Function | None, base: str, taken: set[str] | None = None
+) -> str:
     """A value name based on ``base`` not used in ``scope`` (pass the model to be safe
     across all graphs). With ``taken`` (from ``value_names``), that set is used and the
     new name added to it, so repeated calls do not rescan the model."""
+    if taken is None and scope is None:
+        raise ValueError("unique_value_name needs a scope or a set of taken names")
     names = value_names(scope) if taken is None else taken
     name, i = base, 0
     while name in names:

@@ -280,10 +280,8 @@ def _consts_of(pattern: Pattern, out: dict[str, bool]) -> dict[str, bool]:
 
 
 class _Names:
-    """Value names in use anywhere in the model, to hand out fresh ones.
-
-    (``optcc.ir.unique_value_name`` needs ``Graph.parent``, which onnx-ir 1.1 lacks, and
-    rescans the model on every call; the driver collects the names once instead.)"""
+    """Value and node names in use anywhere in the model (collected once), to hand out
+    fresh ones."""
 
     def __init__(self, model: ir.Model) -> None:
         self.taken: set[str] = set()

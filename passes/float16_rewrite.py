@@ -116,11 +116,7 @@ def float16_slots(node: ir.Node, opset: int, dtype: Callable[[ir.Value], ir.Data
 
 
 class Names:
-    """Unique value names across every graph and function of the model.
-
-    (``optcc.ir.unique_value_name`` fails on If/Loop/Scan bodies — see the report — and
-    rescans the model per call; this collects the names once.)
-    """
+    """Unique value names across every graph and function of the model, collected once."""
 
     def __init__(self, model: ir.Model) -> None:
         self.taken: set[str] = set()

@@ -218,27 +218,8 @@ def remove_if_dead(graph: ir.Graph | ir.Function, node: ir.Node, replacements: l
 
 
 def _fresh_name(graph: ir.Graph | ir.Function, base: str) -> str:
-    """A name for a value that had none. (``optcc.ir.unique_value_name`` fails on onnx-ir
-    1.1 graphs, which have no ``parent``; this checks the graph and its bodies.)"""
-    try:
-        return optcc.ir.unique_value_name(graph, base)
-    except AttributeError:
-        pass
-    taken: set[str] = set()
-    stack: list[ir.Graph | ir.Function] = [graph]
-    while stack:
-        g = stack.pop()
-        taken.update(v.name for v in g.inputs if v.name)
-        if isinstance(g, ir.Graph):
-            taken.update(g.initializers)
-        for n in g:
-            taken.update(v.name for v in n.outputs if v.name)
-            stack.extend(optcc.ir.subgraphs(n))
-    name, i = base, 0
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    return name
+    """A name for a value that had none, unused in the graph and its bodies."""
+    return optcc.ir.unique_value_name(graph, base)
 
 
 def _drop_dead_constant(value: ir.Value) -> None:

@@ -53,7 +53,7 @@ class QuantizeDynamicPass(optcc.Pass):
         if optcc.ir.default_opset(model) < 11:
             stats["reason"] = "opset < 11 has no DynamicQuantizeLinear"
             return optcc.PassResult(model, False, stats)
-        taken = _taken_names(model)
+        taken = optcc.ir.value_names(model)
         for graph in optcc.ir.graphs(model):
             if not isinstance(graph, ir.Graph):
                 continue
@@ -114,7 +114,7 @@ class QuantizeDynamicPass(optcc.Pass):
         zero = np.zeros(scale.shape, np.int8)
         base = w_value.name or "weight"
         made = tuple(
-            _initializer(graph, _unique(taken, f"{base}_{suffix}"), array)
+            _initializer(graph, optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_{suffix}"), array)
             for suffix, array in (("quantized", q), ("zero_point", zero), ("scale", scale))
         )
         cache[w_value] = made  # type: ignore[assignment]
@@ -126,16 +126,16 @@ class QuantizeDynamicPass(optcc.Pass):
         w_q, w_zero, w_scale = self._quantized_weight(graph, w_value, cache, taken)
         base = node.outputs[0].name or "matmul"
         dql = ir.node("DynamicQuantizeLinear", [a], num_outputs=3,
-                      name=_unique(taken, f"{node.name or base}_dynamic_quantize"))
+                      name=optcc.ir.unique_value_name(None, taken=taken, base=f"{node.name or base}_dynamic_quantize"))
         a_q, a_scale, a_zero = dql.outputs
         for value, suffix in zip(dql.outputs, ("quantized", "scale", "zero_point")):
-            value.name = _unique(taken, f"{a.name or base}_{suffix}")
-        mmi = ir.node("MatMulInteger", [a_q, w_q, a_zero, w_zero], name=_unique(taken, f"{node.name or base}_integer"))
-        mmi.outputs[0].name = _unique(taken, f"{base}_int32")
+            value.name = optcc.ir.unique_value_name(None, taken=taken, base=f"{a.name or base}_{suffix}")
+        mmi = ir.node("MatMulInteger", [a_q, w_q, a_zero, w_zero], name=optcc.ir.unique_value_name(None, taken=taken, base=f"{node.name or base}_integer"))
+        mmi.outputs[0].name = optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_int32")
         cast = ir.node("Cast", [mmi.outputs[0]], {"to": ir.DataType.FLOAT})
-        cast.outputs[0].name = _unique(taken, f"{base}_int32_float")
+        cast.outputs[0].name = optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_int32_float")
         scales = ir.node("Mul", [a_scale, w_scale])
-        scales.outputs[0].name = _unique(taken, f"{base}_scale")
+        scales.outputs[0].name = optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_scale")
         old = node.outputs[0]
         name, type_, shape = old.name, old.type, old.shape
         result = ir.Value(name=None, type=type_, shape=shape)
@@ -153,27 +153,3 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value.shape = ir.Shape(array.shape)
     graph.register_initializer(value)
     return value
-
-
-def _taken_names(model: ir.Model) -> set[str]:
-    """Every value name of every graph (``optcc.ir.unique_value_name`` fails on onnx-ir 1.1
-    and rescans per call; reported)."""
-    taken: set[str] = set()
-    for graph in optcc.ir.graphs(model):
-        taken.update(v.name for v in graph.inputs if v.name)
-        taken.update(v.name for v in graph.outputs if v.name)
-        if isinstance(graph, ir.Graph):
-            taken.update(graph.initializers)
-        for node in graph:
-            taken.update(v.name for v in node.inputs if v is not None and v.name)
-            taken.update(v.name for v in node.outputs if v.name)
-    return taken
-
-
-def _unique(taken: set[str], base: str) -> str:
-    name, i = base, 0
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    taken.add(name)
-    return name

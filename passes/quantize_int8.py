@@ -393,10 +393,7 @@ class QuantizeInt8Pass(optcc.Pass):
 
 
 class _Names:
-    """Unique value names across every graph of the model, computed once.
-
-    (``optcc.ir.unique_value_name`` reads ``Graph.parent``, which onnx-ir 1.1 lacks, and
-    rescans the model per call; reported.)"""
+    """Unique value names across every graph of the model, computed once."""
 
     def __init__(self, model: ir.Model) -> None:
         self.taken: set[str] = set()
