@@ -34,7 +34,6 @@ import math
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,26 +116,14 @@ def _count_nodes(graph: Any) -> int:
     return total
 
 
-def _tensors(graph: Any) -> Any:
-    """Initializers and tensor attributes of a graph and its subgraphs."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _tensors(sub)
-
-
 def _file_bytes(path: Path, model: Any) -> int:
     """The model file plus the external data files it references."""
     import onnx
 
+    from optcc.ir import tensor_protos
+
     files = {path.resolve()}
-    for tensor in _tensors(model.graph):
+    for tensor in tensor_protos(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in tensor.external_data}
             files.add((path.parent / info["location"]).resolve())
@@ -154,14 +141,9 @@ def _session(path: str, level: Any, ort: Any) -> Any:
 
 
 def _median_ms(session: Any, feeds: dict[str, Any], runs: int) -> float:
-    for _ in range(WARMUP_RUNS):
-        session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0
+    from optcc.latency import median_seconds  # here: peers' processes do not import optcc
+
+    return median_seconds(session, feeds, runs=runs, warmup=WARMUP_RUNS) * 1000.0
 
 
 def _max_abs_diff(reference: list[Any], got: list[Any]) -> float | str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import optcc  # noqa: E402
 from optcc.passes.convert_float16 import ConvertFloat16Pass  # noqa: E402
+from optcc.latency import median_seconds  # noqa: E402
 from optcc.passes.float16_ranges import sqnr_db  # noqa: E402
 
 
@@ -78,13 +78,7 @@ def session(data: bytes, level: ort.GraphOptimizationLevel) -> ort.InferenceSess
 
 
 def latency_ms(sess: ort.InferenceSession, feeds: dict, runs: int) -> float:
-    sess.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return median_seconds(sess, feeds, runs=runs, warmup=1) * 1000
 
 
 def judge(data: bytes, ref: list[np.ndarray], feeds: dict, runs: int) -> dict:

@@ -36,6 +36,7 @@ __all__ = [
     "unique_value_name",
     "value_names",
     "serialize",
+    "tensor_protos",
     "create_temp_file",
 ]
 
@@ -167,7 +168,7 @@ def _uses_default_domain(proto: onnx.ModelProto) -> bool:
     )
 
 
-def _tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+def tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto of a graph and its subgraphs: initializers and tensor attributes."""
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
@@ -179,9 +180,9 @@ def _tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield attr.t
             yield from attr.tensors
             if attr.HasField("g"):
-                yield from _tensor_protos(attr.g)
+                yield from tensor_protos(attr.g)
             for sub in attr.graphs:
-                yield from _tensor_protos(sub)
+                yield from tensor_protos(sub)
 
 
 def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: str) -> bool:
@@ -191,7 +192,7 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: s
     ]
     found = False
     for graph in graphs_:
-        for tensor in _tensor_protos(graph):
+        for tensor in tensor_protos(graph):
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             info = {e.key: e.value for e in tensor.external_data}

@@ -17,9 +17,7 @@ import collections
 import dataclasses
 import math
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +27,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from optcc import ir as oir
+from optcc.latency import median_seconds
 
 __all__ = [
     "INTEGER_OPS",
@@ -104,15 +103,7 @@ def measure_latency(model: ir.Model, feeds: Feeds, *, threads: int = 2, runs: in
                     warmup: int = 3) -> float:
     """Median seconds per run on onnxruntime CPU with all graph optimizations."""
     session = _session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, threads=threads)
-    feeds = dict(feeds)
-    for _ in range(warmup):
-        session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(session, feeds, runs=runs, warmup=warmup)
 
 
 def sqnr_db(reference: np.ndarray, result: np.ndarray) -> float:
