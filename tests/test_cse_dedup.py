@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_ir.passes.common import (
@@ -17,10 +16,9 @@ from onnx_ir.passes.common import (
 )
 
 import optcc
-from optcc.invariants import check_invariants, signature
 from optcc.passes.deduplicate_initializers import DeduplicateInitializersPass
 from optcc.passes.eliminate_common_subexpressions import EliminateCommonSubexpressionsPass
-from optcc.verify import generate_inputs
+from exact_pass_checks import ort_outputs, run_exact_pass
 
 
 def _model(body: str, opset: int = 17, extra_opsets: str = "") -> ir.Model:
@@ -28,29 +26,8 @@ def _model(body: str, opset: int = 17, extra_opsets: str = "") -> ir.Model:
     return ir.from_proto(onnx.parser.parse_model(header + body))
 
 
-def _ort_outputs(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(
-        ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return session.run(None, feeds)
-
-
 def _run(pass_type: type, model: ir.Model, feeds=None) -> optcc.PassResult:
-    """Run the pass; check invariants, the checker, numerics against onnxruntime on the
-    original (optcc.verify and bit for bit) and idempotence."""
-    original = model.clone()
-    result = pass_type()(model)
-    assert check_invariants(result.model, signature(original)) == []
-    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
-    feeds = feeds if feeds is not None else generate_inputs(original, seed=0)[0]
-    verification = optcc.verify(original, result.model, inputs=feeds)
-    assert verification.passed, verification.describe()
-    for ref, got in zip(_ort_outputs(original, feeds), _ort_outputs(result.model, feeds)):
-        assert ref.shape == got.shape and ref.tobytes() == got.tobytes()
-    assert not pass_type()(result.model).modified, "second run must be a no-op"
-    return result
+    return run_exact_pass(pass_type, model, feeds)
 
 
 def _ops(model: ir.Model) -> dict[str, int]:
@@ -101,8 +78,8 @@ def test_float_attributes_compare_by_bits_negative_zero_is_not_zero():
     # onnx-ir's CSE merges the two constants, so z computes x + 0.0: -0.0 becomes +0.0.
     theirs = CommonSubexpressionEliminationPass()(model.clone()).model
     feeds = {"x": np.array([-0.0, 1.0], np.float32)}
-    assert np.signbit(_ort_outputs(model, feeds)[1][0])
-    assert not np.signbit(_ort_outputs(theirs, feeds)[1][0])
+    assert np.signbit(ort_outputs(model, feeds)[1][0])
+    assert not np.signbit(ort_outputs(theirs, feeds)[1][0])
 
 
 def test_random_ops_and_custom_ops_are_never_merged():

@@ -7,14 +7,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
 import optcc
-from optcc.invariants import check_invariants, signature
 from optcc.verify import generate_inputs
 from optcc.passes.eliminate_noops import EliminateNoOpsPass
+from exact_pass_checks import ort_outputs, run_exact_pass
 
 HEADER = '<ir_version: 8, opset_import: ["" : {opset}]>\n'
 
@@ -24,15 +23,6 @@ def _model(body: str, opset: int = 17) -> ir.Model:
     return ir.from_proto(onnx.shape_inference.infer_shapes(proto, strict_mode=True))
 
 
-def _ort_outputs(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(
-        ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return session.run(None, feeds)
-
-
 def _feeds(model: ir.Model, seed: int = 0, **fixed: np.ndarray) -> dict[str, np.ndarray]:
     feeds = generate_inputs(model, seed=seed)[0]
     feeds.update(fixed)
@@ -40,20 +30,7 @@ def _feeds(model: ir.Model, seed: int = 0, **fixed: np.ndarray) -> dict[str, np.
 
 
 def _run(model: ir.Model, feeds: dict[str, np.ndarray] | None = None) -> optcc.PassResult:
-    """Run the pass; check invariants, onnx's checker, numerics (optcc.verify and bit
-    for bit) against the original on onnxruntime, and idempotence."""
-    original = model.clone()
-    result = EliminateNoOpsPass()(model)
-    assert check_invariants(result.model, signature(original)) == []
-    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
-    feeds = feeds if feeds is not None else _feeds(original)
-    verification = optcc.verify(original, result.model, inputs=feeds)
-    assert verification.passed, verification.describe()
-    for ref, got in zip(_ort_outputs(original, feeds), _ort_outputs(result.model, feeds)):
-        assert ref.dtype == got.dtype and ref.shape == got.shape
-        assert ref.tobytes() == got.tobytes(), "exact pass must be bit-exact"
-    assert not EliminateNoOpsPass()(result.model).modified, "second run must be a no-op"
-    return result
+    return run_exact_pass(EliminateNoOpsPass, model, feeds if feeds is not None else _feeds(model))
 
 
 def _ops(model: ir.Model) -> dict[str, int]:
@@ -290,7 +267,7 @@ def test_adding_positive_zero_is_kept_because_it_turns_negative_zero_positive():
     }
     """)
     x = np.array([-0.0, 1.0], np.float32)
-    (y,) = _ort_outputs(model, {"x": x})
+    (y,) = ort_outputs(model, {"x": x})
     assert np.signbit(-x[0]) != np.signbit(y[0]), "-(x + 0.0) is not -x for x = -0.0"
     assert not EliminateNoOpsPass()(model).modified
 

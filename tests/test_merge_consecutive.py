@@ -7,15 +7,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
 import optcc
-from optcc.invariants import check_invariants, signature
 from optcc.passes.eliminate_noops import EliminateNoOpsPass
 from optcc.passes.merge_consecutive import MergeConsecutivePass
-from optcc.verify import generate_inputs
+from exact_pass_checks import ort_outputs, run_exact_pass
 
 
 def _model(body: str, opset: int = 17, infer: bool = True) -> ir.Model:
@@ -25,29 +23,8 @@ def _model(body: str, opset: int = 17, infer: bool = True) -> ir.Model:
     return ir.from_proto(proto)
 
 
-def _ort_outputs(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(
-        ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return session.run(None, feeds)
-
-
 def _run(model: ir.Model, feeds: dict[str, np.ndarray] | None = None) -> optcc.PassResult:
-    """Run the pass; check invariants, the checker, numerics against onnxruntime on the
-    original (optcc.verify and bit for bit) and idempotence."""
-    original = model.clone()
-    result = MergeConsecutivePass()(model)
-    assert check_invariants(result.model, signature(original)) == []
-    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
-    feeds = feeds if feeds is not None else generate_inputs(original, seed=0)[0]
-    verification = optcc.verify(original, result.model, inputs=feeds)
-    assert verification.passed, verification.describe()
-    for ref, got in zip(_ort_outputs(original, feeds), _ort_outputs(result.model, feeds)):
-        assert ref.shape == got.shape and ref.tobytes() == got.tobytes()
-    assert not MergeConsecutivePass()(result.model).modified, "second run must be a no-op"
-    return result
+    return run_exact_pass(MergeConsecutivePass, model, feeds)
 
 
 def _ops(model: ir.Model) -> dict[str, int]:
@@ -193,7 +170,7 @@ def test_negative_dims_written_for_dynamic_ones_count_as_unknown():
     model = ir.from_proto(proto)
     assert not MergeConsecutivePass()(model).modified
     x = np.ones((1, 4), np.float32)
-    assert _ort_outputs(model, {"x": x})[0].shape == (4,), "the pair is not the identity"
+    assert ort_outputs(model, {"x": x})[0].shape == (4,), "the pair is not the identity"
 
 
 def test_reshape_chains_merge_unless_the_second_target_copies_with_zero():
@@ -232,8 +209,8 @@ def test_merging_a_zero_copy_target_would_be_wrong():
     naive = _model(text.replace("a = Reshape(x, s432)\n        y = Reshape(a, s_zero)",
                                 "y = Reshape(x, s_zero)"), infer=False)
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    assert _ort_outputs(model, {"x": x})[0].shape == (4, 6)
-    assert _ort_outputs(naive, {"x": x})[0].shape == (2, 12)
+    assert ort_outputs(model, {"x": x})[0].shape == (4, 6)
+    assert ort_outputs(naive, {"x": x})[0].shape == (2, 12)
     assert not MergeConsecutivePass()(model).modified
 
 
