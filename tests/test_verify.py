@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 import optcc
-from optcc.verify import TOLERANCES, Verifier, compare_outputs, generate_inputs, resolve_providers
+from optcc.verify import TOLERANCES, Verifier, compare_outputs, generate_inputs, resolve_providers, verify
 
 
 def _model(text: str) -> ir.Model:
@@ -98,3 +98,56 @@ def test_cuda_provider_verifies_the_example():
     result = optcc.optimize("fixtures/tinycnn.onnx", providers=["cpu", "cuda"])
     assert result.report.verification["status"] == "passed"
     assert "CUDAExecutionProvider" in result.report.verification["providers"]
+
+
+def test_max_rel_tolerance_widens_to_twice_onnxruntimes_own_rounding_change():
+    ref = np.linspace(-1.0, 1.0, 64, dtype=np.float32)
+    got = ref + np.float32(3e-4)  # max rel 3e-4 against max |ref| = 1
+    fusion = TOLERANCES["fusion"]
+    assert not compare_outputs("y", "cpu", ref, got, fusion).passed
+    assert compare_outputs("y", "cpu", ref, got, fusion, rounding_floor_rel=2e-4).passed
+    tight = compare_outputs("y", "cpu", ref, got, fusion, rounding_floor_rel=1e-4)
+    assert not tight.passed and "onnxruntime" in tight.problem
+
+
+def _conv_bn_sigmoid_near_zero() -> onnx.ModelProto:
+    """Conv + BatchNorm with large scales into a Sigmoid driven far negative: the outputs
+    are tiny, so any float32 reassociation shows as a large relative change."""
+    rng = np.random.default_rng(0)
+    c = 16
+    arrays = {
+        "W": rng.standard_normal((c, c, 3, 3)).astype(np.float32),
+        "s": (rng.random(c) * 40 + 10).astype(np.float32),
+        "b": np.full(c, -60, np.float32),
+        "m": rng.standard_normal(c).astype(np.float32),
+        "v": (rng.random(c) * 1e-2 + 1e-3).astype(np.float32),
+    }
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+            onnx.helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["bn"]),
+            onnx.helper.make_node("Sigmoid", ["bn"], ["y"]),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, c, 32, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, c, 32, 32])],
+        [onnx.numpy_helper.from_array(a, n) for n, a in arrays.items()],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_fusion_onnxruntime_itself_makes_is_judged_against_its_rounding_floor():
+    model = _conv_bn_sigmoid_near_zero()
+    result = optcc.optimize(model, passes=["fuse-batchnorm"])
+    (record,) = result.report.passes
+    assert record.status == "changed", record.reason
+    (output,) = result.report.verification["outputs"]
+    assert output["max_rel"] > TOLERANCES["fusion"].max_rel, "the case the floor exists for"
+    assert output["max_rel"] <= 2 * output["rounding_floor_rel"]
+    assert "onnxruntime's own optimizations" in result.report.verification["summary"]
+    # a change beyond the floor is still caught: the same model with a broken bias
+    broken = optcc.ir.load(model)
+    broken.graph.initializers["b"].const_value = ir.tensor(np.full(16, -59.0, np.float32))
+    assert not verify(optcc.ir.load(model), broken, numerics="fusion").passed
