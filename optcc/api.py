@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -121,7 +121,7 @@ def optimize(
         )
     try:
         manager = PassManager(pipeline, strict=strict, verifier=verifier, verify_each=verify_each)
-        outcome = manager.run(working)
+        outcome = manager.run(working, fresh=_fresh_copies(model, original))
         report.passes = outcome.records
         report.warnings.extend(outcome.warnings)
         if verify and verifier is not None:
@@ -141,6 +141,14 @@ def optimize(
         error.result = result  # type: ignore[attr-defined]
         raise error
     return result
+
+
+def _fresh_copies(given: oir.ModelSource, original: Any) -> Callable[[], ir.Model]:
+    """New copies of the model as given, for the pass manager's reverts: reloaded from a
+    path, else cloned from the untouched original."""
+    if isinstance(original, ir.Model):
+        return original.clone
+    return lambda: oir.load(given)
 
 
 class CalibratedInt8Pass(ir.passes.FunctionalPass):

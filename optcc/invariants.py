@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 
-__all__ = ["Signature", "signature", "check_invariants"]
+__all__ = ["Signature", "signature", "check_invariants", "checker_problems"]
 
 # Running onnx's checker needs a serialized copy of in-memory weights; skip it above this.
 CHECKER_MAX_INMEMORY_BYTES = 1_000_000_000
@@ -52,7 +52,7 @@ def check_invariants(model: ir.Model, expected: Signature, *, run_checker: bool 
     problems.extend(_name_problems(model))
     problems.extend(_signature_problems(signature(model), expected))
     if run_checker and not problems:
-        problems.extend(_checker_problems(model))
+        problems.extend(checker_problems(model))
     return problems
 
 
@@ -104,7 +104,8 @@ def _signature_problems(actual: Signature, expected: Signature) -> list[str]:
     return problems
 
 
-def _checker_problems(model: ir.Model) -> list[str]:
+def checker_problems(model: ir.Model) -> list[str]:
+    """What onnx's checker rejects in the model (empty when it accepts it)."""
     in_memory = sum(
         v.const_value.nbytes
         for g in oir.graphs(model)

@@ -35,6 +35,7 @@ __all__ = [
     "external_data_files",
     "unique_value_name",
     "value_names",
+    "const_tensor",
     "serialize",
     "tensor_protos",
     "create_temp_file",
@@ -325,9 +326,15 @@ def _attr_graphs(attr: ir.Attr | ir.RefAttr) -> list[ir.Graph]:
     return []
 
 
+_GRAPH_TYPES = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+
+
 def subgraphs(node: ir.Node) -> list[ir.Graph]:
     """The If/Loop/Scan (or custom) bodies held directly by a node's attributes."""
-    return [g for attr in node.attributes.values() for g in _attr_graphs(attr)]
+    attrs = node.attributes
+    if not attrs:
+        return []
+    return [g for attr in attrs.values() if attr.type in _GRAPH_TYPES for g in _attr_graphs(attr)]
 
 
 def graphs(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
@@ -383,7 +390,7 @@ def weight_bytes(model: ir.Model) -> int:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 value = node.attributes.get("value")
                 if value is not None and value.type == ir.AttributeType.TENSOR:
-                    total += _tensor_nbytes(value.as_tensor())
+                    total += _tensor_nbytes(value.value)  # as_tensor() isinstance-checks a Protocol: slow
     return total
 
 
@@ -537,7 +544,37 @@ def _write_bytes(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+_CONSTANT_LISTS = {
+    "value_float": np.float32, "value_floats": np.float32,
+    "value_int": np.int64, "value_ints": np.int64,
+    "value_string": np.bytes_, "value_strings": np.bytes_,
+}
+
+
+def const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
+    """The constant tensor behind a value (initializer or default-domain Constant output),
+    else None. Unlike ``ir.convenience.get_const_tensor`` it renames nothing and skips the
+    Protocol isinstance checks that made it a hot spot; a malformed Constant raises
+    ValueError."""
+    if value.const_value is not None:
+        return value.const_value
+    node = value.producer()
+    if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    if len(node.attributes) != 1 or len(node.outputs) != 1:
+        raise ValueError(f"Constant node '{node.name}' must have one attribute and one output")
+    attr_name, attr = next(iter(node.attributes.items()))
+    if attr.is_ref():
+        return None
+    if attr_name == "value" and attr.type == ir.AttributeType.TENSOR:
+        return attr.value
+    if attr_name in _CONSTANT_LISTS:
+        array = np.array(attr.value, dtype=_CONSTANT_LISTS[attr_name])
+        return ir.StringTensor(array) if array.dtype.kind == "S" else ir.Tensor(array)
+    raise ValueError(f"Constant node '{node.name}' has unsupported attribute '{attr_name}'")
+
+
 def as_numpy(value: ir.Value) -> np.ndarray | None:
     """The constant array behind a value (initializer or Constant output), else None."""
-    tensor = ir.convenience.get_const_tensor(value)
+    tensor = const_tensor(value)
     return None if tensor is None else tensor.numpy()

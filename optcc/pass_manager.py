@@ -1,15 +1,19 @@
 """Runs a pipeline of passes with timing, invariant checks, verification and revert.
 
-For every pass the manager keeps a snapshot (``model.clone()``: graphs are copied, tensors
-shared, so it is cheap), runs the pass, and records wall time, node counts by op type and
-weight bytes before/after, ``modified`` and the pass's stats. After a pass that modified
-the model it checks the structural invariants (``optcc.invariants``) and, given a verifier,
-the numerics against the original: after every pass with ``verify_each`` (``--verify-each``),
-otherwise after each pass that is not exact (fusions, FP16, INT8), so one inexact rewrite
-that misses its tolerance on a model is reverted alone instead of failing the whole run. A pass that raises, breaks an
-invariant or breaks numerics is reverted to the snapshot and recorded with its reason;
-the run goes on, unless ``strict=True``, which raises instead, naming the passes that ran
-before it.
+For every pass the manager records wall time, node counts by op type and weight bytes
+before/after, ``modified`` and the pass's stats. After a pass that modified the model it
+checks the structural invariants (``optcc.invariants``: order, names, interface) and, given
+a verifier, the numerics against the original: after every pass with ``verify_each``
+(``--verify-each``), otherwise after each pass that is not exact (fusions, FP16, INT8), so
+one inexact rewrite that misses its tolerance on a model is reverted alone instead of
+failing the whole run. onnx's checker runs on the final result (and after verified
+passes); if it objects, the pipeline reruns with the checker after every pass.
+
+A pass that raises, breaks an invariant or breaks numerics is reverted and recorded with
+its reason; the run goes on, unless ``strict=True``, which raises instead, naming the
+passes that ran before it. Reverting does not need a copy per pass (copying cost more
+than the passes themselves): the manager keeps a checkpoint, a way to get a fresh copy of
+the model at some point, plus the passes run since, and replays those on the copy.
 """
 
 from __future__ import annotations
@@ -17,14 +21,14 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Union
 
 import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import PassFailedError
-from optcc.invariants import check_invariants, signature
+from optcc.invariants import check_invariants, checker_problems, signature
 from optcc.pass_base import Numerics
 from optcc.report import PassRecord, op_delta
 from optcc.verify import Verifier, loosest
@@ -78,11 +82,37 @@ class PassManager:
         self.verify_each = verify_each
         self.check_invariants = check_invariants
 
-    def run(self, model: ir.Model) -> PipelineResult:
+    def run(self, model: ir.Model, *, fresh: Callable[[], ir.Model] | None = None) -> PipelineResult:
+        """Run the pipeline on ``model`` (modified in place). ``fresh`` returns a new copy of
+        the model as given, for reverts (default: a copy taken now).
+
+        onnx's checker (it needs a serialized copy, the costliest invariant) runs once on
+        the result instead of after every pass; should it object, the pipeline is run again
+        from a fresh copy with the checker after every pass, so the pass responsible is
+        reverted like any other. Passes that are verified are checked right away."""
+        if fresh is None:
+            fresh = model.clone().clone
+        outcome = self._run_steps(model, fresh, check_each=False)
+        if self.check_invariants:
+            problems = checker_problems(outcome.model)
+            if problems:
+                first_run = self._records
+                outcome = self._run_steps(fresh(), fresh, check_each=True)
+                message = (f"onnx checker rejected the pipeline's result ({problems[0]}); "
+                           f"ran it again checking after every pass ({len(first_run)} pass runs discarded)")
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                outcome.warnings.insert(0, message)
+        return outcome
+
+    def _run_steps(self, model: ir.Model, fresh: Callable[[], ir.Model], *, check_each: bool) -> PipelineResult:
         self._signature = signature(model)
         self._records: list[PassRecord] = []
         self._warnings: list[str] = []
         self._kept: list[Numerics] = []
+        self._check_each = check_each
+        self._summary = (oir.op_histogram(model), oir.weight_bytes(model))
+        self._checkpoint = fresh
+        self._since_checkpoint: list[PassLike] = []
         for step in self.pipeline:
             if isinstance(step, Fixpoint):
                 model = self._run_fixpoint(step, model)
@@ -111,13 +141,52 @@ class PassManager:
         names = [r.name for r in self._records]
         return ", ".join(names) if names else "none"
 
+    def _verifies(self, pass_: PassLike) -> bool:
+        return self.verifier is not None and (
+            self.verify_each or getattr(pass_, "numerics", "exact") != "exact"
+        )
+
+    def _invariant_problems(self, model: ir.Model, *, checker: bool) -> list[str]:
+        if not self.check_invariants:
+            return []
+        return check_invariants(model, self._signature, run_checker=checker or self._check_each)
+
+    def _set_checkpoint(self, model: ir.Model) -> None:
+        self._checkpoint = model.clone().clone  # each call returns a new copy
+        self._since_checkpoint = []
+
+    def _restore(self) -> ir.Model:
+        """The model as it was before the pass being reverted: a copy of the checkpoint
+        with the passes run since replayed on it (passes are deterministic). Should a
+        replay raise or come out unsound, the checkpoint itself, and the replayed passes'
+        changes are dropped with a warning."""
+        model = self._checkpoint()
+        if self._since_checkpoint:
+            try:
+                for pass_ in self._since_checkpoint:
+                    model = pass_(model).model
+                problems = self._invariant_problems(model, checker=False)
+            except Exception as error:  # noqa: BLE001
+                problems = [f"{type(error).__name__}: {error}"]
+            if problems:
+                names = ", ".join(dict.fromkeys(pass_name(p) for p in self._since_checkpoint))
+                message = f"replaying {names} after a revert failed ({problems[0]}); their changes were dropped"
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+                self._warnings.append(message)
+                model = self._checkpoint()
+                self._since_checkpoint = []
+        self._summary = (oir.op_histogram(model), oir.weight_bytes(model))
+        return model
+
     def _run_pass(
         self, pass_: PassLike, model: ir.Model, *, iteration: int | None
     ) -> tuple[ir.Model, bool]:
+        """Run one pass. Passes that are verified get a new checkpoint first: they are the
+        ones most likely reverted, and verification dwarfs the copy."""
         name = pass_name(pass_)
-        snapshot = model.clone()
-        hist_before = oir.op_histogram(model)
-        bytes_before = oir.weight_bytes(model)
+        if self._verifies(pass_) and self._since_checkpoint:
+            self._set_checkpoint(model)
+        hist_before, bytes_before = self._summary
         start = time.perf_counter()
         status, reason, verification = "unchanged", None, None
         stats: dict = {}
@@ -137,12 +206,11 @@ class PassManager:
             stats = dict(getattr(result, "stats", {}) or {})
             if result.modified:
                 status = "changed"
-                problems = check_invariants(model, self._signature) if self.check_invariants else []
+                problems = self._invariant_problems(model, checker=self._verifies(pass_))
                 if problems:
                     status, reason = "reverted", "broke an invariant: " + problems[0]
-                elif self.verifier is not None and (
-                    self.verify_each or getattr(pass_, "numerics", "exact") != "exact"
-                ):
+                elif self._verifies(pass_):
+                    assert self.verifier is not None
                     numerics = loosest([*self._kept, getattr(pass_, "numerics", "exact")])
                     check = self.verifier.check(model, numerics)
                     verification = {**check.to_dict(), "summary": check.describe()}
@@ -153,10 +221,13 @@ class PassManager:
                         f"pass '{name}' {reason} (passes run before it: {self._ran_before()})"
                     )
         if status in ("failed", "reverted"):
-            model = snapshot
-        elif status == "changed":
-            self._kept.append(getattr(pass_, "numerics", "exact"))
-        hist_after = oir.op_histogram(model)
+            model = self._restore()
+        else:
+            self._since_checkpoint.append(pass_)
+            if status == "changed":
+                self._kept.append(getattr(pass_, "numerics", "exact"))
+                self._summary = (oir.op_histogram(model), oir.weight_bytes(model))
+        hist_after, bytes_after = self._summary
         self._records.append(
             PassRecord(
                 name=name,
@@ -168,7 +239,7 @@ class PassManager:
                 nodes_after=sum(hist_after.values()),
                 op_delta=op_delta(hist_before, hist_after),
                 bytes_before=bytes_before,
-                bytes_after=oir.weight_bytes(model),
+                bytes_after=bytes_after,
                 stats=stats,
                 verification=verification,
             )

@@ -153,7 +153,7 @@ def _estimated_bytes(node: ir.Node, arrays: Sequence[np.ndarray | None]) -> int 
     try:
         if node.op_type == "ConstantOfShape":
             attr = node.attributes.get("value")
-            itemsize = np.dtype(attr.as_tensor().dtype.numpy()).itemsize if attr is not None else 4
+            itemsize = np.dtype(attr.value.dtype.numpy()).itemsize if attr is not None else 4
             return int(np.prod(arrays[0], dtype=np.float64)) * itemsize
         data = arrays[0]
         if node.op_type == "Expand":

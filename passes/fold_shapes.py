@@ -5,7 +5,7 @@ constants when every dimension they read is a static integer; ``g = Gather(Shape
 with a constant ``i`` becomes a constant when the gathered dimensions are static even if
 others are symbolic (partial folding: the batch stays dynamic, the rest folds).
 Shapes come from the model's own annotations merged with onnx shape inference run on a
-clone, so nothing inferred is committed to the model (graph input/output declarations
+serialized copy, so nothing inferred is committed to the model (graph input/output declarations
 and value annotations stay as they were).
 Preconditions: default-domain nodes; the dimensions read are integers after inference.
 A symbolic dimension is never replaced by a number.
@@ -19,11 +19,12 @@ returns for every input the declared shapes admit.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 import logging
 
 import numpy as np
+import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
 import optcc
 
@@ -79,21 +80,44 @@ def const_array(value: ir.Value, *, inputs_constant: bool = False) -> np.ndarray
 
 
 def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
-    """Shapes of the model's values after onnx shape inference on a clone (the model itself
-    is not touched). Values whose shape inference could not improve keep their own."""
-    shapes: dict[ir.Value, ir.Shape] = {}
-    clone = model.clone()  # graphs copied, tensors shared
+    """Shapes onnx shape inference finds for the values Shape/Size nodes read, from a
+    serialized copy (the model itself is not touched). Value names are unique in a model,
+    so results map back by name; values inference cannot shape are left out."""
+    wanted: dict[str, ir.Value] = {}
+    for node in optcc.ir.nodes(model):
+        if node.op_type in ("Shape", "Size") and _is_default(node) and node.inputs:
+            source = node.inputs[0]
+            if source is not None and source.name:
+                wanted[source.name] = source
+    if not wanted:
+        return {}
     try:
-        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(clone)
+        proto = optcc.ir.serialize(model)
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort; declared shapes remain
         logger.debug("shape inference failed", exc_info=True)
-        return shapes
-    for graph, twin in zip(optcc.ir.graphs(model), optcc.ir.graphs(clone)):
-        for node, node_twin in zip(graph, twin):
-            for value, value_twin in zip(node.outputs, node_twin.outputs):
-                if value_twin.shape is not None:
-                    shapes[value] = value_twin.shape
+        return {}
+    shapes: dict[ir.Value, ir.Shape] = {}
+    for info in _value_infos(inferred.graph):
+        value = wanted.get(info.name)
+        if value is not None and info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            shapes[value] = ir.Shape([
+                d.dim_value if d.HasField("dim_value") else ir.SymbolicDim(d.dim_param or None)
+                for d in info.type.tensor_type.shape.dim
+            ])
     return shapes
+
+
+def _value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
+    yield from graph.input
+    yield from graph.value_info
+    yield from graph.output
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _value_infos(attr.g)
+            for sub in attr.graphs:
+                yield from _value_infos(sub)
 
 
 def _static_shape(value: ir.Value, inferred: dict[ir.Value, ir.Shape]) -> Dims | None:

@@ -45,7 +45,7 @@ import numpy as np
 import onnx_ir as ir
 
 from optcc.ir import graphs as oir_graphs
-from optcc.ir import subgraphs
+from optcc.ir import const_tensor, subgraphs
 from optcc.pattern import Builder, Match, Op, Pattern, RewritePass, Rule, Var
 from optcc.pass_base import PassResult
 
@@ -112,7 +112,7 @@ def _elem_type(m: Match) -> ir.DataType | None:
     for value in (m["conv"].outputs[0], m["x"], m["w"]):
         if value is not None and value.dtype is not None:
             return value.dtype
-    tensor = ir.convenience.get_const_tensor(m["w"])
+    tensor = const_tensor(m["w"])
     return None if tensor is None else tensor.dtype
 
 

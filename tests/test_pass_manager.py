@@ -102,6 +102,41 @@ def test_raising_pass_is_reverted_and_the_run_continues():
     assert before != ir.to_proto(result.model).SerializeToString()
 
 
+class UnknownOpPass(optcc.Pass):
+    """Renames Relu to an op onnx does not have: only onnx's checker notices."""
+
+    name = "test-unknown-op"
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        for node in model.graph:
+            if node.op_type == "Relu":
+                node.op_type = "NoSuchOp"
+                return optcc.PassResult(model, True)
+        return optcc.PassResult(model, False)
+
+
+def test_revert_replays_the_passes_kept_before_it():
+    result = PassManager([EliminateIdentitiesPass(), EliminateDeadNodesPass(), RaisingPass()]).run(_model())
+    identities, dead, failed = result.records
+    assert (identities.status, dead.status, failed.status) == ("changed", "changed", "failed")
+    # The kept changes survive the revert; the raising pass's half-done rewiring does not.
+    assert _ops(result.model) == ["Add", "Relu"]
+    relu = result.model.graph[1]
+    assert relu.inputs[0].producer().op_type == "Add"
+
+
+def test_a_pass_only_onnx_checker_rejects_is_found_and_reverted():
+    with pytest.warns(RuntimeWarning, match="onnx checker rejected"):
+        result = PassManager([EliminateIdentitiesPass(), UnknownOpPass(), EliminateDeadNodesPass()]).run(_model())
+    assert "onnx checker rejected" in result.warnings[0]
+    statuses = {r.name: r.status for r in result.records}
+    assert statuses == {"eliminate-identities": "changed", "test-unknown-op": "reverted",
+                        "eliminate-dead-nodes": "changed"}
+    assert "onnx checker" in next(r.reason for r in result.records if r.status == "reverted")
+    assert _ops(result.model) == ["Add", "Relu"]
+    onnx.checker.check_model(ir.to_proto(result.model))
+
+
 def test_strict_mode_raises_naming_the_passes_run_before():
     with pytest.raises(PassFailedError, match=r"test-raising.*passes run before it: eliminate-identities"):
         PassManager([EliminateIdentitiesPass(), RaisingPass()], strict=True).run(_model())
