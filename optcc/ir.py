@@ -329,8 +329,14 @@ def _attr_graphs(attr: ir.Attr | ir.RefAttr) -> list[ir.Graph]:
 _GRAPH_TYPES = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
 
 
+# default-domain ops that take graph attributes; any other default-domain op has none
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def subgraphs(node: ir.Node) -> list[ir.Graph]:
     """The If/Loop/Scan (or custom) bodies held directly by a node's attributes."""
+    if node.op_type not in _SUBGRAPH_OPS and node.domain in ("", "ai.onnx"):
+        return []
     attrs = node.attributes
     if not attrs:
         return []

@@ -81,9 +81,9 @@ def _attribute_key(attr: ir.Attr | ir.RefAttr) -> Hashable:
     if kind in (ir.AttributeType.INTS, ir.AttributeType.STRINGS):
         return (kind.name, tuple(attr.value))
     if kind == ir.AttributeType.TENSOR:
-        return _tensor_key(attr.as_tensor())
+        return _tensor_key(attr.value)  # as_tensor() isinstance-checks a Protocol: slow
     if kind == ir.AttributeType.TENSORS:
-        return tuple(_tensor_key(t) for t in attr.as_tensors())
+        return tuple(_tensor_key(t) for t in attr.value)
     raise _NotComparable(kind.name)
 
 
@@ -107,7 +107,7 @@ def _node_key(node: ir.Node) -> Hashable | None:
 
 
 def _tensors(attr: ir.Attr) -> list[ir.TensorProtocol]:
-    return [attr.as_tensor()] if attr.type == ir.AttributeType.TENSOR else list(attr.as_tensors())
+    return [attr.value] if attr.type == ir.AttributeType.TENSOR else list(attr.value)
 
 
 def _same_tensors(a: ir.Node, b: ir.Node) -> bool:

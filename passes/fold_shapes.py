@@ -93,6 +93,7 @@ def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
         return {}
     try:
         proto = optcc.ir.serialize(model)
+        _drop_float_weight_data(proto.graph)
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort; declared shapes remain
         logger.debug("shape inference failed", exc_info=True)
@@ -106,6 +107,19 @@ def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
                 for d in info.type.tensor_type.shape.dim
             ])
     return shapes
+
+
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                          onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE})
+
+
+def _drop_float_weight_data(graph: onnx.GraphProto) -> None:
+    """Empty the data of large float initializers in the copy given to shape inference:
+    it reads their types and dims only (data propagation reads small shape-like tensors),
+    and passing megabytes of weights through protobuf cost more than the inference."""
+    for tensor in graph.initializer:
+        if tensor.data_type in _FLOAT_TYPES and len(tensor.raw_data) > 1024:
+            tensor.ClearField("raw_data")
 
 
 def _value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
