@@ -209,7 +209,8 @@ def materialize(
     """
     producer = value.producer()
     assert producer is not None
-    tensor = ir.tensor(array)
+    # ir.Tensor directly for numeric arrays: ir.tensor() isinstance-checks Protocols (slow)
+    tensor = ir.Tensor(array) if array.dtype.kind in "biuf" else ir.tensor(array)
     dtype = tensor.dtype
     is_output = value.is_graph_output()
     if as_initializer and isinstance(graph, ir.Graph) and not is_output:
