@@ -23,6 +23,11 @@ A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
   found by doubling then bisection. Those nodes are recorded by name in the model's
   ``metadata_props["optcc.fp16.keep_float32"]`` so that a second run keeps them too.
 
+Weights (>= 64 values) that nodes kept float32 read are stored float16 behind one shared
+``Cast(to=float)``: always when float16-representable (exact), otherwise only when the
+candidate still meets the tolerance (``stats["float32_nodes_weights_stored_float16"]``).
+Types the pass infers to rewrite are not left declared (no value_info growth).
+
 Not exact: float16 rounding; the tolerance above is checked before the pass returns.
 Weights beyond +-65504 are clamped, each listed in ``stats["clamped"]``.
 """
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -42,11 +47,15 @@ import optcc
 from optcc import fp16_support
 from optcc.verify import generate_inputs, resolve_providers
 from optcc.passes import float16_ranges as ranges_
-from optcc.passes.float16_rewrite import FLOAT, FLOAT16, FP16_MAX, Emulator, Rewriter, Slots, float16_slots
+from optcc.passes.float16_rewrite import (
+    FLOAT, FLOAT16, FP16_MAX, KEEP_INPUTS, Emulator, Rewriter, Slots, exactly_float16, float16_slots)
 
 KEEP_MARKER = "optcc.fp16.keep_float32"
 FALLBACK_REASON = "returned to float32 by the accuracy check"
 UNDERFLOW_FRACTION = 0.10
+UNDERFLOW_SQNR_DB = 60.0  # below float16's own rounding noise (~70 dB): the flushed values matter
+STORE16_MIN_ELEMENTS = 64  # smaller weights do not pay for the Cast node that reads them
+STORE16_TRIALS = 4  # evaluations spent on weights of float32 nodes one by one
 _SUM_REDUCES = frozenset({"ReduceSum", "ReduceMean"})
 _SQUARE_REDUCES = frozenset({"ReduceSumSquare", "ReduceL2", "LpNormalization"})
 _NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization",
@@ -103,6 +112,11 @@ def _inferred_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
 
     visit(proto.graph)
     return found
+
+
+def _values(model: ir.Model) -> set[ir.Value]:
+    """Every value the graphs' nodes read or write (initializers included)."""
+    return {v for g in optcc.ir.graphs(model) for n in g for v in (*n.inputs, *n.outputs) if v is not None}
 
 
 def _label(node: ir.Node, key: int) -> str:
@@ -168,8 +182,10 @@ class ConvertFloat16Pass(optcc.Pass):
         for v in (*node.inputs, *node.outputs):
             if v is not None and v.name in r and r[v.name].max_abs >= FP16_MAX:
                 return f"'{v.name}' reaches |x| = {r[v.name].max_abs:.6g} >= 65504"
-            if v is not None and v.name in r and r[v.name].flushed_fraction > UNDERFLOW_FRACTION:
-                return f"{r[v.name].flushed_fraction:.1%} of '{v.name}' underflows to 0 in float16"
+            if v is not None and v.name in r and r[v.name].flushed_fraction > UNDERFLOW_FRACTION \
+                    and r[v.name].rounding_sqnr_db < UNDERFLOW_SQNR_DB:
+                return (f"{r[v.name].flushed_fraction:.1%} of '{v.name}' underflows to 0 in float16 "
+                        f"(its float16 SQNR {r[v.name].rounding_sqnr_db:.1f} dB < {UNDERFLOW_SQNR_DB:g})")
         if not ins:
             return None
         peak, size = ins[0].max_abs, ins[0].size
@@ -247,9 +263,13 @@ class ConvertFloat16Pass(optcc.Pass):
         return keep, plan
 
     # -- building and judging candidates ----------------------------------------------
-    def _rewrite(self, model: ir.Model, keep: Mapping[int, str], emulate: bool = False) -> ir.Model:
+    def _rewrite(
+        self, model: ir.Model, keep: Mapping[int, str], emulate: bool = False, store16: Collection[str] = ()
+    ) -> ir.Model:
         keys, top = _node_keys(model)
         annotated = {v for v in model.graph.outputs}
+        declared = {v for v in _values(model)
+                    if v.type is not None and not v.is_graph_output() and not v.is_graph_input()}
 
         def slots_of(node: ir.Node) -> Slots | None:
             key = keys[node]
@@ -265,7 +285,14 @@ class ConvertFloat16Pass(optcc.Pass):
                         dtype = self.inferred.get(v.name or "")
                         if dtype is not None:
                             v.type = ir.TensorType(dtype)
-        self._last = (Emulator if emulate else Rewriter)(model, slots_of, self._dtype, self._keep_io).run()
+        self._last = (Emulator if emulate else Rewriter)(
+            model, slots_of, self._dtype, self._keep_io, store16).run()
+        if not emulate:  # types declared for the rewrite only would each cost a value_info entry
+            for v in _values(model):
+                if v.is_graph_output() or v.is_graph_input() or v in declared:
+                    continue
+                v.type = None
+                v.shape = None
         return model
 
     def _candidate_feeds(self, candidate: ir.Model) -> list[dict[str, np.ndarray]]:
@@ -293,8 +320,10 @@ class ConvertFloat16Pass(optcc.Pass):
                         worst[name] = -math.inf
         return worst
 
-    def _evaluate(self, keep: Mapping[int, str]) -> tuple[bool, dict[str, float], ir.Model]:
-        candidate = self._rewrite(self.reference.clone(), keep, emulate=True)
+    def _evaluate(
+        self, keep: Mapping[int, str], store16: Collection[str] = ()
+    ) -> tuple[bool, dict[str, float], ir.Model]:
+        candidate = self._rewrite(self.reference.clone(), keep, emulate=True, store16=store16)
         self.evaluations += 1
         try:
             sqnr = self._output_sqnr(candidate)
@@ -367,6 +396,79 @@ class ConvertFloat16Pass(optcc.Pass):
         self._fallback_labels = sorted({labels[key] for region in ranked[:high] for key in region})
         return with_prefix(high), best or {}, met
 
+    # -- weights of float32 nodes stored in float16 --------------------------------------
+    def _store16_candidates(
+        self, keep: Mapping[int, str]
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """Float32 weights (initializers, Constants) some node keeps reading in float32 that
+        could be stored float16 behind one ``Cast(to=float)``, with their sizes: exactly
+        float16-representable ones (exact), others within range without meaningful
+        underflow that nodes kept float32 read (lossy: checked before use). Weights read
+        by custom-domain ops, in a slot that keeps its type, or by nodes the user blocked
+        (exact ones aside) are left alone."""
+        keys, top = _node_keys(self.reference)
+        exact: dict[str, int] = {}
+        lossy: dict[str, int] = {}
+
+        def reason(node: ir.Node) -> str | None:
+            return keep.get(keys.get(node, -1)) or keep.get(top.get(node, -1))
+
+        for graph in optcc.ir.graphs(self.reference):
+            weights: list[tuple[ir.Value, np.ndarray]] = []
+            if isinstance(graph, ir.Graph):
+                weights += [(v, v.const_value.numpy()) for v in graph.initializers.values()
+                            if v.dtype == FLOAT and v.const_value is not None and not v.is_graph_input()]
+            for node in graph:
+                is_constant = node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+                attr = node.attributes.get("value") if is_constant else None
+                if attr is not None and attr.type == ir.AttributeType.TENSOR and attr.as_tensor().dtype == FLOAT:
+                    weights.append((node.outputs[0], attr.as_tensor().numpy()))
+            for value, array in weights:
+                uses = list(value.uses())
+                if (array.size < STORE16_MIN_ELEMENTS or not uses or value.is_graph_output() or not value.name
+                        or any(u.node.domain not in ("", "ai.onnx")
+                               or u.idx in KEEP_INPUTS.get(u.node.op_type, ()) for u in uses)):
+                    continue
+                why = [reason(u.node) for u in uses]
+                if not any(why):
+                    continue  # no kept reader: the ordinary rewrite stores it in float16 already
+                if exactly_float16(array):
+                    exact[value.name] = int(array.size)
+                    continue
+                if "blocked by the user" in why:
+                    continue
+                finite = array[np.isfinite(array)]
+                if finite.size and float(np.abs(finite).max()) < FP16_MAX and \
+                        ranges_.float16_rounding_sqnr_db(array) >= UNDERFLOW_SQNR_DB:
+                    lossy[value.name] = int(array.size)
+        return exact, lossy
+
+    def _choose_store16(
+        self, keep: Mapping[int, str], sqnr: dict[str, float]
+    ) -> tuple[set[str], dict[str, float], dict]:
+        """The weights to store float16 under float32 nodes: exact ones always; the others
+        only while the candidate still meets the tolerance: all at once, else one by one,
+        largest first (at most ``STORE16_TRIALS`` more evaluations)."""
+        exact, lossy = self._store16_candidates(keep)
+        chosen, report = set(exact), {"exact": len(exact), "rounded": 0}
+        if lossy:
+            ok, trial_sqnr, _ = self._evaluate(keep, store16=chosen | set(lossy))
+            trials = [] if ok else sorted(lossy, key=lambda n: (-lossy[n], n))[:STORE16_TRIALS]
+            if ok:
+                chosen |= set(lossy)
+                sqnr = trial_sqnr
+            for name in trials:
+                ok, one_sqnr, _ = self._evaluate(keep, store16=chosen | {name})
+                if ok:
+                    chosen.add(name)
+                    sqnr = one_sqnr
+            report["rounded"] = len(chosen) - len(exact)
+            if len(chosen) - len(exact) < len(lossy):
+                report["not_rounded"] = sorted(set(lossy) - chosen)
+        sizes = {**exact, **lossy}
+        report["bytes_saved"] = 2 * sum(sizes[n] for n in chosen)
+        return chosen, sqnr, report
+
     # -- the pass ------------------------------------------------------------------------
     def call(self, model: ir.Model) -> optcc.PassResult:
         self._facts(model)
@@ -379,7 +481,7 @@ class ConvertFloat16Pass(optcc.Pass):
         if not self.ref_values:
             stats["skipped"] = "nothing converted: " + (self.range_note or "no reference values")
             return optcc.PassResult(model, False, stats)
-        if not plan:
+        if not plan and not any(self._store16_candidates(keep)):
             stats["kept_float32"] = self._kept_report(keep)
             return optcc.PassResult(model, False, stats)
         ok, sqnr, candidate = self._evaluate(keep)
@@ -391,8 +493,9 @@ class ConvertFloat16Pass(optcc.Pass):
                 f"output after {self.evaluations} evaluation(s) (worst: {sqnr})")
             stats["kept_float32"] = self._kept_report(keep)
             return optcc.PassResult(model, False, stats)
+        store16, sqnr, store_report = self._choose_store16(keep, sqnr)
         model_keys, _ = _node_keys(model)
-        self._rewrite(model, keep)
+        self._rewrite(model, keep, store16=store16)
         result = self._last
         if self._fallback_labels:
             names = self._name_fallback_nodes(model_keys, keep)
@@ -402,6 +505,7 @@ class ConvertFloat16Pass(optcc.Pass):
             "converted": dict(sorted(result.converted_nodes.items())),
             "kept_float32": self._kept_report(keep),
             "initializers_converted": result.initializers_converted,
+            "float32_nodes_weights_stored_float16": store_report,
             "casts_inserted": result.casts_inserted,
             "casts_removed": result.casts_removed,
             "clamped": result.clamped,

@@ -3,7 +3,8 @@ values themselves for comparing a float16 candidate with its float32 original.
 
 Every node output of the main graph is added as an extra graph output, the model runs on
 onnxruntime's CPU provider with graph optimizations disabled, and per float tensor the
-largest |value|, the fraction of non-zero values that float16 flushes to zero, and the
+largest |value|, the fraction of non-zero values that float16 flushes to zero (and the
+tensor's SQNR once stored in float16, which says whether those values matter), and the
 reduction extent seen by reduce ops are recorded over all samples. (Values inside
 If/Loop/Scan bodies cannot be graph outputs; the pass judges bodies by the control-flow
 node's outputs and by the final accuracy check.)
@@ -30,6 +31,7 @@ class TensorRange:
     max_abs: float = 0.0
     flushed_fraction: float = 0.0  # of the non-zero values, how many become 0 in float16
     size: int = 0
+    rounding_sqnr_db: float = math.inf  # the tensor's own SQNR once stored in float16 (worst sample)
 
     def merge(self, array: np.ndarray) -> None:
         a = np.abs(array.astype(np.float64, copy=False))
@@ -42,7 +44,18 @@ class TensorRange:
         if nonzero:
             flushed = np.count_nonzero((finite > 0) & (finite < FP16_TINY / 2))
             self.flushed_fraction = max(self.flushed_fraction, flushed / nonzero)
+            if flushed:
+                self.rounding_sqnr_db = min(self.rounding_sqnr_db, float16_rounding_sqnr_db(finite))
         self.size = max(self.size, int(array.size))
+
+
+def float16_rounding_sqnr_db(array: np.ndarray) -> float:
+    """SQNR of ``array`` against itself stored in float16 (values beyond +-65504 clamped):
+    about 70 dB for normal values; far lower when values that carry the signal flush to 0."""
+    a = np.asarray(array, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    rounded = np.clip(a, -65504.0, 65504.0).astype(np.float16).astype(np.float64)
+    return sqnr_db(a, rounded)
 
 
 def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
@@ -67,7 +80,8 @@ def with_all_outputs(model: ir.Model) -> onnx.ModelProto:
 
 
 def run_all(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """Every main-graph value of the model, per sample (float tensors only)."""
+    """Every main-graph value of the model, per sample (numeric tensors: floats for ranges
+    and comparison, integers so that shape/index inputs can be probed with real data)."""
     session = _session(with_all_outputs(model))
     names = [o.name for o in session.get_outputs()]
     results = []
@@ -75,7 +89,7 @@ def run_all(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[
         arrays = session.run(None, dict(sample))
         results.append({
             n: np.asarray(a) for n, a in zip(names, arrays)
-            if isinstance(a, np.ndarray) and np.issubdtype(a.dtype, np.floating)
+            if isinstance(a, np.ndarray) and (np.issubdtype(a.dtype, np.number) or a.dtype == bool)
         })
     return results
 

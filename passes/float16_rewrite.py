@@ -7,7 +7,10 @@ Used by ``convert_float16.ConvertFloat16Pass``, which decides which nodes to kee
   must keep their type (``KEEP_INPUTS``: Resize/Upsample roi and scales); a node whose
   kept slot shares a type parameter with a converted one is kept whole;
 - an initializer or float32 Constant becomes float16 (a new tensor, values beyond
-  +-65504 clamped and counted) when every reader converts it; otherwise it stays float32;
+  +-65504 clamped and counted) when every reader converts it, or when the caller names it
+  in ``store16`` (stored float16, read through one shared ``Cast(to=float)`` by the readers
+  that stay float32: exact when its values are float16-representable, otherwise the caller
+  checks the accuracy); otherwise it stays float32;
 - a value read in another type than it has gets one Cast per (graph, value, type), shared
   by all readers in that graph; ``Cast(to=float)`` of a float16 value read as float16
   reads the float16 value itself (f16->f32->f16 is exact; f32->f16->f32 is never removed);
@@ -19,7 +22,7 @@ Used by ``convert_float16.ConvertFloat16Pass``, which decides which nodes to kee
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import numpy as np
@@ -160,6 +163,19 @@ def _to_float16(array: np.ndarray, name: str, stats: RewriteStats) -> np.ndarray
     return array.astype(np.float16)
 
 
+def _rounded(array: np.ndarray) -> np.ndarray:
+    """``array`` as float16 storage gives it back in float32 (clamped; non-finite kept)."""
+    clipped = np.clip(array, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
+    return np.where(np.isfinite(array), clipped, array).astype(np.float32)
+
+
+def exactly_float16(array: np.ndarray) -> bool:
+    """Whether every value of a float32 array survives float32 -> float16 -> float32."""
+    with np.errstate(over="ignore"):
+        back = array.astype(np.float16).astype(np.float32)
+    return bool(np.array_equal(back, array, equal_nan=True))
+
+
 class Rewriter:
     """Rewrites one model given ``slots_of``: node -> Slots (convert) or None (keep)."""
 
@@ -169,8 +185,10 @@ class Rewriter:
         slots_of: Callable[[ir.Node], Slots | None],
         dtype: Callable[[ir.Value], ir.DataType | None],
         keep_io: Callable[[str], bool],
+        store16: Collection[str] = (),
     ) -> None:
         self.model = model
+        self.store16 = frozenset(store16)
         self.dtype = dtype
         self.keep_io = keep_io
         self.names = Names(model)
@@ -203,15 +221,18 @@ class Rewriter:
         )
 
     # -- the rewrite -----------------------------------------------------------------
-    def run(self) -> RewriteStats:
-        nodes = [(g, n) for g in self.graphs for n in g]
-        for _, node in nodes:
-            for v in (*node.inputs, *node.outputs):
-                if v is not None:
-                    self.original_type.setdefault(v, self.dtype(v))
+    def _record_types(self) -> None:
         for graph in self.graphs:
             for v in graph.inputs:
                 self.original_type.setdefault(v, self.dtype(v))
+            for node in graph:
+                for v in (*node.inputs, *node.outputs):
+                    if v is not None:
+                        self.original_type.setdefault(v, self.dtype(v))
+
+    def run(self) -> RewriteStats:
+        nodes = [(g, n) for g in self.graphs for n in g]
+        self._record_types()
         self._retype_outputs()
         self._retype_constants()
         self._retype_main_inputs()
@@ -237,7 +258,7 @@ class Rewriter:
                         self.original_type.get(value, self.dtype(value)) == FLOAT
                         and not value.is_graph_input()
                         and value.const_value is not None
-                        and self._all_readers_convert(value)
+                        and (self._all_readers_convert(value) or value.name in self.store16)
                     ):
                         array = _to_float16(value.const_value.numpy(), value.name or "", self.stats)
                         value.const_value = ir.tensor(array, name=value.name)
@@ -250,7 +271,7 @@ class Rewriter:
                 attr = node.attributes["value"]
                 if attr.type != ir.AttributeType.TENSOR or attr.as_tensor().dtype != FLOAT:
                     continue
-                if self._all_readers_convert(out):
+                if self._all_readers_convert(out) or out.name in self.store16:
                     array = _to_float16(attr.as_tensor().numpy(), out.name or "", self.stats)
                     node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array, name=out.name))
                     self._set16(out)
@@ -342,6 +363,7 @@ class Emulator(Rewriter):
     """
 
     def run(self) -> RewriteStats:
+        self._record_types()  # weights a float32 node reads are rounded only in store16
         rounded: dict[tuple[int, ir.Value], ir.Value] = {}
 
         def round_(graph: ir.Graph | ir.Function, value: ir.Value) -> ir.Value:
@@ -362,10 +384,16 @@ class Emulator(Rewriter):
             if isinstance(graph, ir.Graph):
                 for value in list(graph.initializers.values()):
                     if value.dtype == FLOAT and value.const_value is not None and not value.is_graph_input() \
-                            and self._all_readers_convert(value):
-                        array = value.const_value.numpy()
-                        clipped = np.clip(array, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
-                        value.const_value = ir.tensor(np.where(np.isfinite(array), clipped, array), name=value.name)
+                            and (self._all_readers_convert(value) or value.name in self.store16):
+                        value.const_value = ir.tensor(_rounded(value.const_value.numpy()), name=value.name)
+            for node in graph:  # Constants stored float16 but read in float32
+                out = node.outputs[0] if node.outputs else None
+                if node.op_type == "Constant" and _is_default(node) and out is not None \
+                        and out.name in self.store16 and "value" in node.attributes \
+                        and node.attributes["value"].type == ir.AttributeType.TENSOR \
+                        and node.attributes["value"].as_tensor().dtype == FLOAT:
+                    array = _rounded(node.attributes["value"].as_tensor().numpy())
+                    node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array, name=out.name))
         for node, slots in list(self.plan.items()):
             graph = node.graph
             assert graph is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import numpy as np
 import onnx
@@ -43,7 +44,15 @@ def convert(proto: onnx.ModelProto, **options):
     for old, new in zip([*before.graph.inputs, *before.graph.outputs],
                         [*result.model.graph.inputs, *result.model.graph.outputs]):
         assert (old.name, old.dtype, str(old.shape)) == (new.name, new.dtype, str(new.shape))
-    return result
+    # No value_info bloat: beyond what the input declared, only renamed graph outputs ...
+    declared = len(optcc.ir.serialize(optcc.ir.load(proto)).graph.value_info)
+    assert len(out.graph.value_info) <= declared + len(proto.graph.output)
+    # ... and onnx's inference derives them all, consistent with every Cast's `to`.
+    typed = optcc.ir.load(onnx.shape_inference.infer_shapes(out, strict_mode=True))
+    for node in optcc.ir.nodes(typed):
+        if node.op_type == "Cast":
+            assert int(node.outputs[0].dtype) == node.attributes["to"].as_int(), node.name
+    return dataclasses.replace(result, model=typed)
 
 
 def hist(model: ir.Model, graph=None) -> dict[str, int]:

@@ -1,0 +1,216 @@
+"""ConvertFloat16Pass size rules: weights of float32 nodes stored float16 behind one Cast
+(exact ones always, rounded ones only within tolerance), underflow judged by its effect,
+shape inputs probed with real data, keep_io_types=False, no value_info bloat."""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+import optcc
+from optcc.passes.convert_float16 import ConvertFloat16Pass
+from optcc.passes.float16_ranges import sqnr_db
+from optcc.verify import verify
+
+F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("OPTCC_CACHE", str(tmp_path_factory.getbasetemp() / "optcc-cache"))
+
+
+def with_weights(text: str, **weights: np.ndarray) -> onnx.ModelProto:
+    proto = onnx.parser.parse_model(text)
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(a, n) for n, a in weights.items())
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def run(proto: onnx.ModelProto, **options) -> optcc.PassResult:
+    result = ConvertFloat16Pass(**options)(optcc.ir.load(proto))
+    onnx.checker.check_model(optcc.ir.serialize(result.model), full_check=True)
+    return result
+
+
+def hist(model: ir.Model) -> dict[str, int]:
+    return dict(collections.Counter(n.op_type for n in optcc.ir.nodes(model)))
+
+
+def reader(model: ir.Model, op: str) -> ir.Node:
+    return next(n for n in model.graph if n.op_type == op)
+
+
+MATMUL = """<ir_version: 8, opset_import: ["": 17]>
+g (float[4, 64] x) => (float[4, 64] y) {
+  a = MatMul(x, w)
+  y = Tanh(a)
+}"""
+
+
+def test_exact_weight_of_a_blocked_node_is_stored_float16_behind_one_cast():
+    w = np.random.default_rng(0).integers(-8, 8, (64, 64)).astype(np.float32)  # float16-exact
+    proto = with_weights(MATMUL, w=w)
+    result = run(proto, block=["MatMul"])
+    model = result.model
+    assert result.modified
+    stored = model.graph.initializers["w"]
+    assert stored.const_value.dtype == F16
+    matmul = reader(model, "MatMul")
+    cast = matmul.inputs[1].producer()
+    assert cast.op_type == "Cast" and cast.inputs[0] is stored and cast.attributes["to"].as_int() == int(F32)
+    assert matmul.inputs[0].name == "x"  # the blocked MatMul still computes float32
+    assert result.stats["float32_nodes_weights_stored_float16"]["exact"] == 1
+    # Exact: the blocked part computes bit for bit what the original does.
+    verdict = verify(optcc.ir.load(proto), model, numerics="exact")
+    assert verdict.passed, verdict.describe()
+    assert not ConvertFloat16Pass(block=["MatMul"])(model).modified
+
+
+def test_small_or_custom_read_weights_are_not_given_a_cast():
+    proto = with_weights(
+        """<ir_version: 8, opset_import: ["": 17, "local": 1]>
+        g (float[4, 64] x, float[4, 4] x4) => (float[4, 64] y, float[64, 64] seen, float[4, 8] z) {
+          seen = local.Keep(w)
+          y = MatMul(x, w)
+          z = MatMul(x4, small)
+        }
+        <domain: "local", opset_import: ["": 17]>
+        Keep (t) => (u) { u = Identity(t) }""",
+        w=np.ones((64, 64), np.float32), small=np.full((64, 8), 0.25, np.float32)[:, :1].repeat(8, 1)[:4])
+    result = run(proto, block=["MatMul"])
+    inits = result.model.graph.initializers
+    assert inits["w"].const_value.dtype == F32  # a custom-domain op reads it
+    assert inits["small"].const_value.dtype == F32  # 32 values do not pay for a Cast node
+    assert hist(result.model).get("Cast", 0) == 0
+    assert not result.modified
+
+
+def test_rounded_weight_of_a_range_kept_node_is_stored_float16_within_tolerance():
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((64, 64)) * 3000).astype(np.float32)  # |w| < 65504, |x @ w| > 65504
+    proto = with_weights(
+        """<ir_version: 8, opset_import: ["": 17]>
+        g (float[4, 64] x) => (float[4, 64] y) {
+          h = Relu(x)
+          a = MatMul(h, w)
+          s = Mul(a, k)
+          y = Tanh(s)
+        }""", w=w, k=np.array(1e-5, np.float32))
+    feeds = {"x": (rng.standard_normal((4, 64)) * 4).astype(np.float32)}
+    result = run(proto, inputs=[feeds])
+    model = result.model
+    kept = result.stats["kept_float32"]
+    assert any(">= 65504" in why for why in kept.values())
+    matmul = reader(model, "MatMul")
+    assert matmul.outputs[0].name == "a" and matmul.inputs[1].producer().op_type == "Cast"
+    assert model.graph.initializers["w"].const_value.dtype == F16
+    assert reader(model, "Relu").outputs[0].dtype in (F16, None)  # converted (type left to inference)
+    report = result.stats["float32_nodes_weights_stored_float16"]
+    assert report["rounded"] == 1 and report["bytes_saved"] == 2 * w.size
+    verdict = verify(optcc.ir.load(proto), model, numerics="fp16", inputs=[feeds])
+    assert verdict.passed, verdict.describe()
+    assert all(o.sqnr_db is None or o.sqnr_db >= 40 for o in verdict.outputs)
+
+
+def test_rounded_weight_that_breaks_the_tolerance_stays_float32():
+    # y = (x @ w) - (x @ w_near): the difference of two close products; rounding w_near to
+    # float16 destroys it, so the check must refuse storing it in float16.
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((64, 64)) * 3000).astype(np.float32)
+    w_near = w + (rng.standard_normal((64, 64)) * 1e-3).astype(np.float32)
+    proto = with_weights(
+        """<ir_version: 8, opset_import: ["": 17]>
+        g (float[4, 64] x) => (float[4, 64] y) {
+          a = MatMul(x, w)
+          b = MatMul(x, w_near)
+          y = Sub(a, b)
+        }""", w=w, w_near=w_near)
+    feeds = {"x": (rng.standard_normal((4, 64)) * 4).astype(np.float32)}
+    result = run(proto, inputs=[feeds])
+    inits = result.model.graph.initializers
+    assert inits["w"].const_value.dtype == F32 and inits["w_near"].const_value.dtype == F32
+    assert result.stats["float32_nodes_weights_stored_float16"]["rounded"] == 0
+    verdict = verify(optcc.ir.load(proto), result.model, numerics="fp16", inputs=[feeds])
+    assert verdict.passed, verdict.describe()
+
+
+def test_underflow_is_judged_by_its_effect():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    w[rng.random((64, 64)) < 0.3] = 1e-9  # 30% flush to zero in float16, carrying no signal
+    proto = with_weights(
+        """<ir_version: 8, opset_import: ["": 17]>
+        g (float[4, 64] x) => (float[4, 64] y, float[4, 64] z) {
+          a = MatMul(x, w)
+          y = Tanh(a)
+          t = Mul(x, tiny)
+          z = Mul(t, huge)
+        }""", w=w, tiny=np.array(1e-9, np.float32), huge=np.array(1e9, np.float32))
+    result = run(proto)
+    kept = result.stats["kept_float32"]
+    assert not any("MatMul" in k for k in kept)  # the flushed weights do not matter
+    assert any("underflows" in why for why in kept.values())  # x * 1e-9 does: all of it flushes
+    assert result.model.graph.initializers["w"].const_value.dtype == F16
+    verdict = verify(optcc.ir.load(proto), result.model, numerics="fp16")
+    assert verdict.passed, verdict.describe()
+
+
+def test_reshape_with_a_computed_shape_is_probed_and_converted():
+    proto = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["": 17]>
+    g (float[N, 3, 4] x) => (float[N, 12] y) {
+      s = Shape <end = 1> (x)
+      minus1 = Constant <value = int64[1] {-1}> ()
+      shape = Concat <axis = 0> (s, minus1)
+      h = Relu(x)
+      r = Reshape(h, shape)
+      y = Sigmoid(r)
+    }""")
+    result = run(proto, input_shapes={"x": [2, 3, 4]})
+    assert not any("Reshape" in k for k in result.stats["kept_float32"])
+    assert result.stats["converted"].get("Reshape") == 1
+    assert hist(result.model)["Cast"] == 2  # one at each boundary
+    verdict = verify(optcc.ir.load(proto), result.model, numerics="fp16", input_shapes={"x": [2, 3, 4]})
+    assert verdict.passed, verdict.describe()
+
+
+def test_keep_io_types_false_gives_a_float16_interface_without_boundary_casts():
+    w = (np.random.default_rng(4).standard_normal((64, 64)) * 0.2).astype(np.float32)
+    proto = with_weights(MATMUL, w=w)
+    result = run(proto, keep_io_types=False)
+    model = result.model
+    assert model.graph.inputs[0].dtype == F16 and model.graph.outputs[0].dtype == F16
+    assert hist(model) == {"MatMul": 1, "Tanh": 1}
+    x = np.random.default_rng(5).standard_normal((4, 64)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(proto.SerializeToString(), options).run(None, {"x": x})[0]
+    got = ort.InferenceSession(optcc.ir.serialize(model).SerializeToString(), options).run(
+        None, {"x": x.astype(np.float16)})[0]
+    assert got.dtype == np.float16 and sqnr_db(ref, got) >= 40
+    assert not ConvertFloat16Pass(keep_io_types=False)(model).modified
+
+
+def test_no_value_info_is_added_for_intermediate_values():
+    proto = with_weights(
+        """<ir_version: 8, opset_import: ["": 17]>
+        g (float[4, 64] x) => (float[4, 64] y) {
+          a = MatMul(x, w)
+          b = Relu(a)
+          c = Add(b, a)
+          y = Tanh(c)
+        }""", w=np.full((64, 64), 0.01, np.float32))
+    result = run(proto)
+    out = optcc.ir.serialize(result.model)
+    before = {v.name for v in optcc.ir.serialize(optcc.ir.load(proto)).graph.value_info}
+    assert {v.name for v in out.graph.value_info} <= before  # the initializer's entry only
+    inferred = onnx.shape_inference.infer_shapes(out, strict_mode=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    assert types["a"] == types["b"] == types["c"] == onnx.TensorProto.FLOAT16
+    assert math.isfinite(result.stats["sqnr_db"]["y"])
