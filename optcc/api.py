@@ -61,6 +61,7 @@ def optimize(
     progress: bool = False,
     fp16: bool = False,
     fp16_block: Iterable[str] = (),
+    fp16_keep_io: bool | Sequence[str] = True,
     int8_calibration: Iterable[Feeds] | None = None,
     int8_method: str = "minmax",
     int8_dynamic: bool = False,
@@ -75,7 +76,9 @@ def optimize(
     ``fold_large`` lets constant folding materialize tensors that grow the model by more
     than 1 MiB.
 
-    After the level's pipeline: ``fp16`` converts to float16 (``int8_calibration``, when
+    After the level's pipeline: ``fp16`` converts to float16 (``fp16_keep_io``: True keeps
+    float32 graph inputs/outputs, False makes them float16, a list keeps those names
+    float32; ``int8_calibration``, when
     given, serves as range data); ``int8_calibration`` (feed dicts) quantizes to INT8 with
     ``int8_method`` calibration, verified on the held-out last 20% of the samples;
     ``int8_dynamic`` quantizes MatMuls dynamically. These change what is computed, so the
@@ -98,8 +101,9 @@ def optimize(
     if fp16:
         from optcc.passes import ConvertFloat16Pass
 
-        pipeline.append(ConvertFloat16Pass(block=fp16_block, inputs=samples or inputs,
-                                           input_shapes=input_shapes, providers=providers))
+        pipeline.append(ConvertFloat16Pass(keep_io_types=fp16_keep_io, block=fp16_block,
+                                           inputs=samples or inputs, input_shapes=input_shapes,
+                                           providers=providers))
     elif quantizing:
         if not samples:
             raise BadInputError("INT8 calibration data holds no samples")

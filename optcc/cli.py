@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy", "mse"], default="minmax")
     p.add_argument("--int8-dynamic", action="store_true",
                    help="quantize MatMuls dynamically to INT8 (no calibration data needed)")
+    p.add_argument("--fp16-io", choices=["float32", "float16"], default="float32",
+                   help="with --fp16: the graph inputs/outputs' type (default float32: one Cast at each)")
     p.add_argument("--fp16-block", action="append", default=[], metavar="OPTYPE|NODE",
                    help="keep these op types or node names in float32 with --fp16 (repeatable, comma-separated)")
     p.add_argument("--verify", dest="verify", action="store_true", default=True,
@@ -156,6 +158,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise BadInputError("--int8 needs --calibration DATA (.npz or a folder of them)")
     if args.int8 and args.fp16:
         raise BadInputError("--int8 and --fp16 exclude each other")
+    if args.fp16_io != "float32" and not args.fp16:
+        raise BadInputError("--fp16-io is used with --fp16")
     if args.calibration and not (args.int8 or args.fp16):
         raise BadInputError("--calibration is used with --int8 or --fp16")
     output = oir.check_output_path(args.output or default_output(args.model), args.model)
@@ -181,6 +185,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             progress=not args.quiet,
             fp16=args.fp16,
             fp16_block=[b for item in args.fp16_block for b in _split(item)],
+            fp16_keep_io=args.fp16_io == "float32",
             int8_calibration=calibration,
             int8_method=args.calibration_method,
             int8_dynamic=args.int8_dynamic,

@@ -43,14 +43,17 @@ def signature(model: ir.Model) -> Signature:
     )
 
 
-def check_invariants(model: ir.Model, expected: Signature, *, run_checker: bool = True) -> list[str]:
-    """Every invariant the model violates, as one-line descriptions (empty when sound)."""
+def check_invariants(
+    model: ir.Model, expected: Signature, *, run_checker: bool = True, float16_io: bool = False
+) -> list[str]:
+    """Every invariant the model violates, as one-line descriptions (empty when sound).
+    ``float16_io``: a float32 graph input/output may have become float16."""
     problems: list[str] = []
     order = oir.first_order_problem(model)
     if order:
         problems.append(order)
     problems.extend(_name_problems(model))
-    problems.extend(_signature_problems(signature(model), expected))
+    problems.extend(_signature_problems(signature(model), expected, float16_io))
     if run_checker and not problems:
         problems.extend(checker_problems(model))
     return problems
@@ -93,13 +96,22 @@ def _name_problems(model: ir.Model) -> list[str]:
     return problems
 
 
-def _signature_problems(actual: Signature, expected: Signature) -> list[str]:
+_FLOAT32, _FLOAT16 = str(ir.TensorType(ir.DataType.FLOAT)), str(ir.TensorType(ir.DataType.FLOAT16))
+
+
+def _same(got: tuple, want: tuple, float16_io: bool) -> bool:
+    if got == want:
+        return True
+    return float16_io and (got[0], got[2]) == (want[0], want[2]) and (got[1], want[1]) == (_FLOAT16, _FLOAT32)
+
+
+def _signature_problems(actual: Signature, expected: Signature, float16_io: bool = False) -> list[str]:
     problems = []
     for kind, got, want in (
         ("input", actual.inputs, expected.inputs),
         ("output", actual.outputs, expected.outputs),
     ):
-        if got != want:
+        if len(got) != len(want) or not all(_same(g, w, float16_io) for g, w in zip(got, want)):
             problems.append(f"graph {kind}s changed: {list(want)} -> {list(got)}")
     return problems
 

@@ -29,16 +29,20 @@ class Pass(ir.passes.InPlacePass):
 
     - ``name``: the registry name (kebab-case, e.g. ``"eliminate-identities"``);
     - ``level``: the lowest -O level whose pipeline includes the pass (None: opt-in only);
-    - ``numerics``: "exact", "fusion", "fp16" or "int8" (selects the verification tolerance).
+    - ``numerics``: "exact", "fusion", "fp16" or "int8" (selects the verification tolerance);
+    - ``float16_interface``: True for a pass that may turn float32 graph inputs/outputs into
+      float16 (names and shapes must still stay); any other change of the interface is
+      reverted.
 
     Options go in the constructor. A pass must not modify tensor data in place (tensors
-    are shared with the pass manager's snapshot used for reverting); it builds new tensors.
+    are shared with the pass manager's checkpoints used for reverting); it builds new tensors.
     The class docstring states the rewrite, its preconditions, and why it is exact.
     """
 
     name: ClassVar[str] = ""
     level: ClassVar[int | None] = None
     numerics: ClassVar[Numerics] = "exact"
+    float16_interface: bool = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -146,10 +146,11 @@ class PassManager:
             self.verify_each or getattr(pass_, "numerics", "exact") != "exact"
         )
 
-    def _invariant_problems(self, model: ir.Model, *, checker: bool) -> list[str]:
+    def _invariant_problems(self, model: ir.Model, *, checker: bool, float16_io: bool = False) -> list[str]:
         if not self.check_invariants:
             return []
-        return check_invariants(model, self._signature, run_checker=checker or self._check_each)
+        return check_invariants(model, self._signature, run_checker=checker or self._check_each,
+                                float16_io=float16_io)
 
     def _set_checkpoint(self, model: ir.Model) -> None:
         self._checkpoint = model.clone().clone  # each call returns a new copy
@@ -206,7 +207,8 @@ class PassManager:
             stats = dict(getattr(result, "stats", {}) or {})
             if result.modified:
                 status = "changed"
-                problems = self._invariant_problems(model, checker=self._verifies(pass_))
+                float16_io = bool(getattr(pass_, "float16_interface", False))
+                problems = self._invariant_problems(model, checker=self._verifies(pass_), float16_io=float16_io)
                 if problems:
                     status, reason = "reverted", "broke an invariant: " + problems[0]
                 elif self._verifies(pass_):
@@ -226,6 +228,8 @@ class PassManager:
             self._since_checkpoint.append(pass_)
             if status == "changed":
                 self._kept.append(getattr(pass_, "numerics", "exact"))
+                if getattr(pass_, "float16_interface", False):
+                    self._signature = signature(model)  # later passes keep the new interface
                 self._summary = (oir.op_histogram(model), oir.weight_bytes(model))
         hist_after, bytes_after = self._summary
         self._records.append(

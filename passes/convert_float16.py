@@ -150,6 +150,11 @@ class ConvertFloat16Pass(optcc.Pass):
         self.providers = resolve_providers(providers)
         self.max_evaluations = max_evaluations
 
+    @property
+    def float16_interface(self) -> bool:  # type: ignore[override]
+        """Whether graph inputs/outputs may become float16 (tells the pass manager)."""
+        return self.keep_io_types is not True
+
     def __repr__(self) -> str:
         return f"ConvertFloat16Pass(keep_io_types={self.keep_io_types!r}, block={sorted(self.block)!r})"
 

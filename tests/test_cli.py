@@ -189,6 +189,44 @@ def test_fp16_flag_converts_and_verifies_with_fp16_tolerance(example: Path, tmp_
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
 
 
+def test_fp16_io_float16_gives_a_float16_interface_with_the_same_names_and_shapes(example: Path, tmp_path: Path):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    assert cli.main([str(example), "--fp16", "--fp16-io", "float16", "-o", str(out), "--report", str(report), "-q"]) == 0
+    assert json.loads(report.read_text())["verification"]["status"] == "passed"
+    original, model = onnx.load(example), onnx.load(out)
+    for before, after in ((original.graph.input, model.graph.input), (original.graph.output, model.graph.output)):
+        assert [v.name for v in after] == [v.name for v in before]
+        assert [v.type.tensor_type.shape for v in after] == [v.type.tensor_type.shape for v in before]
+        assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for v in after)
+    assert not any(n.op_type == "Cast" for n in model.graph.node), "no boundary Casts"
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ref = ort.InferenceSession(str(example), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x.astype(np.float16)})[0]
+    assert got.dtype == np.float16
+    assert np.abs(got.astype(np.float32) - ref).max() <= 1e-2 * np.abs(ref).max()
+
+
+def test_fp16_keep_io_names_keeps_those_float32(example: Path):
+    result = optcc.optimize(str(example), fp16=True, fp16_keep_io=["logits"])
+    (record,) = [r for r in result.report.passes if r.name == "convert-float16"]
+    assert record.status == "changed", record.reason
+    types = {v.name: v.dtype for v in (*result.ir_model.graph.inputs, *result.ir_model.graph.outputs)}
+    assert types == {"image": ir.DataType.FLOAT16, "logits": ir.DataType.FLOAT}
+
+
+def test_a_pass_that_turns_the_interface_float16_unannounced_is_reverted(example: Path):
+    class SneakyFloat16(optcc.Pass):
+        name = "test-sneaky-float16"
+
+        def call(self, model: ir.Model) -> optcc.PassResult:
+            model.graph.inputs[0].type = ir.TensorType(ir.DataType.FLOAT16)
+            return optcc.PassResult(model, True)
+
+    result = optcc.optimize(str(example), passes=[SneakyFloat16()], verify=False)
+    (record,) = result.report.passes
+    assert record.status == "reverted" and "graph inputs changed" in record.reason
+
+
 def test_int8_flag_calibrates_quantizes_and_verifies_on_held_out_samples(example: Path, tmp_path: Path):
     rng = np.random.default_rng(0)
     data_path = tmp_path / "calib.npz"
