@@ -37,8 +37,11 @@ def _describe(value: ir.Value) -> tuple[str, str, tuple[object, ...] | None]:
 
 
 def signature(model: ir.Model) -> Signature:
+    # Below IR version 4 an initializer listed as a graph input is a constant no caller can
+    # feed (onnxruntime does not list it): not part of the interface.
+    legacy = int(model.ir_version or 0) < 4
     return Signature(
-        inputs=tuple(_describe(v) for v in model.graph.inputs),
+        inputs=tuple(_describe(v) for v in model.graph.inputs if not (legacy and v.is_initializer())),
         outputs=tuple(_describe(v) for v in model.graph.outputs),
     )
 

@@ -24,7 +24,7 @@ enforces the safety rules so that rules need not repeat them:
 
 The driver runs a worklist to a fixed point: round 1 visits every node (consumers
 before producers, so the largest pattern wins), later rounds visit what a rewrite
-created or touched. It stops after ``max_iters`` rounds with a ``RuntimeWarning``
+created or touched (again the consumers of its result before the nodes it built). It stops after ``max_iters`` rounds with a ``RuntimeWarning``
 and ``stats["capped"]`` rather than silently. Stats count applications per rule and
 rejections per rule and reason (each node counted once per rule and reason).
 
@@ -62,6 +62,7 @@ __all__ = [
     "RewriteStats",
     "apply_rules",
     "RewritePass",
+    "static_rank",
 ]
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -146,6 +147,9 @@ class _Scope:
     # constant (onnxruntime does not let a caller override it); new constants must then
     # be Constant nodes, as an initializer would need a graph input of its own.
     legacy_initializers: bool
+    # static ranks found so far (see ``static_rank``); a rewrite keeps its root's shape,
+    # so an entry stays true while the graph is rewritten
+    ranks: dict[ir.Value, int | None] = dataclasses.field(default_factory=dict, compare=False)
 
     @property
     def body(self) -> ir.Graph:
@@ -198,6 +202,144 @@ class Match:
     def output(self) -> ir.Value:
         """The root's first output: what the replacement stands in for."""
         return self.root.outputs[0]
+
+    def value_array(self, value: ir.Value) -> np.ndarray | None:
+        """The constant array behind any ``value`` (None when it is not a constant), with
+        the same rules as ``Const`` (e.g. for a node found outside the pattern)."""
+        return _const_array(value, self.scope.legacy_initializers)
+
+    def rank(self, value: ir.Value) -> int | None:
+        """The static rank of ``value`` (see ``static_rank``), None when unknown."""
+        return static_rank(value, self.scope.ranks, self.scope.legacy_initializers)
+
+
+# --------------------------------------------------------------------------- ranks
+
+# ops whose first output has the rank of their first input
+_SAME_RANK_OPS = frozenset({
+    "Abs", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "AveragePool", "BatchNormalization",
+    "Cast", "CastLike", "Ceil", "Celu", "Clip", "Conv", "ConvTranspose", "Cos", "Cosh",
+    "CumSum", "DepthToSpace", "Dropout", "Elu", "Erf", "Exp", "Floor", "Gelu", "GlobalAveragePool",
+    "GlobalLpPool", "GlobalMaxPool", "HardSigmoid", "HardSwish", "Hardmax", "Identity",
+    "InstanceNormalization", "IsInf", "IsNaN", "LayerNormalization", "LeakyRelu", "Log",
+    "LogSoftmax", "LpNormalization", "LpPool", "LRN", "MaxPool", "MeanVarianceNormalization",
+    "Mish", "Neg", "Not", "Pad", "PRelu", "Reciprocal", "Relu", "Resize", "Round", "Selu",
+    "Shrink", "Sigmoid", "Sign", "Sin", "Sinh", "Slice", "Softmax", "Softplus", "Softsign",
+    "SpaceToDepth", "Split", "Sqrt", "Tan", "Tanh", "ThresholdedRelu", "Tile", "Transpose",
+    "Trilu", "Upsample",
+})
+# elementwise ops with multidirectional broadcasting: the largest input rank
+_BROADCAST_OPS = frozenset({
+    "Add", "And", "BitShift", "Div", "Equal", "Greater", "GreaterOrEqual", "Less",
+    "LessOrEqual", "Max", "Mean", "Min", "Mod", "Mul", "Or", "Pow", "Sub", "Sum", "Where", "Xor",
+})
+_RANK_DEPTH = 256
+
+
+def static_rank(
+    value: ir.Value, memo: dict[ir.Value, int | None] | None = None,
+    legacy_initializers: bool = False,
+) -> int | None:
+    """The rank ``value`` has for every input the graph admits, or None when unknown.
+
+    From the value's declared shape, else its constant data, else from its producer by
+    rules that hold whatever the input data (same rank as the first input for
+    elementwise, pooling, convolution and layout ops; the largest input rank for
+    broadcasting ops; any input's for Concat; 2 for Gemm/Flatten; a constant target's
+    length for Reshape; ...). Producers are followed at most ``_RANK_DEPTH`` deep; ``memo``
+    caches results between calls (reuse it while ranks cannot change).
+    """
+    memo = {} if memo is None else memo
+    # iterative depth-first walk: deep chains (DenseNet's Concats) must not hit Python's
+    # recursion limit
+    stack: list[tuple[ir.Value, int]] = [(value, 0)]
+    while stack:
+        current, depth = stack[-1]
+        if current in memo:
+            stack.pop()
+            continue
+        rank, needed = _rank_step(current, memo, legacy_initializers)
+        if needed and depth < _RANK_DEPTH:
+            stack.extend((v, depth + 1) for v in needed)
+            continue
+        memo[current] = rank
+        stack.pop()
+    return memo[value]
+
+
+def _rank_step(
+    value: ir.Value, memo: Mapping[ir.Value, int | None], legacy: bool
+) -> tuple[int | None, list[ir.Value]]:
+    """The rank of ``value`` from what ``memo`` knows, or the values still to rank."""
+    if value.shape is not None:
+        return value.shape.rank(), []
+    node = value.producer()
+    if node is None or node.domain not in DEFAULT_DOMAINS:
+        array = _const_array(value, legacy) if node is None else None
+        return (None if array is None else array.ndim), []
+    op = node.op_type
+    if value is not node.outputs[0] and op != "Split":
+        return None, []  # e.g. BatchNormalization's running statistics are 1-D
+    if op == "Constant":
+        array = _const_array(value, legacy)
+        return (None if array is None else array.ndim), []
+    if op in ("Gemm", "Flatten"):
+        return 2, []
+    if op in ("Shape", "Size"):
+        return (1 if op == "Shape" else 0), []
+    inputs = [v for v in node.inputs if v is not None]
+    if not inputs:
+        return None, []
+    if op in _SAME_RANK_OPS or op == "Concat":
+        candidates = inputs[:1] if op != "Concat" else inputs[::-1]
+        if op in ("Conv", "ConvTranspose") and len(inputs) > 1:
+            weight = _const_array(node.inputs[1], legacy)
+            if weight is not None:
+                return weight.ndim, []
+        known = [memo[v] for v in candidates if v in memo and memo[v] is not None]
+        if known:
+            return known[0], []
+        missing = [v for v in candidates if v not in memo]
+        return None, missing[:1]  # Concat: the last input first (usually the shortest path)
+    if op in _BROADCAST_OPS:
+        missing = [v for v in inputs if v not in memo]
+        if missing:
+            return None, missing
+        ranks = [memo[v] for v in inputs]
+        return (None if any(r is None for r in ranks) else max(ranks)), []
+    if op == "Reshape" and len(inputs) == 2:
+        target = _const_array(node.inputs[1], legacy)
+        return (None if target is None or target.ndim != 1 else int(target.size)), []
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = _axes(node, legacy)
+        if axes is None:
+            return None, []
+        if inputs[0] not in memo:
+            return None, inputs[:1]
+        base = memo[inputs[0]]
+        if base is None:
+            return None, []
+        return (base + len(axes) if op == "Unsqueeze" else base - len(axes)), []
+    if op == "MatMul" and len(inputs) == 2:
+        missing = [v for v in inputs if v not in memo]
+        if missing:
+            return None, missing
+        ra, rb = memo[inputs[0]], memo[inputs[1]]
+        if ra is None or rb is None or ra < 2 or rb < 2:
+            return None, []
+        return max(ra, rb), []
+    return None, []
+
+
+def _axes(node: ir.Node, legacy: bool) -> list[int] | None:
+    """Unsqueeze/Squeeze axes (attribute before opset 13, else a constant input)."""
+    attr = node.attributes.get("axes")
+    if attr is not None:
+        return list(attr.value)
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        array = _const_array(node.inputs[1], legacy)
+        return None if array is None else [int(a) for a in array.reshape(-1)]
+    return None
 
 
 def _input_of(node: ir.Node, i: int) -> ir.Value | None:
@@ -518,8 +660,9 @@ def _rewrite_graph(
                                  seen_rejections, keep_alive, names)
             if touched is not None:
                 new_nodes, inputs = touched
-                pending.extend(new_nodes)
-                pending.extend(_downstream([n.outputs[0] for n in new_nodes], depth))
+                # consumers first (farthest first), as in round 1: the largest pattern wins
+                pending.extend(reversed(_downstream([n.outputs[0] for n in new_nodes], depth)))
+                pending.extend(reversed(new_nodes))
                 pending.extend(_downstream(inputs, depth))
         worklist = list(dict.fromkeys(pending))
     if worklist:

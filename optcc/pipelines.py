@@ -3,8 +3,8 @@
 | level | pipeline |
 |---|---|
 | 0 | normalize (topological order, names) |
-| 1 | 0 + initializer dedup + a fixpoint of constant folding and exact eliminations |
-| 2 | 1 + a fixpoint of fusions into standard ops, then the exact fixpoint again |
+| 1 | 0 + Constant nodes lifted to initializers, initializer dedup, a fixpoint of constant folding and exact eliminations, lift + dedup again |
+| 2 | 1 + a fixpoint of fusions into standard ops, then the exact fixpoint, lift + dedup again, CSE (fused weights deduplicated make more nodes equal) |
 | 3 | 2 + onnxruntime FusedConv; records the target runtime in metadata_props |
 """
 
@@ -34,12 +34,14 @@ _FUSIONS = (
     "fuse-normalization",
     "eliminate-dead-nodes",
 )
-_O1 = ["normalize", "deduplicate-initializers", _EXACT, "deduplicate-initializers"]
+_TIDY = ["lift-constants", "deduplicate-initializers"]
+_O1 = ["normalize", *_TIDY, _EXACT, *_TIDY]
 LEVELS: dict[int, list[str | tuple[str, ...]]] = {
     0: ["normalize"],
     1: _O1,
-    2: [*_O1, _FUSIONS, _EXACT],
-    3: [*_O1, _FUSIONS, _EXACT, "fuse-ort-conv-activation", "record-target"],
+    2: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions"],
+    3: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions",
+        "fuse-ort-conv-activation", "record-target"],
 }
 
 FIXPOINT_MAX_ITERS = 8

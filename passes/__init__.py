@@ -17,6 +17,7 @@ from optcc.passes.fuse_conv_affine import FuseConvAffinePass
 from optcc.passes.fuse_matmul_add import FuseMatMulAddPass
 from optcc.passes.fuse_normalization import FuseNormalizationPass
 from optcc.passes.fuse_ort_conv_activation import FuseOrtConvActivationPass
+from optcc.passes.lift_constants import LiftConstantsPass
 from optcc.passes.merge_consecutive import MergeConsecutivePass
 from optcc.passes.normalize_graph import NormalizeGraphPass
 from optcc.passes.quantize_dynamic import QuantizeDynamicPass
@@ -25,6 +26,7 @@ from optcc.passes.record_target import RecordTargetPass
 
 BUILTIN_PASSES = [
     NormalizeGraphPass,
+    LiftConstantsPass,
     DeduplicateInitializersPass,
     FoldShapesPass,
     FoldConstantsPass,

@@ -35,22 +35,12 @@ from optcc.passes.fuse_batchnorm import (
     FLOAT_DTYPES,
     conv_group,
     conv_out_channels,
+    per_channel,
     scale_conv_weight,
 )
 from optcc.pattern import Builder, Const, Match, Op, RewritePass, Rule, Var
 
 __all__ = ["FuseConvAffinePass", "RULES", "per_channel"]
-
-
-def per_channel(c: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
-    """``c`` as a vector of ``channels`` factors when it broadcasts against an
-    ``[N, C, spatial...]`` tensor of ``rank`` along C only (None otherwise)."""
-    if c.ndim > rank:
-        return None
-    dims = (1,) * (rank - c.ndim) + tuple(c.shape)
-    if dims[0] != 1 or dims[1] not in (1, channels) or any(d != 1 for d in dims[2:]):
-        return None
-    return np.broadcast_to(c.reshape(-1), (channels,)).astype(np.float64)
 
 
 def _conv_vector(m: Match) -> tuple[np.ndarray | None, str | None]:

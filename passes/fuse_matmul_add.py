@@ -3,7 +3,8 @@
 Rewrite (``matmul-add``; either operand order of the Add): ``y = Add(MatMul(a, B), c)``
 becomes ``y = Gemm(a, B, c)`` (alpha = beta = 1, no transposes).
 
-Preconditions: default-domain ops; ``a`` of static rank 2 (a batched or unknown-rank
+Preconditions: default-domain ops; ``a`` of static rank 2 (declared, or found by
+``optcc.pattern.static_rank``; a batched or unknown-rank
 MatMul is left alone: Gemm is 2-D only); ``B`` a constant 2-D weight ``[K, N]``; ``c``
 of known shape that Gemm's C accepts and that does not enlarge ``[M, N]``: rank <= 2,
 last dim 1 or N, first dim (rank 2) 1 or equal to a static M; float32/float64 (the
@@ -17,6 +18,7 @@ rounding difference far inside 1e-4 relative.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from optcc.pattern import Builder, Const, Match, Op, RewritePass, Rule, Var
@@ -30,17 +32,21 @@ def _check(m: Match) -> str | None:
     a, c, w = m["a"], m["c"], m.array("w")
     if w.ndim != 2:
         return "weight is not 2-D"
-    if a.shape is None:
+    rank = m.rank(a)
+    if rank is None:
         return "unknown input rank"
-    if a.shape.rank() != 2:
+    if rank != 2:
         return "batched MatMul (input rank is not 2)"
-    if a.dtype not in _GEMM_DTYPES:
+    # MatMul's inputs share one dtype: the weight's tells it when ``a``'s is not declared
+    known = a.dtype in _GEMM_DTYPES if a.dtype is not None else w.dtype in (np.float32, np.float64)
+    if not known:
         return "dtype without a Gemm kernel"
     c_array = m.array("c")
     shape = c_array.shape if c_array is not None else c.shape
     if shape is None or not all(isinstance(d, int) for d in shape):
         return "bias shape unknown"
-    dims, n, rows = tuple(shape), int(w.shape[1]), a.shape[0]
+    dims, n = tuple(shape), int(w.shape[1])
+    rows = a.shape[0] if a.shape is not None else None
     if len(dims) > 2 or (dims and dims[-1] not in (1, n)):
         return "bias does not broadcast to [M, N]"
     if len(dims) == 2 and dims[0] != 1 and dims[0] != rows:

@@ -1,7 +1,8 @@
 """FuseBatchNormPass: BatchNormalization folded into Conv (groups, depthwise),
-ConvTranspose, Gemm (transB, alpha, beta) and 2-D MatMul, else turned into Mul+Add; left
-alone in training mode, with shared weights, an intermediate graph output, unknown rank
-or a custom-domain producer."""
+ConvTranspose, Gemm (transB, alpha, beta) and 2-D MatMul; constant per-channel Mul/Add
+after it folded into it; a weight shared by convolutions that all fold; standalone ones
+kept (or turned into Mul+Add on request); left alone in training mode, with weights shared
+otherwise, an intermediate graph output, unknown rank or a custom-domain producer."""
 
 from __future__ import annotations
 
@@ -48,16 +49,17 @@ def _vi(name: str, shape: list | None) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
-def _fuse(model: ir.Model, **shapes: list[int]) -> optcc.PassResult:
+def _fuse(model: ir.Model, split: bool = False, **shapes: list[int]) -> optcc.PassResult:
     """Run the pass; check invariants, the checker, numerics and idempotence."""
     original = model.clone()
-    result = FuseBatchNormPass()(model)
+    result = FuseBatchNormPass(split_standalone=split)(model)
     assert check_invariants(result.model, signature(original)) == []
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
     verification = optcc.verify(original, result.model, numerics="fusion", input_shapes=shapes,
                                 seed=RNG_SEED)
     assert verification.passed, verification.describe()
-    assert not FuseBatchNormPass()(result.model).modified, "second run must be a no-op"
+    second = FuseBatchNormPass(split_standalone=split)(result.model)
+    assert not second.modified, "second run must be a no-op"
     return result
 
 
@@ -135,32 +137,67 @@ def test_matmul_3d_batchnorm_is_not_gemm() -> None:
     nodes = [helper.make_node("MatMul", ["a", "w"], ["t"]), _bn("t", "y")]
     model = _model(nodes, [_vi("a", [2, 4, 5])], [_vi("y", [2, 4, 3])], inits)
     result = _fuse(model)
-    assert _ops(result.model) == {"Add": 1, "MatMul": 1, "Mul": 1}
+    assert _ops(result.model) == {"BatchNormalization": 1, "MatMul": 1}
     assert result.stats["rejected"]["matmul-batchnorm"] == {
         "channel axis is not MatMul's output axis": 1
     }
 
 
 @pytest.mark.parametrize("shape", [["N", 3, 4, 4], ["N", 3]])
-def test_batchnorm_alone_becomes_mul_add(shape: list) -> None:
+def test_batchnorm_alone_becomes_mul_add_on_request(shape: list) -> None:
     rng = np.random.default_rng(40)
     model = _model([_bn("x", "y")], [_vi("x", shape)], [_vi("y", shape)], _bn_inits(rng, 3))
-    result = _fuse(model, x=[2, *shape[1:]])
+    kept = FuseBatchNormPass()(model.clone())
+    assert not kept.modified and _ops(kept.model) == {"BatchNormalization": 1}
+    result = _fuse(model, split=True, x=[2, *shape[1:]])
     assert _ops(result.model) == {"Add": 1, "Mul": 1}
     mul = next(n for n in result.model.graph if n.op_type == "Mul")
     assert optcc.ir.as_numpy(mul.inputs[1]).shape == (3,) + (1,) * (len(shape) - 2)
     assert result.model.graph.outputs[0].name == "y"
 
 
-def test_shared_conv_weight_is_not_folded() -> None:
+def test_weight_shared_by_convolutions_that_all_fold_is_folded() -> None:
     rng = np.random.default_rng(50)
     inits = [_tensor(rng, "w", 4, 3, 1, 1), *_bn_inits(rng, 4, "p"), *_bn_inits(rng, 4, "q")]
     nodes = [helper.make_node("Conv", ["x", "w"], ["t1"]), _bn("t1", "y1", "p"),
              helper.make_node("Conv", ["x", "w"], ["t2"]), _bn("t2", "y2", "q")]
     model = _model(nodes, [_vi("x", [1, 3, 4, 4])], [_vi("y1", None), _vi("y2", None)], inits)
     result = _fuse(model)
-    assert _ops(result.model) == {"Add": 2, "Conv": 2, "Mul": 2}
-    assert result.stats["rejected"]["conv-batchnorm"] == {"shared weight 'w'": 2}
+    assert _ops(result.model) == {"Conv": 2}
+    assert result.stats == {"applied": {"conv-batchnorm": 2}}
+    assert "w" not in result.model.graph.initializers  # the shared original is gone
+
+
+def test_weight_shared_with_a_convolution_that_does_not_fold_is_not_folded() -> None:
+    rng = np.random.default_rng(51)
+    inits = [_tensor(rng, "w", 4, 3, 1, 1), *_bn_inits(rng, 4, "p")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t1"]), _bn("t1", "y1", "p"),
+             helper.make_node("Conv", ["x", "w"], ["t2"]), helper.make_node("Relu", ["t2"], ["y2"])]
+    model = _model(nodes, [_vi("x", [1, 3, 4, 4])], [_vi("y1", None), _vi("y2", None)], inits)
+    result = FuseBatchNormPass()(model)
+    assert not result.modified
+    assert _ops(result.model) == {"BatchNormalization": 1, "Conv": 2, "Relu": 1}
+    assert result.stats["rejected"]["conv-batchnorm"] == {"shared weight 'w'": 1}
+
+
+def test_large_shared_weight_is_copied_only_when_the_copies_are_equal() -> None:
+    rng = np.random.default_rng(52)
+    # 300*300*3*1 float32 = 1.08 MB: two different folds would add a second copy > 1 MiB
+    w = _tensor(rng, "w", 300, 300, 3, 1)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t1"]), _bn("t1", "y1", "p"),
+             helper.make_node("Conv", ["x", "w"], ["t2"]), _bn("t2", "y2", "q")]
+    outputs = [_vi("y1", None), _vi("y2", None)]
+    different = _model(nodes, [_vi("x", [1, 300, 3, 1])], outputs,
+                       [w, *_bn_inits(rng, 300, "p"), *_bn_inits(rng, 300, "q")])
+    result = FuseBatchNormPass()(different)
+    assert not result.modified
+    assert result.stats["rejected"]["conv-batchnorm"] == {
+        "shared weight 'w' (copies would exceed 1 MiB)": 2}
+    same = _bn_inits(rng, 300, "p")
+    same += [numpy_helper.from_array(numpy_helper.to_array(t), "q" + t.name[1:]) for t in same]
+    equal = _model(nodes, [_vi("x", [1, 300, 3, 1])], outputs, [w, *same])
+    result = _fuse(equal)
+    assert _ops(result.model) == {"Conv": 2}
 
 
 def test_conv_output_that_is_a_graph_output_is_not_folded() -> None:
@@ -168,8 +205,9 @@ def test_conv_output_that_is_a_graph_output_is_not_folded() -> None:
     inits = [_tensor(rng, "w", 4, 3, 1, 1), *_bn_inits(rng, 4)]
     nodes = [helper.make_node("Conv", ["x", "w"], ["t"]), _bn("t", "y")]
     model = _model(nodes, [_vi("x", [1, 3, 4, 4])], [_vi("y", None), _vi("t", None)], inits)
-    result = _fuse(model)
-    assert _ops(result.model) == {"Add": 1, "Conv": 1, "Mul": 1}
+    result = FuseBatchNormPass()(model)
+    assert not result.modified
+    assert _ops(result.model) == {"BatchNormalization": 1, "Conv": 1}
     assert result.stats["rejected"]["conv-batchnorm"] == {"intermediate 't' is a graph output": 1}
     assert [v.name for v in result.model.graph.outputs] == ["y", "t"]
 
@@ -182,7 +220,8 @@ def test_training_mode_batchnorm_is_left_alone() -> None:
     result = FuseBatchNormPass()(model)
     assert not result.modified and _ops(result.model) == {"BatchNormalization": 1, "Conv": 1}
     assert result.stats["rejected"]["conv-batchnorm"] == {"training mode": 1}
-    assert result.stats["rejected"]["batchnorm-to-mul-add"] == {"training mode": 1}
+    split = FuseBatchNormPass(split_standalone=True)(model)
+    assert split.stats["rejected"]["batchnorm-to-mul-add"] == {"training mode": 1}
 
 
 def test_unknown_rank_and_custom_producer_are_left_alone() -> None:
@@ -193,7 +232,7 @@ def test_unknown_rank_and_custom_producer_are_left_alone() -> None:
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("custom", 1)])
     model = ir.from_proto(proto)
-    result = FuseBatchNormPass()(model)
+    result = FuseBatchNormPass(split_standalone=True)(model)
     assert not result.modified
     assert _ops(result.model) == {"BatchNormalization": 1, "custom::Conv": 1}
     assert result.stats["rejected"] == {"batchnorm-to-mul-add": {"unknown input rank": 1}}
@@ -211,8 +250,9 @@ def test_batchnorm_inside_if_body() -> None:
     cond = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
     model = _model(nodes, [_vi("x", [1, 3, 4, 4]), cond], [_vi("y", [1, 4, 4, 4])], inits)
     original = model.clone()
-    result = FuseBatchNormPass()(model)
-    # The weight is read by both branches: the BatchNormalization becomes Mul+Add.
+    result = FuseBatchNormPass(split_standalone=True)(model)
+    # The weight is read by both branches (the else one does not fold): the
+    # BatchNormalization becomes Mul+Add.
     assert result.stats["applied"] == {"batchnorm-to-mul-add": 1}
     assert _ops(result.model) == {"Add": 1, "Conv": 2, "If": 1, "Mul": 1}
     x = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
@@ -241,3 +281,67 @@ def test_ir_version_3_initializers_are_constants_and_new_weights_are_constant_no
     assert check_invariants(result.model, signature(original)) == []
     feeds = {"x": rng.normal(size=(1, 3, 4, 4)).astype(np.float32)}
     assert optcc.verify(original, result.model, numerics="fusion", inputs=feeds).passed
+
+
+# ---------------------------------------------------------------- Mul / Add after BatchNormalization
+
+
+def _raw_model(nodes: list, inputs: list, outputs: list, inits: list) -> ir.Model:
+    """No shape inference: intermediate values carry no declared shape or rank."""
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _affine_nodes(src: str, c_shape: tuple[int, ...], rng: np.random.Generator) -> tuple[list, list]:
+    nodes = [_bn(src, "b"), helper.make_node("Mul", ["s", "b"], ["m"]),
+             helper.make_node("Add", ["m", "d"], ["y"])]
+    inits = [*_bn_inits(rng, 4), _tensor(rng, "s", *c_shape), _tensor(rng, "d", *c_shape)]
+    return nodes, inits
+
+
+@pytest.mark.parametrize("c_shape", [(4, 1, 1), (1, 4, 1, 1), (1,), (1, 1, 1)])
+def test_mul_add_after_batchnorm_fold_into_it_then_into_the_conv(c_shape: tuple) -> None:
+    rng = np.random.default_rng(110)
+    nodes, inits = _affine_nodes("t", c_shape, rng)
+    nodes.insert(0, helper.make_node("Conv", ["x", "w"], ["t"], pads=[1, 1, 1, 1]))
+    inits.append(_tensor(rng, "w", 4, 3, 3, 3))
+    # rank of "t" comes from the Conv weight (no shape inference ran)
+    model = _raw_model(nodes, [_vi("x", ["N", 3, 5, 5])], [_vi("y", ["N", 4, 5, 5])], inits)
+    result = _fuse(model, x=[2, 3, 5, 5])
+    assert _ops(result.model) == {"Conv": 1}
+    assert result.stats["applied"] == {"batchnorm-add": 1, "batchnorm-mul": 1, "conv-batchnorm": 1}
+    assert result.model.graph.outputs[0].name == "y"
+
+
+def test_mul_add_after_batchnorm_after_concat_fold_into_the_batchnorm() -> None:
+    rng = np.random.default_rng(111)
+    nodes, inits = _affine_nodes("cat", (4, 1, 1), rng)
+    nodes.insert(0, helper.make_node("Concat", ["x1", "x2"], ["cat"], axis=1))
+    model = _raw_model(nodes, [_vi("x1", [1, 1, 3, 3]), _vi("x2", [1, 3, 3, 3])],
+                       [_vi("y", [1, 4, 3, 3])], inits)
+    result = _fuse(model)
+    assert _ops(result.model) == {"BatchNormalization": 1, "Concat": 1}
+
+
+def test_mul_that_is_not_per_channel_or_of_unknown_rank_is_left_alone() -> None:
+    rng = np.random.default_rng(112)
+    nodes, inits = _affine_nodes("x", (1, 1, 1, 4), rng)  # varies along the last axis
+    model = _raw_model(nodes, [_vi("x", [1, 4, 3, 4])], [_vi("y", None)], inits)
+    result = FuseBatchNormPass()(model)
+    assert not result.modified
+    assert result.stats["rejected"]["batchnorm-mul"] == {"constant is not per channel": 1}
+    nodes, inits = _affine_nodes("x", (4, 1, 1), rng)
+    unranked = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
+    result = FuseBatchNormPass()(_raw_model(nodes, [unranked], [_vi("y", None)], inits))
+    assert not result.modified
+    assert result.stats["rejected"]["batchnorm-mul"] == {"unknown input rank": 1}
+
+
+def test_batchnorm_output_read_elsewhere_keeps_its_mul() -> None:
+    rng = np.random.default_rng(113)
+    nodes, inits = _affine_nodes("x", (4, 1, 1), rng)
+    model = _raw_model(nodes, [_vi("x", [1, 4, 3, 3])],
+                       [_vi("y", [1, 4, 3, 3]), _vi("b", [1, 4, 3, 3])], inits)
+    result = _fuse(model)
+    assert _ops(result.model) == {"Add": 1, "BatchNormalization": 1, "Mul": 1}
+    assert [v.name for v in result.model.graph.outputs] == ["y", "b"]

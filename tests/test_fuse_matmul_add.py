@@ -117,3 +117,15 @@ def test_integer_matmul_is_left_alone() -> None:
     result = _fuse(_model(body, inits))
     assert not result.modified
     assert result.stats["rejected"]["matmul-add"] == {"dtype without a Gemm kernel": 1}
+
+
+def test_rank_two_input_found_without_declared_shapes() -> None:
+    # Flatten's output is 2-D whatever its input: no shape inference needed
+    proto = onnx.parser.parse_model("""<ir_version: 9, opset_import: ["" : 17]>
+    g (float[N, 2, 3] x) => (float[N, 4] y) { f = Flatten(x) t = MatMul(f, w) y = Add(t, c) }""")
+    proto.graph.initializer.extend([numpy_helper.from_array(_rand(1, 6, 4), "w"),
+                                    numpy_helper.from_array(_rand(2, 4), "c")])
+    model = ir.from_proto(proto)
+    assert all(v.shape is None for node in model.graph for v in node.outputs if v.name != "y")
+    result = _fuse(model, x=[3, 2, 3])
+    assert _ops(result.model) == {"Flatten": 1, "Gemm": 1}

@@ -263,3 +263,34 @@ def test_helper_built_initializers_in_subgraph_and_function() -> None:
 
 def _scale_by_two(m: Match, b: Builder) -> ir.Value:
     return b.op("Mul", m["x"], b.const(np.array(2.0, np.float32), "two"))
+
+
+def test_static_rank_follows_producers_without_declared_shapes() -> None:
+    from optcc.pattern import static_rank
+
+    model = ir.from_proto(onnx.parser.parse_model("""
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (float[1, 3, 8, 8] x, float[1] y, float v) => (float o1, float o2, float u) {
+        w = Constant<value = float[4, 3, 1, 1] {1,1,1,1,1,1,1,1,1,1,1,1}>()
+        c = Conv(x, w)
+        r = Relu(c)
+        k = Concat<axis = 1>(r, c)
+        a = Constant<value_ints = [0]>()
+        s = Unsqueeze(k, a)
+        z = Add(s, y)
+        f = Flatten(k)
+        n = Constant<value_ints = [2, -1, 2]>()
+        q = Reshape(f, n)
+        o1 = ReduceSum<keepdims = 0>(z)
+        o2 = ReduceSum<keepdims = 0>(q)
+        u0 = Relu(v)
+        u = ReduceSum<keepdims = 0>(u0)
+    }
+    """))
+    model.graph.inputs[2].shape = None  # "v": rank unknown
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    memo: dict = {}
+    ranks = {name: static_rank(values[name], memo) for name in ("c", "r", "k", "s", "z", "f", "q")}
+    assert ranks == {"c": 4, "r": 4, "k": 4, "s": 5, "z": 5, "f": 2, "q": 3}
+    # a graph input without a shape has no known rank, nor has what follows it
+    assert static_rank(values["u0"]) is None

@@ -1,0 +1,100 @@
+"""LiftConstantsPass: main-graph Constant nodes become initializers of the same name (value
+and list attributes); graph outputs and If-body Constants are left alone; a model below
+IR version 4 is moved to IR 4 (initializers no longer listed as inputs) unless
+``upgrade_legacy=False``."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+import optcc
+from optcc.passes.lift_constants import LiftConstantsPass
+from exact_pass_checks import run_exact_pass
+
+
+def _model(body: str, ir_version: int = 8) -> ir.Model:
+    header = f'<ir_version: {ir_version}, opset_import: ["" : 17]>\n'
+    return ir.from_proto(onnx.parser.parse_model(header + body))
+
+
+def _ops(model: ir.Model) -> dict[str, int]:
+    return optcc.ir.op_histogram(model)
+
+
+def test_constants_become_initializers_and_graph_outputs_stay_nodes() -> None:
+    model = _model("""
+    g (float[2, 3] x, bool c) => (float[2, 3] y, float[3] k, float[2, 3] z) {
+        a = Constant<value = float[3] {1.0, 2.0, 3.0}>()
+        s = Constant<value_float = 0.5>()
+        n = Constant<value_ints = [2, 3]>()
+        k = Constant<value = float[3] {4.0, 5.0, 6.0}>()
+        t = Add(x, a)
+        u = Mul(t, s)
+        y = Reshape(u, n)
+        z = If(c) <
+            then_branch = g1 () => (float[2, 3] o1) {
+                b = Constant<value = float[3] {7.0, 8.0, 9.0}>()
+                o1 = Add(x, b)
+            },
+            else_branch = g2 () => (float[2, 3] o2) { o2 = Sub(x, a) }
+        >
+    }
+    """)
+    result = run_exact_pass(LiftConstantsPass, model)
+    assert result.stats == {"lifted": 3}
+    graph = result.model.graph
+    assert sorted(graph.initializers) == ["a", "n", "s"]
+    assert graph.initializers["n"].const_value.numpy().tolist() == [2, 3]
+    assert graph.initializers["s"].const_value.numpy().dtype == np.float32
+    # the graph output and the body's Constant are still nodes
+    assert _ops(result.model) == {"Add": 2, "Constant": 2, "If": 1, "Mul": 1, "Reshape": 1, "Sub": 1}
+    assert [v.name for v in graph.outputs] == ["y", "k", "z"]
+
+
+def _legacy_model() -> ir.Model:
+    w = numpy_helper.from_array(np.arange(3, dtype=np.float32), "w")
+    unused = numpy_helper.from_array(np.array([3], np.int64), "unused")
+    nodes = [helper.make_node("Constant", [], ["a"], value=numpy_helper.from_array(
+                 np.ones(3, np.float32))),
+             helper.make_node("Add", ["x", "a"], ["t"]), helper.make_node("Mul", ["t", "w"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3]),
+              helper.make_tensor_value_info("w", TensorProto.FLOAT, [3]),
+              helper.make_tensor_value_info("unused", TensorProto.INT64, [1])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])]
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [w, unused])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    return ir.from_proto(proto)
+
+
+def test_ir_version_3_is_left_alone_without_upgrade_legacy() -> None:
+    result = LiftConstantsPass(upgrade_legacy=False)(_legacy_model())
+    assert not result.modified and _ops(result.model) == {"Add": 1, "Constant": 1, "Mul": 1}
+    assert [v.name for v in result.model.graph.inputs] == ["x", "w", "unused"]
+
+
+def test_upgrade_legacy_moves_to_ir_version_4_without_constant_inputs() -> None:
+    model = _legacy_model()
+    original = model.clone()
+    result = LiftConstantsPass(upgrade_legacy=True)(model)
+    assert result.stats == {"unlisted_constant_inputs": 2, "lifted": 1}
+    out = result.model
+    assert out.ir_version == 4 and [v.name for v in out.graph.inputs] == ["x"]
+    assert sorted(out.graph.initializers) == ["a", "w"]  # "unused" is dropped
+    assert _ops(out) == {"Add": 1, "Mul": 1}
+    onnx.checker.check_model(ir.to_proto(out), full_check=True)
+    feeds = {"x": np.array([1.0, -2.0, 0.5], np.float32)}
+    verification = optcc.verify(original, out, inputs=feeds)
+    assert verification.passed, verification.describe()
+    assert not LiftConstantsPass(upgrade_legacy=True)(out).modified
+
+
+def test_the_pipeline_keeps_the_upgrade_the_callable_interface_is_unchanged() -> None:
+    proto = ir.to_proto(_legacy_model())
+    result = optcc.optimize(proto, level=1, inputs={"x": np.array([1.0, -2.0, 0.5], np.float32)})
+    statuses = [r.status for r in result.report.passes if r.name == "lift-constants"]
+    assert statuses[0] == "changed", result.report.passes
+    assert result.ir_model.ir_version == 4 and [v.name for v in result.ir_model.graph.inputs] == ["x"]
+    assert result.report.verification["status"] == "passed"
