@@ -111,13 +111,72 @@ def text_lines(h: int, w: int, n: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def samples(model: str, n: int, seed: int, input_name: str) -> list[dict[str, np.ndarray]]:
+def document_images(h: int, w: int, n: int, seed: int) -> list[np.ndarray]:
+    """Random crops (several text lines) of page() and text(), ImageNet-normalized: what
+    a text detector is for."""
+    from skimage import data as skd
+
+    pages = [_rgb(skd.page()), _rgb(skd.text())]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = pages[i % 2]
+        H, W = img.shape[:2]
+        ch = int(H * rng.uniform(0.4, 1.0))
+        cw = int(min(W, ch * w / h))
+        y, x = int(rng.integers(0, H - ch + 1)), int(rng.integers(0, W - cw + 1))
+        crop = _resize(img[y : y + ch, x : x + cw], h, w).transpose(2, 0, 1)
+        out.append(np.ascontiguousarray((crop - _MEAN) / _STD))
+    return out
+
+
+def samples(model: str, n: int, seed: int, input_name: str, documents: bool = False) -> list[dict[str, np.ndarray]]:
+    """``documents``: a text detector gets document crops for every other sample."""
     h, w, kind = MODELS[model]
     if kind == "text":
         arrays = text_lines(h, w, n, seed)
+    elif documents and model.startswith("ppocr"):
+        photos = detector_images(h, w, n - n // 2, seed, imagenet=kind == "detector-imagenet")
+        docs = document_images(h, w, n // 2, seed)
+        arrays = [a for pair in zip(photos, docs) for a in pair] + photos[len(docs):]
     else:
         arrays = detector_images(h, w, n, seed, imagenet=kind == "detector-imagenet")
     return [{input_name: a[None]} for a in arrays]
+
+
+def ctc_greedy(probabilities: np.ndarray) -> list[list[int]]:
+    """CTC greedy decoding of [N, T, C] scores: argmax per time step, repeats collapsed,
+    blank (0) dropped."""
+    out = []
+    for row in np.asarray(probabilities).argmax(-1).reshape(-1, probabilities.shape[-2]):
+        seq, prev = [], -1
+        for k in row.tolist():
+            if k != prev and k != 0:
+                seq.append(k)
+            prev = k
+        out.append(seq)
+    return out
+
+
+def ctc_match(reference: "optcc.ir.Model", candidate: "optcc.ir.Model", held: list) -> float:  # noqa: F821
+    """Fraction of held-out lines whose CTC greedy decode equals float32's."""
+    import onnxruntime as ort
+
+    import optcc
+
+    sessions = []
+    for model, level in ((reference, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+                         (candidate, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        sessions.append(ort.InferenceSession(optcc.ir.serialize(model).SerializeToString(), options,
+                                             providers=["CPUExecutionProvider"]))
+    same = total = 0
+    for feeds in held:
+        a, b = (ctc_greedy(s.run(None, feeds)[0]) for s in sessions)
+        same += sum(x == y for x, y in zip(a, b))
+        total += len(a)
+    return same / max(total, 1)
 
 
 # --------------------------------------------------------------------------- worker
@@ -191,8 +250,8 @@ def worker(args: argparse.Namespace) -> dict:
     folder = Path(args.scratch)
     source = _prepare_model(args.model, folder)
     input_name = onnx.load(source, load_external_data=False).graph.input[0].name
-    calib = samples(args.model, args.calibration_samples, 0, input_name)
-    held = samples(args.model, args.held_out_samples, 1, input_name)
+    calib = samples(args.model, args.calibration_samples, 0, input_name, args.documents)
+    held = samples(args.model, args.held_out_samples, 1, input_name, args.documents)
     result: dict = {"model": args.model, "config": args.config}
     out = folder / f"{args.model}.{args.config}.onnx"
     rss_before = _peak_rss_mib()
@@ -228,6 +287,8 @@ def worker(args: argparse.Namespace) -> dict:
     quantized = optcc.ir.load(proto)
     reference = optcc.ir.load(str(source))
     result["sqnr_db"] = evaluate(reference, quantized, held).worst_sqnr_db
+    if MODELS[args.model][2] == "text" and "rec" in args.model:
+        result["ctc_match"] = round(ctc_match(reference, quantized, held), 3)
     result["latency_ms"] = round(measure_latency(quantized, held[0], threads=2, runs=args.runs) * 1e3, 3)
     ops = integer_op_histogram(quantized)
     result["integer_nodes"] = sum(n for op, n in ops.items() if op not in ("QuantizeLinear", "DequantizeLinear"))
@@ -243,6 +304,7 @@ def run_one(model: str, config: str, args: argparse.Namespace, scratch: str) -> 
         sys.executable, __file__, "--worker", "--model", model, "--config", config, "--scratch", scratch,
         "--calibration-samples", str(args.calibration_samples), "--held-out-samples", str(args.held_out_samples),
         "--runs", str(args.runs), "--max-float", str(args.max_float), "--ranked", str(args.ranked),
+        *(["--documents"] if args.documents else []),
     ]
     limit = args.memory_gb * 2**30
 
@@ -264,12 +326,12 @@ def table(rows: list[dict]) -> str:
     fp32 = {r["model"]: r.get("latency_ms") for r in rows if r["config"] == "fp32" and r["status"] == "ok"}
     head = (
         "| model | config | status | valid | SQNR dB (held-out) | latency ms (2 thr) | vs fp32 | integer nodes |"
-        " quantize s | peak RSS MiB | size MiB | kept float |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+        " quantize s | peak RSS MiB | size MiB | kept float | CTC match |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['config']} | {r['status']} |" + " |" * 9)
+            lines.append(f"| {r['model']} | {r['config']} | {r['status']} |" + " |" * 10)
             continue
         base = fp32.get(r["model"])
         speed = f"{base / r['latency_ms']:.2f}x" if base and r["config"] != "fp32" else ""
@@ -280,7 +342,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['config']} | ok | {r['valid'] is True} | {sqnr_text} | {r['latency_ms']:.2f} | {speed} |"
             f" {r['integer_nodes']} | {r['quantize_s'] if r['config'] != 'fp32' else ''} |"
-            f" {r['peak_rss_mib'] if r['config'] != 'fp32' else ''} | {r['size_mib']} | {kept_text} |"
+            f" {r['peak_rss_mib'] if r['config'] != 'fp32' else ''} | {r['size_mib']} | {kept_text} | {r.get('ctc_match', '')} |"
         )
     return "\n".join(lines)
 
@@ -296,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranked", type=int, default=24)
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--memory-gb", type=int, default=16)
+    parser.add_argument("--documents", action="store_true",
+                        help="the PP-OCR text detector gets page()/text() crops for half its samples")
     parser.add_argument("--json", help="write the raw rows here")
     parser.add_argument("--out", help="write the markdown table here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -59,6 +59,12 @@ SHARED_SCALE_OPS = frozenset(
     {"Reshape", "Transpose", "Slice", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Resize"}
 )
 _WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm"})
+# Ops that turn logits into the probabilities a model outputs: their input's absolute
+# error becomes a relative error of the output (Softmax: dp/p = d logit), and a saturated
+# Sigmoid map turns a logit step into a flipped pixel. Logits feeding one of them on the
+# way to a graph output are never rounded to 8 bits.
+PROBABILITY_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "HardSigmoid"})
+_PASS_THROUGH = SHARED_SCALE_OPS | {"Identity", "Cast"}
 _SINGLE_INPUT_OPS = _WEIGHTED | {"AveragePool", "GlobalAveragePool"}  # other inputs: weights
 INT32_MAX = 2**31 - 1
 _MIN_WEIGHT_SCALE = 1e-12
@@ -128,6 +134,7 @@ class _Plan:
         self.params: dict[ir.Value, Params] = {}
         self.absorbed: dict[ir.Node, ir.Node] = {}  # quantized node -> absorbed Relu/Clip
         self.kept: dict[str, int] = {}
+        self.float_output: set[ir.Node] = set()  # quantized inputs, float result (logits of a head)
 
     def keep(self, reason: str) -> None:
         self.kept[reason] = self.kept.get(reason, 0) + 1
@@ -241,6 +248,7 @@ class QuantizeInt8Pass(optcc.Pass):
                 for node in users:
                     plan.compute.pop(node, None)
                     plan.keep("weight shared with a float op")
+        self._keep_logits_float(graph, plan)
         self._absorb_activations(graph, plan)
         self._plan_shared(graph, plan)
         self._assign_params(graph, plan)
@@ -321,10 +329,59 @@ class QuantizeInt8Pass(optcc.Pass):
             return int(w.shape[1]) * _int_attr(node, "group", 1)
         return int(w.shape[0] if _int_attr(node, "transB", 0) else w.shape[1])
 
+    def _keep_logits_float(self, graph: ir.Graph, plan: _Plan) -> None:
+        """The logits of an output head (the input of a Softmax/Sigmoid whose result
+        reaches a graph output through data movement, and back through Add/Mul with a
+        constant, e.g. a bias) stay float: Add/Mul there stay float ops; a Conv, Gemm or
+        MatMul there keeps its quantized inputs and weights but gets no output Q/DQ
+        (onnxruntime then runs it with a float result)."""
+        logits: set[ir.Value] = set()
+        stack = [v for v in graph.outputs]
+        seen: set[ir.Value] = set()
+        while stack:  # from the graph outputs back through data movement to a probability op
+            value = stack.pop()
+            if value in seen:
+                continue
+            seen.add(value)
+            node = value.producer()
+            if node is None or node.graph is not graph or not _is_default(node) or not node.inputs:
+                continue
+            if node.op_type in _PASS_THROUGH and node.inputs[0] is not None:
+                stack.append(node.inputs[0])
+            elif node.op_type in PROBABILITY_OPS and node.inputs[0] is not None:
+                logits.add(node.inputs[0])
+        stack = list(logits)
+        while stack:  # the logits' producers, back through data movement and constant Add/Mul
+            value = stack.pop()
+            node = value.producer()
+            if node is None or node.graph is not graph or not _is_default(node):
+                continue
+            if any(
+                u.node.op_type not in PROBABILITY_OPS and u.node.op_type not in ("Shape", "Size")
+                and u.node.outputs[0] not in logits
+                for u in value.uses()
+            ):
+                continue  # also read by something else: the usual rules apply
+            if node in plan.compute and node.op_type in ("Add", "Mul") and any(
+                v is not None and _const(v) is not None for v in node.inputs
+            ):
+                del plan.compute[node]
+                plan.keep("logits of an output head (Add/Mul with a constant before Softmax/Sigmoid)")
+            elif node in plan.compute and node.op_type in (*_WEIGHTED, "MatMul"):
+                plan.float_output.add(node)
+                continue
+            if node.op_type in _PASS_THROUGH | {"Add", "Mul"}:
+                for v in node.inputs:
+                    if v is not None and _const(v) is None and v not in logits:
+                        logits.add(v)
+                        stack.append(v)
+
     def _absorb_activations(self, graph: ir.Graph, plan: _Plan) -> None:
         if self.activation_type != "uint8":
             return
         for node in list(plan.compute):
+            if node in plan.float_output:
+                continue
             out = node.outputs[0]
             uses = list(out.uses())
             if out.is_graph_output() or len(uses) != 1:
@@ -383,6 +440,8 @@ class QuantizeInt8Pass(optcc.Pass):
                     if v is not None and _const(v) is None and v not in plan.params:
                         plan.params[v] = of_range(v)  # type: ignore[assignment]
                 out = node.outputs[0]
+                if node in plan.float_output:
+                    continue
                 source = plan.absorbed[node].outputs[0] if node in plan.absorbed else out
                 plan.params[out] = of_range(source)  # type: ignore[assignment]
             elif node in plan.shared:
@@ -457,7 +516,8 @@ class _Rewriter:
             self.stats["layers"].append(layer_id(node))
             deq = self.dq_of.get(node.outputs[0])
             # the layer's result: its name in the float model, and in this one (DQ output)
-            self.stats["layer_outputs"][layer_id(node)] = [float_names[node], deq.name if deq else None]
+            result = deq.name if deq else (node.outputs[0].name if node in plan.float_output else None)
+            self.stats["layer_outputs"][layer_id(node)] = [float_names[node], result]
         for node in plan.shared:
             _count(self.stats["quantized"], node.op_type)
 
