@@ -8,6 +8,7 @@ data may not point outside the model's folder, and output files appear atomicall
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import secrets
 import tempfile
@@ -36,6 +37,7 @@ __all__ = [
     "unique_value_name",
     "value_names",
     "const_tensor",
+    "large_initializers_set_aside",
     "serialize",
     "tensor_protos",
     "create_temp_file",
@@ -535,7 +537,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
                 )
             ir.save(model, tmp_name, external_data=data_name, size_threshold_bytes=1024)
         else:
-            _write_bytes(tmp_name, serialize(model).SerializeToString())
+            _write_streamed(model, tmp_name)
         os.replace(tmp_name, out)
     except BaseException:
         if os.path.exists(tmp_name):
@@ -543,9 +545,86 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         raise
 
 
-def _write_bytes(path: str, data: bytes) -> None:
+# dtypes whose raw_data is the NumPy array's little-endian bytes
+_RAW_DTYPES = frozenset({
+    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE,
+    ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
+    ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64, ir.DataType.BOOL,
+})
+STREAM_MIN_BYTES = 1 << 20  # initializers at least this large are written straight from memory
+
+
+@contextlib.contextmanager
+def large_initializers_set_aside(model: ir.Model, min_bytes: int) -> Iterator[list[tuple[ir.Value, ir.TensorProtocol]]]:
+    """Within the block, the main graph's initializers of at least ``min_bytes`` (and the
+    external ones) hold empty tensors of their dtype, so that serializing the model copies
+    no weights; yields the (value, tensor) pairs set aside and restores them on exit."""
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or tensor.dtype == ir.DataType.STRING:
+                continue
+            if isinstance(tensor, ir.ExternalTensor) or tensor.nbytes >= min_bytes:
+                swapped.append((value, tensor))
+                value.const_value = ir.Tensor(np.zeros(0, dtype=tensor.dtype.numpy()), name=tensor.name)
+        yield swapped
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _graph_initializer_field(tensor_start: bytes, extra: int = 0) -> bytes:
+    """``ModelProto.graph (7) { GraphProto.initializer (5) { tensor } }`` up to the end of
+    ``tensor_start``; ``extra`` more bytes of the tensor follow it in the file."""
+    tensor_len = len(tensor_start) + extra
+    graph_len = 1 + len(_varint(tensor_len)) + tensor_len
+    return b"\x3a" + _varint(graph_len) + b"\x2a" + _varint(tensor_len) + tensor_start
+
+
+def _write_streamed(model: ir.Model, path: str) -> None:
+    """Write the model without ever holding a serialized copy of its large weights: the
+    model without initializers, then one ``graph { initializer { ... } }`` fragment per
+    initializer in order, a large one's raw_data written from the array's memory.
+    Protobuf merges repeated occurrences of a message field, so the file parses to the
+    same model as the one-piece serialization. Peak memory stays near the weights' own
+    size instead of three times it (VGG-19 with 513 MB of folded weights: 2.2 GB before)."""
+    with large_initializers_set_aside(model, STREAM_MIN_BYTES) as aside:
+        streamed = [(v, t) for v, t in aside if not isinstance(t, ir.ExternalTensor) and t.dtype in _RAW_DTYPES]
+        keep = {v.name for v, t in aside} - {v.name for v, _ in streamed}
+        for value, tensor in aside:  # these are serialized the ordinary way
+            if value.name in keep:
+                value.const_value = tensor
+        proto = serialize(model)
+    big = {v.name: t for v, t in streamed}
+    initializers = list(proto.graph.initializer)  # in order; the big ones are placeholders
+    del proto.graph.initializer[:]
     with open(path, "wb") as f:
-        f.write(data)
+        f.write(proto.SerializeToString())
+        del proto
+        for initializer in initializers:
+            tensor = big.get(initializer.name)
+            if tensor is None:
+                f.write(_graph_initializer_field(initializer.SerializeToString()))
+                continue
+            array = np.ascontiguousarray(tensor.numpy())
+            if array.dtype.byteorder == ">":
+                array = array.astype(array.dtype.newbyteorder("<"))
+            header = onnx.TensorProto(name=initializer.name, dims=list(array.shape),
+                                      data_type=int(tensor.dtype)).SerializeToString()
+            data = memoryview(array.reshape(-1).view(np.uint8))
+            raw_field = b"\x4a" + _varint(data.nbytes)  # TensorProto.raw_data (9)
+            f.write(_graph_initializer_field(header + raw_field, extra=data.nbytes))
+            f.write(data)
         f.flush()
         os.fsync(f.fileno())
 

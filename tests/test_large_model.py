@@ -106,6 +106,48 @@ def test_forced_external_data_round_trip(tmp_path: Path) -> None:
     assert again.report.verification["status"] == "passed"
 
 
+def test_large_weights_are_streamed_to_one_file_that_parses_to_the_same_model(tmp_path: Path) -> None:
+    """optcc.ir.save writes weights of 1 MiB and more from memory as separate protobuf
+    fragments; the file must parse to exactly the one-piece serialization (order, dtypes,
+    names) and run the same."""
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(0)
+    big_f32 = rng.standard_normal((600, 600)).astype(np.float32)  # 1.4 MB
+    big_f16 = rng.standard_normal((800, 700)).astype(np.float16)  # 1.1 MB
+    big_i64 = rng.integers(-5, 5, (400, 400)).astype(np.int64)  # 1.3 MB
+    small = rng.standard_normal(600).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["m"]),
+        helper.make_node("Add", ["m", "b"], ["a"]),
+        helper.make_node("Cast", ["H"], ["h32"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["h32"], ["hs"], keepdims=0),
+        helper.make_node("Cast", ["I"], ["i32"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["i32"], ["is"], keepdims=0),
+        helper.make_node("Add", ["hs", "is"], ["t"]),
+        helper.make_node("Add", ["a", "t"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 600])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 600])],
+        [numpy_helper.from_array(big_f32, "W"), numpy_helper.from_array(small, "b"),
+         numpy_helper.from_array(big_f16, "H"), numpy_helper.from_array(big_i64, "I")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.from_proto(proto)
+    model.graph.initializers["W"].const_value = ir.Tensor(big_f32)  # in memory, as folding makes them
+    path = tmp_path / "m.onnx"
+    optcc.ir.save(model, path)
+    assert not list(tmp_path.glob("*.data")), "one file, no external data"
+    loaded = onnx.load(str(path))
+    assert loaded.SerializeToString() == optcc.ir.serialize(model).SerializeToString()
+    onnx.checker.check_model(str(path))
+    x = rng.standard_normal((2, 600)).astype(np.float32)
+    want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(got[0], want[0])
+
+
 def test_passes_are_not_reverted_on_external_data_models(tmp_path: Path) -> None:
     model = tmp_path / "model.onnx"
     onnx.save_model(
