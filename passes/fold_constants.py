@@ -183,6 +183,7 @@ class _GraphFolder:
         self.options = options
         self.stats = stats
         self.rejected: set[ir.Node] = set()
+        self._freed_memo: dict[ir.Value, int] = {}
 
     def _const(self, value: ir.Value) -> np.ndarray | None:
         return const_array(value, inputs_constant=self.inputs_constant)
@@ -344,7 +345,15 @@ class _GraphFolder:
         return value.is_graph_output() or any(use.node not in folded for use in value.uses())
 
     def _freed(self, value: ir.Value, folded: set[ir.Node]) -> int:
-        """Bytes of an existing constant that folding ``folded`` leaves unused (0 if none)."""
+        """Bytes of an existing constant that folding ``folded`` leaves unused (0 if none).
+        Memoized in ``self._freed_memo``, which ``_size_policy`` clears whenever ``folded``
+        changes (a constant shared by hundreds of nodes made this quadratic)."""
+        memo = self._freed_memo
+        if value not in memo:
+            memo[value] = self._freed_bytes(value, folded)
+        return memo[value]
+
+    def _freed_bytes(self, value: ir.Value, folded: set[ir.Node]) -> int:
         if value.is_graph_output() or value.is_graph_input():
             return 0
         if not all(use.node in folded for use in value.uses()):
@@ -372,11 +381,13 @@ class _GraphFolder:
         limit = self.options.max_growth_bytes
         kept: set[ir.Node] = set()
         members = set(folded)
+        self._freed_memo = {}
         while True:
             changed = False
             for node in reversed(folded):  # consumers first: a kept consumer needs its inputs
                 if node in members and self._growth(node, results, members) > limit:
                     members.discard(node)
+                    self._freed_memo = {}
                     kept.add(node)
                     changed = True
             growth = {n: self._growth(n, results, members) for n in folded if n in members}
@@ -389,6 +400,7 @@ class _GraphFolder:
             if total > limit:
                 growing = {n for n, g in growth.items() if g > 0}
                 members -= growing
+                self._freed_memo = {}
                 kept |= growing
                 changed |= bool(growing)
             if not changed:
