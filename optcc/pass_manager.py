@@ -182,8 +182,9 @@ class PassManager:
     def _run_pass(
         self, pass_: PassLike, model: ir.Model, *, iteration: int | None
     ) -> tuple[ir.Model, bool]:
-        """Run one pass. Passes that are verified get a new checkpoint first: they are the
-        ones most likely reverted, and verification dwarfs the copy."""
+        """Run one pass. Passes that are verified get a new checkpoint before (they are the
+        ones most likely reverted) and after (they may be costly to replay); verification
+        dwarfs the copies."""
         name = pass_name(pass_)
         if self._verifies(pass_) and self._since_checkpoint:
             self._set_checkpoint(model)
@@ -224,13 +225,15 @@ class PassManager:
                     )
         if status in ("failed", "reverted"):
             model = self._restore()
+        elif status == "changed" and self._verifies(pass_):
+            self._set_checkpoint(model)  # a revert later never replays a verified pass
         else:
             self._since_checkpoint.append(pass_)
-            if status == "changed":
-                self._kept.append(getattr(pass_, "numerics", "exact"))
-                if getattr(pass_, "float16_interface", False):
-                    self._signature = signature(model)  # later passes keep the new interface
-                self._summary = (oir.op_histogram(model), oir.weight_bytes(model))
+        if status == "changed":
+            self._kept.append(getattr(pass_, "numerics", "exact"))
+            if getattr(pass_, "float16_interface", False):
+                self._signature = signature(model)  # later passes keep the new interface
+            self._summary = (oir.op_histogram(model), oir.weight_bytes(model))
         hist_after, bytes_after = self._summary
         self._records.append(
             PassRecord(
