@@ -555,13 +555,17 @@ STREAM_MIN_BYTES = 1 << 20  # initializers at least this large are written strai
 
 
 @contextlib.contextmanager
-def large_initializers_set_aside(model: ir.Model, min_bytes: int) -> Iterator[list[tuple[ir.Value, ir.TensorProtocol]]]:
-    """Within the block, the main graph's initializers of at least ``min_bytes`` (and the
-    external ones) hold empty tensors of their dtype, so that serializing the model copies
-    no weights; yields the (value, tensor) pairs set aside and restores them on exit."""
+def large_initializers_set_aside(
+    model: ir.Model, min_bytes: int, *, bodies: bool = False
+) -> Iterator[list[tuple[ir.Value, ir.TensorProtocol]]]:
+    """Within the block, the main graph's (with ``bodies``, every graph's) initializers of
+    at least ``min_bytes`` and the external ones hold empty tensors of their dtype, so
+    that serializing the model copies no weights; yields the (value, tensor) pairs set
+    aside and restores them on exit."""
     swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    graphs_ = [g for g in graphs(model) if isinstance(g, ir.Graph)] if bodies else [model.graph]
     try:
-        for value in model.graph.initializers.values():
+        for value in (v for g in graphs_ for v in g.initializers.values()):
             tensor = value.const_value
             if tensor is None or tensor.dtype == ir.DataType.STRING:
                 continue
