@@ -8,26 +8,33 @@ For every model, on the same calibration data and the same held-out data, in one
 
 - ``fp32``: the float model (latency reference);
 - ``optcc-minmax`` / ``optcc-entropy``: ``optcc.quantize.quantize_int8`` (QDQ, per-channel
-  int8 weights, uint8 activations), accuracy fallback off so the comparison is like for like;
-- ``optcc-minmax+fallback``: the same with the accuracy-aware fallback (target 25 dB on
-  the held-out data; at most ``--max-float`` layers returned to float, the ``--ranked``
-  first layers ranked by sensitivity);
+  int8 weights, uint8 activations), accuracy fallback and the accuracy/speed checks off,
+  so the comparison is like for like (the raw INT8 model);
+- ``optcc-minmax+fallback``: what a user gets by default: the accuracy-aware fallback
+  (target 25 dB on the held-out data; at most ``--max-float`` layers returned to float,
+  default half of them; at most ``--ranked`` layers ranked by sensitivity), then the
+  decision: the INT8 model, or the float model when INT8 misses the target or is not
+  faster than float32 (column "decision");
 - ``ort-minmax`` / ``ort-minmax+pre`` / ``ort-entropy``: ``quantize_static`` (QDQ,
   per_channel=True, QUInt8 activations, QInt8 weights), without / with
   ``quant_pre_process`` first, MinMax or Entropy calibration.
 
 Inputs: detectors get random crops (random scale, flips) of scikit-image's astronaut(),
 chelsea(), coffee() and rocket() resized to the model's input; OCR recognition and
-direction classification get crops of text lines from page() and text(). Calibration
-and held-out samples are different crops (different seeds).
+direction classification get crops of text lines from page() and text() (random windows,
+which often cut between lines), or with ``--real-lines`` whole lines of page() found by
+their ink rows. Calibration and held-out samples are different crops (different seeds).
 
 Each configuration runs in a fresh subprocess (``--timeout`` seconds, address space
 capped at ``--memory-gb``), which reports: calibration+quantization time and the peak RSS
 of the process at that point (interpreter, onnxruntime and the model included), then
 validity (onnx.checker + onnxruntime loads it), SQNR on the held-out samples (worst
 output; float model with ORT_DISABLE_ALL vs the quantized one with ORT_ENABLE_ALL, i.e.
-the integer kernels), CPU latency (2 intra-op threads, median of ``--runs``), the
-integer kernels onnxruntime runs (QLinearConv, QLinearMatMul, QGemm, ...) and the size.
+the integer kernels), CPU latency (2 intra-op threads) of the result and of the float32
+model measured interleaved in the same process (``optcc.quant_fallback.compare_latency``:
+``--runs`` rounds of 5 runs each, median of the round medians; "spread" is the largest
+max/min ratio of round medians, the noise), the integer kernels onnxruntime runs
+(QLinearConv, QLinearMatMul, QGemm, ...) and the size.
 """
 
 from __future__ import annotations
@@ -111,6 +118,46 @@ def text_lines(h: int, w: int, n: int, seed: int) -> list[np.ndarray]:
     return out
 
 
+def _line_bands(img: np.ndarray) -> list[tuple[int, int]]:
+    """Row bands (y0, y1) of a page's text lines: rows where more than 5% of the pixels
+    are ink (20 grey levels darker than the 31-pixel local mean), at least 6 rows tall."""
+    from scipy.ndimage import uniform_filter
+
+    grey = img.mean(-1) * 255.0
+    rows = (grey < uniform_filter(grey, 31) - 20).mean(1) > 0.05
+    bands, start = [], None
+    for y, inked in enumerate([*rows.tolist(), False]):
+        if inked and start is None:
+            start = y
+        elif not inked and start is not None:
+            if y - start >= 6:
+                bands.append((start, y))
+            start = None
+    return bands
+
+
+def page_lines(h: int, w: int, n: int, seed: int) -> list[np.ndarray]:
+    """Crops of whole text lines of page() (found by ``_line_bands``, 2-4 rows of margin),
+    a random horizontal window of the line's aspect: what a recognizer is fed after
+    detection (the random crops of ``text_lines`` often cut between lines)."""
+    from skimage import data as skd
+
+    img = _rgb(skd.page())
+    bands = _line_bands(img)
+    rng = np.random.default_rng(seed)
+    H, W = img.shape[:2]
+    out = []
+    for _ in range(n):
+        y0, y1 = bands[int(rng.integers(len(bands)))]
+        margin = int(rng.integers(2, 5))
+        y0, y1 = max(0, y0 - margin), min(H, y1 + margin)
+        cw = int(min(W, (y1 - y0) * w / h * rng.uniform(0.8, 1.2)))
+        x = int(rng.integers(0, W - cw + 1))
+        crop = _resize(img[y0:y1, x : x + cw], h, w)
+        out.append(np.ascontiguousarray(((crop - 0.5) / 0.5).transpose(2, 0, 1)))
+    return out
+
+
 def document_images(h: int, w: int, n: int, seed: int) -> list[np.ndarray]:
     """Random crops (several text lines) of page() and text(), ImageNet-normalized: what
     a text detector is for."""
@@ -130,11 +177,13 @@ def document_images(h: int, w: int, n: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def samples(model: str, n: int, seed: int, input_name: str, documents: bool = False) -> list[dict[str, np.ndarray]]:
-    """``documents``: a text detector gets document crops for every other sample."""
+def samples(model: str, n: int, seed: int, input_name: str, documents: bool = False,
+            real_lines: bool = False) -> list[dict[str, np.ndarray]]:
+    """``documents``: a text detector gets document crops for every other sample;
+    ``real_lines``: OCR rec/cls get whole text lines of page() (``page_lines``)."""
     h, w, kind = MODELS[model]
     if kind == "text":
-        arrays = text_lines(h, w, n, seed)
+        arrays = page_lines(h, w, n, seed) if real_lines else text_lines(h, w, n, seed)
     elif documents and model.startswith("ppocr"):
         photos = detector_images(h, w, n - n // 2, seed, imagenet=kind == "detector-imagenet")
         docs = document_images(h, w, n // 2, seed)
@@ -245,13 +294,13 @@ def worker(args: argparse.Namespace) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import optcc
-    from optcc.quant_fallback import evaluate, integer_op_histogram, measure_latency
+    from optcc.quant_fallback import compare_latency, evaluate, integer_op_histogram
 
     folder = Path(args.scratch)
     source = _prepare_model(args.model, folder)
     input_name = onnx.load(source, load_external_data=False).graph.input[0].name
-    calib = samples(args.model, args.calibration_samples, 0, input_name, args.documents)
-    held = samples(args.model, args.held_out_samples, 1, input_name, args.documents)
+    calib = samples(args.model, args.calibration_samples, 0, input_name, args.documents, args.real_lines)
+    held = samples(args.model, args.held_out_samples, 1, input_name, args.documents, args.real_lines)
     result: dict = {"model": args.model, "config": args.config}
     out = folder / f"{args.model}.{args.config}.onnx"
     rss_before = _peak_rss_mib()
@@ -268,10 +317,15 @@ def worker(args: argparse.Namespace) -> dict:
             str(source), calib + held if fallback else calib, method,
             holdout_fraction=len(held) / (len(calib) + len(held)) if fallback else 0.0,
             accuracy_fallback=fallback, max_float_layers=args.max_float, max_layers_ranked=args.ranked,
+            require_target=fallback, require_speedup=fallback,
         )
         optcc.ir.save(model, out)
         result["kept_float"] = stats["fallback"].get("kept_float", [])
         result["target_met"] = stats["fallback"].get("target_met")
+        if fallback:
+            result["decision"] = "int8" if stats["modified"] else f"float32 ({stats.get('declined')})"
+            result["reason"] = stats.get("reason")
+            result["fallback_sqnr_db"] = stats["fallback"].get("evaluation", {}).get("sqnr_db")
     else:
         _ort_quantize(source, out, calib, "entropy" if "entropy" in config else "minmax", pre=config.endswith("+pre"))
     result["quantize_s"] = round(time.perf_counter() - start, 2)
@@ -289,7 +343,10 @@ def worker(args: argparse.Namespace) -> dict:
     result["sqnr_db"] = evaluate(reference, quantized, held).worst_sqnr_db
     if MODELS[args.model][2] == "text" and "rec" in args.model:
         result["ctc_match"] = round(ctc_match(reference, quantized, held), 3)
-    result["latency_ms"] = round(measure_latency(quantized, held[0], threads=2, runs=args.runs) * 1e3, 3)
+    timing = compare_latency(reference, quantized, held, threads=2, rounds=args.runs, runs=5)
+    result["latency_ms"] = round(timing["int8_s"] * 1e3, 3)
+    result["fp32_latency_ms"] = round(timing["float32_s"] * 1e3, 3)
+    result["spread"] = round(max(timing["spread"]), 2)
     ops = integer_op_histogram(quantized)
     result["integer_nodes"] = sum(n for op, n in ops.items() if op not in ("QuantizeLinear", "DequantizeLinear"))
     result["size_mib"] = round(out.stat().st_size / 2**20, 2)
@@ -303,8 +360,10 @@ def run_one(model: str, config: str, args: argparse.Namespace, scratch: str) -> 
     command = [
         sys.executable, __file__, "--worker", "--model", model, "--config", config, "--scratch", scratch,
         "--calibration-samples", str(args.calibration_samples), "--held-out-samples", str(args.held_out_samples),
-        "--runs", str(args.runs), "--max-float", str(args.max_float), "--ranked", str(args.ranked),
+        "--runs", str(args.runs), "--ranked", str(args.ranked),
+        *(["--max-float", str(args.max_float)] if args.max_float is not None else []),
         *(["--documents"] if args.documents else []),
+        *(["--real-lines"] if args.real_lines else []),
     ]
     limit = args.memory_gb * 2**30
 
@@ -323,26 +382,28 @@ def run_one(model: str, config: str, args: argparse.Namespace, scratch: str) -> 
 
 
 def table(rows: list[dict]) -> str:
-    fp32 = {r["model"]: r.get("latency_ms") for r in rows if r["config"] == "fp32" and r["status"] == "ok"}
     head = (
-        "| model | config | status | valid | SQNR dB (held-out) | latency ms (2 thr) | vs fp32 | integer nodes |"
-        " quantize s | peak RSS MiB | size MiB | kept float | CTC match |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| model | config | status | valid | SQNR dB (held-out) | CTC match | latency ms (2 thr) | fp32 ms (same process)"
+        " | vs fp32 | spread | integer nodes | quantize s | peak RSS MiB | size MiB | kept float | decision |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['config']} | {r['status']} |" + " |" * 10)
+            lines.append(f"| {r['model']} | {r['config']} | {r['status']} |" + " |" * 13)
             continue
-        base = fp32.get(r["model"])
-        speed = f"{base / r['latency_ms']:.2f}x" if base and r["config"] != "fp32" else ""
+        fp32 = r.get("fp32_latency_ms")
+        speed = f"{fp32 / r['latency_ms']:.2f}x" if fp32 and r["config"] != "fp32" else ""
         sqnr = r["sqnr_db"]
         sqnr_text = "exact" if sqnr == float("inf") else f"{sqnr:.1f}"
         kept = r.get("kept_float")
         kept_text = "" if kept is None else (f"{len(kept)} ({'met' if r.get('target_met') else 'not met'})")
+        quantizing = r["config"] != "fp32"
         lines.append(
-            f"| {r['model']} | {r['config']} | ok | {r['valid'] is True} | {sqnr_text} | {r['latency_ms']:.2f} | {speed} |"
-            f" {r['integer_nodes']} | {r['quantize_s'] if r['config'] != 'fp32' else ''} |"
-            f" {r['peak_rss_mib'] if r['config'] != 'fp32' else ''} | {r['size_mib']} | {kept_text} | {r.get('ctc_match', '')} |"
+            f"| {r['model']} | {r['config']} | ok | {r['valid'] is True} | {sqnr_text} | {r.get('ctc_match', '')} |"
+            f" {r['latency_ms']:.2f} | {fp32 if fp32 is not None else ''} | {speed} | {r.get('spread', '')} |"
+            f" {r['integer_nodes']} | {r['quantize_s'] if quantizing else ''} |"
+            f" {r['peak_rss_mib'] if quantizing else ''} | {r['size_mib']} | {kept_text} | {r.get('decision', '')} |"
         )
     return "\n".join(lines)
 
@@ -354,12 +415,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-samples", type=int, default=8)
     parser.add_argument("--held-out-samples", type=int, default=4)
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--max-float", type=int, default=8)
-    parser.add_argument("--ranked", type=int, default=24)
+    parser.add_argument("--max-float", type=int, default=None, help="default: half the quantized layers")
+    parser.add_argument("--ranked", type=int, default=256)
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--memory-gb", type=int, default=16)
     parser.add_argument("--documents", action="store_true",
                         help="the PP-OCR text detector gets page()/text() crops for half its samples")
+    parser.add_argument("--real-lines", action="store_true",
+                        help="OCR rec/cls get whole text lines of page() instead of random crops of page()/text()")
     parser.add_argument("--json", help="write the raw rows here")
     parser.add_argument("--out", help="write the markdown table here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -65,6 +65,7 @@ def optimize(
     int8_calibration: Iterable[Feeds] | None = None,
     int8_method: str = "minmax",
     int8_dynamic: bool = False,
+    int8_options: Mapping[str, Any] | None = None,
     fold_large: bool = False,
 ) -> OptimizeResult:
     """Optimize ``model`` (path, bytes, onnx.ModelProto or onnx_ir.Model).
@@ -81,6 +82,9 @@ def optimize(
     float32; ``int8_calibration``, when
     given, serves as range data); ``int8_calibration`` (feed dicts) quantizes to INT8 with
     ``int8_method`` calibration, verified on the held-out last 20% of the samples;
+    ``int8_options`` are passed to ``optcc.quantize.quantize_int8`` (e.g.
+    ``{"require_speedup": False}``, ``{"target": Target(min_sqnr_db=30)}``); when INT8 is
+    declined (not faster, or misses the target) the report says why in a warning.
     ``int8_dynamic`` quantizes MatMuls dynamically. These change what is computed, so the
     final verification uses the FP16/INT8 tolerances.
     """
@@ -107,7 +111,7 @@ def optimize(
     elif quantizing:
         if not samples:
             raise BadInputError("INT8 calibration data holds no samples")
-        pipeline.append(CalibratedInt8Pass(samples, int8_method, progress=progress))
+        pipeline.append(CalibratedInt8Pass(samples, int8_method, progress=progress, **dict(int8_options or {})))
         if inputs is None:
             inputs = samples[-max(1, len(samples) // 5):]  # the held-out part
     if int8_dynamic:
@@ -128,6 +132,10 @@ def optimize(
         outcome = manager.run(working, fresh=_fresh_copies(model, original))
         report.passes = outcome.records
         report.warnings.extend(outcome.warnings)
+        report.warnings.extend(
+            f"INT8 not applied: {r.stats['reason']}" for r in outcome.records
+            if r.name == CalibratedInt8Pass.name and r.status == "unchanged" and r.stats.get("reason")
+        )
         if verify and verifier is not None:
             check = verifier.check(outcome.model, outcome.numerics)
             report.verification = {**check.to_dict(), "summary": check.describe()}
@@ -162,13 +170,15 @@ class CalibratedInt8Pass(ir.passes.FunctionalPass):
     level = None
     numerics = "int8"
 
-    def __init__(self, samples: list[dict[str, np.ndarray]], method: str, *, progress: bool = False) -> None:
+    def __init__(self, samples: list[dict[str, np.ndarray]], method: str, *, progress: bool = False,
+                 **options: Any) -> None:
         super().__init__()
-        self.samples, self.method, self.progress = samples, method, progress
+        self.samples, self.method, self.progress, self.options = samples, method, progress, options
 
     def call(self, model: ir.Model) -> PassResult:
         from optcc.quantize import quantize_int8
 
-        quantized, stats = quantize_int8(model.clone(), self.samples, self.method, progress=self.progress)
+        quantized, stats = quantize_int8(model.clone(), self.samples, self.method, progress=self.progress,
+                                      **self.options)
         modified = any(n.op_type == "QuantizeLinear" for n in oir.nodes(quantized))
         return PassResult(quantized, modified, json.loads(json.dumps(stats, default=str)))

@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 verification failed (nothing written unless --force);
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -18,7 +19,9 @@ import numpy as np
 from optcc import ir as oir
 from optcc.api import OptimizeResult, optimize
 from optcc.errors import ISSUES_URL, BadInputError, OptccError, VerificationError
+from optcc.quant_fallback import Target
 from optcc.registry import available_passes
+from optcc.verify import TOLERANCES
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -45,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="quantize to INT8 after the pipeline")
     p.add_argument("--calibration", help="calibration data (.npz or a folder of them) for --int8")
     p.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy", "mse"], default="minmax")
+    p.add_argument("--no-int8-speed-check", action="store_true",
+                   help="keep the INT8 model even when it is not faster than float32")
+    p.add_argument("--int8-target-sqnr", type=float, default=25.0,
+                   help="INT8 accuracy target: SQNR in dB on every output, held-out samples (default 25)")
     p.add_argument("--int8-dynamic", action="store_true",
                    help="quantize MatMuls dynamically to INT8 (no calibration data needed)")
     p.add_argument("--fp16-io", choices=["float32", "float16"], default="float32",
@@ -188,6 +195,9 @@ def run(argv: Sequence[str] | None = None) -> int:
             fp16_keep_io=args.fp16_io == "float32",
             int8_calibration=calibration,
             int8_method=args.calibration_method,
+            int8_options={"require_speedup": not args.no_int8_speed_check,
+                          "target": Target(min_sqnr_db=args.int8_target_sqnr)},
+            tolerances={"int8": dataclasses.replace(TOLERANCES["int8"], min_sqnr_db=args.int8_target_sqnr)},
             int8_dynamic=args.int8_dynamic,
             fold_large=args.fold_large,
         )

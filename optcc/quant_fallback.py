@@ -6,9 +6,10 @@
   argmax agreement for classifier-like outputs), on onnxruntime with its default
   optimizations, i.e. the integer kernels the user will run.
 - ``rank_sensitivity`` and ``fallback``: when the quantized model misses the target, rank
-  the quantized layers by sensitivity and return the worst to float one at a time until
-  the target holds.
-- ``measure_latency``: median latency on onnxruntime CPU (2 threads by default).
+  the quantized layers by sensitivity and return the worst to float (the top ``k``, ``k``
+  doubled then bisected) until the target holds.
+- ``measure_latency``: median latency on onnxruntime CPU (2 threads by default);
+  ``compare_latency``: float and INT8 measured interleaved, for the speed check.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "rank_sensitivity",
     "propagated_sqnr",
     "fallback",
+    "compare_latency",
 ]
 
 Feeds = Mapping[str, np.ndarray]
@@ -166,9 +168,9 @@ def _finite(x: float) -> float | str:
 class _Outputs:
     """Runs a model on the held-out samples once and keeps its outputs."""
 
-    def __init__(self, model: ir.Model, samples: Sequence[Feeds], optimized: bool,
+    def __init__(self, model: ir.Model | onnx.ModelProto, samples: Sequence[Feeds], optimized: bool,
                  extra: Sequence[str] = ()) -> None:
-        proto = oir.serialize(model)
+        proto = model if isinstance(model, onnx.ModelProto) else oir.serialize(model)
         declared = {o.name for o in proto.graph.output}
         for name in extra:
             if name not in declared:
@@ -218,26 +220,31 @@ def _flat(arrays: list[np.ndarray]) -> np.ndarray:
 
 def rank_sensitivity(reference: ir.Model, quantize: QuantizeFn, layers: Sequence[str],
                      samples: Sequence[Feeds], target: Target = Target(), *,
-                     max_layers: int = 64) -> list[dict[str, Any]]:
+                     max_layers: int = 64, chunk: int = 8) -> list[dict[str, Any]]:
     """Per layer, worst first: ``model_sqnr_db``, the worst model-output SQNR when only
     that layer is quantized (its error as propagated to the outputs), and
     ``local_sqnr_db``, the SQNR of the layer's own result then (its error with float
-    inputs). Only the first ``max_layers`` layers are ranked."""
+    inputs). Only the first ``max_layers`` layers are ranked. Streamed: one single-layer
+    model at a time, the float model's intermediates kept for ``chunk`` layers at a time."""
     model_outputs = [v.name for v in reference.graph.outputs]
-    singles = []
-    for layer in layers[:max_layers]:
-        model, stats = quantize(only=[layer])
-        float_name, quant_name = stats.get("layer_outputs", {}).get(layer, [None, None])
-        singles.append((layer, model, float_name, quant_name))
-    ref_out = _Outputs(reference, samples, False, extra=[f for _, _, f, _ in singles if f])
+    todo = list(layers[:max_layers])
     rows = []
-    for layer, model, float_name, quant_name in singles:
-        got = _Outputs(model, samples, False, extra=[quant_name] if quant_name else [])
-        evaluation = _compare(ref_out, got, model_outputs, target)
-        local = math.nan
-        if float_name in ref_out.names and quant_name in got.names:
-            local = sqnr_db(_flat(ref_out.get(float_name)), _flat(got.get(quant_name)))
-        rows.append({"layer": layer, "model_sqnr_db": evaluation.worst_sqnr_db, "local_sqnr_db": local})
+    for start in range(0, len(todo), chunk):
+        singles = []
+        for layer in todo[start:start + chunk]:
+            model, stats = quantize(only=[layer])
+            float_name, quant_name = stats.get("layer_outputs", {}).get(layer, [None, None])
+            singles.append((layer, oir.serialize(model), float_name, quant_name))
+            del model
+        ref_out = _Outputs(reference, samples, False, extra=[f for _, _, f, _ in singles if f])
+        for layer, proto, float_name, quant_name in singles:
+            got = _Outputs(proto, samples, False, extra=[quant_name] if quant_name else [])
+            evaluation = _compare(ref_out, got, model_outputs, target)
+            local = math.nan
+            if float_name in ref_out.names and quant_name in got.names:
+                local = sqnr_db(_flat(ref_out.get(float_name)), _flat(got.get(quant_name)))
+            rows.append({"layer": layer, "model_sqnr_db": evaluation.worst_sqnr_db, "local_sqnr_db": local})
+        del ref_out, singles
     rows.sort(key=lambda r: (r["model_sqnr_db"], math.inf if math.isnan(r["local_sqnr_db"]) else r["local_sqnr_db"]))
     return rows
 
@@ -277,45 +284,137 @@ def _extra_session(model: ir.Model, names: Sequence[str]) -> ort.InferenceSessio
     return _session(proto.SerializeToString(), ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
 
 
+def _candidates(layers: Sequence[str], propagated: Mapping[str, float], limit: int) -> list[str]:
+    """The layers worth ranking: all of them when there are at most ``limit``; else half
+    the budget on the first layers in graph order (their error is amplified by everything
+    after them: on PP-OCR, 40 dB of noise on the first conv's result alone costs the output
+    20 dB) and the rest on the layers whose results are worst in the fully quantized model."""
+    if len(layers) <= limit:
+        return list(layers)
+    chosen = list(layers[: limit // 2])
+    for layer in sorted(layers, key=lambda name: propagated.get(name, math.inf)):
+        if len(chosen) >= limit:
+            break
+        if layer not in chosen:
+            chosen.append(layer)
+    return chosen
+
+
 def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
              target: Target = Target(), *, max_float_layers: int | None = None,
-             max_layers_ranked: int = 64) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
+             max_layers_ranked: int = 256) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """Quantize; if the target is missed on ``samples``, return the most sensitive layers
-    to float one at a time (worst first; a layer stays float only when that improves the
-    worst output SQNR) until the target holds or ``max_float_layers`` are float. Candidates:
-    the ``max_layers_ranked`` layers whose results are worst in the fully quantized model
-    (``propagated_sqnr``), ranked by ``rank_sensitivity``. Returns the model, the pass
-    stats of the last quantization, and a report: ``initial`` and final ``evaluation``, ``sensitivity``
-    (the ranking), ``kept_float`` (layers returned to float, in order), ``target_met``."""
+    to float, worst first, until the target holds or ``max_float_layers`` are float.
+
+    Ranking (``rank_sensitivity``): each candidate layer quantized alone, by the worst
+    model-output SQNR that causes. Candidates: every quantized layer, or at most
+    ``max_layers_ranked`` of them (``_candidates``). Returning to float goes down the
+    ranking, the top ``k`` layers float: ``k`` doubles (1, 2, 4, ...) until the target
+    holds, then a bisection finds the smallest ``k`` that still meets it (one evaluation per
+    step; errors do not add up exactly, so every ``k`` is measured, never inferred). When
+    the ranking order cannot meet the target, the same search runs over the candidates in
+    graph order (the first ``k`` layers float), and the better of the two is kept.
+    Returns the model, the pass stats of the last quantization, and a report:
+    ``initial`` and final ``evaluation``, ``sensitivity`` (the ranking), ``tried`` (each
+    ``k`` evaluated), ``kept_float`` (layers returned to float, worst first),
+    ``target_met``. When the target is never met, the best model seen is returned with
+    ``target_met`` False (the driver then declines to quantize)."""
     model, stats = quantize(exclude=[])
     initial = evaluate(reference, model, samples, target)
-    report: dict[str, Any] = {"initial": initial.to_dict(), "kept_float": [], "sensitivity": []}
+    report: dict[str, Any] = {"initial": initial.to_dict(), "kept_float": [], "sensitivity": [], "tried": []}
     if initial.passed:
         report.update(evaluation=initial.to_dict(), target_met=True)
         return model, stats, report
     layers = list(stats.get("layers", []))
     propagated = propagated_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
-    # the layers whose results are worst in the full model are ranked by quantizing them alone
-    layers.sort(key=lambda layer: propagated.get(layer, math.inf))
-    ranking = rank_sensitivity(reference, quantize, layers, samples, target, max_layers=max_layers_ranked)
+    candidates = _candidates(layers, propagated, max_layers_ranked)
+    ranking = rank_sensitivity(reference, quantize, candidates, samples, target, max_layers=len(candidates))
     for row in ranking:
         row["propagated_sqnr_db"] = propagated.get(row["layer"], math.nan)
     report["sensitivity"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ranking]
-    limit = len(ranking) if max_float_layers is None else min(max_float_layers, len(ranking))
-    excluded: list[str] = []
-    best = (initial, model, stats)
+    ranked = [row["layer"] for row in ranking]
     tried: list[dict[str, Any]] = []
-    for row in ranking:
-        if len(excluded) >= limit or best[0].passed:
+    candidates_set = set(ranked)
+    best: tuple[list[str], int, dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]]] | None = None
+    # the ranking first; when it cannot meet the target, the layers in graph order (the
+    # first layers' error is amplified by all the others: on PP-OCRv4 rec, half the layers
+    # float gave 19.2 dB in graph order, 15.4 dB in ranking order)
+    for name, order in (("sensitivity", ranked), ("graph order", [x for x in layers if x in candidates_set])):
+        limit = len(order) if max_float_layers is None else min(max_float_layers, len(order))
+        k, results = _search(reference, quantize, samples, target, order, limit, initial, model, stats, tried, name)
+        found = results[k][0]
+        if best is None or found.passed or found.worst_sqnr_db > best[2][best[1]][0].worst_sqnr_db:
+            best = (order, k, results)
+        if found.passed:
             break
-        candidate, candidate_stats = quantize(exclude=[*excluded, row["layer"]])
-        evaluation = evaluate(reference, candidate, samples, target)
-        improved = evaluation.passed or evaluation.worst_sqnr_db > best[0].worst_sqnr_db
-        tried.append({"layer": row["layer"], "worst_sqnr_db": _finite(evaluation.worst_sqnr_db), "kept": improved})
-        if improved:  # a layer goes back to float only when that helps
-            excluded.append(row["layer"])
-            best = (evaluation, candidate, candidate_stats)
-    evaluation, model, stats = best
+    assert best is not None
+    best_order, k, results = best
+    evaluation, model, stats = results[k]
     report["tried"] = tried
-    report.update(kept_float=excluded, evaluation=evaluation.to_dict(), target_met=evaluation.passed)
+    report.update(kept_float=best_order[:k], evaluation=evaluation.to_dict(), target_met=evaluation.passed)
     return model, stats, report
+
+
+def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
+            order: Sequence[str], limit: int, initial: Evaluation, model: ir.Model, stats: dict[str, Any],
+            tried: list[dict[str, Any]], name: str,
+            ) -> tuple[int, dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]]]:
+    """The smallest ``k <= limit`` whose first ``k`` layers of ``order`` returned to float
+    meet the target: ``k`` doubles until it does, then bisection. When none does, the
+    ``k`` with the best worst-output SQNR. Returns ``k`` and the evaluated models by ``k``."""
+    results: dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]] = {0: (initial, model, stats)}
+
+    def attempt(k: int) -> Evaluation:
+        candidate, candidate_stats = quantize(exclude=order[:k])
+        evaluation = evaluate(reference, candidate, samples, target)
+        results[k] = (evaluation, candidate, candidate_stats)
+        tried.append({"order": name, "float_layers": k, "worst_sqnr_db": _finite(evaluation.worst_sqnr_db),
+                      "passed": evaluation.passed})
+        return evaluation
+
+    low, high, k = 0, None, 1  # low: largest k known to miss; high: smallest k known to meet
+    while limit and high is None:
+        k = min(k, limit)
+        if attempt(k).passed:
+            high = k
+        else:
+            low = k
+            if k >= limit:
+                break
+            k *= 2
+    while high is not None and high - low > 1:
+        mid = (low + high) // 2
+        if attempt(mid).passed:
+            high = mid
+        else:
+            low = mid
+    if high is None:  # never met: the best model seen, reported as missing the target
+        return max(results, key=lambda n: (results[n][0].worst_sqnr_db, -n)), results
+    return high, results
+
+
+def compare_latency(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds], *,
+                    threads: int = 2, rounds: int = 7, runs: int = 5) -> dict[str, Any]:
+    """Median latency of both models on onnxruntime CPU (all graph optimizations,
+    ``threads`` intra-op threads), interleaved so that both see the same machine load:
+    ``rounds`` times, each model runs ``runs`` times on the next held-out sample
+    (``optcc.latency.median_seconds``); the result is the median over rounds. Also the
+    spread (max/min of the per-round medians) of each, as a noise indication."""
+    sessions = [_session(m, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, threads=threads)
+                for m in (reference, candidate)]
+    per_round: list[list[float]] = [[], []]
+    for r in range(rounds):
+        feeds = samples[r % len(samples)]
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for i in order:
+            per_round[i].append(median_seconds(sessions[i], feeds, runs=runs, warmup=1 if r else 3))
+    ref_t, cand_t = (float(np.median(t)) for t in per_round)
+    return {
+        "float32_s": ref_t,
+        "int8_s": cand_t,
+        "ratio": cand_t / ref_t if ref_t > 0 else math.inf,
+        "spread": [max(t) / min(t) if min(t) > 0 else math.inf for t in per_round],
+        "threads": threads,
+        "rounds": rounds,
+        "runs_per_round": runs,
+    }

@@ -232,8 +232,10 @@ def test_int8_flag_calibrates_quantizes_and_verifies_on_held_out_samples(example
     data_path = tmp_path / "calib.npz"
     np.savez(data_path, image=rng.standard_normal((10, 1, 3, 32, 32)).astype(np.float32))
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    # the tiny model runs as fast in INT8 as in float32: without --no-int8-speed-check the
+    # speed check keeps it float about half the time
     code = cli.main([str(example), "--int8", "--calibration", str(data_path), "-o", str(out),
-                     "--report", str(report), "-q"])
+                     "--report", str(report), "-q", "--no-int8-speed-check"])
     assert code == 0
     data = json.loads(report.read_text())
     assert data["verification"]["numerics"] == "int8" and data["verification"]["samples"] == 2
@@ -259,3 +261,17 @@ def test_fold_large_materializes_weights_the_size_policy_keeps(tmp_path: Path):
     folded = sum(n.op_type == "ConstantOfShape" for n in onnx.load(large).graph.node)
     assert kept > 0 and folded < kept
     assert large.stat().st_size > small.stat().st_size + 2**20
+
+
+def test_an_unreachable_int8_target_writes_the_float_model_and_says_why(example: Path, tmp_path: Path):
+    rng = np.random.default_rng(0)
+    data_path = tmp_path / "calib.npz"
+    np.savez(data_path, image=rng.standard_normal((10, 1, 3, 32, 32)).astype(np.float32))
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code = cli.main([str(example), "--int8", "--calibration", str(data_path), "--int8-target-sqnr", "200",
+                     "--no-int8-speed-check", "-o", str(out), "--report", str(report), "-q"])
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert any(w.startswith("INT8 not applied") for w in data["warnings"]), data["warnings"]
+    assert data["verification"]["status"] == "passed" and data["verification"]["numerics"] != "int8"
+    assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(out).graph.node)

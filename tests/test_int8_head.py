@@ -102,7 +102,7 @@ def test_driver_folds_conv_affine_before_quantizing() -> None:
         oh.make_node("Conv", ["r1", "W2"], ["y"], name="conv2"),
     ]
     proto = _model(nodes, inits, "y", [1, 4, 8, 8])
-    quantized, stats = quantize_int8(proto, _samples(10, 3), holdout_fraction=0.2)
+    quantized, stats = quantize_int8(proto, _samples(10, 3), holdout_fraction=0.2, require_speedup=False)
     hist = optcc.ir.op_histogram(quantized)
     assert "float_fusions" in stats and "fuse-conv-affine" in stats["float_fusions"]
     assert hist.get("Mul", 0) == 0 and hist.get("Add", 0) == 0 and hist["Conv"] == 2

@@ -1,0 +1,173 @@
+"""INT8 driver: the fallback returns the top-ranked layers to float until the target holds,
+and the driver declines (returns the input model unchanged, with the reason) when INT8
+misses the accuracy target or is not faster than float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx.numpy_helper as nh
+from onnx import TensorProto as TP
+
+import optcc
+from optcc.quant_fallback import Target, compare_latency
+from optcc.quantize import quantize_int8
+
+# 16-wide random MatMuls lose ~8 dB each in INT8: the tests' target is 15 dB
+TARGET = Target(min_sqnr_db=15.0, min_argmax_agreement=0.5)
+TOLERANCE = {"int8": optcc.Tolerance(min_sqnr_db=15.0, min_cosine=0.97)}
+
+
+def _chain(sensitive: tuple[str, ...], n_layers: int) -> onnx.ModelProto:
+    """MatMul layers mm1..mmN (ReLU after each but the last). In a sensitive layer, input
+    feature 0 is always 0 (the previous layer's weight column 0 is zero) but the weight's
+    row 0 is huge: its per-column INT8 scale rounds every real weight to zero."""
+    rng = np.random.default_rng(7)
+    nodes, inits, x = [], [], "x"
+    weights = [(rng.normal(size=(16, 16)) * 0.3).astype(np.float32) for _ in range(n_layers)]
+    for i in range(n_layers):
+        name = f"mm{i + 1}"
+        if name in sensitive:
+            weights[i - 1][:, 0] = 0.0  # feature 0 of this layer's input is always 0
+            weights[i][0, :] = 1000.0
+    for i, w in enumerate(weights):
+        name = f"mm{i + 1}"
+        inits.append(nh.from_array(w, f"W{i + 1}"))
+        out = "y" if i == n_layers - 1 else f"h{i + 1}"
+        nodes.append(oh.make_node("MatMul", [x, f"W{i + 1}"], [out], name=name))
+        if i < n_layers - 1:
+            nodes.append(oh.make_node("Relu", [out], [f"r{i + 1}"], name=f"relu{i + 1}"))
+            x = f"r{i + 1}"
+    graph = oh.make_graph(nodes, "chain", [oh.make_tensor_value_info("x", TP.FLOAT, ["N", 16])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, ["N", 16])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _conv_bn() -> onnx.ModelProto:
+    """Conv -> BatchNormalization -> Relu -> Conv: the driver folds BN before quantizing."""
+    rng = np.random.default_rng(3)
+    inits = [
+        nh.from_array((rng.normal(size=(8, 3, 3, 3)) * 0.3).astype(np.float32), "W1"),
+        nh.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), "gamma"),
+        nh.from_array(rng.normal(size=8).astype(np.float32) * 0.1, "beta"),
+        nh.from_array(rng.normal(size=8).astype(np.float32) * 0.1, "mean"),
+        nh.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), "var"),
+        nh.from_array((rng.normal(size=(4, 8, 1, 1)) * 0.3).astype(np.float32), "W2"),
+    ]
+    nodes = [
+        oh.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        oh.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["b1"], name="bn1"),
+        oh.make_node("Relu", ["b1"], ["r1"], name="relu1"),
+        oh.make_node("Conv", ["r1", "W2"], ["y"], name="conv2"),
+    ]
+    graph = oh.make_graph(nodes, "convbn", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, [1, 4, 8, 8])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _rows(n: int, seed: int = 12) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(size=(4, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def _images(n: int, seed: int = 5) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def _ops(model: optcc.ir.Model | onnx.ModelProto) -> dict[str, int]:
+    if isinstance(model, onnx.ModelProto):
+        model = optcc.ir.load(model)
+    return optcc.ir.op_histogram(model)
+
+
+def test_fallback_returns_the_top_ranked_layers_until_the_target_holds() -> None:
+    model = _chain(("mm2", "mm4"), 5)
+    data = _rows(20)
+    # min_speedup tiny: the speed check always accepts (this test is about accuracy)
+    q, stats = quantize_int8(model, data, "minmax", min_speedup=1e-9, target=TARGET)
+    report = stats["fallback"]
+    assert report["initial"]["passed"] is False
+    assert {r["layer"] for r in report["sensitivity"][:2]} == {"mm2", "mm4"}
+    assert set(report["kept_float"]) == {"mm2", "mm4"} and report["target_met"] is True
+    # k doubles (1 misses, 2 meets), no bisection step left between them
+    assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [(1, False), (2, True)]
+    assert stats["modified"] is True and "declined" not in stats
+    assert set(stats["pass"]["layers"]) == {"mm1", "mm3", "mm5"}
+    hist = _ops(q)
+    assert hist["MatMul"] == 5 and hist["QuantizeLinear"] > 0
+    check = optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=data[-4:], tolerances=TOLERANCE)
+    assert check.passed, check.describe()
+
+
+def test_fallback_bisects_to_the_fewest_float_layers() -> None:
+    model = _chain(("mm2", "mm4", "mm6"), 8)
+    q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET)
+    report = stats["fallback"]
+    # 1, 2 miss, 4 meets; bisection tries 3, which meets: three layers float, not four
+    assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [
+        (1, False), (2, False), (4, True), (3, True)]
+    assert set(report["kept_float"]) == {"mm2", "mm4", "mm6"} and stats["modified"]
+
+
+def test_accuracy_decline_returns_the_input_model_with_the_reason() -> None:
+    model = _chain(("mm2", "mm3"), 3)  # both sensitive; at most int(0.5 * 3) = 1 may go float
+    q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET)
+    assert stats["modified"] is False and stats["declined"] == "accuracy"
+    assert "misses the accuracy target" in stats["reason"] and "at most 1 of 3" in stats["reason"]
+    assert stats["fallback"]["target_met"] is False and len(stats["fallback"]["kept_float"]) <= 1
+    # the ranking could not meet it, so graph order was searched too, within the same budget
+    tried = stats["fallback"]["tried"]
+    assert {t["order"] for t in tried} == {"sensitivity", "graph order"}
+    assert max(t["float_layers"] for t in tried) == 1
+    assert _ops(q) == _ops(model)  # no Q/DQ: the model as given
+    assert [i.name for i in q.graph.initializers.values()] == [i.name for i in model.graph.initializer]
+
+
+def test_speed_decline_skips_the_fallback_and_keeps_the_model_as_given() -> None:
+    model = _conv_bn()
+    # min_speedup huge: INT8 would have to be a million times faster, so it is declined
+    q, stats = quantize_int8(model, _images(10), "minmax", min_speedup=1e6)
+    assert stats["modified"] is False and stats["declined"] == "speed"
+    assert "not faster than float32" in stats["reason"] and "no fallback attempted" in stats["reason"]
+    timing = stats["latency"]["fully_quantized"]
+    assert timing["float32_s"] > 0 and timing["int8_s"] > 0 and len(timing["spread"]) == 2
+    assert "initial" not in stats["fallback"]  # the fallback never ran
+    # the input model itself, not the BN-folded float copy calibration used
+    assert _ops(q) == _ops(model) and _ops(q)["BatchNormalization"] == 1
+    check = optcc.verify(optcc.ir.load(model), q, numerics="exact", inputs=_images(3, seed=9))
+    assert check.passed, check.describe()
+
+
+def test_without_the_checks_the_quantized_model_comes_back() -> None:
+    model = _chain(("mm2", "mm3"), 3)
+    q, stats = quantize_int8(model, _rows(20), "minmax", require_speedup=False, require_target=False)
+    assert stats["modified"] is True and stats["fallback"]["target_met"] is False
+    assert _ops(q).get("QuantizeLinear", 0) > 0
+
+
+def test_optimize_reports_why_int8_was_not_applied() -> None:
+    """End to end through optimize(int8_calibration=...): the INT8 model would miss the
+    target (or not be faster), so the pass leaves the model float, says why, and the
+    result verifies."""
+    model = _chain(("mm2", "mm3"), 3)
+    data = _rows(20)
+    result = optcc.optimize(model, passes=[], int8_calibration=data, verify=True)
+    (record,) = [r for r in result.report.passes if r.name == "quantize-int8-calibrated"]
+    assert record.status == "unchanged"
+    assert record.stats["modified"] is False and record.stats["declined"] in ("accuracy", "speed")
+    assert "kept float32" in record.stats["reason"]
+    assert "QuantizeLinear" not in _ops(result.model)
+    assert result.report.verification["status"] == "passed"
+
+
+def test_compare_latency_interleaves_both_models() -> None:
+    model = optcc.ir.load(_conv_bn())
+    timing = compare_latency(model, model.clone(), _images(3), rounds=3, runs=2)
+    assert timing["float32_s"] > 0 and timing["int8_s"] > 0 and timing["rounds"] == 3
+    assert all(s >= 1.0 for s in timing["spread"])
