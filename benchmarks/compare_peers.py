@@ -112,18 +112,6 @@ def _optimize_worker(tool: str, source: str, target: str, shapes: dict[str, list
     return {"time_s": time.perf_counter() - start}
 
 
-def _count_nodes(graph: Any) -> int:
-    total = 0
-    for node in graph.node:
-        total += 1
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                total += _count_nodes(attr.g)
-            for sub in attr.graphs:
-                total += _count_nodes(sub)
-    return total
-
-
 def _file_bytes(path: Path, model: Any) -> int:
     """The model file plus the external data files it references."""
     import onnx
@@ -155,20 +143,11 @@ def _median_ms(session: Any, feeds: dict[str, Any], runs: int) -> float:
 
 
 def _max_rel_diff(reference: list[Any], got: list[Any]) -> float | None:
-    """Per output max |diff| / max |original|, the worst over outputs (the verifier's
-    definition); None when an output cannot be compared."""
-    import numpy as np
+    """The verifier's max rel (max |diff| / max |original| per output), worst output."""
+    from optcc.verify import Tolerance, compare_outputs
 
-    worst = 0.0
-    for ref, out in zip(reference, got):
-        if ref.shape != out.shape or not np.issubdtype(ref.dtype, np.floating):
-            continue
-        r, g = ref.astype(np.float64), out.astype(np.float64)
-        finite = np.isfinite(r) & np.isfinite(g)
-        scale = float(np.max(np.abs(r[finite]))) if finite.any() else 0.0
-        if scale > 0:
-            worst = max(worst, float(np.max(np.abs(r[finite] - g[finite]))) / scale)
-    return worst
+    rels = [compare_outputs("", "", ref, out, Tolerance()).max_rel for ref, out in zip(reference, got)]
+    return max((r for r in rels if r is not None), default=0.0)
 
 
 def _max_abs_diff(reference: list[Any], got: list[Any]) -> float | str:
@@ -197,9 +176,12 @@ def _evaluate_worker(model: str, feeds_path: str, reference: str, save_reference
     import onnx
     import onnxruntime as ort
 
+    from optcc.ir import proto_graphs
+
     proto = onnx.load(model, load_external_data=False)
+    nodes = sum(len(g.node) for g in proto_graphs(proto.graph)) + sum(len(f.node) for f in proto.functions)
     result: dict[str, Any] = {
-        "nodes": _count_nodes(proto.graph) + sum(len(f.node) for f in proto.functions),
+        "nodes": nodes,
         "bytes": _file_bytes(Path(model), proto),
     }
     try:

@@ -74,22 +74,8 @@ def realistic_input(name: str, shape: list[int]) -> np.ndarray:
 def float32_weight_share(proto: onnx.ModelProto) -> float:
     """The share of the file that float32 weight data (initializers, Constants, in every
     graph) takes: the best float16 size ratio is 1 - share / 2."""
-    total = 0
-
-    def visit(graph: onnx.GraphProto) -> None:
-        nonlocal total
-        tensors = list(graph.initializer)
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    tensors.append(attr.t)
-                if attr.HasField("g"):
-                    visit(attr.g)
-                for g in attr.graphs:
-                    visit(g)
-        total += sum(4 * math.prod(t.dims) for t in tensors if t.data_type == onnx.TensorProto.FLOAT)
-
-    visit(proto.graph)
+    total = sum(4 * math.prod(t.dims) for t in optcc.ir.tensor_protos(proto.graph)
+                if t.data_type == onnx.TensorProto.FLOAT)
     return total / max(1, proto.ByteSize())
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "unique_value_name",
     "value_names",
     "const_tensor",
+    "proto_graphs",
     "large_initializers_set_aside",
     "serialize",
     "tensor_protos",
@@ -153,15 +154,22 @@ def _check_versions(proto: onnx.ModelProto, label: str) -> None:
         )
 
 
-def _node_protos(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every NodeProto of a graph and of its subgraphs."""
+def proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """A serialized graph and every If/Loop/Scan body inside it, parents first (the
+    ``graphs`` walker's counterpart for protos)."""
+    yield graph
     for node in graph.node:
-        yield node
         for attr in node.attribute:
             if attr.HasField("g"):
-                yield from _node_protos(attr.g)
+                yield from proto_graphs(attr.g)
             for sub in attr.graphs:
-                yield from _node_protos(sub)
+                yield from proto_graphs(sub)
+
+
+def _node_protos(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every NodeProto of a graph and of its subgraphs."""
+    for g in proto_graphs(graph):
+        yield from g.node
 
 
 def _uses_default_domain(proto: onnx.ModelProto) -> bool:
@@ -173,19 +181,16 @@ def _uses_default_domain(proto: onnx.ModelProto) -> bool:
 
 def tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto of a graph and its subgraphs: initializers and tensor attributes."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from tensor_protos(attr.g)
-            for sub in attr.graphs:
-                yield from tensor_protos(sub)
+    for g in proto_graphs(graph):
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
 
 
 def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: str) -> bool:

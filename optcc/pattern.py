@@ -437,22 +437,13 @@ class _Names:
                 if node.name:
                     self.node_names.add(node.name)
 
-    @staticmethod
-    def _fresh(base: str, taken: set[str]) -> str:
-        name, i = base, 0
-        while name in taken:
-            i += 1
-            name = f"{base}_{i}"
-        taken.add(name)
-        return name
-
     def fresh(self, base: str) -> str:
         """A value name no graph of the model uses."""
-        return self._fresh(base, self.taken)
+        return oir.unique_value_name(None, base, self.taken)
 
     def fresh_node(self, base: str) -> str:
         """A node name no graph of the model uses."""
-        return self._fresh(base, self.node_names)
+        return oir.unique_value_name(None, base, self.node_names)
 
 
 class Builder:

@@ -79,19 +79,12 @@ def integer_op_histogram(model: ir.Model) -> dict[str, int]:
         path = os.path.join(folder, "optimized.onnx")
         _session(model, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, optimized_path=path)
         saved = onnx.load(path, load_external_data=False)
-    counts: collections.Counter[str] = collections.Counter()
-
-    def walk(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            if node.op_type in INTEGER_OPS or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-                counts[node.op_type] += 1
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    walk(attr.g)
-                for sub in attr.graphs:
-                    walk(sub)
-
-    walk(saved.graph)
+    counts = collections.Counter(
+        node.op_type
+        for graph in oir.proto_graphs(saved.graph)
+        for node in graph.node
+        if node.op_type in INTEGER_OPS or node.op_type in ("QuantizeLinear", "DequantizeLinear")
+    )
     return dict(sorted(counts.items()))
 
 

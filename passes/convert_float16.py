@@ -98,19 +98,10 @@ def _inferred_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
     except Exception:  # noqa: BLE001 - inference is a help, not a requirement
         return {}
     found: dict[str, ir.DataType] = {}
-
-    def visit(graph: onnx.GraphProto) -> None:
+    for graph in optcc.ir.proto_graphs(proto.graph):
         for info in (*graph.value_info, *graph.output, *graph.input):
             if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
                 found.setdefault(info.name, ir.DataType(info.type.tensor_type.elem_type))
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    visit(attr.g)
-                for g in attr.graphs:
-                    visit(g)
-
-    visit(proto.graph)
     return found
 
 

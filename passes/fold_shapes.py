@@ -123,15 +123,10 @@ def _drop_float_weight_data(graph: onnx.GraphProto) -> None:
 
 
 def _value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
-    yield from graph.input
-    yield from graph.value_info
-    yield from graph.output
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _value_infos(attr.g)
-            for sub in attr.graphs:
-                yield from _value_infos(sub)
+    for g in optcc.ir.proto_graphs(graph):
+        yield from g.input
+        yield from g.value_info
+        yield from g.output
 
 
 def _static_shape(value: ir.Value, inferred: dict[ir.Value, ir.Shape]) -> Dims | None:
