@@ -12,7 +12,7 @@ import contextlib
 import os
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Union
 
@@ -38,7 +38,7 @@ __all__ = [
     "value_names",
     "const_tensor",
     "proto_graphs",
-    "large_initializers_set_aside",
+    "initializers_set_aside",
     "serialize",
     "tensor_protos",
     "create_temp_file",
@@ -560,23 +560,22 @@ STREAM_MIN_BYTES = 1 << 20  # initializers at least this large are written strai
 
 
 @contextlib.contextmanager
-def large_initializers_set_aside(
-    model: ir.Model, min_bytes: int, *, bodies: bool = False
+def initializers_set_aside(
+    model: ir.Model, selects: Callable[[ir.TensorProtocol], bool], *, bodies: bool = False
 ) -> Iterator[list[tuple[ir.Value, ir.TensorProtocol]]]:
-    """Within the block, the main graph's (with ``bodies``, every graph's) initializers of
-    at least ``min_bytes`` and the external ones hold empty tensors of their dtype, so
-    that serializing the model copies no weights; yields the (value, tensor) pairs set
-    aside and restores them on exit."""
+    """Within the block, the main graph's (with ``bodies``, every graph's) initializers
+    whose tensor ``selects`` accepts hold empty tensors of their dtype, so that
+    serializing the model copies none of their data; yields the (value, tensor) pairs set
+    aside and restores them on exit. String tensors are never set aside."""
     swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
     graphs_ = [g for g in graphs(model) if isinstance(g, ir.Graph)] if bodies else [model.graph]
     try:
         for value in (v for g in graphs_ for v in g.initializers.values()):
             tensor = value.const_value
-            if tensor is None or tensor.dtype == ir.DataType.STRING:
+            if tensor is None or tensor.dtype == ir.DataType.STRING or not selects(tensor):
                 continue
-            if isinstance(tensor, ir.ExternalTensor) or tensor.nbytes >= min_bytes:
-                swapped.append((value, tensor))
-                value.const_value = ir.Tensor(np.zeros(0, dtype=tensor.dtype.numpy()), name=tensor.name)
+            swapped.append((value, tensor))
+            value.const_value = ir.Tensor(np.zeros(0, dtype=tensor.dtype.numpy()), name=tensor.name)
         yield swapped
     finally:
         for value, tensor in swapped:
@@ -607,14 +606,14 @@ def _write_streamed(model: ir.Model, path: str) -> None:
     Protobuf merges repeated occurrences of a message field, so the file parses to the
     same model as the one-piece serialization. Peak memory stays near the weights' own
     size instead of three times it (VGG-19 with 513 MB of folded weights: 2.2 GB before)."""
-    with large_initializers_set_aside(model, STREAM_MIN_BYTES) as aside:
-        streamed = [(v, t) for v, t in aside if not isinstance(t, ir.ExternalTensor) and t.dtype in _RAW_DTYPES]
-        keep = {v.name for v, t in aside} - {v.name for v, _ in streamed}
-        for value, tensor in aside:  # these are serialized the ordinary way
-            if value.name in keep:
-                value.const_value = tensor
+
+    def streamed(tensor: ir.TensorProtocol) -> bool:
+        return (not isinstance(tensor, ir.ExternalTensor) and tensor.dtype in _RAW_DTYPES
+                and tensor.nbytes >= STREAM_MIN_BYTES)
+
+    with initializers_set_aside(model, streamed) as aside:
         proto = serialize(model)
-    big = {v.name: t for v, t in streamed}
+    big = {v.name: t for v, t in aside}
     initializers = list(proto.graph.initializer)  # in order; the big ones are placeholders
     del proto.graph.initializer[:]
     with open(path, "wb") as f:
