@@ -3,11 +3,14 @@
 Calibration is an analysis, separate from the rewrite (``QuantizeInt8Pass(ranges=...)``):
 
 1. ``collect_statistics(model, data)`` runs the float model on onnxruntime (graph
-   optimizations off) with the wanted intermediates added as extra graph outputs, sample by
-   sample, and folds each activation into a ``TensorHistogram``. Only the running
-   statistics are kept, never the activations: memory is (tensors x bins), whatever the
-   number of samples. When one sample's activations would exceed ``memory_budget_bytes``,
-   the tensors are split into chunks, one onnxruntime session per chunk.
+   optimizations off), sample by sample. For ``minmax`` (``bins=0``) each tensor's min
+   and max are computed inside the graph (ReduceMin/ReduceMax added per tensor), so only
+   scalars leave onnxruntime. For the histogram methods the wanted intermediates are
+   added as extra graph outputs and each activation is folded into a
+   ``TensorHistogram``. Only the running statistics are kept, never the activations:
+   memory is (tensors x bins), whatever the number of samples. When one sample's
+   activations would exceed ``memory_budget_bytes``, the tensors are split into chunks,
+   one onnxruntime session per chunk.
 2. ``CalibrationStats.ranges(method)`` turns the statistics into a ``(lo, hi)`` range per
    tensor: ``minmax``, ``percentile`` (default 99.99), ``entropy`` (KL divergence, as in
    TensorRT) or ``mse`` (the clipping that minimizes the expected quantization error).
@@ -79,14 +82,15 @@ class TensorHistogram:
     """Running min/max and a fixed-size histogram of one tensor over ``[-2**e, 2**e]``.
 
     State: two floats, an exponent, a sample count and ``bins`` int64 counts, so its size
-    does not depend on how many values were added.
+    does not depend on how many values were added. ``bins=0`` keeps the min and max only
+    (all ``minmax`` needs).
     """
 
     __slots__ = ("bins", "counts", "exponent", "min", "max", "count")
 
     def __init__(self, bins: int = DEFAULT_BINS) -> None:
-        if bins < 16 or bins % 2:
-            raise BadInputError(f"histogram bins must be an even number >= 16, got {bins}")
+        if bins != 0 and (bins < 16 or bins % 2):
+            raise BadInputError(f"histogram bins must be 0 (min/max only) or an even number >= 16, got {bins}")
         self.bins = bins
         self.counts = np.zeros(bins, dtype=np.int64)
         self.exponent: int | None = None  # None until a value has been seen
@@ -107,8 +111,8 @@ class TensorHistogram:
         return np.linspace(-self.limit, self.limit, self.bins + 1)
 
     def _grow_to(self, exponent: int) -> None:
-        if self.exponent is None:
-            self.exponent = exponent
+        if self.exponent is None or self.bins == 0:
+            self.exponent = exponent if self.exponent is None else max(self.exponent, exponent)
             return
         k = exponent - self.exponent
         if k <= 0:
@@ -121,22 +125,36 @@ class TensorHistogram:
         self.exponent = exponent
 
     def add(self, values: np.ndarray) -> None:
-        """Fold an array of values into the statistics."""
+        """Fold an array of values into the statistics (non-finite values are ignored).
+
+        The bin index is computed in float32 for float32/float16 data (3x faster than
+        float64 on large activations): a value within float32 rounding of a bin edge may
+        land in the neighbouring bin."""
         flat = np.asarray(values).reshape(-1)
         if flat.size == 0:
             return
-        flat = flat.astype(np.float64, copy=False)
-        finite = flat[np.isfinite(flat)] if not np.all(np.isfinite(flat)) else flat
+        work = np.float64 if flat.dtype == np.float64 else np.float32
+        flat = flat.astype(work, copy=False)
+        finite = flat if np.isfinite(flat).all() else flat[np.isfinite(flat)]
         if finite.size == 0:
             return
         lo, hi = float(finite.min()), float(finite.max())
-        self.min, self.max = min(self.min, lo), max(self.max, hi)
-        self.count += int(finite.size)
-        self._grow_to(_exponent_for(max(abs(lo), abs(hi))))
-        width = self.bin_width
-        index = np.floor((finite + self.limit) / width).astype(np.int64)
+        self.add_extremes(lo, hi, int(finite.size))
+        if self.bins == 0:
+            return
+        index = finite + work(self.limit)
+        index *= work(1.0 / self.bin_width)
         np.clip(index, 0, self.bins - 1, out=index)
-        self.counts += np.bincount(index, minlength=self.bins)
+        self.counts += np.bincount(index.astype(np.intp), minlength=self.bins)
+
+    def add_extremes(self, lo: float, hi: float, count: int) -> None:
+        """Fold in ``count`` finite values known only by their min ``lo`` and max ``hi``.
+        With ``bins > 0`` the histogram counts must be added by the caller (``add`` does)."""
+        if count <= 0:
+            return
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        self.count += int(count)
+        self._grow_to(_exponent_for(max(abs(lo), abs(hi))))
 
     def merge(self, other: TensorHistogram) -> TensorHistogram:
         """A new histogram holding both (exact: ranges are powers of two, bins nest)."""
@@ -172,6 +190,9 @@ class TensorHistogram:
             return (0.0, 0.0)
         if method == "minmax":
             return (self.min, self.max)
+        if self.bins == 0:
+            raise BadInputError(
+                f"calibration method '{method}' needs histograms; these statistics hold min/max only (bins=0)")
         if method == "percentile":
             return self._percentile_range(float(options.get("percentile", DEFAULT_PERCENTILE)))
         if method == "entropy":
@@ -287,11 +308,15 @@ class CalibrationStats:
     samples: int = 0
     bins: int = DEFAULT_BINS
 
-    def add(self, name: str, values: np.ndarray) -> None:
+    def histogram(self, name: str) -> TensorHistogram:
+        """The statistics of ``name`` (created empty on first use)."""
         hist = self.histograms.get(name)
         if hist is None:
             hist = self.histograms[name] = TensorHistogram(self.bins)
-        hist.add(values)
+        return hist
+
+    def add(self, name: str, values: np.ndarray) -> None:
+        self.histogram(name).add(values)
 
     def merge(self, other: CalibrationStats) -> CalibrationStats:
         """Statistics over both shards' samples (a new object; neither input changes)."""
@@ -482,6 +507,63 @@ class _Collector:
             yield name, feeds[name]
 
 
+class _ExtremesCollector:
+    """One onnxruntime session that computes each tensor's min, max and size inside the
+    graph (ReduceMin/ReduceMax/Size to scalars, added per tensor). Nothing large leaves
+    onnxruntime, so a sample needs no more memory than inference itself and is never run
+    twice (no chunks). onnxruntime's reductions skip NaN; a tensor holding an infinity
+    is fetched whole for that sample and goes through ``TensorHistogram.add``, which
+    drops non-finite values."""
+
+    def __init__(self, model: ir.Model, names: Sequence[str], threads: int | None) -> None:
+        self.model, self.threads = model, threads
+        proto = oir.serialize(model)
+        taken = {v.name for v in proto.graph.input} | {v.name for v in proto.graph.output}
+        taken |= {o for node in proto.graph.node for o in node.output}
+        del proto.graph.output[:]
+        self.outputs: list[tuple[str, str, str, str]] = []  # tensor, min, max, size
+        reductions: dict[str, list[onnx.NodeProto]] = {}
+        for i, name in enumerate(names):
+            out = [f"optcc_calib_{kind}_{i}" for kind in ("min", "max", "size")]
+            while taken & set(out):
+                out = ["_" + o for o in out]
+            for op, result in zip(("ReduceMin", "ReduceMax", "Size"), out):
+                attrs = {"keepdims": 0} if op != "Size" else {}
+                reductions.setdefault(name, []).append(onnx.helper.make_node(op, [name], [result], **attrs))
+                proto.graph.output.append(onnx.ValueInfoProto(name=result))
+            self.outputs.append((name, *out))
+        # each reduction right after its producer, so onnxruntime can free the tensor early
+        nodes = [r for v in proto.graph.input for r in reductions.get(v.name, ())]
+        for node in proto.graph.node:
+            nodes.append(node)
+            nodes.extend(r for o in node.output for r in reductions.get(o, ()))
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+        options = _session_options(threads)
+        # onnxruntime's default order runs the reductions last, keeping every activation
+        # alive (PP-OCRv4 det at 640x640: 1.3 GB peak vs 0.33 GB, 2.8 s vs 1.1 s for 8 samples)
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        self.session = ort.InferenceSession(
+            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        self.fetch = [o for _, *outs in self.outputs for o in outs]
+
+    def run(self, feeds: Feeds, stats: CalibrationStats) -> None:
+        values = dict(zip(self.fetch, self.session.run(self.fetch, dict(feeds))))
+        infinite: list[str] = []
+        for name, lo_name, hi_name, size_name in self.outputs:
+            lo, hi = float(values[lo_name]), float(values[hi_name])
+            if lo > hi:  # empty, or only NaN
+                continue
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                infinite.append(name)
+                continue
+            stats.histogram(name).add_extremes(lo, hi, int(values[size_name]))
+        if infinite:
+            for name, array in _Collector(self.model, infinite, self.threads).run(feeds):
+                stats.add(name, array)
+
+
 def collect_statistics(
     model: oir.ModelSource,
     data: CalibrationData,
@@ -495,15 +577,26 @@ def collect_statistics(
     """Stream ``data`` (feed dicts, or an .npz path/folder) through the float model and
     return the per-tensor statistics of ``tensors`` (default: ``calibration_tensors``).
 
-    One onnxruntime session exposes all tensors, unless one sample's activations exceed
-    ``memory_budget_bytes``; then the tensors are split into chunks with one session each
-    (every sample then runs once per chunk). Only histograms are kept between samples.
+    ``bins=0`` (min/max only, all ``minmax`` needs): one session computes each tensor's
+    min and max inside onnxruntime (``_ExtremesCollector``); memory is that of inference.
+    Tensors of unknown element type go the histogram way below.
+
+    ``bins > 0``: one onnxruntime session exposes all tensors as outputs, unless one
+    sample's activations exceed ``memory_budget_bytes``; then the tensors are split into
+    chunks with one session each (every sample then runs once per chunk). Only histograms
+    are kept between samples.
     """
     ir_model = oir.load(model)
     names = list(tensors) if tensors is not None else calibration_tensors(ir_model)
     samples = load_samples(data)
     total = len(samples) if hasattr(samples, "__len__") else 0
     stats = CalibrationStats(bins=bins)
+    in_graph: list[str] = []
+    if bins == 0:
+        dtypes = _float_dtypes(ir_model)
+        in_graph = [n for n in names if n in dtypes]
+        names = [n for n in names if n not in dtypes]
+    extremes: _ExtremesCollector | None = None
     collectors: list[_Collector] | None = None
     with Progress("calibrating", total or 1, enabled=progress and total > 0) as bar:
         for i, feeds in enumerate(samples):
@@ -511,13 +604,17 @@ def collect_statistics(
                 raise BadInputError(f"calibration sample {i} is a {type(feeds).__name__}, not a dict of arrays")
             feeds = dict(feeds)
             check_feeds(ir_model, feeds, label=f"calibration sample {i}")
-            if collectors is None:
+            if in_graph:
+                if extremes is None:
+                    extremes = _ExtremesCollector(ir_model, in_graph, threads)
+                extremes.run(feeds, stats)
+            if names and collectors is None:
                 sizes = _estimate_sizes(ir_model, names, feeds)
                 collectors = [
                     _Collector(ir_model, chunk, threads)
                     for chunk in _chunks(names, sizes, memory_budget_bytes)
                 ]
-            for collector in collectors:
+            for collector in collectors or ():
                 for name, array in collector.run(feeds):
                     if np.issubdtype(np.asarray(array).dtype, np.floating):
                         stats.add(name, array)
@@ -526,6 +623,11 @@ def collect_statistics(
     if stats.samples == 0:
         raise BadInputError("no calibration samples given (empty data)")
     return stats
+
+
+def _float_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
+    """Element types of the main graph's values known (declared or inferred) to be float."""
+    return {name: t for name, t in oir.inferred_dtypes(model).items() if t in _FLOAT_TYPES}
 
 
 # --------------------------------------------------------------------------- caching
@@ -580,7 +682,7 @@ def calibrate(
     method: str = "minmax",
     *,
     tensors: Sequence[str] | None = None,
-    bins: int = DEFAULT_BINS,
+    bins: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     progress: bool = False,
@@ -588,6 +690,8 @@ def calibrate(
 ) -> CalibrationResult:
     """Collect statistics (or read them from ``cache_dir``) and compute ranges by ``method``.
 
+    ``bins``: histogram size; by default 0 (min/max only, computed inside onnxruntime)
+    for ``minmax`` and ``DEFAULT_BINS`` for the histogram methods.
     The model's graph outputs always keep their min..max range (never clipped).
     The cache file is ``calib-<hash>.npz`` where the hash covers the model graph, the data,
     the method with its options, the bins and the tensor list. Caching needs data that can
@@ -595,6 +699,8 @@ def calibrate(
     """
     if method not in METHODS:
         raise BadInputError(f"unknown calibration method '{method}' (use {', '.join(METHODS)})")
+    if bins is None:
+        bins = 0 if method == "minmax" else DEFAULT_BINS
     ir_model = oir.load(model)
     samples = load_samples(data)
     cache_path: Path | None = None

@@ -40,6 +40,8 @@ __all__ = [
     "proto_graphs",
     "initializers_set_aside",
     "serialize",
+    "inferred_dtypes",
+    "upgrade_legacy_ir",
     "tensor_protos",
     "create_temp_file",
 ]
@@ -476,6 +478,54 @@ def unique_value_name(
 def serialize(model: ir.Model) -> onnx.ModelProto:
     """The model as a ModelProto (external tensors stay references to their files)."""
     return ir.serde.serialize_model(model)
+
+
+def upgrade_legacy_ir(model: ir.Model) -> int:
+    """Move a model below IR version 4 to 4, in place: initializers are no longer graph
+    inputs (those that nothing reads are dropped). Below IR 4 such inputs are constants no
+    caller can feed (onnxruntime does not list them), so the interface is unchanged; from
+    IR 4 on, a pass may add initializers without listing them as inputs. Returns how many
+    inputs were unlisted (0 for a model at IR 4 or above, which is left alone)."""
+    if int(model.ir_version or 0) >= 4:
+        return 0
+    graph = model.graph
+    constant_inputs = [v for v in graph.inputs if v.is_initializer()]
+    for value in constant_inputs:
+        graph.inputs.remove(value)
+        if not value.uses() and not value.is_graph_output():
+            graph.initializers.pop(value.name)
+    model.ir_version = 4
+    return len(constant_inputs)
+
+
+def inferred_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
+    """Element types of the main graph's values, as declared or as onnx type inference
+    finds them (best effort: values it cannot type are left out). Inference runs on a
+    serialized copy whose weights are graph inputs of the same type and shape, so no
+    weight data is copied."""
+    declared = [*model.graph.inputs, *(v for node in model.graph for v in node.outputs)]
+    types = {v.name: v.dtype for v in declared if v.name and v.dtype is not None}
+    if all(v.name in types for v in declared if v.name):
+        return types
+    with initializers_set_aside(model, lambda t: True) as aside:
+        proto = serialize(model)
+    shapes = {value.name: (tensor.dtype, tensor.shape) for value, tensor in aside}
+    inputs = {v.name for v in proto.graph.input}
+    kept = [t for t in proto.graph.initializer if t.name not in shapes]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    for name, (dtype, shape) in shapes.items():
+        if name not in inputs:
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(name, int(dtype), list(shape.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except Exception:  # noqa: BLE001 - best effort: the declared types remain
+        return types
+    for info in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
+        elem = info.type.tensor_type.elem_type if info.type.HasField("tensor_type") else 0
+        if elem and info.name not in types:
+            types[info.name] = ir.DataType(elem)
+    return types
 
 
 def needs_external_data(model: ir.Model) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tracemalloc
 from pathlib import Path
 
@@ -69,6 +70,25 @@ def test_minmax_is_exact_over_streamed_samples() -> None:
         lo, hi = ranges[name]
         np.testing.assert_allclose([lo, hi], [values.min(), values.max()], rtol=1e-5, atol=1e-6)
     assert stats.samples == 12
+
+
+def test_minmax_inside_onnxruntime_equals_histogram_extremes() -> None:
+    """bins=0: min/max reduced inside the graph, the same as the histogram's min/max, also
+    when a sample holds NaN or an infinity (ignored, like TensorHistogram.add does)."""
+    model, samples = _mlp(), _samples(6)
+    samples[2] = {"x": samples[2]["x"].copy()}
+    samples[2]["x"][0, 0] = np.nan  # h, r, y of that row become NaN too
+    samples[4] = {"x": samples[4]["x"].copy()}
+    samples[4]["x"][1, 3] = -np.inf  # fetched whole for that sample
+    with_histograms = collect_statistics(model, samples)
+    extremes = collect_statistics(model, samples, bins=0)
+    assert extremes.ranges("minmax") == with_histograms.ranges("minmax")
+    assert all(math.isfinite(v) for r in extremes.ranges("minmax").values() for v in r)
+    assert extremes.nbytes() < with_histograms.nbytes() / 100
+    with pytest.raises(optcc.BadInputError, match="min/max only"):
+        extremes.ranges("percentile")
+    assert calibrate(model, samples).stats.bins == 0  # minmax needs no histograms
+    assert calibrate(model, samples, "mse").stats.bins > 0
 
 
 @pytest.mark.parametrize("dist", ["uniform", "normal"])
