@@ -7,6 +7,7 @@ call for ``--int8``. It never modifies its input, and returns ``(ir_model, stats
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -53,12 +54,26 @@ def fold_batchnorm(model: ir.Model) -> dict[str, Any]:
 
 
 def prepare_float(model: ir.Model) -> dict[str, Any]:
-    """Fold what would otherwise be quantized separately into the convolutions, in place:
-    BatchNormalization (``fuse-batchnorm``) and per-channel constant Mul/Add after a Conv
-    (``fuse-conv-affine``, e.g. PP-LCNet's learnable affine blocks, 2 extra 8-bit roundings
-    per layer otherwise). Both are the -O2 fusions (within 1e-4), so a model that went
-    through -O2 is unchanged. Returns the passes' stats."""
+    """Make the weights constants and fold what would otherwise be quantized separately
+    into the convolutions, in place:
+
+    - constants computed by nodes (the onnx model zoo's ConstantOfShape weights) are
+      folded, whatever their size (``fold-constants`` with ``fold_large``): a weight
+      computed at run time cannot be quantized, and the INT8 result stores it in a
+      quarter of the float bytes;
+    - BatchNormalization (``fuse-batchnorm``) and per-channel constant Mul/Add after a
+      Conv (``fuse-conv-affine``, e.g. PP-LCNet's learnable affine blocks, 2 extra 8-bit
+      roundings per layer otherwise).
+
+    The fusions are the -O2 ones (within 1e-4), so a model that went through -O2 with
+    ``--fold-large`` is unchanged. Returns the passes' stats."""
     stats: dict[str, Any] = {}
+    if any(n.op_type in _WEIGHT_GENERATORS for n in model.graph):
+        from optcc.passes.fold_constants import FoldConstantsPass  # passes import optcc: import late
+
+        folded = FoldConstantsPass(fold_large=True)(model)
+        if folded.modified:
+            stats["fold-constants"] = dict(folded.stats or {})
     bn = fold_batchnorm(model)
     if bn:
         stats["fuse-batchnorm"] = bn
@@ -68,6 +83,9 @@ def prepare_float(model: ir.Model) -> dict[str, Any]:
             stats["fuse-conv-affine"] = affine
             _run_pass(model, "eliminate-dead-nodes", "eliminate_dead_nodes", "EliminateDeadNodesPass")
     return stats
+
+
+_WEIGHT_GENERATORS = frozenset({"ConstantOfShape", "Expand", "Tile", "Range"})
 
 
 def upgrade_opset(model: ir.Model, version: int = 13) -> tuple[ir.Model, str | None]:
@@ -127,7 +145,8 @@ def quantize_int8(
       quantized layers; beyond half, INT8 has little left to gain), the model would fail
       verification.
 
-    ``stats``: method, calibration (samples, cache), ranges (per tensor), pass stats
+    ``stats``: method, seconds (wall time per phase: prepare, calibrate, quantize,
+    speed_check, fallback or evaluate, report), calibration (samples, cache), ranges (per tensor), pass stats
     (quantized ops, kept float and why), fallback (per-layer sensitivity, layers kept
     float, SQNR before/after), integer_nodes (onnxruntime's fused integer kernels),
     size before/after (weight bytes), latency when measured.
@@ -139,6 +158,16 @@ def quantize_int8(
     if not samples:
         raise BadInputError("no calibration samples given (empty data)")
     stats: dict[str, Any] = {"method": method, "modified": False}
+    seconds: dict[str, float] = {}
+    stats["seconds"] = seconds  # wall time per phase
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase] = round(seconds.get(phase, 0.0) + now - clock, 3)
+        clock = now
+
     if per_channel and oir.default_opset(working) < 13:
         before = oir.default_opset(working)
         working, problem = upgrade_opset(working, 13)
@@ -146,6 +175,7 @@ def quantize_int8(
     folded = prepare_float(working)
     if folded:
         stats["float_fusions"] = folded
+    lap("prepare")
     float_model = working
     calib, held = split_holdout(samples, holdout_fraction)
     options: dict[str, Any] = dict(method_options)
@@ -154,6 +184,7 @@ def quantize_int8(
     calibration = calibrate(float_model, calib, method, cache_dir=cache_dir, progress=progress, **options)
     stats["calibration"] = {**calibration.to_dict(), "held_out_samples": len(held)}
     stats["ranges"] = {k: [float(v[0]), float(v[1])] for k, v in calibration.ranges.items()}
+    lap("calibrate")
     user_exclude = list(exclude)
 
     def make(exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> tuple[ir.Model, dict[str, Any]]:
@@ -178,6 +209,7 @@ def quantize_int8(
     def slower(candidate: ir.Model, key: str) -> str | None:
         timing = compare_latency(float_model, candidate, held, threads=speed_threads)
         stats.setdefault("latency", {})[key] = timing
+        lap("speed_check")
         if timing["int8_s"] * min_speedup < timing["float32_s"]:
             return None
         noise = max(timing["spread"])
@@ -189,6 +221,7 @@ def quantize_int8(
 
     quantized, pass_stats = make()
     stats["pass"] = {k: v for k, v in pass_stats.items() if k != "layer_outputs"}
+    lap("quantize")
     if not pass_stats.get("layers"):
         return decline("nothing", "nothing quantizable (no layer met the preconditions)")
     if require_speedup:
@@ -205,12 +238,14 @@ def quantize_int8(
     else:
         evaluation = evaluate(float_model, quantized, held, target)
         report = {"evaluation": evaluation.to_dict(), "target_met": evaluation.passed, "kept_float": []}
+    lap("fallback" if accuracy_fallback else "evaluate")
     stats["pass"] = {k: v for k, v in pass_stats.items() if k != "layer_outputs"}
     stats["fallback"] = report
     histogram = integer_op_histogram(quantized)
     stats["integer_op_histogram"] = histogram
     stats["integer_nodes"] = sum(n for op, n in histogram.items() if op not in ("QuantizeLinear", "DequantizeLinear"))
     stats["size_bytes"] = {"before": oir.weight_bytes(float_model), "after": oir.weight_bytes(quantized)}
+    lap("report")
     if require_target and not report.get("target_met"):
         final = report.get("evaluation", {}).get("sqnr_db", {})
         worst = min((v for v in final.values() if isinstance(v, float)), default=float("nan"))

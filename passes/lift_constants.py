@@ -52,19 +52,6 @@ def _lift(graph: ir.Graph, node: ir.Node) -> bool:
     return True
 
 
-def _upgrade_legacy(model: ir.Model) -> int:
-    """Move a model below IR version 4 to 4: initializers are no longer graph inputs.
-    Returns how many inputs were unlisted."""
-    graph = model.graph
-    constant_inputs = [v for v in graph.inputs if v.is_initializer()]
-    for value in constant_inputs:
-        graph.inputs.remove(value)
-        if not value.uses() and not value.is_graph_output():
-            graph.initializers.pop(value.name)
-    model.ir_version = 4
-    return len(constant_inputs)
-
-
 class LiftConstantsPass(optcc.Pass):
     """Store the main graph's Constant nodes as initializers (IR version >= 4)."""
 
@@ -84,7 +71,7 @@ class LiftConstantsPass(optcc.Pass):
         if int(model.ir_version or 0) < 4:
             if not self.upgrade_legacy:
                 return optcc.PassResult(model, False, {})
-            stats["unlisted_constant_inputs"] = _upgrade_legacy(model)
+            stats["unlisted_constant_inputs"] = optcc.ir.upgrade_legacy_ir(model)
         graph = model.graph
         lifted = 0
         for node in list(graph):

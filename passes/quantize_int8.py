@@ -5,13 +5,13 @@ Rewrite: every quantizable op ``y = op(x, W, b)`` becomes
 pairs, the form onnxruntime fuses into integer kernels (QLinearConv, QLinearMatMul,
 QGemm, QLinearAdd/Mul, QLinearAveragePool, QLinearConcat, ...):
 
-- weights (Conv, ConvTranspose, Gemm, MatMul with a constant 2-D B): int8 symmetric,
+- weights (Conv, Gemm, MatMul with a constant 2-D B): int8 symmetric,
   per output channel by default (``scale[c] = max|W[c]| / 127``, zero point 0), or per
   tensor (``per_channel=False``, and always for opset < 13);
 - activations: uint8 asymmetric over the calibrated range widened to contain 0
   (``scale = (hi - lo) / 255``, ``zero_point = round(-lo / scale)``), or int8 symmetric
   (``activation_type="int8"``: ``scale = max(|lo|, |hi|) / 127``);
-- bias (Conv, ConvTranspose, Gemm with a 1-D C): int32, ``scale = x_scale * w_scale[c]``,
+- bias (Conv, Gemm with a 1-D C): int32, ``scale = x_scale * w_scale[c]``,
   zero point 0. Overflow guard: when ``|b[c] / scale| > 2**31 - 1``, the weight scale of
   that channel is raised to ``|b[c]| / (x_scale * (2**31 - 1))`` (the int32 bias then
   fits; the weights of that channel are quantized a little more coarsely). Counted in
@@ -20,10 +20,23 @@ QGemm, QLinearAdd/Mul, QLinearAveragePool, QLinearConcat, ...):
   (uint8 only): the op's output is quantized with the activation's output range, whose
   clamp at the range's ends is exactly what the activation did (range lo = 0 for Relu).
 - data-movement ops (Reshape, Transpose, Slice, Flatten, Squeeze, Unsqueeze, MaxPool,
-  Resize) reuse their input's scale and zero point, so onnxruntime drops their Q/DQ and
+  Resize, Split) reuse their input's scale and zero point, so onnxruntime drops their Q/DQ and
   runs them on 8-bit data; they are quantized only when a consumer is quantized;
+- rescales: ``Mul(x, c)`` / ``Div(x, c)`` with a positive scalar constant ``c`` (hard-swish's
+  ``/ 6``, PP-LCNet's learnable scales) whose result feeds a quantized op are removed: the
+  consumer dequantizes ``x``'s 8-bit tensor with scale ``x_scale * c`` (``/ c``) and the
+  same zero point, exactly ``c * DQ(x_q)`` up to float rounding. No kernel runs for them
+  and no second 8-bit rounding happens (onnxruntime has no integer Div: the op would run
+  float between a DQ and a Q);
+- ConvTranspose stays float: onnxruntime's CPU provider has no integer ConvTranspose
+  (measured with 1.32: a QDQ ConvTranspose runs float, its weights dequantized on every
+  run);
 - any other op (Softmax, Sigmoid, custom domains, ...) stays float, and a tensor gets a
   Q/DQ pair only when its producer or one of its consumers is quantized: no useless pair.
+
+A model below IR version 4 is moved to 4 first (``optcc.ir.upgrade_legacy_ir``): there every
+initializer must also be a graph input, so the scales and quantized weights would
+change the interface.
 
 Preconditions (else the node stays float, reason in ``stats["kept_float"]``): default
 domain, float32 tensors, a calibrated range for every activation input and output
@@ -49,16 +62,17 @@ import numpy as np
 import onnx_ir as ir
 
 import optcc
+from optcc.pattern import static_rank
 
 __all__ = ["QuantizeInt8Pass", "COMPUTE_OPS", "SHARED_SCALE_OPS", "layer_id", "activation_params"]
 
 COMPUTE_OPS = frozenset(
-    {"Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat"}
+    {"Conv", "MatMul", "Gemm", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat"}
 )
 SHARED_SCALE_OPS = frozenset(
-    {"Reshape", "Transpose", "Slice", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Resize"}
+    {"Reshape", "Transpose", "Slice", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Resize", "Split"}
 )
-_WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm"})
+_WEIGHTED = frozenset({"Conv", "Gemm"})
 # Ops that turn logits into the probabilities a model outputs: their input's absolute
 # error becomes a relative error of the output (Softmax: dp/p = d logit), and a saturated
 # Sigmoid map turns a logit step into a flipped pixel. Logits feeding one of them on the
@@ -131,6 +145,7 @@ class _Plan:
     def __init__(self) -> None:
         self.compute: dict[ir.Node, str] = {}  # node -> weight handling ("conv", "gemm", ...)
         self.shared: set[ir.Node] = set()
+        self.rescale: dict[ir.Node, float] = {}  # Mul/Div by a positive scalar -> factor
         self.params: dict[ir.Value, Params] = {}
         self.absorbed: dict[ir.Node, ir.Node] = {}  # quantized node -> absorbed Relu/Clip
         self.kept: dict[str, int] = {}
@@ -177,7 +192,7 @@ class QuantizeInt8Pass(optcc.Pass):
 
     def call(self, model: ir.Model) -> optcc.PassResult:
         opset = optcc.ir.default_opset(model)
-        stats: dict[str, Any] = {"quantized": {}, "kept_float": {}, "absorbed": {}, "qdq_pairs": 0,
+        stats: dict[str, Any] = {"quantized": {}, "kept_float": {}, "absorbed": {}, "rescaled": {}, "qdq_pairs": 0,
                                  "bias_scale_raised": 0, "layers": [], "layer_outputs": {}}
         if opset < 10:
             stats["reason"] = f"opset {opset} < 10 has no QuantizeLinear"
@@ -196,7 +211,9 @@ class QuantizeInt8Pass(optcc.Pass):
             plan = self._plan(graph)
             for reason, n in plan.kept.items():
                 _count(stats["kept_float"], reason, n)
-            if plan.compute or plan.shared:
+            if plan.compute or plan.shared or plan.rescale:
+                if not modified:  # the initializers added below need IR >= 4
+                    stats["unlisted_constant_inputs"] = optcc.ir.upgrade_legacy_ir(model)
                 _Rewriter(graph, plan, per_channel, self.activation_type, stats, names).run()
                 modified = True
         if modified:
@@ -230,8 +247,9 @@ class QuantizeInt8Pass(optcc.Pass):
     def _plan(self, graph: ir.Graph) -> _Plan:
         plan = _Plan()
         weight_users: dict[ir.Value, list[ir.Node]] = {}
+        rescales = {node: f for node in graph if (f := self._rescale_factor(node)) is not None}
         for node in graph:
-            if not _is_default(node) or node.op_type not in COMPUTE_OPS:
+            if not _is_default(node) or node.op_type not in COMPUTE_OPS or node in rescales:
                 continue
             if not self._selected(node):
                 plan.keep("excluded")
@@ -250,9 +268,30 @@ class QuantizeInt8Pass(optcc.Pass):
                     plan.keep("weight shared with a float op")
         self._keep_logits_float(graph, plan)
         self._absorb_activations(graph, plan)
-        self._plan_shared(graph, plan)
+        self._plan_shared(graph, plan, rescales)
         self._assign_params(graph, plan)
         return plan
+
+    def _rescale_factor(self, node: ir.Node) -> float | None:
+        """``c`` for ``Mul(x, c)``, ``1 / c`` for ``Div(x, c)``, with ``c`` a positive finite
+        float32 scalar constant and ``y`` shaped like ``x``; else None."""
+        if not _is_default(node) or node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
+            return None
+        if len(node.outputs) != 1 or node.outputs[0].is_graph_output() or not self._selected(node):
+            return None
+        a, b = node.inputs
+        order = [(a, b), (b, a)] if node.op_type == "Mul" else [(a, b)]
+        for x, c_value in order:
+            c = _const(c_value)
+            if x is None or c is None or _const(x) is not None or self._range(x) is None:
+                continue
+            if c.dtype != np.float32 or c.size != 1 or not np.isfinite(c).all() or not float(c.reshape(())) > 0:
+                continue
+            if c.ndim and (static_rank(x) or 0) < c.ndim:  # a broadcast would change the shape
+                continue
+            value = float(c.reshape(()))
+            return value if node.op_type == "Mul" else 1.0 / value
+        return None
 
     def _check(self, node: ir.Node, plan: _Plan) -> str | None:
         """The kind of quantization for ``node``, or None (reason recorded)."""
@@ -325,8 +364,6 @@ class QuantizeInt8Pass(optcc.Pass):
     def _out_channels(node: ir.Node, w: np.ndarray) -> int:
         if node.op_type == "Conv":
             return int(w.shape[0])
-        if node.op_type == "ConvTranspose":
-            return int(w.shape[1]) * _int_attr(node, "group", 1)
         return int(w.shape[0] if _int_attr(node, "transB", 0) else w.shape[1])
 
     def _keep_logits_float(self, graph: ir.Graph, plan: _Plan) -> None:
@@ -410,17 +447,23 @@ class QuantizeInt8Pass(optcc.Pass):
                 bounds[i - 1] = float(c.reshape(()))
         return (bounds[0], bounds[1])
 
-    def _plan_shared(self, graph: ir.Graph, plan: _Plan) -> None:
-        """Data-movement ops whose output feeds a quantized op (reverse order: chains)."""
+    def _plan_shared(self, graph: ir.Graph, plan: _Plan, rescales: Mapping[ir.Node, float]) -> None:
+        """Data-movement ops and rescales whose output feeds a quantized op (reverse order:
+        chains)."""
         for node in reversed(list(graph)):
+            consumers = [u.node for out in node.outputs for u in out.uses()]
+            feeds_quantized = any(c in plan.compute or c in plan.shared or c in plan.rescale for c in consumers)
+            if node in rescales:
+                if feeds_quantized:
+                    plan.rescale[node] = rescales[node]
+                continue
             if not _is_default(node) or node.op_type not in SHARED_SCALE_OPS or not self._selected(node):
                 continue
-            if len(node.outputs) != 1 or not node.inputs or self._range(node.inputs[0]) is None:
+            if not node.inputs or self._range(node.inputs[0]) is None or _const(node.inputs[0]) is not None:
                 continue
-            if _const(node.inputs[0]) is not None:
+            if len(node.outputs) != 1 and node.op_type != "Split":
                 continue
-            consumers = [u.node for u in node.outputs[0].uses()]
-            if any(c in plan.compute or c in plan.shared for c in consumers):
+            if feeds_quantized:
                 plan.shared.add(node)
 
     def _assign_params(self, graph: ir.Graph, plan: _Plan) -> None:
@@ -444,11 +487,20 @@ class QuantizeInt8Pass(optcc.Pass):
                     continue
                 source = plan.absorbed[node].outputs[0] if node in plan.absorbed else out
                 plan.params[out] = of_range(source)  # type: ignore[assignment]
-            elif node in plan.shared:
-                src = alias.get(node.inputs[0], node.inputs[0])  # type: ignore[arg-type]
+            elif node in plan.shared or node in plan.rescale:
+                src = _data_input(node)
+                src = alias.get(src, src)
                 if src not in plan.params:
                     plan.params[src] = of_range(src)  # type: ignore[assignment]
-                plan.params[node.outputs[0]] = plan.params[src]
+                scale, zero = plan.params[src]
+                factor = plan.rescale.get(node, 1.0)
+                for out in node.outputs:
+                    plan.params[out] = (np.array(scale * factor, np.float32), zero)
+
+
+def _data_input(node: ir.Node) -> ir.Value:
+    """The non-constant input of a data-movement op or a rescale."""
+    return next(v for v in node.inputs if v is not None and _const(v) is None)
 
 
 class _Names:
@@ -520,6 +572,9 @@ class _Rewriter:
             self.stats["layer_outputs"][layer_id(node)] = [float_names[node], result]
         for node in plan.shared:
             _count(self.stats["quantized"], node.op_type)
+        for node in [n for n in self.graph if n in plan.rescale]:
+            self._fold_rescale(node)
+            _count(self.stats["rescaled"], node.op_type)
 
     @staticmethod
     def _two_d(value: ir.Value) -> bool:
@@ -555,6 +610,21 @@ class _Rewriter:
         else:
             y.replace_all_uses_with(out)
             self.graph.remove(act, safe=True)
+
+    def _fold_rescale(self, node: ir.Node) -> None:
+        """Remove ``y = x * c``: ``y``'s DQ (scale ``x_scale * c``) reads ``x``'s 8-bit
+        tensor; ``y``'s Q, the node and ``x``'s DQ (when nothing else reads it) go."""
+        x_dq = _data_input(node)
+        y_dq_node = self.dq_of[node.outputs[0]].producer()
+        y_q_node = y_dq_node.inputs[0].producer()
+        x_q = x_dq.producer().inputs[0]
+        y_dq_node.replace_input_with(0, x_q)
+        self.graph.remove(y_q_node, safe=True)
+        constant = next(v for v in node.inputs if v is not x_dq)
+        self.graph.remove(node, safe=True)
+        self._drop_if_unused(constant)
+        if not list(x_dq.uses()) and not x_dq.is_graph_output():
+            self.graph.remove(x_dq.producer(), safe=True)
 
     def _insert_pair(self, value: ir.Value, params: Params) -> None:
         """x -> Q -> DQ; every use of x reads the DQ output. A quantized producer's graph
@@ -660,12 +730,7 @@ class _Rewriter:
         w = _const(node.inputs[1])
         assert w is not None
         op = node.op_type
-        if op == "Conv":
-            axis: int | None = 0
-        elif op == "ConvTranspose":
-            axis = 1 if _int_attr(node, "group", 1) == 1 else None
-        else:
-            axis = 0 if _int_attr(node, "transB", 0) else 1
+        axis: int | None = 0 if op == "Conv" or _int_attr(node, "transB", 0) else 1
         has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
         x_scale = self.plan.params[self._original_input(node)][0]
         floor = None

@@ -7,6 +7,7 @@ import collections
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 import onnxruntime as ort
 from onnx import TensorProto as TP
 from onnx import helper as oh
@@ -464,3 +465,154 @@ def test_optimize_api_runs_the_pass_with_verification() -> None:
     result = optcc.optimize(model, passes=[QuantizeInt8Pass(ranges)], verify=True, inputs=images(4, seed=4))
     assert result.report.verification["status"] == "passed"
     assert sqnr_db(np.ones(3), np.ones(3)) == float("inf")
+
+
+# --------------------------------------------------------------------------- rescales, Split, ConvTranspose, IR 3
+
+
+def _ort_ops(model: ir.Model) -> collections.Counter:
+    """Op types of the graph onnxruntime runs (ORT_ENABLE_EXTENDED) for ``model``."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = os.path.join(folder, "opt.onnx")
+        ort.InferenceSession(optcc.ir.serialize(model).SerializeToString(), options,
+                             providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def _rescale_model(c: float) -> onnx.ModelProto:
+    """Conv -> hard-swish as exported (x * Clip(x + 3, 0, 6) / 6) -> Mul by c -> Conv."""
+    rng = np.random.default_rng(11)
+    graph = oh.make_graph(
+        [
+            oh.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+            oh.make_node("Add", ["c1", "three"], ["a"], name="add3"),
+            oh.make_node("Clip", ["a", "zero", "six"], ["clip"], name="clip"),
+            oh.make_node("Mul", ["c1", "clip"], ["m"], name="mul"),
+            oh.make_node("Div", ["m", "six"], ["hs"], name="div6"),
+            oh.make_node("Mul", ["hs", "scale"], ["s"], name="scale"),
+            oh.make_node("Conv", ["s", "W2"], ["y"], name="conv2"),
+        ],
+        "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, [1, 4, 8, 8])],
+        [_init("W1", _he(rng, 8, 3, 3, 3)), _init("W2", _he(rng, 4, 8, 1, 1)),
+         _init("three", np.array(3.0, np.float32)), _init("zero", np.array(0.0, np.float32)),
+         _init("six", np.array(6.0, np.float32)), _init("scale", np.array([c], np.float32))],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def test_scalar_rescales_become_the_consumers_dequantization_scale() -> None:
+    """Div by 6 and Mul by a positive scalar feeding a quantized Conv leave no node: conv2
+    dequantizes the Mul's 8-bit result with scale / 6 * c. A negative scalar stays a Mul."""
+    data = images(8, shape=(1, 3, 8, 8))
+    model = _rescale_model(0.7)
+    ranges = calibrate(model, data).ranges
+    result = QuantizeInt8Pass(ranges)(optcc.ir.load(model))
+    q = result.model
+    assert result.stats["rescaled"] == {"Div": 1, "Mul": 1}
+    hist = optcc.ir.op_histogram(q)
+    assert "Div" not in hist and hist["Mul"] == 1  # the hard-swish product only
+    conv2 = by_name(q, "conv2")
+    dq = dq_source(q, conv2, 0)
+    mul_q = dq.inputs[0].producer()
+    assert mul_q.op_type == "QuantizeLinear" and mul_q.inputs[0].producer() is by_name(q, "mul")
+    mul_scale = float(initializer(q, mul_q.inputs[1]))
+    assert float(initializer(q, dq.inputs[1])) == pytest.approx(mul_scale / 6 * 0.7, rel=1e-6)
+    assert initializer(q, dq.inputs[2]) == initializer(q, mul_q.inputs[2])
+    assert "Div" not in _ort_ops(q)  # nothing runs float between the integer kernels
+    assert optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
+                        tolerances=NO_ARGMAX).passed
+
+    negative = _rescale_model(-0.7)
+    result = QuantizeInt8Pass(calibrate(negative, data).ranges)(optcc.ir.load(negative))
+    assert result.stats["rescaled"] == {"Div": 1}
+    assert optcc.ir.op_histogram(result.model)["Mul"] == 2
+
+
+def test_split_shares_its_input_scale() -> None:
+    rng = np.random.default_rng(12)
+    graph = oh.make_graph(
+        [
+            oh.make_node("Conv", ["x", "W1"], ["c"], name="conv1"),
+            oh.make_node("Split", ["c", "halves"], ["a", "b"], axis=1, name="split"),
+            oh.make_node("Conv", ["a", "Wa"], ["ya"], name="conv_a"),
+            oh.make_node("Concat", ["ya", "b"], ["y"], axis=1, name="concat"),
+        ],
+        "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, [1, 8, 8, 8])],
+        [_init("W1", _he(rng, 8, 3, 1, 1)), _init("Wa", _he(rng, 4, 4, 1, 1)),
+         _init("halves", np.array([4, 4], np.int64))],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    data = images(8, shape=(1, 3, 8, 8))
+    result = QuantizeInt8Pass(calibrate(model, data).ranges)(optcc.ir.load(model))
+    assert result.stats["quantized"]["Split"] == 1
+    ops = _ort_ops(result.model)
+    assert ops["Split"] == 1 and ops["QLinearConv"] == 2 and ops["QLinearConcat"] == 1
+    assert ops["DequantizeLinear"] == 1 and ops["QuantizeLinear"] == 1  # the model's input and output only
+    assert optcc.verify(optcc.ir.load(model), result.model, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
+                        tolerances=NO_ARGMAX).passed
+
+
+def test_conv_transpose_stays_float_with_float_weights() -> None:
+    """onnxruntime has no integer ConvTranspose on CPU: quantizing it would only add a
+    weight DequantizeLinear to every run."""
+    rng = np.random.default_rng(13)
+    graph = oh.make_graph(
+        [
+            oh.make_node("Conv", ["x", "W1"], ["c"], name="conv1"),
+            oh.make_node("ConvTranspose", ["c", "Wt"], ["t"], strides=[2, 2], name="up"),
+            oh.make_node("Conv", ["t", "W2"], ["y"], name="conv2"),
+        ],
+        "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, [1, 4, 16, 16])],
+        [_init("W1", _he(rng, 8, 3, 1, 1)), _init("Wt", _he(rng, 8, 4, 2, 2)), _init("W2", _he(rng, 4, 4, 1, 1))],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    data = images(8, shape=(1, 3, 8, 8))
+    result = QuantizeInt8Pass(calibrate(model, data).ranges)(optcc.ir.load(model))
+    up = by_name(result.model, "up")
+    assert up.inputs[1].name == "Wt" and initializer(result.model, up.inputs[1]).dtype == np.float32
+    assert result.stats["quantized"]["Conv"] == 2 and "ConvTranspose" not in result.stats["quantized"]
+    assert optcc.verify(optcc.ir.load(model), result.model, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
+                        tolerances=NO_ARGMAX).passed
+
+
+def test_ir3_model_with_generated_weights_quantizes_to_a_valid_model() -> None:
+    """The onnx model zoo's form: IR version 3 (initializers listed as inputs) and a
+    weight computed by ConstantOfShape. The driver folds the weight, the pass moves the
+    model to IR 4 so its scales need not be inputs; onnx.checker accepts the result."""
+    rng = np.random.default_rng(14)
+    w2 = _he(rng, 4, 8, 1, 1)
+    graph = oh.make_graph(
+        [
+            oh.make_node("ConstantOfShape", ["w1_shape"], ["W1"],
+                         value=nh.from_array(np.array([0.1], np.float32))),
+            oh.make_node("Conv", ["x", "W1"], ["c"], name="conv1"),
+            oh.make_node("Relu", ["c"], ["r"], name="relu"),
+            oh.make_node("Conv", ["r", "W2"], ["y"], name="conv2"),
+        ],
+        "g",
+        [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8]),
+         oh.make_tensor_value_info("W2", TP.FLOAT, [4, 8, 1, 1]),
+         oh.make_tensor_value_info("w1_shape", TP.INT64, [4])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, [1, 4, 8, 8])],
+        [_init("W2", w2), _init("w1_shape", np.array([8, 3, 1, 1], np.int64))],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 9)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    data = images(10, shape=(1, 3, 8, 8))
+    quantized, stats = quantize_int8(model, data, require_speedup=False)
+    assert stats["modified"] and stats["pass"]["quantized"]["Conv"] == 2
+    assert "fold-constants" in stats["float_fusions"]
+    proto = optcc.ir.serialize(quantized)
+    onnx.checker.check_model(proto)
+    assert proto.ir_version >= 4 and [i.name for i in proto.graph.input] == ["x"]
+    assert optcc.verify(optcc.ir.load(model), quantized, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
+                        tolerances=NO_ARGMAX).passed
