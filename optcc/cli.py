@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the INT8 model even when it is not faster than float32")
     p.add_argument("--int8-target-sqnr", type=float, default=25.0,
                    help="INT8 accuracy target: SQNR in dB on every output, held-out samples (default 25)")
+    p.add_argument("--calibration-cache", metavar="DIR",
+                   help="with --int8: keep calibration statistics in DIR (keyed by model, data and method) and reuse them")
+    p.add_argument("--int8-per-tensor", action="store_true",
+                   help="with --int8: one weight scale per tensor instead of per output channel")
+    p.add_argument("--int8-activations", choices=["uint8", "int8"], default="uint8",
+                   help="with --int8: activations uint8 asymmetric (default) or int8 symmetric")
+    p.add_argument("--int8-exclude", action="append", default=[], metavar="OPTYPE|NODE",
+                   help="with --int8: keep these op types, node names or output names float (repeatable, comma-separated)")
     p.add_argument("--int8-dynamic", action="store_true",
                    help="quantize MatMuls dynamically to INT8 (no calibration data needed)")
     p.add_argument("--fp16-io", choices=["float32", "float16"], default="float32",
@@ -169,6 +177,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise BadInputError("--fp16-io is used with --fp16")
     if args.calibration and not (args.int8 or args.fp16):
         raise BadInputError("--calibration is used with --int8 or --fp16")
+    int8_only = {"--calibration-cache": args.calibration_cache, "--int8-per-tensor": args.int8_per_tensor,
+                 "--int8-activations": args.int8_activations != "uint8", "--int8-exclude": args.int8_exclude}
+    for flag, given in int8_only.items():
+        if given and not args.int8:
+            raise BadInputError(f"{flag} is used with --int8")
     output = oir.check_output_path(args.output or default_output(args.model), args.model)
     report_path = oir.check_output_path(args.report, args.model) if args.report else None
     if report_path is not None and report_path.resolve() == output.resolve():
@@ -196,7 +209,11 @@ def run(argv: Sequence[str] | None = None) -> int:
             int8_calibration=calibration,
             int8_method=args.calibration_method,
             int8_options={"require_speedup": not args.no_int8_speed_check,
-                          "target": Target(min_sqnr_db=args.int8_target_sqnr)},
+                          "target": Target(min_sqnr_db=args.int8_target_sqnr),
+                          "cache_dir": args.calibration_cache,
+                          "per_channel": not args.int8_per_tensor,
+                          "activation_type": args.int8_activations,
+                          "exclude": [e for item in args.int8_exclude for e in _split(item)]},
             tolerances={"int8": dataclasses.replace(TOLERANCES["int8"], min_sqnr_db=args.int8_target_sqnr)},
             int8_dynamic=args.int8_dynamic,
             fold_large=args.fold_large,

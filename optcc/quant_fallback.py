@@ -213,12 +213,16 @@ def _flat(arrays: list[np.ndarray]) -> np.ndarray:
 
 def rank_sensitivity(reference: ir.Model, quantize: QuantizeFn, layers: Sequence[str],
                      samples: Sequence[Feeds], target: Target = Target(), *,
-                     max_layers: int = 64, chunk: int = 8) -> list[dict[str, Any]]:
+                     max_layers: int = 64, chunk: int = 8, give_up_after: int | None = None,
+                     ) -> list[dict[str, Any]]:
     """Per layer, worst first: ``model_sqnr_db``, the worst model-output SQNR when only
-    that layer is quantized (its error as propagated to the outputs), and
-    ``local_sqnr_db``, the SQNR of the layer's own result then (its error with float
-    inputs). Only the first ``max_layers`` layers are ranked. Streamed: one single-layer
-    model at a time, the float model's intermediates kept for ``chunk`` layers at a time."""
+    that layer is quantized (its error as propagated to the outputs), ``local_sqnr_db``,
+    the SQNR of the layer's own result then (its error with float inputs), and
+    ``alone_passes``, whether the model meets ``target`` with that layer alone quantized.
+    Only the first ``max_layers`` layers are ranked; with ``give_up_after``, ranking stops
+    (after the current chunk) once more layers than that miss the target alone. Streamed:
+    one single-layer model at a time, the float model's intermediates kept for ``chunk``
+    layers at a time."""
     model_outputs = [v.name for v in reference.graph.outputs]
     todo = list(layers[:max_layers])
     rows = []
@@ -236,8 +240,11 @@ def rank_sensitivity(reference: ir.Model, quantize: QuantizeFn, layers: Sequence
             local = math.nan
             if float_name in ref_out.names and quant_name in got.names:
                 local = sqnr_db(_flat(ref_out.get(float_name)), _flat(got.get(quant_name)))
-            rows.append({"layer": layer, "model_sqnr_db": evaluation.worst_sqnr_db, "local_sqnr_db": local})
+            rows.append({"layer": layer, "model_sqnr_db": evaluation.worst_sqnr_db, "local_sqnr_db": local,
+                         "alone_passes": evaluation.passed})
         del ref_out, singles
+        if give_up_after is not None and sum(not r["alone_passes"] for r in rows) > give_up_after:
+            break
     rows.sort(key=lambda r: (r["model_sqnr_db"], math.inf if math.isnan(r["local_sqnr_db"]) else r["local_sqnr_db"]))
     return rows
 
@@ -307,6 +314,10 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     step; errors do not add up exactly, so every ``k`` is measured, never inferred). When
     the ranking order cannot meet the target, the same search runs over the candidates in
     graph order (the first ``k`` layers float), and the better of the two is kept.
+    Hopeless case: a layer whose quantization alone misses the target is taken to miss
+    it in any company, so when more than ``max_float_layers`` layers do, ranking stops
+    there and the fully quantized model comes back with ``target_met`` False and the
+    count in ``hopeless`` (PP-OCRv4 det: most layers alone drop its output below 25 dB).
     Returns the model, the pass stats of the last quantization, and a report:
     ``initial`` and final ``evaluation``, ``sensitivity`` (the ranking), ``tried`` (each
     ``k`` evaluated), ``kept_float`` (layers returned to float, worst first),
@@ -321,10 +332,18 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     layers = list(stats.get("layers", []))
     propagated = propagated_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
     candidates = _candidates(layers, propagated, max_layers_ranked)
-    ranking = rank_sensitivity(reference, quantize, candidates, samples, target, max_layers=len(candidates))
+    ranking = rank_sensitivity(reference, quantize, candidates, samples, target, max_layers=len(candidates),
+                               give_up_after=max_float_layers)
     for row in ranking:
         row["propagated_sqnr_db"] = propagated.get(row["layer"], math.nan)
     report["sensitivity"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ranking]
+    failing_alone = sum(not row["alone_passes"] for row in ranking)
+    if max_float_layers is not None and failing_alone > max_float_layers:
+        report.update(evaluation=initial.to_dict(), target_met=False, hopeless=(
+            f"{failing_alone} layers each miss the target when quantized alone, more than the "
+            f"{max_float_layers} allowed to return to float (ranking stopped after {len(ranking)} of "
+            f"{len(candidates)} layers)"))
+        return model, stats, report
     ranked = [row["layer"] for row in ranking]
     tried: list[dict[str, Any]] = []
     candidates_set = set(ranked)

@@ -253,10 +253,13 @@ def quantize_int8(
         detail = f"worst output SQNR {worst:.1f} dB" + (
             f", argmax agreement {min(agreement.values()):.2f}" if agreement else "")
         budget = f"at most {max_float_layers} of {len(stats['pass'].get('layers', [])) + len(report.get('kept_float', []))}"
+        if report.get("hopeless"):
+            detail += f" fully quantized, and {report['hopeless']}"
+        else:
+            detail += f" with {len(report.get('kept_float', []))} layers returned to float ({budget} allowed)"
         return decline("accuracy", (
             f"INT8 misses the accuracy target (SQNR >= {target.min_sqnr_db:g} dB on every output, argmax "
-            f"agreement >= {target.min_argmax_agreement:g}) on {len(held)} held-out samples: {detail} with "
-            f"{len(report.get('kept_float', []))} layers returned to float ({budget} allowed); kept float32"
+            f"agreement >= {target.min_argmax_agreement:g}) on {len(held)} held-out samples: {detail}; kept float32"
         ))
     if require_speedup and report.get("kept_float"):
         problem = slower(quantized, "after_fallback")

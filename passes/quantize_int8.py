@@ -600,6 +600,12 @@ class _Rewriter:
         return value
 
     def _remove_activation(self, node: ir.Node, act: ir.Node) -> None:
+        bounds = [v for v in act.inputs[1:] if v is not None]  # Clip's min/max
+        self._replace_activation(node, act)
+        for value in bounds:
+            self._drop_if_unused(value)
+
+    def _replace_activation(self, node: ir.Node, act: ir.Node) -> None:
         out, y = node.outputs[0], act.outputs[0]
         if y.is_graph_output():
             name, type_, shape = y.name, y.type, y.shape
@@ -619,12 +625,18 @@ class _Rewriter:
         y_q_node = y_dq_node.inputs[0].producer()
         x_q = x_dq.producer().inputs[0]
         y_dq_node.replace_input_with(0, x_q)
-        self.graph.remove(y_q_node, safe=True)
-        constant = next(v for v in node.inputs if v is not x_dq)
-        self.graph.remove(node, safe=True)
-        self._drop_if_unused(constant)
-        if not list(x_dq.uses()) and not x_dq.is_graph_output():
-            self.graph.remove(x_dq.producer(), safe=True)
+        removed = [y_q_node, node]
+        if len(x_dq.uses()) == 1 and not x_dq.is_graph_output():  # read by the rescale only
+            removed.append(x_dq.producer())
+            for names in self.stats["layer_outputs"].values():  # that result is gone
+                if names[1] == x_dq.name:
+                    names[1] = None
+        inputs = [v for n in removed for v in n.inputs]
+        for n in removed:
+            self.graph.remove(n, safe=True)
+        for value in inputs:  # the constant, and the scales of a chain's middle pair
+            if value is not x_q:
+                self._drop_if_unused(value)
 
     def _insert_pair(self, value: ir.Value, params: Params) -> None:
         """x -> Q -> DQ; every use of x reads the DQ output. A quantized producer's graph

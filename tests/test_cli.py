@@ -243,9 +243,41 @@ def test_int8_flag_calibrates_quantizes_and_verifies_on_held_out_samples(example
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
+def test_int8_options_reach_the_quantizer(example: Path, tmp_path: Path):
+    """--int8-exclude keeps the named op type float, --int8-per-tensor gives scalar weight
+    scales, --int8-activations int8 signed activations, --calibration-cache stores the
+    statistics (and a second run reads them back: the output is the same bytes)."""
+    rng = np.random.default_rng(0)
+    data_path = tmp_path / "calib.npz"
+    np.savez(data_path, image=rng.standard_normal((10, 1, 3, 32, 32)).astype(np.float32))
+    cache = tmp_path / "cache"
+    outputs = []
+    for run in range(2):
+        out = tmp_path / f"out{run}.onnx"
+        code = cli.main([str(example), "--int8", "--calibration", str(data_path), "-o", str(out), "-q",
+                         "--no-int8-speed-check", "--int8-exclude", "Gemm,MatMul", "--int8-per-tensor",
+                         "--int8-activations", "int8", "--calibration-cache", str(cache)])
+        assert code == 0
+        outputs.append(out.read_bytes())
+    assert len(list(cache.glob("calib-*.npz"))) == 1
+    assert outputs[0] == outputs[1]
+    model = onnx.load(tmp_path / "out0.onnx")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    conv_weights = [producers[n.input[1]] for n in model.graph.node if n.op_type == "Conv"]
+    assert conv_weights and all(dq.op_type == "DequantizeLinear" and inits[dq.input[1]].ndim == 0
+                                for dq in conv_weights)
+    assert all(inits[n.input[2]].dtype == np.int8 for n in model.graph.node if n.op_type == "QuantizeLinear")
+    for node in model.graph.node:
+        if node.op_type in ("Gemm", "MatMul"):
+            assert producers[node.input[0]].op_type != "DequantizeLinear"
+
+
 @pytest.mark.parametrize(
     "args, message",
-    [(["--int8"], "--int8 needs --calibration"), (["--calibration", "x.npz"], "--calibration is used with")],
+    [(["--int8"], "--int8 needs --calibration"), (["--calibration", "x.npz"], "--calibration is used with"),
+     (["--int8-exclude", "Conv"], "--int8-exclude is used with --int8"),
+     (["--calibration-cache", "d"], "--calibration-cache is used with --int8")],
 )
 def test_quantization_flags_are_checked(example: Path, tmp_path: Path, capsys, args, message):
     assert cli.main([str(example), "-o", str(tmp_path / "o.onnx"), *args]) == 2

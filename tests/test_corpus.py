@@ -95,6 +95,39 @@ def test_o2_keeps_real_model_valid_and_equivalent(entry: CorpusModel, tmp_path: 
     )
 
 
+@pytest.mark.corpus
+@pytest.mark.parametrize("entry", MODELS, ids=[m.name for m in MODELS])
+def test_int8_of_real_model_is_valid_and_runs(entry: CorpusModel, tmp_path: Path) -> None:
+    """INT8 QDQ output on every corpus model: passes the full onnx checker, keeps the
+    interface, runs with onnxruntime's optimizations on (the integer kernels) with finite
+    outputs shaped as the original's. Accuracy is the benchmark's business (real images);
+    here the inputs are random, the speed and accuracy checks off."""
+    from optcc.quant_fallback import count_integer_nodes
+    from optcc.quantize import quantize_int8
+
+    path = _fetch_or_skip(entry)
+    shapes = input_shapes(entry, path)
+    rng = np.random.default_rng(1)
+    samples = [{n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()} for _ in range(3)]
+    quantized, stats = quantize_int8(str(path), samples, accuracy_fallback=False, require_target=False,
+                                     require_speedup=False)
+    assert stats["modified"] and stats["pass"]["layers"], stats.get("reason")
+    out = tmp_path / "model.int8.onnx"
+    optcc.ir.save(quantized, out)
+    onnx.checker.check_model(str(out), full_check=True)
+    original = onnx.load(str(path), load_external_data=False)
+    assert _signature(onnx.load(str(out))) == _signature(original)
+    assert count_integer_nodes(quantized) > 0
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    got, want = session.run(None, samples[0]), reference.run(None, samples[0])
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert all(np.isfinite(g).all() for g in got)
+
+
 def test_corpus_names_are_unique_and_shapes_match_inputs() -> None:
     names = [m.name for m in MODELS]
     assert len(names) == len(set(names))

@@ -17,7 +17,7 @@ import optcc
 from optcc.calibration import calibrate
 from optcc.passes.quantize_dynamic import QuantizeDynamicPass
 from optcc.passes.quantize_int8 import QuantizeInt8Pass, activation_params
-from optcc.quant_fallback import count_integer_nodes, evaluate, integer_op_histogram, sqnr_db
+from optcc.quant_fallback import Target, count_integer_nodes, evaluate, integer_op_histogram, sqnr_db
 from optcc.quantize import quantize_int8
 
 SEED = 0
@@ -525,6 +525,12 @@ def test_scalar_rescales_become_the_consumers_dequantization_scale() -> None:
     assert float(initializer(q, dq.inputs[1])) == pytest.approx(mul_scale / 6 * 0.7, rel=1e-6)
     assert initializer(q, dq.inputs[2]) == initializer(q, mul_q.inputs[2])
     assert "Div" not in _ort_ops(q)  # nothing runs float between the integer kernels
+    read = {v.name for n in q.graph for v in n.inputs if v is not None}
+    assert set(q.graph.initializers) <= read  # the chain's middle scales went with its pair
+    # the fallback measures every layer's result; the hard-swish product's own DQ is gone
+    _, stats = quantize_int8(model, data + images(4, 2, (1, 3, 8, 8)), require_speedup=False,
+                             target=Target(min_sqnr_db=200.0), max_float_layers=10)
+    assert stats["declined"] == "accuracy" and stats["fallback"]["tried"]
     assert optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
                         tolerances=NO_ARGMAX).passed
 
