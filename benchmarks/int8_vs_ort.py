@@ -28,7 +28,8 @@ their ink rows. Calibration and held-out samples are different crops (different 
 
 Each configuration runs in a fresh subprocess (``--timeout`` seconds, address space
 capped at ``--memory-gb``), which reports: calibration+quantization time and the peak RSS
-of the process at that point (interpreter, onnxruntime and the model included), then
+of the process at that point (interpreter, onnxruntime and the model included; "RSS
+added": that peak minus the process's RSS just before calibrating), then
 validity (onnx.checker + onnxruntime loads it), SQNR on the held-out samples (worst
 output; float model with ORT_DISABLE_ALL vs the quantized one with ORT_ENABLE_ALL, i.e.
 the integer kernels), CPU latency (2 intra-op threads) of the result and of the float32
@@ -391,13 +392,14 @@ def run_one(model: str, config: str, args: argparse.Namespace, scratch: str) -> 
 def table(rows: list[dict]) -> str:
     head = (
         "| model | config | status | valid | SQNR dB (held-out) | CTC match | latency ms (2 thr) | fp32 ms (same process)"
-        " | vs fp32 | spread | integer nodes | quantize s | peak RSS MiB | size MiB | kept float | decision |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        " | vs fp32 | spread | integer nodes | quantize s | peak RSS MiB | RSS added MiB | size MiB | kept float"
+        " | decision |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['config']} | {r['status']} |" + " |" * 13)
+            lines.append(f"| {r['model']} | {r['config']} | {r['status']} |" + " |" * 14)
             continue
         fp32 = r.get("fp32_latency_ms")
         speed = f"{fp32 / r['latency_ms']:.2f}x" if fp32 and r["config"] != "fp32" else ""
@@ -410,7 +412,9 @@ def table(rows: list[dict]) -> str:
             f"| {r['model']} | {r['config']} | ok | {r['valid'] is True} | {sqnr_text} | {r.get('ctc_match', '')} |"
             f" {r['latency_ms']:.2f} | {fp32 if fp32 is not None else ''} | {speed} | {r.get('spread', '')} |"
             f" {r['integer_nodes']} | {r['quantize_s'] if quantizing else ''} |"
-            f" {r['peak_rss_mib'] if quantizing else ''} | {r['size_mib']} | {kept_text} | {r.get('decision', '')} |"
+            f" {r['peak_rss_mib'] if quantizing else ''} |"
+            f" {round(r['peak_rss_mib'] - r['rss_before_mib'], 1) if quantizing else ''} |"
+            f" {r['size_mib']} | {kept_text} | {r.get('decision', '')} |"
         )
     return "\n".join(lines)
 
