@@ -142,7 +142,9 @@ class TensorHistogram:
         self.add_extremes(lo, hi, int(finite.size))
         if self.bins == 0:
             return
-        index = finite + work(self.limit)
+        if self.limit >= 2.0**100:  # float32 cannot hold the histogram's edges
+            work = np.float64
+        index = finite.astype(work, copy=False) + work(self.limit)
         index *= work(1.0 / self.bin_width)
         np.clip(index, 0, self.bins - 1, out=index)
         self.counts += np.bincount(index.astype(np.intp), minlength=self.bins)
