@@ -499,11 +499,13 @@ def upgrade_legacy_ir(model: ir.Model) -> int:
 
 
 def inferred_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
-    """Element types of the main graph's values, as declared or as onnx type inference
-    finds them (best effort: values it cannot type are left out). Inference runs on a
-    serialized copy whose weights are graph inputs of the same type and shape, so no
-    weight data is copied."""
-    declared = [*model.graph.inputs, *(v for node in model.graph for v in node.outputs)]
+    """Element types of the values of the main graph and its If/Loop/Scan bodies, as
+    declared or as onnx type inference finds them (best effort: values it cannot type are
+    left out). Inference runs only when a node output is undeclared, on a serialized copy
+    whose weights are graph inputs of the same type and shape, so no weight data is
+    copied."""
+    bodies = [g for g in graphs(model) if isinstance(g, ir.Graph)]
+    declared = [v for g in bodies for v in (*g.inputs, *(o for node in g for o in node.outputs))]
     types = {v.name: v.dtype for v in declared if v.name and v.dtype is not None}
     if all(v.name in types for v in declared if v.name):
         return types
@@ -521,10 +523,11 @@ def inferred_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
     except Exception:  # noqa: BLE001 - best effort: the declared types remain
         return types
-    for info in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
-        elem = info.type.tensor_type.elem_type if info.type.HasField("tensor_type") else 0
-        if elem and info.name not in types:
-            types[info.name] = ir.DataType(elem)
+    for graph in proto_graphs(inferred.graph):
+        for info in (*graph.value_info, *graph.output, *graph.input):
+            elem = info.type.tensor_type.elem_type if info.type.HasField("tensor_type") else 0
+            if elem and info.name not in types:
+                types[info.name] = ir.DataType(elem)
     return types
 
 

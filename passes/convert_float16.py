@@ -92,19 +92,6 @@ def _node_keys(model: ir.Model) -> tuple[dict[ir.Node, int], dict[ir.Node, int]]
     return keys, top
 
 
-def _inferred_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
-    try:
-        proto = onnx.shape_inference.infer_shapes(optcc.ir.serialize(model), strict_mode=False)
-    except Exception:  # noqa: BLE001 - inference is a help, not a requirement
-        return {}
-    found: dict[str, ir.DataType] = {}
-    for graph in optcc.ir.proto_graphs(proto.graph):
-        for info in (*graph.value_info, *graph.output, *graph.input):
-            if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
-                found.setdefault(info.name, ir.DataType(info.type.tensor_type.elem_type))
-    return found
-
-
 def _values(model: ir.Model) -> set[ir.Value]:
     """Every value the graphs' nodes read or write (initializers included)."""
     return {v for g in optcc.ir.graphs(model) for n in g for v in (*n.inputs, *n.outputs) if v is not None}
@@ -156,7 +143,7 @@ class ConvertFloat16Pass(optcc.Pass):
     def _facts(self, model: ir.Model) -> None:
         self.reference = model.clone()
         self.opset = optcc.ir.default_opset(model)
-        self.inferred = _inferred_dtypes(model)
+        self.inferred = optcc.ir.inferred_dtypes(model)
         self.feeds = self.inputs or generate_inputs(
             self.reference, self.input_shapes, samples=2, seed=0)
         self.ref_values: list[dict[str, np.ndarray]] = []

@@ -450,11 +450,13 @@ class QuantizeInt8Pass(optcc.Pass):
     def _plan_shared(self, graph: ir.Graph, plan: _Plan, rescales: Mapping[ir.Node, float]) -> None:
         """Data-movement ops and rescales whose output feeds a quantized op (reverse order:
         chains)."""
+        def feeds_quantized(node: ir.Node) -> bool:
+            consumers = (u.node for out in node.outputs for u in out.uses())
+            return any(c in plan.compute or c in plan.shared or c in plan.rescale for c in consumers)
+
         for node in reversed(list(graph)):
-            consumers = [u.node for out in node.outputs for u in out.uses()]
-            feeds_quantized = any(c in plan.compute or c in plan.shared or c in plan.rescale for c in consumers)
             if node in rescales:
-                if feeds_quantized:
+                if feeds_quantized(node):
                     plan.rescale[node] = rescales[node]
                 continue
             if not _is_default(node) or node.op_type not in SHARED_SCALE_OPS or not self._selected(node):
@@ -463,7 +465,7 @@ class QuantizeInt8Pass(optcc.Pass):
                 continue
             if len(node.outputs) != 1 and node.op_type != "Split":
                 continue
-            if feeds_quantized:
+            if feeds_quantized(node):
                 plan.shared.add(node)
 
     def _assign_params(self, graph: ir.Graph, plan: _Plan) -> None:
