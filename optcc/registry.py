@@ -81,7 +81,6 @@ def available_passes() -> dict[str, PassInfo]:
 
 def register(factory: PassFactory, name: str | None = None, *, replace: bool = False) -> PassInfo:
     """Register a pass factory (a Pass subclass or any callable returning a pass)."""
-    global _registry
     info = _info(factory, "register()", name)
     passes = available_passes()
     if info.name in passes and not replace:
