@@ -11,6 +11,8 @@ For every model, on the same calibration data and the same held-out data, in one
   time and memory compare like for like: the float fusions (``prepare_float``),
   ``calibrate`` and ``QuantizeInt8Pass`` (QDQ, per-channel int8 weights, uint8
   activations): the raw INT8 model;
+- ``optcc-minmax+bc``: the same plus empirical bias correction
+  (``optcc.bias_correction``, on 4 of the calibration samples), which the driver applies;
 - ``optcc-minmax+fallback``: what a user gets by default: the accuracy-aware fallback
   (target 25 dB on the held-out data; at most ``--max-float`` layers returned to float,
   default half of them; at most ``--ranked`` layers ranked by sensitivity), then the
@@ -61,7 +63,7 @@ MODELS = {
     "ppocrv4-rec": (48, 320, "text"),
     "ppocr-mobile-cls": (48, 192, "text"),
 }
-CONFIGS = ["fp32", "optcc-minmax", "optcc-entropy", "optcc-minmax+fallback", "ort-minmax", "ort-minmax+pre", "ort-entropy"]
+CONFIGS = ["fp32", "optcc-minmax", "optcc-minmax+bc", "optcc-entropy", "optcc-minmax+fallback", "ort-minmax", "ort-minmax+pre", "ort-entropy"]
 _MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
 _STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
 
@@ -332,8 +334,14 @@ def worker(args: argparse.Namespace) -> dict:
 
         model, _ = upgrade_opset(optcc.ir.load(str(source)), 13)
         prepare_float(model)
-        ranges = calibrate(model, calib, config.removeprefix("optcc-")).ranges
-        optcc.ir.save(QuantizeInt8Pass(ranges, count_fused=False)(model).model, out)
+        ranges = calibrate(model, calib, config.removeprefix("optcc-").removesuffix("+bc")).ranges
+        corrected = config.endswith("+bc")
+        quantized = QuantizeInt8Pass(ranges, count_fused=False)(model.clone() if corrected else model).model
+        if corrected:
+            from optcc.bias_correction import correct_biases
+
+            result["bias_correction"] = correct_biases(model, quantized, calib[:4])
+        optcc.ir.save(quantized, out)
     else:
         _ort_quantize(source, out, calib, "entropy" if "entropy" in config else "minmax", pre=config.endswith("+pre"))
     result["quantize_s"] = round(time.perf_counter() - start, 2)

@@ -16,6 +16,7 @@ import onnx.version_converter
 import onnx_ir as ir
 
 from optcc import ir as oir
+from optcc.bias_correction import correct_biases
 from optcc.calibration import CalibrationData, calibrate, load_samples, split_holdout
 from optcc.errors import BadInputError
 from optcc.quant_fallback import (
@@ -121,6 +122,8 @@ def quantize_int8(
     require_speedup: bool = True,
     min_speedup: float = 1.0,
     speed_threads: int = 2,
+    bias_correction: bool = True,
+    bias_correction_samples: int = 4,
     cache_dir: str | os.PathLike | None = None,
     bins: int | None = None,
     progress: bool = False,
@@ -144,6 +147,12 @@ def quantize_int8(
       ``max_float_layers`` layers returned to float (default: ``max_float_fraction`` of the
       quantized layers; beyond half, INT8 has little left to gain), the model would fail
       verification.
+
+    ``bias_correction``: every model this builds with all its layers quantized or only
+    some returned to float (not the single-layer models of the ranking) gets its Conv
+    biases corrected for the mean shift quantization causes
+    (``optcc.bias_correction.correct_biases``), measured on the first
+    ``bias_correction_samples`` calibration samples.
 
     ``stats``: method, seconds (wall time per phase: prepare, calibrate, quantize,
     speed_check, fallback or evaluate, report), calibration (samples, cache), ranges (per tensor), pass stats
@@ -199,7 +208,11 @@ def quantize_int8(
             only=only,
             count_fused=False,
         )(candidate)
-        return result.model, dict(result.stats)
+        result_stats = dict(result.stats)
+        if bias_correction and only is None:
+            result_stats["bias_correction"] = correct_biases(
+                float_model, result.model, calib[:bias_correction_samples], progress=progress)
+        return result.model, result_stats
 
     def decline(kind: str, reason: str) -> tuple[ir.Model, dict[str, Any]]:
         stats.update(modified=False, declined=kind, reason=reason)

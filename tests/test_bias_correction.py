@@ -1,0 +1,124 @@
+"""Empirical bias correction (optcc.bias_correction) on a model whose weight rounding is
+biased by construction: every small tap of the depthwise conv rounds up by 0.45 of a step,
+and the inputs are positive, so the quantized model's conv results are shifted."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx.numpy_helper as nh
+import onnxruntime as ort
+from onnx import TensorProto as TP
+
+import optcc
+from optcc.bias_correction import correct_biases
+from optcc.calibration import calibrate
+from optcc.passes.quantize_int8 import QuantizeInt8Pass
+from optcc.quant_fallback import count_integer_nodes, evaluate
+from optcc.quantize import quantize_int8
+
+CONVS = ["c1", "c2", "c3"]
+
+
+def biased_chain() -> onnx.ModelProto:
+    """Conv(3x3, bias)-Relu -> depthwise Conv(3x3, no bias)-Relu -> Conv(1x1, bias)."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.normal(size=(8, 3, 3, 3)) * 0.3).astype(np.float32)
+    step = 1.0 / 127  # the per-channel weight scale of the depthwise conv (max |w| = 1)
+    w2 = np.full((8, 1, 3, 3), 0.55 * step, np.float32)  # rounds to 1 step: +0.45 step each
+    w2[:, 0, 1, 1] = 1.0
+    w3 = (rng.normal(size=(4, 8, 1, 1)) * 0.5).astype(np.float32)
+    inits = [nh.from_array(w1, "W1"), nh.from_array(np.full(8, 0.1, np.float32), "B1"),
+             nh.from_array(w2, "W2"), nh.from_array(w3, "W3"),
+             nh.from_array(np.zeros(4, np.float32), "B3")]
+    nodes = [
+        oh.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        oh.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        oh.make_node("Conv", ["r1", "W2"], ["c2"], pads=[1, 1, 1, 1], group=8, name="dw"),
+        oh.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        oh.make_node("Conv", ["r2", "W3", "B3"], ["c3"], name="conv3"),
+    ]
+    graph = oh.make_graph(nodes, "chain", [oh.make_tensor_value_info("x", TP.FLOAT, ["N", 3, 12, 12])],
+                          [oh.make_tensor_value_info("c3", TP.FLOAT, ["N", 4, 12, 12])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def samples(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.uniform(0, 1, size=(1, 3, 12, 12)).astype(np.float32)} for _ in range(n)]
+
+
+def quantized(model: onnx.ModelProto, calib: list) -> optcc.ir.Model:
+    ranges = calibrate(model, calib, "minmax").ranges
+    return QuantizeInt8Pass(ranges, count_fused=False)(optcc.ir.load(model)).model
+
+
+def channel_means(model: optcc.ir.Model | onnx.ModelProto, names: list[str], data: list) -> list[np.ndarray]:
+    """Per-channel means of intermediates, fetched whole and averaged with numpy."""
+    proto = model if isinstance(model, onnx.ModelProto) else optcc.ir.serialize(model)
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    del proto.graph.output[:]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    runs = [session.run(names, f) for f in data]
+    return [np.mean([r[i].mean(axis=(0, 2, 3)) for r in runs], axis=0) for i in range(len(names))]
+
+
+def mean_errors(float_model: onnx.ModelProto, q: optcc.ir.Model, data: list) -> list[float]:
+    ref, got = channel_means(float_model, CONVS, data), channel_means(q, CONVS, data)
+    return [float(np.abs(g - r).max()) for r, g in zip(ref, got)]
+
+
+def test_corrected_convs_have_the_float_models_channel_means() -> None:
+    model, calib = biased_chain(), samples(8, 0)
+    q = quantized(model, calib)
+    before = mean_errors(model, q, calib)
+    stats = correct_biases(optcc.ir.load(model), q, calib)
+    after = mean_errors(model, q, calib)
+    assert stats["layers"] == 3 and stats["overflow_channels"] == 0
+    assert before[1] > 5e-3  # the constructed shift: 8 taps x 0.45 step x mean input
+    for b, a in zip(before, after):
+        assert a < 0.05 * b + 1e-5, (before, after)
+
+
+def test_held_out_data_gains_accuracy() -> None:
+    model, calib, held = biased_chain(), samples(8, 0), samples(8, 1)
+    q = quantized(model, calib)
+    plain = evaluate(optcc.ir.load(model), q, held).worst_sqnr_db
+    correct_biases(optcc.ir.load(model), q, calib)
+    corrected = evaluate(optcc.ir.load(model), q, held).worst_sqnr_db
+    assert max(mean_errors(model, q, held)) < 0.2 * max(mean_errors(model, quantized(model, calib), held))
+    assert corrected > plain + 2.0, (plain, corrected)
+
+
+def test_a_conv_without_bias_gets_an_int32_bias_and_still_fuses() -> None:
+    model, calib = biased_chain(), samples(8, 0)
+    q = quantized(model, calib)
+    fused_before = count_integer_nodes(q)
+    correct_biases(optcc.ir.load(model), q, calib)
+    dw = next(n for n in q.graph if n.name == "dw")
+    assert len(dw.inputs) == 3 and dw.inputs[2] is not None
+    bias_dq = dw.inputs[2].producer()
+    assert bias_dq.op_type == "DequantizeLinear"
+    b_q, b_scale = (optcc.ir.as_numpy(v) for v in bias_dq.inputs[:2])
+    x_scale = optcc.ir.as_numpy(dw.inputs[0].producer().inputs[1])
+    w_scale = optcc.ir.as_numpy(dw.inputs[1].producer().inputs[1])
+    assert b_q.dtype == np.int32 and np.any(b_q)
+    np.testing.assert_allclose(b_scale, x_scale * w_scale, rtol=1e-6)
+    proto = optcc.ir.serialize(q)
+    onnx.checker.check_model(proto, full_check=True)
+    assert count_integer_nodes(q) == fused_before  # every QLinearConv is still fused
+
+
+def test_driver_corrects_biases_unless_told_not_to() -> None:
+    model, data = biased_chain(), samples(10, 0)
+    options = dict(require_speedup=False, require_target=False, accuracy_fallback=False)
+    corrected, stats = quantize_int8(model, data, **options)
+    plain, plain_stats = quantize_int8(model, data, bias_correction=False, **options)
+    assert stats["pass"]["bias_correction"]["layers"] == 3
+    assert "bias_correction" not in plain_stats["pass"]
+    calib = data[:8]
+    assert max(mean_errors(model, corrected, calib)) < 0.1 * max(mean_errors(model, plain, calib))
