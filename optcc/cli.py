@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="INT8 accuracy target: SQNR in dB on every output, held-out samples (default 25)")
     p.add_argument("--calibration-cache", metavar="DIR",
                    help="with --int8: keep calibration statistics in DIR (keyed by model, data and method) and reuse them")
+    p.add_argument("--no-int8-bias-correction", action="store_true",
+                   help="with --int8: keep the quantized Convs' biases as rounded (no empirical bias correction)")
     p.add_argument("--int8-per-tensor", action="store_true",
                    help="with --int8: one weight scale per tensor instead of per output channel")
     p.add_argument("--int8-activations", choices=["uint8", "int8"], default="uint8",
@@ -178,7 +180,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.calibration and not (args.int8 or args.fp16):
         raise BadInputError("--calibration is used with --int8 or --fp16")
     int8_only = {"--calibration-cache": args.calibration_cache, "--int8-per-tensor": args.int8_per_tensor,
-                 "--int8-activations": args.int8_activations != "uint8", "--int8-exclude": args.int8_exclude}
+                 "--int8-activations": args.int8_activations != "uint8", "--int8-exclude": args.int8_exclude,
+                 "--no-int8-bias-correction": args.no_int8_bias_correction}
     for flag, given in int8_only.items():
         if given and not args.int8:
             raise BadInputError(f"{flag} is used with --int8")
@@ -212,6 +215,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                           "target": Target(min_sqnr_db=args.int8_target_sqnr),
                           "cache_dir": args.calibration_cache,
                           "per_channel": not args.int8_per_tensor,
+                          "bias_correction": not args.no_int8_bias_correction,
                           "activation_type": args.int8_activations,
                           "exclude": [e for item in args.int8_exclude for e in _split(item)]},
             tolerances={"int8": dataclasses.replace(TOLERANCES["int8"], min_sqnr_db=args.int8_target_sqnr)},

@@ -210,8 +210,13 @@ def quantize_int8(
         )(candidate)
         result_stats = dict(result.stats)
         if bias_correction and only is None:
-            result_stats["bias_correction"] = correct_biases(
-                float_model, result.model, calib[:bias_correction_samples], progress=progress)
+            try:
+                result_stats["bias_correction"] = correct_biases(
+                    float_model, result.model, calib[:bias_correction_samples], progress=progress)
+            except Exception as e:  # noqa: BLE001 - onnxruntime refused the measuring model:
+                # nothing was written (biases are written after the last run); keep it as is
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                result_stats["bias_correction"] = {"layers": 0, "error": first}
         return result.model, result_stats
 
     def decline(kind: str, reason: str) -> tuple[ir.Model, dict[str, Any]]:

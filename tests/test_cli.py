@@ -273,11 +273,28 @@ def test_int8_options_reach_the_quantizer(example: Path, tmp_path: Path):
             assert producers[node.input[0]].op_type != "DequantizeLinear"
 
 
+def test_int8_bias_correction_is_on_unless_turned_off(example: Path, tmp_path: Path):
+    rng = np.random.default_rng(0)
+    data_path = tmp_path / "calib.npz"
+    np.savez(data_path, image=rng.standard_normal((10, 1, 3, 32, 32)).astype(np.float32))
+    corrections = []
+    for flags in ([], ["--no-int8-bias-correction"]):
+        report = tmp_path / "r.json"
+        code = cli.main([str(example), "--int8", "--calibration", str(data_path), "-o", str(tmp_path / "o.onnx"),
+                         "--report", str(report), "-q", "--no-int8-speed-check", *flags])
+        assert code == 0
+        (step,) = [p for p in json.loads(report.read_text())["passes"] if p["name"] == "quantize-int8-calibrated"]
+        corrections.append(step["stats"]["pass"].get("bias_correction"))
+    assert corrections[0]["layers"] > 0 and corrections[0]["mean_error_after"] < corrections[0]["mean_error_before"]
+    assert corrections[1] is None
+
+
 @pytest.mark.parametrize(
     "args, message",
     [(["--int8"], "--int8 needs --calibration"), (["--calibration", "x.npz"], "--calibration is used with"),
      (["--int8-exclude", "Conv"], "--int8-exclude is used with --int8"),
-     (["--calibration-cache", "d"], "--calibration-cache is used with --int8")],
+     (["--calibration-cache", "d"], "--calibration-cache is used with --int8"),
+     (["--no-int8-bias-correction"], "--no-int8-bias-correction is used with --int8")],
 )
 def test_quantization_flags_are_checked(example: Path, tmp_path: Path, capsys, args, message):
     assert cli.main([str(example), "-o", str(tmp_path / "o.onnx"), *args]) == 2
