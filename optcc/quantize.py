@@ -120,7 +120,7 @@ def quantize_int8(
     max_layers_ranked: int = 256,
     require_target: bool = True,
     require_speedup: bool = True,
-    min_speedup: float = 1.0,
+    min_speedup: float = 1.1,
     speed_threads: int = 2,
     bias_correction: bool = True,
     bias_correction_samples: int = 4,
@@ -140,9 +140,11 @@ def quantize_int8(
 
     - ``require_speedup``: float32 and INT8 are timed interleaved on the held-out samples
       (``compare_latency``, onnxruntime CPU, ``speed_threads`` threads); INT8 must run in
-      less than ``1 / min_speedup`` of float32's time. Checked on the fully quantized model
-      first (the fastest INT8 variant: when even that is not faster, no fallback is
-      attempted) and again on the model the fallback returns.
+      less than ``1 / min_speedup`` of float32's time (1.1 by default: smaller gains are
+      within run-to-run noise on a 2-core machine, PP-OCR cls measured 0.95x-1.06x).
+      Checked on the fully quantized model first (the fastest INT8 variant: when even
+      that is not faster, no fallback is attempted) and again on the model the fallback
+      returns.
     - ``require_target``: when the fallback cannot meet ``target`` within
       ``max_float_layers`` layers returned to float (default: ``max_float_fraction`` of the
       quantized layers; beyond half, INT8 has little left to gain), the model would fail
@@ -232,7 +234,8 @@ def quantize_int8(
             return None
         noise = max(timing["spread"])
         return (
-            f"INT8 is not faster than float32 on onnxruntime CPU ({timing['int8_s'] * 1e3:.2f} ms vs "
+            f"INT8 is not faster than float32 by the required {min_speedup:g}x on onnxruntime CPU "
+            f"({timing['int8_s'] * 1e3:.2f} ms vs "
             f"{timing['float32_s'] * 1e3:.2f} ms median, {speed_threads} threads, interleaved over "
             f"{len(held)} held-out samples, run-to-run spread up to {noise:.2f}x); kept float32"
         )
