@@ -20,10 +20,10 @@ graph) leave it. onnxruntime runs the whole graph whatever is fetched, so the co
 (layers x samples) runs.
 
 Measured with the benchmark's data (8 calibration, 8 different held-out samples; worst
-output SQNR): nudenet-320n 29.9 -> 31.6 dB; PP-OCRv4 rec on whole text lines 9.9 ->
-15.8 dB (CTC greedy match 4/8 -> 5/8 lines), PP-OCR cls on whole lines 22.5 -> 25.0 dB
-(argmax agreement 7/8 -> 8/8). On random windows of text (which float32 itself decodes
-to nothing on 3 of 8), rec 13.1 -> 12.9 and cls 16.9 -> 15.9 dB.
+output SQNR; docs/int8.md): nudenet-320n 29.9 -> 31.0 dB; on whole text lines PP-OCRv4 rec
+9.9 -> 13.8 dB (CTC greedy decode equal to float32's on 7/8 lines instead of 4/8) and
+PP-OCR cls 22.5 -> 25.2 dB; PP-OCRv4 det on photos -2.8 -> 1.6 dB; on random windows of
+text rec 13.1 -> 13.1 (CTC 1/8 -> 3/8) and cls 16.9 -> 16.4 dB.
 """
 
 from __future__ import annotations
