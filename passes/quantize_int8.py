@@ -22,6 +22,10 @@ QGemm, QLinearAdd/Mul, QLinearAveragePool, QLinearConcat, ...):
 - data-movement ops (Reshape, Transpose, Slice, Flatten, Squeeze, Unsqueeze, MaxPool,
   Resize, Split) reuse their input's scale and zero point, so onnxruntime drops their Q/DQ and
   runs them on 8-bit data; they are quantized only when a consumer is quantized;
+- Concat: its output and inputs share one scale and zero point, from the union of their
+  ranges (carried upstream through data-movement ops, e.g. to a Split's input), so
+  onnxruntime's QLinearConcat copies the inputs instead of requantizing each (nudenet's
+  24 YOLOv8 concats: 1.58x -> 1.69x faster than float32, 29.9 -> 30.3 dB);
 - rescales: ``Mul(x, c)`` / ``Div(x, c)`` with a positive scalar constant ``c`` (hard-swish's
   ``/ 6``, PP-LCNet's learnable scales) whose result feeds a quantized op are removed: the
   consumer dequantizes ``x``'s 8-bit tensor with scale ``x_scale * c`` (``/ c``) and the
@@ -470,13 +474,14 @@ class QuantizeInt8Pass(optcc.Pass):
 
     def _assign_params(self, graph: ir.Graph, plan: _Plan) -> None:
         t = self.activation_type
-
-        def of_range(value: ir.Value) -> Params | None:
-            r = self._range(value)
-            return None if r is None else activation_params(r[0], r[1], t)
-
         # an absorbed activation's output is replaced by its producer's output
         alias = {act.outputs[0]: node.outputs[0] for node, act in plan.absorbed.items()}
+        concat_ranges = self._concat_ranges(graph, plan, alias)
+
+        def of_range(value: ir.Value) -> Params | None:
+            r = concat_ranges.get(value) or self._range(value)
+            return None if r is None else activation_params(r[0], r[1], t)
+
         for node in graph:  # topological: inputs are assigned before shared outputs
             if node in plan.compute:
                 data = node.inputs[:1] if node.op_type in _SINGLE_INPUT_OPS else node.inputs
@@ -498,6 +503,49 @@ class QuantizeInt8Pass(optcc.Pass):
                 factor = plan.rescale.get(node, 1.0)
                 for out in node.outputs:
                     plan.params[out] = (np.array(scale * factor, np.float32), zero)
+
+
+    def _concat_ranges(self, graph: ir.Graph, plan: _Plan, alias: Mapping[ir.Value, ir.Value]
+                       ) -> dict[ir.Value, tuple[float, float]]:
+        """One range for a quantized Concat's output and all its inputs (and, through
+        data-movement ops, the tensors those share their scale with): the union of their
+        ranges. Inputs with the output's scale and zero point are copied, not requantized
+        (onnxruntime's QLinearConcat requantizes every other input)."""
+        parent: dict[ir.Value, ir.Value] = {}
+
+        def find(v: ir.Value) -> ir.Value:
+            while parent.get(v, v) is not v:
+                v = parent[v]
+            return v
+
+        def union(a: ir.Value, b: ir.Value) -> None:
+            parent.setdefault(a, a), parent.setdefault(b, b)
+            parent[find(a)] = find(b)
+
+        for node in graph:
+            if node.op_type != "Concat" or node not in plan.compute or node in plan.float_output or node in plan.absorbed:
+                continue
+            for v in node.inputs:
+                while v is not None and _const(v) is None:
+                    union(node.outputs[0], v)
+                    producer = v.producer()
+                    if producer is None or producer not in plan.shared:
+                        break
+                    v = _data_input(producer)
+        groups: dict[ir.Value, list[ir.Value]] = {}
+        for v in parent:
+            groups.setdefault(find(v), []).append(v)
+        result: dict[ir.Value, tuple[float, float]] = {}
+        for members in groups.values():
+            ranges = [self._range(m) for m in members]
+            if any(r is None for r in ranges):
+                continue
+            union_range = (min(r[0] for r in ranges), max(r[1] for r in ranges))  # type: ignore[index]
+            for m in members:
+                result[m] = union_range
+                if m in alias.values():  # an absorbed activation's output reads its producer's
+                    result.update({a: union_range for a, p in alias.items() if p is m})
+        return result
 
 
 def _data_input(node: ir.Node) -> ir.Value:

@@ -565,6 +565,44 @@ def test_split_shares_its_input_scale() -> None:
                         tolerances=NO_ARGMAX).passed
 
 
+def test_concat_inputs_take_the_outputs_scale() -> None:
+    """A Concat's inputs are quantized with the output's scale and zero point (the union
+    of their ranges), through the Split whose output is one of them, so onnxruntime copies
+    them instead of requantizing each."""
+    rng = np.random.default_rng(13)
+    graph = oh.make_graph(
+        [
+            oh.make_node("Conv", ["x", "W1"], ["c"], name="conv1"),
+            oh.make_node("Split", ["c", "halves"], ["a", "b"], axis=1, name="split"),
+            oh.make_node("Conv", ["a", "Wa"], ["ya"], name="conv_a"),
+            oh.make_node("Concat", ["ya", "b"], ["y"], axis=1, name="concat"),
+            oh.make_node("Conv", ["y", "Wo"], ["out"], name="conv_out"),
+        ],
+        "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])],
+        [oh.make_tensor_value_info("out", TP.FLOAT, [1, 4, 8, 8])],
+        [_init("W1", _he(rng, 8, 3, 1, 1)), _init("Wa", 3 * _he(rng, 4, 4, 1, 1)),
+         _init("Wo", _he(rng, 4, 8, 1, 1)), _init("halves", np.array([4, 4], np.int64))],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    data = images(8, shape=(1, 3, 8, 8))
+    ranges = calibrate(model, data).ranges
+    assert ranges["ya"] != ranges["b"]  # conv_a's 3x weights: a wider range than the split half
+    q = QuantizeInt8Pass(ranges)(optcc.ir.load(model)).model
+    lo = min(ranges[n][0] for n in ("ya", "b", "c", "y"))
+    hi = max(ranges[n][1] for n in ("ya", "b", "c", "y"))
+    expected = activation_params(lo, hi)
+    concat = by_name(q, "concat")
+    params = [(initializer(q, dq_source(q, concat, i).inputs[1]), initializer(q, dq_source(q, concat, i).inputs[2]))
+              for i in range(2)]
+    (q_after,) = [u.node for u in concat.outputs[0].uses()]
+    params.append((initializer(q, q_after.inputs[1]), initializer(q, q_after.inputs[2])))
+    for scale, zero in params:
+        assert scale == expected[0] and zero == expected[1]
+    assert _ort_ops(q)["QLinearConcat"] == 1
+    assert optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
+                        tolerances=NO_ARGMAX).passed
+
+
 def test_conv_transpose_stays_float_with_float_weights() -> None:
     """onnxruntime has no integer ConvTranspose on CPU: quantizing it would only add a
     weight DequantizeLinear to every run."""
