@@ -20,9 +20,9 @@ graph) leave it. onnxruntime runs the whole graph whatever is fetched, so the co
 (layers x samples) runs.
 
 Measured with the benchmark's data (8 calibration, 8 different held-out samples; worst
-output SQNR; docs/int8.md): nudenet-320n 29.9 -> 31.0 dB; on whole text lines PP-OCRv4 rec
-9.9 -> 13.8 dB (CTC greedy decode equal to float32's on 7/8 lines instead of 4/8) and
-PP-OCR cls 22.5 -> 25.2 dB; PP-OCRv4 det on photos -2.8 -> 1.6 dB; on random windows of
+output SQNR; docs/int8.md): nudenet-320n 30.3 -> 30.6 dB; on whole text lines PP-OCRv4 rec
+9.9 -> 13.9 dB (CTC greedy decode equal to float32's on 7/8 lines instead of 4/8) and
+PP-OCR cls 22.5 -> 25.2 dB; PP-OCRv4 det on photos -2.8 -> 1.5 dB; on random windows of
 text rec 13.1 -> 13.1 (CTC 1/8 -> 3/8) and cls 16.9 -> 16.4 dB.
 """
 
