@@ -540,21 +540,29 @@ def test_scalar_rescales_become_the_consumers_dequantization_scale() -> None:
     assert optcc.ir.op_histogram(result.model)["Mul"] == 2
 
 
+def split_concat_model(seed: int, gain: float = 1.0, head: bool = False) -> onnx.ModelProto:
+    """Conv -> Split -> (Conv on one half) -> Concat with the other half [-> Conv]; ``gain``
+    scales the half's conv weights (a wider range on that Concat input)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        oh.make_node("Conv", ["x", "W1"], ["c"], name="conv1"),
+        oh.make_node("Split", ["c", "halves"], ["a", "b"], axis=1, name="split"),
+        oh.make_node("Conv", ["a", "Wa"], ["ya"], name="conv_a"),
+        oh.make_node("Concat", ["ya", "b"], ["y"], axis=1, name="concat"),
+    ]
+    inits = [_init("W1", _he(rng, 8, 3, 1, 1)), _init("Wa", gain * _he(rng, 4, 4, 1, 1)),
+             _init("halves", np.array([4, 4], np.int64))]
+    output = oh.make_tensor_value_info("y", TP.FLOAT, [1, 8, 8, 8])
+    if head:
+        nodes.append(oh.make_node("Conv", ["y", "Wo"], ["out"], name="conv_out"))
+        inits.append(_init("Wo", _he(rng, 4, 8, 1, 1)))
+        output = oh.make_tensor_value_info("out", TP.FLOAT, [1, 4, 8, 8])
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])], [output], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
 def test_split_shares_its_input_scale() -> None:
-    rng = np.random.default_rng(12)
-    graph = oh.make_graph(
-        [
-            oh.make_node("Conv", ["x", "W1"], ["c"], name="conv1"),
-            oh.make_node("Split", ["c", "halves"], ["a", "b"], axis=1, name="split"),
-            oh.make_node("Conv", ["a", "Wa"], ["ya"], name="conv_a"),
-            oh.make_node("Concat", ["ya", "b"], ["y"], axis=1, name="concat"),
-        ],
-        "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])],
-        [oh.make_tensor_value_info("y", TP.FLOAT, [1, 8, 8, 8])],
-        [_init("W1", _he(rng, 8, 3, 1, 1)), _init("Wa", _he(rng, 4, 4, 1, 1)),
-         _init("halves", np.array([4, 4], np.int64))],
-    )
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model = split_concat_model(12)
     data = images(8, shape=(1, 3, 8, 8))
     result = QuantizeInt8Pass(calibrate(model, data).ranges)(optcc.ir.load(model))
     assert result.stats["quantized"]["Split"] == 1
@@ -569,21 +577,7 @@ def test_concat_inputs_take_the_outputs_scale() -> None:
     """A Concat's inputs are quantized with the output's scale and zero point (the union
     of their ranges), through the Split whose output is one of them, so onnxruntime copies
     them instead of requantizing each."""
-    rng = np.random.default_rng(13)
-    graph = oh.make_graph(
-        [
-            oh.make_node("Conv", ["x", "W1"], ["c"], name="conv1"),
-            oh.make_node("Split", ["c", "halves"], ["a", "b"], axis=1, name="split"),
-            oh.make_node("Conv", ["a", "Wa"], ["ya"], name="conv_a"),
-            oh.make_node("Concat", ["ya", "b"], ["y"], axis=1, name="concat"),
-            oh.make_node("Conv", ["y", "Wo"], ["out"], name="conv_out"),
-        ],
-        "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])],
-        [oh.make_tensor_value_info("out", TP.FLOAT, [1, 4, 8, 8])],
-        [_init("W1", _he(rng, 8, 3, 1, 1)), _init("Wa", 3 * _he(rng, 4, 4, 1, 1)),
-         _init("Wo", _he(rng, 4, 8, 1, 1)), _init("halves", np.array([4, 4], np.int64))],
-    )
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model = split_concat_model(13, gain=3.0, head=True)
     data = images(8, shape=(1, 3, 8, 8))
     ranges = calibrate(model, data).ranges
     assert ranges["ya"] != ranges["b"]  # conv_a's 3x weights: a wider range than the split half
