@@ -56,7 +56,7 @@ class _Layer:
     result: str
     reference: str
     rank: int
-    bias_scale: np.ndarray  # [C] (or a scalar broadcast to [C])
+    bias_scale: np.ndarray  # float64 [C]: x_scale * w_scale[c], the int32 bias step
     bias: np.ndarray  # float64 [C]: the dequantized int32 bias (zeros when it has none)
     bias_q: ir.Value | None  # the int32 initializer behind the bias's DequantizeLinear
 
