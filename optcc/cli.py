@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-cache", metavar="DIR",
                    help="with --int8: keep calibration statistics in DIR (keyed by model, data and method) and reuse them")
     p.add_argument("--no-int8-bias-correction", action="store_true",
-                   help="with --int8: keep the quantized Convs' biases as rounded (no empirical bias correction)")
+                   help="with --int8: keep the quantized Convs' and Gemms' biases as rounded (no empirical bias correction)")
     p.add_argument("--int8-per-tensor", action="store_true",
                    help="with --int8: one weight scale per tensor instead of per output channel")
     p.add_argument("--int8-activations", choices=["uint8", "int8"], default="uint8",

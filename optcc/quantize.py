@@ -151,8 +151,8 @@ def quantize_int8(
       verification.
 
     ``bias_correction``: every model this builds with all its layers quantized or only
-    some returned to float (not the single-layer models of the ranking) gets its Conv
-    biases corrected for the mean shift quantization causes
+    some returned to float (not the single-layer models of the ranking) gets its Conv and
+    Gemm biases corrected for the mean shift quantization causes
     (``optcc.bias_correction.correct_biases``), measured on the first
     ``bias_correction_samples`` calibration samples.
 

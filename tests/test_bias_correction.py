@@ -64,7 +64,8 @@ def channel_means(model: optcc.ir.Model | onnx.ModelProto, names: list[str], dat
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     runs = [session.run(names, f) for f in data]
-    return [np.mean([r[i].mean(axis=(0, 2, 3)) for r in runs], axis=0) for i in range(len(names))]
+    return [np.mean([r[i].mean(axis=tuple(a for a in range(r[i].ndim) if a != 1)) for r in runs], axis=0)
+            for i in range(len(names))]
 
 
 def mean_errors(float_model: onnx.ModelProto, q: optcc.ir.Model, data: list) -> list[float]:
@@ -122,3 +123,42 @@ def test_driver_corrects_biases_unless_told_not_to() -> None:
     assert "bias_correction" not in plain_stats["pass"]
     calib = data[:8]
     assert max(mean_errors(model, corrected, calib)) < 0.1 * max(mean_errors(model, plain, calib))
+
+
+def biased_mlp() -> onnx.ModelProto:
+    """Gemm(transB, bias)-Relu -> Gemm(no bias): the first one's small weights round up."""
+    rng = np.random.default_rng(1)
+    step = 1.0 / 127
+    w1 = np.full((8, 16), 0.55 * step, np.float32)
+    w1[:, 0] = 1.0
+    w2 = (rng.normal(size=(8, 4)) * 0.5).astype(np.float32)
+    nodes = [
+        oh.make_node("Gemm", ["x", "W1", "B1"], ["g1"], transB=1, name="fc1"),
+        oh.make_node("Relu", ["g1"], ["r1"], name="relu1"),
+        oh.make_node("Gemm", ["r1", "W2"], ["g2"], name="fc2"),
+    ]
+    inits = [nh.from_array(w1, "W1"), nh.from_array(np.full(8, 0.05, np.float32), "B1"), nh.from_array(w2, "W2")]
+    graph = oh.make_graph(nodes, "mlp", [oh.make_tensor_value_info("x", TP.FLOAT, ["N", 16])],
+                          [oh.make_tensor_value_info("g2", TP.FLOAT, ["N", 4])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def test_gemm_layers_are_corrected_too() -> None:
+    model = biased_mlp()
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.uniform(0, 1, size=(4, 16)).astype(np.float32)} for _ in range(8)]
+    q = quantized(model, calib)
+    fused_before = count_integer_nodes(q)
+
+    def errors() -> list[float]:
+        ref, got = (channel_means(m, ["g1", "g2"], calib) for m in (model, q))
+        return [float(np.abs(g - r).max()) for r, g in zip(ref, got)]
+
+    before = errors()
+    stats = correct_biases(optcc.ir.load(model), q, calib)
+    after = errors()
+    assert stats["layers"] == 2 and before[0] > 5e-3
+    assert all(a < 0.05 * b + 1e-5 for a, b in zip(after, before)), (before, after)
+    assert count_integer_nodes(q) == fused_before
+    onnx.checker.check_model(optcc.ir.serialize(q), full_check=True)
+
