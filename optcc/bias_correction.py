@@ -198,12 +198,8 @@ def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[F
         return {"layers": 0}
     prefix = oir.unique_value_name(quantized, "optcc_bias_correction")
     ref_proto, ref_outputs = _with_means(reference, layers, prefix, reference=True)
-    ref_session = _session(ref_proto, threads)
-    target = [np.zeros(len(layer.bias)) for layer in layers]
-    for feeds in samples:
-        for acc, mean in zip(target, ref_session.run(ref_outputs, dict(feeds))):
-            acc += np.asarray(mean, np.float64) / len(samples)
-    del ref_session, ref_proto
+    target = _average(_session(ref_proto, threads), ref_outputs, samples)
+    del ref_proto
 
     # the quantized model with each corrected layer's bias as a float graph input
     proto, outputs = _with_means(quantized, layers, prefix)
@@ -217,15 +213,13 @@ def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[F
         proto.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [len(layer.bias)]))
     session = _session(proto, threads)
     del proto
-    biases = [layer.bias.copy() for layer in layers]
+    biases = [layer.bias.copy() for layer in layers]  # float64; fed as float32
+    fed = {name: b.astype(np.float32) for name, b in zip(bias_inputs, biases)}
     quantized_bias: list[np.ndarray] = [np.zeros(0, np.int32)] * len(layers)
     before, overflow = 0.0, 0
     with Progress("bias correction", len(layers), enabled=progress) as bar:
         for k, layer in enumerate(layers):
-            fed = {name: b.astype(np.float32) for name, b in zip(bias_inputs, biases)}
-            got = np.zeros(len(layer.bias))
-            for feeds in samples:
-                got += np.asarray(session.run([outputs[k]], {**feeds, **fed})[0], np.float64) / len(samples)
+            (got,) = _average(session, [outputs[k]], samples, fed)
             error = got - target[k]
             before += float(np.abs(error).mean()) / len(layers)
             # rounded to the int32 grid at once, so the layers after it correct for the
@@ -236,13 +230,10 @@ def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[F
             overflow += int(np.sum(~fits))
             quantized_bias[k] = np.where(fits, q, np.round(layer.bias / layer.bias_scale)).astype(np.int32)
             biases[k] = quantized_bias[k] * layer.bias_scale
+            fed[bias_inputs[k]] = biases[k].astype(np.float32)
             bar.advance()
     # the residual, for the report: the same session, fed the final (int32-rounded) biases
-    fed = {name: b.astype(np.float32) for name, b in zip(bias_inputs, biases)}
-    residual = [np.zeros(len(layer.bias)) for layer in layers]
-    for feeds in samples:
-        for acc, mean in zip(residual, session.run(outputs, {**feeds, **fed})):
-            acc += np.asarray(mean, np.float64) / len(samples)
+    residual = _average(session, outputs, samples, fed)
     del session
     after = float(np.mean([np.abs(r - t).mean() for r, t in zip(residual, target)]))
     taken = oir.value_names(quantized)
@@ -256,6 +247,16 @@ def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[F
         "samples": len(samples),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _average(session: ort.InferenceSession, fetch: Sequence[str], samples: Sequence[Feeds],
+             extra: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """The fetched outputs averaged over the samples (float64), ``extra`` fed with each."""
+    total: list = [0.0] * len(fetch)
+    for feeds in samples:
+        values = session.run(list(fetch), {**feeds, **(extra or {})})
+        total = [t + np.asarray(v, np.float64) / len(samples) for t, v in zip(total, values)]
+    return total
 
 
 def _write_bias(model: ir.Model, layer: _Layer, q: np.ndarray, taken: set[str]) -> None:

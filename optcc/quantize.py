@@ -100,8 +100,13 @@ def upgrade_opset(model: ir.Model, version: int = 13) -> tuple[ir.Model, str | N
         onnx.checker.check_model(proto)
         return oir.load(proto), None
     except Exception as e:  # noqa: BLE001 - the converter fails on some models
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        return model, f"cannot convert opset {current} to {version} ({first}); weights per tensor"
+        return model, f"cannot convert opset {current} to {version} ({_first_line(e)}); weights per tensor"
+
+
+def _first_line(error: BaseException) -> str:
+    """The error's first line (200 characters at most), or its type when it says nothing."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def quantize_int8(
@@ -217,8 +222,7 @@ def quantize_int8(
                     float_model, result.model, calib[:bias_correction_samples], progress=progress)
             except Exception as e:  # noqa: BLE001 - onnxruntime refused the measuring model:
                 # nothing was written (biases are written after the last run); keep it as is
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                result_stats["bias_correction"] = {"layers": 0, "error": first}
+                result_stats["bias_correction"] = {"layers": 0, "error": _first_line(e)}
         return result.model, result_stats
 
     def decline(kind: str, reason: str) -> tuple[ir.Model, dict[str, Any]]:

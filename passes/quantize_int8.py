@@ -543,8 +543,8 @@ class QuantizeInt8Pass(optcc.Pass):
             union_range = (min(r[0] for r in ranges), max(r[1] for r in ranges))  # type: ignore[index]
             for m in members:
                 result[m] = union_range
-                if m in alias.values():  # an absorbed activation's output reads its producer's
-                    result.update({a: union_range for a, p in alias.items() if p is m})
+                if m in alias:  # an absorbed activation's output: its producer's takes the range
+                    result[alias[m]] = union_range
         return result
 
 
