@@ -71,7 +71,7 @@ def _optimize_worker(tool: str, source: str, target: str, shapes: dict[str, list
 
     if tool.startswith("optcc"):
         import optcc
-        from optcc.registry import available_passes
+        from optcc.infra.registry import available_passes
 
         available_passes()  # imports the pass modules (import time is excluded for every tool)
 
@@ -137,14 +137,14 @@ def _session(path: str, level: Any, ort: Any) -> Any:
 
 
 def _median_ms(session: Any, feeds: dict[str, Any], runs: int) -> float:
-    from optcc.latency import median_seconds  # here: peers' processes do not import optcc
+    from optcc.runtime.latency import median_seconds  # here: peers' processes do not import optcc
 
     return median_seconds(session, feeds, runs=runs, warmup=WARMUP_RUNS) * 1000.0
 
 
 def _max_rel_diff(reference: list[Any], got: list[Any]) -> float | None:
     """The verifier's max rel (max |diff| / max |original| per output), worst output."""
-    from optcc.verify import Tolerance, compare_outputs
+    from optcc.numerics.verify import Tolerance, compare_outputs
 
     rels = [compare_outputs("", "", ref, out, Tolerance()).max_rel for ref, out in zip(reference, got)]
     return max((r for r in rels if r is not None), default=0.0)
@@ -318,7 +318,7 @@ def benchmark_inputs(name: str, model: Any, shapes: dict[str, list[int]]) -> dic
     inputs drive detectors to near-zero outputs, where relative differences say little."""
     from fp16_vs_peers import realistic_input
 
-    from optcc.verify import generate_inputs
+    from optcc.numerics.verify import generate_inputs
 
     feeds = generate_inputs(model, shapes, samples=1, seed=0)[0]
     if len(feeds) == 1:

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 import optcc  # noqa: E402
 from optcc.passes.convert_float16 import ConvertFloat16Pass  # noqa: E402
-from optcc.latency import median_seconds  # noqa: E402
-from optcc.passes.float16_ranges import sqnr_db  # noqa: E402
+from optcc.runtime.latency import median_seconds  # noqa: E402
+from optcc.fp16.ranges import sqnr_db  # noqa: E402
 
 
 def models() -> list[tuple[str, Path, dict[str, list[int]]]]:

@@ -12,7 +12,7 @@ For every model, on the same calibration data and the same held-out data, in one
   ``calibrate`` and ``QuantizeInt8Pass`` (QDQ, per-channel int8 weights, uint8
   activations): the raw INT8 model;
 - ``optcc-minmax+bc``: the same plus empirical bias correction
-  (``optcc.bias_correction``, on 4 of the calibration samples), which the driver applies;
+  (``optcc.quant.bias_correction``, on 4 of the calibration samples), which the driver applies;
 - ``optcc-minmax+fallback``: what a user gets by default: the accuracy-aware fallback
   (target 25 dB on the held-out data; at most ``--max-float`` layers returned to float,
   default half of them; at most ``--ranked`` layers ranked by sensitivity), then the
@@ -35,7 +35,7 @@ added": that peak minus the process's RSS just before calibrating), then
 validity (onnx.checker + onnxruntime loads it), SQNR on the held-out samples (worst
 output; float model with ORT_DISABLE_ALL vs the quantized one with ORT_ENABLE_ALL, i.e.
 the integer kernels), CPU latency (2 intra-op threads) of the result and of the float32
-model measured interleaved in the same process (``optcc.quant_fallback.compare_latency``:
+model measured interleaved in the same process (``optcc.quant.fallback.compare_latency``:
 ``--runs`` rounds of 5 runs each, median of the round medians; "spread" is the largest
 max/min ratio of round medians, the noise), the integer kernels onnxruntime runs
 (QLinearConv, QLinearMatMul, QGemm, ...) and the size.
@@ -298,7 +298,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import optcc
-    from optcc.quant_fallback import compare_latency, evaluate, integer_op_histogram
+    from optcc.quant.fallback import compare_latency, evaluate, integer_op_histogram
 
     folder = Path(args.scratch)
     source = _prepare_model(args.model, folder)
@@ -313,7 +313,7 @@ def worker(args: argparse.Namespace) -> dict:
     if config == "fp32":
         out = source
     elif config.endswith("+fallback"):
-        from optcc.quantize import quantize_int8
+        from optcc.quant.driver import quantize_int8
 
         model, stats = quantize_int8(
             str(source), calib + held, "minmax", holdout_fraction=len(held) / (len(calib) + len(held)),
@@ -328,9 +328,9 @@ def worker(args: argparse.Namespace) -> dict:
         result["fallback_sqnr_db"] = stats["fallback"].get("evaluation", {}).get("sqnr_db")
     elif config.startswith("optcc"):
         # what quantize_static does, no more: float fusions, calibration, the QDQ pass
-        from optcc.calibration import calibrate
+        from optcc.quant.calibration import calibrate
         from optcc.passes.quantize_int8 import QuantizeInt8Pass
-        from optcc.quantize import prepare_float, upgrade_opset
+        from optcc.quant.driver import prepare_float, upgrade_opset
 
         model, _ = upgrade_opset(optcc.ir.load(str(source)), 13)
         prepare_float(model)
@@ -338,7 +338,7 @@ def worker(args: argparse.Namespace) -> dict:
         corrected = config.endswith("+bc")
         quantized = QuantizeInt8Pass(ranges, count_fused=False)(model.clone() if corrected else model).model
         if corrected:
-            from optcc.bias_correction import correct_biases
+            from optcc.quant.bias_correction import correct_biases
 
             result["bias_correction"] = correct_biases(model, quantized, calib[:4])
         optcc.ir.save(quantized, out)

@@ -11,16 +11,16 @@ Public API (what ``optcc.passes`` and third-party passes may import):
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from optcc.version import __version__
 
 from optcc import ir
 from optcc.api import OptimizeResult, optimize
 from optcc.errors import BadInputError, OptccError, UnsafeInputError, VerificationError
-from optcc.pass_base import Pass, PassResult
-from optcc.pass_manager import Fixpoint, PassManager
-from optcc.registry import available_passes, create_pass, register
-from optcc.report import Report
-from optcc.verify import Tolerance, Verifier, verify
+from optcc.infra.pass_base import Pass, PassResult
+from optcc.infra.manager import Fixpoint, PassManager
+from optcc.infra.registry import available_passes, create_pass, register
+from optcc.infra.report import Report
+from optcc.numerics.verify import Tolerance, Verifier, verify
 
 __all__ = [
     "__version__",

@@ -15,16 +15,17 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import BadInputError, VerificationError
-from optcc.pass_base import Numerics, PassResult
-from optcc.pass_manager import PassManager
-from optcc.pipelines import build_pipeline
-from optcc.registry import create_pass
-from optcc.report import ModelSummary, Report, peak_rss_bytes
-from optcc.verify import Tolerance, Verifier
+from optcc.infra.pass_base import Numerics, PassResult
+from optcc.infra.manager import PassManager
+from optcc.infra.pipelines import build_pipeline
+from optcc.infra.registry import create_pass
+from optcc.infra.report import ModelSummary, Report, peak_rss_bytes
+from optcc.numerics.verify import Tolerance, Verifier
 
 __all__ = ["optimize", "OptimizeResult"]
 
 Feeds = Mapping[str, np.ndarray]
+INT8_PASS = "quantize-int8-calibrated"
 
 
 @dataclasses.dataclass
@@ -82,7 +83,7 @@ def optimize(
     float32; ``int8_calibration``, when
     given, serves as range data); ``int8_calibration`` (feed dicts) quantizes to INT8 with
     ``int8_method`` calibration, verified on the held-out last 20% of the samples;
-    ``int8_options`` are passed to ``optcc.quantize.quantize_int8`` (e.g.
+    ``int8_options`` are passed to ``optcc.quant.driver.quantize_int8`` (e.g.
     ``{"require_speedup": False}``, ``{"target": Target(min_sqnr_db=30)}``); when INT8 is
     declined (not faster, or misses the target) the report says why in a warning.
     ``int8_dynamic`` quantizes MatMuls dynamically. These change what is computed, so the
@@ -103,15 +104,14 @@ def optimize(
     options = {"fold-constants": {"fold_large": True}} if fold_large else None
     pipeline = build_pipeline(level, passes=passes, disable=disable, options=options)
     if fp16:
-        from optcc.passes import ConvertFloat16Pass
-
-        pipeline.append(ConvertFloat16Pass(keep_io_types=fp16_keep_io, block=fp16_block,
-                                           inputs=samples or inputs, input_shapes=input_shapes,
-                                           providers=providers))
+        pipeline.append(create_pass("convert-float16", keep_io_types=fp16_keep_io, block=fp16_block,
+                                    inputs=samples or inputs, input_shapes=input_shapes,
+                                    providers=providers))
     elif quantizing:
         if not samples:
             raise BadInputError("INT8 calibration data holds no samples")
-        pipeline.append(CalibratedInt8Pass(samples, int8_method, progress=progress, **dict(int8_options or {})))
+        pipeline.append(create_pass(INT8_PASS, samples=samples, method=int8_method, progress=progress,
+                                    **dict(int8_options or {})))
         if inputs is None:
             inputs = samples[-max(1, len(samples) // 5):]  # the held-out part
     if int8_dynamic:
@@ -134,7 +134,7 @@ def optimize(
         report.warnings.extend(outcome.warnings)
         report.warnings.extend(
             f"INT8 not applied: {r.stats['reason']}" for r in outcome.records
-            if r.name == CalibratedInt8Pass.name and r.status == "unchanged" and r.stats.get("reason")
+            if r.name == INT8_PASS and r.status == "unchanged" and r.stats.get("reason")
         )
         if verify and verifier is not None:
             check = verifier.check(outcome.model, outcome.numerics)
@@ -161,24 +161,3 @@ def _fresh_copies(given: oir.ModelSource, original: Any) -> Callable[[], ir.Mode
     if isinstance(original, ir.Model):
         return original.clone
     return lambda: oir.load(given)
-
-
-class CalibratedInt8Pass(ir.passes.FunctionalPass):
-    """Calibrate, quantize to INT8 (QDQ) and fall back layer by layer (optcc.quantize)."""
-
-    name = "quantize-int8-calibrated"
-    level = None
-    numerics = "int8"
-
-    def __init__(self, samples: list[dict[str, np.ndarray]], method: str, *, progress: bool = False,
-                 **options: Any) -> None:
-        super().__init__()
-        self.samples, self.method, self.progress, self.options = samples, method, progress, options
-
-    def call(self, model: ir.Model) -> PassResult:
-        from optcc.quantize import quantize_int8
-
-        quantized, stats = quantize_int8(model.clone(), self.samples, self.method, progress=self.progress,
-                                      **self.options)
-        modified = any(n.op_type == "QuantizeLinear" for n in oir.nodes(quantized))
-        return PassResult(quantized, modified, json.loads(json.dumps(stats, default=str)))

@@ -18,10 +18,11 @@ import numpy as np
 
 from optcc import ir as oir
 from optcc.api import OptimizeResult, optimize
+from optcc.numerics.samples import load_npz_samples
 from optcc.errors import ISSUES_URL, BadInputError, OptccError, VerificationError
-from optcc.quant_fallback import Target
-from optcc.registry import available_passes
-from optcc.verify import TOLERANCES
+from optcc.quant.fallback import Target
+from optcc.infra.registry import available_passes
+from optcc.numerics.verify import TOLERANCES
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -109,39 +110,6 @@ def _parse_shapes(items: Sequence[str]) -> dict[str, list[int]]:
 def default_output(model: str) -> Path:
     path = Path(model)
     return path.with_name(f"{path.stem}.opt{path.suffix or '.onnx'}")
-
-
-def load_npz_samples(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
-    """Feed dicts from an .npz (or a folder of them): one key per graph input, each array
-    with a leading sample axis. Object arrays are refused (nothing is unpickled)."""
-    source = Path(path)
-    if not source.exists():
-        raise BadInputError("no such file or folder", source)
-    files = sorted(source.glob("*.npz")) if source.is_dir() else [source]
-    if not files:
-        raise BadInputError("folder holds no .npz files", source)
-    samples: list[dict[str, np.ndarray]] = []
-    for file in files:
-        try:
-            with np.load(file, allow_pickle=False) as data:
-                arrays = {key: data[key] for key in data.files}
-        except ValueError as e:
-            if "pickle" in str(e).lower():
-                raise BadInputError("holds a pickled object array; refusing to unpickle", file) from None
-            raise BadInputError(f"not a readable .npz: {e}", file) from None
-        except Exception as e:  # noqa: BLE001 - zip/npy parsing errors vary
-            raise BadInputError(f"not a readable .npz ({type(e).__name__})", file) from None
-        counts = {key: a.shape[0] if a.ndim else -1 for key, a in arrays.items()}
-        if not arrays or len(set(counts.values())) != 1 or -1 in counts.values():
-            raise BadInputError(
-                f"every array needs the same leading sample axis; got {counts}", file
-            )
-        for key, array in arrays.items():
-            if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-                raise BadInputError(f"array '{key}' contains NaN or infinity", file)
-        for i in range(next(iter(counts.values()))):
-            samples.append({key: array[i] for key, array in arrays.items()})
-    return samples
 
 
 def _list_passes() -> str:

@@ -1,7 +1,8 @@
 """optcc's built-in passes (installed as ``optcc.passes``).
 
-One module per pass family; each imports only optcc's public API. ``BUILTIN_PASSES`` is
-the list the registry reads; importing this package registers nothing by itself.
+One module per pass; each imports only optcc's public API (``optcc`` and its subpackage
+facades). The registry finds them through the entry-point group ``optcc.passes`` in
+pyproject.toml, like third-party passes; importing this package registers nothing.
 """
 
 from optcc.passes.convert_float16 import ConvertFloat16Pass
@@ -22,28 +23,28 @@ from optcc.passes.merge_consecutive import MergeConsecutivePass
 from optcc.passes.normalize_graph import NormalizeGraphPass
 from optcc.passes.quantize_dynamic import QuantizeDynamicPass
 from optcc.passes.quantize_int8 import QuantizeInt8Pass
+from optcc.passes.quantize_int8_calibrated import CalibratedInt8Pass
 from optcc.passes.record_target import RecordTargetPass
 
-BUILTIN_PASSES = [
-    NormalizeGraphPass,
-    LiftConstantsPass,
-    DeduplicateInitializersPass,
-    FoldShapesPass,
-    FoldConstantsPass,
-    EliminateIdentitiesPass,
-    EliminateNoOpsPass,
-    MergeConsecutivePass,
-    EliminateCommonSubexpressionsPass,
-    EliminateDeadNodesPass,
-    FuseBatchNormPass,
-    FuseConvAffinePass,
-    FuseMatMulAddPass,
-    FuseNormalizationPass,
-    FuseOrtConvActivationPass,
-    RecordTargetPass,
-    ConvertFloat16Pass,
-    QuantizeInt8Pass,
-    QuantizeDynamicPass,
+__all__ = [
+    "NormalizeGraphPass",
+    "LiftConstantsPass",
+    "DeduplicateInitializersPass",
+    "FoldShapesPass",
+    "FoldConstantsPass",
+    "EliminateIdentitiesPass",
+    "EliminateNoOpsPass",
+    "MergeConsecutivePass",
+    "EliminateCommonSubexpressionsPass",
+    "EliminateDeadNodesPass",
+    "FuseBatchNormPass",
+    "FuseConvAffinePass",
+    "FuseMatMulAddPass",
+    "FuseNormalizationPass",
+    "FuseOrtConvActivationPass",
+    "RecordTargetPass",
+    "ConvertFloat16Pass",
+    "QuantizeInt8Pass",
+    "QuantizeDynamicPass",
+    "CalibratedInt8Pass",
 ]
-
-__all__ = [cls.__name__ for cls in BUILTIN_PASSES] + ["BUILTIN_PASSES"]

@@ -9,7 +9,7 @@ A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
 - its op is in ``block`` (op types or node names), or is custom-domain, or is an op whose
   types are its semantics (Cast, Range, ConstantOfShape, random ops, quantization, control
   flow: their bodies are converted inside);
-- onnxruntime has no float16 implementation of it (``optcc.fp16_support`` probes a
+- onnxruntime has no float16 implementation of it (``optcc.fp16.support`` probes a
   one-node session per op type, opset and provider — CPU, plus CUDA when present — and
   caches the verdict; ops that CPU runs through its own inserted float32 Casts are
   converted and listed in ``stats["cpu_fp32_fallback_ops"]``);
@@ -44,10 +44,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 import optcc
-from optcc import fp16_support
-from optcc.verify import generate_inputs, resolve_providers
-from optcc.passes import float16_ranges as ranges_
-from optcc.passes.float16_rewrite import (
+from optcc import fp16
+from optcc.numerics import generate_inputs, resolve_providers
+from optcc.fp16 import (
     FLOAT, FLOAT16, FP16_MAX, KEEP_INPUTS, Emulator, Rewriter, Slots, exactly_float16, float16_slots)
 
 KEEP_MARKER = "optcc.fp16.keep_float32"
@@ -149,10 +148,10 @@ class ConvertFloat16Pass(optcc.Pass):
         self.ref_values: list[dict[str, np.ndarray]] = []
         self.range_note = None
         try:
-            self.ref_values = ranges_.run_all(self.reference, self.feeds)
+            self.ref_values = fp16.ranges.run_all(self.reference, self.feeds)
         except Exception as e:  # noqa: BLE001
             self.range_note = f"ranges not observed: onnxruntime cannot run the model ({e})"[:300]
-        self.ranges = ranges_.ranges(self.ref_values, self.feeds)
+        self.ranges = fp16.ranges.ranges(self.ref_values, self.feeds)
 
     def _dtype(self, value: ir.Value) -> ir.DataType | None:
         return value.dtype if value.dtype is not None else self.inferred.get(value.name or "")
@@ -184,7 +183,7 @@ class ConvertFloat16Pass(optcc.Pass):
         return None
 
     def _probe_reason(self, node: ir.Node, slots: Slots) -> str | None:
-        key = fp16_support.op_key(node.domain, node.op_type)
+        key = fp16.support.op_key(node.domain, node.op_type)
         if key in self._probed:
             return self._probed[key]
         specs: list[np.ndarray | onnx.ValueInfoProto | None] = []
@@ -208,7 +207,7 @@ class ConvertFloat16Pass(optcc.Pass):
         flags = [i in slots.inputs for i in range(len(node.inputs))]
         reason = None
         for provider in self.providers:
-            status, detail = fp16_support.support(proto, specs, flags, self.opset, provider)
+            status, detail = fp16.support.support(proto, specs, flags, self.opset, provider)
             if status == "fallback" and provider == "CPUExecutionProvider":
                 self._cpu_fallback.add(node.op_type)
             if status == "unsupported":
@@ -298,7 +297,7 @@ class ConvertFloat16Pass(optcc.Pass):
                 for name, r, c in zip(names, ref.run(None, f), got.run(None, f16)):
                     r, c = np.asarray(r), np.asarray(c)
                     if np.issubdtype(r.dtype, np.floating):
-                        worst[name] = min(worst.get(name, math.inf), ranges_.sqnr_db(r, c))
+                        worst[name] = min(worst.get(name, math.inf), fp16.ranges.sqnr_db(r, c))
                     elif not np.array_equal(r, c):
                         worst[name] = -math.inf
         return worst
@@ -318,7 +317,7 @@ class ConvertFloat16Pass(optcc.Pass):
         """Regions (a main-graph node with the converted producers of its inputs), most
         harmful first: ranked by the SQNR the node loses between its inputs and outputs."""
         try:
-            got = ranges_.run_all(candidate, self._candidate_feeds(candidate)[:1])[0]
+            got = fp16.ranges.run_all(candidate, self._candidate_feeds(candidate)[:1])[0]
         except Exception:  # noqa: BLE001
             got = {}
         ref = self.ref_values[0] if self.ref_values else {}
@@ -327,7 +326,7 @@ class ConvertFloat16Pass(optcc.Pass):
         def sqnr(value: ir.Value | None) -> float:
             if value is None or value.name not in ref or value.name not in got:
                 return _SCORE_CAP_DB
-            return max(-_SCORE_CAP_DB, min(_SCORE_CAP_DB, ranges_.sqnr_db(ref[value.name], got[value.name])))
+            return max(-_SCORE_CAP_DB, min(_SCORE_CAP_DB, fp16.ranges.sqnr_db(ref[value.name], got[value.name])))
 
         def converts(node: ir.Node) -> bool:
             return keys[node] not in keep and (
@@ -422,7 +421,7 @@ class ConvertFloat16Pass(optcc.Pass):
                     continue
                 finite = array[np.isfinite(array)]
                 if finite.size and float(np.abs(finite).max()) < FP16_MAX and \
-                        ranges_.float16_rounding_sqnr_db(array) >= UNDERFLOW_SQNR_DB:
+                        fp16.ranges.float16_rounding_sqnr_db(array) >= UNDERFLOW_SQNR_DB:
                     lossy[value.name] = int(array.size)
         return exact, lossy
 

@@ -31,8 +31,8 @@ whose only reader is a foldable BatchNormalization (so the shared tensor dies) a
 copies add at most 1 MiB, or are all equal (every reader's factor is the same, and
 initializer deduplication merges them again); else "shared weight". For ``batchnorm-mul``/
 ``-add``: ``c`` has the parameters' dtype and, right-aligned against ``t``'s static rank
-(``optcc.pattern.static_rank``), dims 1 except the channel axis (1 or C), so the
-broadcast neither enlarges nor reorders the output. The driver (``optcc.pattern``) refuses
+(``optcc.rewrite.static_rank``), dims 1 except the channel axis (1 or C), so the
+broadcast neither enlarges nor reorders the output. The driver (``optcc.rewrite.pattern``) refuses
 matches whose intermediate is a graph output or read elsewhere.
 
 Numerics ("fusion"): BatchNormalization computes ``(t - mean)*f + beta``; the fused form
@@ -47,8 +47,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from optcc.pass_base import PassResult
-from optcc.pattern import Builder, Const, Match, Op, RewritePass, Rule, Var, apply_rules
+from optcc.infra import PassResult
+from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var, apply_rules
 
 __all__ = [
     "FuseBatchNormPass",

@@ -16,7 +16,7 @@ else ("shared weight" otherwise: folding would duplicate them). For chains: ``a`
 ``b`` of the same dtype, the static rank of ``x`` known, and the combined constant's
 dims each 1 or equal to ``x``'s static dim, so its broadcast does not enlarge ``x``
 (the original output shape is kept and the constant cannot grow beyond ``x``). The
-driver (``optcc.pattern``) refuses matches whose intermediate is read elsewhere or is a
+driver (``optcc.rewrite.pattern``) refuses matches whose intermediate is read elsewhere or is a
 graph output.
 
 Numerics ("fusion"): a convolution is linear in its weights and bias per output
@@ -38,7 +38,7 @@ from optcc.passes.fuse_batchnorm import (
     per_channel,
     scale_conv_weight,
 )
-from optcc.pattern import Builder, Const, Match, Op, RewritePass, Rule, Var
+from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var
 
 __all__ = ["FuseConvAffinePass", "RULES", "per_channel"]
 

@@ -4,12 +4,12 @@ Rewrite (``matmul-add``; either operand order of the Add): ``y = Add(MatMul(a, B
 becomes ``y = Gemm(a, B, c)`` (alpha = beta = 1, no transposes).
 
 Preconditions: default-domain ops; ``a`` of static rank 2 (declared, or found by
-``optcc.pattern.static_rank``; a batched or unknown-rank
+``optcc.rewrite.static_rank``; a batched or unknown-rank
 MatMul is left alone: Gemm is 2-D only); ``B`` a constant 2-D weight ``[K, N]``; ``c``
 of known shape that Gemm's C accepts and that does not enlarge ``[M, N]``: rank <= 2,
 last dim 1 or N, first dim (rank 2) 1 or equal to a static M; float32/float64 (the
 types every onnxruntime Gemm kernel takes); the MatMul result read by nothing else and
-not a graph output (enforced by ``optcc.pattern``).
+not a graph output (enforced by ``optcc.rewrite.pattern``).
 
 Numerics ("fusion"): Gemm computes the same sum of products plus the same bias; only
 the kernel's accumulation order and the point where the bias is added differ, a
@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from optcc.pattern import Builder, Const, Match, Op, RewritePass, Rule, Var
+from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var
 
 __all__ = ["FuseMatMulAddPass", "RULES"]
 

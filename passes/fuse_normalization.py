@@ -23,7 +23,7 @@ eps a scalar; gamma and beta constants whose dims are 1 except the last (1 or th
 normalized size D, which must be known when they are scalars); the constants 0.5, 1, 2,
 sqrt(2), 1/sqrt(2), sqrt(2/pi), 0.044715 within 1e-4 relative of their values (exporters
 round them). Intermediates read outside the pattern or graph outputs block the fusion
-(``optcc.pattern`` enforces it).
+(``optcc.rewrite.pattern`` enforces it).
 
 Numerics ("fusion"): the fused ops compute the same formula (onnxruntime's LayerNorm
 uses the same mean/variance definition; Gelu's tanh approximation is the same
@@ -39,7 +39,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from optcc.pattern import Builder, Const, Match, Op, RewritePass, Rule, Var
+from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var
 
 __all__ = ["FuseNormalizationPass", "RULES"]
 

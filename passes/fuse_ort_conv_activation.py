@@ -21,7 +21,7 @@ double and integer Convs are left alone), type known from the Conv's output, its
 its weight; default-domain opset >= 6 (attribute forms of the activations); Clip bounds
 constant scalars with ``min <= max``; for Z, the other Add operand has the very shape of
 the Conv's output (static or the same symbolic dims: the kernel does not broadcast Z) and
-is not computed from the Conv. The driver (``optcc.pattern``) refuses matches whose
+is not computed from the Conv. The driver (``optcc.rewrite.pattern``) refuses matches whose
 Conv (or Add) output is a graph output or has other readers, and never touches
 custom-domain ops.
 
@@ -35,7 +35,7 @@ a separate Add). Relu, LeakyRelu and Clip give the same bits; HardSigmoid, Sigmo
 (MLAS's kernels instead of the standalone ops') and the Z sum can differ by a few ulp:
 well inside 1e-4 relative.
 
-Stats: ``applied``/``rejected`` per rule (see ``optcc.pattern``), ``constants_dropped``
+Stats: ``applied``/``rejected`` per rule (see ``optcc.rewrite.pattern``), ``constants_dropped``
 (Clip bounds no longer read) and ``opset_import_added``.
 """
 
@@ -46,8 +46,8 @@ import onnx_ir as ir
 
 from optcc.ir import graphs as oir_graphs
 from optcc.ir import const_tensor, subgraphs
-from optcc.pattern import Builder, Match, Op, Pattern, RewritePass, Rule, Var
-from optcc.pass_base import PassResult
+from optcc.rewrite import Builder, Match, Op, Pattern, RewritePass, Rule, Var
+from optcc.infra import PassResult
 
 __all__ = ["FuseOrtConvActivationPass", "RULES", "MS_DOMAIN", "ACTIVATIONS"]
 

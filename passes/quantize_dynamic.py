@@ -69,7 +69,7 @@ class QuantizeDynamicPass(optcc.Pass):
                 stats["quantized"] += 1
         modified = stats["quantized"] > 0
         if modified and self.count_fused:
-            from optcc.quant_fallback import count_integer_nodes
+            from optcc.quant import count_integer_nodes
 
             try:
                 stats["integer_nodes"] = count_integer_nodes(model)

@@ -66,7 +66,7 @@ import numpy as np
 import onnx_ir as ir
 
 import optcc
-from optcc.pattern import static_rank
+from optcc.rewrite import static_rank
 
 __all__ = ["QuantizeInt8Pass", "COMPUTE_OPS", "SHARED_SCALE_OPS", "layer_id", "activation_params"]
 
@@ -224,7 +224,7 @@ class QuantizeInt8Pass(optcc.Pass):
             for graph in optcc.ir.graphs(model):
                 graph.sort()
             if self.count_fused:
-                from optcc.quant_fallback import count_integer_nodes
+                from optcc.quant import count_integer_nodes
 
                 try:
                     stats["integer_nodes"] = count_integer_nodes(model)

@@ -1,5 +1,5 @@
 """Shared checks for exact (bit-exact) passes: invariants, onnx's full checker, numerics
-against onnxruntime on the original (optcc.verify and bit for bit), and idempotence."""
+against onnxruntime on the original (optcc.numerics.verify and bit for bit), and idempotence."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 import optcc
-from optcc.invariants import check_invariants, signature
-from optcc.verify import generate_inputs
+from optcc.infra.invariants import check_invariants, signature
+from optcc.numerics.verify import generate_inputs
 
 
 def ort_outputs(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -32,7 +32,7 @@ def run_exact_pass(
     assert check_invariants(result.model, signature(original)) == []
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
     feeds = feeds if feeds is not None else generate_inputs(original, seed=0)[0]
-    verification = optcc.verify(original, result.model, inputs=feeds)
+    verification = optcc.numerics.verify(original, result.model, inputs=feeds)
     assert verification.passed, verification.describe()
     for ref, got in zip(ort_outputs(original, feeds), ort_outputs(result.model, feeds)):
         assert ref.dtype == got.dtype and ref.shape == got.shape

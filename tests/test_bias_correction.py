@@ -1,4 +1,4 @@
-"""Empirical bias correction (optcc.bias_correction) on a model whose weight rounding is
+"""Empirical bias correction (optcc.quant.bias_correction) on a model whose weight rounding is
 biased by construction: every small tap of the depthwise conv rounds up by 0.45 of a step,
 and the inputs are positive, so the quantized model's conv results are shifted."""
 
@@ -12,11 +12,11 @@ import onnxruntime as ort
 from onnx import TensorProto as TP
 
 import optcc
-from optcc.bias_correction import correct_biases
-from optcc.calibration import calibrate
+from optcc.quant.bias_correction import correct_biases
+from optcc.quant.calibration import calibrate
 from optcc.passes.quantize_int8 import QuantizeInt8Pass
-from optcc.quant_fallback import count_integer_nodes, evaluate
-from optcc.quantize import quantize_int8
+from optcc.quant.fallback import count_integer_nodes, evaluate
+from optcc.quant.driver import quantize_int8
 
 CONVS = ["c1", "c2", "c3"]
 

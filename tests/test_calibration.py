@@ -14,7 +14,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 import optcc
-from optcc.calibration import (
+from optcc.quant.calibration import (
     CalibrationStats,
     TensorHistogram,
     calibrate,

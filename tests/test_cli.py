@@ -16,7 +16,8 @@ import onnxruntime as ort
 import pytest
 
 import optcc
-from optcc import cli, registry
+from optcc import cli
+from optcc.infra import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "fixtures" / "tinycnn.onnx"

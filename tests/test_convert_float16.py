@@ -65,7 +65,7 @@ def node(model: ir.Model, op: str) -> ir.Node:
 
 
 def check_numerics(proto: onnx.ModelProto, result, min_db: float = 40.0, **kw) -> None:
-    from optcc.verify import verify
+    from optcc.numerics.verify import verify
 
     verdict = verify(optcc.ir.load(proto), result.model, numerics="fp16", **kw)
     assert verdict.passed, verdict.describe()
@@ -279,7 +279,7 @@ def test_tinycnn_through_optimize_meets_40db():
 
 
 def test_fp16_support_probes_onnxruntime_and_caches_the_verdict():
-    from optcc import fp16_support
+    from optcc.fp16 import support as fp16_support
 
     x = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
     relu = onnx.helper.make_node("Relu", ["a"], ["b"])

@@ -102,8 +102,8 @@ def test_int8_of_real_model_is_valid_and_runs(entry: CorpusModel, tmp_path: Path
     interface, runs with onnxruntime's optimizations on (the integer kernels) with finite
     outputs shaped as the original's. Accuracy is the benchmark's business (real images);
     here the inputs are random, the speed and accuracy checks off."""
-    from optcc.quant_fallback import count_integer_nodes
-    from optcc.quantize import quantize_int8
+    from optcc.quant.fallback import count_integer_nodes
+    from optcc.quant.driver import quantize_int8
 
     path = _fetch_or_skip(entry)
     shapes = input_shapes(entry, path)

@@ -310,6 +310,6 @@ def test_external_data_is_read_only_for_tensors_that_could_be_equal(tmp_path, mo
     assert "unique" not in reads, "a tensor of a shape no other has is never read"
     assert reads.count("w1") <= 2 and reads.count("w2") <= 2  # hash, then confirm once
     feeds = {"x": rng.standard_normal((64, 4)).astype(np.float32)}
-    verification = optcc.verify(ir.load(str(path)), result.model, inputs=feeds)
+    verification = optcc.numerics.verify(ir.load(str(path)), result.model, inputs=feeds)
     assert verification.passed, verification.describe()
     assert not DeduplicateInitializersPass()(result.model).modified

@@ -30,7 +30,7 @@ def _run(pass_: optcc.Pass, model: ir.Model, *, verify: bool = True, **verify_op
     result = pass_(model)
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
     if verify:
-        verification = optcc.verify(original, result.model, **verify_options)
+        verification = optcc.numerics.verify(original, result.model, **verify_options)
         assert verification.passed, verification.describe()
     again = pass_(result.model)
     assert not again.modified, f"second run must be a no-op, got {again.stats}"

@@ -15,8 +15,8 @@ import pytest
 
 import optcc
 from optcc.passes.convert_float16 import ConvertFloat16Pass
-from optcc.passes.float16_ranges import sqnr_db
-from optcc.verify import verify
+from optcc.fp16.ranges import sqnr_db
+from optcc.numerics.verify import verify
 
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
 

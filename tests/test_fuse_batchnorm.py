@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import optcc
-from optcc.invariants import check_invariants, signature
+from optcc.infra.invariants import check_invariants, signature
 from optcc.passes.fuse_batchnorm import FuseBatchNormPass
 
 RNG_SEED = 0
@@ -55,7 +55,7 @@ def _fuse(model: ir.Model, split: bool = False, **shapes: list[int]) -> optcc.Pa
     result = FuseBatchNormPass(split_standalone=split)(model)
     assert check_invariants(result.model, signature(original)) == []
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
-    verification = optcc.verify(original, result.model, numerics="fusion", input_shapes=shapes,
+    verification = optcc.numerics.verify(original, result.model, numerics="fusion", input_shapes=shapes,
                                 seed=RNG_SEED)
     assert verification.passed, verification.describe()
     second = FuseBatchNormPass(split_standalone=split)(result.model)
@@ -258,7 +258,7 @@ def test_batchnorm_inside_if_body() -> None:
     x = rng.normal(size=(1, 3, 4, 4)).astype(np.float32)
     for c in (True, False):
         feeds = {"x": x, "c": np.array(c)}
-        assert optcc.verify(original, result.model, numerics="fusion", inputs=feeds).passed
+        assert optcc.numerics.verify(original, result.model, numerics="fusion", inputs=feeds).passed
 
 
 def test_ir_version_3_initializers_are_constants_and_new_weights_are_constant_nodes() -> None:
@@ -280,7 +280,7 @@ def test_ir_version_3_initializers_are_constants_and_new_weights_are_constant_no
     assert [v.name for v in result.model.graph.inputs] == input_names
     assert check_invariants(result.model, signature(original)) == []
     feeds = {"x": rng.normal(size=(1, 3, 4, 4)).astype(np.float32)}
-    assert optcc.verify(original, result.model, numerics="fusion", inputs=feeds).passed
+    assert optcc.numerics.verify(original, result.model, numerics="fusion", inputs=feeds).passed
 
 
 # ---------------------------------------------------------------- Mul / Add after BatchNormalization

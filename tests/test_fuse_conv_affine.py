@@ -11,7 +11,7 @@ import pytest
 from onnx import numpy_helper
 
 import optcc
-from optcc.invariants import check_invariants, signature
+from optcc.infra.invariants import check_invariants, signature
 from optcc.passes.fuse_conv_affine import FuseConvAffinePass
 
 
@@ -35,7 +35,7 @@ def _fuse(model: ir.Model, **shapes: list[int]) -> optcc.PassResult:
     result = FuseConvAffinePass()(model)
     assert check_invariants(result.model, signature(original)) == []
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
-    verification = optcc.verify(original, result.model, numerics="fusion", input_shapes=shapes)
+    verification = optcc.numerics.verify(original, result.model, numerics="fusion", input_shapes=shapes)
     assert verification.passed, verification.describe()
     assert not FuseConvAffinePass()(result.model).modified, "second run must be a no-op"
     return result

@@ -15,7 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 import optcc
-from optcc.invariants import check_invariants, signature
+from optcc.infra.invariants import check_invariants, signature
 from optcc.passes.fuse_normalization import FuseNormalizationPass
 
 F32 = np.float32
@@ -34,7 +34,7 @@ def _fuse(model: ir.Model, **shapes: list[int]) -> optcc.PassResult:
     result = FuseNormalizationPass()(model)
     assert check_invariants(result.model, signature(original)) == []
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
-    verification = optcc.verify(original, result.model, numerics="fusion", input_shapes=shapes)
+    verification = optcc.numerics.verify(original, result.model, numerics="fusion", input_shapes=shapes)
     assert verification.passed, verification.describe()
     assert not FuseNormalizationPass()(result.model).modified, "second run must be a no-op"
     return result

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import optcc
-from optcc.invariants import check_invariants, signature
+from optcc.infra.invariants import check_invariants, signature
 from optcc.passes.fuse_ort_conv_activation import FuseOrtConvActivationPass
 
 MS = "com.microsoft"
@@ -53,7 +53,7 @@ def _fuse(model: ir.Model, **shapes: list[int]) -> optcc.PassResult:
     original = model.clone()
     result = FuseOrtConvActivationPass()(model)
     assert check_invariants(result.model, signature(original)) == []
-    verification = optcc.verify(original, result.model, numerics="fusion", input_shapes=shapes,
+    verification = optcc.numerics.verify(original, result.model, numerics="fusion", input_shapes=shapes,
                                 seed=SEED)
     assert verification.passed, verification.describe()
     assert not FuseOrtConvActivationPass()(result.model).modified, "second run must be a no-op"
@@ -338,7 +338,7 @@ def test_conv_relu_inside_if_branches() -> None:
     # Both branches, fed explicitly, agree with the original.
     for cond in (True, False):
         feeds = {"cond": np.array(cond), "x": rng.normal(size=(1, 2, 5, 5)).astype(np.float32)}
-        check = optcc.verify(original, result.model, numerics="fusion", inputs=feeds)
+        check = optcc.numerics.verify(original, result.model, numerics="fusion", inputs=feeds)
         assert check.passed, check.describe()
 
 
@@ -404,7 +404,7 @@ def test_gpu_providers_restrict_the_fusion_to_relu() -> None:
     assert _ops(result.model) == {"Add": 1, "Conv": 2, "Sigmoid": 1, f"{MS}::FusedConv": 2}
     assert result.stats["applied"] == {"conv-add-relu": 1, "conv-relu": 1}
     assert {_attr(n, "activation") for n in _fused_nodes(result.model)} == {"Relu"}
-    check = optcc.verify(original, result.model, numerics="fusion", seed=SEED)
+    check = optcc.numerics.verify(original, result.model, numerics="fusion", seed=SEED)
     assert check.passed, check.describe()
 
 

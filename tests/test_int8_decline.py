@@ -11,8 +11,8 @@ import onnx.numpy_helper as nh
 from onnx import TensorProto as TP
 
 import optcc
-from optcc.quant_fallback import Target, compare_latency
-from optcc.quantize import quantize_int8
+from optcc.quant.fallback import Target, compare_latency
+from optcc.quant.driver import quantize_int8
 
 # 16-wide random MatMuls lose ~8 dB each in INT8: the tests' target is 15 dB
 TARGET = Target(min_sqnr_db=15.0, min_argmax_agreement=0.5)
@@ -101,7 +101,7 @@ def test_fallback_returns_the_top_ranked_layers_until_the_target_holds() -> None
     assert set(stats["pass"]["layers"]) == {"mm1", "mm3", "mm5"}
     hist = _ops(q)
     assert hist["MatMul"] == 5 and hist["QuantizeLinear"] > 0
-    check = optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=data[-4:], tolerances=TOLERANCE)
+    check = optcc.numerics.verify(optcc.ir.load(model), q, numerics="int8", inputs=data[-4:], tolerances=TOLERANCE)
     assert check.passed, check.describe()
 
 
@@ -141,7 +141,7 @@ def test_speed_decline_skips_the_fallback_and_keeps_the_model_as_given() -> None
     assert "initial" not in stats["fallback"]  # the fallback never ran
     # the input model itself, not the BN-folded float copy calibration used
     assert _ops(q) == _ops(model) and _ops(q)["BatchNormalization"] == 1
-    check = optcc.verify(optcc.ir.load(model), q, numerics="exact", inputs=_images(3, seed=9))
+    check = optcc.numerics.verify(optcc.ir.load(model), q, numerics="exact", inputs=_images(3, seed=9))
     assert check.passed, check.describe()
 
 

@@ -8,9 +8,9 @@ import onnx.helper as oh
 import onnx.numpy_helper as nh
 
 import optcc
-from optcc.calibration import calibrate
+from optcc.quant.calibration import calibrate
 from optcc.passes.quantize_int8 import QuantizeInt8Pass
-from optcc.quantize import quantize_int8
+from optcc.quant.driver import quantize_int8
 
 SEED = 0
 
@@ -78,7 +78,7 @@ def test_logits_of_the_output_head_stay_float() -> None:
     (use,) = {u.node.op_type for u in _by_name(q, "conv2").outputs[0].uses()}
     assert use == "QuantizeLinear"
     assert [v.name for v in q.graph.outputs] == ["probs"]
-    verification = optcc.verify(optcc.ir.load(proto), q, numerics="int8", inputs=_samples(4, 2))
+    verification = optcc.numerics.verify(optcc.ir.load(proto), q, numerics="int8", inputs=_samples(4, 2))
     assert verification.passed, verification
     again = QuantizeInt8Pass(ranges, count_fused=False)(q)
     assert not again.modified
@@ -110,7 +110,7 @@ def test_driver_folds_conv_affine_before_quantizing() -> None:
     assert stats["fallback"]["target_met"], stats["fallback"]
     # the input model is untouched
     assert [n.op_type for n in proto.graph.node] == ["Conv", "Mul", "Add", "Relu", "Conv"]
-    verification = optcc.verify(
+    verification = optcc.numerics.verify(
         optcc.ir.load(proto), quantized, numerics="int8", inputs=_samples(4, 4),
         tolerances={"int8": optcc.Tolerance(min_sqnr_db=25.0, min_cosine=0.99)},  # feature map: no argmax
     )

@@ -86,7 +86,7 @@ def test_upgrade_legacy_moves_to_ir_version_4_without_constant_inputs() -> None:
     assert _ops(out) == {"Add": 1, "Mul": 1}
     onnx.checker.check_model(ir.to_proto(out), full_check=True)
     feeds = {"x": np.array([1.0, -2.0, 0.5], np.float32)}
-    verification = optcc.verify(original, out, inputs=feeds)
+    verification = optcc.numerics.verify(original, out, inputs=feeds)
     assert verification.passed, verification.describe()
     assert not LiftConstantsPass(upgrade_legacy=True)(out).modified
 

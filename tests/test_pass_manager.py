@@ -10,9 +10,9 @@ import pytest
 
 import optcc
 from optcc.errors import PassFailedError
-from optcc.pass_manager import Fixpoint, PassManager
+from optcc.infra.manager import Fixpoint, PassManager
 from optcc.passes import EliminateDeadNodesPass, EliminateIdentitiesPass
-from optcc.verify import Verifier
+from optcc.numerics.verify import Verifier
 
 MODEL_TEXT = """
 <ir_version: 8, opset_import: ["" : 17]>

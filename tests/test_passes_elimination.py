@@ -22,7 +22,7 @@ def _histogram(model: ir.Model) -> dict[str, int]:
 
 
 def _check_numerics(original: ir.Model, optimized: ir.Model, **options) -> None:
-    verification = optcc.verify(original, optimized, **options)
+    verification = optcc.numerics.verify(original, optimized, **options)
     assert verification.passed, verification.describe()
 
 

@@ -1,4 +1,4 @@
-"""optcc.pattern: matching (commute, repeated variables, optional inputs, domains), the
+"""optcc.rewrite.pattern: matching (commute, repeated variables, optional inputs, domains), the
 driver's safety rules (outside readers, graph outputs, shared weights), name keeping,
 every graph of the model (If bodies, functions), stats and the fixed-point cap."""
 
@@ -11,8 +11,8 @@ import pytest
 from onnx import numpy_helper
 
 import optcc
-from optcc.invariants import check_invariants, signature
-from optcc.pattern import Builder, Const, Match, Op, RewritePass, Rule, Var, apply_rules
+from optcc.infra.invariants import check_invariants, signature
+from optcc.rewrite.pattern import Builder, Const, Match, Op, RewritePass, Rule, Var, apply_rules
 
 
 def _model(body: str, opset: int = 18, inits: dict[str, np.ndarray] | None = None,
@@ -50,7 +50,7 @@ def _checked(model: ir.Model, pass_: RewritePass) -> optcc.PassResult:
     result = pass_(model)
     assert check_invariants(result.model, signature(original)) == []
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
-    verification = optcc.verify(original, result.model, numerics=pass_.numerics,
+    verification = optcc.numerics.verify(original, result.model, numerics=pass_.numerics,
                                 input_shapes={"x": [2, 3]})
     assert verification.passed, verification.describe()
     assert not type(pass_)()(result.model).modified, "second run must be a no-op"
@@ -128,7 +128,7 @@ def test_rewrites_inside_if_bodies_and_functions() -> None:
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     feeds = {"x": np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32),
              "c": np.array(True)}
-    assert optcc.verify(original, model, inputs=feeds).passed
+    assert optcc.numerics.verify(original, model, inputs=feeds).passed
 
 
 def _scale(m: Match, b: Builder) -> ir.Value:
@@ -169,7 +169,7 @@ def test_commute_and_repeated_variables() -> None:
     original = model.clone()
     assert apply_rules(model, [swapped]).applied["mul-const"] == 1
     assert _ops(model) == {"Div": 1}
-    assert optcc.verify(original, model, input_shapes={"x": [2, 3]}).passed
+    assert optcc.numerics.verify(original, model, input_shapes={"x": [2, 3]}).passed
 
 
 def test_optional_inputs_and_extra_inputs() -> None:
@@ -266,7 +266,7 @@ def _scale_by_two(m: Match, b: Builder) -> ir.Value:
 
 
 def test_static_rank_follows_producers_without_declared_shapes() -> None:
-    from optcc.pattern import static_rank
+    from optcc.rewrite.pattern import static_rank
 
     model = ir.from_proto(onnx.parser.parse_model("""
     <ir_version: 9, opset_import: ["" : 17]>

@@ -14,11 +14,11 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 import optcc
-from optcc.calibration import calibrate
+from optcc.quant.calibration import calibrate
 from optcc.passes.quantize_dynamic import QuantizeDynamicPass
 from optcc.passes.quantize_int8 import QuantizeInt8Pass, activation_params
-from optcc.quant_fallback import Target, count_integer_nodes, evaluate, integer_op_histogram, sqnr_db
-from optcc.quantize import quantize_int8
+from optcc.quant.fallback import Target, count_integer_nodes, evaluate, integer_op_histogram, sqnr_db
+from optcc.quant.driver import quantize_int8
 
 SEED = 0
 # optcc's int8 tolerance also asks 90% argmax agreement along the last axis of every
@@ -133,7 +133,7 @@ def test_cnn_placement_numerics_and_fusion() -> None:
     assert result.stats["integer_nodes"] == count_integer_nodes(quantized) >= 6
     # numerics: onnxruntime with optimizations disabled on both sides, then with its integer kernels
     held_out = images(8, seed=2)
-    check = optcc.verify(optcc.ir.load(original), quantized, numerics="int8", inputs=held_out)
+    check = optcc.numerics.verify(optcc.ir.load(original), quantized, numerics="int8", inputs=held_out)
     assert check.passed, check.describe()
     assert all(m.sqnr_db >= 25 for m in check.outputs)
     fused = evaluate(optcc.ir.load(original), quantized, held_out)
@@ -206,7 +206,7 @@ def test_bias_overflow_raises_the_weight_scale() -> None:
     conv = by_name(result.model, "conv")
     b_q = initializer(result.model, dq_source(result.model, conv, 2).inputs[0])
     assert b_q.dtype == np.int32 and np.abs(b_q.astype(np.int64)).max() <= 2**31 - 1
-    check = optcc.verify(optcc.ir.load(model), result.model, numerics="int8", inputs=data, tolerances=NO_ARGMAX)
+    check = optcc.numerics.verify(optcc.ir.load(model), result.model, numerics="int8", inputs=data, tolerances=NO_ARGMAX)
     assert check.passed, check.describe()
 
 
@@ -235,7 +235,7 @@ def test_no_qdq_pair_around_ops_without_integer_kernels() -> None:
     assert sigmoid.inputs[0].producer().op_type == "DequantizeLinear"  # the Conv's output pair
     assert softmax.inputs[0].producer() is sigmoid  # no pair between two float ops
     assert [u.node for u in softmax.outputs[0].uses()] == []
-    assert optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=data, tolerances=NO_ARGMAX).passed
+    assert optcc.numerics.verify(optcc.ir.load(model), q, numerics="int8", inputs=data, tolerances=NO_ARGMAX).passed
 
 
 def test_graph_output_inside_the_pattern_keeps_its_name() -> None:
@@ -258,7 +258,7 @@ def test_graph_output_inside_the_pattern_keeps_its_name() -> None:
     for out in q.graph.outputs:
         assert out.producer().op_type == "DequantizeLinear" and out.dtype == ir.DataType.FLOAT
         assert list(out.shape) == [1, 4, 8, 8]
-    assert optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=data, tolerances=NO_ARGMAX).passed
+    assert optcc.numerics.verify(optcc.ir.load(model), q, numerics="int8", inputs=data, tolerances=NO_ARGMAX).passed
 
 
 def test_shared_weight_custom_op_and_batchnorm_stay_float() -> None:
@@ -308,7 +308,7 @@ def test_int8_symmetric_activations_keep_relu() -> None:
         if node.op_type == "QuantizeLinear":
             zero = initializer(quantized, node.inputs[2])
             assert zero.dtype == np.int8 and not zero.any()
-    check = optcc.verify(optcc.ir.load(original), quantized, numerics="int8", inputs=images(4, seed=2))
+    check = optcc.numerics.verify(optcc.ir.load(original), quantized, numerics="int8", inputs=images(4, seed=2))
     assert check.passed, check.describe()
 
 
@@ -338,7 +338,7 @@ def test_if_body_is_quantized_with_given_ranges() -> None:
     body_ops = collections.Counter(n.op_type for g in optcc.ir.graphs(result.model) for n in g if g is not result.model.graph)
     assert body_ops["QuantizeLinear"] == 2 and body_ops["MatMul"] == 1
     x = rng.normal(size=(2, 4)).astype(np.float32)
-    check = optcc.verify(optcc.ir.load(model), result.model, numerics="int8",
+    check = optcc.numerics.verify(optcc.ir.load(model), result.model, numerics="int8",
                          inputs=[{"cond": np.array(True), "x": x}, {"cond": np.array(False), "x": x}],
                          tolerances=NO_ARGMAX)
     assert check.passed, check.describe()
@@ -382,7 +382,7 @@ def test_dynamic_quantization() -> None:
     onnx.checker.check_model(optcc.ir.serialize(q), full_check=True)
     rng = np.random.default_rng(10)
     data = [{"x": rng.normal(size=(4, 64)).astype(np.float32)} for _ in range(3)]
-    check = optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=data, tolerances=NO_ARGMAX)
+    check = optcc.numerics.verify(optcc.ir.load(model), q, numerics="int8", inputs=data, tolerances=NO_ARGMAX)
     assert check.passed and check.outputs[0].sqnr_db >= 30, check.describe()
     assert not QuantizeDynamicPass()(q).modified
 
@@ -432,7 +432,7 @@ def test_fallback_returns_the_sensitive_layer_to_float() -> None:
     assert stats["modified"] and stats["calibration"]["held_out_samples"] == 4
     assert by_name(q, "mm2").inputs[1].name == "W2"
     assert set(stats["pass"]["layers"]) == {"mm1", "mm3"}
-    check = optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=data[-4:], tolerances=NO_ARGMAX)
+    check = optcc.numerics.verify(optcc.ir.load(model), q, numerics="int8", inputs=data[-4:], tolerances=NO_ARGMAX)
     assert check.passed, check.describe()
 
 
@@ -443,7 +443,7 @@ def test_driver_on_cnn_reports_ranges_fusion_and_size() -> None:
     assert stats["integer_nodes"] >= 6 and stats["method"] == "entropy"
     assert stats["size_bytes"]["after"] < stats["size_bytes"]["before"]
     assert set(stats["ranges"]) >= {"x", "c1", "r1", "probs"}
-    assert optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=images(6, seed=3)).passed
+    assert optcc.numerics.verify(optcc.ir.load(model), q, numerics="int8", inputs=images(6, seed=3)).passed
     assert len(model.graph.node) == 11  # the input model is untouched
 
 
@@ -531,7 +531,7 @@ def test_scalar_rescales_become_the_consumers_dequantization_scale() -> None:
     _, stats = quantize_int8(model, data + images(4, 2, (1, 3, 8, 8)), require_speedup=False,
                              target=Target(min_sqnr_db=200.0), max_float_layers=10)
     assert stats["declined"] == "accuracy" and stats["fallback"]["tried"]
-    assert optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
+    assert optcc.numerics.verify(optcc.ir.load(model), q, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
                         tolerances=NO_ARGMAX).passed
 
     negative = _rescale_model(-0.7)
@@ -569,7 +569,7 @@ def test_split_shares_its_input_scale() -> None:
     ops = _ort_ops(result.model)
     assert ops["Split"] == 1 and ops["QLinearConv"] == 2 and ops["QLinearConcat"] == 1
     assert ops["DequantizeLinear"] == 1 and ops["QuantizeLinear"] == 1  # the model's input and output only
-    assert optcc.verify(optcc.ir.load(model), result.model, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
+    assert optcc.numerics.verify(optcc.ir.load(model), result.model, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
                         tolerances=NO_ARGMAX).passed
 
 
@@ -593,7 +593,7 @@ def test_concat_inputs_take_the_outputs_scale() -> None:
     for scale, zero in params:
         assert scale == expected[0] and zero == expected[1]
     assert _ort_ops(q)["QLinearConcat"] == 1
-    assert optcc.verify(optcc.ir.load(model), q, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
+    assert optcc.numerics.verify(optcc.ir.load(model), q, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
                         tolerances=NO_ARGMAX).passed
 
 
@@ -617,7 +617,7 @@ def test_conv_transpose_stays_float_with_float_weights() -> None:
     up = by_name(result.model, "up")
     assert up.inputs[1].name == "Wt" and initializer(result.model, up.inputs[1]).dtype == np.float32
     assert result.stats["quantized"]["Conv"] == 2 and "ConvTranspose" not in result.stats["quantized"]
-    assert optcc.verify(optcc.ir.load(model), result.model, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
+    assert optcc.numerics.verify(optcc.ir.load(model), result.model, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
                         tolerances=NO_ARGMAX).passed
 
 
@@ -652,5 +652,5 @@ def test_ir3_model_with_generated_weights_quantizes_to_a_valid_model() -> None:
     proto = optcc.ir.serialize(quantized)
     onnx.checker.check_model(proto)
     assert proto.ir_version >= 4 and [i.name for i in proto.graph.input] == ["x"]
-    assert optcc.verify(optcc.ir.load(model), quantized, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
+    assert optcc.numerics.verify(optcc.ir.load(model), quantized, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
                         tolerances=NO_ARGMAX).passed

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import optcc
-from optcc import pipelines, registry
+from optcc.infra import pipelines, registry
 
 
 @pytest.fixture

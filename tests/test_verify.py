@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 import optcc
-from optcc.verify import TOLERANCES, Verifier, compare_outputs, generate_inputs, resolve_providers, verify
+from optcc.numerics.verify import TOLERANCES, Verifier, compare_outputs, generate_inputs, resolve_providers, verify
 
 
 def _model(text: str) -> ir.Model:
@@ -82,7 +82,7 @@ def test_verifier_detects_a_changed_model_and_skips_what_onnxruntime_cannot_run(
     <ir_version: 8, opset_import: ["" : 17, "acme" : 1]>
     agraph (float[N, 4] x) => (float[N, 4] y) { y = acme.Mystery(x) }
     """)
-    verdict = optcc.verify(custom, custom.clone())
+    verdict = optcc.numerics.verify(custom, custom.clone())
     assert verdict.status == "skipped" and "cannot run the original" in verdict.reason
 
 

@@ -1,4 +1,4 @@
-"""optcc.pattern: a small declarative rewrite engine over onnx-ir.
+"""optcc.rewrite.pattern: a small declarative rewrite engine over onnx-ir.
 
 A fusion is a list of ``Rule`` objects. A rule keeps three things apart, as onnxscript's
 rewriter does: the **pattern** (a tree of ``Op`` / ``Var`` / ``Const`` rooted at one
@@ -49,7 +49,7 @@ import numpy as np
 import onnx_ir as ir
 
 from optcc import ir as oir
-from optcc.pass_base import Pass, PassResult
+from optcc.infra.pass_base import Pass, PassResult
 
 __all__ = [
     "Op",
@@ -659,7 +659,7 @@ def _rewrite_graph(
     if worklist:
         stats.capped += 1
         warnings.warn(
-            f"optcc.pattern: graph '{graph.name}' did not reach a fixed point within "
+            f"optcc.rewrite.pattern: graph '{graph.name}' did not reach a fixed point within "
             f"{max_iters} rounds; stopping with rewrites pending",
             RuntimeWarning,
             stacklevel=3,

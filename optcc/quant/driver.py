@@ -16,10 +16,11 @@ import onnx.version_converter
 import onnx_ir as ir
 
 from optcc import ir as oir
-from optcc.bias_correction import correct_biases
-from optcc.calibration import CalibrationData, calibrate, load_samples, split_holdout
+from optcc.quant.bias_correction import correct_biases
+from optcc.quant.calibration import CalibrationData, calibrate, load_samples, split_holdout
 from optcc.errors import BadInputError
-from optcc.quant_fallback import (
+from optcc.infra.registry import create_pass
+from optcc.quant.fallback import (
     Target,
     compare_latency,
     evaluate,
@@ -30,19 +31,9 @@ from optcc.quant_fallback import (
 __all__ = ["quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
 
 
-def _run_pass(model: ir.Model, name: str, module: str, cls: str) -> dict[str, Any]:
-    """Run a registered pass in place (imported directly when not registered); its stats,
-    with ``modified``."""
-    try:
-        from optcc.registry import create_pass
-
-        pass_ = create_pass(name)
-    except Exception:  # noqa: BLE001 - not registered: import the module directly
-        try:
-            pass_ = getattr(__import__(f"optcc.passes.{module}", fromlist=[cls]), cls)()
-        except (ImportError, AttributeError) as e:
-            return {"unavailable": str(e)}
-    result = pass_(model)
+def _run_pass(model: ir.Model, name: str, **options: Any) -> dict[str, Any]:
+    """Run the registered pass ``name`` in place; its stats, with ``modified``."""
+    result = create_pass(name, **options)(model)
     return {**dict(getattr(result, "stats", {}) or {}), "modified": bool(result.modified)}
 
 
@@ -51,7 +42,7 @@ def fold_batchnorm(model: ir.Model) -> dict[str, Any]:
     (returns its stats; ``{"unavailable": ...}`` when it is not)."""
     if not any(n.op_type == "BatchNormalization" for n in oir.nodes(model)):
         return {}
-    return _run_pass(model, "fuse-batchnorm", "fuse_batchnorm", "FuseBatchNormPass")
+    return _run_pass(model, "fuse-batchnorm")
 
 
 def prepare_float(model: ir.Model) -> dict[str, Any]:
@@ -70,19 +61,17 @@ def prepare_float(model: ir.Model) -> dict[str, Any]:
     ``--fold-large`` is unchanged. Returns the passes' stats."""
     stats: dict[str, Any] = {}
     if any(n.op_type in _WEIGHT_GENERATORS for n in model.graph):
-        from optcc.passes.fold_constants import FoldConstantsPass  # passes import optcc: import late
-
-        folded = FoldConstantsPass(fold_large=True)(model)
-        if folded.modified:
-            stats["fold-constants"] = dict(folded.stats or {})
+        folded = _run_pass(model, "fold-constants", fold_large=True)
+        if folded["modified"]:
+            stats["fold-constants"] = folded
     bn = fold_batchnorm(model)
     if bn:
         stats["fuse-batchnorm"] = bn
     if any(n.op_type in ("Mul", "Add") for n in oir.nodes(model)):
-        affine = _run_pass(model, "fuse-conv-affine", "fuse_conv_affine", "FuseConvAffinePass")
+        affine = _run_pass(model, "fuse-conv-affine")
         if affine.get("modified"):
             stats["fuse-conv-affine"] = affine
-            _run_pass(model, "eliminate-dead-nodes", "eliminate_dead_nodes", "EliminateDeadNodesPass")
+            _run_pass(model, "eliminate-dead-nodes")
     return stats
 
 
@@ -137,7 +126,7 @@ def quantize_int8(
     """Calibrate on the first ``1 - holdout_fraction`` of the samples, quantize, check the
     held-out rest against ``target`` (SQNR on every output; argmax agreement on
     classifier-like outputs) and return the most sensitive layers to float until it holds
-    (``optcc.quant_fallback.fallback``).
+    (``optcc.quant.fallback.fallback``).
 
     The INT8 model is returned only when it is worth shipping; otherwise the input model,
     unchanged, with ``stats["modified"] = False``, ``stats["declined"]`` ("speed" or
@@ -158,7 +147,7 @@ def quantize_int8(
     ``bias_correction``: every model this builds with all its layers quantized or only
     some returned to float (not the single-layer models of the ranking) gets its Conv and
     Gemm biases corrected for the mean shift quantization causes
-    (``optcc.bias_correction.correct_biases``), measured on the first
+    (``optcc.quant.bias_correction.correct_biases``), measured on the first
     ``bias_correction_samples`` calibration samples.
 
     ``stats``: method, seconds (wall time per phase: prepare, calibrate, quantize,
@@ -204,11 +193,10 @@ def quantize_int8(
     user_exclude = list(exclude)
 
     def make(exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> tuple[ir.Model, dict[str, Any]]:
-        from optcc.passes.quantize_int8 import QuantizeInt8Pass  # passes import optcc: import late
-
         candidate = float_model.clone()
-        result = QuantizeInt8Pass(
-            calibration.ranges,
+        result = create_pass(
+            "quantize-int8",
+            ranges=calibration.ranges,
             per_channel=per_channel,
             activation_type=activation_type,
             exclude=[*user_exclude, *exclude],

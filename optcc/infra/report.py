@@ -96,7 +96,7 @@ class Report:
         return [p for p in self.passes if p.status in ("reverted", "failed")]
 
     def to_dict(self) -> dict[str, Any]:
-        from optcc import __version__
+        from optcc.version import __version__
 
         body = dataclasses.asdict(self)
         return {

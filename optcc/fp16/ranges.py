@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-import optcc
+from optcc import ir as oir
 
 FP16_TINY = 2.0**-24  # smallest float16 subnormal; half of it rounds to zero
 
@@ -67,7 +67,7 @@ def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
 
 def with_all_outputs(model: ir.Model) -> onnx.ModelProto:
     """The model's proto with every named node output of the main graph as a graph output."""
-    proto = optcc.ir.serialize(model)
+    proto = oir.serialize(model)
     present = {o.name for o in proto.graph.output}
     inferred = {v.name: v for v in proto.graph.value_info}
     for node in proto.graph.node:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import onnx_ir as ir
 
 __all__ = ["Pass", "PassResult", "Numerics", "NUMERICS_ORDER"]
 
-# What a pass may do to the numbers a model computes, from strictest to loosest. The
-# verifier's tolerance is chosen by the loosest kind among the passes that changed the model.
-Numerics = Literal["exact", "fusion", "fp16", "int8"]
-NUMERICS_ORDER: tuple[Numerics, ...] = ("exact", "fusion", "fp16", "int8")
+from optcc.numerics.kinds import NUMERICS_ORDER, Numerics
 
 
 @dataclasses.dataclass

@@ -44,8 +44,9 @@ import onnxruntime as ort
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
+from optcc.numerics.samples import load_npz_samples
 from optcc.progress import Progress
-from optcc.verify import check_feeds
+from optcc.numerics.verify import check_feeds
 
 __all__ = [
     "METHODS",
@@ -388,11 +389,9 @@ class CalibrationStats:
 
 
 def load_samples(data: CalibrationData) -> Iterable[Feeds]:
-    """Feed dicts from a path (.npz or folder of them, via ``optcc.cli.load_npz_samples``)
+    """Feed dicts from a path (.npz or folder of them, see ``optcc.numerics.samples``)
     or the iterable itself."""
     if isinstance(data, (str, os.PathLike)):
-        from optcc.cli import load_npz_samples  # the CLI owns the file format
-
         return load_npz_samples(data)
     if isinstance(data, Mapping):
         return [data]

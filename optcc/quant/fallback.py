@@ -28,7 +28,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from optcc import ir as oir
-from optcc.latency import median_seconds
+from optcc.runtime.latency import median_seconds
 
 __all__ = [
     "INTEGER_OPS",
@@ -410,7 +410,7 @@ def compare_latency(reference: ir.Model, candidate: ir.Model, samples: Sequence[
     """Median latency of both models on onnxruntime CPU (all graph optimizations,
     ``threads`` intra-op threads), interleaved so that both see the same machine load:
     ``rounds`` times, each model runs ``runs`` times on the next held-out sample
-    (``optcc.latency.median_seconds``); the result is the median over rounds. Also the
+    (``optcc.runtime.latency.median_seconds``); the result is the median over rounds. Also the
     spread (max/min of the per-round medians) of each, as a noise indication."""
     sessions = [_session(m, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, threads=threads)
                 for m in (reference, candidate)]

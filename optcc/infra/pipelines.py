@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from optcc.errors import BadInputError
-from optcc.pass_manager import Fixpoint, PipelineStep
-from optcc.registry import available_passes, create_pass
+from optcc.infra.manager import Fixpoint, PipelineStep
+from optcc.infra.registry import available_passes, create_pass
 
 __all__ = ["LEVELS", "build_pipeline", "pipeline_names"]
 

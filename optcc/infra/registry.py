@@ -1,8 +1,8 @@
 """The pass registry: one name -> pass-factory mapping.
 
-Built lazily on first use from optcc's built-in passes (``optcc.passes.BUILTIN_PASSES``)
-and third-party passes advertised through the entry-point group ``optcc.passes``; this
-mapping is optcc's only global mutable state. Nothing registers itself as a side effect
+Built lazily on first use from the entry-point group ``optcc.passes``: optcc's built-in
+passes are advertised there by optcc's own distribution (pyproject.toml), third-party
+passes by theirs. This mapping is optcc's only global mutable state. Nothing registers itself as a side effect
 of importing a module.
 """
 
@@ -48,19 +48,16 @@ def _info(factory: PassFactory, origin: str, name: str | None = None) -> PassInf
 
 
 def _load() -> dict[str, PassInfo]:
-    from optcc.passes import BUILTIN_PASSES
-
-    found = {}
-    for cls in BUILTIN_PASSES:
-        info = _info(cls, "builtin")
-        found[info.name] = info
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    found: dict[str, PassInfo] = {}
+    entries = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    # optcc's own first, so a plugin can never take a built-in name
+    for entry in sorted(entries, key=lambda e: not _is_builtin(e)):
         try:
             factory = entry.load()
         except Exception as e:  # noqa: BLE001 - a broken plugin must not break optcc
             warnings.warn(f"optcc: cannot load pass plugin '{entry.name}': {e}", stacklevel=2)
             continue
-        origin = entry.dist.name if entry.dist is not None else "plugin"
+        origin = "builtin" if _is_builtin(entry) else (entry.dist.name if entry.dist is not None else "plugin")
         if entry.name in found:
             warnings.warn(
                 f"optcc: plugin pass '{entry.name}' from {origin} ignored: the name is taken",
@@ -69,6 +66,10 @@ def _load() -> dict[str, PassInfo]:
             continue
         found[entry.name] = _info(factory, origin, name=entry.name)
     return found
+
+
+def _is_builtin(entry: importlib.metadata.EntryPoint) -> bool:
+    return entry.value.startswith("optcc.passes.") and entry.dist is not None and entry.dist.name == "optcc"
 
 
 def available_passes() -> dict[str, PassInfo]:

@@ -34,7 +34,7 @@ import onnxruntime as ort
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
-from optcc.pass_base import NUMERICS_ORDER, Numerics
+from optcc.numerics.kinds import Numerics, loosest
 from optcc.progress import Progress
 
 __all__ = [
@@ -73,11 +73,6 @@ TOLERANCES: dict[Numerics, Tolerance] = {
     "fp16": Tolerance(min_sqnr_db=40.0, min_cosine=0.9999),
     "int8": Tolerance(min_sqnr_db=25.0, min_cosine=0.99, min_argmax_agreement=0.9),
 }
-
-
-def loosest(kinds: Iterable[Numerics]) -> Numerics:
-    """The loosest numerics kind among ``kinds`` ("exact" when empty)."""
-    return max(kinds, key=NUMERICS_ORDER.index, default="exact")
 
 
 @dataclasses.dataclass

@@ -2,7 +2,7 @@
 
 For every pass the manager records wall time, node counts by op type and weight bytes
 before/after, ``modified`` and the pass's stats. After a pass that modified the model it
-checks the structural invariants (``optcc.invariants``: order, names, interface) and, given
+checks the structural invariants (``optcc.infra.invariants``: order, names, interface) and, given
 a verifier, the numerics against the original: after every pass with ``verify_each``
 (``--verify-each``), otherwise after each pass that is not exact (fusions, FP16, INT8), so
 one inexact rewrite that misses its tolerance on a model is reverted alone instead of
@@ -28,10 +28,10 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import PassFailedError
-from optcc.invariants import check_invariants, checker_problems, signature
-from optcc.pass_base import Numerics
-from optcc.report import PassRecord, op_delta
-from optcc.verify import Verifier, loosest
+from optcc.infra.invariants import check_invariants, checker_problems, signature
+from optcc.infra.pass_base import Numerics
+from optcc.infra.report import PassRecord, op_delta
+from optcc.numerics.verify import Verifier, loosest
 
 __all__ = ["Fixpoint", "PassManager", "PipelineResult", "pass_name"]
 

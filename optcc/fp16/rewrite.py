@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-import optcc
+from optcc import ir as oir
 
 FLOAT = ir.DataType.FLOAT
 FLOAT16 = ir.DataType.FLOAT16
@@ -123,7 +123,7 @@ class Names:
 
     def __init__(self, model: ir.Model) -> None:
         self.taken: set[str] = set()
-        for graph in optcc.ir.graphs(model):
+        for graph in oir.graphs(model):
             self.taken.update(v.name for v in graph.inputs if v.name)
             if isinstance(graph, ir.Graph):
                 self.taken.update(graph.initializers)
@@ -193,7 +193,7 @@ class Rewriter:
         self.keep_io = keep_io
         self.names = Names(model)
         self.stats = RewriteStats()
-        self.graphs = list(optcc.ir.graphs(model))
+        self.graphs = list(oir.graphs(model))
         self.plan: dict[ir.Node, Slots] = {}
         for graph in self.graphs:
             for node in graph:
