@@ -144,7 +144,7 @@ def _median_ms(session: Any, feeds: dict[str, Any], runs: int) -> float:
 
 def _max_rel_diff(reference: list[Any], got: list[Any]) -> float | None:
     """The verifier's max rel (max |diff| / max |original| per output), worst output."""
-    from optcc.numerics.verify import Tolerance, compare_outputs
+    from optcc.numerics import Tolerance, compare_outputs
 
     rels = [compare_outputs("", "", ref, out, Tolerance()).max_rel for ref, out in zip(reference, got)]
     return max((r for r in rels if r is not None), default=0.0)
@@ -318,7 +318,7 @@ def benchmark_inputs(name: str, model: Any, shapes: dict[str, list[int]]) -> dic
     inputs drive detectors to near-zero outputs, where relative differences say little."""
     from fp16_vs_peers import realistic_input
 
-    from optcc.numerics.verify import generate_inputs
+    from optcc.numerics import generate_inputs
 
     feeds = generate_inputs(model, shapes, samples=1, seed=0)[0]
     if len(feeds) == 1:

@@ -20,7 +20,7 @@ from optcc.infra.pass_base import Pass, PassResult
 from optcc.infra.manager import Fixpoint, PassManager
 from optcc.infra.registry import available_passes, create_pass, register
 from optcc.infra.report import Report
-from optcc.numerics.verify import Tolerance, Verifier, verify
+from optcc.numerics import Tolerance, Verifier, verify
 
 __all__ = [
     "__version__",

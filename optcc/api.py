@@ -20,7 +20,7 @@ from optcc.infra.manager import PassManager
 from optcc.infra.pipelines import build_pipeline
 from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, peak_rss_bytes
-from optcc.numerics.verify import Tolerance, Verifier
+from optcc.numerics import Tolerance, Verifier
 
 __all__ = ["optimize", "OptimizeResult"]
 

@@ -22,7 +22,7 @@ from optcc.numerics.samples import load_npz_samples
 from optcc.errors import ISSUES_URL, BadInputError, OptccError, VerificationError
 from optcc.quant.fallback import Target
 from optcc.infra.registry import available_passes
-from optcc.numerics.verify import TOLERANCES
+from optcc.numerics import TOLERANCES
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 import optcc
 from optcc.infra.invariants import check_invariants, signature
-from optcc.numerics.verify import generate_inputs
+from optcc.numerics import generate_inputs
 
 
 def ort_outputs(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -65,7 +65,7 @@ def node(model: ir.Model, op: str) -> ir.Node:
 
 
 def check_numerics(proto: onnx.ModelProto, result, min_db: float = 40.0, **kw) -> None:
-    from optcc.numerics.verify import verify
+    from optcc.numerics import verify
 
     verdict = verify(optcc.ir.load(proto), result.model, numerics="fp16", **kw)
     assert verdict.passed, verdict.describe()

@@ -16,7 +16,7 @@ import pytest
 import optcc
 from optcc.passes.convert_float16 import ConvertFloat16Pass
 from optcc.fp16.ranges import sqnr_db
-from optcc.numerics.verify import verify
+from optcc.numerics import verify
 
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
 

@@ -12,7 +12,7 @@ import optcc
 from optcc.errors import PassFailedError
 from optcc.infra.manager import Fixpoint, PassManager
 from optcc.passes import EliminateDeadNodesPass, EliminateIdentitiesPass
-from optcc.numerics.verify import Verifier
+from optcc.numerics import Verifier
 
 MODEL_TEXT = """
 <ir_version: 8, opset_import: ["" : 17]>

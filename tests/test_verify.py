@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 import optcc
-from optcc.numerics.verify import TOLERANCES, Verifier, compare_outputs, generate_inputs, resolve_providers, verify
+from optcc.numerics import TOLERANCES, Verifier, compare_outputs, generate_inputs, resolve_providers, verify
 
 
 def _model(text: str) -> ir.Model:

@@ -31,7 +31,7 @@ from optcc.errors import PassFailedError
 from optcc.infra.invariants import check_invariants, checker_problems, signature
 from optcc.infra.pass_base import Numerics
 from optcc.infra.report import PassRecord, op_delta
-from optcc.numerics.verify import Verifier, loosest
+from optcc.numerics import Verifier, loosest
 
 __all__ = ["Fixpoint", "PassManager", "PipelineResult", "pass_name"]
 

@@ -1,9 +1,13 @@
-"""Numerics: metrics, generated inputs and the verifier (the oracle)."""
+"""Numerics: what a rewrite may change (kinds), inputs that fit a model, metrics, and the
+verifier (the oracle)."""
 
+from optcc.numerics.inputs import DEFAULT_DYNAMIC_DIM, check_feeds, generate_inputs
+from optcc.numerics.kinds import NUMERICS_ORDER, Numerics, loosest
+from optcc.numerics.samples import load_npz_samples
 from optcc.numerics.verify import (
-    TOLERANCES, OutputMetrics, Tolerance, Verification, Verifier, check_feeds, compare_outputs,
-    generate_inputs, loosest, resolve_providers, verify,
+    TOLERANCES, OutputMetrics, Tolerance, Verification, Verifier, compare_outputs, resolve_providers, verify,
 )
 
-__all__ = ["TOLERANCES", "OutputMetrics", "Tolerance", "Verification", "Verifier", "check_feeds",
-           "compare_outputs", "generate_inputs", "loosest", "resolve_providers", "verify"]
+__all__ = ["DEFAULT_DYNAMIC_DIM", "check_feeds", "generate_inputs", "NUMERICS_ORDER", "Numerics", "loosest",
+           "load_npz_samples", "TOLERANCES", "OutputMetrics", "Tolerance", "Verification", "Verifier",
+           "compare_outputs", "resolve_providers", "verify"]

@@ -46,7 +46,7 @@ from optcc import ir as oir
 from optcc.errors import BadInputError
 from optcc.numerics.samples import load_npz_samples
 from optcc.progress import Progress
-from optcc.numerics.verify import check_feeds
+from optcc.numerics import check_feeds
 
 __all__ = [
     "METHODS",
