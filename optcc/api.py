@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -15,7 +14,7 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import BadInputError, VerificationError
-from optcc.infra.pass_base import Numerics, PassResult
+from optcc.infra.pass_base import Numerics
 from optcc.infra.manager import PassManager
 from optcc.infra.pipelines import build_pipeline
 from optcc.infra.registry import create_pass

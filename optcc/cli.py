@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-import numpy as np
 
 from optcc import ir as oir
 from optcc.api import OptimizeResult, optimize
