@@ -8,7 +8,8 @@ Shapes come from the model's own annotations merged with onnx shape inference ru
 serialized copy, so nothing inferred is committed to the model (graph input/output declarations
 and value annotations stay as they were).
 Preconditions: default-domain nodes; the dimensions read are integers after inference.
-A symbolic dimension is never replaced by a number.
+A symbolic dimension is never replaced by a number, nor is a legacy negative ``dim_value``
+(``float[3,-1]``, accepted by onnx.checker and onnxruntime as "unknown").
 Where the constant goes: an initializer in the main graph (the value keeps its name); a
 ``Constant`` node in If/Loop/Scan bodies and functions, and for any graph output (which
 keeps its name, declared type and shape).
@@ -103,7 +104,8 @@ def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
         value = wanted.get(info.name)
         if value is not None and info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
             shapes[value] = ir.Shape([
-                d.dim_value if d.HasField("dim_value") else ir.SymbolicDim(d.dim_param or None)
+                d.dim_value if d.HasField("dim_value") and d.dim_value >= 0
+                else ir.SymbolicDim(d.dim_param or None)
                 for d in info.type.tensor_type.shape.dim
             ])
     return shapes
@@ -129,6 +131,14 @@ def _value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
         yield from g.output
 
 
+def _known(dim: object) -> object:
+    """A dim as an int only when it is a static size; a legacy negative ``dim_value``
+    (``float[3,-1]``, which onnx-ir reads as the int -1) means "unknown", not a size."""
+    if isinstance(dim, int) and dim < 0:
+        return ir.SymbolicDim(None)
+    return dim
+
+
 def _static_shape(value: ir.Value, inferred: dict[ir.Value, ir.Shape]) -> Dims | None:
     """The best known dims of ``value`` (ints where static, SymbolicDim otherwise)."""
     candidates = [value.shape, inferred.get(value)]
@@ -136,7 +146,7 @@ def _static_shape(value: ir.Value, inferred: dict[ir.Value, ir.Shape]) -> Dims |
     for shape in candidates:
         if shape is None:
             continue
-        dims = tuple(shape.dims)
+        dims = tuple(_known(d) for d in shape.dims)
         if best is None or sum(isinstance(d, int) for d in dims) > sum(isinstance(d, int) for d in best):
             if best is not None and len(best) != len(dims):
                 return None  # conflicting ranks: trust nothing
@@ -303,7 +313,9 @@ class FoldShapesPass(optcc.Pass):
     """Replace Shape/Size (and Gather of a Shape) of statically shaped values by constants."""
 
     name = "fold-shapes"
-    level = 1
+    # No level of its own: fold-constants runs this folding first in every round (the -O
+    # pipelines reach it that way); the pass exists for ``--passes fold-shapes`` alone.
+    level = None
     numerics = "exact"
 
     def call(self, model: ir.Model) -> optcc.PassResult:

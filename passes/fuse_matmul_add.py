@@ -43,7 +43,7 @@ def _check(m: Match) -> str | None:
         return "dtype without a Gemm kernel"
     c_array = m.array("c")
     shape = c_array.shape if c_array is not None else c.shape
-    if shape is None or not all(isinstance(d, int) for d in shape):
+    if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
         return "bias shape unknown"
     dims, n = tuple(shape), int(w.shape[1])
     rows = a.shape[0] if a.shape is not None else None

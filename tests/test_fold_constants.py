@@ -380,3 +380,51 @@ def test_light_model_from_the_onnx_wheel_stays_small_and_exact():
     assert result.report.verification["status"] == "passed"
     again = FoldConstantsPass()(optcc.ir.load(result.model))
     assert not again.modified
+
+
+def _legacy_negative_dim_model() -> onnx.ModelProto:
+    """``x: float[3, -1]`` (a legacy negative dim_value, meaning "unknown") read by Shape,
+    Size and Gather-of-Shape, and a Reshape whose target is built from the shape."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, -1])
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Size", ["x"], ["n"]),
+        helper.make_node("Gather", ["s", "i0"], ["d0"], axis=0),
+        helper.make_node("Gather", ["s", "i1"], ["d1"], axis=0),
+        helper.make_node("Mul", ["d0", "d1"], ["t"]),
+        helper.make_node("Reshape", ["x", "t"], ["flat"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "i0"),
+             numpy_helper.from_array(np.array([1], np.int64), "i1")]
+    outputs = [helper.make_tensor_value_info("s", TensorProto.INT64, [2]),
+               helper.make_tensor_value_info("n", TensorProto.INT64, []),
+               helper.make_tensor_value_info("d0", TensorProto.INT64, [1]),
+               helper.make_tensor_value_info("flat", TensorProto.FLOAT, [-1])]
+    graph = helper.make_graph(nodes, "legacy_negative_dim", [x], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("passes", [["fold-shapes"], ["fold-constants"], None])
+def test_legacy_negative_dim_value_is_never_folded_as_a_size(passes):
+    """Regression: ``float[3,-1]`` once folded Shape to [3,-1] and Size to -3. Only the
+    static dim 3 may fold; every output matches onnxruntime on inputs of several sizes."""
+    proto = _legacy_negative_dim_model()
+    result = optcc.optimize(proto, passes=passes, level=1, verify=False)
+    folded = ir.from_proto(result.model)
+    constants = [optcc.ir.as_numpy(v) for v in folded.graph.initializers.values()]
+    constants += [optcc.ir.as_numpy(n.outputs[0]) for n in folded.graph if n.op_type == "Constant"]
+    for array in constants:
+        assert not np.any(array < 0), f"a negative size was folded: {array}"
+    hist = _hist(folded)
+    assert hist.get("Shape", 0) == 1 and hist.get("Size", 0) == 1
+    assert hist.get("Gather", 0) == 1, "the static dim 3 still folds"
+    reference = ir.from_proto(proto)
+    for cols in (1, 4, 7):
+        feeds = {"x": np.arange(3 * cols, dtype=np.float32).reshape(3, cols)}
+        expected = _ort(reference, feeds)
+        assert [int(v) for v in expected[0]] == [3, cols] and int(expected[1]) == 3 * cols
+        for want, got in zip(expected, _ort(folded, feeds)):
+            np.testing.assert_array_equal(got, want)
