@@ -1,4 +1,4 @@
-"""QuantizeDynamicPass: dynamic INT8 quantization of MatMuls with constant weights.
+"""QuantizeDynamicPass: dynamic INT8 quantization of MatMuls and Gemms with constant weights.
 
 Rewrite: ``y = MatMul(a, W)`` with ``W`` a constant float32 ``[K, N]`` matrix becomes
 
@@ -12,10 +12,18 @@ activation's range is measured by DynamicQuantizeLinear for every run. onnxrunti
 fuses the chain into DynamicQuantizeMatMul / MatMulIntegerToFloat (counted in
 ``stats["integer_nodes"]``). ``y`` keeps its name, type and shape.
 
-Preconditions: default-domain MatMul, opset >= 11, ``a`` float32, ``W`` a float32 2-D
-constant read by MatMuls only (a weight shared with another kind of op stays float;
-MatMuls sharing one weight share one quantized copy), node not in ``exclude`` (node
-names, output names). Other ops, custom domains and function bodies are left alone.
+``Gemm(a, B, C)`` (``transA = 0``) is rewritten the same way with ``W = B`` or, for
+``transB = 1``, ``W = B^T`` stored transposed once; ``alpha`` is folded into the scale
+and ``beta * C`` is added after the Mul (``beta`` folded into a constant ``C``).
+
+The replaced float weights are removed (initializers, or Constant nodes) once nothing
+reads them, so the file shrinks to about a quarter of the weights' float32 bytes.
+
+Preconditions: default-domain MatMul/Gemm, opset >= 11, ``a`` float32, ``W`` a float32
+2-D constant read only by MatMul (input 1) / Gemm (input 1) nodes (a weight shared with
+another kind of op, or read by Gemms with different ``transB``, stays float; nodes
+sharing one weight share one quantized copy), node not in ``exclude`` (node names,
+output names). Other ops, custom domains and function bodies are left alone.
 
 Numerics ("int8"): lossy, judged by SQNR/cosine/argmax agreement. The error is that of
 rounding ``a`` to 256 levels over its own min..max and ``W`` to 255 levels per column.
@@ -31,11 +39,11 @@ import onnx_ir as ir
 
 import optcc
 
-__all__ = ["QuantizeDynamicPass"]
+__all__ = ["QuantizeDynamicPass", "drop_unused_weights"]
 
 
 class QuantizeDynamicPass(optcc.Pass):
-    """MatMul with a constant weight -> DynamicQuantizeLinear + MatMulInteger (see module doc)."""
+    """MatMul/Gemm with a constant weight -> DynamicQuantizeLinear + MatMulInteger (see module doc)."""
 
     name = "quantize-dynamic"
     level = None
@@ -49,7 +57,7 @@ class QuantizeDynamicPass(optcc.Pass):
         self.count_fused = count_fused
 
     def call(self, model: ir.Model) -> optcc.PassResult:
-        stats: dict[str, Any] = {"quantized": 0, "kept_float": {}}
+        stats: dict[str, Any] = {"quantized": 0, "kept_float": {}, "float_weight_bytes_removed": 0}
         if optcc.ir.default_opset(model) < 11:
             stats["reason"] = "opset < 11 has no DynamicQuantizeLinear"
             return optcc.PassResult(model, False, stats)
@@ -58,6 +66,7 @@ class QuantizeDynamicPass(optcc.Pass):
             if not isinstance(graph, ir.Graph):
                 continue
             cache: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
+            replaced: list[ir.Value] = []
             for node in list(graph):
                 reason = self._reason_to_skip(node)
                 if reason == "":
@@ -65,8 +74,12 @@ class QuantizeDynamicPass(optcc.Pass):
                 if reason is not None:
                     stats["kept_float"][reason] = stats["kept_float"].get(reason, 0) + 1
                     continue
+                replaced.append(node.inputs[1])
                 self._rewrite(graph, node, cache, taken)
                 stats["quantized"] += 1
+                stats[node.op_type] = stats.get(node.op_type, 0) + 1
+            stats["float_weight_bytes_removed"] = (
+                stats.get("float_weight_bytes_removed", 0) + drop_unused_weights(graph, dict.fromkeys(replaced)))
         modified = stats["quantized"] > 0
         if modified and self.count_fused:
             from optcc.quant import count_integer_nodes
@@ -79,10 +92,12 @@ class QuantizeDynamicPass(optcc.Pass):
 
     def _reason_to_skip(self, node: ir.Node) -> str | None:
         """None: rewrite; "": not a candidate at all; else why a MatMul stays float."""
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             return ""
         if self.exclude & {node.name, *(v.name for v in node.outputs)}:
             return "excluded"
+        if node.op_type == "Gemm" and _attr(node, "transA", 0):
+            return "Gemm with transA"
         a, w_value = node.inputs[0], node.inputs[1]
         if a is None or w_value is None or (a.dtype is not None and a.dtype != ir.DataType.FLOAT):
             return "activation not float32"
@@ -94,9 +109,11 @@ class QuantizeDynamicPass(optcc.Pass):
         if optcc.ir.as_numpy(a) is not None:
             return "activation constant"
         if w_value.is_graph_output() or any(
-            u.node.op_type != "MatMul" or u.idx != 1 for u in w_value.uses()
+            u.node.op_type not in ("MatMul", "Gemm") or u.idx != 1 for u in w_value.uses()
         ):
             return "weight shared with another op"
+        if len({_transposed(u.node) for u in w_value.uses()}) > 1:
+            return "weight read transposed and not"
         return None
 
     def _quantized_weight(self, graph: ir.Graph, w_value: ir.Value, cache: dict, taken: set[str]
@@ -105,6 +122,8 @@ class QuantizeDynamicPass(optcc.Pass):
             return cache[w_value]
         w = optcc.ir.as_numpy(w_value)
         assert w is not None
+        if any(_transposed(u.node) for u in w_value.uses()):
+            w = w.T  # [N, K] -> [K, N]: MatMulInteger reads the weight as [K, N]
         if self.per_channel:
             scale = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
         else:
@@ -134,17 +153,75 @@ class QuantizeDynamicPass(optcc.Pass):
         mmi.outputs[0].name = optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_int32")
         cast = ir.node("Cast", [mmi.outputs[0]], {"to": ir.DataType.FLOAT})
         cast.outputs[0].name = optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_int32_float")
+        alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+        if alpha != 1.0:
+            w_scale = _initializer(graph, optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_alpha_scale"),
+                                   (optcc.ir.as_numpy(w_scale) * np.float32(alpha)).astype(np.float32))
         scales = ir.node("Mul", [a_scale, w_scale])
         scales.outputs[0].name = optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_scale")
         old = node.outputs[0]
         name, type_, shape = old.name, old.type, old.shape
         result = ir.Value(name=None, type=type_, shape=shape)
-        mul = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], outputs=[result], name=node.name or None)
-        graph.insert_after(node, [dql, mmi, cast, scales, mul])
+        added = self._gemm_bias(graph, node, base, taken)
+        product = ir.Value(name=optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_product")) if added else result
+        mul = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], outputs=[product], name=node.name or None)
+        tail = []
+        if added:
+            bias_nodes, bias = added
+            tail = [*bias_nodes, ir.node("Add", [product, bias], outputs=[result],
+                                         name=optcc.ir.unique_value_name(None, taken=taken, base=f"{node.name or base}_bias"))]
+        graph.insert_after(node, [dql, mmi, cast, scales, mul, *tail])
         old.replace_all_uses_with(result, replace_graph_outputs=True)
         graph.remove(node, safe=True)
         old.name = None
         result.name = name
+
+    def _gemm_bias(self, graph: ir.Graph, node: ir.Node, base: str, taken: set[str]
+                   ) -> tuple[list[ir.Node], ir.Value] | None:
+        """``beta * C`` of a Gemm as (nodes computing it, value), or None without C."""
+        if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
+            return None
+        c = node.inputs[2]
+        beta = float(_attr(node, "beta", 1.0))
+        if beta == 1.0:
+            return [], c
+        constant = optcc.ir.as_numpy(c)
+        if constant is not None:
+            folded = (constant.astype(np.float64) * beta).astype(np.float32)
+            return [], _initializer(graph, optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_bias"), folded)
+        factor = _initializer(graph, optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_beta"),
+                              np.array(beta, np.float32))
+        scaled = ir.node("Mul", [c, factor])
+        scaled.outputs[0].name = optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_scaled_bias")
+        return [scaled], scaled.outputs[0]
+
+
+def drop_unused_weights(graph: ir.Graph, values: Iterable[ir.Value]) -> int:
+    """Remove the initializers (or Constant nodes) behind ``values`` that nothing reads any
+    more; returns how many bytes of tensor data went with them."""
+    freed = 0
+    for value in values:
+        if value.uses() or value.is_graph_output() or value in graph.inputs:
+            continue
+        tensor = optcc.ir.const_tensor(value)
+        producer = value.producer()
+        if value.is_initializer() and value.name in graph.initializers:
+            graph.initializers.pop(value.name)
+        elif producer is not None and producer.op_type == "Constant" and producer.graph is graph:
+            graph.remove(producer, safe=True)
+        else:
+            continue
+        freed += int(tensor.nbytes) if tensor is not None else 0
+    return freed
+
+
+def _attr(node: ir.Node, name: str, default: Any) -> Any:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _transposed(node: ir.Node) -> bool:
+    return node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
