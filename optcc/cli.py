@@ -156,8 +156,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     report_path = oir.check_output_path(args.report, args.model) if args.report else None
     if report_path is not None and report_path.resolve() == output.resolve():
         raise BadInputError("--report and the output are the same file", report_path)
-    inputs = load_npz_samples(args.inputs) if args.inputs else None
-    calibration = load_npz_samples(args.calibration) if args.calibration else None
+    inputs = load_npz_samples(args.inputs, args.model) if args.inputs else None
+    calibration = (load_npz_samples(args.calibration, args.model, purpose="calibration")
+                   if args.calibration else None)
 
     status = EXIT_OK
     try:

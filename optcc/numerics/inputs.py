@@ -1,13 +1,48 @@
 """Inputs for running a model: generated feeds that fit the model, and checks of given ones.
 
-Generated per dtype: floats standard-normal, integers in a small non-negative range, and
-integers used as Gather indices bounded by the size they index when that is static.
-Dynamic dimensions take the sizes given by name, else 1 for the first axis and
-``DEFAULT_DYNAMIC_DIM`` for the others.
+Sizes. A static dimension keeps its size; a dynamic one (a symbol, an unknown ``?`` or a
+legacy negative ``dim_value`` such as ``-1``) takes the size given for its input by name,
+else the size its symbol already took in another input, else the size a direct consumer
+implies (the channels a Conv's weight expects, the rows of a constant MatMul/Gemm
+operand), else 1 for the first axis and ``DEFAULT_DYNAMIC_DIM`` for the others.
+
+Values, per input, first rule that applies:
+
+- a user range (``ranges={"name": (lo, hi)}``): floats uniform in ``[lo, hi)``, integers
+  uniform in ``[lo, hi]`` (both ends included), booleans from ``lo != 0`` / ``hi != 0``;
+- attention masks (the name contains ``mask``, or the input reaches a Where condition, a
+  Mul or a Sub through a Cast to bool/float, optionally behind Unsqueeze/Reshape/Expand):
+  0/1 in the input's dtype, each row (last axis) a run of ones of random length at least
+  half the row, followed by zeros (right padding); all ones for a KV-cache decoder, whose
+  current tokens sit at the end of the mask;
+- position ids (an integer input whose name contains ``position``): ``past + arange(S)``
+  along the last axis, where ``past`` is the KV-cache length (0 without a cache);
+- integers that index a table (Gather/GatherElements/GatherND indices, directly or
+  through Cast, Reshape, Unsqueeze, Squeeze, Flatten, Identity or an Add of a constant):
+  uniform in ``[0, n)`` for a table of ``n`` rows (token ids within the vocabulary);
+- a sample rate (a rank-0 integer named ``sr``, ``sample_rate`` or ``sampling_rate``):
+  16000;
+- image-like floats (rank 4 with 1 or 3 channels on axis 1 or 3): a smooth random image
+  (uniform values on a coarse grid, repeated to full size, plus fine noise) mapped to
+  ``[-1, 1]``. That is the range of the common ``(x/255 - 0.5)/0.5`` preprocessing and
+  lies within ImageNet mean/std normalization (about ``[-2.1, 2.6]``), whereas N(0, 1)
+  noise has no spatial structure and unbounded tails that no preprocessed image has;
+- other floats standard-normal; other integers uniform in ``[0, 4)``; booleans 0/1.
+
+KV-cache decoders (an input named ``past_key_values.*`` or ``past_*`` and an output whose
+name contains ``present``): every past input's sequence axis (its dynamic axis after the
+first) takes one past length ``P`` (``DEFAULT_PAST_LENGTH`` unless given through
+``shapes``), the attention mask's last axis ``P + S`` and position ids' ``S``, where ``S``
+is the current length (the token ids' last axis). When position ids index a table of
+``n`` rows, ``S`` and ``P`` are reduced so that ``P + S <= n``.
+
+Everything is drawn from one ``numpy.random.Generator`` seeded with ``seed``, input by
+input in graph order, so the feeds are a function of the model, the options and the seed.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -15,22 +50,90 @@ import onnx_ir as ir
 
 from optcc.errors import BadInputError
 
-__all__ = ["DEFAULT_DYNAMIC_DIM", "generate_inputs", "check_feeds"]
+__all__ = ["DEFAULT_DYNAMIC_DIM", "DEFAULT_PAST_LENGTH", "generate_inputs", "check_feeds", "input_roles"]
 
 DEFAULT_DYNAMIC_DIM = 64  # size chosen for a dynamic dimension other than the first
+DEFAULT_PAST_LENGTH = 16  # KV-cache length of a generated decoder step
+DEFAULT_SAMPLE_RATE = 16000
+_SAMPLE_RATE_NAMES = frozenset({"sr", "sample_rate", "sampling_rate"})
+_INDEX_PASSTHROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
+_MASK_PASSTHROUGH = frozenset({"Unsqueeze", "Reshape", "Expand", "Squeeze", "Identity"})
+_PAST_NAME = re.compile(r"^past(_key_values)?[._]|^past_", re.IGNORECASE)
+
+Range = tuple[float, float]
 
 
-def _dim_sizes(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+# --------------------------------------------------------------------------- dims
+
+
+def _is_static(dim: object) -> bool:
+    """A known size; legacy negative ``dim_value`` (e.g. -1) means dynamic."""
+    return isinstance(dim, int) and dim >= 0
+
+
+def _symbol(dim: object) -> str | None:
+    """The name of a symbolic dimension (None for static, unknown or negative ones)."""
+    if isinstance(dim, ir.SymbolicDim) and dim.value:
+        return dim.value
+    return None
+
+
+def _shape_text(shape: ir.Shape) -> str:
+    return "[" + ",".join(
+        str(d) if _is_static(d) else (_symbol(d) or "?") for d in shape
+    ) + "]"
+
+
+def _consumer_size(value: ir.Value, axis: int) -> int | None:
+    """The size a direct consumer implies for ``axis`` of ``value`` (None when none does)."""
+    rank = value.shape.rank() if value.shape is not None else None
+    for use in value.uses():
+        node, idx = use.node, use.idx
+        if idx != 0 or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        other = node.inputs[1].shape
+        if other is None or other.rank() == 0:
+            continue
+        if node.op_type in ("Conv", "ConvInteger") and axis == 1 and other.rank() >= 2:
+            group = node.attributes.get_int("group", 1)
+            if _is_static(other[1]):
+                return int(other[1]) * group
+        elif node.op_type == "MatMul" and rank is not None and axis == rank - 1 and other.rank() >= 2:
+            if _is_static(other[-2]):
+                return int(other[-2])
+        elif node.op_type == "Gemm" and rank == 2 and other.rank() == 2:
+            trans_a = node.attributes.get_int("transA", 0)
+            trans_b = node.attributes.get_int("transB", 0)
+            if axis == (0 if trans_a else 1) and _is_static(other[1 if trans_b else 0]):
+                return int(other[1 if trans_b else 0])
+    return None
+
+
+def _dim_sizes(
+    inputs: Sequence[ir.Value],
+    shapes: Mapping[str, Sequence[int]],
+    axis_sizes: Mapping[tuple[str, int], int] | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """The concrete shape of every input: given shapes first (their symbols recorded),
+    then ``axis_sizes`` overrides, then static dims, shared symbols, consumer-implied
+    sizes and the defaults."""
+    axis_sizes = axis_sizes or {}
     symbols: dict[str, int] = {}
-    result = {}
-    for value in model.graph.inputs:
+    result: dict[str, tuple[int, ...]] = {}
+    for value in inputs:
         if value.name in shapes:
             result[value.name] = tuple(int(d) for d in shapes[value.name])
             if value.shape is not None:
                 for dim, size in zip(value.shape, result[value.name]):
-                    if isinstance(dim, ir.SymbolicDim) and dim.value:
-                        symbols.setdefault(dim.value, size)
-    for value in model.graph.inputs:
+                    if _symbol(dim):
+                        symbols.setdefault(_symbol(dim), size)
+    for value in inputs:
+        if value.name in result or value.shape is None:
+            continue
+        for axis, dim in enumerate(value.shape):
+            if (value.name, axis) in axis_sizes and _symbol(dim):
+                symbols.setdefault(_symbol(dim), axis_sizes[(value.name, axis)])
+    for value in inputs:
         if value.name in result:
             continue
         if value.shape is None:
@@ -39,32 +142,145 @@ def _dim_sizes(model: ir.Model, shapes: Mapping[str, Sequence[int]]) -> dict[str
             )
         dims = []
         for axis, dim in enumerate(value.shape):
-            if isinstance(dim, int) and dim >= 0:
-                dims.append(dim)
-            elif dim.value and dim.value in symbols:
-                dims.append(symbols[dim.value])
+            name = _symbol(dim)
+            if _is_static(dim):
+                size = int(dim)
+            elif (value.name, axis) in axis_sizes:
+                size = axis_sizes[(value.name, axis)]
+            elif name and name in symbols:
+                size = symbols[name]
             else:
-                size = 1 if axis == 0 else DEFAULT_DYNAMIC_DIM
-                if dim.value:
-                    symbols[dim.value] = size
-                dims.append(size)
+                size = _consumer_size(value, axis) or (1 if axis == 0 else DEFAULT_DYNAMIC_DIM)
+                if name:
+                    symbols[name] = size
+            dims.append(size)
         result[value.name] = tuple(dims)
     return result
 
 
-def _index_bound(value: ir.Value) -> int | None:
-    """For an integer input used as Gather indices, the size of the axis it indexes."""
+# --------------------------------------------------------------------------- roles
+
+
+def _index_bound(value: ir.Value, depth: int = 0) -> int | None:
+    """For an integer input used as indices (directly or through a short chain of
+    Cast/Reshape/Unsqueeze/... and Add of a constant), the number of rows it may index:
+    the smallest such bound over its uses, None when no static bound is found."""
+    if depth > 6:
+        return None
     bounds = []
     for use in value.uses():
-        node, index = use.node, use.idx
-        if node.op_type in ("Gather", "GatherElements") and index == 1:
+        node, idx = use.node, use.idx
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in ("Gather", "GatherElements", "GatherND") and idx == 1:
             data = node.inputs[0]
-            axis = node.attributes.get_int("axis", 0)
-            if data is not None and data.shape is not None and data.shape.rank() > 0:
-                dim = data.shape[axis % data.shape.rank()]
-                if isinstance(dim, int):
-                    bounds.append(dim)
+            if data is None or data.shape is None or data.shape.rank() == 0:
+                continue
+            axis = 0 if node.op_type == "GatherND" else node.attributes.get_int("axis", 0)
+            dim = data.shape[axis % data.shape.rank()]
+            if _is_static(dim):
+                bounds.append(int(dim))
+        elif node.op_type in _INDEX_PASSTHROUGH and idx == 0:
+            if node.op_type == "Cast" and not ir.DataType(node.attributes.get_int("to", 0)).is_integer():
+                continue
+            for out in node.outputs:
+                bound = _index_bound(out, depth + 1)
+                if bound is not None:
+                    bounds.append(bound)
+        elif node.op_type == "Add" and len(node.inputs) == 2:
+            other = node.inputs[1 - idx]
+            offset = _constant(other)
+            if offset is None or offset.size == 0:
+                continue
+            bound = _index_bound(node.outputs[0], depth + 1)
+            if bound is not None:
+                bounds.append(bound - int(np.max(offset)))
+    bounds = [b for b in bounds if b > 0]
     return min(bounds) if bounds else None
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        node = value.producer()
+        if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+            tensor = node.attributes["value"].value
+    if tensor is None:
+        return None
+    try:
+        return np.asarray(tensor.numpy())
+    except Exception:  # noqa: BLE001 - an unreadable constant is no evidence
+        return None
+
+
+def _used_as_mask(value: ir.Value, cast_seen: bool = False, depth: int = 0) -> bool:
+    """Whether the value reaches a Where condition, a Mul or a Sub through a Cast to
+    bool/float (shape-only ops allowed on the way): how exporters apply attention masks."""
+    if depth > 5:
+        return False
+    for use in value.uses():
+        node, idx = use.node, use.idx
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if cast_seen and ((node.op_type == "Where" and idx == 0) or node.op_type in ("Mul", "Sub")):
+            return True
+        if node.op_type == "Cast":
+            to = ir.DataType(node.attributes.get_int("to", 0))
+            if to == ir.DataType.BOOL or to.is_floating_point():
+                if _used_as_mask(node.outputs[0], True, depth + 1):
+                    return True
+        elif node.op_type in _MASK_PASSTHROUGH and idx == 0:
+            if _used_as_mask(node.outputs[0], cast_seen, depth + 1):
+                return True
+    return False
+
+
+def _is_kv_decoder(model: ir.Model) -> bool:
+    pasts = [v for v in model.graph.inputs if _PAST_NAME.match(v.name or "")]
+    presents = [v for v in model.graph.outputs if "present" in (v.name or "").lower()]
+    return bool(pasts and presents)
+
+
+def input_roles(model: ir.Model) -> dict[str, str]:
+    """What each fed graph input is taken to be: ``mask``, ``position``, ``index``,
+    ``past``, ``sample_rate``, ``image`` or ``plain`` (see the module docstring)."""
+    kv = _is_kv_decoder(model)
+    roles = {}
+    for value in _fed_inputs(model):
+        roles[value.name] = _role(value, kv)
+    return roles
+
+
+def _role(value: ir.Value, kv: bool) -> str:
+    dtype, name = value.dtype, (value.name or "").lower()
+    rank = value.shape.rank() if value.shape is not None else None
+    if dtype is None:
+        return "plain"
+    if kv and _PAST_NAME.match(value.name or ""):
+        return "past"
+    numeric_or_bool = dtype == ir.DataType.BOOL or dtype.is_integer() or dtype.is_floating_point()
+    if numeric_or_bool and ("mask" in name or (not dtype.is_floating_point() and _used_as_mask(value))):
+        return "mask"
+    if dtype.is_integer():
+        if "position" in name:
+            return "position"
+        if rank == 0 and name in _SAMPLE_RATE_NAMES:
+            return "sample_rate"
+        if _index_bound(value) is not None:
+            return "index"
+    if dtype.is_floating_point() and rank == 4 and value.shape is not None:
+        if any(_is_static(value.shape[a]) and int(value.shape[a]) in (1, 3) for a in (1, 3)):
+            return "image"
+    return "plain"
+
+
+def _fed_inputs(model: ir.Model) -> list[ir.Value]:
+    return [v for v in model.graph.inputs if not v.is_initializer()]
+
+
+# --------------------------------------------------------------------------- generation
 
 
 def generate_inputs(
@@ -73,40 +289,222 @@ def generate_inputs(
     *,
     samples: int = 1,
     seed: int = 0,
+    ranges: Mapping[str, Range] | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Realistic random feeds for the model's graph inputs (see the module docstring)."""
+    """``samples`` feed dicts that fit the model's graph inputs (see the module docstring
+    for the sizes and values chosen). ``shapes`` sizes inputs by name; ``ranges`` gives
+    ``(lo, hi)`` value ranges by name. Raises BadInputError for a name that is not a
+    graph input, an empty range, or an input whose shape or dtype cannot be generated."""
+    shapes = dict(shapes or {})
+    ranges = dict(ranges or {})
+    fed = _fed_inputs(model)
+    _check_names(fed, shapes, ranges)
+    for name, bounds in ranges.items():
+        lo, hi = _range(name, bounds)
+        if not lo <= hi:
+            raise BadInputError(f"--input-range {name}: low {lo} is above high {hi}")
+    roles = input_roles(model)
+    sizes = _sizes(model, fed, shapes, roles)
+    past = _past_length(fed, sizes, roles)
     rng = np.random.default_rng(seed)
-    sizes = _dim_sizes(model, shapes or {})
     feeds_list = []
     for _ in range(samples):
         feeds = {}
-        for value in model.graph.inputs:
-            if value.is_initializer():
-                continue
-            feeds[value.name] = _random_array(value, sizes[value.name], rng)
+        for value in fed:
+            shape = sizes[value.name]
+            if value.name in ranges:
+                feeds[value.name] = _in_range(value, shape, _range(value.name, ranges[value.name]), rng)
+            else:
+                feeds[value.name] = _random_array(value, shape, roles[value.name], past, rng)
         feeds_list.append(feeds)
     return feeds_list
 
 
-def _random_array(value: ir.Value, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    if value.dtype is None:
-        raise BadInputError(f"input '{value.name}' is not a tensor; pass inputs explicitly")
+def _check_names(
+    fed: list[ir.Value], shapes: Mapping[str, Sequence[int]], ranges: Mapping[str, Range]
+) -> None:
+    by_name = {v.name: v for v in fed}
+    for label, given in (("--input-shape", shapes), ("--input-range", ranges)):
+        unknown = sorted(set(given) - set(by_name))
+        if unknown:
+            raise BadInputError(
+                f"{label} names {unknown}, which {'is' if len(unknown) == 1 else 'are'} not a "
+                f"graph input; the inputs are {sorted(by_name)}"
+            )
+    for name, dims in shapes.items():
+        shape = by_name[name].shape
+        if shape is not None and len(dims) != shape.rank():
+            raise BadInputError(
+                f"--input-shape {name}: {len(dims)} sizes given, the input has rank "
+                f"{shape.rank()} {_shape_text(shape)}"
+            )
+
+
+def _range(name: str, bounds: object) -> tuple[float, float]:
+    try:
+        lo, hi = bounds  # type: ignore[misc]
+        return float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise BadInputError(f"--input-range {name}: give two numbers, low and high") from None
+
+
+def _sizes(
+    model: ir.Model, fed: list[ir.Value], shapes: Mapping[str, Sequence[int]], roles: Mapping[str, str]
+) -> dict[str, tuple[int, ...]]:
+    """Input shapes, with KV-cache lengths made consistent and sequence lengths kept
+    within the position table."""
+    sizes = _dim_sizes(fed, shapes)
+    positions = [v for v in fed if roles[v.name] == "position"]
+    pasts = [v for v in fed if roles[v.name] == "past"]
+    table = min((b for v in positions if (b := _index_bound(v)) is not None), default=None)
+    if not pasts and table is None:
+        return sizes
+    current = _current_length(fed, sizes, roles)
+    past = _given_past_length(pasts, shapes, sizes) if pasts else 0
+    if table is not None and past + current > table:
+        current = max(1, min(current, table - past))
+        if past + current > table:
+            past = max(0, table - current)
+    overrides: dict[tuple[str, int], int] = {}
+    for value in pasts:
+        axis = _past_axis(value)
+        if axis is not None and value.name not in shapes:
+            overrides[(value.name, axis)] = past
+    for value in fed:
+        if value.name in shapes or value.shape is None or value.shape.rank() == 0:
+            continue
+        last = value.shape.rank() - 1
+        if _is_static(value.shape[last]):
+            continue
+        role = roles[value.name]
+        if role == "mask" and value.shape.rank() == 2:
+            overrides[(value.name, last)] = past + current
+        elif role in ("position", "index") and value.shape.rank() >= 2:
+            overrides[(value.name, last)] = current
+    return _dim_sizes(fed, shapes, overrides)
+
+
+def _current_length(fed: list[ir.Value], sizes: Mapping[str, tuple[int, ...]], roles: Mapping[str, str]) -> int:
+    """The current sequence length: the last axis of the token ids (else of the position
+    ids), 1 when there are neither."""
+    for role in ("index", "position"):
+        for value in fed:
+            if roles[value.name] == role and len(sizes[value.name]) >= 1:
+                return sizes[value.name][-1]
+    return 1
+
+
+def _past_axis(value: ir.Value) -> int | None:
+    """The sequence axis of a past key/value: its last dynamic axis before the head size."""
+    if value.shape is None:
+        return None
+    dynamic = [a for a, d in enumerate(value.shape) if a > 0 and not _is_static(d)]
+    if not dynamic:
+        return None
+    rank = value.shape.rank()
+    inner = [a for a in dynamic if a < rank - 1]
+    return inner[-1] if inner else dynamic[-1]
+
+
+def _given_past_length(pasts: list[ir.Value], shapes: Mapping[str, Sequence[int]], sizes) -> int:
+    for value in pasts:
+        axis = _past_axis(value)
+        if value.name in shapes and axis is not None:
+            return int(shapes[value.name][axis])
+    for value in pasts:  # a static past length
+        if value.shape is not None and _past_axis(value) is None and value.shape.rank() >= 3:
+            return int(sizes[value.name][-2])
+    return DEFAULT_PAST_LENGTH
+
+
+def _past_length(fed: list[ir.Value], sizes: Mapping[str, tuple[int, ...]], roles: Mapping[str, str]) -> int:
+    for value in fed:
+        if roles[value.name] == "past":
+            axis = _past_axis(value)
+            shape = sizes[value.name]
+            return shape[axis] if axis is not None else (shape[-2] if len(shape) >= 2 else 0)
+    return 0
+
+
+def _in_range(value: ir.Value, shape: tuple[int, ...], bounds: tuple[float, float], rng) -> np.ndarray:
+    dtype = _dtype(value)
+    lo, hi = bounds
+    if dtype == ir.DataType.BOOL:
+        return rng.integers(int(lo != 0), int(hi != 0) + 1, shape).astype(bool)
+    if dtype.is_integer():
+        return rng.integers(int(np.ceil(lo)), int(np.floor(hi)) + 1, shape).astype(dtype.numpy())
+    return np.asarray(rng.uniform(lo, hi, shape)).astype(dtype.numpy())
+
+
+def _dtype(value: ir.Value) -> ir.DataType:
     dtype = value.dtype
-    if dtype.is_floating_point():
-        return rng.standard_normal(shape).astype(dtype.numpy())
+    if dtype is None:
+        raise BadInputError(f"input '{value.name}' is not a tensor; pass inputs explicitly")
+    if not (dtype.is_floating_point() or dtype.is_integer() or dtype == ir.DataType.BOOL):
+        raise BadInputError(
+            f"input '{value.name}' has dtype {dtype.name}, which optcc cannot generate; "
+            "pass inputs explicitly"
+        )
+    return dtype
+
+
+def _random_array(
+    value: ir.Value, shape: tuple[int, ...], role: str, past: int, rng: np.random.Generator
+) -> np.ndarray:
+    dtype = _dtype(value)
+    np_dtype = dtype.numpy()
+    if role == "mask":
+        return _mask(shape, all_ones=past > 0, rng=rng).astype(np_dtype)
+    if role == "position":
+        positions = past + np.arange(shape[-1] if shape else 1)
+        bound = _index_bound(value)
+        if bound is not None:
+            positions = np.minimum(positions, bound - 1)
+        if not shape:
+            return np.asarray(positions[0], dtype=np_dtype)
+        return np.broadcast_to(positions, shape).astype(np_dtype)
+    if role == "sample_rate":
+        return np.asarray(DEFAULT_SAMPLE_RATE, dtype=np_dtype)
     if dtype == ir.DataType.BOOL:
         return rng.integers(0, 2, shape).astype(bool)
     if dtype.is_integer():
-        high = _index_bound(value) or 4
-        return rng.integers(0, high, shape).astype(dtype.numpy())
-    raise BadInputError(
-        f"input '{value.name}' has dtype {dtype.name}, which optcc cannot generate; "
-        "pass inputs explicitly"
-    )
+        high = _index_bound(value) if role == "index" else None
+        return rng.integers(0, high or 4, shape).astype(np_dtype)
+    if role == "image":
+        return _image(shape, rng).astype(np_dtype)
+    return np.asarray(rng.standard_normal(shape)).astype(np_dtype)
+
+
+def _mask(shape: tuple[int, ...], *, all_ones: bool, rng: np.random.Generator) -> np.ndarray:
+    """0/1 with a leading run of ones of at least half of each row (last axis)."""
+    if not shape or all_ones or shape[-1] == 0:
+        return np.ones(shape, dtype=np.int64)
+    length = shape[-1]
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    valid = rng.integers(max(1, (length + 1) // 2), length + 1, rows)
+    mask = (np.arange(length)[None, :] < valid[:, None]).astype(np.int64)
+    return mask.reshape(shape)
+
+
+def _image(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """A smooth random image in [-1, 1]: coarse uniform values repeated over blocks of
+    up to 8x8 pixels, plus a little fine noise."""
+    channels_last = shape[1] not in (1, 3) and shape[3] in (1, 3)
+    n, c, h, w = (shape[0], shape[3], shape[1], shape[2]) if channels_last else shape
+    block = 8
+    coarse = rng.uniform(0.0, 1.0, (n, c, -(-h // block) if h else 0, -(-w // block) if w else 0))
+    image = np.repeat(np.repeat(coarse, block, axis=2), block, axis=3)[:, :, :h, :w]
+    image = np.clip(image + rng.normal(0.0, 0.05, image.shape), 0.0, 1.0) * 2.0 - 1.0
+    return image.transpose(0, 2, 3, 1) if channels_last else image
+
+
+# --------------------------------------------------------------------------- checks
 
 
 def check_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray], label: str = "inputs") -> None:
-    """Refuse feeds whose names, ranks or dtypes do not fit the model's graph inputs."""
+    """Refuse feeds whose names, ranks, static sizes or dtypes do not fit the model's
+    graph inputs (dynamic dims, including legacy negative ones, take any size). ``label``
+    starts each message (e.g. "calibration sample 3 in calib.npz")."""
     expected = {v.name: v for v in model.graph.inputs}
     missing = sorted(n for n, v in expected.items() if n not in feeds and not v.is_initializer())
     extra = sorted(set(feeds) - set(expected))
@@ -116,6 +514,10 @@ def check_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray], label: str = "
         )
     for name, array in feeds.items():
         value = expected[name]
+        if isinstance(array, np.generic):
+            raise BadInputError(
+                f"{label}: '{name}' is a NumPy scalar; pass a 0-d array (np.asarray(value))"
+            )
         if not isinstance(array, np.ndarray) or array.dtype == object:
             raise BadInputError(f"{label}: '{name}' is not a numeric array")
         if value.dtype is not None and array.dtype != value.dtype.numpy():
@@ -123,15 +525,11 @@ def check_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray], label: str = "
                 f"{label}: '{name}' has dtype {array.dtype}, the model expects "
                 f"{value.dtype.numpy()}"
             )
-        if value.shape is not None:
-            if array.ndim != value.shape.rank():
-                raise BadInputError(
-                    f"{label}: '{name}' has shape {array.shape}, the model expects rank "
-                    f"{value.shape.rank()}"
-                )
-            for dim, size in zip(value.shape, array.shape):
-                if isinstance(dim, int) and dim >= 0 and dim != size:
-                    raise BadInputError(
-                        f"{label}: '{name}' has shape {array.shape}, the model expects "
-                        f"{[d if isinstance(d, int) else d.value for d in value.shape]}"
-                    )
+        if value.shape is not None and (
+            array.ndim != value.shape.rank()
+            or any(_is_static(d) and int(d) != s for d, s in zip(value.shape, array.shape))
+        ):
+            raise BadInputError(
+                f"{label}: '{name}' has shape {list(array.shape)}, the model expects "
+                f"{_shape_text(value.shape)}"
+            )

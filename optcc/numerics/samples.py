@@ -1,46 +1,129 @@
-"""Sample files: feed dicts read from .npz files (one key per graph input, a leading
-sample axis), for verification inputs and calibration data."""
+"""Sample files: feed dicts read from .npz files, for verification inputs and calibration
+data (the layout is described in ``load_npz_samples``)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Union
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 
 from optcc.errors import BadInputError
+from optcc.numerics.inputs import check_feeds
 
 __all__ = ["load_npz_samples"]
 
+ModelLike = Union[ir.Model, onnx.ModelProto, str, os.PathLike]
 
-def load_npz_samples(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
-    """Feed dicts from an .npz (or a folder of them): one key per graph input, each array
-    with a leading sample axis. Object arrays are refused (nothing is unpickled)."""
+
+def load_npz_samples(
+    path: str | os.PathLike,
+    model: ModelLike | None = None,
+    *,
+    purpose: str = "verification",
+) -> list[dict[str, np.ndarray]]:
+    """Feed dicts from an .npz file, or from every .npz in a folder (in name order).
+
+    Layout: one key per graph input, each array with a leading sample axis: sample ``i``
+    is ``arr[i]``, shaped as the input, and every array has the same number of samples.
+    A scalar (rank-0) input is therefore a 1-D array of N values, one per sample.
+
+    With ``model`` (an ``onnx_ir.Model``, a ModelProto or the model's path), a file whose
+    arrays have no sample axis is also accepted as one sample, when every array's rank is
+    exactly its input's rank (``np.savez(f, x=image, sr=np.int64(16000))``). Without a
+    model, a file holding a 0-d array can only be such a single sample and is read as one;
+    any other file is read with the sample axis. With a model, each sample is also checked
+    against the model's inputs (names, ranks, static sizes, dtypes).
+
+    Errors name the file, the key and the sample, e.g. ``calibration sample 3 in
+    calib.npz: 'x' has shape [1, 3, 32], the model expects [1,3,32,32]``; ``purpose`` is
+    the first word of that label. Object arrays are refused (nothing is unpickled);
+    NaN or infinity in a float array is refused.
+    """
     source = Path(path)
     if not source.exists():
         raise BadInputError("no such file or folder", source)
     files = sorted(source.glob("*.npz")) if source.is_dir() else [source]
     if not files:
         raise BadInputError("folder holds no .npz files", source)
+    ranks, ir_model = _input_ranks(model)
     samples: list[dict[str, np.ndarray]] = []
     for file in files:
-        try:
-            with np.load(file, allow_pickle=False) as data:
-                arrays = {key: data[key] for key in data.files}
-        except ValueError as e:
-            if "pickle" in str(e).lower():
-                raise BadInputError("holds a pickled object array; refusing to unpickle", file) from None
-            raise BadInputError(f"not a readable .npz: {e}", file) from None
-        except Exception as e:  # noqa: BLE001 - zip/npy parsing errors vary
-            raise BadInputError(f"not a readable .npz ({type(e).__name__})", file) from None
-        counts = {key: a.shape[0] if a.ndim else -1 for key, a in arrays.items()}
-        if not arrays or len(set(counts.values())) != 1 or -1 in counts.values():
-            raise BadInputError(
-                f"every array needs the same leading sample axis; got {counts}", file
-            )
+        arrays = _read(file)
+        with_axis = _has_sample_axis(arrays, ranks, file)
         for key, array in arrays.items():
             if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
                 raise BadInputError(f"array '{key}' contains NaN or infinity", file)
-        for i in range(next(iter(counts.values()))):
-            samples.append({key: array[i] for key, array in arrays.items()})
+        count = next(iter(arrays.values())).shape[0] if with_axis else 1
+        for i in range(count):
+            # arr[i, ...] keeps a 0-d ndarray (not a NumPy scalar) for a scalar input
+            sample = {key: (a[i, ...] if with_axis else a) for key, a in arrays.items()}
+            if ir_model is not None:
+                check_feeds(ir_model, sample, label=f"{purpose} sample {i} in {file}")
+            samples.append(sample)
     return samples
+
+
+def _read(file: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise BadInputError("holds a pickled object array; refusing to unpickle", file) from None
+        raise BadInputError(f"not a readable .npz: {e}", file) from None
+    except Exception as e:  # noqa: BLE001 - zip/npy parsing errors vary
+        raise BadInputError(f"not a readable .npz ({type(e).__name__})", file) from None
+    if not arrays:
+        raise BadInputError("holds no arrays", file)
+    return arrays
+
+
+def _has_sample_axis(
+    arrays: Mapping[str, np.ndarray], ranks: Mapping[str, int | None] | None, file: Path
+) -> bool:
+    """Whether the arrays carry a leading sample axis (see ``load_npz_samples``)."""
+    known = {k: ranks.get(k) for k in arrays if ranks.get(k) is not None} if ranks else {}
+    if known and all(arrays[k].ndim == r for k, r in known.items()):
+        return False  # exactly the inputs' ranks: one sample without a sample axis
+    if ranks is None and any(a.ndim == 0 for a in arrays.values()):
+        return False
+    counts = {key: a.shape[0] if a.ndim else None for key, a in arrays.items()}
+    wrong = {k: list(arrays[k].shape) for k, r in known.items() if arrays[k].ndim != r + 1}
+    if None in counts.values() or len(set(counts.values())) != 1 or wrong:
+        shapes = {k: list(a.shape) for k, a in arrays.items()}
+        expected = f"; the model's input ranks are {dict(known)}" if known else ""
+        raise BadInputError(
+            "every array needs the same leading sample axis (a scalar input is a 1-D array "
+            f"of N values), or, for one sample, none at all; got shapes {shapes}{expected}",
+            file,
+        )
+    return True
+
+
+def _input_ranks(model: ModelLike | None) -> tuple[dict[str, int | None] | None, ir.Model | None]:
+    """The rank of each fed graph input (None where unknown), and the model to check
+    samples against. A path is read without its external data; a model that cannot be
+    read gives no ranks (its loader reports the problem)."""
+    if model is None:
+        return None, None
+    if isinstance(model, (str, os.PathLike)):
+        try:
+            model = onnx.load(os.fspath(model), load_external_data=False)
+        except Exception:  # noqa: BLE001 - reported by the model loader, with its file
+            return None, None
+    if isinstance(model, onnx.ModelProto):
+        try:
+            model = ir.serde.deserialize_model(model)
+        except Exception:  # noqa: BLE001
+            return None, None
+    ranks = {
+        v.name: (v.shape.rank() if v.shape is not None else None)
+        for v in model.graph.inputs
+        if not v.is_initializer()
+    }
+    return ranks, model
