@@ -447,11 +447,13 @@ def test_driver_on_cnn_reports_ranges_fusion_and_size() -> None:
     assert len(model.graph.node) == 11  # the input model is untouched
 
 
-def test_driver_speed_check_reports_latency() -> None:
+def test_driver_speed_check_reports_modelled_and_measured_latency() -> None:
     model = small_cnn()
-    q, stats = quantize_int8(model, images(10), "minmax", require_speedup=True)
+    q, stats = quantize_int8(model, images(10), "minmax", require_speedup=True, measure_latency=True)
     latency = stats["latency"]["fully_quantized"]
-    assert latency["float32_s"] > 0 and latency["int8_s"] > 0 and latency["threads"] == 2
+    assert latency["modelled_speedup"] > 0 and latency["int8"]["integer_kernels"] >= 1
+    measured = latency["measured"]  # reported next to the model, never deciding
+    assert measured["float32_s"] > 0 and measured["int8_s"] > 0 and measured["threads"] == 2
     if stats["modified"]:
         assert optcc.ir.op_histogram(q).get("QuantizeLinear", 0) > 0
     else:  # slower in INT8: the float model comes back, with the reason

@@ -9,7 +9,8 @@
   the quantized layers by sensitivity and return the worst to float (the top ``k``, ``k``
   doubled then bisected) until the target holds.
 - ``measure_latency``: median latency on onnxruntime CPU (2 threads by default);
-  ``compare_latency``: float and INT8 measured interleaved, for the speed check.
+  ``compare_latency``: float and INT8 measured interleaved (reported, never deciding:
+  the speed decision is ``optcc.quant.cost_model``'s).
 """
 
 from __future__ import annotations

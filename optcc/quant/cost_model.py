@@ -1,0 +1,255 @@
+"""A deterministic model of onnxruntime CPU's run time for a float model and its QDQ form.
+
+The INT8 speed decision is taken on this model, never on a clock: the same model and the
+same calibration data give the same decision on any machine and under any load.
+Measured latency may be reported next to it; it never decides.
+
+What is modelled (the QDQ rules of onnxruntime's CPU execution provider, level >= 2):
+
+- **Integer kernels.** A Conv, MatMul or Gemm whose data input and weight come from
+  DequantizeLinear and whose result's only reader is a QuantizeLinear runs as
+  QLinearConv / QLinearMatMul / QGemm; Add and Mul with both inputs dequantized and a
+  quantized result run as QLinearAdd / QLinearMul; AveragePool, GlobalAveragePool and
+  Concat likewise (QLinearAveragePool, QLinearGlobalAveragePool, QLinearConcat). Their
+  DQ inputs and Q output are absorbed: no separate pass over the data.
+- **Data movement on 8 bits.** Reshape, Transpose, Slice, Flatten, Squeeze, Unsqueeze,
+  MaxPool, Resize and Split between a DQ and a Q run on the 8-bit tensor (the pair is
+  dropped), moving a quarter of the float bytes.
+- **Float islands and boundaries.** Every other op runs float; a DQ that feeds one of
+  them, or a Q after one, is a separate kernel: one pass reading and writing the tensor.
+- A Conv whose weight has one input channel per group (depthwise) is memory-bound: it
+  gets its own MAC rates (onnxruntime's integer depthwise kernel is not faster than
+  the float one).
+
+Modelled seconds = the sum over ``FEATURES`` of the feature times its constant in
+``CostModel``: kernels launched, multiply-accumulates (float, integer, depthwise float,
+depthwise integer; from the weight's shape and the output's element count), bytes moved
+by float kernels (4 per element read or written), elements moved by integer kernels,
+and Q/DQ kernels left on their own with the elements they convert. Element counts of
+the tensors come from calibration (mean elements per sample, ``CalibrationStats``), so
+no shape inference is needed and the model sees the shapes the data have.
+
+The constants (``CostModel``) were fitted once, by least squares on the log of the
+float32/INT8 latency ratio, to interleaved measurements on onnxruntime 1.2x CPU (MLAS,
+x86-64 AVX2, 2 threads) of ``fixtures/tinycnn.onnx`` and the corpus models YOLOv8 320n,
+PP-OCRv4 det and rec and PP-OCR mobile cls, each fully quantized and with Add/Mul/Concat
+kept float (modelled vs measured speedup: tinycnn 0.98 vs 0.95, cls 0.85 vs 0.75-0.80,
+320n 2.3 vs 1.6-2.6, rec 1.84 vs 1.86, det 2.06 vs 2.1-2.5). Only the ratio of the two
+modelled times is used, so the decision does not depend on the machine's speed. The
+model is deliberately coarse: it exists to tell "INT8 pays off" (large convolutions
+and matrix products on 8 bits) from "INT8 costs more than it saves" (small models
+where the per-kernel and Q/DQ overheads dominate), not to predict milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from optcc import ir as oir
+
+__all__ = ["CostModel", "Costs", "FEATURES", "features", "modelled_seconds", "compare_modelled", "element_counts"]
+
+# ops onnxruntime turns into integer kernels when wrapped in DQ -> op -> Q
+_INTEGER = frozenset({"Conv", "MatMul", "Gemm", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat"})
+# ops that run on the 8-bit tensor when between DQ and Q (onnxruntime drops the pair)
+_DROP_QDQ = frozenset({"Reshape", "Transpose", "Slice", "Flatten", "Squeeze", "Unsqueeze", "MaxPool",
+                       "Resize", "Split"})
+_SHAPE_ONLY = frozenset({"Shape", "Constant", "Identity", "Size"})
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Seconds per unit of each of ``FEATURES`` (see the module docstring)."""
+
+    kernels: float = 2e-6  # per kernel launched (float or integer)
+    float_macs: float = 1 / 22e9
+    int8_macs: float = 1 / 85e9
+    float_depthwise_macs: float = 1 / 11e9
+    int8_depthwise_macs: float = 1 / 5e9  # onnxruntime's depthwise QLinearConv is slower than float's
+    float_bytes: float = 1 / 40e9  # bytes read and written by float kernels
+    int8_bytes: float = 1 / 9e9  # elements read and written by integer kernels (requantization included)
+    boundary_kernels: float = 13e-6  # a Q or DQ that runs on its own
+    boundary_elements: float = 1 / 2e9
+
+
+@dataclasses.dataclass
+class Costs:
+    """Modelled seconds of one model, and how its kernels were classified."""
+
+    seconds: float
+    integer_kernels: int
+    float_kernels: int
+    boundaries: int  # Q or DQ kernels that run on their own
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def element_counts(stats: Any) -> dict[str, float]:
+    """Mean elements per sample of every calibrated tensor (``CalibrationStats``)."""
+    samples = max(int(getattr(stats, "samples", 0)), 1)
+    return {name: h.count / samples for name, h in stats.histograms.items()}
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    return None if value is None else oir.as_numpy(value)
+
+
+class _Counts:
+    """Element count of a value, following Q/DQ back to the float tensor they carry."""
+
+    def __init__(self, counts: Mapping[str, float]) -> None:
+        self.counts = counts
+
+    def __call__(self, value: ir.Value | None) -> float:
+        seen = 0
+        while value is not None and seen < 4:
+            if value.name in self.counts:
+                return float(self.counts[value.name])
+            c = _const(value)
+            if c is not None:
+                return float(c.size)
+            producer = value.producer()
+            if producer is None or producer.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                return 0.0
+            value = producer.inputs[0]
+            seen += 1
+        return 0.0
+
+
+def _is(value: ir.Value | None, op: str) -> bool:
+    return value is not None and value.producer() is not None and value.producer().op_type == op
+
+
+def _dq_of_const(value: ir.Value | None) -> bool:
+    return _is(value, "DequantizeLinear") and _const(value.producer().inputs[0]) is not None  # type: ignore[union-attr]
+
+
+def _only_read_by_q(value: ir.Value) -> bool:
+    uses = list(value.uses())
+    return bool(uses) and not value.is_graph_output() and all(u.node.op_type == "QuantizeLinear" for u in uses)
+
+
+def _integer_node(node: ir.Node) -> bool:
+    """Whether onnxruntime fuses ``node`` with its DQ inputs and Q output into one
+    integer kernel (or runs it on the 8-bit tensor, for data movement)."""
+    if node.domain not in ("", "ai.onnx") or not node.outputs:
+        return False
+    if node.op_type in _DROP_QDQ:
+        data = node.inputs[0] if node.inputs else None
+        return _is(data, "DequantizeLinear") and all(_only_read_by_q(o) for o in node.outputs)
+    if node.op_type not in _INTEGER or len(node.outputs) != 1:
+        return False
+    inputs = [v for v in node.inputs if v is not None]
+    if node.op_type in ("Conv", "Gemm"):
+        data, weight = inputs[0], inputs[1] if len(inputs) > 1 else None
+        if not (_is(data, "DequantizeLinear") and _dq_of_const(weight)):
+            return False
+    elif not all(_is(v, "DequantizeLinear") for v in inputs):
+        return False
+    if node.op_type == "Gemm" or node.op_type == "MatMul":
+        return True  # QGemm / MatMulIntegerToFloat keep a float result when no Q follows
+    return _only_read_by_q(node.outputs[0])
+
+
+def _macs(node: ir.Node, count: _Counts) -> tuple[float, bool]:
+    """Multiply-accumulates of a Conv/MatMul/Gemm (and whether it is depthwise)."""
+    out = count(node.outputs[0]) if node.outputs else 0.0
+    if node.op_type == "Conv" and len(node.inputs) > 1:
+        w = _weight_shape(node.inputs[1])
+        if w is None or len(w) < 3:
+            return 0.0, False
+        per_output = float(np.prod(w[1:]))
+        group = node.attributes.get("group")
+        depthwise = w[1] == 1 and group is not None and group.as_int() > 1
+        return out * per_output, depthwise
+    if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1:
+        w = _weight_shape(node.inputs[1])
+        if w is not None and len(w) >= 2:
+            transposed = node.op_type == "Gemm" and node.attributes.get("transB") is not None and \
+                node.attributes["transB"].as_int() == 1
+            k = w[-1] if transposed else w[-2]
+            return out * float(k), False
+        a, b = count(node.inputs[0]), count(node.inputs[1])
+        return float(np.sqrt(max(a * b * out, 0.0))), False
+    return 0.0, False
+
+
+def _weight_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    while value is not None:
+        c = _const(value)
+        if c is not None:
+            return tuple(c.shape)
+        producer = value.producer()
+        if producer is None or producer.op_type != "DequantizeLinear":
+            return None
+        value = producer.inputs[0]
+    return None
+
+
+FEATURES = ("kernels", "float_macs", "int8_macs", "float_depthwise_macs", "int8_depthwise_macs",
+            "float_bytes", "int8_bytes", "boundary_kernels", "boundary_elements")
+
+
+def features(model: ir.Model, counts: Mapping[str, float]) -> tuple[dict[str, float], Costs]:
+    """What the model's run time is made of (``FEATURES``), from its main graph."""
+    count = _Counts(counts)
+    f = dict.fromkeys(FEATURES, 0.0)
+    integer = floating = boundaries = 0
+    fused: set[ir.Node] = {n for n in model.graph if _integer_node(n)}
+    for node in model.graph:
+        op = node.op_type
+        if op in _SHAPE_ONLY:
+            continue
+        if op in ("DequantizeLinear", "QuantizeLinear"):
+            if op == "DequantizeLinear":
+                readers = [u.node for u in node.outputs[0].uses()]
+                if readers and all(r in fused for r in readers) and not node.outputs[0].is_graph_output():
+                    continue  # absorbed by the integer kernels that read it (weights: prepacked)
+            else:
+                producer = node.inputs[0].producer() if node.inputs[0] is not None else None
+                if producer is not None and producer in fused:
+                    continue
+            f["boundary_kernels"] += 1
+            f["boundary_elements"] += count(node.inputs[0])
+            boundaries += 1
+            continue
+        macs, depthwise = _macs(node, count)
+        data = [v for v in node.inputs if v is not None and _const(v) is None and not _dq_of_const(v)]
+        elements = sum(count(v) for v in data) + sum(count(v) for v in node.outputs)
+        f["kernels"] += 1
+        if node in fused:
+            integer += 1
+            f["int8_depthwise_macs" if depthwise else "int8_macs"] += macs
+            f["int8_bytes"] += elements
+        else:
+            floating += 1
+            f["float_depthwise_macs" if depthwise else "float_macs"] += macs
+            f["float_bytes"] += 4.0 * elements
+    return f, Costs(0.0, integer, floating, boundaries)
+
+
+def modelled_seconds(model: ir.Model, counts: Mapping[str, float], constants: CostModel = CostModel()) -> Costs:
+    """The modelled run time of ``model``'s main graph on onnxruntime CPU (see module doc).
+    ``counts``: mean elements per sample of the float tensors, by name."""
+    f, costs = features(model, counts)
+    costs.seconds = sum(f[name] * getattr(constants, name) for name in FEATURES)
+    return costs
+
+
+def compare_modelled(reference: ir.Model, candidate: ir.Model, counts: Mapping[str, float],
+                     constants: CostModel = CostModel()) -> dict[str, Any]:
+    """Modelled seconds of both models and ``speedup`` = float32 / candidate."""
+    ref = modelled_seconds(reference, counts, constants)
+    cand = modelled_seconds(candidate, counts, constants)
+    return {
+        "float32": ref.to_dict(),
+        "int8": cand.to_dict(),
+        "speedup": ref.seconds / cand.seconds if cand.seconds > 0 else float("inf"),
+        "constants": dataclasses.asdict(constants),
+    }
