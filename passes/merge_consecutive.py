@@ -1,4 +1,4 @@
-"""MergeConsecutivePass: collapse Transpose, Squeeze/Unsqueeze and Reshape chains.
+"""MergeConsecutivePass: collapse chains of data-movement ops into one node.
 
 Rewrites (``y = A(x)``, ``z = B(y)``; default-domain ops, in every graph):
 
@@ -17,9 +17,24 @@ Rewrites (``y = A(x)``, ``z = B(y)``; default-domain ops, in every graph):
   have at that position, so such chains stay. ``-1`` is fine: it is inferred from the
   element count, which both shapes share. The first Reshape must have no other reader.
 
+- ``squeeze-squeeze`` / ``unsqueeze-unsqueeze``: two Squeezes (or two Unsqueezes) become
+  one whose axes are the union, each mapped to the position it has in the outer rank
+  (Squeeze without axes counts only when every dim of its input is static; negative
+  axes only with a known rank).
+- ``concat-concat``: a Concat input produced by another Concat on the same axis (read
+  only there) is replaced by that Concat's inputs, in place.
+- ``reduce-unsqueeze``: ``Unsqueeze(Reduce*(x, axes, keepdims=0), axes)`` with the same
+  normalized axis set becomes ``Reduce*(x, axes, keepdims=1)`` (not with
+  ``noop_with_empty_axes=1``; a Reduce without axes needs a known rank).
+- ``slice-shape``: ``Slice(Shape(x), [s], [e])`` (axis 0, step 1; opset >= 15; Shape
+  without start/end; rank of ``x`` known) becomes ``Shape(x, start=s', end=e')`` with
+  ``s'``, ``e'`` normalized against the rank (an empty result is left alone).
+
 Why exact: each rewrite only moves data the same way with fewer steps (a transposition
 composed with a transposition is one; a unit axis removed then re-inserted at the same
-place is no change; a Reshape's result depends only on its input's elements and, without
+place is no change; nested concatenation along one axis is one concatenation of the
+same pieces in the same order; keepdims=1 leaves exactly the unit axes the Unsqueeze
+inserts; a Slice of a shape is the shape's slice; a Reshape's result depends only on its input's elements and, without
 0 entries, its target). When ``z`` is a graph output and the chain collapses to ``x``,
 ``x`` takes ``z``'s name under the rule of ``eliminate-identities`` (else nothing
 changes). A first node with other readers, or that is a graph output, is kept.
@@ -27,6 +42,7 @@ changes). A first node with other readers, or that is a graph output, is kept.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 import optcc
@@ -172,8 +188,189 @@ def _reshapes(node: ir.Node, opset: int) -> bool:
     return True
 
 
+def _set_axes(node: ir.Node, axes: list[int], opset: int) -> None:
+    """Give a Squeeze/Unsqueeze ``axes`` (an attribute before opset 13, else a Constant
+    input; lift-constants stores it as an initializer)."""
+    if opset < 13:
+        node.attributes["axes"] = ir.AttrInt64s("axes", axes)
+        return
+    if len(node.inputs) < 2:
+        node.resize_inputs(2)
+    node.replace_input_with(1, _constant(node, np.array(axes, dtype=np.int64), "axes"))
+
+
+def _constant(before: ir.Node, array: np.ndarray, base: str) -> ir.Value:
+    graph = before.graph
+    assert graph is not None
+    name = optcc.ir.unique_value_name(graph, f"{before.name or before.op_type}_{base}")
+    const = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.Tensor(array, name=name))],
+                    num_outputs=1, name=name)
+    const.outputs[0].name = name
+    const.outputs[0].type = ir.TensorType(ir.DataType.INT64)
+    const.outputs[0].shape = ir.Shape(array.shape)
+    graph.insert_before(before, const)
+    return const.outputs[0]
+
+
+def _same_kind_pair(node: ir.Node, opset: int) -> str | None:
+    """``squeeze-squeeze`` / ``unsqueeze-unsqueeze``."""
+    first = _producer(node.inputs[0], node.op_type)
+    if first is None or not _only_reader(first.outputs[0], node):
+        return None
+    x, y, z = first.inputs[0], first.outputs[0], node.outputs[0]
+    a1, a2 = _axes(first, opset), _axes(node, opset)
+    if a1 is None or a2 is None:
+        return None
+    if node.op_type == "Squeeze":
+        a1 = a1 or _unit_axes(x)
+        a2 = a2 or _unit_axes(y)
+        if not a1 or not a2:
+            return None
+        rank = _rank(x, y, z, offsets=(0, len(a1), len(a1) + len(a2)))
+        s1, s2 = _normalized(a1, rank), _normalized(a2, None if rank is None else rank - len(a1))
+        if s1 is None or s2 is None or len(s1) != len(a1) or len(s2) != len(a2):
+            return None
+        kept = [i for i in range(max(s1 | s2) + len(s1) + 1) if i not in s1]  # x's axes left in y
+        merged = sorted(s1 | {kept[j] for j in s2})
+    else:
+        rank = _rank(z, y, x, offsets=(0, len(a2), len(a1) + len(a2)))
+        s1, s2 = _normalized(a1, None if rank is None else rank - len(a2)), _normalized(a2, rank)
+        if s1 is None or s2 is None or len(s1) != len(a1) or len(s2) != len(a2):
+            return None
+        slots = [i for i in range(max(s1 | s2) + len(s2) + 1) if i not in s2]  # y's axes in z
+        merged = sorted(s2 | {slots[j] for j in s1})
+    node.replace_input_with(0, x)
+    _set_axes(node, merged, opset)
+    remove_if_dead(first)
+    return f"{node.op_type.lower()}-{node.op_type.lower()}"
+
+
+def _concat_axis(node: ir.Node, opset: int) -> int | None:
+    axis = node.attributes.get_int("axis", 1 if opset < 4 else None)
+    if axis is None:
+        return None
+    if axis >= 0:
+        return axis
+    rank = _rank(node.outputs[0], *node.inputs, offsets=(0,) * (1 + len(node.inputs)))
+    return None if rank is None else axis + rank
+
+
+def _concats(node: ir.Node, opset: int) -> bool:
+    axis = _concat_axis(node, opset)
+    if axis is None:
+        return False
+    inputs: list[ir.Value | None] = []
+    absorbed: list[ir.Node] = []
+    for value in node.inputs:
+        inner = _producer(value, "Concat")
+        if (inner is None or None in inner.inputs
+                or _concat_axis(inner, opset) != axis or not _only_reader(value, node)):
+            inputs.append(value)
+            continue
+        inputs.extend(inner.inputs)
+        if inner not in absorbed:
+            absorbed.append(inner)
+    if not absorbed:
+        return False
+    graph = node.graph
+    merged = ir.Node("", "Concat", inputs, [ir.AttrInt64("axis", axis)], num_outputs=1,
+                     name=node.name)
+    graph.insert_before(node, merged)
+    bypass_ok = bypass(node, node.outputs[0], merged.outputs[0])
+    assert bypass_ok  # the new Concat's output is an ordinary value of this graph
+    for inner in absorbed:
+        remove_if_dead(inner)
+    return True
+
+
+_REDUCE_OPS = frozenset({
+    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+    "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare",
+})
+
+
+def _reduce_axes(node: ir.Node, opset: int) -> list[int] | None:
+    """A Reduce node's axes ([] when absent: every axis); None when not a constant."""
+    axes_as_input = opset >= 18 or (node.op_type == "ReduceSum" and opset >= 13)
+    if axes_as_input:
+        if len(node.inputs) < 2 or node.inputs[1] is None:
+            return []
+        array = constant_array(node.inputs[1])
+        return None if array is None else [int(a) for a in array.reshape(-1)]
+    attribute = node.attributes.get("axes")
+    return [] if attribute is None else [int(a) for a in attribute.as_ints()]
+
+
+def _reduce_unsqueeze(node: ir.Node, opset: int) -> bool:
+    reduce = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if (reduce is None or reduce.op_type not in _REDUCE_OPS or reduce.domain not in _DEFAULT_DOMAINS
+            or len(reduce.outputs) != 1 or reduce.inputs[0] is None):
+        return False
+    y, z = reduce.outputs[0], node.outputs[0]
+    if not _only_reader(y, node) or reduce.attributes.get_int("keepdims", 1) != 0:
+        return False
+    if reduce.attributes.get_int("noop_with_empty_axes", 0):
+        return False
+    reduced, inserted = _reduce_axes(reduce, opset), _axes(node, opset)
+    if reduced is None or inserted is None:
+        return False
+    rank = _rank(reduce.inputs[0], z, offsets=(0, 0))
+    if not reduced:
+        if rank is None:
+            return False
+        reduced = list(range(rank))
+    s1, s2 = _normalized(reduced, rank), _normalized(inserted, rank)
+    if s1 is None or s1 != s2 or len(s1) != len(reduced) or len(s2) != len(inserted):
+        return False
+    reduce.attributes["keepdims"] = ir.AttrInt64("keepdims", 1)
+    y.shape = z.shape
+    return bypass(node, z, y)
+
+
+def _slice_shape(node: ir.Node, opset: int) -> bool:
+    if opset < 15 or len(node.inputs) < 3 or len(node.inputs) > 5:
+        return False
+    shape = _producer(node.inputs[0], "Shape")
+    if shape is None or "start" in shape.attributes or "end" in shape.attributes:
+        return False
+    x = shape.inputs[0]
+    if x is None or x.shape is None:
+        return False
+    rank = x.shape.rank()
+    arrays = [constant_array(v) if v is not None else None for v in node.inputs[1:]]
+    if arrays[0] is None or arrays[1] is None or arrays[0].size != 1 or arrays[1].size != 1:
+        return False
+    if len(arrays) > 2 and arrays[2] is not None and int(arrays[2].reshape(-1)[0]) not in (0, -1):
+        return False
+    if len(arrays) > 2 and node.inputs[3] is not None and arrays[2] is None:
+        return False
+    if len(arrays) > 3 and node.inputs[4] is not None and (arrays[3] is None or int(arrays[3].reshape(-1)[0]) != 1):
+        return False
+    start, end = int(arrays[0].reshape(-1)[0]), int(arrays[1].reshape(-1)[0])
+    start = min(max(start + rank if start < 0 else start, 0), rank)
+    end = min(max(end + rank if end < 0 else end, 0), rank)
+    if start >= end:
+        return False
+    new = ir.Node("", "Shape", [x], [ir.AttrInt64("start", start), ir.AttrInt64("end", end)],
+                  num_outputs=1, name=node.name)
+    node.graph.insert_before(node, new)
+    assert bypass(node, node.outputs[0], new.outputs[0])
+    remove_if_dead(shape)
+    return True
+
+
 def _merge(node: ir.Node, opset: int) -> str | None:
     """The rule that merged ``node`` with its producer, or None."""
+    if node.op_type in ("Squeeze", "Unsqueeze"):
+        if node.op_type == "Unsqueeze" and _reduce_unsqueeze(node, opset):
+            return "reduce-unsqueeze"
+        label = _same_kind_pair(node, opset)
+        if label is not None:
+            return label
+    if node.op_type == "Concat":
+        return "concat-concat" if _concats(node, opset) else None
+    if node.op_type == "Slice":
+        return "slice-shape" if _slice_shape(node, opset) else None
     if node.op_type == "Transpose":
         return "transpose-transpose" if _transposes(node, opset) else None
     if node.op_type in ("Squeeze", "Unsqueeze"):
@@ -184,7 +381,8 @@ def _merge(node: ir.Node, opset: int) -> str | None:
 
 
 class MergeConsecutivePass(optcc.Pass):
-    """Collapse Transpose-Transpose, Squeeze/Unsqueeze and Reshape-Reshape chains.
+    """Collapse Transpose, Squeeze/Unsqueeze, Reshape, Concat, Reduce-Unsqueeze and
+    Shape-Slice chains.
 
     Rules, preconditions and why each is exact: see the module docstring.
     """

@@ -317,3 +317,101 @@ def test_with_noop_elimination_through_optimize():
     )
     assert optcc.ir.op_histogram(result.ir_model) == {"Relu": 1}
     assert result.report.verification["status"] == "passed"
+
+
+def _reference_equal(original: ir.Model, result: ir.Model, feeds: dict[str, np.ndarray]) -> None:
+    """Bit-for-bit equal outputs under onnx's reference evaluator (independent of ort)."""
+    from onnx.reference import ReferenceEvaluator
+
+    want = ReferenceEvaluator(ir.to_proto(original)).run(None, feeds)
+    got = ReferenceEvaluator(ir.to_proto(result)).run(None, feeds)
+    for a, b in zip(want, got):
+        assert a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+
+
+_CHAINS = """
+agraph (float[2, 3, 4] x, float[2, 5, 4] w) => (float[1, 1, 2, 1, 3, 4, 1] y, float[2, 1, 4] r,
+        int64[2] sh, float[2, 16, 4] c, float[3] q)
+  <int64[2] a1 = {0, -1}, int64[2] a2 = {1, 3}, int64[1] ra = {1}, int64[1] s0 = {1}, int64[1] e0 = {100},
+   int64[2] u01 = {0, 2}, int64[1] z0 = {0}> {
+    u = Unsqueeze(x, a1)
+    y = Unsqueeze(u, a2)
+    red = ReduceMean<keepdims = 0>(x, ra)
+    r = Unsqueeze(red, ra)
+    s = Shape(x)
+    sh = Slice(s, s0, e0)
+    c1 = Concat<axis = 1>(x, w)
+    c2 = Concat<axis = -2>(x, w)
+    c = Concat<axis = 1>(c1, c2)
+    g = ReduceMax<keepdims = 0>(x, u01)
+    gu = Unsqueeze(g, z0)
+    q0 = Squeeze(gu, z0)
+    q = Identity(q0)
+}"""
+
+
+def test_same_kind_pairs_concats_reduce_unsqueeze_and_shape_slices_merge():
+    """Regression for onnx/optimizer's fuse_consecutive_unsqueezes / _concats /
+    _reduce_unsqueeze and eliminate_slice_after_shape cases."""
+    model = _model(_CHAINS, opset=18)
+    original = model.clone()
+    result = _run(model)
+    assert result.stats == {"unsqueeze-unsqueeze": 1, "reduce-unsqueeze": 1, "slice-shape": 1,
+                            "concat-concat": 1, "unsqueeze-squeeze": 1}
+    hist = _ops(result.model)
+    assert hist["Concat"] == 1 and hist["Unsqueeze"] == 1 and "Slice" not in hist
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32),
+             "w": np.random.default_rng(1).standard_normal((2, 5, 4)).astype(np.float32)}
+    _reference_equal(original, result.model, feeds)
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_squeeze_squeeze_merges_with_axes_in_the_outer_rank(opset):
+    axes_in = opset >= 13
+    body = f"""
+    agraph (float[1, 2, 1, 3, 1] x) => (float[2, 3] y) {'<int64[1] a = {0}, int64[2] b = {1, -1}>' if axes_in else ''} {{
+        t = Squeeze{'' if axes_in else '<axes = [0]>'}(x{', a' if axes_in else ''})
+        y = Squeeze{'' if axes_in else '<axes = [1, 3]>'}(t{', b' if axes_in else ''})
+    }}"""
+    body = body.replace("<axes = [1, 3]>", "<axes = [1, -1]>")
+    model = _model(body, opset=opset)
+    original = model.clone()
+    result = _run(model)
+    assert result.stats == {"squeeze-squeeze": 1} and _ops(result.model)["Squeeze"] == 1
+    _reference_equal(original, result.model, {"x": np.arange(6, dtype=np.float32).reshape(1, 2, 1, 3, 1)})
+
+
+def test_chains_with_shared_or_output_intermediates_or_other_axes_stay():
+    model = _model("""
+    agraph (float[2, 3, 4] x) => (float[2, 3, 4, 1, 1] y, float[2, 3, 4, 1] u,
+            float[2, 4, 1] r, float[2, 15, 4] c, float[2, 3, 8] c3)
+      <int64[1] a = {3}, int64[1] ra = {1}, int64[1] rb = {2}> {
+        u = Unsqueeze(x, a)
+        y = Unsqueeze(u, a)
+        red = ReduceMean<keepdims = 0>(x, ra)
+        r = Unsqueeze(red, rb)
+        c2 = Concat<axis = 1>(x, x)
+        c = Concat<axis = 1>(c2, x, c2)
+        c1 = Concat<axis = 1>(x, x)
+        c3 = Concat<axis = 2>(c1, c1)
+    }""", opset=18, infer=False)
+    original = model.clone()
+    result = MergeConsecutivePass()(model)
+    # u is a graph output, the reduced and unsqueezed axes differ, c1 is on another axis;
+    # c2, read twice by the same Concat and by nothing else, is spliced in at both places
+    assert result.stats == {"concat-concat": 1}
+    assert [len(n.inputs) for n in result.model.graph if n.op_type == "Concat"] == [5, 2, 2]
+    feeds = {"x": np.random.default_rng(2).standard_normal((2, 3, 4)).astype(np.float32)}
+    _reference_equal(original, result.model, feeds)
+
+
+def test_flatten_of_a_matrix_is_removed():
+    model = ir.from_proto(onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    agraph (float[N, 4] x, float[2, 3, 4] z) => (float[N, 4] y, float[2, 12] w) {
+        t = Flatten<axis = 1>(x)
+        y = Relu(t)
+        w = Flatten(z)
+    }"""))
+    result = run_exact_pass(EliminateNoOpsPass, model, {"x": np.ones((3, 4), np.float32), "z": np.ones((2, 3, 4), np.float32)})
+    assert result.stats == {"flatten": 1} and _ops(result.model)["Flatten"] == 1

@@ -32,6 +32,9 @@ _FUSIONS = (
     "fuse-conv-affine",
     "fuse-matmul-add",
     "fuse-normalization",
+    "fuse-pad",
+    "fuse-gemm-transpose",
+    "fuse-log-softmax",
     "eliminate-dead-nodes",
 )
 _TIDY = ["lift-constants", "deduplicate-initializers"]
