@@ -3,9 +3,9 @@
 Every refused input must give: exit code 2, exactly one line on stderr that names the
 problem (and the file), no traceback, no output file (the folder listing is unchanged)
 and the input's bytes unchanged. The one deliberate exception is a model with an unknown
-custom-domain op: it passes through untouched (exit 0, the op still in the output) with
-verification *skipped*, because onnxruntime cannot run an op it does not know; the
-summary says so.
+custom-domain op: with --allow-unverified it passes through untouched (exit 0, the op
+still in the output) with verification *skipped*, because onnxruntime cannot run an op it
+does not know; the summary says so (without the flag: exit 4, nothing written).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from optcc import cli
 
@@ -178,7 +179,7 @@ def test_unknown_custom_domain_op_passes_through_with_verification_skipped(tmp_p
     model = _write(tmp_path / "model.onnx", _tiny(nodes, opsets=[("", 17), ("com.example", 1)]))
     digest = _digest(model)
     out = tmp_path / "out.onnx"
-    code = cli.main([str(model), "-o", str(out)])
+    code = cli.main([str(model), "-o", str(out), "--allow-unverified"])  # exit 4 without it
     err = capsys.readouterr().err
     assert code == 0, err
     assert "Traceback" not in err and "skipped" in err, err
@@ -395,3 +396,78 @@ def test_refusal_through_python_dash_m(tmp_path: Path) -> None:
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and str(model) in lines[0] and "Traceback" not in done.stderr, done.stderr
     assert _listing(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- missing interface types
+
+
+def _untyped_interface_model() -> onnx.ModelProto:
+    """Conv -> Relu whose input has a dtype but no shape and whose output has no type at
+    all: onnx.checker refuses it, onnxruntime runs it."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_value_info("y", onnx.TypeProto())], [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    return model
+
+
+def _conv_relu(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """float64 Conv (3x3, pad 1) + Relu in NumPy."""
+    n, c, h, wd = x.shape
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros((n, w.shape[0], h, wd))
+    for i in range(3):
+        for j in range(3):
+            out += np.einsum("nchw,oc->nohw", padded[:, :, i:i + h, j:j + wd], w[:, :, i, j].astype(np.float64))
+    return np.maximum(out, 0.0)
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-data"])
+def test_missing_interface_types_are_filled(tmp_path: Path, capsys, external: bool) -> None:
+    model = _untyped_interface_model()
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    path = tmp_path / "model.onnx"
+    if external:
+        onnx.save(model, path, save_as_external_data=True, location="model.data", size_threshold=0)
+    else:
+        _write(path, model)
+    digest = _digest(path)
+    out = tmp_path / "out.onnx"
+    code = cli.main([str(path), "-O1", "-o", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert _digest(path) == digest
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written)
+    (x_info,), (y_info,) = written.graph.input, written.graph.output
+    assert len(x_info.type.tensor_type.shape.dim) == 4
+    assert y_info.type.tensor_type.elem_type == TensorProto.FLOAT
+    x = np.random.default_rng(1).standard_normal((1, 3, 5, 6)).astype(np.float32)
+    (y,) = ReferenceEvaluator(written).run(None, {"x": x})
+    np.testing.assert_allclose(y, _conv_relu(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_missing_interface_types_are_noted_and_the_callers_proto_kept() -> None:
+    from optcc import ir as oir
+
+    model = _untyped_interface_model()
+    before = model.SerializeToString()
+    loaded = oir.load(model)
+    assert model.SerializeToString() == before
+    notes = loaded.meta[oir.FILLED_INTERFACE_KEY]
+    assert notes == ["input 'x': float32[?,?,?,?] (rank from shape inference)",
+                     "output 'y': float32[?,4,?,?] from shape inference"]
+    onnx.checker.check_model(oir.serialize(loaded))
+
+
+def test_missing_input_shape_whose_rank_nothing_fixes(tmp_path: Path, capsys) -> None:
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = _write(tmp_path / "model.onnx", helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    _refused(capsys, [str(model)], "rank cannot be inferred", model, names="'x'")

@@ -10,8 +10,11 @@ Values, per input, first rule that applies:
 
 - a user range (``ranges={"name": (lo, hi)}``): floats uniform in ``[lo, hi)``, integers
   uniform in ``[lo, hi]`` (both ends included), booleans from ``lo != 0`` / ``hi != 0``;
-- attention masks (the name contains ``mask``, or the input reaches a Where condition, a
-  Mul or a Sub through a Cast to bool/float, optionally behind Unsqueeze/Reshape/Expand):
+- a sample rate (a rank-0 integer named ``sr``, ``sample_rate`` or ``sampling_rate``):
+  16000;
+- attention masks (the name contains ``mask``, or an integer/bool input of rank >= 2
+  reaches a Where condition, a Mul or a Sub through a Cast to bool/float, optionally
+  behind Unsqueeze/Reshape/Expand):
   0/1 in the input's dtype, each row (last axis) a run of ones of random length at least
   half the row, followed by zeros (right padding); all ones for a KV-cache decoder, whose
   current tokens sit at the end of the mask;
@@ -20,8 +23,6 @@ Values, per input, first rule that applies:
 - integers that index a table (Gather/GatherElements/GatherND indices, directly or
   through Cast, Reshape, Unsqueeze, Squeeze, Flatten, Identity or an Add of a constant):
   uniform in ``[0, n)`` for a table of ``n`` rows (token ids within the vocabulary);
-- a sample rate (a rank-0 integer named ``sr``, ``sample_rate`` or ``sampling_rate``):
-  16000;
 - image-like floats (rank 4 with 1 or 3 channels on axis 1 or 3): a smooth random image
   (uniform values on a coarse grid, repeated to full size, plus fine noise) mapped to
   ``[-1, 1]``. That is the range of the common ``(x/255 - 0.5)/0.5`` preprocessing and
@@ -260,14 +261,16 @@ def _role(value: ir.Value, kv: bool) -> str:
         return "plain"
     if kv and _PAST_NAME.match(value.name or ""):
         return "past"
+    if dtype.is_integer() and rank == 0 and name in _SAMPLE_RATE_NAMES:
+        return "sample_rate"
     numeric_or_bool = dtype == ir.DataType.BOOL or dtype.is_integer() or dtype.is_floating_point()
-    if numeric_or_bool and ("mask" in name or (not dtype.is_floating_point() and _used_as_mask(value))):
+    # by use only from rank 2 on: a (batch, length) mask or wider, not a cast scalar
+    by_use = not dtype.is_floating_point() and (rank or 0) >= 2 and _used_as_mask(value)
+    if numeric_or_bool and ("mask" in name or by_use):
         return "mask"
     if dtype.is_integer():
         if "position" in name:
             return "position"
-        if rank == 0 and name in _SAMPLE_RATE_NAMES:
-            return "sample_rate"
         if _index_bound(value) is not None:
             return "index"
     if dtype.is_floating_point() and rank == 4 and value.shape is not None:
