@@ -12,6 +12,29 @@ JSON schema (``schema_version`` 1; fields are only ever added):
                    "reason", "time_s", "nodes_before", "nodes_after",
                    "op_delta": {op: +/-n}, "bytes_before", "bytes_after", "stats",
                    "verification": Verification | null}
+
+Added fields: ``"layers": [LayerRecord...]``, the per-layer precision table of FP16/INT8
+(empty when nothing chose a precision per layer).
+
+    LayerRecord: {"name": node name (else a label such as "Conv#12"),
+                  "op_type": str | null,
+                  "precision": "int8" | "float16" | "float32" (what the written model computes),
+                  "reason": why this precision, in words,
+                  "error_db": SQNR in dB of the error this layer's precision causes (higher is
+                              better; for INT8: the model outputs' worst SQNR with this layer
+                              alone quantized) | null,
+                  "error_rel": max relative error this layer's precision causes | null,
+                  "pass": the pass that chose it}
+
+A pass fills the table by putting a list of LayerRecord dicts (``pass`` may be left out)
+into its stats under ``"layers"``. For passes that do not, the table is derived from what
+they already report: ConvertFloat16Pass's ``kept_float32`` (label -> reason) and the INT8
+driver's ``pass.layers`` (quantized), ``fallback.kept_float`` and ``fallback.sensitivity``.
+Records of reverted or failed passes are left out: their precision is not in the output.
+
+Renderings: ``to_json()``, ``summary()`` (a few lines, with the worst layers by error),
+``to_html()`` (one self-contained page, ``optcc.infra.report_html``); ``render_for(path)``
+picks HTML for a ``.html``/``.htm`` path, JSON otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +42,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import resource
+import math
+import os
 import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import onnx
@@ -28,9 +54,12 @@ import onnxruntime
 
 from optcc import ir as oir
 
-__all__ = ["ModelSummary", "PassRecord", "Report", "peak_rss_bytes"]
+__all__ = ["LAYER_PRECISIONS", "ModelSummary", "PassRecord", "Report", "layers_from_stats", "peak_rss_bytes"]
 
 SCHEMA_VERSION = 1
+LAYER_PRECISIONS = ("int8", "float16", "float32")
+LAYER_FIELDS = ("name", "op_type", "precision", "reason", "error_db", "error_rel", "pass")
+SUMMARY_LAYERS = 10  # rows of the per-layer table in summary()
 
 
 def peak_rss_bytes() -> int:
@@ -95,6 +124,15 @@ class Report:
     def reverted(self) -> list[PassRecord]:
         return [p for p in self.passes if p.status in ("reverted", "failed")]
 
+    def layer_table(self) -> list[dict[str, Any]]:
+        """The per-layer precision table (LayerRecord dicts, graph order, pass by pass)."""
+        rows: list[dict[str, Any]] = []
+        for record in self.passes:
+            if record.status in ("reverted", "failed"):
+                continue
+            rows.extend(layers_from_stats(record.name, record.stats))
+        return rows
+
     def to_dict(self) -> dict[str, Any]:
         from optcc.version import __version__
 
@@ -105,13 +143,29 @@ class Report:
             "onnx_version": onnx.__version__,
             "onnxruntime_version": onnxruntime.__version__,
             **body,
+            "layers": self.layer_table(),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
-    def summary(self) -> str:
-        """A few lines for a person: op counts before -> after, size, time, verdict."""
+    def to_html(self, model: str | None = None) -> str:
+        """One self-contained HTML page (inline CSS, SVG charts and script; nothing fetched).
+        Charts need the ``report`` extra (pygal); without it the page has the tables and
+        says so. ``model``: the name shown in the title."""
+        from optcc.infra.report_html import render_html
+
+        return render_html(self.to_dict(), model=model)
+
+    def render_for(self, path: str | os.PathLike, model: str | None = None) -> str:
+        """The report as the text to write to ``path``: HTML for ``.html``/``.htm``, else JSON."""
+        if os.fspath(path).lower().endswith((".html", ".htm")):
+            return self.to_html(model=None if model is None else os.path.basename(os.fspath(model)))
+        return self.to_json()
+
+    def summary(self, top: int = SUMMARY_LAYERS) -> str:
+        """A few lines for a person: op counts before -> after, size, time, the ``top``
+        layers by error of the per-layer precision table (FP16/INT8), verdict."""
         lines = []
         before, after = self.model_before, self.model_after
         if before and after:
@@ -127,6 +181,7 @@ class Report:
         )
         for record in self.reverted():
             lines.append(f"  reverted {record.name}: {record.reason}")
+        lines.extend(_layer_lines(self.layer_table(), top))
         if self.verification is not None:
             lines.append(f"verify: {self.verification['summary']}")
         lines.extend(f"warning: {w}" for w in self.warnings)
@@ -139,3 +194,116 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+# --------------------------------------------------------------------------- per-layer table
+
+
+def layers_from_stats(pass_name: str, stats: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The LayerRecords one pass's stats describe (see the module docstring); [] if none."""
+    given = stats.get("layers")
+    if isinstance(given, list) and given and all(isinstance(r, Mapping) for r in given):
+        return [_record(pass_name=pass_name, **{k: r.get(k) for k in LAYER_FIELDS if k != "pass"})
+                for r in given]
+    if isinstance(stats.get("kept_float32"), Mapping):
+        return _float16_layers(pass_name, stats)
+    if isinstance(stats.get("pass"), Mapping) and isinstance(stats.get("fallback"), Mapping):
+        return _int8_layers(pass_name, stats)
+    if isinstance(given, list) and isinstance(stats.get("kept_float"), Mapping):  # QuantizeInt8Pass alone
+        return [_record(name, None, "int8", "quantized", pass_name=pass_name) for name in given]
+    return []
+
+
+def _record(name: Any, op_type: Any = None, precision: Any = "float32", reason: Any = "",
+            error_db: Any = None, error_rel: Any = None, *, pass_name: str) -> dict[str, Any]:
+    return {"name": str(name), "op_type": None if op_type is None else str(op_type),
+            "precision": str(precision), "reason": "" if reason is None else str(reason),
+            "error_db": _number(error_db), "error_rel": _number(error_rel), "pass": pass_name}
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None (JSON writes NaN and infinities as strings elsewhere)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _op_from_label(label: str) -> str | None:
+    """ConvertFloat16Pass labels unnamed nodes "<op>#<key>"."""
+    op, sep, key = label.rpartition("#")
+    return op if sep and key.isdigit() and op else None
+
+
+def _float16_layers(pass_name: str, stats: Mapping[str, Any]) -> list[dict[str, Any]]:
+    kept = stats.get("kept_float32") or {}
+    return [_record(label, _op_from_label(label), "float32", reason, pass_name=pass_name)
+            for label, reason in kept.items()]
+
+
+def _int8_layers(pass_name: str, stats: Mapping[str, Any]) -> list[dict[str, Any]]:
+    fallback = stats.get("fallback") or {}
+    sensitivity = {row.get("layer"): row for row in fallback.get("sensitivity") or [] if isinstance(row, Mapping)}
+
+    def error(name: str) -> float | None:
+        row = sensitivity.get(name) or {}
+        value = _number(row.get("model_sqnr_db"))
+        return value if value is not None else _number(row.get("propagated_sqnr_db"))
+
+    def alone(name: str) -> str:
+        value = error(name)
+        return "" if value is None else f" (quantized alone: model SQNR {value:.1f} dB)"
+
+    if stats.get("declined"):
+        why = f"INT8 declined ({stats['declined']}): {stats.get('reason') or 'see warnings'}"
+        return [_record(name, None, "float32", why + alone(name), error(name), pass_name=pass_name)
+                for name in sensitivity]
+    quantized = (stats.get("pass") or {}).get("layers") or []
+    rows = [_record(name, None, "int8", "quantized" + alone(name), error(name), pass_name=pass_name)
+            for name in quantized]
+    rows += [_record(name, None, "float32", "returned to float by the accuracy fallback" + alone(name),
+                     error(name), pass_name=pass_name)
+             for name in fallback.get("kept_float") or []]
+    return rows
+
+
+def _worst_first(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Rows with an error first, worst first (lowest SQNR, else highest relative error)."""
+    def key(row: Mapping[str, Any]) -> tuple[int, float]:
+        if row.get("error_db") is not None:
+            return (0, row["error_db"])
+        if row.get("error_rel") is not None:
+            return (1, -row["error_rel"])
+        return (2, 0.0)
+    return sorted(rows, key=key)
+
+
+def _error_text(row: Mapping[str, Any]) -> str:
+    if row.get("error_db") is not None:
+        return f"{row['error_db']:.1f} dB"
+    if row.get("error_rel") is not None:
+        return f"rel {row['error_rel']:.3g}"
+    return "-"
+
+
+def _layer_lines(rows: Sequence[Mapping[str, Any]], top: int) -> list[str]:
+    """The per-layer table of summary(): counts by precision, then the ``top`` worst rows."""
+    if not rows or top <= 0:
+        return []
+    order = [*LAYER_PRECISIONS, *sorted({r["precision"] for r in rows} - set(LAYER_PRECISIONS))]
+    counts = {p: sum(r["precision"] == p for r in rows) for p in order}
+    shown = _worst_first(rows)[:top]
+    head = ", ".join(f"{p} {n}" for p, n in counts.items() if n)
+    lines = [f"layers: {head}" + (f" (worst {len(shown)} by error)" if len(shown) < len(rows) else "")]
+    table = [("layer", "op", "precision", "error", "why")]
+    table += [(_clip(str(r["name"]), 40), r.get("op_type") or "-", r["precision"], _error_text(r),
+               _clip(r.get("reason") or "-", 90)) for r in shown]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+    return lines
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."

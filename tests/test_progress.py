@@ -1,0 +1,85 @@
+"""optcc.progress: the terminal line only on a terminal, callbacks and logging for the Python API."""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+import optcc
+from optcc.progress import Progress, reporting
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_callback_sees_every_step_and_nothing_is_drawn(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    seen = []
+    with Progress("calibrating", 3, enabled=lambda *a: seen.append(a)) as bar:
+        for _ in range(4):  # one past total: clamped
+            bar.advance()
+        bar.set_phase("bias correction", total=2)
+        bar.advance(2)
+    assert seen == [("calibrating", 0, 3), ("calibrating", 1, 3), ("calibrating", 2, 3), ("calibrating", 3, 3),
+                    ("calibrating", 3, 3), ("bias correction", 0, 2), ("bias correction", 2, 2)]
+    assert terminal.getvalue() == ""  # a callable replaces the terminal line
+
+
+def test_terminal_line_has_the_phase_and_an_eta(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with Progress("verifying", 4) as bar:
+        bar.advance()
+        bar.set_phase("verifying on CUDA")
+        bar.advance(3)
+    text = terminal.getvalue()
+    assert "verifying:" in text and "verifying on CUDA:" in text and "/4 [" in text
+    assert "00:00<" in text  # tqdm's "elapsed<remaining"
+    assert text.endswith("\r")  # the line is cleared at the end of the phase
+
+
+def test_silent_when_stderr_is_not_a_terminal(capsys):
+    with Progress("calibrating", 5) as bar:
+        bar.advance(5)
+    assert capsys.readouterr().err == ""
+
+
+def test_logging_records(caplog):
+    with caplog.at_level(logging.DEBUG, logger="optcc.progress"):
+        with Progress("calibrating", 2, enabled=False) as bar:
+            bar.advance()
+    assert [r.getMessage() for r in caplog.records if r.name == "optcc.progress"] == [
+        "calibrating 0/2", "calibrating 1/2"]
+
+
+def test_reporting_reaches_the_phases_of_optimize():
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["y"], name="relu")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    samples = [{"x": rng.random((1, 3, 8, 8), dtype=np.float32)} for _ in range(5)]
+    seen: list[tuple[str, int, int]] = []
+    with reporting(lambda *a: seen.append(a)):
+        try:
+            optcc.optimize(model, int8_calibration=samples, int8_options={"require_speedup": False})
+        except optcc.errors.OptccError:  # INT8 declined: calibration and verification still ran
+            pass
+    phases = {phase for phase, _, _ in seen}
+    assert {"calibrating", "verifying"} <= phases
+    for phase in phases:  # each phase counts up from 0 to its total
+        steps = [(done, total) for p, done, total in seen if p == phase]
+        assert steps[0][0] == 0 and steps[-1][0] == steps[-1][1] > 0
+        assert [d for d, _ in steps] == sorted(d for d, _ in steps)
+    calibrating = [total for p, _, total in seen if p == "calibrating"]
+    assert 0 < calibrating[0] <= len(samples)
