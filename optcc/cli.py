@@ -198,7 +198,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if written:
         result.save(output)
     if report_path is not None:
-        _write_text_atomic(report_path, result.report.to_json())
+        _write_text_atomic(report_path, result.report.render_for(report_path, model=args.model))
     if not args.quiet or status != EXIT_OK:
         _print_summary(args, result, output if written else None)
     return status

@@ -232,3 +232,19 @@ def test_html_renders_in_headless_chromium(fp16_result, tmp_path):
     keep = os.environ.get("OPTCC_REPORT_SCREENSHOT")
     if keep:
         shutil.copyfile(shot, keep)
+
+
+def test_cli_report_html(tmp_path):
+    from optcc.cli import main
+
+    source = tmp_path / "small.onnx"
+    onnx.save(_model(), source)
+    page, data = tmp_path / "out.html", tmp_path / "out.json"
+    assert main([str(source), "-o", str(tmp_path / "o.onnx"), "--report", str(page), "--quiet"]) == 0
+    parsed = _parse(page.read_text(encoding="utf-8"))
+    assert {"passes-table", "nodes-table", "verification-table"} <= parsed.ids and parsed.urls == []
+    assert "optcc report: small.onnx" in page.read_text(encoding="utf-8")
+    assert main([str(source), "-o", str(tmp_path / "o.onnx"), "--report", str(data), "--quiet"]) == 0
+    import json
+
+    assert json.loads(data.read_text(encoding="utf-8"))["layers"] == []
