@@ -14,13 +14,15 @@ from __future__ import annotations
 from optcc.version import __version__
 
 from optcc import ir
-from optcc.api import OptimizeResult, optimize
-from optcc.errors import BadInputError, OptccError, UnsafeInputError, VerificationError
+from optcc.api import OptimizeResult, optimize, verify
+from optcc.errors import (
+    BadInputError, OptccError, PrecisionNotAppliedError, UnsafeInputError, UnverifiedError, VerificationError,
+)
 from optcc.infra.pass_base import Pass, PassResult
 from optcc.infra.manager import Fixpoint, PassManager
 from optcc.infra.registry import available_passes, create_pass, register
 from optcc.infra.report import Report
-from optcc.numerics import Tolerance, Verifier, verify
+from optcc.numerics import Tolerance, Verifier
 
 __all__ = [
     "__version__",
@@ -42,4 +44,6 @@ __all__ = [
     "BadInputError",
     "UnsafeInputError",
     "VerificationError",
+    "UnverifiedError",
+    "PrecisionNotAppliedError",
 ]

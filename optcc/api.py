@@ -1,4 +1,5 @@
-"""``optcc.optimize``: load, run a level's pipeline (or given passes), verify, report."""
+"""``optcc.optimize``: load, run a level's pipeline (or given passes), verify, report;
+``optcc.verify``: one candidate against its original."""
 
 from __future__ import annotations
 
@@ -13,18 +14,24 @@ import onnx
 import onnx_ir as ir
 
 from optcc import ir as oir
-from optcc.errors import BadInputError, VerificationError
+from optcc.errors import BadInputError, PrecisionNotAppliedError, UnverifiedError, VerificationError
 from optcc.infra.pass_base import Numerics
 from optcc.infra.manager import PassManager
 from optcc.infra.pipelines import build_pipeline
 from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, peak_rss_bytes
-from optcc.numerics import Tolerance, Verifier
+from optcc.ir.overwrite import check_input_shapes
+from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
+from optcc.numerics import Tolerance, Verification, Verifier
 
-__all__ = ["optimize", "OptimizeResult"]
+__all__ = ["optimize", "OptimizeResult", "verify", "FOLD_GROWTH_WARNING"]
 
 Feeds = Mapping[str, np.ndarray]
 INT8_PASS = "quantize-int8-calibrated"
+# requested precision -> the pass that applies it
+PRECISION_PASSES = {"fp16": "convert-float16", "int8": INT8_PASS, "int8-dynamic": "quantize-dynamic"}
+FOLD_GROWTH_WARNING = 0.05  # constant folding that grows the weights by more than this is said
+_INT8_DTYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8})
 
 
 @dataclasses.dataclass
@@ -34,15 +41,40 @@ class OptimizeResult:
     ir_model: ir.Model
     report: Report
     given_as_ir: bool = False
+    # precision requested (fp16, int8, int8-dynamic) -> None when applied, else the reason
+    precision: dict[str, str | None] = dataclasses.field(default_factory=dict)
+
+    @property
+    def applied_precision(self) -> list[str]:
+        return [kind for kind, reason in self.precision.items() if reason is None]
+
+    @property
+    def declined_precision(self) -> dict[str, str]:
+        return {kind: reason for kind, reason in self.precision.items() if reason is not None}
 
     @property
     def model(self) -> Union[onnx.ModelProto, ir.Model]:
         """The optimized model in the form it was given (a path or bytes give a ModelProto)."""
         return self.ir_model if self.given_as_ir else oir.serialize(self.ir_model)
 
-    def save(self, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
-        """Write the optimized model atomically (external data when needed)."""
-        oir.save(self.ir_model, path, external_data=external_data)
+    def save(
+        self,
+        path: str | os.PathLike,
+        *,
+        external_data: bool | None = None,
+        external_data_threshold: int | None = None,
+        external_data_location: str | None = None,
+    ) -> None:
+        """Write the optimized model atomically. ``external_data``: None decides (when the
+        input had it or the weights near 2 GB), True/False force it; with external data,
+        tensors of at least ``external_data_threshold`` bytes (default 1024) go to
+        ``external_data_location`` (a file name beside the model; default ``NAME.data``)."""
+        options: dict[str, Any] = {}
+        if external_data_threshold is not None:
+            options["size_threshold_bytes"] = external_data_threshold
+        if external_data_location is not None:
+            options["location"] = external_data_location
+        oir.save(self.ir_model, path, external_data=external_data, **options)
 
 
 def optimize(
@@ -67,6 +99,9 @@ def optimize(
     int8_dynamic: bool = False,
     int8_options: Mapping[str, Any] | None = None,
     fold_large: bool = False,
+    overwrite_input_shapes: Mapping[str, Sequence[int]] | None = None,
+    allow_unverified: bool = False,
+    allow_float_fallback: bool = False,
 ) -> OptimizeResult:
     """Optimize ``model`` (path, bytes, onnx.ModelProto or onnx_ir.Model).
 
@@ -87,16 +122,31 @@ def optimize(
     declined (not faster, or misses the target) the report says why in a warning.
     ``int8_dynamic`` quantizes MatMuls dynamically. These change what is computed, so the
     final verification uses the FP16/INT8 tolerances.
+
+    ``input_shapes`` sizes the generated verification inputs only; ``overwrite_input_shapes``
+    fixes those graph inputs' shapes in the result (``optcc.ir.overwrite``), which also
+    sizes the verification inputs. Either names a graph input and gives its full rank,
+    else BadInputError.
+
+    Raises VerificationError (a mismatch), UnverifiedError (``verify`` asked for but
+    verification could not run; unless ``allow_unverified``) and PrecisionNotAppliedError
+    (FP16/INT8 requested but declined or reverted; unless ``allow_float_fallback``), in
+    that order of precedence, each carrying ``result``. ``result.precision`` says, per
+    requested precision, None when applied or the reason it was not.
     """
     samples = None if int8_calibration is None else [dict(f) for f in int8_calibration]
     start = time.perf_counter()
     loaded = oir.load(model)
+    label = str(model) if isinstance(model, (str, os.PathLike)) else None
+    input_shapes = _merged_shapes(loaded, input_shapes, overwrite_input_shapes, label)
     working = loaded.clone() if loaded is model else loaded
     original: Any = model if isinstance(model, (str, os.PathLike)) else loaded
     if original is loaded and working is loaded:
         original = loaded.clone()  # the passes modify ``working`` in place
     report = Report(level=None if passes is not None else level)
     report.model_before = ModelSummary.of(working)
+    if overwrite_input_shapes:
+        fix_input_shapes(working, overwrite_input_shapes, label=label)
     quantizing = samples is not None and not fp16
     if fp16 or quantizing or int8_dynamic:
         disable = [*disable, "fuse-ort-conv-activation"]  # quantizers/fp16 skip contrib ops
@@ -128,7 +178,10 @@ def optimize(
         )
     try:
         manager = PassManager(pipeline, strict=strict, verifier=verifier, verify_each=verify_each)
-        outcome = manager.run(working, fresh=_fresh_copies(model, original))
+        fresh = _fresh_copies(model, original)
+        if overwrite_input_shapes:
+            fresh = _with_overwrite(fresh, overwrite_input_shapes, label)
+        outcome = manager.run(working, fresh=fresh)
         report.passes = outcome.records
         report.warnings.extend(outcome.warnings)
         report.warnings.extend(
@@ -136,7 +189,7 @@ def optimize(
             if r.name == INT8_PASS and r.status == "unchanged" and r.stats.get("reason")
         )
         if verify and verifier is not None:
-            check = verifier.check(outcome.model, outcome.numerics)
+            check = outcome.verification or verifier.check(outcome.model, outcome.numerics)
             report.verification = {**check.to_dict(), "summary": check.describe()}
             if check.status == "skipped":
                 report.warnings.append(f"numerics not verified: {check.reason}")
@@ -146,12 +199,125 @@ def optimize(
     report.model_after = ModelSummary.of(outcome.model)
     report.total_time_s = round(time.perf_counter() - start, 6)
     report.peak_rss_bytes = peak_rss_bytes()
-    result = OptimizeResult(outcome.model, report, given_as_ir=isinstance(model, ir.Model))
-    if report.verification is not None and report.verification["status"] == "failed":
-        error = VerificationError(f"verification failed: {report.verification['summary']}")
-        error.result = result  # type: ignore[attr-defined]
-        raise error
+    precision = _precision(outcome.model, outcome.records,
+                           {"fp16": fp16, "int8": quantizing, "int8-dynamic": int8_dynamic})
+    for kind, reason in precision.items():
+        if reason is not None and not (kind == "int8" and any(w.startswith("INT8 not applied") for w in report.warnings)):
+            report.warnings.append(f"{kind.upper()} not applied: {reason}")
+    growth = _fold_growth(report)
+    if growth is not None:
+        report.warnings.append(growth)
+    result = OptimizeResult(outcome.model, report, given_as_ir=isinstance(model, ir.Model), precision=precision)
+    status = report.verification["status"] if report.verification is not None else None
+    if status == "failed":
+        _raise(VerificationError(f"verification failed: {report.verification['summary']}"), result)
+    if status == "skipped" and not allow_unverified:
+        reason = report.verification.get("reason") or report.verification["summary"]
+        _raise(UnverifiedError(f"not verified: {reason}"), result)
+    declined = result.declined_precision
+    if declined and not allow_float_fallback:
+        text = "; ".join(f"{kind} not applied: {why}" for kind, why in declined.items())
+        _raise(PrecisionNotAppliedError(f"{text} (the result would be float32)"), result)
     return result
+
+
+def verify(
+    original: oir.ModelSource,
+    candidate: oir.ModelSource,
+    *,
+    numerics: str = "exact",
+    **verifier_options: Any,
+) -> Verification:
+    """One-shot verification of ``candidate`` against ``original``, each a path, bytes,
+    onnx.ModelProto or onnx_ir.Model (``verifier_options``: see ``optcc.Verifier``)."""
+    model = candidate if isinstance(candidate, ir.Model) else oir.load(candidate)
+    reference: Any = original if isinstance(original, (str, os.PathLike, ir.Model)) else oir.load(original)
+    with Verifier(reference, **verifier_options) as verifier:
+        return verifier.check(model, numerics)  # type: ignore[arg-type]
+
+
+def _raise(error: Exception, result: OptimizeResult) -> None:
+    error.result = result  # type: ignore[attr-defined]
+    raise error
+
+
+def _merged_shapes(
+    model: ir.Model,
+    sizing: Mapping[str, Sequence[int]] | None,
+    fixed: Mapping[str, Sequence[int]] | None,
+    label: str | None,
+) -> dict[str, list[int]] | None:
+    """Verification input sizes: ``sizing`` and the ``fixed`` (overwritten) shapes, both
+    checked against the graph inputs; the two may not disagree on an input."""
+    for shapes in (sizing, fixed):
+        if shapes:
+            check_input_shapes(model, shapes, label=label)
+    if not sizing and not fixed:
+        return None
+    merged = {name: list(dims) for name, dims in (fixed or {}).items()}
+    for name, dims in (sizing or {}).items():
+        if name in merged and merged[name] != list(dims):
+            raise BadInputError(f"input '{name}': the input shape {list(dims)} differs from the "
+                                f"overwritten shape {merged[name]}", label)
+        merged[name] = list(dims)
+    return merged
+
+
+def _with_overwrite(
+    fresh: Callable[[], ir.Model], shapes: Mapping[str, Sequence[int]], label: str | None
+) -> Callable[[], ir.Model]:
+    return lambda: fix_input_shapes(fresh(), shapes, label=label)
+
+
+def _has_dtype(model: ir.Model, dtypes: frozenset[ir.DataType]) -> bool:
+    for graph in oir.graphs(model):
+        if isinstance(graph, ir.Graph) and any(v.dtype in dtypes for v in graph.initializers.values()):
+            return True
+    return any(o.dtype in dtypes for node in oir.nodes(model) for o in node.outputs)
+
+
+def _precision(model: ir.Model, records: Sequence[Any], requested: Mapping[str, bool]) -> dict[str, str | None]:
+    """Per requested precision: None when its pass changed the model and the result holds
+    tensors of that precision, else why not (the pass's own reason when it gave one)."""
+    found: dict[str, str | None] = {}
+    for kind, wanted in requested.items():
+        if not wanted:
+            continue
+        name = PRECISION_PASSES[kind]
+        runs = [r for r in records if r.name == name]
+        dtypes = frozenset({ir.DataType.FLOAT16}) if kind == "fp16" else _INT8_DTYPES
+        if any(r.status == "changed" for r in runs) and _has_dtype(model, dtypes):
+            found[kind] = None
+        elif not runs:
+            found[kind] = f"pass '{name}' did not run"
+        else:
+            record = runs[-1]
+            reason = (record.stats or {}).get("reason") or record.reason
+            if record.status == "reverted":
+                found[kind] = f"reverted ({reason})" if reason else "reverted"
+            else:
+                found[kind] = reason or "nothing in the model could be converted"
+    return found
+
+
+def _fold_growth(report: Report) -> str | None:
+    """A warning when constant folding grew the weights by more than FOLD_GROWTH_WARNING."""
+    before = report.model_before.weight_bytes if report.model_before else 0
+    growth = sum(r.bytes_after - r.bytes_before for r in report.passes
+                 if r.name.startswith("fold-") and r.status == "changed")
+    if growth <= 0 or growth <= FOLD_GROWTH_WARNING * max(before, 1):
+        return None
+    percent = 100.0 * growth / before if before else float("inf")
+    return (f"constant folding grew the weights by {percent:.0f}% (+{_size(growth)}); "
+            "--disable fold-constants keeps those tensors computed at run time")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 def _fresh_copies(given: oir.ModelSource, original: Any) -> Callable[[], ir.Model]:

@@ -1,29 +1,70 @@
-"""The ``optcc`` / ``python -m optcc`` command.
+"""The ``optcc`` / ``python -m optcc`` command, and its ``inspect`` and ``compare`` verbs.
 
-Exit codes: 0 success; 1 verification failed (nothing written unless --force);
-2 bad input or usage (one line on stderr, nothing written); 3 internal error.
+Exit codes (EXIT_HELP is the table ``--help`` and docs/cli.md show): 0 success; 1
+verification failed; 2 bad input or usage; 3 internal error; 4 not verified; 5 requested
+precision not applied. Nothing is written on 1, 2, 4 and 5 unless the matching opt-in
+flag is given (--force, --allow-unverified, --allow-float-fallback).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+import onnx
+import onnx_ir
+import onnxruntime
 
 from optcc import ir as oir
 from optcc.api import OptimizeResult, optimize
-from optcc.numerics.samples import load_npz_samples
-from optcc.errors import ISSUES_URL, BadInputError, OptccError, VerificationError
-from optcc.quant.fallback import Target
+from optcc.compare import compare_models, format_comparison
+from optcc.errors import (
+    ISSUES_URL, BadInputError, OptccError, PrecisionNotAppliedError, UnverifiedError, VerificationError,
+)
 from optcc.infra.registry import available_passes
-from optcc.numerics import TOLERANCES
+from optcc.inspect import format_inspection, inspect_model
+from optcc.numerics import TOLERANCES, load_npz_samples
+from optcc.quant.fallback import Target
+from optcc.version import __version__
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_NOT_VERIFIED, EXIT_PRECISION_NOT_APPLIED = 4, 5
+SUBCOMMANDS = ("inspect", "compare")
+
+EXIT_HELP = """\
+exit codes:
+  0  success (the output is written)
+  1  verification failed: nothing written (--force writes it, still exit 1)
+  2  bad input or usage: one line on stderr naming the file; nothing written
+  3  internal error: one line saying where; please report it
+  4  not verified: verification could not run (onnxruntime cannot run the original
+     with the available inputs, custom ops without their library, ...); nothing written
+     (--allow-unverified writes it and exits 0 with a warning)
+  5  requested precision not applied: --fp16/--int8/--int8-dynamic was declined or
+     reverted, so the result would be float32; nothing written (--allow-float-fallback
+     writes the float model and exits 0 with a warning)"""
+
+EXAMPLES = """\
+examples:
+  optcc model.onnx                          -O2, verified, writes model.opt.onnx
+  optcc model.onnx -O3 -o fast.onnx --report report.json
+  optcc model.onnx --fp16                   float16 weights and compute, verified
+  optcc model.onnx --int8 --calibration calib.npz
+  optcc model.onnx --overwrite-input-shape images:1,3,640,640
+  optcc inspect model.onnx                  inputs, outputs, opsets, ops, sizes
+  optcc compare model.onnx model.opt.onnx --numerics fusion
+"""
+
+_VERSION = (f"optcc {__version__} (onnx {onnx.__version__}, onnx-ir {onnx_ir.__version__}, "
+            f"onnxruntime {onnxruntime.__version__})")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,60 +72,133 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"optcc: usage error: {message} (see --help)\n")
 
 
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=34, width=100)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="optcc",
+        usage="optcc MODEL [options]\n       optcc inspect MODEL [--json]\n"
+              "       optcc compare A B [--inputs X.npz] [--numerics KIND | --rtol R --atol A]",
         description="Optimize an ONNX model and verify it against the original with onnxruntime.",
+        epilog=EXAMPLES + "\n" + EXIT_HELP,
+        formatter_class=_formatter,
     )
     p.add_argument("model", nargs="?", help="the .onnx model to optimize")
-    p.add_argument("-o", "--output", help="output path (default: MODEL with .opt before the suffix)")
-    p.add_argument("-O", dest="level", type=int, choices=range(4), default=2, metavar="{0,1,2,3}",
+    p.add_argument("--version", action="version", version=_VERSION)
+
+    g = p.add_argument_group("output")
+    g.add_argument("-o", "--output", metavar="OUT", help="output path (default: MODEL with .opt before the suffix)")
+    g.add_argument("--external-data", choices=["auto", "on", "off"], default="auto",
+                   help="weights in a separate file: auto (when the input had it or the weights near 2 GB), "
+                        "on, off (default auto)")
+    g.add_argument("--external-data-threshold", type=int, metavar="BYTES",
+                   help="with external data: tensors of at least BYTES go to the data file (default 1024)")
+    g.add_argument("--external-data-location", metavar="NAME",
+                   help="with external data: the data file's name beside the output (default OUT.data)")
+    g.add_argument("--report", metavar="FILE.json", help="write the JSON report to this file (also when nothing else is written)")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("-O", dest="level", type=int, choices=range(4), default=2, metavar="{0,1,2,3}",
                    help="optimization level: -O0 normalize, -O1 exact, -O2 fusions (default), -O3 runtime ops")
-    p.add_argument("--passes", help="comma-separated passes to run instead of the level's pipeline")
-    p.add_argument("--disable", default="", help="comma-separated passes to leave out")
-    p.add_argument("--fold-large", action="store_true",
+    g.add_argument("--passes", help="comma-separated passes to run instead of the level's pipeline")
+    g.add_argument("--disable", default="", help="comma-separated passes to leave out")
+    g.add_argument("--fold-large", action="store_true",
                    help="constant-fold even when folded tensors grow the model by more than 1 MiB")
-    p.add_argument("--fp16", action="store_true", help="convert to float16 after the pipeline")
-    p.add_argument("--int8", action="store_true", help="quantize to INT8 after the pipeline")
-    p.add_argument("--calibration", help="calibration data (.npz or a folder of them) for --int8")
-    p.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy", "mse"], default="minmax")
-    p.add_argument("--no-int8-speed-check", action="store_true",
-                   help="keep the INT8 model even when it is not faster than float32")
-    p.add_argument("--int8-target-sqnr", type=float, default=25.0,
-                   help="INT8 accuracy target: SQNR in dB on every output, held-out samples (default 25)")
-    p.add_argument("--calibration-cache", metavar="DIR",
-                   help="with --int8: keep calibration statistics in DIR (keyed by model, data and method) and reuse them")
-    p.add_argument("--no-int8-bias-correction", action="store_true",
-                   help="with --int8: keep the quantized Convs' and Gemms' biases as rounded (no empirical bias correction)")
-    p.add_argument("--int8-per-tensor", action="store_true",
-                   help="with --int8: one weight scale per tensor instead of per output channel")
-    p.add_argument("--int8-activations", choices=["uint8", "int8"], default="uint8",
-                   help="with --int8: activations uint8 asymmetric (default) or int8 symmetric")
-    p.add_argument("--int8-exclude", action="append", default=[], metavar="OPTYPE|NODE",
-                   help="with --int8: keep these op types, node names or output names float (repeatable, comma-separated)")
-    p.add_argument("--int8-dynamic", action="store_true",
-                   help="quantize MatMuls dynamically to INT8 (no calibration data needed)")
-    p.add_argument("--fp16-io", choices=["float32", "float16"], default="float32",
-                   help="with --fp16: the graph inputs/outputs' type (default float32: one Cast at each)")
-    p.add_argument("--fp16-block", action="append", default=[], metavar="OPTYPE|NODE",
-                   help="keep these op types or node names in float32 with --fp16 (repeatable, comma-separated)")
-    p.add_argument("--verify", dest="verify", action="store_true", default=True,
-                   help="verify numerics against the original (default)")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip verification")
-    p.add_argument("--verify-each", action="store_true",
-                   help="verify after every pass and revert any pass that breaks numerics")
-    p.add_argument("--inputs", help="verification inputs: an .npz with one array per graph input, "
-                   "each with a leading sample axis")
-    p.add_argument("--providers", help="execution providers to verify on, e.g. cpu,cuda "
-                   "(default: cpu, plus cuda when available)")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
-                   help="concrete shape for an input with dynamic dimensions (repeatable)")
-    p.add_argument("--report", help="write the JSON report to this file")
-    p.add_argument("--force", action="store_true", help="write the output even if verification fails")
-    p.add_argument("--strict", action="store_true",
+    g.add_argument("--strict", action="store_true",
                    help="stop at the first pass that fails instead of reverting it")
-    p.add_argument("--list-passes", action="store_true", help="list the registered passes and exit")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    g = p.add_argument_group("input shapes")
+    g.add_argument("--overwrite-input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
+                   help="fix this input's shape in the written model, so folding can specialise (repeatable; "
+                        "also sizes the verification inputs)")
+    g.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
+                   help="sizes for an input's dynamic dims in the generated verification inputs only "
+                        "(repeatable; the written model keeps its dynamic dims)")
+
+    g = p.add_argument_group("FP16")
+    g.add_argument("--fp16", action="store_true", help="convert to float16 after the pipeline")
+    g.add_argument("--fp16-io", choices=["float32", "float16"], default="float32",
+                   help="with --fp16: the graph inputs/outputs' type (default float32: one Cast at each)")
+    g.add_argument("--fp16-block", action="append", default=[], metavar="OPTYPE|NODE",
+                   help="keep these op types or node names in float32 with --fp16 (repeatable, comma-separated)")
+
+    g = p.add_argument_group("INT8")
+    g.add_argument("--int8", action="store_true", help="quantize to INT8 after the pipeline")
+    g.add_argument("--calibration", metavar="DATA", help="calibration data (.npz or a folder of them) for --int8")
+    g.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy", "mse"], default="minmax")
+    g.add_argument("--no-int8-speed-check", action="store_true",
+                   help="keep the INT8 model even when it is not faster than float32")
+    g.add_argument("--int8-target-sqnr", type=float, default=25.0, metavar="DB",
+                   help="INT8 accuracy target: SQNR in dB on every output, held-out samples (default 25)")
+    g.add_argument("--calibration-cache", metavar="DIR",
+                   help="with --int8: keep calibration statistics in DIR (keyed by model, data and method) and reuse them")
+    g.add_argument("--no-int8-bias-correction", action="store_true",
+                   help="with --int8: keep the quantized Convs' and Gemms' biases as rounded (no empirical bias correction)")
+    g.add_argument("--int8-per-tensor", action="store_true",
+                   help="with --int8: one weight scale per tensor instead of per output channel")
+    g.add_argument("--int8-activations", choices=["uint8", "int8"], default="uint8",
+                   help="with --int8: activations uint8 asymmetric (default) or int8 symmetric")
+    g.add_argument("--int8-exclude", action="append", default=[], metavar="OPTYPE|NODE",
+                   help="with --int8: keep these op types, node names or output names float (repeatable, comma-separated)")
+    g.add_argument("--int8-dynamic", action="store_true",
+                   help="quantize MatMuls dynamically to INT8 (no calibration data needed)")
+    g.add_argument("--allow-float-fallback", action="store_true",
+                   help="when FP16/INT8 is declined or reverted, write the float model (exit 0, a warning) "
+                        "instead of exit 5")
+
+    g = p.add_argument_group("verification")
+    g.add_argument("--verify", dest="verify", action="store_true", default=True,
+                   help="verify numerics against the original (default)")
+    g.add_argument("--no-verify", dest="verify", action="store_false", help="skip verification")
+    g.add_argument("--verify-each", action="store_true",
+                   help="verify after every pass and revert any pass that breaks numerics")
+    g.add_argument("--inputs", metavar="DATA.npz", help="verification inputs: an .npz with one array per graph input, "
+                   "each with a leading sample axis")
+    g.add_argument("--providers", help="execution providers to verify on, e.g. cpu,cuda "
+                   "(default: cpu, plus cuda when available)")
+    g.add_argument("--force", action="store_true", help="write the output even if verification fails (exit 1)")
+    g.add_argument("--allow-unverified", action="store_true",
+                   help="when verification cannot run, write the output (exit 0, a warning) instead of exit 4")
+
+    g = p.add_argument_group("information")
+    g.add_argument("--list-passes", action="store_true", help="list the registered passes and exit")
+    g.add_argument("-v", "--verbose", action="count", default=0,
+                   help="also print every pass (status, time, op changes) and every output's metrics")
+    g.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    return p
+
+
+def build_inspect_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="optcc inspect", formatter_class=_formatter,
+                description="Describe a model: inputs/outputs (dtypes, shapes, dynamic dims), opsets, "
+                            "op histogram, node count, sizes, external data files.",
+                epilog="exit codes: 0 described; 2 bad input (one line naming the file)")
+    p.add_argument("model", help="the .onnx model")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p
+
+
+def build_compare_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="optcc compare", formatter_class=_formatter,
+                description="Run two models on the same inputs and compare every output "
+                            "(B against A, the reference).",
+                epilog="exit codes: 0 every output matches; 1 a mismatch (or an output only one model has); "
+                       "2 bad input; 4 onnxruntime cannot run A or B")
+    p.add_argument("a", metavar="A", help="the reference model")
+    p.add_argument("b", metavar="B", help="the model compared with it")
+    p.add_argument("--inputs", help="inputs: an .npz with one array per graph input, leading sample axis "
+                                    "(default: generated from A's inputs)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
+                   help="sizes for an input's dynamic dims in generated inputs (repeatable)")
+    p.add_argument("--samples", type=int, default=1, help="generated samples (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (default 0)")
+    p.add_argument("--numerics", choices=list(TOLERANCES), default=None,
+                   help="judge with optcc's tolerance for this kind of change (default exact)")
+    p.add_argument("--rtol", type=float, help="elementwise |b - a| <= atol + rtol * |a| instead of --numerics")
+    p.add_argument("--atol", type=float, help="see --rtol")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p
 
 
@@ -92,8 +206,8 @@ def _split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
-def _parse_shapes(items: Sequence[str]) -> dict[str, list[int]]:
-    shapes = {}
+def _parse_shapes(items: Sequence[str], flag: str = "--input-shape") -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
     for item in items:
         name, sep, dims = item.rpartition(":")
         try:
@@ -101,7 +215,9 @@ def _parse_shapes(items: Sequence[str]) -> dict[str, list[int]]:
         except ValueError:
             values = []
         if not sep or not name or not values or any(v <= 0 for v in values):
-            raise BadInputError(f"--input-shape '{item}' is not NAME:D1,D2,... with positive sizes")
+            raise BadInputError(f"{flag} '{item}' is not NAME:D0,D1,... with positive sizes")
+        if name in shapes and shapes[name] != values:
+            raise BadInputError(f"{flag} gives '{name}' twice with different sizes")
         shapes[name] = values
     return shapes
 
@@ -111,11 +227,24 @@ def default_output(model: str) -> Path:
     return path.with_name(f"{path.stem}.opt{path.suffix or '.onnx'}")
 
 
+def _first_paragraph(text: str) -> str:
+    paragraph = []
+    for line in text.strip().splitlines():
+        if not line.strip():
+            break
+        paragraph.append(line.strip())
+    return " ".join(paragraph)
+
+
 def _list_passes() -> str:
+    """Every registered pass: name, lowest level, and the first paragraph of its docstring."""
     rows = []
     for info in available_passes().values():
         level = "-" if info.level is None else f"O{info.level}"
-        rows.append(f"{info.name:<32} {level:<4} {info.description}")
+        doc = inspect.getdoc(info.factory) or info.description or ""
+        head = f"{info.name:<32} {level:<4} "
+        text = _first_paragraph(doc) or "(no description)"
+        rows.append(textwrap.fill(text, width=100, initial_indent=head, subsequent_indent=" " * len(head)))
     return "\n".join(rows)
 
 
@@ -131,11 +260,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.list_passes:
-        print(_list_passes())
-        return EXIT_OK
+def _check_flags(args: argparse.Namespace) -> None:
     if not args.model:
         raise BadInputError("no MODEL given (see --help)")
     if args.int8 and not args.calibration:
@@ -152,15 +277,40 @@ def run(argv: Sequence[str] | None = None) -> int:
     for flag, given in int8_only.items():
         if given and not args.int8:
             raise BadInputError(f"{flag} is used with --int8")
+    if args.allow_float_fallback and not (args.int8 or args.fp16 or args.int8_dynamic):
+        raise BadInputError("--allow-float-fallback is used with --fp16, --int8 or --int8-dynamic")
+    if args.external_data == "off" and (args.external_data_threshold is not None or args.external_data_location):
+        raise BadInputError("--external-data-threshold and --external-data-location need external data "
+                            "(--external-data on or auto)")
+    if args.external_data_threshold is not None and args.external_data_threshold < 0:
+        raise BadInputError("--external-data-threshold must be 0 or more bytes")
+    location = args.external_data_location
+    if location is not None and (not location or Path(location).name != location or location in (".", "..")):
+        raise BadInputError(f"--external-data-location '{location}' must be a file name (no folder)")
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS and not Path(argv[0]).exists():
+        return _run_inspect(argv[1:]) if argv[0] == "inspect" else _run_compare(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.list_passes:
+        print(_list_passes())
+        return EXIT_OK
+    _check_flags(args)
     output = oir.check_output_path(args.output or default_output(args.model), args.model)
     report_path = oir.check_output_path(args.report, args.model) if args.report else None
     if report_path is not None and report_path.resolve() == output.resolve():
         raise BadInputError("--report and the output are the same file", report_path)
+    if args.external_data_location and Path(args.external_data_location).name == output.name:
+        raise BadInputError("--external-data-location is the output file itself", output)
+    input_shapes = _parse_shapes(args.input_shape)
+    fixed_shapes = _parse_shapes(args.overwrite_input_shape, "--overwrite-input-shape")
     inputs = load_npz_samples(args.inputs, args.model) if args.inputs else None
     calibration = (load_npz_samples(args.calibration, args.model, purpose="calibration")
                    if args.calibration else None)
 
-    status = EXIT_OK
+    status, hint = EXIT_OK, None
     try:
         result = optimize(
             args.model,
@@ -171,7 +321,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             disable=_split(args.disable),
             verify_each=args.verify_each,
             providers=_split(args.providers) or None,
-            input_shapes=_parse_shapes(args.input_shape),
+            input_shapes=input_shapes,
+            overwrite_input_shapes=fixed_shapes,
             strict=args.strict,
             progress=not args.quiet,
             fp16=args.fp16,
@@ -189,32 +340,122 @@ def run(argv: Sequence[str] | None = None) -> int:
             tolerances={"int8": dataclasses.replace(TOLERANCES["int8"], min_sqnr_db=args.int8_target_sqnr)},
             int8_dynamic=args.int8_dynamic,
             fold_large=args.fold_large,
+            allow_unverified=args.allow_unverified,
+            allow_float_fallback=args.allow_float_fallback,
         )
-    except VerificationError as error:
+    except (VerificationError, UnverifiedError, PrecisionNotAppliedError) as error:
         result = error.result  # type: ignore[attr-defined]
-        status = EXIT_VERIFY_FAILED
-        print(f"optcc: {args.model}: {error}", file=sys.stderr)
-    written = status == EXIT_OK or args.force
+        status = error.exit_code
+        hint = {EXIT_VERIFY_FAILED: "--force", EXIT_NOT_VERIFIED: "--allow-unverified",
+                EXIT_PRECISION_NOT_APPLIED: "--allow-float-fallback"}[status]
+        print(f"optcc: {args.model}: {error}; nothing written ({hint} writes it)", file=sys.stderr)
+    written = status == EXIT_OK or (status == EXIT_VERIFY_FAILED and args.force)
     if written:
-        result.save(output)
+        result.save(output, external_data={"auto": None, "on": True, "off": False}[args.external_data],
+                    external_data_threshold=args.external_data_threshold,
+                    external_data_location=args.external_data_location)
     if report_path is not None:
         _write_text_atomic(report_path, result.report.render_for(report_path, model=args.model))
+    if status == EXIT_OK:
+        for line in _opt_in_warnings(args, result):
+            print(line, file=sys.stderr)  # also with --quiet: the output is not what a clean run gives
     if not args.quiet or status != EXIT_OK:
-        _print_summary(args, result, output if written else None)
+        _print_summary(args, result, output if written else None, hint)
     return status
 
 
-def _print_summary(args: argparse.Namespace, result: OptimizeResult, output: Path | None) -> None:
-    level = f"-O{args.level}" if not args.passes else f"passes {args.passes}"
-    target = str(output) if output else "nothing written (use --force to write anyway)"
-    print(f"optcc {level}: {args.model} -> {target}", file=sys.stderr)
-    print(result.report.summary(), file=sys.stderr)
+def _verification_skipped(result: OptimizeResult) -> str | None:
+    verification = result.report.verification
+    if verification is None or verification.get("status") != "skipped":
+        return None
+    return verification.get("reason") or verification.get("summary") or "unknown reason"
+
+
+def _opt_in_warnings(args: argparse.Namespace, result: OptimizeResult) -> list[str]:
+    """One line per thing the user opted into that leaves the output less than asked for."""
+    lines = []
+    skipped = _verification_skipped(result)
+    if skipped is not None:
+        lines.append(f"optcc: warning: {args.model}: not verified ({skipped}); written because of --allow-unverified")
+    for kind, reason in result.declined_precision.items():
+        lines.append(f"optcc: warning: {args.model}: {kind} not applied ({reason}); the float model is written "
+                     "because of --allow-float-fallback")
+    return lines
+
+
+def _header(args: argparse.Namespace, result: OptimizeResult) -> str:
+    """``optcc -O2 +int8`` or ``optcc -O2 (int8 declined: reason)``."""
+    parts = [f"-O{args.level}" if not args.passes else f"passes {args.passes}"]
+    parts += [f"+{kind}" for kind in result.applied_precision]
+    for kind, reason in result.declined_precision.items():
+        short = reason if len(reason) <= 120 else reason[:117] + "..."
+        parts.append(f"({kind} declined: {short})")
+    return "optcc " + " ".join(parts)
+
+
+# summary warnings the CLI says in its own line (the JSON report keeps them)
+_SAID_ELSEWHERE = ("warning: numerics not verified", "warning: INT8 not applied", "warning: FP16 not applied",
+                   "warning: INT8-DYNAMIC not applied")
+
+
+def _print_summary(args: argparse.Namespace, result: OptimizeResult, output: Path | None, hint: str | None) -> None:
+    target = str(output) if output else f"nothing written (use {hint or '--force'} to write anyway)"
+    print(f"{_header(args, result)}: {args.model} -> {target}", file=sys.stderr)
+    lines = [line for line in result.report.summary().splitlines() if not line.startswith(_SAID_ELSEWHERE)]
+    if args.verbose:
+        lines += _verbose_lines(result)
+    print("\n".join(lines), file=sys.stderr)
+
+
+def _verbose_lines(result: OptimizeResult) -> list[str]:
+    lines = ["passes:"]
+    for record in result.report.passes:
+        delta = ", ".join(f"{op} {n:+d}" for op, n in record.op_delta.items()) or "-"
+        reason = f" ({record.reason})" if record.reason else ""
+        lines.append(f"  {record.name:<32} {record.status:<9} {record.time_s * 1000:8.1f} ms  "
+                     f"nodes {record.nodes_before} -> {record.nodes_after}  {delta}{reason}")
+    verification = result.report.verification or {}
+    for out in verification.get("outputs", []):
+        metrics = ", ".join(f"{label} {_g(out.get(key))}" for label, key in
+                            (("max abs", "max_abs"), ("max rel", "max_rel"), ("SQNR dB", "sqnr_db"),
+                             ("cosine", "cosine")))
+        verdict = "" if out.get("passed") else f"  FAILED: {out.get('problem')}"
+        lines.append(f"  output '{out.get('name')}' on {out.get('provider')}: {metrics}{verdict}")
+    return lines
+
+
+def _g(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _run_inspect(argv: Sequence[str]) -> int:
+    args = build_inspect_parser().parse_args(argv)
+    info = inspect_model(args.model)
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return EXIT_OK
+
+
+def _run_compare(argv: Sequence[str]) -> int:
+    args = build_compare_parser().parse_args(argv)
+    if args.numerics is not None and (args.rtol is not None or args.atol is not None):
+        raise BadInputError("--numerics and --rtol/--atol exclude each other")
+    if args.samples < 1:
+        raise BadInputError("--samples must be at least 1")
+    result = compare_models(
+        args.a, args.b,
+        inputs=load_npz_samples(args.inputs, args.a) if args.inputs else None,
+        input_shapes=_parse_shapes(args.input_shape),
+        samples=args.samples, seed=args.seed,
+        numerics=args.numerics or "exact", rtol=args.rtol, atol=args.atol,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_comparison(result))
+    return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(argv)
-    except SystemExit as stop:  # argparse's --help and usage errors
+    except SystemExit as stop:  # argparse's --help, --version and usage errors
         return stop.code if isinstance(stop.code, int) else EXIT_BAD_INPUT
     except OptccError as error:
         print(f"optcc: error: {error}", file=sys.stderr)

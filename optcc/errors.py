@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["OptccError", "BadInputError", "UnsafeInputError", "VerificationError", "PassFailedError"]
+__all__ = ["OptccError", "BadInputError", "UnsafeInputError", "VerificationError", "PassFailedError",
+           "UnverifiedError", "PrecisionNotAppliedError"]
 
 ISSUES_URL = "https://github.com/optcc/optcc/issues"
 
@@ -34,6 +35,21 @@ class VerificationError(OptccError):
     """The optimized model does not match the original within tolerance (exit code 1)."""
 
     exit_code = 1
+
+
+class UnverifiedError(OptccError):
+    """Verification could not run (onnxruntime cannot run the original with the available
+    inputs, custom ops without their library, ...), so the result is unverified (exit code 4).
+    ``result`` holds the model and report."""
+
+    exit_code = 4
+
+
+class PrecisionNotAppliedError(OptccError):
+    """FP16 or INT8 was requested but declined or reverted, so the result would still be
+    float32 (exit code 5). ``result`` holds the float model and report."""
+
+    exit_code = 5
 
 
 class PassFailedError(OptccError):

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("optcc.rewrite",),
     ("optcc.quant", "optcc.fp16"),
     ("optcc.passes",),
-    ("optcc.api",),
+    ("optcc.api", "optcc.inspect", "optcc.compare"),
     ("optcc.cli", "optcc.__main__"),
 ]
 # What a pass may import: the facade and the subpackages' __init__ (their public API).

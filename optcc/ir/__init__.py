@@ -768,19 +768,29 @@ def create_temp_file(folder: str | os.PathLike, name: str, suffix: str = ".tmp")
     raise FileExistsError(f"cannot create a temporary file in {folder}")
 
 
-def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    size_threshold_bytes: int = 1024,
+    location: str | None = None,
+) -> None:
     """Write the model atomically: a temporary file in the target folder, then a rename.
 
     With external data (automatic when the model was loaded with it or its weights are
-    near 2 GB), the weights go to ``<name>.data`` beside the model, written first, also
-    atomically. A failure leaves no partial output behind.
+    near 2 GB), the tensors of at least ``size_threshold_bytes`` go to ``location`` (a
+    file name beside the model; default ``<name>.data``), written first, also atomically.
+    A failure leaves no partial output behind.
     """
     out = check_output_path(path)
     if external_data is None:
         external_data = needs_external_data(model)
     folder = out.resolve().parent
     tmp_name = create_temp_file(folder, out.name)
-    data_name = f"{out.name}.data"
+    data_name = location or f"{out.name}.data"
+    if Path(data_name).name != data_name or data_name in (".", "..") or data_name == out.name:
+        raise BadInputError(f"external data location '{data_name}' must be a file name beside the model", out)
     try:
         if external_data:
             if (folder / data_name).resolve() in external_data_files(model):
@@ -789,7 +799,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
                     "choose another output name",
                     out,
                 )
-            ir.save(model, tmp_name, external_data=data_name, size_threshold_bytes=1024)
+            ir.save(model, tmp_name, external_data=data_name, size_threshold_bytes=size_threshold_bytes)
         else:
             _write_streamed(model, tmp_name)
         os.replace(tmp_name, out)
