@@ -241,7 +241,7 @@ def test_npz_file_input(tmp_path: Path) -> None:
     [
         ({"y": np.zeros((2, 8), np.float32)}, "missing"),
         ({"x": np.zeros((2, 8), np.float64)}, "dtype"),
-        ({"x": np.zeros((2, 8, 1), np.float32)}, "rank"),
+        ({"x": np.zeros((2, 8, 1), np.float32)}, "rank|shape"),
         ({"x": np.zeros((2, 9), np.float32)}, "shape"),
     ],
 )

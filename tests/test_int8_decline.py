@@ -90,7 +90,7 @@ def test_fallback_returns_the_top_ranked_layers_until_the_target_holds() -> None
     model = _chain(("mm2", "mm4"), 5)
     data = _rows(20)
     # min_speedup tiny: the speed check always accepts (this test is about accuracy)
-    q, stats = quantize_int8(model, data, "minmax", min_speedup=1e-9, target=TARGET)
+    q, stats = quantize_int8(model, data, "minmax", min_speedup=1e-9, target=TARGET, metric=None)
     report = stats["fallback"]
     assert report["initial"]["passed"] is False
     assert {r["layer"] for r in report["sensitivity"][:2]} == {"mm2", "mm4"}
@@ -107,7 +107,7 @@ def test_fallback_returns_the_top_ranked_layers_until_the_target_holds() -> None
 
 def test_fallback_bisects_to_the_fewest_float_layers() -> None:
     model = _chain(("mm2", "mm4", "mm6"), 8)
-    q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET)
+    q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None)
     report = stats["fallback"]
     # 1, 2 miss, 4 meets; bisection tries 3, which meets: three layers float, not four
     assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [
@@ -117,9 +117,9 @@ def test_fallback_bisects_to_the_fewest_float_layers() -> None:
 
 def test_accuracy_decline_returns_the_input_model_with_the_reason() -> None:
     model = _chain(("mm2", "mm3"), 3)  # both sensitive; at most int(0.5 * 3) = 1 may go float
-    with_budget = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, max_float_layers=2)[1]
+    with_budget = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None, max_float_layers=2)[1]
     assert with_budget["modified"] and set(with_budget["fallback"]["kept_float"]) == {"mm2", "mm3"}
-    q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET)
+    q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None)
     assert stats["modified"] is False and stats["declined"] == "accuracy"
     assert "misses the accuracy target" in stats["reason"]
     # two layers each miss the target alone, more than the one allowed float: no search

@@ -531,7 +531,7 @@ def test_scalar_rescales_become_the_consumers_dequantization_scale() -> None:
     assert set(q.graph.initializers) <= read  # the chain's middle scales went with its pair
     # the fallback measures every layer's result; the hard-swish product's own DQ is gone
     _, stats = quantize_int8(model, data + images(4, 2, (1, 3, 8, 8)), require_speedup=False,
-                             target=Target(min_sqnr_db=200.0), max_float_layers=10)
+                             target=Target(min_sqnr_db=200.0), metric=None, max_float_layers=10)
     assert stats["declined"] == "accuracy" and stats["fallback"]["tried"]
     assert optcc.numerics.verify(optcc.ir.load(model), q, numerics="int8", inputs=images(4, 2, (1, 3, 8, 8)),
                         tolerances=NO_ARGMAX).passed

@@ -39,6 +39,7 @@ __all__ = [
     "integer_op_histogram",
     "measure_latency",
     "evaluate",
+    "model_outputs",
     "sqnr_db",
     "rank_sensitivity",
     "propagated_sqnr",
@@ -120,10 +121,21 @@ def _classifier_like(array: np.ndarray) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """What the quantized model must achieve on every output, over the held-out samples."""
+    """What the quantized model must achieve on every output, over the held-out samples.
+
+    Without ``judge``: SQNR >= ``min_sqnr_db`` on every float output and argmax
+    agreement >= ``min_argmax_agreement`` on classifier-like ones. With ``judge`` (a
+    ``optcc.quant.task_metrics.TaskJudge``, called with the candidate's outputs by name):
+    the judge's verdict decides, SQNR is reported only."""
 
     min_sqnr_db: float = 25.0
     min_argmax_agreement: float = 0.9
+    judge: Callable[[Mapping[str, Sequence[np.ndarray]]], dict[str, Any]] | None = dataclasses.field(
+        default=None, compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_sqnr_db": self.min_sqnr_db, "min_argmax_agreement": self.min_argmax_agreement,
+                "task_metric": self.judge is not None}
 
 
 @dataclasses.dataclass
@@ -133,9 +145,12 @@ class Evaluation:
     sqnr_db: dict[str, float]
     argmax_agreement: dict[str, float]
     target: Target
+    task: dict[str, Any] | None = None  # the judge's verdict, when the target has one
 
     @property
     def passed(self) -> bool:
+        if self.task is not None:
+            return bool(self.task["passed"])
         return all(v >= self.target.min_sqnr_db for v in self.sqnr_db.values()) and all(
             v >= self.target.min_argmax_agreement for v in self.argmax_agreement.values()
         )
@@ -149,7 +164,8 @@ class Evaluation:
             "passed": self.passed,
             "sqnr_db": {k: _finite(v) for k, v in self.sqnr_db.items()},
             "argmax_agreement": self.argmax_agreement,
-            "target": dataclasses.asdict(self.target),
+            "target": self.target.to_dict(),
+            **({"task": self.task} if self.task is not None else {}),
         }
 
 
@@ -193,7 +209,17 @@ def _compare(reference: _Outputs, candidate: _Outputs, names: Sequence[str], tar
             ref_arg = np.concatenate([r.argmax(-1) for r in refs])
             got_arg = np.concatenate([g.argmax(-1) for g in gots])
             agreement[name] = float(np.mean(ref_arg == got_arg))
-    return Evaluation(sqnr, agreement, target)
+    task = None
+    if target.judge is not None:
+        task = target.judge({name: candidate.get(name) for name in names})
+    return Evaluation(sqnr, agreement, target, task)
+
+
+def model_outputs(model: ir.Model, samples: Sequence[Feeds]) -> dict[str, list[np.ndarray]]:
+    """The model's graph outputs by name, one array per sample (onnxruntime, no graph
+    optimization: the float reference as written)."""
+    outputs = _Outputs(model, samples, False)
+    return {name: outputs.get(name) for name in outputs.names}
 
 
 def evaluate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds],

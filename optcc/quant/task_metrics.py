@@ -1,0 +1,450 @@
+"""Acceptance of a quantized model by the task, relative to the float model's noise floor.
+
+A quantized model is compared with the float model on held-out samples by a *task
+metric* per output, chosen from the output's nature (``choose_metric``) or given:
+
+========================  ==============================================================
+output                    metric (deviation: 0 when identical)
+========================  ==============================================================
+``[N, C]`` float          ``argmax``: 1 - agreement of the top class, on the samples the
+                          float model is confident about (top-1 probability at least
+                          ``CONFIDENT_GAP`` above the second; all samples when none is)
+``[N, T, C]`` rows that   ``ctc``: greedy CTC decode (argmax per step, repeats merged,
+sum to 1                  blank 0 dropped); 1 - exact-match rate and the character error
+                          rate (edit distance / reference length), both judged
+``[N, 1, H, W]`` or       ``detection-map``: pixels above ``MAP_THRESHOLD`` (0.3) form
+``[N, H, W]`` in [0, 1]   the mask; its connected components' bounding boxes are the
+                          detections; 1 - box F1 (IoU >= 0.5) and 1 - mask IoU, both judged
+``[N, 4+K, A]``, A > 4+K, ``boxes`` (YOLO-style): boxes cx, cy, w, h and K class scores per
+class rows in [0, 1]      anchor; score >= ``BOX_SCORE`` (0.25), per-class NMS (IoU 0.45);
+                          1 - box F1 (same class, IoU >= 0.5)
+anything else             ``sqnr``: noise power / signal power, summed over ALL held-out
+                          samples (never a per-sample median or worst, which one blank
+                          input would dominate); reported in dB
+========================  ==============================================================
+
+**Noise floor.** The float model is run on the held-out samples with every float input
+perturbed at its own resolution, and the same metric compares that with the float
+model's unperturbed outputs: this is how much the task result moves under noise any
+real input carries. Image-like inputs (4-D float, 1 to 4 channels on axis 1 or 3,
+spatial sides of at least 8) are taken as 8-bit pictures however they were normalized:
+each value moves by +-1/255 of its channel's range (one grey level), sign drawn from a
+fixed-seed generator. Other float inputs move by one unit in the last place
+(``numpy.spacing``), the dtype's own resolution. Integer inputs are left alone.
+
+**Acceptance.** Every judged component of every output must hold:
+``deviation <= margin * max(floor, minimum)`` (``DEFAULT_MARGIN`` = 1.5; ``minimum`` is
+``MIN_DEVIATION`` = 0.01 for the fraction metrics, 0 for ``sqnr``), or the user's target
+is met: ``score >= metric_target`` for the task metrics (score = 1 - deviation for the
+built-in ones), ``SQNR >= min_sqnr_db`` for ``sqnr``.
+
+**User metrics.** ``metric=callable(ref_outputs, got_outputs) -> float``, higher is
+better, where both arguments map each graph output name to its list of arrays (one per
+held-out sample). The deviation is ``metric(ref, ref) - metric(ref, got)``, and the
+floor the same with the perturbed float outputs; ``metric(ref, ref)`` must be finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from optcc.errors import BadInputError
+
+__all__ = [
+    "METRICS", "DEFAULT_MARGIN", "MIN_DEVIATION", "Outputs", "UserMetric", "choose_metric", "perturb",
+    "deviations", "TaskJudge", "ctc_greedy", "map_boxes", "yolo_boxes", "box_f1",
+]
+
+Outputs = Mapping[str, Sequence[np.ndarray]]  # output name -> one array per sample
+UserMetric = Callable[[Outputs, Outputs], float]
+METRICS = ("sqnr", "argmax", "ctc", "detection-map", "boxes")
+DEFAULT_MARGIN = 1.5
+MIN_DEVIATION = 0.01
+CONFIDENT_GAP = 0.1
+MAP_THRESHOLD = 0.3
+BOX_SCORE = 0.25
+NMS_IOU = 0.45
+MATCH_IOU = 0.5
+_SEED = 0
+
+
+# --------------------------------------------------------------------------- choice
+
+
+def _softmax_rows(a: np.ndarray) -> bool:
+    return bool(a.size) and float(a.min()) >= -1e-6 and np.allclose(a.sum(-1), 1.0, atol=1e-3)
+
+
+def choose_metric(sample: np.ndarray) -> str:
+    """The built-in metric for an output, from one sample of it (see the module doc)."""
+    a = np.asarray(sample)
+    if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
+        return "sqnr"
+    if a.ndim == 2 and a.shape[-1] >= 2:
+        return "argmax"
+    if a.ndim == 3 and a.shape[1] >= 2 and a.shape[2] >= 2 and _softmax_rows(a):
+        return "ctc"
+    if a.ndim in (3, 4) and (a.ndim == 3 or a.shape[1] == 1) and min(a.shape[-2:]) >= 8 \
+            and float(a.min()) >= 0.0 and float(a.max()) <= 1.0:
+        return "detection-map"
+    if a.ndim == 3 and 5 <= a.shape[1] < a.shape[2] and float(a[:, 4:].min()) >= 0.0 \
+            and float(a[:, 4:].max()) <= 1.0:
+        return "boxes"
+    return "sqnr"
+
+
+# --------------------------------------------------------------------------- perturbation
+
+
+def _image_like(a: np.ndarray) -> int | None:
+    """The channel axis of an image-like array (see the module doc), else None."""
+    if a.ndim != 4 or not np.issubdtype(a.dtype, np.floating):
+        return None
+    if 1 <= a.shape[1] <= 4 and min(a.shape[2:]) >= 8:
+        return 1
+    if 1 <= a.shape[3] <= 4 and min(a.shape[1:3]) >= 8:
+        return 3
+    return None
+
+
+def perturb(feeds: Mapping[str, np.ndarray], seed: int = _SEED) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The feeds moved at their own resolution (module doc), and how, per input."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    how: dict[str, str] = {}
+    for name in sorted(feeds):
+        a = np.asarray(feeds[name])
+        if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
+            out[name] = a
+            continue
+        sign = rng.choice(np.array([-1.0, 1.0]), size=a.shape)
+        axis = _image_like(a)
+        if axis is not None:
+            others = tuple(i for i in range(a.ndim) if i != axis)
+            step = (a.max(axis=others, keepdims=True) - a.min(axis=others, keepdims=True)).astype(np.float64) / 255.0
+            out[name] = (a + sign * step).astype(a.dtype)
+            how[name] = "+-1/255 of each channel's range (8-bit image)"
+        else:
+            out[name] = (a + sign * np.spacing(a)).astype(a.dtype)
+            how[name] = "+-1 ulp"
+    return out, how
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _sqnr_noise(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> float:
+    """Noise power / signal power over all samples together (0 when identical)."""
+    signal = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in refs)
+    noise = sum(float(np.sum((np.asarray(r, np.float64) - np.asarray(g, np.float64)) ** 2))
+                for r, g in zip(refs, gots))
+    if noise == 0.0:
+        return 0.0
+    return math.inf if signal == 0.0 else noise / signal
+
+
+def _probabilities(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    if _softmax_rows(a):
+        return a
+    e = np.exp(a - a.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _argmax_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> dict[str, float]:
+    ref = np.concatenate([np.asarray(r).reshape(-1, np.asarray(r).shape[-1]) for r in refs])
+    got = np.concatenate([np.asarray(g).reshape(-1, np.asarray(g).shape[-1]) for g in gots])
+    p = np.sort(_probabilities(ref), -1)
+    confident = (p[:, -1] - p[:, -2]) >= CONFIDENT_GAP
+    if not confident.any():
+        confident[:] = True
+    agree = ref.argmax(-1) == got.argmax(-1)
+    return {"argmax": 1.0 - float(np.mean(agree[confident]))}
+
+
+def ctc_greedy(probabilities: np.ndarray, blank: int = 0) -> list[list[int]]:
+    """Greedy CTC decode of ``[N, T, C]``: argmax per step, repeats merged, blanks dropped."""
+    best = np.asarray(probabilities).argmax(-1)
+    lines = []
+    for row in best.reshape(-1, best.shape[-1]):
+        keep = np.ones(len(row), bool)
+        keep[1:] = row[1:] != row[:-1]
+        lines.append([int(c) for c in row[keep] if c != blank])
+    return lines
+
+
+def _edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def _ctc_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> dict[str, float]:
+    exact = total = errors = length = 0
+    for r, g in zip(refs, gots):
+        for a, b in zip(ctc_greedy(r), ctc_greedy(g)):
+            total += 1
+            exact += a == b
+            errors += _edit_distance(a, b)
+            length += len(a)
+    return {"ctc_exact": 1.0 - exact / max(total, 1), "cer": errors / max(length, 1) if length else float(errors > 0)}
+
+
+def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components (4-neighbourhood) of a 2-D boolean mask."""
+    try:
+        from scipy import ndimage
+    except ImportError:  # pragma: no cover - scipy is optional
+        return _label_numpy(mask)
+    labels, count = ndimage.label(mask)
+    return labels, int(count)
+
+
+def _label_numpy(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components by min-label propagation (no scipy)."""
+    h, w = mask.shape
+    big = h * w
+    labels = np.where(mask, np.arange(big).reshape(h, w), big)
+    while True:
+        padded = np.pad(labels, 1, constant_values=big)
+        neighbours = np.minimum.reduce([padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1],
+                                        padded[1:-1, :-2], padded[1:-1, 2:]])
+        new = np.where(mask, neighbours, big)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    unique = np.unique(labels[mask])
+    relabel = np.zeros(big + 1, np.int64)
+    relabel[unique] = np.arange(1, len(unique) + 1)
+    return relabel[labels], len(unique)
+
+
+def map_boxes(probability_map: np.ndarray, threshold: float = MAP_THRESHOLD) -> list[np.ndarray]:
+    """Per image of ``[N, 1, H, W]`` / ``[N, H, W]``: the boxes ``[x0, y0, x1, y1]`` of the
+    connected components of ``map > threshold``."""
+    maps = np.asarray(probability_map)
+    maps = maps.reshape(-1, *maps.shape[-2:])
+    result = []
+    for m in maps:
+        labels, count = _label(m > threshold)
+        boxes = np.zeros((count, 4))
+        if count:
+            ys, xs = np.nonzero(labels)
+            ids = labels[ys, xs] - 1
+            boxes[:, 0] = np.full(count, np.inf)
+            boxes[:, 1] = np.full(count, np.inf)
+            np.minimum.at(boxes[:, 0], ids, xs)
+            np.minimum.at(boxes[:, 1], ids, ys)
+            np.maximum.at(boxes[:, 2], ids, xs + 1)
+            np.maximum.at(boxes[:, 3], ids, ys + 1)
+        result.append(boxes)
+    return result
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix of boxes ``[x0, y0, x1, y1]``."""
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)))
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])  # noqa: E731
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _matches(ref: np.ndarray, got: np.ndarray, ref_cls: np.ndarray | None = None,
+             got_cls: np.ndarray | None = None) -> int:
+    """Greedy one-to-one matches at IoU >= MATCH_IOU (same class when given)."""
+    iou = _iou(ref, got)
+    if ref_cls is not None and got_cls is not None and iou.size:
+        iou = np.where(ref_cls[:, None] == got_cls[None, :], iou, 0.0)
+    matched = 0
+    while iou.size and iou.max() >= MATCH_IOU:
+        i, j = np.unravel_index(int(np.argmax(iou)), iou.shape)
+        matched += 1
+        iou[i, :] = 0.0
+        iou[:, j] = 0.0
+    return matched
+
+
+def box_f1(ref_boxes: Sequence[np.ndarray], got_boxes: Sequence[np.ndarray],
+           ref_classes: Sequence[np.ndarray] | None = None, got_classes: Sequence[np.ndarray] | None = None,
+           ) -> tuple[float, int]:
+    """F1 of ``got`` against ``ref`` over all images (1 when both have none), and the
+    count of unmatched ``got`` boxes (false positives)."""
+    tp = n_ref = n_got = 0
+    for i, (r, g) in enumerate(zip(ref_boxes, got_boxes)):
+        rc = None if ref_classes is None else ref_classes[i]
+        gc = None if got_classes is None else got_classes[i]
+        tp += _matches(r, g, rc, gc)
+        n_ref += len(r)
+        n_got += len(g)
+    if n_ref + n_got == 0:
+        return 1.0, 0
+    return 2.0 * tp / (n_ref + n_got), n_got - tp
+
+
+def _map_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> dict[str, float]:
+    inter = union = 0
+    ref_boxes: list[np.ndarray] = []
+    got_boxes: list[np.ndarray] = []
+    for r, g in zip(refs, gots):
+        rm, gm = np.asarray(r) > MAP_THRESHOLD, np.asarray(g) > MAP_THRESHOLD
+        inter += int(np.sum(rm & gm))
+        union += int(np.sum(rm | gm))
+        ref_boxes += map_boxes(r)
+        got_boxes += map_boxes(g)
+    f1, false_positives = box_f1(ref_boxes, got_boxes)
+    return {"box_f1": 1.0 - f1, "mask_iou": 1.0 - (inter / union if union else 1.0),
+            "extra_boxes": float(false_positives)}
+
+
+def yolo_boxes(prediction: np.ndarray, score: float = BOX_SCORE) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image of ``[N, 4+K, A]``: (boxes ``[x0, y0, x1, y1]``, classes) after a score
+    threshold and per-class greedy NMS."""
+    result = []
+    for p in np.asarray(prediction, np.float64):
+        scores = p[4:].max(0)
+        classes = p[4:].argmax(0)
+        keep = np.nonzero(scores >= score)[0]
+        keep = keep[np.argsort(-scores[keep], kind="stable")][:1000]
+        cx, cy, w, h = p[:4, keep]
+        boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+        chosen: list[int] = []
+        for i in range(len(keep)):
+            if all(classes[keep[j]] != classes[keep[i]] or _iou(boxes[i:i + 1], boxes[j:j + 1])[0, 0] <= NMS_IOU
+                   for j in chosen):
+                chosen.append(i)
+        result.append((boxes[chosen], classes[keep[chosen]]))
+    return result
+
+
+def _boxes_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> dict[str, float]:
+    ref = [b for r in refs for b in yolo_boxes(r)]
+    got = [b for g in gots for b in yolo_boxes(g)]
+    f1, false_positives = box_f1([b for b, _ in ref], [b for b, _ in got], [c for _, c in ref], [c for _, c in got])
+    return {"box_f1": 1.0 - f1, "extra_boxes": float(false_positives)}
+
+
+_BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], dict[str, float]]] = {
+    "sqnr": lambda r, g: {"sqnr": _sqnr_noise(r, g)},
+    "argmax": _argmax_deviation,
+    "ctc": _ctc_deviation,
+    "detection-map": _map_deviation,
+    "boxes": _boxes_deviation,
+}
+_REPORTED_ONLY = frozenset({"extra_boxes"})  # shown, not judged
+
+
+def deviations(metric: str, refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> dict[str, float]:
+    """The deviations (0 when identical) of a built-in metric."""
+    if metric not in _BUILT_IN:
+        raise BadInputError(f"unknown INT8 metric '{metric}' (use {', '.join(METRICS)} or a callable)")
+    return _BUILT_IN[metric](refs, gots)
+
+
+def _db(noise_ratio: float) -> float:
+    if noise_ratio == 0.0:
+        return math.inf
+    return -10.0 * math.log10(noise_ratio) if math.isfinite(noise_ratio) else -math.inf
+
+
+def _finite(x: float) -> float | str:
+    if math.isfinite(x):
+        return round(x, 6)
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+# --------------------------------------------------------------------------- judge
+
+
+@dataclasses.dataclass
+class TaskJudge:
+    """Judges candidate outputs against the float model's, relative to its noise floor.
+
+    ``reference``: the float model's outputs on the held-out samples; ``perturbed``: its
+    outputs on the same samples perturbed (``perturb``). ``metric``: None or "auto" (per
+    output, ``choose_metric``), a name from ``METRICS`` (every float output), a callable
+    (``UserMetric``, over all outputs), or a mapping from output name to either.
+    """
+
+    reference: Outputs
+    perturbed: Outputs
+    metric: str | UserMetric | Mapping[str, str | UserMetric] | None = None
+    margin: float = DEFAULT_MARGIN
+    metric_target: float | None = None
+    min_sqnr_db: float = 25.0
+    perturbation: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.plan: dict[str, str | UserMetric] = {}
+        if callable(self.metric) and not isinstance(self.metric, Mapping):
+            self.plan["*"] = self.metric
+        else:
+            for name, values in self.reference.items():
+                if not values or not np.issubdtype(np.asarray(values[0]).dtype, np.floating):
+                    continue
+                given = self.metric.get(name) if isinstance(self.metric, Mapping) else self.metric
+                chosen = choose_metric(values[0]) if given in (None, "auto") else given
+                if isinstance(chosen, str) and chosen not in _BUILT_IN:
+                    raise BadInputError(
+                        f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
+                self.plan[name] = chosen  # type: ignore[assignment]
+        self.floor = self._deviations(self.perturbed)
+
+    def metric_names(self) -> dict[str, str]:
+        return {name: m if isinstance(m, str) else getattr(m, "__name__", "callable") for name, m in self.plan.items()}
+
+    def _deviations(self, got: Outputs) -> dict[str, dict[str, float]]:
+        result: dict[str, dict[str, float]] = {}
+        for name, metric in self.plan.items():
+            if isinstance(metric, str):
+                result[name] = deviations(metric, self.reference[name], got[name])
+                continue
+            ideal = float(metric(self.reference, self.reference))
+            if not math.isfinite(ideal):
+                raise BadInputError(f"the INT8 metric callback scores identical outputs {ideal} (must be finite)")
+            result[name] = {"score": ideal - float(metric(self.reference, got))}
+        return result
+
+    def __call__(self, got: Outputs) -> dict[str, Any]:
+        """``passed`` and, per output and component, the deviation next to the floor."""
+        measured = self._deviations(got)
+        rows: dict[str, dict[str, Any]] = {}
+        passed = True
+        for name, parts in measured.items():
+            metric = self.plan[name]
+            for part, deviation in parts.items():
+                floor = self.floor[name][part]
+                row: dict[str, Any] = {"metric": metric if isinstance(metric, str) else "callable",
+                                       "deviation": _finite(deviation), "floor": _finite(floor)}
+                if part in _REPORTED_ONLY:
+                    row["judged"] = False
+                    rows[f"{name}:{part}"] = row
+                    continue
+                minimum = 0.0 if part == "sqnr" else MIN_DEVIATION
+                allowed = self.margin * max(floor, minimum)
+                ok = deviation <= allowed
+                if part == "sqnr":
+                    row.update(sqnr_db=_finite(_db(deviation)), floor_sqnr_db=_finite(_db(floor)))
+                    ok = ok or _db(deviation) >= self.min_sqnr_db
+                elif self.metric_target is not None:
+                    score = (1.0 - deviation) if isinstance(metric, str) else (
+                        float(metric(self.reference, self.reference)) - deviation)
+                    ok = ok or score >= self.metric_target
+                row.update(allowed=_finite(allowed), passed=bool(ok))
+                passed = passed and ok
+                rows[f"{name}:{part}"] = row
+        return {"passed": passed, "margin": self.margin, "metrics": rows, "perturbation": dict(self.perturbation)}
