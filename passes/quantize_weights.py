@@ -1,0 +1,450 @@
+"""QuantizeWeightsPass: block-wise weight-only quantization (INT4/INT8) of MatMul and Gemm.
+
+Rewrite, for ``y = MatMul(a, W)`` / ``y = Gemm(a, B, C)`` with a constant float32 2-D
+weight (``W = B`` or ``B^T`` with ``transB``), the weight quantized block-wise along K by
+``optcc.quant.weight_only`` (RTN, HQQ or GPTQ; ``bits`` 4 or 8, ``block_size`` rows per
+block, symmetric or asymmetric):
+
+- ``target="onnxruntime"``: ``y = com.microsoft.MatMulNBits(a, B_q, scales[, zero_points])``
+  (K, N, bits, block_size; ``accuracy_level`` only when given), followed for a Gemm by
+  ``* alpha`` and ``+ beta * C``;
+- otherwise (portable): the node keeps reading a float weight, now
+  ``DequantizeLinear(W_q, scale[, zero], axis, block_size)`` with int4/uint4 (int8/uint8)
+  levels — block-wise DequantizeLinear needs opset 21: a model below it is upgraded with
+  onnx's version converter (weights set aside, so none is copied) and, when that fails,
+  left unchanged with the reason in ``stats["reason"]``.
+
+The float weights are removed once nothing reads them; activations stay float.
+
+Policy: with ``bits=4``, a *head* (a quantized node whose output reaches a graph output
+through data-movement and elementwise ops only: the logits projection) is quantized with
+``head_bits`` (8 by default; None: like the body), since an int4 head is the usual cause of
+degraded generation. ``embeddings=True`` also quantizes ``Gather(table, ids)`` of a
+constant float32 ``[V, H]`` table to int8 with one scale per row (rows are gathered
+first, then dequantized); a table tied to a MatMul/Gemm head is stored once as int8 per
+row and dequantized once for all its readers. Without ``embeddings`` a tied table stays
+float (its readers include a Gather).
+
+GPTQ needs ``samples`` (feed dicts): the Hessian ``X^T X`` of each layer's input is
+accumulated in float64 over them, one sample at a time, from the float model; without
+samples GPTQ falls back to RTN and says so in ``stats["note"]``.
+
+Preconditions: main-graph default-domain MatMul/Gemm (``transA = 0``), activation
+float32, weight a float32 2-D constant read only by such nodes with one orientation
+(and, with ``embeddings``, by Gathers on axis 0); node not in ``exclude`` (node or output
+names). Everything else is left alone with a reason in ``stats["kept_float"]``.
+
+onnxruntime's full graph optimization fuses a block-wise DequantizeLinear + MatMul into
+its own MatMulNBits with ``accuracy_level`` 4 (activations rounded to int8 inside the
+kernel; session option ``session.qdq_matmulnbits_accuracy_level``), so the portable form
+runs with that extra error there; the MatMulNBits target writes ``accuracy_level`` only
+when asked (default: float activations).
+
+Numerics ("int8"): lossy; the error is the weight's block-wise rounding, bounded per
+element by half a step (``|scale| / 2``) for RTN; the verifier judges the outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+import optcc
+import optcc.quant
+from optcc.passes.quantize_dynamic import drop_unused_weights
+
+__all__ = ["QuantizeWeightsPass"]
+
+weight_only = optcc.quant.weight_only
+
+BLOCKWISE_OPSET = 21
+_MS = "com.microsoft"
+# ops a head's output may pass through on its way to a graph output
+_HEAD_PASSTHROUGH = frozenset({"Add", "Sub", "Mul", "Div", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+                               "Identity", "Cast", "Flatten", "Softmax", "LogSoftmax"})
+
+
+class QuantizeWeightsPass(optcc.Pass):
+    """MatMul/Gemm weights -> block-wise INT4/INT8 (MatMulNBits or DequantizeLinear); see module doc."""
+
+    name = "quantize-weights"
+    level = None
+    numerics = "int8"
+
+    def __init__(self, *, bits: int = 4, block_size: int = 32, symmetric: bool = False,
+                 algorithm: str = "rtn", target: str = "portable", head_bits: int | None = 8,
+                 embeddings: bool = False, samples: Iterable[Mapping[str, np.ndarray]] | None = None,
+                 accuracy_level: int | None = None, exclude: Iterable[str] = ()) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise optcc.BadInputError(f"weight-only bits must be 4 or 8, got {bits}")
+        if block_size not in (16, 32, 64, 128, 256):
+            raise optcc.BadInputError(f"weight-only block_size must be 16, 32, 64, 128 or 256, got {block_size}")
+        if algorithm not in weight_only.ALGORITHMS:
+            raise optcc.BadInputError(
+                f"unknown weight-only algorithm {algorithm!r}; choose one of {', '.join(weight_only.ALGORITHMS)}")
+        if head_bits not in (None, 4, 8):
+            raise optcc.BadInputError(f"head_bits must be 4, 8 or None, got {head_bits}")
+        self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
+        self.algorithm, self.target = algorithm, target
+        self.head_bits = head_bits
+        self.embeddings = embeddings
+        self.samples = None if samples is None else list(samples)
+        self.accuracy_level = accuracy_level
+        self.exclude = frozenset(exclude)
+
+    # ------------------------------------------------------------------ planning
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        stats: dict[str, Any] = {"quantized": {}, "kept_float": {}, "head": [], "algorithm": self.algorithm,
+                                 "bits": self.bits, "block_size": self.block_size, "target": self.target}
+        graph = model.graph
+        layers, gathers, tied = self._plan(graph, stats)
+        if not layers and not gathers and not tied:
+            return optcc.PassResult(model, False, stats)
+        portable = self.target != "onnxruntime"
+        if (portable and layers) and optcc.ir.default_opset(model) < BLOCKWISE_OPSET:
+            reason = _upgrade_opset(model, BLOCKWISE_OPSET)
+            if reason:
+                stats["reason"] = reason
+                return optcc.PassResult(model, False, stats)
+            stats["opset_upgraded_to"] = BLOCKWISE_OPSET
+            graph = model.graph
+            layers, gathers, tied = self._plan(graph, {"quantized": {}, "kept_float": {}, "head": []})
+        heads = _heads(graph, {node for node, _ in layers})
+        hessians = self._hessians(model, layers, stats)
+        taken = optcc.ir.value_names(model)
+        replaced: list[ir.Value] = []
+        done: dict[tuple[ir.Value, int], Any] = {}
+        emitted: dict[int, Any] = {}  # id(quantized weight) -> what the first reader got
+        for node, w_value in layers:
+            bits = self.head_bits if (node in heads and self.bits == 4 and self.head_bits) else self.bits
+            if node in heads:
+                stats["head"].append({"node": node.name, "bits": bits})
+            key = (w_value, bits)
+            if key not in done:
+                w = _weight_kn(node, w_value)
+                hessian = hessians.get(node.inputs[0].name) if hessians else None
+                algorithm = self.algorithm if (self.algorithm != "gptq" or hessian is not None) else "rtn"
+                done[key] = weight_only.quantize(w, algorithm, bits, self.block_size, self.symmetric, hessian)
+            replaced.append(w_value)
+            if portable:
+                self._emit_dequantize(graph, node, w_value, done[key], taken, emitted)
+            else:
+                self._emit_matmul_nbits(model, node, done[key], taken, emitted)
+            label = f"{node.op_type} int{bits}"
+            stats["quantized"][label] = stats["quantized"].get(label, 0) + 1
+        for node, table in gathers:
+            replaced.append(table)
+            self._emit_gather(graph, node, table, taken)
+            stats["quantized"]["Gather int8"] = stats["quantized"].get("Gather int8", 0) + 1
+        for table in tied:
+            replaced.append(table)
+            self._emit_tied(graph, table, taken)
+            stats["quantized"]["tied table int8"] = stats["quantized"].get("tied table int8", 0) + 1
+        stats["float_weight_bytes_removed"] = drop_unused_weights(graph, dict.fromkeys(replaced))
+        return optcc.PassResult(model, True, stats)
+
+    def _plan(self, graph: ir.Graph, stats: dict[str, Any]
+              ) -> tuple[list[tuple[ir.Node, ir.Value]], list[tuple[ir.Node, ir.Value]], list[ir.Value]]:
+        """(MatMul/Gemm node, weight) pairs, (Gather, table) pairs and tied tables to quantize."""
+        layers: list[tuple[ir.Node, ir.Value]] = []
+        gathers: list[tuple[ir.Node, ir.Value]] = []
+        tied: list[ir.Value] = []
+
+        def skip(reason: str) -> None:
+            stats["kept_float"][reason] = stats["kept_float"].get(reason, 0) + 1
+
+        for node in graph:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Gather"):
+                continue
+            if self.exclude & {node.name, *(v.name for v in node.outputs)}:
+                skip("excluded")
+                continue
+            if node.op_type == "Gather":
+                table = node.inputs[0]
+                if not self.embeddings or table is None or _constant_matrix(table) is None:
+                    continue
+                if _attr(node, "axis", 0) != 0:
+                    skip("Gather not on axis 0")
+                    continue
+                kinds = {_use_kind(u) for u in table.uses()}
+                if table.is_graph_output() or None in kinds:
+                    skip("embedding table shared with another op")
+                elif kinds == {"gather"}:
+                    gathers.append((node, table))
+                elif table not in tied:
+                    tied.append(table)
+                continue
+            reason = self._layer_reason(node)
+            if reason and reason.startswith("weight tied") and self.embeddings:
+                continue  # quantized with its table
+            if reason:
+                skip(reason)
+                continue
+            layers.append((node, node.inputs[1]))
+        if tied:
+            layers = [(n, w) for n, w in layers if w not in tied]
+        return layers, gathers, tied
+
+    def _layer_reason(self, node: ir.Node) -> str | None:
+        a, w_value = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+        if node.op_type == "Gemm" and _attr(node, "transA", 0):
+            return "Gemm with transA"
+        if a is None or w_value is None or (a.dtype is not None and a.dtype != ir.DataType.FLOAT):
+            return "activation not float32"
+        if optcc.ir.as_numpy(a) is not None:
+            return "activation constant"
+        w = _constant_matrix(w_value)
+        if w is None:
+            return "weight not a constant float32 matrix"
+        if a.shape is not None and len(a.shape) < 2 and self.target == "onnxruntime":
+            return "activation of rank 1"
+        kinds = {_use_kind(u) for u in w_value.uses()}
+        if w_value.is_graph_output() or None in kinds:
+            return "weight shared with another op"
+        if "gather" in kinds:
+            return "weight tied to an embedding Gather (quantize embeddings to include it)"
+        if len(kinds) > 1:
+            return "weight read transposed and not"
+        return None
+
+    def _hessians(self, model: ir.Model, layers: list[tuple[ir.Node, ir.Value]], stats: dict[str, Any]
+                  ) -> dict[str, np.ndarray] | None:
+        if self.algorithm != "gptq" or not layers:
+            return None
+        if not self.samples:
+            stats["note"] = "GPTQ needs calibration samples; none given, so RTN was used"
+            return None
+        inputs = {node.inputs[0].name: _weight_kn(node, w).shape[0] for node, w in layers}
+        hessians, count = weight_only.collect_hessians(model, inputs, self.samples)
+        stats["gptq_samples"] = count
+        return hessians
+
+    # ------------------------------------------------------------------ emission
+
+    def _emit_dequantize(self, graph: ir.Graph, node: ir.Node, w_value: ir.Value, bq: Any, taken: set[str],
+                         emitted: dict[int, Any]) -> None:
+        if id(bq) in emitted:  # nodes sharing a weight share its dequantization
+            node.replace_input_with(1, emitted[id(bq)])
+            return
+        transposed = _transposed(node)
+        q, zero = bq.storage()
+        scales = bq.scales
+        if transposed:  # B is [N, K]: store it so, blocks along axis 1
+            q, scales = q.T, scales.T
+            zero = None if zero is None else zero.T
+        base = w_value.name or "weight"
+        inputs = [_initializer(graph, _name(taken, f"{base}_q{bq.bits}"), np.ascontiguousarray(q)),
+                  _initializer(graph, _name(taken, f"{base}_scale"), np.ascontiguousarray(scales, np.float32))]
+        if zero is not None:
+            inputs.append(_initializer(graph, _name(taken, f"{base}_zero_point"), np.ascontiguousarray(zero)))
+        dq = ir.node("DequantizeLinear", inputs, {"axis": 1 if transposed else 0, "block_size": bq.block_size},
+                     name=_name(taken, f"{base}_dequantize"))
+        dq.outputs[0].name = _name(taken, f"{base}_dequantized")
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].shape = ir.Shape(q.shape)
+        graph.insert_before(node, dq)
+        node.replace_input_with(1, dq.outputs[0])
+        emitted[id(bq)] = dq.outputs[0]
+
+    def _emit_matmul_nbits(self, model: ir.Model, node: ir.Node, bq: Any, taken: set[str],
+                           emitted: dict[int, Any]) -> None:
+        graph = model.graph
+        model.opset_imports.setdefault(_MS, 1)
+        k, n = bq.q.shape
+        base = node.inputs[1].name or "weight"
+        if id(bq) not in emitted:  # nodes sharing a weight share its packed initializers
+            b, scales, zero = weight_only.pack_matmul_nbits(bq)
+            made = [_initializer(graph, _name(taken, f"{base}_q{bq.bits}"), b),
+                    _initializer(graph, _name(taken, f"{base}_scales"), scales)]
+            if zero is not None:
+                made.append(_initializer(graph, _name(taken, f"{base}_zero_points"), zero.reshape(-1)))
+            emitted[id(bq)] = made
+        inputs = [node.inputs[0], *emitted[id(bq)]]
+        attrs: dict[str, Any] = {"K": k, "N": n, "bits": bq.bits, "block_size": bq.block_size}
+        if self.accuracy_level is not None:
+            attrs["accuracy_level"] = self.accuracy_level
+        old = node.outputs[0]
+        name, type_, shape = old.name, old.type, old.shape
+        result = ir.Value(name=None, type=type_, shape=shape)
+        tail: list[ir.Node] = []
+        alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+        has_c = node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None
+        current = result if (alpha == 1.0 and not has_c) else ir.Value(name=_name(taken, f"{name}_nbits"))
+        mm = ir.node("MatMulNBits", inputs, attrs, domain=_MS, outputs=[current],
+                     name=_name(taken, f"{node.name or base}_nbits"))
+        if alpha != 1.0:
+            factor = _initializer(graph, _name(taken, f"{name}_alpha"), np.array(alpha, np.float32))
+            scaled = result if not has_c else ir.Value(name=_name(taken, f"{name}_scaled"))
+            tail.append(ir.node("Mul", [current, factor], outputs=[scaled]))
+            current = scaled
+        if has_c:
+            c = node.inputs[2]
+            beta = float(_attr(node, "beta", 1.0))
+            constant = optcc.ir.as_numpy(c)
+            if beta != 1.0 and constant is not None:
+                c = _initializer(graph, _name(taken, f"{name}_bias"), (constant.astype(np.float64) * beta).astype(np.float32))
+            elif beta != 1.0:
+                factor = _initializer(graph, _name(taken, f"{name}_beta"), np.array(beta, np.float32))
+                mul = ir.node("Mul", [c, factor])
+                mul.outputs[0].name = _name(taken, f"{name}_scaled_bias")
+                tail.append(mul)
+                c = mul.outputs[0]
+            tail.append(ir.node("Add", [current, c], outputs=[result]))
+        graph.insert_after(node, [mm, *tail])
+        old.replace_all_uses_with(result, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        old.name = None
+        result.name = name
+
+    def _row_int8(self, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Symmetric int8 with one scale per row (the block is the whole row)."""
+        bq = weight_only.quantize_rtn(table.T, 8, _pow2_at_least(table.shape[1]), symmetric=True)
+        return bq.q.T.astype(np.int8), bq.scales.T.astype(np.float32)  # [V, H], [V, 1]
+
+    def _emit_gather(self, graph: ir.Graph, node: ir.Node, table: ir.Value, taken: set[str]) -> None:
+        q, scale = self._row_int8(optcc.ir.as_numpy(table))
+        base = table.name or "embedding"
+        q_value = _initializer(graph, _name(taken, f"{base}_q8"), q)
+        s_value = _initializer(graph, _name(taken, f"{base}_row_scale"), scale)
+        ids = node.inputs[1]
+        gq = ir.node("Gather", [q_value, ids], {"axis": 0})
+        gs = ir.node("Gather", [s_value, ids], {"axis": 0})
+        cast = ir.node("Cast", [gq.outputs[0]], {"to": ir.DataType.FLOAT})
+        for made, suffix in ((gq, "rows_q8"), (gs, "rows_scale"), (cast, "rows_float")):
+            made.outputs[0].name = _name(taken, f"{base}_{suffix}")
+        old = node.outputs[0]
+        name, type_, shape = old.name, old.type, old.shape
+        result = ir.Value(name=None, type=type_, shape=shape)
+        mul = ir.node("Mul", [cast.outputs[0], gs.outputs[0]], outputs=[result], name=node.name or None)
+        graph.insert_after(node, [gq, gs, cast, mul])
+        old.replace_all_uses_with(result, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        old.name = None
+        result.name = name
+
+    def _emit_tied(self, graph: ir.Graph, table: ir.Value, taken: set[str]) -> None:
+        q, scale = self._row_int8(optcc.ir.as_numpy(table))
+        base = table.name or "embedding"
+        cast = ir.node("Cast", [_initializer(graph, _name(taken, f"{base}_q8"), q)], {"to": ir.DataType.FLOAT})
+        cast.outputs[0].name = _name(taken, f"{base}_q8_float")
+        mul = ir.node("Mul", [cast.outputs[0], _initializer(graph, _name(taken, f"{base}_row_scale"), scale)])
+        mul.outputs[0].name = _name(taken, f"{base}_dequantized")
+        mul.outputs[0].dtype, mul.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(q.shape)
+        first = min((u.node for u in table.uses()), key=lambda n: list(graph).index(n))
+        graph.insert_before(first, [cast, mul])
+        for use in list(table.uses()):
+            use.node.replace_input_with(use.idx, mul.outputs[0])
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _attr(node: ir.Node, name: str, default: Any) -> Any:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _transposed(node: ir.Node) -> bool:
+    return node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
+
+
+def _use_kind(use: Any) -> str | None:
+    """How a weight is read: "kn" / "nk" (MatMul/Gemm input 1), "gather", else None."""
+    node, idx = use.node, use.idx
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type in ("MatMul", "Gemm") and idx == 1:
+        return "nk" if _transposed(node) else "kn"
+    if node.op_type == "Gather" and idx == 0 and _attr(node, "axis", 0) == 0:
+        return "gather"
+    return None
+
+
+def _constant_matrix(value: ir.Value) -> np.ndarray | None:
+    if value.const_value is None and value.producer() is None:
+        return None
+    array = optcc.ir.as_numpy(value)
+    if array is None or array.dtype != np.float32 or array.ndim != 2:
+        return None
+    return array
+
+
+def _weight_kn(node: ir.Node, w_value: ir.Value) -> np.ndarray:
+    w = optcc.ir.as_numpy(w_value)
+    assert w is not None
+    return w.T if _transposed(node) else w
+
+
+def _pow2_at_least(n: int) -> int:
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _heads(graph: ir.Graph, candidates: set[ir.Node]) -> set[ir.Node]:
+    """Candidates whose output reaches a graph output through pass-through ops only."""
+    heads = set()
+    for node in candidates:
+        frontier, seen = [node.outputs[0]], set()
+        while frontier:
+            value = frontier.pop()
+            if value in seen:
+                continue
+            seen.add(value)
+            if value.is_graph_output():
+                heads.add(node)
+                break
+            for use in value.uses():
+                if use.node.op_type in _HEAD_PASSTHROUGH and use.node.domain in ("", "ai.onnx"):
+                    frontier.extend(use.node.outputs)
+    return heads
+
+
+def _name(taken: set[str], base: str) -> str:
+    return optcc.ir.unique_value_name(None, taken=taken, base=base)
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    tensor = ir.Tensor(array, name=name)
+    value = ir.Value(name=name, const_value=tensor)
+    value.dtype = tensor.dtype
+    value.shape = ir.Shape(array.shape)
+    graph.register_initializer(value)
+    return value
+
+
+def _upgrade_opset(model: ir.Model, target: int) -> str | None:
+    """Move the model's default-domain opset to ``target`` in place with onnx's version
+    converter; the main graph's weights are handed to it as typed graph inputs (no data
+    copied) and put back afterwards. Returns why it could not, or None."""
+    current = optcc.ir.default_opset(model)
+    with optcc.ir.initializers_set_aside(model, lambda t: True) as aside:
+        proto = optcc.ir.serialize(model)
+    tensors = {value.name: tensor for value, tensor in aside}
+    listed = {i.name for i in proto.graph.input}
+    kept = [t for t in proto.graph.initializer if t.name not in tensors]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    proto.graph.input.extend(onnx.helper.make_tensor_value_info(name, int(t.dtype), list(t.shape.dims))
+                             for name, t in tensors.items() if name not in listed)
+    try:
+        converted = onnx.version_converter.convert_version(proto, target)
+        upgraded = ir.serde.deserialize_model(converted)
+    except Exception as e:  # noqa: BLE001 - the converter raises plain errors
+        line = " ".join(str(e).split())[:200]
+        return (f"block-wise DequantizeLinear needs opset {target}; the model is at opset {current} and "
+                f"onnx's version converter cannot upgrade it ({line}); use target='onnxruntime' (MatMulNBits)")
+    graph = upgraded.graph
+    for value in list(graph.inputs):
+        if value.name in tensors:
+            if value.name not in listed:
+                graph.inputs.remove(value)
+            value.const_value = tensors[value.name]
+            graph.register_initializer(value)
+    model.graph = graph
+    model.ir_version = max(int(model.ir_version or 0), 10)  # opset 21 and int4 need IR >= 10
+    return None
