@@ -1,17 +1,18 @@
 """Docs that run: every fenced code block in README.md, docs/*.md and benchmarks/README.md is
 checked, one test per block (the test id names the file and the line of the fence).
 
-- ```python blocks run, each in a fresh interpreter (so a block that registers a pass or
-  sets global state cannot leak into another), with the working directory set to a fresh
-  copy of the sample folder below. Tracebacks carry the Markdown file's line numbers.
+- ```python blocks run as ``__main__``, each in a fresh process (so a block that registers
+  a pass or sets global state cannot leak into another), with the working directory set to
+  a fresh copy of the sample folder below. Tracebacks carry the Markdown file's line numbers.
 - ```bash / ```sh / ```shell / ```console blocks (in ```console only the lines after a
   ``$ `` prompt): ``python -m optcc ...`` and ``optcc ...`` commands run for real, in
   order, in that folder (through ``optcc.cli.main``, what both call, in this process: an
-  interpreter start per command would cost more than the commands), and must exit 0 unless the line ends with a comment
-  ``# exits N``; an ``-o FILE`` or ``--report FILE`` they name must exist afterwards when
-  they exit 0. ``pip install`` is skipped (installing is CI's job). Every other line must
-  be a comment or a command listed in KNOWN_COMMANDS (not run); anything else fails, so a
-  block that is not meant to run has to say so with ```text.
+  interpreter start per command would cost more than the commands), and must exit 0
+  unless the line ends with a comment ``# exits N``; when one exits 0, the output it
+  names (``-o FILE``, else MODEL.opt.onnx when it starts with the model) and its
+  ``--report FILE`` must exist. ``pip install`` is skipped (installing is CI's job).
+  Every other line must be a comment or a command listed in KNOWN_COMMANDS (not run);
+  anything else fails, so a block that is not meant to run has to say so with ```text.
 - ```toml blocks must parse; ```text and ```json blocks are not run.
 - A fence without a language fails: mark it ```text (not run) or name its language.
 - Every Markdown table renders: its second line is the header separator and every row has
@@ -28,7 +29,9 @@ import dataclasses
 import os
 import re
 import shlex
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -56,6 +59,10 @@ PYTHON_BLOCK_TIMEOUT_S = 120
 EXITS = re.compile(r"#\s*exits\s+(\d+)\s*$")
 
 
+def _rel(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 @dataclasses.dataclass(frozen=True)
 class Block:
     path: Path
@@ -65,7 +72,7 @@ class Block:
 
     @property
     def id(self) -> str:
-        return f"{self.path.relative_to(ROOT)}:{self.line}"
+        return f"{_rel(self.path)}:{self.line}"
 
 
 def _blocks(path: Path) -> list[Block]:
@@ -118,14 +125,67 @@ def _env() -> dict[str, str]:
 
 # --------------------------------------------------------------------------- runners
 
-def _run_python(block: Block, work: Path) -> None:
+# Python blocks run in processes forked from one interpreter that has done the slow imports
+# (numpy, onnx, onnx-ir, onnxruntime, optcc) but created no onnxruntime session: each block
+# gets a fresh process (nothing it sets or registers outlives it) for a fraction of the cost
+# of starting an interpreter.
+_FORK_SERVER = r"""
+import os, runpy, sys, traceback
+import numpy, onnx, onnx_ir, onnxruntime, optcc, optcc.passes  # noqa: F401 - imported once
+for request in sys.stdin:
+    script, work = request.rstrip("\n").split("\t")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.chdir(work)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            sys.stdin = open(os.devnull)
+            log = os.open("_block.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            sys.argv = [script]
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def fork_server():
+    server = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+    yield server
+    server.stdin.close()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def _run_python(block: Block, work: Path, server: subprocess.Popen) -> None:
     # Blank lines first, so a traceback's line numbers are the Markdown file's.
     script = work / f"_{block.path.stem}_{block.line}.py"
     script.write_text("\n" * block.line + block.text)
-    done = subprocess.run([sys.executable, str(script)], cwd=work, env=_env(), capture_output=True,
-                          text=True, timeout=PYTHON_BLOCK_TIMEOUT_S)
-    assert done.returncode == 0, (
-        f"python block at {block.id} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    assert server.poll() is None, "the fork server of tests/test_docs.py exited"
+    server.stdin.write(f"{script}\t{work}\n")
+    server.stdin.flush()
+    ready, _, _ = select.select([server.stdout], [], [], PYTHON_BLOCK_TIMEOUT_S)
+    if not ready:
+        os.killpg(server.pid, signal.SIGKILL)
+        pytest.fail(f"python block at {block.id} ran past {PYTHON_BLOCK_TIMEOUT_S} s")
+    code = int(server.stdout.readline())
+    log = (work / "_block.log").read_text()
+    assert code == 0, f"python block at {block.id} failed (exit {code}):\n{log[-4000:]}"
 
 
 def _shell_commands(block: Block) -> list[tuple[int, str]]:
@@ -142,7 +202,7 @@ def _shell_commands(block: Block) -> list[tuple[int, str]]:
                 line = line[2:].strip()
             pending_line = offset
         if line.endswith("\\"):
-            pending += line[:-1] + " "
+            pending += line[:-1].rstrip() + " "
             continue
         command, pending = (pending + line).strip(), ""
         if command:
@@ -173,10 +233,11 @@ def _check_known(segment: str, where: str) -> None:
 
 
 def _written_files(argv: list[str]) -> list[str]:
-    files = []
-    for flag in ("-o", "--output", "--report"):
-        if flag in argv[:-1]:
-            files.append(argv[argv.index(flag) + 1])
+    """The files an optimizing command promises: ``-o``/``--output`` (else MODEL.opt.onnx
+    when the command starts with the model) and ``--report``."""
+    files = [argv[argv.index(flag) + 1] for flag in ("-o", "--output", "--report") if flag in argv[:-1]]
+    if argv and argv[0].endswith(".onnx") and not {"-o", "--output"} & set(argv):
+        files.append(str(cli.default_output(argv[0])))
     return files
 
 
@@ -197,7 +258,7 @@ def _run_shell(block: Block, work: Path, capsys: pytest.CaptureFixture[str]) -> 
     """Run the block's optcc commands: how many ran, and what was skipped and why."""
     ran, skipped = 0, []
     for line, command in _shell_commands(block):
-        where = f"{block.path.relative_to(ROOT)}:{line}"
+        where = f"{_rel(block.path)}:{line}"
         expected = 0
         exits = EXITS.search(command)
         if exits:
@@ -224,12 +285,13 @@ def _run_shell(block: Block, work: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
-def test_code_block(block: Block, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_code_block(block: Block, workdir: Path, capsys: pytest.CaptureFixture[str],
+                    fork_server: subprocess.Popen) -> None:
     if block.lang == "":
         pytest.fail(f"{block.id}: code block without a language; mark it ```text (not run) "
                     "or name its language (```python, ```bash, ...)")
     if block.lang == "python":
-        _run_python(block, workdir)
+        _run_python(block, workdir, fork_server)
     elif block.lang in SHELL_LANGS:
         assert _shell_commands(block), f"{block.id}: a shell block without commands"
         ran, skipped = _run_shell(block, workdir, capsys)
@@ -283,9 +345,9 @@ TABLES = [(doc, line, rows) for doc in DOCS for line, rows in _tables(doc)]
 
 
 @pytest.mark.parametrize("doc,line,rows", TABLES,
-                         ids=[f"{d.relative_to(ROOT)}:{n}" for d, n, _ in TABLES])
+                         ids=[f"{_rel(d)}:{n}" for d, n, _ in TABLES])
 def test_table_renders(doc: Path, line: int, rows: list[str]) -> None:
-    where = f"{doc.relative_to(ROOT)}:{line}"
+    where = f"{_rel(doc)}:{line}"
     assert len(rows) >= 2 and re.fullmatch(r"\|?(\s*:?-{3,}:?\s*\|)*\s*:?-{3,}:?\s*\|?", rows[1]), (
         f"{where}: lines starting with '|' but no header separator on the second line "
         "(a table cut by a blank line renders as text)")
@@ -293,9 +355,38 @@ def test_table_renders(doc: Path, line: int, rows: list[str]) -> None:
     assert _cells(rows[1]) == header, f"{where}: the separator has {_cells(rows[1])} cells, the header {header}"
     for offset, row in enumerate(rows[2:], start=2):
         assert _cells(row) == header, (
-            f"{doc.relative_to(ROOT)}:{line + offset}: {_cells(row)} cells, the header has {header}")
+            f"{_rel(doc)}:{line + offset}: {_cells(row)} cells, the header has {header}")
 
 
 def test_docs_are_found() -> None:
     assert len(DOCS) >= 5 and all(doc.is_file() for doc in DOCS)
     assert any(b.lang == "python" for b in BLOCKS) and any(b.lang in SHELL_LANGS for b in BLOCKS)
+
+
+def test_the_checks_catch_broken_docs(tmp_path: Path, sample_folder: Path, fork_server: subprocess.Popen,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The machinery above fails on what it must fail on (so a green run means something)."""
+    doc = tmp_path / "broken.md"
+    doc.write_text(
+        "| a | b |\n|---|---|\n| 1 | 2 | 3 |\n\n| loose | row |\n\n"
+        "```\nno language\n```\n"
+        "```python\nraise ValueError('boom')\n```\n"
+        "```bash\npython -m optcc model.onnx --passes no-such-pass\nrm -rf /\n```\n"
+        "```console\n$ python -m optcc missing.onnx \\\n    -O1  # exits 2\noutput line\n```\n")
+    blocks = _blocks(doc)
+    assert [(b.line, b.lang) for b in blocks] == [(7, ""), (10, "python"), (13, "bash"), (17, "console")]
+    (first, rows), (second, loose) = _tables(doc)
+    assert (first, second) == (1, 5) and [_cells(r) for r in rows] == [2, 2, 3] and len(loose) == 1
+    assert _cells(r"| `a\|b` | c |") == 2
+    assert _shell_commands(blocks[3]) == [(18, "python -m optcc missing.onnx -O1  # exits 2")]
+
+    work = tmp_path / "work"
+    shutil.copytree(sample_folder, work)
+    with pytest.raises(AssertionError, match="ValueError: boom"):
+        _run_python(blocks[1], work, fork_server)
+    with pytest.raises(AssertionError, match="exited 2, the doc expects 0"):
+        _run_shell(blocks[2], work, capsys)
+    bad_line = dataclasses.replace(blocks[2], text="rm -rf /\n")
+    with pytest.raises(pytest.fail.Exception, match="neither an optcc command"):
+        _run_shell(bad_line, work, capsys)
+    assert _run_shell(blocks[3], work, capsys) == (1, [])
