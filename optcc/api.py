@@ -97,6 +97,7 @@ def optimize(
     int8_calibration: Iterable[Feeds] | None = None,
     int8_method: str = "minmax",
     int8_dynamic: bool = False,
+    weight_only: str | Mapping[str, Any] | None = None,
     int8_options: Mapping[str, Any] | None = None,
     fold_large: bool = False,
     overwrite_input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -120,7 +121,9 @@ def optimize(
     ``int8_options`` are passed to ``optcc.quant.driver.quantize_int8`` (e.g.
     ``{"require_speedup": False}``, ``{"target": Target(min_sqnr_db=30)}``); when INT8 is
     declined (not faster, or misses the target) the report says why in a warning.
-    ``int8_dynamic`` quantizes MatMuls dynamically. These change what is computed, so the
+    ``int8_dynamic`` quantizes MatMuls dynamically. ``weight_only`` ("int4", "int8", or the
+    options of the ``quantize-weights`` pass; MatMulNBits at -O3, else portable) quantizes
+    MatMul/Gemm weights block-wise. These change what is computed, so the
     final verification uses the FP16/INT8 tolerances.
 
     ``input_shapes`` sizes the generated verification inputs only; ``overwrite_input_shapes``
@@ -165,6 +168,12 @@ def optimize(
             inputs = samples[-max(1, len(samples) // 5):]  # the held-out part
     if int8_dynamic:
         pipeline.append(create_pass("quantize-dynamic"))
+    if weight_only:
+        if isinstance(weight_only, str) and weight_only not in ("int4", "int8"):
+            raise BadInputError(f"weight_only must be 'int4' or 'int8', got {weight_only!r}")
+        wo = {"bits": int(weight_only[3:])} if isinstance(weight_only, str) else dict(weight_only)
+        wo.setdefault("target", "onnxruntime" if level >= 3 and passes is None else "portable")
+        pipeline.append(create_pass("quantize-weights", **wo))
 
     verifier = None
     if verify or verify_each:

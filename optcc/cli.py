@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --int8: keep calibration statistics in DIR (keyed by model, data and method) and reuse them")
     g.add_argument("--no-int8-bias-correction", action="store_true",
                    help="with --int8: keep the quantized Convs' and Gemms' biases as rounded (no empirical bias correction)")
+    g.add_argument("--int8-metric", choices=["auto", "sqnr", "argmax", "ctc", "detection-map", "boxes", "target"],
+                   default="auto", help="with --int8: how the quantized model is judged against float32's noise floor "
+                   "(auto: from each output's nature; target: SQNR and argmax thresholds only); docs/int8.md")
     g.add_argument("--int8-per-tensor", action="store_true",
                    help="with --int8: one weight scale per tensor instead of per output channel")
     g.add_argument("--int8-activations", choices=["uint8", "int8"], default="uint8",
@@ -144,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --int8: keep these op types, node names or output names float (repeatable, comma-separated)")
     g.add_argument("--int8-dynamic", action="store_true",
                    help="quantize MatMuls dynamically to INT8 (no calibration data needed)")
+    g.add_argument("--weights", choices=["int4", "int8"],
+                   help="weight-only block-wise quantization of MatMul/Gemm weights (MatMulNBits at -O3, else DequantizeLinear)")
     g.add_argument("--allow-float-fallback", action="store_true",
                    help="when FP16/INT8 is declined or reverted, write the float model (exit 0, a warning) "
                         "instead of exit 5")
@@ -336,9 +341,11 @@ def run(argv: Sequence[str] | None = None) -> int:
                           "per_channel": not args.int8_per_tensor,
                           "bias_correction": not args.no_int8_bias_correction,
                           "activation_type": args.int8_activations,
+                          "metric": None if args.int8_metric == "target" else args.int8_metric,
                           "exclude": [e for item in args.int8_exclude for e in _split(item)]},
             tolerances={"int8": dataclasses.replace(TOLERANCES["int8"], min_sqnr_db=args.int8_target_sqnr)},
             int8_dynamic=args.int8_dynamic,
+            weight_only=args.weights,
             fold_large=args.fold_large,
             allow_unverified=args.allow_unverified,
             allow_float_fallback=args.allow_float_fallback,

@@ -304,3 +304,15 @@ def test_second_run_changes_nothing() -> None:
     again = QuantizeWeightsPass(bits=4)(q)
     assert not again.modified
     assert ml_dtypes is not None
+
+
+def test_optimize_weight_only_option_picks_the_target_by_level() -> None:
+    model = _mlp(opset=17)
+    reference = _forward(_weights(model), X)
+    for level, op in ((2, "DequantizeLinear"), (3, "MatMulNBits")):
+        result = optcc.optimize(model, level=level, weight_only="int4", verify=False)
+        ops = [n.op_type for n in result.model.graph.node]
+        assert ops.count(op) == 3 and (level == 2 or "MatMul" not in ops)
+        assert _sqnr(reference, _run(result.model, X)) > 18
+    with pytest.raises(optcc.BadInputError, match="int4"):
+        optcc.optimize(model, weight_only="int3", verify=False)
