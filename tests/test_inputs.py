@@ -59,7 +59,7 @@ def test_legacy_negative_dim_is_dynamic() -> None:
 
 
 def test_dynamic_channels_take_the_size_the_conv_weight_expects() -> None:
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
     x = helper.make_tensor_value_info("x", F, ["n", "c", "h", "w"])
     y = helper.make_tensor_value_info("y", F, None)
     model = _model([helper.make_node("Conv", ["x", "w"], ["y"])], [x], [y], [w])
@@ -70,7 +70,8 @@ def test_dynamic_channels_take_the_size_the_conv_weight_expects() -> None:
 
 def test_unknown_names_and_wrong_ranks_are_refused() -> None:
     x = helper.make_tensor_value_info("x", F, ["n", 4])
-    m = _ir(_model([helper.make_node("Relu", ["x"], ["y"])], [x], [helper.make_tensor_value_info("y", F, None)]))
+    y = helper.make_tensor_value_info("y", F, None)
+    m = _ir(_model([helper.make_node("Relu", ["x"], ["y"])], [x], [y]))
     with pytest.raises(BadInputError, match="'nope'"):
         generate_inputs(m, {"nope": [1, 4]})
     with pytest.raises(BadInputError, match="rank 2"):
@@ -291,7 +292,8 @@ def test_npz_without_a_sample_axis_is_one_sample(tmp_path: Path) -> None:
     # the model decides a file whose ranks fit both readings
     only_x = tmp_path / "only_x.npz"
     x1 = helper.make_tensor_value_info("x", F, ["n", 4])
-    relu = _model([helper.make_node("Relu", ["x"], ["y"])], [x1], [helper.make_tensor_value_info("y", F, None)])
+    y1 = helper.make_tensor_value_info("y", F, None)
+    relu = _model([helper.make_node("Relu", ["x"], ["y"])], [x1], [y1])
     np.savez(only_x, x=np.ones((5, 4), np.float32))
     assert [s["x"].shape for s in load_npz_samples(only_x)] == [(4,)] * 5
     assert [s["x"].shape for s in load_npz_samples(only_x, relu)] == [(5, 4)]

@@ -184,21 +184,23 @@ def _interface_fills(
         if info.name in weights:  # below IR 4 a weight may be listed as an input
             t = weights[info.name]
             fill = onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims))
-            fills.append((f"input:{info.name}", fill, f"input '{info.name}': {_type_text(fill)} from its initializer"))
+            fills.append(_fill("input", info.name, fill, "from its initializer"))
             continue
         elem = info.type.tensor_type.elem_type if info.type.HasField("tensor_type") else 0
         if not elem:
-            raise BadInputError(f"invalid ONNX model: graph input '{info.name}' has no element type", label)
+            raise BadInputError(
+                f"invalid ONNX model: graph input '{info.name}' has no element type", label
+            )
         ranks = [r for r in range(_MAX_TRIED_RANK + 1) if _rank_fits(light, info.name, elem, r)]
         if len(ranks) != 1:
+            fitting = f"ranks {ranks} all fit" if ranks else "no rank fits"
             raise BadInputError(
                 f"graph input '{info.name}' declares no shape, and its rank cannot be inferred "
-                f"from its consumers ({'ranks ' + str(ranks) + ' all fit' if ranks else 'no rank fits'}); "
-                "add the shape to the model",
+                f"from its consumers ({fitting}); add the shape to the model",
                 label,
             )
         fill = onnx.helper.make_tensor_type_proto(elem, [None] * ranks[0])
-        fills.append((f"input:{info.name}", fill, f"input '{info.name}': {_type_text(fill)} (rank from shape inference)"))
+        fills.append(_fill("input", info.name, fill, "(rank from shape inference)"))
     if outputs:
         for where, fill, _ in fills:
             _set_type(light, where, fill)
@@ -219,8 +221,12 @@ def _interface_fills(
                     label,
                 )
             fill = _without_placeholder_dims(fill)
-            fills.append((f"output:{info.name}", fill, f"output '{info.name}': {_type_text(fill)} from {source}"))
+            fills.append(_fill("output", info.name, fill, f"from {source}"))
     return fills
+
+
+def _fill(kind: str, name: str, fill: onnx.TypeProto, how: str) -> tuple[str, onnx.TypeProto, str]:
+    return f"{kind}:{name}", fill, f"{kind} '{name}': {_type_text(fill)} {how}"
 
 
 def _without_placeholder_dims(t: onnx.TypeProto) -> onnx.TypeProto:
@@ -312,7 +318,9 @@ def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     for sparse in proto.graph.sparse_initializer:
         if sparse.values.name not in listed:
             graph.input.append(
-                onnx.helper.make_tensor_value_info(sparse.values.name, sparse.values.data_type, list(sparse.dims))
+                onnx.helper.make_tensor_value_info(
+                    sparse.values.name, sparse.values.data_type, list(sparse.dims)
+                )
             )
     return light
 

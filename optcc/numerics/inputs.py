@@ -59,7 +59,7 @@ DEFAULT_SAMPLE_RATE = 16000
 _SAMPLE_RATE_NAMES = frozenset({"sr", "sample_rate", "sampling_rate"})
 _INDEX_PASSTHROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
 _MASK_PASSTHROUGH = frozenset({"Unsqueeze", "Reshape", "Expand", "Squeeze", "Identity"})
-_PAST_NAME = re.compile(r"^past(_key_values)?[._]|^past_", re.IGNORECASE)
+_PAST_NAME = re.compile(r"^past[._]", re.IGNORECASE)  # past_key_values.0.key, past_0, past.1
 
 Range = tuple[float, float]
 
@@ -177,10 +177,12 @@ def _index_bound(value: ir.Value, depth: int = 0) -> int | None:
             data = node.inputs[0]
             if data is None or data.shape is None or data.shape.rank() == 0:
                 continue
-            axis = 0 if node.op_type == "GatherND" else node.attributes.get_int("axis", 0)
-            dim = data.shape[axis % data.shape.rank()]
-            if _is_static(dim):
-                bounds.append(int(dim))
+            if node.op_type == "GatherND":  # index k of a tuple addresses axis k: all must fit
+                dims = list(data.shape)
+            else:
+                dims = [data.shape[node.attributes.get_int("axis", 0) % data.shape.rank()]]
+            if all(_is_static(d) for d in dims):
+                bounds.append(min(int(d) for d in dims))
         elif node.op_type in _INDEX_PASSTHROUGH and idx == 0:
             if node.op_type == "Cast" and not ir.DataType(node.attributes.get_int("to", 0)).is_integer():
                 continue
@@ -387,7 +389,9 @@ def _sizes(
     return _dim_sizes(fed, shapes, overrides)
 
 
-def _current_length(fed: list[ir.Value], sizes: Mapping[str, tuple[int, ...]], roles: Mapping[str, str]) -> int:
+def _current_length(
+    fed: list[ir.Value], sizes: Mapping[str, tuple[int, ...]], roles: Mapping[str, str]
+) -> int:
     """The current sequence length: the last axis of the token ids (else of the position
     ids), 1 when there are neither."""
     for role in ("index", "position"):
