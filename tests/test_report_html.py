@@ -168,6 +168,8 @@ def test_html_is_self_contained_and_complete(fp16_result):
     output = report.verification["outputs"][0]
     assert f"{output['max_rel']:.3g}" in page and f"{output['sqnr_db']:.1f}" in page
     assert "small.onnx" in page and "PASS" in page
+    assert page.count("<script") == 1  # the page's own; pygal's config scripts are dropped
+    assert report.to_html(model="small.onnx") == page  # no random ids or dates
 
 
 def test_html_without_pygal_keeps_the_tables(fp16_result, monkeypatch):

@@ -123,8 +123,8 @@ def _passes_section(report: Mapping[str, Any], charts: _Charts | None) -> str:
         for p in passes:
             totals[str(p.get("name", "?"))] = totals.get(str(p.get("name", "?")), 0.0) + float(p.get("time_s") or 0.0)
         timed = sorted(totals.items(), key=lambda nt: (-nt[1], nt[0]))[:MAX_CHART_ROWS]
-        chart = charts.bars("passes-chart", "Time per pass, all its runs (s)", [name for name, _ in timed],
-                            {"time (s)": [t for _, t in timed]})
+        chart = charts.bars("passes-chart", "Time per pass, all its runs (ms)", [name for name, _ in timed],
+                            {"time (ms)": [1000.0 * t for _, t in timed]})
     return _section("passes", "Passes", chart + table)
 
 
@@ -199,6 +199,7 @@ class _Charts:
             style=self.style, js=[], disable_xml_declaration=True, width=900,
             height=max(180, 90 + 22 * len(labels) * (1 if stacked else max(1, len(series)) * 0.8)),
             show_legend=len(series) > 1, legend_at_bottom=True, print_values=not stacked,
+            print_values_position="top", print_zeroes=False,
             truncate_label=48, explicit_size=True, margin=8, value_formatter=_short_number,
         )
         chart.title = title
@@ -207,7 +208,10 @@ class _Charts:
         for name, values in series.items():
             chart.add(name, list(reversed(list(values))))
         svg = chart.render(is_unicode=True)
-        svg = re.sub(r"<!--.*?-->", "", svg, flags=re.S)  # generator/date comments
+        # the same page for the same report: no generator/date comments, no random chart id,
+        # no config script for pygal's tooltip script (which is not loaded)
+        svg = re.sub(r"<!--.*?-->", "", svg, flags=re.S)
+        svg = re.sub(r"<script[^>]*>.*?</script>", "", svg, flags=re.S)
         generated = re.search(r'id="(chart-[0-9a-f-]+)"', svg)
         if generated:
             svg = svg.replace(generated.group(1), chart_id)
