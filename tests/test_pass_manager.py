@@ -179,10 +179,37 @@ def test_optimize_reports_the_reverted_pass_and_verifies():
     assert [r.name for r in result.report.reverted()] == ["test-wrong-numerics"]
 
 
-def test_final_verification_failure_raises_with_the_result_attached():
+def test_a_final_verification_failure_is_traced_to_its_pass_and_reverted():
+    proto = onnx.parser.parse_model(MODEL_TEXT)
+    result = optcc.optimize(proto, passes=["eliminate-identities", WrongNumericsPass(), "eliminate-dead-nodes"])
+    statuses = {r.name: r.status for r in result.report.passes}
+    assert statuses["test-wrong-numerics"] == "reverted"
+    assert statuses["eliminate-identities"] == "changed"
+    assert result.report.verification["status"] == "passed"
+    (record,) = [r for r in result.report.passes if r.name == "test-wrong-numerics"]
+    assert "numerics" in record.reason and "max rel" in record.reason
+
+
+class BreaksOnceWrongPass(WrongNumericsPass):
+    """Wrong on its first run only: a replay cannot reproduce the failure."""
+
+    name = "test-breaks-once"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs = 0
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        self.runs += 1
+        if self.runs > 1:
+            return optcc.PassResult(model, True)
+        return super().call(model)
+
+
+def test_a_failure_no_replay_reproduces_raises_with_the_result_attached():
     proto = onnx.parser.parse_model(MODEL_TEXT)
     with pytest.raises(optcc.VerificationError) as info:
-        optcc.optimize(proto, passes=[WrongNumericsPass()])
+        optcc.optimize(proto, passes=[BreaksOnceWrongPass()])
     report = info.value.result.report
     assert report.verification["status"] == "failed"
     assert "max rel" in report.verification["summary"]

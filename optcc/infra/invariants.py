@@ -87,11 +87,12 @@ def _name_problems(model: ir.Model) -> list[str]:
                 if not value.is_graph_input():
                     define(value, "an initializer")
         for node in graph:
-            for value in node.outputs:
-                define(value, f"an output of node '{node.name}' ({node.op_type})")
-        for node in graph:
+            # a body sees the names defined before its node (as onnx-ir's NameFixPass does):
+            # a name defined later in the enclosing graph is not shadowed by it
             for sub in oir.subgraphs(node):
                 visit(sub, outer | seen)
+            for value in node.outputs:
+                define(value, f"an output of node '{node.name}' ({node.op_type})")
 
     visit(model.graph, frozenset())
     for function in model.functions.values():

@@ -1,19 +1,26 @@
-"""Runs a pipeline of passes with timing, invariant checks, verification and revert.
+"""Runs a pipeline of passes, with instruments that check each change, and finds and reverts
+the pass responsible when a check fails.
 
 For every pass the manager records wall time, node counts by op type and weight bytes
-before/after, ``modified`` and the pass's stats. After a pass that modified the model it
-checks the structural invariants (``optcc.infra.invariants``: order, names, interface) and, given
-a verifier, the numerics against the original: after every pass with ``verify_each``
-(``--verify-each``), otherwise after each pass that is not exact (fusions, FP16, INT8), so
-one inexact rewrite that misses its tolerance on a model is reverted alone instead of
-failing the whole run. onnx's checker runs on the final result (and after verified
-passes); if it objects, the pipeline reruns with the checker after every pass.
+before/after, ``modified`` and the pass's stats (``optcc.infra.report.PassRecord``). After a
+pass that modified the model its instruments run: the structural invariants
+(``optcc.infra.invariants``: order, names, interface; onnx's checker when asked) and, with
+``verify_each``, the numerics against the original. A pass that raises or fails an
+instrument is reverted and recorded with its reason; the run goes on, unless
+``strict=True``, which raises instead, naming the passes that ran before it.
 
-A pass that raises, breaks an invariant or breaks numerics is reverted and recorded with
-its reason; the run goes on, unless ``strict=True``, which raises instead, naming the
-passes that ran before it. Reverting does not need a copy per pass (copying cost more
-than the passes themselves): the manager keeps a checkpoint, a way to get a fresh copy of
-the model at some point, plus the passes run since, and replays those on the copy.
+Costly checks run once, on the result, and are bisected on failure:
+
+- onnx's checker: should it reject the result, the pipeline runs again from a fresh copy
+  with the checker after every pass, so the pass responsible is reverted like any other;
+- the numerics (without ``verify_each``): should the result fail verification, the passes
+  whose changes were kept are replayed on a fresh copy to find, by bisection, the first
+  whose result fails; the pipeline then runs again with that pass run reverted, and the
+  result is verified again.
+
+Reverting does not need a copy per pass: the manager keeps a checkpoint, a way to get a
+fresh copy of the model at some point, plus the passes run since, and replays those on the
+copy (passes are deterministic). Per-run state lives in a ``_Run``.
 """
 
 from __future__ import annotations
@@ -22,20 +29,21 @@ import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Union
+from typing import Any, Union
 
 import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import PassFailedError
-from optcc.infra.invariants import check_invariants, checker_problems, signature
-from optcc.infra.pass_base import Numerics
+from optcc.infra.invariants import Signature, check_invariants, checker_problems, signature
 from optcc.infra.report import PassRecord, op_delta
-from optcc.numerics import Verifier, loosest
+from optcc.numerics.kinds import Numerics, loosest
+from optcc.numerics.verify import Verification, Verifier
 
-__all__ = ["Fixpoint", "PassManager", "PipelineResult", "pass_name"]
+__all__ = ["Fixpoint", "PassManager", "PipelineResult", "pass_name", "MAX_BISECTIONS"]
 
 PassLike = ir.passes.PassBase
+MAX_BISECTIONS = 8  # numerics failures traced back to a pass per run; then the result fails
 
 
 @dataclasses.dataclass
@@ -58,12 +66,41 @@ def pass_name(pass_: PassLike) -> str:
     return getattr(pass_, "name", "") or type(pass_).__name__
 
 
+def _numerics(pass_: PassLike) -> Numerics:
+    return getattr(pass_, "numerics", "exact")
+
+
 @dataclasses.dataclass
 class PipelineResult:
     model: ir.Model
     records: list[PassRecord]
     warnings: list[str]
     numerics: Numerics  # the loosest kind among passes whose changes were kept
+    verification: Verification | None = None  # of the result, when the manager has a verifier
+    unconverged: list[str] = dataclasses.field(default_factory=list)  # fixpoints that hit their cap
+
+
+@dataclasses.dataclass
+class _Run:
+    """The state of one run of the pipeline."""
+
+    fresh: Callable[[], ir.Model]
+    signature: Signature
+    check_each: bool
+    reverts: dict[int, str]  # pass-run index -> why it is reverted without running
+    records: list[PassRecord] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    unconverged: list[str] = dataclasses.field(default_factory=list)
+    kept: list[tuple[int, PassLike]] = dataclasses.field(default_factory=list)  # (index, pass) that changed it
+    summary: tuple[dict[str, int], int] = ({}, 0)
+    checkpoint: Callable[[], ir.Model] | None = None
+    since_checkpoint: list[PassLike] = dataclasses.field(default_factory=list)
+    index: int = 0  # pass runs so far
+    kept_at_checkpoint: int = 0
+    model: ir.Model | None = None  # the result, once the steps have run
+
+    def numerics(self) -> Numerics:
+        return loosest(_numerics(p) for _, p in self.kept)
 
 
 class PassManager:
@@ -82,49 +119,99 @@ class PassManager:
         self.verify_each = verify_each
         self.check_invariants = check_invariants
 
+    # ----------------------------------------------------------------- the run
+
     def run(self, model: ir.Model, *, fresh: Callable[[], ir.Model] | None = None) -> PipelineResult:
         """Run the pipeline on ``model`` (modified in place). ``fresh`` returns a new copy of
-        the model as given, for reverts (default: a copy taken now).
-
-        onnx's checker (it needs a serialized copy, the costliest invariant) runs once on
-        the result instead of after every pass; should it object, the pipeline is run again
-        from a fresh copy with the checker after every pass, so the pass responsible is
-        reverted like any other. Passes that are verified are checked right away."""
+        the model as given, for reverts and replays (default: a copy taken now)."""
         if fresh is None:
             fresh = model.clone().clone
-        outcome = self._run_steps(model, fresh, check_each=False)
-        if self.check_invariants:
-            problems = checker_problems(outcome.model)
-            if problems:
-                first_run = self._records
-                outcome = self._run_steps(fresh(), fresh, check_each=True)
-                message = (f"onnx checker rejected the pipeline's result ({problems[0]}); "
-                           f"ran it again checking after every pass ({len(first_run)} pass runs discarded)")
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
-                outcome.warnings.insert(0, message)
-        return outcome
+        run = self._complete(model, fresh, reverts={})
+        verification = None
+        if self.verifier is not None:
+            run, verification = self._verified(run)
+        return PipelineResult(run.model, run.records, run.warnings, run.numerics(), verification, run.unconverged)
 
-    def _run_steps(self, model: ir.Model, fresh: Callable[[], ir.Model], *, check_each: bool) -> PipelineResult:
-        self._signature = signature(model)
-        self._records: list[PassRecord] = []
-        self._warnings: list[str] = []
-        self._kept: list[Numerics] = []
-        self._check_each = check_each
-        self._summary = (oir.op_histogram(model), oir.weight_bytes(model))
-        self._checkpoint = fresh
-        self._since_checkpoint: list[PassLike] = []
+    def _complete(self, model: ir.Model, fresh: Callable[[], ir.Model], reverts: dict[int, str]) -> _Run:
+        """Run the steps; should onnx's checker reject the result, run them again from a
+        fresh copy checking after every pass."""
+        run = self._run_steps(model, fresh, check_each=False, reverts=reverts)
+        if self.check_invariants:
+            problems = checker_problems(run.model)
+            if problems:
+                discarded = len(run.records)
+                run = self._run_steps(fresh(), fresh, check_each=True, reverts=reverts)
+                message = (f"onnx checker rejected the pipeline's result ({problems[0]}); "
+                           f"ran it again checking after every pass ({discarded} pass runs discarded)")
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+                run.warnings.insert(0, message)
+        return run
+
+    def _verified(self, run: _Run) -> tuple[_Run, Verification]:
+        """Verify the result; on failure find the pass run responsible by bisection, run the
+        pipeline again with it reverted, and verify that."""
+        assert self.verifier is not None
+        check = self.verifier.check(run.model, run.numerics())
+        reverts = dict(run.reverts)
+        for _ in range(MAX_BISECTIONS):
+            if check.status != "failed" or not run.kept or self.verify_each:
+                break
+            index, failing = self._bisect(run)
+            if index is None:
+                break
+            culprit = next(p for i, p in run.kept if i == index)
+            if self.strict:
+                raise PassFailedError(f"pass '{pass_name(culprit)}' changed the numerics: {failing.reason}")
+            reverts[index] = "changed the numerics: " + (failing.reason or "")
+            run = self._complete(run.fresh(), run.fresh, reverts)
+            check = self.verifier.check(run.model, run.numerics())
+        return run, check
+
+    def _bisect(self, run: _Run) -> tuple[int | None, Verification]:
+        """The index of the first kept pass run whose result fails verification (replayed
+        from a fresh copy), with that verification."""
+        assert self.verifier is not None
+        kept = run.kept
+        lo, hi = 0, len(kept)  # the model after kept[:lo] passes, after kept[:hi] fails
+        failing: Verification | None = None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            check = self.verifier.check(self._replay(run, mid), loosest(_numerics(p) for _, p in kept[:mid]))
+            if check.status == "failed":
+                hi, failing = mid, check
+            else:
+                lo = mid
+        if failing is None:
+            failing = self.verifier.check(self._replay(run, hi), loosest(_numerics(p) for _, p in kept[:hi]))
+            if failing.status != "failed":
+                return None, failing
+        return kept[hi - 1][0], failing
+
+    def _replay(self, run: _Run, count: int) -> ir.Model:
+        model = run.fresh()
+        for _, pass_ in run.kept[:count]:
+            model = pass_(model).model
+        return model
+
+    def _run_steps(self, model: ir.Model, fresh: Callable[[], ir.Model], *, check_each: bool,
+                   reverts: dict[int, str]) -> _Run:
+        run = _Run(fresh=fresh, signature=signature(model), check_each=check_each, reverts=reverts)
+        run.summary = (oir.op_histogram(model), oir.weight_bytes(model))
+        run.checkpoint = fresh
         for step in self.pipeline:
             if isinstance(step, Fixpoint):
-                model = self._run_fixpoint(step, model)
+                model = self._run_fixpoint(run, step, model)
             else:
-                model, _ = self._run_pass(step, model, iteration=None)
-        return PipelineResult(model, self._records, self._warnings, loosest(self._kept))
+                model, _ = self._run_pass(run, step, model, iteration=None)
+        run.model = model
+        return run
 
-    def _run_fixpoint(self, fixpoint: Fixpoint, model: ir.Model) -> ir.Model:
+    def _run_fixpoint(self, run: _Run, fixpoint: Fixpoint, model: ir.Model) -> ir.Model:
+        changed_by: list[str] = []
         for iteration in range(1, fixpoint.max_iters + 1):
             changed_by = []
             for pass_ in fixpoint.passes:
-                model, modified = self._run_pass(pass_, model, iteration=iteration)
+                model, modified = self._run_pass(run, pass_, model, iteration=iteration)
                 if modified:
                     changed_by.append(pass_name(pass_))
             if not changed_by:
@@ -134,108 +221,120 @@ class PassManager:
             f"(last round changed by: {', '.join(changed_by)})"
         )
         warnings.warn(message, RuntimeWarning, stacklevel=2)
-        self._warnings.append(message)
+        run.warnings.append(message)
+        run.unconverged.append(fixpoint.name)
         return model
 
-    def _ran_before(self) -> str:
-        names = [r.name for r in self._records]
+    # ----------------------------------------------------------------- instruments
+
+    def _problems(self, run: _Run, model: ir.Model, pass_: PassLike) -> tuple[str | None, dict | None]:
+        """The instruments after a pass that changed the model: why it must be reverted
+        (None: keep it), and the verification record when numerics were checked."""
+        if self.check_invariants:
+            problems = check_invariants(model, run.signature, run_checker=run.check_each or self._verifies(),
+                                        float16_io=bool(getattr(pass_, "float16_interface", False)))
+            if problems:
+                return "broke an invariant: " + problems[0], None
+        if self._verifies():
+            assert self.verifier is not None
+            check = self.verifier.check(model, loosest([run.numerics(), _numerics(pass_)]))
+            record = {**check.to_dict(), "summary": check.describe()}
+            if check.status == "failed":
+                return "changed the numerics: " + (check.reason or ""), record
+            return None, record
+        return None, None
+
+    def _verifies(self) -> bool:
+        return self.verifier is not None and self.verify_each
+
+    # ----------------------------------------------------------------- one pass
+
+    def _ran_before(self, run: _Run) -> str:
+        names = [r.name for r in run.records]
         return ", ".join(names) if names else "none"
 
-    def _verifies(self, pass_: PassLike) -> bool:
-        return self.verifier is not None and (
-            self.verify_each or getattr(pass_, "numerics", "exact") != "exact"
-        )
+    def _set_checkpoint(self, run: _Run, model: ir.Model) -> None:
+        run.checkpoint = model.clone().clone  # each call returns a new copy
+        run.since_checkpoint = []
+        run.kept_at_checkpoint = len(run.kept)
 
-    def _invariant_problems(self, model: ir.Model, *, checker: bool, float16_io: bool = False) -> list[str]:
-        if not self.check_invariants:
-            return []
-        return check_invariants(model, self._signature, run_checker=checker or self._check_each,
-                                float16_io=float16_io)
-
-    def _set_checkpoint(self, model: ir.Model) -> None:
-        self._checkpoint = model.clone().clone  # each call returns a new copy
-        self._since_checkpoint = []
-
-    def _restore(self) -> ir.Model:
+    def _restore(self, run: _Run) -> ir.Model:
         """The model as it was before the pass being reverted: a copy of the checkpoint
-        with the passes run since replayed on it (passes are deterministic). Should a
-        replay raise or come out unsound, the checkpoint itself, and the replayed passes'
-        changes are dropped with a warning."""
-        model = self._checkpoint()
-        if self._since_checkpoint:
+        with the passes run since replayed on it. Should a replay raise or come out
+        unsound, the checkpoint itself, and the replayed passes' changes are dropped with a
+        warning."""
+        assert run.checkpoint is not None
+        model = run.checkpoint()
+        if run.since_checkpoint:
             try:
-                for pass_ in self._since_checkpoint:
+                for pass_ in run.since_checkpoint:
                     model = pass_(model).model
-                problems = self._invariant_problems(model, checker=False)
+                problems = check_invariants(model, run.signature, run_checker=False) if self.check_invariants else []
             except Exception as error:  # noqa: BLE001
                 problems = [f"{type(error).__name__}: {error}"]
             if problems:
-                names = ", ".join(dict.fromkeys(pass_name(p) for p in self._since_checkpoint))
+                names = ", ".join(dict.fromkeys(pass_name(p) for p in run.since_checkpoint))
                 message = f"replaying {names} after a revert failed ({problems[0]}); their changes were dropped"
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
-                self._warnings.append(message)
-                model = self._checkpoint()
-                self._since_checkpoint = []
-        self._summary = (oir.op_histogram(model), oir.weight_bytes(model))
+                run.warnings.append(message)
+                model = run.checkpoint()
+                run.kept = run.kept[:run.kept_at_checkpoint]
+                run.since_checkpoint = []
+        run.summary = (oir.op_histogram(model), oir.weight_bytes(model))
         return model
 
-    def _run_pass(
-        self, pass_: PassLike, model: ir.Model, *, iteration: int | None
-    ) -> tuple[ir.Model, bool]:
-        """Run one pass. Passes that are verified get a new checkpoint before (they are the
-        ones most likely reverted) and after (they may be costly to replay); verification
-        dwarfs the copies."""
+    def _run_pass(self, run: _Run, pass_: PassLike, model: ir.Model, *,
+                  iteration: int | None) -> tuple[ir.Model, bool]:
+        """Run one pass (or record its planned revert). With per-pass verification, a new
+        checkpoint before (verified passes are the ones most likely reverted) and after
+        (they may be costly to replay)."""
         name = pass_name(pass_)
-        if self._verifies(pass_) and self._since_checkpoint:
-            self._set_checkpoint(model)
-        hist_before, bytes_before = self._summary
+        index = run.index
+        run.index += 1
+        if self._verifies() and run.since_checkpoint:
+            self._set_checkpoint(run, model)
+        hist_before, bytes_before = run.summary
         start = time.perf_counter()
         status, reason, verification = "unchanged", None, None
-        stats: dict = {}
-        try:
-            result = pass_(model)
-        except Exception as error:  # noqa: BLE001 - any failure of a pass is reverted
-            if self.strict:
-                raise PassFailedError(
-                    f"pass '{name}' raised {type(error).__name__}: {error} "
-                    f"(passes run before it: {self._ran_before()})"
-                ) from error
-            result = None
-            status, reason = "failed", f"raised {type(error).__name__}: {error}"
+        stats: dict[str, Any] = {}
+        result = None
+        if index in run.reverts:
+            status, reason = "reverted", run.reverts[index]
+        else:
+            try:
+                result = pass_(model)
+            except Exception as error:  # noqa: BLE001 - any failure of a pass is reverted
+                if self.strict:
+                    raise PassFailedError(
+                        f"pass '{name}' raised {type(error).__name__}: {error} "
+                        f"(passes run before it: {self._ran_before(run)})"
+                    ) from error
+                status, reason = "failed", f"raised {type(error).__name__}: {error}"
         elapsed = time.perf_counter() - start
         if result is not None:
             model = result.model
             stats = dict(getattr(result, "stats", {}) or {})
             if result.modified:
                 status = "changed"
-                float16_io = bool(getattr(pass_, "float16_interface", False))
-                problems = self._invariant_problems(model, checker=self._verifies(pass_), float16_io=float16_io)
-                if problems:
-                    status, reason = "reverted", "broke an invariant: " + problems[0]
-                elif self._verifies(pass_):
-                    assert self.verifier is not None
-                    numerics = loosest([*self._kept, getattr(pass_, "numerics", "exact")])
-                    check = self.verifier.check(model, numerics)
-                    verification = {**check.to_dict(), "summary": check.describe()}
-                    if check.status == "failed":
-                        status, reason = "reverted", "changed the numerics: " + (check.reason or "")
-                if status == "reverted" and self.strict:
-                    raise PassFailedError(
-                        f"pass '{name}' {reason} (passes run before it: {self._ran_before()})"
-                    )
-        if status in ("failed", "reverted"):
-            model = self._restore()
-        elif status == "changed" and self._verifies(pass_):
-            self._set_checkpoint(model)  # a revert later never replays a verified pass
-        else:
-            self._since_checkpoint.append(pass_)
+                reason, verification = self._problems(run, model, pass_)
+                if reason is not None:
+                    status = "reverted"
+                    if self.strict:
+                        raise PassFailedError(
+                            f"pass '{name}' {reason} (passes run before it: {self._ran_before(run)})")
+        if status in ("failed", "reverted") and index not in run.reverts:
+            model = self._restore(run)
+        elif status == "changed" and self._verifies():
+            self._set_checkpoint(run, model)  # a revert later never replays a verified pass
+        elif status == "changed":
+            run.since_checkpoint.append(pass_)
         if status == "changed":
-            self._kept.append(getattr(pass_, "numerics", "exact"))
+            run.kept.append((index, pass_))
             if getattr(pass_, "float16_interface", False):
-                self._signature = signature(model)  # later passes keep the new interface
-            self._summary = (oir.op_histogram(model), oir.weight_bytes(model))
-        hist_after, bytes_after = self._summary
-        self._records.append(
+                run.signature = signature(model)  # later passes keep the new interface
+            run.summary = (oir.op_histogram(model), oir.weight_bytes(model))
+        hist_after, bytes_after = run.summary
+        run.records.append(
             PassRecord(
                 name=name,
                 iteration=iteration,

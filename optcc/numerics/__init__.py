@@ -1,13 +1,13 @@
-"""Numerics: what a rewrite may change (kinds), inputs that fit a model, metrics, and the
-verifier (the oracle)."""
+"""Numerics: what a rewrite may change (kinds), inputs that fit a model, metrics, the float64
+reference, and the verifier (the oracle)."""
 
 from optcc.numerics.inputs import DEFAULT_DYNAMIC_DIM, check_feeds, generate_inputs
 from optcc.numerics.kinds import NUMERICS_ORDER, Numerics, loosest
+from optcc.numerics.metrics import ORIGINAL_ERROR_FACTOR, TOLERANCES, OutputMetrics, Tolerance, compare_outputs
 from optcc.numerics.samples import load_npz_samples
-from optcc.numerics.verify import (
-    TOLERANCES, OutputMetrics, Tolerance, Verification, Verifier, compare_outputs, resolve_providers, verify,
-)
+from optcc.numerics.verify import DEFAULT_SAMPLES, Verification, Verifier, verify
+from optcc.runtime.session import resolve_providers
 
 __all__ = ["DEFAULT_DYNAMIC_DIM", "check_feeds", "generate_inputs", "NUMERICS_ORDER", "Numerics", "loosest",
-           "load_npz_samples", "TOLERANCES", "OutputMetrics", "Tolerance", "Verification", "Verifier",
-           "compare_outputs", "resolve_providers", "verify"]
+           "load_npz_samples", "ORIGINAL_ERROR_FACTOR", "TOLERANCES", "OutputMetrics", "Tolerance",
+           "compare_outputs", "DEFAULT_SAMPLES", "Verification", "Verifier", "verify", "resolve_providers"]

@@ -1,5 +1,7 @@
 """onnxruntime: the one session factory, probes that expose intermediates, latency."""
 
 from optcc.runtime.latency import median_seconds
+from optcc.runtime.session import first_line, make_session, resolve_providers, run, session_options, with_outputs
 
-__all__ = ["median_seconds"]
+__all__ = ["median_seconds", "first_line", "make_session", "resolve_providers", "run", "session_options",
+           "with_outputs"]

@@ -1,0 +1,193 @@
+"""The one metrics module: how an output compares with its reference, and whether that
+meets a tolerance.
+
+Max-rel tolerances are judged per element. An element passes when its error against the
+reference is within ``tolerance x scale`` (scale: the output's largest reference magnitude
+in that sample), or, when the reference is more precise than float32, when it is no worse
+than ``ORIGINAL_ERROR_FACTOR`` times the float32 original's own error at that element: a
+rewrite may not be blamed for the original's rounding, and may not hide inside the
+rounding of other elements either. The original's own error at an element is the larger
+of two float32 evaluations of it (as written, and with onnxruntime's basic optimizations,
+which reassociate the same math), the second never counted above the first's largest
+error over the output. A tolerance is never widened otherwise.
+
+SQNR and cosine are computed over all of an output's samples together (a blank sample
+cannot dominate them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from optcc.numerics.kinds import Numerics
+
+__all__ = ["Tolerance", "TOLERANCES", "ORIGINAL_ERROR_FACTOR", "OutputMetrics", "compare_outputs", "sqnr_db"]
+
+# An element may be off by this multiple of the float32 original's own error against a
+# float64 reference: a correct rewrite's rounding is of the same size as the original's.
+ORIGINAL_ERROR_FACTOR = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Thresholds an output must meet; None means not enforced."""
+
+    max_rel: float | None = None
+    min_sqnr_db: float | None = None
+    min_cosine: float | None = None
+    min_argmax_agreement: float | None = None
+
+
+TOLERANCES: dict[Numerics, Tolerance] = {
+    "exact": Tolerance(max_rel=1e-5),
+    "fusion": Tolerance(max_rel=1e-4),
+    "fp16": Tolerance(min_sqnr_db=40.0, min_cosine=0.9999),
+    "int8": Tolerance(min_sqnr_db=25.0, min_cosine=0.99, min_argmax_agreement=0.9),
+}
+
+
+@dataclasses.dataclass
+class OutputMetrics:
+    """How one output of the candidate compares with the reference, over all samples.
+
+    ``max_rel``: the largest error relative to the output's scale; ``original_max_rel``:
+    the float32 original's own max rel against the same reference (None when the
+    reference is the float32 original); ``elements_over``: elements beyond what the
+    tolerance allows."""
+
+    name: str
+    provider: str
+    passed: bool
+    max_abs: float | None = None
+    max_rel: float | None = None
+    cosine: float | None = None
+    sqnr_db: float | None = None
+    argmax_agreement: float | None = None
+    original_max_rel: float | None = None
+    elements_over: int | None = None
+    problem: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _json_number(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
+    return value
+
+
+def sqnr_db(signal_power: float, noise_power: float) -> float:
+    """10·log10(signal/noise), +inf without noise, -inf without signal."""
+    if noise_power == 0:
+        return math.inf
+    return 10 * math.log10(signal_power / noise_power) if signal_power > 0 else -math.inf
+
+
+def _structural_problem(ref: np.ndarray, got: np.ndarray) -> str | None:
+    if ref.shape != got.shape:
+        return f"shape {got.shape} != original {ref.shape}"
+    if ref.dtype.kind != got.dtype.kind:
+        return f"dtype {got.dtype} != original {ref.dtype}"
+    if ref.dtype.kind != "f":
+        mismatched = int(np.count_nonzero(ref != got))
+        return f"{mismatched} of {ref.size} values differ" if mismatched else None
+    ref_nan, got_nan = np.isnan(ref), np.isnan(got)
+    if not np.array_equal(ref_nan, got_nan):
+        return f"NaN in {int(got_nan.sum())} values, original {int(ref_nan.sum())}"
+    infinite = ~np.isfinite(ref) | ~np.isfinite(got)
+    differ = int(np.count_nonzero((ref != got) & infinite & ~ref_nan))
+    return f"{differ} infinities differ" if differ else None
+
+
+def compare_outputs(
+    name: str,
+    provider: str,
+    refs: Sequence[np.ndarray] | np.ndarray,
+    gots: Sequence[np.ndarray] | np.ndarray,
+    tolerance: Tolerance,
+    originals: Sequence[np.ndarray] | None = None,
+    alternates: Sequence[np.ndarray] | None = None,
+) -> OutputMetrics:
+    """Metrics of one output over its samples (``refs[i]`` against ``gots[i]``) and whether
+    they meet ``tolerance``. ``originals``: the float32 original's outputs when the
+    reference is more precise than float32 (enables the per-element allowance);
+    ``alternates``: a second float32 evaluation of the original (see the module docstring)."""
+    if isinstance(refs, np.ndarray):
+        refs, gots = [refs], [gots]
+        originals = None if originals is None else [originals]  # type: ignore[list-item]
+        alternates = None if alternates is None else [alternates]  # type: ignore[list-item]
+    metrics = OutputMetrics(name=name, provider=provider, passed=False)
+    worst_rel = worst_abs = original_rel = 0.0
+    over = 0
+    signal = noise = dot = norm_r = norm_g = 0.0
+    agree: list[float] = []
+    for i, (ref, got) in enumerate(zip(refs, gots)):
+        ref, got = np.asarray(ref), np.asarray(got)
+        original = None if originals is None else np.asarray(originals[i])
+        problem = _structural_problem(ref, got)
+        if problem:
+            metrics.problem = problem
+            return metrics
+        if ref.dtype.kind != "f":
+            continue
+        r, g = ref.astype(np.float64), got.astype(np.float64)
+        finite = np.isfinite(r) & np.isfinite(g)
+        r, g = r[finite], g[finite]
+        err = np.abs(r - g)
+        scale = float(np.abs(r).max()) if r.size else 0.0
+        worst_abs = max(worst_abs, float(err.max()) if err.size else 0.0)
+        rel = (float(err.max()) / scale if scale > 0 else (0.0 if not err.size or err.max() == 0 else math.inf)) \
+            if err.size else 0.0
+        worst_rel = max(worst_rel, rel)
+        if tolerance.max_rel is not None and err.size:
+            allowed = np.full(err.shape, tolerance.max_rel * scale)
+            if original is not None:
+                own = np.abs(original.astype(np.float64)[finite] - r)
+                original_rel = max(original_rel, float(own.max()) / scale if scale > 0 else 0.0)
+                if alternates is not None and np.shape(alternates[i]) == ref.shape:
+                    other = np.abs(np.asarray(alternates[i], np.float64)[finite] - r)
+                    own = np.maximum(own, np.minimum(np.nan_to_num(other, nan=0.0), own.max()))
+                allowed = np.maximum(allowed, ORIGINAL_ERROR_FACTOR * own)
+            over += int(np.count_nonzero(err > allowed))
+        signal += float(np.dot(r, r))
+        noise += float(np.dot(err, err))
+        dot += float(np.dot(r, g))
+        norm_r += float(np.dot(r, r))
+        norm_g += float(np.dot(g, g))
+        if ref.ndim == 2 and ref.shape[-1] > 1 and np.all(np.isfinite(ref)):
+            # classifier-like [N, C] outputs only: on feature maps argmax ties are noise
+            agree.append(float(np.mean(np.argmax(ref, -1) == np.argmax(got, -1))))
+    metrics.max_abs, metrics.max_rel = worst_abs, worst_rel
+    metrics.sqnr_db = sqnr_db(signal, noise)
+    norms = math.sqrt(norm_r * norm_g)
+    metrics.cosine = dot / norms if norms > 0 else (1.0 if noise == 0 else 0.0)
+    metrics.argmax_agreement = float(np.mean(agree)) if agree else None
+    if originals is not None:
+        metrics.original_max_rel = original_rel
+    if tolerance.max_rel is not None:
+        metrics.elements_over = over
+    metrics.passed, metrics.problem = _meets(metrics, tolerance, per_element=originals is not None)
+    return metrics
+
+
+def _meets(m: OutputMetrics, t: Tolerance, *, per_element: bool) -> tuple[bool, str | None]:
+    if t.max_rel is not None and m.elements_over:
+        if per_element:
+            return False, (f"{m.elements_over} element(s) off by more than {t.max_rel:g} of the output's scale "
+                           f"and {ORIGINAL_ERROR_FACTOR:g}x the float32 original's own error "
+                           f"(max rel {m.max_rel:.3g}, original's {m.original_max_rel:.3g})")
+        return False, f"max rel {m.max_rel:.3g} > {t.max_rel:g}"
+    if t.min_sqnr_db is not None and m.sqnr_db is not None and m.sqnr_db < t.min_sqnr_db:
+        return False, f"SQNR {m.sqnr_db:.1f} dB < {t.min_sqnr_db:g} dB"
+    if t.min_cosine is not None and m.cosine is not None and m.cosine < t.min_cosine:
+        return False, f"cosine {m.cosine:.6f} < {t.min_cosine:g}"
+    if t.min_argmax_agreement is not None and m.argmax_agreement is not None \
+            and m.argmax_agreement < t.min_argmax_agreement:
+        return False, f"argmax agreement {m.argmax_agreement:.3f} < {t.min_argmax_agreement:g}"
+    return True, None

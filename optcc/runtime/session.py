@@ -1,0 +1,108 @@
+"""The one onnxruntime session factory, and probes that expose a model's intermediates.
+
+Every session optcc builds comes from here: onnxruntime's own graph optimizations off
+unless asked for (so its fusions can neither hide nor cause a difference), its log lines
+kept off stderr, and models with external data loaded from a file rather than bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from optcc import ir as oir
+from optcc.errors import BadInputError
+
+__all__ = ["session_options", "make_session", "run", "first_line", "with_outputs", "resolve_providers"]
+
+ModelRef = Union[ir.Model, onnx.ModelProto, bytes, str, os.PathLike]
+_ERROR_ONLY = 3  # onnxruntime log severity: errors and fatal only
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def resolve_providers(names: Sequence[str] | None) -> list[str]:
+    """onnxruntime provider names for 'cpu'/'cuda' (or full names). None: CPU, plus CUDA
+    when onnxruntime-gpu and a GPU are present."""
+    available = ort.get_available_providers()
+    if names is None:
+        chosen = ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in available:
+            chosen.append("CUDAExecutionProvider")
+        return chosen
+    chosen = []
+    for name in names:
+        full = PROVIDER_ALIASES.get(name.strip().lower(), name.strip())
+        if full not in available:
+            raise BadInputError(
+                f"execution provider '{name}' is not available in this onnxruntime "
+                f"(available: {', '.join(available)})"
+            )
+        chosen.append(full)
+    return chosen
+
+
+def session_options(*, optimize: bool = False, arena: bool = True) -> ort.SessionOptions:
+    """Options for a session that runs the graph as written (``optimize``: onnxruntime's
+    basic optimizations on) and logs nothing below errors."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = _ERROR_ONLY
+    options.enable_cpu_mem_arena = arena
+    return options
+
+
+def make_session(
+    model: ModelRef,
+    provider: str = "CPUExecutionProvider",
+    *,
+    scratch: str | os.PathLike | None = None,
+    options: ort.SessionOptions | None = None,
+) -> ort.InferenceSession:
+    """A session for ``model``: a path loads from the file (its external data beside it);
+    an onnx-ir model that needs external data is saved into ``scratch`` first."""
+    source: Any
+    if isinstance(model, (str, os.PathLike)):
+        source = str(model)
+    elif isinstance(model, bytes):
+        source = model
+    elif isinstance(model, onnx.ModelProto):
+        source = model.SerializeToString()
+    elif oir.needs_external_data(model) or oir.uses_external_data(model):
+        if scratch is None:
+            raise ValueError("a model with external data needs a scratch folder for its session")
+        path = Path(scratch) / f"model_{id(model)}.onnx"
+        oir.save(model, path, external_data=True)
+        source = str(path)
+    else:
+        source = oir.serialize(model).SerializeToString()
+    return ort.InferenceSession(source, options or session_options(), providers=[provider])
+
+
+def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+    """``session``'s outputs for ``feeds`` as numpy arrays."""
+    return [np.asarray(x) for x in session.run(None if outputs is None else list(outputs), dict(feeds))]
+
+
+def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``proto`` whose graph also outputs the values ``names`` (a probe)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in present)
+    return probe
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message (onnxruntime's are long)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]

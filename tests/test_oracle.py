@@ -1,0 +1,226 @@
+"""The verifier cannot be fooled: planted subtle miscompiles are caught (the pass reverted by
+bisection and reported), the correct rewrites of the same models are kept, and the
+float64 reference's kernels agree with onnx's reference implementation. Judged with the
+public API only; the expected numbers come from numpy in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import optcc
+from optcc.numerics.float64 import Float64Reference, _kernels
+
+C = 4
+
+
+def _conv_bn(ill_channels: list[int]) -> onnx.ModelProto:
+    """Conv whose outputs are around 1e5 on ``ill_channels``, re-centred by a BatchNorm with
+    var 4 and epsilon 1e-2: float32 loses ~1e-3 of the result there to cancellation."""
+    rng = np.random.default_rng(0)
+    bias = np.zeros(C, np.float32)
+    bias[ill_channels] = 1e5
+    arrays = {
+        "W": rng.standard_normal((C, 3, 3, 3)).astype(np.float32),
+        "B": bias,
+        "s": np.ones(C, np.float32),
+        "b": np.zeros(C, np.float32),
+        "m": bias + rng.standard_normal(C).astype(np.float32),
+        "v": np.full(C, 4.0, np.float32),
+    }
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], epsilon=1e-2)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, 16, 16])],
+        [numpy_helper.from_array(a, n) for n, a in arrays.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _float64_conv_bn(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The model's output computed by numpy in float64."""
+    w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    padded = np.pad(x.astype(np.float64), [(0, 0), (0, 0), (1, 1), (1, 1)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))  # [1, 3, 16, 16, 3, 3]
+    conv = np.einsum("nchwij,mcij->nmhw", windows, w["W"]) + w["B"][None, :, None, None]
+    shape = (1, C, 1, 1)
+    return (conv - w["m"].reshape(shape)) / np.sqrt(w["v"].reshape(shape) + 1e-2) * w["s"].reshape(shape) \
+        + w["b"].reshape(shape)
+
+
+class PlantedFoldPass(optcc.Pass):
+    """Folds BatchNormalization into the Conv before it with a planted bug: ``epsilon``
+    replaces the model's epsilon, ``bias_error`` adds (channel, amount) to one bias."""
+
+    name = "planted-fold"
+
+    def __init__(self, epsilon: float, numerics: str = "fusion", bias_error: tuple[int, float] | None = None):
+        super().__init__()
+        self.epsilon, self.numerics, self.bias_error = epsilon, numerics, bias_error
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        graph = model.graph
+        bn = next(n for n in graph if n.op_type == "BatchNormalization")
+        conv = bn.inputs[0].producer()
+        scale, shift, mean, var = (v.const_value.numpy() for v in bn.inputs[1:])
+        weight, bias = conv.inputs[1].const_value.numpy(), conv.inputs[2].const_value.numpy()
+        k = scale / np.sqrt(var + self.epsilon)
+        folded_bias = ((bias - mean) * k + shift).astype(np.float32)
+        if self.bias_error is not None:
+            folded_bias[self.bias_error[0]] += self.bias_error[1]
+        w = ir.Value(name="W_folded", const_value=ir.tensor((weight * k[:, None, None, None]).astype(np.float32)))
+        b = ir.Value(name="B_folded", const_value=ir.tensor(folded_bias))
+        graph.register_initializer(w)
+        graph.register_initializer(b)
+        out = ir.Value(name="y_folded", type=bn.outputs[0].type, shape=bn.outputs[0].shape)
+        fused = ir.node("Conv", [conv.inputs[0], w, b], attributes={"pads": [1, 1, 1, 1]}, outputs=[out])
+        graph.insert_before(conv, fused)
+        bn.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+        graph.remove([bn, conv], safe=True)
+        for name in ("W", "B", "s", "b", "m", "v"):
+            graph.initializers.pop(name)
+        out.name = "y"
+        return optcc.PassResult(model, True)
+
+
+def _record(result: optcc.OptimizeResult, name: str):
+    (record,) = [r for r in result.report.passes if r.name == name]
+    return record
+
+
+@pytest.mark.parametrize("ill", [[0, 1, 2, 3], [0]], ids=["all-channels", "one-channel"])
+@pytest.mark.parametrize("numerics", ["fusion", "exact"])
+def test_a_fold_that_ignores_epsilon_is_caught_and_reverted(ill, numerics):
+    model = _conv_bn(ill)
+    result = optcc.optimize(model, passes=[PlantedFoldPass(epsilon=0.0, numerics=numerics)])
+    record = _record(result, "planted-fold")
+    assert record.status == "reverted" and "numerics" in record.reason
+    assert result.report.verification["status"] == "passed"
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "BatchNormalization"]
+
+
+@pytest.mark.parametrize("ill", [[0, 1, 2, 3], [0]], ids=["all-channels", "one-channel"])
+def test_the_correct_fold_of_the_same_model_is_kept_and_closer_to_float64(ill):
+    model = _conv_bn(ill)
+    result = optcc.optimize(model, passes=["fuse-batchnorm"])
+    assert _record(result, "fuse-batchnorm").status == "changed"
+    assert "float64" in result.report.verification["reference"]
+    x = np.random.default_rng(7).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    truth = _float64_conv_bn(model, x)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+
+    def err(m: onnx.ModelProto) -> float:
+        session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        got = session.run(None, {"x": x})[0]
+        return float(np.abs(got - truth).max() / np.abs(truth).max())
+
+    assert err(result.model) < 1e-5 < err(model)  # the fold is more accurate than the original
+
+
+def test_a_bias_error_on_a_well_conditioned_channel_is_caught_beside_an_ill_conditioned_one():
+    model = _conv_bn([0])
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    amount = 0.002 * float(np.abs(_float64_conv_bn(model, x)).max())
+    for numerics in ("exact", "fusion"):
+        planted = PlantedFoldPass(epsilon=1e-2, numerics=numerics, bias_error=(1, amount))
+        result = optcc.optimize(model, passes=[planted])
+        assert _record(result, "planted-fold").status == "reverted", numerics
+    # the same fold without the bias error is kept
+    result = optcc.optimize(model, passes=[PlantedFoldPass(epsilon=1e-2)])
+    assert _record(result, "planted-fold").status == "changed"
+
+
+def test_verify_each_reverts_the_planted_fold_too():
+    result = optcc.optimize(_conv_bn([0]), passes=[PlantedFoldPass(epsilon=0.0)], verify_each=True)
+    assert _record(result, "planted-fold").status == "reverted"
+
+
+def test_bisection_reverts_only_the_offending_pass_of_a_pipeline():
+    model = _conv_bn([0, 1, 2, 3])
+    passes = ["eliminate-identities", PlantedFoldPass(epsilon=0.0), "eliminate-dead-nodes"]
+    result = optcc.optimize(model, passes=passes)
+    statuses = {r.name: r.status for r in result.report.passes}
+    assert statuses["planted-fold"] == "reverted"
+    assert result.report.verification["status"] == "passed"
+
+
+def test_default_verification_uses_three_samples():
+    result = optcc.optimize(_conv_bn([0]), passes=["fuse-batchnorm"])
+    assert result.report.verification["samples"] >= 3
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _one_node(op: str, inputs: dict[str, np.ndarray], **attrs) -> onnx.ModelProto:
+    node = helper.make_node(op, list(inputs), ["Y"], **attrs)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info(n, TensorProto.DOUBLE, None) for n in inputs],
+        [helper.make_tensor_value_info("Y", TensorProto.DOUBLE, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("c,m,k,group,stride,dilation,pads", [
+    (3, 8, (3, 3), 1, 1, 1, [1, 1, 1, 1]),
+    (8, 8, (3, 3), 8, 2, 1, [1, 1, 1, 1]),  # depthwise
+    (8, 16, (1, 1), 1, 2, 1, [0, 0, 0, 0]),  # pointwise, strided
+    (8, 12, (3, 3), 4, 2, 2, [0, 1, 2, 1]),  # grouped, dilated, asymmetric pads
+    (4, 6, (3, 1), 1, 1, 1, [1, 0, 1, 0]),
+])
+def test_float64_conv_kernel_matches_onnx_reference(c, m, k, group, stride, dilation, pads):
+    rng = np.random.default_rng(0)
+    feeds = {"X": rng.standard_normal((2, c, 11, 13)), "W": rng.standard_normal((m, c // group, *k)),
+             "B": rng.standard_normal(m)}
+    model = _one_node("Conv", feeds, group=group, strides=[stride] * 2, dilations=[dilation] * 2,
+                      kernel_shape=list(k), pads=pads)
+    want = ReferenceEvaluator(model).run(None, feeds)[0]
+    got = ReferenceEvaluator(model, new_ops=_kernels(17)).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+@pytest.mark.parametrize("k,stride,pads,ceil", [(3, 2, [1, 1, 1, 1], 0), (2, 2, [0, 0, 0, 0], 1),
+                                                (3, 2, [1, 1, 1, 1], 1), (3, 1, [1, 1, 1, 1], 0)])
+def test_float64_pool_kernels_match_onnx_reference(op, k, stride, pads, ceil):
+    feeds = {"X": np.random.default_rng(1).standard_normal((2, 3, 11, 13))}
+    model = _one_node(op, feeds, kernel_shape=[k, k], strides=[stride] * 2, pads=pads, ceil_mode=ceil)
+    want = ReferenceEvaluator(model).run(None, feeds)[0]
+    got = ReferenceEvaluator(model, new_ops=_kernels(17)).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_legacy_softmax_flattens_from_its_axis():
+    x = np.random.default_rng(2).standard_normal((2, 3, 4))
+    model = _one_node("Softmax", {"X": x}, axis=1)
+    model.opset_import[0].version = 11
+    got = ReferenceEvaluator(model, new_ops=_kernels(11)).run(None, {"X": x})[0]
+    flat = np.exp(x.reshape(2, 12) - x.reshape(2, 12).max(1, keepdims=True))
+    np.testing.assert_allclose(got, (flat / flat.sum(1, keepdims=True)).reshape(x.shape), rtol=1e-12)
+
+
+def test_a_reference_that_disagrees_with_onnxruntime_is_not_used():
+    """onnx's reference evaluator and onnxruntime read an old Dropout differently: the
+    node check refuses the float64 reference instead of trusting it."""
+    x = np.random.default_rng(3).standard_normal((2, 5)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Dropout", ["x"], ["y"], ratio=0.5, is_test=0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)])
+    model.ir_version = 3
+    reference = Float64Reference.build(model, [{"x": x}])
+    if reference.outputs is not None:  # the two agree on this onnx version: then the values must too
+        np.testing.assert_allclose(reference.outputs[0]["y"], x.astype(np.float64), rtol=1e-6)
+    else:
+        assert "Dropout" in reference.reason or "evaluator" in reference.reason
