@@ -35,6 +35,7 @@ _FUSIONS = (
     "fuse-pad",
     "fuse-gemm-transpose",
     "fuse-log-softmax",
+    "fuse-attention",
     "eliminate-dead-nodes",
 )
 _TIDY = ["lift-constants", "deduplicate-initializers"]
@@ -44,7 +45,8 @@ LEVELS: dict[int, list[str | tuple[str, ...]]] = {
     1: _O1,
     2: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions"],
     3: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions",
-        "fuse-ort-conv-activation", "record-target"],
+        "fuse-ort-conv-activation", ("fuse-ort-attention", "eliminate-dead-nodes"), _EXACT,
+        "record-target"],
 }
 
 FIXPOINT_MAX_ITERS = 8

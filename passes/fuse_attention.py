@@ -1,0 +1,473 @@
+"""Scaled dot-product attention, as today's exporters write it, into one attention op.
+
+Rewrite (default-domain ops; ``q``, ``k``, ``v`` rank 4, ``(batch, heads, seq, head_size)``)::
+
+    s = MatMul(q [* or / c1], kt [* or / c2]) [* or / c3]      (any subset of the scales)
+    s = Add(s, mask)                                            (optional, either order)
+    p = Softmax(s, axis=-1)
+    p = Where(IsNaN(p), 0, p)                                   (optional NaN guard)
+    y = MatMul(p, v)
+
+This covers the torch SDPA export (``sqrt(scale)`` on q and on kt, boolean masks turned
+into ``Where(mask, 0, -inf)`` and the IsNaN/Where guard), the dynamo export (the same
+graph in onnxscript's spelling) and the old eager export (``MatMul(q, kt) / sqrt(d)`` or
+``* (1/sqrt(d))`` plus an additive mask). ``kt`` is the transposed key: ``Transpose(k,
+perm=[0,1,3,2])`` (then ``k`` is used), ``Transpose(x, perm=[0,2,3,1])`` of the
+``(batch, seq, heads, head_size)`` key (then ``Transpose(x, perm=[0,2,1,3])`` is built), or
+anything else of rank 4 (then ``Transpose(kt, perm=[0,1,3,2])`` is built). A key that is a
+``Concat`` of a past key and the new one (KV cache) is simply the key: the Concat and the
+``present`` outputs that read it stay.
+
+- ``FuseAttentionPass`` (``fuse-attention``, -O2): the standard ``Attention`` op (opset
+  23) with ``scale = c1 * c2 * c3`` (``1/c`` for a Div) and the additive mask as
+  ``attn_mask``; only in models whose default opset is >= 23.
+- ``FuseOrtAttentionPass`` (``fuse-ort-attention``, -O3, target onnxruntime): onnxruntime's
+  ``com.microsoft.MultiHeadAttention`` (query ``(batch, seq, hidden)``, key and value
+  ``(batch, heads, kv_seq, head_size)``, mask as ``attention_bias``, ``num_heads`` and
+  ``scale`` attributes) at any opset; its output goes back to ``(batch, heads, seq,
+  head_size)`` through ``Reshape([0, 0, heads, -1])`` and ``Transpose([0,2,1,3])``, which the
+  exporter's own inverse Transpose/Reshape then cancel (``merge-consecutive``). The query
+  is the exporter's ``(batch, seq, hidden)`` tensor when ``q = Transpose(Reshape(x, [.., .., heads,
+  head_size]), [0,2,1,3])``, else it is rebuilt from ``q``.
+
+The mask becomes ``Expand(mask, [1, 1, seq, kv_seq])`` unless its static shape already
+ends in the query and key lengths: both kernels broadcast a mask over batch and heads
+only, where the decomposed Add broadcast it over every axis.
+
+Preconditions: float32 tensors; Softmax over the last axis; every scale a constant
+scalar; ranks of q, kt and v known to be 4 and the mask's rank at most 4; the number of heads known (static shape or the constant in the
+exporter's head-splitting Reshape) for MultiHeadAttention. The pattern driver refuses
+matches whose scores or probabilities are read elsewhere (e.g. attention weights that are
+returned) or are graph outputs.
+
+Numerics ("fusion"): the same softmax(q kt * scale + mask) v in float32 with one fused
+kernel (different summation order, the scale applied once instead of twice): within
+about 1e-6 relative, inside the 1e-4 fusion tolerance. Rows in which every key is masked
+(an all-zero ``attention_mask``, which no valid input has) differ: the guarded graph gives
+0, ``Attention`` gives 0, MultiHeadAttention gives NaN for -inf masks and the mean of v for
+finite ones.
+
+Stats: ``applied``/``rejected`` per rule, and ``layers``: per Softmax node that could be an
+attention layer, ``"fused: <op>"`` or the reason it was not fused.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+import optcc
+from optcc.infra import PassResult
+from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var, apply_rules
+
+__all__ = ["FuseAttentionPass", "FuseOrtAttentionPass", "attention_rules", "MS_DOMAIN"]
+
+MS_DOMAIN = "com.microsoft"
+ATTENTION_OPSET = 23
+_RANK_DEPTH = 12
+
+
+# ---------------------------------------------------------------- static facts
+
+
+def _rank(m: Match, value: ir.Value | None, depth: int = 0) -> int | None:
+    """The static rank of ``value``: the pattern engine's, then exporter idioms it does not
+    know (Transpose's perm, a Reshape to a Concat-built shape, Expand, Where)."""
+    if value is None:
+        return None
+    rank = m.rank(value)
+    if rank is not None or depth > _RANK_DEPTH:
+        return rank
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx") or value is not node.outputs[0]:
+        return None
+    if node.op_type == "Transpose":
+        perm = node.attributes.get("perm")
+        return len(perm.as_ints()) if perm is not None else None
+    if node.op_type in ("Reshape", "Expand") and len(node.inputs) > 1:
+        length = _length(m, node.inputs[1], depth + 1)
+        if node.op_type == "Reshape" or length is None:
+            return length
+        base = _rank(m, node.inputs[0], depth + 1)
+        return None if base is None else max(base, length)
+    if node.op_type == "Range":
+        return 1
+    if node.op_type == "Gather" and len(node.inputs) > 1:
+        data, index = _rank(m, node.inputs[0], depth + 1), _rank(m, node.inputs[1], depth + 1)
+        return None if data is None or index is None else data - 1 + index
+    if node.op_type == "Unsqueeze" and len(node.inputs) > 1:
+        axes, base = m.value_array(node.inputs[1]), _rank(m, node.inputs[0], depth + 1)
+        return None if axes is None or base is None else base + int(axes.size)
+    if node.op_type in ("Where", "Add", "Mul", "Sub", "Div", "Cast", "Softmax", "Neg", "Not",
+                        "And", "Or", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"):
+        ranks = [_rank(m, v, depth + 1) for v in node.inputs if v is not None]
+        return None if not ranks or any(r is None for r in ranks) else max(ranks)
+    return None
+
+
+def _length(m: Match, value: ir.Value | None, depth: int) -> int | None:
+    """The length of a 1-D shape tensor (constant, declared, or a Concat of pieces)."""
+    if value is None:
+        return None
+    array = m.value_array(value)
+    if array is not None:
+        return int(array.size) if array.ndim == 1 else None
+    if value.shape is not None and value.shape.rank() == 1 and isinstance(value.shape[0], int):
+        return value.shape[0]
+    node = value.producer()
+    if node is None or depth > _RANK_DEPTH:
+        return None
+    if node.op_type == "Concat":
+        parts = [_length(m, v, depth + 1) for v in node.inputs]
+        return None if any(p is None for p in parts) else sum(parts)
+    if node.op_type == "Unsqueeze" and _rank(m, node.inputs[0], depth + 1) == 0:
+        return 1
+    if node.op_type == "Slice" and len(node.inputs) in (3, 4) or (
+            node.op_type == "Slice" and len(node.inputs) == 5 and node.inputs[4] is None):
+        bounds = [m.value_array(v) if v is not None else None for v in node.inputs[1:4]]
+        size = _length(m, node.inputs[0], depth + 1)
+        if size is None or any(b is None or b.size != 1 for b in bounds[:2]) or (
+                bounds[2:] and bounds[2] is not None and (bounds[2].size != 1 or int(bounds[2].reshape(-1)[0]) != 0)):
+            return None
+        start, end = (int(b.reshape(-1)[0]) for b in bounds[:2])
+        return len(range(size)[start:end])
+    if node.op_type in ("Where", "Equal", "Add", "Mul", "Max", "Min", "Cast", "Abs"):
+        parts = [_length(m, v, depth + 1) for v in node.inputs]
+        return None if any(p is None for p in parts) else max(parts)
+    if node.op_type == "Reshape" and len(node.inputs) > 1:
+        target = m.value_array(node.inputs[1])
+        if target is None or target.size != 1:
+            return None
+        n = int(target.reshape(-1)[0])
+        return n if n > 0 else (_length(m, node.inputs[0], depth + 1) if n == -1 else None)
+    if node.op_type == "Shape":
+        rank = _rank(m, node.inputs[0], depth + 1)
+        if rank is None:
+            return None
+        start, end = node.attributes.get("start"), node.attributes.get("end")
+        return len(range(rank)[start.as_int() if start is not None else 0:
+                               end.as_int() if end is not None else rank])
+    return None
+
+
+def _is_float32(m: Match, *values: ir.Value | None) -> bool:
+    for v in values:
+        if v is None:
+            continue
+        if v.dtype is not None and v.dtype != ir.DataType.FLOAT:
+            return False
+    return True
+
+
+def _perm(node: ir.Node | None) -> list[int] | None:
+    if node is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+        return None
+    attr = node.attributes.get("perm")
+    return None if attr is None else list(attr.as_ints())
+
+
+def _scalar(m: Match, name: str) -> float | None:
+    array = m.array(name)
+    if array is None or array.size != 1 or array.dtype.kind != "f":
+        return None
+    return float(array.reshape(()))
+
+
+def _split_heads(m: Match, q: ir.Value) -> tuple[ir.Value | None, int | None]:
+    """``(x, heads)`` when ``q = Transpose(Reshape(x, [.., .., heads, head]), [0,2,1,3])``
+    with ``x`` of rank 3; else ``(None, heads from q's static shape or None)``."""
+    heads = None
+    if q.shape is not None and q.shape.rank() == 4 and isinstance(q.shape[1], int):
+        heads = q.shape[1]
+    transpose = q.producer()
+    if _perm(transpose) != [0, 2, 1, 3]:
+        return None, heads
+    reshape = transpose.inputs[0].producer()
+    if reshape is None or reshape.op_type != "Reshape" or len(reshape.inputs) < 2:
+        return None, heads
+    target = reshape.inputs[1]
+    pieces = None
+    array = m.value_array(target)
+    if array is not None and array.size == 4:
+        pieces = [int(a) for a in array.reshape(-1)[2:]]
+    elif target.producer() is not None and target.producer().op_type == "Concat":
+        parts = target.producer().inputs
+        arrays = [m.value_array(p) for p in parts[2:]] if len(parts) == 4 else []
+        if len(arrays) == 2 and all(a is not None and a.size == 1 for a in arrays):
+            pieces = [int(a.reshape(-1)[0]) for a in arrays]
+    if pieces is None:
+        return None, heads
+    found, head_size = pieces
+    hidden = _last_dim(m, reshape.inputs[0])
+    if found == -1 and head_size > 0 and hidden is not None and hidden % head_size == 0:
+        found = hidden // head_size
+    if found <= 0:
+        return None, heads
+    x = reshape.inputs[0]
+    return (x if _rank(m, x) == 3 else None), found
+
+
+def _last_dim(m: Match, value: ir.Value, depth: int = 0) -> int | None:
+    """The static size of ``value``'s last axis (declared, or from a projection's
+    constant weight or bias)."""
+    if value.shape is not None and value.shape.rank() and isinstance(value.shape[-1], int):
+        return value.shape[-1]
+    node = value.producer()
+    if node is None or depth > _RANK_DEPTH or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1:
+        weight = m.value_array(node.inputs[1])
+        if weight is not None and weight.ndim >= 1:
+            transposed = node.op_type == "Gemm" and node.attributes.get("transB") is not None \
+                and node.attributes["transB"].as_int() == 1
+            return int(weight.shape[0] if transposed else weight.shape[-1])
+    if node.op_type in ("Add", "Mul"):
+        for v in node.inputs:
+            array = m.value_array(v) if v is not None else None
+            if array is not None and array.ndim >= 1 and array.shape[-1] > 1:
+                return int(array.shape[-1])
+        for v in node.inputs:
+            if v is not None and m.value_array(v) is None:
+                found = _last_dim(m, v, depth + 1)
+                if found is not None:
+                    return found
+    return None
+
+
+# ---------------------------------------------------------------- patterns
+
+
+def _scaled(inner: Op | Var, name: str, present: bool) -> Op | Var:
+    if not present:
+        return inner
+    return Op(("Mul", "Div"), inner, Const(f"c_{name}"), commute=True, name=f"scale_{name}")
+
+
+def _pattern(scale_q: bool, scale_k: bool, scale_s: bool, mask: bool, guard: bool) -> Op:
+    q = _scaled(Var("q"), "q", scale_q)
+    kt = _scaled(Var("kt"), "k", scale_k)
+    scores = _scaled(Op("MatMul", q, kt, name="qk"), "s", scale_s)
+    if mask:
+        scores = Op("Add", scores, Var("mask"), commute=True, name="add_mask")
+    softmax = Op("Softmax", scores, name="softmax")
+    probs = Op("Where", Op("IsNaN", softmax, name="isnan"), Const("zero"), softmax,
+               name="guard") if guard else softmax
+    return Op("MatMul", probs, Var("v"), name="pv")
+
+
+def _scale(m: Match) -> float | str:
+    """The product of the scales (``1/c`` for a Div), or the reason there is none."""
+    total = 1.0
+    for part in ("q", "k", "s"):
+        node = m.get(f"scale_{part}")
+        if node is None:
+            continue
+        c = _scalar(m, f"c_{part}")
+        if c is None or c == 0.0:
+            return "a scale is not a constant non-zero float scalar"
+        if node.op_type == "Div":
+            if node.inputs[1] is not m[f"c_{part}"]:
+                return "a scale divides by the scores"
+            c = 1.0 / c
+        total *= c
+    return total
+
+
+def _common_check(m: Match) -> str | None:
+    softmax: ir.Node = m["softmax"]
+    axis = softmax.attributes.get("axis")
+    if axis is None and m.opset < 13:
+        return "Softmax over more than the last axis (opset < 13 default)"
+    if axis is not None and axis.as_int() not in (-1, 3):
+        return "Softmax not over the last axis"
+    if not _is_float32(m, m["q"], m["kt"], m["v"], m.get("mask"), m.output):
+        return "not float32"
+    for name in ("q", "kt", "v"):
+        if _rank(m, m[name]) != 4:
+            return f"rank of {name} not known to be 4"
+    if m.get("mask") is not None:
+        rank = _rank(m, m["mask"])
+        if rank is None or rank > 4:
+            return "rank of the mask unknown or above 4"
+    if m.get("guard") is not None:
+        zero = m.array("zero")
+        if zero is None or zero.size != 1 or float(zero.reshape(())) != 0.0:
+            return "the NaN guard does not write 0"
+    scale = _scale(m)
+    return scale if isinstance(scale, str) else None
+
+
+def _key(m: Match, b: Builder) -> ir.Value:
+    """The (batch, heads, kv_seq, head_size) key behind ``kt``."""
+    kt: ir.Value = m["kt"]
+    producer = kt.producer()
+    perm = _perm(producer)
+    if perm == [0, 1, 3, 2]:
+        return producer.inputs[0]
+    if perm == [0, 2, 3, 1]:
+        return b.op("Transpose", producer.inputs[0], perm=[0, 2, 1, 3])
+    return b.op("Transpose", kt, perm=[0, 1, 3, 2])
+
+
+def _record(layers: dict[ir.Node, str]) -> Callable[[Callable[[Match], str | None]], Callable[[Match], str | None]]:
+    def wrap(check: Callable[[Match], str | None]) -> Callable[[Match], str | None]:
+        def recorded(m: Match) -> str | None:
+            reason = check(m)
+            if reason is not None:
+                layers.setdefault(m["softmax"], reason)
+            return reason
+        return recorded
+    return wrap
+
+
+def _same_dim(a: ir.Value, i: int, b: ir.Value, j: int) -> bool:
+    if a.shape is None or b.shape is None or a.shape.rank() <= i or b.shape.rank() <= j:
+        return False
+    da, db = a.shape[i], b.shape[j]
+    return da == db and (isinstance(da, int) or getattr(da, "value", None) is not None)
+
+
+def _full_mask(m: Match, b: Builder, query: ir.Value, q_axis: int, key: ir.Value) -> ir.Value | None:
+    """The mask with its last two axes expanded to (query length, key length), as both
+    onnxruntime kernels require (the decomposed Add broadcast it); None when absent."""
+    mask = m.get("mask")
+    if mask is None:
+        return None
+    if _rank(m, mask) == 4 and _same_dim(mask, 2, query, q_axis) and _same_dim(mask, 3, key, 2):
+        return mask
+
+    def dim(value: ir.Value, axis: int, tag: str) -> ir.Value:
+        return b.op("Slice", b.op("Shape", value), b.const(np.array([axis], np.int64), f"{tag}_start"),
+                    b.const(np.array([axis + 1], np.int64), f"{tag}_end"))
+
+    target = b.op("Concat", b.const(np.array([1, 1], np.int64), "mask_lead"),
+                  dim(query, q_axis, "mask_q"), dim(key, 2, "mask_k"), axis=0)
+    return b.op("Expand", mask, target)
+
+
+def _standard_rewrite(m: Match, b: Builder) -> ir.Value:
+    key = _key(m, b)
+    mask = _full_mask(m, b, m["q"], 2, key)
+    inputs = [m["q"], key, m["v"]] + ([mask] if mask is not None else [])
+    return b.op("Attention", *inputs, scale=float(_scale(m)))
+
+
+def _mha_check(m: Match) -> str | None:
+    reason = _common_check(m)
+    if reason is not None:
+        return reason
+    _, heads = _split_heads(m, m["q"])
+    if heads is None:
+        return "number of heads unknown (MultiHeadAttention needs it)"
+    return None
+
+
+def _mha_rewrite(m: Match, b: Builder) -> ir.Value:
+    q: ir.Value = m["q"]
+    query, heads = _split_heads(m, q)
+    if query is None:
+        query = b.op("Reshape", b.op("Transpose", q, perm=[0, 2, 1, 3]),
+                     b.const(np.array([0, 0, -1], np.int64), "mha_merge_heads"))
+    key = _key(m, b)
+    mask = _full_mask(m, b, query, 1, key)
+    inputs = [query, key, m["v"], None, None, mask] if mask is not None else [query, key, m["v"]]
+    out = b.op("MultiHeadAttention", *inputs, domain=MS_DOMAIN, num_heads=int(heads),
+               scale=float(_scale(m)))
+    split = b.op("Reshape", out, b.const(np.array([0, 0, heads, -1], np.int64), "mha_split_heads"))
+    return b.op("Transpose", split, perm=[0, 2, 1, 3])
+
+
+def attention_rules(kind: str, layers: dict[ir.Node, str] | None = None) -> tuple[Rule, ...]:
+    """The attention rules for ``kind`` ("standard" or "ort"); rejections are recorded per
+    Softmax node in ``layers`` when given."""
+    layers = {} if layers is None else layers
+    check = _common_check if kind == "standard" else _mha_check
+    rewrite = _standard_rewrite if kind == "standard" else _mha_rewrite
+    min_opset = ATTENTION_OPSET if kind == "standard" else 1
+    rules = []
+    for sq, sk, ss, mask, guard in itertools.product((True, False), repeat=5):
+        name = "attention" + ("-masked" if mask else "") + ("-guarded" if guard else "")
+        rules.append(Rule(name, _pattern(sq, sk, ss, mask, guard), rewrite,
+                          _record(layers)(check), min_opset=min_opset))
+    return tuple(rules)
+
+
+# ---------------------------------------------------------------- per-layer report
+
+
+def _softmaxes(model: ir.Model) -> list[ir.Node]:
+    return [n for g in optcc.ir.graphs(model) for n in g
+            if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]
+
+
+def _diagnose(node: ir.Node, opset: int, kind: str) -> str:
+    """Why a Softmax that no rule fused is not a fusable attention layer."""
+    if kind == "standard" and opset < ATTENTION_OPSET:
+        return (f"model opset {opset} < {ATTENTION_OPSET} (standard Attention needs "
+                f"{ATTENTION_OPSET}; -O3 emits com.microsoft.MultiHeadAttention)")
+    out = node.outputs[0]
+    readers = [u.node for u in out.uses()]
+    if out.is_graph_output():
+        return "attention probabilities are a graph output"
+    guards = [r for r in readers if r.op_type in ("IsNaN", "Where")]
+    matmuls = [r for r in readers if r.op_type == "MatMul" and r.inputs[0] is out]
+    if guards and not matmuls:
+        where = next((r for r in readers if r.op_type == "Where"), None)
+        if where is not None:
+            readers = [u.node for u in where.outputs[0].uses()]
+            matmuls = [r for r in readers if r.op_type == "MatMul" and r.inputs[0] is where.outputs[0]]
+    if not matmuls:
+        return "Softmax is not followed by a MatMul with the values (not attention)"
+    if len(readers) > len(matmuls) + (0 if not guards else 2):
+        return "attention probabilities have readers besides the value MatMul"
+    scores = node.inputs[0]
+    if scores is not None and len(scores.uses()) > 1:
+        return "attention scores have other readers"
+    return "scores are not MatMul(q, kt) with constant scales and an optional additive mask"
+
+
+class _AttentionPass(RewritePass):
+    kind = "standard"
+
+    def call(self, model: ir.Model) -> PassResult:
+        layers: dict[ir.Node, str] = {}
+        before = {n: n.name or f"Softmax#{i}" for i, n in enumerate(_softmaxes(model))}
+        stats = apply_rules(model, attention_rules(self.kind, layers), max_iters=self.max_iters)
+        remaining = set(_softmaxes(model))
+        opset = optcc.ir.default_opset(model)
+        op = "Attention" if self.kind == "standard" else f"{MS_DOMAIN}.MultiHeadAttention"
+        report = {}
+        for node, label in before.items():
+            if node not in remaining:
+                report[label] = f"fused: {op}"
+            else:
+                report[label] = layers.get(node) or _diagnose(node, opset, self.kind)
+        if stats.modified and self.kind == "ort" and MS_DOMAIN not in model.opset_imports:
+            model.opset_imports[MS_DOMAIN] = 1
+        result = stats.as_dict()
+        if report:
+            result["layers"] = report
+            result["fused_layers"] = sum(v.startswith("fused") for v in report.values())
+        return PassResult(model, stats.modified, result)
+
+
+class FuseAttentionPass(_AttentionPass):
+    """Decomposed scaled dot-product attention -> standard ``Attention`` (opset >= 23)."""
+
+    name = "fuse-attention"
+    level = 2
+    numerics = "fusion"
+    kind = "standard"
+
+
+class FuseOrtAttentionPass(_AttentionPass):
+    """Decomposed scaled dot-product attention -> ``com.microsoft.MultiHeadAttention``
+    (onnxruntime target, -O3)."""
+
+    name = "fuse-ort-attention"
+    level = 3
+    numerics = "fusion"
+    kind = "ort"
