@@ -250,3 +250,13 @@ def test_cli_report_html(tmp_path):
     import json
 
     assert json.loads(data.read_text(encoding="utf-8"))["layers"] == []
+
+
+def test_summary_without_errors_puts_the_layers_kept_back_first():
+    rows = [{"name": f"q{i}", "precision": "int8", "reason": "quantized"} for i in range(12)]
+    rows.insert(5, {"name": "kept", "precision": "float32", "reason": "returned to float"})
+    text = Report(passes=[_record("p", {"layers": rows})]).summary(top=3)
+    assert "layers: int8 12, float32 1 (3 shown)" in text
+    assert [line.split()[0] for line in text.splitlines() if line.startswith("  ")][1:] == ["kept", "q0", "q1"]
+    only_int8 = Report(passes=[_record("p", {"layers": rows[:5]})]).summary(top=3)
+    assert "layers: int8 5 (no per-layer error measured)" in only_int8 and "  layer" not in only_int8

@@ -269,13 +269,15 @@ def _int8_layers(pass_name: str, stats: Mapping[str, Any]) -> list[dict[str, Any
 
 
 def _worst_first(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Rows with an error first, worst first (lowest SQNR, else highest relative error)."""
+    """Rows with an error first, worst first (lowest SQNR, else highest relative error);
+    then those without, the wider precisions first (layers kept back, with their reason)."""
     def key(row: Mapping[str, Any]) -> tuple[int, float]:
         if row.get("error_db") is not None:
             return (0, row["error_db"])
         if row.get("error_rel") is not None:
             return (1, -row["error_rel"])
-        return (2, 0.0)
+        wide = LAYER_PRECISIONS.index(row["precision"]) if row["precision"] in LAYER_PRECISIONS else -1
+        return (2, -wide)
     return sorted(rows, key=key)
 
 
@@ -293,9 +295,14 @@ def _layer_lines(rows: Sequence[Mapping[str, Any]], top: int) -> list[str]:
         return []
     order = [*LAYER_PRECISIONS, *sorted({r["precision"] for r in rows} - set(LAYER_PRECISIONS))]
     counts = {p: sum(r["precision"] == p for r in rows) for p in order}
+    head = "layers: " + ", ".join(f"{p} {n}" for p, n in counts.items() if n)
+    measured = any(r.get("error_db") is not None or r.get("error_rel") is not None for r in rows)
+    if not measured and len({r["precision"] for r in rows}) == 1 and len(rows) > top:
+        return [head + " (no per-layer error measured)"]
     shown = _worst_first(rows)[:top]
-    head = ", ".join(f"{p} {n}" for p, n in counts.items() if n)
-    lines = [f"layers: {head}" + (f" (worst {len(shown)} by error)" if len(shown) < len(rows) else "")]
+    if len(shown) < len(rows):
+        head += f" (worst {len(shown)} by error)" if measured else f" ({len(shown)} shown)"
+    lines = [head]
     table = [("layer", "op", "precision", "error", "why")]
     table += [(_clip(str(r["name"]), 40), r.get("op_type") or "-", r["precision"], _error_text(r),
                _clip(r.get("reason") or "-", 90)) for r in shown]
