@@ -310,8 +310,8 @@ def quantize_int8(
     lap("quantize")
     if not pass_stats.get("layers"):
         return decline("nothing", "nothing quantizable (no layer met the preconditions)")
+    problem = slower(quantized, "fully_quantized")  # modelled (and reported) whether or not it decides
     if require_speedup:
-        problem = slower(quantized, "fully_quantized")
         if problem:
             return decline("speed", problem + " (even with every layer quantized; no fallback attempted)")
     if max_float_layers is None:
@@ -341,9 +341,9 @@ def quantize_int8(
             how = f"with {len(report.get('kept_float', []))} layers returned to float ({budget} allowed)"
         return decline("accuracy", f"INT8 misses the accuracy target on {len(held)} held-out samples: "
                                    f"{_describe_miss(evaluation, target)} {how}; kept float32")
-    if require_speedup and report.get("kept_float"):
+    if report.get("kept_float"):
         problem = slower(quantized, "after_fallback")
-        if problem:
+        if problem and require_speedup:
             return decline("speed", problem + f" (after returning {len(report['kept_float'])} layers to float)")
     stats["modified"] = True
     return quantized, stats
