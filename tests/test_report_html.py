@@ -95,6 +95,8 @@ def test_explicit_layer_records_and_reverted_passes():
                        "error_db": 60.0, "error_rel": None, "pass": "p"}
     # a plain list of names (QuantizeInt8Pass's "layers") is not mistaken for records
     assert [r["precision"] for r in layers_from_stats("q", {"layers": ["a"], "kept_float": {}})] == ["int8"]
+    assert layers_from_stats("fuse-attention", {"layers": {"Softmax#0": "fused: Attention"}}) == []
+    assert layers_from_stats("x", {"layers": [{"name": "a", "fused": True}]}) == []
 
 
 def test_summary_shows_the_worst_layers_first():

@@ -26,8 +26,9 @@ Added fields: ``"layers": [LayerRecord...]``, the per-layer precision table of F
                   "error_rel": max relative error this layer's precision causes | null,
                   "pass": the pass that chose it}
 
-A pass fills the table by putting a list of LayerRecord dicts (``pass`` may be left out)
-into its stats under ``"layers"``. For passes that do not, the table is derived from what
+A pass fills the table by putting a list of LayerRecord dicts (``name`` and ``precision``
+required, ``pass`` filled in) into its stats under ``"layers"``; other shapes of a
+``"layers"`` stat (a list of names, a dict) are not LayerRecords. For passes that do not, the table is derived from what
 they already report: ConvertFloat16Pass's ``kept_float32`` (label -> reason) and the INT8
 driver's ``pass.layers`` (quantized), ``fallback.kept_float`` and ``fallback.sensitivity``.
 Records of reverted or failed passes are left out: their precision is not in the output.
@@ -202,7 +203,7 @@ def _size(n: int) -> str:
 def layers_from_stats(pass_name: str, stats: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The LayerRecords one pass's stats describe (see the module docstring); [] if none."""
     given = stats.get("layers")
-    if isinstance(given, list) and given and all(isinstance(r, Mapping) for r in given):
+    if isinstance(given, list) and given and all(isinstance(r, Mapping) and "precision" in r for r in given):
         return [_record(pass_name=pass_name, **{k: r.get(k) for k in LAYER_FIELDS if k != "pass"})
                 for r in given]
     if isinstance(stats.get("kept_float32"), Mapping):
