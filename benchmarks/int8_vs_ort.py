@@ -13,11 +13,12 @@ For every model, on the same calibration data and the same held-out data, in one
   activations): the raw INT8 model;
 - ``optcc-minmax+bc``: the same plus empirical bias correction
   (``optcc.quant.bias_correction``, on 4 of the calibration samples), which the driver applies;
-- ``optcc-minmax+fallback``: what a user gets by default: the accuracy-aware fallback
-  (target 25 dB on the held-out data; at most ``--max-float`` layers returned to float,
-  default half of them; at most ``--ranked`` layers ranked by sensitivity), then the
-  decision: the INT8 model, or the float model when INT8 misses the target or is not
-  faster than float32 (column "decision");
+- ``optcc-minmax+fallback``: what a user gets by default (``quantize_int8``): acceptance
+  by the task metric relative to float32's noise floor (docs/int8.md; column "task
+  deviation / floor"), the accuracy-aware fallback (at most ``--max-float`` layers
+  returned to float, default half of them; at most ``--ranked`` layers ranked by
+  sensitivity), then the decision: the INT8 model, or the float model when INT8 is not
+  accepted or not faster by the cost model (columns "decision", "modelled speedup");
 - ``ort-minmax`` / ``ort-minmax+pre`` / ``ort-entropy``: ``quantize_static`` (QDQ,
   per_channel=True, QUInt8 activations, QInt8 weights), without / with
   ``quant_pre_process`` first, MinMax or Entropy calibration.
@@ -39,6 +40,9 @@ model measured interleaved in the same process (``optcc.quant.fallback.compare_l
 ``--runs`` rounds of 5 runs each, median of the round medians; "spread" is the largest
 max/min ratio of round medians, the noise), the integer kernels onnxruntime runs
 (QLinearConv, QLinearMatMul, QGemm, ...) and the size.
+
+``--out FILE.md`` writes a page with the command, the date, the versions and the machine
+above the table: dated measurements live there, not in docs/int8.md.
 """
 
 from __future__ import annotations
@@ -326,6 +330,10 @@ def worker(args: argparse.Namespace) -> dict:
         result["decision"] = "int8" if stats["modified"] else f"float32 ({stats.get('declined')})"
         result["reason"] = stats.get("reason")
         result["fallback_sqnr_db"] = stats["fallback"].get("evaluation", {}).get("sqnr_db")
+        task = stats["fallback"].get("evaluation", {}).get("task") or {}
+        result["task"] = {name: [row["deviation"], row["floor"]] for name, row in task.get("metrics", {}).items()}
+        result["modelled_speedup"] = {k: round(v["modelled_speedup"], 2) for k, v in stats.get("latency", {}).items()
+                                      if isinstance(v, dict) and "modelled_speedup" in v}
     elif config.startswith("optcc"):
         # what quantize_static does, no more: float fusions, calibration, the QDQ pass
         from optcc.quant.calibration import calibrate
@@ -401,13 +409,13 @@ def table(rows: list[dict]) -> str:
     head = (
         "| model | config | status | valid | SQNR dB (held-out) | CTC match | latency ms (2 thr) | fp32 ms (same process)"
         " | vs fp32 | spread | integer nodes | quantize s | peak RSS MiB | RSS added MiB | size MiB | kept float"
-        " | decision |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        " | decision | task deviation / floor | modelled speedup |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['config']} | {r['status']} |" + " |" * 14)
+            lines.append(f"| {r['model']} | {r['config']} | {r['status']} |" + " |" * 16)
             continue
         fp32 = r.get("fp32_latency_ms")
         speed = f"{fp32 / r['latency_ms']:.2f}x" if fp32 and r["config"] != "fp32" else ""
@@ -423,8 +431,57 @@ def table(rows: list[dict]) -> str:
             f" {r['peak_rss_mib'] if quantizing else ''} |"
             f" {round(r['peak_rss_mib'] - r['rss_before_mib'], 1) if quantizing else ''} |"
             f" {r['size_mib']} | {kept_text} | {r.get('decision', '')} |"
+            f" {_task_text(r.get('task'))} | {_speedups(r.get('modelled_speedup'))} |"
         )
     return "\n".join(lines)
+
+
+def _task_text(task: dict | None) -> str:
+    if not task:
+        return ""
+    return "; ".join(f"{name.rsplit(':', 1)[-1]} {dev} / {floor}" for name, (dev, floor) in task.items())
+
+
+def _speedups(speedups: dict | None) -> str:
+    return ", ".join(f"{v}x" for v in (speedups or {}).values())
+
+
+def page(text: str, argv: list[str]) -> str:
+    """The benchmark page: the command, the date, the versions and the machine, then the table."""
+    import datetime
+    import platform
+
+    import numpy
+    import onnx
+    import onnxruntime
+
+    sys.path.insert(0, str(ROOT))
+    from optcc.version import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return "\n".join([
+        "# INT8: optcc vs onnxruntime.quantization (generated)",
+        "",
+        f"- command: `python benchmarks/int8_vs_ort.py {' '.join(argv)}`",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- versions: optcc {__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"numpy {numpy.__version__}, Python {platform.python_version()}",
+        f"- machine: {cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; "
+        "latency with 2 intra-op threads, float32 and INT8 interleaved in one process",
+        "",
+        "Column meanings: see the docstring of benchmarks/int8_vs_ort.py. \"task deviation / floor\": the",
+        "acceptance metric's deviation from float32 next to float32's own noise floor (docs/int8.md).",
+        "",
+        text,
+        "",
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        Path(args.out).write_text(page(text, list(sys.argv[1:] if argv is None else argv)))
     return 0
 
 
