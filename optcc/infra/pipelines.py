@@ -24,6 +24,7 @@ _EXACT = (
     "eliminate-identities",
     "eliminate-noops",
     "merge-consecutive",
+    "simplify-reshape-targets",
     "eliminate-common-subexpressions",
     "eliminate-dead-nodes",
 )

@@ -1,0 +1,156 @@
+"""SimplifyReshapeTargetsPass: Reshape targets built from the input's own shape become constants.
+
+Rewrite (``shape-copy``): ``Reshape(x, Concat(p_0, p_1, ...))`` where every piece is
+either a constant or a run of ``x``'s own dims that lands at the same positions of the
+target (``Shape(x)[i:j]`` at target positions ``i..j-1``) becomes ``Reshape(x, c)`` with
+``c`` the constants and ``0`` ("copy the input's dim", allowzero=0) at those positions.
+The pieces of ``x``'s shape are recognized through ``Shape`` (start/end), ``Slice``
+(constant, step 1 or more), ``Gather`` (constant indices), ``Unsqueeze`` of a scalar at
+axis 0, and ``Cast`` to int64 or int32. Typical source: exporters writing
+``x.reshape(x.shape[0], -1)`` as Shape->Slice->Concat->Reshape, which keeps the batch
+dynamic; the constant target also makes the result's rank static for later fusions.
+
+Preconditions: default-domain ops; the Reshape without ``allowzero=1`` (0 must mean
+"copy"); the ``Shape`` reads the Reshape's own data input ``x``, whose rank is known
+(declared, or found by ``optcc.rewrite.static_rank``);
+Concat along axis 0; constant pieces of integer type. The shape subgraph stays for other
+readers (eliminate-dead-nodes removes it when unused).
+
+Why exact: ``Shape(x)[k]`` at target position ``k`` is ``x``'s dim ``k``, which is what
+``0`` copies, for every input (a dim of 0 included: both give 0). One caveat of the Cast
+recognition: a Cast of a shape to int32 and back is read as the shape itself; the two
+differ only when an axis has 2**31 or more elements, where the original's int32 cast wraps
+and its target is already meaningless.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+import optcc
+from optcc.passes.eliminate_noops import constant_array, graph_opset
+from optcc.rewrite import static_rank
+
+__all__ = ["SimplifyReshapeTargetsPass"]
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_INT_CASTS = (ir.DataType.INT64.value, ir.DataType.INT32.value)
+
+# A piece of a shape: (source value, the dims of source it lists, whether it is a scalar)
+Piece = tuple[ir.Value, list[int], bool]
+
+
+def _node(value: ir.Value | None) -> ir.Node | None:
+    node = None if value is None else value.producer()
+    return node if node is not None and node.domain in _DEFAULT_DOMAINS else None
+
+
+def _ints(value: ir.Value | None) -> list[int] | None:
+    array = constant_array(value) if value is not None else None
+    if array is None or array.dtype.kind not in "iu":
+        return None
+    return [int(v) for v in array.reshape(-1)]
+
+
+def _shape_piece(value: ir.Value, opset: int, ranks: dict, depth: int = 0) -> Piece | None:
+    """What part of which tensor's shape ``value`` provably holds, or None."""
+    node = _node(value)
+    if node is None or depth > 16 or not node.inputs or node.inputs[0] is None:
+        return None
+    if node.op_type == "Shape":
+        source = node.inputs[0]
+        rank = static_rank(source, ranks)
+        if rank is None:
+            return None
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", rank)
+        return source, list(range(rank))[start:end], False
+    if node.op_type == "Cast":
+        to = node.attributes.get_int("to", 0)
+        return _shape_piece(node.inputs[0], opset, ranks, depth + 1) if to in _INT_CASTS else None
+    inner = _shape_piece(node.inputs[0], opset, ranks, depth + 1)
+    if inner is None:
+        return None
+    source, dims, scalar = inner
+    if node.op_type == "Slice" and not scalar and opset >= 10:
+        starts, ends = _ints(node.inputs[1]) if len(node.inputs) > 1 else None, _ints(node.inputs[2]) if len(node.inputs) > 2 else None
+        axes = _ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else [0]
+        steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
+        if starts is None or ends is None or axes is None or steps is None:
+            return None
+        if len(starts) != 1 or len(ends) != 1 or axes not in ([0], [-1]) or len(steps) != 1 or steps[0] < 1:
+            return None
+        return source, dims[slice(starts[0], ends[0], steps[0])], False
+    if node.op_type == "Gather" and not scalar and node.attributes.get_int("axis", 0) in (0, -1):
+        array = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if array is None or array.dtype.kind not in "iu" or array.ndim > 1:
+            return None
+        if any(not -len(dims) <= int(i) < len(dims) for i in array.reshape(-1)):
+            return None
+        return source, [dims[int(i)] for i in array.reshape(-1)], array.ndim == 0
+    if node.op_type == "Unsqueeze" and scalar:
+        axes = _ints(node.inputs[1]) if opset >= 13 and len(node.inputs) > 1 else (
+            list(node.attributes["axes"].as_ints()) if "axes" in node.attributes else None)
+        return (source, dims, False) if axes in ([0], [-1]) else None
+    return None
+
+
+def _constant_target(reshape: ir.Node, opset: int, ranks: dict) -> np.ndarray | None:
+    x, target = reshape.inputs[0], reshape.inputs[1]
+    concat = _node(target)
+    if x is None or concat is None or concat.op_type != "Concat":
+        return None
+    if concat.attributes.get_int("axis", 0) not in (0, -1) or None in concat.inputs:
+        return None
+    values: list[int] = []
+    copied = False
+    for piece in concat.inputs:
+        constant = _ints(piece)
+        if constant is not None:
+            values.extend(constant)
+            continue
+        found = _shape_piece(piece, opset, ranks)
+        if found is None or found[0] is not x or found[2]:
+            return None
+        for dim in found[1]:
+            if dim != len(values):
+                return None  # not at its own position: 0 would copy another dim
+            values.append(0)
+        copied = True
+    return np.array(values, dtype=np.int64) if copied else None
+
+
+class SimplifyReshapeTargetsPass(optcc.Pass):
+    """Replace Reshape targets built from the input's own shape by constants with 0 (copy)."""
+
+    name = "simplify-reshape-targets"
+    level = 1
+    numerics = "exact"
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        model_opset = optcc.ir.default_opset(model)
+        count = 0
+        for graph in optcc.ir.graphs(model):
+            opset = graph_opset(graph, model_opset)
+            if opset < 5:
+                continue
+            ranks: dict = {}  # static ranks: no rewrite here changes one
+            for node in list(graph):
+                if node.op_type != "Reshape" or node.domain not in _DEFAULT_DOMAINS or len(node.inputs) != 2:
+                    continue
+                if opset >= 14 and node.attributes.get_int("allowzero", 0):
+                    continue
+                target = _constant_target(node, opset, ranks)
+                if target is None:
+                    continue
+                name = optcc.ir.unique_value_name(graph, f"{node.name or 'Reshape'}_target")
+                const = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.Tensor(target, name=name))],
+                                num_outputs=1, name=name)
+                const.outputs[0].name = name
+                const.outputs[0].type = ir.TensorType(ir.DataType.INT64)
+                const.outputs[0].shape = ir.Shape(target.shape)
+                graph.insert_before(node, const)
+                node.replace_input_with(1, const.outputs[0])
+                count += 1
+        return optcc.PassResult(model, bool(count), {"shape-copy": count} if count else {})

@@ -1,0 +1,85 @@
+"""SimplifyReshapeTargetsPass: Reshape targets built from the input's own shape become
+constants with 0 (copy); targets that copy another tensor's dims or a dim at another
+position stay. Numerics: onnx's reference evaluator on several batch sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_ir as ir
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+import optcc
+from optcc.passes.simplify_reshape_targets import SimplifyReshapeTargetsPass
+
+
+def _check(text: str, batches=(1, 3), **fixed) -> tuple[dict, onnx.ModelProto]:
+    proto = onnx.parser.parse_model(text)
+    onnx.checker.check_model(proto, full_check=True)
+    result = SimplifyReshapeTargetsPass()(ir.from_proto(proto))
+    out = ir.to_proto(result.model)
+    onnx.checker.check_model(out, full_check=True)
+    for n in batches:
+        feeds = {"x": np.random.default_rng(n).standard_normal((n, 8, 1, 1)).astype(np.float32), **fixed}
+        for want, got in zip(ReferenceEvaluator(proto).run(None, feeds), ReferenceEvaluator(out).run(None, feeds)):
+            assert want.shape == got.shape and np.array_equal(want, got)
+    return dict(result.stats), out
+
+
+def _target(model: onnx.ModelProto) -> list[int] | None:
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] in [n.input[1] for n in model.graph.node if n.op_type == "Reshape"]:
+            return [int(v) for v in onnx.numpy_helper.to_array(node.attribute[0].t)]
+    return None
+
+
+def test_paddle_style_batch_flatten_gets_a_constant_target():
+    """Regression (PP-OCR cls): Shape -> Cast(int32) -> Slice -> Cast(int64) -> Concat."""
+    stats, out = _check("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 8, 1, 1] x) => (float[N, 8] y) <int64[1] zero = {0}, int64[1] one = {1}, int64[1] c = {8}> {
+        s = Shape(x)
+        s32 = Cast<to = 6>(s)
+        b32 = Slice(s32, zero, one, zero, one)
+        b = Cast<to = 7>(b32)
+        t = Concat<axis = -1>(b, c)
+        y = Reshape(x, t)
+    }""")
+    assert stats == {"shape-copy": 1} and _target(out) == [0, 8]
+
+
+def test_gather_unsqueeze_pieces_and_o1_removes_the_shape_subgraph():
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 8, 1, 1] x) => (float[N, 8, 1] y) <int64 i0 = {0}, int64[1] a = {0}, int64[2] c = {8, -1}> {
+        s = Shape(x)
+        d = Gather(s, i0)
+        u = Unsqueeze(d, a)
+        t = Concat<axis = 0>(u, c)
+        y = Reshape(x, t)
+    }"""
+    stats, out = _check(text)
+    assert stats == {"shape-copy": 1} and _target(out) == [0, 8, -1]
+    o1 = optcc.optimize(onnx.parser.parse_model(text), level=1, verify=False).model
+    assert [n.op_type for n in o1.graph.node] == ["Reshape"]
+
+
+@pytest.mark.parametrize("case", ["other-tensor", "other-position", "allowzero", "runtime-piece"])
+def test_targets_that_must_stay(case):
+    source = "w" if case == "other-tensor" else "x"
+    index = "{1}" if case == "other-position" else "{0}"
+    reshape = "Reshape<allowzero = 1>" if case == "allowzero" else "Reshape"
+    piece = "Abs(b)" if case == "runtime-piece" else "Identity(b)"
+    stats, _ = _check(f"""
+    <ir_version: 8, opset_import: ["" : 14]>
+    g (float[N, 8, 1, 1] x, float[N, 8, 1, 1] w) => (float[M, K] y) <int64[1] i = {index}, int64[1] c = {{-1}}> {{
+        s = Shape({source})
+        b = Gather(s, i)
+        p = {piece}
+        t = Concat<axis = 0>(p, c)
+        y = {reshape}(x, t)
+    }}""".replace("p = Identity(b)", "p = Gather(s, i)"), batches=(2,),
+        w=np.zeros((2, 8, 1, 1), np.float32))
+    assert stats == {}
