@@ -18,6 +18,10 @@ What the candidate is compared with depends on what the kept passes may change
   original is then also run with onnxruntime's basic optimizations, a second float32
   evaluation of the same math.
 
+KV-cache decoders are verified over a short decode (``optcc.numerics.decode``): each
+sample runs ``DECODE_STEPS`` steps, every model feeding its own ``present`` outputs back as
+``past``, judged against the float32 original's decode.
+
 A verification that cannot run (onnxruntime cannot run the original on the inputs) has
 status "skipped" with the reason; callers must not treat it as a pass.
 """
@@ -36,6 +40,7 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
+from optcc.numerics.decode import DECODE_STEPS, decode_plan, run_decode
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
 from optcc.numerics.inputs import check_feeds, generate_inputs
 from optcc.numerics.kinds import Numerics
@@ -64,6 +69,7 @@ class Verification:
     outputs: list[OutputMetrics]
     reason: str | None = None
     reference: str = "float32 original"
+    decode_steps: int | None = None  # steps per sample for a KV-cache decoder
 
     @property
     def passed(self) -> bool:
@@ -107,6 +113,7 @@ class Verification:
             "providers": self.providers,
             "samples": self.samples,
             "reference": self.reference,
+            "decode_steps": self.decode_steps,
             "reason": self.reason,
             "outputs": [o.to_dict() for o in self.outputs],
         }
@@ -133,6 +140,7 @@ class Verifier:
         tolerances: Mapping[Numerics, Tolerance] | None = None,
         progress: bool = False,
         reference: str = "auto",
+        decode_steps: int = DECODE_STEPS,
     ) -> None:
         if reference not in REFERENCES:
             raise BadInputError(f"unknown reference '{reference}' (use {', '.join(REFERENCES)})")
@@ -152,6 +160,9 @@ class Verifier:
                 raise BadInputError("no verification inputs given (empty iterable)")
             for i, feeds in enumerate(self.feeds):
                 check_feeds(model, feeds, label=f"verification sample {i}")
+        self._plan = decode_plan(model) if decode_steps > 1 else None
+        self._steps = decode_steps
+        self._tokens: list[list[np.ndarray]] | None = None  # per sample, the original's greedy tokens
         self._float32: dict[str, list[list[np.ndarray]]] | None = None
         self._alternate: dict[str, list[list[np.ndarray]] | None] = {}
         self._names: list[str] = []
@@ -169,15 +180,37 @@ class Verifier:
 
     # ----------------------------------------------------------------- references
 
+    def _cases(self, session: Any) -> list[list[np.ndarray]]:
+        """A session's outputs on every sample (every decode step of every sample for a
+        KV-cache decoder, fed the original's tokens once they are known)."""
+        float16_inputs = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
+
+        def run_one(feeds: Feeds) -> list[np.ndarray]:
+            return run(session, _fit_float16(feeds, float16_inputs))
+
+        if self._plan is None:
+            return [run_one(f) for f in self.feeds]
+        names = [o.name for o in session.get_outputs()]
+        cases: list[list[np.ndarray]] = []
+        tokens: list[list[np.ndarray]] = []
+        for i, feeds in enumerate(self.feeds):
+            given = None if self._tokens is None else self._tokens[i]
+            steps, chosen = run_decode(run_one, names, self._plan, feeds, steps=self._steps, tokens=given)
+            cases.extend(steps)
+            tokens.append(chosen)
+        if self._tokens is None:
+            self._tokens = tokens
+        return cases
+
     def _float32_outputs(self) -> dict[str, list[list[np.ndarray]]] | None:
-        """The original's outputs per provider and sample (None when it cannot run)."""
+        """The original's outputs per provider and case (None when it cannot run)."""
         if self._float32 is None and self._error is None:
             try:
                 self._float32 = {}
                 for provider in self.providers:
                     session = make_session(self.original, provider, scratch=self._scratch.name)
                     self._names = [o.name for o in session.get_outputs()]
-                    self._float32[provider] = [run(session, f) for f in self.feeds]
+                    self._float32[provider] = self._cases(session)
             except Exception as e:  # noqa: BLE001 - anything onnxruntime raises
                 self._float32 = None
                 self._error = f"onnxruntime cannot run the original model: {first_line(e)}"
@@ -189,7 +222,7 @@ class Verifier:
             try:
                 session = make_session(self.original, provider, scratch=self._scratch.name,
                                        options=session_options(optimize=True))
-                self._alternate[provider] = [run(session, f) for f in self.feeds]
+                self._alternate[provider] = self._cases(session)
             except Exception:  # noqa: BLE001 - then the as-written evaluation alone counts
                 self._alternate[provider] = None
         return self._alternate[provider]
@@ -199,6 +232,8 @@ class Verifier:
         if self._float64 is None:
             if self.reference == "float32":
                 self._float64 = Float64Reference(None, None, "float32 reference requested")
+            elif self._plan is not None:
+                self._float64 = Float64Reference(None, None, f"{self._steps}-step decode of a KV-cache decoder")
             elif oir.weight_bytes(self._model) > MAX_REFERENCE_BYTES // 2:
                 self._float64 = Float64Reference(None, None, "weights too large to hold in float64")
             else:
@@ -224,7 +259,8 @@ class Verifier:
         """Compare ``model`` with the reference on every provider and sample."""
         tolerance = self.tolerances[numerics]
         float32 = self._float32_outputs()
-        base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=len(self.feeds))
+        base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=len(self.feeds),
+                    decode_steps=self._steps if self._plan is not None else None)
         if float32 is None:
             return Verification(status="skipped", outputs=[], reason=self._error, **base)
         float64 = None if numerics == "exact" else self.float64_reference().outputs
@@ -234,7 +270,6 @@ class Verifier:
             for provider in self.providers:
                 try:
                     session = make_session(model, provider, scratch=self._scratch.name)
-                    float16_inputs = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
                 except Exception as e:  # noqa: BLE001
                     reason = f"onnxruntime cannot load the optimized model: {first_line(e)}"
                     return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
@@ -242,15 +277,12 @@ class Verifier:
                 if candidate_names != self._names:
                     reason = f"outputs {candidate_names} != original {self._names}"
                     return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
-                got_all = []
-                for feeds in self.feeds:
-                    try:
-                        got_all.append(run(session, _fit_float16(feeds, float16_inputs)))
-                    except Exception as e:  # noqa: BLE001
-                        reason = f"onnxruntime cannot run the optimized model: {first_line(e)}"
-                        return Verification(status="failed", outputs=metrics, reason=reason, reference=reference,
-                                            **base)
-                    bar.advance()
+                try:
+                    got_all = self._cases(session)
+                except Exception as e:  # noqa: BLE001
+                    reason = f"onnxruntime cannot run the optimized model: {first_line(e)}"
+                    return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
+                bar.advance(len(self.feeds))
                 for index, name in enumerate(self._names):
                     originals = [outs[index] for outs in float32[provider]]
                     gots = [outs[index] for outs in got_all]

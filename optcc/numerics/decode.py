@@ -1,0 +1,105 @@
+"""Multi-step decoding of KV-cache decoders, for verification.
+
+A decoder step takes the cache of the previous steps as ``past*`` inputs and returns it
+grown as ``present*`` outputs. One step on generated inputs checks little of that loop, so
+the verifier runs ``DECODE_STEPS`` steps per sample: each next step feeds a model's own
+``present`` outputs back as its ``past`` inputs, one new token (the original's greedy
+choice, so both models see the same tokens), the attention mask grown by one and the
+position advanced by one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from optcc.numerics.inputs import input_roles
+
+__all__ = ["DECODE_STEPS", "DecodePlan", "decode_plan", "run_decode"]
+
+DECODE_STEPS = 3
+_PRESENT = re.compile(r"^present", re.IGNORECASE)
+_PREFIX = re.compile(r"^(past_key_values|present_key_values|past|present)[._]?", re.IGNORECASE)
+
+Feeds = Mapping[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """How one decoder step's outputs become the next step's inputs."""
+
+    past_to_present: dict[str, str]
+    ids: str | None
+    mask: str | None
+    position: str | None
+    logits: str | None  # the output whose last position's argmax is the next token
+
+
+def decode_plan(model: ir.Model) -> DecodePlan | None:
+    """The plan for a KV-cache decoder (past inputs matched to present outputs by the rest
+    of their names, else by order), or None for any other model."""
+    roles = input_roles(model)
+    pasts = [name for name, role in roles.items() if role == "past"]
+    outputs = [o for o in model.graph.outputs]
+    presents = [o.name for o in outputs if _PRESENT.match(o.name or "")]
+    if not pasts or len(pasts) != len(presents):
+        return None
+    by_suffix = {_PREFIX.sub("", name): name for name in presents}
+    pairing = {p: by_suffix.get(_PREFIX.sub("", p)) for p in pasts}
+    if None in pairing.values() or len(set(pairing.values())) != len(pairing):
+        pairing = dict(zip(pasts, presents))
+    ids = next((n for n, r in roles.items() if r == "index"), None)
+    logits = next((o.name for o in outputs if not _PRESENT.match(o.name or "")
+                   and o.dtype is not None and o.dtype.is_floating_point()
+                   and o.shape is not None and o.shape.rank() == 3), None)
+    if ids is None or logits is None:
+        return None
+    mask = next((n for n, r in roles.items() if r == "mask"), None)
+    position = next((n for n, r in roles.items() if r == "position"), None)
+    return DecodePlan({p: q for p, q in pairing.items() if q is not None}, ids, mask, position, logits)
+
+
+def _next_feeds(plan: DecodePlan, feeds: Feeds, outputs: Mapping[str, np.ndarray], token: np.ndarray) -> dict:
+    new = dict(feeds)
+    for past, present in plan.past_to_present.items():
+        new[past] = outputs[present]
+    assert plan.ids is not None
+    new[plan.ids] = token.reshape(-1, 1).astype(feeds[plan.ids].dtype)
+    if plan.mask is not None:
+        mask = feeds[plan.mask]
+        new[plan.mask] = np.concatenate([mask, np.ones((mask.shape[0], 1), mask.dtype)], axis=1)
+    if plan.position is not None:
+        position = feeds[plan.position]
+        new[plan.position] = position[:, -1:] + 1
+    return new
+
+
+def run_decode(
+    run: Callable[[Feeds], Sequence[np.ndarray]],
+    names: Sequence[str],
+    plan: DecodePlan,
+    first: Feeds,
+    *,
+    steps: int = DECODE_STEPS,
+    tokens: Sequence[np.ndarray] | None = None,
+) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
+    """Each step's outputs for a decode from ``first``, and the tokens fed after each step
+    (``tokens`` when given, else the greedy choice from the step's own logits)."""
+    assert plan.logits is not None
+    feeds: Feeds = dict(first)
+    results: list[list[np.ndarray]] = []
+    chosen: list[np.ndarray] = []
+    for step in range(steps):
+        outputs = list(run(feeds))
+        results.append(outputs)
+        if step == steps - 1:
+            break
+        named = dict(zip(names, outputs))
+        token = tokens[step] if tokens is not None else np.argmax(named[plan.logits][:, -1, :], axis=-1)
+        chosen.append(token)
+        feeds = _next_feeds(plan, feeds, named, token)
+    return results, chosen
