@@ -260,3 +260,45 @@ def test_calibration_tensors_and_holdout() -> None:
     assert calibration_tensors(model) == ["x", "h", "r", "y"]
     calib, held = split_holdout(list(range(10)))
     assert calib == list(range(8)) and held == [8, 9]
+
+
+def _same_statistics(a, b) -> None:
+    assert a.samples == b.samples and sorted(a.histograms) == sorted(b.histograms)
+    for name, h in a.histograms.items():
+        g = b.histograms[name]
+        assert (h.min, h.max, h.count, h.exponent) == (g.min, g.max, g.count, g.exponent), name
+        assert np.array_equal(h.counts, g.counts), name
+
+
+@pytest.mark.parametrize("bins", [0, 256])
+def test_sharded_calibration_on_an_executor_equals_one_process(bins: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from optcc.quant.calibration import calibrate, collect_statistics, collect_statistics_sharded
+
+    model, data = _mlp(), _samples(11)
+    single = collect_statistics(model, data, bins=bins)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        sharded = collect_statistics_sharded(model, data, pool, shards=3, bins=bins)
+        _same_statistics(single, sharded)
+        for method in (["minmax"] if bins == 0 else ["minmax", "percentile", "entropy", "mse"]):
+            assert calibrate(model, data, method, bins=bins, executor=pool, shards=4).ranges == \
+                calibrate(model, data, method, bins=bins).ranges
+    reference = _reference(model, data)  # numpy's own min/max over every sample
+    for name, values in reference.items():
+        if name in sharded.histograms:
+            assert sharded.histograms[name].min == pytest.approx(float(values.min()), rel=1e-5, abs=1e-6)
+            assert sharded.histograms[name].max == pytest.approx(float(values.max()), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_sharded_calibration_in_worker_processes() -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from optcc.quant.calibration import collect_statistics, collect_statistics_sharded
+
+    model, data = _mlp(), _samples(8)
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        sharded = collect_statistics_sharded(model, data, pool, shards=2, bins=512)
+    _same_statistics(collect_statistics(model, data, bins=512), sharded)

@@ -49,6 +49,7 @@ from optcc.progress import Progress
 from optcc.numerics import check_feeds
 
 __all__ = [
+    "collect_statistics_sharded",
     "METHODS",
     "DEFAULT_BINS",
     "DEFAULT_PERCENTILE",
@@ -626,6 +627,53 @@ def collect_statistics(
     return stats
 
 
+def _collect_shard(model_bytes: bytes, samples: list[Feeds], tensors: list[str] | None, bins: int,
+                   memory_budget_bytes: int, offset: int) -> CalibrationStats:
+    """One shard's statistics (module-level and given bytes, so a process pool can run it)."""
+    try:
+        return collect_statistics(model_bytes, samples, tensors=tensors, bins=bins,
+                                  memory_budget_bytes=memory_budget_bytes, threads=1)
+    except BadInputError as e:  # name the sample as the whole data set counts it
+        raise BadInputError(f"{e} (shard starting at calibration sample {offset})") from None
+
+
+def collect_statistics_sharded(
+    model: oir.ModelSource,
+    data: CalibrationData,
+    executor: Any,
+    *,
+    shards: int | None = None,
+    tensors: Sequence[str] | None = None,
+    bins: int = DEFAULT_BINS,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+) -> CalibrationStats:
+    """``collect_statistics`` with the samples split into ``shards`` contiguous shards
+    (default: one per 4 samples, at most 16) run by ``executor`` (any
+    ``concurrent.futures.Executor``: a thread or process pool, Dask's
+    ``client.get_executor()``, ...) and merged in shard order.
+
+    Identical to a single-process run: min, max and counts merge exactly, and histogram
+    bins nest when a range grows (``TensorHistogram.merge``), so the ranges every method
+    computes are the same bit for bit. The model travels as serialized bytes."""
+    ir_model = oir.load(model)
+    samples = [dict(f) for f in load_samples(data)]
+    if not samples:
+        raise BadInputError("no calibration samples given (empty data)")
+    count = shards if shards is not None else min(16, max(1, len(samples) // 4))
+    count = max(1, min(count, len(samples)))
+    bounds = [round(i * len(samples) / count) for i in range(count + 1)]
+    model_bytes = oir.serialize(ir_model).SerializeToString()
+    names = list(tensors) if tensors is not None else None
+    futures = [executor.submit(_collect_shard, model_bytes, samples[lo:hi], names, bins, memory_budget_bytes, lo)
+               for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+    merged: CalibrationStats | None = None
+    for future in futures:  # in shard order, whatever order they finish in
+        part = future.result()
+        merged = part if merged is None else merged.merge(part)
+    assert merged is not None
+    return merged
+
+
 def _float_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
     """Element types of the main graph's values known (declared or inferred) to be float."""
     return {name: t for name, t in oir.inferred_dtypes(model).items() if t in _FLOAT_TYPES}
@@ -687,6 +735,8 @@ def calibrate(
     cache_dir: str | os.PathLike | None = None,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     progress: bool = False,
+    executor: Any = None,
+    shards: int | None = None,
     **method_options: Any,
 ) -> CalibrationResult:
     """Collect statistics (or read them from ``cache_dir``) and compute ranges by ``method``.
@@ -694,6 +744,8 @@ def calibrate(
     ``bins``: histogram size; by default 0 (min/max only, computed inside onnxruntime)
     for ``minmax`` and ``DEFAULT_BINS`` for the histogram methods.
     The model's graph outputs always keep their min..max range (never clipped).
+    ``executor`` (a ``concurrent.futures.Executor``): collect shard by shard on it
+    (``collect_statistics_sharded``; the same statistics as one process).
     The cache file is ``calib-<hash>.npz`` where the hash covers the model graph, the data,
     the method with its options, the bins and the tensor list. Caching needs data that can
     be read twice (a list, a tuple or a path); a one-shot iterator is not cached.
@@ -726,14 +778,18 @@ def calibrate(
             stats = CalibrationStats.load(cache_path)
             return CalibrationResult(_ranges(ir_model, stats, method, method_options), stats, method, True,
                                      str(cache_path))
-    stats = collect_statistics(
-        ir_model,
-        samples,
-        tensors=tensors,
-        bins=bins,
-        memory_budget_bytes=memory_budget_bytes,
-        progress=progress,
-    )
+    if executor is not None:
+        stats = collect_statistics_sharded(ir_model, samples, executor, shards=shards, tensors=tensors, bins=bins,
+                                           memory_budget_bytes=memory_budget_bytes)
+    else:
+        stats = collect_statistics(
+            ir_model,
+            samples,
+            tensors=tensors,
+            bins=bins,
+            memory_budget_bytes=memory_budget_bytes,
+            progress=progress,
+        )
     if cache_path is not None:
         stats.save(cache_path)
     return CalibrationResult(
