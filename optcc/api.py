@@ -29,9 +29,12 @@ __all__ = ["optimize", "OptimizeResult", "verify", "FOLD_GROWTH_WARNING"]
 Feeds = Mapping[str, np.ndarray]
 INT8_PASS = "quantize-int8-calibrated"
 # requested precision -> the pass that applies it
-PRECISION_PASSES = {"fp16": "convert-float16", "int8": INT8_PASS, "int8-dynamic": "quantize-dynamic"}
+PRECISION_PASSES = {"fp16": "convert-float16", "int8": INT8_PASS, "int8-dynamic": "quantize-dynamic",
+                    "weights": "quantize-weights"}
 FOLD_GROWTH_WARNING = 0.05  # constant folding that grows the weights by more than this is said
 _INT8_DTYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8})
+_PRECISION_DTYPES = {"fp16": frozenset({ir.DataType.FLOAT16}), "int8": _INT8_DTYPES, "int8-dynamic": _INT8_DTYPES,
+                     "weights": _INT8_DTYPES | {ir.DataType.INT4, ir.DataType.UINT4}}
 
 
 @dataclasses.dataclass
@@ -209,7 +212,8 @@ def optimize(
     report.total_time_s = round(time.perf_counter() - start, 6)
     report.peak_rss_bytes = peak_rss_bytes()
     precision = _precision(outcome.model, outcome.records,
-                           {"fp16": fp16, "int8": quantizing, "int8-dynamic": int8_dynamic})
+                           {"fp16": fp16, "int8": quantizing, "int8-dynamic": int8_dynamic,
+                            "weights": bool(weight_only)})
     for kind, reason in precision.items():
         if reason is not None and not (kind == "int8" and any(w.startswith("INT8 not applied") for w in report.warnings)):
             report.warnings.append(f"{kind.upper()} not applied: {reason}")
@@ -294,7 +298,7 @@ def _precision(model: ir.Model, records: Sequence[Any], requested: Mapping[str, 
             continue
         name = PRECISION_PASSES[kind]
         runs = [r for r in records if r.name == name]
-        dtypes = frozenset({ir.DataType.FLOAT16}) if kind == "fp16" else _INT8_DTYPES
+        dtypes = _PRECISION_DTYPES[kind]
         if any(r.status == "changed" for r in runs) and _has_dtype(model, dtypes):
             found[kind] = None
         elif not runs:

@@ -48,7 +48,7 @@ exit codes:
   4  not verified: verification could not run (onnxruntime cannot run the original
      with the available inputs, custom ops without their library, ...); nothing written
      (--allow-unverified writes it and exits 0 with a warning)
-  5  requested precision not applied: --fp16/--int8/--int8-dynamic was declined or
+  5  requested precision not applied: --fp16/--int8/--int8-dynamic/--weights was declined or
      reverted, so the result would be float32; nothing written (--allow-float-fallback
      writes the float model and exits 0 with a warning)"""
 
@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with external data: tensors of at least BYTES go to the data file (default 1024)")
     g.add_argument("--external-data-location", metavar="NAME",
                    help="with external data: the data file's name beside the output (default OUT.data)")
-    g.add_argument("--report", metavar="FILE.json", help="write the JSON report to this file (also when nothing else is written)")
+    g.add_argument("--report", metavar="FILE", help="write the report: HTML for FILE.html, else JSON "
+                                                     "(also when nothing else is written)")
 
     g = p.add_argument_group("optimization")
     g.add_argument("-O", dest="level", type=int, choices=range(4), default=2, metavar="{0,1,2,3}",
@@ -282,8 +283,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag, given in int8_only.items():
         if given and not args.int8:
             raise BadInputError(f"{flag} is used with --int8")
-    if args.allow_float_fallback and not (args.int8 or args.fp16 or args.int8_dynamic):
-        raise BadInputError("--allow-float-fallback is used with --fp16, --int8 or --int8-dynamic")
+    if args.allow_float_fallback and not (args.int8 or args.fp16 or args.int8_dynamic or args.weights):
+        raise BadInputError("--allow-float-fallback is used with --fp16, --int8, --int8-dynamic or --weights")
     if args.external_data == "off" and (args.external_data_threshold is not None or args.external_data_location):
         raise BadInputError("--external-data-threshold and --external-data-location need external data "
                             "(--external-data on or auto)")
@@ -402,7 +403,7 @@ def _header(args: argparse.Namespace, result: OptimizeResult) -> str:
 
 # summary warnings the CLI says in its own line (the JSON report keeps them)
 _SAID_ELSEWHERE = ("warning: numerics not verified", "warning: INT8 not applied", "warning: FP16 not applied",
-                   "warning: INT8-DYNAMIC not applied")
+                   "warning: INT8-DYNAMIC not applied", "warning: WEIGHTS not applied")
 
 
 def _print_summary(args: argparse.Namespace, result: OptimizeResult, output: Path | None, hint: str | None) -> None:

@@ -1,0 +1,451 @@
+"""The command line as a CI step relies on it: exit codes 4 (not verified) and 5 (requested
+precision not applied) with their opt-ins, no onnxruntime log lines, checked and
+overwritten input shapes, external-data control, --version/--help/-v/--list-passes, the
+fold-growth warning, ``optcc.verify`` with any candidate form, and the ``inspect`` and
+``compare`` verbs. References are numpy or onnx's ReferenceEvaluator, never optcc's
+verifier."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import optcc
+from optcc import cli
+from optcc.errors import BadInputError, PrecisionNotAppliedError, UnverifiedError
+from optcc.infra.registry import available_passes
+from optcc.ir.overwrite import overwrite_input_shapes
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "fixtures" / "tinycnn.onnx"
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Path:
+    path = tmp_path / "tinycnn.onnx"
+    shutil.copy(EXAMPLE, path)
+    return path
+
+
+def _model(nodes, inputs, outputs, inits=(), opsets=(("", 17),)) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets], ir_version=8)
+
+
+def _save(path: Path, proto: onnx.ModelProto) -> Path:
+    onnx.save(proto, str(path))
+    return path
+
+
+def _custom_op_model(path: Path) -> Path:
+    nodes = [helper.make_node("Frobnicate", ["x"], ["f"], domain="com.example"), helper.make_node("Relu", ["f"], ["y"])]
+    value = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3])  # noqa: E731
+    return _save(path, _model(nodes, [value("x")], [value("y")], opsets=(("", 17), ("com.example", 1))))
+
+
+def _failing_reshape_model(path: Path) -> Path:
+    """onnxruntime loads it but its Reshape kernel fails on any input (7 elements wanted)."""
+    nodes = [helper.make_node("Reshape", ["x", "s"], ["r"]), helper.make_node("Relu", ["r"], ["y"])]
+    return _save(path, _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["a", "b"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["z"])],
+                              [numpy_helper.from_array(np.array([7], np.int64), "s")]))
+
+
+def _integer_model(path: Path) -> Path:
+    """No float tensor anywhere: --fp16 has nothing to convert."""
+    value = lambda n: helper.make_tensor_value_info(n, TensorProto.INT64, [4])  # noqa: E731
+    nodes = [helper.make_node("Add", ["x", "c"], ["y"])]
+    return _save(path, _model(nodes, [value("x")], [value("y")], [numpy_helper.from_array(np.arange(4), "c")]))
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+# --------------------------------------------------------------------------- exit 4
+
+
+def test_exit_4_when_verification_cannot_run_and_nothing_is_written(tmp_path: Path, capsys) -> None:
+    model = _custom_op_model(tmp_path / "custom.onnx")
+    before, out = _files(tmp_path), tmp_path / "out.onnx"
+    assert cli.main([str(model), "-o", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert _files(tmp_path) == before
+    first = err.splitlines()[0]
+    assert str(model) in first and "not verified" in first and "--allow-unverified" in first
+    assert "nothing written" in err and "Traceback" not in err
+
+
+def test_allow_unverified_writes_with_exactly_one_warning_and_no_onnxruntime_log(tmp_path: Path, capfd) -> None:
+    """The Reshape kernel error is logged by onnxruntime itself at error level before it is
+    raised; none of that may reach stderr (capfd sees the C++ side too)."""
+    model = _failing_reshape_model(tmp_path / "reshape.onnx")
+    out = tmp_path / "out.onnx"
+    assert cli.main([str(model), "-o", str(out), "--allow-unverified", "-q"]) == 0
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"optcc: warning: {model}: not verified")
+    assert "[E:onnxruntime" not in err and "[W:onnxruntime" not in err
+    assert out.is_file()
+    onnx.checker.check_model(onnx.load(str(out)))
+
+
+def test_api_raises_unverified_error_carrying_the_result(tmp_path: Path) -> None:
+    model = _custom_op_model(tmp_path / "custom.onnx")
+    with pytest.raises(UnverifiedError) as caught:
+        optcc.optimize(str(model))
+    assert caught.value.exit_code == 4
+    assert caught.value.result.report.verification["status"] == "skipped"  # type: ignore[attr-defined]
+    result = optcc.optimize(str(model), allow_unverified=True)
+    assert result.report.verification["status"] == "skipped"
+    assert optcc.optimize(str(model), verify=False).report.verification is None  # an explicit opt-out
+
+
+# --------------------------------------------------------------------------- exit 5
+
+
+def test_exit_5_when_fp16_has_nothing_to_convert(tmp_path: Path, capsys) -> None:
+    model = _integer_model(tmp_path / "ints.onnx")
+    out = tmp_path / "out.onnx"
+    assert cli.main([str(model), "--fp16", "-o", str(out)]) == 5
+    err = capsys.readouterr().err
+    assert not out.exists()
+    assert "fp16 not applied" in err and "--allow-float-fallback" in err
+    assert "optcc -O2 (fp16 declined: " in err
+    with pytest.raises(PrecisionNotAppliedError) as caught:
+        optcc.optimize(str(model), fp16=True)
+    assert caught.value.exit_code == 5 and caught.value.result.precision == {  # type: ignore[attr-defined]
+        "fp16": caught.value.result.precision["fp16"]}  # type: ignore[attr-defined]
+    assert caught.value.result.applied_precision == []  # type: ignore[attr-defined]
+    assert cli.main([str(model), "--fp16", "-o", str(out), "--allow-float-fallback", "-q"]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("optcc: warning:") and "fp16 not applied" in lines[0]
+    x = np.array([1, 2, 3, 4], np.int64)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, x + np.arange(4))
+
+
+def test_applied_fp16_is_named_in_the_summary_header(example: Path, tmp_path: Path, capsys) -> None:
+    assert cli.main([str(example), "--fp16", "-o", str(tmp_path / "o.onnx")]) == 0
+    assert "optcc -O2 +fp16: " in capsys.readouterr().err
+    result = optcc.optimize(str(example), fp16=True)
+    assert result.applied_precision == ["fp16"] and result.declined_precision == {}
+
+
+def test_allow_float_fallback_without_a_precision_is_a_usage_error(example: Path, tmp_path: Path, capsys) -> None:
+    assert cli.main([str(example), "--allow-float-fallback", "-o", str(tmp_path / "o.onnx")]) == 2
+    assert "--allow-float-fallback is used with" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- input shapes
+
+
+@pytest.mark.parametrize("flag", ["--input-shape", "--overwrite-input-shape"])
+@pytest.mark.parametrize("value, needle", [("nope:1,3,32,32", "no such graph input"),
+                                           ("image:1,3,32", "rank 4"),
+                                           ("image:1,4,32,32", "axis 1 is fixed at 3")])
+def test_bad_input_shapes_exit_2_with_one_line_naming_the_file(example: Path, tmp_path: Path, capsys,
+                                                              flag: str, value: str, needle: str) -> None:
+    before = _files(tmp_path)
+    assert cli.main([str(example), flag, value, "-o", str(tmp_path / "o.onnx")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(example) in lines[0] and needle in lines[0], lines
+    assert _files(tmp_path) == before
+
+
+def _dynamic_reshape_model() -> onnx.ModelProto:
+    """y = Relu(Reshape(x, [Shape(x)[0], -1])): x [N, 3, 4] -> y [N, 12]."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["n"], axis=0),
+        helper.make_node("Concat", ["n", "minus_one"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["r"]),
+        helper.make_node("Relu", ["r"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12])], inits)
+
+
+def _ones_like_model() -> onnx.ModelProto:
+    """y = x + ConstantOfShape(Shape(x), 1): only a known shape makes the ones a constant."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("ConstantOfShape", ["shape"], ["ones"],
+                         value=numpy_helper.from_array(np.array([1.0], np.float32))),
+        helper.make_node("Add", ["x", "ones"], ["y"]),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4])])
+
+
+def test_overwrite_input_shape_fixes_the_written_model_and_folding_specialises(tmp_path: Path) -> None:
+    path = _save(tmp_path / "dyn.onnx", _ones_like_model())
+    fixed, dynamic = tmp_path / "fixed.onnx", tmp_path / "dynamic.onnx"
+    assert cli.main([str(path), "--overwrite-input-shape", "x:2,3,4", "-o", str(fixed), "-q"]) == 0
+    assert cli.main([str(path), "--input-shape", "x:2,3,4", "-o", str(dynamic), "-q"]) == 0
+    fixed_proto, dynamic_proto = onnx.load(str(fixed)), onnx.load(str(dynamic))
+    dims = lambda v: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    assert dims(fixed_proto.graph.input[0]) == [2, 3, 4] and dims(fixed_proto.graph.output[0]) == [2, 3, 4]
+    assert dims(dynamic_proto.graph.input[0]) == ["N", 3, 4], "--input-shape sizes verification only"
+    assert "Shape" not in {n.op_type for n in fixed_proto.graph.node}, "the shape subgraph is folded"
+    assert "Shape" in {n.op_type for n in dynamic_proto.graph.node}
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    got = ort.InferenceSession(str(fixed), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, x + 1)
+    np.testing.assert_array_equal(ReferenceEvaluator(fixed_proto).run(None, {"x": x})[0], x + 1)
+
+
+def test_overwrite_input_shapes_re_infers_intermediate_shapes_and_refuses_conflicts() -> None:
+    model = optcc.ir.load(_dynamic_reshape_model())
+    overwrite_input_shapes(model, {"x": [5, 3, 4]})
+    values = {o.name: o for node in model.graph for o in node.outputs}
+    assert list(values["shape"].shape.dims) == [3]
+    assert list(values["y"].shape.dims) == [5, 12]
+    with pytest.raises(BadInputError, match="fixed at 5"):
+        overwrite_input_shapes(model, {"x": [6, 3, 4]}, label="m.onnx")
+    assert list(model.graph.inputs[0].shape.dims) == [5, 3, 4], "a refused edit leaves the model as it was"
+
+
+# --------------------------------------------------------------------------- external data
+
+
+def test_external_data_on_with_threshold_and_location(example: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    assert cli.main([str(example), "-o", str(out), "-q", "--external-data", "on",
+                     "--external-data-threshold", "0", "--external-data-location", "weights.bin"]) == 0
+    assert (tmp_path / "weights.bin").is_file()
+    proto = onnx.load(str(out), load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"weights.bin"}
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ref = ort.InferenceSession(str(example), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_external_data_off_writes_one_file(example: Path, tmp_path: Path) -> None:
+    assert cli.main([str(example), "-o", str(tmp_path / "out.onnx"), "-q", "--external-data", "off"]) == 0
+    assert _files(tmp_path) == {"tinycnn.onnx", "out.onnx"}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--external-data", "off", "--external-data-location", "w.bin"], "need external data"),
+    (["--external-data-location", "sub/w.bin"], "must be a file name"),
+    (["--external-data-threshold", "-1"], "0 or more"),
+])
+def test_bad_external_data_options_exit_2(example: Path, tmp_path: Path, capsys, args, needle) -> None:
+    assert cli.main([str(example), "-o", str(tmp_path / "o.onnx"), *args]) == 2
+    assert needle in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- information
+
+
+def test_version_and_grouped_help_with_examples_and_exit_codes(capsys) -> None:
+    assert cli.main(["--version"]) == 0
+    assert optcc.__version__ in capsys.readouterr().out
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for needle in ("examples:", "exit codes:", "input shapes:", "INT8:", "verification:", "optcc inspect",
+                   "--allow-unverified", "--allow-float-fallback"):
+        assert needle in text, needle
+    for code in range(6):
+        assert f"\n  {code}  " in text
+
+
+def test_list_passes_prints_the_whole_first_paragraph(capsys) -> None:
+    assert cli.main(["--list-passes"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for info in available_passes().values():
+        doc = inspect.getdoc(info.factory) or ""
+        paragraph = " ".join(doc.split("\n\n")[0].split())
+        assert f"{info.name} " in out and paragraph in out, info.name
+
+
+def test_verbose_lists_every_pass_and_output_metrics(example: Path, tmp_path: Path, capsys) -> None:
+    assert cli.main([str(example), "-v", "-o", str(tmp_path / "o.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "  eliminate-identities " in err and "output 'logits'" in err
+
+
+def test_a_file_named_like_a_verb_is_still_a_model(example: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(example, tmp_path / "inspect")
+    assert cli.main(["inspect", "-o", "out.onnx", "-q"]) == 0
+    assert (tmp_path / "out.onnx").is_file()
+
+
+# --------------------------------------------------------------------------- fold growth
+
+
+def test_fold_growth_over_5_percent_is_said_in_the_summary(tmp_path: Path, capsys) -> None:
+    """ConstantOfShape([64, 64]) from a 16-byte shape: folding adds a 16 KiB weight."""
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["ones"],
+                              value=numpy_helper.from_array(np.array([1.0], np.float32))),
+             helper.make_node("Add", ["x", "ones"], ["y"])]
+    value = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [64, 64])  # noqa: E731
+    path = _save(tmp_path / "grow.onnx", _model(nodes, [value("x")], [value("y")],
+                                                [numpy_helper.from_array(np.array([64, 64], np.int64), "shape")]))
+    out = tmp_path / "out.onnx"
+    assert cli.main([str(path), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    proto = onnx.load(str(out))
+    if "ConstantOfShape" in {n.op_type for n in proto.graph.node}:
+        pytest.skip("the size policy kept this ConstantOfShape computed at run time")
+    assert "constant folding grew the weights by" in err
+    x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, x + 1)
+
+
+# --------------------------------------------------------------------------- optcc.verify
+
+
+@pytest.mark.parametrize("form", ["proto", "path", "ir"])
+def test_verify_accepts_a_candidate_as_proto_path_or_ir(example: Path, tmp_path: Path, form: str) -> None:
+    result = optcc.optimize(str(example))
+    assert isinstance(result.model, onnx.ModelProto)
+    candidate = {"proto": lambda: result.model, "ir": lambda: result.ir_model,
+                 "path": lambda: (result.save(tmp_path / "c.onnx"), str(tmp_path / "c.onnx"))[1]}[form]()
+    verdict = optcc.verify(str(example), candidate, numerics="fusion")
+    assert verdict.status == "passed", verdict.reason
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def test_inspect_lists_interface_opsets_ops_and_sizes(example: Path, capsys) -> None:
+    assert cli.main(["inspect", str(example), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    proto = onnx.load(str(example))
+    assert [i["name"] for i in info["inputs"]] == [i.name for i in proto.graph.input]
+    assert info["inputs"][0]["shape"] == ["N", 3, 32, 32] and info["inputs"][0]["dtype"] == "float"
+    assert info["dynamic_dims"] == ["N"]
+    assert info["opsets"] == {"ai.onnx": 17}
+    assert info["nodes"] == len(proto.graph.node)
+    expected: dict[str, int] = {}
+    for node in proto.graph.node:
+        expected[node.op_type] = expected.get(node.op_type, 0) + 1
+    assert info["op_histogram"] == expected
+    assert info["file_bytes"] == example.stat().st_size and info["external_data"] == []
+    assert cli.main(["inspect", str(example)]) == 0
+    text = capsys.readouterr().out
+    assert "image" in text and "[N, 3, 32, 32]" in text and "Conv 3" in text
+
+
+def test_inspect_names_external_data_files(example: Path, tmp_path: Path, capsys) -> None:
+    proto = onnx.load(str(example))
+    onnx.save(proto, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.weights",
+              size_threshold=0)
+    assert cli.main(["inspect", str(tmp_path / "ext.onnx"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["external_data"] == [{"file": "ext.weights", "bytes": (tmp_path / "ext.weights").stat().st_size}]
+
+
+def test_inspect_of_a_bad_file_exits_2_naming_it(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    assert cli.main(["inspect", str(bad)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0]
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def _sub_instead_of_add(example: Path, tmp_path: Path) -> Path:
+    proto = onnx.load(str(example))
+    for node in proto.graph.node:
+        if node.op_type == "Add":
+            node.op_type = "Sub"
+    return _save(tmp_path / "wrong.onnx", proto)
+
+
+def test_compare_matches_an_optimized_model_and_reports_numpy_metrics(example: Path, tmp_path: Path, capsys) -> None:
+    optimized = tmp_path / "opt.onnx"
+    assert cli.main([str(example), "-o", str(optimized), "-q"]) == 0
+    x = np.random.default_rng(3).standard_normal((2, 2, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", image=x)
+    assert cli.main(["compare", str(example), str(optimized), "--inputs", str(tmp_path / "x.npz"),
+                     "--numerics", "fusion", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["passed"] and data["samples"] == 2
+    (metrics,) = data["outputs"]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    a, b = (ort.InferenceSession(str(m), options, providers=["CPUExecutionProvider"]) for m in (example, optimized))
+    per_sample = []  # (max rel, max abs) against A, in float64
+    for sample in x:
+        ref = a.run(None, {"image": sample})[0].astype(np.float64)
+        err = float(np.abs(b.run(None, {"image": sample})[0] - ref).max())
+        per_sample.append((err / float(np.abs(ref).max()), err))
+    worst_rel, its_abs = max(per_sample)  # the worst sample is reported
+    assert metrics["max_rel"] == pytest.approx(worst_rel, rel=1e-9)
+    assert metrics["max_abs"] == pytest.approx(its_abs, rel=1e-9)
+
+
+def test_compare_exits_1_on_a_mismatch_with_a_table(example: Path, tmp_path: Path, capsys) -> None:
+    wrong = _sub_instead_of_add(example, tmp_path)
+    assert cli.main(["compare", str(example), str(wrong)]) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH" in out and "logits" in out
+
+
+def test_compare_rtol_atol_is_elementwise(example: Path, tmp_path: Path, capsys) -> None:
+    assert cli.main(["compare", str(example), str(example), "--rtol", "0", "--atol", "0"]) == 0
+    wrong = _sub_instead_of_add(example, tmp_path)
+    assert cli.main(["compare", str(example), str(wrong), "--rtol", "1e-3", "--atol", "1e-5"]) == 1
+    assert "values outside atol" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["--numerics", "exact", "--rtol", "1e-3"], 2, "exclude each other"),
+    (["--samples", "0"], 2, "--samples"),
+])
+def test_compare_usage_errors(example: Path, capsys, args, code, needle) -> None:
+    assert cli.main(["compare", str(example), str(example), *args]) == code
+    assert needle in capsys.readouterr().err
+
+
+def test_compare_models_with_different_inputs_or_unrunnable_ops(example: Path, tmp_path: Path, capsys) -> None:
+    custom = _custom_op_model(tmp_path / "custom.onnx")
+    assert cli.main(["compare", str(example), str(custom)]) == 2
+    assert "graph inputs differ" in capsys.readouterr().err
+    assert cli.main(["compare", str(custom), str(custom)]) == 4
+    assert "cannot load" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+@pytest.mark.corpus
+def test_legacy_minus_one_dims_corpus_model_optimizes_without_input_shape(tmp_path: Path, capsys) -> None:
+    """PP-OCR mobile cls declares x: [-1, 3, ?, ?]; the default command must verify and
+    write it without --input-shape."""
+    from fixtures import corpus
+
+    try:
+        path = corpus.fetch(corpus.find_model("ppocr-mobile-cls"))
+    except corpus.CorpusUnavailable as e:
+        pytest.skip(f"corpus model unavailable (offline?): {e}")
+    out = tmp_path / "cls.onnx"
+    code = cli.main([str(path), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "verify: PASS" in err and "Traceback" not in err
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 48, 192)).astype(np.float32)
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
