@@ -36,15 +36,17 @@ from onnx.reference.op_run import OpRun
 from optcc.runtime.session import first_line, make_session, run, session_options, with_outputs
 
 __all__ = ["Float64Reference", "to_float64", "estimated_macs", "MAX_REFERENCE_BYTES", "MAX_REFERENCE_MACS",
-           "NODE_CHECK_REL"]
+           "NODE_COST_MACS", "NODE_CHECK_REL"]
 
 _FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 _NOT_FLOAT64 = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
                 "QLinearMatMul", "MatMulInteger", "ConvInteger"}
 MAX_REFERENCE_BYTES = 512 * 1024 * 1024  # float64 weights held in memory at most
 # Multiply-accumulates the float64 evaluation may spend, over all samples and the node check:
-# a deterministic stand-in for its time (numpy's float64 kernels run ~1 GMAC/s on 2 cores).
+# a deterministic stand-in for its time (numpy's float64 kernels run ~1 GMAC/s on 2 cores;
+# the evaluator's own work per node costs about as much as NODE_COST_MACS).
 MAX_REFERENCE_MACS = 1_000_000_000
+NODE_COST_MACS = 200_000
 NODE_CHECK_REL = 1e-4  # per-node agreement with onnxruntime's float32 output, relative to its scale
 # plus this many float32 roundings of the node's largest input: an op that cancels large
 # inputs (x - mean of a BatchNorm) returns their rounding, whatever its output's scale
@@ -333,7 +335,9 @@ class Float64Reference:
         values, problem = _float32_values(proto, feeds[0])
         if values is None:
             return cls(None, None, problem)
-        macs = estimated_macs(proto, {k: np.shape(v) for k, v in values.items()}) * (len(feeds) + 1)
+        per_run = estimated_macs(proto, {k: np.shape(v) for k, v in values.items()}) \
+            + NODE_COST_MACS * len(proto.graph.node)
+        macs = per_run * (len(feeds) + 1)
         if macs > MAX_REFERENCE_MACS:
             return cls(None, None, f"a float64 evaluation would take {macs / 1e9:.2g} GMAC "
                                    f"(budget {MAX_REFERENCE_MACS / 1e9:g})")
