@@ -293,3 +293,50 @@ def test_fp16_support_probes_onnxruntime_and_caches_the_verdict():
 
     cached = json.loads(path.read_text())
     assert cached["ai.onnx::Relu"]["status"] == "fallback"
+
+
+@pytest.mark.parametrize("style", ["sdpa", "eager"])
+def test_attention_mask_fills_are_clamped_so_the_mask_path_converts(style):
+    """-inf / finfo(float32).min mask fills would keep the mask Where/Mul, the Add and the
+    Softmax float32 in every layer; clamped, the whole layer runs float16, and the result
+    still matches float64 attention within float16's tolerance."""
+    from fixtures.transformers import bert_feeds, bert_layer, bert_reference
+
+    proto, weights = bert_layer(style, opset=17)
+    feeds = [bert_feeds(), bert_feeds(seed=2)]
+    result = ConvertFloat16Pass(inputs=feeds)(optcc.ir.load(proto))
+    assert result.stats["mask_fills_clamped"]["constants"] == ["neg_inf" if style == "sdpa" else "f32_min"]
+    assert result.stats["kept_float32"] == {}
+    assert "float16 on CPU is for size" in result.stats["note"]
+    casts = [n for n in optcc.ir.nodes(result.model) if n.op_type == "Cast"]
+    assert len(casts) <= 4  # the boundaries (hidden states in/out) and the mask's own Cast(s)
+    session = ort.InferenceSession(optcc.ir.serialize(result.model).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run(None, feeds[0])[0].astype(np.float64)
+    ref = bert_reference(weights, feeds[0]["hidden_states"], feeds[0]["attention_mask"])
+    assert np.abs(got - ref).max() <= 1e-2 * np.abs(ref).max()
+
+
+def test_mask_fill_clamp_leaves_other_large_constants_alone():
+    from optcc.fp16 import clamp_mask_fills
+
+    proto = parse("""<ir_version: 10, opset_import: ["" : 17]>
+        g (float[2, 3] x, bool[2, 3] keep) => (float[2, 3] y, float[2, 3] z) {
+            low = Constant <value = float {-3.0e38}> ()
+            zero = Constant <value = float {0.0}> ()
+            big = Constant <value = float {-1.0e30}> ()
+            mask = Where(keep, zero, low)
+            s = Add(x, mask)
+            y = Softmax <axis = -1> (s)
+            z = Mul(x, big)
+        }""")
+    model = optcc.ir.load(proto)
+    assert clamp_mask_fills(model) == ["low"]
+    values = {n.outputs[0].name: optcc.ir.as_numpy(n.outputs[0]) for n in model.graph if n.op_type == "Constant"}
+    assert float(values["low"]) == -16384.0 and values["big"] == np.float32(-1.0e30)
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    keep = np.array([[True, False, True], [False, True, True]])
+    session = ort.InferenceSession(optcc.ir.serialize(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    y, _ = session.run(None, {"x": x, "keep": keep})
+    e = np.where(keep, np.exp(x.astype(np.float64)), 0.0)
+    np.testing.assert_allclose(y, e / e.sum(-1, keepdims=True), rtol=1e-6)
