@@ -297,6 +297,8 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # onnxruntime's process-wide logger (sessions set their own level): optcc reports errors once, itself
+    onnxruntime.set_default_logger_severity(4)
     if argv and argv[0] in SUBCOMMANDS and not Path(argv[0]).exists():
         return _run_inspect(argv[1:]) if argv[0] == "inspect" else _run_compare(argv[1:])
     args = build_parser().parse_args(argv)
