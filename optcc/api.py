@@ -153,6 +153,9 @@ def optimize(
     report.model_before = ModelSummary.of(working)
     if overwrite_input_shapes:
         fix_input_shapes(working, overwrite_input_shapes, label=label)
+        if inputs is not None:
+            inputs = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs]
+            _check_fixed_feeds(inputs, overwrite_input_shapes, label)
     quantizing = samples is not None and not fp16
     if fp16 or quantizing or int8_dynamic:
         disable = [*disable, "fuse-ort-conv-activation"]  # quantizers/fp16 skip contrib ops
@@ -274,6 +277,17 @@ def _merged_shapes(
                                 f"overwritten shape {merged[name]}", label)
         merged[name] = list(dims)
     return merged
+
+
+def _check_fixed_feeds(
+    feeds: Sequence[Mapping[str, np.ndarray]], fixed: Mapping[str, Sequence[int]], label: str | None
+) -> None:
+    """User samples must have the shapes the result's inputs are fixed to."""
+    for i, sample in enumerate(feeds):
+        for name, dims in fixed.items():
+            if name in sample and list(np.shape(sample[name])) != list(dims):
+                raise BadInputError(f"verification sample {i}: '{name}' has shape {list(np.shape(sample[name]))}, "
+                                    f"but its shape is overwritten to {list(dims)}", label)
 
 
 def _with_overwrite(

@@ -456,7 +456,7 @@ def _run_compare(argv: Sequence[str]) -> int:
         inputs=load_npz_samples(args.inputs, args.a) if args.inputs else None,
         input_shapes=_parse_shapes(args.input_shape),
         samples=args.samples, seed=args.seed,
-        numerics=args.numerics or "exact", rtol=args.rtol, atol=args.atol,
+        numerics=args.numerics or "exact", rtol=args.rtol, atol=args.atol, inputs_label=args.inputs,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_comparison(result))
     return EXIT_OK if result.passed else EXIT_VERIFY_FAILED

@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from optcc import ir as oir
 from optcc.errors import BadInputError, UnverifiedError
+from optcc.ir.overwrite import check_input_shapes
 from optcc.numerics import TOLERANCES, OutputMetrics, Tolerance, check_feeds, compare_outputs, generate_inputs
 
 __all__ = ["Comparison", "compare_models", "format_comparison"]
@@ -112,11 +113,13 @@ def compare_models(
     numerics: str = "exact",
     rtol: float | None = None,
     atol: float | None = None,
+    inputs_label: str | None = None,
 ) -> Comparison:
     """Compare B's outputs with A's (the reference) on ``inputs`` or generated feeds.
 
     Raises BadInputError for unusable models or inputs (B's inputs must have A's names),
-    UnverifiedError when onnxruntime cannot load or run either model.
+    UnverifiedError when onnxruntime cannot load or run either model. ``inputs_label``
+    (the samples' file) is named in errors about a sample.
     """
     model_a, path_a, label_a = _load(a)
     model_b, path_b, label_b = _load(b)
@@ -126,6 +129,8 @@ def compare_models(
         raise BadInputError(f"the graph inputs differ: {names_a} in A, {names_b} in B", label_b)
     if numerics not in TOLERANCES:
         raise BadInputError(f"unknown numerics '{numerics}' (one of {', '.join(TOLERANCES)})")
+    if input_shapes:
+        check_input_shapes(model_a, input_shapes, label=label_a)
     if inputs is None:
         feeds_list = generate_inputs(model_a, input_shapes, samples=samples, seed=seed)
     else:
@@ -133,7 +138,8 @@ def compare_models(
         if not feeds_list:
             raise BadInputError("no inputs given (empty iterable)")
         for i, feeds in enumerate(feeds_list):
-            check_feeds(model_a, feeds, label=f"sample {i}")
+            where = f"sample {i} in {inputs_label}" if inputs_label else f"sample {i}"
+            check_feeds(model_a, feeds, label=where)
     by_tolerance = rtol is None and atol is None
     tolerance = TOLERANCES[numerics] if by_tolerance else Tolerance()
     criterion = f"{numerics} tolerance" if by_tolerance else f"rtol {rtol or 0:g}, atol {atol or 0:g}"

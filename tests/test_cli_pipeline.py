@@ -207,6 +207,16 @@ def test_overwrite_input_shape_fixes_the_written_model_and_folding_specialises(t
     np.testing.assert_array_equal(ReferenceEvaluator(fixed_proto).run(None, {"x": x})[0], x + 1)
 
 
+def test_overwrite_input_shape_refuses_user_samples_of_another_shape(example: Path, tmp_path: Path, capsys) -> None:
+    np.savez(tmp_path / "x.npz", image=np.zeros((2, 4, 3, 32, 32), np.float32))
+    before = _files(tmp_path)
+    assert cli.main([str(example), "--overwrite-input-shape", "image:1,3,32,32", "--inputs", str(tmp_path / "x.npz"),
+                     "-o", str(tmp_path / "o.onnx")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "overwritten to [1, 3, 32, 32]" in lines[0] and str(example) in lines[0], lines
+    assert _files(tmp_path) == before
+
+
 def test_overwrite_input_shapes_re_infers_intermediate_shapes_and_refuses_conflicts() -> None:
     model = optcc.ir.load(_dynamic_reshape_model())
     overwrite_input_shapes(model, {"x": [5, 3, 4]})
@@ -410,13 +420,19 @@ def test_compare_rtol_atol_is_elementwise(example: Path, tmp_path: Path, capsys)
     assert "values outside atol" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, code, needle", [
-    (["--numerics", "exact", "--rtol", "1e-3"], 2, "exclude each other"),
-    (["--samples", "0"], 2, "--samples"),
+@pytest.mark.parametrize("args, needle", [
+    (["--numerics", "exact", "--rtol", "1e-3"], "exclude each other"),
+    (["--samples", "0"], "--samples"),
+    (["--input-shape", "nope:1,3,32,32"], "no such graph input"),
+    (["--inputs", "bad.npz"], "bad.npz"),
 ])
-def test_compare_usage_errors(example: Path, capsys, args, code, needle) -> None:
-    assert cli.main(["compare", str(example), str(example), *args]) == code
-    assert needle in capsys.readouterr().err
+def test_compare_bad_usage_exits_2_with_one_line(example: Path, tmp_path: Path, monkeypatch, capsys,
+                                                 args, needle) -> None:
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "bad.npz", image=np.zeros((1, 2, 3, 32, 31), np.float32))
+    assert cli.main(["compare", str(example), str(example), *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
 
 
 def test_compare_models_with_different_inputs_or_unrunnable_ops(example: Path, tmp_path: Path, capsys) -> None:
