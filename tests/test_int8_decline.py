@@ -95,8 +95,11 @@ def test_fallback_returns_the_top_ranked_layers_until_the_target_holds() -> None
     assert report["initial"]["passed"] is False
     assert {r["layer"] for r in report["sensitivity"][:2]} == {"mm2", "mm4"}
     assert set(report["kept_float"]) == {"mm2", "mm4"} and report["target_met"] is True
-    # k doubles (1 misses, 2 meets), no bisection step left between them
-    assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [(1, False), (2, True)]
+    # the estimate's search: the budget's 2 layers first (meets), then k = 1 (misses)
+    assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [(2, True), (1, False)]
+    assert {r["layer"] for r in report["sensitivity"][:2]} == {"mm2", "mm4"}
+    assert all(r["local_sqnr_db"] < 10 for r in report["sensitivity"][:2])
+    assert all(r["local_sqnr_db"] > 20 for r in report["sensitivity"][2:])
     assert stats["modified"] is True and "declined" not in stats
     assert set(stats["pass"]["layers"]) == {"mm1", "mm3", "mm5"}
     hist = _ops(q)
@@ -107,11 +110,18 @@ def test_fallback_returns_the_top_ranked_layers_until_the_target_holds() -> None
 
 def test_fallback_bisects_to_the_fewest_float_layers() -> None:
     model = _chain(("mm2", "mm4", "mm6"), 8)
-    q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None)
+    q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None,
+                             ranking="measured")
     report = stats["fallback"]
-    # 1, 2 miss, 4 meets; bisection tries 3, which meets: three layers float, not four
+    # measured ranking: 1, 2 miss, 4 meets; bisection tries 3, which meets: three layers float, not four
     assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [
         (1, False), (2, False), (4, True), (3, True)]
+    assert set(report["kept_float"]) == {"mm2", "mm4", "mm6"} and stats["modified"]
+    # the estimate: the budget (4) meets, then 1, 2 miss, 3 meets: the same three layers
+    q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None)
+    report = stats["fallback"]
+    assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [
+        (4, True), (1, False), (2, False), (3, True)]
     assert set(report["kept_float"]) == {"mm2", "mm4", "mm6"} and stats["modified"]
 
 
@@ -119,7 +129,8 @@ def test_accuracy_decline_returns_the_input_model_with_the_reason() -> None:
     model = _chain(("mm2", "mm3"), 3)  # both sensitive; at most int(0.5 * 3) = 1 may go float
     with_budget = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None, max_float_layers=2)[1]
     assert with_budget["modified"] and set(with_budget["fallback"]["kept_float"]) == {"mm2", "mm3"}
-    q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None)
+    q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None,
+                             ranking="measured")
     assert stats["modified"] is False and stats["declined"] == "accuracy"
     assert "misses the accuracy target" in stats["reason"]
     # two layers each miss the target alone, more than the one allowed float: no search
@@ -128,6 +139,11 @@ def test_accuracy_decline_returns_the_input_model_with_the_reason() -> None:
     assert {r["layer"] for r in stats["fallback"]["sensitivity"] if not r["alone_passes"]} == {"mm2", "mm3"}
     assert _ops(q) == _ops(model)  # no Q/DQ: the model as given
     assert [i.name for i in q.graph.initializers.values()] == [i.name for i in model.graph.initializer]
+    # the estimate: the budget's one layer float misses, so no smaller k is tried
+    q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None)
+    assert stats["declined"] == "accuracy" and "even the 1 layers the budget allows" in stats["reason"]
+    assert [(t["float_layers"], t["passed"]) for t in stats["fallback"]["tried"]] == [(1, False)]
+    assert _ops(q) == _ops(model)
 
 
 def test_speed_decline_skips_the_fallback_and_keeps_the_model_as_given() -> None:

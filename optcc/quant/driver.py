@@ -149,6 +149,7 @@ def quantize_int8(
     max_float_layers: int | None = None,
     max_float_fraction: float = 0.5,
     max_layers_ranked: int = 256,
+    ranking: str = "estimate",
     require_target: bool = True,
     require_speedup: bool = True,
     min_speedup: float = 1.1,
@@ -319,7 +320,7 @@ def quantize_int8(
     if accuracy_fallback:
         quantized, pass_stats, report = fallback(
             float_model, make, held, target, max_float_layers=max_float_layers,
-            max_layers_ranked=max_layers_ranked,
+            max_layers_ranked=max_layers_ranked, ranking=ranking,
         )
     else:
         evaluation = evaluate(float_model, quantized, held, target)
@@ -335,7 +336,7 @@ def quantize_int8(
     if require_target and not report.get("target_met"):
         evaluation = report.get("evaluation", {})
         if report.get("hopeless"):
-            how = f"fully quantized, and {report['hopeless']}"
+            how = report["hopeless"]
         else:
             budget = f"at most {max_float_layers} of {len(stats['pass'].get('layers', [])) + len(report.get('kept_float', []))}"
             how = f"with {len(report.get('kept_float', []))} layers returned to float ({budget} allowed)"

@@ -223,10 +223,13 @@ def model_outputs(model: ir.Model, samples: Sequence[Feeds]) -> dict[str, list[n
 
 
 def evaluate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds],
-             target: Target = Target(), *, optimized: bool = True) -> Evaluation:
-    """Compare the candidate's graph outputs with the float reference's on ``samples``."""
+             target: Target = Target(), *, optimized: bool = True,
+             reference_outputs: _Outputs | None = None) -> Evaluation:
+    """Compare the candidate's graph outputs with the float reference's on ``samples``
+    (``reference_outputs``: the reference's, when already computed on them)."""
     names = [v.name for v in reference.graph.outputs]
-    return _compare(_Outputs(reference, samples, False), _Outputs(candidate, samples, optimized), names, target)
+    ref = reference_outputs if reference_outputs is not None else _Outputs(reference, samples, False)
+    return _compare(ref, _Outputs(candidate, samples, optimized), names, target)
 
 
 # quantize(exclude=[...], only=[...] or None) -> (a new quantized model, the pass stats);
@@ -311,6 +314,124 @@ def _extra_session(model: ir.Model, names: Sequence[str]) -> ort.InferenceSessio
     return _session(proto.SerializeToString(), ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
 
 
+def local_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
+               samples: Sequence[Feeds]) -> dict[str, float]:
+    """Every layer's own quantization error, all layers in one run: the SQNR of each
+    quantized layer's result when its inputs come from the float model (no error
+    arriving from upstream). One combined model: the float graph plus, per layer, a copy
+    of its Q/DQ group (input Q/DQ pairs fed by the float tensors, dequantized weights and
+    bias, the op, its output Q/DQ). A layer whose input cannot be traced to a float
+    tensor (a folded rescale) gets NaN."""
+    float_proto = oir.serialize(reference)
+    q_proto = oir.serialize(quantized)
+    float_values = {v for node in float_proto.graph.node for v in node.output} | {
+        v.name for v in float_proto.graph.input} | {i.name for i in float_proto.graph.initializer}
+    q_inits = {i.name: i for i in q_proto.graph.initializer}
+    producer = {o: node for node in q_proto.graph.node for o in node.output}
+    added_inits: dict[str, onnx.TensorProto] = {}
+    nodes: list[onnx.NodeProto] = []
+    fetch: dict[str, tuple[str, str]] = {}  # layer -> (float name, local name)
+
+    def constant(name: str) -> bool:
+        if name in q_inits:
+            if name not in float_values:
+                added_inits[name] = q_inits[name]
+            return True
+        return False
+
+    def copy(node: onnx.NodeProto, inputs: list[str], outputs: list[str], tag: str) -> None:
+        clone = onnx.NodeProto()
+        clone.CopyFrom(node)
+        clone.name = f"{tag}_{node.name or node.op_type}"
+        del clone.input[:]
+        clone.input.extend(inputs)
+        del clone.output[:]
+        clone.output.extend(outputs)
+        nodes.append(clone)
+
+    by_output = {o: node for node in q_proto.graph.node for o in node.output}
+    for index, (layer, (float_name, quant_name)) in enumerate(layer_outputs.items()):
+        if not float_name or not quant_name or quant_name not in by_output:
+            continue
+        tag = f"optcc_local{index}"
+        dq_out = by_output[quant_name]
+        chain: list[tuple[onnx.NodeProto, list[str], list[str]]] = []
+        if dq_out.op_type == "DequantizeLinear" and dq_out.input[0] in producer \
+                and producer[dq_out.input[0]].op_type == "QuantizeLinear":
+            q_out = producer[dq_out.input[0]]
+            op = producer.get(q_out.input[0])
+        else:
+            q_out = dq_out = None  # type: ignore[assignment]
+            op = by_output[quant_name]
+        if op is None:
+            continue
+        inputs: list[str] = []
+        ok = True
+        for j, name in enumerate(op.input):
+            if not name or constant(name) or name in float_values and name not in producer:
+                inputs.append(name)
+                continue
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                ok = ok and name in float_values
+                inputs.append(name)
+                continue
+            if all(constant(x) for x in dq.input if x):  # a dequantized weight or bias
+                chain.append((dq, list(dq.input), [f"{tag}_in{j}"]))
+                inputs.append(f"{tag}_in{j}")
+                continue
+            q = producer.get(dq.input[0])
+            if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in float_values:
+                ok = False
+                break
+            for x in (*q.input[1:], *dq.input[1:]):
+                constant(x)
+            chain.append((q, list(q.input), [f"{tag}_q{j}"]))
+            chain.append((dq, [f"{tag}_q{j}", *dq.input[1:]], [f"{tag}_in{j}"]))
+            inputs.append(f"{tag}_in{j}")
+        if not ok:
+            continue
+        result = f"{tag}_result"
+        chain.append((op, inputs, [f"{tag}_op"] if q_out is not None else [result]))
+        if q_out is not None:
+            for x in (*q_out.input[1:], *dq_out.input[1:]):
+                constant(x)
+            chain.append((q_out, [f"{tag}_op", *q_out.input[1:]], [f"{tag}_opq"]))
+            chain.append((dq_out, [f"{tag}_opq", *dq_out.input[1:]], [result]))
+        for node, ins, outs in chain:
+            copy(node, ins, outs, tag)
+        fetch[layer] = (float_name, result)
+    if not fetch:
+        return {}
+    float_proto.graph.node.extend(nodes)
+    float_proto.graph.initializer.extend(added_inits.values())
+    del float_proto.graph.output[:]
+    names = list(dict.fromkeys(n for pair in fetch.values() for n in pair))
+    float_proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    session = _session(float_proto.SerializeToString(), ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    signal = dict.fromkeys(fetch, 0.0)
+    noise = dict.fromkeys(fetch, 0.0)
+    for feeds in samples:
+        values = dict(zip(names, session.run(names, dict(feeds))))
+        for layer, (f, local) in fetch.items():
+            r = np.asarray(values[f], np.float64)
+            signal[layer] += float(np.sum(r**2))
+            noise[layer] += float(np.sum((r - np.asarray(values[local], np.float64)) ** 2))
+    return {layer: math.inf if noise[layer] == 0 else (
+        10 * math.log10(signal[layer] / noise[layer]) if signal[layer] > 0 else -math.inf) for layer in fetch}
+
+
+def estimate_sensitivity(layers: Sequence[str], local: Mapping[str, float],
+                         propagated: Mapping[str, float]) -> list[dict[str, Any]]:
+    """Layers ranked worst first by their own error (``local_sqnr``, computed once), ties
+    (and layers without an estimate, last) in graph order."""
+    rows = [{"layer": layer, "local_sqnr_db": local.get(layer, math.nan), "position": i,
+             "propagated_sqnr_db": propagated.get(layer, math.nan)} for i, layer in enumerate(layers)]
+    rows.sort(key=lambda r: (math.isnan(r["local_sqnr_db"]),
+                             0.0 if math.isnan(r["local_sqnr_db"]) else r["local_sqnr_db"], r["position"]))
+    return rows
+
+
 def _candidates(layers: Sequence[str], propagated: Mapping[str, float], limit: int) -> list[str]:
     """The layers worth ranking: all of them when there are at most ``limit``; else half
     the budget on the first layers in graph order (their error is amplified by everything
@@ -329,7 +450,8 @@ def _candidates(layers: Sequence[str], propagated: Mapping[str, float], limit: i
 
 def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
              target: Target = Target(), *, max_float_layers: int | None = None,
-             max_layers_ranked: int = 256) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
+             max_layers_ranked: int = 256, ranking: str = "estimate",
+             ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """Quantize; if the target is missed on ``samples``, return the most sensitive layers
     to float, worst first, until the target holds or ``max_float_layers`` are float.
 
@@ -349,15 +471,26 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     ``initial`` and final ``evaluation``, ``sensitivity`` (the ranking), ``tried`` (each
     ``k`` evaluated), ``kept_float`` (layers returned to float, worst first),
     ``target_met``. When the target is never met, the best model seen is returned with
-    ``target_met`` False (the driver then declines to quantize)."""
+    ``target_met`` False (the driver then declines to quantize).
+
+    ``ranking="estimate"`` (the default) replaces the measured ranking by
+    ``estimate_sensitivity``: every layer's own error (``local_sqnr``, all layers in one
+    combined model run once over the samples, no single-layer model built), and searches that order only: the budget's whole ``k``
+    (``max_float_layers``) is evaluated first, and when even that misses, the search
+    stops there (hopeless); else doubling and bisection as above.
+    ``ranking="measured"``: the single-layer ranking and both orders described above."""
     model, stats = quantize(exclude=[])
-    initial = evaluate(reference, model, samples, target)
+    ref_outputs = _Outputs(reference, samples, False)  # the float model's, computed once
+    initial = evaluate(reference, model, samples, target, reference_outputs=ref_outputs)
     report: dict[str, Any] = {"initial": initial.to_dict(), "kept_float": [], "sensitivity": [], "tried": []}
     if initial.passed:
         report.update(evaluation=initial.to_dict(), target_met=True)
         return model, stats, report
     layers = list(stats.get("layers", []))
     propagated = propagated_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
+    if ranking == "estimate":
+        return _fallback_estimated(reference, quantize, samples, target, model, stats, initial, report,
+                                   propagated, max_float_layers, ref_outputs)
     candidates = _candidates(layers, propagated, max_layers_ranked)
     ranking = rank_sensitivity(reference, quantize, candidates, samples, target, max_layers=len(candidates),
                                give_up_after=max_float_layers)
@@ -367,7 +500,7 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     failing_alone = sum(not row["alone_passes"] for row in ranking)
     if max_float_layers is not None and failing_alone > max_float_layers:
         report.update(evaluation=initial.to_dict(), target_met=False, hopeless=(
-            f"{failing_alone} layers each miss the target when quantized alone, more than the "
+            f"fully quantized, and {failing_alone} layers each miss the target when quantized alone, more than the "
             f"{max_float_layers} allowed to return to float (ranking stopped after {len(ranking)} of "
             f"{len(candidates)} layers)"))
         return model, stats, report
@@ -380,7 +513,8 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     # float gave 19.2 dB in graph order, 15.4 dB in ranking order)
     for name, order in (("sensitivity", ranked), ("graph order", [x for x in layers if x in candidates_set])):
         limit = len(order) if max_float_layers is None else min(max_float_layers, len(order))
-        k, results = _search(reference, quantize, samples, target, order, limit, initial, model, stats, tried, name)
+        k, results = _search(reference, quantize, samples, target, order, limit, initial, model, stats, tried, name,
+                             ref_outputs)
         found = results[k][0]
         if best is None or found.passed or found.worst_sqnr_db > best[2][best[1]][0].worst_sqnr_db:
             best = (order, k, results)
@@ -394,9 +528,54 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     return model, stats, report
 
 
+def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
+                        model: ir.Model, stats: dict[str, Any], initial: Evaluation, report: dict[str, Any],
+                        propagated: Mapping[str, float], max_float_layers: int | None, ref_outputs: _Outputs,
+                        ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
+    """``fallback`` with ``estimate_sensitivity``'s order (see ``fallback``)."""
+    local = local_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
+    ranking = estimate_sensitivity(list(stats.get("layers", [])), local, propagated)
+    report["sensitivity"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ranking]
+    order = [row["layer"] for row in ranking]
+    limit = len(order) if max_float_layers is None else min(max_float_layers, len(order))
+    tried: list[dict[str, Any]] = []
+    report["tried"] = tried
+    results: dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]] = {0: (initial, model, stats)}
+
+    def attempt(k: int) -> Evaluation:
+        candidate, candidate_stats = quantize(exclude=order[:k])
+        evaluation = evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs)
+        results[k] = (evaluation, candidate, candidate_stats)
+        tried.append({"order": "estimate", "float_layers": k, "worst_sqnr_db": _finite(evaluation.worst_sqnr_db),
+                      "passed": evaluation.passed})
+        return evaluation
+
+    if not limit or not attempt(limit).passed:
+        k = limit if limit else 0
+        evaluation, model, stats = results[k]
+        report.update(kept_float=order[:k], evaluation=evaluation.to_dict(), target_met=False, hopeless=(
+            f"even the {limit} layers the budget allows, returned to float worst first, do not meet it"))
+        return model, stats, report
+    low, high, k = 0, limit, 1
+    while k < high:  # doubling, below the budget known to pass
+        if attempt(k).passed:
+            high = k
+            break
+        low, k = k, k * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        if attempt(mid).passed:
+            high = mid
+        else:
+            low = mid
+    evaluation, model, stats = results[high]
+    report.update(kept_float=order[:high], evaluation=evaluation.to_dict(), target_met=True)
+    return model, stats, report
+
+
 def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
             order: Sequence[str], limit: int, initial: Evaluation, model: ir.Model, stats: dict[str, Any],
-            tried: list[dict[str, Any]], name: str,
+            tried: list[dict[str, Any]], name: str, ref_outputs: _Outputs | None = None,
             ) -> tuple[int, dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]]]:
     """The smallest ``k <= limit`` whose first ``k`` layers of ``order`` returned to float
     meet the target: ``k`` doubles until it does, then bisection. When none does, the
@@ -405,7 +584,7 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
 
     def attempt(k: int) -> Evaluation:
         candidate, candidate_stats = quantize(exclude=order[:k])
-        evaluation = evaluate(reference, candidate, samples, target)
+        evaluation = evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs)
         results[k] = (evaluation, candidate, candidate_stats)
         tried.append({"order": name, "float_layers": k, "worst_sqnr_db": _finite(evaluation.worst_sqnr_db),
                       "passed": evaluation.passed})
