@@ -71,12 +71,17 @@ def expected_outputs(model: ModelLike, feeds: Feeds) -> list[np.ndarray]:
     return [np.asarray(o) for o in ReferenceEvaluator(_proto(model)).run(None, dict(feeds))]
 
 
+def _graphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        yield from ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
+
+
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph in it, recursively."""
     yield graph
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                yield from _graphs(sub)
+        for sub in _graphs_of(node):
+            yield from _graphs(sub)
 
 
 def _double(tensor: onnx.TensorProto) -> None:
@@ -84,21 +89,28 @@ def _double(tensor: onnx.TensorProto) -> None:
         tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float64), tensor.name))
 
 
+def _double_nodes(nodes: Sequence[onnx.NodeProto]) -> None:
+    for node in nodes:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
+                attr.i = TensorProto.DOUBLE
+            elif attr.type == onnx.AttributeProto.TENSOR:
+                _double(attr.t)
+
+
 def to_float64(model: ModelLike) -> onnx.ModelProto:
     """A copy of ``model`` computing in float64 wherever it computed in float32."""
     model = copy.deepcopy(_proto(model))
-    for graph in _graphs(model.graph):
+    bodies = [model.graph, *(g for f in model.functions for n in f.node for g in _graphs_of(n))]
+    for graph in (sub for body in bodies for sub in _graphs(body)):
         for tensor in graph.initializer:
             _double(tensor)
         for info in [*graph.input, *graph.output, *graph.value_info]:
             if info.type.tensor_type.elem_type == TensorProto.FLOAT:
                 info.type.tensor_type.elem_type = TensorProto.DOUBLE
-        for node in graph.node:
-            for attr in node.attribute:
-                if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
-                    attr.i = TensorProto.DOUBLE
-                elif attr.type == onnx.AttributeProto.TENSOR:
-                    _double(attr.t)
+        _double_nodes(graph.node)
+    for function in model.functions:
+        _double_nodes(function.node)
     return model
 
 
