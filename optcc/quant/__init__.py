@@ -1,8 +1,11 @@
-"""INT8 quantization analyses and driver: calibration, bias correction, fallback."""
+"""INT8 quantization analyses and driver: calibration, bias correction, the runtime cost
+model, task metrics and the accuracy-aware fallback."""
 
-from optcc.quant.calibration import calibrate
+from optcc.quant.calibration import calibrate, collect_statistics_sharded
+from optcc.quant.cost_model import CostModel, compare_modelled
 from optcc.quant.driver import quantize_int8
 from optcc.quant.fallback import Target, count_integer_nodes
-from optcc.quant import weight_only
+from optcc.quant.task_metrics import METRICS, TaskJudge
 
-__all__ = ["calibrate", "quantize_int8", "Target", "count_integer_nodes", "weight_only"]
+__all__ = ["calibrate", "collect_statistics_sharded", "quantize_int8", "Target", "count_integer_nodes",
+           "CostModel", "compare_modelled", "METRICS", "TaskJudge"]
