@@ -130,8 +130,12 @@ def _env() -> dict[str, str]:
 # gets a fresh process (nothing it sets or registers outlives it) for a fraction of the cost
 # of starting an interpreter.
 _FORK_SERVER = r"""
-import os, runpy, sys, traceback
-import numpy, onnx, onnx_ir, onnxruntime, optcc, optcc.passes  # noqa: F401 - imported once
+import importlib, os, runpy, sys, traceback
+for module in ("numpy", "onnx", "onnx_ir", "onnxruntime", "optcc", "optcc.passes"):
+    try:
+        importlib.import_module(module)  # once, for every block
+    except Exception:  # a block that needs it reports the error itself
+        pass
 for request in sys.stdin:
     script, work = request.rstrip("\n").split("\t")
     pid = os.fork()
