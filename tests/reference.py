@@ -13,6 +13,7 @@ with these instead.
   for models onnx's evaluator computes differently from onnxruntime (legacy ops:
   Softmax before opset 13, BatchNormalization-9 with its training attributes, old
   Dropout); a test that uses it as the reference for the ORIGINAL says so.
+- ``random_feeds``: standard-normal float inputs, coin-flip bools, symbolic dims sized 3.
 - ``assert_converged``: no fixpoint or pattern driver stopped at its cap (read from an
   optcc report and the warnings caught around the run, without importing optcc).
 - ``assert_close``: every element within ``atol + rtol * scale`` of the reference, where
@@ -40,6 +41,7 @@ __all__ = [
     "expected_outputs",
     "expected_outputs_float64",
     "onnxruntime_outputs",
+    "random_feeds",
     "to_float64",
 ]
 
@@ -53,6 +55,31 @@ FUSION_RTOL = 1e-4  # rewrites that reassociate it (folded weights, fused kernel
 
 def _proto(model: ModelLike) -> onnx.ModelProto:
     return ir.to_proto(model) if isinstance(model, ir.Model) else model
+
+
+def random_feeds(model: ModelLike, shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
+                 symbolic: int = 3) -> dict[str, np.ndarray]:
+    """Feeds for the graph inputs of ``model`` (initializers excluded): ``shapes`` by name,
+    else the declared shape with every symbolic dim ``symbolic``; standard normal for
+    float inputs, small integers for integer ones, coin flips for bool ones."""
+    proto = _proto(model)
+    rng = np.random.default_rng(seed)
+    initializers = {t.name for t in proto.graph.initializer}
+    feeds: dict[str, np.ndarray] = {}
+    for v in proto.graph.input:
+        if v.name in initializers:
+            continue
+        tensor = v.type.tensor_type
+        shape = list((shapes or {}).get(v.name) or
+                     [d.dim_value if d.HasField("dim_value") else symbolic for d in tensor.shape.dim])
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        if dtype == np.bool_:
+            feeds[v.name] = rng.random(shape) < 0.5
+        elif np.issubdtype(dtype, np.integer):
+            feeds[v.name] = rng.integers(0, 4, shape).astype(dtype)
+        else:
+            feeds[v.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
 
 
 def onnxruntime_outputs(model: ModelLike, feeds: Feeds) -> list[np.ndarray]:
