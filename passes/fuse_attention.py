@@ -63,7 +63,7 @@ import optcc
 from optcc.infra import PassResult
 from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var, apply_rules
 
-__all__ = ["FuseAttentionPass", "FuseOrtAttentionPass", "attention_rules", "MS_DOMAIN"]
+__all__ = ["FuseAttentionPass", "FuseOrtAttentionPass", "attention_rules", "exported_rank", "MS_DOMAIN"]
 
 MS_DOMAIN = "com.microsoft"
 ATTENTION_OPSET = 23
@@ -73,7 +73,7 @@ _RANK_DEPTH = 12
 # ---------------------------------------------------------------- static facts
 
 
-def _rank(m: Match, value: ir.Value | None, depth: int = 0) -> int | None:
+def exported_rank(m: Match, value: ir.Value | None, depth: int = 0) -> int | None:
     """The static rank of ``value``: the pattern engine's, then exporter idioms it does not
     know (Transpose's perm, a Reshape to a Concat-built shape, Expand, Where)."""
     if value is None:
@@ -82,7 +82,12 @@ def _rank(m: Match, value: ir.Value | None, depth: int = 0) -> int | None:
     if rank is not None or depth > _RANK_DEPTH:
         return rank
     node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx") or value is not node.outputs[0]:
+    if node is None or value is not node.outputs[0]:
+        return None
+    if node.domain == MS_DOMAIN and node.op_type in (
+            "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "MultiHeadAttention"):
+        return exported_rank(m, node.inputs[0], depth + 1)  # output shaped as the first input
+    if node.domain not in ("", "ai.onnx"):
         return None
     if node.op_type == "Transpose":
         perm = node.attributes.get("perm")
@@ -91,19 +96,24 @@ def _rank(m: Match, value: ir.Value | None, depth: int = 0) -> int | None:
         length = _length(m, node.inputs[1], depth + 1)
         if node.op_type == "Reshape" or length is None:
             return length
-        base = _rank(m, node.inputs[0], depth + 1)
+        base = exported_rank(m, node.inputs[0], depth + 1)
         return None if base is None else max(base, length)
     if node.op_type == "Range":
         return 1
+    if node.op_type in ("LayerNormalization", "Gelu", "Erf", "Sqrt", "Relu", "Tanh", "Identity"):
+        return exported_rank(m, node.inputs[0], depth + 1)
+    if node.op_type == "MatMul":
+        ranks = [exported_rank(m, v, depth + 1) for v in node.inputs]
+        return None if None in ranks or min(ranks) < 2 else max(ranks)
     if node.op_type == "Gather" and len(node.inputs) > 1:
-        data, index = _rank(m, node.inputs[0], depth + 1), _rank(m, node.inputs[1], depth + 1)
+        data, index = exported_rank(m, node.inputs[0], depth + 1), exported_rank(m, node.inputs[1], depth + 1)
         return None if data is None or index is None else data - 1 + index
     if node.op_type == "Unsqueeze" and len(node.inputs) > 1:
-        axes, base = m.value_array(node.inputs[1]), _rank(m, node.inputs[0], depth + 1)
+        axes, base = m.value_array(node.inputs[1]), exported_rank(m, node.inputs[0], depth + 1)
         return None if axes is None or base is None else base + int(axes.size)
     if node.op_type in ("Where", "Add", "Mul", "Sub", "Div", "Cast", "Softmax", "Neg", "Not",
                         "And", "Or", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"):
-        ranks = [_rank(m, v, depth + 1) for v in node.inputs if v is not None]
+        ranks = [exported_rank(m, v, depth + 1) for v in node.inputs if v is not None]
         return None if not ranks or any(r is None for r in ranks) else max(ranks)
     return None
 
@@ -123,7 +133,7 @@ def _length(m: Match, value: ir.Value | None, depth: int) -> int | None:
     if node.op_type == "Concat":
         parts = [_length(m, v, depth + 1) for v in node.inputs]
         return None if any(p is None for p in parts) else sum(parts)
-    if node.op_type == "Unsqueeze" and _rank(m, node.inputs[0], depth + 1) == 0:
+    if node.op_type == "Unsqueeze" and exported_rank(m, node.inputs[0], depth + 1) == 0:
         return 1
     if node.op_type == "Slice" and len(node.inputs) in (3, 4) or (
             node.op_type == "Slice" and len(node.inputs) == 5 and node.inputs[4] is None):
@@ -144,7 +154,7 @@ def _length(m: Match, value: ir.Value | None, depth: int) -> int | None:
         n = int(target.reshape(-1)[0])
         return n if n > 0 else (_length(m, node.inputs[0], depth + 1) if n == -1 else None)
     if node.op_type == "Shape":
-        rank = _rank(m, node.inputs[0], depth + 1)
+        rank = exported_rank(m, node.inputs[0], depth + 1)
         if rank is None:
             return None
         start, end = node.attributes.get("start"), node.attributes.get("end")
@@ -207,7 +217,7 @@ def _split_heads(m: Match, q: ir.Value) -> tuple[ir.Value | None, int | None]:
     if found <= 0:
         return None, heads
     x = reshape.inputs[0]
-    return (x if _rank(m, x) == 3 else None), found
+    return (x if exported_rank(m, x) == 3 else None), found
 
 
 def _last_dim(m: Match, value: ir.Value, depth: int = 0) -> int | None:
@@ -286,10 +296,10 @@ def _common_check(m: Match) -> str | None:
     if not _is_float32(m, m["q"], m["kt"], m["v"], m.get("mask"), m.output):
         return "not float32"
     for name in ("q", "kt", "v"):
-        if _rank(m, m[name]) != 4:
+        if exported_rank(m, m[name]) != 4:
             return f"rank of {name} not known to be 4"
     if m.get("mask") is not None:
-        rank = _rank(m, m["mask"])
+        rank = exported_rank(m, m["mask"])
         if rank is None or rank > 4:
             return "rank of the mask unknown or above 4"
     if m.get("guard") is not None:
@@ -336,7 +346,7 @@ def _full_mask(m: Match, b: Builder, query: ir.Value, q_axis: int, key: ir.Value
     mask = m.get("mask")
     if mask is None:
         return None
-    if _rank(m, mask) == 4 and _same_dim(mask, 2, query, q_axis) and _same_dim(mask, 3, key, 2):
+    if exported_rank(m, mask) == 4 and _same_dim(mask, 2, query, q_axis) and _same_dim(mask, 3, key, 2):
         return mask
 
     def dim(value: ir.Value, axis: int, tag: str) -> ir.Value:

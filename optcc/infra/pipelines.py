@@ -46,7 +46,8 @@ LEVELS: dict[int, list[str | tuple[str, ...]]] = {
     1: _O1,
     2: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions"],
     3: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions",
-        "fuse-ort-conv-activation", ("fuse-ort-attention", "eliminate-dead-nodes"), _EXACT,
+        "fuse-ort-conv-activation",
+        ("fuse-ort-attention", "fuse-ort-transformer", "eliminate-dead-nodes"), _EXACT,
         "record-target"],
 }
 
