@@ -53,8 +53,18 @@ def test_yolo_boxes_keep_the_best_of_overlapping_anchors() -> None:
     # [1, 4 + 2 classes, 3 anchors]: anchors 0 and 1 overlap (class 0), anchor 2 is class 1
     pred = np.array([[[10, 11, 50], [10, 10, 50], [8, 8, 6], [8, 8, 6],
                       [0.9, 0.6, 0.1], [0.1, 0.1, 0.7]]], np.float32)
-    ((boxes, classes),) = tm.yolo_boxes(pred)
+    ((boxes, classes, scores),) = tm.yolo_boxes(pred)
     assert boxes.tolist() == [[6, 6, 14, 14], [47, 47, 53, 53]] and classes.tolist() == [0, 1]
+    assert scores.tolist() == pytest.approx([0.9, 0.7])
+    # a detection crossing the threshold (0.3 -> 0.2) is no error; a confident one lost is
+    crossing = pred.copy()
+    crossing[0, 4, 0], crossing[0, 4, 1] = 0.3, 0.2
+    lowered = crossing.copy()
+    lowered[0, 4, 0] = 0.2
+    assert tm.deviations("boxes", [crossing], [lowered])["box_f1"] == 0.0
+    lost = pred.copy()
+    lost[0, 5, 2] = 0.05  # the class-1 box (0.7) disappears: 1 error over 2 + 1 confident boxes
+    assert tm.deviations("boxes", [pred], [lost]) == {"box_f1": pytest.approx(1 / 3), "extra_boxes": 0.0}
 
 
 def test_sqnr_is_summed_over_all_samples() -> None:
