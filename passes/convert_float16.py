@@ -34,13 +34,16 @@ the mask path converts instead of staying float32 in every layer; exact in float
 every row with an unmasked key. The accuracy check compares with the model as given.
 
 Not exact: float16 rounding; the tolerance above is checked before the pass returns.
-Weights beyond +-65504 are clamped, each listed in ``stats["clamped"]``.
+Weights beyond +-65504 are clamped, each listed in ``stats["clamped"]``. Every session the
+pass builds on a model with external data loads it from a file in a scratch folder, so
+models over 2 GB convert like small ones.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -131,6 +134,7 @@ class ConvertFloat16Pass(optcc.Pass):
         self.min_sqnr_db = float(min_sqnr_db)
         self.providers = resolve_providers(providers)
         self.max_evaluations = max_evaluations
+        self._scratch: str | None = None
 
     @property
     def float16_interface(self) -> bool:  # type: ignore[override]
@@ -157,7 +161,7 @@ class ConvertFloat16Pass(optcc.Pass):
         self.ref_values: list[dict[str, np.ndarray]] = []
         self.range_note = None
         try:
-            self.ref_values = fp16.ranges.run_all(self.reference, self.feeds)
+            self.ref_values = fp16.ranges.run_all(self.reference, self.feeds, self._scratch)
         except Exception as e:  # noqa: BLE001
             self.range_note = f"ranges not observed: onnxruntime cannot run the model ({e})"[:300]
         self.ranges = fp16.ranges.ranges(self.ref_values, self.feeds)
@@ -292,15 +296,10 @@ class ConvertFloat16Pass(optcc.Pass):
                 for f in self.feeds]
 
     def _output_sqnr(self, candidate: ir.Model) -> dict[str, float]:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
         worst: dict[str, float] = {}
         for provider in self.providers:
-            ref = ort.InferenceSession(optcc.ir.serialize(self.original).SerializeToString(),
-                                       options, providers=[provider])
-            got = ort.InferenceSession(optcc.ir.serialize(candidate).SerializeToString(),
-                                       options, providers=[provider])
+            ref = fp16.ranges.session(self.original, provider, self._scratch)
+            got = fp16.ranges.session(candidate, provider, self._scratch)
             names = [o.name for o in ref.get_outputs()]
             for f, f16 in zip(self.feeds, self._candidate_feeds(candidate)):
                 for name, r, c in zip(names, ref.run(None, f), got.run(None, f16)):
@@ -326,7 +325,7 @@ class ConvertFloat16Pass(optcc.Pass):
         """Regions (a main-graph node with the converted producers of its inputs), most
         harmful first: ranked by the SQNR the node loses between its inputs and outputs."""
         try:
-            got = fp16.ranges.run_all(candidate, self._candidate_feeds(candidate)[:1])[0]
+            got = fp16.ranges.run_all(candidate, self._candidate_feeds(candidate)[:1], self._scratch)[0]
         except Exception:  # noqa: BLE001
             got = {}
         ref = self.ref_values[0] if self.ref_values else {}
@@ -462,6 +461,15 @@ class ConvertFloat16Pass(optcc.Pass):
 
     # -- the pass ------------------------------------------------------------------------
     def call(self, model: ir.Model) -> optcc.PassResult:
+        # sessions on models with external data load from a file saved here (not from bytes)
+        with tempfile.TemporaryDirectory(prefix="optcc-fp16-") as scratch:
+            self._scratch = scratch
+            try:
+                return self._call(model)
+            finally:
+                self._scratch = None
+
+    def _call(self, model: ir.Model) -> optcc.PassResult:
         self._facts(model)
         self.evaluations = 0
         self._fallback_labels: list[str] = []

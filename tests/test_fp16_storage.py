@@ -214,3 +214,34 @@ def test_no_value_info_is_added_for_intermediate_values():
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     assert types["a"] == types["b"] == types["c"] == onnx.TensorProto.FLOAT16
     assert math.isfinite(result.stats["sqnr_db"]["y"])
+
+
+def test_model_with_external_data_converts(tmp_path):
+    """Sessions on a model whose weights live in an external file must load it from a path
+    (a session built from bytes cannot find the data): the pass converts it as it would the
+    same model held in memory, and the file on disk is left as it was."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    proto = with_weights(
+        """<ir_version: 8, opset_import: ["": 17]>
+        g (float[4, 64] x) => (float[4, 64] y) {
+          a = MatMul(x, w)
+          y = Tanh(a)
+        }""", w=w)
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.onnx.data", size_threshold=0)
+    data = (tmp_path / "ext.onnx.data").read_bytes()
+    model = optcc.ir.load(path)
+    assert optcc.ir.uses_external_data(model)
+    feeds = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
+    result = ConvertFloat16Pass(inputs=[feeds])(model)
+    assert "skipped" not in result.stats and "ranges" not in result.stats, result.stats
+    assert result.stats["converted"]
+    assert result.model.graph.initializers["w"].const_value.dtype == F16
+    session = ort.InferenceSession(optcc.ir.serialize(result.model).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run(None, feeds)[0].astype(np.float64)
+    ref = np.tanh(feeds["x"].astype(np.float64) @ w.astype(np.float64))
+    assert np.abs(got - ref).max() < 1e-2
+    assert (tmp_path / "ext.onnx.data").read_bytes() == data

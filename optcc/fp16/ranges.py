@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from optcc import ir as oir
+from optcc.runtime import make_session, session_options
 
 FP16_TINY = 2.0**-24  # smallest float16 subnormal; half of it rounds to zero
 
@@ -58,13 +60,6 @@ def float16_rounding_sqnr_db(array: np.ndarray) -> float:
     return sqnr_db(a, rounded)
 
 
-def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def with_all_outputs(model: ir.Model) -> onnx.ModelProto:
     """The model's proto with every named node output of the main graph as a graph output."""
     proto = oir.serialize(model)
@@ -79,14 +74,41 @@ def with_all_outputs(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def run_all(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+def _probe(model: ir.Model) -> ir.Model:
+    """A clone of ``model`` (tensors shared, not copied) whose graph also outputs every
+    named node output of the main graph."""
+    probe = model.clone()
+    present = set(probe.graph.outputs)
+    for node in probe.graph:
+        for value in node.outputs:
+            if value.name and value not in present:
+                present.add(value)
+                probe.graph.outputs.append(value)
+    return probe
+
+
+def session(model: ir.Model, provider: str = "CPUExecutionProvider",
+            scratch: str | os.PathLike | None = None) -> ort.InferenceSession:
+    """A session on ``model`` with onnxruntime's graph optimizations off. A model with
+    external data (or too large for one protobuf) is saved into ``scratch`` and loaded from
+    that path: a session built from bytes cannot find external data."""
+    options = session_options()
+    if oir.uses_external_data(model) or oir.needs_external_data(model):
+        if scratch is None:
+            raise ValueError("a model with external data needs a scratch folder for its session")
+        return make_session(model, provider, scratch=scratch, options=options)
+    return ort.InferenceSession(oir.serialize(model).SerializeToString(), options, providers=[provider])
+
+
+def run_all(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
+            scratch: str | os.PathLike | None = None) -> list[dict[str, np.ndarray]]:
     """Every main-graph value of the model, per sample (numeric tensors: floats for ranges
     and comparison, integers so that shape/index inputs can be probed with real data)."""
-    session = _session(with_all_outputs(model))
-    names = [o.name for o in session.get_outputs()]
+    probe = session(_probe(model), scratch=scratch)
+    names = [o.name for o in probe.get_outputs()]
     results = []
     for sample in feeds:
-        arrays = session.run(None, dict(sample))
+        arrays = probe.run(None, dict(sample))
         results.append({
             n: np.asarray(a) for n, a in zip(names, arrays)
             if isinstance(a, np.ndarray) and (np.issubdtype(a.dtype, np.number) or a.dtype == bool)
