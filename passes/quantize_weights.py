@@ -121,6 +121,7 @@ class QuantizeWeightsPass(optcc.Pass):
         replaced: list[ir.Value] = []
         done: dict[tuple[ir.Value, int], Any] = {}
         emitted: dict[int, Any] = {}  # id(quantized weight) -> what the first reader got
+        factors: dict[tuple[str | None, int], Any] = {}
         for node, w_value in layers:
             bits = self.head_bits if (node in heads and self.bits == 4 and self.head_bits) else self.bits
             if node in heads:
@@ -130,7 +131,13 @@ class QuantizeWeightsPass(optcc.Pass):
                 w = _weight_kn(node, w_value)
                 hessian = hessians.get(node.inputs[0].name) if hessians else None
                 algorithm = self.algorithm if (self.algorithm != "gptq" or hessian is not None) else "rtn"
-                done[key] = weight_only.quantize(w, algorithm, bits, self.block_size, self.symmetric, hessian)
+                factor = None
+                if algorithm == "gptq":  # layers reading the same input share the factorization
+                    factor_key = (node.inputs[0].name, w.shape[0])
+                    if factor_key not in factors:
+                        factors[factor_key] = weight_only.gptq_factor(hessian, self.block_size)
+                    factor = factors[factor_key]
+                done[key] = weight_only.quantize(w, algorithm, bits, self.block_size, self.symmetric, factor=factor)
             replaced.append(w_value)
             if portable:
                 self._emit_dequantize(graph, node, w_value, done[key], taken, emitted)

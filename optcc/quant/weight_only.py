@@ -49,6 +49,7 @@ __all__ = [
     "quantize_rtn",
     "quantize_hqq",
     "quantize_gptq",
+    "gptq_factor",
     "quantize",
     "HessianAccumulator",
     "output_error",
@@ -218,23 +219,38 @@ class HessianAccumulator:
         return self.sum / max(self.rows, 1)
 
 
-def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size: int = 32,
-                  symmetric: bool = False, *, damping: float = GPTQ_DAMPING) -> BlockQuantized:
-    """GPTQ with the layer-input Hessian ``hessian`` ([K, K], see module doc)."""
-    _check(w, bits, block_size)
-    k, n = w.shape
-    kb = -(-k // block_size)
-    kp = kb * block_size
-    weight = np.zeros((kp, n), np.float64)
-    weight[:k] = w
+def gptq_factor(hessian: np.ndarray, block_size: int, *, damping: float = GPTQ_DAMPING
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(upper Cholesky factor of the damped inverse Hessian, mask of dead rows), padded to
+    whole blocks; layers that read the same input (and chunks of one weight) share it."""
+    k = hessian.shape[0]
+    kp = -(-k // block_size) * block_size
     h = np.zeros((kp, kp), np.float64)
     h[:k, :k] = hessian
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    weight[dead] = 0.0
     h[np.diag_indices(kp)] += damping * np.mean(np.diag(h))
-    # upper Cholesky factor of H^-1: row i holds the error propagation of row i of W
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    # row i of the factor holds how the rounding error of row i of W propagates
+    return np.linalg.cholesky(np.linalg.inv(h)).T, dead
+
+
+def quantize_gptq(w: np.ndarray, hessian: np.ndarray | None, bits: int = 4, block_size: int = 32,
+                  symmetric: bool = False, *, damping: float = GPTQ_DAMPING,
+                  factor: tuple[np.ndarray, np.ndarray] | None = None) -> BlockQuantized:
+    """GPTQ with the layer-input Hessian ``hessian`` ([K, K], see module doc); ``factor``
+    (from ``gptq_factor``) replaces the Hessian when already computed."""
+    _check(w, bits, block_size)
+    k, n = w.shape
+    kb = -(-k // block_size)
+    kp = kb * block_size
+    if factor is None:
+        if hessian is None:
+            raise ValueError("GPTQ needs a Hessian or its factor")
+        factor = gptq_factor(hessian, block_size, damping=damping)
+    hinv, dead = factor
+    weight = np.zeros((kp, n), np.float64)
+    weight[:k] = w
+    weight[dead] = 0.0
     q = np.zeros((kp, n), np.int64)
     scales = np.zeros((kb, n), np.float32)
     zeros = None if symmetric else np.zeros((kb, n), np.int64)
@@ -263,18 +279,38 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray, bits: int = 4, block_size:
     return BlockQuantized(q[:k], scales, zeros, bits, block_size)
 
 
+# columns quantized at once: bounds the float64 temporaries (about 8 copies of a chunk)
+CHUNK_ELEMENTS = 1 << 21
+
+
 def quantize(w: np.ndarray, algorithm: str = "rtn", bits: int = 4, block_size: int = 32,
-             symmetric: bool = False, hessian: np.ndarray | None = None) -> BlockQuantized:
-    """Dispatch on ``algorithm``; "gptq" without a Hessian raises ValueError."""
-    if algorithm == "rtn":
-        return quantize_rtn(w, bits, block_size, symmetric)
-    if algorithm == "hqq":
-        return quantize_hqq(w, bits, block_size, symmetric)
-    if algorithm == "gptq":
+             symmetric: bool = False, hessian: np.ndarray | None = None,
+             factor: tuple[np.ndarray, np.ndarray] | None = None) -> BlockQuantized:
+    """Dispatch on ``algorithm``, a chunk of output columns at a time (every algorithm
+    treats columns independently, so the result is the same as in one piece while the
+    temporaries stay bounded); "gptq" without a Hessian or factor raises ValueError."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown weight-only algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    if algorithm == "gptq" and factor is None:
         if hessian is None:
             raise ValueError("GPTQ needs the Hessian of the layer's inputs (calibration samples)")
-        return quantize_gptq(w, hessian, bits, block_size, symmetric)
-    raise ValueError(f"unknown weight-only algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        factor = gptq_factor(hessian, block_size)
+    _check(w, bits, block_size)
+    step = max(1, CHUNK_ELEMENTS // max(w.shape[0], 1))
+    parts = []
+    for start in range(0, w.shape[1], step):
+        chunk = w[:, start:start + step]
+        if algorithm == "rtn":
+            parts.append(quantize_rtn(chunk, bits, block_size, symmetric))
+        elif algorithm == "hqq":
+            parts.append(quantize_hqq(chunk, bits, block_size, symmetric))
+        else:
+            parts.append(quantize_gptq(chunk, None, bits, block_size, symmetric, factor=factor))
+    if len(parts) == 1:
+        return parts[0]
+    zeros = None if symmetric else np.concatenate([p.zero_points for p in parts], axis=1)  # type: ignore[misc]
+    return BlockQuantized(np.concatenate([p.q for p in parts], axis=1),
+                          np.concatenate([p.scales for p in parts], axis=1), zeros, bits, block_size)
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float:
