@@ -16,6 +16,10 @@ fuses the chain into DynamicQuantizeMatMul / MatMulIntegerToFloat (counted in
 ``transB = 1``, ``W = B^T`` stored transposed once; ``alpha`` is folded into the scale
 and ``beta * C`` is added after the Mul (``beta`` folded into a constant ``C``).
 
+With ``embeddings`` (default), ``Gather(table, ids)`` of a constant float32 ``[V, H]``
+table read only by such Gathers becomes int8 rows with one scale per row, gathered and
+then dequantized (``quantize_gather``; its error is the per-row rounding only).
+
 The replaced float weights are removed (initializers, or Constant nodes) once nothing
 reads them, so the file shrinks to about a quarter of the weights' float32 bytes.
 
@@ -38,6 +42,7 @@ import numpy as np
 import onnx_ir as ir
 
 import optcc
+from optcc.passes.quantize_weights import drop_unused_weights, embedding_reason, quantize_gather
 
 __all__ = ["QuantizeDynamicPass", "drop_unused_weights"]
 
@@ -50,9 +55,10 @@ class QuantizeDynamicPass(optcc.Pass):
     numerics = "int8"
 
     def __init__(self, *, per_channel: bool = True, exclude: Iterable[str] = (),
-                 count_fused: bool = True) -> None:
+                 count_fused: bool = True, embeddings: bool = True) -> None:
         super().__init__()
         self.per_channel = per_channel
+        self.embeddings = embeddings
         self.exclude = frozenset(exclude)
         self.count_fused = count_fused
 
@@ -68,6 +74,18 @@ class QuantizeDynamicPass(optcc.Pass):
             cache: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
             replaced: list[ir.Value] = []
             for node in list(graph):
+                if node.op_type == "Gather" and self.embeddings:
+                    reason = embedding_reason(node)
+                    if reason is None and self.exclude & {node.name, *(v.name for v in node.outputs)}:
+                        reason = "excluded"
+                    if reason is None:
+                        replaced.append(node.inputs[0])
+                        quantize_gather(graph, node, node.inputs[0], taken)
+                        stats["quantized"] += 1
+                        stats["Gather"] = stats.get("Gather", 0) + 1
+                    elif reason:
+                        stats["kept_float"][reason] = stats["kept_float"].get(reason, 0) + 1
+                    continue
                 reason = self._reason_to_skip(node)
                 if reason == "":
                     continue
@@ -194,25 +212,6 @@ class QuantizeDynamicPass(optcc.Pass):
         scaled = ir.node("Mul", [c, factor])
         scaled.outputs[0].name = optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_scaled_bias")
         return [scaled], scaled.outputs[0]
-
-
-def drop_unused_weights(graph: ir.Graph, values: Iterable[ir.Value]) -> int:
-    """Remove the initializers (or Constant nodes) behind ``values`` that nothing reads any
-    more; returns how many bytes of tensor data went with them."""
-    freed = 0
-    for value in values:
-        if value.uses() or value.is_graph_output() or value in graph.inputs:
-            continue
-        tensor = optcc.ir.const_tensor(value)
-        producer = value.producer()
-        if value.is_initializer() and value.name in graph.initializers:
-            graph.initializers.pop(value.name)
-        elif producer is not None and producer.op_type == "Constant" and producer.graph is graph:
-            graph.remove(producer, safe=True)
-        else:
-            continue
-        freed += int(tensor.nbytes) if tensor is not None else 0
-    return freed
 
 
 def _attr(node: ir.Node, name: str, default: Any) -> Any:

@@ -55,9 +55,8 @@ import onnx_ir as ir
 
 import optcc
 import optcc.quant
-from optcc.passes.quantize_dynamic import drop_unused_weights
 
-__all__ = ["QuantizeWeightsPass"]
+__all__ = ["QuantizeWeightsPass", "drop_unused_weights", "embedding_reason", "quantize_gather"]
 
 weight_only = optcc.quant.weight_only
 
@@ -147,7 +146,7 @@ class QuantizeWeightsPass(optcc.Pass):
             stats["quantized"][label] = stats["quantized"].get(label, 0) + 1
         for node, table in gathers:
             replaced.append(table)
-            self._emit_gather(graph, node, table, taken)
+            quantize_gather(graph, node, table, taken)
             stats["quantized"]["Gather int8"] = stats["quantized"].get("Gather int8", 0) + 1
         for table in tied:
             replaced.append(table)
@@ -309,34 +308,8 @@ class QuantizeWeightsPass(optcc.Pass):
         old.name = None
         result.name = name
 
-    def _row_int8(self, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Symmetric int8 with one scale per row (the block is the whole row)."""
-        bq = weight_only.quantize_rtn(table.T, 8, _pow2_at_least(table.shape[1]), symmetric=True)
-        return bq.q.T.astype(np.int8), bq.scales.T.astype(np.float32)  # [V, H], [V, 1]
-
-    def _emit_gather(self, graph: ir.Graph, node: ir.Node, table: ir.Value, taken: set[str]) -> None:
-        q, scale = self._row_int8(optcc.ir.as_numpy(table))
-        base = table.name or "embedding"
-        q_value = _initializer(graph, _name(taken, f"{base}_q8"), q)
-        s_value = _initializer(graph, _name(taken, f"{base}_row_scale"), scale)
-        ids = node.inputs[1]
-        gq = ir.node("Gather", [q_value, ids], {"axis": 0})
-        gs = ir.node("Gather", [s_value, ids], {"axis": 0})
-        cast = ir.node("Cast", [gq.outputs[0]], {"to": ir.DataType.FLOAT})
-        for made, suffix in ((gq, "rows_q8"), (gs, "rows_scale"), (cast, "rows_float")):
-            made.outputs[0].name = _name(taken, f"{base}_{suffix}")
-        old = node.outputs[0]
-        name, type_, shape = old.name, old.type, old.shape
-        result = ir.Value(name=None, type=type_, shape=shape)
-        mul = ir.node("Mul", [cast.outputs[0], gs.outputs[0]], outputs=[result], name=node.name or None)
-        graph.insert_after(node, [gq, gs, cast, mul])
-        old.replace_all_uses_with(result, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        old.name = None
-        result.name = name
-
     def _emit_tied(self, graph: ir.Graph, table: ir.Value, taken: set[str]) -> None:
-        q, scale = self._row_int8(optcc.ir.as_numpy(table))
+        q, scale = row_int8(optcc.ir.as_numpy(table))
         base = table.name or "embedding"
         cast = ir.node("Cast", [_initializer(graph, _name(taken, f"{base}_q8"), q)], {"to": ir.DataType.FLOAT})
         cast.outputs[0].name = _name(taken, f"{base}_q8_float")
@@ -350,6 +323,72 @@ class QuantizeWeightsPass(optcc.Pass):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def drop_unused_weights(graph: ir.Graph, values: Iterable[ir.Value]) -> int:
+    """Remove the initializers (or Constant nodes) behind ``values`` that nothing reads any
+    more; returns how many bytes of tensor data went with them."""
+    freed = 0
+    for value in values:
+        if value.uses() or value.is_graph_output() or value in graph.inputs:
+            continue
+        tensor = optcc.ir.const_tensor(value)
+        producer = value.producer()
+        if value.is_initializer() and value.name in graph.initializers:
+            graph.initializers.pop(value.name)
+        elif producer is not None and producer.op_type == "Constant" and producer.graph is graph:
+            graph.remove(producer, safe=True)
+        else:
+            continue
+        freed += int(tensor.nbytes) if tensor is not None else 0
+    return freed
+
+
+def row_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 of a ``[V, H]`` table with one scale per row (``[V, 1]``)."""
+    bq = weight_only.quantize_rtn(table.T, 8, _pow2_at_least(table.shape[1]), symmetric=True)
+    return bq.q.T.astype(np.int8), bq.scales.T.astype(np.float32)
+
+
+def embedding_reason(node: ir.Node) -> str | None:
+    """None when ``node`` is a Gather of a constant float32 table that only axis-0 Gathers
+    read (so ``quantize_gather`` may rewrite it); "" when it is no such Gather at all;
+    else why the table stays float."""
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+        return ""
+    table = node.inputs[0]
+    if table is None or _constant_matrix(table) is None:
+        return ""
+    if _attr(node, "axis", 0) != 0:
+        return "Gather not on axis 0"
+    if table.is_graph_output() or any(_use_kind(u) != "gather" for u in table.uses()):
+        return "embedding table shared with another op"
+    return None
+
+
+def quantize_gather(graph: ir.Graph, node: ir.Node, table: ir.Value, taken: set[str]) -> None:
+    """``Gather(table, ids)`` -> ``Cast<float>(Gather(table_q8, ids)) * Gather(row_scale, ids)``:
+    the rows are gathered as int8 and dequantized after (exact float32 arithmetic on the
+    stored levels); the output keeps its name, type and shape."""
+    q, scale = row_int8(optcc.ir.as_numpy(table))
+    base = table.name or "embedding"
+    q_value = _initializer(graph, _name(taken, f"{base}_q8"), q)
+    s_value = _initializer(graph, _name(taken, f"{base}_row_scale"), scale)
+    ids = node.inputs[1]
+    gq = ir.node("Gather", [q_value, ids], {"axis": 0})
+    gs = ir.node("Gather", [s_value, ids], {"axis": 0})
+    cast = ir.node("Cast", [gq.outputs[0]], {"to": ir.DataType.FLOAT})
+    for made, suffix in ((gq, "rows_q8"), (gs, "rows_scale"), (cast, "rows_float")):
+        made.outputs[0].name = _name(taken, f"{base}_{suffix}")
+    old = node.outputs[0]
+    name, type_, shape = old.name, old.type, old.shape
+    result = ir.Value(name=None, type=type_, shape=shape)
+    mul = ir.node("Mul", [cast.outputs[0], gs.outputs[0]], outputs=[result], name=node.name or None)
+    graph.insert_after(node, [gq, gs, cast, mul])
+    old.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    old.name = None
+    result.name = name
 
 
 def _attr(node: ir.Node, name: str, default: Any) -> Any:

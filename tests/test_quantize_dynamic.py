@@ -118,3 +118,37 @@ def test_gemm_with_transA_and_mixed_transpose_stay_float() -> None:
     assert result.stats["quantized"] == 0
     assert result.stats["kept_float"] == {"Gemm with transA": 1, "weight read transposed and not": 2}
     assert "W" in result.model.graph.initializers
+
+
+def test_embedding_gather_becomes_int8_rows() -> None:
+    rng = np.random.default_rng(6)
+    table = rng.normal(size=(100, 24)).astype(np.float32)
+    w = (rng.normal(size=(24, 8)) * 0.2).astype(np.float32)
+    graph = oh.make_graph(
+        [oh.make_node("Gather", ["E", "ids"], ["e"], name="embed"),
+         oh.make_node("MatMul", ["e", "W"], ["y"], name="mm")],
+        "emb", [oh.make_tensor_value_info("ids", TP.INT64, [2, 5])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, [2, 5, 8])], [nh.from_array(table, "E"), nh.from_array(w, "W")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    result = QuantizeDynamicPass(count_fused=False)(optcc.ir.load(model))
+    assert result.stats["Gather"] == 1 and result.stats["MatMul"] == 1
+    q = optcc.ir.serialize(result.model)
+    onnx.checker.check_model(q, full_check=True)
+    assert {t.name: t.data_type for t in q.graph.initializer if len(t.dims) == 2 and t.dims[0] == 100} == {
+        "E_q8": TP.INT8, "E_row_scale": TP.FLOAT}
+
+    ids = np.array([[0, 5, 99, 5, 17], [3, 3, 64, 1, 0]], np.int64)
+    session = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"ids": ids})[0]
+    # int8 rows (largest magnitude -> -128), then the dynamic MatMul emulated in numpy
+    v = table[np.arange(100), np.abs(table).argmax(axis=1)].astype(np.float64)
+    s = (v / -128).astype(np.float32).astype(np.float64)[:, None]
+    rows = (np.clip(np.rint(table / s), -128, 127) * s).astype(np.float32)
+    e = rows[ids]
+    aq, a_scale, a_zero = _dynamic_quantize(e)
+    w_scale = (np.abs(w).max(axis=0) / 127.0).astype(np.float32).astype(np.float64)
+    wq = np.clip(np.rint(w / w_scale), -127, 127)
+    expected = ((aq - a_zero) @ wq) * (np.float64(np.float32(a_scale)) * w_scale)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    exact = table.astype(np.float64)[ids] @ w.astype(np.float64)
+    assert 10 * np.log10((exact ** 2).sum() / ((got - exact) ** 2).sum()) > 30
