@@ -328,3 +328,11 @@ def test_column_chunks_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> 
         np.testing.assert_array_equal(got.q, expected.q, err_msg=alg)
         np.testing.assert_array_equal(got.scales, expected.scales, err_msg=alg)
         np.testing.assert_array_equal(got.zero_points, expected.zero_points, err_msg=alg)
+
+
+def test_same_input_same_bytes() -> None:
+    samples = _correlated_samples(2, 12)
+    for options in ({"algorithm": "hqq"}, {"algorithm": "gptq", "samples": samples}, {"target": "onnxruntime"}):
+        runs = [optcc.ir.serialize(QuantizeWeightsPass(**options)(optcc.ir.load(_mlp(opset=17))).model)
+                .SerializeToString() for _ in range(2)]
+        assert runs[0] == runs[1], options
