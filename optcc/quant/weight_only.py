@@ -38,6 +38,7 @@ arrays of a block-wise ``DequantizeLinear`` (opset 21, ``int4``/``uint4``/``int8
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -356,28 +357,40 @@ def _pack(levels: np.ndarray, bits: int) -> np.ndarray:
 
 def collect_hessians(model: Any, inputs: Mapping[str, int], samples: Iterable[Mapping[str, np.ndarray]],
                      ) -> tuple[dict[str, np.ndarray], int]:
-    """Mean ``X^T X`` of the float values ``inputs`` (name -> K) of ``model`` (an
-    onnx_ir.Model) over ``samples``, run as written on onnxruntime one sample at a time;
-    returns the Hessians by name and the number of samples."""
-    import onnx
+    """Mean ``X^T X`` of the float values ``inputs`` (name -> K) of the main graph of
+    ``model`` (an onnx_ir.Model) over ``samples``, run as written on onnxruntime one
+    sample at a time; returns the Hessians by name and the number of samples. The probe
+    (the model with those values as extra outputs) is written to a temporary folder, with
+    external data when the model needs it, so no serialized copy is held in memory."""
+    import tempfile
+
     import onnxruntime as ort
 
     from optcc import ir as oir
 
     names: Sequence[str] = sorted(inputs)
-    probe = oir.serialize(model)
-    present = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in present)
+    graph = model.graph
+    by_name = {v.name: v for v in (*graph.inputs, *(o for node in graph for o in node.outputs))}
+    added = [by_name[n] for n in names if not by_name[n].is_graph_output()]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds_wanted = [i.name for i in session.get_inputs()]
-    accumulators = {name: HessianAccumulator(k) for name, k in inputs.items()}
-    count = 0
-    for sample in samples:
-        feeds = {name: np.asarray(sample[name]) for name in feeds_wanted if name in sample}
-        for name, value in zip(names, session.run(list(names), feeds)):
-            accumulators[name].add(value)
-        count += 1
+    with tempfile.TemporaryDirectory(prefix="optcc_gptq_") as folder:
+        path = os.path.join(folder, "probe.onnx")
+        graph.outputs.extend(added)
+        try:
+            oir.save(model, path, external_data=oir.needs_external_data(model))
+        finally:
+            for value in added:
+                graph.outputs.remove(value)
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feeds_wanted = [i.name for i in session.get_inputs()]
+        accumulators = {name: HessianAccumulator(k) for name, k in inputs.items()}
+        count = 0
+        for sample in samples:
+            feeds = {name: np.asarray(sample[name]) for name in feeds_wanted if name in sample}
+            for name, value in zip(names, session.run(list(names), feeds)):
+                accumulators[name].add(value)
+            count += 1
+        del session
     return {name: acc.hessian for name, acc in accumulators.items()}, count
