@@ -6,6 +6,7 @@ Rewrite (default-domain ops; ``q``, ``k``, ``v`` rank 4, ``(batch, heads, seq, h
     s = Add(s, mask)                                            (optional, either order)
     p = Softmax(s, axis=-1)
     p = Where(IsNaN(p), 0, p)                                   (optional NaN guard)
+    p = Cast(p, to=float)                                       (optional, a no-op in float32)
     y = MatMul(p, v)
 
 This covers the torch SDPA export (``sqrt(scale)`` on q and on kt, boolean masks turned
@@ -234,6 +235,14 @@ def _last_dim(m: Match, value: ir.Value, depth: int = 0) -> int | None:
             transposed = node.op_type == "Gemm" and node.attributes.get("transB") is not None \
                 and node.attributes["transB"].as_int() == 1
             return int(weight.shape[0] if transposed else weight.shape[-1])
+    if node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
+        sizes = m.value_array(node.inputs[1])
+        axis = node.attributes.get("axis")
+        rank = exported_rank(m, node.inputs[0], depth + 1)
+        last = axis is not None and rank is not None and axis.as_int() in (-1, rank - 1)
+        if sizes is not None and last and sizes.ndim == 1:
+            return int(sizes[list(node.outputs).index(value)])
+        return None
     if node.op_type in ("Add", "Mul"):
         for v in node.inputs:
             array = m.value_array(v) if v is not None else None
@@ -256,7 +265,7 @@ def _scaled(inner: Op | Var, name: str, present: bool) -> Op | Var:
     return Op(("Mul", "Div"), inner, Const(f"c_{name}"), commute=True, name=f"scale_{name}")
 
 
-def _pattern(scale_q: bool, scale_k: bool, scale_s: bool, mask: bool, guard: bool) -> Op:
+def _pattern(scale_q: bool, scale_k: bool, scale_s: bool, mask: bool, guard: bool, cast: bool) -> Op:
     q = _scaled(Var("q"), "q", scale_q)
     kt = _scaled(Var("kt"), "k", scale_k)
     scores = _scaled(Op("MatMul", q, kt, name="qk"), "s", scale_s)
@@ -265,6 +274,8 @@ def _pattern(scale_q: bool, scale_k: bool, scale_s: bool, mask: bool, guard: boo
     softmax = Op("Softmax", scores, name="softmax")
     probs = Op("Where", Op("IsNaN", softmax, name="isnan"), Const("zero"), softmax,
                name="guard") if guard else softmax
+    if cast:
+        probs = Op("Cast", probs, name="cast")
     return Op("MatMul", probs, Var("v"), name="pv")
 
 
@@ -302,6 +313,9 @@ def _common_check(m: Match) -> str | None:
         rank = exported_rank(m, m["mask"])
         if rank is None or rank > 4:
             return "rank of the mask unknown or above 4"
+    cast = m.get("cast")
+    if cast is not None and (cast.attributes.get("to") is None or cast.attributes["to"].as_int() != 1):
+        return "probabilities are cast to another type"
     if m.get("guard") is not None:
         zero = m.array("zero")
         if zero is None or zero.size != 1 or float(zero.reshape(())) != 0.0:
@@ -398,9 +412,9 @@ def attention_rules(kind: str, layers: dict[ir.Node, str] | None = None) -> tupl
     rewrite = _standard_rewrite if kind == "standard" else _mha_rewrite
     min_opset = ATTENTION_OPSET if kind == "standard" else 1
     rules = []
-    for sq, sk, ss, mask, guard in itertools.product((True, False), repeat=5):
+    for sq, sk, ss, mask, guard, cast in itertools.product((True, False), repeat=6):
         name = "attention" + ("-masked" if mask else "") + ("-guarded" if guard else "")
-        rules.append(Rule(name, _pattern(sq, sk, ss, mask, guard), rewrite,
+        rules.append(Rule(name, _pattern(sq, sk, ss, mask, guard, cast), rewrite,
                           _record(layers)(check), min_opset=min_opset))
     return tuple(rules)
 

@@ -121,3 +121,28 @@ def test_level3_pipeline_fuses_and_verifies() -> None:
     assert any(k.endswith("MultiHeadAttention") for k in hist)
     feeds = bert_feeds()
     _close(_run(result.model, feeds)[0], bert_reference(weights, feeds["hidden_states"], feeds["attention_mask"]))
+
+
+def test_eager_gpt2_shape_cast_after_softmax_and_heads_from_split() -> None:
+    """transformers' eager GPT-2 casts the probabilities to the value's type (a no-op Cast
+    in float32) and splits heads with -1 from a Split of the fused QKV projection."""
+    proto, weights = gpt2_layer(opset=17)
+    for init in proto.graph.initializer:
+        if init.name.startswith("split_"):
+            dims = onnx.numpy_helper.to_array(init).copy()
+            dims[2] = -1
+            init.CopyFrom(onnx.numpy_helper.from_array(dims, init.name))
+    softmax = next(n for n in proto.graph.node if n.op_type == "Softmax")
+    reader = next(n for n in proto.graph.node if softmax.output[0] in n.input)
+    reader.input[0] = "probs_cast"
+    index = list(proto.graph.node).index(softmax)
+    proto.graph.node.insert(index + 1, onnx.helper.make_node("Cast", [softmax.output[0]], ["probs_cast"],
+                                                             to=onnx.TensorProto.FLOAT))
+    result = _fuse(FuseOrtAttentionPass(), proto)
+    assert result.stats["fused_layers"] == 1
+    assert all(v.name != "probs_cast" for n in result.model.graph for v in n.outputs)
+    feeds = gpt2_feeds()
+    ref = gpt2_reference(weights, feeds["hidden_states"], feeds["past_key"], feeds["past_value"],
+                         feeds["attention_mask"])
+    for g, r in zip(_run(result.model, feeds), ref):
+        _close(g, r)
