@@ -39,14 +39,15 @@ def test_detection_map_boxes_f1_and_iou() -> None:
     ref[0, 0, 10:15, 20:28] = 0.8
     assert [b.tolist() for b in tm.map_boxes(ref)] == [[[3, 2, 10, 5], [20, 10, 28, 15]]]
     got = ref.copy()
-    got[0, 0, 17:19, 0:3] = 0.5  # one extra detection
+    got[0, 0, 16:19, 0:3] = 0.5  # one extra detection (3x3 pixels)
+    got[0, 0, 0, 25] = 0.9  # a speckle: in the mask, too small for a box
     parts = tm.deviations("detection-map", [ref], [got])
-    # F1 = 2*2 / (2 + 3); IoU = (21 + 40) / (21 + 40 + 6)
+    # F1 = 2*2 / (2 + 3); IoU = (21 + 40) / (21 + 40 + 9 + 1)
     assert parts["box_f1"] == pytest.approx(1 - 4 / 5)
-    assert parts["mask_iou"] == pytest.approx(1 - 61 / 67)
+    assert parts["mask_iou"] == pytest.approx(1 - 61 / 71)
     assert parts["extra_boxes"] == 1.0
     labels, count = tm._label_numpy(got[0, 0] > 0.3)
-    assert count == 3 and len(np.unique(labels)) == 4
+    assert count == 4 and len(np.unique(labels)) == 5
 
 
 def test_yolo_boxes_keep_the_best_of_overlapping_anchors() -> None:

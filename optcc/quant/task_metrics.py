@@ -13,8 +13,9 @@ output                    metric (deviation: 0 when identical)
 sum to 1                  blank 0 dropped); 1 - exact-match rate and the character error
                           rate (edit distance / reference length), both judged
 ``[N, 1, H, W]`` or       ``detection-map``: pixels above ``MAP_THRESHOLD`` (0.3) form
-``[N, H, W]`` in [0, 1]   the mask; its connected components' bounding boxes are the
-                          detections; 1 - box F1 (IoU >= 0.5) and 1 - mask IoU, both judged
+``[N, H, W]`` in [0, 1]   the mask; its connected components' bounding boxes (sides of
+                          at least 3 pixels) are the detections; 1 - box F1 (IoU >= 0.5)
+                          and 1 - mask IoU, both judged
 ``[N, 4+K, A]``, A > 4+K, ``boxes`` (YOLO-style): boxes cx, cy, w, h and K class scores per
 class rows in [0, 1]      anchor, per-class NMS (IoU 0.45); 1 - box F1 (same class, IoU
                           >= 0.5) over the confident boxes (score >= 0.35) of either side,
@@ -68,6 +69,7 @@ DEFAULT_MARGIN = 1.5
 MIN_DEVIATION = 0.01
 CONFIDENT_GAP = 0.1
 MAP_THRESHOLD = 0.3
+MIN_BOX_SIDE = 3  # pixels; smaller components are dropped, as DB post-processing does
 BOX_SCORE = 0.25
 BOX_BAND = 0.1
 NMS_IOU = 0.45
@@ -232,7 +234,7 @@ def _label_numpy(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 def map_boxes(probability_map: np.ndarray, threshold: float = MAP_THRESHOLD) -> list[np.ndarray]:
     """Per image of ``[N, 1, H, W]`` / ``[N, H, W]``: the boxes ``[x0, y0, x1, y1]`` of the
-    connected components of ``map > threshold``."""
+    connected components of ``map > threshold`` whose sides are at least ``MIN_BOX_SIDE``."""
     maps = np.asarray(probability_map)
     maps = maps.reshape(-1, *maps.shape[-2:])
     result = []
@@ -248,6 +250,8 @@ def map_boxes(probability_map: np.ndarray, threshold: float = MAP_THRESHOLD) -> 
             np.minimum.at(boxes[:, 1], ids, ys)
             np.maximum.at(boxes[:, 2], ids, xs + 1)
             np.maximum.at(boxes[:, 3], ids, ys + 1)
+            sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+            boxes = boxes[sides >= MIN_BOX_SIDE]
         result.append(boxes)
     return result
 
