@@ -165,6 +165,9 @@ for request in sys.stdin:
 
 @pytest.fixture(scope="module")
 def fork_server():
+    if not hasattr(os, "fork"):  # no fork (Windows): a fresh interpreter per block
+        yield None
+        return
     server = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
     yield server
@@ -176,10 +179,16 @@ def fork_server():
         server.wait()
 
 
-def _run_python(block: Block, work: Path, server: subprocess.Popen) -> None:
+def _run_python(block: Block, work: Path, server: subprocess.Popen | None) -> None:
     # Blank lines first, so a traceback's line numbers are the Markdown file's.
     script = work / f"_{block.path.stem}_{block.line}.py"
     script.write_text("\n" * block.line + block.text)
+    if server is None:
+        done = subprocess.run([sys.executable, str(script)], cwd=work, env=_env(), capture_output=True,
+                              text=True, timeout=PYTHON_BLOCK_TIMEOUT_S)
+        assert done.returncode == 0, (
+            f"python block at {block.id} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        return
     assert server.poll() is None, "the fork server of tests/test_docs.py exited"
     server.stdin.write(f"{script}\t{work}\n")
     server.stdin.flush()
@@ -290,7 +299,7 @@ def _run_shell(block: Block, work: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
 def test_code_block(block: Block, workdir: Path, capsys: pytest.CaptureFixture[str],
-                    fork_server: subprocess.Popen) -> None:
+                    fork_server: subprocess.Popen | None) -> None:
     if block.lang == "":
         pytest.fail(f"{block.id}: code block without a language; mark it ```text (not run) "
                     "or name its language (```python, ```bash, ...)")
@@ -367,7 +376,7 @@ def test_docs_are_found() -> None:
     assert any(b.lang == "python" for b in BLOCKS) and any(b.lang in SHELL_LANGS for b in BLOCKS)
 
 
-def test_the_checks_catch_broken_docs(tmp_path: Path, sample_folder: Path, fork_server: subprocess.Popen,
+def test_the_checks_catch_broken_docs(tmp_path: Path, sample_folder: Path, fork_server: subprocess.Popen | None,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     """The machinery above fails on what it must fail on (so a green run means something)."""
     doc = tmp_path / "broken.md"
