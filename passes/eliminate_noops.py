@@ -9,8 +9,8 @@ the value types and constant operands prove the node is a no-op:
   other dim of ``x`` is static and positive (so the inferred size is ``x``'s dim).
 - ``expand``: Expand whose target broadcasts to ``x``'s shape (rank <= rank(x); each
   entry 1 or equal to a static dim of ``x``).
-- ``flatten``: Flatten of a rank-2 value with ``axis`` 1 (or -1): its result is
-  ``[d0, d1]``, the input's own shape.
+- ``flatten``: Flatten of a rank-2 value with ``axis`` 1 (or -1), or with ``axis`` 0
+  when the first dim is a static 1: its result is ``[d0, d1]``, the input's own shape.
 - ``transpose``: Transpose with the identity permutation (no ``perm``: rank <= 1).
 - ``pad``: Pad whose pads are all zero (any mode; ``pads`` attribute or constant input).
 - ``slice``: Slice that selects everything: on every sliced axis step 1, start clamps
@@ -207,7 +207,10 @@ def _flatten(node: ir.Node, opset: int) -> ir.Value | None:
     x = node.inputs[0]
     if x is None or x.shape is None or x.shape.rank() != 2:
         return None
-    return x if node.attributes.get_int("axis", 1) in (1, -1) else None
+    axis = node.attributes.get_int("axis", 1)
+    if axis in (0, -2):
+        return x if static_dim(x.shape[0]) == 1 else None
+    return x if axis in (1, -1) else None
 
 
 def _transpose(node: ir.Node, opset: int) -> ir.Value | None:

@@ -5,7 +5,7 @@ becomes ``y = Gemm(a, B, c)`` (alpha = beta = 1, no transposes).
 
 Preconditions: default-domain ops; ``a`` of static rank 2 (declared, or found by
 ``optcc.rewrite.static_rank``; a batched or unknown-rank
-MatMul is left alone: Gemm is 2-D only); ``B`` a constant 2-D weight ``[K, N]``; ``c``
+MatMul is left alone: Gemm is 2-D only); ``B`` 2-D ``[K, N]`` (a constant, or a value whose declared dims are static); ``c``
 of known shape that Gemm's C accepts and that does not enlarge ``[M, N]``: rank <= 2,
 last dim 1 or N, first dim (rank 2) 1 or equal to a static M; float32/float64 (the
 types every onnxruntime Gemm kernel takes); the MatMul result read by nothing else and
@@ -28,24 +28,38 @@ __all__ = ["FuseMatMulAddPass", "RULES"]
 _GEMM_DTYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE)
 
 
+def _weight_shape(m: Match) -> tuple[int, int] | None:
+    """``B``'s static [K, N]: from the constant, else from the declared shape."""
+    array = m.array("w")
+    if array is not None:
+        return tuple(array.shape) if array.ndim == 2 else None
+    shape = m["w"].shape
+    if shape is None or shape.rank() != 2 or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return None
+    return tuple(shape)
+
+
 def _check(m: Match) -> str | None:
-    a, c, w = m["a"], m["c"], m.array("w")
-    if w.ndim != 2:
-        return "weight is not 2-D"
+    a, c = m["a"], m["c"]
+    w_shape = _weight_shape(m)
+    if w_shape is None:
+        return "weight is not 2-D" if m.array("w") is not None else "weight dims unknown"
+    w_dtype = m.array("w").dtype if m.array("w") is not None else (
+        m["w"].dtype.numpy() if m["w"].dtype is not None else None)
     rank = m.rank(a)
     if rank is None:
         return "unknown input rank"
     if rank != 2:
         return "batched MatMul (input rank is not 2)"
     # MatMul's inputs share one dtype: the weight's tells it when ``a``'s is not declared
-    known = a.dtype in _GEMM_DTYPES if a.dtype is not None else w.dtype in (np.float32, np.float64)
+    known = a.dtype in _GEMM_DTYPES if a.dtype is not None else w_dtype in (np.float32, np.float64)
     if not known:
         return "dtype without a Gemm kernel"
     c_array = m.array("c")
     shape = c_array.shape if c_array is not None else c.shape
     if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
         return "bias shape unknown"
-    dims, n = tuple(shape), int(w.shape[1])
+    dims, n = tuple(shape), int(w_shape[1])
     rows = a.shape[0] if a.shape is not None else None
     if len(dims) > 2 or (dims and dims[-1] not in (1, n)):
         return "bias does not broadcast to [M, N]"
@@ -61,7 +75,7 @@ def _rewrite(m: Match, b: Builder) -> ir.Value:
 RULES: tuple[Rule, ...] = (
     Rule(
         "matmul-add",
-        Op("Add", Op("MatMul", Var("a"), Const("w"), name="matmul"), Var("c"), commute=True),
+        Op("Add", Op("MatMul", Var("a"), Var("w"), name="matmul"), Var("c"), commute=True),
         _rewrite,
         _check,
     ),

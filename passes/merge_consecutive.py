@@ -26,6 +26,9 @@ Rewrites (``y = A(x)``, ``z = B(y)``; default-domain ops, in every graph):
 - ``reduce-unsqueeze``: ``Unsqueeze(Reduce*(x, axes, keepdims=0), axes)`` with the same
   normalized axis set becomes ``Reduce*(x, axes, keepdims=1)`` (not with
   ``noop_with_empty_axes=1``; a Reduce without axes needs a known rank).
+- ``slice-slice``: two Slices with constant inputs and explicit axes on disjoint axes
+  (normalized; negative axes need a known rank) become one Slice with both lists.
+- ``idempotent``: ``f(f(x))`` is ``f(x)`` for Relu, Sign, Abs, Ceil, Floor, Round.
 - ``slice-shape``: ``Slice(Shape(x), [s], [e])`` (axis 0, step 1; opset >= 15; Shape
   without start/end; rank of ``x`` known) becomes ``Shape(x, start=s', end=e')`` with
   ``s'``, ``e'`` normalized against the rank (an empty result is left alone).
@@ -33,7 +36,9 @@ Rewrites (``y = A(x)``, ``z = B(y)``; default-domain ops, in every graph):
 Why exact: each rewrite only moves data the same way with fewer steps (a transposition
 composed with a transposition is one; a unit axis removed then re-inserted at the same
 place is no change; nested concatenation along one axis is one concatenation of the
-same pieces in the same order; keepdims=1 leaves exactly the unit axes the Unsqueeze
+same pieces in the same order; slicing different axes is independent, so two Slices
+are one; f(f(x)) == f(x) holds bit for bit for those idempotent functions (NaN stays NaN,
+-0.0 stays -0.0); keepdims=1 leaves exactly the unit axes the Unsqueeze
 inserts; a Slice of a shape is the shape's slice; a Reshape's result depends only on its input's elements and, without
 0 entries, its target). When ``z`` is a graph output and the chain collapses to ``x``,
 ``x`` takes ``z``'s name under the rule of ``eliminate-identities`` (else nothing
@@ -359,8 +364,57 @@ def _slice_shape(node: ir.Node, opset: int) -> bool:
     return True
 
 
+_IDEMPOTENT = frozenset({"Relu", "Sign", "Abs", "Ceil", "Floor", "Round"})
+
+
+def _idempotent(node: ir.Node, opset: int) -> bool:
+    first = _producer(node.inputs[0], node.op_type)
+    if first is None or len(node.inputs) != 1:
+        return False
+    return bypass(node, node.outputs[0], first.outputs[0])
+
+
+def _slice_params(node: ir.Node) -> list[list[int]] | None:
+    """starts, ends, axes, steps of an opset >= 10 Slice with constant inputs."""
+    if len(node.inputs) < 4 or node.inputs[3] is None:
+        return None  # without axes, the axes are 0..n-1: merge only explicit ones
+    params = []
+    for i in range(1, 5):
+        if i == 4 and (len(node.inputs) < 5 or node.inputs[4] is None):
+            params.append([1] * len(params[0]))
+            continue
+        array = constant_array(node.inputs[i])
+        if array is None or array.dtype != np.int64 or array.ndim != 1:
+            return None
+        params.append([int(v) for v in array])
+    return params if len({len(p) for p in params}) == 1 else None
+
+
+def _slices(node: ir.Node, opset: int) -> bool:
+    if opset < 10:
+        return False
+    first = _producer(node.inputs[0], "Slice")
+    if first is None or not _only_reader(first.outputs[0], node):
+        return False
+    p1, p2 = _slice_params(first), _slice_params(node)
+    if p1 is None or p2 is None:
+        return False
+    x = first.inputs[0]
+    rank = _rank(x, first.outputs[0], node.outputs[0], offsets=(0, 0, 0))
+    a1, a2 = _normalized(p1[2], rank), _normalized(p2[2], rank)
+    if a1 is None or a2 is None or len(a1) != len(p1[2]) or len(a2) != len(p2[2]) or a1 & a2:
+        return False
+    node.replace_input_with(0, x)
+    for i in range(4):
+        node.replace_input_with(i + 1, _constant(node, np.array(p1[i] + p2[i], dtype=np.int64), "slice"))
+    remove_if_dead(first)
+    return True
+
+
 def _merge(node: ir.Node, opset: int) -> str | None:
     """The rule that merged ``node`` with its producer, or None."""
+    if node.op_type in _IDEMPOTENT:
+        return "idempotent" if _idempotent(node, opset) else None
     if node.op_type in ("Squeeze", "Unsqueeze"):
         if node.op_type == "Unsqueeze" and _reduce_unsqueeze(node, opset):
             return "reduce-unsqueeze"
@@ -370,7 +424,9 @@ def _merge(node: ir.Node, opset: int) -> str | None:
     if node.op_type == "Concat":
         return "concat-concat" if _concats(node, opset) else None
     if node.op_type == "Slice":
-        return "slice-shape" if _slice_shape(node, opset) else None
+        if _slice_shape(node, opset):
+            return "slice-shape"
+        return "slice-slice" if _slices(node, opset) else None
     if node.op_type == "Transpose":
         return "transpose-transpose" if _transposes(node, opset) else None
     if node.op_type in ("Squeeze", "Unsqueeze"):

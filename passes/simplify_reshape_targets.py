@@ -7,7 +7,8 @@ target (``Shape(x)[i:j]`` at target positions ``i..j-1``) becomes ``Reshape(x, c
 The pieces of ``x``'s shape are recognized through ``Shape`` (start/end), ``Slice``
 (constant, step 1 or more), ``Gather`` (constant indices), ``Unsqueeze`` of a scalar at
 axis 0, and ``Cast`` to int64 or int32. Typical source: exporters writing
-``x.reshape(x.shape[0], -1)`` as Shape->Slice->Concat->Reshape, which keeps the batch
+``x.reshape(x.shape[0], -1)`` as Shape->Slice->Concat->Reshape (the Concat may be
+in int32, cast to int64 after), which keeps the batch
 dynamic; the constant target also makes the result's rank static for later fusions.
 
 Preconditions: default-domain ops; the Reshape without ``allowzero=1`` (0 must mean
@@ -99,6 +100,8 @@ def _shape_piece(value: ir.Value, opset: int, ranks: dict, depth: int = 0) -> Pi
 def _constant_target(reshape: ir.Node, opset: int, ranks: dict) -> np.ndarray | None:
     x, target = reshape.inputs[0], reshape.inputs[1]
     concat = _node(target)
+    if concat is not None and concat.op_type == "Cast" and concat.attributes.get_int("to", 0) == _INT_CASTS[0]:
+        concat = _node(concat.inputs[0])  # a target assembled in int32 and cast back
     if x is None or concat is None or concat.op_type != "Concat":
         return None
     if concat.attributes.get_int("axis", 0) not in (0, -1) or None in concat.inputs:

@@ -82,10 +82,21 @@ def test_unknown_rank_input_is_left_alone() -> None:
     assert result.stats["rejected"]["matmul-add"] == {"unknown input rank": 1}
 
 
-def test_non_constant_weight_is_not_matched() -> None:
-    body = "g (float[3, 5] a, float[5, 4] w) => (float[3, 4] y) { t = MatMul(a, w) y = Add(t, c) }"
-    result = _fuse(_model(body, {"c": _rand(2, 4)}))
-    assert not result.modified and result.stats == {"applied": {}}
+def test_runtime_weight_with_static_dims_becomes_gemm_and_unknown_dims_stay() -> None:
+    """Regression for onnx/optimizer's test_fuse_matmul_add_bias_into_gemm: B and C are
+    graph inputs of static shape; Gemm takes a runtime B as well."""
+    from onnx.reference import ReferenceEvaluator
+
+    body = "g (float[3, 5] a, float[5, 4] w, float[4] c) => (float[3, 4] y) { t = MatMul(a, w) y = Add(t, c) }"
+    result = _fuse(_model(body, {}))
+    assert result.stats["applied"] == {"matmul-add": 1} and _ops(result.model) == {"Gemm": 1}
+    feeds = {"a": _rand(1, 3, 5), "w": _rand(2, 5, 4), "c": _rand(3, 4)}
+    want = feeds["a"].astype(np.float64) @ feeds["w"].astype(np.float64) + feeds["c"]
+    got = ReferenceEvaluator(ir.to_proto(result.model)).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    unknown = "g (float[3, 5] a, float[5, K] w) => (float[3, K] y) { t = MatMul(a, w) y = Add(t, c) }"
+    result = _fuse(_model(unknown, {"c": _rand(2, 1)}))
+    assert not result.modified and result.stats["rejected"] == {"matmul-add": {"weight dims unknown": 1}}
 
 
 @pytest.mark.parametrize("bias_shape", [(2, 3, 4), (6, 4), (1, 1, 4)])

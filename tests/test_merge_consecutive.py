@@ -326,7 +326,9 @@ def _reference_equal(original: ir.Model, result: ir.Model, feeds: dict[str, np.n
     want = ReferenceEvaluator(ir.to_proto(original)).run(None, feeds)
     got = ReferenceEvaluator(ir.to_proto(result)).run(None, feeds)
     for a, b in zip(want, got):
-        assert a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+        assert a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+        if a.dtype.kind == "f":
+            assert np.array_equal(np.signbit(a), np.signbit(b))
 
 
 _CHAINS = """
@@ -415,3 +417,40 @@ def test_flatten_of_a_matrix_is_removed():
     }"""))
     result = run_exact_pass(EliminateNoOpsPass, model, {"x": np.ones((3, 4), np.float32), "z": np.ones((2, 3, 4), np.float32)})
     assert result.stats == {"flatten": 1} and _ops(result.model)["Flatten"] == 1
+
+
+def test_idempotent_pairs_and_slices_on_disjoint_axes_merge():
+    """Regression for onnx/optimizer's eliminate_consecutive_idempotent_ops and
+    fuse_consecutive_slices; a Slice pair on the same axis and a shared Relu stay."""
+    model = _model("""
+    agraph (float[1, 3, 8, 8] x) => (float[1, 3, 8, 8] z, float[1, 3, 4, 2] s, float[1, 3, 2, 8] t, float[1, 3, 8, 8] r)
+      <int64[1] zero = {0}, int64[1] two = {2}, int64[1] three = {3}, int64[1] eight = {8}, int64[1] four = {4}, int64[1] one = {1}> {
+        a = Sign(x)
+        b = Sign(a)
+        z = Sign(b)
+        s1 = Slice(x, zero, eight, two, two)
+        s = Slice(s1, one, eight, three, four)
+        t1 = Slice(x, zero, four, two, one)
+        t = Slice(t1, zero, two, two, one)
+        r = Relu(x)
+    }""", opset=13)
+    original = model.clone()
+    result = _run(model)
+    assert result.stats == {"idempotent": 2, "slice-slice": 1}
+    hist = _ops(result.model)
+    assert hist["Sign"] == 1 and hist["Slice"] == 3
+    x = np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    x[0, 0, 0, :3] = [0.0, -0.0, np.nan]
+    _reference_equal(original, result.model, {"x": x})
+
+
+def test_flatten_with_axis_zero_of_a_unit_batch_is_removed():
+    """Regression for onnx/optimizer's test_nop_flatten_axis0_graph_output."""
+    model = _model("""
+    agraph (float[1, 10] x, float[1, 10] y, float[2, 10] w) => (float[1, 10] b, float[1, 20] v) {
+        a = Add(x, y)
+        b = Flatten<axis = 0>(a)
+        v = Flatten<axis = 0>(w)
+    }""", opset=13)
+    result = run_exact_pass(EliminateNoOpsPass, model)
+    assert result.stats == {"flatten": 1} and _ops(result.model) == {"Add": 1, "Flatten": 1}

@@ -83,3 +83,18 @@ def test_targets_that_must_stay(case):
     }}""".replace("p = Identity(b)", "p = Gather(s, i)"), batches=(2,),
         w=np.zeros((2, 8, 1, 1), np.float32))
     assert stats == {}
+
+
+def test_target_assembled_in_int32_and_cast_back():
+    """Regression for onnx/optimizer's test_fuse_concat_into_reshape3."""
+    stats, out = _check("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 8, 1, 1] x) => (float[N, 8, 1] y) <int32[2] c = {8, 1}, int64[1] i = {0}> {
+        s = Shape(x)
+        d = Gather<axis = 0>(s, i)
+        d32 = Cast<to = 6>(d)
+        t32 = Concat<axis = 0>(d32, c)
+        t = Cast<to = 7>(t32)
+        y = Reshape(x, t)
+    }""")
+    assert stats == {"shape-copy": 1} and _target(out) == [0, 8, 1]
