@@ -149,8 +149,9 @@ def expected_outputs_float64(model: ModelLike, feeds: Feeds) -> list[np.ndarray]
 
 
 def _describe(got: np.ndarray, want: np.ndarray, bad: np.ndarray, bound: float) -> str:
-    error = np.where(bad, np.abs(got.astype(np.float64) - want.astype(np.float64)), 0.0)
-    where = np.unravel_index(int(np.nanargmax(error)) if error.size else 0, want.shape)
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    error = np.where(bad, np.where(np.isnan(diff), np.inf, diff), -1.0)  # NaN against a number: worst
+    where = np.unravel_index(int(np.argmax(error)) if error.size else 0, want.shape)
     return (f"{int(bad.sum())} of {want.size} elements off by more than {bound:.3g}; worst at "
             f"{tuple(int(i) for i in where)}: got {got[where]!r}, want {want[where]!r}")
 
