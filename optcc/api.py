@@ -22,7 +22,7 @@ from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, peak_rss_bytes
 from optcc.ir.overwrite import check_input_shapes
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
-from optcc.numerics import Tolerance, Verification, Verifier
+from optcc.numerics import DEFAULT_MARGIN, Tolerance, Verification, Verifier
 
 __all__ = ["optimize", "OptimizeResult", "verify", "FOLD_GROWTH_WARNING"]
 
@@ -171,7 +171,7 @@ def optimize(
         pipeline.append(create_pass(INT8_PASS, samples=samples, method=int8_method, progress=progress,
                                     **dict(int8_options or {})))
         if inputs is None:
-            inputs = samples[-max(1, len(samples) // 5):]  # the held-out part
+            inputs = samples[-max(3, len(samples) // 5):]  # the held-out part, at least 3 samples
     if int8_dynamic:
         pipeline.append(create_pass("quantize-dynamic"))
     if weight_only:
@@ -190,6 +190,10 @@ def optimize(
             input_shapes=input_shapes,
             tolerances=tolerances,
             progress=progress,
+            # INT8 is judged by the same task metric the quantizer was asked to meet
+            task_metric=dict(int8_options or {}).get("metric"),
+            task_margin=dict(int8_options or {}).get("metric_margin", DEFAULT_MARGIN),
+            task_target=dict(int8_options or {}).get("metric_target"),
         )
     try:
         manager = PassManager(pipeline, strict=strict, verifier=verifier, verify_each=verify_each)

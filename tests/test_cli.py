@@ -256,7 +256,7 @@ def test_int8_flag_calibrates_quantizes_and_verifies_on_held_out_samples(example
                      "--report", str(report), "-q", "--no-int8-speed-check"])
     assert code == 0
     data = json.loads(report.read_text())
-    assert data["verification"]["numerics"] == "int8" and data["verification"]["samples"] == 2
+    assert data["verification"]["numerics"] == "int8" and data["verification"]["samples"] == 3  # the held-out part, at least 3
     ops = {n.op_type for n in onnx.load(out).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optcc.quant import task_metrics as tm
+from optcc.numerics import task as tm
 from optcc.quant.driver import quantize_int8
 
 TINYCNN = Path(__file__).resolve().parent.parent / "fixtures" / "tinycnn.onnx"

@@ -18,6 +18,12 @@ What the candidate is compared with depends on what the kept passes may change
   original is then also run with onnxruntime's basic optimizations, a second float32
   evaluation of the same math.
 
+INT8 results (with the default "int8" tolerance) are judged by the task, relative to the
+float32 original's own noise floor (``optcc.numerics.task``): the original is also run on
+the samples perturbed at their inputs' resolution, and each output's task metric (top-1,
+CTC decode, boxes, pooled embeddings and their ranking, next token; SQNR over all samples
+otherwise) must deviate no more than the margin times that floor.
+
 KV-cache decoders are verified over a short decode (``optcc.numerics.decode``): each
 sample runs ``DECODE_STEPS`` steps, every model feeding its own ``present`` outputs back as
 ``past``, judged against the float32 original's decode.
@@ -42,9 +48,10 @@ from optcc import ir as oir
 from optcc.errors import BadInputError
 from optcc.numerics.decode import DECODE_STEPS, decode_plan, run_decode
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
-from optcc.numerics.inputs import check_feeds, generate_inputs
+from optcc.numerics.inputs import check_feeds, generate_inputs, input_roles
 from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import TOLERANCES, OutputMetrics, Tolerance, compare_outputs
+from optcc.numerics.task import DEFAULT_MARGIN, TaskJudge, UserMetric, perturb
 from optcc.progress import Progress
 from optcc.runtime.session import first_line, make_session, resolve_providers, run, session_options
 
@@ -70,6 +77,7 @@ class Verification:
     reason: str | None = None
     reference: str = "float32 original"
     decode_steps: int | None = None  # steps per sample for a KV-cache decoder
+    task: dict[str, Any] | None = None  # the task judge's verdict, for INT8
 
     @property
     def passed(self) -> bool:
@@ -101,6 +109,8 @@ class Verification:
             if worst.sqnr_db is not None and self.numerics in ("fp16", "int8"):
                 bits.append(f"SQNR {worst.sqnr_db:.1f} dB")
             text += ": " + ", ".join(bits)
+            if not self.passed and worst.passed and self.reason:
+                text += f"; {self.reason}"
         elif self.reason:
             text += f": {self.reason}"
         return text
@@ -114,6 +124,7 @@ class Verification:
             "samples": self.samples,
             "reference": self.reference,
             "decode_steps": self.decode_steps,
+            "task": self.task,
             "reason": self.reason,
             "outputs": [o.to_dict() for o in self.outputs],
         }
@@ -141,6 +152,9 @@ class Verifier:
         progress: bool = False,
         reference: str = "auto",
         decode_steps: int = DECODE_STEPS,
+        task_metric: str | UserMetric | Mapping[str, Any] | None = None,
+        task_margin: float = DEFAULT_MARGIN,
+        task_target: float | None = None,
     ) -> None:
         if reference not in REFERENCES:
             raise BadInputError(f"unknown reference '{reference}' (use {', '.join(REFERENCES)})")
@@ -164,6 +178,8 @@ class Verifier:
         self._steps = decode_steps
         self._tokens: list[list[np.ndarray]] | None = None  # per sample, the original's greedy tokens
         self._float32: dict[str, list[list[np.ndarray]]] | None = None
+        self._task = dict(metric=task_metric, margin=task_margin, metric_target=task_target)
+        self._judges: dict[str, TaskJudge] = {}
         self._alternate: dict[str, list[list[np.ndarray]] | None] = {}
         self._names: list[str] = []
         self._error: str | None = None
@@ -180,20 +196,21 @@ class Verifier:
 
     # ----------------------------------------------------------------- references
 
-    def _cases(self, session: Any) -> list[list[np.ndarray]]:
+    def _cases(self, session: Any, samples: Sequence[Feeds] | None = None) -> list[list[np.ndarray]]:
         """A session's outputs on every sample (every decode step of every sample for a
         KV-cache decoder, fed the original's tokens once they are known)."""
+        samples = self.feeds if samples is None else samples
         float16_inputs = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
 
         def run_one(feeds: Feeds) -> list[np.ndarray]:
             return run(session, _fit_float16(feeds, float16_inputs))
 
         if self._plan is None:
-            return [run_one(f) for f in self.feeds]
+            return [run_one(f) for f in samples]
         names = [o.name for o in session.get_outputs()]
         cases: list[list[np.ndarray]] = []
         tokens: list[list[np.ndarray]] = []
-        for i, feeds in enumerate(self.feeds):
+        for i, feeds in enumerate(samples):
             given = None if self._tokens is None else self._tokens[i]
             steps, chosen = run_decode(run_one, names, self._plan, feeds, steps=self._steps, tokens=given)
             cases.extend(steps)
@@ -226,6 +243,28 @@ class Verifier:
             except Exception:  # noqa: BLE001 - then the as-written evaluation alone counts
                 self._alternate[provider] = None
         return self._alternate[provider]
+
+    def _by_name(self, cases: Sequence[Sequence[np.ndarray]]) -> dict[str, list[np.ndarray]]:
+        return {name: [case[i] for case in cases] for i, name in enumerate(self._names)}
+
+    def task_judge(self, provider: str) -> TaskJudge:
+        """The judge of INT8 results on ``provider``: the original's outputs, and its outputs
+        on the samples perturbed at their resolution (the noise floor)."""
+        if provider not in self._judges:
+            float32 = self._float32_outputs()
+            assert float32 is not None
+            perturbed, how = [], {}
+            for i, feeds in enumerate(self.feeds):
+                moved, how = perturb(feeds, seed=i)
+                perturbed.append(moved)
+            session = make_session(self.original, provider, scratch=self._scratch.name)
+            masks = None
+            mask_names = [n for n, role in input_roles(self._model).items() if role == "mask"]
+            if mask_names and self._plan is None:
+                masks = [f.get(mask_names[0]) for f in self.feeds]
+            self._judges[provider] = TaskJudge(self._by_name(float32[provider]), self._by_name(self._cases(session, perturbed)),
+                                               perturbation=how, masks=masks, **self._task)
+        return self._judges[provider]
 
     def float64_reference(self) -> Float64Reference:
         """The original's float64 outputs on the samples (built once), or why not."""
@@ -263,8 +302,14 @@ class Verifier:
                     decode_steps=self._steps if self._plan is not None else None)
         if float32 is None:
             return Verification(status="skipped", outputs=[], reason=self._error, **base)
-        float64 = None if numerics == "exact" else self.float64_reference().outputs
-        reference = "float32 original" if numerics == "exact" else self.reference_name()
+        by_task = numerics == "int8" and tolerance == TOLERANCES["int8"]
+        if by_task:
+            tolerance = Tolerance()  # metrics reported; the task judge decides
+        float64 = None if numerics == "exact" or by_task else self.float64_reference().outputs
+        reference = "float32 original" if numerics == "exact" or by_task else self.reference_name()
+        if by_task:
+            reference += ", judged by the task against its noise floor"
+        verdicts: dict[str, Any] = {}
         metrics: list[OutputMetrics] = []
         with Progress("verifying", len(self.providers) * len(self.feeds), enabled=self._progress) as bar:
             for provider in self.providers:
@@ -283,6 +328,8 @@ class Verifier:
                     reason = f"onnxruntime cannot run the optimized model: {first_line(e)}"
                     return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
                 bar.advance(len(self.feeds))
+                if by_task:
+                    verdicts[provider] = self.task_judge(provider)(self._by_name(got_all))
                 for index, name in enumerate(self._names):
                     originals = [outs[index] for outs in float32[provider]]
                     gots = [outs[index] for outs in got_all]
@@ -300,10 +347,26 @@ class Verifier:
                         metrics.append(result)
                     else:
                         metrics.append(compare_outputs(name, provider, originals, gots, tolerance))
-        status = "passed" if all(m.passed for m in metrics) else "failed"
-        reason = None if status == "passed" else "; ".join(
-            f"'{m.name}' on {m.provider}: {m.problem}" for m in metrics if not m.passed)
-        return Verification(status=status, outputs=metrics, reason=reason, reference=reference, **base)
+        problems = [f"'{m.name}' on {m.provider}: {m.problem}" for m in metrics if not m.passed]
+        for provider, verdict in verdicts.items():
+            problems += [f"'{row}' on {provider}: {_task_problem(value)}"
+                         for row, value in verdict["metrics"].items() if value.get("passed") is False]
+        status = "failed" if problems else "passed"
+        task = (verdicts.get(self.providers[0]) if len(verdicts) == 1 else verdicts) if verdicts else None
+        return Verification(status=status, outputs=metrics, reason="; ".join(problems) or None, reference=reference,
+                            task=task, **base)
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _task_problem(row: Mapping[str, Any]) -> str:
+    if "sqnr_db" in row:
+        return (f"SQNR {_num(row['sqnr_db'])} dB (float32's own under input noise: "
+                f"{_num(row.get('floor_sqnr_db'))} dB)")
+    return (f"{row['metric']} deviation {_num(row['deviation'])} > allowed {_num(row['allowed'])} "
+            f"(float32's own under input noise: {_num(row['floor'])})")
 
 
 def _fit_float16(feeds: Feeds, float16_inputs: set[str]) -> dict[str, np.ndarray]:

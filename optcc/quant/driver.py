@@ -30,7 +30,7 @@ from optcc.quant.fallback import (
     integer_op_histogram,
     model_outputs,
 )
-from optcc.quant.task_metrics import DEFAULT_MARGIN, TaskJudge, UserMetric, perturb
+from optcc.numerics.task import DEFAULT_MARGIN, TaskJudge, UserMetric, perturb
 
 __all__ = ["quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
 
@@ -99,7 +99,7 @@ def upgrade_opset(model: ir.Model, version: int = 13) -> tuple[ir.Model, str | N
 def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float, metric_target: float | None,
                 min_sqnr_db: float) -> TaskJudge:
     """The judge of ``held``: the float model's outputs, and its noise floor (its outputs on
-    the held-out samples perturbed at their resolution, ``task_metrics.perturb``)."""
+    the held-out samples perturbed at their resolution, ``optcc.numerics.task.perturb``)."""
     reference = model_outputs(model, held)
     moved = [perturb(dict(feeds), seed=i) for i, feeds in enumerate(held)]
     perturbed = model_outputs(model, [feeds for feeds, _ in moved])
@@ -166,7 +166,7 @@ def quantize_int8(
     held-out rest by the task and return the most sensitive layers to float until the
     judgement holds (``optcc.quant.fallback.fallback``).
 
-    Acceptance (``optcc.quant.task_metrics``): ``metric`` ("auto": per output, from its
+    Acceptance (``optcc.numerics.task``): ``metric`` ("auto": per output, from its
     nature: argmax agreement for classifiers, CTC decode for sequence probabilities, box
     F1 and mask IoU for detection maps and YOLO-style boxes, SQNR otherwise; a name of
     ``METRICS``; a callable ``metric(ref_outputs, got_outputs) -> float``, higher is

@@ -125,7 +125,7 @@ class Target:
 
     Without ``judge``: SQNR >= ``min_sqnr_db`` on every float output and argmax
     agreement >= ``min_argmax_agreement`` on classifier-like ones. With ``judge`` (a
-    ``optcc.quant.task_metrics.TaskJudge``, called with the candidate's outputs by name):
+    ``optcc.numerics.task.TaskJudge``, called with the candidate's outputs by name):
     the judge's verdict decides, SQNR is reported only."""
 
     min_sqnr_db: float = 25.0

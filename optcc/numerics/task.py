@@ -64,7 +64,7 @@ __all__ = [
 
 Outputs = Mapping[str, Sequence[np.ndarray]]  # output name -> one array per sample
 UserMetric = Callable[[Outputs, Outputs], float]
-METRICS = ("sqnr", "argmax", "ctc", "detection-map", "boxes")
+METRICS = ("sqnr", "argmax", "ctc", "detection-map", "boxes", "embedding")
 DEFAULT_MARGIN = 1.5
 MIN_DEVIATION = 0.01
 CONFIDENT_GAP = 0.1
@@ -84,8 +84,9 @@ def _softmax_rows(a: np.ndarray) -> bool:
     return bool(a.size) and float(a.min()) >= -1e-6 and np.allclose(a.sum(-1), 1.0, atol=1e-3)
 
 
-def choose_metric(sample: np.ndarray) -> str:
-    """The built-in metric for an output, from one sample of it (see the module doc)."""
+def choose_metric(sample: np.ndarray, name: str = "") -> str:
+    """The built-in metric for an output, from one sample of it and its name (see the
+    module doc)."""
     a = np.asarray(sample)
     if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
         return "sqnr"
@@ -93,12 +94,16 @@ def choose_metric(sample: np.ndarray) -> str:
         return "argmax"
     if a.ndim == 3 and a.shape[1] >= 2 and a.shape[2] >= 2 and _softmax_rows(a):
         return "ctc"
+    if a.ndim == 3 and "logit" in name.lower() and a.shape[2] >= 2:
+        return "argmax"
     if a.ndim in (3, 4) and (a.ndim == 3 or a.shape[1] == 1) and min(a.shape[-2:]) >= 8 \
             and float(a.min()) >= 0.0 and float(a.max()) <= 1.0:
         return "detection-map"
     if a.ndim == 3 and 5 <= a.shape[1] < a.shape[2] and float(a[:, 4:].min()) >= 0.0 \
             and float(a[:, 4:].max()) <= 1.0:
         return "boxes"
+    if a.ndim == 3 and a.shape[2] >= 8:
+        return "embedding"
     return "sqnr"
 
 
@@ -365,20 +370,65 @@ def _boxes_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> 
     return {"box_f1": errors / confident if confident else 0.0, "extra_boxes": float(extra)}
 
 
+def _pooled(outputs: Sequence[np.ndarray], masks: Sequence[np.ndarray | None]) -> np.ndarray:
+    """Mean over positions of ``[N, T, H]`` (the positions a ``[N, T]`` mask keeps)."""
+    vectors = []
+    for out, mask in zip(outputs, masks):
+        a = np.asarray(out, np.float64)
+        if mask is not None and np.shape(mask) == a.shape[:2]:
+            w = np.asarray(mask, np.float64)[..., None]
+            vectors.append((a * w).sum(1) / np.maximum(w.sum(1), 1.0))
+        else:
+            vectors.append(a.mean(1))
+    return np.concatenate(vectors)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    return ranks
+
+
+def _embedding_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
+                         masks: Sequence[np.ndarray | None] | None = None) -> dict[str, float]:
+    masks = list(masks) if masks is not None else [None] * len(refs)
+    ref, got = _pooled(refs, masks), _pooled(gots, masks)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+    cosine = np.where(norms > 0, np.sum(ref * got, axis=1) / np.where(norms > 0, norms, 1.0), 1.0)
+    result = {"cosine": 1.0 - float(np.mean(cosine))}
+    if len(ref) >= 3:
+        def similarities(v: np.ndarray) -> np.ndarray:
+            unit = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-30)
+            upper = np.triu_indices(len(v), 1)
+            return (unit @ unit.T)[upper]
+
+        a, b = _ranks(similarities(ref)), _ranks(similarities(got))
+        spread = float(np.std(a) * np.std(b))
+        spearman = float(np.mean((a - a.mean()) * (b - b.mean())) / spread) if spread > 0 else 1.0
+        result["ranking"] = 1.0 - spearman
+    return result
+
+
 _BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], dict[str, float]]] = {
     "sqnr": lambda r, g: {"sqnr": _sqnr_noise(r, g)},
     "argmax": _argmax_deviation,
     "ctc": _ctc_deviation,
     "detection-map": _map_deviation,
     "boxes": _boxes_deviation,
+    "embedding": _embedding_deviation,
 }
 _REPORTED_ONLY = frozenset({"extra_boxes"})  # shown, not judged
 
 
-def deviations(metric: str, refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> dict[str, float]:
-    """The deviations (0 when identical) of a built-in metric."""
+def deviations(metric: str, refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
+               masks: Sequence[np.ndarray | None] | None = None) -> dict[str, float]:
+    """The deviations (0 when identical) of a built-in metric (``masks``: per sample, the
+    ``[N, T]`` attention mask an ``embedding`` pools over)."""
     if metric not in _BUILT_IN:
         raise BadInputError(f"unknown INT8 metric '{metric}' (use {', '.join(METRICS)} or a callable)")
+    if metric == "embedding":
+        return _embedding_deviation(refs, gots, masks)
     return _BUILT_IN[metric](refs, gots)
 
 
@@ -414,6 +464,7 @@ class TaskJudge:
     metric_target: float | None = None
     min_sqnr_db: float = 25.0
     perturbation: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    masks: Sequence[np.ndarray | None] | None = None  # per sample: the attention mask, for pooling
 
     def __post_init__(self) -> None:
         self.plan: dict[str, str | UserMetric] = {}
@@ -424,7 +475,7 @@ class TaskJudge:
                 if not values or not np.issubdtype(np.asarray(values[0]).dtype, np.floating):
                     continue
                 given = self.metric.get(name) if isinstance(self.metric, Mapping) else self.metric
-                chosen = choose_metric(values[0]) if given in (None, "auto") else given
+                chosen = choose_metric(values[0], name) if given in (None, "auto") else given
                 if isinstance(chosen, str) and chosen not in _BUILT_IN:
                     raise BadInputError(
                         f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
@@ -438,7 +489,7 @@ class TaskJudge:
         result: dict[str, dict[str, float]] = {}
         for name, metric in self.plan.items():
             if isinstance(metric, str):
-                result[name] = deviations(metric, self.reference[name], got[name])
+                result[name] = deviations(metric, self.reference[name], got[name], self.masks)
                 continue
             ideal = float(metric(self.reference, self.reference))
             if not math.isfinite(ideal):
