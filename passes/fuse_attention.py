@@ -44,9 +44,10 @@ returned) or are graph outputs.
 Numerics ("fusion"): the same softmax(q kt * scale + mask) v in float32 with one fused
 kernel (different summation order, the scale applied once instead of twice): within
 about 1e-6 relative, inside the 1e-4 fusion tolerance. Rows in which every key is masked
-(an all-zero ``attention_mask``, which no valid input has) differ: the guarded graph gives
-0, ``Attention`` gives 0, MultiHeadAttention gives NaN for -inf masks and the mean of v for
-finite ones.
+(an all-zero ``attention_mask``, which no valid input has) differ: the decomposed graph
+gives NaN (-inf fills; 0 behind the guard) or the mean of v (finite fills); onnxruntime's
+``Attention`` gives 0 for both; MultiHeadAttention gives NaN for -inf fills and the mean of
+v for finite ones.
 
 Stats: ``applied``/``rejected`` per rule, and ``layers``: per Softmax node that could be an
 attention layer, ``"fused: <op>"`` or the reason it was not fused.
