@@ -112,7 +112,6 @@ class ConvertFloat16Pass(optcc.Pass):
     """Convert float32 computation to float16 where onnxruntime and the data allow it."""
 
     name = "convert-float16"
-    level = None
     numerics = "fp16"
 
     def __init__(

@@ -91,7 +91,6 @@ class DeduplicateInitializersPass(optcc.Pass):
     """
 
     name = "deduplicate-initializers"
-    level = 1
     numerics = "exact"
 
     def call(self, model: ir.Model) -> optcc.PassResult:

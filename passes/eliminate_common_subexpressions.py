@@ -161,7 +161,6 @@ class EliminateCommonSubexpressionsPass(optcc.Pass):
     """
 
     name = "eliminate-common-subexpressions"
-    level = 1
     numerics = "exact"
 
     def call(self, model: ir.Model) -> optcc.PassResult:

@@ -54,7 +54,6 @@ class EliminateDeadNodesPass(optcc.Pass):
     """Remove unused nodes, initializers, functions and opset imports, in every graph."""
 
     name = "eliminate-dead-nodes"
-    level = 1
     numerics = "exact"
 
     def call(self, model: ir.Model) -> optcc.PassResult:

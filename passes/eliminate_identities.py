@@ -47,7 +47,6 @@ class EliminateIdentitiesPass(optcc.Pass):
     """Remove Identity and inference-mode Dropout nodes."""
 
     name = "eliminate-identities"
-    level = 1
     numerics = "exact"
 
     def call(self, model: ir.Model) -> optcc.PassResult:

@@ -339,7 +339,6 @@ class EliminateNoOpsPass(optcc.Pass):
     """
 
     name = "eliminate-noops"
-    level = 1
     numerics = "exact"
 
     def call(self, model: ir.Model) -> optcc.PassResult:

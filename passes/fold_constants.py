@@ -471,7 +471,6 @@ class FoldConstantsPass(optcc.Pass):
     """Evaluate constant subgraphs (and static shapes) once and store the results."""
 
     name = "fold-constants"
-    level = 1
     numerics = "exact"
 
     def __init__(self, max_growth_bytes: int = DEFAULT_MAX_GROWTH_BYTES, fold_large: bool = False,

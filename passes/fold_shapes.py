@@ -315,7 +315,6 @@ class FoldShapesPass(optcc.Pass):
     name = "fold-shapes"
     # No level of its own: fold-constants runs this folding first in every round (the -O
     # pipelines reach it that way); the pass exists for ``--passes fold-shapes`` alone.
-    level = None
     numerics = "exact"
 
     def call(self, model: ir.Model) -> optcc.PassResult:

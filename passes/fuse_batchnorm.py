@@ -386,7 +386,6 @@ class FuseBatchNormPass(RewritePass):
     constant Mul/Add after it into it; with ``split_standalone`` the rest become Mul+Add."""
 
     name = "fuse-batchnorm"
-    level = 2
     numerics = "fusion"
     rules = RULES
 

@@ -154,6 +154,5 @@ class FuseConvAffinePass(RewritePass):
     """Fold per-channel constant Mul/Add into Conv/ConvTranspose; merge constant chains."""
 
     name = "fuse-conv-affine"
-    level = 2
     numerics = "fusion"
     rules = RULES

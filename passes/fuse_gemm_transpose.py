@@ -51,6 +51,5 @@ class FuseGemmTransposePass(RewritePass):
     """Absorb a 2-D Transpose of a Gemm operand into the Gemm's transA/transB."""
 
     name = "fuse-gemm-transpose"
-    level = 2
     numerics = "fusion"
     rules = RULES

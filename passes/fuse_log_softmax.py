@@ -33,6 +33,5 @@ class FuseLogSoftmaxPass(RewritePass):
     """Replace Log(Softmax(x)) by LogSoftmax(x)."""
 
     name = "fuse-log-softmax"
-    level = 2
     numerics = "fusion"
     rules = RULES

@@ -86,6 +86,5 @@ class FuseMatMulAddPass(RewritePass):
     """Turn a 2-D MatMul with a constant weight followed by a bias Add into Gemm."""
 
     name = "fuse-matmul-add"
-    level = 2
     numerics = "fusion"
     rules = RULES

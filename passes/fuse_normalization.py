@@ -8,6 +8,14 @@ Rewrites (default-domain ops; Add/Mul operands in either order):
       y = Add(Mul(Div(d, Sqrt(Add(v, eps))), gamma), beta)      (beta optional)
 
   becomes ``LayerNormalization(x, gamma, beta, axis=-1, epsilon=eps)``.
+- ``rmsnorm`` (opset >= 23)::
+
+      y = Mul(Mul(x, Reciprocal(Sqrt(Add(ReduceMean(Pow(x, 2) or Mul(x, x)), eps)))) or
+              Div(x, Sqrt(...)), gamma)
+
+  becomes ``RMSNormalization(x, gamma, axis=-1, epsilon=eps)``. (Below opset 23 there is no
+  portable op: onnxruntime's SimplifiedLayerNormalization is registered in the default
+  domain, which no checker accepts, so the pattern is left alone.)
 - ``gelu-erf`` (opset >= 20): ``x * 0.5 * (1 + Erf(x / sqrt(2))))`` (also ``x * (1/sqrt(2))``
   inside Erf; the 0.5 applied to x, to the bracket or to the product, or as ``/ 2``)
   becomes ``Gelu(x)``.
@@ -227,14 +235,62 @@ def _layernorm_rules() -> list[Rule]:
     ]
 
 
-RULES: tuple[Rule, ...] = (*_layernorm_rules(), *_gelu_rules())
+# ---------------------------------------------------------------- RMSNormalization
+
+
+def _rms_pattern(square: str, normalize: str) -> Op:
+    x = Var("x")
+    sq = Op("Pow", x, Const("two"), name="sq") if square == "pow" else Op("Mul", x, x, name="sq")
+    ms = Op("ReduceMean", sq, Const("axes2", optional=True), name="var")
+    std = Op("Sqrt", Op("Add", ms, Const("eps"), commute=True, name="add_eps"), name="std")
+    if normalize == "div":
+        normed = Op("Div", x, std, name="n")
+    else:
+        normed = Op("Mul", x, Op("Reciprocal", std, name="inv"), commute=True, name="n")
+    return Op("Mul", normed, Const("gamma"), commute=True, name="scaled")
+
+
+def _check_rms(m: Match) -> str | None:
+    x = m["x"]
+    if not _float32(x, m.array("gamma"), m.array("eps")):
+        return "not float32"
+    rank = m.rank(x)
+    if rank is None or rank < 1:
+        return "unknown input rank"
+    if not _reduces_last_axis(m, m["var"], "axes2", rank):
+        return "not a mean over the last axis"
+    if m.get("two") is not None and not _scalar_near(m, "two", 2.0):
+        return "exponent is not 2"
+    if m.array("eps").size != 1:
+        return "eps is not a scalar"
+    last = x.shape[-1] if x.shape is not None else None
+    if _vector(m.array("gamma"), last if isinstance(last, int) else None, rank) is None:
+        return "gamma is not one per element of the last axis"
+    return None
+
+
+def _rewrite_rms(m: Match, b: Builder) -> ir.Value:
+    x = m["x"]
+    rank = m.rank(x)
+    last = x.shape[-1] if x.shape is not None else None
+    size = last if isinstance(last, int) else _vector(m.array("gamma"), None, rank).size
+    gamma = _vector_value(m, b, "gamma", size, rank)
+    return b.op("RMSNormalization", x, gamma, axis=-1, epsilon=float(m.array("eps").reshape(())))
+
+
+def _rms_rules() -> list[Rule]:
+    return [Rule("rmsnorm", _rms_pattern(square, normalize), _rewrite_rms, _check_rms, min_opset=23)
+            for square in ("pow", "mul") for normalize in ("reciprocal", "div")]
+
+
+RULES: tuple[Rule, ...] = (*_layernorm_rules(), *_gelu_rules(), *_rms_rules())
 
 
 class FuseNormalizationPass(RewritePass):
-    """Fuse decomposed LayerNormalization (opset >= 17) and Gelu (opset >= 20)."""
+    """Fuse decomposed LayerNormalization (opset >= 17), Gelu (opset >= 20) and
+    RMSNormalization (opset >= 23)."""
 
     name = "fuse-normalization"
-    level = 2
     numerics = "fusion"
     rules = RULES
 

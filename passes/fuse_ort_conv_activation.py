@@ -262,7 +262,6 @@ class FuseOrtConvActivationPass(RewritePass):
     """
 
     name = "fuse-ort-conv-activation"
-    level = 3
     numerics = "fusion"
     rules = RULES
 

@@ -145,7 +145,6 @@ class FusePadPass(RewritePass):
     """Fold a constant zero Pad into Conv/AveragePool padding (-inf Pad into MaxPool)."""
 
     name = "fuse-pad"
-    level = 2
     numerics = "fusion"
     rules = RULES
 

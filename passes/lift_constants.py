@@ -56,7 +56,6 @@ class LiftConstantsPass(optcc.Pass):
     """Store the main graph's Constant nodes as initializers (IR version >= 4)."""
 
     name = "lift-constants"
-    level = 1
     numerics = "exact"
 
     def __init__(self, upgrade_legacy: bool = True) -> None:

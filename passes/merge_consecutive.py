@@ -444,7 +444,6 @@ class MergeConsecutivePass(optcc.Pass):
     """
 
     name = "merge-consecutive"
-    level = 1
     numerics = "exact"
 
     def call(self, model: ir.Model) -> optcc.PassResult:

@@ -19,7 +19,6 @@ class NormalizeGraphPass(optcc.Pass):
     """Sort nodes topologically and give every node and value a unique name."""
 
     name = "normalize"
-    level = 0
     numerics = "exact"
 
     def call(self, model: ir.Model) -> optcc.PassResult:

@@ -51,7 +51,6 @@ class QuantizeDynamicPass(optcc.Pass):
     """MatMul/Gemm with a constant weight -> DynamicQuantizeLinear + MatMulInteger (see module doc)."""
 
     name = "quantize-dynamic"
-    level = None
     numerics = "int8"
 
     def __init__(self, *, per_channel: bool = True, exclude: Iterable[str] = (),

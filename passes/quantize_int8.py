@@ -163,7 +163,6 @@ class QuantizeInt8Pass(optcc.Pass):
     """Insert QDQ pairs so onnxruntime runs Conv/MatMul/Gemm/... on INT8 (see module doc)."""
 
     name = "quantize-int8"
-    level = None
     numerics = "int8"
 
     def __init__(

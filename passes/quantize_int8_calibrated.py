@@ -17,7 +17,6 @@ class CalibratedInt8Pass(ir.passes.FunctionalPass):
     """Calibrate, quantize to INT8 (QDQ) and fall back layer by layer (optcc.quant.driver)."""
 
     name = "quantize-int8-calibrated"
-    level = None
     numerics = "int8"
 
     def __init__(self, samples: list[dict[str, np.ndarray]], method: str, *, progress: bool = False,

@@ -71,7 +71,6 @@ class QuantizeWeightsPass(optcc.Pass):
     """MatMul/Gemm weights -> block-wise INT4/INT8 (MatMulNBits or DequantizeLinear); see module doc."""
 
     name = "quantize-weights"
-    level = None
     numerics = "int8"
 
     def __init__(self, *, bits: int = 4, block_size: int = 32, symmetric: bool = False,

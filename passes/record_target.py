@@ -18,7 +18,6 @@ class RecordTargetPass(optcc.Pass):
     """Record the target runtime (-O3) in the model's metadata_props."""
 
     name = "record-target"
-    level = 3
     numerics = "exact"
 
     def __init__(self, target: str = "onnxruntime") -> None:

@@ -128,7 +128,6 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
     """Replace Reshape targets built from the input's own shape by constants with 0 (copy)."""
 
     name = "simplify-reshape-targets"
-    level = 1
     numerics = "exact"
 
     def call(self, model: ir.Model) -> optcc.PassResult:

@@ -7,9 +7,9 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
-__all__ = ["Pass", "PassResult", "Numerics", "NUMERICS_ORDER"]
-
 from optcc.numerics.kinds import NUMERICS_ORDER, Numerics
+
+__all__ = ["Pass", "PassResult", "Numerics", "NUMERICS_ORDER"]
 
 
 @dataclasses.dataclass
@@ -25,19 +25,18 @@ class Pass(ir.passes.InPlacePass):
     Subclasses implement ``call(model) -> PassResult`` and set, as class attributes:
 
     - ``name``: the registry name (kebab-case, e.g. ``"eliminate-identities"``);
-    - ``level``: the lowest -O level whose pipeline includes the pass (None: opt-in only);
     - ``numerics``: "exact", "fusion", "fp16" or "int8" (selects the verification tolerance);
     - ``float16_interface``: True for a pass that may turn float32 graph inputs/outputs into
       float16 (names and shapes must still stay); any other change of the interface is
       reverted.
 
+    A pass's -O level is not its own: the table in ``optcc.infra.levels`` places it.
     Options go in the constructor. A pass must not modify tensor data in place (tensors
     are shared with the pass manager's checkpoints used for reverting); it builds new tensors.
     The class docstring states the rewrite, its preconditions, and why it is exact.
     """
 
     name: ClassVar[str] = ""
-    level: ClassVar[int | None] = None
     numerics: ClassVar[Numerics] = "exact"
     float16_interface: bool = False
 

@@ -1,12 +1,4 @@
-"""The -O levels, each a pipeline of registered passes (the one place they are built).
-
-| level | pipeline |
-|---|---|
-| 0 | normalize (topological order, names) |
-| 1 | 0 + Constant nodes lifted to initializers, initializer dedup, a fixpoint of constant folding and exact eliminations, lift + dedup again |
-| 2 | 1 + a fixpoint of fusions into standard ops, then the exact fixpoint, lift + dedup again, CSE (fused weights deduplicated make more nodes equal) |
-| 3 | 2 + onnxruntime FusedConv; records the target runtime in metadata_props |
-"""
+"""Pipelines: the -O levels' tables (``optcc.infra.levels``) turned into pass objects."""
 
 from __future__ import annotations
 
@@ -14,42 +6,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from optcc.errors import BadInputError
 from optcc.infra.manager import Fixpoint, PipelineStep
+from optcc.infra.levels import LEVELS
 from optcc.infra.registry import available_passes, create_pass
 
 __all__ = ["LEVELS", "build_pipeline", "pipeline_names"]
-
-# A level is a list of pass names; a tuple of names is run as a Fixpoint.
-_EXACT = (
-    "fold-constants",
-    "eliminate-identities",
-    "eliminate-noops",
-    "merge-consecutive",
-    "simplify-reshape-targets",
-    "eliminate-common-subexpressions",
-    "eliminate-dead-nodes",
-)
-_FUSIONS = (
-    "fuse-batchnorm",
-    "fuse-conv-affine",
-    "fuse-matmul-add",
-    "fuse-normalization",
-    "fuse-pad",
-    "fuse-gemm-transpose",
-    "fuse-log-softmax",
-    "fuse-attention",
-    "eliminate-dead-nodes",
-)
-_TIDY = ["lift-constants", "deduplicate-initializers"]
-_O1 = ["normalize", *_TIDY, _EXACT, *_TIDY]
-LEVELS: dict[int, list[str | tuple[str, ...]]] = {
-    0: ["normalize"],
-    1: _O1,
-    2: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions"],
-    3: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions",
-        "fuse-ort-conv-activation",
-        ("fuse-ort-attention", "fuse-ort-transformer", "eliminate-dead-nodes"), _EXACT,
-        "record-target"],
-}
 
 FIXPOINT_MAX_ITERS = 8
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 
 from optcc.errors import BadInputError
+from optcc.infra.levels import level_of
 
 __all__ = ["PassInfo", "available_passes", "register", "create_pass"]
 
@@ -28,7 +29,7 @@ PassFactory = Callable[..., ir.passes.PassBase]
 class PassInfo:
     name: str
     factory: PassFactory
-    level: int | None
+    level: int | None  # the lowest -O level whose pipeline runs it (optcc.infra.levels)
     description: str
     origin: str  # "builtin" or the distribution that provides the entry point
 
@@ -38,10 +39,11 @@ _registry: dict[str, PassInfo] | None = None
 
 def _info(factory: PassFactory, origin: str, name: str | None = None) -> PassInfo:
     doc = (getattr(factory, "__doc__", None) or "").strip()
+    name = name or getattr(factory, "name", "") or getattr(factory, "__name__", str(factory))
     return PassInfo(
-        name=name or getattr(factory, "name", "") or getattr(factory, "__name__", str(factory)),
+        name=name,
         factory=factory,
-        level=getattr(factory, "level", None),
+        level=level_of(name),
         description=doc.splitlines()[0] if doc else "",
         origin=origin,
     )

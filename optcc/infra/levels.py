@@ -1,0 +1,56 @@
+"""The -O levels: the one table that says which passes each level runs, in which order
+(the pass classes carry no level of their own).
+
+| level | pipeline |
+|---|---|
+| 0 | normalize (topological order, names) |
+| 1 | 0 + Constant nodes lifted to initializers, initializer dedup, a fixpoint of constant folding and exact eliminations, lift + dedup again |
+| 2 | 1 + a fixpoint of fusions into standard ops, then the exact fixpoint, lift + dedup again, CSE (fused weights deduplicated make more nodes equal) |
+| 3 | 2 + onnxruntime FusedConv; records the target runtime in metadata_props |
+"""
+
+from __future__ import annotations
+
+__all__ = ["LEVELS", "level_of"]
+
+# A level is a list of pass names; a tuple of names is run as a Fixpoint.
+_EXACT = (
+    "fold-constants",
+    "eliminate-identities",
+    "eliminate-noops",
+    "merge-consecutive",
+    "simplify-reshape-targets",
+    "eliminate-common-subexpressions",
+    "eliminate-dead-nodes",
+)
+_FUSIONS = (
+    "fuse-batchnorm",
+    "fuse-conv-affine",
+    "fuse-matmul-add",
+    "fuse-normalization",
+    "fuse-pad",
+    "fuse-gemm-transpose",
+    "fuse-log-softmax",
+    "fuse-attention",
+    "eliminate-dead-nodes",
+)
+_TIDY = ["lift-constants", "deduplicate-initializers"]
+_O1 = ["normalize", *_TIDY, _EXACT, *_TIDY]
+LEVELS: dict[int, list[str | tuple[str, ...]]] = {
+    0: ["normalize"],
+    1: _O1,
+    2: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions"],
+    3: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions",
+        "fuse-ort-conv-activation",
+        ("fuse-ort-attention", "fuse-ort-transformer", "eliminate-dead-nodes"), _EXACT,
+        "record-target"],
+}
+
+
+def level_of(name: str) -> int | None:
+    """The lowest level whose pipeline runs the pass ``name`` (None: opt-in only)."""
+    for level in sorted(LEVELS):
+        for step in LEVELS[level]:
+            if name == step or (isinstance(step, tuple) and name in step):
+                return level
+    return None
