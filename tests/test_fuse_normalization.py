@@ -186,3 +186,39 @@ def test_gelu_with_shared_intermediate_is_left_alone() -> None:
     result = _fuse(_gelu_model(body), x=[3, 16])
     assert not result.modified and "Gelu" not in _ops(result.model)
     assert result.stats["rejected"]["gelu-tanh"] == {"intermediate 'th' has readers outside the match": 1}
+
+
+# ---------------------------------------------------------------- RMSNormalization
+
+
+@pytest.mark.parametrize("square,normalize", [("pow", "reciprocal"), ("mul", "div")])
+def test_rmsnorm_fuses_at_opset_23(square: str, normalize: str) -> None:
+    sq = "sq = Pow(x, two)" if square == "pow" else "sq = Mul(x, x)"
+    norm = "r = Reciprocal(sd) n = Mul(x, r)" if normalize == "reciprocal" else "n = Div(x, sd)"
+    body = f"""g (float[N, 4, 8] x) => (float[N, 4, 8] y) {{
+        {sq} v = ReduceMean(sq, axes) ve = Add(v, eps) sd = Sqrt(ve) {norm} y = Mul(gamma, n)
+    }}"""
+    rng = np.random.default_rng(5)
+    gamma = rng.normal(size=(8,)).astype(F32)
+    inits = {"axes": np.array([-1], np.int64), "two": F32(2.0), "eps": F32(1e-6), "gamma": gamma}
+    model = _model(body, _drop_unused(inits, body), 23)
+    result = FuseNormalizationPass()(model)
+    assert result.stats["applied"] == {"rmsnorm": 1}
+    assert _ops(result.model) == {"RMSNormalization": 1}
+    x = rng.normal(size=(2, 4, 8)).astype(F32)
+    import onnxruntime as ort
+    session = ort.InferenceSession(ir.to_proto(result.model).SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x})[0]
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * gamma
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert not FuseNormalizationPass()(result.model).modified
+
+
+def test_rmsnorm_left_alone_below_opset_23() -> None:
+    body = """g (float[N, 4, 8] x) => (float[N, 4, 8] y) {
+        sq = Pow(x, two) v = ReduceMean(sq, axes) ve = Add(v, eps) sd = Sqrt(ve) n = Div(x, sd) y = Mul(n, gamma)
+    }"""
+    inits = {"axes": np.array([-1], np.int64), "two": F32(2.0), "eps": F32(1e-6), "gamma": np.ones(8, F32)}
+    result = FuseNormalizationPass()(_model(body, inits, 22))
+    assert not result.modified and "RMSNormalization" not in _ops(result.model)
