@@ -483,7 +483,6 @@ class FuseAttentionPass(_AttentionPass):
     """Decomposed scaled dot-product attention -> standard ``Attention`` (opset >= 23)."""
 
     name = "fuse-attention"
-    level = 2
     numerics = "fusion"
     kind = "standard"
 
@@ -493,6 +492,5 @@ class FuseOrtAttentionPass(_AttentionPass):
     (onnxruntime target, -O3)."""
 
     name = "fuse-ort-attention"
-    level = 3
     numerics = "fusion"
     kind = "ort"

@@ -172,7 +172,6 @@ class FuseOrtTransformerPass(RewritePass):
     FastGelu, decomposed Gelu below opset 20 -> com.microsoft Gelu / FastGelu (-O3)."""
 
     name = "fuse-ort-transformer"
-    level = 3
     numerics = "fusion"
     rules = RULES
 
