@@ -29,12 +29,12 @@ from optcc import ir as oir
 from optcc.errors import BadInputError, UnverifiedError
 from optcc.ir.overwrite import check_input_shapes
 from optcc.numerics import TOLERANCES, OutputMetrics, Tolerance, check_feeds, compare_outputs, generate_inputs
+from optcc.runtime.session import session_options
 
 __all__ = ["Comparison", "compare_models", "format_comparison"]
 
 Feeds = Mapping[str, np.ndarray]
 PROVIDER = "CPUExecutionProvider"
-_FATAL_ONLY = 4  # onnxruntime logs kernel errors at level 3 before raising them; we report them once
 
 
 @dataclasses.dataclass
@@ -58,9 +58,7 @@ class Comparison:
 
 
 def _session(model: ir.Model, path: str | None, label: str) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = _FATAL_ONLY
+    options = session_options()
     source: Any = path if path is not None else oir.serialize(model).SerializeToString()
     try:
         return ort.InferenceSession(source, options, providers=[PROVIDER])

@@ -294,9 +294,7 @@ class _GraphFolder:
     def _run_batch(self, batch: Sequence[ir.Node], known: dict[ir.Value, np.ndarray] | None = None
                    ) -> dict[ir.Value, np.ndarray] | None:
         model, feeds, outputs = self._model(batch, known or {})
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 4
+        options = optcc.runtime.session_options()
         self.stats.sessions += 1
         try:
             session = ort.InferenceSession(

@@ -23,7 +23,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from optcc import ir as oir
-from optcc.runtime import make_session, session_options
+from optcc.runtime import make_session
 
 FP16_TINY = 2.0**-24  # smallest float16 subnormal; half of it rounds to zero
 
@@ -92,12 +92,7 @@ def session(model: ir.Model, provider: str = "CPUExecutionProvider",
     """A session on ``model`` with onnxruntime's graph optimizations off. A model with
     external data (or too large for one protobuf) is saved into ``scratch`` and loaded from
     that path: a session built from bytes cannot find external data."""
-    options = session_options()
-    if oir.uses_external_data(model) or oir.needs_external_data(model):
-        if scratch is None:
-            raise ValueError("a model with external data needs a scratch folder for its session")
-        return make_session(model, provider, scratch=scratch, options=options)
-    return ort.InferenceSession(oir.serialize(model).SerializeToString(), options, providers=[provider])
+    return make_session(model, provider, scratch=scratch)
 
 
 def run_all(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],

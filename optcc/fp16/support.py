@@ -33,6 +33,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from optcc.runtime.session import session_options
+
 __all__ = ["Support", "cache_dir", "cache_path", "probe_op", "support", "op_key"]
 
 Support = Literal["native", "fallback", "unsupported", "unknown"]
@@ -158,10 +160,7 @@ def _one_node_model(
 def _try(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str) -> tuple[bool, str, bool]:
     """(ran, error line, onnxruntime inserted its own Casts)."""
     with tempfile.TemporaryDirectory(prefix="optcc-fp16-probe-") as tmp:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 4
-        options.optimized_model_filepath = os.path.join(tmp, "executed.onnx")
+        options = session_options(optimized_path=os.path.join(tmp, "executed.onnx"))
         try:
             session = ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
             session.run(None, feeds)

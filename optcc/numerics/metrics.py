@@ -6,7 +6,9 @@ reference is within ``tolerance x scale`` (scale: the output's largest reference
 in that sample), or, when the reference is more precise than float32, when it is no worse
 than ``ORIGINAL_ERROR_FACTOR`` times the float32 original's own error at that element: a
 rewrite may not be blamed for the original's rounding, and may not hide inside the
-rounding of other elements either. The original's own error at an element is the larger
+rounding of other elements either. An output a bounded kernel makes (Sigmoid, Softmax,
+Tanh) may also be off by that factor times the kernel's absolute float32 resolution. The
+original's own error at an element is the larger
 of two float32 evaluations of it (as written, and with onnxruntime's basic optimizations,
 which reassociate the same math), the second never counted above the first's largest
 error over the output. A tolerance is never widened otherwise.
@@ -26,11 +28,23 @@ import numpy as np
 
 from optcc.numerics.kinds import Numerics
 
-__all__ = ["Tolerance", "TOLERANCES", "ORIGINAL_ERROR_FACTOR", "OutputMetrics", "compare_outputs", "sqnr_db"]
+__all__ = ["Tolerance", "TOLERANCES", "ORIGINAL_ERROR_FACTOR", "OutputMetrics", "compare_outputs", "sqnr_db",
+           "bounded_resolution"]
 
 # An element may be off by this multiple of the float32 original's own error against a
 # float64 reference: a correct rewrite's rounding is of the same size as the original's.
 ORIGINAL_ERROR_FACTOR = 4.0
+
+
+# Kernels whose result lies in [-1, 1] compute it to float32's absolute resolution there
+# (onnxruntime's Sigmoid returns 0 or one step of 1.2e-7 deep in its tail), however small
+# the values are: relative to a saturated output's own scale that step is no rounding.
+_BOUNDED = frozenset({"Sigmoid", "HardSigmoid", "Softmax", "Tanh", "Softsign"})
+
+
+def bounded_resolution(producer_op: str | None) -> float:
+    """The absolute resolution of an output made by ``producer_op`` (0 for others)."""
+    return float(np.finfo(np.float32).eps) if producer_op in _BOUNDED else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +127,12 @@ def compare_outputs(
     tolerance: Tolerance,
     originals: Sequence[np.ndarray] | None = None,
     alternates: Sequence[np.ndarray] | None = None,
+    resolution: float = 0.0,
 ) -> OutputMetrics:
     """Metrics of one output over its samples (``refs[i]`` against ``gots[i]``) and whether
-    they meet ``tolerance``. ``originals``: the float32 original's outputs when the
+    they meet ``tolerance``. ``resolution``: the absolute step of the kernel that produces
+    the output (``bounded_resolution``), allowed ``ORIGINAL_ERROR_FACTOR`` times at every
+    element (never for "exact"). ``originals``: the float32 original's outputs when the
     reference is more precise than float32 (enables the per-element allowance);
     ``alternates``: a second float32 evaluation of the original (see the module docstring)."""
     if isinstance(refs, np.ndarray):
@@ -146,7 +163,7 @@ def compare_outputs(
             if err.size else 0.0
         worst_rel = max(worst_rel, rel)
         if tolerance.max_rel is not None and err.size:
-            allowed = np.full(err.shape, tolerance.max_rel * scale)
+            allowed = np.full(err.shape, max(tolerance.max_rel * scale, ORIGINAL_ERROR_FACTOR * resolution))
             if original is not None:
                 own = np.abs(original.astype(np.float64)[finite] - r)
                 original_rel = max(original_rel, float(own.max()) / scale if scale > 0 else 0.0)

@@ -42,6 +42,7 @@ import onnxruntime as ort
 
 from optcc import ir as oir
 from optcc.progress import Progress
+from optcc.runtime.session import session_options
 
 __all__ = ["correct_biases"]
 
@@ -149,16 +150,9 @@ def _mean_nodes(names: Sequence[str], ranks: Sequence[int], opset: int, prefix: 
 
 
 def _session(proto: onnx.ModelProto, threads: int | None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
     # no arena: the float simulation's activations go back to the system as they are
-    # freed; with the reductions right after their producers and the priority-based order
-    # (as in calibration), PP-OCRv4 det at 640x640 adds 40 MiB instead of 435
-    options.enable_cpu_mem_arena = False
-    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    if threads:
-        options.intra_op_num_threads = threads
+    # freed, the reductions placed right after their producers run early (priority order)
+    options = session_options(arena=False, priority_order=True, threads=threads)
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

@@ -30,6 +30,7 @@ import onnxruntime as ort
 
 from optcc import ir as oir
 from optcc.runtime.latency import median_seconds
+from optcc.runtime.session import session_options
 
 __all__ = [
     "INTEGER_OPS",
@@ -60,16 +61,9 @@ INTEGER_OPS = frozenset(
 )
 
 
-def _session(model: ir.Model | bytes, level: ort.GraphOptimizationLevel, threads: int | None = None,
+def _session(model: ir.Model | bytes, optimize: bool | str, threads: int | None = None,
              optimized_path: str | None = None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    if optimized_path:
-        options.optimized_model_filepath = optimized_path
+    options = session_options(optimize=optimize, threads=threads, optimized_path=optimized_path)
     data = model if isinstance(model, bytes) else oir.serialize(model).SerializeToString()
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
@@ -79,7 +73,7 @@ def integer_op_histogram(model: ir.Model) -> dict[str, int]:
     restricted to integer kernels and Q/DQ nodes left unfused."""
     with tempfile.TemporaryDirectory(prefix="optcc-int8-") as folder:
         path = os.path.join(folder, "optimized.onnx")
-        _session(model, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, optimized_path=path)
+        _session(model, "extended", optimized_path=path)
         saved = onnx.load(path, load_external_data=False)
     counts = collections.Counter(
         node.op_type
@@ -99,7 +93,7 @@ def count_integer_nodes(model: ir.Model) -> int:
 def measure_latency(model: ir.Model, feeds: Feeds, *, threads: int = 2, runs: int = 20,
                     warmup: int = 3) -> float:
     """Median seconds per run on onnxruntime CPU with all graph optimizations."""
-    session = _session(model, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, threads=threads)
+    session = _session(model, "all", threads=threads)
     return median_seconds(session, feeds, runs=runs, warmup=warmup)
 
 
@@ -185,7 +179,7 @@ class _Outputs:
         for name in extra:
             if name not in declared:
                 proto.graph.output.append(onnx.ValueInfoProto(name=name))
-        level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        level: bool | str = "all" if optimized else False
         session = _session(proto.SerializeToString(), level)
         self.names = [o.name for o in session.get_outputs()]
         self.values: list[list[np.ndarray]] = [
@@ -311,7 +305,7 @@ def _extra_session(model: ir.Model, names: Sequence[str]) -> ort.InferenceSessio
     for name in dict.fromkeys(names):
         if name not in declared:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    return _session(proto.SerializeToString(), ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    return _session(proto.SerializeToString(), False)
 
 
 def local_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
@@ -408,7 +402,7 @@ def local_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[
     del float_proto.graph.output[:]
     names = list(dict.fromkeys(n for pair in fetch.values() for n in pair))
     float_proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-    session = _session(float_proto.SerializeToString(), ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    session = _session(float_proto.SerializeToString(), False)
     signal = dict.fromkeys(fetch, 0.0)
     noise = dict.fromkeys(fetch, 0.0)
     for feeds in samples:
@@ -618,7 +612,7 @@ def compare_latency(reference: ir.Model, candidate: ir.Model, samples: Sequence[
     ``rounds`` times, each model runs ``runs`` times on the next held-out sample
     (``optcc.runtime.latency.median_seconds``); the result is the median over rounds. Also the
     spread (max/min of the per-round medians) of each, as a noise indication."""
-    sessions = [_session(m, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, threads=threads)
+    sessions = [_session(m, "all", threads=threads)
                 for m in (reference, candidate)]
     per_round: list[list[float]] = [[], []]
     for r in range(rounds):

@@ -45,6 +45,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from optcc.runtime.session import session_options
+
 __all__ = [
     "BlockQuantized",
     "quantize_rtn",
@@ -372,9 +374,7 @@ def collect_hessians(model: Any, inputs: Mapping[str, int], samples: Iterable[Ma
     graph = model.graph
     by_name = {v.name: v for v in (*graph.inputs, *(o for node in graph for o in node.outputs))}
     added = [by_name[n] for n in names if not by_name[n].is_graph_output()]
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options = session_options()
     with tempfile.TemporaryDirectory(prefix="optcc_gptq_") as folder:
         path = os.path.join(folder, "probe.onnx")
         graph.outputs.extend(added)

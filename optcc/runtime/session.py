@@ -48,15 +48,41 @@ def resolve_providers(names: Sequence[str] | None) -> list[str]:
     return chosen
 
 
-def session_options(*, optimize: bool = False, arena: bool = True) -> ort.SessionOptions:
-    """Options for a session that runs the graph as written (``optimize``: onnxruntime's
-    basic optimizations on) and logs nothing below fatal errors."""
+_LEVELS = {
+    False: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    True: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(
+    *,
+    optimize: bool | str = False,
+    arena: bool = True,
+    threads: int | None = None,
+    priority_order: bool = False,
+    optimized_path: str | os.PathLike | None = None,
+) -> ort.SessionOptions:
+    """Options for a session that runs the graph as written and logs only fatal errors.
+
+    ``optimize``: onnxruntime's graph optimizations (True or "basic", "extended", "all");
+    ``arena``: its memory arena (off: freed activations go back to the system);
+    ``threads``: intra-op threads (one inter-op thread then); ``priority_order``: the
+    priority-based execution order (reductions placed after their producers run early);
+    ``optimized_path``: where onnxruntime writes the graph it executes."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
+    options.graph_optimization_level = _LEVELS[optimize]
     options.log_severity_level = _FATAL_ONLY
     options.enable_cpu_mem_arena = arena
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if priority_order:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
     return options
 
 
