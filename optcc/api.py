@@ -104,6 +104,7 @@ def optimize(
     int8_options: Mapping[str, Any] | None = None,
     fold_large: bool = False,
     overwrite_input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_ranges: Mapping[str, tuple[float, float]] | None = None,
     allow_unverified: bool = False,
     allow_float_fallback: bool = False,
 ) -> OptimizeResult:
@@ -129,7 +130,8 @@ def optimize(
     MatMul/Gemm weights block-wise. These change what is computed, so the
     final verification uses the FP16/INT8 tolerances.
 
-    ``input_shapes`` sizes the generated verification inputs only; ``overwrite_input_shapes``
+    ``input_shapes`` sizes the generated verification inputs only (``input_ranges``: their
+    value range per input name, ``(lo, hi)``); ``overwrite_input_shapes``
     fixes those graph inputs' shapes in the result (``optcc.ir.overwrite``), which also
     sizes the verification inputs. Either names a graph input and gives its full rank,
     else BadInputError.
@@ -188,6 +190,7 @@ def optimize(
             inputs=inputs,
             providers=providers,
             input_shapes=input_shapes,
+            input_ranges=input_ranges,
             tolerances=tolerances,
             progress=progress,
             # INT8 is judged by the same task metric the quantizer was asked to meet

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
                    help="sizes for an input's dynamic dims in the generated verification inputs only "
                         "(repeatable; the written model keeps its dynamic dims)")
+    g.add_argument("--input-range", action="append", default=[], metavar="NAME:LO,HI",
+                   help="value range of an input in the generated verification inputs (repeatable), "
+                        "e.g. pixel_values:0,1 or sr:16000,16000")
 
     g = p.add_argument_group("FP16")
     g.add_argument("--fp16", action="store_true", help="convert to float16 after the pipeline")
@@ -228,6 +231,20 @@ def _parse_shapes(items: Sequence[str], flag: str = "--input-shape") -> dict[str
     return shapes
 
 
+def _parse_ranges(items: Sequence[str]) -> dict[str, tuple[float, float]]:
+    ranges: dict[str, tuple[float, float]] = {}
+    for item in items:
+        name, sep, bounds = item.rpartition(":")
+        try:
+            lo, hi = (float(b) for b in bounds.split(","))
+        except ValueError:
+            lo = hi = float("nan")
+        if not sep or not name or not lo <= hi:
+            raise BadInputError(f"--input-range '{item}' is not NAME:LO,HI with LO <= HI")
+        ranges[name] = (lo, hi)
+    return ranges
+
+
 def default_output(model: str) -> Path:
     path = Path(model)
     return path.with_name(f"{path.stem}.opt{path.suffix or '.onnx'}")
@@ -330,6 +347,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             verify_each=args.verify_each,
             providers=_split(args.providers) or None,
             input_shapes=input_shapes,
+            input_ranges=_parse_ranges(args.input_range),
             overwrite_input_shapes=fixed_shapes,
             strict=args.strict,
             progress=not args.quiet,

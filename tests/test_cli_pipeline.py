@@ -465,3 +465,25 @@ def test_legacy_minus_one_dims_corpus_model_optimizes_without_input_shape(tmp_pa
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_input_range_sets_the_generated_verification_values(tmp_path):
+    """--input-range NAME:LO,HI reaches the generated inputs: a model that divides by its
+    input verifies on (1, 2) and would see values near 0 otherwise; a bad range is exit 2."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Reciprocal", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    report = tmp_path / "r.json"
+    assert cli.main([str(path), "-O1", "--input-range", "x:1,2", "--report", str(report), "-q"]) == 0
+    result = optcc.optimize(str(path), level=1, input_ranges={"x": (1.0, 2.0)})
+    assert result.report.verification["status"] == "passed"
+    with optcc.Verifier(str(path), input_ranges={"x": (1.0, 2.0)}) as verifier:
+        values = np.concatenate([f["x"] for f in verifier.feeds])
+    assert values.min() >= 1.0 and values.max() <= 2.0
+    assert cli.main([str(path), "--input-range", "x:2,1", "-q"]) == 2

@@ -136,7 +136,7 @@ class Verifier:
     """Runs the original once per provider (and once in float64), then checks candidates.
 
     ``inputs``: feed dicts (an iterable is consumed once); None generates ``samples``
-    feeds with ``input_shapes`` for dynamic dimensions. ``reference``: "auto" (float64
+    feeds with ``input_shapes`` for dynamic dimensions and ``input_ranges`` for values. ``reference``: "auto" (float64
     where possible, else the float32 original), "float64" (as auto; the report says when
     it was not possible) or "float32" (always the float32 original).
     """
@@ -148,6 +148,7 @@ class Verifier:
         inputs: Iterable[Feeds] | Feeds | None = None,
         providers: Sequence[str] | None = None,
         input_shapes: Mapping[str, Sequence[int]] | None = None,
+        input_ranges: Mapping[str, tuple[float, float]] | None = None,
         samples: int = DEFAULT_SAMPLES,
         seed: int = 0,
         tolerances: Mapping[Numerics, Tolerance] | None = None,
@@ -169,7 +170,7 @@ class Verifier:
         self._model = model
         self.original: Any = original if isinstance(original, (str, os.PathLike)) else model
         if inputs is None:
-            self.feeds = generate_inputs(model, input_shapes, samples=samples, seed=seed)
+            self.feeds = generate_inputs(model, input_shapes, samples=samples, seed=seed, ranges=input_ranges)
         else:
             self.feeds = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs]
             if not self.feeds:
