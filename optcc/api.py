@@ -170,8 +170,12 @@ def optimize(
     elif quantizing:
         if not samples:
             raise BadInputError("INT8 calibration data holds no samples")
+        # the float model INT8 starts from, by ordinary (recorded, verified, revertible) passes:
+        # generated weights folded whatever their size, BatchNorm and affine layers fused
+        pipeline.extend([create_pass("fold-constants", fold_large=True), create_pass("fuse-batchnorm"),
+                         create_pass("fuse-conv-affine"), create_pass("eliminate-dead-nodes")])
         pipeline.append(create_pass(INT8_PASS, samples=samples, method=int8_method, progress=progress,
-                                    **dict(int8_options or {})))
+                                    **{"prepare": False, **dict(int8_options or {})}))
         if inputs is None:
             inputs = samples[-max(3, len(samples) // 5):]  # the held-out part, at least 3 samples
     if int8_dynamic:

@@ -160,6 +160,7 @@ def quantize_int8(
     cache_dir: str | os.PathLike | None = None,
     bins: int | None = None,
     progress: bool = False,
+    prepare: bool = True,
     **method_options: Any,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Calibrate on the first ``1 - holdout_fraction`` of the samples, quantize, judge the
@@ -196,6 +197,9 @@ def quantize_int8(
       quantized layers; beyond half, INT8 has little left to gain), the model would fail
       verification.
 
+    ``prepare``: first fold generated weights and BatchNorm/affine layers into the
+    convolutions (``prepare_float``); a pipeline that runs those passes itself turns it off.
+
     ``bias_correction``: every model this builds with all its layers quantized or only
     some returned to float (not the single-layer models of the ranking) gets its Conv and
     Gemm biases corrected for the mean shift quantization causes
@@ -229,9 +233,10 @@ def quantize_int8(
         before = oir.default_opset(working)
         working, problem = upgrade_opset(working, 13)
         stats["opset"] = {"before": before, "after": oir.default_opset(working), "problem": problem}
-    folded = prepare_float(working)
-    if folded:
-        stats["float_fusions"] = folded
+    if prepare:
+        folded = prepare_float(working)
+        if folded:
+            stats["float_fusions"] = folded
     lap("prepare")
     float_model = working
     calib, held = split_holdout(samples, holdout_fraction)
