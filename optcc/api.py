@@ -19,7 +19,7 @@ from optcc.infra.pass_base import Numerics
 from optcc.infra.manager import PassManager
 from optcc.infra.pipelines import build_pipeline
 from optcc.infra.registry import create_pass
-from optcc.infra.report import ModelSummary, Report, peak_rss_bytes
+from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_bytes
 from optcc.ir.overwrite import check_input_shapes
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
 from optcc.numerics import DEFAULT_MARGIN, Tolerance, Verification, Verifier
@@ -346,16 +346,8 @@ def _fold_growth(report: Report) -> str | None:
     if growth <= 0 or growth <= FOLD_GROWTH_WARNING * max(before, 1):
         return None
     percent = 100.0 * growth / before if before else float("inf")
-    return (f"constant folding grew the weights by {percent:.0f}% (+{_size(growth)}); "
+    return (f"constant folding grew the weights by {percent:.0f}% (+{format_bytes(growth)}); "
             "--disable fold-constants keeps those tensors computed at run time")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _fresh_copies(given: oir.ModelSource, original: Any) -> Callable[[], ir.Model]:

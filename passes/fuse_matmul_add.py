@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var
+from optcc.rewrite import Builder, Match, Op, RewritePass, Rule, Var
 
 __all__ = ["FuseMatMulAddPass", "RULES"]
 

@@ -214,16 +214,21 @@ def _rewrite_gelu(kind: str):  # noqa: ANN202 - returns a Rewrite
     return rewrite
 
 
-def _gelu_rules() -> list[Rule]:
+def gelu_rules(rewrite_for, check_for, **rule_options) -> list[Rule]:  # noqa: ANN001
+    """A rule per way exporters write Gelu (erf or tanh form, each factor placement), with
+    ``rewrite_for(kind)`` and ``check_for(kind)`` for kind "erf" or "tanh"."""
     rules = []
     placements = ("half-x", "half-bracket", "half-product", "div-two")
     for kind, variants in (("erf", ("div", "mul")), ("tanh", ("pow", "mul"))):
         for variant, placement in itertools.product(variants, placements):
             x = Var("x")
             pattern = _gelu_root(placement, x, _gelu_bracket(kind, variant, x))
-            rules.append(Rule(f"gelu-{kind}", pattern, _rewrite_gelu(kind), _check_gelu(kind),
-                              min_opset=20))
+            rules.append(Rule(f"gelu-{kind}", pattern, rewrite_for(kind), check_for(kind), **rule_options))
     return rules
+
+
+def _gelu_rules() -> list[Rule]:
+    return gelu_rules(_rewrite_gelu, _check_gelu, min_opset=20)
 
 
 def _layernorm_rules() -> list[Rule]:

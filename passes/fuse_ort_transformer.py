@@ -26,14 +26,13 @@ FastGelu the same tanh polynomial); rounding-order differences ~1e-6, inside 1e-
 
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import onnx_ir as ir
 
 from optcc.infra import PassResult
 from optcc.passes.fuse_attention import exported_rank
-from optcc.passes.fuse_normalization import _check_gelu, _gelu_bracket, _gelu_root
+from optcc.passes.fuse_normalization import _check_gelu, gelu_rules
 from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var
 
 __all__ = ["FuseOrtTransformerPass", "RULES", "MS_DOMAIN"]
@@ -149,14 +148,7 @@ def _check_old_opset(kind: str):  # noqa: ANN202 - returns a Check
 
 
 def _decomposed_gelu_rules() -> list[Rule]:
-    rules = []
-    placements = ("half-x", "half-bracket", "half-product", "div-two")
-    for kind, variants in (("erf", ("div", "mul")), ("tanh", ("pow", "mul"))):
-        for variant, placement in itertools.product(variants, placements):
-            x = Var("x")
-            pattern = _gelu_root(placement, x, _gelu_bracket(kind, variant, x))
-            rules.append(Rule(f"gelu-{kind}", pattern, _contrib_gelu(kind), _check_old_opset(kind)))
-    return rules
+    return gelu_rules(_contrib_gelu, _check_old_opset)
 
 
 RULES: tuple[Rule, ...] = (

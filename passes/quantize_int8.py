@@ -204,7 +204,7 @@ class QuantizeInt8Pass(optcc.Pass):
             stats["reason"] = "no calibrated ranges given"
             return optcc.PassResult(model, False, stats)
         per_channel = self.per_channel and opset >= 13
-        names = _Names(model)
+        names = optcc.ir.ModelNames(model)
         modified = False
         for graph in optcc.ir.graphs(model):
             if not isinstance(graph, ir.Graph):
@@ -552,29 +552,6 @@ def _data_input(node: ir.Node) -> ir.Value:
     return next(v for v in node.inputs if v is not None and _const(v) is None)
 
 
-class _Names:
-    """Unique value names across every graph of the model, computed once."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.taken: set[str] = set()
-        for graph in optcc.ir.graphs(model):
-            self.taken.update(v.name for v in graph.inputs if v.name)
-            self.taken.update(v.name for v in graph.outputs if v.name)
-            if isinstance(graph, ir.Graph):
-                self.taken.update(graph.initializers)
-            for node in graph:
-                self.taken.update(v.name for v in node.inputs if v is not None and v.name)
-                self.taken.update(v.name for v in node.outputs if v.name)
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.taken:
-            i += 1
-            name = f"{base}_{i}"
-        self.taken.add(name)
-        return name
-
-
 def _count(counter: dict[str, int], key: str, n: int = 1) -> None:
     counter[key] = counter.get(key, 0) + n
 
@@ -583,7 +560,7 @@ class _Rewriter:
     """Applies a plan to one graph."""
 
     def __init__(self, graph: ir.Graph, plan: _Plan, per_channel: bool, activation_type: str,
-                 stats: dict[str, Any], names: _Names) -> None:
+                 stats: dict[str, Any], names: optcc.ir.ModelNames) -> None:
         self.graph = graph
         self.names = names
         self.plan = plan
@@ -633,7 +610,7 @@ class _Rewriter:
     # -------------------------------------------------------------- helpers
 
     def _initializer(self, base: str, array: np.ndarray) -> ir.Value:
-        name = self.names(base)
+        name = self.names.value(base)
         value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
         value.dtype = ir.DataType.from_numpy(array.dtype)
         value.shape = ir.Shape(array.shape)
@@ -641,7 +618,7 @@ class _Rewriter:
         return value
 
     def _new_value(self, base: str, like: ir.Value | None, dtype: ir.DataType | None) -> ir.Value:
-        value = ir.Value(name=self.names(base))
+        value = ir.Value(name=self.names.value(base))
         if like is not None and like.shape is not None:
             value.shape = like.shape.copy() if hasattr(like.shape, "copy") else like.shape
         if dtype is not None:
@@ -720,7 +697,7 @@ class _Rewriter:
             for i, out in enumerate(self.graph.outputs):
                 if out is value:
                     self.graph.outputs[i] = deq
-            value.name = self.names(f"{name}_float")
+            value.name = self.names.value(f"{name}_float")
             deq.name, deq.type, deq.shape = name, type_ or deq.type, shape or deq.shape
         self.dq_of[value] = deq
         self.stats["qdq_pairs"] += 1

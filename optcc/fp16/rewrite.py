@@ -118,26 +118,6 @@ def float16_slots(node: ir.Node, opset: int, dtype: Callable[[ir.Value], ir.Data
     return Slots(ins, outs)
 
 
-class Names:
-    """Unique value names across every graph and function of the model, collected once."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.taken: set[str] = set()
-        for graph in oir.graphs(model):
-            self.taken.update(v.name for v in graph.inputs if v.name)
-            if isinstance(graph, ir.Graph):
-                self.taken.update(graph.initializers)
-            for node in graph:
-                self.taken.update(v.name for v in node.outputs if v.name)
-
-    def new(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name
-
-
 @dataclasses.dataclass
 class RewriteStats:
     converted_nodes: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -191,7 +171,7 @@ class Rewriter:
         self.store16 = frozenset(store16)
         self.dtype = dtype
         self.keep_io = keep_io
-        self.names = Names(model)
+        self.names = oir.ModelNames(model)
         self.stats = RewriteStats()
         self.graphs = list(oir.graphs(model))
         self.plan: dict[ir.Node, Slots] = {}
@@ -293,10 +273,10 @@ class Rewriter:
                     continue
                 if value not in restored:
                     name, shape = value.name or "", value.shape
-                    value.name = self.names.new(f"{name}_float16")
+                    value.name = self.names.value(f"{name}_float16")
                     out = ir.Value(name=name, type=ir.TensorType(FLOAT), shape=shape)
                     cast = ir.Node("", "Cast", [value], [ir.AttrInt64("to", FLOAT)], outputs=[out],
-                                   name=self.names.new(f"{name}/cast_float32"))
+                                   name=self.names.value(f"{name}/cast_float32"))
                     self._place(graph, value, cast)
                     restored[value] = out
                 graph.outputs[i] = restored[value]
@@ -328,10 +308,10 @@ class Rewriter:
                 self.casts[key] = source
                 return source
         suffix = "float16" if to == FLOAT16 else "float32"
-        out = ir.Value(name=self.names.new(f"{value.name}_{suffix}"), type=ir.TensorType(to),
+        out = ir.Value(name=self.names.value(f"{value.name}_{suffix}"), type=ir.TensorType(to),
                        shape=value.shape)
         cast = ir.Node("", "Cast", [source], [ir.AttrInt64("to", to)], outputs=[out],
-                       name=self.names.new(f"{value.name}/cast_{suffix}"))
+                       name=self.names.value(f"{value.name}/cast_{suffix}"))
         self._place(graph, source, cast)
         self.casts[key] = out
         return out
@@ -369,9 +349,9 @@ class Emulator(Rewriter):
         def round_(graph: ir.Graph | ir.Function, value: ir.Value) -> ir.Value:
             key = (id(graph), value)
             if key not in rounded:
-                half = ir.Value(name=self.names.new(f"{value.name}_f16"), type=ir.TensorType(FLOAT16),
+                half = ir.Value(name=self.names.value(f"{value.name}_f16"), type=ir.TensorType(FLOAT16),
                                 shape=value.shape)
-                back = ir.Value(name=self.names.new(f"{value.name}_rounded"), type=ir.TensorType(FLOAT),
+                back = ir.Value(name=self.names.value(f"{value.name}_rounded"), type=ir.TensorType(FLOAT),
                                 shape=value.shape)
                 first = ir.Node("", "Cast", [value], [ir.AttrInt64("to", FLOAT16)], outputs=[half])
                 second = ir.Node("", "Cast", [half], [ir.AttrInt64("to", FLOAT)], outputs=[back])
@@ -406,7 +386,7 @@ class Emulator(Rewriter):
                 users = [(u.node, u.idx) for u in value.uses()]
                 outputs = [j for j, o in enumerate(graph.outputs) if o is value]
                 name = value.name
-                value.name = self.names.new(f"{name}_unrounded")
+                value.name = self.names.value(f"{name}_unrounded")
                 new = round_(graph, value)
                 new.name = name
                 for user, idx in users:

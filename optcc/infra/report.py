@@ -173,12 +173,12 @@ class Report:
             delta = op_delta(before.op_histogram, after.op_histogram)
             changes = ", ".join(f"{op} {n:+d}" for op, n in delta.items()) or "no op changes"
             lines.append(f"nodes {before.nodes} -> {after.nodes} ({changes})")
-            lines.append(f"weights {_size(before.weight_bytes)} -> {_size(after.weight_bytes)}")
+            lines.append(f"weights {format_bytes(before.weight_bytes)} -> {format_bytes(after.weight_bytes)}")
         changed = sum(p.status == "changed" for p in self.passes)
         lines.append(
             f"passes: {len(self.passes)} run, {changed} changed the model, "
             f"{len(self.reverted())} reverted; {self.total_time_s:.2f} s, "
-            f"peak RSS {_size(self.peak_rss_bytes)}"
+            f"peak RSS {format_bytes(self.peak_rss_bytes)}"
         )
         for record in self.reverted():
             lines.append(f"  reverted {record.name}: {record.reason}")
@@ -189,7 +189,8 @@ class Report:
         return "\n".join(lines)
 
 
-def _size(n: int) -> str:
+def format_bytes(n: float) -> str:
+    """A byte count for people: 512 B, 31.4 KiB, 1.8 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -19,6 +19,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from optcc.infra.report import format_bytes
+
 __all__ = ["render_html", "charts_available"]
 
 MAX_CHART_ROWS = 40  # bars per chart; tables keep every row
@@ -266,13 +268,7 @@ def _num(value: Any, fmt: str) -> str:
 
 
 def _size(n: Any) -> str:
-    if not isinstance(n, (int, float)):
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    return format_bytes(n) if isinstance(n, (int, float)) else "-"
 
 
 def _e(value: Any) -> str:

@@ -35,6 +35,7 @@ __all__ = [
     "uses_external_data",
     "external_data_files",
     "unique_value_name",
+    "ModelNames",
     "value_names",
     "const_tensor",
     "proto_graphs",
@@ -674,6 +675,23 @@ def unique_value_name(
         name = f"{base}_{i}"
     names.add(name)
     return name
+
+
+class ModelNames:
+    """The value and node names in use anywhere in a model (collected once), handing out
+    fresh ones: ``base``, else ``base_1``, ``base_2``, ..."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.values = value_names(model)
+        self.nodes = {node.name for node in nodes(model) if node.name}
+
+    def value(self, base: str) -> str:
+        """A value name no graph of the model uses (now taken)."""
+        return unique_value_name(None, base, self.values)
+
+    def node(self, base: str) -> str:
+        """A node name no graph of the model uses (now taken)."""
+        return unique_value_name(None, base, self.nodes)
 
 
 # --------------------------------------------------------------------------- saving

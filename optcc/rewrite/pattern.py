@@ -421,36 +421,11 @@ def _consts_of(pattern: Pattern, out: dict[str, bool]) -> dict[str, bool]:
 # --------------------------------------------------------------------------- building
 
 
-class _Names:
-    """Value and node names in use anywhere in the model (collected once), to hand out
-    fresh ones."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.taken: set[str] = set()
-        self.node_names: set[str] = set()
-        for graph in oir.graphs(model):
-            self.taken.update(v.name for v in graph.inputs if v.name)
-            if isinstance(graph, ir.Graph):
-                self.taken.update(graph.initializers)
-            for node in graph:
-                self.taken.update(v.name for v in node.outputs if v.name)
-                if node.name:
-                    self.node_names.add(node.name)
-
-    def fresh(self, base: str) -> str:
-        """A value name no graph of the model uses."""
-        return oir.unique_value_name(None, base, self.taken)
-
-    def fresh_node(self, base: str) -> str:
-        """A node name no graph of the model uses."""
-        return oir.unique_value_name(None, base, self.node_names)
-
-
 class Builder:
     """Builds the replacement: new nodes (inserted before the root) and constants
     (initializers of a graph; Constant nodes in a function, which has none)."""
 
-    def __init__(self, match: Match, rule_name: str, names: _Names) -> None:
+    def __init__(self, match: Match, rule_name: str, names: oir.ModelNames) -> None:
         self._match = match
         self._rule = rule_name
         self._names = names
@@ -458,7 +433,7 @@ class Builder:
         self.initializers: list[ir.Value] = []
 
     def _name(self, base: str) -> str:
-        return self._names.fresh(base)
+        return self._names.value(base)
 
     def op(
         self,
@@ -480,7 +455,7 @@ class Builder:
             list(inputs),
             copied,
             num_outputs=1,
-            name=self._names.fresh_node(f"{root_name}/{self._rule}"),
+            name=self._names.node(f"{root_name}/{self._rule}"),
         )
         node.outputs[0].name = self._name(f"{self._match.output.name or 'v'}_{op_type.lower()}")
         self.nodes.append(node)
@@ -497,7 +472,7 @@ class Builder:
             self.initializers.append(value)
             return value
         node = ir.Node("", "Constant", [], [ir.AttrTensor("value", tensor)], num_outputs=1,
-                       name=self._names.fresh_node(f"{name}/Constant"))
+                       name=self._names.node(f"{name}/Constant"))
         node.outputs[0].name = name
         self.nodes.append(node)
         return node.outputs[0]
@@ -581,7 +556,7 @@ def _drop_if_unused(value: ir.Value, graph: ir.Graph | ir.Function) -> None:
 
 
 def _replace(
-    match: Match, builder: Builder, new: ir.Value, consts: Mapping[str, bool], names: _Names
+    match: Match, builder: Builder, new: ir.Value, consts: Mapping[str, bool], names: oir.ModelNames
 ) -> None:
     graph, root, old = match.graph, match.root, match.output
     if new.producer() not in builder.nodes:
@@ -592,7 +567,7 @@ def _replace(
     graph.insert_before(root, builder.nodes)
     name, type_, shape = old.name, old.type, old.shape
     old.replace_all_uses_with(new, replace_graph_outputs=True)
-    old.name = names.fresh(f"{name}_replaced")
+    old.name = names.value(f"{name}_replaced")
     new.name, new.type, new.shape = name, type_, shape
     graph.remove(list(reversed(match.nodes)), safe=True)
     for const_name in consts:
@@ -626,7 +601,7 @@ def _rewrite_graph(
     rules: Sequence[Rule],
     max_iters: int,
     stats: RewriteStats,
-    names: _Names,
+    names: oir.ModelNames,
 ) -> None:
     graph = scope.graph
     by_op: dict[str, list[Rule]] = collections.defaultdict(list)
@@ -673,7 +648,7 @@ def _try_rules(
     stats: RewriteStats,
     seen: set[tuple[str, int, str]],
     keep_alive: list[ir.Node],
-    names: _Names,
+    names: oir.ModelNames,
 ) -> tuple[list[ir.Node], list[ir.Value]] | None:
     if node.domain not in DEFAULT_DOMAINS:
         rules = [r for r in rules if r.pattern.domain == node.domain]
@@ -711,7 +686,7 @@ def apply_rules(
     stats = RewriteStats()
     model_opset = oir.default_opset(model)
     legacy = int(model.ir_version or 0) < 4
-    names = _Names(model)
+    names = oir.ModelNames(model)
     for graph in list(oir.graphs(model)):
         scope = _Scope(graph, _graph_opset(graph, model_opset), legacy)
         _rewrite_graph(scope, rules, max_iters, stats, names)
