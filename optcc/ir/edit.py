@@ -1,0 +1,152 @@
+"""Editing helpers: fresh value and node names, constants as tensors, and the legacy-IR
+and dtype facts passes need before they rewrite."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from optcc.ir.saving import initializers_set_aside, serialize
+from optcc.ir.walk import graphs, nodes, proto_graphs, subgraphs
+
+def value_names(scope: ir.Model | ir.Graph | ir.Function) -> set[str]:
+    """Every value name defined in ``scope`` (a model: all its graphs; a graph or function:
+    it and the bodies nested in it)."""
+    if isinstance(scope, ir.Model):
+        graph_likes = list(graphs(scope))
+    else:
+        graph_likes, stack = [], [scope]
+        while stack:
+            g = stack.pop()
+            graph_likes.append(g)
+            stack.extend(sub for node in g for sub in subgraphs(node))
+    taken: set[str] = set()
+    for g in graph_likes:
+        taken.update(v.name for v in g.inputs if v.name)
+        if isinstance(g, ir.Graph):
+            taken.update(g.initializers)
+        for node in g:
+            taken.update(v.name for v in node.outputs if v.name)
+    return taken
+
+
+def unique_value_name(
+    scope: ir.Model | ir.Graph | ir.Function | None, base: str, taken: set[str] | None = None
+) -> str:
+    """A value name based on ``base`` not used in ``scope`` (pass the model to be safe
+    across all graphs). With ``taken`` (from ``value_names``), that set is used and the
+    new name added to it, so repeated calls do not rescan the model."""
+    if taken is None and scope is None:
+        raise ValueError("unique_value_name needs a scope or a set of taken names")
+    names = value_names(scope) if taken is None else taken
+    name, i = base, 0
+    while name in names:
+        i += 1
+        name = f"{base}_{i}"
+    names.add(name)
+    return name
+
+
+class ModelNames:
+    """The value and node names in use anywhere in a model (collected once), handing out
+    fresh ones: ``base``, else ``base_1``, ``base_2``, ..."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.values = value_names(model)
+        self.nodes = {node.name for node in nodes(model) if node.name}
+
+    def value(self, base: str) -> str:
+        """A value name no graph of the model uses (now taken)."""
+        return unique_value_name(None, base, self.values)
+
+    def node(self, base: str) -> str:
+        """A node name no graph of the model uses (now taken)."""
+        return unique_value_name(None, base, self.nodes)
+
+
+def upgrade_legacy_ir(model: ir.Model) -> int:
+    """Move a model below IR version 4 to 4, in place: initializers are no longer graph
+    inputs (those that nothing reads are dropped). Below IR 4 such inputs are constants no
+    caller can feed (onnxruntime does not list them), so the interface is unchanged; from
+    IR 4 on, a pass may add initializers without listing them as inputs. Returns how many
+    inputs were unlisted (0 for a model at IR 4 or above, which is left alone)."""
+    if int(model.ir_version or 0) >= 4:
+        return 0
+    graph = model.graph
+    constant_inputs = [v for v in graph.inputs if v.is_initializer()]
+    for value in constant_inputs:
+        graph.inputs.remove(value)
+        if not value.uses() and not value.is_graph_output():
+            graph.initializers.pop(value.name)
+    model.ir_version = 4
+    return len(constant_inputs)
+
+
+def inferred_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
+    """Element types of the values of the main graph and its If/Loop/Scan bodies, as
+    declared or as onnx type inference finds them (best effort: values it cannot type are
+    left out). Inference runs only when a node output is undeclared, on a serialized copy
+    whose weights are graph inputs of the same type and shape, so no weight data is
+    copied."""
+    bodies = [g for g in graphs(model) if isinstance(g, ir.Graph)]
+    declared = [v for g in bodies for v in (*g.inputs, *(o for node in g for o in node.outputs))]
+    types = {v.name: v.dtype for v in declared if v.name and v.dtype is not None}
+    if all(v.name in types for v in declared if v.name):
+        return types
+    with initializers_set_aside(model, lambda t: True) as aside:
+        proto = serialize(model)
+    shapes = {value.name: (tensor.dtype, tensor.shape) for value, tensor in aside}
+    inputs = {v.name for v in proto.graph.input}
+    kept = [t for t in proto.graph.initializer if t.name not in shapes]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    for name, (dtype, shape) in shapes.items():
+        if name not in inputs:
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(name, int(dtype), list(shape.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except Exception:  # noqa: BLE001 - best effort: the declared types remain
+        return types
+    for graph in proto_graphs(inferred.graph):
+        for info in (*graph.value_info, *graph.output, *graph.input):
+            elem = info.type.tensor_type.elem_type if info.type.HasField("tensor_type") else 0
+            if elem and info.name not in types:
+                types[info.name] = ir.DataType(elem)
+    return types
+
+
+_CONSTANT_LISTS = {
+    "value_float": np.float32, "value_floats": np.float32,
+    "value_int": np.int64, "value_ints": np.int64,
+    "value_string": np.bytes_, "value_strings": np.bytes_,
+}
+
+
+def const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
+    """The constant tensor behind a value (initializer or default-domain Constant output),
+    else None. Unlike ``ir.convenience.get_const_tensor`` it renames nothing and skips the
+    Protocol isinstance checks that made it a hot spot; a malformed Constant raises
+    ValueError."""
+    if value.const_value is not None:
+        return value.const_value
+    node = value.producer()
+    if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    if len(node.attributes) != 1 or len(node.outputs) != 1:
+        raise ValueError(f"Constant node '{node.name}' must have one attribute and one output")
+    attr_name, attr = next(iter(node.attributes.items()))
+    if attr.is_ref():
+        return None
+    if attr_name == "value" and attr.type == ir.AttributeType.TENSOR:
+        return attr.value
+    if attr_name in _CONSTANT_LISTS:
+        array = np.array(attr.value, dtype=_CONSTANT_LISTS[attr_name])
+        return ir.StringTensor(array) if array.dtype.kind == "S" else ir.Tensor(array)
+    raise ValueError(f"Constant node '{node.name}' has unsupported attribute '{attr_name}'")
+
+
+def as_numpy(value: ir.Value) -> np.ndarray | None:
+    """The constant array behind a value (initializer or Constant output), else None."""
+    tensor = const_tensor(value)
+    return None if tensor is None else tensor.numpy()

@@ -1,0 +1,198 @@
+"""Graph inputs and outputs without a type or shape (older and hand-built exports): the
+types shape inference gives them, so the model written passes onnx's checker."""
+
+from __future__ import annotations
+
+import onnx
+
+from optcc.errors import BadInputError
+
+# ------------------------------------------------------------ interface types
+
+FILLED_INTERFACE_KEY = "optcc.filled_interface"
+"""``model.meta`` key (in memory, never written) listing, one line each, the main-graph
+inputs and outputs whose missing type or shape ``load`` filled in."""
+
+_MAX_TRIED_RANK = 8
+
+
+def _needs_fill(info: onnx.ValueInfoProto) -> bool:
+    """A main-graph input/output onnx.checker rejects for a missing type or shape."""
+    kind = info.type.WhichOneof("value")
+    if kind is None:
+        return True
+    return kind == "tensor_type" and (
+        not info.type.tensor_type.elem_type or not info.type.tensor_type.HasField("shape")
+    )
+
+
+def _interface_fills(
+    proto: onnx.ModelProto, label: str
+) -> list[tuple[str, onnx.TypeProto, str]]:
+    """For each main-graph input or output without a type or shape (older and hand-built
+    exports; onnxruntime runs them, onnx.checker refuses them): ``(where, type, note)``
+    with the type onnx shape inference gives it. ``where`` is ``input:NAME`` or
+    ``output:NAME``. An input gets the one rank for which strict shape inference of its
+    consumers succeeds (dims left unknown); an output the inferred type, else the
+    producing node's declared value_info. Raises BadInputError when no type can be found."""
+    graph = proto.graph
+    inputs = [v for v in graph.input if _needs_fill(v)]
+    outputs = [v for v in graph.output if _needs_fill(v)]
+    if not inputs and not outputs:
+        return []
+    weights = {t.name: t for t in graph.initializer}
+    light = _without_weights(proto)
+    fills: list[tuple[str, onnx.TypeProto, str]] = []
+    for info in inputs:
+        if info.name in weights:  # below IR 4 a weight may be listed as an input
+            t = weights[info.name]
+            fill = onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims))
+            fills.append(_fill("input", info.name, fill, "from its initializer"))
+            continue
+        elem = info.type.tensor_type.elem_type if info.type.HasField("tensor_type") else 0
+        if not elem:
+            raise BadInputError(
+                f"invalid ONNX model: graph input '{info.name}' has no element type", label
+            )
+        ranks = [r for r in range(_MAX_TRIED_RANK + 1) if _rank_fits(light, info.name, elem, r)]
+        if len(ranks) != 1:
+            fitting = f"ranks {ranks} all fit" if ranks else "no rank fits"
+            raise BadInputError(
+                f"graph input '{info.name}' declares no shape, and its rank cannot be inferred "
+                f"from its consumers ({fitting}); add the shape to the model",
+                label,
+            )
+        fill = onnx.helper.make_tensor_type_proto(elem, [None] * ranks[0])
+        fills.append(_fill("input", info.name, fill, "(rank from shape inference)"))
+    if outputs:
+        for where, fill, _ in fills:
+            _set_type(light, where, fill)
+        inferred = _inferred_types(light)
+        declared = {v.name: v.type for v in graph.value_info}
+        declared.update({v.name: v.type for v in graph.input if not _needs_fill(v)})
+        declared.update({
+            n: onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)) for n, t in weights.items()
+        })
+        for info in outputs:
+            fill, source = inferred.get(info.name), "shape inference"
+            if fill is None or not _complete(fill):
+                fill, source = declared.get(info.name), "its producer's value_info"
+            if fill is None or not _complete(fill):
+                raise BadInputError(
+                    f"invalid ONNX model: graph output '{info.name}' has no type or shape, and "
+                    "shape inference cannot find one",
+                    label,
+                )
+            fill = _without_placeholder_dims(fill)
+            fills.append(_fill("output", info.name, fill, f"from {source}"))
+    return fills
+
+
+def _fill(kind: str, name: str, fill: onnx.TypeProto, how: str) -> tuple[str, onnx.TypeProto, str]:
+    return f"{kind}:{name}", fill, f"{kind} '{name}': {_type_text(fill)} {how}"
+
+
+def _without_placeholder_dims(t: onnx.TypeProto) -> onnx.TypeProto:
+    """The type with shape inference's invented dim names (``unk__N``) made unknown."""
+    t = onnx.TypeProto.FromString(t.SerializeToString())
+    for dim in t.tensor_type.shape.dim:
+        if dim.dim_param.startswith("unk__"):
+            dim.ClearField("dim_param")
+    return t
+
+
+def _complete(t: onnx.TypeProto) -> bool:
+    return (t.HasField("tensor_type") and bool(t.tensor_type.elem_type)
+            and t.tensor_type.HasField("shape"))
+
+
+def _type_text(t: onnx.TypeProto) -> str:
+    tt = t.tensor_type
+    dims = ",".join(
+        str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim
+    )
+    return f"{onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name}[{dims}]"
+
+
+def _rank_fits(light: onnx.ModelProto, name: str, elem: int, rank: int) -> bool:
+    trial = onnx.ModelProto()
+    trial.CopyFrom(light)
+    _set_type(trial, f"input:{name}", onnx.helper.make_tensor_type_proto(elem, [None] * rank))
+    try:
+        onnx.shape_inference.infer_shapes(trial, strict_mode=True)
+    except Exception:  # noqa: BLE001 - any inference error rules the rank out
+        return False
+    return True
+
+
+def _inferred_types(light: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - best effort; the caller reports what stays missing
+        return {}
+    graph = inferred.graph
+    return {v.name: v.type for v in (*graph.value_info, *graph.output, *graph.input)
+            if v.type.WhichOneof("value") is not None}
+
+
+def _set_type(proto: onnx.ModelProto, where: str, fill: onnx.TypeProto) -> None:
+    kind, name = where.split(":", 1)
+    for info in proto.graph.input if kind == "input" else proto.graph.output:
+        if info.name == name:
+            info.type.CopyFrom(fill)
+
+
+def _apply_fills(
+    proto: onnx.ModelProto, fills: list[tuple[str, onnx.TypeProto, str]]
+) -> list[tuple[str, onnx.TypeProto]]:
+    originals = []
+    for where, fill, _ in fills:
+        kind, name = where.split(":", 1)
+        for info in proto.graph.input if kind == "input" else proto.graph.output:
+            if info.name == name:
+                saved = onnx.TypeProto()
+                saved.CopyFrom(info.type)
+                originals.append((where, saved))
+        _set_type(proto, where, fill)
+    return originals
+
+
+def _restore(proto: onnx.ModelProto, originals: list[tuple[str, onnx.TypeProto]]) -> None:
+    for where, saved in originals:
+        _set_type(proto, where, saved)
+
+
+def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model whose main-graph initializers are graph inputs of the same
+    type and shape (no weight data copied): enough for type inference and the checker's
+    structural rules."""
+    light = onnx.ModelProto()
+    for field, value in proto.ListFields():
+        if field.name != "graph":
+            _copy_field(light, field, value)
+    graph = light.graph
+    for field, value in proto.graph.ListFields():
+        if field.name not in ("initializer", "sparse_initializer"):
+            _copy_field(graph, field, value)
+    listed = {v.name for v in graph.input}
+    for t in proto.graph.initializer:
+        if t.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    for sparse in proto.graph.sparse_initializer:
+        if sparse.values.name not in listed:
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(
+                    sparse.values.name, sparse.values.data_type, list(sparse.dims)
+                )
+            )
+    return light
+
+
+def _copy_field(target, field, value) -> None:  # noqa: ANN001 - protobuf descriptors
+    slot = getattr(target, field.name)
+    if hasattr(slot, "extend"):  # a repeated field
+        slot.extend(value)
+    elif field.message_type is not None:
+        slot.CopyFrom(value)
+    else:
+        setattr(target, field.name, value)

@@ -1,0 +1,235 @@
+"""Loading untrusted model files: validated before use, external data kept inside the
+model's folder, nodes in topological order."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from optcc.errors import BadInputError, UnsafeInputError
+from optcc.ir.interface import FILLED_INTERFACE_KEY, _apply_fills, _interface_fills, _restore, _without_weights
+from optcc.ir.walk import _node_protos, first_order_problem, tensor_protos
+
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(source: ModelSource) -> ir.Model:
+    """Load and validate a model from a path, serialized bytes, a ModelProto or an ir.Model.
+
+    Raises BadInputError (UnsafeInputError for security problems) with a one-line message
+    naming the file. An ``ir.Model`` is returned as given (it is trusted: it came from code).
+    """
+    if isinstance(source, ir.Model):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        return _from_proto(source, base_dir=None, label="<ModelProto>")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        proto = _parse_bytes(bytes(source), "<bytes>")
+        return _from_proto(proto, base_dir=None, label="<bytes>")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        proto = _read_model_file(path)
+        return _from_proto(proto, base_dir=path.resolve().parent, label=str(path), path=path)
+    raise BadInputError(
+        f"cannot load a model from a {type(source).__name__}; "
+        "give a path, bytes, onnx.ModelProto or onnx_ir.Model"
+    )
+
+
+def _read_model_file(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise BadInputError("no such file", path)
+    if not path.is_file():
+        raise BadInputError("not a file", path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadInputError(f"cannot read: {e.strerror or e}", path) from None
+    return _parse_bytes(data, str(path))
+
+
+def _parse_bytes(data: bytes, label: str) -> onnx.ModelProto:
+    if not data:
+        raise BadInputError("empty file, not an ONNX model", label)
+    if data.startswith(_ZIP_MAGIC):
+        raise BadInputError("is a zip archive (an .npz?), not an ONNX model", label)
+    if data.startswith(_NPY_MAGIC):
+        raise BadInputError("is a NumPy .npy array, not an ONNX model", label)
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError):
+        raise BadInputError(
+            "not a valid ONNX protobuf (truncated or garbage bytes)", label
+        ) from None
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        raise BadInputError("not an ONNX model (no ir_version or no graph)", label)
+    return proto
+
+
+def _from_proto(
+    proto: onnx.ModelProto, base_dir: Path | None, label: str, path: Path | None = None
+) -> ir.Model:
+    _check_versions(proto, label)
+    has_external = _check_external_data(proto, base_dir, label)
+    fills = _interface_fills(proto, label)
+    originals = _apply_fills(proto, fills)
+    try:
+        if fills and has_external:
+            # The checker can only resolve external data from the file, which lacks the
+            # filled types; check the structure without the (already validated) weights.
+            _check_structure(_without_weights(proto), label)
+        else:
+            # The checker resolves external data files against the model's folder, which
+            # only a path gives it (their locations were validated just above).
+            _check_structure(str(path) if has_external and path is not None else proto, label)
+        try:
+            model = ir.serde.deserialize_model(proto)
+        except Exception as e:  # onnx-ir rejects some malformed protos the checker lets through
+            raise BadInputError(f"malformed model: {_one_line(e)}", label) from None
+    finally:
+        _restore(proto, originals)  # a caller's ModelProto is never modified
+    if fills:
+        model.meta[FILLED_INTERFACE_KEY] = [note for _, _, note in fills]
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    _sort_or_reject_cycle(model, label)
+    return model
+
+
+def _check_versions(proto: onnx.ModelProto, label: str) -> None:
+    if proto.ir_version > onnx.IR_VERSION:
+        raise BadInputError(
+            f"IR version {proto.ir_version} is newer than this onnx ({onnx.__version__}) "
+            f"supports (<= {onnx.IR_VERSION}); upgrade onnx",
+            label,
+        )
+    default = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if not default:
+        # A model made only of other domains' ops (e.g. ai.onnx.ml) needs no '' import.
+        if _uses_default_domain(proto):
+            raise BadInputError(
+                "uses ONNX operators but has no opset import for the default domain ('')",
+                label,
+            )
+        return
+    newest = onnx.defs.onnx_opset_version()
+    if default[0] > newest:
+        raise BadInputError(
+            f"opset {default[0]} is newer than this onnx ({onnx.__version__}) supports "
+            f"(<= {newest}); upgrade onnx",
+            label,
+        )
+
+
+def _uses_default_domain(proto: onnx.ModelProto) -> bool:
+    graphs_ = [proto.graph, *(onnx.GraphProto(node=f.node) for f in proto.functions)]
+    return any(
+        node.domain in ("", "ai.onnx") for graph in graphs_ for node in _node_protos(graph)
+    )
+
+
+def _check_external_data(proto: onnx.ModelProto, base_dir: Path | None, label: str) -> bool:
+    """Validate every external data reference; True when the model has any."""
+    graphs_ = [proto.graph] + [
+        onnx.GraphProto(node=f.node) for f in proto.functions
+    ]
+    found = False
+    for graph in graphs_:
+        for tensor in tensor_protos(graph):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            _check_external_location(tensor.name, info, base_dir, label)
+            found = True
+    return found
+
+
+def _check_external_location(
+    tensor_name: str, info: dict[str, str], base_dir: Path | None, label: str
+) -> None:
+    location = info.get("location", "")
+    if not location:
+        raise BadInputError(f"tensor '{tensor_name}' has external data with no location", label)
+    if base_dir is None:
+        raise BadInputError(
+            f"tensor '{tensor_name}' stores its data in external file '{location}'; "
+            "load the model from its path so the file can be found",
+            label,
+        )
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
+        raise UnsafeInputError(
+            f"refusing external data path '{location}' of tensor '{tensor_name}': "
+            "absolute paths are not allowed",
+            label,
+        )
+    root = base_dir.resolve()
+    target = (root / location).resolve()  # resolves '..' and symlinks
+    if target != root and root not in target.parents:
+        raise UnsafeInputError(
+            f"refusing external data path '{location}' of tensor '{tensor_name}': "
+            "it points outside the model's folder",
+            label,
+        )
+    if not target.is_file():
+        raise BadInputError(
+            f"external data file '{location}' of tensor '{tensor_name}' is missing", label
+        )
+    try:
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+    except ValueError:
+        raise BadInputError(
+            f"tensor '{tensor_name}' has a non-numeric external data offset/length", label
+        ) from None
+    if end > target.stat().st_size:
+        raise BadInputError(
+            f"external data file '{location}' is shorter than tensor '{tensor_name}' needs "
+            "(truncated?)",
+            label,
+        )
+
+
+def _check_structure(proto: onnx.ModelProto | str, label: str) -> None:
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        message = _one_line(e)
+        if "topologically sorted" in message:
+            return  # normalized after deserialization (or reported there as a cycle)
+        raise BadInputError(f"invalid ONNX model: {message}", label) from None
+    except Exception as e:  # the checker raises plain errors on some malformed input
+        raise BadInputError(f"invalid ONNX model: {_one_line(e)}", label) from None
+
+
+def _sort_or_reject_cycle(model: ir.Model, label: str) -> None:
+    """Put nodes in topological order; a graph that cannot be sorted has a cycle or a
+    node input that nothing defines."""
+    problem = first_order_problem(model)
+    if problem is None:
+        return
+    try:
+        model.graph.sort()
+        for fn in model.functions.values():
+            fn.sort()
+    except Exception:
+        pass
+    problem = first_order_problem(model)
+    if problem is not None:
+        raise BadInputError(f"invalid graph: {problem}", label)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:300] + ("..." if len(text) > 300 else "")

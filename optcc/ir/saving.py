@@ -1,0 +1,198 @@
+"""Saving: atomic writes, external data when a model needs it, and large initializers
+streamed from memory instead of copied into one protobuf."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from optcc.errors import BadInputError
+from optcc.ir.walk import external_data_files, graphs, uses_external_data, weight_bytes
+
+# Protobuf refuses messages of 2 GiB; leave room for the graph structure itself.
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+
+# --------------------------------------------------------------------------- saving
+
+
+def serialize(model: ir.Model) -> onnx.ModelProto:
+    """The model as a ModelProto (external tensors stay references to their files)."""
+    return ir.serde.serialize_model(model)
+
+
+def needs_external_data(model: ir.Model) -> bool:
+    """External data is used when the model came with it or its weights near 2 GB."""
+    return uses_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+
+
+def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> Path:
+    """Refuse an output path before any work is done: the input itself, a missing or
+    unwritable folder, a directory. Returns the path."""
+    out = Path(path)
+    if out.is_dir():
+        raise BadInputError("output path is a directory", out)
+    if input_path is not None and Path(input_path).exists() and out.exists():
+        if os.path.samefile(out, input_path):
+            raise BadInputError("output path is the input model; refusing to overwrite it", out)
+    folder = out.resolve().parent
+    if not folder.is_dir():
+        raise BadInputError("output folder does not exist", out)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".probe")
+    except OSError as e:
+        raise BadInputError(f"output folder is not writable ({e.strerror or e})", out) from None
+    os.close(fd)
+    os.unlink(probe)
+    return out
+
+
+def create_temp_file(folder: str | os.PathLike, name: str, suffix: str = ".tmp") -> str:
+    """Create an empty hidden file ``.<name>.<random><suffix>`` in ``folder`` and return
+    its path. Unlike ``tempfile.mkstemp`` (always mode 0600) the file gets the mode the
+    user's umask gives new files, so the output renamed from it is readable as usual."""
+    for _ in range(100):
+        candidate = os.path.join(folder, f".{name}.{secrets.token_hex(6)}{suffix}")
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(f"cannot create a temporary file in {folder}")
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    size_threshold_bytes: int = 1024,
+    location: str | None = None,
+) -> None:
+    """Write the model atomically: a temporary file in the target folder, then a rename.
+
+    With external data (automatic when the model was loaded with it or its weights are
+    near 2 GB), the tensors of at least ``size_threshold_bytes`` go to ``location`` (a
+    file name beside the model; default ``<name>.data``), written first, also atomically.
+    A failure leaves no partial output behind.
+    """
+    out = check_output_path(path)
+    if external_data is None:
+        external_data = needs_external_data(model)
+    folder = out.resolve().parent
+    tmp_name = create_temp_file(folder, out.name)
+    data_name = location or f"{out.name}.data"
+    if Path(data_name).name != data_name or data_name in (".", "..") or data_name == out.name:
+        raise BadInputError(f"external data location '{data_name}' must be a file name beside the model", out)
+    try:
+        if external_data:
+            if (folder / data_name).resolve() in external_data_files(model):
+                raise BadInputError(
+                    f"would overwrite '{data_name}', the external data the model reads from; "
+                    "choose another output name",
+                    out,
+                )
+            ir.save(model, tmp_name, external_data=data_name, size_threshold_bytes=size_threshold_bytes)
+        else:
+            _write_streamed(model, tmp_name)
+        os.replace(tmp_name, out)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
+# dtypes whose raw_data is the NumPy array's little-endian bytes
+_RAW_DTYPES = frozenset({
+    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE,
+    ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
+    ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64, ir.DataType.BOOL,
+})
+STREAM_MIN_BYTES = 1 << 20  # initializers at least this large are written straight from memory
+
+
+@contextlib.contextmanager
+def initializers_set_aside(
+    model: ir.Model, selects: Callable[[ir.TensorProtocol], bool], *, bodies: bool = False
+) -> Iterator[list[tuple[ir.Value, ir.TensorProtocol]]]:
+    """Within the block, the main graph's (with ``bodies``, every graph's) initializers
+    whose tensor ``selects`` accepts hold empty tensors of their dtype, so that
+    serializing the model copies none of their data; yields the (value, tensor) pairs set
+    aside and restores them on exit. String tensors are never set aside."""
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    graphs_ = [g for g in graphs(model) if isinstance(g, ir.Graph)] if bodies else [model.graph]
+    try:
+        for value in (v for g in graphs_ for v in g.initializers.values()):
+            tensor = value.const_value
+            if tensor is None or tensor.dtype == ir.DataType.STRING or not selects(tensor):
+                continue
+            swapped.append((value, tensor))
+            value.const_value = ir.Tensor(np.zeros(0, dtype=tensor.dtype.numpy()), name=tensor.name)
+        yield swapped
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _graph_initializer_field(tensor_start: bytes, extra: int = 0) -> bytes:
+    """``ModelProto.graph (7) { GraphProto.initializer (5) { tensor } }`` up to the end of
+    ``tensor_start``; ``extra`` more bytes of the tensor follow it in the file."""
+    tensor_len = len(tensor_start) + extra
+    graph_len = 1 + len(_varint(tensor_len)) + tensor_len
+    return b"\x3a" + _varint(graph_len) + b"\x2a" + _varint(tensor_len) + tensor_start
+
+
+def _write_streamed(model: ir.Model, path: str) -> None:
+    """Write the model without ever holding a serialized copy of its large weights: the
+    model without initializers, then one ``graph { initializer { ... } }`` fragment per
+    initializer in order, a large one's raw_data written from the array's memory.
+    Protobuf merges repeated occurrences of a message field, so the file parses to the
+    same model as the one-piece serialization. Peak memory stays near the weights' own
+    size instead of three times it (VGG-19 with 513 MB of folded weights: 2.2 GB before)."""
+
+    def streamed(tensor: ir.TensorProtocol) -> bool:
+        return (not isinstance(tensor, ir.ExternalTensor) and tensor.dtype in _RAW_DTYPES
+                and tensor.nbytes >= STREAM_MIN_BYTES)
+
+    with initializers_set_aside(model, streamed) as aside:
+        proto = serialize(model)
+    big = {v.name: t for v, t in aside}
+    initializers = list(proto.graph.initializer)  # in order; the big ones are placeholders
+    del proto.graph.initializer[:]
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+        del proto
+        for initializer in initializers:
+            tensor = big.get(initializer.name)
+            if tensor is None:
+                f.write(_graph_initializer_field(initializer.SerializeToString()))
+                continue
+            array = np.ascontiguousarray(tensor.numpy())
+            if array.dtype.byteorder == ">":
+                array = array.astype(array.dtype.newbyteorder("<"))
+            header = onnx.TensorProto(name=initializer.name, dims=list(array.shape),
+                                      data_type=int(tensor.dtype)).SerializeToString()
+            data = memoryview(array.reshape(-1).view(np.uint8))
+            raw_field = b"\x4a" + _varint(data.nbytes)  # TensorProto.raw_data (9)
+            f.write(_graph_initializer_field(header + raw_field, extra=data.nbytes))
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,187 @@
+"""Walking a model: its graphs and functions, nodes, serialized graphs and tensors, and
+facts about them (op counts, weight bytes, opset, external data, node order)."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+def proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """A serialized graph and every If/Loop/Scan body inside it, parents first (the
+    ``graphs`` walker's counterpart for protos)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from proto_graphs(attr.g)
+            for sub in attr.graphs:
+                yield from proto_graphs(sub)
+
+
+def _node_protos(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every NodeProto of a graph and of its subgraphs."""
+    for g in proto_graphs(graph):
+        yield from g.node
+
+
+def tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of a graph and its subgraphs: initializers and tensor attributes."""
+    for g in proto_graphs(graph):
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+
+
+def first_order_problem(model: ir.Model) -> str | None:
+    """The first use-before-definition in any graph of the model, or None when every node
+    input is defined (by a graph input, an initializer, an earlier node or an outer scope)."""
+    for graph in (model.graph, *model.functions.values()):
+        problem = _order_problem(graph, frozenset())
+        if problem:
+            return problem
+    return None
+
+
+def _order_problem(graph: ir.Graph | ir.Function, outer: frozenset[ir.Value]) -> str | None:
+    defined = set(outer)
+    defined.update(graph.inputs)
+    if isinstance(graph, ir.Graph):
+        defined.update(graph.initializers.values())
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and value not in defined:
+                what = "a cycle" if value.producer() is not None else "an undefined value"
+                return (
+                    f"node '{node.name}' ({node.op_type}) reads '{value.name}' before it is "
+                    f"defined ({what})"
+                )
+        for attr in node.attributes.values():
+            for sub in _attr_graphs(attr):
+                problem = _order_problem(sub, frozenset(defined))
+                if problem:
+                    return problem
+        defined.update(node.outputs)
+    for value in graph.outputs:
+        if value not in defined:
+            return f"graph output '{value.name}' is not defined"
+    return None
+
+
+# --------------------------------------------------------------------------- walking
+
+
+def _attr_graphs(attr: ir.Attr | ir.RefAttr) -> list[ir.Graph]:
+    if attr.type == ir.AttributeType.GRAPH:
+        return [attr.as_graph()]
+    if attr.type == ir.AttributeType.GRAPHS:
+        return list(attr.as_graphs())
+    return []
+
+
+_GRAPH_TYPES = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+
+
+# default-domain ops that take graph attributes; any other default-domain op has none
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
+def subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The If/Loop/Scan (or custom) bodies held directly by a node's attributes."""
+    if node.op_type not in _SUBGRAPH_OPS and node.domain in ("", "ai.onnx"):
+        return []
+    attrs = node.attributes
+    if not attrs:
+        return []
+    return [g for attr in attrs.values() if attr.type in _GRAPH_TYPES for g in _attr_graphs(attr)]
+
+
+def graphs(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
+    """Every graph-like of a model: the main graph, each model-local function, and every
+    If/Loop/Scan body inside them (depth first, parents before their bodies).
+
+    This is the one walker passes use; iterate a graph's nodes with ``list(graph)`` when
+    the pass mutates it.
+    """
+
+    def walk(graph: ir.Graph | ir.Function) -> Iterator[ir.Graph | ir.Function]:
+        yield graph
+        for node in list(graph):
+            for sub in subgraphs(node):
+                yield from walk(sub)
+
+    yield from walk(model.graph)
+    for function in list(model.functions.values()):
+        yield from walk(function)
+
+
+def nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """Every node of every graph-like of the model (see ``graphs``)."""
+    for graph in graphs(model):
+        yield from graph
+
+
+def op_histogram(model: ir.Model) -> dict[str, int]:
+    """Node counts keyed by op type ("domain::op" for non-default domains), sorted by name."""
+    counts = collections.Counter(
+        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+        for n in nodes(model)
+    )
+    return dict(sorted(counts.items()))
+
+
+def _tensor_nbytes(tensor: ir.TensorProtocol | None) -> int:
+    if tensor is None:
+        return 0
+    try:
+        return int(tensor.nbytes)
+    except Exception:
+        return 0
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes held by initializers and Constant-node tensors in every graph."""
+    total = 0
+    for graph in graphs(model):
+        if isinstance(graph, ir.Graph):
+            total += sum(_tensor_nbytes(v.const_value) for v in graph.initializers.values())
+        for node in graph:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                value = node.attributes.get("value")
+                if value is not None and value.type == ir.AttributeType.TENSOR:
+                    total += _tensor_nbytes(value.value)  # as_tensor() isinstance-checks a Protocol: slow
+    return total
+
+
+def default_opset(model: ir.Model) -> int:
+    """The model's opset version for the default ONNX domain."""
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
+
+
+def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    for graph in graphs(model):
+        if isinstance(graph, ir.Graph):
+            for value in graph.initializers.values():
+                if isinstance(value.const_value, ir.ExternalTensor):
+                    yield value.const_value
+
+
+def uses_external_data(model: ir.Model) -> bool:
+    """Whether any initializer's data lives in an external file."""
+    return any(True for _ in _external_tensors(model))
+
+
+def external_data_files(model: ir.Model) -> set[Path]:
+    """The resolved paths of the external data files the model's tensors read from."""
+    return {
+        Path(t.base_dir, t.location).resolve() for t in _external_tensors(model) if t.base_dir
+    }
