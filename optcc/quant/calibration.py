@@ -590,7 +590,7 @@ def collect_statistics(
         names = [n for n in names if n not in dtypes]
     extremes: _ExtremesCollector | None = None
     collectors: list[_Collector] | None = None
-    with Progress("calibrating", total or 1, enabled=progress and total > 0) as bar:
+    with Progress("calibrating", total or 1, enabled=progress if total > 0 else False) as bar:
         for i, feeds in enumerate(samples):
             if not isinstance(feeds, Mapping):
                 raise BadInputError(f"calibration sample {i} is a {type(feeds).__name__}, not a dict of arrays")
