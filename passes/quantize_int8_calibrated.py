@@ -10,22 +10,24 @@ import numpy as np
 import onnx_ir as ir
 
 import optcc
-from optcc.quant import quantize_int8
+from optcc.quant import Int8Options, quantize_int8
 
 
 class CalibratedInt8Pass(ir.passes.FunctionalPass):
-    """Calibrate, quantize to INT8 (QDQ) and fall back layer by layer (optcc.quant.driver)."""
+    """Calibrate, quantize to INT8 (QDQ) and fall back layer by layer (optcc.quant.quantize_int8).
+
+    ``options``: an ``Int8Options``, or its fields as keywords."""
 
     name = "quantize-int8-calibrated"
     numerics = "int8"
 
-    def __init__(self, samples: list[dict[str, np.ndarray]], method: str, *, progress: bool = False,
-                 **options: Any) -> None:
+    def __init__(self, samples: list[dict[str, np.ndarray]], options: Int8Options | None = None,
+                 **fields: Any) -> None:
         super().__init__()
-        self.samples, self.method, self.progress, self.options = samples, method, progress, options
+        self.samples = samples
+        self.options = Int8Options.of(options, **fields)
 
     def call(self, model: ir.Model) -> optcc.PassResult:
-        quantized, stats = quantize_int8(model.clone(), self.samples, self.method, progress=self.progress,
-                                      **self.options)
+        quantized, stats = quantize_int8(model.clone(), self.samples, options=self.options)
         modified = any(n.op_type == "QuantizeLinear" for n in optcc.ir.nodes(quantized))
         return optcc.PassResult(quantized, modified, json.loads(json.dumps(stats, default=str)))

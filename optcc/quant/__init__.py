@@ -3,10 +3,10 @@ model, task metrics and the accuracy-aware fallback."""
 
 from optcc.quant.calibration import calibrate, collect_statistics_sharded
 from optcc.quant.cost_model import CostModel, compare_modelled
-from optcc.quant.driver import quantize_int8
+from optcc.quant.driver import Int8Options, quantize_int8
 from optcc.quant.fallback import Target, count_integer_nodes
 from optcc.numerics.task import METRICS, TaskJudge
 from optcc.quant import weight_only  # block-wise weight-only numerics (quantize-weights)
 
-__all__ = ["calibrate", "collect_statistics_sharded", "quantize_int8", "Target", "count_integer_nodes",
+__all__ = ["calibrate", "collect_statistics_sharded", "quantize_int8", "Int8Options", "Target", "count_integer_nodes",
            "CostModel", "compare_modelled", "METRICS", "TaskJudge", "weight_only"]

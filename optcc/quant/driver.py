@@ -32,7 +32,7 @@ from optcc.quant.fallback import (
 )
 from optcc.numerics.task import DEFAULT_MARGIN, TaskJudge, UserMetric, perturb
 
-__all__ = ["quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
+__all__ = ["Int8Options", "quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
 
 
 def _run_pass(model: ir.Model, name: str, **options: Any) -> dict[str, Any]:
@@ -132,36 +132,57 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(error).__name__
 
 
+@dataclasses.dataclass(frozen=True)
+class Int8Options:
+    """How ``quantize_int8`` calibrates, quantizes, judges and falls back (each field is
+    described in its docstring); ``method_options`` go to the calibration method
+    (``percentile``, ``levels``)."""
+
+    method: str = "minmax"
+    per_channel: bool = True
+    activation_type: str = "uint8"
+    exclude: Iterable[str] = ()
+    holdout_fraction: float = 0.2
+    target: Target = dataclasses.field(default_factory=Target)
+    metric: str | UserMetric | Mapping[str, str | UserMetric] | None = "auto"
+    metric_margin: float = DEFAULT_MARGIN
+    metric_target: float | None = None
+    accuracy_fallback: bool = True
+    max_float_layers: int | None = None
+    max_float_fraction: float = 0.5
+    max_layers_ranked: int = 256
+    ranking: str = "estimate"
+    require_target: bool = True
+    require_speedup: bool = True
+    min_speedup: float = 1.1
+    measure_latency: bool = False
+    speed_threads: int = 2
+    bias_correction: bool = True
+    bias_correction_samples: int = 4
+    cache_dir: str | os.PathLike | None = None
+    bins: int | None = None
+    progress: bool = False
+    prepare: bool = True
+    method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, options: Int8Options | None = None, **fields: Any) -> Int8Options:
+        """``options`` (default: the defaults) with ``fields`` replaced; a keyword that is
+        no field goes to ``method_options``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        result = dataclasses.replace(options or cls(), **{k: v for k, v in fields.items() if k in known})
+        extra = {k: v for k, v in fields.items() if k not in known}
+        if extra:
+            result = dataclasses.replace(result, method_options={**result.method_options, **extra})
+        return result
+
+
 def quantize_int8(
     model: oir.ModelSource,
     calibration_data: CalibrationData,
-    method: str = "minmax",
-    *,
-    per_channel: bool = True,
-    activation_type: str = "uint8",
-    exclude: Iterable[str] = (),
-    holdout_fraction: float = 0.2,
-    target: Target = Target(),
-    metric: str | UserMetric | Mapping[str, str | UserMetric] | None = "auto",
-    metric_margin: float = DEFAULT_MARGIN,
-    metric_target: float | None = None,
-    accuracy_fallback: bool = True,
-    max_float_layers: int | None = None,
-    max_float_fraction: float = 0.5,
-    max_layers_ranked: int = 256,
-    ranking: str = "estimate",
-    require_target: bool = True,
-    require_speedup: bool = True,
-    min_speedup: float = 1.1,
-    measure_latency: bool = False,
-    speed_threads: int = 2,
-    bias_correction: bool = True,
-    bias_correction_samples: int = 4,
-    cache_dir: str | os.PathLike | None = None,
-    bins: int | None = None,
-    progress: bool = False,
-    prepare: bool = True,
-    **method_options: Any,
+    method: str | None = None,
+    options: Int8Options | None = None,
+    **fields: Any,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Calibrate on the first ``1 - holdout_fraction`` of the samples, quantize, judge the
     held-out rest by the task and return the most sensitive layers to float until the
@@ -212,13 +233,14 @@ def quantize_int8(
     float, SQNR before/after), integer_nodes (onnxruntime's fused integer kernels),
     size before/after (weight bytes), latency when measured.
     """
+    o = Int8Options.of(options, **({"method": method} if method is not None else {}), **fields)
     loaded = oir.load(model)
     working = loaded.clone() if loaded is model else loaded
     untouched = loaded if loaded is model else loaded.clone()  # what a declined call returns
     samples = list(load_samples(calibration_data))
     if not samples:
         raise BadInputError("no calibration samples given (empty data)")
-    stats: dict[str, Any] = {"method": method, "modified": False}
+    stats: dict[str, Any] = {"method": o.method, "modified": False}
     seconds: dict[str, float] = {}
     stats["seconds"] = seconds  # wall time per phase
     clock = time.perf_counter()
@@ -229,32 +251,32 @@ def quantize_int8(
         seconds[phase] = round(seconds.get(phase, 0.0) + now - clock, 3)
         clock = now
 
-    if per_channel and oir.default_opset(working) < 13:
+    if o.per_channel and oir.default_opset(working) < 13:
         before = oir.default_opset(working)
         working, problem = upgrade_opset(working, 13)
         stats["opset"] = {"before": before, "after": oir.default_opset(working), "problem": problem}
-    if prepare:
+    if o.prepare:
         folded = prepare_float(working)
         if folded:
             stats["float_fusions"] = folded
     lap("prepare")
     float_model = working
-    calib, held = split_holdout(samples, holdout_fraction)
-    if metric is not None:
-        judge = _task_judge(float_model, held, metric, metric_margin, metric_target, target.min_sqnr_db)
-        target = dataclasses.replace(target, judge=judge)
-        stats["acceptance"] = {"metrics": judge.metric_names(), "margin": metric_margin,
-                               "metric_target": metric_target, "perturbation": dict(judge.perturbation),
+    calib, held = split_holdout(samples, o.holdout_fraction)
+    if o.metric is not None:
+        judge = _task_judge(float_model, held, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db)
+        o = dataclasses.replace(o, target=dataclasses.replace(o.target, judge=judge))
+        stats["acceptance"] = {"metrics": judge.metric_names(), "margin": o.metric_margin,
+                               "metric_target": o.metric_target, "perturbation": dict(judge.perturbation),
                                "floor": judge.floor, "held_out_samples": len(held)}
         lap("noise_floor")
-    options: dict[str, Any] = dict(method_options)
-    if bins is not None:
-        options["bins"] = bins
-    calibration = calibrate(float_model, calib, method, cache_dir=cache_dir, progress=progress, **options)
+    options: dict[str, Any] = dict(o.method_options)
+    if o.bins is not None:
+        options["bins"] = o.bins
+    calibration = calibrate(float_model, calib, o.method, cache_dir=o.cache_dir, progress=o.progress, **options)
     stats["calibration"] = {**calibration.to_dict(), "held_out_samples": len(held)}
     stats["ranges"] = {k: [float(v[0]), float(v[1])] for k, v in calibration.ranges.items()}
     lap("calibrate")
-    user_exclude = list(exclude)
+    user_exclude = list(o.exclude)
 
     made: dict[tuple[tuple[str, ...], tuple[str, ...] | None], tuple[ir.Model, dict[str, Any]]] = {}
 
@@ -268,17 +290,17 @@ def quantize_int8(
         result = create_pass(
             "quantize-int8",
             ranges=calibration.ranges,
-            per_channel=per_channel,
-            activation_type=activation_type,
+            per_channel=o.per_channel,
+            activation_type=o.activation_type,
             exclude=[*user_exclude, *exclude],
             only=only,
             count_fused=False,
         )(candidate)
         result_stats = dict(result.stats)
-        if bias_correction and only is None:
+        if o.bias_correction and only is None:
             try:
                 result_stats["bias_correction"] = correct_biases(
-                    float_model, result.model, calib[:bias_correction_samples], progress=progress)
+                    float_model, result.model, calib[:o.bias_correction_samples], progress=o.progress)
             except Exception as e:  # noqa: BLE001 - onnxruntime refused the measuring model:
                 # nothing was written (biases are written after the last run); keep it as is
                 result_stats["bias_correction"] = {"layers": 0, "error": _first_line(e)}
@@ -299,13 +321,13 @@ def quantize_int8(
         latency[key] = {"modelled_speedup": modelled["speedup"], "float32": modelled["float32"],
                         "int8": modelled["int8"]}
         latency["constants"] = modelled["constants"]
-        if measure_latency:  # reported only: a clock never decides
-            latency[key]["measured"] = compare_latency(float_model, candidate, held, threads=speed_threads)
+        if o.measure_latency:  # reported only: a clock never decides
+            latency[key]["measured"] = compare_latency(float_model, candidate, held, threads=o.speed_threads)
         lap("speed_check")
-        if modelled["speedup"] >= min_speedup:
+        if modelled["speedup"] >= o.min_speedup:
             return None
         return (
-            f"INT8 is not faster than float32 by the required {min_speedup:g}x on onnxruntime CPU "
+            f"INT8 is not faster than float32 by the required {o.min_speedup:g}x on onnxruntime CPU "
             f"(modelled speedup {modelled['speedup']:.2f}x: {modelled['int8']['integer_kernels']} integer "
             f"kernels, {modelled['int8']['float_kernels']} float kernels, {modelled['int8']['boundaries']} "
             f"Q/DQ conversions left; optcc.quant.cost_model); kept float32"
@@ -317,20 +339,21 @@ def quantize_int8(
     if not pass_stats.get("layers"):
         return decline("nothing", "nothing quantizable (no layer met the preconditions)")
     problem = slower(quantized, "fully_quantized")  # modelled (and reported) whether or not it decides
-    if require_speedup:
+    if o.require_speedup:
         if problem:
             return decline("speed", problem + " (even with every layer quantized; no fallback attempted)")
+    max_float_layers = o.max_float_layers
     if max_float_layers is None:
-        max_float_layers = int(max_float_fraction * len(pass_stats["layers"]))
-    if accuracy_fallback:
+        max_float_layers = int(o.max_float_fraction * len(pass_stats["layers"]))
+    if o.accuracy_fallback:
         quantized, pass_stats, report = fallback(
-            float_model, make, held, target, max_float_layers=max_float_layers,
-            max_layers_ranked=max_layers_ranked, ranking=ranking,
+            float_model, make, held, o.target, max_float_layers=max_float_layers,
+            max_layers_ranked=o.max_layers_ranked, ranking=o.ranking,
         )
     else:
-        evaluation = evaluate(float_model, quantized, held, target)
+        evaluation = evaluate(float_model, quantized, held, o.target)
         report = {"evaluation": evaluation.to_dict(), "target_met": evaluation.passed, "kept_float": []}
-    lap("fallback" if accuracy_fallback else "evaluate")
+    lap("fallback" if o.accuracy_fallback else "evaluate")
     stats["pass"] = {k: v for k, v in pass_stats.items() if k != "layer_outputs"}
     stats["fallback"] = report
     histogram = integer_op_histogram(quantized)
@@ -338,7 +361,7 @@ def quantize_int8(
     stats["integer_nodes"] = sum(n for op, n in histogram.items() if op not in ("QuantizeLinear", "DequantizeLinear"))
     stats["size_bytes"] = {"before": oir.weight_bytes(float_model), "after": oir.weight_bytes(quantized)}
     lap("report")
-    if require_target and not report.get("target_met"):
+    if o.require_target and not report.get("target_met"):
         evaluation = report.get("evaluation", {})
         if report.get("hopeless"):
             how = report["hopeless"]
@@ -346,10 +369,10 @@ def quantize_int8(
             budget = f"at most {max_float_layers} of {len(stats['pass'].get('layers', [])) + len(report.get('kept_float', []))}"
             how = f"with {len(report.get('kept_float', []))} layers returned to float ({budget} allowed)"
         return decline("accuracy", f"INT8 misses the accuracy target on {len(held)} held-out samples: "
-                                   f"{_describe_miss(evaluation, target)} {how}; kept float32")
+                                   f"{_describe_miss(evaluation, o.target)} {how}; kept float32")
     if report.get("kept_float"):
         problem = slower(quantized, "after_fallback")
-        if problem and require_speedup:
+        if problem and o.require_speedup:
             return decline("speed", problem + f" (after returning {len(report['kept_float'])} layers to float)")
     stats["modified"] = True
     return quantized, stats
