@@ -162,6 +162,8 @@ def optimize(
     if fp16 or quantizing or int8_dynamic:
         disable = [*disable, "fuse-ort-conv-activation"]  # quantizers/fp16 skip contrib ops
     options = {"fold-constants": {"fold_large": True}} if fold_large else None
+    if fp16 and not fold_large:  # a float16 model is wanted for its size: fold only what does not grow it
+        options = {"fold-constants": {"max_growth_bytes": 0}}
     pipeline = build_pipeline(level, passes=passes, disable=disable, options=options)
     if fp16:
         pipeline.append(create_pass("convert-float16", keep_io_types=fp16_keep_io, block=fp16_block,
