@@ -302,3 +302,27 @@ def test_sharded_calibration_in_worker_processes() -> None:
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
         sharded = collect_statistics_sharded(model, data, pool, shards=2, bins=512)
     _same_statistics(collect_statistics(model, data, bins=512), sharded)
+
+
+def test_an_onnxruntime_calibration_data_reader_is_accepted():
+    """quantize_int8 takes onnxruntime's CalibrationDataReader protocol (get_next() until
+    None) as it takes a list: the same samples give the same model."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    from optcc.quant import quantize_int8
+
+    rng = np.random.default_rng(4)
+    samples = [{"image": rng.random((1, 3, 32, 32)).astype(np.float32)} for _ in range(6)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(samples)
+
+        def get_next(self):  # noqa: ANN202 - onnxruntime's protocol
+            return next(self.items, None)
+
+    options = dict(require_speedup=False, bias_correction=False, metric=None, accuracy_fallback=False,
+                   require_target=False)
+    from_reader, _ = quantize_int8("fixtures/tinycnn.onnx", Reader(), **options)
+    from_list, _ = quantize_int8("fixtures/tinycnn.onnx", samples, **options)
+    assert optcc.ir.serialize(from_reader).SerializeToString() == optcc.ir.serialize(from_list).SerializeToString()

@@ -391,12 +391,15 @@ class CalibrationStats:
 
 
 def load_samples(data: CalibrationData) -> Iterable[Feeds]:
-    """Feed dicts from a path (.npz or folder of them, see ``optcc.numerics.samples``)
-    or the iterable itself."""
+    """Feed dicts from a path (.npz or folder of them, see ``optcc.numerics.samples``), an
+    onnxruntime ``CalibrationDataReader`` (anything with ``get_next()`` returning feed
+    dicts, then None), or the iterable itself."""
     if isinstance(data, (str, os.PathLike)):
-        return load_npz_samples(data)
+        return load_npz_samples(data, purpose="calibration")
     if isinstance(data, Mapping):
         return [data]
+    if callable(getattr(data, "get_next", None)):  # its __len__ may raise: never list() it
+        return list(iter(data.get_next, None))
     return data
 
 
