@@ -487,3 +487,25 @@ def test_input_range_sets_the_generated_verification_values(tmp_path):
         values = np.concatenate([f["x"] for f in verifier.feeds])
     assert values.min() >= 1.0 and values.max() <= 2.0
     assert cli.main([str(path), "--input-range", "x:2,1", "-q"]) == 2
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", ["shufflenet", "bvlc-alexnet", "ppocr-mobile-cls"])
+def test_fp16_never_makes_a_corpus_model_bigger(name: str, tmp_path: Path) -> None:
+    """--fp16 writes at most 0.52x the file where it applies, and otherwise says why and
+    writes nothing (exit 5); the weight generators of the onnx wheel's light models are not
+    materialized for it."""
+    from fixtures.corpus import CorpusUnavailable, fetch, find_model
+
+    try:
+        source = fetch(find_model(name))
+    except CorpusUnavailable as e:
+        pytest.skip(f"corpus model {name} unavailable: {e}")
+    out = tmp_path / "fp16.onnx"
+    code = cli.main([str(source), "--fp16", "-o", str(out), "-q"])
+    if code == 5:
+        assert not out.exists()
+    else:
+        assert code == 0 and out.stat().st_size <= 0.52 * Path(source).stat().st_size
+        float16 = [t for t in onnx.load(out).graph.initializer if t.data_type == TensorProto.FLOAT16]
+        assert float16, "no float16 weights in the float16 model"
