@@ -348,7 +348,7 @@ def quantize_int8(
     if o.accuracy_fallback:
         quantized, pass_stats, report = fallback(
             float_model, make, held, o.target, max_float_layers=max_float_layers,
-            max_layers_ranked=o.max_layers_ranked, ranking=o.ranking,
+            max_layers_ranked=o.max_layers_ranked, ranking=o.ranking, progress=o.progress,
         )
     else:
         evaluation = evaluate(float_model, quantized, held, o.target)

@@ -29,6 +29,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from optcc import ir as oir
+from optcc.progress import Progress
 from optcc.runtime.latency import median_seconds
 from optcc.runtime.session import session_options
 
@@ -444,7 +445,7 @@ def _candidates(layers: Sequence[str], propagated: Mapping[str, float], limit: i
 
 def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
              target: Target = Target(), *, max_float_layers: int | None = None,
-             max_layers_ranked: int = 256, ranking: str = "estimate",
+             max_layers_ranked: int = 256, ranking: str = "estimate", progress: Any = False,
              ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """Quantize; if the target is missed on ``samples``, return the most sensitive layers
     to float, worst first, until the target holds or ``max_float_layers`` are float.
@@ -484,7 +485,7 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     propagated = propagated_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
     if ranking == "estimate":
         return _fallback_estimated(reference, quantize, samples, target, model, stats, initial, report,
-                                   propagated, max_float_layers, ref_outputs)
+                                   propagated, max_float_layers, ref_outputs, progress)
     candidates = _candidates(layers, propagated, max_layers_ranked)
     ranking = rank_sensitivity(reference, quantize, candidates, samples, target, max_layers=len(candidates),
                                give_up_after=max_float_layers)
@@ -525,7 +526,7 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
 def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
                         model: ir.Model, stats: dict[str, Any], initial: Evaluation, report: dict[str, Any],
                         propagated: Mapping[str, float], max_float_layers: int | None, ref_outputs: _Outputs,
-                        ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
+                        progress: Any = False) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """``fallback`` with ``estimate_sensitivity``'s order (see ``fallback``)."""
     local = local_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
     ranking = estimate_sensitivity(list(stats.get("layers", [])), local, propagated)
@@ -536,7 +537,22 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
     report["tried"] = tried
     results: dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]] = {0: (initial, model, stats)}
 
+    # the budget, then doubling and bisection: at most about 2 log2(limit) + 1 candidates
+    with Progress("fallback: layers back to float", 2 * max(limit, 1).bit_length() + 1, enabled=progress) as bar:
+        found = _search_estimated(reference, quantize, samples, target, order, limit, report, results, tried,
+                                  ref_outputs, bar)
+        bar.advance(bar.total)  # the search may need fewer candidates than the bound
+    return found
+
+
+def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
+                      order: Sequence[str], limit: int, report: dict[str, Any],
+                      results: dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]], tried: list[dict[str, Any]],
+                      ref_outputs: _Outputs, bar: Progress) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
+    """``_fallback_estimated``'s search: the budget first, then doubling and bisection."""
+
     def attempt(k: int) -> Evaluation:
+        bar.advance()
         candidate, candidate_stats = quantize(exclude=order[:k])
         evaluation = evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs)
         results[k] = (evaluation, candidate, candidate_stats)
