@@ -10,14 +10,15 @@ What the candidate is compared with depends on what the kept passes may change
 
 - "exact" rewrites compute the same thing with the same kernels: the candidate is compared
   with the float32 original, within 1e-5 of each output's scale. Never widened.
-- "fusion" results (rewrites exact in real arithmetic) are compared with the original
+- "fusion" results (rewrites exact in real arithmetic) pass within the tolerance of the
+  float32 original. An output beyond it is judged again per element, against the original
   evaluated in float64 (``optcc.numerics.float64``) where that is possible within its
-  budget, else with the float32 original (the report says which, and why). Each element
-  may be off by the tolerance or by ``ORIGINAL_ERROR_FACTOR`` times the float32 original's
-  own rounding there (``optcc.numerics.metrics``), whichever is larger: against float64,
-  the original's own error; against the float32 original, the difference between it and a
-  second float32 evaluation of the same math (onnxruntime's basic optimizations, which
-  fold and reassociate as fusions do), computed only for outputs that need it.
+  budget, else against the float32 original (the report says which, and why): each
+  element may be off by the tolerance or by ``ORIGINAL_ERROR_FACTOR`` times the float32
+  original's own rounding there (``optcc.numerics.metrics``), whichever is larger. Against
+  float64 that is the original's own error; against the float32 original, its difference
+  to a second float32 evaluation of the same math (onnxruntime's basic optimizations,
+  which fold and reassociate as fusions do). Both are computed only when needed.
 - "fp16" results are compared with the float32 original by SQNR and cosine.
 
 INT8 results (with the default "int8" tolerance) are judged by the task, relative to the
@@ -310,11 +311,11 @@ class Verifier:
         by_task = numerics == "int8" and tolerance == TOLERANCES["int8"]
         if by_task:
             tolerance = Tolerance()  # metrics reported; the task judge decides
-        # float64 judges max-rel tolerances (rewrites exact in real arithmetic); SQNR-type
-        # tolerances measure the loss a lossy conversion adds to the float32 original
+        # float64 judges max-rel tolerances (rewrites exact in real arithmetic) where the float32
+        # original cannot; SQNR-type tolerances measure the loss a lossy conversion adds to it
         precise = tolerance.max_rel is not None and numerics != "exact" and not by_task
-        float64 = self.float64_reference().outputs if precise else None
-        reference = self.reference_name() if precise else "float32 original"
+        references: set[str] = set()
+        reference = "float32 original"
         if by_task:
             reference += ", judged by the task against its noise floor"
         verdicts: dict[str, Any] = {}
@@ -345,25 +346,12 @@ class Verifier:
                     if numerics in ("fp16", "int8"):
                         gots = [g.astype(np.float32) if g.dtype == np.float16 and o.dtype == np.float32 else g
                                 for g, o in zip(gots, originals)]
-                    if float64 is not None and originals[0].dtype.kind == "f":
-                        refs = [sample[name] for sample in float64]
-                        result = compare_outputs(name, provider, refs, gots, tolerance, originals, resolution=resolution)
-                        if result.elements_over:  # the second float32 evaluation, only when it matters
-                            alternate = self._alternate_outputs(provider)
-                            if alternate is not None:
-                                alternates = [outs[index] for outs in alternate]
-                                result = compare_outputs(name, provider, refs, gots, tolerance, originals, alternates,
-                                                         resolution=resolution)
-                        metrics.append(result)
-                    else:
-                        result = compare_outputs(name, provider, originals, gots, tolerance, resolution=resolution)
-                        if result.elements_over and numerics != "exact" and originals[0].dtype.kind == "f":
-                            alternate = self._alternate_outputs(provider)
-                            if alternate is not None:  # its rounding noise against the as-written run
-                                noise = [outs[index] for outs in alternate]
-                                result = compare_outputs(name, provider, originals, gots, tolerance, noise,
-                                                         resolution=resolution)
-                        metrics.append(result)
+                    result, used = self._compare(name, index, provider, originals, gots, tolerance, precise,
+                                                 resolution)
+                    references.add(used)
+                    metrics.append(result)
+        if references - {"float32 original"}:
+            reference = "; ".join(sorted(references - {"float32 original"}))
         problems = [f"'{m.name}' on {m.provider}: {m.problem}" for m in metrics if not m.passed]
         for provider, verdict in verdicts.items():
             problems += [f"'{row}' on {provider}: {_task_problem(value)}"
@@ -372,6 +360,33 @@ class Verifier:
         task = (verdicts.get(self.providers[0]) if len(verdicts) == 1 else verdicts) if verdicts else None
         return Verification(status=status, outputs=metrics, reason="; ".join(problems) or None, reference=reference,
                             task=task, **base)
+
+    def _compare(self, name: str, index: int, provider: str, originals: Sequence[np.ndarray],
+                 gots: Sequence[np.ndarray], tolerance: Tolerance, precise: bool,
+                 resolution: float) -> tuple[OutputMetrics, str]:
+        """One output's metrics, and what it was judged against. Within the tolerance of the
+        float32 original, it passes; an inexact rewrite beyond that is judged per element
+        against float64 (or, without it, the float32 original's rounding noise)."""
+        result = compare_outputs(name, provider, originals, gots, tolerance, resolution=resolution)
+        if not result.elements_over or not precise or originals[0].dtype.kind != "f":
+            return result, "float32 original"
+        float64 = self.float64_reference().outputs
+        alternate = None
+        if float64 is not None:
+            refs = [sample[name] for sample in float64]
+            result = compare_outputs(name, provider, refs, gots, tolerance, originals, resolution=resolution)
+            if result.elements_over:  # the second float32 evaluation, only when it matters
+                alternate = self._alternate_outputs(provider)
+                if alternate is not None:
+                    alternates = [outs[index] for outs in alternate]
+                    result = compare_outputs(name, provider, refs, gots, tolerance, originals, alternates,
+                                             resolution=resolution)
+            return result, self.reference_name()
+        alternate = self._alternate_outputs(provider)
+        if alternate is not None:  # its rounding noise against the as-written run
+            noise = [outs[index] for outs in alternate]
+            result = compare_outputs(name, provider, originals, gots, tolerance, noise, resolution=resolution)
+        return result, self.reference_name()
 
 
 def _num(value: Any) -> str:
