@@ -221,6 +221,8 @@ def optimize(
             report.verification = {**check.to_dict(), "summary": check.describe()}
             if check.status == "skipped":
                 report.warnings.append(f"numerics not verified: {check.reason}")
+            elif check.notes:
+                report.warnings.append("weak verification: " + "; ".join(check.notes))
     finally:
         if verifier is not None:
             verifier.close()

@@ -158,3 +158,23 @@ def test_a_fold_on_near_zero_outputs_is_judged_against_float64_per_element():
     broken = optcc.ir.load(model)
     broken.graph.initializers["b"].const_value = ir.tensor(np.full(16, -59.0, np.float32))
     assert not verify(optcc.ir.load(model), broken, numerics="fusion").passed
+
+
+def test_a_check_the_samples_barely_exercise_is_said_to_be_weak():
+    """A Sigmoid driven far negative on every sample (a detector's blank map) leaves little
+    to compare: the report says so and asks for real samples; a lively output says nothing."""
+    saturated = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[2, 8] x) => (float[2, 8] y) {
+            shift = Constant <value = float {-40.0}> ()
+            low = Add(x, shift)
+            y = Sigmoid(low)
+        }""")
+    result = optcc.optimize(saturated, passes=["eliminate-dead-nodes"])
+    assert any("saturated" in w and "--inputs" in w for w in result.report.warnings)
+    lively = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[2, 8] x) => (float[2, 8] y) {
+            y = Sigmoid(x)
+        }""")
+    assert not optcc.optimize(lively, passes=["eliminate-dead-nodes"]).report.warnings

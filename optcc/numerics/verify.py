@@ -81,6 +81,7 @@ class Verification:
     reference: str = "float32 original"
     decode_steps: int | None = None  # steps per sample for a KV-cache decoder
     task: dict[str, Any] | None = None  # the task judge's verdict, for INT8
+    notes: list[str] = dataclasses.field(default_factory=list)  # what makes this check weaker
 
     @property
     def passed(self) -> bool:
@@ -128,6 +129,7 @@ class Verification:
             "reference": self.reference,
             "decode_steps": self.decode_steps,
             "task": self.task,
+            "notes": self.notes,
             "reason": self.reason,
             "outputs": [o.to_dict() for o in self.outputs],
         }
@@ -359,7 +361,28 @@ class Verifier:
         status = "failed" if problems else "passed"
         task = (verdicts.get(self.providers[0]) if len(verdicts) == 1 else verdicts) if verdicts else None
         return Verification(status=status, outputs=metrics, reason="; ".join(problems) or None, reference=reference,
-                            task=task, **base)
+                            task=task, notes=self.notes(), **base)
+
+    def notes(self) -> list[str]:
+        """Outputs the samples barely exercise: the same value everywhere, or a bounded
+        kernel's output saturated near 0 (a detector's map on an image without objects)."""
+        float32 = self._float32_outputs() or {}
+        found = []
+        for index, name in enumerate(self._names):
+            values = [np.asarray(outs[index]) for outs in next(iter(float32.values()), [])]
+            floats = [v.astype(np.float64) for v in values if v.dtype.kind == "f" and v.size]
+            finite = [v[np.isfinite(v)] for v in floats]
+            if not finite or not any(v.size for v in finite):
+                continue
+            high = max(float(np.abs(v).max()) for v in finite if v.size)
+            spread = max(float(v.max() - v.min()) for v in finite if v.size)
+            if spread <= 1e-6 * max(high, 1e-30):
+                found.append(f"output '{name}' has the same value on every element of every sample")
+            elif self._resolution.get(name) and high < 1e-3:
+                found.append(f"output '{name}' stays below {high:.2g} on every sample (saturated)")
+        if found:
+            found.append("give real samples (--inputs) for a stronger check")
+        return found
 
     def _compare(self, name: str, index: int, provider: str, originals: Sequence[np.ndarray],
                  gots: Sequence[np.ndarray], tolerance: Tolerance, precise: bool,
