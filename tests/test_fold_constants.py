@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 import optcc
 from optcc.passes.fold_constants import FoldConstantsPass, _GraphFolder
 from optcc.passes.fold_shapes import FoldShapesPass
+from reference import EXACT_RTOL, assert_close, expected_outputs, onnxruntime_outputs, random_feeds
 
 LIGHT_MODELS = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
 
@@ -24,14 +25,22 @@ def _parse(text: str) -> ir.Model:
     return ir.from_proto(onnx.parser.parse_model(text))
 
 
-def _run(pass_: optcc.Pass, model: ir.Model, *, verify: bool = True, **verify_options):
-    """Run the pass on ``model``; check the result, its numerics and idempotence."""
+def _run(pass_: optcc.Pass, model: ir.Model, *, inputs: dict[str, np.ndarray] | None = None,
+         input_shapes: dict[str, list[int]] | None = None, evaluator: bool = True):
+    """Run the pass on ``model``; check the result, its numerics and idempotence.
+
+    Numerics: the folded model on onnxruntime against the original by onnx's reference
+    evaluator and by onnxruntime, within the exact tolerance, on ``inputs`` (else random
+    feeds of ``input_shapes``). ``evaluator=False`` for a model onnx's evaluator cannot
+    run: onnxruntime on the original is then the only reference."""
     original = model.clone()
     result = pass_(model)
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
-    if verify:
-        verification = optcc.numerics.verify(original, result.model, **verify_options)
-        assert verification.passed, verification.describe()
+    feeds = inputs if inputs is not None else random_feeds(original, input_shapes)
+    got = onnxruntime_outputs(result.model, feeds)
+    if evaluator:
+        assert_close(got, expected_outputs(original, feeds), EXACT_RTOL, what="folded vs onnx reference evaluator")
+    assert_close(got, onnxruntime_outputs(original, feeds), EXACT_RTOL, what="folded vs onnxruntime on the original")
     again = pass_(result.model)
     assert not again.modified, f"second run must be a no-op, got {again.stats}"
     return original, result
@@ -189,7 +198,8 @@ def test_dequantize_linear_on_a_quantized_weight_is_kept():
     }
     """)
     before = _hist(model)
-    _, result = _run(FoldConstantsPass(), model)
+    # onnx's evaluator has no DequantizeLinear before opset 19: onnxruntime on the original judges.
+    _, result = _run(FoldConstantsPass(), model, evaluator=False)
     assert not result.modified and _hist(result.model) == before
     assert result.stats["kept_quantized_weight"] == {"DequantizeLinear": 1, "QuantizeLinear": 1}
 
@@ -372,12 +382,15 @@ def test_light_model_from_the_onnx_wheel_stays_small_and_exact():
     path = os.path.join(LIGHT_MODELS, "light_inception_v2.onnx")
     if not os.path.exists(path):
         pytest.skip("onnx wheel without backend test data")
-    result = optcc.optimize(path, passes=[FoldConstantsPass(), "eliminate-dead-nodes"], verify=True)
+    result = optcc.optimize(path, passes=[FoldConstantsPass(), "eliminate-dead-nodes"], verify=False)
     record = result.report.passes[0]
     assert record.status in ("changed", "unchanged")
     assert record.bytes_after - record.bytes_before <= FoldConstantsPass().max_growth_bytes
     assert record.stats["kept_large"]["ConstantOfShape"] > 0
-    assert result.report.verification["status"] == "passed"
+    original = onnx.load(path)
+    feeds = random_feeds(original, seed=1)
+    assert_close(onnxruntime_outputs(result.model, feeds), onnxruntime_outputs(original, feeds), EXACT_RTOL,
+                 what="folded vs onnxruntime on the original")
     again = FoldConstantsPass()(optcc.ir.load(result.model))
     assert not again.modified
 
