@@ -11,6 +11,7 @@ import pytest
 
 import optcc
 from optcc.infra import pipelines, registry
+from reference import EXACT_RTOL, assert_close, expected_outputs, onnxruntime_outputs, random_feeds
 
 
 @pytest.fixture
@@ -74,7 +75,9 @@ def test_entry_point_plugin_is_discovered_and_runs(fresh_registry, plugin_on_pat
     result = optcc.optimize(model, passes=["negate-twice"])
     assert [n.op_type for n in result.model.graph.node] == ["Relu"]
     assert result.report.passes[0].stats == {"pairs": 1}
-    assert result.report.verification["status"] == "passed"
+    feeds = random_feeds(model)
+    assert_close(onnxruntime_outputs(result.model, feeds), expected_outputs(model, feeds), EXACT_RTOL,
+                 what="plugin result vs onnx reference evaluator")
 
 
 def test_register_refuses_a_taken_name(fresh_registry):
