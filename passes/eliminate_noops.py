@@ -22,6 +22,8 @@ the value types and constant operands prove the node is a no-op:
   ``(-0.0)+x`` (integers: ``x+0``, ``0+x``), where the constant has ``x``'s dtype and
   broadcasting keeps ``x``'s shape (the constant's rank <= rank(x), each of its dims 1
   or equal to a static dim of ``x``).
+- ``and-or``: ``And(x, x)`` and ``Or(x, x)`` (both inputs the same value): ``x`` broadcast
+  with itself is ``x``'s shape, and ``a and a = a or a = a`` for every bool.
 
 Why each is exact (bit for bit): the removed node copies ``x``. For the arithmetic rules
 IEEE 754 gives ``x*1 = x/1 = x`` and ``x - (+0.0) = x + (-0.0) = x`` for every ``x``,
@@ -314,6 +316,12 @@ def _arithmetic(node: ir.Node, opset: int) -> ir.Value | None:
     return None
 
 
+def _same_operands(node: ir.Node, opset: int) -> ir.Value | None:
+    if len(node.inputs) != 2 or node.inputs[0] is not node.inputs[1]:
+        return None
+    return node.inputs[0]
+
+
 _RULES: dict[str, tuple[str, Callable[[ir.Node, int], ir.Value | None]]] = {
     "Cast": ("cast", _cast),
     "CastLike": ("cast", _cast),
@@ -329,6 +337,8 @@ _RULES: dict[str, tuple[str, Callable[[ir.Node, int], ir.Value | None]]] = {
     "Div": ("div", _arithmetic),
     "Add": ("add", _arithmetic),
     "Sub": ("sub", _arithmetic),
+    "And": ("and-or", _same_operands),
+    "Or": ("and-or", _same_operands),
 }
 
 

@@ -6,7 +6,10 @@ Rewrites (``y = A(x)``, ``z = B(y)``; default-domain ops, in every graph):
   ``Transpose(x, p)`` with ``p[i] = p1[p2[i]]``, or just ``x`` when ``p`` is the
   identity. The first Transpose must have no other reader (and not be a graph output),
   except when ``p`` is the identity: then only the second goes and the first stays for
-  its other readers.
+  its other readers (a pair from a graph input to a graph output is left to
+  ``cancel-transpose-pairs``).
+- ``not-where``: ``Where(Not(c), x, y)`` becomes ``Where(c, y, x)``; the Not goes when it
+  has no other reader. ``not-not``: ``Not(Not(x))`` becomes ``x``.
 - ``squeeze-unsqueeze`` / ``unsqueeze-squeeze``: ``Unsqueeze(Squeeze(x, a), a)`` and
   ``Squeeze(Unsqueeze(x, a), a)`` become ``x`` when the axes, normalized against the
   rank they refer to, are the same set (axes as attribute before opset 13, as a constant
@@ -37,7 +40,9 @@ Why exact: each rewrite only moves data the same way with fewer steps (a transpo
 composed with a transposition is one; a unit axis removed then re-inserted at the same
 place is no change; nested concatenation along one axis is one concatenation of the
 same pieces in the same order; slicing different axes is independent, so two Slices
-are one; f(f(x)) == f(x) holds bit for bit for those idempotent functions (NaN stays NaN,
+are one; Where picks ``x`` exactly where ``Not(c)`` is true, i.e. where ``c`` is
+false, and the broadcast of (c, x, y) is that of (c, y, x); ``Not(Not(x))`` is ``x`` for
+every bool; f(f(x)) == f(x) holds bit for bit for those idempotent functions (NaN stays NaN,
 -0.0 stays -0.0); keepdims=1 leaves exactly the unit axes the Unsqueeze
 inserts; a Slice of a shape is the shape's slice; a Reshape's result depends only on its input's elements and, without
 0 entries, its target). When ``z`` is a graph output and the chain collapses to ``x``,
@@ -113,6 +118,29 @@ def _transposes(node: ir.Node, opset: int) -> bool:
         return False
     node.replace_input_with(0, x)
     node.attributes["perm"] = ir.AttrInt64s("perm", composed)
+    remove_if_dead(first)
+    return True
+
+
+def _not_where(node: ir.Node, opset: int) -> bool:
+    """``Where(Not(c), x, y)`` reads ``Where(c, y, x)``."""
+    if len(node.inputs) != 3 or None in node.inputs:
+        return False
+    negation = _producer(node.inputs[0], "Not")
+    if negation is None:
+        return False
+    c, x, y = negation.inputs[0], node.inputs[1], node.inputs[2]
+    node.replace_input_with(0, c)
+    node.replace_input_with(1, y)
+    node.replace_input_with(2, x)
+    remove_if_dead(negation)
+    return True
+
+
+def _not_not(node: ir.Node, opset: int) -> bool:
+    first = _producer(node.inputs[0], "Not")
+    if first is None or not bypass(node, node.outputs[0], first.inputs[0]):
+        return False
     remove_if_dead(first)
     return True
 
@@ -429,6 +457,10 @@ def _merge(node: ir.Node, opset: int) -> str | None:
         return "slice-slice" if _slices(node, opset) else None
     if node.op_type == "Transpose":
         return "transpose-transpose" if _transposes(node, opset) else None
+    if node.op_type == "Where":
+        return "not-where" if _not_where(node, opset) else None
+    if node.op_type == "Not":
+        return "not-not" if _not_not(node, opset) else None
     if node.op_type in ("Squeeze", "Unsqueeze"):
         return _squeeze_pair(node, opset)
     if node.op_type == "Reshape":

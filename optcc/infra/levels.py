@@ -19,6 +19,7 @@ _EXACT = (
     "eliminate-identities",
     "eliminate-noops",
     "merge-consecutive",
+    "cancel-transpose-pairs",
     "simplify-reshape-targets",
     "eliminate-common-subexpressions",
     "eliminate-dead-nodes",
