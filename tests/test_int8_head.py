@@ -8,6 +8,7 @@ import onnx.helper as oh
 import onnx.numpy_helper as nh
 
 import optcc
+from reference import onnxruntime_outputs
 from optcc.quant.calibration import calibrate
 from optcc.passes.quantize_int8 import QuantizeInt8Pass
 from optcc.quant.driver import quantize_int8
@@ -54,6 +55,28 @@ def _samples(n: int, seed: int) -> list[dict[str, np.ndarray]]:
     return [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
 
 
+def _int8_metrics(original: onnx.ModelProto, quantized, samples) -> list[tuple[float, float, float | None]]:
+    """(SQNR in dB, cosine, argmax agreement) per output of ``quantized`` against the float32
+    ``original``, both run on onnxruntime, over all ``samples`` together; argmax agreement
+    along the last axis of [N, C] outputs only (None for others)."""
+    quantized = quantized if isinstance(quantized, onnx.ModelProto) else optcc.ir.serialize(quantized)
+    refs = [onnxruntime_outputs(original, feeds) for feeds in samples]
+    gots = [onnxruntime_outputs(quantized, feeds) for feeds in samples]
+    metrics = []
+    for i in range(len(refs[0])):
+        ref = np.concatenate([r[i].astype(np.float64).ravel() for r in refs])
+        got = np.concatenate([g[i].astype(np.float64).ravel() for g in gots])
+        signal, noise = float(np.sum(ref ** 2)), float(np.sum((got - ref) ** 2))
+        sqnr = np.inf if noise == 0 else 10 * np.log10(signal / noise)
+        cosine = float(ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got)))
+        agree = None
+        if refs[0][i].ndim == 2 and refs[0][i].shape[-1] > 1:
+            agree = float(np.mean(np.concatenate([np.argmax(r[i], -1) == np.argmax(g[i], -1)
+                                                  for r, g in zip(refs, gots)])))
+        metrics.append((sqnr, cosine, agree))
+    return metrics
+
+
 def _by_name(model, name):  # noqa: ANN001, ANN202
     return next(n for n in model.graph if n.name == name)
 
@@ -78,8 +101,8 @@ def test_logits_of_the_output_head_stay_float() -> None:
     (use,) = {u.node.op_type for u in _by_name(q, "conv2").outputs[0].uses()}
     assert use == "QuantizeLinear"
     assert [v.name for v in q.graph.outputs] == ["probs"]
-    verification = optcc.numerics.verify(optcc.ir.load(proto), q, numerics="int8", inputs=_samples(4, 2))
-    assert verification.passed, verification
+    ((sqnr, cosine, agree),) = _int8_metrics(proto, q, _samples(4, 2))
+    assert sqnr >= 25 and cosine >= 0.99 and agree == 1.0, (sqnr, cosine, agree)
     again = QuantizeInt8Pass(ranges, count_fused=False)(q)
     assert not again.modified
 
@@ -110,8 +133,5 @@ def test_driver_folds_conv_affine_before_quantizing() -> None:
     assert stats["fallback"]["target_met"], stats["fallback"]
     # the input model is untouched
     assert [n.op_type for n in proto.graph.node] == ["Conv", "Mul", "Add", "Relu", "Conv"]
-    verification = optcc.numerics.verify(
-        optcc.ir.load(proto), quantized, numerics="int8", inputs=_samples(4, 4),
-        tolerances={"int8": optcc.Tolerance(min_sqnr_db=25.0, min_cosine=0.99)},  # feature map: no argmax
-    )
-    assert verification.passed, verification
+    ((sqnr, cosine, _),) = _int8_metrics(proto, quantized, _samples(4, 4))  # feature map: no argmax
+    assert sqnr >= 25 and cosine >= 0.99, (sqnr, cosine)
