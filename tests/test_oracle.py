@@ -224,3 +224,35 @@ def test_a_reference_that_disagrees_with_onnxruntime_is_not_used():
         np.testing.assert_allclose(reference.outputs[0]["y"], x.astype(np.float64), rtol=1e-6)
     else:
         assert "Dropout" in reference.reason or "evaluator" in reference.reason
+
+
+class PlantedInFixpointPass(optcc.Pass):
+    """Adds 1e-3 to the first Conv bias it has not touched yet: a wrong rewrite that a
+    fixpoint would repeat on every round."""
+
+    name = "planted-in-fixpoint"
+    numerics = "fusion"
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        for node in model.graph:
+            if node.op_type == "Conv" and "planted" not in node.meta:
+                bias = node.inputs[2]
+                shifted = ir.Value(name=f"{bias.name}_planted",
+                                   const_value=ir.tensor(bias.const_value.numpy() + np.float32(1e-3)))
+                model.graph.register_initializer(shifted)
+                node.replace_input_with(2, shifted)
+                node.meta["planted"] = True
+                return optcc.PassResult(model, True)
+        return optcc.PassResult(model, False)
+
+
+def test_a_wrong_pass_inside_a_fixpoint_is_reverted_for_the_rest_of_the_run():
+    from optcc.infra import Fixpoint
+
+    model = _conv_bn([0])
+    planted = PlantedInFixpointPass()
+    steps = [Fixpoint([planted, optcc.create_pass("eliminate-dead-nodes")], max_iters=8, name="loop")]
+    result = optcc.optimize(model, passes=steps)
+    statuses = [r.status for r in result.report.passes if r.name == "planted-in-fixpoint"]
+    assert statuses and set(statuses) == {"reverted"}
+    assert result.report.verification["status"] == "passed"

@@ -87,7 +87,7 @@ class _Run:
     fresh: Callable[[], ir.Model]
     signature: Signature
     check_each: bool
-    reverts: dict[int, str]  # pass-run index -> why it is reverted without running
+    reverts: dict[int, tuple[PassLike, str]]  # pass-run index -> the pass reverted from there on, and why
     records: list[PassRecord] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     unconverged: list[str] = dataclasses.field(default_factory=list)
@@ -132,7 +132,7 @@ class PassManager:
             run, verification = self._verified(run)
         return PipelineResult(run.model, run.records, run.warnings, run.numerics(), verification, run.unconverged)
 
-    def _complete(self, model: ir.Model, fresh: Callable[[], ir.Model], reverts: dict[int, str]) -> _Run:
+    def _complete(self, model: ir.Model, fresh: Callable[[], ir.Model], reverts: dict[int, tuple[PassLike, str]]) -> _Run:
         """Run the steps; should onnx's checker reject the result, run them again from a
         fresh copy checking after every pass."""
         run = self._run_steps(model, fresh, check_each=False, reverts=reverts)
@@ -152,7 +152,7 @@ class PassManager:
         pipeline again with it reverted, and verify that."""
         assert self.verifier is not None
         check = self.verifier.check(run.model, run.numerics())
-        reverts = dict(run.reverts)
+        reverts: dict[int, tuple[PassLike, str]] = dict(run.reverts)
         for _ in range(MAX_BISECTIONS):
             if check.status != "failed" or not run.kept or self.verify_each:
                 break
@@ -162,7 +162,8 @@ class PassManager:
             culprit = next(p for i, p in run.kept if i == index)
             if self.strict:
                 raise PassFailedError(f"pass '{pass_name(culprit)}' changed the numerics: {failing.reason}")
-            reverts[index] = "changed the numerics: " + (failing.reason or "")
+            # this run of the pass and its later runs (a fixpoint would repeat the rewrite)
+            reverts[index] = (culprit, "changed the numerics: " + (failing.reason or ""))
             run = self._complete(run.fresh(), run.fresh, reverts)
             check = self.verifier.check(run.model, run.numerics())
         return run, check
@@ -194,7 +195,7 @@ class PassManager:
         return model
 
     def _run_steps(self, model: ir.Model, fresh: Callable[[], ir.Model], *, check_each: bool,
-                   reverts: dict[int, str]) -> _Run:
+                   reverts: dict[int, tuple[PassLike, str]]) -> _Run:
         run = _Run(fresh=fresh, signature=signature(model), check_each=check_each, reverts=reverts)
         run.summary = (oir.op_histogram(model), oir.weight_bytes(model))
         run.checkpoint = fresh
@@ -298,8 +299,10 @@ class PassManager:
         status, reason, verification = "unchanged", None, None
         stats: dict[str, Any] = {}
         result = None
-        if index in run.reverts:
-            status, reason = "reverted", run.reverts[index]
+        planned = next((why for start, (reverted, why) in run.reverts.items()
+                        if reverted is pass_ and index >= start), None)
+        if planned is not None:
+            status, reason = "reverted", planned
         else:
             try:
                 result = pass_(model)
@@ -322,7 +325,7 @@ class PassManager:
                     if self.strict:
                         raise PassFailedError(
                             f"pass '{name}' {reason} (passes run before it: {self._ran_before(run)})")
-        if status in ("failed", "reverted") and index not in run.reverts:
+        if status in ("failed", "reverted") and planned is None:
             model = self._restore(run)
         elif status == "changed" and self._verifies():
             self._set_checkpoint(run, model)  # a revert later never replays a verified pass
