@@ -15,8 +15,8 @@ Costly checks run once, on the result, and are bisected on failure:
   with the checker after every pass, so the pass responsible is reverted like any other;
 - the numerics (without ``verify_each``): should the result fail verification, the passes
   whose changes were kept are replayed on a fresh copy to find, by bisection, the first
-  whose result fails; the pipeline then runs again with that pass run reverted, and the
-  result is verified again.
+  whose result fails; the pipeline then runs again with that pass reverted from that run
+  on, and the result is verified again.
 
 Reverting does not need a copy per pass: the manager keeps a checkpoint, a way to get a
 fresh copy of the model at some point, plus the passes run since, and replays those on the
