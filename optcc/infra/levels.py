@@ -40,10 +40,12 @@ _O1 = ["normalize", *_TIDY, _EXACT, *_TIDY]
 LEVELS: dict[int, list[str | tuple[str, ...]]] = {
     0: ["normalize"],
     1: _O1,
-    2: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions"],
+    # fuse-parallel-matmuls runs after every attention fusion: those match separate Q/K/V MatMuls.
+    2: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions", "fuse-parallel-matmuls"],
     3: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions",
         "fuse-ort-conv-activation",
-        ("fuse-ort-attention", "fuse-ort-transformer", "eliminate-dead-nodes"), _EXACT,
+        ("fuse-ort-attention", "fuse-ort-transformer", "eliminate-dead-nodes"),
+        "fuse-parallel-matmuls", _EXACT,
         "record-target"],
 }
 
