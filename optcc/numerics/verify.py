@@ -64,7 +64,7 @@ Feeds = Mapping[str, np.ndarray]
 ModelRef = Union[ir.Model, str, os.PathLike]
 
 DEFAULT_SAMPLES = 3
-REFERENCES = ("auto", "float64", "float32")
+REFERENCES = ("auto", "float32")
 
 
 @dataclasses.dataclass
@@ -139,9 +139,9 @@ class Verifier:
     """Runs the original once per provider (and once in float64), then checks candidates.
 
     ``inputs``: feed dicts (an iterable is consumed once); None generates ``samples``
-    feeds with ``input_shapes`` for dynamic dimensions and ``input_ranges`` for values. ``reference``: "auto" (float64
-    where possible, else the float32 original), "float64" (as auto; the report says when
-    it was not possible) or "float32" (always the float32 original).
+    feeds with ``input_shapes`` for dynamic dimensions and ``input_ranges`` for values.
+    ``reference``: "auto" (float64 where needed and possible, else the float32 original)
+    or "float32" (always the float32 original).
     """
 
     def __init__(
