@@ -23,6 +23,7 @@ with these instead.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Union
 
@@ -146,6 +147,25 @@ def expected_outputs_float64(model: ModelLike, feeds: Feeds) -> list[np.ndarray]
     outputs come back as float64)."""
     wide = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feeds.items()}
     return expected_outputs(to_float64(model), wide)
+
+
+def lossy_metrics(original: ModelLike, converted: ModelLike, samples: Sequence[Feeds]) -> list[tuple[float, float]]:
+    """(SQNR in dB, cosine) per output of ``converted`` against ``original``, both run on
+    onnxruntime, over all ``samples`` together (feeds cast to the converted inputs' types)."""
+    converted = _proto(converted)
+    types = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+             for v in converted.graph.input}
+    refs = [onnxruntime_outputs(original, feeds) for feeds in samples]
+    gots = [onnxruntime_outputs(converted, {k: v.astype(types[k]) for k, v in feeds.items()}) for feeds in samples]
+    metrics = []
+    for i in range(len(refs[0])):
+        ref = np.concatenate([r[i].astype(np.float64).ravel() for r in refs])
+        got = np.concatenate([g[i].astype(np.float64).ravel() for g in gots])
+        signal, noise = float(np.sum(ref ** 2)), float(np.sum((got - ref) ** 2))
+        sqnr = math.inf if noise == 0 else -math.inf if signal == 0 else 10 * math.log10(signal / noise)
+        norms = float(np.linalg.norm(ref) * np.linalg.norm(got))
+        metrics.append((sqnr, float(ref @ got) / norms if norms > 0 else float(noise == 0)))
+    return metrics
 
 
 def _describe(got: np.ndarray, want: np.ndarray, bad: np.ndarray, bound: float) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 
 import numpy as np
 import onnx
@@ -14,7 +13,7 @@ import pytest
 
 import optcc
 from optcc.passes.convert_float16 import KEEP_MARKER, ConvertFloat16Pass
-from reference import onnxruntime_outputs, random_feeds
+from reference import lossy_metrics, random_feeds
 
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
 
@@ -67,24 +66,8 @@ def node(model: ir.Model, op: str) -> ir.Node:
 
 
 def fp16_metrics(proto: onnx.ModelProto, model, samples) -> list[tuple[float, float]]:
-    """(SQNR in dB, cosine) per output of ``model`` (ir or proto) against the float32
-    ``proto``, both run on onnxruntime, over all ``samples`` together."""
-    converted = model if isinstance(model, onnx.ModelProto) else optcc.ir.serialize(model)
-    types = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
-             for v in converted.graph.input}
-    refs = [onnxruntime_outputs(proto, feeds) for feeds in samples]
-    gots = [onnxruntime_outputs(converted, {k: v.astype(types[k]) for k, v in feeds.items()})
-            for feeds in samples]
-    metrics = []
-    for i in range(len(refs[0])):
-        ref = np.concatenate([r[i].astype(np.float64).ravel() for r in refs])
-        got = np.concatenate([g[i].astype(np.float64).ravel() for g in gots])
-        signal, noise = float(np.sum(ref ** 2)), float(np.sum((got - ref) ** 2))
-        sqnr = math.inf if noise == 0 else -math.inf if signal == 0 else 10 * math.log10(signal / noise)
-        norms = float(np.linalg.norm(ref) * np.linalg.norm(got))
-        cosine = float(ref @ got) / norms if norms > 0 else float(noise == 0)
-        metrics.append((sqnr, cosine))
-    return metrics
+    """(SQNR in dB, cosine) per output of ``model`` (ir or proto) against the float32 ``proto``."""
+    return lossy_metrics(proto, model, samples)
 
 
 def check_numerics(proto: onnx.ModelProto, result, min_db: float = 40.0, inputs=None,
