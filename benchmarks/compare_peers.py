@@ -541,6 +541,20 @@ def machine() -> str:
     return f"{cores} CPU cores ({cpu}), {platform.system()} {platform.release()}"
 
 
+def _page_arguments(arguments: Sequence[str]) -> list[str]:
+    """The arguments that shape the page: where the raw rows or models are kept is not one."""
+    shown: list[str] = []
+    skip = False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument in ("--json", "--keep"):
+            skip = True
+        elif not argument.startswith(("--json=", "--keep=")):
+            shown.append(argument)
+    return shown
+
+
 def document(rows: Sequence[Row], tools: Sequence[str], command: str, runs: int, elapsed_s: float) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     vers = ", ".join(f"{k} {v}" for k, v in versions().items())
@@ -630,8 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.models:
             print(f"[{time.monotonic() - start:6.0f} s] {name}", file=sys.stderr, flush=True)
             rows.extend(benchmark_model(name, args.tools, args.runs, args.timeout, workdir))
-    shown = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
-    command = f"python benchmarks/compare_peers.py {shown}".strip()
+    command = f"python benchmarks/compare_peers.py {' '.join(_page_arguments(sys.argv[1:] if argv is None else argv))}"
+    command = command.strip()
     page = document(rows, args.tools, command, args.runs, time.monotonic() - start)
     print(page)
     if args.out:

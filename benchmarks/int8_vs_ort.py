@@ -201,25 +201,12 @@ def samples(model: str, n: int, seed: int, input_name: str, documents: bool = Fa
     return [{input_name: a[None]} for a in arrays]
 
 
-def ctc_greedy(probabilities: np.ndarray) -> list[list[int]]:
-    """CTC greedy decoding of [N, T, C] scores: argmax per time step, repeats collapsed,
-    blank (0) dropped."""
-    out = []
-    for row in np.asarray(probabilities).argmax(-1).reshape(-1, probabilities.shape[-2]):
-        seq, prev = [], -1
-        for k in row.tolist():
-            if k != prev and k != 0:
-                seq.append(k)
-            prev = k
-        out.append(seq)
-    return out
-
-
 def ctc_match(reference: "optcc.ir.Model", candidate: "optcc.ir.Model", held: list) -> float:  # noqa: F821
     """Fraction of held-out lines whose CTC greedy decode equals float32's."""
     import onnxruntime as ort
 
     import optcc
+    from optcc.numerics.task import ctc_greedy
 
     sessions = []
     for model, level in ((reference, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
@@ -458,14 +445,8 @@ def page(text: str, argv: list[str]) -> str:
     sys.path.insert(0, str(ROOT))
     from optcc.version import __version__
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from compare_peers import machine  # the one machine description of the benchmark pages
+
     return "\n".join([
         "# INT8: optcc vs onnxruntime.quantization (generated)",
         "",
@@ -473,7 +454,7 @@ def page(text: str, argv: list[str]) -> str:
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- versions: optcc {__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"numpy {numpy.__version__}, Python {platform.python_version()}",
-        f"- machine: {cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; "
+        f"- machine: {machine()}; "
         "latency with 2 intra-op threads, float32 and INT8 interleaved in one process",
         "",
         "Column meanings: see the docstring of benchmarks/int8_vs_ort.py. \"task deviation / floor\": the",
