@@ -229,20 +229,7 @@ def _set_axes(node: ir.Node, axes: list[int], opset: int) -> None:
         return
     if len(node.inputs) < 2:
         node.resize_inputs(2)
-    node.replace_input_with(1, _constant(node, np.array(axes, dtype=np.int64), "axes"))
-
-
-def _constant(before: ir.Node, array: np.ndarray, base: str) -> ir.Value:
-    graph = before.graph
-    assert graph is not None
-    name = optcc.ir.unique_value_name(graph, f"{before.name or before.op_type}_{base}")
-    const = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.Tensor(array, name=name))],
-                    num_outputs=1, name=name)
-    const.outputs[0].name = name
-    const.outputs[0].type = ir.TensorType(ir.DataType.INT64)
-    const.outputs[0].shape = ir.Shape(array.shape)
-    graph.insert_before(before, const)
-    return const.outputs[0]
+    node.replace_input_with(1, optcc.ir.constant_before(node, np.array(axes, dtype=np.int64), "axes"))
 
 
 def _same_kind_pair(node: ir.Node, opset: int) -> str | None:
@@ -434,7 +421,7 @@ def _slices(node: ir.Node, opset: int) -> bool:
         return False
     node.replace_input_with(0, x)
     for i in range(4):
-        node.replace_input_with(i + 1, _constant(node, np.array(p1[i] + p2[i], dtype=np.int64), "slice"))
+        node.replace_input_with(i + 1, optcc.ir.constant_before(node, np.array(p1[i] + p2[i], dtype=np.int64), "slice"))
     remove_if_dead(first)
     return True
 

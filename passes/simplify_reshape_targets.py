@@ -146,13 +146,6 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
                 target = _constant_target(node, opset, ranks)
                 if target is None:
                     continue
-                name = optcc.ir.unique_value_name(graph, f"{node.name or 'Reshape'}_target")
-                const = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.Tensor(target, name=name))],
-                                num_outputs=1, name=name)
-                const.outputs[0].name = name
-                const.outputs[0].type = ir.TensorType(ir.DataType.INT64)
-                const.outputs[0].shape = ir.Shape(target.shape)
-                graph.insert_before(node, const)
-                node.replace_input_with(1, const.outputs[0])
+                node.replace_input_with(1, optcc.ir.constant_before(node, target, "target"))
                 count += 1
         return optcc.PassResult(model, bool(count), {"shape-copy": count} if count else {})

@@ -9,7 +9,7 @@ atomically (``save``), and every pass walks graphs, nodes and names the same way
 
 from __future__ import annotations
 
-from optcc.ir.edit import ModelNames, as_numpy, const_tensor, inferred_dtypes, unique_value_name, upgrade_legacy_ir, value_names
+from optcc.ir.edit import ModelNames, constant_before, as_numpy, const_tensor, inferred_dtypes, unique_value_name, upgrade_legacy_ir, value_names
 from optcc.ir.interface import FILLED_INTERFACE_KEY
 from optcc.ir.loading import ModelSource, load
 from optcc.ir.saving import EXTERNAL_DATA_THRESHOLD_BYTES, PROTOBUF_LIMIT_BYTES, STREAM_MIN_BYTES, check_output_path, create_temp_file, initializers_set_aside, needs_external_data, save, serialize
@@ -28,6 +28,7 @@ __all__ = [
     "external_data_files",
     "unique_value_name",
     "ModelNames",
+    "constant_before",
     "value_names",
     "const_tensor",
     "proto_graphs",

@@ -48,6 +48,21 @@ def unique_value_name(
     return name
 
 
+def constant_before(before: ir.Node, array: np.ndarray, base: str) -> ir.Value:
+    """A Constant node holding ``array``, inserted just before ``before`` in its graph and
+    named after it (``<node>_<base>``, unique in that graph); its output, typed and shaped."""
+    graph = before.graph
+    assert graph is not None
+    name = unique_value_name(graph, f"{before.name or before.op_type}_{base}")
+    const = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.Tensor(array, name=name))],
+                    num_outputs=1, name=name)
+    const.outputs[0].name = name
+    const.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    const.outputs[0].shape = ir.Shape(array.shape)
+    graph.insert_before(before, const)
+    return const.outputs[0]
+
+
 class ModelNames:
     """The value and node names in use anywhere in a model (collected once), handing out
     fresh ones: ``base``, else ``base_1``, ``base_2``, ..."""
