@@ -190,6 +190,7 @@ def optimize(
         pipeline.append(create_pass("quantize-weights", **wo))
 
     verifier = None
+    int8 = dict(int8_options or {})
     if verify or verify_each:
         verifier = Verifier(
             original,
@@ -200,9 +201,9 @@ def optimize(
             tolerances=tolerances,
             progress=progress,
             # INT8 is judged by the same task metric the quantizer was asked to meet
-            task_metric=dict(int8_options or {}).get("metric"),
-            task_margin=dict(int8_options or {}).get("metric_margin", DEFAULT_MARGIN),
-            task_target=dict(int8_options or {}).get("metric_target"),
+            task_metric=int8.get("metric"),
+            task_margin=int8.get("metric_margin", DEFAULT_MARGIN),
+            task_target=int8.get("metric_target"),
         )
     try:
         manager = PassManager(pipeline, strict=strict, verifier=verifier, verify_each=verify_each)
@@ -217,7 +218,8 @@ def optimize(
             if r.name == INT8_PASS and r.status == "unchanged" and r.stats.get("reason")
         )
         if verify and verifier is not None:
-            check = outcome.verification or verifier.check(outcome.model, outcome.numerics)
+            check = outcome.verification  # the manager verifies the result whenever it has a verifier
+            assert check is not None
             report.verification = {**check.to_dict(), "summary": check.describe()}
             if check.status == "skipped":
                 report.warnings.append(f"numerics not verified: {check.reason}")
