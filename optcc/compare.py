@@ -29,7 +29,7 @@ from optcc import ir as oir
 from optcc.errors import BadInputError, UnverifiedError
 from optcc.ir.overwrite import check_input_shapes
 from optcc.numerics import TOLERANCES, OutputMetrics, Tolerance, check_feeds, compare_outputs, generate_inputs
-from optcc.runtime.session import session_options
+from optcc.runtime.session import first_line, session_options
 
 __all__ = ["Comparison", "compare_models", "format_comparison"]
 
@@ -63,12 +63,7 @@ def _session(model: ir.Model, path: str | None, label: str) -> ort.InferenceSess
     try:
         return ort.InferenceSession(source, options, providers=[PROVIDER])
     except Exception as error:  # noqa: BLE001 - anything onnxruntime raises
-        raise UnverifiedError(f"{label}: onnxruntime cannot load the model: {_first_line(error)}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:300]
+        raise UnverifiedError(f"{label}: onnxruntime cannot load the model: {first_line(error)}") from None
 
 
 def _run(session: ort.InferenceSession, feeds: Feeds, label: str) -> dict[str, np.ndarray]:
@@ -77,7 +72,7 @@ def _run(session: ort.InferenceSession, feeds: Feeds, label: str) -> dict[str, n
     try:
         values = session.run(None, dict(feeds))
     except Exception as error:  # noqa: BLE001
-        raise UnverifiedError(f"{label}: onnxruntime cannot run the model: {_first_line(error)}") from None
+        raise UnverifiedError(f"{label}: onnxruntime cannot run the model: {first_line(error)}") from None
     return {o.name: np.asarray(v) for o, v in zip(session.get_outputs(), values)}
 
 

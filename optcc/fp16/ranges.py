@@ -23,6 +23,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from optcc import ir as oir
+from optcc.numerics.metrics import sqnr_db as powers_db
 from optcc.runtime import make_session
 
 FP16_TINY = 2.0**-24  # smallest float16 subnormal; half of it rounds to zero
@@ -132,7 +133,4 @@ def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
     if not np.array_equal(finite, np.isfinite(c)):
         return -math.inf
     noise = float(np.sum((r[finite] - c[finite]) ** 2))
-    signal = float(np.sum(r[finite] ** 2))
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    return powers_db(float(np.sum(r[finite] ** 2)), noise)

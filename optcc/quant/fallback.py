@@ -29,6 +29,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from optcc import ir as oir
+from optcc.numerics.metrics import sqnr_db as powers_db
 from optcc.progress import Progress
 from optcc.runtime.latency import median_seconds
 from optcc.runtime.session import session_options
@@ -102,12 +103,7 @@ def sqnr_db(reference: np.ndarray, result: np.ndarray) -> float:
     """10 log10(signal power / noise power); inf when identical."""
     ref = reference.astype(np.float64).ravel()
     noise = float(np.sum((ref - result.astype(np.float64).ravel()) ** 2))
-    signal = float(np.sum(ref**2))
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
+    return powers_db(float(np.sum(ref**2)), noise)
 
 
 def _classifier_like(array: np.ndarray) -> bool:
