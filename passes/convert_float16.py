@@ -6,7 +6,9 @@ float32 (``keep_io_types=True``, or the names to keep; others become float16), w
 Cast at each boundary; body and function interfaces keep their types the same way.
 
 A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
-- its op is in ``block`` (op types or node names), or is custom-domain, or is an op whose
+- its op is in ``block`` (op types or node names), or is custom-domain (onnxruntime's fused
+  float ops in ``com.microsoft``, ``optcc.fp16.schemas.CONTRIB_FLOAT_OPS``, are not: they
+  convert like standard ops when the probe finds them runnable in float16), or is an op whose
   types are its semantics (Cast, Range, ConstantOfShape, random ops, quantization, control
   flow: their bodies are converted inside);
 - onnxruntime has no float16 implementation of it (``optcc.fp16.support`` probes a
@@ -66,7 +68,8 @@ STORE16_TRIALS = 4  # evaluations spent on weights of float32 nodes one by one
 _SUM_REDUCES = frozenset({"ReduceSum", "ReduceMean"})
 _SQUARE_REDUCES = frozenset({"ReduceSumSquare", "ReduceL2", "LpNormalization"})
 _NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization",
-                    "MeanVarianceNormalization", "RMSNormalization"})
+                    "MeanVarianceNormalization", "RMSNormalization", "SkipLayerNormalization",
+                    "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization"})
 _SCORE_CAP_DB = 60.0  # about float16 rounding noise: losses below it are inherent
 Feeds = Mapping[str, np.ndarray]
 
@@ -164,6 +167,10 @@ class ConvertFloat16Pass(optcc.Pass):
         except Exception as e:  # noqa: BLE001
             self.range_note = f"ranges not observed: onnxruntime cannot run the model ({e})"[:300]
         self.ranges = fp16.ranges.ranges(self.ref_values, self.feeds)
+        # onnx's inference stops at com.microsoft ops; what onnxruntime computed has a type
+        for name, array in (self.ref_values[0] if self.ref_values else {}).items():
+            if self.inferred.get(name) is None:
+                self.inferred[name] = ir.DataType.from_numpy(array.dtype)
 
     def _dtype(self, value: ir.Value) -> ir.DataType | None:
         return value.dtype if value.dtype is not None else self.inferred.get(value.name or "")

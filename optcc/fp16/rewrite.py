@@ -2,8 +2,9 @@
 
 Used by ``convert_float16.ConvertFloat16Pass``, which decides which nodes to keep. Here:
 
-- which inputs/outputs of a node become float16 comes from the op's schema: every type
-  parameter that admits ``tensor(float16)`` and holds a float32 slot, except slots that
+- which inputs/outputs of a node become float16 comes from the op's schema (onnx's, or
+  onnxruntime's for its fused float ops in ``com.microsoft``, ``optcc.fp16.schemas``):
+  every type parameter that admits ``tensor(float16)`` and holds a float32 slot, except slots that
   must keep their type (``KEEP_INPUTS``: Resize/Upsample roi and scales); a node whose
   kept slot shares a type parameter with a converted one is kept whole;
 - an initializer or float32 Constant becomes float16 (a new tensor, values beyond
@@ -23,13 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Collection, Iterable
-from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from optcc import ir as oir
+from optcc.fp16.schemas import signature
 
 FLOAT = ir.DataType.FLOAT
 FLOAT16 = ir.DataType.FLOAT16
@@ -73,27 +73,20 @@ class Slots:
 
 def float16_slots(node: ir.Node, opset: int, dtype: Callable[[ir.Value], ir.DataType | None]) -> Slots | str:
     """The node's float32 slots that can become float16, or the reason it cannot convert."""
-    if not _is_default(node):
-        return f"custom-domain op '{node.domain}::{node.op_type}' passes through untouched"
-    if node.op_type in KEEP_OPS:
+    if _is_default(node) and node.op_type in KEEP_OPS:
         return f"{node.op_type} keeps its types"
-    if node.op_type in NEUTRAL_OPS:
+    if _is_default(node) and node.op_type in NEUTRAL_OPS:
         return f"{node.op_type} reads any type"
-    try:
-        schema = onnx.defs.get_schema(node.op_type, opset, "")
-    except onnx.defs.SchemaError:
-        return f"no schema for {node.op_type} at opset {opset}"
-    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    sig = signature(node.domain, node.op_type, opset)
+    if isinstance(sig, str):
+        return sig
+    allowed = sig.allowed
 
-    def params(formals: list[Any], values: Iterable[ir.Value | None]) -> list[str | None]:
-        result = []
-        for i, _ in enumerate(values):
-            formal = formals[min(i, len(formals) - 1)] if formals else None
-            result.append(None if formal is None else formal.type_str)
-        return result
+    def params(formals: tuple[str, ...], values: Iterable[ir.Value | None]) -> list[str | None]:
+        return [formals[min(i, len(formals) - 1)] if formals else None for i, _ in enumerate(values)]
 
-    in_params = params(list(schema.inputs), node.inputs)
-    out_params = params(list(schema.outputs), node.outputs)
+    in_params = params(sig.inputs, node.inputs)
+    out_params = params(sig.outputs, node.outputs)
     keep = KEEP_INPUTS.get(node.op_type, frozenset())
     kept_params = {in_params[i] for i in keep if i < len(in_params)}
     convertible = {

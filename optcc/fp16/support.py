@@ -147,7 +147,10 @@ def _one_node_model(
     probe.output.extend(f"out{i}" if o else "" for i, o in enumerate(node.output))
     probe.name = "probe"
     graph = helper.make_graph([probe], "fp16_probe", graph_inputs, [], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    imports = [helper.make_opsetid("", opset)]
+    if node.domain not in ("", "ai.onnx"):  # onnxruntime's contrib ops are at version 1
+        imports.append(helper.make_opsetid(node.domain, 1))
+    model = helper.make_model(graph, opset_imports=imports)
     model.ir_version = min(model.ir_version, 10)
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     types = {v.name: v for v in inferred.graph.value_info}
