@@ -4,7 +4,7 @@
 | level | pipeline |
 |---|---|
 | 0 | normalize (topological order, names) |
-| 1 | 0 + Constant nodes lifted to initializers, initializer dedup, a fixpoint of constant folding and exact eliminations, lift + dedup again |
+| 1 | 0 + Constant nodes lifted to initializers, initializer dedup, a fixpoint of constant folding and exact eliminations, lift + dedup again, constant graph outputs stored as initializers |
 | 2 | 1 + a fixpoint of fusions into standard ops, then the exact fixpoint, lift + dedup again, CSE (fused weights deduplicated make more nodes equal) |
 | 3 | 2 + onnxruntime FusedConv; records the target runtime in metadata_props |
 """
@@ -37,16 +37,18 @@ _FUSIONS = (
 )
 _TIDY = ["lift-constants", "deduplicate-initializers"]
 _O1 = ["normalize", *_TIDY, _EXACT, *_TIDY]
+# store-constant-outputs runs last: no later pass sees an initializer as a graph output.
 LEVELS: dict[int, list[str | tuple[str, ...]]] = {
     0: ["normalize"],
-    1: _O1,
+    1: [*_O1, "store-constant-outputs"],
     # fuse-parallel-matmuls runs after every attention fusion: those match separate Q/K/V MatMuls.
-    2: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions", "fuse-parallel-matmuls"],
+    2: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions", "fuse-parallel-matmuls",
+        "store-constant-outputs"],
     3: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions",
         "fuse-ort-conv-activation",
         ("fuse-ort-attention", "fuse-ort-transformer", "eliminate-dead-nodes"),
         "fuse-parallel-matmuls", _EXACT,
-        "record-target"],
+        "store-constant-outputs", "record-target"],
 }
 
 
