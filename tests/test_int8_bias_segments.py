@@ -128,3 +128,21 @@ def test_segmented_correction_equals_sequential_whole_model_reference() -> None:
         moved += int(np.any(want != nh.to_array(bias_dq(start, conv)[0])))
     assert moved >= 3  # the corrections are not all zero
     assert stats["mean_error_after"] < 0.2 * stats["mean_error_before"]
+
+
+def test_a_conv_whose_relu_became_the_output_quantization_is_not_corrected_toward_the_relu() -> None:
+    """Conv -> Relu as the graph output: the quantization absorbs the Relu, so the conv's
+    result is renamed and the DQ after it carries the output name; the float model's value
+    of that name is the Relu's result, whose mean is not the conv's."""
+    model = branching()
+    sigmoid = next(n for n in model.graph.node if n.op_type == "Sigmoid")
+    sigmoid.op_type = "Relu"
+    data = samples(6, 0)
+    ranges = calibrate(model, data, "minmax").ranges
+    q = QuantizeInt8Pass(ranges, count_fused=False)(optcc.ir.load(model)).model
+    conv4 = next(n for n in optcc.ir.serialize(q).graph.node if n.name == "conv4")
+    before = bias_dq(optcc.ir.serialize(q), conv4.output[0])
+    stats = correct_biases(optcc.ir.load(model), q, data[:4])
+    assert stats["layers"] == len(CONVS) - 1  # conv4 has no float counterpart to match
+    after = bias_dq(optcc.ir.serialize(q), conv4.output[0])
+    np.testing.assert_array_equal(nh.to_array(after[0]), nh.to_array(before[0]))

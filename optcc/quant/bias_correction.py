@@ -86,7 +86,7 @@ def _scale_of_dq(value: ir.Value) -> np.ndarray | None:
     return oir.as_numpy(node.inputs[1]) if node.inputs[1] is not None else None
 
 
-def _corrected_layers(model: ir.Model, reference_names: set[str]) -> list[_Layer]:
+def _corrected_layers(model: ir.Model, reference_ops: Mapping[str, str]) -> list[_Layer]:
     """The Convs and Gemms of the main graph whose inputs and weights are dequantized 8-bit
     tensors (and whose bias, when present, is a dequantized int32 constant), with a result
     the float model also has, in graph order."""
@@ -97,7 +97,7 @@ def _corrected_layers(model: ir.Model, reference_names: set[str]) -> list[_Layer
         weight = _dq_constants(node.inputs[1])
         x_scale = _scale_of_dq(node.inputs[0]) if node.inputs[0] is not None else None
         result = node.outputs[0].name
-        reference = _reference_name(node.outputs[0], reference_names)
+        reference = _reference_name(node.outputs[0], node.op_type, reference_ops)
         if weight is None or x_scale is None or x_scale.size != 1 or reference is None:
             continue
         w_q, w_scale, _ = weight
@@ -122,16 +122,19 @@ def _corrected_layers(model: ir.Model, reference_names: set[str]) -> list[_Layer
     return layers
 
 
-def _reference_name(value: ir.Value, reference_names: set[str]) -> str | None:
+def _reference_name(value: ir.Value, op_type: str, reference_ops: Mapping[str, str]) -> str | None:
     """The float model's name for a layer's result: its own, or, for a graph output that the
-    quantization moved to the DQ after it (the conv's result renamed), the DQ's."""
-    if value.name in reference_names:
+    quantization moved to the DQ after it (the conv's result renamed), the DQ's; either
+    only when the float model computes it with the same op (a Relu absorbed into the
+    output's quantization leaves the graph output a Relu's result, not the conv's)."""
+    if reference_ops.get(value.name or "") == op_type:
         return value.name
     uses = list(value.uses())
     if len(uses) == 1 and uses[0].node.op_type == "QuantizeLinear":
         for q_use in uses[0].node.outputs[0].uses():
             out = q_use.node.outputs[0]
-            if q_use.node.op_type == "DequantizeLinear" and out.is_graph_output() and out.name in reference_names:
+            if (q_use.node.op_type == "DequantizeLinear" and out.is_graph_output()
+                    and reference_ops.get(out.name or "") == op_type):
                 return out.name
     return None
 
@@ -191,8 +194,8 @@ def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[F
     the mean absolute error of the layers' channel means before (each measured before its
     own correction, the layers before it corrected) and after, samples, seconds."""
     start = time.perf_counter()
-    reference_names = {v.name for node in reference.graph for v in node.outputs if v.name}
-    layers = _corrected_layers(quantized, reference_names)
+    reference_ops = {v.name: node.op_type for node in reference.graph for v in node.outputs if v.name}
+    layers = _corrected_layers(quantized, reference_ops)
     if not layers or not samples:
         return {"layers": 0}
     prefix = oir.unique_value_name(quantized, "optcc_bias_correction")
