@@ -449,6 +449,9 @@ def _verbose_lines(result: OptimizeResult) -> list[str]:
                              ("cosine", "cosine")))
         verdict = "" if out.get("passed") else f"  FAILED: {out.get('problem')}"
         lines.append(f"  output '{out.get('name')}' on {out.get('provider')}: {metrics}{verdict}")
+    proof = verification.get("proof")
+    if proof:
+        lines += [f"  output '{name}': {'proved equal' if proved else 'not proved'}" for name, proved in proof["outputs"].items()]
     return lines
 
 

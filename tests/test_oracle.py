@@ -107,13 +107,18 @@ def test_a_fold_that_ignores_epsilon_is_caught_and_reverted(ill, numerics):
     assert [n.op_type for n in result.model.graph.node] == ["Conv", "BatchNormalization"]
 
 
+@pytest.mark.parametrize("samples", ["generated", "given"])
 @pytest.mark.parametrize("ill", [[0, 1, 2, 3], [0]], ids=["all-channels", "one-channel"])
-def test_the_correct_fold_of_the_same_model_is_kept_and_closer_to_float64(ill):
+def test_the_correct_fold_of_the_same_model_is_kept_and_closer_to_float64(ill, samples):
+    """Kept by proof (generated samples are then not needed), and judged on float64 when
+    the user's samples run."""
     model = _conv_bn(ill)
-    result = optcc.optimize(model, passes=["fuse-batchnorm"])
-    assert _record(result, "fuse-batchnorm").status == "changed"
-    assert "float64" in result.report.verification["reference"]
     x = np.random.default_rng(7).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    inputs = [{"x": x * s} for s in (1.0, 0.5, 2.0)] if samples == "given" else None
+    result = optcc.optimize(model, passes=["fuse-batchnorm"], inputs=inputs)
+    assert _record(result, "fuse-batchnorm").status == "changed"
+    expected = "float64" if samples == "given" else "proof"
+    assert expected in result.report.verification["reference"]
     truth = _float64_conv_bn(model, x)
     import onnxruntime as ort
 
@@ -156,8 +161,11 @@ def test_bisection_reverts_only_the_offending_pass_of_a_pipeline():
 
 
 def test_default_verification_uses_three_samples():
-    result = optcc.optimize(_conv_bn([0]), passes=["fuse-batchnorm"])
-    assert result.report.verification["samples"] >= 3
+    model = _conv_bn([0])
+    planted = PlantedFoldPass(epsilon=0.0, numerics="fusion")(optcc.ir.load(model)).model
+    with optcc.Verifier(model) as verifier:
+        check = verifier.check(planted, "fusion")
+    assert check.proof is None and check.samples == 3 and not check.passed
 
 
 # --------------------------------------------------------------------------- kernels

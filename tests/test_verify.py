@@ -150,10 +150,14 @@ def test_a_fold_on_near_zero_outputs_is_judged_against_float64_per_element():
     float64, the fold must stay within 4x of the original's own error at every element;
     here it does not everywhere, so it is reverted (conservatively) and the result verifies."""
     model = _conv_bn_sigmoid_near_zero()
-    result = optcc.optimize(model, passes=["fuse-batchnorm"])
+    samples = generate_inputs(optcc.ir.load(model), samples=3)  # given: they always run
+    result = optcc.optimize(model, passes=["fuse-batchnorm"], inputs=samples)
     (record,) = result.report.passes
     assert result.report.verification["status"] == "passed"
     assert record.status == "reverted" and "float32 original's own error" in record.reason
+    # without samples of its own, the fold is proved: its constants are the exact fold's
+    proved = optcc.optimize(model, passes=["fuse-batchnorm"])
+    assert proved.report.passes[0].status == "changed" and proved.report.verification["reference"] == "proof"
     # a broken bias is still caught: the same model with a broken bias
     broken = optcc.ir.load(model)
     broken.graph.initializers["b"].const_value = ir.tensor(np.full(16, -59.0, np.float32))
@@ -170,7 +174,8 @@ def test_a_check_the_samples_barely_exercise_is_said_to_be_weak():
             low = Add(x, shift)
             y = Sigmoid(low)
         }""")
-    result = optcc.optimize(saturated, passes=["eliminate-dead-nodes"])
+    samples = generate_inputs(optcc.ir.load(saturated), samples=3)
+    result = optcc.optimize(saturated, passes=["eliminate-dead-nodes"], inputs=samples)
     assert any("saturated" in w and "--inputs" in w for w in result.report.warnings)
     lively = onnx.parser.parse_model("""
         <ir_version: 8, opset_import: ["": 17]>

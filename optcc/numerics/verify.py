@@ -50,6 +50,7 @@ import onnx_ir as ir
 from optcc import ir as oir
 from optcc.errors import BadInputError
 from optcc.numerics.decode import DECODE_STEPS, decode_plan, run_decode
+from optcc.numerics.equivalence import prove_equivalent
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
 from optcc.numerics.inputs import check_feeds, generate_inputs, input_roles
 from optcc.numerics.kinds import Numerics
@@ -82,6 +83,7 @@ class Verification:
     decode_steps: int | None = None  # steps per sample for a KV-cache decoder
     task: dict[str, Any] | None = None  # the task judge's verdict, for INT8
     notes: list[str] = dataclasses.field(default_factory=list)  # what makes this check weaker
+    proof: dict[str, Any] | None = None  # set when proved equal without running (reference "proof")
 
     @property
     def passed(self) -> bool:
@@ -97,6 +99,13 @@ class Verification:
         """One line: the verdict, the reference and the worst output's numbers."""
         if self.status == "skipped":
             return f"skipped ({self.reason})"
+        if self.proof is not None:
+            where = ", ".join(p.replace("ExecutionProvider", "") for p in self.providers)
+            if not self.passed:
+                return f"FAIL on {where}: {self.reason}"
+            return (f"PASS by proof ({self.numerics} tolerance): every output is the original's computation "
+                    f"(value numbering, {self.proof['folds_checked']} folded constant(s) evaluated); "
+                    f"loads on {where}")
         worst = self.worst()
         verdict = "PASS" if self.passed else "FAIL"
         where = ", ".join(p.replace("ExecutionProvider", "") for p in self.providers)
@@ -132,6 +141,7 @@ class Verification:
             "notes": self.notes,
             "reason": self.reason,
             "outputs": [o.to_dict() for o in self.outputs],
+            "proof": self.proof,
         }
 
 
@@ -172,13 +182,16 @@ class Verifier:
         model = original if isinstance(original, ir.Model) else oir.load(original)
         self._model = model
         self.original: Any = original if isinstance(original, (str, os.PathLike)) else model
+        self._feeds: list[dict[str, np.ndarray]] | None = None
+        self._generate: dict[str, Any] | None = None
         if inputs is None:
-            self.feeds = generate_inputs(model, input_shapes, samples=samples, seed=seed, ranges=input_ranges)
+            generate_inputs(model, input_shapes, samples=0, ranges=input_ranges)  # bad options raise now
+            self._generate = dict(shapes=input_shapes, samples=samples, seed=seed, ranges=input_ranges)
         else:
-            self.feeds = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs]
-            if not self.feeds:
+            self._feeds = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs]
+            if not self._feeds:
                 raise BadInputError("no verification inputs given (empty iterable)")
-            for i, feeds in enumerate(self.feeds):
+            for i, feeds in enumerate(self._feeds):
                 check_feeds(model, feeds, label=f"verification sample {i}")
         self._plan = decode_plan(model) if decode_steps > 1 else None
         self._resolution = {v.name: bounded_resolution(v.producer().op_type if v.producer() else None)
@@ -192,6 +205,13 @@ class Verifier:
         self._names: list[str] = []
         self._error: str | None = None
         self._float64: Float64Reference | None = None
+
+    @property
+    def feeds(self) -> list[dict[str, np.ndarray]]:
+        """The samples: the user's, else generated on first use (a proof needs none)."""
+        if self._feeds is None:
+            self._feeds = generate_inputs(self._model, **self._generate)
+        return self._feeds
 
     def close(self) -> None:
         self._scratch.cleanup()
@@ -305,6 +325,10 @@ class Verifier:
     def check(self, model: ir.Model, numerics: Numerics = "exact") -> Verification:
         """Compare ``model`` with the reference on every provider and sample."""
         tolerance = self.tolerances[numerics]
+        if numerics in ("exact", "fusion") and self._generate is not None:  # the user's samples always run
+            proved = self._proved(model, numerics, tolerance)
+            if proved is not None:
+                return proved
         float32 = self._float32_outputs()
         base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=len(self.feeds),
                     decode_steps=self._steps if self._plan is not None else None)
@@ -362,6 +386,26 @@ class Verifier:
         task = (verdicts.get(self.providers[0]) if len(verdicts) == 1 else verdicts) if verdicts else None
         return Verification(status=status, outputs=metrics, reason="; ".join(problems) or None, reference=reference,
                             task=task, notes=self.notes(), **base)
+
+    def _proved(self, model: ir.Model, numerics: Numerics, tolerance: Tolerance) -> Verification | None:
+        """A pass without running the models, when every output is proved equal to the
+        original's (``optcc.numerics.equivalence``) and onnxruntime loads the candidate
+        on every provider; None when not proved."""
+        try:
+            proof = prove_equivalent(self._model, model)
+        except Exception:  # noqa: BLE001 - no proof: the samples decide
+            return None
+        if not proof.complete:
+            return None
+        base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=0, outputs=[],
+                    reference="proof", proof=proof.to_dict())
+        for provider in self.providers:
+            try:
+                make_session(model, provider, scratch=self._scratch.name)
+            except Exception as e:  # noqa: BLE001
+                return Verification(status="failed", reason=f"onnxruntime cannot load the optimized model: {first_line(e)}",
+                                    **base)
+        return Verification(status="passed", **base)
 
     def notes(self) -> list[str]:
         """Outputs the samples barely exercise: the same value everywhere, or a bounded

@@ -1,0 +1,524 @@
+"""Proof of equivalence: does an optimized graph compute the same ONNX function as its original?
+
+Value numbering over both graphs in one table (translation validation in the style of
+Necula's validators: it trusts nothing the passes say, only the two graphs). Every value
+gets a key, and two values with the same key compute the same thing for every input:
+
+- a graph input: its name (the verifier feeds both models by name);
+- a constant (initializer, Constant node, or an initializer the model also lists as an
+  input, which the verifier never feeds): its element type, shape and bytes;
+- a node's output: its domain, op type and opset version, its attributes (tensors by
+  bytes, floats by their bits), its inputs' keys and the output's position;
+- ``Identity`` and inference-mode ``Dropout`` (opset >= 7, ``training_mode`` absent or a
+  constant false) output the key of their input.
+
+- a value computed from constants alone that the candidate does not compute the same way
+  (a fold) is evaluated once on onnxruntime, with the kernels the original itself runs,
+  and keyed by its bytes;
+- an affine chain gets a normal form: a Conv, ConvTranspose (one group), Gemm or MatMul
+  with a constant weight, or an inference BatchNormalization, followed by per-channel
+  constant Mul, Add, Sub, Div or BatchNormalization, is ``op(x; W) + b`` with ``W`` and
+  ``b`` composed in float64. Two forms over the same ``x`` and attributes are equal when
+  every weight is within ``ROUNDING_UNITS`` roundings of the stored dtype of the other's,
+  and every bias within as many roundings of the magnitude of the terms summed into it:
+  what a float fold of the same chain may round, far below the exact tolerance, and far
+  below any real fold bug (a BatchNormalization folded with the wrong epsilon is off by
+  ~1e-3). A per-channel constant must broadcast along the channel axis of an output of
+  known rank (from onnx's shape inference with the model's declared intermediate types
+  dropped), and change no shape.
+
+Never given a key equal to anything else (so never proved): nodes with subgraphs, calls of
+model-local functions, random or dropout-like operators other than the axiom above, and
+operators outside the default and ``com.microsoft`` domains. A value left unproved is not
+a failure: the verifier then compares the two models on samples, as without a proof.
+
+Equal keys mean the same ONNX computation; onnxruntime may still round the two graphs
+differently where it fuses differently, within its own float32 error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from optcc import ir as oir
+from optcc.runtime.session import make_session, run
+
+__all__ = ["Proof", "prove_equivalent"]
+
+KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")
+MAX_FOLD_CHECK_BYTES = 64 * 1024 * 1024  # constants evaluated to check folds, in all
+
+
+@dataclasses.dataclass
+class Proof:
+    """Which outputs were proved equal to the original's, and what was left unproved."""
+
+    outputs: dict[str, bool]
+    unproved_ops: dict[str, int]  # op types of candidate nodes computing something new
+    folds_checked: int = 0  # folded constants evaluated on the original and matched
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.outputs) and all(self.outputs.values())
+
+    def describe(self) -> str:
+        proved = sum(self.outputs.values())
+        text = f"{proved}/{len(self.outputs)} output(s) proved equal to the original's by value numbering"
+        if self.unproved_ops:
+            ops = ", ".join(f"{op} x{n}" for op, n in sorted(self.unproved_ops.items()))
+            text += f"; computed differently: {ops}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"outputs": dict(self.outputs), "unproved_ops": dict(self.unproved_ops),
+                "folds_checked": self.folds_checked}
+
+
+def prove_equivalent(original: ir.Model, candidate: ir.Model) -> Proof:
+    """Try to prove that ``candidate`` computes what ``original`` computes (module docstring)."""
+    numbering = _Numbering()
+    candidate_keys = _Keys(candidate, numbering)
+    computed = candidate_keys.all_keys() | candidate_keys.constant_keys()
+    # values the original computes from constants and the candidate does not compute the
+    # same way: folds, to be checked by evaluating them
+    structural = _Keys(original, numbering)
+    folds = [v for v in structural.constant_frontier() if structural.key(v) not in computed]
+    original_keys = _Keys(original, numbering)
+    evaluated = original_keys.evaluate(folds) if folds else 0
+    outputs: dict[str, bool] = {}
+    original_outputs = {v.name: v for v in original.graph.outputs}
+    for value in candidate.graph.outputs:
+        twin = original_outputs.get(value.name)
+        outputs[value.name or ""] = (
+            twin is not None and (value.dtype is None or twin.dtype is None or value.dtype == twin.dtype)
+            and candidate_keys.key(value) == original_keys.key(twin)
+        )
+    known = original_keys.all_keys()
+    unproved: dict[str, int] = {}
+    for node in candidate.graph:
+        if any(candidate_keys.key(out) not in known for out in node.outputs if out is not None):
+            unproved[node.op_type] = unproved.get(node.op_type, 0) + 1
+    return Proof(outputs, unproved, evaluated)
+
+
+class _Numbering:
+    """Interns keys as small ints shared by both graphs; hands out keys equal to nothing."""
+
+    def __init__(self) -> None:
+        self._table: dict[tuple, int] = {}
+        self._fresh: Iterator[int] = itertools.count()
+        self._tensor_keys: dict[int, tuple[int, ir.TensorProtocol]] = {}
+        self._affine: dict[tuple, list[tuple[_Affine, int]]] = {}
+        self._ranks: dict[int, tuple[dict[str, int], ir.Model]] = {}
+
+    def ranks(self, model: ir.Model) -> dict[str, int]:
+        """Value ranks by name from onnx's shape inference on ``model`` with its declared
+        intermediate types dropped (computed once per model)."""
+        if id(model) not in self._ranks:
+            try:
+                proto = oir.serialize(model)
+                del proto.graph.value_info[:]
+                inferred = onnx.shape_inference.infer_shapes(proto)
+                infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+                ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in infos
+                         if i.type.HasField("tensor_type") and i.type.tensor_type.HasField("shape")}
+            except Exception:  # noqa: BLE001 - then no rank is known
+                ranks = {}
+            self._ranks[id(model)] = (ranks, model)
+        return self._ranks[id(model)][0]
+
+    def intern(self, key: tuple) -> int:
+        return self._table.setdefault(key, len(self._table))
+
+    def unique(self) -> int:
+        return self.intern(("unique", next(self._fresh)))
+
+    def tensor(self, tensor: ir.TensorProtocol) -> int:
+        """A constant's key: element type, shape and a digest of its bytes (cached per
+        tensor object, which clones share)."""
+        cached = self._tensor_keys.get(id(tensor))
+        if cached is not None and cached[1] is tensor:
+            return cached[0]
+        digest = hashlib.blake2b(tensor.tobytes(), digest_size=20).digest()
+        key = self.intern(("const", int(tensor.dtype), tuple(int(d) for d in tensor.shape), digest))
+        self._tensor_keys[id(tensor)] = (key, tensor)  # the reference keeps the id unique
+        return key
+
+    def array(self, array: np.ndarray) -> int:
+        return self.tensor(ir.Tensor(np.ascontiguousarray(array)))
+
+    def affine(self, form: _Affine) -> int:
+        """The key of an affine normal form: that of an earlier form with the same structure
+        whose constants agree within rounding, else a new one."""
+        entries = self._affine.setdefault(form.structure, [])
+        for other, key in entries:
+            if form.agrees(other):
+                return key
+        key = self.unique()
+        entries.append((form, key))
+        return key
+
+
+class _Keys:
+    """The keys of one model's top-level values, computed on demand."""
+
+    def __init__(self, model: ir.Model, numbering: _Numbering) -> None:
+        self.model = model
+        self.numbering = numbering
+        self.opsets = {("" if d == "ai.onnx" else d): v for d, v in model.opset_imports.items()}
+        self.functions = {(f.domain, f.name, f.overload) for f in model.functions.values()}
+        self.fed = {v.name for v in model.graph.inputs if v.const_value is None}
+        self._keys: dict[int, int] = {}  # id(value) -> key
+        self._values: dict[int, ir.Value] = {}  # keeps the ids of keyed values unique
+        self._arrays: dict[int, np.ndarray] = {}  # evaluated folds, by id(value)
+        self._forms: dict[int, _Affine] = {}  # affine normal forms, by id(value)
+        self._ranks: dict[str, int] | None = None
+
+    # ------------------------------------------------------------------ keys
+
+    def key(self, value: ir.Value | None) -> int:
+        if value is None:
+            return self.numbering.intern(("absent",))
+        if id(value) in self._keys:
+            return self._keys[id(value)]
+        # iterative post-order: graphs can be deeper than Python's recursion limit
+        stack = [value]
+        while stack:
+            top = stack[-1]
+            if id(top) in self._keys:
+                stack.pop()
+                continue
+            node = top.producer()
+            pending = [] if node is None or self._leaf(top) else [
+                v for v in node.inputs if v is not None and id(v) not in self._keys]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            self._set(top, self._compute(top))
+        return self._keys[id(value)]
+
+    def _set(self, value: ir.Value, key: int) -> None:
+        self._keys[id(value)] = key
+        self._values[id(value)] = value
+
+    def _leaf(self, value: ir.Value) -> bool:
+        """Keyed without looking at inputs: graph inputs and constants."""
+        return value.name in self.fed or _constant(value) is not None
+
+    def _is_constant(self, value: ir.Value) -> bool:
+        return value.name not in self.fed and _constant(value) is not None
+
+    def rank(self, value: ir.Value) -> int | None:
+        """A value's rank from onnx's own shape inference on this model (ranks only)."""
+        if self._ranks is None:
+            self._ranks = self.numbering.ranks(self.model)
+        return self._ranks.get(value.name)
+
+    def _array(self, value: ir.Value | None) -> np.ndarray | None:
+        """A constant's array (initializer, Constant node or evaluated fold), else None."""
+        if value is None or value.name in self.fed:
+            return None
+        if id(value) in self._arrays:
+            return self._arrays[id(value)]
+        tensor = _constant(value)
+        return None if tensor is None else tensor.numpy()
+
+    def _compute(self, value: ir.Value) -> int:
+        numbering = self.numbering
+        if value.name in self.fed and value.producer() is None:
+            return numbering.intern(("input", value.name))
+        tensor = _constant(value)
+        if tensor is not None:
+            return numbering.tensor(tensor)
+        node = value.producer()
+        if node is None:  # an outer-scope or dangling reference
+            return numbering.unique()
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        version = self.opsets.get(domain)
+        if domain not in KNOWN_DOMAINS or version is None or self._opaque(node):
+            return numbering.unique()
+        if domain == "" and node.op_type == "Identity":
+            return self.key(node.inputs[0])
+        if domain == "" and node.op_type == "Dropout":
+            return self._dropout(node, value, version)
+        attributes = tuple(sorted((name, self._attribute(attr)) for name, attr in node.attributes.items()))
+        if any(a[1] is None for a in attributes):
+            return numbering.unique()
+        if domain == "":
+            form = _affine_form(self, node, value, attributes)
+            if form is not None:
+                self._forms[id(value)] = form
+                return numbering.affine(form)
+        inputs = tuple(self.key(v) for v in node.inputs)
+        return numbering.intern(("node", domain, node.op_type, version, attributes, inputs, value.index()))
+
+    def _opaque(self, node: ir.Node) -> bool:
+        if (node.domain, node.op_type, node.overload) in self.functions:
+            return True
+        return "Random" in node.op_type or "Dropout" in node.op_type and node.op_type != "Dropout" \
+            or node.op_type in ("Multinomial", "Bernoulli")
+
+    def _dropout(self, node: ir.Node, value: ir.Value, version: int) -> int:
+        """Inference-mode Dropout passes its input through; its mask is unique."""
+        if version < 7 or value.index() != 0:
+            return self.numbering.unique()
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            mode = _constant(node.inputs[2])
+            if mode is None or bool(np.any(mode.numpy())):
+                return self.numbering.unique()
+        return self.key(node.inputs[0])
+
+    def _attribute(self, attr: ir.Attr) -> Any:
+        """A hashable form of an attribute's value; None when it holds a graph."""
+        if attr.is_ref():
+            return None
+        kind = attr.type
+        if kind in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+            return None
+        if kind == ir.AttributeType.TENSOR:
+            return ("t", self.numbering.tensor(attr.value))
+        if kind == ir.AttributeType.TENSORS:
+            return ("ts", tuple(self.numbering.tensor(t) for t in attr.value))
+        if kind == ir.AttributeType.FLOAT:
+            return ("f", float(attr.value).hex())
+        if kind == ir.AttributeType.FLOATS:
+            return ("fs", tuple(float(v).hex() for v in attr.value))
+        if kind in (ir.AttributeType.INT, ir.AttributeType.STRING):
+            return (kind.name, attr.value)
+        if kind in (ir.AttributeType.INTS, ir.AttributeType.STRINGS):
+            return (kind.name, tuple(attr.value))
+        return None  # sparse tensors, type protos: never proved
+
+    # ------------------------------------------------------------------ constants and folds
+
+    def constant_keys(self) -> set[int]:
+        return {key for _, key in self.named_constants()}
+
+    def named_constants(self) -> list[tuple[str, int]]:
+        found = []
+        for value in _top_values(self.model.graph):
+            if value.name not in self.fed and _constant(value) is not None:
+                found.append((value.name, self.key(value)))
+        return found
+
+    def all_keys(self) -> set[int]:
+        keys = {self.key(v) for v in self.model.graph.outputs}
+        for node in self.model.graph:
+            keys.update(self.key(v) for v in node.outputs)
+        return keys
+
+    def constant_frontier(self) -> list[ir.Value]:
+        """Values computed from constants alone (deterministically) that another node or
+        the graph's outputs read."""
+        computed: set[int] = set()
+        readers: list[ir.Node] = []
+        for node in self.model.graph:
+            transparent = not self._opaque(node) and not any(
+                a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+            if transparent and all(v is None or id(v) in computed or self._is_constant(v) for v in node.inputs):
+                computed.update(id(v) for v in node.outputs if v is not None)
+            else:
+                readers.append(node)
+        frontier: dict[int, ir.Value] = {}
+        for value in [v for n in readers for v in n.inputs] + list(self.model.graph.outputs):
+            if value is not None and id(value) in computed and not self._is_constant(value):
+                frontier[id(value)] = value
+        return list(frontier.values())
+
+    def evaluate(self, values: list[ir.Value]) -> int:
+        """Key ``values`` (computed from constants alone) by their bytes, evaluated on
+        onnxruntime; returns how many were evaluated (0 when they cannot be, or are too big)."""
+        try:
+            arrays = self._evaluate(values)
+        except Exception:  # noqa: BLE001 - unevaluated folds stay unproved, and are checked on samples
+            return 0
+        if sum(a.nbytes for a in arrays) > MAX_FOLD_CHECK_BYTES:
+            return 0
+        for value, array in zip(values, arrays):
+            self._arrays[id(value)] = array
+            self._set(value, self.numbering.array(array))
+        return len(values)
+
+    def _evaluate(self, values: list[ir.Value]) -> list[np.ndarray]:
+        """``values`` computed by the original's own nodes, on onnxruntime's CPU kernels."""
+        proto = oir.serialize(self.model)
+        needed = _ancestors(proto.graph, [v.name for v in values])
+        graph = onnx.helper.make_graph(
+            [n for n in proto.graph.node if any(o in needed for o in n.output)], "folds", [],
+            [onnx.helper.make_empty_tensor_value_info(v.name) for v in values],
+            [t for t in proto.graph.initializer if t.name in needed])
+        sub = onnx.helper.make_model(graph, opset_imports=proto.opset_import, ir_version=max(4, proto.ir_version))
+        session = make_session(sub.SerializeToString())
+        return run(session, {})
+
+
+def _constant(value: ir.Value) -> ir.TensorProtocol | None:
+    try:
+        return oir.const_tensor(value)
+    except ValueError:
+        return None
+
+
+def _top_values(graph: ir.Graph) -> Iterator[ir.Value]:
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from (v for v in node.outputs if v is not None)
+
+
+def _ancestors(graph: onnx.GraphProto, names: list[str]) -> set[str]:
+    producers = {o: n for n in graph.node for o in n.output}
+    needed: set[str] = set()
+    stack = list(names)
+    while stack:
+        name = stack.pop()
+        if name in needed or not name:
+            continue
+        needed.add(name)
+        node = producers.get(name)
+        if node is not None:
+            needed.update(node.output)
+            stack.extend(node.input)
+    return needed
+
+
+# --------------------------------------------------------------------------- affine forms
+
+ROUNDING_UNITS = 16  # a proved fold's constants may differ from the exact fold by this many roundings
+
+
+@dataclasses.dataclass
+class _Affine:
+    """``value = op(x; weight) + bias`` per output channel, in float64: ``op`` a Conv,
+    ConvTranspose, Gemm or MatMul with a constant weight, or ``Scale`` (an elementwise
+    factor along axis 1, from BatchNormalization). ``bias_terms`` bounds the magnitude of
+    the terms summed into each bias (the rounding a float fold may add to it)."""
+
+    structure: tuple  # the op, its attributes and the key of x: forms compare only within one
+    weight: np.ndarray
+    weight_axis: int  # the weight's output-channel axis
+    bias: np.ndarray
+    bias_terms: np.ndarray
+    unit: float  # the stored dtype's rounding unit
+    tiny: float
+    axis: int  # the output's channel axis: 1, or -1 (last)
+    rank: int | None  # the output's rank, when known
+
+    @property
+    def channels(self) -> int:
+        return self.bias.shape[0]
+
+    def agrees(self, other: _Affine) -> bool:
+        if self.weight.shape != other.weight.shape or self.bias.shape != other.bias.shape:
+            return False
+        allowed = ROUNDING_UNITS * max(self.unit, other.unit)
+        tiny = max(self.tiny, other.tiny)
+        weight = np.abs(self.weight - other.weight) <= allowed * np.maximum(np.abs(self.weight), np.abs(other.weight)) + tiny
+        bias = np.abs(self.bias - other.bias) <= allowed * np.maximum(self.bias_terms, other.bias_terms) + tiny
+        return bool(weight.all() and bias.all())
+
+    def scaled(self, factor: np.ndarray) -> _Affine:
+        shape = [1] * self.weight.ndim
+        shape[self.weight_axis] = -1
+        return dataclasses.replace(self, weight=self.weight * factor.reshape(shape), bias=self.bias * factor,
+                                   bias_terms=self.bias_terms * np.abs(factor))
+
+    def shifted(self, shift: np.ndarray, terms: np.ndarray | None = None) -> _Affine:
+        return dataclasses.replace(self, bias=self.bias + shift,
+                                   bias_terms=self.bias_terms + (np.abs(shift) if terms is None else terms))
+
+
+def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple) -> _Affine | None:
+    """The affine normal form of a default-domain node's first output, if it has one."""
+    if value.index() != 0 or any(out.uses() or out in keys.model.graph.outputs for out in node.outputs[1:]):
+        return None
+    op, inputs = node.op_type, list(node.inputs)
+    attrs = {name: attr.value for name, attr in node.attributes.items()}
+    if op in ("Conv", "ConvTranspose") and len(inputs) >= 2:
+        weight = keys._array(inputs[1])
+        bias = keys._array(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else None
+        if weight is None or weight.dtype.kind != "f" or weight.ndim < 3 or (len(inputs) > 2 and inputs[2] is not None and bias is None):
+            return None
+        if op == "ConvTranspose" and attrs.get("group", 1) != 1:
+            return None
+        axis = 0 if op == "Conv" else 1
+        bias = np.zeros(weight.shape[axis]) if bias is None else bias.astype(np.float64)
+        return _new_form((op, attributes, keys.key(inputs[0])), weight, axis, bias, rank=weight.ndim, axis=1)
+    if op in ("Gemm", "MatMul") and len(inputs) >= 2:
+        weight = keys._array(inputs[1])
+        if weight is None or weight.dtype.kind != "f" or weight.ndim != 2 or attrs.get("transA", 0):
+            return None
+        weight = weight.T if attrs.get("transB", 0) else weight
+        bias = np.zeros(weight.shape[1])
+        if op == "Gemm" and len(inputs) > 2 and inputs[2] is not None:
+            c = keys._array(inputs[2])
+            if c is None or c.ndim > 2 or c.size not in (1, weight.shape[1]) or (c.ndim == 2 and c.shape[0] != 1):
+                return None
+            bias = bias + attrs.get("beta", 1.0) * c.astype(np.float64).reshape(-1)
+        form = _new_form((op, keys.key(inputs[0])), weight, 1, bias, rank=2 if op == "Gemm" else None, axis=-1)
+        return form.scaled(np.full(form.channels, attrs.get("alpha", 1.0))) if op == "Gemm" else form
+    base = next((keys._forms.get(id(v)) for v in inputs if v is not None and id(v) in keys._forms), None)
+    if op == "BatchNormalization" and len(inputs) == 5:
+        params = [keys._array(v) for v in inputs[1:]]
+        if any(p is None or p.ndim != 1 or p.dtype.kind != "f" for p in params) or attrs.get("training_mode", 0) \
+                or attrs.get("spatial", 1) != 1:
+            return None
+        scale, beta, mean, var = (p.astype(np.float64) for p in params)
+        factor = scale / np.sqrt(var + float(np.float32(attrs.get("epsilon", 1e-5))))
+        shift, terms = beta - mean * factor, np.abs(beta) + np.abs(mean * factor)
+        if base is None:
+            base = _new_form(("Scale", keys.key(inputs[0])), np.ones(len(factor)), 0, np.zeros(len(factor)),
+                             rank=keys.rank(inputs[0]), axis=1, dtype=params[0].dtype)
+        elif not (base.axis == 1 or base.rank == 2) or base.channels != len(factor):
+            return None
+        return base.scaled(factor).shifted(shift, terms)
+    if op in ("Mul", "Add", "Sub", "Div") and base is not None and len(inputs) == 2:
+        first = id(inputs[0]) in keys._forms
+        constant = keys._array(inputs[1] if first else inputs[0])
+        vector = None if constant is None else _per_channel(constant, base)
+        if vector is None:
+            return None
+        if op == "Mul":
+            return base.scaled(vector)
+        if op == "Add":
+            return base.shifted(vector)
+        if op == "Sub":
+            return base.shifted(-vector) if first else base.scaled(-np.ones_like(vector)).shifted(vector)
+        if first and np.all(vector != 0):
+            return base.scaled(1.0 / vector)
+    return None
+
+
+def _new_form(structure: tuple, weight: np.ndarray, weight_axis: int, bias: np.ndarray, *, rank: int | None,
+              axis: int, dtype: np.dtype | None = None) -> _Affine:
+    info = np.finfo(dtype or weight.dtype)
+    bias = bias.astype(np.float64)
+    return _Affine(structure, weight.astype(np.float64), weight_axis, bias, np.abs(bias), float(info.eps) / 2,
+                   float(info.tiny), axis, rank)
+
+
+def _per_channel(constant: np.ndarray, form: _Affine) -> np.ndarray | None:
+    """``constant`` as one float64 value per output channel of ``form``, when broadcasting it
+    against the output scales (or shifts) each channel and changes no shape; else None."""
+    if constant.dtype.kind != "f" or constant.dtype.itemsize * 8 < 16:
+        return None
+    channels = form.channels
+    if form.rank is None:
+        if form.axis != -1 or constant.ndim > 1 or constant.size not in (1, channels):
+            return None
+        return np.broadcast_to(constant.astype(np.float64).reshape(-1), (channels,)).copy()
+    if constant.ndim > form.rank:
+        return None
+    at = constant.ndim - (form.rank - form.axis % form.rank)  # the channel axis, right-aligned
+    for i, size in enumerate(constant.shape):
+        if size != 1 and not (i == at and size == channels):
+            return None
+    return np.broadcast_to(constant.astype(np.float64).reshape(-1), (channels,)).copy()

@@ -1,0 +1,191 @@
+"""The proof of equivalence (optcc.numerics.equivalence): exact rewrites and correct folds are
+proved; planted miscompiles are not. Proved pairs are also run on onnx's reference evaluator
+in float64 (an independent check that the proof means what it says)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper, numpy_helper
+
+import optcc
+from optcc.numerics.equivalence import prove_equivalent
+from tests.reference import expected_outputs_float64
+
+RNG = np.random.default_rng(0)
+
+
+def _conv_chain(tail: list[onnx.NodeProto], extra: list[onnx.TensorProto], out: str = "y") -> onnx.ModelProto:
+    """x -> Conv(W, b) -> tail -> y, float32, channels 4."""
+    weights = [numpy_helper.from_array(RNG.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
+               numpy_helper.from_array(RNG.standard_normal(4).astype(np.float32), "b")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W", "b"], ["t"], pads=[1, 1, 1, 1]), *tail], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [1, 4, 8, 8])], weights + extra)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _bn(epsilon: float = 1e-2) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    params = {"s": RNG.uniform(0.5, 2, 4), "beta": RNG.standard_normal(4), "mean": RNG.standard_normal(4),
+              "var": RNG.uniform(0.5, 4, 4)}
+    tensors = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in params.items()]
+    return [helper.make_node("BatchNormalization", ["t", "s", "beta", "mean", "var"], ["y"], epsilon=epsilon)], tensors
+
+
+def _const(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array, np.float32), name)
+
+
+def _load(proto: onnx.ModelProto) -> ir.Model:
+    return optcc.ir.load(proto)
+
+
+def _optimized(proto: onnx.ModelProto, passes: list[str]) -> ir.Model:
+    return optcc.optimize(proto, passes=passes, verify=False).ir_model
+
+
+def _same_in_float64(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    x = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    got_a = expected_outputs_float64(a, {"x": x})
+    got_b = expected_outputs_float64(b, {"x": x})
+    for u, v in zip(got_a, got_b):
+        np.testing.assert_allclose(v, u, rtol=1e-6, atol=1e-6 * float(np.abs(u).max()))
+
+
+@pytest.mark.parametrize("tail,extra,passes", [
+    pytest.param(*_bn(), ["fuse-batchnorm"], id="conv-batchnorm"),
+    pytest.param([helper.make_node("Mul", ["t", "c"], ["m"]), helper.make_node("Add", ["m", "d"], ["y"])],
+                 [_const("c", RNG.uniform(0.5, 2, (4, 1, 1))), _const("d", RNG.standard_normal((1, 4, 1, 1)))],
+                 ["fuse-conv-affine"], id="conv-mul-add"),
+    pytest.param([helper.make_node("Dropout", ["t"], ["i"]), helper.make_node("Identity", ["i"], ["y"])], [],
+                 ["eliminate-identities"], id="dropout-identity"),
+])
+def test_correct_rewrites_are_proved(tail, extra, passes):
+    proto = _conv_chain(tail, extra)
+    candidate = _optimized(proto, passes)
+    assert len(candidate.graph) < len(proto.graph.node)
+    proof = prove_equivalent(_load(proto), candidate)
+    assert proof.complete, proof.describe()
+    _same_in_float64(proto, optcc.ir.serialize(candidate))
+
+
+def test_common_subexpressions_and_duplicate_constants_are_proved():
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[2, 3] x) => (float[2, 3] y) {
+            a = Constant <value = float[1] {2.0}> ()
+            b = Constant <value = float[1] {2.0}> ()
+            p = Mul(x, a)
+            q = Mul(x, b)
+            y = Add(p, q)
+        }""")
+    candidate = _optimized(proto, ["lift-constants", "deduplicate-initializers", "eliminate-common-subexpressions"])
+    assert len(candidate.graph) == 2
+    assert prove_equivalent(_load(proto), candidate).complete
+
+
+def _planted(proto: onnx.ModelProto, edit) -> ir.Model:  # noqa: ANN001 - a function that edits the model
+    model = _load(proto)
+    edit(model)
+    return model
+
+
+def _fold_bn(model: ir.Model, epsilon: float) -> None:
+    """Fold the BatchNormalization into the Conv in float64, with ``epsilon``."""
+    graph = model.graph
+    bn = next(n for n in graph if n.op_type == "BatchNormalization")
+    conv = next(n for n in graph if n.op_type == "Conv")
+    s, beta, mean, var = (v.const_value.numpy().astype(np.float64) for v in bn.inputs[1:])
+    factor = s / np.sqrt(var + epsilon)
+    weight, bias = conv.inputs[1].const_value.numpy(), conv.inputs[2].const_value.numpy()
+    conv.inputs[1].const_value = ir.tensor((weight * factor[:, None, None, None]).astype(np.float32))
+    conv.inputs[2].const_value = ir.tensor(((bias - mean) * factor + beta).astype(np.float32))
+    graph.outputs[0] = conv.outputs[0]  # the BatchNormalization's output was only the graph's
+    graph.remove(bn, safe=True)
+    conv.outputs[0].name = "y"
+
+
+def test_a_fold_with_the_models_epsilon_is_proved_and_one_that_ignores_it_is_not():
+    proto = _conv_chain(*_bn(epsilon=1e-2))
+    assert prove_equivalent(_load(proto), _planted(proto, lambda m: _fold_bn(m, 1e-2))).complete
+    assert not prove_equivalent(_load(proto), _planted(proto, lambda m: _fold_bn(m, 1e-5))).complete
+
+
+def test_a_weight_off_by_more_than_rounding_is_not_proved():
+    proto = _conv_chain([helper.make_node("Relu", ["t"], ["y"])], [])
+
+    def nudge(model: ir.Model) -> None:
+        weight = model.graph.initializers["W"]
+        array = weight.const_value.numpy().copy()
+        array[0, 0, 0, 0] *= np.float32(1 + 1e-5)  # ~100 roundings: no fold rounds that much
+        weight.const_value = ir.tensor(array)
+
+    assert not prove_equivalent(_load(proto), _planted(proto, nudge)).complete
+
+
+def test_a_constant_on_the_wrong_axis_is_not_proved_as_a_channel_factor():
+    """(1, 1, 4) broadcasts along the last spatial axis, not the channels: folding it into
+    the Conv's channels would be a miscompile."""
+    factor = RNG.uniform(0.5, 2, (1, 1, 4)).astype(np.float32)
+    proto = _conv_chain([helper.make_node("Mul", ["t", "c"], ["y"])], [_const("c", factor)])
+    proto.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 4
+    proto.graph.output[0].type.tensor_type.shape.dim[3].dim_value = 4
+
+    def fold_as_channels(model: ir.Model) -> None:
+        conv = next(n for n in model.graph if n.op_type == "Conv")
+        mul = next(n for n in model.graph if n.op_type == "Mul")
+        v = factor.reshape(-1).astype(np.float64)
+        conv.inputs[1].const_value = ir.tensor((conv.inputs[1].const_value.numpy() * v[:, None, None, None]).astype(np.float32))
+        conv.inputs[2].const_value = ir.tensor((conv.inputs[2].const_value.numpy() * v).astype(np.float32))
+        model.graph.outputs[0] = conv.outputs[0]
+        model.graph.remove(mul, safe=True)
+        conv.outputs[0].name = "y"
+
+    assert not prove_equivalent(_load(proto), _planted(proto, fold_as_channels)).complete
+
+
+def test_merging_two_random_draws_is_not_proved():
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[2, 3] x) => (float[2, 3] y) {
+            p = RandomNormalLike(x)
+            q = RandomNormalLike(x)
+            y = Sub(p, q)
+        }""")
+
+    def merge(model: ir.Model) -> None:
+        first, second = [n for n in model.graph if n.op_type == "RandomNormalLike"]
+        second.outputs[0].replace_all_uses_with(first.outputs[0])
+        model.graph.remove(second, safe=True)
+
+    assert not prove_equivalent(_load(proto), _planted(proto, merge)).complete
+
+
+def test_removing_a_training_mode_dropout_is_not_proved():
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[2, 3] x) => (float[2, 3] y) {
+            r = Constant <value = float {0.5}> ()
+            on = Constant <value = bool {1}> ()
+            y = Dropout(x, r, on)
+        }""")
+
+    def remove(model: ir.Model) -> None:
+        dropout = next(n for n in model.graph if n.op_type == "Dropout")
+        model.graph.outputs[0] = dropout.inputs[0]
+
+    assert not prove_equivalent(_load(proto), _planted(proto, remove)).complete
+
+
+def test_the_verifier_passes_a_proved_model_without_running_it_and_runs_the_users_samples():
+    proto = _conv_chain(*_bn())
+    result = optcc.optimize(proto, passes=["fuse-batchnorm"])
+    verification = result.report.verification
+    assert verification["reference"] == "proof" and verification["samples"] == 0
+    assert verification["proof"]["outputs"] == {"y": True}
+    x = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    given = optcc.optimize(proto, passes=["fuse-batchnorm"], inputs=[{"x": x}]).report.verification
+    assert given["samples"] == 1 and given["proof"] is None
