@@ -161,6 +161,8 @@ class Int8Options:
     bias_correction_samples: int = 4
     cache_dir: str | os.PathLike | None = None
     bins: int | None = None
+    executor: Any = dataclasses.field(default=None, compare=False)
+    shards: int | None = None
     progress: bool = False
     prepare: bool = True
     method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -227,6 +229,12 @@ def quantize_int8(
     (``optcc.quant.bias_correction.correct_biases``), measured on the first
     ``bias_correction_samples`` calibration samples.
 
+    ``executor`` (any ``concurrent.futures.Executor``: a process pool, Dask's
+    ``client.get_executor()``, ...): calibration statistics are collected in ``shards``
+    contiguous shards on it and merged in order
+    (``optcc.quant.calibration.collect_statistics_sharded``), which gives the ranges of a
+    single-process run bit for bit, so the same model.
+
     ``stats``: method, seconds (wall time per phase: prepare, calibrate, quantize,
     speed_check, fallback or evaluate, report), calibration (samples, cache), ranges (per tensor), pass stats
     (quantized ops, kept float and why), fallback (per-layer sensitivity, layers kept
@@ -272,7 +280,8 @@ def quantize_int8(
     options: dict[str, Any] = dict(o.method_options)
     if o.bins is not None:
         options["bins"] = o.bins
-    calibration = calibrate(float_model, calib, o.method, cache_dir=o.cache_dir, progress=o.progress, **options)
+    calibration = calibrate(float_model, calib, o.method, cache_dir=o.cache_dir, progress=o.progress,
+                            executor=o.executor, shards=o.shards, **options)
     stats["calibration"] = {**calibration.to_dict(), "held_out_samples": len(held)}
     stats["ranges"] = {k: [float(v[0]), float(v[1])] for k, v in calibration.ranges.items()}
     lap("calibrate")
