@@ -13,7 +13,7 @@ import pytest
 
 import optcc
 from optcc.passes.convert_float16 import KEEP_MARKER, ConvertFloat16Pass
-from reference import lossy_metrics, random_feeds
+from reference import lossy_metrics, onnxruntime_outputs, random_feeds
 
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
 
@@ -348,3 +348,30 @@ def test_mask_fill_clamp_leaves_other_large_constants_alone():
     y, _ = session.run(None, {"x": x, "keep": keep})
     e = np.where(keep, np.exp(x.astype(np.float64)), 0.0)
     np.testing.assert_allclose(y, e / e.sum(-1, keepdims=True), rtol=1e-6)
+
+
+@pytest.mark.parametrize("to, reader", [(1, "Add"), (7, None)])
+def test_original_cast_reads_a_float16_value_as_it_is(to, reader):
+    """An exporter's Cast(to=float) after a converted node (GPT-2's position embeddings) gets
+    no Cast pair around it: converted readers read the float16 value itself, and a Cast to
+    another type reads it as it is (f16 -> f32 is exact)."""
+    out_type = "float" if to == 1 else "int64"
+    body = "s = Add(c, x)\n  y = Relu(s)" if reader else "y = Identity(c)"
+    proto = parse(f"""<ir_version: 8, opset_import: ["": 17]>
+    g (float[2, 8] x) => ({out_type}[2, 8] y) {{
+      e = Mul(x, x)
+      c = Cast <to = {to}> (e)
+      {body}
+    }}""")
+    result = convert(proto)
+    casts = [n for n in result.model.graph if n.op_type == "Cast"]
+    if reader:  # the input's Cast to float16 and the output's back: the original Cast is gone
+        assert len(casts) == 2 and result.stats["casts_removed"] == 1, [n.name for n in casts]
+        check_numerics(proto, result)
+    else:  # Cast(e16, to=int64): no float32 Cast in front of it
+        assert len(casts) == 2 and casts[-1].inputs[0].producer().op_type == "Mul"
+        feeds = random_feeds(proto, seed=0)
+        feeds["x"] *= 10
+        got = onnxruntime_outputs(result.model, feeds)[0]
+        x16 = feeds["x"].astype(np.float16)
+        np.testing.assert_array_equal(got, np.trunc((x16 * x16).astype(np.float64)).astype(np.int64))

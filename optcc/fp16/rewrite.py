@@ -13,8 +13,10 @@ Used by ``convert_float16.ConvertFloat16Pass``, which decides which nodes to kee
   that stay float32: exact when its values are float16-representable, otherwise the caller
   checks the accuracy); otherwise it stays float32;
 - a value read in another type than it has gets one Cast per (graph, value, type), shared
-  by all readers in that graph; ``Cast(to=float)`` of a float16 value read as float16
-  reads the float16 value itself (f16->f32->f16 is exact; f32->f16->f32 is never removed);
+  by all readers in that graph; an original Cast reads a value that became float16 as it
+  is (Cast accepts any type and f16->f32 is exact), and ``Cast(to=float)`` of a float16
+  value read as float16 reads the float16 value itself (f16->f32->f16 is exact;
+  f32->f16->f32 is never removed);
 - graph outputs keep their name and float32 type: the float16 value is renamed and one
   Cast restores the output. Subgraph (If/Loop/Scan body) and function inputs/outputs
   keep their types the same way, so control-flow nodes themselves never change type.
@@ -318,6 +320,8 @@ class Rewriter:
                 want = self._reads_as(node, i)
                 if want is None or value.dtype is None or value.dtype == want:
                     continue
+                if node.op_type == "Cast" and _is_default(node) and value.dtype == FLOAT16:
+                    continue  # Cast reads any type, and f16 -> f32 is exact: Cast(x16) == Cast(Cast(x16, f32))
                 if {want, value.dtype} == {FLOAT, FLOAT16}:
                     node.replace_input_with(i, self._cast(graph, value, want))
         for cast in self.bypassed:  # original Cast(to=float) nodes nobody reads any more
