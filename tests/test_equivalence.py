@@ -189,3 +189,76 @@ def test_the_verifier_passes_a_proved_model_without_running_it_and_runs_the_user
     x = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
     given = optcc.optimize(proto, passes=["fuse-batchnorm"], inputs=[{"x": x}]).report.verification
     assert given["samples"] == 1 and given["proof"] is None
+
+
+def _flatten_model(target_dims: str) -> onnx.ModelProto:
+    return onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[N, 4, 3] x) => (float[N, 12] y) {{
+            s = Shape(x)
+            zero = Constant <value = int64[1] {{0}}> ()
+            one = Constant <value = int64[1] {{1}}> ()
+            first = Slice(s, {target_dims})
+            rest = Constant <value = int64[1] {{-1}}> ()
+            t = Concat <axis = 0> (first, rest)
+            y = Reshape(x, t)
+        }}""")
+
+
+def test_a_reshape_target_built_from_the_inputs_shape_is_proved_equal_to_its_constant_form():
+    proto = _flatten_model("zero, one")
+    candidate = _optimized(proto, ["simplify-reshape-targets", "eliminate-dead-nodes"])
+    assert [n.op_type for n in candidate.graph if n.op_type != "Constant"] == ["Reshape"]
+    assert prove_equivalent(_load(proto), candidate).complete
+    x = RNG.standard_normal((5, 4, 3)).astype(np.float32)
+    np.testing.assert_array_equal(expected_outputs_float64(optcc.ir.serialize(candidate), {"x": x})[0],
+                                  expected_outputs_float64(proto, {"x": x})[0])
+
+
+def test_a_reshape_target_copying_the_wrong_dim_is_not_proved():
+    """Reshape(x, [0, -1]) copies dim 0; a target made of dim 1 at position 0 is another model."""
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[N, 4, 3] x) => (float[M, K] y) {
+            s = Shape <start = 1, end = 2> (x)
+            rest = Constant <value = int64[1] {-1}> ()
+            t = Concat <axis = 0> (s, rest)
+            y = Reshape(x, t)
+        }""")
+
+    def copy_dim_zero(model: ir.Model) -> None:
+        reshape = next(n for n in model.graph if n.op_type == "Reshape")
+        reshape.replace_input_with(1, ir.Value(name="c", const_value=ir.tensor(np.array([0, -1], np.int64))))
+        model.graph.initializers["c"] = reshape.inputs[1]
+
+    assert not prove_equivalent(_load(proto), _planted(proto, copy_dim_zero)).complete
+
+
+def test_matmul_add_folded_into_gemm_is_proved_for_a_rank_2_input_only():
+    def model(rank: int) -> onnx.ModelProto:
+        shape = "2, 5" if rank == 2 else "2, 3, 5"
+        out = "2, 4" if rank == 2 else "2, 3, 4"
+        return onnx.parser.parse_model(f"""
+            <ir_version: 8, opset_import: ["": 17]>
+            g (float[{shape}] x) => (float[{out}] y) {{
+                w = Constant <value = float[5, 4] {{{", ".join(str(v) for v in RNG.standard_normal(20).round(3))}}}> ()
+                b = Constant <value = float[4] {{0.5, -1.0, 2.0, 0.25}}> ()
+                m = MatMul(x, w)
+                y = Add(m, b)
+            }}""")
+
+    proto = model(2)
+    candidate = _optimized(proto, ["lift-constants", "fuse-matmul-add"])
+    assert [n.op_type for n in candidate.graph] == ["Gemm"]
+    assert prove_equivalent(_load(proto), candidate).complete
+
+    def gemm_on_rank_3(m: ir.Model) -> None:  # what a wrong fold would write
+        matmul = next(n for n in m.graph if n.op_type == "MatMul")
+        add = next(n for n in m.graph if n.op_type == "Add")
+        gemm = ir.node("Gemm", [matmul.inputs[0], matmul.inputs[1], add.inputs[1]])
+        m.graph.append(gemm)
+        m.graph.outputs[0] = gemm.outputs[0]
+        m.graph.remove([add, matmul], safe=True)
+        gemm.outputs[0].name = "y"
+
+    assert not prove_equivalent(_load(model(3)), _planted(model(3), gemm_on_rank_3)).complete

@@ -89,9 +89,12 @@ def prove_equivalent(original: ir.Model, candidate: ir.Model) -> Proof:
     computed = candidate_keys.all_keys() | candidate_keys.constant_keys()
     # values the original computes from constants and the candidate does not compute the
     # same way: folds, to be checked by evaluating them
-    structural = _Keys(original, numbering)
+    # ranks are inferred for the inputs the candidate accepts: its static input shapes
+    shapes = {v.name: [int(d) for d in v.shape] for v in candidate.graph.inputs
+              if v.shape is not None and all(isinstance(d, int) and d > 0 for d in v.shape)}
+    structural = _Keys(original, numbering, shapes)
     folds = [v for v in structural.constant_frontier() if structural.key(v) not in computed]
-    original_keys = _Keys(original, numbering)
+    original_keys = _Keys(original, numbering, shapes)
     evaluated = original_keys.evaluate(folds) if folds else 0
     outputs: dict[str, bool] = {}
     original_outputs = {v.name: v for v in original.graph.outputs}
@@ -118,15 +121,22 @@ class _Numbering:
         self._tensor_keys: dict[int, tuple[int, ir.TensorProtocol]] = {}
         self._affine: dict[tuple, list[tuple[_Affine, int]]] = {}
         self._ranks: dict[int, tuple[dict[str, int], ir.Model]] = {}
+        self.key_ranks: dict[int, int] = {}
 
-    def ranks(self, model: ir.Model) -> dict[str, int]:
+    def ranks(self, model: ir.Model, input_shapes: dict[str, list[int]]) -> dict[str, int]:
         """Value ranks by name from onnx's shape inference on ``model`` with its declared
-        intermediate types dropped (computed once per model)."""
+        intermediate types dropped and ``input_shapes`` for its inputs (once per model)."""
         if id(model) not in self._ranks:
             try:
                 proto = oir.serialize(model)
                 del proto.graph.value_info[:]
-                inferred = onnx.shape_inference.infer_shapes(proto)
+                for given in proto.graph.input:
+                    dims = given.type.tensor_type.shape.dim
+                    if given.name in input_shapes and len(dims) == len(input_shapes[given.name]):
+                        for dim, size in zip(dims, input_shapes[given.name]):
+                            dim.Clear()
+                            dim.dim_value = size
+                inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
                 infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
                 ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in infos
                          if i.type.HasField("tensor_type") and i.type.tensor_type.HasField("shape")}
@@ -170,9 +180,11 @@ class _Numbering:
 class _Keys:
     """The keys of one model's top-level values, computed on demand."""
 
-    def __init__(self, model: ir.Model, numbering: _Numbering) -> None:
+    def __init__(self, model: ir.Model, numbering: _Numbering,
+                 input_shapes: dict[str, list[int]] | None = None) -> None:
         self.model = model
         self.numbering = numbering
+        self.input_shapes = input_shapes or {}  # static input shapes to infer ranks with
         self.opsets = {("" if d == "ai.onnx" else d): v for d, v in model.opset_imports.items()}
         self.functions = {(f.domain, f.name, f.overload) for f in model.functions.values()}
         self.fed = {v.name for v in model.graph.inputs if v.const_value is None}
@@ -181,6 +193,7 @@ class _Keys:
         self._arrays: dict[int, np.ndarray] = {}  # evaluated folds, by id(value)
         self._forms: dict[int, _Affine] = {}  # affine normal forms, by id(value)
         self._ranks: dict[str, int] | None = None
+        self._shapes: dict[int, tuple[bool, list] | None] = {}  # shape-like values, by id(value)
 
     # ------------------------------------------------------------------ keys
 
@@ -209,6 +222,9 @@ class _Keys:
     def _set(self, value: ir.Value, key: int) -> None:
         self._keys[id(value)] = key
         self._values[id(value)] = value
+        rank = self._rank_map().get(value.name)
+        if rank is not None:  # values with one key have one rank, whichever model shows it
+            self.numbering.key_ranks.setdefault(key, rank)
 
     def _leaf(self, value: ir.Value) -> bool:
         """Keyed without looking at inputs: graph inputs and constants."""
@@ -217,11 +233,71 @@ class _Keys:
     def _is_constant(self, value: ir.Value) -> bool:
         return value.name not in self.fed and _constant(value) is not None
 
+    def _shape_elements(self, value: ir.Value | None) -> tuple[bool, list] | None:
+        """A shape-like integer tensor as (is_scalar, elements), each element an int or
+        ``("dim", key of x, i)`` (dim ``i`` of ``x``): constants, ``Shape`` and what
+        Gather, Slice, Concat, Unsqueeze and integer Casts make of them; else None."""
+        if value is None:
+            return None
+        if id(value) in self._shapes:
+            return self._shapes[id(value)]
+        self._shapes[id(value)] = found = self._shape_elements_of(value)
+        return found
+
+    def _shape_elements_of(self, value: ir.Value) -> tuple[bool, list] | None:
+        array = self._array(value)
+        if array is not None:
+            if array.dtype.kind not in "iu" or array.ndim > 1:
+                return None
+            return array.ndim == 0, [int(v) for v in array.reshape(-1)]
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx") or value.index() != 0:
+            return None
+        attrs = {name: attr.value for name, attr in node.attributes.items()}
+        op, inputs = node.op_type, list(node.inputs)
+        if op == "Shape":
+            rank = self.rank(inputs[0])
+            if rank is None:
+                return None
+            start, end = attrs.get("start", 0), attrs.get("end", rank)
+            indices = range(rank)[slice(start, end)]
+            return False, [("dim", self.key(inputs[0]), i) for i in indices]
+        if op in ("Cast", "Identity"):
+            if op == "Cast" and attrs.get("to") not in (ir.DataType.INT64.value, ir.DataType.INT32.value):
+                return None
+            return self._shape_elements(inputs[0])
+        parts = [self._shape_elements(v) for v in inputs]
+        if op == "Concat" and attrs.get("axis") in (0, -1) and parts and all(p is not None and not p[0] for p in parts):
+            return False, [e for p in parts for e in p[1]]
+        if op == "Unsqueeze" and parts and parts[0] is not None and parts[0][0]:
+            axes = attrs.get("axes") if len(inputs) == 1 else (parts[1][1] if len(parts) > 1 and parts[1] else None)
+            return (False, parts[0][1]) if list(axes or []) in ([0], [-1]) else None
+        if op == "Gather" and len(parts) == 2 and all(p is not None for p in parts) and attrs.get("axis", 0) == 0 \
+                and not parts[0][0] and all(isinstance(i, int) for i in parts[1][1]):
+            data, (scalar, indices) = parts[0][1], parts[1]
+            if not all(-len(data) <= i < len(data) for i in indices):
+                return None
+            return scalar, [data[i] for i in indices]
+        if op == "Slice" and len(parts) >= 3 and all(p is not None for p in parts) and not parts[0][0]:
+            starts, ends = parts[1][1], parts[2][1]
+            axes = parts[3][1] if len(parts) > 3 else [0]
+            steps = parts[4][1] if len(parts) > 4 else [1]
+            numbers = [*starts, *ends, *axes, *steps]
+            if len(starts) != 1 or not all(isinstance(n, int) for n in numbers) or axes not in ([0], [-1]) \
+                    or steps[0] < 1:
+                return None
+            return False, parts[0][1][slice(starts[0], ends[0], steps[0])]
+        return None
+
     def rank(self, value: ir.Value) -> int | None:
         """A value's rank from onnx's own shape inference on this model (ranks only)."""
+        rank = self._rank_map().get(value.name)
+        return self.numbering.key_ranks.get(self.key(value)) if rank is None else rank
+
+    def _rank_map(self) -> dict[str, int]:
         if self._ranks is None:
-            self._ranks = self.numbering.ranks(self.model)
-        return self._ranks.get(value.name)
+            self._ranks = self.numbering.ranks(self.model, self.input_shapes)
+        return self._ranks
 
     def _array(self, value: ir.Value | None) -> np.ndarray | None:
         """A constant's array (initializer, Constant node or evaluated fold), else None."""
@@ -253,6 +329,13 @@ class _Keys:
         attributes = tuple(sorted((name, self._attribute(attr)) for name, attr in node.attributes.items()))
         if any(a[1] is None for a in attributes):
             return numbering.unique()
+        if domain == "" and node.op_type == "Reshape" and len(node.inputs) == 2:
+            target = self._shape_elements(node.inputs[1])
+            if target is not None and not target[0]:
+                copy = dict(attributes).get("allowzero", ("INT", 0))[1] == 0
+                x = self.key(node.inputs[0])
+                canonical = tuple(("dim", x, i) if copy and e == 0 else e for i, e in enumerate(target[1]))
+                return numbering.intern(("reshape", x, canonical, copy))
         if domain == "":
             form = _affine_form(self, node, value, attributes)
             if form is not None:
@@ -393,6 +476,7 @@ def _ancestors(graph: onnx.GraphProto, names: list[str]) -> set[str]:
 # --------------------------------------------------------------------------- affine forms
 
 ROUNDING_UNITS = 16  # a proved fold's constants may differ from the exact fold by this many roundings
+MAX_FORM_ELEMENTS = 1 << 24  # larger weights are compared by their bytes only
 
 
 @dataclasses.dataclass
@@ -445,7 +529,8 @@ def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple)
     if op in ("Conv", "ConvTranspose") and len(inputs) >= 2:
         weight = keys._array(inputs[1])
         bias = keys._array(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else None
-        if weight is None or weight.dtype.kind != "f" or weight.ndim < 3 or (len(inputs) > 2 and inputs[2] is not None and bias is None):
+        if weight is None or weight.dtype.kind != "f" or weight.ndim < 3 or weight.size > MAX_FORM_ELEMENTS \
+                or (len(inputs) > 2 and inputs[2] is not None and bias is None):
             return None
         if op == "ConvTranspose" and attrs.get("group", 1) != 1:
             return None
@@ -456,15 +541,19 @@ def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple)
         weight = keys._array(inputs[1])
         if weight is None or weight.dtype.kind != "f" or weight.ndim != 2 or attrs.get("transA", 0):
             return None
-        weight = weight.T if attrs.get("transB", 0) else weight
+        if weight.size > MAX_FORM_ELEMENTS:
+            return None
+        weight = (weight.T if attrs.get("transB", 0) else weight).astype(np.float64) * attrs.get("alpha", 1.0)
         bias = np.zeros(weight.shape[1])
         if op == "Gemm" and len(inputs) > 2 and inputs[2] is not None:
             c = keys._array(inputs[2])
             if c is None or c.ndim > 2 or c.size not in (1, weight.shape[1]) or (c.ndim == 2 and c.shape[0] != 1):
                 return None
             bias = bias + attrs.get("beta", 1.0) * c.astype(np.float64).reshape(-1)
-        form = _new_form((op, keys.key(inputs[0])), weight, 1, bias, rank=2 if op == "Gemm" else None, axis=-1)
-        return form.scaled(np.full(form.channels, attrs.get("alpha", 1.0))) if op == "Gemm" else form
+        # MatMul of a rank-2 x is Gemm's product: both fold to the same form
+        dense = op == "Gemm" or keys.rank(inputs[0]) == 2
+        return _new_form(("Gemm" if dense else op, keys.key(inputs[0])), weight, 1, bias, rank=2 if dense else None,
+                         axis=-1, dtype=keys._array(inputs[1]).dtype)
     base = next((keys._forms.get(id(v)) for v in inputs if v is not None and id(v) in keys._forms), None)
     if op == "BatchNormalization" and len(inputs) == 5:
         params = [keys._array(v) for v in inputs[1:]]
