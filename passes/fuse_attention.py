@@ -77,7 +77,8 @@ _RANK_DEPTH = 12
 
 def exported_rank(m: Match, value: ir.Value | None, depth: int = 0) -> int | None:
     """The static rank of ``value``: the pattern engine's, then exporter idioms it does not
-    know (Transpose's perm, a Reshape to a Concat-built shape, Expand, Where)."""
+    know (Transpose's perm, a Reshape to a Concat-built shape, Expand, Where, ConstantOfShape,
+    Shape, Flatten)."""
     if value is None:
         return None
     rank = m.rank(value)
@@ -100,8 +101,12 @@ def exported_rank(m: Match, value: ir.Value | None, depth: int = 0) -> int | Non
             return length
         base = exported_rank(m, node.inputs[0], depth + 1)
         return None if base is None else max(base, length)
-    if node.op_type == "Range":
+    if node.op_type in ("Range", "Shape"):
         return 1
+    if node.op_type == "Flatten":
+        return 2
+    if node.op_type == "ConstantOfShape":
+        return _length(m, node.inputs[0], depth + 1)
     if node.op_type in ("LayerNormalization", "Gelu", "Erf", "Sqrt", "Relu", "Tanh", "Identity"):
         return exported_rank(m, node.inputs[0], depth + 1)
     if node.op_type == "MatMul":
@@ -147,7 +152,8 @@ def _length(m: Match, value: ir.Value | None, depth: int) -> int | None:
         start, end = (int(b.reshape(-1)[0]) for b in bounds[:2])
         return len(range(size)[start:end])
     if node.op_type in ("Where", "Equal", "Add", "Mul", "Max", "Min", "Cast", "Abs"):
-        parts = [_length(m, v, depth + 1) for v in node.inputs]
+        parts = [1 if exported_rank(m, v, depth + 1) == 0 else _length(m, v, depth + 1)  # scalars broadcast
+                 for v in node.inputs]
         return None if any(p is None for p in parts) else max(parts)
     if node.op_type == "Reshape" and len(node.inputs) > 1:
         target = m.value_array(node.inputs[1])
@@ -155,6 +161,9 @@ def _length(m: Match, value: ir.Value | None, depth: int) -> int | None:
             return None
         n = int(target.reshape(-1)[0])
         return n if n > 0 else (_length(m, node.inputs[0], depth + 1) if n == -1 else None)
+    if node.op_type == "ConstantOfShape":  # a 1-D tensor of n values, n constant
+        shape = m.value_array(node.inputs[0]) if node.inputs else None
+        return int(shape.reshape(-1)[0]) if shape is not None and shape.size == 1 else None
     if node.op_type == "Shape":
         rank = exported_rank(m, node.inputs[0], depth + 1)
         if rank is None:

@@ -114,3 +114,18 @@ def test_fused_op_outside_the_float_list_passes_through():
     node = ir.Node("com.microsoft", "MatMulNBits", [ir.Value(name="a", type=ir.TensorType(F32))],
                    outputs=[ir.Value(name="y", type=ir.TensorType(F32))])
     assert "passes through untouched" in float16_slots(node, 17, lambda v: v.dtype)
+
+
+@pytest.mark.parametrize("style", ["sdpa", "eager"])
+def test_o3_with_fp16_fuses_and_converts_attention(style):
+    """optimize(level=3, fp16=True): attention fused, every fused op float16, the kept float32
+    interface and the mask's own Casts only; outputs verified by optcc and judged here against
+    onnxruntime on the float32 original."""
+    proto, _ = bert_layer(style, opset=17)
+    feeds = [bert_feeds(), bert_feeds(seed=2)]
+    result = optcc.optimize(proto, level=3, fp16=True, inputs=feeds)
+    ops = collections.Counter(n.op_type for n in result.model.graph.node)
+    assert ops["MultiHeadAttention"] == 1 and ops["SkipLayerNormalization"] == 2, ops
+    assert ops["Cast"] <= 4, ops
+    (sqnr, cosine), = lossy_metrics(proto, result.model, feeds)
+    assert sqnr >= 40 and cosine >= 0.9999, (sqnr, cosine)
