@@ -165,6 +165,7 @@ class Int8Options:
     shards: int | None = None
     progress: bool = False
     prepare: bool = True
+    equalize: bool = False
     method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -223,6 +224,10 @@ def quantize_int8(
     ``prepare``: first fold generated weights and BatchNorm/affine layers into the
     convolutions (``prepare_float``); a pipeline that runs those passes itself turns it off.
 
+    ``equalize``: before calibrating, rescale the channels between Conv -> (Relu) -> Conv
+    pairs so both layers' weights have equal ranges (``equalize-cross-layer``, exact in
+    real arithmetic; off by default: measured on the corpus in docs/int8.md).
+
     ``bias_correction``: every model this builds with all its layers quantized or only
     some returned to float (not the single-layer models of the ranking) gets its Conv and
     Gemm biases corrected for the mean shift quantization causes
@@ -267,6 +272,8 @@ def quantize_int8(
         folded = prepare_float(working)
         if folded:
             stats["float_fusions"] = folded
+    if o.equalize:
+        stats["equalize"] = _run_pass(working, "equalize-cross-layer")
     lap("prepare")
     float_model = working
     calib, held = split_holdout(samples, o.holdout_fraction)
