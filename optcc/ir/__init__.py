@@ -10,12 +10,13 @@ atomically (``save``), and every pass walks graphs, nodes and names the same way
 from __future__ import annotations
 
 from optcc.ir.edit import ModelNames, constant_before, as_numpy, const_tensor, inferred_dtypes, unique_value_name, upgrade_legacy_ir, value_names
-from optcc.ir.interface import FILLED_INTERFACE_KEY
+from optcc.ir.interface import FILLED_INTERFACE_KEY, without_weights
 from optcc.ir.loading import ModelSource, load
 from optcc.ir.saving import EXTERNAL_DATA_THRESHOLD_BYTES, PROTOBUF_LIMIT_BYTES, STREAM_MIN_BYTES, check_output_path, create_temp_file, initializers_set_aside, needs_external_data, save, serialize
 from optcc.ir.walk import default_opset, external_data_files, first_order_problem, graphs, nodes, op_histogram, proto_graphs, subgraphs, tensor_protos, uses_external_data, weight_bytes
 
 __all__ = [
+    "without_weights",
     "ModelSource",
     "load",
     "save",

@@ -3,6 +3,7 @@ types shape inference gives them, so the model written passes onnx's checker."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from optcc.errors import BadInputError
@@ -41,7 +42,7 @@ def _interface_fills(
     if not inputs and not outputs:
         return []
     weights = {t.name: t for t in graph.initializer}
-    light = _without_weights(proto)
+    light = without_weights(proto)
     fills: list[tuple[str, onnx.TypeProto, str]] = []
     for info in inputs:
         if info.name in weights:  # below IR 4 a weight may be listed as an input
@@ -162,10 +163,11 @@ def _restore(proto: onnx.ModelProto, originals: list[tuple[str, onnx.TypeProto]]
         _set_type(proto, where, saved)
 
 
-def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+def without_weights(proto: onnx.ModelProto, keep_elements: int = 0) -> onnx.ModelProto:
     """A copy of the model whose main-graph initializers are graph inputs of the same
     type and shape (no weight data copied): enough for type inference and the checker's
-    structural rules."""
+    structural rules. Initializers of at most ``keep_elements`` elements (shape-like
+    constants that shape inference reads) stay initializers."""
     light = onnx.ModelProto()
     for field, value in proto.ListFields():
         if field.name != "graph":
@@ -176,7 +178,9 @@ def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
             _copy_field(graph, field, value)
     listed = {v.name for v in graph.input}
     for t in proto.graph.initializer:
-        if t.name not in listed:
+        if int(np.prod(t.dims)) <= keep_elements and t.data_location != onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(t)
+        elif t.name not in listed:
             graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     for sparse in proto.graph.sparse_initializer:
         if sparse.values.name not in listed:

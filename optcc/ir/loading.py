@@ -12,7 +12,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from optcc.errors import BadInputError, UnsafeInputError
-from optcc.ir.interface import FILLED_INTERFACE_KEY, _apply_fills, _interface_fills, _restore, _without_weights
+from optcc.ir.interface import FILLED_INTERFACE_KEY, _apply_fills, _interface_fills, _restore, without_weights
 from optcc.ir.walk import _node_protos, first_order_problem, tensor_protos
 
 
@@ -90,7 +90,7 @@ def _from_proto(
         if fills and has_external:
             # The checker can only resolve external data from the file, which lacks the
             # filled types; check the structure without the (already validated) weights.
-            _check_structure(_without_weights(proto), label)
+            _check_structure(without_weights(proto), label)
         else:
             # The checker resolves external data files against the model's folder, which
             # only a path gives it (their locations were validated just above).

@@ -121,14 +121,21 @@ class _Numbering:
         self._tensor_keys: dict[int, tuple[int, ir.TensorProtocol]] = {}
         self._affine: dict[tuple, list[tuple[_Affine, int]]] = {}
         self._ranks: dict[int, tuple[dict[str, int], ir.Model]] = {}
-        self.key_ranks: dict[int, int] = {}
+        self.models: list[_Keys] = []
+        self._protos: dict[int, tuple[onnx.ModelProto, ir.Model]] = {}
+
+    def proto(self, model: ir.Model) -> onnx.ModelProto:
+        """``model`` serialized (once; callers must not modify it)."""
+        if id(model) not in self._protos:
+            self._protos[id(model)] = (oir.serialize(model), model)
+        return self._protos[id(model)][0]
 
     def ranks(self, model: ir.Model, input_shapes: dict[str, list[int]]) -> dict[str, int]:
         """Value ranks by name from onnx's shape inference on ``model`` with its declared
         intermediate types dropped and ``input_shapes`` for its inputs (once per model)."""
         if id(model) not in self._ranks:
             try:
-                proto = oir.serialize(model)
+                proto = oir.without_weights(self.proto(model), keep_elements=MAX_SHAPE_ELEMENTS)
                 del proto.graph.value_info[:]
                 for given in proto.graph.input:
                     dims = given.type.tensor_type.shape.dim
@@ -185,6 +192,7 @@ class _Keys:
         self.model = model
         self.numbering = numbering
         self.input_shapes = input_shapes or {}  # static input shapes to infer ranks with
+        numbering.models.append(self)
         self.opsets = {("" if d == "ai.onnx" else d): v for d, v in model.opset_imports.items()}
         self.functions = {(f.domain, f.name, f.overload) for f in model.functions.values()}
         self.fed = {v.name for v in model.graph.inputs if v.const_value is None}
@@ -222,9 +230,6 @@ class _Keys:
     def _set(self, value: ir.Value, key: int) -> None:
         self._keys[id(value)] = key
         self._values[id(value)] = value
-        rank = self._rank_map().get(value.name)
-        if rank is not None:  # values with one key have one rank, whichever model shows it
-            self.numbering.key_ranks.setdefault(key, rank)
 
     def _leaf(self, value: ir.Value) -> bool:
         """Keyed without looking at inputs: graph inputs and constants."""
@@ -247,7 +252,7 @@ class _Keys:
     def _shape_elements_of(self, value: ir.Value) -> tuple[bool, list] | None:
         array = self._array(value)
         if array is not None:
-            if array.dtype.kind not in "iu" or array.ndim > 1:
+            if array.dtype.kind not in "iu" or array.ndim > 1 or array.size > MAX_SHAPE_ELEMENTS:
                 return None
             return array.ndim == 0, [int(v) for v in array.reshape(-1)]
         node = value.producer()
@@ -266,6 +271,8 @@ class _Keys:
             if op == "Cast" and attrs.get("to") not in (ir.DataType.INT64.value, ir.DataType.INT32.value):
                 return None
             return self._shape_elements(inputs[0])
+        if op not in ("Concat", "Unsqueeze", "Gather", "Slice"):
+            return None
         parts = [self._shape_elements(v) for v in inputs]
         if op == "Concat" and attrs.get("axis") in (0, -1) and parts and all(p is not None and not p[0] for p in parts):
             return False, [e for p in parts for e in p[1]]
@@ -292,7 +299,15 @@ class _Keys:
     def rank(self, value: ir.Value) -> int | None:
         """A value's rank from onnx's own shape inference on this model (ranks only)."""
         rank = self._rank_map().get(value.name)
-        return self.numbering.key_ranks.get(self.key(value)) if rank is None else rank
+        if rank is None:  # values with one key have one rank, whichever model shows it
+            key = self.key(value)
+            rank = next((r for other in self.numbering.models if other is not self
+                         if (r := other.ranks_by_key().get(key)) is not None), None)
+        return rank
+
+    def ranks_by_key(self) -> dict[int, int]:
+        ranks = self._rank_map()
+        return {key: ranks[self._values[i].name] for i, key in self._keys.items() if self._values[i].name in ranks}
 
     def _rank_map(self) -> dict[str, int]:
         if self._ranks is None:
@@ -433,7 +448,7 @@ class _Keys:
 
     def _evaluate(self, values: list[ir.Value]) -> list[np.ndarray]:
         """``values`` computed by the original's own nodes, on onnxruntime's CPU kernels."""
-        proto = oir.serialize(self.model)
+        proto = self.numbering.proto(self.model)
         needed = _ancestors(proto.graph, [v.name for v in values])
         graph = onnx.helper.make_graph(
             [n for n in proto.graph.node if any(o in needed for o in n.output)], "folds", [],
@@ -477,6 +492,7 @@ def _ancestors(graph: onnx.GraphProto, names: list[str]) -> set[str]:
 
 ROUNDING_UNITS = 16  # a proved fold's constants may differ from the exact fold by this many roundings
 MAX_FORM_ELEMENTS = 1 << 24  # larger weights are compared by their bytes only
+MAX_SHAPE_ELEMENTS = 64  # longer integer constants are not read as shapes
 
 
 @dataclasses.dataclass
@@ -505,9 +521,13 @@ class _Affine:
             return False
         allowed = ROUNDING_UNITS * max(self.unit, other.unit)
         tiny = max(self.tiny, other.tiny)
-        weight = np.abs(self.weight - other.weight) <= allowed * np.maximum(np.abs(self.weight), np.abs(other.weight)) + tiny
-        bias = np.abs(self.bias - other.bias) <= allowed * np.maximum(self.bias_terms, other.bias_terms) + tiny
-        return bool(weight.all() and bias.all())
+        if not np.all(np.abs(self.bias - other.bias) <= allowed * np.maximum(self.bias_terms, other.bias_terms) + tiny):
+            return False
+        a, b = self.weight.reshape(-1), other.weight.reshape(-1)
+        head = slice(0, 64)  # most different forms differ in their first weights already
+        if not np.all(np.abs(a[head] - b[head]) <= allowed * np.maximum(np.abs(a[head]), np.abs(b[head])) + tiny):
+            return False
+        return bool(np.all(np.abs(a - b) <= allowed * np.maximum(np.abs(a), np.abs(b)) + tiny))
 
     def scaled(self, factor: np.ndarray) -> _Affine:
         shape = [1] * self.weight.ndim
