@@ -262,3 +262,29 @@ def test_matmul_add_folded_into_gemm_is_proved_for_a_rank_2_input_only():
         gemm.outputs[0].name = "y"
 
     assert not prove_equivalent(_load(model(3)), _planted(model(3), gemm_on_rank_3)).complete
+
+
+def test_legacy_broadcasting_is_not_read_as_numpy_broadcasting():
+    """Add-6 with broadcast=1, axis=1 adds a (C,) vector along axis 1, where numpy rules would
+    add it along the last axis: the checker reads neither, so even this correct fold into
+    the Conv's bias is left to the samples."""
+    proto = _conv_chain([helper.make_node("Add", ["t", "c"], ["y"], broadcast=1, axis=1)],
+                        [_const("c", RNG.standard_normal(4))])
+    proto.opset_import[0].version = 6
+    folded = onnx.ModelProto()
+    folded.CopyFrom(proto)
+    folded.graph.node[1].CopyFrom(helper.make_node("Identity", ["t"], ["y"]))
+    conv_bias = next(t for t in folded.graph.initializer if t.name == "b")
+    bias = numpy_helper.to_array(conv_bias) + numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == "c"))
+    conv_bias.CopyFrom(numpy_helper.from_array(bias.astype(np.float32), "b"))
+    assert not prove_equivalent(_load(proto), _load(folded)).complete
+
+
+def test_an_input_whose_type_changed_is_not_proved():
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[2, 3] x) => (float[2, 3] y) { y = Identity(x) }""")
+    other = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (double[2, 3] x) => (float[2, 3] y) { y = Cast <to = 1> (x) }""")
+    assert not prove_equivalent(_load(proto), _load(other)).complete

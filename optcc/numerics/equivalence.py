@@ -97,11 +97,14 @@ def prove_equivalent(original: ir.Model, candidate: ir.Model) -> Proof:
     original_keys = _Keys(original, numbering, shapes)
     evaluated = original_keys.evaluate(folds) if folds else 0
     outputs: dict[str, bool] = {}
+    original_inputs = {v.name: v for v in original.graph.inputs if v.const_value is None}
+    same_inputs = all(v.name in original_inputs and (v.dtype is None or v.dtype == original_inputs[v.name].dtype)
+                      for v in candidate.graph.inputs if v.const_value is None)
     original_outputs = {v.name: v for v in original.graph.outputs}
     for value in candidate.graph.outputs:
         twin = original_outputs.get(value.name)
         outputs[value.name or ""] = (
-            twin is not None and (value.dtype is None or twin.dtype is None or value.dtype == twin.dtype)
+            same_inputs and twin is not None and (value.dtype is None or twin.dtype is None or value.dtype == twin.dtype)
             and candidate_keys.key(value) == original_keys.key(twin)
         )
     known = original_keys.all_keys()
@@ -546,6 +549,11 @@ def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple)
         return None
     op, inputs = node.op_type, list(node.inputs)
     attrs = {name: attr.value for name, attr in node.attributes.items()}
+    # before opset 7: legacy broadcasting (broadcast/axis) and training-mode BatchNormalization
+    if keys.opsets.get("", 0) < 7 and op != "Conv":
+        return None
+    if op in ("Mul", "Add", "Sub", "Div") and attrs or op == "Gemm" and set(attrs) - {"alpha", "beta", "transA", "transB"}:
+        return None
     if op in ("Conv", "ConvTranspose") and len(inputs) >= 2:
         weight = keys._array(inputs[1])
         bias = keys._array(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else None
