@@ -10,6 +10,9 @@ Weight Equalization and Bias Correction", 2019). Both then have the range
 per-tensor activation scale no longer leaves the small channels a few levels (PP-OCRv4
 rec's stem feeds a depthwise conv channels whose ranges differ 15x).
 
+The tensors between the two convs hold other values afterwards, so they get new names
+(a comparison by name with the original's intermediates would otherwise misreport them).
+
 Bias absorption: with nothing between the convs and Conv2 unpadded, ``b1`` moves into
 Conv2 entirely (``b2 += sum over the kernel of W2 * b1``), so the tensor between them is
 centred on what the weights make of the input.
@@ -144,6 +147,9 @@ class EqualizeCrossLayerPass(optcc.Pass):
             self._set(model, conv2, 1, new_w2.astype(w2.dtype), taken)
             if new_b2 is not None:
                 self._set(model, conv2, 2, new_b2.astype(w2.dtype), taken)
+            for node in (conv1, act):  # other tensors now: new names, never matched to the old ones
+                if node is not None:
+                    node.outputs[0].name = optcc.ir.unique_value_name(None, f"{node.outputs[0].name}_equalized", taken)
             pairs += 1
         return optcc.PassResult(model, bool(pairs), {"pairs": pairs, "biases_absorbed": absorbed})
 

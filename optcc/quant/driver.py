@@ -226,7 +226,12 @@ def quantize_int8(
 
     ``equalize``: before calibrating, rescale the channels between Conv -> (Relu) -> Conv
     pairs so both layers' weights have equal ranges (``equalize-cross-layer``, exact in
-    real arithmetic; off by default: measured on the corpus in docs/int8.md).
+    real arithmetic), which evens out the per-tensor activation range between them. On
+    the corpus (benchmark data, fallback off) it lowered every task deviation: PP-OCRv4
+    rec CTC exact-match deviation 0.42 -> 0.31 on 48 lines, det box F1 deviation 0.21 ->
+    0.15 on 8 images, cls argmax 0.06 -> 0 on 16 lines; nudenet-320n has no such pair.
+    Off unless asked: the equalized model's intermediates are other tensors (renamed),
+    so per-layer comparisons with the original by name see fewer layers.
 
     ``bias_correction``: every model this builds with all its layers quantized or only
     some returned to float (not the single-layer models of the ranking) gets its Conv and
