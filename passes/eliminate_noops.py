@@ -19,11 +19,20 @@ the value types and constant operands prove the node is a no-op:
 - ``concat``: Concat of one input; ``split``: Split into one output (given split sizes
   must equal a static dim).
 - ``mul``/``div``/``add``/``sub``: ``x*1``, ``1*x``, ``x/1``, ``x-0``, ``x+(-0.0)``,
-  ``(-0.0)+x`` (integers: ``x+0``, ``0+x``), where the constant has ``x``'s dtype and
+  ``(-0.0)+x`` (integers: ``x+0``, ``0+x``), where the constant has ``x``'s dtype (ONNX
+  gives both operands of these ops one type, so an unannotated ``x`` has it) and
   broadcasting keeps ``x``'s shape (the constant's rank <= rank(x), each of its dims 1
   or equal to a static dim of ``x``).
 - ``and-or``: ``And(x, x)`` and ``Or(x, x)`` (both inputs the same value): ``x`` broadcast
-  with itself is ``x``'s shape, and ``a and a = a or a = a`` for every bool.
+  with itself is ``x``'s shape, and ``a and a = a or a = a`` for every bool;
+  ``And(x, True)``, ``Or(x, False)`` (either side; an all-True / all-False bool constant
+  whose broadcasting keeps ``x``'s shape, as for the arithmetic rules).
+
+Where ``x`` carries no shape annotation, its shape is derived through the elementwise
+node that made it: a unary elementwise op (Cast, Neg, Abs, Relu, Not, ...) keeps its
+input's shape, and a binary one (Add, Sub, Mul, Div, Pow, And, Or, ...) whose other
+operand is a constant that broadcasting absorbs keeps the shape of the first (up to
+``_SHAPE_DEPTH`` producers back; anything else is unknown).
 
 Why each is exact (bit for bit): the removed node copies ``x``. For the arithmetic rules
 IEEE 754 gives ``x*1 = x/1 = x`` and ``x - (+0.0) = x + (-0.0) = x`` for every ``x``,
@@ -58,6 +67,7 @@ __all__ = [
     "remove_if_dead",
     "static_dim",
     "graph_opset",
+    "shape_of",
 ]
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -144,6 +154,42 @@ def graph_opset(graph: ir.Graph | ir.Function, model_opset: int) -> int:
     if isinstance(graph, ir.Function):
         return int(graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", model_opset)))
     return model_opset
+
+
+_UNARY_ELEMENTWISE = frozenset({
+    "Abs", "Acos", "Asin", "Atan", "Ceil", "Cos", "Cosh", "Erf", "Exp", "Floor", "IsInf", "IsNaN",
+    "Log", "Neg", "Not", "Reciprocal", "Relu", "Round", "Sigmoid", "Sign", "Sin", "Sinh", "Sqrt",
+    "Tan", "Tanh", "Cast", "Identity", "Softplus", "Softsign",
+})
+_BINARY_ELEMENTWISE = frozenset({
+    "Add", "Sub", "Mul", "Div", "Pow", "And", "Or", "Xor", "Equal", "Less", "LessOrEqual",
+    "Greater", "GreaterOrEqual", "Max", "Min",
+})
+_SHAPE_DEPTH = 16
+
+
+def shape_of(value: ir.Value, depth: int = _SHAPE_DEPTH) -> ir.Shape | None:
+    """``value``'s annotated shape, else the shape its elementwise producer provably keeps
+    (see the module docstring); None when unknown."""
+    if value.shape is not None or depth == 0:
+        return value.shape
+    node = value.producer()
+    if node is None or node.domain not in _DEFAULT_DOMAINS or len(node.outputs) != 1:
+        return None
+    inputs = list(node.inputs)
+    if None in inputs:
+        return None
+    if node.op_type in _UNARY_ELEMENTWISE and len(inputs) == 1:
+        return shape_of(inputs[0], depth - 1)
+    if node.op_type in _BINARY_ELEMENTWISE and len(inputs) == 2:
+        for x, c in (inputs, inputs[::-1]):
+            array = constant_array(c)
+            if array is None:
+                continue
+            shape = shape_of(x, depth - 1)
+            if _keeps_shape(shape, array.shape):
+                return shape
+    return None
 
 
 def _keeps_shape(shape: ir.Shape | None, other: Sequence[int]) -> bool:
@@ -295,6 +341,8 @@ def _is_neutral(array: np.ndarray, op: str) -> bool:
     floating = np.issubdtype(array.dtype, np.floating)
     if op in ("Mul", "Div"):
         return bool(np.all(array == 1))
+    if op in ("And", "Or"):
+        return array.dtype == np.bool_ and bool(np.all(array == (op == "And")))
     if op == "Sub" or not floating:  # x - (+0.0); integer 0
         return bool(np.all(array == 0)) and not (floating and np.any(np.signbit(array)))
     return bool(np.all(array == 0) and np.all(np.signbit(array)))  # x + (-0.0)
@@ -303,22 +351,24 @@ def _is_neutral(array: np.ndarray, op: str) -> bool:
 def _arithmetic(node: ir.Node, opset: int) -> ir.Value | None:
     if len(node.inputs) != 2 or None in node.inputs:
         return None
-    positions = (1, 0) if node.op_type in ("Mul", "Add") else (1,)
+    positions = (1, 0) if node.op_type in ("Mul", "Add", "And", "Or") else (1,)
     for position in positions:
         x, c = node.inputs[1 - position], node.inputs[position]
         array = constant_array(c)
-        if array is None or x.dtype is None or array.dtype == object:
+        if array is None or array.dtype == object:
             continue
-        if array.dtype != x.dtype.numpy():
-            continue
-        if _is_neutral(array, node.op_type) and _keeps_shape(x.shape, array.shape):
+        if x.dtype is not None and array.dtype != x.dtype.numpy():
+            continue  # an unannotated x has the constant's dtype: these ops take one type
+        if _is_neutral(array, node.op_type) and _keeps_shape(shape_of(x), array.shape):
             return x
     return None
 
 
 def _same_operands(node: ir.Node, opset: int) -> ir.Value | None:
-    if len(node.inputs) != 2 or node.inputs[0] is not node.inputs[1]:
+    if len(node.inputs) != 2 or None in node.inputs:
         return None
+    if node.inputs[0] is not node.inputs[1]:
+        return _arithmetic(node, opset)
     return node.inputs[0]
 
 

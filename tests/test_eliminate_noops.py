@@ -393,3 +393,52 @@ def test_through_optimize_with_verification():
     assert_close(got, expected_outputs(original, feeds), EXACT_RTOL, what="optimized vs onnx reference evaluator")
     for want, out in zip(ort_outputs(original, feeds), got):
         assert want.tobytes() == out.tobytes(), "removing no-ops must be bit-exact"
+
+
+def test_and_true_and_or_false_are_removed_and_absorbing_constants_stay():
+    model = _model("""
+    agraph (bool[3, 2] x) => (bool[3, 2] y1, bool[3, 2] y2, bool[3, 2] k1, bool[3, 2] k2, bool[2, 3, 2] k3)
+    <bool[2] t = {1, 1}, bool[2] f = {0, 0}, bool[1] tf = {1}, bool[2, 3, 2] wide = {1,1,1,1,1,1,1,1,1,1,1,1}> {
+        a1 = And(x, t)
+        b1 = Or(f, a1)
+        y1 = Not(b1)
+        a2 = And(tf, x)
+        y2 = Not(a2)
+        k1 = And(x, f)
+        k2 = Or(t, x)
+        k3 = And(x, wide)
+    }
+    """)
+    result = _run(model)
+    # Kept: And(x, False) and Or(True, x) (constant results), and broadcasting to rank 3.
+    assert result.stats == {"and-or": 3}
+    assert _ops(result.model) == {"And": 2, "Not": 2, "Or": 1}
+
+
+UNANNOTATED = """
+<ir_version: 8, opset_import: ["" : 17]>
+agraph (float[3, 2] x) => (float[3, 2] y, float[3, 3, 2] z) <float[2] zero = {0.0, 0.0},
+    float[2] one = {1.0, 1.0}, float[3, 1, 1] wide = {1.0, 2.0, 3.0}> {
+    r = Relu(x)
+    a = Add(r, zero)
+    s = Sub(a, zero)
+    d = Div(s, one)
+    y = Neg(d)
+    w = Mul(r, wide)
+    v = Sub(w, zero)
+    z = Neg(v)
+}
+"""
+
+
+def test_shapes_are_derived_through_unannotated_elementwise_producers():
+    """No value_info: a's shape is x's through Relu and Add(., [2]); w = r * [3,1,1] is a
+    broadcast to rank 3, so nothing proves v = w - 0 keeps a shape and it is derived as
+    unknown (the node stays, though it would be a no-op too)."""
+    proto = onnx.parser.parse_model(UNANNOTATED)
+    model = ir.from_proto(proto)
+    assert all(v.shape is None for n in model.graph for v in n.outputs if not v.is_graph_output())
+    special = np.array([[-0.0, 0.0], [np.nan, np.inf], [-np.inf, 1e-45]], np.float32)
+    result = run_exact_pass(EliminateNoOpsPass, model, {"x": special})
+    assert result.stats == {"sub": 1, "div": 1}
+    assert _ops(result.model) == {"Relu": 1, "Add": 1, "Mul": 1, "Sub": 1, "Neg": 2}
