@@ -5,7 +5,9 @@ grown as ``present*`` outputs. One step on generated inputs checks little of tha
 the verifier runs ``DECODE_STEPS`` steps per sample: each next step feeds a model's own
 ``present`` outputs back as its ``past`` inputs, one new token (the original's greedy
 choice, so both models see the same tokens), the attention mask grown by one and the
-position advanced by one.
+position advanced by one. Generated inputs (``optcc.numerics.inputs``) leave room in the
+position table for ``DECODE_STEPS`` steps; a decode of more steps needs inputs generated
+with that many (``generate_inputs(..., decode_steps=)``).
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from optcc.numerics.inputs import input_roles
+from optcc.numerics.inputs import DECODE_STEPS, input_roles
 
 __all__ = ["DECODE_STEPS", "DecodePlan", "decode_plan", "run_decode"]
 
-DECODE_STEPS = 3
 _PRESENT = re.compile(r"^present", re.IGNORECASE)
 _PREFIX = re.compile(r"^(past_key_values|present_key_values|past|present)[._]?", re.IGNORECASE)
 

@@ -34,8 +34,12 @@ KV-cache decoders (an input named ``past_key_values.*`` or ``past_*`` and an out
 name contains ``present``): every past input's sequence axis (its dynamic axis after the
 first) takes one past length ``P`` (``DEFAULT_PAST_LENGTH`` unless given through
 ``shapes``), the attention mask's last axis ``P + S`` and position ids' ``S``, where ``S``
-is the current length (the token ids' last axis). When position ids index a table of
-``n`` rows, ``S`` and ``P`` are reduced so that ``P + S <= n``.
+is the current length (the token ids' last axis). A decoder step is verified over a decode
+of ``decode_steps`` steps (``DECODE_STEPS`` by default, ``optcc.numerics.decode``), each
+after the first one token longer, so the last step feeds position ``P + S + decode_steps
+- 2``: when position ids index a table of ``n`` rows, ``S`` and then ``P`` (unless given)
+are reduced so that ``P + S + decode_steps - 1 <= n``. A given past length with which even
+one step's positions ``P + S`` cannot fit the table is refused.
 
 Everything is drawn from one ``numpy.random.Generator`` seeded with ``seed``, input by
 input in graph order, so the feeds are a function of the model, the options and the seed.
@@ -51,7 +55,10 @@ import onnx_ir as ir
 
 from optcc.errors import BadInputError
 
-__all__ = ["DEFAULT_DYNAMIC_DIM", "DEFAULT_PAST_LENGTH", "generate_inputs", "check_feeds", "input_roles"]
+__all__ = ["DECODE_STEPS", "DEFAULT_DYNAMIC_DIM", "DEFAULT_PAST_LENGTH", "generate_inputs", "check_feeds",
+           "input_roles"]
+
+DECODE_STEPS = 3  # steps of a KV-cache decoder's verification decode; generated inputs leave room for them
 
 DEFAULT_DYNAMIC_DIM = 64  # size chosen for a dynamic dimension other than the first
 DEFAULT_PAST_LENGTH = 16  # KV-cache length of a generated decoder step
@@ -295,11 +302,14 @@ def generate_inputs(
     samples: int = 1,
     seed: int = 0,
     ranges: Mapping[str, Range] | None = None,
+    decode_steps: int = DECODE_STEPS,
 ) -> list[dict[str, np.ndarray]]:
     """``samples`` feed dicts that fit the model's graph inputs (see the module docstring
     for the sizes and values chosen). ``shapes`` sizes inputs by name; ``ranges`` gives
-    ``(lo, hi)`` value ranges by name. Raises BadInputError for a name that is not a
-    graph input, an empty range, or an input whose shape or dtype cannot be generated."""
+    ``(lo, hi)`` value ranges by name; a KV-cache decoder's positions leave room for a
+    decode of ``decode_steps`` steps. Raises BadInputError for a name that is not a
+    graph input, an empty range, an input whose shape or dtype cannot be generated, or a
+    given past length that does not fit the position table."""
     shapes = dict(shapes or {})
     ranges = dict(ranges or {})
     fed = _fed_inputs(model)
@@ -309,8 +319,9 @@ def generate_inputs(
         if not lo <= hi:
             raise BadInputError(f"--input-range {name}: low {lo} is above high {hi}")
     roles = input_roles(model)
-    sizes = _sizes(model, fed, shapes, roles)
+    sizes = _sizes(model, fed, shapes, roles, max(0, decode_steps - 1))
     past = _past_length(fed, sizes, roles)
+    kv = any(role == "past" for role in roles.values())
     rng = np.random.default_rng(seed)
     feeds_list = []
     for _ in range(samples):
@@ -320,7 +331,7 @@ def generate_inputs(
             if value.name in ranges:
                 feeds[value.name] = _in_range(value, shape, _range(value.name, ranges[value.name]), rng)
             else:
-                feeds[value.name] = _random_array(value, shape, roles[value.name], past, rng)
+                feeds[value.name] = _random_array(value, shape, roles[value.name], past, kv, rng)
         feeds_list.append(feeds)
     return feeds_list
 
@@ -354,10 +365,11 @@ def _range(name: str, bounds: object) -> tuple[float, float]:
 
 
 def _sizes(
-    model: ir.Model, fed: list[ir.Value], shapes: Mapping[str, Sequence[int]], roles: Mapping[str, str]
+    model: ir.Model, fed: list[ir.Value], shapes: Mapping[str, Sequence[int]], roles: Mapping[str, str],
+    more_steps: int = 0,
 ) -> dict[str, tuple[int, ...]]:
-    """Input shapes, with KV-cache lengths made consistent and sequence lengths kept
-    within the position table."""
+    """Input shapes, with KV-cache lengths made consistent and the positions of the step
+    and of ``more_steps`` one-token steps after it kept within the position table."""
     sizes = _dim_sizes(fed, shapes)
     positions = [v for v in fed if roles[v.name] == "position"]
     pasts = [v for v in fed if roles[v.name] == "past"]
@@ -365,11 +377,21 @@ def _sizes(
     if not pasts and table is None:
         return sizes
     current = _current_length(fed, sizes, roles)
+    past_given = any(v.name in shapes for v in pasts) or any(
+        v.shape is not None and _past_axis(v) is None and v.shape.rank() >= 3 for v in pasts)
     past = _given_past_length(pasts, shapes, sizes) if pasts else 0
-    if table is not None and past + current > table:
-        current = max(1, min(current, table - past))
+    room = more_steps if pasts else 0  # only a KV-cache decoder is decoded
+    if table is not None and past + current + room > table:
+        current_given = any(v.name in shapes for v in fed if roles[v.name] in ("index", "position"))
+        if not current_given:
+            current = max(1, min(current, table - past - room))
+        if not past_given:
+            past = max(0, min(past, table - current - room))
         if past + current > table:
-            past = max(0, table - current)
+            raise BadInputError(
+                f"a past length of {past} and {current} current tokens reach position {past + current - 1}, "
+                f"beyond the position table of {table} rows; give shorter lengths with --input-shape"
+            )
     overrides: dict[tuple[str, int], int] = {}
     for value in pasts:
         axis = _past_axis(value)
@@ -456,12 +478,12 @@ def _dtype(value: ir.Value) -> ir.DataType:
 
 
 def _random_array(
-    value: ir.Value, shape: tuple[int, ...], role: str, past: int, rng: np.random.Generator
+    value: ir.Value, shape: tuple[int, ...], role: str, past: int, kv: bool, rng: np.random.Generator
 ) -> np.ndarray:
     dtype = _dtype(value)
     np_dtype = dtype.numpy()
-    if role == "mask":
-        return _mask(shape, all_ones=past > 0, rng=rng).astype(np_dtype)
+    if role == "mask":  # a decoder's current tokens sit at the end of its mask: no padding
+        return _mask(shape, all_ones=kv, rng=rng).astype(np_dtype)
     if role == "position":
         positions = past + np.arange(shape[-1] if shape else 1)
         bound = _index_bound(value)
