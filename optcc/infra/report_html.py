@@ -152,6 +152,11 @@ def _verification_section(report: Mapping[str, Any]) -> str:
     table = _table("verification-table", ["output", "provider", "verdict", "max rel", "max abs", "SQNR (dB)",
                                           "cosine", "argmax agreement", "reference", "problem"],
                    body, numeric={3, 4, 5, 6, 7}) if outputs else ""
+    proof = verification.get("proof")
+    if proof and not outputs:  # proved without running a sample: one row per output
+        rows = [[_e(name), '<span class="verdict pass">proved</span>' if proved else
+                 '<span class="verdict fail">not proved</span>'] for name, proved in proof["outputs"].items()]
+        table = _table("verification-table", ["output", "proof"], rows)
     return _section("verification", "Verification", facts + table)
 
 
