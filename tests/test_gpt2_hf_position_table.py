@@ -1,0 +1,67 @@
+"""transformers' GPT-2 (random seeded weights) exported by torch with a KV cache and a
+64-row position table: optcc verifies it by default over a multi-step decode, and every
+position the generated inputs lead the decode to is inside the table (checked by a decode
+written here on onnxruntime with its optimizations off). Needs torch and transformers
+(the optional extra ``transformers``); skipped without them."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import optcc
+from optcc.numerics.decode import DECODE_STEPS
+from optcc.numerics.inputs import generate_inputs
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
+
+import fixtures.gpt2_hf as gpt2_hf  # noqa: E402
+
+POSITIONS = 64
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory) -> onnx.ModelProto:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(gpt2_hf.CONFIG, "n_positions", POSITIONS)
+        return onnx.load(gpt2_hf.export(tmp_path_factory.mktemp("gpt2") / "gpt2_pos64.onnx"))
+
+
+def test_the_export_has_the_short_table(original):
+    tables = [t for t in original.graph.initializer if list(t.dims) == [POSITIONS, gpt2_hf.CONFIG["n_embd"]]]
+    assert tables, "no position table of 64 rows in the export"
+
+
+def test_generated_inputs_keep_the_decode_within_the_table(original):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(original.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    for feeds in generate_inputs(optcc.ir.load(original), samples=2):
+        past = feeds["past_key_0"].shape[2]
+        for _ in range(DECODE_STEPS):
+            current = feeds["input_ids"].shape[1]
+            assert feeds["attention_mask"].shape[1] == past + current
+            np.testing.assert_array_equal(feeds["position_ids"][0], past + np.arange(current))
+            assert feeds["position_ids"].max() < POSITIONS
+            out = dict(zip(names, session.run(None, feeds)))
+            token = np.argmax(out["logits"][:, -1], -1)[:, None].astype(np.int64)
+            mask = feeds["attention_mask"]
+            feeds = {**{n: out[n.replace("past", "present")] for n in feeds if n.startswith("past_")},
+                     "input_ids": token, "position_ids": feeds["position_ids"][:, -1:] + 1,
+                     "attention_mask": np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)}
+            past += current
+
+
+@pytest.mark.parametrize("options", [{"level": 2}, {"level": 3}, {"level": 2, "weight_only": "int8"},
+                                     {"level": 2, "int8_dynamic": True}],
+                         ids=["O2", "O3", "weights-int8", "int8-dynamic"])
+def test_verified_by_a_multi_step_decode(original, options):
+    verification = optcc.optimize(original, **options).report.verification
+    assert verification["status"] == "passed", verification
+    proved = bool(verification.get("proof")) and all(verification["proof"]["outputs"].values())
+    assert (verification["decode_steps"] or 0) > 1 or proved, verification
