@@ -99,10 +99,12 @@ def upgrade_opset(model: ir.Model, version: int = 13) -> tuple[ir.Model, str | N
 def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float, metric_target: float | None,
                 min_sqnr_db: float) -> TaskJudge:
     """The judge of ``held``: the float model's outputs, and its noise floor (its outputs on
-    the held-out samples perturbed at their resolution, ``optcc.numerics.task.perturb``)."""
-    reference = model_outputs(model, held)
+    the held-out samples perturbed at their resolution, ``optcc.numerics.task.perturb``),
+    both from one session."""
     moved = [perturb(dict(feeds), seed=i) for i, feeds in enumerate(held)]
-    perturbed = model_outputs(model, [feeds for feeds, _ in moved])
+    both = model_outputs(model, [*held, *(feeds for feeds, _ in moved)])
+    reference = {name: values[:len(held)] for name, values in both.items()}
+    perturbed = {name: values[len(held):] for name, values in both.items()}
     how: dict[str, str] = {}
     for _, described in moved:
         how.update(described)
@@ -282,6 +284,7 @@ def quantize_int8(
     lap("prepare")
     float_model = working
     calib, held = split_holdout(samples, o.holdout_fraction)
+    judge: TaskJudge | None = None
     if o.metric is not None:
         judge = _task_judge(float_model, held, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db)
         o = dataclasses.replace(o, target=dataclasses.replace(o.target, judge=judge))
@@ -370,6 +373,7 @@ def quantize_int8(
         quantized, pass_stats, report = fallback(
             float_model, make, held, o.target, max_float_layers=max_float_layers,
             max_layers_ranked=o.max_layers_ranked, ranking=o.ranking, progress=o.progress,
+            reference_outputs=None if judge is None else judge.reference,
         )
     else:
         evaluation = evaluate(float_model, quantized, held, o.target)

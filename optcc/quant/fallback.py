@@ -187,6 +187,15 @@ class _Outputs:
         i = self.names.index(name)
         return [row[i] for row in self.values]
 
+    @classmethod
+    def of(cls, outputs: Mapping[str, Sequence[np.ndarray]]) -> _Outputs:
+        """Outputs already computed (``model_outputs``'s form: name -> one array per sample)."""
+        made = cls.__new__(cls)
+        made.names = list(outputs)
+        count = len(next(iter(outputs.values()), []))
+        made.values = [[np.asarray(outputs[name][i]) for name in made.names] for i in range(count)]
+        return made
+
 
 def _compare(reference: _Outputs, candidate: _Outputs, names: Sequence[str], target: Target) -> Evaluation:
     sqnr: dict[str, float] = {}
@@ -442,6 +451,7 @@ def _candidates(layers: Sequence[str], propagated: Mapping[str, float], limit: i
 def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
              target: Target = Target(), *, max_float_layers: int | None = None,
              max_layers_ranked: int = 256, ranking: str = "estimate", progress: Any = False,
+             reference_outputs: Mapping[str, Sequence[np.ndarray]] | None = None,
              ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """Quantize; if the target is missed on ``samples``, return the most sensitive layers
     to float, worst first, until the target holds or ``max_float_layers`` are float.
@@ -469,9 +479,13 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     combined model run once over the samples, no single-layer model built), and searches that order only: the budget's whole ``k``
     (``max_float_layers``) is evaluated first, and when even that misses, the search
     stops there (hopeless); else doubling and bisection as above.
-    ``ranking="measured"``: the single-layer ranking and both orders described above."""
+    ``ranking="measured"``: the single-layer ranking and both orders described above.
+    ``reference_outputs``: the reference's outputs on ``samples`` when already computed
+    (``model_outputs``), so the float model is not run again."""
     model, stats = quantize(exclude=[])
-    ref_outputs = _Outputs(reference, samples, False)  # the float model's, computed once
+    # the float model's outputs on the samples, computed once (or given: ``model_outputs``)
+    ref_outputs = (_Outputs.of(reference_outputs) if reference_outputs is not None
+                   else _Outputs(reference, samples, False))
     initial = evaluate(reference, model, samples, target, reference_outputs=ref_outputs)
     report: dict[str, Any] = {"initial": initial.to_dict(), "kept_float": [], "sensitivity": [], "tried": []}
     if initial.passed:
