@@ -388,9 +388,10 @@ def _sizes(
         if not past_given:
             past = max(0, min(past, table - current - room))
         if past + current > table:
+            lengths = f"a past length of {past} and {current} current tokens" if pasts else f"{current} tokens"
             raise BadInputError(
-                f"a past length of {past} and {current} current tokens reach position {past + current - 1}, "
-                f"beyond the position table of {table} rows; give shorter lengths with --input-shape"
+                f"{lengths} reach position {past + current - 1}, beyond the position table of "
+                f"{table} rows; give shorter lengths with --input-shape"
             )
     overrides: dict[tuple[str, int], int] = {}
     for value in pasts:
