@@ -288,3 +288,20 @@ def test_an_input_whose_type_changed_is_not_proved():
         <ir_version: 8, opset_import: ["": 17]>
         g (double[2, 3] x) => (float[2, 3] y) { y = Cast <to = 1> (x) }""")
     assert not prove_equivalent(_load(proto), _load(other)).complete
+
+
+def test_folds_read_in_another_order_than_they_are_computed_are_matched_value_by_value():
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[2, 3] x) => (float[2, 3] y) {
+            c1 = Constant <value = float[1] {1.5}> ()
+            c2 = Constant <value = float[1] {2.0}> ()
+            a = Add(c1, c2)
+            b = Mul(c1, c2)
+            p = Mul(x, b)
+            y = Add(p, a)
+        }""")
+    candidate = _optimized(proto, ["fold-constants"])
+    assert [n.op_type for n in candidate.graph] == ["Mul", "Add"]
+    proof = prove_equivalent(_load(proto), candidate)
+    assert proof.complete and proof.folds_checked == 2

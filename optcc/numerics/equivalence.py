@@ -128,9 +128,20 @@ class _Numbering:
         self._protos: dict[int, tuple[onnx.ModelProto, ir.Model]] = {}
 
     def proto(self, model: ir.Model) -> onnx.ModelProto:
-        """``model`` serialized (once; callers must not modify it)."""
+        """``model`` serialized without the data of initializers longer than
+        ``MAX_SHAPE_ELEMENTS`` (graph inputs of their type and shape instead), once; callers
+        must not modify it."""
         if id(model) not in self._protos:
-            self._protos[id(model)] = (oir.serialize(model), model)
+            with oir.initializers_set_aside(model, lambda t: t.size > MAX_SHAPE_ELEMENTS) as aside:
+                proto = oir.serialize(model)
+            types = {v.name: (int(t.dtype), [int(d) for d in t.shape]) for v, t in aside}
+            kept = [t for t in proto.graph.initializer if t.name not in types]
+            del proto.graph.initializer[:]
+            proto.graph.initializer.extend(kept)
+            listed = {i.name for i in proto.graph.input}
+            proto.graph.input.extend(onnx.helper.make_tensor_value_info(name, dtype, dims)
+                                     for name, (dtype, dims) in types.items() if name not in listed)
+            self._protos[id(model)] = (proto, model)
         return self._protos[id(model)][0]
 
     def ranks(self, model: ir.Model, input_shapes: dict[str, list[int]]) -> dict[str, int]:
@@ -138,7 +149,8 @@ class _Numbering:
         intermediate types dropped and ``input_shapes`` for its inputs (once per model)."""
         if id(model) not in self._ranks:
             try:
-                proto = oir.without_weights(self.proto(model), keep_elements=MAX_SHAPE_ELEMENTS)
+                proto = onnx.ModelProto()
+                proto.CopyFrom(self.proto(model))
                 del proto.graph.value_info[:]
                 for given in proto.graph.input:
                     dims = given.type.tensor_type.shape.dim
@@ -450,17 +462,31 @@ class _Keys:
         return len(values)
 
     def _evaluate(self, values: list[ir.Value]) -> list[np.ndarray]:
-        """``values`` computed by the original's own nodes, on onnxruntime's CPU kernels."""
-        proto = self.numbering.proto(self.model)
-        needed = _ancestors(proto.graph, [v.name for v in values])
-        graph = onnx.helper.make_graph(
-            [n for n in proto.graph.node if any(o in needed for o in n.output)], "folds", [],
-            [onnx.helper.make_empty_tensor_value_info(v.name) for v in values],
-            [t for t in proto.graph.initializer if t.name in needed])
-        sub = onnx.helper.make_model(graph, opset_imports=proto.opset_import, ir_version=max(4, proto.ir_version))
-        session = make_session(sub.SerializeToString())
-        return run(session, {})
-
+        """``values`` computed by the original's own nodes, on onnxruntime's CPU kernels
+        (a copy of the model cut down to their ancestors, so only the weights they read are
+        serialized)."""
+        sub = self.model.clone()
+        by_name = {v.name: v for v in _top_values(sub.graph)}
+        wanted = [by_name[v.name] for v in values]  # in the order of ``values``
+        needed: set[int] = set()
+        stack = [v.producer() for v in wanted]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in needed:
+                continue
+            needed.add(id(node))
+            stack.extend(v.producer() for v in node.inputs if v is not None)
+        for node in reversed(list(sub.graph)):
+            if id(node) not in needed:
+                sub.graph.remove(node)
+        sub.graph.inputs.clear()
+        sub.graph.outputs.clear()
+        sub.graph.outputs.extend(wanted)
+        read = {v.name for node in sub.graph for v in node.inputs if v is not None}
+        for name in [n for n in sub.graph.initializers if n not in read]:
+            sub.graph.initializers.pop(name)
+        sub.ir_version = max(4, sub.ir_version or 4)
+        return run(make_session(oir.serialize(sub).SerializeToString()), {})
 
 def _constant(value: ir.Value) -> ir.TensorProtocol | None:
     try:
@@ -473,22 +499,6 @@ def _top_values(graph: ir.Graph) -> Iterator[ir.Value]:
     yield from graph.initializers.values()
     for node in graph:
         yield from (v for v in node.outputs if v is not None)
-
-
-def _ancestors(graph: onnx.GraphProto, names: list[str]) -> set[str]:
-    producers = {o: n for n in graph.node for o in n.output}
-    needed: set[str] = set()
-    stack = list(names)
-    while stack:
-        name = stack.pop()
-        if name in needed or not name:
-            continue
-        needed.add(name)
-        node = producers.get(name)
-        if node is not None:
-            needed.update(node.output)
-            stack.extend(node.input)
-    return needed
 
 
 # --------------------------------------------------------------------------- affine forms
