@@ -125,6 +125,7 @@ class _Numbering:
         self._affine: dict[tuple, list[tuple[_Affine, int]]] = {}
         self._ranks: dict[int, tuple[dict[str, int], ir.Model]] = {}
         self.models: list[_Keys] = []
+        self.forms: dict[int, tuple[int, _Affine]] = {}  # structural key -> affine key and form
         self._protos: dict[int, tuple[onnx.ModelProto, ir.Model]] = {}
 
     def proto(self, model: ir.Model) -> onnx.ModelProto:
@@ -366,13 +367,18 @@ class _Keys:
                 x = self.key(node.inputs[0])
                 canonical = tuple(("dim", x, i) if copy and e == 0 else e for i, e in enumerate(target[1]))
                 return numbering.intern(("reshape", x, canonical, copy))
+        inputs = tuple(self.key(v) for v in node.inputs)
+        structural = numbering.intern(("node", domain, node.op_type, version, attributes, inputs, value.index()))
         if domain == "":
-            form = _affine_form(self, node, value, attributes)
+            # the same node over the same inputs has the same form: built once for both models
+            known = numbering.forms.get(structural)
+            form = known[1] if known else _affine_form(self, node, value, attributes)
             if form is not None:
                 self._forms[id(value)] = form
-                return numbering.affine(form)
-        inputs = tuple(self.key(v) for v in node.inputs)
-        return numbering.intern(("node", domain, node.op_type, version, attributes, inputs, value.index()))
+                key = known[0] if known else numbering.affine(form)
+                numbering.forms[structural] = (key, form)
+                return key
+        return structural
 
     def _opaque(self, node: ir.Node) -> bool:
         if (node.domain, node.op_type, node.overload) in self.functions:
