@@ -130,18 +130,16 @@ class _Numbering:
 
     def proto(self, model: ir.Model) -> onnx.ModelProto:
         """``model`` serialized without the data of initializers longer than
-        ``MAX_SHAPE_ELEMENTS`` (graph inputs of their type and shape instead), once; callers
-        must not modify it."""
+        ``MAX_SHAPE_ELEMENTS`` (their type and shape only: enough for shape inference),
+        once; callers must not modify it."""
         if id(model) not in self._protos:
             with oir.initializers_set_aside(model, lambda t: t.size > MAX_SHAPE_ELEMENTS) as aside:
                 proto = oir.serialize(model)
-            types = {v.name: (int(t.dtype), [int(d) for d in t.shape]) for v, t in aside}
-            kept = [t for t in proto.graph.initializer if t.name not in types]
-            del proto.graph.initializer[:]
-            proto.graph.initializer.extend(kept)
-            listed = {i.name for i in proto.graph.input}
-            proto.graph.input.extend(onnx.helper.make_tensor_value_info(name, dtype, dims)
-                                     for name, (dtype, dims) in types.items() if name not in listed)
+            dims = {v.name: [int(d) for d in t.shape] for v, t in aside}
+            for tensor in proto.graph.initializer:  # no data, only their shapes (what inference reads)
+                if tensor.name in dims:
+                    del tensor.dims[:]
+                    tensor.dims.extend(dims[tensor.name])
             self._protos[id(model)] = (proto, model)
         return self._protos[id(model)][0]
 
