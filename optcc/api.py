@@ -204,6 +204,7 @@ def optimize(
             task_metric=int8.get("metric"),
             task_margin=int8.get("metric_margin", DEFAULT_MARGIN),
             task_target=int8.get("metric_target"),
+            parsed=loaded if original is not loaded else None,  # untouched until the passes run
         )
     try:
         manager = PassManager(pipeline, strict=strict, verifier=verifier, verify_each=verify_each)

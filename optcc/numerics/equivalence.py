@@ -126,7 +126,7 @@ class _Numbering:
         self._ranks: dict[int, tuple[dict[str, int], ir.Model]] = {}
         self.models: list[_Keys] = []
         self.forms: dict[int, tuple[int, _Affine]] = {}  # structural key -> affine key and form
-        self._protos: dict[int, tuple[onnx.ModelProto, ir.Model]] = {}
+        self._protos: dict[int, tuple[onnx.ModelProto, set[str], ir.Model]] = {}
 
     def proto(self, model: ir.Model) -> onnx.ModelProto:
         """``model`` serialized without the data of initializers longer than
@@ -140,17 +140,21 @@ class _Numbering:
                 if tensor.name in dims:
                     del tensor.dims[:]
                     tensor.dims.extend(dims[tensor.name])
-            self._protos[id(model)] = (proto, model)
+            del proto.graph.value_info[:]  # declared intermediate types are not trusted
+            self._protos[id(model)] = (proto, set(dims), model)
         return self._protos[id(model)][0]
+
+    def without_data(self, model: ir.Model) -> set[str]:
+        """The initializers whose data ``proto(model)`` leaves out."""
+        self.proto(model)
+        return self._protos[id(model)][1]
 
     def ranks(self, model: ir.Model, input_shapes: dict[str, list[int]]) -> dict[str, int]:
         """Value ranks by name from onnx's shape inference on ``model`` with its declared
         intermediate types dropped and ``input_shapes`` for its inputs (once per model)."""
         if id(model) not in self._ranks:
             try:
-                proto = onnx.ModelProto()
-                proto.CopyFrom(self.proto(model))
-                del proto.graph.value_info[:]
+                proto = self.proto(model)
                 for given in proto.graph.input:
                     dims = given.type.tensor_type.shape.dim
                     if given.name in input_shapes and len(dims) == len(input_shapes[given.name]):
@@ -466,31 +470,27 @@ class _Keys:
         return len(values)
 
     def _evaluate(self, values: list[ir.Value]) -> list[np.ndarray]:
-        """``values`` computed by the original's own nodes, on onnxruntime's CPU kernels
-        (a copy of the model cut down to their ancestors, so only the weights they read are
-        serialized)."""
-        sub = self.model.clone()
-        by_name = {v.name: v for v in _top_values(sub.graph)}
-        wanted = [by_name[v.name] for v in values]  # in the order of ``values``
-        needed: set[int] = set()
-        stack = [v.producer() for v in wanted]
+        """``values`` computed by the original's own nodes, on onnxruntime's CPU kernels (a
+        model of their ancestors only, so only the weights they read are serialized)."""
+        proto = self.numbering.proto(self.model)
+        producers = {out: node for node in proto.graph.node for out in node.output}
+        needed: set[str] = set()
+        stack = [v.name for v in values]
         while stack:
-            node = stack.pop()
-            if node is None or id(node) in needed:
-                continue
-            needed.add(id(node))
-            stack.extend(v.producer() for v in node.inputs if v is not None)
-        for node in reversed(list(sub.graph)):
-            if id(node) not in needed:
-                sub.graph.remove(node)
-        sub.graph.inputs.clear()
-        sub.graph.outputs.clear()
-        sub.graph.outputs.extend(wanted)
-        read = {v.name for node in sub.graph for v in node.inputs if v is not None}
-        for name in [n for n in sub.graph.initializers if n not in read]:
-            sub.graph.initializers.pop(name)
-        sub.ir_version = max(4, sub.ir_version or 4)
-        return run(make_session(oir.serialize(sub).SerializeToString()), {})
+            name = stack.pop()
+            if name and name not in needed:
+                needed.add(name)
+                node = producers.get(name)
+                if node is not None:
+                    stack.extend(node.input)
+        aside = self.numbering.without_data(self.model)
+        initializers = [ir.serde.serialize_tensor(self.model.graph.initializers[t.name].const_value)
+                        if t.name in aside else t for t in proto.graph.initializer if t.name in needed]
+        nodes = [n for n in proto.graph.node if any(out in needed for out in n.output)]
+        graph = onnx.helper.make_graph(nodes, "folds", [], [onnx.helper.make_empty_tensor_value_info(v.name)
+                                                           for v in values], initializers)
+        sub = onnx.helper.make_model(graph, opset_imports=proto.opset_import, ir_version=max(4, proto.ir_version))
+        return run(make_session(sub.SerializeToString()), {})
 
 def _constant(value: ir.Value) -> ir.TensorProtocol | None:
     try:

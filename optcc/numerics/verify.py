@@ -38,6 +38,7 @@ status "skipped" with the reason; callers must not treat it as a pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -151,7 +152,8 @@ class Verifier:
     ``inputs``: feed dicts (an iterable is consumed once); None generates ``samples``
     feeds with ``input_shapes`` for dynamic dimensions and ``input_ranges`` for values.
     ``reference``: "auto" (float64 where needed and possible, else the float32 original)
-    or "float32" (always the float32 original).
+    or "float32" (always the float32 original). ``parsed``: ``original`` (a path) already
+    parsed, for the checks of the options only; it may change afterwards.
     """
 
     def __init__(
@@ -171,6 +173,7 @@ class Verifier:
         task_metric: str | UserMetric | Mapping[str, Any] | None = None,
         task_margin: float = DEFAULT_MARGIN,
         task_target: float | None = None,
+        parsed: ir.Model | None = None,
     ) -> None:
         if reference not in REFERENCES:
             raise BadInputError(f"unknown reference '{reference}' (use {', '.join(REFERENCES)})")
@@ -179,23 +182,23 @@ class Verifier:
         self.reference = reference
         self._progress = progress
         self._scratch = tempfile.TemporaryDirectory(prefix="optcc-verify-")
-        model = original if isinstance(original, ir.Model) else oir.load(original)
-        self._model = model
+        model = original if isinstance(original, ir.Model) else parsed if parsed is not None else oir.load(original)
+        # a borrowed parse serves the checks below only (its owner goes on to change it); the
+        # model is loaded again when first needed, so no second copy lives while passes run
+        self._loaded: ir.Model | None = None if parsed is not None and model is parsed else model
         self.original: Any = original if isinstance(original, (str, os.PathLike)) else model
         self._feeds: list[dict[str, np.ndarray]] | None = None
         self._generate: dict[str, Any] | None = None
         if inputs is None:
-            generate_inputs(model, input_shapes, samples=0, ranges=input_ranges)  # bad options raise now
-            self._generate = dict(shapes=input_shapes, samples=samples, seed=seed, ranges=input_ranges)
+            self._generate = dict(shapes=input_shapes, samples=samples, seed=seed, ranges=input_ranges,
+                                  decode_steps=decode_steps)
+            generate_inputs(model, **{**self._generate, "samples": 0})  # bad options raise now
         else:
             self._feeds = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs]
             if not self._feeds:
                 raise BadInputError("no verification inputs given (empty iterable)")
             for i, feeds in enumerate(self._feeds):
                 check_feeds(model, feeds, label=f"verification sample {i}")
-        self._plan = decode_plan(model) if decode_steps > 1 else None
-        self._resolution = {v.name: bounded_resolution(v.producer().op_type if v.producer() else None)
-                            for v in model.graph.outputs}
         self._steps = decode_steps
         self._tokens: list[list[np.ndarray]] | None = None  # per sample, the original's greedy tokens
         self._float32: dict[str, list[list[np.ndarray]]] | None = None
@@ -205,6 +208,22 @@ class Verifier:
         self._names: list[str] = []
         self._error: str | None = None
         self._float64: Float64Reference | None = None
+
+    @property
+    def _model(self) -> ir.Model:
+        """The original, parsed (loaded on first use when the parse given was borrowed)."""
+        if self._loaded is None:
+            self._loaded = oir.load(self.original)
+        return self._loaded
+
+    @functools.cached_property
+    def _plan(self) -> Any:
+        return decode_plan(self._model) if self._steps > 1 else None
+
+    @functools.cached_property
+    def _resolution(self) -> dict[str, float]:
+        return {v.name: bounded_resolution(v.producer().op_type if v.producer() else None)
+                for v in self._model.graph.outputs}
 
     @property
     def feeds(self) -> list[dict[str, np.ndarray]]:
