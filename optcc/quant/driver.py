@@ -167,7 +167,7 @@ class Int8Options:
     shards: int | None = None
     progress: bool = False
     prepare: bool = True
-    equalize: bool = False
+    equalize: bool = True
     method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -229,11 +229,9 @@ def quantize_int8(
     ``equalize``: before calibrating, rescale the channels between Conv -> (Relu) -> Conv
     pairs so both layers' weights have equal ranges (``equalize-cross-layer``, exact in
     real arithmetic), which evens out the per-tensor activation range between them. On
-    the corpus (benchmark data, fallback off) it lowered every task deviation: PP-OCRv4
-    rec CTC exact-match deviation 0.42 -> 0.31 on 48 lines, det box F1 deviation 0.21 ->
-    0.15 on 8 images, cls argmax 0.06 -> 0 on 16 lines; nudenet-320n has no such pair.
-    Off unless asked: the equalized model's intermediates are other tensors (renamed),
-    so per-layer comparisons with the original by name see fewer layers.
+    the corpus it lowers every task deviation (docs/int8.md). On by default; the
+    equalized layers' intermediates are other tensors (renamed), so per-layer comparisons
+    with the original by name skip them.
 
     ``bias_correction``: every model this builds with all its layers quantized or only
     some returned to float (not the single-layer models of the ranking) gets its Conv and
