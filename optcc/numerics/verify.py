@@ -5,8 +5,13 @@ Every session runs with onnxruntime's own graph optimizations off, so its fusion
 neither hide nor cause a difference. Inputs are the user's feed dicts, else
 ``DEFAULT_SAMPLES`` generated samples that fit the model (``optcc.numerics.inputs``).
 
-What the candidate is compared with depends on what the kept passes may change
-(``optcc.numerics.kinds``):
+For "exact" and "fusion" results checked on generated samples, the verifier first tries
+to prove that the candidate computes the original's function (``optcc.numerics.equivalence``):
+when every output is proved and onnxruntime loads the candidate, the check passes with
+no sample generated or run (reference "proof"). The user's own samples always run.
+
+Otherwise, what the candidate is compared with depends on what the kept passes may
+change (``optcc.numerics.kinds``):
 
 - "exact" rewrites compute the same thing with the same kernels: the candidate is compared
   with the float32 original, within 1e-5 of each output's scale. Never widened.
