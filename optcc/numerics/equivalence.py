@@ -39,7 +39,6 @@ differently where it fuses differently, within its own float32 error.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -123,6 +122,7 @@ class _Numbering:
         self._fresh: Iterator[int] = itertools.count()
         self._tensor_keys: dict[int, tuple[int, ir.TensorProtocol]] = {}
         self._affine: dict[tuple, list[tuple[_Affine, int]]] = {}
+        self._buckets: dict[tuple, list[tuple[np.ndarray, int]]] = {}
         self._ranks: dict[int, tuple[dict[str, int], ir.Model]] = {}
         self.models: list[_Keys] = []
         self.forms: dict[int, tuple[int, _Affine]] = {}  # structural key -> affine key and form
@@ -177,13 +177,19 @@ class _Numbering:
         return self.intern(("unique", next(self._fresh)))
 
     def tensor(self, tensor: ir.TensorProtocol) -> int:
-        """A constant's key: element type, shape and a digest of its bytes (cached per
-        tensor object, which clones share)."""
+        """A constant's key: equal for tensors of one element type, shape and bytes (cached
+        per tensor object, which clones share). Tensors are bucketed by type, shape, size
+        and their first and last bytes, and compared byte for byte within a bucket."""
         cached = self._tensor_keys.get(id(tensor))
         if cached is not None and cached[1] is tensor:
             return cached[0]
-        digest = hashlib.blake2b(tensor.tobytes(), digest_size=20).digest()
-        key = self.intern(("const", int(tensor.dtype), tuple(int(d) for d in tensor.shape), digest))
+        raw = _raw_bytes(tensor)
+        bucket = self._buckets.setdefault(
+            (int(tensor.dtype), tuple(int(d) for d in tensor.shape), raw.size, bytes(raw[:64]), bytes(raw[-64:])), [])
+        key = next((k for other, k in bucket if np.array_equal(raw, other)), None)
+        if key is None:
+            key = self.unique()
+            bucket.append((raw, key))
         self._tensor_keys[id(tensor)] = (key, tensor)  # the reference keeps the id unique
         return key
 
@@ -491,6 +497,14 @@ class _Keys:
                                                            for v in values], initializers)
         sub = onnx.helper.make_model(graph, opset_imports=proto.opset_import, ir_version=max(4, proto.ir_version))
         return run(make_session(sub.SerializeToString()), {})
+
+def _raw_bytes(tensor: ir.TensorProtocol) -> np.ndarray:
+    """A tensor's bytes as a flat uint8 array (a view where the tensor holds a numpy array)."""
+    if tensor.dtype == ir.DataType.STRING:
+        items = [x if isinstance(x, bytes) else str(x).encode() for x in tensor.numpy().reshape(-1).tolist()]
+        return np.frombuffer(b"".join(len(x).to_bytes(8, "little") + x for x in items) or b"\0", np.uint8)
+    return np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8)
+
 
 def _constant(value: ir.Value) -> ir.TensorProtocol | None:
     try:
