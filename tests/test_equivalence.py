@@ -305,3 +305,22 @@ def test_folds_read_in_another_order_than_they_are_computed_are_matched_value_by
     assert [n.op_type for n in candidate.graph] == ["Mul", "Add"]
     proof = prove_equivalent(_load(proto), candidate)
     assert proof.complete and proof.folds_checked == 2
+
+
+def test_constants_are_equal_only_byte_for_byte():
+    """-0.0 and 0.0, or string tensors that concatenate to the same bytes, are other constants."""
+    def model(floats: str, strings: str) -> onnx.ModelProto:
+        return onnx.parser.parse_model(f"""
+            <ir_version: 8, opset_import: ["": 17]>
+            g (float[2] x) => (float[2] y, string[2] s) {{
+                c = Constant <value = float[2] {{{floats}}}> ()
+                y = Add(x, c)
+                s = Constant <value = string[2] {{{strings}}}> ()
+            }}""")
+
+    same = prove_equivalent(_load(model("1.0, 0.0", '"ab", "c"')), _load(model("1.0, 0.0", '"ab", "c"')))
+    assert same.complete
+    signed = prove_equivalent(_load(model("1.0, 0.0", '"ab", "c"')), _load(model("1.0, -0.0", '"ab", "c"')))
+    assert signed.outputs == {"y": False, "s": True}
+    split = prove_equivalent(_load(model("1.0, 0.0", '"ab", "c"')), _load(model("1.0, 0.0", '"a", "bc"')))
+    assert split.outputs == {"y": True, "s": False}
