@@ -109,8 +109,11 @@ def test_driver_reports_the_floor_next_to_the_result() -> None:
     acceptance = stats["acceptance"]
     assert acceptance["metrics"] == {"logits": "argmax"} and acceptance["floor"]["logits"].keys() == {"argmax"}
     assert "8-bit image" in acceptance["perturbation"]["image"]
-    row = stats["fallback"]["evaluation"]["task"]["metrics"]["logits:argmax"]
-    assert {"deviation", "floor", "allowed", "passed"} <= row.keys()
+    rows = stats["fallback"]["evaluation"]["task"]["metrics"]
+    # 2 held-out samples: argmax is reported, the output judged by SQNR against its floor
+    assert {"deviation", "floor", "allowed", "items"} <= rows["logits:argmax"].keys()
+    assert rows["logits:argmax"]["items"] <= 2 and rows["logits:argmax"]["judged"] is False
+    assert {"deviation", "floor", "allowed", "passed", "sqnr_db", "floor_sqnr_db"} <= rows["logits:sqnr"].keys()
 
 
 def _floor_and_int8_error(data: list[dict[str, np.ndarray]]) -> tuple[float, float]:
@@ -156,3 +159,126 @@ def test_unknown_metric_is_bad_input() -> None:
 
     with pytest.raises(BadInputError, match="unknown INT8 metric"):
         quantize_int8(str(TINYCNN), _images(4), require_speedup=False, metric="bleu")
+
+
+# --------------------------------------------------------------------------- too few items
+
+
+def _sqnr_noise(refs: list[np.ndarray], gots: list[np.ndarray]) -> float:
+    """Noise power / signal power over all samples, in float64 (the test's own reference)."""
+    signal = sum(np.sum(np.asarray(r, np.float64) ** 2) for r in refs)
+    return float(sum(np.sum((np.asarray(r, np.float64) - np.asarray(g, np.float64)) ** 2)
+                     for r, g in zip(refs, gots)) / signal)
+
+
+def _yolo(boxes: int, anchors: int = 40, seed: int = 0) -> np.ndarray:
+    """``[1, 4 + 2, anchors]``: the first ``boxes`` anchors confident (class 0, score 0.9) and
+    200 pixels apart; the others score 0.01."""
+    rng = np.random.default_rng(seed)
+    pred = np.full((1, 6, anchors), 0.01, np.float32)
+    pred[0, 0] = 200.0 * np.arange(anchors) + 50.0
+    pred[0, 1] = rng.uniform(50, 250, anchors)
+    pred[0, 2:4] = rng.uniform(20, 40, (2, anchors))
+    pred[0, 4, :boxes] = 0.9
+    return pred
+
+
+def _moved(pred: np.ndarray, scale: float, seed: int = 1) -> np.ndarray:
+    """The box coordinates moved by ``scale`` times a fixed noise (class scores unchanged)."""
+    out = pred.copy()
+    out[:, :4] += scale * np.random.default_rng(seed).normal(size=out[:, :4].shape).astype(np.float32)
+    return out
+
+
+def test_one_confident_box_is_not_decisive_the_output_is_judged_by_sqnr() -> None:
+    ref = _yolo(1)
+    judge = tm.TaskJudge({"output0": [ref]}, {"output0": [_moved(ref, 1.0)]}, min_sqnr_db=100.0)
+    floor = _sqnr_noise([ref], [_moved(ref, 1.0)])
+    for scale, expected in ((1.1, True), (2.0, False)):
+        got = _moved(ref, scale)
+        got[0, 4, 0] = 0.05  # the one confident box is lost
+        verdict = judge({"output0": [got]})
+        box = verdict["metrics"]["output0:box_f1"]
+        assert box["deviation"] == 1.0 and box["items"] == 1 and box["judged"] is False and "passed" not in box
+        sqnr = verdict["metrics"]["output0:sqnr"]
+        noise = _sqnr_noise([ref], [got])
+        assert sqnr["deviation"] == pytest.approx(noise, rel=1e-4) and sqnr["floor"] == pytest.approx(floor, rel=1e-4)
+        assert sqnr["sqnr_db"] == pytest.approx(-10 * np.log10(noise), abs=1e-3)
+        assert "box_f1 over 1 confident box" in sqnr["why"] and "judged by SQNR" in sqnr["why"]
+        assert (noise <= 1.5 * floor) is expected  # the test's own arithmetic
+        assert sqnr["passed"] is expected and verdict["passed"] is expected
+
+
+def test_enough_confident_boxes_the_box_metric_decides() -> None:
+    ref = _yolo(6)
+    judge = tm.TaskJudge({"output0": [ref]}, {"output0": [_moved(ref, 0.1)]})
+    assert judge.floor["output0"]["box_f1"] == 0.0
+    got = ref.copy()
+    got[0, 4, 5] = 0.05  # one of 6 boxes lost: 1 error over 6 + 5 confident boxes; SQNR ~ 60 dB
+    verdict = judge({"output0": [got]})
+    assert -10 * np.log10(_sqnr_noise([ref], [got])) > 50
+    box = verdict["metrics"]["output0:box_f1"]
+    assert box["deviation"] == pytest.approx(1 / 11, abs=1e-6) and box["items"] == 11
+    assert box["passed"] is False and verdict["passed"] is False and "output0:sqnr" not in verdict["metrics"]
+    verdict = judge({"output0": [_moved(ref, 0.2)]})
+    assert verdict["passed"] is True and verdict["metrics"]["output0:box_f1"]["items"] == 12
+
+
+def _logits(rows: int, seed: int = 0) -> np.ndarray:
+    """``[rows, 4]`` logits, each row confidently one class."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(rows, 4)).astype(np.float32)
+    logits[np.arange(rows), rng.integers(0, 4, rows)] += 6.0
+    return logits
+
+
+def _flip_first(logits: np.ndarray) -> np.ndarray:
+    out = logits.copy()
+    top = int(out[0].argmax())
+    out[0, (top + 1) % 4] = out[0, top] + 0.5
+    return out
+
+
+def test_argmax_on_few_confident_samples_is_judged_by_sqnr() -> None:
+    ref = _logits(3)
+    moved = ref + np.float32(0.05) * np.random.default_rng(1).normal(size=ref.shape).astype(np.float32)
+    judge = tm.TaskJudge({"logits": [ref]}, {"logits": [moved]}, min_sqnr_db=100.0)
+    floor = _sqnr_noise([ref], [moved])
+    for got in (_flip_first(ref), ref + np.float32(1.0)):
+        verdict = judge({"logits": [got]})
+        row = verdict["metrics"]["logits:argmax"]
+        assert row["items"] == 3 and row["judged"] is False
+        noise = _sqnr_noise([ref], [got])
+        assert verdict["passed"] is (noise <= 1.5 * floor) is False  # both move the logits far more than the floor
+        assert "argmax over 3 confident samples" in verdict["metrics"]["logits:sqnr"]["why"]
+    verdict = judge({"logits": [ref + np.float32(1.1) * (moved - ref)]})
+    assert verdict["passed"] is True and verdict["metrics"]["logits:argmax"]["deviation"] == 0.0
+    # the user's SQNR target decides as for an output judged by SQNR: the flip (5.5 dB) meets 5 dB
+    flipped = _flip_first(ref)
+    assert -10 * np.log10(_sqnr_noise([ref], [flipped])) >= 5.0
+    assert tm.TaskJudge({"logits": [ref]}, {"logits": [moved]}, min_sqnr_db=5.0)({"logits": [flipped]})["passed"]
+
+
+def test_argmax_on_enough_confident_samples_decides() -> None:
+    ref = _logits(12)
+    judge = tm.TaskJudge({"logits": [ref]}, {"logits": [ref.copy()]})
+    verdict = judge({"logits": [_flip_first(ref)]})
+    row = verdict["metrics"]["logits:argmax"]
+    assert row["items"] == 12 and row["deviation"] == pytest.approx(1 / 12, abs=1e-6) and row["passed"] is False
+    assert verdict["passed"] is False and "logits:sqnr" not in verdict["metrics"]
+
+
+def test_ctc_exact_match_counts_lines_cer_counts_characters() -> None:
+    # 3 lines of 8 characters; one character differs: exact match over 3 lines is not
+    # decisive, the CER over 24 characters is, and SQNR judges the output too
+    labels = [[1, 0, 2, 0, 3, 0, 4, 0, 1, 0, 2, 0, 3, 0, 4, 0], [2, 0] * 8, [3, 0, 4, 0] * 4]
+    ref = np.concatenate([_one_hot(line) for line in labels])
+    judge = tm.TaskJudge({"probs": [ref]}, {"probs": [ref.copy()]}, min_sqnr_db=0.0)
+    got = ref.copy()
+    got[0, 0] = np.eye(5, dtype=np.float32)[4]  # line 1: 1 -> 4
+    verdict = judge({"probs": [got]})
+    rows = verdict["metrics"]
+    assert rows["probs:ctc_exact"]["items"] == 3 and rows["probs:ctc_exact"]["judged"] is False
+    assert rows["probs:cer"]["items"] == 24 and rows["probs:cer"]["deviation"] == pytest.approx(1 / 24, abs=1e-6)
+    assert rows["probs:cer"]["passed"] is False and rows["probs:sqnr"]["passed"] is True
+    assert verdict["passed"] is False

@@ -25,6 +25,9 @@ anything else             ``sqnr``: noise power / signal power, summed over ALL 
                           input would dominate); reported in dB
 ========================  ==============================================================
 
+The fractions of ``argmax``, ``ctc``, ``detection-map`` and ``boxes`` count items: a
+component over fewer than ``MIN_ITEMS`` of them is judged by SQNR instead (below).
+
 **Noise floor.** The float model is run on the held-out samples with every float input
 perturbed at its own resolution, and the same metric compares that with the float
 model's unperturbed outputs: this is how much the task result moves under noise any
@@ -39,6 +42,19 @@ fixed-seed generator. Other float inputs move by one unit in the last place
 ``MIN_DEVIATION`` = 0.01 for the fraction metrics, 0 for ``sqnr``), or the user's target
 is met: ``score >= metric_target`` for the task metrics (score = 1 - deviation for the
 built-in ones), ``SQNR >= min_sqnr_db`` for ``sqnr``.
+
+**Too few items.** The count-based components are fractions over items, and report how
+many (``items``): ``argmax`` over the confident samples, ``ctc_exact`` over the lines,
+``cer`` over the reference characters, ``box_f1`` over the boxes of both sides (for
+``boxes``, the confident ones), ``mask_iou`` over the mask's union pixels. A fraction
+over n items moves in steps of 1/n, and its floor measured on the same n items is as
+coarse: with one confident box, one disagreement makes the deviation 1 and the floor
+is 0 or 1. So a component over fewer than ``MIN_ITEMS`` (10) items is reported, not
+judged, and its output is judged in addition by ``sqnr`` (summed over all held-out
+samples, against the float model's perturbed SQNR floor, with the margin and
+``min_sqnr_db`` as for any ``sqnr`` output), in a row ``<output>:sqnr`` that says why.
+The other components of that output are still judged when they have enough items
+(with 3 held-out text lines, ``cer`` over their characters still decides).
 
 **User metrics.** ``metric=callable(ref_outputs, got_outputs) -> float``, higher is
 better, where both arguments map each graph output name to its list of arrays (one per
@@ -59,14 +75,16 @@ from optcc.errors import BadInputError
 
 __all__ = [
     "METRICS", "DEFAULT_MARGIN", "MIN_DEVIATION", "Outputs", "UserMetric", "choose_metric", "perturb",
-    "deviations", "TaskJudge", "ctc_greedy", "map_boxes", "yolo_boxes", "box_f1",
+    "MIN_ITEMS", "measure", "deviations", "TaskJudge", "ctc_greedy", "map_boxes", "yolo_boxes", "box_f1",
 ]
 
 Outputs = Mapping[str, Sequence[np.ndarray]]  # output name -> one array per sample
 UserMetric = Callable[[Outputs, Outputs], float]
+_Measured = tuple[dict[str, float], dict[str, int]]  # deviation per component; items per count-based one
 METRICS = ("sqnr", "argmax", "ctc", "detection-map", "boxes", "embedding")
 DEFAULT_MARGIN = 1.5
 MIN_DEVIATION = 0.01
+MIN_ITEMS = 10
 CONFIDENT_GAP = 0.1
 MAP_THRESHOLD = 0.3
 MIN_BOX_SIDE = 3  # pixels; smaller components are dropped, as DB post-processing does
@@ -165,7 +183,7 @@ def _probabilities(a: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def _argmax_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> dict[str, float]:
+def _argmax_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _Measured:
     ref = np.concatenate([np.asarray(r).reshape(-1, np.asarray(r).shape[-1]) for r in refs])
     got = np.concatenate([np.asarray(g).reshape(-1, np.asarray(g).shape[-1]) for g in gots])
     p = np.sort(_probabilities(ref), -1)
@@ -173,7 +191,7 @@ def _argmax_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) ->
     if not confident.any():
         confident[:] = True
     agree = ref.argmax(-1) == got.argmax(-1)
-    return {"argmax": 1.0 - float(np.mean(agree[confident]))}
+    return {"argmax": 1.0 - float(np.mean(agree[confident]))}, {"argmax": int(confident.sum())}
 
 
 def ctc_greedy(probabilities: np.ndarray, blank: int = 0) -> list[list[int]]:
@@ -197,7 +215,7 @@ def _edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
     return previous[-1]
 
 
-def _ctc_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> dict[str, float]:
+def _ctc_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _Measured:
     exact = total = errors = length = 0
     for r, g in zip(refs, gots):
         for a, b in zip(ctc_greedy(r), ctc_greedy(g)):
@@ -205,7 +223,8 @@ def _ctc_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> di
             exact += a == b
             errors += _edit_distance(a, b)
             length += len(a)
-    return {"ctc_exact": 1.0 - exact / max(total, 1), "cer": errors / max(length, 1) if length else float(errors > 0)}
+    return ({"ctc_exact": 1.0 - exact / max(total, 1), "cer": errors / max(length, 1) if length else float(errors > 0)},
+            {"ctc_exact": total, "cer": length})
 
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -307,7 +326,7 @@ def box_f1(ref_boxes: Sequence[np.ndarray], got_boxes: Sequence[np.ndarray],
     return 2.0 * tp / (n_ref + n_got), n_got - tp
 
 
-def _map_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> dict[str, float]:
+def _map_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _Measured:
     inter = union = 0
     ref_boxes: list[np.ndarray] = []
     got_boxes: list[np.ndarray] = []
@@ -318,8 +337,10 @@ def _map_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> di
         ref_boxes += map_boxes(r)
         got_boxes += map_boxes(g)
     f1, false_positives = box_f1(ref_boxes, got_boxes)
-    return {"box_f1": 1.0 - f1, "mask_iou": 1.0 - (inter / union if union else 1.0),
-            "extra_boxes": float(false_positives)}
+    # F1 = 2 TP / (n_ref + n_got): a fraction over the boxes of both sides; IoU over the union's pixels
+    boxes = sum(len(b) for b in ref_boxes) + sum(len(b) for b in got_boxes)
+    return ({"box_f1": 1.0 - f1, "mask_iou": 1.0 - (inter / union if union else 1.0),
+             "extra_boxes": float(false_positives)}, {"box_f1": boxes, "mask_iou": union})
 
 
 def yolo_boxes(prediction: np.ndarray, score: float = BOX_SCORE) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -351,7 +372,7 @@ def _unmatched(boxes: np.ndarray, classes: np.ndarray, others: np.ndarray, other
     return int(np.sum(~np.any((iou >= MATCH_IOU) & same, axis=1)))
 
 
-def _boxes_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> dict[str, float]:
+def _boxes_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _Measured:
     """1 - box F1 with a hysteresis around the score threshold (``BOX_SCORE`` +- ``BOX_BAND``):
     a confident box of one side counts as missed or extra only when the other side has no
     matching box even at the lower threshold, so a detection whose score merely crosses
@@ -367,7 +388,7 @@ def _boxes_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> 
             errors += missed + added
             extra += added
     # F1 = 2 TP / (2 TP + FP + FN); over confident boxes of both sides, 2 TP + FP + FN = confident
-    return {"box_f1": errors / confident if confident else 0.0, "extra_boxes": float(extra)}
+    return {"box_f1": errors / confident if confident else 0.0, "extra_boxes": float(extra)}, {"box_f1": confident}
 
 
 def _pooled(outputs: Sequence[np.ndarray], masks: Sequence[np.ndarray | None]) -> np.ndarray:
@@ -391,7 +412,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def _embedding_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
-                         masks: Sequence[np.ndarray | None] | None = None) -> dict[str, float]:
+                         masks: Sequence[np.ndarray | None] | None = None) -> _Measured:
     masks = list(masks) if masks is not None else [None] * len(refs)
     ref, got = _pooled(refs, masks), _pooled(gots, masks)
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
@@ -407,11 +428,11 @@ def _embedding_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
         spread = float(np.std(a) * np.std(b))
         spearman = float(np.mean((a - a.mean()) * (b - b.mean())) / spread) if spread > 0 else 1.0
         result["ranking"] = 1.0 - spearman
-    return result
+    return result, {}
 
 
-_BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], dict[str, float]]] = {
-    "sqnr": lambda r, g: {"sqnr": _sqnr_noise(r, g)},
+_BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], _Measured]] = {
+    "sqnr": lambda r, g: ({"sqnr": _sqnr_noise(r, g)}, {}),
     "argmax": _argmax_deviation,
     "ctc": _ctc_deviation,
     "detection-map": _map_deviation,
@@ -419,17 +440,27 @@ _BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], dict
     "embedding": _embedding_deviation,
 }
 _REPORTED_ONLY = frozenset({"extra_boxes"})  # shown, not judged
+_COUNTED = frozenset({"argmax", "ctc", "detection-map", "boxes"})  # metrics with count-based components
+_ITEMS = {"argmax": "confident sample", "ctc_exact": "line", "cer": "reference character", "box_f1": "box",
+          "mask_iou": "mask pixel"}  # what a count-based component counts
 
 
-def deviations(metric: str, refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
-               masks: Sequence[np.ndarray | None] | None = None) -> dict[str, float]:
-    """The deviations (0 when identical) of a built-in metric (``masks``: per sample, the
-    ``[N, T]`` attention mask an ``embedding`` pools over)."""
+def measure(metric: str, refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
+            masks: Sequence[np.ndarray | None] | None = None) -> _Measured:
+    """The deviations (0 when identical) of a built-in metric and, for each count-based
+    component, how many items its fraction is over (``masks``: per sample, the ``[N, T]``
+    attention mask an ``embedding`` pools over)."""
     if metric not in _BUILT_IN:
         raise BadInputError(f"unknown INT8 metric '{metric}' (use {', '.join(METRICS)} or a callable)")
     if metric == "embedding":
         return _embedding_deviation(refs, gots, masks)
     return _BUILT_IN[metric](refs, gots)
+
+
+def deviations(metric: str, refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
+               masks: Sequence[np.ndarray | None] | None = None) -> dict[str, float]:
+    """The deviations (0 when identical) of a built-in metric (``measure`` without the counts)."""
+    return measure(metric, refs, gots, masks)[0]
 
 
 def _db(noise_ratio: float) -> float:
@@ -440,7 +471,7 @@ def _db(noise_ratio: float) -> float:
 
 def _finite(x: float) -> float | str:
     if math.isfinite(x):
-        return round(x, 6)
+        return float(f"{x:.6g}")  # significant digits: SQNR noise ratios are often below 1e-6
     return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
 
 
@@ -480,49 +511,77 @@ class TaskJudge:
                     raise BadInputError(
                         f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
                 self.plan[name] = chosen  # type: ignore[assignment]
-        self.floor = self._deviations(self.perturbed)
+        self.floor, _ = self._deviations(self.perturbed)
+        # the SQNR that judges an output whose count-based components judged too few items
+        self.sqnr_floor = {name: _sqnr_noise(self.reference[name], self.perturbed[name])
+                           for name, metric in self.plan.items() if metric in _COUNTED}
 
     def metric_names(self) -> dict[str, str]:
         return {name: m if isinstance(m, str) else getattr(m, "__name__", "callable") for name, m in self.plan.items()}
 
-    def _deviations(self, got: Outputs) -> dict[str, dict[str, float]]:
+    def _deviations(self, got: Outputs) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:
         result: dict[str, dict[str, float]] = {}
+        items: dict[str, dict[str, int]] = {}
         for name, metric in self.plan.items():
             if isinstance(metric, str):
-                result[name] = deviations(metric, self.reference[name], got[name], self.masks)
+                result[name], items[name] = measure(metric, self.reference[name], got[name], self.masks)
                 continue
             ideal = float(metric(self.reference, self.reference))
             if not math.isfinite(ideal):
                 raise BadInputError(f"the INT8 metric callback scores identical outputs {ideal} (must be finite)")
-            result[name] = {"score": ideal - float(metric(self.reference, got))}
-        return result
+            result[name], items[name] = {"score": ideal - float(metric(self.reference, got))}, {}
+        return result, items
+
+    def _sqnr_row(self, deviation: float, floor: float) -> dict[str, Any]:
+        """The SQNR judgment: within the floor's margin, or at least ``min_sqnr_db``."""
+        allowed = self.margin * floor
+        ok = deviation <= allowed or _db(deviation) >= self.min_sqnr_db
+        return {"deviation": _finite(deviation), "floor": _finite(floor), "sqnr_db": _finite(_db(deviation)),
+                "floor_sqnr_db": _finite(_db(floor)), "allowed": _finite(allowed), "passed": bool(ok)}
 
     def __call__(self, got: Outputs) -> dict[str, Any]:
-        """``passed`` and, per output and component, the deviation next to the floor."""
-        measured = self._deviations(got)
+        """``passed`` and, per output and component, the deviation next to the floor (and,
+        for the count-based components, how many items it is over)."""
+        measured, counted = self._deviations(got)
         rows: dict[str, dict[str, Any]] = {}
         passed = True
         for name, parts in measured.items():
             metric = self.plan[name]
+            undecided: list[str] = []
             for part, deviation in parts.items():
                 floor = self.floor[name][part]
                 row: dict[str, Any] = {"metric": metric if isinstance(metric, str) else "callable",
                                        "deviation": _finite(deviation), "floor": _finite(floor)}
+                items = counted[name].get(part)
+                if items is not None:
+                    row["items"] = items
+                rows[f"{name}:{part}"] = row
                 if part in _REPORTED_ONLY:
                     row["judged"] = False
-                    rows[f"{name}:{part}"] = row
                     continue
-                minimum = 0.0 if part == "sqnr" else MIN_DEVIATION
-                allowed = self.margin * max(floor, minimum)
-                ok = deviation <= allowed
                 if part == "sqnr":
-                    row.update(sqnr_db=_finite(_db(deviation)), floor_sqnr_db=_finite(_db(floor)))
-                    ok = ok or _db(deviation) >= self.min_sqnr_db
-                elif self.metric_target is not None:
+                    row.update(self._sqnr_row(deviation, floor))
+                    passed = passed and row["passed"]
+                    continue
+                allowed = self.margin * max(floor, MIN_DEVIATION)
+                row["allowed"] = _finite(allowed)
+                if items is not None and items < MIN_ITEMS:
+                    noun = _ITEMS[part] if part != "box_f1" or metric != "boxes" else "confident box"
+                    why = f"{part} over {items} {noun}{'' if items == 1 else 'es' if noun.endswith('x') else 's'}"
+                    undecided.append(why)
+                    row.update(judged=False, why=f"{why}: not decisive (fewer than {MIN_ITEMS}); judged by SQNR")
+                    continue
+                ok = deviation <= allowed
+                if self.metric_target is not None:
                     score = (1.0 - deviation) if isinstance(metric, str) else (
                         float(metric(self.reference, self.reference)) - deviation)
                     ok = ok or score >= self.metric_target
-                row.update(allowed=_finite(allowed), passed=bool(ok))
+                row["passed"] = bool(ok)
                 passed = passed and ok
-                rows[f"{name}:{part}"] = row
+            if undecided:
+                row = {"metric": "sqnr", **self._sqnr_row(_sqnr_noise(self.reference[name], got[name]),
+                                                          self.sqnr_floor[name]),
+                       "why": f"{'; '.join(undecided)}: not decisive; judged by SQNR"}
+                rows[f"{name}:sqnr"] = row
+                passed = passed and row["passed"]
         return {"passed": passed, "margin": self.margin, "metrics": rows, "perturbation": dict(self.perturbation)}
