@@ -282,3 +282,23 @@ def test_ctc_exact_match_counts_lines_cer_counts_characters() -> None:
     assert rows["probs:cer"]["items"] == 24 and rows["probs:cer"]["deviation"] == pytest.approx(1 / 24, abs=1e-6)
     assert rows["probs:cer"]["passed"] is False and rows["probs:sqnr"]["passed"] is True
     assert verdict["passed"] is False
+
+
+def test_detection_map_few_boxes_mask_iou_still_decides_when_it_has_the_pixels() -> None:
+    small = np.zeros((1, 1, 32, 32), np.float32)
+    small[0, 0, 4:7, 4:7] = 0.9  # one 3x3 box: 1 box, 9 mask pixels
+    large = np.zeros((1, 1, 32, 32), np.float32)
+    large[0, 0, 4:14, 4:14] = 0.9  # one 10x10 box: 1 box, 100 mask pixels
+    for ref, pixels, lost in ((small, 9, 1), (large, 100, 10)):
+        judge = tm.TaskJudge({"map": [ref]}, {"map": [ref.copy()]}, min_sqnr_db=0.0)
+        got = ref.copy()
+        got[0, 0, 4, 4:4 + lost] = 0.2  # pixels leave the mask; the box stays
+        rows = judge({"map": [got]})["metrics"]
+        assert rows["map:box_f1"]["items"] == 2 and rows["map:box_f1"]["judged"] is False
+        assert rows["map:mask_iou"]["items"] == pixels
+        assert rows["map:mask_iou"]["deviation"] == pytest.approx(lost / pixels, rel=1e-5)
+        if pixels < tm.MIN_ITEMS:
+            assert rows["map:mask_iou"]["judged"] is False and rows["map:sqnr"]["passed"] is True
+            assert "box_f1 over 2 boxes; mask_iou over 9 mask pixels" in rows["map:sqnr"]["why"]
+        else:
+            assert rows["map:mask_iou"]["passed"] is False and "map:sqnr" in rows

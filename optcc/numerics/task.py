@@ -440,7 +440,6 @@ _BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], _Mea
     "embedding": _embedding_deviation,
 }
 _REPORTED_ONLY = frozenset({"extra_boxes"})  # shown, not judged
-_COUNTED = frozenset({"argmax", "ctc", "detection-map", "boxes"})  # metrics with count-based components
 _ITEMS = {"argmax": "confident sample", "ctc_exact": "line", "cer": "reference character", "box_f1": "box",
           "mask_iou": "mask pixel"}  # what a count-based component counts
 
@@ -512,9 +511,13 @@ class TaskJudge:
                         f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
                 self.plan[name] = chosen  # type: ignore[assignment]
         self.floor, _ = self._deviations(self.perturbed)
-        # the SQNR that judges an output whose count-based components judged too few items
-        self.sqnr_floor = {name: _sqnr_noise(self.reference[name], self.perturbed[name])
-                           for name, metric in self.plan.items() if metric in _COUNTED}
+        self._sqnr_floor: dict[str, float] = {}  # per output, computed when first needed
+
+    def sqnr_floor(self, name: str) -> float:
+        """The SQNR noise ratio of output ``name`` under the perturbation (its floor)."""
+        if name not in self._sqnr_floor:
+            self._sqnr_floor[name] = _sqnr_noise(self.reference[name], self.perturbed[name])
+        return self._sqnr_floor[name]
 
     def metric_names(self) -> dict[str, str]:
         return {name: m if isinstance(m, str) else getattr(m, "__name__", "callable") for name, m in self.plan.items()}
@@ -580,7 +583,7 @@ class TaskJudge:
                 passed = passed and ok
             if undecided:
                 row = {"metric": "sqnr", **self._sqnr_row(_sqnr_noise(self.reference[name], got[name]),
-                                                          self.sqnr_floor[name]),
+                                                          self.sqnr_floor(name)),
                        "why": f"{'; '.join(undecided)}: not decisive; judged by SQNR"}
                 rows[f"{name}:sqnr"] = row
                 passed = passed and row["passed"]
