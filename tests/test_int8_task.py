@@ -192,21 +192,37 @@ def _moved(pred: np.ndarray, scale: float, seed: int = 1) -> np.ndarray:
 
 def test_one_confident_box_is_not_decisive_the_output_is_judged_by_sqnr() -> None:
     ref = _yolo(1)
-    judge = tm.TaskJudge({"output0": [ref]}, {"output0": [_moved(ref, 1.0)]}, min_sqnr_db=100.0)
-    floor = _sqnr_noise([ref], [_moved(ref, 1.0)])
+    moved = _moved(ref, 1.0)
+    floor = _sqnr_noise([ref[:, :4]], [moved[:, :4]])
+    judge = tm.TaskJudge({"output0": [ref]}, {"output0": [moved]}, min_sqnr_db=100.0)  # the floor alone decides
     for scale, expected in ((1.1, True), (2.0, False)):
-        got = _moved(ref, scale)
-        got[0, 4, 0] = 0.05  # the one confident box is lost
+        got = _moved(ref, scale)  # the box kept, its coordinates moved
         verdict = judge({"output0": [got]})
         box = verdict["metrics"]["output0:box_f1"]
-        assert box["deviation"] == 1.0 and box["items"] == 1 and box["judged"] is False and "passed" not in box
-        sqnr = verdict["metrics"]["output0:sqnr"]
-        noise = _sqnr_noise([ref], [got])
-        assert sqnr["deviation"] == pytest.approx(noise, rel=1e-4) and sqnr["floor"] == pytest.approx(floor, rel=1e-4)
-        assert sqnr["sqnr_db"] == pytest.approx(-10 * np.log10(noise), abs=1e-3)
-        assert "box_f1 over 1 confident box" in sqnr["why"] and "judged by SQNR" in sqnr["why"]
-        assert (noise <= 1.5 * floor) is expected  # the test's own arithmetic
-        assert sqnr["passed"] is expected and verdict["passed"] is expected
+        assert box["deviation"] == 0.0 and box["items"] == 2 and box["judged"] is False and "passed" not in box
+        coordinates = verdict["metrics"]["output0:sqnr_coordinates"]
+        noise = _sqnr_noise([ref[:, :4]], [got[:, :4]])
+        assert coordinates["deviation"] == pytest.approx(noise, rel=1e-4)
+        assert coordinates["floor"] == pytest.approx(floor, rel=1e-4)
+        assert coordinates["sqnr_db"] == pytest.approx(-10 * np.log10(noise), abs=1e-3)
+        assert "box_f1 over 2 confident boxes" in coordinates["why"] and "judged by SQNR" in coordinates["why"]
+        assert bool(noise <= 1.5 * floor) is expected  # the test's own arithmetic
+        assert coordinates["passed"] is expected and verdict["passed"] is expected
+        assert verdict["metrics"]["output0:sqnr_scores"]["deviation"] == 0.0
+    # the one confident box lost: 1 - F1 = 1 over 1 box, not decisive; the class scores'
+    # SQNR (0.9 -> 0.05 against 79 scores of 0.01) is 0.54 dB, the coordinates' 40 dB
+    lost = moved.copy()
+    lost[0, 4, 0] = 0.05
+    scores = _sqnr_noise([ref[:, 4:]], [lost[:, 4:]])
+    assert -10 * np.log10(scores) == pytest.approx(0.54, abs=0.01)
+    for min_sqnr_db, expected in ((25.0, False), (0.5, True)):
+        verdict = tm.TaskJudge({"output0": [ref]}, {"output0": [moved]}, min_sqnr_db=min_sqnr_db)({"output0": [lost]})
+        rows = verdict["metrics"]
+        assert rows["output0:box_f1"]["deviation"] == 1.0 and rows["output0:box_f1"]["items"] == 1
+        assert "box_f1 over 1 confident box" in rows["output0:sqnr_scores"]["why"]
+        assert rows["output0:sqnr_scores"]["sqnr_db"] == pytest.approx(-10 * np.log10(scores), abs=1e-3)
+        assert rows["output0:sqnr_coordinates"]["passed"] is True
+        assert rows["output0:sqnr_scores"]["passed"] is expected and verdict["passed"] is expected
 
 
 def test_enough_confident_boxes_the_box_metric_decides() -> None:
@@ -242,7 +258,7 @@ def _flip_first(logits: np.ndarray) -> np.ndarray:
 def test_argmax_on_few_confident_samples_is_judged_by_sqnr() -> None:
     ref = _logits(3)
     moved = ref + np.float32(0.05) * np.random.default_rng(1).normal(size=ref.shape).astype(np.float32)
-    judge = tm.TaskJudge({"logits": [ref]}, {"logits": [moved]}, min_sqnr_db=100.0)
+    judge = tm.TaskJudge({"logits": [ref]}, {"logits": [moved]}, min_sqnr_db=100.0)  # the floor alone decides
     floor = _sqnr_noise([ref], [moved])
     for got in (_flip_first(ref), ref + np.float32(1.0)):
         verdict = judge({"logits": [got]})
@@ -253,10 +269,12 @@ def test_argmax_on_few_confident_samples_is_judged_by_sqnr() -> None:
         assert "argmax over 3 confident samples" in verdict["metrics"]["logits:sqnr"]["why"]
     verdict = judge({"logits": [ref + np.float32(1.1) * (moved - ref)]})
     assert verdict["passed"] is True and verdict["metrics"]["logits:argmax"]["deviation"] == 0.0
-    # the user's SQNR target decides as for an output judged by SQNR: the flip (5.5 dB) meets 5 dB
+    # or the SQNR target, as for an output judged by SQNR: the flip (5.5 dB) meets 5 dB, not 25
     flipped = _flip_first(ref)
-    assert -10 * np.log10(_sqnr_noise([ref], [flipped])) >= 5.0
-    assert tm.TaskJudge({"logits": [ref]}, {"logits": [moved]}, min_sqnr_db=5.0)({"logits": [flipped]})["passed"]
+    assert -10 * np.log10(_sqnr_noise([ref], [flipped])) == pytest.approx(5.49, abs=0.01)
+    for min_sqnr_db, expected in ((5.0, True), (25.0, False)):
+        verdict = tm.TaskJudge({"logits": [ref]}, {"logits": [moved]}, min_sqnr_db=min_sqnr_db)({"logits": [flipped]})
+        assert verdict["passed"] is expected and verdict["metrics"]["logits:sqnr"]["passed"] is expected
 
 
 def test_argmax_on_enough_confident_samples_decides() -> None:
@@ -273,9 +291,11 @@ def test_ctc_exact_match_counts_lines_cer_counts_characters() -> None:
     # decisive, the CER over 24 characters is, and SQNR judges the output too
     labels = [[1, 0, 2, 0, 3, 0, 4, 0, 1, 0, 2, 0, 3, 0, 4, 0], [2, 0] * 8, [3, 0, 4, 0] * 4]
     ref = np.concatenate([_one_hot(line) for line in labels])
-    judge = tm.TaskJudge({"probs": [ref]}, {"probs": [ref.copy()]}, min_sqnr_db=0.0)
+    moved = 0.8 * ref + 0.05  # float32 under noise: every probability moves, no decode changes
+    judge = tm.TaskJudge({"probs": [ref]}, {"probs": [moved]})
     got = ref.copy()
     got[0, 0] = np.eye(5, dtype=np.float32)[4]  # line 1: 1 -> 4
+    assert _sqnr_noise([ref], [got]) <= 1.5 * _sqnr_noise([ref], [moved])  # the test's own arithmetic
     verdict = judge({"probs": [got]})
     rows = verdict["metrics"]
     assert rows["probs:ctc_exact"]["items"] == 3 and rows["probs:ctc_exact"]["judged"] is False
@@ -290,9 +310,11 @@ def test_detection_map_few_boxes_mask_iou_still_decides_when_it_has_the_pixels()
     large = np.zeros((1, 1, 32, 32), np.float32)
     large[0, 0, 4:14, 4:14] = 0.9  # one 10x10 box: 1 box, 100 mask pixels
     for ref, pixels, lost in ((small, 9, 1), (large, 100, 10)):
-        judge = tm.TaskJudge({"map": [ref]}, {"map": [ref.copy()]}, min_sqnr_db=0.0)
+        moved = np.clip(ref + np.float32(0.1) * np.sign(np.random.default_rng(0).normal(size=ref.shape)), 0, 1)
+        judge = tm.TaskJudge({"map": [ref]}, {"map": [moved.astype(np.float32)]})
         got = ref.copy()
         got[0, 0, 4, 4:4 + lost] = 0.2  # pixels leave the mask; the box stays
+        assert _sqnr_noise([ref], [got]) <= 1.5 * _sqnr_noise([ref], [moved])  # the test's own arithmetic
         rows = judge({"map": [got]})["metrics"]
         assert rows["map:box_f1"]["items"] == 2 and rows["map:box_f1"]["judged"] is False
         assert rows["map:mask_iou"]["items"] == pixels

@@ -50,11 +50,14 @@ many (``items``): ``argmax`` over the confident samples, ``ctc_exact`` over the 
 over n items moves in steps of 1/n, and its floor measured on the same n items is as
 coarse: with one confident box, one disagreement makes the deviation 1 and the floor
 is 0 or 1. So a component over fewer than ``MIN_ITEMS`` (10) items is reported, not
-judged, and its output is judged in addition by ``sqnr`` (summed over all held-out
-samples, against the float model's perturbed SQNR floor, with the margin and
-``min_sqnr_db`` as for any ``sqnr`` output), in a row ``<output>:sqnr`` that says why.
-The other components of that output are still judged when they have enough items
-(with 3 held-out text lines, ``cer`` over their characters still decides).
+judged, and its output is judged in addition by SQNR as a ``sqnr`` output is (summed
+over all held-out samples, against the float model's perturbed SQNR floor with the
+margin, or at least ``min_sqnr_db``), in a row ``<output>:sqnr`` that says why. A
+``boxes`` output gets two such rows, ``sqnr_coordinates`` (rows 0-3) and ``sqnr_scores``
+(the class rows): coordinates in pixels next to scores in [0, 1] make a summed SQNR the
+coordinates' alone (30 dB with every score rounded to 0 or 1.26). The other components
+of that output are still judged when they have enough items (with 3 held-out text
+lines, ``cer`` over their characters still decides).
 
 **User metrics.** ``metric=callable(ref_outputs, got_outputs) -> float``, higher is
 better, where both arguments map each graph output name to its list of arrays (one per
@@ -462,6 +465,16 @@ def deviations(metric: str, refs: Sequence[np.ndarray], gots: Sequence[np.ndarra
     return measure(metric, refs, gots, masks)[0]
 
 
+def _sqnr_parts(metric: str, refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> dict[str, float]:
+    """The SQNR noise ratios that judge an output whose count-based components have too few
+    items: over the whole output, except ``boxes``, whose coordinates (pixels) and class
+    scores ([0, 1]) are judged apart (summed together, the SQNR is the coordinates')."""
+    if metric != "boxes":
+        return {"sqnr": _sqnr_noise(refs, gots)}
+    return {"sqnr_coordinates": _sqnr_noise([np.asarray(r)[:, :4] for r in refs], [np.asarray(g)[:, :4] for g in gots]),
+            "sqnr_scores": _sqnr_noise([np.asarray(r)[:, 4:] for r in refs], [np.asarray(g)[:, 4:] for g in gots])}
+
+
 def _db(noise_ratio: float) -> float:
     if noise_ratio == 0.0:
         return math.inf
@@ -511,12 +524,14 @@ class TaskJudge:
                         f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
                 self.plan[name] = chosen  # type: ignore[assignment]
         self.floor, _ = self._deviations(self.perturbed)
-        self._sqnr_floor: dict[str, float] = {}  # per output, computed when first needed
+        self._sqnr_floor: dict[str, dict[str, float]] = {}  # per output, computed when first needed
 
-    def sqnr_floor(self, name: str) -> float:
-        """The SQNR noise ratio of output ``name`` under the perturbation (its floor)."""
+    def sqnr_floor(self, name: str) -> dict[str, float]:
+        """Output ``name``'s SQNR noise ratios under the perturbation (``_sqnr_parts``)."""
         if name not in self._sqnr_floor:
-            self._sqnr_floor[name] = _sqnr_noise(self.reference[name], self.perturbed[name])
+            metric = self.plan[name]
+            assert isinstance(metric, str)
+            self._sqnr_floor[name] = _sqnr_parts(metric, self.reference[name], self.perturbed[name])
         return self._sqnr_floor[name]
 
     def metric_names(self) -> dict[str, str]:
@@ -581,10 +596,11 @@ class TaskJudge:
                     ok = ok or score >= self.metric_target
                 row["passed"] = bool(ok)
                 passed = passed and ok
-            if undecided:
-                row = {"metric": "sqnr", **self._sqnr_row(_sqnr_noise(self.reference[name], got[name]),
-                                                          self.sqnr_floor(name)),
-                       "why": f"{'; '.join(undecided)}: not decisive; judged by SQNR"}
-                rows[f"{name}:sqnr"] = row
-                passed = passed and row["passed"]
+            if undecided and isinstance(metric, str):  # only built-in metrics count items
+                floors = self.sqnr_floor(name)
+                for part, deviation in _sqnr_parts(metric, self.reference[name], got[name]).items():
+                    row = {"metric": "sqnr", **self._sqnr_row(deviation, floors[part]),
+                           "why": f"{'; '.join(undecided)}: not decisive; judged by SQNR"}
+                    rows[f"{name}:{part}"] = row
+                    passed = passed and row["passed"]
         return {"passed": passed, "margin": self.margin, "metrics": rows, "perturbation": dict(self.perturbation)}
