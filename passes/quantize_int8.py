@@ -25,7 +25,9 @@ QGemm, QLinearAdd/Mul, QLinearAveragePool, QLinearConcat, ...):
 - Concat: its output and inputs share one scale and zero point, from the union of their
   ranges (carried upstream through data-movement ops, e.g. to a Split's input), so
   onnxruntime's QLinearConcat copies the inputs instead of requantizing each (nudenet's
-  24 YOLOv8 concats: 1.58x -> 1.69x faster than float32, 29.9 -> 30.3 dB);
+  24 YOLOv8 concats: 1.58x -> 1.69x faster than float32, 29.9 -> 30.3 dB); a Concat whose
+  inputs' ranges differ more than ``CONCAT_SPAN_RATIO`` times stays float (YOLO's output
+  joins pixel coordinates and class scores: one scale would round the scores to 0 or 1.26);
 - rescales: ``Mul(x, c)`` / ``Div(x, c)`` with a positive scalar constant ``c`` (hard-swish's
   ``/ 6``, PP-LCNet's learnable scales) whose result feeds a quantized op are removed: the
   consumer dequantizes ``x``'s 8-bit tensor with scale ``x_scale * c`` (``/ c``) and the
@@ -86,6 +88,7 @@ _PASS_THROUGH = SHARED_SCALE_OPS | {"Identity", "Cast"}
 _SINGLE_INPUT_OPS = _WEIGHTED | {"AveragePool", "GlobalAveragePool"}  # other inputs: weights
 INT32_MAX = 2**31 - 1
 _MIN_WEIGHT_SCALE = 1e-12
+CONCAT_SPAN_RATIO = 16  # a Concat whose inputs' ranges differ more stays float (4 bits lost)
 
 Params = tuple[np.ndarray, np.ndarray]  # (scale float32, zero point uint8/int8)
 
@@ -360,6 +363,12 @@ class QuantizeInt8Pass(optcc.Pass):
                     return None
             elif self._range(v) is None:
                 plan.keep("no calibrated input range")
+                return None
+        if op == "Concat":
+            spans = [hi - lo for lo, hi in (self._range(v) for v in data if _const(v) is None)]
+            if min(spans) <= 0 or max(spans) > CONCAT_SPAN_RATIO * min(spans):
+                # one scale for all inputs would leave the narrow ones a few levels
+                plan.keep(f"Concat inputs' ranges differ more than {CONCAT_SPAN_RATIO}x")
                 return None
         return "activations"
 

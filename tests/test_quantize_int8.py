@@ -674,3 +674,33 @@ def test_ir3_model_with_generated_weights_quantizes_to_a_valid_model() -> None:
     onnx.checker.check_model(proto)
     assert proto.ir_version >= 4 and [i.name for i in proto.graph.input] == ["x"]
     assert_int8_close(model, quantized, images(4, 2, (1, 3, 8, 8)))
+
+
+def test_a_concat_of_ranges_far_apart_stays_float() -> None:
+    """YOLO's output joins pixel coordinates (hundreds) and class scores (0..1): one shared
+    scale would round every score to a few levels, so the Concat stays float and the scores
+    keep their own precision."""
+    rng = np.random.default_rng(21)
+    graph = oh.make_graph(
+        [
+            oh.make_node("Conv", ["x", "Wb"], ["b"], name="boxes"),
+            oh.make_node("Mul", ["b", "k"], ["coords"], name="scale_up"),
+            oh.make_node("Conv", ["x", "Wc"], ["logits"], name="classes"),
+            oh.make_node("Sigmoid", ["logits"], ["scores"], name="sigmoid"),
+            oh.make_node("Concat", ["coords", "scores"], ["y"], axis=1, name="concat"),
+        ],
+        "g", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, [1, 8, 8, 8])],
+        [_init("Wb", _he(rng, 4, 3, 1, 1)), _init("Wc", _he(rng, 4, 3, 1, 1)),
+         _init("k", np.array(300.0, np.float32))],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    data = images(8, shape=(1, 3, 8, 8))
+    result = QuantizeInt8Pass(calibrate(model, data).ranges)(optcc.ir.load(model))
+    assert "Concat" not in result.stats["quantized"]
+    samples = images(4, 2, (1, 3, 8, 8))
+    for feeds in samples:
+        (want,) = onnxruntime_outputs(model, feeds)
+        (got,) = onnxruntime_outputs(result.model, feeds)
+        # scores (channels 4..7) within a few 8-bit steps of their own 0..1 range
+        assert np.abs(got[:, 4:] - want[:, 4:]).max() < 0.05
