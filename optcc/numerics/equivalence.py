@@ -84,6 +84,15 @@ class Proof:
 def prove_equivalent(original: ir.Model, candidate: ir.Model) -> Proof:
     """Try to prove that ``candidate`` computes what ``original`` computes (module docstring)."""
     numbering = _Numbering()
+    try:
+        return _prove(original, candidate, numbering)
+    finally:
+        # views of memory-mapped external data must not outlive the call (the file could
+        # not be closed while they exist), and the tables refer to each other
+        numbering.release()
+
+
+def _prove(original: ir.Model, candidate: ir.Model, numbering: _Numbering) -> Proof:
     candidate_keys = _Keys(candidate, numbering)
     computed = candidate_keys.all_keys() | candidate_keys.constant_keys()
     # values the original computes from constants and the candidate does not compute the
@@ -127,6 +136,15 @@ class _Numbering:
         self.models: list[_Keys] = []
         self.forms: dict[int, tuple[int, _Affine]] = {}  # structural key -> affine key and form
         self._protos: dict[int, tuple[onnx.ModelProto, set[str], ir.Model]] = {}
+
+    def release(self) -> None:
+        """Drop every table (and with them the tensor views they hold)."""
+        for keys in self.models:
+            keys.__dict__.clear()
+        for table in (self._table, self._tensor_keys, self._affine, self._buckets, self._ranks,
+                      self._protos, self.forms):
+            table.clear()
+        self.models.clear()
 
     def proto(self, model: ir.Model) -> onnx.ModelProto:
         """``model`` serialized without the data of initializers longer than
