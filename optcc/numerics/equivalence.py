@@ -10,8 +10,10 @@ gets a key, and two values with the same key compute the same thing for every in
 - a node's output: its domain, op type and opset version, its attributes (tensors by
   bytes, floats by their bits), its inputs' keys and the output's position;
 - ``Identity`` and inference-mode ``Dropout`` (opset >= 7, ``training_mode`` absent or a
-  constant false) output the key of their input.
-
+  constant false) output the key of their input;
+- a ``Reshape`` whose target is read symbolically (constants, and dims of the reshaped
+  tensor through Shape, Slice, Gather, Concat, Unsqueeze and integer Casts; ``0`` copies
+  a dim) is keyed by its input and that target;
 - a value computed from constants alone that the candidate does not compute the same way
   (a fold) is evaluated once on onnxruntime, with the kernels the original itself runs,
   and keyed by its bytes;
@@ -95,11 +97,11 @@ def prove_equivalent(original: ir.Model, candidate: ir.Model) -> Proof:
 def _prove(original: ir.Model, candidate: ir.Model, numbering: _Numbering) -> Proof:
     candidate_keys = _Keys(candidate, numbering)
     computed = candidate_keys.all_keys() | candidate_keys.constant_keys()
-    # values the original computes from constants and the candidate does not compute the
-    # same way: folds, to be checked by evaluating them
     # ranks are inferred for the inputs the candidate accepts: its static input shapes
     shapes = {v.name: [int(d) for d in v.shape] for v in candidate.graph.inputs
               if v.shape is not None and all(isinstance(d, int) and d > 0 for d in v.shape)}
+    # folds: values the original computes from constants alone and the candidate does not
+    # compute the same way, checked by evaluating them
     structural = _Keys(original, numbering, shapes)
     folds = [v for v in structural.constant_frontier() if structural.key(v) not in computed]
     original_keys = _Keys(original, numbering, shapes)
