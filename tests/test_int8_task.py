@@ -324,3 +324,29 @@ def test_detection_map_few_boxes_mask_iou_still_decides_when_it_has_the_pixels()
             assert "box_f1 over 2 boxes; mask_iou over 9 mask pixels" in rows["map:sqnr"]["why"]
         else:
             assert rows["map:mask_iou"]["passed"] is False and "map:sqnr" in rows
+
+
+def test_a_kv_cache_named_as_not_an_image_moves_by_one_ulp():
+    """A past key/value cache [batch, 2 heads, 16, 16] has the shape of a 2-channel picture:
+    named in ``not_images`` it moves by one unit in the last place, not a grey level."""
+    rng = np.random.default_rng(3)
+    cache = rng.standard_normal((1, 2, 16, 16)).astype(np.float32)
+    as_image, how_image = tm.perturb({"past": cache}, seed=1)
+    as_cache, how_cache = tm.perturb({"past": cache}, seed=1, not_images={"past"})
+    assert "8-bit image" in how_image["past"] and how_cache["past"] == "+-1 ulp"
+    np.testing.assert_array_equal(np.abs(as_cache["past"] - cache), np.abs(np.spacing(cache)))
+    assert np.abs(as_image["past"] - cache).max() > 100 * np.spacing(np.abs(cache)).max()
+
+
+def test_the_verifier_moves_a_decoders_caches_by_one_ulp():
+    from fixtures.gpt2_decoder import gpt2_decoder
+
+    import optcc
+    from optcc.numerics.inputs import input_roles
+
+    model = gpt2_decoder(heads=2, hidden=32)
+    pasts = [n for n, role in input_roles(optcc.ir.load(model)).items() if role == "past"]
+    assert pasts
+    with optcc.Verifier(model) as verifier:
+        judge = verifier.task_judge(verifier.providers[0])
+    assert all(judge.perturbation[name] == "+-1 ulp" for name in pasts)

@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -142,8 +142,11 @@ def _image_like(a: np.ndarray) -> int | None:
     return None
 
 
-def perturb(feeds: Mapping[str, np.ndarray], seed: int = _SEED) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The feeds moved at their own resolution (module doc), and how, per input."""
+def perturb(feeds: Mapping[str, np.ndarray], seed: int = _SEED, not_images: Collection[str] = ()
+            ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The feeds moved at their own resolution (module doc), and how, per input. Inputs
+    named in ``not_images`` (a decoder's past key/value caches, whose few heads could pass
+    for channels) move by one ulp whatever their shape."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     how: dict[str, str] = {}
@@ -153,7 +156,7 @@ def perturb(feeds: Mapping[str, np.ndarray], seed: int = _SEED) -> tuple[dict[st
             out[name] = a
             continue
         sign = rng.choice(np.array([-1.0, 1.0]), size=a.shape)
-        axis = _image_like(a)
+        axis = None if name in not_images else _image_like(a)
         if axis is not None:
             others = tuple(i for i in range(a.ndim) if i != axis)
             step = (a.max(axis=others, keepdims=True) - a.min(axis=others, keepdims=True)).astype(np.float64) / 255.0

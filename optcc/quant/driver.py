@@ -30,6 +30,7 @@ from optcc.quant.fallback import (
     integer_op_histogram,
     model_outputs,
 )
+from optcc.numerics.inputs import input_roles
 from optcc.numerics.task import DEFAULT_MARGIN, TaskJudge, UserMetric, perturb
 
 __all__ = ["Int8Options", "quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
@@ -101,7 +102,8 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
     """The judge of ``held``: the float model's outputs, and its noise floor (its outputs on
     the held-out samples perturbed at their resolution, ``optcc.numerics.task.perturb``),
     both from one session."""
-    moved = [perturb(dict(feeds), seed=i) for i, feeds in enumerate(held)]
+    caches = {n for n, role in input_roles(model).items() if role == "past"}
+    moved = [perturb(dict(feeds), seed=i, not_images=caches) for i, feeds in enumerate(held)]
     both = model_outputs(model, [*held, *(feeds for feeds, _ in moved)])
     reference = {name: values[:len(held)] for name, values in both.items()}
     perturbed = {name: values[len(held):] for name, values in both.items()}
