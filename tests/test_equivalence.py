@@ -68,7 +68,7 @@ def test_correct_rewrites_are_proved(tail, extra, passes):
     candidate = _optimized(proto, passes)
     assert len(candidate.graph) < len(proto.graph.node)
     proof = prove_equivalent(_load(proto), candidate)
-    assert proof.complete, proof.describe()
+    assert proof.complete, proof.outputs
     _same_in_float64(proto, optcc.ir.serialize(candidate))
 
 

@@ -60,27 +60,17 @@ MAX_FOLD_CHECK_BYTES = 64 * 1024 * 1024  # constants evaluated to check folds, i
 
 @dataclasses.dataclass
 class Proof:
-    """Which outputs were proved equal to the original's, and what was left unproved."""
+    """Which outputs were proved equal to the original's."""
 
     outputs: dict[str, bool]
-    unproved_ops: dict[str, int]  # op types of candidate nodes computing something new
     folds_checked: int = 0  # folded constants evaluated on the original and matched
 
     @property
     def complete(self) -> bool:
         return bool(self.outputs) and all(self.outputs.values())
 
-    def describe(self) -> str:
-        proved = sum(self.outputs.values())
-        text = f"{proved}/{len(self.outputs)} output(s) proved equal to the original's by value numbering"
-        if self.unproved_ops:
-            ops = ", ".join(f"{op} x{n}" for op, n in sorted(self.unproved_ops.items()))
-            text += f"; computed differently: {ops}"
-        return text
-
     def to_dict(self) -> dict[str, Any]:
-        return {"outputs": dict(self.outputs), "unproved_ops": dict(self.unproved_ops),
-                "folds_checked": self.folds_checked}
+        return {"outputs": dict(self.outputs), "folds_checked": self.folds_checked}
 
 
 def prove_equivalent(original: ir.Model, candidate: ir.Model) -> Proof:
@@ -117,12 +107,7 @@ def _prove(original: ir.Model, candidate: ir.Model, numbering: _Numbering) -> Pr
             same_inputs and twin is not None and (value.dtype is None or twin.dtype is None or value.dtype == twin.dtype)
             and candidate_keys.key(value) == original_keys.key(twin)
         )
-    known = original_keys.all_keys()
-    unproved: dict[str, int] = {}
-    for node in candidate.graph:
-        if any(candidate_keys.key(out) not in known for out in node.outputs if out is not None):
-            unproved[node.op_type] = unproved.get(node.op_type, 0) + 1
-    return Proof(outputs, unproved, evaluated)
+    return Proof(outputs, evaluated)
 
 
 class _Numbering:
@@ -151,7 +136,8 @@ class _Numbering:
     def proto(self, model: ir.Model) -> onnx.ModelProto:
         """``model`` serialized without the data of initializers longer than
         ``MAX_SHAPE_ELEMENTS`` (their type and shape only: enough for shape inference),
-        once; callers must not modify it."""
+        once. Only ``ranks`` changes it, fixing its graph inputs' shapes, which the fold
+        evaluation does not read."""
         if id(model) not in self._protos:
             with oir.initializers_set_aside(model, lambda t: t.size > MAX_SHAPE_ELEMENTS) as aside:
                 proto = oir.serialize(model)
@@ -448,14 +434,7 @@ class _Keys:
     # ------------------------------------------------------------------ constants and folds
 
     def constant_keys(self) -> set[int]:
-        return {key for _, key in self.named_constants()}
-
-    def named_constants(self) -> list[tuple[str, int]]:
-        found = []
-        for value in _top_values(self.model.graph):
-            if value.name not in self.fed and _constant(value) is not None:
-                found.append((value.name, self.key(value)))
-        return found
+        return {self.key(v) for v in _top_values(self.model.graph) if self._is_constant(v)}
 
     def all_keys(self) -> set[int]:
         keys = {self.key(v) for v in self.model.graph.outputs}
