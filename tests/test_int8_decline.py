@@ -11,7 +11,7 @@ import onnx.numpy_helper as nh
 from onnx import TensorProto as TP
 
 import optcc
-from reference import EXACT_RTOL, assert_close, onnxruntime_outputs
+from reference import EXACT_RTOL, assert_close, lossy_metrics, onnxruntime_outputs
 from optcc.quant.fallback import Target, compare_latency
 from optcc.quant.driver import quantize_int8
 
@@ -22,21 +22,6 @@ MIN_SQNR_DB, MIN_COSINE = 15.0, 0.97
 
 def _proto(model: optcc.ir.Model | onnx.ModelProto) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else optcc.ir.serialize(model)
-
-
-def _sqnr_cosine(original: onnx.ModelProto, quantized, samples) -> list[tuple[float, float]]:
-    """(SQNR in dB, cosine) per output of ``quantized`` against the float32 ``original``,
-    both run on onnxruntime, over all ``samples`` together."""
-    refs = [onnxruntime_outputs(original, feeds) for feeds in samples]
-    gots = [onnxruntime_outputs(_proto(quantized), feeds) for feeds in samples]
-    metrics = []
-    for i in range(len(refs[0])):
-        ref = np.concatenate([r[i].astype(np.float64).ravel() for r in refs])
-        got = np.concatenate([g[i].astype(np.float64).ravel() for g in gots])
-        signal, noise = float(np.sum(ref ** 2)), float(np.sum((got - ref) ** 2))
-        sqnr = np.inf if noise == 0 else 10 * np.log10(signal / noise)
-        metrics.append((sqnr, float(ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got)))))
-    return metrics
 
 
 def _assert_same_outputs(original: onnx.ModelProto, model, samples) -> None:
@@ -130,7 +115,7 @@ def test_fallback_returns_the_top_ranked_layers_until_the_target_holds() -> None
     assert set(stats["pass"]["layers"]) == {"mm1", "mm3", "mm5"}
     hist = _ops(q)
     assert hist["MatMul"] == 5 and hist["QuantizeLinear"] > 0
-    for sqnr, cosine in _sqnr_cosine(model, q, data[-4:]):
+    for sqnr, cosine in lossy_metrics(model, q, data[-4:]):
         assert sqnr >= MIN_SQNR_DB and cosine >= MIN_COSINE, (sqnr, cosine)
 
 
