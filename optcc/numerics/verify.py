@@ -105,8 +105,8 @@ class Verification:
         """One line: the verdict, the reference and the worst output's numbers."""
         if self.status == "skipped":
             return f"skipped ({self.reason})"
+        where = ", ".join(p.replace("ExecutionProvider", "") for p in self.providers)
         if self.proof is not None:
-            where = ", ".join(p.replace("ExecutionProvider", "") for p in self.providers)
             if not self.passed:
                 return f"FAIL on {where}: {self.reason}"
             return (f"PASS by proof ({self.numerics} tolerance): every output is the original's computation "
@@ -114,7 +114,6 @@ class Verification:
                     f"loads on {where}")
         worst = self.worst()
         verdict = "PASS" if self.passed else "FAIL"
-        where = ", ".join(p.replace("ExecutionProvider", "") for p in self.providers)
         text = (f"{verdict} on {where} ({self.numerics} tolerance, {self.samples} sample(s), "
                 f"against {self.reference.split(' (')[0] if 'unavailable' in self.reference else self.reference})")
         if worst is not None:
@@ -306,13 +305,14 @@ class Verifier:
             float32 = self._float32_outputs()
             assert float32 is not None
             perturbed, how = [], {}
-            caches = {n for n, role in input_roles(self._model).items() if role == "past"}
+            roles = input_roles(self._model)
+            caches = {n for n, role in roles.items() if role == "past"}
             for i, feeds in enumerate(self.feeds):
                 moved, how = perturb(feeds, seed=i, not_images=caches)
                 perturbed.append(moved)
             session = make_session(self.original, provider, scratch=self._scratch.name)
             masks = None
-            mask_names = [n for n, role in input_roles(self._model).items() if role == "mask"]
+            mask_names = [n for n, role in roles.items() if role == "mask"]
             if mask_names and self._plan is None:
                 masks = [f.get(mask_names[0]) for f in self.feeds]
             self._judges[provider] = TaskJudge(self._by_name(float32[provider]), self._by_name(self._cases(session, perturbed)),
@@ -463,7 +463,6 @@ class Verifier:
         if not result.elements_over or not precise or originals[0].dtype.kind != "f":
             return result, "float32 original"
         float64 = self.float64_reference().outputs
-        alternate = None
         if float64 is not None:
             refs = [sample[name] for sample in float64]
             result = compare_outputs(name, provider, refs, gots, tolerance, originals, resolution=resolution)
