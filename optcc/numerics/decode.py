@@ -8,6 +8,14 @@ choice, so both models see the same tokens), the attention mask grown by one and
 position advanced by one. Generated inputs (``optcc.numerics.inputs``) leave room in the
 position table for ``DECODE_STEPS`` steps; a decode of more steps needs inputs generated
 with that many (``generate_inputs(..., decode_steps=)``).
+
+``greedy_agreement`` compares a candidate's greedy decode with a reference's in two ways:
+*free-running* (each model feeds back its own choices, as a user's generation does: one
+flipped near-tie changes every later token, so it measures when the decodes part) and
+*forced* (the candidate is fed the reference's tokens, so every step is judged on the
+same context). Forced agreement is also reported over the *decisive* steps only, those
+whose reference top-1 margin exceeds ``margin_floor`` (the reference's own logit noise):
+where the reference itself is a near-tie, its choice is no judge.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import onnx_ir as ir
 
 from optcc.numerics.inputs import DECODE_STEPS, input_roles
 
-__all__ = ["DECODE_STEPS", "DecodePlan", "decode_plan", "run_decode"]
+__all__ = ["DECODE_STEPS", "DecodePlan", "GreedyAgreement", "decode_plan", "greedy_agreement", "run_decode"]
 
 _PRESENT = re.compile(r"^present", re.IGNORECASE)
 _PREFIX = re.compile(r"^(past_key_values|present_key_values|past|present)[._]?", re.IGNORECASE)
@@ -104,3 +112,66 @@ def run_decode(
         chosen.append(token)
         feeds = _next_feeds(plan, feeds, named, token)
     return results, chosen
+
+
+@dataclasses.dataclass(frozen=True)
+class GreedyAgreement:
+    """A candidate's greedy decode against a reference's (see the module doc)."""
+
+    free: float  # share of free-running tokens equal to the reference's
+    first_divergence: list[int]  # per batch row: the first free-running step that differs (steps: none)
+    forced: float  # share of forced steps whose argmax equals the reference's
+    decisive: float | None  # the same over the decisive steps only (None: there were none)
+    decisive_steps: int
+    steps: int  # tokens compared per row
+    logit_sqnr_db: float  # SQNR of the forced decode's next-token logits against the reference's
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _next_logits(results: Sequence[Sequence[np.ndarray]], index: int) -> np.ndarray:
+    """[batch, steps, vocab] float64: every step's logits at its last position."""
+    return np.stack([np.asarray(r[index], np.float64)[:, -1, :] for r in results], axis=1)
+
+
+def greedy_agreement(
+    reference: Callable[[Feeds], Sequence[np.ndarray]],
+    candidate: Callable[[Feeds], Sequence[np.ndarray]],
+    names: Sequence[str],
+    plan: DecodePlan,
+    first: Feeds,
+    *,
+    steps: int = DECODE_STEPS,
+    margin_floor: float = 0.0,
+) -> GreedyAgreement:
+    """Free-running and forced greedy agreement of ``candidate`` with ``reference`` over
+    ``steps`` tokens per row from ``first`` (both run callables take feeds and return the
+    outputs ``names``); decisive steps are those whose reference top-1 margin exceeds
+    ``margin_floor``. ``first`` needs room in the position table for ``steps`` steps."""
+    assert plan.logits is not None
+    index = list(names).index(plan.logits)
+    ref_results, ref_chosen = run_decode(reference, names, plan, first, steps=steps)
+    free_results, _ = run_decode(candidate, names, plan, first, steps=steps)
+    forced_results, _ = run_decode(candidate, names, plan, first, steps=steps, tokens=ref_chosen)
+    ref_logits = _next_logits(ref_results, index)
+    want = ref_logits.argmax(-1)  # [batch, steps]
+    free = _next_logits(free_results, index).argmax(-1)
+    forced_logits = _next_logits(forced_results, index)
+    forced = forced_logits.argmax(-1)
+    top2 = np.sort(ref_logits, axis=-1)[..., -2:]
+    decisive = (top2[..., 1] - top2[..., 0]) > margin_floor
+    differs = free != want
+    first_divergence = [int(np.argmax(row)) if row.any() else steps for row in differs]
+    noise = float(((forced_logits - ref_logits) ** 2).sum())
+    signal = float((ref_logits ** 2).sum())
+    sqnr = float("inf") if noise == 0 else 10 * float(np.log10(signal / noise)) if signal > 0 else float("-inf")
+    return GreedyAgreement(
+        free=float((~differs).mean()),
+        first_divergence=first_divergence,
+        forced=float((forced == want).mean()),
+        decisive=float((forced == want)[decisive].mean()) if decisive.any() else None,
+        decisive_steps=int(decisive.sum()),
+        steps=steps,
+        logit_sqnr_db=sqnr,
+    )
