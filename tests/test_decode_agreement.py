@@ -105,3 +105,19 @@ def test_decisive_steps_are_those_above_the_margin_floor(original, prompt):
     assert got.decisive == pytest.approx((forced == sequence)[keep].mean())
     none = _agreement(original, candidate, prompt, margin_floor=float("inf"))
     assert (none.decisive, none.decisive_steps) == (None, 0)
+
+
+def test_free_running_from_the_reference_steps_alone(original, prompt):
+    """What a verifier holds: the original's step outputs; the candidate decodes on its own."""
+    from optcc.numerics.decode import free_running, run_decode
+
+    names = [o.name for o in original.graph.output]
+    plan = decode_plan(optcc.ir.load(original))
+    candidate = _perturbed(original, 0.3)
+    reference, _ = run_decode(lambda f: onnxruntime_outputs(original, dict(f)), names, plan, _first(prompt), steps=STEPS)
+    share, first = free_running(lambda f: onnxruntime_outputs(candidate, dict(f)), names, plan, _first(prompt), reference)
+    decode = [greedy_decode(lambda f, m=m: onnxruntime_outputs(m, f), prompt, STEPS, LAYERS, HEADS, HIDDEN // HEADS)
+              for m in (original, candidate)]
+    same = decode[0] == decode[1]
+    assert share == pytest.approx(same.mean())
+    assert first == [int(np.argmax(~row)) if (~row).any() else STEPS for row in same]

@@ -29,7 +29,8 @@ import onnx_ir as ir
 
 from optcc.numerics.inputs import DECODE_STEPS, input_roles
 
-__all__ = ["DECODE_STEPS", "DecodePlan", "GreedyAgreement", "decode_plan", "greedy_agreement", "run_decode"]
+__all__ = ["DECODE_STEPS", "DecodePlan", "GreedyAgreement", "decode_plan", "free_running", "greedy_agreement",
+           "run_decode"]
 
 _PRESENT = re.compile(r"^present", re.IGNORECASE)
 _PREFIX = re.compile(r"^(past_key_values|present_key_values|past|present)[._]?", re.IGNORECASE)
@@ -152,22 +153,19 @@ def greedy_agreement(
     assert plan.logits is not None
     index = list(names).index(plan.logits)
     ref_results, ref_chosen = run_decode(reference, names, plan, first, steps=steps)
-    free_results, _ = run_decode(candidate, names, plan, first, steps=steps)
+    free_share, first_divergence = free_running(candidate, names, plan, first, ref_results)
     forced_results, _ = run_decode(candidate, names, plan, first, steps=steps, tokens=ref_chosen)
     ref_logits = _next_logits(ref_results, index)
     want = ref_logits.argmax(-1)  # [batch, steps]
-    free = _next_logits(free_results, index).argmax(-1)
     forced_logits = _next_logits(forced_results, index)
     forced = forced_logits.argmax(-1)
     top2 = np.sort(ref_logits, axis=-1)[..., -2:]
     decisive = (top2[..., 1] - top2[..., 0]) > margin_floor
-    differs = free != want
-    first_divergence = [int(np.argmax(row)) if row.any() else steps for row in differs]
     noise = float(((forced_logits - ref_logits) ** 2).sum())
     signal = float((ref_logits ** 2).sum())
     sqnr = float("inf") if noise == 0 else 10 * float(np.log10(signal / noise)) if signal > 0 else float("-inf")
     return GreedyAgreement(
-        free=float((~differs).mean()),
+        free=free_share,
         first_divergence=first_divergence,
         forced=float((forced == want).mean()),
         decisive=float((forced == want)[decisive].mean()) if decisive.any() else None,
@@ -175,3 +173,22 @@ def greedy_agreement(
         steps=steps,
         logit_sqnr_db=sqnr,
     )
+
+
+def free_running(
+    candidate: Callable[[Feeds], Sequence[np.ndarray]],
+    names: Sequence[str],
+    plan: DecodePlan,
+    first: Feeds,
+    reference: Sequence[Sequence[np.ndarray]],
+) -> tuple[float, list[int]]:
+    """(share of ``candidate``'s free-running greedy tokens equal to the reference's, the
+    first differing step per batch row, or the step count where none differs) over as
+    many steps as ``reference`` holds: the reference's own decode from ``first``, each
+    step's outputs as ``run_decode`` returns them (``names`` order)."""
+    assert plan.logits is not None
+    index = list(names).index(plan.logits)
+    steps = len(reference)
+    results, _ = run_decode(candidate, names, plan, first, steps=steps)
+    differs = _next_logits(results, index).argmax(-1) != _next_logits(reference, index).argmax(-1)
+    return float((~differs).mean()), [int(np.argmax(row)) if row.any() else steps for row in differs]
