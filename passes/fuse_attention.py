@@ -15,9 +15,16 @@ graph in onnxscript's spelling) and the old eager export (``MatMul(q, kt) / sqrt
 ``* (1/sqrt(d))`` plus an additive mask). ``kt`` is the transposed key: ``Transpose(k,
 perm=[0,1,3,2])`` (then ``k`` is used), ``Transpose(x, perm=[0,2,3,1])`` of the
 ``(batch, seq, heads, head_size)`` key (then ``Transpose(x, perm=[0,2,1,3])`` is built), or
-anything else of rank 4 (then ``Transpose(kt, perm=[0,1,3,2])`` is built). A key that is a
-``Concat`` of a past key and the new one (KV cache) is simply the key: the Concat and the
-``present`` outputs that read it stay.
+anything else of rank 4 (then ``Transpose(kt, perm=[0,1,3,2])`` is built).
+
+KV cache: when the key and the value are ``Concat(past, new, axis=2)`` of rank-4 tensors,
+the fused node (and a standard ``Attention`` the exporter wrote itself) takes ``new`` as
+key/value and ``past`` as ``past_key``/``past_value``, and its ``present_key``/
+``present_value`` outputs replace the two Concats (graph outputs keep their names). A
+``Shape`` of a cache Concat read upstream of the attention (a total length for the causal
+mask) becomes ``Shape(past) + Shape(new) * [0, 0, 1, 0]``; any other upstream reader keeps
+the Concats. Exact: both kernels write ``Concat(past, new, axis=2)`` as present and
+attend over it, and the Concat needs every other axis equal.
 
 - ``FuseAttentionPass`` (``fuse-attention``, -O2): the standard ``Attention`` op (opset
   23) with ``scale = c1 * c2 * c3`` (``1/c`` for a Div) and the additive mask as
@@ -49,8 +56,9 @@ gives NaN (-inf fills; 0 behind the guard) or the mean of v (finite fills); onnx
 ``Attention`` gives 0 for both; MultiHeadAttention gives NaN for -inf fills and the mean of
 v for finite ones.
 
-Stats: ``applied``/``rejected`` per rule, and ``layers``: per Softmax node that could be an
-attention layer, ``"fused: <op>"`` or the reason it was not fused.
+Stats: ``applied``/``rejected`` per rule, ``layers``: per Softmax node that could be an
+attention layer, ``"fused: <op>"`` or the reason it was not fused, and ``kv_cache``: per
+attention node whose key is a cache Concat, ``"folded"`` or why not.
 """
 
 from __future__ import annotations
@@ -63,9 +71,10 @@ import onnx_ir as ir
 
 import optcc
 from optcc.infra import PassResult
-from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var, apply_rules
+from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var, apply_rules, static_rank
 
-__all__ = ["FuseAttentionPass", "FuseOrtAttentionPass", "attention_rules", "exported_rank", "MS_DOMAIN"]
+__all__ = ["FuseAttentionPass", "FuseOrtAttentionPass", "attention_rules", "cache_parts", "exported_rank",
+           "fold_kv_cache", "MS_DOMAIN"]
 
 MS_DOMAIN = "com.microsoft"
 ATTENTION_OPSET = 23
@@ -377,8 +386,13 @@ def _full_mask(m: Match, b: Builder, query: ir.Value, q_axis: int, key: ir.Value
         return b.op("Slice", b.op("Shape", value), b.const(np.array([axis], np.int64), f"{tag}_start"),
                     b.const(np.array([axis + 1], np.int64), f"{tag}_end"))
 
+    cache = cache_parts(key)
+    # the key length from the cache's pieces when the key is a KV-cache Concat: that
+    # Concat's output may become the attention's present output (fold_kv_cache)
+    kv = dim(key, 2, "mask_k") if cache is None else b.op(
+        "Add", dim(cache[0], 2, "mask_past"), dim(cache[1], 2, "mask_new"))
     target = b.op("Concat", b.const(np.array([1, 1], np.int64), "mask_lead"),
-                  dim(query, q_axis, "mask_q"), dim(key, 2, "mask_k"), axis=0)
+                  dim(query, q_axis, "mask_q"), kv, axis=0)
     return b.op("Expand", mask, target)
 
 
@@ -427,6 +441,130 @@ def attention_rules(kind: str, layers: dict[ir.Node, str] | None = None) -> tupl
         rules.append(Rule(name, _pattern(sq, sk, ss, mask, guard, cast), rewrite,
                           _record(layers)(check), min_opset=min_opset))
     return tuple(rules)
+
+
+# ---------------------------------------------------------------- KV cache
+
+
+def _rank4(value: ir.Value) -> bool:
+    if value.shape is not None:
+        return value.shape.rank() == 4
+    return _perm(value.producer()) is not None and len(_perm(value.producer())) == 4 or \
+        static_rank(value) == 4
+
+
+def cache_parts(value: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+    """``(past, new)`` when ``value = Concat(past, new, axis=2)`` of rank-4
+    ``(batch, heads, seq, head_size)`` tensors (a KV cache), else None."""
+    node = value.producer()
+    if node is None or node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
+        return None
+    axis = node.attributes.get("axis")
+    if axis is None or axis.as_int() not in (2, -2) or len(node.inputs) != 2 or None in node.inputs:
+        return None
+    past, new = node.inputs
+    return (past, new) if _rank4(past) and _rank4(new) else None
+
+
+def _ancestors(node: ir.Node) -> set[ir.Node]:
+    seen: set[ir.Node] = set()
+    stack = [node]
+    while stack:
+        for v in stack.pop().inputs:
+            producer = v.producer() if v is not None else None
+            if producer is not None and producer not in seen:
+                seen.add(producer)
+                stack.append(producer)
+    return seen
+
+
+# (domain, op) -> the index of its past_key input (past_value follows)
+_PAST_INPUT = {("", "Attention"): 4, (MS_DOMAIN, "MultiHeadAttention"): 6}
+
+
+def _shape_from_parts(graph: ir.Graph | ir.Function, shape: ir.Node, past: ir.Value, new: ir.Value) -> None:
+    """``Shape(Concat(past, new, axis=2))`` (with its start/end) as ``Shape(past) +
+    Shape(new) * onehot(2)``: exact, since Concat needs every other axis equal."""
+    axes = list(range(4))[slice(*(shape.attributes[a].as_int() if a in shape.attributes else None
+                                   for a in ("start", "end")))]
+    attrs = [ir.Attr(a.name, a.type, a.value) for a in shape.attributes.values()]
+    out = shape.outputs[0]
+    made = [ir.Node("", "Shape", [past], attrs, num_outputs=1)]
+    if 2 in axes:
+        onehot = optcc.ir.constant_before(shape, np.array([int(a == 2) for a in axes], np.int64), "seq_axis")
+        made.append(ir.Node("", "Shape", [new], [ir.Attr(a.name, a.type, a.value) for a in attrs], num_outputs=1))
+        made.append(ir.Node("", "Mul", [made[1].outputs[0], onehot], num_outputs=1))
+        made.append(ir.Node("", "Add", [made[0].outputs[0], made[2].outputs[0]], num_outputs=1))
+    for n in made:
+        n.outputs[0].name = optcc.ir.unique_value_name(graph, f"{out.name}_{n.op_type.lower()}")
+        n.name = n.outputs[0].name
+        graph.insert_before(shape, n)
+    result, name = made[-1].outputs[0], out.name
+    result.type, result.shape = out.type, out.shape
+    out.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(shape, safe=True)
+    result.name = name
+
+
+def _fold_one(graph: ir.Graph | ir.Function, node: ir.Node, past_at: int) -> str | None:
+    """Feed ``node`` the past key/value and the new key/value, and make its present outputs
+    replace the two cache Concats; None when done, else why not."""
+    if len(node.inputs) > past_at and any(v is not None for v in node.inputs[past_at:]):
+        return "already has past inputs"
+    if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+        return "extra outputs are used"
+    causal = node.attributes.get("is_causal")
+    if causal is not None and causal.as_int() != 0:
+        return "is_causal with a past is left alone"
+    key, value = node.inputs[1], node.inputs[2]
+    parts = cache_parts(key), cache_parts(value)
+    if parts[0] is None or parts[1] is None or key is value:
+        return "key and value are not Concat(past, new, axis=2)"
+    upstream = _ancestors(node)
+    readers = [(u.node, parts[i]) for i, c in enumerate((key, value)) for u in c.uses() if u.node is not node]
+    early = [(r, p) for r, p in readers if r in upstream]
+    if any(r.op_type != "Shape" or r.domain not in ("", "ai.onnx") for r, _ in early):
+        return "a cache Concat is read upstream of the attention (its present output would form a cycle)"
+    for reader, (past, new) in early:  # e.g. the total length read for the causal mask
+        _shape_from_parts(graph, reader, past, new)
+    inputs = list(node.inputs[:past_at]) + [None] * (past_at - len(node.inputs))
+    inputs[1], inputs[2] = parts[0][1], parts[1][1]
+    inputs += [parts[0][0], parts[1][0]]
+    attrs = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
+    fused = ir.Node(node.domain, node.op_type, inputs, attrs, num_outputs=3, name=node.name)
+    graph.insert_before(node, fused)
+    out, name = node.outputs[0], node.outputs[0].name
+    fused.outputs[0].type, fused.outputs[0].shape = out.type, out.shape
+    out.replace_all_uses_with(fused.outputs[0], replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    fused.outputs[0].name = name
+    for cache, present in zip((key, value), fused.outputs[1:]):
+        concat = cache.producer()
+        name, type_, shape = cache.name, cache.type, cache.shape
+        cache.replace_all_uses_with(present, replace_graph_outputs=True)
+        graph.remove(concat, safe=True)
+        present.name, present.type, present.shape = name, type_, shape
+    return None
+
+
+def fold_kv_cache(model: ir.Model, op: tuple[str, str]) -> dict[str, str]:
+    """Every ``op`` node (standard ``Attention`` or ``com.microsoft.MultiHeadAttention``)
+    whose key and value are KV-cache Concats takes the past and new key/value as inputs, and
+    its ``present_key``/``present_value`` outputs replace the Concats (graph outputs keep
+    their names). Exact: both kernels write ``Concat(past, new, axis=2)`` as present and
+    attend over it. Returns per node with a cache: "folded" or why not."""
+    report = {}
+    for graph in optcc.ir.graphs(model):
+        for node in list(graph):
+            if (node.domain if node.domain != "ai.onnx" else "", node.op_type) != op:
+                continue
+            if len(node.inputs) < 3 or node.inputs[1] is None or cache_parts(node.inputs[1]) is None:
+                continue
+            reason = _fold_one(graph, node, _PAST_INPUT[op])
+            report[node.name or f"{op[1]}#{len(report)}"] = reason or "folded"
+            if reason is None:
+                graph.sort()  # readers of a present output that came before the attention
+    return report
 
 
 # ---------------------------------------------------------------- per-layer report
@@ -481,11 +619,18 @@ class _AttentionPass(RewritePass):
                 report[label] = layers.get(node) or _diagnose(node, opset, self.kind)
         if stats.modified and self.kind == "ort" and MS_DOMAIN not in model.opset_imports:
             model.opset_imports[MS_DOMAIN] = 1
+        caches = {}
+        if self.kind == "ort" or opset >= ATTENTION_OPSET:
+            caches = fold_kv_cache(model, ("", "Attention") if self.kind == "standard"
+                                   else (MS_DOMAIN, "MultiHeadAttention"))
         result = stats.as_dict()
+        if caches:
+            result["kv_cache"] = caches
         if report:
             result["layers"] = report
             result["fused_layers"] = sum(v.startswith("fused") for v in report.values())
-        return PassResult(model, stats.modified, result)
+        folded = any(v == "folded" for v in caches.values())
+        return PassResult(model, stats.modified or folded, result)
 
 
 class FuseAttentionPass(_AttentionPass):
