@@ -42,6 +42,7 @@ __all__ = [
     "integer_op_histogram",
     "measure_latency",
     "evaluate",
+    "shortfall",
     "model_outputs",
     "sqnr_db",
     "rank_sensitivity",
@@ -224,12 +225,31 @@ def model_outputs(model: ir.Model, samples: Sequence[Feeds]) -> dict[str, list[n
 
 def evaluate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds],
              target: Target = Target(), *, optimized: bool = True,
-             reference_outputs: _Outputs | None = None) -> Evaluation:
+             reference_outputs: _Outputs | Mapping[str, Sequence[np.ndarray]] | None = None) -> Evaluation:
     """Compare the candidate's graph outputs with the float reference's on ``samples``
-    (``reference_outputs``: the reference's, when already computed on them)."""
+    (``reference_outputs``: the reference's, when already computed on them, as
+    ``model_outputs`` returns them)."""
     names = [v.name for v in reference.graph.outputs]
+    if isinstance(reference_outputs, Mapping):
+        reference_outputs = _Outputs.of(reference_outputs)
     ref = reference_outputs if reference_outputs is not None else _Outputs(reference, samples, False)
     return _compare(ref, _Outputs(candidate, samples, optimized), names, target)
+
+
+def shortfall(evaluation: Evaluation) -> float:
+    """How far an evaluation is from its target, lower is better: with a task judge, the
+    largest ``deviation / allowed`` over the judged components (at most 1 when it passes),
+    else the negated worst output SQNR in dB."""
+    if evaluation.task is None:
+        return -evaluation.worst_sqnr_db
+    worst = 0.0
+    for row in evaluation.task.get("metrics", {}).values():
+        if "passed" not in row or not isinstance(row.get("allowed"), (int, float)):
+            continue
+        deviation = row["deviation"] if isinstance(row["deviation"], (int, float)) else math.inf
+        allowed = float(row["allowed"])
+        worst = max(worst, deviation / allowed if allowed > 0 else (math.inf if deviation > 0 else 0.0))
+    return worst
 
 
 # quantize(exclude=[...], only=[...] or None) -> (a new quantized model, the pass stats);
@@ -452,6 +472,7 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
              target: Target = Target(), *, max_float_layers: int | None = None,
              max_layers_ranked: int = 256, ranking: str = "estimate", progress: Any = False,
              reference_outputs: Mapping[str, Sequence[np.ndarray]] | None = None,
+             initial: tuple[ir.Model, dict[str, Any], Evaluation] | None = None,
              ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """Quantize; if the target is missed on ``samples``, return the most sensitive layers
     to float, worst first, until the target holds or ``max_float_layers`` are float.
@@ -481,12 +502,16 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     stops there (hopeless); else doubling and bisection as above.
     ``ranking="measured"``: the single-layer ranking and both orders described above.
     ``reference_outputs``: the reference's outputs on ``samples`` when already computed
-    (``model_outputs``), so the float model is not run again."""
-    model, stats = quantize(exclude=[])
+    (``model_outputs``), so the float model is not run again. ``initial``: the fully
+    quantized model, its pass stats and its evaluation on ``samples``, when already made."""
     # the float model's outputs on the samples, computed once (or given: ``model_outputs``)
     ref_outputs = (_Outputs.of(reference_outputs) if reference_outputs is not None
                    else _Outputs(reference, samples, False))
-    initial = evaluate(reference, model, samples, target, reference_outputs=ref_outputs)
+    if initial is not None:
+        model, stats, initial = initial
+    else:
+        model, stats = quantize(exclude=[])
+        initial = evaluate(reference, model, samples, target, reference_outputs=ref_outputs)
     report: dict[str, Any] = {"initial": initial.to_dict(), "kept_float": [], "sensitivity": [], "tried": []}
     if initial.passed:
         report.update(evaluation=initial.to_dict(), target_met=True)
