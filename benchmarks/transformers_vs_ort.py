@@ -131,6 +131,7 @@ GPT2_VARIANTS = {
     "-O3 weights int4 + embeddings": {"level": 3, "weight_only": {"bits": 4, "embeddings": True}},
     "-O3 weights int4 + embeddings accuracy_level 4": {
         "level": 3, "weight_only": {"bits": 4, "embeddings": True, "accuracy_level": 4}},
+    "-O3 weights int4 + embeddings, int4 head": {"level": 3, "weight_only": {"bits": 4, "embeddings": True, "head_bits": None}},
     "-O3 weights int4 hqq + embeddings": {"level": 3, "weight_only": {"bits": 4, "algorithm": "hqq", "embeddings": True}},
     "-O3 weights int4 gptq + embeddings": {"level": 3, "weight_only": {"bits": 4, "algorithm": "gptq", "embeddings": True}},
     "-O3 weights int4 gptq bs16 + embeddings": {
