@@ -94,6 +94,9 @@ def exported_rank(m: Match, value: ir.Value | None, depth: int = 0) -> int | Non
     if rank is not None or depth > _RANK_DEPTH:
         return rank
     node = value.producer()
+    if node is not None and node.domain == MS_DOMAIN and node.op_type == "SkipLayerNormalization" \
+            and len(node.outputs) > 3 and value is node.outputs[3]:  # input + skip (+ bias)
+        return exported_rank(m, node.inputs[0], depth + 1)
     if node is None or value is not node.outputs[0]:
         return None
     if node.domain == MS_DOMAIN and node.op_type in (

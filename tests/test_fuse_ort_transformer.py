@@ -54,18 +54,41 @@ def test_standard_gelu_with_bias_becomes_bias_gelu_at_opset_20() -> None:
     _close(_run(result.model, feeds)[0], bert_reference(weights, feeds["hidden_states"], feeds["attention_mask"]))
 
 
-def test_pre_layernorm_residual_read_twice_is_left_alone() -> None:
-    # GPT-2's h1 = attn + x feeds both the second LayerNorm and the final residual Add
+def test_pre_layernorm_residual_read_twice_uses_the_sum_output() -> None:
+    # GPT-2's h1 = attn + x feeds both the second LayerNorm and the final residual Add: the
+    # SkipLayerNormalization's fourth output (input + skip) replaces h1 for that Add
     proto, weights = gpt2_layer(opset=17)
     result = FuseOrtTransformerPass()(ir.from_proto(proto))
+    fused = ir.to_proto(result.model)
+    onnx.checker.check_model(fused, full_check=True)
     hist = optcc.ir.op_histogram(result.model)
-    assert "com.microsoft::SkipLayerNormalization" not in hist
-    assert hist.get("LayerNormalization") == 2
-    reasons = result.stats.get("rejected", {}).get("skip-layernorm-bias", {})
-    assert any("readers outside" in r for r in reasons)
+    assert hist.get("com.microsoft::SkipLayerNormalization") == 1
+    assert hist.get("LayerNormalization") == 1  # the first reads a graph input, not a sum
+    assert list(result.stats["skip_layernorm_sum"].values()) == ["fused"]
+    (skip,) = [n for n in fused.graph.node if n.op_type == "SkipLayerNormalization"]
+    assert skip.output[1] == skip.output[2] == "" and skip.output[3]
+    assert any(skip.output[3] in n.input for n in fused.graph.node if n.op_type == "Add")
+    assert not FuseOrtTransformerPass()(result.model).modified
+    for feeds in (gpt2_feeds(), gpt2_feeds(seq=4, past=0)):
+        got = _run(result.model, feeds)
+        ref = gpt2_reference(weights, feeds["hidden_states"], feeds["past_key"], feeds["past_value"],
+                             feeds["attention_mask"])
+        for g, r in zip(got, ref):
+            _close(g, r)
+
+
+def test_sum_output_refused_when_layernorm_statistics_are_read() -> None:
+    proto, weights = gpt2_layer(opset=17)
+    ln = next(n for n in proto.graph.node if n.op_type == "LayerNormalization" and n.input[0] != "hidden_states")
+    ln.output.extend(["ln_mean"])
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("ln_mean", onnx.TensorProto.FLOAT, None))
+    result = FuseOrtTransformerPass()(ir.from_proto(proto))
+    assert "com.microsoft::SkipLayerNormalization" not in optcc.ir.op_histogram(result.model)
+    (reason,) = result.stats["skip_layernorm_sum"].values()
+    assert "mean/inv_std" in reason
     feeds = gpt2_feeds()
     got = _run(result.model, feeds)
     ref = gpt2_reference(weights, feeds["hidden_states"], feeds["past_key"], feeds["past_value"],
                          feeds["attention_mask"])
-    for g, r in zip(got, ref):
+    for g, r in zip(got[:3], ref):  # ln_mean comes last
         _close(g, r)
