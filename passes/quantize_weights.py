@@ -23,7 +23,11 @@ degraded generation. ``embeddings=True`` also quantizes ``Gather(table, ids)`` o
 constant float32 ``[V, H]`` table to int8 with one scale per row (rows are gathered
 first, then dequantized); a table tied to a MatMul/Gemm head is stored once as int8 per
 row and dequantized once for all its readers. Without ``embeddings`` a tied table stays
-float (its readers include a Gather).
+float (its readers include a Gather). ``embeddings=None`` (the default) means True with
+``bits=4`` and False with ``bits=8``: next to a 4-bit body, int8 rows cost no measurable
+accuracy (GPT-2 logit SQNR 41.0 dB with them, 40.9 without; MiniLM pooled-embedding
+Spearman unchanged) and a vocabulary table is a large share of a language model; next to
+an 8-bit body they are the largest error left (GPT-2: 59.7 -> 53.8 dB).
 
 GPTQ needs ``samples`` (feed dicts): the Hessian ``X^T X`` of each layer's input is
 accumulated in float64 over them, one sample at a time, from the float model; without
@@ -75,7 +79,7 @@ class QuantizeWeightsPass(optcc.Pass):
 
     def __init__(self, *, bits: int = 4, block_size: int = 32, symmetric: bool = False,
                  algorithm: str = "rtn", target: str = "portable", head_bits: int | None = 8,
-                 embeddings: bool = False, samples: Iterable[Mapping[str, np.ndarray]] | None = None,
+                 embeddings: bool | None = None, samples: Iterable[Mapping[str, np.ndarray]] | None = None,
                  accuracy_level: int | None = None, exclude: Iterable[str] = ()) -> None:
         super().__init__()
         if bits not in (4, 8):
@@ -90,7 +94,7 @@ class QuantizeWeightsPass(optcc.Pass):
         self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
         self.algorithm, self.target = algorithm, target
         self.head_bits = head_bits
-        self.embeddings = embeddings
+        self.embeddings = (bits == 4) if embeddings is None else embeddings
         self.samples = None if samples is None else list(samples)
         self.accuracy_level = accuracy_level
         self.exclude = frozenset(exclude)
