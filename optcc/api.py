@@ -151,6 +151,8 @@ def optimize(
     original: Any = model if isinstance(model, (str, os.PathLike)) else loaded
     if original is loaded and working is loaded:
         original = loaded.clone()  # the passes modify ``working`` in place
+    # the verifier's parse of a path: a clone sharing the (immutable) tensors, no second load
+    untouched = loaded.clone() if isinstance(original, (str, os.PathLike)) and (verify or verify_each) else None
     report = Report(level=None if passes is not None else level)
     report.model_before = ModelSummary.of(working)
     if overwrite_input_shapes:
@@ -204,7 +206,7 @@ def optimize(
             task_metric=int8.get("metric"),
             task_margin=int8.get("metric_margin", DEFAULT_MARGIN),
             task_target=int8.get("metric_target"),
-            parsed=loaded if original is not loaded else None,  # untouched until the passes run
+            parsed=untouched,
         )
     try:
         manager = PassManager(pipeline, strict=strict, verifier=verifier, verify_each=verify_each)

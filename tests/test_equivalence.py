@@ -324,3 +324,40 @@ def test_constants_are_equal_only_byte_for_byte():
     assert signed.outputs == {"y": False, "s": True}
     split = prove_equivalent(_load(model("1.0, 0.0", '"ab", "c"')), _load(model("1.0, 0.0", '"a", "bc"')))
     assert split.outputs == {"y": True, "s": False}
+
+
+def test_protos_handed_over_prove_the_same_folds_with_external_data(tmp_path):
+    """The verifier hands the proof the original's file parsed without its external data
+    and the candidate's serialization; a fold of a large weight stored outside is still
+    evaluated from the parse's weights, and a wrong fold is still not proved."""
+    weight = RNG.standard_normal((4, 32)).astype(np.float32)  # past the elements read as shapes
+    proto = helper.make_model(helper.make_graph(
+        [helper.make_node("Mul", ["w", "k"], ["wk"]), helper.make_node("MatMul", ["x", "wk"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 32])],
+        [numpy_helper.from_array(weight, "w"), _const("k", np.float32(0.5))]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location="m.data",
+              size_threshold=0)
+    folded = optcc.optimize(str(path), passes=["fold-constants"], verify=False).ir_model
+    assert [n.op_type for n in folded.graph] == ["MatMul"]
+
+    def proved(candidate: ir.Model):
+        return prove_equivalent(optcc.ir.load(str(path)), candidate,
+                                original_proto=onnx.load(path, load_external_data=False),
+                                candidate_proto=optcc.ir.serialize(candidate))
+
+    proof = proved(folded)
+    assert proof.complete and proof.folds_checked == 1
+
+    def wrong_fold(model: ir.Model) -> None:
+        matmul = next(n for n in model.graph if n.op_type == "MatMul")
+        bad = ir.Value(name="bad", const_value=ir.tensor(weight * np.float32(0.5) * np.float32(1.001)))
+        model.graph.initializers["bad"] = bad
+        matmul.replace_input_with(1, bad)
+
+    assert not proved(_planted(onnx.load(path), wrong_fold)).complete
+    x = RNG.standard_normal((2, 4)).astype(np.float32)
+    np.testing.assert_allclose(expected_outputs_float64(optcc.ir.serialize(folded), {"x": x})[0],
+                               expected_outputs_float64(onnx.load(path), {"x": x})[0], rtol=1e-6, atol=1e-6)

@@ -73,9 +73,17 @@ class Proof:
         return {"outputs": dict(self.outputs), "folds_checked": self.folds_checked}
 
 
-def prove_equivalent(original: ir.Model, candidate: ir.Model) -> Proof:
-    """Try to prove that ``candidate`` computes what ``original`` computes (module docstring)."""
+def prove_equivalent(original: ir.Model, candidate: ir.Model, *, original_proto: onnx.ModelProto | None = None,
+                     candidate_proto: onnx.ModelProto | None = None) -> Proof:
+    """Try to prove that ``candidate`` computes what ``original`` computes (module docstring).
+
+    ``original_proto``/``candidate_proto``: the same models already serialized (their
+    external data may be left out), handed over to spare serializing them again: the
+    proof changes them."""
     numbering = _Numbering()
+    for model, given in ((original, original_proto), (candidate, candidate_proto)):
+        if given is not None:
+            numbering.given[id(model)] = given
     try:
         return _prove(original, candidate, numbering)
     finally:
@@ -123,31 +131,38 @@ class _Numbering:
         self.models: list[_Keys] = []
         self.forms: dict[int, tuple[int, _Affine]] = {}  # structural key -> affine key and form
         self._protos: dict[int, tuple[onnx.ModelProto, set[str], ir.Model]] = {}
+        self.given: dict[int, onnx.ModelProto] = {}  # id(model) -> that model serialized
 
     def release(self) -> None:
         """Drop every table (and with them the tensor views they hold)."""
         for keys in self.models:
             keys.__dict__.clear()
         for table in (self._table, self._tensor_keys, self._affine, self._buckets, self._ranks,
-                      self._protos, self.forms):
+                      self._protos, self.forms, self.given):
             table.clear()
         self.models.clear()
 
     def proto(self, model: ir.Model) -> onnx.ModelProto:
         """``model`` serialized without the data of initializers longer than
-        ``MAX_SHAPE_ELEMENTS`` (their type and shape only: enough for shape inference),
+        ``MAX_SHAPE_ELEMENTS`` or stored outside (their type and shape only: enough for
+        shape inference),
         once. Only ``ranks`` changes it, fixing its graph inputs' shapes, which the fold
         evaluation does not read."""
         if id(model) not in self._protos:
-            with oir.initializers_set_aside(model, lambda t: t.size > MAX_SHAPE_ELEMENTS) as aside:
-                proto = oir.serialize(model)
-            dims = {v.name: [int(d) for d in t.shape] for v, t in aside}
-            for tensor in proto.graph.initializer:  # no data, only their shapes (what inference reads)
-                if tensor.name in dims:
-                    del tensor.dims[:]
-                    tensor.dims.extend(dims[tensor.name])
+            proto = self.given.pop(id(model), None)
+            if proto is not None:
+                aside = _strip_large(proto)
+            else:
+                with oir.initializers_set_aside(model, _large_or_external) as set_aside:
+                    proto = oir.serialize(model)
+                dims = {v.name: [int(d) for d in t.shape] for v, t in set_aside}
+                for tensor in proto.graph.initializer:  # no data, only their shapes (what inference reads)
+                    if tensor.name in dims:
+                        del tensor.dims[:]
+                        tensor.dims.extend(dims[tensor.name])
+                aside = set(dims)
             del proto.graph.value_info[:]  # declared intermediate types are not trusted
-            self._protos[id(model)] = (proto, set(dims), model)
+            self._protos[id(model)] = (proto, aside, model)
         return self._protos[id(model)][0]
 
     def without_data(self, model: ir.Model) -> set[str]:
@@ -489,13 +504,39 @@ class _Keys:
                 if node is not None:
                     stack.extend(node.input)
         aside = self.numbering.without_data(self.model)
-        initializers = [ir.serde.serialize_tensor(self.model.graph.initializers[t.name].const_value)
+        initializers = [_in_memory(self.model.graph.initializers[t.name].const_value, t.name)
                         if t.name in aside else t for t in proto.graph.initializer if t.name in needed]
         nodes = [n for n in proto.graph.node if any(out in needed for out in n.output)]
         graph = onnx.helper.make_graph(nodes, "folds", [], [onnx.helper.make_empty_tensor_value_info(v.name)
                                                            for v in values], initializers)
         sub = onnx.helper.make_model(graph, opset_imports=proto.opset_import, ir_version=max(4, proto.ir_version))
         return run(make_session(sub.SerializeToString()), {})
+
+def _large_or_external(tensor: ir.TensorProtocol) -> bool:
+    return tensor.size > MAX_SHAPE_ELEMENTS or isinstance(tensor, ir.ExternalTensor)
+
+
+def _in_memory(tensor: ir.TensorProtocol, name: str) -> onnx.TensorProto:
+    """``tensor`` serialized with its data inline (a session built from bytes cannot read
+    external data)."""
+    return ir.serde.serialize_tensor(ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=name))
+
+
+def _strip_large(proto: onnx.ModelProto) -> set[str]:
+    """Empties the main graph's initializers longer than ``MAX_SHAPE_ELEMENTS`` or stored
+    outside (keeping their name, type and shape: what inference reads); their names."""
+    stripped = set()
+    for tensor in proto.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.STRING:
+            continue
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or int(np.prod(tensor.dims)) > MAX_SHAPE_ELEMENTS:
+            name, dtype, dims = tensor.name, tensor.data_type, list(tensor.dims)
+            tensor.Clear()
+            tensor.name, tensor.data_type = name, dtype
+            tensor.dims.extend(dims)
+            stripped.add(name)
+    return stripped
+
 
 def _raw_bytes(tensor: ir.TensorProtocol) -> np.ndarray:
     """A tensor's bytes as a flat uint8 array (a view where the tensor holds a numpy array)."""

@@ -71,6 +71,7 @@ Feeds = Mapping[str, np.ndarray]
 ModelRef = Union[ir.Model, str, os.PathLike]
 
 DEFAULT_SAMPLES = 3
+REPARSE_MAX_BYTES = 64 * 1024 * 1024  # an original file up to this size is parsed again for the proof
 REFERENCES = ("auto", "float32")
 
 
@@ -157,7 +158,8 @@ class Verifier:
     feeds with ``input_shapes`` for dynamic dimensions and ``input_ranges`` for values.
     ``reference``: "auto" (float64 where needed and possible, else the float32 original)
     or "float32" (always the float32 original). ``parsed``: ``original`` (a path) already
-    parsed, for the checks of the options only; it may change afterwards.
+    parsed, handed over: nothing else may change it (e.g. a clone of the parse the passes
+    change, which shares its immutable tensors and so costs no second copy of the weights).
     """
 
     def __init__(
@@ -187,9 +189,7 @@ class Verifier:
         self._progress = progress
         self._scratch = tempfile.TemporaryDirectory(prefix="optcc-verify-")
         model = original if isinstance(original, ir.Model) else parsed if parsed is not None else oir.load(original)
-        # a borrowed parse serves the checks below only (its owner goes on to change it); the
-        # model is loaded again when first needed, so no second copy lives while passes run
-        self._loaded: ir.Model | None = None if parsed is not None and model is parsed else model
+        self._loaded = model
         self.original: Any = original if isinstance(original, (str, os.PathLike)) else model
         self._feeds: list[dict[str, np.ndarray]] | None = None
         self._generate: dict[str, Any] | None = None
@@ -215,9 +215,7 @@ class Verifier:
 
     @property
     def _model(self) -> ir.Model:
-        """The original, parsed (loaded on first use when the parse given was borrowed)."""
-        if self._loaded is None:
-            self._loaded = oir.load(self.original)
+        """The original, parsed."""
         return self._loaded
 
     @functools.cached_property
@@ -350,8 +348,9 @@ class Verifier:
     def check(self, model: ir.Model, numerics: Numerics = "exact") -> Verification:
         """Compare ``model`` with the reference on every provider and sample."""
         tolerance = self.tolerances[numerics]
+        source, proto = self._serialized(model)
         if numerics in ("exact", "fusion") and self._generate is not None:  # the user's samples always run
-            proved = self._proved(model, numerics, tolerance)
+            proved = self._proved(model, source, proto, numerics, tolerance)
             if proved is not None:
                 return proved
         float32 = self._float32_outputs()
@@ -374,7 +373,7 @@ class Verifier:
         with Progress("verifying", len(self.providers) * len(self.feeds), enabled=self._progress) as bar:
             for provider in self.providers:
                 try:
-                    session = make_session(model, provider, scratch=self._scratch.name)
+                    session = make_session(source, provider, scratch=self._scratch.name)
                 except Exception as e:  # noqa: BLE001
                     reason = f"onnxruntime cannot load the optimized model: {first_line(e)}"
                     return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
@@ -412,12 +411,36 @@ class Verifier:
         return Verification(status=status, outputs=metrics, reason="; ".join(problems) or None, reference=reference,
                             task=task, notes=self.notes(), **base)
 
-    def _proved(self, model: ir.Model, numerics: Numerics, tolerance: Tolerance) -> Verification | None:
+    def _serialized(self, model: ir.Model) -> tuple[Any, onnx.ModelProto | None]:
+        """What onnxruntime loads ``model`` from (its bytes; the model itself when it needs
+        external data, which ``make_session`` saves), and the proto serialized on the way."""
+        if oir.needs_external_data(model) or oir.uses_external_data(model):
+            return model, None
+        try:
+            proto = oir.serialize(model)
+        except Exception:  # noqa: BLE001 - make_session meets the same error where it is reported
+            return model, None
+        return proto.SerializeToString(), proto
+
+    def _original_proto(self) -> onnx.ModelProto | None:
+        """The original's file parsed again, without external data, when that is cheaper
+        than serializing the parse (a small file); else None."""
+        path = self.original
+        if not isinstance(path, (str, os.PathLike)) or os.path.getsize(path) > REPARSE_MAX_BYTES:
+            return None
+        try:
+            return onnx.load(path, load_external_data=False)
+        except Exception:  # noqa: BLE001 - then the proof serializes the parse
+            return None
+
+    def _proved(self, model: ir.Model, source: Any, proto: onnx.ModelProto | None, numerics: Numerics,
+                tolerance: Tolerance) -> Verification | None:
         """A pass without running the models, when every output is proved equal to the
         original's (``optcc.numerics.equivalence``) and onnxruntime loads the candidate
-        on every provider; None when not proved."""
+        (from ``source``; ``proto``: the candidate serialized, handed over to the proof) on
+        every provider; None when not proved."""
         try:
-            proof = prove_equivalent(self._model, model)
+            proof = prove_equivalent(self._model, model, original_proto=self._original_proto(), candidate_proto=proto)
         except Exception:  # noqa: BLE001 - no proof: the samples decide
             return None
         if not proof.complete:
@@ -426,7 +449,7 @@ class Verifier:
                     reference="proof", proof=proof.to_dict())
         for provider in self.providers:
             try:
-                make_session(model, provider, scratch=self._scratch.name)
+                make_session(source, provider, scratch=self._scratch.name)
             except Exception as e:  # noqa: BLE001
                 return Verification(status="failed", reason=f"onnxruntime cannot load the optimized model: {first_line(e)}",
                                     **base)
