@@ -148,9 +148,10 @@ def const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
     node = value.producer()
     if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
         return None
-    if len(node.attributes) != 1 or len(node.outputs) != 1:
+    attributes = node.attributes.data  # the UserDict's own dict: its Mapping views are slow here
+    if len(attributes) != 1 or len(node.outputs) != 1:
         raise ValueError(f"Constant node '{node.name}' must have one attribute and one output")
-    attr_name, attr = next(iter(node.attributes.items()))
+    attr_name, attr = next(iter(attributes.items()))
     if attr.is_ref():
         return None
     if attr_name == "value" and attr.type == ir.AttributeType.TENSOR:
