@@ -3,7 +3,9 @@
 Rewrites (``y = Op(x, ...)`` removed, every use of ``y`` reads ``x``), each only when
 the value types and constant operands prove the node is a no-op:
 
-- ``cast``: Cast to the dtype ``x`` already has; CastLike to a value of that dtype.
+- ``cast``: Cast to the dtype ``x`` already has; CastLike to a value of that dtype. An
+  unannotated ``x`` made by ConstantOfShape has its ``value`` tensor's dtype (float32
+  without one), as the operator's definition fixes.
 - ``reshape``: Reshape whose target (a constant) gives ``x``'s own shape: every entry is
   a copy (``0`` without allowzero), the equal static dim, or a single ``-1`` when every
   other dim of ``x`` is static and positive (so the inferred size is ``x``'s dim).
@@ -207,17 +209,34 @@ def _keeps_shape(shape: ir.Shape | None, other: Sequence[int]) -> bool:
 # Each rule returns the input the node's single output equals, or None.
 
 
+def _dtype(value: ir.Value | None) -> ir.DataType | None:
+    """The value's annotated dtype, or, unannotated, the dtype ONNX fixes for a
+    ConstantOfShape output: that of its ``value`` tensor, float32 when it has none."""
+    if value is None or value.dtype is not None:
+        return None if value is None else value.dtype
+    producer = value.producer()
+    if producer is None or producer.op_type != "ConstantOfShape" or producer.domain not in ("", "ai.onnx"):
+        return None
+    attribute = producer.attributes.get("value")
+    if attribute is None:
+        return ir.DataType.FLOAT
+    if attribute.type != ir.AttributeType.TENSOR:
+        return None
+    return attribute.as_tensor().dtype
+
+
 def _cast(node: ir.Node, opset: int) -> ir.Value | None:
     x = node.inputs[0]
-    if x is None or x.dtype is None:
+    dtype = _dtype(x)
+    if x is None or dtype is None:
         return None
     if node.op_type == "CastLike":
         like = node.inputs[1] if _has_input(node, 1) else None
-        return x if like is not None and like.dtype == x.dtype else None
+        return x if like is not None and _dtype(like) == dtype else None
     to = node.attributes.get("to")
     if to is None or to.type != ir.AttributeType.INT:
         return None
-    return x if to.as_int() == x.dtype.value else None
+    return x if to.as_int() == dtype.value else None
 
 
 def _reshape(node: ir.Node, opset: int) -> ir.Value | None:
