@@ -244,10 +244,11 @@ def quantize_int8(
     (``optcc.quant.bias_correction.correct_biases``), measured on the first
     ``bias_correction_samples`` calibration samples. With a task judge, the fully
     quantized model is judged with and without the correction, and the correction is
-    dropped for the whole run when it is clearly worse on the held-out samples (the
-    uncorrected model passes and the corrected one does not, or the corrected one's
-    ``shortfall`` is more than ``BIAS_CORRECTION_TOLERANCE`` times larger);
-    ``stats["bias_correction"]`` says which and why.
+    dropped for the whole run when the corrected one fails and the correction is
+    clearly worse on the held-out samples (the uncorrected model passes, or the corrected
+    one's ``shortfall`` is more than ``BIAS_CORRECTION_TOLERANCE`` times larger); a
+    corrected model that passes ships without the comparison. ``stats["bias_correction"]``
+    says which and why.
 
     ``executor`` (any ``concurrent.futures.Executor``: a process pool, Dask's
     ``client.get_executor()``, ...): calibration statistics are collected in ``shards``
@@ -384,20 +385,22 @@ def quantize_int8(
         # nudenet-320n it shifts the class logits of every anchor by the background's mean
         # error (scores 18.5 -> 8.8 dB), on PP-OCRv4 det it lowers the box F1 deviation
         corrected = evaluate(float_model, quantized, held, o.target, reference_outputs=judge.reference)
-        correcting = False
-        plain, plain_stats = make()
-        uncorrected = evaluate(float_model, plain, held, o.target, reference_outputs=judge.reference)
-        # dropped only when clearly worse: the uncorrected model passes and the corrected one
-        # does not, or the corrected one misses by more than twice as much (a smaller
-        # difference is within the noise of a few held-out samples)
-        kept = not (uncorrected.passed and not corrected.passed) and \
-            shortfall(corrected) <= BIAS_CORRECTION_TOLERANCE * shortfall(uncorrected)
-        stats["bias_correction"] = {"kept": kept, "shortfall_corrected": round(shortfall(corrected), 6),
-                                    "shortfall_uncorrected": round(shortfall(uncorrected), 6)}
-        if kept:
-            correcting, initial = True, (quantized, pass_stats, corrected)
-        else:
-            quantized, pass_stats, initial = plain, plain_stats, (plain, plain_stats, uncorrected)
+        initial = (quantized, pass_stats, corrected)  # the fallback's starting point, evaluated once
+        stats["bias_correction"] = {"kept": True, "shortfall_corrected": round(shortfall(corrected), 6)}
+        if not corrected.passed:  # a model that passes ships as it is
+            correcting = False
+            plain, plain_stats = make()
+            uncorrected = evaluate(float_model, plain, held, o.target, reference_outputs=judge.reference)
+            # dropped only when clearly worse: the uncorrected model passes, or the corrected
+            # one misses by more than twice as much (a smaller difference is within the noise
+            # of a few held-out samples)
+            kept = not uncorrected.passed and \
+                shortfall(corrected) <= BIAS_CORRECTION_TOLERANCE * shortfall(uncorrected)
+            stats["bias_correction"].update(kept=kept, shortfall_uncorrected=round(shortfall(uncorrected), 6))
+            if kept:
+                correcting = True
+            else:
+                quantized, pass_stats, initial = plain, plain_stats, (plain, plain_stats, uncorrected)
         lap("bias_correction_choice")
     if o.accuracy_fallback:
         quantized, pass_stats, report = fallback(

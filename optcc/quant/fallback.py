@@ -238,8 +238,9 @@ def evaluate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds],
 
 def shortfall(evaluation: Evaluation) -> float:
     """How far an evaluation is from its target, lower is better: with a task judge, the
-    largest ``deviation / allowed`` over the judged components (at most 1 when it passes),
-    else the negated worst output SQNR in dB."""
+    largest ``deviation / allowed`` over the judged components (a component that passes,
+    by its floor or by a user target, counts at most 1), else the negated worst output
+    SQNR in dB."""
     if evaluation.task is None:
         return -evaluation.worst_sqnr_db
     worst = 0.0
@@ -248,7 +249,8 @@ def shortfall(evaluation: Evaluation) -> float:
             continue
         deviation = row["deviation"] if isinstance(row["deviation"], (int, float)) else math.inf
         allowed = float(row["allowed"])
-        worst = max(worst, deviation / allowed if allowed > 0 else (math.inf if deviation > 0 else 0.0))
+        ratio = deviation / allowed if allowed > 0 else (math.inf if deviation > 0 else 0.0)
+        worst = max(worst, min(ratio, 1.0) if row["passed"] else ratio)  # passed by a user target: 1
     return worst
 
 
