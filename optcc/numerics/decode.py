@@ -15,7 +15,8 @@ flipped near-tie changes every later token, so it measures when the decodes part
 *forced* (the candidate is fed the reference's tokens, so every step is judged on the
 same context). Forced agreement is also reported over the *decisive* steps only, those
 whose reference top-1 margin exceeds ``margin_floor`` (the reference's own logit noise):
-where the reference itself is a near-tie, its choice is no judge.
+where the reference itself is a near-tie, its choice is no judge. ``free_running`` is the
+free-running part alone, against a reference decode already run (what a verifier holds).
 """
 
 from __future__ import annotations
