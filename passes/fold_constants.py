@@ -16,7 +16,9 @@ Evaluation is batched: per graph and wave, ONE temporary model holds all foldabl
 onnxruntime session with all graph optimizations disabled. If that session fails, nodes
 are evaluated one by one with onnxruntime, then with ``onnx.reference`` for nodes
 onnxruntime cannot run (e.g. kernels missing for a dtype); a result whose dtype is not
-exactly the node's output dtype is refused.
+exactly the node's output dtype is refused. ConstantOfShape with a constant shape is
+computed without a session: its value tensor broadcast to the shape, bit for bit what the
+kernel writes.
 
 Never folded (reported under ``kept_*`` in stats, by op type): non-default domains;
 nodes with subgraph or function-reference attributes; nondeterministic ops (Random*,
@@ -239,12 +241,41 @@ class _GraphFolder:
 
     # ------------------------------------------------------------------ evaluation
 
+    def _fill(self, node: ir.Node) -> np.ndarray | None:
+        """ConstantOfShape computed without a session: its value broadcast to the constant
+        shape (a copy of the value's bits into every element, which is all the kernel
+        does); None when the node is anything else or outside the plain case."""
+        if node.op_type != "ConstantOfShape" or len(node.outputs) != 1 or not node.inputs:
+            return None
+        shape = self._const(node.inputs[0])
+        if shape is None or shape.dtype != np.int64 or shape.ndim != 1 or np.any(shape < 0):
+            return None
+        attribute = node.attributes.get("value")
+        if attribute is None:
+            value = np.zeros((), np.float32)
+        elif attribute.type == ir.AttributeType.TENSOR:
+            value = attribute.as_tensor().numpy()
+            if value.size != 1 or value.dtype not in _SAFE_NUMPY:
+                return None
+        else:
+            return None
+        filled = np.broadcast_to(value.reshape(()), tuple(int(d) for d in shape)).copy()
+        return (self._accept(node.outputs, [filled]) or {}).get(node.outputs[0])
+
     def _evaluate(self, batch: list[ir.Node]) -> dict[ir.Value, np.ndarray]:
-        results = self._run_batch(batch)
-        if results is not None:
-            return results
-        results = {}
+        filled: dict[ir.Value, np.ndarray] = {}
         for node in batch:
+            array = self._fill(node)
+            if array is not None:
+                filled[node.outputs[0]] = array
+        rest = [node for node in batch if node.outputs[0] not in filled]
+        if not rest:
+            return filled
+        results = self._run_batch(rest, known=filled)
+        if results is not None:
+            return {**filled, **results}
+        results = dict(filled)
+        for node in rest:
             inputs = [v for v in node.inputs if v is not None]
             if not all(v in results or self._const(v) is not None for v in inputs):
                 continue  # an input failed to evaluate; retried in a later wave if it folds
