@@ -30,11 +30,13 @@ the value types and constant operands prove the node is a no-op:
   ``And(x, True)``, ``Or(x, False)`` (either side; an all-True / all-False bool constant
   whose broadcasting keeps ``x``'s shape, as for the arithmetic rules).
 
-Where ``x`` carries no shape annotation, its shape is derived through the elementwise
-node that made it: a unary elementwise op (Cast, Neg, Abs, Relu, Not, ...) keeps its
-input's shape, and a binary one (Add, Sub, Mul, Div, Pow, And, Or, ...) whose other
-operand is a constant that broadcasting absorbs keeps the shape of the first (up to
-``_SHAPE_DEPTH`` producers back; anything else is unknown).
+Where ``x`` carries no shape annotation (arithmetic, reshape and expand rules), its shape
+is derived through the node that made it: a unary elementwise op (Cast, Neg, Abs, Relu,
+Not, ...) keeps its input's shape, a binary one (Add, Sub, Mul, Div, Pow, And, Or, ...)
+whose other operand is a constant that broadcasting absorbs keeps the shape of the first,
+and Gemm gives ``[M, N]`` from its rank-2 inputs (after ``transA``/``transB``), as the
+operator's definition fixes (up to ``_SHAPE_DEPTH`` producers back; anything else is
+unknown).
 
 Why each is exact (bit for bit): the removed node copies ``x``. For the arithmetic rules
 IEEE 754 gives ``x*1 = x/1 = x`` and ``x - (+0.0) = x + (-0.0) = x`` for every ``x``,
@@ -179,6 +181,12 @@ def shape_of(value: ir.Value, depth: int = _SHAPE_DEPTH) -> ir.Shape | None:
     if node is None or node.domain not in _DEFAULT_DOMAINS or len(node.outputs) != 1:
         return None
     inputs = list(node.inputs)
+    if node.op_type == "Gemm" and len(inputs) >= 2 and None not in inputs[:2]:
+        a, b = shape_of(inputs[0], depth - 1), shape_of(inputs[1], depth - 1)
+        if a is None or b is None or a.rank() != 2 or b.rank() != 2:
+            return None
+        trans_a, trans_b = node.attributes.get_int("transA", 0), node.attributes.get_int("transB", 0)
+        return ir.Shape([a[1 if trans_a else 0], b[0 if trans_b else 1]])
     if None in inputs:
         return None
     if node.op_type in _UNARY_ELEMENTWISE and len(inputs) == 1:
@@ -242,13 +250,14 @@ def _cast(node: ir.Node, opset: int) -> ir.Value | None:
 def _reshape(node: ir.Node, opset: int) -> ir.Value | None:
     x = node.inputs[0]
     target = _ints(node, "shape", 1 if opset >= 5 else None)
-    if x is None or x.shape is None or target is None or len(target) != x.shape.rank():
+    shape = None if x is None else shape_of(x)
+    if shape is None or target is None or len(target) != shape.rank():
         return None
     allowzero = node.attributes.get_int("allowzero", 0) if opset >= 14 else 0
     inferred = [i for i, t in enumerate(target) if t == -1]
     if len(inferred) > 1:
         return None
-    for i, (dim, t) in enumerate(zip(x.shape, target)):
+    for i, (dim, t) in enumerate(zip(shape, target)):
         if t == -1:
             continue
         if t == 0 and not allowzero:
@@ -265,7 +274,7 @@ def _reshape(node: ir.Node, opset: int) -> ir.Value | None:
 def _expand(node: ir.Node, opset: int) -> ir.Value | None:
     x = node.inputs[0]
     target = _ints(node, "", 1)
-    if x is None or target is None or not _keeps_shape(x.shape, target):
+    if x is None or target is None or not _keeps_shape(shape_of(x), target):
         return None
     return x
 
