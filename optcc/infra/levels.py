@@ -16,6 +16,7 @@ __all__ = ["LEVELS", "level_of"]
 # A level is a list of pass names; a tuple of names is run as a Fixpoint.
 _EXACT = (
     "fold-constants",
+    "inline-constant-if",
     "eliminate-identities",
     "eliminate-noops",
     "merge-consecutive",
