@@ -254,7 +254,7 @@ class _GraphFolder:
         if attribute is None:
             value = np.zeros((), np.float32)
         elif attribute.type == ir.AttributeType.TENSOR:
-            value = attribute.as_tensor().numpy()
+            value = attribute.value.numpy()  # as_tensor() isinstance-checks a Protocol: slow
             if value.size != 1 or value.dtype not in _SAFE_NUMPY:
                 return None
         else:
