@@ -91,6 +91,30 @@ def test_minmax_inside_onnxruntime_equals_histogram_extremes() -> None:
     assert calibrate(model, samples, "mse").stats.bins > 0
 
 
+def test_tensors_with_an_infinity_on_every_sample_share_one_whole_tensor_session(monkeypatch) -> None:
+    """A masked attention score holds -inf on every sample: the session that fetches such
+    tensors whole is built once per set of names, not once per sample, and the ranges are
+    still those of the histograms."""
+    import optcc.quant.calibration as calibration
+
+    model, samples = _mlp(), _samples(6)
+    for i in (1, 3, 5):
+        samples[i] = {"x": samples[i]["x"].copy()}
+        samples[i]["x"][0, i % 4] = -np.inf
+    built = []
+    original = calibration._Collector
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        built.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "_Collector", counting)
+    extremes = collect_statistics(model, samples, bins=0)
+    assert len(built) == 1
+    monkeypatch.setattr(calibration, "_Collector", original)
+    assert extremes.ranges("minmax") == collect_statistics(model, samples).ranges("minmax")
+
+
 @pytest.mark.parametrize("dist", ["uniform", "normal"])
 def test_percentile_matches_numpy_within_one_bin(dist: str) -> None:
     rng = np.random.default_rng(3)

@@ -542,6 +542,9 @@ class _ExtremesCollector:
             proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
         self.fetch = [o for _, *outs in self.outputs for o in outs]
+        # the sessions that fetch non-finite tensors whole, one per set of names: built once
+        # (a session is the serialized model: BERT's masked scores hold -inf on every sample)
+        self.whole: dict[tuple[str, ...], _Collector] = {}
 
     def run(self, feeds: Feeds, stats: CalibrationStats) -> None:
         values = dict(zip(self.fetch, self.session.run(self.fetch, dict(feeds))))
@@ -555,7 +558,10 @@ class _ExtremesCollector:
                 continue
             stats.histogram(name).add_extremes(lo, hi, int(values[size_name]))
         if infinite:
-            for name, array in _Collector(self.model, infinite, self.threads).run(feeds):
+            key = tuple(infinite)
+            if key not in self.whole:
+                self.whole[key] = _Collector(self.model, infinite, self.threads)
+            for name, array in self.whole[key].run(feeds):
                 stats.add(name, array)
 
 
