@@ -96,8 +96,12 @@ class DeduplicateInitializersPass(optcc.Pass):
     def call(self, model: ir.Model) -> optcc.PassResult:
         graphs = [g for g in optcc.ir.graphs(model) if isinstance(g, ir.Graph)]
         sizes = collections.Counter(_group(v) for g in graphs for v in _candidates(g))
-        names = _defined_names(model)
-        chains = _enclosing_graphs(model)
+        if len(graphs) == 1:  # no bodies: no enclosing scope, no shadowing to check
+            names: collections.Counter[str] = collections.Counter()
+            chains = {id(model.graph): [model.graph]}
+        else:
+            names = _defined_names(model)
+            chains = _enclosing_graphs(model)
         kept: dict[int, dict[tuple[object, ...], ir.Value]] = {}  # id(graph) -> key -> value
         removed, saved = 0, 0
         for graph in graphs:  # enclosing graphs come before their bodies

@@ -52,6 +52,9 @@ NONDETERMINISTIC_OPS = frozenset(
 )
 
 
+_UNSET = object()
+
+
 class _NotComparable(Exception):
     """The node has an attribute CSE does not compare."""
 
@@ -87,23 +90,22 @@ def _attribute_key(attr: ir.Attr | ir.RefAttr) -> Hashable:
     raise _NotComparable(kind.name)
 
 
-def _node_key(node: ir.Node) -> Hashable | None:
-    """What identifies the node's computation, or None when it must not be merged."""
+def _head_key(node: ir.Node) -> Hashable | None:
+    """The node's op and inputs, or None when it must not be merged. Attributes are
+    compared only between nodes of equal heads (``_attributes_key``)."""
     if node.domain not in _DEFAULT_DOMAINS or node.op_type in NONDETERMINISTIC_OPS:
         return None
     if not node.outputs:
         return None
+    return (node.op_type, node.overload, len(node.outputs), tuple(id(v) for v in node.inputs))
+
+
+def _attributes_key(node: ir.Node) -> Hashable | None:
+    """The node's attributes (None: an attribute CSE does not compare)."""
     try:
-        attributes = tuple(sorted((k, _attribute_key(a)) for k, a in node.attributes.items()))
+        return tuple(sorted((k, _attribute_key(a)) for k, a in node.attributes.items()))
     except _NotComparable:
         return None
-    return (
-        node.op_type,
-        node.overload,
-        len(node.outputs),
-        tuple(id(v) for v in node.inputs),
-        attributes,
-    )
 
 
 def _tensors(attr: ir.Attr) -> list[ir.TensorProtocol]:
@@ -142,14 +144,26 @@ def _replace(node: ir.Node, kept: ir.Node) -> bool:
 
 
 def _eliminate(graph: ir.Graph | ir.Function, merged: dict[str, int]) -> None:
-    seen: dict[Hashable, ir.Node] = {}
+    # head -> [node, attributes key or _UNSET], earlier nodes first; a node's attributes
+    # key is computed only once another node has its head (most nodes have none).
+    seen: dict[Hashable, list[list]] = {}
     for node in list(graph):
-        key = _node_key(node)
+        head = _head_key(node)
+        if head is None:
+            continue
+        group = seen.get(head)
+        if group is None:
+            seen[head] = [[node, _UNSET]]
+            continue
+        key = _attributes_key(node)
         if key is None:
             continue
-        kept = seen.get(key)
+        for entry in group:
+            if entry[1] is _UNSET:
+                entry[1] = _attributes_key(entry[0])
+        kept = next((entry[0] for entry in group if entry[1] is not None and entry[1] == key), None)
         if kept is None:
-            seen[key] = node
+            group.append([node, key])
         elif _same_tensors(node, kept) and _replace(node, kept):
             merged[node.op_type] = merged.get(node.op_type, 0) + 1
 
