@@ -210,7 +210,7 @@ def gpt2_rows(out: Path, which: str = "random", steps: int = 32, prompts: int = 
              }]
     if which == "random":
         ref_tokens = _free_tokens(reference, names, plan, first, steps)
-        rows.append({"model": which, "variant": "float32 export vs torch generate",
+        rows.append({"model": which, "variant": "float32 export vs torch greedy",
                      "free": float((fixture.torch_greedy(prompt, steps) == ref_tokens).mean())})
     for tag, options in GPT2_VARIANTS.items():
         options = dict(options)
