@@ -69,3 +69,38 @@ def test_a_decoder_is_verified_over_a_three_step_decode(level):
     for step_want, step_got in zip(want, got):
         for a, b in zip(step_want, step_got):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+
+
+def _greedy(session: ort.InferenceSession, first: dict, steps: int) -> list[int]:
+    """A plain greedy decode: each step feeds the argmax token, the presents as pasts and a
+    mask one longer."""
+    feeds, tokens = dict(first), []
+    names = [o.name for o in session.get_outputs()]
+    for _ in range(steps):
+        outs = dict(zip(names, session.run(None, feeds)))
+        token = int(np.argmax(outs["logits"][0, -1]))
+        tokens.append(token)
+        feeds = {"input_ids": np.array([[token]], np.int64), "past_key": outs["present_key"],
+                 "past_value": outs["present_value"],
+                 "attention_mask": np.ones((1, feeds["attention_mask"].shape[1] + 1), np.int64)}
+    return tokens
+
+
+@pytest.mark.parametrize("options", [{"fp16": True}, {"weight_only": "int8"}], ids=["fp16", "weights-int8"])
+def test_a_lossy_decoder_reports_its_free_running_agreement(options):
+    model = _decoder()
+    first = {"input_ids": np.array([[4, 7, 1]], np.int64),
+             "past_key": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
+             "past_value": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
+             "attention_mask": np.ones((1, 3), np.int64)}
+    result = optcc.optimize(model, level=2, inputs=[first], **options)
+    verification = result.report.verification
+    run_ = verification["free_running"]["CPUExecutionProvider"]
+    steps = verification["decode_steps"]
+    want = _greedy(ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), first, steps)
+    got = _greedy(ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]),
+                  first, steps)
+    assert run_["steps"] == steps == 3
+    assert run_["agreement"] == np.mean([a == b for a, b in zip(want, got)])
+    assert run_["first_divergence"] == [next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), steps)]
+    assert "free-running greedy tokens" in verification["summary"]

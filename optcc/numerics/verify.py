@@ -55,7 +55,7 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
-from optcc.numerics.decode import DECODE_STEPS, decode_plan, run_decode
+from optcc.numerics.decode import DECODE_STEPS, decode_plan, free_running, run_decode
 from optcc.numerics.equivalence import prove_equivalent
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
 from optcc.numerics.inputs import check_feeds, generate_inputs, input_roles
@@ -91,6 +91,9 @@ class Verification:
     task: dict[str, Any] | None = None  # the task judge's verdict, for INT8
     notes: list[str] = dataclasses.field(default_factory=list)  # what makes this check weaker
     proof: dict[str, Any] | None = None  # set when proved equal without running (reference "proof")
+    # a lossy decoder's own greedy tokens against the original's (reported, never decisive:
+    # one flipped near-tie changes every later token), per provider
+    free_running: dict[str, dict[str, Any]] | None = None
 
     @property
     def passed(self) -> bool:
@@ -132,6 +135,9 @@ class Verification:
                 text += f"; {self.reason}"
         elif self.reason:
             text += f": {self.reason}"
+        for provider, run_ in (self.free_running or {}).items():
+            text += (f"; free-running greedy tokens on {provider.replace('ExecutionProvider', '')}: "
+                     f"{run_['agreement']:.0%} as the original's over {run_['steps']} step(s)")
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,6 +154,7 @@ class Verification:
             "reason": self.reason,
             "outputs": [o.to_dict() for o in self.outputs],
             "proof": self.proof,
+            "free_running": self.free_running,
         }
 
 
@@ -369,6 +376,7 @@ class Verifier:
         if by_task:
             reference += ", judged by the task against its noise floor"
         verdicts: dict[str, Any] = {}
+        free: dict[str, dict[str, Any]] = {}
         metrics: list[OutputMetrics] = []
         with Progress("verifying", len(self.providers) * len(self.feeds), enabled=self._progress) as bar:
             for provider in self.providers:
@@ -387,6 +395,8 @@ class Verifier:
                     reason = f"onnxruntime cannot run the optimized model: {first_line(e)}"
                     return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
                 bar.advance(len(self.feeds))
+                if self._plan is not None and numerics not in ("exact", "fusion"):
+                    free[provider] = self._free_running(session, float32[provider])
                 if by_task:
                     verdicts[provider] = self.task_judge(provider)(self._by_name(got_all))
                 for index, name in enumerate(self._names):
@@ -409,7 +419,19 @@ class Verifier:
         status = "failed" if problems else "passed"
         task = (verdicts.get(self.providers[0]) if len(verdicts) == 1 else verdicts) if verdicts else None
         return Verification(status=status, outputs=metrics, reason="; ".join(problems) or None, reference=reference,
-                            task=task, notes=self.notes(), **base)
+                            task=task, notes=self.notes(), free_running=free or None, **base)
+
+    def _free_running(self, session: Any, reference: Sequence[Sequence[np.ndarray]]) -> dict[str, Any]:
+        """The candidate's own greedy decode from each sample against the original's
+        (``reference``: its cases, ``self._steps`` per sample)."""
+        float16_inputs = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
+        shares, firsts = [], []
+        for i, feeds in enumerate(self.feeds):
+            share, first = free_running(lambda f: run(session, _fit_float16(f, float16_inputs)), self._names,
+                                        self._plan, feeds, reference[i * self._steps:(i + 1) * self._steps])
+            shares.append(share)
+            firsts.extend(first)
+        return {"agreement": float(np.mean(shares)), "first_divergence": firsts, "steps": self._steps}
 
     def _serialized(self, model: ir.Model) -> tuple[Any, onnx.ModelProto | None]:
         """What onnxruntime loads ``model`` from (its bytes; the model itself when it needs
