@@ -154,6 +154,7 @@ class ConvertFloat16Pass(optcc.Pass):
         # the accuracy check compares with the model as given; ranges and candidates start
         # from the model with its attention-mask fills clamped (exact on valid inputs)
         self.original = model.clone()
+        self._originals: dict[str, tuple[list[str], list[list[np.ndarray]]]] = {}
         self.reference = model.clone()
         self.mask_fills = fp16.clamp_mask_fills(self.reference)
         self.opset = optcc.ir.default_opset(model)
@@ -301,14 +302,21 @@ class ConvertFloat16Pass(optcc.Pass):
         return [{k: (a.astype(np.float16) if types.get(k) == FLOAT16 else a) for k, a in f.items()}
                 for f in self.feeds]
 
+    def _original_outputs(self, provider: str) -> tuple[list[str], list[list[np.ndarray]]]:
+        """The model as given: its output names and outputs per sample (run once, so that
+        no two sessions of a large model live at once)."""
+        if provider not in self._originals:
+            ref = fp16.ranges.session(self.original, provider, self._scratch)
+            self._originals[provider] = ([o.name for o in ref.get_outputs()], [ref.run(None, f) for f in self.feeds])
+        return self._originals[provider]
+
     def _output_sqnr(self, candidate: ir.Model) -> dict[str, float]:
         worst: dict[str, float] = {}
         for provider in self.providers:
-            ref = fp16.ranges.session(self.original, provider, self._scratch)
-            got = fp16.ranges.session(candidate, provider, self._scratch)
-            names = [o.name for o in ref.get_outputs()]
-            for f, f16 in zip(self.feeds, self._candidate_feeds(candidate)):
-                for name, r, c in zip(names, ref.run(None, f), got.run(None, f16)):
+            names, originals = self._original_outputs(provider)
+            got = fp16.ranges.session(candidate, provider, self._scratch, arena=False)
+            for original, f16 in zip(originals, self._candidate_feeds(candidate)):
+                for name, r, c in zip(names, original, got.run(None, f16)):
                     r, c = np.asarray(r), np.asarray(c)
                     if np.issubdtype(r.dtype, np.floating):
                         worst[name] = min(worst.get(name, math.inf), fp16.ranges.sqnr_db(r, c))
@@ -468,12 +476,17 @@ class ConvertFloat16Pass(optcc.Pass):
     # -- the pass ------------------------------------------------------------------------
     def call(self, model: ir.Model) -> optcc.PassResult:
         # sessions on models with external data load from a file saved here (not from bytes)
+        configured = set(vars(self))
         with tempfile.TemporaryDirectory(prefix="optcc-fp16-") as scratch:
             self._scratch = scratch
             try:
                 return self._call(model)
             finally:
                 self._scratch = None
+                # the run's state (model copies, emulated candidates, sampled values) goes with
+                # it: the pass object outlives the run in the pipeline
+                for name in set(vars(self)) - configured:
+                    delattr(self, name)
 
     def _call(self, model: ir.Model) -> optcc.PassResult:
         self._facts(model)

@@ -24,7 +24,7 @@ import onnxruntime as ort
 
 from optcc import ir as oir
 from optcc.numerics.metrics import sqnr_db as powers_db
-from optcc.runtime import make_session
+from optcc.runtime import make_session, session_options
 
 FP16_TINY = 2.0**-24  # smallest float16 subnormal; half of it rounds to zero
 
@@ -89,11 +89,13 @@ def _probe(model: ir.Model) -> ir.Model:
 
 
 def session(model: ir.Model, provider: str = "CPUExecutionProvider",
-            scratch: str | os.PathLike | None = None) -> ort.InferenceSession:
+            scratch: str | os.PathLike | None = None, *, arena: bool = True) -> ort.InferenceSession:
     """A session on ``model`` with onnxruntime's graph optimizations off. A model with
     external data (or too large for one protobuf) is saved into ``scratch`` and loaded from
-    that path: a session built from bytes cannot find external data."""
-    return make_session(model, provider, scratch=scratch)
+    that path: a session built from bytes cannot find external data. ``arena`` off: memory
+    freed during a run goes back to the system (the float32 copies of float16 weights that
+    onnxruntime's CPU kernels make are then not kept)."""
+    return make_session(model, provider, scratch=scratch, options=session_options(arena=arena))
 
 
 def run_all(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],

@@ -381,7 +381,10 @@ class Verifier:
         with Progress("verifying", len(self.providers) * len(self.feeds), enabled=self._progress) as bar:
             for provider in self.providers:
                 try:
-                    session = make_session(source, provider, scratch=self._scratch.name)
+                    # a lossy candidate's kernels may widen its stored weights on every run (float16
+                    # on CPU, dequantized weights): without the arena that memory is returned
+                    session = make_session(source, provider, scratch=self._scratch.name,
+                                           options=session_options(arena=numerics in ("exact", "fusion")))
                 except Exception as e:  # noqa: BLE001
                     reason = f"onnxruntime cannot load the optimized model: {first_line(e)}"
                     return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
