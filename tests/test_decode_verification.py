@@ -104,3 +104,24 @@ def test_a_lossy_decoder_reports_its_free_running_agreement(options):
     assert run_["agreement"] == np.mean([a == b for a, b in zip(want, got)])
     assert run_["first_divergence"] == [next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), steps)]
     assert "free-running greedy tokens" in verification["summary"]
+
+
+def test_a_lossy_decoders_caches_are_judged_through_its_logits_not_by_themselves():
+    """The caches feed the next step (each model its own), so the task judge sees the
+    logits only; a candidate whose weights are off shows it there."""
+    model = _decoder()
+    candidate = optcc.optimize(model, level=2, weight_only="int4", verify=False).model
+    verification = optcc.verify(model, candidate, numerics="int8")
+    rows = verification.task["metrics"]
+    assert rows and all(name.startswith("logits:") for name in rows), sorted(rows)
+    assert verification.decode_steps == 3 and verification.free_running
+    # independently: the int4 candidate is not the float model on this decoder's first step,
+    # so there is something for the judged logits to see
+    first = {"input_ids": np.array([[4, 7, 1]], np.int64),
+             "past_key": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
+             "past_value": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
+             "attention_mask": np.ones((1, 3), np.int64)}
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for m in (model, candidate)]
+    want, got = (s.run(["logits"], first)[0] for s in sessions)
+    assert not np.allclose(want, got, rtol=1e-3, atol=1e-3 * float(np.abs(want).max()))

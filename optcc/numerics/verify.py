@@ -303,6 +303,13 @@ class Verifier:
     def _by_name(self, cases: Sequence[Sequence[np.ndarray]]) -> dict[str, list[np.ndarray]]:
         return {name: [case[i] for case in cases] for i, name in enumerate(self._names)}
 
+    def _judged(self, cases: Sequence[Sequence[np.ndarray]]) -> dict[str, list[np.ndarray]]:
+        """The outputs the task judge sees: all but a decoder's caches, which are its state,
+        not its answer (each decode step feeds a model its own, so their errors are judged
+        where they show: in the later steps' logits)."""
+        state = set(self._plan.past_to_present.values()) if self._plan is not None else set()
+        return {name: values for name, values in self._by_name(cases).items() if name not in state}
+
     def task_judge(self, provider: str) -> TaskJudge:
         """The judge of INT8 results on ``provider``: the original's outputs, and its outputs
         on the samples perturbed at their resolution (the noise floor)."""
@@ -320,7 +327,8 @@ class Verifier:
             mask_names = [n for n, role in roles.items() if role == "mask"]
             if mask_names and self._plan is None:
                 masks = [f.get(mask_names[0]) for f in self.feeds]
-            self._judges[provider] = TaskJudge(self._by_name(float32[provider]), self._by_name(self._cases(session, perturbed)),
+            self._judges[provider] = TaskJudge(self._judged(float32[provider]),
+                                               self._judged(self._cases(session, perturbed)),
                                                perturbation=how, masks=masks, **self._task)
         return self._judges[provider]
 
@@ -401,7 +409,7 @@ class Verifier:
                 if self._plan is not None and numerics not in ("exact", "fusion"):
                     free[provider] = self._free_running(session, float32[provider])
                 if by_task:
-                    verdicts[provider] = self.task_judge(provider)(self._by_name(got_all))
+                    verdicts[provider] = self.task_judge(provider)(self._judged(got_all))
                 for index, name in enumerate(self._names):
                     resolution = 0.0 if numerics == "exact" else self._resolution.get(name, 0.0)
                     originals = [outs[index] for outs in float32[provider]]
