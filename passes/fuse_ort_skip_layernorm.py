@@ -1,5 +1,5 @@
 """FuseOrtSkipLayerNormPass: residual Add + LayerNormalization into onnxruntime's
-com.microsoft SkipLayerNormalization (-O3).
+com.microsoft SkipLayerNormalization (opt-in: in no level's pipeline).
 
 Rewrites (onnxruntime target; com.microsoft opset 1 imported when used):
 
@@ -24,9 +24,10 @@ the one-pass variance E[x^2] - mean^2 in float32; rounding differences ~1e-6 on
 transformer activations, inside 1e-4.
 
 Cost: onnxruntime's CPU kernel for float32 is a scalar loop with a division per element,
-about 3-5x slower than Add + LayerNormalization (onnxruntime 1.32, hidden 128-768, one
-thread): on CPU this fusion saves nodes, not time, and ``disable=["fuse-ort-skip-layernorm"]``
-leaves it out. Its float16 kernel keeps -O3 with ``--fp16`` free of Casts there.
+slower than Add + LayerNormalization, so -O3 (whose fusions must not make onnxruntime's
+CPU slower) leaves this fusion out; name it (``passes=[..., "fuse-ort-skip-layernorm"]``,
+``--passes``) for a target whose kernel is fast. Without it, -O3 with ``--fp16`` keeps the
+standard LayerNormalization, which has a float16 kernel: no Casts either way.
 
 Stats: ``applied``/``rejected`` per rule and ``skip_layernorm_sum``: per LayerNormalization
 over a sum read elsewhere, "fused" or why not.

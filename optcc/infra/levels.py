@@ -47,7 +47,7 @@ LEVELS: dict[int, list[str | tuple[str, ...]]] = {
         "store-constant-outputs"],
     3: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions",
         "fuse-ort-conv-activation",
-        ("fuse-ort-attention", "fuse-ort-skip-layernorm", "fuse-ort-transformer", "eliminate-dead-nodes"),
+        ("fuse-ort-attention", "fuse-ort-transformer", "eliminate-dead-nodes"),
         "fuse-parallel-matmuls", _EXACT,
         "store-constant-outputs", "record-target"],
 }
