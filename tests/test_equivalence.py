@@ -361,3 +361,36 @@ def test_protos_handed_over_prove_the_same_folds_with_external_data(tmp_path):
     x = RNG.standard_normal((2, 4)).astype(np.float32)
     np.testing.assert_allclose(expected_outputs_float64(optcc.ir.serialize(folded), {"x": x})[0],
                                expected_outputs_float64(onnx.load(path), {"x": x})[0], rtol=1e-6, atol=1e-6)
+
+
+def test_a_constant_of_shape_fold_is_proved_by_its_definition(monkeypatch):
+    """A ConstantOfShape of a constant shape is its value's bits everywhere: proved
+    without a session; a fill one ulp off is another model."""
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[4, 3] x) => (float[4, 3] y) {
+            s = Constant <value = int64[2] {4, 3}> ()
+            c = ConstantOfShape <value = float[1] {1.5}> (s)
+            y = Add(x, c)
+        }""")
+    candidate = _optimized(proto, ["fold-constants"])
+    assert [n.op_type for n in candidate.graph] == ["Add"]
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("a ConstantOfShape fold needs no onnxruntime session")
+
+    monkeypatch.setattr("optcc.numerics.equivalence.make_session", no_session)
+    proof = prove_equivalent(_load(proto), candidate)
+    assert proof.complete and proof.folds_checked == 1
+
+    def off_by_one_ulp(model: ir.Model) -> None:
+        add = next(n for n in model.graph if n.op_type == "Add")
+        fill = np.full((4, 3), np.nextafter(np.float32(1.5), np.float32(2)), np.float32)
+        wrong = ir.Value(name="wrong", const_value=ir.tensor(fill))
+        model.graph.initializers["wrong"] = wrong
+        add.replace_input_with(1, wrong)
+
+    assert not prove_equivalent(_load(proto), _planted(proto, off_by_one_ulp)).complete
+    x = RNG.standard_normal((4, 3)).astype(np.float32)
+    np.testing.assert_array_equal(expected_outputs_float64(optcc.ir.serialize(candidate), {"x": x})[0],
+                                  expected_outputs_float64(proto, {"x": x})[0])

@@ -16,7 +16,8 @@ gets a key, and two values with the same key compute the same thing for every in
   a dim) is keyed by its input and that target;
 - a value computed from constants alone that the candidate does not compute the same way
   (a fold) is evaluated once on onnxruntime, with the kernels the original itself runs,
-  and keyed by its bytes;
+  and keyed by its bytes (a ``ConstantOfShape`` of a constant shape by its definition:
+  its value's bits in every element);
 - an affine chain gets a normal form: a Conv, ConvTranspose (one group), Gemm or MatMul
   with a constant weight, or an inference BatchNormalization, followed by per-channel
   constant Mul, Add, Sub, Div or BatchNormalization, is ``op(x; W) + b`` with ``W`` and
@@ -478,16 +479,37 @@ class _Keys:
     def evaluate(self, values: list[ir.Value]) -> int:
         """Key ``values`` (computed from constants alone) by their bytes, evaluated on
         onnxruntime; returns how many were evaluated (0 when they cannot be, or are too big)."""
+        filled = {id(v): a for v in values if (a := self._filled(v)) is not None}
         try:
-            arrays = self._evaluate(values)
+            rest = [v for v in values if id(v) not in filled]
+            computed = dict(zip(map(id, rest), self._evaluate(rest) if rest else []))
         except Exception:  # noqa: BLE001 - unevaluated folds stay unproved, and are checked on samples
             return 0
+        arrays = [filled.get(id(v), computed.get(id(v))) for v in values]
         if sum(a.nbytes for a in arrays) > MAX_FOLD_CHECK_BYTES:
             return 0
         for value, array in zip(values, arrays):
             self._arrays[id(value)] = array
             self._set(value, self.numbering.array(array))
         return len(values)
+
+    def _filled(self, value: ir.Value) -> np.ndarray | None:
+        """A ConstantOfShape output with a constant shape, by the operator's definition: its
+        value's bits copied to every element (no arithmetic, so no kernel to ask); else None."""
+        node = value.producer()
+        if node is None or node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx") \
+                or len(node.inputs) != 1 or self._opaque(node):
+            return None
+        shape = self._array(node.inputs[0])
+        fill = node.attributes.get("value")
+        if shape is None or shape.dtype != np.int64 or shape.ndim != 1 or (shape < 0).any():
+            return None
+        if fill is None:
+            return np.zeros(tuple(int(d) for d in shape), np.float32)
+        if fill.type != ir.AttributeType.TENSOR or fill.value.size != 1:
+            return None
+        element = fill.value.numpy().reshape(-1)
+        return np.full(tuple(int(d) for d in shape), element[0], element.dtype)
 
     def _evaluate(self, values: list[ir.Value]) -> list[np.ndarray]:
         """``values`` computed by the original's own nodes, on onnxruntime's CPU kernels (a
