@@ -611,7 +611,8 @@ class _AttentionPass(RewritePass):
     def call(self, model: ir.Model) -> PassResult:
         layers: dict[ir.Node, str] = {}
         before = {n: n.name or f"Softmax#{i}" for i, n in enumerate(_softmaxes(model))}
-        stats = apply_rules(model, attention_rules(self.kind, layers), max_iters=self.max_iters)
+        # every pattern has a Softmax: without one, none of the 64 is built
+        stats = apply_rules(model, attention_rules(self.kind, layers) if before else (), max_iters=self.max_iters)
         remaining = set(_softmaxes(model))
         opset = optcc.ir.default_opset(model)
         op = "Attention" if self.kind == "standard" else f"{MS_DOMAIN}.MultiHeadAttention"
