@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 import optcc
+from transformers_vs_ort import latency_ratio, session  # the same sessions and timing
 
 BERT = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512,
         "vocab_size": 2000, "max_position_embeddings": 256}
@@ -163,30 +162,6 @@ def feeds(model: str, path: Path, batch: int = 4, seq: int = 64, seed: int = 0) 
     return {n: f[n] for n in names}
 
 
-def session(model: bytes | str, optimize: bool, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
-def latency_ratio(fused: ort.InferenceSession, plain: ort.InferenceSession, f: dict, runs: int) -> float:
-    """Median fused / median unfused over interleaved runs."""
-    a, b = [], []
-    for _ in range(3):
-        fused.run(None, f), plain.run(None, f)
-    for _ in range(runs):
-        t = time.perf_counter()
-        fused.run(None, f)
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        plain.run(None, f)
-        b.append(time.perf_counter() - t)
-    return float(np.median(a) / np.median(b))
-
-
 def _max_rel(model: str, got: list, ref: list, mask: np.ndarray) -> float:
     """Worst output's max |got - ref| / max |ref|; padded positions of the first output
     (hidden states or logits) are ignored."""
@@ -223,10 +198,10 @@ def measure(model: str, exporter: str, opset: int, level: str, out: Path, runs: 
     ops = optcc.ir.op_histogram(optcc.ir.load(result.model))
     f = feeds(model, path)
     data = result.model.SerializeToString()
-    ref = session(str(path), False, threads).run(None, f)
-    got = session(data, False, threads).run(None, f)
+    ref = session(str(path), threads, optimize=False).run(None, f)
+    got = session(data, threads, optimize=False).run(None, f)
     verdicts = _layer_verdicts(report)
-    fused_s, plain_s = session(data, True, threads), session(str(path), True, threads)
+    fused_s, plain_s = session(data, threads), session(str(path), threads)
     ratios = sorted(round(latency_ratio(fused_s, plain_s, f, runs), 3) for _ in range(3))
     fused = {k: v for k, v in ops.items() if k.split("::")[-1] in ATTENTION_OPS}
     return {

@@ -41,20 +41,11 @@ import onnx_ir as ir
 import optcc
 from optcc.infra import PassResult
 from optcc.passes.fuse_attention import exported_rank
+from optcc.passes.fuse_ort_transformer import MS_DOMAIN, float32_only, float_vector
 from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var, static_rank
 
 __all__ = ["FuseOrtSkipLayerNormPass", "RULES", "fuse_skip_layernorm_with_sum"]
 
-MS_DOMAIN = "com.microsoft"
-
-
-def _float32(*values: ir.Value | None) -> bool:
-    return all(v is None or v.dtype in (None, ir.DataType.FLOAT) for v in values)
-
-
-def _vector(m: Match, name: str) -> np.ndarray | None:
-    array = m.array(name)
-    return array if array is not None and array.ndim == 1 and array.dtype == np.float32 else None
 
 
 def _skip_pattern(with_bias: bool) -> Op:
@@ -67,16 +58,16 @@ def _skip_pattern(with_bias: bool) -> Op:
 def _check_skip(m: Match) -> str | None:
     ln: ir.Node = m["ln"]
     x = m.get("x") if m.get("x") is not None else m["bias_add"].outputs[0]
-    if not _float32(x, m["skip"], m.output):
+    if not float32_only(x, m["skip"], m.output):
         return "not float32"
     if any(len(o.uses()) or o.is_graph_output() for o in ln.outputs[1:]):
         return "LayerNormalization's mean/inv_std outputs are used"
-    gamma = _vector(m, "gamma")
+    gamma = float_vector(m, "gamma")
     if gamma is None:
         return "gamma is not a float32 vector"
     size = gamma.size
     for name in ("beta", "bias"):
-        if m.get(name) is not None and (_vector(m, name) is None or _vector(m, name).size != size):
+        if m.get(name) is not None and (float_vector(m, name) is None or float_vector(m, name).size != size):
             return f"{name} is not a float32 vector of the hidden size"
     ranks = [exported_rank(m, x), exported_rank(m, m["skip"])]
     if ranks != [3, 3]:
@@ -125,7 +116,7 @@ def _sum_check(ln: ir.Node, facts: _Facts) -> str | None:
     add = total.producer() if total is not None else None
     if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
         return "input is not an Add"
-    if not _float32(*add.inputs, total, ln.outputs[0]):
+    if not float32_only(*add.inputs, total, ln.outputs[0]):
         return "not float32"
     if any(o.uses() or o.is_graph_output() for o in ln.outputs[1:]):
         return "LayerNormalization's mean/inv_std outputs are used"

@@ -27,16 +27,18 @@ from optcc.infra import PassResult
 from optcc.passes.fuse_normalization import _check_gelu, gelu_rules
 from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var
 
-__all__ = ["FuseOrtTransformerPass", "RULES", "MS_DOMAIN"]
+__all__ = ["FuseOrtTransformerPass", "RULES", "MS_DOMAIN", "float32_only", "float_vector"]
 
 MS_DOMAIN = "com.microsoft"
 
 
-def _float32(*values: ir.Value | None) -> bool:
+def float32_only(*values: ir.Value | None) -> bool:
+    """Whether every given value is float32 (or of unknown type)."""
     return all(v is None or v.dtype in (None, ir.DataType.FLOAT) for v in values)
 
 
-def _vector(m: Match, name: str) -> np.ndarray | None:
+def float_vector(m: Match, name: str) -> np.ndarray | None:
+    """The match's constant ``name`` when it is a float32 vector, else None."""
     array = m.array(name)
     return array if array is not None and array.ndim == 1 and array.dtype == np.float32 else None
 
@@ -55,7 +57,7 @@ def _check_bias_gelu(m: Match) -> str | None:
     node: ir.Node = m["gelu"]
     if node.domain == MS_DOMAIN and len(node.inputs) > 1:
         return "FastGelu already has a bias"
-    if not _float32(m["x"], m.output) or _vector(m, "bias") is None:
+    if not float32_only(m["x"], m.output) or float_vector(m, "bias") is None:
         return "not float32 with a constant vector bias"
     return None if _gelu_kind(node) else "unknown Gelu form"
 
