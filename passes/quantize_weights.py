@@ -24,10 +24,9 @@ constant float32 ``[V, H]`` table to int8 with one scale per row (rows are gathe
 first, then dequantized); a table tied to a MatMul/Gemm head is stored once as int8 per
 row and dequantized once for all its readers. Without ``embeddings`` a tied table stays
 float (its readers include a Gather). ``embeddings=None`` (the default) means True with
-``bits=4`` and False with ``bits=8``: next to a 4-bit body, int8 rows cost no measurable
-accuracy (GPT-2 logit SQNR 41.0 dB with them, 40.9 without; MiniLM pooled-embedding
-Spearman unchanged) and a vocabulary table is a large share of a language model; next to
-an 8-bit body they are the largest error left (GPT-2: 59.7 -> 53.8 dB).
+``bits=4`` and False with ``bits=8``: next to a 4-bit body, int8 rows add an error far
+below the body's, and a vocabulary table is a large share of a language model; next to an
+8-bit body they would be the largest error left (docs/weight-only.md has the measurements).
 
 GPTQ needs ``samples`` (feed dicts): the Hessian ``X^T X`` of each layer's input is
 accumulated in float64 over them, one sample at a time, from the float model; without
