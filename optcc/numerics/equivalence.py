@@ -144,11 +144,10 @@ class _Numbering:
         self.models.clear()
 
     def proto(self, model: ir.Model) -> onnx.ModelProto:
-        """``model`` serialized without the data of initializers longer than
-        ``MAX_SHAPE_ELEMENTS`` or stored outside (their type and shape only: enough for
-        shape inference),
-        once. Only ``ranks`` changes it, fixing its graph inputs' shapes, which the fold
-        evaluation does not read."""
+        """``model`` serialized (once, or the serialization handed over) without the data of
+        initializers longer than ``MAX_SHAPE_ELEMENTS`` or stored outside (their type and
+        shape only: enough for shape inference). Only ``ranks`` changes it, fixing its graph
+        inputs' shapes, which the fold evaluation does not read."""
         if id(model) not in self._protos:
             proto = self.given.pop(id(model), None)
             if proto is not None:
@@ -505,10 +504,13 @@ class _Keys:
         if shape is None or shape.dtype != np.int64 or shape.ndim != 1 or (shape < 0).any():
             return None
         if fill is None:
-            return np.zeros(tuple(int(d) for d in shape), np.float32)
-        if fill.type != ir.AttributeType.TENSOR or fill.value.size != 1:
+            element = np.zeros(1, np.float32)
+        elif fill.type == ir.AttributeType.TENSOR and fill.value.size == 1:
+            element = fill.value.numpy().reshape(-1)
+        else:
             return None
-        element = fill.value.numpy().reshape(-1)
+        if int(np.prod(shape)) * element.itemsize > MAX_FOLD_CHECK_BYTES:
+            return None  # not materialized: too big to check either way
         return np.full(tuple(int(d) for d in shape), element[0], element.dtype)
 
     def _evaluate(self, values: list[ir.Value]) -> list[np.ndarray]:
@@ -533,6 +535,7 @@ class _Keys:
                                                            for v in values], initializers)
         sub = onnx.helper.make_model(graph, opset_imports=proto.opset_import, ir_version=max(4, proto.ir_version))
         return run(make_session(sub.SerializeToString()), {})
+
 
 def _large_or_external(tensor: ir.TensorProtocol) -> bool:
     return tensor.size > MAX_SHAPE_ELEMENTS or isinstance(tensor, ir.ExternalTensor)
