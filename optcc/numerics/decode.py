@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from optcc.numerics.inputs import DECODE_STEPS, input_roles
+from optcc.numerics.metrics import sqnr_db
 
 __all__ = ["DECODE_STEPS", "DecodePlan", "GreedyAgreement", "decode_plan", "free_running", "greedy_agreement",
            "run_decode"]
@@ -162,9 +163,7 @@ def greedy_agreement(
     forced = forced_logits.argmax(-1)
     top2 = np.sort(ref_logits, axis=-1)[..., -2:]
     decisive = (top2[..., 1] - top2[..., 0]) > margin_floor
-    noise = float(((forced_logits - ref_logits) ** 2).sum())
-    signal = float((ref_logits ** 2).sum())
-    sqnr = float("inf") if noise == 0 else 10 * float(np.log10(signal / noise)) if signal > 0 else float("-inf")
+    sqnr = sqnr_db(float((ref_logits ** 2).sum()), float(((forced_logits - ref_logits) ** 2).sum()))
     return GreedyAgreement(
         free=free_share,
         first_divergence=first_divergence,
