@@ -196,7 +196,7 @@ class Verifier:
         self._progress = progress
         self._scratch = tempfile.TemporaryDirectory(prefix="optcc-verify-")
         model = original if isinstance(original, ir.Model) else parsed if parsed is not None else oir.load(original)
-        self._loaded = model
+        self._model = model  # the original, parsed
         self.original: Any = original if isinstance(original, (str, os.PathLike)) else model
         self._feeds: list[dict[str, np.ndarray]] | None = None
         self._generate: dict[str, Any] | None = None
@@ -219,11 +219,6 @@ class Verifier:
         self._names: list[str] = []
         self._error: str | None = None
         self._float64: Float64Reference | None = None
-
-    @property
-    def _model(self) -> ir.Model:
-        """The original, parsed."""
-        return self._loaded
 
     @functools.cached_property
     def _plan(self) -> Any:
