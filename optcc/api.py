@@ -147,12 +147,12 @@ def optimize(
     loaded = oir.load(model)
     label = str(model) if isinstance(model, (str, os.PathLike)) else None
     input_shapes = _merged_shapes(loaded, input_shapes, overwrite_input_shapes, label)
-    working = loaded.clone() if loaded is model else loaded
+    working = oir.clone(loaded) if loaded is model else loaded
     original: Any = model if isinstance(model, (str, os.PathLike)) else loaded
     if original is loaded and working is loaded:
-        original = loaded.clone()  # the passes modify ``working`` in place
+        original = oir.clone(loaded)  # the passes modify ``working`` in place
     # the verifier's parse of a path: a clone sharing the (immutable) tensors, no second load
-    untouched = loaded.clone() if isinstance(original, (str, os.PathLike)) and (verify or verify_each) else None
+    untouched = oir.clone(loaded) if isinstance(original, (str, os.PathLike)) and (verify or verify_each) else None
     report = Report(level=None if passes is not None else level)
     report.model_before = ModelSummary.of(working)
     if overwrite_input_shapes:
@@ -363,5 +363,5 @@ def _fresh_copies(given: oir.ModelSource, original: Any) -> Callable[[], ir.Mode
     """New copies of the model as given, for the pass manager's reverts: reloaded from a
     path, else cloned from the untouched original."""
     if isinstance(original, ir.Model):
-        return original.clone
+        return lambda: oir.clone(original)
     return lambda: oir.load(given)

@@ -125,7 +125,7 @@ class PassManager:
         """Run the pipeline on ``model`` (modified in place). ``fresh`` returns a new copy of
         the model as given, for reverts and replays (default: a copy taken now)."""
         if fresh is None:
-            fresh = model.clone().clone
+            fresh = _copier(model)
         run = self._complete(model, fresh, reverts={})
         verification = None
         if self.verifier is not None:
@@ -255,7 +255,7 @@ class PassManager:
         return ", ".join(names) if names else "none"
 
     def _set_checkpoint(self, run: _Run, model: ir.Model) -> None:
-        run.checkpoint = model.clone().clone  # each call returns a new copy
+        run.checkpoint = _copier(model)  # each call returns a new copy
         run.since_checkpoint = []
         run.kept_at_checkpoint = len(run.kept)
 
@@ -354,3 +354,9 @@ class PassManager:
             )
         )
         return model, status == "changed"
+
+
+def _copier(model: ir.Model) -> Callable[[], ir.Model]:
+    """A function returning a new copy of ``model`` as it is now."""
+    kept = oir.clone(model)
+    return lambda: oir.clone(kept)

@@ -9,6 +9,7 @@ atomically (``save``), and every pass walks graphs, nodes and names the same way
 
 from __future__ import annotations
 
+from optcc.ir.collector import clone, collector_paused
 from optcc.ir.edit import ModelNames, constant_before, as_numpy, const_tensor, inferred_dtypes, unique_value_name, upgrade_legacy_ir, value_names
 from optcc.ir.interface import FILLED_INTERFACE_KEY, without_weights
 from optcc.ir.loading import ModelSource, load
@@ -16,6 +17,8 @@ from optcc.ir.saving import EXTERNAL_DATA_THRESHOLD_BYTES, PROTOBUF_LIMIT_BYTES,
 from optcc.ir.walk import default_opset, external_data_files, first_order_problem, graphs, nodes, op_histogram, proto_graphs, subgraphs, tensor_protos, uses_external_data, weight_bytes
 
 __all__ = [
+    "clone",
+    "collector_paused",
     "without_weights",
     "ModelSource",
     "load",

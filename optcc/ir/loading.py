@@ -12,6 +12,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from optcc.errors import BadInputError, UnsafeInputError
+from optcc.ir.collector import collector_paused
 from optcc.ir.interface import FILLED_INTERFACE_KEY, _apply_fills, _interface_fills, _restore, without_weights
 from optcc.ir.walk import _node_protos, first_order_problem, tensor_protos
 
@@ -96,7 +97,8 @@ def _from_proto(
             # only a path gives it (their locations were validated just above).
             _check_structure(str(path) if has_external and path is not None else proto, label)
         try:
-            model = ir.serde.deserialize_model(proto)
+            with collector_paused():  # builds the model's objects only
+                model = ir.serde.deserialize_model(proto)
         except Exception as e:  # onnx-ir rejects some malformed protos the checker lets through
             raise BadInputError(f"malformed model: {_one_line(e)}", label) from None
     finally:
