@@ -42,6 +42,7 @@ status "skipped" with the reason; callers must not treat it as a pass.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -466,22 +467,34 @@ class Verifier:
         """A pass without running the models, when every output is proved equal to the
         original's (``optcc.numerics.equivalence``) and onnxruntime loads the candidate
         (from ``source``; ``proto``: the candidate serialized, handed over to the proof) on
-        every provider; None when not proved."""
-        try:
-            proof = prove_equivalent(self._model, model, original_proto=self._original_proto(), candidate_proto=proto)
-        except Exception:  # noqa: BLE001 - no proof: the samples decide
-            return None
-        if not proof.complete:
-            return None
+        every provider; None when not proved. Loading serialized bytes reads nothing the
+        proof reads, and onnxruntime releases the GIL while it loads, so a thread loads
+        them while the proof runs."""
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            loaded = pool.submit(self._load_error, source) if isinstance(source, bytes) else None
+            try:
+                with oir.collector_paused():  # the proof's tables all stay alive until it returns
+                    proof = prove_equivalent(self._model, model, original_proto=self._original_proto(),
+                                             candidate_proto=proto)
+            except Exception:  # noqa: BLE001 - no proof: the samples decide
+                return None
+            if not proof.complete:
+                return None
+            error = loaded.result() if loaded is not None else self._load_error(source)
         base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=0, outputs=[],
                     reference="proof", proof=proof.to_dict())
+        if error is not None:
+            return Verification(status="failed", reason=f"onnxruntime cannot load the optimized model: {error}", **base)
+        return Verification(status="passed", **base)
+
+    def _load_error(self, source: Any) -> str | None:
+        """Why onnxruntime cannot load ``source`` on some provider, in one line; None when it can."""
         for provider in self.providers:
             try:
                 make_session(source, provider, scratch=self._scratch.name)
             except Exception as e:  # noqa: BLE001
-                return Verification(status="failed", reason=f"onnxruntime cannot load the optimized model: {first_line(e)}",
-                                    **base)
-        return Verification(status="passed", **base)
+                return first_line(e)
+        return None
 
     def notes(self) -> list[str]:
         """Outputs the samples barely exercise: the same value everywhere, or a bounded
