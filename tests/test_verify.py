@@ -86,6 +86,22 @@ def test_verifier_detects_a_changed_model_and_skips_what_onnxruntime_cannot_run(
     assert verdict.status == "skipped" and "cannot run the original" in verdict.reason
 
 
+def test_a_proved_candidate_onnxruntime_cannot_load_fails():
+    # the proof equates the two graphs, but onnxruntime has no int64 Relu kernel: the load
+    # check (which runs beside the proof) must turn the proof into a failure
+    original = _model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (int64[4] x) => (int64[4] y) { y = Relu(x) }
+    """)
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED"):
+        ort.InferenceSession(ir.serde.serialize_model(original).SerializeToString(),
+                             providers=["CPUExecutionProvider"])
+    with Verifier(original) as verifier:
+        verdict = verifier.check(original.clone())
+    assert verdict.status == "failed" and verdict.reference == "proof"
+    assert "onnxruntime cannot load the optimized model" in verdict.reason
+
+
 def test_providers_default_to_cpu_and_cuda_only_when_available():
     chosen = resolve_providers(None)
     assert chosen[0] == "CPUExecutionProvider"
