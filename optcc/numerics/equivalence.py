@@ -103,7 +103,8 @@ def _prove(original: ir.Model, candidate: ir.Model, numbering: _Numbering) -> Pr
     # compute the same way, checked by evaluating them
     structural = _Keys(original, numbering, shapes)
     folds = [v for v in structural.constant_frontier() if structural.key(v) not in computed]
-    original_keys = _Keys(original, numbering, shapes)
+    # without folds to evaluate, the original's keys are the structural ones, computed on
+    original_keys = _Keys(original, numbering, shapes) if folds else structural
     evaluated = original_keys.evaluate(folds) if folds else 0
     outputs: dict[str, bool] = {}
     original_inputs = {v.name: v for v in original.graph.inputs if v.const_value is None}
