@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -74,13 +74,15 @@ class Proof:
         return {"outputs": dict(self.outputs), "folds_checked": self.folds_checked}
 
 
-def prove_equivalent(original: ir.Model, candidate: ir.Model, *, original_proto: onnx.ModelProto | None = None,
+def prove_equivalent(original: ir.Model, candidate: ir.Model, *,
+                     original_proto: onnx.ModelProto | Callable[[], onnx.ModelProto | None] | None = None,
                      candidate_proto: onnx.ModelProto | None = None) -> Proof:
     """Try to prove that ``candidate`` computes what ``original`` computes (module docstring).
 
     ``original_proto``/``candidate_proto``: the same models already serialized (their
     external data may be left out), handed over to spare serializing them again: the
-    proof changes them."""
+    proof changes them. The original's may be a function returning it (or None), called
+    only if the proof needs it."""
     numbering = _Numbering()
     for model, given in ((original, original_proto), (candidate, candidate_proto)):
         if given is not None:
@@ -133,7 +135,7 @@ class _Numbering:
         self.models: list[_Keys] = []
         self.forms: dict[int, tuple[int, _Affine]] = {}  # structural key -> affine key and form
         self._protos: dict[int, tuple[onnx.ModelProto, set[str], ir.Model]] = {}
-        self.given: dict[int, onnx.ModelProto] = {}  # id(model) -> that model serialized
+        self.given: dict[int, Any] = {}  # id(model) -> that model serialized (or a function returning it)
 
     def release(self) -> None:
         """Drop every table (and with them the tensor views they hold)."""
@@ -151,6 +153,8 @@ class _Numbering:
         inputs' shapes, which the fold evaluation does not read."""
         if id(model) not in self._protos:
             proto = self.given.pop(id(model), None)
+            if callable(proto):
+                proto = proto()
             if proto is not None:
                 aside = _strip_large(proto)
             else:

@@ -474,7 +474,7 @@ class Verifier:
             loaded = pool.submit(self._load_error, source) if isinstance(source, bytes) else None
             try:
                 with oir.collector_paused():  # the proof's tables all stay alive until it returns
-                    proof = prove_equivalent(self._model, model, original_proto=self._original_proto(),
+                    proof = prove_equivalent(self._model, model, original_proto=self._original_proto,
                                              candidate_proto=proto)
             except Exception:  # noqa: BLE001 - no proof: the samples decide
                 return None
