@@ -181,7 +181,7 @@ def optimize(
         pipeline.append(create_pass(INT8_PASS, samples=samples, method=int8_method, progress=progress,
                                     **{"prepare": False, **dict(int8_options or {})}))
         if inputs is None:
-            inputs = samples[-max(3, len(samples) // 5):]  # the held-out part, at least 3 samples
+            inputs = samples  # all of them: a task metric over the held-out part alone can lack items
     if int8_dynamic:
         pipeline.append(create_pass("quantize-dynamic"))
     if weight_only:

@@ -14,8 +14,9 @@ sum to 1                  blank 0 dropped); 1 - exact-match rate and the charact
                           rate (edit distance / reference length), both judged
 ``[N, 1, H, W]`` or       ``detection-map``: pixels above ``MAP_THRESHOLD`` (0.3) form
 ``[N, H, W]`` in [0, 1]   the mask; its connected components' bounding boxes (sides of
-                          at least 3 pixels) are the detections; 1 - box F1 (IoU >= 0.5)
-                          and 1 - mask IoU, both judged
+                          at least 3 pixels) are the detections; 1 - box F1 (IoU >= 0.5),
+                          1 - mask IoU, and ``added_boxes``: boxes beyond the reference's
+                          count, max(0, n_got - n_ref) / max(n_ref, 1), all judged
 ``[N, 4+K, A]``, A > 4+K, ``boxes`` (YOLO-style): boxes cx, cy, w, h and K class scores per
 class rows in [0, 1]      anchor, per-class NMS (IoU 0.45); 1 - box F1 (same class, IoU
                           >= 0.5) over the confident boxes (score >= 0.35) of either side,
@@ -57,7 +58,13 @@ margin, or at least ``min_sqnr_db``), in a row ``<output>:sqnr`` that says why. 
 (the class rows): coordinates in pixels next to scores in [0, 1] make a summed SQNR the
 coordinates' alone (30 dB with every score rounded to 0 or 1.26). The other components
 of that output are still judged when they have enough items (with 3 held-out text
-lines, ``cer`` over their characters still decides).
+lines, ``cer`` over their characters still decides). ``TaskJudge.undecided`` lists the
+components the floor's samples give too few items, for a caller that can judge more
+samples instead (the INT8 driver then judges all of them).
+
+**Groups.** ``TaskJudge(groups=[label per sample])`` judges each group apart against its
+own floor, in rows ``<output>@<group>:<part>``; all must pass. ``added_boxes`` is a bound
+on a count, not a score: it has no item minimum and ``metric_target`` does not replace it.
 
 **User metrics.** ``metric=callable(ref_outputs, got_outputs) -> float``, higher is
 better, where both arguments map each graph output name to its list of arrays (one per
@@ -344,9 +351,13 @@ def _map_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _M
         got_boxes += map_boxes(g)
     f1, false_positives = box_f1(ref_boxes, got_boxes)
     # F1 = 2 TP / (n_ref + n_got): a fraction over the boxes of both sides; IoU over the union's pixels
-    boxes = sum(len(b) for b in ref_boxes) + sum(len(b) for b in got_boxes)
+    n_ref, n_got = sum(len(b) for b in ref_boxes), sum(len(b) for b in got_boxes)
+    # boxes found beyond the reference's count, relative to it (at least 1 box): on inputs with
+    # nothing to detect every box is a false positive, and no F1 over shared boxes sees them
+    added = max(0, n_got - n_ref) / max(n_ref, 1)
     return ({"box_f1": 1.0 - f1, "mask_iou": 1.0 - (inter / union if union else 1.0),
-             "extra_boxes": float(false_positives)}, {"box_f1": boxes, "mask_iou": union})
+             "extra_boxes": float(false_positives), "added_boxes": float(added)},
+            {"box_f1": n_ref + n_got, "mask_iou": union})
 
 
 def yolo_boxes(prediction: np.ndarray, score: float = BOX_SCORE) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -446,6 +457,7 @@ _BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], _Mea
     "embedding": _embedding_deviation,
 }
 _REPORTED_ONLY = frozenset({"extra_boxes"})  # shown, not judged
+_COUNTS = frozenset({"added_boxes"})  # a bound on a count, not a score: no metric_target replaces it
 _ITEMS = {"argmax": "confident sample", "ctc_exact": "line", "cer": "reference character", "box_f1": "box",
           "mask_iou": "mask pixel"}  # what a count-based component counts
 
@@ -501,6 +513,9 @@ class TaskJudge:
     outputs on the same samples perturbed (``perturb``). ``metric``: None or "auto" (per
     output, ``choose_metric``), a name from ``METRICS`` (every float output), a callable
     (``UserMetric``, over all outputs), or a mapping from output name to either.
+    ``groups``: one label per sample (e.g. "page", "photo"); each group is then judged
+    apart, against its own floor, in rows ``<output>@<group>:<part>``, and every group
+    must pass (a metric pooled over groups lets one kind of input hide another's errors).
     """
 
     reference: Outputs
@@ -511,6 +526,7 @@ class TaskJudge:
     min_sqnr_db: float = 25.0
     perturbation: Mapping[str, str] = dataclasses.field(default_factory=dict)
     masks: Sequence[np.ndarray | None] | None = None  # per sample: the attention mask, for pooling
+    groups: Sequence[str] | None = None  # per sample: its group's label
 
     def __post_init__(self) -> None:
         self.plan: dict[str, str | UserMetric] = {}
@@ -526,16 +542,37 @@ class TaskJudge:
                     raise BadInputError(
                         f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
                 self.plan[name] = chosen  # type: ignore[assignment]
-        self.floor, _ = self._deviations(self.perturbed)
-        self._sqnr_floor: dict[str, dict[str, float]] = {}  # per output, computed when first needed
+        count = len(next(iter(self.reference.values()), []))
+        if self.groups is None:
+            self.subsets: list[tuple[str, list[int]]] = [("", list(range(count)))]
+        else:
+            if len(self.groups) != count:
+                raise BadInputError(f"{len(self.groups)} group labels for {count} judged samples")
+            labels = list(dict.fromkeys(str(g) for g in self.groups))  # in order of first appearance
+            self.subsets = [(g, [i for i, x in enumerate(self.groups) if str(x) == g]) for g in labels]
+        self.floor, self.floor_items = self._deviations(self.perturbed)
+        self._sqnr_floor: dict[str, dict[str, float]] = {}  # per row key, computed when first needed
 
-    def sqnr_floor(self, name: str) -> dict[str, float]:
-        """Output ``name``'s SQNR noise ratios under the perturbation (``_sqnr_parts``)."""
-        if name not in self._sqnr_floor:
+    def _rows(self) -> list[tuple[str, str, list[int]]]:
+        """(row key, output name, sample indices): one per output and group."""
+        return [(name if not group else f"{name}@{group}", name, idx)
+                for group, idx in self.subsets for name in self.plan]
+
+    def undecided(self) -> list[str]:
+        """The judged count-based components whose floor is over fewer than ``MIN_ITEMS``
+        items on these samples (``<row>:<part>``): the task metric cannot decide them."""
+        return [f"{key}:{part}" for key, parts in self.floor_items.items() for part, n in parts.items()
+                if part not in _REPORTED_ONLY and n < MIN_ITEMS]
+
+    def sqnr_floor(self, key: str) -> dict[str, float]:
+        """Row ``key``'s SQNR noise ratios under the perturbation (``_sqnr_parts``)."""
+        if key not in self._sqnr_floor:
+            name, idx = next((n, i) for k, n, i in self._rows() if k == key)
             metric = self.plan[name]
             assert isinstance(metric, str)
-            self._sqnr_floor[name] = _sqnr_parts(metric, self.reference[name], self.perturbed[name])
-        return self._sqnr_floor[name]
+            self._sqnr_floor[key] = _sqnr_parts(metric, _pick(self.reference[name], idx),
+                                                _pick(self.perturbed[name], idx))
+        return self._sqnr_floor[key]
 
     def metric_names(self) -> dict[str, str]:
         return {name: m if isinstance(m, str) else getattr(m, "__name__", "callable") for name, m in self.plan.items()}
@@ -543,14 +580,18 @@ class TaskJudge:
     def _deviations(self, got: Outputs) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:
         result: dict[str, dict[str, float]] = {}
         items: dict[str, dict[str, int]] = {}
-        for name, metric in self.plan.items():
+        for key, name, idx in self._rows():
+            metric = self.plan[name]
             if isinstance(metric, str):
-                result[name], items[name] = measure(metric, self.reference[name], got[name], self.masks)
+                masks = None if self.masks is None else _pick(self.masks, idx)
+                result[key], items[key] = measure(metric, _pick(self.reference[name], idx), _pick(got[name], idx),
+                                                  masks)
                 continue
-            ideal = float(metric(self.reference, self.reference))
+            ref = {n: _pick(v, idx) for n, v in self.reference.items()}
+            ideal = float(metric(ref, ref))
             if not math.isfinite(ideal):
                 raise BadInputError(f"the INT8 metric callback scores identical outputs {ideal} (must be finite)")
-            result[name], items[name] = {"score": ideal - float(metric(self.reference, got))}, {}
+            result[key], items[key] = {"score": ideal - float(metric(ref, {n: _pick(v, idx) for n, v in got.items()}))}, {}
         return result, items
 
     def _sqnr_row(self, deviation: float, floor: float) -> dict[str, Any]:
@@ -561,22 +602,24 @@ class TaskJudge:
                 "floor_sqnr_db": _finite(_db(floor)), "allowed": _finite(allowed), "passed": bool(ok)}
 
     def __call__(self, got: Outputs) -> dict[str, Any]:
-        """``passed`` and, per output and component, the deviation next to the floor (and,
-        for the count-based components, how many items it is over)."""
+        """``passed`` and, per output (and group) and component, the deviation next to the
+        floor (and, for the count-based components, how many items it is over)."""
         measured, counted = self._deviations(got)
+        keys = {key: (name, idx) for key, name, idx in self._rows()}
         rows: dict[str, dict[str, Any]] = {}
         passed = True
-        for name, parts in measured.items():
+        for key, parts in measured.items():
+            name, idx = keys[key]
             metric = self.plan[name]
             undecided: list[str] = []
             for part, deviation in parts.items():
-                floor = self.floor[name][part]
+                floor = self.floor[key][part]
                 row: dict[str, Any] = {"metric": metric if isinstance(metric, str) else "callable",
                                        "deviation": _finite(deviation), "floor": _finite(floor)}
-                items = counted[name].get(part)
+                items = counted[key].get(part)
                 if items is not None:
                     row["items"] = items
-                rows[f"{name}:{part}"] = row
+                rows[f"{key}:{part}"] = row
                 if part in _REPORTED_ONLY:
                     row["judged"] = False
                     continue
@@ -593,17 +636,22 @@ class TaskJudge:
                     row.update(judged=False, why=f"{why}: not decisive (fewer than {MIN_ITEMS}); judged by SQNR")
                     continue
                 ok = deviation <= allowed
-                if self.metric_target is not None:
-                    score = (1.0 - deviation) if isinstance(metric, str) else (
-                        float(metric(self.reference, self.reference)) - deviation)
+                if self.metric_target is not None and part not in _COUNTS:
+                    ref = {n: _pick(v, idx) for n, v in self.reference.items()}
+                    score = (1.0 - deviation) if isinstance(metric, str) else float(metric(ref, ref)) - deviation
                     ok = ok or score >= self.metric_target
                 row["passed"] = bool(ok)
                 passed = passed and ok
             if undecided and isinstance(metric, str):  # only built-in metrics count items
-                floors = self.sqnr_floor(name)
-                for part, deviation in _sqnr_parts(metric, self.reference[name], got[name]).items():
+                floors = self.sqnr_floor(key)
+                for part, deviation in _sqnr_parts(metric, _pick(self.reference[name], idx),
+                                                   _pick(got[name], idx)).items():
                     row = {"metric": "sqnr", **self._sqnr_row(deviation, floors[part]),
                            "why": f"{'; '.join(undecided)}: not decisive; judged by SQNR"}
-                    rows[f"{name}:{part}"] = row
+                    rows[f"{key}:{part}"] = row
                     passed = passed and row["passed"]
         return {"passed": passed, "margin": self.margin, "metrics": rows, "perturbation": dict(self.perturbation)}
+
+
+def _pick(values: Sequence[Any], idx: Sequence[int]) -> list[Any]:
+    return [values[i] for i in idx]

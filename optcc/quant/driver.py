@@ -32,7 +32,7 @@ from optcc.quant.fallback import (
     shortfall,
 )
 from optcc.numerics.inputs import input_roles
-from optcc.numerics.task import DEFAULT_MARGIN, TaskJudge, UserMetric, perturb
+from optcc.numerics.task import DEFAULT_MARGIN, MIN_ITEMS, TaskJudge, UserMetric, perturb
 
 __all__ = ["Int8Options", "quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
 
@@ -101,7 +101,7 @@ def upgrade_opset(model: ir.Model, version: int = 13) -> tuple[ir.Model, str | N
 
 
 def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float, metric_target: float | None,
-                min_sqnr_db: float) -> TaskJudge:
+                min_sqnr_db: float, groups: Sequence[str] | None = None) -> TaskJudge:
     """The judge of ``held``: the float model's outputs, and its noise floor (its outputs on
     the held-out samples perturbed at their resolution, ``optcc.numerics.task.perturb``),
     both from one session."""
@@ -113,7 +113,7 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
     how: dict[str, str] = {}
     for _, described in moved:
         how.update(described)
-    return TaskJudge(reference, perturbed, metric, margin, metric_target, min_sqnr_db, how)
+    return TaskJudge(reference, perturbed, metric, margin, metric_target, min_sqnr_db, how, groups=groups)
 
 
 def _describe_miss(evaluation: Mapping[str, Any], target: Target) -> str:
@@ -150,6 +150,7 @@ class Int8Options:
     activation_type: str = "uint8"
     exclude: Iterable[str] = ()
     holdout_fraction: float = 0.2
+    groups: Sequence[str] | None = None
     target: Target = dataclasses.field(default_factory=Target)
     metric: str | UserMetric | Mapping[str, str | UserMetric] | None = "auto"
     metric_margin: float = DEFAULT_MARGIN
@@ -293,13 +294,30 @@ def quantize_int8(
     lap("prepare")
     float_model = working
     calib, held = split_holdout(samples, o.holdout_fraction)
+    if o.groups is not None and len(o.groups) != len(samples):
+        raise BadInputError(f"{len(o.groups)} group labels for {len(samples)} samples")
+    judged = held  # the samples every candidate is judged on
     judge: TaskJudge | None = None
     if o.metric is not None:
-        judge = _task_judge(float_model, held, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db)
+        group_of = (lambda part: None) if o.groups is None else (  # noqa: E731
+            lambda part: [o.groups[i] for i in part])
+        held_at = len(samples) - len(held)
+        judge = _task_judge(float_model, held, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db,
+                            group_of(range(held_at, len(samples))))
+        undecided = judge.undecided()
+        if undecided and len(held) < len(samples):
+            # too few items held out for the task metric to decide: count it over every sample
+            judged = samples
+            judge = _task_judge(float_model, judged, o.metric, o.metric_margin, o.metric_target,
+                                o.target.min_sqnr_db, group_of(range(len(samples))))
         o = dataclasses.replace(o, target=dataclasses.replace(o.target, judge=judge))
         stats["acceptance"] = {"metrics": judge.metric_names(), "margin": o.metric_margin,
                                "metric_target": o.metric_target, "perturbation": dict(judge.perturbation),
-                               "floor": judge.floor, "held_out_samples": len(held)}
+                               "floor": judge.floor, "held_out_samples": len(held), "judged_samples": len(judged)}
+        if judged is not held:
+            stats["acceptance"]["all_samples_judged"] = (
+                f"{'; '.join(undecided)} on the {len(held)} held-out samples: fewer than {MIN_ITEMS} items, "
+                f"so every candidate is judged on all {len(samples)} samples (the {len(calib)} calibration ones too)")
         lap("noise_floor")
     options: dict[str, Any] = dict(o.method_options)
     if o.bins is not None:
@@ -383,13 +401,13 @@ def quantize_int8(
     if judge is not None and correcting and (pass_stats.get("bias_correction") or {}).get("layers"):
         # bias correction is kept only where it helps the task on the held-out samples (a
         # detector's class logits can all shift by the background's mean error)
-        corrected = evaluate(float_model, quantized, held, o.target, reference_outputs=judge.reference)
+        corrected = evaluate(float_model, quantized, judged, o.target, reference_outputs=judge.reference)
         initial = (quantized, pass_stats, corrected)  # the fallback's starting point, evaluated once
         stats["bias_correction"] = {"kept": True, "shortfall_corrected": round(shortfall(corrected), 6)}
         if not corrected.passed:  # a model that passes ships as it is
             correcting = False
             plain, plain_stats = make()
-            uncorrected = evaluate(float_model, plain, held, o.target, reference_outputs=judge.reference)
+            uncorrected = evaluate(float_model, plain, judged, o.target, reference_outputs=judge.reference)
             # dropped only when clearly worse: the uncorrected model passes, or the corrected
             # one misses by more than twice as much (a smaller difference is within the noise
             # of a few held-out samples)
@@ -403,12 +421,12 @@ def quantize_int8(
         lap("bias_correction_choice")
     if o.accuracy_fallback:
         quantized, pass_stats, report = fallback(
-            float_model, make, held, o.target, max_float_layers=max_float_layers,
+            float_model, make, judged, o.target, max_float_layers=max_float_layers,
             max_layers_ranked=o.max_layers_ranked, ranking=o.ranking, progress=o.progress,
             reference_outputs=None if judge is None else judge.reference, initial=initial,
         )
     else:
-        evaluation = initial[2] if initial is not None else evaluate(float_model, quantized, held, o.target)
+        evaluation = initial[2] if initial is not None else evaluate(float_model, quantized, judged, o.target)
         report = {"evaluation": evaluation.to_dict(), "target_met": evaluation.passed, "kept_float": []}
     lap("fallback" if o.accuracy_fallback else "evaluate")
     stats["pass"] = {k: v for k, v in pass_stats.items() if k != "layer_outputs"}
@@ -425,7 +443,9 @@ def quantize_int8(
         else:
             budget = f"at most {max_float_layers} of {len(stats['pass'].get('layers', [])) + len(report.get('kept_float', []))}"
             how = f"with {len(report.get('kept_float', []))} layers returned to float ({budget} allowed)"
-        return decline("accuracy", f"INT8 misses the accuracy target on {len(held)} held-out samples: "
+        where = f"{len(held)} held-out samples" if judged is held else \
+            f"all {len(judged)} samples ({len(held)} held out)"
+        return decline("accuracy", f"INT8 misses the accuracy target on {where}: "
                                    f"{_describe_miss(evaluation, o.target)} {how}; kept float32")
     if report.get("kept_float"):
         problem = slower(quantized, "after_fallback")

@@ -1,0 +1,132 @@
+"""INT8 acceptance on enough items: every sample judged when the held-out part lacks items
+for the task metric, groups of inputs judged apart, and a detection map's boxes added
+beyond float32's count; the counts are the tests' own (onnx's reference evaluator,
+onnxruntime, hand-placed boxes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+import optcc
+from optcc.errors import BadInputError
+from optcc.numerics import task as tm
+from optcc.quant.driver import quantize_int8
+
+TINYCNN = Path(__file__).resolve().parent.parent / "fixtures" / "tinycnn.onnx"
+
+
+def _images(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"image": (rng.integers(0, 256, (1, 3, 32, 32)) / 255.0).astype(np.float32)} for _ in range(n)]
+
+
+def _agreement(quantized: "optcc.ir.Model", data: list[dict[str, np.ndarray]]) -> tuple[int, float]:
+    """(confident samples, 1 - top-1 agreement on them): float32 by onnx's reference
+    evaluator, the INT8 model by onnxruntime with its integer kernels."""
+    import onnxruntime as ort
+
+    reference = ReferenceEvaluator(str(TINYCNN))
+    session = ort.InferenceSession(optcc.ir.serialize(quantized).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    ref = np.concatenate([reference.run(None, f)[0] for f in data]).astype(np.float64)
+    got = np.concatenate([session.run(None, f)[0] for f in data])
+    p = np.exp(ref - ref.max(1, keepdims=True))
+    p = np.sort(p / p.sum(1, keepdims=True), 1)
+    confident = p[:, -1] - p[:, -2] >= 0.1
+    if not confident.any():
+        confident[:] = True
+    return int(confident.sum()), float(1.0 - np.mean(ref.argmax(1)[confident] == got.argmax(1)[confident]))
+
+
+def test_too_few_items_held_out_every_sample_is_judged() -> None:
+    data = _images(12)
+    quantized, stats = quantize_int8(str(TINYCNN), data, require_speedup=False, require_target=False,
+                                     accuracy_fallback=False, bias_correction=False)
+    acceptance = stats["acceptance"]
+    assert acceptance["held_out_samples"] == 2 and acceptance["judged_samples"] == 12
+    assert "logits:argmax" in acceptance["all_samples_judged"]
+    row = stats["fallback"]["evaluation"]["task"]["metrics"]["logits:argmax"]
+    items, deviation = _agreement(quantized, data)
+    assert items >= tm.MIN_ITEMS  # the test's own count: all 12 decide where the 2 held out could not
+    assert row["items"] == items and row["deviation"] == pytest.approx(deviation, abs=1e-6)
+    assert "passed" in row and row.get("judged", True)
+
+
+def test_enough_items_held_out_only_they_are_judged() -> None:
+    data = _images(60)
+    _, stats = quantize_int8(str(TINYCNN), data, require_speedup=False, require_target=False,
+                             accuracy_fallback=False, bias_correction=False)
+    acceptance = stats["acceptance"]
+    assert acceptance["held_out_samples"] == acceptance["judged_samples"] == 12
+    assert "all_samples_judged" not in acceptance
+    assert stats["fallback"]["evaluation"]["task"]["metrics"]["logits:argmax"]["items"] <= 12
+
+
+def test_the_verifier_judges_every_calibration_sample() -> None:
+    data = _images(12)
+    result = optcc.optimize(str(TINYCNN), int8_calibration=data, int8_options={"require_speedup": False})
+    assert result.report.verification["samples"] == 12
+
+
+def test_group_labels_must_match_the_samples() -> None:
+    with pytest.raises(BadInputError, match="group labels"):
+        quantize_int8(str(TINYCNN), _images(6), require_speedup=False, groups=["a"] * 5)
+
+
+def _page(boxes: int, h: int = 64) -> np.ndarray:
+    """``[1, 1, h, 8 * boxes]``: ``boxes`` separate 4x6 boxes at 0.9."""
+    m = np.zeros((1, 1, h, 8 * max(boxes, 1)), np.float32)
+    for b in range(boxes):
+        m[0, 0, 10:16, 8 * b:8 * b + 4] = 0.9
+    return m
+
+
+def test_added_boxes_counts_boxes_beyond_the_references() -> None:
+    ref, got = _page(4), _page(4)
+    got[0, 0, 40:46, 0:4] = 0.9  # a fifth box
+    parts = tm.deviations("detection-map", [ref], [got])
+    assert parts["added_boxes"] == pytest.approx(1 / 4) and parts["extra_boxes"] == 1.0
+    lost = ref.copy()
+    lost[0, 0, 10:16, 24:28] = 0.0  # the fourth box gone
+    fewer = tm.deviations("detection-map", [ref], [lost])
+    assert fewer["added_boxes"] == 0.0  # boxes lost are box F1's concern, not added ones
+    empty = np.zeros_like(ref)
+    assert tm.deviations("detection-map", [empty], [got])["added_boxes"] == 5.0  # over at least 1 box
+
+
+def test_groups_are_judged_apart_a_pooled_metric_hides_a_false_positive() -> None:
+    # 4 pages of 50 boxes each, identical in the candidate; 4 photos with nothing on them,
+    # where the candidate finds one box
+    pages = [_page(50) for _ in range(4)]
+    photos = [np.zeros((1, 1, 64, 400), np.float32) for _ in range(4)]
+    got_photos = [p.copy() for p in photos]
+    got_photos[2][0, 0, 20:26, 100:104] = 0.9
+    reference = {"map": pages + photos}
+    candidate = {"map": pages + got_photos}
+    pooled = tm.TaskJudge(reference, reference)(candidate)
+    # the test's own arithmetic: F1 = 2 * 200 / (200 + 201), added = 1 / 200, both within 1.5 * 0.01
+    assert pooled["metrics"]["map:box_f1"]["deviation"] == pytest.approx(1 - 400 / 401, abs=1e-6)
+    assert pooled["metrics"]["map:added_boxes"]["deviation"] == pytest.approx(1 / 200)
+    assert pooled["passed"] is True
+    grouped = tm.TaskJudge(reference, reference, groups=["page"] * 4 + ["photo"] * 4)(candidate)
+    rows = grouped["metrics"]
+    assert rows["map@page:box_f1"]["deviation"] == 0.0 and rows["map@page:box_f1"]["passed"] is True
+    assert rows["map@photo:added_boxes"]["deviation"] == 1.0 and rows["map@photo:added_boxes"]["passed"] is False
+    assert grouped["passed"] is False
+    # float32 itself finding that box under noise makes it the floor: within the margin
+    moved = {"map": pages + got_photos}
+    again = tm.TaskJudge(reference, moved, groups=["page"] * 4 + ["photo"] * 4)(candidate)
+    assert again["metrics"]["map@photo:added_boxes"]["floor"] == 1.0 and again["passed"] is True
+
+
+def test_a_user_target_does_not_replace_the_added_boxes_bound() -> None:
+    ref = [_page(20)]
+    got = [_page(20)]
+    got[0][0, 0, 40:46, 0:4] = 0.9  # 21 boxes: F1 0.976 meets a 0.9 target, 1 / 20 added does not
+    verdict = tm.TaskJudge({"map": ref}, {"map": ref}, metric_target=0.9)({"map": got})
+    assert verdict["metrics"]["map:box_f1"]["passed"] is True
+    assert verdict["metrics"]["map:added_boxes"]["passed"] is False and verdict["passed"] is False
