@@ -91,16 +91,70 @@ def test_minmax_inside_onnxruntime_equals_histogram_extremes() -> None:
     assert calibrate(model, samples, "mse").stats.bins > 0
 
 
-def test_tensors_with_an_infinity_on_every_sample_share_one_whole_tensor_session(monkeypatch) -> None:
-    """A masked attention score holds -inf on every sample: the session that fetches such
-    tensors whole is built once per set of names, not once per sample, and the ranges are
-    still those of the histograms."""
+def test_tensors_with_an_infinity_are_measured_over_their_finite_values_in_one_session(monkeypatch) -> None:
+    """A masked attention score holds -inf on every padded sample: its min, max and count
+    are those of its finite values (numpy over every intermediate), computed inside the
+    one calibration session, rebuilt once when the first infinity shows, never a session
+    that fetches tensors whole; NaN is skipped too, and a tensor with no finite value
+    still gets its (empty) statistics, as the histogram path gives it."""
     import optcc.quant.calibration as calibration
 
     model, samples = _mlp(), _samples(6)
     for i in (1, 3, 5):
         samples[i] = {"x": samples[i]["x"].copy()}
         samples[i]["x"][0, i % 4] = -np.inf
+    samples[3]["x"][1, 7] = np.nan
+    whole, builds = [], []
+    original_collector, original_build = calibration._Collector, calibration._ExtremesCollector._build
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        whole.append(args[1])
+        return original_collector(*args, **kwargs)
+
+    def build(self):  # noqa: ANN001, ANN202
+        builds.append(list(self.finite_aware))
+        return original_build(self)
+
+    monkeypatch.setattr(calibration, "_Collector", counting)
+    monkeypatch.setattr(calibration._ExtremesCollector, "_build", build)
+    extremes = collect_statistics(model, samples, bins=0)
+    assert whole == [] and builds == [[], ["x", "h", "r", "y"]], builds
+    monkeypatch.setattr(calibration, "_Collector", original_collector)
+    monkeypatch.setattr(calibration._ExtremesCollector, "_build", original_build)
+    # the oracle: numpy over the tensors onnxruntime computes, fetched whole (histogram path)
+    histograms = collect_statistics(model, samples)
+    for name, hist in histograms.histograms.items():
+        mine = extremes.histograms[name]
+        assert (mine.min, mine.max, mine.count) == (hist.min, hist.max, hist.count), name
+    x = np.stack([s["x"] for s in samples])
+    assert extremes.histograms["x"].count == np.isfinite(x).sum() < x.size
+    assert extremes.ranges("minmax") == histograms.ranges("minmax")
+
+    nothing_finite = [{"x": np.full((2, 8), -np.inf, np.float32)}, *_samples(2)]
+    assert collect_statistics(model, nothing_finite, bins=0).ranges("minmax") == \
+        collect_statistics(model, nothing_finite).ranges("minmax")
+
+
+def test_non_float_tensors_are_not_collected(monkeypatch) -> None:
+    """Shape arithmetic (int64) in a model has no statistics: it is not fetched (no second
+    session beside the in-graph min/max one), and the float ranges are numpy's."""
+    import optcc.quant.calibration as calibration
+
+    rng = np.random.default_rng(0)
+    w = nh.from_array(rng.normal(size=(8, 32)).astype(np.float32), "W")  # 1 KiB: shared with the session
+    graph = oh.make_graph(
+        [
+            oh.make_node("MatMul", ["x", "W"], ["h"]),
+            oh.make_node("Shape", ["h"], ["shape"]),
+            oh.make_node("Reshape", ["h", "shape"], ["y"]),
+        ],
+        "shapes",
+        [oh.make_tensor_value_info("x", TP.FLOAT, ["N", 8])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, ["N", 32])],
+        [w],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    samples = _samples(3)
     built = []
     original = calibration._Collector
 
@@ -109,10 +163,12 @@ def test_tensors_with_an_infinity_on_every_sample_share_one_whole_tensor_session
         return original(*args, **kwargs)
 
     monkeypatch.setattr(calibration, "_Collector", counting)
-    extremes = collect_statistics(model, samples, bins=0)
-    assert len(built) == 1
-    monkeypatch.setattr(calibration, "_Collector", original)
-    assert extremes.ranges("minmax") == collect_statistics(model, samples).ranges("minmax")
+    stats = collect_statistics(model, samples, bins=0)
+    assert built == [] and "shape" not in stats.histograms
+    h = np.stack([s["x"] for s in samples]).astype(np.float64) @ nh.to_array(w).astype(np.float64)
+    lo, hi = stats.ranges("minmax")["h"]
+    assert math.isclose(lo, h.min(), rel_tol=1e-5) and math.isclose(hi, h.max(), rel_tol=1e-5)
+
 
 
 @pytest.mark.parametrize("dist", ["uniform", "normal"])

@@ -10,7 +10,8 @@ Calibration is an analysis, separate from the rewrite (``QuantizeInt8Pass(ranges
    ``TensorHistogram``. Only the running statistics are kept, never the activations:
    memory is (tensors x bins), whatever the number of samples. When one sample's
    activations would exceed ``memory_budget_bytes``, the tensors are split into chunks,
-   one onnxruntime session per chunk.
+   one onnxruntime session per chunk. Sessions read the weights from the loaded model's
+   arrays (``optcc.runtime.shared_weights``), never from a serialized copy.
 2. ``CalibrationStats.ranges(method)`` turns the statistics into a ``(lo, hi)`` range per
    tensor: ``minmax``, ``percentile`` (default 99.99), ``entropy`` (KL divergence, as in
    TensorRT) or ``mse`` (the clipping that minimizes the expected quantization error).
@@ -48,6 +49,7 @@ from optcc.numerics.samples import load_npz_samples
 from optcc.progress import Progress
 from optcc.numerics import check_feeds
 from optcc.runtime.session import session_options
+from optcc.runtime.shared_weights import light_proto, weighted_session
 
 __all__ = [
     "collect_statistics_sharded",
@@ -447,7 +449,7 @@ def calibration_tensors(model: ir.Model) -> list[str]:
 def _estimate_sizes(model: ir.Model, names: Sequence[str], feeds: Feeds) -> dict[str, int]:
     """Bytes per tensor for one sample, by shape inference at the sample's input shapes.
     Tensors of unknown shape are assumed as large as the largest input."""
-    proto = oir.serialize(model)
+    proto, _ = light_proto(model)  # shapes need no weight data
     for value in proto.graph.input:
         if value.name in feeds:
             dims = value.type.tensor_type.shape.dim
@@ -481,18 +483,16 @@ def _chunks(names: Sequence[str], sizes: Mapping[str, int], budget: int) -> list
 
 
 class _Collector:
-    """onnxruntime sessions that expose chosen intermediates as extra outputs."""
+    """An onnxruntime session that exposes chosen intermediates as extra outputs."""
 
     def __init__(self, model: ir.Model, names: Sequence[str], threads: int | None) -> None:
-        proto = oir.serialize(model)
+        proto, weights = light_proto(model)
         outputs = {o.name for o in proto.graph.output}
         inputs = {i.name for i in proto.graph.input}
         for name in names:
             if name not in outputs and name not in inputs:
                 proto.graph.output.append(onnx.ValueInfoProto(name=name))
-        self.session = ort.InferenceSession(
-            proto.SerializeToString(), session_options(threads=threads), providers=["CPUExecutionProvider"]
-        )
+        self.session = weighted_session(proto, weights, session_options(threads=threads))
         self.names = [n for n in names if n not in inputs]
         self.input_names = [n for n in names if n in inputs]
 
@@ -504,31 +504,99 @@ class _Collector:
             yield name, feeds[name]
 
 
+_FINITE_AWARE_OPSET = 11  # IsInf (10), Where with broadcasting (9), ReduceSum without axes
+
+
 class _ExtremesCollector:
     """One onnxruntime session that computes each tensor's min, max and size inside the
     graph (ReduceMin/ReduceMax/Size to scalars, added per tensor). Nothing large leaves
-    onnxruntime, so a sample needs no more memory than inference itself and is never run
-    twice (no chunks). onnxruntime's reductions skip NaN; a tensor holding an infinity
-    is fetched whole for that sample and goes through ``TensorHistogram.add``, which
-    drops non-finite values."""
+    onnxruntime, so a sample needs no more memory than inference itself.
 
-    def __init__(self, model: ir.Model, names: Sequence[str], threads: int | None) -> None:
-        self.model, self.threads = model, threads
-        proto = oir.serialize(model)
+    A tensor whose min or max comes out infinite or NaN (BERT's masked attention scores,
+    on every padded sample) is measured over its finite values only, as
+    ``TensorHistogram.add`` does: once a sample shows such a tensor, the session
+    is rebuilt (once per newly infinite set, not per sample) with, for those tensors, the
+    min and max of the tensor with its non-finite values masked out and the count of its
+    finite values, and the sample runs again. Every sample then runs once. Models below
+    opset 11 fetch such tensors whole instead (one extra session)."""
+
+    def __init__(self, model: ir.Model, names: Sequence[str], dtypes: Mapping[str, ir.DataType],
+                 threads: int | None) -> None:
+        self.model, self.names, self.dtypes, self.threads = model, list(names), dtypes, threads
+        self.finite_aware: list[str] = []  # measured over their finite values, in graph
+        self.can_mask = oir.default_opset(model) >= _FINITE_AWARE_OPSET
+        self.session: ort.InferenceSession | None = None
+        self._build()
+        # the sessions that fetch non-finite tensors whole (old opsets only), one per set of names
+        self.whole: dict[tuple[str, ...], _Collector] = {}
+
+    def _build(self) -> None:
+        self.session = None  # the previous session is released before the next is built
+        proto, weights = light_proto(self.model)
         taken = {v.name for v in proto.graph.input} | {v.name for v in proto.graph.output}
-        taken |= {o for node in proto.graph.node for o in node.output}
+        taken |= {o for node in proto.graph.node for o in node.output} | {i.name for i in proto.graph.initializer}
         del proto.graph.output[:]
         self.outputs: list[tuple[str, str, str, str]] = []  # tensor, min, max, size
+        self.masked: dict[str, tuple[str, str, str]] = {}  # tensor: finite min, max, count
         reductions: dict[str, list[onnx.NodeProto]] = {}
-        for i, name in enumerate(names):
-            out = [f"optcc_calib_{kind}_{i}" for kind in ("min", "max", "size")]
-            while taken & set(out):
-                out = ["_" + o for o in out]
+        masking = set(self.finite_aware)
+        constants: list[onnx.TensorProto] = []
+
+        def fresh(base: str) -> str:
+            name = base
+            while name in taken:
+                name = "_" + name
+            taken.add(name)
+            return name
+
+        limits: dict[int, tuple[str, str]] = {}  # element type: (+inf, -inf) constant names
+
+        def infinities(elem: int) -> tuple[str, str]:
+            if elem not in limits:
+                pos, neg = fresh(f"optcc_calib_posinf_{elem}"), fresh(f"optcc_calib_neginf_{elem}")
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+                constants.append(onnx.numpy_helper.from_array(np.array(np.inf, dtype), pos))
+                constants.append(onnx.numpy_helper.from_array(np.array(-np.inf, dtype), neg))
+                limits[elem] = (pos, neg)
+            return limits[elem]
+
+        for i, name in enumerate(self.names):
+            out = [fresh(f"optcc_calib_{kind}_{i}") for kind in ("min", "max", "size")]
+            nodes = reductions.setdefault(name, [])
             for op, result in zip(("ReduceMin", "ReduceMax", "Size"), out):
                 attrs = {"keepdims": 0} if op != "Size" else {}
-                reductions.setdefault(name, []).append(onnx.helper.make_node(op, [name], [result], **attrs))
+                nodes.append(onnx.helper.make_node(op, [name], [result], **attrs))
                 proto.graph.output.append(onnx.ValueInfoProto(name=result))
             self.outputs.append((name, *out))
+            if name not in masking:
+                continue
+            # min and max over the finite values (non-finite ones replaced by +inf for the
+            # min, -inf for the max) and their count; float16/bfloat16 widened to float32
+            # first, as TensorHistogram.add does
+            x = name
+            elem = onnx.TensorProto.DOUBLE if self.dtypes.get(name) == ir.DataType.DOUBLE else onnx.TensorProto.FLOAT
+            if self.dtypes.get(name) not in (ir.DataType.FLOAT, ir.DataType.DOUBLE):
+                x = fresh(f"optcc_calib_wide_{i}")
+                nodes.append(onnx.helper.make_node("Cast", [name], [x], to=elem))
+            pos, neg = infinities(elem)
+            inf, nan, bad, good = (fresh(f"optcc_calib_{k}_{i}") for k in ("isinf", "isnan", "bad", "good"))
+            low_in, high_in, ones = (fresh(f"optcc_calib_{k}_{i}") for k in ("lowin", "highin", "ones"))
+            masked = tuple(fresh(f"optcc_calib_finite_{k}_{i}") for k in ("min", "max", "count"))
+            nodes += [
+                onnx.helper.make_node("IsInf", [x], [inf]),
+                onnx.helper.make_node("IsNaN", [x], [nan]),
+                onnx.helper.make_node("Or", [inf, nan], [bad]),
+                onnx.helper.make_node("Where", [bad, pos, x], [low_in]),
+                onnx.helper.make_node("ReduceMin", [low_in], [masked[0]], keepdims=0),
+                onnx.helper.make_node("Where", [bad, neg, x], [high_in]),
+                onnx.helper.make_node("ReduceMax", [high_in], [masked[1]], keepdims=0),
+                onnx.helper.make_node("Not", [bad], [good]),
+                onnx.helper.make_node("Cast", [good], [ones], to=onnx.TensorProto.INT64),
+                onnx.helper.make_node("ReduceSum", [ones], [masked[2]], keepdims=0),
+            ]
+            proto.graph.output.extend(onnx.ValueInfoProto(name=m) for m in masked)
+            self.masked[name] = masked  # type: ignore[assignment]
+        proto.graph.initializer.extend(constants)
         # each reduction right after its producer, so onnxruntime can free the tensor early
         nodes = [r for v in proto.graph.input for r in reductions.get(v.name, ())]
         for node in proto.graph.node:
@@ -536,31 +604,42 @@ class _ExtremesCollector:
             nodes.extend(r for o in node.output for r in reductions.get(o, ()))
         del proto.graph.node[:]
         proto.graph.node.extend(nodes)
-        # onnxruntime's default order runs the reductions last, keeping every activation alive
-        options = session_options(threads=threads, priority_order=True)
-        self.session = ort.InferenceSession(
-            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-        self.fetch = [o for _, *outs in self.outputs for o in outs]
-        # the sessions that fetch non-finite tensors whole, one per set of names: built once
-        # (a session is the serialized model: BERT's masked scores hold -inf on every sample)
-        self.whole: dict[tuple[str, ...], _Collector] = {}
+        # onnxruntime's default order runs the reductions last, keeping every activation
+        # alive; without its arena, each activation's memory goes back as soon as it is read
+        options = session_options(threads=self.threads, priority_order=True, arena=False)
+        self.session = weighted_session(proto, weights, options)
+        del proto, weights
+        self.fetch = [o for _, *outs in self.outputs for o in outs] + [o for m in self.masked.values() for o in m]
 
     def run(self, feeds: Feeds, stats: CalibrationStats) -> None:
+        assert self.session is not None
         values = dict(zip(self.fetch, self.session.run(self.fetch, dict(feeds))))
         infinite: list[str] = []
+        for name, lo_name, hi_name, _ in self.outputs:
+            lo, hi = float(values[lo_name]), float(values[hi_name])
+            if not lo > hi and not (math.isfinite(lo) and math.isfinite(hi)):  # NaN compares False
+                infinite.append(name)
+        unmasked = [name for name in infinite if name not in self.masked]
+        if unmasked and self.can_mask:  # measured again, these tensors over their finite values
+            self.finite_aware = [n for n in self.names if n in self.masked or n in unmasked]
+            self._build()
+            self.run(feeds, stats)
+            return
         for name, lo_name, hi_name, size_name in self.outputs:
             lo, hi = float(values[lo_name]), float(values[hi_name])
             if lo > hi:  # empty, or only NaN
                 continue
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                infinite.append(name)
-                continue
-            stats.histogram(name).add_extremes(lo, hi, int(values[size_name]))
-        if infinite:
-            key = tuple(infinite)
+            if math.isfinite(lo) and math.isfinite(hi):
+                stats.histogram(name).add_extremes(lo, hi, int(values[size_name]))
+            elif name in self.masked:
+                low, high, count = (values[m] for m in self.masked[name])
+                hist = stats.histogram(name)  # made even when no value is finite, as add() does
+                if int(count) > 0:
+                    hist.add_extremes(float(low), float(high), int(count))
+        if unmasked:
+            key = tuple(unmasked)
             if key not in self.whole:
-                self.whole[key] = _Collector(self.model, infinite, self.threads)
+                self.whole[key] = _Collector(self.model, unmasked, self.threads)
             for name, array in self.whole[key].run(feeds):
                 stats.add(name, array)
 
@@ -578,6 +657,9 @@ def collect_statistics(
     """Stream ``data`` (feed dicts, or an .npz path/folder) through the float model and
     return the per-tensor statistics of ``tensors`` (default: ``calibration_tensors``).
 
+    Tensors known (declared or inferred) not to be float have no statistics and are
+    not collected.
+
     ``bins=0`` (min/max only, all ``minmax`` needs): one session computes each tensor's
     min and max inside onnxruntime (``_ExtremesCollector``); memory is that of inference.
     Tensors of unknown element type go the histogram way below.
@@ -592,9 +674,11 @@ def collect_statistics(
     samples = load_samples(data)
     total = len(samples) if hasattr(samples, "__len__") else 0
     stats = CalibrationStats(bins=bins)
+    known = oir.inferred_dtypes(ir_model)
+    names = [n for n in names if known.get(n) is None or known[n] in _FLOAT_TYPES]
     in_graph: list[str] = []
+    dtypes = {n: t for n, t in known.items() if t in _FLOAT_TYPES}
     if bins == 0:
-        dtypes = _float_dtypes(ir_model)
         in_graph = [n for n in names if n in dtypes]
         names = [n for n in names if n not in dtypes]
     extremes: _ExtremesCollector | None = None
@@ -607,7 +691,7 @@ def collect_statistics(
             check_feeds(ir_model, feeds, label=f"calibration sample {i}")
             if in_graph:
                 if extremes is None:
-                    extremes = _ExtremesCollector(ir_model, in_graph, threads)
+                    extremes = _ExtremesCollector(ir_model, in_graph, dtypes, threads)
                 extremes.run(feeds, stats)
             if names and collectors is None:
                 sizes = _estimate_sizes(ir_model, names, feeds)
@@ -671,11 +755,6 @@ def collect_statistics_sharded(
         merged = part if merged is None else merged.merge(part)
     assert merged is not None
     return merged
-
-
-def _float_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
-    """Element types of the main graph's values known (declared or inferred) to be float."""
-    return {name: t for name, t in oir.inferred_dtypes(model).items() if t in _FLOAT_TYPES}
 
 
 # --------------------------------------------------------------------------- caching

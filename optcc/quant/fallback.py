@@ -33,6 +33,7 @@ from optcc.numerics.metrics import sqnr_db as powers_db
 from optcc.progress import Progress
 from optcc.runtime.latency import median_seconds
 from optcc.runtime.session import session_options
+from optcc.runtime.shared_weights import light_proto, weighted_session
 
 __all__ = [
     "INTEGER_OPS",
@@ -47,6 +48,8 @@ __all__ = [
     "sqnr_db",
     "rank_sensitivity",
     "propagated_sqnr",
+    "local_sqnr",
+    "layer_errors",
     "fallback",
     "compare_latency",
 ]
@@ -64,9 +67,22 @@ INTEGER_OPS = frozenset(
 )
 
 
-def _session(model: ir.Model | bytes, optimize: bool | str, threads: int | None = None,
-             optimized_path: str | None = None) -> ort.InferenceSession:
-    options = session_options(optimize=optimize, threads=threads, optimized_path=optimized_path)
+def _session(model: ir.Model | bytes | onnx.ModelProto, optimize: bool | str, threads: int | None = None,
+             optimized_path: str | None = None, weights: Mapping[str, np.ndarray] | None = None,
+             arena: bool = True) -> ort.InferenceSession:
+    """A CPU session; an onnx-ir model (or a ``light_proto`` with its ``weights``) hands
+    onnxruntime its weights in place instead of a serialized copy. ``optimized_path``:
+    where onnxruntime writes the graph it runs, its large weights in a file beside it.
+    ``arena=False``: activations go back to the system as they are freed (the sessions
+    that measure accuracy run a few samples; the arena would keep their peak)."""
+    options = session_options(optimize=optimize, threads=threads, optimized_path=optimized_path, arena=arena)
+    if optimized_path is not None:
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         os.path.basename(optimized_path) + ".weights")
+    if isinstance(model, ir.Model):
+        model, weights = light_proto(model)
+    if isinstance(model, onnx.ModelProto):
+        return weighted_session(model, weights or {}, options)
     data = model if isinstance(model, bytes) else oir.serialize(model).SerializeToString()
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
@@ -171,14 +187,19 @@ class _Outputs:
     """Runs a model on the held-out samples once and keeps its outputs."""
 
     def __init__(self, model: ir.Model | onnx.ModelProto, samples: Sequence[Feeds], optimized: bool,
-                 extra: Sequence[str] = ()) -> None:
-        proto = model if isinstance(model, onnx.ModelProto) else oir.serialize(model)
+                 extra: Sequence[str] = (), weights: Mapping[str, np.ndarray] | None = None) -> None:
+        """``model``: an onnx-ir model, or a proto (a ``light_proto`` with its ``weights``)."""
+        if isinstance(model, onnx.ModelProto):
+            proto, weights = model, weights or {}
+        else:
+            proto, weights = light_proto(model)
         declared = {o.name for o in proto.graph.output}
         for name in extra:
             if name not in declared:
                 proto.graph.output.append(onnx.ValueInfoProto(name=name))
         level: bool | str = "all" if optimized else False
-        session = _session(proto.SerializeToString(), level)
+        session = _session(proto, level, weights=weights, arena=False)
+        del proto, weights
         self.names = [o.name for o in session.get_outputs()]
         self.values: list[list[np.ndarray]] = [
             [np.asarray(a) for a in session.run(None, dict(f))] for f in samples
@@ -283,11 +304,11 @@ def rank_sensitivity(reference: ir.Model, quantize: QuantizeFn, layers: Sequence
         for layer in todo[start:start + chunk]:
             model, stats = quantize(only=[layer])
             float_name, quant_name = stats.get("layer_outputs", {}).get(layer, [None, None])
-            singles.append((layer, oir.serialize(model), float_name, quant_name))
+            singles.append((layer, light_proto(model), float_name, quant_name))
             del model
         ref_out = _Outputs(reference, samples, False, extra=[f for _, _, f, _ in singles if f])
-        for layer, proto, float_name, quant_name in singles:
-            got = _Outputs(proto, samples, False, extra=[quant_name] if quant_name else [])
+        for layer, (proto, weights), float_name, quant_name in singles:
+            got = _Outputs(proto, samples, False, extra=[quant_name] if quant_name else [], weights=weights)
             evaluation = _compare(ref_out, got, model_outputs, target)
             local = math.nan
             if float_name in ref_out.names and quant_name in got.names:
@@ -328,12 +349,12 @@ def propagated_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Map
 
 
 def _extra_session(model: ir.Model, names: Sequence[str]) -> ort.InferenceSession:
-    proto = oir.serialize(model)
+    proto, weights = light_proto(model)
     declared = {o.name for o in proto.graph.output}
     for name in dict.fromkeys(names):
         if name not in declared:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    return _session(proto.SerializeToString(), False)
+    return _session(proto, False, weights=weights, arena=False)
 
 
 def local_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
@@ -344,8 +365,34 @@ def local_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[
     of its Q/DQ group (input Q/DQ pairs fed by the float tensors, dequantized weights and
     bias, the op, its output Q/DQ). A layer whose input cannot be traced to a float
     tensor (a folded rescale) gets NaN."""
-    float_proto = oir.serialize(reference)
-    q_proto = oir.serialize(quantized)
+    return _layer_errors(reference, quantized, layer_outputs, samples, propagated=False)[1]
+
+
+def layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
+                 samples: Sequence[Feeds]) -> tuple[dict[str, float], dict[str, float]]:
+    """``(propagated_sqnr(...), local_sqnr(...))`` from one session run once per sample:
+    the combined model of ``local_sqnr`` also holds the quantized graph (its values
+    renamed), so the float, quantized and local results of every layer come from the
+    same run, each computed by the kernels the separate sessions would use. A quantized
+    model with subgraphs, or other inputs than the float one, is measured by the two
+    functions apart."""
+    both = _layer_errors(reference, quantized, layer_outputs, samples, propagated=True)
+    if both is None:
+        return propagated_sqnr(reference, quantized, layer_outputs, samples), \
+            local_sqnr(reference, quantized, layer_outputs, samples)
+    return both
+
+
+def _db(signal: float, noise: float) -> float:
+    return math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
+
+
+def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
+                  samples: Sequence[Feeds], *, propagated: bool) -> tuple[dict[str, float], dict[str, float]] | None:
+    """(propagated, local) SQNR per layer (``propagated=False``: local only, propagated
+    empty); None when the quantized graph cannot join the float one."""
+    float_proto, weights = light_proto(reference)
+    q_proto, q_weights = light_proto(quantized)
     float_values = {v for node in float_proto.graph.node for v in node.output} | {
         v.name for v in float_proto.graph.input} | {i.name for i in float_proto.graph.initializer}
     q_inits = {i.name: i for i in q_proto.graph.initializer}
@@ -423,24 +470,88 @@ def local_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[
         for node, ins, outs in chain:
             copy(node, ins, outs, tag)
         fetch[layer] = (float_name, result)
-    if not fetch:
-        return {}
+    pairs: dict[str, tuple[str, str]] = {}  # layer -> (float name, name in the joined quantized graph)
+    if propagated:
+        joined = _join_quantized(float_proto, q_proto, q_weights)
+        if joined is None:
+            return None
+        renamed, q_nodes, q_inits, joined_weights = joined
+        pairs = {layer: (names[0], renamed(names[1])) for layer, names in layer_outputs.items()
+                 if names[0] and names[1]}
+        nodes.extend(q_nodes)
+        float_proto.graph.initializer.extend(q_inits)
+        weights.update(joined_weights)
+    if not fetch and not pairs:
+        return {}, {}
+    weights.update({name: q_weights[name] for name in added_inits if name in q_weights})
+    del q_proto, q_weights
     float_proto.graph.node.extend(nodes)
     float_proto.graph.initializer.extend(added_inits.values())
     del float_proto.graph.output[:]
-    names = list(dict.fromkeys(n for pair in fetch.values() for n in pair))
+    names = list(dict.fromkeys([*(n for pair in fetch.values() for n in pair),
+                                *(n for pair in pairs.values() for n in pair)]))
     float_proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-    session = _session(float_proto.SerializeToString(), False)
+    session = _session(float_proto, False, weights=weights, arena=False)
+    del float_proto, weights, nodes, added_inits
     signal = dict.fromkeys(fetch, 0.0)
     noise = dict.fromkeys(fetch, 0.0)
+    p_signal = dict.fromkeys(pairs, 0.0)
+    p_noise = dict.fromkeys(pairs, 0.0)
     for feeds in samples:
         values = dict(zip(names, session.run(names, dict(feeds))))
         for layer, (f, local) in fetch.items():
             r = np.asarray(values[f], np.float64)
             signal[layer] += float(np.sum(r**2))
             noise[layer] += float(np.sum((r - np.asarray(values[local], np.float64)) ** 2))
-    return {layer: math.inf if noise[layer] == 0 else (
-        10 * math.log10(signal[layer] / noise[layer]) if signal[layer] > 0 else -math.inf) for layer in fetch}
+        for layer, (f, g) in pairs.items():
+            r64 = np.asarray(values[f], np.float64)
+            p_signal[layer] += float(np.sum(r64**2))
+            p_noise[layer] += float(np.sum((r64 - np.asarray(values[g], np.float64)) ** 2))
+        del values
+    return ({layer: _db(p_signal[layer], p_noise[layer]) for layer in pairs},
+            {layer: _db(signal[layer], noise[layer]) for layer in fetch})
+
+
+def _join_quantized(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto, q_weights: Mapping[str, np.ndarray]
+                    ) -> tuple[Callable[[str], str], list[onnx.NodeProto], list[onnx.TensorProto],
+                               dict[str, np.ndarray]] | None:
+    """The quantized graph's nodes and initializers with every value but the graph inputs
+    renamed apart from the float graph (and the weights of the renamed placeholders), or
+    None when that is not possible (subgraphs read outer names; other graph inputs)."""
+    inputs = {v.name for v in q_proto.graph.input}
+    if inputs - {v.name for v in float_proto.graph.input}:
+        return None
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in q_proto.graph.node for a in node.attribute):
+        return None
+    taken = {v for node in float_proto.graph.node for v in (*node.input, *node.output, node.name)}
+    taken |= {i.name for i in float_proto.graph.initializer}
+    prefix = "optcc_quantized/"
+    while any(name.startswith(prefix) for name in taken):
+        prefix = "_" + prefix
+
+    def renamed(name: str) -> str:
+        return name if not name or name in inputs else prefix + name
+
+    nodes = []
+    for node in q_proto.graph.node:
+        clone = onnx.NodeProto()
+        clone.CopyFrom(node)
+        clone.name = prefix + (node.name or node.op_type)
+        del clone.input[:]
+        clone.input.extend(renamed(x) for x in node.input)
+        del clone.output[:]
+        clone.output.extend(renamed(x) for x in node.output)
+        nodes.append(clone)
+    inits, weights = [], {}
+    for init in q_proto.graph.initializer:
+        clone = onnx.TensorProto()
+        clone.CopyFrom(init)
+        clone.name = renamed(init.name)
+        inits.append(clone)
+        if init.name in q_weights:
+            weights[clone.name] = q_weights[init.name]
+    return renamed, nodes, inits, weights
 
 
 def estimate_sensitivity(layers: Sequence[str], local: Mapping[str, float],
@@ -519,10 +630,11 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
         report.update(evaluation=initial.to_dict(), target_met=True)
         return model, stats, report
     layers = list(stats.get("layers", []))
-    propagated = propagated_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
-    if ranking == "estimate":
+    if ranking == "estimate":  # both estimates from one run
+        propagated, local = layer_errors(reference, model, stats.get("layer_outputs", {}), samples)
         return _fallback_estimated(reference, quantize, samples, target, model, stats, initial, report,
-                                   propagated, max_float_layers, ref_outputs, progress)
+                                   propagated, local, max_float_layers, ref_outputs, progress)
+    propagated = propagated_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
     candidates = _candidates(layers, propagated, max_layers_ranked)
     ranking = rank_sensitivity(reference, quantize, candidates, samples, target, max_layers=len(candidates),
                                give_up_after=max_float_layers)
@@ -562,10 +674,9 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
 
 def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
                         model: ir.Model, stats: dict[str, Any], initial: Evaluation, report: dict[str, Any],
-                        propagated: Mapping[str, float], max_float_layers: int | None, ref_outputs: _Outputs,
-                        progress: Any = False) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
+                        propagated: Mapping[str, float], local: Mapping[str, float], max_float_layers: int | None,
+                        ref_outputs: _Outputs, progress: Any = False) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """``fallback`` with ``estimate_sensitivity``'s order (see ``fallback``)."""
-    local = local_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
     ranking = estimate_sensitivity(list(stats.get("layers", [])), local, propagated)
     report["sensitivity"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ranking]
     order = [row["layer"] for row in ranking]
