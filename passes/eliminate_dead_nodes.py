@@ -37,17 +37,39 @@ def _remove_unused_body_initializers(model: ir.Model) -> int:
 def _drop_detached_uses(model: ir.Model) -> int:
     """Forget uses by nodes no longer in the model (e.g. inside the body of a removed If),
     so values read only there count as dead."""
-    live, dropped = set(optcc.ir.nodes(model)), 0
-    for graph in optcc.ir.graphs(model):
+    graph_likes = list(optcc.ir.graphs(model))
+    if len(graph_likes) == 1:
+        # no bodies, no functions: a node is in the model exactly when it is in the main
+        # graph (a removed node's graph is None, a detached body's node belongs to it)
+        main = model.graph
+        is_live = lambda node: node.graph is main  # noqa: E731
+    else:
+        live = set(optcc.ir.nodes(model))
+        is_live = live.__contains__
+    dropped = 0
+    for graph in graph_likes:
         values = [*graph.inputs, *(v for n in graph for v in n.outputs)]
         if isinstance(graph, ir.Graph):
             values += list(graph.initializers.values())
         for value in values:
             for use in list(value.uses()):
-                if use.node not in live:
+                if not is_live(use.node):
                     use.node.replace_input_with(use.idx, None)
                     dropped += 1
     return dropped
+
+
+def _opsets_all_used(model: ir.Model) -> bool:
+    """Whether ``RemoveUnusedOpsetsPass`` has nothing to remove, decided without a walk:
+    without functions it keeps the default domain and every domain a node uses."""
+    return not model.functions and all(domain == "" for domain in model.opset_imports)
+
+
+def _counts(model: ir.Model) -> tuple[int, int]:
+    """Nodes and initializers in every graph of the model (one walk)."""
+    graph_likes = list(optcc.ir.graphs(model))
+    return (sum(len(g) for g in graph_likes),
+            sum(len(g.initializers) for g in graph_likes if isinstance(g, ir.Graph)))
 
 
 class EliminateDeadNodesPass(optcc.Pass):
@@ -57,23 +79,22 @@ class EliminateDeadNodesPass(optcc.Pass):
     numerics = "exact"
 
     def call(self, model: ir.Model) -> optcc.PassResult:
-        nodes_before = sum(1 for _ in optcc.ir.nodes(model))
-        inits_before = sum(
-            len(g.initializers) for g in optcc.ir.graphs(model) if isinstance(g, ir.Graph)
-        )
+        nodes_before, inits_before = _counts(model)
         functions_before = len(model.functions)
         opsets_before = len(model.opset_imports)
         modified = RemoveUnusedNodesPass()(model).modified
         while _drop_detached_uses(model):
             modified |= RemoveUnusedNodesPass()(model).modified
-        modified |= RemoveUnusedFunctionsPass()(model).modified
-        modified |= RemoveUnusedOpsetsPass()(model).modified
+        if model.functions:  # with none there is nothing to remove
+            modified |= RemoveUnusedFunctionsPass()(model).modified
+        if not _opsets_all_used(model):
+            modified |= RemoveUnusedOpsetsPass()(model).modified
         body_inits = _remove_unused_body_initializers(model)
         modified |= bool(body_inits)
+        nodes_after, inits_after = _counts(model)
         stats = {
-            "nodes": nodes_before - sum(1 for _ in optcc.ir.nodes(model)),
-            "initializers": inits_before
-            - sum(len(g.initializers) for g in optcc.ir.graphs(model) if isinstance(g, ir.Graph)),
+            "nodes": nodes_before - nodes_after,
+            "initializers": inits_before - inits_after,
             "functions": functions_before - len(model.functions),
             "opset_imports": opsets_before - len(model.opset_imports),
         }

@@ -186,9 +186,30 @@ class _GraphFolder:
         self.stats = stats
         self.rejected: set[ir.Node] = set()
         self._freed_memo: dict[ir.Value, int] = {}
+        # the array of each constant tensor read so far: tensors are never modified in
+        # place, so decoding one again (a proto-backed tensor decodes on every call) would
+        # give the same array; nothing here writes to these arrays
+        self._arrays: dict[ir.TensorProtocol, np.ndarray] = {}
+        # fills (see ``_fill``) held as broadcast views until they are stored
+        self._views: set[ir.Value] = set()
+
+    def _numpy(self, tensor: ir.TensorProtocol) -> np.ndarray:
+        array = self._arrays.get(tensor)
+        if array is None:
+            array = self._arrays[tensor] = tensor.numpy()
+        return array
 
     def _const(self, value: ir.Value) -> np.ndarray | None:
-        return const_array(value, inputs_constant=self.inputs_constant)
+        """``const_array``, with each tensor decoded once."""
+        if not is_constant(value, inputs_constant=self.inputs_constant):
+            return None
+        if value.is_initializer():
+            return self._numpy(value.const_value)
+        try:
+            tensor = optcc.ir.const_tensor(value)
+            return None if tensor is None else self._numpy(tensor)
+        except Exception:  # noqa: BLE001 - sparse or malformed Constant: not a usable constant
+            return None
 
     # ------------------------------------------------------------------ collection
 
@@ -254,13 +275,22 @@ class _GraphFolder:
         if attribute is None:
             value = np.zeros((), np.float32)
         elif attribute.type == ir.AttributeType.TENSOR:
-            value = attribute.value.numpy()  # as_tensor() isinstance-checks a Protocol: slow
+            value = self._numpy(attribute.value)  # as_tensor() isinstance-checks a Protocol: slow
             if value.size != 1 or value.dtype not in _SAFE_NUMPY:
                 return None
         else:
             return None
-        filled = np.broadcast_to(value.reshape(()), tuple(int(d) for d in shape)).copy()
-        return (self._accept(node.outputs, [filled]) or {}).get(node.outputs[0])
+        # a read-only view until stored (``_stored``): most fills of a wave may be kept for
+        # their size, and copying them all only to drop them cost more than the rest
+        filled = np.broadcast_to(value.reshape(()), tuple(int(d) for d in shape))
+        result = (self._accept(node.outputs, [filled]) or {}).get(node.outputs[0])
+        if result is not None:
+            self._views.add(node.outputs[0])
+        return result
+
+    def _stored(self, value: ir.Value, array: np.ndarray) -> np.ndarray:
+        """The array to store for ``value``: a fill's view becomes a C-ordered copy."""
+        return array.copy() if value in self._views else array
 
     def _evaluate(self, batch: list[ir.Node]) -> dict[ir.Value, np.ndarray]:
         filled: dict[ir.Value, np.ndarray] = {}
@@ -300,7 +330,7 @@ class _GraphFolder:
                 if value is None or value in names:
                     continue
                 name = names[value] = f"c{len(names)}"
-                array = known[value] if value in known else self._const(value)
+                array = self._stored(value, known[value]) if value in known else self._const(value)
                 assert array is not None
                 feeds[name] = np.require(array, requirements="C")  # keeps 0-d arrays 0-d
                 graph_inputs.append(onnx.helper.make_tensor_value_info(
@@ -446,7 +476,7 @@ class _GraphFolder:
         replacements: dict[ir.Node, list[ir.Value]] = {}
         for node in folded:
             replacements[node] = [
-                materialize(self.graph, v, results[v], as_initializer=self.as_initializer)
+                materialize(self.graph, v, self._stored(v, results[v]), as_initializer=self.as_initializer)
                 for v in node.outputs if self._needed(v, members)
             ]
         for node in reversed(folded):

@@ -93,8 +93,9 @@ def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
     if not wanted:
         return {}
     try:
-        proto = optcc.ir.serialize(model)
-        _drop_float_weight_data(proto.graph)
+        with optcc.ir.initializers_set_aside(model, _blanked) as aside:
+            proto = optcc.ir.serialize(model)
+        _restore_dims(proto.graph, aside)
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort; declared shapes remain
         logger.debug("shape inference failed", exc_info=True)
@@ -115,13 +116,30 @@ _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                           onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE})
 
 
-def _drop_float_weight_data(graph: onnx.GraphProto) -> None:
-    """Empty the data of large float initializers in the copy given to shape inference:
-    it reads their types and dims only (data propagation reads small shape-like tensors),
-    and passing megabytes of weights through protobuf cost more than the inference."""
-    for tensor in graph.initializer:
-        if tensor.data_type in _FLOAT_TYPES and len(tensor.raw_data) > 1024:
-            tensor.ClearField("raw_data")
+_BLANK_BYTES = 1024
+
+
+def _blanked(tensor: ir.TensorProtocol) -> bool:
+    """Whether the copy given to shape inference holds this main-graph initializer without
+    its data: a float tensor whose serialized ``raw_data`` would exceed ``_BLANK_BYTES``.
+    Inference reads such a tensor's type and dims only (data propagation reads small
+    shape-like tensors), and copying megabytes of weights cost more than the inference."""
+    if int(tensor.dtype) not in _FLOAT_TYPES or isinstance(tensor, ir.ExternalTensor):
+        return False
+    if isinstance(tensor, ir.serde.TensorProtoTensor):  # serialized as a copy of its proto
+        return len(tensor.raw.raw_data) > _BLANK_BYTES
+    return tensor.nbytes > _BLANK_BYTES  # serialized as raw_data
+
+
+def _restore_dims(graph: onnx.GraphProto, aside: list[tuple[ir.Value, ir.TensorProtocol]]) -> None:
+    """Give the initializers set aside (serialized as empty tensors) their dims back, with
+    no data: the type and dims inference reads."""
+    dims = {value.name: [int(d) for d in tensor.shape.dims] for value, tensor in aside}
+    for proto in graph.initializer:
+        if proto.name in dims:
+            del proto.dims[:]
+            proto.dims.extend(dims[proto.name])
+            proto.ClearField("raw_data")
 
 
 def _value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:

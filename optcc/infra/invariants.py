@@ -92,7 +92,11 @@ def _name_problems(model: ir.Model) -> list[str]:
             for sub in oir.subgraphs(node):
                 visit(sub, outer | seen)
             for value in node.outputs:
-                define(value, f"an output of node '{node.name}' ({node.op_type})")
+                name = value.name
+                if name and name not in seen and name not in outer:
+                    seen.add(name)  # the common case, without building a description
+                else:
+                    define(value, f"an output of node '{node.name}' ({node.op_type})")
 
     visit(model.graph, frozenset())
     for function in model.functions.values():

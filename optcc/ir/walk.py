@@ -4,6 +4,7 @@ facts about them (op counts, weight bytes, opset, external data, node order)."""
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,11 +66,10 @@ def _order_problem(graph: ir.Graph | ir.Function, outer: frozenset[ir.Value]) ->
                     f"node '{node.name}' ({node.op_type}) reads '{value.name}' before it is "
                     f"defined ({what})"
                 )
-        for attr in node.attributes.values():
-            for sub in _attr_graphs(attr):
-                problem = _order_problem(sub, frozenset(defined))
-                if problem:
-                    return problem
+        for sub in subgraphs(node):
+            problem = _order_problem(sub, frozenset(defined))
+            if problem:
+                return problem
         defined.update(node.outputs)
     for value in graph.outputs:
         if value not in defined:
@@ -89,6 +89,7 @@ def _attr_graphs(attr: ir.Attr | ir.RefAttr) -> list[ir.Graph]:
 
 
 _GRAPH_TYPES = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 # default-domain ops that take graph attributes; any other default-domain op has none
@@ -97,7 +98,7 @@ _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
 def subgraphs(node: ir.Node) -> list[ir.Graph]:
     """The If/Loop/Scan (or custom) bodies held directly by a node's attributes."""
-    if node.op_type not in _SUBGRAPH_OPS and node.domain in ("", "ai.onnx"):
+    if node.op_type not in _SUBGRAPH_OPS and node.domain in _DEFAULT_DOMAINS:
         return []
     attrs = node.attributes
     if not attrs:
@@ -115,7 +116,11 @@ def graphs(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
 
     def walk(graph: ir.Graph | ir.Function) -> Iterator[ir.Graph | ir.Function]:
         yield graph
-        for node in list(graph):
+        # only nodes that may hold a body (see ``subgraphs``), listed once the caller is
+        # done with ``graph``: one cheap test per node, no call
+        holders = [node for node in graph
+                   if node.op_type in _SUBGRAPH_OPS or node.domain not in _DEFAULT_DOMAINS]
+        for node in holders:
             for sub in subgraphs(node):
                 yield from walk(sub)
 
@@ -139,9 +144,33 @@ def op_histogram(model: ir.Model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+# itemsize by TensorProto data type, filled on first use (None: no fixed size)
+_ITEMSIZE: dict[int, float | None] = {}
+
+
+def _itemsize(data_type: int) -> float | None:
+    if data_type not in _ITEMSIZE:
+        try:
+            size = ir.DataType(data_type).itemsize
+            _ITEMSIZE[data_type] = None if data_type == ir.DataType.STRING else size
+        except Exception:
+            _ITEMSIZE[data_type] = None
+    return _ITEMSIZE[data_type]
+
+
+_TENSOR_PROTO_TENSOR = ir.serde.TensorProtoTensor
+
+
 def _tensor_nbytes(tensor: ir.TensorProtocol | None) -> int:
     if tensor is None:
         return 0
+    if type(tensor) is _TENSOR_PROTO_TENSOR:
+        # what its ``nbytes`` computes, read from the proto without building a Shape
+        proto = tensor.raw
+        data_type = proto.data_type
+        itemsize = _ITEMSIZE[data_type] if data_type in _ITEMSIZE else _itemsize(data_type)
+        if itemsize is not None:
+            return int(math.ceil(itemsize * math.prod(proto.dims)))
     try:
         return int(tensor.nbytes)
     except Exception:
@@ -155,8 +184,8 @@ def weight_bytes(model: ir.Model) -> int:
         if isinstance(graph, ir.Graph):
             total += sum(_tensor_nbytes(v.const_value) for v in graph.initializers.values())
         for node in graph:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                value = node.attributes.get("value")
+            if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
+                value = node.attributes.data.get("value")  # the UserDict's own dict: its Mapping methods are slow
                 if value is not None and value.type == ir.AttributeType.TENSOR:
                     total += _tensor_nbytes(value.value)  # as_tensor() isinstance-checks a Protocol: slow
     return total

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Union
@@ -150,10 +151,29 @@ class _Scope:
     # static ranks found so far (see ``static_rank``); a rewrite keeps its root's shape,
     # so an entry stays true while the graph is rewritten
     ranks: dict[ir.Value, int | None] = dataclasses.field(default_factory=dict, compare=False)
+    # the array of each constant tensor decoded so far: tensors are never modified in
+    # place (a rewrite builds new ones), so decoding one again would give the same array;
+    # nothing writes to these arrays
+    arrays: dict[ir.TensorProtocol, np.ndarray] = dataclasses.field(default_factory=dict, compare=False)
 
-    @property
+    @functools.cached_property
     def body(self) -> ir.Graph:
-        return _body(self.graph)
+        return _body(self.graph)  # isinstance against onnx-ir's Protocol classes is slow
+
+    def const_array(self, value: ir.Value) -> np.ndarray | None:
+        """``_const_array(value, self.legacy_initializers)``, each tensor decoded once."""
+        if value.is_graph_input() and not (self.legacy_initializers and value.is_initializer()):
+            return None
+        try:
+            tensor = oir.const_tensor(value)
+            if tensor is None:
+                return None
+            array = self.arrays.get(tensor)
+            if array is None:
+                array = self.arrays[tensor] = tensor.numpy()
+            return array
+        except Exception:  # noqa: BLE001 - malformed Constant nodes are simply not constants
+            return None
 
 
 def _const_array(value: ir.Value, legacy_initializers: bool = False) -> np.ndarray | None:
@@ -196,7 +216,7 @@ class Match:
 
     def array(self, name: str) -> np.ndarray | None:
         value = self._bindings.get(name)
-        return None if value is None else _const_array(value, self.scope.legacy_initializers)
+        return None if value is None else self.value_array(value)
 
     @property
     def output(self) -> ir.Value:
@@ -206,7 +226,7 @@ class Match:
     def value_array(self, value: ir.Value) -> np.ndarray | None:
         """The constant array behind any ``value`` (None when it is not a constant), with
         the same rules as ``Const`` (e.g. for a node found outside the pattern)."""
-        return _const_array(value, self.scope.legacy_initializers)
+        return self.scope.const_array(value)
 
     def rank(self, value: ir.Value) -> int | None:
         """The static rank of ``value`` (see ``static_rank``), None when unknown."""
@@ -358,7 +378,7 @@ def _match(
             if pattern.optional and bindings.get(pattern.name, None) is None:
                 yield {**bindings, pattern.name: None}
             return
-        if isinstance(pattern, Const) and _const_array(value, scope.legacy_initializers) is None:
+        if isinstance(pattern, Const) and scope.const_array(value) is None:
             return
         if pattern.name in bindings:
             if bindings[pattern.name] is value:
@@ -464,7 +484,8 @@ class Builder:
     def const(self, array: np.ndarray, base: str) -> ir.Value:
         """A new constant holding ``array`` (never shared with another tensor)."""
         name = self._name(base)
-        tensor = ir.tensor(np.array(array, copy=True), name=name)
+        # ir.Tensor directly: what ir.tensor() builds for an ndarray, without its Protocol checks
+        tensor = ir.Tensor(np.array(array, copy=True), name=name)
         if isinstance(self._match.graph, ir.Graph) and not self._match.scope.legacy_initializers:
             value = ir.Value(
                 name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=tensor.shape
@@ -622,7 +643,10 @@ def _rewrite_graph(
         for node in worklist:
             if node.graph is not scope.body:
                 continue  # removed by an earlier rewrite
-            touched = _try_rules(node, scope, by_op.get(node.op_type, ()), stats,
+            node_rules = by_op.get(node.op_type)
+            if not node_rules:
+                continue  # no rule is rooted at this op
+            touched = _try_rules(node, scope, node_rules, stats,
                                  seen_rejections, keep_alive, names)
             if touched is not None:
                 new_nodes, inputs = touched
@@ -678,6 +702,28 @@ def _try_rules(
     return None
 
 
+class _LazyNames:
+    """``oir.ModelNames`` of the model, collected on the first name handed out. Names are
+    only needed once a rule rewrites, and until then the model is as it was when
+    ``apply_rules`` started, so the collected names are the same; a pass with nothing
+    to rewrite skips the scan of every graph."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self._model = model
+        self._names: oir.ModelNames | None = None
+
+    def _collected(self) -> oir.ModelNames:
+        if self._names is None:
+            self._names = oir.ModelNames(self._model)
+        return self._names
+
+    def value(self, base: str) -> str:
+        return self._collected().value(base)
+
+    def node(self, base: str) -> str:
+        return self._collected().node(base)
+
+
 def apply_rules(
     model: ir.Model, rules: Sequence[Rule], *, max_iters: int = 32
 ) -> RewriteStats:
@@ -686,7 +732,7 @@ def apply_rules(
     stats = RewriteStats()
     model_opset = oir.default_opset(model)
     legacy = int(model.ir_version or 0) < 4
-    names = oir.ModelNames(model)
+    names = _LazyNames(model)
     for graph in list(oir.graphs(model)):
         scope = _Scope(graph, _graph_opset(graph, model_opset), legacy)
         _rewrite_graph(scope, rules, max_iters, stats, names)
