@@ -8,9 +8,10 @@ A kept value of an enclosing graph is used only when its name is defined nowhere
 in the model, so name lookup from the body cannot find another value.
 
 Reading weights: initializers are first grouped by (dtype, shape); only groups of two or
-more are read, each tensor once to hash it (SHA-256 over its bytes; external data is
-read through onnx-ir's memory map, never copied whole), and a hash match is confirmed
-byte for byte before anything is removed.
+more are read, each tensor once to hash it (SHA-256 over its bytes), and a hash match is
+confirmed byte for byte before anything is removed. External data is read from its file
+in bounded chunks, not through onnx-ir's memory map: a map would keep every page read
+resident for the rest of the run (a 2.3 GB model's whole weights).
 
 onnx-ir's ``DeduplicateInitializersPass`` (default size limit 1024 elements) and
 ``DeduplicateHashedInitializersPass`` (reads every tensor, even those no other tensor
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -32,6 +34,9 @@ import onnx_ir as ir
 import optcc
 
 __all__ = ["DeduplicateInitializersPass"]
+
+
+_CHUNK_BYTES = 16 << 20
 
 
 def _data(tensor: ir.TensorProtocol) -> np.ndarray:
@@ -43,8 +48,48 @@ def _data(tensor: ir.TensorProtocol) -> np.ndarray:
     return array.reshape(-1).view(np.uint8)
 
 
+def _chunks(tensor: ir.TensorProtocol) -> Iterator[memoryview]:
+    """The tensor's bytes in order, at most ``_CHUNK_BYTES`` at a time; an external
+    tensor's are read from its file (nothing of it stays in memory)."""
+    if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth >= 8 and tensor.size > 0:
+        buffer = bytearray(min(_CHUNK_BYTES, tensor.nbytes))
+        with open(tensor.path, "rb") as f:
+            f.seek(tensor.offset or 0)
+            left = tensor.nbytes
+            while left > 0:
+                view = memoryview(buffer)[: min(left, len(buffer))]
+                got = f.readinto(view)
+                if not got:
+                    raise OSError(f"external data of '{tensor.name}' ends early in {tensor.path}")
+                yield view[:got]
+                left -= got
+        return
+    data = memoryview(_data(tensor))
+    for start in range(0, max(1, data.nbytes), _CHUNK_BYTES):
+        yield data[start:start + _CHUNK_BYTES]
+
+
 def _digest(tensor: ir.TensorProtocol) -> bytes:
-    return hashlib.sha256(_data(tensor)).digest()
+    h = hashlib.sha256()
+    for chunk in _chunks(tensor):
+        h.update(chunk)
+    return h.digest()
+
+
+def _same_bytes(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
+    left, right = _chunks(a), _chunks(b)
+    pending_a, pending_b = b"", b""
+    while True:
+        if not pending_a:
+            pending_a = bytes(next(left, b""))
+        if not pending_b:
+            pending_b = bytes(next(right, b""))
+        if not pending_a or not pending_b:
+            return not pending_a and not pending_b and next(left, None) is None and next(right, None) is None
+        n = min(len(pending_a), len(pending_b))
+        if pending_a[:n] != pending_b[:n]:
+            return False
+        pending_a, pending_b = pending_a[n:], pending_b[n:]
 
 
 def _candidates(graph: ir.Graph) -> list[ir.Value]:
@@ -137,6 +182,6 @@ class DeduplicateInitializersPass(optcc.Pass):
             if scope is not scopes[0] and names[match.name] != 1:
                 continue  # another value of that name could shadow it inside the body
             assert match.const_value is not None and value.const_value is not None
-            if np.array_equal(_data(match.const_value), _data(value.const_value)):
+            if _same_bytes(match.const_value, value.const_value):
                 return match
         return None
