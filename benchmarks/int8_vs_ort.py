@@ -18,7 +18,11 @@ For every model, on the same calibration data and the same held-out data, in one
   deviation / floor"), the accuracy-aware fallback (at most ``--max-float`` layers
   returned to float, default half of them; at most ``--ranked`` layers ranked by
   sensitivity), then the decision: the INT8 model, or the float model when INT8 is not
-  accepted or not faster by the cost model (columns "decision", "modelled speedup");
+  accepted or not faster by the cost model (columns "decision", "modelled speedup"); PP-OCR
+  det with ``--documents`` is judged with ``groups`` (``sample_groups``): on the text pages
+  by box F1 and mask IoU, on the text-free photos by the boxes found beyond float32's count
+  (``added-boxes``: every box there is a false positive), each against float32's floor on
+  that kind of input;
 - ``ort-minmax`` / ``ort-minmax+pre`` / ``ort-entropy``: ``quantize_static`` (QDQ,
   per_channel=True, QUInt8 activations, QInt8 weights), without / with
   ``quant_pre_process`` first (without its symbolic shape inference where that fails),
@@ -216,6 +220,14 @@ def samples(model: str, n: int, seed: int, input_name: str, documents: bool = Fa
     return [{input_name: a[None]} for a in arrays]
 
 
+def sample_groups(model: str, n: int, documents: bool = False) -> list[str] | None:
+    """The kind of each of ``samples``' inputs, for PP-OCR det with ``documents``: "photo"
+    (text-free) or "page" (interleaved, the photos first); None otherwise."""
+    if not (documents and model.startswith("ppocr") and MODELS[model][2] != "text"):
+        return None
+    return ["page" if i % 2 and i < 2 * (n // 2) else "photo" for i in range(n)]
+
+
 def ctc_match(reference: "optcc.ir.Model", candidate: "optcc.ir.Model", held: list) -> float:  # noqa: F821
     """Fraction of held-out lines whose CTC greedy decode equals float32's."""
     import onnxruntime as ort
@@ -406,9 +418,13 @@ def worker(args: argparse.Namespace) -> dict:
     elif config.endswith("+fallback"):
         from optcc.quant.driver import quantize_int8
 
+        groups = sample_groups(args.model, len(calib), args.documents)
         model, stats = quantize_int8(
             str(source), calib + held, "minmax", holdout_fraction=len(held) / (len(calib) + len(held)),
             max_float_layers=args.max_float, max_layers_ranked=args.ranked,
+            groups=None if groups is None else groups + sample_groups(args.model, len(held), args.documents),
+            # text-free photos: every box is a false positive, judged by the boxes added to float32's
+            metric="auto" if groups is None else {"@photo": "added-boxes"},
         )
         optcc.ir.save(model, out)
         result["seconds"] = stats["seconds"]

@@ -130,3 +130,48 @@ def test_a_user_target_does_not_replace_the_added_boxes_bound() -> None:
     verdict = tm.TaskJudge({"map": ref}, {"map": ref}, metric_target=0.9)({"map": got})
     assert verdict["metrics"]["map:box_f1"]["passed"] is True
     assert verdict["metrics"]["map:added_boxes"]["passed"] is False and verdict["passed"] is False
+
+
+def test_a_group_of_negatives_is_judged_by_the_boxes_added() -> None:
+    # photos with nothing to detect: float32 finds 3 spurious boxes, the candidate 2 others
+    # (box F1 0, mask IoU 0: meaningless there), or 4
+    pages = [_page(20) for _ in range(2)]
+    photo, fewer, more = (np.zeros((1, 1, 64, 160), np.float32) for _ in range(3))
+    for x in (0, 40, 80):
+        photo[0, 0, 5:11, x:x + 4] = 0.9
+    for x in (20, 60):
+        fewer[0, 0, 30:36, x:x + 4] = 0.9
+    more[:] = photo
+    more[0, 0, 40:46, 120:124] = 0.9
+    reference = {"map": pages + [photo]}
+    groups = ["page", "page", "photo"]
+    judge = tm.TaskJudge(reference, reference, metric={"@photo": "added-boxes"}, groups=groups)
+    assert judge.metric_names() == {"map@page": "detection-map", "map@photo": "added-boxes"}
+    verdict = judge({"map": pages + [fewer]})
+    assert set(k for k in verdict["metrics"] if k.startswith("map@photo")) == {"map@photo:added_boxes"}
+    assert verdict["metrics"]["map@photo:added_boxes"]["deviation"] == 0.0 and verdict["passed"] is True
+    verdict = judge({"map": pages + [more]})
+    assert verdict["metrics"]["map@photo:added_boxes"]["deviation"] == pytest.approx(1 / 3)
+    assert verdict["passed"] is False
+    # the most specific name wins: output@group over @group over output
+    named = tm.TaskJudge(reference, reference, groups=groups,
+                         metric={"map": "sqnr", "@photo": "added-boxes", "map@page": "detection-map"})
+    assert named.metric_names() == {"map@page": "detection-map", "map@photo": "added-boxes"}
+    with pytest.raises(BadInputError, match="unknown INT8 metric"):
+        tm.TaskJudge(reference, reference, groups=groups, metric={"@photo": "no-such-metric"})
+
+
+def test_the_driver_judges_each_group_on_its_own_samples() -> None:
+    data = _images(24)
+    groups = ["even", "odd"] * 12
+    quantized, stats = quantize_int8(str(TINYCNN), data, require_speedup=False, require_target=False,
+                                     accuracy_fallback=False, bias_correction=False, groups=groups)
+    assert stats["acceptance"]["metrics"] == {"logits@even": "argmax", "logits@odd": "argmax"}
+    rows = stats["fallback"]["evaluation"]["task"]["metrics"]
+    judged = data if stats["acceptance"]["judged_samples"] == 24 else data[-stats["acceptance"]["judged_samples"]:]
+    offset = len(data) - len(judged)
+    for label in ("even", "odd"):
+        subset = [f for i, f in enumerate(judged) if groups[offset + i] == label]
+        items, deviation = _agreement(quantized, subset)
+        row = rows[f"logits@{label}:argmax"]
+        assert row["items"] == items and row["deviation"] == pytest.approx(deviation, abs=1e-6)

@@ -63,7 +63,12 @@ components the floor's samples give too few items, for a caller that can judge m
 samples instead (the INT8 driver then judges all of them).
 
 **Groups.** ``TaskJudge(groups=[label per sample])`` judges each group apart against its
-own floor, in rows ``<output>@<group>:<part>``; all must pass. ``added_boxes`` is a bound
+own floor, in rows ``<output>@<group>:<part>``; all must pass. A metric mapping may name
+a group: ``{"<output>@<group>": m}`` or ``{"@<group>": m}`` (every output of that group)
+before ``{"<output>": m}``. ``added-boxes`` judges a detection map by ``added_boxes``
+alone: for a group of inputs with nothing to detect (text-free photos for a text
+detector), where every box is a false positive and agreeing with float32's boxes or
+mask means nothing. ``added_boxes`` is a bound
 on a count, not a score: it has no item minimum and ``metric_target`` does not replace it.
 
 **User metrics.** ``metric=callable(ref_outputs, got_outputs) -> float``, higher is
@@ -91,7 +96,7 @@ __all__ = [
 Outputs = Mapping[str, Sequence[np.ndarray]]  # output name -> one array per sample
 UserMetric = Callable[[Outputs, Outputs], float]
 _Measured = tuple[dict[str, float], dict[str, int]]  # deviation per component; items per count-based one
-METRICS = ("sqnr", "argmax", "ctc", "detection-map", "boxes", "embedding")
+METRICS = ("sqnr", "argmax", "ctc", "detection-map", "boxes", "embedding", "added-boxes")
 DEFAULT_MARGIN = 1.5
 MIN_DEVIATION = 0.01
 MIN_ITEMS = 10
@@ -360,6 +365,14 @@ def _map_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _M
             {"box_f1": n_ref + n_got, "mask_iou": union})
 
 
+def _added_boxes_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _Measured:
+    """A detection map's ``added_boxes`` alone: for inputs with nothing to detect, where
+    every box is a false positive and agreeing with the reference's boxes means nothing."""
+    n_ref = sum(len(b) for r in refs for b in map_boxes(r))
+    n_got = sum(len(b) for g in gots for b in map_boxes(g))
+    return {"added_boxes": max(0, n_got - n_ref) / max(n_ref, 1)}, {}
+
+
 def yolo_boxes(prediction: np.ndarray, score: float = BOX_SCORE) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per image of ``[N, 4+K, A]``: (boxes ``[x0, y0, x1, y1]``, classes, scores) after a
     score threshold and per-class greedy NMS."""
@@ -455,6 +468,7 @@ _BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], _Mea
     "detection-map": _map_deviation,
     "boxes": _boxes_deviation,
     "embedding": _embedding_deviation,
+    "added-boxes": _added_boxes_deviation,
 }
 _REPORTED_ONLY = frozenset({"extra_boxes"})  # shown, not judged
 _COUNTS = frozenset({"added_boxes"})  # a bound on a count, not a score: no metric_target replaces it
@@ -529,19 +543,6 @@ class TaskJudge:
     groups: Sequence[str] | None = None  # per sample: its group's label
 
     def __post_init__(self) -> None:
-        self.plan: dict[str, str | UserMetric] = {}
-        if callable(self.metric) and not isinstance(self.metric, Mapping):
-            self.plan["*"] = self.metric
-        else:
-            for name, values in self.reference.items():
-                if not values or not np.issubdtype(np.asarray(values[0]).dtype, np.floating):
-                    continue
-                given = self.metric.get(name) if isinstance(self.metric, Mapping) else self.metric
-                chosen = choose_metric(values[0], name) if given in (None, "auto") else given
-                if isinstance(chosen, str) and chosen not in _BUILT_IN:
-                    raise BadInputError(
-                        f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
-                self.plan[name] = chosen  # type: ignore[assignment]
         count = len(next(iter(self.reference.values()), []))
         if self.groups is None:
             self.subsets: list[tuple[str, list[int]]] = [("", list(range(count)))]
@@ -550,13 +551,33 @@ class TaskJudge:
                 raise BadInputError(f"{len(self.groups)} group labels for {count} judged samples")
             labels = list(dict.fromkeys(str(g) for g in self.groups))  # in order of first appearance
             self.subsets = [(g, [i for i, x in enumerate(self.groups) if str(x) == g]) for g in labels]
+        # per row (an output, or an output in a group): its metric, output name and samples
+        self.plan: dict[str, str | UserMetric] = {}
+        self._where: dict[str, tuple[str, list[int]]] = {}
+        for group, idx in self.subsets:
+            if callable(self.metric) and not isinstance(self.metric, Mapping):
+                key = "*" if not group else f"*@{group}"
+                self.plan[key], self._where[key] = self.metric, ("*", idx)
+                continue
+            for name, values in self.reference.items():
+                if not values or not np.issubdtype(np.asarray(values[0]).dtype, np.floating):
+                    continue
+                given: Any = self.metric
+                if isinstance(self.metric, Mapping):  # most specific first: output@group, @group, output
+                    names = (f"{name}@{group}", f"@{group}", name) if group else (name,)
+                    given = next((self.metric[k] for k in names if k in self.metric), None)
+                chosen = choose_metric(values[0], name) if given in (None, "auto") else given
+                if isinstance(chosen, str) and chosen not in _BUILT_IN:
+                    raise BadInputError(
+                        f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
+                key = name if not group else f"{name}@{group}"
+                self.plan[key], self._where[key] = chosen, (name, idx)
         self.floor, self.floor_items = self._deviations(self.perturbed)
         self._sqnr_floor: dict[str, dict[str, float]] = {}  # per row key, computed when first needed
 
     def _rows(self) -> list[tuple[str, str, list[int]]]:
         """(row key, output name, sample indices): one per output and group."""
-        return [(name if not group else f"{name}@{group}", name, idx)
-                for group, idx in self.subsets for name in self.plan]
+        return [(key, *self._where[key]) for key in self.plan]
 
     def undecided(self) -> list[str]:
         """The judged count-based components whose floor is over fewer than ``MIN_ITEMS``
@@ -567,8 +588,8 @@ class TaskJudge:
     def sqnr_floor(self, key: str) -> dict[str, float]:
         """Row ``key``'s SQNR noise ratios under the perturbation (``_sqnr_parts``)."""
         if key not in self._sqnr_floor:
-            name, idx = next((n, i) for k, n, i in self._rows() if k == key)
-            metric = self.plan[name]
+            name, idx = self._where[key]
+            metric = self.plan[key]
             assert isinstance(metric, str)
             self._sqnr_floor[key] = _sqnr_parts(metric, _pick(self.reference[name], idx),
                                                 _pick(self.perturbed[name], idx))
@@ -581,7 +602,7 @@ class TaskJudge:
         result: dict[str, dict[str, float]] = {}
         items: dict[str, dict[str, int]] = {}
         for key, name, idx in self._rows():
-            metric = self.plan[name]
+            metric = self.plan[key]
             if isinstance(metric, str):
                 masks = None if self.masks is None else _pick(self.masks, idx)
                 result[key], items[key] = measure(metric, _pick(self.reference[name], idx), _pick(got[name], idx),
@@ -610,7 +631,7 @@ class TaskJudge:
         passed = True
         for key, parts in measured.items():
             name, idx = keys[key]
-            metric = self.plan[name]
+            metric = self.plan[key]
             undecided: list[str] = []
             for part, deviation in parts.items():
                 floor = self.floor[key][part]
