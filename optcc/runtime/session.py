@@ -3,14 +3,30 @@
 Every session optcc builds comes from here: onnxruntime's own graph optimizations off
 unless asked for (so its fusions can neither hide nor cause a difference), its log lines
 kept off stderr, and models with external data loaded from a file rather than bytes.
+
+An onnx-ir model with external data (or too large for one protobuf) is never copied for
+its session: the graph is written to the scratch folder (small external tensors, such as
+axes, inlined) with its large initializers
+pointing into a sparse placeholder file that onnxruntime never reads, and the session
+receives each of them (``SessionOptions.add_initializer``) as a read-only memory map of
+the tensor's own file region, or as the in-memory array itself. onnxruntime then reads
+the weights where they are (pre-packing off, which would copy every MatMul/Gemm weight);
+the maps close with the session, so no page of them stays resident afterwards. Such a
+session runs nodes in onnxruntime's priority-based order, which computes the float32
+copy of a float16 weight (made by onnxruntime's CPU kernels) where it is read instead
+of all of them first. A model
+file with external data gets the same options, so that a model and its rewrite run the
+same kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import numpy as np
 import onnx
@@ -23,6 +39,8 @@ from optcc.errors import BadInputError
 __all__ = ["session_options", "make_session", "run", "first_line", "with_outputs", "resolve_providers"]
 
 ModelRef = Union[ir.Model, onnx.ModelProto, bytes, str, os.PathLike]
+SHARED_MIN_BYTES = 1 << 20  # initializers at least this large are handed over, not serialized
+_SMALL_MODEL_FILE = 64 << 20  # a model file this small is parsed to see whether it has external data
 _FATAL_ONLY = 4  # onnxruntime log severity: a failing kernel is logged at 3 before it raises, and optcc reports it once
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -94,23 +112,137 @@ def make_session(
     options: ort.SessionOptions | None = None,
 ) -> ort.InferenceSession:
     """A session for ``model``: a path loads from the file (its external data beside it);
-    an onnx-ir model that needs external data is saved into ``scratch`` first."""
-    source: Any
+    an onnx-ir model that needs external data gets its large weights handed over in place
+    (see the module docstring), with only its graph written into ``scratch``. ``options``
+    is used for this one session (the handed-over weights are added to it)."""
+    options = options or session_options()
     if isinstance(model, (str, os.PathLike)):
-        source = str(model)
-    elif isinstance(model, bytes):
-        source = model
-    elif isinstance(model, onnx.ModelProto):
-        source = model.SerializeToString()
-    elif oir.needs_external_data(model) or oir.uses_external_data(model):
+        if _file_has_external_data(model):
+            _no_prepacking(options)
+        return ort.InferenceSession(str(model), options, providers=[provider])
+    if isinstance(model, bytes):
+        return ort.InferenceSession(model, options, providers=[provider])
+    if isinstance(model, onnx.ModelProto):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+    if oir.needs_external_data(model) or oir.uses_external_data(model):
         if scratch is None:
             raise ValueError("a model with external data needs a scratch folder for its session")
-        path = Path(scratch) / f"model_{id(model)}.onnx"
-        oir.save(model, path, external_data=True)
-        source = str(path)
-    else:
-        source = oir.serialize(model).SerializeToString()
-    return ort.InferenceSession(source, options or session_options(), providers=[provider])
+        if _external_in_bodies(model):
+            path = Path(scratch) / f"model_{uuid.uuid4().hex}.onnx"
+            oir.save(model, path, external_data=True)
+            return ort.InferenceSession(str(path), options, providers=[provider])
+        return _shared_weights_session(model, provider, Path(scratch), options)
+    return ort.InferenceSession(oir.serialize(model).SerializeToString(), options, providers=[provider])
+
+
+def _no_prepacking(options: ort.SessionOptions) -> None:
+    # pre-packing copies every constant MatMul/Gemm weight into onnxruntime's own memory
+    options.add_session_config_entry("session.disable_prepacking", "1")
+
+
+def _file_has_external_data(path: str | os.PathLike) -> bool:
+    """Whether a (small) model file keeps main-graph initializers in external files."""
+    try:
+        if os.path.getsize(path) > _SMALL_MODEL_FILE:
+            return False
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - onnxruntime reports an unreadable model itself
+        return False
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+def _external_in_bodies(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for g in oir.graphs(model)
+               if g is not model.graph and isinstance(g, ir.Graph) for v in g.initializers.values())
+
+
+_SHAREABLE = frozenset({
+    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BOOL,
+    ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
+    ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
+})  # what onnxruntime's OrtValue takes from a NumPy array as it is
+
+
+def _shared(tensor: ir.TensorProtocol) -> bool:
+    return tensor.dtype in _SHAREABLE and tensor.nbytes >= SHARED_MIN_BYTES
+
+
+@contextlib.contextmanager
+def _small_external_inlined(model: ir.Model) -> Iterator[None]:
+    """Within the block, the main graph's small external tensors are in-memory copies
+    (onnxruntime reads constants such as axes and shapes while it loads the graph)."""
+    swapped = []
+    try:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and not _shared(tensor):
+                swapped.append((value, tensor))
+                value.const_value = ir.Tensor(np.array(tensor.numpy()), name=tensor.name)
+        yield
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
+def _mapped(tensor: ir.TensorProtocol) -> np.ndarray:
+    """The tensor's values without a copy: an external tensor's file region mapped
+    read-only (a map of its own, closed when the array goes), an in-memory one as is."""
+    if isinstance(tensor, ir.ExternalTensor) and tensor.size > 0:
+        dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+        return np.memmap(tensor.path, dtype=dtype, mode="r", offset=tensor.offset or 0,
+                         shape=tuple(tensor.shape.numpy()))
+    array = np.asarray(tensor.numpy())
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+
+
+def _shared_weights_session(
+    model: ir.Model, provider: str, scratch: Path, options: ort.SessionOptions
+) -> ort.InferenceSession:
+    with _small_external_inlined(model), oir.initializers_set_aside(model, _shared) as aside:
+        proto = oir.serialize(model)
+    stem = scratch / f"model_{uuid.uuid4().hex}"
+    placeholder = stem.with_suffix(".placeholder")
+    aside_by_name = {value.name: tensor for value, tensor in aside}
+    offset = 0
+    for initializer in proto.graph.initializer:
+        tensor = aside_by_name.get(initializer.name)
+        if tensor is None:
+            continue
+        # the initializer the graph declares (type, shape); its bytes come from add_initializer
+        del initializer.dims[:]
+        initializer.dims.extend(int(d) for d in tensor.shape.numpy())
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            initializer.ClearField(field)
+        initializer.data_location = onnx.TensorProto.EXTERNAL
+        del initializer.external_data[:]
+        for key, value in (("location", placeholder.name), ("offset", str(offset)), ("length", str(tensor.nbytes))):
+            entry = initializer.external_data.add()
+            entry.key, entry.value = key, value
+        offset += -(-tensor.nbytes // 4096) * 4096
+    path = stem.with_suffix(".onnx")
+    try:
+        with open(placeholder, "wb") as f:
+            f.truncate(offset)  # sparse: takes no disk space, never read
+        with open(path, "wb") as f:
+            f.write(proto.SerializeToString())
+        del proto
+        values = []
+        for name, tensor in aside_by_name.items():
+            value = ort.OrtValue.ortvalue_from_numpy(_mapped(tensor))
+            options.add_initializer(name, value)
+            values.append(value)
+        _no_prepacking(options)
+        # the default order runs every Cast of a weight (onnxruntime's own, in front of a
+        # float16 weight a CPU kernel reads in float32) first, all their float32 copies alive
+        # at once; the priority-based order runs each where it is read (the same results)
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        session = ort.InferenceSession(str(path), options, providers=[provider])
+    finally:
+        for written in (path, placeholder):
+            if written.exists():
+                written.unlink()
+    session._optcc_weights = values  # the session reads them: they live as long as it does
+    return session
 
 
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
