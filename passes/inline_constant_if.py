@@ -96,10 +96,13 @@ class InlineConstantIfPass(optcc.Pass):
     numerics = "exact"
 
     def call(self, model: ir.Model) -> optcc.PassResult:
+        graph_likes = list(optcc.ir.graphs(model))
+        if len(graph_likes) == 1:  # no bodies: no If with a branch to inline
+            return optcc.PassResult(model, False, {})
         names = collections.Counter(v.name for g in optcc.ir.graphs(model) for v in _values(g) if v.name)
         node_names = collections.Counter(n.name for g in optcc.ir.graphs(model) for n in g if n.name)
         inlined = 0
-        for graph in reversed(list(optcc.ir.graphs(model))):  # bodies before their parents
+        for graph in reversed(graph_likes):  # bodies before their parents
             for node in list(graph):
                 if node.graph is not graph:
                     continue

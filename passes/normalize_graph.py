@@ -15,6 +15,15 @@ from onnx_ir.passes.common import NameFixPass, TopologicalSortPass
 import optcc
 
 
+def _already_sorted(model: ir.Model) -> bool:
+    """Whether the sort would leave every node where it is, decided in one pass: a model
+    without functions or bodies whose main graph defines every value before its use.
+    onnx-ir's sort is stable (it pops the ready node latest in the current order first,
+    from the outputs up), so on an order that is already topological it pops the nodes
+    last to first and restores the same order."""
+    return len(list(optcc.ir.graphs(model))) == 1 and optcc.ir.first_order_problem(model) is None
+
+
 class NormalizeGraphPass(optcc.Pass):
     """Sort nodes topologically and give every node and value a unique name."""
 
@@ -22,6 +31,6 @@ class NormalizeGraphPass(optcc.Pass):
     numerics = "exact"
 
     def call(self, model: ir.Model) -> optcc.PassResult:
-        sorted_ = TopologicalSortPass()(model).modified
+        sorted_ = False if _already_sorted(model) else TopologicalSortPass()(model).modified
         named = NameFixPass()(model).modified
         return optcc.PassResult(model, sorted_ or named, {"sorted": sorted_, "renamed": named})

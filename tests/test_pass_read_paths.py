@@ -1,7 +1,8 @@
 """The shortcuts passes take when reading a model: weight sizes read from tensor protos,
 shape inference on a copy without the weights' data, constants decoded once per pass
 (shared by several readers), ConstantOfShape fills held as views until stored, and the
-dead-node pass without bodies, functions or foreign opsets. Each is judged against an
+dead-node pass without bodies, functions or foreign opsets, normalize on a graph already
+in topological order. Each is judged against an
 independent reference: numpy, or onnx's reference evaluator on the original."""
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
+from onnx_ir.passes.common import TopologicalSortPass
 
 import optcc
-from optcc.passes import EliminateDeadNodesPass, FoldConstantsPass
+from optcc.passes import EliminateDeadNodesPass, FoldConstantsPass, NormalizeGraphPass
 from optcc.passes.fuse_batchnorm import FuseBatchNormPass
 from reference import (
     EXACT_RTOL,
@@ -163,3 +165,45 @@ def test_unused_foreign_opset_import_is_dropped_and_a_used_one_kept() -> None:
     model = ir.from_proto(proto)
     assert EliminateDeadNodesPass()(model).modified
     assert dict(model.opset_imports) == {"": 17}
+
+
+# ------------------------------------------------------------------ normalize
+
+
+def _random_dag(seed: int, shuffled: bool) -> onnx.ModelProto:
+    """40 binary Add/Mul/Sub nodes reading random earlier values, in a topological order
+    (``shuffled``: in a random order instead, usually not topological)."""
+    rng = np.random.default_rng(seed)
+    values, nodes = ["x", "y"], []
+    for i in range(40):
+        a, b = rng.choice(len(values), size=2)
+        op = ("Add", "Mul", "Sub")[int(rng.integers(3))]
+        nodes.append(helper.make_node(op, [values[a], values[b]], [f"v{i}"], name=f"n{i}"))
+        values.append(f"v{i}")
+    if shuffled:
+        nodes = [nodes[i] for i in rng.permutation(len(nodes))]
+    outputs = [_vi(v, [3]) for v in values[-3:]]
+    return _model(nodes, [_vi("x", [3]), _vi("y", [3])], outputs, [])
+
+
+def test_normalize_keeps_a_topological_order_as_onnx_ir_sort_does() -> None:
+    for seed in range(20):
+        proto = _random_dag(seed, shuffled=False)
+        model, reference = ir.from_proto(proto), ir.from_proto(proto)
+        result = NormalizeGraphPass()(model)
+        assert not TopologicalSortPass()(reference).modified
+        assert [n.name for n in model.graph] == [n.name for n in reference.graph]
+        assert result.stats["sorted"] is False
+
+
+def test_normalize_sorts_a_graph_out_of_order() -> None:
+    for seed in range(20):
+        proto = _random_dag(seed, shuffled=True)
+        model, reference = ir.from_proto(proto), ir.from_proto(proto)
+        NormalizeGraphPass()(model)
+        TopologicalSortPass()(reference)
+        assert [n.name for n in model.graph] == [n.name for n in reference.graph]
+        assert optcc.ir.first_order_problem(model) is None
+        feeds = {"x": RNG.normal(size=3).astype(np.float32), "y": RNG.normal(size=3).astype(np.float32)}
+        assert_close(onnxruntime_outputs(model, feeds), expected_outputs(ir.from_proto(_random_dag(seed, False)), feeds),
+                     EXACT_RTOL, what="sorted model vs onnx reference evaluator on the ordered original")
