@@ -36,9 +36,11 @@ the mask path converts instead of staying float32 in every layer; exact in float
 every row with an unmasked key. The accuracy check compares with the model as given.
 
 Not exact: float16 rounding; the tolerance above is checked before the pass returns.
-Weights beyond +-65504 are clamped, each listed in ``stats["clamped"]``. Every session the
-pass builds on a model with external data loads it from a file in a scratch folder, so
-models over 2 GB convert like small ones.
+Weights beyond +-65504 are clamped, each listed in ``stats["clamped"]``. A model with
+external data is never copied whole: its sessions read the weights in place
+(``optcc.runtime.make_session``), its float16 weights are made once into a temporary file
+(``optcc.fp16.weights``) and the emulated candidates read them through one Cast each, so
+models over 2 GB convert like small ones, within about their weights' size of memory.
 """
 
 from __future__ import annotations
@@ -206,6 +208,34 @@ class ConvertFloat16Pass(optcc.Pass):
         key = fp16.support.op_key(node.domain, node.op_type)
         if key in self._probed:
             return self._probed[key]
+        made: list[list[np.ndarray | onnx.ValueInfoProto | None]] = []
+
+        def specs() -> list[np.ndarray | onnx.ValueInfoProto | None]:
+            # built only for a probe: it reads the node's weights
+            if not made:
+                made.append(self._probe_specs(node))
+            return made[0]
+
+        proto = ir.serde.serialize_node(node)
+        flags = [i in slots.inputs for i in range(len(node.inputs))]
+        reason = None
+        for provider in self.providers:
+            status, detail = fp16.support.cached(node.domain, node.op_type, self.opset, provider) or \
+                fp16.support.support(proto, specs(), flags, self.opset, provider)
+            if status == "fallback" and provider == "CPUExecutionProvider":
+                self._cpu_fallback.add(node.op_type)
+            if status == "unsupported":
+                reason = f"no float16 kernel in onnxruntime {ort.__version__} {provider}: {detail}"
+            elif status == "unknown":
+                reason = f"float16 support on {provider} could not be probed: {detail}"
+            if reason:
+                break
+        self._probed[key] = reason
+        return reason
+
+    def _probe_specs(self, node: ir.Node) -> list[np.ndarray | onnx.ValueInfoProto | None]:
+        """Per input of ``node``: an example array (a constant, the float32 run's value or
+        the feed) or its type and shape, for ``fp16.support``'s probe."""
         specs: list[np.ndarray | onnx.ValueInfoProto | None] = []
         values = self.ref_values[0] if self.ref_values else {}
         for v in node.inputs:
@@ -223,21 +253,7 @@ class ConvertFloat16Pass(optcc.Pass):
             specs.append(onnx.helper.make_tensor_value_info(
                 v.name or "x", int(elem or FLOAT), dims) if dims is not None else
                 onnx.helper.make_tensor_value_info(v.name or "x", int(elem or FLOAT), None))
-        proto = ir.serde.serialize_node(node)
-        flags = [i in slots.inputs for i in range(len(node.inputs))]
-        reason = None
-        for provider in self.providers:
-            status, detail = fp16.support.support(proto, specs, flags, self.opset, provider)
-            if status == "fallback" and provider == "CPUExecutionProvider":
-                self._cpu_fallback.add(node.op_type)
-            if status == "unsupported":
-                reason = f"no float16 kernel in onnxruntime {ort.__version__} {provider}: {detail}"
-            elif status == "unknown":
-                reason = f"float16 support on {provider} could not be probed: {detail}"
-            if reason:
-                break
-        self._probed[key] = reason
-        return reason
+        return specs
 
     def _base_keep(self, model: ir.Model) -> tuple[dict[int, str], dict[ir.Node, Slots]]:
         keys, top = _node_keys(model)
@@ -287,8 +303,11 @@ class ConvertFloat16Pass(optcc.Pass):
                         dtype = self.inferred.get(v.name or "")
                         if dtype is not None:
                             v.type = ir.TensorType(dtype)
-        self._last = (Emulator if emulate else Rewriter)(
-            model, slots_of, self._dtype, self._keep_io, store16).run()
+        rewriter = (Emulator if emulate else Rewriter)(
+            model, slots_of, self._dtype, self._keep_io, store16, self.weights,
+            external_result=self._external_result)
+        self._last = rewriter.run()
+        self._weight_casts = getattr(rewriter, "weight_casts", set())
         if not emulate:  # types declared for the rewrite only would each cost a value_info entry
             for v in _values(model):
                 if v.is_graph_output() or v.is_graph_input() or v in declared:
@@ -339,7 +358,8 @@ class ConvertFloat16Pass(optcc.Pass):
         """Regions (a main-graph node with the converted producers of its inputs), most
         harmful first: ranked by the SQNR the node loses between its inputs and outputs."""
         try:
-            got = fp16.ranges.run_all(candidate, self._candidate_feeds(candidate)[:1], self._scratch)[0]
+            got = fp16.ranges.run_all(candidate, self._candidate_feeds(candidate)[:1], self._scratch,
+                                      skip=self._weight_casts)[0]
         except Exception:  # noqa: BLE001
             got = {}
         ref = self.ref_values[0] if self.ref_values else {}
@@ -418,24 +438,25 @@ class ConvertFloat16Pass(optcc.Pass):
             return keep.get(keys.get(node, -1)) or keep.get(top.get(node, -1))
 
         for graph in optcc.ir.graphs(self.reference):
-            weights: list[tuple[ir.Value, np.ndarray]] = []
+            weights: list[tuple[ir.Value, ir.TensorProtocol]] = []
             if isinstance(graph, ir.Graph):
-                weights += [(v, v.const_value.numpy()) for v in graph.initializers.values()
+                weights += [(v, v.const_value) for v in graph.initializers.values()
                             if v.dtype == FLOAT and v.const_value is not None and not v.is_graph_input()]
             for node in graph:
                 is_constant = node.op_type == "Constant" and node.domain in ("", "ai.onnx")
                 attr = node.attributes.get("value") if is_constant else None
                 if attr is not None and attr.type == ir.AttributeType.TENSOR and attr.as_tensor().dtype == FLOAT:
-                    weights.append((node.outputs[0], attr.as_tensor().numpy()))
-            for value, array in weights:
+                    weights.append((node.outputs[0], attr.as_tensor()))
+            for value, tensor in weights:
                 uses = list(value.uses())
-                if (array.size < STORE16_MIN_ELEMENTS or not uses or value.is_graph_output() or not value.name
+                if (tensor.size < STORE16_MIN_ELEMENTS or not uses or value.is_graph_output() or not value.name
                         or any(u.node.domain not in ("", "ai.onnx")
                                or u.idx in KEEP_INPUTS.get(u.node.op_type, ()) for u in uses)):
                     continue
                 why = [reason(u.node) for u in uses]
                 if not any(why):
                     continue  # no kept reader: the ordinary rewrite stores it in float16 already
+                array = tensor.numpy()  # read only now: most weights have no kept reader
                 if exactly_float16(array):
                     exact[value.name] = int(array.size)
                     continue
@@ -489,6 +510,14 @@ class ConvertFloat16Pass(optcc.Pass):
                     delattr(self, name)
 
     def _call(self, model: ir.Model) -> optcc.PassResult:
+        # float16 weights are made once and shared by every candidate and the result; a
+        # model with external data gets them in a file (see optcc.fp16.weights)
+        self.weights = fp16.Float16Weights(
+            spill=optcc.ir.uses_external_data(model) or optcc.ir.needs_external_data(model))
+        # weights past protobuf's limit: the result's float16 weights stay in that file (the
+        # model saves with external data anyway); otherwise they are read into memory
+        self._external_result = optcc.ir.weight_bytes(model) > optcc.ir.EXTERNAL_DATA_THRESHOLD_BYTES
+        self._weight_casts: set[str] = set()
         self._facts(model)
         self.evaluations = 0
         self._fallback_labels: list[str] = []

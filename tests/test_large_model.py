@@ -1,8 +1,9 @@
 """Models with external data: a small round trip in the default suite, and (slow) a model
 over 2 GB optimized within a memory bound.
 
-The slow test runs only when asked for: ``python -m pytest -m slow tests/test_large_model.py``
-(or with ``OPTCC_SLOW=1``); it writes about 2.4 GB to a temporary folder.
+The slow tests run only when asked for: ``python -m pytest -m slow tests/test_large_model.py``
+(or with ``OPTCC_SLOW=1``); each writes about 2.4 GB to a temporary folder and optimizes
+it (-O2, then -O2 with float16), verified, within 1.5x its weights' size of peak RSS.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -231,29 +234,76 @@ print(json.dumps({"rc": done.returncode, "stderr": done.stderr[-2000:], "peak": 
 """
 
 
-@pytest.mark.slow
-def test_model_over_2gb_optimizes_within_1_5x_its_weights(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+@pytest.fixture(scope="module")
+def large_model(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[tuple[Path, int]]:
+    """The >2 GB model, written once for the slow tests and removed after them."""
     if "slow" not in (request.config.getoption("markexpr") or "") and not os.environ.get("OPTCC_SLOW"):
         pytest.skip("slow (writes 2.4 GB): run with -m slow or OPTCC_SLOW=1")
-    model, weight_bytes = _write_large_model(tmp_path)
-    assert weight_bytes > 2**31
-    out = tmp_path / "out" / "big.opt.onnx"
-    out.parent.mkdir()
-    # The optimizer runs in a grandchild so that RUSAGE_CHILDREN sees only it. Numerics
-    # are not verified here: onnxruntime would hold both models' weights in memory.
-    command = [sys.executable, "-m", "optcc", str(model), "-O2", "--no-verify", "-o", str(out), "-q"]
+    folder = tmp_path_factory.mktemp("large")
+    yield _write_large_model(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _measured(command: list[str]) -> dict:
+    """Run ``command`` in a grandchild, so that RUSAGE_CHILDREN sees only it: its exit
+    status, stderr and peak RSS (file-backed pages included)."""
     done = subprocess.run(
         [sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, timeout=3600, cwd=ROOT, check=False
     )
     assert done.returncode == 0, done.stderr
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert measured["rc"] == 0, measured["stderr"]
+    return measured
+
+
+@pytest.mark.slow
+def test_model_over_2gb_optimizes_within_1_5x_its_weights(tmp_path: Path, large_model: tuple[Path, int]) -> None:
+    model, weight_bytes = large_model
+    assert weight_bytes > 2**31
+    out = tmp_path / "out" / "big.opt.onnx"
+    out.parent.mkdir()
+    report = tmp_path / "report.json"
+    # verified: onnxruntime reads the original's and the result's weights from their files
+    measured = _measured([sys.executable, "-m", "optcc", str(model), "-O2", "-o", str(out), "-q",
+                          "--report", str(report)])
     assert measured["peak"] < 1.5 * weight_bytes, (
         f"peak RSS {measured['peak'] / 2**30:.2f} GiB for {weight_bytes / 2**30:.2f} GiB of weights"
     )
+    assert json.loads(report.read_text())["verification"]["status"] == "passed"
     saved = onnx.load(str(out), load_external_data=False)
     assert _external_locations(saved) == {"big.opt.onnx.data"}
     assert out.stat().st_size < 1024 * 1024
     data = out.parent / "big.opt.onnx.data"
     assert weight_bytes <= data.stat().st_size < 1.1 * weight_bytes
     assert [o.name for o in saved.graph.output] == ["y"]
+    shutil.rmtree(out.parent)
+
+
+@pytest.mark.slow
+def test_model_over_2gb_converts_to_float16_verified_within_1_5x_its_weights(
+    tmp_path: Path, large_model: tuple[Path, int]
+) -> None:
+    model, weight_bytes = large_model
+    out = tmp_path / "out" / "big.opt.onnx"
+    out.parent.mkdir()
+    report = tmp_path / "report.json"
+    measured = _measured([sys.executable, "-m", "optcc", str(model), "-O2", "--fp16", "-o", str(out), "-q",
+                          "--report", str(report)])
+    assert measured["peak"] < 1.5 * weight_bytes, (
+        f"peak RSS {measured['peak'] / 2**30:.2f} GiB for {weight_bytes / 2**30:.2f} GiB of weights"
+    )
+    verification = json.loads(report.read_text())["verification"]
+    assert verification["status"] == "passed" and verification["numerics"] == "fp16", verification
+    saved = onnx.load(str(out), load_external_data=False)
+    weights = {t.name: t for t in saved.graph.initializer}
+    assert all(weights[f"W{i}"].data_type == TensorProto.FLOAT16 for i in range(LAYERS))
+    data = out.parent / "big.opt.onnx.data"
+    assert 0.5 * weight_bytes <= data.stat().st_size < 0.55 * weight_bytes
+    # the first layer against numpy: float16 weights, float32 arithmetic
+    x = np.random.default_rng(3).standard_normal((1, WIDTH)).astype(np.float32)
+    offset = {e.key: e.value for e in weights["W0"].external_data}
+    w0 = np.fromfile(data, dtype=np.float16, count=WIDTH * WIDTH, offset=int(offset["offset"])).reshape(WIDTH, WIDTH)
+    original = np.fromfile(model.parent / "big.onnx.data", dtype=np.float32, count=WIDTH * WIDTH).reshape(WIDTH, WIDTH)
+    np.testing.assert_array_equal(w0, original.astype(np.float16))
+    del w0, original
+    shutil.rmtree(out.parent)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -75,14 +75,14 @@ def with_all_outputs(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def _probe(model: ir.Model) -> ir.Model:
+def _probe(model: ir.Model, skip: Collection[str] = ()) -> ir.Model:
     """A clone of ``model`` (tensors shared, not copied) whose graph also outputs every
-    named node output of the main graph."""
+    named node output of the main graph (but those named in ``skip``)."""
     probe = model.clone()
     present = set(probe.graph.outputs)
     for node in probe.graph:
         for value in node.outputs:
-            if value.name and value not in present:
+            if value.name and value not in present and value.name not in skip:
                 present.add(value)
                 probe.graph.outputs.append(value)
     return probe
@@ -99,10 +99,11 @@ def session(model: ir.Model, provider: str = "CPUExecutionProvider",
 
 
 def run_all(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
-            scratch: str | os.PathLike | None = None) -> list[dict[str, np.ndarray]]:
-    """Every main-graph value of the model, per sample (numeric tensors: floats for ranges
-    and comparison, integers so that shape/index inputs can be probed with real data)."""
-    probe = session(_probe(model), scratch=scratch)
+            scratch: str | os.PathLike | None = None, skip: Collection[str] = ()) -> list[dict[str, np.ndarray]]:
+    """Every main-graph value of the model (but those named in ``skip``), per sample
+    (numeric tensors: floats for ranges and comparison, integers so that shape/index
+    inputs can be probed with real data)."""
+    probe = session(_probe(model, skip), scratch=scratch)
     names = [o.name for o in probe.get_outputs()]
     results = []
     for sample in feeds:

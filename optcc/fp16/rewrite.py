@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Collection, Iterable
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -161,9 +162,13 @@ class Rewriter:
         dtype: Callable[[ir.Value], ir.DataType | None],
         keep_io: Callable[[str], bool],
         store16: Collection[str] = (),
+        weights: Any = None,
+        external_result: bool = False,
     ) -> None:
         self.model = model
         self.store16 = frozenset(store16)
+        self.weights = weights  # optcc.fp16.weights.Float16Weights: where float16 initializers come from
+        self.external_result = external_result  # converted initializers stay in the weights' file
         self.dtype = dtype
         self.keep_io = keep_io
         self.names = oir.ModelNames(model)
@@ -235,8 +240,14 @@ class Rewriter:
                         and value.const_value is not None
                         and (self._all_readers_convert(value) or value.name in self.store16)
                     ):
-                        array = _to_float16(value.const_value.numpy(), value.name or "", self.stats)
-                        value.const_value = ir.tensor(array, name=value.name)
+                        if self.weights is not None:
+                            half, note = self.weights.get(value.const_value, value.name or "",
+                                                          in_memory=not self.external_result)
+                            self.stats.clamped.extend([note] if note else [])
+                            value.const_value = half
+                        else:
+                            array = _to_float16(value.const_value.numpy(), value.name or "", self.stats)
+                            value.const_value = ir.tensor(array, name=value.name)
                         self._set16(value)
                         self.stats.initializers_converted += 1
             for node in graph:
@@ -337,11 +348,20 @@ class Emulator(Rewriter):
     runs float16 nodes without kernels in float32 and drops its own Cast pairs, so the
     float16 model itself would hide float16 rounding there; explicit pairs in a float32
     graph are kept). Rounded values take the original names, for per-tensor comparison.
+
+    With spilling ``weights`` (models with external data), a rounded initializer is its
+    float16 tensor (made once, on disk) read through one ``Cast(to=float)``: the same
+    values as rounding it in float32 (f16 -> f32 is exact; clamping and non-finite values
+    agree), without a float32 copy of every weight in memory. The Casts' outputs are
+    listed in ``weight_casts`` (they are not values of the original).
     """
 
     def run(self) -> RewriteStats:
         self._record_types()  # weights a float32 node reads are rounded only in store16
         rounded: dict[tuple[int, ir.Value], ir.Value] = {}
+        self.weight_casts: set[str] = set()
+        self._order: dict[int, dict[ir.Node, int]] = {}  # per graph: its original nodes' positions
+        spill = self.weights is not None and self.weights.spill
 
         def round_(graph: ir.Graph | ir.Function, value: ir.Value) -> ir.Value:
             key = (id(graph), value)
@@ -362,7 +382,10 @@ class Emulator(Rewriter):
                 for value in list(graph.initializers.values()):
                     if value.dtype == FLOAT and value.const_value is not None and not value.is_graph_input() \
                             and (self._all_readers_convert(value) or value.name in self.store16):
-                        value.const_value = ir.tensor(_rounded(value.const_value.numpy()), name=value.name)
+                        if spill:
+                            rounded[(id(graph), value)] = self._read_float16(graph, value)
+                        else:
+                            value.const_value = ir.tensor(_rounded(value.const_value.numpy()), name=value.name)
             for node in graph:  # Constants stored float16 but read in float32
                 out = node.outputs[0] if node.outputs else None
                 if node.op_type == "Constant" and _is_default(node) and out is not None \
@@ -376,6 +399,8 @@ class Emulator(Rewriter):
             assert graph is not None
             for i in slots.inputs:
                 value = node.inputs[i]
+                if value is not None and value.name in self.weight_casts:
+                    continue  # a float16 weight read as float32: rounded already
                 if value is not None and not (value.producer() is not None and value.producer() in self.plan):
                     node.replace_input_with(i, round_(graph, value))
             for i in slots.outputs:
@@ -392,3 +417,30 @@ class Emulator(Rewriter):
                     graph.outputs[j] = new
             self.stats.converted_nodes[node.op_type] = self.stats.converted_nodes.get(node.op_type, 0) + 1
         return self.stats
+
+    def _read_float16(self, graph: ir.Graph, value: ir.Value) -> ir.Value:
+        """Replace float32 initializer ``value`` by its float16 tensor and one
+        ``Cast(to=float)`` that every reader reads instead; returns the Cast's output."""
+        assert value.const_value is not None and value.name
+        half_tensor, _ = self.weights.get(value.const_value, value.name)
+        name = value.name
+        del graph.initializers[name]
+        value.name = self.names.value(f"{name}_float32_unused")
+        half = ir.Value(name=self.names.value(f"{name}_f16"), type=ir.TensorType(FLOAT16), shape=value.shape,
+                        const_value=half_tensor)
+        graph.register_initializer(half)
+        back = ir.Value(name=self.names.value(f"{name}_rounded"), type=ir.TensorType(FLOAT), shape=value.shape)
+        cast = ir.Node("", "Cast", [half], [ir.AttrInt64("to", FLOAT)], outputs=[back])
+        readers = [u.node for u in value.uses()]
+        if readers and all(r.graph is graph for r in readers):
+            # just before its first reader: onnxruntime runs nodes in graph order where it
+            # can, so the float32 copy exists only while it is read, not all of them at once
+            order = self._order.get(id(graph))
+            if order is None:
+                order = self._order[id(graph)] = {n: i for i, n in enumerate(graph)}
+            graph.insert_before(min(readers, key=order.__getitem__), cast)
+        else:
+            self._place(graph, half, cast)
+        value.replace_all_uses_with(back)
+        self.weight_casts.add(back.name or "")
+        return back

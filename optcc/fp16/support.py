@@ -35,7 +35,7 @@ from onnx import helper
 
 from optcc.runtime.session import session_options
 
-__all__ = ["Support", "cache_dir", "cache_path", "probe_op", "support", "op_key"]
+__all__ = ["Support", "cache_dir", "cache_path", "cached", "probe_op", "support", "op_key"]
 
 Support = Literal["native", "fallback", "unsupported", "unknown"]
 
@@ -73,6 +73,14 @@ def _write_cache(path: Path, data: Mapping[str, Mapping[str, str]]) -> None:
         os.replace(tmp, path)
     except OSError:
         pass  # an unwritable cache only costs time
+
+
+def cached(domain: str, op_type: str, opset: int, provider: str = "CPUExecutionProvider") -> tuple[Support, str] | None:
+    """The cached verdict for an op type, or None when it has not been probed."""
+    entry = _read_cache(cache_path(provider, opset)).get(op_key(domain, op_type))
+    if entry and entry.get("status") in ("native", "fallback", "unsupported"):
+        return entry["status"], entry.get("detail", "")  # type: ignore[return-value]
+    return None
 
 
 def support(

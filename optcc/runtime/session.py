@@ -5,18 +5,17 @@ unless asked for (so its fusions can neither hide nor cause a difference), its l
 kept off stderr, and models with external data loaded from a file rather than bytes.
 
 An onnx-ir model with external data (or too large for one protobuf) is never copied for
-its session: the graph is written to the scratch folder (small external tensors, such as
-axes, inlined) with its large initializers
-pointing into a sparse placeholder file that onnxruntime never reads, and the session
-receives each of them (``SessionOptions.add_initializer``) as a read-only memory map of
-the tensor's own file region, or as the in-memory array itself. onnxruntime then reads
-the weights where they are (pre-packing off, which would copy every MatMul/Gemm weight);
-the maps close with the session, so no page of them stays resident afterwards. Such a
-session runs nodes in onnxruntime's priority-based order, which computes the float32
-copy of a float16 weight (made by onnxruntime's CPU kernels) where it is read instead
-of all of them first. A model
-file with external data gets the same options, so that a model and its rewrite run the
-same kernels.
+its session: its graph is written to the scratch folder (small external tensors, such as
+axes, inlined; large initializers pointing into a sparse placeholder file onnxruntime
+never reads), and the session receives each large initializer
+(``SessionOptions.add_initializer``) as a read-only memory map of the tensor's own file
+region, or as the in-memory array itself. onnxruntime reads the weights where they are:
+pre-packing is off (it copies every MatMul/Gemm weight), and the maps close with the
+session, so no page of them stays resident afterwards. Such a session runs nodes in
+onnxruntime's priority-based order, which makes the float32 copy of a float16 weight
+(onnxruntime's CPU kernels read float16 through float32) where it is read instead of all
+of them first. A model file with external data also loads without pre-packing, so that
+a model and its rewrite run the same kernels.
 """
 
 from __future__ import annotations
