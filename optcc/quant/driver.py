@@ -209,7 +209,13 @@ def quantize_int8(
     at their resolution), or reach ``metric_target`` (``target.min_sqnr_db`` for SQNR).
     ``metric=None`` keeps the plain ``target`` (SQNR and argmax agreement thresholds).
     ``stats["acceptance"]`` shows the metrics and the floor; every evaluation in
-    ``stats["fallback"]`` shows the deviations next to it.
+    ``stats["fallback"]`` shows the deviations next to it. When the held-out samples give
+    a count-based component fewer than ``MIN_ITEMS`` items (``TaskJudge.undecided``),
+    every candidate is judged on all the samples instead, the calibration ones included
+    (``stats["acceptance"]["judged_samples"]`` and ``all_samples_judged`` say so).
+    ``groups``: one label per sample (calibration and held-out); each group is judged
+    apart against its own floor, and a metric mapping may name a group
+    (``{"@photo": "added-boxes"}``, ``optcc.numerics.task.TaskJudge``).
 
     The INT8 model is returned only when it is worth shipping; otherwise the input model,
     unchanged, with ``stats["modified"] = False``, ``stats["declined"]`` ("speed" or
