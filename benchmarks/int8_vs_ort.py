@@ -663,7 +663,11 @@ def table(rows: list[dict]) -> str:
 def _task_text(task: dict | None) -> str:
     if not task:
         return ""
-    return "; ".join(f"{name.rsplit(':', 1)[-1]} {dev} / {floor}" for name, (dev, floor) in task.items())
+    def label(name: str) -> str:  # "<output>[@<group>]:<part>" -> "[<group> ]<part>"
+        row, part = name.rsplit(":", 1)
+        return f"{row.split('@', 1)[1]} {part}" if "@" in row else part
+
+    return "; ".join(f"{label(name)} {dev} / {floor}" for name, (dev, floor) in task.items())
 
 
 def _check_text(check: dict | None) -> str:
