@@ -27,9 +27,11 @@ where the Add broadcasts); the default-domain opset below 23.
 Numerics ("fusion"): the kernel sums in float32 and computes ``x / sqrt(mean(x^2) + eps) *
 gamma`` in float32 (rounding-order differences ~1e-7 relative, inside 1e-4).
 
-Cost: onnxruntime's float32 CPU kernel measured within noise of the seven decomposed ops
-(0.9x-1.1x on 2 x 64 x 512/2048 activations), not a clear gain, so -O3 leaves it out; name
-it (``passes=[..., "fuse-ort-skip-rmsnorm"]``, ``--passes``) for a target whose kernel is fast.
+Cost: onnxruntime 1.32's float32 CPU kernel is not a clear gain over the seven
+decomposed ops (one thread, 1 x 128 tokens, hidden 1024-4096: fastest of 200 runs
+1.06-1.18x slower, medians under a shared machine's load 0.72-0.92x), so -O3 (whose
+fusions must not make onnxruntime's CPU slower) leaves it out; name it
+(``passes=[..., "fuse-ort-skip-rmsnorm"]``, ``--passes``) for a target whose kernel is fast.
 
 Stats: ``applied``/``rejected`` per rule.
 """
