@@ -49,7 +49,7 @@ from optcc.numerics.samples import load_npz_samples
 from optcc.progress import Progress
 from optcc.numerics import check_feeds
 from optcc.runtime.session import session_options
-from optcc.runtime.shared_weights import light_proto, weighted_session
+from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
 __all__ = [
     "collect_statistics_sharded",
@@ -531,7 +531,9 @@ class _ExtremesCollector:
         self.whole: dict[tuple[str, ...], _Collector] = {}
 
     def _build(self) -> None:
-        self.session = None  # the previous session is released before the next is built
+        if self.session is not None:  # the previous session is released before the next is built
+            self.session = None
+            release_memory()
         proto, weights = light_proto(self.model)
         taken = {v.name for v in proto.graph.input} | {v.name for v in proto.graph.output}
         taken |= {o for node in proto.graph.node for o in node.output} | {i.name for i in proto.graph.initializer}
@@ -705,6 +707,8 @@ def collect_statistics(
                         stats.add(name, array)
             stats.samples += 1
             bar.advance()
+    del extremes, collectors
+    release_memory()
     if stats.samples == 0:
         raise BadInputError("no calibration samples given (empty data)")
     return stats

@@ -33,7 +33,7 @@ from optcc.numerics.metrics import sqnr_db as powers_db
 from optcc.progress import Progress
 from optcc.runtime.latency import median_seconds
 from optcc.runtime.session import session_options
-from optcc.runtime.shared_weights import light_proto, weighted_session
+from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
 __all__ = [
     "INTEGER_OPS",
@@ -93,6 +93,7 @@ def integer_op_histogram(model: ir.Model) -> dict[str, int]:
     with tempfile.TemporaryDirectory(prefix="optcc-int8-") as folder:
         path = os.path.join(folder, "optimized.onnx")
         _session(model, "extended", optimized_path=path)
+        release_memory()
         saved = onnx.load(path, load_external_data=False)
     counts = collections.Counter(
         node.op_type
@@ -204,6 +205,8 @@ class _Outputs:
         self.values: list[list[np.ndarray]] = [
             [np.asarray(a) for a in session.run(None, dict(f))] for f in samples
         ]
+        del session
+        release_memory()
 
     def get(self, name: str) -> list[np.ndarray]:
         i = self.names.index(name)
@@ -508,6 +511,8 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
             p_signal[layer] += float(np.sum(r64**2))
             p_noise[layer] += float(np.sum((r64 - np.asarray(values[g], np.float64)) ** 2))
         del values
+    del session
+    release_memory()
     return ({layer: _db(p_signal[layer], p_noise[layer]) for layer in pairs},
             {layer: _db(signal[layer], noise[layer]) for layer in fetch})
 
