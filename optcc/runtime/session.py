@@ -14,8 +14,8 @@ pre-packing is off (it copies every MatMul/Gemm weight), and the maps close with
 session, so no page of them stays resident afterwards. Such a session runs nodes in
 onnxruntime's priority-based order, which makes the float32 copy of a float16 weight
 (onnxruntime's CPU kernels read float16 through float32) where it is read instead of all
-of them first. A model file with external data also loads without pre-packing, so that
-a model and its rewrite run the same kernels.
+of them first. A model file with external data (or past protobuf's limit) also loads
+without pre-packing, so that a model and its rewrite run the same kernels.
 """
 
 from __future__ import annotations
@@ -140,9 +140,13 @@ def _no_prepacking(options: ort.SessionOptions) -> None:
 
 
 def _file_has_external_data(path: str | os.PathLike) -> bool:
-    """Whether a (small) model file keeps main-graph initializers in external files."""
+    """Whether a model file keeps main-graph initializers in external files, or is itself
+    so large that its rewrite would (those rewrites' sessions run without pre-packing)."""
     try:
-        if os.path.getsize(path) > _SMALL_MODEL_FILE:
+        size = os.path.getsize(path)
+        if size > oir.EXTERNAL_DATA_THRESHOLD_BYTES:
+            return True
+        if size > _SMALL_MODEL_FILE:
             return False
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - onnxruntime reports an unreadable model itself
