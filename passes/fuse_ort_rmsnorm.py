@@ -6,7 +6,11 @@ RMSNormalization)::
 
     h = Add(a, skip)
     y = Mul(Mul(h, Reciprocal(Sqrt(Add(ReduceMean(Pow(h, 2) or Mul(h, h), [-1]), eps))))
-            or Div(h, Sqrt(...)), gamma)
+            or Mul(h, Div(1, Sqrt(...))) or Div(h, Sqrt(...)), gamma)
+
+(``h`` optionally through a float32-to-float32 Cast, the normalized value too, as HF's
+LlamaRMSNorm exports; a Cast read elsewhere, as TorchScript's traced residual reads it, is
+replaced by the sum output too: it is the same float32 tensor),
 
 becomes ``SkipSimplifiedLayerNormalization(a, skip, gamma, epsilon=eps)``; when ``h`` has
 other readers (the next residual Add of a pre-norm decoder such as Llama), the node's
@@ -21,15 +25,17 @@ left decomposed.
 Preconditions (besides ``fuse-normalization``'s for the RMSNorm part: float32, the mean
 over the last axis with keepdims, exponent 2, scalar eps, gamma one per element of the
 last axis): ``a`` and ``skip`` both rank 3 (the kernel's (batch, sequence, hidden)
-layout) with the same declared dims (the kernel's output takes the first input's shape,
-where the Add broadcasts); the default-domain opset below 23.
+layout) with the same declared dims (the kernel's output takes the first input's shape:
+a batch-1 input with a batch-B skip would silently lose the batch); the default-domain
+opset below 23.
 
 Numerics ("fusion"): the kernel sums in float32 and computes ``x / sqrt(mean(x^2) + eps) *
 gamma`` in float32 (rounding-order differences ~1e-7 relative, inside 1e-4).
 
-Cost: onnxruntime 1.32's float32 CPU kernel is not a clear gain over the seven
-decomposed ops (one thread, 1 x 128 tokens, hidden 1024-4096: fastest of 200 runs
-1.06-1.18x slower, medians under a shared machine's load 0.72-0.92x), so -O3 (whose
+Cost: onnxruntime 1.32's float32 CPU kernel is not a clear gain over the decomposed ops
+(one thread; fastest of 200 runs of four blocks, 1 x 128 tokens, hidden 1024-4096:
+1.06-1.18x; a 2-layer Llama exported by torch's dynamo exporter, 4 of its 5 norms fused:
+0.96-0.99x at hidden 64, 0.77-1.34x, i.e. within the noise, at hidden 1024), so -O3 (whose
 fusions must not make onnxruntime's CPU slower) leaves it out; name it
 (``passes=[..., "fuse-ort-skip-rmsnorm"]``, ``--passes``) for a target whose kernel is fast.
 
@@ -41,17 +47,75 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from optcc.infra import PassResult
-from optcc.passes.fuse_normalization import _check_rms, _rms_pattern, _vector
+from optcc.passes.fuse_normalization import _check_rms, _scalar_near, _vector
 from optcc.passes.fuse_ort_transformer import MS_DOMAIN, float32_only
-from optcc.rewrite import Builder, Match, RewritePass, Rule
+from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var
 
 __all__ = ["FuseOrtSkipRmsNormPass", "RULES"]
 
 RMS_OPSET = 23
 
 
+def _rms_pattern(square: str, normalize: str, cast_out: bool) -> Op:
+    """The decomposed RMSNorm as exporters write it: ``fuse-normalization``'s forms, plus
+    ``Mul(x, Div(1, Sqrt(..)))`` (torch's rsqrt) and the float32 Cast HF's RMSNorm adds
+    after it (``.to(input_dtype)``; the one before it, ``.to(float32)``, is looked through
+    by ``_residual``)."""
+    x = Var("x")
+    sq = Op("Pow", x, Const("two"), name="sq") if square == "pow" else Op("Mul", x, x, name="sq")
+    ms = Op("ReduceMean", sq, Const("axes2", optional=True), name="var")
+    std = Op("Sqrt", Op("Add", ms, Const("eps"), commute=True, name="add_eps"), name="std")
+    if normalize == "div":
+        normed = Op("Div", x, std, name="n")
+    else:
+        inv = Op("Reciprocal", std, name="inv") if normalize == "reciprocal" else Op(
+            "Div", Const("one"), std, name="inv")
+        normed = Op("Mul", x, inv, commute=True, name="n")
+    if cast_out:
+        normed = Op("Cast", normed, name="cast_out")
+    return Op("Mul", normed, Const("gamma"), commute=True, name="scaled")
+
+
+_SAME_TYPE_OPS = ("Add", "Sub", "Mul", "Div", "MatMul", "Gemm", "Gather", "Relu", "Sigmoid", "Reshape",
+                  "Transpose", "Softmax", "Neg", "Concat", "Split", "Squeeze", "Unsqueeze", "Expand", "Identity")
+
+
+def _dtype(value: ir.Value | None, depth: int = 0) -> ir.DataType | None:
+    """The value's element type: declared, else a constant's, a Cast's target, or the type
+    of the data input of an op whose output type is its input's."""
+    if value is None:
+        return None
+    if value.dtype is not None:
+        return value.dtype
+    if value.const_value is not None:
+        return value.const_value.dtype
+    node = value.producer()
+    if node is None or depth > 64 or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Cast":
+        to = node.attributes.get("to")
+        return None if to is None else ir.DataType(to.as_int())
+    if node.op_type in _SAME_TYPE_OPS:
+        for v in node.inputs[:2]:
+            found = _dtype(v, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _float32_cast(node: ir.Node | None) -> bool:
+    """A Cast to float32 of a float32 value (a no-op)."""
+    if node is None or node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+        return False
+    to = node.attributes.get("to")
+    return to is not None and to.as_int() == ir.DataType.FLOAT and _dtype(node.inputs[0]) == ir.DataType.FLOAT
+
+
 def _residual(x: ir.Value) -> ir.Node | None:
+    """The residual Add that computes ``x``, directly or through a no-op float32 Cast."""
     node = x.producer()
+    if _float32_cast(node):
+        x, node = node.inputs[0], node.inputs[0].producer()
     if node is None or node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
     return node if x is node.outputs[0] and all(v is not None for v in node.inputs) else None
@@ -72,6 +136,12 @@ def _same_declared_shape(a: ir.Value, b: ir.Value) -> bool:
 def _check(m: Match) -> str | None:
     if m.opset >= RMS_OPSET:
         return "opset >= 23: fuse-normalization writes the standard RMSNormalization"
+    if m.get("cast_out") is not None and not _float32_cast(m["cast_out"]):
+        return "a Cast that is not float32 to float32"
+    if _dtype(m["x"]) != ir.DataType.FLOAT:
+        return "not float32"
+    if m.get("one") is not None and not _scalar_near(m, "one", 1.0):
+        return "not 1 / sqrt(..)"
     reason = _check_rms(m)
     if reason is not None:
         return reason
@@ -110,9 +180,10 @@ def _rewrite(sums: list[tuple[ir.Value, ir.Value]]):  # noqa: ANN202 - returns a
 
 
 def _wire_sum(old: ir.Value, new: ir.Value) -> None:
-    """The Add's remaining readers read the kernel's sum output instead; the Add goes."""
-    add, node = old.producer(), new.producer()
-    if add is None or node is None or node.graph is None:
+    """The remaining readers of the sum (or of its no-op Cast) read the kernel's sum output
+    instead; the Cast and the Add go when nothing else reads them."""
+    node = new.producer()
+    if node is None or node.graph is None:
         return
     graph = node.graph
     if old.uses() or old.is_graph_output():
@@ -121,8 +192,13 @@ def _wire_sum(old: ir.Value, new: ir.Value) -> None:
         old.name = None
         new.name, new.type, new.shape = name, type_, shape
         graph.sort()  # readers of the sum placed between the Add and the norm
-    if add.graph is graph and not old.uses() and not old.is_graph_output():
-        graph.remove(add, safe=True)
+    value = old
+    while value is not None and value.producer() is not None and value.producer().graph is graph \
+            and not value.uses() and not value.is_graph_output():
+        producer = value.producer()
+        nxt = producer.inputs[0] if producer.op_type == "Cast" else None
+        graph.remove(producer, safe=True)
+        value = nxt
 
 
 class FuseOrtSkipRmsNormPass(RewritePass):
@@ -134,8 +210,9 @@ class FuseOrtSkipRmsNormPass(RewritePass):
 
     def call(self, model: ir.Model) -> PassResult:
         sums: list[tuple[ir.Value, ir.Value]] = []
-        self.rules = tuple(Rule("skip-rmsnorm", _rms_pattern(square, normalize), _rewrite(sums), _check)
-                           for square in ("pow", "mul") for normalize in ("reciprocal", "div"))
+        self.rules = tuple(Rule("skip-rmsnorm", _rms_pattern(square, normalize, cast_out), _rewrite(sums), _check)
+                           for square in ("pow", "mul") for normalize in ("reciprocal", "div", "div-one")
+                           for cast_out in (True, False))
         result = super().call(model)
         for old, new in sums:
             _wire_sum(old, new)

@@ -26,14 +26,20 @@ def _weights(seed: int = 0) -> dict[str, np.ndarray]:
 
 def block(square: str = "pow", normalize: str = "reciprocal", residual: bool = True, reuse_sum: bool = True,
           axis: int = -1, gamma_input: bool = False, skip_dims: tuple = ("b", "s", H),
-          opset: int = 18) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """y = RMSNorm(x + r) @ w (+ (x + r) when ``reuse_sum``), the pre-norm decoder block."""
+          opset: int = 18, casts: int | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """y = RMSNorm(x + r) @ w (+ (x + r) when ``reuse_sum``), the pre-norm decoder block;
+    ``casts``: HF's LlamaRMSNorm Casts to that type around the norm, as TorchScript traces
+    them (the residual reads the first Cast's output)."""
     w = _weights()
     inits = [numpy_helper.from_array(w["w"], "w"), numpy_helper.from_array(np.float32(1e-6), "eps"),
+             numpy_helper.from_array(np.float32(1.0), "one"),
              numpy_helper.from_array(np.float32(2.0), "two"), numpy_helper.from_array(np.array([axis], np.int64), "axes")]
     if not gamma_input:
         inits.append(numpy_helper.from_array(w["gamma"], "gamma"))
-    nodes = [helper.make_node("Add", ["x", "r"], ["h"])] if residual else [helper.make_node("Identity", ["x"], ["h"])]
+    nodes = [helper.make_node("Add", ["x", "r"], ["sum"] if casts else ["h"])] if residual else [
+        helper.make_node("Identity", ["x"], ["h"])]
+    if casts:
+        nodes.append(helper.make_node("Cast", ["sum"], ["h"], to=casts))
     nodes.append(helper.make_node("Pow", ["h", "two"], ["sq"]) if square == "pow" else
                  helper.make_node("Mul", ["h", "h"], ["sq"]))
     nodes += [helper.make_node("ReduceMean", ["sq", "axes"], ["ms"]),
@@ -41,9 +47,13 @@ def block(square: str = "pow", normalize: str = "reciprocal", residual: bool = T
               helper.make_node("Sqrt", ["ms_eps"], ["rms"])]
     if normalize == "reciprocal":
         nodes += [helper.make_node("Reciprocal", ["rms"], ["inv"]), helper.make_node("Mul", ["h", "inv"], ["n"])]
+    elif normalize == "div-one":
+        nodes += [helper.make_node("Div", ["one", "rms"], ["inv"]), helper.make_node("Mul", ["h", "inv"], ["n"])]
     else:
         nodes.append(helper.make_node("Div", ["h", "rms"], ["n"]))
-    nodes += [helper.make_node("Mul", ["n", "gamma"], ["normed"]),
+    if casts:
+        nodes.append(helper.make_node("Cast", ["n"], ["n_cast"], to=casts))
+    nodes += [helper.make_node("Mul", ["n_cast" if casts else "n", "gamma"], ["normed"]),
               helper.make_node("MatMul", ["normed", "w"], ["proj" if reuse_sum else "y"])]
     if reuse_sum:
         nodes.append(helper.make_node("Add", ["proj", "h"], ["y"]))
@@ -84,7 +94,7 @@ def _close(got: np.ndarray, ref: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("square", ["pow", "mul"])
-@pytest.mark.parametrize("normalize", ["reciprocal", "div"])
+@pytest.mark.parametrize("normalize", ["reciprocal", "div", "div-one"])
 @pytest.mark.parametrize("reuse_sum", [True, False])
 def test_residual_rmsnorm_fuses(square: str, normalize: str, reuse_sum: bool) -> None:
     proto, w = block(square, normalize, reuse_sum=reuse_sum)
@@ -101,7 +111,21 @@ def test_residual_rmsnorm_fuses(square: str, normalize: str, reuse_sum: bool) ->
     _close(_run(ir.from_proto(proto), feeds), _reference(w, feeds, reuse_sum))  # the reference is the graph's
 
 
+def test_hf_llama_casts_fuse() -> None:
+    """The TorchScript trace of LlamaRMSNorm: Cast(h, float) read by the norm and by the next
+    residual, 1 / sqrt as a Div, Cast back before gamma."""
+    proto, w = block(normalize="div-one", casts=TensorProto.FLOAT)
+    result = FuseOrtSkipRmsNormPass()(ir.from_proto(proto))
+    assert result.stats["applied"] == {"skip-rmsnorm": 1}
+    hist = optcc.ir.op_histogram(result.model)
+    assert hist.get("com.microsoft::SkipSimplifiedLayerNormalization") == 1
+    assert "Cast" not in hist and hist.get("Add") == 1
+    feeds = _feeds()
+    _close(_run(result.model, feeds), _reference(w, feeds))
+
+
 @pytest.mark.parametrize("case, reason", [
+    ({"casts": TensorProto.DOUBLE}, "a Cast that is not float32 to float32"),
     ({"residual": False}, "input is not a residual Add (no onnxruntime op for a standalone RMSNorm below opset 23)"),
     ({"axis": 1}, "not a mean over the last axis"),
     ({"skip_dims": (1, "s", H)}, "Add operands not both rank 3 with the same declared dims"),
