@@ -240,3 +240,31 @@ def test_float16_result_of_a_model_past_the_protobuf_limit_keeps_weights_externa
     gc.collect()
     assert not folder.exists(), "the float16 weights' folder outlived the model"
     assert os.listdir(tmp_path) and (tmp_path / "mlp.data").exists()
+
+
+def test_model_with_small_constants_in_external_data_is_verified(tmp_path: Path) -> None:
+    """onnxruntime cannot load a model file whose Unsqueeze axes live in external data (it
+    reads them while loading the graph); the verifier's session of the original still runs."""
+    rng = np.random.default_rng(12)
+    w = (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Unsqueeze", ["m", "axes"], ["u"]),
+         helper.make_node("Relu", ["u"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, WIDTH])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = _external(tmp_path, proto)  # every tensor external, the 8-byte axes too
+    with pytest.raises(Exception, match="external"):
+        make_session(str(path))  # no scratch folder: onnxruntime's own load
+    feeds = _feeds(13)
+    want = np.maximum(feeds["x"].astype(np.float64) @ w.astype(np.float64), 0)[None]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    np.testing.assert_allclose(make_session(str(path), scratch=scratch).run(None, feeds)[0], want, rtol=1e-4, atol=1e-4)
+    result = optcc.optimize(path, level=2)
+    assert result.report.verification["status"] == "passed", result.report.verification
+    out = tmp_path / "out"
+    out.mkdir()
+    result.save(out / "m.onnx")
+    np.testing.assert_allclose(make_session(str(out / "m.onnx")).run(None, feeds)[0], want, rtol=1e-4, atol=1e-4)

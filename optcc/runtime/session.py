@@ -110,15 +110,24 @@ def make_session(
     scratch: str | os.PathLike | None = None,
     options: ort.SessionOptions | None = None,
 ) -> ort.InferenceSession:
-    """A session for ``model``: a path loads from the file (its external data beside it);
-    an onnx-ir model that needs external data gets its large weights handed over in place
+    """A session for ``model``: a path loads from the file (its external data beside it;
+    when onnxruntime cannot load it so, for a constant it needs kept in an external file,
+    it is loaded as an onnx-ir model with ``scratch``); an onnx-ir model that needs external data gets its large weights handed over in place
     (see the module docstring), with only its graph written into ``scratch``. ``options``
     is used for this one session (the handed-over weights are added to it)."""
     options = options or session_options()
     if isinstance(model, (str, os.PathLike)):
-        if _file_has_external_data(model):
+        external = _file_has_external_data(model)
+        if external:
             _no_prepacking(options)
-        return ort.InferenceSession(str(model), options, providers=[provider])
+        try:
+            return ort.InferenceSession(str(model), options, providers=[provider])
+        except Exception:
+            if not external or scratch is None:
+                raise
+            # onnxruntime cannot read a constant it needs to load the graph (Unsqueeze axes,
+            # Reshape shapes) from an external file; small external tensors are inlined here
+            return _shared_weights_session(oir.load(model), provider, Path(scratch), options)
     if isinstance(model, bytes):
         return ort.InferenceSession(model, options, providers=[provider])
     if isinstance(model, onnx.ModelProto):
@@ -136,6 +145,11 @@ def make_session(
 
 def _no_prepacking(options: ort.SessionOptions) -> None:
     # pre-packing copies every constant MatMul/Gemm weight into onnxruntime's own memory
+    try:
+        if options.get_session_config_entry("session.disable_prepacking") == "1":
+            return  # set again, onnxruntime would log a warning
+    except RuntimeError:  # not set
+        pass
     options.add_session_config_entry("session.disable_prepacking", "1")
 
 
