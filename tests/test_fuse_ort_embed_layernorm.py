@@ -31,7 +31,7 @@ def _weights(seed: int = 0) -> dict[str, np.ndarray]:
 def embeddings(style: str = "torchscript", segment: bool = True, positions: np.ndarray | None = None,
                order: str = "wtp", sum_output: bool = False, segment_dims: tuple = ("b", "s"),
                ln_axis: int = -1, end_from: str = "input_ids", gamma_input: bool = False,
-               opset: int = 17) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+               beta: bool = True, opset: int = 17) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """input_ids [b, s] (+ token_type_ids) -> LayerNormalization(sum of the embedding rows)."""
     w = _weights()
     table = np.arange(P, dtype=np.int64)[None] if positions is None else positions
@@ -62,7 +62,7 @@ def embeddings(style: str = "torchscript", segment: bool = True, positions: np.n
     if len(parts) == 3:
         nodes.append(helper.make_node("Add", [parts[2], "partial"], ["total"]))
         total = "total"
-    nodes.append(helper.make_node("LayerNormalization", [total, "gamma", "beta"], ["y"], axis=ln_axis,
+    nodes.append(helper.make_node("LayerNormalization", [total, "gamma", "beta" if beta else ""], ["y"], axis=ln_axis,
                                   epsilon=1e-12))
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])]
     if segment:
@@ -136,6 +136,14 @@ def test_without_token_types() -> None:
     assert result.stats["applied"] == {"embed-layernorm-no-segment": 1}
     feeds = _feeds(batch=2, seq=P)  # the whole position table
     _close(_run(result.model, feeds)[0], _reference(w, feeds, segment=False))
+
+
+def test_without_beta() -> None:
+    proto, w = embeddings(beta=False)
+    result = FuseOrtEmbedLayerNormPass()(ir.from_proto(proto))
+    assert result.stats["applied"] == {"embed-layernorm": 1}
+    feeds = _feeds()
+    _close(_run(result.model, feeds)[0], _reference({**w, "beta": np.zeros(H, np.float32)}, feeds))
 
 
 def test_opt_in_named_after_o3() -> None:
