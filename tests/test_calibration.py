@@ -406,3 +406,17 @@ def test_an_onnxruntime_calibration_data_reader_is_accepted():
     from_reader, _ = quantize_int8("fixtures/tinycnn.onnx", Reader(), **options)
     from_list, _ = quantize_int8("fixtures/tinycnn.onnx", samples, **options)
     assert optcc.ir.serialize(from_reader).SerializeToString() == optcc.ir.serialize(from_list).SerializeToString()
+
+
+def test_below_opset_11_infinite_tensors_are_fetched_whole() -> None:
+    """Without IsInf (opset < 10) the finite values of a tensor holding -inf come from the
+    tensor fetched whole: the same ranges as the histogram path."""
+    model = _mlp()
+    model.opset_import[0].version = 10
+    samples = _samples(4)
+    samples[2] = {"x": samples[2]["x"].copy()}
+    samples[2]["x"][0, 1] = -np.inf
+    extremes = collect_statistics(model, samples, bins=0)
+    histograms = collect_statistics(model, samples)
+    assert extremes.ranges("minmax") == histograms.ranges("minmax")
+    assert {n: h.count for n, h in extremes.histograms.items()} == {n: h.count for n, h in histograms.histograms.items()}
