@@ -197,7 +197,7 @@ class PassManager:
     def _run_steps(self, model: ir.Model, fresh: Callable[[], ir.Model], *, check_each: bool,
                    reverts: dict[int, tuple[PassLike, str]]) -> _Run:
         run = _Run(fresh=fresh, signature=signature(model), check_each=check_each, reverts=reverts)
-        run.summary = (oir.op_histogram(model), oir.weight_bytes(model))
+        run.summary = oir.histogram_and_weight_bytes(model)
         run.checkpoint = fresh
         for step in self.pipeline:
             if isinstance(step, Fixpoint):
@@ -281,7 +281,7 @@ class PassManager:
                 model = run.checkpoint()
                 run.kept = run.kept[:run.kept_at_checkpoint]
                 run.since_checkpoint = []
-        run.summary = (oir.op_histogram(model), oir.weight_bytes(model))
+        run.summary = oir.histogram_and_weight_bytes(model)
         return model
 
     def _run_pass(self, run: _Run, pass_: PassLike, model: ir.Model, *,
@@ -335,7 +335,7 @@ class PassManager:
             run.kept.append((index, pass_))
             if getattr(pass_, "float16_interface", False):
                 run.signature = signature(model)  # later passes keep the new interface
-            run.summary = (oir.op_histogram(model), oir.weight_bytes(model))
+            run.summary = oir.histogram_and_weight_bytes(model)
         hist_after, bytes_after = run.summary
         run.records.append(
             PassRecord(

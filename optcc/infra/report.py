@@ -79,11 +79,11 @@ class ModelSummary:
 
     @classmethod
     def of(cls, model: ir.Model) -> ModelSummary:
-        histogram = oir.op_histogram(model)
+        histogram, weights = oir.histogram_and_weight_bytes(model)
         return cls(
             nodes=sum(histogram.values()),
             op_histogram=histogram,
-            weight_bytes=oir.weight_bytes(model),
+            weight_bytes=weights,
             opset=oir.default_opset(model),
             ir_version=int(model.ir_version or 0),
         )

@@ -179,16 +179,28 @@ def _tensor_nbytes(tensor: ir.TensorProtocol | None) -> int:
 
 def weight_bytes(model: ir.Model) -> int:
     """Bytes held by initializers and Constant-node tensors in every graph."""
+    return sum(_graph_weight_bytes(graph) for graph in graphs(model))
+
+
+def _graph_weight_bytes(graph: ir.Graph | ir.Function) -> int:
+    total = sum(_tensor_nbytes(v.const_value) for v in graph.initializers.values()) \
+        if isinstance(graph, ir.Graph) else 0
+    for node in graph:
+        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
+            value = node.attributes.data.get("value")  # the UserDict's own dict: its Mapping methods are slow
+            if value is not None and value.type == ir.AttributeType.TENSOR:
+                total += _tensor_nbytes(value.value)  # as_tensor() isinstance-checks a Protocol: slow
+    return total
+
+
+def histogram_and_weight_bytes(model: ir.Model) -> tuple[dict[str, int], int]:
+    """``op_histogram(model)`` and ``weight_bytes(model)`` in one walk of the graphs."""
+    counts: collections.Counter[str] = collections.Counter()
     total = 0
     for graph in graphs(model):
-        if isinstance(graph, ir.Graph):
-            total += sum(_tensor_nbytes(v.const_value) for v in graph.initializers.values())
-        for node in graph:
-            if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
-                value = node.attributes.data.get("value")  # the UserDict's own dict: its Mapping methods are slow
-                if value is not None and value.type == ir.AttributeType.TENSOR:
-                    total += _tensor_nbytes(value.value)  # as_tensor() isinstance-checks a Protocol: slow
-    return total
+        counts.update(n.op_type if n.domain in _DEFAULT_DOMAINS else f"{n.domain}::{n.op_type}" for n in graph)
+        total += _graph_weight_bytes(graph)
+    return dict(sorted(counts.items())), total
 
 
 def default_opset(model: ir.Model) -> int:
