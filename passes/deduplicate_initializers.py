@@ -8,8 +8,9 @@ A kept value of an enclosing graph is used only when its name is defined nowhere
 in the model, so name lookup from the body cannot find another value.
 
 Reading weights: initializers are first grouped by (dtype, shape); only groups of two or
-more are read, each tensor once to hash it (SHA-256 over its bytes), and a hash match is
-confirmed byte for byte before anything is removed. External data is read from its file
+more are read, each tensor once to hash it (SHA-256 over its bytes, kept in the tensor's
+metadata for the later runs of the pass), and a hash match is confirmed byte for byte
+before anything is removed. External data is read from its file
 in bounded chunks, not through onnx-ir's memory map: a map would keep every page read
 resident for the rest of the run (a 2.3 GB model's whole weights).
 
@@ -69,11 +70,20 @@ def _chunks(tensor: ir.TensorProtocol) -> Iterator[memoryview]:
         yield data[start:start + _CHUNK_BYTES]
 
 
+_DIGEST_KEY = "optcc.sha256"
+
+
 def _digest(tensor: ir.TensorProtocol) -> bytes:
-    h = hashlib.sha256()
-    for chunk in _chunks(tensor):
-        h.update(chunk)
-    return h.digest()
+    """SHA-256 of the tensor's bytes, kept in its metadata: onnx-ir tensors are immutable,
+    and clones share them, so later calls (and later runs of this pass) read it again
+    (a stale digest could only miss a match: every match is confirmed byte for byte)."""
+    digest = tensor.meta.get(_DIGEST_KEY)
+    if digest is None:
+        h = hashlib.sha256()
+        for chunk in _chunks(tensor):
+            h.update(chunk)
+        digest = tensor.meta[_DIGEST_KEY] = h.digest()
+    return digest
 
 
 def _same_bytes(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
