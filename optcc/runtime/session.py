@@ -243,11 +243,12 @@ def _shared_weights_session(
         with open(path, "wb") as f:
             f.write(proto.SerializeToString())
         del proto
-        values = []
-        for name, tensor in aside_by_name.items():
-            value = ort.OrtValue.ortvalue_from_numpy(_mapped(tensor))
-            options.add_initializer(name, value)
-            values.append(value)
+        values = {name: ort.OrtValue.ortvalue_from_numpy(_mapped(tensor)) for name, tensor in aside_by_name.items()}
+        if options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
+            for name, value in values.items():
+                options.add_initializer(name, value)
+        else:  # graph optimizations compute wrong results around user-owned initializers
+            options.add_external_initializers(list(values), list(values.values()))
         _no_prepacking(options)
         # the default order runs every Cast of a weight (onnxruntime's own, in front of a
         # float16 weight a CPU kernel reads in float32) first, all their float32 copies alive
@@ -258,7 +259,7 @@ def _shared_weights_session(
         for written in (path, placeholder):
             if written.exists():
                 written.unlink()
-    session._optcc_weights = values  # the session reads them: they live as long as it does
+    session._optcc_weights = list(values.values())  # the session reads them: they live as long as it does
     return session
 
 

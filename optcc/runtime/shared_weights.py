@@ -97,9 +97,11 @@ def mark_external(init: onnx.TensorProto, dims: list[int], nbytes: int) -> None:
 def weighted_session(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], options: ort.SessionOptions
                      ) -> ort.InferenceSession:
     """A CPU session of ``proto`` whose placeholder initializers read ``weights`` (only
-    those the proto still declares are handed over). onnxruntime takes them as
-    user-owned initializers (``add_initializer``: no copy; pre-packing, and so the
-    kernels and results, as with a full proto). It loads the graph from a file, its
+    those the proto still declares are handed over). Without graph optimizations
+    onnxruntime takes them as user-owned initializers (``add_initializer``: no copy;
+    pre-packing, and so the kernels and results, as with a full proto); with them, as
+    external initializers (``add_external_initializers``): its optimizations compute
+    wrong results around user-owned ones. It loads the graph from a file, its
     placeholders pointing into a sparse file never read; both are deleted once the
     session exists."""
     declared = {init.name: init for init in proto.graph.initializer
@@ -110,6 +112,14 @@ def weighted_session(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], 
         return session
     arrays = {name: np.ascontiguousarray(weights[name]) for name in declared}
     values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+    if options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
+        # onnxruntime's graph optimizations compute wrong results around user-owned
+        # initializers (a Conv + BatchNormalization fusion reading one is off by ~60 in
+        # onnxruntime 1.32); initializers it takes as external data it folds correctly
+        options.add_external_initializers(list(values), list(values.values()))
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session.optcc_weights = (arrays, values)
+        return session
     with tempfile.TemporaryDirectory(prefix="optcc-session-") as folder:
         offset = 0
         for name, init in declared.items():
