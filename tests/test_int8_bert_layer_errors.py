@@ -142,3 +142,19 @@ def test_the_same_call_on_a_bert_layer_writes_the_same_bytes() -> None:
     assert stats_a.get("fallback", {}).get("sensitivity") == stats_b.get("fallback", {}).get("sensitivity")
     assert optcc.ir.serialize(a).SerializeToString(deterministic=True) == \
         optcc.ir.serialize(b).SerializeToString(deterministic=True)
+
+
+def test_layer_errors_of_a_model_with_unnamed_nodes_equal_the_separate_estimates() -> None:
+    """Exporters leave node names empty: the combined session must still load (its copies
+    of unnamed nodes stay unnamed, not one name per op type)."""
+    proto, samples = _model(), _samples(5)
+    for node in proto.graph.node:
+        node.name = ""
+    float_model = optcc.ir.load(proto)
+    ranges = calibrate(float_model, samples[:3], "minmax").ranges
+    result = create_pass("quantize-int8", ranges=ranges, count_fused=False)(float_model.clone())
+    layer_outputs = result.stats["layer_outputs"]
+    held = samples[3:]
+    propagated, local = fallback.layer_errors(float_model, result.model, layer_outputs, held)
+    assert _bits(propagated) == _bits(fallback.propagated_sqnr(float_model, result.model, layer_outputs, held))
+    assert _bits(local) == _bits(fallback.local_sqnr(float_model, result.model, layer_outputs, held))

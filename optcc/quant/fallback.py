@@ -542,7 +542,7 @@ def _join_quantized(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto, q_we
     for node in q_proto.graph.node:
         clone = onnx.NodeProto()
         clone.CopyFrom(node)
-        clone.name = prefix + (node.name or node.op_type)
+        clone.name = prefix + node.name if node.name else ""  # onnxruntime rejects repeated names, not empty ones
         del clone.input[:]
         clone.input.extend(renamed(x) for x in node.input)
         del clone.output[:]
