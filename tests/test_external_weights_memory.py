@@ -91,7 +91,7 @@ def test_session_on_in_memory_model_over_the_threshold_shares_its_arrays(tmp_pat
     feeds = _feeds(3)
     np.testing.assert_allclose(session.run(None, feeds)[0], _reference(weights, feeds["x"]), rtol=1e-4, atol=1e-4)
     # onnxruntime reads W1 and W2 from the model's own arrays (b is small: in the graph)
-    handed = {v.data_ptr() for v in getattr(session, "_optcc_weights")}
+    handed = {v.data_ptr() for v in session.optcc_weights[1].values()}  # (arrays, OrtValues by name)
     assert handed == {arrays["W1"].ctypes.data, arrays["W2"].ctypes.data}
     assert list(tmp_path.iterdir()) == []
     assert all(model.graph.initializers[n].const_value.numpy() is a for n, a in arrays.items())

@@ -5,11 +5,10 @@ unless asked for (so its fusions can neither hide nor cause a difference), its l
 kept off stderr, and models with external data loaded from a file rather than bytes.
 
 An onnx-ir model with external data (or too large for one protobuf) is never copied for
-its session: its graph is written to the scratch folder (small external tensors, such as
-axes, inlined; large initializers pointing into a sparse placeholder file onnxruntime
-never reads), and the session receives each large initializer
-(``SessionOptions.add_initializer``) as a read-only memory map of the tensor's own file
-region, or as the in-memory array itself. onnxruntime reads the weights where they are:
+its session: its graph is serialized (small external tensors, such as axes, inlined) with
+its large initializers as placeholders, and the session receives each of them as a
+read-only memory map of the tensor's own file region, or as the in-memory array itself
+(``optcc.runtime.shared_weights``). onnxruntime reads the weights where they are:
 pre-packing is off (it copies every MatMul/Gemm weight), and the maps close with the
 session, so no page of them stays resident afterwards. Such a session runs nodes in
 onnxruntime's priority-based order, which makes the float32 copy of a float16 weight
@@ -34,6 +33,7 @@ import onnxruntime as ort
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
+from optcc.runtime.shared_weights import light_proto, shareable, weighted_session
 
 __all__ = ["session_options", "make_session", "run", "first_line", "with_outputs", "resolve_providers"]
 
@@ -112,8 +112,9 @@ def make_session(
 ) -> ort.InferenceSession:
     """A session for ``model``: a path loads from the file (its external data beside it;
     when onnxruntime cannot load it so, for a constant it needs kept in an external file,
-    it is loaded as an onnx-ir model with ``scratch``); an onnx-ir model that needs external data gets its large weights handed over in place
-    (see the module docstring), with only its graph written into ``scratch``. ``options``
+    it is loaded as an onnx-ir model); an onnx-ir model that needs external data gets its
+    large weights handed over in place (see the module docstring); one with external
+    weights inside a subgraph is saved into ``scratch``. ``options``
     is used for this one session (the handed-over weights are added to it)."""
     options = options or session_options()
     if isinstance(model, (str, os.PathLike)):
@@ -127,7 +128,7 @@ def make_session(
                 raise
             # onnxruntime cannot read a constant it needs to load the graph (Unsqueeze axes,
             # Reshape shapes) from an external file; small external tensors are inlined here
-            return _shared_weights_session(oir.load(model), provider, Path(scratch), options)
+            return _shared_weights_session(oir.load(model), provider, options)
     if isinstance(model, bytes):
         return ort.InferenceSession(model, options, providers=[provider])
     if isinstance(model, onnx.ModelProto):
@@ -139,7 +140,7 @@ def make_session(
             path = Path(scratch) / f"model_{uuid.uuid4().hex}.onnx"
             oir.save(model, path, external_data=True)
             return ort.InferenceSession(str(path), options, providers=[provider])
-        return _shared_weights_session(model, provider, Path(scratch), options)
+        return _shared_weights_session(model, provider, options)
     return ort.InferenceSession(oir.serialize(model).SerializeToString(), options, providers=[provider])
 
 
@@ -173,15 +174,8 @@ def _external_in_bodies(model: ir.Model) -> bool:
                if g is not model.graph and isinstance(g, ir.Graph) for v in g.initializers.values())
 
 
-_SHAREABLE = frozenset({
-    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BOOL,
-    ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
-    ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
-})  # what onnxruntime's OrtValue takes from a NumPy array as it is
-
-
 def _shared(tensor: ir.TensorProtocol) -> bool:
-    return tensor.dtype in _SHAREABLE and tensor.nbytes >= SHARED_MIN_BYTES
+    return shareable(tensor, SHARED_MIN_BYTES)
 
 
 @contextlib.contextmanager
@@ -213,54 +207,16 @@ def _mapped(tensor: ir.TensorProtocol) -> np.ndarray:
 
 
 def _shared_weights_session(
-    model: ir.Model, provider: str, scratch: Path, options: ort.SessionOptions
+    model: ir.Model, provider: str, options: ort.SessionOptions
 ) -> ort.InferenceSession:
-    with _small_external_inlined(model), oir.initializers_set_aside(model, _shared) as aside:
-        proto = oir.serialize(model)
-    stem = scratch / f"model_{uuid.uuid4().hex}"
-    placeholder = stem.with_suffix(".placeholder")
-    aside_by_name = {value.name: tensor for value, tensor in aside}
-    offset = 0
-    for initializer in proto.graph.initializer:
-        tensor = aside_by_name.get(initializer.name)
-        if tensor is None:
-            continue
-        # the initializer the graph declares (type, shape); its bytes come from add_initializer
-        del initializer.dims[:]
-        initializer.dims.extend(int(d) for d in tensor.shape.numpy())
-        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-            initializer.ClearField(field)
-        initializer.data_location = onnx.TensorProto.EXTERNAL
-        del initializer.external_data[:]
-        for key, value in (("location", placeholder.name), ("offset", str(offset)), ("length", str(tensor.nbytes))):
-            entry = initializer.external_data.add()
-            entry.key, entry.value = key, value
-        offset += -(-tensor.nbytes // 4096) * 4096
-    path = stem.with_suffix(".onnx")
-    try:
-        with open(placeholder, "wb") as f:
-            f.truncate(offset)  # sparse: takes no disk space, never read
-        with open(path, "wb") as f:
-            f.write(proto.SerializeToString())
-        del proto
-        values = {name: ort.OrtValue.ortvalue_from_numpy(_mapped(tensor)) for name, tensor in aside_by_name.items()}
-        if options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
-            for name, value in values.items():
-                options.add_initializer(name, value)
-        else:  # graph optimizations compute wrong results around user-owned initializers
-            options.add_external_initializers(list(values), list(values.values()))
-        _no_prepacking(options)
-        # the default order runs every Cast of a weight (onnxruntime's own, in front of a
-        # float16 weight a CPU kernel reads in float32) first, all their float32 copies alive
-        # at once; the priority-based order runs each where it is read (the same results)
-        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-        session = ort.InferenceSession(str(path), options, providers=[provider])
-    finally:
-        for written in (path, placeholder):
-            if written.exists():
-                written.unlink()
-    session._optcc_weights = list(values.values())  # the session reads them: they live as long as it does
-    return session
+    with _small_external_inlined(model):
+        proto, weights = light_proto(model, min_bytes=SHARED_MIN_BYTES, array=_mapped)
+    _no_prepacking(options)
+    # the default order runs every Cast of a weight (onnxruntime's own, in front of a
+    # float16 weight a CPU kernel reads in float32) first, all their float32 copies alive
+    # at once; the priority-based order runs each where it is read (the same results)
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    return weighted_session(proto, weights, options, provider)
 
 
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],

@@ -22,8 +22,7 @@ import ctypes.util
 import functools
 import os
 import tempfile
-import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -33,7 +32,7 @@ import onnxruntime as ort
 from optcc import ir as oir
 from optcc.ir.saving import initializers_set_aside
 
-__all__ = ["MIN_SHARED_BYTES", "light_proto", "mark_external", "weighted_session", "release_memory"]
+__all__ = ["MIN_SHARED_BYTES", "light_proto", "mark_external", "shareable", "weighted_session", "release_memory"]
 
 MIN_SHARED_BYTES = 1024  # smaller initializers stay inside the proto
 _LOCATION = "optcc-shared-weight"
@@ -44,17 +43,21 @@ _SHAREABLE = frozenset({
 })
 
 
-def _shareable(tensor: ir.TensorProtocol) -> bool:
-    return tensor.dtype in _SHAREABLE and tensor.nbytes >= MIN_SHARED_BYTES
+def shareable(tensor: ir.TensorProtocol, min_bytes: int = MIN_SHARED_BYTES) -> bool:
+    """Whether onnxruntime can take ``tensor``'s array as it is, and it is worth handing over."""
+    return tensor.dtype in _SHAREABLE and tensor.nbytes >= min_bytes
 
 
-def light_proto(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """``model`` serialized with its main graph's large initializers as data-less
-    placeholders, and those initializers' arrays by name (views, not copies, where the
-    tensor allows). Feed both to ``weighted_session``."""
-    with initializers_set_aside(model, _shareable) as aside:
+def light_proto(model: ir.Model, *, min_bytes: int = MIN_SHARED_BYTES,
+                array: Callable[[ir.TensorProtocol], np.ndarray] | None = None,
+                ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``model`` serialized with its main graph's initializers of ``min_bytes`` or more as
+    data-less placeholders, and those initializers' arrays by name (``array(tensor)``;
+    by default views, not copies, where the tensor allows). Feed both to
+    ``weighted_session``."""
+    with initializers_set_aside(model, functools.partial(shareable, min_bytes=min_bytes)) as aside:
         proto = oir.serialize(model)
-    weights = {value.name: _array(tensor) for value, tensor in aside}
+    weights = {value.name: (array or _array)(tensor) for value, tensor in aside}
     shapes = {value.name: [int(d) for d in tensor.shape.numpy()] for value, tensor in aside}
     for init in proto.graph.initializer:
         if init.name in weights:
@@ -62,22 +65,20 @@ def light_proto(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]
     return proto, weights
 
 
-# A tensor read from a protobuf hands out a new copy of its bytes on every read: the array
-# is made once per tensor and kept while the tensor lives (a 400 MB model is copied once,
-# not once per session).
-_ARRAYS: dict[int, np.ndarray] = {}
+_ARRAY_KEY = "optcc.array"
 
 
 def _array(tensor: ir.TensorProtocol) -> np.ndarray:
+    """The tensor's values: a tensor read from a protobuf hands out a new copy of its bytes
+    on every read, so that copy is made once and kept (read-only) in the tensor's metadata
+    while the tensor lives (a 400 MB model is copied once, not once per session)."""
     if not isinstance(tensor, ir.TensorProtoTensor):
         return np.asarray(tensor.numpy())
-    key = id(tensor)
-    array = _ARRAYS.get(key)
+    array = tensor.meta.get(_ARRAY_KEY)
     if array is None:
         array = np.asarray(tensor.numpy())
         array.flags.writeable = False
-        _ARRAYS[key] = array
-        weakref.finalize(tensor, _ARRAYS.pop, key, None)
+        tensor.meta[_ARRAY_KEY] = array
     return array
 
 
@@ -94,8 +95,8 @@ def mark_external(init: onnx.TensorProto, dims: list[int], nbytes: int) -> None:
         entry.key, entry.value = key, value
 
 
-def weighted_session(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], options: ort.SessionOptions
-                     ) -> ort.InferenceSession:
+def weighted_session(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], options: ort.SessionOptions,
+                     provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
     """A CPU session of ``proto`` whose placeholder initializers read ``weights`` (only
     those the proto still declares are handed over). Without graph optimizations
     onnxruntime takes them as user-owned initializers (``add_initializer``: no copy;
@@ -107,7 +108,7 @@ def weighted_session(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], 
     declared = {init.name: init for init in proto.graph.initializer
                 if init.data_location == onnx.TensorProto.EXTERNAL and init.name in weights}
     if not declared:
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=[provider])
         session.optcc_weights = ()
         return session
     arrays = {name: np.ascontiguousarray(weights[name]) for name in declared}
@@ -117,7 +118,7 @@ def weighted_session(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], 
         # initializers (a Conv + BatchNormalization fusion reading one is off by ~60 in
         # onnxruntime 1.32); initializers it takes as external data it folds correctly
         options.add_external_initializers(list(values), list(values.values()))
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=[provider])
         session.optcc_weights = (arrays, values)
         return session
     with tempfile.TemporaryDirectory(prefix="optcc-session-") as folder:
@@ -136,7 +137,7 @@ def weighted_session(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], 
             f.write(proto.SerializeToString())
         for name, value in values.items():
             options.add_initializer(name, value)
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(path, options, providers=[provider])
     session.optcc_weights = (arrays, values)  # onnxruntime reads them in place: they live as long as it
     return session
 
