@@ -163,6 +163,8 @@ def optimize(
     quantizing = samples is not None and not fp16
     if fp16 or quantizing or int8_dynamic:
         disable = [*disable, "fuse-ort-conv-activation"]  # quantizers/fp16 skip contrib ops
+    if int8_dynamic or weight_only:  # embeddings are quantized as Gathers
+        disable = [*disable, "fuse-ort-embed-layernorm"]
     options = {"fold-constants": {"fold_large": True}} if fold_large else None
     if fp16 and not fold_large:  # a float16 model is wanted for its size: fold only what does not grow it
         options = {"fold-constants": {"max_growth_bytes": 0}}

@@ -352,3 +352,26 @@ def test_the_verifier_moves_a_decoders_caches_by_one_ulp():
     with optcc.Verifier(model) as verifier:
         judge = verifier.task_judge(verifier.providers[0])
     assert all(judge.perturbation[name] == "+-1 ulp" for name in pasts)
+
+
+def test_embedding_ranking_counts_its_pairs_so_few_samples_cannot_decide():
+    """The ranking component is a fraction over pairs of samples: with 3 pooled vectors
+    (3 pairs) one swapped pair moves Spearman by 0.5, so it reports its pair count and the
+    judge treats fewer than MIN_ITEMS pairs as undecided."""
+    from optcc.numerics.task import MIN_ITEMS, measure
+
+    rng = np.random.default_rng(3)
+    for n in (3, 6):
+        refs = [rng.standard_normal((1, 4, 8)) for _ in range(n)]
+        gots = [r + 0.01 * rng.standard_normal(r.shape) for r in refs]
+        deviation, items = measure("embedding", refs, gots)
+        pairs = n * (n - 1) // 2
+        assert items["ranking"] == pairs
+        assert (pairs < MIN_ITEMS) == (n == 3)
+        # Spearman of the pairwise cosine similarities, recomputed with numpy
+        def sims(vs):
+            pooled = np.stack([v.mean(1)[0] for v in vs])
+            unit = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+            return (unit @ unit.T)[np.triu_indices(n, 1)]
+        a, b = np.argsort(np.argsort(sims(refs))), np.argsort(np.argsort(sims(gots)))
+        assert deviation["ranking"] == pytest.approx(1.0 - np.corrcoef(a, b)[0, 1])
