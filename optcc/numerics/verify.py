@@ -65,6 +65,7 @@ from optcc.numerics.metrics import TOLERANCES, OutputMetrics, Tolerance, bounded
 from optcc.numerics.task import DEFAULT_MARGIN, TaskJudge, UserMetric, perturb
 from optcc.progress import Progress
 from optcc.runtime.session import first_line, make_session, resolve_providers, run, session_options
+from optcc.runtime.shared_weights import light_proto, weighted_session
 
 __all__ = ["DEFAULT_SAMPLES", "REFERENCES", "Verification", "Verifier", "verify"]
 
@@ -359,11 +360,11 @@ class Verifier:
     def check(self, model: ir.Model, numerics: Numerics = "exact") -> Verification:
         """Compare ``model`` with the reference on every provider and sample."""
         tolerance = self.tolerances[numerics]
-        source, proto = self._serialized(model)
         if numerics in ("exact", "fusion") and self._generate is not None:  # the user's samples always run
-            proved = self._proved(model, source, proto, numerics, tolerance)
+            proved = self._proved(model, numerics, tolerance)
             if proved is not None:
                 return proved
+        source, _ = self._serialized(model)
         float32 = self._float32_outputs()
         base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=len(self.feeds),
                     decode_steps=self._steps if self._plan is not None else None)
@@ -462,25 +463,31 @@ class Verifier:
         except Exception:  # noqa: BLE001 - then the proof serializes the parse
             return None
 
-    def _proved(self, model: ir.Model, source: Any, proto: onnx.ModelProto | None, numerics: Numerics,
-                tolerance: Tolerance) -> Verification | None:
+    def _proved(self, model: ir.Model, numerics: Numerics, tolerance: Tolerance) -> Verification | None:
         """A pass without running the models, when every output is proved equal to the
-        original's (``optcc.numerics.equivalence``) and onnxruntime loads the candidate
-        (from ``source``; ``proto``: the candidate serialized, handed over to the proof) on
-        every provider; None when not proved. Loading serialized bytes reads nothing the
-        proof reads, and onnxruntime releases the GIL while it loads, so a thread loads
-        them while the proof runs."""
+        original's (``optcc.numerics.equivalence``) and onnxruntime loads the candidate on
+        every provider; None when not proved. The candidate is serialized without its
+        weights (``optcc.runtime.shared_weights``: onnxruntime gets them as arrays, the
+        proof reads only the graph), and a thread loads it while the proof runs: loading
+        reads nothing the proof reads, and onnxruntime releases the GIL while it loads."""
+        light = None
+        if not (oir.needs_external_data(model) or oir.uses_external_data(model)):
+            try:
+                proto, weights = light_proto(model)
+                light = (proto.SerializeToString(), weights)
+            except Exception:  # noqa: BLE001 - the samples' path meets the same error where it is reported
+                return None
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            loaded = pool.submit(self._load_error, source) if isinstance(source, bytes) else None
+            loaded = pool.submit(self._load_error, light) if light is not None else None
             try:
                 with oir.collector_paused():  # the proof's tables all stay alive until it returns
                     proof = prove_equivalent(self._model, model, original_proto=self._original_proto,
-                                             candidate_proto=proto)
+                                             candidate_proto=None if light is None else proto)
             except Exception:  # noqa: BLE001 - no proof: the samples decide
                 return None
             if not proof.complete:
                 return None
-            error = loaded.result() if loaded is not None else self._load_error(source)
+            error = loaded.result() if loaded is not None else self._load_error(model)
         base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=0, outputs=[],
                     reference="proof", proof=proof.to_dict())
         if error is not None:
@@ -488,10 +495,15 @@ class Verifier:
         return Verification(status="passed", **base)
 
     def _load_error(self, source: Any) -> str | None:
-        """Why onnxruntime cannot load ``source`` on some provider, in one line; None when it can."""
+        """Why onnxruntime cannot load ``source`` (a model, or a graph serialized without
+        its weights and those weights) on some provider, in one line; None when it can."""
         for provider in self.providers:
             try:
-                make_session(source, provider, scratch=self._scratch.name)
+                if isinstance(source, tuple):
+                    graph, weights = source
+                    weighted_session(onnx.ModelProto.FromString(graph), weights, session_options(), provider)
+                else:
+                    make_session(source, provider, scratch=self._scratch.name)
             except Exception as e:  # noqa: BLE001
                 return first_line(e)
         return None
