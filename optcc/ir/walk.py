@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import onnx
 import onnx_ir as ir
@@ -144,18 +145,15 @@ def op_histogram(model: ir.Model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-# itemsize by TensorProto data type, filled on first use (None: no fixed size)
-_ITEMSIZE: dict[int, float | None] = {}
+def _fixed_itemsize(dtype: ir.DataType) -> float | None:
+    try:
+        return None if dtype == ir.DataType.STRING else dtype.itemsize
+    except Exception:  # noqa: BLE001 - UNDEFINED and the like have no size
+        return None
 
 
-def _itemsize(data_type: int) -> float | None:
-    if data_type not in _ITEMSIZE:
-        try:
-            size = ir.DataType(data_type).itemsize
-            _ITEMSIZE[data_type] = None if data_type == ir.DataType.STRING else size
-        except Exception:
-            _ITEMSIZE[data_type] = None
-    return _ITEMSIZE[data_type]
+# itemsize by TensorProto data type (None: no fixed size)
+_ITEMSIZE: Mapping[int, float | None] = MappingProxyType({int(t): _fixed_itemsize(t) for t in ir.DataType})
 
 
 _TENSOR_PROTO_TENSOR = ir.serde.TensorProtoTensor
@@ -168,7 +166,7 @@ def _tensor_nbytes(tensor: ir.TensorProtocol | None) -> int:
         # what its ``nbytes`` computes, read from the proto without building a Shape
         proto = tensor.raw
         data_type = proto.data_type
-        itemsize = _ITEMSIZE[data_type] if data_type in _ITEMSIZE else _itemsize(data_type)
+        itemsize = _ITEMSIZE.get(data_type)
         if itemsize is not None:
             return int(math.ceil(itemsize * math.prod(proto.dims)))
     try:
