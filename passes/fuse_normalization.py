@@ -243,7 +243,11 @@ def _layernorm_rules() -> list[Rule]:
 # ---------------------------------------------------------------- RMSNormalization
 
 
-def _rms_pattern(square: str, normalize: str) -> Op:
+def rms_pattern(square: str, normalize: str, cast_out: bool = False) -> Op:
+    """The decomposed RMSNorm ``gamma * x / sqrt(mean(x^2) + eps)``: ``square`` "pow" or
+    "mul"; ``normalize`` "div" (``x / std``), "reciprocal" (``x * Reciprocal(std)``) or
+    "div-one" (``x * Div(1, std)``, torch's rsqrt); ``cast_out``: the Cast HF's RMSNorm
+    adds after the normalization (``.to(input_dtype)``)."""
     x = Var("x")
     sq = Op("Pow", x, Const("two"), name="sq") if square == "pow" else Op("Mul", x, x, name="sq")
     ms = Op("ReduceMean", sq, Const("axes2", optional=True), name="var")
@@ -251,7 +255,11 @@ def _rms_pattern(square: str, normalize: str) -> Op:
     if normalize == "div":
         normed = Op("Div", x, std, name="n")
     else:
-        normed = Op("Mul", x, Op("Reciprocal", std, name="inv"), commute=True, name="n")
+        inv = Op("Reciprocal", std, name="inv") if normalize == "reciprocal" else Op(
+            "Div", Const("one"), std, name="inv")
+        normed = Op("Mul", x, inv, commute=True, name="n")
+    if cast_out:
+        normed = Op("Cast", normed, name="cast_out")
     return Op("Mul", normed, Const("gamma"), commute=True, name="scaled")
 
 
@@ -284,7 +292,7 @@ def _rewrite_rms(m: Match, b: Builder) -> ir.Value:
 
 
 def _rms_rules() -> list[Rule]:
-    return [Rule("rmsnorm", _rms_pattern(square, normalize), _rewrite_rms, _check_rms, min_opset=23)
+    return [Rule("rmsnorm", rms_pattern(square, normalize), _rewrite_rms, _check_rms, min_opset=23)
             for square in ("pow", "mul") for normalize in ("reciprocal", "div")]
 
 

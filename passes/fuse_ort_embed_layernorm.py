@@ -45,9 +45,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from optcc.infra import PassResult
-from optcc.passes.fuse_ort_transformer import MS_DOMAIN, float32_only, float_vector
-from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var
+from optcc.passes.fuse_ort_transformer import MS_DOMAIN, MicrosoftRewritePass, float32_only, float_vector
+from optcc.rewrite import Builder, Const, Match, Op, Rule, Var
 
 __all__ = ["FuseOrtEmbedLayerNormPass", "RULES"]
 
@@ -225,16 +224,10 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-class FuseOrtEmbedLayerNormPass(RewritePass):
+class FuseOrtEmbedLayerNormPass(MicrosoftRewritePass):
     """Word + position (+ segment) Gathers, Add, LayerNormalization ->
     com.microsoft.EmbedLayerNormalization (opt-in)."""
 
     name = "fuse-ort-embed-layernorm"
     numerics = "fusion"
     rules = RULES
-
-    def call(self, model: ir.Model) -> PassResult:
-        result = super().call(model)
-        if result.modified and MS_DOMAIN not in model.opset_imports:
-            model.opset_imports[MS_DOMAIN] = 1
-        return result

@@ -47,33 +47,13 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from optcc.infra import PassResult
-from optcc.passes.fuse_normalization import _check_rms, _scalar_near, _vector
-from optcc.passes.fuse_ort_transformer import MS_DOMAIN, float32_only
-from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var
+from optcc.passes.fuse_normalization import _check_rms, _scalar_near, _vector, rms_pattern
+from optcc.passes.fuse_ort_transformer import MS_DOMAIN, MicrosoftRewritePass, float32_only
+from optcc.rewrite import Builder, Match, Rule
 
-__all__ = ["FuseOrtSkipRmsNormPass", "RULES"]
+__all__ = ["FuseOrtSkipRmsNormPass"]
 
 RMS_OPSET = 23
-
-
-def _rms_pattern(square: str, normalize: str, cast_out: bool) -> Op:
-    """The decomposed RMSNorm as exporters write it: ``fuse-normalization``'s forms, plus
-    ``Mul(x, Div(1, Sqrt(..)))`` (torch's rsqrt) and the float32 Cast HF's RMSNorm adds
-    after it (``.to(input_dtype)``; the one before it, ``.to(float32)``, is looked through
-    by ``_residual``)."""
-    x = Var("x")
-    sq = Op("Pow", x, Const("two"), name="sq") if square == "pow" else Op("Mul", x, x, name="sq")
-    ms = Op("ReduceMean", sq, Const("axes2", optional=True), name="var")
-    std = Op("Sqrt", Op("Add", ms, Const("eps"), commute=True, name="add_eps"), name="std")
-    if normalize == "div":
-        normed = Op("Div", x, std, name="n")
-    else:
-        inv = Op("Reciprocal", std, name="inv") if normalize == "reciprocal" else Op(
-            "Div", Const("one"), std, name="inv")
-        normed = Op("Mul", x, inv, commute=True, name="n")
-    if cast_out:
-        normed = Op("Cast", normed, name="cast_out")
-    return Op("Mul", normed, Const("gamma"), commute=True, name="scaled")
 
 
 _SAME_TYPE_OPS = ("Add", "Sub", "Mul", "Div", "MatMul", "Gemm", "Gather", "Relu", "Sigmoid", "Reshape",
@@ -201,7 +181,7 @@ def _wire_sum(old: ir.Value, new: ir.Value) -> None:
         value = nxt
 
 
-class FuseOrtSkipRmsNormPass(RewritePass):
+class FuseOrtSkipRmsNormPass(MicrosoftRewritePass):
     """Add + decomposed RMSNorm -> com.microsoft.SkipSimplifiedLayerNormalization (opt-in)."""
 
     name = "fuse-ort-skip-rmsnorm"
@@ -210,12 +190,10 @@ class FuseOrtSkipRmsNormPass(RewritePass):
 
     def call(self, model: ir.Model) -> PassResult:
         sums: list[tuple[ir.Value, ir.Value]] = []
-        self.rules = tuple(Rule("skip-rmsnorm", _rms_pattern(square, normalize, cast_out), _rewrite(sums), _check)
+        self.rules = tuple(Rule("skip-rmsnorm", rms_pattern(square, normalize, cast_out), _rewrite(sums), _check)
                            for square in ("pow", "mul") for normalize in ("reciprocal", "div", "div-one")
                            for cast_out in (True, False))
         result = super().call(model)
         for old, new in sums:
             _wire_sum(old, new)
-        if result.modified and MS_DOMAIN not in model.opset_imports:
-            model.opset_imports[MS_DOMAIN] = 1
         return result

@@ -41,7 +41,7 @@ import onnx_ir as ir
 import optcc
 from optcc.infra import PassResult
 from optcc.passes.fuse_attention import exported_rank
-from optcc.passes.fuse_ort_transformer import MS_DOMAIN, float32_only, float_vector
+from optcc.passes.fuse_ort_transformer import MS_DOMAIN, float32_only, float_vector, import_microsoft_domain
 from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var, static_rank
 
 __all__ = ["FuseOrtSkipLayerNormPass", "RULES", "fuse_skip_layernorm_with_sum"]
@@ -189,8 +189,8 @@ class FuseOrtSkipLayerNormPass(RewritePass):
         result = super().call(model)
         sums = fuse_skip_layernorm_with_sum(model) if optcc.ir.default_opset(model) >= 17 else {}
         modified = result.modified or "fused" in sums.values()
-        if modified and MS_DOMAIN not in model.opset_imports:
-            model.opset_imports[MS_DOMAIN] = 1
+        if modified:
+            import_microsoft_domain(model)
         stats = dict(result.stats)
         if sums:
             stats["skip_layernorm_sum"] = sums

@@ -27,7 +27,8 @@ from optcc.infra import PassResult
 from optcc.passes.fuse_normalization import _check_gelu, gelu_rules
 from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var
 
-__all__ = ["FuseOrtTransformerPass", "RULES", "MS_DOMAIN", "float32_only", "float_vector"]
+__all__ = ["FuseOrtTransformerPass", "MicrosoftRewritePass", "RULES", "MS_DOMAIN", "float32_only", "float_vector",
+           "import_microsoft_domain"]
 
 MS_DOMAIN = "com.microsoft"
 
@@ -103,16 +104,27 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-class FuseOrtTransformerPass(RewritePass):
+def import_microsoft_domain(model: ir.Model) -> None:
+    """Import com.microsoft (opset 1) into ``model``, once it holds ops of that domain."""
+    if MS_DOMAIN not in model.opset_imports:
+        model.opset_imports[MS_DOMAIN] = 1
+
+
+class MicrosoftRewritePass(RewritePass):
+    """A rewrite pass whose rules write com.microsoft ops: it imports that domain when it
+    changed the model."""
+
+    def call(self, model: ir.Model) -> PassResult:
+        result = super().call(model)
+        if result.modified:
+            import_microsoft_domain(model)
+        return result
+
+
+class FuseOrtTransformerPass(MicrosoftRewritePass):
     """Gelu(x + b) -> BiasGelu / FastGelu, decomposed Gelu below opset 20 ->
     com.microsoft Gelu / FastGelu (-O3)."""
 
     name = "fuse-ort-transformer"
     numerics = "fusion"
     rules = RULES
-
-    def call(self, model: ir.Model) -> PassResult:
-        result = super().call(model)
-        if result.modified and MS_DOMAIN not in model.opset_imports:
-            model.opset_imports[MS_DOMAIN] = 1
-        return result
