@@ -32,6 +32,7 @@ from optcc.errors import (
 from optcc.infra.registry import available_passes
 from optcc.inspect import format_inspection, inspect_model
 from optcc.numerics import TOLERANCES, load_npz_samples
+from optcc.numerics.task import METRICS
 from optcc.quant.fallback import Target
 from optcc.version import __version__
 
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --int8: keep calibration statistics in DIR (keyed by model, data and method) and reuse them")
     g.add_argument("--no-int8-bias-correction", action="store_true",
                    help="with --int8: keep the quantized Convs' and Gemms' biases as rounded (no empirical bias correction)")
-    g.add_argument("--int8-metric", choices=["auto", "sqnr", "argmax", "ctc", "detection-map", "boxes", "target"],
+    g.add_argument("--int8-metric", choices=["auto", *METRICS, "target"],
                    default="auto", help="with --int8: how the quantized model is judged against float32's noise floor "
                    "(auto: from each output's nature; target: SQNR and argmax thresholds only); docs/int8.md")
     g.add_argument("--int8-per-tensor", action="store_true",

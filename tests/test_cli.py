@@ -291,6 +291,27 @@ def test_int8_options_reach_the_quantizer(example: Path, tmp_path: Path):
             assert producers[node.input[0]].op_type != "DequantizeLinear"
 
 
+def test_every_int8_metric_of_the_library_is_accepted_and_reaches_the_quantizer(example: Path, tmp_path: Path,
+                                                                                  monkeypatch):
+    from optcc.errors import BadInputError
+    from optcc.numerics.task import METRICS
+
+    data_path = tmp_path / "calib.npz"
+    np.savez(data_path, image=np.zeros((4, 1, 3, 32, 32), np.float32))
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["int8_options"]["metric"])
+        raise BadInputError("stop here")
+
+    monkeypatch.setattr(cli, "optimize", recording)
+    for metric in METRICS:
+        code = cli.main([str(example), "--int8", "--calibration", str(data_path), "--int8-metric", metric,
+                         "-o", str(tmp_path / "out.onnx"), "-q"])
+        assert code != 0 and not (tmp_path / "out.onnx").exists()
+    assert seen == list(METRICS)
+
+
 def test_int8_bias_correction_is_on_unless_turned_off(example: Path, tmp_path: Path):
     rng = np.random.default_rng(0)
     data_path = tmp_path / "calib.npz"
