@@ -364,7 +364,7 @@ class Verifier:
             proved = self._proved(model, numerics, tolerance)
             if proved is not None:
                 return proved
-        source, _ = self._serialized(model)
+        source = self._source(model)
         float32 = self._float32_outputs()
         base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=len(self.feeds),
                     decode_steps=self._steps if self._plan is not None else None)
@@ -441,16 +441,16 @@ class Verifier:
             firsts.extend(first)
         return {"agreement": float(np.mean(shares)), "first_divergence": firsts, "steps": self._steps}
 
-    def _serialized(self, model: ir.Model) -> tuple[Any, onnx.ModelProto | None]:
-        """What onnxruntime loads ``model`` from (its bytes; the model itself when it needs
-        external data, which ``make_session`` saves), and the proto serialized on the way."""
+    def _source(self, model: ir.Model) -> Any:
+        """What onnxruntime loads ``model`` from: its bytes; the model itself when it needs
+        external data (``make_session`` then hands its weights over in place) or cannot be
+        serialized (``make_session`` meets the same error where it is reported)."""
         if oir.needs_external_data(model) or oir.uses_external_data(model):
-            return model, None
+            return model
         try:
-            proto = oir.serialize(model)
-        except Exception:  # noqa: BLE001 - make_session meets the same error where it is reported
-            return model, None
-        return proto.SerializeToString(), proto
+            return oir.serialize(model).SerializeToString()
+        except Exception:  # noqa: BLE001
+            return model
 
     def _original_proto(self) -> onnx.ModelProto | None:
         """The original's file parsed again, without external data, when that is cheaper

@@ -4,7 +4,8 @@
 a placeholder (its name, type and shape, marked external, no data) and returns the
 arrays behind them (made once per tensor read from a protobuf, which hands out a copy
 of its bytes on every read); ``weighted_session(proto, weights)`` builds an onnxruntime session
-from such a proto, handing it the arrays through ``add_external_initializers``. Neither
+from such a proto, handing it the arrays (``add_initializer`` without graph optimizations,
+``add_external_initializers`` with them: see that function). Neither
 the weights' bytes in a protobuf nor its serialized string are ever made: a probe of a
 400 MB model costs its graph, not two more copies of its weights. The session computes
 what a session of the full proto computes (the same initializers, the same kernels); it
