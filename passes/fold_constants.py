@@ -201,15 +201,7 @@ class _GraphFolder:
 
     def _const(self, value: ir.Value) -> np.ndarray | None:
         """``const_array``, with each tensor decoded once."""
-        if not is_constant(value, inputs_constant=self.inputs_constant):
-            return None
-        if value.is_initializer():
-            return self._numpy(value.const_value)
-        try:
-            tensor = optcc.ir.const_tensor(value)
-            return None if tensor is None else self._numpy(tensor)
-        except Exception:  # noqa: BLE001 - sparse or malformed Constant: not a usable constant
-            return None
+        return const_array(value, inputs_constant=self.inputs_constant, decode=self._numpy)
 
     # ------------------------------------------------------------------ collection
 

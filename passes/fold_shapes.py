@@ -20,7 +20,7 @@ returns for every input the declared shapes admit.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import logging
 
 import numpy as np
@@ -68,16 +68,24 @@ def is_constant(value: ir.Value, *, inputs_constant: bool = False) -> bool:
     return producer is not None and producer.op_type == "Constant" and _is_default(producer)
 
 
-def const_array(value: ir.Value, *, inputs_constant: bool = False) -> np.ndarray | None:
-    """The data of a constant value (see ``is_constant``); None for anything else."""
+def const_array(value: ir.Value, *, inputs_constant: bool = False,
+                decode: Callable[[ir.TensorProtocol], np.ndarray] | None = None) -> np.ndarray | None:
+    """The data of a constant value (see ``is_constant``); None for anything else.
+    ``decode`` reads a tensor's array (default ``tensor.numpy()``; a caller may cache it)."""
     if not is_constant(value, inputs_constant=inputs_constant):
         return None
+    decode = decode or _numpy
     if value.is_initializer():
-        return value.const_value.numpy()
+        return decode(value.const_value)
     try:
-        return optcc.ir.as_numpy(value)
+        tensor = optcc.ir.const_tensor(value)
+        return None if tensor is None else decode(tensor)
     except Exception:  # noqa: BLE001 - sparse or malformed Constant: not a usable constant
         return None
+
+
+def _numpy(tensor: ir.TensorProtocol) -> np.ndarray:
+    return tensor.numpy()
 
 
 def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:

@@ -162,25 +162,24 @@ class _Scope:
 
     def const_array(self, value: ir.Value) -> np.ndarray | None:
         """``_const_array(value, self.legacy_initializers)``, each tensor decoded once."""
-        if value.is_graph_input() and not (self.legacy_initializers and value.is_initializer()):
-            return None
-        try:
-            tensor = oir.const_tensor(value)
-            if tensor is None:
-                return None
-            array = self.arrays.get(tensor)
-            if array is None:
-                array = self.arrays[tensor] = tensor.numpy()
-            return array
-        except Exception:  # noqa: BLE001 - malformed Constant nodes are simply not constants
-            return None
+        return _const_array(value, self.legacy_initializers, self._decoded)
+
+    def _decoded(self, tensor: ir.TensorProtocol) -> np.ndarray:
+        array = self.arrays.get(tensor)
+        if array is None:
+            array = self.arrays[tensor] = tensor.numpy()
+        return array
 
 
-def _const_array(value: ir.Value, legacy_initializers: bool = False) -> np.ndarray | None:
+def _const_array(value: ir.Value, legacy_initializers: bool = False,
+                 decode: Callable[[ir.TensorProtocol], np.ndarray] | None = None) -> np.ndarray | None:
+    """The constant array behind ``value`` (``decode`` reads a tensor's, default its
+    ``numpy()``), None when it is not a constant."""
     if value.is_graph_input() and not (legacy_initializers and value.is_initializer()):
         return None
     try:
-        return oir.as_numpy(value)
+        tensor = oir.const_tensor(value)
+        return None if tensor is None else (tensor.numpy() if decode is None else decode(tensor))
     except Exception:  # noqa: BLE001 - malformed Constant nodes are simply not constants
         return None
 
