@@ -13,6 +13,8 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
+from calibration_probes import whole_tensor_collectors
+
 import optcc
 from optcc.quant.calibration import (
     CalibrationStats,
@@ -104,22 +106,17 @@ def test_tensors_with_an_infinity_are_measured_over_their_finite_values_in_one_s
         samples[i] = {"x": samples[i]["x"].copy()}
         samples[i]["x"][0, i % 4] = -np.inf
     samples[3]["x"][1, 7] = np.nan
-    whole, builds = [], []
-    original_collector, original_build = calibration._Collector, calibration._ExtremesCollector._build
-
-    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        whole.append(args[1])
-        return original_collector(*args, **kwargs)
+    builds = []
+    original_build = calibration._ExtremesCollector._build
 
     def build(self):  # noqa: ANN001, ANN202
         builds.append(list(self.finite_aware))
         return original_build(self)
 
-    monkeypatch.setattr(calibration, "_Collector", counting)
     monkeypatch.setattr(calibration._ExtremesCollector, "_build", build)
-    extremes = collect_statistics(model, samples, bins=0)
+    with whole_tensor_collectors(monkeypatch) as whole:
+        extremes = collect_statistics(model, samples, bins=0)
     assert whole == [] and builds == [[], ["x", "h", "r", "y"]], builds
-    monkeypatch.setattr(calibration, "_Collector", original_collector)
     monkeypatch.setattr(calibration._ExtremesCollector, "_build", original_build)
     # the oracle: numpy over the tensors onnxruntime computes, fetched whole (histogram path)
     histograms = collect_statistics(model, samples)
@@ -138,8 +135,6 @@ def test_tensors_with_an_infinity_are_measured_over_their_finite_values_in_one_s
 def test_non_float_tensors_are_not_collected(monkeypatch) -> None:
     """Shape arithmetic (int64) in a model has no statistics: it is not fetched (no second
     session beside the in-graph min/max one), and the float ranges are numpy's."""
-    import optcc.quant.calibration as calibration
-
     rng = np.random.default_rng(0)
     w = nh.from_array(rng.normal(size=(8, 32)).astype(np.float32), "W")  # 1 KiB: shared with the session
     graph = oh.make_graph(
@@ -155,15 +150,8 @@ def test_non_float_tensors_are_not_collected(monkeypatch) -> None:
     )
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
     samples = _samples(3)
-    built = []
-    original = calibration._Collector
-
-    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        built.append(args[1])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(calibration, "_Collector", counting)
-    stats = collect_statistics(model, samples, bins=0)
+    with whole_tensor_collectors(monkeypatch) as built:
+        stats = collect_statistics(model, samples, bins=0)
     assert built == [] and "shape" not in stats.histograms
     h = np.stack([s["x"] for s in samples]).astype(np.float64) @ nh.to_array(w).astype(np.float64)
     lo, hi = stats.ranges("minmax")["h"]

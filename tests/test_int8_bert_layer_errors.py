@@ -11,9 +11,10 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 
 import optcc
+from calibration_probes import whole_tensor_collectors
 from fixtures.transformers import bert_feeds, bert_layer
 from optcc.infra.registry import create_pass
-from optcc.quant import calibration, fallback
+from optcc.quant import fallback
 from optcc.quant.calibration import calibrate, collect_statistics
 from optcc.quant.driver import quantize_int8
 
@@ -39,17 +40,9 @@ def test_masked_scores_calibrate_in_one_session_to_numpys_ranges(monkeypatch) ->
     numpy computes them over the tensors fetched whole (the histogram path), and no
     session fetches tensors whole for minmax."""
     model, samples = _model(), _samples(6)
-    whole = []
-    original = calibration._Collector
-
-    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        whole.append(args[1])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(calibration, "_Collector", counting)
-    extremes = collect_statistics(model, samples, bins=0)
+    with whole_tensor_collectors(monkeypatch) as whole:
+        extremes = collect_statistics(model, samples, bins=0)
     assert whole == []
-    monkeypatch.setattr(calibration, "_Collector", original)
     histograms = collect_statistics(model, samples)
     assert extremes.ranges("minmax") == histograms.ranges("minmax")
     sizes = _sizes(model, samples)
