@@ -129,6 +129,7 @@ class _Numbering:
         self._table: dict[tuple, int] = {}
         self._fresh: Iterator[int] = itertools.count()
         self._tensor_keys: dict[int, tuple[int, ir.TensorProtocol]] = {}
+        self._tensor_arrays: dict[int, tuple[ir.TensorProtocol, np.ndarray]] = {}
         self._affine: dict[tuple, list[tuple[_Affine, int]]] = {}
         self._buckets: dict[tuple, list[tuple[np.ndarray, int]]] = {}
         self._ranks: dict[int, tuple[dict[str, int], ir.Model]] = {}
@@ -141,7 +142,7 @@ class _Numbering:
         """Drop every table (and with them the tensor views they hold)."""
         for keys in self.models:
             keys.__dict__.clear()
-        for table in (self._table, self._tensor_keys, self._affine, self._buckets, self._ranks,
+        for table in (self._table, self._tensor_keys, self._tensor_arrays, self._affine, self._buckets, self._ranks,
                       self._protos, self.forms, self.given):
             table.clear()
         self.models.clear()
@@ -196,6 +197,13 @@ class _Numbering:
             self._ranks[id(model)] = (ranks, model)
         return self._ranks[id(model)][0]
 
+    def numpy(self, tensor: ir.TensorProtocol) -> np.ndarray:
+        """``tensor.numpy()``, decoded once per tensor object (clones share them)."""
+        known = self._tensor_arrays.get(id(tensor))
+        if known is None or known[0] is not tensor:
+            known = self._tensor_arrays[id(tensor)] = (tensor, tensor.numpy())  # the tensor keeps its id unique
+        return known[1]
+
     def intern(self, key: tuple) -> int:
         return self._table.setdefault(key, len(self._table))
 
@@ -209,7 +217,7 @@ class _Numbering:
         cached = self._tensor_keys.get(id(tensor))
         if cached is not None and cached[1] is tensor:
             return cached[0]
-        raw = _raw_bytes(tensor)
+        raw = _raw_bytes(tensor, self.numpy(tensor))
         bucket = self._buckets.setdefault(
             (int(tensor.dtype), tuple(int(d) for d in tensor.shape), raw.size, bytes(raw[:64]), bytes(raw[-64:])), [])
         key = next((k for other, k in bucket if np.array_equal(raw, other)), None)
@@ -251,7 +259,9 @@ class _Keys:
         self._arrays: dict[int, np.ndarray] = {}  # evaluated folds, by id(value)
         self._forms: dict[int, _Affine] = {}  # affine normal forms, by id(value)
         self._ranks: dict[str, int] | None = None
+        self._ranks_by_key: tuple[int, dict[int, int]] | None = None  # (len(_keys) then, ranks)
         self._shapes: dict[int, tuple[bool, list] | None] = {}  # shape-like values, by id(value)
+        self._constants: dict[int, tuple[ir.Value, ir.TensorProtocol | None]] = {}  # by id(value)
 
     # ------------------------------------------------------------------ keys
 
@@ -283,10 +293,18 @@ class _Keys:
 
     def _leaf(self, value: ir.Value) -> bool:
         """Keyed without looking at inputs: graph inputs and constants."""
-        return value.name in self.fed or _constant(value) is not None
+        return value.name in self.fed or self._constant(value) is not None
 
     def _is_constant(self, value: ir.Value) -> bool:
-        return value.name not in self.fed and _constant(value) is not None
+        return value.name not in self.fed and self._constant(value) is not None
+
+    def _constant(self, value: ir.Value) -> ir.TensorProtocol | None:
+        """The constant tensor behind ``value`` (once per value: a Constant's list
+        attribute makes a new tensor on every read), else None."""
+        known = self._constants.get(id(value))
+        if known is None:
+            known = self._constants[id(value)] = (value, _constant(value))  # the value keeps its id unique
+        return known[1]
 
     def _shape_elements(self, value: ir.Value | None) -> tuple[bool, list] | None:
         """A shape-like integer tensor as (is_scalar, elements), each element an int or
@@ -347,17 +365,24 @@ class _Keys:
         return None
 
     def rank(self, value: ir.Value) -> int | None:
-        """A value's rank from onnx's own shape inference on this model (ranks only)."""
-        rank = self._rank_map().get(value.name)
-        if rank is None:  # values with one key have one rank, whichever model shows it
-            key = self.key(value)
-            rank = next((r for other in self.numbering.models if other is not self
-                         if (r := other.ranks_by_key().get(key)) is not None), None)
-        return rank
+        """A value's rank from onnx's own shape inference (ranks only). Values with one key
+        have one rank, whichever model shows it: a model whose ranks are already inferred
+        is asked first, so inference runs on a second model only for what the first lacks."""
+        key = self.key(value)
+        models = sorted(self.numbering.models, key=lambda m: (m._ranks is None, m is not self))
+        for model in models:
+            rank = model._rank_map().get(value.name) if model is self else model.ranks_by_key().get(key)
+            if rank is not None:
+                return rank
+        return None
 
     def ranks_by_key(self) -> dict[int, int]:
-        ranks = self._rank_map()
-        return {key: ranks[self._values[i].name] for i, key in self._keys.items() if self._values[i].name in ranks}
+        """The inferred ranks of this model's keyed values, by key."""
+        if self._ranks_by_key is None or self._ranks_by_key[0] != len(self._keys):
+            ranks = self._rank_map()
+            self._ranks_by_key = (len(self._keys), {key: ranks[self._values[i].name] for i, key in self._keys.items()
+                                                    if self._values[i].name in ranks})
+        return self._ranks_by_key[1]
 
     def _rank_map(self) -> dict[str, int]:
         if self._ranks is None:
@@ -370,14 +395,14 @@ class _Keys:
             return None
         if id(value) in self._arrays:
             return self._arrays[id(value)]
-        tensor = _constant(value)
-        return None if tensor is None else tensor.numpy()
+        tensor = self._constant(value)
+        return None if tensor is None else self.numbering.numpy(tensor)
 
     def _compute(self, value: ir.Value) -> int:
         numbering = self.numbering
         if value.name in self.fed and value.producer() is None:
             return numbering.intern(("input", value.name))
-        tensor = _constant(value)
+        tensor = self._constant(value)
         if tensor is not None:
             return numbering.tensor(tensor)
         node = value.producer()
@@ -425,8 +450,8 @@ class _Keys:
         if version < 7 or value.index() != 0:
             return self.numbering.unique()
         if len(node.inputs) > 2 and node.inputs[2] is not None:
-            mode = _constant(node.inputs[2])
-            if mode is None or bool(np.any(mode.numpy())):
+            mode = self._array(node.inputs[2])
+            if mode is None or bool(np.any(mode)):
                 return self.numbering.unique()
         return self.key(node.inputs[0])
 
@@ -435,8 +460,9 @@ class _Keys:
         if attr.is_ref():
             return None
         kind = attr.type
-        if kind in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-            return None
+        tag = _PLAIN_ATTRIBUTES.get(kind)
+        if tag is not None:
+            return (tag, attr.value) if kind in _SCALAR_ATTRIBUTES else (tag, tuple(attr.value))
         if kind == ir.AttributeType.TENSOR:
             return ("t", self.numbering.tensor(attr.value))
         if kind == ir.AttributeType.TENSORS:
@@ -445,11 +471,7 @@ class _Keys:
             return ("f", float(attr.value).hex())
         if kind == ir.AttributeType.FLOATS:
             return ("fs", tuple(float(v).hex() for v in attr.value))
-        if kind in (ir.AttributeType.INT, ir.AttributeType.STRING):
-            return (kind.name, attr.value)
-        if kind in (ir.AttributeType.INTS, ir.AttributeType.STRINGS):
-            return (kind.name, tuple(attr.value))
-        return None  # sparse tensors, type protos: never proved
+        return None  # graphs, sparse tensors, type protos: never proved
 
     # ------------------------------------------------------------------ constants and folds
 
@@ -568,12 +590,18 @@ def _strip_large(proto: onnx.ModelProto) -> set[str]:
     return stripped
 
 
-def _raw_bytes(tensor: ir.TensorProtocol) -> np.ndarray:
-    """A tensor's bytes as a flat uint8 array (a view where the tensor holds a numpy array)."""
+def _raw_bytes(tensor: ir.TensorProtocol, array: np.ndarray) -> np.ndarray:
+    """A tensor's bytes (``array``: its ``numpy()``) as a flat uint8 array (a view where it
+    can be)."""
     if tensor.dtype == ir.DataType.STRING:
-        items = [x if isinstance(x, bytes) else str(x).encode() for x in tensor.numpy().reshape(-1).tolist()]
+        items = [x if isinstance(x, bytes) else str(x).encode() for x in array.reshape(-1).tolist()]
         return np.frombuffer(b"".join(len(x).to_bytes(8, "little") + x for x in items) or b"\0", np.uint8)
-    return np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8)
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
+_PLAIN_ATTRIBUTES = {kind: kind.name for kind in (ir.AttributeType.INT, ir.AttributeType.STRING,
+                                                   ir.AttributeType.INTS, ir.AttributeType.STRINGS)}
+_SCALAR_ATTRIBUTES = (ir.AttributeType.INT, ir.AttributeType.STRING)
 
 
 def _constant(value: ir.Value) -> ir.TensorProtocol | None:
@@ -604,7 +632,7 @@ class _Affine:
     the terms summed into each bias (the rounding a float fold may add to it)."""
 
     structure: tuple  # the op, its attributes and the key of x: forms compare only within one
-    weight: np.ndarray
+    weight: np.ndarray  # its stored dtype until a factor composes into it (then float64)
     weight_axis: int  # the weight's output-channel axis
     bias: np.ndarray
     bias_terms: np.ndarray
@@ -625,10 +653,11 @@ class _Affine:
         if not np.all(np.abs(self.bias - other.bias) <= allowed * np.maximum(self.bias_terms, other.bias_terms) + tiny):
             return False
         a, b = self.weight.reshape(-1), other.weight.reshape(-1)
-        head = slice(0, 64)  # most different forms differ in their first weights already
-        if not np.all(np.abs(a[head] - b[head]) <= allowed * np.maximum(np.abs(a[head]), np.abs(b[head])) + tiny):
-            return False
-        return bool(np.all(np.abs(a - b) <= allowed * np.maximum(np.abs(a), np.abs(b)) + tiny))
+        for part in (slice(0, 64), slice(None)):  # most different forms differ in their first weights already
+            x, y = a[part].astype(np.float64), b[part].astype(np.float64)
+            if not np.all(np.abs(x - y) <= allowed * np.maximum(np.abs(x), np.abs(y)) + tiny):
+                return False
+        return True
 
     def scaled(self, factor: np.ndarray) -> _Affine:
         shape = [1] * self.weight.ndim
@@ -643,7 +672,7 @@ class _Affine:
 
 def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple) -> _Affine | None:
     """The affine normal form of a default-domain node's first output, if it has one."""
-    if value.index() != 0 or any(out.uses() or out in keys.model.graph.outputs for out in node.outputs[1:]):
+    if node.op_type not in _AFFINE_OPS or value.index() != 0 or any(out.uses() or out in keys.model.graph.outputs for out in node.outputs[1:]):
         return None
     op, inputs = node.op_type, list(node.inputs)
     attrs = {name: attr.value for name, attr in node.attributes.items()}
@@ -669,7 +698,9 @@ def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple)
             return None
         if weight.size > MAX_FORM_ELEMENTS:
             return None
-        weight = (weight.T if attrs.get("transB", 0) else weight).astype(np.float64) * attrs.get("alpha", 1.0)
+        weight = weight.T if attrs.get("transB", 0) else weight
+        if attrs.get("alpha", 1.0) != 1.0:
+            weight = weight.astype(np.float64) * attrs["alpha"]
         bias = np.zeros(weight.shape[1])
         if op == "Gemm" and len(inputs) > 2 and inputs[2] is not None:
             c = keys._array(inputs[2])
@@ -712,11 +743,14 @@ def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple)
     return None
 
 
+_AFFINE_OPS = frozenset(("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Mul", "Add", "Sub", "Div"))
+
+
 def _new_form(structure: tuple, weight: np.ndarray, weight_axis: int, bias: np.ndarray, *, rank: int | None,
               axis: int, dtype: np.dtype | None = None) -> _Affine:
     info = np.finfo(dtype or weight.dtype)
     bias = bias.astype(np.float64)
-    return _Affine(structure, weight.astype(np.float64), weight_axis, bias, np.abs(bias), float(info.eps) / 2,
+    return _Affine(structure, weight, weight_axis, bias, np.abs(bias), float(info.eps) / 2,
                    float(info.tiny), axis, rank)
 
 

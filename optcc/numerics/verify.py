@@ -501,7 +501,8 @@ class Verifier:
             try:
                 if isinstance(source, tuple):
                     graph, weights = source
-                    weighted_session(onnx.ModelProto.FromString(graph), weights, session_options(), provider)
+                    # one thread: the session only loads (no thread pool to start)
+                    weighted_session(onnx.ModelProto.FromString(graph), weights, session_options(threads=1), provider)
                 else:
                     make_session(source, provider, scratch=self._scratch.name)
             except Exception as e:  # noqa: BLE001
