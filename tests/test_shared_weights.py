@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
@@ -28,7 +29,10 @@ def _mlp() -> onnx.ModelProto:
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
 
 
-def test_light_proto_sessions_compute_what_the_full_model_computes() -> None:
+@pytest.mark.parametrize("inline_max", [0, None], ids=["handed-over", "inline"])
+def test_light_proto_sessions_compute_what_the_full_model_computes(inline_max, monkeypatch) -> None:
+    if inline_max is not None:  # 0: every weight handed to onnxruntime, none copied into the proto
+        monkeypatch.setattr("optcc.runtime.shared_weights.INLINE_MAX_BYTES", inline_max)
     proto = _mlp()
     model = optcc.ir.load(proto)
     light, weights = light_proto(model)

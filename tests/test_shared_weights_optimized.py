@@ -33,8 +33,11 @@ def _conv_bn_add() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
 
 
+@pytest.mark.parametrize("inline_max", [0, None], ids=["handed-over", "inline"])
 @pytest.mark.parametrize("optimize", [False, True, "extended", "all"])
-def test_weighted_session_matches_the_reference_evaluator(optimize):
+def test_weighted_session_matches_the_reference_evaluator(optimize, inline_max, monkeypatch):
+    if inline_max is not None:  # 0: every weight handed to onnxruntime, none copied into the proto
+        monkeypatch.setattr("optcc.runtime.shared_weights.INLINE_MAX_BYTES", inline_max)
     proto = _conv_bn_add()
     x = RNG.standard_normal((1, 8, 6, 6)).astype(np.float32)
     expected = ReferenceEvaluator(proto).run(None, {"x": x})[0]

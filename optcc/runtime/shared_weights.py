@@ -36,6 +36,7 @@ from optcc.ir.saving import initializers_set_aside
 __all__ = ["MIN_SHARED_BYTES", "light_proto", "mark_external", "shareable", "weighted_session", "release_memory"]
 
 MIN_SHARED_BYTES = 1024  # smaller initializers stay inside the proto
+INLINE_MAX_BYTES = 4 << 20  # weighted_session copies weights up to this many bytes in all into the proto
 _LOCATION = "optcc-shared-weight"
 _SHAREABLE = frozenset({
     ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
@@ -105,14 +106,19 @@ def weighted_session(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], 
     external initializers (``add_external_initializers``): its optimizations compute
     wrong results around user-owned ones. It loads the graph from a file, its
     placeholders pointing into a sparse file never read; both are deleted once the
-    session exists."""
+    session exists. Weights of at most ``INLINE_MAX_BYTES`` in all are instead copied
+    into the proto, which is loaded from bytes (no files). ``proto`` is changed."""
     declared = {init.name: init for init in proto.graph.initializer
                 if init.data_location == onnx.TensorProto.EXTERNAL and init.name in weights}
-    if not declared:
+    arrays = {name: np.ascontiguousarray(weights[name]) for name in declared}
+    if sum(a.nbytes for a in arrays.values()) <= INLINE_MAX_BYTES:
+        for name, init in declared.items():  # a few small weights: copied inline, no files
+            del init.external_data[:]
+            init.data_location = onnx.TensorProto.DEFAULT
+            init.raw_data = arrays[name].astype(arrays[name].dtype.newbyteorder("<"), copy=False).tobytes()
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=[provider])
         session.optcc_weights = ()
         return session
-    arrays = {name: np.ascontiguousarray(weights[name]) for name in declared}
     values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
     if options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
         # onnxruntime's graph optimizations compute wrong results around user-owned
