@@ -196,7 +196,7 @@ class Verifier:
         self.tolerances = {**TOLERANCES, **(tolerances or {})}
         self.reference = reference
         self._progress = progress
-        self._scratch = tempfile.TemporaryDirectory(prefix="optcc-verify-")
+        self._scratch_folder: tempfile.TemporaryDirectory | None = None  # made when a session needs one
         model = original if isinstance(original, ir.Model) else parsed if parsed is not None else oir.load(original)
         self._model = model  # the original, parsed
         self.original: Any = original if isinstance(original, (str, os.PathLike)) else model
@@ -238,8 +238,16 @@ class Verifier:
             self._feeds = generate_inputs(self._model, **self._generate)
         return self._feeds
 
+    @property
+    def _scratch(self) -> tempfile.TemporaryDirectory:
+        """A scratch folder for sessions that must save a model first (made on first use)."""
+        if self._scratch_folder is None:
+            self._scratch_folder = tempfile.TemporaryDirectory(prefix="optcc-verify-")
+        return self._scratch_folder
+
     def close(self) -> None:
-        self._scratch.cleanup()
+        if self._scratch_folder is not None:
+            self._scratch_folder.cleanup()
 
     def __enter__(self) -> Verifier:
         return self
