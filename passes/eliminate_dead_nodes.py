@@ -6,6 +6,8 @@ uses from inside bodies counted), unused trailing optional outputs, unused initi
 imports no node uses. onnx-ir's ``RemoveUnusedNodesPass``, ``RemoveUnusedFunctionsPass``
 and ``RemoveUnusedOpsetsPass`` do the work (tests/test_passes_elimination.py shows they
 are correct on the cases that matter); this pass adds body initializers and stats.
+A model without bodies or functions in which every node is needed and nothing else
+would change (``_all_needed``) is left as it is without running them.
 Preconditions: none. Graph inputs and outputs are never removed.
 Exact: removed nodes computed values nothing reads; ONNX ops have no side effects.
 """
@@ -65,11 +67,42 @@ def _opsets_all_used(model: ir.Model) -> bool:
     return not model.functions and all(domain == "" for domain in model.opset_imports)
 
 
-def _counts(model: ir.Model) -> tuple[int, int]:
-    """Nodes and initializers in every graph of the model (one walk)."""
-    graph_likes = list(optcc.ir.graphs(model))
+def _counts(graph_likes: list[ir.Graph | ir.Function]) -> tuple[int, int]:
+    """Nodes and initializers in these graphs."""
     return (sum(len(g) for g in graph_likes),
             sum(len(g.initializers) for g in graph_likes if isinstance(g, ir.Graph)))
+
+
+def _all_needed(graph: ir.Graph) -> bool:
+    """Whether ``RemoveUnusedNodesPass`` would leave ``graph`` (a model's only graph-like)
+    exactly as it is and no use is detached: every node has outputs, each named and read
+    by a node of the graph or a graph output; no node ends with an omitted input; no
+    BatchNormalization has a ``training_mode`` attribute (which it may drop); every
+    initializer is read or is a graph input or output. One walk, no schema lookups."""
+    outputs = frozenset(graph.outputs)
+
+    def live(value: ir.Value) -> bool:
+        uses = value.uses()
+        return all(use.node.graph is graph for use in uses) and (bool(uses) or value in outputs)
+
+    if not all(live(v) or not v.uses() for v in graph.inputs):
+        return False  # a graph input read by a detached node
+    for node in graph:
+        node_outputs = node.outputs
+        if not node_outputs:
+            return False
+        for value in node_outputs:
+            if not value.name or not live(value):
+                return False
+        inputs = node.inputs
+        if inputs and inputs[-1] is None:
+            return False
+        if node.op_type == "BatchNormalization" and "training_mode" in node.attributes:
+            return False
+    for value in graph.initializers.values():
+        if not (live(value) or (value.is_graph_input() and not value.uses())):
+            return False
+    return True
 
 
 class EliminateDeadNodesPass(optcc.Pass):
@@ -79,19 +112,23 @@ class EliminateDeadNodesPass(optcc.Pass):
     numerics = "exact"
 
     def call(self, model: ir.Model) -> optcc.PassResult:
-        nodes_before, inits_before = _counts(model)
+        graph_likes = list(optcc.ir.graphs(model))
+        nodes_before, inits_before = _counts(graph_likes)
         functions_before = len(model.functions)
         opsets_before = len(model.opset_imports)
-        modified = RemoveUnusedNodesPass()(model).modified
-        while _drop_detached_uses(model):
-            modified |= RemoveUnusedNodesPass()(model).modified
+        if len(graph_likes) == 1 and not model.functions and _all_needed(model.graph):
+            modified = False  # what the removal passes would find: nothing
+        else:
+            modified = RemoveUnusedNodesPass()(model).modified
+            while _drop_detached_uses(model):
+                modified |= RemoveUnusedNodesPass()(model).modified
         if model.functions:  # with none there is nothing to remove
             modified |= RemoveUnusedFunctionsPass()(model).modified
         if not _opsets_all_used(model):
             modified |= RemoveUnusedOpsetsPass()(model).modified
         body_inits = _remove_unused_body_initializers(model)
         modified |= bool(body_inits)
-        nodes_after, inits_after = _counts(model)
+        nodes_after, inits_after = _counts(list(optcc.ir.graphs(model)))
         stats = {
             "nodes": nodes_before - nodes_after,
             "initializers": inits_before - inits_after,
