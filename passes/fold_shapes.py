@@ -20,7 +20,7 @@ returns for every input the declared shapes admit.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 import logging
 
 import numpy as np
@@ -88,12 +88,12 @@ def _numpy(tensor: ir.TensorProtocol) -> np.ndarray:
     return tensor.numpy()
 
 
-def infer_shapes(model: ir.Model) -> dict[ir.Value, ir.Shape]:
-    """Shapes onnx shape inference finds for the values Shape/Size nodes read, from a
-    serialized copy (the model itself is not touched). Value names are unique in a model,
-    so results map back by name; values inference cannot shape are left out."""
-    wanted: dict[str, ir.Value] = {}
-    for node in optcc.ir.nodes(model):
+def infer_shapes(model: ir.Model, values: Iterable[ir.Value] | None = None) -> dict[ir.Value, ir.Shape]:
+    """Shapes onnx shape inference finds for ``values`` (default: the values Shape/Size
+    nodes read), from a serialized copy (the model itself is not touched). Value names are
+    unique in a model, so results map back by name; values inference cannot shape are left out."""
+    wanted: dict[str, ir.Value] = {v.name: v for v in values or () if v is not None and v.name}
+    for node in optcc.ir.nodes(model) if values is None else ():
         if node.op_type in ("Shape", "Size") and _is_default(node) and node.inputs:
             source = node.inputs[0]
             if source is not None and source.name:
