@@ -54,3 +54,46 @@ def test_histogram_and_weight_bytes_count_bodies_domains_and_constants():
                         5 * 7 * 8 + 3 * 4 * 4)
     assert oir.histogram_and_weight_bytes(model) == expected
     assert (oir.op_histogram(model), oir.weight_bytes(model)) == expected
+
+
+def test_weight_bytes_of_in_memory_tensors():
+    """Tensors made in memory (as folding and fusions make them), including a 4-bit one
+    whose bytes round up, count what their arrays hold."""
+    import onnx_ir as ir
+
+    model = oir.load(_model_with_a_body())
+    graph = model.graph
+    halves = ir.Value(name="h", const_value=ir.Tensor(np.ones((3, 5), np.float16), name="h"))
+    nibbles = ir.Value(name="n", const_value=ir.Tensor(np.zeros(7, np.uint8), dtype=ir.DataType.UINT4, name="n"))
+    graph.register_initializer(halves)
+    graph.register_initializer(nibbles)
+    _, total = oir.histogram_and_weight_bytes(model)
+    assert total == 5 * 7 * 8 + 3 * 4 * 4 + 3 * 5 * 2 + 4  # seven 4-bit elements: 4 bytes
+    assert oir.weight_bytes(model) == total
+
+
+def test_order_problems_found_with_omitted_inputs_and_bodies():
+    """An omitted optional input is never a problem; a value read before its producer is,
+    in the main graph and inside a body, as is a graph output nothing defines."""
+    import onnx_ir as ir
+
+    model = oir.load(_model_with_a_body())
+    assert oir.first_order_problem(model) is None
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    clip = ir.Node("", "Clip", [relu.outputs[0], None, None], num_outputs=1)
+    model.graph.append(clip)
+    assert oir.first_order_problem(model) is None
+    model.graph.remove(relu)
+    model.graph.append(relu)  # now read by Gelu and Clip before it runs
+    problem = oir.first_order_problem(model)
+    assert problem is not None and "before it is defined (a cycle)" in problem
+    model = oir.load(_model_with_a_body())
+    branch = next(n for n in model.graph if n.op_type == "If").attributes["then_branch"].as_graph()
+    add = next(n for n in branch if n.op_type == "Add")
+    branch.remove(add)
+    branch.insert_before(next(iter(branch)), add)  # the body's Add reads its Constant before it
+    problem = oir.first_order_problem(model)
+    assert problem is not None and "(Add)" in problem
+    model = oir.load(_model_with_a_body())
+    model.graph.outputs.append(ir.Value(name="nowhere"))
+    assert oir.first_order_problem(model) == "graph output 'nowhere' is not defined"

@@ -54,24 +54,29 @@ def first_order_problem(model: ir.Model) -> str | None:
     return None
 
 
-def _order_problem(graph: ir.Graph | ir.Function, outer: frozenset[ir.Value]) -> str | None:
-    defined = set(outer)
+def _order_problem(graph: ir.Graph | ir.Function, outer: frozenset[ir.Value | None]) -> str | None:
+    defined: set[ir.Value | None] = set(outer)
+    defined.add(None)  # an omitted optional input: always "defined"
     defined.update(graph.inputs)
     if isinstance(graph, ir.Graph):
-        defined.update(graph.initializers.values())
+        defined.update(graph.initializers.data.values())  # the UserDict's own dict: its Mapping methods are slow
+    add = defined.update
     for node in graph:
-        for value in node.inputs:
-            if value is not None and value not in defined:
-                what = "a cycle" if value.producer() is not None else "an undefined value"
-                return (
-                    f"node '{node.name}' ({node.op_type}) reads '{value.name}' before it is "
-                    f"defined ({what})"
-                )
-        for sub in subgraphs(node):
-            problem = _order_problem(sub, frozenset(defined))
-            if problem:
-                return problem
-        defined.update(node.outputs)
+        inputs = node.inputs
+        if not defined.issuperset(inputs):
+            for value in inputs:
+                if value is not None and value not in defined:
+                    what = "a cycle" if value.producer() is not None else "an undefined value"
+                    return (
+                        f"node '{node.name}' ({node.op_type}) reads '{value.name}' before it is "
+                        f"defined ({what})"
+                    )
+        if node.op_type in _SUBGRAPH_OPS or node.domain not in _DEFAULT_DOMAINS:
+            for sub in subgraphs(node):
+                problem = _order_problem(sub, frozenset(defined))
+                if problem:
+                    return problem
+        add(node.outputs)
     for value in graph.outputs:
         if value not in defined:
             return f"graph output '{value.name}' is not defined"
@@ -157,18 +162,27 @@ _ITEMSIZE: Mapping[int, float | None] = MappingProxyType({int(t): _fixed_itemsiz
 
 
 _TENSOR_PROTO_TENSOR = ir.serde.TensorProtoTensor
+_TENSOR = ir.Tensor
 
 
 def _tensor_nbytes(tensor: ir.TensorProtocol | None) -> int:
     if tensor is None:
         return 0
-    if type(tensor) is _TENSOR_PROTO_TENSOR:
+    kind = type(tensor)
+    if kind is _TENSOR_PROTO_TENSOR:
         # what its ``nbytes`` computes, read from the proto without building a Shape
         proto = tensor.raw
-        data_type = proto.data_type
-        itemsize = _ITEMSIZE.get(data_type)
+        itemsize = _ITEMSIZE.get(proto.data_type)
         if itemsize is not None:
             return int(math.ceil(itemsize * math.prod(proto.dims)))
+    elif kind is _TENSOR:
+        # what its ``nbytes`` computes (dtype.itemsize times the static shape's size)
+        itemsize = _ITEMSIZE.get(tensor.dtype)
+        if itemsize is not None:
+            try:
+                return int(math.ceil(itemsize * math.prod(tensor.shape.numpy())))
+            except Exception:
+                return 0
     try:
         return int(tensor.nbytes)
     except Exception:
@@ -180,12 +194,17 @@ def weight_bytes(model: ir.Model) -> int:
     return sum(_graph_weight_bytes(graph) for graph in graphs(model))
 
 
-def _graph_weight_bytes(graph: ir.Graph | ir.Function) -> int:
-    total = sum(_tensor_nbytes(v.const_value) for v in graph.initializers.values()) \
+def _graph_weight_bytes(graph: ir.Graph | ir.Function, constants: bool = True) -> int:
+    """Bytes of the graph's initializers, and of its Constant nodes' tensors unless
+    ``constants`` is False (the caller knows it has none)."""
+    # the UserDicts' own dicts: their Mapping methods are slow
+    total = sum(_tensor_nbytes(v.const_value) for v in graph.initializers.data.values()) \
         if isinstance(graph, ir.Graph) else 0
+    if not constants:
+        return total
     for node in graph:
         if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
-            value = node.attributes.data.get("value")  # the UserDict's own dict: its Mapping methods are slow
+            value = node.attributes.data.get("value")
             if value is not None and value.type == ir.AttributeType.TENSOR:
                 total += _tensor_nbytes(value.value)  # as_tensor() isinstance-checks a Protocol: slow
     return total
@@ -196,8 +215,9 @@ def histogram_and_weight_bytes(model: ir.Model) -> tuple[dict[str, int], int]:
     counts: collections.Counter[str] = collections.Counter()
     total = 0
     for graph in graphs(model):
-        counts.update(n.op_type if n.domain in _DEFAULT_DOMAINS else f"{n.domain}::{n.op_type}" for n in graph)
-        total += _graph_weight_bytes(graph)
+        keys = [n.op_type if n.domain in _DEFAULT_DOMAINS else f"{n.domain}::{n.op_type}" for n in graph]
+        counts.update(keys)
+        total += _graph_weight_bytes(graph, constants="Constant" in keys)
     return dict(sorted(counts.items())), total
 
 
