@@ -103,6 +103,7 @@ def optimize(
     weight_only: str | Mapping[str, Any] | None = None,
     int8_options: Mapping[str, Any] | None = None,
     fold_large: bool = False,
+    target_opset: int | None = None,
     overwrite_input_shapes: Mapping[str, Sequence[int]] | None = None,
     input_ranges: Mapping[str, tuple[float, float]] | None = None,
     allow_unverified: bool = False,
@@ -115,7 +116,10 @@ def optimize(
     generated); a mismatch raises VerificationError whose ``result`` holds the model and
     report. The input is never modified: an ``onnx_ir.Model`` is cloned first.
     ``fold_large`` lets constant folding materialize tensors that grow the model by more
-    than 1 MiB.
+    than 1 MiB. ``target_opset`` first converts the model to that default-opset version
+    (the ``upgrade-opset`` pass: onnx's version converter, verified like every pass), so
+    the fusions can use newer standard ops (``Attention``, ``RMSNormalization`` at 23);
+    a model is never downgraded (BadInputError).
 
     After the level's pipeline: ``fp16`` converts to float16 (``fp16_keep_io``: True keeps
     float32 graph inputs/outputs, False makes them float16, a list keeps those names
@@ -169,6 +173,9 @@ def optimize(
     if fp16 and not fold_large:  # a float16 model is wanted for its size: fold only what does not grow it
         options = {"fold-constants": {"max_growth_bytes": 0}}
     pipeline = build_pipeline(level, passes=passes, disable=disable, options=options)
+    if target_opset is not None:
+        _check_target_opset(working, target_opset, label)
+        pipeline.insert(0, create_pass("upgrade-opset", version=target_opset))
     if fp16:
         pipeline.append(create_pass("convert-float16", keep_io_types=fp16_keep_io, block=fp16_block,
                                     inputs=samples or inputs, input_shapes=input_shapes,
@@ -242,6 +249,9 @@ def optimize(
     for kind, reason in precision.items():
         if reason is not None and not (kind == "int8" and any(w.startswith("INT8 not applied") for w in report.warnings)):
             report.warnings.append(f"{kind.upper()} not applied: {reason}")
+    if target_opset is not None and oir.default_opset(outcome.model) != target_opset:
+        why = next((r.reason for r in outcome.records if r.name == "upgrade-opset" and r.reason), "not run")
+        report.warnings.append(f"opset not upgraded to {target_opset}: {why}")
     growth = _fold_growth(report)
     if growth is not None:
         report.warnings.append(growth)
@@ -359,6 +369,16 @@ def _fold_growth(report: Report) -> str | None:
     percent = 100.0 * growth / before if before else float("inf")
     return (f"constant folding grew the weights by {percent:.0f}% (+{format_bytes(growth)}); "
             "--disable fold-constants keeps those tensors computed at run time")
+
+
+def _check_target_opset(model: ir.Model, version: int, label: str | None) -> None:
+    """BadInputError unless ``version`` is an opset the model can be upgraded to."""
+    current, newest = oir.default_opset(model), onnx.defs.onnx_opset_version()
+    if version < current:
+        raise BadInputError(f"target opset {version} is older than the model's opset {current} "
+                            "(a model is never downgraded)", label)
+    if version > newest:
+        raise BadInputError(f"target opset {version} is newer than the installed onnx supports ({newest})", label)
 
 
 def _fresh_copies(given: oir.ModelSource, original: Any) -> Callable[[], ir.Model]:

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="constant-fold even when folded tensors grow the model by more than 1 MiB")
     g.add_argument("--strict", action="store_true",
                    help="stop at the first pass that fails instead of reverting it")
+    g.add_argument("--target-opset", type=int, metavar="N",
+                   help="first convert the model to opset N (onnx's version converter, verified), so -O2 can "
+                        "use newer standard ops such as Attention (23); never downgrades")
 
     g = p.add_argument_group("input shapes")
     g.add_argument("--overwrite-input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
@@ -369,6 +372,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             int8_dynamic=args.int8_dynamic,
             weight_only=args.weights,
             fold_large=args.fold_large,
+            target_opset=args.target_opset,
             allow_unverified=args.allow_unverified,
             allow_float_fallback=args.allow_float_fallback,
         )
