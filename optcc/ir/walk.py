@@ -165,9 +165,25 @@ _TENSOR_PROTO_TENSOR = ir.serde.TensorProtoTensor
 _TENSOR = ir.Tensor
 
 
+_NBYTES_KEY = "optcc.nbytes"
+
+
 def _tensor_nbytes(tensor: ir.TensorProtocol | None) -> int:
+    """The tensor's ``nbytes`` (0 when it has none), kept in its metadata: onnx-ir tensors
+    are immutable and clones share them, so the manager's summary after every pass reads
+    it again instead of recomputing it."""
     if tensor is None:
         return 0
+    meta = getattr(tensor, "meta", None)
+    if meta is None:
+        return _compute_nbytes(tensor)
+    nbytes = meta.get(_NBYTES_KEY)
+    if nbytes is None:
+        nbytes = meta[_NBYTES_KEY] = _compute_nbytes(tensor)
+    return nbytes
+
+
+def _compute_nbytes(tensor: ir.TensorProtocol) -> int:
     kind = type(tensor)
     if kind is _TENSOR_PROTO_TENSOR:
         # what its ``nbytes`` computes, read from the proto without building a Shape
