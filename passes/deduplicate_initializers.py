@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -40,8 +41,25 @@ __all__ = ["DeduplicateInitializersPass"]
 _CHUNK_BYTES = 16 << 20
 
 
+# dtypes whose ``numpy()`` of a proto's raw_data is that raw_data read as little-endian
+# elements of the dtype's width (bytes identical on this little-endian layout)
+_RAW_AS_IS = frozenset({
+    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE,
+    ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
+    ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64, ir.DataType.BOOL,
+})
+_PROTO_TENSOR = ir.serde.TensorProtoTensor
+
+
 def _data(tensor: ir.TensorProtocol) -> np.ndarray:
     """The tensor's bytes as a flat uint8 array (a view where the storage allows)."""
+    if type(tensor) is _PROTO_TENSOR and np.little_endian:
+        proto = tensor.raw
+        dtype = ir.DataType(proto.data_type)
+        if dtype in _RAW_AS_IS and proto.HasField("raw_data"):
+            raw = proto.raw_data  # what numpy() reads, without building the typed array
+            if len(raw) == dtype.itemsize * math.prod(proto.dims):
+                return np.frombuffer(raw, dtype=np.uint8)
     if tensor.dtype == ir.DataType.STRING:
         joined = b"".join(len(s).to_bytes(8, "little") + s for s in tensor.string_data())
         return np.frombuffer(joined, dtype=np.uint8)
@@ -113,6 +131,9 @@ def _candidates(graph: ir.Graph) -> list[ir.Value]:
 def _group(value: ir.Value) -> tuple[ir.DataType, tuple[int, ...]]:
     tensor = value.const_value
     assert tensor is not None
+    if type(tensor) is _PROTO_TENSOR:  # its dtype and shape, read without building a Shape
+        proto = tensor.raw
+        return ir.DataType(proto.data_type), tuple(proto.dims)
     return tensor.dtype, tuple(tensor.shape)
 
 
@@ -150,7 +171,8 @@ class DeduplicateInitializersPass(optcc.Pass):
 
     def call(self, model: ir.Model) -> optcc.PassResult:
         graphs = [g for g in optcc.ir.graphs(model) if isinstance(g, ir.Graph)]
-        sizes = collections.Counter(_group(v) for g in graphs for v in _candidates(g))
+        candidates = {id(g): [(v, _group(v)) for v in _candidates(g)] for g in graphs}
+        sizes = collections.Counter(group for pairs in candidates.values() for _, group in pairs)
         if len(graphs) == 1:  # no bodies: no enclosing scope, no shadowing to check
             names: collections.Counter[str] = collections.Counter()
             chains = {id(model.graph): [model.graph]}
@@ -161,8 +183,7 @@ class DeduplicateInitializersPass(optcc.Pass):
         removed, saved = 0, 0
         for graph in graphs:  # enclosing graphs come before their bodies
             table = kept.setdefault(id(graph), {})
-            for value in _candidates(graph):
-                group = _group(value)
+            for value, group in candidates[id(graph)]:
                 if sizes[group] < 2:
                     continue
                 key = (*group, _digest(value.const_value))
