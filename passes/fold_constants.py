@@ -11,7 +11,9 @@ With ``fold_shapes`` (default) Shape/Size of statically shaped values are folded
 (see ``fold_shapes.py``), so shape subgraphs (Shape->Gather->Concat->Reshape) fold too;
 the pass repeats until nothing changes, so a second run is a no-op.
 
-Evaluation is batched: per graph and wave, ONE temporary model holds all foldable nodes
+Reshape, Squeeze, Unsqueeze and exact Casts are computed with NumPy (see
+``fold_data_movement.py``: the same bits the kernels write). The rest of the evaluation is
+batched: per graph and wave, ONE temporary model holds all remaining foldable nodes
 (constant inputs fed as graph inputs, every folded value a graph output) and runs in one
 onnxruntime session with all graph optimizations disabled. If that session fails, nodes
 are evaluated one by one with onnxruntime, then with ``onnx.reference`` for nodes
@@ -47,6 +49,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 import optcc
+from optcc.passes.fold_data_movement import evaluate as evaluate_without_session
 from optcc.passes.fold_shapes import fold_shapes as fold_shape_ops
 from optcc.passes.fold_shapes import (
     const_array,
@@ -290,7 +293,15 @@ class _GraphFolder:
             array = self._fill(node)
             if array is not None:
                 filled[node.outputs[0]] = array
-        rest = [node for node in batch if node.outputs[0] not in filled]
+        rest = []
+        for node in batch:  # in order: a node may read what an earlier one computed here
+            if node.outputs[0] in filled:
+                continue
+            outputs = self._without_session(node, filled)
+            if outputs is None:
+                rest.append(node)
+            else:
+                filled.update(outputs)
         if not rest:
             return filled
         results = self._run_batch(rest, known=filled)
@@ -311,6 +322,30 @@ class _GraphFolder:
                 continue
             results.update(outputs)
         return results
+
+    def _without_session(self, node: ir.Node, known: dict[ir.Value, np.ndarray]
+                         ) -> dict[ir.Value, np.ndarray] | None:
+        """The node's outputs computed with NumPy (``fold_data_movement``), when its inputs
+        are constants or computed in ``known`` and it is a plain case. Reading a fill's
+        view, the outputs may be views of it too: they are copied when stored, as fills are."""
+        inputs: list[np.ndarray | None] = []
+        reads_view = False
+        for value in node.inputs:
+            if value is None:
+                inputs.append(None)
+                continue
+            reads_view |= value in self._views
+            array = known.get(value)
+            if array is None:
+                array = self._const(value)
+            if array is None:
+                return None  # computed by a node of this wave that needs the session
+            inputs.append(array)
+        arrays = evaluate_without_session(node, self.opset, inputs)
+        result = None if arrays is None else self._accept(node.outputs, arrays)
+        if result is not None and reads_view:
+            self._views.update(result)
+        return result
 
     def _model(self, batch: Sequence[ir.Node], known: dict[ir.Value, np.ndarray]
                ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], list[ir.Value]]:
