@@ -88,10 +88,13 @@ def _numpy(tensor: ir.TensorProtocol) -> np.ndarray:
     return tensor.numpy()
 
 
-def infer_shapes(model: ir.Model, values: Iterable[ir.Value] | None = None) -> dict[ir.Value, ir.Shape]:
+def infer_shapes(model: ir.Model, values: Iterable[ir.Value] | None = None,
+                 annotations: bool = True) -> dict[ir.Value, ir.Shape]:
     """Shapes onnx shape inference finds for ``values`` (default: the values Shape/Size
     nodes read), from a serialized copy (the model itself is not touched). Value names are
-    unique in a model, so results map back by name; values inference cannot shape are left out."""
+    unique in a model, so results map back by name; values inference cannot shape are left out.
+    ``annotations=False``: the copy keeps no value_info, so every dim of the result is derived
+    in this one run from the graph's inputs and weights."""
     wanted: dict[str, ir.Value] = {v.name: v for v in values or () if v is not None and v.name}
     for node in optcc.ir.nodes(model) if values is None else ():
         if node.op_type in ("Shape", "Size") and _is_default(node) and node.inputs:
@@ -104,6 +107,8 @@ def infer_shapes(model: ir.Model, values: Iterable[ir.Value] | None = None) -> d
         with optcc.ir.initializers_set_aside(model, _blanked) as aside:
             proto = optcc.ir.serialize(model)
         _restore_dims(proto.graph, aside)
+        for graph in optcc.ir.proto_graphs(proto.graph) if not annotations else ():
+            del graph.value_info[:]
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort; declared shapes remain
         logger.debug("shape inference failed", exc_info=True)

@@ -72,21 +72,34 @@ _CHAIN_DEPTH = 16
 
 
 class _Dims:
-    """Static dims of values: declared, else found by onnx shape inference (run once per
-    pass call, when first needed, on a copy without the weights' data)."""
+    """Dims of values from two sources, ``"declared"`` and ``"inferred"`` (onnx shape inference
+    from the graph's inputs alone, run once per pass call when first needed, on a copy without
+    the weights' data or value annotations). Symbolic names are compared only within one
+    source: two inference runs may give one name to different dims."""
 
     def __init__(self, model: ir.Model) -> None:
         self.model = model
         self._inferred: dict[ir.Value, ir.Shape] | None = None
 
-    def of(self, value: ir.Value) -> tuple | None:
-        shape = value.shape
-        if shape is None or not all(isinstance(d, int) or d.value for d in shape.dims):
+    def get(self, value: ir.Value, source: str) -> tuple | None:
+        if source == "declared":
+            shape = value.shape
+        else:
             if self._inferred is None:
                 values = [v for n in optcc.ir.nodes(self.model) for v in (*n.inputs, *n.outputs)]
-                self._inferred = infer_shapes(self.model, values)
-            shape = self._inferred.get(value, shape)
+                self._inferred = infer_shapes(self.model, values, annotations=False)
+            shape = self._inferred.get(value)
         return None if shape is None else tuple(shape.dims)
+
+    def static(self, value: ir.Value) -> tuple | None:
+        """The dims with every size that either source knows as a number (None: no rank)."""
+        declared = self.get(value, "declared")
+        if declared is not None and all(isinstance(d, int) for d in declared):
+            return declared
+        inferred = self.get(value, "inferred")
+        if declared is None or inferred is None or len(declared) != len(inferred):
+            return inferred if declared is None else declared
+        return tuple(d if isinstance(d, int) else i for d, i in zip(declared, inferred))
 
 
 def _same(a: int | ir.SymbolicDim, b: int | ir.SymbolicDim) -> bool:
@@ -107,7 +120,7 @@ class _Half:
     base: ir.Value
     table: ir.Value | None  # the constant table, whose left half is gathered
     steps: list[tuple[ir.Node, int]]
-    dims: tuple
+    rank3: ir.Value  # (batch, seq, 2h), before the Unsqueeze
 
 
 def _attr_int(node: ir.Node, name: str, default: int) -> int:
@@ -159,19 +172,19 @@ def _half(m: Match, dims: _Dims, value: ir.Value, h: int) -> _Half | str:
         value = node.inputs[index]
     if rank3 is None:
         return "cos/sin is not Unsqueeze(c, axes=[1])"
-    c_dims = dims.of(rank3)
+    c_dims = dims.static(rank3)
     if c_dims is None or len(c_dims) != 3 or c_dims[2] != 2 * h:
         return "cos/sin is not (batch, seq, rotary dim)"
     if node.op_type == "Concat" and node.domain in _DEFAULT and len(node.inputs) == 2 \
             and node.inputs[0] is node.inputs[1] and _attr_int(node, "axis", 0) in (-1, 2):
-        return _Half(node.inputs[0], None, steps, c_dims)
+        return _Half(node.inputs[0], None, steps, rank3)
     if node.op_type == "Gather" and node.domain in _DEFAULT and _attr_int(node, "axis", 0) == 0:
         table = m.value_array(node.inputs[0])
         if table is None:
             return "cos/sin table is not a constant"
         if table.ndim != 2 or table.shape[1] != 2 * h or not np.array_equal(table[:, :h], table[:, h:]):
             return "cos/sin table halves differ"
-        return _Half(node.inputs[1], node.inputs[0], steps, c_dims)
+        return _Half(node.inputs[1], node.inputs[0], steps, rank3)
     return "cos/sin is not Concat(a, a) or a Gather of a constant table"
 
 
@@ -209,6 +222,7 @@ def _pattern(partial: bool) -> Op:
 class _Plan:
     rotary_dim: int  # 0: the whole head
     heads: int | None
+    half: int  # h: the caches' width
     cos: _Half
     sin: _Half
     expand_cos: bool
@@ -223,7 +237,7 @@ def _plan(m: Match, dims: _Dims, contrib: bool) -> _Plan | str:
     x = m["x"]
     if _dtype(x) != ir.DataType.FLOAT:
         return "not float32"
-    x_dims = dims.of(x)
+    x_dims = dims.static(x)
     if x_dims is None or len(x_dims) != 4 or not isinstance(x_dims[3], int):
         return "input is not rank 4 with a static head size"
     head = x_dims[3]
@@ -246,16 +260,25 @@ def _plan(m: Match, dims: _Dims, contrib: bool) -> _Plan | str:
     for half in halves:
         if isinstance(half, str):
             return half
-    expand = []
-    for half in halves:
-        need = False
-        for x_dim, c_dim in ((x_dims[0], half.dims[0]), (x_dims[2], half.dims[1])):
-            if not _same(x_dim, c_dim):
-                if c_dim != 1:
-                    return "cannot prove cos/sin batch and seq equal the input's"
-                need = True
-        expand.append(need)
-    return _Plan(0 if rotary == head else rotary, heads, halves[0], halves[1], expand[0], expand[1])
+    expand = [_needs_expand(dims, x, half.rank3) for half in halves]
+    if None in expand:
+        return "cannot prove cos/sin batch and seq equal the input's"
+    return _Plan(0 if rotary == head else rotary, heads, h, halves[0], halves[1], expand[0], expand[1])
+
+
+def _needs_expand(dims: _Dims, x: ir.Value, c: ir.Value) -> bool | None:
+    """Whether ``c`` (batch, seq, 2h) must be expanded to ``x``'s (batch, heads, seq, head)
+    batch and seq: False when both are proved equal, True when the others are statically 1,
+    None when neither is proved."""
+    ones = dims.static(c)
+    for source in ("declared", "inferred"):
+        x_dims, c_dims = dims.get(x, source), dims.get(c, source)
+        if x_dims is None or c_dims is None or len(x_dims) != 4 or len(c_dims) != 3:
+            continue
+        pairs = ((x_dims[0], c_dims[0], ones[0]), (x_dims[2], c_dims[1], ones[1]))
+        if all(_same(a, b) or one == 1 for a, b, one in pairs):
+            return not all(_same(a, b) for a, b, _ in pairs)
+    return None
 
 
 class _Constants:
@@ -316,7 +339,7 @@ def _rules(contrib: bool, dims: _Dims) -> tuple[Rule, ...]:
     def rewrite(m: Match, b: Builder) -> ir.Value:
         plan = plans.pop(id(m.root))
         x = m["x"]
-        h = plan.cos.dims[2] // 2
+        h = plan.half
         cos = _build_half(m, b, consts, plan.cos, plan.expand_cos, h, "cos")
         sin = _build_half(m, b, consts, plan.sin, plan.expand_sin, h, "sin")
         attrs = {"rotary_embedding_dim": plan.rotary_dim} if plan.rotary_dim else {}
