@@ -34,8 +34,9 @@ elementwise ops give ``c_h`` exactly the values of ``cos``'s halves. Nothing req
 Preconditions: float32; ``x`` rank 4 with a static even rotary width; both Slices over the last
 axis with step 1 and bounds exactly ``[0, h)`` and ``[h, 2h)`` (``2h`` the head size, or ``r``);
 the Concat over the last axis; the caches' width ``2h``; their batch and seq dims proved equal
-to ``x``'s (the same number or the same symbolic name, declared or found by onnx shape
-inference on a weight-less copy) or statically 1, then expanded to ``x``'s (onnxruntime
+to ``x``'s (the same number, or the same symbolic name within one source: the declared
+shapes, or onnx shape inference from the graph's inputs on a copy without weights and
+annotations) or statically 1, then expanded to ``x``'s (onnxruntime
 requires equal dims; the decomposed Mul broadcast); for the contrib op with partial rotary, a
 static number of heads. The pattern driver refuses matches whose intermediates are read
 elsewhere or are graph outputs.
