@@ -17,6 +17,18 @@ perm=[0,1,3,2])`` (then ``k`` is used), ``Transpose(x, perm=[0,2,3,1])`` of the
 ``(batch, seq, heads, head_size)`` key (then ``Transpose(x, perm=[0,2,1,3])`` is built), or
 anything else of rank 4 (then ``Transpose(kt, perm=[0,1,3,2])`` is built).
 
+The dynamo exporter's key transposed through rank 3 (``Reshape(Transpose(Reshape(k, [-1, S,
+D]), [0,2,1]), [B, H, D, S])``, proved from ``k``'s own dims) is read as ``k``.
+
+Grouped-query attention (standard ``Attention`` only): when the key and the value are both
+HF ``repeat_kv(x, n)`` of ``(batch, kv_heads, seq, head_size)`` tensors by the same constant
+``n`` (``Reshape(Expand(Unsqueeze(x, [2]), [B, kv_heads, n, S, D]), [B, kv_heads*n, S, D])``,
+every target entry proved, see ``grouped_kv``) and the query is proved to have more than one
+head, the op takes the un-repeated key and value: it shares key/value head ``i // n`` with
+query head ``i``, which is what ``repeat_kv``'s ``[k0, k0, k1, k1]`` order computed (exact:
+the same products, no copy). A cache Concat before the repeat then becomes the op's
+un-repeated past/present. ``MultiHeadAttention`` has no grouped heads: it keeps the repeat.
+
 KV cache: when the key and the value are ``Concat(past, new, axis=2)`` of rank-4 tensors,
 the fused node (and a standard ``Attention`` the exporter wrote itself) takes ``new`` as
 key/value and ``past`` as ``past_key``/``past_value``, and its ``present_key``/
@@ -43,8 +55,10 @@ ends in the query and key lengths: both kernels broadcast a mask over batch and 
 only, where the decomposed Add broadcast it over every axis.
 
 Preconditions: float32 tensors; Softmax over the last axis; every scale a constant
-scalar; ranks of q, kt and v known to be 4 and the mask's rank at most 4; the number of heads known (static shape or the constant in the
-exporter's head-splitting Reshape) for MultiHeadAttention. The pattern driver refuses
+scalar; ranks of q, kt and v known to be 4 and the mask's rank at most 4; q not proved to
+have one head where kt has more (the MatMul broadcast it; neither op broadcasts); the
+number of heads known (static shape, the constant in the exporter's head-splitting Reshape,
+or proved through the ops after it, e.g. a rotary embedding) for MultiHeadAttention. The pattern driver refuses
 matches whose scores or probabilities are read elsewhere (e.g. attention weights that are
 returned) or are graph outputs.
 
@@ -57,12 +71,15 @@ gives NaN (-inf fills; 0 behind the guard) or the mean of v (finite fills); onnx
 v for finite ones.
 
 Stats: ``applied``/``rejected`` per rule, ``layers``: per Softmax node that could be an
-attention layer, ``"fused: <op>"`` or the reason it was not fused, and ``kv_cache``: per
-attention node whose key is a cache Concat, ``"folded"`` or why not.
+attention layer, ``"fused: <op>"`` or the reason it was not fused, ``grouped_kv``: per fused
+layer whose key or value is a ``repeat_kv`` lookalike, ``"grouped: ..."`` or why the repeat
+was kept, and ``kv_cache``: per attention node whose key is a cache Concat, ``"folded"`` or
+why not.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 
@@ -71,6 +88,7 @@ import onnx_ir as ir
 
 import optcc
 from optcc.infra import PassResult
+from optcc.passes.grouped_kv import Repeat, flat_transpose_source, heads_is_one, query_heads, repeated_kv
 from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var, apply_rules, static_rank
 
 __all__ = ["FuseAttentionPass", "FuseOrtAttentionPass", "attention_rules", "cache_parts", "exported_rank",
@@ -100,7 +118,7 @@ def exported_rank(m: Match, value: ir.Value | None, depth: int = 0) -> int | Non
     if node is None or value is not node.outputs[0]:
         return None
     if node.domain == MS_DOMAIN and node.op_type in (
-            "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "MultiHeadAttention"):
+            "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "MultiHeadAttention", "RotaryEmbedding"):
         return exported_rank(m, node.inputs[0], depth + 1)  # output shaped as the first input
     if node.domain not in ("", "ai.onnx"):
         return None
@@ -119,7 +137,7 @@ def exported_rank(m: Match, value: ir.Value | None, depth: int = 0) -> int | Non
         return 2
     if node.op_type == "ConstantOfShape":
         return _length(m, node.inputs[0], depth + 1)
-    if node.op_type in ("LayerNormalization", "Gelu", "Erf", "Sqrt", "Relu", "Tanh", "Identity"):
+    if node.op_type in ("LayerNormalization", "Gelu", "Erf", "Sqrt", "Relu", "Tanh", "Identity", "RotaryEmbedding"):
         return exported_rank(m, node.inputs[0], depth + 1)
     if node.op_type == "MatMul":
         ranks = [exported_rank(m, v, depth + 1) for v in node.inputs]
@@ -335,6 +353,8 @@ def _common_check(m: Match) -> str | None:
         rank = exported_rank(m, m["mask"])
         if rank is None or rank > 4:
             return "rank of the mask unknown or above 4"
+    if _broadcast_query(m):
+        return "the query's one head broadcasts over the key's heads (the fused ops do not broadcast)"
     cast = m.get("cast")
     if cast is not None and (cast.attributes.get("to") is None or cast.attributes["to"].as_int() != 1):
         return "probabilities are cast to another type"
@@ -346,6 +366,14 @@ def _common_check(m: Match) -> str | None:
     return scale if isinstance(scale, str) else None
 
 
+def _broadcast_query(m: Match) -> bool:
+    """Whether q's head axis is proved to be 1 while kt's is not: the MatMul broadcast q
+    over the key's heads, which neither fused op does (Attention reads fewer query heads)."""
+    rank = lambda v: exported_rank(m, v)  # noqa: E731
+    split = lambda v: _split_heads(m, v)[1]  # noqa: E731
+    return heads_is_one(m, m["q"], split, rank) and not heads_is_one(m, m["kt"], split, rank)
+
+
 def _key(m: Match, b: Builder) -> ir.Value:
     """The (batch, heads, kv_seq, head_size) key behind ``kt``."""
     kt: ir.Value = m["kt"]
@@ -355,7 +383,8 @@ def _key(m: Match, b: Builder) -> ir.Value:
         return producer.inputs[0]
     if perm == [0, 2, 3, 1]:
         return b.op("Transpose", producer.inputs[0], perm=[0, 2, 1, 3])
-    return b.op("Transpose", kt, perm=[0, 1, 3, 2])
+    key = flat_transpose_source(m, kt, lambda v: exported_rank(m, v))
+    return key if key is not None else b.op("Transpose", kt, perm=[0, 1, 3, 2])
 
 
 def _record(layers: dict[ir.Node, str]) -> Callable[[Callable[[Match], str | None]], Callable[[Match], str | None]]:
@@ -399,10 +428,37 @@ def _full_mask(m: Match, b: Builder, query: ir.Value, q_axis: int, key: ir.Value
     return b.op("Expand", mask, target)
 
 
-def _standard_rewrite(m: Match, b: Builder) -> ir.Value:
-    key = _key(m, b)
+def _grouped(m: Match, key: ir.Value, kind: str) -> tuple[Repeat, Repeat] | str | None:
+    """The un-repeated key and value when both are ``repeat_kv`` by one factor and the
+    query's heads are proved to be ``kv_heads * n_rep`` (standard ``Attention`` then shares
+    each key/value head among ``n_rep`` consecutive query heads, as ``repeat_kv`` did);
+    None when neither is a repeat; else why the repeat stays."""
+    rank = lambda v: exported_rank(m, v)  # noqa: E731
+    found = repeated_kv(m, key, rank), repeated_kv(m, m["v"], rank)
+    if found == (None, None):
+        return None
+    if kind != "standard":
+        return "repeat_kv kept: com.microsoft.MultiHeadAttention has no grouped key/value heads"
+    for name, item in zip(("key", "value"), found):
+        if not isinstance(item, Repeat):
+            return f"repeat_kv kept: {item or f'the {name} is not repeated'}"
+    if found[0].n_rep != found[1].n_rep:
+        return "repeat_kv kept: key and value repeated by different factors"
+    if found[0].n_rep > 1 and query_heads(m, m["q"], lambda v: _split_heads(m, v)[1], rank) is None:
+        return "repeat_kv kept: query heads not proved above 1 (a broadcast query cannot be grouped)"
+    return found
+
+
+def _standard_rewrite(m: Match, b: Builder, groups: dict[ir.Node, str]) -> ir.Value:
+    key, value = _key(m, b), m["v"]
+    grouped = _grouped(m, key, "standard")
+    if isinstance(grouped, tuple):
+        key, value = grouped[0].source, grouped[1].source
+        groups[m["softmax"]] = f"grouped: key/value heads shared by {grouped[0].n_rep} query heads"
+    elif grouped is not None:
+        groups[m["softmax"]] = grouped
     mask = _full_mask(m, b, m["q"], 2, key)
-    inputs = [m["q"], key, m["v"]] + ([mask] if mask is not None else [])
+    inputs = [m["q"], key, value] + ([mask] if mask is not None else [])
     return b.op("Attention", *inputs, scale=float(_scale(m)))
 
 
@@ -410,19 +466,30 @@ def _mha_check(m: Match) -> str | None:
     reason = _common_check(m)
     if reason is not None:
         return reason
-    _, heads = _split_heads(m, m["q"])
-    if heads is None:
+    if _heads(m) is None:
         return "number of heads unknown (MultiHeadAttention needs it)"
     return None
 
 
-def _mha_rewrite(m: Match, b: Builder) -> ir.Value:
+def _heads(m: Match) -> int | None:
+    """The query's number of heads: from its static shape or head-splitting Reshape, else
+    proved through the ops between that Reshape and ``q`` (e.g. a rotary embedding)."""
+    heads = _split_heads(m, m["q"])[1]
+    return heads if heads is not None else query_heads(
+        m, m["q"], lambda v: _split_heads(m, v)[1], lambda v: exported_rank(m, v))
+
+
+def _mha_rewrite(m: Match, b: Builder, groups: dict[ir.Node, str]) -> ir.Value:
     q: ir.Value = m["q"]
     query, heads = _split_heads(m, q)
+    heads = heads if heads is not None else _heads(m)
     if query is None:
         query = b.op("Reshape", b.op("Transpose", q, perm=[0, 2, 1, 3]),
                      b.const(np.array([0, 0, -1], np.int64), "mha_merge_heads"))
     key = _key(m, b)
+    grouped = _grouped(m, key, "ort")
+    if grouped is not None:
+        groups[m["softmax"]] = grouped
     mask = _full_mask(m, b, query, 1, key)
     inputs = [query, key, m["v"], None, None, mask] if mask is not None else [query, key, m["v"]]
     out = b.op("MultiHeadAttention", *inputs, domain=MS_DOMAIN, num_heads=int(heads),
@@ -431,12 +498,15 @@ def _mha_rewrite(m: Match, b: Builder) -> ir.Value:
     return b.op("Transpose", split, perm=[0, 2, 1, 3])
 
 
-def attention_rules(kind: str, layers: dict[ir.Node, str] | None = None) -> tuple[Rule, ...]:
+def attention_rules(kind: str, layers: dict[ir.Node, str] | None = None,
+                    groups: dict[ir.Node, str] | None = None) -> tuple[Rule, ...]:
     """The attention rules for ``kind`` ("standard" or "ort"); rejections are recorded per
-    Softmax node in ``layers`` when given."""
+    Softmax node in ``layers``, and for layers whose key/value are ``repeat_kv``, whether
+    the fused node groups them or why not in ``groups``, when given."""
     layers = {} if layers is None else layers
+    groups = {} if groups is None else groups
     check = _common_check if kind == "standard" else _mha_check
-    rewrite = _standard_rewrite if kind == "standard" else _mha_rewrite
+    rewrite = functools.partial(_standard_rewrite if kind == "standard" else _mha_rewrite, groups=groups)
     min_opset = ATTENTION_OPSET if kind == "standard" else 1
     rules = []
     for sq, sk, ss, mask, guard, cast in itertools.product((True, False), repeat=6):
@@ -610,9 +680,11 @@ class _AttentionPass(RewritePass):
 
     def call(self, model: ir.Model) -> PassResult:
         layers: dict[ir.Node, str] = {}
+        groups: dict[ir.Node, str] = {}
         before = {n: n.name or f"Softmax#{i}" for i, n in enumerate(_softmaxes(model))}
         # every pattern has a Softmax: without one, none of the 64 is built
-        stats = apply_rules(model, attention_rules(self.kind, layers) if before else (), max_iters=self.max_iters)
+        stats = apply_rules(model, attention_rules(self.kind, layers, groups) if before else (),
+                            max_iters=self.max_iters)
         remaining = set(_softmaxes(model))
         opset = optcc.ir.default_opset(model)
         op = "Attention" if self.kind == "standard" else f"{MS_DOMAIN}.MultiHeadAttention"
@@ -634,6 +706,8 @@ class _AttentionPass(RewritePass):
         if report:
             result["layers"] = report
             result["fused_layers"] = sum(v.startswith("fused") for v in report.values())
+        if groups:
+            result["grouped_kv"] = {before[n]: reason for n, reason in groups.items() if n in before}
         folded = any(v == "folded" for v in caches.values())
         return PassResult(model, stats.modified or folded, result)
 
