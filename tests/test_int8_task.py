@@ -375,3 +375,22 @@ def test_embedding_ranking_counts_its_pairs_so_few_samples_cannot_decide():
             return (unit @ unit.T)[np.triu_indices(n, 1)]
         a, b = np.argsort(np.argsort(sims(refs))), np.argsort(np.argsort(sims(gots)))
         assert deviation["ranking"] == pytest.approx(1.0 - np.corrcoef(a, b)[0, 1])
+
+
+def test_a_judge_with_few_ranked_pairs_reports_them_and_judges_by_sqnr():
+    """The judge (not only ``measure``) names the ranking's pairs when there are too few to
+    decide, and judges the output by SQNR against its floor instead."""
+    rng = np.random.default_rng(5)
+    refs = [rng.standard_normal((1, 4, 8)).astype(np.float32) for _ in range(3)]
+    moved = [r + 1e-3 * rng.standard_normal(r.shape).astype(np.float32) for r in refs]
+    gots = [r + 1e-2 * rng.standard_normal(r.shape).astype(np.float32) for r in refs]
+    judge = tm.TaskJudge({"h": refs}, {"h": moved}, metric="embedding", min_sqnr_db=100.0)  # the floor alone decides
+    verdict = judge({"h": gots})
+    ranking = verdict["metrics"]["h:ranking"]
+    assert ranking["items"] == 3 and ranking["judged"] is False and "passed" not in ranking
+    assert "ranking over 3 ranked pairs" in ranking["why"]
+    sqnr = verdict["metrics"]["h:sqnr"]
+    noise = _sqnr_noise(refs, gots)
+    assert sqnr["deviation"] == pytest.approx(noise, rel=1e-4)
+    assert sqnr["passed"] is bool(noise <= 1.5 * _sqnr_noise(refs, moved))  # 100x the floor's noise: fails
+    assert verdict["passed"] is False

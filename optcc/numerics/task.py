@@ -474,7 +474,7 @@ _BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], _Mea
 _REPORTED_ONLY = frozenset({"extra_boxes"})  # shown, not judged
 _COUNTS = frozenset({"added_boxes"})  # a bound on a count, not a score: no metric_target replaces it
 _ITEMS = {"argmax": "confident sample", "ctc_exact": "line", "cer": "reference character", "box_f1": "box",
-          "mask_iou": "mask pixel"}  # what a count-based component counts
+          "mask_iou": "mask pixel", "ranking": "ranked pair"}  # what a count-based component counts
 
 
 def measure(metric: str, refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
