@@ -87,6 +87,7 @@ def test_session_on_in_memory_model_over_the_threshold_shares_its_arrays(tmp_pat
 
     with pytest.MonkeyPatch.context() as mp:  # as if the weights were near protobuf's limit
         mp.setattr(session_module.oir, "needs_external_data", lambda m: True)
+        mp.setattr("optcc.runtime.shared_weights.INLINE_MAX_BYTES", 0)  # (so far over the inline bound)
         session = make_session(model, scratch=tmp_path)
     feeds = _feeds(3)
     np.testing.assert_allclose(session.run(None, feeds)[0], _reference(weights, feeds["x"]), rtol=1e-4, atol=1e-4)
