@@ -20,7 +20,8 @@ The dynamo exporter transposes the key's last two axes through rank 3:
 ``Transpose(k, [0, 1, 3, 2])`` exactly when ``S, D, B, H`` are ``k``'s own dims.
 
 Dims are compared as sets of keys: ``("int", n)``, ``("sym", name)`` for a declared symbolic
-dim, ``("ref", value, axis)`` for an axis of a tensor, ``("mul", key, n)`` for a product.
+dim, ``("ref", value, axis)`` for an axis of a tensor, ``("mul", key, n)`` for a product,
+``("add", {key, key})`` for a sum (a cache's total length: past + new).
 Two dims are proved equal when their key sets intersect.
 """
 
@@ -88,10 +89,26 @@ def dim_keys(value: ir.Value, axis: int, m: Match | None = None,
             keys |= entry
     elif _is(node, "Identity") or _is(node, "Cast") or _is(node, "Neg"):
         keys |= dim_keys(node.inputs[0], axis, m, rank_of, depth + 1)
+    elif _is(node, "Concat") and "axis" in node.attributes and len(node.inputs) == 2:
+        rank = rank_of(value)
+        parts = [dim_keys(v, axis, m, rank_of, depth + 1) for v in node.inputs]
+        if rank is not None and node.attributes["axis"].as_int() % rank == axis:
+            keys |= _sum(*parts)
+        elif rank is not None:  # every other axis is equal in both inputs
+            keys |= parts[0] | parts[1]
     elif _is(node, "MatMul") and rank_of(node.inputs[1]) == 2:  # (.., n, k) @ (k, m): leading axes kept
         rank = rank_of(node.inputs[0])
         if rank is not None and axis < rank - 1:
             keys |= dim_keys(node.inputs[0], axis, m, rank_of, depth + 1)
+    return frozenset(keys)
+
+
+def _sum(a: Keys, b: Keys) -> Keys:
+    """The keys of a sum of two dims."""
+    keys = {("add", frozenset((x, y))) for x in a for y in b}
+    x, y = _int_of(a), _int_of(b)
+    if x is not None and y is not None:
+        keys.add(("int", x + y))
     return frozenset(keys)
 
 
@@ -143,6 +160,9 @@ def _scalar(m: Match, value: ir.Value, rank_of: Callable[[ir.Value], int | None]
                     keys.add(("int", n * c[0]))
                 return frozenset(keys)
         return None
+    if _is(node, "Add") and len(node.inputs) == 2:
+        parts = [_scalar(m, v, rank_of, depth + 1) for v in node.inputs]
+        return None if None in parts else _sum(*parts)
     if _is(node, "Cast") or _is(node, "Identity") or _is(node, "Squeeze"):
         return _scalar(m, node.inputs[0], rank_of, depth + 1)
     return None
@@ -205,6 +225,9 @@ def shape_vector(m: Match, value: ir.Value | None, rank_of: Callable[[ir.Value],
         return [source[int(i)] for i in index]
     if _is(node, "Cast") or _is(node, "Identity"):
         return shape_vector(m, node.inputs[0], rank_of, depth + 1)
+    if _is(node, "Reshape") and _const_ints(m, node.inputs[1]) in ([-1], [1]):  # a scalar made 1-D
+        scalar = _scalar(m, node.inputs[0], rank_of, depth + 1) if rank_of(node.inputs[0]) in (0, 1) else None
+        return None if scalar is None else [scalar]
     if _is(node, "Where") and len(node.inputs) == 3:
         return _where(m, node, rank_of, depth)
     return None

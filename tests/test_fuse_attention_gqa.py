@@ -11,6 +11,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from onnx.reference import ReferenceEvaluator
 
 import optcc
 from fixtures.gqa import gqa_feeds, gqa_layer, gqa_reference
@@ -118,3 +119,13 @@ def test_multihead_attention_keeps_the_repeat() -> None:
     assert list(result.stats["grouped_kv"].values()) == [
         "repeat_kv kept: com.microsoft.MultiHeadAttention has no grouped key/value heads"]
     _check(ir.to_proto(result.model), w, mask=True)
+
+
+def test_onnx_reference_agrees_on_the_grouped_op() -> None:
+    """onnx's reference Attention (an implementation independent of onnxruntime) computes the
+    fused grouped model as the NumPy repeat_kv reference does."""
+    proto, w = gqa_layer("dynamo", mask=True, cache=True)
+    fused = ir.to_proto(FuseAttentionPass()(ir.from_proto(proto)).model)
+    feeds = gqa_feeds(mask=True, cache=True)
+    for got, ref in zip(ReferenceEvaluator(fused).run(None, feeds), gqa_reference(w, feeds)):
+        assert np.abs(got - ref).max() <= TOL * max(1.0, np.abs(ref).max())
