@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -14,7 +15,7 @@ from google.protobuf.message import DecodeError
 from optcc.errors import BadInputError, UnsafeInputError
 from optcc.ir.collector import collector_paused
 from optcc.ir.interface import FILLED_INTERFACE_KEY, _apply_fills, _interface_fills, _restore, without_weights
-from optcc.ir.walk import _node_protos, first_order_problem, tensor_protos
+from optcc.ir.walk import _node_protos, first_order_problem, graphs, tensor_protos
 
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
@@ -41,8 +42,9 @@ def load(source: ModelSource) -> ir.Model:
         return _from_proto(proto, base_dir=None, label="<bytes>")
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        stamp = _stamp(path)
         proto = _read_model_file(path)
-        return _from_proto(proto, base_dir=path.resolve().parent, label=str(path), path=path)
+        return _from_proto(proto, base_dir=path.resolve().parent, label=str(path), path=path, stamp=stamp)
     raise BadInputError(
         f"cannot load a model from a {type(source).__name__}; "
         "give a path, bytes, onnx.ModelProto or onnx_ir.Model"
@@ -80,8 +82,18 @@ def _parse_bytes(data: bytes, label: str) -> onnx.ModelProto:
     return proto
 
 
+def _stamp(path: Path) -> tuple[int, ...] | None:
+    """What identifies the file's contents: device, inode, size and modification time."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _from_proto(
-    proto: onnx.ModelProto, base_dir: Path | None, label: str, path: Path | None = None
+    proto: onnx.ModelProto, base_dir: Path | None, label: str, path: Path | None = None,
+    stamp: tuple[int, ...] | None = None,
 ) -> ir.Model:
     _check_versions(proto, label)
     has_external = _check_external_data(proto, base_dir, label)
@@ -92,15 +104,22 @@ def _from_proto(
             # The checker can only resolve external data from the file, which lacks the
             # filled types; check the structure without the (already validated) weights.
             _check_structure(without_weights(proto), label)
+        elif path is not None and not fills:
+            # The checker reads the file itself: it resolves external data files against
+            # the model's folder (their locations were validated just above), and no
+            # serialized copy of the parse is made for it (a 400 MB model: three copies of
+            # its weights at once otherwise). The file must be the one just parsed.
+            _check_structure(str(path), label)
+            if stamp is None or _stamp(path) != stamp:
+                raise BadInputError("the file changed while it was being loaded", label)
         else:
-            # The checker resolves external data files against the model's folder, which
-            # only a path gives it (their locations were validated just above).
-            _check_structure(str(path) if has_external and path is not None else proto, label)
+            _check_structure(proto, label)
         try:
             with collector_paused():  # builds the model's objects only
                 model = ir.serde.deserialize_model(proto)
         except Exception as e:  # onnx-ir rejects some malformed protos the checker lets through
             raise BadInputError(f"malformed model: {_one_line(e)}", label) from None
+        _own_tensors(model)
     finally:
         _restore(proto, originals)  # a caller's ModelProto is never modified
     if fills:
@@ -109,6 +128,54 @@ def _from_proto(
         ir.external_data.set_base_dir(model.graph, base_dir)
     _sort_or_reject_cycle(model, label)
     return model
+
+
+# dtypes whose raw_data is exactly the NumPy array's little-endian bytes
+_PLAIN_RAW = frozenset({
+    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
+    ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
+    ir.DataType.UINT64, ir.DataType.BOOL,
+})
+# the TensorProto fields an in-memory tensor writes back (a name only when not empty)
+_PLAIN_FIELDS = frozenset({"name", "dims", "data_type", "raw_data"})
+
+
+def _owned(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    """``tensor`` detached from the parsed protobuf: a tensor read from a protobuf keeps
+    the whole parsed model alive (protobuf's arena) and hands out a new copy of its bytes
+    on every read. A plain tensor stored as ``raw_data`` with no other field set becomes
+    an in-memory array (it serializes to the same TensorProto); any other keeps its
+    representation in a TensorProto of its own."""
+    if not isinstance(tensor, ir.TensorProtoTensor):
+        return tensor
+    proto = tensor.raw
+    fields = {field.name for field, _ in proto.ListFields()}
+    if tensor.dtype in _PLAIN_RAW and "raw_data" in fields and fields <= _PLAIN_FIELDS \
+            and ("name" not in fields or proto.name):
+        array = tensor.numpy()  # a read-only view of one copy of the bytes
+        if array.nbytes == len(proto.raw_data):
+            return ir.Tensor(array, dtype=tensor.dtype, name=proto.name or None)
+    alone = onnx.TensorProto()
+    alone.CopyFrom(proto)
+    return ir.TensorProtoTensor(alone)
+
+
+def _own_tensors(model: ir.Model) -> None:
+    """Detach every initializer and tensor attribute from the parsed protobuf
+    (``_owned``), so that the model holds its weights once and the protobuf is freed
+    when its parser lets it go."""
+    for graph in graphs(model):
+        if isinstance(graph, ir.Graph):
+            for value in graph.initializers.values():
+                if value.const_value is not None:
+                    value.const_value = _owned(value.const_value)
+        for node in graph:
+            for name, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.TENSOR:
+                    node.attributes[name] = ir.AttrTensor(name, _owned(attr.value), doc_string=attr.doc_string)
+                elif attr.type == ir.AttributeType.TENSORS:
+                    node.attributes[name] = ir.AttrTensors(name, [_owned(t) for t in attr.value],
+                                                           doc_string=attr.doc_string)
 
 
 def _check_versions(proto: onnx.ModelProto, label: str) -> None:

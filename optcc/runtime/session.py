@@ -14,7 +14,10 @@ session, so no page of them stays resident afterwards. Such a session runs nodes
 onnxruntime's priority-based order, which makes the float32 copy of a float16 weight
 (onnxruntime's CPU kernels read float16 through float32) where it is read instead of all
 of them first. A model file with external data (or past protobuf's limit) also loads
-without pre-packing, so that a model and its rewrite run the same kernels.
+without pre-packing, so that a model and its rewrite run the same kernels. A large
+in-memory model run as written (no graph optimizations) is not serialized with its
+weights either: they are handed over as arrays with pre-packing on, the kernels and
+results of a session of its bytes.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = ["session_options", "make_session", "run", "first_line", "with_outputs
 
 ModelRef = Union[ir.Model, onnx.ModelProto, bytes, str, os.PathLike]
 SHARED_MIN_BYTES = 1 << 20  # initializers at least this large are handed over, not serialized
+HANDOVER_MIN_BYTES = 64 << 20  # an in-memory model with this many weight bytes hands them over
 _SMALL_MODEL_FILE = 64 << 20  # a model file this small is parsed to see whether it has external data
 _FATAL_ONLY = 4  # onnxruntime log severity: a failing kernel is logged at 3 before it raises, and optcc reports it once
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -114,7 +118,10 @@ def make_session(
     when onnxruntime cannot load it so, for a constant it needs kept in an external file,
     it is loaded as an onnx-ir model); an onnx-ir model that needs external data gets its
     large weights handed over in place (see the module docstring); one with external
-    weights inside a subgraph is saved into ``scratch``. ``options``
+    weights inside a subgraph is saved into ``scratch``. An in-memory onnx-ir model with
+    ``HANDOVER_MIN_BYTES`` of weights or more, run without graph optimizations, gets its
+    large main-graph weights handed over as arrays (``shared_weights.weighted_session``:
+    the same kernels and results as from its serialization). ``options``
     is used for this one session (the handed-over weights are added to it)."""
     options = options or session_options()
     if isinstance(model, (str, os.PathLike)):
@@ -141,6 +148,12 @@ def make_session(
             oir.save(model, path, external_data=True)
             return ort.InferenceSession(str(path), options, providers=[provider])
         return _shared_weights_session(model, provider, options)
+    if options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL \
+            and oir.weight_bytes(model) >= HANDOVER_MIN_BYTES:
+        # no serialized copy of the weights (a protobuf and its bytes: twice their size):
+        # the graph alone, the arrays handed over, pre-packed as from a full proto
+        proto, weights = light_proto(model, min_bytes=SHARED_MIN_BYTES)
+        return weighted_session(proto, weights, options, provider)
     return ort.InferenceSession(oir.serialize(model).SerializeToString(), options, providers=[provider])
 
 

@@ -1,0 +1,135 @@
+"""A loaded model holds its weights once, detached from the parsed protobuf: plain
+``raw_data`` tensors become in-memory arrays, every other tensor keeps its own TensorProto;
+the model serializes to the same bytes as onnx-ir's own deserialization would; a caller's
+ModelProto changed after loading does not change the model. Loading from a path checks
+the file itself, which must be the file that was parsed. Large in-memory models get
+sessions with their weights handed over, computing what a session of their bytes computes.
+Numerics against numpy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import optcc
+from optcc.errors import BadInputError
+from optcc.ir import loading
+from optcc.runtime import session as session_module
+from optcc.runtime.session import make_session, session_options
+
+WIDTH = 1024  # 4 MiB float32 weights each: handed over to onnxruntime, not inlined
+
+
+def _model(rng: np.random.Generator) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """y = tanh(x @ W1 + c) @ W2 + b, with c a Constant node, b stored in float_data with a
+    doc_string, and a ConstantOfShape whose value tensor has an empty (present) name."""
+    w1 = (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
+    w2 = (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
+    c = rng.standard_normal(WIDTH).astype(np.float32)
+    b = rng.standard_normal(WIDTH).astype(np.float32)
+    b_proto = helper.make_tensor("b", TensorProto.FLOAT, [WIDTH], b.tolist())  # float_data
+    b_proto.doc_string = "bias"
+    zero = numpy_helper.from_array(np.zeros(1, np.float32), "")
+    zero.name = ""  # present but empty, as some exporters write it
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c, "c_value")),
+        helper.make_node("MatMul", ["x", "W1"], ["m1"]),
+        helper.make_node("Add", ["m1", "c"], ["a1"]),
+        helper.make_node("Tanh", ["a1"], ["t"]),
+        helper.make_node("MatMul", ["t", "W2"], ["m2"]),
+        helper.make_node("Add", ["m2", "b"], ["s"]),
+        helper.make_node("Shape", ["s"], ["shape"]),
+        helper.make_node("ConstantOfShape", ["shape"], ["zeros"], value=zero),
+        helper.make_node("Add", ["s", "zeros"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, WIDTH])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2"), b_proto])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return model, {"W1": w1, "W2": w2, "c": c, "b": b}
+
+
+def _reference(w: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    f = {k: v.astype(np.float64) for k, v in w.items()}
+    return np.tanh(x.astype(np.float64) @ f["W1"] + f["c"]) @ f["W2"] + f["b"]
+
+
+def _tensors(model: ir.Model) -> dict[str, ir.TensorProtocol]:
+    found = {name: v.const_value for name, v in model.graph.initializers.items()}
+    for node in model.graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR:
+                found[f"{node.op_type}.{attr.name}"] = attr.value
+    return found
+
+
+@pytest.mark.parametrize("form", ["path", "bytes", "proto"])
+def test_loaded_tensors_are_detached_and_serialize_to_the_same_bytes(tmp_path: Path, form: str) -> None:
+    proto, weights = _model(np.random.default_rng(0))
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    source = {"path": path, "bytes": proto.SerializeToString(), "proto": proto}[form]
+    model = optcc.ir.load(source)
+    tensors = _tensors(model)
+    # plain raw_data tensors are arrays read once; the others keep a TensorProto of their own
+    for name in ("W1", "W2", "Constant.value"):
+        assert type(tensors[name]) is ir.Tensor
+        assert tensors[name].numpy() is tensors[name].numpy()
+    assert isinstance(tensors["b"], ir.TensorProtoTensor) and tensors["b"].doc_string == "bias"
+    assert isinstance(tensors["ConstantOfShape.value"], ir.TensorProtoTensor)
+    np.testing.assert_array_equal(tensors["W1"].numpy(), weights["W1"])
+    np.testing.assert_array_equal(tensors["b"].numpy(), weights["b"])
+    # the same bytes as onnx-ir's deserialization, which keeps every tensor's proto
+    assert optcc.ir.serialize(model).SerializeToString() == \
+        ir.serde.serialize_model(ir.serde.deserialize_model(proto)).SerializeToString()
+    if form == "proto":  # the caller's proto is its own: changing it leaves the model alone
+        proto.graph.initializer[0].raw_data = np.zeros((WIDTH, WIDTH), np.float32).tobytes()
+        proto.graph.initializer[2].float_data[0] = 1e9
+        proto.graph.node[0].attribute[0].t.raw_data = np.zeros(WIDTH, np.float32).tobytes()
+    x = np.random.default_rng(1).standard_normal((2, WIDTH)).astype(np.float32)
+    got = make_session(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, _reference(weights, x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_file_changed_while_it_is_loaded_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    proto, _ = _model(np.random.default_rng(0))
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    check = loading._check_structure
+
+    def check_then_rewrite(source: object, label: str) -> None:
+        check(source, label)
+        assert source == str(path)  # the checker reads the file itself
+        proto.graph.node[1].op_type = "Sub"
+        onnx.save(proto, tmp_path / "other.onnx")
+        os.replace(tmp_path / "other.onnx", path)  # another model in its place after the parse
+
+    monkeypatch.setattr(loading, "_check_structure", check_then_rewrite)
+    with pytest.raises(BadInputError, match="changed while it was being loaded"):
+        optcc.ir.load(path)
+
+
+def test_large_in_memory_model_hands_its_weights_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    proto, weights = _model(np.random.default_rng(2))
+    model = optcc.ir.load(proto)
+    x = np.random.default_rng(3).standard_normal((2, WIDTH)).astype(np.float32)
+    serialized = make_session(optcc.ir.serialize(model).SerializeToString()).run(None, {"x": x})[0]
+    monkeypatch.setattr(session_module, "HANDOVER_MIN_BYTES", 1 << 20)
+    session = make_session(model, options=session_options(arena=False))
+    handed = {v.data_ptr() for v in session.optcc_weights[1].values()}  # (arrays, OrtValues by name)
+    arrays = {name: model.graph.initializers[name].const_value.numpy() for name in ("W1", "W2")}
+    assert handed == {a.ctypes.data for a in arrays.values()}
+    got = session.run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, serialized)  # the kernels of a session of its bytes
+    np.testing.assert_allclose(got, _reference(weights, x), rtol=1e-4, atol=1e-4)
+    # with graph optimizations the model is serialized whole, as before
+    optimized = make_session(model, options=session_options(optimize=True))
+    assert not getattr(optimized, "optcc_weights", None)
+    np.testing.assert_allclose(optimized.run(None, {"x": x})[0], _reference(weights, x), rtol=1e-4, atol=1e-4)
