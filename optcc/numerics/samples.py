@@ -105,6 +105,15 @@ def _has_sample_axis(
     return True
 
 
+def _interface(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model's graph inputs and its initializers without their data: what samples are
+    checked against. The parse of the file is freed on return (the onnx-ir model built
+    from it is freed only by the garbage collector, and would keep every weight alive)."""
+    graph = onnx.GraphProto(name=proto.graph.name, input=proto.graph.input, initializer=[
+        onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims) for t in proto.graph.initializer])
+    return onnx.ModelProto(ir_version=proto.ir_version, opset_import=proto.opset_import, graph=graph)
+
+
 def _input_ranks(model: ModelLike | None) -> tuple[dict[str, int | None] | None, ir.Model | None]:
     """The rank of each fed graph input (None where unknown), and the model to check
     samples against. A path is read without its external data; a model that cannot be
@@ -113,7 +122,7 @@ def _input_ranks(model: ModelLike | None) -> tuple[dict[str, int | None] | None,
         return None, None
     if isinstance(model, (str, os.PathLike)):
         try:
-            model = onnx.load(os.fspath(model), load_external_data=False)
+            model = _interface(onnx.load(os.fspath(model), load_external_data=False))
         except Exception:  # noqa: BLE001 - reported by the model loader, with its file
             return None, None
     if isinstance(model, onnx.ModelProto):
