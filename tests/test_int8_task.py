@@ -377,20 +377,29 @@ def test_embedding_ranking_counts_its_pairs_so_few_samples_cannot_decide():
         assert deviation["ranking"] == pytest.approx(1.0 - np.corrcoef(a, b)[0, 1])
 
 
-def test_a_judge_with_few_ranked_pairs_reports_them_and_judges_by_sqnr():
-    """The judge (not only ``measure``) names the ranking's pairs when there are too few to
-    decide, and judges the output by SQNR against its floor instead."""
+def test_a_judge_with_few_ranked_pairs_leaves_the_decision_to_the_pooled_cosine():
+    """Through the judge (not only ``measure``): a ranking over fewer than MIN_ITEMS pairs
+    says so and leaves the decision to the cosine of the pooled embeddings, with no SQNR
+    row (raw hidden states' SQNR has no floor when token ids are the inputs)."""
     rng = np.random.default_rng(5)
     refs = [rng.standard_normal((1, 4, 8)).astype(np.float32) for _ in range(3)]
     moved = [r + 1e-3 * rng.standard_normal(r.shape).astype(np.float32) for r in refs]
-    gots = [r + 1e-2 * rng.standard_normal(r.shape).astype(np.float32) for r in refs]
-    judge = tm.TaskJudge({"h": refs}, {"h": moved}, metric="embedding", min_sqnr_db=100.0)  # the floor alone decides
-    verdict = judge({"h": gots})
-    ranking = verdict["metrics"]["h:ranking"]
-    assert ranking["items"] == 3 and ranking["judged"] is False and "passed" not in ranking
-    assert "ranking over 3 ranked pairs" in ranking["why"]
-    sqnr = verdict["metrics"]["h:sqnr"]
-    noise = _sqnr_noise(refs, gots)
-    assert sqnr["deviation"] == pytest.approx(noise, rel=1e-4)
-    assert sqnr["passed"] is bool(noise <= 1.5 * _sqnr_noise(refs, moved))  # 100x the floor's noise: fails
-    assert verdict["passed"] is False
+
+    def cosine_deviation(outs):  # 1 - mean cosine of the position means, in numpy
+        pairs = [(r[0].mean(0).astype(np.float64), o[0].mean(0).astype(np.float64)) for r, o in zip(refs, outs)]
+        return 1.0 - np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in pairs])
+
+    judge = tm.TaskJudge({"h": refs}, {"h": moved}, metric="embedding", min_sqnr_db=100.0)
+    floor = cosine_deviation(moved)
+    for scale in (1e-2, 1.0):
+        gots = [r + scale * rng.standard_normal(r.shape).astype(np.float32) for r in refs]
+        verdict = judge({"h": gots})
+        rows = verdict["metrics"]
+        assert rows["h:ranking"]["items"] == 3 and rows["h:ranking"]["judged"] is False
+        assert "ranking over 3 ranked pairs" in rows["h:ranking"]["why"] and "cosine decides" in rows["h:ranking"]["why"]
+        assert "h:sqnr" not in rows
+        deviation = cosine_deviation(gots)
+        assert rows["h:cosine"]["deviation"] == pytest.approx(deviation, rel=1e-4, abs=1e-7)
+        expected = bool(deviation <= 1.5 * max(floor, tm.MIN_DEVIATION))
+        assert expected is (scale == 1e-2)  # the test's own arithmetic: a small error passes, a large one fails
+        assert rows["h:cosine"]["passed"] is expected and verdict["passed"] is expected

@@ -26,8 +26,9 @@ anything else             ``sqnr``: noise power / signal power, summed over ALL 
                           input would dominate); reported in dB
 ========================  ==============================================================
 
-The fractions of ``argmax``, ``ctc``, ``detection-map`` and ``boxes`` count items: a
-component over fewer than ``MIN_ITEMS`` of them is judged by SQNR instead (below).
+The fractions of ``argmax``, ``ctc``, ``detection-map``, ``boxes`` and ``embedding``'s
+ranking count items: a component over fewer than ``MIN_ITEMS`` of them is judged by SQNR
+instead (below), except the ranking, whose output the pooled cosine then decides.
 
 **Noise floor.** The float model is run on the held-out samples with every float input
 perturbed at its own resolution, and the same metric compares that with the float
@@ -58,7 +59,10 @@ margin, or at least ``min_sqnr_db``), in a row ``<output>:sqnr`` that says why. 
 (the class rows): coordinates in pixels next to scores in [0, 1] make a summed SQNR the
 coordinates' alone (30 dB with every score rounded to 0 or 1.26). The other components
 of that output are still judged when they have enough items (with 3 held-out text
-lines, ``cer`` over their characters still decides). ``TaskJudge.undecided`` lists the
+lines, ``cer`` over their characters still decides). ``embedding``'s ``ranking`` over
+fewer pairs adds no SQNR row: its ``cosine`` compares each sample's pooled embedding,
+what a ranking of a few pairs would show, and decides alone (the raw hidden states'
+SQNR would judge padded positions, and token-id inputs give it no floor). ``TaskJudge.undecided`` lists the
 components the floor's samples give too few items, for a caller that can judge more
 samples instead (the INT8 driver then judges all of them).
 
@@ -473,6 +477,9 @@ _BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], _Mea
 }
 _REPORTED_ONLY = frozenset({"extra_boxes"})  # shown, not judged
 _COUNTS = frozenset({"added_boxes"})  # a bound on a count, not a score: no metric_target replaces it
+# a count-based component that, over too few items, leaves the decision to a component of
+# its own metric that measures the same thing per sample (judged anyway), not to SQNR
+_STAND_IN = {"ranking": "cosine"}
 _ITEMS = {"argmax": "confident sample", "ctc_exact": "line", "cer": "reference character", "box_f1": "box",
           "mask_iou": "mask pixel", "ranking": "ranked pair"}  # what a count-based component counts
 
@@ -654,6 +661,10 @@ class TaskJudge:
                 if items is not None and items < MIN_ITEMS:
                     noun = _ITEMS[part] if part != "box_f1" or metric != "boxes" else "confident box"
                     why = f"{part} over {items} {noun}{'' if items == 1 else 'es' if noun.endswith('x') else 's'}"
+                    stand_in = _STAND_IN.get(part)
+                    if stand_in in parts:
+                        row.update(judged=False, why=f"{why}: not decisive (fewer than {MIN_ITEMS}); {stand_in} decides")
+                        continue
                     undecided.append(why)
                     row.update(judged=False, why=f"{why}: not decisive (fewer than {MIN_ITEMS}); judged by SQNR")
                     continue
