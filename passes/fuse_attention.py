@@ -27,7 +27,9 @@ every target entry proved, see ``grouped_kv``) and the query is proved to have m
 head, the op takes the un-repeated key and value: it shares key/value head ``i // n`` with
 query head ``i``, which is what ``repeat_kv``'s ``[k0, k0, k1, k1]`` order computed (exact:
 the same products, no copy). A cache Concat before the repeat then becomes the op's
-un-repeated past/present. ``MultiHeadAttention`` has no grouped heads: it keeps the repeat.
+un-repeated past/present. A standard ``Attention`` the exporter wrote itself (dynamo at
+opset 23) on such a repeated key/value, without past inputs, gets the un-repeated ones the
+same way. ``MultiHeadAttention`` has no grouped heads: it keeps the repeat.
 
 KV cache: when the key and the value are ``Concat(past, new, axis=2)`` of rank-4 tensors,
 the fused node (and a standard ``Attention`` the exporter wrote itself) takes ``new`` as
@@ -516,6 +518,39 @@ def attention_rules(kind: str, layers: dict[ir.Node, str] | None = None,
     return tuple(rules)
 
 
+_NOT_REPEATED = "key and value are not repeat_kv"
+
+
+def _exported_check(m: Match, groups: dict[ir.Node, str]) -> str | None:
+    """A standard ``Attention`` written by the exporter on ``repeat_kv`` key/value (4-D, no
+    past) -> None when it can take the kv heads; what ``_grouped`` found is recorded in
+    ``groups``."""
+    if any(exported_rank(m, m[name]) != 4 for name in ("q", "k", "v")):
+        return "rank of q, k or v not known to be 4"
+    grouped = _grouped(m, m["k"], "standard")
+    if grouped is None:
+        return _NOT_REPEATED
+    groups[m["attention"]] = grouped if isinstance(grouped, str) else \
+        f"grouped: key/value heads shared by {grouped[0].n_rep} query heads"
+    return grouped if isinstance(grouped, str) else None
+
+
+def _exported_rewrite(m: Match, b: Builder) -> ir.Value:
+    rank = lambda v: exported_rank(m, v)  # noqa: E731
+    k, v = repeated_kv(m, m["k"], rank), repeated_kv(m, m["v"], rank)
+    assert isinstance(k, Repeat) and isinstance(v, Repeat)
+    inputs = [m["q"], k.source, v.source] + ([m["mask"]] if m.get("mask") is not None else [])
+    return b.op("Attention", *inputs, attributes=m["attention"].attributes)
+
+
+def exported_attention_rules(groups: dict[ir.Node, str]) -> tuple[Rule, ...]:
+    """A standard ``Attention`` the exporter wrote on ``repeat_kv`` key/value -> the same op
+    on the un-repeated key/value (the grouping is what ``_grouped`` proves)."""
+    pattern = Op("Attention", Var("q"), Var("k"), Var("v"), Var("mask", optional=True), name="attention")
+    return (Rule("attention-grouped-kv", pattern, _exported_rewrite,
+                 functools.partial(_exported_check, groups=groups), min_opset=ATTENTION_OPSET),)
+
+
 # ---------------------------------------------------------------- KV cache
 
 
@@ -683,10 +718,20 @@ class _AttentionPass(RewritePass):
         groups: dict[ir.Node, str] = {}
         before = {n: n.name or f"Softmax#{i}" for i, n in enumerate(_softmaxes(model))}
         # every pattern has a Softmax: without one, none of the 64 is built
+        opset = optcc.ir.default_opset(model)
+        exported: dict[ir.Node, str] = {}
+        if self.kind == "standard" and opset >= ATTENTION_OPSET and any(
+                n.op_type == "Attention" and n.domain in ("", "ai.onnx") for g in optcc.ir.graphs(model) for n in g):
+            first = apply_rules(model, exported_attention_rules(exported), max_iters=self.max_iters)
+        else:
+            first = None
         stats = apply_rules(model, attention_rules(self.kind, layers, groups) if before else (),
                             max_iters=self.max_iters)
+        if first is not None:  # the exporter's own Attention nodes, grouped first
+            stats.applied.update(first.applied)
+            for rule, reasons in first.rejected.items():  # an Attention without repeat_kv is no candidate
+                stats.rejected[rule].update({r: c for r, c in reasons.items() if r != _NOT_REPEATED})
         remaining = set(_softmaxes(model))
-        opset = optcc.ir.default_opset(model)
         op = "Attention" if self.kind == "standard" else f"{MS_DOMAIN}.MultiHeadAttention"
         report = {}
         for node, label in before.items():
@@ -706,8 +751,10 @@ class _AttentionPass(RewritePass):
         if report:
             result["layers"] = report
             result["fused_layers"] = sum(v.startswith("fused") for v in report.values())
-        if groups:
-            result["grouped_kv"] = {before[n]: reason for n, reason in groups.items() if n in before}
+        grouped = {before[n]: reason for n, reason in groups.items() if n in before}
+        grouped.update({n.name or f"Attention#{i}": reason for i, (n, reason) in enumerate(exported.items())})
+        if grouped:
+            result["grouped_kv"] = grouped
         folded = any(v == "folded" for v in caches.values())
         return PassResult(model, stats.modified or folded, result)
 

@@ -129,3 +129,25 @@ def test_onnx_reference_agrees_on_the_grouped_op() -> None:
     feeds = gqa_feeds(mask=True, cache=True)
     for got, ref in zip(ReferenceEvaluator(fused).run(None, feeds), gqa_reference(w, feeds)):
         assert np.abs(got - ref).max() <= TOL * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("variant", [None, "unsqueeze_axis"])
+def test_exporters_attention_takes_the_kv_heads(variant: str | None, cache: bool) -> None:
+    """dynamo at opset 23 writes Attention itself on repeat_kv: it gets the kv heads (and
+    its cache folded), unless the repeat is a lookalike."""
+    proto, w = gqa_layer("dynamo" if variant is None else "torchscript", mask=True, cache=cache, variant=variant,
+                         attention_op=True)
+    result = FuseAttentionPass()(ir.from_proto(proto))
+    (reason,) = result.stats["grouped_kv"].values()
+    node = _attention(result.model)
+    if variant is None:
+        assert reason == "grouped: key/value heads shared by 2 query heads"
+        assert node.inputs[1].producer() is None or node.inputs[1].producer().op_type != "Reshape"
+        assert ("kv_cache" in result.stats) == cache
+    else:
+        assert reason == "repeat_kv kept: repeat_kv Unsqueeze is not on axis 2" and not result.modified
+    assert not FuseAttentionPass()(result.model).modified
+    fused = ir.to_proto(result.model)
+    onnx.checker.check_model(fused, full_check=True)
+    _check(fused, w, variant=variant, mask=True, cache=cache)
