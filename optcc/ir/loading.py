@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 from typing import Union
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
