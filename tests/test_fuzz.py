@@ -66,6 +66,7 @@ LOSSY_KINDS = ("fp16", "int8")
 NEEDS_OPTIONS: dict[str, str] = {
     "quantize-int8-calibrated": "needs calibration samples and a method (optimize(int8_calibration=...)); "
     "judged by test_quantize_int8.py and test_calibration.py",
+    "smooth-activations": "needs calibration samples (Int8Options.smooth); judged by test_smooth_activations.py",
     "upgrade-opset": "needs the opset to convert to (optimize(target_opset=N)); judged by test_upgrade_opset.py",
 }
 
