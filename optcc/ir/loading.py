@@ -123,7 +123,7 @@ def _from_proto(
         _restore(proto, originals)  # a caller's ModelProto is never modified
     if fills:
         model.meta[FILLED_INTERFACE_KEY] = [note for _, _, note in fills]
-    if base_dir is not None:
+    if base_dir is not None and has_external:  # no external tensor: no base folder to set
         ir.external_data.set_base_dir(model.graph, base_dir)
     _sort_or_reject_cycle(model, label)
     return model
