@@ -53,7 +53,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 import optcc
@@ -466,33 +465,14 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def _upgrade_opset(model: ir.Model, target: int) -> str | None:
-    """Move the model's default-domain opset to ``target`` in place with onnx's version
-    converter; the main graph's weights are handed to it as typed graph inputs (no data
-    copied) and put back afterwards. Returns why it could not, or None."""
+    """Move the model's default-domain opset to ``target`` in place
+    (``optcc.ir.convert_opset``: onnx's version converter, no weight copied). Returns why
+    it could not, or None."""
     current = optcc.ir.default_opset(model)
-    with optcc.ir.initializers_set_aside(model, lambda t: True) as aside:
-        proto = optcc.ir.serialize(model)
-    tensors = {value.name: tensor for value, tensor in aside}
-    listed = {i.name for i in proto.graph.input}
-    kept = [t for t in proto.graph.initializer if t.name not in tensors]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept)
-    proto.graph.input.extend(onnx.helper.make_tensor_value_info(name, int(t.dtype), list(t.shape.dims))
-                             for name, t in tensors.items() if name not in listed)
     try:
-        converted = onnx.version_converter.convert_version(proto, target)
-        upgraded = ir.serde.deserialize_model(converted)
+        optcc.ir.convert_opset(model, target)
     except Exception as e:  # noqa: BLE001 - the converter raises plain errors
         line = " ".join(str(e).split())[:200]
         return (f"block-wise DequantizeLinear needs opset {target}; the model is at opset {current} and "
                 f"onnx's version converter cannot upgrade it ({line}); use target='onnxruntime' (MatMulNBits)")
-    graph = upgraded.graph
-    for value in list(graph.inputs):
-        if value.name in tensors:
-            if value.name not in listed:
-                graph.inputs.remove(value)
-            value.const_value = tensors[value.name]
-            graph.register_initializer(value)
-    model.graph = graph
-    model.ir_version = max(int(model.ir_version or 0), 10)  # opset 21 and int4 need IR >= 10
     return None

@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import onnx
-import onnx.version_converter
 import onnx_ir as ir
 
 from optcc import ir as oir
@@ -93,9 +92,9 @@ def upgrade_opset(model: ir.Model, version: int = 13) -> tuple[ir.Model, str | N
     if current >= version:
         return model, None
     try:
-        proto = onnx.version_converter.convert_version(oir.serialize(model), version)
-        onnx.checker.check_model(proto)
-        return oir.load(proto), None
+        converted = model.clone()  # shares the weights, which the conversion never copies
+        oir.convert_opset(converted, version)
+        return converted, None
     except Exception as e:  # noqa: BLE001 - the converter fails on some models
         return model, f"cannot convert opset {current} to {version} ({_first_line(e)}); weights per tensor"
 

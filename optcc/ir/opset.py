@@ -1,0 +1,50 @@
+"""Converting a model to another version of the default opset with onnx's version converter."""
+
+from __future__ import annotations
+
+import onnx
+import onnx.version_converter
+import onnx_ir as ir
+
+from optcc.ir.edit import upgrade_legacy_ir
+from optcc.ir.saving import initializers_set_aside, serialize
+from optcc.ir.walk import default_opset
+
+__all__ = ["convert_opset", "ir_version_for"]
+
+
+def ir_version_for(opset: int) -> int | None:
+    """The IR version of the first onnx release carrying default opset ``opset``."""
+    return next((ir_version for _, ir_version, release_opset, *_ in onnx.helper.VERSION_TABLE
+                 if release_opset == opset), None)
+
+
+def convert_opset(model: ir.Model, version: int) -> None:
+    """Convert ``model`` in place to ``version`` of the default opset with onnx's version
+    converter, raising its error (the model then unchanged). The main graph's weights are
+    handed to the converter as typed graph inputs (their data is never copied; no adapter
+    reads a weight's values) and put back afterwards; the IR version is raised to what the
+    opset needs (below IR 4, first to 4 by ``upgrade_legacy_ir``: initializers stop being
+    listed as inputs, which from IR 4 on would make them inputs a caller may feed)."""
+    if version == default_opset(model):
+        return
+    upgrade_legacy_ir(model)
+    with initializers_set_aside(model, lambda t: True) as aside:
+        proto = serialize(model)
+    tensors = {value.name: tensor for value, tensor in aside}
+    listed = {i.name for i in proto.graph.input}
+    kept = [t for t in proto.graph.initializer if t.name not in tensors]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    proto.graph.input.extend(onnx.helper.make_tensor_value_info(name, int(t.dtype), list(t.shape.dims))
+                             for name, t in tensors.items() if name not in listed)
+    converted = ir.serde.deserialize_model(onnx.version_converter.convert_version(proto, version))
+    graph = converted.graph
+    for value in list(graph.inputs):
+        if value.name in tensors:
+            if value.name not in listed:
+                graph.inputs.remove(value)
+            value.const_value = tensors[value.name]
+            graph.register_initializer(value)
+    model.graph = graph
+    model.ir_version = max(int(model.ir_version or 0), ir_version_for(version) or 0)
