@@ -37,7 +37,8 @@ key/value and ``past`` as ``past_key``/``past_value``, and its ``present_key``/
 ``present_value`` outputs replace the two Concats (graph outputs keep their names). A
 ``Shape`` of a cache Concat read upstream of the attention (a total length for the causal
 mask) becomes ``Shape(past) + Shape(new) * [0, 0, 1, 0]``; any other upstream reader keeps
-the Concats. Exact: both kernels write ``Concat(past, new, axis=2)`` as present and
+the Concats, and so do Concats that nothing reads after the attention (onnxruntime refuses
+past inputs without present outputs). Exact: both kernels write ``Concat(past, new, axis=2)`` as present and
 attend over it, and the Concat needs every other axis equal.
 
 - ``FuseAttentionPass`` (``fuse-attention``, -O2): the standard ``Attention`` op (opset
@@ -615,6 +616,14 @@ def _shape_from_parts(graph: ir.Graph | ir.Function, shape: ir.Node, past: ir.Va
     result.name = name
 
 
+def _live(node: ir.Node, memo: dict[ir.Node, bool], depth: int = 0) -> bool:
+    """Whether some output of ``node`` reaches a graph output (assumed beyond a depth)."""
+    if node not in memo:
+        memo[node] = depth > _RANK_DEPTH or any(
+            o.is_graph_output() or any(_live(u.node, memo, depth + 1) for u in o.uses()) for o in node.outputs)
+    return memo[node]
+
+
 def _fold_one(graph: ir.Graph | ir.Function, node: ir.Node, past_at: int) -> str | None:
     """Feed ``node`` the past key/value and the new key/value, and make its present outputs
     replace the two cache Concats; None when done, else why not."""
@@ -634,6 +643,11 @@ def _fold_one(graph: ir.Graph | ir.Function, node: ir.Node, past_at: int) -> str
     early = [(r, p) for r, p in readers if r in upstream]
     if any(r.op_type != "Shape" or r.domain not in ("", "ai.onnx") for r, _ in early):
         return "a cache Concat is read upstream of the attention (its present output would form a cycle)"
+    live: dict[ir.Node, bool] = {}
+    if not all(c.is_graph_output() or any(u.node is not node and u.node not in upstream and _live(u.node, live)
+                                          for u in c.uses()) for c in (key, value)):
+        # onnxruntime refuses past inputs without present outputs, which an unread one would lose
+        return "a cache Concat is not read after the attention (its present output would be unused)"
     for reader, (past, new) in early:  # e.g. the total length read for the causal mask
         _shape_from_parts(graph, reader, past, new)
     inputs = list(node.inputs[:past_at]) + [None] * (past_at - len(node.inputs))

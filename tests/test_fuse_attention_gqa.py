@@ -151,3 +151,16 @@ def test_exporters_attention_takes_the_kv_heads(variant: str | None, cache: bool
     fused = ir.to_proto(result.model)
     onnx.checker.check_model(fused, full_check=True)
     _check(fused, w, variant=variant, mask=True, cache=cache)
+
+
+@pytest.mark.parametrize("attention_op", [False, True])
+def test_cache_not_returned_stays_outside(attention_op: bool) -> None:
+    """A cache Concat read only by the attention is not folded: onnxruntime refuses past
+    inputs without present outputs, and nothing would read those."""
+    proto, w = gqa_layer("dynamo", cache=True, variant="no_present", attention_op=attention_op)
+    result = FuseAttentionPass()(ir.from_proto(proto))
+    assert list(result.stats["grouped_kv"].values()) == ["grouped: key/value heads shared by 2 query heads"]
+    assert list(result.stats["kv_cache"].values()) == [
+        "a cache Concat is not read after the attention (its present output would be unused)"]
+    fused = optcc.optimize(ir.to_proto(result.model), level=1, verify=False).model  # dead repeat removed
+    _check(fused, w, cache=True)
