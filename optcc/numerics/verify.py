@@ -64,7 +64,7 @@ from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
 from optcc.numerics.task import DEFAULT_MARGIN, TaskJudge, UserMetric, perturb
 from optcc.progress import Progress
-from optcc.runtime.session import first_line, make_session, resolve_providers, run, session_options
+from optcc.runtime.session import HANDOVER_MIN_BYTES, first_line, make_session, resolve_providers, run, session_options
 from optcc.runtime.shared_weights import light_proto, weighted_session
 
 __all__ = ["DEFAULT_SAMPLES", "REFERENCES", "Verification", "Verifier", "verify"]
@@ -451,9 +451,12 @@ class Verifier:
 
     def _source(self, model: ir.Model) -> Any:
         """What onnxruntime loads ``model`` from: its bytes; the model itself when it needs
-        external data (``make_session`` then hands its weights over in place) or cannot be
-        serialized (``make_session`` meets the same error where it is reported)."""
-        if oir.needs_external_data(model) or oir.uses_external_data(model):
+        external data or holds ``HANDOVER_MIN_BYTES`` of weights or more (``make_session``
+        then hands its weights over in place: no serialized copy of them, twice their size,
+        lives while the sessions are built) or cannot be serialized (``make_session`` meets
+        the same error where it is reported)."""
+        if oir.needs_external_data(model) or oir.uses_external_data(model) \
+                or oir.weight_bytes(model) >= HANDOVER_MIN_BYTES:
             return model
         try:
             return oir.serialize(model).SerializeToString()
