@@ -731,7 +731,7 @@ class _AttentionPass(RewritePass):
         layers: dict[ir.Node, str] = {}
         groups: dict[ir.Node, str] = {}
         before = {n: n.name or f"Softmax#{i}" for i, n in enumerate(_softmaxes(model))}
-        # every pattern has a Softmax: without one, none of the 64 is built
+        # every pattern has a Softmax: without one (or the op to write), none of the 64 is built
         opset = optcc.ir.default_opset(model)
         exported: dict[ir.Node, str] = {}
         if self.kind == "standard" and opset >= ATTENTION_OPSET and any(
@@ -739,7 +739,9 @@ class _AttentionPass(RewritePass):
             first = apply_rules(model, exported_attention_rules(exported), max_iters=self.max_iters)
         else:
             first = None
-        stats = apply_rules(model, attention_rules(self.kind, layers, groups) if before else (),
+        # below opset 23 the standard op does not exist: every layer gets _diagnose's reason
+        possible = bool(before) and (self.kind == "ort" or opset >= ATTENTION_OPSET)
+        stats = apply_rules(model, attention_rules(self.kind, layers, groups) if possible else (),
                             max_iters=self.max_iters)
         if first is not None:  # the exporter's own Attention nodes, grouped first
             stats.applied.update(first.applied)
