@@ -396,7 +396,8 @@ def test_a_judge_with_few_ranked_pairs_leaves_the_decision_to_the_pooled_cosine(
         verdict = judge({"h": gots})
         rows = verdict["metrics"]
         assert rows["h:ranking"]["items"] == 3 and rows["h:ranking"]["judged"] is False
-        assert "ranking over 3 ranked pairs" in rows["h:ranking"]["why"] and "cosine decides" in rows["h:ranking"]["why"]
+        why = rows["h:ranking"]["why"]
+        assert "ranking over 3 ranked pairs" in why and "cosine decides" in why
         assert "h:sqnr" not in rows
         deviation = cosine_deviation(gots)
         assert rows["h:cosine"]["deviation"] == pytest.approx(deviation, rel=1e-4, abs=1e-7)

@@ -672,7 +672,8 @@ class _Affine:
 
 def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple) -> _Affine | None:
     """The affine normal form of a default-domain node's first output, if it has one."""
-    if node.op_type not in _AFFINE_OPS or value.index() != 0 or any(out.uses() or out in keys.model.graph.outputs for out in node.outputs[1:]):
+    if node.op_type not in _AFFINE_OPS or value.index() != 0 \
+            or any(out.uses() or out in keys.model.graph.outputs for out in node.outputs[1:]):
         return None
     op, inputs = node.op_type, list(node.inputs)
     attrs = {name: attr.value for name, attr in node.attributes.items()}

@@ -62,9 +62,9 @@ of that output are still judged when they have enough items (with 3 held-out tex
 lines, ``cer`` over their characters still decides). ``embedding``'s ``ranking`` over
 fewer pairs adds no SQNR row: its ``cosine`` compares each sample's pooled embedding,
 what a ranking of a few pairs would show, and decides alone (the raw hidden states'
-SQNR would judge padded positions, and token-id inputs give it no floor). ``TaskJudge.undecided`` lists the
-components the floor's samples give too few items, for a caller that can judge more
-samples instead (the INT8 driver then judges all of them).
+SQNR would judge padded positions, and token-id inputs give it no floor).
+``TaskJudge.undecided`` lists the components the floor's samples give too few items, for
+a caller that can judge more samples instead (the INT8 driver then judges all of them).
 
 **Groups.** ``TaskJudge(groups=[label per sample])`` judges each group apart against its
 own floor, in rows ``<output>@<group>:<part>``; all must pass. A metric mapping may name
@@ -663,7 +663,8 @@ class TaskJudge:
                     why = f"{part} over {items} {noun}{'' if items == 1 else 'es' if noun.endswith('x') else 's'}"
                     stand_in = _STAND_IN.get(part)
                     if stand_in in parts:
-                        row.update(judged=False, why=f"{why}: not decisive (fewer than {MIN_ITEMS}); {stand_in} decides")
+                        row.update(judged=False,
+                                   why=f"{why}: not decisive (fewer than {MIN_ITEMS}); {stand_in} decides")
                         continue
                     undecided.append(why)
                     row.update(judged=False, why=f"{why}: not decisive (fewer than {MIN_ITEMS}); judged by SQNR")
