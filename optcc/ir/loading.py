@@ -116,9 +116,9 @@ def _from_proto(
         try:
             with collector_paused():  # builds the model's objects only
                 model = ir.serde.deserialize_model(proto)
+            _own_tensors(model)
         except Exception as e:  # onnx-ir rejects some malformed protos the checker lets through
             raise BadInputError(f"malformed model: {_one_line(e)}", label) from None
-        _own_tensors(model)
     finally:
         _restore(proto, originals)  # a caller's ModelProto is never modified
     if fills:
@@ -151,9 +151,9 @@ def _owned(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     fields = {field.name for field, _ in proto.ListFields()}
     if tensor.dtype in _PLAIN_RAW and "raw_data" in fields and fields <= _PLAIN_FIELDS \
             and ("name" not in fields or proto.name):
-        array = tensor.numpy()  # a read-only view of one copy of the bytes
-        if array.nbytes == len(proto.raw_data):
-            return ir.Tensor(array, dtype=tensor.dtype, name=proto.name or None)
+        # a read-only view of one copy of the bytes, reshaped to the dims: exactly the
+        # raw_data (a length that does not fit the dims raises)
+        return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=proto.name or None)
     alone = onnx.TensorProto()
     alone.CopyFrom(proto)
     return ir.TensorProtoTensor(alone)
