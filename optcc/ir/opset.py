@@ -10,13 +10,24 @@ from optcc.ir.edit import upgrade_legacy_ir
 from optcc.ir.saving import initializers_set_aside, serialize
 from optcc.ir.walk import default_opset
 
-__all__ = ["convert_opset", "ir_version_for"]
+__all__ = ["convert_opset", "upgrade_problem"]
 
 
-def ir_version_for(opset: int) -> int | None:
+def _ir_version_for(opset: int) -> int | None:
     """The IR version of the first onnx release carrying default opset ``opset``."""
     return next((ir_version for _, ir_version, release_opset, *_ in onnx.helper.VERSION_TABLE
                  if release_opset == opset), None)
+
+
+def upgrade_problem(model: ir.Model, version: int) -> str | None:
+    """Why ``model`` cannot be upgraded to ``version`` of the default opset (an older one:
+    a model is never downgraded; one the installed onnx does not know), else None."""
+    current, newest = default_opset(model), onnx.defs.onnx_opset_version()
+    if version < current:
+        return f"target opset {version} is older than the model's opset {current} (a model is never downgraded)"
+    if version > newest:
+        return f"target opset {version} is newer than the installed onnx supports ({newest})"
+    return None
 
 
 def convert_opset(model: ir.Model, version: int) -> None:
@@ -47,4 +58,4 @@ def convert_opset(model: ir.Model, version: int) -> None:
             value.const_value = tensors[value.name]
             graph.register_initializer(value)
     model.graph = graph
-    model.ir_version = max(int(model.ir_version or 0), ir_version_for(version) or 0)
+    model.ir_version = max(int(model.ir_version or 0), _ir_version_for(version) or 0)
