@@ -18,7 +18,7 @@ Conv2 entirely (``b2 += sum over the kernel of W2 * b1``), so the tensor between
 centred on what the weights make of the input.
 
 Preconditions: both are default-domain ``Conv`` with 2-D or larger constant float
-weights (initializers read by nothing else) and constant biases when present; Conv1's
+weights (initializers read by nothing else and not graph inputs) and constant biases when present; Conv1's
 result and the activation's result are read only by the next node and are not graph
 outputs; Conv2's input channels equal Conv1's output channels (any ``group``:
 depthwise or full); the activation between them, if any, is ``Relu`` or ``LeakyRelu``
@@ -39,7 +39,7 @@ import onnx_ir as ir
 
 import optcc
 
-__all__ = ["EqualizeCrossLayerPass", "equalization_scales"]
+__all__ = ["EqualizeCrossLayerPass", "equalization_scales", "sole_weight"]
 
 _HOMOGENEOUS = frozenset({"Relu", "LeakyRelu"})
 _FLOAT = (np.float32, np.float64, np.float16)
@@ -52,9 +52,11 @@ def equalization_scales(r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
     return np.where((r1 > 0) & (r2 > 0) & np.isfinite(s), s, 1.0)
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant array when it is an initializer read by one node only."""
-    if value is None or not value.is_initializer() or len(value.uses()) != 1:
+def sole_weight(value: ir.Value | None) -> np.ndarray | None:
+    """The value's float constant array when it is a weight a pass may rewrite for its
+    reader: an initializer read by one node only and not a graph input (which a caller
+    may feed instead)."""
+    if value is None or not value.is_initializer() or value.is_graph_input() or len(value.uses()) != 1:
         return None
     array = optcc.ir.as_numpy(value)
     return array if array is not None and array.dtype in _FLOAT else None
@@ -110,9 +112,9 @@ class EqualizeCrossLayerPass(optcc.Pass):
             if found is None:
                 continue
             conv2, act = found
-            w1, w2 = _const(conv1.inputs[1]), _const(conv2.inputs[1])
-            b1 = _const(conv1.inputs[2]) if len(conv1.inputs) > 2 and conv1.inputs[2] is not None else None
-            b2 = _const(conv2.inputs[2]) if len(conv2.inputs) > 2 and conv2.inputs[2] is not None else None
+            w1, w2 = sole_weight(conv1.inputs[1]), sole_weight(conv2.inputs[1])
+            b1 = sole_weight(conv1.inputs[2]) if len(conv1.inputs) > 2 and conv1.inputs[2] is not None else None
+            b2 = sole_weight(conv2.inputs[2]) if len(conv2.inputs) > 2 and conv2.inputs[2] is not None else None
             if w1 is None or w2 is None or w1.ndim < 3 or w2.ndim != w1.ndim:
                 continue
             if (len(conv1.inputs) > 2 and conv1.inputs[2] is not None and b1 is None) or (

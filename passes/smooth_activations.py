@@ -37,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 import optcc
+from optcc.passes.equalize_cross_layer import sole_weight
 
 __all__ = ["SmoothActivationsPass", "smoothing_sites"]
 
@@ -44,10 +45,8 @@ STRENGTH = 0.5
 
 
 def _sole_constant(value: ir.Value | None, ndim: int) -> np.ndarray | None:
-    """The float32 constant behind an initializer read by one node only, of rank ``ndim``."""
-    if value is None or not value.is_initializer() or value.is_graph_input() or len(value.uses()) != 1:
-        return None
-    array = optcc.ir.as_numpy(value)
+    """``sole_weight`` (a weight only its reader reads), when it is float32 of rank ``ndim``."""
+    array = sole_weight(value)
     return array if array is not None and array.dtype == np.float32 and array.ndim == ndim else None
 
 

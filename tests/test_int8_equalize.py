@@ -122,3 +122,14 @@ def test_equalization_before_int8_lowers_the_quantization_error() -> None:
     (plain_sqnr, _), = lossy_metrics(model, optcc.ir.serialize(plain), held)
     (equal_sqnr, _), = lossy_metrics(model, optcc.ir.serialize(equal), held)
     assert equal_sqnr > plain_sqnr + 3.0, (plain_sqnr, equal_sqnr)
+
+
+def test_a_weight_that_is_also_a_graph_input_is_left_alone() -> None:
+    """An initializer listed as a graph input may be fed by the caller: rescaling it would
+    change what the model computes with the fed value."""
+    model = stem("Relu")
+    model.graph.input.append(oh.make_tensor_value_info("W1", TP.FLOAT, [8, 3, 3, 3]))
+    out, stats = equalized(model)
+    assert not stats["modified"]
+    for name, array in weights(model).items():
+        np.testing.assert_array_equal(weights(out)[name], array)
