@@ -39,15 +39,6 @@ __all__ = ["DeduplicateInitializersPass"]
 
 
 _CHUNK_BYTES = 16 << 20
-
-
-# dtypes whose ``numpy()`` of a proto's raw_data is that raw_data read as little-endian
-# elements of the dtype's width (bytes identical on this little-endian layout)
-_RAW_AS_IS = frozenset({
-    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE,
-    ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
-    ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64, ir.DataType.BOOL,
-})
 _PROTO_TENSOR = ir.serde.TensorProtoTensor
 
 
@@ -56,7 +47,7 @@ def _data(tensor: ir.TensorProtocol) -> np.ndarray:
     if type(tensor) is _PROTO_TENSOR and np.little_endian:
         proto = tensor.raw
         dtype = ir.DataType(proto.data_type)
-        if dtype in _RAW_AS_IS and proto.HasField("raw_data"):
+        if dtype in optcc.ir.RAW_DTYPES and proto.HasField("raw_data"):
             raw = proto.raw_data  # what numpy() reads, without building the typed array
             if len(raw) == dtype.itemsize * math.prod(proto.dims):
                 return np.frombuffer(raw, dtype=np.uint8)

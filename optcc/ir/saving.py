@@ -112,7 +112,7 @@ def save(
 
 
 # dtypes whose raw_data is the NumPy array's little-endian bytes
-_RAW_DTYPES = frozenset({
+RAW_DTYPES = frozenset({
     ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE,
     ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
     ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64, ir.DataType.BOOL,
@@ -169,7 +169,7 @@ def _write_streamed(model: ir.Model, path: str) -> None:
     size instead of three times it (VGG-19 with 513 MB of folded weights: 2.2 GB before)."""
 
     def streamed(tensor: ir.TensorProtocol) -> bool:
-        return (not isinstance(tensor, ir.ExternalTensor) and tensor.dtype in _RAW_DTYPES
+        return (not isinstance(tensor, ir.ExternalTensor) and tensor.dtype in RAW_DTYPES
                 and tensor.nbytes >= STREAM_MIN_BYTES)
 
     with initializers_set_aside(model, streamed) as aside:
