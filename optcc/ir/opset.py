@@ -32,7 +32,8 @@ def upgrade_problem(model: ir.Model, version: int) -> str | None:
 
 def convert_opset(model: ir.Model, version: int) -> None:
     """Convert ``model`` in place to ``version`` of the default opset with onnx's version
-    converter, raising its error (the model then unchanged). The main graph's weights are
+    converter, raising its error (the model then unchanged but for the IR 4 upgrade below,
+    which keeps what it computes). The main graph's weights are
     handed to the converter as typed graph inputs (their data is never copied; no adapter
     reads a weight's values) and put back afterwards; the IR version is raised to what the
     opset needs (below IR 4, first to 4 by ``upgrade_legacy_ir``: initializers stop being
