@@ -12,14 +12,22 @@ Values, per input, first rule that applies:
   uniform in ``[lo, hi]`` (both ends included), booleans from ``lo != 0`` / ``hi != 0``;
 - a sample rate (a rank-0 integer named ``sr``, ``sample_rate`` or ``sampling_rate``):
   16000;
-- attention masks (the name contains ``mask``, or an integer/bool input of rank >= 2
-  reaches a Where condition, a Mul or a Sub through a Cast to bool/float, optionally
-  behind Unsqueeze/Reshape/Expand):
+- attention masks, by name (the name contains ``mask``): see below;
+- position ids, by the graph: an integer input that is a RotaryEmbedding's position ids
+  (ai.onnx or com.microsoft), that indexes a cos and a sin cache (two constant tables
+  gathered by it whose ``cos**2 + sin**2`` is one constant), or that, cast to float,
+  reaches a Cos or Sin (the rotary angle ``position * inv_freq``, as Llama-style
+  exports compute it) through shape ops, Mul/MatMul/Div and Concat. Checked before the
+  masks by use, because such positions also reach a Mul through a Cast to float;
+- attention masks, by use (an integer/bool input of rank >= 2 reaches a Where condition,
+  a Mul or a Sub through a Cast to bool/float, optionally behind Unsqueeze/Reshape/Expand):
   0/1 in the input's dtype, each row (last axis) a run of ones of random length at least
   half the row, followed by zeros (right padding); all ones for a KV-cache decoder, whose
   current tokens sit at the end of the mask;
-- position ids (an integer input whose name contains ``position``): ``past + arange(S)``
-  along the last axis, where ``past`` is the KV-cache length (0 without a cache);
+- position ids, by name (an integer input whose name contains ``position``);
+  all position ids are ``past + arange(S)`` along the last axis, where ``past`` is the
+  KV-cache length (0 without a cache), and their table is the smallest one they index
+  (Gather rows, or a RotaryEmbedding's cos cache rows);
 - integers that index a table (Gather/GatherElements/GatherND indices, directly or
   through Cast, Reshape, Unsqueeze, Squeeze, Flatten, Identity or an Add of a constant):
   uniform in ``[0, n)`` for a table of ``n`` rows (token ids within the vocabulary);
@@ -66,6 +74,9 @@ DEFAULT_SAMPLE_RATE = 16000
 _SAMPLE_RATE_NAMES = frozenset({"sr", "sample_rate", "sampling_rate"})
 _INDEX_PASSTHROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
 _MASK_PASSTHROUGH = frozenset({"Unsqueeze", "Reshape", "Expand", "Squeeze", "Identity"})
+_POSITION_PASSTHROUGH = frozenset({"Unsqueeze", "Reshape", "Expand", "Squeeze", "Identity", "Transpose"})
+_ANGLE_OPS = frozenset({"Mul", "MatMul", "Div", "Concat"})  # position * inv_freq, cat(freqs, freqs)
+_TABLE_CHECK_LIMIT = 1 << 22  # elements: cos/sin caches are (max_positions, head_size); larger ones go unread
 _PAST_NAME = re.compile(r"^past[._]", re.IGNORECASE)  # past_key_values.0.key, past_0, past.1
 
 Range = tuple[float, float]
@@ -178,6 +189,12 @@ def _index_bound(value: ir.Value, depth: int = 0) -> int | None:
     bounds = []
     for use in value.uses():
         node, idx = use.node, use.idx
+        table = _rotary_position_input(node, idx)
+        if table is not None:  # position ids select rows of the (max_position, rotary_dim / 2) caches
+            cache = node.inputs[table] if len(node.inputs) > table else None
+            if cache is not None and cache.shape is not None and cache.shape.rank() == 2 and _is_static(cache.shape[0]):
+                bounds.append(int(cache.shape[0]))
+            continue
         if node.domain not in ("", "ai.onnx"):
             continue
         if node.op_type in ("Gather", "GatherElements", "GatherND") and idx == 1:
@@ -247,6 +264,73 @@ def _used_as_mask(value: ir.Value, cast_seen: bool = False, depth: int = 0) -> b
     return False
 
 
+def _rotary_position_input(node: ir.Node, idx: int) -> int | None:
+    """For ``node`` a RotaryEmbedding whose input ``idx`` is its position ids, the index
+    of its cos table (whose rows the positions select); else None."""
+    if node.op_type != "RotaryEmbedding":
+        return None
+    if node.domain in ("", "ai.onnx") and idx == 3:  # X, cos_cache, sin_cache, position_ids
+        return 1
+    if node.domain == "com.microsoft" and idx == 1:  # input, position_ids, cos_cache, sin_cache
+        return 2
+    return None
+
+
+def _gathers_rotary_tables(value: ir.Value) -> bool:
+    """Whether ``value`` indexes (Gather, axis 0) two constant tables of one shape that are
+    a cos and a sin cache: ``cos**2 + sin**2`` the same positive constant everywhere
+    (``attention_scaling**2``), which no embedding table pair satisfies by chance."""
+    by_shape: dict[tuple[int, int], list[ir.Value]] = {}
+    for use in value.uses():
+        node = use.node
+        if (node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or use.idx != 1
+                or node.attributes.get_int("axis", 0) != 0):
+            continue
+        data = node.inputs[0]
+        shape = data.shape if data is not None else None
+        if shape is None or shape.rank() != 2 or not all(_is_static(d) for d in shape):
+            continue
+        rows, cols = int(shape[0]), int(shape[1])
+        if 0 < rows * cols <= _TABLE_CHECK_LIMIT and data.dtype is not None and data.dtype.is_floating_point():
+            by_shape.setdefault((rows, cols), []).append(data)
+    for candidates in by_shape.values():  # only tables that have a partner of their shape are read
+        tables = [t.astype(np.float64) for v in candidates if len(candidates) > 1 and (t := _constant(v)) is not None]
+        for i, first in enumerate(tables):
+            for second in tables[i + 1:]:
+                norm = first * first + second * second
+                if norm.flat[0] > 0 and np.allclose(norm, norm.flat[0], rtol=1e-3, atol=0):
+                    return True
+    return False
+
+
+def _used_as_position(value: ir.Value, cast_seen: bool = False, depth: int = 0) -> bool:
+    """Whether the integer value holds positions, by the graph: it is a RotaryEmbedding's
+    position ids, it indexes a cos and a sin cache (``_gathers_rotary_tables``), or, cast
+    to float, it reaches a Cos or Sin (the rotary angle ``position * inv_freq``) through
+    shape ops, Mul/MatMul/Div and Concat."""
+    if depth > 8:
+        return False
+    if not cast_seen and _gathers_rotary_tables(value):
+        return True
+    for use in value.uses():
+        node, idx = use.node, use.idx
+        if not cast_seen and _rotary_position_input(node, idx) is not None:
+            return True
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if cast_seen and node.op_type in ("Cos", "Sin"):
+            return True
+        if node.op_type == "Cast":
+            to = ir.DataType(node.attributes.get_int("to", 0))
+            if (to.is_floating_point() or to.is_integer()) and _used_as_position(
+                    node.outputs[0], cast_seen or to.is_floating_point(), depth + 1):
+                return True
+        elif node.op_type in _POSITION_PASSTHROUGH or (cast_seen and node.op_type in _ANGLE_OPS):
+            if any(_used_as_position(out, cast_seen, depth + 1) for out in node.outputs):
+                return True
+    return False
+
+
 def _is_kv_decoder(model: ir.Model) -> bool:
     pasts = [v for v in model.graph.inputs if _PAST_NAME.match(v.name or "")]
     presents = [v for v in model.graph.outputs if "present" in (v.name or "").lower()]
@@ -273,9 +357,14 @@ def _role(value: ir.Value, kv: bool) -> str:
     if dtype.is_integer() and rank == 0 and name in _SAMPLE_RATE_NAMES:
         return "sample_rate"
     numeric_or_bool = dtype == ir.DataType.BOOL or dtype.is_integer() or dtype.is_floating_point()
+    if numeric_or_bool and "mask" in name:
+        return "mask"
+    # rotary positions reach a Mul after a Cast to float too: the graph's evidence of
+    # positions (an angle or a rotary op's position ids) goes before the mask guess by use
+    if dtype.is_integer() and _used_as_position(value):
+        return "position"
     # by use only from rank 2 on: a (batch, length) mask or wider, not a cast scalar
-    by_use = not dtype.is_floating_point() and (rank or 0) >= 2 and _used_as_mask(value)
-    if numeric_or_bool and ("mask" in name or by_use):
+    if numeric_or_bool and not dtype.is_floating_point() and (rank or 0) >= 2 and _used_as_mask(value):
         return "mask"
     if dtype.is_integer():
         if "position" in name:
