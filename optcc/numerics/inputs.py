@@ -303,13 +303,16 @@ def _gathers_rotary_tables(value: ir.Value) -> bool:
     return False
 
 
-def _used_as_position(value: ir.Value, cast_seen: bool = False, depth: int = 0) -> bool:
+def _used_as_position(value: ir.Value, cast_seen: bool = False, depth: int = 0,
+                      seen: set[tuple[int, bool]] | None = None) -> bool:
     """Whether the integer value holds positions, by the graph: it is a RotaryEmbedding's
     position ids, it indexes a cos and a sin cache (``_gathers_rotary_tables``), or, cast
     to float, it reaches a Cos or Sin (the rotary angle ``position * inv_freq``) through
-    shape ops, Mul/MatMul/Div and Concat."""
-    if depth > 8:
+    shape ops, Mul/MatMul/Div and Concat. Each (value, cast seen) is visited once."""
+    seen = set() if seen is None else seen
+    if depth > 8 or (id(value), cast_seen) in seen:
         return False
+    seen.add((id(value), cast_seen))
     if not cast_seen and _gathers_rotary_tables(value):
         return True
     for use in value.uses():
@@ -323,10 +326,10 @@ def _used_as_position(value: ir.Value, cast_seen: bool = False, depth: int = 0) 
         if node.op_type == "Cast":
             to = ir.DataType(node.attributes.get_int("to", 0))
             if (to.is_floating_point() or to.is_integer()) and _used_as_position(
-                    node.outputs[0], cast_seen or to.is_floating_point(), depth + 1):
+                    node.outputs[0], cast_seen or to.is_floating_point(), depth + 1, seen):
                 return True
         elif node.op_type in _POSITION_PASSTHROUGH or (cast_seen and node.op_type in _ANGLE_OPS):
-            if any(_used_as_position(out, cast_seen, depth + 1) for out in node.outputs):
+            if any(_used_as_position(out, cast_seen, depth + 1, seen) for out in node.outputs):
                 return True
     return False
 
