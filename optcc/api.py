@@ -189,10 +189,15 @@ def optimize(
         # generated weights folded whatever their size, BatchNorm and affine layers fused
         pipeline.extend([create_pass("fold-constants", fold_large=True), create_pass("fuse-batchnorm"),
                          create_pass("fuse-conv-affine"), create_pass("eliminate-dead-nodes")])
-        pipeline.append(create_pass(INT8_PASS, samples=samples, method=int8_method, progress=progress,
-                                    **{"prepare": False, **dict(int8_options or {})}))
+        shared: dict[str, Any] = {}
         if inputs is None:
             inputs = samples  # all of them: a task metric over the held-out part alone can lack items
+            if verify or verify_each:
+                # the verifier (built below) judges the same samples: the pass judges with its judge,
+                # so the float model and its noise floor run once, and both decide alike
+                shared["judge"] = lambda: None if verifier is None else verifier.sample_judge()
+        pipeline.append(create_pass(INT8_PASS, samples=samples, method=int8_method, progress=progress,
+                                    **{"prepare": False, **shared, **dict(int8_options or {})}))
     if int8_dynamic:
         pipeline.append(create_pass("quantize-dynamic"))
     if weight_only:
@@ -202,7 +207,7 @@ def optimize(
         wo.setdefault("target", "onnxruntime" if level >= 3 and passes is None else "portable")
         pipeline.append(create_pass("quantize-weights", **wo))
 
-    verifier = None
+    verifier: Verifier | None = None
     int8 = dict(int8_options or {})
     if verify or verify_each:
         verifier = Verifier(
@@ -217,6 +222,8 @@ def optimize(
             task_metric=int8.get("metric"),
             task_margin=int8.get("metric_margin", DEFAULT_MARGIN),
             task_target=int8.get("metric_target"),
+            task_groups=int8.get("groups"),
+            **({"task_min_sqnr_db": int8["target"].min_sqnr_db} if "target" in int8 else {}),
             parsed=untouched,
         )
     try:

@@ -175,3 +175,50 @@ def test_the_driver_judges_each_group_on_its_own_samples() -> None:
         items, deviation = _agreement(quantized, subset)
         row = rows[f"logits@{label}:argmax"]
         assert row["items"] == items and row["deviation"] == pytest.approx(deviation, abs=1e-6)
+
+
+def test_a_judge_of_some_samples_equals_one_built_on_them() -> None:
+    rng = np.random.default_rng(3)
+    reference = {"map": [_page(int(rng.integers(1, 30))) for _ in range(6)]}
+    moved = {"map": [m + (rng.random(m.shape) < 0.01).astype(np.float32) * 0.9 for m in reference["map"]]}
+    groups = ["a", "b", "a", "b", "a", "b"]
+    picked = [1, 2, 5]
+    subset = tm.TaskJudge(reference, moved, groups=groups).select(picked)
+    direct = tm.TaskJudge({"map": [reference["map"][i] for i in picked]}, {"map": [moved["map"][i] for i in picked]},
+                          groups=[groups[i] for i in picked])
+    assert subset.floor == direct.floor and subset.floor_items == direct.floor_items
+    got = {"map": [moved["map"][i] for i in picked]}
+    assert subset(got) == direct(got)
+
+
+def test_optimize_judges_int8_with_the_verifiers_judge() -> None:
+    # the pass and the final verification judge the same 12 samples against one floor: the
+    # original's, measured once
+    data = _images(12)
+    result = optcc.optimize(str(TINYCNN), int8_calibration=data, int8_options={"require_speedup": False})
+    stats = next(r.stats for r in result.report.passes if r.name == "quantize-int8-calibrated")
+    acceptance = stats["acceptance"]
+    assert acceptance["reference"].startswith("the verifier's")
+    assert acceptance["judged_samples"] == 12
+    verification = result.report.verification
+    assert verification["task"]["metrics"]["logits:argmax"]["floor"] == acceptance["floor"]["logits"]["argmax"]
+    assert stats["modified"]
+    items, deviation = _agreement(result.ir_model, data)  # the test's own count, on onnx's reference
+    row = verification["task"]["metrics"]["logits:argmax"]
+    assert row["items"] == items and row["deviation"] == pytest.approx(deviation, abs=1e-6)
+
+
+def test_the_final_verification_judges_each_group_apart() -> None:
+    data = _images(24)
+    groups = ["even", "odd"] * 12
+    result = optcc.optimize(str(TINYCNN), int8_calibration=data,
+                            int8_options={"require_speedup": False, "groups": groups})
+    rows = result.report.verification["task"]["metrics"]
+    assert {"logits@even:argmax", "logits@odd:argmax"} <= set(rows)
+    stats = next(r.stats for r in result.report.passes if r.name == "quantize-int8-calibrated")
+    assert stats["acceptance"]["reference"].startswith("the verifier's")
+    assert stats["modified"]
+    for label in ("even", "odd"):
+        items, deviation = _agreement(result.ir_model, [f for f, g in zip(data, groups) if g == label])
+        assert rows[f"logits@{label}:argmax"]["items"] == items
+        assert rows[f"logits@{label}:argmax"]["deviation"] == pytest.approx(deviation, abs=1e-6)

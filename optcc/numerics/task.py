@@ -583,6 +583,15 @@ class TaskJudge:
         self.floor, self.floor_items = self._deviations(self.perturbed)
         self._sqnr_floor: dict[str, dict[str, float]] = {}  # per row key, computed when first needed
 
+    def select(self, samples: Sequence[int]) -> TaskJudge:
+        """The same judge over the samples at these indices only (their outputs and floor:
+        no model runs again)."""
+        return dataclasses.replace(
+            self, reference={n: _pick(v, samples) for n, v in self.reference.items()},
+            perturbed={n: _pick(v, samples) for n, v in self.perturbed.items()},
+            masks=None if self.masks is None else _pick(self.masks, samples),
+            groups=None if self.groups is None else _pick(self.groups, samples))
+
     def _rows(self) -> list[tuple[str, str, list[int]]]:
         """(row key, output name, sample indices): one per output and group."""
         return [(key, *self._where[key]) for key in self.plan]

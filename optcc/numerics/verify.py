@@ -169,6 +169,9 @@ class Verifier:
     or "float32" (always the float32 original). ``parsed``: ``original`` (a path) already
     parsed, handed over: nothing else may change it (e.g. a clone of the parse the passes
     change, which shares its immutable tensors and so costs no second copy of the weights).
+    ``task_metric``, ``task_margin``, ``task_target``, ``task_groups`` and
+    ``task_min_sqnr_db``: how INT8 results are judged (``TaskJudge``'s metric, margin,
+    metric_target, groups and min_sqnr_db).
     """
 
     def __init__(
@@ -188,6 +191,8 @@ class Verifier:
         task_metric: str | UserMetric | Mapping[str, Any] | None = None,
         task_margin: float = DEFAULT_MARGIN,
         task_target: float | None = None,
+        task_groups: Sequence[str] | None = None,
+        task_min_sqnr_db: float = TOLERANCES["int8"].min_sqnr_db,
         parsed: ir.Model | None = None,
     ) -> None:
         if reference not in REFERENCES:
@@ -215,7 +220,9 @@ class Verifier:
         self._steps = decode_steps
         self._tokens: list[list[np.ndarray]] | None = None  # per sample, the original's greedy tokens
         self._float32: dict[str, list[list[np.ndarray]]] | None = None
-        self._task = dict(metric=task_metric, margin=task_margin, metric_target=task_target)
+        self._task = dict(metric=task_metric, margin=task_margin, metric_target=task_target,
+                          min_sqnr_db=task_min_sqnr_db)
+        self._groups = None if task_groups is None else list(task_groups)
         self._judges: dict[str, TaskJudge] = {}
         self._alternate: dict[str, list[list[np.ndarray]] | None] = {}
         self._names: list[str] = []
@@ -334,8 +341,17 @@ class Verifier:
                 masks = [f.get(mask_names[0]) for f in self.feeds]
             self._judges[provider] = TaskJudge(self._judged(float32[provider]),
                                                self._judged(self._cases(session, perturbed)),
-                                               perturbation=how, masks=masks, **self._task)
+                                               perturbation=how, masks=masks,
+                                               groups=self._groups if self._plan is None else None, **self._task)
         return self._judges[provider]
+
+    def sample_judge(self) -> TaskJudge | None:
+        """The CPU task judge with one row per sample of ``feeds``, in order (what an INT8
+        pass judged on the same samples can share: ``Int8Options.judge``); None for a
+        KV-cache decoder (a row per decode step) or when the original cannot run."""
+        if self._plan is not None or self._float32_outputs() is None:
+            return None
+        return self.task_judge("CPUExecutionProvider")
 
     def float64_reference(self) -> Float64Reference:
         """The original's float64 outputs on the samples (built once), or why not."""

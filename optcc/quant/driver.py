@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import onnx
@@ -115,6 +115,21 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
     return TaskJudge(reference, perturbed, metric, margin, metric_target, min_sqnr_db, how, groups=groups)
 
 
+def _given_judge(o: Int8Options, count: int) -> TaskJudge | None:
+    """``o.judge``'s judge when it judges ``count`` samples as ``o`` asks (metric, margin,
+    targets, groups), else None: then the pass measures its own."""
+    given = o.judge() if o.judge is not None else None
+    if given is None or len(next(iter(given.reference.values()), [])) != count:
+        return None
+    groups = None if o.groups is None else list(o.groups)
+    metric = "auto" if given.metric is None else given.metric  # the judge reads None as "auto"
+    if (metric, given.margin, given.metric_target, given.min_sqnr_db) != \
+            (o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db) or \
+            (None if given.groups is None else list(given.groups)) != groups:
+        return None
+    return given
+
+
 def _describe_miss(evaluation: Mapping[str, Any], target: Target) -> str:
     """Which judged metrics missed, with the floor, or the worst SQNR and agreement."""
     task = evaluation.get("task")
@@ -175,6 +190,7 @@ class Int8Options:
     equalize: bool = True
     smooth: bool = False
     method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    judge: Callable[[], TaskJudge | None] | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def of(cls, options: Int8Options | None = None, **fields: Any) -> Int8Options:
@@ -268,6 +284,12 @@ def quantize_int8(
     (``optcc.quant.calibration.collect_statistics_sharded``), which gives the ranges of a
     single-process run bit for bit, so the same model.
 
+    ``judge``: returns the task judge of every sample, in order, built on another float
+    model that computes the same (``optcc.Verifier.sample_judge``: the original's outputs
+    and noise floor, which the final verification judges with too); used, its held-out
+    part included, when it judges with this call's metric, margin, targets and groups, so
+    the float model and its perturbed copy run once for the pass and the verification.
+
     ``stats``: method, seconds (wall time per phase: prepare, calibrate, quantize,
     speed_check, fallback or evaluate, report), calibration (samples, cache), ranges (per tensor), pass stats
     (quantized ops, kept float and why), fallback (per-layer sensitivity, layers kept
@@ -315,18 +337,25 @@ def quantize_int8(
         group_of = (lambda part: None) if o.groups is None else (  # noqa: E731
             lambda part: [o.groups[i] for i in part])
         held_at = len(samples) - len(held)
-        judge = _task_judge(float_model, held, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db,
-                            group_of(range(held_at, len(samples))))
+        every = _given_judge(o, len(samples))
+        if every is not None:
+            judge = every.select(range(held_at, len(samples)))
+        else:
+            judge = _task_judge(float_model, held, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db,
+                                group_of(range(held_at, len(samples))))
         undecided = judge.undecided()
         if undecided and len(held) < len(samples):
             # too few items held out for the task metric to decide: count it over every sample
             judged = samples
-            judge = _task_judge(float_model, judged, o.metric, o.metric_margin, o.metric_target,
-                                o.target.min_sqnr_db, group_of(range(len(samples))))
+            judge = every if every is not None else _task_judge(
+                float_model, judged, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db,
+                group_of(range(len(samples))))
         o = dataclasses.replace(o, target=dataclasses.replace(o.target, judge=judge))
         stats["acceptance"] = {"metrics": judge.metric_names(), "margin": o.metric_margin,
                                "metric_target": o.metric_target, "perturbation": dict(judge.perturbation),
-                               "floor": judge.floor, "held_out_samples": len(held), "judged_samples": len(judged)}
+                               "floor": judge.floor, "held_out_samples": len(held), "judged_samples": len(judged),
+                               "reference": "the verifier's (the original model)" if every is not None
+                               else "the float model this pass starts from"}
         if judged is not held:
             stats["acceptance"]["all_samples_judged"] = (
                 f"{'; '.join(undecided)} on the {len(held)} held-out samples: fewer than {MIN_ITEMS} items, "
