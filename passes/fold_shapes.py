@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterable, Iterator
 import logging
+import math
 
 import numpy as np
 import onnx
@@ -129,19 +130,27 @@ _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                           onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE})
 
 
+_ITEMSIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
+             onnx.TensorProto.DOUBLE: 8}
 _BLANK_BYTES = 1024
 
 
 def _blanked(tensor: ir.TensorProtocol) -> bool:
     """Whether the copy given to shape inference holds this main-graph initializer without
-    its data: a float tensor whose serialized ``raw_data`` would exceed ``_BLANK_BYTES``.
+    its data: a float tensor of more than ``_BLANK_BYTES`` (by its dims).
     Inference reads such a tensor's type and dims only (data propagation reads small
     shape-like tensors), and copying megabytes of weights cost more than the inference."""
-    if int(tensor.dtype) not in _FLOAT_TYPES or isinstance(tensor, ir.ExternalTensor):
+    kind = type(tensor)  # the common kinds first: isinstance checks of onnx-ir's classes are slow
+    if kind is ir.serde.TensorProtoTensor:
+        proto = tensor.raw
+        if proto.data_type not in _FLOAT_TYPES or proto.data_location == onnx.TensorProto.EXTERNAL:
+            return False
+        # its data in raw_data or in float_data/int32_data (exporters write both): the
+        # size its dims give, read from the proto (``nbytes`` builds a Shape)
+        return math.prod(proto.dims) * _ITEMSIZE[proto.data_type] > _BLANK_BYTES
+    if int(tensor.dtype) not in _FLOAT_TYPES or (kind is not ir.Tensor and isinstance(tensor, ir.ExternalTensor)):
         return False
-    if isinstance(tensor, ir.serde.TensorProtoTensor):  # serialized as a copy of its proto
-        return len(tensor.raw.raw_data) > _BLANK_BYTES
-    return tensor.nbytes > _BLANK_BYTES  # serialized as raw_data
+    return tensor.nbytes > _BLANK_BYTES
 
 
 def _restore_dims(graph: onnx.GraphProto, aside: list[tuple[ir.Value, ir.TensorProtocol]]) -> None:

@@ -15,6 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from optcc.errors import BadInputError
+from optcc.ir.serialize_cached import model_parts, serialize_bytes
 from optcc.ir.walk import external_data_files, graphs, uses_external_data, weight_bytes
 
 # Protobuf refuses messages of 2 GiB; leave room for the graph structure itself.
@@ -24,8 +25,17 @@ EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 # --------------------------------------------------------------------------- saving
 
 
+# Models with at most this many bytes of weights are serialized from cached parts
+# (``serialize_cached``); larger ones by onnx-ir directly, which holds their weights once.
+CACHED_SERIALIZE_MAX_BYTES = 64 << 20
+
+
 def serialize(model: ir.Model) -> onnx.ModelProto:
-    """The model as a ModelProto (external tensors stay references to their files)."""
+    """The model as a ModelProto (external tensors stay references to their files): the
+    proto onnx-ir writes, parsed from the bytes ``serialize_bytes`` joins from cached parts
+    when the weights are small (see CACHED_SERIALIZE_MAX_BYTES)."""
+    if weight_bytes(model) <= CACHED_SERIALIZE_MAX_BYTES:
+        return onnx.ModelProto.FromString(serialize_bytes(model))
     return ir.serde.serialize_model(model)
 
 
@@ -136,11 +146,27 @@ def initializers_set_aside(
             if tensor is None or tensor.dtype == ir.DataType.STRING or not selects(tensor):
                 continue
             swapped.append((value, tensor))
-            value.const_value = ir.Tensor(np.zeros(0, dtype=tensor.dtype.numpy()), name=tensor.name)
+            value.const_value = _placeholder(tensor)
         yield swapped
     finally:
         for value, tensor in swapped:
             value.const_value = tensor
+
+
+_PLACEHOLDER_KEY = "optcc.set_aside.placeholder"
+
+
+def _placeholder(tensor: ir.TensorProtocol) -> ir.Tensor:
+    """An empty tensor of ``tensor``'s dtype and name: the same object each time a tensor
+    is set aside (kept in its meta), so that its serialization is cached too."""
+    meta = getattr(tensor, "meta", None)
+    placeholder = None if meta is None else meta.data.get(_PLACEHOLDER_KEY)
+    if placeholder is None:
+        placeholder = ir.Tensor(np.zeros(0, dtype=tensor.dtype.numpy()))
+        if meta is not None:
+            meta.data[_PLACEHOLDER_KEY] = placeholder
+    placeholder.name = tensor.name
+    return placeholder
 
 
 def _varint(n: int) -> bytes:
@@ -173,22 +199,29 @@ def _write_streamed(model: ir.Model, path: str) -> None:
                 and tensor.nbytes >= STREAM_MIN_BYTES)
 
     with initializers_set_aside(model, streamed) as aside:
-        proto = serialize(model)
+        parts = model_parts(model)
+        if parts is not None:  # the bytes of the model's parts (see ``serialize_cached``)
+            head = parts.to_bytes(initializers=False)
+            initializers = parts.initializers
+        else:
+            proto = ir.serde.serialize_model(model)
+            initializers = [(t.name, t.SerializeToString()) for t in proto.graph.initializer]
+            del proto.graph.initializer[:]
+            head = proto.SerializeToString()
+            del proto
     big = {v.name: t for v, t in aside}
-    initializers = list(proto.graph.initializer)  # in order; the big ones are placeholders
-    del proto.graph.initializer[:]
     with open(path, "wb") as f:
-        f.write(proto.SerializeToString())
-        del proto
-        for initializer in initializers:
-            tensor = big.get(initializer.name)
+        f.write(head)
+        del head
+        for name, data in initializers:  # in order; the big ones are placeholders
+            tensor = big.get(name)
             if tensor is None:
-                f.write(_graph_initializer_field(initializer.SerializeToString()))
+                f.write(_graph_initializer_field(data))
                 continue
             array = np.ascontiguousarray(tensor.numpy())
             if array.dtype.byteorder == ">":
                 array = array.astype(array.dtype.newbyteorder("<"))
-            header = onnx.TensorProto(name=initializer.name, dims=list(array.shape),
+            header = onnx.TensorProto(name=name, dims=list(array.shape),
                                       data_type=int(tensor.dtype)).SerializeToString()
             data = memoryview(array.reshape(-1).view(np.uint8))
             raw_field = b"\x4a" + _varint(data.nbytes)  # TensorProto.raw_data (9)

@@ -1,0 +1,292 @@
+"""The serialized model, byte for byte what onnx-ir writes, assembled from the cached
+bytes of the nodes, value annotations and small tensors that did not change since the
+last serialization.
+
+Why: a run serializes the same model several times (shape inference in every
+fold-constants round, onnx's checker on the result, the save), and onnx-ir's serializer
+costs microseconds per node and per value annotation although most of them have not
+changed since the last time.
+
+``model_parts(model)`` returns the model's serialization in parts (``Parts``): each
+node's, value annotation's and initializer's message bytes, and the few model- and
+graph-level fields. Joined (``Parts.to_bytes``), they are exactly
+``onnx_ir.serde.serialize_model(model).SerializeToString()``: protobuf writes a message's
+fields in field-number order and a repeated field's elements in order, each element as
+its tag, its length and its bytes, and that is how the parts are joined (tests compare
+the bytes).
+
+How a cached part stays exact: each object's bytes are kept in that object's ``meta``
+with the key they were written from, and reused only when the object's key is the same
+now. The key holds every field the bytes are written from:
+
+- node: name, op_type, domain, overload, doc_string, metadata_props, input and output
+  names, and its attribute objects (by identity: an ``ir.Attr``'s value cannot be
+  reassigned, and nothing in optcc edits an attribute's list in place; their names and
+  doc strings are part of the key). Nodes with tensor attributes are not cached (a
+  tensor's name can change under the attribute, and the cache would hold a second copy
+  of its data);
+- value annotation: name, tensor type (the object by identity, its dtype and
+  denotation; other types are not cached), dims, dim denotations, doc_string,
+  metadata_props;
+- in-memory tensor of at most ``CACHE_TENSOR_BYTES``: its name, doc_string and
+  metadata_props (onnx-ir tensors are immutable; the bytes live in the tensor's meta).
+
+Models outside the plain case get ``None`` from ``model_parts`` (callers then use
+onnx-ir's serializer): model-local functions, subgraph or reference attributes (a body's
+contents can change under an unchanged attribute object), quantization annotations,
+multi-device configurations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from optcc.ir.walk import _tensor_nbytes
+
+__all__ = ["Parts", "model_parts", "serialize_bytes", "CACHE_TENSOR_BYTES"]
+
+CACHE_TENSOR_BYTES = 4096
+
+_NODE_KEY = "optcc.serialized.node"
+_VALUE_KEY = "optcc.serialized.value"
+_TENSOR_KEY = "optcc.serialized.tensor"
+_QUANTIZATION_KEY = "quant_parameter_tensor_names"  # onnx-ir's meta key for quantization annotations
+
+_UNCACHED_ATTRIBUTES = frozenset({
+    ir.AttributeType.TENSOR, ir.AttributeType.TENSORS,
+    ir.AttributeType.SPARSE_TENSOR, ir.AttributeType.SPARSE_TENSORS,
+})
+_GRAPH_ATTRIBUTES = frozenset({ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS})
+_CACHED_TENSOR_TYPES = (ir.Tensor, ir.serde.TensorProtoTensor)
+
+# field numbers (onnx.proto)
+_MODEL_GRAPH = 7
+_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO = 1, 5, 11, 12, 13
+
+
+class _Unsupported(Exception):
+    """The model is outside the plain case: onnx-ir serializes it."""
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_ONE_BYTE = [bytes((n,)) for n in range(128)]  # the varints below 128
+
+
+def _length(n: int) -> bytes:
+    return _ONE_BYTE[n] if n < 128 else _varint(n)
+
+
+def field(number: int, message: bytes) -> bytes:
+    """One length-delimited field: its tag, the message's length, the message."""
+    return _varint(number << 3 | 2) + _length(len(message)) + message
+
+
+# the tags of the GraphProto's message fields the parts write often
+_NODE_TAG, _INPUT_TAG, _OUTPUT_TAG, _VALUE_INFO_TAG = (
+    _varint(number << 3 | 2) for number in (_GRAPH_NODE, _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO))
+
+
+@dataclasses.dataclass
+class Parts:
+    """A model's serialization in parts, in field-number order.
+
+    ``head``: the ModelProto fields before ``graph`` (numbers 1-6); ``tail``: those after
+    it (opset_import, metadata_props). In the GraphProto: ``nodes`` (field 1, each
+    element's bytes), ``name`` (field 2, encoded), ``initializers`` ((name, TensorProto
+    bytes) of field 5, in order), ``rest`` (fields 10 and up, encoded)."""
+
+    head: bytes
+    nodes: list[bytes]
+    name: bytes
+    initializers: list[tuple[str, bytes]]
+    rest: bytes
+    tail: bytes
+
+    def graph_bytes(self, initializers: bool = True) -> bytes:
+        pieces = [_NODE_TAG + _length(len(node)) + node for node in self.nodes]
+        pieces.append(self.name)
+        if initializers:
+            pieces.extend(field(_GRAPH_INITIALIZER, tensor) for _, tensor in self.initializers)
+        pieces.append(self.rest)
+        return b"".join(pieces)
+
+    def to_bytes(self, initializers: bool = True) -> bytes:
+        """The ModelProto's bytes (without the graph's initializers when asked)."""
+        return self.head + field(_MODEL_GRAPH, self.graph_bytes(initializers)) + self.tail
+
+
+def serialize_bytes(model: ir.Model) -> bytes:
+    """``onnx_ir.serde.serialize_model(model).SerializeToString()``, from cached parts
+    where the model allows."""
+    parts = model_parts(model)
+    return parts.to_bytes() if parts is not None else ir.serde.serialize_model(model).SerializeToString()
+
+
+def model_parts(model: ir.Model) -> Parts | None:
+    """The model's serialization in parts (see ``Parts``); None outside the plain case
+    (see the module docstring). Like onnx-ir's serializer, it names each initializer's
+    tensor after its value."""
+    if len(model.functions) or getattr(model, "device_configurations", ()):
+        return None
+    head = onnx.ModelProto()
+    head.ir_version = model.ir_version
+    if model.producer_name:
+        head.producer_name = model.producer_name
+    if model.producer_version:
+        head.producer_version = model.producer_version
+    if model.domain:
+        head.domain = model.domain
+    if model.model_version:
+        head.model_version = model.model_version
+    if model.doc_string:
+        head.doc_string = model.doc_string
+    tail = onnx.ModelProto()
+    for domain, version in model.opset_imports.items():
+        tail.opset_import.add(domain=domain, version=version)
+    _string_map_into(tail.metadata_props, model.metadata_props)
+    try:
+        return _graph_parts(model.graph, head.SerializeToString(), tail.SerializeToString())
+    except _Unsupported:
+        return None
+
+
+def _string_map_into(entries: Any, mapping: dict[str, str]) -> None:
+    for key in sorted(mapping):
+        entries.add(key=key, value=mapping[key])
+
+
+def _graph_parts(graph: ir.Graph, head: bytes, tail: bytes) -> Parts:
+    """What ``onnx_ir.serde.serialize_graph_into`` writes for ``graph``, in parts."""
+    inputs = []
+    for value in graph.inputs:
+        _no_quantization(value)
+        data = _value_info(value)
+        inputs.append(_INPUT_TAG + _length(len(data)) + data)
+    input_names = {v.name for v in graph.inputs}
+    infos: list[bytes] = []
+    initializers: list[tuple[str, bytes]] = []
+    for value in graph.initializers.values():
+        _no_quantization(value)
+        if value.name not in input_names and _annotated(value):
+            data = _value_info(value)
+            infos.append(_VALUE_INFO_TAG + _length(len(data)) + data)
+        tensor = value.const_value
+        if tensor is None:
+            continue  # onnx-ir writes no initializer for it either (and warns)
+        tensor.name = value.name  # as onnx-ir's serializer does
+        initializers.append((value.name, _tensor(tensor)))
+    nodes: list[bytes] = []
+    for node in graph:
+        nodes.append(_node(node))
+        for output in node.outputs:
+            if output.is_graph_output():
+                continue
+            _no_quantization(output)
+            if _annotated(output):
+                data = _value_info(output)
+                infos.append(_VALUE_INFO_TAG + _length(len(data)) + data)
+    outputs = []
+    for value in graph.outputs:
+        _no_quantization(value)
+        data = _value_info(value)
+        outputs.append(_OUTPUT_TAG + _length(len(data)) + data)
+    name = onnx.GraphProto(name=graph.name).SerializeToString() if graph.name else b""
+    doc = onnx.GraphProto(doc_string=graph.doc_string).SerializeToString() if graph.doc_string else b""
+    metadata = onnx.GraphProto()
+    _string_map_into(metadata.metadata_props, graph.metadata_props)
+    # fields 10 (doc_string), 11 (input), 12 (output), 13 (value_info), 16 (metadata_props)
+    rest = b"".join([doc, *inputs, *outputs, *infos, metadata.SerializeToString()])
+    return Parts(head, nodes, name, initializers, rest, tail)
+
+
+def _no_quantization(value: ir.Value) -> None:
+    if value.meta.data.get(_QUANTIZATION_KEY):  # the UserDict's own dict: its Mapping methods are slow
+        raise _Unsupported
+
+
+def _annotated(value: ir.Value) -> bool:
+    """Whether onnx-ir writes a value_info for the value (``_should_create_value_info_for_value``)."""
+    if value.shape is None and value.type is None and not value.metadata_props and not value.doc_string:
+        return False
+    return bool(value.name)
+
+
+def _node(node: ir.Node) -> bytes:
+    if getattr(node, "device_configurations", ()):
+        raise _Unsupported
+    attributes = tuple(node.attributes.data.values())
+    cacheable = True
+    for attr in attributes:
+        if attr.type in _GRAPH_ATTRIBUTES or attr.ref_attr_name is not None:
+            raise _Unsupported
+        if attr.type in _UNCACHED_ATTRIBUTES:
+            cacheable = False
+    if not cacheable:
+        return ir.serde.serialize_node(node).SerializeToString()
+    metadata = node.metadata_props
+    key = (
+        node.name, node.op_type, node.domain, node.overload, node.doc_string,
+        tuple(sorted(metadata.items())) if metadata else (),
+        tuple("" if v is None else v.name for v in node.inputs),
+        tuple(v.name for v in node.outputs),
+        tuple(id(a) for a in attributes), tuple((a.name, a.doc_string) for a in attributes),
+    )
+    meta = node.meta.data
+    cached = meta.get(_NODE_KEY)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    data = ir.serde.serialize_node(node).SerializeToString()
+    meta[_NODE_KEY] = (key, data, attributes)  # the attributes stay referenced: their ids stay theirs
+    return data
+
+
+def _value_info(value: ir.Value) -> bytes:
+    type_ = value.type
+    if type_ is not None and type(type_) is not ir.TensorType:
+        return ir.serde.serialize_value(value).SerializeToString()  # sequence/optional/sparse: not cached
+    shape = value.shape
+    if shape is None:
+        dims: Any = None
+        denotations: Any = None
+    else:
+        dims = shape.dims
+        denotations = tuple(shape.get_denotation(i) for i in range(len(dims)))
+    metadata = value.metadata_props
+    key = (
+        value.name, id(type_), None if type_ is None else (type_.dtype, type_.denotation), dims, denotations,
+        value.doc_string, tuple(sorted(metadata.items())) if metadata else (),
+    )
+    meta = value.meta.data
+    cached = meta.get(_VALUE_KEY)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    data = ir.serde.serialize_value(value).SerializeToString()
+    meta[_VALUE_KEY] = (key, data, type_)  # the type stays referenced: its id stays its own
+    return data
+
+
+def _tensor(tensor: ir.TensorProtocol) -> bytes:
+    # in-memory tensors only (``type``: isinstance checks of onnx-ir's classes are slow)
+    if type(tensor) not in _CACHED_TENSOR_TYPES or _tensor_nbytes(tensor) > CACHE_TENSOR_BYTES:
+        return ir.serde.serialize_tensor(tensor).SerializeToString()
+    metadata = tensor.metadata_props
+    key = (tensor.name, tensor.doc_string, tuple(sorted(metadata.items())) if metadata else ())
+    meta = tensor.meta.data
+    cached = meta.get(_TENSOR_KEY)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    data = ir.serde.serialize_tensor(tensor).SerializeToString()
+    meta[_TENSOR_KEY] = (key, data)
+    return data
