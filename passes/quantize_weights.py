@@ -1,4 +1,5 @@
-"""QuantizeWeightsPass: block-wise weight-only quantization (INT4/INT8) of MatMul and Gemm.
+"""QuantizeWeightsPass: weight-only quantization: block-wise INT4/INT8 of MatMul and Gemm,
+per-channel INT8 of Conv and ConvTranspose with bias correction.
 
 Rewrite, for ``y = MatMul(a, W)`` / ``y = Gemm(a, B, C)`` with a constant float32 2-D
 weight (``W = B`` or ``B^T`` with ``transB``), the weight quantized block-wise along K by
@@ -28,9 +29,10 @@ float (its readers include a Gather). ``embeddings=None`` (the default) means Tr
 below the body's, and a vocabulary table is a large share of a language model; next to an
 8-bit body they would be the largest error left (docs/weight-only.md has the measurements).
 
-GPTQ needs ``samples`` (feed dicts): the Hessian ``X^T X`` of each layer's input is
-accumulated in float64 over them, one sample at a time, from the float model; without
-samples GPTQ falls back to RTN and says so in ``stats["note"]``.
+``samples`` (feed dicts) serve GPTQ and the convolutions' bias correction. GPTQ needs
+them: the Hessian ``X^T X`` of each layer's input is accumulated in float64 over them, one
+sample at a time, from the float model; without samples GPTQ falls back to RTN and says
+so in ``stats["note"]``.
 
 Preconditions: main-graph default-domain MatMul/Gemm (``transA = 0``), activation
 float32, weight a float32 2-D constant read only by such nodes with one orientation
@@ -43,8 +45,33 @@ kernel; session option ``session.qdq_matmulnbits_accuracy_level``), so the porta
 runs with that extra error there; the MatMulNBits target writes ``accuracy_level`` only
 when asked (default: float activations).
 
+Convolutions (``convs``; default: with ``bits=8``): ``y = Conv(x, W, b)`` (or
+ConvTranspose, or onnxruntime's FusedConv of -O3) with a constant float32 weight becomes ``Conv(x, DequantizeLinear(q, scale,
+axis), b')``: ``q`` symmetric int8, one scale per output channel (``axis=0``; 1 for an
+ungrouped ConvTranspose, whose weight is ``[C_in, C_out, k...]``; a grouped one gets one
+scale per input channel, axis 0), RTN with the channel's value of largest magnitude mapped
+to -128 (``weight_only.quantize_channels``). Per-axis DequantizeLinear needs opset 13 (not
+21): an older model is upgraded to 13 as above. Activations stay float; a weight read by
+several such nodes is dequantized once. With ``samples`` (and ``bias_correction``),
+``b' = b + E[conv(x, W - W_hat)]`` per output channel, the mean over the samples and
+output positions with ``x`` the node's input in the float model (before this pass changes
+anything): onnxruntime runs a probe copy of each node on ``W - W_hat`` followed by a
+per-channel ReduceMean, one sample at a time on one thread, averaged in float64
+(``weight_only.weight_error_shifts``); ``b'`` is a new float32 initializer per node (0 + shift
+when the node had no bias), so the quantized layer's mean output equals the float one's on
+the samples. Without samples ``b' = b`` and ``stats["bias_correction"]`` says so. A
+convolution whose bias is not a float32 constant keeps it (counted as not corrected).
+Preconditions: a node of the main graph; activation float32 and not
+constant; weight a float32 constant (initializer or Constant node) of rank >= 3, not a
+graph input or output, read only as the weight of such nodes of the same op with the same
+scale axis; else it stays float with a reason in ``stats["kept_float"]``. (The -O1+
+pipelines lift Constant-node weights to initializers before this pass; run alone, it
+reads a Constant node's tensor and removes the node once nothing reads it.)
+
 Numerics ("int8"): lossy; the error is the weight's block-wise rounding, bounded per
-element by half a step (``|scale| / 2``) for RTN; the verifier judges the outputs.
+element by half a step (``|scale| / 2``) for RTN (per channel for convolutions); the
+quantized model computes exactly the float graph with ``W_hat`` and ``b'`` (up to float32
+rounding); the verifier judges the outputs.
 """
 
 from __future__ import annotations
@@ -63,6 +90,8 @@ __all__ = ["QuantizeWeightsPass", "drop_unused_weights", "embedding_reason", "qu
 weight_only = optcc.quant.weight_only
 
 BLOCKWISE_OPSET = 21
+PER_AXIS_OPSET = 13  # DequantizeLinear's axis (one scale per channel)
+_CONVS = ("Conv", "ConvTranspose")  # default domain; and com.microsoft FusedConv (-O3), a Conv's weight
 _MS = "com.microsoft"
 # ops a head's output may pass through on its way to a graph output
 _HEAD_PASSTHROUGH = frozenset({"Add", "Sub", "Mul", "Div", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
@@ -70,7 +99,8 @@ _HEAD_PASSTHROUGH = frozenset({"Add", "Sub", "Mul", "Div", "Reshape", "Transpose
 
 
 class QuantizeWeightsPass(optcc.Pass):
-    """MatMul/Gemm weights -> block-wise INT4/INT8 (MatMulNBits or DequantizeLinear); see module doc."""
+    """MatMul/Gemm weights -> block-wise INT4/INT8 (MatMulNBits or DequantizeLinear), Conv
+    weights -> per-channel INT8 with bias correction; see module doc."""
 
     name = "quantize-weights"
     numerics = "int8"
@@ -78,7 +108,8 @@ class QuantizeWeightsPass(optcc.Pass):
     def __init__(self, *, bits: int = 4, block_size: int = 32, symmetric: bool = False,
                  algorithm: str = "rtn", target: str = "portable", head_bits: int | None = 8,
                  embeddings: bool | None = None, samples: Iterable[Mapping[str, np.ndarray]] | None = None,
-                 accuracy_level: int | None = None, exclude: Iterable[str] = ()) -> None:
+                 accuracy_level: int | None = None, exclude: Iterable[str] = (), convs: bool | None = None,
+                 bias_correction: bool = True) -> None:
         super().__init__()
         if bits not in (4, 8):
             raise optcc.BadInputError(f"weight-only bits must be 4 or 8, got {bits}")
@@ -96,6 +127,8 @@ class QuantizeWeightsPass(optcc.Pass):
         self.samples = None if samples is None else list(samples)
         self.accuracy_level = accuracy_level
         self.exclude = frozenset(exclude)
+        self.convs = (bits == 8) if convs is None else convs
+        self.bias_correction = bias_correction
 
     # ------------------------------------------------------------------ planning
 
@@ -104,19 +137,26 @@ class QuantizeWeightsPass(optcc.Pass):
                                  "bits": self.bits, "block_size": self.block_size, "target": self.target}
         graph = model.graph
         layers, gathers, tied = self._plan(graph, stats)
-        if not layers and not gathers and not tied:
+        convs = self._plan_convs(graph, stats)
+        if not layers and not gathers and not tied and not convs:
             return optcc.PassResult(model, False, stats)
         portable = self.target != "onnxruntime"
-        if (portable and layers) and optcc.ir.default_opset(model) < BLOCKWISE_OPSET:
-            reason = _upgrade_opset(model, BLOCKWISE_OPSET)
+        needed = max(BLOCKWISE_OPSET if (portable and layers) else 0, PER_AXIS_OPSET if convs else 0)
+        if optcc.ir.default_opset(model) < needed:
+            reason = _upgrade_opset(model, needed, "block-wise" if needed == BLOCKWISE_OPSET else "per-axis")
             if reason:
                 stats["reason"] = reason
                 return optcc.PassResult(model, False, stats)
-            stats["opset_upgraded_to"] = BLOCKWISE_OPSET
+            stats["opset_upgraded_to"] = needed
             graph = model.graph
-            layers, gathers, tied = self._plan(graph, {"quantized": {}, "kept_float": {}, "head": []})
+            scratch: dict[str, Any] = {"quantized": {}, "kept_float": {}, "head": []}
+            layers, gathers, tied = self._plan(graph, scratch)
+            convs = self._plan_convs(graph, scratch)
         heads = _heads(graph, {node for node, _ in layers})
         hessians = self._hessians(model, layers, stats)
+        # the convolutions' weights and bias shifts, measured on the float model before any rewrite
+        conv_weights = {w: weight_only.quantize_channels(optcc.ir.as_numpy(w), _conv_axis(node)) for node, w in convs}
+        shifts = self._conv_shifts(model, convs, conv_weights, stats)
         taken = optcc.ir.value_names(model)
         replaced: list[ir.Value] = []
         done: dict[tuple[ir.Value, int], Any] = {}
@@ -153,6 +193,18 @@ class QuantizeWeightsPass(optcc.Pass):
             replaced.append(table)
             self._emit_tied(graph, table, taken)
             stats["quantized"]["tied table int8"] = stats["quantized"].get("tied table int8", 0) + 1
+        conv_emitted: dict[ir.Value, ir.Value] = {}  # float weight -> its DequantizeLinear's output
+        for node, w_value in convs:
+            replaced.append(w_value)
+            if w_value not in conv_emitted:
+                conv_emitted[w_value] = _emit_channel_dequantize(graph, node, w_value, conv_weights[w_value], taken)
+            node.replace_input_with(1, conv_emitted[w_value])
+            if node in shifts:
+                old_bias = _set_bias(graph, node, shifts[node], taken)
+                if old_bias is not None:
+                    replaced.append(old_bias)
+            label = f"{node.op_type} int8"
+            stats["quantized"][label] = stats["quantized"].get(label, 0) + 1
         stats["float_weight_bytes_removed"] = drop_unused_weights(graph, dict.fromkeys(replaced))
         return optcc.PassResult(model, True, stats)
 
@@ -197,6 +249,47 @@ class QuantizeWeightsPass(optcc.Pass):
         if tied:
             layers = [(n, w) for n, w in layers if w not in tied]
         return layers, gathers, tied
+
+    def _plan_convs(self, graph: ir.Graph, stats: dict[str, Any]) -> list[tuple[ir.Node, ir.Value]]:
+        """(Conv/ConvTranspose node, weight) pairs to store as per-channel int8, in graph order."""
+        if not self.convs:
+            return []
+        found = []
+        for node in graph:
+            if not _is_conv(node):
+                continue
+            reason = "excluded" if self.exclude & {node.name, *(v.name for v in node.outputs)} else _conv_reason(node)
+            if reason:
+                stats["kept_float"][reason] = stats["kept_float"].get(reason, 0) + 1
+                continue
+            found.append((node, node.inputs[1]))
+        return found
+
+    def _conv_shifts(self, model: ir.Model, convs: list[tuple[ir.Node, ir.Value]],
+                     weights: Mapping[ir.Value, Any], stats: dict[str, Any]) -> dict[ir.Node, np.ndarray]:
+        """Each correctable convolution's bias shift ``E[conv(x, W - W_hat)]`` per output
+        channel on the samples (``weight_only.weight_error_shifts``, on the float model)."""
+        if not convs:
+            return {}
+        if not self.bias_correction or not self.samples:
+            why = "turned off" if not self.bias_correction else "no calibration samples given"
+            stats["bias_correction"] = {"corrected": 0, "note": f"{why}: convolution biases not corrected"}
+            return {}
+        deltas, skipped = [], 0
+        for node, w_value in convs:
+            if _bias_reason(node) is not None:
+                skipped += 1
+                continue
+            w = optcc.ir.as_numpy(w_value)
+            deltas.append((node, (w.astype(np.float64) - weights[w_value].dequantize()).astype(np.float32)))
+        # one thread: the reductions' order, so the biases written, do not depend on the machine's cores
+        shifts = weight_only.weight_error_shifts(model, deltas, self.samples, threads=1)
+        stats["bias_correction"] = {
+            "corrected": len(deltas), "samples": len(self.samples),
+            "mean_abs_shift": float(np.mean([np.abs(s).mean() for s in shifts])) if shifts else 0.0}
+        if skipped:
+            stats["bias_correction"]["not_corrected"] = f"{skipped} with a bias that is not a float32 constant"
+        return {node: shift for (node, _), shift in zip(deltas, shifts)}
 
     def _layer_reason(self, node: ir.Node) -> str | None:
         a, w_value = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
@@ -464,7 +557,7 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _upgrade_opset(model: ir.Model, target: int) -> str | None:
+def _upgrade_opset(model: ir.Model, target: int, form: str = "block-wise") -> str | None:
     """Move the model's default-domain opset to ``target`` in place
     (``optcc.ir.convert_opset``: onnx's version converter, no weight copied). Returns why
     it could not, or None."""
@@ -473,6 +566,98 @@ def _upgrade_opset(model: ir.Model, target: int) -> str | None:
         optcc.ir.convert_opset(model, target)
     except Exception as e:  # noqa: BLE001 - the converter raises plain errors
         line = " ".join(str(e).split())[:200]
-        return (f"block-wise DequantizeLinear needs opset {target}; the model is at opset {current} and "
-                f"onnx's version converter cannot upgrade it ({line}); use target='onnxruntime' (MatMulNBits)")
+        hint = "; use target='onnxruntime' (MatMulNBits)" if form == "block-wise" else ""
+        return (f"{form} DequantizeLinear needs opset {target}; the model is at opset {current} and "
+                f"onnx's version converter cannot upgrade it ({line}){hint}")
     return None
+
+
+# ---------------------------------------------------------------------- convolutions
+
+
+def _is_conv(node: ir.Node) -> bool:
+    """A default-domain Conv/ConvTranspose, or onnxruntime's FusedConv (a Conv, its bias and
+    an activation in one node; the weight and bias mean what they mean for Conv)."""
+    if node.domain in ("", "ai.onnx"):
+        return node.op_type in _CONVS
+    return node.domain == _MS and node.op_type == "FusedConv"
+
+
+def _conv_axis(node: ir.Node) -> int:
+    """The weight axis that gets one scale: output channels (axis 0 of a Conv's
+    ``[C_out, C_in/g, k...]``, axis 1 of an ungrouped ConvTranspose's ``[C_in, C_out, k...]``);
+    a grouped ConvTranspose's output channels are not one axis of its weight, so it gets
+    one scale per input channel (axis 0; for a depthwise one the same thing)."""
+    if node.op_type == "ConvTranspose" and _attr(node, "group", 1) == 1:
+        return 1
+    return 0
+
+
+def _conv_reason(node: ir.Node) -> str | None:
+    """Why a Conv/ConvTranspose's weight stays float, or None: it must be a float32 constant
+    (initializer or Constant node) of rank >= 3, not a graph input or output, read only
+    as the weight of Convs (ConvTransposes) that give it the same scale axis; the
+    activation float32 and not constant."""
+    x = node.inputs[0] if node.inputs else None
+    w_value = node.inputs[1] if len(node.inputs) > 1 else None
+    if x is None or w_value is None:
+        return "convolution without input or weight"
+    if x.dtype is not None and x.dtype != ir.DataType.FLOAT:
+        return "activation not float32"
+    if optcc.ir.as_numpy(x) is not None:
+        return "activation constant"
+    if w_value.is_graph_input():
+        return "weight is a graph input"
+    w = optcc.ir.as_numpy(w_value)
+    if w is None:
+        return "weight not a constant"
+    if w.dtype != np.float32 or w.ndim < 3:
+        return "weight not a float32 constant of rank >= 3"
+    axis = _conv_axis(node)
+    for use in w_value.uses():
+        other = use.node
+        if use.idx != 1 or other.op_type != node.op_type or not _is_conv(other) or _conv_axis(other) != axis:
+            return "weight shared with another op"
+    if w_value.is_graph_output():
+        return "weight shared with another op"
+    return None
+
+
+def _bias_reason(node: ir.Node) -> str | None:
+    """None when the node's bias is absent or a float32 constant vector that the correction
+    may replace (a new initializer per node, so a shared bias is never changed for its
+    other readers)."""
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is None:
+        return None
+    array = None if bias.is_graph_input() else optcc.ir.as_numpy(bias)
+    if array is None or array.dtype != np.float32 or array.ndim != 1:
+        return "bias not a float32 constant"
+    return None
+
+
+def _emit_channel_dequantize(graph: ir.Graph, node: ir.Node, w_value: ir.Value, cq: Any, taken: set[str]) -> ir.Value:
+    """``DequantizeLinear(q, scale, axis)`` (int8, no zero point) before ``node`` (the weight's
+    first reader in graph order); returns its float output, shaped as the weight."""
+    base = w_value.name or "weight"
+    q = _initializer(graph, _name(taken, f"{base}_q8"), cq.q)
+    scale = _initializer(graph, _name(taken, f"{base}_scale"), cq.scale)
+    dq = ir.node("DequantizeLinear", [q, scale], {"axis": cq.axis}, name=_name(taken, f"{base}_dequantize"))
+    dq.outputs[0].name = _name(taken, f"{base}_dequantized")
+    dq.outputs[0].dtype = ir.DataType.FLOAT
+    dq.outputs[0].shape = ir.Shape(cq.q.shape)
+    graph.insert_before(node, dq)
+    return dq.outputs[0]
+
+
+def _set_bias(graph: ir.Graph, node: ir.Node, shift: np.ndarray, taken: set[str]) -> ir.Value | None:
+    """Give ``node`` a new float32 bias initializer, its bias (0 when it has none) plus
+    ``shift`` (rounded once to float32); returns the bias value it read before, if any."""
+    old = node.inputs[2] if len(node.inputs) > 2 else None
+    current = np.zeros(shift.shape) if old is None else optcc.ir.as_numpy(old).astype(np.float64)
+    base = (old.name if old is not None and old.name else None) or f"{node.outputs[0].name}_bias"
+    value = _initializer(graph, _name(taken, f"{base}_corrected"), (current + shift).astype(np.float32))
+    if len(node.inputs) < 3:
+        node.resize_inputs(3)
+    node.replace_input_with(2, value)
+    return old

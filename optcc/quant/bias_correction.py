@@ -30,6 +30,11 @@ output SQNR; docs/int8.md): nudenet-320n 30.3 -> 30.6 dB; on whole text lines PP
 PP-OCR cls 22.5 -> 25.2 dB; PP-OCRv4 det on photos -2.8 -> 1.5 dB; on random windows of
 text rec 13.1 -> 13.1 (CTC 1/8 -> 3/8) and cls 16.9 -> 16.4 dB. cls is within its noise:
 corrected on 8 samples instead of 4, it gives 19.4 (lines) and 13.8 dB (crops).
+
+``weight_error_shifts`` serves weight-only quantization (activations float): the mean
+output error ``E[conv(x, W - W_hat)]`` of each convolution on the float model's own
+inputs, measured by probe copies of the layers reading ``W - W_hat``; the caller adds it
+to the float bias.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from optcc import ir as oir
 from optcc.progress import Progress
 from optcc.runtime.session import session_options
 
-__all__ = ["correct_biases"]
+__all__ = ["correct_biases", "weight_error_shifts"]
 
 Feeds = Mapping[str, np.ndarray]
 _INT32_MAX = 2**31 - 1
@@ -392,3 +397,67 @@ def _write_bias(model: ir.Model, layer: _Layer, q: np.ndarray, taken: set[str]) 
     graph.insert_before(node, ir.node("DequantizeLinear", values, attributes={"axis": 0}, outputs=[out]))
     node.resize_inputs(3)
     node.replace_input_with(2, out)
+
+
+def weight_error_shifts(reference: ir.Model, deltas: Sequence[tuple[ir.Node, np.ndarray]],
+                        samples: Sequence[Feeds], *, threads: int | None = None) -> list[np.ndarray]:
+    """The mean output error that replacing a convolution's weight adds, per output channel.
+
+    ``deltas``: (Conv, ConvTranspose or com.microsoft FusedConv node of ``reference``'s main
+    graph, ``dW = W - W_hat`` with the weight's shape; a FusedConv's probe is its Conv). For each, ``E[op(x, W) - op(x, W_hat)] = E[op(x, dW)]``
+    (the op is linear in its weight; the bias cancels), the mean over the samples and every
+    axis of the result but 1 (channels), ``x`` being the node's input in ``reference`` (the
+    float model: weight-only quantization leaves activations float, so the error each layer
+    adds is measured on the inputs it was trained for, independently of the layers before
+    it). Computed by onnxruntime: a probe copy of each node reading ``x`` and ``dW`` (same
+    attributes, no bias) followed by a per-channel ReduceMean (``_mean_nodes``), in float32,
+    one sample at a time, averaged over the samples in float64 (``_average``). Adding the
+    returned shift to the node's bias makes the quantized layer's mean output equal the
+    float one's on the samples (up to that float32 rounding).
+
+    Preconditions: each node's output and input 0 are named, ``dW`` is float32-representable;
+    ``reference`` is not modified. Returns float64 arrays ``[C_out]`` in the order given."""
+    if not deltas:
+        return []
+    proto = oir.serialize(reference)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+    prefix = oir.unique_value_name(reference, "optcc_weight_error")
+    by_result = {node.output[0]: node for node in proto.graph.node if node.output}
+    probes, names, ranks = [], [], []
+    for i, (node, delta) in enumerate(deltas):
+        original = by_result[node.outputs[0].name]
+        probe = onnx.NodeProto()
+        probe.CopyFrom(original)
+        probe.name = f"{prefix}_probe_{i}"
+        if probe.domain == "com.microsoft" and probe.op_type == "FusedConv":  # its Conv, without the activation
+            probe.domain, probe.op_type = "", "Conv"
+            kept = [a for a in probe.attribute if a.name not in ("activation", "activation_params")]
+            del probe.attribute[:]
+            probe.attribute.extend(kept)
+        weight = f"{prefix}_dw_{i}"
+        del probe.input[:]
+        probe.input.extend([original.input[0], weight])
+        del probe.output[:]
+        probe.output.append(f"{prefix}_probe_{i}")
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(delta, np.float32), weight))
+        probes.append(probe)
+        names.append(probe.output[0])
+        ranks.append(delta.ndim)  # a convolution's result has its weight's rank
+    means, outputs = _mean_nodes(names, ranks, opset, prefix)
+    # each probe and its reduction right after the node whose input it reads, so the
+    # probe's result is freed as soon as it is reduced
+    after: dict[str, list[onnx.NodeProto]] = {}
+    for (node, _), probe in zip(deltas, probes):
+        after.setdefault(node.outputs[0].name, []).append(probe)
+    reduction_of = {m.input[0]: m for m in means if m.op_type == "ReduceMean"}
+    constants = [m for m in means if m.op_type == "Constant"]
+    ordered = list(constants)
+    for node in proto.graph.node:
+        ordered.append(node)
+        for probe in after.pop(node.output[0] if node.output else "", ()):
+            ordered.extend([probe, reduction_of[probe.output[0]]])
+    del proto.graph.node[:]
+    proto.graph.node.extend(ordered)
+    del proto.graph.output[:]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
+    return _average(_session(proto, threads), outputs, samples)

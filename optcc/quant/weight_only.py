@@ -34,6 +34,13 @@ Algorithms (all return a ``BlockQuantized``):
   the min/max range, is in the grid). It minimizes the layer's output error on the data
   ``tr((W - W_hat)^T H (W - W_hat))``, which is what ``output_error`` measures.
 
+Convolution weights (``quantize_channels``) are stored as symmetric int8 with one scale per
+slice along one axis (a Conv's output channels), the per-axis ``DequantizeLinear`` of
+opset 13; the same RTN rule (the slice's value of largest magnitude maps to -128). The
+mean output error that rounding adds is measured by
+``optcc.quant.bias_correction.weight_error_shifts`` (re-exported here), for the caller's
+bias correction.
+
 Packing helpers emit onnxruntime's ``MatMulNBits`` layout (``pack_matmul_nbits``) and the
 arrays of a block-wise ``DequantizeLinear`` (opset 21, ``int4``/``uint4``/``int8``/``uint8``).
 """
@@ -48,6 +55,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from optcc.quant.bias_correction import weight_error_shifts
 from optcc.runtime.session import session_options
 
 __all__ = [
@@ -60,6 +68,9 @@ __all__ = [
     "HessianAccumulator",
     "output_error",
     "pack_matmul_nbits",
+    "ChannelQuantized",
+    "quantize_channels",
+    "weight_error_shifts",
     "ALGORITHMS",
 ]
 
@@ -101,6 +112,36 @@ class BlockQuantized:
         dtype = ml_dtypes.uint4 if self.bits == 4 else np.uint8
         assert self.zero_points is not None
         return self.q.astype(np.uint8).astype(dtype), self.zero_points.astype(np.uint8).astype(dtype)
+
+
+@dataclasses.dataclass
+class ChannelQuantized:
+    """A weight stored as symmetric int8 with one scale per slice along ``axis``:
+    ``W_hat = q * scale`` (scale broadcast along ``axis``), the per-axis DequantizeLinear
+    of opset 13 without a zero point."""
+
+    q: np.ndarray  # int8, the weight's shape
+    scale: np.ndarray  # float32 [q.shape[axis]]
+    axis: int
+
+    def dequantize(self) -> np.ndarray:
+        """W_hat as float32, computed as DequantizeLinear does: the level (exact in
+        float32) times the scale, one float32 rounding."""
+        shape = [1] * self.q.ndim
+        shape[self.axis] = -1
+        return self.q.astype(np.float32) * self.scale.reshape(shape)
+
+
+def quantize_channels(w: np.ndarray, axis: int = 0) -> ChannelQuantized:
+    """Symmetric int8 RTN of ``w`` with one scale per slice along ``axis``: each slice is one
+    block of ``quantize_rtn`` (its value of largest magnitude maps exactly to -128; an
+    all-zero slice gets scale 1). The error per element is at most half a step."""
+    moved = np.moveaxis(np.asarray(w, np.float32), axis, 0)
+    rows = moved.reshape(moved.shape[0], -1)
+    block = max(16, 1 << (max(rows.shape[1], 1) - 1).bit_length())
+    bq = quantize_rtn(rows.T, 8, block, symmetric=True)  # one block per column: the slice
+    q = np.moveaxis(bq.q.T.reshape(moved.shape), 0, axis).astype(np.int8)
+    return ChannelQuantized(np.ascontiguousarray(q), bq.scales[0].astype(np.float32), axis)
 
 
 def _levels(bits: int, symmetric: bool) -> tuple[int, int]:
