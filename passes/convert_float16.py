@@ -326,7 +326,8 @@ class ConvertFloat16Pass(optcc.Pass):
         no two sessions of a large model live at once)."""
         if provider not in self._originals:
             ref = fp16.ranges.session(self.original, provider, self._scratch)
-            self._originals[provider] = ([o.name for o in ref.get_outputs()], [ref.run(None, f) for f in self.feeds])
+            self._originals[provider] = ([o.name for o in ref.get_outputs()],
+                                          [optcc.runtime.detached(ref.run(None, f)) for f in self.feeds])
         return self._originals[provider]
 
     def _output_sqnr(self, candidate: ir.Model) -> dict[str, float]:

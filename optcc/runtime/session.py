@@ -38,7 +38,7 @@ from optcc import ir as oir
 from optcc.errors import BadInputError
 from optcc.runtime.shared_weights import light_proto, shareable, weighted_session
 
-__all__ = ["session_options", "make_session", "run", "first_line", "with_outputs", "resolve_providers"]
+__all__ = ["session_options", "make_session", "run", "detached", "first_line", "with_outputs", "resolve_providers"]
 
 ModelRef = Union[ir.Model, onnx.ModelProto, bytes, str, os.PathLike]
 SHARED_MIN_BYTES = 1 << 20  # initializers at least this large are handed over, not serialized
@@ -234,8 +234,18 @@ def _shared_weights_session(
 
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
         outputs: Sequence[str] | None = None) -> list[np.ndarray]:
-    """``session``'s outputs for ``feeds`` as numpy arrays."""
-    return [np.asarray(x) for x in session.run(None if outputs is None else list(outputs), dict(feeds))]
+    """``session``'s outputs for ``feeds`` as numpy arrays that hold no session memory
+    (``detached``)."""
+    return detached(session.run(None if outputs is None else list(outputs), dict(feeds)))
+
+
+def detached(values: Sequence[object]) -> list[np.ndarray]:
+    """onnxruntime's outputs as arrays that own their memory. onnxruntime hands out its
+    output buffers without a copy, and each keeps its session's whole memory arena alive
+    (every activation buffer it ever grew, long after the session is gone) for as long as
+    the array lives: an output kept needs a copy of its own."""
+    arrays = [np.asarray(v) for v in values]
+    return [a.copy() if a.base is not None else a for a in arrays]
 
 
 def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
