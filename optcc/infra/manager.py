@@ -208,13 +208,25 @@ class PassManager:
         return run
 
     def _run_fixpoint(self, run: _Run, fixpoint: Fixpoint, model: ir.Model) -> ir.Model:
+        """Rounds of the passes until a round changes nothing. A pass whose last run left
+        the model unchanged is not run again while no change was kept since: it would
+        see the very model it left unchanged, and passes are deterministic. So a round
+        ends without running the passes after the last one that changed the model in
+        the round before, and still detects that nothing changed."""
         changed_by: list[str] = []
+        kept = 0  # changes kept in this fixpoint so far
+        unchanged_at: dict[int, int] = {}  # pass position -> ``kept`` when its last run changed nothing
         for iteration in range(1, fixpoint.max_iters + 1):
             changed_by = []
-            for pass_ in fixpoint.passes:
+            for position, pass_ in enumerate(fixpoint.passes):
+                if unchanged_at.get(position) == kept:
+                    continue
                 model, modified = self._run_pass(run, pass_, model, iteration=iteration)
                 if modified:
+                    kept += 1
                     changed_by.append(pass_name(pass_))
+                elif run.records[-1].status == "unchanged":  # not a failure or a revert
+                    unchanged_at[position] = kept
             if not changed_by:
                 return model
         message = (
