@@ -50,7 +50,9 @@ import onnxruntime as ort
 
 import optcc
 from optcc.passes.fold_data_movement import evaluate as evaluate_without_session
+from optcc.passes.fold_shapes import ShapeFindings, shape_findings
 from optcc.passes.fold_shapes import fold_shapes as fold_shape_ops
+from optcc.passes.shape_reuse import InferenceSnapshot
 from optcc.passes.fold_shapes import (
     const_array,
     initializers_are_constant,
@@ -574,11 +576,20 @@ class FoldConstantsPass(optcc.Pass):
     def call(self, model: ir.Model) -> optcc.PassResult:
         modified = False
         stats = _Stats()
+        findings: ShapeFindings | None = None  # the last shape inference, and the graph it saw
+        snapshot: InferenceSnapshot | None = None
         for _ in range(self.max_rounds):
             stats.kept.clear()  # what is kept is reported for the last round only
             changed = False
             if self.fold_shapes:
-                shapes = fold_shape_ops(model)
+                # the last inference again when what this pass changed since cannot alter
+                # its findings (see ``shape_reuse``), else a new one
+                if findings is None or snapshot is None or not snapshot.still_holds(model, findings):
+                    findings, snapshot = None, None
+                    if _has_shape_ops(model):
+                        snapshot = InferenceSnapshot.of(model)
+                        findings = shape_findings(model)
+                shapes = fold_shape_ops(model, inferred=findings.shapes if findings is not None else {})
                 stats.folded_shapes.update(shapes)
                 changed |= bool(shapes)
             for graph in optcc.ir.graphs(model):

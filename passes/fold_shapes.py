@@ -20,6 +20,7 @@ returns for every input the declared shapes admit.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 import logging
 import math
@@ -36,6 +37,8 @@ __all__ = [
     "materialize",
     "remove_if_dead",
     "infer_shapes",
+    "shape_findings",
+    "ShapeFindings",
     "const_array",
     "is_constant",
     "initializers_are_constant",
@@ -96,6 +99,24 @@ def infer_shapes(model: ir.Model, values: Iterable[ir.Value] | None = None,
     unique in a model, so results map back by name; values inference cannot shape are left out.
     ``annotations=False``: the copy keeps no value_info, so every dim of the result is derived
     in this one run from the graph's inputs and weights."""
+    return _infer(model, values, annotations).shapes
+
+
+@dataclasses.dataclass
+class ShapeFindings:
+    """One run of shape inference: ``shapes`` of the values asked for, and ``infos``, the
+    inferred value_info of every value by its name then (empty when inference failed)."""
+
+    shapes: dict[ir.Value, ir.Shape]
+    infos: dict[str, onnx.ValueInfoProto]
+
+
+def shape_findings(model: ir.Model) -> ShapeFindings:
+    """``infer_shapes(model)``, with every value's inferred value_info."""
+    return _infer(model, None, True)
+
+
+def _infer(model: ir.Model, values: Iterable[ir.Value] | None, annotations: bool) -> ShapeFindings:
     wanted: dict[str, ir.Value] = {v.name: v for v in values or () if v is not None and v.name}
     for node in optcc.ir.nodes(model) if values is None else ():
         if node.op_type in ("Shape", "Size") and _is_default(node) and node.inputs:
@@ -103,7 +124,7 @@ def infer_shapes(model: ir.Model, values: Iterable[ir.Value] | None = None,
             if source is not None and source.name:
                 wanted[source.name] = source
     if not wanted:
-        return {}
+        return ShapeFindings({}, {})
     try:
         with optcc.ir.initializers_set_aside(model, _blanked) as aside:
             proto = optcc.ir.serialize(model)
@@ -113,9 +134,11 @@ def infer_shapes(model: ir.Model, values: Iterable[ir.Value] | None = None,
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort; declared shapes remain
         logger.debug("shape inference failed", exc_info=True)
-        return {}
+        return ShapeFindings({}, {})
     shapes: dict[ir.Value, ir.Shape] = {}
+    infos: dict[str, onnx.ValueInfoProto] = {}
     for info in _value_infos(inferred.graph):
+        infos[info.name] = info
         value = wanted.get(info.name)
         if value is not None and info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
             shapes[value] = ir.Shape([
@@ -123,7 +146,7 @@ def infer_shapes(model: ir.Model, values: Iterable[ir.Value] | None = None,
                 else ir.SymbolicDim(d.dim_param or None)
                 for d in info.type.tensor_type.shape.dim
             ])
-    return shapes
+    return ShapeFindings(shapes, infos)
 
 
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
@@ -319,13 +342,15 @@ def _drop_dead_constant(value: ir.Value) -> None:
             owner.remove(producer, safe=True)
 
 
-def fold_shapes(model: ir.Model) -> collections.Counter[str]:
-    """Fold Shape/Size/Gather-of-Shape nodes in every graph; returns counts by op type."""
+def fold_shapes(model: ir.Model, inferred: dict[ir.Value, ir.Shape] | None = None) -> collections.Counter[str]:
+    """Fold Shape/Size/Gather-of-Shape nodes in every graph; returns counts by op type.
+    ``inferred``: what ``infer_shapes(model)`` returns (default: run it now)."""
     folded: collections.Counter[str] = collections.Counter()
     has_shape_ops = any(n.op_type in ("Shape", "Size") and _is_default(n) for n in optcc.ir.nodes(model))
     if not has_shape_ops:
         return folded
-    inferred = infer_shapes(model)
+    if inferred is None:
+        inferred = infer_shapes(model)
     inputs_constant = initializers_are_constant(model)
     for graph in optcc.ir.graphs(model):
         for node in list(graph):
