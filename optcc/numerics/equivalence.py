@@ -16,14 +16,18 @@ gets a key, and two values with the same key compute the same thing for every in
   a dim) is keyed by its input and that target;
 - a value computed from constants alone that the candidate does not compute the same way
   (a fold) is evaluated once on onnxruntime, with the kernels the original itself runs,
-  and keyed by its bytes (a ``ConstantOfShape`` of a constant shape by its definition:
-  its value's bits in every element);
+  and keyed by its bytes; where the operator's definition copies or moves bits without
+  arithmetic, from constant inputs, it is computed by that definition instead (no kernel
+  to ask): a ``ConstantOfShape`` (its value's bits in every element), an ``Unsqueeze``,
+  ``Squeeze``, ``Reshape`` or ``Flatten`` (the input's elements in the shape the spec
+  gives), an ``Identity``, a ``Cast`` that converts every value exactly;
 - an affine chain gets a normal form: a Conv, ConvTranspose (one group), Gemm or MatMul
   with a constant weight, or an inference BatchNormalization, followed by per-channel
   constant Mul, Add, Sub, Div or BatchNormalization, is ``op(x; W) + b`` with ``W`` and
   ``b`` composed in float64. Two forms over the same ``x`` and attributes are equal when
   every weight is within ``ROUNDING_UNITS`` roundings of the stored dtype of the other's,
-  and every bias within as many roundings of the magnitude of the terms summed into it:
+  and every bias within as many roundings of the magnitude of the terms summed into it
+  (an infinity or NaN agrees with nothing):
   what a float fold of the same chain may round, far below the exact tolerance, and far
   below any real fold bug (a BatchNormalization folded with the wrong epsilon is off by
   ~1e-3). A per-channel constant must broadcast along the channel axis of an output of
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -57,6 +62,7 @@ __all__ = ["Proof", "prove_equivalent"]
 
 KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")
 MAX_FOLD_CHECK_BYTES = 64 * 1024 * 1024  # constants evaluated to check folds, in all
+SMALL_TENSOR_ELEMENTS = 1024  # constants keyed by their bytes in the table (larger: bucketed)
 
 
 @dataclasses.dataclass
@@ -103,10 +109,12 @@ def _prove(original: ir.Model, candidate: ir.Model, numbering: _Numbering) -> Pr
               if v.shape is not None and all(isinstance(d, int) and d > 0 for d in v.shape)}
     # folds: values the original computes from constants alone and the candidate does not
     # compute the same way, checked by evaluating them
-    structural = _Keys(original, numbering, shapes)
-    folds = [v for v in structural.constant_frontier() if structural.key(v) not in computed]
-    # without folds to evaluate, the original's keys are the structural ones, computed on
-    original_keys = _Keys(original, numbering, shapes) if folds else structural
+    original_keys = _Keys(original, numbering, shapes)
+    folds = [v for v in original_keys.constant_frontier() if original_keys.key(v) not in computed]
+    # the folds are keyed by their bytes from here on; values keyed before from a fold's
+    # structure keep that key, which still says how they are computed (a frontier value
+    # the candidate computes the same way has no fold among its ancestors: the candidate
+    # would compute that fold the same way too)
     evaluated = original_keys.evaluate(folds) if folds else 0
     outputs: dict[str, bool] = {}
     original_inputs = {v.name: v for v in original.graph.inputs if v.const_value is None}
@@ -212,11 +220,25 @@ class _Numbering:
 
     def tensor(self, tensor: ir.TensorProtocol) -> int:
         """A constant's key: equal for tensors of one element type, shape and bytes (cached
-        per tensor object, which clones share). Tensors are bucketed by type, shape, size
-        and their first and last bytes, and compared byte for byte within a bucket."""
+        per tensor object, which clones share). Tensors of at most ``SMALL_TENSOR_ELEMENTS``
+        are interned by their type, shape and stored bytes; larger ones are bucketed by type,
+        shape, size and their first and last bytes, and compared byte for byte within a
+        bucket (which way is decided by type and shape alone, so equal tensors go one way)."""
         cached = self._tensor_keys.get(id(tensor))
         if cached is not None and cached[1] is tensor:
             return cached[0]
+        dtype = tensor.dtype
+        if tensor.size <= SMALL_TENSOR_ELEMENTS and dtype != ir.DataType.STRING:
+            # small: keyed by its bytes as the format stores them (the same for a tensor of
+            # the same type, shape and values, however it is held), compared exactly by the table
+            try:
+                stored = tensor.tobytes()
+            except ValueError:  # e.g. an undefined type: a key equal to nothing
+                stored = None
+            key = self.unique() if stored is None else self.intern(
+                ("bytes", int(dtype), tuple(int(d) for d in tensor.shape), stored))
+            self._tensor_keys[id(tensor)] = (key, tensor)  # the reference keeps the id unique
+            return key
         raw = _raw_bytes(tensor, self.numpy(tensor))
         bucket = self._buckets.setdefault(
             (int(tensor.dtype), tuple(int(d) for d in tensor.shape), raw.size, bytes(raw[:64]), bytes(raw[-64:])), [])
@@ -262,30 +284,33 @@ class _Keys:
         self._ranks_by_key: tuple[int, dict[int, int]] | None = None  # (len(_keys) then, ranks)
         self._shapes: dict[int, tuple[bool, list] | None] = {}  # shape-like values, by id(value)
         self._constants: dict[int, tuple[ir.Value, ir.TensorProtocol | None]] = {}  # by id(value)
+        self._node_attributes: dict[int, tuple[ir.Node, tuple | None]] = {}  # by id(node)
 
     # ------------------------------------------------------------------ keys
 
     def key(self, value: ir.Value | None) -> int:
         if value is None:
             return self.numbering.intern(("absent",))
-        if id(value) in self._keys:
-            return self._keys[id(value)]
+        keys = self._keys
+        known = keys.get(id(value))
+        if known is not None:
+            return known
         # iterative post-order: graphs can be deeper than Python's recursion limit
         stack = [value]
         while stack:
             top = stack[-1]
-            if id(top) in self._keys:
+            if id(top) in keys:
                 stack.pop()
                 continue
             node = top.producer()
-            pending = [] if node is None or self._leaf(top) else [
-                v for v in node.inputs if v is not None and id(v) not in self._keys]
-            if pending:
-                stack.extend(pending)
-                continue
+            if node is not None and not self._leaf(top):
+                pending = [v for v in node.inputs if v is not None and id(v) not in keys]
+                if pending:
+                    stack.extend(pending)
+                    continue
             stack.pop()
             self._set(top, self._compute(top))
-        return self._keys[id(value)]
+        return keys[id(value)]
 
     def _set(self, value: ir.Value, key: int) -> None:
         self._keys[id(value)] = key
@@ -400,35 +425,39 @@ class _Keys:
 
     def _compute(self, value: ir.Value) -> int:
         numbering = self.numbering
-        if value.name in self.fed and value.producer() is None:
+        node = value.producer()
+        if node is None and value.name in self.fed:
             return numbering.intern(("input", value.name))
         tensor = self._constant(value)
         if tensor is not None:
             return numbering.tensor(tensor)
-        node = value.producer()
         if node is None:  # an outer-scope or dangling reference
             return numbering.unique()
-        domain = "" if node.domain == "ai.onnx" else node.domain
+        domain = node.domain
+        if domain == "ai.onnx":
+            domain = ""
         version = self.opsets.get(domain)
         if domain not in KNOWN_DOMAINS or version is None or self._opaque(node):
             return numbering.unique()
-        if domain == "" and node.op_type == "Identity":
+        op = node.op_type
+        if domain == "" and op == "Identity":
             return self.key(node.inputs[0])
-        if domain == "" and node.op_type == "Dropout":
+        if domain == "" and op == "Dropout":
             return self._dropout(node, value, version)
-        attributes = tuple(sorted((name, self._attribute(attr)) for name, attr in node.attributes.items()))
-        if any(a[1] is None for a in attributes):
+        attributes = self._attributes(node)
+        if attributes is None:
             return numbering.unique()
-        if domain == "" and node.op_type == "Reshape" and len(node.inputs) == 2:
+        if domain == "" and op == "Reshape" and len(node.inputs) == 2:
             target = self._shape_elements(node.inputs[1])
             if target is not None and not target[0]:
                 copy = dict(attributes).get("allowzero", ("INT", 0))[1] == 0
                 x = self.key(node.inputs[0])
                 canonical = tuple(("dim", x, i) if copy and e == 0 else e for i, e in enumerate(target[1]))
                 return numbering.intern(("reshape", x, canonical, copy))
-        inputs = tuple(self.key(v) for v in node.inputs)
-        structural = numbering.intern(("node", domain, node.op_type, version, attributes, inputs, value.index()))
-        if domain == "":
+        keys = self._keys
+        inputs = tuple(keys[id(v)] if v is not None and id(v) in keys else self.key(v) for v in node.inputs)
+        structural = numbering.intern(("node", domain, op, version, attributes, inputs, value.index()))
+        if domain == "" and op in _AFFINE_OPS:
             # the same node over the same inputs has the same form: built once for both models
             known = numbering.forms.get(structural)
             form = known[1] if known else _affine_form(self, node, value, attributes)
@@ -438,6 +467,18 @@ class _Keys:
                 numbering.forms[structural] = (key, form)
                 return key
         return structural
+
+    def _attributes(self, node: ir.Node) -> tuple | None:
+        """A node's attributes as a sorted tuple of (name, hashable value); None when one
+        holds a graph or another kind never proved (once per node: every output reads it)."""
+        known = self._node_attributes.get(id(node))
+        if known is None or known[0] is not node:
+            items = node.attributes.data  # the UserDict's own dict: its Mapping views are slow
+            attributes = tuple(sorted((name, self._attribute(attr)) for name, attr in items.items())) if items else ()
+            if any(a[1] is None for a in attributes):
+                attributes = None
+            known = self._node_attributes[id(node)] = (node, attributes)  # the node keeps its id unique
+        return known[1]
 
     def _opaque(self, node: ir.Node) -> bool:
         if (node.domain, node.op_type, node.overload) in self.functions:
@@ -503,9 +544,10 @@ class _Keys:
         return list(frontier.values())
 
     def evaluate(self, values: list[ir.Value]) -> int:
-        """Key ``values`` (computed from constants alone) by their bytes, evaluated on
+        """Key ``values`` (computed from constants alone) by their bytes, computed by their
+        operator's definition where it does no arithmetic (``_defined``), the rest evaluated on
         onnxruntime; returns how many were evaluated (0 when they cannot be, or are too big)."""
-        filled = {id(v): a for v in values if (a := self._filled(v)) is not None}
+        filled = {id(v): a for v in values if (a := self._defined(v)) is not None}
         try:
             rest = [v for v in values if id(v) not in filled]
             computed = dict(zip(map(id, rest), self._evaluate(rest) if rest else []))
@@ -517,14 +559,67 @@ class _Keys:
         for value, array in zip(values, arrays):
             self._arrays[id(value)] = array
             self._set(value, self.numbering.array(array))
+        self._ranks_by_key = None  # keys changed
         return len(values)
 
-    def _filled(self, value: ir.Value) -> np.ndarray | None:
-        """A ConstantOfShape output with a constant shape, by the operator's definition: its
-        value's bits copied to every element (no arithmetic, so no kernel to ask); else None."""
+    def _defined(self, value: ir.Value) -> np.ndarray | None:
+        """A fold computed by its operator's definition where that copies or moves bits
+        without arithmetic (so there is no kernel to ask), from constant inputs: a
+        ConstantOfShape (its value's bits in every element); an Identity; an Unsqueeze,
+        Squeeze, Reshape or Flatten (the input's elements in order, in the output shape the
+        operator's spec gives, or None wherever the spec calls the node invalid); a Cast
+        that converts every value exactly (``_exact_cast``). Else None (onnxruntime decides)."""
         node = value.producer()
-        if node is None or node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx") \
-                or len(node.inputs) != 1 or self._opaque(node):
+        if node is None or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1 or self._opaque(node) \
+                or node.op_type not in _DEFINED_OPS:
+            return None
+        op, inputs, version = node.op_type, list(node.inputs), self.opsets.get("", 0)
+        if op == "ConstantOfShape":
+            return self._filled(node)
+        if not inputs or inputs[0] is None or any(a.is_ref() for a in node.attributes.values()):
+            return None
+        data = self._array(inputs[0])
+        if data is None:
+            return None
+        attrs = {name: attr.value for name, attr in node.attributes.items()}
+        second = self._array(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else None
+        if len(inputs) > 1 and (second is None or second.dtype != np.int64 or second.ndim != 1):
+            return None  # a second input that is not a constant int64 list
+        if op == "Identity":
+            return data if len(inputs) == 1 else None
+        if op == "Cast":
+            return _exact_cast(data, attrs.get("to")) if len(inputs) == 1 and set(attrs) <= {"to", "saturate"} \
+                else None
+        if op == "Flatten":
+            axis = attrs.get("axis", 1)
+            if len(inputs) != 1 or set(attrs) - {"axis"} or (axis < 0 and version < 11):
+                return None
+            axis = axis + data.ndim if axis < 0 else axis
+            if not 0 <= axis <= data.ndim:
+                return None
+            return data.reshape(math.prod(data.shape[:axis]), math.prod(data.shape[axis:]))
+        if op in ("Unsqueeze", "Squeeze"):
+            if version < 13:  # axes an attribute, no second input
+                axes = attrs.get("axes")
+                if len(inputs) != 1 or set(attrs) - {"axes"}:
+                    return None
+            else:
+                axes = None if second is None else [int(a) for a in second]
+                if len(inputs) > 2 or attrs:
+                    return None
+            if op == "Unsqueeze":
+                return None if axes is None else _unsqueezed(data, list(axes))
+            return _squeezed(data, None if axes is None else list(axes))
+        # Reshape with its shape as the second input (opset 5 on); allowzero from opset 14
+        allowzero = attrs.get("allowzero", 0) if version >= 14 else 0
+        if version < 5 or len(inputs) != 2 or set(attrs) - ({"allowzero"} if version >= 14 else set()):
+            return None
+        return _reshaped(data, [int(d) for d in second], bool(allowzero))
+
+    def _filled(self, node: ir.Node) -> np.ndarray | None:
+        """A ConstantOfShape output with a constant shape, by the operator's definition: its
+        value's bits copied to every element; else None."""
+        if len(node.inputs) != 1:
             return None
         shape = self._array(node.inputs[0])
         fill = node.attributes.get("value")
@@ -581,7 +676,7 @@ def _strip_large(proto: onnx.ModelProto) -> set[str]:
     for tensor in proto.graph.initializer:
         if tensor.data_type == onnx.TensorProto.STRING:
             continue
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or int(np.prod(tensor.dims)) > MAX_SHAPE_ELEMENTS:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or math.prod(tensor.dims) > MAX_SHAPE_ELEMENTS:
             name, dtype, dims = tensor.name, tensor.data_type, list(tensor.dims)
             tensor.Clear()
             tensor.name, tensor.data_type = name, dtype
@@ -617,22 +712,105 @@ def _top_values(graph: ir.Graph) -> Iterator[ir.Value]:
         yield from (v for v in node.outputs if v is not None)
 
 
+_DEFINED_OPS = frozenset(("ConstantOfShape", "Identity", "Cast", "Flatten", "Unsqueeze", "Squeeze", "Reshape"))
+_EXACT_INTEGERS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+                                          np.uint64)}
+_EXACT_FLOATS = {np.dtype(np.float16): 11, np.dtype(np.float32): 24, np.dtype(np.float64): 53}  # significand bits
+
+
+def _exact_cast(data: np.ndarray, to: Any) -> np.ndarray | None:
+    """``data`` cast to ONNX type ``to`` when every value converts exactly: an integer or
+    boolean to an integer type holding all its values, or to a float whose significand
+    holds them all; a float to a float at least as wide, without NaNs (whose payloads a
+    kernel may change); the same type. Else None (no exactness to rely on)."""
+    try:
+        target = np.dtype(ir.DataType(int(to)).numpy())
+    except (TypeError, ValueError):
+        return None
+    if data.dtype == target:
+        return data
+    if target not in _EXACT_INTEGERS and target not in _EXACT_FLOATS:
+        return None
+    if data.dtype.kind in "biu":
+        if data.size == 0:
+            return data.astype(target)
+        low, high = int(data.min()), int(data.max())
+        if target in _EXACT_INTEGERS:
+            info = np.iinfo(target)
+            return data.astype(target) if info.min <= low and high <= info.max else None
+        limit = 1 << _EXACT_FLOATS[target]  # every integer of at most this magnitude is exact
+        return data.astype(target) if -limit <= low and high <= limit else None
+    if data.dtype in _EXACT_FLOATS and target in _EXACT_FLOATS \
+            and _EXACT_FLOATS[target] >= _EXACT_FLOATS[data.dtype] and not np.isnan(data).any():
+        return data.astype(target)
+    return None
+
+
+def _unsqueezed(data: np.ndarray, axes: list[int]) -> np.ndarray | None:
+    """Unsqueeze: a 1 inserted at each of ``axes`` of the output (negative: from its end);
+    None for an axis out of range or repeated."""
+    rank = data.ndim + len(axes)
+    positions = [a + rank if a < 0 else a for a in axes]
+    if any(not 0 <= p < rank for p in positions) or len(set(positions)) != len(positions):
+        return None
+    dims = iter(data.shape)
+    return data.reshape([1 if i in positions else next(dims) for i in range(rank)])
+
+
+def _squeezed(data: np.ndarray, axes: list[int] | None) -> np.ndarray | None:
+    """Squeeze: ``axes`` (negative: from the end) removed, each of size 1; every axis of
+    size 1 without them. None for an axis out of range, repeated or not of size 1."""
+    if axes is None:
+        return data.reshape([d for d in data.shape if d != 1])
+    positions = [a + data.ndim if a < 0 else a for a in axes]
+    if any(not 0 <= p < data.ndim or data.shape[p] != 1 for p in positions) or len(set(positions)) != len(positions):
+        return None
+    return data.reshape([d for i, d in enumerate(data.shape) if i not in positions])
+
+
+def _reshaped(data: np.ndarray, shape: list[int], allowzero: bool) -> np.ndarray | None:
+    """Reshape: ``0`` copies the input's dim at that index (a 0 itself with ``allowzero``),
+    one ``-1`` takes the rest; None where the spec calls the target invalid."""
+    if shape.count(-1) > 1 or any(d < -1 for d in shape) or (allowzero and 0 in shape and -1 in shape):
+        return None
+    target = []
+    for i, d in enumerate(shape):
+        if d == 0 and not allowzero:
+            if i >= data.ndim:
+                return None
+            d = data.shape[i]
+        target.append(d)
+    if -1 in target:
+        known = math.prod(d for d in target if d != -1)
+        if known == 0 or data.size % known:
+            return None
+        target[target.index(-1)] = data.size // known
+    if math.prod(target) != data.size:
+        return None
+    return data.reshape(target)
+
+
 # --------------------------------------------------------------------------- affine forms
 
 ROUNDING_UNITS = 16  # a proved fold's constants may differ from the exact fold by this many roundings
 MAX_FORM_ELEMENTS = 1 << 24  # larger weights are compared by their bytes only
 MAX_SHAPE_ELEMENTS = 64  # longer integer constants are not read as shapes
+_LARGEST = float(np.finfo(np.float64).max)
+CHUNK_ELEMENTS = 1 << 14  # weights are compared in float64 chunks of this many elements (in cache)
 
 
 @dataclasses.dataclass
 class _Affine:
-    """``value = op(x; weight) + bias`` per output channel, in float64: ``op`` a Conv,
-    ConvTranspose, Gemm or MatMul with a constant weight, or ``Scale`` (an elementwise
-    factor along axis 1, from BatchNormalization). ``bias_terms`` bounds the magnitude of
-    the terms summed into each bias (the rounding a float fold may add to it)."""
+    """``value = op(x; weight * scale) + bias`` per output channel, in float64: ``op`` a
+    Conv, ConvTranspose, Gemm or MatMul with a constant weight, or ``Scale`` (an
+    elementwise factor along axis 1, from BatchNormalization); ``scale`` the product of the
+    per-channel factors composed into it, along the weight's output-channel axis (None:
+    1), kept apart so that the weight is never copied, only read chunk by chunk where
+    compared. ``bias_terms`` bounds the magnitude of the terms summed into each bias (the
+    rounding a float fold may add to it)."""
 
     structure: tuple  # the op, its attributes and the key of x: forms compare only within one
-    weight: np.ndarray  # its stored dtype until a factor composes into it (then float64)
+    weight: np.ndarray  # in its stored dtype (a view of the constant's array)
     weight_axis: int  # the weight's output-channel axis
     bias: np.ndarray
     bias_terms: np.ndarray
@@ -640,34 +818,97 @@ class _Affine:
     tiny: float
     axis: int  # the output's channel axis: 1, or -1 (last)
     rank: int | None  # the output's rank, when known
+    scale: np.ndarray | None = None  # float64, one factor per output channel; None: all 1
 
     @property
     def channels(self) -> int:
         return self.bias.shape[0]
 
     def agrees(self, other: _Affine) -> bool:
-        if self.weight.shape != other.weight.shape or self.bias.shape != other.bias.shape:
+        """Every bias within ``allowed`` of the magnitude of its terms, and every element
+        of the composed weights within ``allowed`` of the larger of the two, in float64."""
+        if self.weight.shape != other.weight.shape or self.weight_axis != other.weight_axis \
+                or self.bias.shape != other.bias.shape:
             return False
         allowed = ROUNDING_UNITS * max(self.unit, other.unit)
         tiny = max(self.tiny, other.tiny)
-        if not np.all(np.abs(self.bias - other.bias) <= allowed * np.maximum(self.bias_terms, other.bias_terms) + tiny):
+        # every bound is capped at the largest finite float64: an infinity (or NaN) on either
+        # side then agrees with nothing, as its bound would otherwise let anything through
+        bound = np.minimum(allowed * np.maximum(self.bias_terms, other.bias_terms) + tiny, _LARGEST)
+        if not np.all(np.abs(self.bias - other.bias) <= bound):
             return False
-        a, b = self.weight.reshape(-1), other.weight.reshape(-1)
-        for part in (slice(0, 64), slice(None)):  # most different forms differ in their first weights already
-            x, y = a[part].astype(np.float64), b[part].astype(np.float64)
-            if not np.all(np.abs(x - y) <= allowed * np.maximum(np.abs(x), np.abs(y)) + tiny):
-                return False
+        # a form whose weight is stored as it is (no factor composed in) takes the place of
+        # ``exact``: where the other's composed weight rounds to it exactly, each element is
+        # within one rounding of the stored dtype (a subnormal's half step below ``tiny``),
+        # and a finite stored element makes that rounding no overflow: within ``allowed``
+        exact, composed = (other, self) if other.scale is None else (self, other)
+        stored = np.finfo(exact.weight.dtype) if exact.weight.dtype.kind == "f" else None
+        rounded = exact.scale is None and stored is not None and float(stored.eps) / 2 <= allowed \
+            and float(stored.smallest_subnormal) / 2 <= tiny
+        # most different forms differ in their first weights already: a small first chunk
+        with np.errstate(over="ignore", invalid="ignore"):
+            for (x_part, x_scale), (y_part, y_scale) in zip(composed._parts(), exact._parts()):
+                if rounded and x_scale is not None:
+                    # the product in float64, rounded once to the stored dtype (one pass)
+                    if (np.multiply(x_part, x_scale, dtype=np.float64, casting="same_kind",
+                                    out=np.empty(y_part.shape, y_part.dtype)) == y_part).all() \
+                            and np.isfinite(y_part).all():
+                        continue
+                elif rounded and (x_part.astype(np.float64).astype(y_part.dtype) == y_part).all() \
+                        and np.isfinite(y_part).all():
+                    continue
+                x = _composed(x_part, x_scale)
+                y = _composed(y_part, y_scale)
+                difference = x - y
+                np.abs(difference, out=difference)
+                np.abs(x, out=x)
+                np.abs(y, out=y)
+                np.maximum(x, y, out=x)
+                x *= allowed
+                x += tiny
+                np.minimum(x, _LARGEST, out=x)
+                if not (difference <= x).all():
+                    return False
         return True
 
+    def _parts(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """The weight in consecutive runs of elements in C order (views in its stored
+        dtype, the same cuts for every form of one weight shape and axis: a first one of
+        about 64 elements, then ``CHUNK_ELEMENTS``, small enough to stay in cache), each
+        with the part of ``scale`` that broadcasts against it (None: no scale)."""
+        shape = self.weight.shape
+        channels = shape[self.weight_axis]
+        before = math.prod(shape[:self.weight_axis])
+        after = math.prod(shape[self.weight_axis + 1:])
+        weight = self.weight.reshape(before, channels, after)  # a view, also of a transposed Gemm weight
+        scale = None if self.scale is None else self.scale.reshape(1, channels, 1)
+        along = 0 if before > 1 else 1  # cut whole rows of the first axis longer than 1
+        row = channels * after if along == 0 else after
+        start, count = 0, max(1, 64 // max(row, 1))
+        while start < weight.shape[along]:
+            part = slice(start, start + count)
+            if along == 0:
+                yield weight[part], scale
+            else:
+                yield weight[:, part], None if scale is None else scale[:, part]
+            start += count
+            count = max(1, CHUNK_ELEMENTS // max(row, 1))
+
     def scaled(self, factor: np.ndarray) -> _Affine:
-        shape = [1] * self.weight.ndim
-        shape[self.weight_axis] = -1
-        return dataclasses.replace(self, weight=self.weight * factor.reshape(shape), bias=self.bias * factor,
-                                   bias_terms=self.bias_terms * np.abs(factor))
+        return dataclasses.replace(self, scale=factor if self.scale is None else self.scale * factor,
+                                   bias=self.bias * factor, bias_terms=self.bias_terms * np.abs(factor))
 
     def shifted(self, shift: np.ndarray, terms: np.ndarray | None = None) -> _Affine:
         return dataclasses.replace(self, bias=self.bias + shift,
                                    bias_terms=self.bias_terms + (np.abs(shift) if terms is None else terms))
+
+
+def _composed(part: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """``part * scale`` in float64, a new array."""
+    array = part.astype(np.float64)
+    if scale is not None:
+        array *= scale
+    return array
 
 
 def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple) -> _Affine | None:
@@ -700,8 +941,6 @@ def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple)
         if weight.size > MAX_FORM_ELEMENTS:
             return None
         weight = weight.T if attrs.get("transB", 0) else weight
-        if attrs.get("alpha", 1.0) != 1.0:
-            weight = weight.astype(np.float64) * attrs["alpha"]
         bias = np.zeros(weight.shape[1])
         if op == "Gemm" and len(inputs) > 2 and inputs[2] is not None:
             c = keys._array(inputs[2])
@@ -710,8 +949,10 @@ def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple)
             bias = bias + attrs.get("beta", 1.0) * c.astype(np.float64).reshape(-1)
         # MatMul of a rank-2 x is Gemm's product: both fold to the same form
         dense = op == "Gemm" or keys.rank(inputs[0]) == 2
-        return _new_form(("Gemm" if dense else op, keys.key(inputs[0])), weight, 1, bias, rank=2 if dense else None,
-                         axis=-1, dtype=keys._array(inputs[1]).dtype)
+        form = _new_form(("Gemm" if dense else op, keys.key(inputs[0])), weight, 1, bias, rank=2 if dense else None,
+                         axis=-1)
+        alpha = attrs.get("alpha", 1.0)
+        return form if alpha == 1.0 else dataclasses.replace(form, scale=np.full(weight.shape[1], float(alpha)))
     base = next((keys._forms.get(id(v)) for v in inputs if v is not None and id(v) in keys._forms), None)
     if op == "BatchNormalization" and len(inputs) == 5:
         params = [keys._array(v) for v in inputs[1:]]
