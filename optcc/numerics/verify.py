@@ -348,10 +348,12 @@ class Verifier:
     def sample_judge(self) -> TaskJudge | None:
         """The CPU task judge with one row per sample of ``feeds``, in order (what an INT8
         pass judged on the same samples can share: ``Int8Options.judge``); None for a
-        KV-cache decoder (a row per decode step) or when the original cannot run."""
-        if self._plan is not None or self._float32_outputs() is None:
+        KV-cache decoder (a row per decode step), without CPU among the providers, or when
+        the original cannot run."""
+        cpu = "CPUExecutionProvider"
+        if self._plan is not None or cpu not in self.providers or self._float32_outputs() is None:
             return None
-        return self.task_judge("CPUExecutionProvider")
+        return self.task_judge(cpu)
 
     def float64_reference(self) -> Float64Reference:
         """The original's float64 outputs on the samples (built once), or why not."""
