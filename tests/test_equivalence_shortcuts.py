@@ -58,6 +58,10 @@ MOVES = {
                           "s = Constant <value = int64[3] {3, 2, 2}> ()\n f = Reshape <allowzero = 1> (c, s)",
                           (2, 3, 2)),
     "flatten-negative-axis": (17, "float[2, 3, 2] c", "f = Flatten <axis = -1> (c)", (2, 6)),
+    "unsqueeze-of-a-constant-of-shape": (17, "float[1] c", "s = Constant <value = int64[2] {2, 3}> ()\n"
+                                         " z = ConstantOfShape <value = float[1] {2.5}> (s)\n"
+                                         " a = Constant <value = int64[1] {1}> ()\n f = Unsqueeze(z, a)",
+                                         (2, 3, 1)),
 }
 
 
@@ -79,7 +83,7 @@ def test_a_data_movement_fold_is_proved_by_its_definition_and_the_same_bytes_in_
         name, monkeypatch):
     opset, constant, body, wrong_shape = MOVES[name]
     proto = _move_model(opset, constant, body)
-    candidate = optcc.optimize(proto, passes=["fold-constants"], verify=False).ir_model
+    candidate = optcc.optimize(proto, passes=["fold-constants", "eliminate-dead-nodes"], verify=False).ir_model
     assert [n.op_type for n in candidate.graph] == ["Mul"]
     feeds = {"x": np.array([1.5], np.float32)}
     assert not _differs(proto, optcc.ir.serialize(candidate), feeds)

@@ -63,6 +63,7 @@ __all__ = ["Proof", "prove_equivalent"]
 KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")
 MAX_FOLD_CHECK_BYTES = 64 * 1024 * 1024  # constants evaluated to check folds, in all
 SMALL_TENSOR_ELEMENTS = 1024  # constants keyed by their bytes in the table (larger: bucketed)
+MAX_DEFINED_DEPTH = 8  # folds computed by definition through at most this many nodes
 
 
 @dataclasses.dataclass
@@ -562,13 +563,14 @@ class _Keys:
         self._ranks_by_key = None  # keys changed
         return len(values)
 
-    def _defined(self, value: ir.Value) -> np.ndarray | None:
+    def _defined(self, value: ir.Value, depth: int = 0) -> np.ndarray | None:
         """A fold computed by its operator's definition where that copies or moves bits
-        without arithmetic (so there is no kernel to ask), from constant inputs: a
-        ConstantOfShape (its value's bits in every element); an Identity; an Unsqueeze,
-        Squeeze, Reshape or Flatten (the input's elements in order, in the output shape the
-        operator's spec gives, or None wherever the spec calls the node invalid); a Cast
-        that converts every value exactly (``_exact_cast``). Else None (onnxruntime decides)."""
+        without arithmetic (so there is no kernel to ask), from constant inputs or inputs so
+        computed (``MAX_DEFINED_DEPTH`` nodes up): a ConstantOfShape (its value's bits in
+        every element); an Identity; an Unsqueeze, Squeeze, Reshape or Flatten (the input's
+        elements in order, in the output shape the operator's spec gives, or None wherever
+        the spec calls the node invalid); a Cast that converts every value exactly
+        (``_exact_cast``). Else None (onnxruntime decides)."""
         node = value.producer()
         if node is None or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1 or self._opaque(node) \
                 or node.op_type not in _DEFINED_OPS:
@@ -578,11 +580,18 @@ class _Keys:
             return self._filled(node)
         if not inputs or inputs[0] is None or any(a.is_ref() for a in node.attributes.values()):
             return None
-        data = self._array(inputs[0])
+
+        def array(v: ir.Value) -> np.ndarray | None:
+            known = self._array(v)
+            if known is None and depth < MAX_DEFINED_DEPTH and not self._leaf(v):
+                known = self._defined(v, depth + 1)
+            return known
+
+        data = array(inputs[0])
         if data is None:
             return None
         attrs = {name: attr.value for name, attr in node.attributes.items()}
-        second = self._array(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else None
+        second = array(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else None
         if len(inputs) > 1 and (second is None or second.dtype != np.int64 or second.ndim != 1):
             return None  # a second input that is not a constant int64 list
         if op == "Identity":
