@@ -131,7 +131,8 @@ def optimize(
     declined (not faster, or misses the target) the report says why in a warning.
     ``int8_dynamic`` quantizes MatMuls dynamically. ``weight_only`` ("int4", "int8", or the
     options of the ``quantize-weights`` pass; MatMulNBits at -O3, else portable) quantizes
-    MatMul/Gemm weights block-wise. These change what is computed, so the
+    MatMul/Gemm weights block-wise, and with 8 bits Conv weights per output channel (their
+    biases corrected on the option ``samples``). These change what is computed, so the
     final verification uses the FP16/INT8 tolerances.
 
     ``input_shapes`` sizes the generated verification inputs only (``input_ranges``: their

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("INT8")
     g.add_argument("--int8", action="store_true", help="quantize to INT8 after the pipeline")
-    g.add_argument("--calibration", metavar="DATA", help="calibration data (.npz or a folder of them) for --int8")
+    g.add_argument("--calibration", metavar="DATA",
+                   help="calibration data (.npz or a folder of them) for --int8, or for --weights int8's bias correction")
     g.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy", "mse"], default="minmax")
     g.add_argument("--no-int8-speed-check", action="store_true",
                    help="keep the INT8 model even when it is not faster than float32")
@@ -156,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--int8-dynamic", action="store_true",
                    help="quantize MatMuls dynamically to INT8 (no calibration data needed)")
     g.add_argument("--weights", choices=["int4", "int8"],
-                   help="weight-only block-wise quantization of MatMul/Gemm weights (MatMulNBits at -O3, else DequantizeLinear)")
+                   help="weight-only quantization: MatMul/Gemm weights block-wise (MatMulNBits at -O3, else "
+                        "DequantizeLinear); with int8 also Conv weights per channel (biases corrected on --calibration)")
     g.add_argument("--allow-float-fallback", action="store_true",
                    help="when FP16/INT8 is declined or reverted, write the float model (exit 0, a warning) "
                         "instead of exit 5")
@@ -296,8 +298,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise BadInputError("--int8 and --fp16 exclude each other")
     if args.fp16_io != "float32" and not args.fp16:
         raise BadInputError("--fp16-io is used with --fp16")
-    if args.calibration and not (args.int8 or args.fp16):
-        raise BadInputError("--calibration is used with --int8 or --fp16")
+    if args.calibration and not (args.int8 or args.fp16 or args.weights):
+        raise BadInputError("--calibration is used with --int8, --fp16 or --weights")
     int8_only = {"--calibration-cache": args.calibration_cache, "--int8-per-tensor": args.int8_per_tensor,
                  "--int8-activations": args.int8_activations != "uint8", "--int8-exclude": args.int8_exclude,
                  "--no-int8-bias-correction": args.no_int8_bias_correction}
@@ -338,6 +340,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     inputs = load_npz_samples(args.inputs, args.model) if args.inputs else None
     calibration = (load_npz_samples(args.calibration, args.model, purpose="calibration")
                    if args.calibration else None)
+    weight_only: str | dict | None = args.weights
+    if args.weights and calibration is not None and not (args.int8 or args.fp16):
+        # weight-only: the samples correct the convolutions' biases and are what the result is judged on
+        weight_only = {"bits": int(args.weights[3:]), "samples": calibration}
+        inputs = calibration if inputs is None else inputs
+        calibration = None
 
     status, hint = EXIT_OK, None
     try:
@@ -370,7 +378,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                           "exclude": [e for item in args.int8_exclude for e in _split(item)]},
             tolerances={"int8": dataclasses.replace(TOLERANCES["int8"], min_sqnr_db=args.int8_target_sqnr)},
             int8_dynamic=args.int8_dynamic,
-            weight_only=args.weights,
+            weight_only=weight_only,
             fold_large=args.fold_large,
             target_opset=args.target_opset,
             allow_unverified=args.allow_unverified,
