@@ -9,7 +9,9 @@ folded graph output keeps its name, declared type and shape). Nodes left unused 
 removed, with the initializers and Constant nodes that only they read.
 With ``fold_shapes`` (default) Shape/Size of statically shaped values are folded first
 (see ``fold_shapes.py``), so shape subgraphs (Shape->Gather->Concat->Reshape) fold too;
-the pass repeats until nothing changes, so a second run is a no-op.
+the pass repeats until nothing changes, so a second run is a no-op. A round runs shape
+inference again only when the folds since the last one may change what it finds (see
+``shape_reuse.py``).
 
 Reshape, Squeeze, Unsqueeze and exact Casts are computed with NumPy (see
 ``fold_data_movement.py``: the same bits the kernels write). The rest of the evaluation is
