@@ -229,6 +229,13 @@ class _Numbering:
         if cached is not None and cached[1] is tensor:
             return cached[0]
         dtype = tensor.dtype
+        array = tensor.raw if type(tensor) is ir.Tensor else None
+        if isinstance(array, np.ndarray) and array.size <= SMALL_TENSOR_ELEMENTS \
+                and _PLAIN_ARRAYS.get(array.dtype) == dtype:
+            # a plain little-endian array of the tensor's own type: its bytes are tobytes()'s
+            key = self.intern(("bytes", int(dtype), array.shape, array.tobytes()))
+            self._tensor_keys[id(tensor)] = (key, tensor)  # the reference keeps the id unique
+            return key
         if tensor.size <= SMALL_TENSOR_ELEMENTS and dtype != ir.DataType.STRING:
             # small: keyed by its bytes as the format stores them (the same for a tensor of
             # the same type, shape and values, however it is held), compared exactly by the table
@@ -721,6 +728,11 @@ def _top_values(graph: ir.Graph) -> Iterator[ir.Value]:
         yield from (v for v in node.outputs if v is not None)
 
 
+# numpy dtypes whose array bytes (little-endian, one element per item) are the ONNX bytes
+# of that ONNX type, by dtype
+_PLAIN_ARRAYS = {np.dtype(t).newbyteorder("<"): ir.DataType.from_numpy(np.dtype(t)) for t in (
+    np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+    np.uint64, np.bool_)}
 _DEFINED_OPS = frozenset(("ConstantOfShape", "Identity", "Cast", "Flatten", "Unsqueeze", "Squeeze", "Reshape"))
 _EXACT_INTEGERS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                                           np.uint64)}
