@@ -295,3 +295,20 @@ def test_a_weight_replaced_by_an_infinity_is_not_proved():
         assert _differs(original, candidate, feeds)
         assert not prove_equivalent(_load(original), _load(candidate)).complete
     assert prove_equivalent(_load(original), _load(conv(weight, bias))).complete
+
+
+@pytest.mark.parametrize("array", [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([True, False]),
+                                   np.arange(4, dtype=np.int64), np.arange(3, dtype=np.float16)])
+def test_a_small_constant_has_one_key_however_it_is_held(array):
+    """A parsed tensor (raw bytes or typed fields) and an array-backed one with the same type,
+    shape and values get one key; the same bytes in another shape or type do not."""
+    numbering = equivalence._Numbering()
+    raw = ir.serde.TensorProtoTensor(numpy_helper.from_array(array, "a"))
+    typed = onnx.helper.make_tensor("a", helper.np_dtype_to_tensor_dtype(array.dtype), array.shape,
+                                    array.reshape(-1).tolist())
+    keys = {numbering.tensor(t) for t in (raw, ir.serde.TensorProtoTensor(typed), ir.Tensor(array))}
+    assert len(keys) == 1
+    assert numbering.tensor(ir.Tensor(array.reshape(-1)[::-1].copy().reshape(array.shape))) not in keys \
+        or array.size == 0
+    assert numbering.tensor(ir.Tensor(array.reshape(1, -1))) not in keys
+    assert numbering.tensor(ir.Tensor(array.view(np.uint8).reshape(-1)[:array.nbytes].copy())) not in keys

@@ -236,6 +236,13 @@ class _Numbering:
             key = self.intern(("bytes", int(dtype), array.shape, array.tobytes()))
             self._tensor_keys[id(tensor)] = (key, tensor)  # the reference keeps the id unique
             return key
+        proto = tensor.raw if type(tensor) is ir.serde.TensorProtoTensor else None
+        if proto is not None and proto.HasField("raw_data") and proto.data_location != onnx.TensorProto.EXTERNAL \
+                and proto.data_type != onnx.TensorProto.STRING and math.prod(proto.dims) <= SMALL_TENSOR_ELEMENTS:
+            # a parsed tensor with its bytes in raw_data: those are tobytes()'s
+            key = self.intern(("bytes", proto.data_type, tuple(proto.dims), proto.raw_data))
+            self._tensor_keys[id(tensor)] = (key, tensor)  # the reference keeps the id unique
+            return key
         if tensor.size <= SMALL_TENSOR_ELEMENTS and dtype != ir.DataType.STRING:
             # small: keyed by its bytes as the format stores them (the same for a tensor of
             # the same type, shape and values, however it is held), compared exactly by the table
