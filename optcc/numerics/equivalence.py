@@ -545,10 +545,11 @@ class _Keys:
         the graph's outputs read."""
         computed: set[int] = set()
         readers: list[ir.Node] = []
+        graphs = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
         for node in self.model.graph:
-            transparent = not self._opaque(node) and not any(
-                a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
-            if transparent and all(v is None or id(v) in computed or self._is_constant(v) for v in node.inputs):
+            # inputs first: most nodes read a value computed from the graph's inputs
+            if all(v is None or id(v) in computed or self._is_constant(v) for v in node.inputs) \
+                    and not self._opaque(node) and not any(a.type in graphs for a in node.attributes.data.values()):
                 computed.update(id(v) for v in node.outputs if v is not None)
             else:
                 readers.append(node)
