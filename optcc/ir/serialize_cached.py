@@ -21,10 +21,10 @@ now. The key holds every field the bytes are written from:
 
 - node: name, op_type, domain, overload, doc_string, metadata_props, input and output
   names, and its attribute objects (by identity: an ``ir.Attr``'s value cannot be
-  reassigned, and nothing in optcc edits an attribute's list in place; their names and
-  doc strings are part of the key). Nodes with tensor attributes are not cached (a
-  tensor's name can change under the attribute, and the cache would hold a second copy
-  of its data);
+  reassigned, and onnx-ir stores lists as tuples; their names and doc strings are part of
+  the key). Nodes with tensor attributes are not cached (a tensor's name can change under
+  the attribute, and the cache would hold a second copy of its data), nor nodes with
+  type attributes (a type's dtype can be set);
 - value annotation: name, tensor type (the object by identity, its dtype and
   denotation; other types are not cached), dims, dim denotations, doc_string,
   metadata_props;
@@ -59,6 +59,7 @@ _QUANTIZATION_KEY = "quant_parameter_tensor_names"  # onnx-ir's meta key for qua
 _UNCACHED_ATTRIBUTES = frozenset({
     ir.AttributeType.TENSOR, ir.AttributeType.TENSORS,
     ir.AttributeType.SPARSE_TENSOR, ir.AttributeType.SPARSE_TENSORS,
+    ir.AttributeType.TYPE_PROTO, ir.AttributeType.TYPE_PROTOS,  # a type object's dtype can be set
 })
 _GRAPH_ATTRIBUTES = frozenset({ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS})
 _CACHED_TENSOR_TYPES = (ir.Tensor, ir.serde.TensorProtoTensor)
