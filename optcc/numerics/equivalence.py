@@ -623,9 +623,9 @@ class _Keys:
                 return None
             return data.reshape(math.prod(data.shape[:axis]), math.prod(data.shape[axis:]))
         if op in ("Unsqueeze", "Squeeze"):
-            if version < 13:  # axes an attribute, no second input
+            if version < 13:  # axes an attribute, no second input; negative ones from opset 11
                 axes = attrs.get("axes")
-                if len(inputs) != 1 or set(attrs) - {"axes"}:
+                if len(inputs) != 1 or set(attrs) - {"axes"} or (version < 11 and axes and min(axes) < 0):
                     return None
             else:
                 axes = None if second is None else [int(a) for a in second]
