@@ -176,3 +176,28 @@ def test_checker_verdicts_are_unchanged(blank):
     if blank:
         serialize_bytes(model)
     assert checker_problems(model)
+
+
+def test_mid_size_weights_written_from_memory_give_the_same_file():
+    """Arrays above the cache size are written from memory: the file has the bytes of
+    onnx-ir's serialization, fragment by fragment, and computes what numpy computes."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((32, 64)).astype(np.float32)  # 8 KiB
+    w16 = rng.standard_normal((64, 16)).astype(np.float16)  # 2 KiB: cached, not streamed
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Cast", ["h"], ["h16"], to=TensorProto.FLOAT16),
+         helper.make_node("MatMul", ["h16", "w16"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 16])],
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(w16, "w16")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = optcc.ir.load(proto)
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "m.onnx"
+        optcc.ir.save(model, out)
+        assert out.read_bytes() == _streamed_reference(model)
+        x = rng.standard_normal((2, 32)).astype(np.float32)
+        got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = (x.astype(np.float64) @ w).astype(np.float32).astype(np.float16).astype(np.float64) @ w16.astype(np.float64)
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=2e-2, atol=2e-2)

@@ -15,8 +15,8 @@ import onnx
 import onnx_ir as ir
 
 from optcc.errors import BadInputError
-from optcc.ir.serialize_cached import model_parts, serialize_bytes
-from optcc.ir.walk import external_data_files, graphs, uses_external_data, weight_bytes
+from optcc.ir.serialize_cached import CACHE_TENSOR_BYTES, model_parts, serialize_bytes
+from optcc.ir.walk import _tensor_nbytes, external_data_files, graphs, uses_external_data, weight_bytes
 
 # Protobuf refuses messages of 2 GiB; leave room for the graph structure itself.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -192,9 +192,16 @@ def _write_streamed(model: ir.Model, path: str) -> None:
     initializer in order, a large one's raw_data written from the array's memory.
     Protobuf merges repeated occurrences of a message field, so the file parses to the
     same model as the one-piece serialization. Peak memory stays near the weights' own
-    size instead of three times it (VGG-19 with 513 MB of folded weights: 2.2 GB before)."""
+    size instead of three times it (VGG-19 with 513 MB of folded weights: 2.2 GB before).
+    An in-memory array of a raw dtype with no doc string or metadata is written from
+    memory from ``CACHE_TENSOR_BYTES`` on: onnx-ir writes such a tensor as exactly that
+    header (dims, data_type, name) and its little-endian bytes as raw_data, so the file
+    has the same bytes with fewer copies."""
 
     def streamed(tensor: ir.TensorProtocol) -> bool:
+        if type(tensor) is ir.Tensor and tensor.dtype in RAW_DTYPES and not tensor.doc_string \
+                and not tensor.metadata_props:
+            return _tensor_nbytes(tensor) > CACHE_TENSOR_BYTES
         return (not isinstance(tensor, ir.ExternalTensor) and tensor.dtype in RAW_DTYPES
                 and tensor.nbytes >= STREAM_MIN_BYTES)
 
