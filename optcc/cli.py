@@ -17,7 +17,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import onnx
 import onnx_ir
@@ -294,8 +294,12 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise BadInputError("no MODEL given (see --help)")
     if args.int8 and not args.calibration:
         raise BadInputError("--int8 needs --calibration DATA (.npz or a folder of them)")
-    if args.int8 and args.fp16:
-        raise BadInputError("--int8 and --fp16 exclude each other")
+    modes = [flag for flag, given in (("--fp16", args.fp16), ("--int8", args.int8),
+                                      ("--int8-dynamic", args.int8_dynamic), ("--weights", args.weights)) if given]
+    if len(modes) > 1:  # each is a whole precision plan for the model; combined, one would undo the other's
+        raise BadInputError(f"{' and '.join(modes)} exclude each other (choose one precision)")
+    if args.passes is not None and not _split(args.passes):
+        raise BadInputError("--passes names no pass (give a comma-separated list, or leave it out for -O's)")
     if args.fp16_io != "float32" and not args.fp16:
         raise BadInputError("--fp16-io is used with --fp16")
     if args.calibration and not (args.int8 or args.fp16 or args.weights):
@@ -318,6 +322,26 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise BadInputError(f"--external-data-location '{location}' must be a file name (no folder)")
 
 
+def _refuse_input_files(model: str, outputs: dict[str, Path | None]) -> None:
+    """Refuse, before any work, an output file that is the input model or one of the files
+    its external data is read from: writing it would destroy the input."""
+    existing = {what: path for what, path in outputs.items() if path is not None and path.exists()}
+    if not existing or not Path(model).is_file():
+        return
+    data: set[Path] | None = None
+    for what, path in existing.items():
+        if os.path.samefile(path, model):
+            raise BadInputError(f"{what} would overwrite the input model; choose another name", path)
+        if data is None:
+            try:
+                data = oir.external_data_files(oir.load(model))
+            except OptccError:
+                data = set()  # the model's own error is reported where it is loaded
+        if path.resolve() in data:
+            raise BadInputError(f"{what} would overwrite '{path.name}', which the input model reads its "
+                                "weights from; choose another name", path)
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # onnxruntime's process-wide logger (sessions set their own level): optcc reports errors once, itself
@@ -335,6 +359,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise BadInputError("--report and the output are the same file", report_path)
     if args.external_data_location and Path(args.external_data_location).name == output.name:
         raise BadInputError("--external-data-location is the output file itself", output)
+    data_file = None if args.external_data == "off" else \
+        output.resolve().parent / (args.external_data_location or f"{output.name}.data")
+    _refuse_input_files(args.model, {"the output": output, "the report": report_path,
+                                     "the output's external data file": data_file})
     input_shapes = _parse_shapes(args.input_shape)
     fixed_shapes = _parse_shapes(args.overwrite_input_shape, "--overwrite-input-shape")
     inputs = load_npz_samples(args.inputs, args.model) if args.inputs else None
@@ -496,7 +524,57 @@ def _run_compare(argv: Sequence[str]) -> int:
     return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
 
 
+class _ReaderMayLeave:
+    """A text stream whose reader may go away (``| head``, ``| grep -q``): what is written
+    after that is dropped, so a closed pipe changes neither the result nor the exit code."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._gone = False
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._gone = True
+                _silence(self._stream)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._gone = True
+                _silence(self._stream)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _silence(stream: Any) -> None:
+    """Point ``stream``'s descriptor at /dev/null: the interpreter's final flush of what is
+    left in its buffer then meets no closed pipe."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture): nothing to flush
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _ReaderMayLeave(sys.stdout), _ReaderMayLeave(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         return run(argv)
     except SystemExit as stop:  # argparse's --help, --version and usage errors
@@ -507,6 +585,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("optcc: interrupted; nothing written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of optcc's messages went away mid-run: the run stops there
+        for stream in (sys.stdout, sys.stderr):
+            _silence(stream)
+        return EXIT_INTERNAL
     except Exception as error:  # noqa: BLE001 - the last line of defence
         if os.environ.get("OPTCC_DEBUG"):
             raise

@@ -354,6 +354,20 @@ def test_pickled_object_array_is_never_unpickled(tmp_path: Path, capsys) -> None
     assert not marker.exists()
 
 
+def test_a_file_that_is_no_npz_is_named_so_and_never_unpickled(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    text = tmp_path / "junk.npz"
+    text.write_text("junk\n")
+    _refused(capsys, [str(model), "--inputs", str(text)], "not an .npz file", model, watch=(tmp_path,))
+    marker = tmp_path / "unpickled"
+    raw = tmp_path / "raw.npz"  # a bare pickle, which np.load would unpickle if allowed
+    import pickle
+
+    raw.write_bytes(pickle.dumps(_Boom(str(marker))))
+    _refused(capsys, [str(model), "--inputs", str(raw)], "not an .npz file", model, watch=(tmp_path,))
+    assert not marker.exists()
+
+
 class _Boom:
     """Unpickling it would create a file: proof that nothing was unpickled."""
 
@@ -471,3 +485,39 @@ def test_missing_input_shape_whose_rank_nothing_fixes(tmp_path: Path, capsys) ->
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = _write(tmp_path / "model.onnx", helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     _refused(capsys, [str(model)], "rank cannot be inferred", model, names="'x'")
+
+
+def test_no_output_may_overwrite_the_input_or_its_external_data(tmp_path: Path, capsys) -> None:
+    model = tmp_path / "good.onnx"
+    proto = onnx.load(EXAMPLE)
+    onnx.save(proto, model, save_as_external_data=True, location="good.bin", size_threshold=0)
+    data = tmp_path / "good.bin"
+    kept = _digest(data)
+    cases = [
+        (["-o", str(data)], "reads its weights from"),
+        (["-o", str(tmp_path / "g.onnx"), "--report", str(data)], "reads its weights from"),
+        (["-o", str(tmp_path / "g.onnx"), "--external-data", "on", "--external-data-location", "good.onnx"],
+         "would overwrite the input model"),
+        (["-o", str(tmp_path / "g.onnx"), "--external-data", "on", "--external-data-location", "good.bin"],
+         "reads its weights from"),
+    ]
+    for extra, needle in cases:
+        _refused(capsys, [str(model), *extra], needle, model)
+        assert _digest(data) == kept, extra
+    np.testing.assert_array_equal(  # the input still runs as it did (onnx's reference evaluator)
+        ReferenceEvaluator(onnx.load(model)).run(None, {"image": np.ones((1, 3, 32, 32), np.float32)})[0],
+        ReferenceEvaluator(proto).run(None, {"image": np.ones((1, 3, 32, 32), np.float32)})[0])
+
+
+@pytest.mark.parametrize("flags", [["--int8-dynamic", "--weights", "int8"], ["--fp16", "--weights", "int4"],
+                                   ["--fp16", "--int8-dynamic"], ["--int8", "--weights", "int8"]])
+def test_two_precisions_exclude_each_other(tmp_path: Path, capsys, flags: list[str]) -> None:
+    model = _copy_example(tmp_path)
+    data = tmp_path / "calib.npz"
+    np.savez(data, image=np.ones((2, 1, 3, 32, 32), np.float32))
+    _refused(capsys, [str(model), *flags, "--calibration", str(data)], "exclude each other", model)
+
+
+def test_an_empty_pass_list_is_refused(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    _refused(capsys, [str(model), "--passes", " , "], "names no pass", model)

@@ -68,7 +68,19 @@ def load_npz_samples(
     return samples
 
 
+_NPZ_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive of .npy files
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def _read(file: Path) -> dict[str, np.ndarray]:
+    try:
+        with open(file, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as e:
+        raise BadInputError(f"cannot read it ({e.strerror or e})", file) from None
+    if not (head.startswith(_NPZ_MAGIC) or head == _NPY_MAGIC):
+        # anything else np.load would take for a pickle
+        raise BadInputError("not an .npz file (a zip archive of .npy arrays, as numpy.savez writes)", file)
     try:
         with np.load(file, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
