@@ -22,7 +22,10 @@ tensors later segments read are carried between segments per sample. Every node 
 once per sample (a corrected layer twice), so the cost is about (samples) runs of the
 graph up to its last corrected layer, not (layers x samples) runs of graph prefixes.
 Each node computes what it would in one session (the same kernels on the same inputs),
-so the corrections equal those of a layer-by-layer prefix run.
+so the corrections equal those of a layer-by-layer prefix run. The weights' dequantizations
+run once, not once per sample and segment, and no weight is copied for a session: the
+float model's and the quantized model's weights are handed to onnxruntime in place
+(``optcc.runtime.shared_weights``), the dequantized ones fed as inputs.
 
 Measured with the benchmark's data (8 calibration, 8 different held-out samples; worst
 output SQNR; docs/int8.md): nudenet-320n 30.3 -> 30.6 dB; on whole text lines PP-OCRv4 rec
@@ -51,12 +54,14 @@ import onnxruntime as ort
 
 from optcc import ir as oir
 from optcc.progress import Progress
-from optcc.runtime.session import session_options
+from optcc.runtime.session import detached, session_options
+from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
 __all__ = ["correct_biases", "weight_error_shifts"]
 
 Feeds = Mapping[str, np.ndarray]
 _INT32_MAX = 2**31 - 1
+DEQUANTIZE_AHEAD_BYTES = 16 << 20  # dequantized weights made ahead of the segment that reads them
 
 
 @dataclass
@@ -161,17 +166,25 @@ def _mean_nodes(names: Sequence[str], ranks: Sequence[int], opset: int, prefix: 
     return nodes, outputs
 
 
-def _session(proto: onnx.ModelProto, threads: int | None) -> ort.InferenceSession:
+def _session(proto: onnx.ModelProto, threads: int | None, weights: Mapping[str, np.ndarray] | None = None
+             ) -> ort.InferenceSession:
+    """A session of ``proto`` as written; ``weights``: the arrays behind its placeholder
+    initializers (``shared_weights.weighted_session``: read in place, the kernels and
+    results of a session of the full proto). ``proto`` is changed."""
     # no arena: the float simulation's activations go back to the system as they are
     # freed, the reductions placed right after their producers run early (priority order)
     options = session_options(arena=False, priority_order=True, threads=threads)
+    if weights:
+        return weighted_session(proto, weights, options)
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _with_means(model: ir.Model, layers: Sequence[_Layer], prefix: str, *, reference: bool = False
-                ) -> tuple[onnx.ModelProto, list[str]]:
-    """The model with the per-channel means of the layers' results as its only outputs."""
-    proto = oir.serialize(model)
+                ) -> tuple[onnx.ModelProto, dict[str, np.ndarray], list[str]]:
+    """The model with the per-channel means of the layers' results as its only outputs: its
+    proto with the large weights as placeholders, their arrays (``light_proto``), and the
+    outputs' names."""
+    proto, weights = light_proto(model)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     names = [layer.reference if reference else layer.result for layer in layers]
     nodes, outputs = _mean_nodes(names, [layer.rank for layer in layers], opset, prefix)
@@ -188,7 +201,7 @@ def _with_means(model: ir.Model, layers: Sequence[_Layer], prefix: str, *, refer
     del proto.graph.node[:]
     proto.graph.node.extend(ordered)
     proto.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
-    return proto, outputs
+    return proto, weights, outputs
 
 
 def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[Feeds], *,
@@ -204,12 +217,13 @@ def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[F
     if not layers or not samples:
         return {"layers": 0}
     prefix = oir.unique_value_name(quantized, "optcc_bias_correction")
-    ref_proto, ref_outputs = _with_means(reference, layers, prefix, reference=True)
-    target = _average(_session(ref_proto, threads), ref_outputs, samples)
-    del ref_proto
+    ref_proto, ref_weights, ref_outputs = _with_means(reference, layers, prefix, reference=True)
+    target = _average(_session(ref_proto, threads, ref_weights), ref_outputs, samples)
+    del ref_proto, ref_weights
+    release_memory()
 
     # the quantized model with each corrected layer's bias as a float graph input
-    proto = oir.serialize(quantized)
+    proto, weights = light_proto(quantized)
     bias_inputs = [f"{prefix}_bias_{i}" for i in range(len(layers))]
     by_result = {node.output[0]: node for node in proto.graph.node if node.output}
     for layer, name in zip(layers, bias_inputs):
@@ -217,9 +231,9 @@ def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[F
         while len(node.input) < 3:
             node.input.append("")
         node.input[2] = name
-    segments = _Segments(proto, [layer.result for layer in layers], [layer.rank for layer in layers],
+    segments = _Segments(proto, weights, [layer.result for layer in layers], [layer.rank for layer in layers],
                          bias_inputs, prefix, samples, threads)
-    del proto
+    del proto, weights
     biases = [layer.bias.copy() for layer in layers]  # float64; fed as float32
     fed = {name: b.astype(np.float32) for name, b in zip(bias_inputs, biases)}
     quantized_bias: list[np.ndarray] = [np.zeros(0, np.int32)] * len(layers)
@@ -244,6 +258,7 @@ def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[F
             bar.advance()
         _, residual[-1] = segments.run(len(layers), fed)  # the last layer, corrected
     del segments
+    release_memory()
     # the residual, for the report: each layer's mean with the final (int32-rounded) biases
     after = float(np.mean([np.abs(r - t).mean() for r, t in zip(residual, target)]))
     taken = oir.value_names(quantized)
@@ -282,6 +297,13 @@ def _reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def _is_constant_dequantization(node: onnx.NodeProto, initializers: Mapping[str, onnx.TensorProto]) -> bool:
+    """A DequantizeLinear of initializers only (a weight's): its result is the same on every
+    sample."""
+    return (node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and len(node.output) == 1
+            and all(name in initializers for name in node.input if name))
+
+
 class _Segments:
     """The bias-fed QDQ model cut before each corrected layer, run segment by segment.
 
@@ -292,18 +314,34 @@ class _Segments:
     (layer ``k``'s current bias), and the tensors it produced that a node at or after
     ``p_k`` reads, which later segments are fed per sample (graph inputs are carried the
     same way). What is carried per sample is the live set at one cut, never all
-    activations. A segment's session is built when it runs, its inputs typed from the
-    carried arrays."""
+    activations; carried arrays own their memory (``detached``: an onnxruntime output
+    would keep the buffers of the session that made it alive). A segment's session is
+    built when it runs, its inputs typed from the carried arrays.
 
-    def __init__(self, proto: onnx.ModelProto, results: Sequence[str], ranks: Sequence[int],
-                 bias_inputs: Sequence[str], prefix: str, samples: Sequence[Feeds], threads: int | None) -> None:
-        self.proto, self.prefix, self.threads = proto, prefix, threads
+    The DequantizeLinear nodes of initializers (the weights') do not depend on the
+    sample: each is run once by onnxruntime (the same kernel on the same inputs as in
+    one session, hence the same float32 values), when the first segment that reads it
+    is built, and its result is kept while a later node reads it; segments are fed the
+    results as graph inputs (read in place, never carried per sample nor dequantized per
+    sample). Fed, not initializers: a Gemm or MatMul reads them as it reads a computed
+    tensor (an initializer would be pre-packed, which changes its results). The
+    initializers are handed over in place (``weights``: the arrays behind ``proto``'s
+    placeholders, ``light_proto``; ``weighted_session``: pre-packed as in a session of
+    the full proto)."""
+
+    def __init__(self, proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], results: Sequence[str],
+                 ranks: Sequence[int], bias_inputs: Sequence[str], prefix: str, samples: Sequence[Feeds],
+                 threads: int | None) -> None:
+        self.proto, self.weights, self.prefix, self.threads = proto, weights, prefix, threads
         self.bias_inputs, self.ranks = list(bias_inputs), list(ranks)
-        self.nodes = list(proto.graph.node)
+        self.initializers = {t.name: t for t in proto.graph.initializer}
+        nodes = list(proto.graph.node)
+        # sample-independent dequantizations, by result; the graph without them
+        self.constant_nodes = {n.output[0]: n for n in nodes if _is_constant_dequantization(n, self.initializers)}
+        self.nodes = [n for n in nodes if not (n.output and n.output[0] in self.constant_nodes)]
         self.reads = [_reads(n) for n in self.nodes]
         producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
         self.positions = [producer[r] for r in results]
-        self.initializers = {t.name: t for t in proto.graph.initializer}
         fed = [v.name for v in proto.graph.input if v.name not in self.initializers]
         self.position_of = {**{name: -1 for name in fed}, **producer}  # -1: a graph input
         self.last_read: dict[str, int] = {}
@@ -311,6 +349,7 @@ class _Segments:
             for name in names:
                 self.last_read[name] = i
         self.states = [{k: np.asarray(v) for k, v in feeds.items() if k in self.position_of} for feeds in samples]
+        self.constants: dict[str, np.ndarray] = {}  # dequantized weights a node from the current segment on reads
         self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
 
     def _bounds(self, k: int) -> tuple[int, int]:
@@ -318,8 +357,58 @@ class _Segments:
         end = self.positions[k] if k < len(self.positions) else self.positions[-1] + 1
         return start, end
 
-    def _model(self, k: int) -> tuple[onnx.ModelProto, list[str], list[str]]:
-        """Segment ``k``: the model, the tensors it carries and its mean outputs."""
+    def _graph(self, name: str, nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],
+               outputs: Sequence[str], initializers: Sequence[str]) -> onnx.ModelProto:
+        """A model of ``nodes`` reading ``initializers`` (of the proto, placeholders for
+        the large ones)."""
+        model = onnx.ModelProto()
+        model.ir_version = self.proto.ir_version
+        model.opset_import.extend(self.proto.opset_import)
+        model.functions.extend(self.proto.functions)
+        model.graph.CopyFrom(onnx.helper.make_graph(
+            list(nodes), name, list(inputs), [onnx.ValueInfoProto(name=n) for n in outputs],
+            initializer=[self.initializers[n] for n in initializers]))
+        return model
+
+    def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
+        return _session(model, self.threads, self.weights)
+
+    def _constants_of(self, k: int) -> set[str]:
+        """The dequantized weights segment ``k`` reads (its nodes' and its probe's)."""
+        start, end = self._bounds(k)
+        reads = set().union(*self.reads[start:end])
+        if k < len(self.positions):
+            reads |= self.reads[self.positions[k]]
+        return {n for n in reads if n in self.constant_nodes}
+
+    def _dequantize(self, k: int) -> None:
+        """Run the dequantizations segment ``k`` reads and has not kept yet (once, no sample)
+        and keep them; with them those of the segments after it, while they come to at
+        most ``DEQUANTIZE_AHEAD_BYTES`` (fewer sessions on a model of many small layers)."""
+        missing = sorted(n for n in self._constants_of(k) if n not in self.constants)
+        if not missing:
+            return
+        size = sum(self._nbytes(n) for n in missing)
+        for later in range(k + 1, len(self.positions) + 1):
+            more = sorted(n for n in self._constants_of(later) if n not in self.constants and n not in missing)
+            size += sum(self._nbytes(n) for n in more)
+            if size > DEQUANTIZE_AHEAD_BYTES:
+                break
+            missing += more
+        nodes = [self.constant_nodes[n] for n in missing]
+        reads = sorted(set().union(*(_reads(n) for n in nodes)))
+        model = self._graph("dequantize", nodes, [], missing, reads)
+        session = self._session(model)
+        # kept without a copy: this session's buffers are these results only
+        self.constants.update(zip(missing, (np.asarray(v) for v in session.run(missing, {}))))
+
+    def _nbytes(self, name: str) -> int:
+        """The bytes of a dequantization's float32 result (its quantized input's shape)."""
+        return 4 * int(np.prod(self.initializers[self.constant_nodes[name].input[0]].dims, dtype=np.int64))
+
+    def _model(self, k: int) -> tuple[onnx.ModelProto, list[str], list[str], list[str]]:
+        """Segment ``k``: the model, the tensors it carries, its mean outputs and the
+        dequantized weights it reads."""
         start, end = self._bounds(k)
         nodes = list(self.nodes[start:end])
         reads: set[str] = set().union(*self.reads[start:end])
@@ -341,36 +430,42 @@ class _Segments:
             made, outs = _mean_nodes([probe.output[0]], [self.ranks[k]], self.opset, f"{self.prefix}_p{k}")
             extra += [probe, *made]
             means += outs
+        constants = sorted(n for n in reads if n in self.constant_nodes)
+        self._dequantize(k)
         carried = sorted(n for n in produced if self.last_read.get(n, -1) >= end)
         outside = sorted(n for n in reads if n not in produced and n in self.position_of)
         inputs = [onnx.helper.make_tensor_value_info(
             n, onnx.helper.np_dtype_to_tensor_dtype(self.states[0][n].dtype), None) for n in outside]
         inputs += [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                    for n in self.bias_inputs if n in reads]
-        model = onnx.ModelProto()
-        model.ir_version = self.proto.ir_version
-        model.opset_import.extend(self.proto.opset_import)
-        model.functions.extend(self.proto.functions)
-        model.graph.CopyFrom(onnx.helper.make_graph(
-            [*nodes, *extra], f"segment_{k}", inputs, [onnx.ValueInfoProto(name=n) for n in carried + means],
-            initializer=[self.initializers[n] for n in sorted(reads) if n in self.initializers]))
-        return model, carried, means
+        inputs += [onnx.helper.make_tensor_value_info(
+            n, onnx.helper.np_dtype_to_tensor_dtype(self.constants[n].dtype), None) for n in constants]
+        model = self._graph(f"segment_{k}", [*nodes, *extra], inputs, carried + means,
+                            sorted(n for n in reads if n in self.initializers))
+        return model, carried, means, constants
 
     def run(self, k: int, biases: Mapping[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Run segment ``k`` on every sample, carrying its tensors on; the channel means over
         the samples (float64) of the probe (layer ``k``) and of layer ``k-1`` (None where
         there is none)."""
-        model, carried, means = self._model(k)
-        session = _session(model, self.threads)
+        model, carried, means, constants = self._model(k)
+        session = self._session(model)
+        del model
+        fixed = {**biases, **{n: self.constants[n] for n in constants}}
         wanted = [i.name for i in session.get_inputs()]
         _, end = self._bounds(k)
         totals: list = [0.0] * len(means)
         for state in self.states:
-            values = session.run(carried + means, {n: biases[n] if n in biases else state[n] for n in wanted})
-            state.update(zip(carried, values))
+            values = session.run(carried + means, {n: fixed[n] if n in fixed else state[n] for n in wanted})
+            state.update(zip(carried, detached(values[:len(carried)])))
             for name in [n for n in state if self.last_read.get(n, -1) < end]:
                 del state[name]  # no node from here on reads it
             totals = [t + np.asarray(v, np.float64) / len(self.states) for t, v in zip(totals, values[len(carried):])]
+            del values
+        del session
+        for name in [n for n in self.constants if self.last_read.get(n, -1) < end]:
+            del self.constants[name]  # no node from here on reads it
+        release_memory()
         probe = totals[-1] if k < len(self.positions) else None
         return probe, (totals[0] if k else None)
 
