@@ -465,7 +465,6 @@ class _Segments:
         del session
         for name in [n for n in self.constants if self.last_read.get(n, -1) < end]:
             del self.constants[name]  # no node from here on reads it
-        release_memory()
         probe = totals[-1] if k < len(self.positions) else None
         return probe, (totals[0] if k else None)
 
