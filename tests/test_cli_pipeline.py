@@ -231,6 +231,18 @@ def test_overwrite_input_shapes_re_infers_intermediate_shapes_and_refuses_confli
     assert list(model.graph.inputs[0].shape.dims) == [5, 3, 4], "a refused edit leaves the model as it was"
 
 
+def test_overwrite_input_shape_writes_every_inferred_shape_quietly(example: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "fixed.onnx"
+    assert cli.main([str(example), "--overwrite-input-shape", "image:1,3,32,32", "-o", str(out), "-q"]) == 0
+    assert capsys.readouterr().err == ""  # no warning per value whose type was unknown
+    proto = onnx.load(str(out))
+    inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True)  # onnx's own inference on the result
+    want = {v.name: v.type for v in inferred.graph.value_info}
+    written = {v.name: v.type for v in proto.graph.value_info}
+    assert written and written == {name: want[name] for name in written}
+    assert set(want) <= set(written)
+
+
 # --------------------------------------------------------------------------- external data
 
 

@@ -52,8 +52,10 @@ def overwrite_input_shapes(
     for value, old in saved.items():
         if value.producer() is None:
             continue
-        new = inferred.get(value.name) if value.name else None
-        value.shape = new if new is not None else old
+        found = inferred.get(value.name) if value.name else None
+        value.shape = found[1] if found is not None else old
+        if found is not None and value.dtype is None and found[0]:
+            value.dtype = ir.DataType(found[0])  # a shape without a type is not written to the file
     return model
 
 
@@ -101,9 +103,10 @@ def _text(shape: ir.Shape) -> str:
     return "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape.dims) + "]"
 
 
-def _infer(model: ir.Model) -> dict[str, ir.Shape]:
-    """Shapes onnx shape inference (strict, with data propagation) finds for the named
-    values of every graph; large weights become typed graph inputs so none is copied."""
+def _infer(model: ir.Model) -> dict[str, tuple[int, ir.Shape]]:
+    """Element types (0: unknown) and shapes onnx shape inference (strict, with data
+    propagation) finds for the named values of every graph; large weights become typed
+    graph inputs so none is copied."""
     with oir.initializers_set_aside(model, lambda t: t.nbytes > _SET_ASIDE_BYTES) as aside:
         proto = oir.serialize(model)
     aside_names = {value.name: tensor for value, tensor in aside}
@@ -115,12 +118,12 @@ def _infer(model: ir.Model) -> dict[str, ir.Shape]:
         if name not in listed:
             proto.graph.input.append(onnx.helper.make_tensor_value_info(name, int(tensor.dtype), list(tensor.shape.dims)))
     inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
-    shapes: dict[str, ir.Shape] = {}
+    found: dict[str, tuple[int, ir.Shape]] = {}
     for graph in oir.proto_graphs(inferred.graph):
         for info in (*graph.value_info, *graph.output):
             if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
                 continue
             dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                     for d in info.type.tensor_type.shape.dim]
-            shapes[info.name] = ir.Shape(dims)
-    return shapes
+            found[info.name] = (info.type.tensor_type.elem_type, ir.Shape(dims))
+    return found
