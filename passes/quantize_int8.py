@@ -199,7 +199,7 @@ class QuantizeInt8Pass(optcc.Pass):
     def call(self, model: ir.Model) -> optcc.PassResult:
         opset = optcc.ir.default_opset(model)
         stats: dict[str, Any] = {"quantized": {}, "kept_float": {}, "absorbed": {}, "rescaled": {}, "qdq_pairs": 0,
-                                 "bias_scale_raised": 0, "layers": [], "layer_outputs": {}}
+                                 "bias_scale_raised": 0, "layers": [], "layer_ops": {}, "layer_outputs": {}}
         if opset < 10:
             stats["reason"] = f"opset {opset} < 10 has no QuantizeLinear"
             return optcc.PassResult(model, False, stats)
@@ -601,6 +601,7 @@ class _Rewriter:
                         self._quantize_constant_activation(node, i)
             _count(self.stats["quantized"], node.op_type)
             self.stats["layers"].append(layer_id(node))
+            self.stats["layer_ops"][layer_id(node)] = node.op_type
             deq = self.dq_of.get(node.outputs[0])
             # the layer's result: its name in the float model, and in this one (DQ output)
             result = deq.name if deq else (node.outputs[0].name if node in plan.float_output else None)

@@ -86,6 +86,20 @@ def test_layers_from_int8_driver_stats():
     assert {r["precision"] for r in declined} == {"float32"} and all("declined" in r["reason"] for r in declined)
 
 
+def test_int8_layer_rows_name_each_layers_op_type():
+    example = os.path.join(os.path.dirname(__file__), "..", "fixtures", "tinycnn.onnx")
+    rng = np.random.default_rng(0)
+    data = [{"image": rng.random((1, 3, 32, 32), dtype=np.float32)} for _ in range(8)]
+    result = optcc.optimize(example, int8_calibration=data, int8_options={"require_speedup": False}, verify=False)
+    rows = result.report.layer_table()
+    assert rows and all(r["op_type"] for r in rows)
+    # the op each layer name has in the float model INT8 starts from, read by onnx itself
+    float_ops = {n.name: n.op_type for n in onnx.load(example).graph.node}
+    assert all(float_ops.get(r["name"], r["op_type"]) == r["op_type"] for r in rows)
+    assert {r["op_type"] for r in rows} <= {"Conv", "Gemm", "MatMul", "MaxPool", "AveragePool", "GlobalAveragePool",
+                                           "Relu", "Add", "Reshape", "Flatten", "Mul", "Concat"}
+
+
 def test_explicit_layer_records_and_reverted_passes():
     report = Report(passes=[_record("p", {"layers": _explicit_layers(2)}),
                             _record("gone", {"layers": _explicit_layers(3)}, status="reverted")])

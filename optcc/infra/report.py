@@ -257,14 +257,15 @@ def _int8_layers(pass_name: str, stats: Mapping[str, Any]) -> list[dict[str, Any
         value = error(name)
         return "" if value is None else f" (quantized alone: model SQNR {value:.1f} dB)"
 
+    ops = stats.get("layer_ops") or {}
     if stats.get("declined"):
         why = f"INT8 declined ({stats['declined']}): {stats.get('reason') or 'see warnings'}"
-        return [_record(name, None, "float32", why + alone(name), error(name), pass_name=pass_name)
+        return [_record(name, ops.get(name), "float32", why + alone(name), error(name), pass_name=pass_name)
                 for name in sensitivity]
     quantized = (stats.get("pass") or {}).get("layers") or []
-    rows = [_record(name, None, "int8", "quantized" + alone(name), error(name), pass_name=pass_name)
+    rows = [_record(name, ops.get(name), "int8", "quantized" + alone(name), error(name), pass_name=pass_name)
             for name in quantized]
-    rows += [_record(name, None, "float32", "returned to float by the accuracy fallback" + alone(name),
+    rows += [_record(name, ops.get(name), "float32", "returned to float by the accuracy fallback" + alone(name),
                      error(name), pass_name=pass_name)
              for name in fallback.get("kept_float") or []]
     return rows

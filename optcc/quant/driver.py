@@ -428,7 +428,8 @@ def quantize_int8(
         )
 
     quantized, pass_stats = make()
-    stats["pass"] = {k: v for k, v in pass_stats.items() if k != "layer_outputs"}
+    stats["pass"] = {k: v for k, v in pass_stats.items() if k not in ("layer_outputs", "layer_ops")}
+    stats["layer_ops"] = dict(pass_stats.get("layer_ops") or {})  # every quantizable layer's op, for the report
     lap("quantize")
     if not pass_stats.get("layers"):
         return decline("nothing", "nothing quantizable (no layer met the preconditions)")
@@ -471,7 +472,7 @@ def quantize_int8(
         evaluation = initial[2] if initial is not None else evaluate(float_model, quantized, judged, o.target)
         report = {"evaluation": evaluation.to_dict(), "target_met": evaluation.passed, "kept_float": []}
     lap("fallback" if o.accuracy_fallback else "evaluate")
-    stats["pass"] = {k: v for k, v in pass_stats.items() if k != "layer_outputs"}
+    stats["pass"] = {k: v for k, v in pass_stats.items() if k not in ("layer_outputs", "layer_ops")}
     stats["fallback"] = report
     histogram = integer_op_histogram(quantized)
     stats["integer_op_histogram"] = histogram
