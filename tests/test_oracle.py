@@ -160,6 +160,25 @@ def test_bisection_reverts_only_the_offending_pass_of_a_pipeline():
     assert result.report.verification["status"] == "passed"
 
 
+def test_a_blamed_pass_is_reverted_in_every_later_step_of_that_name_after_one_bisection(monkeypatch):
+    """Two steps of the same miscompiling rewrite (as a level's pipeline and the INT8
+    preparation each run fuse-conv-affine): one bisection reverts both; the result is the
+    original's computation (onnx's reference evaluator)."""
+    from optcc.infra.manager import PassManager
+
+    bisections = []
+    bisect = PassManager._bisect
+    monkeypatch.setattr(PassManager, "_bisect", lambda self, run: bisections.append(1) or bisect(self, run))
+    model = _conv_bn([0, 1, 2, 3])
+    passes = [PlantedFoldPass(epsilon=0.0), "eliminate-dead-nodes", PlantedFoldPass(epsilon=0.0)]
+    result = optcc.optimize(model, passes=passes, inputs=[{"x": np.ones((1, 3, 16, 16), np.float32)}])
+    assert [r.status for r in result.report.passes if r.name == "planted-fold"] == ["reverted", "reverted"]
+    assert len(bisections) == 1 and result.report.verification["status"] == "passed"
+    x = np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_array_equal(ReferenceEvaluator(result.model).run(None, {"x": x})[0],
+                                  ReferenceEvaluator(model).run(None, {"x": x})[0])
+
+
 def test_default_verification_uses_three_samples():
     model = _conv_bn([0])
     planted = PlantedFoldPass(epsilon=0.0, numerics="fusion")(optcc.ir.load(model)).model

@@ -87,7 +87,7 @@ class _Run:
     fresh: Callable[[], ir.Model]
     signature: Signature
     check_each: bool
-    reverts: dict[int, tuple[PassLike, str]]  # pass-run index -> the pass reverted from there on, and why
+    reverts: dict[int, tuple[PassLike, str]]  # pass-run index -> the pass (by name) reverted from there on, and why
     records: list[PassRecord] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     unconverged: list[str] = dataclasses.field(default_factory=list)
@@ -162,7 +162,8 @@ class PassManager:
             culprit = next(p for i, p in run.kept if i == index)
             if self.strict:
                 raise PassFailedError(f"pass '{pass_name(culprit)}' changed the numerics: {failing.reason}")
-            # this run of the pass and its later runs (a fixpoint would repeat the rewrite)
+            # this run of the pass and its later runs, under any instance of that name (a fixpoint
+            # or a later step would repeat the rewrite, and each would cost a bisection)
             reverts[index] = (culprit, "changed the numerics: " + (failing.reason or ""))
             run = self._complete(run.fresh(), run.fresh, reverts)
             check = self.verifier.check(run.model, run.numerics())
@@ -312,7 +313,7 @@ class PassManager:
         stats: dict[str, Any] = {}
         result = None
         planned = next((why for start, (reverted, why) in run.reverts.items()
-                        if reverted is pass_ and index >= start), None)
+                        if pass_name(reverted) == name and index >= start), None)
         if planned is not None:
             status, reason = "reverted", planned
         else:
