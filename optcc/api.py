@@ -44,6 +44,7 @@ class OptimizeResult:
     ir_model: ir.Model
     report: Report
     given_as_ir: bool = False
+    source: str | None = None  # the input model's file, which save() never overwrites
     # precision requested (fp16, int8, int8-dynamic) -> None when applied, else the reason
     precision: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
@@ -72,6 +73,7 @@ class OptimizeResult:
         input had it or the weights near 2 GB), True/False force it; with external data,
         tensors of at least ``external_data_threshold`` bytes (default 1024) go to
         ``external_data_location`` (a file name beside the model; default ``NAME.data``)."""
+        oir.check_output_path(path, self.source)  # never the input model's own file
         options: dict[str, Any] = {}
         if external_data_threshold is not None:
             options["size_threshold_bytes"] = external_data_threshold
@@ -265,7 +267,8 @@ def optimize(
     growth = _fold_growth(report)
     if growth is not None:
         report.warnings.append(growth)
-    result = OptimizeResult(outcome.model, report, given_as_ir=isinstance(model, ir.Model), precision=precision)
+    result = OptimizeResult(outcome.model, report, given_as_ir=isinstance(model, ir.Model), precision=precision,
+                            source=label)
     status = report.verification["status"] if report.verification is not None else None
     if status == "failed":
         _raise(VerificationError(f"verification failed: {report.verification['summary']}"), result)

@@ -521,3 +521,19 @@ def test_two_precisions_exclude_each_other(tmp_path: Path, capsys, flags: list[s
 def test_an_empty_pass_list_is_refused(tmp_path: Path, capsys) -> None:
     model = _copy_example(tmp_path)
     _refused(capsys, [str(model), "--passes", " , "], "names no pass", model)
+
+
+def test_the_api_never_saves_over_its_input_model(tmp_path: Path) -> None:
+    import optcc
+    from optcc.errors import BadInputError
+
+    model = _copy_example(tmp_path)
+    kept = _digest(model)
+    result = optcc.optimize(str(model), verify=False)
+    with pytest.raises(BadInputError, match="input model"):
+        result.save(str(model))
+    assert _digest(model) == kept
+    result.save(str(tmp_path / "out.onnx"))  # elsewhere it writes, and the result runs as the input does
+    x = np.ones((1, 3, 32, 32), np.float32)
+    np.testing.assert_allclose(ReferenceEvaluator(str(tmp_path / "out.onnx")).run(None, {"image": x})[0],
+                               ReferenceEvaluator(str(model)).run(None, {"image": x})[0], rtol=1e-5, atol=1e-6)
