@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from optcc.errors import BadInputError
-from optcc.ir.serialize_cached import CACHE_TENSOR_BYTES, model_parts, serialize_bytes
+from optcc.ir.serialize_cached import CACHE_TENSOR_BYTES, model_parts, serialize_bytes, varint
 from optcc.ir.walk import _tensor_nbytes, external_data_files, graphs, uses_external_data, weight_bytes
 
 # Protobuf refuses messages of 2 GiB; leave room for the graph structure itself.
@@ -169,21 +169,12 @@ def _placeholder(tensor: ir.TensorProtocol) -> ir.Tensor:
     return placeholder
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _graph_initializer_field(tensor_start: bytes, extra: int = 0) -> bytes:
     """``ModelProto.graph (7) { GraphProto.initializer (5) { tensor } }`` up to the end of
     ``tensor_start``; ``extra`` more bytes of the tensor follow it in the file."""
     tensor_len = len(tensor_start) + extra
-    graph_len = 1 + len(_varint(tensor_len)) + tensor_len
-    return b"\x3a" + _varint(graph_len) + b"\x2a" + _varint(tensor_len) + tensor_start
+    graph_len = 1 + len(varint(tensor_len)) + tensor_len
+    return b"\x3a" + varint(graph_len) + b"\x2a" + varint(tensor_len) + tensor_start
 
 
 def _write_streamed(model: ir.Model, path: str) -> None:
@@ -231,7 +222,7 @@ def _write_streamed(model: ir.Model, path: str) -> None:
             header = onnx.TensorProto(name=name, dims=list(array.shape),
                                       data_type=int(tensor.dtype)).SerializeToString()
             data = memoryview(array.reshape(-1).view(np.uint8))
-            raw_field = b"\x4a" + _varint(data.nbytes)  # TensorProto.raw_data (9)
+            raw_field = b"\x4a" + varint(data.nbytes)  # TensorProto.raw_data (9)
             f.write(_graph_initializer_field(header + raw_field, extra=data.nbytes))
             f.write(data)
         f.flush()

@@ -47,7 +47,7 @@ import onnx_ir as ir
 
 from optcc.ir.walk import _tensor_nbytes
 
-__all__ = ["Parts", "model_parts", "serialize_bytes", "CACHE_TENSOR_BYTES"]
+__all__ = ["Parts", "model_parts", "serialize_bytes", "varint", "CACHE_TENSOR_BYTES"]
 
 CACHE_TENSOR_BYTES = 4096
 
@@ -73,7 +73,8 @@ class _Unsupported(Exception):
     """The model is outside the plain case: onnx-ir serializes it."""
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """``n`` as a protobuf varint (7 bits a byte, low first)."""
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -86,17 +87,17 @@ _ONE_BYTE = [bytes((n,)) for n in range(128)]  # the varints below 128
 
 
 def _length(n: int) -> bytes:
-    return _ONE_BYTE[n] if n < 128 else _varint(n)
+    return _ONE_BYTE[n] if n < 128 else varint(n)
 
 
 def field(number: int, message: bytes) -> bytes:
     """One length-delimited field: its tag, the message's length, the message."""
-    return _varint(number << 3 | 2) + _length(len(message)) + message
+    return varint(number << 3 | 2) + _length(len(message)) + message
 
 
 # the tags of the GraphProto's message fields the parts write often
 _NODE_TAG, _INPUT_TAG, _OUTPUT_TAG, _VALUE_INFO_TAG = (
-    _varint(number << 3 | 2) for number in (_GRAPH_NODE, _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO))
+    varint(number << 3 | 2) for number in (_GRAPH_NODE, _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO))
 
 
 @dataclasses.dataclass
