@@ -509,7 +509,7 @@ def test_no_output_may_overwrite_the_input_or_its_external_data(tmp_path: Path, 
     x = np.ones((1, 3, 32, 32), np.float32)  # the input still loads, with its data, and computes what it did
     got = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     want = ReferenceEvaluator(onnx.load(EXAMPLE)).run(None, {"image": x})[0]  # onnx.save moved proto's data out
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("flags", [["--int8-dynamic", "--weights", "int8"], ["--fp16", "--weights", "int4"],
