@@ -322,26 +322,6 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise BadInputError(f"--external-data-location '{location}' must be a file name (no folder)")
 
 
-def _refuse_input_files(model: str, outputs: dict[str, Path | None]) -> None:
-    """Refuse, before any work, an output file that is the input model or one of the files
-    its external data is read from: writing it would destroy the input."""
-    existing = {what: path for what, path in outputs.items() if path is not None and path.exists()}
-    if not existing or not Path(model).is_file():
-        return
-    data: set[Path] | None = None
-    for what, path in existing.items():
-        if os.path.samefile(path, model):
-            raise BadInputError(f"{what} would overwrite the input model; choose another name", path)
-        if data is None:
-            try:
-                data = oir.external_data_files(oir.load(model))
-            except OptccError:
-                data = set()  # the model's own error is reported where it is loaded
-        if path.resolve() in data:
-            raise BadInputError(f"{what} would overwrite '{path.name}', which the input model reads its "
-                                "weights from; choose another name", path)
-
-
 def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # onnxruntime's process-wide logger (sessions set their own level): optcc reports errors once, itself
@@ -359,10 +339,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise BadInputError("--report and the output are the same file", report_path)
     if args.external_data_location and Path(args.external_data_location).name == output.name:
         raise BadInputError("--external-data-location is the output file itself", output)
-    data_file = None if args.external_data == "off" else \
-        output.resolve().parent / (args.external_data_location or f"{output.name}.data")
-    _refuse_input_files(args.model, {"the output": output, "the report": report_path,
-                                     "the output's external data file": data_file})
+    if args.external_data != "off":  # the data file beside the output may not be one the input reads either
+        oir.check_output_path(output.resolve().parent / (args.external_data_location or f"{output.name}.data"),
+                              args.model)
     input_shapes = _parse_shapes(args.input_shape)
     fixed_shapes = _parse_shapes(args.overwrite_input_shape, "--overwrite-input-shape")
     inputs = load_npz_samples(args.inputs, args.model) if args.inputs else None

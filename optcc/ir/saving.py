@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from optcc.errors import BadInputError
+from optcc.errors import BadInputError, OptccError
+from optcc.ir.loading import load
 from optcc.ir.serialize_cached import CACHE_TENSOR_BYTES, model_parts, serialize_bytes, varint
 from optcc.ir.walk import _tensor_nbytes, external_data_files, graphs, uses_external_data, weight_bytes
 
@@ -45,14 +46,18 @@ def needs_external_data(model: ir.Model) -> bool:
 
 
 def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> Path:
-    """Refuse an output path before any work is done: the input itself, a missing or
+    """Refuse an output path before any work is done: the input model itself or a file its
+    weights are read from (writing either would destroy the input), a missing or
     unwritable folder, a directory. Returns the path."""
     out = Path(path)
     if out.is_dir():
         raise BadInputError("output path is a directory", out)
-    if input_path is not None and Path(input_path).exists() and out.exists():
+    if input_path is not None and Path(input_path).is_file() and out.exists():
         if os.path.samefile(out, input_path):
             raise BadInputError("output path is the input model; refusing to overwrite it", out)
+        if out.resolve() in _read_files(input_path):
+            raise BadInputError(f"output path is '{out.name}', which the input model reads its weights from; "
+                                "refusing to overwrite it", out)
     folder = out.resolve().parent
     if not folder.is_dir():
         raise BadInputError("output folder does not exist", out)
@@ -63,6 +68,15 @@ def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | N
     os.close(fd)
     os.unlink(probe)
     return out
+
+
+def _read_files(model_path: str | os.PathLike) -> set[Path]:
+    """The external data files the model at ``model_path`` reads its weights from (none
+    when it cannot be loaded: its loading reports why)."""
+    try:
+        return external_data_files(load(model_path))
+    except OptccError:
+        return set()
 
 
 def create_temp_file(folder: str | os.PathLike, name: str, suffix: str = ".tmp") -> str:
