@@ -188,20 +188,29 @@ def _with_means(model: ir.Model, layers: Sequence[_Layer], prefix: str, *, refer
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     names = [layer.reference if reference else layer.result for layer in layers]
     nodes, outputs = _mean_nodes(names, [layer.rank for layer in layers], opset, prefix)
-    del proto.graph.output[:]
     # each reduction right after the node it reads, so the tensor can be freed early
     after: dict[str, list[onnx.NodeProto]] = {}
     for node in nodes:
-        after.setdefault(node.input[0] if node.op_type == "ReduceMean" else "", []).append(node)
-    ordered = list(after.pop("", []))
+        if node.op_type == "ReduceMean":
+            after.setdefault(node.input[0], []).append(node)
+    _insert(proto, [n for n in nodes if n.op_type == "Constant"], after, outputs)
+    return proto, weights, outputs
+
+
+def _insert(proto: onnx.ModelProto, first: Sequence[onnx.NodeProto],
+            after: dict[str, list[onnx.NodeProto]], outputs: Sequence[str]) -> None:
+    """Add ``first`` at the start of ``proto``'s graph and each list of ``after`` right
+    after the node that makes the value it is keyed by (what is left, at the end), and
+    make ``outputs`` the graph's only outputs."""
+    ordered = list(first)
     for node in proto.graph.node:
         ordered.append(node)
-        ordered.extend(r for o in node.output for r in after.pop(o, ()))
-    ordered.extend(r for rest in after.values() for r in rest)  # graph inputs' (none: convs)
+        ordered.extend(n for o in node.output for n in after.pop(o, ()))
+    ordered.extend(n for rest in after.values() for n in rest)  # graph inputs' (none: convs)
     del proto.graph.node[:]
     proto.graph.node.extend(ordered)
+    del proto.graph.output[:]
     proto.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
-    return proto, weights, outputs
 
 
 def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[Feeds], *,
@@ -504,7 +513,8 @@ def weight_error_shifts(reference: ir.Model, deltas: Sequence[tuple[ir.Node, np.
     float model: weight-only quantization leaves activations float, so the error each layer
     adds is measured on the inputs it was trained for, independently of the layers before
     it). Computed by onnxruntime: a probe copy of each node reading ``x`` and ``dW`` (same
-    attributes, no bias) followed by a per-channel ReduceMean (``_mean_nodes``), in float32,
+    attributes, no bias) followed by a per-channel ReduceMean (``_mean_nodes``), the model's
+    weights handed to onnxruntime in place (``light_proto``), in float32,
     one sample at a time, averaged over the samples in float64 (``_average``). Adding the
     returned shift to the node's bias makes the quantized layer's mean output equal the
     float one's on the samples (up to that float32 rounding).
@@ -513,7 +523,7 @@ def weight_error_shifts(reference: ir.Model, deltas: Sequence[tuple[ir.Node, np.
     ``reference`` is not modified. Returns float64 arrays ``[C_out]`` in the order given."""
     if not deltas:
         return []
-    proto = oir.serialize(reference)
+    proto, weights = light_proto(reference)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     prefix = oir.unique_value_name(reference, "optcc_weight_error")
     by_result = {node.output[0]: node for node in proto.graph.node if node.output}
@@ -540,18 +550,9 @@ def weight_error_shifts(reference: ir.Model, deltas: Sequence[tuple[ir.Node, np.
     means, outputs = _mean_nodes(names, ranks, opset, prefix)
     # each probe and its reduction right after the node whose input it reads, so the
     # probe's result is freed as soon as it is reduced
+    reduction_of = {m.input[0]: m for m in means if m.op_type == "ReduceMean"}
     after: dict[str, list[onnx.NodeProto]] = {}
     for (node, _), probe in zip(deltas, probes):
-        after.setdefault(node.outputs[0].name, []).append(probe)
-    reduction_of = {m.input[0]: m for m in means if m.op_type == "ReduceMean"}
-    constants = [m for m in means if m.op_type == "Constant"]
-    ordered = list(constants)
-    for node in proto.graph.node:
-        ordered.append(node)
-        for probe in after.pop(node.output[0] if node.output else "", ()):
-            ordered.extend([probe, reduction_of[probe.output[0]]])
-    del proto.graph.node[:]
-    proto.graph.node.extend(ordered)
-    del proto.graph.output[:]
-    proto.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
-    return _average(_session(proto, threads), outputs, samples)
+        after.setdefault(node.outputs[0].name, []).extend([probe, reduction_of[probe.output[0]]])
+    _insert(proto, [m for m in means if m.op_type == "Constant"], after, outputs)
+    return _average(_session(proto, threads, weights), outputs, samples)
