@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
+import optcc
+
 __all__ = ["evaluate"]
 
 # integer source dtypes of an exact Cast, and the targets each may be cast to
@@ -58,33 +60,13 @@ def _axes(node: ir.Node, opset: int, inputs: Sequence[np.ndarray | None]) -> lis
     return [int(a) for a in inputs[1]]
 
 
-def _normalized(axes: list[int], rank: int) -> list[int]:
-    out = [a + rank if a < 0 else a for a in axes]
-    if any(a < 0 or a >= rank for a in out) or len(set(out)) != len(out):
-        raise ValueError("axis out of range or repeated")
-    return out
-
-
 def _unsqueeze(node: ir.Node, opset: int, inputs: Sequence[np.ndarray | None]) -> np.ndarray | None:
-    data = inputs[0]
     axes = _axes(node, opset, inputs)
-    if axes is None:
-        return None  # axes are required
-    rank = data.ndim + len(axes)
-    inserted = set(_normalized(axes, rank))
-    dims = iter(data.shape)
-    return data.reshape(tuple(1 if i in inserted else next(dims) for i in range(rank)))
+    return None if axes is None else optcc.ir.unsqueezed(inputs[0], axes)  # axes are required
 
 
 def _squeeze(node: ir.Node, opset: int, inputs: Sequence[np.ndarray | None]) -> np.ndarray | None:
-    data = inputs[0]
-    axes = _axes(node, opset, inputs)
-    if axes is None:
-        return data.reshape(tuple(d for d in data.shape if d != 1))
-    removed = set(_normalized(axes, data.ndim))
-    if any(data.shape[a] != 1 for a in removed):
-        return None  # squeezing a dimension that is not 1 is an error
-    return data.reshape(tuple(d for i, d in enumerate(data.shape) if i not in removed))
+    return optcc.ir.squeezed(inputs[0], _axes(node, opset, inputs))
 
 
 def _reshape(node: ir.Node, opset: int, inputs: Sequence[np.ndarray | None]) -> np.ndarray | None:
@@ -94,25 +76,7 @@ def _reshape(node: ir.Node, opset: int, inputs: Sequence[np.ndarray | None]) -> 
     if set(node.attributes) - {"allowzero"} or shape.dtype != np.int64 or shape.ndim != 1:
         return None
     allowzero = node.attributes.get_int("allowzero", 0) if opset >= 14 else 0
-    requested = [int(d) for d in shape]
-    if requested.count(-1) > 1 or any(d < -1 for d in requested):
-        return None
-    if allowzero:
-        if 0 in requested and -1 in requested:
-            return None
-        dims = requested
-    else:
-        if any(d == 0 and i >= data.ndim for i, d in enumerate(requested)):
-            return None
-        dims = [data.shape[i] if d == 0 else d for i, d in enumerate(requested)]
-    if -1 in dims:
-        known = int(np.prod([d for d in dims if d != -1], dtype=np.int64))
-        if known == 0 or data.size % known:
-            return None
-        dims[dims.index(-1)] = data.size // known
-    if int(np.prod(dims, dtype=np.int64)) != data.size:
-        return None
-    return data.reshape(tuple(dims))
+    return optcc.ir.reshaped(data, [int(d) for d in shape], bool(allowzero))
 
 
 def _cast(node: ir.Node, opset: int, inputs: Sequence[np.ndarray | None]) -> np.ndarray | None:

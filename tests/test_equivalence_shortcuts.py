@@ -146,16 +146,16 @@ def test_an_exact_cast_keeps_every_value(data, to, expected):
 @pytest.mark.parametrize("shape,reshape", [((2, 3, 2), [0, 0, 0, 0]), ((2, 3), [-1, -1]), ((2, 3), [4, -1]),
                                            ((0, 3), [0, -1]), ((2, 3), [-2, 3])])
 def test_a_reshape_the_spec_calls_invalid_is_not_computed(shape, reshape):
-    assert equivalence._reshaped(np.zeros(shape, np.float32), reshape, allowzero=False) is None
+    assert optcc.ir.reshaped(np.zeros(shape, np.float32), reshape, allowzero=False) is None
 
 
 def test_unsqueeze_and_squeeze_reject_repeated_or_wrong_axes():
     data = np.zeros((1, 2), np.float32)
-    assert equivalence._unsqueezed(data, [0, 0]) is None
-    assert equivalence._unsqueezed(data, [0, -4]) is None  # [0, -4] is 0 twice in rank 4
-    assert equivalence._unsqueezed(data, [5]) is None
-    assert equivalence._squeezed(data, [1]) is None  # dim 1 has size 2
-    assert equivalence._squeezed(data, [0, -2]) is None
+    assert optcc.ir.unsqueezed(data, [0, 0]) is None
+    assert optcc.ir.unsqueezed(data, [0, -4]) is None  # [0, -4] is 0 twice in rank 4
+    assert optcc.ir.unsqueezed(data, [5]) is None
+    assert optcc.ir.squeezed(data, [1]) is None  # dim 1 has size 2
+    assert optcc.ir.squeezed(data, [0, -2]) is None
 
 
 def test_small_constants_with_the_same_bytes_and_another_type_or_shape_are_other_constants():

@@ -10,6 +10,7 @@ atomically (``save``), and every pass walks graphs, nodes and names the same way
 from __future__ import annotations
 
 from optcc.ir.collector import clone, collector_paused
+from optcc.ir.data_movement import reshaped, squeezed, unsqueezed
 from optcc.ir.edit import ModelNames, constant_before, as_numpy, const_tensor, inferred_dtypes, unique_value_name, upgrade_legacy_ir, value_names
 from optcc.ir.interface import FILLED_INTERFACE_KEY, without_weights
 from optcc.ir.loading import ModelSource, load
@@ -56,4 +57,7 @@ __all__ = [
     "EXTERNAL_DATA_THRESHOLD_BYTES",
     "STREAM_MIN_BYTES",
     "RAW_DTYPES",
+    "reshaped",
+    "squeezed",
+    "unsqueezed",
 ]

@@ -632,13 +632,13 @@ class _Keys:
                 if len(inputs) > 2 or attrs:
                     return None
             if op == "Unsqueeze":
-                return None if axes is None else _unsqueezed(data, list(axes))
-            return _squeezed(data, None if axes is None else list(axes))
+                return None if axes is None else oir.unsqueezed(data, list(axes))
+            return oir.squeezed(data, None if axes is None else list(axes))
         # Reshape with its shape as the second input (opset 5 on); allowzero from opset 14
         allowzero = attrs.get("allowzero", 0) if version >= 14 else 0
         if version < 5 or len(inputs) != 2 or set(attrs) - ({"allowzero"} if version >= 14 else set()):
             return None
-        return _reshaped(data, [int(d) for d in second], bool(allowzero))
+        return oir.reshaped(data, [int(d) for d in second], bool(allowzero))
 
     def _filled(self, node: ir.Node) -> np.ndarray | None:
         """A ConstantOfShape output with a constant shape, by the operator's definition: its
@@ -773,50 +773,6 @@ def _exact_cast(data: np.ndarray, to: Any) -> np.ndarray | None:
             and _EXACT_FLOATS[target] >= _EXACT_FLOATS[data.dtype] and not np.isnan(data).any():
         return data.astype(target)
     return None
-
-
-def _unsqueezed(data: np.ndarray, axes: list[int]) -> np.ndarray | None:
-    """Unsqueeze: a 1 inserted at each of ``axes`` of the output (negative: from its end);
-    None for an axis out of range or repeated."""
-    rank = data.ndim + len(axes)
-    positions = [a + rank if a < 0 else a for a in axes]
-    if any(not 0 <= p < rank for p in positions) or len(set(positions)) != len(positions):
-        return None
-    dims = iter(data.shape)
-    return data.reshape([1 if i in positions else next(dims) for i in range(rank)])
-
-
-def _squeezed(data: np.ndarray, axes: list[int] | None) -> np.ndarray | None:
-    """Squeeze: ``axes`` (negative: from the end) removed, each of size 1; every axis of
-    size 1 without them. None for an axis out of range, repeated or not of size 1."""
-    if axes is None:
-        return data.reshape([d for d in data.shape if d != 1])
-    positions = [a + data.ndim if a < 0 else a for a in axes]
-    if any(not 0 <= p < data.ndim or data.shape[p] != 1 for p in positions) or len(set(positions)) != len(positions):
-        return None
-    return data.reshape([d for i, d in enumerate(data.shape) if i not in positions])
-
-
-def _reshaped(data: np.ndarray, shape: list[int], allowzero: bool) -> np.ndarray | None:
-    """Reshape: ``0`` copies the input's dim at that index (a 0 itself with ``allowzero``),
-    one ``-1`` takes the rest; None where the spec calls the target invalid."""
-    if shape.count(-1) > 1 or any(d < -1 for d in shape) or (allowzero and 0 in shape and -1 in shape):
-        return None
-    target = []
-    for i, d in enumerate(shape):
-        if d == 0 and not allowzero:
-            if i >= data.ndim:
-                return None
-            d = data.shape[i]
-        target.append(d)
-    if -1 in target:
-        known = math.prod(d for d in target if d != -1)
-        if known == 0 or data.size % known:
-            return None
-        target[target.index(-1)] = data.size // known
-    if math.prod(target) != data.size:
-        return None
-    return data.reshape(target)
 
 
 # --------------------------------------------------------------------------- affine forms
