@@ -7,6 +7,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -45,6 +46,7 @@ class OptimizeResult:
     report: Report
     given_as_ir: bool = False
     source: str | None = None  # the input model's file, which save() never overwrites
+    source_files: frozenset[Path] = frozenset()  # the files its weights are read from: never overwritten either
     # precision requested (fp16, int8, int8-dynamic) -> None when applied, else the reason
     precision: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
@@ -73,7 +75,10 @@ class OptimizeResult:
         input had it or the weights near 2 GB), True/False force it; with external data,
         tensors of at least ``external_data_threshold`` bytes (default 1024) go to
         ``external_data_location`` (a file name beside the model; default ``NAME.data``)."""
-        oir.check_output_path(path, self.source)  # never the input model's own file
+        oir.check_output_path(path, self.source, self.source_files)  # never the input model's own files
+        if external_data is not False and self.source_files:  # nor the data file written beside the output
+            data = Path(path).resolve().parent / (external_data_location or f"{Path(path).name}.data")
+            oir.check_output_path(data, self.source, self.source_files)
         options: dict[str, Any] = {}
         if external_data_threshold is not None:
             options["size_threshold_bytes"] = external_data_threshold
@@ -162,6 +167,7 @@ def optimize(
     untouched = oir.clone(loaded) if isinstance(original, (str, os.PathLike)) and (verify or verify_each) else None
     report = Report(level=None if passes is not None else level)
     report.model_before = ModelSummary.of(working)
+    source_files = frozenset(oir.external_data_files(working)) if label is not None else frozenset()
     if overwrite_input_shapes:
         fix_input_shapes(working, overwrite_input_shapes, label=label)
         if inputs is not None:
@@ -268,7 +274,7 @@ def optimize(
     if growth is not None:
         report.warnings.append(growth)
     result = OptimizeResult(outcome.model, report, given_as_ir=isinstance(model, ir.Model), precision=precision,
-                            source=label)
+                            source=label, source_files=source_files)
     status = report.verification["status"] if report.verification is not None else None
     if status == "failed":
         _raise(VerificationError(f"verification failed: {report.verification['summary']}"), result)

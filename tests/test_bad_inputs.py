@@ -540,3 +540,23 @@ def test_the_api_never_saves_over_its_input_model(tmp_path: Path) -> None:
     x = np.ones((1, 3, 32, 32), np.float32)
     np.testing.assert_allclose(ReferenceEvaluator(str(tmp_path / "out.onnx")).run(None, {"image": x})[0],
                                ReferenceEvaluator(str(model)).run(None, {"image": x})[0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_api_never_saves_over_its_input_data_file(tmp_path: Path) -> None:
+    import optcc
+    from optcc.errors import BadInputError
+
+    model = tmp_path / "good.onnx"
+    onnx.save(onnx.load(EXAMPLE), model, save_as_external_data=True, location="good.bin", size_threshold=0)
+    data = tmp_path / "good.bin"
+    kept = _digest(data)
+    result = optcc.optimize(str(model), verify=False)
+    attempts = [(str(data), {}), (str(tmp_path / "out.onnx"), {"external_data": True, "external_data_location": "good.bin"})]
+    for path, options in attempts:
+        with pytest.raises(BadInputError, match="reads its weights from"):
+            result.save(path, **options)
+        assert _digest(data) == kept, (path, options)
+    result.save(str(tmp_path / "out.onnx"), external_data=True)  # its own data file beside it: allowed
+    x = np.ones((1, 3, 32, 32), np.float32)
+    np.testing.assert_allclose(ReferenceEvaluator(str(tmp_path / "out.onnx")).run(None, {"image": x})[0],
+                               ReferenceEvaluator(onnx.load(EXAMPLE)).run(None, {"image": x})[0], rtol=1e-5, atol=1e-6)

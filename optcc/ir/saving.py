@@ -7,7 +7,7 @@ import contextlib
 import os
 import secrets
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,17 +45,20 @@ def needs_external_data(model: ir.Model) -> bool:
     return uses_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
 
 
-def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> Path:
+def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | None = None,
+                      input_files: Iterable[Path] | None = None) -> Path:
     """Refuse an output path before any work is done: the input model itself or a file its
     weights are read from (writing either would destroy the input), a missing or
-    unwritable folder, a directory. Returns the path."""
+    unwritable folder, a directory. Returns the path. ``input_files``: the resolved files
+    the input model reads its weights from, when the caller already knows them (else the
+    input model is loaded to find them, when the output exists)."""
     out = Path(path)
     if out.is_dir():
         raise BadInputError("output path is a directory", out)
     if input_path is not None and Path(input_path).is_file() and out.exists():
         if os.path.samefile(out, input_path):
             raise BadInputError("output path is the input model; refusing to overwrite it", out)
-        if out.resolve() in _read_files(input_path):
+        if out.resolve() in (set(input_files) if input_files is not None else _read_files(input_path)):
             raise BadInputError(f"output path is '{out.name}', which the input model reads its weights from; "
                                 "refusing to overwrite it", out)
     folder = out.resolve().parent
