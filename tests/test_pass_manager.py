@@ -260,3 +260,66 @@ def test_user_inputs_drive_verification():
     report = optcc.optimize(proto, level=2, inputs=feeds).report
     assert report.verification["samples"] == 2
     assert report.verification["status"] == "passed"
+
+
+class ScaleOutputPass(optcc.Pass):
+    """Scales the Relu's input by 1.001: a float rewrite wrong at any float tolerance, yet
+    far inside what INT8 is allowed to change."""
+
+    name = "test-scale-output"
+    numerics = "fusion"
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        relu = next(n for n in model.graph if n.op_type == "Relu")
+        if relu.inputs[0].producer() is not None and relu.inputs[0].producer().op_type == "Mul":
+            return optcc.PassResult(model, False)
+        scale = ir.Value(name="scale", const_value=ir.tensor(np.array(1.001, np.float32)))
+        model.graph.initializers["scale"] = scale
+        mul = ir.node("Mul", [relu.inputs[0], scale])
+        model.graph.insert_before(relu, mul)
+        relu.replace_input_with(0, mul.outputs[0])
+        return optcc.PassResult(model, True)
+
+
+class CountingLossyPass(optcc.Pass):
+    """Claims INT8 numerics and changes nothing the numbers see (renames the Relu node)."""
+
+    name = "test-lossy"
+    numerics = "int8"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs = 0
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        self.runs += 1
+        relu = next(n for n in model.graph if n.op_type == "Relu")
+        relu.name = f"relu_{self.runs}"
+        return optcc.PassResult(model, True)
+
+
+def test_float_passes_before_a_lossy_pass_are_judged_at_their_own_tolerance():
+    proto = onnx.parser.parse_model(MODEL_TEXT)
+    lossy = CountingLossyPass()
+    result = optcc.optimize(proto, passes=["eliminate-identities", ScaleOutputPass(), lossy])
+    statuses = {r.name: r.status for r in result.report.passes}
+    assert statuses == {"eliminate-identities": "changed", "test-scale-output": "reverted", "test-lossy": "changed"}
+    assert lossy.runs == 1  # the float pass at fault was found without running the lossy pass again
+    x = np.linspace(-3, 3, 8, dtype=np.float32).reshape(2, 4)
+    (y,) = onnx.reference.ReferenceEvaluator(ir.to_proto(result.ir_model)).run(None, {"x": x})
+    np.testing.assert_array_equal(y, np.maximum(x + x, 0))
+
+
+def test_a_lossy_pipeline_is_bisected_among_its_lossy_steps_only():
+    proto = onnx.parser.parse_model(MODEL_TEXT)
+
+    class WrongLossyPass(WrongNumericsPass):
+        name = "test-wrong-lossy"
+        numerics = "int8"
+
+    result = optcc.optimize(proto, passes=["eliminate-identities", WrongLossyPass()])
+    statuses = {r.name: r.status for r in result.report.passes}
+    assert statuses == {"eliminate-identities": "changed", "test-wrong-lossy": "reverted"}
+    x = np.linspace(-3, 3, 8, dtype=np.float32).reshape(2, 4)
+    (y,) = onnx.reference.ReferenceEvaluator(ir.to_proto(result.ir_model)).run(None, {"x": x})
+    np.testing.assert_array_equal(y, np.maximum(x + x, 0))

@@ -18,6 +18,11 @@ Costly checks run once, on the result, and are bisected on failure:
   whose result fails; the pipeline then runs again with that pass reverted from that run
   on, and the result is verified again.
 
+A pipeline with steps that change the numbers on purpose (float16, INT8) is verified also
+just before the first of them: the float passes are judged at their own tolerance (a
+float miscompile smaller than INT8's error is still caught), and a float pass at fault is
+found without replaying the lossy steps.
+
 Reverting does not need a copy per pass: the manager keeps a checkpoint, a way to get a
 fresh copy of the model at some point, plus the passes run since, and replays those on the
 copy (passes are deterministic). Per-run state lives in a ``_Run``.
@@ -37,7 +42,7 @@ from optcc import ir as oir
 from optcc.errors import PassFailedError
 from optcc.infra.invariants import Signature, check_invariants, checker_problems, signature
 from optcc.infra.report import PassRecord, op_delta
-from optcc.numerics.kinds import Numerics, loosest
+from optcc.numerics.kinds import NUMERICS_ORDER, Numerics, loosest
 from optcc.numerics.verify import Verification, Verifier
 
 __all__ = ["Fixpoint", "PassManager", "PipelineResult", "pass_name", "MAX_BISECTIONS"]
@@ -98,9 +103,12 @@ class _Run:
     index: int = 0  # pass runs so far
     kept_at_checkpoint: int = 0
     model: ir.Model | None = None  # the result, once the steps have run
+    base: Numerics = "exact"  # the numerics the model had when the run began
 
-    def numerics(self) -> Numerics:
-        return loosest(_numerics(p) for _, p in self.kept)
+    def numerics(self, count: int | None = None) -> Numerics:
+        """The loosest numerics kind of the model after the first ``count`` kept pass runs
+        (all by default)."""
+        return loosest([self.base, *(_numerics(p) for _, p in self.kept[:count])])
 
 
 class PassManager:
@@ -112,8 +120,10 @@ class PassManager:
         verifier: Verifier | None = None,
         verify_each: bool = False,
         check_invariants: bool = True,
+        _numerics: Numerics = "exact",  # what the model given to run() already has: the loosest kept
     ) -> None:
         self.pipeline = list(pipeline)
+        self._base_numerics = _numerics
         self.strict = strict
         self.verifier = verifier
         self.verify_each = verify_each
@@ -123,14 +133,54 @@ class PassManager:
 
     def run(self, model: ir.Model, *, fresh: Callable[[], ir.Model] | None = None) -> PipelineResult:
         """Run the pipeline on ``model`` (modified in place). ``fresh`` returns a new copy of
-        the model as given, for reverts and replays (default: a copy taken now)."""
+        the model as given, for reverts and replays (default: a copy taken now).
+
+        Verified once at the end, a pipeline whose later steps change the numbers on purpose
+        (float16, INT8: looser numerics than a fusion's) is verified before the first of
+        them too: the float passes before it are judged at their own tolerance, not at the
+        lossy pass's, and a float pass at fault is reverted without running the lossy pass
+        again for the bisection."""
         if fresh is None:
             fresh = _copier(model)
+        split = self._lossy_start()
+        if split is not None:
+            return self._run_split(model, fresh, split)
         run = self._complete(model, fresh, reverts={})
         verification = None
         if self.verifier is not None:
             run, verification = self._verified(run)
         return PipelineResult(run.model, run.records, run.warnings, run.numerics(), verification, run.unconverged)
+
+    def _lossy_start(self) -> int | None:
+        """Where the pipeline splits for a verification before its first lossy step: that
+        step's position, when there are float steps before it and verification is once."""
+        if self.verifier is None or self.verify_each:
+            return None
+        for position, step in enumerate(self.pipeline):
+            passes = step.passes if isinstance(step, Fixpoint) else [step]
+            if any(NUMERICS_ORDER.index(_numerics(p)) > NUMERICS_ORDER.index("fusion") for p in passes):
+                return position if position > 0 else None
+        return None
+
+    def _run_split(self, model: ir.Model, fresh: Callable[[], ir.Model], split: int) -> PipelineResult:
+        """The float steps, verified (bisected and reverted on failure), then the rest from
+        their verified result: a later failure is bisected among the later steps only."""
+        options = dict(strict=self.strict, verifier=self.verifier, check_invariants=self.check_invariants)
+        head = PassManager(self.pipeline[:split], **options, _numerics=self._base_numerics).run(model, fresh=fresh)
+        if head.verification is not None and head.verification.status == "failed":
+            skipped = ", ".join(dict.fromkeys(
+                pass_name(p) for step in self.pipeline[split:]
+                for p in (step.passes if isinstance(step, Fixpoint) else [step])))
+            message = f"not run: {skipped} (the float passes before them failed verification)"
+            return dataclasses.replace(head, warnings=[*head.warnings, message])
+        # the tail's verification judges the head's changes too: at least at their tolerance
+        tail = PassManager(self.pipeline[split:], **options, _numerics=head.numerics)
+        run = tail._complete(head.model, _copier(head.model), reverts={})
+        verification = head.verification  # of this very model, when the lossy steps changed nothing
+        if run.kept:
+            run, verification = tail._verified(run)
+        return PipelineResult(run.model, head.records + run.records, head.warnings + run.warnings, run.numerics(),
+                              verification, head.unconverged + run.unconverged)
 
     def _complete(self, model: ir.Model, fresh: Callable[[], ir.Model], reverts: dict[int, tuple[PassLike, str]]) -> _Run:
         """Run the steps; should onnx's checker reject the result, run them again from a
@@ -178,13 +228,13 @@ class PassManager:
         failing: Verification | None = None
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            check = self.verifier.check(self._replay(run, mid), loosest(_numerics(p) for _, p in kept[:mid]))
+            check = self.verifier.check(self._replay(run, mid), run.numerics(mid))
             if check.status == "failed":
                 hi, failing = mid, check
             else:
                 lo = mid
         if failing is None:
-            failing = self.verifier.check(self._replay(run, hi), loosest(_numerics(p) for _, p in kept[:hi]))
+            failing = self.verifier.check(self._replay(run, hi), run.numerics(hi))
             if failing.status != "failed":
                 return None, failing
         return kept[hi - 1][0], failing
@@ -197,7 +247,8 @@ class PassManager:
 
     def _run_steps(self, model: ir.Model, fresh: Callable[[], ir.Model], *, check_each: bool,
                    reverts: dict[int, tuple[PassLike, str]]) -> _Run:
-        run = _Run(fresh=fresh, signature=signature(model), check_each=check_each, reverts=reverts)
+        run = _Run(fresh=fresh, signature=signature(model), check_each=check_each, reverts=reverts,
+                   base=self._base_numerics)
         run.summary = oir.histogram_and_weight_bytes(model)
         run.checkpoint = fresh
         for step in self.pipeline:
