@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import textwrap
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,7 +32,7 @@ from optcc.errors import (
 )
 from optcc.infra.registry import available_passes
 from optcc.inspect import format_inspection, inspect_model
-from optcc.numerics import TOLERANCES, load_npz_samples
+from optcc.numerics import TOLERANCES, SampleAxisWarning, load_npz_samples
 from optcc.numerics.task import METRICS
 from optcc.quant.fallback import Target
 from optcc.version import __version__
@@ -344,9 +345,16 @@ def run(argv: Sequence[str] | None = None) -> int:
                               args.model)
     input_shapes = _parse_shapes(args.input_shape)
     fixed_shapes = _parse_shapes(args.overwrite_input_shape, "--overwrite-input-shape")
-    inputs = load_npz_samples(args.inputs, args.model) if args.inputs else None
-    calibration = (load_npz_samples(args.calibration, args.model, purpose="calibration")
-                   if args.calibration else None)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", SampleAxisWarning)
+        inputs = load_npz_samples(args.inputs, args.model) if args.inputs else None
+        calibration = (load_npz_samples(args.calibration, args.model, purpose="calibration")
+                       if args.calibration else None)
+    for warning in said:
+        if issubclass(warning.category, SampleAxisWarning):
+            print(f"optcc: note: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     weight_only: str | dict | None = args.weights
     if args.weights and calibration is not None and not (args.int8 or args.fp16):
         # weight-only: the samples correct the convolutions' biases and are what the result is judged on

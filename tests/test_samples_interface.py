@@ -5,6 +5,8 @@ checked against holds no weight data. Numerics against numpy."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +54,26 @@ def test_samples_are_checked_against_the_inputs_without_the_weights(tmp_path: Pa
     np.savez(tmp_path / "other.npz", z=x)
     with pytest.raises(BadInputError, match="missing"):
         load_npz_samples(tmp_path / "other.npz", path)
+
+
+def test_a_batch_read_as_one_sample_is_said_and_a_sample_axis_is_not(tmp_path: Path) -> None:
+    from optcc.numerics import SampleAxisWarning
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(rng.standard_normal((64, 64)).astype(np.float32), np.ones(1, np.float32)), path)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    np.savez(tmp_path / "batch.npz", x=x)  # the input's rank: one sample, batch 4
+    np.savez(tmp_path / "axis.npz", x=x[:, None])  # a sample axis: 4 samples of batch 1
+    with pytest.warns(SampleAxisWarning, match="batch 4"):
+        (one,) = load_npz_samples(tmp_path / "batch.npz", path)
+    np.testing.assert_array_equal(one["x"], x)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SampleAxisWarning)
+        four = load_npz_samples(tmp_path / "axis.npz", path)
+    assert [s["x"].tolist() for s in four] == [[row] for row in x.tolist()]
+    result = subprocess.run([sys.executable, "-m", "optcc", str(path), "--inputs", str(tmp_path / "batch.npz"),
+                             "-o", str(tmp_path / "out.onnx"), "-q"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "note: " in result.stderr and "batch 4" in result.stderr and "leading sample axis" in result.stderr

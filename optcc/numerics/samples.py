@@ -4,6 +4,7 @@ data (the layout is described in ``load_npz_samples``)."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Union
@@ -15,7 +16,13 @@ import onnx_ir as ir
 from optcc.errors import BadInputError
 from optcc.numerics.inputs import check_feeds
 
-__all__ = ["load_npz_samples"]
+__all__ = ["SampleAxisWarning", "load_npz_samples"]
+
+
+class SampleAxisWarning(UserWarning):
+    """A file read as one sample whose arrays could as well be a batch of samples: each
+    has its input's rank, and a leading size above 1 where the input's first dimension is
+    not fixed."""
 
 ModelLike = Union[ir.Model, onnx.ModelProto, str, os.PathLike]
 
@@ -59,6 +66,8 @@ def load_npz_samples(
             if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
                 raise BadInputError(f"array '{key}' contains NaN or infinity", file)
         count = next(iter(arrays.values())).shape[0] if with_axis else 1
+        if not with_axis and ir_model is not None:
+            _warn_if_batched(arrays, ir_model, file)
         for i in range(count):
             # arr[i, ...] keeps a 0-d ndarray (not a NumPy scalar) for a scalar input
             sample = {key: (a[i, ...] if with_axis else a) for key, a in arrays.items()}
@@ -93,6 +102,17 @@ def _read(file: Path) -> dict[str, np.ndarray]:
     if not arrays:
         raise BadInputError("holds no arrays", file)
     return arrays
+
+
+def _warn_if_batched(arrays: Mapping[str, np.ndarray], model: ir.Model, file: Path) -> None:
+    """Say when a file read as one sample may have meant a batch of samples."""
+    dynamic = {v.name for v in model.graph.inputs
+               if v.shape is not None and v.shape.rank() and not isinstance(v.shape[0], int)}
+    sizes = {a.shape[0] for key, a in arrays.items() if key in dynamic and a.ndim}
+    if len(sizes) == 1 and (size := sizes.pop()) > 1:
+        warnings.warn(f"{file}: read as one sample of batch {size} (each array has its input's rank); "
+                      f"for {size} samples, give the arrays a leading sample axis (e.g. arr[:, None])",
+                      SampleAxisWarning, stacklevel=3)
 
 
 def _has_sample_axis(
