@@ -6,7 +6,7 @@
 | 0 | normalize (topological order, names) |
 | 1 | 0 + Constant nodes lifted to initializers, initializer dedup, a fixpoint of constant folding and exact eliminations, lift + dedup again, constant graph outputs stored as initializers |
 | 2 | 1 + a fixpoint of fusions into standard ops, then the exact fixpoint, lift + dedup again, CSE (fused weights deduplicated make more nodes equal) |
-| 3 | 2 + onnxruntime's fused ops (FusedConv, MultiHeadAttention, RotaryEmbedding below opset 23, BiasGelu/FastGelu); records the target runtime in metadata_props (SkipLayerNormalization, SkipSimplifiedLayerNormalization and EmbedLayerNormalization are opt-in: not faster than their parts on CPU) |
+| 3 | 2 + onnxruntime's fused ops (FusedConv, MultiHeadAttention, GroupQueryAttention for causal grouped-query decoders, RotaryEmbedding below opset 23, BiasGelu/FastGelu); records the target runtime in metadata_props (SkipLayerNormalization, SkipSimplifiedLayerNormalization and EmbedLayerNormalization are opt-in: not faster than their parts on CPU) |
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ LEVELS: dict[int, list[str | tuple[str, ...]]] = {
         "store-constant-outputs"],
     3: [*_O1, _FUSIONS, _EXACT, *_TIDY, "eliminate-common-subexpressions",
         "fuse-ort-conv-activation",
-        ("fuse-ort-attention", "fuse-ort-rotary", "fuse-ort-transformer", "eliminate-dead-nodes"),
+        ("fuse-ort-attention", "fuse-ort-gqa", "fuse-ort-rotary", "fuse-ort-transformer", "eliminate-dead-nodes"),
         "fuse-parallel-matmuls", _EXACT,
         "store-constant-outputs", "record-target"],
 }

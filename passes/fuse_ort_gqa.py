@@ -1,0 +1,400 @@
+"""Grouped-query causal decoder attention into onnxruntime's ``com.microsoft.GroupQueryAttention``.
+
+Rewrite (after ``fuse-ort-attention``, -O3, target onnxruntime)::
+
+    kc = Concat(past_key, k, axis=2)                    (graph input, graph output)
+    vc = Concat(past_value, v, axis=2)                  (graph input, graph output)
+    y  = MultiHeadAttention(query, repeat_kv(kc, n), repeat_kv(vc, n), attention_bias=causal)
+ ->
+    y, kc, vc = GroupQueryAttention(query, merge(k), merge(v), past_key, past_value,
+                                    seqlens_k, total_sequence_length, query_seqlens=seq,
+                                    num_heads, kv_num_heads = num_heads / n, scale, causal=1)
+
+with ``merge(t) = Reshape(Transpose(t, [0,2,1,3]), [0,0,-1])`` (the op's new key/value are
+``(batch, seq, kv_heads * head_size)``; the cache stays ``(batch, kv_heads, len, head_size)``),
+``total = Shape(past_key)[2] + Shape(k)[2]``, ``seqlens_k = Expand(total - 1, [batch])``,
+``total_sequence_length`` the same total as an int32 scalar and ``query_seqlens =
+Expand(Shape(k)[2], [batch])``: every length is computed in the graph from shapes, no input
+is added. ``query_seqlens`` (every row valid) lets the CPU kernel take a batch above one with a
+multi-token step after a past; without it onnxruntime refuses that case.
+
+Preconditions, each refused with its reason in ``layers``:
+
+- the MultiHeadAttention has only ``num_heads``/``scale``, no bias, key padding mask or past
+  inputs, and only its output is read;
+- its key and value are ``repeat_kv`` (``grouped_kv``) of KV-cache Concats by one constant
+  factor ``n`` dividing ``num_heads``; each Concat's past is a graph input and the Concat a
+  graph output (present), and nothing the new op reads depends on a Concat;
+- the attention bias is proved causal with no padding: ``Where(LessOrEqual(Range(0, c, 1),
+  Unsqueeze(Range(a, c, 1), [1])), 0, fill)`` (or the ``GreaterOrEqual``/negated spellings),
+  the same ``c`` in both Ranges, ``fill`` a constant at most -1e9 (or -inf), then only
+  Unsqueezes on leading axes and Expands; a bias that reads a graph input's values (an
+  ``attention_mask``, which may hold padding zeros) is refused;
+- onnxruntime's symbolic shape inference proves the bias rows and columns are the query
+  length and the key length (past + new) and the new key as long as the query. Then row ``i``
+  allows key ``j`` iff ``j <= i + c - rows = i + past``: the op's causal mask. Equal names of
+  declared symbolic dims are taken as equal sizes (what the model's interface states; the
+  decoders' pasts share one length).
+
+Numerics ("fusion"): the same softmax(q kt * scale + causal) v, with key/value head ``i // n``
+shared by query head ``i`` (``repeat_kv``'s order), in one kernel: within about 1e-6
+relative. Masked keys get probability 0 in both (``exp(fill + score - max)`` underflows to 0
+for scores below about 1e8 in magnitude); a causal row always has key 0, so no row is
+all-masked. The presents are the Concats' values exactly. Requires onnxruntime 1.32 (the
+``query_seqlens`` input). Rotary embeddings stay where they are (``do_rotary=0``).
+
+Stats: ``layers``: per MultiHeadAttention with grouped key/value, ``"fused:
+com.microsoft.GroupQueryAttention"`` or why not; ``fused_layers``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+import optcc
+from optcc.infra import PassResult
+from optcc.passes.fuse_attention import MS_DOMAIN, exported_rank
+from optcc.passes.grouped_kv import Repeat, repeated_kv
+from optcc.rewrite import static_rank
+
+__all__ = ["FUSED", "FuseOrtGroupQueryAttentionPass", "causal_mask_refusal"]
+
+FUSED = f"fused: {MS_DOMAIN}.GroupQueryAttention"
+_FILL_LIMIT = -1e9
+_KEEP_ELEMENTS = 64  # initializers inference reads by value (shape targets, Range bounds)
+_DEFAULT = ("", "ai.onnx")
+
+
+def _is(node: ir.Node | None, *ops: str) -> bool:
+    return node is not None and node.domain in _DEFAULT and node.op_type in ops
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind ``value``; a graph input (even with an initializer) is not one."""
+    return None if value is None or value.is_graph_input() else optcc.ir.as_numpy(value)
+
+
+def _const_is(value: ir.Value | None, expected: float) -> bool:
+    array = _const(value)
+    return array is not None and array.size == 1 and float(array.reshape(-1)[0]) == expected
+
+
+def _scalar_root(value: ir.Value | None) -> ir.Value | None:
+    """The value behind Squeeze / Reshape-to-scalar wrappers of a one-element tensor."""
+    while value is not None and _is(value.producer(), "Squeeze", "Reshape"):
+        value = value.producer().inputs[0]
+    return value
+
+
+def _unsqueeze_axes(node: ir.Node) -> list[int] | None:
+    if len(node.inputs) > 1:
+        axes = _const(node.inputs[1])
+        return None if axes is None else [int(a) for a in axes.reshape(-1)]
+    attr = node.attributes.get("axes")
+    return None if attr is None else list(attr.as_ints())
+
+
+def _range(value: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+    """``(start, end)`` of ``Range(start, end, 1)``."""
+    node = value.producer()
+    if not _is(node, "Range") or len(node.inputs) != 3 or not _const_is(node.inputs[2], 1):
+        return None
+    return node.inputs[0], node.inputs[1]
+
+
+def causal_mask_refusal(where: ir.Value) -> str | None:
+    """None when ``where = Where(j <= i + a, 0, fill)`` with ``j`` from ``Range(0, c, 1)``
+    and ``i + a`` from ``Unsqueeze(Range(a, c, 1), [1])`` (or an equivalent spelling), else
+    why not. The rows are then ``c - a`` long and the columns ``c``: row ``i`` allows key
+    ``j`` iff ``j <= i + (columns - rows)``."""
+    node = where.producer()
+    if not _is(node, "Where") or len(node.inputs) != 3:
+        return "the attention bias is not a Where of a comparison"
+    cond, a, b = node.inputs
+    test = cond.producer() if cond is not None else None
+    allowed_first = None
+    if _is(test, "LessOrEqual"):
+        cols, rows, allowed_first = test.inputs[0], test.inputs[1], True
+    elif _is(test, "GreaterOrEqual"):
+        rows, cols, allowed_first = test.inputs[0], test.inputs[1], True
+    elif _is(test, "Greater"):
+        cols, rows, allowed_first = test.inputs[0], test.inputs[1], False
+    elif _is(test, "Less"):
+        rows, cols, allowed_first = test.inputs[0], test.inputs[1], False
+    if allowed_first is None:
+        return "the attention bias is not Where(key position <= query position, ...)"
+    zero, fill = (a, b) if allowed_first else (b, a)
+    fill_array = _const(fill)
+    if not _const_is(zero, 0.0) or fill_array is None or fill_array.size != 1 \
+            or not float(fill_array.reshape(-1)[0]) <= _FILL_LIMIT:
+        return f"the attention bias is not 0 where allowed and a constant <= {_FILL_LIMIT:g} elsewhere"
+    unsq = rows.producer() if rows is not None else None
+    if not _is(unsq, "Unsqueeze") or _unsqueeze_axes(unsq) not in ([1], [-1]):
+        return "the query positions are not a Range unsqueezed into a column"
+    row_range, col_range = _range(unsq.inputs[0]), _range(cols) if cols is not None else None
+    if row_range is None or col_range is None or not _const_is(col_range[0], 0):
+        return "the positions are not Range(a, c, 1) and Range(0, c, 1)"
+    if _scalar_root(row_range[1]) is not _scalar_root(col_range[1]):
+        return "the query and key positions do not end at the same total length"
+    return None
+
+
+def _bias_where(bias: ir.Value) -> tuple[ir.Value, str | None]:
+    """The Where behind leading-axis Unsqueezes and Expands of the attention bias."""
+    value = bias
+    while True:
+        node = value.producer()
+        if _is(node, "Expand"):
+            value = node.inputs[0]
+        elif _is(node, "Unsqueeze"):
+            axes = _unsqueeze_axes(node)
+            if axes is None or any(a < 0 for a in axes) or sorted(axes) != list(range(len(axes))):
+                return value, "the attention bias is unsqueezed on other than its leading axes"
+            value = node.inputs[0]
+        else:
+            return value, causal_mask_refusal(value)
+
+
+def _reads_input_values(value: ir.Value) -> str | None:
+    """The name of a graph input whose values (not only its shape) ``value`` depends on."""
+    seen: set[ir.Value] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v.is_graph_input():
+            return v.name
+        node = v.producer()
+        if node is None or _is(node, "Shape", "Size"):
+            continue
+        stack.extend(x for x in node.inputs if x is not None)
+    return None
+
+
+class _Shapes:
+    """Symbolic dims from onnxruntime's shape inference (which knows its contrib ops), run
+    once on a copy of the model without its weights; None where inference failed."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self._dims: dict[str, list[str | int | None]] | None = None
+        self.error: str | None = None
+
+    def dims(self, value: ir.Value) -> list[str | int | None] | None:
+        if self._dims is None:
+            self._dims = self._infer()
+        return self._dims.get(value.name)
+
+    def _infer(self) -> dict[str, list[str | int | None]]:
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            proto = optcc.ir.without_weights(optcc.ir.serialize(self.model), keep_elements=_KEEP_ELEMENTS)
+            del proto.graph.value_info[:]
+            inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=False, guess_output_rank=False)
+        except Exception as error:  # noqa: BLE001 - no shapes: every site is refused with this reason
+            self.error = f"onnxruntime shape inference failed: {type(error).__name__}"
+            return {}
+        if inferred is None:
+            self.error = "onnxruntime shape inference failed"
+            return {}
+        found = {}
+        for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+            t = info.type.tensor_type
+            if t.HasField("shape"):
+                found[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                    for d in t.shape.dim]
+        return found
+
+
+def _same(a: str | int | None, b: str | int | None) -> bool:
+    return a is not None and b is not None and str(a).replace(" ", "") == str(b).replace(" ", "")
+
+
+class _Site:
+    """One MultiHeadAttention on grouped key/value and what the rewrite needs of it."""
+
+    def __init__(self, node: ir.Node) -> None:
+        self.node = node
+        self.heads = node.attributes["num_heads"].as_int() if "num_heads" in node.attributes else 0
+        self.n_rep = 0
+        self.caches: list[ir.Value] = []
+        self.parts: list[tuple[ir.Value, ir.Value]] = []
+        self.where: ir.Value | None = None
+
+    def check(self, shapes: _Shapes) -> str | None:
+        node = self.node
+        extra = set(node.attributes) - {"num_heads", "scale"}
+        if extra:
+            return f"MultiHeadAttention has attributes GroupQueryAttention does not take: {sorted(extra)}"
+        inputs = list(node.inputs) + [None] * (8 - len(node.inputs))
+        if any(v is not None for v in (inputs[3], inputs[4], inputs[6], inputs[7])):
+            return "MultiHeadAttention has a bias, key padding mask or past inputs"
+        if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+            return "MultiHeadAttention's present or qk outputs are read"
+        query, key, value, bias = inputs[0], inputs[1], inputs[2], inputs[5]
+        facts = _Facts()
+        found = [repeated_kv(facts, t, lambda v: exported_rank(facts, v)) for t in (key, value)]
+        if not all(isinstance(f, Repeat) for f in found):
+            return "key and value are not repeat_kv (grouped heads)"
+        if found[0].n_rep != found[1].n_rep or self.heads <= 0 or self.heads % found[0].n_rep:
+            return "key and value repeated by different factors, or not dividing the heads"
+        self.n_rep = found[0].n_rep
+        self.caches = [f.source for f in found]
+        parts = [_cache_parts(c) for c in self.caches]
+        if parts[0] is None or parts[1] is None or self.caches[0] is self.caches[1]:
+            return "key and value are not Concat(past, new, axis=2) with past a rank-4 graph input"
+        self.parts = parts
+        if not all(c.is_graph_output() for c in self.caches):
+            return "the cache Concats are not graph outputs (present)"
+        if bias is None:
+            return "no attention bias: the attention is not causal"
+        reader = _reads_input_values(bias)
+        if reader is not None:
+            return f"the attention bias reads graph input {reader!r} (it may hold padding zeros)"
+        self.where, reason = _bias_where(bias)
+        if reason is not None:
+            return reason
+        dims = {name: shapes.dims(v) for name, v in (("query", query), ("where", self.where),
+                                                      ("key", self.caches[0]), ("new", parts[0][1]))}
+        if shapes.error is not None:
+            return shapes.error
+        if any(d is None for d in dims.values()) or len(dims["query"]) != 3 or len(dims["key"]) != 4 \
+                or len(dims["new"]) != 4 or len(dims["where"]) < 2:
+            return "shapes of the query, key or bias not inferred"
+        if not (_same(dims["where"][-2], dims["query"][1]) and _same(dims["where"][-1], dims["key"][2])):
+            return "the causal bias is not proved to be (query length, key length)"
+        if not _same(dims["new"][2], dims["query"][1]):
+            return "the new key is not proved as long as the query"
+        return None
+
+
+def _cache_parts(value: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+    """``(past, new)`` when ``value = Concat(past, new, axis=2)`` and ``past`` is a graph
+    input declared of rank 4 (Concat then needs ``new`` of rank 4 too)."""
+    node = value.producer()
+    if not _is(node, "Concat") or len(node.inputs) != 2 or None in node.inputs:
+        return None
+    axis = node.attributes.get("axis")
+    past, new = node.inputs
+    if axis is None or axis.as_int() not in (2, -2) or not past.is_graph_input() or past.is_initializer():
+        return None
+    return (past, new) if past.shape is not None and past.shape.rank() == 4 else None
+
+
+class _Facts:
+    """What ``grouped_kv`` and ``exported_rank`` read of a pattern match (constants and
+    static ranks), for a node found without the pattern engine."""
+
+    def __init__(self) -> None:
+        self._ranks: dict[ir.Value, int | None] = {}
+
+    def value_array(self, value: ir.Value) -> np.ndarray | None:
+        return _const(value)
+
+    def rank(self, value: ir.Value) -> int | None:
+        return static_rank(value, self._ranks)
+
+
+class FuseOrtGroupQueryAttentionPass(optcc.Pass):
+    """Grouped-query causal decoder MultiHeadAttention -> ``com.microsoft.GroupQueryAttention``
+    (onnxruntime target, -O3)."""
+
+    name = "fuse-ort-gqa"
+    numerics = "fusion"
+
+    def call(self, model: ir.Model) -> PassResult:
+        report: dict[str, str] = {}
+        shapes = _Shapes(model)
+        modified = False
+        for graph in [model.graph]:  # present outputs are the main graph's
+            for node in list(graph):
+                if node.domain != MS_DOMAIN or node.op_type != "MultiHeadAttention":
+                    continue
+                site = _Site(node)
+                reason = site.check(shapes)
+                label = node.name or f"MultiHeadAttention#{len(report)}"
+                if reason == "key and value are not repeat_kv (grouped heads)":
+                    continue  # plain multi-head attention is no candidate
+                if reason is None:
+                    reason = _rewrite(graph, site)
+                    modified = modified or reason is None
+                report[label] = reason or FUSED
+        if modified:
+            graph.sort()
+        stats: dict[str, object] = {}
+        if report:
+            stats["layers"] = report
+            stats["fused_layers"] = sum(v == FUSED for v in report.values())
+        return PassResult(model, modified, stats)
+
+
+def _rewrite(graph: ir.Graph, site: _Site) -> str | None:
+    node = site.node
+    (past_k, new_k), (past_v, new_v) = site.parts
+    made: list[ir.Node] = []
+
+    def op(op_type: str, *inputs: ir.Value, **attrs: object) -> ir.Value:
+        n = ir.Node("", op_type, list(inputs), [ir.convenience.convert_attribute(k, a) for k, a in attrs.items()],
+                    num_outputs=1)
+        n.outputs[0].name = optcc.ir.unique_value_name(graph, f"{node.name or 'gqa'}_{op_type.lower()}")
+        n.name = n.outputs[0].name
+        made.append(n)
+        graph.insert_before(node, n)
+        return n.outputs[0]
+
+    def const(array: np.ndarray, base: str) -> ir.Value:
+        return optcc.ir.constant_before(node, array, f"{node.name or 'gqa'}_{base}")
+
+    def merge(t: ir.Value) -> ir.Value:
+        return op("Reshape", op("Transpose", t, perm=[0, 2, 1, 3]), const(np.array([0, 0, -1], np.int64), "merge"))
+
+    query = node.inputs[0]
+    seq = op("Shape", new_k, start=2, end=3)
+    total = op("Add", op("Shape", past_k, start=2, end=3), seq)
+    batch = op("Shape", query, start=0, end=1)
+    total32 = op("Cast", total, to=ir.DataType.INT32)
+    seqlens = op("Expand", op("Sub", total32, const(np.array([1], np.int32), "one")), batch)
+    total_scalar = op("Reshape", total32, const(np.array([], np.int64), "scalar"))
+    query_seqlens = op("Expand", op("Cast", seq, to=ir.DataType.INT32), batch)
+    key, value = merge(new_k), merge(new_v)
+    upstream = _ancestors(made)
+    for cache in site.caches:
+        if any(u.node in upstream for u in cache.uses()):
+            for n in reversed(made):
+                graph.remove(n, safe=False)
+            return "a cache Concat is read by what the new op reads (its present output would form a cycle)"
+    attrs = [ir.AttrInt64("num_heads", site.heads), ir.AttrInt64("kv_num_heads", site.heads // site.n_rep),
+             ir.AttrInt64("causal", 1)]
+    if "scale" in node.attributes:
+        attrs.append(ir.AttrFloat32("scale", node.attributes["scale"].as_float()))
+    inputs = [query, key, value, past_k, past_v, seqlens, total_scalar] + [None] * 9 + [query_seqlens]
+    fused = ir.Node(MS_DOMAIN, "GroupQueryAttention", inputs, attrs, num_outputs=3, name=node.name)
+    graph.insert_before(node, fused)
+    out = node.outputs[0]
+    name, type_, shape = out.name, out.type, out.shape
+    out.replace_all_uses_with(fused.outputs[0], replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    fused.outputs[0].name, fused.outputs[0].type, fused.outputs[0].shape = name, type_, shape
+    for cache, present in zip(site.caches, fused.outputs[1:]):
+        concat = cache.producer()
+        name, type_, shape = cache.name, cache.type, cache.shape
+        cache.replace_all_uses_with(present, replace_graph_outputs=True)
+        graph.remove(concat, safe=True)
+        present.name, present.type, present.shape = name, type_, shape
+    return None
+
+
+def _ancestors(nodes: list[ir.Node]) -> set[ir.Node]:
+    seen: set[ir.Node] = set(nodes)
+    stack = list(nodes)
+    while stack:
+        for v in stack.pop().inputs:
+            producer = v.producer() if v is not None else None
+            if producer is not None and producer not in seen:
+                seen.add(producer)
+                stack.append(producer)
+    return seen

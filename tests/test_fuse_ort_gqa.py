@@ -1,0 +1,135 @@
+"""onnxruntime's GroupQueryAttention at -O3 (fuse-ort-gqa) on Llama-style decoders with grouped
+key/value heads (fixtures/llama_decoder.py): with a causal mask made from shapes only, every
+layer becomes one GroupQueryAttention whose presents are the graph's, and a decode fed back
+through onnxruntime matches onnx's reference evaluator on the original model step by step
+(empty first past, batch 2, prompts of several tokens after a past); a mask that reads the
+padding ``attention_mask`` keeps MultiHeadAttention and says why."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+import optcc
+from fixtures.llama_decoder import llama_decoder, past_names
+from optcc.passes.fuse_attention import FuseOrtAttentionPass
+from optcc.passes.fuse_ort_gqa import FUSED, FuseOrtGroupQueryAttentionPass
+
+LAYERS, HEADS, KV_HEADS, HIDDEN, VOCAB = 2, 4, 2, 32, 96
+HEAD = HIDDEN // HEADS
+PASTS = past_names(LAYERS)
+TOL = 1e-4
+
+
+def _model(rotary: str = "computed", padding: bool = False, opset: int = 17) -> onnx.ModelProto:
+    return llama_decoder(layers=LAYERS, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, vocab=VOCAB,
+                         rotary=rotary, opset=opset, padding=padding)
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _ops(model: onnx.ModelProto) -> collections.Counter:
+    return collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
+
+
+def _feeds(batch: int, past: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {"input_ids": rng.integers(0, VOCAB, (batch, seq)).astype(np.int64),
+             "position_ids": np.broadcast_to(past + np.arange(seq), (batch, seq)).astype(np.int64)}
+    feeds.update({p: (0.5 * rng.standard_normal((batch, KV_HEADS, past, HEAD))).astype(np.float32) for p in PASTS})
+    return feeds
+
+
+def _decode(run, first: dict[str, np.ndarray], steps: int) -> list[list[np.ndarray]]:  # noqa: ANN001
+    """Outputs of each step of a decode from ``first``: the next tokens are drawn from a
+    fixed generator (the same for both models), position + 1, present fed back as past."""
+    rng = np.random.default_rng(7)
+    feeds, outs = dict(first), []
+    for _ in range(steps):
+        outputs = run(feeds)
+        outs.append(outputs)
+        batch = feeds["input_ids"].shape[0]
+        feeds = {"input_ids": rng.integers(0, VOCAB, (batch, 1)).astype(np.int64),
+                 "position_ids": feeds["position_ids"][:, -1:] + 1, **dict(zip(PASTS, outputs[1:]))}
+    return outs
+
+
+@pytest.mark.parametrize("rotary", ["computed", "table"])
+def test_causal_decoder_gets_group_query_attention_and_decodes_like_the_reference(rotary: str) -> None:
+    model = _model(rotary)
+    result = optcc.optimize(model, level=3, verify=False)
+    optimized = result.model
+    ops = _ops(optimized)
+    assert ops["com.microsoft.GroupQueryAttention"] == LAYERS and ops["com.microsoft.MultiHeadAttention"] == 0, ops
+    assert "Softmax" not in ops
+    assert not [n for n in optimized.graph.node if n.op_type == "Concat" and n.output[0].startswith("present")]
+    assert [o.name for o in optimized.graph.output] == [o.name for o in model.graph.output]
+    gqa = [n for n in optimized.graph.node if n.op_type == "GroupQueryAttention"]
+    assert {tuple(n.input[3:5]) for n in gqa} == {tuple(PASTS[2 * i:2 * i + 2]) for i in range(LAYERS)}
+    assert {n.output[1] for n in gqa} == {p.replace("past_key_values", "present") for p in PASTS[::2]}
+    graph_inputs = {i.name for i in optimized.graph.input}
+    assert graph_inputs == {i.name for i in model.graph.input}  # lengths come from shapes, no new input
+    reference, fused = ReferenceEvaluator(model), _session(optimized)
+    # empty past, batch 1 and 2; a multi-token step after a past with batch 2 (query_seqlens)
+    for batch, past, seq, seed in ((1, 0, 4, 0), (2, 0, 3, 1), (2, 5, 3, 2), (3, 2, 1, 3)):
+        first = _feeds(batch, past, seq, seed)
+        want = _decode(lambda f: reference.run(None, f), first, 4)
+        got = _decode(lambda f: fused.run(None, f), first, 4)
+        for step_want, step_got in zip(want, got):
+            for w, g in zip(step_want, step_got):
+                assert g.shape == w.shape
+                np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL * np.abs(w).max())
+
+
+def test_padding_mask_keeps_multi_head_attention_and_says_why() -> None:
+    model = ir.from_proto(_model(padding=True))
+    FuseOrtAttentionPass()(model)
+    result = FuseOrtGroupQueryAttentionPass()(model)
+    assert not result.modified
+    assert set(result.stats["layers"].values()) == {
+        "the attention bias reads graph input 'attention_mask' (it may hold padding zeros)"}
+    assert result.stats["fused_layers"] == 0
+
+
+def test_pass_alone_reports_and_is_idempotent() -> None:
+    model = ir.from_proto(_model())
+    FuseOrtAttentionPass()(model)
+    result = FuseOrtGroupQueryAttentionPass()(model)
+    assert result.modified and set(result.stats["layers"].values()) == {FUSED}
+    assert not FuseOrtGroupQueryAttentionPass()(result.model).modified
+    proto = ir.to_proto(result.model)
+    onnx.checker.check_model(proto)
+    reference, fused = ReferenceEvaluator(_model()), _session(proto)
+    feeds = _feeds(2, 3, 2, 4)
+    for w, g in zip(reference.run(None, feeds), fused.run(None, feeds)):
+        np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL * np.abs(w).max())
+
+
+def test_a_mask_with_another_offset_is_refused() -> None:
+    """A bias whose query positions start one later than the past (j <= i + past + 1) is
+    not the op's causal mask: its rows are not the query length (onnxruntime's shape
+    inference finds them one short, or refuses the inconsistent broadcast)."""
+    proto = _model()
+    ranges = [n for n in proto.graph.node if n.op_type == "Range"]
+    rows = next(n for n in ranges if not n.input[0].startswith("c"))  # Range(total - seq, total)
+    bump = onnx.numpy_helper.from_array(np.int64(1), "one_more")
+    proto.graph.initializer.append(bump)
+    shifted = onnx.helper.make_node("Add", [rows.input[0], "one_more"], ["rows_start_shifted"])
+    proto.graph.node.insert(list(proto.graph.node).index(rows), shifted)
+    rows.input[0] = "rows_start_shifted"
+    model = ir.from_proto(proto)
+    FuseOrtAttentionPass()(model)
+    result = FuseOrtGroupQueryAttentionPass()(model)
+    assert not result.modified
+    assert set(result.stats["layers"].values()) <= {"the causal bias is not proved to be (query length, key length)",
+                                                    "onnxruntime shape inference failed: Exception"}
