@@ -194,12 +194,16 @@ class _Shapes:
 
             proto = optcc.ir.without_weights(optcc.ir.serialize(self.model), keep_elements=_KEEP_ELEMENTS)
             del proto.graph.value_info[:]
-            inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=False, guess_output_rank=False)
+            # its infer_shapes() saves a file in the working directory when some shape stays
+            # unknown; run its steps here and read what was found (unknown: the site is refused)
+            inference = SymbolicShapeInference(2**31 - 1, False, False, 0)
+            inference._preprocess(proto)
+            while inference.run_:
+                inference._infer_impl()
+            inference._update_output_from_vi()
+            inferred = inference.out_mp_
         except Exception as error:  # noqa: BLE001 - no shapes: every site is refused with this reason
             self.error = f"onnxruntime shape inference failed: {type(error).__name__}"
-            return {}
-        if inferred is None:
-            self.error = "onnxruntime shape inference failed"
             return {}
         found = {}
         for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):

@@ -115,10 +115,10 @@ def test_pass_alone_reports_and_is_idempotent() -> None:
         np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL * np.abs(w).max())
 
 
-def test_a_mask_with_another_offset_is_refused() -> None:
+def test_a_mask_with_another_offset_is_refused(tmp_path, monkeypatch) -> None:
     """A bias whose query positions start one later than the past (j <= i + past + 1) is
     not the op's causal mask: its rows are not the query length (onnxruntime's shape
-    inference finds them one short, or refuses the inconsistent broadcast)."""
+    inference finds them one short, or leaves the inconsistent broadcast unknown)."""
     proto = _model()
     ranges = [n for n in proto.graph.node if n.op_type == "Range"]
     rows = next(n for n in ranges if not n.input[0].startswith("c"))  # Range(total - seq, total)
@@ -128,8 +128,10 @@ def test_a_mask_with_another_offset_is_refused() -> None:
     proto.graph.node.insert(list(proto.graph.node).index(rows), shifted)
     rows.input[0] = "rows_start_shifted"
     model = ir.from_proto(proto)
+    monkeypatch.chdir(tmp_path)
     FuseOrtAttentionPass()(model)
     result = FuseOrtGroupQueryAttentionPass()(model)
     assert not result.modified
     assert set(result.stats["layers"].values()) <= {"the causal bias is not proved to be (query length, key length)",
-                                                    "onnxruntime shape inference failed: Exception"}
+                                                    "shapes of the query, key or bias not inferred"}
+    assert not list(tmp_path.iterdir())  # shape inference wrote no file
