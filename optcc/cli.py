@@ -352,7 +352,8 @@ def run(argv: Sequence[str] | None = None) -> int:
                        if args.calibration else None)
     for warning in said:
         if issubclass(warning.category, SampleAxisWarning):
-            print(f"optcc: note: {warning.message}", file=sys.stderr)
+            if not args.quiet:
+                print(f"optcc: note: {warning.message}", file=sys.stderr)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     weight_only: str | dict | None = args.weights

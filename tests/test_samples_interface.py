@@ -74,6 +74,6 @@ def test_a_batch_read_as_one_sample_is_said_and_a_sample_axis_is_not(tmp_path: P
         four = load_npz_samples(tmp_path / "axis.npz", path)
     assert [s["x"].tolist() for s in four] == [[row] for row in x.tolist()]
     result = subprocess.run([sys.executable, "-m", "optcc", str(path), "--inputs", str(tmp_path / "batch.npz"),
-                             "-o", str(tmp_path / "out.onnx"), "-q"], capture_output=True, text=True)
+                             "-o", str(tmp_path / "out.onnx")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "note: " in result.stderr and "batch 4" in result.stderr and "leading sample axis" in result.stderr
