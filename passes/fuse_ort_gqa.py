@@ -23,8 +23,10 @@ Preconditions, each refused with its reason in ``layers``:
 - the MultiHeadAttention has only ``num_heads``/``scale``, no bias, key padding mask or past
   inputs, and only its output is read;
 - its key and value are ``repeat_kv`` (``grouped_kv``) of KV-cache Concats by one constant
-  factor ``n`` dividing ``num_heads``; each Concat's past is a graph input and the Concat a
-  graph output (present), and nothing the new op reads depends on a Concat;
+  factor ``n`` dividing ``num_heads`` (``n`` = 1 too: one key/value head per query head);
+  each Concat's past is a graph input and the Concat a graph output (present), and nothing
+  the new op reads depends on a Concat. A MultiHeadAttention with no ``repeat_kv`` (its cache
+  already folded by ``fuse-ort-attention``) is no candidate;
 - the attention bias is proved causal with no padding: ``Where(LessOrEqual(Range(0, c, 1),
   Unsqueeze(Range(a, c, 1), [1])), 0, fill)`` (or the ``GreaterOrEqual``/negated spellings),
   the same ``c`` in both Ranges, ``fill`` a constant at most -1e9 (or -inf), then only

@@ -27,8 +27,8 @@ PASTS = past_names(LAYERS)
 TOL = 1e-4
 
 
-def _model(rotary: str = "computed", padding: bool = False, opset: int = 17) -> onnx.ModelProto:
-    return llama_decoder(layers=LAYERS, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, vocab=VOCAB,
+def _model(rotary: str = "computed", padding: bool = False, opset: int = 17, kv_heads: int = KV_HEADS) -> onnx.ModelProto:
+    return llama_decoder(layers=LAYERS, hidden=HIDDEN, heads=HEADS, kv_heads=kv_heads, vocab=VOCAB,
                          rotary=rotary, opset=opset, padding=padding)
 
 
@@ -42,11 +42,11 @@ def _ops(model: onnx.ModelProto) -> collections.Counter:
     return collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
 
 
-def _feeds(batch: int, past: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+def _feeds(batch: int, past: int, seq: int, seed: int, kv_heads: int = KV_HEADS) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {"input_ids": rng.integers(0, VOCAB, (batch, seq)).astype(np.int64),
              "position_ids": np.broadcast_to(past + np.arange(seq), (batch, seq)).astype(np.int64)}
-    feeds.update({p: (0.5 * rng.standard_normal((batch, KV_HEADS, past, HEAD))).astype(np.float32) for p in PASTS})
+    feeds.update({p: (0.5 * rng.standard_normal((batch, kv_heads, past, HEAD))).astype(np.float32) for p in PASTS})
     return feeds
 
 
@@ -64,9 +64,10 @@ def _decode(run, first: dict[str, np.ndarray], steps: int) -> list[list[np.ndarr
     return outs
 
 
-@pytest.mark.parametrize("rotary", ["computed", "table"])
-def test_causal_decoder_gets_group_query_attention_and_decodes_like_the_reference(rotary: str) -> None:
-    model = _model(rotary)
+@pytest.mark.parametrize(("rotary", "kv_heads"), [("computed", KV_HEADS), ("table", KV_HEADS), ("computed", HEADS)])
+def test_causal_decoder_gets_group_query_attention_and_decodes_like_the_reference(rotary: str, kv_heads: int) -> None:
+    """``kv_heads == heads``: repeat_kv by 1, one key/value head per query head."""
+    model = _model(rotary, kv_heads=kv_heads)
     result = optcc.optimize(model, level=3, verify=False)
     optimized = result.model
     ops = _ops(optimized)
@@ -77,12 +78,14 @@ def test_causal_decoder_gets_group_query_attention_and_decodes_like_the_referenc
     gqa = [n for n in optimized.graph.node if n.op_type == "GroupQueryAttention"]
     assert {tuple(n.input[3:5]) for n in gqa} == {tuple(PASTS[2 * i:2 * i + 2]) for i in range(LAYERS)}
     assert {n.output[1] for n in gqa} == {p.replace("past_key_values", "present") for p in PASTS[::2]}
+    kv_attr = {onnx.helper.get_attribute_value(a) for n in gqa for a in n.attribute if a.name == "kv_num_heads"}
+    assert kv_attr == {kv_heads}
     graph_inputs = {i.name for i in optimized.graph.input}
     assert graph_inputs == {i.name for i in model.graph.input}  # lengths come from shapes, no new input
     reference, fused = ReferenceEvaluator(model), _session(optimized)
     # empty past, batch 1 and 2; a multi-token step after a past with batch 2 (query_seqlens)
     for batch, past, seq, seed in ((1, 0, 4, 0), (2, 0, 3, 1), (2, 5, 3, 2), (3, 2, 1, 3)):
-        first = _feeds(batch, past, seq, seed)
+        first = _feeds(batch, past, seq, seed, kv_heads)
         want = _decode(lambda f: reference.run(None, f), first, 4)
         got = _decode(lambda f: fused.run(None, f), first, 4)
         for step_want, step_got in zip(want, got):
@@ -135,3 +138,17 @@ def test_a_mask_with_another_offset_is_refused(tmp_path, monkeypatch) -> None:
     assert set(result.stats["layers"].values()) <= {"the causal bias is not proved to be (query length, key length)",
                                                     "shapes of the query, key or bias not inferred"}
     assert not list(tmp_path.iterdir())  # shape inference wrote no file
+
+
+def test_a_soft_mask_fill_is_refused() -> None:
+    """A fill of -10 leaves masked keys a probability above 0: not the op's causal mask."""
+    proto = _model()
+    where = next(n for n in proto.graph.node if n.op_type == "Where")
+    fill = next(t for t in proto.graph.initializer if t.name == where.input[2])
+    fill.CopyFrom(onnx.numpy_helper.from_array(np.float32(-10.0), fill.name))
+    model = ir.from_proto(proto)
+    FuseOrtAttentionPass()(model)
+    result = FuseOrtGroupQueryAttentionPass()(model)
+    assert not result.modified
+    assert set(result.stats["layers"].values()) == {
+        "the attention bias is not 0 where allowed and a constant <= -1e+09 elsewhere"}
