@@ -256,6 +256,9 @@ class _Site:
         self.parts = parts
         if not all(c.is_graph_output() for c in self.caches):
             return "the cache Concats are not graph outputs (present)"
+        upstream = _ancestors([query, parts[0][1], parts[1][1]])
+        if any(u.node in upstream for c in self.caches for u in c.uses()):
+            return "a cache Concat is read by what the new op reads (its present output would form a cycle)"
         if bias is None:
             return "no attention bias: the attention is not causal"
         reader = _reads_input_values(bias)
@@ -326,8 +329,8 @@ class FuseOrtGroupQueryAttentionPass(optcc.Pass):
                 if reason == "key and value are not repeat_kv (grouped heads)":
                     continue  # plain multi-head attention is no candidate
                 if reason is None:
-                    reason = _rewrite(graph, site)
-                    modified = modified or reason is None
+                    _rewrite(graph, site, model.ir_version < 4)
+                    modified = True
                 report[label] = reason or FUSED
         if modified:
             graph.sort()
@@ -338,22 +341,26 @@ class FuseOrtGroupQueryAttentionPass(optcc.Pass):
         return PassResult(model, modified, stats)
 
 
-def _rewrite(graph: ir.Graph, site: _Site) -> str | None:
+def _rewrite(graph: ir.Graph, site: _Site, legacy: bool) -> None:
     node = site.node
     (past_k, new_k), (past_v, new_v) = site.parts
-    made: list[ir.Node] = []
 
     def op(op_type: str, *inputs: ir.Value, **attrs: object) -> ir.Value:
         n = ir.Node("", op_type, list(inputs), [ir.convenience.convert_attribute(k, a) for k, a in attrs.items()],
                     num_outputs=1)
         n.outputs[0].name = optcc.ir.unique_value_name(graph, f"{node.name or 'gqa'}_{op_type.lower()}")
         n.name = n.outputs[0].name
-        made.append(n)
         graph.insert_before(node, n)
         return n.outputs[0]
 
     def const(array: np.ndarray, base: str) -> ir.Value:
-        return optcc.ir.constant_before(node, array, f"{node.name or 'gqa'}_{base}")
+        if legacy:  # below IR version 4 an initializer would also need a graph input
+            return optcc.ir.constant_before(node, array, base)
+        name = optcc.ir.unique_value_name(graph, f"{node.name or 'gqa'}_{base}")
+        tensor = ir.Tensor(array, name=name)
+        value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=tensor.shape)
+        graph.register_initializer(value)
+        return value
 
     def merge(t: ir.Value) -> ir.Value:
         return op("Reshape", op("Transpose", t, perm=[0, 2, 1, 3]), const(np.array([0, 0, -1], np.int64), "merge"))
@@ -367,12 +374,6 @@ def _rewrite(graph: ir.Graph, site: _Site) -> str | None:
     total_scalar = op("Reshape", total32, const(np.array([], np.int64), "scalar"))
     query_seqlens = op("Expand", op("Cast", seq, to=ir.DataType.INT32), batch)
     key, value = merge(new_k), merge(new_v)
-    upstream = _ancestors(made)
-    for cache in site.caches:
-        if any(u.node in upstream for u in cache.uses()):
-            for n in reversed(made):
-                graph.remove(n, safe=False)
-            return "a cache Concat is read by what the new op reads (its present output would form a cycle)"
     attrs = [ir.AttrInt64("num_heads", site.heads), ir.AttrInt64("kv_num_heads", site.heads // site.n_rep),
              ir.AttrInt64("causal", 1)]
     if "scale" in node.attributes:
@@ -391,12 +392,12 @@ def _rewrite(graph: ir.Graph, site: _Site) -> str | None:
         cache.replace_all_uses_with(present, replace_graph_outputs=True)
         graph.remove(concat, safe=True)
         present.name, present.type, present.shape = name, type_, shape
-    return None
 
 
-def _ancestors(nodes: list[ir.Node]) -> set[ir.Node]:
-    seen: set[ir.Node] = set(nodes)
-    stack = list(nodes)
+def _ancestors(values: list[ir.Value]) -> set[ir.Node]:
+    """Every node that some of ``values`` depends on."""
+    stack = [v.producer() for v in values if v.producer() is not None]
+    seen: set[ir.Node] = set(stack)
     while stack:
         for v in stack.pop().inputs:
             producer = v.producer() if v is not None else None
