@@ -168,7 +168,7 @@ def test_a_blamed_pass_is_reverted_in_every_later_step_of_that_name_after_one_bi
 
     bisections = []
     bisect = PassManager._bisect
-    monkeypatch.setattr(PassManager, "_bisect", lambda self, run: bisections.append(1) or bisect(self, run))
+    monkeypatch.setattr(PassManager, "_bisect", lambda self, run, check: bisections.append(1) or bisect(self, run, check))
     model = _conv_bn([0, 1, 2, 3])
     passes = [PlantedFoldPass(epsilon=0.0), "eliminate-dead-nodes", PlantedFoldPass(epsilon=0.0)]
     result = optcc.optimize(model, passes=passes, inputs=[{"x": np.ones((1, 3, 16, 16), np.float32)}])

@@ -323,3 +323,49 @@ def test_a_lossy_pipeline_is_bisected_among_its_lossy_steps_only():
     x = np.linspace(-3, 3, 8, dtype=np.float32).reshape(2, 4)
     (y,) = onnx.reference.ReferenceEvaluator(ir.to_proto(result.ir_model)).run(None, {"x": x})
     np.testing.assert_array_equal(y, np.maximum(x + x, 0))
+
+
+class ReluToAbsPass(optcc.Pass):
+    """Turns Relu into Abs: wrong only where the Relu's input is negative."""
+
+    name = "test-relu-to-abs"
+    numerics = "fusion"
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        for node in model.graph:
+            if node.op_type == "Relu":
+                node.op_type = "Abs"
+                return optcc.PassResult(model, True)
+        return optcc.PassResult(model, False)
+
+
+def test_a_failure_is_bisected_on_the_samples_it_failed_on():
+    rng = np.random.default_rng(0)
+    samples = [{"x": np.abs(rng.standard_normal((2, 4))).astype(np.float32)} for _ in range(3)]
+    samples.insert(2, {"x": -np.abs(rng.standard_normal((2, 4))).astype(np.float32)})  # Relu and Abs differ here only
+    wrong = ReluToAbsPass()(_model()).model
+    verifier = Verifier(_model(), inputs=samples)
+    full = verifier.check(wrong, "fusion")
+    assert full.status == "failed" and full.samples_over() == [2] and full.samples == 4
+    alone = verifier.check(wrong, "fusion", samples=[2])
+    assert alone.status == "failed" and alone.samples == 1 and alone.samples_over() == [2]
+    assert verifier.check(wrong, "fusion", samples=[0, 1, 3]).status == "passed"
+
+    seen: list[int] = []
+    original_check = Verifier.check
+
+    class Counting(Verifier):
+        def check(self, model, numerics="exact", samples=None):
+            result = original_check(self, model, numerics, samples)
+            seen.append(result.samples)
+            return result
+
+    manager = PassManager([EliminateIdentitiesPass(), ReluToAbsPass(), EliminateDeadNodesPass()],
+                          verifier=Counting(_model(), inputs=samples))
+    result = manager.run(_model())
+    assert {r.name: r.status for r in result.records}["test-relu-to-abs"] == "reverted"
+    assert result.verification.status == "passed"
+    assert seen[0] == 4 and seen[-1] == 4 and set(seen[1:-1]) == {1}  # the bisection ran the failing sample only
+    for feeds in samples:
+        (y,) = onnx.reference.ReferenceEvaluator(ir.to_proto(result.model)).run(None, feeds)
+        np.testing.assert_array_equal(y, np.maximum(feeds["x"] + feeds["x"], 0))

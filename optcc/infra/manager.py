@@ -206,7 +206,7 @@ class PassManager:
         for _ in range(MAX_BISECTIONS):
             if check.status != "failed" or not run.kept or self.verify_each:
                 break
-            index, failing = self._bisect(run)
+            index, failing = self._bisect(run, check)
             if index is None:
                 break
             culprit = next(p for i, p in run.kept if i == index)
@@ -219,22 +219,25 @@ class PassManager:
             check = self.verifier.check(run.model, run.numerics())
         return run, check
 
-    def _bisect(self, run: _Run) -> tuple[int | None, Verification]:
+    def _bisect(self, run: _Run, check: Verification) -> tuple[int | None, Verification]:
         """The index of the first kept pass run whose result fails verification (replayed
-        from a fresh copy), with that verification."""
+        from a fresh copy), with that verification. The replays are compared on the samples
+        the result failed on (``check``), where the tolerance judges each sample alone: a
+        replay that fails there fails the whole check."""
         assert self.verifier is not None
         kept = run.kept
+        focus = check.samples_over() or None
         lo, hi = 0, len(kept)  # the model after kept[:lo] passes, after kept[:hi] fails
         failing: Verification | None = None
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            check = self.verifier.check(self._replay(run, mid), run.numerics(mid))
-            if check.status == "failed":
-                hi, failing = mid, check
+            step = self.verifier.check(self._replay(run, mid), run.numerics(mid), samples=focus)
+            if step.status == "failed":
+                hi, failing = mid, step
             else:
                 lo = mid
         if failing is None:
-            failing = self.verifier.check(self._replay(run, hi), run.numerics(hi))
+            failing = self.verifier.check(self._replay(run, hi), run.numerics(hi), samples=focus)
             if failing.status != "failed":
                 return None, failing
         return kept[hi - 1][0], failing

@@ -85,9 +85,11 @@ class OutputMetrics:
     original_max_rel: float | None = None
     elements_over: int | None = None
     problem: str | None = None
+    # positions (in the samples compared) of the samples with an element beyond the tolerance
+    samples_over: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: _json_number(v) for k, v in dataclasses.asdict(self).items()}
+        return {k: _json_number(v) for k, v in dataclasses.asdict(self).items() if k != "samples_over"}
 
 
 def _json_number(value: Any) -> Any:
@@ -142,6 +144,7 @@ def compare_outputs(
     metrics = OutputMetrics(name=name, provider=provider, passed=False)
     worst_rel = worst_abs = original_rel = 0.0
     over = 0
+    samples_over: list[int] = []
     signal = noise = dot = norm_r = norm_g = 0.0
     agree: list[float] = []
     for i, (ref, got) in enumerate(zip(refs, gots)):
@@ -171,7 +174,10 @@ def compare_outputs(
                     other = np.abs(np.asarray(alternates[i], np.float64)[finite] - r)
                     own = np.maximum(own, np.minimum(np.nan_to_num(other, nan=0.0), own.max()))
                 allowed = np.maximum(allowed, ORIGINAL_ERROR_FACTOR * own)
-            over += int(np.count_nonzero(err > allowed))
+            sample_over = int(np.count_nonzero(err > allowed))
+            over += sample_over
+            if sample_over:
+                samples_over.append(i)
         signal += float(np.dot(r, r))
         noise += float(np.dot(err, err))
         dot += float(np.dot(r, g))
@@ -189,6 +195,7 @@ def compare_outputs(
         metrics.original_max_rel = original_rel
     if tolerance.max_rel is not None:
         metrics.elements_over = over
+        metrics.samples_over = tuple(samples_over)
     metrics.passed, metrics.problem = _meets(metrics, tolerance, per_element=originals is not None)
     return metrics
 

@@ -101,6 +101,11 @@ class Verification:
     def passed(self) -> bool:
         return self.status == "passed"
 
+    def samples_over(self) -> list[int]:
+        """The samples (positions in the verifier's feeds) on which an output has an
+        element beyond a maximum-relative tolerance."""
+        return sorted({i for o in self.outputs for i in o.samples_over})
+
     def worst(self) -> OutputMetrics | None:
         failing = [o for o in self.outputs if not o.passed]
         if failing:
@@ -383,8 +388,12 @@ class Verifier:
 
     # ----------------------------------------------------------------- checking
 
-    def check(self, model: ir.Model, numerics: Numerics = "exact") -> Verification:
-        """Compare ``model`` with the reference on every provider and sample."""
+    def check(self, model: ir.Model, numerics: Numerics = "exact", samples: Sequence[int] | None = None
+              ) -> Verification:
+        """Compare ``model`` with the reference on every provider and sample. ``samples``:
+        positions in ``feeds`` to compare on alone, where the tolerance judges each sample
+        by itself (a maximum relative error, no decode: a bisection's check on the samples
+        that failed); elsewhere every sample runs."""
         tolerance = self.tolerances[numerics]
         if numerics in ("exact", "fusion") and self._generate is not None:  # the user's samples always run
             proved = self._proved(model, numerics, tolerance)
@@ -399,6 +408,12 @@ class Verifier:
         by_task = numerics == "int8" and tolerance == TOLERANCES["int8"]
         if by_task:
             tolerance = Tolerance()  # metrics reported; the task judge decides
+        positions = list(range(len(self.feeds)))
+        if samples and self._plan is None and tolerance == Tolerance(max_rel=tolerance.max_rel) \
+                and tolerance.max_rel is not None:
+            positions = sorted({i for i in samples if 0 <= i < len(self.feeds)}) or positions
+            base["samples"] = len(positions)
+        feeds = [self.feeds[i] for i in positions]
         # float64 judges max-rel tolerances (rewrites exact in real arithmetic) where the float32
         # original cannot; SQNR-type tolerances measure the loss a lossy conversion adds to it
         precise = tolerance.max_rel is not None and numerics != "exact" and not by_task
@@ -409,7 +424,7 @@ class Verifier:
         verdicts: dict[str, Any] = {}
         free: dict[str, dict[str, Any]] = {}
         metrics: list[OutputMetrics] = []
-        with Progress("verifying", len(self.providers) * len(self.feeds), enabled=self._progress) as bar:
+        with Progress("verifying", len(self.providers) * len(feeds), enabled=self._progress) as bar:
             for provider in self.providers:
                 try:
                     # a lossy candidate's kernels may widen its stored weights on every run (float16
@@ -424,26 +439,27 @@ class Verifier:
                     reason = f"outputs {candidate_names} != original {self._names}"
                     return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
                 try:
-                    got_all = self._cases(session)
+                    got_all = self._cases(session, feeds)
                 except Exception as e:  # noqa: BLE001
                     reason = f"onnxruntime cannot run the optimized model: {first_line(e)}"
                     return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
-                bar.advance(len(self.feeds))
+                bar.advance(len(feeds))
                 if self._plan is not None and numerics not in ("exact", "fusion"):
                     free[provider] = self._free_running(session, float32[provider])
                 if by_task:
                     verdicts[provider] = self.task_judge(provider)(self._judged(got_all))
                 for index, name in enumerate(self._names):
                     resolution = 0.0 if numerics == "exact" else self._resolution.get(name, 0.0)
-                    originals = [outs[index] for outs in float32[provider]]
+                    originals = [float32[provider][i][index] for i in positions]
                     gots = [outs[index] for outs in got_all]
                     if numerics in ("fp16", "int8"):
                         gots = [g.astype(np.float32) if g.dtype == np.float16 and o.dtype == np.float32 else g
                                 for g, o in zip(gots, originals)]
                     result, used = self._compare(name, index, provider, originals, gots, tolerance, precise,
-                                                 resolution)
+                                                 resolution, positions)
                     references.add(used)
-                    metrics.append(result)
+                    metrics.append(dataclasses.replace(
+                        result, samples_over=tuple(positions[j] for j in result.samples_over)))
         if references - {"float32 original"}:
             reference = "; ".join(sorted(references - {"float32 original"}))
         problems = [f"'{m.name}' on {m.provider}: {m.problem}" for m in metrics if not m.passed]
@@ -561,27 +577,28 @@ class Verifier:
 
     def _compare(self, name: str, index: int, provider: str, originals: Sequence[np.ndarray],
                  gots: Sequence[np.ndarray], tolerance: Tolerance, precise: bool,
-                 resolution: float) -> tuple[OutputMetrics, str]:
+                 resolution: float, positions: Sequence[int]) -> tuple[OutputMetrics, str]:
         """One output's metrics, and what it was judged against. Within the tolerance of the
         float32 original, it passes; an inexact rewrite beyond that is judged per element
-        against float64 (or, without it, the float32 original's rounding noise)."""
+        against float64 (or, without it, the float32 original's rounding noise).
+        ``positions``: the samples compared, by position in ``feeds``."""
         result = compare_outputs(name, provider, originals, gots, tolerance, resolution=resolution)
         if not result.elements_over or not precise or originals[0].dtype.kind != "f":
             return result, "float32 original"
         float64 = self.float64_reference().outputs
         if float64 is not None:
-            refs = [sample[name] for sample in float64]
+            refs = [float64[i][name] for i in positions]
             result = compare_outputs(name, provider, refs, gots, tolerance, originals, resolution=resolution)
             if result.elements_over:  # the second float32 evaluation, only when it matters
                 alternate = self._alternate_outputs(provider)
                 if alternate is not None:
-                    alternates = [outs[index] for outs in alternate]
+                    alternates = [alternate[i][index] for i in positions]
                     result = compare_outputs(name, provider, refs, gots, tolerance, originals, alternates,
                                              resolution=resolution)
             return result, self.reference_name()
         alternate = self._alternate_outputs(provider)
         if alternate is not None:  # its rounding noise against the as-written run
-            noise = [outs[index] for outs in alternate]
+            noise = [alternate[i][index] for i in positions]
             result = compare_outputs(name, provider, originals, gots, tolerance, noise, resolution=resolution)
         return result, self.reference_name()
 
