@@ -394,3 +394,39 @@ def test_a_constant_of_shape_fold_is_proved_by_its_definition(monkeypatch):
     x = RNG.standard_normal((4, 3)).astype(np.float32)
     np.testing.assert_array_equal(expected_outputs_float64(optcc.ir.serialize(candidate), {"x": x})[0],
                                   expected_outputs_float64(proto, {"x": x})[0])
+
+
+@pytest.mark.parametrize("handed_over", [False, True])
+def test_a_fold_of_a_large_constant_node_is_evaluated_from_its_data(handed_over):
+    """Shape inference sees large Constant-node tensors without their data; a fold that
+    reads one is still evaluated on its real values: the correct fold is proved, one off
+    by 0.1% is not."""
+    weight = RNG.standard_normal((4, 32)).astype(np.float32)  # past the elements read as shapes
+    proto = helper.make_model(helper.make_graph(
+        [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(weight, "w")),
+         helper.make_node("Mul", ["w", "k"], ["wk"]), helper.make_node("MatMul", ["x", "wk"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 32])],
+        [_const("k", np.float32(0.5))]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    folded = _optimized(proto, ["fold-constants"])
+    assert [n.op_type for n in folded.graph] == ["MatMul"]
+
+    def proved(candidate: ir.Model):
+        given = {"original_proto": onnx.ModelProto.FromString(proto.SerializeToString()),
+                 "candidate_proto": optcc.ir.serialize(candidate)} if handed_over else {}
+        return prove_equivalent(_load(proto), candidate, **given)
+
+    proof = proved(folded)
+    assert proof.complete and proof.folds_checked == 1
+
+    def wrong_fold(model: ir.Model) -> None:
+        matmul = next(n for n in model.graph if n.op_type == "MatMul")
+        bad = ir.Value(name="bad", const_value=ir.tensor(weight * np.float32(0.5) * np.float32(1.001)))
+        model.graph.initializers["bad"] = bad
+        matmul.replace_input_with(1, bad)
+
+    assert not proved(_planted(proto, wrong_fold)).complete
+    x = RNG.standard_normal((2, 4)).astype(np.float32)
+    np.testing.assert_allclose(expected_outputs_float64(optcc.ir.serialize(folded), {"x": x})[0],
+                               expected_outputs_float64(proto, {"x": x})[0], rtol=1e-6, atol=1e-6)

@@ -144,7 +144,7 @@ class _Numbering:
         self._ranks: dict[int, tuple[dict[str, int], ir.Model]] = {}
         self.models: list[_Keys] = []
         self.forms: dict[int, tuple[int, _Affine]] = {}  # structural key -> affine key and form
-        self._protos: dict[int, tuple[onnx.ModelProto, set[str], ir.Model]] = {}
+        self._protos: dict[int, tuple[onnx.ModelProto, set[str], set[str], ir.Model]] = {}
         self.given: dict[int, Any] = {}  # id(model) -> that model serialized (or a function returning it)
 
     def release(self) -> None:
@@ -158,9 +158,10 @@ class _Numbering:
 
     def proto(self, model: ir.Model) -> onnx.ModelProto:
         """``model`` serialized (once, or the serialization handed over) without the data of
-        initializers longer than ``MAX_SHAPE_ELEMENTS`` or stored outside (their type and
-        shape only: enough for shape inference). Only ``ranks`` changes it, fixing its graph
-        inputs' shapes, which the fold evaluation does not read."""
+        initializers and main-graph Constant nodes' ``value`` tensors longer than
+        ``MAX_SHAPE_ELEMENTS`` or stored outside (their type and shape only: enough for
+        shape inference). Only ``ranks`` changes it, fixing its graph inputs' shapes, which
+        the fold evaluation does not read."""
         if id(model) not in self._protos:
             proto = self.given.pop(id(model), None)
             if callable(proto):
@@ -176,14 +177,16 @@ class _Numbering:
                         del tensor.dims[:]
                         tensor.dims.extend(dims[tensor.name])
                 aside = set(dims)
+            constants = _strip_large_constants(proto)
             del proto.graph.value_info[:]  # declared intermediate types are not trusted
-            self._protos[id(model)] = (proto, aside, model)
+            self._protos[id(model)] = (proto, aside, constants, model)
         return self._protos[id(model)][0]
 
-    def without_data(self, model: ir.Model) -> set[str]:
-        """The initializers whose data ``proto(model)`` leaves out."""
+    def without_data(self, model: ir.Model) -> tuple[set[str], set[str]]:
+        """The initializers whose data ``proto(model)`` leaves out, and the outputs of the
+        Constant nodes whose tensor it leaves out."""
         self.proto(model)
-        return self._protos[id(model)][1]
+        return self._protos[id(model)][1], self._protos[id(model)][2]
 
     def ranks(self, model: ir.Model, input_shapes: dict[str, list[int]]) -> dict[str, int]:
         """Value ranks by name from onnx's shape inference on ``model`` with its declared
@@ -673,10 +676,14 @@ class _Keys:
                 node = producers.get(name)
                 if node is not None:
                     stack.extend(node.input)
-        aside = self.numbering.without_data(self.model)
+        aside, constants = self.numbering.without_data(self.model)
         initializers = [_in_memory(self.model.graph.initializers[t.name].const_value, t.name)
                         if t.name in aside else t for t in proto.graph.initializer if t.name in needed]
         nodes = [n for n in proto.graph.node if any(out in needed for out in n.output)]
+        if constants.intersection(needed):  # their tensors back, read from the model's own nodes
+            outputs = {v.name: v for node in self.model.graph for v in node.outputs if v.name in constants}
+            nodes = [_with_tensor(n, outputs[n.output[0]]) if n.output and n.output[0] in constants else n
+                     for n in nodes]
         graph = onnx.helper.make_graph(nodes, "folds", [], [onnx.helper.make_empty_tensor_value_info(v.name)
                                                            for v in values], initializers)
         sub = onnx.helper.make_model(graph, opset_imports=proto.opset_import, ir_version=max(4, proto.ir_version))
@@ -707,6 +714,41 @@ def _strip_large(proto: onnx.ModelProto) -> set[str]:
             tensor.dims.extend(dims)
             stripped.add(name)
     return stripped
+
+
+def _strip_large_constants(proto: onnx.ModelProto) -> set[str]:
+    """Empties, as ``_strip_large`` does, the ``value`` tensors of the main graph's Constant
+    nodes; the outputs of the nodes emptied."""
+    stripped = set()
+    for node in proto.graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+            continue
+        for attr in node.attribute:
+            tensor = attr.t
+            if attr.name != "value" or attr.type != onnx.AttributeProto.TENSOR \
+                    or tensor.data_type == onnx.TensorProto.STRING:
+                continue
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or math.prod(tensor.dims) > MAX_SHAPE_ELEMENTS:
+                name, dtype, dims = tensor.name, tensor.data_type, list(tensor.dims)
+                tensor.Clear()
+                tensor.name, tensor.data_type = name, dtype
+                tensor.dims.extend(dims)
+                stripped.add(node.output[0])
+    return stripped
+
+
+def _with_tensor(node: onnx.NodeProto, value: ir.Value) -> onnx.NodeProto:
+    """A copy of a Constant node emptied by ``_strip_large_constants``, its ``value`` tensor
+    serialized again from ``value`` (that node's output in the model)."""
+    restored = onnx.NodeProto()
+    restored.CopyFrom(node)
+    tensor = oir.const_tensor(value)
+    if tensor is None:
+        raise ValueError(f"constant '{value.name}' has no tensor")
+    for attr in restored.attribute:
+        if attr.name == "value":
+            attr.t.CopyFrom(_in_memory(tensor, attr.t.name))
+    return restored
 
 
 def _raw_bytes(tensor: ir.TensorProtocol, array: np.ndarray) -> np.ndarray:
