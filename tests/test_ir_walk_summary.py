@@ -97,3 +97,25 @@ def test_order_problems_found_with_omitted_inputs_and_bodies():
     model = oir.load(_model_with_a_body())
     model.graph.outputs.append(ir.Value(name="nowhere"))
     assert oir.first_order_problem(model) == "graph output 'nowhere' is not defined"
+
+
+def test_counts_and_bodies_follow_edits_of_the_node_set():
+    """After nodes are removed and inserted (an If among them), the summary and the graphs
+    walked are those of the edited model, serialized and counted from its protobuf."""
+    import onnx_ir as ir
+
+    proto = _model_with_a_body()
+    model = oir.load(proto)
+    graph = model.graph
+    if_node = next(n for n in graph if n.op_type == "If")
+    graph.remove(if_node, safe=False)  # y now dangles: the model is only counted, never run
+    assert [g.name for g in oir.graphs(model)] == ["main"]
+    relu = next(n for n in graph if n.op_type == "Relu")
+    neg = ir.node("Neg", [relu.outputs[0]])
+    graph.insert_after(relu, neg)
+    graph.insert_after(neg, if_node)
+    names = [g.name for g in oir.graphs(model)]
+    assert names[0] == "main" and sorted(names[1:]) == ["else", "then"]
+    counts, total = oir.histogram_and_weight_bytes(model)
+    assert counts == {"Add": 1, "Constant": 1, "If": 1, "Neg": 2, "Relu": 1, "com.microsoft::Gelu": 1}
+    assert (counts, total) == _proto_counts(oir.serialize(model))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -112,6 +113,33 @@ def subgraphs(node: ir.Node) -> list[ir.Graph]:
     return [g for attr in attrs.values() if attr.type in _GRAPH_TYPES for g in _attr_graphs(attr)]
 
 
+_BOX_VALUE, _OP_TYPE, _DOMAIN = (operator.attrgetter(name) for name in ("value", "_op_type", "_domain"))
+_DEFAULT_DOMAIN_SET = frozenset(_DEFAULT_DOMAINS)
+
+
+def _unordered_nodes(graph: ir.Graph | ir.Function) -> list[ir.Node]:
+    """The graph's nodes in no particular order, for facts that need none (op counts,
+    whether some node holds a body), read from onnx-ir's node set in C loops: walking the
+    graph costs a Python step per node, and the pass manager's bookkeeping reads these
+    facts after every pass. Falls back to the walk where that set is not what it reads."""
+    try:
+        nodes = list(map(_BOX_VALUE, graph._nodes._value_ids_to_boxes.values()))  # type: ignore[union-attr]
+    except AttributeError:
+        return list(graph)
+    if len(nodes) != len(graph) or None in nodes:
+        return list(graph)
+    return nodes
+
+
+def _may_hold_bodies(nodes: list[ir.Node]) -> bool:
+    """Whether one of ``nodes`` may hold a body (see ``subgraphs``), tested in C loops."""
+    try:
+        return not (_SUBGRAPH_OPS.isdisjoint(map(_OP_TYPE, nodes))
+                    and _DEFAULT_DOMAIN_SET.issuperset(map(_DOMAIN, nodes)))
+    except AttributeError:
+        return True
+
+
 def graphs(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
     """Every graph-like of a model: the main graph, each model-local function, and every
     If/Loop/Scan body inside them (depth first, parents before their bodies).
@@ -124,6 +152,8 @@ def graphs(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
         yield graph
         # only nodes that may hold a body (see ``subgraphs``), listed once the caller is
         # done with ``graph``: one cheap test per node, no call
+        if not _may_hold_bodies(_unordered_nodes(graph)):
+            return
         holders = [node for node in graph
                    if node.op_type in _SUBGRAPH_OPS or node.domain not in _DEFAULT_DOMAINS]
         for node in holders:
@@ -210,15 +240,17 @@ def weight_bytes(model: ir.Model) -> int:
     return sum(_graph_weight_bytes(graph) for graph in graphs(model))
 
 
-def _graph_weight_bytes(graph: ir.Graph | ir.Function, constants: bool = True) -> int:
+def _graph_weight_bytes(graph: ir.Graph | ir.Function, constants: bool = True,
+                        nodes: list[ir.Node] | None = None) -> int:
     """Bytes of the graph's initializers, and of its Constant nodes' tensors unless
-    ``constants`` is False (the caller knows it has none)."""
+    ``constants`` is False (the caller knows it has none); ``nodes``: the graph's nodes,
+    in any order, when the caller has them."""
     # the UserDicts' own dicts: their Mapping methods are slow
     total = sum(_tensor_nbytes(v.const_value) for v in graph.initializers.data.values()) \
         if isinstance(graph, ir.Graph) else 0
     if not constants:
         return total
-    for node in graph:
+    for node in graph if nodes is None else nodes:
         if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
             value = node.attributes.data.get("value")
             if value is not None and value.type == ir.AttributeType.TENSOR:
@@ -231,9 +263,18 @@ def histogram_and_weight_bytes(model: ir.Model) -> tuple[dict[str, int], int]:
     counts: collections.Counter[str] = collections.Counter()
     total = 0
     for graph in graphs(model):
-        keys = [n.op_type if n.domain in _DEFAULT_DOMAINS else f"{n.domain}::{n.op_type}" for n in graph]
-        counts.update(keys)
-        total += _graph_weight_bytes(graph, constants="Constant" in keys)
+        nodes = _unordered_nodes(graph)
+        try:  # every node in the default domain (the common case): counted by op type in C
+            plain = _DEFAULT_DOMAIN_SET.issuperset(map(_DOMAIN, nodes))
+        except AttributeError:
+            plain = False
+        if plain:
+            ops = collections.Counter(map(_OP_TYPE, nodes))
+        else:
+            ops = collections.Counter(
+                n.op_type if n.domain in _DEFAULT_DOMAINS else f"{n.domain}::{n.op_type}" for n in nodes)
+        counts.update(ops)
+        total += _graph_weight_bytes(graph, constants="Constant" in ops, nodes=nodes)
     return dict(sorted(counts.items())), total
 
 
