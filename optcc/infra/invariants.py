@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.ir.serialize_cached import serialize_bytes
+from optcc.ir.walk import may_hold_bodies
 
 __all__ = ["Signature", "signature", "check_invariants", "checker_problems"]
 
@@ -87,10 +88,11 @@ def _name_problems(model: ir.Model) -> list[str]:
             for value in graph.initializers.values():
                 if not value.is_graph_input():
                     define(value, "an initializer")
+        bodies = may_hold_bodies(graph)  # else no node's subgraphs need looking up
         for node in graph:
             # a body sees the names defined before its node (as onnx-ir's NameFixPass does):
             # a name defined later in the enclosing graph is not shadowed by it
-            for sub in oir.subgraphs(node):
+            for sub in oir.subgraphs(node) if bodies else ():
                 visit(sub, outer | seen)
             for value in node.outputs:
                 name = value.name

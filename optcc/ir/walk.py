@@ -62,6 +62,7 @@ def _order_problem(graph: ir.Graph | ir.Function, outer: frozenset[ir.Value | No
     if isinstance(graph, ir.Graph):
         defined.update(graph.initializers.data.values())  # the UserDict's own dict: its Mapping methods are slow
     add = defined.update
+    bodies = may_hold_bodies(graph)  # else no node needs the body test
     for node in graph:
         inputs = node.inputs
         if not defined.issuperset(inputs):
@@ -72,7 +73,7 @@ def _order_problem(graph: ir.Graph | ir.Function, outer: frozenset[ir.Value | No
                         f"node '{node.name}' ({node.op_type}) reads '{value.name}' before it is "
                         f"defined ({what})"
                     )
-        if node.op_type in _SUBGRAPH_OPS or node.domain not in _DEFAULT_DOMAINS:
+        if bodies and (node.op_type in _SUBGRAPH_OPS or node.domain not in _DEFAULT_DOMAINS):
             for sub in subgraphs(node):
                 problem = _order_problem(sub, frozenset(defined))
                 if problem:
@@ -129,6 +130,12 @@ def _unordered_nodes(graph: ir.Graph | ir.Function) -> list[ir.Node]:
     if len(nodes) != len(graph) or None in nodes:
         return list(graph)
     return nodes
+
+
+def may_hold_bodies(graph: ir.Graph | ir.Function) -> bool:
+    """Whether some node of ``graph`` may hold a body (see ``subgraphs``); False lets a
+    walk of its nodes skip the per-node test."""
+    return _may_hold_bodies(_unordered_nodes(graph))
 
 
 def _may_hold_bodies(nodes: list[ir.Node]) -> bool:
