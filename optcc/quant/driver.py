@@ -375,7 +375,9 @@ def quantize_int8(
     correcting = o.bias_correction  # set once by the held-out judgement below
 
     def make(exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> tuple[ir.Model, dict[str, Any]]:
-        # the same layers quantized give the same model: built (and bias-corrected) once
+        # the fully quantized model (the one asked for again) is built and bias-corrected
+        # once; a fallback candidate is kept only by the search, which drops those it can
+        # no longer return (each holds its own INT8 weights)
         key = (tuple(sorted(exclude)), None if only is None else tuple(sorted(only)), correcting)
         if key in made:
             model, made_stats = made[key]
@@ -398,7 +400,7 @@ def quantize_int8(
             except Exception as e:  # noqa: BLE001 - onnxruntime refused the measuring model:
                 # nothing was written (biases are written after the last run); keep it as is
                 result_stats["bias_correction"] = {"layers": 0, "error": _first_line(e)}
-        if only is None:  # single-layer models of the ranking are used once
+        if only is None and not exclude:
             made[key] = (result.model.clone(), dict(result_stats))
         return result.model, result_stats
 

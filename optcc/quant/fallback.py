@@ -502,14 +502,17 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
     p_noise = dict.fromkeys(pairs, 0.0)
     for feeds in samples:
         values = dict(zip(names, session.run(names, dict(feeds))))
-        for layer, (f, local) in fetch.items():
-            r = np.asarray(values[f], np.float64)
-            signal[layer] += float(np.sum(r**2))
-            noise[layer] += float(np.sum((r - np.asarray(values[local], np.float64)) ** 2))
-        for layer, (f, g) in pairs.items():
-            r64 = np.asarray(values[f], np.float64)
-            p_signal[layer] += float(np.sum(r64**2))
-            p_noise[layer] += float(np.sum((r64 - np.asarray(values[g], np.float64)) ** 2))
+        for layer in fetch.keys() | pairs.keys():
+            # both compare with the layer's float result (layer_outputs' first name): its
+            # float64 copy and power are made once
+            r = np.asarray(values[(fetch.get(layer) or pairs[layer])[0]], np.float64)
+            power = float(np.sum(r**2))
+            if layer in fetch:
+                signal[layer] += power
+                noise[layer] += float(np.sum((r - np.asarray(values[fetch[layer][1]], np.float64)) ** 2))
+            if layer in pairs:
+                p_signal[layer] += power
+                p_noise[layer] += float(np.sum((r - np.asarray(values[pairs[layer][1]], np.float64)) ** 2))
         del values
     del session
     release_memory()
@@ -709,6 +712,10 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
         candidate, candidate_stats = quantize(exclude=order[:k])
         evaluation = evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs)
         results[k] = (evaluation, candidate, candidate_stats)
+        if evaluation.passed or k == limit:  # the search returns this one or a later one
+            _keep_model(results, k)
+        else:
+            _keep_model(results, None, k)
         tried.append({"order": "estimate", "float_layers": k, "worst_sqnr_db": _finite(evaluation.worst_sqnr_db),
                       "passed": evaluation.passed})
         return evaluation
@@ -736,6 +743,17 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
     return model, stats, report
 
 
+def _keep_model(results: dict[int, tuple[Evaluation, Any, dict[str, Any]]], kept: int | None,
+                dropped: int | None = None) -> None:
+    """Drop the candidate models of ``results`` (evaluations and stats stay) that the search
+    can no longer return: every one but ``kept``'s and the initial one (``0``), or only
+    ``dropped``'s; each holds its own INT8 weights."""
+    for n in [dropped] if dropped is not None else list(results):
+        if n not in (0, kept) and results[n][1] is not None:
+            evaluation, _, stats = results[n]
+            results[n] = (evaluation, None, stats)
+
+
 def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
             order: Sequence[str], limit: int, initial: Evaluation, model: ir.Model, stats: dict[str, Any],
             tried: list[dict[str, Any]], name: str, ref_outputs: _Outputs | None = None,
@@ -749,6 +767,9 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
         candidate, candidate_stats = quantize(exclude=order[:k])
         evaluation = evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs)
         results[k] = (evaluation, candidate, candidate_stats)
+        passing = [n for n, (e, _, _) in results.items() if n and e.passed]
+        if passing:  # the search returns the smallest k that passes
+            _keep_model(results, min(passing))
         tried.append({"order": name, "float_layers": k, "worst_sqnr_db": _finite(evaluation.worst_sqnr_db),
                       "passed": evaluation.passed})
         return evaluation
