@@ -240,26 +240,27 @@ class _Numbering:
             self._tensor_keys[id(tensor)] = (key, tensor)  # the reference keeps the id unique
             return key
         proto = tensor.raw if type(tensor) is ir.serde.TensorProtoTensor else None
+        # its dims: a parsed tensor's read from its proto (``shape`` builds a Shape each time)
+        dims = tuple(proto.dims) if proto is not None else tuple(int(d) for d in tensor.shape)
         if proto is not None and proto.HasField("raw_data") and proto.data_location != onnx.TensorProto.EXTERNAL \
-                and proto.data_type != onnx.TensorProto.STRING and math.prod(proto.dims) <= SMALL_TENSOR_ELEMENTS:
+                and proto.data_type != onnx.TensorProto.STRING and math.prod(dims) <= SMALL_TENSOR_ELEMENTS:
             # a parsed tensor with its bytes in raw_data: those are tobytes()'s
-            key = self.intern(("bytes", proto.data_type, tuple(proto.dims), proto.raw_data))
+            key = self.intern(("bytes", proto.data_type, dims, proto.raw_data))
             self._tensor_keys[id(tensor)] = (key, tensor)  # the reference keeps the id unique
             return key
-        if tensor.size <= SMALL_TENSOR_ELEMENTS and dtype != ir.DataType.STRING:
+        if math.prod(dims) <= SMALL_TENSOR_ELEMENTS and dtype != ir.DataType.STRING:
             # small: keyed by its bytes as the format stores them (the same for a tensor of
             # the same type, shape and values, however it is held), compared exactly by the table
             try:
                 stored = tensor.tobytes()
             except ValueError:  # e.g. an undefined type: a key equal to nothing
                 stored = None
-            key = self.unique() if stored is None else self.intern(
-                ("bytes", int(dtype), tuple(int(d) for d in tensor.shape), stored))
+            key = self.unique() if stored is None else self.intern(("bytes", int(dtype), dims, stored))
             self._tensor_keys[id(tensor)] = (key, tensor)  # the reference keeps the id unique
             return key
         raw = _raw_bytes(tensor, self.numpy(tensor))
         bucket = self._buckets.setdefault(
-            (int(tensor.dtype), tuple(int(d) for d in tensor.shape), raw.size, bytes(raw[:64]), bytes(raw[-64:])), [])
+            (int(tensor.dtype), dims, raw.size, bytes(raw[:64]), bytes(raw[-64:])), [])
         key = next((k for other, k in bucket if np.array_equal(raw, other)), None)
         if key is None:
             key = self.unique()
