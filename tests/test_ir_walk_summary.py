@@ -119,3 +119,18 @@ def test_counts_and_bodies_follow_edits_of_the_node_set():
     counts, total = oir.histogram_and_weight_bytes(model)
     assert counts == {"Add": 1, "Constant": 1, "If": 1, "Neg": 2, "Relu": 1, "com.microsoft::Gelu": 1}
     assert (counts, total) == _proto_counts(oir.serialize(model))
+
+
+def test_the_unordered_node_reads_agree_with_onnx_ir_public_api():
+    """The walker reads onnx-ir's node set and node fields directly for speed: on this
+    onnx-ir they must be exactly the graph's nodes, op types and domains (an onnx-ir that
+    stores them otherwise must fail here, not miss a body silently)."""
+    from optcc.ir import walk
+
+    model = oir.load(_model_with_a_body())
+    for graph in oir.graphs(model):
+        nodes = walk._unordered_nodes(graph)
+        assert sorted(map(id, nodes)) == sorted(map(id, graph))
+        assert [walk._OP_TYPE(n) for n in nodes] == [n.op_type for n in nodes]
+        assert [walk._DOMAIN(n) for n in nodes] == [n.domain for n in nodes]
+    assert walk._may_hold_bodies(list(model.graph))
