@@ -701,39 +701,34 @@ def _in_memory(tensor: ir.TensorProtocol, name: str) -> onnx.TensorProto:
     return ir.serde.serialize_tensor(ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=name))
 
 
+def _emptied(tensor: onnx.TensorProto) -> bool:
+    """Empties ``tensor`` when it is longer than ``MAX_SHAPE_ELEMENTS`` or stored outside
+    (keeping its name, type and shape: what inference reads); whether it did."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return False
+    if tensor.data_location != onnx.TensorProto.EXTERNAL and math.prod(tensor.dims) <= MAX_SHAPE_ELEMENTS:
+        return False
+    name, dtype, dims = tensor.name, tensor.data_type, list(tensor.dims)
+    tensor.Clear()
+    tensor.name, tensor.data_type = name, dtype
+    tensor.dims.extend(dims)
+    return True
+
+
 def _strip_large(proto: onnx.ModelProto) -> set[str]:
-    """Empties the main graph's initializers longer than ``MAX_SHAPE_ELEMENTS`` or stored
-    outside (keeping their name, type and shape: what inference reads); their names."""
-    stripped = set()
-    for tensor in proto.graph.initializer:
-        if tensor.data_type == onnx.TensorProto.STRING:
-            continue
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or math.prod(tensor.dims) > MAX_SHAPE_ELEMENTS:
-            name, dtype, dims = tensor.name, tensor.data_type, list(tensor.dims)
-            tensor.Clear()
-            tensor.name, tensor.data_type = name, dtype
-            tensor.dims.extend(dims)
-            stripped.add(name)
-    return stripped
+    """Empties the main graph's large initializers (``_emptied``); their names."""
+    return {tensor.name for tensor in proto.graph.initializer if _emptied(tensor)}
 
 
 def _strip_large_constants(proto: onnx.ModelProto) -> set[str]:
-    """Empties, as ``_strip_large`` does, the ``value`` tensors of the main graph's Constant
-    nodes; the outputs of the nodes emptied."""
+    """Empties the large ``value`` tensors of the main graph's Constant nodes
+    (``_emptied``); the outputs of the nodes emptied."""
     stripped = set()
     for node in proto.graph.node:
         if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
             continue
         for attr in node.attribute:
-            tensor = attr.t
-            if attr.name != "value" or attr.type != onnx.AttributeProto.TENSOR \
-                    or tensor.data_type == onnx.TensorProto.STRING:
-                continue
-            if tensor.data_location == onnx.TensorProto.EXTERNAL or math.prod(tensor.dims) > MAX_SHAPE_ELEMENTS:
-                name, dtype, dims = tensor.name, tensor.data_type, list(tensor.dims)
-                tensor.Clear()
-                tensor.name, tensor.data_type = name, dtype
-                tensor.dims.extend(dims)
+            if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR and _emptied(attr.t):
                 stripped.add(node.output[0])
     return stripped
 
