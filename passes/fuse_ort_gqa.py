@@ -56,7 +56,7 @@ import onnx_ir as ir
 
 import optcc
 from optcc.infra import PassResult
-from optcc.passes.fuse_attention import MS_DOMAIN, exported_rank
+from optcc.passes.fuse_attention import MS_DOMAIN, ancestors, exported_rank
 from optcc.passes.grouped_kv import Repeat, repeated_kv
 from optcc.rewrite import static_rank
 
@@ -256,7 +256,7 @@ class _Site:
         self.parts = parts
         if not all(c.is_graph_output() for c in self.caches):
             return "the cache Concats are not graph outputs (present)"
-        upstream = _ancestors([query, parts[0][1], parts[1][1]])
+        upstream = ancestors([query, parts[0][1], parts[1][1]])
         if any(u.node in upstream for c in self.caches for u in c.uses()):
             return "a cache Concat is read by what the new op reads (its present output would form a cycle)"
         if bias is None:
@@ -392,16 +392,3 @@ def _rewrite(graph: ir.Graph, site: _Site, legacy: bool) -> None:
         cache.replace_all_uses_with(present, replace_graph_outputs=True)
         graph.remove(concat, safe=True)
         present.name, present.type, present.shape = name, type_, shape
-
-
-def _ancestors(values: list[ir.Value]) -> set[ir.Node]:
-    """Every node that some of ``values`` depends on."""
-    stack = [v.producer() for v in values if v.producer() is not None]
-    seen: set[ir.Node] = set(stack)
-    while stack:
-        for v in stack.pop().inputs:
-            producer = v.producer() if v is not None else None
-            if producer is not None and producer not in seen:
-                seen.add(producer)
-                stack.append(producer)
-    return seen
