@@ -334,15 +334,21 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(_list_passes())
         return EXIT_OK
     _check_flags(args)
-    output = oir.check_output_path(args.output or default_output(args.model), args.model)
-    report_path = oir.check_output_path(args.report, args.model) if args.report else None
+    # no file written may be the input model or one it reads its weights from (those are
+    # found once, by loading the input, and only when one of the files exists already)
+    output = Path(args.output or default_output(args.model))
+    data_file = None if args.external_data == "off" else \
+        output.resolve().parent / (args.external_data_location or f"{output.name}.data")
+    written = [output, *([Path(args.report)] if args.report else []), *([data_file] if data_file else [])]
+    reads = oir.read_weight_files(args.model) if any(p.exists() for p in written) else set()
+    output = oir.check_output_path(output, args.model, reads)
+    report_path = oir.check_output_path(args.report, args.model, reads) if args.report else None
     if report_path is not None and report_path.resolve() == output.resolve():
         raise BadInputError("--report and the output are the same file", report_path)
     if args.external_data_location and Path(args.external_data_location).name == output.name:
         raise BadInputError("--external-data-location is the output file itself", output)
-    if args.external_data != "off":  # the data file beside the output may not be one the input reads either
-        oir.check_output_path(output.resolve().parent / (args.external_data_location or f"{output.name}.data"),
-                              args.model)
+    if data_file is not None:
+        oir.check_output_path(data_file, args.model, reads)
     input_shapes = _parse_shapes(args.input_shape)
     fixed_shapes = _parse_shapes(args.overwrite_input_shape, "--overwrite-input-shape")
     with warnings.catch_warnings(record=True) as said:

@@ -58,7 +58,7 @@ def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | N
     if input_path is not None and Path(input_path).is_file() and out.exists():
         if os.path.samefile(out, input_path):
             raise BadInputError("output path is the input model; refusing to overwrite it", out)
-        if out.resolve() in (set(input_files) if input_files is not None else _read_files(input_path)):
+        if out.resolve() in (set(input_files) if input_files is not None else read_weight_files(input_path)):
             raise BadInputError(f"output path is '{out.name}', which the input model reads its weights from; "
                                 "refusing to overwrite it", out)
     folder = out.resolve().parent
@@ -73,7 +73,7 @@ def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | N
     return out
 
 
-def _read_files(model_path: str | os.PathLike) -> set[Path]:
+def read_weight_files(model_path: str | os.PathLike) -> set[Path]:
     """The external data files the model at ``model_path`` reads its weights from (none
     when it cannot be loaded: its loading reports why)."""
     try:
