@@ -712,10 +712,8 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
         candidate, candidate_stats = quantize(exclude=order[:k])
         evaluation = evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs)
         results[k] = (evaluation, candidate, candidate_stats)
-        if evaluation.passed or k == limit:  # the search returns this one or a later one
-            _keep_model(results, k)
-        else:
-            _keep_model(results, None, k)
+        # the search returns this one or a later one when it passes or is the budget's; else never
+        _drop_models(results, [n for n in results if n != k] if evaluation.passed or k == limit else [k])
         tried.append({"order": "estimate", "float_layers": k, "worst_sqnr_db": _finite(evaluation.worst_sqnr_db),
                       "passed": evaluation.passed})
         return evaluation
@@ -743,13 +741,12 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
     return model, stats, report
 
 
-def _keep_model(results: dict[int, tuple[Evaluation, Any, dict[str, Any]]], kept: int | None,
-                dropped: int | None = None) -> None:
-    """Drop the candidate models of ``results`` (evaluations and stats stay) that the search
-    can no longer return: every one but ``kept``'s and the initial one (``0``), or only
-    ``dropped``'s; each holds its own INT8 weights."""
-    for n in [dropped] if dropped is not None else list(results):
-        if n not in (0, kept) and results[n][1] is not None:
+def _drop_models(results: dict[int, tuple[Evaluation, Any, dict[str, Any]]], numbers: Sequence[int]) -> None:
+    """Drop the candidate models of ``numbers`` from ``results`` (their evaluations and stats
+    stay): the search can no longer return them, and each holds its own INT8 weights. The
+    initial model (``0``) always stays."""
+    for n in numbers:
+        if n and results[n][1] is not None:
             evaluation, _, stats = results[n]
             results[n] = (evaluation, None, stats)
 
@@ -769,7 +766,7 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
         results[k] = (evaluation, candidate, candidate_stats)
         passing = [n for n, (e, _, _) in results.items() if n and e.passed]
         if passing:  # the search returns the smallest k that passes
-            _keep_model(results, min(passing))
+            _drop_models(results, [n for n in results if n != min(passing)])
         tried.append({"order": name, "float_layers": k, "worst_sqnr_db": _finite(evaluation.worst_sqnr_db),
                       "passed": evaluation.passed})
         return evaluation
