@@ -159,7 +159,7 @@ def graphs(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
         yield graph
         # only nodes that may hold a body (see ``subgraphs``), listed once the caller is
         # done with ``graph``: one cheap test per node, no call
-        if not _may_hold_bodies(_unordered_nodes(graph)):
+        if not may_hold_bodies(graph):
             return
         holders = [node for node in graph
                    if node.op_type in _SUBGRAPH_OPS or node.domain not in _DEFAULT_DOMAINS]
