@@ -42,7 +42,6 @@ status "skipped" with the reason; callers must not treat it as a pass.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -513,8 +512,9 @@ class Verifier:
         original's (``optcc.numerics.equivalence``) and onnxruntime loads the candidate on
         every provider; None when not proved. The candidate is serialized without its
         weights (``optcc.runtime.shared_weights``: onnxruntime gets them as arrays, the
-        proof reads only the graph), and a thread loads it while the proof runs: loading
-        reads nothing the proof reads, and onnxruntime releases the GIL while it loads."""
+        proof reads only the graph); it is loaded after the proof, only when proved. (A
+        thread loading it beside the proof waits for the interpreter lock the proof holds,
+        a switch interval per wait: longer than the load itself on small models.)"""
         light = None
         if not (oir.needs_external_data(model) or oir.uses_external_data(model)):
             try:
@@ -522,17 +522,15 @@ class Verifier:
                 light = (proto.SerializeToString(), weights)
             except Exception:  # noqa: BLE001 - the samples' path meets the same error where it is reported
                 return None
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            loaded = pool.submit(self._load_error, light) if light is not None else None
-            try:
-                with oir.collector_paused():  # the proof's tables all stay alive until it returns
-                    proof = prove_equivalent(self._model, model, original_proto=self._original_proto,
-                                             candidate_proto=None if light is None else proto)
-            except Exception:  # noqa: BLE001 - no proof: the samples decide
-                return None
-            if not proof.complete:
-                return None
-            error = loaded.result() if loaded is not None else self._load_error(model)
+        try:
+            with oir.collector_paused():  # the proof's tables all stay alive until it returns
+                proof = prove_equivalent(self._model, model, original_proto=self._original_proto,
+                                         candidate_proto=None if light is None else proto)
+        except Exception:  # noqa: BLE001 - no proof: the samples decide
+            return None
+        if not proof.complete:
+            return None
+        error = self._load_error(light if light is not None else model)
         base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=0, outputs=[],
                     reference="proof", proof=proof.to_dict())
         if error is not None:
