@@ -10,8 +10,9 @@ removed, with the initializers and Constant nodes that only they read.
 With ``fold_shapes`` (default) Shape/Size of statically shaped values are folded first
 (see ``fold_shapes.py``), so shape subgraphs (Shape->Gather->Concat->Reshape) fold too;
 the pass repeats until nothing changes, so a second run is a no-op. A round runs shape
-inference again only when the folds since the last one may change what it finds (see
-``shape_reuse.py``).
+inference again only when what changed since the last one (this call's folds, or other
+passes since an earlier call: the inference is kept in the graph's ``meta``) may change
+what it finds (see ``shape_reuse.py``).
 
 Reshape, Squeeze, Unsqueeze and exact Casts are computed with NumPy (see
 ``fold_data_movement.py``: the same bits the kernels write). The rest of the evaluation is
@@ -55,6 +56,8 @@ from optcc.passes.fold_data_movement import evaluate as evaluate_without_session
 from optcc.passes.fold_shapes import ShapeFindings, shape_findings
 from optcc.passes.fold_shapes import fold_shapes as fold_shape_ops
 from optcc.passes.shape_reuse import InferenceSnapshot
+from optcc.passes.shape_reuse import recall as recall_inference
+from optcc.passes.shape_reuse import remember as remember_inference
 from optcc.passes.fold_shapes import (
     const_array,
     initializers_are_constant,
@@ -578,8 +581,8 @@ class FoldConstantsPass(optcc.Pass):
     def call(self, model: ir.Model) -> optcc.PassResult:
         modified = False
         stats = _Stats()
-        findings: ShapeFindings | None = None  # the last shape inference, and the graph it saw
-        snapshot: InferenceSnapshot | None = None
+        # the last shape inference, and the graph it saw (possibly taken by an earlier call)
+        snapshot, findings = recall_inference(model)
         for _ in range(self.max_rounds):
             stats.kept.clear()  # what is kept is reported for the last round only
             changed = False
@@ -603,6 +606,8 @@ class FoldConstantsPass(optcc.Pass):
                 break
         else:
             stats.warning = f"stopped unconverged after {self.max_rounds} rounds"
+        if self.fold_shapes:
+            remember_inference(model, snapshot, findings)
         return optcc.PassResult(model, modified, stats.to_dict())
 
 

@@ -1,24 +1,39 @@
 """When fold-constants may reuse a shape inference instead of running it again.
 
-``InferenceSnapshot.of(model)`` records the main graph as shape inference saw it (each
-node's inputs and outputs, the outputs' names). ``still_holds(model, findings)`` says
-whether inference run on the model now would find the same shapes for every value a
-Shape/Size node read then, so that shape folding may use ``findings`` again. It holds
-when, in the ancestors of those values (their "cone", as recorded) and in the Shape/Size
-nodes themselves:
+``InferenceSnapshot.of(model)`` records the main graph as shape inference saw it: the
+Shape/Size nodes, the values they read, and the ancestors of those values (their "cone"),
+each node with its inputs, outputs, kind and attribute objects, each value with what
+inference reads of it (name, type, dims; for a value no cone node computes, whether it is
+a graph input and which tensor it holds), and the model's IR version and opsets.
+``still_holds(model, findings)`` says whether inference run on the model now would find
+the same shapes for every value a Shape/Size node reads now, so that shape folding may use
+``findings`` again. The snapshot may outlive the pass call that took it (it is kept in the
+graph's ``meta``, see ``remember``/``recall``), so it holds against any pass in between,
+not only fold-constants' own folds. It holds when:
 
-- every node is still in the main graph with the same inputs, or was removed with none
-  of its outputs read any more (a fold, or a dead constant); or
+- the model is still the plain case (no functions, no subgraphs), with the same IR version
+  and opsets;
+- every Shape/Size node of the graph now reads a value one of the recorded Shape/Size
+  nodes read (so its shape is in the recorded cone's findings); and in the cone:
+- every node is still in the main graph with the same kind, attributes and outputs (their
+  annotations unchanged), reading the same values (their annotations, graph-input role and
+  tensor unchanged), or was removed with none of its outputs read any more (a fold, or a
+  dead constant); or
 - a node's input was replaced by an initializer that inference cannot tell from the value
-  it replaced: inference had found that value's exact static dims and elem type, which
-  the initializer has; it is not an int32/int64 tensor of rank 0 or 1 (the only
-  initializers onnx's data propagation reads); and the node is of a kind whose shape
-  inference reads its inputs' types and dims only (``DATA_BLIND_OPS``).
+  it replaced: either inference had found that value's exact static dims and elem type,
+  which the initializer has, it is not an int32/int64 tensor of rank 0 or 1 (the only
+  initializers onnx's data propagation reads), and the node is of a kind whose shape
+  inference reads its inputs' types and dims only (``DATA_BLIND_OPS``); or the value was
+  a ``Constant`` node's output (its one attribute ``value``, a tensor) and the initializer
+  holds that very tensor under the same name (``lift-constants``): inference reads a
+  Constant's ``value`` and an initializer alike, as the tensor's type, dims and data.
 
 Inference derives a value's type from its ancestors alone (nodes outside the cone do not
-reach it), and a node whose inputs look the same to inference gets the same output
-types, so by induction every recorded value gets the same shape. Only models without
-functions and subgraphs (no captured values) qualify; anything else never reuses.
+reach it), from what each ancestor is (kind, attributes, opset), the annotations it
+merges and the small int tensors data propagation reads; a node whose inputs look the
+same to inference gets the same output types, so by induction every recorded value gets
+the same shape. Only models without functions and subgraphs (no captured values) qualify;
+anything else never reuses.
 """
 
 from __future__ import annotations
@@ -28,9 +43,10 @@ import onnx_ir as ir
 import optcc
 from optcc.passes.fold_shapes import ShapeFindings
 
-__all__ = ["InferenceSnapshot", "DATA_BLIND_OPS"]
+__all__ = ["InferenceSnapshot", "DATA_BLIND_OPS", "recall", "remember"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+_SHAPE_OPS = ("Shape", "Size")
 # default-domain ops whose shape inference reads no input's data, only types and dims
 # (onnx's data propagation runs for some of them, e.g. Add, but on int32/int64 tensors of
 # rank 0 or 1 only, which never count as unchanged below)
@@ -39,66 +55,128 @@ DATA_BLIND_OPS = frozenset({
     "BatchNormalization", "InstanceNormalization", "LayerNormalization", "PRelu",
 })
 _SHAPE_LIKE = frozenset({ir.DataType.INT32, ir.DataType.INT64})
+_META_KEY = "optcc.fold_constants.inference"
+
+
+def _is_shape_op(node: ir.Node) -> bool:
+    return node.op_type in _SHAPE_OPS and node.domain in _DEFAULT_DOMAINS
+
+
+def _node_facts(node: ir.Node) -> tuple:
+    """What inference reads of a node besides its inputs: its kind and attribute objects
+    (compared by identity: an attribute's value is never reassigned, a changed attribute
+    is a new object)."""
+    return (node.domain, node.op_type, node.overload, tuple(map(id, node.attributes.values())))
+
+
+def _annotation(value: ir.Value) -> tuple:
+    """What inference merges from a value's annotation: its name, type and dims."""
+    shape = value.shape
+    type_ = value.type
+    return (value.name, None if type_ is None else (type(type_), type_.dtype),
+            None if shape is None else tuple(shape.dims))
+
+
+def _source_facts(value: ir.Value) -> tuple:
+    """What inference reads of a value no cone node computes: its annotation, whether it
+    is a graph input, and its tensor (by identity: tensors are never modified in place)."""
+    return (_annotation(value), value.is_graph_input(), value.is_initializer(), id(value.const_value))
 
 
 class InferenceSnapshot:
     """The main graph as one shape inference saw it (see the module docstring)."""
 
     def __init__(self, graph: ir.Graph | None, nodes: dict[ir.Node, tuple[tuple, tuple]],
-                 names: dict[ir.Value, str | None]) -> None:
+                 names: dict[ir.Value, str | None], model_facts: tuple = (),
+                 read: frozenset[ir.Value] = frozenset(), facts: dict[ir.Node, tuple] | None = None,
+                 annotations: dict[ir.Value, tuple] | None = None,
+                 sources: dict[ir.Value, tuple] | None = None) -> None:
         self.graph = graph  # None: the model does not qualify
-        self.nodes = nodes
+        self.nodes = nodes  # the cone: each node's inputs and outputs
         self.names = names
+        self.model_facts = model_facts
+        self.read = read  # the values the Shape/Size nodes read
+        self.facts = facts or {}
+        self.annotations = annotations or {}
+        self.sources = sources or {}
+        self.constants: dict[ir.Value, ir.TensorProtocol] = {}  # Constant outputs: their tensor
+        # the tensors and attributes compared by id stay referenced: their ids stay theirs
+        self._referenced = ([v.const_value for v in self.sources],
+                            [tuple(n.attributes.values()) for n in self.facts])
 
     @classmethod
     def of(cls, model: ir.Model) -> InferenceSnapshot:
         graph = model.graph
-        if len(model.functions) or any(optcc.ir.subgraphs(n) for n in graph):
+        if not _plain(model):
             return cls(None, {}, {})
-        nodes = {node: (tuple(node.inputs), tuple(node.outputs)) for node in graph}
+        producer: dict[ir.Value, ir.Node] = {}
+        shape_ops = []
+        for node in graph:
+            for value in node.outputs:
+                producer[value] = node
+            if _is_shape_op(node):
+                shape_ops.append(node)
+        read = frozenset(v for n in shape_ops for v in n.inputs if v is not None)
+        cone = _ancestors(shape_ops, producer)
+        nodes = {node: (tuple(node.inputs), tuple(node.outputs)) for node in cone}
         names = {value: value.name for _, outputs in nodes.values() for value in outputs}
-        return cls(graph, nodes, names)
+        annotations = {value: _annotation(value) for value in names}
+        sources = {
+            value: _source_facts(value)
+            for inputs, _ in nodes.values() for value in inputs
+            if value is not None and value not in names
+        }
+        facts = {node: _node_facts(node) for node in cone}
+        snapshot = cls(graph, nodes, names, _model_facts(model), read, facts, annotations, sources)
+        snapshot.constants = {node.outputs[0]: tensor for node in cone if (tensor := _constant_tensor(node)) is not None}
+        return snapshot
 
     def still_holds(self, model: ir.Model, findings: ShapeFindings) -> bool:
         """Whether inference now would find ``findings.shapes`` again (see the module docstring)."""
         if self.graph is None or model.graph is not self.graph or not findings.infos:
             return False
-        for node in self._cone():
-            inputs, outputs = self.nodes[node]
+        if _model_facts(model) != self.model_facts or not _plain(model):
+            return False
+        for node in self.graph:
+            if _is_shape_op(node) and not all(v is None or v in self.read for v in node.inputs):
+                return False  # a new Shape/Size reads a value inference was not asked about
+        for node, (inputs, outputs) in self.nodes.items():
             if node.graph is None:  # removed: nothing may read what it computed
                 if any(v.uses() or v.is_graph_output() for v in outputs):
                     return False
                 continue
-            if node.graph is not self.graph:
+            if node.graph is not self.graph or _node_facts(node) != self.facts[node]:
+                return False
+            if tuple(node.outputs) != outputs or any(_annotation(v) != self.annotations[v] for v in outputs):
                 return False
             now = tuple(node.inputs)
             if now == inputs:
+                if any(v is not None and v in self.sources and _source_facts(v) != self.sources[v] for v in now):
+                    return False
                 continue
-            if len(now) != len(inputs) or node.domain not in _DEFAULT_DOMAINS or node.op_type not in DATA_BLIND_OPS:
+            if len(now) != len(inputs):
                 return False
+            data_blind = node.domain in _DEFAULT_DOMAINS and node.op_type in DATA_BLIND_OPS
             for old, new in zip(inputs, now):
-                if old is not new and not self._looks_the_same(old, new, findings):
+                if old is new:
+                    if new is not None and new in self.sources and _source_facts(new) != self.sources[new]:
+                        return False
+                elif not self._looks_the_same(old, new, findings, data_blind):
                     return False
         return True
 
-    def _cone(self) -> set[ir.Node]:
-        """The Shape/Size nodes recorded and the recorded ancestors of what they read."""
-        producer = {value: node for node, (_, outputs) in self.nodes.items() for value in outputs}
-        cone = {n for n in self.nodes if n.op_type in ("Shape", "Size") and n.domain in _DEFAULT_DOMAINS}
-        stack = [v for n in cone for v in self.nodes[n][0]]
-        while stack:
-            node = producer.get(stack.pop())
-            if node is not None and node not in cone:
-                cone.add(node)
-                stack.extend(self.nodes[node][0])
-        return cone
-
-    def _looks_the_same(self, old: ir.Value | None, new: ir.Value | None, findings: ShapeFindings) -> bool:
-        """Whether inference reads the initializer ``new`` as it read the value ``old``."""
+    def _looks_the_same(self, old: ir.Value | None, new: ir.Value | None, findings: ShapeFindings,
+                        data_blind: bool) -> bool:
+        """Whether inference reads the initializer ``new`` as it read the value ``old``, as an
+        input of a node of a ``data_blind`` kind (see ``DATA_BLIND_OPS``) or of any kind."""
         if old is None or new is None or old not in self.names:
             return False
         tensor = new.const_value
         if not new.is_initializer() or new.is_graph_input() or tensor is None:
+            return False
+        if old in self.constants:
+            return self._lifted(old, new)
+        if not data_blind:
             return False
         info = findings.infos.get(self.names[old]) if self.names[old] else None
         if info is None or not info.type.HasField("tensor_type"):
@@ -116,3 +194,57 @@ class InferenceSnapshot:
         if (new.shape is not None and tuple(new.shape) != tuple(dims)) or (new.dtype not in (None, tensor.dtype)):
             return False  # its own annotation says otherwise
         return not (tensor.dtype in _SHAPE_LIKE and len(dims) <= 1)
+
+    def _lifted(self, old: ir.Value, new: ir.Value) -> bool:
+        """Whether the initializer ``new`` holds the tensor of the Constant that computed
+        ``old``, under ``old``'s name, annotated (if at all) as that tensor."""
+        tensor = self.constants[old]
+        if new.const_value is not tensor or new.name != self.names[old]:
+            return False
+        return (new.shape is None or tuple(new.shape) == tuple(tensor.shape)) and new.dtype in (None, tensor.dtype)
+
+
+def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:
+    """The tensor of a default-domain ``Constant`` whose one attribute is ``value``."""
+    if node.op_type != "Constant" or node.domain not in _DEFAULT_DOMAINS or len(node.outputs) != 1:
+        return None
+    attribute = node.attributes.get("value")
+    if len(node.attributes) != 1 or attribute is None or attribute.type != ir.AttributeType.TENSOR:
+        return None
+    return attribute.value
+
+
+def _plain(model: ir.Model) -> bool:
+    """No model functions and no node with a body in the main graph."""
+    return not len(model.functions) and not any(optcc.ir.subgraphs(n) for n in model.graph)
+
+
+def _model_facts(model: ir.Model) -> tuple:
+    return (model.ir_version, tuple(sorted(model.opset_imports.items())))
+
+
+def _ancestors(shape_ops: list[ir.Node], producer: dict[ir.Value, ir.Node]) -> set[ir.Node]:
+    """The Shape/Size nodes and the ancestors of what they read."""
+    cone = set(shape_ops)
+    stack = [v for n in shape_ops for v in n.inputs]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and node not in cone:
+            cone.add(node)
+            stack.extend(node.inputs)
+    return cone
+
+
+def remember(model: ir.Model, snapshot: InferenceSnapshot | None, findings: ShapeFindings | None) -> None:
+    """Keep the last inference of the model's main graph with the graph (in its ``meta``,
+    which is never serialized), for a later fold-constants call to ``recall``."""
+    if snapshot is None or findings is None or snapshot.graph is None:
+        model.graph.meta.pop(_META_KEY, None)
+    else:
+        model.graph.meta[_META_KEY] = (snapshot, findings)
+
+
+def recall(model: ir.Model) -> tuple[InferenceSnapshot | None, ShapeFindings | None]:
+    """The inference ``remember`` kept for this graph, if any (check ``still_holds``)."""
+    kept = model.graph.meta.get(_META_KEY)
+    return (None, None) if kept is None else kept
