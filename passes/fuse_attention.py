@@ -92,6 +92,7 @@ import onnx_ir as ir
 import optcc
 from optcc.infra import PassResult
 from optcc.passes.grouped_kv import Repeat, flat_transpose_source, heads_is_one, query_heads, repeated_kv
+from optcc.passes.ort_shapes import OrtShapes, same_dim
 from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var, apply_rules, static_rank
 
 __all__ = ["FuseAttentionPass", "FuseOrtAttentionPass", "ancestors", "attention_rules", "cache_parts", "exported_rank",
@@ -408,13 +409,33 @@ def _same_dim(a: ir.Value, i: int, b: ir.Value, j: int) -> bool:
     return da == db and (isinstance(da, int) or getattr(da, "value", None) is not None)
 
 
-def _full_mask(m: Match, b: Builder, query: ir.Value, q_axis: int, key: ir.Value) -> ir.Value | None:
+def mask_fits_scores(m: Match, shapes: OrtShapes | None) -> bool:
+    """Whether ``shapes`` prove the additive mask already shaped as MultiHeadAttention's
+    ``attention_bias`` takes it: rank 4, ``(batch or 1, heads or 1)`` leading and its last two
+    axes the scores' (query length, key length). Then expanding it to the scores' last two
+    axes, what the decomposed Add's broadcast did, returns it unchanged."""
+    mask = m.get("mask")
+    if shapes is None or mask is None:
+        return False
+    mask_dims, score_dims = shapes.dims(mask), shapes.dims(m["qk"].outputs[0])
+    if mask_dims is None or score_dims is None or len(mask_dims) != 4 or len(score_dims) != 4:
+        return False
+    leading = all(d == 1 or same_dim(d, s) for d, s in zip(mask_dims[:2], score_dims[:2]))
+    return leading and all(same_dim(d, s) for d, s in zip(mask_dims[2:], score_dims[2:]))
+
+
+def _full_mask(m: Match, b: Builder, query: ir.Value, q_axis: int, key: ir.Value,
+               shapes: OrtShapes | None = None) -> ir.Value | None:
     """The mask with its last two axes expanded to (query length, key length), as both
-    onnxruntime kernels require (the decomposed Add broadcast it); None when absent."""
+    onnxruntime kernels require (the decomposed Add broadcast it); the mask itself when its
+    declared shape or ``shapes`` (``mask_fits_scores``) prove it already has them; None when
+    absent."""
     mask = m.get("mask")
     if mask is None:
         return None
     if exported_rank(m, mask) == 4 and _same_dim(mask, 2, query, q_axis) and _same_dim(mask, 3, key, 2):
+        return mask
+    if mask_fits_scores(m, shapes):
         return mask
 
     def dim(value: ir.Value, axis: int, tag: str) -> ir.Value:
@@ -465,12 +486,14 @@ def _standard_rewrite(m: Match, b: Builder, groups: dict[ir.Node, str]) -> ir.Va
     return b.op("Attention", *inputs, scale=float(_scale(m)))
 
 
-def _mha_check(m: Match) -> str | None:
+def _mha_check(m: Match, shapes: OrtShapes | None = None) -> str | None:
     reason = _common_check(m)
     if reason is not None:
         return reason
     if _heads(m) is None:
         return "number of heads unknown (MultiHeadAttention needs it)"
+    if shapes is not None and m.get("mask") is not None:
+        shapes.dims(m["mask"])  # infer once on the graph before this pass rewrote any layer
     return None
 
 
@@ -482,7 +505,7 @@ def _heads(m: Match) -> int | None:
         m, m["q"], lambda v: _split_heads(m, v)[1], lambda v: exported_rank(m, v))
 
 
-def _mha_rewrite(m: Match, b: Builder, groups: dict[ir.Node, str]) -> ir.Value:
+def _mha_rewrite(m: Match, b: Builder, groups: dict[ir.Node, str], shapes: OrtShapes | None = None) -> ir.Value:
     q: ir.Value = m["q"]
     query, heads = _split_heads(m, q)
     heads = heads if heads is not None else _heads(m)
@@ -493,7 +516,7 @@ def _mha_rewrite(m: Match, b: Builder, groups: dict[ir.Node, str]) -> ir.Value:
     grouped = _grouped(m, key, "ort")
     if grouped is not None:
         groups[m["softmax"]] = grouped
-    mask = _full_mask(m, b, query, 1, key)
+    mask = _full_mask(m, b, query, 1, key, shapes)
     inputs = [query, key, m["v"], None, None, mask] if mask is not None else [query, key, m["v"]]
     out = b.op("MultiHeadAttention", *inputs, domain=MS_DOMAIN, num_heads=int(heads),
                scale=float(_scale(m)))
@@ -502,14 +525,18 @@ def _mha_rewrite(m: Match, b: Builder, groups: dict[ir.Node, str]) -> ir.Value:
 
 
 def attention_rules(kind: str, layers: dict[ir.Node, str] | None = None,
-                    groups: dict[ir.Node, str] | None = None) -> tuple[Rule, ...]:
+                    groups: dict[ir.Node, str] | None = None, shapes: OrtShapes | None = None) -> tuple[Rule, ...]:
     """The attention rules for ``kind`` ("standard" or "ort"); rejections are recorded per
     Softmax node in ``layers``, and for layers whose key/value are ``repeat_kv``, whether
-    the fused node groups them or why not in ``groups``, when given."""
+    the fused node groups them or why not in ``groups``, when given. For "ort", ``shapes``
+    (onnxruntime's symbolic inference of the model) may prove a mask needs no Expand."""
     layers = {} if layers is None else layers
     groups = {} if groups is None else groups
-    check = _common_check if kind == "standard" else _mha_check
-    rewrite = functools.partial(_standard_rewrite if kind == "standard" else _mha_rewrite, groups=groups)
+    if kind == "standard":
+        check, rewrite = _common_check, functools.partial(_standard_rewrite, groups=groups)
+    else:
+        check = functools.partial(_mha_check, shapes=shapes)
+        rewrite = functools.partial(_mha_rewrite, groups=groups, shapes=shapes)
     min_opset = ATTENTION_OPSET if kind == "standard" else 1
     rules = []
     for sq, sk, ss, mask, guard, cast in itertools.product((True, False), repeat=6):
@@ -741,7 +768,8 @@ class _AttentionPass(RewritePass):
             first = None
         # below opset 23 the standard op does not exist: every layer gets _diagnose's reason
         possible = bool(before) and (self.kind == "ort" or opset >= ATTENTION_OPSET)
-        stats = apply_rules(model, attention_rules(self.kind, layers, groups) if possible else (),
+        shapes = OrtShapes(model) if self.kind == "ort" else None
+        stats = apply_rules(model, attention_rules(self.kind, layers, groups, shapes) if possible else (),
                             max_iters=self.max_iters)
         if first is not None:  # the exporter's own Attention nodes, grouped first
             stats.applied.update(first.applied)

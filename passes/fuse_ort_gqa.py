@@ -58,13 +58,13 @@ import optcc
 from optcc.infra import PassResult
 from optcc.passes.fuse_attention import MS_DOMAIN, ancestors, exported_rank
 from optcc.passes.grouped_kv import Repeat, repeated_kv
+from optcc.passes.ort_shapes import OrtShapes, same_dim
 from optcc.rewrite import static_rank
 
 __all__ = ["FUSED", "FuseOrtGroupQueryAttentionPass", "causal_mask_refusal"]
 
 FUSED = f"fused: {MS_DOMAIN}.GroupQueryAttention"
 _FILL_LIMIT = -1e9
-_KEEP_ELEMENTS = 64  # initializers inference reads by value (shape targets, Range bounds)
 _DEFAULT = ("", "ai.onnx")
 
 
@@ -176,50 +176,6 @@ def _reads_input_values(value: ir.Value) -> str | None:
     return None
 
 
-class _Shapes:
-    """Symbolic dims from onnxruntime's shape inference (which knows its contrib ops), run
-    once on a copy of the model without its weights; None where inference failed."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.model = model
-        self._dims: dict[str, list[str | int | None]] | None = None
-        self.error: str | None = None
-
-    def dims(self, value: ir.Value) -> list[str | int | None] | None:
-        if self._dims is None:
-            self._dims = self._infer()
-        return self._dims.get(value.name)
-
-    def _infer(self) -> dict[str, list[str | int | None]]:
-        try:
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-            proto = optcc.ir.without_weights(optcc.ir.serialize(self.model), keep_elements=_KEEP_ELEMENTS)
-            del proto.graph.value_info[:]
-            # its infer_shapes() saves a file in the working directory when some shape stays
-            # unknown; run its steps here and read what was found (unknown: the site is refused)
-            inference = SymbolicShapeInference(2**31 - 1, False, False, 0)
-            inference._preprocess(proto)
-            while inference.run_:
-                inference._infer_impl()
-            inference._update_output_from_vi()
-            inferred = inference.out_mp_
-        except Exception as error:  # noqa: BLE001 - no shapes: every site is refused with this reason
-            self.error = f"onnxruntime shape inference failed: {type(error).__name__}"
-            return {}
-        found = {}
-        for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
-            t = info.type.tensor_type
-            if t.HasField("shape"):
-                found[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                                    for d in t.shape.dim]
-        return found
-
-
-def _same(a: str | int | None, b: str | int | None) -> bool:
-    return a is not None and b is not None and str(a).replace(" ", "") == str(b).replace(" ", "")
-
-
 class _Site:
     """One MultiHeadAttention on grouped key/value and what the rewrite needs of it."""
 
@@ -231,7 +187,7 @@ class _Site:
         self.parts: list[tuple[ir.Value, ir.Value]] = []
         self.where: ir.Value | None = None
 
-    def check(self, shapes: _Shapes) -> str | None:
+    def check(self, shapes: OrtShapes) -> str | None:
         node = self.node
         extra = set(node.attributes) - {"num_heads", "scale"}
         if extra:
@@ -274,9 +230,9 @@ class _Site:
         if any(d is None for d in dims.values()) or len(dims["query"]) != 3 or len(dims["key"]) != 4 \
                 or len(dims["new"]) != 4 or len(dims["where"]) < 2:
             return "shapes of the query, key or bias not inferred"
-        if not (_same(dims["where"][-2], dims["query"][1]) and _same(dims["where"][-1], dims["key"][2])):
+        if not (same_dim(dims["where"][-2], dims["query"][1]) and same_dim(dims["where"][-1], dims["key"][2])):
             return "the causal bias is not proved to be (query length, key length)"
-        if not _same(dims["new"][2], dims["query"][1]):
+        if not same_dim(dims["new"][2], dims["query"][1]):
             return "the new key is not proved as long as the query"
         return None
 
@@ -317,7 +273,7 @@ class FuseOrtGroupQueryAttentionPass(optcc.Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         report: dict[str, str] = {}
-        shapes = _Shapes(model)
+        shapes = OrtShapes(model)
         modified = False
         for graph in [model.graph]:  # present outputs are the main graph's
             for node in list(graph):

@@ -1,0 +1,160 @@
+"""Per-step onnxruntime CPU latency of KV-cache decoder exports: unfused vs -O3.
+
+Exports (torch TorchScript exporter, cached in ``--out``) of transformers' own models with
+``past_key_values`` and an ``attention_mask`` input, random seeded weights:
+
+- ``gpt2``: ``GPT2LMHeadModel`` (``fixtures/gpt2_hf.py``'s export), 4 layers, hidden 256, 4 heads;
+- ``llama``: ``LlamaForCausalLM`` (``fixtures/llama_hf.py``'s ``export_kv``), 4 layers, hidden
+  512, 8 query and 2 key/value heads (grouped-query attention).
+
+Each is run as exported (``unfused``), after ``optcc -O3`` with the attention fusions disabled
+(``-O3 no attention``: ``--disable fuse-ort-attention,fuse-ort-gqa``, every other -O3 fusion
+applied) and after ``optcc -O3`` (``-O3``; ``--baseline FILE``
+adds a column for an -O3 model written by an earlier optcc, e.g. from another checkout). Steps,
+batch 1: a prompt of ``--prompt`` tokens with an empty past, and one-token decode steps after
+a past of each ``--pasts`` length (mask all ones). onnxruntime CPU, one intra-op thread,
+``ORT_ENABLE_ALL``; the sessions run interleaved ``--runs`` times per step, timed by the
+process's CPU time (``time.process_time``: the machine is shared), median per session.
+
+Usage: python benchmarks/decoder_attention.py [--out DIR] [--models gpt2,llama] [--runs 200]
+       [--prompt 128] [--pasts 128,512] [--profile] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import optcc  # noqa: E402
+
+GPT2 = {"n_layer": 4, "n_embd": 256, "n_head": 4, "vocab_size": 2000, "n_positions": 1024}
+LLAMA = {"vocab_size": 2000, "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4,
+         "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 1024}
+
+
+ATTENTION_PASSES = ("fuse-ort-attention", "fuse-ort-gqa")
+
+
+def export(model: str, out: Path) -> Path:
+    """The cached TorchScript export of ``model`` (opset 17)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{model}_kv.onnx"
+    if path.exists():
+        return path
+    if model == "llama":
+        from fixtures import llama_hf
+
+        return llama_hf.export_kv(path, exporter="torchscript", opset=17, config=LLAMA)
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fixtures import gpt2_hf
+
+    torch.manual_seed(0)
+    return gpt2_hf.export_model(GPT2LMHeadModel(GPT2Config(**GPT2)).eval(), path)
+
+
+def step_feeds(model: onnx.ModelProto, seq: int, past: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Batch-1 feeds for one step: ``seq`` new tokens after ``past`` cached ones, mask all ones."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for graph_input in model.graph.input:
+        name = graph_input.name
+        dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+        if name == "input_ids":
+            feeds[name] = rng.integers(0, 1000, (1, seq)).astype(np.int64)
+        elif name == "attention_mask":
+            feeds[name] = np.ones((1, past + seq), np.int64)
+        elif name == "position_ids":
+            feeds[name] = np.arange(past, past + seq, dtype=np.int64)[None]
+        else:  # (batch, heads, past, head)
+            feeds[name] = rng.standard_normal((1, dims[1], past, dims[3])).astype(np.float32)
+    return feeds
+
+
+def session(model: str | bytes, profile: str | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray],
+                runs: int) -> dict[str, float]:
+    """Median CPU milliseconds per session, the sessions run one after another ``runs`` times."""
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(None, feeds)
+    for _ in range(runs):
+        for name, s in sessions.items():
+            start = time.process_time()
+            s.run(None, feeds)
+            times[name].append(time.process_time() - start)
+    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+
+
+def attention_ops(model: onnx.ModelProto) -> str:
+    ops = [n.op_type for n in model.graph.node if n.op_type in ("MultiHeadAttention", "GroupQueryAttention",
+                                                                  "Attention")]
+    return ", ".join(f"{ops.count(o)} {o}" for o in sorted(set(ops))) or "none"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/optcc_decoder_attention"))
+    parser.add_argument("--models", default="gpt2,llama")
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--pasts", default="128,512")
+    parser.add_argument("--baseline", action="append", default=[], metavar="MODEL=FILE",
+                        help="an earlier -O3 output of MODEL, timed as column 'before'")
+    parser.add_argument("--profile", action="store_true", help="write onnxruntime profiles beside the models")
+    args = parser.parse_args()
+    baselines = dict(item.split("=", 1) for item in args.baseline)
+    rows = []
+    for name in args.models.split(","):
+        path = export(name, args.out)
+        optimized = args.out / f"{name}_kv.O3.onnx"
+        optcc.optimize(str(path), level=3, verify=False).save(optimized)
+        no_attention = args.out / f"{name}_kv.O3-noattn.onnx"
+        optcc.optimize(str(path), level=3, verify=False, disable=ATTENTION_PASSES).save(no_attention)
+        print(f"{name}: -O3 writes {attention_ops(onnx.load(optimized))}", file=sys.stderr)
+        models = {"unfused": str(path), "-O3 no attention": str(no_attention), **({"before": baselines[name]} if name in baselines else {}),
+                  "-O3": str(optimized)}
+        original = onnx.load(path, load_external_data=False)
+        steps = [(f"prompt {args.prompt}", args.prompt, 0)] + [
+            (f"decode, past {p}", 1, int(p)) for p in args.pasts.split(",")]
+        for label, seq, past in steps:
+            feeds = step_feeds(original, seq, past)
+            prefix = str(args.out / f"{name}_{seq}_{past}") if args.profile else None
+            sessions = {k: session(v, f"{prefix}_{k.strip('-')}" if prefix else None) for k, v in models.items()}
+            ms = interleaved(sessions, feeds, args.runs)
+            if args.profile:
+                for s in sessions.values():
+                    s.end_profiling()
+            rows.append((name, label, ms))
+            print(name, label, {k: round(v, 3) for k, v in ms.items()}, file=sys.stderr, flush=True)
+    columns = list(rows[0][2])
+    print("| model | step | " + " | ".join(f"{c} (ms)" for c in columns) + " | -O3 / -O3 no attention |")
+    print("|---|---|" + "---|" * (len(columns) + 1))
+    for name, label, ms in rows:
+        cells = " | ".join(f"{ms[c]:.3f}" for c in columns)
+        print(f"| {name} | {label} | {cells} | {ms['-O3'] / ms['-O3 no attention']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

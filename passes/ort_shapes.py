@@ -1,0 +1,69 @@
+"""Symbolic dims from onnxruntime's shape inference, for the -O3 attention fusions.
+
+``OrtShapes(model)`` runs ``onnxruntime.tools.symbolic_shape_infer`` once, lazily, on a copy
+of the model without its weights (which knows onnxruntime's contrib ops) and answers
+``dims(value)``: per axis an int, a symbolic expression such as ``"past + seq"``, or None.
+``same_dim(a, b)`` says whether two answers are proved equal: equal ints, or equal
+expressions. The inference names one size by one expression, taking declared dims of one
+name as one size and the sizes a broadcast operator meets as equal (what the model's
+interface and its own operators state); a fusion may rely on that for the inputs the model
+accepts. Where inference fails, every answer is None and ``error`` says why.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+import optcc
+
+__all__ = ["OrtShapes", "same_dim"]
+
+_KEEP_ELEMENTS = 64  # initializers inference reads by value (shape targets, Range bounds)
+
+Dim = str | int | None
+
+
+def same_dim(a: Dim, b: Dim) -> bool:
+    """Whether two inferred dims are proved equal (neither unknown)."""
+    return a is not None and b is not None and str(a).replace(" ", "") == str(b).replace(" ", "")
+
+
+class OrtShapes:
+    """Symbolic dims of a model's values, inferred once on first use; None where unknown."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self._dims: dict[str, list[Dim]] | None = None
+        self.error: str | None = None
+
+    def dims(self, value: ir.Value | None) -> list[Dim] | None:
+        if value is None:
+            return None
+        if self._dims is None:
+            self._dims = self._infer()
+        return self._dims.get(value.name)
+
+    def _infer(self) -> dict[str, list[Dim]]:
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            proto = optcc.ir.without_weights(optcc.ir.serialize(self.model), keep_elements=_KEEP_ELEMENTS)
+            del proto.graph.value_info[:]
+            # its infer_shapes() saves a file in the working directory when some shape stays
+            # unknown; run its steps here and read what was found (unknown: the site is refused)
+            inference = SymbolicShapeInference(2**31 - 1, False, False, 0)
+            inference._preprocess(proto)
+            while inference.run_:
+                inference._infer_impl()
+            inference._update_output_from_vi()
+            inferred = inference.out_mp_
+        except Exception as error:  # noqa: BLE001 - no shapes: every site is refused with this reason
+            self.error = f"onnxruntime shape inference failed: {type(error).__name__}"
+            return {}
+        found = {}
+        for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+            t = info.type.tensor_type
+            if t.HasField("shape"):
+                found[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                    for d in t.shape.dim]
+        return found
