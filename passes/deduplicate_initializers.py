@@ -8,9 +8,13 @@ A kept value of an enclosing graph is used only when its name is defined nowhere
 in the model, so name lookup from the body cannot find another value.
 
 Reading weights: initializers are first grouped by (dtype, shape); only groups of two or
-more are read, each tensor once to hash it (SHA-256 over its bytes, kept in the tensor's
-metadata for the later runs of the pass), and a hash match is confirmed byte for byte
-before anything is removed. External data is read from its file
+more are read. An in-memory tensor is then told apart by its "fingerprint": its whole
+bytes when it has at most ``_SMALL_BYTES`` of them (then they are its key, exact, and
+nothing is hashed), else its first and last ``_EDGE_BYTES`` bytes; tensors whose
+fingerprint no other tensor of their group shares cannot equal any other and are not
+read further. The rest are read once to hash them (SHA-256 over their bytes, kept in
+the tensor's metadata for the later runs of the pass), and a hash match is confirmed
+byte for byte before anything is removed. External data is read from its file
 in bounded chunks, not through onnx-ir's memory map: a map would keep every page read
 resident for the rest of the run (a 2.3 GB model's whole weights).
 
@@ -40,6 +44,8 @@ __all__ = ["DeduplicateInitializersPass"]
 
 _CHUNK_BYTES = 16 << 20
 _PROTO_TENSOR = ir.serde.TensorProtoTensor
+# tensors whose bytes are in memory (``type``: isinstance checks of onnx-ir's classes are slow)
+_IN_MEMORY = (ir.Tensor, _PROTO_TENSOR)
 
 
 def _data(tensor: ir.TensorProtocol) -> np.ndarray:
@@ -96,6 +102,8 @@ def _digest(tensor: ir.TensorProtocol) -> bytes:
 
 
 def _same_bytes(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
+    if type(a) in _IN_MEMORY and type(b) in _IN_MEMORY:
+        return _data(a).tobytes() == _data(b).tobytes()  # both in memory: compared at once
     left, right = _chunks(a), _chunks(b)
     pending_a, pending_b = b"", b""
     while True:
@@ -111,6 +119,31 @@ def _same_bytes(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
         pending_a, pending_b = pending_a[n:], pending_b[n:]
 
 
+_SMALL_BYTES = 64  # tensors of at most this many bytes are keyed by their bytes
+_EDGE_BYTES = 32  # the fingerprint of a larger in-memory tensor: this many bytes at each end
+_FINGERPRINT_KEY = "optcc.dedup.fingerprint"
+
+
+def _fingerprint(tensor: ir.TensorProtocol) -> tuple[bool, bytes | None]:
+    """(whole, bytes): the tensor's bytes when ``whole`` (at most ``_SMALL_BYTES``), else
+    its first and last ``_EDGE_BYTES`` bytes; (False, None) for a string tensor or one
+    not known to be in memory (an external tensor: not read here). Equal tensors of one dtype and shape have equal fingerprints.
+    Kept in the tensor's metadata, as the digest is (tensors are immutable)."""
+    cached = tensor.meta.get(_FINGERPRINT_KEY)
+    if cached is not None:
+        return cached
+    if type(tensor) not in _IN_MEMORY or tensor.dtype == ir.DataType.STRING:
+        found: tuple[bool, bytes | None] = (False, None)
+    else:
+        data = _data(tensor)
+        if data.nbytes <= _SMALL_BYTES:
+            found = (True, data.tobytes())
+        else:
+            found = (False, data[:_EDGE_BYTES].tobytes() + data[-_EDGE_BYTES:].tobytes())
+    tensor.meta[_FINGERPRINT_KEY] = found
+    return found
+
+
 def _candidates(graph: ir.Graph) -> list[ir.Value]:
     return [
         v
@@ -119,12 +152,13 @@ def _candidates(graph: ir.Graph) -> list[ir.Value]:
     ]
 
 
-def _group(value: ir.Value) -> tuple[ir.DataType, tuple[int, ...]]:
+def _group(value: ir.Value) -> tuple[int, tuple[int, ...]]:
     tensor = value.const_value
     assert tensor is not None
     if type(tensor) is _PROTO_TENSOR:  # its dtype and shape, read without building a Shape
         proto = tensor.raw
-        return ir.DataType(proto.data_type), tuple(proto.dims)
+        # the dtype's number: equal (and hashed alike) to the ir.DataType (an IntEnum) of it
+        return proto.data_type, tuple(proto.dims)
     return tensor.dtype, tuple(tensor.shape)
 
 
@@ -164,6 +198,12 @@ class DeduplicateInitializersPass(optcc.Pass):
         graphs = [g for g in optcc.ir.graphs(model) if isinstance(g, ir.Graph)]
         candidates = {id(g): [(v, _group(v)) for v in _candidates(g)] for g in graphs}
         sizes = collections.Counter(group for pairs in candidates.values() for _, group in pairs)
+        # within each group of two or more, only fingerprints two tensors share are read further
+        candidates = {
+            graph_id: [(v, (*group, *_fingerprint(v.const_value))) for v, group in pairs if sizes[group] > 1]
+            for graph_id, pairs in candidates.items()
+        }
+        sizes = collections.Counter(group for pairs in candidates.values() for _, group in pairs)
         if len(graphs) == 1:  # no bodies: no enclosing scope, no shadowing to check
             names: collections.Counter[str] = collections.Counter()
             chains = {id(model.graph): [model.graph]}
@@ -177,7 +217,8 @@ class DeduplicateInitializersPass(optcc.Pass):
             for value, group in candidates[id(graph)]:
                 if sizes[group] < 2:
                     continue
-                key = (*group, _digest(value.const_value))
+                whole = group[2]
+                key = (*group, b"" if whole else _digest(value.const_value))
                 match = self._find(key, value, chains.get(id(graph), [graph]), kept, names)
                 if match is None:
                     table.setdefault(key, value)
@@ -204,6 +245,6 @@ class DeduplicateInitializersPass(optcc.Pass):
             if scope is not scopes[0] and names[match.name] != 1:
                 continue  # another value of that name could shadow it inside the body
             assert match.const_value is not None and value.const_value is not None
-            if _same_bytes(match.const_value, value.const_value):
-                return match
+            if key[2] or _same_bytes(match.const_value, value.const_value):
+                return match  # a whole-bytes key is the bytes: equal keys are equal tensors
         return None
