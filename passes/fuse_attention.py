@@ -717,6 +717,89 @@ def fold_kv_cache(model: ir.Model, op: tuple[str, str]) -> dict[str, str]:
     return report
 
 
+# ---------------------------------------------------------------- heads merged back
+
+
+_IDENTITY4 = [0, 1, 2, 3]
+
+
+def _const_ints(value: ir.Value | None) -> list[int] | None:
+    array = None if value is None or value.is_graph_input() else optcc.ir.as_numpy(value)
+    return None if array is None or array.ndim != 1 else [int(a) for a in array]
+
+
+def _only_mover(value: ir.Value) -> ir.Node | None:
+    """The one reader of ``value`` other than ``Shape``, when it is a default-domain Reshape
+    or Transpose reading it as its data; else None."""
+    movers = [u.node for u in value.uses() if u.node.op_type != "Shape" or u.node.domain not in ("", "ai.onnx")]
+    if len(movers) != 1 or value.is_graph_output():
+        return None
+    node = movers[0]
+    ok = node.domain in ("", "ai.onnx") and node.op_type in ("Reshape", "Transpose") and node.inputs[0] is value
+    return node if ok and list(node.inputs).count(value) == 1 else None
+
+
+def _merged_heads(mha: ir.Node, shapes: OrtShapes) -> ir.Value | None:
+    """The value after ``mha`` that equals its output element for element: the output split
+    into heads (``Reshape(y, [0, 0, H, -1])``), moved only by Transposes and by Reshapes that
+    ``shapes`` prove keep their input's shape, and merged back by a Reshape to ``(batch,
+    seq, H * head)``. Tracks the permutation ``p`` with ``v = Transpose(split, p)``; the merge
+    must see ``p`` the identity, and the split view's batch, sequence length and ``H * head``
+    as its inferred dims. None when the chain is anything else."""
+    split = _only_mover(mha.outputs[0])
+    heads = mha.attributes["num_heads"].as_int() if "num_heads" in mha.attributes else 0
+    if split is None or split.op_type != "Reshape" or _const_ints(split.inputs[1]) != [0, 0, heads, -1]:
+        return None
+    value, perm, heads_view = split.outputs[0], _IDENTITY4, None  # heads_view: (B, H, S, D) dims
+    while True:
+        node = _only_mover(value)
+        if node is None:
+            return None
+        out = node.outputs[0]
+        if node.op_type == "Transpose":
+            attr = node.attributes.get("perm")
+            order = list(attr.as_ints()) if attr is not None else None
+            if order is None or sorted(order) != _IDENTITY4:
+                return None
+            perm = [perm[i] for i in order]
+            if perm == [0, 2, 1, 3] and heads_view is None:
+                heads_view = shapes.dims(out)
+        elif perm != _IDENTITY4:  # a Reshape of a transposed view keeps it only when proved a no-op
+            before, after = shapes.dims(value), shapes.dims(out)
+            if before is None or after is None or len(before) != len(after) \
+                    or not all(same_dim(a, b) for a, b in zip(before, after)):
+                return None
+        else:
+            return out if _is_merge(shapes.dims(out), heads_view, heads) else None
+        value = out
+
+
+def _is_merge(dims: list | None, heads_view: list | None, heads: int) -> bool:
+    """Whether ``dims`` are ``(B, S, H * D)`` of the heads view's ``(B, H, S, D)``."""
+    if dims is None or heads_view is None or len(dims) != 3 or len(heads_view) != 4:
+        return False
+    head = heads_view[3]
+    return same_dim(dims[0], heads_view[0]) and same_dim(dims[1], heads_view[2]) and heads_view[1] == heads \
+        and isinstance(head, int) and dims[2] == heads * head
+
+
+def bypass_head_merges(model: ir.Model, shapes: OrtShapes) -> int:
+    """Readers of ``_merged_heads(mha)`` read the MultiHeadAttention's output instead (the
+    split, the exporter's transposes and its merge then have no readers left, for dead-node
+    elimination). Exact: the merged value is the output's elements in the output's order and
+    shape. Returns how many were bypassed."""
+    bypassed = 0
+    for node in list(model.graph):
+        if node.domain != MS_DOMAIN or node.op_type != "MultiHeadAttention":
+            continue
+        merged = _merged_heads(node, shapes)
+        if merged is None or merged.is_graph_output():
+            continue
+        merged.replace_all_uses_with(node.outputs[0])
+        bypassed += 1
+    return bypassed
+
+
 # ---------------------------------------------------------------- per-layer report
 
 
@@ -789,7 +872,10 @@ class _AttentionPass(RewritePass):
         if self.kind == "ort" or opset >= ATTENTION_OPSET:
             caches = fold_kv_cache(model, ("", "Attention") if self.kind == "standard"
                                    else (MS_DOMAIN, "MultiHeadAttention"))
+        bypassed = bypass_head_merges(model, shapes) if shapes is not None and stats.modified else 0
         result = stats.as_dict()
+        if bypassed:
+            result["head_merges_bypassed"] = bypassed
         if caches:
             result["kv_cache"] = caches
         if report:
@@ -800,7 +886,7 @@ class _AttentionPass(RewritePass):
         if grouped:
             result["grouped_kv"] = grouped
         folded = any(v == "folded" for v in caches.values())
-        return PassResult(model, stats.modified or folded, result)
+        return PassResult(model, stats.modified or folded or bypassed > 0, result)
 
 
 class FuseAttentionPass(_AttentionPass):
