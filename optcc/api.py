@@ -172,7 +172,9 @@ def optimize(
         fix_input_shapes(working, overwrite_input_shapes, label=label)
         if inputs is not None:
             inputs = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs]
-            _check_fixed_feeds(inputs, overwrite_input_shapes, label)
+            check_fixed_feeds(inputs, overwrite_input_shapes, label)
+        if samples is not None:
+            check_fixed_feeds(samples, overwrite_input_shapes, label, purpose="calibration")
     quantizing = samples is not None and not fp16
     if fp16 or quantizing or int8_dynamic:
         disable = [*disable, "fuse-ort-conv-activation"]  # quantizers/fp16 skip contrib ops
@@ -330,14 +332,16 @@ def _merged_shapes(
     return merged
 
 
-def _check_fixed_feeds(
-    feeds: Sequence[Mapping[str, np.ndarray]], fixed: Mapping[str, Sequence[int]], label: str | None
+def check_fixed_feeds(
+    feeds: Sequence[Mapping[str, np.ndarray]], fixed: Mapping[str, Sequence[int]], label: str | os.PathLike | None,
+    purpose: str = "verification",
 ) -> None:
-    """User samples must have the shapes the result's inputs are fixed to."""
+    """User samples must have the shapes the result's inputs are fixed to, else
+    BadInputError naming ``label`` (the model, or the file the samples came from)."""
     for i, sample in enumerate(feeds):
         for name, dims in fixed.items():
             if name in sample and list(np.shape(sample[name])) != list(dims):
-                raise BadInputError(f"verification sample {i}: '{name}' has shape {list(np.shape(sample[name]))}, "
+                raise BadInputError(f"{purpose} sample {i}: '{name}' has shape {list(np.shape(sample[name]))}, "
                                     f"but its shape is overwritten to {list(dims)}", label)
 
 

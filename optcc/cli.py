@@ -25,7 +25,7 @@ import onnx_ir
 import onnxruntime
 
 from optcc import ir as oir
-from optcc.api import OptimizeResult, optimize
+from optcc.api import OptimizeResult, check_fixed_feeds, optimize
 from optcc.compare import compare_models, format_comparison
 from optcc.errors import (
     ISSUES_URL, BadInputError, OptccError, PrecisionNotAppliedError, UnverifiedError, VerificationError,
@@ -356,6 +356,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         inputs = load_npz_samples(args.inputs, args.model) if args.inputs else None
         calibration = (load_npz_samples(args.calibration, args.model, purpose="calibration")
                        if args.calibration else None)
+    if fixed_shapes:  # samples that cannot feed the fixed inputs are the samples file's fault
+        for given, path, purpose in ((inputs, args.inputs, "verification"),
+                                     (calibration, args.calibration, "calibration")):
+            if given is not None:
+                check_fixed_feeds(given, fixed_shapes, path, purpose)
     for warning in said:
         if issubclass(warning.category, SampleAxisWarning):
             if not args.quiet:

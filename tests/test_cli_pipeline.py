@@ -210,14 +210,25 @@ def test_overwrite_input_shape_fixes_the_written_model_and_folding_specialises(t
     np.testing.assert_array_equal(ReferenceEvaluator(fixed_proto).run(None, {"x": x})[0], x + 1)
 
 
-def test_overwrite_input_shape_refuses_user_samples_of_another_shape(example: Path, tmp_path: Path, capsys) -> None:
-    np.savez(tmp_path / "x.npz", image=np.zeros((2, 4, 3, 32, 32), np.float32))
+@pytest.mark.parametrize("flags, purpose", [(["--inputs"], "verification"), (["--int8", "--calibration"], "calibration")])
+def test_overwrite_input_shape_refuses_user_samples_of_another_shape(example: Path, tmp_path: Path, capsys,
+                                                                     flags: list[str], purpose: str) -> None:
+    samples = tmp_path / "x.npz"
+    np.savez(samples, image=np.zeros((2, 4, 3, 32, 32), np.float32))
     before = _files(tmp_path)
-    assert cli.main([str(example), "--overwrite-input-shape", "image:1,3,32,32", "--inputs", str(tmp_path / "x.npz"),
+    assert cli.main([str(example), "--overwrite-input-shape", "image:1,3,32,32", *flags, str(samples),
                      "-o", str(tmp_path / "o.onnx")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "overwritten to [1, 3, 32, 32]" in lines[0] and str(example) in lines[0], lines
+    # one line naming the samples file (the model is fine), before any pass runs
+    assert len(lines) == 1 and "overwritten to [1, 3, 32, 32]" in lines[0], lines
+    assert str(samples) in lines[0] and f"{purpose} sample 0" in lines[0], lines
     assert _files(tmp_path) == before
+
+
+def test_optimize_refuses_calibration_samples_of_another_shape_than_the_overwritten_one(example: Path) -> None:
+    samples = [{"image": np.zeros((4, 3, 32, 32), np.float32)}]
+    with pytest.raises(BadInputError, match=r"calibration sample 0: 'image' has shape \[4, 3, 32, 32\]"):
+        optcc.optimize(str(example), overwrite_input_shapes={"image": [1, 3, 32, 32]}, int8_calibration=samples)
 
 
 def test_overwrite_input_shapes_re_infers_intermediate_shapes_and_refuses_conflicts() -> None:
