@@ -55,7 +55,18 @@ attend over it, and the Concat needs every other axis equal.
 
 The mask becomes ``Expand(mask, [1, 1, seq, kv_seq])`` unless its static shape already
 ends in the query and key lengths: both kernels broadcast a mask over batch and heads
-only, where the decomposed Add broadcast it over every axis.
+only, where the decomposed Add broadcast it over every axis. For MultiHeadAttention the
+Expand (and the Shape/Slice/Concat computing its target, per layer) is also left out when
+onnxruntime's symbolic shape inference (``ort_shapes``) proves the mask ``(batch or 1, heads
+or 1, S, T)`` with ``S, T`` the scores' own last axes, as in transformers' exports, whose
+padding mask is indexed by the key positions: the Expand would return the mask unchanged.
+
+After a MultiHeadAttention, the exporter's head merge is bypassed: when the op's output,
+split into heads (``Reshape(y, [0, 0, H, -1])``) and moved back by ``Transpose([0,2,1,3])``,
+passes only Transposes and Reshapes that the same inference proves keep their input's shape,
+and is merged by a Reshape to ``(batch, seq, H * head)`` with the split view's batch and
+sequence length, that merge's readers read the op's output (the same elements in the same
+order; exact); the chain and its shape arithmetic are then dead (``head_merges_bypassed``).
 
 Preconditions: float32 tensors; Softmax over the last axis; every scale a constant
 scalar; ranks of q, kt and v known to be 4 and the mask's rank at most 4; q not proved to
@@ -76,8 +87,8 @@ v for finite ones.
 Stats: ``applied``/``rejected`` per rule, ``layers``: per Softmax node that could be an
 attention layer, ``"fused: <op>"`` or the reason it was not fused, ``grouped_kv``: per fused
 layer whose key or value is a ``repeat_kv`` lookalike, ``"grouped: ..."`` or why the repeat
-was kept, and ``kv_cache``: per attention node whose key is a cache Concat, ``"folded"`` or
-why not.
+was kept, ``kv_cache``: per attention node whose key is a cache Concat, ``"folded"`` or
+why not, and ``head_merges_bypassed`` (MultiHeadAttention outputs read without the merge).
 """
 
 from __future__ import annotations
