@@ -65,10 +65,20 @@ def _tensor_data(tensor: ir.TensorProtocol) -> bytes:
     return tensor.tobytes()
 
 
+_KEY_META = "optcc.cse.tensor_key"
+_WHOLE_BYTES = 64  # tensors of at most this many bytes are keyed by their bytes themselves
+
+
 def _tensor_key(tensor: ir.TensorProtocol) -> Hashable:
-    data = _tensor_data(tensor)
-    digest = hashlib.sha256(data).digest() if len(data) > 64 else data
-    return ("tensor", tensor.dtype, tuple(tensor.shape), digest)
+    """dtype, shape, and the bytes (at most ``_WHOLE_BYTES``) or their SHA-256; kept in
+    the tensor's metadata (tensors are never modified in place, so it stays true)."""
+    key = tensor.meta.get(_KEY_META)
+    if key is None:
+        data = _tensor_data(tensor)
+        whole = len(data) <= _WHOLE_BYTES
+        key = ("tensor", tensor.dtype, tuple(tensor.shape), whole, data if whole else hashlib.sha256(data).digest())
+        tensor.meta[_KEY_META] = key
+    return key
 
 
 def _attribute_key(attr: ir.Attr | ir.RefAttr) -> Hashable:
@@ -97,7 +107,7 @@ def _head_key(node: ir.Node) -> Hashable | None:
         return None
     if not node.outputs:
         return None
-    return (node.op_type, node.overload, len(node.outputs), tuple(id(v) for v in node.inputs))
+    return (node.op_type, node.overload, len(node.outputs), tuple(map(id, node.inputs)))
 
 
 def _attributes_key(node: ir.Node) -> Hashable | None:
@@ -113,11 +123,14 @@ def _tensors(attr: ir.Attr) -> list[ir.TensorProtocol]:
 
 
 def _same_tensors(a: ir.Node, b: ir.Node) -> bool:
-    """Byte-for-byte check of tensor attributes (keys of large tensors are digests)."""
+    """Byte-for-byte check of tensor attributes of two nodes whose attribute keys are
+    equal (keys of large tensors are digests; those of small ones are their bytes)."""
     for name, attr in a.attributes.items():
         if attr.is_ref() or attr.type not in (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS):
             continue
         for x, y in zip(_tensors(attr), _tensors(b.attributes[name])):
+            if x is y or _tensor_key(x)[3]:
+                continue  # the same tensor, or keys (equal here) that hold the bytes themselves
             if _tensor_data(x) != _tensor_data(y):
                 return False
     return True
