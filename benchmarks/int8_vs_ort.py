@@ -27,7 +27,8 @@ For every model, on the same calibration data and the same held-out data, in one
   per_channel=True, QUInt8 activations, QInt8 weights), without / with
   ``quant_pre_process`` first (without its symbolic shape inference where that fails),
   MinMax or Entropy calibration; Constant-node weights are first stored as initializers
-  (``quantize_static`` takes them for activations and leaves their layers float).
+  (``quantize_static`` takes them for activations and leaves their layers float), and a
+  model below opset 13 is converted to 13 (per-channel quantization needs it).
 
 Column "task check": every configuration's model judged here, from its outputs, by the
 task metric of its output (``optcc.numerics.task.measure``: box F1 for YOLO boxes and
@@ -344,13 +345,20 @@ def _peak_rss_mib() -> float:
 def _lift_constants(source: Path, out: Path) -> Path:
     """The model with its main graph's Constant nodes stored as initializers: quantize_static
     takes weights held by Constant nodes (every PP-OCR export) for activations and leaves
-    their layers float."""
+    their layers float. Below opset 13 it is first converted to opset 13 (onnx's version
+    converter), as onnxruntime's documentation asks for per-channel quantization:
+    quantize_static otherwise writes per-channel DequantizeLinear nodes with an ``axis``
+    that opset does not have, a model neither onnx nor onnxruntime loads."""
     import onnx
+    import onnx.version_converter
 
     proto = onnx.load(source)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if opset < 13:
+        proto = onnx.version_converter.convert_version(proto, 13)
     constants = [n for n in proto.graph.node if n.op_type == "Constant" and len(n.attribute) == 1
                  and n.attribute[0].name == "value"]
-    if not constants:
+    if not constants and opset >= 13:
         return source
     for node in constants:
         tensor = onnx.TensorProto()
