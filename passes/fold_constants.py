@@ -583,17 +583,18 @@ class FoldConstantsPass(optcc.Pass):
         stats = _Stats()
         # the last shape inference, and the graph it saw (possibly taken by an earlier call)
         snapshot, findings = recall_inference(model)
+        changed = True
         for _ in range(self.max_rounds):
             stats.kept.clear()  # what is kept is reported for the last round only
             changed = False
             if self.fold_shapes:
-                # the last inference again when what this pass changed since cannot alter
-                # its findings (see ``shape_reuse``), else a new one
-                if findings is None or snapshot is None or not snapshot.still_holds(model, findings):
+                # the last inference again when what changed since cannot alter its
+                # findings (see ``shape_reuse``), else a new one; none without Shape/Size
+                if not _has_shape_ops(model):
                     findings, snapshot = None, None
-                    if _has_shape_ops(model):
-                        snapshot = InferenceSnapshot.of(model)
-                        findings = shape_findings(model)
+                elif findings is None or snapshot is None or not snapshot.still_holds(model, findings):
+                    snapshot = InferenceSnapshot.of(model)
+                    findings = shape_findings(model)
                 shapes = fold_shape_ops(model, inferred=findings.shapes if findings is not None else {})
                 stats.folded_shapes.update(shapes)
                 changed |= bool(shapes)
@@ -607,7 +608,9 @@ class FoldConstantsPass(optcc.Pass):
         else:
             stats.warning = f"stopped unconverged after {self.max_rounds} rounds"
         if self.fold_shapes:
-            remember_inference(model, snapshot, findings)
+            # kept for a later call only when the last round changed nothing: then the
+            # findings hold for the graph as it is now
+            remember_inference(model, snapshot if not changed else None, findings)
         return optcc.PassResult(model, modified, stats.to_dict())
 
 

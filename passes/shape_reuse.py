@@ -1,15 +1,17 @@
 """When fold-constants may reuse a shape inference instead of running it again.
 
 ``InferenceSnapshot.of(model)`` records the main graph as shape inference saw it: the
-Shape/Size nodes, the values they read, and the ancestors of those values (their "cone"),
-each node with its inputs, outputs, kind and attribute objects, each value with what
-inference reads of it (name, type, dims; for a value no cone node computes, whether it is
-a graph input and which tensor it holds), and the model's IR version and opsets.
-``still_holds(model, findings)`` says whether inference run on the model now would find
-the same shapes for every value a Shape/Size node reads now, so that shape folding may use
-``findings`` again. The snapshot may outlive the pass call that took it (it is kept in the
-graph's ``meta``, see ``remember``/``recall``), so it holds against any pass in between,
-not only fold-constants' own folds. It holds when:
+Shape/Size nodes and the ancestors of the values they read (their "cone"), each node with
+its inputs and outputs. ``still_holds(model, findings)`` says whether inference run on the
+model now would find the same shapes for every value a Shape/Size node reads now, so that
+shape folding may use ``findings`` again. Within one fold-constants call only its own
+folds change the graph. The snapshot may also outlive the call (``remember`` keeps it in
+the graph's ``meta``, ``recall`` finds it): then, at the end of the call, while the
+findings hold, it records what other passes may change too (``record``): for the cone's
+nodes their kind and attribute objects, their outputs' annotations (name, type, dims),
+for the values they read that no cone node computes the annotation, graph-input role and
+tensor, which values Shape/Size read, and the model's IR version and opsets; a later call
+checks those as well. It holds when:
 
 - the model is still the plain case (no functions, no subgraphs), with the same IR version
   and opsets;
@@ -66,7 +68,8 @@ def _node_facts(node: ir.Node) -> tuple:
     """What inference reads of a node besides its inputs: its kind and attribute objects
     (compared by identity: an attribute's value is never reassigned, a changed attribute
     is a new object)."""
-    return (node.domain, node.op_type, node.overload, tuple(map(id, node.attributes.values())))
+    # the UserDict's own dict: its Mapping methods are slow
+    return (node.domain, node.op_type, node.overload, tuple(map(id, node.attributes.data.values())))
 
 
 def _annotation(value: ir.Value) -> tuple:
@@ -87,22 +90,13 @@ class InferenceSnapshot:
     """The main graph as one shape inference saw it (see the module docstring)."""
 
     def __init__(self, graph: ir.Graph | None, nodes: dict[ir.Node, tuple[tuple, tuple]],
-                 names: dict[ir.Value, str | None], model_facts: tuple = (),
-                 read: frozenset[ir.Value] = frozenset(), facts: dict[ir.Node, tuple] | None = None,
-                 annotations: dict[ir.Value, tuple] | None = None,
-                 sources: dict[ir.Value, tuple] | None = None) -> None:
+                 names: dict[ir.Value, str | None]) -> None:
         self.graph = graph  # None: the model does not qualify
         self.nodes = nodes  # the cone: each node's inputs and outputs
         self.names = names
-        self.model_facts = model_facts
-        self.read = read  # the values the Shape/Size nodes read
-        self.facts = facts or {}
-        self.annotations = annotations or {}
-        self.sources = sources or {}
         self.constants: dict[ir.Value, ir.TensorProtocol] = {}  # Constant outputs: their tensor
-        # the tensors and attributes compared by id stay referenced: their ids stay theirs
-        self._referenced = ([v.const_value for v in self.sources],
-                            [tuple(n.attributes.values()) for n in self.facts])
+        # what passes other than fold-constants may change (``record``); None until recorded
+        self.kept: _Kept | None = None
 
     @classmethod
     def of(cls, model: ir.Model) -> InferenceSnapshot:
@@ -116,52 +110,51 @@ class InferenceSnapshot:
                 producer[value] = node
             if _is_shape_op(node):
                 shape_ops.append(node)
-        read = frozenset(v for n in shape_ops for v in n.inputs if v is not None)
         cone = _ancestors(shape_ops, producer)
         nodes = {node: (tuple(node.inputs), tuple(node.outputs)) for node in cone}
         names = {value: value.name for _, outputs in nodes.values() for value in outputs}
-        annotations = {value: _annotation(value) for value in names}
-        sources = {
-            value: _source_facts(value)
-            for inputs, _ in nodes.values() for value in inputs
-            if value is not None and value not in names
-        }
-        facts = {node: _node_facts(node) for node in cone}
-        snapshot = cls(graph, nodes, names, _model_facts(model), read, facts, annotations, sources)
+        snapshot = cls(graph, nodes, names)
         snapshot.constants = {node.outputs[0]: tensor for node in cone if (tensor := _constant_tensor(node)) is not None}
         return snapshot
+
+    def record(self, model: ir.Model) -> None:
+        """Record what other passes may change (see ``_Kept``), for a later call to check.
+        Call it only while the findings hold for the graph as it is: then what fold-constants
+        itself left unchanged is what inference saw."""
+        if self.graph is None:
+            return
+        read = frozenset(v for n in self.graph if _is_shape_op(n) for v in n.inputs if v is not None)
+        present = [node for node in self.nodes if node.graph is self.graph]
+        annotations = {v: _annotation(v) for node in present for v in node.outputs}
+        sources = {
+            v: _source_facts(v) for node in present for v in node.inputs
+            if v is not None and v not in self.names
+        }
+        self.kept = _Kept(_model_facts(model), read, {node: _node_facts(node) for node in present},
+                          annotations, sources)
 
     def still_holds(self, model: ir.Model, findings: ShapeFindings) -> bool:
         """Whether inference now would find ``findings.shapes`` again (see the module docstring)."""
         if self.graph is None or model.graph is not self.graph or not findings.infos:
             return False
-        if _model_facts(model) != self.model_facts or not _plain(model):
+        kept = self.kept
+        if kept is not None and not kept.still_holds(model, self):
             return False
-        for node in self.graph:
-            if _is_shape_op(node) and not all(v is None or v in self.read for v in node.inputs):
-                return False  # a new Shape/Size reads a value inference was not asked about
         for node, (inputs, outputs) in self.nodes.items():
             if node.graph is None:  # removed: nothing may read what it computed
                 if any(v.uses() or v.is_graph_output() for v in outputs):
                     return False
                 continue
-            if node.graph is not self.graph or _node_facts(node) != self.facts[node]:
-                return False
-            if tuple(node.outputs) != outputs or any(_annotation(v) != self.annotations[v] for v in outputs):
+            if node.graph is not self.graph:
                 return False
             now = tuple(node.inputs)
             if now == inputs:
-                if any(v is not None and v in self.sources and _source_facts(v) != self.sources[v] for v in now):
-                    return False
                 continue
             if len(now) != len(inputs):
                 return False
             data_blind = node.domain in _DEFAULT_DOMAINS and node.op_type in DATA_BLIND_OPS
             for old, new in zip(inputs, now):
-                if old is new:
-                    if new is not None and new in self.sources and _source_facts(new) != self.sources[new]:
-                        return False
-                elif not self._looks_the_same(old, new, findings, data_blind):
+                if old is not new and not self._looks_the_same(old, new, findings, data_blind):
                     return False
         return True
 
@@ -235,12 +228,52 @@ def _ancestors(shape_ops: list[ir.Node], producer: dict[ir.Value, ir.Node]) -> s
     return cone
 
 
+class _Kept:
+    """What fold-constants never changes but other passes may, as ``record`` found it: the
+    IR version and opsets, the values Shape/Size read, and for the cone's nodes still in
+    the graph their kind and attribute objects, their outputs' annotations, and the
+    annotation, graph-input role and tensor of the values they read that no cone node
+    computes."""
+
+    def __init__(self, model_facts: tuple, read: frozenset[ir.Value], facts: dict[ir.Node, tuple],
+                 annotations: dict[ir.Value, tuple], sources: dict[ir.Value, tuple]) -> None:
+        self.model_facts = model_facts
+        self.read = read
+        self.facts = facts
+        self.annotations = annotations
+        self.sources = sources
+        # the tensors and attributes compared by id stay referenced: their ids stay theirs
+        self._referenced = ([v.const_value for v in sources], [tuple(n.attributes.values()) for n in facts])
+
+    def still_holds(self, model: ir.Model, snapshot: InferenceSnapshot) -> bool:
+        """Whether none of it changed (a removed node, or an input replaced, is left to
+        ``InferenceSnapshot.still_holds``)."""
+        if _model_facts(model) != self.model_facts or not _plain(model):
+            return False
+        for node in model.graph:
+            if _is_shape_op(node) and not all(v is None or v in self.read for v in node.inputs):
+                return False  # a new Shape/Size reads a value inference was not asked about
+        for node, facts in self.facts.items():
+            if node.graph is None:
+                continue
+            if _node_facts(node) != facts or tuple(node.outputs) != snapshot.nodes[node][1]:
+                return False
+            if any(_annotation(v) != self.annotations[v] for v in node.outputs):
+                return False
+            for value in node.inputs:
+                if value is not None and value in self.sources and _source_facts(value) != self.sources[value]:
+                    return False
+        return True
+
+
 def remember(model: ir.Model, snapshot: InferenceSnapshot | None, findings: ShapeFindings | None) -> None:
     """Keep the last inference of the model's main graph with the graph (in its ``meta``,
-    which is never serialized), for a later fold-constants call to ``recall``."""
+    which is never serialized), for a later fold-constants call to ``recall``. Call it
+    only while ``findings`` hold for the graph as it is (see ``InferenceSnapshot.record``)."""
     if snapshot is None or findings is None or snapshot.graph is None:
         model.graph.meta.pop(_META_KEY, None)
     else:
+        snapshot.record(model)
         model.graph.meta[_META_KEY] = (snapshot, findings)
 
 
