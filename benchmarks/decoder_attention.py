@@ -140,8 +140,9 @@ def main() -> None:
             (f"decode, past {p}", 1, int(p)) for p in args.pasts.split(",")]
         for label, seq, past in steps:
             feeds = step_feeds(original, seq, past)
-            prefix = str(args.out / f"{name}_{seq}_{past}") if args.profile else None
-            sessions = {k: session(v, f"{prefix}_{k.strip('-')}" if prefix else None) for k, v in models.items()}
+            prefix = str(args.out / f"{name}_{seq}_{past}") if args.profile else None  # one profile per session
+            sessions = {k: session(v, f"{prefix}_{k.strip('-').replace(' ', '_')}" if prefix else None)
+                        for k, v in models.items()}
             ms = interleaved(sessions, feeds, args.runs)
             if args.profile:
                 for s in sessions.values():
