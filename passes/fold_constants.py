@@ -226,13 +226,10 @@ class _GraphFolder:
                 continue
             if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
                 continue
-            inputs = [v for v in node.inputs if v is not None]
-            if not inputs:
+            found = self._constant_inputs(node, produced)
+            if found is None:
                 continue
-            in_batch = [v in produced for v in inputs]
-            if not all(b or is_constant(v, inputs_constant=self.inputs_constant)
-                       for v, b in zip(inputs, in_batch)):
-                continue
+            inputs, in_batch = found
             arrays = [None if b else self._const(v) for v, b in zip(inputs, in_batch)]
             if not all(b or a is not None for a, b in zip(arrays, in_batch)):
                 continue
@@ -254,6 +251,23 @@ class _GraphFolder:
             batch.append(node)
             produced.update(node.outputs)
         return batch
+
+    def _constant_inputs(self, node: ir.Node, produced: set[ir.Value]
+                         ) -> tuple[list[ir.Value], list[bool]] | None:
+        """The node's present inputs and, for each, whether this wave produces it; None
+        when it has none or one is neither produced nor a constant (checked in order, up
+        to the first that is not: most nodes read a computed value first)."""
+        inputs: list[ir.Value] = []
+        in_batch: list[bool] = []
+        for value in node.inputs:
+            if value is None:
+                continue
+            produced_here = value in produced
+            if not produced_here and not is_constant(value, inputs_constant=self.inputs_constant):
+                return None
+            inputs.append(value)
+            in_batch.append(produced_here)
+        return (inputs, in_batch) if inputs else None
 
     def _reject(self, reason: str, node: ir.Node) -> None:
         self.rejected.add(node)
