@@ -202,10 +202,27 @@ def _foldable_reader_factor(m: Match, conv: ir.Node, w: np.ndarray) -> np.ndarra
         return None
     if len(bn.inputs) != 5 or any(v is None for v in bn.inputs):
         return None
-    params = [m.value_array(v) for v in bn.inputs[1:]]
-    if _node_problem(bn, m.opset, params, channels) is not None:
-        return None
-    return _factors(bn, params)[0]
+    return _reader_factor(bn, m.opset, [m.value_array(v) for v in bn.inputs[1:]], channels)
+
+
+_READER_FACTOR_KEY = "optcc.fuse_batchnorm.reader_factor"
+
+
+def _reader_factor(bn: ir.Node, opset: int, params: list[np.ndarray | None],
+                   channels: int | None) -> np.ndarray | None:
+    """``f`` of ``bn`` when it has no ``_node_problem``, else None: a function of its
+    attribute objects, the opset, the parameter arrays and the channel count only. Each
+    reader of a shared weight is asked once per convolution that reads it, so the answer
+    is kept in ``bn.meta`` with those inputs, held by reference (arrays are never
+    written, attributes never reassigned in place) and compared by identity."""
+    objects = (*params, *bn.attributes.values())
+    kept = bn.meta.get(_READER_FACTOR_KEY)
+    if (kept is not None and kept[0] == (opset, channels) and len(kept[1]) == len(objects)
+            and all(a is b for a, b in zip(kept[1], objects))):
+        return kept[2]
+    factor = None if _node_problem(bn, opset, params, channels) is not None else _factors(bn, params)[0]
+    bn.meta[_READER_FACTOR_KEY] = ((opset, channels), objects, factor)
+    return factor
 
 
 def _shared_weight_problem(m: Match, w: np.ndarray) -> str | None:
