@@ -202,6 +202,11 @@ class _GraphFolder:
         self._arrays: dict[ir.TensorProtocol, np.ndarray] = {}
         # fills (see ``_fill``) held as broadcast views until they are stored
         self._views: set[ir.Value] = set()
+        # each ConstantOfShape's fill (or None) with the shape value and ``value`` attribute
+        # it was computed from: a fill kept for its size is asked for again in later waves,
+        # and a node's fill changes only with those (the shape value's data never changes:
+        # tensors are never modified in place; a folded producer gives a new value)
+        self._fills: dict[ir.Node, tuple[ir.Value | None, ir.Attr | None, np.ndarray | None]] = {}
 
     def _numpy(self, tensor: ir.TensorProtocol) -> np.ndarray:
         array = self._arrays.get(tensor)
@@ -284,6 +289,15 @@ class _GraphFolder:
         does); None when the node is anything else or outside the plain case."""
         if node.op_type != "ConstantOfShape" or len(node.outputs) != 1 or not node.inputs:
             return None
+        source, attribute = node.inputs[0], node.attributes.get("value")
+        kept = self._fills.get(node)
+        if kept is not None and kept[0] is source and kept[1] is attribute:
+            return kept[2]  # the same shape value and attribute as in an earlier wave
+        result = self._new_fill(node)
+        self._fills[node] = (source, attribute, result)
+        return result
+
+    def _new_fill(self, node: ir.Node) -> np.ndarray | None:
         shape = self._const(node.inputs[0])
         if shape is None or shape.dtype != np.int64 or shape.ndim != 1 or np.any(shape < 0):
             return None
