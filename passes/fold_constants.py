@@ -505,13 +505,21 @@ class _GraphFolder:
         self._freed_memo = {}
         while True:
             changed = False
+            growth_now: dict[ir.Node, int] = {}
             for node in reversed(folded):  # consumers first: a kept consumer needs its inputs
-                if node in members and self._growth(node, results, members) > limit:
+                if node not in members:
+                    continue
+                node_growth = self._growth(node, results, members)
+                if node_growth > limit:
                     members.discard(node)
                     self._freed_memo = {}
                     kept.add(node)
                     changed = True
-            growth = {n: self._growth(n, results, members) for n in folded if n in members}
+                else:
+                    growth_now[node] = node_growth
+            # the loop's growths still hold when it kept nothing (``members`` unchanged)
+            growth = {n: self._growth(n, results, members) if changed else growth_now[n]
+                      for n in folded if n in members}
             freed_inputs = {
                 v for n in growth for v in n.inputs if v is not None and v not in results
             }
