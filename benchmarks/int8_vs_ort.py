@@ -384,10 +384,14 @@ def _ort_quantize(source: Path, out: Path, calib: list, method: str, pre: bool) 
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         lifted, model_in = model_in, out.with_name("pre.onnx")
+        here = os.getcwd()
+        os.chdir(out.parent)  # quant_pre_process leaves temporary model and data files in the working directory
         try:
             quant_pre_process(str(lifted), str(model_in))
         except Exception:  # noqa: BLE001 - symbolic shape inference fails on some exports
             quant_pre_process(str(lifted), str(model_in), skip_symbolic_shape=True)
+        finally:
+            os.chdir(here)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

