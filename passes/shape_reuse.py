@@ -66,10 +66,11 @@ def _is_shape_op(node: ir.Node) -> bool:
 
 def _node_facts(node: ir.Node) -> tuple:
     """What inference reads of a node besides its inputs: its kind and attribute objects
-    (compared by identity: an attribute's value is never reassigned, a changed attribute
-    is a new object)."""
-    # the UserDict's own dict: its Mapping methods are slow
-    return (node.domain, node.op_type, node.overload, tuple(map(id, node.attributes.data.values())))
+    (an attribute's value is never reassigned, a changed attribute is a new object; tuple
+    comparison tries identity first)."""
+    # the attribute objects themselves (held, so compared by identity first); the
+    # UserDict's own dict: its Mapping methods are slow
+    return (node.domain, node.op_type, node.overload, tuple(node.attributes.data.values()))
 
 
 def _annotation(value: ir.Value) -> tuple:
@@ -137,9 +138,13 @@ class InferenceSnapshot:
         """Whether inference now would find ``findings.shapes`` again (see the module docstring)."""
         if self.graph is None or model.graph is not self.graph or not findings.infos:
             return False
-        kept = self.kept
-        if kept is not None and not kept.still_holds(model, self):
-            return False
+        if not self._cone_holds(findings):
+            return False  # checked first: what other passes change shows here most often
+        return self.kept is None or self.kept.still_holds(model, self)
+
+    def _cone_holds(self, findings: ShapeFindings) -> bool:
+        """Each cone node still there with its inputs, or removed unread, or reading a
+        look-alike initializer in place of a value (see the module docstring)."""
         for node, (inputs, outputs) in self.nodes.items():
             if node.graph is None:  # removed: nothing may read what it computed
                 if any(v.uses() or v.is_graph_output() for v in outputs):
@@ -242,8 +247,8 @@ class _Kept:
         self.facts = facts
         self.annotations = annotations
         self.sources = sources
-        # the tensors and attributes compared by id stay referenced: their ids stay theirs
-        self._referenced = ([v.const_value for v in sources], [tuple(n.attributes.values()) for n in facts])
+        # the tensors compared by id stay referenced: their ids stay theirs
+        self._tensors = [v.const_value for v in sources]
 
     def still_holds(self, model: ir.Model, snapshot: InferenceSnapshot) -> bool:
         """Whether none of it changed (a removed node, or an input replaced, is left to
