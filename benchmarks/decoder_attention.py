@@ -1,28 +1,39 @@
-"""Per-step onnxruntime CPU latency of KV-cache decoder exports: unfused vs -O3.
+"""Per-step onnxruntime CPU latency of KV-cache decoders: unfused vs -O3.
 
-Exports (torch TorchScript exporter, cached in ``--out``) of transformers' own models with
-``past_key_values`` and an ``attention_mask`` input, random seeded weights:
+Models, random seeded weights, KV cache inputs:
 
-- ``gpt2``: ``GPT2LMHeadModel`` (``fixtures/gpt2_hf.py``'s export), 4 layers, hidden 256, 4 heads;
-- ``llama``: ``LlamaForCausalLM`` (``fixtures/llama_hf.py``'s ``export_kv``), 4 layers, hidden
-  512, 8 query and 2 key/value heads (grouped-query attention).
+- ``gpt2``: transformers' ``GPT2LMHeadModel`` with ``past_key_values`` and an
+  ``attention_mask`` (``fixtures/gpt2_hf.py``'s TorchScript export, opset 17), 4 layers,
+  hidden 256, 4 heads: -O3 writes ``com.microsoft.MultiHeadAttention``;
+- ``llama``: transformers' ``LlamaForCausalLM`` the same way (``fixtures/llama_hf.py``'s
+  ``export_kv``), 4 layers, hidden 512, 8 query and 2 key/value heads: MultiHeadAttention
+  over the repeated cache (its padding mask keeps ``GroupQueryAttention`` out);
+- ``llama-causal``: ``fixtures/llama_decoder.py``'s onnx-helper decoder of the same sizes
+  without an ``attention_mask`` (causal by shapes only): -O3 writes
+  ``com.microsoft.GroupQueryAttention``. Needs no torch.
 
-Each is run as exported (``unfused``), after ``optcc -O3`` with the attention fusions disabled
+Each is run as built (``unfused``), after ``optcc -O3`` with the attention fusions disabled
 (``-O3 no attention``: ``--disable fuse-ort-attention,fuse-ort-gqa``, every other -O3 fusion
-applied) and after ``optcc -O3`` (``-O3``; ``--baseline FILE``
-adds a column for an -O3 model written by an earlier optcc, e.g. from another checkout). Steps,
-batch 1: a prompt of ``--prompt`` tokens with an empty past, and one-token decode steps after
-a past of each ``--pasts`` length (mask all ones). onnxruntime CPU, one intra-op thread,
-``ORT_ENABLE_ALL``; the sessions run interleaved ``--runs`` times per step, timed by the
-process's CPU time (``time.process_time``: the machine is shared), median per session.
+applied) and after ``optcc -O3`` (``-O3``; ``--baseline MODEL=FILE`` adds a column for an
+-O3 model written by another optcc, e.g. from another checkout). Steps, batch 1: a prompt
+of ``--prompt`` tokens with an empty past, and one-token decode steps after a past of each
+``--pasts`` length (mask all ones). onnxruntime CPU, one intra-op thread, ``ORT_ENABLE_ALL``;
+the sessions run interleaved ``--runs`` times per step, timed by the process's CPU time
+(``time.process_time``: the machine may be shared), median per session.
 
-Usage: python benchmarks/decoder_attention.py [--out DIR] [--models gpt2,llama] [--runs 200]
-       [--prompt 128] [--pasts 128,512] [--profile] [--markdown]
+Usage: python benchmarks/decoder_attention.py [--out DIR] [--models gpt2,llama,llama-causal]
+       [--runs 200] [--prompt 128] [--pasts 128,512] [--profile] [--page FILE.md]
+
+``--page FILE.md`` writes the table as a page with the command, date, versions and machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -44,10 +55,18 @@ ATTENTION_PASSES = ("fuse-ort-attention", "fuse-ort-gqa")
 
 
 def export(model: str, out: Path) -> Path:
-    """The cached TorchScript export of ``model`` (opset 17)."""
+    """The cached TorchScript export of ``model`` (opset 17), or the onnx-helper decoder."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{model}_kv.onnx"
     if path.exists():
+        return path
+    if model == "llama-causal":
+        from fixtures.llama_decoder import llama_decoder
+
+        onnx.save(llama_decoder(layers=LLAMA["num_hidden_layers"], hidden=LLAMA["hidden_size"],
+                                heads=LLAMA["num_attention_heads"], kv_heads=LLAMA["num_key_value_heads"],
+                                vocab=LLAMA["vocab_size"], positions=LLAMA["max_position_embeddings"],
+                                padding=False), path)
         return path
     if model == "llama":
         from fixtures import llama_hf
@@ -116,23 +135,27 @@ def attention_ops(model: onnx.ModelProto) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/optcc_decoder_attention"))
-    parser.add_argument("--models", default="gpt2,llama")
+    parser.add_argument("--models", default="gpt2,llama,llama-causal")
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--pasts", default="128,512")
     parser.add_argument("--baseline", action="append", default=[], metavar="MODEL=FILE",
                         help="an earlier -O3 output of MODEL, timed as column 'before'")
     parser.add_argument("--profile", action="store_true", help="write onnxruntime profiles beside the models")
+    parser.add_argument("--page", type=Path, help="write the table as a page (command, date, versions, machine)")
     args = parser.parse_args()
+    start = time.perf_counter()
     baselines = dict(item.split("=", 1) for item in args.baseline)
     rows = []
+    written: dict[str, str] = {}
     for name in args.models.split(","):
         path = export(name, args.out)
         optimized = args.out / f"{name}_kv.O3.onnx"
         optcc.optimize(str(path), level=3, verify=False).save(optimized)
         no_attention = args.out / f"{name}_kv.O3-noattn.onnx"
         optcc.optimize(str(path), level=3, verify=False, disable=ATTENTION_PASSES).save(no_attention)
-        print(f"{name}: -O3 writes {attention_ops(onnx.load(optimized))}", file=sys.stderr)
+        written[name] = attention_ops(onnx.load(optimized))
+        print(f"{name}: -O3 writes {written[name]}", file=sys.stderr)
         models = {"unfused": str(path), "-O3 no attention": str(no_attention), **({"before": baselines[name]} if name in baselines else {}),
                   "-O3": str(optimized)}
         original = onnx.load(path, load_external_data=False)
@@ -149,12 +172,46 @@ def main() -> None:
                     s.end_profiling()
             rows.append((name, label, ms))
             print(name, label, {k: round(v, 3) for k, v in ms.items()}, file=sys.stderr, flush=True)
+    table = markdown(rows, written)
+    print(table)
+    if args.page is not None:
+        args.page.write_text(page(table, time.perf_counter() - start))
+
+
+def markdown(rows: list[tuple[str, str, dict[str, float]]], written: dict[str, str]) -> str:
     columns = list(rows[0][2])
-    print("| model | step | " + " | ".join(f"{c} (ms)" for c in columns) + " | -O3 / -O3 no attention |")
-    print("|---|---|" + "---|" * (len(columns) + 1))
+    lines = ["| model | -O3 writes | step | " + " | ".join(f"{c} (ms)" for c in columns) + " | -O3 / -O3 no attention |",
+             "|---|---|---|" + "---|" * (len(columns) + 1)]
     for name, label, ms in rows:
         cells = " | ".join(f"{ms[c]:.3f}" for c in columns)
-        print(f"| {name} | {label} | {cells} | {ms['-O3'] / ms['-O3 no attention']:.3f} |")
+        lines.append(f"| {name} | {written[name]} | {label} | {cells} | {ms['-O3'] / ms['-O3 no attention']:.3f} |")
+    return "\n".join(lines)
+
+
+def page(table: str, seconds: float) -> str:
+    """The generated page: how it was made, then the table."""
+    versions = []
+    for dist in ("optcc", "onnx", "onnxruntime", "numpy", "torch", "transformers"):
+        try:
+            versions.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{dist} not installed")
+    command = "python benchmarks/decoder_attention.py " + " ".join(sys.argv[1:])
+    return f"""# Decoder attention: per-step latency, unfused vs -O3 (generated)
+
+Generated by `benchmarks/decoder_attention.py` (its docstring says what is measured); rerun it
+to refresh this page.
+
+- Command: `{command}`
+- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; whole run {seconds / 60:.1f} min
+- Machine: {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}; onnxruntime CPU, 1 intra-op thread
+- Versions: {", ".join(versions)}, python {platform.python_version()}
+
+Milliseconds of process CPU time per step, median of the interleaved runs; single ratios vary
+by a few percent between runs on a shared machine.
+
+{table}
+"""
 
 
 if __name__ == "__main__":
