@@ -64,27 +64,60 @@ def _is_shape_op(node: ir.Node) -> bool:
     return node.op_type in _SHAPE_OPS and node.domain in _DEFAULT_DOMAINS
 
 
-def _node_facts(node: ir.Node) -> tuple:
-    """What inference reads of a node besides its inputs: its kind and attribute objects
-    (an attribute's value is never reassigned, a changed attribute is a new object; tuple
-    comparison tries identity first)."""
-    # the attribute objects themselves (held, so compared by identity first); the
-    # UserDict's own dict: its Mapping methods are slow
-    return (node.domain, node.op_type, node.overload, tuple(node.attributes.data.values()))
+def _write_annotation(out: list, value: ir.Value) -> None:
+    """Append what inference merges from a value's annotation: its name, type and dims."""
+    type_, shape = value.type, value.shape
+    out.append(value.name)
+    out.append(type_ if type_ is None else type(type_))
+    out.append(None if type_ is None else type_.dtype)
+    if shape is None:
+        out.append(None)
+    else:
+        out.append(len(shape))
+        out.extend(shape)
 
 
-def _annotation(value: ir.Value) -> tuple:
-    """What inference merges from a value's annotation: its name, type and dims."""
-    shape = value.shape
-    type_ = value.type
-    return (value.name, None if type_ is None else (type(type_), type_.dtype),
-            None if shape is None else tuple(shape.dims))
+def _write_node(out: list, node: ir.Node, inputs: tuple, computed: dict[ir.Value, str | None]) -> None:
+    """Append, flat (a few list appends instead of a tuple per fact: these records are
+    kept across passes and built for every cone node), what inference reads of ``node``
+    besides which values it reads: its kind and attribute objects (never changed in
+    place: a changed attribute is a new object; compared by identity first, then by
+    onnx-ir's equality), its outputs' annotations, and for each of ``inputs`` (what it
+    read when recorded; an input replaced since is checked as a look-alike) that no cone
+    node computes (``computed``) its annotation, graph-input role and tensor (by
+    identity: tensors are never modified in place)."""
+    attributes = node.attributes.data  # the UserDict's own dict: its Mapping methods are slow
+    out.append(node.domain)
+    out.append(node.op_type)
+    out.append(node.overload)
+    out.append(len(attributes))
+    out.extend(attributes.values())
+    outputs = node.outputs
+    out.append(len(outputs))
+    for value in outputs:
+        _write_annotation(out, value)
+    for value in inputs:
+        if value is None or value in computed:
+            continue
+        out.append(value)
+        _write_annotation(out, value)
+        out.append(value.is_graph_input())
+        out.append(value.is_initializer())
+        out.append(value.const_value)  # held: compared by identity (below)
 
 
-def _source_facts(value: ir.Value) -> tuple:
-    """What inference reads of a value no cone node computes: its annotation, whether it
-    is a graph input, and its tensor (by identity: tensors are never modified in place)."""
-    return (_annotation(value), value.is_graph_input(), value.is_initializer(), id(value.const_value))
+def _same(recorded: list, now: list) -> bool:
+    """Element by element, identity first (tensors: identity only)."""
+    if len(recorded) != len(now):
+        return False
+    for old, new in zip(recorded, now):
+        if old is new:
+            continue
+        if isinstance(old, ir.TensorProtocol) or isinstance(new, ir.TensorProtocol):
+            return False
+        if old != new:
+            return False
+    return True
 
 
 class InferenceSnapshot:
@@ -126,13 +159,14 @@ class InferenceSnapshot:
             return
         read = frozenset(v for n in self.graph if _is_shape_op(n) for v in n.inputs if v is not None)
         present = [node for node in self.nodes if node.graph is self.graph]
-        annotations = {v: _annotation(v) for node in present for v in node.outputs}
-        sources = {
-            v: _source_facts(v) for node in present for v in node.inputs
-            if v is not None and v not in self.names
-        }
-        self.kept = _Kept(_model_facts(model), read, {node: _node_facts(node) for node in present},
-                          annotations, sources)
+        flat: list = []
+        ends: list[int] = []
+        inputs = []
+        for node in present:
+            inputs.append(tuple(node.inputs))
+            _write_node(flat, node, inputs[-1], self.names)
+            ends.append(len(flat))
+        self.kept = _Kept(_model_facts(model), read, present, inputs, flat, ends)
 
     def still_holds(self, model: ir.Model, findings: ShapeFindings) -> bool:
         """Whether inference now would find ``findings.shapes`` again (see the module docstring)."""
@@ -236,19 +270,17 @@ def _ancestors(shape_ops: list[ir.Node], producer: dict[ir.Value, ir.Node]) -> s
 class _Kept:
     """What fold-constants never changes but other passes may, as ``record`` found it: the
     IR version and opsets, the values Shape/Size read, and for the cone's nodes still in
-    the graph their kind and attribute objects, their outputs' annotations, and the
-    annotation, graph-input role and tensor of the values they read that no cone node
-    computes."""
+    the graph (``nodes``, with the ``inputs`` each read) what ``_write_node`` writes, one
+    after the other in ``flat`` (node ``i``'s part ends at ``ends[i]``)."""
 
-    def __init__(self, model_facts: tuple, read: frozenset[ir.Value], facts: dict[ir.Node, tuple],
-                 annotations: dict[ir.Value, tuple], sources: dict[ir.Value, tuple]) -> None:
+    def __init__(self, model_facts: tuple, read: frozenset[ir.Value], nodes: list[ir.Node],
+                 inputs: list[tuple], flat: list, ends: list[int]) -> None:
         self.model_facts = model_facts
         self.read = read
-        self.facts = facts
-        self.annotations = annotations
-        self.sources = sources
-        # the tensors compared by id stay referenced: their ids stay theirs
-        self._tensors = [v.const_value for v in sources]
+        self.nodes = nodes
+        self.inputs = inputs  # what each node read when recorded
+        self.flat = flat
+        self.ends = ends
 
     def still_holds(self, model: ir.Model, snapshot: InferenceSnapshot) -> bool:
         """Whether none of it changed (a removed node, or an input replaced, is left to
@@ -258,16 +290,17 @@ class _Kept:
         for node in model.graph:
             if _is_shape_op(node) and not all(v is None or v in self.read for v in node.inputs):
                 return False  # a new Shape/Size reads a value inference was not asked about
-        for node, facts in self.facts.items():
-            if node.graph is None:
-                continue
-            if _node_facts(node) != facts or tuple(node.outputs) != snapshot.nodes[node][1]:
-                return False
-            if any(_annotation(v) != self.annotations[v] for v in node.outputs):
-                return False
-            for value in node.inputs:
-                if value is not None and value in self.sources and _source_facts(value) != self.sources[value]:
+        now: list = []
+        start = 0
+        for node, inputs, end in zip(self.nodes, self.inputs, self.ends):
+            if node.graph is not None:
+                if tuple(node.outputs) != snapshot.nodes[node][1]:
                     return False
+                now.clear()
+                _write_node(now, node, inputs, snapshot.names)
+                if not _same(self.flat[start:end], now):
+                    return False
+            start = end
         return True
 
 

@@ -1,7 +1,8 @@
 """fold-constants keeps its last shape inference with the graph, and a later call reuses
 it only when nothing the passes in between changed can alter what inference finds: the
-lifted Constant case reuses; a changed attribute, a changed graph input annotation and a
-Shape reading a value inference was not asked about run inference again. Results are
+lifted Constant case reuses; a changed attribute, a changed graph input annotation, an
+initializer given another tensor and a Shape reading a value inference was not asked
+about run inference again. Results are
 checked against onnx's reference evaluator on the model as the passes left it."""
 
 from __future__ import annotations
@@ -145,3 +146,26 @@ def test_a_new_shape_of_an_unasked_value_runs_inference_again(monkeypatch):
     np.testing.assert_array_equal(_picked(model), np.array([8], np.int64))
     x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(_run(model, {"x": x})[2], np.array([8], np.int64))
+
+
+def test_a_replaced_initializer_tensor_runs_inference_again(monkeypatch):
+    """Between two calls a pass gives the Reshape target's initializer another tensor of
+    the same dtype and dims (its annotation unchanged) and reads dim 2 of the Shape: the
+    kept inference (4) no longer holds; inference runs again and the fold gives 3."""
+    model = ir.from_proto(onnx.parser.parse_model("""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,12] x) => (float[N,A,B] y, int64[3] s) <int64[3] t = {0, 3, 4}> {
+    y = Reshape(x, t)
+    s = Shape(y)
+}"""))
+    assert _fold(model, monkeypatch) == 1
+    target = model.graph.initializers["t"]
+    target.const_value = ir.tensor(np.array([0, 4, 3], np.int64), name="t")
+    [shape] = [n for n in model.graph if n.op_type == "Shape"]
+    _add_gather(model, shape.outputs[0], 2)
+    assert _fold(model, monkeypatch) == 1
+    np.testing.assert_array_equal(_picked(model), np.array([3], np.int64))
+    x = np.random.default_rng(4).standard_normal((2, 12)).astype(np.float32)
+    got = _run(model, {"x": x})
+    np.testing.assert_array_equal(got[0], x.reshape(2, 4, 3))
+    np.testing.assert_array_equal(got[2], np.array([3], np.int64))
