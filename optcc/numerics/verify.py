@@ -42,6 +42,7 @@ status "skipped" with the reason; callers must not treat it as a pass.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -72,6 +73,7 @@ Feeds = Mapping[str, np.ndarray]
 ModelRef = Union[ir.Model, str, os.PathLike]
 
 DEFAULT_SAMPLES = 3
+LOAD_BESIDE_PROOF_NODES = 100  # a proved candidate this large is loaded while the proof runs
 REPARSE_MAX_BYTES = 64 * 1024 * 1024  # an original file up to this size is parsed again for the proof
 REFERENCES = ("auto", "float32")
 
@@ -512,9 +514,11 @@ class Verifier:
         original's (``optcc.numerics.equivalence``) and onnxruntime loads the candidate on
         every provider; None when not proved. The candidate is serialized without its
         weights (``optcc.runtime.shared_weights``: onnxruntime gets them as arrays, the
-        proof reads only the graph); it is loaded after the proof, only when proved. (A
-        thread loading it beside the proof waits for the interpreter lock the proof holds,
-        a switch interval per wait: longer than the load itself on small models.)"""
+        proof reads only the graph). A candidate of ``LOAD_BESIDE_PROOF_NODES`` nodes or
+        more is loaded by a thread while the proof runs (loading reads nothing the proof
+        reads, and onnxruntime releases the interpreter lock while it loads); a smaller
+        one after the proof, only when proved: its proof is shorter than the load plus the
+        thread's waits for the lock the proof holds (a switch interval, 5 ms, per wait)."""
         light = None
         if not (oir.needs_external_data(model) or oir.uses_external_data(model)):
             try:
@@ -522,15 +526,19 @@ class Verifier:
                 light = (proto.SerializeToString(), weights)
             except Exception:  # noqa: BLE001 - the samples' path meets the same error where it is reported
                 return None
-        try:
-            with oir.collector_paused():  # the proof's tables all stay alive until it returns
-                proof = prove_equivalent(self._model, model, original_proto=self._original_proto,
-                                         candidate_proto=None if light is None else proto)
-        except Exception:  # noqa: BLE001 - no proof: the samples decide
-            return None
-        if not proof.complete:
-            return None
-        error = self._load_error(light if light is not None else model)
+        source = light if light is not None else model
+        beside = light is not None and sum(1 for _ in model.graph) >= LOAD_BESIDE_PROOF_NODES
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            loaded = pool.submit(self._load_error, source) if beside else None
+            try:
+                with oir.collector_paused():  # the proof's tables all stay alive until it returns
+                    proof = prove_equivalent(self._model, model, original_proto=self._original_proto,
+                                             candidate_proto=None if light is None else proto)
+            except Exception:  # noqa: BLE001 - no proof: the samples decide
+                return None
+            if not proof.complete:
+                return None
+            error = loaded.result() if loaded is not None else self._load_error(source)
         base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=0, outputs=[],
                     reference="proof", proof=proof.to_dict())
         if error is not None:
