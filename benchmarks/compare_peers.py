@@ -563,9 +563,10 @@ def targets_section(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(bullets)
 
 
-def versions() -> dict[str, str]:
+def versions(distributions: Sequence[str] = DISTRIBUTIONS) -> dict[str, str]:
+    """Each distribution's installed version (or "not installed"), and Python's."""
     found = {}
-    for dist in DISTRIBUTIONS:
+    for dist in distributions:
         try:
             found[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

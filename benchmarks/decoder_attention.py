@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -190,12 +187,10 @@ def markdown(rows: list[tuple[str, str, dict[str, float]]], written: dict[str, s
 
 def page(table: str, seconds: float) -> str:
     """The generated page: how it was made, then the table."""
-    versions = []
-    for dist in ("optcc", "onnx", "onnxruntime", "numpy", "torch", "transformers"):
-        try:
-            versions.append(f"{dist} {importlib.metadata.version(dist)}")
-        except importlib.metadata.PackageNotFoundError:
-            versions.append(f"{dist} not installed")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from compare_peers import machine, versions  # the benchmark pages' one description of both
+
+    found = versions(("optcc", "onnx", "onnxruntime", "numpy", "torch", "transformers"))
     command = "python benchmarks/decoder_attention.py " + " ".join(sys.argv[1:])
     return f"""# Decoder attention: per-step latency, unfused vs -O3 (generated)
 
@@ -204,8 +199,8 @@ to refresh this page.
 
 - Command: `{command}`
 - Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; whole run {seconds / 60:.1f} min
-- Machine: {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}; onnxruntime CPU, 1 intra-op thread
-- Versions: {", ".join(versions)}, python {platform.python_version()}
+- Machine: {machine()}; onnxruntime CPU, 1 intra-op thread
+- Versions: {", ".join(f"{dist} {version}" for dist, version in found.items())}
 
 Milliseconds of process CPU time per step, median of the interleaved runs; single ratios vary
 by a few percent between runs on a shared machine.
