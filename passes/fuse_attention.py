@@ -95,7 +95,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -106,7 +106,7 @@ from optcc.passes.grouped_kv import Repeat, flat_transpose_source, heads_is_one,
 from optcc.passes.ort_shapes import OrtShapes, same_dim
 from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var, apply_rules, static_rank
 
-__all__ = ["FuseAttentionPass", "FuseOrtAttentionPass", "ancestors", "attention_rules", "cache_parts", "exported_rank",
+__all__ = ["FuseAttentionPass", "FuseOrtAttentionPass", "attention_rules", "cache_parts", "exported_rank",
            "fold_kv_cache", "MS_DOMAIN"]
 
 MS_DOMAIN = "com.microsoft"
@@ -614,18 +614,6 @@ def cache_parts(value: ir.Value) -> tuple[ir.Value, ir.Value] | None:
     return (past, new) if _rank4(past) and _rank4(new) else None
 
 
-def ancestors(values: Sequence[ir.Value | None]) -> set[ir.Node]:
-    """Every node that some of ``values`` depends on (their producers included)."""
-    seen: set[ir.Node] = set()
-    stack = [v for v in values if v is not None]
-    while stack:
-        producer = stack.pop().producer()
-        if producer is not None and producer not in seen:
-            seen.add(producer)
-            stack.extend(v for v in producer.inputs if v is not None)
-    return seen
-
-
 # (domain, op) -> the index of its past_key input (past_value follows)
 _PAST_INPUT = {("", "Attention"): 4, (MS_DOMAIN, "MultiHeadAttention"): 6}
 
@@ -676,7 +664,7 @@ def _fold_one(graph: ir.Graph | ir.Function, node: ir.Node, past_at: int) -> str
     parts = cache_parts(key), cache_parts(value)
     if parts[0] is None or parts[1] is None or key is value:
         return "key and value are not Concat(past, new, axis=2)"
-    upstream = ancestors(node.inputs)
+    upstream = optcc.ir.ancestors(node.inputs)
     readers = [(u.node, parts[i]) for i, c in enumerate((key, value)) for u in c.uses() if u.node is not node]
     early = [(r, p) for r, p in readers if r in upstream]
     if any(r.op_type != "Shape" or r.domain not in ("", "ai.onnx") for r, _ in early):

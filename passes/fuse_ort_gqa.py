@@ -56,7 +56,7 @@ import onnx_ir as ir
 
 import optcc
 from optcc.infra import PassResult
-from optcc.passes.fuse_attention import MS_DOMAIN, ancestors, exported_rank
+from optcc.passes.fuse_attention import MS_DOMAIN, exported_rank
 from optcc.passes.grouped_kv import Repeat, repeated_kv
 from optcc.passes.ort_shapes import OrtShapes, same_dim
 from optcc.rewrite import static_rank
@@ -212,7 +212,7 @@ class _Site:
         self.parts = parts
         if not all(c.is_graph_output() for c in self.caches):
             return "the cache Concats are not graph outputs (present)"
-        upstream = ancestors([query, parts[0][1], parts[1][1]])
+        upstream = optcc.ir.ancestors([query, parts[0][1], parts[1][1]])
         if any(u.node in upstream for c in self.caches for u in c.uses()):
             return "a cache Concat is read by what the new op reads (its present output would form a cycle)"
         if bias is None:

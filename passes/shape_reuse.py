@@ -137,14 +137,9 @@ class InferenceSnapshot:
         graph = model.graph
         if not _plain(model):
             return cls(None, {}, {})
-        producer: dict[ir.Value, ir.Node] = {}
-        shape_ops = []
-        for node in graph:
-            for value in node.outputs:
-                producer[value] = node
-            if _is_shape_op(node):
-                shape_ops.append(node)
-        cone = _ancestors(shape_ops, producer)
+        shape_ops = [node for node in graph if _is_shape_op(node)]
+        # the Shape/Size nodes and the ancestors of what they read
+        cone = set(shape_ops) | optcc.ir.ancestors(v for n in shape_ops for v in n.inputs)
         nodes = {node: (tuple(node.inputs), tuple(node.outputs)) for node in cone}
         names = {value: value.name for _, outputs in nodes.values() for value in outputs}
         snapshot = cls(graph, nodes, names)
@@ -253,18 +248,6 @@ def _plain(model: ir.Model) -> bool:
 
 def _model_facts(model: ir.Model) -> tuple:
     return (model.ir_version, tuple(sorted(model.opset_imports.items())))
-
-
-def _ancestors(shape_ops: list[ir.Node], producer: dict[ir.Value, ir.Node]) -> set[ir.Node]:
-    """The Shape/Size nodes and the ancestors of what they read."""
-    cone = set(shape_ops)
-    stack = [v for n in shape_ops for v in n.inputs]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is not None and node not in cone:
-            cone.add(node)
-            stack.extend(node.inputs)
-    return cone
 
 
 class _Kept:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import math
 import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
@@ -176,6 +176,18 @@ def nodes(model: ir.Model) -> Iterator[ir.Node]:
     """Every node of every graph-like of the model (see ``graphs``)."""
     for graph in graphs(model):
         yield from graph
+
+
+def ancestors(values: Iterable[ir.Value | None]) -> set[ir.Node]:
+    """Every node that some of ``values`` depends on (their producers included)."""
+    seen: set[ir.Node] = set()
+    stack = [v for v in values if v is not None]
+    while stack:
+        producer = stack.pop().producer()
+        if producer is not None and producer not in seen:
+            seen.add(producer)
+            stack.extend(v for v in producer.inputs if v is not None)
+    return seen
 
 
 def op_histogram(model: ir.Model) -> dict[str, int]:
