@@ -85,6 +85,7 @@ def session_options(
     threads: int | None = None,
     priority_order: bool = False,
     optimized_path: str | os.PathLike | None = None,
+    prepack: bool = True,
 ) -> ort.SessionOptions:
     """Options for a session that runs the graph as written and logs only fatal errors.
 
@@ -92,7 +93,9 @@ def session_options(
     ``arena``: its memory arena (off: freed activations go back to the system);
     ``threads``: intra-op threads (one inter-op thread then); ``priority_order``: the
     priority-based execution order (reductions placed after their producers run early);
-    ``optimized_path``: where onnxruntime writes the graph it executes."""
+    ``optimized_path``: where onnxruntime writes the graph it executes; ``prepack``: off,
+    constant weights are read as they are, by the kernels a computed weight gets (a
+    constant folded ahead of time then runs the same kernel as the subgraph it replaced)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = _LEVELS[optimize]
     options.log_severity_level = _FATAL_ONLY
@@ -104,6 +107,8 @@ def session_options(
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    if not prepack:
+        _no_prepacking(options)
     return options
 
 
