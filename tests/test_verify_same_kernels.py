@@ -6,6 +6,7 @@ output that varies across samples is not reported as a weak check."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
@@ -97,3 +98,50 @@ def test_an_output_with_one_value_per_sample_on_all_its_elements_is_reported():
     samples = generate_inputs(optcc.ir.load(model), samples=3)
     result = optcc.optimize(model, passes=["eliminate-identities"], inputs=samples)
     assert any("one value on all its elements" in w for w in result.report.warnings)
+
+
+def _reflect_padded(pad: int, square: str = "Mul(padded, padded)") -> onnx.ModelProto:
+    """A framed signal as audio front ends pad it: reflect padding needs more samples
+    than it pads."""
+    return onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[1, n] signal) => (float[1, m] y) {{
+            pads = Constant <value = int64[4] {{0, {pad}, 0, {pad}}}> ()
+            padded = Pad <mode = "reflect"> (signal, pads)
+            two = Constant <value = float {{2.0}}> ()
+            y = {square}
+        }}""")
+
+
+def _check(pad: int):
+    """The squares as Pow instead of Mul (no proof of that: the samples decide)."""
+    candidate = optcc.ir.load(_reflect_padded(pad, "Pow(padded, two)"))
+    with Verifier(_reflect_padded(pad)) as verifier:
+        return verifier.check(candidate, "fusion"), verifier.notes()
+
+
+def test_generated_samples_too_short_for_the_original_are_made_longer():
+    check, notes = _check(100)  # the default dynamic size, 64, is too short to reflect 100
+    assert check.status == "passed" and check.samples == 3
+    assert any("made 512 long" in note for note in notes)
+    x = np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32)
+    padded = np.pad(x, ((0, 0), (100, 100)), mode="reflect")
+    session = ort.InferenceSession(_reflect_padded(100).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.allclose(session.run(None, {"signal": x})[0], padded * padded, rtol=1e-6)
+
+
+def test_samples_that_never_fit_say_how_to_give_ones_that_do():
+    check, _ = _check(600)
+    assert check.status == "skipped"
+    assert "on generated inputs (give samples that fit with --inputs, or sizes with --input-shape)" in check.reason
+
+
+def test_a_model_onnxruntime_cannot_load_is_not_blamed_on_the_inputs():
+    custom = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17, "com.example": 1]>
+        g (float[1, n] x) => (float[1, n] y) {
+            y = com.example.Frobnicate(x)
+        }""")
+    with Verifier(custom) as verifier:
+        check = verifier.check(optcc.ir.load(custom), "fusion")
+    assert check.status == "skipped" and "generated inputs" not in check.reason

@@ -132,10 +132,11 @@ def _dim_sizes(
     inputs: Sequence[ir.Value],
     shapes: Mapping[str, Sequence[int]],
     axis_sizes: Mapping[tuple[str, int], int] | None = None,
+    dynamic_dim: int = DEFAULT_DYNAMIC_DIM,
 ) -> dict[str, tuple[int, ...]]:
     """The concrete shape of every input: given shapes first (their symbols recorded),
     then ``axis_sizes`` overrides, then static dims, shared symbols, consumer-implied
-    sizes and the defaults."""
+    sizes and the defaults (1 for a first axis, else ``dynamic_dim``)."""
     axis_sizes = axis_sizes or {}
     symbols: dict[str, int] = {}
     result: dict[str, tuple[int, ...]] = {}
@@ -169,7 +170,7 @@ def _dim_sizes(
             elif name and name in symbols:
                 size = symbols[name]
             else:
-                size = _consumer_size(value, axis) or (1 if axis == 0 else DEFAULT_DYNAMIC_DIM)
+                size = _consumer_size(value, axis) or (1 if axis == 0 else dynamic_dim)
                 if name:
                     symbols[name] = size
             dims.append(size)
@@ -395,11 +396,13 @@ def generate_inputs(
     seed: int = 0,
     ranges: Mapping[str, Range] | None = None,
     decode_steps: int = DECODE_STEPS,
+    dynamic_dim: int = DEFAULT_DYNAMIC_DIM,
 ) -> list[dict[str, np.ndarray]]:
     """``samples`` feed dicts that fit the model's graph inputs (see the module docstring
     for the sizes and values chosen). ``shapes`` sizes inputs by name; ``ranges`` gives
     ``(lo, hi)`` value ranges by name; a KV-cache decoder's positions leave room for a
-    decode of ``decode_steps`` steps. Raises BadInputError for a name that is not a
+    decode of ``decode_steps`` steps; ``dynamic_dim`` sizes the dynamic dims that nothing
+    else sizes, past the first axis. Raises BadInputError for a name that is not a
     graph input, an empty range, an input whose shape or dtype cannot be generated, or a
     given past length that does not fit the position table."""
     shapes = dict(shapes or {})
@@ -411,7 +414,7 @@ def generate_inputs(
         if not lo <= hi:
             raise BadInputError(f"--input-range {name}: low {lo} is above high {hi}")
     roles = input_roles(model)
-    sizes = _sizes(model, fed, shapes, roles, max(0, decode_steps - 1))
+    sizes = _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), dynamic_dim)
     past = _past_length(fed, sizes, roles)
     kv = any(role == "past" for role in roles.values())
     rng = np.random.default_rng(seed)
@@ -458,11 +461,11 @@ def _range(name: str, bounds: object) -> tuple[float, float]:
 
 def _sizes(
     model: ir.Model, fed: list[ir.Value], shapes: Mapping[str, Sequence[int]], roles: Mapping[str, str],
-    more_steps: int = 0,
+    more_steps: int = 0, dynamic_dim: int = DEFAULT_DYNAMIC_DIM,
 ) -> dict[str, tuple[int, ...]]:
     """Input shapes, with KV-cache lengths made consistent and the positions of the step
     and of ``more_steps`` one-token steps after it kept within the position table."""
-    sizes = _dim_sizes(fed, shapes)
+    sizes = _dim_sizes(fed, shapes, dynamic_dim=dynamic_dim)
     positions = [v for v in fed if roles[v.name] == "position"]
     pasts = [v for v in fed if roles[v.name] == "past"]
     table = min((b for v in positions if (b := _index_bound(v)) is not None), default=None)
@@ -501,7 +504,7 @@ def _sizes(
             overrides[(value.name, last)] = past + current
         elif role in ("position", "index") and value.shape.rank() >= 2:
             overrides[(value.name, last)] = current
-    return _dim_sizes(fed, shapes, overrides)
+    return _dim_sizes(fed, shapes, overrides, dynamic_dim)
 
 
 def _current_length(

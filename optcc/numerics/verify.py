@@ -6,7 +6,10 @@ so its fusions can neither hide nor cause a difference, and a weight that a rewr
 constant (a fold) is read by the kernel that read it computed (a pre-packed convolution
 or LSTM weight takes another code path, whose rounding a model can amplify past the exact
 tolerance). Inputs are the user's feed dicts, else
-``DEFAULT_SAMPLES`` generated samples that fit the model (``optcc.numerics.inputs``).
+``DEFAULT_SAMPLES`` generated samples that fit the model (``optcc.numerics.inputs``); when
+the original cannot run those, they are generated once more with their free dynamic dims
+``RETRY_DYNAMIC_DIM`` long (a reflect-padded or framed signal needs more than the
+default), and the report says so.
 
 For "exact" and "fusion" results checked on generated samples, the verifier first tries
 to prove that the candidate computes the original's function (``optcc.numerics.equivalence``):
@@ -62,7 +65,7 @@ from optcc.errors import BadInputError
 from optcc.numerics.decode import DECODE_STEPS, decode_plan, free_running, run_decode
 from optcc.numerics.equivalence import prove_equivalent
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
-from optcc.numerics.inputs import check_feeds, generate_inputs, input_roles
+from optcc.numerics.inputs import DEFAULT_DYNAMIC_DIM, check_feeds, generate_inputs, input_roles
 from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
 from optcc.numerics.task import DEFAULT_MARGIN, TaskJudge, UserMetric, perturb
@@ -76,6 +79,7 @@ Feeds = Mapping[str, np.ndarray]
 ModelRef = Union[ir.Model, str, os.PathLike]
 
 DEFAULT_SAMPLES = 3
+RETRY_DYNAMIC_DIM = 512  # free dynamic dims of generated samples made again when the original cannot run them
 LOAD_BESIDE_PROOF_NODES = 100  # a proved candidate this large is loaded while the proof runs
 REPARSE_MAX_BYTES = 64 * 1024 * 1024  # an original file up to this size is parsed again for the proof
 REFERENCES = ("auto", "float32")
@@ -216,6 +220,7 @@ class Verifier:
         self.original: Any = original if isinstance(original, (str, os.PathLike)) else model
         self._feeds: list[dict[str, np.ndarray]] | None = None
         self._generate: dict[str, Any] | None = None
+        self._retried: str | None = None  # why the generated samples were made again, larger
         if inputs is None:
             self._generate = dict(shapes=input_shapes, samples=samples, seed=seed, ranges=input_ranges,
                                   decode_steps=decode_steps)
@@ -297,19 +302,43 @@ class Verifier:
         return cases
 
     def _float32_outputs(self) -> dict[str, list[list[np.ndarray]]] | None:
-        """The original's outputs per provider and case (None when it cannot run)."""
+        """The original's outputs per provider and case (None when it cannot run). Generated
+        samples the original cannot run are generated once more with their free dynamic
+        dims ``RETRY_DYNAMIC_DIM`` long (a reflect-padded or framed signal needs more than
+        the default), and that is said in ``notes``."""
         if self._float32 is None and self._error is None:
-            try:
-                self._float32 = {}
-                for provider in self.providers:
-                    session = make_session(self.original, provider, scratch=self._scratch.name,
-                                           options=session_options(prepack=False))
-                    self._names = [o.name for o in session.get_outputs()]
-                    self._float32[provider] = self._cases(session)
-            except Exception as e:  # noqa: BLE001 - anything onnxruntime raises
+            error, loaded = self._run_original()
+            if loaded and error is not None and self._generate is not None:
+                self._feeds = generate_inputs(self._model, **self._generate, dynamic_dim=RETRY_DYNAMIC_DIM)
+                retry_error, _ = self._run_original()
+                if retry_error is None:
+                    self._retried = (f"generated inputs with free dynamic dims of {DEFAULT_DYNAMIC_DIM} did not "
+                                     f"run on the original ({error}); they were made {RETRY_DYNAMIC_DIM} long")
+                    error = None
+                else:
+                    error = ("on generated inputs (give samples that fit with --inputs, or sizes with "
+                             f"--input-shape): {retry_error}")
+            if error is not None:
                 self._float32 = None
-                self._error = f"onnxruntime cannot run the original model: {first_line(e)}"
+                self._error = f"onnxruntime cannot run the original model{'' if error.startswith('on ') else ':'} {error}"
         return self._float32
+
+    def _run_original(self) -> tuple[str | None, bool]:
+        """Run the original on every provider and sample into ``_float32``: why not, in one
+        line (None when it ran), and whether its sessions loaded."""
+        self._float32 = {}
+        for provider in self.providers:
+            try:
+                session = make_session(self.original, provider, scratch=self._scratch.name,
+                                       options=session_options(prepack=False))
+            except Exception as e:  # noqa: BLE001 - anything onnxruntime raises
+                return first_line(e), False
+            try:
+                self._names = [o.name for o in session.get_outputs()]
+                self._float32[provider] = self._cases(session)
+            except Exception as e:  # noqa: BLE001
+                return first_line(e), True
+        return None, True
 
     def _alternate_outputs(self, provider: str) -> list[list[np.ndarray]] | None:
         """The original's outputs with onnxruntime's basic optimizations (None: cannot run)."""
@@ -589,7 +618,7 @@ class Verifier:
                 found.append(f"output '{name}' stays below {high:.2g} on every sample (saturated)")
         if found:
             found.append("give real samples (--inputs) for a stronger check")
-        return found
+        return [self._retried, *found] if self._retried else found
 
     def _compare(self, name: str, index: int, provider: str, originals: Sequence[np.ndarray],
                  gots: Sequence[np.ndarray], tolerance: Tolerance, precise: bool,
