@@ -12,9 +12,11 @@ Rewrite (after ``fuse-ort-attention``, -O3, target onnxruntime)::
 
 with ``merge(t) = Reshape(Transpose(t, [0,2,1,3]), [0,0,-1])`` (the op's new key/value are
 ``(batch, seq, kv_heads * head_size)``; the cache stays ``(batch, kv_heads, len, head_size)``),
-``total = Shape(past_key)[2] + Shape(k)[2]``, ``seqlens_k = Expand(total - 1, [batch])``,
+``total = Shape(past_key)[2] + Shape(query)[1]`` (the query is proved as long as the new
+key, and reading its shape leaves the new key to the merge alone, so that ``fuse-ort-rotary``
+can move a rotary before it to the token layout), ``seqlens_k = Expand(total - 1, [batch])``,
 ``total_sequence_length`` the same total as an int32 scalar and ``query_seqlens =
-Expand(Shape(k)[2], [batch])``: every length is computed in the graph from shapes, no input
+Expand(Shape(query)[1], [batch])``: every length is computed in the graph from shapes, no input
 is added. ``query_seqlens`` (every row valid) lets the CPU kernel take a batch above one with a
 multi-token step after a past; without it onnxruntime refuses that case.
 
@@ -322,7 +324,7 @@ def _rewrite(graph: ir.Graph, site: _Site, legacy: bool) -> None:
         return op("Reshape", op("Transpose", t, perm=[0, 2, 1, 3]), const(np.array([0, 0, -1], np.int64), "merge"))
 
     query = node.inputs[0]
-    seq = op("Shape", new_k, start=2, end=3)
+    seq = op("Shape", query, start=1, end=2)  # proved equal to the new key's length (check)
     total = op("Add", op("Shape", past_k, start=2, end=3), seq)
     batch = op("Shape", query, start=0, end=1)
     total32 = op("Cast", total, to=ir.DataType.INT32)

@@ -22,7 +22,9 @@ becomes the same op with ``rotary_embedding_dim=r``.
   ids, cos_cache, sin_cache)``, whose caches are 2-D tables indexed by position ids: the tables
   are ``c_h``/``s_h`` reshaped to ``(batch * seq, h)`` and ``ids = arange(batch * seq)`` reshaped
   to ``(batch, seq)``, so row ``b * seq + s`` is ``c_h[b, s]`` (no table is precomputed, no
-  maximum position assumed, nothing assumed about the position ids' values).
+  maximum position assumed, nothing assumed about the position ids' values). Then a contrib
+  op between head transposes (a fused attention's query or key) runs on the tokens layout
+  (``token_layout``, exact bit for bit; its docstring says when).
 
 Why it is exact: with ``cos = [c_h, c_h]`` and ``sin = [s_h, s_h]`` the pattern computes
 ``x1 * c_h + (-x2) * s_h`` and ``x2 * c_h + x1 * s_h`` for the halves ``x1``, ``x2``, which is the
@@ -35,8 +37,9 @@ Preconditions: float32; ``x`` rank 4 with a static even rotary width; both Slice
 axis with step 1 and bounds exactly ``[0, h)`` and ``[h, 2h)`` (``2h`` the head size, or ``r``);
 the Concat over the last axis; the caches' width ``2h``; their batch and seq dims proved equal
 to ``x``'s (the same number, or the same symbolic name within one source: the declared
-shapes, or onnx shape inference from the graph's inputs on a copy without weights and
-annotations) or statically 1, then expanded to ``x``'s (onnxruntime
+shapes, onnx shape inference from the graph's inputs on a copy without weights and
+annotations, or for the contrib op onnxruntime's symbolic inference, ``ort_shapes``) or
+statically 1, then expanded to ``x``'s (onnxruntime
 requires equal dims; the decomposed Mul broadcast); for the contrib op with partial rotary, a
 static number of heads. The pattern driver refuses matches whose intermediates are read
 elsewhere or are graph outputs.
@@ -44,7 +47,8 @@ elsewhere or are graph outputs.
 Numerics ("fusion"): the same products and sums in float32; the kernels may fuse a multiply
 and add (about 1 ulp).
 
-Stats: ``applied``/``rejected`` per rule.
+Stats: ``applied``/``rejected`` per rule; ``token_layout`` (contrib): rotary ops moved to the
+tokens layout.
 """
 
 from __future__ import annotations
@@ -60,9 +64,10 @@ from optcc.infra import PassResult
 from optcc.passes.fold_shapes import infer_shapes
 from optcc.passes.fuse_ort_rmsnorm import _dtype
 from optcc.passes.fuse_ort_transformer import MS_DOMAIN, import_microsoft_domain
+from optcc.passes.ort_shapes import OrtShapes, same_dim
 from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var
 
-__all__ = ["FuseRotaryPass", "FuseOrtRotaryPass", "ROTARY_OPSET"]
+__all__ = ["FuseRotaryPass", "FuseOrtRotaryPass", "ROTARY_OPSET", "token_layout"]
 
 ROTARY_OPSET = 23
 _DEFAULT = ("", "ai.onnx")
@@ -75,12 +80,16 @@ _CHAIN_DEPTH = 16
 class _Dims:
     """Dims of values from two sources, ``"declared"`` and ``"inferred"`` (onnx shape inference
     from the graph's inputs alone, run once per pass call when first needed, on a copy without
-    the weights' data or value annotations). Symbolic names are compared only within one
+    the weights' data or value annotations), and for the contrib pass a third, ``ort``
+    (onnxruntime's symbolic shape inference, ``ort_shapes``, which knows the contrib ops and
+    names the size a Reshape computes by an expression, where onnx's inference loses the
+    sequence length after the first layer). Symbolic names are compared only within one
     source: two inference runs may give one name to different dims."""
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, model: ir.Model, with_ort: bool = False) -> None:
         self.model = model
         self._inferred: dict[ir.Value, ir.Shape] | None = None
+        self.ort = OrtShapes(model) if with_ort else None
 
     def get(self, value: ir.Value, source: str) -> tuple | None:
         if source == "declared":
@@ -279,6 +288,10 @@ def _needs_expand(dims: _Dims, x: ir.Value, c: ir.Value) -> bool | None:
         pairs = ((x_dims[0], c_dims[0], ones[0]), (x_dims[2], c_dims[1], ones[1]))
         if all(_same(a, b) or one == 1 for a, b, one in pairs):
             return not all(_same(a, b) for a, b, _ in pairs)
+    x_dims, c_dims = (dims.ort.dims(x), dims.ort.dims(c)) if dims.ort is not None else (None, None)
+    if x_dims is not None and c_dims is not None and len(x_dims) == 4 and len(c_dims) == 3 \
+            and same_dim(x_dims[0], c_dims[0]) and same_dim(x_dims[2], c_dims[1]):
+        return False
     return None
 
 
@@ -368,7 +381,7 @@ class FuseRotaryPass(RewritePass):
     contrib = False
 
     def call(self, model: ir.Model) -> PassResult:
-        self.rules = _rules(self.contrib, _Dims(model))
+        self.rules = _rules(self.contrib, _Dims(model, with_ort=self.contrib))
         result = super().call(model)
         if result.modified and self.contrib:
             import_microsoft_domain(model)
@@ -376,7 +389,105 @@ class FuseRotaryPass(RewritePass):
 
 
 class FuseOrtRotaryPass(FuseRotaryPass):
-    """x * cos + rotate_half(x) * sin -> com.microsoft RotaryEmbedding (opset < 23, -O3)."""
+    """x * cos + rotate_half(x) * sin -> com.microsoft RotaryEmbedding (opset < 23, -O3); then
+    each such op between head-transposes is moved to the token layout (``token_layout``)."""
 
     name = "fuse-ort-rotary"
     contrib = True
+
+    def call(self, model: ir.Model) -> PassResult:
+        result = super().call(model)
+        moved = token_layout(model.graph, OrtShapes(model))
+        if moved:
+            model.graph.sort()
+        stats = dict(result.stats or {})
+        stats["token_layout"] = moved
+        return PassResult(model, result.modified or moved > 0, stats)
+
+
+_PERM_HEADS = [0, 2, 1, 3]
+_TOKEN_LAYOUT_ATTRIBUTES = frozenset({"interleaved", "rotary_embedding_dim", "num_heads"})
+
+
+def _is_head_transpose(node: ir.Node | None) -> bool:
+    """Whether ``node`` is ``Transpose(perm=[0, 2, 1, 3])`` (its own inverse)."""
+    if node is None or node.domain not in _DEFAULT or node.op_type != "Transpose":
+        return False
+    perm = node.attributes.get("perm")
+    return perm is not None and list(perm.as_ints()) == _PERM_HEADS
+
+
+def _token_layout_site(node: ir.Node, shapes: OrtShapes) -> tuple[ir.Value, ir.Value, int] | None:
+    """``(x3, shape, heads)`` when ``node`` is ``RotaryEmbedding(Transpose(Reshape(x3, shape),
+    [0, 2, 1, 3]), ...)`` with ``x3`` ``(b, s, heads * head)`` and the Reshape proved to split
+    only its last axis into ``(heads, head)``, and every reader of its output is a
+    ``Transpose([0, 2, 1, 3])`` that is no graph output; else None."""
+    if node.domain != MS_DOMAIN or node.op_type != "RotaryEmbedding" or len(node.inputs) != 4 \
+            or set(node.attributes) - _TOKEN_LAYOUT_ATTRIBUTES or None in node.inputs:
+        return None
+    out = node.outputs[0]
+    readers = [use.node for use in out.uses()]
+    if not readers or out.is_graph_output() or not all(
+            _is_head_transpose(r) and not r.outputs[0].is_graph_output() for r in readers):
+        return None
+    heads_first = node.inputs[0].producer()
+    if not _is_head_transpose(heads_first):
+        return None
+    split = heads_first.inputs[0].producer()
+    if split is None or split.domain not in _DEFAULT or split.op_type != "Reshape" or len(split.inputs) != 2 \
+            or _attr_int(split, "allowzero", 0) != 0:
+        return None
+    x3, shape = split.inputs
+    x3_dims, split_dims = shapes.dims(x3), shapes.dims(split.outputs[0])
+    if x3_dims is None or split_dims is None or len(x3_dims) != 3 or len(split_dims) != 4:
+        return None
+    heads, head = split_dims[2], split_dims[3]
+    if not (isinstance(heads, int) and isinstance(head, int) and heads > 0 and x3_dims[2] == heads * head
+            and same_dim(x3_dims[0], split_dims[0]) and same_dim(x3_dims[1], split_dims[1])):
+        return None
+    return x3, shape, heads
+
+
+def token_layout(graph: ir.Graph, shapes: OrtShapes) -> int:
+    """Rewrite, in ``graph``, for each ``com.microsoft.RotaryEmbedding`` between head transposes::
+
+        Transpose(RotaryEmbedding(Transpose(Reshape(x3, shape), [0,2,1,3]), ids, cos, sin), [0,2,1,3])
+     -> Reshape(RotaryEmbedding(x3, ids, cos, sin, num_heads=heads), shape)
+
+    as attention fusions leave it: the rotary applied to heads ``(b, heads, s, head)`` whose
+    result a MultiHeadAttention / GroupQueryAttention query or key reads back as tokens ``(b, s,
+    heads * head)``. The op also takes ``(b, s, heads * head)`` with ``num_heads``, so both
+    transposes (two copies of the tensor) go. Preconditions (``_token_layout_site``): the
+    Reshape only splits ``x3``'s last axis (its first two dims proved equal to ``x3``'s by
+    onnxruntime's shape inference; heads and head static), every reader of the rotary is such
+    a Transpose, no graph output is involved, and the op has only the attributes this pass
+    writes. Exact: the op rotates each ``(b, s, h)`` row of ``head`` elements by the position
+    ``ids[b, s]`` alone; the layout changes which memory holds a row, not its arithmetic (the
+    same values bit for bit). Returns the number of rotary ops moved."""
+    moved = 0
+    for node in list(graph):
+        site = _token_layout_site(node, shapes)
+        if site is None:
+            continue
+        x3, shape, heads = site
+        attributes = [a for a in node.attributes.values() if a.name != "num_heads"]
+        attributes.append(ir.AttrInt64("num_heads", heads))
+        tokens = ir.Node(MS_DOMAIN, "RotaryEmbedding", [x3, *node.inputs[1:]], attributes, name=f"{node.name}_tokens")
+        split = ir.Node("", "Reshape", [tokens.outputs[0], shape], name=f"{node.name}_heads")
+        tokens.outputs[0].name = optcc.ir.unique_value_name(graph, f"{node.outputs[0].name}_tokens")
+        split.outputs[0].name = optcc.ir.unique_value_name(graph, f"{node.outputs[0].name}_split")
+        graph.insert_before(node, [tokens, split])
+        readers = [use.node for use in node.outputs[0].uses()]
+        for reader in readers:
+            reader.outputs[0].replace_all_uses_with(split.outputs[0])
+        heads_first = node.inputs[0].producer()
+        _remove_unread(graph, [*readers, node, heads_first, heads_first.inputs[0].producer()])
+        moved += 1
+    return moved
+
+
+def _remove_unread(graph: ir.Graph, nodes: list[ir.Node]) -> None:
+    """Remove each of ``nodes`` (in order: readers first) whose outputs nothing reads."""
+    for node in nodes:
+        if node.graph is graph and not any(o.uses() or o.is_graph_output() for o in node.outputs):
+            graph.remove(node, safe=True)

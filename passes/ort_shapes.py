@@ -8,10 +8,16 @@ expressions. The inference names one size by one expression, taking declared dim
 name as one size and the sizes a broadcast operator meets as equal (what the model's
 interface and its own operators state); a fusion may rely on that for the inputs the model
 accepts. Where inference fails, every answer is None and ``error`` says why.
+
+Nodes that no graph output depends on (left by a fusion earlier in the pipeline, before dead
+node elimination) are left out of the copy: they do not change a live value's dims, and the
+inference stops at the first node it cannot type (e.g. a causal mask built from a cache
+Concat that a fused op's present output replaced), leaving every later value unknown.
 """
 
 from __future__ import annotations
 
+import onnx
 import onnx_ir as ir
 
 import optcc
@@ -49,6 +55,7 @@ class OrtShapes:
 
             proto = optcc.ir.without_weights(optcc.ir.serialize(self.model), keep_elements=_KEEP_ELEMENTS)
             del proto.graph.value_info[:]
+            _drop_dead_nodes(proto.graph)
             # its infer_shapes() saves a file in the working directory when some shape stays
             # unknown; run its steps here and read what was found (unknown: the site is refused)
             inference = SymbolicShapeInference(2**31 - 1, False, False, 0)
@@ -67,3 +74,32 @@ class OrtShapes:
                 found[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                     for d in t.shape.dim]
         return found
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Every name that the node's subgraphs (If/Loop/Scan bodies, nested too) read."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            for inner in graph.node:
+                names.update(inner.input)
+                names.update(_subgraph_reads(inner))
+    return names
+
+
+def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Remove the main-graph nodes that no graph output depends on (kept in their order)."""
+    nodes = list(graph.node)
+    producer = {name: index for index, node in enumerate(nodes) for name in node.output if name}
+    live: set[int] = set()
+    stack = [o.name for o in graph.output]
+    while stack:
+        index = producer.get(stack.pop())
+        if index is not None and index not in live:
+            live.add(index)
+            stack.extend(nodes[index].input)
+            stack.extend(_subgraph_reads(nodes[index]))
+    if len(live) < len(nodes):
+        kept = [onnx.NodeProto.FromString(nodes[i].SerializeToString()) for i in sorted(live)]
+        del graph.node[:]
+        graph.node.extend(kept)
