@@ -17,7 +17,7 @@ import onnx_ir as ir
 from optcc import ir as oir
 from optcc.errors import BadInputError, PrecisionNotAppliedError, UnverifiedError, VerificationError
 from optcc.infra.pass_base import Numerics
-from optcc.infra.manager import PassManager
+from optcc.infra.manager import Fixpoint, PassManager, pass_name
 from optcc.infra.pipelines import build_pipeline
 from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_bytes
@@ -163,8 +163,10 @@ def optimize(
     original: Any = model if isinstance(model, (str, os.PathLike)) else loaded
     if original is loaded and working is loaded:
         original = oir.clone(loaded)  # the passes modify ``working`` in place
-    # the verifier's parse of a path: a clone sharing the (immutable) tensors, no second load
-    untouched = oir.clone(loaded) if isinstance(original, (str, os.PathLike)) and (verify or verify_each) else None
+    # the verifier's parse of a path: a clone sharing the (immutable) tensors, no second load (taken
+    # before the input shapes are overwritten, else when the verifier is made)
+    parse_for_verifier = isinstance(original, (str, os.PathLike)) and (verify or verify_each)
+    untouched = oir.clone(loaded) if parse_for_verifier and overwrite_input_shapes else None
     report = Report(level=None if passes is not None else level)
     report.model_before = ModelSummary.of(working)
     source_files = frozenset(oir.external_data_files(working)) if label is not None else frozenset()
@@ -220,6 +222,12 @@ def optimize(
 
     verifier: Verifier | None = None
     int8 = dict(int8_options or {})
+    # for the final check alone of a float result that the proof may prove, the parse itself, unchanged
+    # until the passes run: the verifier numbers it for its proof first (``Verifier``'s ``parsed_changes``)
+    handed = parse_for_verifier and untouched is None and verify and not verify_each and target_opset is None \
+        and not (fp16 or samples is not None or int8_dynamic or weight_only) and not _contrib_fusions(pipeline)
+    if parse_for_verifier and untouched is None and not handed:
+        untouched = oir.clone(loaded)
     if verify or verify_each:
         verifier = Verifier(
             original,
@@ -235,7 +243,8 @@ def optimize(
             task_target=int8.get("metric_target"),
             task_groups=int8.get("groups"),
             **({"task_min_sqnr_db": int8["target"].min_sqnr_db} if "target" in int8 else {}),
-            parsed=untouched,
+            parsed=loaded if handed else untouched,
+            parsed_changes=handed,
         )
     try:
         manager = PassManager(pipeline, strict=strict, verifier=verifier, verify_each=verify_each)
@@ -303,6 +312,13 @@ def verify(
     reference: Any = original if isinstance(original, (str, os.PathLike, ir.Model)) else oir.load(original)
     with Verifier(reference, **verifier_options) as verifier:
         return verifier.check(model, numerics)  # type: ignore[arg-type]
+
+
+def _contrib_fusions(pipeline: Sequence[Any]) -> bool:
+    """Whether a step of ``pipeline`` fuses into onnxruntime contrib ops (``fuse-ort-*``), which
+    the proof never proves equal to what they replace: the samples then judge the result."""
+    names = (pass_name(p) for step in pipeline for p in (step.passes if isinstance(step, Fixpoint) else [step]))
+    return any(name.startswith("fuse-ort-") for name in names)
 
 
 def _raise(error: Exception, result: OptimizeResult) -> None:

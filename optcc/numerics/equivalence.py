@@ -34,6 +34,12 @@ gets a key, and two values with the same key compute the same thing for every in
   known rank (from onnx's shape inference with the model's declared intermediate types
   dropped), and change no shape.
 
+``number_original`` takes the original's side before the passes change its parse in
+place (so the verifier needs no copy of it): where every value the original computes from
+constants alone is small and computed by its definition, those are keyed by their bytes
+first, and a value keyed later with the structural key of one of them (in either model)
+gets its bytes' key; ``Premise.prove`` then keys the candidate against it.
+
 Never given a key equal to anything else (so never proved): nodes with subgraphs, calls of
 model-local functions, random or dropout-like operators other than the axiom above, and
 operators outside the default and ``com.microsoft`` domains. A value left unproved is not
@@ -58,7 +64,7 @@ import onnx_ir as ir
 from optcc import ir as oir
 from optcc.runtime.session import make_session, run
 
-__all__ = ["Proof", "prove_equivalent"]
+__all__ = ["Premise", "Proof", "number_original", "prove_equivalent"]
 
 KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")
 MAX_FOLD_CHECK_BYTES = 64 * 1024 * 1024  # constants evaluated to check folds, in all
@@ -102,12 +108,104 @@ def prove_equivalent(original: ir.Model, candidate: ir.Model, *,
         numbering.release()
 
 
+def number_original(original: ir.Model, *,
+                    original_proto: Callable[[], onnx.ModelProto | None] | None = None) -> Premise | None:
+    """The original's side of a proof, taken now, so that ``original`` may change after
+    (the parse the passes then rewrite in place): its outputs' keys, its fed inputs, and the
+    key of every value they are computed from. Only for an original whose values computed
+    from constants alone (its constant frontier) are all computed by their operator's
+    definition (``_Keys._defined``), ``SMALL_TENSOR_ELEMENTS`` elements at most each: those
+    are keyed by their bytes now, in the graph's order (so a fold read by another is keyed
+    first), and a value of either model keyed later with the structural key one of them had
+    gets its bytes' key and array (``_Numbering.folded``): it computes that value, whose
+    bytes these are. A value the candidate computes as the original does so gets the key the
+    original's has, and a candidate's constant of the same bytes too, as ``prove_equivalent``
+    keys a fold. None otherwise (a fold onnxruntime must evaluate, or a large one: prove with
+    ``prove_equivalent`` on an unchanged original). ``original_proto``: a
+    function returning ``original`` parsed again (not changed by the passes) for shape
+    inference; without it, inference runs now, while ``original`` is unchanged.
+
+    The keys are those ``prove_equivalent`` gives the original: its ranks are inferred
+    for the original's own static input shapes (``Premise.prove`` declines a candidate
+    accepting other ones), and values keyed alike compute alike whichever model is
+    numbered first."""
+    numbering = _Numbering()
+    if original_proto is not None:
+        numbering.given[id(original)] = original_proto
+    try:
+        keys = _Keys(original, numbering, _static_shapes(original))
+        folds = keys.fold_by_definition(keys.constant_frontier()) if keys.may_fold_by_definition() else None
+        if folds is None:
+            numbering.release()
+            return None
+        outputs = {v.name: (keys.key(v), v.dtype) for v in original.graph.outputs}
+        keys.freeze()
+    except Exception:
+        numbering.release()
+        raise
+    fed = {v.name: v.dtype for v in original.graph.inputs if v.const_value is None}
+    return Premise(numbering, outputs, fed, keys.input_shapes, folds)
+
+
+@dataclasses.dataclass
+class Premise:
+    """An original numbered by ``number_original``: its outputs' keys and dtypes by name,
+    its fed inputs' dtypes by name, and the static input shapes its ranks were inferred
+    for; ``prove`` judges one candidate, then ``release`` drops the tables."""
+
+    numbering: _Numbering
+    outputs: dict[str, tuple[int, ir.DataType | None]]
+    inputs: dict[str, ir.DataType | None]
+    shapes: dict[str, list[int]]
+    folds: list[int]  # the structural keys of the original's values folded by definition
+
+    def prove(self, candidate: ir.Model, *, candidate_proto: onnx.ModelProto | None = None) -> Proof | None:
+        """Which of ``candidate``'s outputs are proved equal to the original's, as
+        ``prove_equivalent`` decides; None when the candidate's static input shapes are not
+        the original's (then ``prove_equivalent`` on the original decides)."""
+        if _static_shapes(candidate) != self.shapes:
+            return None
+        if candidate_proto is not None:
+            self.numbering.given[id(candidate)] = candidate_proto
+        self.numbering.folded_met.clear()  # from here on, what the candidate computes the original's way
+        candidate_keys = _Keys(candidate, self.numbering)
+        proof = _compared(candidate, candidate_keys, self.inputs,
+                          {name: (lambda key=key: key, dtype) for name, (key, dtype) in self.outputs.items()}, 0)
+        # the folds checked: those the candidate does not compute the original's way
+        proof.folds_checked = sum(1 for key in self.folds if key not in self.numbering.folded_met)
+        return proof
+
+    def release(self) -> None:
+        self.numbering.release()
+
+
+def _static_shapes(model: ir.Model) -> dict[str, list[int]]:
+    """The model's graph inputs of static shape, by name: their dims."""
+    return {v.name: [int(d) for d in v.shape] for v in model.graph.inputs if v.const_value is None
+            and v.shape is not None and all(isinstance(d, int) and d > 0 for d in v.shape)}
+
+
+def _compared(candidate: ir.Model, candidate_keys: _Keys, original_inputs: dict[str, ir.DataType | None],
+              original_outputs: dict[str, tuple[Callable[[], int], ir.DataType | None]], evaluated: int) -> Proof:
+    """Per candidate output: proved when both models are fed the same inputs (names and
+    dtypes) and the original's output of that name has its dtype and key."""
+    same_inputs = all(v.name in original_inputs and (v.dtype is None or v.dtype == original_inputs[v.name])
+                      for v in candidate.graph.inputs if v.const_value is None)
+    outputs: dict[str, bool] = {}
+    for value in candidate.graph.outputs:
+        twin = original_outputs.get(value.name)
+        outputs[value.name or ""] = (
+            same_inputs and twin is not None and (value.dtype is None or twin[1] is None or value.dtype == twin[1])
+            and candidate_keys.key(value) == twin[0]()
+        )
+    return Proof(outputs, evaluated)
+
+
 def _prove(original: ir.Model, candidate: ir.Model, numbering: _Numbering) -> Proof:
     candidate_keys = _Keys(candidate, numbering)
     computed = candidate_keys.all_keys() | candidate_keys.constant_keys()
     # ranks are inferred for the inputs the candidate accepts: its static input shapes
-    shapes = {v.name: [int(d) for d in v.shape] for v in candidate.graph.inputs
-              if v.shape is not None and all(isinstance(d, int) and d > 0 for d in v.shape)}
+    shapes = _static_shapes(candidate)
     # folds: values the original computes from constants alone and the candidate does not
     # compute the same way, checked by evaluating them
     original_keys = _Keys(original, numbering, shapes)
@@ -117,18 +215,10 @@ def _prove(original: ir.Model, candidate: ir.Model, numbering: _Numbering) -> Pr
     # the candidate computes the same way has no fold among its ancestors: the candidate
     # would compute that fold the same way too)
     evaluated = original_keys.evaluate(folds) if folds else 0
-    outputs: dict[str, bool] = {}
-    original_inputs = {v.name: v for v in original.graph.inputs if v.const_value is None}
-    same_inputs = all(v.name in original_inputs and (v.dtype is None or v.dtype == original_inputs[v.name].dtype)
-                      for v in candidate.graph.inputs if v.const_value is None)
-    original_outputs = {v.name: v for v in original.graph.outputs}
-    for value in candidate.graph.outputs:
-        twin = original_outputs.get(value.name)
-        outputs[value.name or ""] = (
-            same_inputs and twin is not None and (value.dtype is None or twin.dtype is None or value.dtype == twin.dtype)
-            and candidate_keys.key(value) == original_keys.key(twin)
-        )
-    return Proof(outputs, evaluated)
+    original_inputs = {v.name: v.dtype for v in original.graph.inputs if v.const_value is None}
+    # the original's outputs keyed only when compared, after the folds are keyed by their bytes
+    original_outputs = {v.name: (lambda v=v: original_keys.key(v), v.dtype) for v in original.graph.outputs}
+    return _compared(candidate, candidate_keys, original_inputs, original_outputs, evaluated)
 
 
 class _Numbering:
@@ -146,13 +236,17 @@ class _Numbering:
         self.forms: dict[int, tuple[int, _Affine]] = {}  # structural key -> affine key and form
         self._protos: dict[int, tuple[onnx.ModelProto, set[str], set[str], ir.Model]] = {}
         self.given: dict[int, Any] = {}  # id(model) -> that model serialized (or a function returning it)
+        # the structural key of an original's value computed from constants alone -> the key of
+        # its bytes and its array (``number_original``); the structural keys met again since
+        self.folded: dict[int, tuple[int, np.ndarray]] = {}
+        self.folded_met: set[int] = set()
 
     def release(self) -> None:
         """Drop every table (and with them the tensor views they hold)."""
         for keys in self.models:
             keys.__dict__.clear()
         for table in (self._table, self._tensor_keys, self._tensor_arrays, self._affine, self._buckets, self._ranks,
-                      self._protos, self.forms, self.given):
+                      self._protos, self.forms, self.given, self.folded, self.folded_met):
             table.clear()
         self.models.clear()
 
@@ -252,7 +346,9 @@ class _Numbering:
             # small: keyed by its bytes as the format stores them (the same for a tensor of
             # the same type, shape and values, however it is held), compared exactly by the table
             try:
-                stored = tensor.tobytes()
+                stored = self._repeated_bytes(tensor, proto, dtype) if proto is not None else None
+                if stored is None:
+                    stored = tensor.tobytes()
             except ValueError:  # e.g. an undefined type: a key equal to nothing
                 stored = None
             key = self.unique() if stored is None else self.intern(("bytes", int(dtype), dims, stored))
@@ -267,6 +363,16 @@ class _Numbering:
             bucket.append((raw, key))
         self._tensor_keys[id(tensor)] = (key, tensor)  # the reference keeps the id unique
         return key
+
+    def _repeated_bytes(self, tensor: ir.TensorProtocol, proto: onnx.TensorProto, dtype: ir.DataType) -> bytes | None:
+        """The bytes of a parsed FLOAT or INT64 tensor whose values are stored in a repeated
+        field (``float_data``, ``int64_data``): those of its decoded array (``numpy``, kept
+        for the affine forms that read it), which are ``tobytes()``'s, little-endian values
+        of the tensor's own type; None for any other tensor."""
+        if not (dtype == ir.DataType.FLOAT and proto.float_data or dtype == ir.DataType.INT64 and proto.int64_data):
+            return None
+        array = self.numpy(tensor)
+        return array.tobytes() if _PLAIN_ARRAYS.get(array.dtype) == dtype else None
 
     def array(self, array: np.ndarray) -> int:
         return self.tensor(ir.Tensor(np.ascontiguousarray(array)))
@@ -301,6 +407,8 @@ class _Keys:
         self._forms: dict[int, _Affine] = {}  # affine normal forms, by id(value)
         self._ranks: dict[str, int] | None = None
         self._ranks_by_key: tuple[int, dict[int, int]] | None = None  # (len(_keys) then, ranks)
+        self._held: tuple[int, set[int]] | None = None  # (len(_keys) then, the keys)
+        self._frozen_names: dict[int, str] | None = None  # the keyed values' names when frozen
         self._shapes: dict[int, tuple[bool, list] | None] = {}  # shape-like values, by id(value)
         self._constants: dict[int, tuple[ir.Value, ir.TensorProtocol | None]] = {}  # by id(value)
         self._node_attributes: dict[int, tuple[ir.Node, tuple | None]] = {}  # by id(node)
@@ -328,7 +436,12 @@ class _Keys:
                     stack.extend(pending)
                     continue
             stack.pop()
-            self._set(top, self._compute(top))
+            key = self._compute(top)
+            folded = self.numbering.folded.get(key) if self.numbering.folded else None
+            if folded is not None:  # computes an original's fold: keyed by its bytes, read as its array
+                self.numbering.folded_met.add(key)
+                key, self._arrays[id(top)] = folded
+            self._set(top, key)
         return keys[id(value)]
 
     def _set(self, value: ir.Value, key: int) -> None:
@@ -409,24 +522,58 @@ class _Keys:
         return None
 
     def rank(self, value: ir.Value) -> int | None:
-        """A value's rank from onnx's own shape inference (ranks only). Values with one key
+        """A value's rank: a Reshape's, the length of its target where that is read
+        (``_shape_elements``: the spec's output has one dim per element); else from onnx's
+        own shape inference (ranks only). Values with one key
         have one rank, whichever model shows it: a model whose ranks are already inferred
-        is asked first, so inference runs on a second model only for what the first lacks."""
+        is asked first, then another model that has keyed a value with this key (the model
+        keyed first, the candidate, is usually the smaller one to infer), then this model.
+        A model that holds no value with this key is never inferred for it, so inference
+        runs on a second model only for what the first lacks."""
         key = self.key(value)
-        models = sorted(self.numbering.models, key=lambda m: (m._ranks is None, m is not self))
+        node = value.producer()
+        if node is not None and node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
+            target = self._shape_elements(node.inputs[1])
+            if target is not None and not target[0]:
+                return len(target[1])  # a Reshape's output has one dim per element of its target
+        models = sorted(self.numbering.models, key=lambda m: (m._ranks is None, m is self))
         for model in models:
-            rank = model._rank_map().get(value.name) if model is self else model.ranks_by_key().get(key)
+            if model is self:
+                rank = model._rank_map().get(value.name)
+            elif key in model.held_keys():
+                rank = model.ranks_by_key().get(key)
+            else:
+                continue
             if rank is not None:
                 return rank
         return None
+
+    def held_keys(self) -> set[int]:
+        """The keys of this model's keyed values."""
+        if self._held is None or self._held[0] != len(self._keys):
+            self._held = (len(self._keys), set(self._keys.values()))
+        return self._held[1]
 
     def ranks_by_key(self) -> dict[int, int]:
         """The inferred ranks of this model's keyed values, by key."""
         if self._ranks_by_key is None or self._ranks_by_key[0] != len(self._keys):
             ranks = self._rank_map()
-            self._ranks_by_key = (len(self._keys), {key: ranks[self._values[i].name] for i, key in self._keys.items()
-                                                    if self._values[i].name in ranks})
+            names = self._frozen_names or {i: value.name for i, value in self._values.items()}
+            self._ranks_by_key = (len(self._keys), {key: ranks[names[i]] for i, key in self._keys.items()
+                                                    if names[i] in ranks})
         return self._ranks_by_key[1]
+
+    def freeze(self) -> None:
+        """Keep what later questions of the other model read (``held_keys``,
+        ``ranks_by_key``) independent of this model's graph, which may change from now on:
+        the keyed values' names as they are now, and the ranks inferred now unless a parse
+        of the unchanged model was handed over to infer them from. No value is keyed after."""
+        self._frozen_names = {i: value.name for i, value in self._values.items()}
+        given = self.numbering.given.get(id(self.model))
+        if callable(given):  # its parse now: without one, inference must run while the model is unchanged
+            given = self.numbering.given[id(self.model)] = given()
+        if self._ranks is None and given is None:
+            self._rank_map()
 
     def _rank_map(self) -> dict[str, int]:
         if self._ranks is None:
@@ -563,6 +710,69 @@ class _Keys:
                 frontier[id(value)] = value
         return list(frontier.values())
 
+    def fold_by_definition(self, frontier: list[ir.Value]) -> list[int] | None:
+        """Key each value of ``frontier`` (values computed from constants alone) by its bytes,
+        computed by its operator's definition (``_defined``), in the graph's order, and record
+        its structural key for either model (``_Numbering.folded``); their structural keys,
+        or None (nothing recorded) when one is not so computed or is larger than
+        ``SMALL_TENSOR_ELEMENTS`` elements."""
+        if not frontier:
+            return []
+        if not all(self._may_fold_small(value) for value in frontier):  # before computing any
+            return None
+        order = {id(node): i for i, node in enumerate(self.model.graph)}
+        arrays = []
+        for value in sorted(frontier, key=lambda v: order[id(v.producer())]):
+            array = self._small_defined(value)
+            if array is None:
+                return None
+            arrays.append((value, array))
+        folds = []
+        for value, array in arrays:  # each keyed after the folds it reads
+            structural = self.key(value)
+            folded = self.numbering.array(array)
+            self._arrays[id(value)] = array
+            self._set(value, folded)
+            self.numbering.folded[structural] = (folded, array)
+            folds.append(structural)
+        self._ranks_by_key = self._held = None  # keys changed
+        return folds
+
+    def may_fold_by_definition(self) -> bool:
+        """False where ``fold_by_definition`` of the constant frontier would be None, read in
+        one cheap pass: a node reading constants alone (initializers and Constant nodes'
+        outputs) whose output ``_small_defined`` does not compute (an operator it does not
+        define, a large ConstantOfShape) is, or is read on the way to, a fold it cannot key
+        (or is read by nothing: False then only declines early numbering, which is never
+        needed for a proof)."""
+        for node in self.model.graph:
+            if node.op_type == "Constant" or not node.inputs or not all(
+                    v is None or v.const_value is not None or (v.producer() is not None
+                                                               and v.producer().op_type == "Constant")
+                    for v in node.inputs):
+                continue
+            if self._opaque(node) or not all(self._may_fold_small(v) for v in node.outputs if v is not None):
+                return False
+        return True
+
+    def _may_fold_small(self, value: ir.Value) -> bool:
+        """False where ``_small_defined(value)`` is None for certain, read without computing
+        anything: an operator ``_defined`` does not compute, or a ConstantOfShape whose
+        constant shape holds more than ``SMALL_TENSOR_ELEMENTS`` elements."""
+        node = value.producer()
+        if node is None or node.op_type not in _DEFINED_OPS:
+            return False
+        if node.op_type == "ConstantOfShape":
+            shape = self._array(node.inputs[0]) if len(node.inputs) == 1 else None
+            return shape is not None and shape.dtype.kind in "iu" and shape.ndim == 1 \
+                and math.prod(int(d) for d in shape) <= SMALL_TENSOR_ELEMENTS
+        return True
+
+    def _small_defined(self, value: ir.Value) -> np.ndarray | None:
+        """``_defined(value)`` when it has at most ``SMALL_TENSOR_ELEMENTS`` elements; else None."""
+        array = self._defined(value)
+        return array if array is not None and array.size <= SMALL_TENSOR_ELEMENTS else None
+
     def evaluate(self, values: list[ir.Value]) -> int:
         """Key ``values`` (computed from constants alone) by their bytes, computed by their
         operator's definition where it does no arithmetic (``_defined``), the rest evaluated on
@@ -579,7 +789,7 @@ class _Keys:
         for value, array in zip(values, arrays):
             self._arrays[id(value)] = array
             self._set(value, self.numbering.array(array))
-        self._ranks_by_key = None  # keys changed
+        self._ranks_by_key = self._held = None  # keys changed
         return len(values)
 
     def _defined(self, value: ir.Value, depth: int = 0) -> np.ndarray | None:
@@ -857,9 +1067,21 @@ class _Affine:
         tiny = max(self.tiny, other.tiny)
         # every bound is capped at the largest finite float64: an infinity (or NaN) on either
         # side then agrees with nothing, as its bound would otherwise let anything through
-        bound = np.minimum(allowed * np.maximum(self.bias_terms, other.bias_terms) + tiny, _LARGEST)
-        if not np.all(np.abs(self.bias - other.bias) <= bound):
+        if self.bias.size and not _within(self.bias.item(0), other.bias.item(0),
+                                          max(self.bias_terms.item(0), other.bias_terms.item(0)), allowed, tiny):
+            return False  # most different forms differ in their first bias already
+        bound = np.maximum(self.bias_terms, other.bias_terms)
+        bound *= allowed
+        bound += tiny
+        np.minimum(bound, _LARGEST, out=bound)
+        difference = self.bias - other.bias
+        np.abs(difference, out=difference)
+        if not (difference <= bound).all():
             return False
+        if self.weight is other.weight and self.scale is None and other.scale is None:
+            # one stored weight on both sides, nothing composed in: equal element for element,
+            # so within any bound where finite (a non-finite element agrees with nothing)
+            return bool(np.isfinite(self.weight).all())
         # a form whose weight is stored as it is (no factor composed in) takes the place of
         # ``exact``: where the other's composed weight rounds to it exactly, each element is
         # within one rounding of the stored dtype (a subnormal's half step below ``tiny``),
@@ -924,6 +1146,14 @@ class _Affine:
     def shifted(self, shift: np.ndarray, terms: np.ndarray | None = None) -> _Affine:
         return dataclasses.replace(self, bias=self.bias + shift,
                                    bias_terms=self.bias_terms + (np.abs(shift) if terms is None else terms))
+
+
+def _within(bias: float, other: float, terms: float, allowed: float, tiny: float) -> bool:
+    """One channel of ``_Affine.agrees``' bias test in Python floats (float64, as numpy
+    computes it): False only where that test fails for this channel (with a NaN among the
+    terms Python's ``max`` may drop it, giving a bound numpy would not: then this test
+    passes where numpy's fails, never the other way)."""
+    return abs(bias - other) <= min(allowed * terms + tiny, _LARGEST)
 
 
 def _composed(part: np.ndarray, scale: np.ndarray | None) -> np.ndarray:

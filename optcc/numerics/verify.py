@@ -63,7 +63,7 @@ import onnx_ir as ir
 from optcc import ir as oir
 from optcc.errors import BadInputError
 from optcc.numerics.decode import DECODE_STEPS, decode_plan, free_running, run_decode
-from optcc.numerics.equivalence import prove_equivalent
+from optcc.numerics.equivalence import Premise, number_original, prove_equivalent
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
 from optcc.numerics.inputs import DEFAULT_DYNAMIC_DIM, check_feeds, generate_inputs, input_roles
 from optcc.numerics.kinds import Numerics
@@ -181,7 +181,11 @@ class Verifier:
     ``reference``: "auto" (float64 where needed and possible, else the float32 original)
     or "float32" (always the float32 original). ``parsed``: ``original`` (a path) already
     parsed, handed over: nothing else may change it (e.g. a clone of the parse the passes
-    change, which shares its immutable tensors and so costs no second copy of the weights).
+    change, which shares its immutable tensors and so costs no second copy of the weights),
+    unless ``parsed_changes``: then ``parsed`` is the parse the passes go on to change in
+    place, and the verifier takes from it now what a proof reads of the original
+    (``number_original``; where that cannot be taken, a clone), parsing ``original`` again
+    only if it needs more (samples).
     ``task_metric``, ``task_margin``, ``task_target``, ``task_groups`` and
     ``task_min_sqnr_db``: how INT8 results are judged (``TaskJudge``'s metric, margin,
     metric_target, groups and min_sqnr_db).
@@ -207,6 +211,7 @@ class Verifier:
         task_groups: Sequence[str] | None = None,
         task_min_sqnr_db: float = TOLERANCES["int8"].min_sqnr_db,
         parsed: ir.Model | None = None,
+        parsed_changes: bool = False,
     ) -> None:
         if reference not in REFERENCES:
             raise BadInputError(f"unknown reference '{reference}' (use {', '.join(REFERENCES)})")
@@ -216,7 +221,7 @@ class Verifier:
         self._progress = progress
         self._scratch_folder: tempfile.TemporaryDirectory | None = None  # made when a session needs one
         model = original if isinstance(original, ir.Model) else parsed if parsed is not None else oir.load(original)
-        self._model = model  # the original, parsed
+        self._parsed: ir.Model | None = model  # the original, parsed (None: parse it again when needed)
         self.original: Any = original if isinstance(original, (str, os.PathLike)) else model
         self._feeds: list[dict[str, np.ndarray]] | None = None
         self._generate: dict[str, Any] | None = None
@@ -231,6 +236,11 @@ class Verifier:
                 raise BadInputError("no verification inputs given (empty iterable)")
             for i, feeds in enumerate(self._feeds):
                 check_feeds(model, feeds, label=f"verification sample {i}")
+        self._premise: Premise | None = None  # the original numbered for the first proof
+        if parsed_changes and model is parsed and parsed is not None:
+            if self._generate is not None:  # a proof runs only on generated samples
+                self._premise = self._numbered(parsed)
+            self._parsed = None if self._premise is not None else oir.clone(parsed)
         self._steps = decode_steps
         self._tokens: list[list[np.ndarray]] | None = None  # per sample, the original's greedy tokens
         self._float32: dict[str, list[list[np.ndarray]]] | None = None
@@ -242,6 +252,22 @@ class Verifier:
         self._names: list[str] = []
         self._error: str | None = None
         self._float64: Float64Reference | None = None
+
+    @property
+    def _model(self) -> ir.Model:
+        """The original, parsed: parsed again on first use where only the proof's numbering
+        was taken from a parse the passes change."""
+        if self._parsed is None:
+            self._parsed = oir.load(self.original)
+        return self._parsed
+
+    def _numbered(self, parsed: ir.Model) -> Premise | None:
+        """``parsed`` numbered for a proof (``number_original``), or None where it cannot be."""
+        try:
+            with oir.collector_paused():  # the numbering's tables all stay alive until the proof
+                return number_original(parsed, original_proto=self._original_proto)
+        except Exception:  # noqa: BLE001 - then a clone serves the proof
+            return None
 
     @functools.cached_property
     def _plan(self) -> Any:
@@ -267,6 +293,9 @@ class Verifier:
         return self._scratch_folder
 
     def close(self) -> None:
+        if self._premise is not None:
+            self._premise.release()
+            self._premise = None
         if self._scratch_folder is not None:
             self._scratch_folder.cleanup()
 
@@ -563,14 +592,21 @@ class Verifier:
                 return None
         source = light if light is not None else model
         beside = light is not None and sum(1 for _ in model.graph) >= LOAD_BESIDE_PROOF_NODES
+        premise, self._premise = self._premise, None  # the original numbered before the passes: once
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             loaded = pool.submit(self._load_error, source) if beside else None
             try:
                 with oir.collector_paused():  # the proof's tables all stay alive until it returns
-                    proof = prove_equivalent(self._model, model, original_proto=self._original_proto,
-                                             candidate_proto=None if light is None else proto)
+                    given = None if light is None else proto
+                    proof = None if premise is None else premise.prove(model, candidate_proto=given)
+                    if proof is None:
+                        proof = prove_equivalent(self._model, model, original_proto=self._original_proto,
+                                                 candidate_proto=given)
             except Exception:  # noqa: BLE001 - no proof: the samples decide
                 return None
+            finally:
+                if premise is not None:
+                    premise.release()
             if not proof.complete:
                 return None
             error = loaded.result() if loaded is not None else self._load_error(source)

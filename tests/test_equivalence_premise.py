@@ -1,0 +1,202 @@
+"""The proof's original numbered before the passes change its parse in place
+(optcc.numerics.equivalence.number_original, the verifier's ``parsed_changes``): what the
+passes then do to that parse cannot change what the original is taken to compute. Correct
+rewrites made in place are proved, planted miscompiles made in place are not, and each
+verdict is checked on onnx's reference evaluator in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import helper, numpy_helper
+
+import optcc
+from optcc.numerics.equivalence import number_original
+from tests.reference import expected_outputs_float64
+
+RNG = np.random.default_rng(7)
+
+
+def _conv_bn(epsilon: float = 1e-2) -> onnx.ModelProto:
+    """x -> Conv(W, b) -> BatchNormalization -> y, float32, 4 channels."""
+    tensors = {"W": RNG.standard_normal((4, 3, 3, 3)), "b": RNG.standard_normal(4), "s": RNG.uniform(0.5, 2, 4),
+               "beta": RNG.standard_normal(4), "mean": RNG.standard_normal(4), "var": RNG.uniform(0.5, 4, 4)}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W", "b"], ["t"], pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["t", "s", "beta", "mean", "var"], ["y"], epsilon=epsilon)], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in tensors.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _fold_bn_in_place(model: ir.Model, epsilon: float) -> None:
+    """Fold the BatchNormalization into the Conv (float64, with ``epsilon``), in place."""
+    graph = model.graph
+    bn = next(n for n in graph if n.op_type == "BatchNormalization")
+    conv = next(n for n in graph if n.op_type == "Conv")
+    s, beta, mean, var = (v.const_value.numpy().astype(np.float64) for v in bn.inputs[1:])
+    factor = s / np.sqrt(var + epsilon)
+    weight, bias = conv.inputs[1].const_value.numpy(), conv.inputs[2].const_value.numpy()
+    conv.inputs[1].const_value = ir.tensor((weight * factor[:, None, None, None]).astype(np.float32))
+    conv.inputs[2].const_value = ir.tensor(((bias - mean) * factor + beta).astype(np.float32))
+    graph.outputs[0] = conv.outputs[0]
+    graph.remove(bn, safe=True)
+    conv.outputs[0].name = "y"
+
+
+def _max_difference(a: onnx.ModelProto, b: onnx.ModelProto, shape: tuple[int, ...] = (1, 3, 8, 8)) -> float:
+    x = RNG.standard_normal(shape).astype(np.float32)
+    got_a, got_b = expected_outputs_float64(a, {"x": x}), expected_outputs_float64(b, {"x": x})
+    return max(float(np.abs(u - v).max() / np.abs(u).max()) for u, v in zip(got_a, got_b))
+
+
+def test_a_fold_made_in_place_after_numbering_is_proved():
+    proto = _conv_bn(epsilon=1e-2)
+    model = optcc.ir.load(proto)
+    premise = number_original(model)
+    assert premise is not None  # nothing computed from constants alone: numbered now
+    _fold_bn_in_place(model, 1e-2)
+    try:
+        assert premise.prove(model).complete
+    finally:
+        premise.release()
+    assert _max_difference(proto, optcc.ir.serialize(model)) < 1e-5
+
+
+def test_a_miscompile_made_in_place_after_numbering_is_not_proved():
+    """The fold ignores the model's epsilon: the numbering taken before keeps the original's."""
+    proto = _conv_bn(epsilon=1e-2)
+    model = optcc.ir.load(proto)
+    premise = number_original(model)
+    assert premise is not None
+    _fold_bn_in_place(model, 1e-5)
+    try:
+        assert not premise.prove(model).complete
+    finally:
+        premise.release()
+    assert _max_difference(proto, optcc.ir.serialize(model)) > 1e-4  # really another function
+
+
+def _flatten(first: str) -> onnx.ModelProto:
+    """y = Reshape(x, Concat(Slice(Shape(x), first), [-1])): a target read from x's shape."""
+    return onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[2, 4, 3] x) => (float[A, B] y) {{
+            s = Shape(x)
+            zero = Constant <value = int64[1] {{0}}> ()
+            one = Constant <value = int64[1] {{1}}> ()
+            two = Constant <value = int64[1] {{2}}> ()
+            head = Slice(s, {first})
+            rest = Constant <value = int64[1] {{-1}}> ()
+            t = Concat <axis = 0> (head, rest)
+            y = Reshape(x, t)
+        }}""")
+
+
+def _constant_target(model: ir.Model) -> None:
+    """In place: the Reshape's target becomes the constant [0, -1] (copy dim 0, flatten the rest)."""
+    reshape = next(n for n in model.graph if n.op_type == "Reshape")
+    target = ir.Value(name="target", const_value=ir.tensor(np.array([0, -1], np.int64)))
+    reshape.replace_input_with(1, target)
+    model.graph.initializers["target"] = target
+    model.graph.remove([n for n in model.graph if n is not reshape], safe=True)
+
+
+def _renamed(model: ir.Model) -> None:
+    """In place: every value between the graph's inputs and outputs gets another name."""
+    for i, node in enumerate(model.graph):
+        for output in node.outputs:
+            if output not in model.graph.outputs:
+                output.name = f"renamed_{i}"
+
+
+def test_a_reshape_target_folded_in_place_is_proved_only_where_it_copies_the_same_dim():
+    for first, proved in (("zero, one", True), ("one, two", False)):
+        proto = _flatten(first)
+        model = optcc.ir.load(proto)
+        premise = number_original(model)
+        assert premise is not None
+        _constant_target(model)
+        try:
+            assert premise.prove(model).complete is proved
+        finally:
+            premise.release()
+        x = RNG.standard_normal((2, 4, 3)).astype(np.float32)
+        same = [np.array_equal(u, v) for u, v in zip(expected_outputs_float64(proto, {"x": x}),
+                                                     expected_outputs_float64(optcc.ir.serialize(model), {"x": x}))]
+        assert all(same) is proved  # the verdict is the reference evaluator's
+
+
+def test_renaming_values_in_place_after_numbering_changes_nothing():
+    """Keys and the ranks the proof asks by key are the numbering's, not the names' of now."""
+    proto = _flatten("zero, one")
+    model = optcc.ir.load(proto)
+    premise = number_original(model)
+    assert premise is not None
+    _renamed(model)
+    try:
+        assert premise.prove(model).complete
+    finally:
+        premise.release()
+    x = RNG.standard_normal((2, 4, 3)).astype(np.float32)
+    np.testing.assert_array_equal(expected_outputs_float64(optcc.ir.serialize(model), {"x": x})[0],
+                                  expected_outputs_float64(proto, {"x": x})[0])
+
+
+def test_a_candidate_with_other_static_input_shapes_is_left_to_the_full_proof():
+    proto = _conv_bn()
+    model = optcc.ir.load(proto)
+    premise = number_original(model)
+    assert premise is not None
+    model.graph.inputs[0].shape = ir.Shape([2, 3, 8, 8])
+    try:
+        assert premise.prove(model) is None
+    finally:
+        premise.release()
+
+
+def test_an_original_that_computes_from_constants_alone_is_not_numbered_early():
+    """A fold of the original's would need its nodes when the candidate is judged."""
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[2, 3] x) => (float[2, 3] y) {
+            c = Constant <value = float[3] {1, 2, 3}> ()
+            d = Neg(c)
+            y = Add(x, d)
+        }""")
+    assert number_original(optcc.ir.load(proto)) is None
+
+
+class _PlantedSigmoid(ir.passes.InPlacePass):
+    """A miscompile: the Relu becomes a Sigmoid."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        for node in model.graph:
+            if node.op_type == "Relu":
+                node.op_type = "Sigmoid"
+        return ir.passes.PassResult(model, modified=True)
+
+
+def _conv_relu(tmp_path) -> str:  # noqa: ANN001 - pytest's tmp_path
+    proto = _conv_bn()
+    proto.graph.node[1].output[0] = "z"
+    proto.graph.node.append(helper.make_node("Relu", ["z"], ["y"]))
+    path = str(tmp_path / "model.onnx")
+    onnx.save(proto, path)
+    return path
+
+
+def test_optimize_numbers_a_files_parse_before_its_passes_and_still_catches_a_miscompile(tmp_path):
+    path = _conv_relu(tmp_path)
+    fused = optcc.optimize(path, passes=["fuse-batchnorm"])
+    assert fused.report.verification["reference"] == "proof"
+    assert _max_difference(onnx.load(path), fused.model) < 1e-5
+    planted = optcc.optimize(path, passes=["fuse-batchnorm", _PlantedSigmoid()])
+    # the first check (on the numbering taken before the passes) fails; the bisection reverts the
+    # planted pass, and the fused result left is proved on the file parsed again
+    assert [(p.name, p.status) for p in planted.report.passes] == [("fuse-batchnorm", "changed"),
+                                                                   ("_PlantedSigmoid", "reverted")]
+    assert planted.report.verification["status"] == "passed"
+    assert _max_difference(onnx.load(path), planted.model) < 1e-5  # the miscompile was undone
