@@ -18,11 +18,16 @@ applied) and after ``optcc -O3`` (``-O3``; ``--baseline MODEL=FILE`` adds a colu
 -O3 model written by another optcc, e.g. from another checkout). Steps, batch 1: a prompt
 of ``--prompt`` tokens with an empty past, and one-token decode steps after a past of each
 ``--pasts`` length (mask all ones). onnxruntime CPU, one intra-op thread, ``ORT_ENABLE_ALL``;
-the sessions run interleaved ``--runs`` times per step, timed by the process's CPU time
-(``time.process_time``: the machine may be shared), median per session.
+each model gets ``--sessions`` sessions (two sessions of one model differ by up to several
+percent on their own: where their buffers land), which share its ``--runs`` runs per step:
+every session runs once per round, ``runs / sessions`` rounds, the order reversed every
+other round, timed by the process's CPU time (``time.process_time``: the machine may be
+shared); a model's time is the median over its sessions' runs. The ``A/A`` column is the
+ratio of the medians of the two halves of the ``-O3 no attention`` sessions: what the same
+model measures against itself, the noise floor of the last column.
 
 Usage: python benchmarks/decoder_attention.py [--out DIR] [--models gpt2,llama,llama-causal]
-       [--runs 200] [--prompt 128] [--pasts 128,512] [--profile] [--page FILE.md]
+       [--runs 200] [--sessions 4] [--prompt 128] [--pasts 128,512] [--profile] [--page FILE.md]
 
 ``--page FILE.md`` writes the table as a page with the command, date, versions and machine.
 """
@@ -49,6 +54,7 @@ LLAMA = {"vocab_size": 2000, "hidden_size": 512, "intermediate_size": 1024, "num
 
 
 ATTENTION_PASSES = ("fuse-ort-attention", "fuse-ort-gqa")
+REFERENCE = "-O3 no attention"
 
 
 def export(model: str, out: Path) -> Path:
@@ -108,19 +114,35 @@ def session(model: str | bytes, profile: str | None = None) -> ort.InferenceSess
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def interleaved(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray],
-                runs: int) -> dict[str, float]:
-    """Median CPU milliseconds per session, the sessions run one after another ``runs`` times."""
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for s in sessions.values():
+def interleaved(sessions: dict[str, list[ort.InferenceSession]], feeds: dict[str, np.ndarray],
+                rounds: int) -> dict[str, list[list[float]]]:
+    """CPU milliseconds of each run per session, per model: every session runs once per
+    round, the order reversed every other round."""
+    order = [(name, i, s) for name, group in sessions.items() for i, s in enumerate(group)]
+    times: dict[str, list[list[float]]] = {k: [[] for _ in group] for k, group in sessions.items()}
+    for _, _, s in order:
         for _ in range(3):
             s.run(None, feeds)
-    for _ in range(runs):
-        for name, s in sessions.items():
+    for round_ in range(rounds):
+        for name, i, s in order if round_ % 2 == 0 else order[::-1]:
             start = time.process_time()
             s.run(None, feeds)
-            times[name].append(time.process_time() - start)
-    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+            times[name][i].append(1e3 * (time.process_time() - start))
+    return times
+
+
+def medians(times: dict[str, list[list[float]]]) -> dict[str, float]:
+    """Median over all sessions' runs per model, and ``A/A``: the reference model's first half
+    of sessions over its second half (1 session: its first half of rounds over the second)."""
+    ms = {k: float(np.median(np.concatenate(v))) for k, v in times.items()}
+    reference = times[REFERENCE]
+    if len(reference) > 1:
+        half = len(reference) // 2
+        first, second = np.concatenate(reference[:half]), np.concatenate(reference[half:])
+    else:
+        first, second = np.array_split(np.array(reference[0]), 2)
+    ms["A/A"] = float(np.median(first) / np.median(second))
+    return ms
 
 
 def attention_ops(model: onnx.ModelProto) -> str:
@@ -134,6 +156,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/optcc_decoder_attention"))
     parser.add_argument("--models", default="gpt2,llama,llama-causal")
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--sessions", type=int, default=4, help="sessions per model, sharing its runs")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--pasts", default="128,512")
     parser.add_argument("--baseline", action="append", default=[], metavar="MODEL=FILE",
@@ -153,7 +176,7 @@ def main() -> None:
         optcc.optimize(str(path), level=3, verify=False, disable=ATTENTION_PASSES).save(no_attention)
         written[name] = attention_ops(onnx.load(optimized))
         print(f"{name}: -O3 writes {written[name]}", file=sys.stderr)
-        models = {"unfused": str(path), "-O3 no attention": str(no_attention), **({"before": baselines[name]} if name in baselines else {}),
+        models = {"unfused": str(path), REFERENCE: str(no_attention), **({"before": baselines[name]} if name in baselines else {}),
                   "-O3": str(optimized)}
         original = onnx.load(path, load_external_data=False)
         steps = [(f"prompt {args.prompt}", args.prompt, 0)] + [
@@ -161,12 +184,13 @@ def main() -> None:
         for label, seq, past in steps:
             feeds = step_feeds(original, seq, past)
             prefix = str(args.out / f"{name}_{seq}_{past}") if args.profile else None  # one profile per session
-            sessions = {k: session(v, f"{prefix}_{k.strip('-').replace(' ', '_')}" if prefix else None)
-                        for k, v in models.items()}
-            ms = interleaved(sessions, feeds, args.runs)
+            sessions = {k: [session(v, f"{prefix}_{k.strip('-').replace(' ', '_')}_{i}" if prefix else None)
+                            for i in range(args.sessions)] for k, v in models.items()}
+            ms = medians(interleaved(sessions, feeds, max(1, args.runs // args.sessions)))
             if args.profile:
-                for s in sessions.values():
-                    s.end_profiling()
+                for group in sessions.values():
+                    for s in group:
+                        s.end_profiling()
             rows.append((name, label, ms))
             print(name, label, {k: round(v, 3) for k, v in ms.items()}, file=sys.stderr, flush=True)
     table = markdown(rows, written)
@@ -176,12 +200,13 @@ def main() -> None:
 
 
 def markdown(rows: list[tuple[str, str, dict[str, float]]], written: dict[str, str]) -> str:
-    columns = list(rows[0][2])
-    lines = ["| model | -O3 writes | step | " + " | ".join(f"{c} (ms)" for c in columns) + " | -O3 / -O3 no attention |",
-             "|---|---|---|" + "---|" * (len(columns) + 1)]
+    columns = [c for c in rows[0][2] if c != "A/A"]
+    lines = ["| model | -O3 writes | step | " + " | ".join(f"{c} (ms)" for c in columns)
+             + " | A/A | -O3 / -O3 no attention |",
+             "|---|---|---|" + "---|" * (len(columns) + 2)]
     for name, label, ms in rows:
         cells = " | ".join(f"{ms[c]:.3f}" for c in columns)
-        lines.append(f"| {name} | {written[name]} | {label} | {cells} | {ms['-O3'] / ms['-O3 no attention']:.3f} |")
+        lines.append(f"| {name} | {written[name]} | {label} | {cells} | {ms['A/A']:.3f} | {ms['-O3'] / ms[REFERENCE]:.3f} |")
     return "\n".join(lines)
 
 
@@ -202,8 +227,9 @@ to refresh this page.
 - Machine: {machine()}; onnxruntime CPU, 1 intra-op thread
 - Versions: {", ".join(f"{dist} {version}" for dist, version in found.items())}
 
-Milliseconds of process CPU time per step, median of the interleaved runs; single ratios vary
-by a few percent between runs on a shared machine.
+Milliseconds of process CPU time per step, median of the interleaved runs of each model's
+sessions; A/A is -O3 no attention against itself (half its sessions over the other half):
+ratios within about that distance of 1 are noise.
 
 {table}
 """

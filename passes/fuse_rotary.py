@@ -381,7 +381,10 @@ class FuseRotaryPass(RewritePass):
     contrib = False
 
     def call(self, model: ir.Model) -> PassResult:
-        self.rules = _rules(self.contrib, _Dims(model, with_ort=self.contrib))
+        return self._fuse(model, _Dims(model, with_ort=self.contrib))
+
+    def _fuse(self, model: ir.Model, dims: _Dims) -> PassResult:
+        self.rules = _rules(self.contrib, dims)
         result = super().call(model)
         if result.modified and self.contrib:
             import_microsoft_domain(model)
@@ -396,8 +399,10 @@ class FuseOrtRotaryPass(FuseRotaryPass):
     contrib = True
 
     def call(self, model: ir.Model) -> PassResult:
-        result = super().call(model)
-        moved = token_layout(model.graph, OrtShapes(model))
+        dims = _Dims(model, with_ort=True)
+        result = self._fuse(model, dims)
+        # the inference may predate this call's fusions: it is read only for values they keep
+        moved = token_layout(model.graph, dims.ort)
         if moved:
             model.graph.sort()
         stats = dict(result.stats or {})
