@@ -17,7 +17,9 @@ key, and reading its shape leaves the new key to the merge alone, so that ``fuse
 can move a rotary before it to the token layout), ``seqlens_k = Expand(total - 1, [batch])``,
 ``total_sequence_length`` the same total as an int32 scalar and ``query_seqlens =
 Expand(Shape(query)[1], [batch])``: every length is computed in the graph from shapes, no input
-is added. ``query_seqlens`` (every row valid) lets the CPU kernel take a batch above one with a
+is added. Layers whose past length, batch and query length onnxruntime's shape inference
+names alike (the decoders' pasts share one declared length, and every layer's query is the
+step's tokens) share the first such layer's lengths: equal values, computed once. ``query_seqlens`` (every row valid) lets the CPU kernel take a batch above one with a
 multi-token step after a past; without it onnxruntime refuses that case.
 
 Preconditions, each refused with its reason in ``layers``:
@@ -188,6 +190,7 @@ class _Site:
         self.caches: list[ir.Value] = []
         self.parts: list[tuple[ir.Value, ir.Value]] = []
         self.where: ir.Value | None = None
+        self.lengths_key: tuple[str, str, str] | None = None  # (past, batch, seq) as inferred
 
     def check(self, shapes: OrtShapes) -> str | None:
         node = self.node
@@ -236,6 +239,9 @@ class _Site:
             return "the causal bias is not proved to be (query length, key length)"
         if not same_dim(dims["new"][2], dims["query"][1]):
             return "the new key is not proved as long as the query"
+        past = shapes.dims(parts[0][0])
+        if past is not None and len(past) == 4 and None not in (past[2], *dims["query"][:2]):
+            self.lengths_key = (str(past[2]), str(dims["query"][0]), str(dims["query"][1]))
         return None
 
 
@@ -276,6 +282,7 @@ class FuseOrtGroupQueryAttentionPass(optcc.Pass):
     def call(self, model: ir.Model) -> PassResult:
         report: dict[str, str] = {}
         shapes = OrtShapes(model)
+        lengths: dict[tuple[str, str, str], _Lengths] = {}
         modified = False
         for graph in [model.graph]:  # present outputs are the main graph's
             for node in list(graph):
@@ -287,7 +294,7 @@ class FuseOrtGroupQueryAttentionPass(optcc.Pass):
                 if reason == "key and value are not repeat_kv (grouped heads)":
                     continue  # plain multi-head attention is no candidate
                 if reason is None:
-                    _rewrite(graph, site, model.ir_version < 4)
+                    _rewrite(graph, site, model.ir_version < 4, lengths)
                     modified = True
                 report[label] = reason or FUSED
         if modified:
@@ -299,7 +306,13 @@ class FuseOrtGroupQueryAttentionPass(optcc.Pass):
         return PassResult(model, modified, stats)
 
 
-def _rewrite(graph: ir.Graph, site: _Site, legacy: bool) -> None:
+_Lengths = tuple[ir.Value, ir.Value, ir.Value]  # seqlens_k, total_sequence_length, query_seqlens
+
+
+def _rewrite(graph: ir.Graph, site: _Site, legacy: bool, lengths: dict[tuple[str, str, str], _Lengths]) -> None:
+    """Replace the site's MultiHeadAttention and cache Concats by one GroupQueryAttention.
+    Its length inputs are shared by every site whose past length, batch and query length
+    onnxruntime's shape inference names alike (``lengths``: the first such site's)."""
     node = site.node
     (past_k, new_k), (past_v, new_v) = site.parts
 
@@ -324,13 +337,19 @@ def _rewrite(graph: ir.Graph, site: _Site, legacy: bool) -> None:
         return op("Reshape", op("Transpose", t, perm=[0, 2, 1, 3]), const(np.array([0, 0, -1], np.int64), "merge"))
 
     query = node.inputs[0]
-    seq = op("Shape", query, start=1, end=2)  # proved equal to the new key's length (check)
-    total = op("Add", op("Shape", past_k, start=2, end=3), seq)
-    batch = op("Shape", query, start=0, end=1)
-    total32 = op("Cast", total, to=ir.DataType.INT32)
-    seqlens = op("Expand", op("Sub", total32, const(np.array([1], np.int32), "one")), batch)
-    total_scalar = op("Reshape", total32, const(np.array([], np.int64), "scalar"))
-    query_seqlens = op("Expand", op("Cast", seq, to=ir.DataType.INT32), batch)
+    shared = lengths.get(site.lengths_key) if site.lengths_key is not None else None
+    if shared is None:
+        seq = op("Shape", query, start=1, end=2)  # proved equal to the new key's length (check)
+        total = op("Add", op("Shape", past_k, start=2, end=3), seq)
+        batch = op("Shape", query, start=0, end=1)
+        total32 = op("Cast", total, to=ir.DataType.INT32)
+        seqlens = op("Expand", op("Sub", total32, const(np.array([1], np.int32), "one")), batch)
+        total_scalar = op("Reshape", total32, const(np.array([], np.int64), "scalar"))
+        query_seqlens = op("Expand", op("Cast", seq, to=ir.DataType.INT32), batch)
+        shared = (seqlens, total_scalar, query_seqlens)
+        if site.lengths_key is not None:
+            lengths[site.lengths_key] = shared
+    seqlens, total_scalar, query_seqlens = shared
     key, value = merge(new_k), merge(new_v)
     attrs = [ir.AttrInt64("num_heads", site.heads), ir.AttrInt64("kv_num_heads", site.heads // site.n_rep),
              ir.AttrInt64("causal", 1)]

@@ -94,6 +94,8 @@ def test_every_layer_rotary_fuses_in_token_layout_and_decodes_like_the_reference
         assert _rotary_stats(result) == (2 * LAYERS, 2 * LAYERS)
         assert heads == sorted([HEADS, KV_HEADS] * LAYERS)
         assert "Transpose" not in ops, ops
+        gqa = [n for n in optimized.graph.node if n.op_type == "GroupQueryAttention"]
+        assert len({(*n.input[5:7], n.input[16]) for n in gqa}) == 1  # the layers share their lengths
     reference, fused = ReferenceEvaluator(model), _session(optimized)
     for batch, past, seq, seed in ((1, 0, 5, 0), (2, 3, 2, 1)):
         first = _feeds(batch, past, seq, seed, padding)
