@@ -33,7 +33,7 @@ from optcc.errors import (
 from optcc.infra.registry import available_passes
 from optcc.inspect import format_inspection, inspect_model
 from optcc.numerics import TOLERANCES, SampleAxisWarning, load_npz_samples
-from optcc.numerics.task import METRICS
+from optcc.numerics.task import DEFAULT_MARGIN, METRICS
 from optcc.quant.fallback import Target
 from optcc.version import __version__
 
@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--int8-metric", choices=["auto", *METRICS, "target"],
                    default="auto", help="with --int8: how the quantized model is judged against float32's noise floor "
                    "(auto: from each output's nature; target: SQNR and argmax thresholds only); docs/int8.md")
+    g.add_argument("--int8-metric-margin", type=float, default=None, metavar="X",
+                   help="with --int8: accept a deviation up to X times float32's own noise floor (default "
+                   f"{DEFAULT_MARGIN:g}; 1 asks for the floor itself); docs/int8.md")
     g.add_argument("--int8-per-tensor", action="store_true",
                    help="with --int8: one weight scale per tensor instead of per output channel")
     g.add_argument("--int8-activations", choices=["uint8", "int8"], default="uint8",
@@ -307,10 +310,13 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise BadInputError("--calibration is used with --int8, --fp16 or --weights")
     int8_only = {"--calibration-cache": args.calibration_cache, "--int8-per-tensor": args.int8_per_tensor,
                  "--int8-activations": args.int8_activations != "uint8", "--int8-exclude": args.int8_exclude,
-                 "--no-int8-bias-correction": args.no_int8_bias_correction}
+                 "--no-int8-bias-correction": args.no_int8_bias_correction,
+                 "--int8-metric-margin": args.int8_metric_margin is not None}
     for flag, given in int8_only.items():
         if given and not args.int8:
             raise BadInputError(f"{flag} is used with --int8")
+    if args.int8_metric_margin is not None and not args.int8_metric_margin > 0:
+        raise BadInputError("--int8-metric-margin must be a positive number")
     if args.allow_float_fallback and not (args.int8 or args.fp16 or args.int8_dynamic or args.weights):
         raise BadInputError("--allow-float-fallback is used with --fp16, --int8, --int8-dynamic or --weights")
     if args.external_data == "off" and (args.external_data_threshold is not None or args.external_data_location):
@@ -402,6 +408,8 @@ def run(argv: Sequence[str] | None = None) -> int:
                           "bias_correction": not args.no_int8_bias_correction,
                           "activation_type": args.int8_activations,
                           "metric": None if args.int8_metric == "target" else args.int8_metric,
+                          "metric_margin": DEFAULT_MARGIN if args.int8_metric_margin is None
+                          else args.int8_metric_margin,
                           "exclude": [e for item in args.int8_exclude for e in _split(item)]},
             tolerances={"int8": dataclasses.replace(TOLERANCES["int8"], min_sqnr_db=args.int8_target_sqnr)},
             int8_dynamic=args.int8_dynamic,
