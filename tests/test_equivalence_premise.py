@@ -200,3 +200,97 @@ def test_optimize_numbers_a_files_parse_before_its_passes_and_still_catches_a_mi
                                                                    ("_PlantedSigmoid", "reverted")]
     assert planted.report.verification["status"] == "passed"
     assert _max_difference(onnx.load(path), planted.model) < 1e-5  # the miscompile was undone
+
+
+def _matmul_add(rank: int) -> onnx.ModelProto:
+    shape, out = ("2, 5", "2, 4") if rank == 2 else ("2, 3, 5", "2, 3, 4")
+    weights = ", ".join(str(v) for v in RNG.standard_normal(20).round(3))
+    return onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[{shape}] x) => (float[{out}] y) {{
+            w = Constant <value = float[5, 4] {{{weights}}}> ()
+            b = Constant <value = float[4] {{0.5, -1.0, 2.0, 0.25}}> ()
+            m = MatMul(x, w)
+            y = Add(m, b)
+        }}""")
+
+
+def _gemm_in_place(model: ir.Model) -> None:
+    """In place: MatMul + Add become one Gemm (the original's values, renamed, stay in the object)."""
+    matmul = next(n for n in model.graph if n.op_type == "MatMul")
+    add = next(n for n in model.graph if n.op_type == "Add")
+    gemm = ir.node("Gemm", [matmul.inputs[0], matmul.inputs[1], add.inputs[1]])
+    model.graph.append(gemm)
+    model.graph.outputs[0] = gemm.outputs[0]
+    model.graph.remove([add, matmul], safe=True)
+    gemm.outputs[0].name = "y"
+    matmul.outputs[0].name = "y_before"  # a removed value keeps a name the candidate's inference may use
+
+
+def test_a_gemm_made_in_place_is_proved_for_a_rank_2_input_only():
+    """The rank of x is inferred on the original while it is unchanged; the candidate, the
+    same object changed in place, is inferred on its own."""
+    for rank in (2, 3):
+        proto = _matmul_add(rank)
+        model = optcc.ir.load(proto)
+        premise = number_original(model)
+        assert premise is not None
+        _gemm_in_place(model)
+        try:
+            assert premise.prove(model).complete is (rank == 2)
+        finally:
+            premise.release()
+        if rank == 2:
+            x = RNG.standard_normal((2, 5)).astype(np.float32)
+            np.testing.assert_allclose(expected_outputs_float64(optcc.ir.serialize(model), {"x": x})[0],
+                                       expected_outputs_float64(proto, {"x": x})[0], rtol=1e-6, atol=1e-6)
+
+
+def _gemm_after_reshape_chain() -> onnx.ModelProto:
+    """x -> Reshape(x, [dim 0 of x through int32, -1]) -> Transpose -> Relu -> MatMul + Add."""
+    weights = ", ".join(str(v) for v in RNG.standard_normal(24).round(3))
+    return onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[6, 5] x) => (float[5, 4] y) {{
+            zero = Constant <value = int64[1] {{0}}> ()
+            one = Constant <value = int64[1] {{1}}> ()
+            s = Shape(x)
+            s32 = Cast <to = 6> (s)
+            head = Slice(s32, zero, one)
+            h64 = Cast <to = 7> (head)
+            minus = Constant <value = int64[1] {{-1}}> ()
+            target = Concat <axis = 0> (h64, minus)
+            r = Reshape(x, target)
+            t = Transpose <perm = [1, 0]> (r)
+            u = Relu(t)
+            w = Constant <value = float[6, 4] {{{weights}}}> ()
+            b = Constant <value = float[4] {{0.5, -1.0, 2.0, 0.25}}> ()
+            m = MatMul(u, w)
+            y = Add(m, b)
+        }}""")
+
+
+def test_a_gemm_made_in_place_after_a_reshape_chain_is_proved_and_a_transposed_weight_is_not():
+    """MatMul + Add is Gemm only for a rank-2 input (here behind a Relu, a Transpose and a
+    Reshape whose target is read from x's shape)."""
+    proto = _gemm_after_reshape_chain()
+    for transposed, proved in ((0, True), (1, False)):
+        model = optcc.ir.load(proto)
+        premise = number_original(model)
+        assert premise is not None
+        _gemm_in_place(model)
+        gemm = next(n for n in model.graph if n.op_type == "Gemm")
+        if transposed:  # a miscompile: the weight read transposed (a (4, 6) weight would fit)
+            w = gemm.inputs[1]
+            flipped = ir.Value(name="w_t", const_value=ir.tensor(optcc.ir.const_tensor(w).numpy().reshape(4, 6)))
+            model.graph.initializers["w_t"] = flipped
+            gemm.replace_input_with(1, flipped)
+            gemm.attributes["transB"] = ir.AttrInt64("transB", 1)
+        try:
+            assert premise.prove(model).complete is proved
+        finally:
+            premise.release()
+        x = RNG.standard_normal((6, 5)).astype(np.float32)
+        got = expected_outputs_float64(optcc.ir.serialize(model), {"x": x})[0]
+        want = expected_outputs_float64(proto, {"x": x})[0]
+        assert np.allclose(got, want, rtol=1e-6, atol=1e-6) is proved

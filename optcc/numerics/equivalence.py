@@ -122,8 +122,8 @@ def number_original(original: ir.Model, *,
     original's has, and a candidate's constant of the same bytes too, as ``prove_equivalent``
     keys a fold. None otherwise (a fold onnxruntime must evaluate, or a large one: prove with
     ``prove_equivalent`` on an unchanged original). ``original_proto``: a
-    function returning ``original`` parsed again (not changed by the passes) for shape
-    inference; without it, inference runs now, while ``original`` is unchanged.
+    function returning ``original`` parsed again (not changed by the passes) for the
+    shape inference its numbering may ask for (now, while ``original`` is unchanged).
 
     The keys are those ``prove_equivalent`` gives the original: its ranks are inferred
     for the original's own static input shapes (``Premise.prove`` declines a candidate
@@ -276,6 +276,11 @@ class _Numbering:
             self._protos[id(model)] = (proto, aside, constants, model)
         return self._protos[id(model)][0]
 
+    def forget(self, model: ir.Model) -> None:
+        """Drop ``model``'s serialization, handed-over parse and inferred ranks."""
+        for table in (self._protos, self.given, self._ranks):
+            table.pop(id(model), None)
+
     def without_data(self, model: ir.Model) -> tuple[set[str], set[str]]:
         """The initializers whose data ``proto(model)`` leaves out, and the outputs of the
         Constant nodes whose tensor it leaves out."""
@@ -287,21 +292,24 @@ class _Numbering:
         intermediate types dropped and ``input_shapes`` for its inputs (once per model)."""
         if id(model) not in self._ranks:
             try:
-                proto = self.proto(model)
-                for given in proto.graph.input:
-                    dims = given.type.tensor_type.shape.dim
-                    if given.name in input_shapes and len(dims) == len(input_shapes[given.name]):
-                        for dim, size in zip(dims, input_shapes[given.name]):
-                            dim.Clear()
-                            dim.dim_value = size
-                inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-                infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-                ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in infos
-                         if i.type.HasField("tensor_type") and i.type.tensor_type.HasField("shape")}
+                ranks = _inferred_ranks(self.proto(model), input_shapes)
             except Exception:  # noqa: BLE001 - then no rank is known
                 ranks = {}
             self._ranks[id(model)] = (ranks, model)
         return self._ranks[id(model)][0]
+
+    def parse_ranks(self, parse: onnx.ModelProto | None, input_shapes: dict[str, list[int]]) -> dict[str, int]:
+        """``ranks`` of a model from ``parse``, a parse of its file (changed: its large tensors
+        emptied and its declared intermediate types dropped, as ``proto`` does); none without one."""
+        if parse is None:
+            return {}
+        try:
+            _strip_large(parse)
+            _strip_large_constants(parse)
+            del parse.graph.value_info[:]
+            return _inferred_ranks(parse, input_shapes)
+        except Exception:  # noqa: BLE001 - then no rank is known
+            return {}
 
     def numpy(self, tensor: ir.TensorProtocol) -> np.ndarray:
         """``tensor.numpy()``, decoded once per tensor object (clones share them)."""
@@ -409,6 +417,8 @@ class _Keys:
         self._ranks_by_key: tuple[int, dict[int, int]] | None = None  # (len(_keys) then, ranks)
         self._held: tuple[int, set[int]] | None = None  # (len(_keys) then, the keys)
         self._frozen_names: dict[int, str] | None = None  # the keyed values' names when frozen
+        self._frozen_parse: Any = None  # when frozen uninferred: its parse (or a function returning it)
+        self._rank_memo: dict[int, tuple[ir.Value, int]] = {}  # ranks found, by id(value)
         self._shapes: dict[int, tuple[bool, list] | None] = {}  # shape-like values, by id(value)
         self._constants: dict[int, tuple[ir.Value, ir.TensorProtocol | None]] = {}  # by id(value)
         self._node_attributes: dict[int, tuple[ir.Node, tuple | None]] = {}  # by id(node)
@@ -521,21 +531,39 @@ class _Keys:
             return False, parts[0][1][slice(starts[0], ends[0], steps[0])]
         return None
 
-    def rank(self, value: ir.Value) -> int | None:
-        """A value's rank: a Reshape's, the length of its target where that is read
-        (``_shape_elements``: the spec's output has one dim per element); else from onnx's
-        own shape inference (ranks only). Values with one key
+    def rank(self, value: ir.Value, depth: int = 0) -> int | None:
+        """A value's rank (once per value): a fed graph input's, its declared rank (what
+        onnxruntime accepts for it); a Reshape's, the length of its target where that is read
+        (``_shape_elements``: the spec's output has one dim per element); else by the
+        operator's definition from its inputs' ranks (``_rank_by_definition``,
+        ``MAX_RANK_DEPTH`` nodes up); else from onnx's own shape inference (ranks only).
+        Values with one key
         have one rank, whichever model shows it: a model whose ranks are already inferred
         is asked first, then another model that has keyed a value with this key (the model
         keyed first, the candidate, is usually the smaller one to infer), then this model.
         A model that holds no value with this key is never inferred for it, so inference
         runs on a second model only for what the first lacks."""
+        known = self._rank_memo.get(id(value))
+        if known is not None and known[0] is value:
+            return known[1]
+        rank = self._rank_of(value, depth)
+        if rank is not None:
+            self._rank_memo[id(value)] = (value, rank)  # the value keeps its id unique
+        return rank
+
+    def _rank_of(self, value: ir.Value, depth: int) -> int | None:
         key = self.key(value)
         node = value.producer()
+        if node is None and value.name in self.fed and value.shape is not None:
+            return value.shape.rank()
         if node is not None and node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
             target = self._shape_elements(node.inputs[1])
             if target is not None and not target[0]:
                 return len(target[1])  # a Reshape's output has one dim per element of its target
+        if node is not None and depth < MAX_RANK_DEPTH:
+            rank = self._rank_by_definition(node, value, depth)
+            if rank is not None:
+                return rank
         models = sorted(self.numbering.models, key=lambda m: (m._ranks is None, m is self))
         for model in models:
             if model is self:
@@ -547,6 +575,37 @@ class _Keys:
             if rank is not None:
                 return rank
         return None
+
+    def _rank_by_definition(self, node: ir.Node, value: ir.Value, depth: int) -> int | None:
+        """The rank the spec gives a default-domain node's first output from its inputs'
+        ranks (opset 7 on, multidirectional broadcasting): an elementwise unary operator's
+        is its input's, and so is that of the operators whose output has their first input's
+        rank (``_RANK_KEEPING_FIRST``: convolutions, pools, normalizations, Resize, Pad,
+        Slice, Concat, each output of a Split); an elementwise binary operator's, the
+        largest of its inputs'; a
+        Transpose's, its permutation's length (else its input's); a reduction that keeps its
+        dims, its input's. None otherwise, or where an input's rank is unknown."""
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx") or (value.index() != 0 and op != "Split") \
+                or self.opsets.get("", 0) < 7 or not node.inputs or node.inputs[0] is None:
+            return None
+        if op in _RANK_KEEPING_FIRST:
+            return self._input_rank(node.inputs[0], depth)
+        if any(v is None for v in node.inputs):
+            return None
+        if op in _RANK_KEEPING or (op.startswith("Reduce") and node.attributes.get_int("keepdims", 1) == 1):
+            return self._input_rank(node.inputs[0], depth) if node.inputs else None
+        if op == "Transpose" and len(node.inputs) == 1:
+            perm = node.attributes.get_ints("perm")
+            return len(perm) if perm is not None else self._input_rank(node.inputs[0], depth)
+        if op in _BROADCASTING and len(node.inputs) == 2:
+            ranks = [self._input_rank(v, depth) for v in node.inputs]
+            return None if None in ranks else max(ranks)
+        return None
+
+    def _input_rank(self, value: ir.Value, depth: int) -> int | None:
+        array = self._array(value)
+        return array.ndim if array is not None else self.rank(value, depth + 1)
 
     def held_keys(self) -> set[int]:
         """The keys of this model's keyed values."""
@@ -565,19 +624,28 @@ class _Keys:
 
     def freeze(self) -> None:
         """Keep what later questions of the other model read (``held_keys``,
-        ``ranks_by_key``) independent of this model's graph, which may change from now on:
-        the keyed values' names as they are now, and the ranks inferred now unless a parse
-        of the unchanged model was handed over to infer them from. No value is keyed after."""
+        ``ranks_by_key``) independent of this model's graph, which may change from now on
+        (into the candidate itself, the same object): the keyed values' names as they are
+        now, and the ranks inferred so far, else the handed-over parse of the unchanged model
+        to infer them from when asked (without one, they are inferred now). The numbering
+        forgets the model's serialization, parse and inference, so that a candidate of the
+        same identity gets its own. No value is keyed after."""
         self._frozen_names = {i: value.name for i, value in self._values.items()}
-        given = self.numbering.given.get(id(self.model))
-        if callable(given):  # its parse now: without one, inference must run while the model is unchanged
-            given = self.numbering.given[id(self.model)] = given()
-        if self._ranks is None and given is None:
-            self._rank_map()
+        if self._ranks is None:
+            given = self.numbering.given.get(id(self.model))
+            if given is None:  # no parse of the unchanged model to infer from later: now
+                self._rank_map()
+            else:
+                self._frozen_parse = given
+        self.numbering.forget(self.model)
 
     def _rank_map(self) -> dict[str, int]:
         if self._ranks is None:
-            self._ranks = self.numbering.ranks(self.model, self.input_shapes)
+            if self._frozen_parse is not None:  # frozen: from the parse of the model as it was
+                parse, self._frozen_parse = self._frozen_parse, None
+                self._ranks = self.numbering.parse_ranks(parse() if callable(parse) else parse, self.input_shapes)
+            else:
+                self._ranks = self.numbering.ranks(self.model, self.input_shapes)
         return self._ranks
 
     def _array(self, value: ir.Value | None) -> np.ndarray | None:
@@ -901,6 +969,21 @@ class _Keys:
         return run(make_session(sub.SerializeToString()), {})
 
 
+def _inferred_ranks(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, int]:
+    """Value ranks by name from onnx's shape inference on ``proto`` (changed: its inputs
+    given ``input_shapes``)."""
+    for given in proto.graph.input:
+        dims = given.type.tensor_type.shape.dim
+        if given.name in input_shapes and len(dims) == len(input_shapes[given.name]):
+            for dim, size in zip(dims, input_shapes[given.name]):
+                dim.Clear()
+                dim.dim_value = size
+    inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    return {i.name: len(i.type.tensor_type.shape.dim) for i in infos
+            if i.type.HasField("tensor_type") and i.type.tensor_type.HasField("shape")}
+
+
 def _large_or_external(tensor: ir.TensorProtocol) -> bool:
     return tensor.size > MAX_SHAPE_ELEMENTS or isinstance(tensor, ir.ExternalTensor)
 
@@ -989,6 +1072,17 @@ def _top_values(graph: ir.Graph) -> Iterator[ir.Value]:
 _PLAIN_ARRAYS = {np.dtype(t).newbyteorder("<"): ir.DataType.from_numpy(np.dtype(t)) for t in (
     np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
     np.uint64, np.bool_)}
+MAX_RANK_DEPTH = 64  # ranks read by definition through at most this many nodes
+_RANK_KEEPING = frozenset(("Sqrt", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Neg", "Abs", "Erf", "Reciprocal",
+                           "Identity", "Floor", "Ceil", "Sin", "Cos", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu",
+                           "Softplus", "Not", "Sign", "Round"))
+# operators whose (first, or Split's every) output has their first input's rank, by the spec
+_RANK_KEEPING_FIRST = frozenset(("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
+                                 "GlobalMaxPool", "GlobalLpPool", "BatchNormalization", "InstanceNormalization",
+                                 "LRN", "Softmax", "LogSoftmax", "Clip", "Cast", "Dropout", "Resize", "Upsample",
+                                 "Pad", "Slice", "Concat", "Split", "PRelu"))
+_BROADCASTING = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater", "And", "Or", "Xor",
+                           "LessOrEqual", "GreaterOrEqual"))
 _DEFINED_OPS = frozenset(("ConstantOfShape", "Identity", "Cast", "Flatten", "Unsqueeze", "Squeeze", "Reshape"))
 _EXACT_INTEGERS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                                           np.uint64)}

@@ -599,9 +599,11 @@ class Verifier:
                 with oir.collector_paused():  # the proof's tables all stay alive until it returns
                     given = None if light is None else proto
                     proof = None if premise is None else premise.prove(model, candidate_proto=given)
-                    if proof is None:
+                    if proof is None or not proof.complete:  # the full proof may know more (e.g. ranks)
+                        if proof is not None and light is not None:
+                            proto = onnx.ModelProto.FromString(light[0])  # the numbering changed the first
                         proof = prove_equivalent(self._model, model, original_proto=self._original_proto,
-                                                 candidate_proto=given)
+                                                 candidate_proto=None if light is None else proto)
             except Exception:  # noqa: BLE001 - no proof: the samples decide
                 return None
             finally:
