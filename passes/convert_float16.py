@@ -15,7 +15,8 @@ A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
   one-node session per op type, opset and provider — CPU, plus CUDA when present — and
   caches the verdict; ops that CPU runs through its own inserted float32 Casts are
   converted and listed in ``stats["cpu_fp32_fallback_ops"]``);
-- data says float16 is unsafe: on the given feeds (or generated ones) an input or output
+- data says float16 is unsafe: on the given feeds (or generated ones, made longer when the
+  model cannot run them, as the verifier's) an input or output
   reaches |x| >= 65504, more than 10% of its non-zero values flush to zero in float16, or a
   reduction's partial sums / a normalization's squares would overflow;
 - the accuracy check fails: the candidate is compared with the float32 original on the
@@ -57,7 +58,7 @@ import onnxruntime as ort
 
 import optcc
 from optcc import fp16
-from optcc.numerics import generate_inputs, resolve_providers
+from optcc.numerics import RETRY_DYNAMIC_DIM, generate_inputs, resolve_providers
 from optcc.fp16 import (
     FLOAT, FLOAT16, FP16_MAX, KEEP_INPUTS, Emulator, Rewriter, Slots, exactly_float16, float16_slots)
 
@@ -166,7 +167,7 @@ class ConvertFloat16Pass(optcc.Pass):
         self.ref_values: list[dict[str, np.ndarray]] = []
         self.range_note = None
         try:
-            self.ref_values = fp16.ranges.run_all(self.reference, self.feeds, self._scratch)
+            self.ref_values = self._observed()
         except Exception as e:  # noqa: BLE001
             self.range_note = f"ranges not observed: onnxruntime cannot run the model ({e})"[:300]
         self.ranges = fp16.ranges.ranges(self.ref_values, self.feeds)
@@ -174,6 +175,18 @@ class ConvertFloat16Pass(optcc.Pass):
         for name, array in (self.ref_values[0] if self.ref_values else {}).items():
             if self.inferred.get(name) is None:
                 self.inferred[name] = ir.DataType.from_numpy(array.dtype)
+
+    def _observed(self) -> list[dict[str, np.ndarray]]:
+        """Every value on the feeds; generated feeds the model cannot run are generated once
+        more with their free dynamic dims ``RETRY_DYNAMIC_DIM`` long, as the verifier does."""
+        try:
+            return fp16.ranges.run_all(self.reference, self.feeds, self._scratch)
+        except Exception:  # noqa: BLE001
+            if self.inputs:
+                raise
+            self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
+                                         dynamic_dim=RETRY_DYNAMIC_DIM)
+            return fp16.ranges.run_all(self.reference, self.feeds, self._scratch)
 
     def _dtype(self, value: ir.Value) -> ir.DataType | None:
         return value.dtype if value.dtype is not None else self.inferred.get(value.name or "")

@@ -145,3 +145,16 @@ def test_a_model_onnxruntime_cannot_load_is_not_blamed_on_the_inputs():
     with Verifier(custom) as verifier:
         check = verifier.check(optcc.ir.load(custom), "fusion")
     assert check.status == "skipped" and "generated inputs" not in check.reason
+
+
+def test_float16_observes_ranges_on_generated_samples_made_longer():
+    """The float16 conversion generates its own samples to observe value ranges: those the
+    model cannot run are made longer as the verifier's are, and the model converts."""
+    model = _reflect_padded(100, "Mul(padded, two)")
+    result = optcc.optimize(model, fp16=True)
+    assert result.precision["fp16"] is None  # applied
+    x = np.random.default_rng(1).standard_normal((1, 512)).astype(np.float32)
+    padded = np.pad(x.astype(np.float64), ((0, 0), (100, 100)), mode="reflect")
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"signal": x})[0].astype(np.float64)
+    assert np.max(np.abs(got - 2.0 * padded)) <= 2e-3 * np.max(np.abs(2.0 * padded))

@@ -63,12 +63,14 @@ import onnx_ir as ir
 
 from optcc.errors import BadInputError
 
-__all__ = ["DECODE_STEPS", "DEFAULT_DYNAMIC_DIM", "DEFAULT_PAST_LENGTH", "generate_inputs", "check_feeds",
+__all__ = ["DECODE_STEPS", "DEFAULT_DYNAMIC_DIM", "RETRY_DYNAMIC_DIM", "DEFAULT_PAST_LENGTH", "generate_inputs", "check_feeds",
            "input_roles"]
 
 DECODE_STEPS = 3  # steps of a KV-cache decoder's verification decode; generated inputs leave room for them
 
 DEFAULT_DYNAMIC_DIM = 64  # size chosen for a dynamic dimension other than the first
+# the size tried next when the model cannot run on the default (a signal reflect-padded by more)
+RETRY_DYNAMIC_DIM = 512
 DEFAULT_PAST_LENGTH = 16  # KV-cache length of a generated decoder step
 DEFAULT_SAMPLE_RATE = 16000
 _SAMPLE_RATE_NAMES = frozenset({"sr", "sample_rate", "sampling_rate"})

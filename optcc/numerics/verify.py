@@ -65,7 +65,7 @@ from optcc.errors import BadInputError
 from optcc.numerics.decode import DECODE_STEPS, decode_plan, free_running, run_decode
 from optcc.numerics.equivalence import Premise, number_original, prove_equivalent
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
-from optcc.numerics.inputs import DEFAULT_DYNAMIC_DIM, check_feeds, generate_inputs, input_roles
+from optcc.numerics.inputs import DEFAULT_DYNAMIC_DIM, RETRY_DYNAMIC_DIM, check_feeds, generate_inputs, input_roles
 from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
 from optcc.numerics.task import DEFAULT_MARGIN, TaskJudge, UserMetric, perturb
@@ -79,7 +79,6 @@ Feeds = Mapping[str, np.ndarray]
 ModelRef = Union[ir.Model, str, os.PathLike]
 
 DEFAULT_SAMPLES = 3
-RETRY_DYNAMIC_DIM = 512  # free dynamic dims of generated samples made again when the original cannot run them
 LOAD_BESIDE_PROOF_NODES = 100  # a proved candidate this large is loaded while the proof runs
 REPARSE_MAX_BYTES = 64 * 1024 * 1024  # an original file up to this size is parsed again for the proof
 REFERENCES = ("auto", "float32")
