@@ -47,8 +47,7 @@ QGemm, QLinearAdd/Mul, QLinearAveragePool, QLinearConcat, ...):
   ``WeightBiasQuantization``, at every optimization level above none) quantizes the
   float weights of any such layer fed by a per-tensor DQ itself, symmetric per tensor
   int8, and fuses it into an integer kernel: a layer kept float for accuracy would run
-  with weights coarser than the quantized layers' per-channel ones (PP-OCRv4 det with 22
-  Convs kept float: text-mask IoU deviation 0.36 instead of 0.27). It matches a scalar
+  with weights coarser than the quantized layers' per-channel ones. It matches a scalar
   scale only, so a per-channel one keeps the layer float. Needs opset >= 13 (``axis``)
   and more than one input channel (a 1-element scale counts as a scalar there).
 
