@@ -1,0 +1,38 @@
+"""eliminate-noops removes a Cast to the type its input already has when that type is not
+annotated but fixed by ONNX's type constraints (a Slice of a float input is float, a Not
+is bool), and keeps a Cast that converts."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx.reference import ReferenceEvaluator
+
+import optcc
+
+
+def _model() -> onnx.ModelProto:
+    return onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[2, 8] x, bool[2, 8] m) => (float[2, 4] y, bool[2, 8] n, float[2, 8] f) {
+            starts = Constant <value = int64[1] {0}> ()
+            ends = Constant <value = int64[1] {4}> ()
+            axes = Constant <value = int64[1] {1}> ()
+            part = Slice(x, starts, ends, axes)
+            y = Cast <to = 1> (part)
+            flipped = Not(m)
+            n = Cast <to = 9> (flipped)
+            f = Cast <to = 1> (flipped)
+        }""")
+
+
+def test_casts_to_the_type_the_constraints_fix_are_removed_and_conversions_kept():
+    model = _model()
+    assert not model.graph.value_info  # nothing annotated: the types come from the ops
+    result = optcc.optimize(model, passes=["eliminate-noops"])
+    casts = [n for n in result.model.graph.node if n.op_type == "Cast"]
+    assert [c.attribute[0].i for c in casts] == [onnx.TensorProto.FLOAT]  # bool -> float stays
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32), "m": rng.random((2, 8)) < 0.5}
+    for got, want in zip(ReferenceEvaluator(result.model).run(None, feeds), ReferenceEvaluator(model).run(None, feeds)):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
