@@ -4,10 +4,9 @@ Rewrites (``y = Op(x, ...)`` removed, every use of ``y`` reads ``x``), each only
 the value types and constant operands prove the node is a no-op:
 
 - ``cast``: Cast to the dtype ``x`` already has; CastLike to a value of that dtype. An
-  unannotated ``x`` has the dtype the operators' type constraints fix: a ConstantOfShape's
-  ``value`` tensor's (float32 without one), bool from a comparison or logical op, a
-  Cast's ``to``, and a data-movement op's (Slice, Reshape, Transpose, Gather, Concat, ...)
-  that of its data input.
+  unannotated ``x`` has the dtype ONNX's type constraints fix from its producer
+  (``optcc.ir.element_type``: a Cast's ``to``, a ConstantOfShape's ``value`` tensor's,
+  bool from a comparison or logical op, a data-movement op's data input's, ...).
 - ``reshape``: Reshape whose target (a constant) gives ``x``'s own shape: every entry is
   a copy (``0`` without allowzero), the equal static dim, or a single ``-1`` when every
   other dim of ``x`` is static and positive (so the inferred size is ``x``'s dim).
@@ -219,49 +218,14 @@ def _keeps_shape(shape: ir.Shape | None, other: Sequence[int]) -> bool:
 # Each rule returns the input the node's single output equals, or None.
 
 
-# ops whose output has their first input's element type (ONNX type constraint T -> T)
-_SAME_TYPE_OPS = frozenset({"Slice", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Identity", "Flatten",
-                            "Expand", "Tile", "Pad", "Gather", "Concat", "Split"})
-_BOOL_OPS = frozenset({"Not", "And", "Or", "Xor", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual"})
-_DTYPE_DEPTH = 16  # producers followed back to find an unannotated value's dtype
-
-
-def _dtype(value: ir.Value | None, depth: int = 0) -> ir.DataType | None:
-    """The value's annotated dtype, or, unannotated, the one ONNX's type constraints fix:
-    a comparison's or logical op's output is bool, a Cast's its ``to``, a data-movement
-    op's that of its data input (followed back ``_DTYPE_DEPTH`` producers at most), a
-    ConstantOfShape's that of its ``value`` tensor, float32 when it has none."""
-    if value is None or value.dtype is not None:
-        return None if value is None else value.dtype
-    producer = value.producer()
-    if producer is None or producer.domain not in ("", "ai.onnx"):
-        return None
-    if producer.op_type in _BOOL_OPS:
-        return ir.DataType.BOOL
-    if producer.op_type == "Cast":
-        to = producer.attributes.get("to")
-        return ir.DataType(to.as_int()) if to is not None and to.type == ir.AttributeType.INT else None
-    if producer.op_type in _SAME_TYPE_OPS:
-        source = producer.inputs[0] if producer.inputs else None
-        return _dtype(source, depth + 1) if depth < _DTYPE_DEPTH else None
-    if producer.op_type != "ConstantOfShape":
-        return None
-    attribute = producer.attributes.get("value")
-    if attribute is None:
-        return ir.DataType.FLOAT
-    if attribute.type != ir.AttributeType.TENSOR:
-        return None
-    return attribute.as_tensor().dtype
-
-
 def _cast(node: ir.Node, opset: int) -> ir.Value | None:
     x = node.inputs[0]
-    dtype = _dtype(x)
+    dtype = optcc.ir.element_type(x)
     if x is None or dtype is None:
         return None
     if node.op_type == "CastLike":
         like = node.inputs[1] if _has_input(node, 1) else None
-        return x if like is not None and _dtype(like) == dtype else None
+        return x if like is not None and optcc.ir.element_type(like) == dtype else None
     to = node.attributes.get("to")
     if to is None or to.type != ir.AttributeType.INT:
         return None

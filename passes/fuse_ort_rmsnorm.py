@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+import optcc
+
 from optcc.infra import PassResult
 from optcc.passes.fuse_normalization import _check_rms, _scalar_near, _vector, rms_pattern
 from optcc.passes.fuse_ort_transformer import MS_DOMAIN, MicrosoftRewritePass, float32_only
@@ -56,39 +58,13 @@ __all__ = ["FuseOrtSkipRmsNormPass"]
 RMS_OPSET = 23
 
 
-_SAME_TYPE_OPS = ("Add", "Sub", "Mul", "Div", "MatMul", "Gemm", "Gather", "Relu", "Sigmoid", "Reshape",
-                  "Transpose", "Softmax", "Neg", "Concat", "Split", "Squeeze", "Unsqueeze", "Expand", "Identity")
-
-
-def _dtype(value: ir.Value | None, depth: int = 0) -> ir.DataType | None:
-    """The value's element type: declared, else a constant's, a Cast's target, or the type
-    of the data input of an op whose output type is its input's."""
-    if value is None:
-        return None
-    if value.dtype is not None:
-        return value.dtype
-    if value.const_value is not None:
-        return value.const_value.dtype
-    node = value.producer()
-    if node is None or depth > 64 or node.domain not in ("", "ai.onnx"):
-        return None
-    if node.op_type == "Cast":
-        to = node.attributes.get("to")
-        return None if to is None else ir.DataType(to.as_int())
-    if node.op_type in _SAME_TYPE_OPS:
-        for v in node.inputs[:2]:
-            found = _dtype(v, depth + 1)
-            if found is not None:
-                return found
-    return None
-
-
 def _float32_cast(node: ir.Node | None) -> bool:
     """A Cast to float32 of a float32 value (a no-op)."""
     if node is None or node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
         return False
     to = node.attributes.get("to")
-    return to is not None and to.as_int() == ir.DataType.FLOAT and _dtype(node.inputs[0]) == ir.DataType.FLOAT
+    return (to is not None and to.as_int() == ir.DataType.FLOAT
+            and optcc.ir.element_type(node.inputs[0]) == ir.DataType.FLOAT)
 
 
 def _residual(x: ir.Value) -> ir.Node | None:
@@ -118,7 +94,7 @@ def _check(m: Match) -> str | None:
         return "opset >= 23: fuse-normalization writes the standard RMSNormalization"
     if m.get("cast_out") is not None and not _float32_cast(m["cast_out"]):
         return "a Cast that is not float32 to float32"
-    if _dtype(m["x"]) != ir.DataType.FLOAT:
+    if optcc.ir.element_type(m["x"]) != ir.DataType.FLOAT:
         return "not float32"
     if m.get("one") is not None and not _scalar_near(m, "one", 1.0):
         return "not 1 / sqrt(..)"

@@ -62,7 +62,6 @@ import onnx_ir as ir
 import optcc
 from optcc.infra import PassResult
 from optcc.passes.fold_shapes import infer_shapes
-from optcc.passes.fuse_ort_rmsnorm import _dtype
 from optcc.passes.fuse_ort_transformer import MS_DOMAIN, import_microsoft_domain
 from optcc.passes.ort_shapes import OrtShapes, same_dim
 from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var
@@ -245,7 +244,7 @@ def _last_axis(node: ir.Node) -> bool:
 
 def _plan(m: Match, dims: _Dims, contrib: bool) -> _Plan | str:
     x = m["x"]
-    if _dtype(x) != ir.DataType.FLOAT:
+    if optcc.ir.element_type(x) != ir.DataType.FLOAT:
         return "not float32"
     x_dims = dims.static(x)
     if x_dims is None or len(x_dims) != 4 or not isinstance(x_dims[3], int):

@@ -36,3 +36,29 @@ def test_casts_to_the_type_the_constraints_fix_are_removed_and_conversions_kept(
     feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32), "m": rng.random((2, 8)) < 0.5}
     for got, want in zip(ReferenceEvaluator(result.model).run(None, feeds), ReferenceEvaluator(model).run(None, feeds)):
         assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_element_type_reads_a_data_movement_op_from_its_data_input_only():
+    """A Reshape of a value of unknown type has an unknown type, not its int64 shape's: a
+    Cast to int64 after it may convert, and stays; an Add takes its known operand's type."""
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17, "com.example": 1]>
+        g (float[2, 8] x) => (int64[16] y, float[2, 8] z, bool[2, 8] b) {
+            unknown = com.example.Opaque(x)
+            shape = Constant <value = int64[1] {16}> ()
+            flat = Reshape(unknown, shape)
+            y = Cast <to = 7> (flat)
+            added = Add(unknown, x)
+            less = Less(unknown, x)
+            z = Identity(added)
+            b = Identity(less)
+        }""")
+    model = optcc.ir.load(proto)
+    by_name = {v.name: v for node in model.graph for v in node.outputs}
+    assert optcc.ir.element_type(by_name["unknown"]) is None
+    assert optcc.ir.element_type(by_name["flat"]) is None
+    assert optcc.ir.element_type(by_name["y"]) == onnx.TensorProto.INT64
+    assert optcc.ir.element_type(by_name["added"]) == onnx.TensorProto.FLOAT
+    assert optcc.ir.element_type(by_name["less"]) == onnx.TensorProto.BOOL
+    result = optcc.optimize(proto, passes=["eliminate-noops"], verify=False)
+    assert [n.op_type for n in result.model.graph.node].count("Cast") == 1

@@ -190,6 +190,51 @@ def ancestors(values: Iterable[ir.Value | None]) -> set[ir.Node]:
     return seen
 
 
+# ONNX type constraints a value's element type follows from: ops whose output has the
+# type of their data input (input 0), ops whose every input has the output's type, and ops
+# whose output is bool
+_TYPE_OF_DATA_INPUT = frozenset({"Slice", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Identity", "Flatten",
+                                 "Expand", "Tile", "Pad", "Gather", "Split", "Relu", "Sigmoid", "Softmax", "Neg"})
+_TYPE_OF_EVERY_INPUT = frozenset({"Add", "Sub", "Mul", "Div", "MatMul", "Gemm", "Concat"})
+_BOOL_RESULT = frozenset({"Not", "And", "Or", "Xor", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual"})
+ELEMENT_TYPE_DEPTH = 64  # producers followed back to find an undeclared value's element type
+
+
+def element_type(value: ir.Value | None, depth: int = 0) -> ir.DataType | None:
+    """A value's element type: declared, else its constant's, else the one ONNX's type
+    constraints fix from its default-domain producer (followed back ``ELEMENT_TYPE_DEPTH``
+    producers at most): a Cast's ``to``; a ConstantOfShape's ``value`` tensor's (float32
+    without one); bool for a comparison or logical op; the data input's (input 0) for a
+    data-movement or unary op; any input's for an op whose inputs all share the output's
+    type. None where none of these says."""
+    if value is None:
+        return None
+    if value.dtype is not None:
+        return value.dtype
+    if value.const_value is not None:
+        return value.const_value.dtype
+    node = value.producer()
+    if node is None or depth >= ELEMENT_TYPE_DEPTH or node.domain not in ("", "ai.onnx"):
+        return None
+    op = node.op_type
+    if op == "Cast":
+        to = node.attributes.get("to")
+        return ir.DataType(to.as_int()) if to is not None and to.type == ir.AttributeType.INT else None
+    if op == "ConstantOfShape":
+        fill = node.attributes.get("value")
+        if fill is None:
+            return ir.DataType.FLOAT
+        return fill.as_tensor().dtype if fill.type == ir.AttributeType.TENSOR else None
+    if op in _BOOL_RESULT:
+        return ir.DataType.BOOL
+    inputs = node.inputs[:1] if op in _TYPE_OF_DATA_INPUT else node.inputs if op in _TYPE_OF_EVERY_INPUT else ()
+    for source in inputs:
+        found = element_type(source, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
 def op_histogram(model: ir.Model) -> dict[str, int]:
     """Node counts keyed by op type ("domain::op" for non-default domains), sorted by name."""
     counts = collections.Counter(
