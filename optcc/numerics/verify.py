@@ -336,6 +336,7 @@ class Verifier:
         the default), and that is said in ``notes``."""
         if self._float32 is None and self._error is None:
             error, loaded = self._run_original()
+            where = ""
             if loaded and error is not None and self._generate is not None:
                 self._feeds = generate_inputs(self._model, **self._generate, dynamic_dim=RETRY_DYNAMIC_DIM)
                 retry_error, _ = self._run_original()
@@ -344,12 +345,18 @@ class Verifier:
                                      f"run on the original ({error}); they were made {RETRY_DYNAMIC_DIM} long")
                     error = None
                 else:
-                    error = ("on generated inputs (give samples that fit with --inputs, or sizes with "
-                             f"--input-shape): {retry_error}")
+                    where = " on generated inputs (give samples that fit with --inputs, or sizes with --input-shape)"
+                    error = retry_error
             if error is not None:
                 self._float32 = None
-                self._error = f"onnxruntime cannot run the original model{'' if error.startswith('on ') else ':'} {error}"
+                self._error = f"onnxruntime cannot run the original model{where}: {error}"
         return self._float32
+
+    def _session(self, source: Any, provider: str, **options: Any) -> Any:
+        """A session that runs ``source`` as the module docstring says every verification
+        session runs: graph optimizations (unless ``options`` ask) and pre-packing off."""
+        return make_session(source, provider, scratch=self._scratch.name,
+                            options=session_options(prepack=False, **options))
 
     def _run_original(self) -> tuple[str | None, bool]:
         """Run the original on every provider and sample into ``_float32``: why not, in one
@@ -357,8 +364,7 @@ class Verifier:
         self._float32 = {}
         for provider in self.providers:
             try:
-                session = make_session(self.original, provider, scratch=self._scratch.name,
-                                       options=session_options(prepack=False))
+                session = self._session(self.original, provider)
             except Exception as e:  # noqa: BLE001 - anything onnxruntime raises
                 return first_line(e), False
             try:
@@ -372,8 +378,7 @@ class Verifier:
         """The original's outputs with onnxruntime's basic optimizations (None: cannot run)."""
         if provider not in self._alternate:
             try:
-                session = make_session(self.original, provider, scratch=self._scratch.name,
-                                       options=session_options(optimize=True, prepack=False))
+                session = self._session(self.original, provider, optimize=True)
                 self._alternate[provider] = self._cases(session)
             except Exception:  # noqa: BLE001 - then the as-written evaluation alone counts
                 self._alternate[provider] = None
@@ -401,8 +406,7 @@ class Verifier:
             for i, feeds in enumerate(self.feeds):
                 moved, how = perturb(feeds, seed=i, not_images=caches)
                 perturbed.append(moved)
-            session = make_session(self.original, provider, scratch=self._scratch.name,
-                                   options=session_options(prepack=False))
+            session = self._session(self.original, provider)
             masks = None
             mask_names = [n for n, role in roles.items() if role == "mask"]
             if mask_names and self._plan is None:
@@ -492,9 +496,7 @@ class Verifier:
                 try:
                     # a lossy candidate's kernels may widen its stored weights on every run (float16
                     # on CPU, dequantized weights): without the arena that memory is returned
-                    session = make_session(source, provider, scratch=self._scratch.name,
-                                           options=session_options(arena=numerics in ("exact", "fusion"),
-                                                                   prepack=False))
+                    session = self._session(source, provider, arena=numerics in ("exact", "fusion"))
                 except Exception as e:  # noqa: BLE001
                     reason = f"onnxruntime cannot load the optimized model: {first_line(e)}"
                     return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
