@@ -17,7 +17,7 @@ import onnx_ir as ir
 from optcc import ir as oir
 from optcc.errors import BadInputError, PrecisionNotAppliedError, UnverifiedError, VerificationError
 from optcc.infra.pass_base import Numerics
-from optcc.infra.manager import Fixpoint, PassManager, pass_name
+from optcc.infra.manager import PassManager, pass_name, step_passes
 from optcc.infra.pipelines import build_pipeline
 from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_bytes
@@ -317,7 +317,7 @@ def verify(
 def _contrib_fusions(pipeline: Sequence[Any]) -> bool:
     """Whether a step of ``pipeline`` fuses into onnxruntime contrib ops (``fuse-ort-*``), which
     the proof never proves equal to what they replace: the samples then judge the result."""
-    names = (pass_name(p) for step in pipeline for p in (step.passes if isinstance(step, Fixpoint) else [step]))
+    names = (pass_name(p) for step in pipeline for p in step_passes(step))
     return any(name.startswith("fuse-ort-") for name in names)
 
 

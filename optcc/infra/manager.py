@@ -45,7 +45,7 @@ from optcc.infra.report import PassRecord, op_delta
 from optcc.numerics.kinds import NUMERICS_ORDER, Numerics, loosest
 from optcc.numerics.verify import Verification, Verifier
 
-__all__ = ["Fixpoint", "PassManager", "PipelineResult", "pass_name", "MAX_BISECTIONS"]
+__all__ = ["Fixpoint", "PassManager", "PipelineResult", "pass_name", "step_passes", "MAX_BISECTIONS"]
 
 PassLike = ir.passes.PassBase
 MAX_BISECTIONS = 8  # numerics failures traced back to a pass per run; then the result fails
@@ -69,6 +69,11 @@ PipelineStep = Union[PassLike, Fixpoint]
 
 def pass_name(pass_: PassLike) -> str:
     return getattr(pass_, "name", "") or type(pass_).__name__
+
+
+def step_passes(step: PipelineStep) -> list[PassLike]:
+    """The passes a pipeline step runs: a fixpoint's, else the step itself."""
+    return list(step.passes) if isinstance(step, Fixpoint) else [step]
 
 
 def _numerics(pass_: PassLike) -> Numerics:
@@ -157,8 +162,7 @@ class PassManager:
         if self.verifier is None or self.verify_each:
             return None
         for position, step in enumerate(self.pipeline):
-            passes = step.passes if isinstance(step, Fixpoint) else [step]
-            if any(NUMERICS_ORDER.index(_numerics(p)) > NUMERICS_ORDER.index("fusion") for p in passes):
+            if any(NUMERICS_ORDER.index(_numerics(p)) > NUMERICS_ORDER.index("fusion") for p in step_passes(step)):
                 return position if position > 0 else None
         return None
 
@@ -168,9 +172,7 @@ class PassManager:
         options = dict(strict=self.strict, verifier=self.verifier, check_invariants=self.check_invariants)
         head = PassManager(self.pipeline[:split], **options, _numerics=self._base_numerics).run(model, fresh=fresh)
         if head.verification is not None and head.verification.status == "failed":
-            skipped = ", ".join(dict.fromkeys(
-                pass_name(p) for step in self.pipeline[split:]
-                for p in (step.passes if isinstance(step, Fixpoint) else [step])))
+            skipped = ", ".join(dict.fromkeys(pass_name(p) for step in self.pipeline[split:] for p in step_passes(step)))
             message = f"not run: {skipped} (the float passes before them failed verification)"
             return dataclasses.replace(head, warnings=[*head.warnings, message])
         # the tail's verification judges the head's changes too: at least at their tolerance
