@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 import optcc
 from optcc.numerics.equivalence import number_original
 from tests.reference import expected_outputs_float64
+from tests.test_equivalence import _fold_bn
 
 RNG = np.random.default_rng(7)
 
@@ -31,21 +32,6 @@ def _conv_bn(epsilon: float = 1e-2) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _fold_bn_in_place(model: ir.Model, epsilon: float) -> None:
-    """Fold the BatchNormalization into the Conv (float64, with ``epsilon``), in place."""
-    graph = model.graph
-    bn = next(n for n in graph if n.op_type == "BatchNormalization")
-    conv = next(n for n in graph if n.op_type == "Conv")
-    s, beta, mean, var = (v.const_value.numpy().astype(np.float64) for v in bn.inputs[1:])
-    factor = s / np.sqrt(var + epsilon)
-    weight, bias = conv.inputs[1].const_value.numpy(), conv.inputs[2].const_value.numpy()
-    conv.inputs[1].const_value = ir.tensor((weight * factor[:, None, None, None]).astype(np.float32))
-    conv.inputs[2].const_value = ir.tensor(((bias - mean) * factor + beta).astype(np.float32))
-    graph.outputs[0] = conv.outputs[0]
-    graph.remove(bn, safe=True)
-    conv.outputs[0].name = "y"
-
-
 def _max_difference(a: onnx.ModelProto, b: onnx.ModelProto, shape: tuple[int, ...] = (1, 3, 8, 8)) -> float:
     x = RNG.standard_normal(shape).astype(np.float32)
     got_a, got_b = expected_outputs_float64(a, {"x": x}), expected_outputs_float64(b, {"x": x})
@@ -57,7 +43,7 @@ def test_a_fold_made_in_place_after_numbering_is_proved():
     model = optcc.ir.load(proto)
     premise = number_original(model)
     assert premise is not None  # nothing computed from constants alone: numbered now
-    _fold_bn_in_place(model, 1e-2)
+    _fold_bn(model, 1e-2)
     try:
         assert premise.prove(model).complete
     finally:
@@ -71,7 +57,7 @@ def test_a_miscompile_made_in_place_after_numbering_is_not_proved():
     model = optcc.ir.load(proto)
     premise = number_original(model)
     assert premise is not None
-    _fold_bn_in_place(model, 1e-5)
+    _fold_bn(model, 1e-5)
     try:
         assert not premise.prove(model).complete
     finally:

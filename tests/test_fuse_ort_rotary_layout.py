@@ -8,32 +8,20 @@ with numpy."""
 
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 import optcc
 from fixtures.llama_decoder import llama_decoder, past_names
+from tests.test_fuse_ort_gqa import _ops, _session
 
 LAYERS, HEADS, KV_HEADS, HIDDEN, VOCAB = 3, 4, 2, 32, 96
 HEAD = HIDDEN // HEADS
 PASTS = past_names(LAYERS)
 TOL = 1e-4
-
-
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _ops(model: onnx.ModelProto) -> collections.Counter:
-    return collections.Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
 
 
 def _feeds(batch: int, past: int, seq: int, seed: int, padding: bool) -> dict[str, np.ndarray]:
