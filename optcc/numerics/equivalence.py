@@ -594,7 +594,7 @@ class _Keys:
         if any(v is None for v in node.inputs):
             return None
         if op in _RANK_KEEPING or (op.startswith("Reduce") and node.attributes.get_int("keepdims", 1) == 1):
-            return self._input_rank(node.inputs[0], depth) if node.inputs else None
+            return self._input_rank(node.inputs[0], depth)
         if op == "Transpose" and len(node.inputs) == 1:
             perm = node.attributes.get_ints("perm")
             return len(perm) if perm is not None else self._input_rank(node.inputs[0], depth)
