@@ -126,12 +126,12 @@ def _infer(model: ir.Model, values: Iterable[ir.Value] | None, annotations: bool
     if not wanted:
         return ShapeFindings({}, {})
     try:
-        with optcc.ir.initializers_set_aside(model, _blanked) as aside:
-            proto = optcc.ir.serialize(model)
-        _restore_dims(proto.graph, aside)
-        for graph in optcc.ir.proto_graphs(proto.graph) if not annotations else ():
-            del graph.value_info[:]
-        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+        data: bytes | onnx.ModelProto = optcc.ir.serialize_dims_only(model, _blanked)
+        if not annotations:
+            data = onnx.ModelProto.FromString(data)
+            for graph in optcc.ir.proto_graphs(data.graph):
+                del graph.value_info[:]
+        inferred = onnx.shape_inference.infer_shapes(data, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort; declared shapes remain
         logger.debug("shape inference failed", exc_info=True)
         return ShapeFindings({}, {})
@@ -174,17 +174,6 @@ def _blanked(tensor: ir.TensorProtocol) -> bool:
     if int(tensor.dtype) not in _FLOAT_TYPES or (kind is not ir.Tensor and isinstance(tensor, ir.ExternalTensor)):
         return False
     return tensor.nbytes > _BLANK_BYTES
-
-
-def _restore_dims(graph: onnx.GraphProto, aside: list[tuple[ir.Value, ir.TensorProtocol]]) -> None:
-    """Give the initializers set aside (serialized as empty tensors) their dims back, with
-    no data: the type and dims inference reads."""
-    dims = {value.name: [int(d) for d in tensor.shape.dims] for value, tensor in aside}
-    for proto in graph.initializer:
-        if proto.name in dims:
-            del proto.dims[:]
-            proto.dims.extend(dims[proto.name])
-            proto.ClearField("raw_data")
 
 
 def _value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:

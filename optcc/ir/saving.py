@@ -40,6 +40,26 @@ def serialize(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
+def serialize_dims_only(model: ir.Model, selects: Callable[[ir.TensorProtocol], bool]) -> bytes:
+    """The serialized model with the main graph's initializers whose tensor ``selects``
+    accepts written without their data: a TensorProto of the value's name, the tensor's
+    dtype and dims (what shape inference reads of a weight). Cached parts where the model
+    allows (``model_parts``), else onnx-ir's serializer on a copy with those initializers
+    set aside; both write the same message. String tensors are always written whole."""
+    parts = model_parts(model, dims_only=selects)
+    if parts is not None:
+        return parts.to_bytes()
+    with initializers_set_aside(model, selects) as aside:
+        proto = ir.serde.serialize_model(model)
+    dims = {value.name: [int(d) for d in tensor.shape.dims] for value, tensor in aside}
+    for initializer in proto.graph.initializer:
+        if initializer.name in dims:  # the placeholder's dims and empty data: the tensor's dims, no data
+            del initializer.dims[:]
+            initializer.dims.extend(dims[initializer.name])
+            initializer.ClearField("raw_data")
+    return proto.SerializeToString()
+
+
 def needs_external_data(model: ir.Model) -> bool:
     """External data is used when the model came with it or its weights near 2 GB."""
     return uses_external_data(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES

@@ -40,6 +40,7 @@ multi-device configurations.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import onnx
@@ -54,6 +55,7 @@ CACHE_TENSOR_BYTES = 4096
 _NODE_KEY = "optcc.serialized.node"
 _VALUE_KEY = "optcc.serialized.value"
 _TENSOR_KEY = "optcc.serialized.tensor"
+_DIMS_ONLY_KEY = "optcc.serialized.dims_only"
 _QUANTIZATION_KEY = "quant_parameter_tensor_names"  # onnx-ir's meta key for quantization annotations
 
 _UNCACHED_ATTRIBUTES = frozenset({
@@ -136,10 +138,15 @@ def serialize_bytes(model: ir.Model) -> bytes:
     return parts.to_bytes() if parts is not None else ir.serde.serialize_model(model).SerializeToString()
 
 
-def model_parts(model: ir.Model) -> Parts | None:
+def model_parts(model: ir.Model, dims_only: Callable[[ir.TensorProtocol], bool] | None = None) -> Parts | None:
     """The model's serialization in parts (see ``Parts``); None outside the plain case
     (see the module docstring). Like onnx-ir's serializer, it names each initializer's
-    tensor after its value."""
+    tensor after its value.
+
+    ``dims_only``: the main graph's initializers whose tensor it accepts are written as a
+    TensorProto of their value's name, the tensor's dtype and dims, and no data (what shape
+    inference reads of a weight); their tensor's name is left as it is. The bytes are then
+    no longer onnx-ir's."""
     if len(model.functions) or getattr(model, "device_configurations", ()):
         return None
     head = onnx.ModelProto()
@@ -159,7 +166,7 @@ def model_parts(model: ir.Model) -> Parts | None:
         tail.opset_import.add(domain=domain, version=version)
     _string_map_into(tail.metadata_props, model.metadata_props)
     try:
-        return _graph_parts(model.graph, head.SerializeToString(), tail.SerializeToString())
+        return _graph_parts(model.graph, head.SerializeToString(), tail.SerializeToString(), dims_only)
     except _Unsupported:
         return None
 
@@ -169,8 +176,10 @@ def _string_map_into(entries: Any, mapping: dict[str, str]) -> None:
         entries.add(key=key, value=mapping[key])
 
 
-def _graph_parts(graph: ir.Graph, head: bytes, tail: bytes) -> Parts:
-    """What ``onnx_ir.serde.serialize_graph_into`` writes for ``graph``, in parts."""
+def _graph_parts(graph: ir.Graph, head: bytes, tail: bytes,
+                 dims_only: Callable[[ir.TensorProtocol], bool] | None = None) -> Parts:
+    """What ``onnx_ir.serde.serialize_graph_into`` writes for ``graph``, in parts (the
+    tensors ``dims_only`` accepts without their data: see ``model_parts``)."""
     inputs = []
     for value in graph.inputs:
         _no_quantization(value)
@@ -187,6 +196,9 @@ def _graph_parts(graph: ir.Graph, head: bytes, tail: bytes) -> Parts:
         tensor = value.const_value
         if tensor is None:
             continue  # onnx-ir writes no initializer for it either (and warns)
+        if dims_only is not None and tensor.dtype != ir.DataType.STRING and dims_only(tensor):
+            initializers.append((value.name, _dims_only(tensor, value.name)))
+            continue
         tensor.name = value.name  # as onnx-ir's serializer does
         initializers.append((value.name, _tensor(tensor)))
     nodes: list[bytes] = []
@@ -276,6 +288,22 @@ def _value_info(value: ir.Value) -> bytes:
         return cached[1]
     data = ir.serde.serialize_value(value).SerializeToString()
     meta[_VALUE_KEY] = (key, data, type_)  # the type stays referenced: its id stays its own
+    return data
+
+
+def _dims_only(tensor: ir.TensorProtocol, name: str | None) -> bytes:
+    """A TensorProto of ``name``, the tensor's dtype and dims, without data, kept in the
+    tensor's meta with the name it was written for (tensors are immutable)."""
+    meta = getattr(tensor, "meta", None)
+    cached = None if meta is None else meta.data.get(_DIMS_ONLY_KEY)
+    if cached is not None and cached[0] == name:
+        return cached[1]
+    proto = onnx.TensorProto(data_type=int(tensor.dtype), dims=[int(d) for d in tensor.shape.dims])
+    if name:
+        proto.name = name
+    data = proto.SerializeToString()
+    if meta is not None:
+        meta.data[_DIMS_ONLY_KEY] = (name, data)
     return data
 
 
