@@ -137,7 +137,7 @@ def _infer(model: ir.Model, values: Iterable[ir.Value] | None, annotations: bool
         return ShapeFindings({}, {})
     shapes: dict[ir.Value, ir.Shape] = {}
     infos: dict[str, onnx.ValueInfoProto] = {}
-    for info in _value_infos(inferred.graph):
+    for info in _value_infos(inferred.graph, bodies=_has_bodies(model)):
         infos[info.name] = info
         value = wanted.get(info.name)
         if value is not None and info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
@@ -176,8 +176,15 @@ def _blanked(tensor: ir.TensorProtocol) -> bool:
     return tensor.nbytes > _BLANK_BYTES
 
 
-def _value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
-    for g in optcc.ir.proto_graphs(graph):
+def _has_bodies(model: ir.Model) -> bool:
+    """Whether the main graph holds If/Loop/Scan (or custom) bodies: then the serialized
+    main graph holds them too."""
+    return any(graph is not model.graph and not isinstance(graph, ir.Function) for graph in optcc.ir.graphs(model))
+
+
+def _value_infos(graph: onnx.GraphProto, bodies: bool = True) -> Iterator[onnx.ValueInfoProto]:
+    """The value infos of a serialized graph and, with ``bodies``, of the bodies inside it."""
+    for g in optcc.ir.proto_graphs(graph) if bodies else (graph,):
         yield from g.input
         yield from g.value_info
         yield from g.output

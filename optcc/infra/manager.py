@@ -252,6 +252,31 @@ class PassManager:
 
     def _run_steps(self, model: ir.Model, fresh: Callable[[], ir.Model], *, check_each: bool,
                    reverts: dict[int, tuple[PassLike, str]]) -> _Run:
+        """Run the steps; with Python's cyclic garbage collector paused when the steps are
+        float rewrites only (exact or fusion) and not verified one by one (see
+        ``_pauses_collector``)."""
+        if not self._pauses_collector():
+            return self._execute_steps(model, fresh, check_each=check_each, reverts=reverts)
+        with oir.collector_paused():
+            return self._execute_steps(model, fresh, check_each=check_each, reverts=reverts)
+
+    def _pauses_collector(self) -> bool:
+        """Whether the steps run with the cyclic garbage collector paused. Float rewrites
+        mostly build objects that stay alive (nodes, values, tensors); what they drop is
+        freed by reference counting, except the few cycles of removed nodes and their
+        outputs, left to the collector's first run after the steps. The collections their
+        allocations would trigger scan every object in the process, the imported libraries'
+        included, and free next to nothing. Not paused: per-pass verification (each new
+        checkpoint drops a whole model copy) and lossy steps (float16, INT8: calibration
+        and the layer-by-layer fallbacks build and drop model copies)."""
+        if self._verifies():
+            return False
+        loosest_float = NUMERICS_ORDER.index("fusion")
+        return all(NUMERICS_ORDER.index(_numerics(p)) <= loosest_float
+                   for step in self.pipeline for p in step_passes(step))
+
+    def _execute_steps(self, model: ir.Model, fresh: Callable[[], ir.Model], *, check_each: bool,
+                       reverts: dict[int, tuple[PassLike, str]]) -> _Run:
         run = _Run(fresh=fresh, signature=signature(model), check_each=check_each, reverts=reverts,
                    base=self._base_numerics)
         run.summary = oir.histogram_and_weight_bytes(model)
