@@ -68,7 +68,7 @@ __all__ = ["Premise", "Proof", "number_original", "prove_equivalent"]
 
 KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")
 MAX_FOLD_CHECK_BYTES = 64 * 1024 * 1024  # constants evaluated to check folds, in all
-SMALL_TENSOR_ELEMENTS = 1024  # constants keyed by their bytes in the table (larger: bucketed)
+SMALL_TENSOR_ELEMENTS = 1024  # constants keyed by their bytes in the table (larger: a fill, or bucketed)
 MAX_DEFINED_DEPTH = 8  # folds computed by definition through at most this many nodes
 
 
@@ -114,7 +114,8 @@ def number_original(original: ir.Model, *,
     (the parse the passes then rewrite in place): its outputs' keys, its fed inputs, and the
     key of every value they are computed from. Only for an original whose values computed
     from constants alone (its constant frontier) are all computed by their operator's
-    definition (``_Keys._defined``), ``SMALL_TENSOR_ELEMENTS`` elements at most each: those
+    definition (``_Keys._defined``), ``SMALL_TENSOR_ELEMENTS`` elements at most each or
+    one element repeated (a ConstantOfShape's fill, held as a view of that element): those
     are keyed by their bytes now, in the graph's order (so a fold read by another is keyed
     first), and a value of either model keyed later with the structural key one of them had
     gets its bytes' key and array (``_Numbering.folded``): it computes that value, whose
@@ -229,8 +230,10 @@ class _Numbering:
         self._fresh: Iterator[int] = itertools.count()
         self._tensor_keys: dict[int, tuple[int, ir.TensorProtocol]] = {}
         self._tensor_arrays: dict[int, tuple[ir.TensorProtocol, np.ndarray]] = {}
+        self._decoded: dict[tuple, np.ndarray] = {}  # small parsed tensors' arrays, by stored content
         self._affine: dict[tuple, list[tuple[_Affine, int]]] = {}
         self._buckets: dict[tuple, list[tuple[np.ndarray, int]]] = {}
+        self._fills: dict[tuple, np.ndarray] = {}  # (dtype, dims, element bytes) -> the one read-only view
         self._ranks: dict[int, tuple[dict[str, int], ir.Model]] = {}
         self.models: list[_Keys] = []
         self.forms: dict[int, tuple[int, _Affine]] = {}  # structural key -> affine key and form
@@ -245,8 +248,8 @@ class _Numbering:
         """Drop every table (and with them the tensor views they hold)."""
         for keys in self.models:
             keys.__dict__.clear()
-        for table in (self._table, self._tensor_keys, self._tensor_arrays, self._affine, self._buckets, self._ranks,
-                      self._protos, self.forms, self.given, self.folded, self.folded_met):
+        for table in (self._table, self._tensor_keys, self._tensor_arrays, self._decoded, self._affine, self._buckets, self._fills,
+                      self._ranks, self._protos, self.forms, self.given, self.folded, self.folded_met):
             table.clear()
         self.models.clear()
 
@@ -311,11 +314,20 @@ class _Numbering:
         except Exception:  # noqa: BLE001 - then no rank is known
             return {}
 
-    def numpy(self, tensor: ir.TensorProtocol) -> np.ndarray:
-        """``tensor.numpy()``, decoded once per tensor object (clones share them)."""
+    def numpy(self, tensor: ir.TensorProtocol, *, shared: bool = False) -> np.ndarray:
+        """``tensor.numpy()``, decoded once per tensor object (clones share them); with
+        ``shared``, a small parsed tensor once per stored content (``_stored``: the shapes and
+        values of many ConstantOfShape nodes are one), then read-only."""
         known = self._tensor_arrays.get(id(tensor))
         if known is None or known[0] is not tensor:
-            known = self._tensor_arrays[id(tensor)] = (tensor, tensor.numpy())  # the tensor keeps its id unique
+            stored = _stored(tensor) if shared else None
+            array = None if stored is None else self._decoded.get(stored)
+            if array is None:
+                array = tensor.numpy()
+                if stored is not None:
+                    array.flags.writeable = False  # shared by every tensor of this content
+                    self._decoded[stored] = array
+            known = self._tensor_arrays[id(tensor)] = (tensor, array)  # the tensor keeps its id unique
         return known[1]
 
     def intern(self, key: tuple) -> int:
@@ -327,9 +339,11 @@ class _Numbering:
     def tensor(self, tensor: ir.TensorProtocol) -> int:
         """A constant's key: equal for tensors of one element type, shape and bytes (cached
         per tensor object, which clones share). Tensors of at most ``SMALL_TENSOR_ELEMENTS``
-        are interned by their type, shape and stored bytes; larger ones are bucketed by type,
-        shape, size and their first and last bytes, and compared byte for byte within a
-        bucket (which way is decided by type and shape alone, so equal tensors go one way)."""
+        are interned by their type, shape and stored bytes; a larger one whose elements all
+        have the same bytes (a plain array: ``_filled_element``) by its type, shape and that
+        element; other larger ones are bucketed by type, shape, size and their first and last
+        bytes, and compared byte for byte within a bucket (which way is decided by type,
+        shape and bytes alone, so equal tensors go one way)."""
         cached = self._tensor_keys.get(id(tensor))
         if cached is not None and cached[1] is tensor:
             return cached[0]
@@ -362,7 +376,13 @@ class _Numbering:
             key = self.unique() if stored is None else self.intern(("bytes", int(dtype), dims, stored))
             self._tensor_keys[id(tensor)] = (key, tensor)  # the reference keeps the id unique
             return key
-        raw = _raw_bytes(tensor, self.numpy(tensor))
+        array = self.numpy(tensor)
+        raw = _raw_bytes(tensor, array)
+        element = _filled_element(array, dtype, raw)
+        if element is not None:  # every element the same bytes: keyed by them and the shape alone
+            key = self.intern(("filled", int(dtype), dims, element))
+            self._tensor_keys[id(tensor)] = (key, tensor)  # the reference keeps the id unique
+            return key
         bucket = self._buckets.setdefault(
             (int(tensor.dtype), dims, raw.size, bytes(raw[:64]), bytes(raw[-64:])), [])
         key = next((k for other, k in bucket if np.array_equal(raw, other)), None)
@@ -383,7 +403,25 @@ class _Numbering:
         return array.tobytes() if _PLAIN_ARRAYS.get(array.dtype) == dtype else None
 
     def array(self, array: np.ndarray) -> int:
+        """The key ``tensor`` gives a tensor of ``array``'s type, shape and values (a fill of
+        more than ``SMALL_TENSOR_ELEMENTS`` elements keyed without being materialized)."""
+        dtype = _PLAIN_ARRAYS.get(array.dtype)
+        if dtype is not None and array.size > SMALL_TENSOR_ELEMENTS:
+            element = _filled_element(array, dtype)
+            if element is not None:
+                return self.intern(("filled", int(dtype), tuple(int(d) for d in array.shape), element))
         return self.tensor(ir.Tensor(np.ascontiguousarray(array)))
+
+    def fill(self, element: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """A read-only array of ``shape`` whose every element is ``element`` (a one-element
+        array), without materializing it: one view per type, shape and element bytes, so
+        that equal fills are one object (``_Affine.agrees`` then compares their forms without
+        reading them)."""
+        index = (element.dtype.str, shape, element.tobytes())
+        known = self._fills.get(index)
+        if known is None:
+            known = self._fills[index] = np.broadcast_to(element.reshape(()), shape)
+        return known
 
     def affine(self, form: _Affine) -> int:
         """The key of an affine normal form: that of an earlier form with the same structure
@@ -648,14 +686,15 @@ class _Keys:
                 self._ranks = self.numbering.ranks(self.model, self.input_shapes)
         return self._ranks
 
-    def _array(self, value: ir.Value | None) -> np.ndarray | None:
-        """A constant's array (initializer, Constant node or evaluated fold), else None."""
+    def _array(self, value: ir.Value | None, *, shared: bool = False) -> np.ndarray | None:
+        """A constant's array (initializer, Constant node or evaluated fold), else None
+        (``shared``: as ``_Numbering.numpy``)."""
         if value is None or value.name in self.fed:
             return None
         if id(value) in self._arrays:
             return self._arrays[id(value)]
         tensor = self._constant(value)
-        return None if tensor is None else self.numbering.numpy(tensor)
+        return None if tensor is None else self.numbering.numpy(tensor, shared=shared)
 
     def _compute(self, value: ir.Value) -> int:
         numbering = self.numbering
@@ -783,7 +822,7 @@ class _Keys:
         computed by its operator's definition (``_defined``), in the graph's order, and record
         its structural key for either model (``_Numbering.folded``); their structural keys,
         or None (nothing recorded) when one is not so computed or is larger than
-        ``SMALL_TENSOR_ELEMENTS`` elements."""
+        ``SMALL_TENSOR_ELEMENTS`` elements without being a fill (``_small_defined``)."""
         if not frontier:
             return []
         if not all(self._may_fold_small(value) for value in frontier):  # before computing any
@@ -798,6 +837,8 @@ class _Keys:
         folds = []
         for value, array in arrays:  # each keyed after the folds it reads
             structural = self.key(value)
+            if id(value) in self._arrays:  # its structure is an earlier fold's: keyed by those bytes
+                continue
             folded = self.numbering.array(array)
             self._arrays[id(value)] = array
             self._set(value, folded)
@@ -826,20 +867,27 @@ class _Keys:
     def _may_fold_small(self, value: ir.Value) -> bool:
         """False where ``_small_defined(value)`` is None for certain, read without computing
         anything: an operator ``_defined`` does not compute, or a ConstantOfShape whose
-        constant shape holds more than ``SMALL_TENSOR_ELEMENTS`` elements."""
+        constant shape holds more elements than ``_filled`` fills (``MAX_FOLD_CHECK_BYTES``
+        in all)."""
         node = value.producer()
         if node is None or node.op_type not in _DEFINED_OPS:
             return False
         if node.op_type == "ConstantOfShape":
-            shape = self._array(node.inputs[0]) if len(node.inputs) == 1 else None
+            shape = self._array(node.inputs[0], shared=True) if len(node.inputs) == 1 else None
+            fill = node.attributes.get("value")
+            itemsize = 4 if fill is None or fill.type != ir.AttributeType.TENSOR else max(1, fill.value.dtype.itemsize)
             return shape is not None and shape.dtype.kind in "iu" and shape.ndim == 1 \
-                and math.prod(int(d) for d in shape) <= SMALL_TENSOR_ELEMENTS
+                and math.prod(int(d) for d in shape) * itemsize <= MAX_FOLD_CHECK_BYTES  # what ``_filled`` fills
         return True
 
     def _small_defined(self, value: ir.Value) -> np.ndarray | None:
-        """``_defined(value)`` when it has at most ``SMALL_TENSOR_ELEMENTS`` elements; else None."""
+        """``_defined(value)`` when it has at most ``SMALL_TENSOR_ELEMENTS`` elements or
+        repeats one element (a fill, ``_Numbering.fill``, or a view of one: no bytes to hold
+        but that element's); else None."""
         array = self._defined(value)
-        return array if array is not None and array.size <= SMALL_TENSOR_ELEMENTS else None
+        if array is None or array.size > SMALL_TENSOR_ELEMENTS and any(array.strides):
+            return None
+        return array
 
     def evaluate(self, values: list[ir.Value]) -> int:
         """Key ``values`` (computed from constants alone) by their bytes, computed by their
@@ -924,22 +972,26 @@ class _Keys:
 
     def _filled(self, node: ir.Node) -> np.ndarray | None:
         """A ConstantOfShape output with a constant shape, by the operator's definition: its
-        value's bits copied to every element; else None."""
+        value's bits copied to every element (more than ``SMALL_TENSOR_ELEMENTS`` of them: a
+        read-only view of the one element, ``_Numbering.fill``); else None."""
         if len(node.inputs) != 1:
             return None
-        shape = self._array(node.inputs[0])
+        shape = self._array(node.inputs[0], shared=True)
         fill = node.attributes.get("value")
         if shape is None or shape.dtype != np.int64 or shape.ndim != 1 or (shape < 0).any():
             return None
         if fill is None:
             element = np.zeros(1, np.float32)
         elif fill.type == ir.AttributeType.TENSOR and fill.value.size == 1:
-            element = fill.value.numpy().reshape(-1)
+            element = self.numbering.numpy(fill.value, shared=True).reshape(-1)
         else:
             return None
         if int(np.prod(shape)) * element.itemsize > MAX_FOLD_CHECK_BYTES:
-            return None  # not materialized: too big to check either way
-        return np.full(tuple(int(d) for d in shape), element[0], element.dtype)
+            return None  # too big to check either way
+        dims = tuple(int(d) for d in shape)
+        if math.prod(dims) <= SMALL_TENSOR_ELEMENTS:
+            return np.full(dims, element[0], element.dtype)
+        return self.numbering.fill(element[:1], dims)  # a read-only view: never materialized
 
     def _evaluate(self, values: list[ir.Value]) -> list[np.ndarray]:
         """``values`` computed by the original's own nodes, on onnxruntime's CPU kernels (a
@@ -1038,6 +1090,42 @@ def _with_tensor(node: onnx.NodeProto, value: ir.Value) -> onnx.NodeProto:
         if attr.name == "value":
             attr.t.CopyFrom(_in_memory(tensor, attr.t.name))
     return restored
+
+
+def _filled_element(array: np.ndarray, dtype: ir.DataType, raw: np.ndarray | None = None) -> bytes | None:
+    """The bytes of the one element value of ``array`` (a plain little-endian array of
+    ONNX type ``dtype``; ``raw``: its bytes, ``_raw_bytes``, when already read) when it has
+    more than ``SMALL_TENSOR_ELEMENTS`` elements whose bytes are all the same; else None.
+    Such a tensor is keyed by that element, its type and its shape, which fix every one of
+    its bytes; a view that repeats one element (strides all 0) is read at that element."""
+    if array.size <= SMALL_TENSOR_ELEMENTS or _PLAIN_ARRAYS.get(array.dtype) != dtype:
+        return None
+    if raw is None and not any(array.strides):
+        return array[(0,) * array.ndim].tobytes()
+    if raw is None:
+        raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    size = array.itemsize
+    if bytes(raw[:size]) != bytes(raw[size:2 * size]):  # most tensors differ in their first two elements
+        return None
+    # compared as unsigned integers of the element's size: bit for bit (NaN payloads, -0.0)
+    bits = raw.view(np.dtype(f"<u{size}"))
+    if not bool((bits == bits[0]).all()):
+        return None
+    return bits[:1].tobytes()
+
+
+def _stored(tensor: ir.TensorProtocol) -> tuple | None:
+    """What a small parsed tensor stores, as a key of its decoded array: its type, dims and
+    ``raw_data``, or else its whole serialization (values in repeated fields, name
+    included); None for any other tensor. Equal keys decode to equal arrays."""
+    if type(tensor) is not ir.serde.TensorProtoTensor:
+        return None
+    proto = tensor.raw
+    if proto.data_location == onnx.TensorProto.EXTERNAL or proto.ByteSize() > 8 * MAX_SHAPE_ELEMENTS:
+        return None
+    if proto.HasField("raw_data") and not proto.HasField("segment"):
+        return ("raw", proto.data_type, tuple(proto.dims), proto.raw_data)
+    return ("proto", proto.SerializeToString())
 
 
 def _raw_bytes(tensor: ir.TensorProtocol, array: np.ndarray) -> np.ndarray:
@@ -1172,10 +1260,12 @@ class _Affine:
         np.abs(difference, out=difference)
         if not (difference <= bound).all():
             return False
-        if self.weight is other.weight and self.scale is None and other.scale is None:
-            # one stored weight on both sides, nothing composed in: equal element for element,
-            # so within any bound where finite (a non-finite element agrees with nothing)
-            return bool(np.isfinite(self.weight).all())
+        if self.weight is other.weight and _same_factors(self.scale, other.scale):
+            # one stored weight on both sides, the same factors composed in: equal element for
+            # element, so within any bound where finite (a non-finite element agrees with nothing)
+            finite = _composed_finite(self.weight, self.weight_axis, self.scale)
+            if finite is not None:
+                return finite
         # a form whose weight is stored as it is (no factor composed in) takes the place of
         # ``exact``: where the other's composed weight rounds to it exactly, each element is
         # within one rounding of the stored dtype (a subnormal's half step below ``tiny``),
@@ -1248,6 +1338,29 @@ def _within(bias: float, other: float, terms: float, allowed: float, tiny: float
     terms Python's ``max`` may drop it, giving a bound numpy would not: then this test
     passes where numpy's fails, never the other way)."""
     return abs(bias - other) <= min(allowed * terms + tiny, _LARGEST)
+
+
+def _same_factors(scale: np.ndarray | None, other: np.ndarray | None) -> bool:
+    """Whether two forms' per-channel factors are the same numbers (None: all 1)."""
+    if scale is None or other is None:
+        return scale is None and other is None
+    return scale is other or (scale.shape == other.shape and bool(np.array_equal(scale, other)))
+
+
+def _composed_finite(weight: np.ndarray, axis: int, scale: np.ndarray | None) -> bool | None:
+    """Whether every element of ``weight * scale`` (``scale`` along ``axis``; None: 1) is
+    finite in float64, as ``_Affine.agrees`` composes it; None where finding out would
+    read a stored weight composed with factors (``agrees`` then compares it chunk by chunk).
+    A view repeating one element (strides all 0) is read at that element."""
+    repeated = weight.size > 0 and not any(weight.strides)
+    if scale is None:
+        element = weight[(0,) * weight.ndim] if repeated else weight
+        return bool(np.isfinite(element).all())
+    if not repeated:
+        return None
+    if weight.shape[axis] != scale.size:
+        return None
+    return bool(np.isfinite(np.float64(weight[(0,) * weight.ndim]) * scale).all())
 
 
 def _composed(part: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
