@@ -106,8 +106,8 @@ def test_fallback_returns_the_top_ranked_layers_until_the_target_holds() -> None
     assert report["initial"]["passed"] is False
     assert {r["layer"] for r in report["sensitivity"][:2]} == {"mm2", "mm4"}
     assert set(report["kept_float"]) == {"mm2", "mm4"} and report["target_met"] is True
-    # the estimate's search: the budget's 2 layers first (meets), then k = 1 (misses)
-    assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [(2, True), (1, False)]
+    # the estimate's search: the worst layer alone first (misses), then the budget's 2 layers (meets)
+    assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [(1, False), (2, True)]
     assert {r["layer"] for r in report["sensitivity"][:2]} == {"mm2", "mm4"}
     assert all(r["local_sqnr_db"] < 10 for r in report["sensitivity"][:2])
     assert all(r["local_sqnr_db"] > 20 for r in report["sensitivity"][2:])
@@ -128,11 +128,11 @@ def test_fallback_bisects_to_the_fewest_float_layers() -> None:
     assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [
         (1, False), (2, False), (4, True), (3, True)]
     assert set(report["kept_float"]) == {"mm2", "mm4", "mm6"} and stats["modified"]
-    # the estimate: the budget (4) meets, then 1, 2 miss, 3 meets: the same three layers
+    # the estimate: 1, 2 miss, the budget (4) meets, 3 meets: the same three layers
     q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None)
     report = stats["fallback"]
     assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [
-        (4, True), (1, False), (2, False), (3, True)]
+        (1, False), (2, False), (4, True), (3, True)]
     assert set(report["kept_float"]) == {"mm2", "mm4", "mm6"} and stats["modified"]
 
 

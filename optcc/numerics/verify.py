@@ -68,7 +68,7 @@ from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
 from optcc.numerics.inputs import DEFAULT_DYNAMIC_DIM, RETRY_DYNAMIC_DIM, check_feeds, generate_inputs, input_roles
 from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
-from optcc.numerics.task import DEFAULT_MARGIN, TaskJudge, UserMetric, perturb
+from optcc.numerics.task import DEFAULT_MARGIN, FLOOR_DRAWS, TaskJudge, UserMetric, perturb, perturbation_draws
 from optcc.progress import Progress
 from optcc.runtime.session import HANDOVER_MIN_BYTES, first_line, make_session, resolve_providers, run, session_options
 from optcc.runtime.shared_weights import light_proto, weighted_session
@@ -411,10 +411,13 @@ class Verifier:
             mask_names = [n for n, role in roles.items() if role == "mask"]
             if mask_names and self._plan is None:
                 masks = [f.get(mask_names[0]) for f in self.feeds]
-            self._judges[provider] = TaskJudge(self._judged(float32[provider]),
-                                               self._judged(self._cases(session, perturbed)),
-                                               perturbation=how, masks=masks,
-                                               groups=self._groups if self._plan is None else None, **self._task)
+            judge = TaskJudge(self._judged(float32[provider]), self._judged(self._cases(session, perturbed)),
+                              perturbation=how, masks=masks,
+                              groups=self._groups if self._plan is None else None, **self._task)
+            if self._plan is None and judge.excuses():  # float32's own errors under more draws are excused
+                more, _ = perturbation_draws(self.feeds, FLOOR_DRAWS, not_images=caches, first=1)
+                judge = dataclasses.replace(judge, draws=[self._judged(self._cases(session, d)) for d in more])
+            self._judges[provider] = judge
         return self._judges[provider]
 
     def sample_judge(self) -> TaskJudge | None:

@@ -22,6 +22,7 @@ from optcc.errors import BadInputError
 from optcc.infra.registry import create_pass
 from optcc.quant.cost_model import compare_modelled, element_counts
 from optcc.quant.fallback import (
+    RANKING_SAMPLES,
     Target,
     compare_latency,
     evaluate,
@@ -31,7 +32,7 @@ from optcc.quant.fallback import (
     shortfall,
 )
 from optcc.numerics.inputs import input_roles
-from optcc.numerics.task import DEFAULT_MARGIN, MIN_ITEMS, TaskJudge, UserMetric, perturb
+from optcc.numerics.task import DEFAULT_MARGIN, FLOOR_DRAWS, MIN_ITEMS, TaskJudge, UserMetric, perturbation_draws
 
 __all__ = ["Int8Options", "quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
 
@@ -100,19 +101,25 @@ def upgrade_opset(model: ir.Model, version: int = 13) -> tuple[ir.Model, str | N
 
 
 def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float, metric_target: float | None,
-                min_sqnr_db: float, groups: Sequence[str] | None = None) -> TaskJudge:
+                min_sqnr_db: float, groups: Sequence[str] | None = None, draws: int = FLOOR_DRAWS) -> TaskJudge:
     """The judge of ``held``: the float model's outputs, and its noise floor (its outputs on
-    the held-out samples perturbed at their resolution, ``optcc.numerics.task.perturb``),
-    both from one session."""
+    the held-out samples perturbed at their resolution, ``optcc.numerics.task.perturb``).
+    When a metric excuses float32's own errors (``TaskJudge.excuses``), the floor takes
+    ``draws`` independent perturbations (``perturbation_draws``); else one, whose floor
+    more draws would only average."""
     caches = {n for n, role in input_roles(model).items() if role == "past"}
-    moved = [perturb(dict(feeds), seed=i, not_images=caches) for i, feeds in enumerate(held)]
-    both = model_outputs(model, [*held, *(feeds for feeds, _ in moved)])
+    moved, how = perturbation_draws(held, 1, not_images=caches)
+    both = model_outputs(model, [*held, *moved[0]])
     reference = {name: values[:len(held)] for name, values in both.items()}
     perturbed = {name: values[len(held):] for name, values in both.items()}
-    how: dict[str, str] = {}
-    for _, described in moved:
-        how.update(described)
-    return TaskJudge(reference, perturbed, metric, margin, metric_target, min_sqnr_db, how, groups=groups)
+    judge = TaskJudge(reference, perturbed, metric, margin, metric_target, min_sqnr_db, how, groups=groups)
+    if draws < 2 or not judge.excuses():
+        return judge
+    more, _ = perturbation_draws(held, draws, not_images=caches, first=1)
+    outputs = model_outputs(model, [feeds for draw in more for feeds in draw])
+    count = len(held)
+    return dataclasses.replace(judge, draws=[{name: values[d * count:(d + 1) * count]
+                                              for name, values in outputs.items()} for d in range(len(more))])
 
 
 def _given_judge(o: Int8Options, count: int) -> TaskJudge | None:
@@ -121,6 +128,8 @@ def _given_judge(o: Int8Options, count: int) -> TaskJudge | None:
     given = o.judge() if o.judge is not None else None
     if given is None or len(next(iter(given.reference.values()), [])) != count:
         return None
+    if given.draw_count != (o.floor_draws if o.floor_draws > 1 and given.excuses() else 1):
+        return None  # its floor is measured on other perturbation draws
     groups = None if o.groups is None else list(o.groups)
     metric = "auto" if given.metric is None else given.metric  # the judge reads None as "auto"
     if (metric, given.margin, given.metric_target, given.min_sqnr_db) != \
@@ -169,10 +178,12 @@ class Int8Options:
     metric: str | UserMetric | Mapping[str, str | UserMetric] | None = "auto"
     metric_margin: float = DEFAULT_MARGIN
     metric_target: float | None = None
+    floor_draws: int = FLOOR_DRAWS
     accuracy_fallback: bool = True
     max_float_layers: int | None = None
     max_float_fraction: float = 0.5
     max_layers_ranked: int = 256
+    ranking_samples: int | None = RANKING_SAMPLES
     ranking: str = "estimate"
     require_target: bool = True
     require_speedup: bool = True
@@ -342,18 +353,19 @@ def quantize_int8(
             judge = every.select(range(held_at, len(samples)))
         else:
             judge = _task_judge(float_model, held, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db,
-                                group_of(range(held_at, len(samples))))
+                                group_of(range(held_at, len(samples))), o.floor_draws)
         undecided = judge.undecided()
         if undecided and len(held) < len(samples):
             # too few items held out for the task metric to decide: count it over every sample
             judged = samples
             judge = every if every is not None else _task_judge(
                 float_model, judged, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db,
-                group_of(range(len(samples))))
+                group_of(range(len(samples))), o.floor_draws)
         o = dataclasses.replace(o, target=dataclasses.replace(o.target, judge=judge))
         stats["acceptance"] = {"metrics": judge.metric_names(), "margin": o.metric_margin,
                                "metric_target": o.metric_target, "perturbation": dict(judge.perturbation),
-                               "floor": judge.floor, "held_out_samples": len(held), "judged_samples": len(judged),
+                               "floor": judge.floor, "floor_draws": judge.draw_count,
+                               "held_out_samples": len(held), "judged_samples": len(judged),
                                "reference": "the verifier's (the original model)" if every is not None
                                else "the float model this pass starts from"}
         if judged is not held:
@@ -468,6 +480,7 @@ def quantize_int8(
         quantized, pass_stats, report = fallback(
             float_model, make, judged, o.target, max_float_layers=max_float_layers,
             max_layers_ranked=o.max_layers_ranked, ranking=o.ranking, progress=o.progress,
+            ranking_samples=o.ranking_samples,
             reference_outputs=None if judge is None else judge.reference, initial=initial,
         )
     else:

@@ -51,10 +51,14 @@ __all__ = [
     "local_sqnr",
     "layer_errors",
     "fallback",
+    "spread_samples",
+    "RANKING_SAMPLES",
     "compare_latency",
 ]
 
 Feeds = Mapping[str, np.ndarray]
+RANKING_SAMPLES = 8  # samples the fallback's per-layer error estimates are measured on
+PROBES = (1, 2)  # layers returned to float tried before the budget: where quantization error concentrates
 
 INTEGER_OPS = frozenset(
     {
@@ -573,6 +577,17 @@ def estimate_sensitivity(layers: Sequence[str], local: Mapping[str, float],
     return rows
 
 
+def spread_samples(samples: Sequence[Feeds], count: int | None) -> list[Feeds]:
+    """At most ``count`` of ``samples``, spread evenly over them in order (the first and the
+    last included), so samples of every kind interleaved in them are represented; all of
+    them when ``count`` is None or not smaller."""
+    if count is None or len(samples) <= count:
+        return list(samples)
+    if count < 2:
+        return list(samples[:max(count, 0)])
+    return [samples[int(i)] for i in np.linspace(0, len(samples) - 1, count).round()]
+
+
 def _candidates(layers: Sequence[str], propagated: Mapping[str, float], limit: int) -> list[str]:
     """The layers worth ranking: all of them when there are at most ``limit``; else half
     the budget on the first layers in graph order (their error is amplified by everything
@@ -594,6 +609,7 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
              max_layers_ranked: int = 256, ranking: str = "estimate", progress: Any = False,
              reference_outputs: Mapping[str, Sequence[np.ndarray]] | None = None,
              initial: tuple[ir.Model, dict[str, Any], Evaluation] | None = None,
+             ranking_samples: int | None = RANKING_SAMPLES,
              ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """Quantize; if the target is missed on ``samples``, return the most sensitive layers
     to float, worst first, until the target holds or ``max_float_layers`` are float.
@@ -618,9 +634,16 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
 
     ``ranking="estimate"`` (the default) replaces the measured ranking by
     ``estimate_sensitivity``: every layer's own error (``local_sqnr``, all layers in one
-    combined model run once over the samples, no single-layer model built), and searches that order only: the budget's whole ``k``
-    (``max_float_layers``) is evaluated first, and when even that misses, the search
-    stops there (hopeless); else doubling and bisection as above.
+    combined model run once over the samples, no single-layer model built), and searches
+    that order only: the worst layer, then the worst two, returned to float (``PROBES``:
+    the error of a quantized model often sits in a few layers, and then this is the
+    cheapest model and found in one or two evaluations); when neither meets the target,
+    the budget's whole ``k`` (``max_float_layers``), and when even that misses, the search
+    stops there (hopeless); else doubling and bisection between them, as above.
+    The estimates are measured on at most ``ranking_samples`` of the samples, spread evenly
+    over them (``spread_samples``; None: all): a layer's SQNR sums its error over every
+    element of its result, so a few samples estimate it as well as many, and the ranking
+    only orders the layers; every candidate is still judged on all ``samples``.
     ``ranking="measured"``: the single-layer ranking and both orders described above.
     ``reference_outputs``: the reference's outputs on ``samples`` when already computed
     (``model_outputs``), so the float model is not run again. ``initial``: the fully
@@ -639,7 +662,8 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
         return model, stats, report
     layers = list(stats.get("layers", []))
     if ranking == "estimate":  # both estimates from one run
-        propagated, local = layer_errors(reference, model, stats.get("layer_outputs", {}), samples)
+        propagated, local = layer_errors(reference, model, stats.get("layer_outputs", {}),
+                                         spread_samples(samples, ranking_samples))
         return _fallback_estimated(reference, quantize, samples, target, model, stats, initial, report,
                                    propagated, local, max_float_layers, ref_outputs, progress)
     propagated = propagated_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
@@ -705,7 +729,8 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
                       order: Sequence[str], limit: int, report: dict[str, Any],
                       results: dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]], tried: list[dict[str, Any]],
                       ref_outputs: _Outputs, bar: Progress) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
-    """``_fallback_estimated``'s search: the budget first, then doubling and bisection."""
+    """``_fallback_estimated``'s search: the first ``PROBES`` layers alone, then the budget,
+    then doubling and bisection between them."""
 
     def attempt(k: int) -> Evaluation:
         bar.advance()
@@ -718,18 +743,27 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
                       "passed": evaluation.passed})
         return evaluation
 
-    if not limit or not attempt(limit).passed:
-        k = limit if limit else 0
-        evaluation, model, stats = results[k]
-        report.update(kept_float=order[:k], evaluation=evaluation.to_dict(), target_met=False, hopeless=(
-            f"even the {limit} layers the budget allows, returned to float worst first, do not meet it"))
-        return model, stats, report
-    low, high, k = 0, limit, 1
-    while k < high:  # doubling, below the budget known to pass
+    low, high = 0, None  # low: the largest k known to miss; high: the smallest k known to meet
+    for k in PROBES:  # the worst layers alone first: when the error sits in them, the cheapest model
+        if k >= limit:
+            break
         if attempt(k).passed:
             high = k
             break
-        low, k = k, k * 2
+        low = k
+    if high is None:
+        if not limit or not attempt(limit).passed:
+            k = limit if limit else 0
+            evaluation, model, stats = results[k]
+            report.update(kept_float=order[:k], evaluation=evaluation.to_dict(), target_met=False, hopeless=(
+                f"even the {limit} layers the budget allows, returned to float worst first, do not meet it"))
+            return model, stats, report
+        high, k = limit, max(2 * low, 1)
+        while k < high:  # doubling, below the budget known to pass
+            if attempt(k).passed:
+                high = k
+                break
+            low, k = k, k * 2
     while high - low > 1:
         mid = (low + high) // 2
         if attempt(mid).passed:
