@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 import optcc
 from optcc.numerics.equivalence import number_original
@@ -205,3 +206,35 @@ def test_optimize_proves_a_light_model_and_computes_its_outputs(tmp_path):
     verification = result.report.verification
     assert verification["status"] == "passed" and verification["reference"] == "proof"
     assert _difference_from_definition(result.model) < 1e-5
+
+
+def _huge_fill_matmul(value: float) -> onnx.ModelProto:
+    """y = x @ W with W = ConstantOfShape([4100, 4100]) filled with ``value``: 67 MB of
+    float32, more than the proof evaluates of folds (MAX_FOLD_CHECK_BYTES) were it held."""
+    node, shape = _fill_node("W", (4100, 4100), value)
+    graph = helper.make_graph(
+        [node, helper.make_node("MatMul", ["x", "W"], ["y"])], "huge",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4100])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4100])], [shape])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_fill_larger_than_any_evaluated_fold_is_numbered_and_its_value_still_decides():
+    """The fill is a view of its one element: numbered before the passes without being
+    held; the same fill is proved, a fill of another value is not."""
+    proto = _huge_fill_matmul(0.25)
+
+    def refill(value: float):
+        def change(model: ir.Model) -> None:
+            node = next(n for n in model.graph if n.op_type == "ConstantOfShape")
+            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(np.array([value], np.float32)))
+        return change
+
+    x = np.random.default_rng(11).standard_normal((1, 4100)).astype(np.float32)
+    for value, expected_proved in ((0.25, True), (0.5, False)):
+        proved, changed = _proved_after(proto, refill(value))
+        assert proved is expected_proved
+        got = ReferenceEvaluator(changed).run(None, {"x": x})[0]
+        definition = np.full((1, 4100), x.astype(np.float64).sum() * 0.25)  # the original's output
+        close = np.allclose(got, definition, rtol=1e-4, atol=1e-4 * np.abs(definition).max())
+        assert close is expected_proved

@@ -67,7 +67,7 @@ from optcc.runtime.session import make_session, run
 __all__ = ["Premise", "Proof", "number_original", "prove_equivalent"]
 
 KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")
-MAX_FOLD_CHECK_BYTES = 64 * 1024 * 1024  # constants evaluated to check folds, in all
+MAX_FOLD_CHECK_BYTES = 64 * 1024 * 1024  # constants evaluated to check folds, in all (a fill: its one element)
 SMALL_TENSOR_ELEMENTS = 1024  # constants keyed by their bytes in the table (larger: a fill, or bucketed)
 MAX_DEFINED_DEPTH = 8  # folds computed by definition through at most this many nodes
 
@@ -866,18 +866,14 @@ class _Keys:
 
     def _may_fold_small(self, value: ir.Value) -> bool:
         """False where ``_small_defined(value)`` is None for certain, read without computing
-        anything: an operator ``_defined`` does not compute, or a ConstantOfShape whose
-        constant shape holds more elements than ``_filled`` fills (``MAX_FOLD_CHECK_BYTES``
-        in all)."""
+        anything: an operator ``_defined`` does not compute, or a ConstantOfShape without a
+        constant one-dimensional integer shape."""
         node = value.producer()
         if node is None or node.op_type not in _DEFINED_OPS:
             return False
         if node.op_type == "ConstantOfShape":
             shape = self._array(node.inputs[0], shared=True) if len(node.inputs) == 1 else None
-            fill = node.attributes.get("value")
-            itemsize = 4 if fill is None or fill.type != ir.AttributeType.TENSOR else max(1, fill.value.dtype.itemsize)
-            return shape is not None and shape.dtype.kind in "iu" and shape.ndim == 1 \
-                and math.prod(int(d) for d in shape) * itemsize <= MAX_FOLD_CHECK_BYTES  # what ``_filled`` fills
+            return shape is not None and shape.dtype.kind in "iu" and shape.ndim == 1
         return True
 
     def _small_defined(self, value: ir.Value) -> np.ndarray | None:
@@ -900,7 +896,7 @@ class _Keys:
         except Exception:  # noqa: BLE001 - unevaluated folds stay unproved, and are checked on samples
             return 0
         arrays = [filled.get(id(v), computed.get(id(v))) for v in values]
-        if sum(a.nbytes for a in arrays) > MAX_FOLD_CHECK_BYTES:
+        if sum(_held_bytes(a) for a in arrays) > MAX_FOLD_CHECK_BYTES:
             return 0
         for value, array in zip(values, arrays):
             self._arrays[id(value)] = array
@@ -986,12 +982,10 @@ class _Keys:
             element = self.numbering.numpy(fill.value, shared=True).reshape(-1)
         else:
             return None
-        if int(np.prod(shape)) * element.itemsize > MAX_FOLD_CHECK_BYTES:
-            return None  # too big to check either way
         dims = tuple(int(d) for d in shape)
         if math.prod(dims) <= SMALL_TENSOR_ELEMENTS:
             return np.full(dims, element[0], element.dtype)
-        return self.numbering.fill(element[:1], dims)  # a read-only view: never materialized
+        return self.numbering.fill(element[:1], dims)  # a read-only view: never materialized, whatever its size
 
     def _evaluate(self, values: list[ir.Value]) -> list[np.ndarray]:
         """``values`` computed by the original's own nodes, on onnxruntime's CPU kernels (a
@@ -1177,11 +1171,20 @@ _EXACT_INTEGERS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, 
 _EXACT_FLOATS = {np.dtype(np.float16): 11, np.dtype(np.float32): 24, np.dtype(np.float64): 53}  # significand bits
 
 
+def _held_bytes(array: np.ndarray) -> int:
+    """The bytes ``array`` holds: a view repeating one element (strides all 0) holds one."""
+    return array.nbytes if any(array.strides) or array.size == 0 else array.itemsize
+
+
 def _exact_cast(data: np.ndarray, to: Any) -> np.ndarray | None:
     """``data`` cast to ONNX type ``to`` when every value converts exactly: an integer or
     boolean to an integer type holding all its values, or to a float whose significand
     holds them all; a float to a float at least as wide, without NaNs (whose payloads a
-    kernel may change); the same type. Else None (no exactness to rely on)."""
+    kernel may change); the same type. Else None (no exactness to rely on). A view repeating
+    one element is cast at that element, and stays such a view."""
+    if data.size > 1 and not any(data.strides):  # one element repeated: cast once, repeated alike
+        one = _exact_cast(data.reshape(-1)[:1], to)
+        return None if one is None else np.broadcast_to(one.reshape(()), data.shape)
     try:
         target = np.dtype(ir.DataType(int(to)).numpy())
     except (TypeError, ValueError):
