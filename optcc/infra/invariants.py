@@ -53,58 +53,93 @@ def check_invariants(
 ) -> list[str]:
     """Every invariant the model violates, as one-line descriptions (empty when sound).
     ``float16_io``: a float32 graph input/output may have become float16."""
-    problems: list[str] = []
-    order = oir.first_order_problem(model)
-    if order:
-        problems.append(order)
-    problems.extend(_name_problems(model))
+    order, names = _scope_problems(model)
+    problems = [order] if order else []
+    problems.extend(names)
     problems.extend(_signature_problems(signature(model), expected, float16_io))
     if run_checker and not problems:
         problems.extend(checker_problems(model))
     return problems
 
 
-def _name_problems(model: ir.Model) -> list[str]:
-    problems: list[str] = []
+@dataclasses.dataclass
+class _ScopeProblems:
+    """What one walk of the model's scopes finds: the first use before definition (as
+    ``oir.first_order_problem`` reports it) and every naming problem."""
 
-    def visit(graph: ir.Graph | ir.Function, outer: frozenset[str]) -> None:
-        seen: set[str] = set()
+    order: str | None = None
+    names: list[str] = dataclasses.field(default_factory=list)
 
-        def define(value: ir.Value, what: str) -> None:
+
+def _scope_problems(model: ir.Model) -> tuple[str | None, list[str]]:
+    """The order problem and the name problems of the main graph and every function, found
+    in one walk of their nodes (each body visited where its node stands)."""
+    found = _ScopeProblems()
+    for graph in (model.graph, *model.functions.values()):
+        _visit(graph, frozenset(), frozenset(), found)
+    return found.order, found.names
+
+
+def _visit(graph: ir.Graph | ir.Function, outer_values: frozenset[ir.Value | None], outer_names: frozenset[str],
+           found: _ScopeProblems) -> None:
+    """Check one graph: every node input defined before the node reads it (by a graph input,
+    an initializer, an earlier node or an enclosing scope, ``outer_values``), until the
+    first problem in the walk; value names unique in the graph and not shadowing a name
+    of an enclosing scope defined before the body's node (``outer_names``, as onnx-ir's
+    NameFixPass sees scopes: a name defined later outside is not shadowed)."""
+    defined: set[ir.Value | None] = set(outer_values)
+    defined.add(None)  # an omitted optional input: always "defined"
+    defined.update(graph.inputs)
+    seen: set[str] = set()
+    problems = found.names
+
+    def define(value: ir.Value, what: str) -> None:
+        name = value.name
+        if not name:
+            if value.uses() or value.is_graph_output():
+                problems.append(f"{what} has no name but is used")
+            return
+        if name in seen:
+            problems.append(f"value name '{name}' is defined twice")
+        elif name in outer_names:
+            problems.append(f"value name '{name}' shadows a value of an enclosing graph")
+        seen.add(name)
+
+    for value in graph.inputs:
+        define(value, "a graph input")
+    if isinstance(graph, ir.Graph):
+        initializers = graph.initializers.data.values()  # the UserDict's own dict: its Mapping methods are slow
+        defined.update(initializers)
+        for value in initializers:
+            if not value.is_graph_input():
+                define(value, "an initializer")
+    add = defined.update
+    bodies = may_hold_bodies(graph)  # else no node's subgraphs need looking up
+    for node in graph:
+        if found.order is None and not defined.issuperset(node.inputs):
+            found.order = _undefined_input(node, defined)
+        for sub in oir.subgraphs(node) if bodies else ():
+            _visit(sub, frozenset(defined), outer_names | seen, found)
+        outputs = node.outputs
+        add(outputs)
+        for value in outputs:
             name = value.name
-            if not name:
-                if value.uses() or value.is_graph_output():
-                    problems.append(f"{what} has no name but is used")
-                return
-            if name in seen:
-                problems.append(f"value name '{name}' is defined twice")
-            elif name in outer:
-                problems.append(f"value name '{name}' shadows a value of an enclosing graph")
-            seen.add(name)
+            if name and name not in seen and name not in outer_names:
+                seen.add(name)  # the common case, without building a description
+            else:
+                define(value, f"an output of node '{node.name}' ({node.op_type})")
+    if found.order is None:
+        missing = next((value for value in graph.outputs if value not in defined), None)
+        if missing is not None:
+            found.order = f"graph output '{missing.name}' is not defined"
 
-        for value in graph.inputs:
-            define(value, "a graph input")
-        if isinstance(graph, ir.Graph):
-            for value in graph.initializers.values():
-                if not value.is_graph_input():
-                    define(value, "an initializer")
-        bodies = may_hold_bodies(graph)  # else no node's subgraphs need looking up
-        for node in graph:
-            # a body sees the names defined before its node (as onnx-ir's NameFixPass does):
-            # a name defined later in the enclosing graph is not shadowed by it
-            for sub in oir.subgraphs(node) if bodies else ():
-                visit(sub, outer | seen)
-            for value in node.outputs:
-                name = value.name
-                if name and name not in seen and name not in outer:
-                    seen.add(name)  # the common case, without building a description
-                else:
-                    define(value, f"an output of node '{node.name}' ({node.op_type})")
 
-    visit(model.graph, frozenset())
-    for function in model.functions.values():
-        visit(function, frozenset())
-    return problems
+def _undefined_input(node: ir.Node, defined: set[ir.Value | None]) -> str:
+    """The first input of ``node`` not in ``defined``, described."""
+    value = next(v for v in node.inputs if v not in defined)
+    assert value is not None
+    what = "a cycle" if value.producer() is not None else "an undefined value"
+    return f"node '{node.name}' ({node.op_type}) reads '{value.name}' before it is defined ({what})"
 
 
 _FLOAT32, _FLOAT16 = str(ir.TensorType(ir.DataType.FLOAT)), str(ir.TensorType(ir.DataType.FLOAT16))
