@@ -240,6 +240,10 @@ def quantize_int8(
     a count-based component fewer than ``MIN_ITEMS`` items (``TaskJudge.undecided``),
     every candidate is judged on all the samples instead, the calibration ones included
     (``stats["acceptance"]["judged_samples"]`` and ``all_samples_judged`` say so).
+    ``floor_draws``: where a metric counts scored decisions (top-1, decoded lines, YOLO
+    boxes), the floor is measured on that many independent perturbation draws and the
+    errors float32 makes itself under some draw are not counted
+    (``optcc.numerics.task.TaskJudge``); else on one draw.
     ``groups``: one label per sample (calibration and held-out); each group is judged
     apart against its own floor, and a metric mapping may name a group
     (``{"@photo": "added-boxes"}``, ``optcc.numerics.task.TaskJudge``).
@@ -294,6 +298,9 @@ def quantize_int8(
     contiguous shards on it and merged in order
     (``optcc.quant.calibration.collect_statistics_sharded``), which gives the ranges of a
     single-process run bit for bit, so the same model.
+
+    ``ranking_samples``: the fallback's per-layer error estimates are measured on that
+    many of the judged samples, spread evenly (``optcc.quant.fallback.fallback``).
 
     ``judge``: returns the task judge of every sample, in order, built on another float
     model that computes the same (``optcc.Verifier.sample_judge``: the original's outputs
