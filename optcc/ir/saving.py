@@ -44,8 +44,9 @@ def serialize_dims_only(model: ir.Model, selects: Callable[[ir.TensorProtocol], 
     """The serialized model with the main graph's initializers whose tensor ``selects``
     accepts written without their data: a TensorProto of the value's name, the tensor's
     dtype and dims (what shape inference reads of a weight). Cached parts where the model
-    allows (``model_parts``), else onnx-ir's serializer on a copy with those initializers
-    set aside; both write the same message. String tensors are always written whole."""
+    allows (``model_parts``), else onnx-ir's serializer while those initializers are set
+    aside (``initializers_set_aside``), their dims written back into its proto; both write
+    the same message. String tensors are always written whole."""
     parts = model_parts(model, dims_only=selects)
     if parts is not None:
         return parts.to_bytes()
