@@ -3,8 +3,10 @@
 Parsing or cloning a model allocates tens of thousands of objects that all stay alive.
 Those allocations trigger collections that scan them (and, once enough have survived, a
 full collection that scans every object in the process) and find nothing to free. Such
-steps run with the collector paused; on exit it is left as it was found. Steps that
-drop objects (the passes) run with it, so cyclic garbage is collected where it arises.
+steps run with the collector paused; on exit it is left as it was found. The pass
+manager also pauses it over a pipeline of float rewrites, whose few removed-node cycles
+wait for the first collection after the steps; other pipelines (INT8, float16, passes
+verified one by one) run with it, so their cyclic garbage is collected where it arises.
 """
 
 from __future__ import annotations
