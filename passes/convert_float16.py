@@ -58,7 +58,7 @@ import onnxruntime as ort
 
 import optcc
 from optcc import fp16
-from optcc.numerics import RETRY_DYNAMIC_DIM, generate_inputs, resolve_providers
+from optcc.numerics import RETRY_SIZES, generate_inputs, resolve_providers
 from optcc.fp16 import (
     FLOAT, FLOAT16, FP16_MAX, KEEP_INPUTS, Emulator, Rewriter, Slots, exactly_float16, float16_slots)
 
@@ -177,16 +177,22 @@ class ConvertFloat16Pass(optcc.Pass):
                 self.inferred[name] = ir.DataType.from_numpy(array.dtype)
 
     def _observed(self) -> list[dict[str, np.ndarray]]:
-        """Every value on the feeds; generated feeds the model cannot run are generated once
-        more with their free dynamic dims ``RETRY_DYNAMIC_DIM`` long, as the verifier does."""
+        """Every value on the feeds; generated feeds the model cannot run are generated again
+        with the sizes of ``RETRY_SIZES`` in turn, as the verifier does."""
         try:
             return fp16.ranges.run_all(self.reference, self.feeds, self._scratch)
         except Exception:  # noqa: BLE001
             if self.inputs:
                 raise
-            self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
-                                         dynamic_dim=RETRY_DYNAMIC_DIM)
-            return fp16.ranges.run_all(self.reference, self.feeds, self._scratch)
+        *earlier, last = RETRY_SIZES
+        for sizes in earlier:
+            self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0, **sizes)
+            try:
+                return fp16.ranges.run_all(self.reference, self.feeds, self._scratch)
+            except Exception:  # noqa: BLE001 - the next sizes are tried
+                pass
+        self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0, **last)
+        return fp16.ranges.run_all(self.reference, self.feeds, self._scratch)
 
     def _dtype(self, value: ir.Value) -> ir.DataType | None:
         return value.dtype if value.dtype is not None else self.inferred.get(value.name or "")

@@ -4,7 +4,8 @@ Sizes. A static dimension keeps its size; a dynamic one (a symbol, an unknown ``
 legacy negative ``dim_value`` such as ``-1``) takes the size given for its input by name,
 else the size its symbol already took in another input, else the size a direct consumer
 implies (the channels a Conv's weight expects, the rows of a constant MatMul/Gemm
-operand), else 1 for the first axis and ``DEFAULT_DYNAMIC_DIM`` for the others.
+operand), else 1 for the first axis and ``DEFAULT_DYNAMIC_DIM`` for the others. Samples
+the model cannot run are made again with the sizes of ``RETRY_SIZES`` in turn.
 
 Values, per input, first rule that applies:
 
@@ -63,14 +64,22 @@ import onnx_ir as ir
 
 from optcc.errors import BadInputError
 
-__all__ = ["DECODE_STEPS", "DEFAULT_DYNAMIC_DIM", "RETRY_DYNAMIC_DIM", "DEFAULT_PAST_LENGTH", "generate_inputs", "check_feeds",
-           "input_roles"]
+__all__ = ["DECODE_STEPS", "DEFAULT_DYNAMIC_DIM", "RETRY_DYNAMIC_DIM", "RETRY_SIZES", "DEFAULT_PAST_LENGTH", "generate_inputs",
+           "check_feeds", "input_roles", "sizes_text"]
 
 DECODE_STEPS = 3  # steps of a KV-cache decoder's verification decode; generated inputs leave room for them
 
 DEFAULT_DYNAMIC_DIM = 64  # size chosen for a dynamic dimension other than the first
 # the size tried next when the model cannot run on the default (a signal reflect-padded by more)
 RETRY_DYNAMIC_DIM = 512
+# what generated inputs the original cannot run are made again with, in turn (keyword
+# arguments of ``generate_inputs``): free dynamic dims ``RETRY_DYNAMIC_DIM`` long, then also
+# 1 on the axes between the first and the last (a recurrent state's batch axis, as in
+# [layers, batch, hidden], that no dim name ties to the signal's batch)
+RETRY_SIZES: tuple[dict[str, int], ...] = (
+    {"dynamic_dim": RETRY_DYNAMIC_DIM},
+    {"dynamic_dim": RETRY_DYNAMIC_DIM, "interior_dim": 1},
+)
 DEFAULT_PAST_LENGTH = 16  # KV-cache length of a generated decoder step
 DEFAULT_SAMPLE_RATE = 16000
 _SAMPLE_RATE_NAMES = frozenset({"sr", "sample_rate", "sampling_rate"})
@@ -135,10 +144,12 @@ def _dim_sizes(
     shapes: Mapping[str, Sequence[int]],
     axis_sizes: Mapping[tuple[str, int], int] | None = None,
     dynamic_dim: int = DEFAULT_DYNAMIC_DIM,
+    interior_dim: int | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """The concrete shape of every input: given shapes first (their symbols recorded),
     then ``axis_sizes`` overrides, then static dims, shared symbols, consumer-implied
-    sizes and the defaults (1 for a first axis, else ``dynamic_dim``)."""
+    sizes and the defaults (1 for a first axis, ``interior_dim`` when given for an axis
+    before the last, else ``dynamic_dim``)."""
     axis_sizes = axis_sizes or {}
     symbols: dict[str, int] = {}
     result: dict[str, tuple[int, ...]] = {}
@@ -172,12 +183,26 @@ def _dim_sizes(
             elif name and name in symbols:
                 size = symbols[name]
             else:
-                size = _consumer_size(value, axis) or (1 if axis == 0 else dynamic_dim)
+                size = _consumer_size(value, axis) or _default_size(axis, len(value.shape), dynamic_dim, interior_dim)
                 if name:
                     symbols[name] = size
             dims.append(size)
         result[value.name] = tuple(dims)
     return result
+
+
+def _default_size(axis: int, rank: int, dynamic_dim: int, interior_dim: int | None) -> int:
+    if axis == 0:
+        return 1
+    return interior_dim if interior_dim is not None and axis < rank - 1 else dynamic_dim
+
+
+def sizes_text(sizes: Mapping[str, int]) -> str:
+    """``generate_inputs``' size arguments in words (``RETRY_SIZES``' entries)."""
+    text = f"free dynamic dims {sizes.get('dynamic_dim', DEFAULT_DYNAMIC_DIM)} long"
+    if sizes.get("interior_dim") is not None:
+        text += f", {sizes['interior_dim']} on the axes between the first and the last"
+    return text
 
 
 # --------------------------------------------------------------------------- roles
@@ -399,12 +424,14 @@ def generate_inputs(
     ranges: Mapping[str, Range] | None = None,
     decode_steps: int = DECODE_STEPS,
     dynamic_dim: int = DEFAULT_DYNAMIC_DIM,
+    interior_dim: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """``samples`` feed dicts that fit the model's graph inputs (see the module docstring
     for the sizes and values chosen). ``shapes`` sizes inputs by name; ``ranges`` gives
     ``(lo, hi)`` value ranges by name; a KV-cache decoder's positions leave room for a
     decode of ``decode_steps`` steps; ``dynamic_dim`` sizes the dynamic dims that nothing
-    else sizes, past the first axis. Raises BadInputError for a name that is not a
+    else sizes, past the first axis (``interior_dim``, when given, those before the last
+    axis). Raises BadInputError for a name that is not a
     graph input, an empty range, an input whose shape or dtype cannot be generated, or a
     given past length that does not fit the position table."""
     shapes = dict(shapes or {})
@@ -416,7 +443,7 @@ def generate_inputs(
         if not lo <= hi:
             raise BadInputError(f"--input-range {name}: low {lo} is above high {hi}")
     roles = input_roles(model)
-    sizes = _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), dynamic_dim)
+    sizes = _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), dynamic_dim, interior_dim)
     past = _past_length(fed, sizes, roles)
     kv = any(role == "past" for role in roles.values())
     rng = np.random.default_rng(seed)
@@ -463,11 +490,11 @@ def _range(name: str, bounds: object) -> tuple[float, float]:
 
 def _sizes(
     model: ir.Model, fed: list[ir.Value], shapes: Mapping[str, Sequence[int]], roles: Mapping[str, str],
-    more_steps: int = 0, dynamic_dim: int = DEFAULT_DYNAMIC_DIM,
+    more_steps: int = 0, dynamic_dim: int = DEFAULT_DYNAMIC_DIM, interior_dim: int | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Input shapes, with KV-cache lengths made consistent and the positions of the step
     and of ``more_steps`` one-token steps after it kept within the position table."""
-    sizes = _dim_sizes(fed, shapes, dynamic_dim=dynamic_dim)
+    sizes = _dim_sizes(fed, shapes, dynamic_dim=dynamic_dim, interior_dim=interior_dim)
     positions = [v for v in fed if roles[v.name] == "position"]
     pasts = [v for v in fed if roles[v.name] == "past"]
     table = min((b for v in positions if (b := _index_bound(v)) is not None), default=None)
@@ -506,7 +533,7 @@ def _sizes(
             overrides[(value.name, last)] = past + current
         elif role in ("position", "index") and value.shape.rank() >= 2:
             overrides[(value.name, last)] = current
-    return _dim_sizes(fed, shapes, overrides, dynamic_dim)
+    return _dim_sizes(fed, shapes, overrides, dynamic_dim, interior_dim)
 
 
 def _current_length(

@@ -7,9 +7,10 @@ constant (a fold) is read by the kernel that read it computed (a pre-packed conv
 or LSTM weight takes another code path, whose rounding a model can amplify past the exact
 tolerance). Inputs are the user's feed dicts, else
 ``DEFAULT_SAMPLES`` generated samples that fit the model (``optcc.numerics.inputs``); when
-the original cannot run those, they are generated once more with their free dynamic dims
-``RETRY_DYNAMIC_DIM`` long (a reflect-padded or framed signal needs more than the
-default), and the report says so.
+the original cannot run those, they are generated again with the sizes of
+``RETRY_SIZES`` in turn (free dynamic dims ``RETRY_DYNAMIC_DIM`` long: a reflect-padded
+or framed signal needs more than the default; then also 1 between the first and the last
+axis: a recurrent state's unnamed batch axis), and the report says so.
 
 For "exact" and "fusion" results checked on generated samples, the verifier first tries
 to prove that the candidate computes the original's function (``optcc.numerics.equivalence``):
@@ -65,7 +66,7 @@ from optcc.errors import BadInputError
 from optcc.numerics.decode import DECODE_STEPS, decode_plan, free_running, run_decode
 from optcc.numerics.equivalence import Premise, number_original, prove_equivalent
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
-from optcc.numerics.inputs import DEFAULT_DYNAMIC_DIM, RETRY_DYNAMIC_DIM, check_feeds, generate_inputs, input_roles
+from optcc.numerics.inputs import DEFAULT_DYNAMIC_DIM, RETRY_SIZES, check_feeds, generate_inputs, input_roles, sizes_text
 from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
 from optcc.numerics.task import DEFAULT_MARGIN, FLOOR_DRAWS, TaskJudge, UserMetric, perturb, perturbation_draws
@@ -331,18 +332,20 @@ class Verifier:
 
     def _float32_outputs(self) -> dict[str, list[list[np.ndarray]]] | None:
         """The original's outputs per provider and case (None when it cannot run). Generated
-        samples the original cannot run are generated once more with their free dynamic
-        dims ``RETRY_DYNAMIC_DIM`` long (a reflect-padded or framed signal needs more than
-        the default), and that is said in ``notes``."""
+        samples the original cannot run are generated again with the sizes of
+        ``RETRY_SIZES`` in turn (module docstring), and that is said in ``notes``."""
         if self._float32 is None and self._error is None:
             error, loaded = self._run_original()
             where = ""
             if loaded and error is not None and self._generate is not None:
-                self._feeds = generate_inputs(self._model, **self._generate, dynamic_dim=RETRY_DYNAMIC_DIM)
-                retry_error, _ = self._run_original()
+                for sizes in RETRY_SIZES:
+                    self._feeds = generate_inputs(self._model, **self._generate, **sizes)
+                    retry_error, _ = self._run_original()
+                    if retry_error is None:
+                        break
                 if retry_error is None:
                     self._retried = (f"generated inputs with free dynamic dims of {DEFAULT_DYNAMIC_DIM} did not "
-                                     f"run on the original ({error}); they were made {RETRY_DYNAMIC_DIM} long")
+                                     f"run on the original ({error}); they were made again with {sizes_text(sizes)}")
                     error = None
                 else:
                     where = " on generated inputs (give samples that fit with --inputs, or sizes with --input-shape)"
