@@ -368,10 +368,17 @@ def _with_overwrite(
 
 
 def _has_dtype(model: ir.Model, dtypes: frozenset[ir.DataType]) -> bool:
+    """Whether some tensor of any graph (an initializer, or a node's tensor attribute: a
+    branch's Constant) or some annotated node output holds one of ``dtypes``."""
     for graph in oir.graphs(model):
         if isinstance(graph, ir.Graph) and any(v.dtype in dtypes for v in graph.initializers.values()):
             return True
-    return any(o.dtype in dtypes for node in oir.nodes(model) for o in node.outputs)
+    for node in oir.nodes(model):
+        if any(o.dtype in dtypes for o in node.outputs):
+            return True
+        if any(a.type == ir.AttributeType.TENSOR and a.value.dtype in dtypes for a in node.attributes.values()):
+            return True
+    return False
 
 
 def _precision(model: ir.Model, records: Sequence[Any], requested: Mapping[str, bool]) -> dict[str, str | None]:

@@ -145,6 +145,35 @@ def test_applied_fp16_is_named_in_the_summary_header(example: Path, tmp_path: Pa
     assert result.applied_precision == ["fp16"] and result.declined_precision == {}
 
 
+def test_fp16_applied_inside_if_branches_is_reported_applied(tmp_path: Path, capsys) -> None:
+    """The branches' values carry no type annotation: float16 is found from the Casts the
+    conversion wrote there, and the run exits 0 with the model written."""
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (bool c, float[1, 8] x) => (float[1, 8] y) {
+            y = If (c) <
+                then_branch = t () => (float[1, 8] ty) {
+                    two = Constant <value = float {2.0}> ()
+                    doubled = Mul(x, two)
+                    ty = Relu(doubled)
+                },
+                else_branch = e () => (float[1, 8] ey) {
+                    three = Constant <value = float {3.0}> ()
+                    ey = Add(x, three)
+                }
+            >
+        }""")
+    path, out = tmp_path / "branches.onnx", tmp_path / "out.onnx"
+    onnx.save(model, path)
+    assert cli.main([str(path), "--fp16", "-o", str(out)]) == 0
+    assert "optcc -O2 +fp16: " in capsys.readouterr().err
+    assert optcc.optimize(str(path), fp16=True).applied_precision == ["fp16"]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.linspace(-2, 2, 8, dtype=np.float32).reshape(1, 8)
+    np.testing.assert_allclose(session.run(None, {"c": np.array(True), "x": x})[0], np.maximum(2 * x, 0), rtol=1e-3)
+    np.testing.assert_allclose(session.run(None, {"c": np.array(False), "x": x})[0], x + 3, rtol=1e-3)
+
+
 def test_allow_float_fallback_without_a_precision_is_a_usage_error(example: Path, tmp_path: Path, capsys) -> None:
     assert cli.main([str(example), "--allow-float-fallback", "-o", str(tmp_path / "o.onnx")]) == 2
     assert "--allow-float-fallback is used with" in capsys.readouterr().err
