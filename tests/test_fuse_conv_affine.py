@@ -4,6 +4,8 @@ graph outputs inside the pattern and shape-enlarging chains left alone."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -169,3 +171,81 @@ def test_chain_with_shared_intermediate_is_left_alone() -> None:
     body = "g (float[N, 3] x) => (float[N, 3] y, float[N, 3] z) { t = Add(x, a) y = Add(t, b) z = Relu(t) }"
     result = _fuse(_model(body, {"a": _rand(1, 3), "b": _rand(2, 3)}), x=[2, 3])
     assert not result.modified and _ops(result.model) == {"Add": 2, "Relu": 1}
+
+
+# ---------------------------------------------------------------- a scale before a conv
+
+
+@pytest.mark.parametrize("c_shape", [(), (1,), (3, 1, 1), (1, 3, 1, 1)])
+def test_per_input_channel_mul_folds_into_the_conv_after_it(c_shape: tuple[int, ...]) -> None:
+    body = "g (float[N, 3, 6, 6] x) => (float[N, 4, 6, 6] y) { t = Mul(s, x) y = Conv <pads = [1, 1, 1, 1]> (t, w, b) }"
+    result = _fuse(_model(body, {"w": _rand(1, 4, 3, 3, 3), "b": _rand(2, 4), "s": _rand(3, *c_shape)}),
+                   x=[2, 3, 6, 6])
+    assert _ops(result.model) == {"Conv": 1}
+    assert result.stats == {"applied": {"mul-conv": 1}}
+    conv = result.model.graph.outputs[0].producer()
+    assert conv.inputs[0].name == "x" and conv.inputs[2].name == "b"  # the bias is reused as is
+
+
+def test_gelu_half_before_a_conv_folds_bit_for_bit() -> None:
+    """PP-OCRv5/v6's GELU ends in ``* 0.5`` read by the next pointwise Conv: a power of
+    two, so the folded weight gives the original's bits (float64 reference: numpy)."""
+    body = """g (float[1, 4, 5, 5] x) => (float[1, 6, 5, 5] y) {
+        r = Constant <value = float {1.41421356}> ()
+        one = Constant <value = float {1.0}> ()
+        half = Constant <value = float {0.5}> ()
+        d = Div(x, r) e = Erf(d) p = Add(e, one) g = Mul(x, p) h = Mul(g, half) y = Conv(h, w, b) }"""
+    w, bias = _rand(1, 6, 4, 1, 1), _rand(2, 6)
+    model = _model(body, {"w": w, "b": bias})
+    original = model.clone()
+    result = _fuse(model, x=[1, 4, 5, 5])
+    assert result.stats["applied"] == {"mul-conv": 1} and _ops(result.model).get("Mul") == 1
+    x = {"x": _rand(4, 1, 4, 5, 5)}
+    np.testing.assert_array_equal(onnxruntime_outputs(result.model, x)[0], onnxruntime_outputs(original, x)[0])
+    x64 = x["x"].astype(np.float64)
+    gelu = 0.5 * x64 * (1 + np.vectorize(math.erf)(x64 / 1.41421356))
+    want = np.einsum("oc,nchw->nohw", w[:, :, 0, 0].astype(np.float64), gelu) + bias[None, :, None, None]
+    assert_close(onnxruntime_outputs(result.model, x), [want], FUSION_RTOL, what="folded GELU * 0.5 vs numpy")
+
+
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+def test_per_input_channel_mul_before_grouped_and_transposed_conv(op: str) -> None:
+    w_shape = (4, 2, 3, 3) if op == "Conv" else (4, 3, 3, 3)  # 4 input channels, 2 groups
+    body = f"""g (float[1, 4, 5, 5] x) => (float y) {{ t = Mul(x, s) y = {op} <group = 2> (t, w) }}"""
+    inits = {"w": _rand(1, *w_shape), "s": _rand(2, 4, 1, 1)}
+    # onnx's evaluator mis-reshapes grouped ConvTranspose weights: onnxruntime on the original judges.
+    result = _fuse(_model(body, inits), reference="float64" if op == "Conv" else "onnxruntime")
+    assert _ops(result.model) == {op: 1} and result.stats["applied"] == {"mul-conv": 1}
+
+
+def test_per_input_channel_mul_before_a_depthwise_conv() -> None:
+    body = """g (float[1, 4, 5, 5] x) => (float[1, 8, 5, 5] y) {
+        t = Mul(x, s) y = Conv <group = 4, pads = [1, 1, 1, 1]> (t, w) }"""
+    result = _fuse(_model(body, {"w": _rand(1, 8, 1, 3, 3), "s": _rand(2, 4, 1, 1)}))
+    assert _ops(result.model) == {"Conv": 1} and result.stats["applied"] == {"mul-conv": 1}
+
+
+def test_mul_that_broadcasts_its_input_up_to_the_conv_channels_is_left_alone() -> None:
+    """x has one channel; the Mul makes three of it: the Conv cannot read x instead."""
+    body = "g (float[1, 1, 5, 5] x) => (float y) { t = Mul(x, s) y = Conv(t, w) }"
+    result = _fuse(_model(body, {"w": _rand(1, 4, 3, 1, 1), "s": _rand(2, 3, 1, 1)}))
+    assert not result.modified and _ops(result.model) == {"Mul": 1, "Conv": 1}
+    assert result.stats["rejected"]["mul-conv"] == {"the Mul's broadcast could enlarge its input": 1}
+
+
+@pytest.mark.parametrize("c_shape", [(1, 1, 1, 5), (3, 5, 5)])
+def test_mul_that_is_not_per_input_channel_is_left_alone(c_shape: tuple[int, ...]) -> None:
+    body = "g (float[1, 3, 5, 5] x) => (float y) { t = Mul(x, s) y = Conv(t, w) }"
+    result = _fuse(_model(body, {"w": _rand(1, 4, 3, 1, 1), "s": _rand(2, *c_shape)}))
+    assert not result.modified and result.stats["rejected"]["mul-conv"] == {"constant is not per channel": 1}
+
+
+def test_mul_read_elsewhere_or_a_shared_weight_is_left_alone() -> None:
+    body = """g (float[1, 3, 5, 5] x) => (float y, float z) {
+        t = Mul(x, s) y = Conv(t, w) z = Relu(t) }"""
+    result = _fuse(_model(body, {"w": _rand(1, 4, 3, 1, 1), "s": _rand(2, 3, 1, 1)}))
+    assert not result.modified and _ops(result.model) == {"Mul": 1, "Conv": 1, "Relu": 1}
+    body = """g (float[1, 3, 5, 5] x, float[1, 3, 5, 5] x2) => (float y, float z) {
+        t = Mul(x, s) y = Conv(t, w) z = Conv(x2, w) }"""
+    result = _fuse(_model(body, {"w": _rand(1, 4, 3, 1, 1), "s": _rand(2, 3, 1, 1)}))
+    assert not result.modified and _ops(result.model) == {"Mul": 1, "Conv": 2}
