@@ -66,6 +66,9 @@ KEEP_MARKER = "optcc.fp16.keep_float32"
 FALLBACK_REASON = "returned to float32 by the accuracy check"
 UNDERFLOW_FRACTION = 0.10
 UNDERFLOW_SQNR_DB = 60.0  # below float16's own rounding noise (~70 dB): the flushed values matter
+# an output below this everywhere (a probability map with nothing detected) holds only
+# rounding: its SQNR says nothing about the float16 model on real inputs
+NEAR_ZERO_OUTPUT = 1e-3
 STORE16_MIN_ELEMENTS = 64  # smaller weights do not pay for the Cast node that reads them
 STORE16_TRIALS = 4  # evaluations spent on weights of float32 nodes one by one
 _SUM_REDUCES = frozenset({"ReduceSum", "ReduceMean"})
@@ -587,7 +590,24 @@ class ConvertFloat16Pass(optcc.Pass):
             "min_sqnr_db": self.min_sqnr_db,
             "evaluations": self.evaluations,
         })
+        if not result.converted_nodes and self._fallback_labels:
+            stats["reason"] = self._all_returned_reason()
         return optcc.PassResult(model, result.modified, stats)
+
+    def _all_returned_reason(self) -> str:
+        """Why nothing is left float16 after every converted layer went back to float32,
+        naming the outputs that stay near zero on generated samples (a detector's map on
+        an input without objects), whose SQNR such samples cannot measure."""
+        reason = (f"every layer went back to float32 to keep each output's SQNR >= {self.min_sqnr_db:g} dB "
+                  f"on {len(self.feeds)} {'given' if self.inputs else 'generated'} sample(s)")
+        values = self.ref_values[0] if self.ref_values else {}
+        near_zero = [v.name for v in self.reference.graph.outputs
+                     if v.name in values and values[v.name].dtype.kind == "f" and values[v.name].size
+                     and float(np.max(np.abs(values[v.name]))) < NEAR_ZERO_OUTPUT]
+        if near_zero and not self.inputs:
+            reason += (f"; output {', '.join(repr(n) for n in near_zero)} stays below {NEAR_ZERO_OUTPUT:g} there, "
+                       "where SQNR measures rounding alone: give real samples (--inputs)")
+        return reason
 
     def _name_fallback_nodes(self, keys: Mapping[ir.Node, int], keep: Mapping[int, str]) -> set[str]:
         """Names of the nodes the accuracy check kept (unnamed ones get a name)."""

@@ -375,3 +375,30 @@ def test_original_cast_reads_a_float16_value_as_it_is(to, reader):
         got = onnxruntime_outputs(result.model, feeds)[0]
         x16 = feeds["x"].astype(np.float16)
         np.testing.assert_array_equal(got, np.trunc((x16 * x16).astype(np.float64)).astype(np.int64))
+
+
+def _tiny_output() -> onnx.ModelProto:
+    """An output 2^-20 of its input: near zero on generated inputs (float16 holds
+    such values as subnormals, a few bits of them, so its SQNR there is rounding alone),
+    about 0.01 on inputs of about 1e4."""
+    return parse("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[1, 64] x) => (float[1, 64] y) {
+            s = Constant <value = float {9.5367431640625e-07}> ()
+            y = Mul(x, s)
+        }""")
+
+
+def test_declined_on_an_output_near_zero_says_the_generated_samples_cannot_judge_it() -> None:
+    with pytest.raises(optcc.PrecisionNotAppliedError) as caught:
+        optcc.optimize(_tiny_output(), fp16=True)
+    reason = caught.value.result.precision["fp16"]  # type: ignore[attr-defined]
+    assert "went back to float32" in reason and "'y' stays below" in reason and "--inputs" in reason
+    rng = np.random.default_rng(0)
+    feeds = [{"x": (1e4 * rng.standard_normal((1, 64))).astype(np.float32)} for _ in range(3)]
+    result = optcc.optimize(_tiny_output(), fp16=True, inputs=feeds)
+    assert result.applied_precision == ["fp16"]
+    want = feeds[0]["x"].astype(np.float64) * 2.0 ** -20
+    got = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": feeds[0]["x"]})[0]
+    assert np.max(np.abs(got - want)) <= 1e-3 * np.max(np.abs(want))
