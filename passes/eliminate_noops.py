@@ -24,8 +24,9 @@ the value types and constant operands prove the node is a no-op:
 - ``mul``/``div``/``add``/``sub``: ``x*1``, ``1*x``, ``x/1``, ``x-0``, ``x+(-0.0)``,
   ``(-0.0)+x`` (integers: ``x+0``, ``0+x``), where the constant has ``x``'s dtype (ONNX
   gives both operands of these ops one type, so an unannotated ``x`` has it) and
-  broadcasting keeps ``x``'s shape (the constant's rank <= rank(x), each of its dims 1
-  or equal to a static dim of ``x``).
+  broadcasting keeps ``x``'s shape (a scalar constant, of rank 0, whatever ``x``'s shape;
+  else the constant's rank <= rank(x), each of its dims 1 or equal to a static dim of
+  ``x``).
 - ``and-or``: ``And(x, x)`` and ``Or(x, x)`` (both inputs the same value): ``x`` broadcast
   with itself is ``x``'s shape, and ``a and a = a or a = a`` for every bool;
   ``And(x, True)``, ``Or(x, False)`` (either side; an all-True / all-False bool constant
@@ -205,7 +206,9 @@ def shape_of(value: ir.Value, depth: int = _SHAPE_DEPTH) -> ir.Shape | None:
 
 def _keeps_shape(shape: ir.Shape | None, other: Sequence[int]) -> bool:
     """Whether broadcasting a value of ``shape`` with static dims ``other`` (numpy rules)
-    provably gives ``shape`` back."""
+    provably gives ``shape`` back: always for a scalar (rank 0), whatever ``shape`` is."""
+    if len(other) == 0:
+        return True
     if shape is None or len(other) > shape.rank():
         return False
     for dim, size in zip(reversed(list(shape)), reversed(list(other))):

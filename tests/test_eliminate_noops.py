@@ -442,3 +442,20 @@ def test_shapes_are_derived_through_unannotated_elementwise_producers():
     result = run_exact_pass(EliminateNoOpsPass, model, {"x": special})
     assert result.stats == {"sub": 1, "div": 1}
     assert _ops(result.model) == {"Relu": 1, "Add": 1, "Mul": 1, "Sub": 1, "Neg": 2}
+
+
+def test_scalar_neutral_constant_is_removed_whatever_the_unknown_shape():
+    """A rank-0 constant broadcasts to its operand's own shape, known or not: openwakeword's
+    mel spectrogram ends in ``(10 * log(x) / ln 10) - 0.0`` after a MatMul whose shape the
+    pass cannot derive. A one-element constant of rank 1 could still grow a scalar operand,
+    so ``Sub(., [0.0])`` stays."""
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 3] x, float[3, 4] w) => (float[2, 4] y, float[2, 4] z) <float zero = {0.0}, float[1] zero1 = {0.0}> {
+            m = MatMul(x, w)
+            y = Sub(m, zero)
+            z = Sub(m, zero1)
+        }""")
+    model = ir.from_proto(proto)
+    result = run_exact_pass(EliminateNoOpsPass, model, _feeds(model))
+    assert result.stats == {"sub": 1} and _ops(result.model) == {"MatMul": 1, "Sub": 1}
