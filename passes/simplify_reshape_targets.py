@@ -11,14 +11,24 @@ axis 0, and ``Cast`` to int64 or int32. Typical source: exporters writing
 in int32, cast to int64 after), which keeps the batch
 dynamic; the constant target also makes the result's rank static for later fusions.
 
+Rewrite (``inferred-dim``): ``Reshape(x, Concat(...))`` whose pieces are positive
+constants but one, a piece of one element (a one-dim run of any tensor's shape, as
+above, or a value annotated ``[1]``), becomes ``Reshape(x, c)`` with ``-1`` in that
+piece's place. Typical source: ``x.reshape(batch, 512, 256)`` with the batch read from
+another tensor's shape (jax2tf, tf2onnx).
+
 Preconditions: default-domain ops; the Reshape without ``allowzero=1`` (0 must mean
-"copy"); the ``Shape`` reads the Reshape's own data input ``x``, whose rank is known
+"copy"); for ``shape-copy``, the ``Shape`` reads the Reshape's own data input ``x``, whose rank is known
 (declared, or found by ``optcc.rewrite.static_rank``);
 Concat along axis 0; constant pieces of integer type. The shape subgraph stays for other
 readers (eliminate-dead-nodes removes it when unused).
 
 Why exact: ``Shape(x)[k]`` at target position ``k`` is ``x``'s dim ``k``, which is what
-``0`` copies, for every input (a dim of 0 included: both give 0). One caveat of the Cast
+``0`` copies, for every input (a dim of 0 included: both give 0). For ``inferred-dim``:
+wherever the original runs, its target's entries multiply to ``x``'s size (a 0 entry
+copies ``x``'s dim there, which then is that size over the other entries' product), so
+the one unknown entry is that size over the product of the positive constants, which is
+what ``-1`` infers. One caveat of the Cast
 recognition: a Cast of a shape to int32 and back is read as the shape itself; the two
 differ only when an axis has 2**31 or more elements, where the original's int32 cast wraps
 and its target is already meaningless.
@@ -108,31 +118,48 @@ def _constant_target(reshape: ir.Node, opset: int, ranks: dict) -> np.ndarray | 
         return None
     values: list[int] = []
     copied = False
+    inferred = None  # the position of the one unknown entry of one element
     for piece in concat.inputs:
         constant = _ints(piece)
         if constant is not None:
             values.extend(constant)
             continue
         found = _shape_piece(piece, opset, ranks)
-        if found is None or found[0] is not x or found[2]:
+        if found is not None and found[0] is x and not found[2]:
+            for dim in found[1]:
+                if dim != len(values):
+                    return None  # not at its own position: 0 would copy another dim
+                values.append(0)
+            copied = True
+        elif inferred is None and _one_element(piece, found):
+            inferred = len(values)
+            values.append(-1)
+        else:
             return None
-        for dim in found[1]:
-            if dim != len(values):
-                return None  # not at its own position: 0 would copy another dim
-            values.append(0)
-        copied = True
+    if inferred is not None:
+        others = values[:inferred] + values[inferred + 1:]
+        return np.array(values, dtype=np.int64) if not copied and all(v > 0 for v in others) else None
     return np.array(values, dtype=np.int64) if copied else None
 
 
+def _one_element(piece: ir.Value, found: Piece | None) -> bool:
+    """Whether ``piece`` provably holds one element: a one-dim run of a shape, or a value
+    annotated ``[1]``."""
+    if found is not None:
+        return len(found[1]) == 1 and not found[2]
+    return piece.shape is not None and list(piece.shape) == [1]
+
+
 class SimplifyReshapeTargetsPass(optcc.Pass):
-    """Replace Reshape targets built from the input's own shape by constants with 0 (copy)."""
+    """Replace Reshape targets built from the input's own shape by constants with 0 (copy),
+    or with -1 for one unknown entry among positive constants."""
 
     name = "simplify-reshape-targets"
     numerics = "exact"
 
     def call(self, model: ir.Model) -> optcc.PassResult:
         model_opset = optcc.ir.default_opset(model)
-        count = 0
+        counts: dict[str, int] = {}
         for graph in optcc.ir.graphs(model):
             opset = graph_opset(graph, model_opset)
             if opset < 5:
@@ -147,5 +174,6 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
                 if target is None:
                     continue
                 node.replace_input_with(1, optcc.ir.constant_before(node, target, "target"))
-                count += 1
-        return optcc.PassResult(model, bool(count), {"shape-copy": count} if count else {})
+                rule = "inferred-dim" if -1 in target and 0 not in target else "shape-copy"
+                counts[rule] = counts.get(rule, 0) + 1
+        return optcc.PassResult(model, bool(counts), dict(sorted(counts.items())))
