@@ -17,8 +17,12 @@ Rewrites (``y = A(x)``, ``z = B(y)``; default-domain ops, in every graph):
 - ``reshape-reshape``: ``Reshape(Reshape(x, s1), s2)`` becomes ``Reshape(x, s2)`` when
   ``s2`` is a constant with no ``0`` entry, or the second Reshape has ``allowzero=1``. A
   ``0`` without allowzero copies a dim of the *intermediate* shape, which ``x`` may not
-  have at that position, so such chains stay. ``-1`` is fine: it is inferred from the
-  element count, which both shapes share. The first Reshape must have no other reader.
+  have at that position: with ``s1`` a constant (without allowzero) each such ``0`` at
+  position ``i`` becomes ``s1[i]`` when positive (the intermediate dim it fixed) and
+  stays ``0`` when ``s1[i]`` is 0 (then both copy ``x``'s dim ``i``); a copy of an
+  inferred (``-1``) dim or of a position past ``s1`` keeps the chain. ``-1`` is fine: it
+  is inferred from the element count, which both shapes share. The first Reshape must
+  have no other reader.
 
 - ``squeeze-squeeze`` / ``unsqueeze-unsqueeze``: two Squeezes (or two Unsqueezes) become
   one whose axes are the union, each mapped to the position it has in the outer rank
@@ -214,11 +218,35 @@ def _reshapes(node: ir.Node, opset: int) -> bool:
     allowzero = node.attributes.get_int("allowzero", 0) if opset >= 14 else 0
     if not allowzero:
         target = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        if target is None or (target == 0).any():
+        if target is None or target.ndim != 1:
             return False
+        if (target == 0).any():
+            resolved = _resolved_copies(target, first, opset)
+            if resolved is None:
+                return False
+            node.replace_input_with(1, optcc.ir.constant_before(node, resolved, "target"))
     node.replace_input_with(0, first.inputs[0])
     remove_if_dead(first)
     return True
+
+
+def _resolved_copies(target: np.ndarray, first: ir.Node, opset: int) -> np.ndarray | None:
+    """``target``'s 0 entries (copies of the intermediate's dims) as entries of a target
+    for the first Reshape's input: at position ``i`` the first target's entry when it is
+    positive (the intermediate dim it fixed), 0 again when that entry is 0 (without
+    allowzero: both copy the input's dim ``i``); None when some copied dim was inferred
+    (-1), lies past the first target, or the first target is not a constant."""
+    if opset >= 14 and first.attributes.get_int("allowzero", 0):
+        return None
+    first_target = constant_array(first.inputs[1]) if len(first.inputs) > 1 else None
+    if first_target is None or first_target.ndim != 1:
+        return None
+    resolved = target.astype(np.int64).copy()
+    for i in np.flatnonzero(target == 0):
+        if i >= first_target.size or first_target[i] < 0:
+            return None
+        resolved[i] = first_target[i]
+    return resolved
 
 
 def _set_axes(node: ir.Node, axes: list[int], opset: int) -> None:

@@ -32,6 +32,11 @@ def _ops(model: ir.Model) -> dict[str, int]:
     return optcc.ir.op_histogram(model)
 
 
+def _computing_ops(model: ir.Model) -> dict[str, int]:
+    """``_ops`` without the Constant nodes that hold rewritten targets."""
+    return {op: n for op, n in _ops(model).items() if op != "Constant"}
+
+
 def _perms(model: ir.Model) -> list[list[int]]:
     return [list(n.attributes["perm"].as_ints()) for n in model.graph if n.op_type == "Transpose"]
 
@@ -174,7 +179,7 @@ def test_negative_dims_written_for_dynamic_ones_count_as_unknown():
     assert ort_outputs(model, {"x": x})[0].shape == (4,), "the pair is not the identity"
 
 
-def test_reshape_chains_merge_unless_the_second_target_copies_with_zero():
+def test_reshape_chains_merge_with_the_second_targets_copies_resolved():
     model = _model("""
     agraph (float[2, 3, 4] x) => (float[6, 4] y, float[4, 6] z, float[24] w)
         <int64[3] s432 = {4, 3, 2}, int64[2] s_m1 = {-1, 4}, int64[2] s_zero = {0, -1}, int64[1] flat = {-1}> {
@@ -191,15 +196,17 @@ def test_reshape_chains_merge_unless_the_second_target_copies_with_zero():
     }
     """)
     result = _run(model)
-    assert result.stats == {"reshape-reshape": 3}
-    assert _ops(result.model) == {"Neg": 3, "Reshape": 4}
-    kept = next(n for n in result.model.graph if n.outputs[0].name == "d")
-    assert kept.inputs[0].producer().op_type == "Reshape", "the 0 copies the intermediate dim 4"
+    assert result.stats == {"reshape-reshape": 4}
+    assert _computing_ops(result.model) == {"Neg": 3, "Reshape": 3}
+    merged = next(n for n in result.model.graph if n.outputs[0].name == "d")
+    assert merged.inputs[0].name == "x", "the 0 copied the intermediate dim 4, which s432 fixed"
+    assert optcc.ir.as_numpy(merged.inputs[1]).tolist() == [4, -1]
 
 
-def test_merging_a_zero_copy_target_would_be_wrong():
-    """Why the 0 rule exists: Reshape(Reshape(x, [4, 3, 2]), [0, -1]) is [4, 6], while the
-    merged Reshape(x, [0, -1]) is [2, 12] (onnxoptimizer merges it)."""
+def test_merging_a_zero_copy_target_as_it_is_would_be_wrong():
+    """Why copies are resolved: Reshape(Reshape(x, [4, 3, 2]), [0, -1]) is [4, 6], while
+    Reshape(x, [0, -1]) is [2, 12] (onnxoptimizer merges it so); the merge writes the 4
+    that the first target fixed."""
     text = """
     agraph (float[2, 3, 4] x) => (float[A, B] y) <int64[3] s432 = {4, 3, 2}, int64[2] s_zero = {0, -1}> {
         a = Reshape(x, s432)
@@ -212,7 +219,29 @@ def test_merging_a_zero_copy_target_would_be_wrong():
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     assert ort_outputs(model, {"x": x})[0].shape == (4, 6)
     assert ort_outputs(naive, {"x": x})[0].shape == (2, 12)
-    assert not MergeConsecutivePass()(model).modified
+    result = _run(model, {"x": x})
+    assert result.stats == {"reshape-reshape": 1} and _computing_ops(result.model) == {"Reshape": 1}
+    assert ort_outputs(result.model, {"x": x})[0].shape == (4, 6)
+
+
+def test_copies_of_inferred_or_copied_dims_in_a_reshape_chain():
+    """A 0 copying the intermediate dim that the first target inferred (-1) keeps the
+    chain; one copying a dim the first target itself copied (0) stays a copy of x's dim."""
+    model = _model("""
+    agraph (float[N, 3, 4] x) => (float[A, B] y, float[C, D] z)
+        <int64[2] s_inferred = {-1, 4}, int64[2] s_zero = {0, -1}, int64[3] s_copy = {0, 12, 1}> {
+        a = Reshape(x, s_inferred)
+        y = Reshape(a, s_zero)
+        b = Reshape(x, s_copy)
+        z = Reshape(b, s_zero)
+    }
+    """, infer=False)
+    x = np.arange(48, dtype=np.float32).reshape(4, 3, 4)
+    result = _run(model, {"x": x})
+    assert result.stats == {"reshape-reshape": 1} and _computing_ops(result.model) == {"Reshape": 3}
+    merged = next(n for n in result.model.graph if n.outputs[0].name == "z")
+    assert merged.inputs[0].name == "x" and optcc.ir.as_numpy(merged.inputs[1]).tolist() == [0, -1]
+    assert ort_outputs(result.model, {"x": x})[1].shape == (4, 12)
 
 
 def test_reshape_allowzero_merges_and_a_runtime_target_stays():
