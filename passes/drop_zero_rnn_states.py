@@ -59,7 +59,10 @@ def all_zeros(value: ir.Value | None, depth: int = 0) -> bool:
 def _finite_constant(value: ir.Value | None) -> bool:
     if value is None or value.is_graph_input():
         return False
-    array = optcc.ir.as_numpy(value)
+    try:
+        array = optcc.ir.as_numpy(value)
+    except ValueError:  # a malformed Constant
+        return False
     return array is not None and array.dtype.kind == "f" and bool(np.isfinite(array).all())
 
 

@@ -21,7 +21,8 @@ element of rank <= 1, or ``x``'s static rank is known and each of ``c``'s dims i
 ``x``'s static dim (the Conv then reads a tensor of the shape it read). For chains:
 ``a`` and ``b`` of the same dtype, and the combined constant's dims likewise each 1 or
 ``x``'s static dim, so its broadcast does not enlarge ``x`` (the original output shape
-is kept and the constant cannot grow beyond ``x``). The driver (``optcc.rewrite.pattern``) refuses matches whose intermediate is read elsewhere or is a
+is kept and the constant cannot grow beyond ``x``). The driver
+(``optcc.rewrite.pattern``) refuses matches whose intermediate is read elsewhere or is a
 graph output.
 
 Numerics ("fusion"): a convolution is linear in its weights and bias per output
