@@ -15,14 +15,19 @@ import optcc
 from optcc.passes.simplify_reshape_targets import SimplifyReshapeTargetsPass
 
 
-def _check(text: str, batches=(1, 3), **fixed) -> tuple[dict, onnx.ModelProto]:
+def _check(text: str, batches=(1, 3), batched_w: bool = False, **fixed) -> tuple[dict, onnx.ModelProto]:
+    """Run the pass and compare the results on the reference evaluator for each batch
+    size of ``x`` [batch, 8, 1, 1] (``batched_w``: and of a second input ``w`` [batch, 2])."""
     proto = onnx.parser.parse_model(text)
     onnx.checker.check_model(proto, full_check=True)
     result = SimplifyReshapeTargetsPass()(ir.from_proto(proto))
     out = ir.to_proto(result.model)
     onnx.checker.check_model(out, full_check=True)
     for n in batches:
-        feeds = {"x": np.random.default_rng(n).standard_normal((n, 8, 1, 1)).astype(np.float32), **fixed}
+        rng = np.random.default_rng(n)
+        feeds = {"x": rng.standard_normal((n, 8, 1, 1)).astype(np.float32), **fixed}
+        if batched_w:
+            feeds["w"] = rng.standard_normal((n, 2)).astype(np.float32)
         for want, got in zip(ReferenceEvaluator(proto).run(None, feeds), ReferenceEvaluator(out).run(None, feeds)):
             assert want.shape == got.shape and np.array_equal(want, got)
     return dict(result.stats), out
@@ -100,26 +105,10 @@ def test_target_assembled_in_int32_and_cast_back():
     assert stats == {"shape-copy": 1} and _target(out) == [0, 8, 1]
 
 
-def _check_with_w(text: str, batches=(1, 3)) -> tuple[dict, onnx.ModelProto]:
-    """``_check`` with a second input ``w`` [batch, 2] sized like ``x``'s batch."""
-    proto = onnx.parser.parse_model(text)
-    onnx.checker.check_model(proto, full_check=True)
-    result = SimplifyReshapeTargetsPass()(ir.from_proto(proto))
-    out = ir.to_proto(result.model)
-    onnx.checker.check_model(out, full_check=True)
-    for n in batches:
-        rng = np.random.default_rng(n)
-        feeds = {"x": rng.standard_normal((n, 8, 1, 1)).astype(np.float32),
-                 "w": rng.standard_normal((n, 2)).astype(np.float32)}
-        for want, got in zip(ReferenceEvaluator(proto).run(None, feeds), ReferenceEvaluator(out).run(None, feeds)):
-            assert want.shape == got.shape and np.array_equal(want, got)
-    return dict(result.stats), out
-
-
 def test_batch_read_from_another_tensor_among_positive_constants_becomes_minus_one():
     """Regression (magika's jax2tf export): the batch read from the graph input's shape
     sizes a Reshape of a later tensor, target assembled in int32 and cast back."""
-    stats, out = _check_with_w("""
+    stats, out = _check("""
     <ir_version: 8, opset_import: ["" : 13]>
     g (float[N, 8, 1, 1] x, float[N, 2] w) => (float[N, 4, 2] y) <int64[1] zero = {0}, int64[1] one = {1}, int32[2] c = {4, 2}> {
         s = Shape(w)
@@ -128,7 +117,7 @@ def test_batch_read_from_another_tensor_among_positive_constants_becomes_minus_o
         t32 = Concat<axis = 0>(b32, c)
         t = Cast<to = 7>(t32)
         y = Reshape(x, t)
-    }""")
+    }""", batched_w=True)
     assert stats == {"inferred-dim": 1} and _target(out) == [-1, 4, 2]
 
 
@@ -136,12 +125,12 @@ def test_batch_read_from_another_tensor_among_positive_constants_becomes_minus_o
 def test_inferred_dim_needs_one_unknown_among_positive_constants(case):
     constants = {"two-unknown": "{8}", "zero-constant": "{0}", "minus-one-constant": "{-1, 4}"}[case]
     pieces = "b, b, c" if case == "two-unknown" else "b, c"
-    stats, _ = _check_with_w(f"""
+    stats, _ = _check(f"""
     <ir_version: 8, opset_import: ["" : 13]>
     g (float[N, 8, 1, 1] x, float[N, 2] w) => (float y) <int64[1] zero = {{0}}, int64[1] one = {{1}}, int64[{constants.count(',') + 1}] c = {constants}> {{
         s = Shape(w)
         b = Slice(s, zero, one, zero)
         t = Concat<axis = 0>({pieces})
         y = Reshape(x, t)
-    }}""", batches=(1,) if case == "two-unknown" else (1, 3))
+    }}""", batches=(1,) if case == "two-unknown" else (1, 3), batched_w=True)
     assert stats == {}
