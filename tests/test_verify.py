@@ -199,3 +199,27 @@ def test_a_check_the_samples_barely_exercise_is_said_to_be_weak():
             y = Sigmoid(x)
         }""")
     assert not optcc.optimize(lively, passes=["eliminate-dead-nodes"]).report.warnings
+
+
+def test_a_lossy_check_failed_on_a_saturated_output_says_the_samples_cannot_judge_it():
+    """A candidate with a steeper map that stays near 0 fails float16's SQNR there, and
+    the reason says the output is saturated and asks for real samples; a failure on a
+    lively output says nothing of the kind (checked on the numbers: numpy)."""
+    def model(shift: float, gain: str) -> onnx.ModelProto:
+        return onnx.parser.parse_model(f"""
+            <ir_version: 8, opset_import: ["": 17]>
+            g (float[2, 8] x) => (float[2, 8] y) {{
+                shift = Constant <value = float {{{shift}}}> ()
+                gain = Constant <value = float {{{gain}}}> ()
+                low = Add(x, shift)
+                steep = Mul(low, gain)
+                y = Sigmoid(steep)
+            }}""")
+    for shift, saturated in ((-12.0, True), (0.0, False)):
+        with Verifier(model(shift, "1.0")) as verifier:
+            check = verifier.check(optcc.ir.load(model(shift, "1.5")), "fp16")
+            x = verifier.feeds[0]["x"].astype(np.float64)
+        assert check.status == "failed" and "SQNR" in check.reason
+        high = float((1 / (1 + np.exp(-(x + shift)))).max())
+        assert (high < 1e-3) == saturated
+        assert ("saturated" in check.reason and "--inputs" in check.reason) == saturated

@@ -534,7 +534,10 @@ class Verifier:
                         result, samples_over=tuple(positions[j] for j in result.samples_over)))
         if references - {"float32 original"}:
             reference = "; ".join(sorted(references - {"float32 original"}))
-        problems = [f"'{m.name}' on {m.provider}: {m.problem}" for m in metrics if not m.passed]
+        weak = self._weak_outputs() if any(not m.passed for m in metrics) else {}
+        problems = [f"'{m.name}' on {m.provider}: {m.problem}"
+                    + (f" (the output {weak[m.name]}: give real samples with --inputs)" if m.name in weak else "")
+                    for m in metrics if not m.passed]
         for provider, verdict in verdicts.items():
             problems += [f"'{row}' on {provider}: {_task_problem(value)}"
                          for row, value in verdict["metrics"].items() if value.get("passed") is False]
@@ -643,8 +646,15 @@ class Verifier:
     def notes(self) -> list[str]:
         """Outputs the samples barely exercise: the same value everywhere, or a bounded
         kernel's output saturated near 0 (a detector's map on an image without objects)."""
+        found = [f"output '{name}' {weakness}" for name, weakness in self._weak_outputs().items()]
+        if found:
+            found.append("give real samples (--inputs) for a stronger check")
+        return [self._retried, *found] if self._retried else found
+
+    def _weak_outputs(self) -> dict[str, str]:
+        """Per output the samples barely exercise, how (see ``notes``)."""
         float32 = self._float32_outputs() or {}
-        found = []
+        found: dict[str, str] = {}
         for index, name in enumerate(self._names):
             values = [np.asarray(outs[index]) for outs in next(iter(float32.values()), [])]
             floats = [v.astype(np.float64) for v in values if v.dtype.kind == "f" and v.size]
@@ -655,15 +665,13 @@ class Verifier:
             flat = 1e-6 * max(high, 1e-30)
             spread = max(float(v.max()) for v in finite if v.size) - min(float(v.min()) for v in finite if v.size)
             if spread <= flat:
-                found.append(f"output '{name}' has the same value on every element of every sample")
+                found[name] = "has the same value on every element of every sample"
             elif all(float(v.max() - v.min()) <= flat for v in finite if v.size) and any(v.size > 1 for v in finite):
                 # (a one-element output, a probability or a score, varies across samples only)
-                found.append(f"output '{name}' has one value on all its elements in every sample")
+                found[name] = "has one value on all its elements in every sample"
             elif self._resolution.get(name) and high < 1e-3:
-                found.append(f"output '{name}' stays below {high:.2g} on every sample (saturated)")
-        if found:
-            found.append("give real samples (--inputs) for a stronger check")
-        return [self._retried, *found] if self._retried else found
+                found[name] = f"stays below {high:.2g} on every sample (saturated)"
+        return found
 
     def _compare(self, name: str, index: int, provider: str, originals: Sequence[np.ndarray],
                  gots: Sequence[np.ndarray], tolerance: Tolerance, precise: bool,
