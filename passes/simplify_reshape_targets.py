@@ -17,8 +17,8 @@ above, or a value annotated ``[1]``), becomes ``Reshape(x, c)`` with ``-1`` in t
 piece's place. Typical source: ``x.reshape(batch, 512, 256)`` with the batch read from
 another tensor's shape (jax2tf, tf2onnx).
 
-Preconditions: default-domain ops; the Reshape without ``allowzero=1`` (0 must mean
-"copy"); for ``shape-copy``, the ``Shape`` reads the Reshape's own data input ``x``, whose rank is known
+Preconditions: default-domain ops; for ``shape-copy``, the Reshape without
+``allowzero=1`` (0 must mean "copy"), and the ``Shape`` reads the Reshape's own data input ``x``, whose rank is known
 (declared, or found by ``optcc.rewrite.static_rank``);
 Concat along axis 0; constant pieces of integer type. The shape subgraph stays for other
 readers (eliminate-dead-nodes removes it when unused).
@@ -28,7 +28,7 @@ Why exact: ``Shape(x)[k]`` at target position ``k`` is ``x``'s dim ``k``, which 
 wherever the original runs, its target's entries multiply to ``x``'s size (a 0 entry
 copies ``x``'s dim there, which then is that size over the other entries' product), so
 the one unknown entry is that size over the product of the positive constants, which is
-what ``-1`` infers. One caveat of the Cast
+what ``-1`` infers (with ``allowzero=1`` too: no other entry is 0). One caveat of the Cast
 recognition: a Cast of a shape to int32 and back is read as the shape itself; the two
 differ only when an axis has 2**31 or more elements, where the original's int32 cast wraps
 and its target is already meaningless.
@@ -168,11 +168,9 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
             for node in list(graph):
                 if node.op_type != "Reshape" or node.domain not in _DEFAULT_DOMAINS or len(node.inputs) != 2:
                     continue
-                if opset >= 14 and node.attributes.get_int("allowzero", 0):
-                    continue
                 target = _constant_target(node, opset, ranks)
-                if target is None:
-                    continue
+                if target is None or (0 in target and opset >= 14 and node.attributes.get_int("allowzero", 0)):
+                    continue  # with allowzero=1 a 0 is a literal zero, not a copy
                 node.replace_input_with(1, optcc.ir.constant_before(node, target, "target"))
                 rule = "inferred-dim" if -1 in target and 0 not in target else "shape-copy"
                 counts[rule] = counts.get(rule, 0) + 1

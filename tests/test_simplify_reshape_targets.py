@@ -134,3 +134,23 @@ def test_inferred_dim_needs_one_unknown_among_positive_constants(case):
         y = Reshape(x, t)
     }}""", batches=(1,) if case == "two-unknown" else (1, 3), batched_w=True)
     assert stats == {}
+
+
+def test_inferred_dim_with_allowzero_and_a_batch_read_through_quantize_dequantize():
+    """Regression (pipecat's smart-turn v3.2, a QDQ export with allowzero=1): the batch is
+    Shape(DequantizeLinear(QuantizeLinear(w)), start=0, end=1), whose length needs the
+    rank through Q/DQ; -1 is valid with allowzero=1 as no other entry is 0. A shape-copy
+    target (0) under allowzero=1 stays: there 0 is a literal zero."""
+    stats, out = _check("""
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[N, 8, 1, 1] x, float[N, 2] w) => (float[N, 4, 2] y, float[N, 8] z) <float s = {0.1}, uint8 zp = {128}, int64[2] c = {4, 2}, int64[1] eight = {8}> {
+        q = QuantizeLinear(w, s, zp)
+        d = DequantizeLinear(q, s, zp)
+        b = Shape<start = 0, end = 1>(d)
+        t = Concat<axis = 0>(b, c)
+        y = Reshape<allowzero = 1>(x, t)
+        bx = Shape<start = 0, end = 1>(x)
+        tz = Concat<axis = 0>(bx, eight)
+        z = Reshape<allowzero = 1>(x, tz)
+    }""", batched_w=True)
+    assert stats == {"inferred-dim": 1} and _target(out) == [-1, 4, 2]
