@@ -3,7 +3,12 @@
 Rewrite: ``s = Shape(x)`` (``start``/``end`` honoured) and ``n = Size(x)`` become int64
 constants when every dimension they read is a static integer; ``g = Gather(Shape(x), i)``
 with a constant ``i`` becomes a constant when the gathered dimensions are static even if
-others are symbolic (partial folding: the batch stays dynamic, the rest folds).
+others are symbolic (partial folding: the batch stays dynamic, the rest folds). Beyond
+one Gather, a shape computation is followed element by element (``shape_elements``:
+Gather, Slice with positive steps, Concat, Cast to int32/int64, Unsqueeze/Squeeze of
+one element, over Shape and integer constants): a Slice, Concat or Cast of it whose
+every element is a static dim or a constant becomes a constant (``x.shape[-2:]`` of a
+tensor with a dynamic batch and static trailing dims).
 Shapes come from the model's own annotations merged with onnx shape inference run on a
 serialized copy, so nothing inferred is committed to the model (graph input/output declarations
 and value annotations stay as they were).
@@ -259,6 +264,110 @@ def _fold_value(
     return None
 
 
+MAX_SHAPE_ELEMENTS = 64  # elements a shape computation may hold to be followed
+_FOLLOWED = frozenset({"Gather", "Slice", "Concat", "Cast", "Unsqueeze", "Squeeze"})
+_INT_TYPES = {ir.DataType.INT64.value: np.int64, ir.DataType.INT32.value: np.int32}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeElements:
+    """A small integer shape computation, element by element: each an int where it is
+    known (a static dim or a constant), None where not; whether it is a scalar; its type."""
+
+    elements: list[int | None]
+    scalar: bool
+    dtype: type
+
+
+def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], inputs_constant: bool,
+                   depth: int = 0) -> ShapeElements | None:
+    """``value`` as a ``ShapeElements``, followed through Shape, int32/int64 constants,
+    Gather (axis 0, constant indices in range), Slice (axis 0, constant starts/ends,
+    positive steps), Concat (axis 0), Cast to int32/int64, and Unsqueeze/Squeeze of one
+    element at axis 0; None for any other value."""
+    if value is None or depth > 16:
+        return None
+    array = const_array(value, inputs_constant=inputs_constant)
+    if array is not None:
+        if array.dtype.type not in (np.int64, np.int32) or array.ndim > 1 or array.size > MAX_SHAPE_ELEMENTS:
+            return None
+        return ShapeElements([int(v) for v in array.reshape(-1)], array.ndim == 0, array.dtype.type)
+    node = value.producer()
+    if node is None or not _is_default(node) or len(node.outputs) != 1 or not node.inputs or node.inputs[0] is None:
+        return None
+    op = node.op_type
+    if op == "Shape":
+        dims = _static_shape(node.inputs[0], inferred)
+        if dims is None:
+            return None
+        return ShapeElements([d if isinstance(d, int) else None for d in _shape_slice(node, dims)], False, np.int64)
+    inner = shape_elements(node.inputs[0], inferred, inputs_constant, depth + 1)
+    if inner is None:
+        return None
+    elements = inner.elements
+    if op == "Cast":
+        to = _INT_TYPES.get(node.attributes.get_int("to", 0))
+        fits = all(e is None or -(1 << 31) <= e < (1 << 31) for e in elements)
+        return None if to is None or (to is np.int32 and not fits) else dataclasses.replace(inner, dtype=to)
+    if op == "Gather" and not inner.scalar and node.attributes.get_int("axis", 0) in (0, -1) and len(node.inputs) == 2:
+        indices = const_array(node.inputs[1], inputs_constant=inputs_constant)
+        if indices is None or indices.dtype.kind not in "iu" or indices.ndim > 1:
+            return None
+        flat = [int(i) for i in indices.reshape(-1)]
+        if any(not -len(elements) <= i < len(elements) for i in flat):
+            return None
+        return ShapeElements([elements[i] for i in flat], indices.ndim == 0, inner.dtype)
+    if op == "Slice" and not inner.scalar and len(node.inputs) >= 3:
+        given = list(node.inputs[1:5]) + [None] * (4 - len(node.inputs[1:5]))
+        starts, ends, axes, steps = (None if v is None else const_array(v, inputs_constant=inputs_constant)
+                                     for v in given)
+        axes = np.zeros(1, np.int64) if given[2] is None else axes
+        steps = np.ones(1, np.int64) if given[3] is None else steps
+        if any(a is None or a.dtype.kind not in "iu" or a.size != 1 for a in (starts, ends, axes, steps)):
+            return None
+        if int(axes.reshape(-1)[0]) not in (0, -1) or int(steps.reshape(-1)[0]) < 1:
+            return None  # Python's slicing clamps as ONNX does for positive steps
+        start, end, step = (int(a.reshape(-1)[0]) for a in (starts, ends, steps))
+        return ShapeElements(elements[start:end:step], False, inner.dtype)
+    if op == "Concat" and node.attributes.get_int("axis", 0) in (0, -1):
+        joined: list[int | None] = []
+        for piece in node.inputs:
+            found = shape_elements(piece, inferred, inputs_constant, depth + 1)
+            if found is None or found.scalar or found.dtype is not inner.dtype:
+                return None
+            joined.extend(found.elements)
+        return ShapeElements(joined, False, inner.dtype) if len(joined) <= MAX_SHAPE_ELEMENTS else None
+    if op in ("Unsqueeze", "Squeeze") and len(elements) == 1:
+        if "axes" in node.attributes:
+            axes_found: object = node.attributes.get_ints("axes", None)
+        else:
+            axes_found = const_array(node.inputs[1], inputs_constant=inputs_constant) if len(node.inputs) > 1 else None
+        if axes_found is None or [int(a) for a in np.asarray(axes_found).reshape(-1)] not in ([0], [-1]):
+            return None
+        if (op == "Unsqueeze") == inner.scalar:  # Unsqueeze of a scalar, Squeeze of one element
+            return dataclasses.replace(inner, scalar=op == "Squeeze")
+    return None
+
+
+def _fold_followed(node: ir.Node, inferred: dict[ir.Value, ir.Shape], inputs_constant: bool) -> np.ndarray | None:
+    """The constant a node of ``_FOLLOWED`` computes from a shape when every element is
+    known (``shape_elements``), in its output's type."""
+    if not any(_reads_shape(v) for v in node.inputs):
+        return None  # constants alone: fold-constants' business
+    found = shape_elements(node.outputs[0], inferred, inputs_constant)
+    if found is None or any(e is None for e in found.elements):
+        return None
+    return np.array(found.elements[0] if found.scalar else found.elements, dtype=found.dtype)
+
+
+def _reads_shape(value: ir.Value | None, depth: int = 0) -> bool:
+    """Whether a Shape node is among the producers ``value`` is computed from (16 back)."""
+    node = None if value is None else value.producer()
+    if node is None or depth > 16:
+        return False
+    return node.op_type == "Shape" or any(_reads_shape(v, depth + 1) for v in node.inputs)
+
+
 def materialize(
     graph: ir.Graph | ir.Function, value: ir.Value, array: np.ndarray, *, as_initializer: bool
 ) -> ir.Value:
@@ -350,15 +459,17 @@ def fold_shapes(model: ir.Model, inferred: dict[ir.Value, ir.Shape] | None = Non
     inputs_constant = initializers_are_constant(model)
     for graph in optcc.ir.graphs(model):
         for node in list(graph):
-            if not _is_default(node) or node.op_type not in ("Shape", "Size", "Gather"):
+            if not _is_default(node) or node.op_type not in ("Shape", "Size", "Gather", *_FOLLOWED):
                 continue
             if node.graph is None or len(node.outputs) != 1:
                 continue  # removed already (a Shape feeding a folded Gather)
             array = _fold_value(node, inferred, inputs_constant)
+            if array is None and node.op_type in _FOLLOWED:
+                array = _fold_followed(node, inferred, inputs_constant)
             if array is None:
                 continue
             output = node.outputs[0]
-            if output.dtype is not None and output.dtype != ir.DataType.INT64:
+            if output.dtype is not None and output.dtype != ir.DataType.from_numpy(array.dtype):
                 continue
             new = materialize(graph, output, array, as_initializer=graph is model.graph and not inputs_constant)
             source = node.inputs[0]

@@ -165,6 +165,48 @@ def test_shape_start_end_and_size_fold_only_over_static_dims():
     assert tail.name == "tail" and tail.dtype == ir.DataType.INT64
 
 
+def test_shape_computations_fold_element_by_element_where_every_element_is_known():
+    """Regression (pipecat's smart-turn v3.2, a torch export): ``x.transpose(1, 2).reshape(
+    -1, *shape[-2:])`` is Slices of a Gather of the Shape of a tensor with a dynamic batch;
+    the Slices pick static dims only, so they fold, and the target's Concat with them; an
+    int32 round trip and an Unsqueeze of a gathered static dim fold too. What reads the
+    batch stays (a Slice keeping element 0, a Concat with it)."""
+    model = _parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4, 6, 8] x) => (float[M, 4, 8] y, int64[2] kept, int32[1] c32, int64[1] u) {
+        perm = Constant <value = int64[4] {0, 2, 1, 3}> ()
+        s = Shape(x)
+        p = Gather(s, perm)
+        lo = Constant <value = int64[1] {-2}> ()
+        mid = Constant <value = int64[1] {-1}> ()
+        hi = Constant <value = int64[1] {9223372036854775807}> ()
+        zero = Constant <value = int64[1] {0}> ()
+        two = Constant <value = int64[1] {2}> ()
+        d2 = Slice(p, lo, mid)
+        d3 = Slice(p, mid, hi)
+        minus = Constant <value = int64[1] {-1}> ()
+        t = Concat <axis = 0> (minus, d2, d3)
+        tr = Transpose <perm = [0, 2, 1, 3]> (x)
+        y = Reshape(tr, t)
+        kept = Slice(p, zero, two)
+        c32 = Cast <to = 6> (d3)
+        i1 = Constant <value = int64 {1}> ()
+        g1 = Gather(s, i1)
+        ax = Constant <value = int64[1] {0}> ()
+        u = Unsqueeze(g1, ax)
+    }
+    """)
+    _, result = _run(FoldConstantsPass(), model, input_shapes={"x": [2, 4, 6, 8]})
+    assert result.stats["folded_shapes"] == {"Gather": 1, "Slice": 2}  # the rest folds from constants
+    hist = _hist(result.model)
+    assert hist.get("Slice") == 1 and "Concat" not in hist and "Cast" not in hist and "Unsqueeze" not in hist
+    outputs = {v.name: v for v in result.model.graph.outputs}
+    assert optcc.ir.as_numpy(outputs["c32"]).tolist() == [8] and outputs["c32"].dtype == ir.DataType.INT32
+    assert optcc.ir.as_numpy(outputs["u"]).tolist() == [4]
+    kept = outputs["kept"].producer()
+    assert kept is not None and kept.op_type == "Slice"  # it reads the dynamic batch
+
+
 def test_nondeterministic_quantized_and_custom_domain_nodes_are_kept():
     model = _parse("""
     <ir_version: 8, opset_import: ["" : 17, "custom.ops" : 1]>
