@@ -25,8 +25,9 @@ the value types and constant operands prove the node is a no-op:
   ``(-0.0)+x`` (integers: ``x+0``, ``0+x``), where the constant has ``x``'s dtype (ONNX
   gives both operands of these ops one type, so an unannotated ``x`` has it) and
   broadcasting keeps ``x``'s shape (a scalar constant, of rank 0, whatever ``x``'s shape;
-  else the constant's rank <= rank(x), each of its dims 1 or equal to a static dim of
-  ``x``).
+  a one-element constant of rank <= rank(x), the rank from ``optcc.rewrite.static_rank``
+  where the shape is unknown; else the constant's rank <= rank(x), each of its dims 1 or
+  equal to a static dim of ``x``).
 - ``and-or``: ``And(x, x)`` and ``Or(x, x)`` (both inputs the same value): ``x`` broadcast
   with itself is ``x``'s shape, and ``a and a = a or a = a`` for every bool;
   ``And(x, True)``, ``Or(x, False)`` (either side; an all-True / all-False bool constant
@@ -65,6 +66,7 @@ import numpy as np
 import onnx_ir as ir
 
 import optcc
+from optcc.rewrite import static_rank
 
 __all__ = [
     "EliminateNoOpsPass",
@@ -215,6 +217,16 @@ def _keeps_shape(shape: ir.Shape | None, other: Sequence[int]) -> bool:
         if size != 1 and static_dim(dim) != size:
             return False
     return True
+
+
+def _broadcast_keeps(x: ir.Value, other: Sequence[int]) -> bool:
+    """``_keeps_shape`` for ``x``'s shape; where that is unknown, a constant of one element
+    keeps ``x``'s shape when ``x``'s rank (``optcc.rewrite.static_rank``) is at least its own."""
+    shape = shape_of(x)
+    if shape is not None or any(d != 1 for d in other):
+        return _keeps_shape(shape, other)
+    rank = static_rank(x)
+    return rank is not None and rank >= len(other)
 
 
 # --------------------------------------------------------------------------- rules
@@ -375,7 +387,7 @@ def _arithmetic(node: ir.Node, opset: int) -> ir.Value | None:
             continue
         if x.dtype is not None and array.dtype != x.dtype.numpy():
             continue  # an unannotated x has the constant's dtype: these ops take one type
-        if _is_neutral(array, node.op_type) and _keeps_shape(shape_of(x), array.shape):
+        if _is_neutral(array, node.op_type) and _broadcast_keeps(x, array.shape):
             return x
     return None
 

@@ -459,3 +459,24 @@ def test_scalar_neutral_constant_is_removed_whatever_the_unknown_shape():
     model = ir.from_proto(proto)
     result = run_exact_pass(EliminateNoOpsPass, model, _feeds(model))
     assert result.stats == {"sub": 1} and _ops(result.model) == {"MatMul": 1, "Sub": 1}
+
+
+def test_one_element_neutral_constant_goes_where_the_rank_is_known_to_be_enough():
+    """Regression (PP-OCRv3/v4 rec's Swish: ``(x @ W + b) * [1.0]``): the operand's shape is
+    unknown but its rank is 2 (MatMul of rank-2 values, plus a rank-1 bias), so a rank-1
+    one-element 1.0 keeps it; a dot product of two vectors has rank 0, where [1.0] would
+    make it [1], so that Mul stays."""
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 3] x, float[3] v) => (float[2, 4] y, float[1] z) <float[3, 4] w = {1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0}, float[4] b = {0.5, 0.5, 0.5, 0.5}, float[1] one = {1.0}> {
+            m = MatMul(x, w)
+            a = Add(m, b)
+            y = Mul(a, one)
+            d = MatMul(v, v)
+            z = Mul(d, one)
+        }""")
+    model = ir.from_proto(proto)
+    result = run_exact_pass(EliminateNoOpsPass, model, _feeds(model))
+    assert result.stats == {"mul": 1} and _ops(result.model) == {"MatMul": 2, "Add": 1, "Mul": 1}
+    kept = next(n for n in result.model.graph if n.op_type == "Mul")
+    assert kept.outputs[0].name == "z"
