@@ -277,6 +277,7 @@ class ShapeElements:
     elements: list[int | None]
     scalar: bool
     dtype: type
+    from_shape: bool = False  # some element was read from a Shape node
 
 
 def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], inputs_constant: bool,
@@ -300,7 +301,8 @@ def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], i
         dims = _static_shape(node.inputs[0], inferred)
         if dims is None:
             return None
-        return ShapeElements([d if isinstance(d, int) else None for d in _shape_slice(node, dims)], False, np.int64)
+        return ShapeElements([d if isinstance(d, int) else None for d in _shape_slice(node, dims)], False, np.int64,
+                             from_shape=True)
     inner = shape_elements(node.inputs[0], inferred, inputs_constant, depth + 1)
     if inner is None:
         return None
@@ -316,7 +318,7 @@ def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], i
         flat = [int(i) for i in indices.reshape(-1)]
         if any(not -len(elements) <= i < len(elements) for i in flat):
             return None
-        return ShapeElements([elements[i] for i in flat], indices.ndim == 0, inner.dtype)
+        return dataclasses.replace(inner, elements=[elements[i] for i in flat], scalar=indices.ndim == 0)
     if op == "Slice" and not inner.scalar and len(node.inputs) >= 3:
         given = list(node.inputs[1:5]) + [None] * (4 - len(node.inputs[1:5]))
         starts, ends, axes, steps = (None if v is None else const_array(v, inputs_constant=inputs_constant)
@@ -328,15 +330,19 @@ def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], i
         if int(axes.reshape(-1)[0]) not in (0, -1) or int(steps.reshape(-1)[0]) < 1:
             return None  # Python's slicing clamps as ONNX does for positive steps
         start, end, step = (int(a.reshape(-1)[0]) for a in (starts, ends, steps))
-        return ShapeElements(elements[start:end:step], False, inner.dtype)
+        return dataclasses.replace(inner, elements=elements[start:end:step], scalar=False)
     if op == "Concat" and node.attributes.get_int("axis", 0) in (0, -1):
         joined: list[int | None] = []
+        from_shape = False
         for piece in node.inputs:
             found = shape_elements(piece, inferred, inputs_constant, depth + 1)
             if found is None or found.scalar or found.dtype is not inner.dtype:
                 return None
             joined.extend(found.elements)
-        return ShapeElements(joined, False, inner.dtype) if len(joined) <= MAX_SHAPE_ELEMENTS else None
+            from_shape |= found.from_shape
+        if len(joined) > MAX_SHAPE_ELEMENTS:
+            return None
+        return ShapeElements(joined, False, inner.dtype, from_shape)
     if op in ("Unsqueeze", "Squeeze") and len(elements) == 1:
         if "axes" in node.attributes:
             axes_found: object = node.attributes.get_ints("axes", None)
@@ -352,20 +358,10 @@ def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], i
 def _fold_followed(node: ir.Node, inferred: dict[ir.Value, ir.Shape], inputs_constant: bool) -> np.ndarray | None:
     """The constant a node of ``_FOLLOWED`` computes from a shape when every element is
     known (``shape_elements``), in its output's type."""
-    if not any(_reads_shape(v) for v in node.inputs):
-        return None  # constants alone: fold-constants' business
     found = shape_elements(node.outputs[0], inferred, inputs_constant)
-    if found is None or any(e is None for e in found.elements):
-        return None
+    if found is None or not found.from_shape or any(e is None for e in found.elements):
+        return None  # (constants alone: fold-constants' business)
     return np.array(found.elements[0] if found.scalar else found.elements, dtype=found.dtype)
-
-
-def _reads_shape(value: ir.Value | None, depth: int = 0) -> bool:
-    """Whether a Shape node is among the producers ``value`` is computed from (16 back)."""
-    node = None if value is None else value.producer()
-    if node is None or depth > 16:
-        return False
-    return node.op_type == "Shape" or any(_reads_shape(v, depth + 1) for v in node.inputs)
 
 
 def materialize(
