@@ -6,9 +6,9 @@ with a constant ``i`` becomes a constant when the gathered dimensions are static
 others are symbolic (partial folding: the batch stays dynamic, the rest folds). Beyond
 one Gather, a shape computation is followed element by element (``shape_elements``:
 Gather, Slice with positive steps, Concat, Cast to int32/int64, Unsqueeze/Squeeze of
-one element, over Shape and integer constants): a Slice, Concat or Cast of it whose
-every element is a static dim or a constant becomes a constant (``x.shape[-2:]`` of a
-tensor with a dynamic batch and static trailing dims).
+one element, over Shape and integer constants): any of those ops reading it whose every
+element is a static dim or a constant becomes a constant of its type (``x.shape[-2:]``
+of a tensor with a dynamic batch and static trailing dims).
 Shapes come from the model's own annotations merged with onnx shape inference run on a
 serialized copy, so nothing inferred is committed to the model (graph input/output declarations
 and value annotations stay as they were).
@@ -478,7 +478,8 @@ def fold_shapes(model: ir.Model, inferred: dict[ir.Value, ir.Shape] | None = Non
 
 
 class FoldShapesPass(optcc.Pass):
-    """Replace Shape/Size (and Gather of a Shape) of statically shaped values by constants."""
+    """Replace Shape/Size of statically shaped values, and shape computations whose every
+    element is static, by constants."""
 
     name = "fold-shapes"
     # No level of its own: fold-constants runs this folding first in every round (the -O
