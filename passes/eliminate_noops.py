@@ -223,8 +223,8 @@ def _broadcast_keeps(x: ir.Value, other: Sequence[int]) -> bool:
     """``_keeps_shape`` for ``x``'s shape; where that is unknown, a constant of one element
     keeps ``x``'s shape when ``x``'s rank (``optcc.rewrite.static_rank``) is at least its own."""
     shape = shape_of(x)
-    if shape is not None or any(d != 1 for d in other):
-        return _keeps_shape(shape, other)
+    if shape is not None or not other or any(d != 1 for d in other):
+        return _keeps_shape(shape, other)  # (a rank-0 constant keeps any shape)
     rank = static_rank(x)
     return rank is not None and rank >= len(other)
 

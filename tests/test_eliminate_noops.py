@@ -459,6 +459,17 @@ def test_scalar_neutral_constant_is_removed_whatever_the_unknown_shape():
     model = ir.from_proto(proto)
     result = run_exact_pass(EliminateNoOpsPass, model, _feeds(model))
     assert result.stats == {"sub": 1} and _ops(result.model) == {"MatMul": 1, "Sub": 1}
+    # a rank-0 one on a value whose rank nothing derives (a dim gathered from a shape)
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3] x) => (int64 y) <int64 i0 = {0}, int64 one = {1}> {
+            s = Shape(x)
+            d = Gather(s, i0)
+            y = Mul(d, one)
+        }""")
+    model = ir.from_proto(proto)
+    result = run_exact_pass(EliminateNoOpsPass, model, _feeds(model))
+    assert result.stats == {"mul": 1} and _ops(result.model) == {"Shape": 1, "Gather": 1}
 
 
 def test_one_element_neutral_constant_goes_where_the_rank_is_known_to_be_enough():
