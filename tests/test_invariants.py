@@ -12,11 +12,12 @@ import optcc
 from optcc.infra.invariants import check_invariants, signature
 
 
-def _if_model(body_name: str) -> onnx.ModelProto:
-    """An If whose branches define ``body_name``; the main graph defines 'late' after it."""
+def _if_model(body_name: str, body_reads: str = "x") -> onnx.ModelProto:
+    """An If whose branches define ``body_name`` and add it to ``body_reads``; the main
+    graph defines 'late' after it."""
     def branch(k: float) -> onnx.GraphProto:
         const = helper.make_node("Constant", [], [body_name], value=helper.make_tensor("c", TensorProto.FLOAT, [1], [k]))
-        add = helper.make_node("Add", ["x", body_name], [f"out_{k:g}"])
+        add = helper.make_node("Add", [body_reads, body_name], [f"out_{k:g}"])
         return helper.make_graph([const, add], f"b{k:g}", [],
                                  [helper.make_tensor_value_info(f"out_{k:g}", TensorProto.FLOAT, [1])])
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
 
 import optcc
 from optcc.infra.invariants import check_invariants, signature
+from test_invariants import _if_model as _if_proto
 
 
 def _reference_names(model: ir.Model) -> list[str]:
@@ -58,25 +58,7 @@ def _reference(model: ir.Model) -> list[str]:
 
 
 def _if_model(body_name: str, body_reads: str = "x") -> ir.Model:
-    def branch(k: float) -> onnx.GraphProto:
-        const = helper.make_node("Constant", [], [body_name], value=helper.make_tensor("c", TensorProto.FLOAT, [1], [k]))
-        add = helper.make_node("Add", [body_reads, body_name], [f"out_{k:g}"])
-        return helper.make_graph([const, add], f"b{k:g}", [],
-                                 [helper.make_tensor_value_info(f"out_{k:g}", TensorProto.FLOAT, [1])])
-
-    nodes = [
-        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
-        helper.make_node("Greater", ["s", "zero"], ["cond"]),
-        helper.make_node("If", ["cond"], ["y0"], then_branch=branch(1.0), else_branch=branch(-1.0)),
-        helper.make_node("Neg", ["y0"], ["late"]),
-        helper.make_node("Identity", ["late"], ["y"]),
-    ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return ir.serde.deserialize_model(model)
+    return ir.serde.deserialize_model(_if_proto(body_name, body_reads))
 
 
 def _chain_model() -> ir.Model:
