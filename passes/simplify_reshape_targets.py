@@ -169,9 +169,12 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
                 if node.op_type != "Reshape" or node.domain not in _DEFAULT_DOMAINS or len(node.inputs) != 2:
                     continue
                 target = _constant_target(node, opset, ranks)
-                if target is None or (0 in target and opset >= 14 and node.attributes.get_int("allowzero", 0)):
+                if target is None:
+                    continue
+                copies = 0 in target  # shape-copy's targets hold a 0, inferred-dim's none
+                if copies and opset >= 14 and node.attributes.get_int("allowzero", 0):
                     continue  # with allowzero=1 a 0 is a literal zero, not a copy
                 node.replace_input_with(1, optcc.ir.constant_before(node, target, "target"))
-                rule = "inferred-dim" if -1 in target and 0 not in target else "shape-copy"
+                rule = "shape-copy" if copies else "inferred-dim"
                 counts[rule] = counts.get(rule, 0) + 1
         return optcc.PassResult(model, bool(counts), dict(sorted(counts.items())))
