@@ -58,7 +58,7 @@ import onnxruntime as ort
 
 import optcc
 from optcc import fp16
-from optcc.numerics import RETRY_SIZES, generate_inputs, resolve_providers
+from optcc.numerics import RETRY_SIZES, SATURATED_BELOW, generate_inputs, resolve_providers
 from optcc.fp16 import (
     FLOAT, FLOAT16, FP16_MAX, KEEP_INPUTS, Emulator, Rewriter, Slots, exactly_float16, float16_slots)
 
@@ -66,9 +66,6 @@ KEEP_MARKER = "optcc.fp16.keep_float32"
 FALLBACK_REASON = "returned to float32 by the accuracy check"
 UNDERFLOW_FRACTION = 0.10
 UNDERFLOW_SQNR_DB = 60.0  # below float16's own rounding noise (~70 dB): the flushed values matter
-# an output below this everywhere (a probability map with nothing detected) holds only
-# rounding: its SQNR says nothing about the float16 model on real inputs
-NEAR_ZERO_OUTPUT = 1e-3
 STORE16_MIN_ELEMENTS = 64  # smaller weights do not pay for the Cast node that reads them
 STORE16_TRIALS = 4  # evaluations spent on weights of float32 nodes one by one
 _SUM_REDUCES = frozenset({"ReduceSum", "ReduceMean"})
@@ -603,9 +600,9 @@ class ConvertFloat16Pass(optcc.Pass):
         values = self.ref_values[0] if self.ref_values else {}
         near_zero = [v.name for v in self.reference.graph.outputs
                      if v.name in values and values[v.name].dtype.kind == "f" and values[v.name].size
-                     and float(np.max(np.abs(values[v.name]))) < NEAR_ZERO_OUTPUT]
+                     and float(np.max(np.abs(values[v.name]))) < SATURATED_BELOW]
         if near_zero and not self.inputs:
-            reason += (f"; output {', '.join(repr(n) for n in near_zero)} stays below {NEAR_ZERO_OUTPUT:g} there, "
+            reason += (f"; output {', '.join(repr(n) for n in near_zero)} stays below {SATURATED_BELOW:g} there, "
                        "where SQNR measures rounding alone: give real samples (--inputs)")
         return reason
 

@@ -29,7 +29,7 @@ import numpy as np
 from optcc.numerics.kinds import Numerics
 
 __all__ = ["Tolerance", "TOLERANCES", "ORIGINAL_ERROR_FACTOR", "OutputMetrics", "compare_outputs", "sqnr_db",
-           "bounded_resolution"]
+           "bounded_resolution", "SATURATED_BELOW"]
 
 # An element may be off by this multiple of the float32 original's own error against a
 # float64 reference: a correct rewrite's rounding is of the same size as the original's.
@@ -40,6 +40,11 @@ ORIGINAL_ERROR_FACTOR = 4.0
 # (onnxruntime's Sigmoid returns 0 or one step of 1.2e-7 deep in its tail), however small
 # the values are: relative to a saturated output's own scale that step is no rounding.
 _BOUNDED = frozenset({"Sigmoid", "HardSigmoid", "Softmax", "Tanh", "Softsign"})
+
+
+# an output below this on every sample (a detector's map on an input without objects)
+# holds rounding only: the samples cannot judge a lossy rewrite of it
+SATURATED_BELOW = 1e-3
 
 
 def bounded_resolution(producer_op: str | None) -> float:

@@ -68,7 +68,7 @@ from optcc.numerics.equivalence import Premise, number_original, prove_equivalen
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
 from optcc.numerics.inputs import DEFAULT_DYNAMIC_DIM, RETRY_SIZES, check_feeds, generate_inputs, input_roles, sizes_text
 from optcc.numerics.kinds import Numerics
-from optcc.numerics.metrics import TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
+from optcc.numerics.metrics import SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
 from optcc.numerics.task import DEFAULT_MARGIN, FLOOR_DRAWS, TaskJudge, UserMetric, perturb, perturbation_draws
 from optcc.progress import Progress
 from optcc.runtime.session import HANDOVER_MIN_BYTES, first_line, make_session, resolve_providers, run, session_options
@@ -669,7 +669,7 @@ class Verifier:
             elif all(float(v.max() - v.min()) <= flat for v in finite if v.size) and any(v.size > 1 for v in finite):
                 # (a one-element output, a probability or a score, varies across samples only)
                 found[name] = "has one value on all its elements in every sample"
-            elif self._resolution.get(name) and high < 1e-3:
+            elif self._resolution.get(name) and high < SATURATED_BELOW:
                 found[name] = f"stays below {high:.2g} on every sample (saturated)"
         return found
 
