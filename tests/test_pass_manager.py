@@ -233,6 +233,47 @@ def test_fixpoint_stops_once_nothing_changes():
     assert _ops(result.model) == ["Add", "Relu"]
 
 
+class CountingIdentitiesPass(EliminateIdentitiesPass):
+    """eliminate-identities, counting its runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs = 0
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        self.runs += 1
+        return super().call(model)
+
+
+def test_a_pass_is_not_run_again_on_the_model_its_last_run_left_unchanged():
+    identities, dead = CountingIdentitiesPass(), EliminateDeadNodesPass()
+    # run 1 changes, run 2 (the fixpoint's round 2) leaves it unchanged; nothing changes
+    # after it (dead is done in round 1), so the later fixpoint and step skip it
+    result = PassManager([Fixpoint([identities, dead], max_iters=8), Fixpoint([identities], max_iters=8),
+                          identities]).run(_model())
+    assert identities.runs == 2
+    assert [r.name for r in result.records].count("eliminate-identities") == 2
+    assert _ops(result.model) == ["Add", "Relu"]
+    # runs 1 (changed) and 2 (unchanged), then run 3 only when a change was kept since
+    identities = CountingIdentitiesPass()
+    PassManager([identities, identities, identities]).run(_model())
+    assert identities.runs == 2
+    identities = CountingIdentitiesPass()
+    PassManager([identities, identities, EliminateDeadNodesPass(), identities]).run(_model())
+    assert identities.runs == 3
+
+
+def test_build_pipeline_shares_one_object_per_pass_name():
+    from optcc.infra.pipelines import build_pipeline
+    from optcc.infra.manager import step_passes
+    passes = [p for step in build_pipeline(2) for p in step_passes(step)]
+    by_name: dict[str, set[int]] = {}
+    for p in passes:
+        by_name.setdefault(p.name, set()).add(id(p))
+    assert all(len(ids) == 1 for ids in by_name.values())
+    assert len(passes) > len(by_name)  # some names do appear in several steps
+
+
 def test_records_hold_time_op_delta_bytes_and_stats():
     proto = onnx.parser.parse_model(MODEL_TEXT)
     report = optcc.optimize(proto, level=1).report

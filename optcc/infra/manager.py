@@ -107,6 +107,11 @@ class _Run:
     since_checkpoint: list[PassLike] = dataclasses.field(default_factory=list)
     index: int = 0  # pass runs so far
     kept_at_checkpoint: int = 0
+    # the model's version: counts the changes kept and the restores so far (each may give
+    # the passes a model they have not seen), and for each pass object whose last run left
+    # the model unchanged, the version it left unchanged
+    version: int = 0
+    unchanged_at: dict[int, int] = dataclasses.field(default_factory=dict)  # id(pass) -> version
     model: ir.Model | None = None  # the result, once the steps have run
     base: Numerics = "exact"  # the numerics the model had when the run began
 
@@ -284,31 +289,25 @@ class PassManager:
         for step in self.pipeline:
             if isinstance(step, Fixpoint):
                 model = self._run_fixpoint(run, step, model)
-            else:
+            elif not self._sees_its_own_result(run, step):
                 model, _ = self._run_pass(run, step, model, iteration=None)
         run.model = model
         return run
 
     def _run_fixpoint(self, run: _Run, fixpoint: Fixpoint, model: ir.Model) -> ir.Model:
-        """Rounds of the passes until a round changes nothing. A pass whose last run left
-        the model unchanged is not run again while no change was kept since: it would
-        see the very model it left unchanged, and passes are deterministic. So a round
-        ends without running the passes after the last one that changed the model in
+        """Rounds of the passes until a round changes nothing. A pass that would see the
+        very model its last run left unchanged is not run (``_sees_its_own_result``); so a
+        round ends without running the passes after the last one that changed the model in
         the round before, and still detects that nothing changed."""
         changed_by: list[str] = []
-        kept = 0  # changes kept in this fixpoint so far
-        unchanged_at: dict[int, int] = {}  # pass position -> ``kept`` when its last run changed nothing
         for iteration in range(1, fixpoint.max_iters + 1):
             changed_by = []
-            for position, pass_ in enumerate(fixpoint.passes):
-                if unchanged_at.get(position) == kept:
+            for pass_ in fixpoint.passes:
+                if self._sees_its_own_result(run, pass_):
                     continue
                 model, modified = self._run_pass(run, pass_, model, iteration=iteration)
                 if modified:
-                    kept += 1
                     changed_by.append(pass_name(pass_))
-                elif run.records[-1].status == "unchanged":  # not a failure or a revert
-                    unchanged_at[position] = kept
             if not changed_by:
                 return model
         message = (
@@ -338,6 +337,15 @@ class PassManager:
                 return "changed the numerics: " + (check.reason or ""), record
             return None, record
         return None, None
+
+    @staticmethod
+    def _sees_its_own_result(run: _Run, pass_: PassLike) -> bool:
+        """Whether this pass object's last run in ``run`` left the model unchanged and no
+        change was kept since: then it would see the very model it left unchanged, and
+        passes are deterministic, so running it again would change nothing. One object
+        serves every step that names the same pass with the same options
+        (``build_pipeline``), so a later step or fixpoint skips it too."""
+        return run.unchanged_at.get(id(pass_)) == run.version
 
     def _verifies(self) -> bool:
         return self.verifier is not None and self.verify_each
@@ -421,11 +429,15 @@ class PassManager:
                             f"pass '{name}' {reason} (passes run before it: {self._ran_before(run)})")
         if status in ("failed", "reverted") and planned is None:
             model = self._restore(run)
+            run.version += 1
         elif status == "changed" and self._verifies():
             self._set_checkpoint(run, model)  # a revert later never replays a verified pass
         elif status == "changed":
             run.since_checkpoint.append(pass_)
+        if status == "unchanged":
+            run.unchanged_at[id(pass_)] = run.version
         if status == "changed":
+            run.version += 1
             run.kept.append((index, pass_))
             if getattr(pass_, "float16_interface", False):
                 run.signature = signature(model)  # later passes keep the new interface

@@ -35,9 +35,14 @@ def build_pipeline(
     when given; ``disable`` drops passes by name; ``options`` holds constructor options
     per pass name (e.g. ``{"fold-constants": {"fold_large": True}}``)."""
     options = options or {}
+    created: dict[str, PipelineStep] = {}
 
     def create(name: str) -> PipelineStep:
-        return create_pass(name, **options.get(name, {}))
+        # one object per name: the same pass with the same options in every step, which lets
+        # the manager skip a run that would see the model its last run left unchanged
+        if name not in created:
+            created[name] = create_pass(name, **options.get(name, {}))
+        return created[name]
 
     disabled = set(disable)
     unknown = disabled - set(available_passes())
