@@ -15,6 +15,7 @@ __all__ = ["LEVELS", "level_of"]
 
 # A level is a list of pass names; a tuple of names is run as a Fixpoint.
 _EXACT = (
+    "simplify-reshape-targets",
     "fold-constants",
     "inline-constant-if",
     "eliminate-identities",
@@ -22,7 +23,6 @@ _EXACT = (
     "drop-zero-rnn-states",
     "merge-consecutive",
     "cancel-transpose-pairs",
-    "simplify-reshape-targets",
     "eliminate-common-subexpressions",
     "eliminate-dead-nodes",
 )
