@@ -24,7 +24,8 @@ gets a key, and two values with the same key compute the same thing for every in
 - an affine chain gets a normal form: a Conv, ConvTranspose (one group), Gemm or MatMul
   with a constant weight, or an inference BatchNormalization, followed by per-channel
   constant Mul, Add, Sub, Div or BatchNormalization, is ``op(x; W) + b`` with ``W`` and
-  ``b`` composed in float64. Two forms over the same ``x`` and attributes are equal when
+  ``b`` composed in float64; a convolution of ``Mul(x, s)``, ``s`` one finite element,
+  is one of ``x`` with ``W * s``. Two forms over the same ``x`` and attributes are equal when
   every weight is within ``ROUNDING_UNITS`` roundings of the stored dtype of the other's,
   and every bias within as many roundings of the magnitude of the terms summed into it
   (an infinity or NaN agrees with nothing):
@@ -1396,7 +1397,9 @@ def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple)
             return None
         axis = 0 if op == "Conv" else 1
         bias = np.zeros(weight.shape[axis]) if bias is None else bias.astype(np.float64)
-        return _new_form((op, attributes, keys.key(inputs[0])), weight, axis, bias, rank=weight.ndim, axis=1)
+        x, factor = _input_factor(keys, inputs[0], weight)
+        form = _new_form((op, attributes, keys.key(x)), weight, axis, bias, rank=weight.ndim, axis=1)
+        return form if factor is None else dataclasses.replace(form, scale=np.full(len(bias), factor))
     if op in ("Gemm", "MatMul") and len(inputs) >= 2:
         weight = keys._array(inputs[1])
         if weight is None or weight.dtype.kind != "f" or weight.ndim != 2 or attrs.get("transA", 0):
@@ -1446,6 +1449,30 @@ def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple)
         if first and np.all(vector != 0):
             return base.scaled(1.0 / vector)
     return None
+
+
+def _input_factor(keys: _Keys, x: ir.Value, weight: np.ndarray) -> tuple[ir.Value, float | None]:
+    """A convolution's input ``x`` as ``Mul(x0, s)`` with ``s`` one finite element (``x0``
+    and the factor), else ``x`` itself (and None). The convolution is linear in its input
+    and its zero padding stays zero when scaled, so ``conv(x0 * s; W) + b`` is
+    ``conv(x0; W * s) + b``: ``s`` joins the form's weight factor, not its bias. ``Mul``
+    keeps ``x0``'s shape: ``s`` is of rank <= 1, or ``x0``'s rank is the weight's (the
+    rank a convolution's input has) and ``s`` has no more. A non-finite ``s`` is left as
+    it is: padding would multiply it by zero in the one form and not in the other."""
+    node = x.producer()
+    if node is None or node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or node.attributes \
+            or len(node.inputs) != 2 or keys.opsets.get("", 0) < 7:
+        return x, None
+    for i in (0, 1):
+        x0, s = node.inputs[i], keys._array(node.inputs[1 - i])
+        if x0 is None or s is None or keys._array(x0) is not None:
+            continue
+        if s.size != 1 or s.dtype != weight.dtype or not np.isfinite(s).all():
+            continue
+        if s.ndim > 1 and (s.ndim > weight.ndim or keys.rank(x0) != weight.ndim):
+            continue
+        return x0, float(s.reshape(()))
+    return x, None
 
 
 _AFFINE_OPS = frozenset(("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Mul", "Add", "Sub", "Div"))
