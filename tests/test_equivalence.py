@@ -180,23 +180,26 @@ def test_removing_a_training_mode_dropout_is_not_proved():
     assert not prove_equivalent(_load(proto), _planted(proto, remove)).complete
 
 
-def _mul_conv(factor: np.ndarray) -> onnx.ModelProto:
+def _mul_conv(factor: np.ndarray, x_dims: tuple = (1, 3, 8, 8), group: int = 1) -> onnx.ModelProto:
     """x -> Mul(x, factor) -> Conv(W, b, zero padding) -> y."""
-    weights = [numpy_helper.from_array(RNG.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
-               numpy_helper.from_array(RNG.standard_normal(4).astype(np.float32), "b"), _const("s", factor)]
+    weights = [numpy_helper.from_array(RNG.standard_normal((4 if group == 1 else 3, 3 // group, 3, 3)).astype(np.float32), "W"),
+               numpy_helper.from_array(RNG.standard_normal(4 if group == 1 else 3).astype(np.float32), "b"),
+               _const("s", factor)]
     graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "s"], ["m"]), helper.make_node("Conv", ["m", "W", "b"], ["y"], pads=[1, 1, 1, 1])],
-        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])], weights)
+        [helper.make_node("Mul", ["x", "s"], ["m"]),
+         helper.make_node("Conv", ["m", "W", "b"], ["y"], pads=[1, 1, 1, 1], group=group)],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x_dims))],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], weights)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _fold_input_factor(model: ir.Model, weight_factor: float, bias_factor: float = 1.0) -> None:
+def _fold_input_factor(model: ir.Model, weight_factor, bias_factor: float = 1.0) -> None:  # noqa: ANN001
     """Conv(Mul(x, s), W, b) -> Conv(x, W * weight_factor, b * bias_factor), in float64."""
     graph = model.graph
     mul = next(n for n in graph if n.op_type == "Mul")
     conv = next(n for n in graph if n.op_type == "Conv")
     weight, bias = conv.inputs[1].const_value.numpy(), conv.inputs[2].const_value.numpy()
+    weight_factor = np.reshape(weight_factor, (1, -1, 1, 1))  # per input channel (Conv, one group)
     conv.inputs[1].const_value = ir.tensor((weight.astype(np.float64) * weight_factor).astype(np.float32))
     conv.inputs[2].const_value = ir.tensor((bias.astype(np.float64) * bias_factor).astype(np.float32))
     conv.replace_input_with(0, mul.inputs[0])
@@ -224,14 +227,28 @@ def test_an_input_factor_folded_wrongly_or_not_finite_is_not_proved():
         assert not prove_equivalent(_load(infinite), _planted(infinite, lambda m: _fold_input_factor(m, np.inf))).complete
 
 
-def test_a_per_channel_input_factor_is_left_to_the_samples():
-    """A per-channel factor could also broadcast a one-channel input to three channels (the
-    prover knows ranks, not dims): it is not proved, and the verifier runs the samples."""
-    proto = _mul_conv(RNG.uniform(0.5, 2, (1, 3, 1, 1)))
-    result = optcc.optimize(proto, passes=["fuse-conv-affine"])
-    assert [n.op_type for n in result.ir_model.graph] == ["Conv"]
-    assert result.report.verification["reference"] != "proof" and result.report.verification["samples"] > 0
-    _same_in_float64(proto, optcc.ir.serialize(result.ir_model))
+@pytest.mark.parametrize("group", [1, 3])
+def test_a_per_channel_input_factor_is_proved_where_the_inputs_channels_are_known(group):
+    proto = _mul_conv(RNG.uniform(0.5, 2, (1, 3, 1, 1)), group=group)
+    candidate = _optimized(proto, ["fuse-conv-affine"])
+    assert [n.op_type for n in candidate.graph] == ["Conv"]
+    assert prove_equivalent(_load(proto), candidate).complete
+    _same_in_float64(proto, optcc.ir.serialize(candidate))
+
+
+def test_a_per_channel_input_factor_is_not_proved_where_it_may_broadcast_the_channels():
+    """The prover knows ranks, not dims: a factor of 3 channels against an input whose
+    channels are unknown (or 1) could broadcast it to 3, and the folded Conv would read
+    the narrower input. Not proved."""
+    factor = RNG.uniform(0.5, 2, (1, 3, 1, 1))
+    for x_dims in ((1, "C", 8, 8), (1, 1, 8, 8)):  # with 1 channel the original runs: Mul broadcasts x to 3
+        proto = _mul_conv(factor, x_dims=x_dims)
+        planted = _planted(proto, lambda m: _fold_input_factor(m, factor))
+        assert not prove_equivalent(_load(proto), planted).complete
+        assert prove_equivalent(_load(proto), _load(proto)).complete
+    # the pass itself refuses the fold where it cannot tell (the Mul "could enlarge its input")
+    unknown = _mul_conv(factor, x_dims=(1, "C", 8, 8))
+    assert [n.op_type for n in _optimized(unknown, ["fuse-conv-affine"]).graph] == ["Mul", "Conv"]
 
 
 def test_the_verifier_passes_a_proved_model_without_running_it_and_runs_the_users_samples():

@@ -24,8 +24,8 @@ gets a key, and two values with the same key compute the same thing for every in
 - an affine chain gets a normal form: a Conv, ConvTranspose (one group), Gemm or MatMul
   with a constant weight, or an inference BatchNormalization, followed by per-channel
   constant Mul, Add, Sub, Div or BatchNormalization, is ``op(x; W) + b`` with ``W`` and
-  ``b`` composed in float64; a convolution of ``Mul(x, s)``, ``s`` one finite element,
-  is one of ``x`` with ``W * s``. Two forms over the same ``x`` and attributes are equal when
+  ``b`` composed in float64; a convolution of ``Mul(x, s)``, ``s`` finite and one element
+  or one per input channel of ``x``, is one of ``x`` with ``W`` scaled per input channel. Two forms over the same ``x`` and attributes are equal when
   every weight is within ``ROUNDING_UNITS`` roundings of the stored dtype of the other's,
   and every bias within as many roundings of the magnitude of the terms summed into it
   (an infinity or NaN agrees with nothing):
@@ -1398,8 +1398,14 @@ def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple)
         axis = 0 if op == "Conv" else 1
         bias = np.zeros(weight.shape[axis]) if bias is None else bias.astype(np.float64)
         x, factor = _input_factor(keys, inputs[0], weight)
-        form = _new_form((op, attributes, keys.key(x)), weight, axis, bias, rank=weight.ndim, axis=1)
-        return form if factor is None else dataclasses.replace(form, scale=np.full(len(bias), factor))
+        stored, group = weight.dtype, attrs.get("group", 1)
+        if factor is not None and factor.size > 1:  # per input channel: the weight entries reading each
+            in_channels = weight.shape[1] * group if op == "Conv" else weight.shape[0]
+            if factor.size != in_channels or weight.shape[0] % group:
+                return None
+            weight, factor = _scaled_per_input_channel(op, weight, factor, group), None
+        form = _new_form((op, attributes, keys.key(x)), weight, axis, bias, rank=weight.ndim, axis=1, dtype=stored)
+        return form if factor is None else dataclasses.replace(form, scale=np.full(len(bias), factor[0]))
     if op in ("Gemm", "MatMul") and len(inputs) >= 2:
         weight = keys._array(inputs[1])
         if weight is None or weight.dtype.kind != "f" or weight.ndim != 2 or attrs.get("transA", 0):
@@ -1451,28 +1457,79 @@ def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple)
     return None
 
 
-def _input_factor(keys: _Keys, x: ir.Value, weight: np.ndarray) -> tuple[ir.Value, float | None]:
-    """A convolution's input ``x`` as ``Mul(x0, s)`` with ``s`` one finite element (``x0``
-    and the factor), else ``x`` itself (and None). The convolution is linear in its input
-    and its zero padding stays zero when scaled, so ``conv(x0 * s; W) + b`` is
-    ``conv(x0; W * s) + b``: ``s`` joins the form's weight factor, not its bias. ``Mul``
-    keeps ``x0``'s shape: ``s`` is of rank <= 1, or ``x0``'s rank is the weight's (the
-    rank a convolution's input has) and ``s`` has no more. A non-finite ``s`` is left as
-    it is: padding would multiply it by zero in the one form and not in the other."""
+def _input_factor(keys: _Keys, x: ir.Value, weight: np.ndarray) -> tuple[ir.Value, np.ndarray | None]:
+    """A convolution's input ``x`` as ``Mul(x0, s)`` with ``s`` finite and constant, one
+    element or one per input channel: ``x0`` and ``s`` (float64, one element or one per
+    channel), else ``x`` itself (and None). The convolution is linear in its input per
+    input channel and its zero padding stays zero when scaled, so ``conv(x0 * s; W) + b``
+    is ``conv(x0; W * s) + b`` with ``s`` scaling the weight entries that read each
+    channel (one element: all of them, the form's weight factor; never its bias).
+    ``Mul`` must keep ``x0``'s shape: ``s`` is one element of rank <= 1; or ``x0``'s rank
+    is the weight's (the rank a convolution's input has) and ``s`` has no more, its dims
+    all 1 but the channel axis, which is 1 or the channels ``x0`` is known to have
+    (``_channels``; one channel broadcast to many would give the fold a wrong input). A
+    non-finite ``s`` is left as it is: padding would multiply it by zero in the one form
+    and not in the other."""
     node = x.producer()
     if node is None or node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or node.attributes \
             or len(node.inputs) != 2 or keys.opsets.get("", 0) < 7:
         return x, None
+    rank = weight.ndim
     for i in (0, 1):
         x0, s = node.inputs[i], keys._array(node.inputs[1 - i])
         if x0 is None or s is None or keys._array(x0) is not None:
             continue
-        if s.size != 1 or s.dtype != weight.dtype or not np.isfinite(s).all():
+        if s.dtype != weight.dtype or not np.isfinite(s).all() or s.ndim > rank:
             continue
-        if s.ndim > 1 and (s.ndim > weight.ndim or keys.rank(x0) != weight.ndim):
+        if s.size == 1 and s.ndim <= 1:
+            return x0, s.astype(np.float64).reshape(-1)
+        dims = (1,) * (rank - s.ndim) + s.shape
+        if dims[0] != 1 or any(d != 1 for d in dims[2:]) or keys.rank(x0) != rank:
             continue
-        return x0, float(s.reshape(()))
+        if dims[1] == 1 or dims[1] == _channels(keys, x0):
+            return x0, s.astype(np.float64).reshape(-1)
     return x, None
+
+
+def _scaled_per_input_channel(op: str, weight: np.ndarray, factor: np.ndarray, group: int) -> np.ndarray:
+    """``weight`` (float64) with the entries reading input channel ``c`` times
+    ``factor[c]``: Conv ``[Cout, Cin/group, k...]``, output group ``g`` reading channels
+    ``g*Cin/group ...``; ConvTranspose ``[Cin, Cout/group, k...]``."""
+    w64, tail = weight.astype(np.float64), (1,) * (weight.ndim - 2)
+    if op == "ConvTranspose":
+        return w64 * factor.reshape((-1, 1) + tail)
+    cout, cin_group = weight.shape[0], weight.shape[1]
+    grouped = w64.reshape((group, cout // group, cin_group) + weight.shape[2:])
+    return (grouped * factor.reshape((group, 1, cin_group) + tail)).reshape(weight.shape)
+
+
+# default-domain ops whose first output has their first input's channels (axis 1)
+_CHANNEL_KEEPING = frozenset((
+    "Relu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Softplus", "Erf",
+    "Abs", "Neg", "Clip", "Identity", "AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool",
+    "BatchNormalization",
+))
+
+
+def _channels(keys: _Keys, value: ir.Value) -> int | None:
+    """The size of ``value``'s axis 1, when known: a fed input's declared static dim (what
+    onnxruntime accepts for it), an affine form's channels along axis 1 (a convolution's
+    output channels, a BatchNormalization's parameters), or through ops that keep their
+    first input's channels; else None."""
+    for _ in range(MAX_RANK_DEPTH):
+        keys.key(value)  # its affine form, if it has one
+        form = keys._forms.get(id(value))
+        if form is not None:
+            return form.channels if form.axis == 1 else None
+        node = value.producer()
+        if node is None:
+            dims = value.shape if value.name in keys.fed else None
+            return dims[1] if dims is not None and dims.rank() >= 2 and isinstance(dims[1], int) else None
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _CHANNEL_KEEPING or value.index() != 0 \
+                or not node.inputs or node.inputs[0] is None:
+            return None
+        value = node.inputs[0]
+    return None
 
 
 _AFFINE_OPS = frozenset(("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Mul", "Add", "Sub", "Div"))
