@@ -1,14 +1,13 @@
 """FoldShapesPass: replace Shape/Size of statically shaped values by constants.
 
 Rewrite: ``s = Shape(x)`` (``start``/``end`` honoured) and ``n = Size(x)`` become int64
-constants when every dimension they read is a static integer; ``g = Gather(Shape(x), i)``
-with a constant ``i`` becomes a constant when the gathered dimensions are static even if
-others are symbolic (partial folding: the batch stays dynamic, the rest folds). Beyond
-one Gather, a shape computation is followed element by element (``shape_elements``:
-Gather, Slice with positive steps, Concat, Cast to int32/int64, Unsqueeze/Squeeze of
-one element, over Shape and integer constants): any of those ops reading it whose every
-element is a static dim or a constant becomes a constant of its type (``x.shape[-2:]``
-of a tensor with a dynamic batch and static trailing dims).
+constants when every dimension they read is a static integer. A shape computation is
+followed element by element (``shape_elements``: Gather, Slice with positive steps,
+Concat, Cast to int32/int64, Unsqueeze/Squeeze of one element, over Shape and integer
+constants): any of those ops reading it whose every element is a static dim or a
+constant becomes a constant of its type, even if other dims are symbolic (partial
+folding: ``Gather(Shape(x), i)`` of a static dim, or ``x.shape[-2:]``, folds while the
+batch stays dynamic).
 Shapes come from the model's own annotations merged with onnx shape inference run on a
 serialized copy, so nothing inferred is committed to the model (graph input/output declarations
 and value annotations stay as they were).
@@ -228,7 +227,7 @@ def _shape_slice(node: ir.Node, dims: Dims) -> Dims:
 def _fold_value(
     node: ir.Node, inferred: dict[ir.Value, ir.Shape], inputs_constant: bool
 ) -> np.ndarray | None:
-    """The constant a Shape/Size/Gather-of-Shape node computes, or None."""
+    """The constant a Shape/Size node computes, or None (a Gather of a Shape: ``_fold_followed``)."""
     if node.op_type in ("Shape", "Size") and len(node.inputs) == 1 and node.inputs[0] is not None:
         dims = _static_shape(node.inputs[0], inferred)
         if dims is None:
@@ -239,28 +238,6 @@ def _fold_value(
         if not all(isinstance(d, int) for d in selected):
             return None
         return np.array(selected, dtype=np.int64)
-    if node.op_type == "Gather" and len(node.inputs) == 2 and None not in node.inputs:
-        data, indices = node.inputs
-        shape_node = data.producer()
-        if shape_node is None or shape_node.op_type != "Shape" or not _is_default(shape_node):
-            return None
-        if node.attributes.get_int("axis", 0) not in (0, -1):
-            return None
-        index_array = const_array(indices, inputs_constant=inputs_constant)
-        source = shape_node.inputs[0]
-        if index_array is None or source is None or index_array.dtype.kind not in "iu":
-            return None
-        dims = _static_shape(source, inferred)
-        if dims is None:
-            return None
-        selected = _shape_slice(shape_node, dims)
-        flat = index_array.astype(np.int64).reshape(-1)
-        if flat.size and (flat.min() < -len(selected) or flat.max() >= len(selected)):
-            return None  # out of range: leave the error to the runtime
-        picked = [selected[int(i)] for i in flat]
-        if not all(isinstance(d, int) for d in picked):
-            return None
-        return np.array(picked, dtype=np.int64).reshape(index_array.shape)
     return None
 
 
@@ -271,28 +248,37 @@ _INT_TYPES = {ir.DataType.INT64.value: np.int64, ir.DataType.INT32.value: np.int
 
 @dataclasses.dataclass(frozen=True)
 class ShapeElements:
-    """A small integer shape computation, element by element: each an int where it is
-    known (a static dim or a constant), None where not; whether it is a scalar; its type."""
+    """A small integer shape computation, element by element (in C order): each an int
+    where it is known (a static dim or a constant), None where not; its dims (``()`` a
+    scalar, ``(n,)`` a shape-like vector; more only from a Gather's indices); its type."""
 
     elements: list[int | None]
-    scalar: bool
+    dims: tuple[int, ...]
     dtype: type
     from_shape: bool = False  # some element was read from a Shape node
+
+    @property
+    def scalar(self) -> bool:
+        return self.dims == ()
+
+    @property
+    def vector(self) -> bool:
+        return len(self.dims) == 1
 
 
 def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], inputs_constant: bool,
                    depth: int = 0) -> ShapeElements | None:
     """``value`` as a ``ShapeElements``, followed through Shape, int32/int64 constants,
-    Gather (axis 0, constant indices in range), Slice (axis 0, constant starts/ends,
-    positive steps), Concat (axis 0), Cast to int32/int64, and Unsqueeze/Squeeze of one
-    element at axis 0; None for any other value."""
+    Gather (axis 0 of a vector, constant indices of any rank in range), Slice (axis 0,
+    constant starts/ends, positive steps), Concat (axis 0), Cast to int32/int64, and
+    Unsqueeze/Squeeze of one element at axis 0; None for any other value."""
     if value is None or depth > 16:
         return None
     array = const_array(value, inputs_constant=inputs_constant)
     if array is not None:
         if array.dtype.type not in (np.int64, np.int32) or array.ndim > 1 or array.size > MAX_SHAPE_ELEMENTS:
             return None
-        return ShapeElements([int(v) for v in array.reshape(-1)], array.ndim == 0, array.dtype.type)
+        return ShapeElements([int(v) for v in array.reshape(-1)], array.shape, array.dtype.type)
     node = value.producer()
     if node is None or not _is_default(node) or len(node.outputs) != 1 or not node.inputs or node.inputs[0] is None:
         return None
@@ -301,8 +287,8 @@ def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], i
         dims = _static_shape(node.inputs[0], inferred)
         if dims is None:
             return None
-        return ShapeElements([d if isinstance(d, int) else None for d in _shape_slice(node, dims)], False, np.int64,
-                             from_shape=True)
+        selected = [d if isinstance(d, int) else None for d in _shape_slice(node, dims)]
+        return ShapeElements(selected, (len(selected),), np.int64, from_shape=True)
     inner = shape_elements(node.inputs[0], inferred, inputs_constant, depth + 1)
     if inner is None:
         return None
@@ -311,15 +297,15 @@ def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], i
         to = _INT_TYPES.get(node.attributes.get_int("to", 0))
         fits = all(e is None or -(1 << 31) <= e < (1 << 31) for e in elements)
         return None if to is None or (to is np.int32 and not fits) else dataclasses.replace(inner, dtype=to)
-    if op == "Gather" and not inner.scalar and node.attributes.get_int("axis", 0) in (0, -1) and len(node.inputs) == 2:
+    if op == "Gather" and inner.vector and node.attributes.get_int("axis", 0) in (0, -1) and len(node.inputs) == 2:
         indices = const_array(node.inputs[1], inputs_constant=inputs_constant)
-        if indices is None or indices.dtype.kind not in "iu" or indices.ndim > 1:
+        if indices is None or indices.dtype.kind not in "iu" or indices.size > MAX_SHAPE_ELEMENTS:
             return None
         flat = [int(i) for i in indices.reshape(-1)]
         if any(not -len(elements) <= i < len(elements) for i in flat):
-            return None
-        return dataclasses.replace(inner, elements=[elements[i] for i in flat], scalar=indices.ndim == 0)
-    if op == "Slice" and not inner.scalar and len(node.inputs) >= 3:
+            return None  # out of range: the runtime's error to raise
+        return dataclasses.replace(inner, elements=[elements[i] for i in flat], dims=indices.shape)
+    if op == "Slice" and inner.vector and len(node.inputs) >= 3:
         given = list(node.inputs[1:5]) + [None] * (4 - len(node.inputs[1:5]))
         starts, ends, axes, steps = (None if v is None else const_array(v, inputs_constant=inputs_constant)
                                      for v in given)
@@ -330,19 +316,20 @@ def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], i
         if int(axes.reshape(-1)[0]) not in (0, -1) or int(steps.reshape(-1)[0]) < 1:
             return None  # Python's slicing clamps as ONNX does for positive steps
         start, end, step = (int(a.reshape(-1)[0]) for a in (starts, ends, steps))
-        return dataclasses.replace(inner, elements=elements[start:end:step], scalar=False)
+        sliced = elements[start:end:step]
+        return dataclasses.replace(inner, elements=sliced, dims=(len(sliced),))
     if op == "Concat" and node.attributes.get_int("axis", 0) in (0, -1):
         joined: list[int | None] = []
         from_shape = False
         for piece in node.inputs:
             found = shape_elements(piece, inferred, inputs_constant, depth + 1)
-            if found is None or found.scalar or found.dtype is not inner.dtype:
+            if found is None or not found.vector or found.dtype is not inner.dtype:
                 return None
             joined.extend(found.elements)
             from_shape |= found.from_shape
         if len(joined) > MAX_SHAPE_ELEMENTS:
             return None
-        return ShapeElements(joined, False, inner.dtype, from_shape)
+        return ShapeElements(joined, (len(joined),), inner.dtype, from_shape)
     if op in ("Unsqueeze", "Squeeze") and len(elements) == 1:
         if "axes" in node.attributes:
             axes_found: object = node.attributes.get_ints("axes", None)
@@ -350,8 +337,10 @@ def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], i
             axes_found = const_array(node.inputs[1], inputs_constant=inputs_constant) if len(node.inputs) > 1 else None
         if axes_found is None or [int(a) for a in np.asarray(axes_found).reshape(-1)] not in ([0], [-1]):
             return None
-        if (op == "Unsqueeze") == inner.scalar:  # Unsqueeze of a scalar, Squeeze of one element
-            return dataclasses.replace(inner, scalar=op == "Squeeze")
+        if op == "Unsqueeze" and inner.scalar:
+            return dataclasses.replace(inner, dims=(1,))
+        if op == "Squeeze" and inner.dims == (1,):
+            return dataclasses.replace(inner, dims=())
     return None
 
 
@@ -361,7 +350,7 @@ def _fold_followed(node: ir.Node, inferred: dict[ir.Value, ir.Shape], inputs_con
     found = shape_elements(node.outputs[0], inferred, inputs_constant)
     if found is None or not found.from_shape or any(e is None for e in found.elements):
         return None  # (constants alone: fold-constants' business)
-    return np.array(found.elements[0] if found.scalar else found.elements, dtype=found.dtype)
+    return np.array(found.elements, dtype=found.dtype).reshape(found.dims)
 
 
 def materialize(

@@ -120,6 +120,24 @@ def test_static_shape_chain_folds_completely():
     np.testing.assert_array_equal(optcc.ir.as_numpy(result.model.graph.node(0).inputs[1]), [2, -1])
 
 
+def test_a_gather_of_static_dims_with_matrix_indices_folds_to_a_matrix():
+    """Gather(Shape(x), [[2, 1], [-1, 1]]) with a dynamic batch: the gathered dims are
+    static, the result a 2x2 int64 constant (elementwise: 4 * 3 and 4 + 3 read it)."""
+    model = _parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3, 4] x) => (int64[2, 2] y, int64[2] z) <int64[2, 2] idx = {2, 1, -1, 1}, int64[2] bad = {0, 1}> {
+        s = Shape(x)
+        y = Gather<axis = 0>(s, idx)
+        z = Gather<axis = 0>(s, bad)
+    }
+    """)
+    _, result = _run(FoldConstantsPass(), model, input_shapes={"x": [5, 3, 4]})
+    assert result.stats["folded_shapes"] == {"Gather": 1}  # z reads the dynamic batch: kept
+    y = result.model.graph.outputs[0]
+    assert y.producer().op_type == "Constant"
+    np.testing.assert_array_equal(optcc.ir.as_numpy(y), [[4, 3], [4, 3]])
+
+
 _SYMBOLIC_CHAIN = """
     <ir_version: 8, opset_import: ["" : 17]>
     g (float[N, 3, 4] x) => (float[N, 12] y) <int64 i0 = {0}, int64 i1 = {1}, int64 i2 = {2}, int64[1] ax = {0}> {
