@@ -34,6 +34,7 @@ import onnx
 import onnx_ir as ir
 
 import optcc
+from optcc.rewrite import static_rank
 
 __all__ = [
     "FoldShapesPass",
@@ -256,6 +257,8 @@ class ShapeElements:
     dims: tuple[int, ...]
     dtype: type
     from_shape: bool = False  # some element was read from a Shape node
+    # per element, the tensor and axis whose dim it is (None: a constant's element)
+    sources: list[tuple[ir.Value, int] | None] = dataclasses.field(default_factory=list)
 
     @property
     def scalar(self) -> bool:
@@ -267,32 +270,41 @@ class ShapeElements:
 
 
 def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], inputs_constant: bool,
-                   depth: int = 0) -> ShapeElements | None:
+                   ranks: dict | None = None, depth: int = 0) -> ShapeElements | None:
     """``value`` as a ``ShapeElements``, followed through Shape, int32/int64 constants,
     Gather (axis 0 of a vector, constant indices of any rank in range), Slice (axis 0,
     constant starts/ends, positive steps), Concat (axis 0), Cast to int32/int64, and
-    Unsqueeze/Squeeze of one element at axis 0; None for any other value."""
+    Unsqueeze/Squeeze of one element at axis 0; None for any other value. A Shape's
+    dims: its input's annotation merged with ``inferred``, else (with ``ranks``, a
+    ``static_rank`` memo) its input's rank alone, every dim unknown."""
     if value is None or depth > 16:
         return None
     array = const_array(value, inputs_constant=inputs_constant)
     if array is not None:
         if array.dtype.type not in (np.int64, np.int32) or array.ndim > 1 or array.size > MAX_SHAPE_ELEMENTS:
             return None
-        return ShapeElements([int(v) for v in array.reshape(-1)], array.shape, array.dtype.type)
+        return ShapeElements([int(v) for v in array.reshape(-1)], array.shape, array.dtype.type,
+                             sources=[None] * array.size)
     node = value.producer()
     if node is None or not _is_default(node) or len(node.outputs) != 1 or not node.inputs or node.inputs[0] is None:
         return None
     op = node.op_type
     if op == "Shape":
-        dims = _static_shape(node.inputs[0], inferred)
+        source = node.inputs[0]
+        dims = _static_shape(source, inferred)
+        if dims is None and ranks is not None:
+            rank = static_rank(source, ranks)
+            dims = None if rank is None else (None,) * rank
         if dims is None:
             return None
         selected = [d if isinstance(d, int) else None for d in _shape_slice(node, dims)]
-        return ShapeElements(selected, (len(selected),), np.int64, from_shape=True)
-    inner = shape_elements(node.inputs[0], inferred, inputs_constant, depth + 1)
+        axes = _shape_slice(node, tuple(range(len(dims))))
+        return ShapeElements(selected, (len(selected),), np.int64, from_shape=True,
+                             sources=[(source, axis) for axis in axes])
+    inner = shape_elements(node.inputs[0], inferred, inputs_constant, ranks, depth + 1)
     if inner is None:
         return None
-    elements = inner.elements
+    elements, sources = inner.elements, inner.sources
     if op == "Cast":
         to = _INT_TYPES.get(node.attributes.get_int("to", 0))
         fits = all(e is None or -(1 << 31) <= e < (1 << 31) for e in elements)
@@ -304,7 +316,8 @@ def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], i
         flat = [int(i) for i in indices.reshape(-1)]
         if any(not -len(elements) <= i < len(elements) for i in flat):
             return None  # out of range: the runtime's error to raise
-        return dataclasses.replace(inner, elements=[elements[i] for i in flat], dims=indices.shape)
+        return dataclasses.replace(inner, elements=[elements[i] for i in flat], dims=indices.shape,
+                                   sources=[sources[i] for i in flat])
     if op == "Slice" and inner.vector and len(node.inputs) >= 3:
         given = list(node.inputs[1:5]) + [None] * (4 - len(node.inputs[1:5]))
         starts, ends, axes, steps = (None if v is None else const_array(v, inputs_constant=inputs_constant)
@@ -317,19 +330,21 @@ def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], i
             return None  # Python's slicing clamps as ONNX does for positive steps
         start, end, step = (int(a.reshape(-1)[0]) for a in (starts, ends, steps))
         sliced = elements[start:end:step]
-        return dataclasses.replace(inner, elements=sliced, dims=(len(sliced),))
+        return dataclasses.replace(inner, elements=sliced, dims=(len(sliced),), sources=sources[start:end:step])
     if op == "Concat" and node.attributes.get_int("axis", 0) in (0, -1):
         joined: list[int | None] = []
+        joined_sources: list[tuple[ir.Value, int] | None] = []
         from_shape = False
         for piece in node.inputs:
-            found = shape_elements(piece, inferred, inputs_constant, depth + 1)
+            found = shape_elements(piece, inferred, inputs_constant, ranks, depth + 1)
             if found is None or not found.vector or found.dtype is not inner.dtype:
                 return None
             joined.extend(found.elements)
+            joined_sources.extend(found.sources)
             from_shape |= found.from_shape
         if len(joined) > MAX_SHAPE_ELEMENTS:
             return None
-        return ShapeElements(joined, (len(joined),), inner.dtype, from_shape)
+        return ShapeElements(joined, (len(joined),), inner.dtype, from_shape, joined_sources)
     if op in ("Unsqueeze", "Squeeze") and len(elements) == 1:
         if "axes" in node.attributes:
             axes_found: object = node.attributes.get_ints("axes", None)

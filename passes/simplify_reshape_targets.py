@@ -4,9 +4,10 @@ Rewrite (``shape-copy``): ``Reshape(x, Concat(p_0, p_1, ...))`` where every piec
 either a constant or a run of ``x``'s own dims that lands at the same positions of the
 target (``Shape(x)[i:j]`` at target positions ``i..j-1``) becomes ``Reshape(x, c)`` with
 ``c`` the constants and ``0`` ("copy the input's dim", allowzero=0) at those positions.
-The pieces of ``x``'s shape are recognized through ``Shape`` (start/end), ``Slice``
-(constant, step 1 or more), ``Gather`` (constant indices), ``Unsqueeze`` of a scalar at
-axis 0, and ``Cast`` to int64 or int32. Typical source: exporters writing
+The pieces of ``x``'s shape are recognized element by element, as fold-shapes follows
+them (``shape_elements``): through ``Shape`` (start/end), ``Slice`` (constant, step 1 or
+more), ``Gather`` (constant indices), ``Concat``, ``Unsqueeze``/``Squeeze`` of one element
+at axis 0, and ``Cast`` to int64 or int32. Typical source: exporters writing
 ``x.reshape(x.shape[0], -1)`` as Shape->Slice->Concat->Reshape (the Concat may be
 in int32, cast to int64 after), which keeps the batch
 dynamic; the constant target also makes the result's rank static for later fusions.
@@ -41,12 +42,11 @@ import onnx_ir as ir
 
 import optcc
 from optcc.passes.eliminate_noops import constant_array, graph_opset
-from optcc.rewrite import static_rank
+from optcc.passes.fold_shapes import shape_elements
 
 __all__ = ["SimplifyReshapeTargetsPass"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_INT_CASTS = (ir.DataType.INT64.value, ir.DataType.INT32.value)
 
 # A piece of a shape: (source value, the dims of source it lists, whether it is a scalar)
 Piece = tuple[ir.Value, list[int], bool]
@@ -64,53 +64,22 @@ def _ints(value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in array.reshape(-1)]
 
 
-def _shape_piece(value: ir.Value, opset: int, ranks: dict, depth: int = 0) -> Piece | None:
-    """What part of which tensor's shape ``value`` provably holds, or None."""
-    node = _node(value)
-    if node is None or depth > 16 or not node.inputs or node.inputs[0] is None:
+def _shape_piece(value: ir.Value, ranks: dict) -> Piece | None:
+    """What part of which tensor's shape ``value`` provably holds (``shape_elements``:
+    every element a dim of one tensor), or None."""
+    found = shape_elements(value, {}, False, ranks)
+    if found is None or len(found.dims) > 1 or not found.sources:
         return None
-    if node.op_type == "Shape":
-        source = node.inputs[0]
-        rank = static_rank(source, ranks)
-        if rank is None:
-            return None
-        start = node.attributes.get_int("start", 0)
-        end = node.attributes.get_int("end", rank)
-        return source, list(range(rank))[start:end], False
-    if node.op_type == "Cast":
-        to = node.attributes.get_int("to", 0)
-        return _shape_piece(node.inputs[0], opset, ranks, depth + 1) if to in _INT_CASTS else None
-    inner = _shape_piece(node.inputs[0], opset, ranks, depth + 1)
-    if inner is None:
+    source = found.sources[0][0] if found.sources[0] is not None else None
+    if source is None or any(s is None or s[0] is not source for s in found.sources):
         return None
-    source, dims, scalar = inner
-    if node.op_type == "Slice" and not scalar and opset >= 10:
-        starts, ends = _ints(node.inputs[1]) if len(node.inputs) > 1 else None, _ints(node.inputs[2]) if len(node.inputs) > 2 else None
-        axes = _ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else [0]
-        steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
-        if starts is None or ends is None or axes is None or steps is None:
-            return None
-        if len(starts) != 1 or len(ends) != 1 or axes not in ([0], [-1]) or len(steps) != 1 or steps[0] < 1:
-            return None
-        return source, dims[slice(starts[0], ends[0], steps[0])], False
-    if node.op_type == "Gather" and not scalar and node.attributes.get_int("axis", 0) in (0, -1):
-        array = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        if array is None or array.dtype.kind not in "iu" or array.ndim > 1:
-            return None
-        if any(not -len(dims) <= int(i) < len(dims) for i in array.reshape(-1)):
-            return None
-        return source, [dims[int(i)] for i in array.reshape(-1)], array.ndim == 0
-    if node.op_type == "Unsqueeze" and scalar:
-        axes = _ints(node.inputs[1]) if opset >= 13 and len(node.inputs) > 1 else (
-            list(node.attributes["axes"].as_ints()) if "axes" in node.attributes else None)
-        return (source, dims, False) if axes in ([0], [-1]) else None
-    return None
+    return source, [axis for _, axis in found.sources], found.scalar
 
 
-def _constant_target(reshape: ir.Node, opset: int, ranks: dict) -> np.ndarray | None:
+def _constant_target(reshape: ir.Node, ranks: dict) -> np.ndarray | None:
     x, target = reshape.inputs[0], reshape.inputs[1]
     concat = _node(target)
-    if concat is not None and concat.op_type == "Cast" and concat.attributes.get_int("to", 0) == _INT_CASTS[0]:
+    if concat is not None and concat.op_type == "Cast" and concat.attributes.get_int("to", 0) == ir.DataType.INT64.value:
         concat = _node(concat.inputs[0])  # a target assembled in int32 and cast back
     if x is None or concat is None or concat.op_type != "Concat":
         return None
@@ -124,7 +93,7 @@ def _constant_target(reshape: ir.Node, opset: int, ranks: dict) -> np.ndarray | 
         if constant is not None:
             values.extend(constant)
             continue
-        found = _shape_piece(piece, opset, ranks)
+        found = _shape_piece(piece, ranks)
         if found is not None and found[0] is x and not found[2]:
             for dim in found[1]:
                 if dim != len(values):
@@ -168,7 +137,7 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
             for node in list(graph):
                 if node.op_type != "Reshape" or node.domain not in _DEFAULT_DOMAINS or len(node.inputs) != 2:
                     continue
-                target = _constant_target(node, opset, ranks)
+                target = _constant_target(node, ranks)
                 if target is None:
                     continue
                 copies = 0 in target  # shape-copy's targets hold a 0, inferred-dim's none
