@@ -22,7 +22,15 @@ Rewrites (``y = A(x)``, ``z = B(y)``; default-domain ops, in every graph):
   stays ``0`` when ``s1[i]`` is 0 (then both copy ``x``'s dim ``i``); a copy of an
   inferred (``-1``) dim or of a position past ``s1`` keeps the chain. ``-1`` is fine: it
   is inferred from the element count, which both shapes share. The first Reshape must
-  have no other reader.
+  have no other reader. ``reshape-of-view``: the same with ``Squeeze``, ``Unsqueeze``
+  or ``Flatten`` in place of the first Reshape (each is a reshape: it keeps the
+  elements in order), only when ``s2`` has no ``0`` entry or the Reshape has
+  ``allowzero=1`` (a ``0`` would copy a dim of the view, which ``x`` may not have
+  there); the first node must have no other reader.
+- ``unsqueeze-of-reshape``: ``Unsqueeze(Reshape(x, s), axes)`` becomes ``Reshape(x, s')``
+  with ``s'`` the constant ``s`` with a ``1`` at each (normalized) axis, when ``s`` has
+  no ``0`` entry or the Reshape has ``allowzero=1`` (a copied dim would move), the axes
+  are constant and the Reshape has no other reader.
 
 - ``squeeze-squeeze`` / ``unsqueeze-unsqueeze``: two Squeezes (or two Unsqueezes) become
   one whose axes are the union, each mapped to the position it has in the outer rank
@@ -48,7 +56,8 @@ are one; Where picks ``x`` exactly where ``Not(c)`` is true, i.e. where ``c`` is
 false, and the broadcast of (c, x, y) is that of (c, y, x); ``Not(Not(x))`` is ``x`` for
 every bool; f(f(x)) == f(x) holds bit for bit for those idempotent functions (NaN stays NaN,
 -0.0 stays -0.0); keepdims=1 leaves exactly the unit axes the Unsqueeze
-inserts; a Slice of a shape is the shape's slice; a Reshape's result depends only on its input's elements and, without
+inserts (into a Reshape's target too: unit dims leave the element count, so a ``-1``
+infers the same dim); a Slice of a shape is the shape's slice; a Reshape's result depends only on its input's elements and, without
 0 entries, its target). When ``z`` is a graph output and the chain collapses to ``x``,
 ``x`` takes ``z``'s name under the rule of ``eliminate-identities`` (else nothing
 changes). A first node with other readers, or that is a graph output, is kept.
@@ -209,25 +218,52 @@ def _squeeze_pair(node: ir.Node, opset: int) -> str | None:
     return f"{first_op.lower()}-{node.op_type.lower()}"
 
 
-def _reshapes(node: ir.Node, opset: int) -> bool:
+_VIEWS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")  # each keeps the element order
+
+
+def _reshapes(node: ir.Node, opset: int) -> str | None:
     if opset < 5:
-        return False  # Reshape-1 takes its target as an attribute; not worth the cases
-    first = _producer(node.inputs[0], "Reshape")
+        return None  # Reshape-1 takes its target as an attribute; not worth the cases
+    first = next(filter(None, (_producer(node.inputs[0], view) for view in _VIEWS)), None)
     if first is None or not _only_reader(first.outputs[0], node):
-        return False
+        return None
     allowzero = node.attributes.get_int("allowzero", 0) if opset >= 14 else 0
     if not allowzero:
         target = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
         if target is None or target.ndim != 1:
-            return False
+            return None
         if (target == 0).any():
+            if first.op_type != "Reshape":
+                return None  # a copy of the view's dim, which x may not have there
             resolved = _resolved_copies(target, first, opset)
             if resolved is None:
-                return False
+                return None
             node.replace_input_with(1, optcc.ir.constant_before(node, resolved, "target"))
     node.replace_input_with(0, first.inputs[0])
     remove_if_dead(first)
-    return True
+    return "reshape-reshape" if first.op_type == "Reshape" else "reshape-of-view"
+
+
+def _unsqueeze_of_reshape(node: ir.Node, opset: int) -> bool:
+    first = _producer(node.inputs[0], "Reshape") if opset >= 5 else None
+    if first is None or len(first.inputs) < 2 or not _only_reader(first.outputs[0], node):
+        return False
+    target, axes = constant_array(first.inputs[1]), _axes(node, opset)
+    if target is None or target.ndim != 1 or axes is None:
+        return False
+    allowzero = first.attributes.get_int("allowzero", 0) if opset >= 14 else 0
+    if (target == 0).any() and not allowzero:
+        return False
+    rank = target.size + len(axes)
+    units = _normalized(axes, rank)
+    if units is None or len(units) != len(axes):
+        return False
+    rest = iter(target.astype(np.int64).tolist())
+    merged = np.array([1 if i in units else next(rest) for i in range(rank)], dtype=np.int64)
+    first.replace_input_with(1, optcc.ir.constant_before(first, merged, "target"))
+    y, z = first.outputs[0], node.outputs[0]
+    y.shape, y.type = z.shape, z.type or y.type
+    return bypass(node, z, y)  # y is an ordinary value read only here: never refused
 
 
 def _resolved_copies(target: np.ndarray, first: ir.Node, opset: int) -> np.ndarray | None:
@@ -477,9 +513,12 @@ def _merge(node: ir.Node, opset: int) -> str | None:
     if node.op_type == "Not":
         return "not-not" if _not_not(node, opset) else None
     if node.op_type in ("Squeeze", "Unsqueeze"):
-        return _squeeze_pair(node, opset)
+        label = _squeeze_pair(node, opset)
+        if label is None and node.op_type == "Unsqueeze" and _unsqueeze_of_reshape(node, opset):
+            return "unsqueeze-of-reshape"
+        return label
     if node.op_type == "Reshape":
-        return "reshape-reshape" if _reshapes(node, opset) else None
+        return _reshapes(node, opset)
     return None
 
 
@@ -504,6 +543,7 @@ class MergeConsecutivePass(optcc.Pass):
                 if len(node.outputs) != 1 or not node.inputs or node.inputs[0] is None:
                     continue
                 label = _merge(node, opset)
-                if label is not None:
+                while label is not None:  # the node may now read another link of a chain
                     merged[label] = merged.get(label, 0) + 1
+                    label = _merge(node, opset) if node.graph is not None else None
         return optcc.PassResult(model, bool(merged), merged)

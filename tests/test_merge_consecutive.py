@@ -488,3 +488,95 @@ def test_flatten_with_axis_zero_of_a_unit_batch_is_removed():
     }""", opset=13)
     result = run_exact_pass(EliminateNoOpsPass, model)
     assert result.stats == {"flatten": 1} and _ops(result.model) == {"Add": 1, "Flatten": 1}
+
+
+def test_reshape_of_a_squeeze_unsqueeze_or_flatten_reads_its_input():
+    """basic-pitch (tf2onnx conv1d): Unsqueeze(-3) -> Reshape is one Reshape; Squeeze and
+    Flatten keep the element order too, so a Reshape after them reads x."""
+    model = _model("""
+    agraph (float[N, 12, 2] x, float[2, 1, 12] v, float[2, 3, 4] u) => (float[A, 4, 6] y, float[4, 6] z, float[3, 8] w)
+        <int64[1] ax = {-3}, int64[3] s_out = {-1, 4, 6}, int64[1] ax1 = {1},
+         int64[2] s46 = {4, 6}, int64[2] s38 = {3, 8}> {
+        b = Unsqueeze(x, ax)
+        y = Reshape(b, s_out)
+        c = Squeeze(v, ax1)
+        z = Reshape(c, s46)
+        d = Flatten<axis = 2>(u)
+        w = Reshape(d, s38)
+    }
+    """, infer=False)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((3, 12, 2)).astype(np.float32),
+             "v": rng.standard_normal((2, 1, 12)).astype(np.float32),
+             "u": rng.standard_normal((2, 3, 4)).astype(np.float32)}
+    result = _run(model, feeds)
+    assert result.stats == {"reshape-of-view": 3}
+    assert _computing_ops(result.model) == {"Reshape": 3}
+    y, z, w = ort_outputs(result.model, feeds)
+    assert np.array_equal(y, feeds["x"].reshape(-1, 4, 6))
+    assert np.array_equal(z, feeds["v"].reshape(4, 6)) and np.array_equal(w, feeds["u"].reshape(3, 8))
+
+
+def test_reshape_copying_a_dim_of_a_view_or_sharing_it_stays():
+    """Reshape(Unsqueeze(x, [0]), [0, -1]) copies the unit dim (-> [1, 6]); read from x the
+    0 would copy 2 (-> [2, 3]): kept. A view with another reader is kept too."""
+    text = """
+    agraph (float[2, 3] x) => (float[A, B] y, float[6] z, float[1, 2, 3] t)
+        <int64[1] ax = {0}, int64[2] s_zero = {0, -1}, int64[1] flat = {-1}> {
+        a = Unsqueeze(x, ax)
+        y = Reshape(a, s_zero)
+        b = Unsqueeze(x, ax)
+        z = Reshape(b, flat)
+        t = Neg(b)
+    }
+    """
+    model = _model(text, infer=False)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert ort_outputs(model, {"x": x})[0].shape == (1, 6)
+    result = _run(model, {"x": x})
+    assert not result.modified and _ops(result.model) == {"Unsqueeze": 2, "Reshape": 2, "Neg": 1}
+    assert ort_outputs(result.model, {"x": x})[0].shape == (1, 6)
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_unsqueeze_of_a_reshape_is_one_reshape(opset):
+    """basic-pitch (tf2onnx stack): Unsqueeze(Reshape(x, [-1, 172, 36]), [3]) is
+    Reshape(x, [-1, 172, 36, 1]); negative axes count in the output rank."""
+    axes_in = 'int64[1] ax = {3}, int64[1] ax_neg = {-3},' if opset >= 13 else ""
+    unsq = (lambda v, a: f"Unsqueeze({v}, {a})") if opset >= 13 else (
+        lambda v, a: f"Unsqueeze<axes = [{ {'ax': 3, 'ax_neg': -3}[a]}]>({v})")
+    model = _model(f"""
+    agraph (float[N, 12, 6] x) => (float[A, 4, 18, 1] y, float[B, 1, 4, 18] z)
+        <{axes_in} int64[3] s = {{-1, 4, 18}}> {{
+        a = Reshape(x, s)
+        y = {unsq("a", "ax")}
+        b = Reshape(x, s)
+        z = {unsq("b", "ax_neg")}
+    }}
+    """, opset=opset, infer=False)
+    x = np.random.default_rng(1).standard_normal((2, 12, 6)).astype(np.float32)
+    result = _run(model, {"x": x})
+    assert result.stats == {"unsqueeze-of-reshape": 2}
+    assert _computing_ops(result.model) == {"Reshape": 2}
+    y, z = ort_outputs(result.model, {"x": x})
+    assert np.array_equal(y, x.reshape(2, 4, 18, 1)) and np.array_equal(z, x.reshape(2, 1, 4, 18))
+
+
+def test_unsqueeze_of_a_copying_runtime_or_shared_reshape_stays():
+    """A 0 in the target copies x's dim at its position, which the inserted axis would
+    move; a runtime target is unknown; a Reshape with another reader stays."""
+    model = _model("""
+    agraph (float[2, 3, 4] x, int64[2] t) => (float[A, B, C] y, float[D, E, F] z, float[1, 6, 4] w, float[6, 4] r)
+        <int64[1] ax = {0}, int64[2] s_zero = {0, -1}, int64[2] s64 = {6, 4}> {
+        a = Reshape(x, s_zero)
+        y = Unsqueeze(a, ax)
+        b = Reshape(x, t)
+        z = Unsqueeze(b, ax)
+        c = Reshape(x, s64)
+        w = Unsqueeze(c, ax)
+        r = Neg(c)
+    }
+    """, infer=False)
+    feeds = {"x": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "t": np.array([4, 6], np.int64)}
+    result = _run(model, feeds)
+    assert not result.modified and _ops(result.model) == {"Reshape": 3, "Unsqueeze": 3, "Neg": 1}
