@@ -178,6 +178,10 @@ def optimize(
         if samples is not None:
             check_fixed_feeds(samples, overwrite_input_shapes, label, purpose="calibration")
     quantizing = samples is not None and not fp16
+    modes = [name for name, given in (("fp16", fp16), ("int8_calibration", quantizing), ("int8_dynamic", int8_dynamic),
+                                      ("weight_only", weight_only)) if given]
+    if len(modes) > 1:  # each is a whole precision plan for the model; combined, one would undo the other's
+        raise BadInputError(f"{' and '.join(modes)} exclude each other (choose one precision)")
     if fp16 or quantizing or int8_dynamic:
         disable = [*disable, "fuse-ort-conv-activation"]  # quantizers/fp16 skip contrib ops
     if int8_dynamic or weight_only:  # embeddings are quantized as Gathers

@@ -304,11 +304,13 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise BadInputError(f"{' and '.join(modes)} exclude each other (choose one precision)")
     if args.passes is not None and not _split(args.passes):
         raise BadInputError("--passes names no pass (give a comma-separated list, or leave it out for -O's)")
-    if args.fp16_io != "float32" and not args.fp16:
-        raise BadInputError("--fp16-io is used with --fp16")
+    for flag, given in (("--fp16-io", args.fp16_io != "float32"), ("--fp16-block", args.fp16_block)):
+        if given and not args.fp16:
+            raise BadInputError(f"{flag} is used with --fp16")
     if args.calibration and not (args.int8 or args.fp16 or args.weights):
         raise BadInputError("--calibration is used with --int8, --fp16 or --weights")
-    int8_only = {"--calibration-cache": args.calibration_cache, "--int8-per-tensor": args.int8_per_tensor,
+    int8_only = {"--calibration-method": args.calibration_method != "minmax",
+                 "--no-int8-speed-check": args.no_int8_speed_check, "--calibration-cache": args.calibration_cache, "--int8-per-tensor": args.int8_per_tensor,
                  "--int8-activations": args.int8_activations != "uint8", "--int8-exclude": args.int8_exclude,
                  "--no-int8-bias-correction": args.no_int8_bias_correction,
                  "--int8-metric-margin": args.int8_metric_margin is not None}

@@ -560,3 +560,33 @@ def test_the_api_never_saves_over_its_input_data_file(tmp_path: Path) -> None:
     x = np.ones((1, 3, 32, 32), np.float32)
     np.testing.assert_allclose(ReferenceEvaluator(str(tmp_path / "out.onnx")).run(None, {"image": x})[0],
                                ReferenceEvaluator(onnx.load(EXAMPLE)).run(None, {"image": x})[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--fp16-block", "Conv"], "--fp16-block is used with --fp16"),
+    (["--calibration-method", "entropy"], "--calibration-method is used with --int8"),
+    (["--no-int8-speed-check"], "--no-int8-speed-check is used with --int8"),
+])
+def test_a_mode_option_without_its_mode_is_refused(tmp_path: Path, capsys, flags: list[str], needle: str) -> None:
+    # without --fp16/--int8 these options change nothing: a run that ignored them would look like it obeyed
+    model = _copy_example(tmp_path)
+    _refused(capsys, [str(model), "-o", str(tmp_path / "o.onnx"), *flags], needle, model)
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"passes": "eliminate-identities"}, "passes must be a list of pass names"),
+    ({"disable": "fold-constants"}, "disable must be a list of pass names"),
+    ({"fp16": True, "int8_dynamic": True}, "exclude each other"),
+    ({"int8_dynamic": True, "weight_only": "int8"}, "exclude each other"),
+    ({"level": "2"}, "unknown optimization level '2'"),
+])
+def test_api_option_mistakes_are_named(tmp_path: Path, options: dict, needle: str) -> None:
+    import optcc
+    from optcc.errors import BadInputError
+
+    model = _copy_example(tmp_path)
+    kept = _digest(model)
+    with pytest.raises(BadInputError) as raised:
+        optcc.optimize(str(model), **options)
+    assert needle in str(raised.value) and "\n" not in str(raised.value)
+    assert _digest(model) == kept and _listing(tmp_path) == {str(tmp_path): {"model.onnx"}}

@@ -17,7 +17,7 @@ FIXPOINT_MAX_ITERS = 8
 def pipeline_names(level: int) -> list[str]:
     """Every pass name the level's pipeline uses, in order."""
     if level not in LEVELS:
-        raise BadInputError(f"unknown optimization level {level} (use 0, 1, 2 or 3)")
+        raise BadInputError(f"unknown optimization level {level!r} (use 0, 1, 2 or 3)")
     names: list[str] = []
     for step in LEVELS[level]:
         names.extend(step if isinstance(step, tuple) else [step])
@@ -35,6 +35,9 @@ def build_pipeline(
     when given; ``disable`` drops passes by name; ``options`` holds constructor options
     per pass name (e.g. ``{"fold-constants": {"fold_large": True}}``)."""
     options = options or {}
+    for what, names in (("passes", passes), ("disable", disable)):
+        if isinstance(names, str):  # iterated, it would be one pass name per character
+            raise BadInputError(f"{what} must be a list of pass names, not the string {names!r}")
     created: dict[str, PipelineStep] = {}
 
     def create(name: str) -> PipelineStep:
