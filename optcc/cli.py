@@ -310,7 +310,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.calibration and not (args.int8 or args.fp16 or args.weights):
         raise BadInputError("--calibration is used with --int8, --fp16 or --weights")
     int8_only = {"--calibration-method": args.calibration_method != "minmax",
-                 "--no-int8-speed-check": args.no_int8_speed_check, "--calibration-cache": args.calibration_cache, "--int8-per-tensor": args.int8_per_tensor,
+                 "--no-int8-speed-check": args.no_int8_speed_check,
+                 "--calibration-cache": args.calibration_cache, "--int8-per-tensor": args.int8_per_tensor,
                  "--int8-activations": args.int8_activations != "uint8", "--int8-exclude": args.int8_exclude,
                  "--no-int8-bias-correction": args.no_int8_bias_correction,
                  "--int8-metric-margin": args.int8_metric_margin is not None}
