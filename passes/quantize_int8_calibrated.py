@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 import optcc
-from optcc.quant import Int8Options, quantize_int8
+from optcc.quant import METRICS, Int8Options, quantize_int8
+from optcc.quant.calibration import METHODS
 
 
 class CalibratedInt8Pass(ir.passes.FunctionalPass):
@@ -26,8 +28,22 @@ class CalibratedInt8Pass(ir.passes.FunctionalPass):
         super().__init__()
         self.samples = samples
         self.options = Int8Options.of(options, **fields)
+        _check(self.options)
 
     def call(self, model: ir.Model) -> optcc.PassResult:
         quantized, stats = quantize_int8(model.clone(), self.samples, options=self.options)
         modified = any(n.op_type == "QuantizeLinear" for n in optcc.ir.nodes(quantized))
         return optcc.PassResult(quantized, modified, json.loads(json.dumps(stats, default=str)))
+
+
+def _check(options: Int8Options) -> None:
+    """Refuse option values the run would refuse, now: raised inside the pass, they would
+    read as INT8 declined for the model instead of the caller's mistake."""
+    if options.method not in METHODS:
+        raise optcc.BadInputError(f"unknown calibration method '{options.method}' (use {', '.join(METHODS)})")
+    if options.activation_type not in ("uint8", "int8"):
+        raise optcc.BadInputError(f"activation_type must be 'uint8' or 'int8', got '{options.activation_type}'")
+    metric = options.metric
+    for given in (metric.values() if isinstance(metric, Mapping) else [metric]):
+        if isinstance(given, str) and given != "auto" and given not in METRICS:
+            raise optcc.BadInputError(f"unknown INT8 metric '{given}' (use {', '.join(METRICS)}, 'auto' or a callable)")

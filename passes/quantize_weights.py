@@ -112,14 +112,14 @@ class QuantizeWeightsPass(optcc.Pass):
                  bias_correction: bool = True) -> None:
         super().__init__()
         if bits not in (4, 8):
-            raise optcc.BadInputError(f"weight-only bits must be 4 or 8, got {bits}")
+            raise optcc.BadInputError(f"weight-only bits must be 4 or 8, got {bits!r}")
         if block_size not in (16, 32, 64, 128, 256):
-            raise optcc.BadInputError(f"weight-only block_size must be 16, 32, 64, 128 or 256, got {block_size}")
+            raise optcc.BadInputError(f"weight-only block_size must be 16, 32, 64, 128 or 256, got {block_size!r}")
         if algorithm not in weight_only.ALGORITHMS:
             raise optcc.BadInputError(
                 f"unknown weight-only algorithm {algorithm!r}; choose one of {', '.join(weight_only.ALGORITHMS)}")
         if head_bits not in (None, 4, 8):
-            raise optcc.BadInputError(f"head_bits must be 4, 8 or None, got {head_bits}")
+            raise optcc.BadInputError(f"head_bits must be 4, 8 or None, got {head_bits!r}")
         self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
         self.algorithm, self.target = algorithm, target
         self.head_bits = head_bits

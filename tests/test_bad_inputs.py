@@ -590,3 +590,24 @@ def test_api_option_mistakes_are_named(tmp_path: Path, options: dict, needle: st
         optcc.optimize(str(model), **options)
     assert needle in str(raised.value) and "\n" not in str(raised.value)
     assert _digest(model) == kept and _listing(tmp_path) == {str(tmp_path): {"model.onnx"}}
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"int8_method": "foo"}, "unknown calibration method 'foo'"),
+    ({"int8_options": {"activation_type": "int4"}}, "activation_type must be 'uint8' or 'int8'"),
+    ({"int8_options": {"metric": "nope"}}, "unknown INT8 metric 'nope'"),
+    ({"int8_options": {"metric": {"logits": "top1"}}}, "unknown INT8 metric 'top1'"),
+    ({"weight_only": {"bits": "4"}}, "got '4'"),
+])
+def test_api_bad_quantization_option_values_are_bad_input(tmp_path: Path, options: dict, needle: str) -> None:
+    # an option mistake is the caller's (BadInputError, exit 2), not INT8 declined for this model (exit 5)
+    import optcc
+    from optcc.errors import BadInputError
+
+    model = _copy_example(tmp_path)
+    kept = _digest(model)
+    calibration = [{"image": np.ones((1, 3, 32, 32), np.float32)}] * 4 if "weight_only" not in options else None
+    with pytest.raises(BadInputError) as raised:
+        optcc.optimize(str(model), int8_calibration=calibration, **options)
+    assert needle in str(raised.value), str(raised.value)
+    assert _digest(model) == kept and _listing(tmp_path) == {str(tmp_path): {"model.onnx"}}
