@@ -37,6 +37,12 @@ Values, per input, first rule that applies:
   ``[-1, 1]``. That is the range of the common ``(x/255 - 0.5)/0.5`` preprocessing and
   lies within ImageNet mean/std normalization (about ``[-2.1, 2.6]``), whereas N(0, 1)
   noise has no spatial structure and unbounded tails that no preprocessed image has;
+- waveform-like floats (rank 2 ``[batch, T]`` or rank 3 ``[batch, T, 1]`` /
+  ``[batch, 1, T]`` with a static ``T >= AUDIO_MIN_SAMPLES``, not read directly by a
+  MatMul or Gemm, as a feature vector would be): a speech-like signal
+  (harmonics of a gliding pitch under a syllable envelope that falls silent between
+  syllables, over a faint noise floor) peaking at 0.5. N(0, 1) noise is loud everywhere,
+  whereas real audio has quiet stretches, where float16 (log-spectra, power) loses most;
 - other floats standard-normal; other integers uniform in ``[0, 4)``; booleans 0/1.
 
 KV-cache decoders (an input named ``past_key_values.*`` or ``past_*`` and an output whose
@@ -81,6 +87,7 @@ RETRY_SIZES: tuple[dict[str, int], ...] = (
     {"dynamic_dim": RETRY_DYNAMIC_DIM, "interior_dim": 1},
 )
 DEFAULT_PAST_LENGTH = 16  # KV-cache length of a generated decoder step
+AUDIO_MIN_SAMPLES = 8000  # a static signal axis at least this long makes a float input waveform-like
 DEFAULT_SAMPLE_RATE = 16000
 _SAMPLE_RATE_NAMES = frozenset({"sr", "sample_rate", "sampling_rate"})
 _INDEX_PASSTHROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
@@ -370,7 +377,7 @@ def _is_kv_decoder(model: ir.Model) -> bool:
 
 def input_roles(model: ir.Model) -> dict[str, str]:
     """What each fed graph input is taken to be: ``mask``, ``position``, ``index``,
-    ``past``, ``sample_rate``, ``image`` or ``plain`` (see the module docstring)."""
+    ``past``, ``sample_rate``, ``image``, ``audio`` or ``plain`` (see the module docstring)."""
     kv = _is_kv_decoder(model)
     roles = {}
     for value in _fed_inputs(model):
@@ -405,7 +412,25 @@ def _role(value: ir.Value, kv: bool) -> str:
     if dtype.is_floating_point() and rank == 4 and value.shape is not None:
         if any(_is_static(value.shape[a]) and int(value.shape[a]) in (1, 3) for a in (1, 3)):
             return "image"
+    if dtype.is_floating_point() and _signal_axis(value) is not None:
+        return "audio"
     return "plain"
+
+
+def _signal_axis(value: ir.Value) -> int | None:
+    """The axis of a waveform-like input's samples: ``[batch, T]``, ``[batch, T, 1]`` or
+    ``[batch, 1, T]`` with a static ``T >= AUDIO_MIN_SAMPLES``, not read by a MatMul or
+    Gemm (a feature vector); else None."""
+    shape = value.shape
+    if shape is None or shape.rank() not in (2, 3):
+        return None
+    if any(use.node.op_type in ("MatMul", "Gemm") for use in value.uses()):
+        return None
+    static = [int(d) if _is_static(d) else None for d in shape]
+    long_axes = [a for a in range(1, len(static)) if (static[a] or 0) >= AUDIO_MIN_SAMPLES]
+    if len(long_axes) != 1 or any(static[a] != 1 for a in range(1, len(static)) if a != long_axes[0]):
+        return None
+    return long_axes[0]
 
 
 def _fed_inputs(model: ir.Model) -> list[ir.Value]:
@@ -626,6 +651,9 @@ def _random_array(
         return rng.integers(0, high or 4, shape).astype(np_dtype)
     if role == "image":
         return _image(shape, rng).astype(np_dtype)
+    if role == "audio":
+        axis = _signal_axis(value)
+        return np.moveaxis(_speech(shape[:axis] + shape[axis + 1:] + (shape[axis],), rng), -1, axis).astype(np_dtype)
     return np.asarray(rng.standard_normal(shape)).astype(np_dtype)
 
 
@@ -650,6 +678,27 @@ def _image(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     image = np.repeat(np.repeat(coarse, block, axis=2), block, axis=3)[:, :, :h, :w]
     image = np.clip(image + rng.normal(0.0, 0.05, image.shape), 0.0, 1.0) * 2.0 - 1.0
     return image.transpose(0, 2, 3, 1) if channels_last else image
+
+
+def _speech(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Speech-like signals along the last axis, peak 0.5: 1 to 29 harmonics of a pitch
+    gliding around 0.6-1.5% of the sample rate (100-240 Hz at 16 kHz), weighted by a
+    formant bump, under a syllable envelope (a half-wave sine, 0 between syllables), plus
+    a noise floor 60 dB down."""
+    length = shape[-1]
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    t = np.arange(length, dtype=np.float64)
+    out = np.empty((rows, length))
+    for row in range(rows):
+        f0 = rng.uniform(0.006, 0.015) * (1 + 0.2 * np.sin(2 * np.pi * t / rng.uniform(4000, 16000) + rng.uniform(0, 6)))
+        phase = 2 * np.pi * np.cumsum(f0)
+        formant = rng.uniform(0.02, 0.06)
+        voiced = sum(np.sin(k * phase) / k * np.exp(-(((k * f0 - formant) / 0.025) ** 2)) for k in range(1, 30))
+        envelope = np.clip(np.sin(2 * np.pi * t / rng.uniform(3000, 6000) + rng.uniform(0, 6)), 0, None) ** 0.7
+        x = voiced * envelope
+        x = x / max(float(np.abs(x).max()), 1e-12) + 1e-3 * rng.standard_normal(length)
+        out[row] = 0.5 * x / float(np.abs(x).max())
+    return out.reshape(shape)
 
 
 # --------------------------------------------------------------------------- checks
