@@ -1,9 +1,11 @@
 """SimplifyReshapeTargetsPass: Reshape targets built from the input's own shape become constants.
 
 Rewrite (``shape-copy``): ``Reshape(x, Concat(p_0, p_1, ...))`` where every piece is
-either a constant or a run of ``x``'s own dims that lands at the same positions of the
-target (``Shape(x)[i:j]`` at target positions ``i..j-1``) becomes ``Reshape(x, c)`` with
-``c`` the constants and ``0`` ("copy the input's dim", allowzero=0) at those positions.
+either a constant or a run of dims that equal ``x``'s dims at the same positions of the
+target (``Shape(x)[i:j]`` at target positions ``i..j-1``, or dims of another tensor that
+``optcc.rewrite.same_dim`` traces to those of ``x``, e.g. the rows of a Gemm over
+``Reshape(h, [0, k])`` and ``Shape(h)[0]``) becomes ``Reshape(x, c)`` with ``c`` the
+constants and ``0`` ("copy the input's dim", allowzero=0) at those positions.
 The pieces of ``x``'s shape are recognized element by element, as fold-shapes follows
 them (``shape_elements``): through ``Shape`` (start/end), ``Slice`` (constant, step 1 or
 more), ``Gather`` (constant indices), ``Concat``, ``Unsqueeze``/``Squeeze`` of one element
@@ -19,13 +21,15 @@ piece's place. Typical source: ``x.reshape(batch, 512, 256)`` with the batch rea
 another tensor's shape (jax2tf, tf2onnx).
 
 Preconditions: default-domain ops; for ``shape-copy``, the Reshape without
-``allowzero=1`` (0 must mean "copy"), and the ``Shape`` reads the Reshape's own data input ``x``, whose rank is known
-(declared, or found by ``optcc.rewrite.static_rank``);
+``allowzero=1`` (0 must mean "copy"), and the ranks of ``x`` and of the tensors whose
+``Shape`` is read are known (declared, or found by ``optcc.rewrite.static_rank``);
 Concat along axis 0; constant pieces of integer type. The shape subgraph stays for other
 readers (eliminate-dead-nodes removes it when unused).
 
-Why exact: ``Shape(x)[k]`` at target position ``k`` is ``x``'s dim ``k``, which is what
-``0`` copies, for every input (a dim of 0 included: both give 0). For ``inferred-dim``:
+Why exact: the piece at target position ``k`` is ``x``'s dim ``k`` (read from ``x``'s
+shape, or from a dim that each operator on the way copies, by its definition, from the
+same source dim), which is what ``0`` copies, for every input (a dim of 0 included: both
+give 0). For ``inferred-dim``:
 wherever the original runs, its target's entries multiply to ``x``'s size (a 0 entry
 copies ``x``'s dim there, which then is that size over the other entries' product), so
 the one unknown entry is that size over the product of the positive constants, which is
@@ -42,14 +46,12 @@ import onnx_ir as ir
 
 import optcc
 from optcc.passes.eliminate_noops import constant_array, graph_opset
-from optcc.passes.fold_shapes import shape_elements
+from optcc.passes.fold_shapes import ShapeElements, shape_elements
+from optcc.rewrite import same_dim
 
 __all__ = ["SimplifyReshapeTargetsPass"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-
-# A piece of a shape: (source value, the dims of source it lists, whether it is a scalar)
-Piece = tuple[ir.Value, list[int], bool]
 
 
 def _node(value: ir.Value | None) -> ir.Node | None:
@@ -62,18 +64,6 @@ def _ints(value: ir.Value | None) -> list[int] | None:
     if array is None or array.dtype.kind not in "iu":
         return None
     return [int(v) for v in array.reshape(-1)]
-
-
-def _shape_piece(value: ir.Value, ranks: dict) -> Piece | None:
-    """What part of which tensor's shape ``value`` provably holds (``shape_elements``:
-    every element a dim of one tensor), or None."""
-    found = shape_elements(value, {}, False, ranks)
-    if found is None or len(found.dims) > 1 or not found.sources:
-        return None
-    source = found.sources[0][0] if found.sources[0] is not None else None
-    if source is None or any(s is None or s[0] is not source for s in found.sources):
-        return None
-    return source, [axis for _, axis in found.sources], found.scalar
 
 
 def _constant_target(reshape: ir.Node, ranks: dict) -> np.ndarray | None:
@@ -93,12 +83,9 @@ def _constant_target(reshape: ir.Node, ranks: dict) -> np.ndarray | None:
         if constant is not None:
             values.extend(constant)
             continue
-        found = _shape_piece(piece, ranks)
-        if found is not None and found[0] is x and not found[2]:
-            for dim in found[1]:
-                if dim != len(values):
-                    return None  # not at its own position: 0 would copy another dim
-                values.append(0)
+        found = shape_elements(piece, {}, False, ranks)
+        if found is not None and found.vector and _copies(found, x, len(values), ranks):
+            values.extend([0] * len(found.elements))
             copied = True
         elif inferred is None and _one_element(piece, found):
             inferred = len(values)
@@ -111,11 +98,19 @@ def _constant_target(reshape: ir.Node, ranks: dict) -> np.ndarray | None:
     return np.array(values, dtype=np.int64) if copied else None
 
 
-def _one_element(piece: ir.Value, found: Piece | None) -> bool:
-    """Whether ``piece`` provably holds one element: a one-dim run of a shape, or a value
-    annotated ``[1]``."""
+def _copies(found: ShapeElements, x: ir.Value, position: int, ranks: dict) -> bool:
+    """Whether every element of the piece ``found``, placed at target ``position`` on, is a
+    dim provably equal to ``x``'s dim at its position (what ``0`` copies there)."""
+    return bool(found.sources) and all(
+        source is not None and same_dim(source[0], source[1], x, position + i, ranks)
+        for i, source in enumerate(found.sources))
+
+
+def _one_element(piece: ir.Value, found: ShapeElements | None) -> bool:
+    """Whether ``piece`` provably holds one element: a one-element shape computation, or a
+    value annotated ``[1]``."""
     if found is not None:
-        return len(found[1]) == 1 and not found[2]
+        return found.dims == (1,)
     return piece.shape is not None and list(piece.shape) == [1]
 
 

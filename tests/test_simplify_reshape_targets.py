@@ -154,3 +154,51 @@ def test_inferred_dim_with_allowzero_and_a_batch_read_through_quantize_dequantiz
         z = Reshape<allowzero = 1>(x, tz)
     }""", batched_w=True)
     assert stats == {"inferred-dim": 1} and _target(out) == [-1, 4, 2]
+
+
+def _run_both(text: str, feeds_list: list[dict]) -> tuple[dict, onnx.ModelProto]:
+    proto = onnx.parser.parse_model(text)
+    onnx.checker.check_model(proto, full_check=True)
+    result = SimplifyReshapeTargetsPass()(ir.from_proto(proto))
+    out = ir.to_proto(result.model)
+    onnx.checker.check_model(out, full_check=True)
+    for feeds in feeds_list:
+        for want, got in zip(ReferenceEvaluator(proto).run(None, feeds), ReferenceEvaluator(out).run(None, feeds)):
+            assert want.shape == got.shape and np.array_equal(want, got)
+    return dict(result.stats), out
+
+
+def test_a_dim_of_another_tensor_that_provably_equals_the_inputs_is_copied():
+    """Regression (ddddocr's CRNN head): the rows of Gemm(Reshape(h, [0, 4])) are h's dim 0,
+    which the target reads from Shape(h): [T, 1, -1] becomes [0, 1, -1]."""
+    weights = ", ".join(str(v) for v in range(12))
+    stats, out = _run_both(f"""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[T, 1, 4] h) => (float[T, 1, 3] y)
+      <int64[2] flat = {{0, 4}}, float[3, 4] w = {{{weights}}}, int64 i = {{0}}, int64[1] ax = {{0}}, int64[1] one = {{1}},
+       int64[1] rest = {{-1}}> {{
+        r = Reshape(h, flat)
+        x = Gemm<transB = 1>(r, w)
+        s = Shape(h)
+        t0 = Gather(s, i)
+        t0u = Unsqueeze(t0, ax)
+        t = Concat<axis = 0>(t0u, one, rest)
+        y = Reshape(x, t)
+    }}""", [{"h": np.random.default_rng(n).standard_normal((n, 1, 4)).astype(np.float32)} for n in (1, 5)])
+    assert stats == {"shape-copy": 1} and _target(out) == [0, 1, -1]
+
+
+def test_a_dim_a_broadcast_may_change_is_not_copied():
+    """a = x + z broadcasts: with x of one row and z of three, a has 3 rows while Shape(x)[0]
+    is 1, so 0 (copy) would give another shape. The target stays."""
+    stats, _ = _run_both("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 4] x, float[M, 4] z) => (float[K, L] y) <int64[1] i = {0}, int64[1] rest = {-1}> {
+        a = Add(x, z)
+        s = Shape(x)
+        b = Gather(s, i)
+        t = Concat<axis = 0>(b, rest)
+        y = Reshape(a, t)
+    }""", [{"x": np.ones((1, 4), np.float32), "z": np.ones((3, 4), np.float32)},
+           {"x": np.ones((3, 4), np.float32), "z": np.ones((3, 4), np.float32)}])
+    assert stats == {}

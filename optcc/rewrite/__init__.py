@@ -3,6 +3,7 @@
 from optcc.rewrite.pattern import (
     Builder, Const, Match, Op, Pattern, RewritePass, RewriteStats, Rule, Var, apply_rules, static_rank,
 )
+from optcc.rewrite.dims import dim_origin, same_dim
 
 __all__ = ["Op", "Var", "Const", "Pattern", "Match", "Builder", "Rule", "RewriteStats",
-           "apply_rules", "RewritePass", "static_rank"]
+           "apply_rules", "RewritePass", "static_rank", "dim_origin", "same_dim"]
