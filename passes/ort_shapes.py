@@ -17,6 +17,8 @@ Concat that a fused op's present output replaced), leaving every later value unk
 
 from __future__ import annotations
 
+import logging
+
 import onnx
 import onnx_ir as ir
 
@@ -50,6 +52,11 @@ class OrtShapes:
         return self._dims.get(value.name)
 
     def _infer(self) -> dict[str, list[Dim]]:
+        # its logger warns of sizes it does not merge ("unsupported broadcast between ..."), through
+        # logging's last-resort handler onto stderr when nobody configured logging: not optcc's output
+        quiet = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
         try:
             from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
@@ -67,6 +74,8 @@ class OrtShapes:
         except Exception as error:  # noqa: BLE001 - no shapes: every site is refused with this reason
             self.error = f"onnxruntime shape inference failed: {type(error).__name__}"
             return {}
+        finally:
+            quiet.setLevel(level)
         found = {}
         for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
             t = info.type.tensor_type
