@@ -114,6 +114,9 @@ def compare_models(
     UnverifiedError when onnxruntime cannot load or run either model. ``inputs_label``
     (the samples' file) is named in errors about a sample.
     """
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and not value >= 0:  # NaN too: no element would ever match
+            raise BadInputError(f"{name} must be 0 or more, got {value:g}")
     model_a, path_a, label_a = _load(a)
     model_b, path_b, label_b = _load(b)
     names_a = sorted(v.name for v in model_a.graph.inputs if not v.is_initializer())

@@ -195,6 +195,14 @@ def test_bad_input_shapes_exit_2_with_one_line_naming_the_file(example: Path, tm
     assert _files(tmp_path) == before
 
 
+def test_an_unknown_input_sizing_verification_is_not_said_to_be_fixed(example: Path, tmp_path: Path, capsys) -> None:
+    # --input-shape sizes the generated samples only: its refusal names the input, not a shape being fixed
+    assert cli.main([str(example), "--input-shape", "nope:1,3,32,32", "-o", str(tmp_path / "o.onnx")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "no such graph input 'nope' (inputs: image)" in line and "fix" not in line, line
+    assert not (tmp_path / "o.onnx").exists()
+
+
 def _dynamic_reshape_model() -> onnx.ModelProto:
     """y = Relu(Reshape(x, [Shape(x)[0], -1])): x [N, 3, 4] -> y [N, 12]."""
     nodes = [
@@ -481,6 +489,8 @@ def test_compare_rtol_atol_is_elementwise(example: Path, tmp_path: Path, capsys)
     (["--samples", "0"], "--samples"),
     (["--input-shape", "nope:1,3,32,32"], "no such graph input"),
     (["--inputs", "bad.npz"], "bad.npz"),
+    (["--rtol", "-1"], "rtol must be 0 or more"),
+    (["--atol", "nan"], "atol must be 0 or more"),
 ])
 def test_compare_bad_usage_exits_2_with_one_line(example: Path, tmp_path: Path, monkeypatch, capsys,
                                                  args, needle) -> None:

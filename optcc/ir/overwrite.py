@@ -71,7 +71,7 @@ def check_input_shapes(
         value = inputs.get(name)
         if value is None:
             known = ", ".join(inputs) or "none"
-            raise BadInputError(f"cannot fix the shape of '{name}': no such graph input (inputs: {known})", label)
+            raise BadInputError(f"no such graph input '{name}' (inputs: {known})", label)
         sizes = [int(d) for d in dims]
         if not sizes and value.shape is not None and value.shape.rank() != 0:
             raise BadInputError(f"no sizes given for input '{name}'", label)
