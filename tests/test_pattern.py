@@ -313,3 +313,28 @@ def test_static_rank_follows_producers_without_declared_shapes() -> None:
     assert ranks == {"c": 4, "r": 4, "k": 4, "s": 5, "z": 5, "f": 2, "q": 3}
     # a graph input without a shape has no known rank, nor has what follows it
     assert static_rank(values["u0"]) is None
+
+
+def test_static_rank_of_a_transpose_is_its_perms_length() -> None:
+    """basic-pitch: Transpose(Sqrt(ReduceSum(x, [-1], keepdims=0)), [0, 2, 1]) has rank 3
+    though the ReduceSum's rank is not traced; a Transpose without perm follows its input."""
+    from onnx.reference import ReferenceEvaluator
+    from optcc.rewrite.pattern import static_rank
+
+    proto = onnx.parser.parse_model("""
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (float[2, 3, 4, 5] v) => (float[2, 4, 3] t, float[4, 3, 2] u) {
+        axes = Constant<value_ints = [-1]>()
+        r = ReduceSum<keepdims = 0>(v, axes)
+        q = Sqrt(r)
+        t = Transpose<perm = [0, 2, 1]>(q)
+        u = Transpose(r)
+    }
+    """)
+    model = ir.from_proto(proto)
+    for value in [model.graph.inputs[0], *model.graph.outputs]:
+        value.shape = None  # nothing declared: only the producers tell
+    t, u = model.graph.outputs
+    assert static_rank(t) == 3 and static_rank(u) is None
+    v = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    assert [o.ndim for o in ReferenceEvaluator(proto).run(None, {"v": v})] == [3, 3]

@@ -266,7 +266,7 @@ def static_rank(
     rules that hold whatever the input data (same rank as the first input for
     elementwise, pooling, convolution and layout ops; the largest input rank for
     broadcasting ops; any input's for Concat; 2 for Gemm/Flatten; a constant target's
-    length for Reshape; ...). Producers are followed at most ``_RANK_DEPTH`` deep; ``memo``
+    length for Reshape; the perm's length for Transpose; ...). Producers are followed at most ``_RANK_DEPTH`` deep; ``memo``
     caches results between calls (reuse it while ranks cannot change).
     """
     memo = {} if memo is None else memo
@@ -307,6 +307,8 @@ def _rank_step(
         return 2, []
     if op in ("Shape", "Size"):
         return (1 if op == "Shape" else 0), []
+    if op == "Transpose" and "perm" in node.attributes:
+        return len(node.attributes["perm"].as_ints()), []  # perm lists every axis once
     inputs = [v for v in node.inputs if v is not None]
     if not inputs:
         return None, []
