@@ -14,6 +14,23 @@ gets a key, and two values with the same key compute the same thing for every in
 - a ``Reshape`` whose target is read symbolically (constants, and dims of the reshaped
   tensor through Shape, Slice, Gather, Concat, Unsqueeze and integer Casts; ``0`` copies
   a dim) is keyed by its input and that target;
+- a ``Transpose`` with an explicit permutation is keyed by its input and that permutation,
+  and a Transpose of a Transpose by the composed one (output dim ``i`` is the input's dim
+  ``p1[p2[i]]``, element for element); the identity permutation by its input's key;
+- ``Unsqueeze(Squeeze(x, a), a)`` is keyed as ``x`` (the Squeeze runs only where x's dims
+  at ``a`` are 1, and the Unsqueeze puts those dims back where they were: the same
+  integers, normalized against the same rank), and ``Squeeze(Unsqueeze(x, a), a)`` too
+  (the dims inserted are 1 and removed again); axes as the attribute before opset 13 and
+  a constant input from 13, negative ones from 11;
+- a ``Reshape`` to one dim is keyed as ``Reshape(x, [-1])``: where it runs its output is
+  x's elements in order, whatever the one element says (a constant ``x``: the key of those
+  elements, computed by that definition);
+- each of the three above holds only where the node runs: a candidate's key that drops
+  one (an identity Transpose or pair, a cancelled Squeeze or Unsqueeze pair, a Reshape to
+  one dim other than ``-1``) assumes that it does, and its output is proved only where the
+  original's nodes establish that wherever the original runs (a Transpose of the same
+  input with a permutation of that length, a Squeeze of it at the same axes, an Unsqueeze
+  of it at the same axes, a Reshape of it to the same one dim);
 - a value computed from constants alone that the candidate does not compute the same way
   (a fold) is evaluated once on onnxruntime, with the kernels the original itself runs,
   and keyed by its bytes; where the operator's definition copies or moves bits without
@@ -141,12 +158,13 @@ def number_original(original: ir.Model, *,
             numbering.release()
             return None
         outputs = {v.name: (keys.key(v), v.dtype) for v in original.graph.outputs}
+        facts = keys.facts()  # now: the passes may change the graph after
         keys.freeze()
     except Exception:
         numbering.release()
         raise
     fed = {v.name: v.dtype for v in original.graph.inputs if v.const_value is None}
-    return Premise(numbering, outputs, fed, keys.input_shapes, folds)
+    return Premise(numbering, outputs, fed, keys.input_shapes, folds, facts)
 
 
 @dataclasses.dataclass
@@ -160,6 +178,7 @@ class Premise:
     inputs: dict[str, ir.DataType | None]
     shapes: dict[str, list[int]]
     folds: list[int]  # the structural keys of the original's values folded by definition
+    facts: set[tuple] = dataclasses.field(default_factory=set)  # ``_Keys.facts`` of the original
 
     def prove(self, candidate: ir.Model, *, candidate_proto: onnx.ModelProto | None = None) -> Proof | None:
         """Which of ``candidate``'s outputs are proved equal to the original's, as
@@ -172,7 +191,8 @@ class Premise:
         self.numbering.folded_met.clear()  # from here on, what the candidate computes the original's way
         candidate_keys = _Keys(candidate, self.numbering)
         proof = _compared(candidate, candidate_keys, self.inputs,
-                          {name: (lambda key=key: key, dtype) for name, (key, dtype) in self.outputs.items()}, 0)
+                          {name: (lambda key=key: key, dtype) for name, (key, dtype) in self.outputs.items()}, 0,
+                          lambda: self.facts)
         # the folds checked: those the candidate does not compute the original's way
         proof.folds_checked = sum(1 for key in self.folds if key not in self.numbering.folded_met)
         return proof
@@ -188,9 +208,12 @@ def _static_shapes(model: ir.Model) -> dict[str, list[int]]:
 
 
 def _compared(candidate: ir.Model, candidate_keys: _Keys, original_inputs: dict[str, ir.DataType | None],
-              original_outputs: dict[str, tuple[Callable[[], int], ir.DataType | None]], evaluated: int) -> Proof:
+              original_outputs: dict[str, tuple[Callable[[], int], ir.DataType | None]], evaluated: int,
+              original_facts: Callable[[], set[tuple]]) -> Proof:
     """Per candidate output: proved when both models are fed the same inputs (names and
-    dtypes) and the original's output of that name has its dtype and key."""
+    dtypes) and the original's output of that name has its dtype and key, and what the
+    candidate's key assumes (``_Keys.assumed``) the original's nodes establish wherever
+    it runs (``original_facts``, called after every original output is keyed)."""
     same_inputs = all(v.name in original_inputs and (v.dtype is None or v.dtype == original_inputs[v.name])
                       for v in candidate.graph.inputs if v.const_value is None)
     outputs: dict[str, bool] = {}
@@ -200,6 +223,11 @@ def _compared(candidate: ir.Model, candidate_keys: _Keys, original_inputs: dict[
             same_inputs and twin is not None and (value.dtype is None or twin[1] is None or value.dtype == twin[1])
             and candidate_keys.key(value) == twin[0]()
         )
+    if candidate_keys._assumed and any(outputs.values()):
+        facts = original_facts()
+        for value in candidate.graph.outputs:
+            if outputs[value.name or ""] and not candidate_keys.assumed([value]) <= facts:
+                outputs[value.name or ""] = False
     return Proof(outputs, evaluated)
 
 
@@ -220,7 +248,7 @@ def _prove(original: ir.Model, candidate: ir.Model, numbering: _Numbering) -> Pr
     original_inputs = {v.name: v.dtype for v in original.graph.inputs if v.const_value is None}
     # the original's outputs keyed only when compared, after the folds are keyed by their bytes
     original_outputs = {v.name: (lambda v=v: original_keys.key(v), v.dtype) for v in original.graph.outputs}
-    return _compared(candidate, candidate_keys, original_inputs, original_outputs, evaluated)
+    return _compared(candidate, candidate_keys, original_inputs, original_outputs, evaluated, original_keys.facts)
 
 
 class _Numbering:
@@ -461,6 +489,13 @@ class _Keys:
         self._shapes: dict[int, tuple[bool, list] | None] = {}  # shape-like values, by id(value)
         self._constants: dict[int, tuple[ir.Value, ir.TensorProtocol | None]] = {}  # by id(value)
         self._node_attributes: dict[int, tuple[ir.Node, tuple | None]] = {}  # by id(node)
+        # layout views (``_view``): the key of a Transpose's, Squeeze's or Unsqueeze's output ->
+        # (key of its input, its permutation or sorted axes, ``_VIEW_KIND``)
+        self._views: dict[int, tuple[int, tuple[int, ...], str]] = {}
+        # facts a node's success establishes about its input, and facts a cancelled pair
+        # relies on, by id(node): (node, (kind, key of the input, permutation length or axes))
+        self._facts: dict[int, tuple[ir.Node, tuple]] = {}
+        self._assumed: dict[int, tuple[ir.Node, tuple]] = {}
 
     # ------------------------------------------------------------------ keys
 
@@ -727,10 +762,21 @@ class _Keys:
                 copy = dict(attributes).get("allowzero", ("INT", 0))[1] == 0
                 x = self.key(node.inputs[0])
                 canonical = tuple(("dim", x, i) if copy and e == 0 else e for i, e in enumerate(target[1]))
+                if len(canonical) == 1:
+                    return self._flattened(node, value, x, canonical)
                 return numbering.intern(("reshape", x, canonical, copy))
+        if domain == "" and op in _VIEW_OPS:
+            viewed = self._view(node, op, version)
+            if viewed is not None:
+                return viewed
         keys = self._keys
         inputs = tuple(keys[id(v)] if v is not None and id(v) in keys else self.key(v) for v in node.inputs)
         structural = numbering.intern(("node", domain, op, version, attributes, inputs, value.index()))
+        if domain == "" and op in ("Squeeze", "Unsqueeze"):
+            axes = self._axes(node, version)
+            if axes is not None:
+                self._views[structural] = (inputs[0], axes, op)
+                self._facts[id(node)] = (node, (op, inputs[0], axes))
         if domain == "" and op in _AFFINE_OPS:
             # the same node over the same inputs has the same form: built once for both models
             known = numbering.forms.get(structural)
@@ -741,6 +787,103 @@ class _Keys:
                 numbering.forms[structural] = (key, form)
                 return key
         return structural
+
+    def _flattened(self, node: ir.Node, value: ir.Value, x: int, target: tuple) -> int:
+        """The key of ``Reshape(x, [e])``: wherever it succeeds (``e`` is x's element count,
+        or -1) it is x's elements in order, as ``Reshape(x, [-1])``; for a constant x of at
+        most ``SMALL_TENSOR_ELEMENTS`` elements, the key of those elements in one dim (and
+        that array). Unless ``e`` is -1, or x's constant element count, this assumes the
+        Reshape succeeds (``_assumed``)."""
+        fact = ("Reshape", x, target)
+        self._facts[id(node)] = (node, fact)
+        array = self._array(node.inputs[0])
+        if target[0] != -1 and not (array is not None and target[0] == array.size):
+            self._assumed[id(node)] = (node, fact)
+        if array is not None and array.size <= SMALL_TENSOR_ELEMENTS and _PLAIN_ARRAYS.get(array.dtype) is not None:
+            flat = self._arrays[id(value)] = array.reshape(-1)
+            return self.numbering.array(flat)
+        return self.numbering.intern(("reshape", x, (-1,), True))
+
+    def _view(self, node: ir.Node, op: str, version: int) -> int | None:
+        """The key of a default-domain Transpose, or of a Squeeze or Unsqueeze that undoes
+        the other, where it has a canonical one (module docstring), else None (then the node
+        is keyed by its structure; a Squeeze or Unsqueeze is recorded as a view). A Transpose
+        with an explicit permutation is ``("transpose", key of x, perm)``, a Transpose of a Transpose over their composed
+        permutation; the identity, the key of x, assuming x has that rank. An ``Unsqueeze``
+        of ``Squeeze(x, a)`` at the same axes ``a`` (the same integers, so normalized against
+        the same rank) is keyed as x, assuming x's dims at ``a`` are 1; a ``Squeeze`` of
+        ``Unsqueeze(x, a)`` at ``a``, assuming that Unsqueeze is valid for x. Each
+        assumption is recorded (``_assumed``) for ``_compared`` to discharge."""
+        x = node.inputs[0] if len(node.inputs) >= 1 else None
+        if x is None:
+            return None
+        if op == "Transpose":
+            if len(node.inputs) != 1 or any(name != "perm" for name in node.attributes.data):
+                return None
+            perm = node.attributes.get_ints("perm")
+            if perm is None:  # the reversal of a rank not read here
+                return None
+            perm = tuple(int(p) for p in perm)
+            if sorted(perm) != list(range(len(perm))):
+                return None
+            base = self.key(x)
+            self._facts[id(node)] = (node, ("rank", base, len(perm)))
+            inner = self._views.get(base)
+            if inner is not None and inner[2] == "Transpose" and len(inner[1]) == len(perm):
+                base, first = inner[0], inner[1]
+                perm = tuple(first[i] for i in perm)  # output dim i is x's dim first[perm[i]]
+            if perm == tuple(range(len(perm))):
+                self._assumed[id(node)] = (node, ("rank", base, len(perm)))
+                return base
+            key = self.numbering.intern(("transpose", base, perm))
+            self._views[key] = (base, perm, "Transpose")
+            return key
+        axes = self._axes(node, version)
+        inner = self._views.get(self.key(x)) if axes is not None else None
+        if inner is None or inner[1] != axes or inner[2] == op or inner[2] == "Transpose":
+            return None
+        # Unsqueeze(Squeeze(x, a), a): Squeeze succeeds only where x's dims at a are 1;
+        # Squeeze(Unsqueeze(x, a), a): where that Unsqueeze is valid for x's rank
+        self._assumed[id(node)] = (node, (inner[2], inner[0], axes))
+        return inner[0]
+
+    def _axes(self, node: ir.Node, version: int) -> tuple[int, ...] | None:
+        """A Squeeze's or Unsqueeze's axes, sorted, when given explicitly (an attribute
+        before opset 13, a constant int64 list from 13; negative ones from opset 11) and
+        distinct as integers; else None."""
+        if version < 13:
+            attr = node.attributes.data.get("axes")
+            if len(node.inputs) != 1 or len(node.attributes.data) != 1 or attr is None \
+                    or attr.type != ir.AttributeType.INTS:
+                return None
+            axes = [int(a) for a in attr.value]
+            if version < 11 and any(a < 0 for a in axes):
+                return None
+        else:
+            if len(node.inputs) != 2 or node.inputs[1] is None or node.attributes.data:
+                return None
+            array = self._array(node.inputs[1])
+            if array is None or array.dtype != np.int64 or array.ndim != 1:
+                return None
+            axes = [int(a) for a in array]
+        if not axes or len(set(axes)) != len(axes):
+            return None
+        return tuple(sorted(axes))
+
+    def facts(self) -> set[tuple]:
+        """What this model's nodes that its outputs are computed from establish where the
+        model runs (``_facts``): a Transpose's input has its permutation's rank; a Squeeze's
+        input has dims 1 at its axes; an Unsqueeze's axes are valid for its input."""
+        if not self._facts:
+            return set()
+        return {self._facts[i][1] for i in _ancestors(self.model.graph.outputs) if i in self._facts}
+
+    def assumed(self, outputs: list[ir.Value]) -> set[tuple]:
+        """What the keys of ``outputs`` assume (``_view``): facts of the nodes they are
+        computed from."""
+        if not self._assumed:
+            return set()
+        return {self._assumed[i][1] for i in _ancestors(outputs) if i in self._assumed}
 
     def _attributes(self, node: ir.Node) -> tuple | None:
         """A node's attributes as a sorted tuple of (name, hashable value); None when one
@@ -1144,6 +1287,19 @@ def _constant(value: ir.Value) -> ir.TensorProtocol | None:
         return None
 
 
+def _ancestors(outputs: Any) -> set[int]:
+    """The ids of the nodes ``outputs`` are computed from (in their graph)."""
+    seen: set[int] = set()
+    stack = [v.producer() for v in outputs if v is not None and v.producer() is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(v.producer() for v in node.inputs if v is not None and v.producer() is not None)
+    return seen
+
+
 def _top_values(graph: ir.Graph) -> Iterator[ir.Value]:
     yield from graph.initializers.values()
     for node in graph:
@@ -1166,6 +1322,7 @@ _RANK_KEEPING_FIRST = frozenset(("Conv", "ConvTranspose", "MaxPool", "AveragePoo
                                  "Pad", "Slice", "Concat", "Split", "PRelu"))
 _BROADCASTING = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater", "And", "Or", "Xor",
                            "LessOrEqual", "GreaterOrEqual"))
+_VIEW_OPS = frozenset(("Transpose", "Squeeze", "Unsqueeze"))
 _DEFINED_OPS = frozenset(("ConstantOfShape", "Identity", "Cast", "Flatten", "Unsqueeze", "Squeeze", "Reshape"))
 _EXACT_INTEGERS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                                           np.uint64)}

@@ -1,0 +1,269 @@
+"""The proof of equivalence for layout views (optcc.numerics.equivalence): a Transpose of a
+Transpose keyed as one Transpose over the composed permutation (the identity: its input),
+an Unsqueeze undoing a Squeeze (and the other way) keyed as the input, a Reshape to one dim
+keyed as the input's elements in order. What merge-consecutive and fold-shapes make of them
+is proved, and computes what the original computes on onnx's reference evaluator; planted
+wrong candidates (another permutation, other axes, a squeeze of a dim that is not 1, a
+transpose or reshape that the original never shows to be valid) are not proved."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper, numpy_helper
+
+import optcc
+from optcc.numerics.equivalence import number_original, prove_equivalent
+from tests.reference import expected_outputs_float64
+
+RNG = np.random.default_rng(0)
+
+
+def _model(body: str, inputs: str = "float[N, 3, 1, 5] x", outputs: str = "float[N, 3, 1, 5] y",
+           opset: int = 17) -> onnx.ModelProto:
+    return onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["": {opset}]>
+        g ({inputs}) => ({outputs}) {{
+            {body}
+        }}""")
+
+
+def _load(proto: onnx.ModelProto) -> ir.Model:
+    return optcc.ir.load(proto)
+
+
+def _optimized(proto: onnx.ModelProto, passes: list[str]) -> ir.Model:
+    return optcc.optimize(proto, passes=passes, verify=False).ir_model
+
+
+def _ops(model: ir.Model) -> list[str]:
+    return [n.op_type for n in model.graph if n.op_type != "Constant"]
+
+
+def _proved(original: onnx.ModelProto, candidate: ir.Model) -> bool:
+    return prove_equivalent(_load(original), optcc.ir.clone(candidate)).complete
+
+
+def _same_in_float64(a: onnx.ModelProto, b: ir.Model, feeds: dict[str, np.ndarray]) -> None:
+    for u, v in zip(expected_outputs_float64(a, feeds), expected_outputs_float64(optcc.ir.serialize(b), feeds)):
+        np.testing.assert_array_equal(v, u)
+
+
+def _planted(proto: onnx.ModelProto, body: str, **kwargs) -> ir.Model:  # noqa: ANN003 - _model's
+    return _load(_model(body, **kwargs))
+
+
+X = RNG.standard_normal((2, 3, 1, 5)).astype(np.float32)
+W = RNG.standard_normal(5).astype(np.float32)
+
+# ------------------------------------------------------------------ Transpose of Transpose
+
+
+@pytest.mark.parametrize("first,second,left", [
+    pytest.param([0, 2, 3, 1], [0, 3, 1, 2], [], id="cancelling"),
+    pytest.param([0, 2, 3, 1], [0, 2, 3, 1], ["Transpose"], id="composed"),
+    pytest.param([3, 2, 1, 0], [1, 0, 3, 2], ["Transpose"], id="composed-reversal"),
+])
+def test_a_transpose_pair_merged_is_proved(first, second, left):
+    p = [first[i] for i in second]
+    dims = "float[N, 3, 1, 5]".replace("N, 3, 1, 5", ", ".join(["N", "3", "1", "5"][i] for i in p))
+    proto = _model(f"t = Transpose <perm = {first}> (x)\n v = Transpose <perm = {second}> (t)\n y = Relu(v)",
+                   outputs=f"{dims} y")
+    candidate = _optimized(proto, ["merge-consecutive", "eliminate-dead-nodes"])
+    assert _ops(candidate).count("Transpose") == len(left)
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": X})
+
+
+def test_a_transpose_pair_composed_to_another_permutation_is_not_proved():
+    proto = _model("t = Transpose <perm = [0, 2, 3, 1]> (x)\n v = Transpose <perm = [0, 2, 3, 1]> (t)\n y = Relu(v)",
+                   outputs="float[N, 5, 3, 1] y")
+    right = _planted(proto, "v = Transpose <perm = [0, 3, 1, 2]> (x)\n y = Relu(v)", outputs="float[N, 5, 3, 1] y")
+    wrong = _planted(proto, "v = Transpose <perm = [0, 2, 3, 1]> (x)\n y = Relu(v)", outputs="float[N, 1, 5, 3] y")
+    assert _proved(proto, right)
+    assert not _proved(proto, wrong)
+    # two transposes that do not cancel are not their input
+    dropped = _planted(proto, "y = Relu(x)")
+    assert not _proved(proto, dropped)
+
+
+def test_a_transpose_pair_the_original_does_not_have_is_not_proved_to_be_its_input():
+    """``Transpose(Transpose(x, p), p^-1)`` is ``x`` only where ``x`` has ``p``'s rank: a
+    candidate adding such a pair of rank 3 over a rank-2 ``x`` fails where the original
+    runs, and nothing in the original shows ``x``'s rank."""
+    proto = _model("y = Relu(x)", inputs="float[N, M] x", outputs="float[N, M] y")
+    planted = _planted(proto, "t = Transpose <perm = [1, 2, 0]> (x)\n v = Transpose <perm = [2, 0, 1]> (t)\n"
+                              "y = Relu(v)", inputs="float[N, M] x", outputs="float[N, M] y")
+    assert not _proved(proto, planted)
+    identity = _planted(proto, "v = Transpose <perm = [0, 1, 2]> (x)\n y = Relu(v)",
+                        inputs="float[N, M] x", outputs="float[N, M] y")
+    assert not _proved(proto, identity)
+
+
+# ------------------------------------------------------------------ Squeeze and Unsqueeze
+
+def _squeeze(op: str, out: str, x: str, axis: int, opset: int) -> str:
+    """``out = op(x)`` at ``axis``: an attribute before opset 13, a Constant input from 13."""
+    if opset < 13:
+        return f"{out} = {op} <axes = [{axis}]> ({x})"
+    return f"{out}_axes = Constant <value = int64[1] {{{axis}}}> ()\n {out} = {op} ({x}, {out}_axes)"
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+@pytest.mark.parametrize("axis", [2, -2])
+def test_an_unsqueeze_undoing_a_squeeze_is_proved(opset, axis):
+    # as in a PaddleOCR head: Squeeze -> a Transpose pair -> Unsqueeze, all cancelled
+    proto = _model(f"""{_squeeze("Squeeze", "s", "x", axis, opset)}
+            t = Transpose <perm = [0, 2, 1]> (s)
+            w = Transpose <perm = [0, 2, 1]> (t)
+            {_squeeze("Unsqueeze", "v", "w", axis, opset)}
+            y = Relu(v)""", opset=opset)
+    candidate = _optimized(proto, ["merge-consecutive", "eliminate-dead-nodes"])
+    assert _ops(candidate) == ["Relu"]
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": X})
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_a_squeeze_undoing_an_unsqueeze_is_proved(opset):
+    proto = _model(f"""{_squeeze("Unsqueeze", "u", "x", 1, opset)}
+            {_squeeze("Squeeze", "v", "u", 1, opset)}
+            y = Relu(v)""", opset=opset)
+    candidate = _optimized(proto, ["merge-consecutive", "eliminate-dead-nodes"])
+    assert _ops(candidate) == ["Relu"]
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": X})
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_an_unsqueeze_at_other_axes_is_not_proved(opset):
+    proto = _model(f"""{_squeeze("Squeeze", "s", "x", 2, opset)}
+            {_squeeze("Unsqueeze", "v", "s", 2, opset)}
+            y = Relu(v)""", opset=opset)
+    assert _proved(proto, _planted(proto, "y = Relu(x)", opset=opset))
+    planted = _planted(proto, f"""{_squeeze("Squeeze", "s", "x", 2, opset)}
+            {_squeeze("Unsqueeze", "v", "s", 3, opset)}
+            y = Relu(v)""", outputs="float[N, 3, 5, 1] y", opset=opset)
+    assert not _proved(proto, planted)
+    # the same axis written from the end is another integer: not matched (no rank read)
+    planted = _planted(proto, f"""{_squeeze("Squeeze", "s", "x", 2, opset)}
+            {_squeeze("Unsqueeze", "v", "s", -2, opset)}
+            y = Relu(v)""", opset=opset)
+    assert not _proved(proto, planted)
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_a_squeeze_of_a_dim_that_may_not_be_1_is_not_proved(opset):
+    """``Unsqueeze(Squeeze(x, a), a)`` is ``x`` only where x's dims at ``a`` are 1 (else
+    the Squeeze fails): an original that never squeezes them proves nothing about them."""
+    planted = _load(_model(f"""{_squeeze("Squeeze", "s", "x", 1, opset)}
+            {_squeeze("Unsqueeze", "v", "s", 1, opset)}
+            y = Relu(v)""", opset=opset))
+    assert not _proved(_model("y = Relu(x)", opset=opset), optcc.ir.clone(planted))
+    # an original squeezing axis 2 says nothing about axis 1
+    proto = _model(f"""{_squeeze("Squeeze", "s", "x", 2, opset)}
+            {_squeeze("Unsqueeze", "v", "s", 2, opset)}
+            y = Relu(v)""", opset=opset)
+    assert not _proved(proto, planted)
+
+
+def test_a_squeeze_of_an_unsqueeze_the_original_does_not_have_is_not_proved():
+    """``Squeeze(Unsqueeze(x, [3]), [3])`` fails for a rank-1 ``x`` (axis 3 is past the
+    rank 2 the Unsqueeze makes); the original computing ``x`` alone shows no such rank."""
+    proto = _model("y = Relu(x)", inputs="float[N] x", outputs="float[N] y", opset=11)
+    planted = _planted(proto, "u = Unsqueeze <axes = [3]> (x)\n v = Squeeze <axes = [3]> (u)\n y = Relu(v)",
+                       inputs="float[N] x", outputs="float[N] y", opset=11)
+    assert not _proved(proto, planted)
+
+
+# ------------------------------------------------------------------ Reshape to one dim
+
+def _layer_norm_scale(target: str) -> onnx.ModelProto:
+    """x * Reshape(w, [dim 2 of x]): a per-channel weight reshaped to x's last dim, as
+    PaddlePaddle exports a LayerNorm's scale."""
+    w = numpy_helper.from_array(W, "w")
+    proto = _model(f"""s = Shape(x)
+            {target}
+            r = Reshape(w, d)
+            y = Mul(x, r)""", inputs="float[N, 3, 5] x", outputs="float[N, 3, 5] y")
+    proto.graph.initializer.append(w)
+    return proto
+
+
+LAST_DIM = """start = Constant <value = int64[1] {2}> ()
+            end = Constant <value = int64[1] {3}> ()
+            d = Slice(s, start, end)"""
+
+
+def test_a_reshape_of_a_weight_to_a_dim_of_the_input_folded_is_proved():
+    proto = _layer_norm_scale(LAST_DIM)
+    candidate = _optimized(proto, ["fold-constants", "eliminate-dead-nodes"])
+    assert _ops(candidate) == ["Mul"]
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": RNG.standard_normal((2, 3, 5)).astype(np.float32)})
+
+
+def test_a_reshape_to_one_dim_is_not_proved_equal_to_other_elements_or_where_it_may_fail():
+    proto = _layer_norm_scale(LAST_DIM)
+
+    def replace_weight(model: ir.Model, array: np.ndarray) -> ir.Model:
+        mul = next(n for n in model.graph if n.op_type == "Mul")
+        mul.replace_input_with(1, ir.Value(name="w2", const_value=ir.tensor(array)))
+        model.graph.register_initializer(mul.inputs[1])
+        return model
+
+    w = numpy_helper.to_array(proto.graph.initializer[0])
+    assert _proved(proto, replace_weight(_load(proto), w.copy()))
+    assert not _proved(proto, replace_weight(_load(proto), w[::-1].copy()))
+    assert not _proved(proto, replace_weight(_load(proto), w.reshape(1, 5).copy()))
+    # a candidate reshaping the weight to another dim of x (3, not 5: it fails) is not proved
+    middle = LAST_DIM.replace("{2}", "{1}").replace("{3}", "{2}")
+    assert not _proved(proto, _load(_layer_norm_scale(middle)))
+
+
+def test_a_flatten_to_a_dim_the_original_never_reshapes_to_is_not_proved():
+    """``Reshape(x, [-1])`` always succeeds; ``Reshape(x, [dim 0 of x])`` only where x has
+    one element per row: not the same model, though both give x's elements in order."""
+    proto = _model("m = Constant <value = int64[1] {-1}> ()\n y = Reshape(x, m)",
+                   inputs="float[N, 4] x", outputs="float[K] y")
+    planted = _planted(proto, "s = Shape <end = 1> (x)\n y = Reshape(x, s)", inputs="float[N, 4] x",
+                       outputs="float[K] y")
+    assert not _proved(proto, planted)
+    # the other way (the original's Reshape succeeded, so the candidate's [-1] is the same)
+    assert _proved(_model("s = Shape <end = 1> (x)\n y = Reshape(x, s)", inputs="float[N, 4] x",
+                          outputs="float[K] y"), _load(proto))
+
+
+# ------------------------------------------------------------------ through the verifier's premise
+
+def _premise_proves(original: onnx.ModelProto, candidate: ir.Model) -> bool | None:
+    """The original numbered first (``number_original``, as the verifier does), then the
+    candidate judged against it; None where the original cannot be numbered first."""
+    premise = number_original(_load(original))
+    if premise is None:
+        return None
+    try:
+        proof = premise.prove(candidate)
+        return None if proof is None else proof.complete
+    finally:
+        premise.release()
+
+
+def test_the_views_are_judged_alike_when_the_original_is_numbered_first():
+    cancelled = _model(f"""{_squeeze("Squeeze", "s", "x", 2, 13)}
+            t = Transpose <perm = [0, 2, 1]> (s)
+            w = Transpose <perm = [0, 2, 1]> (t)
+            {_squeeze("Unsqueeze", "v", "w", 2, 13)}
+            y = Relu(v)""", opset=13)
+    relu = _model("y = Relu(x)", opset=13)
+    assert _premise_proves(cancelled, _load(relu)) is True
+    # the planted squeeze of axis 1 (not shown to be 1 by the original) stays unproved
+    planted = _model(f"""{_squeeze("Squeeze", "s", "x", 1, 13)}
+            {_squeeze("Unsqueeze", "v", "s", 1, 13)}
+            y = Relu(v)""", opset=13)
+    assert _premise_proves(relu, _load(planted)) is False
+    assert _premise_proves(cancelled, _load(planted)) is False
+    result = optcc.optimize(cancelled, passes=["merge-consecutive", "eliminate-dead-nodes"])
+    assert result.report.verification["reference"] == "proof"
