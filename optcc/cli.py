@@ -298,6 +298,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise BadInputError("no MODEL given (see --help)")
     if args.int8 and not args.calibration:
         raise BadInputError("--int8 needs --calibration DATA (.npz or a folder of them)")
+    if args.quiet and args.verbose:
+        raise BadInputError("-q and -v exclude each other (print nothing on success, or everything)")
     modes = [flag for flag, given in (("--fp16", args.fp16), ("--int8", args.int8),
                                       ("--int8-dynamic", args.int8_dynamic), ("--weights", args.weights)) if given]
     if len(modes) > 1:  # each is a whole precision plan for the model; combined, one would undo the other's

@@ -611,3 +611,18 @@ def test_api_bad_quantization_option_values_are_bad_input(tmp_path: Path, option
         optcc.optimize(str(model), int8_calibration=calibration, **options)
     assert needle in str(raised.value), str(raised.value)
     assert _digest(model) == kept and _listing(tmp_path) == {str(tmp_path): {"model.onnx"}}
+
+
+def test_samples_with_other_input_names_read_as_a_sentence(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    data = tmp_path / "wrong.npz"
+    np.savez(data, img=np.zeros((2, 1, 3, 32, 32), np.float32))
+    line = _refused(capsys, [str(model), "--inputs", str(data), "-o", str(tmp_path / "o.onnx")],
+                    "names do not match the model's inputs", model)
+    assert f"verification sample 0 in {data}: names do not match the model's inputs: missing ['image'], " \
+           "unexpected ['img']" in line, line
+
+
+def test_quiet_and_verbose_exclude_each_other(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    _refused(capsys, [str(model), "-q", "-v", "-o", str(tmp_path / "o.onnx")], "-q and -v exclude each other", model)

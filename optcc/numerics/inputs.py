@@ -713,7 +713,7 @@ def check_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray], label: str = "
     extra = sorted(set(feeds) - set(expected))
     if missing or extra:
         raise BadInputError(
-            f"{label} do not match the model's inputs: missing {missing}, unexpected {extra}"
+            f"{label}: names do not match the model's inputs: missing {missing}, unexpected {extra}"
         )
     for name, array in feeds.items():
         value = expected[name]
