@@ -410,3 +410,20 @@ def test_a_failure_is_bisected_on_the_samples_it_failed_on():
     for feeds in samples:
         (y,) = onnx.reference.ReferenceEvaluator(ir.to_proto(result.model)).run(None, feeds)
         np.testing.assert_array_equal(y, np.maximum(feeds["x"] + feeds["x"], 0))
+
+
+@pytest.mark.parametrize("verify_each", [False, True])
+def test_a_pass_reverted_for_its_numerics_keeps_the_stats_of_its_run(verify_each):
+    # what the pass did is in the report whether the check after it (verify_each) or the final
+    # verification's bisection reverted it; the model is the original's computation either way
+    proto = onnx.parser.parse_model(MODEL_TEXT)
+    result = optcc.optimize(proto, passes=["eliminate-identities", WrongNumericsPass(), "eliminate-dead-nodes"],
+                            verify_each=verify_each)
+    (record,) = [r for r in result.report.passes if r.name == "test-wrong-numerics"]
+    assert record.status == "reverted" and "numerics" in record.reason
+    assert record.stats == {"broken": 1} and record.op_delta == {}
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    from onnx.reference import ReferenceEvaluator
+
+    got = ReferenceEvaluator(result.model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, np.maximum(2.0 * x.astype(np.float64), 0.0), rtol=1e-6)

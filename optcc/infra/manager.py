@@ -210,6 +210,7 @@ class PassManager:
         assert self.verifier is not None
         check = self.verifier.check(run.model, run.numerics())
         reverts: dict[int, tuple[PassLike, str]] = dict(run.reverts)
+        attempts: dict[int, PassRecord] = {}  # the reverted pass runs' records, from the run that made them
         for _ in range(MAX_BISECTIONS):
             if check.status != "failed" or not run.kept or self.verify_each:
                 break
@@ -222,7 +223,12 @@ class PassManager:
             # this run of the pass and its later runs, under any instance of that name (a fixpoint
             # or a later step would repeat the rewrite, and each would cost a bisection)
             reverts[index] = (culprit, "changed the numerics: " + (failing.reason or ""))
+            attempts[index] = run.records[index]
             run = self._complete(run.fresh(), run.fresh, reverts)
+            for at, attempt in attempts.items():  # the replay skipped them: what they did, and took, is the attempt's
+                record = run.records[at] if at < len(run.records) else None
+                if record is not None and record.name == attempt.name and record.status == "reverted":
+                    run.records[at] = dataclasses.replace(record, time_s=attempt.time_s, stats=attempt.stats)
             check = self.verifier.check(run.model, run.numerics())
         return run, check
 
