@@ -626,3 +626,16 @@ def test_samples_with_other_input_names_read_as_a_sentence(tmp_path: Path, capsy
 def test_quiet_and_verbose_exclude_each_other(tmp_path: Path, capsys) -> None:
     model = _copy_example(tmp_path)
     _refused(capsys, [str(model), "-q", "-v", "-o", str(tmp_path / "o.onnx")], "-q and -v exclude each other", model)
+
+
+def test_a_pass_that_needs_options_cannot_be_named_in_passes(tmp_path: Path, capsys) -> None:
+    # quantize-int8-calibrated needs its samples: named alone it was an internal error (exit 3)
+    model = _copy_example(tmp_path)
+    line = _refused(capsys, [str(model), "--passes", "quantize-int8-calibrated", "-o", str(tmp_path / "o.onnx")],
+                    "pass 'quantize-int8-calibrated' needs options", model)
+    assert "samples" in line, line
+    import optcc
+    from optcc.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="needs options"):
+        optcc.optimize(str(model), passes=["quantize-int8-calibrated"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import inspect
 import warnings
 from collections.abc import Callable
 
@@ -100,4 +101,18 @@ def create_pass(name: str, **options: object) -> ir.passes.PassBase:
         raise BadInputError(
             f"unknown pass '{name}' (known: {', '.join(sorted(passes))}; see --list-passes)"
         )
-    return passes[name].factory(**options)
+    factory = passes[name].factory
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no signature to read: the factory says what it lacks
+        return factory(**options)
+    given = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    missing = [p.name for p in signature.parameters.values()
+               if p.kind in given and p.default is p.empty and p.name not in options]
+    if missing:
+        raise BadInputError(f"pass '{name}' needs options a pass name alone does not give: {', '.join(missing)}")
+    try:
+        signature.bind(**options)
+    except TypeError as error:
+        raise BadInputError(f"pass '{name}': {error}") from None
+    return factory(**options)
