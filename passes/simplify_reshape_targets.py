@@ -1,24 +1,26 @@
 """SimplifyReshapeTargetsPass: Reshape targets built from the input's own shape become constants.
 
-Rewrite (``shape-copy``): ``Reshape(x, Concat(p_0, p_1, ...))`` where every piece is
-either a constant or a run of dims that equal ``x``'s dims at the same positions of the
-target (``Shape(x)[i:j]`` at target positions ``i..j-1``, or dims of another tensor that
-``optcc.rewrite.same_dim`` traces to those of ``x``, e.g. the rows of a Gemm over
-``Reshape(h, [0, k])`` and ``Shape(h)[0]``) becomes ``Reshape(x, c)`` with ``c`` the
-constants and ``0`` ("copy the input's dim", allowzero=0) at those positions.
-The pieces of ``x``'s shape are recognized element by element, as fold-shapes follows
-them (``shape_elements``): through ``Shape`` (start/end), ``Slice`` (constant, step 1 or
-more), ``Gather`` (constant indices), ``Concat``, ``Unsqueeze``/``Squeeze`` of one element
-at axis 0, and ``Cast`` to int64 or int32. Typical source: exporters writing
-``x.reshape(x.shape[0], -1)`` as Shape->Slice->Concat->Reshape (the Concat may be
-in int32, cast to int64 after), which keeps the batch
-dynamic; the constant target also makes the result's rank static for later fusions.
+The target's entries are read element by element, as fold-shapes follows a shape
+computation (``shape_elements``: through ``Shape`` (start/end), ``Slice`` (constant, step 1
+or more), ``Gather`` (constant indices), ``Concat``, ``Unsqueeze``/``Squeeze`` of one
+element at axis 0, and ``Cast`` to int64 or int32): each is a constant, a static dim of
+the tensor whose shape is read, or a dim of some tensor, unknown.
 
-Rewrite (``inferred-dim``): ``Reshape(x, Concat(...))`` whose pieces are positive
-constants but one, a piece of one element (a one-dim run of any tensor's shape, as
-above, or a value annotated ``[1]``), becomes ``Reshape(x, c)`` with ``-1`` in that
-piece's place. Typical source: ``x.reshape(batch, 512, 256)`` with the batch read from
-another tensor's shape (jax2tf, tf2onnx).
+Rewrite (``shape-copy``): ``Reshape(x, Concat(p_0, p_1, ...))`` where every entry is
+known, or a dim equal to ``x``'s dim at its position of the target (``Shape(x)[i:j]`` at
+target positions ``i..j-1``, or a dim of another tensor that ``optcc.rewrite.same_dim``
+traces to that of ``x``, e.g. the rows of a Gemm over ``Reshape(h, [0, k])`` and
+``Shape(h)[0]``), becomes ``Reshape(x, c)`` with the known entries and ``0`` ("copy the
+input's dim", allowzero=0) at those positions. Typical source: exporters writing
+``x.reshape(x.shape[0], -1)`` as Shape->Slice->Concat->Reshape (the Concat may be in
+int32, cast to int64 after), which keeps the batch dynamic; the constant target also
+makes the result's rank static for later fusions.
+
+Rewrite (``inferred-dim``): ``Reshape(x, Concat(...))`` whose entries are all known and
+positive but one (an unknown dim, or a piece annotated ``[1]``), becomes ``Reshape(x, c)``
+with ``-1`` in that entry's place. Typical source: ``x.reshape(batch, 512, 256)`` with the
+batch read from another tensor's shape (jax2tf, tf2onnx), or ``[batch, heads]`` read
+together from a tensor whose heads are static.
 
 Preconditions: default-domain ops; for ``shape-copy``, the Reshape without
 ``allowzero=1`` (0 must mean "copy"), and the ranks of ``x`` and of the tensors whose
@@ -26,14 +28,14 @@ Preconditions: default-domain ops; for ``shape-copy``, the Reshape without
 Concat along axis 0; constant pieces of integer type. The shape subgraph stays for other
 readers (eliminate-dead-nodes removes it when unused).
 
-Why exact: the piece at target position ``k`` is ``x``'s dim ``k`` (read from ``x``'s
+Why exact: a copied entry at target position ``k`` is ``x``'s dim ``k`` (read from ``x``'s
 shape, or from a dim that each operator on the way copies, by its definition, from the
 same source dim), which is what ``0`` copies, for every input (a dim of 0 included: both
-give 0). For ``inferred-dim``:
-wherever the original runs, its target's entries multiply to ``x``'s size (a 0 entry
-copies ``x``'s dim there, which then is that size over the other entries' product), so
-the one unknown entry is that size over the product of the positive constants, which is
-what ``-1`` infers (with ``allowzero=1`` too: no other entry is 0). One caveat of the Cast
+give 0); a static dim is what the model's shapes declare for every input (the trust
+fold-shapes gives them). For ``inferred-dim``: wherever the original runs, its target's
+entries multiply to ``x``'s size, so the one unknown entry is that size over the product
+of the other, positive, entries, which is what ``-1`` infers (with ``allowzero=1`` too: no
+other entry is 0). One caveat of the Cast
 recognition: a Cast of a shape to int32 and back is read as the shape itself; the two
 differ only when an axis has 2**31 or more elements, where the original's int32 cast wraps
 and its target is already meaningless.
@@ -46,7 +48,7 @@ import onnx_ir as ir
 
 import optcc
 from optcc.passes.eliminate_noops import constant_array, graph_opset
-from optcc.passes.fold_shapes import ShapeElements, shape_elements
+from optcc.passes.fold_shapes import shape_elements
 from optcc.rewrite import same_dim
 
 __all__ = ["SimplifyReshapeTargetsPass"]
@@ -66,7 +68,7 @@ def _ints(value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in array.reshape(-1)]
 
 
-def _constant_target(reshape: ir.Node, ranks: dict) -> np.ndarray | None:
+def _constant_target(reshape: ir.Node, ranks: dict, copy_allowed: bool) -> np.ndarray | None:
     x, target = reshape.inputs[0], reshape.inputs[1]
     concat = _node(target)
     if concat is not None and concat.op_type == "Cast" and concat.attributes.get_int("to", 0) == ir.DataType.INT64.value:
@@ -77,40 +79,39 @@ def _constant_target(reshape: ir.Node, ranks: dict) -> np.ndarray | None:
         return None
     values: list[int] = []
     copied = False
-    inferred = None  # the position of the one unknown entry of one element
+    inferred = None  # the position of the one unknown entry
     for piece in concat.inputs:
         constant = _ints(piece)
         if constant is not None:
             values.extend(constant)
             continue
         found = shape_elements(piece, {}, False, ranks)
-        if found is not None and found.vector and _copies(found, x, len(values), ranks):
-            values.extend([0] * len(found.elements))
-            copied = True
-        elif inferred is None and _one_element(piece, found):
+        if found is None or not found.vector:
+            if inferred is not None or not _one_element(piece):
+                return None
             inferred = len(values)
             values.append(-1)
-        else:
-            return None
+            continue
+        for element, source in zip(found.elements, found.sources):
+            position = len(values)
+            if copy_allowed and source is not None and same_dim(source[0], source[1], x, position, ranks):
+                values.append(0)  # x's own dim there
+                copied = True
+            elif element is not None:
+                values.append(element)  # a constant, or a static dim of the tensor read
+            elif inferred is None:
+                inferred = position
+                values.append(-1)
+            else:
+                return None
     if inferred is not None:
         others = values[:inferred] + values[inferred + 1:]
         return np.array(values, dtype=np.int64) if not copied and all(v > 0 for v in others) else None
     return np.array(values, dtype=np.int64) if copied else None
 
 
-def _copies(found: ShapeElements, x: ir.Value, position: int, ranks: dict) -> bool:
-    """Whether every element of the piece ``found``, placed at target ``position`` on, is a
-    dim provably equal to ``x``'s dim at its position (what ``0`` copies there)."""
-    return bool(found.sources) and all(
-        source is not None and same_dim(source[0], source[1], x, position + i, ranks)
-        for i, source in enumerate(found.sources))
-
-
-def _one_element(piece: ir.Value, found: ShapeElements | None) -> bool:
-    """Whether ``piece`` provably holds one element: a one-element shape computation, or a
-    value annotated ``[1]``."""
-    if found is not None:
-        return found.dims == (1,)
+def _one_element(piece: ir.Value) -> bool:
+    """Whether ``piece`` (no shape computation ``shape_elements`` follows) is annotated ``[1]``."""
     return piece.shape is not None and list(piece.shape) == [1]
 
 
@@ -132,12 +133,12 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
             for node in list(graph):
                 if node.op_type != "Reshape" or node.domain not in _DEFAULT_DOMAINS or len(node.inputs) != 2:
                     continue
-                target = _constant_target(node, ranks)
+                # with allowzero=1 a 0 is a literal zero, not a copy
+                literal_zeros = opset >= 14 and bool(node.attributes.get_int("allowzero", 0))
+                target = _constant_target(node, ranks, copy_allowed=not literal_zeros)
                 if target is None:
                     continue
-                copies = 0 in target  # shape-copy's targets hold a 0, inferred-dim's none
-                if copies and opset >= 14 and node.attributes.get_int("allowzero", 0):
-                    continue  # with allowzero=1 a 0 is a literal zero, not a copy
+                copies = 0 in target  # shape-copy's targets hold a 0 (never under allowzero=1), inferred-dim's none
                 node.replace_input_with(1, optcc.ir.constant_before(node, target, "target"))
                 rule = "shape-copy" if copies else "inferred-dim"
                 counts[rule] = counts.get(rule, 0) + 1

@@ -139,8 +139,8 @@ def test_inferred_dim_needs_one_unknown_among_positive_constants(case):
 def test_inferred_dim_with_allowzero_and_a_batch_read_through_quantize_dequantize():
     """Regression (pipecat's smart-turn v3.2, a QDQ export with allowzero=1): the batch is
     Shape(DequantizeLinear(QuantizeLinear(w)), start=0, end=1), whose length needs the
-    rank through Q/DQ; -1 is valid with allowzero=1 as no other entry is 0. A shape-copy
-    target (0) under allowzero=1 stays: there 0 is a literal zero."""
+    rank through Q/DQ; -1 is valid with allowzero=1 as no other entry is 0. x's own batch
+    under allowzero=1 becomes -1 too, never 0: there 0 is a literal zero."""
     stats, out = _check("""
     <ir_version: 10, opset_import: ["" : 21]>
     g (float[N, 8, 1, 1] x, float[N, 2] w) => (float[N, 4, 2] y, float[N, 8] z) <float s = {0.1}, uint8 zp = {128}, int64[2] c = {4, 2}, int64[1] eight = {8}> {
@@ -153,7 +153,10 @@ def test_inferred_dim_with_allowzero_and_a_batch_read_through_quantize_dequantiz
         tz = Concat<axis = 0>(bx, eight)
         z = Reshape<allowzero = 1>(x, tz)
     }""", batched_w=True)
-    assert stats == {"inferred-dim": 1} and _target(out) == [-1, 4, 2]
+    assert stats == {"inferred-dim": 2} and _target(out) == [-1, 4, 2]
+    targets = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t).tolist() for n in out.graph.node
+               if n.op_type == "Constant"}
+    assert targets[next(n.input[1] for n in out.graph.node if n.output[0] == "z")] == [-1, 8]
 
 
 def _run_both(text: str, feeds_list: list[dict]) -> tuple[dict, onnx.ModelProto]:
@@ -201,4 +204,28 @@ def test_a_dim_a_broadcast_may_change_is_not_copied():
         y = Reshape(a, t)
     }""", [{"x": np.ones((1, 4), np.float32), "z": np.ones((3, 4), np.float32)},
            {"x": np.ones((3, 4), np.float32), "z": np.ones((3, 4), np.float32)}])
+    assert stats == {}
+
+
+def test_a_piece_of_several_dims_with_one_unknown_gives_minus_one_there():
+    """Regression (smart-turn's attention heads): Shape(h)[0:2] is [batch, 2] with the 2
+    static, so [batch, 2, 3, 5] becomes [-1, 2, 3, 5] (every other entry a positive
+    constant). With both dims unknown the target stays."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, {heads}, 3, 5] h) => (float[N, 2, 3, 5] y) <int64[3] flat = {{-1, 3, 5}}, int64[1] zero = {{0}},
+       int64[1] two = {{2}}, int64[2] rest = {{3, 5}}> {{
+        x = Reshape(h, flat)
+        s = Shape(h)
+        b = Slice(s, zero, two)
+        t = Concat<axis = 0>(b, rest)
+        y = Reshape(x, t)
+    }}"""
+    feeds = [{"h": np.random.default_rng(n).standard_normal((n, 2, 3, 5)).astype(np.float32)} for n in (1, 4)]
+    stats, out = _run_both(text.format(heads=2), feeds)
+    assert stats == {"inferred-dim": 1}
+    y_target = next(n.input[1] for n in out.graph.node if n.output[0] == "y")
+    assert [int(v) for v in onnx.numpy_helper.to_array(
+        next(n for n in out.graph.node if n.output[0] == y_target).attribute[0].t)] == [-1, 2, 3, 5]
+    stats, _ = _run_both(text.format(heads="H"), feeds)
     assert stats == {}
