@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,8 @@ def _check(options: Int8Options) -> None:
         raise optcc.BadInputError(f"unknown calibration method '{options.method}' (use {', '.join(METHODS)})")
     if options.activation_type not in ("uint8", "int8"):
         raise optcc.BadInputError(f"activation_type must be 'uint8' or 'int8', got '{options.activation_type}'")
+    if options.cache_dir is not None and Path(options.cache_dir).exists() and not Path(options.cache_dir).is_dir():
+        raise optcc.BadInputError("calibration cache is not a folder", options.cache_dir)
     metric = options.metric
     for given in (metric.values() if isinstance(metric, Mapping) else [metric]):
         if isinstance(given, str) and given != "auto" and given not in METRICS:

@@ -639,3 +639,14 @@ def test_a_pass_that_needs_options_cannot_be_named_in_passes(tmp_path: Path, cap
 
     with pytest.raises(BadInputError, match="needs options"):
         optcc.optimize(str(model), passes=["quantize-int8-calibrated"])
+
+
+def test_a_calibration_cache_that_is_no_folder_is_bad_input(tmp_path: Path, capsys) -> None:
+    # it was INT8 declined (exit 5) for a FileExistsError raised inside the quantizer
+    model = _copy_example(tmp_path)
+    data, cache = tmp_path / "calib.npz", tmp_path / "cache.txt"
+    np.savez(data, image=np.ones((4, 1, 3, 32, 32), np.float32))
+    cache.write_text("not a folder")
+    _refused(capsys, [str(model), "--int8", "--calibration", str(data), "--calibration-cache", str(cache),
+                      "-o", str(tmp_path / "o.onnx")], "is not a folder", model, names=str(cache))
+    assert cache.read_text() == "not a folder"
