@@ -18,16 +18,25 @@ from optcc.passes.simplify_reshape_targets import SimplifyReshapeTargetsPass
 def _check(text: str, batches=(1, 3), batched_w: bool = False, **fixed) -> tuple[dict, onnx.ModelProto]:
     """Run the pass and compare the results on the reference evaluator for each batch
     size of ``x`` [batch, 8, 1, 1] (``batched_w``: and of a second input ``w`` [batch, 2])."""
-    proto = onnx.parser.parse_model(text)
-    onnx.checker.check_model(proto, full_check=True)
-    result = SimplifyReshapeTargetsPass()(ir.from_proto(proto))
-    out = ir.to_proto(result.model)
-    onnx.checker.check_model(out, full_check=True)
+    feeds_list = []
     for n in batches:
         rng = np.random.default_rng(n)
         feeds = {"x": rng.standard_normal((n, 8, 1, 1)).astype(np.float32), **fixed}
         if batched_w:
             feeds["w"] = rng.standard_normal((n, 2)).astype(np.float32)
+        feeds_list.append(feeds)
+    return _run_both(text, feeds_list)
+
+
+def _run_both(text: str, feeds_list: list[dict]) -> tuple[dict, onnx.ModelProto]:
+    """Run the pass on the model ``text``; both models valid and equal, shapes and values,
+    on the reference evaluator for each of ``feeds_list``."""
+    proto = onnx.parser.parse_model(text)
+    onnx.checker.check_model(proto, full_check=True)
+    result = SimplifyReshapeTargetsPass()(ir.from_proto(proto))
+    out = ir.to_proto(result.model)
+    onnx.checker.check_model(out, full_check=True)
+    for feeds in feeds_list:
         for want, got in zip(ReferenceEvaluator(proto).run(None, feeds), ReferenceEvaluator(out).run(None, feeds)):
             assert want.shape == got.shape and np.array_equal(want, got)
     return dict(result.stats), out
@@ -158,17 +167,6 @@ def test_inferred_dim_with_allowzero_and_a_batch_read_through_quantize_dequantiz
                if n.op_type == "Constant"}
     assert targets[next(n.input[1] for n in out.graph.node if n.output[0] == "z")] == [-1, 8]
 
-
-def _run_both(text: str, feeds_list: list[dict]) -> tuple[dict, onnx.ModelProto]:
-    proto = onnx.parser.parse_model(text)
-    onnx.checker.check_model(proto, full_check=True)
-    result = SimplifyReshapeTargetsPass()(ir.from_proto(proto))
-    out = ir.to_proto(result.model)
-    onnx.checker.check_model(out, full_check=True)
-    for feeds in feeds_list:
-        for want, got in zip(ReferenceEvaluator(proto).run(None, feeds), ReferenceEvaluator(out).run(None, feeds)):
-            assert want.shape == got.shape and np.array_equal(want, got)
-    return dict(result.stats), out
 
 
 def test_a_dim_of_another_tensor_that_provably_equals_the_inputs_is_copied():
