@@ -404,3 +404,29 @@ def test_a_judge_with_few_ranked_pairs_leaves_the_decision_to_the_pooled_cosine(
         expected = bool(deviation <= 1.5 * max(floor, tm.MIN_DEVIATION))
         assert expected is (scale == 1e-2)  # the test's own arithmetic: a small error passes, a large one fails
         assert rows["h:cosine"]["passed"] is expected and verdict["passed"] is expected
+
+
+def test_a_pooled_embedding_output_is_judged_as_it_is():
+    """docs/int8.md: a ``[N, C]`` embedding is judged as a classifier unless ``metric=`` says
+    otherwise. Named, ``embedding`` takes each ``[1, C]`` sample as the vector itself (there are
+    no positions to pool; averaging over C left one number per sample and the cosine raised)."""
+    from optcc.numerics.task import measure
+
+    rng = np.random.default_rng(7)
+    refs = [rng.standard_normal((1, 16)) for _ in range(6)]
+    gots = [r + 0.1 * rng.standard_normal(r.shape) for r in refs]
+    deviation, items = measure("embedding", refs, gots)
+    cosines = [float(r[0] @ g[0] / np.linalg.norm(r[0]) / np.linalg.norm(g[0])) for r, g in zip(refs, gots)]
+    assert deviation["cosine"] == pytest.approx(1.0 - np.mean(cosines), rel=1e-9)
+    assert items["ranking"] == 15 and 0.0 <= deviation["ranking"] <= 2.0
+
+
+def test_int8_with_the_embedding_metric_on_a_pooled_output(tmp_path: Path):
+    from optcc import cli
+
+    data = tmp_path / "calib.npz"
+    np.savez(data, image=np.stack([d["image"] for d in _images(12)]))
+    out = tmp_path / "q.onnx"
+    code = cli.main([str(TINYCNN), "--int8", "--calibration", str(data), "--int8-metric", "embedding",
+                     "--no-int8-speed-check", "-q", "-o", str(out)])
+    assert code == 0 and out.is_file()

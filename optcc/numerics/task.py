@@ -466,11 +466,14 @@ def _boxes_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> 
 
 
 def _pooled(outputs: Sequence[np.ndarray], masks: Sequence[np.ndarray | None]) -> np.ndarray:
-    """Mean over positions of ``[N, T, H]`` (the positions a ``[N, T]`` mask keeps)."""
+    """Mean over positions of ``[N, T, H]`` (the positions a ``[N, T]`` mask keeps); a
+    ``[N, C]`` output is pooled already: its rows are the vectors."""
     vectors = []
     for out, mask in zip(outputs, masks):
         a = np.asarray(out, np.float64)
-        if mask is not None and np.shape(mask) == a.shape[:2]:
+        if a.ndim <= 2:
+            vectors.append(a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1))
+        elif mask is not None and np.shape(mask) == a.shape[:2]:
             w = np.asarray(mask, np.float64)[..., None]
             vectors.append((a * w).sum(1) / np.maximum(w.sum(1), 1.0))
         else:
