@@ -267,3 +267,82 @@ def test_the_views_are_judged_alike_when_the_original_is_numbered_first():
     assert _premise_proves(cancelled, _load(planted)) is False
     result = optcc.optimize(cancelled, passes=["merge-consecutive", "eliminate-dead-nodes"])
     assert result.report.verification["reference"] == "proof"
+
+
+# ------------------------------------------------------------------ Reshape targets with one dim read
+
+def _view_of(target: str, allowzero: int = 0) -> onnx.ModelProto:
+    """Reshape(x, target) of x [N, 8, 4] to [N, 4, 8] (target: the lines making ``t``)."""
+    return _model(f"""{target}
+            y = Reshape <allowzero = {allowzero}> (x, t)""", inputs="float[N, 8, 4] x", outputs="float[N, 4, 8] y")
+
+
+BATCH_READ = """s = Shape(x)
+            zero = Constant <value = int64[1] {0}> ()
+            one = Constant <value = int64[1] {1}> ()
+            n = Slice(s, zero, one)
+            scalar = Squeeze(n, zero)
+            batch = Unsqueeze(scalar, zero)
+            rest = Constant <value = int64[2] {4, 8}> ()
+            t = Concat <axis = 0> (batch, rest)"""
+
+
+@pytest.mark.parametrize("allowzero", [0, 1])
+def test_a_reshape_target_reading_one_dim_is_proved_equal_to_its_inferred_form(allowzero):
+    """[dim 0 of x, 4, 8] (through a Squeeze of the sliced shape and an Unsqueeze back) and
+    [-1, 4, 8]: where the first runs, -1 infers that dim (the others are positive)."""
+    proto = _view_of(BATCH_READ, allowzero)
+    candidate = _optimized(proto, ["simplify-reshape-targets", "eliminate-dead-nodes"])
+    assert _ops(candidate) == ["Reshape"]
+    assert _proved(proto, candidate)
+    feeds = {"x": RNG.standard_normal((3, 8, 4)).astype(np.float32)}
+    _same_in_float64(proto, candidate, feeds)
+    inferred = _load(_view_of("t = Constant <value = int64[3] {-1, 4, 8}> ()", allowzero))
+    assert _proved(proto, inferred)
+    _same_in_float64(proto, inferred, feeds)
+
+
+def test_a_reshape_target_reading_another_dim_or_other_sizes_is_not_proved():
+    proto = _view_of(BATCH_READ)
+    assert not _proved(proto, _load(_view_of("t = Constant <value = int64[3] {-1, 8, 4}> ()")))
+    # dim 1 of x in place of dim 0: both "infer" the first dim, but the candidate runs only
+    # where dim 1 is the batch, which nothing in the original says
+    other = _view_of(BATCH_READ.replace("{0}", "{1}").replace("{1}", "{2}", 1).replace("Squeeze(n, zero)",
+                                                                                          "Squeeze(n)"))
+    assert not _proved(proto, _load(other))
+    # the inferred form does not prove a candidate that reads the dim: that one may fail
+    inferred = _view_of("t = Constant <value = int64[3] {-1, 4, 8}> ()")
+    assert not _proved(inferred, _load(proto))
+
+
+# ------------------------------------------------------------------ an affine chain through Identity
+
+def test_an_affine_chain_through_identities_is_proved_folded():
+    """Conv -> Add(per-channel bias) -> Identity -> Mul(one factor, first operand) ->
+    Identity -> Add(one shift), as PaddlePaddle exports a learnable affine block: folded into
+    one Conv by the passes, proved by the chain's normal form through the Identities."""
+    w = numpy_helper.from_array(RNG.standard_normal((4, 1, 3, 3)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(RNG.standard_normal((1, 4, 1, 1)).astype(np.float32), "bias")
+    scale = numpy_helper.from_array(np.array([1.7], np.float32), "scale")
+    shift = numpy_helper.from_array(np.array([-0.3], np.float32), "shift")
+    proto = _model("""c = Conv <group = 4, pads = [1, 1, 1, 1]> (x, w)
+            a = Add(c, bias)
+            i = Identity(a)
+            m = Mul(scale, i)
+            j = Identity(m)
+            y = Add(j, shift)""", inputs="float[N, 4, 6, 6] x", outputs="float[N, 4, 6, 6] y")
+    proto.graph.initializer.extend([w, bias, scale, shift])
+    candidate = _optimized(proto, ["eliminate-identities", "fuse-conv-affine"])
+    assert _ops(candidate) == ["Conv"]
+    assert _proved(proto, candidate)
+    feeds = {"x": RNG.standard_normal((2, 4, 6, 6)).astype(np.float32)}
+    for u, v in zip(expected_outputs_float64(proto, feeds),
+                    expected_outputs_float64(optcc.ir.serialize(candidate), feeds)):
+        np.testing.assert_allclose(v, u, rtol=1e-5, atol=1e-5)
+    # the shift folded without the factor (bias + shift where it should be 1.7 * bias + shift)
+    wrong = optcc.ir.clone(candidate)
+    conv = next(n for n in wrong.graph if n.op_type == "Conv")
+    folded = conv.inputs[2].const_value.numpy()
+    conv.inputs[2].const_value = ir.tensor((folded - 0.7 * bias.float_data[0] if bias.float_data else
+                                            folded - 0.7 * numpy_helper.to_array(bias).reshape(-1)).astype(np.float32))
+    assert not _proved(proto, wrong)

@@ -10,10 +10,14 @@ gets a key, and two values with the same key compute the same thing for every in
 - a node's output: its domain, op type and opset version, its attributes (tensors by
   bytes, floats by their bits), its inputs' keys and the output's position;
 - ``Identity`` and inference-mode ``Dropout`` (opset >= 7, ``training_mode`` absent or a
-  constant false) output the key of their input;
+  constant false) output the key of their input (and its affine form, below);
 - a ``Reshape`` whose target is read symbolically (constants, and dims of the reshaped
-  tensor through Shape, Slice, Gather, Concat, Unsqueeze and integer Casts; ``0`` copies
-  a dim) is keyed by its input and that target;
+  tensor through Shape, Slice, Gather, Concat, Unsqueeze, Squeeze of one element and
+  integer Casts; ``0`` copies a dim) is keyed by its input and that target; one whose
+  target reads one dim and whose
+  other elements are positive integers, with that dim as ``-1`` (where the Reshape runs,
+  that dim is the element count over the others', which is what -1 infers), and
+  ``allowzero`` only where the target has a ``0``;
 - a ``Transpose`` with an explicit permutation is keyed by its input and that permutation,
   and a Transpose of a Transpose by the composed one (output dim ``i`` is the input's dim
   ``p1[p2[i]]``, element for element); the identity permutation by its input's key;
@@ -25,12 +29,13 @@ gets a key, and two values with the same key compute the same thing for every in
 - a ``Reshape`` to one dim is keyed as ``Reshape(x, [-1])``: where it runs its output is
   x's elements in order, whatever the one element says (a constant ``x``: the key of those
   elements, computed by that definition);
-- each of the three above holds only where the node runs: a candidate's key that drops
+- these views (a read target dim as ``-1``, a Transpose pair, a Squeeze and Unsqueeze
+  pair, a Reshape to one dim) hold only where the node runs: a candidate's key that drops
   one (an identity Transpose or pair, a cancelled Squeeze or Unsqueeze pair, a Reshape to
-  one dim other than ``-1``) assumes that it does, and its output is proved only where the
-  original's nodes establish that wherever the original runs (a Transpose of the same
-  input with a permutation of that length, a Squeeze of it at the same axes, an Unsqueeze
-  of it at the same axes, a Reshape of it to the same one dim);
+  one dim other than ``-1``, a read target dim as ``-1``) assumes that it does, and its
+  output is proved only where the original's own nodes establish that wherever the
+  original runs (a Transpose of the same input with a permutation of that length, a
+  Squeeze or Unsqueeze of it at the same axes, a Reshape of it to the same target);
 - a value computed from constants alone that the candidate does not compute the same way
   (a fold) is evaluated once on onnxruntime, with the kernels the original itself runs,
   and keyed by its bytes; where the operator's definition copies or moves bits without
@@ -550,7 +555,8 @@ class _Keys:
     def _shape_elements(self, value: ir.Value | None) -> tuple[bool, list] | None:
         """A shape-like integer tensor as (is_scalar, elements), each element an int or
         ``("dim", key of x, i)`` (dim ``i`` of ``x``): constants, ``Shape`` and what
-        Gather, Slice, Concat, Unsqueeze and integer Casts make of them; else None."""
+        Gather, Slice, Concat, Unsqueeze, Squeeze (of one element) and integer Casts make
+        of them; else None."""
         if value is None:
             return None
         if id(value) in self._shapes:
@@ -580,7 +586,7 @@ class _Keys:
             if op == "Cast" and attrs.get("to") not in (ir.DataType.INT64.value, ir.DataType.INT32.value):
                 return None
             return self._shape_elements(inputs[0])
-        if op not in ("Concat", "Unsqueeze", "Gather", "Slice"):
+        if op not in ("Concat", "Unsqueeze", "Squeeze", "Gather", "Slice"):
             return None
         parts = [self._shape_elements(v) for v in inputs]
         if op == "Concat" and attrs.get("axis") in (0, -1) and parts and all(p is not None and not p[0] for p in parts):
@@ -588,6 +594,13 @@ class _Keys:
         if op == "Unsqueeze" and parts and parts[0] is not None and parts[0][0]:
             axes = attrs.get("axes") if len(inputs) == 1 else (parts[1][1] if len(parts) > 1 and parts[1] else None)
             return (False, parts[0][1]) if list(axes or []) in ([0], [-1]) else None
+        if op == "Squeeze" and parts and parts[0] is not None and not parts[0][0] and len(parts[0][1]) == 1:
+            # one element in one dim: squeezed (all unit dims, or axis 0, or -1 from opset 11) to a scalar
+            axes = attrs.get("axes") if len(inputs) == 1 else (parts[1][1] if len(parts) > 1 and parts[1] else None)
+            if len(inputs) > 1 and parts[1] is None:
+                return None
+            allowed = ([], [0], [-1]) if self.opsets.get("", 0) >= 11 else ([], [0])
+            return (True, parts[0][1]) if list(axes or []) in allowed else None
         if op == "Gather" and len(parts) == 2 and all(p is not None for p in parts) and attrs.get("axis", 0) == 0 \
                 and not parts[0][0] and all(isinstance(i, int) for i in parts[1][1]):
             data, (scalar, indices) = parts[0][1], parts[1]
@@ -750,7 +763,7 @@ class _Keys:
             return numbering.unique()
         op = node.op_type
         if domain == "" and op == "Identity":
-            return self.key(node.inputs[0])
+            return self._passed(value, node.inputs[0])
         if domain == "" and op == "Dropout":
             return self._dropout(node, value, version)
         attributes = self._attributes(node)
@@ -764,6 +777,16 @@ class _Keys:
                 canonical = tuple(("dim", x, i) if copy and e == 0 else e for i, e in enumerate(target[1]))
                 if len(canonical) == 1:
                     return self._flattened(node, value, x, canonical)
+                read = [i for i, e in enumerate(canonical) if not isinstance(e, int)]
+                if len(read) == 1 and all(isinstance(e, int) and e > 0 for e in canonical if not isinstance(e, tuple)):
+                    # one dim read from a shape, the others positive: where the Reshape runs that
+                    # dim is the element count over theirs, as -1 infers it
+                    fact = ("Reshape", x, canonical, copy)
+                    self._facts[id(node)] = (node, fact)
+                    self._assumed[id(node)] = (node, fact)
+                    canonical = tuple(-1 if i == read[0] else e for i, e in enumerate(canonical))
+                if 0 not in canonical:
+                    copy = True  # allowzero only tells what a 0 means
                 return numbering.intern(("reshape", x, canonical, copy))
         if domain == "" and op in _VIEW_OPS:
             viewed = self._view(node, op, version)
@@ -911,7 +934,16 @@ class _Keys:
             mode = self._array(node.inputs[2])
             if mode is None or bool(np.any(mode)):
                 return self.numbering.unique()
-        return self.key(node.inputs[0])
+        return self._passed(value, node.inputs[0])
+
+    def _passed(self, value: ir.Value, source: ir.Value) -> int:
+        """``source``'s key for ``value``, which passes it through, and its affine form too
+        (so that a chain through an Identity keeps its normal form)."""
+        key = self.key(source)
+        form = self._forms.get(id(source))
+        if form is not None:
+            self._forms[id(value)] = form
+        return key
 
     def _attribute(self, attr: ir.Attr) -> Any:
         """A hashable form of an attribute's value; None when it holds a graph."""
