@@ -178,6 +178,8 @@ def optimize(
         if samples is not None:
             check_fixed_feeds(samples, overwrite_input_shapes, label, purpose="calibration")
     quantizing = samples is not None and not fp16
+    if quantizing or int8_dynamic or weight_only:
+        _check_metric_fits(loaded, dict(int8_options or {}).get("metric"), label)
     modes = [name for name, given in (("fp16", fp16), ("int8_calibration", quantizing), ("int8_dynamic", int8_dynamic),
                                       ("weight_only", weight_only)) if given]
     if len(modes) > 1:  # each is a whole precision plan for the model; combined, one would undo the other's
@@ -328,6 +330,26 @@ def _contrib_fusions(pipeline: Sequence[Any]) -> bool:
 def _raise(error: Exception, result: OptimizeResult) -> None:
     error.result = result  # type: ignore[attr-defined]
     raise error
+
+
+# the output ranks a named INT8 metric can judge (docs/int8.md's table); the others judge any
+_METRIC_RANKS = {"boxes": (3,), "ctc": (3,), "detection-map": (3, 4), "added-boxes": (3, 4), "embedding": (2, 3)}
+
+
+def _check_metric_fits(model: ir.Model, metric: object, label: str | None) -> None:
+    """A metric named for the INT8 judge (for every output, or per output name) must fit the
+    declared rank of the float outputs it judges, else BadInputError before anything runs."""
+    for value in model.graph.outputs:
+        named = metric.get(value.name) if isinstance(metric, Mapping) else metric
+        if not isinstance(named, str) or named not in _METRIC_RANKS or value.shape is None \
+                or value.dtype is None or not value.dtype.is_floating_point():
+            continue
+        ranks = _METRIC_RANKS[named]
+        if value.shape.rank() not in ranks:
+            shape = "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in value.shape.dims) + "]"
+            raise BadInputError(
+                f"INT8 metric '{named}' does not fit output '{value.name}' of shape {shape}: it judges outputs of "
+                f"rank {' or '.join(map(str, ranks))} (docs/int8.md)", label)
 
 
 def _merged_shapes(

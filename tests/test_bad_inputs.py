@@ -650,3 +650,16 @@ def test_a_calibration_cache_that_is_no_folder_is_bad_input(tmp_path: Path, caps
     _refused(capsys, [str(model), "--int8", "--calibration", str(data), "--calibration-cache", str(cache),
                       "-o", str(tmp_path / "o.onnx")], "is not a folder", model, names=str(cache))
     assert cache.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("metric", ["boxes", "ctc", "detection-map"])
+def test_an_int8_metric_that_cannot_judge_the_outputs_shape_is_bad_input(tmp_path: Path, capsys, metric: str) -> None:
+    # the bundled example's logits are [N, 10]: 'boxes' raised numpy's ValueError inside the quantizer
+    # and read as int8 declined (exit 5); 'ctc' and 'detection-map' judged a classifier as text or a map
+    model = _copy_example(tmp_path)
+    data = tmp_path / "calib.npz"
+    np.savez(data, image=np.ones((4, 1, 3, 32, 32), np.float32))
+    line = _refused(capsys, [str(model), "--int8", "--calibration", str(data), "--int8-metric", metric,
+                             "-o", str(tmp_path / "o.onnx")], f"INT8 metric '{metric}' does not fit output 'logits'",
+                    model)
+    assert "[N, 10]" in line and str(model) in line, line
