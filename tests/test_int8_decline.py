@@ -203,3 +203,13 @@ def test_compare_latency_interleaves_both_models() -> None:
     timing = compare_latency(model, model.clone(), _images(3), rounds=3, runs=2)
     assert timing["float32_s"] > 0 and timing["int8_s"] > 0 and timing["rounds"] == 3
     assert all(s >= 1.0 for s in timing["spread"])
+
+
+def test_an_accuracy_decline_reads_as_separate_clauses() -> None:
+    # the miss and what the fallback tried were run together: "... (target 30) even the 1 layers ..."
+    model = _chain(("mm2", "mm3"), 3)
+    stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None)[1]
+    assert stats["declined"] == "accuracy"
+    assert f"(target {TARGET.min_argmax_agreement:g}); even the 1 layers the budget allows" in stats["reason"], \
+        stats["reason"]
+    assert stats["reason"].endswith("do not meet it; kept float32")

@@ -511,7 +511,7 @@ def quantize_int8(
         where = f"{len(held)} held-out samples" if judged is held else \
             f"all {len(judged)} samples ({len(held)} held out)"
         return decline("accuracy", f"INT8 misses the accuracy target on {where}: "
-                                   f"{_describe_miss(evaluation, o.target)} {how}; kept float32")
+                                   f"{_describe_miss(evaluation, o.target)}; {how}; kept float32")
     if report.get("kept_float"):
         problem = slower(quantized, "after_fallback")
         if problem and o.require_speedup:
