@@ -143,6 +143,32 @@ def test_a_line_float32_decodes_differently_under_some_draw_is_excused() -> None
     assert judge({"p": [other]})["metrics"]["p:ctc_exact"]["deviation"] == pytest.approx(1 / 12)
 
 
+def test_few_lines_can_reject_a_decode_float32_never_changes_but_not_accept_alone() -> None:
+    """3 lines (fewer than MIN_ITEMS): one decoded differently where no float32 draw
+    changes any line fails the judge, although SQNR alone would accept (a 0 dB target
+    here); a line a draw itself changes is excused, and the output is then judged by SQNR."""
+    eye = np.eye(5, dtype=np.float32)
+    ref = eye[np.array([[1, 0, 2, 0, 3, 0], [2, 0, 2, 0, 4, 0], [3, 0, 4, 0, 1, 0]])]
+    noisy = [ref * np.float32(0.9) + np.float32(0.02) * d for d in (1, 2, 3)]  # the same decode, some noise
+    line_2 = noisy[0].copy()
+    line_2[2, 0] = eye[2] * np.float32(0.9) + np.float32(0.02)  # line 2 read differently
+    assert tm.ctc_greedy(line_2[2:]) != tm.ctc_greedy(ref[2:])  # the test's own decode
+    judge = tm.TaskJudge({"p": [ref]}, {"p": [noisy[0]]}, draws=[{"p": [n]} for n in noisy[1:]], min_sqnr_db=0.0)
+    assert judge.floor["p"]["ctc_exact"] == 0.0
+    verdict = judge({"p": [line_2]})
+    row = verdict["metrics"]["p:ctc_exact"]
+    assert row["items"] == 3 and row["deviation"] == pytest.approx(1 / 3, abs=1e-5) and row["passed"] is False
+    assert verdict["metrics"]["p:sqnr"]["passed"] is True and verdict["passed"] is False
+    # a draw that reads line 2 that way itself: excused, and the SQNR within the floor
+    excusing = tm.TaskJudge({"p": [ref]}, {"p": [noisy[0]]}, draws=[{"p": [line_2]}, {"p": [noisy[2]]}],
+                            min_sqnr_db=0.0)
+    verdict = excusing({"p": [line_2]})
+    assert verdict["metrics"]["p:ctc_exact"]["deviation"] == 0.0 and verdict["passed"] is True
+    # one draw only: nothing is excused, and few lines are not judged (SQNR decides)
+    single = tm.TaskJudge({"p": [ref]}, {"p": [noisy[0]]}, min_sqnr_db=0.0)({"p": [line_2]})
+    assert single["metrics"]["p:ctc_exact"]["judged"] is False and single["passed"] is True
+
+
 def test_other_components_take_the_mean_floor_over_draws() -> None:
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(1, 8, 4, 4)).astype(np.float32)  # judged by SQNR
