@@ -155,6 +155,7 @@ def optimize(
     requested precision, None when applied or the reason it was not.
     """
     samples = None if int8_calibration is None else [dict(f) for f in int8_calibration]
+    fp16_block = list(fp16_block)
     start = time.perf_counter()
     loaded = oir.load(model)
     label = str(model) if isinstance(model, (str, os.PathLike)) else None
@@ -184,6 +185,10 @@ def optimize(
                                       ("weight_only", weight_only)) if given]
     if len(modes) > 1:  # each is a whole precision plan for the model; combined, one would undo the other's
         raise BadInputError(f"{' and '.join(modes)} exclude each other (choose one precision)")
+    # entries that keep layers float: each should name something in the model (checked after the run)
+    keep_float = {"fp16 block": fp16_block if fp16 else [],
+                  "int8 exclude": list(dict(int8_options or {}).get("exclude") or []) if quantizing else []}
+    names_before = _layer_names(working) if any(keep_float.values()) else set()
     if fp16 or quantizing or int8_dynamic:
         disable = [*disable, "fuse-ort-conv-activation"]  # quantizers/fp16 skip contrib ops
     if int8_dynamic or weight_only:  # embeddings are quantized as Gathers
@@ -287,6 +292,12 @@ def optimize(
     if target_opset is not None and oir.default_opset(outcome.model) != target_opset:
         why = next((r.reason for r in outcome.records if r.name == "upgrade-opset" and r.reason), "not run")
         report.warnings.append(f"opset not upgraded to {target_opset}: {why}")
+    names_after = _layer_names(outcome.model) if any(keep_float.values()) else set()
+    for what, entries in keep_float.items():
+        unknown = [e for e in entries if e not in names_before and e not in names_after]
+        if unknown:
+            report.warnings.append(f"{what} {', '.join(map(repr, unknown))} matches no op type, node name or output "
+                                   "name of the model: it kept nothing float")
     growth = _fold_growth(report)
     if growth is not None:
         report.warnings.append(growth)
@@ -330,6 +341,14 @@ def _contrib_fusions(pipeline: Sequence[Any]) -> bool:
 def _raise(error: Exception, result: OptimizeResult) -> None:
     error.result = result  # type: ignore[attr-defined]
     raise error
+
+
+def _layer_names(model: ir.Model) -> set[str]:
+    """What a block or exclude entry may name: op types, node names and node output names."""
+    names: set[str] = set()
+    for node in oir.nodes(model):
+        names.update((node.op_type, node.name or "", *(v.name or "" for v in node.outputs)))
+    return names
 
 
 # the output ranks a named INT8 metric can judge (docs/int8.md's table); the others judge any

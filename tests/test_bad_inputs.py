@@ -663,3 +663,27 @@ def test_an_int8_metric_that_cannot_judge_the_outputs_shape_is_bad_input(tmp_pat
                              "-o", str(tmp_path / "o.onnx")], f"INT8 metric '{metric}' does not fit output 'logits'",
                     model)
     assert "[N, 10]" in line and str(model) in line, line
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--fp16", "--fp16-block", "Gemm,NoSuchOp"], "fp16 block 'NoSuchOp' matches no op type"),
+    (["--int8", "--int8-exclude", "Gemm,NoSuchOp", "--no-int8-speed-check"], "int8 exclude 'NoSuchOp' matches no op type"),
+])
+def test_a_block_or_exclude_entry_that_matches_nothing_is_warned(tmp_path: Path, capsys, flags, said) -> None:
+    # a typo kept nothing float, silently; the entry that matches (Gemm) still does its work
+    model = _copy_example(tmp_path)
+    data, out = tmp_path / "calib.npz", tmp_path / "o.onnx"
+    np.savez(data, image=np.random.default_rng(0).uniform(-1, 1, (8, 1, 3, 32, 32)).astype(np.float32))
+    assert cli.main([str(model), *flags, "--calibration", str(data), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert said in err and "'Gemm'" not in err, err
+    written = onnx.load(out)
+    (gemm,) = [n for n in written.graph.node if n.op_type == "Gemm"]
+    weights = {t.name: t for t in written.graph.initializer}
+    assert weights[gemm.input[1]].data_type == TensorProto.FLOAT  # kept float32, not float16 nor int8
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    want = ReferenceEvaluator(onnx.load(EXAMPLE)).run(None, {"image": x})[0]
+    np.testing.assert_allclose(got, want, rtol=0.1, atol=0.05 * float(np.abs(want).max()))
