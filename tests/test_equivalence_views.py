@@ -346,3 +346,102 @@ def test_an_affine_chain_through_identities_is_proved_folded():
     conv.inputs[2].const_value = ir.tensor((folded - 0.7 * bias.float_data[0] if bias.float_data else
                                             folded - 0.7 * numpy_helper.to_array(bias).reshape(-1)).astype(np.float32))
     assert not _proved(proto, wrong)
+
+
+# ------------------------------------------------------------------ the second look: inferred dims and types
+
+def test_a_cast_to_the_type_its_input_has_is_proved_removed_and_a_conversion_is_not():
+    proto = _model("""t = Transpose <perm = [0, 2, 1]> (x)
+            c = Cast <to = 1> (t)
+            y = Relu(c)""", inputs="float[N, 3, 5] x", outputs="float[N, 5, 3] y")
+    candidate = _optimized(proto, ["eliminate-noops"])
+    assert _ops(candidate) == ["Transpose", "Relu"]
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": RNG.standard_normal((2, 3, 5)).astype(np.float32)})
+    # a Cast to float16 and back is not its input (it rounds)
+    rounding = _model("""t = Transpose <perm = [0, 2, 1]> (x)
+            h = Cast <to = 10> (t)
+            c = Cast <to = 1> (h)
+            y = Relu(c)""", inputs="float[N, 3, 5] x", outputs="float[N, 5, 3] y")
+    assert not _proved(rounding, _load(_model("t = Transpose <perm = [0, 2, 1]> (x)\n y = Relu(t)",
+                                                 inputs="float[N, 3, 5] x", outputs="float[N, 5, 3] y")))
+
+
+def _static_view(target: str) -> onnx.ModelProto:
+    """x [N, 6, 4] -> Conv 1x1 to 8 channels -> Reshape(target) -> [N, 8, 24]: the conv's
+    channels (8) are static only to shape inference (from the weight)."""
+    w = numpy_helper.from_array(W8, "w")
+    proto = _model(f"""c = Conv(x, w)
+            s = Shape(c)
+            {target}
+            y = Reshape(c, t)""", inputs="float[N, 6, 4, 6] x", outputs="float[N, 8, 24] y")
+    proto.graph.initializer.append(w)
+    return proto
+
+
+W8 = RNG.standard_normal((8, 6, 1, 1)).astype(np.float32)
+READ_CHANNELS = """zero = Constant <value = int64[1] {0}> ()
+            one = Constant <value = int64[1] {1}> ()
+            two = Constant <value = int64[1] {2}> ()
+            n = Slice(s, zero, one)
+            ch = Slice(s, one, two)
+            rest = Constant <value = int64[1] {-1}> ()
+            t = Concat <axis = 0> (n, ch, rest)"""
+
+
+def test_a_target_dim_shape_inference_knows_is_proved_equal_to_that_integer():
+    proto = _static_view(READ_CHANNELS)
+    constant = _static_view("t = Constant <value = int64[3] {0, 8, -1}> ()")
+    assert _proved(proto, _load(constant))
+    feeds = {"x": RNG.standard_normal((2, 6, 4, 6)).astype(np.float32)}
+    _same_in_float64(proto, _load(constant), feeds)
+    for wrong in ("{0, 4, -1}", "{0, 24, -1}"):  # another channel count
+        other = _static_view(f"t = Constant <value = int64[3] {wrong}> ()")
+        assert not _proved(proto, _load(other)), wrong
+
+
+# ------------------------------------------------------------------ zero initial states
+
+def _lstm(states: str, inputs: str = "x, W, R, B", r_scale: float = 0.5) -> onnx.ModelProto:
+    """An LSTM over x [5, 2, 3], hidden 4 (states: lines making h0 and c0, or nothing)."""
+    rng = np.random.default_rng(1)
+    proto = _model(f"""{states}
+            y, y_h = LSTM <hidden_size = 4> ({inputs})""",
+                   inputs="float[5, 2, 3] x", outputs="float[5, 1, 2, 4] y, float[1, 2, 4] y_h")
+    proto.graph.initializer.extend([
+        numpy_helper.from_array((0.5 * rng.standard_normal((1, 16, 3))).astype(np.float32), "W"),
+        numpy_helper.from_array((r_scale * rng.standard_normal((1, 16, 4))).astype(np.float32), "R"),
+        numpy_helper.from_array((0.1 * rng.standard_normal((1, 32))).astype(np.float32), "B")])
+    return proto
+
+
+ZERO_STATES = """shape = Constant <value = int64[3] {1, 2, 4}> ()
+            h0 = ConstantOfShape(shape)
+            c0 = ConstantOfShape(shape)"""
+
+
+def test_zero_initial_states_dropped_are_proved_and_others_are_not():
+    proto = _lstm(ZERO_STATES, "x, W, R, B, , h0, c0")
+    candidate = _optimized(proto, ["drop-zero-rnn-states", "eliminate-dead-nodes"])
+    assert _ops(candidate) == ["LSTM"] and len(next(iter(candidate.graph)).inputs) == 4
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": RNG.standard_normal((5, 2, 3)).astype(np.float32)})
+    # a state of ones is not the default state
+    ones = _lstm(ZERO_STATES.replace("ConstantOfShape(shape)", "ConstantOfShape <value = float[1] {1.0}> (shape)"),
+                 "x, W, R, B, , h0, c0")
+    assert not _proved(ones, _load(_lstm("")))
+    # zero states of a shape the node cannot take (batch 3 for a batch of 2): that candidate fails
+    def with_zeros(batch: int) -> onnx.ModelProto:
+        model = _lstm("", "x, W, R, B, , h0, c0")
+        model.graph.initializer.extend([numpy_helper.from_array(np.zeros((1, batch, 4), np.float32), name)
+                                        for name in ("h0", "c0")])
+        return model
+
+    assert _proved(with_zeros(2), _load(_lstm("")))
+    assert not _proved(_lstm(""), _load(with_zeros(3)))
+    # the right shape, but the original shows none: the candidate's states are assumed, not proved
+    assert not _proved(_lstm(""), _load(with_zeros(2)))
+    assert _proved(with_zeros(2), _load(with_zeros(2)))
+    # an infinite recurrence weight times the zero state is NaN, not the absent state's zero
+    infinite = _lstm(ZERO_STATES, "x, W, R, B, , h0, c0", r_scale=np.inf)
+    assert not _proved(infinite, _load(_lstm("", r_scale=np.inf)))

@@ -36,6 +36,18 @@ gets a key, and two values with the same key compute the same thing for every in
   output is proved only where the original's own nodes establish that wherever the
   original runs (a Transpose of the same input with a permutation of that length, a
   Squeeze or Unsqueeze of it at the same axes, a Reshape of it to the same target);
+- an LSTM, GRU or RNN whose initial state (``initial_h``, an LSTM's ``initial_c``) is a
+  constant of zero bits is keyed without it (the spec's default state is zero), where its
+  recurrence weight (and peepholes) are finite constants (an infinite weight times zero
+  is NaN); a candidate's key that drops one assumes the state has the shape the node
+  needs, which the original's node with the same input and the same zero state shows;
+- a ``ConstantOfShape`` whose shape is read as integers (above) is keyed by its elements;
+- where a proof is incomplete and a key read a dim or a Cast, a second look reads onnx's
+  shape inference of each model (as ranks, below) for static dims and element types: a
+  dim read from a shape that inference gives as an integer is that integer (also a dim
+  a Reshape's ``0`` copies, and a Reshape's output dims its read target fixes), two such
+  integer scalars multiplied are their product, and a ``Cast`` to the element type its
+  input already has is keyed as its input (it copies every value);
 - a value computed from constants alone that the candidate does not compute the same way
   (a fold) is evaluated once on onnxruntime, with the kernels the original itself runs,
   and keyed by its bytes; where the operator's definition copies or moves bits without
@@ -123,12 +135,22 @@ def prove_equivalent(original: ir.Model, candidate: ir.Model, *,
     for model, given in ((original, original_proto), (candidate, candidate_proto)):
         if given is not None:
             numbering.given[id(model)] = given
+    again = None
     try:
-        return _prove(original, candidate, numbering)
+        proof = _prove(original, candidate, numbering)
+        if proof.complete or not numbering.would_infer:
+            return proof
+        # a second look, reading the static dims and element types onnx's shape inference
+        # gives (each model's serialization reused)
+        again = _Numbering(inferred=True)
+        again._protos.update(numbering._protos)
+        return _prove(original, candidate, again)
     finally:
         # views of memory-mapped external data must not outlive the call (the file could
         # not be closed while they exist), and the tables refer to each other
         numbering.release()
+        if again is not None:
+            again.release()
 
 
 def number_original(original: ir.Model, *,
@@ -257,9 +279,15 @@ def _prove(original: ir.Model, candidate: ir.Model, numbering: _Numbering) -> Pr
 
 
 class _Numbering:
-    """Interns keys as small ints shared by both graphs; hands out keys equal to nothing."""
+    """Interns keys as small ints shared by both graphs; hands out keys equal to nothing.
+    ``inferred``: read the static dims and element types onnx's shape inference gives each
+    model's values (``types``) where the keys ask for them (``_Keys.inferred_dim``,
+    ``_Keys.inferred_type``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, inferred: bool = False) -> None:
+        self.inferred = inferred
+        self.would_infer = False  # a key read a dim or a Cast that inferred types might settle
+        self._types: dict[int, tuple[dict[str, tuple[int, tuple]], ir.Model]] = {}
         self._table: dict[tuple, int] = {}
         self._fresh: Iterator[int] = itertools.count()
         self._tensor_keys: dict[int, tuple[int, ir.TensorProtocol]] = {}
@@ -283,7 +311,7 @@ class _Numbering:
         for keys in self.models:
             keys.__dict__.clear()
         for table in (self._table, self._tensor_keys, self._tensor_arrays, self._decoded, self._affine, self._buckets, self._fills,
-                      self._ranks, self._protos, self.forms, self.given, self.folded, self.folded_met):
+                      self._ranks, self._types, self._protos, self.forms, self.given, self.folded, self.folded_met):
             table.clear()
         self.models.clear()
 
@@ -334,6 +362,17 @@ class _Numbering:
                 ranks = {}
             self._ranks[id(model)] = (ranks, model)
         return self._ranks[id(model)][0]
+
+    def types(self, model: ir.Model, input_shapes: dict[str, list[int]]) -> dict[str, tuple[int, tuple]]:
+        """Value element types and dims (an int where static, else None) by name from onnx's
+        shape inference, as ``ranks`` (once per model)."""
+        if id(model) not in self._types:
+            try:
+                types = _inferred_types(self.proto(model), input_shapes)
+            except Exception:  # noqa: BLE001 - then nothing is known
+                types = {}
+            self._types[id(model)] = (types, model)
+        return self._types[id(model)][0]
 
     def parse_ranks(self, parse: onnx.ModelProto | None, input_shapes: dict[str, list[int]]) -> dict[str, int]:
         """``ranks`` of a model from ``parse``, a parse of its file (changed: its large tensors
@@ -581,14 +620,19 @@ class _Keys:
                 return None
             start, end = attrs.get("start", 0), attrs.get("end", rank)
             indices = range(rank)[slice(start, end)]
-            return False, [("dim", self.key(inputs[0]), i) for i in indices]
+            self.numbering.would_infer = True
+            dims = self.inferred_dims(inputs[0], rank)
+            return False, [("dim", self.key(inputs[0]), i) if dims[i] is None else dims[i] for i in indices]
         if op in ("Cast", "Identity"):
             if op == "Cast" and attrs.get("to") not in (ir.DataType.INT64.value, ir.DataType.INT32.value):
                 return None
             return self._shape_elements(inputs[0])
-        if op not in ("Concat", "Unsqueeze", "Squeeze", "Gather", "Slice"):
+        if op not in ("Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", "Mul"):
             return None
         parts = [self._shape_elements(v) for v in inputs]
+        if op == "Mul" and len(parts) == 2 and all(p is not None and p[0] for p in parts) \
+                and all(isinstance(e, int) for p in parts for e in p[1]):
+            return True, [parts[0][1][0] * parts[1][1][0]]  # two integer scalars (dims: far from overflow)
         if op == "Concat" and attrs.get("axis") in (0, -1) and parts and all(p is not None and not p[0] for p in parts):
             return False, [e for p in parts for e in p[1]]
         if op == "Unsqueeze" and parts and parts[0] is not None and parts[0][0]:
@@ -766,6 +810,17 @@ class _Keys:
             return self._passed(value, node.inputs[0])
         if domain == "" and op == "Dropout":
             return self._dropout(node, value, version)
+        if domain == "" and op == "Cast" and len(node.inputs) == 1 and node.inputs[0] is not None \
+                and set(node.attributes.data) <= {"to", "saturate"}:
+            self.numbering.would_infer = True
+            to = node.attributes.get_int("to")
+            if to is not None and to == self.inferred_type(node.inputs[0]):
+                return self._passed(value, node.inputs[0])  # a Cast to the type it has copies it
+        if domain == "" and op == "ConstantOfShape" and len(node.inputs) == 1 and self._constant(value) is None:
+            filled = self._filled_read(node)
+            if filled is not None:
+                self._arrays[id(value)] = filled
+                return numbering.array(filled)
         attributes = self._attributes(node)
         if attributes is None:
             return numbering.unique()
@@ -775,6 +830,11 @@ class _Keys:
                 copy = dict(attributes).get("allowzero", ("INT", 0))[1] == 0
                 x = self.key(node.inputs[0])
                 canonical = tuple(("dim", x, i) if copy and e == 0 else e for i, e in enumerate(target[1]))
+                if copy and 0 in target[1] and self.numbering.inferred:  # the dims copied, where static
+                    rank = self.rank(node.inputs[0])
+                    dims = [None] * len(canonical) if rank is None else self.inferred_dims(node.inputs[0], rank)
+                    canonical = tuple(dims[i] if e == ("dim", x, i) and i < len(dims) and dims[i] is not None else e
+                                      for i, e in enumerate(canonical))
                 if len(canonical) == 1:
                     return self._flattened(node, value, x, canonical)
                 read = [i for i, e in enumerate(canonical) if not isinstance(e, int)]
@@ -794,6 +854,8 @@ class _Keys:
                 return viewed
         keys = self._keys
         inputs = tuple(keys[id(v)] if v is not None and id(v) in keys else self.key(v) for v in node.inputs)
+        if domain == "" and op in _INITIAL_STATES and len(inputs) > 5:
+            inputs = self._without_zero_states(node, inputs, _INITIAL_STATES[op])
         structural = numbering.intern(("node", domain, op, version, attributes, inputs, value.index()))
         if domain == "" and op in ("Squeeze", "Unsqueeze"):
             axes = self._axes(node, version)
@@ -826,6 +888,68 @@ class _Keys:
             flat = self._arrays[id(value)] = array.reshape(-1)
             return self.numbering.array(flat)
         return self.numbering.intern(("reshape", x, (-1,), True))
+
+    def inferred_dims(self, value: ir.Value, rank: int) -> list[int | None]:
+        """``value``'s dims, each an int where onnx's shape inference on this model gives it
+        statically (only with ``_Numbering.inferred``), else None."""
+        if not self.numbering.inferred:
+            return [None] * rank
+        found = self.numbering.types(self.model, self.input_shapes).get(value.name)
+        dims = None if found is None else found[1]
+        dims = [None] * rank if dims is None or len(dims) != rank else \
+            [d if isinstance(d, int) and d >= 0 else None for d in dims]
+        node = value.producer()
+        if None in dims and node is not None and node.op_type == "Reshape" and node.domain in ("", "ai.onnx") \
+                and len(node.inputs) == 2 and node.inputs[0] is not None:
+            # a Reshape's output has its target's dims where it runs (a 0 without allowzero: its input's)
+            target = self._shape_elements(node.inputs[1])
+            if target is not None and not target[0] and len(target[1]) == rank:
+                copy = node.attributes.get_int("allowzero", 0) == 0
+                for i, e in enumerate(target[1]):
+                    if dims[i] is None and isinstance(e, int) and (e > 0 or e == 0 and not copy):
+                        dims[i] = e
+        return dims
+
+    def inferred_type(self, value: ir.Value) -> int | None:
+        """``value``'s element type from onnx's shape inference on this model (only with
+        ``_Numbering.inferred``), else None."""
+        if not self.numbering.inferred:
+            return None
+        found = self.numbering.types(self.model, self.input_shapes).get(value.name)
+        return found[0] if found is not None and found[0] else None
+
+    def _without_zero_states(self, node: ir.Node, inputs: tuple, states: tuple[int, ...]) -> tuple:
+        """A recurrent node's input keys with each initial state (``states``: its input
+        positions) that is a constant of zero bits keyed as absent (the spec's default state
+        is zero), and absent inputs at the end left out (an optional input not given), where
+        the recurrence weight ``R`` (and an LSTM's peepholes ``P``) are finite constants
+        (an infinite weight times the zero state is NaN, not the absent state's zero).
+        A state of the wrong shape would fail the node: dropping one assumes it has the
+        shape the node needs, which the original's node of the same input and state
+        shape establishes (``_assumed``)."""
+        absent = self.numbering.intern(("absent",))
+        keys, dropped = list(inputs), []
+        weights = [self._array(node.inputs[2])] + \
+            ([self._array(node.inputs[7])] if len(node.inputs) > 7 and node.inputs[7] is not None else [])
+        if any(w is None or w.dtype.kind != "f" or not np.isfinite(w).all() for w in weights):
+            return inputs  # the recurrence (and peephole) weights times a zero state: zero only where finite
+        for i in states:
+            if i >= len(keys) or node.inputs[i] is None:
+                continue
+            array = self._array(node.inputs[i])
+            if array is None or array.size == 0 or array.dtype.kind != "f":
+                continue
+            element = array if any(array.strides) else array.reshape(-1)[:1]  # a fill: its one element
+            if np.frombuffer(np.ascontiguousarray(element).tobytes(), np.uint8).any():
+                continue
+            dropped.append((i, tuple(array.shape), str(array.dtype)))
+            keys[i] = absent
+        if dropped:
+            fact = ("state", inputs[0], tuple(dropped))
+            self._facts[id(node)] = self._assumed[id(node)] = (node, fact)
+        while keys and keys[-1] == absent:
+            keys.pop()
+        return tuple(keys)
 
     def _view(self, node: ir.Node, op: str, version: int) -> int | None:
         """The key of a default-domain Transpose, or of a Squeeze or Unsqueeze that undoes
@@ -1142,6 +1266,26 @@ class _Keys:
             return None
         return oir.reshaped(data, [int(d) for d in second], bool(allowzero))
 
+    def _filled_read(self, node: ir.Node) -> np.ndarray | None:
+        """A ConstantOfShape whose shape is not a constant but is read (``_shape_elements``)
+        as integers only: its value in every element, as ``_filled`` (else None)."""
+        if self._array(node.inputs[0]) is not None:
+            return None  # a constant shape: a fold, as any
+        read = self._shape_elements(node.inputs[0])
+        if read is None or read[0] or not all(isinstance(e, int) and e >= 0 for e in read[1]):
+            return None
+        fill = node.attributes.get("value")
+        if fill is None:
+            element = np.zeros(1, np.float32)
+        elif fill.type == ir.AttributeType.TENSOR and fill.value.size == 1:
+            element = self.numbering.numpy(fill.value, shared=True).reshape(-1)
+        else:
+            return None
+        dims = tuple(read[1])
+        if math.prod(dims) <= SMALL_TENSOR_ELEMENTS:
+            return np.full(dims, element[0], element.dtype)
+        return self.numbering.fill(element[:1], dims)
+
     def _filled(self, node: ir.Node) -> np.ndarray | None:
         """A ConstantOfShape output with a constant shape, by the operator's definition: its
         value's bits copied to every element (more than ``SMALL_TENSOR_ELEMENTS`` of them: a
@@ -1189,6 +1333,23 @@ class _Keys:
                                                            for v in values], initializers)
         sub = onnx.helper.make_model(graph, opset_imports=proto.opset_import, ir_version=max(4, proto.ir_version))
         return run(make_session(sub.SerializeToString()), {})
+
+
+def _inferred_types(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, tuple[int, tuple]]:
+    """Value element types and dims (static ones as ints, else None) by name from onnx's
+    shape inference on ``proto`` (changed: its inputs given ``input_shapes``)."""
+    for given in proto.graph.input:
+        dims = given.type.tensor_type.shape.dim
+        if given.name in input_shapes and len(dims) == len(input_shapes[given.name]):
+            for dim, size in zip(dims, input_shapes[given.name]):
+                dim.Clear()
+                dim.dim_value = size
+    inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    return {i.name: (i.type.tensor_type.elem_type,
+                     tuple(d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim)
+                     if i.type.tensor_type.HasField("shape") else None)
+            for i in infos if i.type.HasField("tensor_type")}
 
 
 def _inferred_ranks(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, int]:
@@ -1355,6 +1516,7 @@ _RANK_KEEPING_FIRST = frozenset(("Conv", "ConvTranspose", "MaxPool", "AveragePoo
 _BROADCASTING = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater", "And", "Or", "Xor",
                            "LessOrEqual", "GreaterOrEqual"))
 _VIEW_OPS = frozenset(("Transpose", "Squeeze", "Unsqueeze"))
+_INITIAL_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}  # initial_h (and initial_c): input positions
 _DEFINED_OPS = frozenset(("ConstantOfShape", "Identity", "Cast", "Flatten", "Unsqueeze", "Squeeze", "Reshape"))
 _EXACT_INTEGERS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                                           np.uint64)}
