@@ -687,3 +687,15 @@ def test_a_block_or_exclude_entry_that_matches_nothing_is_warned(tmp_path: Path,
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     want = ReferenceEvaluator(onnx.load(EXAMPLE)).run(None, {"image": x})[0]
     np.testing.assert_allclose(got, want, rtol=0.1, atol=0.05 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("flags", [["--inputs"], ["--int8", "--calibration"], ["--fp16", "--calibration"],
+                                   ["--weights", "int8", "--calibration"]])
+def test_a_samples_file_with_no_samples_is_named(tmp_path: Path, capsys, flags: list[str]) -> None:
+    # it read 'no verification inputs given (empty iterable)' or 'INT8 calibration data holds no samples'
+    # without the file, and --fp16 --calibration went on with generated inputs (exit 0)
+    model = _copy_example(tmp_path)
+    data = tmp_path / "empty.npz"
+    np.savez(data, image=np.zeros((0, 1, 3, 32, 32), np.float32))
+    _refused(capsys, [str(model), *flags, str(data), "-o", str(tmp_path / "o.onnx")], "holds no samples", model,
+             names=str(data))

@@ -74,6 +74,8 @@ def load_npz_samples(
             if ir_model is not None:
                 check_feeds(ir_model, sample, label=f"{purpose} sample {i} in {file}")
             samples.append(sample)
+    if not samples:
+        raise BadInputError("holds no samples (the arrays' leading sample axis has size 0)", source)
     return samples
 
 
