@@ -12,8 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 import optcc
-from optcc.quant import METRICS, Int8Options, quantize_int8
-from optcc.quant.calibration import METHODS
+from optcc.quant import METHODS, METRICS, Int8Options, quantize_int8
 
 
 class CalibratedInt8Pass(ir.passes.FunctionalPass):
