@@ -8,9 +8,11 @@ computed at run time (tf2onnx: ``Expand(0, Concat(Slice(Shape(x)), [hidden]))`` 
 
 A value is all zeros when it is a constant whose elements all equal 0 (``-0.0``
 included), a ConstantOfShape of a zero value (or none: float 0), or made from such values
-only by ops that move or repeat elements: Expand, Tile, Reshape, Flatten, Squeeze,
-Unsqueeze, Transpose, Identity, Cast (of a zero) and Concat (every input all zeros),
-followed back at most ``MAX_DEPTH`` producers.
+only by ops that move, repeat or select elements: Expand, Tile, Reshape, Flatten,
+Squeeze, Unsqueeze, Transpose, Identity, Slice (of its data), Cast (of a zero) and Concat
+(every input all zeros), followed back at most ``MAX_DEPTH`` producers. PyTorch exports a
+stacked GRU/LSTM's zero state so: one ``ConstantOfShape([layers * directions, batch,
+hidden])`` sliced per layer.
 
 Preconditions: a default-domain LSTM, GRU or RNN whose recurrence weight ``R`` (and an
 LSTM's peepholes ``P``, when given) is a constant of finite values, so that ``R`` times
@@ -30,7 +32,8 @@ import optcc
 
 MAX_DEPTH = 16
 _STATE_INPUTS = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
-_MOVES = frozenset({"Expand", "Tile", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast"})
+_MOVES = frozenset({"Expand", "Tile", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast",
+                    "Slice"})  # each output element is one of input 0's
 
 
 def all_zeros(value: ir.Value | None, depth: int = 0) -> bool:

@@ -100,3 +100,36 @@ def test_all_zeros_follows_element_moves_only() -> None:
     outputs = {v.name: v for v in model.graph.outputs}
     assert all_zeros(outputs["a"]) and all_zeros(outputs["c"])
     assert not all_zeros(outputs["b"])  # an Add of a zero is not zero
+
+
+def test_a_slice_of_a_stacked_zero_state_is_zero() -> None:
+    """PyTorch's 2-layer bidirectional GRU (held-out arabic-name-romanizer encoder): h0 =
+    ConstantOfShape([4, batch, H]) (float zeros), each layer's GRU reads a Slice of it."""
+    rng = np.random.default_rng(2)
+    w = (0.5 * rng.standard_normal((2, 3 * HIDDEN, INPUT))).astype(np.float32)
+    r = (0.5 * rng.standard_normal((2, 3 * HIDDEN, HIDDEN))).astype(np.float32)
+    b = (0.1 * rng.standard_normal((2, 6 * HIDDEN))).astype(np.float32)
+    consts = {"W": w, "R": r, "B": b, "four": np.array([4], np.int64), "hidden": np.array([HIDDEN], np.int64),
+              "one": np.array([1], np.int64), "two": np.array([2], np.int64), "zero": np.array([0], np.int64)}
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Slice", ["shape", "one", "two"], ["batch"]),
+             helper.make_node("Concat", ["four", "batch", "hidden"], ["state_shape"], axis=0),
+             helper.make_node("ConstantOfShape", ["state_shape"], ["zeros"]),
+             helper.make_node("Slice", ["zeros", "zero", "two", "zero"], ["h0"]),
+             helper.make_node("GRU", ["x", "W", "R", "B", "", "h0"], ["y", "y_h"], hidden_size=HIDDEN,
+                              direction="bidirectional", linear_before_reset=1)]
+    graph = helper.make_graph(nodes, "gru", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [T, "batch", INPUT])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("y_h", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(a, n) for n, a in consts.items()])
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = optcc.optimize(original, level=1)
+    assert optcc.ir.op_histogram(optcc.ir.load(result.model)) == {"GRU": 1}
+    for batch in (1, 3):
+        feeds = _feeds(original, batch)
+        assert_close(onnxruntime_outputs(result.model, feeds), expected_outputs(original, feeds), FUSION_RTOL,
+                     what="GRU without its sliced zero state vs onnx's reference evaluator of the original")
+    sliced_ones = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sliced_ones.graph.node[3].attribute.append(helper.make_attribute(
+        "value", numpy_helper.from_array(np.array([1.0], np.float32))))
+    h0 = next(n for n in optcc.ir.load(sliced_ones).graph if n.outputs[0].name == "h0").outputs[0]
+    assert not all_zeros(h0)  # a slice of ones is not zero
