@@ -4,8 +4,12 @@
 same steps three ways:
 
 - **terminal**: one line on stderr with the phase name, count, elapsed time and ETA, drawn
-  only when ``enabled`` is true and stderr is a terminal (logs and pipes stay clean); it is
-  cleared when the phase ends, so consecutive phases share one line;
+  only when ``enabled`` is true and stderr is a terminal; it is cleared when the phase
+  ends, so consecutive phases share one line;
+- **log line**: when ``enabled`` is true and stderr is not a terminal (a CI log, a pipe), a
+  phase still running after ``QUIET_SECONDS`` prints ``optcc: <phase> <done>/<total>
+  (<elapsed> s)`` at a step, at most once every ``LINE_EVERY_SECONDS``: long work shows
+  a sign of life, short work prints nothing;
 - **callback** (the Python API): ``callback(phase, done, total)`` is called when a phase
   starts and after every step. Give it as ``enabled=callback`` (``optcc.optimize(...,
   progress=callback)`` passes it down; a callable never draws on the terminal) or install
@@ -25,12 +29,16 @@ import contextlib
 import contextvars
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Union
 
 from tqdm import tqdm
 
 __all__ = ["Progress", "ProgressCallback", "reporting"]
+
+QUIET_SECONDS = 10.0  # a phase shorter than this prints no log line
+LINE_EVERY_SECONDS = 30.0  # the least time between two log lines
 
 ProgressCallback = Callable[[str, int, int], object]
 """``callback(phase, done, total)``: ``done`` steps of ``total`` finished in ``phase``."""
@@ -69,6 +77,8 @@ class Progress:
         if callable(enabled):
             self._callbacks = (*self._callbacks, enabled)
         self.enabled = enabled is True and _is_terminal(sys.stderr)
+        self._log_lines = enabled is True and not self.enabled
+        self._started, self._last_line = time.monotonic(), float("-inf")
         self._bar: tqdm | None = None
 
     def __enter__(self) -> Progress:
@@ -101,6 +111,12 @@ class Progress:
         logger.debug("%s %d/%d", self.label, self.done, self.total)
         for callback in self._callbacks:
             callback(self.label, self.done, self.total)
+        if self._log_lines:
+            now = time.monotonic()
+            if now - self._started >= QUIET_SECONDS and now - self._last_line >= LINE_EVERY_SECONDS:
+                self._last_line = now
+                print(f"optcc: {self.label} {self.done}/{self.total} ({now - self._started:.0f} s)",
+                      file=sys.stderr, flush=True)
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:

@@ -51,6 +51,24 @@ def test_silent_when_stderr_is_not_a_terminal(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_long_phases_print_a_log_line_now_and_then_when_stderr_is_not_a_terminal(capsys, monkeypatch):
+    import optcc.progress as progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    with Progress("calibrating", 6) as bar:
+        for seconds in (2, 5, 6, 10, 40, 45):  # steps at 2, 7, 13, 23, 63, 108 s
+            clock[0] += seconds
+            bar.advance()
+    lines = capsys.readouterr().err.splitlines()
+    # quiet for the first 10 s; then at most one line every 30 s
+    assert lines == ["optcc: calibrating 3/6 (13 s)", "optcc: calibrating 5/6 (63 s)", "optcc: calibrating 6/6 (108 s)"]
+    with Progress("calibrating", 2, enabled=False) as bar:  # -q
+        clock[0] += 100
+        bar.advance()
+    assert capsys.readouterr().err == ""
+
+
 def test_logging_records(caplog):
     with caplog.at_level(logging.DEBUG, logger="optcc.progress"):
         with Progress("calibrating", 2, enabled=False) as bar:
