@@ -445,3 +445,49 @@ def test_zero_initial_states_dropped_are_proved_and_others_are_not():
     # an infinite recurrence weight times the zero state is NaN, not the absent state's zero
     infinite = _lstm(ZERO_STATES, "x, W, R, B, , h0, c0", r_scale=np.inf)
     assert not _proved(infinite, _load(_lstm("", r_scale=np.inf)))
+
+
+# ------------------------------------------------------------------ a Reshape of a Reshape
+
+def _two_reshapes(second: str, first: str = "0, 0, 2, 3") -> onnx.ModelProto:
+    """x [N, 4, 6] -> Reshape [first] -> Reshape(second: lines making t2, which may read
+    the middle value m's shape)."""
+    return _model(f"""t1 = Constant <value = int64[4] {{{first}}}> ()
+            m = Reshape(x, t1)
+            s = Shape(m)
+            {second}
+            y = Reshape(m, t2)""", inputs="float[N, 4, 6] x", outputs="float[N, 4, 6] y")
+
+
+SECOND = """zero = Constant <value = int64[1] {0}> ()
+            two = Constant <value = int64[1] {2}> ()
+            nc = Slice(s, zero, two)
+            six = Constant <value = int64[1] {6}> ()
+            t2 = Concat <axis = 0> (nc, six)"""
+
+
+def test_a_reshape_of_a_reshape_is_proved_as_one_reshape():
+    """[dims 0 and 1 of m, 6] of m = Reshape(x, [0, 0, 2, 3]): m's dims 0 and 1 are x's
+    (copied), so the pair is Reshape(x, [0, 0, 6]), what the passes make of it."""
+    proto = _two_reshapes(SECOND)
+    candidate = optcc.optimize(proto, level=2, verify=False).ir_model  # simplify-reshape-targets, merge-consecutive
+    assert _ops(candidate) == ["Reshape"]
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": RNG.standard_normal((2, 4, 6)).astype(np.float32)})
+    one = _model("t = Constant <value = int64[3] {0, 0, 6}> ()\n y = Reshape(x, t)",
+                 inputs="float[N, 4, 6] x", outputs="float[N, 4, 6] y")
+    assert _proved(proto, _load(one))
+
+
+def test_a_reshape_of_a_reshape_is_not_proved_as_another_or_where_the_first_may_fail():
+    proto = _two_reshapes(SECOND)
+    for wrong in ("{0, 6, 4}", "{-1, 6, 4}"):
+        assert not _proved(proto, _load(_model(f"t = Constant <value = int64[3] {wrong}> ()\n y = Reshape(x, t)",
+                                                 inputs="float[N, 4, 6] x", outputs="float[N, 6, 4] y"))), wrong
+    # a candidate adding a first Reshape (to [0, 0, 5, 3]: it fails) over the original's one
+    one = _model("t = Constant <value = int64[3] {0, 0, 6}> ()\n y = Reshape(x, t)",
+                 inputs="float[N, 4, 6] x", outputs="float[N, 4, 6] y")
+    assert not _proved(one, _load(_two_reshapes(SECOND, "0, 0, 5, 3")))
+    assert not _proved(one, _load(_two_reshapes(SECOND)))  # valid here, but the original shows nothing of it
+    # a middle dim that a -1 inferred is not read from the first target
+    assert not _proved(_two_reshapes(SECOND, "-1, 4, 2, 3"), _load(one))

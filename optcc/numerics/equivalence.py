@@ -17,7 +17,10 @@ gets a key, and two values with the same key compute the same thing for every in
   target reads one dim and whose
   other elements are positive integers, with that dim as ``-1`` (where the Reshape runs,
   that dim is the element count over the others', which is what -1 infers), and
-  ``allowzero`` only where the target has a ``0``;
+  ``allowzero`` only where the target has a ``0``; a Reshape of a Reshape as one
+  Reshape of the first one's input (a reshape keeps the elements in order), the middle
+  value's dims the second target reads taken from the first target (a copied dim or a
+  positive integer; not one a -1 infers);
 - a ``Transpose`` with an explicit permutation is keyed by its input and that permutation,
   and a Transpose of a Transpose by the composed one (output dim ``i`` is the input's dim
   ``p1[p2[i]]``, element for element); the identity permutation by its input's key;
@@ -29,10 +32,11 @@ gets a key, and two values with the same key compute the same thing for every in
 - a ``Reshape`` to one dim is keyed as ``Reshape(x, [-1])``: where it runs its output is
   x's elements in order, whatever the one element says (a constant ``x``: the key of those
   elements, computed by that definition);
-- these views (a read target dim as ``-1``, a Transpose pair, a Squeeze and Unsqueeze
-  pair, a Reshape to one dim) hold only where the node runs: a candidate's key that drops
-  one (an identity Transpose or pair, a cancelled Squeeze or Unsqueeze pair, a Reshape to
-  one dim other than ``-1``, a read target dim as ``-1``) assumes that it does, and its
+- these views (a read target dim as ``-1``, a Reshape pair, a Transpose pair, a Squeeze
+  and Unsqueeze pair, a Reshape to one dim) hold only where the nodes run: a candidate's
+  key that drops one (an identity Transpose or pair, a cancelled Squeeze or Unsqueeze
+  pair, the first of two Reshapes, a Reshape to one dim other than ``-1``, a read target
+  dim as ``-1``) assumes that it does, and its
   output is proved only where the original's own nodes establish that wherever the
   original runs (a Transpose of the same input with a permutation of that length, a
   Squeeze or Unsqueeze of it at the same axes, a Reshape of it to the same target);
@@ -46,7 +50,8 @@ gets a key, and two values with the same key compute the same thing for every in
   shape inference of each model (as ranks, below) for static dims and element types: a
   dim read from a shape that inference gives as an integer is that integer (also a dim
   a Reshape's ``0`` copies, and a Reshape's output dims its read target fixes), two such
-  integer scalars multiplied are their product, and a ``Cast`` to the element type its
+  integer scalars multiplied are their product (a dim times 1 is that dim, in either
+  look), and a ``Cast`` to the element type its
   input already has is keyed as its input (it copies every value);
 - a value computed from constants alone that the candidate does not compute the same way
   (a fold) is evaluated once on onnxruntime, with the kernels the original itself runs,
@@ -538,8 +543,10 @@ class _Keys:
         self._views: dict[int, tuple[int, tuple[int, ...], str]] = {}
         # facts a node's success establishes about its input, and facts a cancelled pair
         # relies on, by id(node): (node, (kind, key of the input, permutation length or axes))
-        self._facts: dict[int, tuple[ir.Node, tuple]] = {}
-        self._assumed: dict[int, tuple[ir.Node, tuple]] = {}
+        self._facts: dict[int, tuple[ir.Node, list[tuple]]] = {}
+        self._assumed: dict[int, tuple[ir.Node, list[tuple]]] = {}
+        # a Reshape's key with a read target -> (its input's key, that target, its fact)
+        self._reshapes: dict[int, tuple[int, tuple, tuple]] = {}
 
     # ------------------------------------------------------------------ keys
 
@@ -631,8 +638,12 @@ class _Keys:
             return None
         parts = [self._shape_elements(v) for v in inputs]
         if op == "Mul" and len(parts) == 2 and all(p is not None and p[0] for p in parts) \
+                and 1 in (parts[0][1][0], parts[1][1][0]):
+            return parts[1] if parts[0][1][0] == 1 else parts[0]  # a dim times 1
+        if op == "Mul" and len(parts) == 2 and all(p is not None and p[0] for p in parts) \
                 and all(isinstance(e, int) for p in parts for e in p[1]):
-            return True, [parts[0][1][0] * parts[1][1][0]]  # two integer scalars (dims: far from overflow)
+            product = parts[0][1][0] * parts[1][1][0]  # two integer scalars
+            return (True, [product]) if abs(product) < 1 << 62 else None  # no int64 overflow
         if op == "Concat" and attrs.get("axis") in (0, -1) and parts and all(p is not None and not p[0] for p in parts):
             return False, [e for p in parts for e in p[1]]
         if op == "Unsqueeze" and parts and parts[0] is not None and parts[0][0]:
@@ -835,19 +846,37 @@ class _Keys:
                     dims = [None] * len(canonical) if rank is None else self.inferred_dims(node.inputs[0], rank)
                     canonical = tuple(dims[i] if e == ("dim", x, i) and i < len(dims) and dims[i] is not None else e
                                       for i, e in enumerate(canonical))
+                inner = self._reshapes.get(x)
+                if inner is not None:
+                    # Reshape(Reshape(x0, s1), s2): x0's elements in s2's shape, s2's dims of the
+                    # middle value read from s1 (where a -1 or literal 0 there is not read: as it is)
+                    composed = []
+                    for e in canonical:
+                        if isinstance(e, tuple) and e[0] == "dim" and e[1] == x:
+                            f = inner[1][e[2]] if e[2] < len(inner[1]) else None
+                            if not (isinstance(f, int) and f > 0 or isinstance(f, tuple)):
+                                break
+                            e = f
+                        composed.append(e)
+                    else:
+                        self._assume(node, inner[2])  # the first Reshape runs
+                        x, canonical = inner[0], tuple(composed)
+                fact = ("Reshape", x, canonical, copy)
+                self._fact(node, fact)
                 if len(canonical) == 1:
                     return self._flattened(node, value, x, canonical)
                 read = [i for i, e in enumerate(canonical) if not isinstance(e, int)]
                 if len(read) == 1 and all(isinstance(e, int) and e > 0 for e in canonical if not isinstance(e, tuple)):
                     # one dim read from a shape, the others positive: where the Reshape runs that
                     # dim is the element count over theirs, as -1 infers it
-                    fact = ("Reshape", x, canonical, copy)
-                    self._facts[id(node)] = (node, fact)
-                    self._assumed[id(node)] = (node, fact)
+                    self._assume(node, ("Reshape", x, canonical, copy))
                     canonical = tuple(-1 if i == read[0] else e for i, e in enumerate(canonical))
                 if 0 not in canonical:
                     copy = True  # allowzero only tells what a 0 means
-                return numbering.intern(("reshape", x, canonical, copy))
+                key = numbering.intern(("reshape", x, canonical, copy))
+                if -1 not in canonical:
+                    self._reshapes[key] = (x, canonical, fact)
+                return key
         if domain == "" and op in _VIEW_OPS:
             viewed = self._view(node, op, version)
             if viewed is not None:
@@ -861,7 +890,7 @@ class _Keys:
             axes = self._axes(node, version)
             if axes is not None:
                 self._views[structural] = (inputs[0], axes, op)
-                self._facts[id(node)] = (node, (op, inputs[0], axes))
+                self._fact(node, (op, inputs[0], axes))
         if domain == "" and op in _AFFINE_OPS:
             # the same node over the same inputs has the same form: built once for both models
             known = numbering.forms.get(structural)
@@ -880,10 +909,10 @@ class _Keys:
         that array). Unless ``e`` is -1, or x's constant element count, this assumes the
         Reshape succeeds (``_assumed``)."""
         fact = ("Reshape", x, target)
-        self._facts[id(node)] = (node, fact)
+        self._fact(node, fact)
         array = self._array(node.inputs[0])
         if target[0] != -1 and not (array is not None and target[0] == array.size):
-            self._assumed[id(node)] = (node, fact)
+            self._assume(node, fact)
         if array is not None and array.size <= SMALL_TENSOR_ELEMENTS and _PLAIN_ARRAYS.get(array.dtype) is not None:
             flat = self._arrays[id(value)] = array.reshape(-1)
             return self.numbering.array(flat)
@@ -946,7 +975,8 @@ class _Keys:
             keys[i] = absent
         if dropped:
             fact = ("state", inputs[0], tuple(dropped))
-            self._facts[id(node)] = self._assumed[id(node)] = (node, fact)
+            self._fact(node, fact)
+            self._assume(node, fact)
         while keys and keys[-1] == absent:
             keys.pop()
         return tuple(keys)
@@ -974,13 +1004,13 @@ class _Keys:
             if sorted(perm) != list(range(len(perm))):
                 return None
             base = self.key(x)
-            self._facts[id(node)] = (node, ("rank", base, len(perm)))
+            self._fact(node, ("rank", base, len(perm)))
             inner = self._views.get(base)
             if inner is not None and inner[2] == "Transpose" and len(inner[1]) == len(perm):
                 base, first = inner[0], inner[1]
                 perm = tuple(first[i] for i in perm)  # output dim i is x's dim first[perm[i]]
             if perm == tuple(range(len(perm))):
-                self._assumed[id(node)] = (node, ("rank", base, len(perm)))
+                self._assume(node, ("rank", base, len(perm)))
                 return base
             key = self.numbering.intern(("transpose", base, perm))
             self._views[key] = (base, perm, "Transpose")
@@ -991,7 +1021,7 @@ class _Keys:
             return None
         # Unsqueeze(Squeeze(x, a), a): Squeeze succeeds only where x's dims at a are 1;
         # Squeeze(Unsqueeze(x, a), a): where that Unsqueeze is valid for x's rank
-        self._assumed[id(node)] = (node, (inner[2], inner[0], axes))
+        self._assume(node, (inner[2], inner[0], axes))
         return inner[0]
 
     def _axes(self, node: ir.Node, version: int) -> tuple[int, ...] | None:
@@ -1023,14 +1053,20 @@ class _Keys:
         input has dims 1 at its axes; an Unsqueeze's axes are valid for its input."""
         if not self._facts:
             return set()
-        return {self._facts[i][1] for i in _ancestors(self.model.graph.outputs) if i in self._facts}
+        return {f for i in _ancestors(self.model.graph.outputs) if i in self._facts for f in self._facts[i][1]}
 
     def assumed(self, outputs: list[ir.Value]) -> set[tuple]:
         """What the keys of ``outputs`` assume (``_view``): facts of the nodes they are
         computed from."""
         if not self._assumed:
             return set()
-        return {self._assumed[i][1] for i in _ancestors(outputs) if i in self._assumed}
+        return {f for i in _ancestors(outputs) if i in self._assumed for f in self._assumed[i][1]}
+
+    def _fact(self, node: ir.Node, fact: tuple) -> None:
+        self._facts.setdefault(id(node), (node, []))[1].append(fact)
+
+    def _assume(self, node: ir.Node, fact: tuple) -> None:
+        self._assumed.setdefault(id(node), (node, []))[1].append(fact)
 
     def _attributes(self, node: ir.Node) -> tuple | None:
         """A node's attributes as a sorted tuple of (name, hashable value); None when one
