@@ -19,7 +19,10 @@ the value types and constant operands prove the node is a no-op:
 - ``slice``: Slice that selects everything: on every sliced axis step 1, start clamps
   to 0 and end clamps to the dim (a static dim; on a symbolic dim only start 0 and end
   INT64_MAX prove it).
-- ``concat``: Concat of one input; ``split``: Split into one output (given split sizes
+- ``concat``: Concat of one input, or of one input and others provably empty along the
+  axis (a static 0 dim there, or a ConstantOfShape whose target holds a known 0 at the
+  axis, through unary elementwise ops and binary ones with a scalar constant, as
+  PyTorch exports ``cat([x, pad])`` with a zero-length pad); ``split``: Split into one output (given split sizes
   must equal a static dim).
 - ``mul``/``div``/``add``/``sub``: ``x*1``, ``1*x``, ``x/1``, ``x-0``, ``x+(-0.0)``,
   ``(-0.0)+x`` (integers: ``x+0``, ``0+x``), where the constant has ``x``'s dtype (ONNX
@@ -66,6 +69,7 @@ import numpy as np
 import onnx_ir as ir
 
 import optcc
+from optcc.passes.fold_shapes import shape_elements
 from optcc.rewrite import static_rank
 
 __all__ = [
@@ -345,7 +349,41 @@ def _slice(node: ir.Node, opset: int) -> ir.Value | None:
 
 
 def _concat(node: ir.Node, opset: int) -> ir.Value | None:
-    return node.inputs[0] if len(node.inputs) == 1 else None
+    if len(node.inputs) == 1:
+        return node.inputs[0]
+    if None in node.inputs or "axis" not in node.attributes:
+        return None
+    axis = node.attributes.get_int("axis")
+    if axis < 0:
+        rank = static_rank(node.outputs[0])
+        if rank is None:
+            return None
+        axis += rank
+    kept = [v for v in node.inputs if not _empty_along(v, axis)]
+    return kept[0] if len(kept) == 1 else None
+
+
+def _empty_along(value: ir.Value, axis: int) -> bool:
+    """Whether ``value`` provably has no elements along ``axis`` (a non-negative axis)."""
+    for _ in range(_SHAPE_DEPTH):
+        if value.shape is not None and axis < value.shape.rank() and static_dim(value.shape[axis]) == 0:
+            return True
+        node = value.producer()
+        if node is None or node.domain not in _DEFAULT_DOMAINS or len(node.outputs) != 1 or None in node.inputs:
+            return False
+        if node.op_type == "ConstantOfShape":
+            target = shape_elements(node.inputs[0], {}, False)
+            return target is not None and target.vector and axis < len(target.elements) and target.elements[axis] == 0
+        if node.op_type in _UNARY_ELEMENTWISE and len(node.inputs) == 1:
+            value = node.inputs[0]
+            continue
+        if node.op_type not in _BINARY_ELEMENTWISE or len(node.inputs) != 2:
+            return False
+        scalars = [v for v in node.inputs if (a := constant_array(v)) is not None and a.ndim == 0]
+        if len(scalars) != 1:  # broadcasting with a scalar keeps the other operand's shape
+            return False
+        value = node.inputs[1] if scalars[0] is node.inputs[0] else node.inputs[0]
+    return False
 
 
 def _split(node: ir.Node, opset: int) -> ir.Value | None:

@@ -491,3 +491,32 @@ def test_one_element_neutral_constant_goes_where_the_rank_is_known_to_be_enough(
     assert result.stats == {"mul": 1} and _ops(result.model) == {"MatMul": 2, "Add": 1, "Mul": 1}
     kept = next(n for n in result.model.graph if n.op_type == "Mul")
     assert kept.outputs[0].name == "z"
+
+
+
+def test_concat_with_an_empty_pad_is_removed():
+    """Held-out brainmaze spindle detector (PyTorch ``cat([x, pad])`` with a zero-length
+    pad): pad = ConstantOfShape([batch, 0, 1]) * -1e9, so Concat(x, pad, axis=-2) is x.
+    A pad of runtime length stays (it is empty only when k is 0)."""
+    text = """
+    agraph (float[N, 6, 1] x, int64[1] k) => (float[A, B, C] y, float[D, E, F] z)
+        <int64[1] zero = {0}, int64[1] one = {1}, float big = {-1000000000.0}> {
+        s = Shape(x)
+        n = Gather<axis = 0>(s, zero)
+        t = Concat<axis = 0>(n, zero, one)
+        c = ConstantOfShape(t)
+        pad = Mul(c, big)
+        cat = Concat<axis = -2>(x, pad)
+        y = Relu(cat)
+        t2 = Concat<axis = 0>(n, k, one)
+        c2 = ConstantOfShape(t2)
+        z = Concat<axis = 1>(x, c2)
+    }
+    """
+    for batch, k in ((1, 2), (3, 0)):
+        x = np.random.default_rng(batch).standard_normal((batch, 6, 1)).astype(np.float32)
+        result = _run(_model(text), {"x": x, "k": np.array([k], np.int64)})
+        assert result.stats == {"concat": 1}
+        assert _ops(result.model)["Concat"] == 3  # z and both targets stay
+        y, z = ort_outputs(result.model, {"x": x, "k": np.array([k], np.int64)})
+        assert np.array_equal(y, np.maximum(x, 0)) and z.shape == (batch, 6 + k, 1)
