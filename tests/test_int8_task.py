@@ -431,3 +431,25 @@ def test_int8_with_the_embedding_metric_on_a_pooled_output(tmp_path: Path):
     code = cli.main([str(TINYCNN), "--int8", "--calibration", str(data), "--int8-metric", "embedding",
                      "--no-int8-speed-check", "-q", "-o", str(out)])
     assert code == 0 and out.is_file()
+
+
+def test_a_time_major_sequence_is_decoded_along_its_first_axis() -> None:
+    """A CRNN's ``[T, batch, C]`` output, one sample of batch 1: ``[T, 1, C]``. Decoded along
+    T (as numpy's argmax over the transposed array says), chosen as ``ctc`` when its rows
+    are probabilities, and a flipped low-confidence step that changes the text fails."""
+    rng = np.random.default_rng(3)
+    steps = np.array([1, 1, 0, 2, 0, 3, 3, 0, 4, 0])  # decodes to [1, 2, 3, 4]
+    logits = rng.normal(scale=0.1, size=(len(steps), 1, 5)).astype(np.float32)
+    logits[np.arange(len(steps)), 0, steps] += 4.0
+    logits[4, 0, [0, 1]] = [0.30, 0.25]  # a blank held by a small margin
+    assert tm.ctc_greedy(logits) == [[1, 2, 3, 4]] == tm.ctc_greedy(logits.transpose(1, 0, 2))
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    assert tm.choose_metric(probs, "probs") == "ctc" and tm.choose_metric(logits, "logits") == "ctc"
+    assert tm.choose_metric(logits.transpose(1, 0, 2), "logits") == "argmax"  # [N, T, C] logits: per step
+    flipped = logits.copy()
+    flipped[4, 0, 1] = 0.35  # the blank becomes a 1: [1, 2, 1, 3, 4]
+    assert tm.ctc_greedy(flipped) == [[1, 2, 1, 3, 4]]
+    draws = [{"logits": [logits + np.float32(0.001) * d]} for d in (1, 2, 3)]
+    judge = tm.TaskJudge({"logits": [logits]}, {"logits": [logits + np.float32(0.001)]}, metric="ctc", draws=draws)
+    row = judge({"logits": [flipped]})["metrics"]["logits:ctc_exact"]
+    assert row["items"] == 1 and row["deviation"] == 1.0 and row["passed"] is False

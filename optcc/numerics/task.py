@@ -11,7 +11,9 @@ output                    metric (deviation: 0 when identical)
                           ``CONFIDENT_GAP`` above the second; all samples when none is)
 ``[N, T, C]`` rows that   ``ctc``: greedy CTC decode (argmax per step, repeats merged,
 sum to 1                  blank 0 dropped); 1 - exact-match rate and the character error
-                          rate (edit distance / reference length), both judged
+(or time-major            rate (edit distance / reference length), both judged; a
+``[T, 1, C]``, rows or    ``[T, 1, C]`` sample (T > 1) is one time-major sequence
+logits)                   (a CRNN's ``[T, batch, C]``), decoded also from raw logits
 ``[N, 1, H, W]`` or       ``detection-map``: pixels above ``MAP_THRESHOLD`` (0.3) form
 ``[N, H, W]`` in [0, 1]   the mask; its connected components' bounding boxes (sides of
                           at least 3 pixels) are the detections; 1 - box F1 (IoU >= 0.5),
@@ -150,8 +152,11 @@ def choose_metric(sample: np.ndarray, name: str = "") -> str:
         return "sqnr"
     if a.ndim == 2 and a.shape[-1] >= 2:
         return "argmax"
-    if a.ndim == 3 and a.shape[1] >= 2 and a.shape[2] >= 2 and _softmax_rows(a):
+    sequences = _batch_major(a)
+    if sequences.ndim == 3 and sequences.shape[1] >= 2 and sequences.shape[2] >= 2 and _softmax_rows(sequences):
         return "ctc"
+    if sequences is not a and "logit" in name.lower() and a.shape[2] >= 2:
+        return "ctc"  # time-major class scores: a recognizer's sequence, read decoded
     if a.ndim == 3 and "logit" in name.lower() and a.shape[2] >= 2:
         return "argmax"
     if a.ndim in (3, 4) and (a.ndim == 3 or a.shape[1] == 1) and min(a.shape[-2:]) >= 8 \
@@ -254,9 +259,16 @@ def _argmax_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) ->
     return {"argmax": 1.0 - float(np.mean(agree[confident]))}, {"argmax": int(confident.sum())}
 
 
+def _batch_major(a: np.ndarray) -> np.ndarray:
+    """``a`` as ``[N, T, C]``: a ``[T, 1, C]`` array with T > 1 is one time-major sequence
+    (``[1, T, C]``: a batch-major single sequence of one step would mean nothing to CTC)."""
+    return a.transpose(1, 0, 2) if a.ndim == 3 and a.shape[1] == 1 and a.shape[0] > 1 else a
+
+
 def ctc_greedy(probabilities: np.ndarray, blank: int = 0) -> list[list[int]]:
-    """Greedy CTC decode of ``[N, T, C]``: argmax per step, repeats merged, blanks dropped."""
-    best = np.asarray(probabilities).argmax(-1)
+    """Greedy CTC decode of ``[N, T, C]`` (or one time-major ``[T, 1, C]`` sequence): argmax
+    per step, repeats merged, blanks dropped."""
+    best = _batch_major(np.asarray(probabilities)).argmax(-1)
     lines = []
     for row in best.reshape(-1, best.shape[-1]):
         keep = np.ones(len(row), bool)
