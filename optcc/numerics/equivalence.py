@@ -1389,18 +1389,8 @@ def _inferred_types(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) 
 
 
 def _inferred_ranks(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, int]:
-    """Value ranks by name from onnx's shape inference on ``proto`` (changed: its inputs
-    given ``input_shapes``)."""
-    for given in proto.graph.input:
-        dims = given.type.tensor_type.shape.dim
-        if given.name in input_shapes and len(dims) == len(input_shapes[given.name]):
-            for dim, size in zip(dims, input_shapes[given.name]):
-                dim.Clear()
-                dim.dim_value = size
-    inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-    return {i.name: len(i.type.tensor_type.shape.dim) for i in infos
-            if i.type.HasField("tensor_type") and i.type.tensor_type.HasField("shape")}
+    """Value ranks by name from onnx's shape inference on ``proto`` (``_inferred_types``)."""
+    return {name: len(dims) for name, (_, dims) in _inferred_types(proto, input_shapes).items() if dims is not None}
 
 
 def _large_or_external(tensor: ir.TensorProtocol) -> bool:
