@@ -1310,17 +1310,7 @@ class _Keys:
         read = self._shape_elements(node.inputs[0])
         if read is None or read[0] or not all(isinstance(e, int) and e >= 0 for e in read[1]):
             return None
-        fill = node.attributes.get("value")
-        if fill is None:
-            element = np.zeros(1, np.float32)
-        elif fill.type == ir.AttributeType.TENSOR and fill.value.size == 1:
-            element = self.numbering.numpy(fill.value, shared=True).reshape(-1)
-        else:
-            return None
-        dims = tuple(read[1])
-        if math.prod(dims) <= SMALL_TENSOR_ELEMENTS:
-            return np.full(dims, element[0], element.dtype)
-        return self.numbering.fill(element[:1], dims)
+        return self._fill_of(node, tuple(read[1]))
 
     def _filled(self, node: ir.Node) -> np.ndarray | None:
         """A ConstantOfShape output with a constant shape, by the operator's definition: its
@@ -1329,19 +1319,25 @@ class _Keys:
         if len(node.inputs) != 1:
             return None
         shape = self._array(node.inputs[0], shared=True)
-        fill = node.attributes.get("value")
         if shape is None or shape.dtype != np.int64 or shape.ndim != 1 or (shape < 0).any():
             return None
+        return self._fill_of(node, tuple(int(d) for d in shape))
+
+    def _fill_of(self, node: ir.Node, dims: tuple[int, ...]) -> np.ndarray | None:
+        """ConstantOfShape ``node``'s output of ``dims``: its ``value`` (default float 0) in
+        every element; more than ``SMALL_TENSOR_ELEMENTS`` of them, a read-only view of the
+        one element (``_Numbering.fill``, never materialized, whatever its size). None for a
+        ``value`` that is not a one-element tensor."""
+        fill = node.attributes.get("value")
         if fill is None:
             element = np.zeros(1, np.float32)
         elif fill.type == ir.AttributeType.TENSOR and fill.value.size == 1:
             element = self.numbering.numpy(fill.value, shared=True).reshape(-1)
         else:
             return None
-        dims = tuple(int(d) for d in shape)
         if math.prod(dims) <= SMALL_TENSOR_ELEMENTS:
             return np.full(dims, element[0], element.dtype)
-        return self.numbering.fill(element[:1], dims)  # a read-only view: never materialized, whatever its size
+        return self.numbering.fill(element[:1], dims)
 
     def _evaluate(self, values: list[ir.Value]) -> list[np.ndarray]:
         """``values`` computed by the original's own nodes, on onnxruntime's CPU kernels (a
