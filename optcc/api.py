@@ -265,10 +265,15 @@ def optimize(
         outcome = manager.run(working, fresh=fresh)
         report.passes = outcome.records
         report.warnings.extend(outcome.warnings)
-        report.warnings.extend(
-            f"INT8 not applied: {r.stats['reason']}" for r in outcome.records
-            if r.name == INT8_PASS and r.status == "unchanged" and r.stats.get("reason")
-        )
+        for r in outcome.records:
+            if r.status != "unchanged" or not r.stats.get("reason"):
+                continue
+            if r.name == INT8_PASS:
+                already = r.stats.get("declined") == "nothing" and _has_dtype(outcome.model, _INT8_DTYPES)
+                report.warnings.append(f"INT8{': nothing left to quantize' if already else ' not applied'}: "
+                                       f"{r.stats['reason']}")
+            elif passes is not None and r.name not in PRECISION_PASSES.values():
+                report.warnings.append(f"pass '{r.name}' changed nothing: {r.stats['reason']}")
         if verify and verifier is not None:
             check = outcome.verification  # the manager verifies the result whenever it has a verifier
             assert check is not None
@@ -445,6 +450,8 @@ def _precision(model: ir.Model, records: Sequence[Any], requested: Mapping[str, 
             reason = (record.stats or {}).get("reason") or record.reason
             if record.status == "reverted":
                 found[kind] = f"reverted ({reason})" if reason else "reverted"
+            elif (record.stats or {}).get("declined") == "nothing" and _has_dtype(model, dtypes):
+                found[kind] = None  # the input holds that precision already (the report's warning says so)
             else:
                 found[kind] = reason or "nothing in the model could be converted"
     return found

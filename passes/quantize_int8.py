@@ -216,7 +216,8 @@ class QuantizeInt8Pass(optcc.Pass):
             stats["reason"] = f"opset {opset} < 10 has no QuantizeLinear"
             return optcc.PassResult(model, False, stats)
         if not self.ranges:
-            stats["reason"] = "no calibrated ranges given"
+            stats["reason"] = ("no calibrated ranges given (quantize-int8-calibrated calibrates first; "
+                               "on the command line: --int8 --calibration DATA)")
             return optcc.PassResult(model, False, stats)
         per_channel = self.per_channel and opset >= 13
         names = optcc.ir.ModelNames(model)

@@ -32,8 +32,7 @@ class CalibratedInt8Pass(ir.passes.FunctionalPass):
 
     def call(self, model: ir.Model) -> optcc.PassResult:
         quantized, stats = quantize_int8(model.clone(), self.samples, options=self.options)
-        modified = any(n.op_type == "QuantizeLinear" for n in optcc.ir.nodes(quantized))
-        return optcc.PassResult(quantized, modified, json.loads(json.dumps(stats, default=str)))
+        return optcc.PassResult(quantized, bool(stats["modified"]), json.loads(json.dumps(stats, default=str)))
 
 
 def _check(options: Int8Options) -> None:

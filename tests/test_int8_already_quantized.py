@@ -1,0 +1,71 @@
+"""INT8 asked of a model that holds its own Q/DQ already, and the ranges-less
+``quantize-int8`` pass named alone: the output computes what the input does, and the
+report (and the command line) says why nothing was quantized."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx.numpy_helper as nh
+from onnx import TensorProto as TP
+
+import optcc
+from optcc import cli
+from reference import EXACT_RTOL, assert_close, expected_outputs
+
+
+def _qdq_conv() -> onnx.ModelProto:
+    """x -> Q -> DQ -> Conv(W from int8 through DQ) -> Relu: an INT8 model in QDQ form."""
+    rng = np.random.default_rng(3)
+    w_q = rng.integers(-127, 128, size=(4, 3, 3, 3)).astype(np.int8)
+    inits = [nh.from_array(w_q, "w_q"), nh.from_array(np.array(0.01, np.float32), "w_s"),
+             nh.from_array(np.array(1 / 255, np.float32), "x_s"), nh.from_array(np.array(0, np.uint8), "x_z")]
+    nodes = [
+        oh.make_node("QuantizeLinear", ["x", "x_s", "x_z"], ["x_q"]),
+        oh.make_node("DequantizeLinear", ["x_q", "x_s", "x_z"], ["x_dq"]),
+        oh.make_node("DequantizeLinear", ["w_q", "w_s"], ["w"]),
+        oh.make_node("Conv", ["x_dq", "w"], ["c"], pads=[1, 1, 1, 1]),
+        oh.make_node("Relu", ["c"], ["y"]),
+    ]
+    graph = oh.make_graph(nodes, "qdq", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, [1, 4, 8, 8])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 19)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _samples(n: int = 5) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{"x": rng.random((1, 3, 8, 8), dtype=np.float32)} for _ in range(n)]
+
+
+def test_int8_on_a_qdq_model_keeps_it_and_says_it_is_quantized_already():
+    model = _qdq_conv()
+    result = optcc.optimize(model, level=2, int8_calibration=_samples())
+    assert result.precision["int8"] is None  # the result holds INT8 as asked: not a decline
+    record = next(r for r in result.report.passes if r.name == "quantize-int8-calibrated")
+    assert record.status == "unchanged"
+    assert any(w.startswith("INT8: nothing left to quantize: the model is already quantized (")
+               and "1 QuantizeLinear" in w for w in result.report.warnings)
+    for feeds in _samples(2):
+        assert_close(expected_outputs(result.model, feeds), expected_outputs(model, feeds), EXACT_RTOL)
+
+
+def test_cli_int8_on_a_qdq_model_exits_0_with_the_reason(tmp_path, capsys):
+    source, calibration, out = tmp_path / "q.onnx", tmp_path / "cal.npz", tmp_path / "out.onnx"
+    onnx.save(_qdq_conv(), source)
+    np.savez(calibration, x=np.stack([s["x"] for s in _samples()]))
+    assert cli.main([str(source), "-o", str(out), "--int8", "--calibration", str(calibration)]) == 0
+    assert "already quantized" in capsys.readouterr().err
+    feeds = _samples(1)[0]
+    assert_close(expected_outputs(onnx.load(out), feeds), expected_outputs(_qdq_conv(), feeds), EXACT_RTOL)
+
+
+def test_quantize_int8_named_alone_says_it_has_no_ranges():
+    model = _qdq_conv()
+    result = optcc.optimize(model, passes=["quantize-int8"])
+    assert any(w.startswith("pass 'quantize-int8' changed nothing: no calibrated ranges given")
+               for w in result.report.warnings)
+    feeds = _samples(1)[0]
+    assert_close(expected_outputs(result.model, feeds), expected_outputs(model, feeds), EXACT_RTOL)
