@@ -18,12 +18,13 @@ without it a process's memory only grows from one large session to the next.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -57,7 +58,8 @@ def light_proto(model: ir.Model, *, min_bytes: int = MIN_SHARED_BYTES,
     data-less placeholders, and those initializers' arrays by name (``array(tensor)``;
     by default views, not copies, where the tensor allows). Feed both to
     ``weighted_session``."""
-    with initializers_set_aside(model, functools.partial(shareable, min_bytes=min_bytes)) as aside:
+    with initializers_set_aside(model, functools.partial(shareable, min_bytes=min_bytes)) as aside, \
+            _external_inlined(model):
         proto = oir.serialize(model)
     weights = {value.name: (array or _array)(tensor) for value, tensor in aside}
     shapes = {value.name: [int(d) for d in tensor.shape.numpy()] for value, tensor in aside}
@@ -65,6 +67,28 @@ def light_proto(model: ir.Model, *, min_bytes: int = MIN_SHARED_BYTES,
         if init.name in weights:
             mark_external(init, shapes[init.name], int(weights[init.name].nbytes))
     return proto, weights
+
+
+@contextlib.contextmanager
+def _external_inlined(model: ir.Model) -> Iterator[None]:
+    """Within the block, every initializer still read from an external file (one too small,
+    or of a dtype, not to be set aside; any in an If/Loop/Scan body) is an in-memory copy:
+    serialized, it would keep its file location relative to the model's folder, which a
+    session loaded from bytes or from a scratch folder cannot resolve."""
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        for graph in oir.graphs(model):
+            if not isinstance(graph, ir.Graph):
+                continue
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if isinstance(tensor, ir.ExternalTensor):
+                    swapped.append((value, tensor))
+                    value.const_value = ir.Tensor(np.array(tensor.numpy()), name=tensor.name)
+        yield
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
 
 
 _ARRAY_KEY = "optcc.array"
