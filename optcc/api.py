@@ -79,6 +79,10 @@ class OptimizeResult:
         if external_data is not False and self.source_files:  # nor the data file written beside the output
             data = Path(path).resolve().parent / (external_data_location or f"{Path(path).name}.data")
             oir.check_output_path(data, self.source, self.source_files)
+        if external_data is None and self.source_files:
+            # the input had external data: so does the output, even when every tensor it
+            # read from the file was rewritten (--fp16, INT8) and none refers to it any more
+            external_data = True
         options: dict[str, Any] = {}
         if external_data_threshold is not None:
             options["size_threshold_bytes"] = external_data_threshold
@@ -170,6 +174,7 @@ def optimize(
     untouched = oir.clone(loaded) if parse_for_verifier and overwrite_input_shapes else None
     report = Report(level=None if passes is not None else level)
     report.model_before = ModelSummary.of(working)
+    oir.collect_for(report.model_before.weight_bytes)
     source_files = frozenset(oir.external_data_files(working)) if label is not None else frozenset()
     if overwrite_input_shapes:
         fix_input_shapes(working, overwrite_input_shapes, label=label)
@@ -285,6 +290,7 @@ def optimize(
     finally:
         if verifier is not None:
             verifier.close()
+    oir.collect_for(report.model_before.weight_bytes)
     report.model_after = ModelSummary.of(outcome.model)
     report.total_time_s = round(time.perf_counter() - start, 6)
     report.peak_rss_bytes = peak_rss_bytes()

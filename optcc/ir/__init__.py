@@ -9,7 +9,7 @@ atomically (``save``), and every pass walks graphs, nodes and names the same way
 
 from __future__ import annotations
 
-from optcc.ir.collector import clone, collector_paused
+from optcc.ir.collector import clone, collect_for, collector_paused
 from optcc.ir.data_movement import reshaped, squeezed, unsqueezed
 from optcc.ir.edit import ModelNames, constant_before, as_numpy, const_tensor, inferred_dtypes, unique_value_name, upgrade_legacy_ir, value_names
 from optcc.ir.interface import FILLED_INTERFACE_KEY, without_weights
@@ -22,6 +22,7 @@ __all__ = [
     "ancestors",
     "element_type",
     "clone",
+    "collect_for",
     "collector_paused",
     "convert_opset",
     "upgrade_problem",
