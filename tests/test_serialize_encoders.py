@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -159,8 +160,21 @@ def test_in_memory_tensors_are_encoded_as_onnx_ir_writes_them(index):
 def test_other_tensors_are_declined():
     assert _encoded_tensor(ir.Tensor(np.array([1, 2], dtype=np.int8), dtype=ir.DataType.INT4)) is None
     assert _encoded_tensor(ir.StringTensor(np.array([b"a"]))) is None
-    parsed = ir.serde.TensorProtoTensor(ir.serde.serialize_tensor(ir.Tensor(np.ones(2, np.float32), name="p")))
-    assert _encoded_tensor(parsed) is None
+    packed = ir.serde.serialize_tensor(ir.Tensor(np.array([1, 2], dtype=np.int8), dtype=ir.DataType.INT4, name="q"))
+    assert _encoded_tensor(ir.serde.TensorProtoTensor(packed)) is None
+
+
+def test_parsed_tensors_are_encoded_as_onnx_ir_writes_them():
+    protos = [
+        onnx.helper.make_tensor("f", onnx.TensorProto.FLOAT, [2, 2], [1.0, -2.0, 0.5, 3.0]),  # float_data
+        onnx.helper.make_tensor("r", onnx.TensorProto.FLOAT, [2], np.ones(2, np.float32).tobytes(), raw=True),
+        onnx.helper.make_tensor("i", onnx.TensorProto.INT64, [3], [1, -1, 1 << 40]),
+        onnx.helper.make_tensor("", onnx.TensorProto.INT32, [], [7]),
+    ]
+    protos[0].doc_string = "kept as stored"
+    for proto in protos:
+        tensor = ir.serde.TensorProtoTensor(proto)
+        assert _encoded_tensor(tensor) == ir.serde.serialize_tensor(tensor).SerializeToString()
 
 
 def test_models_written_with_the_encoders_are_onnx_ir_bytes():

@@ -511,8 +511,13 @@ _RAW_DTYPES = frozenset({
 
 
 def _encoded_tensor(tensor: ir.TensorProtocol) -> bytes | None:
-    """``serialize_tensor``'s bytes for an in-memory ``ir.Tensor`` of a plain numeric type
-    (its raw_data is ``tobytes()``), without doc_string or metadata (checked by the caller)."""
+    """``serialize_tensor``'s bytes, without doc_string or metadata (checked by the
+    caller), for an in-memory ``ir.Tensor`` of a plain numeric type (its raw_data is
+    ``tobytes()``) and for a parsed tensor of such a type (onnx-ir writes a copy of its
+    TensorProto: that message's bytes)."""
+    if type(tensor) is ir.serde.TensorProtoTensor:
+        proto = tensor.raw
+        return proto.SerializeToString() if proto.data_type in _RAW_DTYPES else None
     if type(tensor) is not ir.Tensor or tensor.dtype not in _RAW_DTYPES:
         return None
     parts = []
