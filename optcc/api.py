@@ -24,6 +24,7 @@ from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_byte
 from optcc.ir.overwrite import check_input_shapes
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
 from optcc.numerics import DEFAULT_MARGIN, Tolerance, Verification, Verifier
+from optcc.quant import quantization_ops
 
 __all__ = ["optimize", "OptimizeResult", "verify", "FOLD_GROWTH_WARNING"]
 
@@ -270,15 +271,10 @@ def optimize(
         outcome = manager.run(working, fresh=fresh)
         report.passes = outcome.records
         report.warnings.extend(outcome.warnings)
-        for r in outcome.records:
-            if r.status != "unchanged" or not r.stats.get("reason"):
-                continue
-            if r.name == INT8_PASS:
-                already = r.stats.get("declined") == "nothing" and _has_dtype(outcome.model, _INT8_DTYPES)
-                report.warnings.append(f"INT8{': nothing left to quantize' if already else ' not applied'}: "
-                                       f"{r.stats['reason']}")
-            elif passes is not None and r.name not in PRECISION_PASSES.values():
-                report.warnings.append(f"pass '{r.name}' changed nothing: {r.stats['reason']}")
+        if passes is not None:
+            report.warnings.extend(f"pass '{r.name}' changed nothing: {r.stats['reason']}" for r in outcome.records
+                                   if r.status == "unchanged" and r.stats.get("reason")
+                                   and r.name not in PRECISION_PASSES.values())
         if verify and verifier is not None:
             check = outcome.verification  # the manager verifies the result whenever it has a verifier
             assert check is not None
@@ -294,12 +290,12 @@ def optimize(
     report.model_after = ModelSummary.of(outcome.model)
     report.total_time_s = round(time.perf_counter() - start, 6)
     report.peak_rss_bytes = peak_rss_bytes()
-    precision = _precision(outcome.model, outcome.records,
-                           {"fp16": fp16, "int8": quantizing, "int8-dynamic": int8_dynamic,
-                            "weights": bool(weight_only)})
-    for kind, reason in precision.items():
-        if reason is not None and not (kind == "int8" and any(w.startswith("INT8 not applied") for w in report.warnings)):
-            report.warnings.append(f"{kind.upper()} not applied: {reason}")
+    precision, held = _precision(outcome.model, outcome.records,
+                                 {"fp16": fp16, "int8": quantizing, "int8-dynamic": int8_dynamic,
+                                  "weights": bool(weight_only)})
+    report.warnings.extend(held)
+    report.warnings.extend(f"{kind.upper()} not applied: {reason}" for kind, reason in precision.items()
+                           if reason is not None)
     if target_opset is not None and oir.default_opset(outcome.model) != target_opset:
         why = next((r.reason for r in outcome.records if r.name == "upgrade-opset" and r.reason), "not run")
         report.warnings.append(f"opset not upgraded to {target_opset}: {why}")
@@ -437,10 +433,14 @@ def _has_dtype(model: ir.Model, dtypes: frozenset[ir.DataType]) -> bool:
     return False
 
 
-def _precision(model: ir.Model, records: Sequence[Any], requested: Mapping[str, bool]) -> dict[str, str | None]:
-    """Per requested precision: None when its pass changed the model and the result holds
-    tensors of that precision, else why not (the pass's own reason when it gave one)."""
+def _precision(model: ir.Model, records: Sequence[Any],
+               requested: Mapping[str, bool]) -> tuple[dict[str, str | None], list[str]]:
+    """Per requested precision: None when the result holds tensors of that precision and
+    its pass changed the model, or changed nothing for want of anything left to convert
+    (the input held that precision already: a note says so); else why not (the pass's own
+    reason when it gave one). And the notes."""
     found: dict[str, str | None] = {}
+    held: list[str] = []
     for kind, wanted in requested.items():
         if not wanted:
             continue
@@ -456,11 +456,33 @@ def _precision(model: ir.Model, records: Sequence[Any], requested: Mapping[str, 
             reason = (record.stats or {}).get("reason") or record.reason
             if record.status == "reverted":
                 found[kind] = f"reverted ({reason})" if reason else "reverted"
-            elif (record.stats or {}).get("declined") == "nothing" and _has_dtype(model, dtypes):
-                found[kind] = None  # the input holds that precision already (the report's warning says so)
+            elif _held_already(model, kind, record):
+                found[kind] = None
+                held.append(f"{kind.upper()}: nothing left to convert: " + (reason or _HELD_ALREADY[kind]))
             else:
                 found[kind] = reason or "nothing in the model could be converted"
-    return found
+    return found, held
+
+
+_HELD_ALREADY = {"fp16": "every float weight is float16 already", "int8": "the model is quantized already",
+                 "int8-dynamic": "the model is quantized already", "weights": "the model is quantized already"}
+
+
+def _held_already(model: ir.Model, kind: str, record: Any) -> bool:
+    """Whether a precision pass that changed nothing found the model in that precision
+    already: quantization ops for the integer kinds (INT8's own pass declines such a model
+    as ``"nothing"``), float16 and no float32 weights for FP16; never when the pass gave
+    another reason of its own."""
+    stats = record.stats or {}
+    if kind == "int8":
+        return stats.get("declined") == "nothing" and bool(quantization_ops(model))
+    if stats.get("reason"):
+        return False
+    if kind == "fp16":
+        weights = [v.const_value.dtype for g in oir.graphs(model) if isinstance(g, ir.Graph)
+                   for v in g.initializers.values() if v.const_value is not None]
+        return ir.DataType.FLOAT16 in weights and ir.DataType.FLOAT not in weights
+    return bool(quantization_ops(model))
 
 
 def _fold_growth(report: Report) -> str | None:

@@ -1,6 +1,7 @@
-"""INT8 asked of a model that holds its own Q/DQ already, and the ranges-less
-``quantize-int8`` pass named alone: the output computes what the input does, and the
-report (and the command line) says why nothing was quantized."""
+"""A precision asked of a model that holds it already (INT8, dynamic INT8 or weight-only
+of a QDQ model, FP16 of a float16 one), and the ranges-less ``quantize-int8`` pass named
+alone: the output computes what the input does, and the report (and the command line)
+says why nothing was converted. A float model with nothing to convert is still declined."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as nh
 from onnx import TensorProto as TP
+
+import pytest
 
 import optcc
 from optcc import cli
@@ -46,7 +49,7 @@ def test_int8_on_a_qdq_model_keeps_it_and_says_it_is_quantized_already():
     assert result.precision["int8"] is None  # the result holds INT8 as asked: not a decline
     record = next(r for r in result.report.passes if r.name == "quantize-int8-calibrated")
     assert record.status == "unchanged"
-    assert any(w.startswith("INT8: nothing left to quantize: the model is already quantized (")
+    assert any(w.startswith("INT8: nothing left to convert: the model is already quantized (")
                and "1 QuantizeLinear" in w for w in result.report.warnings)
     for feeds in _samples(2):
         assert_close(expected_outputs(result.model, feeds), expected_outputs(model, feeds), EXACT_RTOL)
@@ -69,3 +72,40 @@ def test_quantize_int8_named_alone_says_it_has_no_ranges():
                for w in result.report.warnings)
     feeds = _samples(1)[0]
     assert_close(expected_outputs(result.model, feeds), expected_outputs(model, feeds), EXACT_RTOL)
+
+
+@pytest.mark.parametrize("mode", [{"int8_dynamic": True}, {"weight_only": "int8"}])
+def test_other_integer_modes_on_a_qdq_model_say_it_is_quantized_already(mode):
+    model = _qdq_conv()
+    result = optcc.optimize(model, level=2, **mode)
+    kind = "int8-dynamic" if "int8_dynamic" in mode else "weights"
+    assert result.precision[kind] is None
+    assert f"{kind.upper()}: nothing left to convert: the model is quantized already" in result.report.warnings
+    feeds = _samples(1)[0]
+    assert_close(expected_outputs(result.model, feeds), expected_outputs(model, feeds), EXACT_RTOL)
+
+
+def test_fp16_of_a_float16_model_says_so():
+    w = np.random.default_rng(2).normal(size=(8, 8)).astype(np.float16)
+    graph = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["y"])], "half",
+                          [oh.make_tensor_value_info("x", TP.FLOAT16, [2, 8])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT16, [2, 8])], [nh.from_array(w, "w")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    result = optcc.optimize(model, level=2, fp16=True)
+    assert result.precision["fp16"] is None
+    assert "FP16: nothing left to convert: every float weight is float16 already" in result.report.warnings
+    feeds = {"x": np.random.default_rng(3).normal(size=(2, 8)).astype(np.float16)}
+    assert_close(expected_outputs(result.model, feeds), [feeds["x"].astype(np.float32) @ w.astype(np.float32)], 1e-2)
+
+
+def test_a_float_model_with_an_8_bit_tensor_and_nothing_to_quantize_is_still_declined():
+    """A uint8 Cast is not quantization: weight-only INT8 with no MatMul/Gemm/Conv to
+    quantize declines (exit 5 on the command line), it does not pass as held already."""
+    graph = oh.make_graph([oh.make_node("Cast", ["x"], ["b"], to=TP.UINT8), oh.make_node("Cast", ["b"], ["y"], to=TP.FLOAT)],
+                          "casts", [oh.make_tensor_value_info("x", TP.FLOAT, [4])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, [4])])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    result = optcc.optimize(model, level=2, weight_only="int8", allow_float_fallback=True)
+    assert result.precision["weights"] is not None
+    feeds = {"x": np.array([0.2, 1.7, 3.0, 250.4], np.float32)}
+    assert_close(expected_outputs(result.model, feeds), [np.floor(feeds["x"])], EXACT_RTOL)

@@ -22,7 +22,6 @@ from optcc.errors import BadInputError
 from optcc.infra.registry import create_pass
 from optcc.quant.cost_model import compare_modelled, element_counts
 from optcc.quant.fallback import (
-    INTEGER_OPS,
     RANKING_SAMPLES,
     Target,
     compare_latency,
@@ -30,6 +29,7 @@ from optcc.quant.fallback import (
     fallback,
     integer_op_histogram,
     model_outputs,
+    quantization_ops,
     shortfall,
 )
 from optcc.numerics.inputs import input_roles
@@ -85,7 +85,6 @@ def prepare_float(model: ir.Model) -> dict[str, Any]:
 BIAS_CORRECTION_TOLERANCE = 2.0  # bias correction is dropped when it multiplies the task shortfall by more
 
 _WEIGHT_GENERATORS = frozenset({"ConstantOfShape", "Expand", "Tile", "Range"})
-_QUANTIZATION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits"})
 
 
 def upgrade_opset(model: ir.Model, version: int = 13) -> tuple[ir.Model, str | None]:
@@ -156,15 +155,6 @@ def _describe_miss(evaluation: Mapping[str, Any], target: Target) -> str:
     if agreement:
         detail += f", argmax agreement {min(agreement.values()):.2f} (target {target.min_argmax_agreement:g})"
     return detail
-
-
-def _quantization_ops(model: ir.Model) -> dict[str, int]:
-    """How many of each quantization op (Q/DQ, integer kernels) the model holds, by name."""
-    counts: dict[str, int] = {}
-    for node in oir.nodes(model):
-        if node.op_type in _QUANTIZATION_OPS or node.op_type in INTEGER_OPS:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def _first_line(error: BaseException) -> str:
@@ -333,7 +323,7 @@ def quantize_int8(
     if not samples:
         raise BadInputError("no calibration samples given (empty data)")
     stats: dict[str, Any] = {"method": o.method, "modified": False}
-    already = _quantization_ops(working)
+    already = quantization_ops(working)
     if already:  # Q/DQ over an INT8 model's Q/DQ would requantize what is quantized already
         stats.update(declined="nothing", reason="the model is already quantized (" +
                      ", ".join(f"{n} {op}" for op, n in already.items()) + "); INT8 quantizes float models")

@@ -69,6 +69,7 @@ INTEGER_OPS = frozenset(
         "QAttention", "QEmbedLayerNormalization", "NhwcQLinearConv",
     }
 )
+_QUANTIZATION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits"})
 
 
 def _session(model: ir.Model | bytes | onnx.ModelProto, optimize: bool | str, threads: int | None = None,
@@ -105,6 +106,16 @@ def integer_op_histogram(model: ir.Model) -> dict[str, int]:
         for node in graph.node
         if node.op_type in INTEGER_OPS or node.op_type in ("QuantizeLinear", "DequantizeLinear")
     )
+    return dict(sorted(counts.items()))
+
+
+def quantization_ops(model: ir.Model) -> dict[str, int]:
+    """How many of each quantization op (Q/DQ, integer kernels, MatMulNBits) the model
+    holds, by op type."""
+    counts: dict[str, int] = {}
+    for node in oir.nodes(model):
+        if node.op_type in _QUANTIZATION_OPS or node.op_type in INTEGER_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
 
 
