@@ -12,7 +12,7 @@ import onnx_ir as ir
 import pytest
 
 import optcc
-from optcc.ir.serialize_cached import _encoded_node, _encoded_tensor, _encoded_value_info, serialize_bytes
+from optcc.ir.serialize_cached import _encoded_node, _encoded_tensor, _encoded_value_info, model_parts, serialize_bytes
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -183,3 +183,14 @@ def test_models_written_with_the_encoders_are_onnx_ir_bytes():
                  "eliminate-dead-nodes", "fuse-ort-conv-activation"]:
         optcc.create_pass(name)(model)
         assert serialize_bytes(model) == _model_reference(model)
+
+
+def test_a_cached_node_given_a_body_or_a_tensor_attribute_is_seen():
+    model = optcc.ir.load(FIXTURES / "tinycnn.onnx")
+    assert serialize_bytes(model) == _model_reference(model)  # every node's bytes cached
+    node = next(iter(model.graph))
+    node.attributes["extra"] = ir.AttrTensor("extra", ir.tensor(np.array([1.0], np.float32)))
+    assert serialize_bytes(model) == _model_reference(model)
+    node.attributes["extra"] = ir.AttrGraph("extra", ir.Graph([], [], nodes=[], name="body"))
+    assert model_parts(model) is None
+    assert serialize_bytes(model) == _model_reference(model)

@@ -248,6 +248,20 @@ def _node(node: ir.Node) -> bytes:
     if getattr(node, "device_configurations", ()):
         raise _Unsupported
     attributes = tuple(node.attributes.data.values())
+    metadata = node.metadata_props
+    key = (
+        node.name, node.op_type, node.domain, node.overload, node.doc_string,
+        tuple(sorted(metadata.items())) if metadata else (),
+        tuple(["" if v is None else v.name for v in node.inputs]),
+        tuple([v.name for v in node.outputs]),
+        tuple([id(a) for a in attributes]), tuple([(a.name, a.doc_string) for a in attributes]),
+    )
+    meta = node.meta.data
+    cached = meta.get(_NODE_KEY)
+    if cached is not None and cached[0] == key:
+        # the same attribute objects as when the bytes were cached, and an attribute's type
+        # and reference are fixed when it is made: they passed the checks below then
+        return cached[1]
     cacheable = True
     for attr in attributes:
         if attr.type in _GRAPH_ATTRIBUTES or attr.ref_attr_name is not None:
@@ -256,18 +270,6 @@ def _node(node: ir.Node) -> bytes:
             cacheable = False
     if not cacheable:
         return ir.serde.serialize_node(node).SerializeToString()
-    metadata = node.metadata_props
-    key = (
-        node.name, node.op_type, node.domain, node.overload, node.doc_string,
-        tuple(sorted(metadata.items())) if metadata else (),
-        tuple("" if v is None else v.name for v in node.inputs),
-        tuple(v.name for v in node.outputs),
-        tuple(id(a) for a in attributes), tuple((a.name, a.doc_string) for a in attributes),
-    )
-    meta = node.meta.data
-    cached = meta.get(_NODE_KEY)
-    if cached is not None and cached[0] == key:
-        return cached[1]
     data = _encoded_node(node, attributes)
     if data is None:
         data = ir.serde.serialize_node(node).SerializeToString()
