@@ -100,13 +100,15 @@ def upgrade_legacy_ir(model: ir.Model) -> int:
 
 def inferred_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
     """Element types of the values of the main graph and its If/Loop/Scan bodies, as
-    declared or as onnx type inference finds them (best effort: values it cannot type are
-    left out). Inference runs only when a node output is undeclared, on a serialized copy
-    whose weights are graph inputs of the same type and shape, so no weight data is
-    copied."""
+    declared, as an initializer's tensor holds them, or as onnx type inference finds them
+    (best effort: values it cannot type are left out). Inference runs only when a node
+    output is undeclared, on a serialized copy whose weights are graph inputs of the same
+    type and shape, so no weight data is copied."""
     bodies = [g for g in graphs(model) if isinstance(g, ir.Graph)]
     declared = [v for g in bodies for v in (*g.inputs, *(o for node in g for o in node.outputs))]
-    types = {v.name: v.dtype for v in declared if v.name and v.dtype is not None}
+    types = {v.name: v.const_value.dtype for g in bodies for v in g.initializers.values()
+             if v.name and v.const_value is not None}
+    types.update((v.name, v.dtype) for v in declared if v.name and v.dtype is not None)
     if all(v.name in types for v in declared if v.name):
         return types
     with initializers_set_aside(model, lambda t: True) as aside:
