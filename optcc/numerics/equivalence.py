@@ -535,6 +535,8 @@ class _Keys:
         self._frozen_names: dict[int, str] | None = None  # the keyed values' names when frozen
         self._frozen_parse: Any = None  # when frozen uninferred: its parse (or a function returning it)
         self._rank_memo: dict[int, tuple[ir.Value, int]] = {}  # ranks found, by id(value)
+        self._ranks_warmed = False  # every node output ranked by definition in graph order (``_warm_ranks``)
+        self._warming = False  # while warming: ``rank`` answers from the memo alone
         self._shapes: dict[int, tuple[bool, list] | None] = {}  # shape-like values, by id(value)
         self._constants: dict[int, tuple[ir.Value, ir.TensorProtocol | None]] = {}  # by id(value)
         self._node_attributes: dict[int, tuple[ir.Node, tuple | None]] = {}  # by id(node)
@@ -688,6 +690,8 @@ class _Keys:
         known = self._rank_memo.get(id(value))
         if known is not None and known[0] is value:
             return known[1]
+        if self._warming:
+            return None
         rank = self._rank_of(value, depth)
         if rank is not None:
             self._rank_memo[id(value)] = (value, rank)  # the value keeps its id unique
@@ -706,6 +710,12 @@ class _Keys:
             rank = self._rank_by_definition(node, value, depth)
             if rank is not None:
                 return rank
+        if not self._ranks_warmed and self._frozen_names is None:
+            # before inferring: the ranks the definitions give, read in graph order
+            self._warm_ranks()
+            known = self._rank_memo.get(id(value))
+            if known is not None and known[0] is value:
+                return known[1]
         models = sorted(self.numbering.models, key=lambda m: (m._ranks is None, m is self))
         for model in models:
             if model is self:
@@ -726,7 +736,9 @@ class _Keys:
         Slice, Concat, each output of a Split); an elementwise binary operator's, the
         largest of its inputs'; a
         Transpose's, its permutation's length (else its input's); a reduction that keeps its
-        dims, its input's. None otherwise, or where an input's rank is unknown."""
+        dims, its input's; a MatMul's, numpy's matmul's (the larger rank where both are at
+        least 2, one less where one operand is 1-D, 0 for two 1-D ones). None otherwise, or
+        where an input's rank is unknown."""
         op = node.op_type
         if node.domain not in ("", "ai.onnx") or (value.index() != 0 and op != "Split") \
                 or self.opsets.get("", 0) < 7 or not node.inputs or node.inputs[0] is None:
@@ -743,7 +755,35 @@ class _Keys:
         if op in _BROADCASTING and len(node.inputs) == 2:
             ranks = [self._input_rank(v, depth) for v in node.inputs]
             return None if None in ranks else max(ranks)
+        if op == "MatMul" and len(node.inputs) == 2:
+            ranks = [self._input_rank(v, depth) for v in node.inputs]
+            if None in ranks or min(ranks) < 1:
+                return None
+            # numpy's matmul: the batch dims broadcast; a 1-D operand loses its one dim
+            return 0 if ranks == [1, 1] else max(ranks) - (1 if min(ranks) == 1 else 0)
         return None
+
+    def _warm_ranks(self) -> None:
+        """Rank every main-graph node output by ``_rank_by_definition`` in graph order, each
+        from its inputs' ranks found before it (fed graph inputs: their declared rank;
+        constants: their array's), into the memo: without ``MAX_RANK_DEPTH``'s bound on a
+        chain of nodes, without keying a value or asking shape inference. Only while this
+        model's graph is the one keyed (not frozen)."""
+        self._ranks_warmed = True
+        memo = self._rank_memo
+        for value in self.model.graph.inputs:
+            if value.name in self.fed and value.shape is not None and id(value) not in memo:
+                memo[id(value)] = (value, value.shape.rank())
+        self._warming = True
+        try:
+            for node in self.model.graph:
+                for value in node.outputs:
+                    if id(value) not in memo:
+                        rank = self._rank_by_definition(node, value, 0)
+                        if rank is not None:
+                            memo[id(value)] = (value, rank)  # the value keeps its id unique
+        finally:
+            self._warming = False
 
     def _input_rank(self, value: ir.Value, depth: int) -> int | None:
         array = self._array(value)
