@@ -96,6 +96,13 @@ def float16_slots(node: ir.Node, opset: int, dtype: Callable[[ir.Value], ir.Data
         p for p in set(in_params) | set(out_params)
         if p in allowed and "tensor(float16)" in allowed[p] and p not in kept_params
     }
+    for p in sorted(convertible, key=str):  # a type parameter converts as a whole, or not at all
+        slot_types = [dtype(v) for v, q in zip(node.inputs, in_params) if v is not None and q == p]
+        slot_types += [dtype(v) for v, q in zip(node.outputs, out_params) if q == p]
+        if slot_types and all(t is not None and t not in (FLOAT, FLOAT16) for t in slot_types):
+            convertible.discard(p)  # it holds another type (Attention's bool mask): that stays
+        elif any(t not in (FLOAT, FLOAT16) for t in slot_types):
+            return f"type parameter {p} of {node.op_type} holds a type that is not float32/float16"
     ins = frozenset(
         i for i, (v, p) in enumerate(zip(node.inputs, in_params))
         if v is not None and p in convertible and dtype(v) == FLOAT
@@ -106,11 +113,6 @@ def float16_slots(node: ir.Node, opset: int, dtype: Callable[[ir.Value], ir.Data
     )
     if not ins and not outs:
         return "no float32 data"
-    for p in convertible:  # a type parameter converts as a whole, or not at all
-        slot_types = [dtype(v) for v, q in zip(node.inputs, in_params) if v is not None and q == p]
-        slot_types += [dtype(v) for v, q in zip(node.outputs, out_params) if q == p]
-        if any(t not in (FLOAT, FLOAT16) for t in slot_types):
-            return f"type parameter {p} of {node.op_type} holds a type that is not float32/float16"
     return Slots(ins, outs)
 
 
