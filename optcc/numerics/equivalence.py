@@ -401,7 +401,7 @@ class _Numbering:
             stored = _stored(tensor) if shared else None
             array = None if stored is None else self._decoded.get(stored)
             if array is None:
-                array = _decoded(tensor)
+                array = tensor.numpy()
                 if stored is not None:
                     array.flags.writeable = False  # shared by every tensor of this content
                     self._decoded[stored] = array
@@ -1505,23 +1505,6 @@ def _filled_element(array: np.ndarray, dtype: ir.DataType, raw: np.ndarray | Non
     if not bool((bits == bits[0]).all()):
         return None
     return bits[:1].tobytes()
-
-
-_FLOAT32_LE = np.dtype("<f4")
-
-
-def _decoded(tensor: ir.TensorProtocol) -> np.ndarray:
-    """``tensor.numpy()``. A parsed FLOAT tensor whose values are in ``float_data`` (and in
-    none of the fields onnx-ir reads before it: ``raw_data``, ``int32_data``,
-    ``int64_data``, ``uint64_data``) is decoded as onnx-ir decodes it, without its dtype
-    dispatch: those values as little-endian float32, in the tensor's dims."""
-    if type(tensor) is ir.serde.TensorProtoTensor:
-        proto = tensor.raw
-        if proto.data_type == onnx.TensorProto.FLOAT and proto.float_data \
-                and proto.data_location != onnx.TensorProto.EXTERNAL and not proto.HasField("raw_data") \
-                and not proto.int32_data and not proto.int64_data and not proto.uint64_data:
-            return np.array(proto.float_data, dtype=_FLOAT32_LE).reshape(proto.dims)
-    return tensor.numpy()
 
 
 def _stored(tensor: ir.TensorProtocol) -> tuple | None:
