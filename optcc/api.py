@@ -367,15 +367,20 @@ def _check_metric_fits(model: ir.Model, metric: object, label: str | None) -> No
     declared rank of the float outputs it judges, else BadInputError before anything runs."""
     for value in model.graph.outputs:
         named = metric.get(value.name) if isinstance(metric, Mapping) else metric
-        if not isinstance(named, str) or named not in _METRIC_RANKS or value.shape is None \
+        if not isinstance(named, str) or value.shape is None \
                 or value.dtype is None or not value.dtype.is_floating_point():
             continue
-        ranks = _METRIC_RANKS[named]
-        if value.shape.rank() not in ranks:
-            shape = "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in value.shape.dims) + "]"
-            raise BadInputError(
-                f"INT8 metric '{named}' does not fit output '{value.name}' of shape {shape}: it judges outputs of "
-                f"rank {' or '.join(map(str, ranks))} (docs/int8.md)", label)
+        ranks = _METRIC_RANKS.get(named)
+        dims = value.shape.dims
+        if ranks is not None and len(dims) not in ranks:
+            need = f"it judges outputs of rank {' or '.join(map(str, ranks))}"
+        elif named in ("argmax", "ctc") and dims and isinstance(dims[-1], int) and dims[-1] < 2:
+            need = "it needs at least 2 classes on the last axis"
+        else:
+            continue
+        shape = "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in dims) + "]"
+        raise BadInputError(f"INT8 metric '{named}' does not fit output '{value.name}' of shape {shape}: {need} "
+                            "(docs/int8.md)", label)
 
 
 def _merged_shapes(
