@@ -34,9 +34,13 @@ def _float_ids_model() -> onnx.ModelProto:
 def test_integer_valued_float_inputs_are_left_alone_and_others_move_one_ulp():
     ids = np.array([[1.0, 5.0, 63.0]], np.float32)
     audio = np.array([[0.25, -0.5, 1e-3]], np.float32)
-    moved, how = perturb({"ids": ids, "audio": audio})
+    features = np.array([[0.37, 1.0, 0.0, 2.0, -0.81]], np.float32)  # flags among continuous features
+    moved, how = perturb({"ids": ids, "audio": audio, "features": features})
     assert np.array_equal(moved["ids"], ids) and how["ids"] == "left alone (integer values)"
     assert np.array_equal(np.abs(moved["audio"] - audio), np.spacing(np.abs(audio)))
+    whole = features == np.trunc(features)
+    assert np.array_equal(moved["features"][whole], features[whole])
+    assert np.array_equal(np.abs(moved["features"] - features)[~whole], np.spacing(np.abs(features[~whole])))
 
 
 def test_the_dtype_maximum_is_not_moved_to_infinity():

@@ -39,10 +39,10 @@ real input carries. Image-like inputs (4-D float, 1 to 4 channels on axis 1 or 3
 spatial sides of at least 8) are taken as 8-bit pictures however they were normalized:
 each value moves by +-1/255 of its channel's range (one grey level), sign drawn from a
 fixed-seed generator. Other float inputs move by one unit in the last place
-(``numpy.spacing``), the dtype's own resolution. Integer inputs are left alone, and so
-are float inputs whose every value is a whole number (token ids, counts or masks fed as
-float: a model that truncates them to integers would read one ulp below ``k`` as
-``k - 1``, a floor made of changed inputs rather than noise).
+(``numpy.spacing``), the dtype's own resolution, except their whole-number values (token
+ids, counts or flags fed as float: a model that truncates them to integers would read one
+ulp below ``k`` as ``k - 1``, a floor made of changed inputs rather than noise). Integer
+inputs are left alone.
 
 **Several draws.** ``TaskJudge(draws=[...])`` takes the float model's outputs under more
 independent perturbations (``perturbation_draws``: draw ``d`` of sample ``i`` seeded
@@ -207,20 +207,16 @@ def perturb(feeds: Mapping[str, np.ndarray], seed: int | Sequence[int] = _SEED, 
             step = (a.max(axis=others, keepdims=True) - a.min(axis=others, keepdims=True)).astype(np.float64) / 255.0
             out[name] = (a + sign * step).astype(a.dtype)
             how[name] = "+-1/255 of each channel's range (8-bit image)"
-        elif _integer_valued(a):
-            out[name] = a  # ids, counts or masks fed as float: one ulp below k truncates to k - 1
-            how[name] = "left alone (integer values)"
         else:
+            # whole numbers stay (ids, counts, flags fed as float: one ulp below k truncates
+            # to k - 1), and so does the dtype's maximum (one ulp above is infinity)
             with np.errstate(over="ignore", invalid="ignore"):
                 moved = (a + sign * np.spacing(a)).astype(a.dtype)
-            out[name] = np.where(np.isfinite(moved) | ~np.isfinite(a), moved, a)  # the dtype's maximum stays
-            how[name] = "+-1 ulp"
+                whole = np.isfinite(a) & (a == np.trunc(a))
+            out[name] = np.where(whole | ~np.isfinite(moved), a, moved)
+            how[name] = "left alone (integer values)" if whole.all() else \
+                "+-1 ulp (whole numbers left alone)" if whole.any() else "+-1 ulp"
     return out, how
-
-
-def _integer_valued(a: np.ndarray) -> bool:
-    """Whether every value of the float array ``a`` is a whole number (finite)."""
-    return bool(np.isfinite(a).all() and np.array_equal(a, np.trunc(a)))
 
 
 def perturbation_draws(samples: Sequence[Mapping[str, np.ndarray]], draws: int, not_images: Collection[str] = (),
