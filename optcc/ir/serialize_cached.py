@@ -31,10 +31,8 @@ now. The key holds every field the bytes are written from:
 - in-memory tensor of at most ``CACHE_TENSOR_BYTES``: its name, doc_string and
   metadata_props (onnx-ir tensors are immutable; the bytes live in the tensor's meta).
 
-A part not cached yet is encoded directly where it is a common message (a node whose
-attributes are ints, floats, strings or their lists; a tensor-typed value annotation; an
-in-memory tensor of a numeric type, written as raw_data), with the bytes onnx-ir's
-serializer writes for it; any other is written by onnx-ir's serializer.
+A parsed tensor of a plain numeric type is written as its own TensorProto's bytes (what
+onnx-ir's copy of that message serializes to); every other part by onnx-ir's serializer.
 
 Models outside the plain case get ``None`` from ``model_parts`` (callers then use
 onnx-ir's serializer): model-local functions, subgraph or reference attributes (a body's
@@ -45,8 +43,6 @@ multi-device configurations.
 from __future__ import annotations
 
 import dataclasses
-import math
-import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -72,6 +68,10 @@ _UNCACHED_ATTRIBUTES = frozenset({
 })
 _GRAPH_ATTRIBUTES = frozenset({ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS})
 _CACHED_TENSOR_TYPES = (ir.Tensor, ir.serde.TensorProtoTensor)
+_PROTO_BYTES_DTYPES = frozenset(int(t) for t in (
+    ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.INT8, ir.DataType.UINT8,
+    ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
+    ir.DataType.UINT64, ir.DataType.BOOL))
 
 # field numbers (onnx.proto)
 _MODEL_GRAPH = 7
@@ -270,9 +270,7 @@ def _node(node: ir.Node) -> bytes:
             cacheable = False
     if not cacheable:
         return ir.serde.serialize_node(node).SerializeToString()
-    data = _encoded_node(node, attributes)
-    if data is None:
-        data = ir.serde.serialize_node(node).SerializeToString()
+    data = ir.serde.serialize_node(node).SerializeToString()
     meta[_NODE_KEY] = (key, data, attributes)  # the attributes stay referenced: their ids stay theirs
     return data
 
@@ -297,10 +295,7 @@ def _value_info(value: ir.Value) -> bytes:
     cached = meta.get(_VALUE_KEY)
     if cached is not None and cached[0] == key:
         return cached[1]
-    data = None if type_ is None or type_.denotation or value.doc_string or metadata else \
-        _encoded_value_info(value.name, type_, dims, denotations)
-    if data is None:
-        data = ir.serde.serialize_value(value).SerializeToString()
+    data = ir.serde.serialize_value(value).SerializeToString()
     meta[_VALUE_KEY] = (key, data, type_)  # the type stays referenced: its id stays its own
     return data
 
@@ -331,205 +326,10 @@ def _tensor(tensor: ir.TensorProtocol) -> bytes:
     cached = meta.get(_TENSOR_KEY)
     if cached is not None and cached[0] == key:
         return cached[1]
-    data = _encoded_tensor(tensor) if not metadata and not tensor.doc_string else None
-    if data is None:
+    if type(tensor) is ir.serde.TensorProtoTensor and not metadata and not tensor.doc_string \
+            and tensor.raw.data_type in _PROTO_BYTES_DTYPES:
+        data = tensor.raw.SerializeToString()  # what onnx-ir's copy of that message writes, without the copy
+    else:
         data = ir.serde.serialize_tensor(tensor).SerializeToString()
     meta[_TENSOR_KEY] = (key, data)
     return data
-
-
-# --------------------------------------------------------------------------- encoders
-# What onnx-ir's serializer and protobuf write for the common messages, encoded directly
-# (building a protobuf message field by field costs more than the bytes). Each returns
-# None where its message is outside the forms it writes; the caller then asks onnx-ir.
-# The bytes follow onnx.proto (proto2): fields in field-number order, repeated scalars
-# unpacked (one tag per element), a string or message as tag, length, bytes; a field
-# onnx-ir sets is written even when it holds its default (proto2 presence).
-
-_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
-_FLOAT32_MAX = 3.4028234663852886e38
-_PACK_FLOAT = struct.Struct("<f").pack
-
-
-def _int64(n: int) -> bytes:
-    """An int64 field's value: a varint of its two's complement (ten bytes when negative)."""
-    return _ONE_BYTE[n] if 0 <= n < 128 else varint(n if n >= 0 else n + (1 << 64))
-
-
-def _text(tag: bytes, text: str) -> bytes:
-    data = text.encode("utf-8")
-    return tag + _length(len(data)) + data
-
-
-def _tag(number: int, wire: int) -> bytes:
-    return varint(number << 3 | wire)
-
-
-# NodeProto: input 1, output 2, name 3, op_type 4, attribute 5, domain 7
-_N_INPUT, _N_OUTPUT, _N_NAME, _N_OP, _N_ATTRIBUTE, _N_DOMAIN = (_tag(n, 2) for n in (1, 2, 3, 4, 5, 7))
-# AttributeProto: name 1, f 2, i 3, s 4, floats 7, ints 8, strings 9, type 20
-_A_NAME, _A_S, _A_STRINGS = (_tag(n, 2) for n in (1, 4, 9))
-_A_F, _A_FLOATS = _tag(2, 5), _tag(7, 5)
-_A_I, _A_INTS = _tag(3, 0), _tag(8, 0)
-_A_TYPE = _tag(20, 0)
-_ATTRIBUTE_TYPE = {t: _A_TYPE + _ONE_BYTE[t.value] for t in (
-    ir.AttributeType.INT, ir.AttributeType.FLOAT, ir.AttributeType.STRING,
-    ir.AttributeType.INTS, ir.AttributeType.FLOATS, ir.AttributeType.STRINGS)}
-
-
-def _float32_bits(value: Any) -> bytes | None:
-    """A float field's four bytes (what protobuf stores for the double it is given: the
-    nearest float32); None outside finite float32 values."""
-    if type(value) is not float and type(value) is not int:
-        return None
-    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
-        return None
-    try:
-        return _PACK_FLOAT(value)
-    except OverflowError:
-        return None
-
-
-def _encoded_attribute(attr: ir.Attr) -> bytes | None:
-    """``serialize_attribute_into``'s AttributeProto of a plain attribute (int, float,
-    string and their lists; no doc_string, not a reference)."""
-    kind = _ATTRIBUTE_TYPE.get(attr.type)
-    if kind is None or attr.doc_string or attr.ref_attr_name is not None or type(attr.name) is not str:
-        return None
-    value = attr.value
-    parts = [_text(_A_NAME, attr.name)]
-    type_ = attr.type
-    if type_ == ir.AttributeType.INT:
-        if type(value) is not int or not _INT64_MIN <= value <= _INT64_MAX:
-            return None
-        parts.append(_A_I + _int64(value))
-    elif type_ == ir.AttributeType.INTS:
-        for n in value:
-            if type(n) is not int or not _INT64_MIN <= n <= _INT64_MAX:
-                return None
-            parts.append(_A_INTS + _int64(n))
-    elif type_ == ir.AttributeType.FLOAT:
-        bits = _float32_bits(value)
-        if bits is None:
-            return None
-        parts.append(_A_F + bits)
-    elif type_ == ir.AttributeType.FLOATS:
-        for x in value:
-            bits = _float32_bits(x)
-            if bits is None:
-                return None
-            parts.append(_A_FLOATS + bits)
-    elif type_ == ir.AttributeType.STRING:
-        if type(value) is not str:
-            return None
-        parts.append(_text(_A_S, value))
-    else:  # STRINGS
-        for text in value:
-            if type(text) is not str:
-                return None
-            parts.append(_text(_A_STRINGS, text))
-    parts.append(kind)
-    return b"".join(parts)
-
-
-def _encoded_node(node: ir.Node, attributes: tuple[ir.Attr, ...]) -> bytes | None:
-    """``serialize_node``'s bytes for a node without doc_string, overload or metadata
-    whose attributes are plain (``_encoded_attribute``)."""
-    if node.doc_string or node.overload or node.metadata_props:
-        return None
-    parts = []
-    for value in node.inputs:
-        name = "" if value is None else value.name
-        if type(name) is not str:
-            return None
-        parts.append(_text(_N_INPUT, name))
-    outputs = list(node.outputs)
-    while outputs and not outputs[-1].name:  # onnx-ir leaves out trailing unnamed outputs
-        outputs.pop()
-    for value in outputs:
-        if type(value.name) is not str:
-            return None
-        parts.append(_text(_N_OUTPUT, value.name))
-    if node.name:
-        parts.append(_text(_N_NAME, node.name))
-    if type(node.op_type) is not str:
-        return None
-    parts.append(_text(_N_OP, node.op_type))
-    for attr in attributes:
-        data = _encoded_attribute(attr)
-        if data is None:
-            return None
-        parts.append(_N_ATTRIBUTE + _length(len(data)) + data)
-    if node.domain:
-        parts.append(_text(_N_DOMAIN, node.domain))
-    return b"".join(parts)
-
-
-# ValueInfoProto: name 1, type 2; TypeProto: tensor_type 1; TypeProto.Tensor: elem_type 1,
-# shape 2; TensorShapeProto: dim 1; Dimension: dim_value 1, dim_param 2
-_V_NAME, _V_TYPE = _tag(1, 2), _tag(2, 2)
-_T_TENSOR, _T_SHAPE, _S_DIM, _D_PARAM = _tag(1, 2), _tag(2, 2), _tag(1, 2), _tag(2, 2)
-_T_ELEM, _D_VALUE = _tag(1, 0), _tag(1, 0)
-
-
-def _encoded_value_info(name: Any, type_: ir.TensorType, dims: Any, denotations: Any) -> bytes | None:
-    """``serialize_value``'s bytes for a value of a tensor type without denotation, doc
-    string or metadata (checked by the caller), whose dims have no denotation."""
-    if type(name) is not str:
-        return None
-    tensor = [_T_ELEM + _int64(type_.dtype.value)]
-    if dims is not None:
-        if any(denotations):
-            return None
-        shape = []
-        for dim in dims:
-            if type(dim) is int:
-                if not _INT64_MIN <= dim <= _INT64_MAX:
-                    return None
-                shape.append(_S_DIM + _ONE_BYTE[len(_int64(dim)) + 1] + _D_VALUE + _int64(dim))
-            elif type(dim) is ir.SymbolicDim:
-                if dim.value is None:
-                    shape.append(_S_DIM + _ONE_BYTE[0])
-                else:
-                    data = _text(_D_PARAM, str(dim.value))
-                    shape.append(_S_DIM + _length(len(data)) + data)
-            else:
-                return None
-        shape_bytes = b"".join(shape)
-        tensor.append(_T_SHAPE + _length(len(shape_bytes)) + shape_bytes)
-    tensor_bytes = b"".join(tensor)
-    type_bytes = _T_TENSOR + _length(len(tensor_bytes)) + tensor_bytes
-    return _text(_V_NAME, name) + _V_TYPE + _length(len(type_bytes)) + type_bytes
-
-
-# TensorProto: dims 1, data_type 2, name 8, raw_data 9
-_X_DIMS, _X_TYPE = _tag(1, 0), _tag(2, 0)
-_X_NAME, _X_RAW = _tag(8, 2), _tag(9, 2)
-_RAW_DTYPES = frozenset({
-    ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.INT8, ir.DataType.UINT8,
-    ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
-    ir.DataType.UINT64, ir.DataType.BOOL,
-})
-
-
-def _encoded_tensor(tensor: ir.TensorProtocol) -> bytes | None:
-    """``serialize_tensor``'s bytes, without doc_string or metadata (checked by the
-    caller), for an in-memory ``ir.Tensor`` of a plain numeric type (its raw_data is
-    ``tobytes()``) and for a parsed tensor of such a type (onnx-ir writes a copy of its
-    TensorProto: that message's bytes)."""
-    if type(tensor) is ir.serde.TensorProtoTensor:
-        proto = tensor.raw
-        return proto.SerializeToString() if proto.data_type in _RAW_DTYPES else None
-    if type(tensor) is not ir.Tensor or tensor.dtype not in _RAW_DTYPES:
-        return None
-    parts = []
-    for dim in tensor.shape.numpy():
-        if type(dim) is not int or not 0 <= dim <= _INT64_MAX:
-            return None
-        parts.append(_X_DIMS + _int64(dim))
-    parts.append(_X_TYPE + _ONE_BYTE[tensor.dtype.value])
-    if tensor.name:
-        parts.append(_text(_X_NAME, tensor.name))
-    data = tensor.tobytes()
-    parts.append(_X_RAW + _length(len(data)) + data)
-    return b"".join(parts)
