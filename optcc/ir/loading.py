@@ -118,6 +118,11 @@ def _from_proto(
                 model = ir.serde.deserialize_model(proto)
             _own_tensors(model)
         except Exception as e:  # onnx-ir rejects some malformed protos the checker lets through
+            mapped = _map_typed(proto)
+            if mapped is not None:
+                raise BadInputError(f"'{mapped}' holds maps (a ZipMap's output, say), a type optcc cannot "
+                                    "represent; export without it (skl2onnx: options={'zipmap': False})",
+                                    label) from None
             raise BadInputError(f"malformed model: {_one_line(e)}", label) from None
     finally:
         _restore(proto, originals)  # a caller's ModelProto is never modified
@@ -296,6 +301,23 @@ def _sort_or_reject_cycle(model: ir.Model, label: str) -> None:
     problem = first_order_problem(model)
     if problem is not None:
         raise BadInputError(f"invalid graph: {problem}", label)
+
+
+def _map_typed(proto: onnx.ModelProto) -> str | None:
+    """The name of the first graph input, output or annotated value whose type holds a map."""
+    def holds_map(type_: onnx.TypeProto) -> bool:
+        kind = type_.WhichOneof("value")
+        if kind == "map_type":
+            return True
+        inner = {"sequence_type": lambda: type_.sequence_type.elem_type,
+                 "optional_type": lambda: type_.optional_type.elem_type}.get(kind or "")
+        return inner is not None and holds_map(inner())
+
+    graph = proto.graph
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        if holds_map(info.type):
+            return info.name
+    return None
 
 
 def _one_line(error: BaseException) -> str:
