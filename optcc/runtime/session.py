@@ -22,7 +22,6 @@ results of a session of its bytes.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,7 +35,7 @@ import onnxruntime as ort
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
-from optcc.runtime.shared_weights import light_proto, shareable, weighted_session
+from optcc.runtime.shared_weights import light_proto, weighted_session
 
 __all__ = ["session_options", "make_session", "run", "detached", "first_line", "with_outputs", "resolve_providers"]
 
@@ -192,27 +191,6 @@ def _external_in_bodies(model: ir.Model) -> bool:
                if g is not model.graph and isinstance(g, ir.Graph) for v in g.initializers.values())
 
 
-def _shared(tensor: ir.TensorProtocol) -> bool:
-    return shareable(tensor, SHARED_MIN_BYTES)
-
-
-@contextlib.contextmanager
-def _small_external_inlined(model: ir.Model) -> Iterator[None]:
-    """Within the block, the main graph's small external tensors are in-memory copies
-    (onnxruntime reads constants such as axes and shapes while it loads the graph)."""
-    swapped = []
-    try:
-        for value in model.graph.initializers.values():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor) and not _shared(tensor):
-                swapped.append((value, tensor))
-                value.const_value = ir.Tensor(np.array(tensor.numpy()), name=tensor.name)
-        yield
-    finally:
-        for value, tensor in swapped:
-            value.const_value = tensor
-
-
 def _mapped(tensor: ir.TensorProtocol) -> np.ndarray:
     """The tensor's values without a copy: an external tensor's file region mapped
     read-only (a map of its own, closed when the array goes), an in-memory one as is."""
@@ -227,8 +205,7 @@ def _mapped(tensor: ir.TensorProtocol) -> np.ndarray:
 def _shared_weights_session(
     model: ir.Model, provider: str, options: ort.SessionOptions
 ) -> ort.InferenceSession:
-    with _small_external_inlined(model):
-        proto, weights = light_proto(model, min_bytes=SHARED_MIN_BYTES, array=_mapped)
+    proto, weights = light_proto(model, min_bytes=SHARED_MIN_BYTES, array=_mapped)  # small external ones inlined
     _no_prepacking(options)
     # the default order runs every Cast of a weight (onnxruntime's own, in front of a
     # float16 weight a CPU kernel reads in float32) first, all their float32 copies alive
