@@ -323,11 +323,16 @@ def quantize_int8(
     if not samples:
         raise BadInputError("no calibration samples given (empty data)")
     stats: dict[str, Any] = {"method": o.method, "modified": False}
+
+    def decline(kind: str, reason: str) -> tuple[ir.Model, dict[str, Any]]:
+        stats.update(modified=False, declined=kind, reason=reason)
+        stats.setdefault("fallback", {"kept_float": [], "target_met": None, "skipped": reason})
+        return untouched, stats
+
     already = quantization_ops(working)
     if already:  # Q/DQ over an INT8 model's Q/DQ would requantize what is quantized already
-        stats.update(declined="nothing", reason="the model is already quantized (" +
-                     ", ".join(f"{n} {op}" for op, n in already.items()) + "); INT8 quantizes float models")
-        return untouched, stats
+        return decline("nothing", "the model is already quantized (" +
+                       ", ".join(f"{n} {op}" for op, n in already.items()) + "); INT8 quantizes float models")
     seconds: dict[str, float] = {}
     stats["seconds"] = seconds  # wall time per phase
     clock = time.perf_counter()
@@ -428,11 +433,6 @@ def quantize_int8(
         if only is None and not exclude:
             made[key] = (result.model.clone(), dict(result_stats))
         return result.model, result_stats
-
-    def decline(kind: str, reason: str) -> tuple[ir.Model, dict[str, Any]]:
-        stats.update(modified=False, declined=kind, reason=reason)
-        stats.setdefault("fallback", {"kept_float": [], "target_met": None, "skipped": reason})
-        return untouched, stats
 
     counts = element_counts(calibration.stats)
 
