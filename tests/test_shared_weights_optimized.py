@@ -61,3 +61,19 @@ def test_external_data_session_matches_the_reference_evaluator(tmp_path, optimiz
               size_threshold=1024)
     session = make_session(oir.load(str(path)), scratch=tmp_path, options=session_options(optimize=optimize))
     np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_other_providers_load_a_large_in_memory_model_from_a_saved_file(tmp_path, monkeypatch):
+    """Weights are handed over to CPU sessions alone: for any other provider (here the CPU
+    standing in for one) a model past the hand-over size is saved with external data into the
+    scratch folder and loaded from there, computing what the model computes."""
+    monkeypatch.setattr("optcc.runtime.session.CPU", "another provider")
+    monkeypatch.setattr("optcc.runtime.session.HANDOVER_MIN_BYTES", 1024)
+    proto = _conv_bn_add()
+    x = RNG.standard_normal((1, 8, 6, 6)).astype(np.float32)
+    expected = ReferenceEvaluator(proto).run(None, {"x": x})[0]
+    session = make_session(oir.load(proto), "CPUExecutionProvider", scratch=tmp_path)
+    assert not hasattr(session, "optcc_weights")  # nothing handed over
+    saved = sorted(p.suffix for p in tmp_path.iterdir())
+    assert saved == [".data", ".onnx"]
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)

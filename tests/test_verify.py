@@ -12,6 +12,7 @@ import pytest
 
 import optcc
 from optcc.numerics import TOLERANCES, Verifier, compare_outputs, generate_inputs, resolve_providers, verify
+from optcc.runtime import make_session, provider_entry
 
 
 def _model(text: str) -> ir.Model:
@@ -114,6 +115,23 @@ def test_cuda_provider_verifies_the_example():
     result = optcc.optimize("fixtures/tinycnn.onnx", providers=["cpu", "cuda"])
     assert result.report.verification["status"] == "passed"
     assert "CUDAExecutionProvider" in result.report.verification["providers"]
+
+
+def test_cuda_sessions_compute_in_float32_with_a_fixed_convolution_algorithm():
+    """A verification session on CUDA runs without TF32 and with cuDNN's heuristic algorithm
+    choice (optcc.runtime.providers); CPU sessions keep onnxruntime's defaults."""
+    assert provider_entry("CPUExecutionProvider") == "CPUExecutionProvider"
+    name, options = provider_entry("CUDAExecutionProvider")
+    assert name == "CUDAExecutionProvider"
+    assert options == {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(), reason="no CUDA execution provider")
+def test_cuda_session_takes_the_verification_options():
+    session = make_session("fixtures/tinycnn.onnx", "CUDAExecutionProvider")
+    applied = session.get_provider_options()["CUDAExecutionProvider"]
+    assert applied["use_tf32"] == "0" and applied["cudnn_conv_algo_search"] == "HEURISTIC"
 
 
 def test_per_element_allowance_follows_the_float32_originals_own_error():
@@ -223,3 +241,25 @@ def test_a_lossy_check_failed_on_a_saturated_output_says_the_samples_cannot_judg
         high = float((1 / (1 + np.exp(-(x + shift)))).max())
         assert (high < 1e-3) == saturated
         assert ("saturated" in check.reason and "--inputs" in check.reason) == saturated
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(), reason="no CUDA execution provider")
+def test_a_model_past_the_hand_over_size_verifies_on_cuda():
+    """A model whose weights optcc hands to CPU sessions in memory is loaded from a saved
+    file on CUDA, and an exact rewrite of it passes there."""
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((4096, 4096)).astype(np.float32)  # 64 MiB: the hand-over size
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["i"]), onnx.helper.make_node("MatMul", ["i", "W"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4096])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4096])],
+        [onnx.numpy_helper.from_array(weight, "W")])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((2, 4096)).astype(np.float32)
+    result = optcc.optimize(ir.from_proto(proto), providers=["cpu", "cuda"], inputs=[{"x": x}])
+    assert result.report.verification["status"] == "passed"
+    assert not result.report.reverted()
+    got = ort.InferenceSession(optcc.ir.serialize(result.ir_model).SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x.astype(np.float64) @ weight.astype(np.float64), rtol=1e-4, atol=1e-3)

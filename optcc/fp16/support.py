@@ -33,6 +33,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from optcc.runtime.providers import provider_entry
 from optcc.runtime.session import session_options
 
 __all__ = ["Support", "cache_dir", "cache_path", "cached", "probe_op", "support", "op_key"]
@@ -173,7 +174,7 @@ def _try(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str) ->
     with tempfile.TemporaryDirectory(prefix="optcc-fp16-probe-") as tmp:
         options = session_options(optimized_path=os.path.join(tmp, "executed.onnx"))
         try:
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=[provider_entry(provider)])
             session.run(None, feeds)
         except Exception as e:  # noqa: BLE001 - any onnxruntime failure is the verdict
             lines = [line for line in str(e).splitlines() if line.strip()]

@@ -17,12 +17,15 @@ of them first. A model file with external data (or past protobuf's limit) also l
 without pre-packing, so that a model and its rewrite run the same kernels. A large
 in-memory model run as written (no graph optimizations) is not serialized with its
 weights either: they are handed over as arrays with pre-packing on, the kernels and
-results of a session of its bytes.
+results of a session of its bytes. Handed-over weights are for the CPU alone: on any other
+provider such a model is saved into the scratch folder, its weights in an external file,
+and loaded from that path (a CUDA session given them in memory computes other results).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +38,7 @@ import onnxruntime as ort
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
+from optcc.runtime.providers import provider_entry
 from optcc.runtime.shared_weights import light_proto, weighted_session
 
 __all__ = ["session_options", "make_session", "run", "detached", "first_line", "with_outputs", "resolve_providers"]
@@ -45,6 +49,7 @@ HANDOVER_MIN_BYTES = 64 << 20  # an in-memory model with this many weight bytes 
 _SMALL_MODEL_FILE = 64 << 20  # a model file this small is parsed to see whether it has external data
 _FATAL_ONLY = 4  # onnxruntime log severity: a failing kernel is logged at 3 before it raises, and optcc reports it once
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+CPU = PROVIDER_ALIASES["cpu"]
 
 
 def resolve_providers(names: Sequence[str] | None) -> list[str]:
@@ -133,24 +138,29 @@ def make_session(
         if external:
             _no_prepacking(options)
         try:
-            return ort.InferenceSession(str(model), options, providers=[provider])
+            return ort.InferenceSession(str(model), options, providers=[provider_entry(provider)])
         except Exception:
             if not external or scratch is None:
                 raise
             # onnxruntime cannot read a constant it needs to load the graph (Unsqueeze axes,
             # Reshape shapes) from an external file; small external tensors are inlined here
+            if provider != CPU:
+                return _saved_session(oir.load(model), provider, options, scratch)
             return _shared_weights_session(oir.load(model), provider, options)
     if isinstance(model, bytes):
-        return ort.InferenceSession(model, options, providers=[provider])
+        return ort.InferenceSession(model, options, providers=[provider_entry(provider)])
     if isinstance(model, onnx.ModelProto):
-        return ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+        return ort.InferenceSession(model.SerializeToString(), options, providers=[provider_entry(provider)])
+    if provider != CPU and (oir.needs_external_data(model) or oir.uses_external_data(model)
+                            or oir.weight_bytes(model) >= HANDOVER_MIN_BYTES):
+        return _saved_session(model, provider, options, scratch)
     if oir.needs_external_data(model) or oir.uses_external_data(model):
         if scratch is None:
             raise ValueError("a model with external data needs a scratch folder for its session")
         if _external_in_bodies(model):
             path = Path(scratch) / f"model_{uuid.uuid4().hex}.onnx"
             oir.save(model, path, external_data=True)
-            return ort.InferenceSession(str(path), options, providers=[provider])
+            return ort.InferenceSession(str(path), options, providers=[provider_entry(provider)])
         return _shared_weights_session(model, provider, options)
     if options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL \
             and oir.weight_bytes(model) >= HANDOVER_MIN_BYTES:
@@ -158,7 +168,20 @@ def make_session(
         # the graph alone, the arrays handed over, pre-packed as from a full proto
         proto, weights = light_proto(model, min_bytes=SHARED_MIN_BYTES)
         return weighted_session(proto, weights, options, provider)
-    return ort.InferenceSession(oir.serialize(model).SerializeToString(), options, providers=[provider])
+    return ort.InferenceSession(oir.serialize(model).SerializeToString(), options, providers=[provider_entry(provider)])
+
+
+def _saved_session(model: ir.Model, provider: str, options: ort.SessionOptions,
+                   scratch: str | os.PathLike | None) -> ort.InferenceSession:
+    """A session of ``model`` saved with its weights in an external file and loaded from
+    that path, onnxruntime's own way of reading them. Weights handed over in memory are
+    for the CPU alone: a CUDA session given them computes other results."""
+    if scratch is None:
+        with tempfile.TemporaryDirectory(prefix="optcc-session-") as folder:
+            return _saved_session(model, provider, options, folder)
+    path = Path(scratch) / f"model_{uuid.uuid4().hex}.onnx"
+    oir.save(model, path, external_data=True)
+    return ort.InferenceSession(str(path), options, providers=[provider_entry(provider)])
 
 
 def _no_prepacking(options: ort.SessionOptions) -> None:

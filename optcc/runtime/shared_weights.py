@@ -33,6 +33,7 @@ import onnxruntime as ort
 
 from optcc import ir as oir
 from optcc.ir.saving import initializers_set_aside
+from optcc.runtime.providers import provider_entry
 
 __all__ = ["MIN_SHARED_BYTES", "light_proto", "mark_external", "shareable", "weighted_session", "release_memory"]
 
@@ -140,7 +141,7 @@ def weighted_session(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], 
             del init.external_data[:]
             init.data_location = onnx.TensorProto.DEFAULT
             init.raw_data = arrays[name].astype(arrays[name].dtype.newbyteorder("<"), copy=False).tobytes()
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=[provider])
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=[provider_entry(provider)])
         session.optcc_weights = ()
         return session
     values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
@@ -149,7 +150,7 @@ def weighted_session(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], 
         # initializers (a Conv + BatchNormalization fusion reading one is off by ~60 in
         # onnxruntime 1.32); initializers it takes as external data it folds correctly
         options.add_external_initializers(list(values), list(values.values()))
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=[provider])
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=[provider_entry(provider)])
         session.optcc_weights = (arrays, values)
         return session
     with tempfile.TemporaryDirectory(prefix="optcc-session-") as folder:
@@ -168,7 +169,7 @@ def weighted_session(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], 
             f.write(proto.SerializeToString())
         for name, value in values.items():
             options.add_initializer(name, value)
-        session = ort.InferenceSession(path, options, providers=[provider])
+        session = ort.InferenceSession(path, options, providers=[provider_entry(provider)])
     session.optcc_weights = (arrays, values)  # onnxruntime reads them in place: they live as long as it
     return session
 
