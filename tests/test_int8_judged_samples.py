@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from onnx.reference import ReferenceEvaluator
 
@@ -222,3 +223,16 @@ def test_the_final_verification_judges_each_group_apart() -> None:
         items, deviation = _agreement(result.ir_model, [f for f, g in zip(data, groups) if g == label])
         assert rows[f"logits@{label}:argmax"]["items"] == items
         assert rows[f"logits@{label}:argmax"]["deviation"] == pytest.approx(deviation, abs=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(), reason="no CUDA execution provider")
+def test_the_report_keeps_one_task_shape_on_several_providers() -> None:
+    """``task`` is the first provider's verdict whatever the providers; each provider's is in
+    ``task_by_provider`` when there are several."""
+    result = optcc.optimize(str(TINYCNN), int8_calibration=_images(12), int8_options={"require_speedup": False},
+                            providers=["cpu", "cuda"])
+    verification = result.report.verification
+    assert "logits:argmax" in verification["task"]["metrics"]
+    assert set(verification["task_by_provider"]) == {"CPUExecutionProvider", "CUDAExecutionProvider"}
+    assert verification["task_by_provider"]["CPUExecutionProvider"] == verification["task"]

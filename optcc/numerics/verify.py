@@ -98,7 +98,8 @@ class Verification:
     reason: str | None = None
     reference: str = "float32 original"
     decode_steps: int | None = None  # steps per sample for a KV-cache decoder
-    task: dict[str, Any] | None = None  # the task judge's verdict, for INT8
+    task: dict[str, Any] | None = None  # the task judge's verdict on the first provider, for INT8
+    task_by_provider: dict[str, dict[str, Any]] | None = None  # every provider's, when there are several
     notes: list[str] = dataclasses.field(default_factory=list)  # what makes this check weaker
     proof: dict[str, Any] | None = None  # set when proved equal without running (reference "proof")
     # a lossy decoder's own greedy tokens against the original's (reported, never decisive:
@@ -165,6 +166,7 @@ class Verification:
             "reference": self.reference,
             "decode_steps": self.decode_steps,
             "task": self.task,
+            "task_by_provider": self.task_by_provider,
             "notes": self.notes,
             "reason": self.reason,
             "outputs": [o.to_dict() for o in self.outputs],
@@ -542,9 +544,10 @@ class Verifier:
             problems += [f"'{row}' on {provider}: {_task_problem(value)}"
                          for row, value in verdict["metrics"].items() if value.get("passed") is False]
         status = "failed" if problems else "passed"
-        task = (verdicts.get(self.providers[0]) if len(verdicts) == 1 else verdicts) if verdicts else None
         return Verification(status=status, outputs=metrics, reason="; ".join(problems) or None, reference=reference,
-                            task=task, notes=self.notes(), free_running=free or None, **base)
+                            task=verdicts.get(self.providers[0]),
+                            task_by_provider=verdicts if len(verdicts) > 1 else None,
+                            notes=self.notes(), free_running=free or None, **base)
 
     def _free_running(self, session: Any, reference: Sequence[Sequence[np.ndarray]]) -> dict[str, Any]:
         """The candidate's own greedy decode from each sample against the original's
