@@ -23,7 +23,7 @@ from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_bytes
 from optcc.ir.overwrite import check_input_shapes
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
-from optcc.numerics import DEFAULT_MARGIN, Tolerance, Verification, Verifier
+from optcc.numerics import DEFAULT_MARGIN, Tolerance, Verification, Verifier, resolve_providers
 from optcc.quant import quantization_ops
 
 __all__ = ["optimize", "OptimizeResult", "verify", "FOLD_GROWTH_WARNING"]
@@ -202,6 +202,8 @@ def optimize(
     options = {"fold-constants": {"fold_large": True}} if fold_large else None
     if fp16 and not fold_large:  # a float16 model is wanted for its size: fold only what does not grow it
         options = {"fold-constants": {"max_growth_bytes": 0}}
+    # FusedConv's activations differ by provider: the model must build on each one it is verified on
+    options = {**(options or {}), "fuse-ort-conv-activation": {"providers": resolve_providers(providers)}}
     pipeline = build_pipeline(level, passes=passes, disable=disable, options=options)
     if target_opset is not None:
         problem = oir.upgrade_problem(working, target_opset)

@@ -25,9 +25,11 @@ is not computed from the Conv. The driver (``optcc.rewrite.pattern``) refuses ma
 Conv (or Add) output is a graph output or has other readers, and never touches
 custom-domain ops.
 
-Target: onnxruntime's CPU kernel. Its CUDA/ROCm FusedConv kernels implement Relu only (a
-session with any other activation fails to build), so ``providers`` other than "cpu"
-restrict the pass to Conv(+Add)+Relu.
+Target: onnxruntime's CPU kernel. A model meant for any other provider as well gets no
+FusedConv (``providers`` other than "cpu": the pass changes nothing and says why): the
+CUDA/ROCm kernels implement Relu only (a session with any other activation fails to
+build), and on CUDA the fused Relu form runs slower than the Conv and Relu it replaces
+(benchmarks/cuda_check.md).
 
 Numerics ("fusion"): FusedConv runs the same MLAS convolution as Conv and applies the
 activation to its output in place (Z is summed into the accumulator first, instead of in
@@ -247,18 +249,12 @@ def _function_nodes(function: ir.Function) -> list[ir.Node]:
     return found
 
 
-# onnxruntime's CUDA (and ROCm) FusedConv kernels implement Relu only and fail to build a
-# session for any other activation (or none): a model meant for them gets only these rules.
-GPU_SAFE_RULES = ("conv-relu", "conv-add-relu")
-
-
 class FuseOrtConvActivationPass(RewritePass):
     """Conv (+ same-shape residual Add) + Relu/Sigmoid/Tanh/LeakyRelu/HardSigmoid/Clip
     -> com.microsoft.FusedConv (onnxruntime target, -O3).
 
     ``providers``: the onnxruntime execution providers the model is meant for ("cpu",
-    "cuda", ...). With any provider other than "cpu", only Conv(+Add)+Relu is fused, the
-    one form every FusedConv kernel implements.
+    "cuda", ...). With any provider other than "cpu", nothing is fused (module docstring).
     """
 
     name = "fuse-ort-conv-activation"
@@ -268,13 +264,17 @@ class FuseOrtConvActivationPass(RewritePass):
     def __init__(self, providers: tuple[str, ...] | list[str] = ("cpu",), max_iters: int = 32) -> None:
         super().__init__(max_iters=max_iters)
         self.providers = tuple(p.lower().removesuffix("executionprovider") for p in providers)
-        if any(p != "cpu" for p in self.providers):
-            self.rules = tuple(r for r in RULES if r.name in GPU_SAFE_RULES)
+        self.not_for = [p for p in self.providers if p != "cpu"]
+        if self.not_for:
+            self.rules = ()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(providers={self.providers!r})"
 
     def call(self, model: ir.Model) -> PassResult:
+        if self.not_for:
+            reason = f"FusedConv is for onnxruntime's CPU, and the model is also meant for {', '.join(self.not_for)}"
+            return PassResult(model, False, {"reason": reason})
         used_before = _used_constants(model)
         result = super().call(model)
         if result.modified:
