@@ -23,6 +23,12 @@ logits)                   (a CRNN's ``[T, batch, C]``), decoded also from raw lo
 class rows in [0, 1]      anchor, per-class NMS (IoU 0.45); 1 - box F1 (same class, IoU
                           >= 0.5) over the confident boxes (score >= 0.35) of either side,
                           matched against the other side's boxes down to score 0.15
+``[N, A, 5+K]``, A > 5+K, ``boxes`` as well (YOLOv5, YOLOX): cx, cy, w, h, objectness and K
+objectness and scores     class scores per anchor; a class's score is objectness times
+in [0, 1], most anchors   its score (their confidence). Decoded (pixels: w, h >= 0,
+background                centres spread beyond ``RAW_SPAN``) or raw YOLOX (offsets in
+(``box_layout``)          cells and log sizes, decoded on the square stride 8/16/32(/64)
+                          grid that the anchor count gives, ``anchor_grid``)
 anything else             ``sqnr``: noise power / signal power, summed over ALL held-out
                           samples (never a per-sample median or worst, which one blank
                           input would dominate); reported in dB
@@ -119,7 +125,7 @@ from optcc.errors import BadInputError
 __all__ = [
     "METRICS", "DEFAULT_MARGIN", "MIN_DEVIATION", "Outputs", "UserMetric", "choose_metric", "perturb",
     "MIN_ITEMS", "measure", "deviations", "TaskJudge", "perturbation_draws", "FLOOR_DRAWS", "ctc_greedy",
-    "map_boxes", "yolo_boxes", "box_f1",
+    "map_boxes", "yolo_boxes", "box_f1", "box_layout", "class_rows", "anchor_grid",
 ]
 
 Outputs = Mapping[str, Sequence[np.ndarray]]  # output name -> one array per sample
@@ -137,6 +143,9 @@ BOX_SCORE = 0.25
 BOX_BAND = 0.1
 NMS_IOU = 0.45
 MATCH_IOU = 0.5
+BACKGROUND = 0.1  # a detector's median anchor is background: its objectness is below this
+RAW_SPAN = 16.0  # raw YOLOX centres are offsets within a few cells; decoded ones spread over pixels
+GRID_STRIDES = ((8, 16, 32), (8, 16, 32, 64))  # YOLOX's pyramids (P5, P6), finest level first
 _SEED = 0
 
 
@@ -165,8 +174,7 @@ def choose_metric(sample: np.ndarray, name: str = "") -> str:
     if a.ndim in (3, 4) and (a.ndim == 3 or a.shape[1] == 1) and min(a.shape[-2:]) >= 8 \
             and float(a.min()) >= 0.0 and float(a.max()) <= 1.0:
         return "detection-map"
-    if a.ndim == 3 and 5 <= a.shape[1] < a.shape[2] and float(a[:, 4:].min()) >= 0.0 \
-            and float(a[:, 4:].max()) <= 1.0:
+    if box_layout(a) is not None:
         return "boxes"
     if a.ndim == 3 and a.shape[2] >= 8:
         return "embedding"
@@ -439,11 +447,117 @@ def _added_boxes_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray
     return {"added_boxes": max(0, n_got - n_ref) / max(n_ref, 1)}, {}
 
 
-def yolo_boxes(prediction: np.ndarray, score: float = BOX_SCORE) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per image of ``[N, 4+K, A]``: (boxes ``[x0, y0, x1, y1]``, classes, scores) after a
-    score threshold and per-class greedy NMS."""
+# --------------------------------------------------------------------------- YOLO layouts
+
+
+def anchor_grid(anchors: int) -> np.ndarray | None:
+    """``[A, 3]`` (cell x, cell y, stride) of each anchor of a raw YOLOX output with
+    ``anchors`` rows, one anchor per cell on a square input, levels finest first and cells
+    row-major (YOLOX's export order); None when no pyramid of ``GRID_STRIDES`` has that
+    many cells. At most one pyramid fits: 21 m^2 = 85 k^2 has no solution in integers."""
+    for strides in GRID_STRIDES:
+        per_coarsest = sum((strides[-1] // s) ** 2 for s in strides)  # cells per coarsest cell
+        if anchors % per_coarsest:
+            continue
+        n = math.isqrt(anchors // per_coarsest)  # coarsest cells per side
+        if n < 1 or n * n * per_coarsest != anchors:
+            continue
+        levels = []
+        for s in strides:
+            side = n * strides[-1] // s
+            ys, xs = np.divmod(np.arange(side * side), side)
+            levels.append(np.stack([xs, ys, np.full(side * side, s)], 1))
+        return np.concatenate(levels).astype(np.float64)
+    return None
+
+
+def _raw_offsets(coordinates: np.ndarray) -> bool:
+    """Whether ``[A, 4]`` reads as raw YOLOX regression on its anchor grid: centres as
+    offsets within a few cells (some below 0), and a pyramid with that many anchors."""
+    centres = coordinates[:, :2]
+    return float(centres.max() - centres.min()) <= RAW_SPAN and float(coordinates.min()) < 0.0 \
+        and anchor_grid(len(coordinates)) is not None
+
+
+def box_layout(sample: np.ndarray) -> str | None:
+    """How a YOLO-style output holds its boxes, from one sample, on evidence: None when it
+    does not read as boxes.
+
+    - ``"class-rows"``: ``[N, 4+K, A]`` (YOLOv8): rows cx, cy, w, h, then K class scores
+      in [0, 1]; fewer rows than anchors.
+    - ``"anchor-rows"``: ``[N, A, 5+K]`` decoded (YOLOv5, YOLOX with its decoding
+      exported): per anchor cx, cy, w, h in pixels, objectness, K class scores; more
+      anchors than columns, objectness and scores in [0, 1], most anchors background
+      (median objectness below ``BACKGROUND``), w and h never negative, and centres spread
+      over more than ``RAW_SPAN`` (pixels, not cell offsets).
+    - ``"anchor-grid"``: the same columns raw (YOLOX without its decoding): centre offsets
+      in cells and log sizes, decoded on the square anchor grid that ``anchor_grid``
+      finds from A alone.
+
+    An ``[N, A, 85]`` output of embeddings fails the [0, 1] columns or the background
+    median; one of probabilities fails the pixel spread and has no negative offsets.
+    """
+    a = np.asarray(sample)
+    if a.ndim != 3 or not np.issubdtype(a.dtype, np.floating) or a.size == 0 or not np.isfinite(a).all():
+        return None
+    if 5 <= a.shape[1] < a.shape[2]:
+        return "class-rows" if float(a[:, 4:].min()) >= 0.0 and float(a[:, 4:].max()) <= 1.0 else None
+    if not 6 <= a.shape[2] < a.shape[1]:
+        return None
+    rows = np.asarray(a[0], np.float64)
+    if float(rows[:, 4:].min()) < 0.0 or float(rows[:, 4:].max()) > 1.0 or float(np.median(rows[:, 4])) >= BACKGROUND:
+        return None
+    coordinates = rows[:, :4]
+    centres = coordinates[:, :2]
+    if float(coordinates[:, 2:].min()) >= 0.0 and float(centres.max() - centres.min()) > RAW_SPAN:
+        return "anchor-rows"
+    return "anchor-grid" if _raw_offsets(coordinates) else None
+
+
+def _read_layout(sample: np.ndarray) -> str:
+    """The layout ``boxes`` reads an output in: ``box_layout``'s where the evidence holds
+    (the metric was named for an output that lacks it), else by shape: class rows (what
+    ``boxes`` read first) unless there are more rows than columns and at least 6 columns
+    (cx, cy, w, h, objectness, a class); anchor rows are raw where they read as offsets
+    on a grid."""
+    a = np.asarray(sample)
+    found = box_layout(a)
+    if found is not None:
+        return found
+    if a.shape[1] <= a.shape[2] or a.shape[2] < 6:
+        return "class-rows"
+    return "anchor-grid" if _raw_offsets(np.asarray(a[0, :, :4], np.float64)) else "anchor-rows"
+
+
+def class_rows(prediction: np.ndarray, layout: str | None = None) -> np.ndarray:
+    """``prediction`` (``[N, 4+K, A]``, or ``[N, A, 5+K]`` decoded or raw: ``box_layout``)
+    as ``[N, 4+K, A]`` float64: cx, cy, w, h in pixels, then per class its score, which
+    for anchor rows is objectness times the class score (YOLOv5's and YOLOX's confidence).
+    ``layout``: None reads it from the prediction itself (``_read_layout``)."""
+    p = np.asarray(prediction, np.float64)
+    layout = layout or _read_layout(p)
+    if layout == "class-rows":
+        return p
+    coordinates = p[..., :4].copy()
+    if layout == "anchor-grid":
+        grid = anchor_grid(p.shape[1])
+        if grid is None:
+            raise ValueError(f"no YOLOX anchor grid has {p.shape[1]} anchors (strides {GRID_STRIDES}, square input)")
+        stride = grid[:, 2:]
+        coordinates[..., :2] = (coordinates[..., :2] + grid[:, :2]) * stride
+        # an exponent past 50 is no box a picture holds; the cap keeps float64 finite
+        coordinates[..., 2:] = np.exp(np.minimum(coordinates[..., 2:], 50.0)) * stride
+    scores = p[..., 5:] * p[..., 4:5]
+    return np.concatenate([coordinates, scores], -1).transpose(0, 2, 1)
+
+
+def yolo_boxes(prediction: np.ndarray, score: float = BOX_SCORE, layout: str | None = None
+               ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per image of a YOLO-style prediction (``class_rows``: ``[N, 4+K, A]`` or
+    ``[N, A, 5+K]``, in ``layout`` or the one read from it): (boxes ``[x0, y0, x1, y1]``,
+    classes, scores) after a score threshold and per-class greedy NMS."""
     result = []
-    for p in np.asarray(prediction, np.float64):
+    for p in class_rows(prediction, layout):
         scores = p[4:].max(0)
         classes = p[4:].argmax(0)
         keep = np.nonzero(scores >= score)[0]
@@ -481,9 +595,10 @@ def _boxes_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> 
     matching box even at the lower threshold, so a detection whose score merely crosses
     the threshold is no error (as argmax agreement counts only confident samples)."""
     low, high = BOX_SCORE - BOX_BAND, BOX_SCORE + BOX_BAND
+    layout = _read_layout(refs[0]) if len(refs) else None  # one reading for both sides
     confident = errors = extra = 0
     for r, g in zip(refs, gots):
-        for (rb, rc, rs), (gb, gc, gs) in zip(yolo_boxes(r, low), yolo_boxes(g, low)):
+        for (rb, rc, rs), (gb, gc, gs) in zip(yolo_boxes(r, low, layout), yolo_boxes(g, low, layout)):
             r_hi, g_hi = rs >= high, gs >= high
             missed = _unmatched(rb[r_hi], rc[r_hi], gb, gc)
             added = _unmatched(gb[g_hi], gc[g_hi], rb, rc)
@@ -579,10 +694,12 @@ def _boxes_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
     makes: a confident float32 box missed that every draw keeps (down to the lower
     score), a confident box added that no draw has (down to the lower score)."""
     low, high = BOX_SCORE - BOX_BAND, BOX_SCORE + BOX_BAND
+    layout = _read_layout(refs[0]) if len(refs) else None  # one reading for every side
     confident = errors = 0
     for i, (r, g) in enumerate(zip(refs, gots)):
-        draws = [yolo_boxes(draw[i], low) for draw in envelope]
-        for j, ((rb, rc, rs), (gb, gc, gs)) in enumerate(zip(yolo_boxes(r, low), yolo_boxes(g, low))):
+        draws = [yolo_boxes(draw[i], low, layout) for draw in envelope]
+        for j, ((rb, rc, rs), (gb, gc, gs)) in enumerate(zip(yolo_boxes(r, low, layout),
+                                                             yolo_boxes(g, low, layout))):
             r_hi, g_hi = rs >= high, gs >= high
             missed = _unmatched_mask(rb[r_hi], rc[r_hi], gb, gc)
             added = _unmatched_mask(gb[g_hi], gc[g_hi], rb, rc)
@@ -653,8 +770,11 @@ def _sqnr_parts(metric: str, refs: Sequence[np.ndarray], gots: Sequence[np.ndarr
     scores ([0, 1]) are judged apart (summed together, the SQNR is the coordinates')."""
     if metric != "boxes":
         return {"sqnr": _sqnr_noise(refs, gots)}
-    return {"sqnr_coordinates": _sqnr_noise([np.asarray(r)[:, :4] for r in refs], [np.asarray(g)[:, :4] for g in gots]),
-            "sqnr_scores": _sqnr_noise([np.asarray(r)[:, 4:] for r in refs], [np.asarray(g)[:, 4:] for g in gots])}
+    layout = _read_layout(refs[0]) if len(refs) else None
+    ref_rows = [class_rows(r, layout) for r in refs]  # pixels and confidences, whatever the layout
+    got_rows = [class_rows(g, layout) for g in gots]
+    return {"sqnr_coordinates": _sqnr_noise([r[:, :4] for r in ref_rows], [g[:, :4] for g in got_rows]),
+            "sqnr_scores": _sqnr_noise([r[:, 4:] for r in ref_rows], [g[:, 4:] for g in got_rows])}
 
 
 def _db(noise_ratio: float) -> float:

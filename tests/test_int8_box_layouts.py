@@ -1,0 +1,271 @@
+"""YOLO-style box outputs in their three layouts (``optcc.numerics.task.box_layout``):
+YOLOv8's ``[N, 4+K, A]``, YOLOv5's / decoded YOLOX's ``[N, A, 5+K]`` and raw YOLOX's
+``[N, A, 5+K]`` on its anchor grid. Small ONNX models make the outputs; the box F1 the
+judge reports is checked against an independent numpy decode, NMS and matching; outputs
+of the same shape that are not boxes must not be read as boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+from onnx import helper as oh
+from onnx import numpy_helper as nh
+
+from optcc.numerics import task as tm
+from optcc.quant.driver import quantize_int8
+
+SIDE = 64  # input side: strides 8, 16, 32 give 8x8 + 4x4 + 2x2 = 84 anchors
+CLASSES = 2
+
+
+def _grid(side: int = SIDE, strides: tuple[int, ...] = (8, 16, 32)) -> np.ndarray:
+    """[A, 3]: cell x, cell y, stride, levels finest first, cells row-major (written out
+    here independently of ``anchor_grid``)."""
+    rows = []
+    for s in strides:
+        for y in range(side // s):
+            for x in range(side // s):
+                rows.append((x, y, s))
+    return np.array(rows, np.float64)
+
+
+def _raw_prediction(objects: list[tuple[int, int, float, float]], seed: int = 0) -> np.ndarray:
+    """[1, A, 5 + CLASSES] raw YOLOX rows: background everywhere (objectness 0.001),
+    and per (anchor, class, log w, log h) a confident object (objectness and score 0.95)."""
+    rng = np.random.default_rng(seed)
+    anchors = len(_grid())
+    p = np.zeros((1, anchors, 5 + CLASSES), np.float32)
+    p[0, :, :2] = rng.uniform(-0.5, 1.5, (anchors, 2))  # centre offsets in cells, some below 0
+    p[0, :, 2:4] = rng.uniform(-1.0, 1.0, (anchors, 2))  # log sizes in strides
+    p[0, :, 4] = 0.001
+    p[0, :, 5:] = rng.uniform(0.0, 0.3, (anchors, CLASSES))
+    for anchor, cls, log_w, log_h in objects:
+        p[0, anchor, :4] = (0.5, 0.5, log_w, log_h)
+        p[0, anchor, 4] = 0.95
+        p[0, anchor, 5:] = 0.01
+        p[0, anchor, 5 + cls] = 0.95
+    return p
+
+
+def _decode(raw: np.ndarray) -> np.ndarray:
+    grid = _grid()
+    out = raw.astype(np.float64).copy()
+    out[0, :, :2] = (raw[0, :, :2] + grid[:, :2]) * grid[:, 2:]
+    out[0, :, 2:4] = np.exp(raw[0, :, 2:4]) * grid[:, 2:]
+    return out.astype(np.float32)
+
+
+def _decoding_model() -> onnx.ModelProto:
+    """raw [1, A, 5+K] -> decoded [1, A, 5+K] (xy + grid) * stride, exp(wh) * stride, as a
+    YOLOX export with its decoding (and a YOLOv5 export) computes it in the graph."""
+    grid = _grid()
+    anchors, width = len(grid), 5 + CLASSES
+    nodes = [
+        oh.make_node("Split", ["raw", "split"], ["xy", "wh", "scores"], axis=2),
+        oh.make_node("Add", ["xy", "cells"], ["xy1"]),
+        oh.make_node("Mul", ["xy1", "stride"], ["xy2"]),
+        oh.make_node("Exp", ["wh"], ["wh1"]),
+        oh.make_node("Mul", ["wh1", "stride"], ["wh2"]),
+        oh.make_node("Concat", ["xy2", "wh2", "scores"], ["boxes"], axis=2),
+    ]
+    inits = [nh.from_array(np.array([2, 2, width - 4], np.int64), "split"),
+             nh.from_array(grid[None, :, :2].astype(np.float32), "cells"),
+             nh.from_array(grid[None, :, 2:].astype(np.float32), "stride")]
+    graph = oh.make_graph(nodes, "decode", [oh.make_tensor_value_info("raw", TensorProto.FLOAT, [1, anchors, width])],
+                          [oh.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, anchors, width])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8)
+
+
+def _run(model: onnx.ModelProto, raw: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"raw": raw})[0]
+
+
+# ------------------------------------------------------------------ independent reference
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _numpy_boxes(decoded: np.ndarray, threshold: float = 0.25) -> list[tuple[np.ndarray, int]]:
+    """YOLOv5's post-processing, plainly: confidence = objectness x class score, best class,
+    threshold, per-class greedy NMS at IoU 0.45."""
+    rows = decoded[0].astype(np.float64)
+    conf = rows[:, 5:] * rows[:, 4:5]
+    cls, score = conf.argmax(1), conf.max(1)
+    order = [i for i in np.argsort(-score, kind="stable") if score[i] >= threshold]
+    kept: list[tuple[np.ndarray, int]] = []
+    for i in order:
+        cx, cy, w, h = rows[i, :4]
+        box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+        if all(c != cls[i] or _iou(box, b) <= 0.45 for b, c in kept):
+            kept.append((box, int(cls[i])))
+    return kept
+
+
+def _numpy_f1(ref: list[tuple[np.ndarray, int]], got: list[tuple[np.ndarray, int]]) -> float:
+    """F1 of one-to-one matches (same class, IoU >= 0.5, best pairs first)."""
+    pairs = sorted(((_iou(r, g), i, j) for i, (r, rc) in enumerate(ref) for j, (g, gc) in enumerate(got)
+                    if rc == gc), reverse=True)
+    used_r, used_g, tp = set(), set(), 0
+    for iou, i, j in pairs:
+        if iou >= 0.5 and i not in used_r and j not in used_g:
+            used_r.add(i)
+            used_g.add(j)
+            tp += 1
+    return 2 * tp / (len(ref) + len(got)) if ref or got else 1.0
+
+
+# anchors: 0..63 stride 8, 64..79 stride 16, 80..83 stride 32
+OBJECTS = [(9, 0, 1.5, 1.5), (10, 0, 1.5, 1.5), (27, 1, 0.0, 0.3), (45, 0, 1.0, 0.8), (66, 1, 0.2, 0.2),
+           (81, 0, 0.0, 0.0)]  # anchors 9 and 10 see the same object: NMS keeps one
+
+
+def _candidate_raw() -> np.ndarray:
+    """The reference with three errors: the box of anchor 45 moved by three cells (IoU
+    below 0.5: one missed, one added), anchor 66's object lost, a new one at anchor 33."""
+    raw = _raw_prediction(OBJECTS)
+    raw[0, 45, 0] += 3.0
+    raw[0, 66, 4] = 0.01
+    raw[0, 33, :5] = (0.5, 0.5, 0.0, 0.0, 0.95)
+    raw[0, 33, 5:] = (0.01, 0.95)
+    return raw
+
+
+def test_anchor_grid_matches_the_pyramid_order() -> None:
+    assert np.array_equal(tm.anchor_grid(84), _grid())
+    assert np.array_equal(tm.anchor_grid(3549), _grid(416))  # a 416 x 416 YOLOX
+    assert np.array_equal(tm.anchor_grid(85 * 4), _grid(128, (8, 16, 32, 64)))  # P6
+    assert tm.anchor_grid(85) is not None  # a 64 x 64 P6 pyramid: 64 + 16 + 4 + 1
+    assert tm.anchor_grid(86) is None and tm.anchor_grid(8400 * 3) is None  # 3 anchors per cell: YOLOv5, decoded
+
+
+def test_layouts_are_recognized() -> None:
+    raw = _raw_prediction(OBJECTS)
+    decoded = _run(_decoding_model(), raw)
+    assert np.allclose(decoded, _decode(raw), rtol=1e-5, atol=1e-4)
+    assert tm.box_layout(raw) == "anchor-grid" and tm.choose_metric(raw, "output") == "boxes"
+    assert tm.box_layout(decoded) == "anchor-rows" and tm.choose_metric(decoded, "output") == "boxes"
+    v8 = np.ascontiguousarray(tm.class_rows(decoded).astype(np.float32))  # [1, 4+K, A]
+    assert v8.shape == (1, 4 + CLASSES, 84) and tm.box_layout(v8) == "class-rows"
+    # every layout reads as the same boxes
+    boxes = [tm.yolo_boxes(p)[0] for p in (raw, decoded, v8)]
+    for b, c, s in boxes[1:]:
+        assert np.allclose(b, boxes[0][0], atol=1e-3) and np.array_equal(c, boxes[0][1])
+        assert np.allclose(s, boxes[0][2], atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["anchor-grid", "anchor-rows"])
+def test_box_f1_against_numpy(layout: str) -> None:
+    decoder = _decoding_model()
+    make = (lambda r: r) if layout == "anchor-grid" else (lambda r: _run(decoder, r))  # noqa: E731
+    ref, got = make(_raw_prediction(OBJECTS)), make(_candidate_raw())
+    ref_boxes, got_boxes = _numpy_boxes(_decode(_raw_prediction(OBJECTS))), _numpy_boxes(_decode(_candidate_raw()))
+    assert len(ref_boxes) == 5 and len(got_boxes) == 5  # 6 objects, two of them one box after NMS
+    f1 = _numpy_f1(ref_boxes, got_boxes)
+    assert f1 == pytest.approx(2 * 3 / 10)  # 3 boxes kept of 5 on each side
+    parts = tm.deviations("boxes", [ref], [got])
+    assert parts["box_f1"] == pytest.approx(1 - f1) and parts["extra_boxes"] == 2.0
+    # the judge: metric chosen from the output, deviation next to a floor of float32 against
+    # itself moved at the input's resolution (here: identical boxes)
+    judge = tm.TaskJudge({"boxes": [ref]}, {"boxes": [ref + np.float32(1e-6)]})
+    assert judge.metric_names() == {"boxes": "boxes"}
+    verdict = judge({"boxes": [got]})
+    row = verdict["metrics"]["boxes:box_f1"]
+    assert row["deviation"] == pytest.approx(1 - f1, abs=1e-6) and row["floor"] == 0.0 and row["items"] == 10
+    assert not row["passed"] and not verdict["passed"]
+    assert judge({"boxes": [ref]})["passed"]
+
+
+def test_scores_sqnr_is_over_the_confidences() -> None:
+    """Over too few boxes, SQNR judges coordinates and scores apart: for anchor rows the
+    scores are objectness x class score, the coordinates pixels (the raw ones decoded)."""
+    raw, moved = _raw_prediction(OBJECTS), _candidate_raw()
+    parts = tm._sqnr_parts("boxes", [raw], [moved])
+    ref, got = tm.class_rows(raw), tm.class_rows(moved)
+    want = np.sum((ref[:, 4:] - got[:, 4:]) ** 2) / np.sum(ref[:, 4:] ** 2)
+    assert parts["sqnr_scores"] == pytest.approx(want)
+    conf = raw[0, :, 5:].astype(np.float64) * raw[0, :, 4:5]
+    assert np.allclose(ref[0, 4:], conf.T)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@pytest.mark.parametrize("name, sample", [
+    ("embeddings", np.random.default_rng(1).normal(size=(1, 8400, 85)).astype(np.float32)),
+    ("probabilities", np.random.default_rng(2).random((1, 8400, 85)).astype(np.float32)),
+    ("sigmoid features", _sigmoid(np.random.default_rng(3).normal(size=(1, 8400, 85))).astype(np.float32)),
+    # rows summing to 1: objectness low on the median anchor, but no pixel centres, no offsets below 0
+    ("softmax rows", np.full((1, 8400, 85), 1 / 85, np.float32)),
+])
+def test_same_shape_not_boxes(name: str, sample: np.ndarray) -> None:
+    assert tm.box_layout(sample) is None, name
+    assert tm.choose_metric(sample, "output") != "boxes", name
+
+
+def test_background_median_and_sizes_are_required() -> None:
+    decoded = _run(_decoding_model(), _raw_prediction(OBJECTS))
+    busy = decoded.copy()
+    busy[0, :, 4] = 0.6  # most anchors confident: no detector's output
+    assert tm.box_layout(busy) is None
+    negative = decoded.copy()
+    negative[0, 3, 2] = -4.0  # a negative width in pixels, and centres spread over pixels
+    assert tm.box_layout(negative) is None
+    odd = _raw_prediction(OBJECTS)[:, :83]  # 83 anchors: no square pyramid
+    assert tm.box_layout(odd) is None
+    flat = decoded.copy()
+    flat[0, :, :2] = np.clip(flat[0, :, :2], 0, 10)  # centres within 10 units, none negative
+    assert tm.box_layout(flat) is None
+
+
+def _yolox_head_model() -> onnx.ModelProto:
+    """image [1, 3, 64, 64] -> [1, 84, 6]: per stride a strided Conv to 6 channels (raw
+    xy, log wh; objectness and one class through Sigmoid, objectness biased low),
+    flattened row-major and concatenated finest first, as a YOLOX head exports."""
+    rng = np.random.default_rng(0)
+    nodes, inits, levels = [], [], []
+    for s in (8, 16, 32):
+        w = (rng.normal(size=(6, 3, s, s)) * 0.5 / s).astype(np.float32)
+        b = np.array([0.5, 0.5, 0.0, 0.0, -5.0, 0.0], np.float32)
+        inits += [nh.from_array(w, f"w{s}"), nh.from_array(b, f"b{s}")]
+        nodes += [oh.make_node("Conv", ["image", f"w{s}", f"b{s}"], [f"c{s}"], strides=[s, s]),
+                  oh.make_node("Reshape", [f"c{s}", "flat"], [f"r{s}"])]
+        levels.append(f"r{s}")
+    inits += [nh.from_array(np.array([1, 6, -1], np.int64), "flat"),
+              nh.from_array(np.array([4, 2], np.int64), "split")]
+    nodes += [oh.make_node("Concat", levels, ["cat"], axis=2),
+              oh.make_node("Transpose", ["cat"], ["rows"], perm=[0, 2, 1]),
+              oh.make_node("Split", ["rows", "split"], ["reg", "logits"], axis=2),
+              oh.make_node("Sigmoid", ["logits"], ["probs"]),
+              oh.make_node("Concat", ["reg", "probs"], ["output"], axis=2)]
+    graph = oh.make_graph(nodes, "yolox", [oh.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 64, 64])],
+                          [oh.make_tensor_value_info("output", TensorProto.FLOAT, [1, 84, 6])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8)
+
+
+def test_driver_judges_a_yolox_head_by_boxes() -> None:
+    model = _yolox_head_model()
+    rng = np.random.default_rng(0)
+    samples = [{"image": (rng.integers(0, 256, (1, 3, 64, 64)) / 255.0).astype(np.float32)} for _ in range(5)]
+    out = _run_image(model, samples[0]["image"])
+    assert tm.box_layout(out) == "anchor-grid"
+    _, stats = quantize_int8(model, samples, require_speedup=False)
+    assert stats["acceptance"]["metrics"] == {"output": "boxes"}
+    rows = stats["fallback"]["evaluation"]["task"]["metrics"]
+    assert "output:box_f1" in rows
+    assert {"output:sqnr_coordinates", "output:sqnr_scores"} <= rows.keys()  # few confident boxes
+
+
+def _run_image(model: onnx.ModelProto, image: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": image})[0]
