@@ -142,6 +142,23 @@ _PLAIN_RAW = frozenset({
 })
 # the TensorProto fields an in-memory tensor writes back (a name only when not empty)
 _PLAIN_FIELDS = frozenset({"name", "dims", "data_type", "raw_data"})
+# every other TensorProto field, by kind: a singular one is set when HasField says so, a
+# repeated one when it is not empty (what ListFields lists)
+_OTHER_SINGULAR = tuple(f.name for f in onnx.TensorProto.DESCRIPTOR.fields
+                        if not f.is_repeated and f.name not in _PLAIN_FIELDS)
+_OTHER_REPEATED = tuple(f.name for f in onnx.TensorProto.DESCRIPTOR.fields
+                        if f.is_repeated and f.name not in _PLAIN_FIELDS)
+
+
+def _plain_fields_only(proto: onnx.TensorProto) -> bool:
+    """Whether ``raw_data`` is set and no field outside ``_PLAIN_FIELDS`` is, and the name,
+    when set, is not empty: the fields ``ListFields`` would list, read without it
+    (``ListFields`` hands out a copy of ``raw_data``, the tensor's whole data)."""
+    has = proto.HasField
+    if not has("raw_data") or any(has(name) for name in _OTHER_SINGULAR) \
+            or any(len(getattr(proto, name)) for name in _OTHER_REPEATED):
+        return False
+    return not has("name") or bool(proto.name)
 
 
 def _owned(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
@@ -153,9 +170,7 @@ def _owned(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     if not isinstance(tensor, ir.TensorProtoTensor):
         return tensor
     proto = tensor.raw
-    fields = {field.name for field, _ in proto.ListFields()}
-    if tensor.dtype in _PLAIN_RAW and "raw_data" in fields and fields <= _PLAIN_FIELDS \
-            and ("name" not in fields or proto.name):
+    if tensor.dtype in _PLAIN_RAW and _plain_fields_only(proto):
         # a read-only view of one copy of the bytes, reshaped to the dims: exactly the
         # raw_data (a length that does not fit the dims raises)
         return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=proto.name or None)
