@@ -20,9 +20,9 @@ logits)                   (a CRNN's ``[T, batch, C]``), decoded also from raw lo
                           1 - mask IoU, and ``added_boxes``: boxes beyond the reference's
                           count, max(0, n_got - n_ref) / max(n_ref, 1), all judged
 ``[N, 4+K, A]``, A > 4+K, ``boxes`` (YOLO-style): boxes cx, cy, w, h and K class scores per
-class rows in [0, 1]      anchor, per-class NMS (IoU 0.45); 1 - box F1 (same class, IoU
-                          >= 0.5) over the confident boxes (score >= 0.35) of either side,
-                          matched against the other side's boxes down to score 0.15
+class rows in [0, 1]      anchor, score threshold ``BOX_SCORE`` (0.25, where a user cuts),
+                          per-class NMS (IoU 0.45); 1 - box F1 (same class, one-to-one at
+                          IoU >= 0.5) over the boxes of both sides at that score
 ``[N, A, 5+K]``, A > 5+K, ``boxes`` as well (YOLOv5, YOLOX): cx, cy, w, h, objectness and K
 objectness and scores     class scores per anchor; a class's score is objectness times
 in [0, 1], most anchors   its score (their confidence). Decoded (pixels: w, h >= 0,
@@ -53,16 +53,22 @@ inputs are left alone.
 **Several draws.** ``TaskJudge(draws=[...])`` takes the float model's outputs under more
 independent perturbations (``perturbation_draws``: draw ``d`` of sample ``i`` seeded
 ``(i, d)``). Every component's floor is then the mean over the draws, except for the
-components over scored decisions, ``argmax``, ``ctc_exact`` and ``boxes``' ``box_f1``
-(``TaskJudge.excuses``): there an error float32 makes itself under some draw (a confident
-top-1 it flips, a line it decodes differently, a box it loses or finds down to the lower
-score) is noise, not the candidate's error, and is not counted, and the floor is the
-most any one draw errs where none of the others does (leave one out: how often a new draw
-of the noise leaves the envelope of the draws before it). With one draw nothing is
-excused. A detection map's boxes are connected components of a thresholded map, which a
-one-pixel change merges or splits: on PP-OCRv4 det's text pages each new draw still
-breaks boxes no earlier draw broke, so a few draws do not tell its stable boxes, and its
-box F1 is judged plainly against the mean floor.
+components over confident decisions, ``argmax`` and ``ctc_exact`` (``TaskJudge.excuses``):
+there an error float32 makes itself under some draw (a confident top-1 it flips, a line it
+decodes differently) is noise, not the candidate's error, and is not counted, and the
+floor is the most any one draw errs where none of the others does (leave one out: how
+often a new draw of the noise leaves the envelope of the draws before it). With one draw
+nothing is excused. ``boxes``' ``box_f1`` excuses nothing and is measured on
+``FLOOR_DRAWS`` draws (``TaskJudge.wants_draws``), its floor their mean: a user
+thresholds at one score and gets every box that crosses it, so a candidate that moves
+scores across the threshold more often than the input's noise does is judged by how
+often, not forgiven box by box because float32 also crosses there under some draw; and
+which near-threshold boxes cross changes from draw to draw, so one draw's count is a
+coarse sample of float32's rate. A detection map's boxes are connected components of a
+thresholded map, which a one-pixel change merges or splits: on PP-OCRv4 det's text pages
+each new draw still breaks boxes no earlier draw broke, so a few draws do not tell its
+stable boxes, and its box F1 is judged plainly against the floor (one draw: it hardly
+moves from draw to draw).
 
 **Acceptance.** Every judged component of every output must hold:
 ``deviation <= margin * max(floor, minimum)`` (``DEFAULT_MARGIN`` = 1.5; ``minimum`` is
@@ -73,18 +79,18 @@ built-in ones), ``SQNR >= min_sqnr_db`` for ``sqnr``.
 **Too few items.** The count-based components are fractions over items, and report how
 many (``items``): ``argmax`` over the confident samples, ``ctc_exact`` over the lines,
 ``cer`` over the reference characters, ``box_f1`` over the boxes of both sides (for
-``boxes``, the confident ones), ``mask_iou`` over the mask's union pixels. A fraction
+``boxes``, those at ``BOX_SCORE``), ``mask_iou`` over the mask's union pixels. A fraction
 over n items moves in steps of 1/n, and its floor measured on the same n items is as
-coarse: with one confident box, one disagreement makes the deviation 1 and the floor
+coarse: with one box, one disagreement makes the deviation 1 and the floor
 is 0 or 1. So a component over fewer than ``MIN_ITEMS`` (10) items is reported, not
 judged, and its output is judged in addition by SQNR as a ``sqnr`` output is (summed
 over all held-out samples, against the float model's perturbed SQNR floor with the
 margin, or at least ``min_sqnr_db``), in a row ``<output>:sqnr`` that says why. Except
 where the floor is measured on several draws and the component excuses float32's own
-errors (``argmax``, ``ctc_exact``, ``boxes``' ``box_f1``; below): a top-1 flipped, a line
-decoded differently or a confident box lost that float32 keeps under every draw is the
-candidate's error however few the items, so such a component is judged as usual (a
-few items can reject, never accept alone) and SQNR judges its output too. A
+errors (``argmax``, ``ctc_exact``; above): a top-1 flipped or a line decoded differently
+that float32 keeps under every draw is the candidate's error however few the items, so
+such a component is judged as usual (a few items can reject, never accept alone) and
+SQNR judges its output too. A
 ``boxes`` output gets two such rows, ``sqnr_coordinates`` (rows 0-3) and ``sqnr_scores``
 (the class rows): coordinates in pixels next to scores in [0, 1] make a summed SQNR the
 coordinates' alone (30 dB with every score rounded to 0 or 1.26). The other components
@@ -139,8 +145,7 @@ FLOOR_DRAWS = 4  # independent perturbation draws the INT8 driver measures the f
 CONFIDENT_GAP = 0.1
 MAP_THRESHOLD = 0.3
 MIN_BOX_SIDE = 3  # pixels; smaller components are dropped, as DB post-processing does
-BOX_SCORE = 0.25
-BOX_BAND = 0.1
+BOX_SCORE = 0.25  # the deployment score threshold (Ultralytics' default confidence)
 NMS_IOU = 0.45
 MATCH_IOU = 0.5
 BACKGROUND = 0.1  # a detector's median anchor is background: its objectness is below this
@@ -573,40 +578,28 @@ def yolo_boxes(prediction: np.ndarray, score: float = BOX_SCORE, layout: str | N
     return result
 
 
-def _unmatched_mask(boxes: np.ndarray, classes: np.ndarray, others: np.ndarray, other_classes: np.ndarray
-                    ) -> np.ndarray:
-    """Per box of ``boxes``: whether no box of the same class in ``others`` overlaps it at
-    IoU >= MATCH_IOU."""
-    iou = _iou(boxes, others)
-    if not iou.size:
-        return np.ones(len(boxes), bool)
-    same = classes[:, None] == other_classes[None, :]
-    return ~np.any((iou >= MATCH_IOU) & same, axis=1)
-
-
-def _unmatched(boxes: np.ndarray, classes: np.ndarray, others: np.ndarray, other_classes: np.ndarray) -> int:
-    """How many of ``boxes`` have no box of the same class in ``others`` at IoU >= MATCH_IOU."""
-    return int(np.sum(_unmatched_mask(boxes, classes, others, other_classes)))
-
-
 def _boxes_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _Measured:
-    """1 - box F1 with a hysteresis around the score threshold (``BOX_SCORE`` +- ``BOX_BAND``):
-    a confident box of one side counts as missed or extra only when the other side has no
-    matching box even at the lower threshold, so a detection whose score merely crosses
-    the threshold is no error (as argmax agreement counts only confident samples)."""
-    low, high = BOX_SCORE - BOX_BAND, BOX_SCORE + BOX_BAND
+    """1 - box F1 (same class, one-to-one at IoU >= ``MATCH_IOU``) between the detections
+    both sides report at the deployment score ``BOX_SCORE`` after per-class NMS, over the
+    boxes of both sides: every box one side reports and the other does not is an error,
+    however near the threshold its score, because a user thresholding at ``BOX_SCORE``
+    gets exactly these boxes. Float32's own threshold crossings under the perturbation
+    are in the floor (its mean over the draws), not excused box by box."""
     layout = _read_layout(refs[0]) if len(refs) else None  # one reading for both sides
-    confident = errors = extra = 0
+    ref_boxes: list[np.ndarray] = []
+    got_boxes: list[np.ndarray] = []
+    ref_classes: list[np.ndarray] = []
+    got_classes: list[np.ndarray] = []
     for r, g in zip(refs, gots):
-        for (rb, rc, rs), (gb, gc, gs) in zip(yolo_boxes(r, low, layout), yolo_boxes(g, low, layout)):
-            r_hi, g_hi = rs >= high, gs >= high
-            missed = _unmatched(rb[r_hi], rc[r_hi], gb, gc)
-            added = _unmatched(gb[g_hi], gc[g_hi], rb, rc)
-            confident += int(r_hi.sum() + g_hi.sum())
-            errors += missed + added
-            extra += added
-    # F1 = 2 TP / (2 TP + FP + FN); over confident boxes of both sides, 2 TP + FP + FN = confident
-    return {"box_f1": errors / confident if confident else 0.0, "extra_boxes": float(extra)}, {"box_f1": confident}
+        for (rb, rc, _), (gb, gc, _) in zip(yolo_boxes(r, BOX_SCORE, layout), yolo_boxes(g, BOX_SCORE, layout)):
+            ref_boxes.append(rb)
+            got_boxes.append(gb)
+            ref_classes.append(rc)
+            got_classes.append(gc)
+    f1, false_positives = box_f1(ref_boxes, got_boxes, ref_classes, got_classes)
+    # F1 = 2 TP / (n_ref + n_got): a fraction over the boxes of both sides
+    items = sum(len(b) for b in ref_boxes) + sum(len(b) for b in got_boxes)
+    return {"box_f1": 1.0 - f1, "extra_boxes": float(false_positives)}, {"box_f1": items}
 
 
 def _pooled(outputs: Sequence[np.ndarray], masks: Sequence[np.ndarray | None]) -> np.ndarray:
@@ -688,44 +681,26 @@ def _ctc_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
     return {"ctc_exact": wrong / max(len(ref), 1)}
 
 
-def _boxes_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
-                     envelope: Sequence[Sequence[np.ndarray]]) -> dict[str, float]:
-    """``_boxes_deviation``'s 1 - box F1, counting only the errors no draw of ``envelope``
-    makes: a confident float32 box missed that every draw keeps (down to the lower
-    score), a confident box added that no draw has (down to the lower score)."""
-    low, high = BOX_SCORE - BOX_BAND, BOX_SCORE + BOX_BAND
-    layout = _read_layout(refs[0]) if len(refs) else None  # one reading for every side
-    confident = errors = 0
-    for i, (r, g) in enumerate(zip(refs, gots)):
-        draws = [yolo_boxes(draw[i], low, layout) for draw in envelope]
-        for j, ((rb, rc, rs), (gb, gc, gs)) in enumerate(zip(yolo_boxes(r, low, layout),
-                                                             yolo_boxes(g, low, layout))):
-            r_hi, g_hi = rs >= high, gs >= high
-            missed = _unmatched_mask(rb[r_hi], rc[r_hi], gb, gc)
-            added = _unmatched_mask(gb[g_hi], gc[g_hi], rb, rc)
-            for draw in draws:
-                db, dc, _ = draw[j]
-                missed &= ~_unmatched_mask(rb[r_hi], rc[r_hi], db, dc)
-                added &= _unmatched_mask(gb[g_hi], gc[g_hi], db, dc)
-            confident += int(r_hi.sum() + g_hi.sum())
-            errors += int(missed.sum() + added.sum())
-    return {"box_f1": errors / confident if confident else 0.0}
-
-
-# a count-based component over scored decisions (a top-1, a decoded line, a box above a
-# score) whose errors float32 itself makes under some perturbation draw are excused
-# (``TaskJudge`` with two draws or more): metric -> the function counting the rest. A
-# detection map's boxes are not among them: they are connected components of a thresholded
-# map, which a one-pixel change merges or splits, so a few draws do not find the boxes
-# float32 holds stable (module doc)
+# a count-based component over scored decisions (a confident top-1, a decoded line) whose
+# errors float32 itself makes under some perturbation draw are excused (``TaskJudge`` with
+# two draws or more): metric -> the function counting the rest. Boxes are not among them:
+# a user thresholds at one score and sees every box that crosses it, so the candidate's
+# crossings count and float32's own are the floor (``_MEAN_OF_DRAWS``); a detection map's
+# boxes are connected components of a thresholded map, which a one-pixel change merges or
+# splits, so a few draws do not find the boxes float32 holds stable (module doc)
 _UNEXCUSED: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray], Sequence[Sequence[np.ndarray]]],
                                dict[str, float]]] = {
-    "argmax": _argmax_unexcused, "ctc": _ctc_unexcused, "boxes": _boxes_unexcused,
+    "argmax": _argmax_unexcused, "ctc": _ctc_unexcused,
 }
 
 
 # the components ``_UNEXCUSED`` counts, per metric
-_EXCUSED_PARTS = {"argmax": ("argmax",), "ctc": ("ctc_exact",), "boxes": ("box_f1",)}
+_EXCUSED_PARTS = {"argmax": ("argmax",), "ctc": ("ctc_exact",)}
+
+# metrics whose floor is the mean over ``FLOOR_DRAWS`` perturbation draws, not one draw's:
+# which near-threshold boxes cross the score threshold changes from draw to draw, so one
+# draw's count of crossings is one sample of float32's rate (``TaskJudge.wants_draws``)
+_MEAN_OF_DRAWS = frozenset({"boxes"})
 
 
 _BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], _Measured]] = {
@@ -877,6 +852,12 @@ class TaskJudge:
         (``_UNEXCUSED``): only then do more draws change more than the floor's mean."""
         return any(isinstance(m, str) and m in _UNEXCUSED for m in self.plan.values())
 
+    def wants_draws(self) -> bool:
+        """Whether the floor should be measured on ``FLOOR_DRAWS`` draws rather than one:
+        some row's metric excuses float32's own errors (``excuses``) or takes its floor as
+        the mean over draws of a count that one draw samples coarsely (``_MEAN_OF_DRAWS``)."""
+        return self.excuses() or any(isinstance(m, str) and m in _MEAN_OF_DRAWS for m in self.plan.values())
+
     def _excused(self, metric: object, part: str) -> bool:
         """Whether component ``part`` of ``metric`` excuses float32's own errors here (two
         draws or more, ``_UNEXCUSED``): then its deviation counts only the candidate's errors."""
@@ -993,7 +974,7 @@ class TaskJudge:
                 allowed = self.margin * max(floor, MIN_DEVIATION)
                 row["allowed"] = _finite(allowed)
                 if items is not None and items < MIN_ITEMS:
-                    noun = _ITEMS[part] if part != "box_f1" or metric != "boxes" else "confident box"
+                    noun = _ITEMS[part]
                     why = f"{part} over {items} {noun}{'' if items == 1 else 'es' if noun.endswith('x') else 's'}"
                     stand_in = _STAND_IN.get(part)
                     if stand_in in parts:

@@ -419,7 +419,7 @@ class Verifier:
             judge = TaskJudge(self._judged(float32[provider]), self._judged(self._cases(session, perturbed)),
                               perturbation=how, masks=masks,
                               groups=self._groups if self._plan is None else None, **self._task)
-            if self._plan is None and judge.excuses():  # float32's own errors under more draws are excused
+            if self._plan is None and judge.wants_draws():  # float32's own errors excused, or a mean floor
                 more, _ = perturbation_draws(self.feeds, FLOOR_DRAWS, not_images=caches, first=1)
                 judge = dataclasses.replace(judge, draws=[self._judged(self._cases(session, d)) for d in more])
             self._judges[provider] = judge

@@ -105,16 +105,16 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
                 min_sqnr_db: float, groups: Sequence[str] | None = None, draws: int = FLOOR_DRAWS) -> TaskJudge:
     """The judge of ``held``: the float model's outputs, and its noise floor (its outputs on
     the held-out samples perturbed at their resolution, ``optcc.numerics.task.perturb``).
-    When a metric excuses float32's own errors (``TaskJudge.excuses``), the floor takes
-    ``draws`` independent perturbations (``perturbation_draws``); else one, whose floor
-    more draws would only average."""
+    When a metric excuses float32's own errors or averages its floor over draws
+    (``TaskJudge.wants_draws``), the floor takes ``draws`` independent perturbations
+    (``perturbation_draws``); else one."""
     caches = {n for n, role in input_roles(model).items() if role == "past"}
     moved, how = perturbation_draws(held, 1, not_images=caches)
     both = model_outputs(model, [*held, *moved[0]])
     reference = {name: values[:len(held)] for name, values in both.items()}
     perturbed = {name: values[len(held):] for name, values in both.items()}
     judge = TaskJudge(reference, perturbed, metric, margin, metric_target, min_sqnr_db, how, groups=groups)
-    if draws < 2 or not judge.excuses():
+    if draws < 2 or not judge.wants_draws():
         return judge
     more, _ = perturbation_draws(held, draws, not_images=caches, first=1)
     outputs = model_outputs(model, [feeds for draw in more for feeds in draw])
@@ -129,7 +129,7 @@ def _given_judge(o: Int8Options, count: int) -> TaskJudge | None:
     given = o.judge() if o.judge is not None else None
     if given is None or len(next(iter(given.reference.values()), [])) != count:
         return None
-    if given.draw_count != (o.floor_draws if o.floor_draws > 1 and given.excuses() else 1):
+    if given.draw_count != (o.floor_draws if o.floor_draws > 1 and given.wants_draws() else 1):
         return None  # its floor is measured on other perturbation draws
     groups = None if o.groups is None else list(o.groups)
     metric = "auto" if given.metric is None else given.metric  # the judge reads None as "auto"
@@ -241,10 +241,10 @@ def quantize_int8(
     a count-based component fewer than ``MIN_ITEMS`` items (``TaskJudge.undecided``),
     every candidate is judged on all the samples instead, the calibration ones included
     (``stats["acceptance"]["judged_samples"]`` and ``all_samples_judged`` say so).
-    ``floor_draws``: where a metric counts scored decisions (top-1, decoded lines, YOLO
-    boxes), the floor is measured on that many independent perturbation draws and the
-    errors float32 makes itself under some draw are not counted
-    (``optcc.numerics.task.TaskJudge``); else on one draw.
+    ``floor_draws``: where a metric counts scored decisions (top-1, decoded lines), the
+    floor is measured on that many independent perturbation draws and the errors float32
+    makes itself under some draw are not counted; YOLO boxes take the mean over that many
+    draws as their floor (``optcc.numerics.task.TaskJudge``); else one draw.
     ``groups``: one label per sample (calibration and held-out); each group is judged
     apart against its own floor, and a metric mapping may name a group
     (``{"@photo": "added-boxes"}``, ``optcc.numerics.task.TaskJudge``).
