@@ -238,8 +238,7 @@ def quantize_int8(
     ``metric=None`` keeps the plain ``target`` (SQNR and argmax agreement thresholds).
     ``stats["acceptance"]`` shows the metrics and the floor; every evaluation in
     ``stats["fallback"]`` shows the deviations next to it. When the held-out samples give
-    a count-based component fewer than ``MIN_ITEMS`` items (``TaskJudge.undecided``), or
-    when the judge is the final verification's (``judge``: it judges every sample),
+    a count-based component fewer than ``MIN_ITEMS`` items (``TaskJudge.undecided``),
     every candidate is judged on all the samples instead, the calibration ones included
     (``stats["acceptance"]["judged_samples"]`` and ``all_samples_judged`` say so).
     ``floor_draws``: where a metric counts scored decisions (top-1, decoded lines), the
@@ -368,22 +367,18 @@ def quantize_int8(
             lambda part: [o.groups[i] for i in part])
         held_at = len(samples) - len(held)
         every = _given_judge(o, len(samples))
-        why_all = None
         if every is not None:
-            # the final verification judges every sample with this judge: so is every
-            # candidate, which the verification then accepts alike
-            judged, judge = samples, every
-            why_all = "the final verification judges them all with the same judge"
+            judge = every.select(range(held_at, len(samples)))
         else:
             judge = _task_judge(float_model, held, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db,
                                 group_of(range(held_at, len(samples))), o.floor_draws)
-            undecided = judge.undecided()
-            if undecided and len(held) < len(samples):
-                # too few items held out for the task metric to decide: count it over every sample
-                judged = samples
-                judge = _task_judge(float_model, judged, o.metric, o.metric_margin, o.metric_target,
-                                    o.target.min_sqnr_db, group_of(range(len(samples))), o.floor_draws)
-                why_all = f"{'; '.join(undecided)} on the {len(held)} held-out samples: fewer than {MIN_ITEMS} items"
+        undecided = judge.undecided()
+        if undecided and len(held) < len(samples):
+            # too few items held out for the task metric to decide: count it over every sample
+            judged = samples
+            judge = every if every is not None else _task_judge(
+                float_model, judged, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db,
+                group_of(range(len(samples))), o.floor_draws)
         o = dataclasses.replace(o, target=dataclasses.replace(o.target, judge=judge))
         stats["acceptance"] = {"metrics": judge.metric_names(), "margin": o.metric_margin,
                                "metric_target": o.metric_target, "perturbation": dict(judge.perturbation),
@@ -391,10 +386,10 @@ def quantize_int8(
                                "held_out_samples": len(held), "judged_samples": len(judged),
                                "reference": "the verifier's (the original model)" if every is not None
                                else "the float model this pass starts from"}
-        if why_all is not None and len(held) < len(samples):
+        if judged is not held:
             stats["acceptance"]["all_samples_judged"] = (
-                f"{why_all}, so every candidate is judged on all {len(samples)} samples "
-                f"(the {len(calib)} calibration ones too)")
+                f"{'; '.join(undecided)} on the {len(held)} held-out samples: fewer than {MIN_ITEMS} items, "
+                f"so every candidate is judged on all {len(samples)} samples (the {len(calib)} calibration ones too)")
         lap("noise_floor")
     options: dict[str, Any] = dict(o.method_options)
     if o.bins is not None:
