@@ -427,9 +427,14 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
         return False
 
     def copy(node: onnx.NodeProto, inputs: list[str], outputs: list[str], tag: str) -> None:
+        """Append a copy of ``node`` reading ``inputs``, writing ``outputs``. Its name is
+        unique in the combined model: one layer's group can copy the same node twice (an
+        op that reads one quantized activation through two inputs, ``Mul(x, x)``, copies
+        that activation's QuantizeLinear once per input), so the name carries the copy's
+        position, not only the layer's tag."""
         clone = onnx.NodeProto()
         clone.CopyFrom(node)
-        clone.name = f"{tag}_{node.name or node.op_type}"
+        clone.name = f"{tag}_{len(nodes)}_{node.name or node.op_type}"
         del clone.input[:]
         clone.input.extend(inputs)
         del clone.output[:]
