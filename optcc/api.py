@@ -445,7 +445,7 @@ def _precision(model: ir.Model, records: Sequence[Any],
     """Per requested precision: None when the result holds tensors of that precision and
     its pass changed the model, or changed nothing for want of anything left to convert
     (the input held that precision already: a note says so); else why not (the pass's own
-    reason when it gave one). And the notes."""
+    reason when it gave one, under "reason" or "skipped"). And the notes."""
     found: dict[str, str | None] = {}
     held: list[str] = []
     for kind, wanted in requested.items():
@@ -467,7 +467,11 @@ def _precision(model: ir.Model, records: Sequence[Any],
                 found[kind] = None
                 held.append(f"{kind.upper()}: nothing left to convert: " + (reason or _HELD_ALREADY[kind]))
             else:
-                found[kind] = reason or "nothing in the model could be converted"
+                # a pass that declined without a "reason" may say why under "skipped" (FP16:
+                # no reference ranges, or no conversion met the tolerance); that is the
+                # reason, not a model with nothing to convert
+                found[kind] = reason or (record.stats or {}).get("skipped") \
+                    or "nothing in the model could be converted"
     return found, held
 
 
