@@ -38,8 +38,9 @@ Values, per input, first rule that applies:
   lies within ImageNet mean/std normalization (about ``[-2.1, 2.6]``), whereas N(0, 1)
   noise has no spatial structure and unbounded tails that no preprocessed image has;
 - waveform-like floats (rank 2 ``[batch, T]`` or rank 3 ``[batch, T, 1]`` /
-  ``[batch, 1, T]`` with a static ``T >= AUDIO_MIN_SAMPLES``, not read directly by a
-  MatMul or Gemm, as a feature vector would be): a speech-like signal
+  ``[batch, 1, T]`` with a static ``T >= AUDIO_MIN_SAMPLES``, or a dynamic ``T`` that the
+  given ``shapes`` (``--input-shape``) size so, not read directly by a MatMul or Gemm, as
+  a feature vector would be): a speech-like signal
   (harmonics of a gliding pitch under a syllable envelope that falls silent between
   syllables, over a faint noise floor) peaking at 0.5. N(0, 1) noise is loud everywhere,
   whereas real audio has quiet stretches, where float16 (log-spectra, power) loses most;
@@ -417,16 +418,19 @@ def _role(value: ir.Value, kv: bool) -> str:
     return "plain"
 
 
-def _signal_axis(value: ir.Value) -> int | None:
+def _signal_axis(value: ir.Value, sizes: Sequence[int] | None = None) -> int | None:
     """The axis of a waveform-like input's samples: ``[batch, T]``, ``[batch, T, 1]`` or
     ``[batch, 1, T]`` with a static ``T >= AUDIO_MIN_SAMPLES``, not read by a MatMul or
-    Gemm (a feature vector); else None."""
+    Gemm (a feature vector); else None. ``sizes``, the sizes the input is generated with,
+    stand for its dims where given, so a dynamic ``T`` sized that long counts too."""
     shape = value.shape
     if shape is None or shape.rank() not in (2, 3):
         return None
     if any(use.node.op_type in ("MatMul", "Gemm") for use in value.uses()):
         return None
     static = [int(d) if _is_static(d) else None for d in shape]
+    if sizes is not None and len(sizes) == len(static):
+        static = [int(n) for n in sizes]
     long_axes = [a for a in range(1, len(static)) if (static[a] or 0) >= AUDIO_MIN_SAMPLES]
     if len(long_axes) != 1 or any(static[a] != 1 for a in range(1, len(static)) if a != long_axes[0]):
         return None
@@ -469,6 +473,10 @@ def generate_inputs(
             raise BadInputError(f"--input-range {name}: low {lo} is above high {hi}")
     roles = input_roles(model)
     sizes = _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), dynamic_dim, interior_dim)
+    for value in fed:  # a waveform whose length is dynamic in the model but given in ``shapes``
+        if roles[value.name] == "plain" and value.name in shapes and value.dtype is not None \
+                and value.dtype.is_floating_point() and _signal_axis(value, sizes[value.name]) is not None:
+            roles[value.name] = "audio"
     past = _past_length(fed, sizes, roles)
     kv = any(role == "past" for role in roles.values())
     rng = np.random.default_rng(seed)
@@ -652,7 +660,8 @@ def _random_array(
     if role == "image":
         return _image(shape, rng).astype(np_dtype)
     if role == "audio":
-        axis = _signal_axis(value)
+        axis = _signal_axis(value, shape)
+        assert axis is not None
         return np.moveaxis(_speech(shape[:axis] + shape[axis + 1:] + (shape[axis],), rng), -1, axis).astype(np_dtype)
     return np.asarray(rng.standard_normal(shape)).astype(np_dtype)
 
