@@ -2,7 +2,8 @@
 
 Both models run on onnxruntime's CPU provider with its graph optimizations off (so its
 fusions neither hide nor cause a difference) and its log lines off stderr. Inputs are the
-user's samples or generated from A's graph inputs (``optcc.numerics.generate_inputs``).
+user's samples or generated from A's graph inputs (``optcc.numerics.generate_inputs``), an
+input dynamic in A and fixed in B (``--overwrite-input-shape``) at B's sizes.
 Outputs are matched by name; an output only one model has is a mismatch.
 
 Two ways to judge an output, per sample, the worst sample reported:
@@ -128,7 +129,8 @@ def compare_models(
     if input_shapes:
         check_input_shapes(model_a, input_shapes, label=label_a)
     if inputs is None:
-        feeds_list = generate_inputs(model_a, input_shapes, samples=samples, seed=seed)
+        feeds_list = generate_inputs(model_a, _fixed_in_b(model_a, model_b, input_shapes or {}),
+                                     samples=samples, seed=seed)
     else:
         feeds_list = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs]
         if not feeds_list:
@@ -165,6 +167,27 @@ def compare_models(
         only_in_b=[n for n in outputs_b if n not in outputs_a],
     )
 
+
+
+def _fixed_in_b(model_a: ir.Model, model_b: ir.Model,
+                given: Mapping[str, Sequence[int]]) -> dict[str, Sequence[int]]:
+    """Sizes for generating A's inputs: ``given``, plus, for an input it does not size
+    whose dims are dynamic in A and all static in B (B written with
+    ``--overwrite-input-shape``), B's sizes, where they agree with A's static dims. So the
+    generated feeds fit both models, instead of A's default sizes that B refuses."""
+    shapes: dict[str, Sequence[int]] = dict(given)
+    inputs_b = {v.name: v for v in model_b.graph.inputs}
+    for value in model_a.graph.inputs:
+        other = inputs_b.get(value.name)
+        if value.name in shapes or value.is_initializer() or value.shape is None \
+                or other is None or other.shape is None or other.shape.rank() != value.shape.rank():
+            continue
+        dims_a, dims_b = list(value.shape), list(other.shape)
+        if not all(isinstance(d, int) and d > 0 for d in dims_b) or all(isinstance(d, int) for d in dims_a):
+            continue
+        if all(not isinstance(a, int) or a == b for a, b in zip(dims_a, dims_b)):
+            shapes[value.name] = [int(d) for d in dims_b]
+    return shapes
 
 def _badness(m: OutputMetrics) -> tuple[int, float]:
     rel = m.max_rel if m.max_rel is not None and math.isfinite(m.max_rel) else (math.inf if m.max_rel else 0.0)
