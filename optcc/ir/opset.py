@@ -37,10 +37,14 @@ def convert_opset(model: ir.Model, version: int) -> None:
     handed to the converter as typed graph inputs (their data is never copied; no adapter
     reads a weight's values) and put back afterwards; the IR version is raised to what the
     opset needs (below IR 4, first to 4 by ``upgrade_legacy_ir``: initializers stop being
-    listed as inputs, which from IR 4 on would make them inputs a caller may feed)."""
+    listed as inputs, which from IR 4 on would make them inputs a caller may feed). The
+    graph inputs and outputs that declared a shape keep it: the converter's shape inference
+    would give an unknown dim a placeholder name (``unk__1``), which changes the interface
+    (one that declared none gets the inferred shape, as before)."""
     if version == default_opset(model):
         return
     upgrade_legacy_ir(model)
+    declared = {value.name: value.shape for value in (*model.graph.inputs, *model.graph.outputs)}
     with initializers_set_aside(model, lambda t: True) as aside:
         proto = serialize(model)
     tensors = {value.name: tensor for value, tensor in aside}
@@ -58,5 +62,8 @@ def convert_opset(model: ir.Model, version: int) -> None:
                 graph.inputs.remove(value)
             value.const_value = tensors[value.name]
             graph.register_initializer(value)
+    for value in (*graph.inputs, *graph.outputs):
+        if declared.get(value.name) is not None and not value.is_initializer():
+            value.shape = declared[value.name]
     model.graph = graph
     model.ir_version = max(int(model.ir_version or 0), _ir_version_for(version) or 0)
