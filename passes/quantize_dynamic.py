@@ -64,7 +64,8 @@ class QuantizeDynamicPass(optcc.Pass):
     def call(self, model: ir.Model) -> optcc.PassResult:
         stats: dict[str, Any] = {"quantized": 0, "kept_float": {}, "float_weight_bytes_removed": 0}
         if optcc.ir.default_opset(model) < 11:
-            stats["reason"] = "opset < 11 has no DynamicQuantizeLinear"
+            stats["reason"] = (f"the model's opset {optcc.ir.default_opset(model)} has no DynamicQuantizeLinear "
+                               "(opset 11 on); --target-opset 13 converts the model first")
             return optcc.PassResult(model, False, stats)
         taken = optcc.ir.value_names(model)
         for graph in optcc.ir.graphs(model):
