@@ -384,6 +384,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         weight_only = {"bits": int(args.weights[3:]), "samples": calibration}
         inputs = calibration if inputs is None else inputs
         calibration = None
+    elif args.fp16 and calibration is not None and not args.int8 and inputs is None:
+        # FP16 alone: the samples that judged the conversion (ranges, accuracy) also judge the
+        # result, not generated inputs on which a detector's map is all near zero
+        inputs = calibration
 
     status, hint = EXIT_OK, None
     try:
