@@ -24,10 +24,11 @@ The replaced float weights are removed (initializers, or Constant nodes) once no
 reads them, so the file shrinks to about a quarter of the weights' float32 bytes.
 
 Preconditions: default-domain MatMul/Gemm, opset >= 11, ``a`` float32, ``W`` a float32
-2-D constant read only by MatMul (input 1) / Gemm (input 1) nodes (a weight shared with
-another kind of op, or read by Gemms with different ``transB``, stays float; nodes
-sharing one weight share one quantized copy), node not in ``exclude`` (node names,
-output names). Other ops, custom domains and function bodies are left alone.
+2-D constant of finite values (as is an embedding table) read only by MatMul (input 1) /
+Gemm (input 1) nodes (a weight shared with another kind of op, or read by Gemms with
+different ``transB``, stays float; nodes sharing one weight share one quantized copy),
+node not in ``exclude`` (node names, output names). Other ops, custom domains and
+function bodies are left alone.
 
 Numerics ("int8"): lossy, judged by SQNR/cosine/argmax agreement. The error is that of
 rounding ``a`` to 256 levels over its own min..max and ``W`` to 255 levels per column.
@@ -124,6 +125,8 @@ class QuantizeDynamicPass(optcc.Pass):
             return "weight not constant"
         if w.dtype != np.float32 or w.ndim != 2:
             return "weight not a float32 matrix"
+        if not np.isfinite(w).all():
+            return "weight holds inf or NaN"
         if optcc.ir.as_numpy(a) is not None:
             return "activation constant"
         if w_value.is_graph_output() or any(

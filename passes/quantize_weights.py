@@ -231,6 +231,9 @@ class QuantizeWeightsPass(optcc.Pass):
                 if _attr(node, "axis", 0) != 0:
                     skip("Gather not on axis 0")
                     continue
+                if not finite(_constant_matrix(table)):
+                    skip("embedding table holds inf or NaN")
+                    continue
                 kinds = {_use_kind(u) for u in table.uses()}
                 if table.is_graph_output() or None in kinds:
                     skip("embedding table shared with another op")
@@ -302,6 +305,8 @@ class QuantizeWeightsPass(optcc.Pass):
         w = _constant_matrix(w_value)
         if w is None:
             return "weight not a constant float32 matrix"
+        if not finite(w):
+            return "weight holds inf or NaN"
         if a.shape is not None and len(a.shape) < 2 and self.target == "onnxruntime":
             return "activation of rank 1"
         kinds = {_use_kind(u) for u in w_value.uses()}
@@ -445,9 +450,9 @@ def row_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def embedding_reason(node: ir.Node) -> str | None:
-    """None when ``node`` is a Gather of a constant float32 table that only axis-0 Gathers
-    read (so ``quantize_gather`` may rewrite it); "" when it is no such Gather at all;
-    else why the table stays float."""
+    """None when ``node`` is a Gather of a constant float32 table of finite values that only
+    axis-0 Gathers read (so ``quantize_gather`` may rewrite it); "" when it is no such
+    Gather at all; else why the table stays float."""
     if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
         return ""
     table = node.inputs[0]
@@ -455,6 +460,8 @@ def embedding_reason(node: ir.Node) -> str | None:
         return ""
     if _attr(node, "axis", 0) != 0:
         return "Gather not on axis 0"
+    if not finite(_constant_matrix(table)):
+        return "embedding table holds inf or NaN"
     if table.is_graph_output() or any(_use_kind(u) != "gather" for u in table.uses()):
         return "embedding table shared with another op"
     return None
@@ -513,6 +520,13 @@ def _constant_matrix(value: ir.Value) -> np.ndarray | None:
     if array is None or array.dtype != np.float32 or array.ndim != 2:
         return None
     return array
+
+
+def finite(array: np.ndarray) -> bool:
+    """Whether every value of a float weight is finite. One that holds inf or NaN (an
+    embedding row of -inf that masks attention, as chython-rxnmap's distance table has)
+    stays float: its scale would be inf and every level NaN."""
+    return bool(np.isfinite(array).all())
 
 
 def _weight_kn(node: ir.Node, w_value: ir.Value) -> np.ndarray:
@@ -613,6 +627,8 @@ def _conv_reason(node: ir.Node) -> str | None:
         return "weight not a constant"
     if w.dtype != np.float32 or w.ndim < 3:
         return "weight not a float32 constant of rank >= 3"
+    if not finite(w):
+        return "weight holds inf or NaN"
     axis = _conv_axis(node)
     for use in w_value.uses():
         other = use.node
