@@ -168,7 +168,6 @@ def compare_models(
     )
 
 
-
 def _fixed_in_b(model_a: ir.Model, model_b: ir.Model,
                 given: Mapping[str, Sequence[int]]) -> dict[str, Sequence[int]]:
     """Sizes for generating A's inputs: ``given``, plus, for an input it does not size
@@ -188,6 +187,7 @@ def _fixed_in_b(model_a: ir.Model, model_b: ir.Model,
         if all(not isinstance(a, int) or a == b for a, b in zip(dims_a, dims_b)):
             shapes[value.name] = [int(d) for d in dims_b]
     return shapes
+
 
 def _badness(m: OutputMetrics) -> tuple[int, float]:
     rel = m.max_rel if m.max_rel is not None and math.isfinite(m.max_rel) else (math.inf if m.max_rel else 0.0)
