@@ -23,7 +23,7 @@ from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_bytes
 from optcc.ir.overwrite import check_input_shapes
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
-from optcc.numerics import DEFAULT_MARGIN, Tolerance, Verification, Verifier, resolve_providers
+from optcc.numerics import DEFAULT_MARGIN, Tolerance, Verification, Verifier, check_samples_vary, resolve_providers
 from optcc.quant import quantization_ops
 
 __all__ = ["optimize", "OptimizeResult", "verify", "FOLD_GROWTH_WARNING"]
@@ -184,6 +184,8 @@ def optimize(
             check_fixed_feeds(inputs, overwrite_input_shapes, label)
         if samples is not None:
             check_fixed_feeds(samples, overwrite_input_shapes, label, purpose="calibration")
+    if samples is not None:
+        check_samples_vary(samples, label)
     quantizing = samples is not None and not fp16
     if quantizing or int8_dynamic or weight_only:
         _check_metric_fits(loaded, dict(int8_options or {}).get("metric"), label)

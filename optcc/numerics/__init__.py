@@ -1,7 +1,8 @@
 """Numerics: what a rewrite may change (kinds), inputs that fit a model, metrics, the float64
 reference, and the verifier (the oracle)."""
 
-from optcc.numerics.inputs import DEFAULT_DYNAMIC_DIM, RETRY_DYNAMIC_DIM, RETRY_SIZES, check_feeds, generate_inputs, sizes_text
+from optcc.numerics.inputs import (DEFAULT_DYNAMIC_DIM, RETRY_DYNAMIC_DIM, RETRY_SIZES, check_feeds, check_samples_vary,
+                                   generate_inputs, sizes_text)
 from optcc.numerics.kinds import NUMERICS_ORDER, Numerics, loosest
 from optcc.numerics.metrics import ORIGINAL_ERROR_FACTOR, SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, compare_outputs
 from optcc.numerics.samples import SampleAxisWarning, load_npz_samples
@@ -9,7 +10,7 @@ from optcc.numerics.task import DEFAULT_MARGIN, METRICS, TaskJudge, choose_metri
 from optcc.numerics.verify import DEFAULT_SAMPLES, Verification, Verifier, verify
 from optcc.runtime.session import resolve_providers
 
-__all__ = ["DEFAULT_DYNAMIC_DIM", "RETRY_DYNAMIC_DIM", "RETRY_SIZES", "SATURATED_BELOW", "sizes_text", "check_feeds", "generate_inputs", "NUMERICS_ORDER", "Numerics", "loosest",
+__all__ = ["DEFAULT_DYNAMIC_DIM", "RETRY_DYNAMIC_DIM", "RETRY_SIZES", "SATURATED_BELOW", "sizes_text", "check_feeds", "check_samples_vary", "generate_inputs", "NUMERICS_ORDER", "Numerics", "loosest",
            "load_npz_samples", "SampleAxisWarning", "ORIGINAL_ERROR_FACTOR", "TOLERANCES", "OutputMetrics", "Tolerance",
            "compare_outputs", "DEFAULT_SAMPLES", "Verification", "Verifier", "verify", "resolve_providers",
            "DEFAULT_MARGIN", "METRICS", "TaskJudge", "choose_metric", "perturb"]

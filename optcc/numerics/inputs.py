@@ -72,7 +72,7 @@ import onnx_ir as ir
 from optcc.errors import BadInputError
 
 __all__ = ["DECODE_STEPS", "DEFAULT_DYNAMIC_DIM", "RETRY_DYNAMIC_DIM", "RETRY_SIZES", "DEFAULT_PAST_LENGTH", "generate_inputs",
-           "check_feeds", "input_roles", "sizes_text"]
+           "check_feeds", "check_samples_vary", "input_roles", "sizes_text"]
 
 DECODE_STEPS = 3  # steps of a KV-cache decoder's verification decode; generated inputs leave room for them
 
@@ -711,6 +711,26 @@ def _speech(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- checks
+
+
+def check_samples_vary(samples: Sequence[Mapping[str, np.ndarray]], label: str | None = None) -> None:
+    """Refuse calibration samples that carry nothing to calibrate on: every float input of
+    more than one element holds a single value throughout, in every sample (all-zero
+    images, say). Ranges fitted on such samples, and an accuracy judged on them, say
+    nothing about real inputs. Samples without such float inputs (token ids) pass."""
+    names: set[str] = set()
+    for sample in samples:
+        for name, value in sample.items():
+            array = np.asarray(value)
+            if np.issubdtype(array.dtype, np.floating) and array.size > 1:
+                names.add(name)
+                if array.max() != array.min():
+                    return
+    if names:
+        listed = ", ".join(f"'{n}'" for n in sorted(names))
+        raise BadInputError(f"calibration data: in each of the {len(samples)} sample(s), {listed} holds one value "
+                            "throughout (all-zero images?); ranges fitted and accuracy judged on them say nothing "
+                            "about real inputs: give real samples", label)
 
 
 def check_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray], label: str = "inputs") -> None:
