@@ -623,7 +623,8 @@ def test_api_bad_quantization_option_values_are_bad_input(tmp_path: Path, option
 
     model = _copy_example(tmp_path)
     kept = _digest(model)
-    calibration = [{"image": np.ones((1, 3, 32, 32), np.float32)}] * 4 if "weight_only" not in options else None
+    images = np.random.default_rng(0).random((4, 1, 3, 32, 32)).astype(np.float32)
+    calibration = [{"image": image} for image in images] if "weight_only" not in options else None
     with pytest.raises(BadInputError) as raised:
         optcc.optimize(str(model), int8_calibration=calibration, **options)
     assert needle in str(raised.value), str(raised.value)
@@ -662,7 +663,7 @@ def test_a_calibration_cache_that_is_no_folder_is_bad_input(tmp_path: Path, caps
     # it was INT8 declined (exit 5) for a FileExistsError raised inside the quantizer
     model = _copy_example(tmp_path)
     data, cache = tmp_path / "calib.npz", tmp_path / "cache.txt"
-    np.savez(data, image=np.ones((4, 1, 3, 32, 32), np.float32))
+    np.savez(data, image=np.random.default_rng(0).random((4, 1, 3, 32, 32)).astype(np.float32))
     cache.write_text("not a folder")
     _refused(capsys, [str(model), "--int8", "--calibration", str(data), "--calibration-cache", str(cache),
                       "-o", str(tmp_path / "o.onnx")], "is not a folder", model, names=str(cache))
@@ -675,7 +676,7 @@ def test_an_int8_metric_that_cannot_judge_the_outputs_shape_is_bad_input(tmp_pat
     # and read as int8 declined (exit 5); 'ctc' and 'detection-map' judged a classifier as text or a map
     model = _copy_example(tmp_path)
     data = tmp_path / "calib.npz"
-    np.savez(data, image=np.ones((4, 1, 3, 32, 32), np.float32))
+    np.savez(data, image=np.random.default_rng(0).random((4, 1, 3, 32, 32)).astype(np.float32))
     line = _refused(capsys, [str(model), "--int8", "--calibration", str(data), "--int8-metric", metric,
                              "-o", str(tmp_path / "o.onnx")], f"INT8 metric '{metric}' does not fit output 'logits'",
                     model)
