@@ -15,6 +15,7 @@ from onnx.reference import ReferenceEvaluator
 import optcc
 from optcc.errors import BadInputError
 from optcc.numerics import task as tm
+from optcc.numerics.verify import FEW_EXPECTED_ERRORS, _few_items
 from optcc.quant.driver import quantize_int8
 
 TINYCNN = Path(__file__).resolve().parent.parent / "fixtures" / "tinycnn.onnx"
@@ -71,6 +72,28 @@ def test_the_verifier_judges_every_calibration_sample() -> None:
     data = _images(12)
     result = optcc.optimize(str(TINYCNN), int8_calibration=data, int8_options={"require_speedup": False})
     assert result.report.verification["samples"] == 12
+
+
+def test_an_int8_acceptance_over_too_few_items_says_so() -> None:
+    """24 samples hold 0.4 top-1 errors at the allowed rate (1.5 x the 0.01 minimum): the
+    result passes, and the report says the items could not tell the floor from a few
+    times it."""
+    result = optcc.optimize(str(TINYCNN), int8_calibration=_images(24), int8_options={"require_speedup": False})
+    assert result.applied_precision == ["int8"]
+    weak = [w for w in result.report.warnings if "'logits:argmax' passed over" in w]
+    assert len(weak) == 1 and "give more samples" in weak[0]
+    row = result.report.verification["task"]["metrics"]["logits:argmax"]
+    assert f"over {row['items']} items" in weak[0] and row["items"] * row["allowed"] < FEW_EXPECTED_ERRORS
+
+
+def test_only_passing_count_rows_with_few_expected_errors_get_a_note() -> None:
+    verdict = {"metrics": {"a:argmax": {"passed": True, "items": 400, "allowed": 0.015},  # 6 errors: enough
+                           "b:argmax": {"passed": True, "items": 40, "allowed": 0.015},  # 0.6: too few
+                           "c:box_f1": {"passed": False, "items": 10, "allowed": 0.03},  # failed: a problem
+                           "d:sqnr": {"passed": True, "allowed": 0.01}}}  # no items: not a count
+    notes = _few_items(verdict)
+    assert len(notes) == 1 and notes[0].startswith("'b:argmax' passed over 40 items")
+    assert _few_items(None) == []
 
 
 def test_group_labels_must_match_the_samples() -> None:

@@ -547,7 +547,8 @@ class Verifier:
         return Verification(status=status, outputs=metrics, reason="; ".join(problems) or None, reference=reference,
                             task=verdicts.get(self.providers[0]),
                             task_by_provider=verdicts if len(verdicts) > 1 else None,
-                            notes=self.notes(), free_running=free or None, **base)
+                            notes=self.notes() + _few_items(verdicts.get(self.providers[0])),
+                            free_running=free or None, **base)
 
     def _free_running(self, session: Any, reference: Sequence[Sequence[np.ndarray]]) -> dict[str, Any]:
         """The candidate's own greedy decode from each sample against the original's
@@ -706,6 +707,26 @@ class Verifier:
 
 def _num(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
+
+
+# a count-based task component that passes with fewer expected errors than this at its
+# allowed rate (items x allowed) could not have told its floor from a few times it
+FEW_EXPECTED_ERRORS = 3.0
+
+
+def _few_items(verdict: Mapping[str, Any] | None) -> list[str]:
+    """A note per count-based task row that passed over too few items to show the margin:
+    at its allowed rate the items hold fewer than ``FEW_EXPECTED_ERRORS`` errors, so a
+    model deviating a few times its floor would often pass as well."""
+    notes = []
+    for row, value in (verdict or {}).get("metrics", {}).items():
+        items, allowed = value.get("items"), value.get("allowed")
+        if value.get("passed") and isinstance(items, int) and isinstance(allowed, (int, float)) \
+                and items * allowed < FEW_EXPECTED_ERRORS:
+            notes.append(f"'{row}' passed over {items} items: at its allowed rate {allowed:.3g} they hold "
+                         f"{items * allowed:.1f} errors, too few to tell a model at float32's noise floor from one "
+                         "a few times worse (give more samples)")
+    return notes
 
 
 def _task_problem(row: Mapping[str, Any]) -> str:
