@@ -296,7 +296,7 @@ def optimize(
     report.peak_rss_bytes = peak_rss_bytes()
     precision, held = _precision(outcome.model, outcome.records,
                                  {"fp16": fp16, "int8": quantizing, "int8-dynamic": int8_dynamic,
-                                  "weights": bool(weight_only)})
+                                  "weights": bool(weight_only)}, generated=inputs is None)
     report.warnings.extend(held)
     report.warnings.extend(f"{kind.upper()} not applied: {reason}" for kind, reason in precision.items()
                            if reason is not None)
@@ -442,12 +442,13 @@ def _has_dtype(model: ir.Model, dtypes: frozenset[ir.DataType]) -> bool:
     return False
 
 
-def _precision(model: ir.Model, records: Sequence[Any],
-               requested: Mapping[str, bool]) -> tuple[dict[str, str | None], list[str]]:
+def _precision(model: ir.Model, records: Sequence[Any], requested: Mapping[str, bool],
+               generated: bool = False) -> tuple[dict[str, str | None], list[str]]:
     """Per requested precision: None when the result holds tensors of that precision and
     its pass changed the model, or changed nothing for want of anything left to convert
     (the input held that precision already: a note says so); else why not (the pass's own
-    reason when it gave one, under "reason" or "skipped"). And the notes."""
+    reason when it gave one, under "reason" or "skipped"; a revert for its numerics judged
+    on ``generated`` inputs says that real samples may judge otherwise). And the notes."""
     found: dict[str, str | None] = {}
     held: list[str] = []
     for kind, wanted in requested.items():
@@ -465,6 +466,8 @@ def _precision(model: ir.Model, records: Sequence[Any],
             reason = (record.stats or {}).get("reason") or record.reason
             if record.status == "reverted":
                 found[kind] = f"reverted ({reason})" if reason else "reverted"
+                if generated and (record.reason or "").startswith("changed the numerics"):
+                    found[kind] += "; judged on generated inputs: real samples (--inputs) may judge otherwise"
             elif _held_already(model, kind, record):
                 found[kind] = None
                 held.append(f"{kind.upper()}: nothing left to convert: " + (reason or _HELD_ALREADY[kind]))
