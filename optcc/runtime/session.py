@@ -158,9 +158,7 @@ def make_session(
         if scratch is None:
             raise ValueError("a model with external data needs a scratch folder for its session")
         if _external_in_bodies(model):
-            path = Path(scratch) / f"model_{uuid.uuid4().hex}.onnx"
-            oir.save(model, path, external_data=True)
-            return ort.InferenceSession(str(path), options, providers=[provider_entry(provider)])
+            return _saved_session(model, provider, options, scratch)
         return _shared_weights_session(model, provider, options)
     if options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL \
             and oir.weight_bytes(model) >= HANDOVER_MIN_BYTES:
