@@ -225,15 +225,12 @@ class QuantizeWeightsPass(optcc.Pass):
                 skip("excluded")
                 continue
             if node.op_type == "Gather":
+                why = _table_reason(node) if self.embeddings else ""
+                if why is not None:
+                    if why:
+                        skip(why)
+                    continue
                 table = node.inputs[0]
-                if not self.embeddings or table is None or _constant_matrix(table) is None:
-                    continue
-                if _attr(node, "axis", 0) != 0:
-                    skip("Gather not on axis 0")
-                    continue
-                if not finite(_constant_matrix(table)):
-                    skip("embedding table holds inf or NaN")
-                    continue
                 kinds = {_use_kind(u) for u in table.uses()}
                 if table.is_graph_output() or None in kinds:
                     skip("embedding table shared with another op")
@@ -455,15 +452,28 @@ def embedding_reason(node: ir.Node) -> str | None:
     Gather at all; else why the table stays float."""
     if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
         return ""
+    why = _table_reason(node)
+    if why is not None:
+        return why
     table = node.inputs[0]
-    if table is None or _constant_matrix(table) is None:
+    if table.is_graph_output() or any(_use_kind(u) != "gather" for u in table.uses()):
+        return "embedding table shared with another op"
+    return None
+
+
+def _table_reason(node: ir.Node) -> str | None:
+    """For a Gather: "" when its table is no constant float32 matrix (no embedding to
+    quantize); why it stays float when it is one but gathered on another axis or holds inf
+    or NaN; None when its table may be quantized row by row, as far as this Gather tells
+    (who else reads the table is the caller's question)."""
+    table = node.inputs[0]
+    matrix = None if table is None else _constant_matrix(table)
+    if matrix is None:
         return ""
     if _attr(node, "axis", 0) != 0:
         return "Gather not on axis 0"
-    if not finite(_constant_matrix(table)):
+    if not finite(matrix):
         return "embedding table holds inf or NaN"
-    if table.is_graph_output() or any(_use_kind(u) != "gather" for u in table.uses()):
-        return "embedding table shared with another op"
     return None
 
 
