@@ -41,6 +41,7 @@ Keys = frozenset
 _DEPTH = 16
 _DIM_DEPTH = 4
 _DEFAULT = ("", "ai.onnx")
+_BROADCASTING = ("Add", "Sub", "Mul", "Div")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class Repeat:
 
 def _is(node: ir.Node | None, op: str) -> bool:
     return node is not None and node.op_type == op and node.domain in _DEFAULT
+
+
+def _is_rotary(node: ir.Node) -> bool:
+    """A RotaryEmbedding (standard or onnxruntime's): its output has its first input's shape."""
+    return node.op_type == "RotaryEmbedding" and node.domain in (*_DEFAULT, "com.microsoft")
 
 
 def _int_keys(n: int) -> Keys:
@@ -85,9 +91,11 @@ def dim_keys(value: ir.Value, axis: int, m: Match | None = None,
         allowzero = node.attributes.get("allowzero")
         if n == 0 and (allowzero is None or allowzero.as_int() == 0):
             keys |= dim_keys(node.inputs[0], axis, m, rank_of, depth + 1)
-        elif entry is not None and n != -1 and n != 0:
+        elif n == -1:
+            keys |= _inferred(node, target, m, rank_of, depth + 1)
+        elif entry is not None and n != 0:
             keys |= entry
-    elif _is(node, "Identity") or _is(node, "Cast") or _is(node, "Neg"):
+    elif _is(node, "Identity") or _is(node, "Cast") or _is(node, "Neg") or _is_rotary(node):  # shape kept
         keys |= dim_keys(node.inputs[0], axis, m, rank_of, depth + 1)
     elif _is(node, "Concat") and "axis" in node.attributes and len(node.inputs) == 2:
         rank = rank_of(value)
@@ -96,11 +104,87 @@ def dim_keys(value: ir.Value, axis: int, m: Match | None = None,
             keys |= _sum(*parts)
         elif rank is not None:  # every other axis is equal in both inputs
             keys |= parts[0] | parts[1]
+    elif _is(node, "Slice") and _slice_keeps(m, node, axis, rank_of):
+        keys |= dim_keys(node.inputs[0], axis, m, rank_of, depth + 1)
+    elif node.op_type in _BROADCASTING and _is(node, node.op_type) and len(node.inputs) == 2:
+        keys |= _broadcast(node, axis, m, rank_of, depth + 1)
     elif _is(node, "MatMul") and rank_of(node.inputs[1]) == 2:  # (.., n, k) @ (k, m): leading axes kept
         rank = rank_of(node.inputs[0])
-        if rank is not None and axis < rank - 1:
+        if rank is not None and rank >= 2 and axis < rank - 1:
             keys |= dim_keys(node.inputs[0], axis, m, rank_of, depth + 1)
+        elif rank is not None and rank >= 2 and axis == rank - 1:
+            keys |= dim_keys(node.inputs[1], 1, m, rank_of, depth + 1)
     return frozenset(keys)
+
+
+def _slice_keeps(m: Match, node: ir.Node, axis: int, rank_of: Callable[[ir.Value], int | None]) -> bool:
+    """Whether a Slice provably leaves ``axis`` alone: its constant axes do not list it."""
+    rank = rank_of(node.inputs[0])
+    starts = _const_ints(m, node.inputs[1]) if len(node.inputs) > 1 else None
+    if rank is None or starts is None:
+        return False
+    axes = node.inputs[3] if len(node.inputs) > 3 else None
+    listed = _const_ints(m, axes) if axes is not None else list(range(len(starts)))
+    return listed is not None and axis not in {a % rank for a in listed}
+
+
+def _broadcast(node: ir.Node, axis: int, m: Match, rank_of: Callable[[ir.Value], int | None],
+               depth: int) -> Keys:
+    """An elementwise binary op's output dim (numpy broadcasting, inputs aligned right): the
+    other input's where one input's is 1, a constant above 1 wherever it stands (the other is
+    1 or the same for the op to run), the shared dim where both are proved equal."""
+    ranks = [rank_of(operand) for operand in node.inputs]
+    if None in ranks:
+        return frozenset()
+    parts = []
+    for operand, operand_rank in zip(node.inputs, ranks):
+        own = axis - (max(ranks) - operand_rank)
+        parts.append(dim_keys(operand, own, m, rank_of, depth) if own >= 0 else _int_keys(1))
+    if _int_of(parts[0]) == 1:
+        return parts[1]
+    if _int_of(parts[1]) == 1:
+        return parts[0]
+    for part in parts:
+        if (_int_of(part) or 0) > 1:
+            return part
+    return parts[0] | parts[1] if same_dim(*parts) else frozenset()
+
+
+def _inferred(reshape: ir.Node, target: list[Keys], m: Match, rank_of: Callable[[ir.Value], int | None],
+              depth: int) -> Keys:
+    """The dim a Reshape infers for its single -1 entry, as an int: the input's element
+    count over the other entries' product. Each other entry is cancelled against an input
+    axis proved equal to it (0 copies the input's own axis); what is left on both sides must
+    be constants, so the quotient is exact."""
+    rank = rank_of(reshape.inputs[0])
+    allowzero = reshape.attributes.get("allowzero")
+    ints = [_int_of(t) for t in target]
+    if rank is None or ints.count(-1) != 1 or (0 in ints and allowzero is not None and allowzero.as_int() == 1):
+        return frozenset()
+    left: list[Keys | None] = [dim_keys(reshape.inputs[0], i, m, rank_of, depth) for i in range(rank)]
+    for axis in (i for i, n in enumerate(ints) if n == 0):  # copies of the input's own axes
+        if axis >= rank:
+            return frozenset()
+        left[axis] = None
+    numerator, denominator = 1, 1
+    for entry, n in zip(target, ints):
+        if n in (-1, 0):
+            continue
+        matched = next((i for i, dim in enumerate(left) if dim is not None and same_dim(dim, entry)), None)
+        if matched is not None:
+            left[matched] = None
+        elif n is not None and n > 0:
+            denominator *= n
+        else:
+            return frozenset()
+    for dim in left:
+        n = None if dim is None else _int_of(dim)
+        if dim is not None and (n is None or n < 0):
+            return frozenset()
+        numerator *= 1 if dim is None else n
+    if denominator == 0 or numerator % denominator:
+        return frozenset()
+    return _int_keys(numerator // denominator)
 
 
 def _sum(a: Keys, b: Keys) -> Keys:

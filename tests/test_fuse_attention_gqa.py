@@ -164,3 +164,24 @@ def test_cache_not_returned_stays_outside(attention_op: bool) -> None:
         "a cache Concat is not read after the attention (its present output would be unused)"]
     fused = optcc.optimize(ir.to_proto(result.model), level=1, verify=False).model  # dead repeat removed
     _check(fused, w, cache=True)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_inferred_head_count_and_rotary_key_are_proved(cache: bool) -> None:
+    """transformers 5's TorchScript shapes: the key's head count is what Reshape infers for
+    its -1 (the projection's width over the head size) and passes through the rotary
+    arithmetic (Mul, Add, Slice on the last axis, Concat) unchanged."""
+    proto, w = gqa_layer("torchscript5", mask=True, cache=cache)
+    result = FuseAttentionPass()(ir.from_proto(proto))
+    assert list(result.stats["grouped_kv"].values()) == ["grouped: key/value heads shared by 2 query heads"]
+    fused = ir.to_proto(result.model)
+    onnx.checker.check_model(fused, full_check=True)
+    _check(fused, w, mask=True, cache=cache)
+
+
+def test_a_slice_over_the_heads_axis_is_not_proved_to_keep_it() -> None:
+    proto, w = gqa_layer("torchscript5", mask=True, variant="slice_heads")
+    result = FuseAttentionPass()(ir.from_proto(proto))
+    assert list(result.stats["grouped_kv"].values()) == [
+        "repeat_kv kept: repeat_kv Expand target does not keep the other axes"]
+    _check(ir.to_proto(result.model), w, variant="slice_heads", mask=True)
