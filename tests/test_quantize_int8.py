@@ -451,7 +451,8 @@ def test_fallback_returns_the_sensitive_layer_to_float() -> None:
     assert report["initial"]["passed"] is False
     assert report["sensitivity"][0]["layer"] == "mm2"
     assert report["kept_float"] == ["mm2"] and report["target_met"] is True
-    assert stats["modified"] and stats["calibration"]["held_out_samples"] == 4
+    # the 4 held out hold too few top-1s to show the margin: half the 20 are held out
+    assert stats["modified"] and stats["calibration"]["held_out_samples"] == 10
     assert by_name(q, "mm2").inputs[1].name == "W2"
     assert set(stats["pass"]["layers"]) == {"mm1", "mm3"}
     assert_int8_close(model, q, data[-4:])

@@ -99,6 +99,9 @@ lines, ``cer`` over their characters still decides). ``embedding``'s ``ranking``
 fewer pairs adds no SQNR row: its ``cosine`` compares each sample's pooled embedding,
 what a ranking of a few pairs would show, and decides alone (the raw hidden states'
 SQNR would judge padded positions, and token-id inputs give it no floor).
+``TaskJudge.thin`` lists the components whose items, at their allowed rate, hold fewer
+than ``FEW_EXPECTED_ERRORS`` errors (too few to tell the floor from a few times it), for
+a caller that can hold out more samples (the INT8 driver then holds out half).
 ``TaskJudge.undecided`` lists the components the floor's samples give too few items, for
 a caller that can judge more samples instead (the INT8 driver then judges all of them).
 
@@ -130,7 +133,8 @@ from optcc.errors import BadInputError
 
 __all__ = [
     "METRICS", "DEFAULT_MARGIN", "MIN_DEVIATION", "Outputs", "UserMetric", "choose_metric", "perturb",
-    "MIN_ITEMS", "measure", "deviations", "TaskJudge", "perturbation_draws", "FLOOR_DRAWS", "ctc_greedy",
+    "MIN_ITEMS", "FEW_EXPECTED_ERRORS",
+    "measure", "deviations", "TaskJudge", "perturbation_draws", "FLOOR_DRAWS", "ctc_greedy",
     "map_boxes", "yolo_boxes", "box_f1", "box_layout", "class_rows", "anchor_grid",
 ]
 
@@ -141,6 +145,9 @@ METRICS = ("sqnr", "argmax", "ctc", "detection-map", "boxes", "embedding", "adde
 DEFAULT_MARGIN = 1.5
 MIN_DEVIATION = 0.01
 MIN_ITEMS = 10
+# a count-based component whose items, at its allowed rate, hold fewer errors than this
+# could not tell a model at float32's noise floor from one a few times worse
+FEW_EXPECTED_ERRORS = 3.0
 FLOOR_DRAWS = 4  # independent perturbation draws the INT8 driver measures the floor with
 CONFIDENT_GAP = 0.1
 MAP_THRESHOLD = 0.3
@@ -893,6 +900,15 @@ class TaskJudge:
         items on these samples (``<row>:<part>``): the task metric cannot decide them."""
         return [f"{key}:{part}" for key, parts in self.floor_items.items() for part, n in parts.items()
                 if part not in _REPORTED_ONLY and n < MIN_ITEMS]
+
+    def thin(self) -> list[str]:
+        """The judged count-based components (``<row>:<part>``) whose floor's items, at their
+        allowed rate (``margin * max(floor, MIN_DEVIATION)``), hold fewer than
+        ``FEW_EXPECTED_ERRORS`` errors on these samples: a model a few times its floor would
+        often pass them."""
+        return [f"{key}:{part}" for key, parts in self.floor_items.items() for part, n in parts.items()
+                if part not in _REPORTED_ONLY and part not in _COUNTS and part in self.floor.get(key, {})
+                and n * self.margin * max(self.floor[key][part], MIN_DEVIATION) < FEW_EXPECTED_ERRORS]
 
     def sqnr_floor(self, key: str) -> dict[str, float]:
         """Row ``key``'s SQNR noise ratios under the perturbation (``_sqnr_parts``)."""

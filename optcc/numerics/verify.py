@@ -69,7 +69,8 @@ from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
 from optcc.numerics.inputs import DEFAULT_DYNAMIC_DIM, RETRY_SIZES, check_feeds, generate_inputs, input_roles, sizes_text
 from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
-from optcc.numerics.task import DEFAULT_MARGIN, FLOOR_DRAWS, TaskJudge, UserMetric, perturb, perturbation_draws
+from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, TaskJudge, UserMetric, perturb,
+                                 perturbation_draws)
 from optcc.progress import Progress
 from optcc.runtime.session import HANDOVER_MIN_BYTES, first_line, make_session, resolve_providers, run, session_options
 from optcc.runtime.shared_weights import light_proto, weighted_session
@@ -707,11 +708,6 @@ class Verifier:
 
 def _num(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
-
-
-# a count-based task component that passes with fewer expected errors than this at its
-# allowed rate (items x allowed) could not have told its floor from a few times it
-FEW_EXPECTED_ERRORS = 3.0
 
 
 def _few_items(verdict: Mapping[str, Any] | None) -> list[str]:

@@ -33,7 +33,8 @@ from optcc.quant.fallback import (
     shortfall,
 )
 from optcc.numerics.inputs import input_roles
-from optcc.numerics.task import DEFAULT_MARGIN, FLOOR_DRAWS, MIN_ITEMS, TaskJudge, UserMetric, perturbation_draws
+from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, MIN_ITEMS, TaskJudge, UserMetric,
+                                 perturbation_draws)
 
 __all__ = ["Int8Options", "quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
 
@@ -237,9 +238,11 @@ def quantize_int8(
     at their resolution), or reach ``metric_target`` (``target.min_sqnr_db`` for SQNR).
     ``metric=None`` keeps the plain ``target`` (SQNR and argmax agreement thresholds).
     ``stats["acceptance"]`` shows the metrics and the floor; every evaluation in
-    ``stats["fallback"]`` shows the deviations next to it. When the held-out samples give
-    a count-based component fewer than ``MIN_ITEMS`` items (``TaskJudge.undecided``),
-    every candidate is judged on all the samples instead, the calibration ones included
+    ``stats["fallback"]`` shows the deviations next to it. When the held-out items of a
+    count-based component are too few to show the margin (``TaskJudge.thin``), the last
+    half of the samples is held out instead (``held_out_widened`` says so). When the
+    held-out samples give a count-based component fewer than ``MIN_ITEMS`` items
+    (``TaskJudge.undecided``), every candidate is judged on all the samples instead, the calibration ones included
     (``stats["acceptance"]["judged_samples"]`` and ``all_samples_judged`` say so).
     ``floor_draws``: where a metric counts scored decisions (top-1, decoded lines), the
     floor is measured on that many independent perturbation draws and the errors float32
@@ -354,8 +357,6 @@ def quantize_int8(
     if o.equalize:
         stats["equalize"] = _run_pass(working, "equalize-cross-layer")
     calib, held = split_holdout(samples, o.holdout_fraction)
-    if o.smooth:
-        stats["smooth"] = _run_pass(working, "smooth-activations", samples=calib)
     lap("prepare")
     float_model = working
     if o.groups is not None and len(o.groups) != len(samples):
@@ -367,11 +368,23 @@ def quantize_int8(
             lambda part: [o.groups[i] for i in part])
         held_at = len(samples) - len(held)
         every = _given_judge(o, len(samples))
-        if every is not None:
-            judge = every.select(range(held_at, len(samples)))
-        else:
-            judge = _task_judge(float_model, held, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db,
-                                group_of(range(held_at, len(samples))), o.floor_draws)
+
+        def held_judge(held_at: int) -> TaskJudge:
+            if every is not None:
+                return every.select(range(held_at, len(samples)))
+            return _task_judge(float_model, samples[held_at:], o.metric, o.metric_margin, o.metric_target,
+                               o.target.min_sqnr_db, group_of(range(held_at, len(samples))), o.floor_draws)
+
+        judge = held_judge(held_at)
+        thin = judge.thin()
+        widened = None
+        if thin and len(held) < len(samples) // 2:
+            # the held-out items cannot show the margin: hold out half the samples instead
+            widened = f"{'; '.join(thin)} on {len(held)} held-out samples"
+            calib, held = samples[:len(samples) - len(samples) // 2], samples[len(samples) - len(samples) // 2:]
+            held_at = len(calib)
+            judged = held
+            judge = held_judge(held_at)
         undecided = judge.undecided()
         if undecided and len(held) < len(samples):
             # too few items held out for the task metric to decide: count it over every sample
@@ -386,11 +399,18 @@ def quantize_int8(
                                "held_out_samples": len(held), "judged_samples": len(judged),
                                "reference": "the verifier's (the original model)" if every is not None
                                else "the float model this pass starts from"}
+        if widened is not None:
+            stats["acceptance"]["held_out_widened"] = (
+                f"{widened}: at the allowed rate they hold fewer than {FEW_EXPECTED_ERRORS:g} errors, too few to "
+                f"tell float32's noise floor from a few times it, so half the samples ({len(held)}) are held out")
         if judged is not held:
             stats["acceptance"]["all_samples_judged"] = (
                 f"{'; '.join(undecided)} on the {len(held)} held-out samples: fewer than {MIN_ITEMS} items, "
                 f"so every candidate is judged on all {len(samples)} samples (the {len(calib)} calibration ones too)")
         lap("noise_floor")
+    if o.smooth:
+        stats["smooth"] = _run_pass(working, "smooth-activations", samples=calib)
+        lap("prepare")
     options: dict[str, Any] = dict(o.method_options)
     if o.bins is not None:
         options["bins"] = o.bins
