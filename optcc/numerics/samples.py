@@ -48,8 +48,10 @@ def load_npz_samples(
 
     Errors name the file, the key and the sample, e.g. ``calibration sample 3 in
     calib.npz: 'x' has shape [1, 3, 32], the model expects [1,3,32,32]``; ``purpose`` is
-    the first word of that label. Object arrays are refused (nothing is unpickled);
-    NaN or infinity in a float array is refused.
+    the first word of that label. Object arrays are refused (nothing is unpickled).
+    NaN or infinity in a float array is refused for calibration (ranges are fitted on the
+    values) and kept for verification: a model may read them (NaN as a missing value in a
+    tree ensemble), and its outputs on them are compared as onnxruntime computes them.
     """
     source = Path(path)
     if not source.exists():
@@ -63,8 +65,10 @@ def load_npz_samples(
         arrays = _read(file)
         with_axis = _has_sample_axis(arrays, ranks, file)
         for key, array in arrays.items():
-            if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-                raise BadInputError(f"array '{key}' contains NaN or infinity", file)
+            if purpose == "calibration" and np.issubdtype(array.dtype, np.floating) \
+                    and not np.all(np.isfinite(array)):
+                raise BadInputError(f"array '{key}' contains NaN or infinity (calibration ranges are fitted on "
+                                    "the values)", file)
         count = next(iter(arrays.values())).shape[0] if with_axis else 1
         if not with_axis and ir_model is not None:
             _warn_if_batched(arrays, ir_model, file)
