@@ -14,6 +14,13 @@ Expand and Reshape targets are either constants or computed from ``Shape`` (Torc
 ``Where(Equal(t, -1), 1, t)``; dynamo: ``Shape`` slices of another input whose declared
 symbolic dims match). Every entry is proved equal to the dim it must be (a constant, the
 same axis of the same tensor, or the same declared symbolic dim); anything unproved refuses.
+A dim is followed back through the ops that made it, each by its definition: Transpose,
+Reshape (a copied ``0``, a target entry, and the ``-1`` it infers: the input's elements
+over the other entries, cancelled pair by pair until constants are left), Concat,
+MatMul with a 2-D weight, Slice on other axes, elementwise Cast/Neg/Identity,
+RotaryEmbedding, and broadcasting Add/Sub/Mul/Div (a 1 takes the other side's dim; a
+constant above 1 is the output's, since the op runs only when the other side is 1 or the
+same).
 
 The dynamo exporter transposes the key's last two axes through rank 3:
 ``Reshape(Transpose(Reshape(k, [-1, S, D]), [0, 2, 1]), [B, H, D, S])``, which is
