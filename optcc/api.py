@@ -23,7 +23,7 @@ from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_bytes
 from optcc.ir.overwrite import check_input_shapes
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
-from optcc.numerics import DEFAULT_MARGIN, Tolerance, Verification, Verifier, check_samples_vary, resolve_providers
+from optcc.numerics import DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary, resolve_providers
 from optcc.quant import quantization_ops
 
 __all__ = ["optimize", "OptimizeResult", "verify", "FOLD_GROWTH_WARNING"]
@@ -159,6 +159,10 @@ def optimize(
     that order of precedence, each carrying ``result``. ``result.precision`` says, per
     requested precision, None when applied or the reason it was not.
     """
+    if inputs is not None and not isinstance(inputs, (Mapping, list)):
+        same = int8_calibration is inputs
+        inputs = [dict(f) for f in inputs]  # read by the FP16 pass and the verifier: consumed once here
+        int8_calibration = inputs if same else int8_calibration
     samples = None if int8_calibration is None else [dict(f) for f in int8_calibration]
     fp16_block = list(fp16_block)
     start = time.perf_counter()
@@ -213,9 +217,16 @@ def optimize(
             raise BadInputError(problem, label)
         pipeline.insert(0, create_pass("upgrade-opset", version=target_opset))
     if fp16:
+        shared16: dict[str, Any] = {}
+        if inputs is not None and (int8_calibration is None or int8_calibration is inputs) and (verify or verify_each):
+            # the pass judges the verifier's samples: it judges with the verifier's task judge, so
+            # the float model's noise floor runs once and the pass accepts what the check accepts
+            shared16["judge"] = lambda provider: None if verifier is None else verifier.sample_judge(provider)
+        if dict(tolerances or {}).get("fp16", TOLERANCES["fp16"]) != TOLERANCES["fp16"]:
+            shared16["judge"] = lambda provider: None  # a tolerance of the user's own: the verifier asks no task
         pipeline.append(create_pass("convert-float16", keep_io_types=fp16_keep_io, block=fp16_block,
                                     inputs=samples or inputs, input_shapes=input_shapes,
-                                    providers=providers))
+                                    providers=providers, **shared16))
     elif quantizing:
         if not samples:
             raise BadInputError("INT8 calibration data holds no samples")

@@ -20,7 +20,10 @@ A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
   reaches |x| >= 65504, more than 10% of its non-zero values flush to zero in float16, or a
   reduction's partial sums / a normalization's squares would overflow;
 - the accuracy check fails: the candidate is compared with the float32 original on the
-  same feeds; when an output's SQNR is below ``min_sqnr_db`` (default 40 dB), main-graph
+  same feeds by the rule the final verification applies (``optcc.numerics.float16``: per
+  output, SQNR over all samples >= ``min_sqnr_db`` (default 40 dB) and cosine >= 0.9999, or
+  the task judge, ``judge`` or one measured on the user's ``inputs``, deciding it with
+  enough items within float32's noise floor); when an output is not accepted, main-graph
   nodes are ranked by how much SQNR they lose (their inputs' SQNR minus their outputs'),
   and the smallest prefix of that ranking whose return to float32 meets the tolerance is
   found by doubling then bisection. Those nodes are recorded by name in the model's
@@ -46,10 +49,11 @@ models over 2 GB convert like small ones, within about their weights' size of me
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -58,7 +62,9 @@ import onnxruntime as ort
 
 import optcc
 from optcc import fp16
-from optcc.numerics import RETRY_SIZES, SATURATED_BELOW, generate_inputs, resolve_providers
+from optcc.numerics import (ACCEPTED_BY_SQNR, ACCEPTED_BY_TASK, RETRY_SIZES, SATURATED_BELOW, TOLERANCES, OutputMetrics,
+                            TaskJudge, Tolerance, Verifier, accept_float16, compare_outputs, generate_inputs,
+                            resolve_providers, widen_float16)
 from optcc.fp16 import (
     FLOAT, FLOAT16, FP16_MAX, KEEP_INPUTS, Emulator, Rewriter, Slots, exactly_float16, float16_slots)
 
@@ -110,6 +116,39 @@ def _values(model: ir.Model) -> set[ir.Value]:
     return {v for g in optcc.ir.graphs(model) for n in g for v in (*n.inputs, *n.outputs) if v is not None}
 
 
+@dataclasses.dataclass
+class _Judged:
+    """A candidate's judgement over the providers: per output its SQNR (the worst provider's)
+    and the rule that accepted it (``"sqnr"``, ``"task"``; None: neither), and the task
+    verdict per provider where the task judge ran."""
+
+    sqnr: dict[str, float] = dataclasses.field(default_factory=dict)
+    accepted_by: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    task: dict[str, dict] = dataclasses.field(default_factory=dict)
+    problems: list[str] = dataclasses.field(default_factory=list)
+    providers: int = 0  # judged on how many
+
+    @property
+    def passed(self) -> bool:
+        """Judged on some provider, and every output accepted on every one."""
+        return self.providers > 0 and not self.problems
+
+    def add(self, metrics: Sequence[OutputMetrics], verdict: dict | None) -> None:
+        """One provider's outputs (``accept_float16``) and task verdict (None: not asked)."""
+        self.providers += 1
+        for m in metrics:
+            db = -math.inf if m.sqnr_db is None else m.sqnr_db
+            self.sqnr[m.name] = min(self.sqnr.get(m.name, math.inf), db)
+            # "task" where any provider needed the task; None where any provider failed
+            before = self.accepted_by.get(m.name, ACCEPTED_BY_SQNR)
+            self.accepted_by[m.name] = None if before is None or not m.passed else (
+                ACCEPTED_BY_TASK if ACCEPTED_BY_TASK in (before, m.accepted_by) else ACCEPTED_BY_SQNR)
+            if not m.passed:
+                self.problems.append(f"'{m.name}' on {m.provider}: {m.problem}")
+        if verdict is not None and metrics:
+            self.task[metrics[0].provider] = verdict
+
+
 def _label(node: ir.Node, key: int) -> str:
     return node.name or f"{node.op_type}#{key}"
 
@@ -129,6 +168,7 @@ class ConvertFloat16Pass(optcc.Pass):
         min_sqnr_db: float = 40.0,
         providers: Sequence[str] | None = None,
         max_evaluations: int = 24,
+        judge: Callable[[str], TaskJudge | None] | None = None,
     ) -> None:
         super().__init__()
         self.keep_io_types = keep_io_types if isinstance(keep_io_types, bool) else frozenset(keep_io_types)
@@ -139,6 +179,7 @@ class ConvertFloat16Pass(optcc.Pass):
         self.min_sqnr_db = float(min_sqnr_db)
         self.providers = resolve_providers(providers)
         self.max_evaluations = max_evaluations
+        self.judge = judge
         self._scratch: str | None = None
 
     @property
@@ -349,30 +390,50 @@ class ConvertFloat16Pass(optcc.Pass):
                                           [optcc.runtime.detached(ref.run(None, f)) for f in self.feeds])
         return self._originals[provider]
 
-    def _output_sqnr(self, candidate: ir.Model) -> dict[str, float]:
-        worst: dict[str, float] = {}
+    def _task_judge(self, provider: str) -> Callable[[], TaskJudge | None] | None:
+        """The task judge of the feeds on ``provider``, made when first asked: the one given
+        (``judge``), else, for the user's samples, one measured here on the model as given
+        (``Verifier.sample_judge``); None on generated samples (the task is the user's)."""
+        if self.judge is not None:
+            return lambda: self.judge(provider)  # type: ignore[misc]
+        if not self.inputs:
+            return None
+
+        def own() -> TaskJudge | None:
+            if self._verifier is None:
+                self._verifier = Verifier(self.original, inputs=self.feeds, providers=self.providers)
+            return self._verifier.sample_judge(provider)
+
+        return own
+
+    def _output_sqnr(self, candidate: ir.Model) -> _Judged:
+        """The candidate judged on every provider as the final verification judges a float16
+        result (``optcc.numerics.float16``): per output the SQNR rule (summed over the
+        samples: ``min_sqnr_db``, cosine ``TOLERANCES["fp16"]``'s) or the task."""
+        tolerance = Tolerance(min_sqnr_db=self.min_sqnr_db, min_cosine=TOLERANCES["fp16"].min_cosine)
+        judged = _Judged()
         for provider in self.providers:
             names, originals = self._original_outputs(provider)
-            got = fp16.ranges.session(candidate, provider, self._scratch, arena=False)
-            for original, f16 in zip(originals, self._candidate_feeds(candidate)):
-                for name, r, c in zip(names, original, got.run(None, f16)):
-                    r, c = np.asarray(r), np.asarray(c)
-                    if np.issubdtype(r.dtype, np.floating):
-                        worst[name] = min(worst.get(name, math.inf), fp16.ranges.sqnr_db(r, c))
-                    elif not np.array_equal(r, c):
-                        worst[name] = -math.inf
-        return worst
+            session = fp16.ranges.session(candidate, provider, self._scratch, arena=False)
+            got = [widen_float16(optcc.runtime.detached(session.run(None, f16)), original)
+                   for original, f16 in zip(originals, self._candidate_feeds(candidate))]
+            metrics = [compare_outputs(name, provider, [o[i] for o in originals], [g[i] for g in got], tolerance)
+                       for i, name in enumerate(names)]
+            metrics, verdict = accept_float16(metrics, self._task_judge(provider),
+                                              {name: [g[i] for g in got] for i, name in enumerate(names)})
+            judged.add(metrics, verdict)
+        return judged
 
     def _evaluate(
         self, keep: Mapping[int, str], store16: Collection[str] = ()
-    ) -> tuple[bool, dict[str, float], ir.Model]:
+    ) -> tuple[bool, _Judged, ir.Model]:
         candidate = self._rewrite(self.reference.clone(), keep, emulate=True, store16=store16)
         self.evaluations += 1
         try:
-            sqnr = self._output_sqnr(candidate)
+            judged = self._output_sqnr(candidate)
         except Exception:  # noqa: BLE001 - a candidate onnxruntime rejects fails the check
-            return False, {}, candidate
-        return all(s >= self.min_sqnr_db for s in sqnr.values()), sqnr, candidate
+            return False, _Judged(), candidate
+        return judged.passed, judged, candidate
 
     def _ranking(self, candidate: ir.Model, keep: Mapping[int, str]) -> list[set[int]]:
         """Regions (a main-graph node with the converted producers of its inputs), most
@@ -411,7 +472,7 @@ class ConvertFloat16Pass(optcc.Pass):
 
     def _fallback(
         self, keep: dict[int, str], candidate: ir.Model
-    ) -> tuple[dict[int, str], dict[str, float], bool]:
+    ) -> tuple[dict[int, str], _Judged, bool]:
         ranked = self._ranking(candidate, keep)
         labels = {k: _label(n, k) for n, k in _node_keys(self.reference)[0].items()}
 
@@ -438,7 +499,7 @@ class ConvertFloat16Pass(optcc.Pass):
             else:
                 low = mid
         self._fallback_labels = sorted({labels[key] for region in ranked[:high] for key in region})
-        return with_prefix(high), best or {}, met
+        return with_prefix(high), best or _Judged(), met
 
     # -- weights of float32 nodes stored in float16 --------------------------------------
     def _store16_candidates(
@@ -489,8 +550,8 @@ class ConvertFloat16Pass(optcc.Pass):
         return exact, lossy
 
     def _choose_store16(
-        self, keep: Mapping[int, str], sqnr: dict[str, float]
-    ) -> tuple[set[str], dict[str, float], dict]:
+        self, keep: Mapping[int, str], sqnr: _Judged
+    ) -> tuple[set[str], _Judged, dict]:
         """The weights to store float16 under float32 nodes: exact ones always; the others
         only while the candidate still meets the tolerance: all at once, else one by one,
         largest first (at most ``STORE16_TRIALS`` more evaluations)."""
@@ -520,9 +581,12 @@ class ConvertFloat16Pass(optcc.Pass):
         configured = set(vars(self))
         with tempfile.TemporaryDirectory(prefix="optcc-fp16-") as scratch:
             self._scratch = scratch
+            self._verifier: Verifier | None = None  # the task judge's, when this run measures its own
             try:
                 return self._call(model)
             finally:
+                if self._verifier is not None:
+                    self._verifier.close()
                 self._scratch = None
                 # the run's state (model copies, emulated candidates, sampled values) goes with
                 # it: the pass object outlives the run in the pipeline
@@ -555,16 +619,20 @@ class ConvertFloat16Pass(optcc.Pass):
         if not plan and not any(self._store16_candidates(keep)):
             stats["kept_float32"] = self._kept_report(keep)
             return optcc.PassResult(model, False, stats)
-        ok, sqnr, candidate = self._evaluate(keep)
+        ok, judged, candidate = self._evaluate(keep)
         if not ok:
-            keep, sqnr, ok = self._fallback(keep, candidate)
+            keep, judged, ok = self._fallback(keep, candidate)
         if not ok:
             stats["skipped"] = (
-                f"nothing converted: no float16 conversion met {self.min_sqnr_db:g} dB on every "
-                f"output after {self.evaluations} evaluation(s) (worst: {sqnr})")
+                f"nothing converted: no float16 conversion met {self.min_sqnr_db:g} dB SQNR, or the task "
+                f"judge with enough items, on every output after {self.evaluations} evaluation(s) "
+                f"({'; '.join(judged.problems) or judged.sqnr})")
             stats["kept_float32"] = self._kept_report(keep)
+            if judged.task:
+                stats["task"] = judged.task
             return optcc.PassResult(model, False, stats)
-        store16, sqnr, store_report = self._choose_store16(keep, sqnr)
+        store16, judged, store_report = self._choose_store16(keep, judged)
+        sqnr = judged.sqnr
         model_keys, _ = _node_keys(model)
         fp16.clamp_mask_fills(model)
         self._rewrite(model, keep, store16=store16)
@@ -585,8 +653,11 @@ class ConvertFloat16Pass(optcc.Pass):
             "returned_to_float32": self._fallback_labels,
             "sqnr_db": {k: (round(v, 2) if math.isfinite(v) else str(v)) for k, v in sqnr.items()},
             "min_sqnr_db": self.min_sqnr_db,
+            "accepted_by": judged.accepted_by,
             "evaluations": self.evaluations,
         })
+        if judged.task:  # the task judge's rows, deviation against float32's noise floor
+            stats["task"] = judged.task
         if not result.converted_nodes and self._fallback_labels:
             stats["reason"] = self._all_returned_reason()
         return optcc.PassResult(model, result.modified, stats)

@@ -92,9 +92,13 @@ class OutputMetrics:
     problem: str | None = None
     # positions (in the samples compared) of the samples with an element beyond the tolerance
     samples_over: tuple[int, ...] = ()
+    # a float16 result's output: the rule that accepted it, "sqnr" or "task"
+    # (``optcc.numerics.float16``); None elsewhere, and when neither did
+    accepted_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: _json_number(v) for k, v in dataclasses.asdict(self).items() if k != "samples_over"}
+        return {k: _json_number(v) for k, v in dataclasses.asdict(self).items()
+                if k != "samples_over" and not (k == "accepted_by" and v is None)}
 
 
 def _json_number(value: Any) -> Any:

@@ -133,7 +133,7 @@ from optcc.errors import BadInputError
 
 __all__ = [
     "METRICS", "DEFAULT_MARGIN", "MIN_DEVIATION", "Outputs", "UserMetric", "choose_metric", "perturb",
-    "MIN_ITEMS", "FEW_EXPECTED_ERRORS",
+    "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY",
     "measure", "deviations", "TaskJudge", "perturbation_draws", "FLOOR_DRAWS", "ctc_greedy",
     "map_boxes", "yolo_boxes", "box_f1", "box_layout", "class_rows", "anchor_grid",
 ]
@@ -720,6 +720,7 @@ _BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], _Mea
     "added-boxes": _added_boxes_deviation,
 }
 _REPORTED_ONLY = frozenset({"extra_boxes"})  # shown, not judged
+REPORTED_ONLY = _REPORTED_ONLY
 _COUNTS = frozenset({"added_boxes"})  # a bound on a count, not a score: no metric_target replaces it
 # a count-based component that, over too few items, leaves the decision to a component of
 # its own metric that measures the same thing per sample (judged anyway), not to SQNR
@@ -890,6 +891,10 @@ class TaskJudge:
             draws=[{n: _pick(v, samples) for n, v in draw.items()} for draw in self.draws],
             masks=None if self.masks is None else _pick(self.masks, samples),
             groups=None if self.groups is None else _pick(self.groups, samples))
+
+    def output_of(self, key: str) -> str:
+        """The output name a row key (an output, or an output in a group) judges."""
+        return self._where[key][0]
 
     def _rows(self) -> list[tuple[str, str, list[int]]]:
         """(row key, output name, sample indices): one per output and group."""
