@@ -23,7 +23,8 @@ from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_bytes
 from optcc.ir.overwrite import check_input_shapes
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
-from optcc.numerics import DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary, resolve_providers
+from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary,
+                            resolve_providers)
 from optcc.quant import quantization_ops
 
 __all__ = ["optimize", "OptimizeResult", "verify", "FOLD_GROWTH_WARNING"]

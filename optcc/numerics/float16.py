@@ -87,7 +87,8 @@ def accept_float16(metrics: Sequence[OutputMetrics], judge: Callable[[], TaskJud
         task_judge = judge()
         verdict = None if task_judge is None else task_judge(got)
     except Exception as e:  # noqa: BLE001 - no task judgement: the SQNR rule alone decides
-        return result, {"unavailable": f"the task judge could not run: {str(e).splitlines()[0][:300] if str(e) else e!r}"}
+        said = str(e).splitlines()[0][:300] if str(e) else repr(e)
+        return result, {"unavailable": f"the task judge could not run: {said}"}
     if task_judge is None or verdict is None:
         return result, None
     decided = task_decides(task_judge, verdict)
