@@ -60,7 +60,7 @@ def _data(tensor: ir.TensorProtocol) -> np.ndarray:
     if tensor.dtype == ir.DataType.STRING:
         joined = b"".join(len(s).to_bytes(8, "little") + s for s in tensor.string_data())
         return np.frombuffer(joined, dtype=np.uint8)
-    array = np.ascontiguousarray(tensor.numpy())
+    array = np.ascontiguousarray(optcc.ir.decoded(tensor))  # read only
     return array.reshape(-1).view(np.uint8)
 
 

@@ -401,7 +401,7 @@ class _Numbering:
             stored = _stored(tensor) if shared else None
             array = None if stored is None else self._decoded.get(stored)
             if array is None:
-                array = tensor.numpy()
+                array = oir.decoded(tensor)
                 if stored is not None:
                     array.flags.writeable = False  # shared by every tensor of this content
                     self._decoded[stored] = array

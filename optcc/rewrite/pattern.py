@@ -167,7 +167,7 @@ class _Scope:
     def _decoded(self, tensor: ir.TensorProtocol) -> np.ndarray:
         array = self.arrays.get(tensor)
         if array is None:
-            array = self.arrays[tensor] = tensor.numpy()
+            array = self.arrays[tensor] = oir.decoded(tensor)
         return array
 
 

@@ -92,21 +92,12 @@ def _external_inlined(model: ir.Model) -> Iterator[None]:
             value.const_value = tensor
 
 
-_ARRAY_KEY = "optcc.array"
-
-
 def _array(tensor: ir.TensorProtocol) -> np.ndarray:
     """The tensor's values: a tensor read from a protobuf hands out a new copy of its bytes
     on every read, so that copy is made once and kept (read-only) in the tensor's metadata
-    while the tensor lives (a 400 MB model is copied once, not once per session)."""
-    if not isinstance(tensor, ir.TensorProtoTensor):
-        return np.asarray(tensor.numpy())
-    array = tensor.meta.get(_ARRAY_KEY)
-    if array is None:
-        array = np.asarray(tensor.numpy())
-        array.flags.writeable = False
-        tensor.meta[_ARRAY_KEY] = array
-    return array
+    while the tensor lives, whatever its size (a 400 MB model is copied once, not once per
+    session)."""
+    return np.asarray(oir.decoded(tensor, keep_large=True))
 
 
 def mark_external(init: onnx.TensorProto, dims: list[int], nbytes: int) -> None:

@@ -1,0 +1,71 @@
+"""``optcc.ir.decoded``: a parsed tensor's array is decoded once, equals a fresh decode,
+is read-only and shared by every caller (clones included); large ones are kept only when
+asked; other tensors pass through."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx_ir as ir
+import pytest
+
+import optcc
+from optcc.ir.arrays import KEEP_MAX_BYTES, decoded
+
+
+def _parsed(name: str, dtype: int, dims: list[int], values: list, raw: bool = False) -> ir.TensorProtocol:
+    return ir.serde.TensorProtoTensor(oh.make_tensor(name, dtype, dims, values, raw=raw))
+
+
+@pytest.mark.parametrize("dtype,values", [
+    (onnx.TensorProto.FLOAT, [1.0, -2.5, 0.0, 3.0]),  # float_data
+    (onnx.TensorProto.INT64, [1, -1, 1 << 40, 0]),  # int64_data
+    (onnx.TensorProto.INT32, [7, -7, 0, 1]),  # int32_data
+    (onnx.TensorProto.FLOAT16, [1.0, 0.5, -2.0, 65504.0]),  # int32_data holding float16 bits
+    (onnx.TensorProto.BOOL, [True, False, True, True]),
+])
+def test_a_parsed_tensor_is_decoded_once_to_its_values(dtype, values):
+    tensor = _parsed("t", dtype, [2, 2], values)
+    first = decoded(tensor)
+    np.testing.assert_array_equal(first, tensor.numpy())  # what a fresh decode gives
+    assert first.dtype == tensor.numpy().dtype and first.shape == (2, 2)
+    assert decoded(tensor) is first
+    assert not first.flags.writeable
+    with pytest.raises(ValueError):
+        first[0, 0] = 0
+
+
+def test_raw_data_tensors_are_kept_too():
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    tensor = _parsed("r", onnx.TensorProto.FLOAT, [2, 3], array.tobytes(), raw=True)
+    np.testing.assert_array_equal(decoded(tensor), array)
+    assert decoded(tensor) is decoded(tensor)
+
+
+def test_a_large_parsed_tensor_is_kept_only_when_asked():
+    n = KEEP_MAX_BYTES // 4 + 1
+    tensor = _parsed("big", onnx.TensorProto.FLOAT, [n], [1.0] * n)
+    first = decoded(tensor)
+    assert first is not decoded(tensor) and first.flags.writeable  # decoded each time, as numpy() does
+    kept = decoded(tensor, keep_large=True)
+    assert kept is decoded(tensor) and not kept.flags.writeable
+    np.testing.assert_array_equal(kept, first)
+
+
+def test_in_memory_tensors_pass_through():
+    array = np.ones((2, 2), np.float32)
+    tensor = ir.Tensor(array)
+    assert decoded(tensor) is tensor.numpy()
+
+
+def test_clones_share_the_decoded_array():
+    node = oh.make_node("Constant", [], ["c"], value=oh.make_tensor("v", onnx.TensorProto.FLOAT, [3], [1, 2, 3]))
+    graph = oh.make_graph([node, oh.make_node("Identity", ["c"], ["y"])], "g", [],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3])])
+    model = optcc.ir.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]))
+    tensor = optcc.ir.const_tensor(next(iter(model.graph)).outputs[0])
+    clone = optcc.ir.clone(model)
+    cloned = optcc.ir.const_tensor(next(iter(clone.graph)).outputs[0])
+    assert type(tensor) is ir.serde.TensorProtoTensor and cloned is tensor
+    assert decoded(cloned) is decoded(tensor)
