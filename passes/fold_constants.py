@@ -211,7 +211,7 @@ class _GraphFolder:
     def _numpy(self, tensor: ir.TensorProtocol) -> np.ndarray:
         array = self._arrays.get(tensor)
         if array is None:
-            array = self._arrays[tensor] = tensor.numpy()
+            array = self._arrays[tensor] = optcc.ir.fresh(tensor)
         return array
 
     def _const(self, value: ir.Value) -> np.ndarray | None:

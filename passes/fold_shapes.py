@@ -94,7 +94,7 @@ def const_array(value: ir.Value, *, inputs_constant: bool = False,
 
 
 def _numpy(tensor: ir.TensorProtocol) -> np.ndarray:
-    return tensor.numpy()
+    return optcc.ir.fresh(tensor)
 
 
 def infer_shapes(model: ir.Model, values: Iterable[ir.Value] | None = None,

@@ -69,3 +69,17 @@ def test_clones_share_the_decoded_array():
     cloned = optcc.ir.const_tensor(next(iter(clone.graph)).outputs[0])
     assert type(tensor) is ir.serde.TensorProtoTensor and cloned is tensor
     assert decoded(cloned) is decoded(tensor)
+
+
+def test_fresh_gives_a_writable_copy_of_the_kept_decode():
+    from optcc.ir.arrays import fresh
+
+    tensor = _parsed("t", onnx.TensorProto.FLOAT, [3], [1.0, 2.0, 3.0])
+    first = fresh(tensor)
+    np.testing.assert_array_equal(first, tensor.numpy())
+    assert first.flags.writeable and first is not decoded(tensor)
+    first[0] = 9.0  # a copy: the kept decode keeps the tensor's values
+    np.testing.assert_array_equal(decoded(tensor), [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(fresh(tensor), [1.0, 2.0, 3.0])
+    array = np.ones(2, np.float32)
+    assert fresh(ir.Tensor(array)) is ir.Tensor(array).numpy()  # an in-memory tensor: its own array

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["ARRAY_KEY", "KEEP_MAX_BYTES", "decoded"]
+__all__ = ["ARRAY_KEY", "KEEP_MAX_BYTES", "decoded", "fresh"]
 
 ARRAY_KEY = "optcc.array"  # the tensor's meta entry: its decoded array, read-only
 KEEP_MAX_BYTES = 1 << 16  # a larger array is kept only when the caller asks (``keep_large``)
@@ -39,4 +39,14 @@ def decoded(tensor: ir.TensorProtocol, *, keep_large: bool = False) -> np.ndarra
             return array
         array.flags.writeable = False
         meta[ARRAY_KEY] = array
+    return array
+
+
+def fresh(tensor: ir.TensorProtocol) -> np.ndarray:
+    """``tensor.numpy()`` for a caller that may write to it: a parsed tensor with a kept
+    decode (``decoded``) gives a copy of it, cheaper than decoding again; any other
+    tensor gives what its ``numpy()`` does."""
+    array = decoded(tensor)
+    if type(tensor) is _PROTO_TENSOR and tensor.meta.get(ARRAY_KEY) is array:
+        return array.copy()
     return array

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from optcc.ir.arrays import fresh
 from optcc.ir.saving import initializers_set_aside, serialize
 from optcc.ir.walk import graphs, nodes, proto_graphs, subgraphs
 
@@ -167,4 +168,4 @@ def const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
 def as_numpy(value: ir.Value) -> np.ndarray | None:
     """The constant array behind a value (initializer or Constant output), else None."""
     tensor = const_tensor(value)
-    return None if tensor is None else tensor.numpy()
+    return None if tensor is None else fresh(tensor)  # a parsed tensor's: a copy of its one decode

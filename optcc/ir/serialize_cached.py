@@ -285,7 +285,8 @@ def _value_info(value: ir.Value) -> bytes:
         denotations: Any = None
     else:
         dims = shape.dims
-        denotations = tuple(shape.get_denotation(i) for i in range(len(dims)))
+        denotation = shape.get_denotation
+        denotations = tuple([denotation(i) for i in range(len(dims))])  # (a list: faster than a generator)
     metadata = value.metadata_props
     key = (
         value.name, id(type_), None if type_ is None else (type_.dtype, type_.denotation), dims, denotations,
