@@ -286,7 +286,7 @@ def _value_info(value: ir.Value) -> bytes:
     else:
         dims = shape.dims
         denotation = shape.get_denotation
-        denotations = tuple([denotation(i) for i in range(len(dims))])  # (a list: faster than a generator)
+        denotations = tuple([denotation(i) for i in range(len(dims))])
     metadata = value.metadata_props
     key = (
         value.name, id(type_), None if type_ is None else (type_.dtype, type_.denotation), dims, denotations,
