@@ -8,7 +8,11 @@ output                    metric (deviation: 0 when identical)
 ========================  ==============================================================
 ``[N, C]`` float          ``argmax``: 1 - agreement of the top class, on the samples the
                           float model is confident about (top-1 probability at least
-                          ``CONFIDENT_GAP`` above the second; all samples when none is)
+                          ``CONFIDENT_GAP`` above the second; all samples when none is);
+                          except a pooled vector (``embedding``, below): an output named
+                          as one (``EMBEDDING_NAMES``: embedding, pooler, sentence,
+                          feature...) or one of width D beside a ``[N, T, D]`` output that
+                          is judged as an embedding (sentence-transformers' pair)
 ``[N, T, C]`` rows that   ``ctc``: greedy CTC decode (argmax per step, repeats merged,
 sum to 1                  blank 0 dropped); 1 - exact-match rate and the character error
 (or time-major            rate (edit distance / reference length), both judged; a
@@ -29,6 +33,10 @@ in [0, 1], most anchors   its score (their confidence). Decoded (pixels: w, h >=
 background                centres spread beyond ``RAW_SPAN``) or raw YOLOX (offsets in
 (``box_layout``)          cells and log sizes, decoded on the square stride 8/16/32(/64)
                           grid that the anchor count gives, ``anchor_grid``)
+other ``[N, T, H]``,      ``embedding``: hidden states mean-pooled over the positions
+H >= 8                    (those the attention mask keeps); 1 - mean cosine of the
+                          pooled vectors, and ``ranking``: 1 - Spearman of their pairwise
+                          similarities
 anything else             ``sqnr``: noise power / signal power, summed over ALL held-out
                           samples (never a per-sample median or worst, which one blank
                           input would dominate); reported in dB
@@ -133,7 +141,7 @@ from optcc.errors import BadInputError
 
 __all__ = [
     "METRICS", "DEFAULT_MARGIN", "MIN_DEVIATION", "Outputs", "UserMetric", "choose_metric", "perturb",
-    "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY",
+    "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES",
     "measure", "deviations", "TaskJudge", "perturbation_draws", "FLOOR_DRAWS", "ctc_greedy",
     "map_boxes", "yolo_boxes", "box_f1", "box_layout", "class_rows", "anchor_grid",
 ]
@@ -168,6 +176,10 @@ def _softmax_rows(a: np.ndarray) -> bool:
     return bool(a.size) and float(a.min()) >= -1e-6 and np.allclose(a.sum(-1), 1.0, atol=1e-3)
 
 
+# words in an output's name that call a [N, C] output a pooled vector, not class scores
+EMBEDDING_NAMES = ("embed", "pooler", "pooled", "sentence", "feature", "vector")
+
+
 def choose_metric(sample: np.ndarray, name: str = "") -> str:
     """The built-in metric for an output, from one sample of it and its name (see the
     module doc)."""
@@ -175,7 +187,7 @@ def choose_metric(sample: np.ndarray, name: str = "") -> str:
     if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
         return "sqnr"
     if a.ndim == 2 and a.shape[-1] >= 2:
-        return "argmax"
+        return "embedding" if any(word in name.lower() for word in EMBEDDING_NAMES) else "argmax"
     sequences = _batch_major(a)
     if sequences.ndim == 3 and sequences.shape[1] >= 2 and sequences.shape[2] >= 2 and _softmax_rows(sequences):
         return "ctc"
@@ -812,6 +824,7 @@ class TaskJudge:
         self.plan: dict[str, str | UserMetric] = {}
         self._where: dict[str, tuple[str, list[int]]] = {}
         for group, idx in self.subsets:
+            chosen_by_auto: list[str] = []  # this group's rows whose metric the auto rule chose
             if callable(self.metric) and not isinstance(self.metric, Mapping):
                 key = "*" if not group else f"*@{group}"
                 self.plan[key], self._where[key] = self.metric, ("*", idx)
@@ -829,9 +842,26 @@ class TaskJudge:
                         f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
                 key = name if not group else f"{name}@{group}"
                 self.plan[key], self._where[key] = chosen, (name, idx)
+                if given in (None, "auto"):
+                    chosen_by_auto.append(key)
+            self._pooled_beside_embeddings(chosen_by_auto)
         self._envelope = [self.perturbed, *self.draws]
         self.floor, self.floor_items = self._floor()
         self._sqnr_floor: dict[str, dict[str, float]] = {}  # per row key, computed when first needed
+
+    def _pooled_beside_embeddings(self, keys: Sequence[str]) -> None:
+        """Of ``keys`` (one group's rows whose metric the auto rule chose), a ``[N, D]`` output
+        read as class scores is a pooled vector when another is a ``[N, T, D]`` embedding (a
+        sentence encoder's token and sentence embeddings), unless named logits: judged as an
+        embedding too."""
+        def sample(key: str) -> np.ndarray:
+            return np.asarray(self.reference[self._where[key][0]][0])
+
+        widths = {sample(k).shape[-1] for k in keys if self.plan[k] == "embedding" and sample(k).ndim == 3}
+        for key in keys:
+            if self.plan[key] == "argmax" and sample(key).ndim == 2 and sample(key).shape[-1] in widths \
+                    and "logit" not in self._where[key][0].lower():
+                self.plan[key] = "embedding"
 
     def _floor(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:
         """Per row and component, the float model's own deviation under the perturbation:

@@ -1,0 +1,48 @@
+"""A sentence encoder's pooled ``[N, D]`` output is judged as an embedding (cosine and the
+ranking of pair similarities), not as class scores, when its name says so or a
+``[N, T, D]`` embedding output stands beside it; a classifier's ``[N, C]`` logits stay
+``argmax``. The judged cosine is checked against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from optcc.numerics import task as tm
+
+
+def _encoder_outputs(n: int = 6, t: int = 5, d: int = 16, seed: int = 0) -> dict[str, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    tokens = [rng.standard_normal((1, t, d)).astype(np.float32) for _ in range(n)]
+    return {"token_embeddings": tokens, "pooled": [x.mean(1) for x in tokens]}
+
+
+def _judge(reference: dict, metric: object = "auto") -> tm.TaskJudge:
+    moved = {k: [v + np.float32(1e-6) for v in vs] for k, vs in reference.items()}
+    return tm.TaskJudge(reference, moved, metric=metric)
+
+
+def test_a_pooled_output_beside_token_embeddings_is_an_embedding() -> None:
+    judge = _judge(_encoder_outputs())
+    assert judge.metric_names() == {"token_embeddings": "embedding", "pooled": "embedding"}
+
+
+@pytest.mark.parametrize("name", ["sentence_embedding", "pooler_output", "image_features"])
+def test_a_vector_named_as_one_is_an_embedding(name: str) -> None:
+    outputs = {name: _encoder_outputs()["pooled"]}
+    judge = _judge(outputs)
+    assert judge.metric_names() == {name: "embedding"}
+    got = {name: [v * 0.9 + 0.05 for v in outputs[name]]}
+    verdict = judge(got)
+    ref, new = np.concatenate(outputs[name]).astype(np.float64), np.concatenate(got[name]).astype(np.float64)
+    cosine = np.sum(ref * new, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(new, axis=1))
+    assert verdict["metrics"][f"{name}:cosine"]["deviation"] == pytest.approx(1 - cosine.mean(), rel=1e-5)
+
+
+def test_logits_stay_a_classifier_and_the_user_metric_wins() -> None:
+    rng = np.random.default_rng(1)
+    logits = {"logits": [rng.standard_normal((1, 16)).astype(np.float32) * 5 for _ in range(6)]}
+    assert _judge(logits).metric_names() == {"logits": "argmax"}
+    both = {**_encoder_outputs(), "logits": logits["logits"]}  # as wide as the tokens, but named logits
+    assert _judge(both).metric_names() == {"token_embeddings": "embedding", "pooled": "embedding", "logits": "argmax"}
+    assert _judge(both, metric={"pooled": "argmax"}).metric_names()["pooled"] == "argmax"
