@@ -455,3 +455,18 @@ def test_a_time_major_sequence_is_decoded_along_its_first_axis() -> None:
     judge = tm.TaskJudge({"logits": [logits]}, {"logits": [logits + np.float32(0.001)]}, metric="ctc", draws=draws)
     row = judge({"logits": [flipped]})["metrics"]["logits:ctc_exact"]
     assert row["items"] == 1 and row["deviation"] == 1.0 and row["passed"] is False
+
+
+def test_an_sqnr_row_passed_by_the_fixed_target_says_so() -> None:
+    """Float32's floor under one-ulp noise is ~1e-14 of the signal: a 30 dB candidate is far
+    beyond the floor's margin and passes on the 25 dB target, which the row names."""
+    rng = np.random.default_rng(0)
+    reference = {"y": [rng.standard_normal((1, 7, 3)).astype(np.float32) for _ in range(4)]}
+    moved = {"y": [v * np.float32(1 + 1e-7) for v in reference["y"]]}
+    judge = tm.TaskJudge(reference, moved, metric="sqnr", min_sqnr_db=25.0)
+    got = {"y": [v + np.float32(10 ** (-30 / 20)) * np.sqrt(np.mean(v.astype(np.float64) ** 2)).astype(np.float32)
+                 * rng.choice([-1, 1], v.shape).astype(np.float32) for v in reference["y"]]}
+    row = judge(got)["metrics"]["y:sqnr"]
+    assert row["passed"] and row["deviation"] > row["allowed"]
+    assert row["why"] == f"SQNR {row['sqnr_db']:.1f} dB meets the 25 dB target (not the floor's margin)"
+    assert "why" not in judge(reference)["metrics"]["y:sqnr"]  # identical: within the floor

@@ -991,8 +991,11 @@ class TaskJudge:
         """The SQNR judgment: within the floor's margin, or at least ``min_sqnr_db``."""
         allowed = self.margin * floor
         ok = deviation <= allowed or _db(deviation) >= self.min_sqnr_db
-        return {"deviation": _finite(deviation), "floor": _finite(floor), "sqnr_db": _finite(_db(deviation)),
-                "floor_sqnr_db": _finite(_db(floor)), "allowed": _finite(allowed), "passed": bool(ok)}
+        row = {"deviation": _finite(deviation), "floor": _finite(floor), "sqnr_db": _finite(_db(deviation)),
+               "floor_sqnr_db": _finite(_db(floor)), "allowed": _finite(allowed), "passed": bool(ok)}
+        if ok and deviation > allowed:  # beyond the floor's margin: the fixed target decided
+            row["why"] = f"SQNR {_db(deviation):.1f} dB meets the {self.min_sqnr_db:g} dB target (not the floor's margin)"
+        return row
 
     def __call__(self, got: Outputs) -> dict[str, Any]:
         """``passed`` and, per output (and group) and component, the deviation next to the
@@ -1051,8 +1054,9 @@ class TaskJudge:
                 floors = self.sqnr_floor(key)
                 for part, deviation in _sqnr_parts(metric, _pick(self.reference[name], idx),
                                                    _pick(got[name], idx)).items():
-                    row = {"metric": "sqnr", **self._sqnr_row(deviation, floors[part]),
-                           "why": f"{'; '.join(undecided)}: not decisive; judged by SQNR"}
+                    row = {"metric": "sqnr", **self._sqnr_row(deviation, floors[part])}
+                    row["why"] = "; ".join([f"{'; '.join(undecided)}: not decisive; judged by SQNR",
+                                            *([row["why"]] if "why" in row else [])])
                     rows[f"{key}:{part}"] = row
                     passed = passed and row["passed"]
         return {"passed": passed, "margin": self.margin, "metrics": rows, "perturbation": dict(self.perturbation)}
