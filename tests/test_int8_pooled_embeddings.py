@@ -1,7 +1,8 @@
 """A sentence encoder's pooled ``[N, D]`` output is judged as an embedding (cosine and the
 ranking of pair similarities), not as class scores, when its name says so or a
 ``[N, T, D]`` embedding output stands beside it; a classifier's ``[N, C]`` logits stay
-``argmax``. The judged cosine is checked against numpy."""
+``argmax``; a ``[N, C]`` output whose width changes between samples, or that the model
+declares symbolic, is a sequence, judged by SQNR. The judged cosine and SQNR are checked against numpy."""
 
 from __future__ import annotations
 
@@ -46,3 +47,41 @@ def test_logits_stay_a_classifier_and_the_user_metric_wins() -> None:
     both = {**_encoder_outputs(), "logits": logits["logits"]}  # as wide as the tokens, but named logits
     assert _judge(both).metric_names() == {"token_embeddings": "embedding", "pooled": "embedding", "logits": "argmax"}
     assert _judge(both, metric={"pooled": "argmax"}).metric_names()["pooled"] == "argmax"
+
+
+def test_a_width_that_changes_between_samples_is_no_set_of_classes() -> None:
+    """A recognizer's per-step confidence ``[1, T]`` with T following the line's width is a
+    sequence: judged by SQNR (summed over the samples, checked here), not by its argmax."""
+    rng = np.random.default_rng(2)
+    steps = {"conf": [rng.uniform(0.5, 1.0, (1, t)).astype(np.float32) for t in (9, 12, 9, 15)]}
+    judge = _judge(steps)
+    assert judge.metric_names() == {"conf": "sqnr"}
+    got = {"conf": [v * np.float32(0.99) for v in steps["conf"]]}
+    row = judge(got)["metrics"]["conf:sqnr"]
+    signal = sum(float(np.sum(v.astype(np.float64) ** 2)) for v in steps["conf"])
+    noise = sum(float(np.sum((v.astype(np.float64) - g) ** 2)) for v, g in zip(steps["conf"], got["conf"]))
+    assert row["deviation"] == pytest.approx(noise / signal, rel=1e-4)
+    fixed = {"logits": [rng.standard_normal((1, 9)).astype(np.float32) for _ in range(4)]}
+    assert _judge(fixed).metric_names() == {"logits": "argmax"}
+
+
+def test_a_width_the_model_declares_symbolic_is_a_sequence() -> None:
+    """Fixed-width inputs give every sample the same T: the declared ``[B, T]`` output shape
+    (``sequence_outputs``) still says it is per-step values, not classes."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMax", ["x"], ["conf"], axes=[1], keepdims=0),
+         helper.make_node("Flatten", ["x"], ["scores"], axis=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 5, "T"])],
+        [helper.make_tensor_value_info("conf", TensorProto.FLOAT, ["B", "T"]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", 40])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert tm.sequence_outputs(model) == {"conf"}
+    rng = np.random.default_rng(3)
+    outputs = {"conf": [rng.uniform(0.5, 1, (1, 8)).astype(np.float32) for _ in range(4)],
+               "scores": [rng.standard_normal((1, 40)).astype(np.float32) for _ in range(4)]}
+    moved = {k: [v + np.float32(1e-6) for v in vs] for k, vs in outputs.items()}
+    judge = tm.TaskJudge(outputs, moved, sequences=tm.sequence_outputs(model))
+    assert judge.metric_names() == {"conf": "sqnr", "scores": "argmax"}

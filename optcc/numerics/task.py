@@ -12,7 +12,10 @@ output                    metric (deviation: 0 when identical)
                           except a pooled vector (``embedding``, below): an output named
                           as one (``EMBEDDING_NAMES``: embedding, pooler, sentence,
                           feature...) or one of width D beside a ``[N, T, D]`` output that
-                          is judged as an embedding (sentence-transformers' pair)
+                          is judged as an embedding (sentence-transformers' pair); and
+                          ``sqnr`` when the width C differs between samples or the model
+                          declares it symbolic (``sequence_outputs``: per-step values of
+                          a sequence, not classes)
 ``[N, T, C]`` rows that   ``ctc``: greedy CTC decode (argmax per step, repeats merged,
 sum to 1                  blank 0 dropped); 1 - exact-match rate and the character error
 (or time-major            rate (edit distance / reference length), both judged; a
@@ -136,12 +139,13 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from optcc.errors import BadInputError
 
 __all__ = [
     "METRICS", "DEFAULT_MARGIN", "MIN_DEVIATION", "Outputs", "UserMetric", "choose_metric", "perturb",
-    "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES",
+    "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "sequence_outputs",
     "measure", "deviations", "TaskJudge", "perturbation_draws", "FLOOR_DRAWS", "ctc_greedy",
     "map_boxes", "yolo_boxes", "box_f1", "box_layout", "class_rows", "anchor_grid",
 ]
@@ -174,6 +178,17 @@ _SEED = 0
 
 def _softmax_rows(a: np.ndarray) -> bool:
     return bool(a.size) and float(a.min()) >= -1e-6 and np.allclose(a.sum(-1), 1.0, atol=1e-3)
+
+
+def sequence_outputs(model: ir.Model) -> set[str]:
+    """The graph outputs declared ``[N, C]`` with C symbolic or unknown: a class count is
+    fixed, so their last axis is a sequence (per-step values) for ``choose_metric``."""
+    found = set()
+    for value in model.graph.outputs:
+        shape = value.shape
+        if shape is not None and shape.rank() == 2 and not isinstance(shape[1], int):
+            found.add(value.name)
+    return found
 
 
 # words in an output's name that call a [N, C] output a pooled vector, not class scores
@@ -810,6 +825,7 @@ class TaskJudge:
     masks: Sequence[np.ndarray | None] | None = None  # per sample: the attention mask, for pooling
     groups: Sequence[str] | None = None  # per sample: its group's label
     draws: Sequence[Outputs] = ()  # more perturbation draws of the float model's outputs (seeds apart)
+    sequences: Collection[str] = ()  # outputs whose last axis the model declares symbolic (``sequence_outputs``)
 
     def __post_init__(self) -> None:
         count = len(next(iter(self.reference.values()), []))
@@ -837,6 +853,9 @@ class TaskJudge:
                     names = (f"{name}@{group}", f"@{group}", name) if group else (name,)
                     given = next((self.metric[k] for k in names if k in self.metric), None)
                 chosen = choose_metric(values[0], name) if given in (None, "auto") else given
+                if given in (None, "auto") and chosen == "argmax" and (
+                        name in self.sequences or len({np.shape(v)[-1] for v in values}) > 1):
+                    chosen = "sqnr"  # a last axis that may change from input to input is no set of classes
                 if isinstance(chosen, str) and chosen not in _BUILT_IN:
                     raise BadInputError(
                         f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
