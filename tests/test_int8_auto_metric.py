@@ -1,8 +1,9 @@
-"""A sentence encoder's pooled ``[N, D]`` output is judged as an embedding (cosine and the
-ranking of pair similarities), not as class scores, when its name says so or a
-``[N, T, D]`` embedding output stands beside it; a classifier's ``[N, C]`` logits stay
-``argmax``; a ``[N, C]`` output whose width changes between samples, or that the model
-declares symbolic, is a sequence, judged by SQNR. The judged cosine and SQNR are checked against numpy."""
+"""The automatic INT8 metric on outputs whose shape alone misleads: a sentence encoder's
+pooled ``[N, D]`` output is judged as an embedding (cosine and the ranking of pair
+similarities), not as class scores, when its name says so or a ``[N, T, D]`` embedding
+output stands beside it; a classifier's ``[N, C]`` logits stay ``argmax``; a ``[N, C]``
+output whose width changes between samples, or that the model declares symbolic, is a
+sequence, judged by SQNR. The judged cosine and SQNR are checked against numpy."""
 
 from __future__ import annotations
 
