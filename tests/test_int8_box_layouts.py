@@ -14,6 +14,7 @@ from onnx import TensorProto
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
+from image_heads import box_iou, picture_model, pictures
 from optcc.numerics import task as tm
 from optcc.quant.driver import quantize_int8
 
@@ -87,14 +88,6 @@ def _run(model: onnx.ModelProto, raw: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ independent reference
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _numpy_boxes(decoded: np.ndarray, threshold: float = 0.25) -> list[tuple[np.ndarray, int]]:
     """YOLOv5's post-processing, plainly: confidence = objectness x class score, best class,
     threshold, per-class greedy NMS at IoU 0.45."""
@@ -106,14 +99,14 @@ def _numpy_boxes(decoded: np.ndarray, threshold: float = 0.25) -> list[tuple[np.
     for i in order:
         cx, cy, w, h = rows[i, :4]
         box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
-        if all(c != cls[i] or _iou(box, b) <= 0.45 for b, c in kept):
+        if all(c != cls[i] or box_iou(box, b) <= 0.45 for b, c in kept):
             kept.append((box, int(cls[i])))
     return kept
 
 
 def _numpy_f1(ref: list[tuple[np.ndarray, int]], got: list[tuple[np.ndarray, int]]) -> float:
     """F1 of one-to-one matches (same class, IoU >= 0.5, best pairs first)."""
-    pairs = sorted(((_iou(r, g), i, j) for i, (r, rc) in enumerate(ref) for j, (g, gc) in enumerate(got)
+    pairs = sorted(((box_iou(r, g), i, j) for i, (r, rc) in enumerate(ref) for j, (g, gc) in enumerate(got)
                     if rc == gc), reverse=True)
     used_r, used_g, tp = set(), set(), 0
     for iou, i, j in pairs:
@@ -248,15 +241,13 @@ def _yolox_head_model() -> onnx.ModelProto:
               oh.make_node("Split", ["rows", "split"], ["reg", "logits"], axis=2),
               oh.make_node("Sigmoid", ["logits"], ["probs"]),
               oh.make_node("Concat", ["reg", "probs"], ["output"], axis=2)]
-    graph = oh.make_graph(nodes, "yolox", [oh.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 64, 64])],
-                          [oh.make_tensor_value_info("output", TensorProto.FLOAT, [1, 84, 6])], inits)
-    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8)
+    return picture_model("yolox", nodes, inits, [1, 84, 6])
 
 
 def test_driver_judges_a_yolox_head_by_boxes() -> None:
     model = _yolox_head_model()
     rng = np.random.default_rng(0)
-    samples = [{"image": (rng.integers(0, 256, (1, 3, 64, 64)) / 255.0).astype(np.float32)} for _ in range(5)]
+    samples = pictures(5, rng)
     out = _run_image(model, samples[0]["image"])
     assert tm.box_layout(out) == "anchor-grid"
     _, stats = quantize_int8(model, samples, require_speedup=False)

@@ -13,10 +13,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
+from image_heads import box_iou, picture_model, pictures
 from optcc import ir
 from optcc.numerics import task as tm
 from optcc.numerics.task import FLOOR_DRAWS, perturbation_draws
@@ -38,21 +38,13 @@ def _numpy_boxes(rows: np.ndarray, threshold: float) -> list[tuple[np.ndarray, i
     for i in [i for i in np.argsort(-score, kind="stable") if score[i] >= threshold]:
         cx, cy, w, h = rows[i, :4]
         box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
-        if all(c != cls[i] or _iou(box, b) <= 0.45 for b, c, _ in kept):
+        if all(c != cls[i] or box_iou(box, b) <= 0.45 for b, c, _ in kept):
             kept.append((box, int(cls[i]), float(score[i])))
     return kept
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _one_to_one(ref: list, got: list) -> int:
-    pairs = sorted(((_iou(r[0], g[0]), i, j) for i, r in enumerate(ref) for j, g in enumerate(got) if r[1] == g[1]),
+    pairs = sorted(((box_iou(r[0], g[0]), i, j) for i, r in enumerate(ref) for j, g in enumerate(got) if r[1] == g[1]),
                    reverse=True)
     used_r, used_g = set(), set()
     for iou, i, j in pairs:
@@ -80,7 +72,7 @@ def _banded(refs: list[np.ndarray], gots: list[np.ndarray], to_rows) -> int:
         rb, gb = _numpy_boxes(to_rows(r), 0.15), _numpy_boxes(to_rows(g), 0.15)
         for mine, other in ((rb, gb), (gb, rb)):
             errors += sum(1 for b, c, s in mine if s >= 0.35 and
-                          not any(c == oc and _iou(b, ob) >= 0.5 for ob, oc, _ in other))
+                          not any(c == oc and box_iou(b, ob) >= 0.5 for ob, oc, _ in other))
     return errors
 
 
@@ -189,15 +181,13 @@ def _near_threshold_model() -> onnx.ModelProto:
              oh.make_node("Concat", ["coords", "scores"], ["output"], axis=1)]
     inits = [nh.from_array(w, "w"), nh.from_array(np.array([-0.5], np.float32), "b"),
              nh.from_array(np.array([1, 1, 64], np.int64), "flat"), nh.from_array(coords, "coords")]
-    graph = oh.make_graph(nodes, "v8", [oh.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 64, 64])],
-                          [oh.make_tensor_value_info("output", TensorProto.FLOAT, [1, 5, 64])], inits)
-    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8)
+    return picture_model("v8", nodes, inits, [1, 5, 64])
 
 
 def test_the_driver_measures_the_boxes_floor_as_a_mean_over_draws() -> None:
     proto = _near_threshold_model()
     rng = np.random.default_rng(2)
-    held = [{"image": (rng.integers(0, 256, (1, 3, 64, 64)) / 255.0).astype(np.float32)} for _ in range(6)]
+    held = pictures(6, rng)
     judge = _task_judge(ir.load(proto), held, "auto", 1.5, None, 25.0)
     assert judge.metric_names() == {"output": "boxes"} and judge.draw_count == FLOOR_DRAWS
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
