@@ -243,8 +243,9 @@ def quantize_int8(
     count-based component are too few to show the margin (``TaskJudge.thin``), the last
     half of the samples is held out instead (``held_out_widened`` says so). When the
     held-out samples give a count-based component fewer than ``MIN_ITEMS`` items
-    (``TaskJudge.undecided``), every candidate is judged on all the samples instead, the calibration ones included
-    (``stats["acceptance"]["judged_samples"]`` and ``all_samples_judged`` say so).
+    (``TaskJudge.undecided``), every candidate is judged on all the samples instead, the
+    calibration ones included (``stats["acceptance"]["judged_samples"]`` and
+    ``all_samples_judged`` say so).
     ``floor_draws``: where a metric counts scored decisions (top-1, decoded lines), the
     floor is measured on that many independent perturbation draws and the errors float32
     makes itself under some draw are not counted; YOLO boxes take the mean over that many
@@ -370,11 +371,11 @@ def quantize_int8(
         held_at = len(samples) - len(held)
         every = _given_judge(o, len(samples))
 
-        def held_judge(held_at: int) -> TaskJudge:
+        def held_judge(start: int) -> TaskJudge:  # the judge of the samples from ``start`` on
             if every is not None:
-                return every.select(range(held_at, len(samples)))
-            return _task_judge(float_model, samples[held_at:], o.metric, o.metric_margin, o.metric_target,
-                               o.target.min_sqnr_db, group_of(range(held_at, len(samples))), o.floor_draws)
+                return every.select(range(start, len(samples)))
+            return _task_judge(float_model, samples[start:], o.metric, o.metric_margin, o.metric_target,
+                               o.target.min_sqnr_db, group_of(range(start, len(samples))), o.floor_draws)
 
         judge = held_judge(held_at)
         thin = judge.thin()
@@ -382,8 +383,8 @@ def quantize_int8(
         if thin and len(held) < len(samples) // 2:
             # the held-out items cannot show the margin: hold out half the samples instead
             widened = f"{'; '.join(thin)} on {len(held)} held-out samples"
-            calib, held = samples[:len(samples) - len(samples) // 2], samples[len(samples) - len(samples) // 2:]
-            held_at = len(calib)
+            held_at = len(samples) - len(samples) // 2
+            calib, held = samples[:held_at], samples[held_at:]
             judged = held
             judge = held_judge(held_at)
         undecided = judge.undecided()
