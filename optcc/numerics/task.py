@@ -746,8 +746,7 @@ _BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], _Mea
     "embedding": _embedding_deviation,
     "added-boxes": _added_boxes_deviation,
 }
-_REPORTED_ONLY = frozenset({"extra_boxes"})  # shown, not judged
-REPORTED_ONLY = _REPORTED_ONLY
+REPORTED_ONLY = frozenset({"extra_boxes"})  # shown, not judged
 _COUNTS = frozenset({"added_boxes"})  # a bound on a count, not a score: no metric_target replaces it
 # a count-based component that, over too few items, leaves the decision to a component of
 # its own metric that measures the same thing per sample (judged anyway), not to SQNR
@@ -953,7 +952,7 @@ class TaskJudge:
         """The judged count-based components whose floor is over fewer than ``MIN_ITEMS``
         items on these samples (``<row>:<part>``): the task metric cannot decide them."""
         return [f"{key}:{part}" for key, parts in self.floor_items.items() for part, n in parts.items()
-                if part not in _REPORTED_ONLY and n < MIN_ITEMS]
+                if part not in REPORTED_ONLY and n < MIN_ITEMS]
 
     def thin(self) -> list[str]:
         """The judged count-based components (``<row>:<part>``) whose floor's items, at their
@@ -961,7 +960,7 @@ class TaskJudge:
         ``FEW_EXPECTED_ERRORS`` errors on these samples: a model a few times its floor would
         often pass them."""
         return [f"{key}:{part}" for key, parts in self.floor_items.items() for part, n in parts.items()
-                if part not in _REPORTED_ONLY and part not in _COUNTS and part in self.floor.get(key, {})
+                if part not in REPORTED_ONLY and part not in _COUNTS and part in self.floor.get(key, {})
                 and n * self.margin * max(self.floor[key][part], MIN_DEVIATION) < FEW_EXPECTED_ERRORS]
 
     def sqnr_floor(self, key: str) -> dict[str, float]:
@@ -1037,7 +1036,7 @@ class TaskJudge:
                 if plain[key][part] != deviation:  # float32's own errors under the draws excused
                     row["deviation_with_float32s_own"] = _finite(plain[key][part])
                 rows[f"{key}:{part}"] = row
-                if part in _REPORTED_ONLY:
+                if part in REPORTED_ONLY:
                     row["judged"] = False
                     continue
                 if part == "sqnr":
