@@ -316,7 +316,7 @@ def task_metrics(name: str, reference: "optcc.ir.Model", candidate: "optcc.ir.Mo
         for part, value in deviation.items():
             rows[tag + part] = [round(value, 4), round(floor[part], 4), items.get(part)]
 
-    metric = choose_metric(ref[0])
+    metric = choose_metric(ref)
     everything = list(range(len(held)))
     if documents and name == "ppocrv4-det":
         photos = [i for i in everything if i % 2 == 0 and i < 2 * (len(held) // 2)] + \

@@ -86,9 +86,24 @@ def test_argmax_on_confident_samples_only() -> None:
 def test_metric_chosen_from_the_output() -> None:
     assert tm.choose_metric(np.full((2, 10), 0.1, np.float32)) == "argmax"
     assert tm.choose_metric(np.full((1, 40, 10), 0.1, np.float32)) == "ctc"
-    assert tm.choose_metric(np.random.default_rng(0).random((1, 1, 64, 64)).astype(np.float32)) == "detection-map"
+    ink = (np.random.default_rng(0).random((1, 1, 64, 64)) > 0.9).astype(np.float32)  # pixels decided: 0 or 1
+    assert tm.choose_metric(ink) == "detection-map"
     assert tm.choose_metric(np.random.default_rng(0).random((1, 7, 100)).astype(np.float32)) == "boxes"
     assert tm.choose_metric(np.random.default_rng(0).normal(size=(1, 8, 4, 4)).astype(np.float32)) == "sqnr"
+
+
+def test_a_map_most_of_whose_pixels_are_undecided_is_judged_by_sqnr() -> None:
+    """A saliency map or soft mask in [0, 1] is no detector's map: thresholding it at 0.3
+    would draw boxes no user draws. The value rule reads every sample, not the first."""
+    rng = np.random.default_rng(1)
+    ink = [(rng.random((1, 1, 64, 64)) > 0.9).astype(np.float32) for _ in range(3)]
+    soft = [rng.random((1, 1, 64, 64)).astype(np.float32) for _ in range(3)]
+    edges = [np.clip(m + 0.5 * (rng.random(m.shape) < 0.05), 0, 1).astype(np.float32) for m in ink]  # 5% between
+    assert tm.choose_metric(ink) == tm.choose_metric(edges) == "detection-map"
+    assert tm.choose_metric(soft) == tm.choose_metric([ink[0], *soft]) == "sqnr"
+    assert tm.choose_metric(soft[0][0]) == "sqnr"  # [N, H, W]: not an embedding either
+    judge = tm.TaskJudge(reference={"saliency": soft, "map": ink}, perturbed={"saliency": soft, "map": ink})
+    assert judge.metric_names() == {"saliency": "sqnr", "map": "detection-map"}
 
 
 def test_perturbation_at_the_inputs_resolution() -> None:

@@ -22,10 +22,12 @@ sum to 1                  blank 0 dropped); 1 - exact-match rate and the charact
 ``[T, 1, C]``, rows or    ``[T, 1, C]`` sample (T > 1) is one time-major sequence
 logits)                   (a CRNN's ``[T, batch, C]``), decoded also from raw logits
 ``[N, 1, H, W]`` or       ``detection-map``: pixels above ``MAP_THRESHOLD`` (0.3) form
-``[N, H, W]`` in [0, 1]   the mask; its connected components' bounding boxes (sides of
-                          at least 3 pixels) are the detections; 1 - box F1 (IoU >= 0.5),
-                          1 - mask IoU, and ``added_boxes``: boxes beyond the reference's
-                          count, max(0, n_got - n_ref) / max(n_ref, 1), all judged
+``[N, H, W]`` in [0, 1],  the mask; its connected components' bounding boxes (sides of
+at most 10% of pixels     at least 3 pixels) are the detections; 1 - box F1 (IoU >= 0.5),
+strictly between 0.1      1 - mask IoU, and ``added_boxes``: boxes beyond the reference's
+and 0.9 (``_saturated``)  count, max(0, n_got - n_ref) / max(n_ref, 1), all judged; a map
+                          with more pixels in between (a saliency map, a soft mask: no
+                          user thresholds it into boxes) is judged by ``sqnr``
 ``[N, 4+K, A]``, A > 4+K, ``boxes`` (YOLO-style): boxes cx, cy, w, h and K class scores per
 class rows in [0, 1]      anchor, score threshold ``BOX_SCORE`` (0.25, where a user cuts),
                           per-class NMS (IoU 0.45); 1 - box F1 (same class, one-to-one at
@@ -163,6 +165,8 @@ FEW_EXPECTED_ERRORS = 3.0
 FLOOR_DRAWS = 4  # independent perturbation draws the INT8 driver measures the floor with
 CONFIDENT_GAP = 0.1
 MAP_THRESHOLD = 0.3
+MAP_LOW = 0.1  # a map's pixel at most this, or at least 1 - this, has decided
+MAP_UNDECIDED = 0.1  # a detection map has at most this fraction of its pixels undecided
 MIN_BOX_SIDE = 3  # pixels; smaller components are dropped, as DB post-processing does
 BOX_SCORE = 0.25  # the deployment score threshold (Ultralytics' default confidence)
 NMS_IOU = 0.45
@@ -195,10 +199,22 @@ def sequence_outputs(model: ir.Model) -> set[str]:
 EMBEDDING_NAMES = ("embed", "pooler", "pooled", "sentence", "feature", "vector")
 
 
-def choose_metric(sample: np.ndarray, name: str = "") -> str:
-    """The built-in metric for an output, from one sample of it and its name (see the
+def _saturated(maps: Sequence[np.ndarray]) -> bool:
+    """Whether at most ``MAP_UNDECIDED`` of the maps' pixels lie strictly between
+    ``MAP_LOW`` and 1 - ``MAP_LOW`` (in the map's own dtype): a detector's probability map
+    is near 0 or 1 almost everywhere (its edges are thin); a saliency map or soft mask is
+    not, and thresholding it would draw boxes no user draws."""
+    between = sum(int(np.count_nonzero((m > m.dtype.type(MAP_LOW)) & (m < m.dtype.type(1.0 - MAP_LOW))))
+                  for m in maps)
+    return between <= MAP_UNDECIDED * sum(m.size for m in maps)
+
+
+def choose_metric(samples: np.ndarray | Sequence[np.ndarray], name: str = "") -> str:
+    """The built-in metric for an output, from its samples (one array, or one per sample:
+    the shape rules read the first, the value rules all of them) and its name (see the
     module doc)."""
-    a = np.asarray(sample)
+    values = [np.asarray(samples)] if isinstance(samples, np.ndarray) else [np.asarray(s) for s in samples]
+    a = values[0]
     if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
         return "sqnr"
     if a.ndim == 2 and a.shape[-1] >= 2:
@@ -211,8 +227,8 @@ def choose_metric(sample: np.ndarray, name: str = "") -> str:
     if a.ndim == 3 and "logit" in name.lower() and a.shape[2] >= 2:
         return "argmax"
     if a.ndim in (3, 4) and (a.ndim == 3 or a.shape[1] == 1) and min(a.shape[-2:]) >= 8 \
-            and float(a.min()) >= 0.0 and float(a.max()) <= 1.0:
-        return "detection-map"
+            and all(float(v.min()) >= 0.0 and float(v.max()) <= 1.0 for v in values):
+        return "detection-map" if _saturated(values) else "sqnr"
     if box_layout(a) is not None:
         return "boxes"
     if a.ndim == 3 and a.shape[2] >= 8:
@@ -851,7 +867,7 @@ class TaskJudge:
                 if isinstance(self.metric, Mapping):  # most specific first: output@group, @group, output
                     names = (f"{name}@{group}", f"@{group}", name) if group else (name,)
                     given = next((self.metric[k] for k in names if k in self.metric), None)
-                chosen = choose_metric(values[0], name) if given in (None, "auto") else given
+                chosen = choose_metric(values, name) if given in (None, "auto") else given
                 if given in (None, "auto") and chosen == "argmax" and (
                         name in self.sequences or len({np.shape(v)[-1] for v in values}) > 1):
                     chosen = "sqnr"  # a last axis that may change from input to input is no set of classes
