@@ -54,12 +54,15 @@ def bounded_resolution(producer_op: str | None) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
-    """Thresholds an output must meet; None means not enforced."""
+    """Thresholds an output must meet; None means not enforced. ``exact_integers``: an
+    integer or boolean output must equal the reference's (False: its values are judged
+    elsewhere, by the INT8 task judge's ``labels``; its shape still must match)."""
 
     max_rel: float | None = None
     min_sqnr_db: float | None = None
     min_cosine: float | None = None
     min_argmax_agreement: float | None = None
+    exact_integers: bool = True
 
 
 TOLERANCES: dict[Numerics, Tolerance] = {
@@ -114,11 +117,13 @@ def sqnr_db(signal_power: float, noise_power: float) -> float:
     return 10 * math.log10(signal_power / noise_power) if signal_power > 0 else -math.inf
 
 
-def _structural_problem(ref: np.ndarray, got: np.ndarray) -> str | None:
+def _structural_problem(ref: np.ndarray, got: np.ndarray, exact_integers: bool = True) -> str | None:
     if ref.shape != got.shape:
         return f"shape {got.shape} != original {ref.shape}"
     if ref.dtype.kind != got.dtype.kind:
         return f"dtype {got.dtype} != original {ref.dtype}"
+    if ref.dtype.kind in "iub" and not exact_integers:
+        return None
     if ref.dtype.kind != "f":
         mismatched = int(np.count_nonzero(ref != got))
         return f"{mismatched} of {ref.size} values differ" if mismatched else None
@@ -159,7 +164,7 @@ def compare_outputs(
     for i, (ref, got) in enumerate(zip(refs, gots)):
         ref, got = np.asarray(ref), np.asarray(got)
         original = None if originals is None else np.asarray(originals[i])
-        problem = _structural_problem(ref, got)
+        problem = _structural_problem(ref, got, tolerance.exact_integers)
         if problem:
             metrics.problem = problem
             return metrics

@@ -42,14 +42,20 @@ other ``[N, T, H]``,      ``embedding``: hidden states mean-pooled over the posi
 H >= 8                    (those the attention mask keeps); 1 - mean cosine of the
                           pooled vectors, and ``ranking``: 1 - Spearman of their pairwise
                           similarities
+integer or boolean        ``labels`` (always; not selectable): 1 - the fraction of rows
+(ids, labels, flags)      that agree exactly, a row being a sample's entry along the
+                          first axis (a line of decoded ids, one label of ``[N]``); a
+                          sample whose shape changed disagrees in every row
 anything else             ``sqnr``: noise power / signal power, summed over ALL held-out
                           samples (never a per-sample median or worst, which one blank
                           input would dominate); reported in dB
 ========================  ==============================================================
 
-The fractions of ``argmax``, ``ctc``, ``detection-map``, ``boxes`` and ``embedding``'s
-ranking count items: a component over fewer than ``MIN_ITEMS`` of them is judged by SQNR
-instead (below), except the ranking, whose output the pooled cosine then decides.
+The fractions of ``argmax``, ``ctc``, ``detection-map``, ``boxes``, ``labels`` and
+``embedding``'s ranking count items: a component over fewer than ``MIN_ITEMS`` of them is
+judged by SQNR instead (below), except the ranking, whose output the pooled cosine then
+decides, and ``labels``, judged as usual over however few rows (no SQNR of ids means
+anything: a few rows can reject, and accept only when they agree).
 
 **Noise floor.** The float model is run on the held-out samples with every float input
 perturbed at its own resolution, and the same metric compares that with the float
@@ -66,9 +72,9 @@ inputs are left alone.
 **Several draws.** ``TaskJudge(draws=[...])`` takes the float model's outputs under more
 independent perturbations (``perturbation_draws``: draw ``d`` of sample ``i`` seeded
 ``(i, d)``). Every component's floor is then the mean over the draws, except for the
-components over confident decisions, ``argmax`` and ``ctc_exact`` (``TaskJudge.excuses``):
-there an error float32 makes itself under some draw (a confident top-1 it flips, a line it
-decodes differently) is noise, not the candidate's error, and is not counted, and the
+components over confident decisions, ``argmax``, ``ctc_exact`` and ``labels``
+(``TaskJudge.excuses``): there an error float32 makes itself under some draw (a confident
+top-1 it flips, a line it decodes differently, a row of ids it changes) is noise, not the candidate's error, and is not counted, and the
 floor is the most any one draw errs where none of the others does (leave one out: how
 often a new draw of the noise leaves the envelope of the draws before it). With one draw
 nothing is excused. ``boxes``' ``box_f1`` excuses nothing and is measured on
@@ -696,6 +702,27 @@ def _embedding_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
     return result, {}
 
 
+def _label_rows(a: np.ndarray) -> np.ndarray:
+    """A sample's rows (``labels``): its entries along the first axis, each flattened; a
+    scalar is one row."""
+    a = np.asarray(a)
+    return a.reshape(1, -1) if a.ndim == 0 else a.reshape(a.shape[0], -1)
+
+
+def _rows_changed(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Per row of ``ref``, whether ``got`` holds another (every row, when the shape changed)."""
+    rows = _label_rows(ref)
+    if np.shape(got) != np.shape(ref):
+        return np.ones(len(rows), bool)
+    return ~np.all(rows == _label_rows(got), axis=1)
+
+
+def _labels_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _Measured:
+    changed = [_rows_changed(r, g) for r, g in zip(refs, gots)]
+    total = sum(len(c) for c in changed)
+    return {"labels": sum(int(c.sum()) for c in changed) / max(total, 1)}, {"labels": total}
+
+
 # --------------------------------------------------------------------------- witnesses
 
 
@@ -731,6 +758,20 @@ def _ctc_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
     return {"ctc_exact": wrong / max(len(ref), 1)}
 
 
+def _labels_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
+                      envelope: Sequence[Sequence[np.ndarray]]) -> dict[str, float]:
+    """1 - exact agreement over the rows, counting only the rows no draw of ``envelope``
+    changes."""
+    wrong = total = 0
+    for i, (ref, got) in enumerate(zip(refs, gots)):
+        changed = _rows_changed(ref, got)
+        for draw in envelope:
+            changed &= ~_rows_changed(ref, draw[i])
+        wrong += int(changed.sum())
+        total += len(changed)
+    return {"labels": wrong / max(total, 1)}
+
+
 # a count-based component over scored decisions (a confident top-1, a decoded line) whose
 # errors float32 itself makes under some perturbation draw are excused (``TaskJudge`` with
 # two draws or more): metric -> the function counting the rest. Boxes are not among them:
@@ -740,12 +781,12 @@ def _ctc_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
 # splits, so a few draws do not find the boxes float32 holds stable (module doc)
 _UNEXCUSED: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray], Sequence[Sequence[np.ndarray]]],
                                dict[str, float]]] = {
-    "argmax": _argmax_unexcused, "ctc": _ctc_unexcused,
+    "argmax": _argmax_unexcused, "ctc": _ctc_unexcused, "labels": _labels_unexcused,
 }
 
 
 # the components ``_UNEXCUSED`` counts, per metric
-_EXCUSED_PARTS = {"argmax": ("argmax",), "ctc": ("ctc_exact",)}
+_EXCUSED_PARTS = {"argmax": ("argmax",), "ctc": ("ctc_exact",), "labels": ("labels",)}
 
 # metrics whose floor is the mean over ``FLOOR_DRAWS`` perturbation draws, not one draw's:
 # which near-threshold boxes cross the score threshold changes from draw to draw, so one
@@ -761,14 +802,18 @@ _BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], _Mea
     "boxes": _boxes_deviation,
     "embedding": _embedding_deviation,
     "added-boxes": _added_boxes_deviation,
+    "labels": _labels_deviation,
 }
 REPORTED_ONLY = frozenset({"extra_boxes"})  # shown, not judged
 _COUNTS = frozenset({"added_boxes"})  # a bound on a count, not a score: no metric_target replaces it
 # a count-based component that, over too few items, leaves the decision to a component of
 # its own metric that measures the same thing per sample (judged anyway), not to SQNR
 _STAND_IN = {"ranking": "cosine"}
+# integer and boolean outputs (ids, labels, flags): no SQNR of them means anything, so their
+# rows are judged however few they are
+_LABEL_KINDS = frozenset("iub")
 _ITEMS = {"argmax": "confident sample", "ctc_exact": "line", "cer": "reference character", "box_f1": "box",
-          "mask_iou": "mask pixel", "ranking": "ranked pair"}  # what a count-based component counts
+          "mask_iou": "mask pixel", "ranking": "ranked pair", "labels": "row"}  # what a count-based component counts
 
 
 def measure(metric: str, refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
@@ -861,6 +906,10 @@ class TaskJudge:
                 self.plan[key], self._where[key] = self.metric, ("*", idx)
                 continue
             for name, values in self.reference.items():
+                if values and np.asarray(values[0]).dtype.kind in _LABEL_KINDS:  # ids, labels, flags
+                    key = name if not group else f"{name}@{group}"
+                    self.plan[key], self._where[key] = "labels", (name, idx)
+                    continue
                 if not values or not np.issubdtype(np.asarray(values[0]).dtype, np.floating):
                     continue
                 given: Any = self.metric
@@ -871,7 +920,7 @@ class TaskJudge:
                 if given in (None, "auto") and chosen == "argmax" and (
                         name in self.sequences or len({np.shape(v)[-1] for v in values}) > 1):
                     chosen = "sqnr"  # a last axis that may change from input to input is no set of classes
-                if isinstance(chosen, str) and chosen not in _BUILT_IN:
+                if isinstance(chosen, str) and (chosen not in _BUILT_IN or chosen == "labels"):
                     raise BadInputError(
                         f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
                 key = name if not group else f"{name}@{group}"
@@ -1061,7 +1110,7 @@ class TaskJudge:
                     continue
                 allowed = self.margin * max(floor, MIN_DEVIATION)
                 row["allowed"] = _finite(allowed)
-                if items is not None and items < MIN_ITEMS:
+                if items is not None and items < MIN_ITEMS and metric != "labels":
                     noun = _ITEMS[part]
                     why = f"{part} over {items} {noun}{'' if items == 1 else 'es' if noun.endswith('x') else 's'}"
                     stand_in = _STAND_IN.get(part)

@@ -39,8 +39,9 @@ change (``optcc.numerics.kinds``):
 INT8 results (with the default "int8" tolerance) are judged by the task, relative to the
 float32 original's own noise floor (``optcc.numerics.task``): the original is also run on
 the samples perturbed at their inputs' resolution, and each output's task metric (top-1,
-CTC decode, boxes, pooled embeddings and their ranking, next token; SQNR over all samples
-otherwise) must deviate no more than the margin times that floor.
+CTC decode, boxes, pooled embeddings and their ranking, next token; the rows of integer
+outputs such as decoded ids; SQNR over all samples otherwise) must deviate no more than
+the margin times that floor. Every other numerics compares integer outputs exactly.
 
 KV-cache decoders are verified over a short decode (``optcc.numerics.decode``): each
 sample runs ``DECODE_STEPS`` steps, every model feeding its own ``present`` outputs back as
@@ -541,11 +542,15 @@ class Verifier:
                 if by_task:
                     verdicts[provider] = self.task_judge(provider)(self._judged(got_all))
                 compared: list[OutputMetrics] = []
+                # integer outputs the task judges by their rows (``labels``): not compared exactly
+                labelled = {self.task_judge(provider).output_of(key) for key, metric
+                            in self.task_judge(provider).plan.items() if metric == "labels"} if by_task else set()
                 for index, name in enumerate(self._names):
                     resolution = 0.0 if numerics == "exact" else self._resolution.get(name, 0.0)
                     originals = [float32[provider][i][index] for i in positions]
                     gots = [outs[index] for outs in got_all]
-                    result, used = self._compare(name, index, provider, originals, gots, tolerance, precise,
+                    judged = dataclasses.replace(tolerance, exact_integers=False) if name in labelled else tolerance
+                    result, used = self._compare(name, index, provider, originals, gots, judged, precise,
                                                  resolution, positions)
                     references.add(used)
                     compared.append(dataclasses.replace(

@@ -1,0 +1,89 @@
+"""Integer outputs (decoded ids, labels, flags) of an INT8 candidate are judged by the task
+(``labels``: rows that agree exactly, against float32's own noise floor), not compared
+exactly: an argmax inside the graph flips where the float scores before it move, as
+float32's own do under input noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx_ir as ir
+import onnx.numpy_helper as nh
+import pytest
+from onnx import TensorProto as TP
+
+import optcc
+from optcc.numerics import task as tm
+from optcc.numerics.verify import Verifier
+from reference import expected_outputs_float64
+
+CLASSES, FEATURES, STEPS = 6, 12, 16
+
+
+def _reader(weight: np.ndarray) -> onnx.ModelProto:
+    """``scores = x @ weight`` ([N, T, C]) and ``ids = ArgMax(scores)`` ([N, T], int64)."""
+    graph = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "w"], ["scores"]), oh.make_node("ArgMax", ["scores"], ["ids"], axis=-1, keepdims=0)],
+        "reader", [oh.make_tensor_value_info("x", TP.FLOAT, ["N", STEPS, FEATURES])],
+        [oh.make_tensor_value_info("scores", TP.FLOAT, ["N", STEPS, CLASSES]),
+         oh.make_tensor_value_info("ids", TP.INT64, ["N", STEPS])],
+        [nh.from_array(weight, "w")])
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def test_integer_rows_are_judged_by_agreement_with_float32s_own_changes_excused() -> None:
+    ref = [np.array([[1, 2, 3], [4, 5, 6]], np.int64), np.array([[7, 8, 9], [1, 1, 1]], np.int64)]
+    moved = [ref[0].copy(), ref[1].copy()]
+    moved[1][1, 0] = 2  # float32 itself reads row 1 of sample 1 differently under two draws
+    judge = tm.TaskJudge({"ids": ref}, {"ids": ref}, draws=[{"ids": moved}, {"ids": moved}])
+    assert judge.floor["ids"]["labels"] == 0.0  # no draw changes a row the others keep
+    assert judge.metric_names() == {"ids": "labels"} and judge.excuses()
+    assert judge({"ids": moved})["passed"] is True  # float32's own change is noise
+    other = [ref[0].copy(), ref[1].copy()]
+    other[0][0, 2] = 0  # a row no draw changes: 1 of 4 rows is the candidate's error
+    row = judge({"ids": other})["metrics"]["ids:labels"]
+    assert row["deviation"] == pytest.approx(0.25) and row["items"] == 4 and row["passed"] is False
+    assert "sqnr" not in " ".join(judge({"ids": other})["metrics"])  # no SQNR of ids stands in
+    # a sample whose shape changed disagrees in every row
+    assert tm.deviations("labels", ref, [ref[0], ref[1][:1]])["labels"] == pytest.approx(2 / 4)
+    assert tm.deviations("labels", [np.array([3, 1, 2])], [np.array([3, 1, 0])])["labels"] == pytest.approx(1 / 3)
+
+
+def test_labels_cannot_be_named_for_a_float_output() -> None:
+    scores = [np.zeros((2, 3), np.float32)]
+    with pytest.raises(optcc.BadInputError, match="unknown INT8 metric 'labels'"):
+        tm.TaskJudge({"s": scores}, {"s": scores}, metric="labels")
+
+
+def _flips(weight: np.ndarray, other: np.ndarray, feeds: list[dict[str, np.ndarray]]) -> int:
+    """Lines (rows of ``ids``) with an argmax that differs between the two weights, in
+    float64 (the reference)."""
+    return sum(int(np.count_nonzero(np.any(np.argmax(f["x"].astype(np.float64) @ weight, -1)
+                                           != np.argmax(f["x"].astype(np.float64) @ other, -1), axis=-1)))
+               for f in feeds)
+
+
+@pytest.mark.parametrize("scale, passes", [(0.001, True), (0.3, False)])
+def test_int8_verification_judges_decoded_ids_by_the_task(tmp_path, scale: float, passes: bool) -> None:
+    """A candidate whose weights moved a little (as quantization moves them) flips a few of
+    320 rows of ids: within the margin over float32's floor it passes, where an exact
+    comparison failed it; moved a lot, the rows it flips fail it, whatever its scores' SQNR."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((FEATURES, CLASSES)).astype(np.float32)
+    moved = (weight + scale * rng.standard_normal(weight.shape)).astype(np.float32)
+    feeds = [{"x": rng.standard_normal((16, STEPS, FEATURES)).astype(np.float32)} for _ in range(20)]
+    flips = _flips(weight.astype(np.float64), moved.astype(np.float64), feeds)
+    assert (0 < flips <= 4) if passes else flips > 20  # the case this parametrization stands for
+    original = tmp_path / "m.onnx"
+    onnx.save(_reader(weight), original)
+    verifier = Verifier(str(original), inputs=feeds, providers=["CPUExecutionProvider"])
+    result = verifier.check(ir.from_proto(_reader(moved)), numerics="int8")
+    row = result.task["metrics"]["ids:labels"]
+    assert row["items"] == 20 * 16 and row["deviation"] == pytest.approx(flips / 320)
+    assert row["floor"] == 0.0 and row["passed"] is passes
+    ids = next(m for m in result.outputs if m.name == "ids")
+    assert ids.problem is None  # its values are the task's to judge, its shape still compared
+    assert (result.status == "passed") is (passes and result.task["passed"])
+    got = expected_outputs_float64(_reader(moved), feeds[0])[1]  # the candidate is what numpy says
+    assert np.array_equal(got, np.argmax(feeds[0]["x"].astype(np.float64) @ moved.astype(np.float64), -1))
