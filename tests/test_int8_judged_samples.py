@@ -5,6 +5,8 @@ onnxruntime, hand-placed boxes)."""
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +107,8 @@ def test_an_int8_acceptance_over_too_few_items_says_so() -> None:
     assert len(weak) == 1 and "give more samples" in weak[0]
     row = result.report.verification["task"]["metrics"]["logits:argmax"]
     assert f"over {row['items']} items" in weak[0] and row["items"] * row["allowed"] < FEW_EXPECTED_ERRORS
+    more = math.ceil(FEW_EXPECTED_ERRORS / (row["items"] * row["allowed"]))  # samples that would hold enough
+    assert f"about {more}x as many" in weak[0] and more >= 2
 
 
 def test_only_passing_count_rows_with_few_expected_errors_get_a_note() -> None:

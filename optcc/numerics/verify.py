@@ -56,6 +56,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -746,9 +747,10 @@ def _few_items(verdict: Mapping[str, Any] | None) -> list[str]:
         items, allowed = value.get("items"), value.get("allowed")
         if value.get("passed") and isinstance(items, int) and isinstance(allowed, (int, float)) \
                 and items * allowed < FEW_EXPECTED_ERRORS:
+            more = math.ceil(FEW_EXPECTED_ERRORS / max(items * allowed, 1e-9))
             notes.append(f"'{row}' passed over {items} items: at its allowed rate {allowed:.3g} they hold "
                          f"{items * allowed:.1f} errors, too few to tell a model at float32's noise floor from one "
-                         "a few times worse (give more samples)")
+                         f"a few times worse (give more samples: about {more}x as many)")
     return notes
 
 
