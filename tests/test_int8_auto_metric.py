@@ -1,7 +1,7 @@
 """The automatic INT8 metric on outputs whose shape alone misleads: a sentence encoder's
 pooled ``[N, D]`` output is judged as an embedding (cosine and the ranking of pair
-similarities), not as class scores, when its name says so or a ``[N, T, D]`` embedding
-output stands beside it; a classifier's ``[N, C]`` logits stay ``argmax``; a ``[N, C]``
+similarities), not as class scores, when its name says so, its rows have length 1, or a
+``[N, T, D]`` embedding output stands beside it; a classifier's ``[N, C]`` logits stay ``argmax``; a ``[N, C]``
 output whose width changes between samples, or that the model declares symbolic, is a
 sequence, judged by SQNR. The judged cosine and SQNR are checked against numpy."""
 
@@ -48,6 +48,27 @@ def test_logits_stay_a_classifier_and_the_user_metric_wins() -> None:
     both = {**_encoder_outputs(), "logits": logits["logits"]}  # as wide as the tokens, but named logits
     assert _judge(both).metric_names() == {"token_embeddings": "embedding", "pooled": "embedding", "logits": "argmax"}
     assert _judge(both, metric={"pooled": "argmax"}).metric_names()["pooled"] == "argmax"
+
+
+def test_an_l2_normalized_vector_is_an_embedding_whatever_its_name() -> None:
+    """A face or image encoder's ``[N, D]`` output ("output", "516"...) with rows of length
+    1 is compared by cosine, not by its largest entry; probabilities stay a classifier, even
+    one-hot ones (length 1 as well), and so do unnormalized logits and narrow vectors."""
+    rng = np.random.default_rng(3)
+    raw = [rng.standard_normal((2, 128)) for _ in range(6)]
+    unit = {"output": [(v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32) for v in raw]}
+    assert _judge(unit).metric_names() == {"output": "embedding"}
+    got = {"output": [v + np.float32(0.01) * rng.standard_normal(v.shape).astype(np.float32) for v in unit["output"]]}
+    ref, new = np.concatenate(unit["output"]).astype(np.float64), np.concatenate(got["output"]).astype(np.float64)
+    cosine = np.sum(ref * new, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(new, axis=1))
+    assert _judge(unit)(got)["metrics"]["output:cosine"]["deviation"] == pytest.approx(1 - cosine.mean(), rel=1e-5)
+    one_hot = {"output": [np.eye(16, dtype=np.float32)[[i % 16, (i + 3) % 16]] for i in range(6)]}
+    logits = {"output": [v[:, :16].astype(np.float32) * 4 for v in raw]}
+    narrow = {"output": [np.array([[0.6, 0.8]], np.float32)] * 6}  # unit length, but 2 entries: no embedding
+    for case in (one_hot, logits, narrow):
+        assert _judge(case).metric_names() == {"output": "argmax"}
+    mixed = {"output": [*unit["output"][:5], unit["output"][5] * np.float32(2)]}  # one sample's rows not unit
+    assert _judge(mixed).metric_names() == {"output": "argmax"}
 
 
 def test_a_width_that_changes_between_samples_is_no_set_of_classes() -> None:

@@ -11,8 +11,11 @@ output                    metric (deviation: 0 when identical)
                           ``CONFIDENT_GAP`` above the second; all samples when none is);
                           except a pooled vector (``embedding``, below): an output named
                           as one (``EMBEDDING_NAMES``: embedding, pooler, sentence,
-                          feature...) or one of width D beside a ``[N, T, D]`` output that
-                          is judged as an embedding (sentence-transformers' pair); and
+                          feature...), one whose rows (8 entries or more, not
+                          probabilities) all have Euclidean length 1 (an L2-normalized
+                          embedding, ``_unit_rows``), or one of width D beside a
+                          ``[N, T, D]`` output that is judged as an embedding
+                          (sentence-transformers' pair); and
                           ``sqnr`` when the width C differs between samples or the model
                           declares it symbolic (``sequence_outputs``: per-step values of
                           a sequence, not classes)
@@ -190,6 +193,18 @@ def _softmax_rows(a: np.ndarray) -> bool:
     return bool(a.size) and float(a.min()) >= -1e-6 and np.allclose(a.sum(-1), 1.0, atol=1e-3)
 
 
+def _unit_rows(values: Sequence[np.ndarray]) -> bool:
+    """Whether every row of every sample is a vector of ``EMBEDDING_MIN_WIDTH`` or more
+    entries and Euclidean length 1 (within ``UNIT_TOLERANCE``) and the rows are not
+    probabilities (a one-hot row has length 1 too): an L2-normalized embedding, as face
+    and image encoders emit, compared by cosine, never by its largest entry."""
+    if values[0].shape[-1] < EMBEDDING_MIN_WIDTH or any(_softmax_rows(v) for v in values):
+        return False
+    lengths = np.concatenate([np.linalg.norm(np.asarray(v, np.float64).reshape(-1, v.shape[-1]), axis=-1)
+                              for v in values])
+    return bool(lengths.size) and bool(np.all(np.abs(lengths - 1.0) <= UNIT_TOLERANCE))
+
+
 def sequence_outputs(model: ir.Model) -> set[str]:
     """The graph outputs declared ``[N, C]`` with C symbolic or unknown: a class count is
     fixed, so their last axis is a sequence (per-step values) for ``choose_metric``."""
@@ -199,6 +214,10 @@ def sequence_outputs(model: ir.Model) -> set[str]:
         if shape is not None and shape.rank() == 2 and not isinstance(shape[1], int):
             found.add(value.name)
     return found
+
+
+EMBEDDING_MIN_WIDTH = 8  # entries of a vector read as an embedding
+UNIT_TOLERANCE = 1e-3  # an L2-normalized row's length is 1 within float32 rounding
 
 
 # words in an output's name that call a [N, C] output a pooled vector, not class scores
@@ -224,7 +243,8 @@ def choose_metric(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
     if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
         return "sqnr"
     if a.ndim == 2 and a.shape[-1] >= 2:
-        return "embedding" if any(word in name.lower() for word in EMBEDDING_NAMES) else "argmax"
+        named = any(word in name.lower() for word in EMBEDDING_NAMES)
+        return "embedding" if named or _unit_rows(values) else "argmax"
     sequences = _batch_major(a)
     if sequences.ndim == 3 and sequences.shape[1] >= 2 and sequences.shape[2] >= 2 and _softmax_rows(sequences):
         return "ctc"
@@ -237,7 +257,7 @@ def choose_metric(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
         return "detection-map" if _saturated(values) else "sqnr"
     if box_layout(a) is not None:
         return "boxes"
-    if a.ndim == 3 and a.shape[2] >= 8:
+    if a.ndim == 3 and a.shape[2] >= EMBEDDING_MIN_WIDTH:
         return "embedding"
     return "sqnr"
 
