@@ -1,7 +1,8 @@
 """Integer outputs (decoded ids, labels, flags) of an INT8 candidate are judged by the task
 (``labels``: rows that agree exactly, against float32's own noise floor), not compared
 exactly: an argmax inside the graph flips where the float scores before it move, as
-float32's own do under input noise."""
+float32's own do under input noise. A float16 candidate's are accepted when equal, or when
+the task decides them over enough rows and passes them."""
 
 from __future__ import annotations
 
@@ -64,15 +65,21 @@ def _flips(weight: np.ndarray, other: np.ndarray, feeds: list[dict[str, np.ndarr
                for f in feeds)
 
 
+def _case(scale: float) -> tuple[np.ndarray, np.ndarray, list[dict[str, np.ndarray]]]:
+    """The reader's weight, the same moved by ``scale`` (as a lossy conversion moves it), and
+    20 samples of 16 lines."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((FEATURES, CLASSES)).astype(np.float32)
+    moved = (weight + scale * rng.standard_normal(weight.shape)).astype(np.float32)
+    return weight, moved, [{"x": rng.standard_normal((16, STEPS, FEATURES)).astype(np.float32)} for _ in range(20)]
+
+
 @pytest.mark.parametrize("scale, passes", [(0.001, True), (0.3, False)])
 def test_int8_verification_judges_decoded_ids_by_the_task(tmp_path, scale: float, passes: bool) -> None:
     """A candidate whose weights moved a little (as quantization moves them) flips a few of
     320 rows of ids: within the margin over float32's floor it passes, where an exact
     comparison failed it; moved a lot, the rows it flips fail it, whatever its scores' SQNR."""
-    rng = np.random.default_rng(0)
-    weight = rng.standard_normal((FEATURES, CLASSES)).astype(np.float32)
-    moved = (weight + scale * rng.standard_normal(weight.shape)).astype(np.float32)
-    feeds = [{"x": rng.standard_normal((16, STEPS, FEATURES)).astype(np.float32)} for _ in range(20)]
+    weight, moved, feeds = _case(scale)
     flips = _flips(weight.astype(np.float64), moved.astype(np.float64), feeds)
     assert (0 < flips <= 4) if passes else flips > 20  # the case this parametrization stands for
     original = tmp_path / "m.onnx"
@@ -87,3 +94,20 @@ def test_int8_verification_judges_decoded_ids_by_the_task(tmp_path, scale: float
     assert (result.status == "passed") is (passes and result.task["passed"])
     got = expected_outputs_float64(_reader(moved), feeds[0])[1]  # the candidate is what numpy says
     assert np.array_equal(got, np.argmax(feeds[0]["x"].astype(np.float64) @ moved.astype(np.float64), -1))
+
+
+def test_float16_verification_accepts_ids_the_task_decides_and_passes(tmp_path) -> None:
+    """Scores within the SQNR rule, 2 of 320 lines of ids changed: accepted by the task (an
+    exact comparison failed it); a candidate changing many lines is not."""
+    weight, moved, feeds = _case(0.001)
+    assert 0 < _flips(weight.astype(np.float64), moved.astype(np.float64), feeds) <= 4
+    original = tmp_path / "m.onnx"
+    onnx.save(_reader(weight), original)
+    verifier = Verifier(str(original), inputs=feeds, providers=["CPUExecutionProvider"])
+    result = verifier.check(ir.from_proto(_reader(moved)), numerics="fp16")
+    ids = next(m for m in result.outputs if m.name == "ids")
+    assert result.status == "passed" and ids.accepted_by == "task" and ids.values_differ
+    assert result.task["metrics"]["ids:labels"]["passed"] is True
+    _, far, _ = _case(0.3)
+    failed = verifier.check(ir.from_proto(_reader(far)), numerics="fp16")
+    assert failed.status == "failed" and "'ids' on CPUExecutionProvider" in (failed.reason or "")

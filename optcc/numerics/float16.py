@@ -15,9 +15,11 @@ An output of a float16 candidate is accepted when
   by a callback (no items to count) is not decided by the task: the SQNR rule alone
   judges it.
 
-Whatever the task says, an output with a structural problem fails: NaN or infinities where
-float32 has none (float16 overflow), another shape or dtype (``compare_outputs`` reports
-these before any SQNR). The pass's accuracy check (``ConvertFloat16Pass``) and the final
+An integer or boolean output (decoded ids, labels) has no SQNR: it is accepted when its
+values equal float32's, or when the task decides it and passes it (``labels``: the rows
+that differ, against float32's own under input noise). Whatever the task says, an output
+with a structural problem fails: NaN or infinities where float32 has none (float16
+overflow), another shape or dtype (``compare_outputs`` reports these before any SQNR). The pass's accuracy check (``ConvertFloat16Pass``) and the final
 verification both judge with ``accept_float16``, and through ``optimize`` with one judge.
 """
 
@@ -79,8 +81,9 @@ def accept_float16(metrics: Sequence[OutputMetrics], judge: Callable[[], TaskJud
     by name, one array per sample. Returns the judge's verdict too (None when it did not
     run), with ``accepted_by`` per output and the outputs the task decided."""
     result = [dataclasses.replace(m, accepted_by=ACCEPTED_BY_SQNR) if m.passed else m for m in metrics]
-    # a structural problem (NaN/inf where float32 has none, shape, dtype) leaves no SQNR
-    rescuable = {m.name for m in result if not m.passed and m.sqnr_db is not None}
+    # a structural problem (NaN/inf where float32 has none, shape, dtype) leaves no SQNR; an
+    # integer output whose values alone differ is the task's to judge (its ``labels`` rows)
+    rescuable = {m.name for m in result if not m.passed and (m.sqnr_db is not None or m.values_differ)}
     if judge is None or not rescuable:
         return result, None
     try:

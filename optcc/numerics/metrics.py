@@ -95,19 +95,25 @@ class OutputMetrics:
     problem: str | None = None
     # positions (in the samples compared) of the samples with an element beyond the tolerance
     samples_over: tuple[int, ...] = ()
+    # integer or boolean elements that differ from the reference's (judged by the task's
+    # ``labels`` where the tolerance does not compare them exactly)
+    values_differ: int | None = None
     # a float16 result's output: the rule that accepted it, "sqnr" or "task"
     # (``optcc.numerics.float16``); None elsewhere, and when neither did
     accepted_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _json_number(v) for k, v in dataclasses.asdict(self).items()
-                if k != "samples_over" and not (k == "accepted_by" and v is None)}
+                if k != "samples_over" and not (k in ("accepted_by", "values_differ") and v is None)}
 
 
 def _json_number(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
     return value
+
+
+_INTEGER_KINDS = frozenset("iub")  # numpy dtype kinds of integer and boolean outputs
 
 
 def sqnr_db(signal_power: float, noise_power: float) -> float:
@@ -117,12 +123,14 @@ def sqnr_db(signal_power: float, noise_power: float) -> float:
     return 10 * math.log10(signal_power / noise_power) if signal_power > 0 else -math.inf
 
 
-def _structural_problem(ref: np.ndarray, got: np.ndarray, exact_integers: bool = True) -> str | None:
+def _structural_problem(ref: np.ndarray, got: np.ndarray) -> str | None:
+    """Another shape or dtype; values that differ in a non-numeric output; NaN or
+    infinities that differ. Integer and boolean values are counted by the caller."""
     if ref.shape != got.shape:
         return f"shape {got.shape} != original {ref.shape}"
     if ref.dtype.kind != got.dtype.kind:
         return f"dtype {got.dtype} != original {ref.dtype}"
-    if ref.dtype.kind in "iub" and not exact_integers:
+    if ref.dtype.kind in _INTEGER_KINDS:
         return None
     if ref.dtype.kind != "f":
         mismatched = int(np.count_nonzero(ref != got))
@@ -161,13 +169,18 @@ def compare_outputs(
     samples_over: list[int] = []
     signal = noise = dot = norm_r = norm_g = 0.0
     agree: list[float] = []
+    differing = counted = 0  # integer and boolean elements: those that differ, of all
     for i, (ref, got) in enumerate(zip(refs, gots)):
         ref, got = np.asarray(ref), np.asarray(got)
         original = None if originals is None else np.asarray(originals[i])
-        problem = _structural_problem(ref, got, tolerance.exact_integers)
+        problem = _structural_problem(ref, got)
         if problem:
             metrics.problem = problem
             return metrics
+        if ref.dtype.kind in _INTEGER_KINDS:
+            differing += int(np.count_nonzero(ref != got))
+            counted += ref.size
+            continue
         if ref.dtype.kind != "f":
             continue
         r, g = ref.astype(np.float64), got.astype(np.float64)
@@ -200,6 +213,11 @@ def compare_outputs(
         if ref.ndim == 2 and ref.shape[-1] > 1 and np.all(np.isfinite(ref)):
             # classifier-like [N, C] outputs only: on feature maps argmax ties are noise
             agree.append(float(np.mean(np.argmax(ref, -1) == np.argmax(got, -1))))
+    if differing:
+        metrics.values_differ = differing
+        if tolerance.exact_integers:
+            metrics.problem = f"{differing} of {counted} values differ"
+            return metrics
     metrics.max_abs, metrics.max_rel = worst_abs, worst_rel
     metrics.sqnr_db = sqnr_db(signal, noise)
     norms = math.sqrt(norm_r * norm_g)
