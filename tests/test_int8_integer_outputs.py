@@ -108,6 +108,7 @@ def test_float16_verification_accepts_ids_the_task_decides_and_passes(tmp_path) 
     ids = next(m for m in result.outputs if m.name == "ids")
     assert result.status == "passed" and ids.accepted_by == "task" and ids.values_differ
     assert result.task["metrics"]["ids:labels"]["passed"] is True
+    assert f"'ids' on CPU ({ids.values_differ} values differ, labels " in result.describe()
     _, far, _ = _case(0.3)
     failed = verifier.check(ir.from_proto(_reader(far)), numerics="fp16")
     assert failed.status == "failed" and "'ids' on CPUExecutionProvider" in (failed.reason or "")

@@ -160,8 +160,9 @@ class Verification:
             text += f": {self.reason}"
         rescued = [o for o in self.outputs if o.accepted_by == ACCEPTED_BY_TASK]
         if rescued:
-            text += "; accepted by the task, below the SQNR rule: " + "; ".join(
-                f"'{o.name}' on {o.provider.replace('ExecutionProvider', '')} (SQNR {o.sqnr_db:.1f} dB, "
+            text += "; accepted by the task, below the SQNR rule or with integer values changed: " + "; ".join(
+                f"'{o.name}' on {o.provider.replace('ExecutionProvider', '')} ("
+                + (f"SQNR {o.sqnr_db:.1f} dB, " if o.sqnr_db is not None else f"{o.values_differ} values differ, ")
                 + _task_rows_text((self.task_by_provider or {}).get(o.provider) or self.task, o.name) + ")"
                 for o in rescued)
         for provider, run_ in (self.free_running or {}).items():
