@@ -107,3 +107,15 @@ def test_a_width_the_model_declares_symbolic_is_a_sequence() -> None:
     moved = {k: [v + np.float32(1e-6) for v in vs] for k, vs in outputs.items()}
     judge = tm.TaskJudge(outputs, moved, sequences=tm.sequence_outputs(model))
     assert judge.metric_names() == {"conf": "sqnr", "scores": "argmax"}
+
+
+def test_a_pooled_vector_the_model_declares_symbolic_is_still_an_embedding() -> None:
+    """paraphrase-MiniLM-L3's export declares its pooled ``[N, 384]`` output ``[dim_0,
+    dim_1]``: beside a ``[N, T, 384]`` embedding its width is the hidden size, so it is a
+    pooled vector (judged by cosine), not a sequence judged by SQNR."""
+    outputs = _encoder_outputs()
+    moved = {k: [v + np.float32(1e-6) for v in vs] for k, vs in outputs.items()}
+    judge = tm.TaskJudge(outputs, moved, sequences={"pooled"})
+    assert judge.metric_names() == {"token_embeddings": "embedding", "pooled": "embedding"}
+    alone = tm.TaskJudge({"steps": outputs["pooled"]}, {"steps": moved["pooled"]}, sequences={"steps"})
+    assert alone.metric_names() == {"steps": "sqnr"}  # no embedding beside it, nor its name: per-step values

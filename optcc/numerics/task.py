@@ -937,9 +937,6 @@ class TaskJudge:
                     names = (f"{name}@{group}", f"@{group}", name) if group else (name,)
                     given = next((self.metric[k] for k in names if k in self.metric), None)
                 chosen = choose_metric(values, name) if given in (None, "auto") else given
-                if given in (None, "auto") and chosen == "argmax" and (
-                        name in self.sequences or len({np.shape(v)[-1] for v in values}) > 1):
-                    chosen = "sqnr"  # a last axis that may change from input to input is no set of classes
                 if isinstance(chosen, str) and (chosen not in _BUILT_IN or chosen == "labels"):
                     raise BadInputError(
                         f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
@@ -948,6 +945,11 @@ class TaskJudge:
                 if given in (None, "auto"):
                     chosen_by_auto.append(key)
             self._pooled_beside_embeddings(chosen_by_auto)
+            for key in chosen_by_auto:  # still class scores: unless their width may change
+                name = self._where[key][0]
+                if self.plan[key] == "argmax" and (
+                        name in self.sequences or len({np.shape(v)[-1] for v in self.reference[name]}) > 1):
+                    self.plan[key] = "sqnr"  # a last axis that may change from input to input is no set of classes
         self._envelope = [self.perturbed, *self.draws]
         self.floor, self.floor_items = self._floor()
         self._sqnr_floor: dict[str, dict[str, float]] = {}  # per row key, computed when first needed
