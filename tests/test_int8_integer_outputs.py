@@ -112,3 +112,22 @@ def test_float16_verification_accepts_ids_the_task_decides_and_passes(tmp_path) 
     _, far, _ = _case(0.3)
     failed = verifier.check(ir.from_proto(_reader(far)), numerics="fp16")
     assert failed.status == "failed" and "'ids' on CPUExecutionProvider" in (failed.reason or "")
+
+
+def test_integer_outputs_computed_from_no_float_value_are_compared_exactly_not_judged() -> None:
+    """Ids passed through and shapes read by Shape cannot move under any precision: no
+    ``labels`` row (and no warning about its few rows) for them, only for what a float
+    value decides (an ArgMax, a Cast of a float)."""
+    graph = oh.make_graph(
+        [oh.make_node("Identity", ["ids"], ["ids_out"]), oh.make_node("Shape", ["x"], ["shape"]),
+         oh.make_node("Add", ["shape", "one"], ["grown"]), oh.make_node("ArgMax", ["x"], ["top"], axis=-1, keepdims=0),
+         oh.make_node("Cast", ["x"], ["rounded"], to=TP.INT64)],
+        "g", [oh.make_tensor_value_info("ids", TP.INT64, ["N", 4]), oh.make_tensor_value_info("x", TP.FLOAT, ["N", 3])],
+        [oh.make_tensor_value_info(n, TP.INT64, None) for n in ("ids_out", "grown", "top", "rounded")],
+        [nh.from_array(np.array([1, 1], np.int64), "one")])
+    model = ir.from_proto(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]))
+    exact = tm.float_free_outputs(model)
+    assert exact == {"ids_out", "grown"}
+    outputs = {n: [np.zeros((2, 3), np.int64)] for n in ("ids_out", "grown", "top", "rounded")}
+    judge = tm.TaskJudge(outputs, outputs, exact=exact)
+    assert judge.metric_names() == {"top": "labels", "rounded": "labels"}

@@ -48,7 +48,9 @@ H >= 8                    (those the attention mask keeps); 1 - mean cosine of t
 integer or boolean        ``labels`` (always; not selectable): 1 - the fraction of rows
 (ids, labels, flags)      that agree exactly, a row being a sample's entry along the
                           first axis (a line of decoded ids, one label of ``[N]``); a
-                          sample whose shape changed disagrees in every row
+                          sample whose shape changed disagrees in every row. Not for
+                          one computed from no float value (``float_free_outputs``: ids
+                          passed through, shapes), which is compared exactly
 anything else             ``sqnr``: noise power / signal power, summed over ALL held-out
                           samples (never a per-sample median or worst, which one blank
                           input would dominate); reported in dB
@@ -156,7 +158,7 @@ from optcc.errors import BadInputError
 
 __all__ = [
     "METRICS", "DEFAULT_MARGIN", "MIN_DEVIATION", "Outputs", "UserMetric", "choose_metric", "perturb",
-    "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "sequence_outputs",
+    "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "sequence_outputs", "float_free_outputs",
     "measure", "deviations", "TaskJudge", "perturbation_draws", "FLOOR_DRAWS", "ctc_greedy",
     "map_boxes", "yolo_boxes", "box_f1", "box_layout", "class_rows", "anchor_grid",
 ]
@@ -218,6 +220,35 @@ def sequence_outputs(model: ir.Model) -> set[str]:
 
 EMBEDDING_MIN_WIDTH = 8  # entries of a vector read as an embedding
 UNIT_TOLERANCE = 1e-3  # an L2-normalized row's length is 1 within float32 rounding
+
+
+def _integer_like(dtype: ir.DataType | None) -> bool:
+    return dtype is not None and (dtype.is_integer() or dtype == ir.DataType.BOOL)
+
+
+def float_free_outputs(model: ir.Model) -> set[str]:
+    """The integer or boolean graph outputs computed from no floating-point value: integer
+    inputs passed through or combined, shapes read by Shape or Size. No precision change
+    moves them, so they are compared exactly, not judged (``TaskJudge(exact=...)``). A value
+    of unknown type, or a node with a subgraph, counts as floating point."""
+    found = set()
+    for output in model.graph.outputs:
+        pending, seen, free = [output], set(), _integer_like(output.dtype)
+        while pending and free:
+            value = pending.pop()
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            node = value.producer()
+            if node is not None and node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx"):
+                continue  # int64 by definition, read from a shape
+            free = _integer_like(value.dtype) and (node is None or not any(
+                a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()))
+            if free and node is not None:
+                pending.extend(v for v in node.inputs if v is not None)
+        if free:
+            found.add(output.name)
+    return found
 
 
 # words in an output's name that call a [N, C] output a pooled vector, not class scores
@@ -906,6 +937,7 @@ class TaskJudge:
     groups: Sequence[str] | None = None  # per sample: its group's label
     draws: Sequence[Outputs] = ()  # more perturbation draws of the float model's outputs (seeds apart)
     sequences: Collection[str] = ()  # outputs whose last axis the model declares symbolic (``sequence_outputs``)
+    exact: Collection[str] = ()  # integer outputs no precision change moves (``float_free_outputs``): not judged
 
     def __post_init__(self) -> None:
         count = len(next(iter(self.reference.values()), []))
@@ -926,6 +958,8 @@ class TaskJudge:
                 self.plan[key], self._where[key] = self.metric, ("*", idx)
                 continue
             for name, values in self.reference.items():
+                if name in self.exact:
+                    continue
                 if values and np.asarray(values[0]).dtype.kind in _LABEL_KINDS:  # ids, labels, flags
                     key = name if not group else f"{name}@{group}"
                     self.plan[key], self._where[key] = "labels", (name, idx)
