@@ -119,3 +119,24 @@ def test_a_pooled_vector_the_model_declares_symbolic_is_still_an_embedding() -> 
     assert judge.metric_names() == {"token_embeddings": "embedding", "pooled": "embedding"}
     alone = tm.TaskJudge({"steps": outputs["pooled"]}, {"steps": moved["pooled"]}, sequences={"steps"})
     assert alone.metric_names() == {"steps": "sqnr"}  # no embedding beside it, nor its name: per-step values
+
+
+@pytest.mark.parametrize("name", ["landmarks", "kps", "bbox_pred", "keypoints_2d", "head_pose"])
+def test_a_regressors_coordinates_are_judged_by_sqnr_not_their_largest_entry(name: str) -> None:
+    """A face-landmark or box regressor's ``[N, C]`` output holds coordinates: which one is
+    largest means nothing, how far they move does (SQNR, summed over the samples)."""
+    rng = np.random.default_rng(4)
+    points = {name: [rng.uniform(0, 224, (1, 136)).astype(np.float32) for _ in range(6)]}
+    judge = _judge(points)
+    assert judge.metric_names() == {name: "sqnr"}
+    got = {name: [v + np.float32(2.0) for v in points[name]]}  # every coordinate 2 pixels off
+    signal = sum(float(np.sum(v.astype(np.float64) ** 2)) for v in points[name])
+    row = judge(got)["metrics"][f"{name}:sqnr"]
+    assert row["deviation"] == pytest.approx(6 * 136 * 4.0 / signal, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["/head/Transpose_output_0", "dense_3", "output"])
+def test_a_word_that_only_contains_a_regressors_word_stays_a_classifier(name: str) -> None:
+    rng = np.random.default_rng(5)
+    assert _judge({name: [rng.standard_normal((1, 10)).astype(np.float32) * 5 for _ in range(6)]}).metric_names() \
+        == {name: "argmax"}

@@ -25,7 +25,8 @@ CLASSES, FEATURES, STEPS = 6, 12, 16
 def _reader(weight: np.ndarray) -> onnx.ModelProto:
     """``scores = x @ weight`` ([N, T, C]) and ``ids = ArgMax(scores)`` ([N, T], int64)."""
     graph = oh.make_graph(
-        [oh.make_node("MatMul", ["x", "w"], ["scores"]), oh.make_node("ArgMax", ["scores"], ["ids"], axis=-1, keepdims=0)],
+        [oh.make_node("MatMul", ["x", "w"], ["scores"]),
+         oh.make_node("ArgMax", ["scores"], ["ids"], axis=-1, keepdims=0)],
         "reader", [oh.make_tensor_value_info("x", TP.FLOAT, ["N", STEPS, FEATURES])],
         [oh.make_tensor_value_info("scores", TP.FLOAT, ["N", STEPS, CLASSES]),
          oh.make_tensor_value_info("ids", TP.INT64, ["N", STEPS])],

@@ -19,8 +19,9 @@ An integer or boolean output (decoded ids, labels) has no SQNR: it is accepted w
 values equal float32's, or when the task decides it and passes it (``labels``: the rows
 that differ, against float32's own under input noise). Whatever the task says, an output
 with a structural problem fails: NaN or infinities where float32 has none (float16
-overflow), another shape or dtype (``compare_outputs`` reports these before any SQNR). The pass's accuracy check (``ConvertFloat16Pass``) and the final
-verification both judge with ``accept_float16``, and through ``optimize`` with one judge.
+overflow), another shape or dtype (``compare_outputs`` reports these before any SQNR).
+The pass's accuracy check (``ConvertFloat16Pass``) and the final verification both judge
+with ``accept_float16``, and through ``optimize`` with one judge.
 """
 
 from __future__ import annotations

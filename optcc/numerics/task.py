@@ -9,7 +9,10 @@ output                    metric (deviation: 0 when identical)
 ``[N, C]`` float          ``argmax``: 1 - agreement of the top class, on the samples the
                           float model is confident about (top-1 probability at least
                           ``CONFIDENT_GAP`` above the second; all samples when none is);
-                          except a pooled vector (``embedding``, below): an output named
+                          except a regressor's coordinates or values, a word of its
+                          name beginning with one of ``REGRESSION_NAMES`` (landmark,
+                          keypoint, bbox, coord, offset...): ``sqnr``; and a pooled
+                          vector (``embedding``, below): an output named
                           as one (``EMBEDDING_NAMES``: embedding, pooler, sentence,
                           feature...), one whose rows (8 entries or more, not
                           probabilities) all have Euclidean length 1 (an L2-normalized
@@ -79,8 +82,9 @@ independent perturbations (``perturbation_draws``: draw ``d`` of sample ``i`` se
 ``(i, d)``). Every component's floor is then the mean over the draws, except for the
 components over confident decisions, ``argmax``, ``ctc_exact`` and ``labels``
 (``TaskJudge.excuses``): there an error float32 makes itself under some draw (a confident
-top-1 it flips, a line it decodes differently, a row of ids it changes) is noise, not the candidate's error, and is not counted, and the
-floor is the most any one draw errs where none of the others does (leave one out: how
+top-1 it flips, a line it decodes differently, a row of ids it changes) is noise, not the
+candidate's error, and is not counted, and the floor is the most any one draw errs where
+none of the others does (leave one out: how
 often a new draw of the noise leaves the envelope of the draws before it). With one draw
 nothing is excused. ``boxes``' ``box_f1`` excuses nothing and is measured on
 ``FLOOR_DRAWS`` draws (``TaskJudge.wants_draws``), its floor their mean: a user
@@ -148,6 +152,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -158,7 +163,8 @@ from optcc.errors import BadInputError
 
 __all__ = [
     "METRICS", "DEFAULT_MARGIN", "MIN_DEVIATION", "Outputs", "UserMetric", "choose_metric", "perturb",
-    "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "sequence_outputs", "float_free_outputs",
+    "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "REGRESSION_NAMES", "sequence_outputs",
+    "float_free_outputs",
     "measure", "deviations", "TaskJudge", "perturbation_draws", "FLOOR_DRAWS", "ctc_greedy",
     "map_boxes", "yolo_boxes", "box_f1", "box_layout", "class_rows", "anchor_grid",
 ]
@@ -253,6 +259,10 @@ def float_free_outputs(model: ir.Model) -> set[str]:
 
 # words in an output's name that call a [N, C] output a pooled vector, not class scores
 EMBEDDING_NAMES = ("embed", "pooler", "pooled", "sentence", "feature", "vector")
+# words that begin a word of an output's name ("bbox_pred", "landmarks", not "transpose")
+# and call a [N, C] output coordinates or measured values (a regressor's), whose largest
+# entry means nothing: judged by SQNR
+REGRESSION_NAMES = ("landmark", "keypoint", "kps", "bbox", "box", "coord", "regress", "offset", "depth", "pose")
 
 
 def _saturated(maps: Sequence[np.ndarray]) -> bool:
@@ -274,6 +284,8 @@ def choose_metric(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
     if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
         return "sqnr"
     if a.ndim == 2 and a.shape[-1] >= 2:
+        if any(token.startswith(REGRESSION_NAMES) for token in re.split(r"[^a-z0-9]+", name.lower())):
+            return "sqnr"
         named = any(word in name.lower() for word in EMBEDDING_NAMES)
         return "embedding" if named or _unit_rows(values) else "argmax"
     sequences = _batch_major(a)
