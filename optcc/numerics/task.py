@@ -84,10 +84,10 @@ components over confident decisions, ``argmax``, ``ctc_exact`` and ``labels``
 (``TaskJudge.excuses``): there an error float32 makes itself under some draw (a confident
 top-1 it flips, a line it decodes differently, a row of ids it changes) is noise, not the
 candidate's error, and is not counted, and the floor is the most any one draw errs where
-none of the others does (leave one out: how
-often a new draw of the noise leaves the envelope of the draws before it). With one draw
-nothing is excused. ``boxes``' ``box_f1`` excuses nothing and is measured on
-``FLOOR_DRAWS`` draws (``TaskJudge.wants_draws``), its floor their mean: a user
+none of the others does (leave one out: how often a new draw of the noise leaves the
+envelope of the draws before it). With one draw nothing is excused. ``boxes``' ``box_f1``
+excuses nothing and is measured on ``FLOOR_DRAWS`` draws (``TaskJudge.wants_draws``), its
+floor their mean: a user
 thresholds at one score and gets every box that crosses it, so a candidate that moves
 scores across the threshold more often than the input's noise does is judged by how
 often, not forgiven box by box because float32 also crosses there under some draw; and
@@ -184,6 +184,8 @@ CONFIDENT_GAP = 0.1
 MAP_THRESHOLD = 0.3
 MAP_LOW = 0.1  # a map's pixel at most this, or at least 1 - this, has decided
 MAP_UNDECIDED = 0.1  # a detection map has at most this fraction of its pixels undecided
+EMBEDDING_MIN_WIDTH = 8  # entries of a vector read as an embedding
+UNIT_TOLERANCE = 1e-3  # an L2-normalized row's length is 1 within float32 rounding
 MIN_BOX_SIDE = 3  # pixels; smaller components are dropped, as DB post-processing does
 BOX_SCORE = 0.25  # the deployment score threshold (Ultralytics' default confidence)
 NMS_IOU = 0.45
@@ -222,10 +224,6 @@ def sequence_outputs(model: ir.Model) -> set[str]:
         if shape is not None and shape.rank() == 2 and not isinstance(shape[1], int):
             found.add(value.name)
     return found
-
-
-EMBEDDING_MIN_WIDTH = 8  # entries of a vector read as an embedding
-UNIT_TOLERANCE = 1e-3  # an L2-normalized row's length is 1 within float32 rounding
 
 
 def _integer_like(dtype: ir.DataType | None) -> bool:
