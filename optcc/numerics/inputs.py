@@ -630,7 +630,8 @@ def _dtype(value: ir.Value) -> ir.DataType:
     if not (dtype.is_floating_point() or dtype.is_integer() or dtype == ir.DataType.BOOL):
         raise BadInputError(
             f"input '{value.name}' has dtype {dtype.name}, which optcc cannot generate; "
-            "pass inputs explicitly"
+            "pass inputs explicitly" + (" (--inputs: an .npz with a NumPy str array for it)"
+                                         if dtype == ir.DataType.STRING else "")
         )
     return dtype
 
@@ -733,6 +734,10 @@ def check_samples_vary(samples: Sequence[Mapping[str, np.ndarray]], label: str |
                             "about real inputs: give real samples", label)
 
 
+def _kind_text(array: object) -> str:
+    return f"dtype {array.dtype}" if isinstance(array, np.ndarray) else type(array).__name__
+
+
 def check_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray], label: str = "inputs") -> None:
     """Refuse feeds whose names, ranks, static sizes or dtypes do not fit the model's
     graph inputs (dynamic dims, including legacy negative ones, take any size). ``label``
@@ -750,9 +755,15 @@ def check_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray], label: str = "
             raise BadInputError(
                 f"{label}: '{name}' is a NumPy scalar; pass a 0-d array (np.asarray(value))"
             )
-        if not isinstance(array, np.ndarray) or array.dtype == object:
+        if value.dtype == ir.DataType.STRING:
+            # a text input: a NumPy str or bytes array (as an .npz holds it without pickling;
+            # onnxruntime takes both as a string tensor)
+            if not isinstance(array, np.ndarray) or array.dtype.kind not in "US":
+                raise BadInputError(f"{label}: '{name}' is a string input; give a NumPy str array "
+                                    f"(e.g. np.array(texts, dtype=str)), not {_kind_text(array)}")
+        elif not isinstance(array, np.ndarray) or array.dtype == object:
             raise BadInputError(f"{label}: '{name}' is not a numeric array")
-        if value.dtype is not None and array.dtype != value.dtype.numpy():
+        elif value.dtype is not None and array.dtype != value.dtype.numpy():
             raise BadInputError(
                 f"{label}: '{name}' has dtype {array.dtype}, the model expects "
                 f"{value.dtype.numpy()}"
