@@ -232,9 +232,13 @@ def optimize(
         if not samples:
             raise BadInputError("INT8 calibration data holds no samples")
         # the float model INT8 starts from, by ordinary (recorded, verified, revertible) passes:
-        # generated weights folded whatever their size, BatchNorm and affine layers fused
-        pipeline.extend([create_pass("fold-constants", fold_large=True), create_pass("fuse-batchnorm"),
-                         create_pass("fuse-conv-affine"), create_pass("eliminate-dead-nodes")])
+        # generated weights folded whatever their size, BatchNorm and affine layers fused;
+        # a pass the user disabled stays out here too (--disable fold-constants is what the
+        # fold-growth warning offers to keep computed weights computed)
+        left_out = set(disable)
+        pipeline.extend(create_pass(name, **kwargs) for name, kwargs in (
+            ("fold-constants", {"fold_large": True}), ("fuse-batchnorm", {}), ("fuse-conv-affine", {}),
+            ("eliminate-dead-nodes", {})) if name not in left_out)
         shared: dict[str, Any] = {}
         if inputs is None:
             inputs = samples  # all of them: a task metric over the held-out part alone can lack items
