@@ -17,7 +17,7 @@ import onnx_ir as ir
 from optcc.errors import BadInputError, OptccError
 from optcc.ir.loading import load
 from optcc.ir.serialize_cached import CACHE_TENSOR_BYTES, model_parts, serialize_bytes, varint
-from optcc.ir.walk import _tensor_nbytes, external_data_files, graphs, uses_external_data, weight_bytes
+from optcc.ir.walk import _tensor_nbytes, external_data_files, graphs, nodes, uses_external_data, weight_bytes
 
 # Protobuf refuses messages of 2 GiB; leave room for the graph structure itself.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -215,6 +215,39 @@ def _graph_initializer_field(tensor_start: bytes, extra: int = 0) -> bytes:
     return b"\x3a" + varint(graph_len) + b"\x2a" + varint(tensor_len) + tensor_start
 
 
+@contextlib.contextmanager
+def _external_tensors_in_memory(model: ir.Model) -> Iterator[None]:
+    """Within the block, every tensor still read from an external data file (an
+    initializer of any graph, a tensor attribute) is an in-memory copy, so that a model
+    written without external data holds the data itself and not a reference to the input's
+    data file, which is not beside the output. Restored on exit."""
+    values: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    attributes: list[tuple[ir.Node, str, ir.Attr]] = []
+
+    def in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
+        return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string)
+
+    try:
+        for graph in graphs(model):
+            if not isinstance(graph, ir.Graph):
+                continue
+            for value in graph.initializers.values():
+                if isinstance(value.const_value, ir.ExternalTensor):
+                    values.append((value, value.const_value))
+                    value.const_value = in_memory(value.const_value)
+        for node in nodes(model):
+            for name, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                    attributes.append((node, name, attr))
+                    node.attributes[name] = ir.Attr(name, ir.AttributeType.TENSOR, in_memory(attr.value))
+        yield
+    finally:
+        for value, tensor in values:
+            value.const_value = tensor
+        for node, name, attr in attributes:
+            node.attributes[name] = attr
+
+
 def _write_streamed(model: ir.Model, path: str) -> None:
     """Write the model without ever holding a serialized copy of its large weights: the
     model without initializers, then one ``graph { initializer { ... } }`` fragment per
@@ -231,10 +264,11 @@ def _write_streamed(model: ir.Model, path: str) -> None:
         if type(tensor) is ir.Tensor and tensor.dtype in RAW_DTYPES and not tensor.doc_string \
                 and not tensor.metadata_props:
             return _tensor_nbytes(tensor) > CACHE_TENSOR_BYTES
-        return (not isinstance(tensor, ir.ExternalTensor) and tensor.dtype in RAW_DTYPES
-                and tensor.nbytes >= STREAM_MIN_BYTES)
+        if isinstance(tensor, ir.ExternalTensor):  # its data, read from its file, not a reference to it
+            return tensor.dtype in RAW_DTYPES
+        return tensor.dtype in RAW_DTYPES and tensor.nbytes >= STREAM_MIN_BYTES
 
-    with initializers_set_aside(model, streamed) as aside:
+    with initializers_set_aside(model, streamed) as aside, _external_tensors_in_memory(model):
         parts = model_parts(model)
         if parts is not None:  # the bytes of the model's parts (see ``serialize_cached``)
             head = parts.to_bytes(initializers=False)
