@@ -75,3 +75,32 @@ def test_external_data_off_writes_every_weight_into_the_model(tmp_path: Path, le
     for flag in (True, False):
         feed = {"x": RNG.standard_normal((2, N)).astype(np.float32), "flag": np.array(flag)}
         np.testing.assert_allclose(session.run(None, feed)[0], reference.run(None, feed)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("level", ["-O0", "-O2"])
+@pytest.mark.parametrize("external", ["auto", "off"])
+def test_a_constant_whose_value_is_in_the_data_file(tmp_path: Path, level: str, external: str, capsys) -> None:
+    """onnx's convert_attribute=True also moves a Constant's value to the data file, which
+    onnxruntime loads; optcc -O0 failed its verification (exit 1: the scratch copy of the
+    model referred to a data file that was not beside it) and printed a raw RuntimeWarning."""
+    proto = _model()
+    stored = onnx.ModelProto()
+    stored.CopyFrom(proto)
+    convert_model_to_external_data(stored, location="m.onnx.data", size_threshold=0, convert_attribute=True)
+    onnx.save_model(stored, str(tmp_path / "m.onnx"))
+    assert "C" in [t.name for t in _get_all_tensors(onnx.load(str(tmp_path / "m.onnx"), load_external_data=False))
+                   if t.data_location == TensorProto.EXTERNAL]
+    ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])  # a valid model
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "o.onnx"
+    code = cli.main([str(tmp_path / "m.onnx"), level, "--external-data", external, "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "RuntimeWarning" not in err
+    onnx.checker.check_model(str(out), full_check=True)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    reference = ReferenceEvaluator(proto)
+    for flag in (True, False):
+        feed = {"x": RNG.standard_normal((2, N)).astype(np.float32), "flag": np.array(flag)}
+        np.testing.assert_allclose(session.run(None, feed)[0], reference.run(None, feed)[0], rtol=1e-4, atol=1e-5)

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from optcc.errors import BadInputError, UnsafeInputError
 from optcc.ir.collector import collector_paused
 from optcc.ir.interface import FILLED_INTERFACE_KEY, _apply_fills, _interface_fills, _restore, without_weights
-from optcc.ir.walk import _node_protos, first_order_problem, graphs, tensor_protos
+from optcc.ir.walk import _node_protos, first_order_problem, graphs, nodes, tensor_protos
 
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
@@ -130,6 +130,7 @@ def _from_proto(
         model.meta[FILLED_INTERFACE_KEY] = [note for _, _, note in fills]
     if base_dir is not None and has_external:  # no external tensor: no base folder to set
         ir.external_data.set_base_dir(model.graph, base_dir)
+        _attributes_in_memory(model)
     _sort_or_reject_cycle(model, label)
     return model
 
@@ -177,6 +178,26 @@ def _owned(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     alone = onnx.TensorProto()
     alone.CopyFrom(proto)
     return ir.TensorProtoTensor(alone)
+
+
+def _attributes_in_memory(model: ir.Model) -> None:
+    """Read a tensor attribute stored in the external data file (a Constant's value, saved
+    with onnx's convert_attribute) into memory. Initializers read from the file are handed
+    to the checker and to onnxruntime as they are (``light_proto``); an attribute would be
+    serialized as a reference to the data file, which no scratch copy of the model has
+    beside it (optcc -O0 failed such a valid model's verification: exit 1)."""
+    for node in nodes(model):
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                node.attributes[name] = ir.AttrTensor(name, _in_memory(attr.value), doc_string=attr.doc_string)
+            elif attr.type == ir.AttributeType.TENSORS and any(isinstance(t, ir.ExternalTensor) for t in attr.value):
+                node.attributes[name] = ir.AttrTensors(
+                    name, [_in_memory(t) if isinstance(t, ir.ExternalTensor) else t for t in attr.value],
+                    doc_string=attr.doc_string)
+
+
+def _in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
+    return ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string)
 
 
 def _own_tensors(model: ir.Model) -> None:
