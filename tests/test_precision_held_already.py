@@ -109,3 +109,28 @@ def test_a_float_model_with_an_8_bit_tensor_and_nothing_to_quantize_is_still_dec
     assert result.precision["weights"] is not None
     feeds = {"x": np.array([0.2, 1.7, 3.0, 250.4], np.float32)}
     assert_close(expected_outputs(result.model, feeds), [np.floor(feeds["x"])], EXACT_RTOL)
+
+
+def test_int8_on_a_weight_only_quantized_model_does_not_unpack_its_weights():
+    """INT8's preparation folds generated weights whatever their size, but a
+    DequantizeLinear of a stored int8 weight is the weight's quantized form, kept: the
+    model is quantized already, keeps its int8 weight (no float32 copy four times its
+    size), and the report says so."""
+    rng = np.random.default_rng(4)
+    w_q = rng.integers(-127, 128, size=(512, 1024)).astype(np.int8)  # 2 MiB as float32: past the 1 MiB policy
+    graph = oh.make_graph(
+        [oh.make_node("DequantizeLinear", ["w_q", "w_s"], ["w"]), oh.make_node("MatMul", ["x", "w"], ["h"]),
+         oh.make_node("Relu", ["h"], ["y"])], "weight_only",
+        [oh.make_tensor_value_info("x", TP.FLOAT, [4, 512])], [oh.make_tensor_value_info("y", TP.FLOAT, [4, 1024])],
+        [nh.from_array(w_q, "w_q"), nh.from_array(np.array(0.004, np.float32), "w_s")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 19)])
+    samples = [{"x": rng.standard_normal((4, 512)).astype(np.float32)} for _ in range(10)]
+    result = optcc.optimize(model, level=2, int8_calibration=samples)
+    assert result.precision["int8"] is None
+    assert any(w.startswith("INT8: nothing left to convert: the model is already quantized (")
+               for w in result.report.warnings)
+    weights = {t.name: nh.to_array(t) for t in result.model.graph.initializer}
+    assert any(a.dtype == np.int8 and np.array_equal(a, w_q) for a in weights.values())
+    assert not any(a.dtype == np.float32 and a.size == w_q.size for a in weights.values())
+    for feeds in samples[:2]:
+        assert_close(expected_outputs(result.model, feeds), expected_outputs(model, feeds), EXACT_RTOL)
