@@ -16,7 +16,8 @@ from optcc.version import __version__
 from optcc import ir
 from optcc.api import OptimizeResult, optimize, verify
 from optcc.errors import (
-    BadInputError, OptccError, PrecisionNotAppliedError, UnsafeInputError, UnverifiedError, VerificationError,
+    BadInputError, OptccError, PipelineWarning, PrecisionNotAppliedError, UnsafeInputError, UnverifiedError,
+    VerificationError,
 )
 from optcc.infra.pass_base import Pass, PassResult
 from optcc.infra.manager import Fixpoint, PassManager
@@ -46,4 +47,5 @@ __all__ = [
     "VerificationError",
     "UnverifiedError",
     "PrecisionNotAppliedError",
+    "PipelineWarning",
 ]

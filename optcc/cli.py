@@ -28,7 +28,8 @@ from optcc import ir as oir
 from optcc.api import OptimizeResult, check_fixed_feeds, optimize
 from optcc.compare import compare_models, format_comparison
 from optcc.errors import (
-    ISSUES_URL, BadInputError, OptccError, PrecisionNotAppliedError, UnverifiedError, VerificationError,
+    ISSUES_URL, BadInputError, OptccError, PipelineWarning, PrecisionNotAppliedError, UnverifiedError,
+    VerificationError,
 )
 from optcc.infra.registry import available_passes
 from optcc.inspect import format_inspection, inspect_model
@@ -391,43 +392,45 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     status, hint = EXIT_OK, None
     try:
-        result = optimize(
-            args.model,
-            passes=_split(args.passes) or None,
-            level=args.level,
-            verify=args.verify,
-            inputs=inputs,
-            disable=_split(args.disable),
-            verify_each=args.verify_each,
-            providers=_split(args.providers) or None,
-            input_shapes=input_shapes,
-            input_ranges=_parse_ranges(args.input_range),
-            overwrite_input_shapes=fixed_shapes,
-            strict=args.strict,
-            progress=not args.quiet,
-            fp16=args.fp16,
-            fp16_block=[b for item in args.fp16_block for b in _split(item)],
-            fp16_keep_io=args.fp16_io == "float32",
-            int8_calibration=calibration,
-            int8_method=args.calibration_method,
-            int8_options={"require_speedup": not args.no_int8_speed_check,
-                          "target": Target(min_sqnr_db=args.int8_target_sqnr),
-                          "cache_dir": args.calibration_cache,
-                          "per_channel": not args.int8_per_tensor,
-                          "bias_correction": not args.no_int8_bias_correction,
-                          "activation_type": args.int8_activations,
-                          "metric": None if args.int8_metric == "target" else args.int8_metric,
-                          "metric_margin": DEFAULT_MARGIN if args.int8_metric_margin is None
-                          else args.int8_metric_margin,
-                          "exclude": [e for item in args.int8_exclude for e in _split(item)]},
-            tolerances={"int8": dataclasses.replace(TOLERANCES["int8"], min_sqnr_db=args.int8_target_sqnr)},
-            int8_dynamic=args.int8_dynamic,
-            weight_only=weight_only,
-            fold_large=args.fold_large,
-            target_opset=args.target_opset,
-            allow_unverified=args.allow_unverified,
-            allow_float_fallback=args.allow_float_fallback,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PipelineWarning)  # the summary says the report's warnings
+            result = optimize(
+                args.model,
+                passes=_split(args.passes) or None,
+                level=args.level,
+                verify=args.verify,
+                inputs=inputs,
+                disable=_split(args.disable),
+                verify_each=args.verify_each,
+                providers=_split(args.providers) or None,
+                input_shapes=input_shapes,
+                input_ranges=_parse_ranges(args.input_range),
+                overwrite_input_shapes=fixed_shapes,
+                strict=args.strict,
+                progress=not args.quiet,
+                fp16=args.fp16,
+                fp16_block=[b for item in args.fp16_block for b in _split(item)],
+                fp16_keep_io=args.fp16_io == "float32",
+                int8_calibration=calibration,
+                int8_method=args.calibration_method,
+                int8_options={"require_speedup": not args.no_int8_speed_check,
+                              "target": Target(min_sqnr_db=args.int8_target_sqnr),
+                              "cache_dir": args.calibration_cache,
+                              "per_channel": not args.int8_per_tensor,
+                              "bias_correction": not args.no_int8_bias_correction,
+                              "activation_type": args.int8_activations,
+                              "metric": None if args.int8_metric == "target" else args.int8_metric,
+                              "metric_margin": DEFAULT_MARGIN if args.int8_metric_margin is None
+                              else args.int8_metric_margin,
+                              "exclude": [e for item in args.int8_exclude for e in _split(item)]},
+                tolerances={"int8": dataclasses.replace(TOLERANCES["int8"], min_sqnr_db=args.int8_target_sqnr)},
+                int8_dynamic=args.int8_dynamic,
+                weight_only=weight_only,
+                fold_large=args.fold_large,
+                target_opset=args.target_opset,
+                allow_unverified=args.allow_unverified,
+                allow_float_fallback=args.allow_float_fallback,
+            )
     except (VerificationError, UnverifiedError, PrecisionNotAppliedError) as error:
         result = error.result  # type: ignore[attr-defined]
         status = error.exit_code

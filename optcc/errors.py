@@ -56,3 +56,9 @@ class PassFailedError(OptccError):
     """A pass raised or broke an invariant while the pass manager ran with ``strict=True``."""
 
     exit_code = 3
+
+
+class PipelineWarning(RuntimeWarning):
+    """Something the pass manager did that the report's warnings record as well: a
+    fixpoint stopped unconverged, onnx's checker rejected the pipeline's result, a replay
+    after a revert failed. The command line says it once, in its summary."""

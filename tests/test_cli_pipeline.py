@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -575,3 +576,24 @@ def test_fp16_never_makes_a_corpus_model_bigger(name: str, tmp_path: Path) -> No
         assert code == 0 and out.stat().st_size <= 0.52 * Path(source).stat().st_size
         float16 = [t for t in onnx.load(out).graph.initializer if t.data_type == TensorProto.FLOAT16]
         assert float16, "no float16 weights in the float16 model"
+
+
+def test_the_pass_managers_warnings_are_said_once_in_the_summary(example: Path, tmp_path: Path, capsys,
+                                                                 monkeypatch) -> None:
+    """A warning the pass manager issues is in the report's warnings, which the summary
+    prints; Python's own display of it (category, file and source line) stays off stderr."""
+    from optcc import cli
+    from optcc.errors import PipelineWarning
+
+    real = cli.optimize
+
+    def warning_optimize(*args, **kwargs):
+        warnings.warn("loop stopped unconverged after 3 iterations", PipelineWarning, stacklevel=2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "optimize", warning_optimize)
+    with warnings.catch_warnings(record=True) as shown:  # what Python would display on stderr
+        warnings.simplefilter("always")
+        assert cli.main([str(example), "-o", str(tmp_path / "o.onnx")]) == 0
+    assert not [w for w in shown if issubclass(w.category, PipelineWarning)]
+    assert "PipelineWarning" not in capsys.readouterr().err

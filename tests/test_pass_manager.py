@@ -217,7 +217,7 @@ def test_a_failure_no_replay_reproduces_raises_with_the_result_attached():
 
 def test_fixpoint_warns_when_it_stops_unconverged():
     manager = PassManager([Fixpoint([AlwaysModifiedPass()], max_iters=3, name="loop")])
-    with pytest.warns(RuntimeWarning, match="loop stopped unconverged after 3 iterations"):
+    with pytest.warns(optcc.PipelineWarning, match="loop stopped unconverged after 3 iterations"):
         result = manager.run(_model())
     assert len(result.records) == 3
     assert [r.iteration for r in result.records] == [1, 2, 3]

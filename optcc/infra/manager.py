@@ -39,7 +39,7 @@ from typing import Any, Union
 import onnx_ir as ir
 
 from optcc import ir as oir
-from optcc.errors import PassFailedError
+from optcc.errors import PassFailedError, PipelineWarning
 from optcc.infra.invariants import Signature, check_invariants, checker_problems, signature
 from optcc.infra.report import PassRecord, op_delta
 from optcc.numerics.kinds import NUMERICS_ORDER, Numerics, loosest
@@ -200,7 +200,7 @@ class PassManager:
                 run = self._run_steps(fresh(), fresh, check_each=True, reverts=reverts)
                 message = (f"onnx checker rejected the pipeline's result ({problems[0]}); "
                            f"ran it again checking after every pass ({discarded} pass runs discarded)")
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
+                warnings.warn(message, PipelineWarning, stacklevel=3)
                 run.warnings.insert(0, message)
         return run
 
@@ -320,7 +320,7 @@ class PassManager:
             f"{fixpoint.name} stopped unconverged after {fixpoint.max_iters} iterations "
             f"(last round changed by: {', '.join(changed_by)})"
         )
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        warnings.warn(message, PipelineWarning, stacklevel=2)
         run.warnings.append(message)
         run.unconverged.append(fixpoint.name)
         return model
@@ -384,7 +384,7 @@ class PassManager:
             if problems:
                 names = ", ".join(dict.fromkeys(pass_name(p) for p in run.since_checkpoint))
                 message = f"replaying {names} after a revert failed ({problems[0]}); their changes were dropped"
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
+                warnings.warn(message, PipelineWarning, stacklevel=3)
                 run.warnings.append(message)
                 model = run.checkpoint()
                 run.kept = run.kept[:run.kept_at_checkpoint]
