@@ -49,7 +49,8 @@ exit codes:
   2  bad input or usage: one line on stderr naming the file; nothing written
   3  internal error: one line saying where; please report it
   4  not verified: verification could not run (onnxruntime cannot run the original
-     with the available inputs, custom ops without their library, ...); nothing written
+     with the available inputs, custom ops without their library, a string input and no
+     --inputs, ...); nothing written
      (--allow-unverified writes it and exits 0 with a warning)
   5  requested precision not applied: --fp16/--int8/--int8-dynamic/--weights was declined or
      reverted, so the result would be float32; nothing written (--allow-float-fallback

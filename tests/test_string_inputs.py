@@ -82,14 +82,6 @@ def test_compare_finds_a_differing_lookup(files: Path, capsys) -> None:
     assert "MISMATCH" in capsys.readouterr().out
 
 
-def test_without_inputs_the_refusal_says_how_to_give_them(files: Path, capsys) -> None:
-    out = files / "never.onnx"
-    assert cli.main([str(files / "a.onnx"), "-o", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "STRING" in err and "NumPy str array" in err
-    assert not out.exists()
-
-
 def test_numbers_for_a_string_input_and_text_for_a_number_input_are_refused(files: Path, capsys) -> None:
     np.savez(files / "ints.npz", text=np.arange(6).reshape(2, 3))
     assert cli.main([str(files / "a.onnx"), "--inputs", str(files / "ints.npz"), "-o", str(files / "x.onnx")]) == 2
@@ -101,3 +93,21 @@ def test_numbers_for_a_string_input_and_text_for_a_number_input_are_refused(file
     np.savez(files / "text_for_x.npz", x=np.array([["a", "b", "c"]]))
     assert cli.main([str(files / "neg.onnx"), "--inputs", str(files / "text_for_x.npz"), "-o", str(files / "y.onnx")]) == 2
     assert "the model expects float32" in capsys.readouterr().err
+
+
+def test_without_samples_a_string_input_model_is_unverified_exit_4_not_bad_input(files: Path, capsys) -> None:
+    """No sample can be generated for a string input: verification cannot run (exit 4,
+    nothing written, the line names the file and says how to give samples), which
+    --allow-unverified writes anyway, as for any model onnxruntime cannot run on generated
+    inputs; it is not a usage error (exit 2)."""
+    out = files / "out.onnx"
+    assert cli.main([str(files / "a.onnx"), "-O2", "-o", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert not out.exists()
+    assert err.splitlines()[0].startswith(f"optcc: {files / 'a.onnx'}: not verified: no samples can be generated")
+    assert "STRING" in err.splitlines()[0] and "--inputs: an .npz with a NumPy str array" in err.splitlines()[0]
+    assert cli.main([str(files / "a.onnx"), "-O2", "--allow-unverified", "-o", str(out)]) == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    score, echo = session.run(["score", "echo"], {"text": WORDS[0].astype(object)})
+    np.testing.assert_array_equal(score, _expected(WORDS[0], [1.0, 2.0, 3.0]))
+    assert [str(w) for w in echo] == [str(w) for w in WORDS[0]]

@@ -623,12 +623,17 @@ def _in_range(value: ir.Value, shape: tuple[int, ...], bounds: tuple[float, floa
     return np.asarray(rng.uniform(lo, hi, shape)).astype(dtype.numpy())
 
 
+class UngeneratedInputError(BadInputError):
+    """A graph input no sample can be generated for (not a tensor, or a dtype such as
+    string): only the user's samples can feed it."""
+
+
 def _dtype(value: ir.Value) -> ir.DataType:
     dtype = value.dtype
     if dtype is None:
-        raise BadInputError(f"input '{value.name}' is not a tensor; pass inputs explicitly")
+        raise UngeneratedInputError(f"input '{value.name}' is not a tensor; pass inputs explicitly")
     if not (dtype.is_floating_point() or dtype.is_integer() or dtype == ir.DataType.BOOL):
-        raise BadInputError(
+        raise UngeneratedInputError(
             f"input '{value.name}' has dtype {dtype.name}, which optcc cannot generate; "
             "pass inputs explicitly" + (" (--inputs: an .npz with a NumPy str array for it)"
                                          if dtype == ir.DataType.STRING else "")

@@ -72,7 +72,8 @@ from optcc.numerics.decode import DECODE_STEPS, decode_plan, free_running, run_d
 from optcc.numerics.equivalence import Premise, number_original, prove_equivalent
 from optcc.numerics.float16 import ACCEPTED_BY_TASK, accept_float16, widen_float16
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
-from optcc.numerics.inputs import DEFAULT_DYNAMIC_DIM, RETRY_SIZES, check_feeds, generate_inputs, input_roles, sizes_text
+from optcc.numerics.inputs import (DEFAULT_DYNAMIC_DIM, RETRY_SIZES, UngeneratedInputError, check_feeds,
+                                   generate_inputs, input_roles, sizes_text)
 from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, TaskJudge, UserMetric, perturb,
@@ -351,24 +352,33 @@ class Verifier:
         samples the original cannot run are generated again with the sizes of
         ``RETRY_SIZES`` in turn (module docstring), and that is said in ``notes``."""
         if self._float32 is None and self._error is None:
-            error, loaded = self._run_original()
-            where = ""
-            if loaded and error is not None and self._generate is not None:
-                for sizes in RETRY_SIZES:
-                    self._feeds = generate_inputs(self._model, **self._generate, **sizes)
-                    retry_error, _ = self._run_original()
-                    if retry_error is None:
-                        break
+            try:
+                return self._run_with_retries()
+            except UngeneratedInputError as error:  # no samples but the user's can feed it: a proof may pass
+                self._float32, self._error = None, f"no samples can be generated for the original: {error}"
+        return self._float32
+
+    def _run_with_retries(self) -> dict[str, list[list[np.ndarray]]] | None:
+        """``_float32_outputs`` without its guard: the original run, retried at larger sizes
+        on generated samples."""
+        error, loaded = self._run_original()
+        where = ""
+        if loaded and error is not None and self._generate is not None:
+            for sizes in RETRY_SIZES:
+                self._feeds = generate_inputs(self._model, **self._generate, **sizes)
+                retry_error, _ = self._run_original()
                 if retry_error is None:
-                    self._retried = (f"generated inputs with free dynamic dims of {DEFAULT_DYNAMIC_DIM} did not "
-                                     f"run on the original ({error}); they were made again with {sizes_text(sizes)}")
-                    error = None
-                else:
-                    where = " on generated inputs (give samples that fit with --inputs, or sizes with --input-shape)"
-                    error = retry_error
-            if error is not None:
-                self._float32 = None
-                self._error = f"onnxruntime cannot run the original model{where}: {error}"
+                    break
+            if retry_error is None:
+                self._retried = (f"generated inputs with free dynamic dims of {DEFAULT_DYNAMIC_DIM} did not "
+                                 f"run on the original ({error}); they were made again with {sizes_text(sizes)}")
+                error = None
+            else:
+                where = " on generated inputs (give samples that fit with --inputs, or sizes with --input-shape)"
+                error = retry_error
+        if error is not None:
+            self._float32 = None
+            self._error = f"onnxruntime cannot run the original model{where}: {error}"
         return self._float32
 
     def _session(self, source: Any, provider: str, **options: Any) -> Any:
@@ -389,6 +399,8 @@ class Verifier:
             try:
                 self._names = [o.name for o in session.get_outputs()]
                 self._float32[provider] = self._cases(session)
+            except UngeneratedInputError:
+                raise  # no run can have samples: not a failure of the original's
             except Exception as e:  # noqa: BLE001
                 return first_line(e), True
         return None, True
@@ -491,7 +503,7 @@ class Verifier:
                 return proved
         source = self._source(model)
         float32 = self._float32_outputs()
-        base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=len(self.feeds),
+        base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=len(self._feeds or []),
                     decode_steps=self._steps if self._plan is not None else None)
         if float32 is None:
             return Verification(status="skipped", outputs=[], reason=self._error, **base)
