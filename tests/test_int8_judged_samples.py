@@ -284,3 +284,64 @@ def test_the_report_keeps_one_task_shape_on_several_providers() -> None:
     assert "logits:argmax" in verification["task"]["metrics"]
     assert set(verification["task_by_provider"]) == {"CPUExecutionProvider", "CUDAExecutionProvider"}
     assert verification["task_by_provider"]["CPUExecutionProvider"] == verification["task"]
+
+
+def _sigmoid_map_model() -> bytes:
+    """``y = Sigmoid(Conv(x))`` on ``[1, 1, 16, 16]``, a 1x1 kernel of 4: inputs of +-1 give
+    a map saturated at 0 or 1 (0.018 or 0.982), inputs near 0 a soft one."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.full((1, 1, 1, 1), 4.0, np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Sigmoid", ["c"], ["y"])],
+        "sigmoid_map", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 16, 16])], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _maps_saturated_then_soft(n: int, soft: int) -> list[dict[str, np.ndarray]]:
+    """``n`` inputs, the last ``soft`` of them near 0 (a soft map), the others +-1."""
+    rng = np.random.default_rng(7)
+    hard = [{"x": rng.choice([-1.0, 1.0], (1, 1, 16, 16)).astype(np.float32)} for _ in range(n - soft)]
+    return hard + [{"x": rng.uniform(-0.05, 0.05, (1, 1, 16, 16)).astype(np.float32)} for _ in range(soft)]
+
+
+def test_a_judge_of_some_samples_keeps_the_metrics_chosen_on_all() -> None:
+    """The auto rule reads every sample's values: 1 soft map among 20 leaves the output a
+    detection map, while the last 4 (the held-out part), the soft one among them, are a
+    soft map (SQNR). The judge of those 4, selected from the judge of all 20, still judges
+    a detection map (the rows it plans are the whole judge's, labels and a callable
+    included)."""
+    data = _maps_saturated_then_soft(20, 1)
+    session = ort.InferenceSession(_sigmoid_map_model(), providers=["CPUExecutionProvider"])
+    maps = [session.run(None, f)[0] for f in data]
+    assert tm.choose_metric(maps, "y") == "detection-map" and tm.choose_metric(maps[-4:], "y") == "sqnr"
+    ids = [np.array([[i % 3]], np.int64) for i in range(20)]
+    reference, moved = {"y": maps, "ids": ids}, {"y": [m + np.float32(1e-4) for m in maps], "ids": ids}
+    judge = tm.TaskJudge(reference, moved)
+    assert judge.metric_names() == {"y": "detection-map", "ids": "labels"}
+    assert judge.select([16, 17, 18, 19]).metric_names() == judge.metric_names()
+    assert tm.TaskJudge({n: v[-4:] for n, v in reference.items()},
+                        {n: v[-4:] for n, v in moved.items()}).metric_names()["y"] == "sqnr"
+
+    def agreement(ref: dict, got: dict) -> float:
+        return float(np.mean([np.array_equal(a, b) for a, b in zip(ref["y"], got["y"])]))
+
+    assert tm.TaskJudge(reference, moved, metric=agreement).select([16, 17, 18, 19]).plan == {"*": agreement}
+
+
+def test_the_int8_pass_judges_each_output_as_the_verification_does() -> None:
+    """Through ``optimize`` the pass judges the held-out part of the verifier's samples:
+    with the metric the verification chose on all of them (detection-map), not one chosen
+    again on the held-out soft maps (SQNR), which let the pass accept what the final
+    verification then judged otherwise and reverted (rembg's u2netp: 11 minutes, then
+    reverted on box F1)."""
+    data = _maps_saturated_then_soft(20, 1)
+    result = optcc.optimize(_sigmoid_map_model(), int8_calibration=data,
+                            int8_options={"require_speedup": False}, allow_float_fallback=True)
+    stats = next(r.stats for r in result.report.passes if r.name == "quantize-int8-calibrated")
+    assert stats["acceptance"]["reference"].startswith("the verifier's")
+    assert stats["acceptance"]["metrics"] == {"y": "detection-map"}
+    task = result.report.verification["task"]
+    if task is not None:  # verified by the task (INT8 applied): the same metric
+        assert {row["metric"] for row in task["metrics"].values() if row["metric"] != "sqnr"} == {"detection-map"}
