@@ -1064,10 +1064,9 @@ class TaskJudge:
     def select(self, samples: Sequence[int]) -> TaskJudge:
         """The same judge over the samples at these indices only (their outputs and floor:
         no model runs again), its metrics included: those the auto rule chose from every
-        sample's values are kept, not chosen again from the subset's, so a pass judging the
-        held-out part of the verifier's samples judges each output as the verification
-        will (u2netp's saliency map: ``sqnr`` on its 8 held-out samples, 11% of their
-        pixels undecided, but ``detection-map`` on all 40, 8.4%)."""
+        sample's values are kept, not chosen again from the subset's (a map's undecided
+        pixels differ from subset to subset), so a pass judging the held-out part of the
+        verifier's samples judges each output as the verification will."""
         metric = self.metric
         if not (callable(metric) and not isinstance(metric, Mapping)):  # per row: as planned
             metric = {key: chosen for key, chosen in self.plan.items() if chosen != "labels"}
