@@ -64,11 +64,11 @@ def test_an_l2_normalized_vector_is_an_embedding_whatever_its_name() -> None:
     assert _judge(unit)(got)["metrics"]["output:cosine"]["deviation"] == pytest.approx(1 - cosine.mean(), rel=1e-5)
     one_hot = {"output": [np.eye(16, dtype=np.float32)[[i % 16, (i + 3) % 16]] for i in range(6)]}
     logits = {"output": [v[:, :16].astype(np.float32) * 4 for v in raw]}
-    narrow = {"output": [np.array([[0.6, 0.8]], np.float32)] * 6}  # unit length, but 2 entries: no embedding
+    narrow = {"output": [np.array([[0.28, 0.96]], np.float32)] * 6}  # unit length, but 2 entries: no embedding
     for case in (one_hot, logits, narrow):
         assert _judge(case).metric_names() == {"output": "argmax"}
     mixed = {"output": [*unit["output"][:5], unit["output"][5] * np.float32(2)]}  # one sample's rows not unit
-    assert _judge(mixed).metric_names() == {"output": "argmax"}
+    assert _judge(mixed).metric_names() == {"output": "sqnr"}  # no embedding; confident nowhere: no classes
 
 
 def test_a_width_that_changes_between_samples_is_no_set_of_classes() -> None:
@@ -140,3 +140,14 @@ def test_a_word_that_only_contains_a_regressors_word_stays_a_classifier(name: st
     rng = np.random.default_rng(5)
     assert _judge({name: [rng.standard_normal((1, 10)).astype(np.float32) * 5 for _ in range(6)]}).metric_names() \
         == {name: "argmax"}
+
+
+def test_an_output_confident_nowhere_is_no_set_of_classes() -> None:
+    """MTCNN's box offsets ``[N, 4]`` and landmarks ``[N, 10]`` (names "dense_5",
+    "dense_6"): coordinates in [0, 1] whose softmax is near uniform on every sample hold no
+    class scores, and are judged by SQNR; one confident sample makes a classifier."""
+    rng = np.random.default_rng(6)
+    landmarks = {"dense_6": [rng.uniform(0.2, 0.8, (1, 10)).astype(np.float32) for _ in range(8)]}
+    assert _judge(landmarks).metric_names() == {"dense_6": "sqnr"}
+    scores = [*landmarks["dense_6"][:7], np.eye(10, dtype=np.float32)[[3]] * 4]
+    assert _judge({"dense_6": scores}).metric_names() == {"dense_6": "argmax"}

@@ -8,25 +8,26 @@ output                    metric (deviation: 0 when identical)
 ========================  ==============================================================
 ``[N, C]`` float          ``argmax``: 1 - agreement of the top class, on the samples the
                           float model is confident about (top-1 probability at least
-                          ``CONFIDENT_GAP`` above the second; all samples when none is);
-                          except a regressor's coordinates or values, a word of its
-                          name beginning with one of ``REGRESSION_NAMES`` (landmark,
-                          keypoint, bbox, coord, offset...): ``sqnr``; and a pooled
-                          vector (``embedding``, below): an output named
-                          as one (``EMBEDDING_NAMES``: embedding, pooler, sentence,
-                          feature...), one whose rows (8 entries or more, not
-                          probabilities) all have Euclidean length 1 (an L2-normalized
-                          embedding, ``_unit_rows``), or one of width D beside a
-                          ``[N, T, D]`` output that is judged as an embedding
-                          (sentence-transformers' pair); and
-                          ``sqnr`` when the width C differs between samples or the model
-                          declares it symbolic (``sequence_outputs``: per-step values of
-                          a sequence, not classes)
+                          ``CONFIDENT_GAP`` above the second); ``sqnr`` when it is
+                          confident about none (coordinates or measured values, whose
+                          softmax is near uniform, ``_confident_somewhere``) and when a
+                          word of its name begins with one of ``REGRESSION_NAMES``
+                          (landmark, keypoint, bbox, coord, offset...); ``embedding``
+                          (below) for a pooled vector: an output named as one
+                          (``EMBEDDING_NAMES``: embedding, pooler, sentence, feature...),
+                          one whose rows (8 entries or more, not probabilities) all have
+                          Euclidean length 1 (an L2-normalized embedding,
+                          ``_unit_rows``), or one of width D beside a ``[N, T, D]``
+                          output that is judged as an embedding (sentence-transformers'
+                          pair); and ``sqnr`` when the width C differs between samples
+                          or the model declares it symbolic (``sequence_outputs``:
+                          per-step values of a sequence, not classes)
 ``[N, T, C]`` rows that   ``ctc``: greedy CTC decode (argmax per step, repeats merged,
 sum to 1                  blank 0 dropped); 1 - exact-match rate and the character error
 (or time-major            rate (edit distance / reference length), both judged; a
-``[T, 1, C]``, rows or    ``[T, 1, C]`` sample (T > 1) is one time-major sequence
-logits)                   (a CRNN's ``[T, batch, C]``), decoded also from raw logits
+``[T, 1, C]``: rows       ``[T, 1, C]`` sample (T > 1) is one time-major sequence
+that sum to 1, or         (a CRNN's ``[T, batch, C]``), decoded also from raw logits
+logits named so)          when the output's name says logits
 ``[N, 1, H, W]`` or       ``detection-map``: pixels above ``MAP_THRESHOLD`` (0.3) form
 ``[N, H, W]`` in [0, 1],  the mask; its connected components' bounding boxes (sides of
 at most 10% of pixels     at least 3 pixels) are the detections; 1 - box F1 (IoU >= 0.5),
@@ -215,6 +216,20 @@ def _unit_rows(values: Sequence[np.ndarray]) -> bool:
     return bool(lengths.size) and bool(np.all(np.abs(lengths - 1.0) <= UNIT_TOLERANCE))
 
 
+def _confident_somewhere(values: Sequence[np.ndarray]) -> bool:
+    """Whether some row, read as class scores, is confident (top-1 probability at least
+    ``CONFIDENT_GAP`` above the second): a classifier is, on some input; coordinates or
+    measured values never look so (their softmax is near uniform)."""
+    for v in values:
+        rows = np.asarray(v, np.float64).reshape(-1, np.asarray(v).shape[-1])
+        rows = rows[np.all(np.isfinite(rows), axis=-1)]  # a masked row (NaN, inf) says nothing
+        if rows.size:
+            p = np.sort(_probabilities(rows), -1)
+            if np.any(p[:, -1] - p[:, -2] >= CONFIDENT_GAP):
+                return True
+    return False
+
+
 def sequence_outputs(model: ir.Model) -> set[str]:
     """The graph outputs declared ``[N, C]`` with C symbolic or unknown: a class count is
     fixed, so their last axis is a sequence (per-step values) for ``choose_metric``."""
@@ -285,7 +300,9 @@ def choose_metric(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
         if any(token.startswith(REGRESSION_NAMES) for token in re.split(r"[^a-z0-9]+", name.lower())):
             return "sqnr"
         named = any(word in name.lower() for word in EMBEDDING_NAMES)
-        return "embedding" if named or _unit_rows(values) else "argmax"
+        if named or _unit_rows(values):
+            return "embedding"
+        return "argmax" if _confident_somewhere(values) else "sqnr"
     sequences = _batch_major(a)
     if sequences.ndim == 3 and sequences.shape[1] >= 2 and sequences.shape[2] >= 2 and _softmax_rows(sequences):
         return "ctc"
@@ -1000,15 +1017,15 @@ class TaskJudge:
 
     def _pooled_beside_embeddings(self, keys: Sequence[str]) -> None:
         """Of ``keys`` (one group's rows whose metric the auto rule chose), a ``[N, D]`` output
-        read as class scores is a pooled vector when another is a ``[N, T, D]`` embedding (a
-        sentence encoder's token and sentence embeddings), unless named logits: judged as an
-        embedding too."""
+        read as class scores (or, confident nowhere, judged by SQNR) is a pooled vector when
+        another is a ``[N, T, D]`` embedding (a sentence encoder's token and sentence
+        embeddings), unless named logits: judged as an embedding too."""
         def sample(key: str) -> np.ndarray:
             return np.asarray(self.reference[self._where[key][0]][0])
 
         widths = {sample(k).shape[-1] for k in keys if self.plan[k] == "embedding" and sample(k).ndim == 3}
         for key in keys:
-            if self.plan[key] == "argmax" and sample(key).ndim == 2 and sample(key).shape[-1] in widths \
+            if self.plan[key] in ("argmax", "sqnr") and sample(key).ndim == 2 and sample(key).shape[-1] in widths \
                     and "logit" not in self._where[key][0].lower():
                 self.plan[key] = "embedding"
 
