@@ -59,6 +59,7 @@ class CancelTransposePairsPass(optcc.Pass):
 
     name = "cancel-transpose-pairs"
     numerics = "exact"
+    triggers = frozenset({"Transpose"})
 
     def call(self, model: ir.Model) -> optcc.PassResult:
         count = 0

@@ -87,6 +87,7 @@ class DropZeroRnnStatesPass(optcc.Pass):
 
     name = "drop-zero-rnn-states"
     numerics = "exact"
+    triggers = frozenset(_STATE_INPUTS)
 
     def call(self, model: ir.Model) -> optcc.PassResult:
         dropped: dict[str, int] = {}

@@ -48,6 +48,7 @@ class EliminateIdentitiesPass(optcc.Pass):
 
     name = "eliminate-identities"
     numerics = "exact"
+    triggers = frozenset({"Identity", "Dropout"})
 
     def call(self, model: ir.Model) -> optcc.PassResult:
         opset = optcc.ir.default_opset(model)

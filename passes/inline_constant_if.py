@@ -94,6 +94,7 @@ class InlineConstantIfPass(optcc.Pass):
 
     name = "inline-constant-if"
     numerics = "exact"
+    triggers = frozenset({"If"})
 
     def call(self, model: ir.Model) -> optcc.PassResult:
         graph_likes = list(optcc.ir.graphs(model))

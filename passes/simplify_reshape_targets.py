@@ -121,6 +121,7 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
 
     name = "simplify-reshape-targets"
     numerics = "exact"
+    triggers = frozenset({"Reshape"})
 
     def call(self, model: ir.Model) -> optcc.PassResult:
         model_opset = optcc.ir.default_opset(model)

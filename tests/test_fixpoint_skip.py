@@ -104,3 +104,63 @@ g (float[2,3] x) => (float[2,3] y) {
     assert [n.op_type for n in result.model.graph.node] == ["Add", "Relu"]
     x = np.random.default_rng(1).standard_normal((2, 3)).astype(np.float32)
     np.testing.assert_allclose(_reference(result.model, x), _reference(proto, x), rtol=0, atol=0)
+
+
+class TransposeCountingPass(CountingPass):
+    """Changes nothing; claims to act only where a Transpose is."""
+
+    name = "transpose-counting"
+    triggers = frozenset({"Transpose"})
+
+
+def test_a_pass_whose_triggers_are_absent_is_not_run_until_one_appears():
+    """The manager skips a pass while the model holds none of its triggers (read from the
+    op histogram it keeps after every change), and runs it once a pass makes one."""
+
+    class MakeTransposePass(optcc.Pass):
+        name, numerics = "make-transpose", "exact"
+
+        def call(self, model: ir.Model) -> optcc.PassResult:
+            relu = next((n for n in model.graph if n.op_type == "Relu"), None)
+            if relu is None or any(n.op_type == "Transpose" for n in model.graph):
+                return optcc.PassResult(model, False, {})
+            # a 2-D Transpose and the Transpose back, between the Relu and its readers
+            uses = list(relu.outputs[0].uses())
+            there = ir.node("Transpose", [relu.outputs[0]], attributes={"perm": [1, 0]})
+            back = ir.node("Transpose", [there.outputs[0]], attributes={"perm": [1, 0]})
+            there.outputs[0].name, back.outputs[0].name = "transposed", "transposed_back"
+            model.graph.insert_after(relu, [there, back])
+            for use in uses:
+                use.node.replace_input_with(use.idx, back.outputs[0])
+            return optcc.PassResult(model, True, {})
+
+    watcher = TransposeCountingPass()
+    PassManager([watcher]).run(ir.from_proto(onnx.parser.parse_model(MODEL_TEXT)))
+    assert watcher.runs == 0
+
+    proto = onnx.parser.parse_model(MODEL_TEXT)
+    watcher = TransposeCountingPass()
+    result = PassManager([watcher, MakeTransposePass(), watcher]).run(ir.from_proto(proto))
+    assert watcher.runs == 1  # after the Transposes appear only
+    assert [r.name for r in result.records] == ["make-transpose", "transpose-counting"]
+    x = np.random.default_rng(2).standard_normal((2, 3)).astype(np.float32)
+    np.testing.assert_allclose(_reference(ir.to_proto(result.model), x), _reference(proto, x), rtol=0, atol=0)
+
+
+def test_rule_passes_are_triggered_by_their_rules_roots():
+    """A pass that only applies rules claims the op types its rules are rooted at; one with
+    a call of its own claims nothing unless it says so."""
+    from optcc.passes import FuseBatchNormPass, FuseMatMulAddPass
+    from optcc.rewrite import RewritePass, rule_roots
+
+    assert FuseMatMulAddPass().triggers == rule_roots(FuseMatMulAddPass.rules)
+    assert "Add" in FuseMatMulAddPass().triggers
+    assert "BatchNormalization" in FuseBatchNormPass().triggers
+
+    class OwnCall(RewritePass):
+        rules = FuseMatMulAddPass.rules
+
+        def call(self, model: ir.Model) -> optcc.PassResult:
+            return super().call(model)
+
+    assert OwnCall().triggers is None

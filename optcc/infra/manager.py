@@ -295,21 +295,22 @@ class PassManager:
         for step in self.pipeline:
             if isinstance(step, Fixpoint):
                 model = self._run_fixpoint(run, step, model)
-            elif not self._sees_its_own_result(run, step):
+            elif not self._would_change_nothing(run, step):
                 model, _ = self._run_pass(run, step, model, iteration=None)
         run.model = model
         return run
 
     def _run_fixpoint(self, run: _Run, fixpoint: Fixpoint, model: ir.Model) -> ir.Model:
         """Rounds of the passes until a round changes nothing. A pass that would see the
-        very model its last run left unchanged is not run (``_sees_its_own_result``); so a
-        round ends without running the passes after the last one that changed the model in
-        the round before, and still detects that nothing changed."""
+        very model its last run left unchanged, or a model without its triggers, is not run
+        (``_would_change_nothing``); so a round ends without running the passes after the
+        last one that changed the model in the round before, and still detects that nothing
+        changed."""
         changed_by: list[str] = []
         for iteration in range(1, fixpoint.max_iters + 1):
             changed_by = []
             for pass_ in fixpoint.passes:
-                if self._sees_its_own_result(run, pass_):
+                if self._would_change_nothing(run, pass_):
                     continue
                 model, modified = self._run_pass(run, pass_, model, iteration=iteration)
                 if modified:
@@ -345,13 +346,19 @@ class PassManager:
         return None, None
 
     @staticmethod
-    def _sees_its_own_result(run: _Run, pass_: PassLike) -> bool:
-        """Whether this pass object's last run in ``run`` left the model unchanged and no
-        change was kept since: then it would see the very model it left unchanged, and
-        passes are deterministic, so running it again would change nothing. One object
-        serves every step that names the same pass with the same options
-        (``build_pipeline``), so a later step or fixpoint skips it too."""
-        return run.unchanged_at.get(id(pass_)) == run.version
+    def _would_change_nothing(run: _Run, pass_: PassLike) -> bool:
+        """Whether running the pass now would change nothing, known without running it:
+
+        - its last run in ``run`` left the model unchanged and no change was kept since:
+          it would see the very model it left unchanged, and passes are deterministic. One
+          object serves every step that names the same pass with the same options
+          (``build_pipeline``), so a later step or fixpoint skips it too;
+        - the model holds no node of its ``triggers`` (``optcc.Pass``), read from the op
+          histogram the run keeps of the current model (``_Run.summary``)."""
+        if run.unchanged_at.get(id(pass_)) == run.version:
+            return True
+        triggers = getattr(pass_, "triggers", None)
+        return triggers is not None and triggers.isdisjoint(run.summary[0])
 
     def _verifies(self) -> bool:
         return self.verifier is not None and self.verify_each

@@ -28,7 +28,11 @@ class Pass(ir.passes.InPlacePass):
     - ``numerics``: "exact", "fusion", "fp16" or "int8" (selects the verification tolerance);
     - ``float16_interface``: True for a pass that may turn float32 graph inputs/outputs into
       float16 (names and shapes must still stay); any other change of the interface is
-      reverted.
+      reverted;
+    - ``triggers``: op types (keys of ``optcc.ir.op_histogram``: a default-domain op by its
+      name, another as ``"domain::op"``) such that the pass changes nothing in a model
+      holding no node of any of them, in any graph; the pass manager does not run it on
+      such a model. None (the default): no such set is claimed.
 
     A pass's -O level is not its own: the table in ``optcc.infra.levels`` places it.
     Options go in the constructor. A pass must not modify tensor data in place (tensors
@@ -39,6 +43,7 @@ class Pass(ir.passes.InPlacePass):
     name: ClassVar[str] = ""
     numerics: ClassVar[Numerics] = "exact"
     float16_interface: bool = False
+    triggers: ClassVar[frozenset[str] | None] = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

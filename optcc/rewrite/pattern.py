@@ -60,6 +60,7 @@ __all__ = [
     "Match",
     "Builder",
     "Rule",
+    "rule_roots",
     "RewriteStats",
     "apply_rules",
     "RewritePass",
@@ -753,6 +754,21 @@ class RewritePass(Pass):
         super().__init__()
         self.max_iters = max_iters
 
+    @property
+    def triggers(self) -> frozenset[str] | None:  # type: ignore[override]
+        """The op types the rules are rooted at (``rule_roots``), for a pass that only
+        applies its rules; None for a subclass with a ``call`` of its own, which may do more
+        (it states its own triggers)."""
+        return rule_roots(self.rules) if type(self).call is RewritePass.call else None
+
     def call(self, model: ir.Model) -> PassResult:
         stats = apply_rules(model, self.rules, max_iters=self.max_iters)
         return PassResult(model, stats.modified, stats.as_dict())
+
+
+def rule_roots(rules: Sequence[Rule]) -> frozenset[str]:
+    """The op types ``rules`` are rooted at, as ``op_histogram`` keys: ``apply_rules`` tries
+    a rule only at a node of its root's op type and domain, so in a model without one of
+    these it changes nothing."""
+    return frozenset(op if rule.pattern.domain in DEFAULT_DOMAINS else f"{rule.pattern.domain}::{op}"
+                     for rule in rules for op in rule.pattern.op_types)
