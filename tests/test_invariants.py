@@ -9,7 +9,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 import optcc
-from optcc.infra.invariants import check_invariants, signature
+from optcc.infra.invariants import WHOLE_CHECK_MAX_BYTES, check_invariants, checked_whole, checker_problems, signature
 
 
 def _if_model(body_name: str, body_reads: str = "x") -> onnx.ModelProto:
@@ -54,3 +54,31 @@ def test_no_pass_is_blamed_for_a_name_the_input_reuses():
     x = np.array([2.0], np.float32)
     got = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(got[0], -(x + 1.0))  # numpy: x > 0 takes the then-branch
+
+
+def _conv_model(channels: int) -> ir.Model:
+    """x -> Conv with a float weight of ``channels`` x 64 x 3 x 3."""
+    weight = np.random.default_rng(0).standard_normal((channels, 64, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 6, 6])],
+        [onnx.numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return optcc.ir.load(model)
+
+
+def test_a_small_model_is_checked_whole_and_its_bytes_are_kept():
+    """A model with few weight bytes is checked with them, and the bytes the checker read
+    are the model's own serialization; a larger one is checked without its weights (no
+    bytes kept); both verdicts are the checker's."""
+    small = _conv_model(4)
+    problems, data = checked_whole(small)
+    assert problems == [] and data == optcc.ir.serialize(small).SerializeToString()
+    large = _conv_model(WHOLE_CHECK_MAX_BYTES // (64 * 9 * 4) + 1)
+    assert optcc.ir.weight_bytes(large) > WHOLE_CHECK_MAX_BYTES
+    assert checked_whole(large) == ([], None)
+    small.graph.node(0).op_type = "NoSuchOp"  # the checker rejects it
+    problems, data = checked_whole(small)
+    assert problems and problems == checker_problems(small) and data is not None

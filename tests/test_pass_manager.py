@@ -399,8 +399,8 @@ def test_a_failure_is_bisected_on_the_samples_it_failed_on():
     original_check = Verifier.check
 
     class Counting(Verifier):
-        def check(self, model, numerics="exact", samples=None):
-            result = original_check(self, model, numerics, samples)
+        def check(self, model, numerics="exact", samples=None, **options):
+            result = original_check(self, model, numerics, samples, **options)
             seen.append(result.samples)
             return result
 

@@ -103,6 +103,25 @@ def test_a_proved_candidate_onnxruntime_cannot_load_fails():
     assert "onnxruntime cannot load the optimized model" in verdict.reason
 
 
+def test_a_proved_candidate_is_loaded_from_the_bytes_given():
+    """``serialized``: the candidate's bytes onnxruntime loads for a proof. Given the bytes of
+    a graph onnxruntime cannot load (int64 Relu), the proved candidate fails on them; given
+    its own bytes, it passes."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[4] x) => (float[4] y) { y = Relu(x) }
+    """
+    original = _model(text)
+    unloadable = _model(text.replace("float", "int64"))
+    with Verifier(original) as verifier:
+        own = verifier.check(original.clone(), serialized=optcc.ir.serialize(original).SerializeToString())
+    assert own.passed and own.reference == "proof"
+    with Verifier(original) as verifier:
+        verdict = verifier.check(original.clone(), serialized=ir.serde.serialize_model(unloadable).SerializeToString())
+    assert verdict.status == "failed" and verdict.reference == "proof"
+    assert "onnxruntime cannot load the optimized model" in verdict.reason
+
+
 def test_providers_default_to_cpu_and_cuda_only_when_available():
     chosen = resolve_providers(None)
     assert chosen[0] == "CPUExecutionProvider"

@@ -17,10 +17,12 @@ from optcc import ir as oir
 from optcc.ir.serialize_cached import serialize_bytes
 from optcc.ir.walk import may_hold_bodies
 
-__all__ = ["Signature", "signature", "check_invariants", "checker_problems"]
+__all__ = ["Signature", "signature", "check_invariants", "checker_problems", "checked_whole"]
 
 # Initializers above this size reach onnx's checker as empty tensors (see checker_problems).
 CHECKER_BLANK_BYTES = 1024
+# A model in memory with at most this many bytes of weights is checked whole (see checked_whole).
+WHOLE_CHECK_MAX_BYTES = 4 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +177,24 @@ def checker_problems(model: ir.Model) -> list[str]:
 
     with oir.initializers_set_aside(model, blanked, bodies=True):
         data = serialize_bytes(model)  # the proto's bytes, which is what the checker reads
+    return _verdict(data)
+
+
+def checked_whole(model: ir.Model) -> tuple[list[str], bytes | None]:
+    """``checker_problems(model)``, and the bytes the checker read when they are the whole
+    model (``serialize_bytes(model)``): a model whose weights are in memory and at most
+    ``WHOLE_CHECK_MAX_BYTES`` is checked with them (reading them costs little), so that
+    whoever needs the model's bytes next (the verifier, which loads the result on
+    onnxruntime) takes these instead of serializing it again. None for any other model,
+    checked as ``checker_problems`` checks it."""
+    if oir.uses_external_data(model) or oir.weight_bytes(model) > WHOLE_CHECK_MAX_BYTES:
+        return checker_problems(model), None
+    data = serialize_bytes(model)
+    return _verdict(data), data
+
+
+def _verdict(data: bytes) -> list[str]:
+    """What onnx's checker rejects in a serialized model (empty when it accepts it)."""
     try:
         onnx.checker.check_model(data)
     except Exception as e:  # the checker's error types vary across onnx versions

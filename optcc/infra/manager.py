@@ -40,7 +40,7 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import PassFailedError, PipelineWarning
-from optcc.infra.invariants import Signature, check_invariants, checker_problems, signature
+from optcc.infra.invariants import Signature, check_invariants, checked_whole, signature
 from optcc.infra.report import PassRecord, op_delta
 from optcc.numerics.kinds import NUMERICS_ORDER, Numerics, loosest
 from optcc.numerics.verify import Verification, Verifier
@@ -113,6 +113,7 @@ class _Run:
     version: int = 0
     unchanged_at: dict[int, int] = dataclasses.field(default_factory=dict)  # id(pass) -> version
     model: ir.Model | None = None  # the result, once the steps have run
+    serialized: bytes | None = None  # the result's bytes, when onnx's checker read it whole (``checked_whole``)
     base: Numerics = "exact"  # the numerics the model had when the run began
 
     def numerics(self, count: int | None = None) -> Numerics:
@@ -194,7 +195,7 @@ class PassManager:
         fresh copy checking after every pass."""
         run = self._run_steps(model, fresh, check_each=False, reverts=reverts)
         if self.check_invariants:
-            problems = checker_problems(run.model)
+            problems, run.serialized = checked_whole(run.model)
             if problems:
                 discarded = len(run.records)
                 run = self._run_steps(fresh(), fresh, check_each=True, reverts=reverts)
@@ -208,7 +209,7 @@ class PassManager:
         """Verify the result; on failure find the pass run responsible by bisection, run the
         pipeline again with it reverted, and verify that."""
         assert self.verifier is not None
-        check = self.verifier.check(run.model, run.numerics())
+        check = self.verifier.check(run.model, run.numerics(), serialized=run.serialized)
         reverts: dict[int, tuple[PassLike, str]] = dict(run.reverts)
         attempts: dict[int, PassRecord] = {}  # the reverted pass runs' records, from the run that made them
         for _ in range(MAX_BISECTIONS):
@@ -229,7 +230,7 @@ class PassManager:
                 record = run.records[at] if at < len(run.records) else None
                 if record is not None and record.name == attempt.name and record.status == "reverted":
                     run.records[at] = dataclasses.replace(record, time_s=attempt.time_s, stats=attempt.stats)
-            check = self.verifier.check(run.model, run.numerics())
+            check = self.verifier.check(run.model, run.numerics(), serialized=run.serialized)
         return run, check
 
     def _bisect(self, run: _Run, check: Verification) -> tuple[int | None, Verification]:

@@ -59,7 +59,7 @@ import functools
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -490,18 +490,19 @@ class Verifier:
 
     # ----------------------------------------------------------------- checking
 
-    def check(self, model: ir.Model, numerics: Numerics = "exact", samples: Sequence[int] | None = None
-              ) -> Verification:
+    def check(self, model: ir.Model, numerics: Numerics = "exact", samples: Sequence[int] | None = None,
+              *, serialized: bytes | None = None) -> Verification:
         """Compare ``model`` with the reference on every provider and sample. ``samples``:
         positions in ``feeds`` to compare on alone, where the tolerance judges each sample
         by itself (a maximum relative error, no decode: a bisection's check on the samples
-        that failed); elsewhere every sample runs."""
+        that failed); elsewhere every sample runs. ``serialized``: ``model``'s bytes
+        (``optcc.ir.serialize_bytes``) when the caller has them: onnxruntime loads those."""
         tolerance = self.tolerances[numerics]
         if numerics in ("exact", "fusion") and self._generate is not None:  # the user's samples always run
-            proved = self._proved(model, numerics, tolerance)
+            proved = self._proved(model, numerics, tolerance, serialized)
             if proved is not None:
                 return proved
-        source = self._source(model)
+        source = serialized if serialized is not None else self._source(model)
         float32 = self._float32_outputs()
         base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=len(self._feeds or []),
                     decode_steps=self._steps if self._plan is not None else None)
@@ -630,10 +631,13 @@ class Verifier:
         except Exception:  # noqa: BLE001 - then the proof serializes the parse
             return None
 
-    def _proved(self, model: ir.Model, numerics: Numerics, tolerance: Tolerance) -> Verification | None:
+    def _proved(self, model: ir.Model, numerics: Numerics, tolerance: Tolerance,
+                serialized: bytes | None = None) -> Verification | None:
         """A pass without running the models, when every output is proved equal to the
         original's (``optcc.numerics.equivalence``) and onnxruntime loads the candidate on
-        every provider; None when not proved. The candidate is serialized without its
+        every provider; None when not proved. onnxruntime loads ``serialized`` (the
+        candidate's bytes) when given, and the proof parses them only if it reads the
+        candidate's serialization; else the candidate is serialized without its
         weights (``optcc.runtime.shared_weights``: onnxruntime gets them as arrays, the
         proof reads only the graph). A candidate of ``LOAD_BESIDE_PROOF_NODES`` nodes or
         more is loaded by a thread while the proof runs (loading reads nothing the proof
@@ -641,26 +645,31 @@ class Verifier:
         one after the proof, only when proved: its proof is shorter than the load plus the
         thread's waits for the lock the proof holds (a switch interval, 5 ms, per wait)."""
         light = None
-        if not (oir.needs_external_data(model) or oir.uses_external_data(model)):
+        if serialized is None and not (oir.needs_external_data(model) or oir.uses_external_data(model)):
             try:
                 proto, weights = light_proto(model)
                 light = (proto.SerializeToString(), weights)
             except Exception:  # noqa: BLE001 - the samples' path meets the same error where it is reported
                 return None
-        source = light if light is not None else model
-        beside = light is not None and sum(1 for _ in model.graph) >= LOAD_BESIDE_PROOF_NODES
+        source = serialized if serialized is not None else light if light is not None else model
+        parsed: Callable[[], onnx.ModelProto] | None = None  # the candidate's serialization, for the proof
+        if serialized is not None:
+            parsed = functools.partial(onnx.ModelProto.FromString, serialized)
+        elif light is not None:
+            parsed = functools.partial(onnx.ModelProto.FromString, light[0])
+        beside = source is not model and sum(1 for _ in model.graph) >= LOAD_BESIDE_PROOF_NODES
         premise, self._premise = self._premise, None  # the original numbered before the passes: once
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             loaded = pool.submit(self._load_error, source) if beside else None
             try:
                 with oir.collector_paused():  # the proof's tables all stay alive until it returns
-                    given = None if light is None else proto
+                    given = proto if light is not None else parsed
                     proof = None if premise is None else premise.prove(model, candidate_proto=given)
                     if proof is None or not proof.complete:  # the full proof may know more (e.g. ranks)
-                        if proof is not None and light is not None:
-                            proto = onnx.ModelProto.FromString(light[0])  # the numbering changed the first
+                        # a parse of its own: the numbering may have changed the first
+                        fresh = proto if proof is None and light is not None else None if parsed is None else parsed()
                         proof = prove_equivalent(self._model, model, original_proto=self._original_proto,
-                                                 candidate_proto=None if light is None else proto)
+                                                 candidate_proto=fresh)
             except Exception:  # noqa: BLE001 - no proof: the samples decide
                 return None
             finally:
@@ -676,13 +685,15 @@ class Verifier:
         return Verification(status="passed", **base)
 
     def _load_error(self, source: Any) -> str | None:
-        """Why onnxruntime cannot load ``source`` (a model, or a graph serialized without
-        its weights and those weights) on some provider, in one line; None when it can."""
+        """Why onnxruntime cannot load ``source`` (a model, its bytes, or a graph serialized
+        without its weights and those weights) on some provider, in one line; None when it
+        can. One thread: the session only loads (no thread pool to start)."""
         for provider in self.providers:
             try:
-                if isinstance(source, tuple):
+                if isinstance(source, bytes):
+                    make_session(source, provider, options=session_options(threads=1))
+                elif isinstance(source, tuple):
                     graph, weights = source
-                    # one thread: the session only loads (no thread pool to start)
                     weighted_session(onnx.ModelProto.FromString(graph), weights, session_options(threads=1), provider)
                 else:
                     make_session(source, provider, scratch=self._scratch.name)
