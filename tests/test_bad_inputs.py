@@ -716,3 +716,14 @@ def test_a_samples_file_with_no_samples_is_named(tmp_path: Path, capsys, flags: 
     np.savez(data, image=np.zeros((0, 1, 3, 32, 32), np.float32))
     _refused(capsys, [str(model), *flags, str(data), "-o", str(tmp_path / "o.onnx")], "holds no samples", model,
              names=str(data))
+
+
+def test_an_option_a_pass_does_not_take_is_bad_input() -> None:
+    """create_pass calls the factory straight away; an option its signature refuses is still
+    said as bad input naming it, and a pass that takes it is made with it."""
+    from optcc.errors import BadInputError
+    from optcc.infra.registry import create_pass
+
+    with pytest.raises(BadInputError, match="pass 'fold-constants': .*no_such_option"):
+        create_pass("fold-constants", no_such_option=1)
+    assert create_pass("fold-constants", fold_large=True).fold_large is True

@@ -77,10 +77,15 @@ def _is_builtin(entry: importlib.metadata.EntryPoint) -> bool:
 
 def available_passes() -> dict[str, PassInfo]:
     """Every registered pass by name, built-ins first."""
+    return dict(_passes())
+
+
+def _passes() -> dict[str, PassInfo]:
+    """The registry itself (built on first use), for lookups that do not hand it out."""
     global _registry
     if _registry is None:
         _registry = _load()
-    return dict(_registry)
+    return _registry
 
 
 def register(factory: PassFactory, name: str | None = None, *, replace: bool = False) -> PassInfo:
@@ -95,17 +100,28 @@ def register(factory: PassFactory, name: str | None = None, *, replace: bool = F
 
 
 def create_pass(name: str, **options: object) -> ir.passes.PassBase:
-    """A new pass object for a registered name."""
-    passes = available_passes()
+    """A new pass object for a registered name. Options the factory does not take, or
+    options it needs and lacks, raise BadInputError naming them."""
+    passes = _passes()
     if name not in passes:
         raise BadInputError(
             f"unknown pass '{name}' (known: {', '.join(sorted(passes))}; see --list-passes)"
         )
     factory = passes[name].factory
     try:
+        return factory(**options)
+    except TypeError:  # a call the signature refuses is said in its terms; any other error is the factory's
+        _check_options(name, factory, options)
+        raise
+
+
+def _check_options(name: str, factory: PassFactory, options: dict[str, object]) -> None:
+    """BadInputError when ``options`` do not fit ``factory``'s signature (one it lacks, or
+    one it does not take)."""
+    try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):  # no signature to read: the factory says what it lacks
-        return factory(**options)
+        return
     given = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     missing = [p.name for p in signature.parameters.values()
                if p.kind in given and p.default is p.empty and p.name not in options]
@@ -115,4 +131,3 @@ def create_pass(name: str, **options: object) -> ir.passes.PassBase:
         signature.bind(**options)
     except TypeError as error:
         raise BadInputError(f"pass '{name}': {error}") from None
-    return factory(**options)
