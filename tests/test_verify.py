@@ -89,7 +89,7 @@ def test_verifier_detects_a_changed_model_and_skips_what_onnxruntime_cannot_run(
 
 def test_a_proved_candidate_onnxruntime_cannot_load_fails():
     # the proof equates the two graphs, but onnxruntime has no int64 Relu kernel: the load
-    # check (which runs beside the proof) must turn the proof into a failure
+    # check (which runs after the proof) must turn the proof into a failure
     original = _model("""
     <ir_version: 8, opset_import: ["" : 17]>
     agraph (int64[4] x) => (int64[4] y) { y = Relu(x) }

@@ -53,7 +53,6 @@ status "skipped" with the reason; callers must not treat it as a pass.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -88,7 +87,6 @@ Feeds = Mapping[str, np.ndarray]
 ModelRef = Union[ir.Model, str, os.PathLike]
 
 DEFAULT_SAMPLES = 3
-LOAD_BESIDE_PROOF_NODES = 100  # a proved candidate this large is loaded while the proof runs
 REPARSE_MAX_BYTES = 64 * 1024 * 1024  # an original file up to this size is parsed again for the proof
 REFERENCES = ("auto", "float32")
 
@@ -639,11 +637,9 @@ class Verifier:
         candidate's bytes) when given, and the proof parses them only if it reads the
         candidate's serialization; else the candidate is serialized without its
         weights (``optcc.runtime.shared_weights``: onnxruntime gets them as arrays, the
-        proof reads only the graph). A candidate of ``LOAD_BESIDE_PROOF_NODES`` nodes or
-        more is loaded by a thread while the proof runs (loading reads nothing the proof
-        reads, and onnxruntime releases the interpreter lock while it loads); a smaller
-        one after the proof, only when proved: its proof is shorter than the load plus the
-        thread's waits for the lock the proof holds (a switch interval, 5 ms, per wait)."""
+        proof reads only the graph). The candidate is loaded after the proof, only when
+        proved: onnxruntime holds the interpreter lock through most of a load, so a load
+        beside the proof would not overlap it, only contend with it."""
         light = None
         if serialized is None and not (oir.needs_external_data(model) or oir.uses_external_data(model)):
             try:
@@ -657,27 +653,24 @@ class Verifier:
             parsed = functools.partial(onnx.ModelProto.FromString, serialized)
         elif light is not None:
             parsed = functools.partial(onnx.ModelProto.FromString, light[0])
-        beside = source is not model and sum(1 for _ in model.graph) >= LOAD_BESIDE_PROOF_NODES
         premise, self._premise = self._premise, None  # the original numbered before the passes: once
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            loaded = pool.submit(self._load_error, source) if beside else None
-            try:
-                with oir.collector_paused():  # the proof's tables all stay alive until it returns
-                    given = proto if light is not None else parsed
-                    proof = None if premise is None else premise.prove(model, candidate_proto=given)
-                    if proof is None or not proof.complete:  # the full proof may know more (e.g. ranks)
-                        # a parse of its own: the numbering may have changed the first
-                        fresh = proto if proof is None and light is not None else None if parsed is None else parsed()
-                        proof = prove_equivalent(self._model, model, original_proto=self._original_proto,
-                                                 candidate_proto=fresh)
-            except Exception:  # noqa: BLE001 - no proof: the samples decide
-                return None
-            finally:
-                if premise is not None:
-                    premise.release()
-            if not proof.complete:
-                return None
-            error = loaded.result() if loaded is not None else self._load_error(source)
+        try:
+            with oir.collector_paused():  # the proof's tables all stay alive until it returns
+                given = proto if light is not None else parsed
+                proof = None if premise is None else premise.prove(model, candidate_proto=given)
+                if proof is None or not proof.complete:  # the full proof may know more (e.g. ranks)
+                    # a parse of its own: the numbering may have changed the first
+                    fresh = proto if proof is None and light is not None else None if parsed is None else parsed()
+                    proof = prove_equivalent(self._model, model, original_proto=self._original_proto,
+                                             candidate_proto=fresh)
+        except Exception:  # noqa: BLE001 - no proof: the samples decide
+            return None
+        finally:
+            if premise is not None:
+                premise.release()
+        if not proof.complete:
+            return None
+        error = self._load_error(source)
         base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=0, outputs=[],
                     reference="proof", proof=proof.to_dict())
         if error is not None:
