@@ -271,9 +271,10 @@ def _tensor_nbytes(tensor: ir.TensorProtocol | None) -> int:
     meta = getattr(tensor, "meta", None)
     if meta is None:
         return _compute_nbytes(tensor)
-    nbytes = meta.get(_NBYTES_KEY)
+    kept = meta.data  # the MetadataStore's own dict: its Mapping methods are slow (the key is never invalidated)
+    nbytes = kept.get(_NBYTES_KEY)
     if nbytes is None:
-        nbytes = meta[_NBYTES_KEY] = _compute_nbytes(tensor)
+        nbytes = kept[_NBYTES_KEY] = _compute_nbytes(tensor)
     return nbytes
 
 
