@@ -601,17 +601,20 @@ def _replace(
 
 
 def _downstream(values: Sequence[ir.Value], depth: int) -> list[ir.Node]:
-    found: list[ir.Node] = []
+    """The readers of ``values`` and their readers, ``depth`` levels down, each once, in the
+    order first met (a dict: with a list, a value read by many nodes, such as a shared
+    weight, would make the membership test quadratic)."""
+    found: dict[ir.Node, None] = {}
     frontier = list(values)
     for _ in range(depth):
         nxt = []
         for value in frontier:
             for use in value.uses():
                 if use.node not in found:
-                    found.append(use.node)
+                    found[use.node] = None
                     nxt.extend(use.node.outputs)
         frontier = nxt
-    return found
+    return list(found)
 
 
 def _graph_opset(graph: ir.Graph | ir.Function, model_opset: int) -> int:
