@@ -9,7 +9,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 import optcc
-from optcc.infra.invariants import WHOLE_CHECK_MAX_BYTES, check_invariants, checked_whole, checker_problems, signature
+from optcc.infra.invariants import WHOLE_CHECK_MAX_BYTES, check_invariants, checked, checker_problems, signature
+from optcc.runtime.shared_weights import light_proto
 
 
 def _if_model(body_name: str, body_reads: str = "x") -> onnx.ModelProto:
@@ -69,16 +70,34 @@ def _conv_model(channels: int) -> ir.Model:
     return optcc.ir.load(model)
 
 
-def test_a_small_model_is_checked_whole_and_its_bytes_are_kept():
-    """A model with few weight bytes is checked with them, and the bytes the checker read
-    are the model's own serialization; a larger one is checked without its weights (no
-    bytes kept); both verdicts are the checker's."""
+def test_the_bytes_the_checker_read_are_handed_on():
+    """A model with few weight bytes is checked with them, and the bytes kept are the
+    model's own serialization; a larger one is checked without its large weights, and the
+    bytes kept give exactly what light_proto gives (the graph, the weights as arrays); the
+    verdicts are the checker's."""
     small = _conv_model(4)
-    problems, data = checked_whole(small)
-    assert problems == [] and data == optcc.ir.serialize(small).SerializeToString()
+    problems, kept = checked(small)
+    assert problems == [] and kept.aside == () and kept.data == optcc.ir.serialize(small).SerializeToString()
     large = _conv_model(WHOLE_CHECK_MAX_BYTES // (64 * 9 * 4) + 1)
     assert optcc.ir.weight_bytes(large) > WHOLE_CHECK_MAX_BYTES
-    assert checked_whole(large) == ([], None)
+    problems, kept = checked(large)
+    assert problems == [] and [name for name, _ in kept.aside] == ["w"]
+    proto, weights = kept.light()
+    expected, expected_weights = light_proto(large)
+    assert proto.SerializeToString() == expected.SerializeToString()
+    assert weights.keys() == expected_weights.keys()
+    np.testing.assert_array_equal(weights["w"], expected_weights["w"])
     small.graph.node(0).op_type = "NoSuchOp"  # the checker rejects it
-    problems, data = checked_whole(small)
-    assert problems and problems == checker_problems(small) and data is not None
+    problems, kept = checked(small)
+    assert problems and problems == checker_problems(small) and kept is not None
+
+
+def test_bytes_with_a_weight_light_proto_keeps_are_not_handed_on():
+    """A large initializer of a dtype onnxruntime cannot take as an array (bfloat16) is set
+    aside for the checker but kept in light_proto's graph: those bytes are not its form."""
+    large = _conv_model(WHOLE_CHECK_MAX_BYTES // (64 * 9 * 4) + 1)
+    odd = ir.Value(name="odd", const_value=ir.Tensor(np.zeros(2048, np.uint16), dtype=ir.DataType.BFLOAT16),
+                   type=ir.TensorType(ir.DataType.BFLOAT16), shape=ir.Shape([2048]))
+    large.graph.register_initializer(odd)
+    problems, kept = checked(large)
+    assert problems == [] and kept is None

@@ -111,13 +111,16 @@ def test_a_proved_candidate_is_loaded_from_the_bytes_given():
     <ir_version: 8, opset_import: ["" : 17]>
     agraph (float[4] x) => (float[4] y) { y = Relu(x) }
     """
+    from optcc.runtime.shared_weights import Serialized
+
     original = _model(text)
     unloadable = _model(text.replace("float", "int64"))
     with Verifier(original) as verifier:
-        own = verifier.check(original.clone(), serialized=optcc.ir.serialize(original).SerializeToString())
+        own = verifier.check(original.clone(), serialized=Serialized(optcc.ir.serialize(original).SerializeToString()))
     assert own.passed and own.reference == "proof"
     with Verifier(original) as verifier:
-        verdict = verifier.check(original.clone(), serialized=ir.serde.serialize_model(unloadable).SerializeToString())
+        bytes_ = ir.serde.serialize_model(unloadable).SerializeToString()
+        verdict = verifier.check(original.clone(), serialized=Serialized(bytes_))
     assert verdict.status == "failed" and verdict.reference == "proof"
     assert "onnxruntime cannot load the optimized model" in verdict.reason
 

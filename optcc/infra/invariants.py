@@ -16,12 +16,13 @@ import onnx_ir as ir
 from optcc import ir as oir
 from optcc.ir.serialize_cached import serialize_bytes
 from optcc.ir.walk import may_hold_bodies
+from optcc.runtime.shared_weights import MIN_SHARED_BYTES, Serialized, shareable
 
-__all__ = ["Signature", "signature", "check_invariants", "checker_problems", "checked_whole"]
+__all__ = ["Signature", "signature", "check_invariants", "checker_problems", "checked"]
 
-# Initializers above this size reach onnx's checker as empty tensors (see checker_problems).
-CHECKER_BLANK_BYTES = 1024
-# A model in memory with at most this many bytes of weights is checked whole (see checked_whole).
+# Initializers of this size or more reach onnx's checker as empty tensors (see checker_problems).
+CHECKER_BLANK_BYTES = MIN_SHARED_BYTES
+# A model in memory with at most this many bytes of weights is checked whole (see checked).
 WHOLE_CHECK_MAX_BYTES = 4 << 20
 
 
@@ -167,30 +168,35 @@ def _signature_problems(actual: Signature, expected: Signature, float16_io: bool
 def checker_problems(model: ir.Model) -> list[str]:
     """What onnx's checker rejects in the model (empty when it accepts it).
 
-    The checker needs a serialized copy but not the weights' bytes: initializers above
-    ``CHECKER_BLANK_BYTES`` (and external ones, whose files it would look for relative to
-    the working directory; load validated them) are set aside while the copy is made, so
-    checking costs O(nodes), not O(weights) (VGG-19 with its 513 MB of folded weights: a
-    full copy took peak memory from 0.7 to 2.4 GB)."""
+    The checker needs a serialized copy but not the weights' bytes: initializers of
+    ``CHECKER_BLANK_BYTES`` or more (and external ones, whose files it would look for
+    relative to the working directory; load validated them) are set aside while the copy
+    is made, so checking costs O(nodes), not O(weights) (VGG-19 with its 513 MB of folded
+    weights: a full copy took peak memory from 0.7 to 2.4 GB)."""
+    return checked(model)[0]
+
+
+def checked(model: ir.Model) -> tuple[list[str], Serialized | None]:
+    """``checker_problems(model)``, and the bytes the checker read, for whoever needs the
+    model's bytes next (the verifier, which loads the result on onnxruntime) instead of
+    serializing it again: a model whose weights are in memory and at most
+    ``WHOLE_CHECK_MAX_BYTES`` is checked whole (reading them costs little); a larger one
+    as ``checker_problems`` says, and its bytes are handed on when the initializers set
+    aside are exactly its shareable main-graph ones (no external data, none in a body,
+    none of a dtype ``shareable`` refuses: ``Serialized``). None otherwise."""
+    external = oir.uses_external_data(model)
+    if not external and oir.weight_bytes(model) <= WHOLE_CHECK_MAX_BYTES:
+        data = serialize_bytes(model)
+        return _verdict(data), Serialized(data)
+
     def blanked(tensor: ir.TensorProtocol) -> bool:
-        return isinstance(tensor, ir.ExternalTensor) or tensor.nbytes > CHECKER_BLANK_BYTES
+        return isinstance(tensor, ir.ExternalTensor) or tensor.nbytes >= CHECKER_BLANK_BYTES
 
-    with oir.initializers_set_aside(model, blanked, bodies=True):
+    with oir.initializers_set_aside(model, blanked, bodies=True) as aside:
         data = serialize_bytes(model)  # the proto's bytes, which is what the checker reads
-    return _verdict(data)
-
-
-def checked_whole(model: ir.Model) -> tuple[list[str], bytes | None]:
-    """``checker_problems(model)``, and the bytes the checker read when they are the whole
-    model (``serialize_bytes(model)``): a model whose weights are in memory and at most
-    ``WHOLE_CHECK_MAX_BYTES`` is checked with them (reading them costs little), so that
-    whoever needs the model's bytes next (the verifier, which loads the result on
-    onnxruntime) takes these instead of serializing it again. None for any other model,
-    checked as ``checker_problems`` checks it."""
-    if oir.uses_external_data(model) or oir.weight_bytes(model) > WHOLE_CHECK_MAX_BYTES:
-        return checker_problems(model), None
-    data = serialize_bytes(model)
-    return _verdict(data), data
+    main = model.graph.initializers
+    light = not external and all(main.get(value.name) is value and shareable(tensor) for value, tensor in aside)
+    return _verdict(data), Serialized(data, tuple((v.name, t) for v, t in aside)) if light else None
 
 
 def _verdict(data: bytes) -> list[str]:

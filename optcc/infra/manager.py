@@ -40,10 +40,11 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import PassFailedError, PipelineWarning
-from optcc.infra.invariants import Signature, check_invariants, checked_whole, signature
+from optcc.infra.invariants import Signature, check_invariants, checked, signature
 from optcc.infra.report import PassRecord, op_delta
 from optcc.numerics.kinds import NUMERICS_ORDER, Numerics, loosest
 from optcc.numerics.verify import Verification, Verifier
+from optcc.runtime.shared_weights import Serialized
 
 __all__ = ["Fixpoint", "PassManager", "PipelineResult", "pass_name", "step_passes", "MAX_BISECTIONS"]
 
@@ -113,7 +114,7 @@ class _Run:
     version: int = 0
     unchanged_at: dict[int, int] = dataclasses.field(default_factory=dict)  # id(pass) -> version
     model: ir.Model | None = None  # the result, once the steps have run
-    serialized: bytes | None = None  # the result's bytes, when onnx's checker read it whole (``checked_whole``)
+    serialized: Serialized | None = None  # the result's bytes as onnx's checker read them (``checked``)
     base: Numerics = "exact"  # the numerics the model had when the run began
 
     def numerics(self, count: int | None = None) -> Numerics:
@@ -195,7 +196,7 @@ class PassManager:
         fresh copy checking after every pass."""
         run = self._run_steps(model, fresh, check_each=False, reverts=reverts)
         if self.check_invariants:
-            problems, run.serialized = checked_whole(run.model)
+            problems, run.serialized = checked(run.model)
             if problems:
                 discarded = len(run.records)
                 run = self._run_steps(fresh(), fresh, check_each=True, reverts=reverts)

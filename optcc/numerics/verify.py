@@ -79,7 +79,7 @@ from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAW
                                  float_free_outputs, perturbation_draws, sequence_outputs)
 from optcc.progress import Progress
 from optcc.runtime.session import HANDOVER_MIN_BYTES, first_line, make_session, resolve_providers, run, session_options
-from optcc.runtime.shared_weights import light_proto, weighted_session
+from optcc.runtime.shared_weights import Serialized, light_proto, weighted_session
 
 __all__ = ["DEFAULT_SAMPLES", "REFERENCES", "Verification", "Verifier", "verify"]
 
@@ -489,18 +489,19 @@ class Verifier:
     # ----------------------------------------------------------------- checking
 
     def check(self, model: ir.Model, numerics: Numerics = "exact", samples: Sequence[int] | None = None,
-              *, serialized: bytes | None = None) -> Verification:
+              *, serialized: Serialized | None = None) -> Verification:
         """Compare ``model`` with the reference on every provider and sample. ``samples``:
         positions in ``feeds`` to compare on alone, where the tolerance judges each sample
         by itself (a maximum relative error, no decode: a bisection's check on the samples
-        that failed); elsewhere every sample runs. ``serialized``: ``model``'s bytes
-        (``optcc.ir.serialize_bytes``) when the caller has them: onnxruntime loads those."""
+        that failed); elsewhere every sample runs. ``serialized``: ``model``'s bytes when the
+        caller has them (``Serialized``), used instead of serializing it again."""
         tolerance = self.tolerances[numerics]
         if numerics in ("exact", "fusion") and self._generate is not None:  # the user's samples always run
             proved = self._proved(model, numerics, tolerance, serialized)
             if proved is not None:
                 return proved
-        source = serialized if serialized is not None else self._source(model)
+        whole = serialized is not None and not serialized.aside
+        source = serialized.data if whole else self._source(model)
         float32 = self._float32_outputs()
         base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=len(self._feeds or []),
                     decode_steps=self._steps if self._plan is not None else None)
@@ -630,27 +631,28 @@ class Verifier:
             return None
 
     def _proved(self, model: ir.Model, numerics: Numerics, tolerance: Tolerance,
-                serialized: bytes | None = None) -> Verification | None:
+                serialized: Serialized | None = None) -> Verification | None:
         """A pass without running the models, when every output is proved equal to the
         original's (``optcc.numerics.equivalence``) and onnxruntime loads the candidate on
-        every provider; None when not proved. onnxruntime loads ``serialized`` (the
-        candidate's bytes) when given, and the proof parses them only if it reads the
-        candidate's serialization; else the candidate is serialized without its
-        weights (``optcc.runtime.shared_weights``: onnxruntime gets them as arrays, the
-        proof reads only the graph). The candidate is loaded after the proof, only when
+        every provider; None when not proved. onnxruntime loads the candidate's whole bytes
+        when ``serialized`` holds them, and the proof parses them only if it reads the
+        candidate's serialization; else the candidate is serialized without its weights
+        (``optcc.runtime.shared_weights``, or ``serialized``'s bytes of that form:
+        onnxruntime gets them as arrays, the proof reads only the graph). The candidate is loaded after the proof, only when
         proved: onnxruntime holds the interpreter lock through most of a load, so a load
         beside the proof would not overlap it, only contend with it."""
         light = None
-        if serialized is None and not (oir.needs_external_data(model) or oir.uses_external_data(model)):
+        whole = serialized.data if serialized is not None and not serialized.aside else None
+        if whole is None and not (oir.needs_external_data(model) or oir.uses_external_data(model)):
             try:
-                proto, weights = light_proto(model)
+                proto, weights = serialized.light() if serialized is not None else light_proto(model)
                 light = (proto.SerializeToString(), weights)
             except Exception:  # noqa: BLE001 - the samples' path meets the same error where it is reported
                 return None
-        source = serialized if serialized is not None else light if light is not None else model
+        source = whole if whole is not None else light if light is not None else model
         parsed: Callable[[], onnx.ModelProto] | None = None  # the candidate's serialization, for the proof
-        if serialized is not None:
-            parsed = functools.partial(onnx.ModelProto.FromString, serialized)
+        if whole is not None:
+            parsed = functools.partial(onnx.ModelProto.FromString, whole)
         elif light is not None:
             parsed = functools.partial(onnx.ModelProto.FromString, light[0])
         premise, self._premise = self._premise, None  # the original numbered before the passes: once

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import os
 import tempfile
@@ -35,7 +36,8 @@ from optcc import ir as oir
 from optcc.ir.saving import initializers_set_aside
 from optcc.runtime.providers import provider_entry
 
-__all__ = ["MIN_SHARED_BYTES", "light_proto", "mark_external", "shareable", "weighted_session", "release_memory"]
+__all__ = ["MIN_SHARED_BYTES", "Serialized", "light_proto", "mark_external", "shareable", "weighted_session",
+           "release_memory"]
 
 MIN_SHARED_BYTES = 1024  # smaller initializers stay inside the proto
 INLINE_MAX_BYTES = 4 << 20  # weighted_session copies weights up to this many bytes in all into the proto
@@ -68,6 +70,28 @@ def light_proto(model: ir.Model, *, min_bytes: int = MIN_SHARED_BYTES,
         if init.name in weights:
             mark_external(init, shapes[init.name], int(weights[init.name].nbytes))
     return proto, weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Serialized:
+    """A model's bytes, made for onnx's checker (``optcc.infra.invariants.checked``) and
+    handed on to whoever loads the model next: the whole model when ``aside`` is empty;
+    else the model with exactly its shareable main-graph initializers (``shareable``:
+    value name, tensor) as the empty placeholders ``light_proto`` writes, so that
+    ``light`` gives what ``light_proto`` gives without serializing the model again."""
+
+    data: bytes
+    aside: tuple[tuple[str, ir.TensorProtocol], ...] = ()
+
+    def light(self) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+        """``light_proto(model)`` of the model these bytes are (``aside`` not empty)."""
+        proto = onnx.ModelProto.FromString(self.data)
+        weights = {name: _array(tensor) for name, tensor in self.aside}
+        shapes = {name: [int(d) for d in tensor.shape.numpy()] for name, tensor in self.aside}
+        for init in proto.graph.initializer:
+            if init.name in weights:
+                mark_external(init, shapes[init.name], int(weights[init.name].nbytes))
+        return proto, weights
 
 
 @contextlib.contextmanager
