@@ -98,11 +98,38 @@ def test_loaded_tensors_are_detached_and_serialize_to_the_same_bytes(tmp_path: P
     np.testing.assert_allclose(got, _reference(weights, x), rtol=1e-4, atol=1e-4)
 
 
+def test_a_small_file_is_checked_from_the_bytes_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checker gets the very bytes parsed (it does not read the file again), and a file
+    that the checker rejects is still refused."""
+    proto, weights = _model(np.random.default_rng(0))
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    check = loading._check_structure
+    seen: list[object] = []
+
+    def recording(source: object, label: str) -> None:
+        seen.append(source)
+        check(source, label)
+
+    monkeypatch.setattr(loading, "_check_structure", recording)
+    model = optcc.ir.load(path)
+    assert seen == [path.read_bytes()]
+    x = np.random.default_rng(1).standard_normal((2, WIDTH)).astype(np.float32)
+    np.testing.assert_allclose(make_session(model).run(None, {"x": x})[0], _reference(weights, x), rtol=1e-4, atol=1e-4)
+    proto.graph.node[1].op_type = "NoSuchOp"
+    onnx.save(proto, path)
+    with pytest.raises(BadInputError, match="invalid ONNX model"):
+        optcc.ir.load(path)
+
+
 def test_a_file_changed_while_it_is_loaded_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file too large to keep its bytes for the checker is read by the checker again:
+    it must be the file parsed."""
     proto, _ = _model(np.random.default_rng(0))
     path = tmp_path / "m.onnx"
     onnx.save(proto, path)
     check = loading._check_structure
+    monkeypatch.setattr(loading, "CHECK_READ_BYTES_MAX", 0)
 
     def check_then_rewrite(source: object, label: str) -> None:
         check(source, label)

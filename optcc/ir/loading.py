@@ -21,6 +21,9 @@ ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUMPY"
+# a file this small is checked from the bytes read (kept while the checker runs); a larger
+# one the checker reads again itself, so that its parse and the bytes are never held at once
+CHECK_READ_BYTES_MAX = 64 << 20
 
 
 # --------------------------------------------------------------------------- loading
@@ -37,20 +40,26 @@ def load(source: ModelSource) -> ir.Model:
     if isinstance(source, onnx.ModelProto):
         return _from_proto(source, base_dir=None, label="<ModelProto>")
     if isinstance(source, (bytes, bytearray, memoryview)):
-        proto = _parse_bytes(bytes(source), "<bytes>")
-        return _from_proto(proto, base_dir=None, label="<bytes>")
+        data = bytes(source)
+        proto = _parse_bytes(data, "<bytes>")
+        read = data if len(data) <= CHECK_READ_BYTES_MAX else None
+        return _from_proto(proto, base_dir=None, label="<bytes>", read=read)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         stamp = _stamp(path)
-        proto = _read_model_file(path)
-        return _from_proto(proto, base_dir=path.resolve().parent, label=str(path), path=path, stamp=stamp)
+        proto, data = _read_model_file(path)
+        read = data if len(data) <= CHECK_READ_BYTES_MAX else None
+        del data
+        return _from_proto(proto, base_dir=path.resolve().parent, label=str(path), path=path, stamp=stamp,
+                           read=read)
     raise BadInputError(
         f"cannot load a model from a {type(source).__name__}; "
         "give a path, bytes, onnx.ModelProto or onnx_ir.Model"
     )
 
 
-def _read_model_file(path: Path) -> onnx.ModelProto:
+def _read_model_file(path: Path) -> tuple[onnx.ModelProto, bytes]:
+    """The file parsed, and the bytes it was parsed from."""
     if not path.exists():
         raise BadInputError("no such file", path)
     if not path.is_file():
@@ -59,7 +68,7 @@ def _read_model_file(path: Path) -> onnx.ModelProto:
         data = path.read_bytes()
     except OSError as e:
         raise BadInputError(f"cannot read: {e.strerror or e}", path) from None
-    return _parse_bytes(data, str(path))
+    return _parse_bytes(data, str(path)), data
 
 
 def _parse_bytes(data: bytes, label: str) -> onnx.ModelProto:
@@ -92,8 +101,10 @@ def _stamp(path: Path) -> tuple[int, ...] | None:
 
 def _from_proto(
     proto: onnx.ModelProto, base_dir: Path | None, label: str, path: Path | None = None,
-    stamp: tuple[int, ...] | None = None,
+    stamp: tuple[int, ...] | None = None, read: bytes | None = None,
 ) -> ir.Model:
+    """The model of ``proto`` (parsed from the file ``path``, from the bytes ``read`` when
+    given), checked and validated."""
     _check_versions(proto, label)
     has_external = _check_external_data(proto, base_dir, label)
     fills = _interface_fills(proto, label)
@@ -103,6 +114,8 @@ def _from_proto(
             # The checker can only resolve external data from the file, which lacks the
             # filled types; check the structure without the (already validated) weights.
             _check_structure(without_weights(proto), label)
+        elif read is not None and not fills and not has_external:
+            _check_structure(read, label)  # the very bytes parsed: the checker need not read the file again
         elif path is not None and not fills:
             # The checker reads the file itself: it resolves external data files against
             # the model's folder (their locations were validated just above), and no
@@ -113,6 +126,7 @@ def _from_proto(
                 raise BadInputError("the file changed while it was being loaded", label)
         else:
             _check_structure(proto, label)
+        read = None  # the model is built from the parse alone
         try:
             with collector_paused():  # builds the model's objects only
                 model = ir.serde.deserialize_model(proto)
@@ -310,7 +324,7 @@ def _check_external_location(
         )
 
 
-def _check_structure(proto: onnx.ModelProto | str, label: str) -> None:
+def _check_structure(proto: onnx.ModelProto | str | bytes, label: str) -> None:
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
