@@ -638,9 +638,10 @@ class Verifier:
         when ``serialized`` holds them, and the proof parses them only if it reads the
         candidate's serialization; else the candidate is serialized without its weights
         (``optcc.runtime.shared_weights``, or ``serialized``'s bytes of that form:
-        onnxruntime gets them as arrays, the proof reads only the graph). The candidate is loaded after the proof, only when
-        proved: onnxruntime holds the interpreter lock through most of a load, so a load
-        beside the proof would not overlap it, only contend with it."""
+        onnxruntime gets them as arrays, the proof reads only the graph). The candidate is
+        loaded after the proof, only when proved: onnxruntime holds the interpreter lock
+        through most of a load, so a load beside the proof would not overlap it, only
+        contend with it."""
         light = None
         whole = serialized.data if serialized is not None and not serialized.aside else None
         if whole is None and not (oir.needs_external_data(model) or oir.uses_external_data(model)):
