@@ -223,10 +223,8 @@ def _confident_somewhere(values: Sequence[np.ndarray]) -> bool:
     for v in values:
         rows = np.asarray(v, np.float64).reshape(-1, np.asarray(v).shape[-1])
         rows = rows[np.all(np.isfinite(rows), axis=-1)]  # a masked row (NaN, inf) says nothing
-        if rows.size:
-            p = np.sort(_probabilities(rows), -1)
-            if np.any(p[:, -1] - p[:, -2] >= CONFIDENT_GAP):
-                return True
+        if rows.size and _confident(rows).any():
+            return True
     return False
 
 
@@ -404,16 +402,30 @@ def _probabilities(a: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def _confident(rows: np.ndarray) -> np.ndarray:
+    """Per row of class scores (``[n, C]``): whether its top-1 probability is at least
+    ``CONFIDENT_GAP`` above the second."""
+    p = np.sort(_probabilities(rows), -1)
+    return (p[:, -1] - p[:, -2]) >= CONFIDENT_GAP
+
+
+def _score_rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """The samples' class-score rows, one ``[n, C]`` array."""
+    return np.concatenate([np.asarray(a).reshape(-1, np.asarray(a).shape[-1]) for a in arrays])
+
+
+def _judged_rows(ref: np.ndarray) -> np.ndarray:
+    """The rows ``argmax`` judges: those float32 is confident about, all when it is about none."""
+    confident = _confident(ref)
+    return confident if confident.any() else np.ones_like(confident)
+
+
 def _argmax_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _Measured:
     classes = np.asarray(refs[0]).shape[-1] if refs and np.asarray(refs[0]).ndim else 0
     if classes < 2:
         raise ValueError(f"the argmax metric needs at least 2 classes on the last axis; this output has {classes}")
-    ref = np.concatenate([np.asarray(r).reshape(-1, np.asarray(r).shape[-1]) for r in refs])
-    got = np.concatenate([np.asarray(g).reshape(-1, np.asarray(g).shape[-1]) for g in gots])
-    p = np.sort(_probabilities(ref), -1)
-    confident = (p[:, -1] - p[:, -2]) >= CONFIDENT_GAP
-    if not confident.any():
-        confident[:] = True
+    ref, got = _score_rows(refs), _score_rows(gots)
+    confident = _judged_rows(ref)
     agree = ref.argmax(-1) == got.argmax(-1)
     return {"argmax": 1.0 - float(np.mean(agree[confident]))}, {"argmax": int(confident.sum())}
 
@@ -808,18 +820,12 @@ def _argmax_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
                       envelope: Sequence[Sequence[np.ndarray]]) -> dict[str, float]:
     """1 - top-1 agreement on the confident samples, counting only the disagreements no
     draw of ``envelope`` shares (a confident sample float32 flips itself under some draw)."""
-    def flat(arrays: Sequence[np.ndarray]) -> np.ndarray:
-        return np.concatenate([np.asarray(a).reshape(-1, np.asarray(a).shape[-1]) for a in arrays])
-
-    ref = flat(refs)
-    p = np.sort(_probabilities(ref), -1)
-    confident = (p[:, -1] - p[:, -2]) >= CONFIDENT_GAP
-    if not confident.any():
-        confident[:] = True
+    ref = _score_rows(refs)
+    confident = _judged_rows(ref)
     top = ref.argmax(-1)
-    wrong = top != flat(gots).argmax(-1)
+    wrong = top != _score_rows(gots).argmax(-1)
     for draw in envelope:
-        wrong &= top == flat(draw).argmax(-1)
+        wrong &= top == _score_rows(draw).argmax(-1)
     return {"argmax": float(np.sum(wrong & confident)) / int(confident.sum())}
 
 
