@@ -144,7 +144,7 @@ def _from_proto(
         model.meta[FILLED_INTERFACE_KEY] = [note for _, _, note in fills]
     if base_dir is not None and has_external:  # no external tensor: no base folder to set
         ir.external_data.set_base_dir(model.graph, base_dir)
-        _attributes_in_memory(model)
+        attributes_in_memory(model)
     _sort_or_reject_cycle(model, label)
     return model
 
@@ -194,23 +194,30 @@ def _owned(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     return ir.TensorProtoTensor(alone)
 
 
-def _attributes_in_memory(model: ir.Model) -> None:
-    """Read a tensor attribute stored in the external data file (a Constant's value, saved
-    with onnx's convert_attribute) into memory. Initializers read from the file are handed
-    to the checker and to onnxruntime as they are (``light_proto``); an attribute would be
-    serialized as a reference to the data file, which no scratch copy of the model has
-    beside it (optcc -O0 failed such a valid model's verification: exit 1)."""
+def attributes_in_memory(model: ir.Model) -> list[tuple[ir.Node, str, ir.Attr]]:
+    """Read every tensor attribute stored in an external data file (a Constant's value,
+    saved with onnx's convert_attribute) into memory, and return the attributes replaced
+    (node, name, the attribute as it was) for a caller that restores them. Initializers
+    read from the file are handed to the checker and to onnxruntime as they are
+    (``light_proto``); an attribute would be serialized as a reference to the data file,
+    which no scratch copy of the model, nor a model saved elsewhere, has beside it."""
+    replaced = []
     for node in nodes(model):
         for name, attr in list(node.attributes.items()):
             if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
-                node.attributes[name] = ir.AttrTensor(name, _in_memory(attr.value), doc_string=attr.doc_string)
+                node.attributes[name] = ir.AttrTensor(name, in_memory(attr.value), doc_string=attr.doc_string)
             elif attr.type == ir.AttributeType.TENSORS and any(isinstance(t, ir.ExternalTensor) for t in attr.value):
                 node.attributes[name] = ir.AttrTensors(
-                    name, [_in_memory(t) if isinstance(t, ir.ExternalTensor) else t for t in attr.value],
+                    name, [in_memory(t) if isinstance(t, ir.ExternalTensor) else t for t in attr.value],
                     doc_string=attr.doc_string)
+            else:
+                continue
+            replaced.append((node, name, attr))
+    return replaced
 
 
-def _in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
+def in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
+    """An in-memory copy of a tensor read from an external data file."""
     return ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string)
 
 

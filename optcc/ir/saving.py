@@ -15,9 +15,9 @@ import onnx
 import onnx_ir as ir
 
 from optcc.errors import BadInputError, OptccError
-from optcc.ir.loading import load
+from optcc.ir.loading import attributes_in_memory, in_memory, load
 from optcc.ir.serialize_cached import CACHE_TENSOR_BYTES, model_parts, serialize_bytes, varint
-from optcc.ir.walk import _tensor_nbytes, external_data_files, graphs, nodes, uses_external_data, weight_bytes
+from optcc.ir.walk import _tensor_nbytes, external_data_files, graphs, uses_external_data, weight_bytes
 
 # Protobuf refuses messages of 2 GiB; leave room for the graph structure itself.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -223,10 +223,6 @@ def _external_tensors_in_memory(model: ir.Model) -> Iterator[None]:
     data file, which is not beside the output. Restored on exit."""
     values: list[tuple[ir.Value, ir.TensorProtocol]] = []
     attributes: list[tuple[ir.Node, str, ir.Attr]] = []
-
-    def in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
-        return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string)
-
     try:
         for graph in graphs(model):
             if not isinstance(graph, ir.Graph):
@@ -235,11 +231,7 @@ def _external_tensors_in_memory(model: ir.Model) -> Iterator[None]:
                 if isinstance(value.const_value, ir.ExternalTensor):
                     values.append((value, value.const_value))
                     value.const_value = in_memory(value.const_value)
-        for node in nodes(model):
-            for name, attr in list(node.attributes.items()):
-                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
-                    attributes.append((node, name, attr))
-                    node.attributes[name] = ir.Attr(name, ir.AttributeType.TENSOR, in_memory(attr.value))
+        attributes = attributes_in_memory(model)
         yield
     finally:
         for value, tensor in values:
