@@ -67,7 +67,7 @@ from optcc.numerics import (ACCEPTED_BY_SQNR, ACCEPTED_BY_TASK, RETRY_SIZES, SAT
                             resolve_providers, widen_float16)
 from optcc.fp16 import (
     FLOAT, FLOAT16, FP16_MAX, KEEP_INPUTS, Emulator, Rewriter, Slots, exactly_float16, float16_slots)
-from optcc.quant import quantization_ops
+from optcc.quant import quantized_already
 
 KEEP_MARKER = "optcc.fp16.keep_float32"
 FALLBACK_REASON = "returned to float32 by the accuracy check"
@@ -595,11 +595,10 @@ class ConvertFloat16Pass(optcc.Pass):
                     delattr(self, name)
 
     def _call(self, model: ir.Model) -> optcc.PassResult:
-        already = quantization_ops(model)
+        already = quantized_already(model)
         if already:  # float16 between Q/DQ pairs adds a Cast at every boundary and keeps the integer ops
-            return optcc.PassResult(model, False, {"skipped": (
-                "nothing converted: the model is already quantized (" +
-                ", ".join(f"{n} {op}" for op, n in already.items()) + "); float16 converts float models")})
+            return optcc.PassResult(model, False,
+                                    {"skipped": f"nothing converted: {already}; float16 converts float models"})
         # float16 weights are made once and shared by every candidate and the result; a
         # model with external data gets them in a file (see optcc.fp16.weights)
         self.weights = fp16.Float16Weights(

@@ -29,7 +29,7 @@ from optcc.quant.fallback import (
     fallback,
     integer_op_histogram,
     model_outputs,
-    quantization_ops,
+    quantized_already,
     shortfall,
 )
 from optcc.numerics.inputs import input_roles
@@ -334,10 +334,9 @@ def quantize_int8(
         stats.setdefault("fallback", {"kept_float": [], "target_met": None, "skipped": reason})
         return untouched, stats
 
-    already = quantization_ops(working)
+    already = quantized_already(working)
     if already:  # Q/DQ over an INT8 model's Q/DQ would requantize what is quantized already
-        return decline("nothing", "the model is already quantized (" +
-                       ", ".join(f"{n} {op}" for op, n in already.items()) + "); INT8 quantizes float models")
+        return decline("nothing", already + "; INT8 quantizes float models")
     seconds: dict[str, float] = {}
     stats["seconds"] = seconds  # wall time per phase
     clock = time.perf_counter()

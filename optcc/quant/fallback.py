@@ -119,6 +119,13 @@ def quantization_ops(model: ir.Model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def quantized_already(model: ir.Model) -> str | None:
+    """For a precision pass that declines a model holding quantization ops
+    (``quantization_ops``): the reason, naming them with their counts; else None."""
+    ops = quantization_ops(model)
+    return "the model is already quantized (" + ", ".join(f"{n} {op}" for op, n in ops.items()) + ")" if ops else None
+
+
 def count_integer_nodes(model: ir.Model) -> int:
     """How many integer kernels (QLinearConv, QLinearMatMul, MatMulInteger, QGemm, ...)
     onnxruntime ends up running for ``model``."""
