@@ -235,10 +235,9 @@ def optimize(
         # generated weights folded whatever their size, BatchNorm and affine layers fused;
         # a pass the user disabled stays out here too (--disable fold-constants is what the
         # fold-growth warning offers to keep computed weights computed)
-        left_out = set(disable)
         pipeline.extend(create_pass(name, **kwargs) for name, kwargs in (
             ("fold-constants", {"fold_large": True}), ("fuse-batchnorm", {}), ("fuse-conv-affine", {}),
-            ("eliminate-dead-nodes", {})) if name not in left_out)
+            ("eliminate-dead-nodes", {})) if name not in disable)
         shared: dict[str, Any] = {}
         if inputs is None:
             inputs = samples  # all of them: a task metric over the held-out part alone can lack items
