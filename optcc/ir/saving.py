@@ -216,11 +216,12 @@ def _graph_initializer_field(tensor_start: bytes, extra: int = 0) -> bytes:
 
 
 @contextlib.contextmanager
-def _external_tensors_in_memory(model: ir.Model) -> Iterator[None]:
+def external_tensors_in_memory(model: ir.Model) -> Iterator[None]:
     """Within the block, every tensor still read from an external data file (an
-    initializer of any graph, a tensor attribute) is an in-memory copy, so that a model
-    written without external data holds the data itself and not a reference to the input's
-    data file, which is not beside the output. Restored on exit."""
+    initializer of any graph, a tensor attribute) is an in-memory copy, so that the model
+    serialized holds the data itself and not a reference to the input's data file, which
+    neither a model written elsewhere nor a session loaded from bytes or from a scratch
+    folder has beside it. Restored on exit."""
     values: list[tuple[ir.Value, ir.TensorProtocol]] = []
     attributes: list[tuple[ir.Node, str, ir.Attr]] = []
     try:
@@ -260,7 +261,7 @@ def _write_streamed(model: ir.Model, path: str) -> None:
             return tensor.dtype in RAW_DTYPES
         return tensor.dtype in RAW_DTYPES and tensor.nbytes >= STREAM_MIN_BYTES
 
-    with initializers_set_aside(model, streamed) as aside, _external_tensors_in_memory(model):
+    with initializers_set_aside(model, streamed) as aside, external_tensors_in_memory(model):
         parts = model_parts(model)
         if parts is not None:  # the bytes of the model's parts (see ``serialize_cached``)
             head = parts.to_bytes(initializers=False)

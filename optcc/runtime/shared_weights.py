@@ -18,14 +18,13 @@ without it a process's memory only grows from one large session to the next.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
 import functools
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -33,7 +32,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from optcc import ir as oir
-from optcc.ir.saving import initializers_set_aside
+from optcc.ir.saving import external_tensors_in_memory, initializers_set_aside
 from optcc.runtime.providers import provider_entry
 
 __all__ = ["MIN_SHARED_BYTES", "Serialized", "light_proto", "mark_external", "shareable", "weighted_session",
@@ -62,7 +61,7 @@ def light_proto(model: ir.Model, *, min_bytes: int = MIN_SHARED_BYTES,
     by default views, not copies, where the tensor allows). Feed both to
     ``weighted_session``."""
     with initializers_set_aside(model, functools.partial(shareable, min_bytes=min_bytes)) as aside, \
-            _external_inlined(model):
+            external_tensors_in_memory(model):
         proto = oir.serialize(model)
     weights = {value.name: (array or _array)(tensor) for value, tensor in aside}
     shapes = {value.name: [int(d) for d in tensor.shape.numpy()] for value, tensor in aside}
@@ -92,28 +91,6 @@ class Serialized:
             if init.name in weights:
                 mark_external(init, shapes[init.name], int(weights[init.name].nbytes))
         return proto, weights
-
-
-@contextlib.contextmanager
-def _external_inlined(model: ir.Model) -> Iterator[None]:
-    """Within the block, every initializer still read from an external file (one too small,
-    or of a dtype, not to be set aside; any in an If/Loop/Scan body) is an in-memory copy:
-    serialized, it would keep its file location relative to the model's folder, which a
-    session loaded from bytes or from a scratch folder cannot resolve."""
-    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
-    try:
-        for graph in oir.graphs(model):
-            if not isinstance(graph, ir.Graph):
-                continue
-            for value in graph.initializers.values():
-                tensor = value.const_value
-                if isinstance(tensor, ir.ExternalTensor):
-                    swapped.append((value, tensor))
-                    value.const_value = ir.Tensor(np.array(tensor.numpy()), name=tensor.name)
-        yield
-    finally:
-        for value, tensor in swapped:
-            value.const_value = tensor
 
 
 def _array(tensor: ir.TensorProtocol) -> np.ndarray:
