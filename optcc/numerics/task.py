@@ -1100,6 +1100,10 @@ class TaskJudge:
             masks=None if self.masks is None else _pick(self.masks, samples),
             groups=None if self.groups is None else _pick(self.groups, samples))
 
+    def labelled_outputs(self) -> set[str]:
+        """The integer outputs judged by their rows (``labels``)."""
+        return {self.output_of(key) for key, metric in self.plan.items() if metric == "labels"}
+
     def output_of(self, key: str) -> str:
         """The output name a row key (an output, or an output in a group) judges."""
         return self._where[key][0]

@@ -554,12 +554,12 @@ class Verifier:
                     free[provider] = self._free_running(session, float32[provider])
                 if numerics in ("fp16", "int8"):
                     got_all = [widen_float16(outs, float32[provider][0]) for outs in got_all]
+                labelled: set[str] = set()  # integer outputs the task judges by their rows: not compared exactly
                 if by_task:
-                    verdicts[provider] = self.task_judge(provider)(self._judged(got_all))
+                    judge = self.task_judge(provider)
+                    verdicts[provider] = judge(self._judged(got_all))
+                    labelled = judge.labelled_outputs()
                 compared: list[OutputMetrics] = []
-                # integer outputs the task judges by their rows (``labels``): not compared exactly
-                labelled = {self.task_judge(provider).output_of(key) for key, metric
-                            in self.task_judge(provider).plan.items() if metric == "labels"} if by_task else set()
                 for index, name in enumerate(self._names):
                     resolution = 0.0 if numerics == "exact" else self._resolution.get(name, 0.0)
                     originals = [float32[provider][i][index] for i in positions]
