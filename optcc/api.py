@@ -192,8 +192,6 @@ def optimize(
     if samples is not None:
         check_samples_vary(samples, label)
     quantizing = samples is not None and not fp16
-    if quantizing or int8_dynamic or weight_only:
-        _check_metric_fits(loaded, dict(int8_options or {}).get("metric"), label)
     modes = [name for name, given in (("fp16", fp16), ("int8_calibration", quantizing), ("int8_dynamic", int8_dynamic),
                                       ("weight_only", weight_only)) if given]
     if len(modes) > 1:  # each is a whole precision plan for the model; combined, one would undo the other's
@@ -287,7 +285,12 @@ def optimize(
         fresh = _fresh_copies(model, original)
         if overwrite_input_shapes:
             fresh = _with_overwrite(fresh, overwrite_input_shapes, label)
-        outcome = manager.run(working, fresh=fresh)
+        try:
+            outcome = manager.run(working, fresh=fresh)
+        except BadInputError as error:  # raised by a pass or the verifier: it names the model given
+            if error.path is not None or label is None:
+                raise
+            raise BadInputError(str(error), label) from None
         report.passes = outcome.records
         report.warnings.extend(outcome.warnings)
         if passes is not None:
@@ -375,31 +378,6 @@ def _layer_names(model: ir.Model) -> set[str]:
     for node in oir.nodes(model):
         names.update((node.op_type, node.name or "", *(v.name or "" for v in node.outputs)))
     return names
-
-
-# the output ranks a named INT8 metric can judge (docs/int8.md's table); the others judge any
-_METRIC_RANKS = {"boxes": (3,), "ctc": (3,), "detection-map": (3, 4), "added-boxes": (3, 4), "embedding": (2, 3)}
-
-
-def _check_metric_fits(model: ir.Model, metric: object, label: str | None) -> None:
-    """A metric named for the INT8 judge (for every output, or per output name) must fit the
-    declared rank of the float outputs it judges, else BadInputError before anything runs."""
-    for value in model.graph.outputs:
-        named = metric.get(value.name) if isinstance(metric, Mapping) else metric
-        if not isinstance(named, str) or value.shape is None \
-                or value.dtype is None or not value.dtype.is_floating_point():
-            continue
-        ranks = _METRIC_RANKS.get(named)
-        dims = value.shape.dims
-        if ranks is not None and len(dims) not in ranks:
-            need = f"it judges outputs of rank {' or '.join(map(str, ranks))}"
-        elif named in ("argmax", "ctc") and dims and isinstance(dims[-1], int) and dims[-1] < 2:
-            need = "it needs at least 2 classes on the last axis"
-        else:
-            continue
-        shape = "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in dims) + "]"
-        raise BadInputError(f"INT8 metric '{named}' does not fit output '{value.name}' of shape {shape}: {need} "
-                            "(docs/int8.md)", label)
 
 
 def _merged_shapes(

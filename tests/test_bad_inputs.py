@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
@@ -679,7 +680,34 @@ def test_an_int8_metric_that_cannot_judge_the_outputs_shape_is_bad_input(tmp_pat
     line = _refused(capsys, [str(model), "--int8", "--calibration", str(data), "--int8-metric", metric,
                              "-o", str(tmp_path / "o.onnx")], f"INT8 metric '{metric}' does not fit output 'logits'",
                     model)
-    assert "[N, 10]" in line and str(model) in line, line
+    assert "[1, 10]" in line and str(model) in line, line  # the shape onnxruntime returns
+
+
+def test_an_int8_metric_is_fitted_to_the_outputs_returned_not_to_a_wrong_declared_shape(tmp_path: Path) -> None:
+    # a CRNN declares its time-major [T, 1, C] logits as [1, seqlen] (ddddocr does): onnxruntime runs it,
+    # and '--int8-metric ctc' was refused by the declared rank (exit 2); it judges what the model returns
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(16, 6)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"])], "crnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 1, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seqlen"])], [weight])
+    model = tmp_path / "crnn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=rng.normal(size=(12, 20, 1, 16)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    code = cli.main([str(model), "--int8", "--calibration", str(data), "--int8-metric", "ctc",
+                     "--no-int8-speed-check", "--allow-float-fallback", "-q", "-o", str(out)])
+    assert code == 0 and out.is_file()
+    written = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = rng.normal(size=(20, 1, 16)).astype(np.float32)
+    (got,) = written.run(None, {"x": x})
+    expected = x.astype(np.float64) @ numpy_helper.to_array(weight).astype(np.float64)
+    assert got.shape == (20, 1, 6)
+    # INT8 or float32 kept: either way the decoded steps are float64's on a confident step
+    confident = np.sort(expected, -1)[..., -1] - np.sort(expected, -1)[..., -2] > 1.0
+    assert np.array_equal(got.argmax(-1)[confident], expected.argmax(-1)[confident])
 
 
 @pytest.mark.parametrize("flags, said", [

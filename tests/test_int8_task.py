@@ -464,6 +464,7 @@ def test_a_time_major_sequence_is_decoded_along_its_first_axis() -> None:
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     assert tm.choose_metric(probs, "probs") == "ctc" and tm.choose_metric(logits, "logits") == "ctc"
     assert tm.choose_metric(logits.transpose(1, 0, 2), "logits") == "argmax"  # [N, T, C] logits: per step
+    assert tm.choose_metric(logits, "387") == "ctc"  # unnamed, but deciding a class step by step
     flipped = logits.copy()
     flipped[4, 0, 1] = 0.35  # the blank becomes a 1: [1, 2, 1, 3, 4]
     assert tm.ctc_greedy(flipped) == [[1, 2, 1, 3, 4]]
@@ -471,6 +472,21 @@ def test_a_time_major_sequence_is_decoded_along_its_first_axis() -> None:
     judge = tm.TaskJudge({"logits": [logits]}, {"logits": [logits + np.float32(0.001)]}, metric="ctc", draws=draws)
     row = judge({"logits": [flipped]})["metrics"]["logits:ctc_exact"]
     assert row["items"] == 1 and row["deviation"] == 1.0 and row["passed"] is False
+
+
+def test_time_major_hidden_states_are_not_read_as_class_scores() -> None:
+    """``[T, 1, H]`` states that decide no class step by step stay embeddings: an RNN's
+    (tanh-bounded: confident nowhere) and a transformer's whose outlier channel dominates
+    every step (confident, but one class throughout: decoding it would say nothing)."""
+    rng = np.random.default_rng(5)
+    rnn = np.tanh(rng.normal(size=(30, 1, 64))).astype(np.float32)
+    outlier = rng.normal(size=(30, 1, 64)).astype(np.float32)
+    outlier[:, :, 7] = 12.0
+    assert tm.choose_metric([rnn, rnn[:20]], "out") == "embedding"
+    assert tm.choose_metric([outlier, outlier[:20]], "out") == "embedding"
+    steps = outlier.copy()
+    steps[::3, :, 9] = 20.0  # another class wins every third step: per-step decisions
+    assert tm.choose_metric(steps, "out") == "ctc"
 
 
 def test_an_sqnr_row_passed_by_the_fixed_target_says_so() -> None:

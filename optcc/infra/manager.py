@@ -39,7 +39,7 @@ from typing import Any, Union
 import onnx_ir as ir
 
 from optcc import ir as oir
-from optcc.errors import PassFailedError, PipelineWarning
+from optcc.errors import BadInputError, PassFailedError, PipelineWarning
 from optcc.infra.invariants import Signature, check_invariants, checked, signature
 from optcc.infra.report import PassRecord, op_delta
 from optcc.numerics.kinds import NUMERICS_ORDER, Numerics, loosest
@@ -423,6 +423,8 @@ class PassManager:
         else:
             try:
                 result = pass_(model)
+            except BadInputError:  # the user's data or options, unusable: no pass's failure to revert
+                raise
             except Exception as error:  # noqa: BLE001 - any failure of a pass is reverted
                 if self.strict:
                     raise PassFailedError(

@@ -27,7 +27,8 @@ sum to 1                  blank 0 dropped); 1 - exact-match rate and the charact
 (or time-major            rate (edit distance / reference length), both judged; a
 ``[T, 1, C]``: rows       ``[T, 1, C]`` sample (T > 1) is one time-major sequence
 that sum to 1, or         (a CRNN's ``[T, batch, C]``), decoded also from raw logits
-logits named so)          when the output's name says logits
+logits: named so, or      when the output's name says logits, or when they decide
+deciding per step)        classes step by step (``_per_step_classes``)
 ``[N, 1, H, W]`` or       ``detection-map``: pixels above ``MAP_THRESHOLD`` (0.3) form
 ``[N, H, W]`` in [0, 1],  the mask; its connected components' bounding boxes (sides of
 at most 10% of pixels     at least 3 pixels) are the detections; 1 - box F1 (IoU >= 0.5),
@@ -228,6 +229,38 @@ def _confident_somewhere(values: Sequence[np.ndarray]) -> bool:
     return False
 
 
+# the output ranks a named metric can judge (docs/int8.md's table); the others judge any
+_METRIC_RANKS = {"boxes": (3,), "ctc": (3,), "detection-map": (3, 4), "added-boxes": (3, 4), "embedding": (2, 3)}
+
+
+def _metric_misfit(metric: str, sample: np.ndarray) -> str | None:
+    """Why a named built-in ``metric`` cannot judge an output of which ``sample`` is one
+    sample's array (its shape as onnxruntime returns it, whatever the model declares), or
+    None when it can."""
+    ranks = _METRIC_RANKS.get(metric)
+    shape = np.shape(sample)
+    if ranks is not None and len(shape) not in ranks:
+        return f"it judges outputs of rank {' or '.join(map(str, ranks))}"
+    if metric in ("argmax", "ctc") and shape and shape[-1] < 2:
+        return "it needs at least 2 classes on the last axis"
+    return None
+
+
+def _per_step_classes(values: Sequence[np.ndarray]) -> bool:
+    """Whether time-major ``[T, 1, C]`` samples (C >= 3) hold class scores decided step by
+    step, as a recognizer's raw logits do: most steps confident (``_confident``), and the
+    top class changing along the sequence in some sample. Hidden states are not: bounded
+    ones (an RNN's) are confident nowhere, and an outlier channel that dominates every
+    step is one class throughout."""
+    if values[0].shape[-1] < 3:
+        return False
+    rows = [np.asarray(v, np.float64).reshape(-1, v.shape[-1]) for v in values]
+    rows = [r[np.all(np.isfinite(r), axis=-1)] for r in rows]
+    confident = np.concatenate([_confident(r) for r in rows if r.size])
+    changing = any(len(np.unique(r.argmax(-1))) > 1 for r in rows if r.size)
+    return bool(confident.size) and float(confident.mean()) >= 0.5 and changing
+
+
 def sequence_outputs(model: ir.Model) -> set[str]:
     """The graph outputs declared ``[N, C]`` with C symbolic or unknown: a class count is
     fixed, so their last axis is a sequence (per-step values) for ``choose_metric``."""
@@ -304,7 +337,7 @@ def choose_metric(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
     sequences = _batch_major(a)
     if sequences.ndim == 3 and sequences.shape[1] >= 2 and sequences.shape[2] >= 2 and _softmax_rows(sequences):
         return "ctc"
-    if sequences is not a and "logit" in name.lower() and a.shape[2] >= 2:
+    if sequences is not a and a.shape[2] >= 2 and ("logit" in name.lower() or _per_step_classes(values)):
         return "ctc"  # time-major class scores: a recognizer's sequence, read decoded
     if a.ndim == 3 and "logit" in name.lower() and a.shape[2] >= 2:
         return "argmax"
@@ -1007,6 +1040,10 @@ class TaskJudge:
                 if isinstance(chosen, str) and (chosen not in _BUILT_IN or chosen == "labels"):
                     raise BadInputError(
                         f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
+                misfit = _metric_misfit(chosen, values[0]) if isinstance(chosen, str) and values else None
+                if misfit is not None:
+                    raise BadInputError(f"INT8 metric '{chosen}' does not fit output '{name}' of shape "
+                                        f"{list(np.shape(values[0]))}: {misfit} (docs/int8.md)")
                 key = name if not group else f"{name}@{group}"
                 self.plan[key], self._where[key] = chosen, (name, idx)
                 if given in (None, "auto"):
