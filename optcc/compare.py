@@ -4,7 +4,10 @@ Both models run on onnxruntime's CPU provider with its graph optimizations off (
 fusions neither hide nor cause a difference) and its log lines off stderr. Inputs are the
 user's samples or generated from A's graph inputs (``optcc.numerics.generate_inputs``), an
 input dynamic in A and fixed in B (``--overwrite-input-shape``) at B's sizes.
-Outputs are matched by name; an output only one model has is a mismatch.
+Generated inputs that A cannot run (a window of a fixed length, an axis that must be 1)
+are generated again with the sizes verification retries (``RETRY_SIZES``), and the
+comparison's notes say so. Outputs are matched by name; an output only one model has is
+a mismatch.
 
 Two ways to judge an output, per sample, the worst sample reported:
 - ``numerics`` (default ``exact``): optcc's tolerance for that kind of rewrite
@@ -29,7 +32,8 @@ import onnxruntime as ort
 from optcc import ir as oir
 from optcc.errors import BadInputError, UnverifiedError
 from optcc.ir.overwrite import check_input_shapes
-from optcc.numerics import TOLERANCES, OutputMetrics, Tolerance, check_feeds, compare_outputs, generate_inputs
+from optcc.numerics import (RETRY_SIZES, TOLERANCES, OutputMetrics, Tolerance, check_feeds, compare_outputs,
+                            generate_inputs, sizes_text)
 from optcc.runtime.session import first_line, session_options
 
 __all__ = ["Comparison", "compare_models", "format_comparison"]
@@ -47,6 +51,7 @@ class Comparison:
     criterion: str
     only_in_a: list[str]
     only_in_b: list[str]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -55,7 +60,7 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "samples": self.samples, "criterion": self.criterion,
                 "outputs": [m.to_dict() for m in self.outputs],
-                "only_in_a": self.only_in_a, "only_in_b": self.only_in_b}
+                "only_in_a": self.only_in_a, "only_in_b": self.only_in_b, "notes": self.notes}
 
 
 def _session(model: ir.Model, path: str | None, label: str) -> ort.InferenceSession:
@@ -129,8 +134,8 @@ def compare_models(
     if input_shapes:
         check_input_shapes(model_a, input_shapes, label=label_a)
     if inputs is None:
-        feeds_list = generate_inputs(model_a, _fixed_in_b(model_a, model_b, input_shapes or {}),
-                                     samples=samples, seed=seed)
+        sizes = _fixed_in_b(model_a, model_b, input_shapes or {})
+        feeds_list = generate_inputs(model_a, sizes, samples=samples, seed=seed)
     else:
         feeds_list = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs]
         if not feeds_list:
@@ -143,6 +148,10 @@ def compare_models(
     criterion = f"{numerics} tolerance" if by_tolerance else f"rtol {rtol or 0:g}, atol {atol or 0:g}"
     session_a = _session(model_a, path_a, label_a)
     session_b = _session(model_b, path_b, label_b)
+    notes: list[str] = []
+    if inputs is None:
+        feeds_list, retried = _runnable(session_a, feeds_list, model_a, sizes, samples, seed)
+        notes += [retried] if retried else []
     outputs_a = [o.name for o in session_a.get_outputs()]
     outputs_b = [o.name for o in session_b.get_outputs()]
     common = [n for n in outputs_a if n in outputs_b]
@@ -165,7 +174,24 @@ def compare_models(
         criterion=criterion,
         only_in_a=[n for n in outputs_a if n not in outputs_b],
         only_in_b=[n for n in outputs_b if n not in outputs_a],
+        notes=notes,
     )
+
+
+def _runnable(session: ort.InferenceSession, generated: list[dict[str, np.ndarray]], model: ir.Model,
+              shapes: Mapping[str, Sequence[int]], samples: int, seed: int
+              ) -> tuple[list[dict[str, np.ndarray]], str | None]:
+    """``generated`` when A runs its first sample, else the first of ``RETRY_SIZES``' feeds it
+    runs, with a note saying so; ``generated`` when none runs (the comparison then says why)."""
+    for sizes in ({}, *RETRY_SIZES):
+        feeds = generate_inputs(model, shapes, samples=samples, seed=seed, **sizes) if sizes else generated
+        try:
+            _run(session, feeds[0], "")
+        except UnverifiedError:
+            continue
+        retried = f"generated inputs did not run on A; they were made again with {sizes_text(sizes)}"
+        return feeds, retried if sizes else None
+    return generated, None
 
 
 def _fixed_in_b(model_a: ir.Model, model_b: ir.Model,
@@ -214,6 +240,7 @@ def format_comparison(result: Comparison) -> str:
         rows.append(f"{name:<{width}}  only in A")
     for name in result.only_in_b:
         rows.append(f"{name:<{width}}  only in B")
+    rows.extend(f"note: {note}" for note in result.notes)
     verdict = "MATCH" if result.passed else "MISMATCH"
     rows.append(f"{verdict} ({result.criterion}, {result.samples} sample(s))")
     return "\n".join(rows)

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as nh
+import onnx.parser
+from onnx.reference import ReferenceEvaluator
 from onnx import TensorProto as TP
 
 import optcc
@@ -51,3 +53,30 @@ def test_compare_leaves_sizes_the_user_gives_and_conflicting_static_dims_alone(t
     static_a = tmp_path / "static.onnx"
     onnx.save(_conv([1, 3, 16, 16]), static_a)
     assert _fixed_in_b(optcc.ir.load(str(static_a)), optcc.ir.load(str(other)), {}) == {}
+
+
+def _reflect_padded(square: str) -> onnx.ModelProto:
+    """Reflect padding by 100 needs a signal longer than 100: the default generated length
+    (64) does not run."""
+    return onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[1, n] signal) => (float[1, m] y) {{
+            pads = Constant <value = int64[4] {{0, 100, 0, 100}}> ()
+            padded = Pad <mode = "reflect"> (signal, pads)
+            two = Constant <value = float {{2.0}}> ()
+            y = {square}
+        }}""")
+
+
+def test_compare_makes_generated_inputs_again_at_the_sizes_verification_retries(tmp_path: Path, capsys) -> None:
+    # found on Silero VAD: optimize verified it with longer generated inputs, compare exited 4
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(_reflect_padded("Mul(padded, padded)"), a)
+    onnx.save(_reflect_padded("Pow(padded, two)"), b)
+    assert cli.main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "note: generated inputs did not run on A; they were made again with free dynamic dims 512" in out, out
+    signal = np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32)
+    (got,) = ReferenceEvaluator(_reflect_padded("Pow(padded, two)")).run(None, {"signal": signal})
+    padded = np.pad(signal.astype(np.float64), ((0, 0), (100, 100)), mode="reflect")
+    assert np.allclose(got, padded ** 2, rtol=1e-6)  # what B computes on such inputs: the squares
