@@ -255,10 +255,11 @@ def _per_step_classes(values: Sequence[np.ndarray]) -> bool:
     if values[0].shape[-1] < 3:
         return False
     rows = [np.asarray(v, np.float64).reshape(-1, v.shape[-1]) for v in values]
-    rows = [r[np.all(np.isfinite(r), axis=-1)] for r in rows]
-    confident = np.concatenate([_confident(r) for r in rows if r.size])
-    changing = any(len(np.unique(r.argmax(-1))) > 1 for r in rows if r.size)
-    return bool(confident.size) and float(confident.mean()) >= 0.5 and changing
+    rows = [r for r in (r[np.all(np.isfinite(r), axis=-1)] for r in rows) if r.size]  # a masked row says nothing
+    if not rows:
+        return False
+    confident = np.concatenate([_confident(r) for r in rows])
+    return float(confident.mean()) >= 0.5 and any(len(np.unique(r.argmax(-1))) > 1 for r in rows)
 
 
 def sequence_outputs(model: ir.Model) -> set[str]:
