@@ -32,17 +32,23 @@ def _node_protos(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
 
 
 def tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto of a graph and its subgraphs: initializers and tensor attributes."""
-    for g in proto_graphs(graph):
-        yield from g.initializer
-        for sparse in g.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
+    """Every TensorProto of a graph and its subgraphs: initializers and tensor attributes,
+    graph by graph in ``proto_graphs``' order, each attribute read once."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    bodies: list[onnx.GraphProto] = []
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                bodies.append(attr.g)
+            bodies.extend(attr.graphs)
+    for body in bodies:
+        yield from tensor_protos(body)
 
 
 def first_order_problem(model: ir.Model) -> str | None:
