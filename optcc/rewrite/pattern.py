@@ -134,6 +134,17 @@ Pattern = Union[Op, Var, Const]
 # --------------------------------------------------------------------------- matches
 
 
+def _is_node(obj: object) -> bool:
+    """``isinstance(obj, ir.Node)``, the common kinds (a node, a value, None) decided by their
+    type: an isinstance check of onnx-ir's classes runs typing's Protocol check in Python."""
+    kind = type(obj)
+    if kind is ir.Node:
+        return True
+    if kind is ir.Value or obj is None:
+        return False
+    return isinstance(obj, ir.Node)
+
+
 def _body(graph: ir.Graph | ir.Function) -> ir.Graph:
     """The graph whose nodes a graph-like holds (a function's is its ``.graph``)."""
     return graph.graph if isinstance(graph, ir.Function) else graph
@@ -212,7 +223,7 @@ class Match:
 
     def values(self) -> list[ir.Value | None]:
         """The values bound by ``Var`` and ``Const`` patterns."""
-        return [v for v in self._bindings.values() if not isinstance(v, ir.Node)]
+        return [v for v in self._bindings.values() if not _is_node(v)]
 
     def array(self, name: str) -> np.ndarray | None:
         value = self._bindings.get(name)
@@ -639,6 +650,7 @@ def _rewrite_graph(
     if not by_op:
         return
     depth = max(rule.pattern.depth() for rule in rules)
+    consts: dict[Rule, dict[str, bool]] = {}  # each matched rule's constants (``_consts_of``), read only
     seen_rejections: set[tuple[str, int, str]] = set()
     keep_alive: list[ir.Node] = []  # ids stay unique while the nodes are referenced
     worklist = list(reversed(list(graph)))
@@ -652,7 +664,7 @@ def _rewrite_graph(
             node_rules = by_op.get(node.op_type)
             if not node_rules:
                 continue  # no rule is rooted at this op
-            touched = _try_rules(node, scope, node_rules, stats,
+            touched = _try_rules(node, scope, node_rules, consts, stats,
                                  seen_rejections, keep_alive, names)
             if touched is not None:
                 new_nodes, inputs = touched
@@ -675,6 +687,7 @@ def _try_rules(
     node: ir.Node,
     scope: _Scope,
     rules: Sequence[Rule],
+    consts_by_rule: dict[Rule, dict[str, bool]],
     stats: RewriteStats,
     seen: set[tuple[str, int, str]],
     keep_alive: list[ir.Node],
@@ -686,8 +699,10 @@ def _try_rules(
         rules = [r for r in rules if r.pattern.domain in DEFAULT_DOMAINS]
     for rule in rules:
         for bindings in _match_node(rule.pattern, node, scope, {}):
-            nodes = [v for v in bindings.values() if isinstance(v, ir.Node)]
-            consts = _consts_of(rule.pattern, {})
+            nodes = [v for v in bindings.values() if _is_node(v)]
+            consts = consts_by_rule.get(rule)  # by identity (Rule: eq=False)
+            if consts is None:
+                consts = consts_by_rule[rule] = _consts_of(rule.pattern, {})
             match = Match(node, scope, bindings, nodes)
             reason = _safety_problem(match, consts)
             if reason is None and rule.check is not None:
