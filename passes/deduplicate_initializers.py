@@ -92,7 +92,7 @@ def _digest(tensor: ir.TensorProtocol) -> bytes:
     """SHA-256 of the tensor's bytes, kept in its metadata: onnx-ir tensors are immutable,
     and clones share them, so later calls (and later runs of this pass) read it again
     (a stale digest could only miss a match: every match is confirmed byte for byte)."""
-    digest = tensor.meta.get(_DIGEST_KEY)
+    digest = tensor.meta.data.get(_DIGEST_KEY)  # the store's own dict: its Mapping methods are slow
     if digest is None:
         h = hashlib.sha256()
         for chunk in _chunks(tensor):
@@ -129,7 +129,7 @@ def _fingerprint(tensor: ir.TensorProtocol) -> tuple[bool, bytes | None]:
     its first and last ``_EDGE_BYTES`` bytes; (False, None) for a string tensor or one
     not known to be in memory (an external tensor: not read here). Equal tensors of one dtype and shape have equal fingerprints.
     Kept in the tensor's metadata, as the digest is (tensors are immutable)."""
-    cached = tensor.meta.get(_FINGERPRINT_KEY)
+    cached = tensor.meta.data.get(_FINGERPRINT_KEY)  # the store's own dict: its Mapping methods are slow
     if cached is not None:
         return cached
     if type(tensor) not in _IN_MEMORY or tensor.dtype == ir.DataType.STRING:
@@ -147,7 +147,7 @@ def _fingerprint(tensor: ir.TensorProtocol) -> tuple[bool, bytes | None]:
 def _candidates(graph: ir.Graph) -> list[ir.Value]:
     return [
         v
-        for v in graph.initializers.values()
+        for v in graph.initializers.data.values()  # the UserDict's own dict: its Mapping views are slow
         if v.const_value is not None and not v.is_graph_input() and not v.is_graph_output()
     ]
 

@@ -32,7 +32,7 @@ def decoded(tensor: ir.TensorProtocol, *, keep_large: bool = False) -> np.ndarra
     if type(tensor) is not _PROTO_TENSOR:  # ``type``: isinstance checks of onnx-ir's classes are slow
         return tensor.numpy()
     meta = tensor.meta
-    array = meta.get(ARRAY_KEY)
+    array = meta.data.get(ARRAY_KEY)  # the store's own dict: its Mapping methods are slow
     if array is None:
         array = np.asarray(tensor.numpy())
         if array.nbytes > KEEP_MAX_BYTES and not keep_large:
@@ -47,6 +47,6 @@ def fresh(tensor: ir.TensorProtocol) -> np.ndarray:
     decode (``decoded``) gives a copy of it, cheaper than decoding again; any other
     tensor gives what its ``numpy()`` does."""
     array = decoded(tensor)
-    if type(tensor) is _PROTO_TENSOR and tensor.meta.get(ARRAY_KEY) is array:
+    if type(tensor) is _PROTO_TENSOR and tensor.meta.data.get(ARRAY_KEY) is array:
         return array.copy()
     return array

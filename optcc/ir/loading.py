@@ -194,6 +194,15 @@ def _owned(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     return ir.TensorProtoTensor(alone)
 
 
+_TENSOR_ATTRIBUTES = frozenset({ir.AttributeType.TENSOR, ir.AttributeType.TENSORS})
+
+
+def _tensor_attributes(node: ir.Node) -> list[tuple[str, ir.Attr]]:
+    """The node's TENSOR and TENSORS attributes with their names, listed before any is
+    replaced (read from the UserDict's own dict: its Mapping views are slow)."""
+    return [(name, attr) for name, attr in node.attributes.data.items() if attr.type in _TENSOR_ATTRIBUTES]
+
+
 def attributes_in_memory(model: ir.Model) -> list[tuple[ir.Node, str, ir.Attr]]:
     """Read every tensor attribute stored in an external data file (a Constant's value,
     saved with onnx's convert_attribute) into memory, and return the attributes replaced
@@ -203,7 +212,7 @@ def attributes_in_memory(model: ir.Model) -> list[tuple[ir.Node, str, ir.Attr]]:
     which no scratch copy of the model, nor a model saved elsewhere, has beside it."""
     replaced = []
     for node in nodes(model):
-        for name, attr in list(node.attributes.items()):
+        for name, attr in _tensor_attributes(node):
             if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
                 node.attributes[name] = ir.AttrTensor(name, in_memory(attr.value), doc_string=attr.doc_string)
             elif attr.type == ir.AttributeType.TENSORS and any(isinstance(t, ir.ExternalTensor) for t in attr.value):
@@ -221,9 +230,6 @@ def in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
     return ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string)
 
 
-_TENSOR_ATTRIBUTES = frozenset({ir.AttributeType.TENSOR, ir.AttributeType.TENSORS})
-
-
 def _own_tensors(model: ir.Model) -> None:
     """Detach every initializer and tensor attribute from the parsed protobuf
     (``_owned``), so that the model holds its weights once and the protobuf is freed
@@ -234,9 +240,7 @@ def _own_tensors(model: ir.Model) -> None:
                 if value.const_value is not None:
                     value.const_value = _owned(value.const_value)
         for node in graph:
-            # read from the UserDict's own dict: its Mapping views are slow
-            held = [(name, attr) for name, attr in node.attributes.data.items() if attr.type in _TENSOR_ATTRIBUTES]
-            for name, attr in held:
+            for name, attr in _tensor_attributes(node):
                 if attr.type == ir.AttributeType.TENSOR:
                     node.attributes[name] = ir.AttrTensor(name, _owned(attr.value), doc_string=attr.doc_string)
                 elif attr.type == ir.AttributeType.TENSORS:
