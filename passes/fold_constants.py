@@ -59,6 +59,7 @@ from optcc.passes.shape_reuse import InferenceSnapshot
 from optcc.passes.shape_reuse import recall as recall_inference
 from optcc.passes.shape_reuse import remember as remember_inference
 from optcc.passes.fold_shapes import (
+    SHAPE_OPS,
     const_array,
     initializers_are_constant,
     is_constant,
@@ -651,4 +652,4 @@ class FoldConstantsPass(optcc.Pass):
 
 
 def _has_shape_ops(model: ir.Model) -> bool:
-    return any(n.op_type in ("Shape", "Size") for n in optcc.ir.nodes(model))
+    return optcc.ir.holds_op_type(model, SHAPE_OPS)

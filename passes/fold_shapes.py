@@ -47,11 +47,13 @@ __all__ = [
     "const_array",
     "is_constant",
     "initializers_are_constant",
+    "SHAPE_OPS",
 ]
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+SHAPE_OPS = frozenset({"Shape", "Size"})
 Dims = tuple  # of int | ir.SymbolicDim
 
 
@@ -451,7 +453,8 @@ def fold_shapes(model: ir.Model, inferred: dict[ir.Value, ir.Shape] | None = Non
     """Fold Shape/Size/Gather-of-Shape nodes in every graph; returns counts by op type.
     ``inferred``: what ``infer_shapes(model)`` returns (default: run it now)."""
     folded: collections.Counter[str] = collections.Counter()
-    has_shape_ops = any(n.op_type in ("Shape", "Size") and _is_default(n) for n in optcc.ir.nodes(model))
+    has_shape_ops = optcc.ir.holds_op_type(model, SHAPE_OPS) and any(
+        n.op_type in SHAPE_OPS and _is_default(n) for n in optcc.ir.nodes(model))
     if not has_shape_ops:
         return folded
     if inferred is None:

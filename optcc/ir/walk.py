@@ -178,6 +178,12 @@ def graphs(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
         yield from walk(function)
 
 
+def holds_op_type(model: ir.Model, op_types: frozenset[str]) -> bool:
+    """Whether a node of any graph-like of the model (any domain) has one of ``op_types``,
+    read from onnx-ir's node sets in C loops (``_unordered_nodes``)."""
+    return any(not op_types.isdisjoint(map(_OP_TYPE, _unordered_nodes(graph))) for graph in graphs(model))
+
+
 def nodes(model: ir.Model) -> Iterator[ir.Node]:
     """Every node of every graph-like of the model (see ``graphs``)."""
     for graph in graphs(model):
