@@ -28,8 +28,13 @@ def test_parsed_tensors_are_written_as_onnx_ir_writes_them():
         oh.make_tensor("i", onnx.TensorProto.INT64, [3], [1, -1, 1 << 40]),
         oh.make_tensor("s", onnx.TensorProto.INT32, [], [7]),
         oh.make_tensor("q", onnx.TensorProto.INT4, [2], [1, -2]),  # packed: onnx-ir writes it
+        # larger than CACHE_TENSOR_BYTES: written each time, not kept
+        oh.make_tensor("F", onnx.TensorProto.FLOAT, [40, 50], np.linspace(-1, 1, 2000, dtype=np.float32)),
+        oh.make_tensor("R", onnx.TensorProto.FLOAT, [2000], np.ones(2000, np.float32).tobytes(), raw=True),
+        oh.make_tensor("D", onnx.TensorProto.INT64, [1000], list(range(1000))),
     ]
     tensors[0].doc_string = "kept as stored"
+    tensors[-1].doc_string = "a large one with a doc string"
     nodes = [oh.make_node("Identity", [t.name], [f"{t.name}_out"]) for t in tensors]
     graph = oh.make_graph(nodes, "g", [], [oh.make_tensor_value_info(f"{t.name}_out", t.data_type, None)
                                            for t in tensors], tensors)

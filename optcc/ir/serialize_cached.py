@@ -319,18 +319,26 @@ def _dims_only(tensor: ir.TensorProtocol, name: str | None) -> bytes:
 
 def _tensor(tensor: ir.TensorProtocol) -> bytes:
     # in-memory tensors only (``type``: isinstance checks of onnx-ir's classes are slow)
-    if type(tensor) not in _CACHED_TENSOR_TYPES or _tensor_nbytes(tensor) > CACHE_TENSOR_BYTES:
+    if type(tensor) not in _CACHED_TENSOR_TYPES:
         return ir.serde.serialize_tensor(tensor).SerializeToString()
     metadata = tensor.metadata_props
+    if _tensor_nbytes(tensor) > CACHE_TENSOR_BYTES:  # written each time: not kept beside its data
+        return _proto_bytes(tensor, metadata) or ir.serde.serialize_tensor(tensor).SerializeToString()
     key = (tensor.name, tensor.doc_string, tuple(sorted(metadata.items())) if metadata else ())
     meta = tensor.meta.data
     cached = meta.get(_TENSOR_KEY)
     if cached is not None and cached[0] == key:
         return cached[1]
-    if type(tensor) is ir.serde.TensorProtoTensor and not metadata and not tensor.doc_string \
-            and tensor.raw.data_type in _PROTO_BYTES_DTYPES:
-        data = tensor.raw.SerializeToString()  # what onnx-ir's copy of that message writes, without the copy
-    else:
-        data = ir.serde.serialize_tensor(tensor).SerializeToString()
+    data = _proto_bytes(tensor, metadata) or ir.serde.serialize_tensor(tensor).SerializeToString()
     meta[_TENSOR_KEY] = (key, data)
     return data
+
+
+def _proto_bytes(tensor: ir.TensorProtocol, metadata: dict[str, str]) -> bytes | None:
+    """A parsed tensor of a plain numeric type without metadata or doc string: its own
+    TensorProto's bytes, which are what onnx-ir's copy of that message writes, without the
+    copy. None for any other tensor."""
+    if type(tensor) is ir.serde.TensorProtoTensor and not metadata and not tensor.doc_string \
+            and tensor.raw.data_type in _PROTO_BYTES_DTYPES:
+        return tensor.raw.SerializeToString()
+    return None
