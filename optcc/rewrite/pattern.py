@@ -426,7 +426,22 @@ def _match_node(
     if pattern.commute and len(pattern.inputs) == 2:
         orders.append(pattern.inputs[::-1])
     for order in orders:
-        yield from _match_inputs(order, node, 0, scope, bindings)
+        if _ops_may_match(order, node):
+            yield from _match_inputs(order, node, 0, scope, bindings)
+
+
+def _ops_may_match(patterns: Sequence[Pattern], node: ir.Node) -> bool:
+    """False when an ``Op`` among ``patterns`` cannot match the input of ``node`` at its
+    position, for want of a producer of one of its op types (what ``_match`` checks
+    first): an order that fails so is dropped before any binding is built."""
+    inputs = node.inputs
+    for i, pattern in enumerate(patterns):
+        if isinstance(pattern, Op):
+            value = inputs[i] if i < len(inputs) else None
+            producer = None if value is None else value.producer()
+            if producer is None or producer.op_type not in pattern.op_types:
+                return False
+    return True
 
 
 def _match_inputs(
