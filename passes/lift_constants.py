@@ -23,6 +23,8 @@ Exact: an initializer and a Constant node hold the same tensor; no value changes
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import onnx_ir as ir
 
 import optcc
@@ -30,6 +32,12 @@ import optcc
 __all__ = ["LiftConstantsPass"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def _dims(tensor: ir.TensorProtocol) -> Iterable[int]:
+    """The tensor's dims: a parsed tensor's read from its proto (its ``shape`` builds a
+    Shape of them each time)."""
+    return tensor.raw.dims if type(tensor) is ir.serde.TensorProtoTensor else tensor.shape
 
 
 def _lift(graph: ir.Graph, node: ir.Node) -> bool:
@@ -43,8 +51,7 @@ def _lift(graph: ir.Graph, node: ir.Node) -> bool:
     if tensor is None:  # an attribute reference (inside a function)
         return False
     name = output.name
-    value = ir.Value(name=None, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape),
-                     const_value=tensor)
+    value = ir.Value(name=None, type=ir.TensorType(tensor.dtype), shape=ir.Shape(_dims(tensor)), const_value=tensor)
     output.replace_all_uses_with(value)
     graph.remove(node, safe=True)
     value.name = name
