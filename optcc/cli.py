@@ -9,14 +9,17 @@ flag is given (--force, --allow-unverified, --allow-float-fallback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
 import os
+import signal
 import sys
 import textwrap
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -594,9 +597,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout, sys.stderr = streams
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the run is: not an ``Exception``, so no pass or check takes
+    it for a failure of its own, and the run unwinds as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> NoReturn:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the block runs in the main thread, SIGTERM (a timeout, a cancelled CI job, a
+    stopped container) unwinds the run instead of ending the process where it stands, so
+    that scratch folders and a half-written output's temporary file are removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     try:
-        return run(argv)
+        with _sigterm_unwinds():
+            return run(argv)
     except SystemExit as stop:  # argparse's --help, --version and usage errors
         return stop.code if isinstance(stop.code, int) else EXIT_BAD_INPUT
     except OptccError as error:
@@ -605,6 +633,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print("optcc: interrupted; nothing written", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("optcc: terminated; nothing written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # the reader of optcc's messages went away mid-run: the run stops there
         for stream in (sys.stdout, sys.stderr):
             _silence(stream)
