@@ -63,8 +63,8 @@ import onnxruntime as ort
 import optcc
 from optcc import fp16
 from optcc.numerics import (ACCEPTED_BY_SQNR, ACCEPTED_BY_TASK, RETRY_SIZES, SATURATED_BELOW, TOLERANCES, OutputMetrics,
-                            TaskJudge, Tolerance, Verifier, accept_float16, compare_outputs, generate_inputs,
-                            resolve_providers, widen_float16)
+                            TaskJudge, Tolerance, UngeneratedInputError, Verifier, accept_float16, compare_outputs,
+                            generate_inputs, resolve_providers, widen_float16)
 from optcc.fp16 import (
     FLOAT, FLOAT16, FP16_MAX, KEEP_INPUTS, Emulator, Rewriter, Slots, exactly_float16, float16_slots)
 from optcc.quant import quantized_already
@@ -607,7 +607,10 @@ class ConvertFloat16Pass(optcc.Pass):
         # model saves with external data anyway); otherwise they are read into memory
         self._external_result = optcc.ir.weight_bytes(model) > optcc.ir.EXTERNAL_DATA_THRESHOLD_BYTES
         self._weight_casts: set[str] = set()
-        self._facts(model)
+        try:
+            self._facts(model)
+        except UngeneratedInputError as e:  # a string input, say: only the user's samples can feed it
+            return optcc.PassResult(model, False, {"skipped": f"nothing converted: no samples to judge float16 on: {e}"})
         self.evaluations = 0
         self._fallback_labels: list[str] = []
         keep, plan = self._base_keep(self.reference)

