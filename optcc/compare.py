@@ -32,8 +32,8 @@ import onnxruntime as ort
 from optcc import ir as oir
 from optcc.errors import BadInputError, UnverifiedError
 from optcc.ir.overwrite import check_input_shapes
-from optcc.numerics import (RETRY_SIZES, TOLERANCES, OutputMetrics, Tolerance, check_feeds, compare_outputs,
-                            generate_inputs, sizes_text)
+from optcc.numerics import (RETRY_SIZES, TOLERANCES, OutputMetrics, Tolerance, UngeneratedInputError, check_feeds,
+                            compare_outputs, generate_inputs, sizes_text)
 from optcc.runtime.session import first_line, session_options
 
 __all__ = ["Comparison", "compare_models", "format_comparison"]
@@ -135,7 +135,10 @@ def compare_models(
         check_input_shapes(model_a, input_shapes, label=label_a)
     if inputs is None:
         sizes = _fixed_in_b(model_a, model_b, input_shapes or {})
-        feeds_list = generate_inputs(model_a, sizes, samples=samples, seed=seed)
+        try:
+            feeds_list = generate_inputs(model_a, sizes, samples=samples, seed=seed)
+        except UngeneratedInputError as error:  # a string input, say: only --inputs can feed A
+            raise UngeneratedInputError(str(error), label_a) from None
     else:
         feeds_list = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs]
         if not feeds_list:
