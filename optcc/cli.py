@@ -339,6 +339,19 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise BadInputError(f"--external-data-location '{location}' must be a file name (no folder)")
 
 
+def _check_not_sample_data(written: Sequence[Path | None], args: argparse.Namespace) -> None:
+    """No file written may be one the samples are read from (--inputs, --calibration: a
+    file, or the .npz files of a folder): writing it would destroy the user's data."""
+    for flag, given in (("--inputs", args.inputs), ("--calibration", args.calibration)):
+        if not given:
+            continue
+        source = Path(given)
+        read = sorted(source.glob("*.npz")) if source.is_dir() else [source] if source.is_file() else []
+        for path in (p for p in written if p is not None and p.exists()):
+            if any(os.path.samefile(path, data) for data in read):
+                raise BadInputError(f"output path is a file of the {flag} data; refusing to overwrite it", path)
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # onnxruntime's process-wide logger (sessions set their own level): optcc reports errors once, itself
@@ -365,6 +378,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise BadInputError("--external-data-location is the output file itself", output)
     if data_file is not None:
         oir.check_output_path(data_file, args.model, reads)
+    _check_not_sample_data([output, report_path, data_file], args)
     input_shapes = _parse_shapes(args.input_shape)
     fixed_shapes = _parse_shapes(args.overwrite_input_shape, "--overwrite-input-shape")
     with warnings.catch_warnings(record=True) as said:
