@@ -12,7 +12,7 @@ import onnxruntime as ort
 from onnx import TensorProto as TP
 
 import optcc
-from optcc.quant.bias_correction import correct_biases
+from optcc.quant.bias_correction import FloatMeans, correct_biases
 from optcc.quant.calibration import calibrate
 from optcc.passes.quantize_int8 import QuantizeInt8Pass
 from optcc.quant.fallback import count_integer_nodes, evaluate
@@ -112,6 +112,27 @@ def test_a_conv_without_bias_gets_an_int32_bias_and_still_fuses() -> None:
     proto = optcc.ir.serialize(q)
     onnx.checker.check_model(proto, full_check=True)
     assert count_integer_nodes(q) == fused_before  # every QLinearConv is still fused
+
+
+def test_float_means_shared_by_candidates_give_the_same_biases() -> None:
+    """One ``FloatMeans`` serves the fully quantized model and a candidate with a layer left
+    float (as the driver's fallback does): each comes out byte for byte as corrected with
+    means of its own, and the means are the float model's channel means (numpy)."""
+    model, calib = biased_chain(), samples(8, 0)
+    reference = optcc.ir.load(model)
+    ranges = calibrate(model, calib, "minmax").ranges
+    candidates = [QuantizeInt8Pass(ranges, count_fused=False, exclude=exclude)(optcc.ir.load(model)).model
+                  for exclude in ([], ["conv1"], [], ["conv1"])]
+    means = FloatMeans(reference, calib)
+    for q in candidates[:2]:
+        correct_biases(reference, q, calib, means=means)
+    for q in candidates[2:]:
+        correct_biases(reference, q, calib)
+    for shared, own in zip(candidates[:2], candidates[2:]):
+        assert optcc.ir.serialize(shared).SerializeToString() == optcc.ir.serialize(own).SerializeToString()
+    assert sorted(means.means) == CONVS  # measured for the full model, reused for the candidate
+    for name, expected in zip(CONVS, channel_means(model, CONVS, calib)):
+        np.testing.assert_allclose(means.means[name], expected, rtol=1e-5, atol=1e-7)
 
 
 def test_driver_corrects_biases_unless_told_not_to() -> None:

@@ -57,7 +57,7 @@ from optcc.progress import Progress
 from optcc.runtime.session import detached, session_options
 from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
-__all__ = ["correct_biases", "weight_error_shifts"]
+__all__ = ["FloatMeans", "correct_biases", "weight_error_shifts"]
 
 Feeds = Mapping[str, np.ndarray]
 _INT32_MAX = 2**31 - 1
@@ -213,23 +213,48 @@ def _insert(proto: onnx.ModelProto, first: Sequence[onnx.NodeProto],
     proto.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
 
 
+class FloatMeans:
+    """The float model's per-channel means of layer results over the samples, each result
+    measured once and kept: every model quantized from ``reference`` is corrected towards
+    the same means, so the candidates of one quantization (the driver's fallback) share
+    one measurement. A result's mean does not depend on which other results a session
+    reduces with it (the same kernels on the same inputs, graph optimizations off)."""
+
+    def __init__(self, reference: ir.Model, samples: Sequence[Feeds], threads: int | None = None) -> None:
+        self.reference, self.samples, self.threads = reference, samples, threads
+        self.means: dict[str, np.ndarray] = {}  # float64 [C] by the float model's name of the result
+
+    def of(self, layers: Sequence[_Layer]) -> list[np.ndarray]:
+        """The float means of the layers' results (``_Layer.reference``), in order; those not
+        measured yet are measured in one session."""
+        missing = list({layer.reference: layer for layer in layers if layer.reference not in self.means}.values())
+        if missing:
+            prefix = oir.unique_value_name(self.reference, "optcc_bias_correction")
+            proto, weights, outputs = _with_means(self.reference, missing, prefix, reference=True)
+            measured = _average(_session(proto, self.threads, weights), outputs, self.samples)
+            del proto, weights
+            release_memory()
+            self.means.update(zip((layer.reference for layer in missing), measured))
+        return [self.means[layer.reference] for layer in layers]
+
+
 def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[Feeds], *,
-                   threads: int | None = None, progress: bool = False) -> dict[str, Any]:
+                   threads: int | None = None, progress: bool = False,
+                   means: FloatMeans | None = None) -> dict[str, Any]:
     """Correct the biases of ``quantized``'s Convs and Gemms in place (see the module docstring);
     ``reference`` is the float model it was quantized from, ``samples`` calibration feed
-    dicts. Returns stats: layers corrected, channels left uncorrected (int32 overflow),
-    the mean absolute error of the layers' channel means before (each measured before its
-    own correction, the layers before it corrected) and after, samples, seconds."""
+    dicts. ``means``: the float means of ``reference`` on ``samples`` (``FloatMeans``), kept
+    across calls on models quantized from it; None measures them here. Returns stats:
+    layers corrected, channels left uncorrected (int32 overflow), the mean absolute error
+    of the layers' channel means before (each measured before its own correction, the
+    layers before it corrected) and after, samples, seconds."""
     start = time.perf_counter()
     reference_ops = {v.name: node.op_type for node in reference.graph for v in node.outputs if v.name}
     layers = _corrected_layers(quantized, reference_ops)
     if not layers or not samples:
         return {"layers": 0}
     prefix = oir.unique_value_name(quantized, "optcc_bias_correction")
-    ref_proto, ref_weights, ref_outputs = _with_means(reference, layers, prefix, reference=True)
-    target = _average(_session(ref_proto, threads, ref_weights), ref_outputs, samples)
-    del ref_proto, ref_weights
-    release_memory()
+    target = (means or FloatMeans(reference, samples, threads)).of(layers)
 
     # the quantized model with each corrected layer's bias as a float graph input
     proto, weights = light_proto(quantized)
