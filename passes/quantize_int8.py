@@ -99,6 +99,7 @@ _PASS_THROUGH = SHARED_SCALE_OPS | {"Identity", "Cast"}
 _SINGLE_INPUT_OPS = _WEIGHTED | {"AveragePool", "GlobalAveragePool"}  # other inputs: weights
 INT32_MAX = 2**31 - 1
 _MIN_WEIGHT_SCALE = 1e-12
+_QUANTIZE_CHUNK = 1 << 20  # elements ``_quantize`` rounds at a time (8 MiB of float64 temporaries)
 CONCAT_SPAN_RATIO = 16  # a Concat whose inputs' ranges differ more stays float (4 bits lost)
 
 Params = tuple[np.ndarray, np.ndarray]  # (scale float32, zero point uint8/int8)
@@ -126,13 +127,32 @@ def activation_params(lo: float, hi: float, activation_type: str = "uint8") -> P
 
 
 def _quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int | None) -> np.ndarray:
-    info = np.iinfo(zero.dtype)
+    """``round(x / scale) + zero`` in float64, clipped to the zero point's integer range, in
+    the zero point's dtype. Element-wise, so it is computed in slices of the leading axis of
+    at most ``_QUANTIZE_CHUNK`` elements: the float64 temporaries stay small whatever the
+    weight's size, and every element gets the same arithmetic as in one piece."""
+    dtype = zero.dtype
+    info = np.iinfo(dtype)
     if axis is not None and scale.ndim == 1:
         shape = [1] * x.ndim
         shape[axis] = -1
         scale, zero = scale.reshape(shape), zero.reshape(shape)
-    q = np.round(x.astype(np.float64) / scale.astype(np.float64)) + zero.astype(np.int64)
-    return np.clip(q, info.min, info.max).astype(zero.dtype)
+    scale, zero = scale.astype(np.float64), zero.astype(np.int64)
+
+    def rounded(part: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
+        return np.clip(np.round(part.astype(np.float64) / s) + z, info.min, info.max).astype(dtype)
+
+    if x.ndim == 0 or x.size <= _QUANTIZE_CHUNK:
+        return rounded(x, scale, zero)
+    out = np.empty(x.shape, dtype)
+    rows = max(1, _QUANTIZE_CHUNK // max(1, x[0].size))
+    # an operand with its own leading axis (per-channel along axis 0) is sliced with ``x``
+    sliced = [a.ndim == x.ndim and a.shape[0] != 1 for a in (scale, zero)]
+    for start in range(0, x.shape[0], rows):
+        part = slice(start, start + rows)
+        s, z = (a[part] if cut else a for a, cut in zip((scale, zero), sliced))
+        out[part] = rounded(x[part], s, z)
+    return out
 
 
 def _is_default(node: ir.Node) -> bool:
@@ -819,17 +839,20 @@ class _Rewriter:
             self.graph.remove(producer, safe=True)
 
     def _weight_params(self, w: np.ndarray, axis: int | None, floor: np.ndarray | None) -> Params:
+        """Symmetric int8 scale of ``w`` (per channel along ``axis``, else per tensor), at
+        least ``_MIN_WEIGHT_SCALE`` and ``floor`` (a bias's need: the channels it raises are
+        counted in ``bias_scale_raised``). Maxima of float32 values: the order in which the
+        bounds apply does not change the result."""
         if axis is None:
             scale = np.array(np.abs(w).max() / 127.0 if w.size else 1.0, np.float32)
-            if floor is not None:
-                scale = np.maximum(scale, floor.max()).astype(np.float32)
-            scale = np.maximum(scale, _MIN_WEIGHT_SCALE).astype(np.float32)
-            return scale, np.array(0, np.int8)
-        moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-        scale = (np.abs(moved).max(axis=1) / 127.0).astype(np.float32)
-        if floor is not None:
-            scale = np.maximum(scale, floor).astype(np.float32)
+            floor = None if floor is None else floor.max()
+        else:
+            moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+            scale = (np.abs(moved).max(axis=1) / 127.0).astype(np.float32)
         scale = np.maximum(scale, _MIN_WEIGHT_SCALE).astype(np.float32)
+        if floor is not None:
+            self.stats["bias_scale_raised"] += int(np.sum(np.broadcast_to(floor, scale.shape) > scale))
+            scale = np.maximum(scale, floor).astype(np.float32)
         return scale, np.zeros(scale.shape, np.int8)
 
     def _quantize_weight_input(self, node: ir.Node, index: int, axis: int | None,
@@ -867,8 +890,6 @@ class _Rewriter:
             if axis is None or not self.per_channel:
                 needed = np.array(needed.max() if needed.size else 0.0, np.float32)
             floor = needed
-            plain = self._weight_params(w, axis if self.per_channel else None, None)[0]
-            self.stats["bias_scale_raised"] += int(np.sum(np.broadcast_to(needed, plain.shape) > plain))
         w_scale, _ = self._quantize_weight_input(node, 1, axis, floor)
         if has_bias:
             b = _const(node.inputs[2])

@@ -217,6 +217,33 @@ def test_bias_is_int32_with_input_times_weight_scale() -> None:
     assert np.isclose(x_scale, expected_scale) and initializer(quantized, x_dq.inputs[2]) == expected_zero
 
 
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_weights_larger_than_a_chunk_round_like_numpy(trans_b: int) -> None:
+    """A weight of more elements than ``_quantize`` rounds at a time, cut in row slices that
+    do not divide it evenly, per channel along either axis: every element equals numpy's
+    round(w / scale) with the stored scale, which is the channel's max |w| / 127."""
+    rng = np.random.default_rng(7)
+    w = (rng.normal(size=(1500, 1100)) * rng.uniform(0.01, 1.0, size=(1500, 1))).astype(np.float32)
+    if trans_b:
+        w = w.T.copy()  # [out 1100, in 1500]: per channel along axis 0
+    graph = oh.make_graph(
+        [oh.make_node("Gemm", ["x", "W", "B"], ["y"], transB=trans_b, name="fc")], "g",
+        [oh.make_tensor_value_info("x", TP.FLOAT, [2, 1500])], [oh.make_tensor_value_info("y", TP.FLOAT, [2, 1100])],
+        [_init("W", w), _init("B", np.full(1100, 0.1, np.float32))],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    data = images(4, shape=(2, 1500))
+    result = QuantizeInt8Pass(calibrate(model, data).ranges)(optcc.ir.load(model))
+    dq = dq_source(result.model, by_name(result.model, "fc"), 1)
+    q, scale = initializer(result.model, dq.inputs[0]), initializer(result.model, dq.inputs[1])
+    axis = 0 if trans_b else 1
+    assert dq.attributes["axis"].as_int() == axis and q.dtype == np.int8 and q.shape == w.shape
+    np.testing.assert_allclose(scale, np.abs(w).max(axis=1 - axis) / 127, rtol=1e-6)
+    per_channel = scale.astype(np.float64).reshape((-1, 1) if axis == 0 else (1, -1))
+    expected = np.clip(np.round(w.astype(np.float64) / per_channel), -127, 127).astype(np.int8)
+    np.testing.assert_array_equal(q, expected)
+
+
 def test_bias_overflow_raises_the_weight_scale() -> None:
     rng = np.random.default_rng(3)
     w = (rng.normal(size=(4, 2, 1, 1)) * 1e-4).astype(np.float32)
