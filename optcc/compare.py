@@ -152,15 +152,17 @@ def compare_models(
     session_a = _session(model_a, path_a, label_a)
     session_b = _session(model_b, path_b, label_b)
     notes: list[str] = []
+    first_a: dict[str, np.ndarray] | None = None  # A's outputs on the first sample, when run already
     if inputs is None:
-        feeds_list, retried = _runnable(session_a, feeds_list, model_a, sizes, samples, seed)
+        feeds_list, first_a, retried = _runnable(session_a, feeds_list, model_a, sizes, samples, seed)
         notes += [retried] if retried else []
     outputs_a = [o.name for o in session_a.get_outputs()]
     outputs_b = [o.name for o in session_b.get_outputs()]
     common = [n for n in outputs_a if n in outputs_b]
     worst: dict[str, OutputMetrics] = {}
-    for feeds in feeds_list:
-        got_a, got_b = _run(session_a, feeds, label_a), _run(session_b, feeds, label_b)
+    for index, feeds in enumerate(feeds_list):
+        got_a = first_a if index == 0 and first_a is not None else _run(session_a, feeds, label_a)
+        got_b = _run(session_b, feeds, label_b)
         for name in common:
             ref, got = got_a[name], got_b[name]
             if got.dtype == np.float16 and ref.dtype == np.float32:
@@ -183,18 +185,19 @@ def compare_models(
 
 def _runnable(session: ort.InferenceSession, generated: list[dict[str, np.ndarray]], model: ir.Model,
               shapes: Mapping[str, Sequence[int]], samples: int, seed: int
-              ) -> tuple[list[dict[str, np.ndarray]], str | None]:
+              ) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray] | None, str | None]:
     """``generated`` when A runs its first sample, else the first of ``RETRY_SIZES``' feeds it
-    runs, with a note saying so; ``generated`` when none runs (the comparison then says why)."""
+    runs, with A's outputs on their first sample and a note saying what was retried;
+    ``generated`` and no outputs when none runs (the comparison then says why)."""
     for sizes in ({}, *RETRY_SIZES):
         feeds = generate_inputs(model, shapes, samples=samples, seed=seed, **sizes) if sizes else generated
         try:
-            _run(session, feeds[0], "")
+            first = _run(session, feeds[0], "")
         except UnverifiedError:
             continue
         retried = f"generated inputs did not run on A; they were made again with {sizes_text(sizes)}"
-        return feeds, retried if sizes else None
-    return generated, None
+        return feeds, first, retried if sizes else None
+    return generated, None, None
 
 
 def _fixed_in_b(model_a: ir.Model, model_b: ir.Model,
