@@ -180,8 +180,17 @@ def graphs(model: ir.Model) -> Iterator[ir.Graph | ir.Function]:
 
 def holds_op_type(model: ir.Model, op_types: frozenset[str]) -> bool:
     """Whether a node of any graph-like of the model (any domain) has one of ``op_types``,
-    read from onnx-ir's node sets in C loops (``_unordered_nodes``)."""
-    return any(not op_types.isdisjoint(map(_OP_TYPE, _unordered_nodes(graph))) for graph in graphs(model))
+    read from onnx-ir's node sets in C loops (``_unordered_nodes``), or node by node where a
+    node lacks the attribute those loops read."""
+    for graph in graphs(model):
+        nodes = _unordered_nodes(graph)
+        try:
+            if not op_types.isdisjoint(map(_OP_TYPE, nodes)):
+                return True
+        except AttributeError:
+            if any(n.op_type in op_types for n in nodes):
+                return True
+    return False
 
 
 def nodes(model: ir.Model) -> Iterator[ir.Node]:
