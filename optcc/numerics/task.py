@@ -221,12 +221,14 @@ def _confident_somewhere(values: Sequence[np.ndarray]) -> bool:
     """Whether some row, read as class scores, is confident (top-1 probability at least
     ``CONFIDENT_GAP`` above the second): a classifier is, on some input; coordinates or
     measured values never look so (their softmax is near uniform)."""
-    for v in values:
-        rows = np.asarray(v, np.float64).reshape(-1, np.asarray(v).shape[-1])
-        rows = rows[np.all(np.isfinite(rows), axis=-1)]  # a masked row (NaN, inf) says nothing
-        if rows.size and _confident(rows).any():
-            return True
-    return False
+    return any(_confident(rows).any() for rows in _finite_rows(values))
+
+
+def _finite_rows(values: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each sample's rows along the last axis (``[n, C]`` float64) that hold no NaN or
+    infinity, samples left with none left out: a masked row says nothing."""
+    rows = (np.asarray(v, np.float64).reshape(-1, np.asarray(v).shape[-1]) for v in values)
+    return [r for r in (r[np.all(np.isfinite(r), axis=-1)] for r in rows) if r.size]
 
 
 # the output ranks a named metric can judge (docs/int8.md's table); the others judge any
@@ -254,8 +256,7 @@ def _per_step_classes(values: Sequence[np.ndarray]) -> bool:
     step is one class throughout."""
     if values[0].shape[-1] < 3:
         return False
-    rows = [np.asarray(v, np.float64).reshape(-1, v.shape[-1]) for v in values]
-    rows = [r for r in (r[np.all(np.isfinite(r), axis=-1)] for r in rows) if r.size]  # a masked row says nothing
+    rows = _finite_rows(values)
     if not rows:
         return False
     confident = np.concatenate([_confident(r) for r in rows])
