@@ -5,7 +5,9 @@ Every session runs with onnxruntime's own graph optimizations and weight pre-pac
 so its fusions can neither hide nor cause a difference, and a weight that a rewrite made
 constant (a fold) is read by the kernel that read it computed (a pre-packed convolution
 or LSTM weight takes another code path, whose rounding a model can amplify past the exact
-tolerance). Inputs are the user's feed dicts, else
+tolerance). INT8 candidates are the exception: they run with onnxruntime's optimizations,
+which turn their QDQ pairs into the integer kernels a user's session runs (and the INT8
+pass judged); as written, onnxruntime would emulate them in float. Inputs are the user's feed dicts, else
 ``DEFAULT_SAMPLES`` generated samples that fit the model (``optcc.numerics.inputs``); when
 the original cannot run those, they are generated again with the sizes of
 ``RETRY_SIZES`` in turn (free dynamic dims ``RETRY_DYNAMIC_DIM`` long: a reflect-padded
@@ -89,6 +91,10 @@ ModelRef = Union[ir.Model, str, os.PathLike]
 DEFAULT_SAMPLES = 3
 REPARSE_MAX_BYTES = 64 * 1024 * 1024  # an original file up to this size is parsed again for the proof
 REFERENCES = ("auto", "float32")
+# INT8 candidates run as their users run them: onnxruntime fuses the QDQ pairs into the
+# integer kernels the INT8 pass judged its candidates with (``optcc.quant.fallback``);
+# every other candidate runs as written
+_AS_USERS_RUN: dict[str, dict[str, Any]] = {"int8": {"optimize": "all", "prepack": True}}
 
 
 @dataclasses.dataclass
@@ -383,7 +389,7 @@ class Verifier:
         """A session that runs ``source`` as the module docstring says every verification
         session runs: graph optimizations (unless ``options`` ask) and pre-packing off."""
         return make_session(source, provider, scratch=self._scratch.name,
-                            options=session_options(prepack=False, **options))
+                            options=session_options(**{"prepack": False, **options}))
 
     def _run_original(self) -> tuple[str | None, bool]:
         """Run the original on every provider and sample into ``_float32``: why not, in one
@@ -536,7 +542,8 @@ class Verifier:
                 try:
                     # a lossy candidate's kernels may widen its stored weights on every run (float16
                     # on CPU, dequantized weights): without the arena that memory is returned
-                    session = self._session(source, provider, arena=numerics in ("exact", "fusion"))
+                    session = self._session(source, provider, arena=numerics in ("exact", "fusion"),
+                                            **_AS_USERS_RUN.get(numerics, {}))
                 except Exception as e:  # noqa: BLE001
                     reason = f"onnxruntime cannot load the optimized model: {first_line(e)}"
                     return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
