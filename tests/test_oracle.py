@@ -283,3 +283,26 @@ def test_a_wrong_pass_inside_a_fixpoint_is_reverted_for_the_rest_of_the_run():
     statuses = [r.status for r in result.report.passes if r.name == "planted-in-fixpoint"]
     assert statuses and set(statuses) == {"reverted"}
     assert result.report.verification["status"] == "passed"
+
+
+def test_a_reference_over_the_work_budget_is_refused_from_inferred_shapes(monkeypatch):
+    """A Conv whose float64 evaluation would exceed the budget (64x64 channels, 3x3, on a
+    256x256 input given by the sample: the graph's spatial axes are free) is refused with
+    the work counted from onnx's inferred shapes, before any run that returns every
+    intermediate tensor."""
+    from optcc.numerics import float64
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, "h", "w"])],
+        [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    monkeypatch.setattr(float64, "_float32_values", lambda *a: pytest.fail("probed every intermediate"))
+    feeds = [{"x": rng.standard_normal((1, 64, 256, 256)).astype(np.float32)}]
+    reference = Float64Reference.build(model, feeds)  # onnxruntime has no float64 Conv: the evaluator's path
+    expected = 64 * 64 * 9 * 256 * 256 * (len(feeds) + 1)  # MACs of the sample and the node check
+    assert reference.outputs is None
+    assert f"at least {(expected + 2 * 2 * float64.NODE_COST_MACS) / 1e9:.2g} GMAC" in reference.reason

@@ -332,12 +332,16 @@ class Float64Reference:
             return cls("float64 (onnxruntime)", outs)
         except Exception:  # noqa: BLE001 - no double kernel for some node: try the evaluator
             pass
+        # the shapes onnx infers give a lower bound of the work (a node they cannot size
+        # counts nothing): over the budget, no probe of every intermediate is needed
+        macs = _macs(proto, _inferred_shapes(proto, feeds[0]), len(feeds))
+        if macs > MAX_REFERENCE_MACS:
+            return cls(None, None, f"a float64 evaluation would take at least {macs / 1e9:.2g} GMAC "
+                                   f"(budget {MAX_REFERENCE_MACS / 1e9:g})")
         values, problem = _float32_values(proto, feeds[0])
         if values is None:
             return cls(None, None, problem)
-        per_run = estimated_macs(proto, {k: np.shape(v) for k, v in values.items()}) \
-            + NODE_COST_MACS * len(proto.graph.node)
-        macs = per_run * (len(feeds) + 1)
+        macs = _macs(proto, {k: np.shape(v) for k, v in values.items()}, len(feeds))
         if macs > MAX_REFERENCE_MACS:
             return cls(None, None, f"a float64 evaluation would take {macs / 1e9:.2g} GMAC "
                                    f"(budget {MAX_REFERENCE_MACS / 1e9:g})")
@@ -353,6 +357,35 @@ class Float64Reference:
         except Exception as e:  # noqa: BLE001
             return cls(None, None, f"onnx's reference evaluator failed: {first_line(e)}")
         return cls("float64 (onnx reference evaluator)", outs)
+
+
+def _macs(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], samples: int) -> int:
+    """The float64 evaluation's work: every sample and the node check, nodes included."""
+    return (estimated_macs(proto, shapes) + NODE_COST_MACS * len(proto.graph.node)) * (samples + 1)
+
+
+def _inferred_shapes(proto: onnx.ModelProto, feeds: Feeds) -> dict[str, list[int]]:
+    """The static shapes onnx's shape inference gives the main graph's values when its
+    inputs have the shapes of ``feeds`` (none when inference fails)."""
+    trial = onnx.ModelProto()
+    trial.CopyFrom(proto)
+    for value in trial.graph.input:
+        if value.name in feeds and value.type.HasField("tensor_type"):
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for size in np.shape(feeds[value.name]):
+                dims.add().dim_value = int(size)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(trial, data_prop=True)
+    except Exception:  # noqa: BLE001 - then the probe sizes every value
+        return {}
+    shapes = {}
+    for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else ()
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [d.dim_value for d in dims]
+    shapes.update({t.name: list(t.dims) for t in proto.graph.initializer})
+    return shapes
 
 
 def _float32_values(proto: onnx.ModelProto, feeds: Feeds) -> tuple[dict[str, Any] | None, str | None]:
