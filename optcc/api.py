@@ -17,7 +17,7 @@ import onnx_ir as ir
 from optcc import ir as oir
 from optcc.errors import BadInputError, PrecisionNotAppliedError, UnverifiedError, VerificationError
 from optcc.infra.pass_base import Numerics
-from optcc.infra.manager import PassManager, pass_name, step_passes
+from optcc.infra.manager import PassManager, Prepared, pass_name, step_passes
 from optcc.infra.pipelines import build_pipeline
 from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_bytes
@@ -232,10 +232,11 @@ def optimize(
         # the float model INT8 starts from, by ordinary (recorded, verified, revertible) passes:
         # generated weights folded whatever their size, BatchNorm and affine layers fused;
         # a pass the user disabled stays out here too (--disable fold-constants is what the
-        # fold-growth warning offers to keep computed weights computed)
-        pipeline.extend(create_pass(name, **kwargs) for name, kwargs in (
+        # fold-growth warning offers to keep computed weights computed). Kept only with INT8:
+        # a declined INT8 leaves the model the float passes made (``Prepared``)
+        preparation = [create_pass(name, **kwargs) for name, kwargs in (
             ("fold-constants", {"fold_large": True}), ("fuse-batchnorm", {}), ("fuse-conv-affine", {}),
-            ("eliminate-dead-nodes", {})) if name not in disable)
+            ("eliminate-dead-nodes", {})) if name not in disable]
         shared: dict[str, Any] = {}
         if inputs is None:
             inputs = samples  # all of them: a task metric over the held-out part alone can lack items
@@ -243,8 +244,9 @@ def optimize(
                 # the verifier (built below) judges the same samples: the pass judges with its judge,
                 # so the float model and its noise floor run once, and both decide alike
                 shared["judge"] = lambda: None if verifier is None else verifier.sample_judge()
-        pipeline.append(create_pass(INT8_PASS, samples=samples, method=int8_method, progress=progress,
-                                    **{"prepare": False, **shared, **dict(int8_options or {})}))
+        quantizer = create_pass(INT8_PASS, samples=samples, method=int8_method, progress=progress,
+                                **{"prepare": False, **shared, **dict(int8_options or {})})
+        pipeline.append(Prepared(preparation, quantizer))
     if int8_dynamic:
         pipeline.append(create_pass("quantize-dynamic"))
     if weight_only:

@@ -46,7 +46,7 @@ from optcc.numerics.kinds import NUMERICS_ORDER, Numerics, loosest
 from optcc.numerics.verify import Verification, Verifier
 from optcc.runtime.shared_weights import Serialized
 
-__all__ = ["Fixpoint", "PassManager", "PipelineResult", "pass_name", "step_passes", "MAX_BISECTIONS"]
+__all__ = ["Fixpoint", "Prepared", "PassManager", "PipelineResult", "pass_name", "step_passes", "MAX_BISECTIONS"]
 
 PassLike = ir.passes.PassBase
 MAX_BISECTIONS = 8  # numerics failures traced back to a pass per run; then the result fails
@@ -65,7 +65,19 @@ class Fixpoint:
     name: str = "fixpoint"
 
 
-PipelineStep = Union[PassLike, Fixpoint]
+@dataclasses.dataclass
+class Prepared:
+    """Run ``preparation``, then ``main``, as one step: the preparation's changes are kept
+    only with ``main``'s. When ``main`` leaves the model unchanged (it declines, fails or is
+    reverted), the model is the one the step was given, and the preparation's records say
+    they were undone. For rewrites made only for ``main`` (INT8's folded weights and fused
+    BatchNorm layers), which the model would not get without it."""
+
+    preparation: Sequence[PassLike]
+    main: PassLike
+
+
+PipelineStep = Union[PassLike, Fixpoint, Prepared]
 
 
 def pass_name(pass_: PassLike) -> str:
@@ -73,8 +85,12 @@ def pass_name(pass_: PassLike) -> str:
 
 
 def step_passes(step: PipelineStep) -> list[PassLike]:
-    """The passes a pipeline step runs: a fixpoint's, else the step itself."""
-    return list(step.passes) if isinstance(step, Fixpoint) else [step]
+    """The passes a pipeline step runs: a fixpoint's, a prepared step's, else the step itself."""
+    if isinstance(step, Fixpoint):
+        return list(step.passes)
+    if isinstance(step, Prepared):
+        return [*step.preparation, step.main]
+    return [step]
 
 
 def _numerics(pass_: PassLike) -> Numerics:
@@ -297,6 +313,8 @@ class PassManager:
         for step in self.pipeline:
             if isinstance(step, Fixpoint):
                 model = self._run_fixpoint(run, step, model)
+            elif isinstance(step, Prepared):
+                model = self._run_prepared(run, step, model)
             elif not self._would_change_nothing(run, step):
                 model, _ = self._run_pass(run, step, model, iteration=None)
         run.model = model
@@ -327,6 +345,29 @@ class PassManager:
         run.warnings.append(message)
         run.unconverged.append(fixpoint.name)
         return model
+
+    def _run_prepared(self, run: _Run, step: Prepared, model: ir.Model) -> ir.Model:
+        """The preparation, then the main pass; when the main pass keeps no change, the
+        model as given (a copy taken before: graphs copied, tensors shared), a new
+        checkpoint there, and the preparation's kept runs dropped and recorded as undone."""
+        given = oir.clone(model)
+        kept, first, summary = len(run.kept), len(run.records), run.summary
+        for pass_ in step.preparation:
+            if not self._would_change_nothing(run, pass_):
+                model, _ = self._run_pass(run, pass_, model, iteration=None)
+        main_changed = False
+        if not self._would_change_nothing(run, step.main):
+            model, main_changed = self._run_pass(run, step.main, model, iteration=None)
+        if main_changed or len(run.kept) == kept:
+            return model
+        why = f"undone: {pass_name(step.main)} kept no change, and this pass ran only to prepare for it"
+        run.records[first:] = [dataclasses.replace(r, status="reverted", reason=why) if r.status == "changed" else r
+                               for r in run.records[first:]]
+        run.kept = run.kept[:kept]
+        run.summary = summary
+        run.version += 1
+        self._set_checkpoint(run, given)
+        return given
 
     # ----------------------------------------------------------------- instruments
 
