@@ -1,5 +1,7 @@
 """Graph inputs and outputs without a type or shape (older and hand-built exports): the
-types shape inference gives them, so the model written passes onnx's checker."""
+types shape inference gives them, so the model written passes onnx's checker; and declared
+shapes whose rank shape inference contradicts (Paddle's ``FLOAT[]`` on outputs of rank
+2-4): made unknown, so it passes the checker's full check too."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from optcc.errors import BadInputError
 
 FILLED_INTERFACE_KEY = "optcc.filled_interface"
 """``model.meta`` key (in memory, never written) listing, one line each, the main-graph
-inputs and outputs whose missing type or shape ``load`` filled in."""
+inputs and outputs whose missing type or shape ``load`` filled in, and the declared shapes
+it made unknown."""
 
 _MAX_TRIED_RANK = 8
 
@@ -39,8 +42,6 @@ def _interface_fills(
     graph = proto.graph
     inputs = [v for v in graph.input if _needs_fill(v)]
     outputs = [v for v in graph.output if _needs_fill(v)]
-    if not inputs and not outputs:
-        return []
     weights = {t.name: t for t in graph.initializer}
     light = without_weights(proto)
     fills: list[tuple[str, onnx.TypeProto, str]] = []
@@ -65,9 +66,11 @@ def _interface_fills(
             )
         fill = onnx.helper.make_tensor_type_proto(elem, [None] * ranks[0])
         fills.append(_fill("input", info.name, fill, "(rank from shape inference)"))
+    for where, fill, _ in fills:
+        _set_type(light, where, fill)
+    unfilled = {v.name for v in outputs}
+    fills.extend(_contradicted(light, [v for v in graph.output if v.name not in unfilled], graph.value_info))
     if outputs:
-        for where, fill, _ in fills:
-            _set_type(light, where, fill)
         inferred = _inferred_types(light)
         declared = {v.name: v.type for v in graph.value_info}
         declared.update({v.name: v.type for v in graph.input if not _needs_fill(v)})
@@ -86,6 +89,43 @@ def _interface_fills(
                 )
             fill = _without_placeholder_dims(fill)
             fills.append(_fill("output", info.name, fill, f"from {source}"))
+    return fills
+
+
+def _contradicted(
+    light: onnx.ModelProto, outputs: list[onnx.ValueInfoProto], value_info: list[onnx.ValueInfoProto]
+) -> list[tuple[str, onnx.TypeProto, str]]:
+    """Fills for the declared ``outputs`` and ``value_info`` (main graph) whose rank is
+    not the one shape inference finds from the graph alone (declarations set aside):
+    onnxruntime runs such a model, onnx.checker's full check refuses it. An output keeps
+    its dtype and gets the inferred rank, every dim unknown (a graph output needs a shape;
+    the rank is all that is proved against the declaration); a value_info keeps its dtype
+    and loses its shape. Nothing changes where inference finds no rank."""
+    declared = [(f"output:{v.name}", v) for v in outputs] + [(f"value_info:{v.name}", v) for v in value_info]
+    declared = [(where, v) for where, v in declared
+                if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")]
+    if not declared:
+        return []
+    bare = onnx.ModelProto()
+    bare.CopyFrom(light)
+    del bare.graph.value_info[:]
+    for info in bare.graph.output:
+        if info.type.HasField("tensor_type"):
+            info.type.tensor_type.ClearField("shape")
+    inferred = _inferred_types(bare)
+    fills = []
+    for where, info in declared:
+        found = inferred.get(info.name)
+        if found is None or not found.HasField("tensor_type") or not found.tensor_type.HasField("shape"):
+            continue
+        rank, dims = len(found.tensor_type.shape.dim), info.type.tensor_type.shape.dim
+        if rank == len(dims):
+            continue
+        kind, name = where.split(":", 1)
+        output = kind == "output"
+        fill = onnx.helper.make_tensor_type_proto(info.type.tensor_type.elem_type, [None] * rank if output else None)
+        fills.append((where, fill, f"{kind} '{name}': declared {_type_text(info.type)}, shape inference gives rank "
+                                   f"{rank}: {_type_text(fill) if output else 'shape dropped'}"))
     return fills
 
 
@@ -136,9 +176,14 @@ def _inferred_types(light: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
             if v.type.WhichOneof("value") is not None}
 
 
+def _infos(proto: onnx.ModelProto, kind: str):  # noqa: ANN202 - a repeated protobuf field
+    """The main graph's value infos of ``kind``: input, output or value_info."""
+    return getattr(proto.graph, kind)
+
+
 def _set_type(proto: onnx.ModelProto, where: str, fill: onnx.TypeProto) -> None:
     kind, name = where.split(":", 1)
-    for info in proto.graph.input if kind == "input" else proto.graph.output:
+    for info in _infos(proto, kind):
         if info.name == name:
             info.type.CopyFrom(fill)
 
@@ -149,7 +194,7 @@ def _apply_fills(
     originals = []
     for where, fill, _ in fills:
         kind, name = where.split(":", 1)
-        for info in proto.graph.input if kind == "input" else proto.graph.output:
+        for info in _infos(proto, kind):
             if info.name == name:
                 saved = onnx.TypeProto()
                 saved.CopyFrom(info.type)
