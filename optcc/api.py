@@ -425,7 +425,12 @@ def _with_overwrite(
 
 def _has_dtype(model: ir.Model, dtypes: frozenset[ir.DataType]) -> bool:
     """Whether some tensor of any graph (an initializer, or a node's tensor attribute: a
-    branch's Constant) or some annotated node output holds one of ``dtypes``."""
+    branch's Constant), a main-graph input or output, some annotated node output or some
+    Cast's result holds one of ``dtypes``. A pass need not annotate what it computes (FP16
+    leaves the types it infers undeclared): a model without float16 weights computes in
+    float16 behind its input Casts, or from float16 inputs."""
+    if any(v.dtype in dtypes for v in (*model.graph.inputs, *model.graph.outputs)):
+        return True
     for graph in oir.graphs(model):
         if isinstance(graph, ir.Graph) and any(v.dtype in dtypes for v in graph.initializers.values()):
             return True
@@ -433,6 +438,9 @@ def _has_dtype(model: ir.Model, dtypes: frozenset[ir.DataType]) -> bool:
         if any(o.dtype in dtypes for o in node.outputs):
             return True
         if any(a.type == ir.AttributeType.TENSOR and a.value.dtype in dtypes for a in node.attributes.values()):
+            return True
+        if node.op_type == "Cast" and node.domain == "" and \
+                ir.DataType(node.attributes.get_int("to", 0)) in dtypes:
             return True
     return False
 

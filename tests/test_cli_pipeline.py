@@ -559,9 +559,10 @@ def test_input_range_sets_the_generated_verification_values(tmp_path):
 @pytest.mark.corpus
 @pytest.mark.parametrize("name", ["shufflenet", "bvlc-alexnet", "ppocr-mobile-cls"])
 def test_fp16_never_makes_a_corpus_model_bigger(name: str, tmp_path: Path) -> None:
-    """--fp16 writes at most 0.52x the file where it applies, and otherwise says why and
-    writes nothing (exit 5); the weight generators of the onnx wheel's light models are not
-    materialized for it."""
+    """--fp16 writes at most 0.52x the file where it applies to stored float weights, and
+    otherwise says why and writes nothing (exit 5); the weight generators of the onnx
+    wheel's light models are not materialized for it: a light model stores no float weight,
+    so where its layers run in float16 the file grows by their Casts alone."""
     from fixtures.corpus import CorpusUnavailable, fetch, find_model
 
     try:
@@ -570,12 +571,22 @@ def test_fp16_never_makes_a_corpus_model_bigger(name: str, tmp_path: Path) -> No
         pytest.skip(f"corpus model {name} unavailable: {e}")
     out = tmp_path / "fp16.onnx"
     code = cli.main([str(source), "--fp16", "-o", str(out), "-q"])
+    given = onnx.load(str(source))
+    tensors = [*given.graph.initializer, *(a.t for n in given.graph.node if n.op_type == "Constant" for a in n.attribute)]
+    stored = sum(t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 64 for t in tensors)
     if code == 5:
         assert not out.exists()
-    else:
-        assert code == 0 and out.stat().st_size <= 0.52 * Path(source).stat().st_size
-        float16 = [t for t in onnx.load(out).graph.initializer if t.data_type == TensorProto.FLOAT16]
+        return
+    assert code == 0
+    written = onnx.load(out)
+    if stored:
+        assert out.stat().st_size <= 0.52 * Path(source).stat().st_size
+        float16 = [t for t in written.graph.initializer if t.data_type == TensorProto.FLOAT16]
         assert float16, "no float16 weights in the float16 model"
+    else:
+        assert max((t.ByteSize() for t in written.graph.initializer), default=0) <= 1024  # nothing materialized
+        casts = sum(n.op_type == "Cast" for n in written.graph.node) - sum(n.op_type == "Cast" for n in given.graph.node)
+        assert casts > 0 and out.stat().st_size <= Path(source).stat().st_size + 128 * casts
 
 
 def test_the_pass_managers_warnings_are_said_once_in_the_summary(example: Path, tmp_path: Path, capsys,
