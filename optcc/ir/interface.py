@@ -1,7 +1,8 @@
 """Graph inputs and outputs without a type or shape (older and hand-built exports): the
 types shape inference gives them, so the model written passes onnx's checker; and declared
-shapes whose rank shape inference contradicts (Paddle's ``FLOAT[]`` on outputs of rank
-2-4): made unknown, so it passes the checker's full check too."""
+shapes whose rank shape inference contradicts, in a graph that declares a rank-0 output
+(Paddle's ``FLOAT[]`` on outputs of rank 2-4): made unknown, so it passes the checker's
+full check too."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def _interface_fills(
     graph = proto.graph
     inputs = [v for v in graph.input if _needs_fill(v)]
     outputs = [v for v in graph.output if _needs_fill(v)]
+    if not inputs and not outputs and not any(map(_rank0, graph.output)):
+        return []
     weights = {t.name: t for t in graph.initializer}
     light = without_weights(proto)
     fills: list[tuple[str, onnx.TypeProto, str]] = []
@@ -96,7 +99,9 @@ def _contradicted(
     light: onnx.ModelProto, outputs: list[onnx.ValueInfoProto], value_info: list[onnx.ValueInfoProto]
 ) -> list[tuple[str, onnx.TypeProto, str]]:
     """Fills for the declared ``outputs`` and ``value_info`` (main graph) whose rank is
-    not the one shape inference finds from the graph alone (declarations set aside):
+    not the one shape inference finds from the graph alone (declarations set aside), when
+    an output is declared rank 0 (Paddle's ``FLOAT[]``; scalar value_infos are common, and
+    elsewhere a load does not pay for this shape inference):
     onnxruntime runs such a model, onnx.checker's full check refuses it. An output keeps
     its dtype and gets the inferred rank, every dim unknown (a graph output needs a shape;
     the rank is all that is proved against the declaration); a value_info keeps its dtype
@@ -104,7 +109,7 @@ def _contradicted(
     declared = [(f"output:{v.name}", v) for v in outputs] + [(f"value_info:{v.name}", v) for v in value_info]
     declared = [(where, v) for where, v in declared
                 if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")]
-    if not declared:
+    if not any(map(_rank0, outputs)):
         return []
     bare = onnx.ModelProto()
     bare.CopyFrom(light)
@@ -127,6 +132,11 @@ def _contradicted(
         fills.append((where, fill, f"{kind} '{name}': declared {_type_text(info.type)}, shape inference gives rank "
                                    f"{rank}: {_type_text(fill) if output else 'shape dropped'}"))
     return fills
+
+
+def _rank0(info: onnx.ValueInfoProto) -> bool:
+    t = info.type.tensor_type if info.type.HasField("tensor_type") else None
+    return t is not None and t.HasField("shape") and not t.shape.dim
 
 
 def _fill(kind: str, name: str, fill: onnx.TypeProto, how: str) -> tuple[str, onnx.TypeProto, str]:
