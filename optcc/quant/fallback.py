@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import heapq
 import math
 import os
 import tempfile
@@ -75,15 +74,13 @@ _QUANTIZATION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQua
 
 def _session(model: ir.Model | bytes | onnx.ModelProto, optimize: bool | str, threads: int | None = None,
              optimized_path: str | None = None, weights: Mapping[str, np.ndarray] | None = None,
-             arena: bool = True, priority_order: bool = False) -> ort.InferenceSession:
+             arena: bool = True) -> ort.InferenceSession:
     """A CPU session; an onnx-ir model (or a ``light_proto`` with its ``weights``) hands
     onnxruntime its weights in place instead of a serialized copy. ``optimized_path``:
     where onnxruntime writes the graph it runs, its large weights in a file beside it.
     ``arena=False``: activations go back to the system as they are freed (the sessions
-    that measure accuracy run a few samples; the arena would keep their peak).
-    ``priority_order``: as ``session_options`` says."""
-    options = session_options(optimize=optimize, threads=threads, optimized_path=optimized_path, arena=arena,
-                              priority_order=priority_order)
+    that measure accuracy run a few samples; the arena would keep their peak)."""
+    options = session_options(optimize=optimize, threads=threads, optimized_path=optimized_path, arena=arena)
     if optimized_path is not None:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                          os.path.basename(optimized_path) + ".weights")
@@ -504,7 +501,6 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
             copy(node, ins, outs, tag)
         fetch[layer] = (float_name, result)
     pairs: dict[str, tuple[str, str]] = {}  # layer -> (float name, name in the joined quantized graph)
-    q_nodes: list[onnx.NodeProto] = []
     if propagated:
         joined = _join_quantized(float_proto, q_proto, q_weights)
         if joined is None:
@@ -512,101 +508,43 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
         renamed, q_nodes, q_inits, joined_weights = joined
         pairs = {layer: (names[0], renamed(names[1])) for layer, names in layer_outputs.items()
                  if names[0] and names[1]}
+        nodes.extend(q_nodes)
         float_proto.graph.initializer.extend(q_inits)
         weights.update(joined_weights)
     if not fetch and not pairs:
         return {}, {}
     weights.update({name: q_weights[name] for name in added_inits if name in q_weights})
     del q_proto, q_weights
-    _interleave(float_proto.graph, nodes, q_nodes)
+    float_proto.graph.node.extend(nodes)
     float_proto.graph.initializer.extend(added_inits.values())
     del float_proto.graph.output[:]
-    sums = _squared_sums(float_proto.graph, [*fetch.values(), *pairs.values()])
-    names = list(dict.fromkeys(n for pair in sums.values() for n in pair))
+    names = list(dict.fromkeys([*(n for pair in fetch.values() for n in pair),
+                                *(n for pair in pairs.values() for n in pair)]))
     float_proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-    session = _session(float_proto, False, weights=weights, arena=False, priority_order=True)
-    del float_proto, weights, nodes, q_nodes, added_inits
-    totals = dict.fromkeys(names, 0.0)
+    session = _session(float_proto, False, weights=weights, arena=False)
+    del float_proto, weights, nodes, added_inits
+    signal = dict.fromkeys(fetch, 0.0)
+    noise = dict.fromkeys(fetch, 0.0)
+    p_signal = dict.fromkeys(pairs, 0.0)
+    p_noise = dict.fromkeys(pairs, 0.0)
     for feeds in samples:
-        for name, value in zip(names, session.run(names, dict(feeds))):
-            totals[name] += float(value)
+        values = dict(zip(names, session.run(names, dict(feeds))))
+        for layer in fetch.keys() | pairs.keys():
+            # both compare with the layer's float result (layer_outputs' first name): its
+            # float64 copy and power are made once
+            r = np.asarray(values[(fetch.get(layer) or pairs[layer])[0]], np.float64)
+            power = float(np.sum(r**2))
+            if layer in fetch:
+                signal[layer] += power
+                noise[layer] += float(np.sum((r - np.asarray(values[fetch[layer][1]], np.float64)) ** 2))
+            if layer in pairs:
+                p_signal[layer] += power
+                p_noise[layer] += float(np.sum((r - np.asarray(values[pairs[layer][1]], np.float64)) ** 2))
+        del values
     del session
     release_memory()
-
-    def db(pair: tuple[str, str]) -> float:
-        signal, noise = sums[pair]
-        return _db(totals[signal], totals[noise])
-
-    return {layer: db(pair) for layer, pair in pairs.items()}, {layer: db(pair) for layer, pair in fetch.items()}
-
-
-def _interleave(graph: onnx.GraphProto, copies: Sequence[onnx.NodeProto], parallel: Sequence[onnx.NodeProto]) -> None:
-    """Add ``copies`` (reading the graph's values) and ``parallel`` (a graph of its own
-    over the same inputs) to ``graph``'s nodes in an order that runs the graph and
-    ``parallel`` side by side, each at the same fraction of its own nodes, and each copy
-    as soon as what it reads exists: run in that order (``priority_order``), a value
-    both read is freed soon after it is made, not after one of them has run to the end."""
-    own = list(graph.node)
-    rank = {id(n): i / len(own) for i, n in enumerate(own)}
-    rank.update({id(n): i / len(parallel) for i, n in enumerate(parallel)})
-    every = [*own, *copies, *parallel]
-    producer = {value: k for k, n in enumerate(every) for value in n.output}
-    waiting = [sum(1 for v in set(n.input) if v in producer) for n in every]
-    readers = collections.defaultdict(list)
-    for k, n in enumerate(every):
-        for v in set(n.input):
-            if v in producer:
-                readers[producer[v]].append(k)
-    ready = [(rank.get(id(n), -1.0), k) for k, n in enumerate(every) if not waiting[k]]
-    heapq.heapify(ready)
-    ordered = []
-    while ready:
-        _, k = heapq.heappop(ready)
-        ordered.append(every[k])
-        for r in readers[k]:
-            waiting[r] -= 1
-            if not waiting[r]:
-                heapq.heappush(ready, (rank.get(id(every[r]), -1.0), r))
-    assert len(ordered) == len(every), "the combined graph has a cycle"
-    del graph.node[:]
-    graph.node.extend(ordered)
-
-
-def _squared_sums(graph: onnx.GraphProto, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, str]]:
-    """Add to ``graph`` the float64 sums of squares each ``(reference, result)`` pair is
-    judged by: of the reference, and of the result's difference to it; returns their
-    names per pair. Each sample's session run then returns two scalars per pair, not the
-    layer tensors. Each sum's nodes go right after the last producer of what they read,
-    with float64 copies of their own: run in that order (``priority_order``), a float64
-    copy lives only while it is summed and a layer's tensor can be freed once its pairs
-    are summed, instead of every layer's tensor waiting for sums placed at the end."""
-    position = {value: i for i, node in enumerate(graph.node) for value in node.output}
-    after: dict[int, list[onnx.NodeProto]] = collections.defaultdict(list)  # producer index (-1: none) -> sums
-    powers: dict[str, str] = {}  # reference -> its sum of squares
-    sums: dict[tuple[str, str], tuple[str, str]] = {}
-
-    def node(op: str, inputs: list[str], at: int, **attributes: Any) -> str:
-        out = f"optcc_sums{sum(map(len, after.values()))}_{op}"
-        after[at].append(onnx.helper.make_node(op, inputs, [out], name=out, **attributes))
-        return out
-
-    def float64(name: str, at: int) -> str:
-        return node("Cast", [name], at, to=onnx.TensorProto.DOUBLE)
-
-    for reference, result in dict.fromkeys(pairs):
-        if reference not in powers:
-            at = position.get(reference, -1)
-            powers[reference] = node("ReduceSumSquare", [float64(reference, at)], at, keepdims=0)
-        at = max(position.get(reference, -1), position.get(result, -1))
-        difference = node("Sub", [float64(reference, at), float64(result, at)], at)
-        sums[(reference, result)] = (powers[reference], node("ReduceSumSquare", [difference], at, keepdims=0))
-    ordered = list(after[-1])
-    for i, existing in enumerate(graph.node):
-        ordered.append(existing)
-        ordered.extend(after[i])
-    del graph.node[:]
-    graph.node.extend(ordered)
-    return sums
+    return ({layer: _db(p_signal[layer], p_noise[layer]) for layer in pairs},
+            {layer: _db(signal[layer], noise[layer]) for layer in fetch})
 
 
 def _join_quantized(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto, q_weights: Mapping[str, np.ndarray]
