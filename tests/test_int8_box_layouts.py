@@ -260,3 +260,109 @@ def test_driver_judges_a_yolox_head_by_boxes() -> None:
 def _run_image(model: onnx.ModelProto, image: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"image": image})[0]
+
+
+# ------------------------------------------------------------ final detections [N, K, 6]
+
+
+def _detections(objects: list[tuple[float, float, float, float, float, int]], rows: int = 32) -> np.ndarray:
+    """[1, rows, 6] as an end-to-end export writes it (YOLOv10, YOLO26): x0, y0, x1, y1,
+    score, class id, sorted by score; the rows past the objects are low-score candidates."""
+    rng = np.random.default_rng(4)
+    out = np.zeros((1, rows, 6), np.float32)
+    for i, row in enumerate(objects):
+        out[0, i] = row
+    rest = rows - len(objects)
+    x0, y0 = rng.uniform(0, 500, rest), rng.uniform(0, 500, rest)
+    out[0, len(objects):, :4] = np.stack([x0, y0, x0 + rng.uniform(1, 90, rest), y0 + rng.uniform(1, 90, rest)], 1)
+    out[0, len(objects):, 4] = np.sort(rng.uniform(0.0, 0.2, rest))[::-1]
+    out[0, len(objects):, 5] = rng.integers(0, 3, rest)
+    return out
+
+
+DETECTIONS = [(10, 10, 60, 40, 0.95, 0), (70, 10, 120, 40, 0.9, 2), (200, 200, 260, 300, 0.8, 1),
+              (300, 50, 340, 90, 0.6, 0), (12, 12, 58, 42, 0.3, 0)]  # the last overlaps the first: kept
+
+
+def test_final_detections_are_read_as_they_are() -> None:
+    """Each row is a box the model chose (no NMS over them); the judge's box F1 is that of
+    the rows at score 0.25, same class, IoU >= 0.5, computed here plainly."""
+    ref = _detections(DETECTIONS)
+    got = _detections([(10, 10, 60, 40, 0.95, 0), (70, 10, 120, 40, 0.9, 1),  # class changed
+                       (230, 250, 290, 350, 0.8, 1),  # moved: IoU below 0.5
+                       (300, 50, 340, 90, 0.6, 0), (400, 400, 440, 440, 0.5, 0),  # one added
+                       (12, 12, 58, 42, 0.2, 0)])  # below 0.25: lost
+    assert tm.box_layout(ref) == "detections" and tm.choose_metric(ref, "output0") == "boxes"
+
+    def plain(d: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        return [(r[:4].astype(np.float64), int(r[5])) for r in d[0] if r[4] >= 0.25]
+
+    assert len(plain(ref)) == 5 and len(plain(got)) == 5
+    f1 = _numpy_f1(plain(ref), plain(got))
+    assert f1 == pytest.approx(2 * 2 / 10)
+    parts = tm.deviations("boxes", [ref], [got])
+    assert parts["box_f1"] == pytest.approx(1 - f1) and parts["extra_boxes"] == 3.0
+    (boxes, classes, scores), = tm.yolo_boxes(ref)
+    assert np.array_equal(boxes, ref[0, :5, :4]) and np.array_equal(classes, [0, 2, 1, 0, 0])
+    assert np.allclose(scores, ref[0, :5, 4])
+
+
+def test_unsorted_or_fractional_rows_are_no_detections() -> None:
+    ref = _detections(DETECTIONS)
+    shuffled = ref[:, np.random.default_rng(0).permutation(ref.shape[1])]
+    assert tm.box_layout(shuffled) != "detections"
+    fractional = ref.copy()
+    fractional[0, :, 5] = 0.5
+    assert tm.box_layout(fractional) != "detections"
+    one_class = _run(_decoding_model(), _raw_prediction(OBJECTS))[:, :, :6]  # YOLOv5 rows, one class
+    assert tm.box_layout(one_class) == "anchor-rows"
+
+
+def _end_to_end_model(rows: int = 16) -> onnx.ModelProto:
+    """image [1, 3, 64, 64] -> [1, rows, 6]: a stride-8 Conv head (distances to the four
+    sides through Relu, a score through Sigmoid, two class logits), boxes as corners around
+    each cell's centre, the class id as ArgMax, and the best ``rows`` by TopK: what an
+    end-to-end YOLO export computes after its head."""
+    rng = np.random.default_rng(1)
+    w = (rng.normal(size=(7, 3, 8, 8)) * 0.05).astype(np.float32)
+    b = np.array([1.0, 1.0, 1.0, 1.0, -1.0, 0.0, 0.0], np.float32)
+    ys, xs = np.divmod(np.arange(64), 8)
+    centres = (np.stack([xs, ys, xs, ys], 1) * 8 + 4).astype(np.float32)[None]  # [1, 64, 4]
+    sign = np.array([-1, -1, 1, 1], np.float32)
+    nodes = [
+        oh.make_node("Conv", ["image", "w", "b"], ["c"], strides=[8, 8]),
+        oh.make_node("Reshape", ["c", "flat"], ["r"]),
+        oh.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1]),  # [1, 64, 7]
+        oh.make_node("Split", ["t", "split"], ["dist", "logit", "cls"], axis=2),
+        oh.make_node("Relu", ["dist"], ["d"]),
+        oh.make_node("Mul", ["d", "sign"], ["ds"]),
+        oh.make_node("Mul", ["ds", "eight"], ["ds8"]),
+        oh.make_node("Add", ["ds8", "centres"], ["corners"]),
+        oh.make_node("Sigmoid", ["logit"], ["score"]),
+        oh.make_node("ArgMax", ["cls"], ["ci"], axis=2, keepdims=1),
+        oh.make_node("Cast", ["ci"], ["cf"], to=TensorProto.FLOAT),
+        oh.make_node("Concat", ["corners", "score", "cf"], ["all"], axis=2),
+        oh.make_node("Squeeze", ["score", "last"], ["s"]),
+        oh.make_node("TopK", ["s", "k"], ["top", "index"], axis=1),
+        oh.make_node("Squeeze", ["index", "first"], ["i"]),
+        oh.make_node("Gather", ["all", "i"], ["output"], axis=1),
+    ]
+    inits = [nh.from_array(w, "w"), nh.from_array(b, "b"), nh.from_array(np.array([1, 7, -1], np.int64), "flat"),
+             nh.from_array(np.array([4, 1, 2], np.int64), "split"), nh.from_array(sign, "sign"),
+             nh.from_array(np.float32(8.0), "eight"), nh.from_array(centres, "centres"),
+             nh.from_array(np.array([2], np.int64), "last"), nh.from_array(np.array([rows], np.int64), "k"),
+             nh.from_array(np.array([0], np.int64), "first")]
+    return picture_model("end2end", nodes, inits, [1, rows, 6])
+
+
+def test_driver_judges_end_to_end_detections_by_boxes() -> None:
+    """Judged by SQNR, such an output compares rows that one grey level reorders (a box
+    moving past another in the top-K swaps whole rows), so float32's floor is a few dB and
+    boxes that quantization adds or drops pass; judged by boxes, they are counted."""
+    model = _end_to_end_model()
+    samples = pictures(5, np.random.default_rng(0))
+    out = _run_image(model, samples[0]["image"])
+    assert out.shape == (1, 16, 6) and tm.box_layout(out) == "detections"
+    _, stats = quantize_int8(model, samples, require_speedup=False)
+    assert stats["acceptance"]["metrics"] == {"output": "boxes"}
+    assert "output:box_f1" in stats["fallback"]["evaluation"]["task"]["metrics"]

@@ -46,6 +46,10 @@ in [0, 1], most anchors   its score (their confidence). Decoded (pixels: w, h >=
 background                centres spread beyond ``RAW_SPAN``) or raw YOLOX (offsets in
 (``box_layout``)          cells and log sizes, decoded on the square stride 8/16/32(/64)
                           grid that the anchor count gives, ``anchor_grid``)
+``[N, K, 6]``, K > 6,     ``boxes`` as well (an end-to-end or NMS export: YOLOv10,
+final detections          YOLO26, Ultralytics' ``nms=True``): x0, y0, x1, y1, score and
+(``box_layout``)          class id per row, the rows sorted by score; read as they are
+                          (the model has chosen them: no NMS), those at ``BOX_SCORE``
 other ``[N, T, H]``,      ``embedding``: hidden states mean-pooled over the positions
 H >= 8                    (those the attention mask keeps); 1 - mean cosine of the
                           pooled vectors, and ``ranking``: 1 - Spearman of their pairwise
@@ -680,8 +684,15 @@ def box_layout(sample: np.ndarray) -> str | None:
       in cells and log sizes, decoded on the square anchor grid that ``anchor_grid``
       finds from A alone.
 
+    - ``"detections"``: ``[N, K, 6]`` final detections (an end-to-end or NMS export:
+      YOLOv10, YOLO26, Ultralytics' ``nms=True``): per row x0, y0, x1, y1, score in
+      [0, 1] and a whole class id, the rows sorted by score from the best down and
+      every box's corners ordered (``_detection_rows``).
+
     An ``[N, A, 85]`` output of embeddings fails the [0, 1] columns or the background
-    median; one of probabilities fails the pixel spread and has no negative offsets.
+    median; one of probabilities fails the pixel spread and has no negative offsets. A
+    one-class ``[N, A, 6]`` anchor output is no list of detections: its objectness is not
+    sorted over the anchors, nor its class score whole.
     """
     a = np.asarray(sample)
     if a.ndim != 3 or not np.issubdtype(a.dtype, np.floating) or a.size == 0 or not np.isfinite(a).all():
@@ -691,6 +702,8 @@ def box_layout(sample: np.ndarray) -> str | None:
     if not 6 <= a.shape[2] < a.shape[1]:
         return None
     rows = np.asarray(a[0], np.float64)
+    if a.shape[2] == 6 and _detection_rows(rows):
+        return "detections"
     if float(rows[:, 4:].min()) < 0.0 or float(rows[:, 4:].max()) > 1.0 or float(np.median(rows[:, 4])) >= BACKGROUND:
         return None
     coordinates = rows[:, :4]
@@ -698,6 +711,17 @@ def box_layout(sample: np.ndarray) -> str | None:
     if float(coordinates[:, 2:].min()) >= 0.0 and float(centres.max() - centres.min()) > RAW_SPAN:
         return "anchor-rows"
     return "anchor-grid" if _raw_offsets(coordinates) else None
+
+
+def _detection_rows(rows: np.ndarray) -> bool:
+    """Whether ``[K, 6]`` rows read as a model's final detections: scores (column 4) in
+    [0, 1] and sorted from the best down, class ids (column 5) whole and not negative,
+    corners ordered (x0 <= x1, y0 <= y1). The order is the evidence: no anchor output
+    is sorted by its objectness, and a top-K selection always is."""
+    scores, classes = rows[:, 4], rows[:, 5]
+    return (float(scores.min()) >= 0.0 and float(scores.max()) <= 1.0 and bool(np.all(np.diff(scores) <= 0.0))
+            and float(classes.min()) >= 0.0 and bool(np.all(classes == np.round(classes)))
+            and bool(np.all(rows[:, 2] >= rows[:, 0])) and bool(np.all(rows[:, 3] >= rows[:, 1])))
 
 
 def _read_layout(sample: np.ndarray) -> str:
@@ -719,11 +743,17 @@ def class_rows(prediction: np.ndarray, layout: str | None = None) -> np.ndarray:
     """``prediction`` (``[N, 4+K, A]``, or ``[N, A, 5+K]`` decoded or raw: ``box_layout``)
     as ``[N, 4+K, A]`` float64: cx, cy, w, h in pixels, then per class its score, which
     for anchor rows is objectness times the class score (YOLOv5's and YOLOX's confidence).
-    ``layout``: None reads it from the prediction itself (``_read_layout``)."""
+    Final detections (``[N, K, 6]``) give ``[N, 5, K]``: their score as the one score row
+    (a class id is no score). ``layout``: None reads it from the prediction itself
+    (``_read_layout``)."""
     p = np.asarray(prediction, np.float64)
     layout = layout or _read_layout(p)
     if layout == "class-rows":
         return p
+    if layout == "detections":
+        corners = p[..., :4]
+        centres, sizes = (corners[..., :2] + corners[..., 2:]) / 2, corners[..., 2:] - corners[..., :2]
+        return np.concatenate([centres, sizes, p[..., 4:5]], -1).transpose(0, 2, 1)
     coordinates = p[..., :4].copy()
     if layout == "anchor-grid":
         grid = anchor_grid(p.shape[1])
@@ -741,8 +771,15 @@ def yolo_boxes(prediction: np.ndarray, score: float = BOX_SCORE, layout: str | N
                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per image of a YOLO-style prediction (``class_rows``: ``[N, 4+K, A]`` or
     ``[N, A, 5+K]``, in ``layout`` or the one read from it): (boxes ``[x0, y0, x1, y1]``,
-    classes, scores) after a score threshold and per-class greedy NMS."""
+    classes, scores) after a score threshold and per-class greedy NMS. Final detections
+    (``[N, K, 6]``) are the model's choice already: only the threshold applies."""
+    layout = layout or _read_layout(np.asarray(prediction))
     result = []
+    if layout == "detections":
+        for p in np.asarray(prediction, np.float64):
+            keep = p[:, 4] >= score
+            result.append((p[keep, :4], p[keep, 5].astype(np.int64), p[keep, 4]))
+        return result
     for p in class_rows(prediction, layout):
         scores = p[4:].max(0)
         classes = p[4:].argmax(0)
