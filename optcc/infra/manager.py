@@ -233,8 +233,6 @@ class PassManager:
             if check.status != "failed" or not run.kept or self.verify_each:
                 break
             index, failing = self._bisect(run, check)
-            if index is None:
-                break
             culprit = next(p for i, p in run.kept if i == index)
             if self.strict:
                 raise PassFailedError(f"pass '{pass_name(culprit)}' changed the numerics: {failing.reason}")
@@ -250,16 +248,19 @@ class PassManager:
             check = self.verifier.check(run.model, run.numerics(), serialized=run.serialized)
         return run, check
 
-    def _bisect(self, run: _Run, check: Verification) -> tuple[int | None, Verification]:
+    def _bisect(self, run: _Run, check: Verification) -> tuple[int, Verification]:
         """The index of the first kept pass run whose result fails verification (replayed
         from a fresh copy), with that verification. The replays are compared on the samples
         the result failed on (``check``), where the tolerance judges each sample alone: a
-        replay that fails there fails the whole check."""
+        replay that fails there fails the whole check. The model after every kept pass is
+        the result itself, which failed ``check``: it is never replayed (passes are
+        deterministic; replaying them all would run the whole pipeline, an INT8 step's
+        calibration and fallback included, again for the same model)."""
         assert self.verifier is not None
         kept = run.kept
         focus = check.samples_over() or None
         lo, hi = 0, len(kept)  # the model after kept[:lo] passes, after kept[:hi] fails
-        failing: Verification | None = None
+        failing = check
         while hi - lo > 1:
             mid = (lo + hi) // 2
             step = self.verifier.check(self._replay(run, mid), run.numerics(mid), samples=focus)
@@ -267,10 +268,6 @@ class PassManager:
                 hi, failing = mid, step
             else:
                 lo = mid
-        if failing is None:
-            failing = self.verifier.check(self._replay(run, hi), run.numerics(hi), samples=focus)
-            if failing.status != "failed":
-                return None, failing
         return kept[hi - 1][0], failing
 
     def _replay(self, run: _Run, count: int) -> ir.Model:
