@@ -7,8 +7,8 @@ constant (a fold) is read by the kernel that read it computed (a pre-packed conv
 or LSTM weight takes another code path, whose rounding a model can amplify past the exact
 tolerance). INT8 candidates are the exception: they run with onnxruntime's optimizations,
 which turn their QDQ pairs into the integer kernels a user's session runs (and the INT8
-pass judged); as written, onnxruntime would emulate them in float. Inputs are the user's feed dicts, else
-``DEFAULT_SAMPLES`` generated samples that fit the model (``optcc.numerics.inputs``); when
+pass judged); as written, onnxruntime would emulate them in float. Inputs are the user's
+feed dicts, else ``DEFAULT_SAMPLES`` generated samples that fit the model (``optcc.numerics.inputs``); when
 the original cannot run those, they are generated again with the sizes of
 ``RETRY_SIZES`` in turn (free dynamic dims ``RETRY_DYNAMIC_DIM`` long: a reflect-padded
 or framed signal needs more than the default; then also 1 between the first and the last
@@ -91,10 +91,6 @@ ModelRef = Union[ir.Model, str, os.PathLike]
 DEFAULT_SAMPLES = 3
 REPARSE_MAX_BYTES = 64 * 1024 * 1024  # an original file up to this size is parsed again for the proof
 REFERENCES = ("auto", "float32")
-# INT8 candidates run as their users run them: onnxruntime fuses the QDQ pairs into the
-# integer kernels the INT8 pass judged its candidates with (``optcc.quant.fallback``);
-# every other candidate runs as written
-_AS_USERS_RUN: dict[str, dict[str, Any]] = {"int8": {"optimize": "all", "prepack": True}}
 
 
 @dataclasses.dataclass
@@ -392,7 +388,7 @@ class Verifier:
 
     def _session(self, source: Any, provider: str, **options: Any) -> Any:
         """A session that runs ``source`` as the module docstring says every verification
-        session runs: graph optimizations (unless ``options`` ask) and pre-packing off."""
+        session runs: graph optimizations and pre-packing off, unless ``options`` ask."""
         return make_session(source, provider, scratch=self._scratch.name,
                             options=session_options(**{"prepack": False, **options}))
 
@@ -547,8 +543,10 @@ class Verifier:
                 try:
                     # a lossy candidate's kernels may widen its stored weights on every run (float16
                     # on CPU, dequantized weights): without the arena that memory is returned
-                    session = self._session(source, provider, arena=numerics in ("exact", "fusion"),
-                                            **_AS_USERS_RUN.get(numerics, {}))
+                    # an INT8 candidate runs as its users run it: onnxruntime fuses its QDQ pairs
+                    # into the integer kernels the INT8 pass judged (``optcc.quant.fallback``)
+                    as_users_run = {"optimize": "all", "prepack": True} if numerics == "int8" else {}
+                    session = self._session(source, provider, arena=numerics in ("exact", "fusion"), **as_users_run)
                 except Exception as e:  # noqa: BLE001
                     reason = f"onnxruntime cannot load the optimized model: {first_line(e)}"
                     return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
