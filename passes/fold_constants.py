@@ -620,6 +620,7 @@ class FoldConstantsPass(optcc.Pass):
         stats = _Stats()
         # the last shape inference, and the graph it saw (possibly taken by an earlier call)
         snapshot, findings = recall_inference(model)
+        recalled = snapshot
         changed = True
         for _ in range(self.max_rounds):
             stats.kept.clear()  # what is kept is reported for the last round only
@@ -644,9 +645,11 @@ class FoldConstantsPass(optcc.Pass):
                 break
         else:
             stats.warning = f"stopped unconverged after {self.max_rounds} rounds"
-        if self.fold_shapes:
+        if self.fold_shapes and (modified or snapshot is not recalled):
             # kept for a later call only when the last round changed nothing: then the
-            # findings hold for the graph as it is now
+            # findings hold for the graph as it is now (a recalled snapshot that held, in a
+            # call that changed nothing, stays as recorded: the graph is the one its record
+            # was just checked against)
             remember_inference(model, snapshot if not changed else None, findings)
         return optcc.PassResult(model, modified, stats.to_dict())
 

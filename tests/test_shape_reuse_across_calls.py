@@ -106,13 +106,20 @@ def test_a_changed_attribute_runs_inference_again(monkeypatch):
     model = ir.from_proto(onnx.parser.parse_model(_POOLED))
     assert _fold(model, monkeypatch) == 1
     assert "Shape" in _ops(model)  # the batch dim is symbolic: nothing folds, the inference is kept
+    _strides_changed_and_folded(model, monkeypatch, seed=1)
+
+
+def _strides_changed_and_folded(model: ir.Model, monkeypatch, seed: int) -> None:
+    """Change MaxPool's strides of ``_POOLED`` to 1 and read dim 2 of its Shape, as a pass
+    between two calls might; the next call runs inference again and folds 7, what the
+    model now computes (checked on onnx's reference evaluator)."""
     [pool] = [n for n in model.graph if n.op_type == "MaxPool"]
     pool.attributes["strides"] = ir.AttrInt64s("strides", [1, 1])
     [shape] = [n for n in model.graph if n.op_type == "Shape"]
     _add_gather(model, shape.outputs[0], 2)
     assert _fold(model, monkeypatch) == 1
     np.testing.assert_array_equal(_picked(model), np.array([7], np.int64))
-    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    x = np.random.default_rng(seed).standard_normal((2, 3, 8, 8)).astype(np.float32)
     got = _run(model, {"x": x})
     assert got[0].shape == (2, 3, 7, 7)
     np.testing.assert_array_equal(got[2], np.array([got[0].shape[2]], np.int64))
@@ -169,3 +176,19 @@ g (float[N,12] x) => (float[N,A,B] y, int64[3] s) <int64[3] t = {0, 3, 4}> {
     got = _run(model, {"x": x})
     np.testing.assert_array_equal(got[0], x.reshape(2, 4, 3))
     np.testing.assert_array_equal(got[2], np.array([3], np.int64))
+
+
+def test_a_call_that_reuses_and_changes_nothing_keeps_the_record(monkeypatch):
+    """A second call reuses the kept inference and changes nothing: it records nothing
+    again (the record it checked still describes the graph). A pass then changes MaxPool's
+    strides and reads dim 2 of its Shape: the third call still sees the change against the
+    first call's record, runs inference again, and the fold gives 7."""
+    model = ir.from_proto(onnx.parser.parse_model(_POOLED))
+    records = []
+    real = InferenceSnapshot.record
+    monkeypatch.setattr(InferenceSnapshot, "record", lambda self, m: (records.append(1), real(self, m))[1])
+    assert _fold(model, monkeypatch) == 1
+    assert len(records) == 1
+    assert _fold(model, monkeypatch) == 0
+    assert len(records) == 1
+    _strides_changed_and_folded(model, monkeypatch, seed=5)
