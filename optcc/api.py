@@ -311,7 +311,7 @@ def optimize(
         if verifier is not None:
             verifier.close()
     oir.collect_for(report.model_before.weight_bytes)
-    report.model_after = ModelSummary.of(outcome.model)
+    report.model_after = ModelSummary.of(outcome.model, outcome.summary)  # the manager's, of its result
     report.total_time_s = round(time.perf_counter() - start, 6)
     report.peak_rss_bytes = peak_rss_bytes()
     precision, held = _precision(outcome.model, outcome.records,

@@ -105,6 +105,8 @@ class PipelineResult:
     numerics: Numerics  # the loosest kind among passes whose changes were kept
     verification: Verification | None = None  # of the result, when the manager has a verifier
     unconverged: list[str] = dataclasses.field(default_factory=list)  # fixpoints that hit their cap
+    # the result's op histogram and weight bytes (``oir.histogram_and_weight_bytes``)
+    summary: tuple[dict[str, int], int] | None = None
 
 
 @dataclasses.dataclass
@@ -119,7 +121,7 @@ class _Run:
     warnings: list[str] = dataclasses.field(default_factory=list)
     unconverged: list[str] = dataclasses.field(default_factory=list)
     kept: list[tuple[int, PassLike]] = dataclasses.field(default_factory=list)  # (index, pass) that changed it
-    summary: tuple[dict[str, int], int] = ({}, 0)
+    summary: tuple[dict[str, int], int] = ({}, 0)  # of ``model`` as it is now (kept after every change)
     checkpoint: Callable[[], ir.Model] | None = None
     since_checkpoint: list[PassLike] = dataclasses.field(default_factory=list)
     index: int = 0  # pass runs so far
@@ -177,7 +179,8 @@ class PassManager:
         verification = None
         if self.verifier is not None:
             run, verification = self._verified(run)
-        return PipelineResult(run.model, run.records, run.warnings, run.numerics(), verification, run.unconverged)
+        return PipelineResult(run.model, run.records, run.warnings, run.numerics(), verification, run.unconverged,
+                              run.summary)
 
     def _lossy_start(self) -> int | None:
         """Where the pipeline splits for a verification before its first lossy step: that
@@ -205,7 +208,7 @@ class PassManager:
         if run.kept:
             run, verification = tail._verified(run)
         return PipelineResult(run.model, head.records + run.records, head.warnings + run.warnings, run.numerics(),
-                              verification, head.unconverged + run.unconverged)
+                              verification, head.unconverged + run.unconverged, run.summary)
 
     def _complete(self, model: ir.Model, fresh: Callable[[], ir.Model], reverts: dict[int, tuple[PassLike, str]]) -> _Run:
         """Run the steps; should onnx's checker reject the result, run them again from a

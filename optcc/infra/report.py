@@ -78,8 +78,9 @@ class ModelSummary:
     ir_version: int
 
     @classmethod
-    def of(cls, model: ir.Model) -> ModelSummary:
-        histogram, weights = oir.histogram_and_weight_bytes(model)
+    def of(cls, model: ir.Model, summary: tuple[dict[str, int], int] | None = None) -> ModelSummary:
+        """``summary``: the model's ``oir.histogram_and_weight_bytes`` when the caller has it."""
+        histogram, weights = summary if summary is not None else oir.histogram_and_weight_bytes(model)
         return cls(
             nodes=sum(histogram.values()),
             op_histogram=histogram,
