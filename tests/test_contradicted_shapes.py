@@ -87,3 +87,29 @@ def test_a_rank_inference_cannot_find_is_kept_as_declared(tmp_path) -> None:
     written = onnx.load(str(path))
     assert _declared(written.graph.output[0]) == (TensorProto.FLOAT, [])
     onnx.checker.check_model(written, full_check=True)
+
+
+def _negative_dims() -> onnx.ModelProto:
+    """Softmax(x @ W) with x declared [-1, 8] and y declared [-1, -1] (Paddle's -1 for a
+    free axis), where shape inference knows y's second dim is 4."""
+    w = np.random.default_rng(5).standard_normal((8, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Softmax", ["h"], ["y"], axis=-1)],
+        "negative_dims", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, -1])], [numpy_helper.from_array(w, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_negative_declared_dims_are_made_unknown(tmp_path) -> None:
+    proto = _negative_dims()
+    with pytest.raises(Exception, match="differ"):
+        onnx.checker.check_model(proto, full_check=True)  # the premise: 4 vs -1
+    result = optcc.optimize(proto)
+    path = tmp_path / "out.onnx"
+    result.save(path)
+    written = onnx.load(str(path))
+    onnx.checker.check_model(written, full_check=True)
+    assert [_declared(v) for v in (*written.graph.input, *written.graph.output)] == [
+        (TensorProto.FLOAT, [None, 8]), (TensorProto.FLOAT, [None, None])]
+    feeds = {"x": np.random.default_rng(6).standard_normal((3, 8)).astype(np.float32)}
+    assert_close(onnxruntime_outputs(written, feeds), expected_outputs(proto, feeds), rtol=EXACT_RTOL)

@@ -47,11 +47,19 @@ def _fetch_or_skip(entry: CorpusModel) -> Path:
 
 
 def _signature(model: onnx.ModelProto) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Graph inputs (initializers excluded) and outputs as (name, serialized type)."""
+    """Graph inputs (initializers excluded) and outputs as (name, serialized type), a
+    negative dim (Paddle's -1 for a free axis, which optcc writes as an unknown dim) read
+    as unknown."""
     initializers = {t.name for t in model.graph.initializer}
-    inputs = [(v.name, str(v.type)) for v in model.graph.input if v.name not in initializers]
-    outputs = [(v.name, str(v.type)) for v in model.graph.output]
-    return inputs, outputs
+
+    def typed(v: onnx.ValueInfoProto) -> tuple[str, str]:
+        t = onnx.TypeProto.FromString(v.type.SerializeToString())
+        for dim in t.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.ClearField("dim_value")
+        return v.name, str(t)
+
+    return [typed(v) for v in model.graph.input if v.name not in initializers], [typed(v) for v in model.graph.output]
 
 
 def _feeds(shapes: dict[str, list[int]], model: onnx.ModelProto) -> dict[str, np.ndarray]:

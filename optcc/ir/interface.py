@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from optcc.errors import BadInputError
 
@@ -137,6 +138,20 @@ def _contradicted(
 def _rank0(info: onnx.ValueInfoProto) -> bool:
     t = info.type.tensor_type if info.type.HasField("tensor_type") else None
     return t is not None and t.HasField("shape") and not t.shape.dim
+
+
+def negative_dims_unknown(model: ir.Model) -> list[str]:
+    """Make the negative dims declared on ``model``'s graph inputs and outputs unknown
+    (Paddle's ``-1`` for a free axis: ONNX has no negative sizes, and onnx.checker's full
+    check refuses one where shape inference knows the size); one note per value changed."""
+    notes = []
+    for kind, values in (("input", model.graph.inputs), ("output", model.graph.outputs)):
+        for value in values:
+            shape = value.shape
+            if shape is not None and any(isinstance(d, int) and d < 0 for d in shape):
+                value.shape = ir.Shape([None if isinstance(d, int) and d < 0 else d for d in shape])
+                notes.append(f"{kind} '{value.name}': declared {shape}, negative dims made unknown: {value.shape}")
+    return notes
 
 
 def _fill(kind: str, name: str, fill: onnx.TypeProto, how: str) -> tuple[str, onnx.TypeProto, str]:

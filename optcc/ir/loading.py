@@ -13,7 +13,8 @@ from google.protobuf.message import DecodeError
 
 from optcc.errors import BadInputError, UnsafeInputError
 from optcc.ir.collector import collector_paused
-from optcc.ir.interface import FILLED_INTERFACE_KEY, _apply_fills, _interface_fills, _restore, without_weights
+from optcc.ir.interface import (FILLED_INTERFACE_KEY, _apply_fills, _interface_fills, _restore, negative_dims_unknown,
+                                without_weights)
 from optcc.ir.walk import _node_protos, first_order_problem, graphs, nodes, tensor_protos
 
 
@@ -140,8 +141,9 @@ def _from_proto(
             raise BadInputError(f"malformed model: {_one_line(e)}", label) from None
     finally:
         _restore(proto, originals)  # a caller's ModelProto is never modified
-    if fills:
-        model.meta[FILLED_INTERFACE_KEY] = [note for _, _, note in fills]
+    notes = [note for _, _, note in fills] + negative_dims_unknown(model)
+    if notes:
+        model.meta[FILLED_INTERFACE_KEY] = notes
     if base_dir is not None and has_external:  # no external tensor: no base folder to set
         ir.external_data.set_base_dir(model.graph, base_dir)
         attributes_in_memory(model)
