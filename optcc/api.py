@@ -180,6 +180,7 @@ def optimize(
     untouched = oir.clone(loaded) if parse_for_verifier and overwrite_input_shapes else None
     report = Report(level=None if passes is not None else level)
     report.model_before = ModelSummary.of(working)
+    report.interface = list(loaded.meta.get(oir.FILLED_INTERFACE_KEY, []))
     oir.collect_for(report.model_before.weight_bytes)
     source_files = frozenset(oir.external_data_files(working)) if label is not None else frozenset()
     if overwrite_input_shapes:

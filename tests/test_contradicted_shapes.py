@@ -7,6 +7,8 @@ nothing contradicts (a real scalar; a rank inference cannot find) is written as 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -113,3 +115,16 @@ def test_negative_declared_dims_are_made_unknown(tmp_path) -> None:
         (TensorProto.FLOAT, [None, 8]), (TensorProto.FLOAT, [None, None])]
     feeds = {"x": np.random.default_rng(6).standard_normal((3, 8)).astype(np.float32)}
     assert_close(onnxruntime_outputs(written, feeds), expected_outputs(proto, feeds), rtol=EXACT_RTOL)
+
+
+def test_the_report_names_each_declaration_load_changed() -> None:
+    """What loading changed in the declared interface is said, in the report's JSON and
+    summary: the user's model and the written one differ there."""
+    report = optcc.optimize(_negative_dims()).report
+    assert report.interface == [
+        "input 'x': declared [-1, 8], written [?, 8] (negative dims made unknown)",
+        "output 'y': declared [-1, -1], written [?, ?] (negative dims made unknown)"]
+    assert json.loads(report.to_json())["interface"] == report.interface
+    assert all(f"interface: {line}" in report.summary() for line in report.interface)
+    paddle = optcc.optimize(_paddle_like()).report
+    assert any(line.startswith("output 'y'") and "rank 2" in line for line in paddle.interface), paddle.interface

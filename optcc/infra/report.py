@@ -14,7 +14,9 @@ JSON schema (``schema_version`` 1; fields are only ever added):
                    "verification": Verification | null}
 
 Added fields: ``"layers": [LayerRecord...]``, the per-layer precision table of FP16/INT8
-(empty when nothing chose a precision per layer).
+(empty when nothing chose a precision per layer); ``"interface": [str]``, the declared
+graph input and output types that loading filled in or made valid (a type shape inference
+gives an untyped output; Paddle's ``FLOAT[]`` and ``-1`` dims made unknown), one line each.
 
     LayerRecord: {"name": node name (else a label such as "Conv#12"),
                   "op_type": str | null,
@@ -122,6 +124,8 @@ class Report:
     warnings: list[str] = dataclasses.field(default_factory=list)
     total_time_s: float = 0.0
     peak_rss_bytes: int = 0
+    # the declared graph input/output types loading changed, one line each (``optcc.ir.interface``)
+    interface: list[str] = dataclasses.field(default_factory=list)
 
     def reverted(self) -> list[PassRecord]:
         return [p for p in self.passes if p.status in ("reverted", "failed")]
@@ -175,6 +179,7 @@ class Report:
             changes = ", ".join(f"{op} {n:+d}" for op, n in delta.items()) or "no op changes"
             lines.append(f"nodes {before.nodes} -> {after.nodes} ({changes})")
             lines.append(f"weights {format_bytes(before.weight_bytes)} -> {format_bytes(after.weight_bytes)}")
+        lines.extend(f"interface: {note}" for note in self.interface)
         changed = sum(p.status == "changed" for p in self.passes)
         lines.append(
             f"passes: {len(self.passes)} run, {changed} changed the model, "

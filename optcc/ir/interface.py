@@ -150,8 +150,13 @@ def negative_dims_unknown(model: ir.Model) -> list[str]:
             shape = value.shape
             if shape is not None and any(isinstance(d, int) and d < 0 for d in shape):
                 value.shape = ir.Shape([None if isinstance(d, int) and d < 0 else d for d in shape])
-                notes.append(f"{kind} '{value.name}': declared {shape}, negative dims made unknown: {value.shape}")
+                notes.append(f"{kind} '{value.name}': declared {_dims_text(shape)}, written "
+                             f"{_dims_text(value.shape)} (negative dims made unknown)")
     return notes
+
+
+def _dims_text(shape: ir.Shape) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape) + "]"
 
 
 def _fill(kind: str, name: str, fill: onnx.TypeProto, how: str) -> tuple[str, onnx.TypeProto, str]:
