@@ -107,11 +107,11 @@ def _contradicted(
     its dtype and gets the inferred rank, every dim unknown (a graph output needs a shape;
     the rank is all that is proved against the declaration); a value_info keeps its dtype
     and loses its shape. Nothing changes where inference finds no rank."""
+    if not any(map(_rank0, outputs)):
+        return []
     declared = [(f"output:{v.name}", v) for v in outputs] + [(f"value_info:{v.name}", v) for v in value_info]
     declared = [(where, v) for where, v in declared
                 if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")]
-    if not any(map(_rank0, outputs)):
-        return []
     bare = onnx.ModelProto()
     bare.CopyFrom(light)
     del bare.graph.value_info[:]
