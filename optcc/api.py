@@ -241,9 +241,10 @@ def optimize(
         shared: dict[str, Any] = {}
         if inputs is None:
             inputs = samples  # all of them: a task metric over the held-out part alone can lack items
-            if verify or verify_each:
-                # the verifier (built below) judges the same samples: the pass judges with its judge,
-                # so the float model and its noise floor run once, and both decide alike
+            if (verify or verify_each) and dict(tolerances or {}).get("int8", TOLERANCES["int8"]) == TOLERANCES["int8"]:
+                # the verifier (built below) judges the same samples by the task: the pass judges
+                # with its judge, so the float model and its noise floor run once, and the pass
+                # confirms its result on every sample as the verification will
                 shared["judge"] = lambda: None if verifier is None else verifier.sample_judge()
         quantizer = create_pass(INT8_PASS, samples=samples, method=int8_method, progress=progress,
                                 **{"prepare": False, **shared, **dict(int8_options or {})})

@@ -23,6 +23,7 @@ from optcc.infra.registry import create_pass
 from optcc.quant.cost_model import compare_modelled, element_counts
 from optcc.quant.fallback import (
     RANKING_SAMPLES,
+    Confirmation,
     Target,
     compare_latency,
     evaluate,
@@ -313,6 +314,10 @@ def quantize_int8(
     and noise floor, which the final verification judges with too); used, its held-out
     part included, when it judges with this call's metric, margin, targets and groups, so
     the float model and its perturbed copy run once for the pass and the verification.
+    The verification judges every sample, the calibration ones too, so the fallback's
+    result is confirmed on that judge before it is accepted; when it misses there, more
+    layers return to float until it passes (``fallback``'s ``confirm``;
+    ``stats["fallback"]["confirmation"]``).
 
     ``stats``: method, seconds (wall time per phase: prepare, calibrate, quantize,
     speed_check, fallback or evaluate, report), calibration (samples, cache), ranges (per tensor), pass stats
@@ -364,6 +369,7 @@ def quantize_int8(
         raise BadInputError(f"{len(o.groups)} group labels for {len(samples)} samples")
     judged = held  # the samples every candidate is judged on
     judge: TaskJudge | None = None
+    confirm: Confirmation | None = None  # the verifier's judgement of every sample, where it is shared
     if o.metric is not None:
         group_of = (lambda part: None) if o.groups is None else (  # noqa: E731
             lambda part: [o.groups[i] for i in part])
@@ -394,6 +400,9 @@ def quantize_int8(
                 float_model, judged, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db,
                 group_of(range(len(samples))), o.floor_draws)
         o = dataclasses.replace(o, target=dataclasses.replace(o.target, judge=judge))
+        if every is not None and judged is not samples:
+            # the final verification judges every sample: the fallback's result must pass there too
+            confirm = Confirmation(samples, dataclasses.replace(o.target, judge=every), every.reference)
         stats["acceptance"] = {"metrics": judge.metric_names(), "margin": o.metric_margin,
                                "metric_target": o.metric_target, "perturbation": dict(judge.perturbation),
                                "floor": judge.floor, "floor_draws": judge.draw_count,
@@ -518,7 +527,7 @@ def quantize_int8(
             float_model, make, judged, o.target, max_float_layers=max_float_layers,
             max_layers_ranked=o.max_layers_ranked, ranking=o.ranking, progress=o.progress,
             ranking_samples=o.ranking_samples,
-            reference_outputs=None if judge is None else judge.reference, initial=initial,
+            reference_outputs=None if judge is None else judge.reference, initial=initial, confirm=confirm,
         )
     else:
         evaluation = initial[2] if initial is not None else evaluate(float_model, quantized, judged, o.target)
@@ -540,6 +549,8 @@ def quantize_int8(
             how = f"with {len(report.get('kept_float', []))} layers returned to float ({budget} allowed)"
         where = f"{len(held)} held-out samples" if judged is held else \
             f"all {len(judged)} samples ({len(held)} held out)"
+        if not report.get("confirmation", {}).get("passed", True):
+            where = f"all {len(samples)} samples, as the verification judges them (met on the {len(held)} held out)"
         return decline("accuracy", f"INT8 misses the accuracy target on {where}: "
                                    f"{_describe_miss(evaluation, o.target)}; {how}; kept float32")
     if report.get("kept_float"):

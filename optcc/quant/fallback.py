@@ -38,6 +38,7 @@ from optcc.runtime.shared_weights import light_proto, release_memory, weighted_s
 __all__ = [
     "INTEGER_OPS",
     "Target",
+    "Confirmation",
     "Evaluation",
     "count_integer_nodes",
     "integer_op_histogram",
@@ -633,6 +634,7 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
              reference_outputs: Mapping[str, Sequence[np.ndarray]] | None = None,
              initial: tuple[ir.Model, dict[str, Any], Evaluation] | None = None,
              ranking_samples: int | None = RANKING_SAMPLES,
+             confirm: Confirmation | None = None,
              ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """Quantize; if the target is missed on ``samples``, return the most sensitive layers
     to float, worst first, until the target holds or ``max_float_layers`` are float.
@@ -670,7 +672,29 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     ``ranking="measured"``: the single-layer ranking and both orders described above.
     ``reference_outputs``: the reference's outputs on ``samples`` when already computed
     (``model_outputs``), so the float model is not run again. ``initial``: the fully
-    quantized model, its pass stats and its evaluation on ``samples``, when already made."""
+    quantized model, its pass stats and its evaluation on ``samples``, when already made.
+
+    ``confirm``: a wider judgement a later check applies to the result (the verifier's,
+    over every sample). The model found is judged there too; when it misses, the search
+    goes on under that judgement, in the same order, from the number of layers found
+    (``_confirmed``), and ``report["confirmation"]`` says what happened."""
+    model, stats, report = _fallback(reference, quantize, samples, target, max_float_layers=max_float_layers,
+                                     max_layers_ranked=max_layers_ranked, ranking=ranking, progress=progress,
+                                     reference_outputs=reference_outputs, initial=initial,
+                                     ranking_samples=ranking_samples)
+    order = report.pop("order", None)
+    if confirm is None or not report.get("target_met"):
+        return model, stats, report
+    return _confirmed(reference, quantize, model, stats, report, confirm, order, max_float_layers, ranking_samples)
+
+
+def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target, *,
+              max_float_layers: int | None, max_layers_ranked: int, ranking: str, progress: Any,
+              reference_outputs: Mapping[str, Sequence[np.ndarray]] | None,
+              initial: tuple[ir.Model, dict[str, Any], Evaluation] | None, ranking_samples: int | None,
+              ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
+    """``fallback`` on ``samples`` alone; ``report["order"]``: the layers in the order the
+    search returned them to float (absent when the fully quantized model passed)."""
     # the float model's outputs on the samples, computed once (or given: ``model_outputs``)
     ref_outputs = (_Outputs.of(reference_outputs) if reference_outputs is not None
                    else _Outputs(reference, samples, False))
@@ -723,7 +747,8 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     best_order, k, results = best
     evaluation, model, stats = results[k]
     report["tried"] = tried
-    report.update(kept_float=best_order[:k], evaluation=evaluation.to_dict(), target_met=evaluation.passed)
+    report.update(kept_float=best_order[:k], evaluation=evaluation.to_dict(), target_met=evaluation.passed,
+                  order=best_order)
     return model, stats, report
 
 
@@ -737,7 +762,7 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
     order = [row["layer"] for row in ranking]
     limit = len(order) if max_float_layers is None else min(max_float_layers, len(order))
     tried: list[dict[str, Any]] = []
-    report["tried"] = tried
+    report.update(tried=tried, order=order)
     results: dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]] = {0: (initial, model, stats)}
 
     # the budget, then doubling and bisection: at most about 2 log2(limit) + 1 candidates
@@ -810,12 +835,13 @@ def _drop_models(results: dict[int, tuple[Evaluation, Any, dict[str, Any]]], num
 
 def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
             order: Sequence[str], limit: int, initial: Evaluation, model: ir.Model, stats: dict[str, Any],
-            tried: list[dict[str, Any]], name: str, ref_outputs: _Outputs | None = None,
+            tried: list[dict[str, Any]], name: str, ref_outputs: _Outputs | None = None, start: int = 0,
             ) -> tuple[int, dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]]]:
-    """The smallest ``k <= limit`` whose first ``k`` layers of ``order`` returned to float
-    meet the target: ``k`` doubles until it does, then bisection. When none does, the
-    ``k`` with the best worst-output SQNR. Returns ``k`` and the evaluated models by ``k``."""
-    results: dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]] = {0: (initial, model, stats)}
+    """The smallest ``k <= limit`` above ``start`` (whose ``initial`` evaluation misses)
+    whose first ``k`` layers of ``order`` returned to float meet the target: ``k``
+    doubles until it does, then bisection. When none does, the ``k`` with the best
+    worst-output SQNR. Returns ``k`` and the evaluated models by ``k``."""
+    results: dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]] = {start: (initial, model, stats)}
 
     def attempt(k: int) -> Evaluation:
         candidate, candidate_stats = quantize(exclude=order[:k])
@@ -828,8 +854,8 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
                       "passed": evaluation.passed})
         return evaluation
 
-    low, high, k = 0, None, 1  # low: largest k known to miss; high: smallest k known to meet
-    while limit and high is None:
+    low, high, k = start, None, max(2 * start, 1)  # low: largest k known to miss; high: smallest k known to meet
+    while limit > low and high is None:
         k = min(k, limit)
         if attempt(k).passed:
             high = k
@@ -847,6 +873,50 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
     if high is None:  # never met: the best model seen, reported as missing the target
         return max(results, key=lambda n: (results[n][0].worst_sqnr_db, -n)), results
     return high, results
+
+
+@dataclasses.dataclass(frozen=True)
+class Confirmation:
+    """A wider judgement of the fallback's result (``fallback``'s ``confirm``): its samples,
+    the target that judges them, and the float model's outputs on them by name."""
+
+    samples: Sequence[Feeds]
+    target: Target
+    reference_outputs: Mapping[str, Sequence[np.ndarray]]
+
+
+def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats: dict[str, Any],
+               report: dict[str, Any], confirm: Confirmation, order: Sequence[str] | None,
+               max_float_layers: int | None, ranking_samples: int | None,
+               ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
+    """``fallback``'s result judged by ``confirm``; when it misses, the smallest number of
+    layers above the one found, returned to float in the search's order (the estimated
+    ranking on ``confirm``'s samples when the fully quantized model had passed), that
+    ``confirm`` accepts."""
+    ref_outputs = _Outputs.of(confirm.reference_outputs)
+    found = len(report.get("kept_float", []))
+    evaluation = evaluate(reference, model, confirm.samples, confirm.target, reference_outputs=ref_outputs)
+    report["confirmation"] = {"samples": len(confirm.samples), "float_layers_found": found,
+                              "passed": evaluation.passed}
+    if evaluation.passed:
+        return model, stats, report
+    if order is None:  # the fully quantized model had passed: no ranking was needed
+        propagated, local = layer_errors(reference, model, stats.get("layer_outputs", {}),
+                                         spread_samples(confirm.samples, ranking_samples))
+        ranking = estimate_sensitivity(list(stats.get("layers", [])), local, propagated)
+        report["sensitivity"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ranking]
+        order = [row["layer"] for row in ranking]
+    limit = len(order) if max_float_layers is None else min(max_float_layers, len(order))
+    tried = report.setdefault("tried", [])
+    k, results = _search(reference, quantize, confirm.samples, confirm.target, order, limit, evaluation, model,
+                         stats, tried, "confirmation", ref_outputs, start=found)
+    evaluation, model, stats = results[k]
+    report.update(kept_float=list(order[:k]), evaluation=evaluation.to_dict(), target_met=evaluation.passed)
+    report["confirmation"]["float_layers"] = k
+    if not evaluation.passed:
+        report["hopeless"] = (f"{limit} layers returned to float (the budget) do not meet it on all "
+                              f"{len(confirm.samples)} samples, where {found} did on the held-out ones")
+    return model, stats, report
 
 
 def compare_latency(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds], *,

@@ -1,0 +1,110 @@
+"""The INT8 fallback's result is confirmed on the wider judgement the final verification
+applies (every sample, the calibration ones included) before it is accepted: a model
+that passes on the held-out samples alone and misses on the rest returns more layers to
+float, or INT8 declines with that reason, instead of being reverted whole by the
+verifier. The SQNRs are the tests' own: float32 by onnx's reference evaluator, the INT8
+model by onnxruntime with its integer kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+import optcc
+from optcc.errors import PrecisionNotAppliedError
+from optcc.infra.registry import create_pass
+from optcc.quant.calibration import calibrate
+from optcc.quant.fallback import Confirmation, Target, fallback, model_outputs
+
+TINYCNN = Path(__file__).resolve().parent.parent / "fixtures" / "tinycnn.onnx"
+TARGET_DB = 20.0
+
+
+def _images(n: int, brightness: float, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"image": (rng.integers(0, 256, (1, 3, 32, 32)) / 255.0 * brightness).astype(np.float32)}
+            for _ in range(n)]
+
+
+def _sqnr_db(model: optcc.ir.Model, data: list[dict[str, np.ndarray]]) -> float:
+    reference = ReferenceEvaluator(str(TINYCNN))
+    session = ort.InferenceSession(optcc.ir.serialize(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = np.concatenate([reference.run(None, f)[0] for f in data]).astype(np.float64).ravel()
+    got = np.concatenate([session.run(None, f)[0] for f in data]).astype(np.float64).ravel()
+    noise = float(np.sum((ref - got) ** 2))
+    return float("inf") if noise == 0 else float(10 * np.log10(float(np.sum(ref**2)) / noise))
+
+
+def test_a_result_the_wider_judgement_rejects_returns_more_layers_to_float() -> None:
+    dim = _images(8, 0.25, seed=0)
+    bright = _images(4, 1.0, seed=1)  # beyond every range calibrated on the dim images
+    held, every = dim[4:], dim[4:] + bright
+    reference = optcc.ir.load(TINYCNN)
+    create_pass("fuse-batchnorm")(reference)
+    ranges = calibrate(reference, dim[:4], "minmax").ranges
+
+    def quantize(exclude=(), only=None):
+        result = create_pass("quantize-int8", ranges=ranges, exclude=list(exclude), only=only,
+                             count_fused=False)(reference.clone())
+        return result.model, dict(result.stats)
+
+    target = Target(min_sqnr_db=TARGET_DB)
+    alone, _, report = fallback(reference, quantize, held, target)
+    assert report["target_met"] and not report["kept_float"]
+    assert _sqnr_db(alone, held) >= TARGET_DB
+    assert _sqnr_db(alone, every) < TARGET_DB  # what the held-out judgement alone lets through
+
+    confirm = Confirmation(every, target, model_outputs(reference, every))
+    confirmed, _, report = fallback(reference, quantize, held, target, confirm=confirm)
+    assert report["target_met"] and report["kept_float"]
+    assert _sqnr_db(confirmed, every) >= TARGET_DB
+    assert report["confirmation"] == {"samples": len(every), "float_layers_found": 0, "passed": False,
+                                      "float_layers": len(report["kept_float"])}
+    assert all(row["order"] == "confirmation" for row in report["tried"])
+
+
+def test_a_result_the_wider_judgement_accepts_is_kept_as_found() -> None:
+    data = _images(12, 1.0, seed=2)
+    reference = optcc.ir.load(TINYCNN)
+    create_pass("fuse-batchnorm")(reference)
+    ranges = calibrate(reference, data[:8], "minmax").ranges
+
+    def quantize(exclude=(), only=None):
+        result = create_pass("quantize-int8", ranges=ranges, exclude=list(exclude), only=only,
+                             count_fused=False)(reference.clone())
+        return result.model, dict(result.stats)
+
+    target = Target(min_sqnr_db=TARGET_DB)
+    confirm = Confirmation(data, target, model_outputs(reference, data))
+    model, _, report = fallback(reference, quantize, data[8:], target, confirm=confirm)
+    assert report["confirmation"] == {"samples": 12, "float_layers_found": 0, "passed": True}
+    assert not report["kept_float"] and _sqnr_db(model, data) >= TARGET_DB
+
+
+def test_the_pipeline_declines_int8_the_verification_would_reject() -> None:
+    """A bright patch in one calibration image is clipped by 99th-percentile ranges: the
+    held-out images pass, the verification's judgement of every image does not, and no
+    budget of float layers mends the clipped input, so INT8 declines, saying where it
+    missed, instead of being reverted by the final verification."""
+    rng = np.random.default_rng(0)
+    data = [{"image": (rng.integers(0, 256, (1, 3, 32, 32)) / 255.0).astype(np.float32)} for _ in range(24)]
+    data[0]["image"][:, :, 8:16, 8:16] = 8.0
+    with pytest.raises(PrecisionNotAppliedError) as caught:
+        optcc.optimize(str(TINYCNN), int8_calibration=data, int8_method="percentile",
+                       int8_options={"require_speedup": False, "metric": "sqnr", "percentile": 99.0})
+    report = caught.value.result.report.to_dict()
+    (int8,) = [p for p in report["passes"] if "fallback" in p.get("stats", {})]
+    assert int8["status"] == "unchanged"  # declined by the pass, not reverted by the verifier
+    assert "as the verification judges them" in int8["stats"]["reason"]
+    confirmation = int8["stats"]["fallback"]["confirmation"]
+    assert confirmation["samples"] == 24 and not confirmation["passed"]
+    # the test's own measure of the INT8 model the held-out samples alone accept
+    reference = optcc.ir.load(TINYCNN)
+    create_pass("fuse-batchnorm")(reference)
+    ranges = calibrate(reference, data[:19], "percentile", percentile=99.0).ranges
+    quantized = create_pass("quantize-int8", ranges=ranges)(reference.clone()).model
+    assert _sqnr_db(quantized, data[19:]) > _sqnr_db(quantized, data) + 10.0
