@@ -6,8 +6,10 @@ Rewrite: ``y = MatMul(a, W)`` with ``W`` a constant float32 ``[K, N]`` matrix be
     acc = MatMulInteger(a_q, W_q, a_zp, W_zp)                # int32
     y   = Mul(Cast<float>(acc), Mul(a_scale, W_scale))       # W_scale: [N] (per column)
 
-with ``W_q`` int8 symmetric per output column (``W_scale[n] = max|W[:, n]| / 127``,
-zero point 0; per tensor with ``per_channel=False``). No calibration is needed: the
+with ``W_q`` int8 symmetric per output column (``W_scale[n] = max|W[:, n]| / 64``,
+zero point 0; per tensor with ``per_channel=False``): within +-64, onnxruntime's
+MatMulInteger kernels on x86 CPUs without VNNI never saturate their int16 pair sums, so
+every CPU computes the same exact accumulations (``optcc.quant.integer_range``). No calibration is needed: the
 activation's range is measured by DynamicQuantizeLinear for every run. onnxruntime
 fuses the chain into DynamicQuantizeMatMul / MatMulIntegerToFloat (counted in
 ``stats["integer_nodes"]``). ``y`` keeps its name, type and shape.
@@ -145,12 +147,13 @@ class QuantizeDynamicPass(optcc.Pass):
         assert w is not None
         if any(_transposed(u.node) for u in w_value.uses()):
             w = w.T  # [N, K] -> [K, N]: MatMulInteger reads the weight as [K, N]
+        qmax = optcc.quant.WEIGHT_QMAX
         if self.per_channel:
-            scale = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
+            scale = (np.abs(w).max(axis=0) / qmax).astype(np.float32)
         else:
-            scale = np.array(np.abs(w).max() / 127.0 if w.size else 1.0, np.float32)
+            scale = np.array(np.abs(w).max() / qmax if w.size else 1.0, np.float32)
         scale = np.maximum(scale, np.float32(1e-12)).astype(np.float32)
-        q = np.clip(np.round(w.astype(np.float64) / scale.astype(np.float64)), -127, 127).astype(np.int8)
+        q = np.clip(np.round(w.astype(np.float64) / scale.astype(np.float64)), -qmax, qmax).astype(np.int8)
         zero = np.zeros(scale.shape, np.int8)
         base = w_value.name or "weight"
         made = tuple(

@@ -5,9 +5,12 @@ Rewrite: every quantizable op ``y = op(x, W, b)`` becomes
 pairs, the form onnxruntime fuses into integer kernels (QLinearConv, QLinearMatMul,
 QGemm, QLinearAdd/Mul, QLinearAveragePool, QLinearConcat, ...):
 
-- weights (Conv, Gemm, MatMul with a constant 2-D B): int8 symmetric,
-  per output channel by default (``scale[c] = max|W[c]| / 127``, zero point 0), or per
-  tensor (``per_channel=False``, and always for opset < 13);
+- weights (Conv, Gemm, MatMul with a constant 2-D B): int8 symmetric within +-64,
+  per output channel by default (``scale[c] = max|W[c]| / 64``, zero point 0), or per
+  tensor (``per_channel=False``, and always for opset < 13). 64, not 127: onnxruntime's
+  integer kernels on x86 CPUs without VNNI sum pairs of uint8 x int8 products in a
+  saturating int16, which larger weights overflow (``optcc.quant.integer_range``);
+  within 64 every CPU computes the same exact accumulations;
 - activations: uint8 asymmetric over the calibrated range widened to contain 0
   (``scale = (hi - lo) / 255``, ``zero_point = round(-lo / scale)``), or int8 symmetric
   (``activation_type="int8"``: ``scale = max(|lo|, |hi|) / 127``);
@@ -844,11 +847,11 @@ class _Rewriter:
         counted in ``bias_scale_raised``). Maxima of float32 values: the order in which the
         bounds apply does not change the result."""
         if axis is None:
-            scale = np.array(np.abs(w).max() / 127.0 if w.size else 1.0, np.float32)
+            scale = np.array(np.abs(w).max() / optcc.quant.WEIGHT_QMAX if w.size else 1.0, np.float32)
             floor = None if floor is None else floor.max()
         else:
             moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-            scale = (np.abs(moved).max(axis=1) / 127.0).astype(np.float32)
+            scale = (np.abs(moved).max(axis=1) / optcc.quant.WEIGHT_QMAX).astype(np.float32)
         scale = np.maximum(scale, _MIN_WEIGHT_SCALE).astype(np.float32)
         if floor is not None:
             self.stats["bias_scale_raised"] += int(np.sum(np.broadcast_to(floor, scale.shape) > scale))

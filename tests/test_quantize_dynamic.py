@@ -56,8 +56,8 @@ def _reference(model: onnx.ModelProto, x: np.ndarray, quantized: bool) -> np.nda
     def matmul(a: np.ndarray, weight: np.ndarray) -> np.ndarray:
         if not quantized:
             return a @ weight
-        scale = (np.abs(weight).max(axis=0) / 127.0).astype(np.float32).astype(np.float64)
-        wq = np.clip(np.rint(weight / scale), -127, 127)
+        scale = (np.abs(weight).max(axis=0) / 64.0).astype(np.float32).astype(np.float64)
+        wq = np.clip(np.rint(weight / scale), -64, 64)
         aq, a_scale, a_zero = _dynamic_quantize(a.astype(np.float32))
         return ((aq - a_zero) @ wq) * (np.float64(np.float32(a_scale)) * scale)
 
@@ -93,7 +93,7 @@ def test_matmul_and_gemm_are_quantized_and_the_float_weights_removed() -> None:
         stored = {t.name: nh.to_array(t) for t in q.graph.initializer}
         w2q = next(a for name, a in stored.items() if a.dtype == np.int8 and a.shape == (96, 48))
         np.testing.assert_array_equal(
-            w2q, np.clip(np.rint(w2.T.astype(np.float64) / (np.abs(w2).max(axis=1) / 127.0).astype(np.float32)), -127, 127))
+            w2q, np.clip(np.rint(w2.T.astype(np.float64) / (np.abs(w2).max(axis=1) / 64.0).astype(np.float32)), -64, 64))
 
         x = np.random.default_rng(4).normal(size=(8, 64)).astype(np.float32)
         got = _run(q, x)
@@ -146,8 +146,8 @@ def test_embedding_gather_becomes_int8_rows() -> None:
     rows = (np.clip(np.rint(table / s), -128, 127) * s).astype(np.float32)
     e = rows[ids]
     aq, a_scale, a_zero = _dynamic_quantize(e)
-    w_scale = (np.abs(w).max(axis=0) / 127.0).astype(np.float32).astype(np.float64)
-    wq = np.clip(np.rint(w / w_scale), -127, 127)
+    w_scale = (np.abs(w).max(axis=0) / 64.0).astype(np.float32).astype(np.float64)
+    wq = np.clip(np.rint(w / w_scale), -64, 64)
     expected = ((aq - a_zero) @ wq) * (np.float64(np.float32(a_scale)) * w_scale)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     exact = table.astype(np.float64)[ids] @ w.astype(np.float64)

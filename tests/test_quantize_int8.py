@@ -181,14 +181,14 @@ def test_per_channel_weight_scales() -> None:
     scale = initializer(quantized, dq.inputs[1])
     zero = initializer(quantized, dq.inputs[2])
     q = initializer(quantized, dq.inputs[0])
-    np.testing.assert_allclose(scale, np.abs(w).reshape(8, -1).max(axis=1) / 127, rtol=1e-6)
+    np.testing.assert_allclose(scale, np.abs(w).reshape(8, -1).max(axis=1) / 64, rtol=1e-6)
     assert dq.attributes["axis"].as_int() == 0
     assert q.dtype == np.int8 and zero.dtype == np.int8 and not zero.any()
-    assert np.abs(q).max() == 127
+    assert np.abs(q).max() == 64
     # Gemm's B [16, 10] is per output column (axis 1)
     dq_fc = dq_source(quantized, by_name(quantized, "fc"), 1)
     wfc = nh.to_array(original.graph.initializer[5])
-    np.testing.assert_allclose(initializer(quantized, dq_fc.inputs[1]), np.abs(wfc).max(axis=0) / 127, rtol=1e-6)
+    np.testing.assert_allclose(initializer(quantized, dq_fc.inputs[1]), np.abs(wfc).max(axis=0) / 64, rtol=1e-6)
     assert dq_fc.attributes["axis"].as_int() == 1
 
 
@@ -196,7 +196,7 @@ def test_per_tensor_option() -> None:
     original, quantized, _, _ = quantized_cnn(per_channel=False)
     w = nh.to_array(original.graph.initializer[0])
     scale = initializer(quantized, dq_source(quantized, by_name(quantized, "conv1"), 1).inputs[1])
-    assert scale.shape == () and np.isclose(scale, np.abs(w).max() / 127, rtol=1e-6)
+    assert scale.shape == () and np.isclose(scale, np.abs(w).max() / 64, rtol=1e-6)
 
 
 def test_bias_is_int32_with_input_times_weight_scale() -> None:
@@ -221,7 +221,7 @@ def test_bias_is_int32_with_input_times_weight_scale() -> None:
 def test_weights_larger_than_a_chunk_round_like_numpy(trans_b: int) -> None:
     """A weight of more elements than ``_quantize`` rounds at a time, cut in row slices that
     do not divide it evenly, per channel along either axis: every element equals numpy's
-    round(w / scale) with the stored scale, which is the channel's max |w| / 127."""
+    round(w / scale) with the stored scale, which is the channel's max |w| / 64."""
     rng = np.random.default_rng(7)
     w = (rng.normal(size=(1500, 1100)) * rng.uniform(0.01, 1.0, size=(1500, 1))).astype(np.float32)
     if trans_b:
@@ -238,9 +238,9 @@ def test_weights_larger_than_a_chunk_round_like_numpy(trans_b: int) -> None:
     q, scale = initializer(result.model, dq.inputs[0]), initializer(result.model, dq.inputs[1])
     axis = 0 if trans_b else 1
     assert dq.attributes["axis"].as_int() == axis and q.dtype == np.int8 and q.shape == w.shape
-    np.testing.assert_allclose(scale, np.abs(w).max(axis=1 - axis) / 127, rtol=1e-6)
+    np.testing.assert_allclose(scale, np.abs(w).max(axis=1 - axis) / 64, rtol=1e-6)
     per_channel = scale.astype(np.float64).reshape((-1, 1) if axis == 0 else (1, -1))
-    expected = np.clip(np.round(w.astype(np.float64) / per_channel), -127, 127).astype(np.int8)
+    expected = np.clip(np.round(w.astype(np.float64) / per_channel), -64, 64).astype(np.int8)
     np.testing.assert_array_equal(q, expected)
 
 
@@ -428,7 +428,7 @@ def test_dynamic_quantization() -> None:
     mmi = next(n for n in q.graph if n.op_type == "MatMulInteger")
     w = nh.to_array(model.graph.initializer[0])
     scale_mul = next(n for n in q.graph if n.op_type == "Mul" and n.inputs[0] is mmi.inputs[0].producer().outputs[1])
-    np.testing.assert_allclose(initializer(q, scale_mul.inputs[1]), np.abs(w).max(axis=0) / 127, rtol=1e-6)
+    np.testing.assert_allclose(initializer(q, scale_mul.inputs[1]), np.abs(w).max(axis=0) / 64, rtol=1e-6)
     onnx.checker.check_model(optcc.ir.serialize(q), full_check=True)
     rng = np.random.default_rng(10)
     data = [{"x": rng.normal(size=(4, 64)).astype(np.float32)} for _ in range(3)]
