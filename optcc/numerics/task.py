@@ -80,8 +80,12 @@ each value moves by +-1/255 of its channel's range (one grey level), sign drawn 
 fixed-seed generator. Other float inputs move by one unit in the last place
 (``numpy.spacing``), the dtype's own resolution, except their whole-number values (token
 ids, counts or flags fed as float: a model that truncates them to integers would read one
-ulp below ``k`` as ``k - 1``, a floor made of changed inputs rather than noise). Integer
-inputs are left alone.
+ulp below ``k`` as ``k - 1``, a floor made of changed inputs rather than noise). A 16-bit
+integer input (``int16``/``uint16``: a signal sampled so, as 16-bit PCM audio) moves by
+one step of its dtype, +-1 LSB, held at the dtype's limits, unless it indexes a table
+(``ids``: token ids, positions, as ``input_roles`` finds them). Other integer inputs
+(ids, indices, lengths, masks, flags) are left alone: their values are identities, and
+one step would name another token or change a count, not add noise.
 
 **Several draws.** ``TaskJudge(draws=[...])`` takes the float model's outputs under more
 independent perturbations (``perturbation_draws``: draw ``d`` of sample ``i`` seeded
@@ -371,16 +375,29 @@ def _image_like(a: np.ndarray) -> int | None:
     return None
 
 
-def perturb(feeds: Mapping[str, np.ndarray], seed: int | Sequence[int] = _SEED, not_images: Collection[str] = ()
-            ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+# integer dtypes that hold a sampled signal (16-bit PCM): moved by one step; the other
+# integer dtypes hold ids, counts, masks or flags, which one step would change in meaning
+SIGNAL_INTEGERS = (np.int16, np.uint16)
+
+
+def perturb(feeds: Mapping[str, np.ndarray], seed: int | Sequence[int] = _SEED, not_images: Collection[str] = (),
+            ids: Collection[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The feeds moved at their own resolution (module doc), and how, per input. Inputs
     named in ``not_images`` (a decoder's past key/value caches, whose few heads could pass
-    for channels) move by one ulp whatever their shape."""
+    for channels) move by one ulp whatever their shape; integer inputs named in ``ids``
+    (those that index a table: token ids, positions) are left alone whatever their dtype,
+    the others move by +-1 when their dtype is a 16-bit signal's (``SIGNAL_INTEGERS``)."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     how: dict[str, str] = {}
     for name in sorted(feeds):
         a = np.asarray(feeds[name])
+        if a.dtype.type in SIGNAL_INTEGERS and a.size and name not in ids:
+            limits = np.iinfo(a.dtype)
+            step = rng.choice(np.array([-1, 1]), size=a.shape)
+            out[name] = np.clip(a.astype(np.int64) + step, limits.min, limits.max).astype(a.dtype)
+            how[name] = "+-1 LSB (16-bit integer signal)"
+            continue
         if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
             out[name] = a
             continue
@@ -404,7 +421,8 @@ def perturb(feeds: Mapping[str, np.ndarray], seed: int | Sequence[int] = _SEED, 
 
 
 def perturbation_draws(samples: Sequence[Mapping[str, np.ndarray]], draws: int, not_images: Collection[str] = (),
-                       first: int = 0) -> tuple[list[list[dict[str, np.ndarray]]], dict[str, str]]:
+                       first: int = 0, ids: Collection[str] = ()
+                       ) -> tuple[list[list[dict[str, np.ndarray]]], dict[str, str]]:
     """Independent perturbations ``first`` to ``draws - 1`` of every sample (``perturb``;
     draw 0 of sample ``i`` with seed ``i``, as the verifier's, draw ``d`` with seed
     ``(i, d)``), per draw one list of feeds, and how each input moves."""
@@ -413,7 +431,8 @@ def perturbation_draws(samples: Sequence[Mapping[str, np.ndarray]], draws: int, 
     for d in range(first, max(draws, 1)):
         moved = []
         for i, feeds in enumerate(samples):
-            feeds_moved, described = perturb(dict(feeds), seed=i if d == 0 else (i, d), not_images=not_images)
+            feeds_moved, described = perturb(dict(feeds), seed=i if d == 0 else (i, d), not_images=not_images,
+                                             ids=ids)
             moved.append(feeds_moved)
             how.update(described)
         result.append(moved)

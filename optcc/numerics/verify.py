@@ -439,8 +439,9 @@ class Verifier:
             perturbed, how = [], {}
             roles = input_roles(self._model)
             caches = {n for n, role in roles.items() if role == "past"}
+            ids = {n for n, role in roles.items() if role in ("index", "position")}
             for i, feeds in enumerate(self.feeds):
-                moved, how = perturb(feeds, seed=i, not_images=caches)
+                moved, how = perturb(feeds, seed=i, not_images=caches, ids=ids)
                 perturbed.append(moved)
             session = self._session(self.original, provider)
             masks = None
@@ -453,7 +454,7 @@ class Verifier:
                               sequences=sequence_outputs(self._model), exact=float_free_outputs(self._model),
                               **self._task)
             if self._plan is None and judge.wants_draws():  # float32's own errors excused, or a mean floor
-                more, _ = perturbation_draws(self.feeds, FLOOR_DRAWS, not_images=caches, first=1)
+                more, _ = perturbation_draws(self.feeds, FLOOR_DRAWS, not_images=caches, first=1, ids=ids)
                 judge = dataclasses.replace(judge, draws=[self._judged(self._cases(session, d)) for d in more])
             self._judges[provider] = judge
         return self._judges[provider]

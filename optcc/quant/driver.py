@@ -110,8 +110,10 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
     When a metric excuses float32's own errors or averages its floor over draws
     (``TaskJudge.wants_draws``), the floor takes ``draws`` independent perturbations
     (``perturbation_draws``); else one."""
-    caches = {n for n, role in input_roles(model).items() if role == "past"}
-    moved, how = perturbation_draws(held, 1, not_images=caches)
+    roles = input_roles(model)
+    caches = {n for n, role in roles.items() if role == "past"}
+    ids = {n for n, role in roles.items() if role in ("index", "position")}
+    moved, how = perturbation_draws(held, 1, not_images=caches, ids=ids)
     both = model_outputs(model, [*held, *moved[0]])
     reference = {name: values[:len(held)] for name, values in both.items()}
     perturbed = {name: values[len(held):] for name, values in both.items()}
@@ -119,7 +121,7 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
                       sequences=sequence_outputs(model), exact=float_free_outputs(model))
     if draws < 2 or not judge.wants_draws():
         return judge
-    more, _ = perturbation_draws(held, draws, not_images=caches, first=1)
+    more, _ = perturbation_draws(held, draws, not_images=caches, first=1, ids=ids)
     outputs = model_outputs(model, [feeds for draw in more for feeds in draw])
     count = len(held)
     return dataclasses.replace(judge, draws=[{name: values[d * count:(d + 1) * count]
