@@ -28,7 +28,10 @@ sum to 1                  blank 0 dropped); 1 - exact-match rate and the charact
 ``[T, 1, C]``: rows       ``[T, 1, C]`` sample (T > 1) is one time-major sequence
 that sum to 1, or         (a CRNN's ``[T, batch, C]``), decoded also from raw logits
 logits: named so, or      when the output's name says logits, or when they decide
-deciding per step)        classes step by step (``_per_step_classes``)
+deciding per step)        classes step by step (``_per_step_classes``). Only when they
+                          read as a CTC recognizer's (``_ctc_like``: peaked, symbols as
+                          spikes between blanks); framewise scores (a VAD's states per
+                          frame, held over a segment) are judged by ``argmax`` per frame
 ``[N, 1, H, W]`` or       ``detection-map``: pixels above ``MAP_THRESHOLD`` (0.3) form
 ``[N, H, W]`` in [0, 1],  the mask; its connected components' bounding boxes (sides of
 at most 10% of pixels     at least 3 pixels) are the detections; 1 - box F1 (IoU >= 0.5),
@@ -195,6 +198,8 @@ MAP_THRESHOLD = 0.3
 MAP_LOW = 0.1  # a map's pixel at most this, or at least 1 - this, has decided
 MAP_UNDECIDED = 0.1  # a detection map has at most this fraction of its pixels undecided
 EMBEDDING_MIN_WIDTH = 8  # entries of a vector read as an embedding
+CTC_DECIDED = 0.75  # a CTC recognizer is confident on at least this fraction of its steps
+CTC_MAX_RUN = 2.0  # steps a CTC recognizer's symbol holds on average (a spike between blanks)
 UNIT_TOLERANCE = 1e-3  # an L2-normalized row's length is 1 within float32 rounding
 MIN_BOX_SIDE = 3  # pixels; smaller components are dropped, as DB post-processing does
 BOX_SCORE = 0.25  # the deployment score threshold (Ultralytics' default confidence)
@@ -269,6 +274,32 @@ def _per_step_classes(values: Sequence[np.ndarray]) -> bool:
         return False
     confident = np.concatenate([_confident(r) for r in rows])
     return float(confident.mean()) >= 0.5 and any(len(np.unique(r.argmax(-1))) > 1 for r in rows)
+
+
+def _ctc_like(values: Sequence[np.ndarray]) -> bool:
+    """Whether class-score sequences (``[N, T, C]``, or one time-major ``[T, 1, C]``) read as
+    a CTC recognizer's rather than a framewise classifier's: CTC's posteriors are peaked (at
+    least ``CTC_DECIDED`` of the steps confident, ``_confident``) and its symbols come as
+    spikes, the top classes other than the one that fills most steps (the blank) holding
+    for at most ``CTC_MAX_RUN`` steps on average. A framewise classifier (a VAD's states
+    per frame, a tagger's tag per token) holds a decision over the frames of a segment, and
+    its posteriors over many classes are soft where the input is ambiguous."""
+    lines = [line for v in values for line in _batch_major(np.asarray(v, np.float64)).reshape(
+        -1, *np.shape(_batch_major(np.asarray(v)))[-2:])]
+    lines = [line[np.all(np.isfinite(line), axis=-1)] for line in lines]
+    lines = [line for line in lines if len(line)]
+    if not lines:
+        return True
+    if float(np.concatenate([_confident(line) for line in lines]).mean()) < CTC_DECIDED:
+        return False
+    best = [line.argmax(-1) for line in lines]
+    filler = int(np.bincount(np.concatenate(best)).argmax())
+    symbol_steps = symbol_runs = 0
+    for steps in best:
+        starts = np.r_[True, steps[1:] != steps[:-1]]
+        symbol_steps += int(np.count_nonzero(steps != filler))
+        symbol_runs += int(np.count_nonzero(starts & (steps != filler)))
+    return symbol_steps <= CTC_MAX_RUN * symbol_runs
 
 
 def sequence_outputs(model: ir.Model) -> set[str]:
@@ -346,9 +377,9 @@ def choose_metric(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
         return "argmax" if _confident_somewhere(values) else "sqnr"
     sequences = _batch_major(a)
     if sequences.ndim == 3 and sequences.shape[1] >= 2 and sequences.shape[2] >= 2 and _softmax_rows(sequences):
-        return "ctc"
+        return "ctc" if _ctc_like(values) else "argmax"  # a recognizer's sequence, or decisions per frame
     if sequences is not a and a.shape[2] >= 2 and ("logit" in name.lower() or _per_step_classes(values)):
-        return "ctc"  # time-major class scores: a recognizer's sequence, read decoded
+        return "ctc" if _ctc_like(values) else "argmax"  # time-major class scores, read likewise
     if a.ndim == 3 and "logit" in name.lower() and a.shape[2] >= 2:
         return "argmax"
     if a.ndim in (3, 4) and (a.ndim == 3 or a.shape[1] == 1) and min(a.shape[-2:]) >= 8 \
