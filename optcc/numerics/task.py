@@ -56,7 +56,10 @@ final detections          YOLO26, Ultralytics' ``nms=True``): x0, y0, x1, y1, sc
 other ``[N, T, H]``,      ``embedding``: hidden states mean-pooled over the positions
 H >= 8                    (those the attention mask keeps); 1 - mean cosine of the
                           pooled vectors, and ``ranking``: 1 - Spearman of their pairwise
-                          similarities
+                          similarities; but ``argmax`` per token when a classifier head
+                          computes them (``TaskJudge(heads=...)``, ``projected_outputs``:
+                          a MatMul onto fewer columns, plus a bias) and they decide a
+                          class step by step (``_per_step_classes``): a tagger's emissions
 integer or boolean        ``labels`` (always; not selectable): 1 - the fraction of rows
 (ids, labels, flags)      that agree exactly, a row being a sample's entry along the
                           first axis (a line of decoded ids, one label of ``[N]``); a
@@ -176,6 +179,7 @@ from optcc.errors import BadInputError
 
 __all__ = [
     "METRICS", "DEFAULT_MARGIN", "MIN_DEVIATION", "Outputs", "UserMetric", "choose_metric", "perturb",
+    "projected_outputs",
     "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "REGRESSION_NAMES", "sequence_outputs",
     "float_free_outputs",
     "measure", "deviations", "TaskJudge", "perturbation_draws", "FLOOR_DRAWS", "ctc_greedy",
@@ -262,8 +266,9 @@ def _metric_misfit(metric: str, sample: np.ndarray) -> str | None:
 
 
 def _per_step_classes(values: Sequence[np.ndarray]) -> bool:
-    """Whether time-major ``[T, 1, C]`` samples (C >= 3) hold class scores decided step by
-    step, as a recognizer's raw logits do: most steps confident (``_confident``), and the
+    """Whether sequences of scores (``[N, T, C]`` or time-major ``[T, 1, C]``, C >= 3) hold
+    class scores decided step by step, as a recognizer's raw logits or a tagger's emissions
+    do: most steps confident (``_confident``), and the
     top class changing along the sequence in some sample. Hidden states are not: bounded
     ones (an RNN's) are confident nowhere, and an outlier channel that dominates every
     step is one class throughout."""
@@ -310,6 +315,41 @@ def sequence_outputs(model: ir.Model) -> set[str]:
         shape = value.shape
         if shape is not None and shape.rank() == 2 and not isinstance(shape[1], int):
             found.add(value.name)
+    return found
+
+
+def _constant_shape(value: ir.Value) -> tuple[int, ...] | None:
+    """The shape of a constant value (an initializer or a Constant node's tensor), else None."""
+    if value.const_value is not None:
+        return tuple(value.const_value.shape)
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes:
+        return tuple(node.attributes["value"].as_tensor().shape)
+    return None
+
+
+def projected_outputs(model: ir.Model) -> set[str]:
+    """The graph outputs a classifier head computes: a MatMul by a constant ``[H, C]`` weight
+    with C < H (a projection onto fewer columns), plus a constant bias or not, behind
+    Identity nodes. Per token (``[N, T, C]``) these are class scores, a tagger's emissions;
+    hidden states end in a normalization or a residual Add instead."""
+    found = set()
+    for output in model.graph.outputs:
+        value: ir.Value | None = output
+        node = value.producer()
+        while node is not None and node.op_type == "Identity":
+            value = node.inputs[0]
+            node = value.producer() if value is not None else None
+        if node is not None and node.op_type == "Add" and len(node.inputs) == 2 and all(node.inputs):
+            constant = [i for i in node.inputs if _constant_shape(i) is not None]
+            if len(constant) == 1:
+                value = next(i for i in node.inputs if i is not constant[0])
+                node = value.producer()
+        if node is None or node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.inputs[1] is None:
+            continue
+        weight = _constant_shape(node.inputs[1])
+        if weight is not None and len(weight) == 2 and weight[1] < weight[0]:
+            found.add(output.name)
     return found
 
 
@@ -1092,6 +1132,7 @@ class TaskJudge:
     groups: Sequence[str] | None = None  # per sample: its group's label
     draws: Sequence[Outputs] = ()  # more perturbation draws of the float model's outputs (seeds apart)
     sequences: Collection[str] = ()  # outputs whose last axis the model declares symbolic (``sequence_outputs``)
+    heads: Collection[str] = ()  # outputs a classifier head computes (``projected_outputs``)
     exact: Collection[str] = ()  # integer outputs no precision change moves (``float_free_outputs``): not judged
 
     def __post_init__(self) -> None:
@@ -1137,6 +1178,7 @@ class TaskJudge:
                 self.plan[key], self._where[key] = chosen, (name, idx)
                 if given in (None, "auto"):
                     chosen_by_auto.append(key)
+            self._scores_per_step(chosen_by_auto)
             self._pooled_beside_embeddings(chosen_by_auto)
             for key in chosen_by_auto:  # still class scores: unless their width may change
                 name = self._where[key][0]
@@ -1146,6 +1188,18 @@ class TaskJudge:
         self._envelope = [self.perturbed, *self.draws]
         self.floor, self.floor_items = self._floor()
         self._sqnr_floor: dict[str, dict[str, float]] = {}  # per row key, computed when first needed
+
+    def _scores_per_step(self, keys: Sequence[str]) -> None:
+        """Of ``keys`` (one group's rows whose metric the auto rule chose), a ``[N, T, C]``
+        output read as hidden states that a classifier head computes (``heads``) and that
+        decides a class step by step (``_per_step_classes``) holds class scores per token
+        (a tagger's emissions): judged by ``argmax`` per token, as its user reads the tags."""
+        for key in keys:
+            name = self._where[key][0]
+            values = self.reference[name]
+            if self.plan[key] == "embedding" and name in self.heads and np.ndim(values[0]) == 3 \
+                    and _per_step_classes(values):
+                self.plan[key] = "argmax"
 
     def _pooled_beside_embeddings(self, keys: Sequence[str]) -> None:
         """Of ``keys`` (one group's rows whose metric the auto rule chose), a ``[N, D]`` output

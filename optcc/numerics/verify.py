@@ -78,7 +78,7 @@ from optcc.numerics.inputs import (DEFAULT_DYNAMIC_DIM, RETRY_SIZES, Ungenerated
 from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, TaskJudge, UserMetric, perturb,
-                                 float_free_outputs, perturbation_draws, sequence_outputs)
+                                 float_free_outputs, perturbation_draws, projected_outputs, sequence_outputs)
 from optcc.progress import Progress
 from optcc.runtime.session import HANDOVER_MIN_BYTES, first_line, make_session, resolve_providers, run, session_options
 from optcc.runtime.shared_weights import Serialized, light_proto, weighted_session
@@ -451,7 +451,8 @@ class Verifier:
             judge = TaskJudge(self._judged(float32[provider]), self._judged(self._cases(session, perturbed)),
                               perturbation=how, masks=masks,
                               groups=self._groups if self._plan is None else None,
-                              sequences=sequence_outputs(self._model), exact=float_free_outputs(self._model),
+                              sequences=sequence_outputs(self._model), heads=projected_outputs(self._model),
+                              exact=float_free_outputs(self._model),
                               **self._task)
             if self._plan is None and judge.wants_draws():  # float32's own errors excused, or a mean floor
                 more, _ = perturbation_draws(self.feeds, FLOOR_DRAWS, not_images=caches, first=1, ids=ids)

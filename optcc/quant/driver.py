@@ -35,7 +35,7 @@ from optcc.quant.fallback import (
 )
 from optcc.numerics.inputs import input_roles
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, MIN_ITEMS, TaskJudge, UserMetric,
-                                 float_free_outputs, perturbation_draws, sequence_outputs)
+                                 float_free_outputs, perturbation_draws, projected_outputs, sequence_outputs)
 
 __all__ = ["Int8Options", "quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
 
@@ -118,7 +118,7 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
     reference = {name: values[:len(held)] for name, values in both.items()}
     perturbed = {name: values[len(held):] for name, values in both.items()}
     judge = TaskJudge(reference, perturbed, metric, margin, metric_target, min_sqnr_db, how, groups=groups,
-                      sequences=sequence_outputs(model), exact=float_free_outputs(model))
+                      sequences=sequence_outputs(model), heads=projected_outputs(model), exact=float_free_outputs(model))
     if draws < 2 or not judge.wants_draws():
         return judge
     more, _ = perturbation_draws(held, draws, not_images=caches, first=1, ids=ids)
