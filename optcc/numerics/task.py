@@ -268,8 +268,8 @@ def _metric_misfit(metric: str, sample: np.ndarray) -> str | None:
 def _per_step_classes(values: Sequence[np.ndarray]) -> bool:
     """Whether sequences of scores (``[N, T, C]`` or time-major ``[T, 1, C]``, C >= 3) hold
     class scores decided step by step, as a recognizer's raw logits or a tagger's emissions
-    do: most steps confident (``_confident``), and the
-    top class changing along the sequence in some sample. Hidden states are not: bounded
+    do: most steps confident (``_confident``), and the top class changing along the
+    sequence in some sample. Hidden states are not: bounded
     ones (an RNN's) are confident nowhere, and an outlier channel that dominates every
     step is one class throughout."""
     if values[0].shape[-1] < 3:
@@ -289,9 +289,8 @@ def _ctc_like(values: Sequence[np.ndarray]) -> bool:
     for at most ``CTC_MAX_RUN`` steps on average. A framewise classifier (a VAD's states
     per frame, a tagger's tag per token) holds a decision over the frames of a segment, and
     its posteriors over many classes are soft where the input is ambiguous."""
-    lines = [line for v in values for line in _batch_major(np.asarray(v, np.float64)).reshape(
-        -1, *np.shape(_batch_major(np.asarray(v)))[-2:])]
-    lines = [line[np.all(np.isfinite(line), axis=-1)] for line in lines]
+    lines = [line[np.all(np.isfinite(line), axis=-1)]
+             for v in values for line in _batch_major(np.asarray(v, np.float64))]
     lines = [line for line in lines if len(line)]
     if not lines:
         return True
