@@ -216,6 +216,61 @@ def test_float64_conv_kernel_matches_onnx_reference(c, m, k, group, stride, dila
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+def _conv_transpose_by_definition(x, w, b, group, strides, dilations, pads, extra):
+    """ConvTranspose from its definition: each input element adds its value times the kernel
+    of its channel at ``position * stride + offset * dilation``; pads are then cropped."""
+    n, c, *inner = x.shape
+    cg, mg, *kernel = w.shape
+    cg = c // group
+    full = [s * (i - 1) + (k - 1) * d + 1 + e for s, i, k, d, e in zip(strides, inner, kernel, dilations, extra)]
+    y = np.zeros((n, mg * group, *full))
+    for image, channel, *position in np.ndindex(n, c, *inner):
+        g = channel // cg
+        for offset in np.ndindex(*kernel):
+            at = tuple(p * s + o * d for p, s, o, d in zip(position, strides, offset, dilations))
+            y[(image, slice(g * mg, (g + 1) * mg), *at)] += x[(image, channel, *position)] * w[(channel, slice(None), *offset)]
+    spatial = len(inner)
+    y = y[(slice(None), slice(None), *(slice(pads[i], full[i] - pads[i + spatial]) for i in range(spatial)))]
+    return y if b is None else y + b.reshape(1, -1, *([1] * spatial))
+
+
+@pytest.mark.parametrize("c,m,k,group,stride,dilation,pads,extra", [
+    (8, 4, (2, 2), 1, 2, 1, [0, 0, 0, 0], [0, 0]),  # the upsampling of a DB text detector's head
+    (3, 6, (3, 3), 1, 2, 1, [1, 1, 1, 1], [1, 1]),  # output_padding
+    (8, 3, (3, 3), 4, 2, 2, [0, 1, 2, 1], [1, 0]),  # grouped, dilated, asymmetric pads
+    (6, 1, (4, 4), 6, 3, 1, [1, 2, 1, 0], [0, 0]),  # depthwise
+    (4, 5, (3,), 1, 2, 1, [1, 0], [1]),  # 1-D
+    (2, 3, (2, 3, 2), 1, 2, 1, [0, 1, 0, 0, 0, 1], [0, 0, 0]),  # 3-D
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_float64_conv_transpose_kernel_matches_its_definition(c, m, k, group, stride, dilation, pads, extra, bias):
+    rng = np.random.default_rng(3)
+    feeds = {"X": rng.standard_normal((2, c, *[5 + i for i in range(len(k))])),
+             "W": rng.standard_normal((c, m, *k))}
+    if bias:
+        feeds["B"] = rng.standard_normal(m * group)
+    model = _one_node("ConvTranspose", feeds, group=group, strides=[stride] * len(k),
+                      dilations=[dilation] * len(k), pads=pads, output_padding=extra)
+    want = _conv_transpose_by_definition(feeds["X"], feeds["W"], feeds.get("B"), group, [stride] * len(k),
+                                         [dilation] * len(k), pads, extra)
+    got = ReferenceEvaluator(model, new_ops=_kernels(17)).run(None, feeds)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    if group == 1:  # onnx's own evaluator reshapes grouped weights wrongly
+        np.testing.assert_allclose(got, ReferenceEvaluator(model).run(None, feeds)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("attrs", [{"output_shape": [12, 9]}, {"auto_pad": "SAME_UPPER"},
+                                   {"auto_pad": "SAME_LOWER", "output_padding": [1, 0]}])
+def test_float64_conv_transpose_kernel_leaves_output_shape_and_auto_pad_to_onnx(attrs):
+    rng = np.random.default_rng(4)
+    feeds = {"X": rng.standard_normal((1, 3, 5, 4)), "W": rng.standard_normal((3, 2, 3, 3))}
+    model = _one_node("ConvTranspose", feeds, strides=[2, 2], **attrs)
+    want = ReferenceEvaluator(model).run(None, feeds)[0]
+    got = ReferenceEvaluator(model, new_ops=_kernels(17)).run(None, feeds)[0]
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
 @pytest.mark.parametrize("k,stride,pads,ceil", [(3, 2, [1, 1, 1, 1], 0), (2, 2, [0, 0, 0, 0], 1),
                                                 (3, 2, [1, 1, 1, 1], 1), (3, 1, [1, 1, 1, 1], 0)])

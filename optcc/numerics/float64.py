@@ -8,8 +8,8 @@ every float tensor, type and Cast target turned into float64, then run by:
 1. onnxruntime on CPU, when it has a double kernel for every node (MLPs, many
    transformer graphs);
 2. else onnx's reference evaluator, with fast numpy kernels for the ops that dominate CNNs
-   (Conv, BatchNormalization, MaxPool/AveragePool, and Softmax-family ops with their
-   pre-opset-13 semantics). Before its outputs are trusted, every node is checked on the
+   (Conv, ConvTranspose, BatchNormalization, MaxPool/AveragePool, and Softmax-family ops
+   with their pre-opset-13 semantics). Before its outputs are trusted, every node is checked on the
    first sample against onnxruntime's float32 run: fed onnxruntime's own float32 inputs,
    its float64 result must match onnxruntime's output to within ``NODE_CHECK_REL`` of that
    output's scale plus ``INPUT_ROUNDING_ULPS`` float32 roundings of its largest input (one
@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from onnx.reference.ops.op_conv_transpose import ConvTranspose as _EvaluatorConvTranspose
 
 from optcc.runtime.session import first_line, make_session, run, session_options, with_outputs
 
@@ -185,6 +186,48 @@ class _Conv(OpRun):
         return (y.astype(X.dtype, copy=False),)
 
 
+class _ConvTranspose(_EvaluatorConvTranspose):
+    """ConvTranspose as one tensordot per group, added into the output once per kernel
+    offset (onnx's evaluator loops over images and channels in Python). An ``output_shape``,
+    an ``auto_pad``, a ``kernel_shape`` other than the weight's or a negative pad is left to
+    onnx's evaluator."""
+
+    op_domain = ""
+
+    def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None,
+             output_padding=None, output_shape=None, pads=None, strides=None):
+        spatial = X.ndim - 2
+        kernel = list(W.shape[2:])
+        auto = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if output_shape is not None or auto not in (None, "NOTSET") or (pads is not None and min(pads) < 0) \
+                or (kernel_shape is not None and list(kernel_shape) != kernel):
+            return super()._run(X, W, B, auto_pad=auto_pad, dilations=dilations, group=group,
+                                kernel_shape=kernel_shape, output_padding=output_padding,
+                                output_shape=output_shape, pads=pads, strides=strides)
+        strides = list(strides or [1] * spatial)
+        dilations = list(dilations or [1] * spatial)
+        extra = list(output_padding or [0] * spatial)
+        pads = list(pads or [0] * (2 * spatial))
+        group = group or 1
+        n, c = X.shape[:2]
+        cg, mg = c // group, W.shape[1]
+        inner = X.shape[2:]
+        # the output before pads are cropped: every input element's kernel footprint, then output_padding
+        full = [s * (i - 1) + (k - 1) * d + 1 + e for s, i, k, d, e in zip(strides, inner, kernel, dilations, extra)]
+        y = np.zeros((n, mg * group, *full), dtype=np.result_type(X, W))
+        for g in range(group):
+            products = np.tensordot(X[:, g * cg:(g + 1) * cg], W[g * cg:(g + 1) * cg], axes=([1], [0]))
+            products = np.moveaxis(products, 1 + spatial, 1)  # [N, M/group, *inner, *kernel]
+            for offset in np.ndindex(*kernel):
+                at = tuple(slice(o * d, o * d + s * (i - 1) + 1, s)
+                           for o, d, s, i in zip(offset, dilations, strides, inner))
+                y[(slice(None), slice(g * mg, (g + 1) * mg), *at)] += products[(..., *offset)]
+        y = y[(slice(None), slice(None), *(slice(pads[i], full[i] - pads[i + spatial]) for i in range(spatial)))]
+        if B is not None:
+            y = y + B.reshape(1, -1, *([1] * spatial))
+        return (np.ascontiguousarray(y).astype(X.dtype, copy=False),)
+
+
 class _BatchNormalization(OpRun):
     op_domain = ""
 
@@ -260,8 +303,9 @@ def _softmax_family(name: str, opset: int):
 
 def _kernels(opset: int) -> list[type[OpRun]]:
     conv = type("Conv", (_Conv,), {})
+    conv_transpose = type("ConvTranspose", (_ConvTranspose,), {})
     bn = type("BatchNormalization", (_BatchNormalization,), {})
-    return [conv, bn, _pool("max"), _pool("avg"),
+    return [conv, conv_transpose, bn, _pool("max"), _pool("avg"),
             *(_softmax_family(name, opset) for name in ("Softmax", "LogSoftmax", "Hardmax"))]
 
 
