@@ -146,6 +146,99 @@ def test_a_bias_error_on_a_well_conditioned_channel_is_caught_beside_an_ill_cond
     assert _record(result, "planted-fold").status == "changed"
 
 
+
+def _upsampling_head(folded: bool = False, bias_error: float = 0.0) -> onnx.ModelProto:
+    """ConvTranspose, then a per-channel Add of ~1e5 (a DB text detector's head writes its
+    bias this way), then a BatchNormalization that re-centres it (var 4, epsilon 1e-2):
+    onnxruntime's basic optimizations leave it as written, so its second float32 evaluation
+    rounds alike. ``folded``: the same head as one ConvTranspose (folded in float64, one
+    rounding), ``bias_error`` added to its channel 0's bias."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, C, 2, 2)).astype(np.float32)
+    bias = np.full(C, 1e5, np.float32)
+    mean = (bias + rng.standard_normal(C)).astype(np.float32)
+    if folded:
+        k = 1.0 / np.sqrt(4.0 + 1e-2)
+        folded_bias = (bias.astype(np.float64) - mean) * k
+        folded_bias[0] += bias_error
+        nodes = [helper.make_node("ConvTranspose", ["x", "W", "B"], ["y"], strides=[2, 2])]
+        arrays = {"W": (w.astype(np.float64) * k).astype(np.float32), "B": folded_bias.astype(np.float32)}
+    else:
+        nodes = [helper.make_node("ConvTranspose", ["x", "W"], ["t"], strides=[2, 2]),
+                 helper.make_node("Add", ["t", "B"], ["c"]),
+                 helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], epsilon=1e-2)]
+        arrays = {"W": w, "B": bias.reshape(1, C, 1, 1), "s": np.ones(C, np.float32), "b": np.zeros(C, np.float32),
+                  "m": mean, "v": np.full(C, 4.0, np.float32)}
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, 16, 16])],
+        [numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _float64_upsampling_head(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """``_upsampling_head``'s output computed by numpy in float64 from its definition."""
+    w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    t = _conv_transpose_by_definition(x.astype(np.float64), w["W"], None, 1, [2, 2], [1, 1], [0] * 4, [0, 0])
+    shape = (1, C, 1, 1)
+    return (t + w["B"] - w["m"].reshape(shape)) / np.sqrt(w["v"].reshape(shape) + 1e-2)
+
+
+def _head_samples() -> list[dict[str, np.ndarray]]:
+    """Three samples; on the second alone the head's output is small beside the ~1e5 its
+    BatchNormalization cancels, so a fold's rounding is beyond 1e-4 of its scale there."""
+    x = np.random.default_rng(7).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    return [{"x": x * s} for s in (1e4, 1.0, 2e4)]
+
+
+def _budget_for_one_sample(monkeypatch, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    """A float64 budget that one sample and the node check fit in, and three do not."""
+    from optcc.numerics import float64
+
+    one = float64._macs(model, float64._inferred_shapes(model, feeds), 1)
+    monkeypatch.setattr(float64, "MAX_REFERENCE_MACS", one + one // 2)
+
+
+def test_float64_judges_only_the_samples_a_fold_fails_on(monkeypatch):
+    """The float64 reference of the three samples is over the budget; of the one sample
+    the fold is beyond the tolerance of the float32 original on, it is not. Judged on that
+    sample against float64, the fold is kept (against the float32 original alone, it would
+    be blamed for the original's own rounding), and it is closer to float64 than the original."""
+    model = _upsampling_head()
+    inputs = _head_samples()
+    _budget_for_one_sample(monkeypatch, model, inputs[0])
+    result = optcc.optimize(model, passes=["fuse-conv-affine", "fuse-batchnorm"], inputs=inputs)
+    assert [_record(result, name).status for name in ("fuse-conv-affine", "fuse-batchnorm")] == ["changed"] * 2
+    assert [n.op_type for n in result.model.graph.node] == ["ConvTranspose"]
+    assert "float64" in result.report.verification["reference"]
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    x = inputs[1]["x"]
+    truth = _float64_upsampling_head(model, x)
+
+    def err(m: onnx.ModelProto) -> float:
+        session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return float(np.abs(session.run(None, {"x": x})[0] - truth).max() / np.abs(truth).max())
+
+    assert err(result.model) < 1e-4 < err(model)
+
+
+def test_a_bias_error_seen_on_one_sample_is_caught_against_float64_there(monkeypatch):
+    """A fold whose channel-0 bias is 0.05 off: within the tolerance on the samples of
+    scale ~3e4, beyond it and beyond 4x the original's own error on the other."""
+    model = _upsampling_head()
+    inputs = _head_samples()
+    _budget_for_one_sample(monkeypatch, model, inputs[0])
+    right = optcc.verify(model, _upsampling_head(folded=True), numerics="fusion", inputs=inputs)
+    wrong = optcc.verify(model, _upsampling_head(folded=True, bias_error=0.05), numerics="fusion", inputs=inputs)
+    assert right.status == "passed" and "float64" in right.reference
+    assert wrong.status == "failed" and "float64" in wrong.reference
+    assert wrong.samples_over() == [1]
+
 def test_verify_each_reverts_the_planted_fold_too():
     result = optcc.optimize(_conv_bn([0]), passes=[PlantedFoldPass(epsilon=0.0)], verify_each=True)
     assert _record(result, "planted-fold").status == "reverted"
@@ -228,7 +321,8 @@ def _conv_transpose_by_definition(x, w, b, group, strides, dilations, pads, extr
         g = channel // cg
         for offset in np.ndindex(*kernel):
             at = tuple(p * s + o * d for p, s, o, d in zip(position, strides, offset, dilations))
-            y[(image, slice(g * mg, (g + 1) * mg), *at)] += x[(image, channel, *position)] * w[(channel, slice(None), *offset)]
+            y[(image, slice(g * mg, (g + 1) * mg), *at)] += \
+                x[(image, channel, *position)] * w[(channel, slice(None), *offset)]
     spatial = len(inner)
     y = y[(slice(None), slice(None), *(slice(pads[i], full[i] - pads[i + spatial]) for i in range(spatial)))]
     return y if b is None else y + b.reshape(1, -1, *([1] * spatial))
@@ -341,23 +435,23 @@ def test_a_wrong_pass_inside_a_fixpoint_is_reverted_for_the_rest_of_the_run():
 
 
 def test_a_reference_over_the_work_budget_is_refused_from_inferred_shapes(monkeypatch):
-    """A Conv whose float64 evaluation would exceed the budget (64x64 channels, 3x3, on a
+    """A Conv whose float64 evaluation would exceed the budget (128x128 channels, 3x3, on a
     256x256 input given by the sample: the graph's spatial axes are free) is refused with
     the work counted from onnx's inferred shapes, before any run that returns every
     intermediate tensor."""
     from optcc.numerics import float64
 
     rng = np.random.default_rng(0)
-    weight = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
+    weight = rng.standard_normal((128, 128, 3, 3)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, "h", "w"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, "h", "w"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128, "h", "w"])],
         [numpy_helper.from_array(weight, "W")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     monkeypatch.setattr(float64, "_float32_values", lambda *a: pytest.fail("probed every intermediate"))
-    feeds = [{"x": rng.standard_normal((1, 64, 256, 256)).astype(np.float32)}]
+    feeds = [{"x": rng.standard_normal((1, 128, 256, 256)).astype(np.float32)}]
     reference = Float64Reference.build(model, feeds)  # onnxruntime has no float64 Conv: the evaluator's path
-    expected = 64 * 64 * 9 * 256 * 256 * (len(feeds) + 1)  # MACs of the sample and the node check
+    expected = 128 * 128 * 9 * 256 * 256 * (len(feeds) + 1)  # MACs of the sample and the node check
     assert reference.outputs is None
     assert f"at least {(expected + 2 * 2 * float64.NODE_COST_MACS) / 1e9:.2g} GMAC" in reference.reason

@@ -25,11 +25,12 @@ change (``optcc.numerics.kinds``):
 - "exact" rewrites compute the same thing with the same kernels: the candidate is compared
   with the float32 original, within 1e-5 of each output's scale. Never widened.
 - "fusion" results (rewrites exact in real arithmetic) pass within the tolerance of the
-  float32 original. An output beyond it is judged again per element, against the original
-  evaluated in float64 (``optcc.numerics.float64``) where that is possible within its
-  budget, else against the float32 original (the report says which, and why): each
-  element may be off by the tolerance or by ``ORIGINAL_ERROR_FACTOR`` times the float32
-  original's own rounding there (``optcc.numerics.metrics``), whichever is larger. Against
+  float32 original. The samples an output is beyond it on are judged again per element,
+  against the original evaluated in float64 on those samples (``optcc.numerics.float64``)
+  where that is possible within its budget, else every sample against the float32 original
+  (the report says which, and why): each element may be off by the tolerance or by
+  ``ORIGINAL_ERROR_FACTOR`` times the float32 original's own rounding there
+  (``optcc.numerics.metrics``), whichever is larger. Against
   float64 that is the original's own error; against the float32 original, its difference
   to a second float32 evaluation of the same math (onnxruntime's basic optimizations,
   which fold and reassociate as fusions do). Both are computed only when needed.
@@ -273,7 +274,7 @@ class Verifier:
         self._alternate: dict[str, list[list[np.ndarray]] | None] = {}
         self._names: list[str] = []
         self._error: str | None = None
-        self._float64: Float64Reference | None = None
+        self._float64: dict[tuple[int, ...], Float64Reference] = {}  # by the samples' positions
 
     @property
     def _model(self) -> ir.Model:
@@ -469,31 +470,28 @@ class Verifier:
             return None
         return self.task_judge(provider)
 
-    def float64_reference(self) -> Float64Reference:
-        """The original's float64 outputs on the samples (built once), or why not."""
-        if self._float64 is None:
-            if self.reference == "float32":
-                self._float64 = Float64Reference(None, None, "float32 reference requested")
-            elif self._plan is not None:
-                self._float64 = Float64Reference(None, None, f"{self._steps}-step decode of a KV-cache decoder")
-            elif oir.weight_bytes(self._model) > MAX_REFERENCE_BYTES // 2:
-                self._float64 = Float64Reference(None, None, "weights too large to hold in float64")
-            else:
-                try:
-                    proto = oir.serialize(self._model)
-                    onnx.checker.check_model(proto, full_check=False)
-                except Exception as e:  # noqa: BLE001
-                    self._float64 = Float64Reference(None, None, f"cannot serialize the original: {first_line(e)}")
-                else:
-                    self._float64 = Float64Reference.build(proto, self.feeds)
-        return self._float64
+    def float64_reference(self, positions: Sequence[int] | None = None) -> Float64Reference:
+        """The original's float64 outputs on the samples at ``positions`` (by position in
+        ``feeds``, in that order; all by default), or why not. Built once per set of
+        positions: its work budget counts those samples alone."""
+        key = tuple(range(len(self.feeds))) if positions is None else tuple(positions)
+        if key not in self._float64:
+            self._float64[key] = self._build_float64([self.feeds[i] for i in key])
+        return self._float64[key]
 
-    def reference_name(self) -> str:
-        """What candidates with inexact rewrites are judged against, in words."""
-        ref = self.float64_reference()
-        if ref.outputs is not None:
-            return ref.kind or "float64"
-        return f"float32 original (float64 unavailable: {ref.reason})"
+    def _build_float64(self, feeds: Sequence[Feeds]) -> Float64Reference:
+        if self.reference == "float32":
+            return Float64Reference(None, None, "float32 reference requested")
+        if self._plan is not None:
+            return Float64Reference(None, None, f"{self._steps}-step decode of a KV-cache decoder")
+        if oir.weight_bytes(self._model) > MAX_REFERENCE_BYTES // 2:
+            return Float64Reference(None, None, "weights too large to hold in float64")
+        try:
+            proto = oir.serialize(self._model)
+            onnx.checker.check_model(proto, full_check=False)
+        except Exception as e:  # noqa: BLE001
+            return Float64Reference(None, None, f"cannot serialize the original: {first_line(e)}")
+        return Float64Reference.build(proto, feeds)
 
     # ----------------------------------------------------------------- checking
 
@@ -572,13 +570,22 @@ class Verifier:
                     verdicts[provider] = judge(self._judged(got_all))
                     labelled = judge.labelled_outputs()
                 compared: list[OutputMetrics] = []
+                firsts = []  # per output: its metrics against the float32 original, and what they compared
                 for index, name in enumerate(self._names):
                     resolution = 0.0 if numerics == "exact" else self._resolution.get(name, 0.0)
                     originals = [float32[provider][i][index] for i in positions]
                     gots = [outs[index] for outs in got_all]
                     judged = dataclasses.replace(tolerance, exact_integers=False) if name in labelled else tolerance
-                    result, used = self._compare(name, index, provider, originals, gots, judged, precise,
-                                                 resolution, positions)
+                    first = compare_outputs(name, provider, originals, gots, judged, resolution=resolution)
+                    beyond = precise and bool(first.elements_over) and originals[0].dtype.kind == "f"
+                    firsts.append((first, beyond, originals, gots, judged, resolution))
+                # the samples a float output is beyond the tolerance on: the only ones judged again
+                again = sorted({positions[j] for first, beyond, *_ in firsts if beyond for j in first.samples_over})
+                for index, (first, beyond, originals, gots, judged, resolution) in enumerate(firsts):
+                    result, used = first, "float32 original"
+                    if beyond:
+                        result, used = self._judge_again(first, index, provider, originals, gots, judged,
+                                                         resolution, positions, again)
                     references.add(used)
                     compared.append(dataclasses.replace(
                         result, samples_over=tuple(positions[j] for j in result.samples_over)))
@@ -739,19 +746,21 @@ class Verifier:
                 found[name] = f"stays below {high:.2g} on every sample (saturated)"
         return found
 
-    def _compare(self, name: str, index: int, provider: str, originals: Sequence[np.ndarray],
-                 gots: Sequence[np.ndarray], tolerance: Tolerance, precise: bool,
-                 resolution: float, positions: Sequence[int]) -> tuple[OutputMetrics, str]:
-        """One output's metrics, and what it was judged against. Within the tolerance of the
-        float32 original, it passes; an inexact rewrite beyond that is judged per element
-        against float64 (or, without it, the float32 original's rounding noise).
-        ``positions``: the samples compared, by position in ``feeds``."""
-        result = compare_outputs(name, provider, originals, gots, tolerance, resolution=resolution)
-        if not result.elements_over or not precise or originals[0].dtype.kind != "f":
-            return result, "float32 original"
-        float64 = self.float64_reference().outputs
-        if float64 is not None:
-            refs = [float64[i][name] for i in positions]
+    def _judge_again(self, first: OutputMetrics, index: int, provider: str, originals: Sequence[np.ndarray],
+                     gots: Sequence[np.ndarray], tolerance: Tolerance, resolution: float,
+                     positions: Sequence[int], again: Sequence[int]) -> tuple[OutputMetrics, str]:
+        """An inexact rewrite's output beyond the tolerance of the float32 original (``first``
+        its metrics there), judged again, and what against: the samples it is beyond on per
+        element against float64 (built for ``again``, those of every output, by position in
+        ``feeds``), the others kept as they passed; without float64, every sample against the
+        float32 original's rounding noise. ``positions``: the samples compared."""
+        name = first.name
+        reference = self.float64_reference(again)
+        if reference.outputs is not None:
+            over = set(first.samples_over)
+            by_position = dict(zip(again, reference.outputs))
+            # a sample within the tolerance keeps the float32 original as its reference (no own error)
+            refs = [by_position[p][name] if j in over else originals[j] for j, p in enumerate(positions)]
             result = compare_outputs(name, provider, refs, gots, tolerance, originals, resolution=resolution)
             if result.elements_over:  # the second float32 evaluation, only when it matters
                 alternate = self._alternate_outputs(provider)
@@ -759,12 +768,13 @@ class Verifier:
                     alternates = [alternate[i][index] for i in positions]
                     result = compare_outputs(name, provider, refs, gots, tolerance, originals, alternates,
                                              resolution=resolution)
-            return result, self.reference_name()
+            return result, reference.kind or "float64"
+        result = first
         alternate = self._alternate_outputs(provider)
         if alternate is not None:  # its rounding noise against the as-written run
             noise = [alternate[i][index] for i in positions]
             result = compare_outputs(name, provider, originals, gots, tolerance, noise, resolution=resolution)
-        return result, self.reference_name()
+        return result, f"float32 original (float64 unavailable: {reference.reason})"
 
 
 def _num(value: Any) -> str:
