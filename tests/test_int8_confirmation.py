@@ -39,19 +39,26 @@ def _sqnr_db(model: optcc.ir.Model, data: list[dict[str, np.ndarray]]) -> float:
     return float("inf") if noise == 0 else float(10 * np.log10(float(np.sum(ref**2)) / noise))
 
 
-def test_a_result_the_wider_judgement_rejects_returns_more_layers_to_float() -> None:
-    dim = _images(8, 0.25, seed=0)
-    bright = _images(4, 1.0, seed=1)  # beyond every range calibrated on the dim images
-    held, every = dim[4:], dim[4:] + bright
+def _quantizer(calibration: list[dict[str, np.ndarray]]):
+    """The float model (BatchNorms folded) and the fallback's ``quantize`` over ranges
+    calibrated on ``calibration``."""
     reference = optcc.ir.load(TINYCNN)
     create_pass("fuse-batchnorm")(reference)
-    ranges = calibrate(reference, dim[:4], "minmax").ranges
+    ranges = calibrate(reference, calibration, "minmax").ranges
 
     def quantize(exclude=(), only=None):
         result = create_pass("quantize-int8", ranges=ranges, exclude=list(exclude), only=only,
                              count_fused=False)(reference.clone())
         return result.model, dict(result.stats)
 
+    return reference, quantize
+
+
+def test_a_result_the_wider_judgement_rejects_returns_more_layers_to_float() -> None:
+    dim = _images(8, 0.25, seed=0)
+    bright = _images(4, 1.0, seed=1)  # beyond every range calibrated on the dim images
+    held, every = dim[4:], dim[4:] + bright
+    reference, quantize = _quantizer(dim[:4])
     target = Target(min_sqnr_db=TARGET_DB)
     alone, _, report = fallback(reference, quantize, held, target)
     assert report["target_met"] and not report["kept_float"]
@@ -69,15 +76,7 @@ def test_a_result_the_wider_judgement_rejects_returns_more_layers_to_float() -> 
 
 def test_a_result_the_wider_judgement_accepts_is_kept_as_found() -> None:
     data = _images(12, 1.0, seed=2)
-    reference = optcc.ir.load(TINYCNN)
-    create_pass("fuse-batchnorm")(reference)
-    ranges = calibrate(reference, data[:8], "minmax").ranges
-
-    def quantize(exclude=(), only=None):
-        result = create_pass("quantize-int8", ranges=ranges, exclude=list(exclude), only=only,
-                             count_fused=False)(reference.clone())
-        return result.model, dict(result.stats)
-
+    reference, quantize = _quantizer(data[:8])
     target = Target(min_sqnr_db=TARGET_DB)
     confirm = Confirmation(data, target, model_outputs(reference, data))
     model, _, report = fallback(reference, quantize, data[8:], target, confirm=confirm)
