@@ -914,8 +914,9 @@ def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats
     report.update(kept_float=list(order[:k]), evaluation=evaluation.to_dict(), target_met=evaluation.passed)
     report["confirmation"]["float_layers"] = k
     if not evaluation.passed:
+        held_out = "the fully quantized model" if not found else f"{found} layers returned to float"
         report["hopeless"] = (f"{limit} layers returned to float (the budget) do not meet it on all "
-                              f"{len(confirm.samples)} samples, where {found} did on the held-out ones")
+                              f"{len(confirm.samples)} samples; on the held-out ones, {held_out} did")
     return model, stats, report
 
 
