@@ -709,10 +709,9 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
         return model, stats, report
     layers = list(stats.get("layers", []))
     if ranking == "estimate":  # both estimates from one run
-        propagated, local = layer_errors(reference, model, stats.get("layer_outputs", {}),
-                                         spread_samples(samples, ranking_samples))
+        order = _estimated_order(reference, model, stats, samples, ranking_samples, report)
         return _fallback_estimated(reference, quantize, samples, target, model, stats, initial, report,
-                                   propagated, local, max_float_layers, ref_outputs, progress)
+                                   order, max_float_layers, ref_outputs, progress)
     propagated = propagated_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
     candidates = _candidates(layers, propagated, max_layers_ranked)
     ranking = rank_sensitivity(reference, quantize, candidates, samples, target, max_layers=len(candidates),
@@ -752,14 +751,23 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
     return model, stats, report
 
 
-def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
-                        model: ir.Model, stats: dict[str, Any], initial: Evaluation, report: dict[str, Any],
-                        propagated: Mapping[str, float], local: Mapping[str, float], max_float_layers: int | None,
-                        ref_outputs: _Outputs, progress: Any = False) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
-    """``fallback`` with ``estimate_sensitivity``'s order (see ``fallback``)."""
+def _estimated_order(reference: ir.Model, model: ir.Model, stats: dict[str, Any], samples: Sequence[Feeds],
+                     ranking_samples: int | None, report: dict[str, Any]) -> list[str]:
+    """The quantized layers of ``model`` worst first by ``estimate_sensitivity``, its
+    estimates measured once on ``ranking_samples`` of ``samples`` (``spread_samples``);
+    the ranking goes to ``report["sensitivity"]``."""
+    propagated, local = layer_errors(reference, model, stats.get("layer_outputs", {}),
+                                     spread_samples(samples, ranking_samples))
     ranking = estimate_sensitivity(list(stats.get("layers", [])), local, propagated)
     report["sensitivity"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ranking]
-    order = [row["layer"] for row in ranking]
+    return [row["layer"] for row in ranking]
+
+
+def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
+                        model: ir.Model, stats: dict[str, Any], initial: Evaluation, report: dict[str, Any],
+                        order: Sequence[str], max_float_layers: int | None,
+                        ref_outputs: _Outputs, progress: Any = False) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
+    """``fallback`` in ``_estimated_order``'s order (see ``fallback``)."""
     limit = len(order) if max_float_layers is None else min(max_float_layers, len(order))
     tried: list[dict[str, Any]] = []
     report.update(tried=tried, order=order)
@@ -901,11 +909,7 @@ def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats
     if evaluation.passed:
         return model, stats, report
     if order is None:  # the fully quantized model had passed: no ranking was needed
-        propagated, local = layer_errors(reference, model, stats.get("layer_outputs", {}),
-                                         spread_samples(confirm.samples, ranking_samples))
-        ranking = estimate_sensitivity(list(stats.get("layers", [])), local, propagated)
-        report["sensitivity"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ranking]
-        order = [row["layer"] for row in ranking]
+        order = _estimated_order(reference, model, stats, confirm.samples, ranking_samples, report)
     limit = len(order) if max_float_layers is None else min(max_float_layers, len(order))
     tried = report.setdefault("tried", [])
     k, results = _search(reference, quantize, confirm.samples, confirm.target, order, limit, evaluation, model,
