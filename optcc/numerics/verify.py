@@ -470,11 +470,11 @@ class Verifier:
             return None
         return self.task_judge(provider)
 
-    def float64_reference(self, positions: Sequence[int] | None = None) -> Float64Reference:
+    def float64_reference(self, positions: Sequence[int]) -> Float64Reference:
         """The original's float64 outputs on the samples at ``positions`` (by position in
-        ``feeds``, in that order; all by default), or why not. Built once per set of
-        positions: its work budget counts those samples alone."""
-        key = tuple(range(len(self.feeds))) if positions is None else tuple(positions)
+        ``feeds``, in that order), or why not. Built once per set of positions: its work
+        budget counts those samples alone."""
+        key = tuple(positions)
         if key not in self._float64:
             self._float64[key] = self._build_float64([self.feeds[i] for i in key])
         return self._float64[key]
