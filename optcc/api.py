@@ -222,7 +222,7 @@ def optimize(
             # the pass judges the verifier's samples: it judges with the verifier's task judge, so
             # the float model's noise floor runs once and the pass accepts what the check accepts
             shared16["judge"] = lambda provider: None if verifier is None else verifier.sample_judge(provider)
-        if dict(tolerances or {}).get("fp16", TOLERANCES["fp16"]) != TOLERANCES["fp16"]:
+        if not _judged_by_task(tolerances, "fp16"):
             shared16["judge"] = lambda provider: None  # a tolerance of the user's own: the verifier asks no task
         pipeline.append(create_pass("convert-float16", keep_io_types=fp16_keep_io, block=fp16_block,
                                     inputs=samples or inputs, input_shapes=input_shapes,
@@ -241,7 +241,7 @@ def optimize(
         shared: dict[str, Any] = {}
         if inputs is None:
             inputs = samples  # all of them: a task metric over the held-out part alone can lack items
-            if (verify or verify_each) and dict(tolerances or {}).get("int8", TOLERANCES["int8"]) == TOLERANCES["int8"]:
+            if (verify or verify_each) and _judged_by_task(tolerances, "int8"):
                 # the verifier (built below) judges the same samples by the task: the pass judges
                 # with its judge, so the float model and its noise floor run once, and the pass
                 # confirms its result on every sample as the verification will
@@ -423,6 +423,12 @@ def _with_overwrite(
     fresh: Callable[[], ir.Model], shapes: Mapping[str, Sequence[int]], label: str | None
 ) -> Callable[[], ir.Model]:
     return lambda: fix_input_shapes(fresh(), shapes, label=label)
+
+
+def _judged_by_task(tolerances: Mapping[Numerics, Tolerance] | None, numerics: Numerics) -> bool:
+    """Whether the verifier judges ``numerics`` results with its default tolerance, under
+    which its task judge decides (a tolerance of the user's own asks no task)."""
+    return dict(tolerances or {}).get(numerics, TOLERANCES[numerics]) == TOLERANCES[numerics]
 
 
 def _has_dtype(model: ir.Model, dtypes: frozenset[ir.DataType]) -> bool:
