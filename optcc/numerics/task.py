@@ -175,6 +175,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from optcc import ir as oir
 from optcc.errors import BadInputError
 
 __all__ = [
@@ -319,12 +320,11 @@ def sequence_outputs(model: ir.Model) -> set[str]:
 
 def _constant_shape(value: ir.Value) -> tuple[int, ...] | None:
     """The shape of a constant value (an initializer or a Constant node's tensor), else None."""
-    if value.const_value is not None:
-        return tuple(value.const_value.shape)
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes:
-        return tuple(node.attributes["value"].as_tensor().shape)
-    return None
+    try:
+        tensor = oir.const_tensor(value)
+    except ValueError:  # a malformed Constant: no constant to read
+        return None
+    return None if tensor is None else tuple(tensor.shape)
 
 
 def projected_outputs(model: ir.Model) -> set[str]:
