@@ -183,7 +183,7 @@ __all__ = [
     "projected_outputs",
     "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "REGRESSION_NAMES", "sequence_outputs",
     "float_free_outputs",
-    "measure", "deviations", "TaskJudge", "perturbation_draws", "FLOOR_DRAWS", "ctc_greedy",
+    "measure", "deviations", "TaskJudge", "perturbation_draws", "perturbation_roles", "FLOOR_DRAWS", "ctc_greedy",
     "map_boxes", "yolo_boxes", "box_f1", "box_layout", "class_rows", "anchor_grid",
 ]
 
@@ -488,6 +488,13 @@ def perturb(feeds: Mapping[str, np.ndarray], seed: int | Sequence[int] = _SEED, 
             how[name] = "left alone (integer values)" if whole.all() else \
                 "+-1 ulp (whole numbers left alone)" if whole.any() else "+-1 ulp"
     return out, how
+
+
+def perturbation_roles(roles: Mapping[str, str]) -> dict[str, set[str]]:
+    """``perturb``'s ``not_images`` and ``ids`` from ``input_roles``' roles: a decoder's past
+    caches move by one ulp, inputs that index a table (ids, positions) stay."""
+    return {"not_images": {n for n, role in roles.items() if role == "past"},
+            "ids": {n for n, role in roles.items() if role in ("index", "position")}}
 
 
 def perturbation_draws(samples: Sequence[Mapping[str, np.ndarray]], draws: int, not_images: Collection[str] = (),

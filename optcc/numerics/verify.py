@@ -78,8 +78,9 @@ from optcc.numerics.inputs import (DEFAULT_DYNAMIC_DIM, RETRY_SIZES, Ungenerated
                                    generate_inputs, input_roles, sizes_text)
 from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
-from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, TaskJudge, UserMetric, perturb,
-                                 float_free_outputs, perturbation_draws, projected_outputs, sequence_outputs)
+from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, TaskJudge, UserMetric,
+                                 float_free_outputs, perturbation_draws, perturbation_roles, projected_outputs,
+                                 sequence_outputs)
 from optcc.progress import Progress
 from optcc.runtime.session import HANDOVER_MIN_BYTES, first_line, make_session, resolve_providers, run, session_options
 from optcc.runtime.shared_weights import Serialized, light_proto, weighted_session
@@ -437,13 +438,9 @@ class Verifier:
         if provider not in self._judges:
             float32 = self._float32_outputs()
             assert float32 is not None
-            perturbed, how = [], {}
             roles = input_roles(self._model)
-            caches = {n for n, role in roles.items() if role == "past"}
-            ids = {n for n, role in roles.items() if role in ("index", "position")}
-            for i, feeds in enumerate(self.feeds):
-                moved, how = perturb(feeds, seed=i, not_images=caches, ids=ids)
-                perturbed.append(moved)
+            moving = perturbation_roles(roles)
+            (perturbed,), how = perturbation_draws(self.feeds, 1, **moving)
             session = self._session(self.original, provider)
             masks = None
             mask_names = [n for n, role in roles.items() if role == "mask"]
@@ -456,7 +453,7 @@ class Verifier:
                               exact=float_free_outputs(self._model),
                               **self._task)
             if self._plan is None and judge.wants_draws():  # float32's own errors excused, or a mean floor
-                more, _ = perturbation_draws(self.feeds, FLOOR_DRAWS, not_images=caches, first=1, ids=ids)
+                more, _ = perturbation_draws(self.feeds, FLOOR_DRAWS, first=1, **moving)
                 judge = dataclasses.replace(judge, draws=[self._judged(self._cases(session, d)) for d in more])
             self._judges[provider] = judge
         return self._judges[provider]

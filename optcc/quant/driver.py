@@ -35,7 +35,8 @@ from optcc.quant.fallback import (
 )
 from optcc.numerics.inputs import input_roles
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, MIN_ITEMS, TaskJudge, UserMetric,
-                                 float_free_outputs, perturbation_draws, projected_outputs, sequence_outputs)
+                                 float_free_outputs, perturbation_draws, perturbation_roles, projected_outputs,
+                                 sequence_outputs)
 
 __all__ = ["Int8Options", "quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
 
@@ -110,10 +111,8 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
     When a metric excuses float32's own errors or averages its floor over draws
     (``TaskJudge.wants_draws``), the floor takes ``draws`` independent perturbations
     (``perturbation_draws``); else one."""
-    roles = input_roles(model)
-    caches = {n for n, role in roles.items() if role == "past"}
-    ids = {n for n, role in roles.items() if role in ("index", "position")}
-    moved, how = perturbation_draws(held, 1, not_images=caches, ids=ids)
+    moving = perturbation_roles(input_roles(model))
+    moved, how = perturbation_draws(held, 1, **moving)
     both = model_outputs(model, [*held, *moved[0]])
     reference = {name: values[:len(held)] for name, values in both.items()}
     perturbed = {name: values[len(held):] for name, values in both.items()}
@@ -121,7 +120,7 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
                       sequences=sequence_outputs(model), heads=projected_outputs(model), exact=float_free_outputs(model))
     if draws < 2 or not judge.wants_draws():
         return judge
-    more, _ = perturbation_draws(held, draws, not_images=caches, first=1, ids=ids)
+    more, _ = perturbation_draws(held, draws, first=1, **moving)
     outputs = model_outputs(model, [feeds for draw in more for feeds in draw])
     count = len(held)
     return dataclasses.replace(judge, draws=[{name: values[d * count:(d + 1) * count]
