@@ -148,11 +148,7 @@ class QuantizeDynamicPass(optcc.Pass):
         if any(_transposed(u.node) for u in w_value.uses()):
             w = w.T  # [N, K] -> [K, N]: MatMulInteger reads the weight as [K, N]
         qmax = optcc.quant.WEIGHT_QMAX
-        if self.per_channel:
-            scale = (np.abs(w).max(axis=0) / qmax).astype(np.float32)
-        else:
-            scale = np.array(np.abs(w).max() / qmax if w.size else 1.0, np.float32)
-        scale = np.maximum(scale, np.float32(1e-12)).astype(np.float32)
+        scale = optcc.quant.symmetric_weight_scale(w, 1 if self.per_channel else None)  # [K, N]: per column
         q = np.clip(np.round(w.astype(np.float64) / scale.astype(np.float64)), -qmax, qmax).astype(np.int8)
         zero = np.zeros(scale.shape, np.int8)
         base = w_value.name or "weight"

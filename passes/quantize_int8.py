@@ -101,7 +101,6 @@ PROBABILITY_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "HardSigmoid"})
 _PASS_THROUGH = SHARED_SCALE_OPS | {"Identity", "Cast"}
 _SINGLE_INPUT_OPS = _WEIGHTED | {"AveragePool", "GlobalAveragePool"}  # other inputs: weights
 INT32_MAX = 2**31 - 1
-_MIN_WEIGHT_SCALE = 1e-12
 _QUANTIZE_CHUNK = 1 << 20  # elements ``_quantize`` rounds at a time (8 MiB of float64 temporaries)
 CONCAT_SPAN_RATIO = 16  # a Concat whose inputs' ranges differ more stays float (4 bits lost)
 
@@ -843,16 +842,12 @@ class _Rewriter:
 
     def _weight_params(self, w: np.ndarray, axis: int | None, floor: np.ndarray | None) -> Params:
         """Symmetric int8 scale of ``w`` (per channel along ``axis``, else per tensor), at
-        least ``_MIN_WEIGHT_SCALE`` and ``floor`` (a bias's need: the channels it raises are
+        least ``optcc.quant.MIN_WEIGHT_SCALE`` and ``floor`` (a bias's need: the channels it raises are
         counted in ``bias_scale_raised``). Maxima of float32 values: the order in which the
         bounds apply does not change the result."""
-        if axis is None:
-            scale = np.array(np.abs(w).max() / optcc.quant.WEIGHT_QMAX if w.size else 1.0, np.float32)
-            floor = None if floor is None else floor.max()
-        else:
-            moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-            scale = (np.abs(moved).max(axis=1) / optcc.quant.WEIGHT_QMAX).astype(np.float32)
-        scale = np.maximum(scale, _MIN_WEIGHT_SCALE).astype(np.float32)
+        scale = optcc.quant.symmetric_weight_scale(w, axis)
+        if axis is None and floor is not None:
+            floor = floor.max()
         if floor is not None:
             self.stats["bias_scale_raised"] += int(np.sum(np.broadcast_to(floor, scale.shape) > scale))
             scale = np.maximum(scale, floor).astype(np.float32)

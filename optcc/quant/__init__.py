@@ -4,11 +4,12 @@ model, task metrics and the accuracy-aware fallback."""
 from optcc.quant.calibration import METHODS, calibrate, collect_statistics_sharded
 from optcc.quant.cost_model import CostModel, compare_modelled
 from optcc.quant.driver import Int8Options, quantize_int8
-from optcc.quant.integer_range import WEIGHT_QMAX
+from optcc.quant.integer_range import MIN_WEIGHT_SCALE, WEIGHT_QMAX, symmetric_weight_scale
 from optcc.quant.fallback import Target, count_integer_nodes, quantization_ops, quantized_already
 from optcc.numerics.task import METRICS, TaskJudge
 from optcc.quant import weight_only  # block-wise weight-only numerics (quantize-weights)
 
 __all__ = ["METHODS", "calibrate", "collect_statistics_sharded", "quantize_int8", "Int8Options", "Target", "count_integer_nodes",
            "quantization_ops", "quantized_already",
-           "CostModel", "compare_modelled", "METRICS", "TaskJudge", "weight_only", "WEIGHT_QMAX"]
+           "CostModel", "compare_modelled", "METRICS", "TaskJudge", "weight_only", "WEIGHT_QMAX",
+           "MIN_WEIGHT_SCALE", "symmetric_weight_scale"]

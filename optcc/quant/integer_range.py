@@ -10,6 +10,22 @@ saturates, every CPU accumulates the same exact int32 values, and the model judg
 is the model every user runs. The price is one bit of weight resolution.
 """
 
-WEIGHT_QMAX = 64  # the largest |int8 weight| written: no uint8 x int8 pair sum exceeds int16
+import numpy as np
 
-__all__ = ["WEIGHT_QMAX"]
+WEIGHT_QMAX = 64  # the largest |int8 weight| written: no uint8 x int8 pair sum exceeds int16
+MIN_WEIGHT_SCALE = 1e-12  # an all-zero weight (or channel) still divides by a positive scale
+
+
+def symmetric_weight_scale(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """The float32 scale that maps ``w``'s largest magnitude to ``WEIGHT_QMAX``: one per
+    slice along ``axis`` (the output channel), or one for the whole tensor when ``axis``
+    is None; at least ``MIN_WEIGHT_SCALE``."""
+    if axis is None:
+        scale = np.array(np.abs(w).max() / WEIGHT_QMAX if w.size else 1.0, np.float32)
+    else:
+        moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        scale = (np.abs(moved).max(axis=1) / WEIGHT_QMAX).astype(np.float32)
+    return np.maximum(scale, MIN_WEIGHT_SCALE).astype(np.float32)
+
+
+__all__ = ["WEIGHT_QMAX", "MIN_WEIGHT_SCALE", "symmetric_weight_scale"]
