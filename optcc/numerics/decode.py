@@ -17,6 +17,14 @@ same context). Forced agreement is also reported over the *decisive* steps only,
 whose reference top-1 margin exceeds ``margin_floor`` (the reference's own logit noise):
 where the reference itself is a near-tie, its choice is no judge. ``free_running`` is the
 free-running part alone, against a reference decode already run (what a verifier holds).
+
+A streaming model (``optcc.numerics.state``: a VAD or recognizer fed chunk by chunk) runs
+the same loop without tokens (``stream_plan``): ``streamed`` runs ``STREAM_STEPS`` steps
+per sample, the second fed the first's state outputs and the sample's other inputs again
+(the same chunk: so a sample's second step depends on that sample alone, whichever
+samples are judged together), and returns the first step's outputs followed by the
+second step's answers (every output but the state), named ``SECOND_STEP``. The state a
+model returns is judged where its user sees it: in the next step's answers.
 """
 
 from __future__ import annotations
@@ -30,9 +38,13 @@ import onnx_ir as ir
 
 from optcc.numerics.inputs import DECODE_STEPS, input_roles
 from optcc.numerics.metrics import sqnr_db
+from optcc.numerics.state import state_pairs
 
-__all__ = ["DECODE_STEPS", "DecodePlan", "GreedyAgreement", "decode_plan", "free_running", "greedy_agreement",
-           "run_decode"]
+__all__ = ["DECODE_STEPS", "STREAM_STEPS", "SECOND_STEP", "DecodePlan", "GreedyAgreement", "decode_plan",
+           "free_running", "greedy_agreement", "run_decode", "stream_plan", "stream_names", "streamed"]
+
+STREAM_STEPS = 2  # steps a streaming model runs per sample: its state is judged in the second's answers
+SECOND_STEP = "{} (step 2)"  # the name of an output's answer on the second step of a stream
 
 _PRESENT = re.compile(r"^present", re.IGNORECASE)
 _PREFIX = re.compile(r"^(past_key_values|present_key_values|past|present)[._]?", re.IGNORECASE)
@@ -42,7 +54,9 @@ Feeds = Mapping[str, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class DecodePlan:
-    """How one decoder step's outputs become the next step's inputs."""
+    """How one step's outputs become the next step's inputs: the state (``past``) inputs
+    take the outputs that return them; a decoder also feeds a token (``ids``, chosen from
+    ``logits``) and grows its mask and position; a stream (``ids`` None) feeds the rest again."""
 
     past_to_present: dict[str, str]
     ids: str | None
@@ -75,11 +89,38 @@ def decode_plan(model: ir.Model) -> DecodePlan | None:
     return DecodePlan({p: q for p, q in pairing.items() if q is not None}, ids, mask, position, logits)
 
 
-def _next_feeds(plan: DecodePlan, feeds: Feeds, outputs: Mapping[str, np.ndarray], token: np.ndarray) -> dict:
+def stream_plan(model: ir.Model) -> DecodePlan | None:
+    """The plan for a streaming model (``state_pairs``: its state inputs fed the outputs
+    that return them, its other inputs fed again), or None for a KV-cache decoder
+    (``decode_plan``) or a model without state."""
+    if decode_plan(model) is not None:
+        return None
+    pairs = state_pairs(model)
+    return DecodePlan(pairs, None, None, None, None) if pairs else None
+
+
+def stream_names(names: Sequence[str], plan: DecodePlan) -> list[str]:
+    """The names of ``streamed``'s outputs: ``names``, then each answer's second step."""
+    state = set(plan.past_to_present.values())
+    return [*names, *(SECOND_STEP.format(n) for n in names if n not in state)]
+
+
+def streamed(run: Callable[[Feeds], Sequence[np.ndarray]], names: Sequence[str], plan: DecodePlan,
+             feeds: Feeds) -> list[np.ndarray]:
+    """A streaming model's outputs on ``feeds`` (``names``, as ``run`` returns them), then
+    its answers on the second step (``stream_names``, module doc)."""
+    (first, second), _ = run_decode(run, names, plan, feeds, steps=STREAM_STEPS)
+    state = set(plan.past_to_present.values())
+    return [*first, *(out for name, out in zip(names, second) if name not in state)]
+
+
+def _next_feeds(plan: DecodePlan, feeds: Feeds, outputs: Mapping[str, np.ndarray],
+                token: np.ndarray | None) -> dict:
     new = dict(feeds)
     for past, present in plan.past_to_present.items():
         new[past] = outputs[present]
-    assert plan.ids is not None
+    if plan.ids is None or token is None:  # a stream: its other inputs again
+        return new
     new[plan.ids] = token.reshape(-1, 1).astype(feeds[plan.ids].dtype)
     if plan.mask is not None:
         mask = feeds[plan.mask]
@@ -100,8 +141,8 @@ def run_decode(
     tokens: Sequence[np.ndarray] | None = None,
 ) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
     """Each step's outputs for a decode from ``first``, and the tokens fed after each step
-    (``tokens`` when given, else the greedy choice from the step's own logits)."""
-    assert plan.logits is not None
+    (``tokens`` when given, else the greedy choice from the step's own logits; none for a
+    stream, whose plan has no logits)."""
     feeds: Feeds = dict(first)
     results: list[list[np.ndarray]] = []
     chosen: list[np.ndarray] = []
@@ -111,8 +152,10 @@ def run_decode(
         if step == steps - 1:
             break
         named = dict(zip(names, outputs))
-        token = tokens[step] if tokens is not None else np.argmax(named[plan.logits][:, -1, :], axis=-1)
-        chosen.append(token)
+        token = None
+        if plan.logits is not None:
+            token = tokens[step] if tokens is not None else np.argmax(named[plan.logits][:, -1, :], axis=-1)
+            chosen.append(token)
         feeds = _next_feeds(plan, feeds, named, token)
     return results, chosen
 

@@ -13,6 +13,9 @@ Values, per input, first rule that applies:
   uniform in ``[lo, hi]`` (both ends included), booleans from ``lo != 0`` / ``hi != 0``;
 - a sample rate (a rank-0 integer named ``sr``, ``sample_rate`` or ``sampling_rate``):
   16000;
+- a streaming model's state (an input its own output returns, ``optcc.numerics.state``):
+  zeros, the state a stream starts from (verification runs a second step from the state
+  the first returns, ``optcc.numerics.decode.stream_plan``);
 - attention masks, by name (the name contains ``mask``): see below;
 - position ids, by the graph: an integer input that is a RotaryEmbedding's position ids
   (ai.onnx or com.microsoft), that indexes a cos and a sin cache (two constant tables
@@ -70,6 +73,7 @@ import numpy as np
 import onnx_ir as ir
 
 from optcc.errors import BadInputError
+from optcc.numerics.state import state_pairs
 
 __all__ = ["DECODE_STEPS", "DEFAULT_DYNAMIC_DIM", "RETRY_DYNAMIC_DIM", "RETRY_SIZES", "DEFAULT_PAST_LENGTH", "generate_inputs",
            "check_feeds", "check_samples_vary", "input_roles", "sizes_text"]
@@ -378,21 +382,25 @@ def _is_kv_decoder(model: ir.Model) -> bool:
 
 def input_roles(model: ir.Model) -> dict[str, str]:
     """What each fed graph input is taken to be: ``mask``, ``position``, ``index``,
-    ``past``, ``sample_rate``, ``image``, ``audio`` or ``plain`` (see the module docstring)."""
+    ``past``, ``state``, ``sample_rate``, ``image``, ``audio`` or ``plain`` (see the module
+    docstring)."""
     kv = _is_kv_decoder(model)
+    states = set(state_pairs(model))
     roles = {}
     for value in _fed_inputs(model):
-        roles[value.name] = _role(value, kv)
+        roles[value.name] = _role(value, kv, value.name in states)
     return roles
 
 
-def _role(value: ir.Value, kv: bool) -> str:
+def _role(value: ir.Value, kv: bool, state: bool = False) -> str:
     dtype, name = value.dtype, (value.name or "").lower()
     rank = value.shape.rank() if value.shape is not None else None
     if dtype is None:
         return "plain"
     if kv and _PAST_NAME.match(value.name or ""):
         return "past"
+    if state:  # a streaming model's own output fed back (``optcc.numerics.state``)
+        return "state"
     if dtype.is_integer() and rank == 0 and name in _SAMPLE_RATE_NAMES:
         return "sample_rate"
     numeric_or_bool = dtype == ir.DataType.BOOL or dtype.is_integer() or dtype.is_floating_point()
@@ -658,6 +666,8 @@ def _random_array(
         return np.broadcast_to(positions, shape).astype(np_dtype)
     if role == "sample_rate":
         return np.asarray(DEFAULT_SAMPLE_RATE, dtype=np_dtype)
+    if role == "state":  # a stream's first chunk: the state its caller starts from
+        return np.zeros(shape, dtype=np_dtype)
     if dtype == ir.DataType.BOOL:
         return rng.integers(0, 2, shape).astype(bool)
     if dtype.is_integer():

@@ -83,7 +83,9 @@ model's unperturbed outputs: this is how much the task result moves under noise 
 real input carries. Image-like inputs (4-D float, 1 to 4 channels on axis 1 or 3,
 spatial sides of at least 8) are taken as 8-bit pictures however they were normalized:
 each value moves by +-1/255 of its channel's range (one grey level), sign drawn from a
-fixed-seed generator. Other float inputs move by one unit in the last place
+fixed-seed generator; not a decoder's past caches or a streaming model's state
+(``input_roles``' ``past`` and ``state``), which hold values the model computed in
+float, whatever their shape. Other float inputs move by one unit in the last place
 (``numpy.spacing``), the dtype's own resolution, except their whole-number values (token
 ids, counts or flags fed as float: a model that truncates them to integers would read one
 ulp below ``k`` as ``k - 1``, a floor made of changed inputs rather than noise). A 16-bit
@@ -453,10 +455,11 @@ SIGNAL_INTEGERS = (np.int16, np.uint16)
 def perturb(feeds: Mapping[str, np.ndarray], seed: int | Sequence[int] = _SEED, not_images: Collection[str] = (),
             ids: Collection[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The feeds moved at their own resolution (module doc), and how, per input. Inputs
-    named in ``not_images`` (a decoder's past key/value caches, whose few heads could pass
-    for channels) move by one ulp whatever their shape; integer inputs named in ``ids``
-    (those that index a table: token ids, positions) are left alone whatever their dtype,
-    the others move by +-1 when their dtype is a 16-bit signal's (``SIGNAL_INTEGERS``)."""
+    named in ``not_images`` (a decoder's past key/value caches or a stream's state, whose
+    few heads or unit axes could pass for channels) move by one ulp whatever their shape;
+    integer inputs named in ``ids`` (those that index a table: token ids, positions) are
+    left alone whatever their dtype, the others move by +-1 when their dtype is a 16-bit
+    signal's (``SIGNAL_INTEGERS``)."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     how: dict[str, str] = {}
@@ -492,8 +495,9 @@ def perturb(feeds: Mapping[str, np.ndarray], seed: int | Sequence[int] = _SEED, 
 
 def perturbation_roles(roles: Mapping[str, str]) -> dict[str, set[str]]:
     """``perturb``'s ``not_images`` and ``ids`` from ``input_roles``' roles: a decoder's past
-    caches move by one ulp, inputs that index a table (ids, positions) stay."""
-    return {"not_images": {n for n, role in roles.items() if role == "past"},
+    caches and a stream's state move by one ulp (a value the model computed in float, as
+    exact as its dtype holds), inputs that index a table (ids, positions) stay."""
+    return {"not_images": {n for n, role in roles.items() if role in ("past", "state")},
             "ids": {n for n, role in roles.items() if role in ("index", "position")}}
 
 
@@ -1140,6 +1144,9 @@ class TaskJudge:
     sequences: Collection[str] = ()  # outputs whose last axis the model declares symbolic (``sequence_outputs``)
     heads: Collection[str] = ()  # outputs a classifier head computes (``projected_outputs``)
     exact: Collection[str] = ()  # integer outputs no precision change moves (``float_free_outputs``): not judged
+    # a streaming model's state outputs: not judged themselves, but in the next step's answers
+    # (``optcc.numerics.decode.streamed``), which the outputs hold under their own names
+    state: Collection[str] = ()
 
     def __post_init__(self) -> None:
         count = len(next(iter(self.reference.values()), []))
@@ -1160,7 +1167,7 @@ class TaskJudge:
                 self.plan[key], self._where[key] = self.metric, ("*", idx)
                 continue
             for name, values in self.reference.items():
-                if name in self.exact:
+                if name in self.exact or name in self.state:
                     continue
                 if values and np.asarray(values[0]).dtype.kind in _LABEL_KINDS:  # ids, labels, flags
                     key = name if not group else f"{name}@{group}"

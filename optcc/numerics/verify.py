@@ -48,7 +48,10 @@ the margin times that floor. Every other numerics compares integer outputs exact
 
 KV-cache decoders are verified over a short decode (``optcc.numerics.decode``): each
 sample runs ``DECODE_STEPS`` steps, every model feeding its own ``present`` outputs back as
-``past``, judged against the float32 original's decode.
+``past``, judged against the float32 original's decode. A streaming model (one whose state
+outputs its caller feeds back, ``optcc.numerics.state``) runs a second step per sample
+from the state the first returned (``optcc.numerics.decode.streamed``): the task judge
+judges its answers on both steps, its state outputs only through the second.
 
 A verification that cannot run (onnxruntime cannot run the original on the inputs) has
 status "skipped" with the reason; callers must not treat it as a pass.
@@ -70,7 +73,8 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
-from optcc.numerics.decode import DECODE_STEPS, decode_plan, free_running, run_decode
+from optcc.numerics.decode import (DECODE_STEPS, decode_plan, free_running, run_decode, stream_names, stream_plan,
+                                   streamed)
 from optcc.numerics.equivalence import Premise, number_original, prove_equivalent
 from optcc.numerics.float16 import ACCEPTED_BY_TASK, accept_float16, widen_float16
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
@@ -298,6 +302,10 @@ class Verifier:
         return decode_plan(self._model) if self._steps > 1 else None
 
     @functools.cached_property
+    def _stream(self) -> Any:
+        return stream_plan(self._model) if self._plan is None else None
+
+    @functools.cached_property
     def _resolution(self) -> dict[str, float]:
         return {v.name: bounded_resolution(v.producer().op_type if v.producer() else None)
                 for v in self._model.graph.outputs}
@@ -340,9 +348,11 @@ class Verifier:
         def run_one(feeds: Feeds) -> list[np.ndarray]:
             return run(session, _fit_float16(feeds, float16_inputs))
 
+        names = [o.name for o in session.get_outputs()]
+        if self._stream is not None:  # each case: the first step's outputs, then the second's answers
+            return [streamed(run_one, names, self._stream, f) for f in samples]
         if self._plan is None:
             return [run_one(f) for f in samples]
-        names = [o.name for o in session.get_outputs()]
         cases: list[list[np.ndarray]] = []
         tokens: list[list[np.ndarray]] = []
         for i, feeds in enumerate(samples):
@@ -423,7 +433,8 @@ class Verifier:
         return self._alternate[provider]
 
     def _by_name(self, cases: Sequence[Sequence[np.ndarray]]) -> dict[str, list[np.ndarray]]:
-        return {name: [case[i] for case in cases] for i, name in enumerate(self._names)}
+        names = self._names if self._stream is None else stream_names(self._names, self._stream)
+        return {name: [case[i] for case in cases] for i, name in enumerate(names)}
 
     def _judged(self, cases: Sequence[Sequence[np.ndarray]]) -> dict[str, list[np.ndarray]]:
         """The outputs the task judge sees: all but a decoder's caches, which are its state,
@@ -451,6 +462,7 @@ class Verifier:
                               groups=self._groups if self._plan is None else None,
                               sequences=sequence_outputs(self._model), heads=projected_outputs(self._model),
                               exact=float_free_outputs(self._model),
+                              state=set(self._stream.past_to_present.values()) if self._stream is not None else (),
                               **self._task)
             if self._plan is None and judge.wants_draws():  # float32's own errors excused, or a mean floor
                 more, _ = perturbation_draws(self.feeds, FLOOR_DRAWS, first=1, **moving)

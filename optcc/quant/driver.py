@@ -33,6 +33,7 @@ from optcc.quant.fallback import (
     quantized_already,
     shortfall,
 )
+from optcc.numerics.decode import stream_plan
 from optcc.numerics.inputs import input_roles
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, MIN_ITEMS, TaskJudge, UserMetric,
                                  float_free_outputs, perturbation_draws, perturbation_roles, projected_outputs,
@@ -112,12 +113,14 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
     (``TaskJudge.wants_draws``), the floor takes ``draws`` independent perturbations
     (``perturbation_draws``); else one."""
     moving = perturbation_roles(input_roles(model))
+    stream = stream_plan(model)  # its state is judged in the second step's answers (``model_outputs``)
     moved, how = perturbation_draws(held, 1, **moving)
     both = model_outputs(model, [*held, *moved[0]])
     reference = {name: values[:len(held)] for name, values in both.items()}
     perturbed = {name: values[len(held):] for name, values in both.items()}
     judge = TaskJudge(reference, perturbed, metric, margin, metric_target, min_sqnr_db, how, groups=groups,
-                      sequences=sequence_outputs(model), heads=projected_outputs(model), exact=float_free_outputs(model))
+                      sequences=sequence_outputs(model), heads=projected_outputs(model), exact=float_free_outputs(model),
+                      state=set(stream.past_to_present.values()) if stream is not None else ())
     if draws < 2 or not judge.wants_draws():
         return judge
     more, _ = perturbation_draws(held, draws, first=1, **moving)

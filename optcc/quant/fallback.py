@@ -29,6 +29,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from optcc import ir as oir
+from optcc.numerics.decode import DecodePlan, stream_names, stream_plan, streamed
 from optcc.numerics.metrics import sqnr_db as powers_db
 from optcc.progress import Progress
 from optcc.runtime.latency import median_seconds
@@ -211,8 +212,11 @@ class _Outputs:
     """Runs a model on the held-out samples once and keeps its outputs."""
 
     def __init__(self, model: ir.Model | onnx.ModelProto, samples: Sequence[Feeds], optimized: bool,
-                 extra: Sequence[str] = (), weights: Mapping[str, np.ndarray] | None = None) -> None:
-        """``model``: an onnx-ir model, or a proto (a ``light_proto`` with its ``weights``)."""
+                 extra: Sequence[str] = (), weights: Mapping[str, np.ndarray] | None = None,
+                 stream: DecodePlan | None = None) -> None:
+        """``model``: an onnx-ir model, or a proto (a ``light_proto`` with its ``weights``).
+        ``stream``: a streaming model's plan (``optcc.numerics.decode.stream_plan``): each
+        sample then also gives its second step's answers (``streamed``)."""
         if isinstance(model, onnx.ModelProto):
             proto, weights = model, weights or {}
         else:
@@ -225,9 +229,15 @@ class _Outputs:
         session = _session(proto, level, weights=weights, arena=False)
         del proto, weights
         self.names = [o.name for o in session.get_outputs()]
-        self.values: list[list[np.ndarray]] = [
-            [np.asarray(a) for a in session.run(None, dict(f))] for f in samples
-        ]
+
+        def run_one(feeds: Feeds) -> list[np.ndarray]:
+            return [np.asarray(a) for a in session.run(None, dict(feeds))]
+
+        if stream is None:
+            self.values: list[list[np.ndarray]] = [run_one(f) for f in samples]
+        else:
+            self.values = [streamed(run_one, self.names, stream, f) for f in samples]
+            self.names = stream_names(self.names, stream)
         del session
         release_memory()
 
@@ -265,22 +275,25 @@ def _compare(reference: _Outputs, candidate: _Outputs, names: Sequence[str], tar
 
 def model_outputs(model: ir.Model, samples: Sequence[Feeds]) -> dict[str, list[np.ndarray]]:
     """The model's graph outputs by name, one array per sample (onnxruntime, no graph
-    optimization: the float reference as written)."""
-    outputs = _Outputs(model, samples, False)
+    optimization: the float reference as written), and a streaming model's answers on its
+    second step (``optcc.numerics.decode.streamed``)."""
+    outputs = _Outputs(model, samples, False, stream=stream_plan(model))
     return {name: outputs.get(name) for name in outputs.names}
 
 
 def evaluate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds],
              target: Target = Target(), *, optimized: bool = True,
              reference_outputs: _Outputs | Mapping[str, Sequence[np.ndarray]] | None = None) -> Evaluation:
-    """Compare the candidate's graph outputs with the float reference's on ``samples``
-    (``reference_outputs``: the reference's, when already computed on them, as
-    ``model_outputs`` returns them)."""
+    """Compare the candidate's graph outputs with the float reference's on ``samples``, and
+    a streaming model's answers on its second step (``reference_outputs``: the reference's,
+    when already computed on them, as ``model_outputs`` returns them)."""
+    stream = stream_plan(reference)
     names = [v.name for v in reference.graph.outputs]
+    names = names if stream is None else stream_names(names, stream)
     if isinstance(reference_outputs, Mapping):
         reference_outputs = _Outputs.of(reference_outputs)
-    ref = reference_outputs if reference_outputs is not None else _Outputs(reference, samples, False)
-    return _compare(ref, _Outputs(candidate, samples, optimized), names, target)
+    ref = reference_outputs if reference_outputs is not None else _Outputs(reference, samples, False, stream=stream)
+    return _compare(ref, _Outputs(candidate, samples, optimized, stream=stream), names, target)
 
 
 def shortfall(evaluation: Evaluation) -> float:
@@ -697,7 +710,7 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
     search returned them to float (absent when the fully quantized model passed)."""
     # the float model's outputs on the samples, computed once (or given: ``model_outputs``)
     ref_outputs = (_Outputs.of(reference_outputs) if reference_outputs is not None
-                   else _Outputs(reference, samples, False))
+                   else _Outputs(reference, samples, False, stream=stream_plan(reference)))
     if initial is not None:
         model, stats, initial = initial
     else:
