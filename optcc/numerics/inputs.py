@@ -46,7 +46,12 @@ Values, per input, first rule that applies:
   a feature vector would be): a speech-like signal
   (harmonics of a gliding pitch under a syllable envelope that falls silent between
   syllables, over a faint noise floor) peaking at 0.5. N(0, 1) noise is loud everywhere,
-  whereas real audio has quiet stretches, where float16 (log-spectra, power) loses most;
+  whereas real audio has quiet stretches, where float16 (log-spectra, power) loses most.
+  A 16-bit integer input (``int16``/``uint16``) of those shapes, whatever its ``T`` (not
+  1; dynamic too), is PCM audio: the same signal in the dtype's steps, around its middle,
+  peaking half way to its limit (16384 for int16). Its role goes before the masks by use
+  (a waveform is cast to float and scaled, as a mask is applied), not before the masks
+  by name;
 - other floats standard-normal; other integers uniform in ``[0, 4)``; booleans 0/1.
 
 KV-cache decoders (an input named ``past_key_values.*`` or ``past_*`` and an output whose
@@ -95,6 +100,8 @@ DEFAULT_PAST_LENGTH = 16  # KV-cache length of a generated decoder step
 AUDIO_MIN_SAMPLES = 8000  # a static signal axis at least this long makes a float input waveform-like
 DEFAULT_SAMPLE_RATE = 16000
 _SAMPLE_RATE_NAMES = frozenset({"sr", "sample_rate", "sampling_rate"})
+# integer dtypes a waveform is sampled in (16-bit PCM; ``optcc.numerics.task.SIGNAL_INTEGERS``)
+_PCM = frozenset({ir.DataType.INT16, ir.DataType.UINT16})
 _INDEX_PASSTHROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
 _MASK_PASSTHROUGH = frozenset({"Unsqueeze", "Reshape", "Expand", "Squeeze", "Identity"})
 _POSITION_PASSTHROUGH = frozenset({"Unsqueeze", "Reshape", "Expand", "Squeeze", "Identity", "Transpose"})
@@ -410,6 +417,10 @@ def _role(value: ir.Value, kv: bool, state: bool = False) -> str:
     # positions (an angle or a rotary op's position ids) goes before the mask guess by use
     if dtype.is_integer() and _used_as_position(value):
         return "position"
+    # a 16-bit waveform is cast to float and scaled, as a mask is applied: its dtype and
+    # shape go before the mask guess by use
+    if dtype in _PCM and _signal_axis(value) is not None and _index_bound(value) is None:
+        return "audio"
     # by use only from rank 2 on: a (batch, length) mask or wider, not a cast scalar
     if numeric_or_bool and not dtype.is_floating_point() and (rank or 0) >= 2 and _used_as_mask(value):
         return "mask"
@@ -428,9 +439,10 @@ def _role(value: ir.Value, kv: bool, state: bool = False) -> str:
 
 def _signal_axis(value: ir.Value, sizes: Sequence[int] | None = None) -> int | None:
     """The axis of a waveform-like input's samples: ``[batch, T]``, ``[batch, T, 1]`` or
-    ``[batch, 1, T]`` with a static ``T >= AUDIO_MIN_SAMPLES``, not read by a MatMul or
-    Gemm (a feature vector); else None. ``sizes``, the sizes the input is generated with,
-    stand for its dims where given, so a dynamic ``T`` sized that long counts too."""
+    ``[batch, 1, T]`` with a static ``T >= AUDIO_MIN_SAMPLES`` (a 16-bit integer input,
+    ``_PCM``: any ``T`` other than 1, dynamic too), not read by a MatMul or Gemm (a feature
+    vector); else None. ``sizes``, the sizes the input is generated with, stand for its
+    dims where given, so a dynamic ``T`` sized that long counts too."""
     shape = value.shape
     if shape is None or shape.rank() not in (2, 3):
         return None
@@ -439,7 +451,10 @@ def _signal_axis(value: ir.Value, sizes: Sequence[int] | None = None) -> int | N
     static = [int(d) if _is_static(d) else None for d in shape]
     if sizes is not None and len(sizes) == len(static):
         static = [int(n) for n in sizes]
-    long_axes = [a for a in range(1, len(static)) if (static[a] or 0) >= AUDIO_MIN_SAMPLES]
+    if value.dtype in _PCM:  # a sampled signal however long: the one axis after the first that is not 1
+        long_axes = [a for a in range(1, len(static)) if static[a] != 1]
+    else:
+        long_axes = [a for a in range(1, len(static)) if (static[a] or 0) >= AUDIO_MIN_SAMPLES]
     if len(long_axes) != 1 or any(static[a] != 1 for a in range(1, len(static)) if a != long_axes[0]):
         return None
     return long_axes[0]
@@ -670,15 +685,20 @@ def _random_array(
         return np.zeros(shape, dtype=np_dtype)
     if dtype == ir.DataType.BOOL:
         return rng.integers(0, 2, shape).astype(bool)
+    if role == "audio":
+        axis = _signal_axis(value, shape)
+        assert axis is not None
+        speech = np.moveaxis(_speech(shape[:axis] + shape[axis + 1:] + (shape[axis],), rng), -1, axis)
+        if dtype.is_integer():  # PCM: the signal around the dtype's middle, its peak half the way to its limit
+            info = np.iinfo(np_dtype)
+            middle = (int(info.min) + int(info.max) + 1) // 2
+            return np.round(middle + speech * (int(info.max) - middle)).astype(np_dtype)
+        return speech.astype(np_dtype)
     if dtype.is_integer():
         high = _index_bound(value) if role == "index" else None
         return rng.integers(0, high or 4, shape).astype(np_dtype)
     if role == "image":
         return _image(shape, rng).astype(np_dtype)
-    if role == "audio":
-        axis = _signal_axis(value, shape)
-        assert axis is not None
-        return np.moveaxis(_speech(shape[:axis] + shape[axis + 1:] + (shape[axis],), rng), -1, axis).astype(np_dtype)
     return np.asarray(rng.standard_normal(shape)).astype(np_dtype)
 
 
