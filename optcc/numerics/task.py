@@ -32,6 +32,10 @@ deciding per step)        classes step by step (``_per_step_classes``). Only whe
                           read as a CTC recognizer's (``_ctc_like``: peaked, symbols as
                           spikes between blanks); framewise scores (a VAD's states per
                           frame, held over a segment) are judged by ``argmax`` per frame
+``[N, T, 1]``, T >= 2,    ``threshold``: each frame's decision at ``DECISION`` (0.5), above
+in [0, 1] (a probability  or not; the fraction of frames decided otherwise (value noise
+per frame: a VAD's        that moves none across 0.5 counts nothing). Named, it judges
+speech score)             every element of any float output so
 ``[N, 1, H, W]`` or       ``detection-map``: pixels above ``MAP_THRESHOLD`` (0.3) form
 ``[N, H, W]`` in [0, 1],  the mask; its connected components' bounding boxes (sides of
 at most 10% of pixels     at least 3 pixels) are the detections; 1 - box F1 (IoU >= 0.5),
@@ -71,7 +75,7 @@ anything else             ``sqnr``: noise power / signal power, summed over ALL 
                           input would dominate); reported in dB
 ========================  ==============================================================
 
-The fractions of ``argmax``, ``ctc``, ``detection-map``, ``boxes``, ``labels`` and
+The fractions of ``argmax``, ``threshold``, ``ctc``, ``detection-map``, ``boxes``, ``labels`` and
 ``embedding``'s ranking count items: a component over fewer than ``MIN_ITEMS`` of them is
 judged by SQNR instead (below), except the ranking, whose output the pooled cosine then
 decides, and ``labels``, judged as usual over however few rows (no SQNR of ids means
@@ -98,7 +102,7 @@ one step would name another token or change a count, not add noise.
 **Several draws.** ``TaskJudge(draws=[...])`` takes the float model's outputs under more
 independent perturbations (``perturbation_draws``: draw ``d`` of sample ``i`` seeded
 ``(i, d)``). Every component's floor is then the mean over the draws, except for the
-components over confident decisions, ``argmax``, ``ctc_exact`` and ``labels``
+components over confident decisions, ``argmax``, ``threshold``, ``ctc_exact`` and ``labels``
 (``TaskJudge.excuses``): there an error float32 makes itself under some draw (a confident
 top-1 it flips, a line it decodes differently, a row of ids it changes) is noise, not the
 candidate's error, and is not counted, and the floor is the most any one draw errs where
@@ -192,7 +196,7 @@ __all__ = [
 Outputs = Mapping[str, Sequence[np.ndarray]]  # output name -> one array per sample
 UserMetric = Callable[[Outputs, Outputs], float]
 _Measured = tuple[dict[str, float], dict[str, int]]  # deviation per component; items per count-based one
-METRICS = ("sqnr", "argmax", "ctc", "detection-map", "boxes", "embedding", "added-boxes")
+METRICS = ("sqnr", "argmax", "ctc", "threshold", "detection-map", "boxes", "embedding", "added-boxes")
 DEFAULT_MARGIN = 1.5
 MIN_DEVIATION = 0.01
 MIN_ITEMS = 10
@@ -203,6 +207,7 @@ FLOOR_DRAWS = 4  # independent perturbation draws the INT8 driver measures the f
 CONFIDENT_GAP = 0.1
 MAP_THRESHOLD = 0.3
 MAP_LOW = 0.1  # a map's pixel at most this, or at least 1 - this, has decided
+DECISION = 0.5  # a probability above this decides yes (``threshold``: a VAD's speech per frame)
 MAP_UNDECIDED = 0.1  # a detection map has at most this fraction of its pixels undecided
 EMBEDDING_MIN_WIDTH = 8  # entries of a vector read as an embedding
 CTC_DECIDED = 0.75  # a CTC recognizer is confident on at least this fraction of its steps
@@ -423,6 +428,9 @@ def choose_metric(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
         return "ctc" if _ctc_like(values) else "argmax"  # time-major class scores, read likewise
     if a.ndim == 3 and "logit" in name.lower() and a.shape[2] >= 2:
         return "argmax"
+    if a.ndim == 3 and a.shape[1] >= 2 and a.shape[2] == 1 \
+            and all(float(v.min()) >= 0.0 and float(v.max()) <= 1.0 for v in values):
+        return "threshold"  # one probability per step: the user's decision is whether it exceeds 0.5
     if a.ndim in (3, 4) and (a.ndim == 3 or a.shape[1] == 1) and min(a.shape[-2:]) >= 8 \
             and all(float(v.min()) >= 0.0 and float(v.max()) <= 1.0 for v in values):
         return "detection-map" if _saturated(values) else "sqnr"
@@ -1014,6 +1022,29 @@ def _ctc_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
     return {"ctc_exact": wrong / max(len(ref), 1)}
 
 
+def _decisions(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Every element's decision at ``DECISION``, all samples in one flat array."""
+    return np.concatenate([np.ravel(np.asarray(a, np.float64) > DECISION) for a in arrays]) if len(arrays) \
+        else np.zeros(0, bool)
+
+
+def _threshold_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _Measured:
+    """The fraction of elements (a VAD's frames) whose decision at ``DECISION`` differs."""
+    ref, got = _decisions(refs), _decisions(gots)
+    return {"threshold": float(np.mean(ref != got)) if ref.size else 0.0}, {"threshold": int(ref.size)}
+
+
+def _threshold_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
+                         envelope: Sequence[Sequence[np.ndarray]]) -> dict[str, float]:
+    """The fraction of elements whose decision differs, counting only those no draw of
+    ``envelope`` flips (a frame near 0.5 that float32 flips itself under some draw)."""
+    ref = _decisions(refs)
+    wrong = ref != _decisions(gots)
+    for draw in envelope:
+        wrong &= ref == _decisions(draw)
+    return {"threshold": float(wrong.sum()) / max(ref.size, 1)}
+
+
 def _labels_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
                       envelope: Sequence[Sequence[np.ndarray]]) -> dict[str, float]:
     """1 - exact agreement over the rows, counting only the rows no draw of ``envelope``
@@ -1038,11 +1069,12 @@ def _labels_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
 _UNEXCUSED: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray], Sequence[Sequence[np.ndarray]]],
                                dict[str, float]]] = {
     "argmax": _argmax_unexcused, "ctc": _ctc_unexcused, "labels": _labels_unexcused,
+    "threshold": _threshold_unexcused,
 }
 
 
 # the components ``_UNEXCUSED`` counts, per metric
-_EXCUSED_PARTS = {"argmax": ("argmax",), "ctc": ("ctc_exact",), "labels": ("labels",)}
+_EXCUSED_PARTS = {"argmax": ("argmax",), "ctc": ("ctc_exact",), "labels": ("labels",), "threshold": ("threshold",)}
 
 # metrics whose floor is the mean over ``FLOOR_DRAWS`` perturbation draws, not one draw's:
 # which near-threshold boxes cross the score threshold changes from draw to draw, so one
@@ -1059,6 +1091,7 @@ _BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], _Mea
     "embedding": _embedding_deviation,
     "added-boxes": _added_boxes_deviation,
     "labels": _labels_deviation,
+    "threshold": _threshold_deviation,
 }
 REPORTED_ONLY = frozenset({"extra_boxes"})  # shown, not judged
 _COUNTS = frozenset({"added_boxes"})  # a bound on a count, not a score: no metric_target replaces it
@@ -1068,8 +1101,9 @@ _STAND_IN = {"ranking": "cosine"}
 # integer and boolean outputs (ids, labels, flags): no SQNR of them means anything, so their
 # rows are judged however few they are
 _LABEL_KINDS = frozenset("iub")
-_ITEMS = {"argmax": "confident sample", "ctc_exact": "line", "cer": "reference character", "box_f1": "box",
-          "mask_iou": "mask pixel", "ranking": "ranked pair", "labels": "row"}  # what a count-based component counts
+# what a count-based component counts
+_ITEMS = {"argmax": "confident sample", "threshold": "frame", "ctc_exact": "line", "cer": "reference character",
+          "box_f1": "box", "mask_iou": "mask pixel", "ranking": "ranked pair", "labels": "row"}
 
 
 def measure(metric: str, refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
