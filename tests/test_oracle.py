@@ -455,3 +455,84 @@ def test_a_reference_over_the_work_budget_is_refused_from_inferred_shapes(monkey
     expected = 128 * 128 * 9 * 256 * 256 * (len(feeds) + 1)  # MACs of the sample and the node check
     assert reference.outputs is None
     assert f"at least {(expected + 2 * 2 * float64.NODE_COST_MACS) / 1e9:.2g} GMAC" in reference.reason
+
+
+def _long_chain(length: int, channels: int, size: int) -> tuple[onnx.ModelProto, list[float]]:
+    """x -> 1x1 Conv (no float64 kernel in onnxruntime: onnx's evaluator runs it) -> ``length``
+    nodes alternating Mul by a constant and Tanh; the constants, in order."""
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((channels, channels, 1, 1)).astype(np.float32) / channels
+    scales = [float(np.float32(s)) for s in rng.uniform(0.5, 2.0, length)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["v0"])]
+    inits = [numpy_helper.from_array(weight, "W")]
+    for i, s in enumerate(scales):
+        out = "y" if i == length - 1 else f"v{i + 1}"
+        if i % 2:
+            nodes.append(helper.make_node("Tanh", [f"v{i}"], [out]))
+        else:
+            inits.append(numpy_helper.from_array(np.array(s, np.float32), f"s{i}"))
+            nodes.append(helper.make_node("Mul", [f"v{i}", f"s{i}"], [out]))
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, size, size])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), scales
+
+
+def test_the_float64_evaluation_of_a_long_chain_holds_a_few_intermediates(monkeypatch):
+    """Each intermediate of a 60-node chain is dropped once its reader has run: the float64
+    evaluation's peak of traced memory stays within a few intermediates, not the chain's 60,
+    and its output equals the chain computed by numpy in float64."""
+    import tracemalloc
+
+    from optcc.numerics import float64
+
+    channels, size, length = 8, 128, 60
+    model, scales = _long_chain(length, channels, size)
+    x = np.random.default_rng(4).standard_normal((1, channels, size, size)).astype(np.float32)
+    peaks: list[int] = []
+    evaluate = float64._evaluate
+
+    def traced(*args, **kwargs):
+        tracemalloc.reset_peak()
+        result = evaluate(*args, **kwargs)
+        peaks.append(tracemalloc.get_traced_memory()[1] - before[0])
+        return result
+
+    monkeypatch.setattr(float64, "_evaluate", traced)
+    tracemalloc.start()
+    try:
+        before = [tracemalloc.get_traced_memory()[0]]
+        reference = Float64Reference.build(model, [{"x": x}])
+    finally:
+        tracemalloc.stop()
+    assert reference.kind == "float64 (onnx reference evaluator)", reference.reason
+    intermediate = channels * size * size * 8
+    assert len(peaks) == 1 and peaks[0] < 6 * intermediate < length * intermediate
+    w = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64).reshape(channels, channels)
+    expected = np.einsum("mc,nchw->nmhw", w, x.astype(np.float64))
+    for i, s in enumerate(scales):
+        expected = np.tanh(expected) if i % 2 else expected * s
+    np.testing.assert_allclose(reference.outputs[0]["y"], expected, rtol=1e-12, atol=1e-14)
+
+
+def test_a_value_read_only_inside_a_subgraph_is_kept_until_that_node_runs():
+    """``c`` is read by no node of the main graph after the Conv, only by the If's branches:
+    the float64 evaluation drops it after the If, never before; the graph output ``y`` and
+    the kept ``total`` are never dropped, the unread ``unused`` right after its producer."""
+    from optcc.numerics import float64
+
+    def branch(op: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node(op, ["c"], ["out"])], op,
+                                 [], [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"]),
+         helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+         helper.make_node("Greater", ["total", "zero"], ["positive"]),
+         helper.make_node("Neg", ["x"], ["unused"]),
+         helper.make_node("If", ["positive"], ["y"], then_branch=branch("Neg"), else_branch=branch("Abs"))],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    releases = [sorted(names) for names in float64._releases(graph, ["total"])]
+    assert releases == [["W"], [], ["zero"], ["unused", "x"], ["c", "positive"]]
+

@@ -7,9 +7,11 @@ every float tensor, type and Cast target turned into float64, then run by:
 
 1. onnxruntime on CPU, when it has a double kernel for every node (MLPs, many
    transformer graphs);
-2. else onnx's reference evaluator, with fast numpy kernels for the ops that dominate CNNs
-   (Conv, ConvTranspose, BatchNormalization, MaxPool/AveragePool, and Softmax-family ops
-   with their pre-opset-13 semantics). Before its outputs are trusted, every node is
+2. else onnx's reference evaluator's kernels, run node by node (each intermediate dropped
+   once its last reader has run, so that only the values still to be read are held), with
+   fast numpy kernels for the ops that dominate CNNs (Conv, ConvTranspose,
+   BatchNormalization, MaxPool/AveragePool, and Softmax-family ops with their
+   pre-opset-13 semantics). Before its outputs are trusted, every node is
    checked on the first sample against onnxruntime's float32 run: fed onnxruntime's own
    float32 inputs, its float64 result must match onnxruntime's output to within
    ``NODE_CHECK_REL`` of that output's scale plus ``INPUT_ROUNDING_ULPS`` float32 roundings
@@ -45,9 +47,10 @@ _NOT_FLOAT64 = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "
 MAX_REFERENCE_BYTES = 512 * 1024 * 1024  # float64 weights held in memory at most
 # Multiply-accumulates the float64 evaluation may spend, over the samples it is asked for and
 # the node check: a deterministic stand-in for its time (numpy's float64 kernels run ~1 GMAC/s
-# on 2 cores; the evaluator's own work per node costs about as much as NODE_COST_MACS) and for
-# its memory (onnx's evaluator keeps every intermediate tensor, in float64, until the run ends).
-# It is asked only for the samples a candidate fails against the float32 original on.
+# on 2 cores; the evaluator's own work per node costs about as much as NODE_COST_MACS). Its
+# memory does not grow with it: samples run one after another, each intermediate dropped once
+# its last reader has run. It is asked only for the samples a candidate fails against the
+# float32 original on.
 MAX_REFERENCE_MACS = 1_000_000_000
 NODE_COST_MACS = 200_000
 NODE_CHECK_REL = 1e-4  # per-node agreement with onnxruntime's float32 output, relative to its scale
@@ -396,13 +399,64 @@ class Float64Reference:
         except Exception as e:  # noqa: BLE001
             return cls(None, None, f"onnx's reference evaluator cannot load the model: {first_line(e)}")
         problem = _check_nodes(proto, evaluator, values)
+        del values  # the probe's float32 intermediates: none is read again
         if problem:
             return cls(None, None, problem)
+        releases = _releases(model64.graph, names)
         try:
-            outs = [dict(zip(names, (np.asarray(o) for o in evaluator.run(names, f)))) for f in feeds64]
+            outs = [dict(zip(names, (np.asarray(o) for o in _evaluate(evaluator, releases, names, f))))
+                    for f in feeds64]
         except Exception as e:  # noqa: BLE001
             return cls(None, None, f"onnx's reference evaluator failed: {first_line(e)}")
         return cls("float64 (onnx reference evaluator)", outs)
+
+
+def _node_reads(node: onnx.NodeProto) -> set[str]:
+    """The names ``node`` reads: its inputs and what its subgraphs read from its scope."""
+    reads = set(node.input)
+    for attr in node.attribute:
+        for sub in (attr.g,) if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+            reads |= _outer_reads(sub)
+    return reads
+
+
+def _outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """The names ``graph`` and its subgraphs read or return from an enclosing scope."""
+    reads = {o.name for o in graph.output}.union(*(_node_reads(node) for node in graph.node))
+    defined = {*(i.name for i in graph.input), *(t.name for t in graph.initializer),
+               *(o for node in graph.node for o in node.output)}
+    return reads - defined
+
+
+def _releases(graph: onnx.GraphProto, keep: Sequence[str]) -> list[list[str]]:
+    """Per node of ``graph``, the values to drop once it has run: those it is the last reader
+    of (a subgraph's reads count as its node's), and its own outputs no node reads. Graph
+    outputs and ``keep`` are never dropped."""
+    last: dict[str, int] = {}
+    for i, node in enumerate(graph.node):
+        for name in (*node.output, *_node_reads(node)):
+            last[name] = i
+    kept = {*keep, *(o.name for o in graph.output), ""}
+    releases: list[list[str]] = [[] for _ in graph.node]
+    for name, i in last.items():
+        if name not in kept:
+            releases[i].append(name)
+    return releases
+
+
+def _evaluate(evaluator: ReferenceEvaluator, releases: Sequence[Sequence[str]], names: Sequence[str],
+              feeds: Feeds) -> list[Any]:
+    """``evaluator``'s main graph run node by node on ``feeds``, each value dropped once its
+    last reader has run (``releases``, by node), so that at most the values still to be read
+    are held at once; the values of ``names``."""
+    results: dict[str, Any] = {"": None, **evaluator.rt_inits_, **feeds}
+    for op, done in zip(evaluator.rt_nodes_, releases, strict=True):
+        inputs = [results[name] for name in op.input]
+        outputs = op.run(*inputs, context=results) if op.need_context() else op.run(*inputs)
+        results.update(zip(op.output, outputs))
+        for name in done:
+            results.pop(name, None)
+    return [results[name] for name in names]
 
 
 def _macs(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], samples: int) -> int:
@@ -438,8 +492,11 @@ def _float32_values(proto: onnx.ModelProto, feeds: Feeds) -> tuple[dict[str, Any
     """Every main-graph value of onnxruntime's float32 run on ``feeds`` (a probe)."""
     produced = [o for node in proto.graph.node for o in node.output if o]
     try:
-        probe = make_session(with_outputs(proto, produced), options=session_options())
-        values: dict[str, Any] = dict(zip([o.name for o in probe.get_outputs()], run(probe, feeds)))
+        # without an arena each output owns its buffer alone: kept as onnxruntime hands it out,
+        # not copied, every intermediate is held once
+        probe = make_session(with_outputs(proto, produced), options=session_options(arena=False))
+        names = [o.name for o in probe.get_outputs()]
+        values: dict[str, Any] = dict(zip(names, probe.run(names, dict(feeds))))
     except Exception as e:  # noqa: BLE001
         return None, f"onnxruntime cannot expose the original's intermediates: {first_line(e)}"
     values.update(feeds)
@@ -453,12 +510,13 @@ def _input_scale(args: Sequence[Any]) -> float:
     return max(scales, default=0.0)
 
 
-def _check_nodes(proto: onnx.ModelProto, evaluator: ReferenceEvaluator, values: Mapping[str, Any]) -> str | None:
+def _check_nodes(proto: onnx.ModelProto, evaluator: ReferenceEvaluator, values: dict[str, Any]) -> str | None:
     """None when every main-graph node of the evaluator, fed onnxruntime's float32 inputs
     ``values``, reproduces onnxruntime's float32 outputs within one op's rounding; else the
-    first that does not."""
+    first that does not. Each value is dropped from ``values`` once the last node that
+    reads or produces it is checked."""
     graph = proto.graph
-    for node, op in zip(graph.node, evaluator.rt_nodes_):
+    for node, op, done in zip(graph.node, evaluator.rt_nodes_, _releases(graph, ()), strict=True):
         try:
             args = [_as64(values[name]) if name else None for name in node.input]
             while args and args[-1] is None:
@@ -487,4 +545,6 @@ def _check_nodes(proto: onnx.ModelProto, evaluator: ReferenceEvaluator, values: 
                                 f"'{node.name}' (rel {err / scale if scale else err:.2g})")
             elif not np.array_equal(mine, theirs):
                 return f"onnx's reference evaluator disagrees with onnxruntime on {node.op_type} '{node.name}'"
+        for name in done:
+            values.pop(name, None)
     return None
