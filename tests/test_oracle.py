@@ -536,3 +536,21 @@ def test_a_value_read_only_inside_a_subgraph_is_kept_until_that_node_runs():
     releases = [sorted(names) for names in float64._releases(graph, ["total"])]
     assert releases == [["W"], [], ["zero"], ["unused", "x"], ["c", "positive"]]
 
+
+
+def test_conv_transpose_work_counts_each_input_element_times_its_footprint():
+    """A grouped, strided ConvTranspose's multiply-accumulates equal its products counted by
+    its definition: all ones, without padding, every product adds 1 to the output, so the
+    output's sum is their number (not the output's size times the kernel's)."""
+    from optcc.numerics.float64 import estimated_macs
+
+    n, c, h, w, group, out_per_group, kernel, strides = 2, 6, 5, 7, 2, 4, (3, 2), [2, 3]
+    x, weight = np.ones((n, c, h, w)), np.ones((c, out_per_group, *kernel))
+    y = _conv_transpose_by_definition(x, weight, None, group, strides, [1, 1], [0] * 4, [0, 0])
+    node = helper.make_node("ConvTranspose", ["x", "W"], ["y"], group=group, strides=strides)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    macs = estimated_macs(model, {"x": x.shape, "W": weight.shape, "y": y.shape})
+    assert macs == int(y.sum()) == n * c * h * w * out_per_group * kernel[0] * kernel[1]
+

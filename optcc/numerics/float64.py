@@ -327,10 +327,11 @@ def estimated_macs(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) 
         out, a, weight = (list(shapes.get(name, ())) for name in (node.output[0], node.input[0], node.input[1]))
         if not out or not a or not weight:
             continue
+        if node.op_type == "ConvTranspose":  # each input element times its [Cout/group, *kernel] footprint
+            total += int(np.prod(a)) * int(np.prod(weight[1:]))
+            continue
         if node.op_type == "Conv":
             reduce = int(np.prod(weight[1:]))
-        elif node.op_type == "ConvTranspose":
-            reduce = int(np.prod(weight[2:])) * weight[0] // max(out[1], 1)
         elif node.op_type == "Gemm":
             trans_a = any(at.name == "transA" and at.i for at in node.attribute)
             reduce = a[0] if trans_a else a[-1]
