@@ -554,3 +554,22 @@ def test_conv_transpose_work_counts_each_input_element_times_its_footprint():
     macs = estimated_macs(model, {"x": x.shape, "W": weight.shape, "y": y.shape})
     assert macs == int(y.sum()) == n * c * h * w * out_per_group * kernel[0] * kernel[1]
 
+
+def test_float64_references_of_several_sample_sets_serialize_the_original_once(monkeypatch):
+    """Bisection asks for the float64 outputs of several sets of samples: the original is
+    serialized and checked once, and each set's outputs equal numpy's in float64."""
+    from optcc import ir as oir
+
+    model = _conv_bn([1])
+    rng = np.random.default_rng(8)
+    inputs = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(3)]
+    calls = []
+    serialize = oir.serialize
+    monkeypatch.setattr(oir, "serialize", lambda *a, **k: calls.append(1) or serialize(*a, **k))
+    with optcc.Verifier(model, inputs=inputs) as verifier:
+        references = [verifier.float64_reference(positions) for positions in ([1], [0, 2], [1])]
+    assert len(calls) == 1
+    for reference, positions in zip(references, ([1], [0, 2], [1])):
+        assert reference.outputs is not None, reference.reason
+        for outputs, i in zip(reference.outputs, positions):
+            np.testing.assert_allclose(outputs["y"], _float64_conv_bn(model, inputs[i]["x"]), rtol=1e-12, atol=1e-9)

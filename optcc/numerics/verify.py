@@ -485,22 +485,27 @@ class Verifier:
         budget counts those samples alone."""
         key = tuple(positions)
         if key not in self._float64:
-            self._float64[key] = self._build_float64([self.feeds[i] for i in key])
+            original, reason = self._float64_original
+            self._float64[key] = Float64Reference(None, None, reason) if original is None \
+                else Float64Reference.build(original, [self.feeds[i] for i in key])
         return self._float64[key]
 
-    def _build_float64(self, feeds: Sequence[Feeds]) -> Float64Reference:
+    @functools.cached_property
+    def _float64_original(self) -> tuple[onnx.ModelProto | None, str | None]:
+        """The original serialized and checked for a float64 reference, or why no set of
+        samples can have one; shared by every set."""
         if self.reference == "float32":
-            return Float64Reference(None, None, "float32 reference requested")
+            return None, "float32 reference requested"
         if self._plan is not None:
-            return Float64Reference(None, None, f"{self._steps}-step decode of a KV-cache decoder")
+            return None, f"{self._steps}-step decode of a KV-cache decoder"
         if oir.weight_bytes(self._model) > MAX_REFERENCE_BYTES // 2:
-            return Float64Reference(None, None, "weights too large to hold in float64")
+            return None, "weights too large to hold in float64"
         try:
             proto = oir.serialize(self._model)
             onnx.checker.check_model(proto, full_check=False)
         except Exception as e:  # noqa: BLE001
-            return Float64Reference(None, None, f"cannot serialize the original: {first_line(e)}")
-        return Float64Reference.build(proto, feeds)
+            return None, f"cannot serialize the original: {first_line(e)}"
+        return proto, None
 
     # ----------------------------------------------------------------- checking
 
