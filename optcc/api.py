@@ -244,8 +244,11 @@ def optimize(
             if (verify or verify_each) and _judged_by_task(tolerances, "int8"):
                 # the verifier (built below) judges the same samples by the task: the pass judges
                 # with its judge, so the float model and its noise floor run once, and the pass
-                # confirms its result on every sample as the verification will
+                # confirms its result on every sample as the verification will, on the
+                # verifier's runs of it, which the verification then reuses
                 shared["judge"] = lambda: None if verifier is None else verifier.sample_judge()
+                shared["outputs"] = lambda model, positions: None if verifier is None else \
+                    verifier.outputs(model, positions)
         quantizer = create_pass(INT8_PASS, samples=samples, method=int8_method, progress=progress,
                                 **{"prepare": False, **shared, **dict(int8_options or {})})
         pipeline.append(Prepared(preparation, quantizer))

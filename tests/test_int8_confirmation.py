@@ -7,6 +7,7 @@ model by onnxruntime with its integer kernels."""
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,30 @@ def test_the_pipeline_declines_int8_the_verification_would_reject() -> None:
     ranges = calibrate(reference, data[:19], "percentile", percentile=99.0).ranges
     quantized = create_pass("quantize-int8", ranges=ranges)(reference.clone()).model
     assert _sqnr_db(quantized, data[19:]) > _sqnr_db(quantized, data) + 10.0
+
+
+def test_the_verification_reuses_the_runs_of_the_model_the_confirmation_judged(monkeypatch) -> None:
+    """The INT8 model the pass confirms on every sample is the model the verification then
+    judges on the same samples: the verification runs it no more. The INT8 candidate is
+    the only model run with all of onnxruntime's optimizations (float models run as
+    written): the calibration samples run through it once (the confirmation), the
+    held-out ones twice (the bias correction's judgement too)."""
+    data = _images(20, 1.0, seed=2)
+    runs: collections.Counter[bytes] = collections.Counter()
+    run = ort.InferenceSession.run
+
+    def counting(self, names, feeds, options=None):
+        if self.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+            runs[feeds["image"].tobytes()] += 1
+        return run(self, names, feeds, options)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", counting)
+    result = optcc.optimize(str(TINYCNN), int8_calibration=data, int8_options={"require_speedup": False})
+    monkeypatch.undo()
+    (int8,) = [p for p in result.report.passes if "fallback" in p.stats]
+    assert int8.status == "changed" and int8.stats["bias_correction"]["kept"]
+    assert int8.stats["fallback"]["confirmation"] == {"samples": 20, "float_layers_found": 0, "passed": True}
+    assert result.report.verification["status"] == "passed"
+    held = int8.stats["acceptance"]["held_out_samples"]
+    assert [runs[f["image"].tobytes()] for f in data] == [1] * (len(data) - held) + [2] * held
+    assert _sqnr_db(optcc.ir.load(result.model), data) >= TARGET_DB  # the test's own measure of what was judged

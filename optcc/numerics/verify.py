@@ -44,7 +44,10 @@ float32 original's own noise floor (``optcc.numerics.task``): the original is al
 the samples perturbed at their inputs' resolution, and each output's task metric (top-1,
 CTC decode, boxes, pooled embeddings and their ranking, next token; the rows of integer
 outputs such as decoded ids; SQNR over all samples otherwise) must deviate no more than
-the margin times that floor. Every other numerics compares integer outputs exactly.
+the margin times that floor. Every other numerics compares integer outputs exactly. A pass
+that judges its INT8 result on the verifier's samples has it run by ``Verifier.outputs``,
+which keeps the outputs, by the model's content digest, for the check of that very model:
+it runs once.
 
 KV-cache decoders are verified over a short decode (``optcc.numerics.decode``): each
 sample runs ``DECODE_STEPS`` steps, every model feeding its own ``present`` outputs back as
@@ -86,8 +89,9 @@ from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAW
                                  float_free_outputs, perturbation_draws, perturbation_roles, projected_outputs,
                                  sequence_outputs)
 from optcc.progress import Progress
-from optcc.runtime.session import HANDOVER_MIN_BYTES, first_line, make_session, resolve_providers, run, session_options
-from optcc.runtime.shared_weights import Serialized, light_proto, weighted_session
+from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, first_line, make_session, resolve_providers, run,
+                                   session_options)
+from optcc.runtime.shared_weights import Serialized, content_digest, light_proto, release_memory, weighted_session
 
 __all__ = ["DEFAULT_SAMPLES", "REFERENCES", "Verification", "Verifier", "verify"]
 
@@ -280,6 +284,7 @@ class Verifier:
         self._names: list[str] = []
         self._error: str | None = None
         self._float64: dict[tuple[int, ...], Float64Reference] = {}  # by the samples' positions
+        self._kept: _KeptOutputs | None = None  # the last INT8 candidate a pass had run (``outputs``)
 
     @property
     def _model(self) -> ir.Model:
@@ -554,27 +559,30 @@ class Verifier:
         metrics: list[OutputMetrics] = []
         with Progress("verifying", len(self.providers) * len(feeds), enabled=self._progress) as bar:
             for provider in self.providers:
-                try:
-                    # a lossy candidate's kernels may widen its stored weights on every run (float16
-                    # on CPU, dequantized weights): without the arena that memory is returned
-                    # an INT8 candidate runs as its users run it: onnxruntime fuses its QDQ pairs
-                    # into the integer kernels the INT8 pass judged (``optcc.quant.fallback``)
-                    as_users_run = {"optimize": "all", "prepack": True} if numerics == "int8" else {}
-                    session = self._session(source, provider, arena=numerics in ("exact", "fusion"), **as_users_run)
-                except Exception as e:  # noqa: BLE001
-                    reason = f"onnxruntime cannot load the optimized model: {first_line(e)}"
-                    return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
-                candidate_names = [o.name for o in session.get_outputs()]
+                session = None
+                kept = self._kept_cases(model, provider, positions) if numerics == "int8" else None
+                if kept is not None:  # a pass had this very model run on these samples (``outputs``)
+                    candidate_names, got_all = kept
+                else:
+                    try:
+                        session = self._candidate_session(source, provider, numerics)
+                    except Exception as e:  # noqa: BLE001
+                        reason = f"onnxruntime cannot load the optimized model: {first_line(e)}"
+                        return Verification(status="failed", outputs=metrics, reason=reason, reference=reference,
+                                            **base)
+                    candidate_names = [o.name for o in session.get_outputs()]
                 if candidate_names != self._names:
                     reason = f"outputs {candidate_names} != original {self._names}"
                     return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
-                try:
-                    got_all = self._cases(session, feeds)
-                except Exception as e:  # noqa: BLE001
-                    reason = f"onnxruntime cannot run the optimized model: {first_line(e)}"
-                    return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
+                if session is not None:
+                    try:
+                        got_all = self._cases(session, feeds)
+                    except Exception as e:  # noqa: BLE001
+                        reason = f"onnxruntime cannot run the optimized model: {first_line(e)}"
+                        return Verification(status="failed", outputs=metrics, reason=reason, reference=reference,
+                                            **base)
                 bar.advance(len(feeds))
-                if self._plan is not None and numerics not in ("exact", "fusion"):
+                if self._plan is not None and numerics not in ("exact", "fusion") and session is not None:
                     free[provider] = self._free_running(session, float32[provider])
                 if numerics in ("fp16", "int8"):
                     got_all = [widen_float16(outs, float32[provider][0]) for outs in got_all]
@@ -625,6 +633,51 @@ class Verifier:
                             else None,
                             notes=self.notes() + (_few_items(verdicts.get(self.providers[0])) if by_task else []),
                             free_running=free or None, **base)
+
+    def _candidate_session(self, source: Any, provider: str, numerics: Numerics) -> Any:
+        """The session ``check`` runs a ``numerics`` candidate (``source``: ``_source``'s) in."""
+        # a lossy candidate's kernels may widen its stored weights on every run (float16
+        # on CPU, dequantized weights): without the arena that memory is returned
+        # an INT8 candidate runs as its users run it: onnxruntime fuses its QDQ pairs
+        # into the integer kernels the INT8 pass judged (``optcc.quant.fallback``)
+        as_users_run = {"optimize": "all", "prepack": True} if numerics == "int8" else {}
+        return self._session(source, provider, arena=numerics in ("exact", "fusion"), **as_users_run)
+
+    def outputs(self, model: ir.Model, positions: Sequence[int], provider: str = CPU) -> dict[str, list[np.ndarray]]:
+        """An INT8 candidate's outputs by name on the samples at ``positions`` (in ``feeds``),
+        run as ``check`` runs it. The last model asked about keeps its outputs, by its
+        ``content_digest``, until another is asked about or the next INT8 check on
+        ``provider``, which uses them when it judges that very model: a pass that judges its
+        result on the verifier's samples (the INT8 pass's confirmation) and the verification
+        of that result run it once. Not for a KV-cache decoder."""
+        digest = content_digest(model)
+        if self._kept is None or (self._kept.digest, self._kept.provider) != (digest, provider):
+            self._kept = _KeptOutputs(digest, provider, [], {})
+        kept = self._kept
+        missing = [p for p in dict.fromkeys(positions) if p not in kept.cases]
+        if missing:
+            session = self._candidate_session(self._source(model), provider, "int8")
+            kept.names = [o.name for o in session.get_outputs()]
+            for position, outs in zip(missing, self._cases(session, [self.feeds[p] for p in missing])):
+                kept.cases[position] = outs
+            del session
+            release_memory()
+        names = kept.names if self._stream is None else stream_names(kept.names, self._stream)
+        return {name: [kept.cases[p][i] for p in positions] for i, name in enumerate(names)}
+
+    def _kept_cases(self, model: ir.Model, provider: str,
+                    positions: Sequence[int]) -> tuple[list[str], list[list[np.ndarray]]] | None:
+        """``model``'s output names and cases at ``positions`` on ``provider`` when ``outputs``
+        kept them all for this very model; else None. What was kept is released: an INT8
+        check is the last use of the outputs a pass had made for it."""
+        kept = self._kept
+        if kept is None or kept.provider != provider:
+            return None
+        self._kept = None
+        if self._plan is not None or any(p not in kept.cases for p in positions) \
+                or kept.digest != content_digest(model):
+            return None
+        return kept.names, [kept.cases[p] for p in positions]
 
     def _free_running(self, session: Any, reference: Sequence[Sequence[np.ndarray]]) -> dict[str, Any]:
         """The candidate's own greedy decode from each sample against the original's
@@ -789,6 +842,17 @@ class Verifier:
             noise = [alternate[i][index] for i in positions]
             result = compare_outputs(name, provider, originals, gots, tolerance, noise, resolution=resolution)
         return result, f"float32 original (float64 unavailable: {reference.reason})"
+
+
+@dataclasses.dataclass
+class _KeptOutputs:
+    """One candidate's outputs kept by ``Verifier.outputs``: its digest, the provider, its
+    output names, and its outputs by sample position."""
+
+    digest: str
+    provider: str
+    names: list[str]
+    cases: dict[int, list[np.ndarray]]
 
 
 def _num(value: Any) -> str:

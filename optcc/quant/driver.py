@@ -210,6 +210,8 @@ class Int8Options:
     smooth: bool = False
     method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     judge: Callable[[], TaskJudge | None] | None = dataclasses.field(default=None, compare=False)
+    outputs: Callable[[ir.Model, Sequence[int]], Mapping[str, Sequence[Any]]] | None = dataclasses.field(
+        default=None, compare=False)
 
     @classmethod
     def of(cls, options: Int8Options | None = None, **fields: Any) -> Int8Options:
@@ -322,6 +324,10 @@ def quantize_int8(
     result is confirmed on that judge before it is accepted; when it misses there, more
     layers return to float until it passes (``fallback``'s ``confirm``;
     ``stats["fallback"]["confirmation"]``).
+    ``outputs``: with that judge, runs a candidate on the samples at the given positions
+    as the verification runs it and returns its outputs by name (``optcc.Verifier.outputs``,
+    which keeps them for its check of that model): the confirmation takes the candidate's
+    outputs from it, so the verification does not run the model it confirmed again.
 
     ``stats``: method, seconds (wall time per phase: prepare, calibrate, quantize,
     speed_check, fallback or evaluate, report), calibration (samples, cache), ranges (per tensor), pass stats
@@ -406,7 +412,9 @@ def quantize_int8(
         o = dataclasses.replace(o, target=dataclasses.replace(o.target, judge=judge))
         if every is not None and judged is not samples:
             # the final verification judges every sample: the fallback's result must pass there too
-            confirm = Confirmation(samples, dataclasses.replace(o.target, judge=every), every.reference)
+            share = o.outputs  # the verification's runs of a candidate, shared with it
+            confirm = Confirmation(samples, dataclasses.replace(o.target, judge=every), every.reference,
+                                   outputs=None if share is None else lambda m: share(m, range(len(samples))))
         stats["acceptance"] = {"metrics": judge.metric_names(), "margin": o.metric_margin,
                                "metric_target": o.metric_target, "perturbation": dict(judge.perturbation),
                                "floor": judge.floor, "floor_draws": judge.draw_count,

@@ -283,17 +283,21 @@ def model_outputs(model: ir.Model, samples: Sequence[Feeds]) -> dict[str, list[n
 
 def evaluate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds],
              target: Target = Target(), *, optimized: bool = True,
-             reference_outputs: _Outputs | Mapping[str, Sequence[np.ndarray]] | None = None) -> Evaluation:
+             reference_outputs: _Outputs | Mapping[str, Sequence[np.ndarray]] | None = None,
+             candidate_outputs: Mapping[str, Sequence[np.ndarray]] | None = None) -> Evaluation:
     """Compare the candidate's graph outputs with the float reference's on ``samples``, and
-    a streaming model's answers on its second step (``reference_outputs``: the reference's,
-    when already computed on them, as ``model_outputs`` returns them)."""
+    a streaming model's answers on its second step (``reference_outputs`` and
+    ``candidate_outputs``: theirs, when already computed on them, as ``model_outputs``
+    returns them; the candidate's as ``optimized`` asks)."""
     stream = stream_plan(reference)
     names = [v.name for v in reference.graph.outputs]
     names = names if stream is None else stream_names(names, stream)
     if isinstance(reference_outputs, Mapping):
         reference_outputs = _Outputs.of(reference_outputs)
     ref = reference_outputs if reference_outputs is not None else _Outputs(reference, samples, False, stream=stream)
-    return _compare(ref, _Outputs(candidate, samples, optimized, stream=stream), names, target)
+    got = _Outputs.of(candidate_outputs) if candidate_outputs is not None \
+        else _Outputs(candidate, samples, optimized, stream=stream)
+    return _compare(ref, got, names, target)
 
 
 def shortfall(evaluation: Evaluation) -> float:
@@ -899,11 +903,15 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
 @dataclasses.dataclass(frozen=True)
 class Confirmation:
     """A wider judgement of the fallback's result (``fallback``'s ``confirm``): its samples,
-    the target that judges them, and the float model's outputs on them by name."""
+    the target that judges them, the float model's outputs on them by name, and where
+    given, what runs a candidate on them for that judgement (its outputs by name, run as
+    ``evaluate`` runs them: the later check's own runs, which it then reuses)."""
 
     samples: Sequence[Feeds]
     target: Target
     reference_outputs: Mapping[str, Sequence[np.ndarray]]
+    outputs: Callable[[ir.Model], Mapping[str, Sequence[np.ndarray]]] | None = dataclasses.field(
+        default=None, compare=False, repr=False)
 
 
 def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats: dict[str, Any],
@@ -916,7 +924,8 @@ def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats
     ``confirm`` accepts."""
     ref_outputs = _Outputs.of(confirm.reference_outputs)
     found = len(report.get("kept_float", []))
-    evaluation = evaluate(reference, model, confirm.samples, confirm.target, reference_outputs=ref_outputs)
+    evaluation = evaluate(reference, model, confirm.samples, confirm.target, reference_outputs=ref_outputs,
+                          candidate_outputs=None if confirm.outputs is None else confirm.outputs(model))
     report["confirmation"] = {"samples": len(confirm.samples), "float_layers_found": found,
                               "passed": evaluation.passed}
     if evaluation.passed:

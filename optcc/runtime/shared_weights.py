@@ -11,6 +11,9 @@ the weights' bytes in a protobuf nor its serialized string are ever made: a prob
 what a session of the full proto computes (the same initializers, the same kernels); it
 keeps the arrays alive as long as it lives.
 
+``content_digest(model)`` names what a session of ``model`` computes: a digest of that
+graph and those arrays, so that outputs computed once can be found again for the same model.
+
 ``release_memory()`` hands the C heap's free memory back to the system: a session's
 buffers, once freed, stay in glibc's heap (a BERT-base session leaves ~0.5 GB there), so
 without it a process's memory only grows from one large session to the next.
@@ -22,6 +25,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import functools
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -35,8 +39,8 @@ from optcc import ir as oir
 from optcc.ir.saving import external_tensors_in_memory, initializers_set_aside
 from optcc.runtime.providers import provider_entry
 
-__all__ = ["MIN_SHARED_BYTES", "Serialized", "light_proto", "mark_external", "shareable", "weighted_session",
-           "release_memory"]
+__all__ = ["MIN_SHARED_BYTES", "Serialized", "content_digest", "light_proto", "mark_external", "shareable",
+           "weighted_session", "release_memory"]
 
 MIN_SHARED_BYTES = 1024  # smaller initializers stay inside the proto
 INLINE_MAX_BYTES = 4 << 20  # weighted_session copies weights up to this many bytes in all into the proto
@@ -69,6 +73,20 @@ def light_proto(model: ir.Model, *, min_bytes: int = MIN_SHARED_BYTES,
         if init.name in weights:
             mark_external(init, shapes[init.name], int(weights[init.name].nbytes))
     return proto, weights
+
+
+def content_digest(model: ir.Model) -> str:
+    """A SHA-256 digest of everything a session reads of ``model``: its graph as
+    ``light_proto`` serializes it (the shareable initializers as placeholders naming their
+    type and shape) and those initializers' bytes, in name order. Two models with the same
+    digest run the same graph on the same weights."""
+    proto, weights = light_proto(model)
+    digest = hashlib.sha256(proto.SerializeToString(deterministic=True))
+    for name in sorted(weights):
+        array = np.ascontiguousarray(weights[name])
+        digest.update(f"\0{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

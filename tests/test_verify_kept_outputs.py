@@ -1,0 +1,79 @@
+"""An INT8 candidate a pass had the verifier run (``Verifier.outputs``) is not run again
+by the check of that very model, and only of that model: outputs are kept by the
+model's content digest. The expected SQNRs are numpy's, from the models' arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import optcc
+from optcc.numerics import Verifier
+
+SHAPE = (1, 3, 8, 8)
+
+
+def _scaled(factor: float) -> optcc.ir.Model:
+    """``y = x * factor``."""
+    proto = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1,3,8,8] x) => (float[1,3,8,8] y) {{
+            k = Constant <value = float {{{factor}}}> ()
+            y = Mul(x, k)
+        }}""")
+    return optcc.ir.load(proto)
+
+
+def _sqnr_db(factor: float, samples: list[dict[str, np.ndarray]]) -> float:
+    """SQNR of ``x * factor`` against ``x * 2`` over every sample, in float64."""
+    ref = np.concatenate([2.0 * s["x"].astype(np.float64).ravel() for s in samples])
+    noise = np.sum((ref - factor * np.concatenate([s["x"].astype(np.float64).ravel() for s in samples])) ** 2)
+    return float(10 * np.log10(np.sum(ref**2) / noise))
+
+
+@pytest.fixture
+def optimized_runs(monkeypatch) -> list[int]:
+    """How many times onnxruntime ran a session with all its optimizations (an INT8
+    candidate as the verifier runs it; the original runs as written)."""
+    runs: list[int] = []
+    run = ort.InferenceSession.run
+
+    def counting(self, names, feeds, options=None):
+        if self.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+            runs.append(1)
+        return run(self, names, feeds, options)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", counting)
+    return runs
+
+
+def test_the_check_of_the_model_a_pass_had_run_runs_it_no_more(optimized_runs: list[int]) -> None:
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.uniform(0.1, 1.0, SHAPE).astype(np.float32)} for _ in range(4)]
+    candidate = _scaled(1.9)
+    with Verifier(_scaled(2.0), inputs=samples, providers=["cpu"]) as verifier:
+        held = verifier.outputs(candidate, [2, 3])
+        every = verifier.outputs(candidate, range(4))  # the held-out ones are not run again
+        assert len(optimized_runs) == 4
+        np.testing.assert_allclose(every["y"][3], held["y"][1])
+        np.testing.assert_allclose(every["y"][0], samples[0]["x"] * np.float32(1.9), rtol=1e-6)
+        check = verifier.check(_scaled(1.9), "int8")  # another copy of the same model: the same digest
+        assert len(optimized_runs) == 4
+        again = verifier.check(candidate, "int8")  # what was kept served one check
+        assert len(optimized_runs) == 8
+    for result in (check, again):
+        (metrics,) = result.outputs
+        assert metrics.sqnr_db == pytest.approx(_sqnr_db(1.9, samples), abs=0.01)
+
+
+def test_a_check_of_another_model_runs_that_model(optimized_runs: list[int]) -> None:
+    rng = np.random.default_rng(1)
+    samples = [{"x": rng.uniform(0.1, 1.0, SHAPE).astype(np.float32)} for _ in range(3)]
+    with Verifier(_scaled(2.0), inputs=samples, providers=["cpu"]) as verifier:
+        verifier.outputs(_scaled(1.9), range(3))
+        check = verifier.check(_scaled(2.5), "int8")
+    assert len(optimized_runs) == 6
+    (metrics,) = check.outputs
+    assert metrics.sqnr_db == pytest.approx(_sqnr_db(2.5, samples), abs=0.01)
