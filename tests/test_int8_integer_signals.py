@@ -11,7 +11,7 @@ import onnx.helper as oh
 import onnx.numpy_helper as nh
 from onnx import TensorProto as TP
 
-from optcc.numerics.task import perturb
+from optcc.numerics.task import perturb, perturbation_roles
 from optcc.quant.driver import quantize_int8
 
 FRAME = 160  # samples per frame: 10 ms at 16 kHz
@@ -44,6 +44,32 @@ def test_ids_and_other_integers_are_left_alone():
     moved, how = perturb(feeds, seed=2, ids={"ids16"})
     for name, a in feeds.items():
         assert np.array_equal(moved[name], a) and moved[name].dtype == a.dtype, name
+    assert how == {}
+
+
+def test_uint8_pictures_move_one_grey_level_held_within_0_255():
+    rng = np.random.default_rng(3)
+    nchw = rng.integers(1, 255, (2, 3, 16, 12)).astype(np.uint8)
+    nchw[0, 0, 0, :2] = [0, 255]
+    nhwc = rng.integers(1, 255, (1, 10, 9, 3)).astype(np.uint8)
+    moved, how = perturb({"nchw": nchw, "nhwc": nhwc}, seed=5)
+    for name, a in (("nchw", nchw), ("nhwc", nhwc)):
+        assert moved[name].dtype == np.uint8
+        step = moved[name].astype(np.int64) - a.astype(np.int64)
+        inside = (a > 0) & (a < 255)
+        assert np.array_equal(np.abs(step[inside]), np.ones(int(inside.sum()), np.int64))  # one grey level
+        assert set(np.unique(step[~inside]).tolist()) <= {-1, 0, 1}  # at 0 or 255: held there, or moved inwards
+        assert (step > 0).any() and (step < 0).any()
+        assert how[name] == "+-1 grey level (8-bit image)"
+
+
+def test_uint8_masks_and_non_pictures_stay():
+    rng = np.random.default_rng(4)
+    mask = rng.integers(0, 2, (1, 1, 16, 16)).astype(np.uint8)  # picture-shaped, but a mask
+    rows = rng.integers(0, 255, (1, 16, 16)).astype(np.uint8)  # 3-D: no channel axis
+    roles = {"mask": "mask", "rows": "plain", "ids": "index"}
+    moved, how = perturb({"mask": mask, "rows": rows}, seed=6, **perturbation_roles(roles))
+    assert np.array_equal(moved["mask"], mask) and np.array_equal(moved["rows"], rows)
     assert how == {}
 
 

@@ -95,9 +95,10 @@ ids, counts or flags fed as float: a model that truncates them to integers would
 ulp below ``k`` as ``k - 1``, a floor made of changed inputs rather than noise). A 16-bit
 integer input (``int16``/``uint16``: a signal sampled so, as 16-bit PCM audio) moves by
 one step of its dtype, +-1 LSB, held at the dtype's limits, unless it indexes a table
-(``ids``: token ids, positions, as ``input_roles`` finds them). Other integer inputs
-(ids, indices, lengths, masks, flags) are left alone: their values are identities, and
-one step would name another token or change a count, not add noise.
+(``ids``: token ids, positions, masks, as ``input_roles`` finds them); so does a uint8
+picture (image-like as above, fed as its 8-bit pixels): +-1, one grey level. Other
+integer inputs (ids, indices, lengths, masks, flags) are left alone: their values are
+identities, and one step would name another token or change a count, not add noise.
 
 **Several draws.** ``TaskJudge(draws=[...])`` takes the float model's outputs under more
 independent perturbations (``perturbation_draws``: draw ``d`` of sample ``i`` seeded
@@ -445,8 +446,9 @@ def choose_metric(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
 
 
 def _image_like(a: np.ndarray) -> int | None:
-    """The channel axis of an image-like array (see the module doc), else None."""
-    if a.ndim != 4 or not np.issubdtype(a.dtype, np.floating):
+    """The channel axis of an image-like array (see the module doc): float, or uint8 (a
+    picture fed as its 8-bit pixels); else None."""
+    if a.ndim != 4 or not (np.issubdtype(a.dtype, np.floating) or a.dtype == np.uint8):
         return None
     if 1 <= a.shape[1] <= 4 and min(a.shape[2:]) >= 8:
         return 1
@@ -467,17 +469,19 @@ def perturb(feeds: Mapping[str, np.ndarray], seed: int | Sequence[int] = _SEED, 
     few heads or unit axes could pass for channels) move by one ulp whatever their shape;
     integer inputs named in ``ids`` (those that index a table: token ids, positions) are
     left alone whatever their dtype, the others move by +-1 when their dtype is a 16-bit
-    signal's (``SIGNAL_INTEGERS``)."""
+    signal's (``SIGNAL_INTEGERS``) or when they are an 8-bit picture (uint8, image-like:
+    one grey level)."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     how: dict[str, str] = {}
     for name in sorted(feeds):
         a = np.asarray(feeds[name])
-        if a.dtype.type in SIGNAL_INTEGERS and a.size and name not in ids:
+        picture = a.dtype == np.uint8 and name not in not_images and _image_like(a) is not None
+        if (a.dtype.type in SIGNAL_INTEGERS or picture) and a.size and name not in ids:
             limits = np.iinfo(a.dtype)
             step = rng.choice(np.array([-1, 1]), size=a.shape)
             out[name] = np.clip(a.astype(np.int64) + step, limits.min, limits.max).astype(a.dtype)
-            how[name] = "+-1 LSB (16-bit integer signal)"
+            how[name] = "+-1 grey level (8-bit image)" if picture else "+-1 LSB (16-bit integer signal)"
             continue
         if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
             out[name] = a
@@ -504,9 +508,10 @@ def perturb(feeds: Mapping[str, np.ndarray], seed: int | Sequence[int] = _SEED, 
 def perturbation_roles(roles: Mapping[str, str]) -> dict[str, set[str]]:
     """``perturb``'s ``not_images`` and ``ids`` from ``input_roles``' roles: a decoder's past
     caches and a stream's state move by one ulp (a value the model computed in float, as
-    exact as its dtype holds), inputs that index a table (ids, positions) stay."""
+    exact as its dtype holds), integer inputs that index a table (ids, positions) or mask
+    stay."""
     return {"not_images": {n for n, role in roles.items() if role in ("past", "state")},
-            "ids": {n for n, role in roles.items() if role in ("index", "position")}}
+            "ids": {n for n, role in roles.items() if role in ("index", "position", "mask")}}
 
 
 def perturbation_draws(samples: Sequence[Mapping[str, np.ndarray]], draws: int, not_images: Collection[str] = (),
