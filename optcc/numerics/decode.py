@@ -64,6 +64,11 @@ class DecodePlan:
     position: str | None
     logits: str | None  # the output whose last position's argmax is the next token
 
+    @property
+    def state_outputs(self) -> frozenset[str]:
+        """The outputs the next step takes back as its state (``past``) inputs."""
+        return frozenset(self.past_to_present.values())
+
 
 def decode_plan(model: ir.Model) -> DecodePlan | None:
     """The plan for a KV-cache decoder (past inputs matched to present outputs by the rest
@@ -101,8 +106,7 @@ def stream_plan(model: ir.Model) -> DecodePlan | None:
 
 def stream_names(names: Sequence[str], plan: DecodePlan) -> list[str]:
     """The names of ``streamed``'s outputs: ``names``, then each answer's second step."""
-    state = set(plan.past_to_present.values())
-    return [*names, *(SECOND_STEP.format(n) for n in names if n not in state)]
+    return [*names, *(SECOND_STEP.format(n) for n in names if n not in plan.state_outputs)]
 
 
 def streamed(run: Callable[[Feeds], Sequence[np.ndarray]], names: Sequence[str], plan: DecodePlan,
@@ -110,8 +114,7 @@ def streamed(run: Callable[[Feeds], Sequence[np.ndarray]], names: Sequence[str],
     """A streaming model's outputs on ``feeds`` (``names``, as ``run`` returns them), then
     its answers on the second step (``stream_names``, module doc)."""
     (first, second), _ = run_decode(run, names, plan, feeds, steps=STREAM_STEPS)
-    state = set(plan.past_to_present.values())
-    return [*first, *(out for name, out in zip(names, second) if name not in state)]
+    return [*first, *(out for name, out in zip(names, second) if name not in plan.state_outputs)]
 
 
 def _next_feeds(plan: DecodePlan, feeds: Feeds, outputs: Mapping[str, np.ndarray],

@@ -445,7 +445,7 @@ class Verifier:
         """The outputs the task judge sees: all but a decoder's caches, which are its state,
         not its answer (each decode step feeds a model its own, so their errors are judged
         where they show: in the later steps' logits)."""
-        state = set(self._plan.past_to_present.values()) if self._plan is not None else set()
+        state = self._plan.state_outputs if self._plan is not None else frozenset()
         return {name: values for name, values in self._by_name(cases).items() if name not in state}
 
     def task_judge(self, provider: str) -> TaskJudge:
@@ -467,7 +467,7 @@ class Verifier:
                               groups=self._groups if self._plan is None else None,
                               sequences=sequence_outputs(self._model), heads=projected_outputs(self._model),
                               exact=float_free_outputs(self._model),
-                              state=set(self._stream.past_to_present.values()) if self._stream is not None else (),
+                              state=self._stream.state_outputs if self._stream is not None else (),
                               **self._task)
             if self._plan is None and judge.wants_draws():  # float32's own errors excused, or a mean floor
                 more, _ = perturbation_draws(self.feeds, FLOOR_DRAWS, first=1, **moving)

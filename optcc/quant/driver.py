@@ -120,7 +120,7 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
     perturbed = {name: values[len(held):] for name, values in both.items()}
     judge = TaskJudge(reference, perturbed, metric, margin, metric_target, min_sqnr_db, how, groups=groups,
                       sequences=sequence_outputs(model), heads=projected_outputs(model), exact=float_free_outputs(model),
-                      state=set(stream.past_to_present.values()) if stream is not None else ())
+                      state=stream.state_outputs if stream is not None else ())
     if draws < 2 or not judge.wants_draws():
         return judge
     more, _ = perturbation_draws(held, draws, first=1, **moving)
