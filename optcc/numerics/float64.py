@@ -399,11 +399,12 @@ class Float64Reference:
             evaluator = ReferenceEvaluator(model64, new_ops=_kernels(_opset(proto)))
         except Exception as e:  # noqa: BLE001
             return cls(None, None, f"onnx's reference evaluator cannot load the model: {first_line(e)}")
-        problem = _check_nodes(proto, evaluator, values)
+        # one schedule for the check and the evaluation: model64 has proto's nodes, in order
+        releases = _releases(proto.graph, names)
+        problem = _check_nodes(proto, evaluator, values, releases)
         del values  # the probe's float32 intermediates: none is read again
         if problem:
             return cls(None, None, problem)
-        releases = _releases(model64.graph, names)
         try:
             outs = [dict(zip(names, (np.asarray(o) for o in _evaluate(evaluator, releases, names, f))))
                     for f in feeds64]
@@ -511,13 +512,14 @@ def _input_scale(args: Sequence[Any]) -> float:
     return max(scales, default=0.0)
 
 
-def _check_nodes(proto: onnx.ModelProto, evaluator: ReferenceEvaluator, values: dict[str, Any]) -> str | None:
+def _check_nodes(proto: onnx.ModelProto, evaluator: ReferenceEvaluator, values: dict[str, Any],
+                 releases: Sequence[Sequence[str]]) -> str | None:
     """None when every main-graph node of the evaluator, fed onnxruntime's float32 inputs
     ``values``, reproduces onnxruntime's float32 outputs within one op's rounding; else the
     first that does not. Each value is dropped from ``values`` once the last node that
     reads or produces it is checked."""
     graph = proto.graph
-    for node, op, done in zip(graph.node, evaluator.rt_nodes_, _releases(graph, ()), strict=True):
+    for node, op, done in zip(graph.node, evaluator.rt_nodes_, releases, strict=True):
         try:
             args = [_as64(values[name]) if name else None for name in node.input]
             while args and args[-1] is None:
