@@ -92,6 +92,7 @@ class OutputMetrics:
     argmax_agreement: float | None = None
     original_max_rel: float | None = None
     elements_over: int | None = None
+    allowance_used: float | None = None
     problem: str | None = None
     # positions (in the samples compared) of the samples with an element beyond the tolerance
     samples_over: tuple[int, ...] = ()
@@ -164,7 +165,7 @@ def compare_outputs(
         originals = None if originals is None else [originals]  # type: ignore[list-item]
         alternates = None if alternates is None else [alternates]  # type: ignore[list-item]
     metrics = OutputMetrics(name=name, provider=provider, passed=False)
-    worst_rel = worst_abs = original_rel = 0.0
+    worst_rel = worst_abs = original_rel = used = 0.0
     over = 0
     samples_over: list[int] = []
     signal = noise = dot = norm_r = norm_g = 0.0
@@ -202,6 +203,8 @@ def compare_outputs(
                     own = np.maximum(own, np.minimum(np.nan_to_num(other, nan=0.0), own.max()))
                 allowed = np.maximum(allowed, ORIGINAL_ERROR_FACTOR * own)
             sample_over = int(np.count_nonzero(err > allowed))
+            share = np.divide(err, allowed, out=np.where(err > 0, math.inf, 0.0), where=allowed > 0)
+            used = max(used, float(share.max()))
             over += sample_over
             if sample_over:
                 samples_over.append(i)
@@ -227,6 +230,7 @@ def compare_outputs(
         metrics.original_max_rel = original_rel
     if tolerance.max_rel is not None:
         metrics.elements_over = over
+        metrics.allowance_used = used
         metrics.samples_over = tuple(samples_over)
     metrics.passed, metrics.problem = _meets(metrics, tolerance, per_element=originals is not None)
     return metrics

@@ -84,7 +84,7 @@ from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
 from optcc.numerics.inputs import (DEFAULT_DYNAMIC_DIM, RETRY_SIZES, UngeneratedInputError, check_feeds,
                                    generate_inputs, input_roles, sizes_text)
 from optcc.numerics.kinds import Numerics
-from optcc.numerics.metrics import SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
+from optcc.numerics.metrics import ORIGINAL_ERROR_FACTOR, SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, TaskJudge, UserMetric,
                                  float_free_outputs, perturbation_draws, perturbation_roles, projected_outputs,
                                  sequence_outputs)
@@ -167,6 +167,10 @@ class Verification:
                     # passed per element within an absolute allowance (a bounded kernel's
                     # resolution, the original's own error) on a sample of small values
                     bits.append(f"max abs {worst.max_abs:.3g}")
+                    if worst.allowance_used is not None:
+                        bits.append(f"each element within its allowance (at most {worst.allowance_used:.0%} of it; "
+                                    f"{self.tolerance.max_rel:g} of the scale, or the kernel's resolution or "
+                                    f"{ORIGINAL_ERROR_FACTOR:g}x the float32 original's own error where larger)")
             if worst.sqnr_db is not None and self.numerics in ("fp16", "int8"):
                 bits.append(f"SQNR {worst.sqnr_db:.1f} dB")
             text += ": " + ", ".join(bits)
