@@ -281,7 +281,7 @@ def optcc_weights(src: str, dst: str, calibration: list[dict[str, np.ndarray]], 
 def optcc_dynamic(src: str, dst: str) -> str:
     result = QuantizeDynamicPass(count_fused=False)(optcc.ir.load(src))
     optcc.ir.save(result.model, dst)
-    return f"{result.stats['quantized']} MatMuls"
+    return ", ".join(f"{result.stats[op]} {op}" for op in ("MatMul", "Gemm", "Gather") if result.stats.get(op))
 
 
 def ort_nbits(src: str, dst: str, block_size: int, symmetric: bool, bits: int = 4) -> str:
