@@ -52,6 +52,9 @@ Values, per input, first rule that applies:
   peaking half way to its limit (16384 for int16). Its role goes before the masks by use
   (a waveform is cast to float and scaled, as a mask is applied), not before the masks
   by name;
+- uint8 pictures (rank 4 with 1, 3 or 4 channels on axis 1 or 3, not named a mask): the
+  same smooth random image in grey levels ``0..255``. Their role goes before the masks by
+  use (pixels are cast to float and scaled, as a mask is applied);
 - other floats standard-normal; other integers uniform in ``[0, 4)``; booleans 0/1.
 
 KV-cache decoders (an input named ``past_key_values.*`` or ``past_*`` and an output whose
@@ -72,7 +75,7 @@ input in graph order, so the feeds are a function of the model, the options and 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -102,6 +105,7 @@ DEFAULT_SAMPLE_RATE = 16000
 _SAMPLE_RATE_NAMES = frozenset({"sr", "sample_rate", "sampling_rate"})
 # integer dtypes a waveform is sampled in (16-bit PCM; ``optcc.numerics.task.SIGNAL_INTEGERS``)
 _PCM = frozenset({ir.DataType.INT16, ir.DataType.UINT16})
+_PIXEL_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: the channels of a picture fed as uint8
 _INDEX_PASSTHROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
 _MASK_PASSTHROUGH = frozenset({"Unsqueeze", "Reshape", "Expand", "Squeeze", "Identity"})
 _POSITION_PASSTHROUGH = frozenset({"Unsqueeze", "Reshape", "Expand", "Squeeze", "Identity", "Transpose"})
@@ -421,6 +425,10 @@ def _role(value: ir.Value, kv: bool, state: bool = False) -> str:
     # shape go before the mask guess by use
     if dtype in _PCM and _signal_axis(value) is not None and _index_bound(value) is None:
         return "audio"
+    # 8-bit pixels are cast to float and scaled, as a mask is applied: a picture's dtype
+    # and shape go before the mask guess by use
+    if dtype == ir.DataType.UINT8 and _channel_axis(value, _PIXEL_CHANNELS) is not None:
+        return "image"
     # by use only from rank 2 on: a (batch, length) mask or wider, not a cast scalar
     if numeric_or_bool and not dtype.is_floating_point() and (rank or 0) >= 2 and _used_as_mask(value):
         return "mask"
@@ -429,12 +437,18 @@ def _role(value: ir.Value, kv: bool, state: bool = False) -> str:
             return "position"
         if _index_bound(value) is not None:
             return "index"
-    if dtype.is_floating_point() and rank == 4 and value.shape is not None:
-        if any(_is_static(value.shape[a]) and int(value.shape[a]) in (1, 3) for a in (1, 3)):
-            return "image"
+    if dtype.is_floating_point() and _channel_axis(value, (1, 3)) is not None:
+        return "image"
     if dtype.is_floating_point() and _signal_axis(value) is not None:
         return "audio"
     return "plain"
+
+
+def _channel_axis(value: ir.Value, channels: Collection[int]) -> int | None:
+    """Axis 1 or 3 of a rank-4 input when its static size is one of ``channels``."""
+    if value.shape is None or value.shape.rank() != 4:
+        return None
+    return next((a for a in (1, 3) if _is_static(value.shape[a]) and int(value.shape[a]) in channels), None)
 
 
 def _signal_axis(value: ir.Value, sizes: Sequence[int] | None = None) -> int | None:
@@ -694,11 +708,13 @@ def _random_array(
             middle = (int(info.min) + int(info.max) + 1) // 2
             return np.round(middle + speech * (int(info.max) - middle)).astype(np_dtype)
         return speech.astype(np_dtype)
+    if role == "image" and dtype.is_integer():  # 8-bit pixels: the same picture in grey levels
+        return np.round((_image(shape, rng) + 1.0) * 127.5).astype(np_dtype)
+    if role == "image":
+        return _image(shape, rng).astype(np_dtype)
     if dtype.is_integer():
         high = _index_bound(value) if role == "index" else None
         return rng.integers(0, high or 4, shape).astype(np_dtype)
-    if role == "image":
-        return _image(shape, rng).astype(np_dtype)
     return np.asarray(rng.standard_normal(shape)).astype(np_dtype)
 
 
@@ -716,7 +732,7 @@ def _mask(shape: tuple[int, ...], *, all_ones: bool, rng: np.random.Generator) -
 def _image(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """A smooth random image in [-1, 1]: coarse uniform values repeated over blocks of
     up to 8x8 pixels, plus a little fine noise."""
-    channels_last = shape[1] not in (1, 3) and shape[3] in (1, 3)
+    channels_last = shape[1] not in (1, 3) and shape[3] in _PIXEL_CHANNELS
     n, c, h, w = (shape[0], shape[3], shape[1], shape[2]) if channels_last else shape
     block = 8
     coarse = rng.uniform(0.0, 1.0, (n, c, -(-h // block) if h else 0, -(-w // block) if w else 0))
