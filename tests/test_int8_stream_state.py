@@ -102,6 +102,14 @@ def test_names_without_a_state_word_or_shapes_that_differ_are_no_pair():
     assert state_pairs(_io_model([("in_cache", TP.FLOAT, [1, 8])], [("out_cache", TP.FLOAT, [1, 9])])) == {}
     assert state_pairs(_io_model([("state_in", TP.INT64, [1, 8])], [("state_out", TP.INT64, [1, 8])])) == {}
     assert state_pairs(_io_model([("h", TP.FLOAT, [1, 8])], [("next_h", TP.FLOAT, [1, "n"])])) == {"h": "next_h"}
+    # camelCase words: Silero VAD's ``state`` comes back as ``stateN`` (N: new)
+    silero = [2, "batch", 128]
+    assert state_pairs(_io_model([("state", TP.FLOAT, silero)], [("stateN", TP.FLOAT, silero)])) == {"state": "stateN"}
+    assert state_pairs(_io_model([("hiddenIn", TP.FLOAT, [1, 8])], [("hiddenOut", TP.FLOAT, [1, 8])])) == \
+        {"hiddenIn": "hiddenOut"}
+    # the capital only separates words: ``staten`` is one word, no state's
+    assert state_pairs(_io_model([("state", TP.FLOAT, silero)], [("staten", TP.FLOAT, silero)])) == {}
+    assert state_pairs(_io_model([("imageIn", TP.FLOAT, [1, 8])], [("imageN", TP.FLOAT, [1, 8])])) == {}
     # two outputs could take the state back: neither is chosen
     assert state_pairs(_io_model([("cache", TP.FLOAT, [1, 8])],
                                  [("new_cache", TP.FLOAT, [1, 8]), ("cache_out", TP.FLOAT, [1, 8])])) == {}

@@ -7,9 +7,10 @@ conservatively: a pair is an input and an output
 
 - whose names are the same words once a word saying which side it is on is dropped from
   each: ``in``/``input``/``past``/``prev``/``previous``/``old`` on the input's side,
-  ``out``/``output``/``present``/``next``/``new`` on the output's (``in_cache0`` and
-  ``out_cache0``, ``state_in`` and ``state_out``, ``h`` and ``next_h``), words being the
-  name's runs of letters and of digits; at least one side word must be dropped, and the
+  ``out``/``output``/``present``/``next``/``new``/``n`` on the output's (``in_cache0``
+  and ``out_cache0``, ``state_in`` and ``state_out``, ``h`` and ``next_h``, ``state``
+  and ``stateN``), words being the name's runs of letters and of digits, a capital
+  letter after a small one starting a word; at least one side word must be dropped, and the
   words left must name a state (``STATE_WORDS``: state, cache, hidden, memory, h, c...),
   so an image-to-image model's ``input_image`` and ``output_image`` are no pair;
 - with the same floating-point dtype and rank, and dims that agree wherever both are
@@ -33,13 +34,13 @@ __all__ = ["STATE_WORDS", "state_pairs"]
 STATE_WORDS = frozenset({"state", "states", "cache", "caches", "hidden", "memory", "mem", "h", "c", "hx", "cx"})
 
 _INPUT_SIDE = frozenset({"in", "input", "past", "prev", "previous", "old"})
-_OUTPUT_SIDE = frozenset({"out", "output", "present", "next", "new"})
-_WORDS = re.compile(r"[a-z]+|[0-9]+")
+_OUTPUT_SIDE = frozenset({"out", "output", "present", "next", "new", "n"})
+_WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")
 
 
 def _key(name: str, side: frozenset[str]) -> tuple[tuple[str, ...], bool]:
     """The name's words without the words of ``side``, and whether one was dropped."""
-    words = _WORDS.findall(name.lower())
+    words = [w.lower() for w in _WORDS.findall(name)]
     kept = tuple(w for w in words if w not in side)
     return kept, len(kept) < len(words)
 
