@@ -85,3 +85,25 @@ def test_wide_convolutions_pay_and_overheads_do_not() -> None:
     assert wide["latency"]["fully_quantized"]["modelled_speedup"] > 1.5 and wide["modified"]
     _, tiny = quantize_int8(str(TINYCNN), _images(6), require_target=False)
     assert tiny["latency"]["fully_quantized"]["modelled_speedup"] < 1.1 and tiny["declined"] == "speed"
+
+
+def test_a_convolution_whose_relu_was_absorbed_keeps_its_multiply_accumulates() -> None:
+    """Quantization absorbs a Relu into the Conv's Q range and renames the Conv's output;
+    the graph output after its DQ keeps the calibrated name, so the MACs are counted."""
+    from optcc.infra.registry import create_pass
+    from optcc.quant.calibration import calibrate
+
+    model = _wide_conv()
+    relu = oh.make_node("Relu", ["y0"], ["y"], name="relu2")
+    proto = optcc.ir.serialize(model)
+    proto.graph.node[-1].output[0] = "y0"
+    proto.graph.node.append(relu)
+    float_model = optcc.ir.load(proto)
+    data = [{"x": np.random.default_rng(5).random((1, 3, 64, 64)).astype(np.float32)} for _ in range(2)]
+    calibration = calibrate(float_model, data, "minmax")
+    counts = cost_model.element_counts(calibration.stats)
+    quantized = create_pass("quantize-int8", ranges=calibration.ranges)(float_model.clone()).model
+    assert not any(n.op_type == "Relu" for n in quantized.graph)
+    macs = (27 + 64 * 9) * 64 * 64 * 64  # both convolutions: weights per output x outputs
+    assert cost_model.features(float_model, counts)[0]["float_macs"] == macs
+    assert cost_model.features(quantized, counts)[0]["int8_macs"] == macs

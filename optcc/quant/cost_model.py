@@ -101,13 +101,15 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
 
 
 class _Counts:
-    """Element count of a value, following Q/DQ back to the float tensor they carry."""
+    """Element count of a value, following Q/DQ back to the float tensor they carry, or
+    forward through its Q -> DQ to the float tensor it became (a Conv whose Relu the
+    quantization absorbed writes a new name; the graph output after its DQ keeps the old)."""
 
     def __init__(self, counts: Mapping[str, float]) -> None:
         self.counts = counts
 
     def __call__(self, value: ir.Value | None) -> float:
-        seen = 0
+        start, seen = value, 0
         while value is not None and seen < 4:
             if value.name in self.counts:
                 return float(self.counts[value.name])
@@ -116,9 +118,19 @@ class _Counts:
                 return float(c.size)
             producer = value.producer()
             if producer is None or producer.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-                return 0.0
+                break
             value = producer.inputs[0]
             seen += 1
+        return self._after(start)
+
+    def _after(self, value: ir.Value | None) -> float:
+        for use in [] if value is None else value.uses():
+            if use.node.op_type != "QuantizeLinear":
+                continue
+            for dq in use.node.outputs[0].uses():
+                name = dq.node.outputs[0].name if dq.node.op_type == "DequantizeLinear" else None
+                if name in self.counts:
+                    return float(self.counts[name])
         return 0.0
 
 
