@@ -38,6 +38,7 @@ from optcc.infra.registry import available_passes
 from optcc.inspect import format_inspection, inspect_model
 from optcc.numerics import TOLERANCES, SampleAxisWarning, load_npz_samples
 from optcc.numerics.task import DEFAULT_MARGIN, METRICS
+from optcc.quant.cost_model import CPU_CLASSES
 from optcc.quant.fallback import Target
 from optcc.version import __version__
 
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy", "mse"], default="minmax")
     g.add_argument("--no-int8-speed-check", action="store_true",
                    help="keep the INT8 model even when it is not faster than float32")
+    g.add_argument("--int8-cpu", choices=list(CPU_CLASSES), metavar="{" + ",".join(CPU_CLASSES) + "}",
+                   help="with --int8: the CPU class the speed decision is modelled for (default: this machine's, "
+                        "from its feature flags); docs/int8.md")
     g.add_argument("--int8-target-sqnr", type=float, default=25.0, metavar="DB",
                    help="INT8 accuracy target: SQNR in dB on every output, held-out samples (default 25)")
     g.add_argument("--calibration-cache", metavar="DIR",
@@ -320,7 +324,7 @@ def _check_flags(args: argparse.Namespace) -> None:
                  "--no-int8-speed-check": args.no_int8_speed_check,
                  "--calibration-cache": args.calibration_cache, "--int8-per-tensor": args.int8_per_tensor,
                  "--int8-activations": args.int8_activations != "uint8", "--int8-exclude": args.int8_exclude,
-                 "--no-int8-bias-correction": args.no_int8_bias_correction,
+                 "--no-int8-bias-correction": args.no_int8_bias_correction, "--int8-cpu": args.int8_cpu,
                  "--int8-metric-margin": args.int8_metric_margin is not None}
     for flag, given in int8_only.items():
         if given and not args.int8:
@@ -431,7 +435,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 fp16_keep_io=args.fp16_io == "float32",
                 int8_calibration=calibration,
                 int8_method=args.calibration_method,
-                int8_options={"require_speedup": not args.no_int8_speed_check,
+                int8_options={"require_speedup": not args.no_int8_speed_check, "cpu": args.int8_cpu,
                               "target": Target(min_sqnr_db=args.int8_target_sqnr),
                               "cache_dir": args.calibration_cache,
                               "per_channel": not args.int8_per_tensor,

@@ -189,6 +189,7 @@ class Report:
         for record in self.reverted():
             lines.append(f"  reverted {record.name}: {record.reason}")
         lines.extend(_layer_lines(self.layer_table(), top))
+        lines.extend(f"int8 speed: {r.stats['speed']}" for r in self.passes if isinstance(r.stats.get("speed"), str))
         if self.verification is not None:
             lines.append(f"verify: {self.verification['summary']}")
         lines.extend(f"warning: {w}" for w in self.warnings)

@@ -2,7 +2,7 @@
 model, task metrics and the accuracy-aware fallback."""
 
 from optcc.quant.calibration import METHODS, calibrate, collect_statistics_sharded
-from optcc.quant.cost_model import CostModel, compare_modelled
+from optcc.quant.cost_model import CPU_CLASSES, CostModel, compare_modelled, cpu_class
 from optcc.quant.driver import Int8Options, quantize_int8
 from optcc.quant.integer_range import MIN_WEIGHT_SCALE, WEIGHT_QMAX, symmetric_weight_scale
 from optcc.quant.fallback import Target, count_integer_nodes, quantization_ops, quantized_already
@@ -11,5 +11,5 @@ from optcc.quant import weight_only  # block-wise weight-only numerics (quantize
 
 __all__ = ["METHODS", "calibrate", "collect_statistics_sharded", "quantize_int8", "Int8Options", "Target", "count_integer_nodes",
            "quantization_ops", "quantized_already",
-           "CostModel", "compare_modelled", "METRICS", "TaskJudge", "weight_only", "WEIGHT_QMAX",
+           "CPU_CLASSES", "CostModel", "compare_modelled", "cpu_class", "METRICS", "TaskJudge", "weight_only", "WEIGHT_QMAX",
            "MIN_WEIGHT_SCALE", "symmetric_weight_scale"]

@@ -29,12 +29,23 @@ and Q/DQ kernels left on their own with the elements they convert. Element count
 the tensors come from calibration (mean elements per sample, ``CalibrationStats``), so
 no shape inference is needed and the model sees the shapes the data have.
 
-The constants (``CostModel``) were fitted once, by least squares on the log of the
-float32/INT8 latency ratio, to interleaved measurements on onnxruntime 1.2x CPU (MLAS,
-x86-64 AVX2, 2 threads) of ``fixtures/tinycnn.onnx`` and the corpus models YOLOv8 320n,
-PP-OCRv4 det and rec and PP-OCR mobile cls, each fully quantized and with Add/Mul/Concat
-kept float (modelled vs measured speedup: tinycnn 0.98 vs 0.95, cls 0.85 vs 0.75-0.80,
-320n 2.3 vs 1.6-2.6, rec 1.84 vs 1.86, det 2.06 vs 2.1-2.5). Only the ratio of the two
+The constants depend on the CPU: onnxruntime's integer kernels run about four times as
+many multiply-accumulates per second as its float ones on an x86-64 CPU with integer
+dot-product instructions (VNNI), and about as many on one without them. ``CPU_CLASSES``
+holds one ``CostModel`` per class; ``cpu_class`` picks the one asked for, or the class
+of this machine's CPU from its feature flags (``optcc.runtime.cpu``, never a timing).
+A CPU of no measured class (ARM, ...) gets ``DEFAULT_CPU_CLASS``, which says so.
+
+The constants were fitted by least squares on the log of the float32/INT8 latency ratio,
+to interleaved measurements on onnxruntime CPU (MLAS, 2 intra-op threads, default graph
+optimizations) of ``fixtures/tinycnn.onnx`` and corpus models, each fully quantized and
+with Add/Mul/Concat kept float: "x86-vnni" on onnxruntime 1.2x (modelled vs measured
+speedup: tinycnn 0.98 vs 0.95, PP-OCR cls 0.85 vs 0.75-0.80, YOLOv8 320n 2.3 vs 1.6-2.6,
+PP-OCRv4 rec 1.84 vs 1.86, det 2.06 vs 2.1-2.5); "x86-avx2" on onnxruntime 1.32 (AMD
+EPYC, AVX2), where only ``int8_macs`` was fitted and the other constants kept (freeing
+the integer bytes, the depthwise rate or the Q/DQ costs lowered the error by no more
+than the measurements' noise): ``benchmarks/fit_cost_model.py`` redoes the fit and
+docs/int8.md shows its table. Only the ratio of the two
 modelled times is used, so the decision does not depend on the machine's speed. The
 model is deliberately coarse: it exists to tell "INT8 pays off" (large convolutions
 and matrix products on 8 bits) from "INT8 costs more than it saves" (small models
@@ -45,14 +56,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from optcc import ir as oir
+from optcc.errors import BadInputError
+from optcc.runtime.cpu import CpuFeatures, this_cpu
 
-__all__ = ["CostModel", "Costs", "FEATURES", "features", "modelled_seconds", "compare_modelled", "element_counts"]
+__all__ = ["CostModel", "CPU_CLASSES", "DEFAULT_CPU_CLASS", "CpuClass", "class_of", "cpu_class", "Costs", "FEATURES",
+           "features", "modelled_seconds", "compare_modelled", "element_counts"]
 
 # ops onnxruntime turns into integer kernels when wrapped in DQ -> op -> Q
 _INTEGER = frozenset({"Conv", "MatMul", "Gemm", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat"})
@@ -75,6 +90,66 @@ class CostModel:
     int8_bytes: float = 1 / 9e9  # elements read and written by integer kernels (requantization included)
     boundary_kernels: float = 13e-6  # a Q or DQ that runs on its own
     boundary_elements: float = 1 / 2e9
+
+
+# The constants by CPU class (module doc): x86-64 with integer dot-product instructions
+# (AVX512-VNNI or AVX-VNNI), and x86-64 without them, where onnxruntime multiplies uint8 x
+# int8 with AVX2's pairwise products (or AVX-512's, without VNNI). They differ in the
+# integer MAC rate alone.
+CPU_CLASSES: Mapping[str, CostModel] = MappingProxyType({
+    "x86-vnni": CostModel(),
+    "x86-avx2": CostModel(int8_macs=1 / 26e9),
+})
+# A CPU that is not x86-64 (ARM, ...) is modelled as this class, which it was not measured on
+DEFAULT_CPU_CLASS = "x86-vnni"
+
+
+def class_of(cpu: CpuFeatures) -> str | None:
+    """The CPU class of ``cpu`` by its feature flags: "x86-vnni" or "x86-avx2" for x86-64,
+    None for a CPU of no measured class."""
+    if not cpu.x86:
+        return None
+    return "x86-vnni" if cpu.vnni else "x86-avx2"
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuClass:
+    """The CPU class whose constants decide, and how it was chosen: ``source`` is
+    "chosen" (by the caller), "detected" (this machine's CPU, by its feature flags) or
+    "default" (this machine's CPU is of no measured class: ``DEFAULT_CPU_CLASS``)."""
+
+    name: str
+    source: str
+    cpu: str = ""  # the machine's CPU as detected (architecture, model), when detected
+
+    @property
+    def constants(self) -> CostModel:
+        return CPU_CLASSES[self.name]
+
+    def describe(self) -> str:
+        """``x86-avx2 (this machine's CPU; --int8-cpu chooses another)`` and the like."""
+        other = "--int8-cpu or the INT8 option cpu chooses another"
+        if self.source == "chosen":
+            return f"{self.name} (chosen)"
+        if self.source == "detected":
+            return f"{self.name} (this machine's CPU; {other})"
+        return f"{self.name} (the default: this machine's CPU, {self.cpu}, was not measured; {other})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"class": self.name, "source": self.source, "cpu": self.cpu, "description": self.describe()}
+
+
+def cpu_class(choice: str | None = None, cpu: CpuFeatures | None = None) -> CpuClass:
+    """The class ``choice`` names (BadInputError when it names none of ``CPU_CLASSES``), or,
+    without one, the class of ``cpu`` (default: this machine's, by its feature flags)."""
+    if choice is not None:
+        if choice not in CPU_CLASSES:
+            raise BadInputError(f"unknown INT8 CPU class {choice!r} (use {', '.join(CPU_CLASSES)})")
+        return CpuClass(choice, "chosen")
+    cpu = this_cpu() if cpu is None else cpu
+    found = class_of(cpu)
+    label = " ".join(part for part in (cpu.machine, cpu.model) if part)
+    return CpuClass(found, "detected", label) if found is not None else CpuClass(DEFAULT_CPU_CLASS, "default", label)
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ from optcc.quant.bias_correction import FloatMeans, correct_biases
 from optcc.quant.calibration import CalibrationData, calibrate, load_samples, split_holdout
 from optcc.errors import BadInputError
 from optcc.infra.registry import create_pass
-from optcc.quant.cost_model import compare_modelled, element_counts
+from optcc.quant.cost_model import compare_modelled, cpu_class, element_counts
 from optcc.quant.fallback import (
     RANKING_SAMPLES,
     Confirmation,
@@ -196,6 +196,7 @@ class Int8Options:
     require_target: bool = True
     require_speedup: bool = True
     min_speedup: float = 1.1
+    cpu: str | None = None
     measure_latency: bool = False
     speed_threads: int = 2
     bias_correction: bool = True
@@ -268,8 +269,11 @@ def quantize_int8(
     - ``require_speedup``: INT8 must be at least ``min_speedup`` times faster than float32
       (1.1 by default) by ``optcc.quant.cost_model``, a deterministic model of
       onnxruntime CPU (integer kernels it fuses, float islands and Q/DQ boundaries left,
-      bytes moved), never by a clock: the same call gives the same decision on any
-      machine and under any load. Checked on the fully quantized model first (the fastest
+      bytes moved) for the CPU class ``cpu`` ("x86-vnni", "x86-avx2", ``CPU_CLASSES``;
+      default: the class of this machine's CPU by its feature flags, ``cpu_class``), never
+      by a clock: the same call gives the same decision under any load, and on any machine
+      of the same class (any machine at all, with ``cpu`` given); ``stats["latency"]["cpu"]``
+      names the class and how it was chosen. Checked on the fully quantized model first (the fastest
       INT8 variant: when even that is not faster, no fallback is attempted) and again on
       the model the fallback returns. ``measure_latency``: also time both models on
       onnxruntime (``speed_threads`` threads, interleaved) and report it in
@@ -336,6 +340,7 @@ def quantize_int8(
     size before/after (weight bytes), latency when measured.
     """
     o = Int8Options.of(options, **({"method": method} if method is not None else {}), **fields)
+    cpu = cpu_class(o.cpu)  # the CPU class the speed decision is modelled for
     loaded = oir.load(model)
     working = loaded.clone() if loaded is model else loaded
     untouched = loaded if loaded is model else loaded.clone()  # what a declined call returns
@@ -482,20 +487,23 @@ def quantize_int8(
     counts = element_counts(calibration.stats)
 
     def slower(candidate: ir.Model, key: str) -> str | None:
-        modelled = compare_modelled(float_model, candidate, counts)
+        modelled = compare_modelled(float_model, candidate, counts, cpu.constants)
         latency = stats.setdefault("latency", {})
         latency[key] = {"modelled_speedup": modelled["speedup"], "float32": modelled["float32"],
                         "int8": modelled["int8"]}
+        latency["cpu"] = cpu.to_dict()
         latency["constants"] = modelled["constants"]
         if o.measure_latency:  # reported only: a clock never decides
             latency[key]["measured"] = compare_latency(float_model, candidate, held, threads=o.speed_threads)
         lap("speed_check")
+        speedup = f"modelled speedup {modelled['speedup']:.2f}x for {cpu.describe()}"
+        stats["speed"] = f"{speedup}, {o.min_speedup:g}x required"
         if modelled["speedup"] >= o.min_speedup:
             return None
         return (
             f"INT8 is not faster than float32 by the required {o.min_speedup:g}x on onnxruntime CPU "
-            f"(modelled speedup {modelled['speedup']:.2f}x: {modelled['int8']['integer_kernels']} integer "
-            f"kernels, {modelled['int8']['float_kernels']} float kernels, {modelled['int8']['boundaries']} "
+            f"({speedup}: {modelled['int8']['integer_kernels']} integer kernels, "
+            f"{modelled['int8']['float_kernels']} float kernels, {modelled['int8']['boundaries']} "
             f"Q/DQ conversions left; optcc.quant.cost_model); kept float32"
         )
 
