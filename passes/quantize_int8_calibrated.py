@@ -40,7 +40,8 @@ def _check(options: Int8Options) -> None:
     read as INT8 declined for the model instead of the caller's mistake."""
     if options.method not in METHODS:
         raise optcc.BadInputError(f"unknown calibration method '{options.method}' (use {', '.join(METHODS)})")
-    cpu_class(options.cpu)  # an unknown class is refused
+    if options.cpu is not None:
+        cpu_class(options.cpu)  # refuses an unknown class
     if options.activation_type not in ("uint8", "int8"):
         raise optcc.BadInputError(f"activation_type must be 'uint8' or 'int8', got '{options.activation_type}'")
     if options.cache_dir is not None and Path(options.cache_dir).exists() and not Path(options.cache_dir).is_dir():

@@ -77,6 +77,8 @@ def test_the_class_decides_and_is_named() -> None:
     assert fast_stats["latency"]["cpu"] == {**fast_stats["latency"]["cpu"], "class": "x86-vnni", "source": "chosen"}
     assert "for x86-avx2 (chosen)" in slow_stats["reason"]
     assert "for x86-vnni (chosen)" in fast_stats["speed"]
+    _, unchecked = quantize_int8(proto, data, require_target=False, require_speedup=False, cpu="x86-avx2")
+    assert unchecked["modified"] and unchecked["speed"].endswith("for x86-avx2 (chosen), none required")
     # the declined model is the input, untouched; the shipped one computes the same function
     assert not any(n.op_type == "QuantizeLinear" for n in slow.graph)
     reference = onnx.reference.ReferenceEvaluator(proto)
