@@ -44,6 +44,17 @@ def test_a_cpu_of_no_measured_class_gets_the_documented_default() -> None:
         cpu_class("neon")
 
 
+def test_without_proc_cpuinfo_the_flags_come_from_numpy(monkeypatch) -> None:
+    from numpy._core._multiarray_umath import __cpu_features__ as numpy_features
+
+    from optcc.runtime import cpu
+
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: None)
+    flags = cpu.this_cpu().flags
+    assert ("avx2" in flags) == bool(numpy_features.get("AVX2"))
+    assert ("avx512_vnni" in flags) == bool(numpy_features.get("AVX512VNNI"))
+
+
 def _convs(channels: int = 32, size: int = 56) -> onnx.ModelProto:
     """Three 3x3 convolutions of ``channels`` channels on ``size`` x ``size``, each followed by
     a Sigmoid (a float island: Q/DQ around it): compute-bound enough that INT8 pays where

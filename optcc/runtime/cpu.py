@@ -61,8 +61,11 @@ def _cpuinfo() -> tuple[list[str], str] | None:
 def _numpy_flags() -> list[str]:
     try:
         from numpy._core._multiarray_umath import __cpu_features__  # type: ignore[import-not-found]
-    except ImportError:
-        return []
+    except ImportError:  # numpy 1
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__  # type: ignore[import-not-found,no-redef]
+        except ImportError:
+            return []
     names = [name.lower() for name, present in __cpu_features__.items() if present]
     return [_NUMPY_NAMES.get(name, name) for name in names]
 
