@@ -89,9 +89,9 @@ def build(name: str, samples: int) -> dict:
     counts = element_counts(calibration.stats)
     models = {"float32": model}
     for variant, exclude in VARIANTS.items():
-        candidate = model.clone()
-        models[variant] = create_pass("quantize-int8", ranges=calibration.ranges, per_channel=True,
-                                      activation_type="uint8", exclude=list(exclude), count_fused=False)(candidate).model
+        quantize = create_pass("quantize-int8", ranges=calibration.ranges, per_channel=True,
+                               activation_type="uint8", exclude=list(exclude), count_fused=False)
+        models[variant] = quantize(model.clone()).model
     return {"models": models, "feeds": feeds[0],
             "features": {key: features(m, counts)[0] for key, m in models.items()}}
 
@@ -156,8 +156,10 @@ def _rate(seconds: float) -> str:
 
 def report(rows: list[dict], fitted, current, cpu_class: str, rms: float) -> str:
     lines = [f"fitted constants for {cpu_class} (rms log error {rms:.3f}):", "CostModel("]
-    lines += [f"    {f.name}={_rate(getattr(fitted, f.name)) if f.name.endswith(('macs', 'bytes', 'elements')) else repr(getattr(fitted, f.name))},"
-              for f in dataclasses.fields(fitted)]
+    for field in dataclasses.fields(fitted):
+        value = getattr(fitted, field.name)
+        rate = field.name.endswith(("macs", "bytes", "elements"))  # per unit: written as 1 / rate
+        lines.append(f"    {field.name}={_rate(value) if rate else repr(value)},")
     lines += [")", "", f"| model | variant | measured speedup (p10-p90) | modelled, fitted | modelled, {cpu_class} now "
                        "| float32 ms measured | float32 ms modelled |", "|---|---|---|---|---|---|---|"]
     for row in rows:
