@@ -1,6 +1,6 @@
 """Fit the INT8 speed model's constants for one CPU class (``optcc.quant.cost_model``).
 
-    pip install -e ".[bench]"                                  # scipy (through scikit-image)
+    pip install -e ".[bench]"                                  # scipy, for the least-squares fit
     python -m fixtures.corpus                                  # fetch the corpus models (once)
     python benchmarks/fit_cost_model.py --cpu-class x86-avx2 --json FILE.json     # measure + fit
     python benchmarks/fit_cost_model.py --cpu-class x86-avx2 --from FILE.json     # fit again, no timing
