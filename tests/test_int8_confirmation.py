@@ -112,10 +112,10 @@ def test_the_pipeline_declines_int8_the_verification_would_reject() -> None:
 
 def test_the_verification_reuses_the_runs_of_the_model_the_confirmation_judged(monkeypatch) -> None:
     """The INT8 model the pass confirms on every sample is the model the verification then
-    judges on the same samples: the verification runs it no more. The INT8 candidate is
-    the only model run with all of onnxruntime's optimizations (float models run as
-    written): the calibration samples run through it once (the confirmation), the
-    held-out ones twice (the bias correction's judgement too)."""
+    judges on the same samples: the verification runs it no more, and the confirmation
+    does not run it again on the held-out samples the bias correction's judgement ran it
+    on. The INT8 candidate is the only model run with all of onnxruntime's optimizations
+    (float models run as written): every sample runs through it once."""
     data = _images(20, 1.0, seed=2)
     runs: collections.Counter[bytes] = collections.Counter()
     run = ort.InferenceSession.run
@@ -133,5 +133,5 @@ def test_the_verification_reuses_the_runs_of_the_model_the_confirmation_judged(m
     assert int8.stats["fallback"]["confirmation"] == {"samples": 20, "float_layers_found": 0, "passed": True}
     assert result.report.verification["status"] == "passed"
     held = int8.stats["acceptance"]["held_out_samples"]
-    assert [runs[f["image"].tobytes()] for f in data] == [1] * (len(data) - held) + [2] * held
+    assert held and [runs[f["image"].tobytes()] for f in data] == [1] * len(data)
     assert _sqnr_db(optcc.ir.load(result.model), data) >= TARGET_DB  # the test's own measure of what was judged

@@ -23,6 +23,7 @@ from optcc.infra.registry import create_pass
 from optcc.quant.cost_model import compare_modelled, cpu_class, element_counts
 from optcc.quant.fallback import (
     RANKING_SAMPLES,
+    CandidateOutputs,
     Confirmation,
     Target,
     compare_latency,
@@ -145,6 +146,12 @@ def _given_judge(o: Int8Options, count: int) -> TaskJudge | None:
             (None if given.groups is None else list(given.groups)) != groups:
         return None
     return given
+
+
+def _at(outputs: Callable[[ir.Model, Sequence[int]], Mapping[str, Sequence[Any]]],
+        positions: Sequence[int]) -> CandidateOutputs:
+    """``outputs`` (``Int8Options.outputs``) of a candidate on the samples at ``positions``."""
+    return lambda model: outputs(model, positions)
 
 
 def _describe_miss(evaluation: Mapping[str, Any], target: Target) -> str:
@@ -331,8 +338,9 @@ def quantize_int8(
     ``stats["fallback"]["confirmation"]``).
     ``outputs``: with that judge, runs a candidate on the samples at the given positions
     as the verification runs it and returns its outputs by name (``optcc.Verifier.outputs``,
-    which keeps them for its check of that model): the confirmation takes the candidate's
-    outputs from it, so the verification does not run the model it confirmed again.
+    which keeps them for its check of that model): every candidate's evaluation on the
+    judged samples and the confirmation take the candidate's outputs from it, so neither
+    the confirmation nor the verification runs a model again on samples it was judged on.
 
     ``stats``: method, seconds (wall time per phase: prepare, calibrate, quantize,
     speed_check, fallback or evaluate, report), calibration (samples, cache), ranges (per tensor), pass stats
@@ -435,6 +443,7 @@ def quantize_int8(
     judged = held  # the samples every candidate is judged on
     judge: TaskJudge | None = None
     confirm: Confirmation | None = None  # the verifier's judgement of every sample, where it is shared
+    judged_outputs: CandidateOutputs | None = None  # the verification's runs of a candidate on ``judged``
     if o.metric is not None:
         group_of = (lambda part: None) if o.groups is None else (  # noqa: E731
             lambda part: [o.groups[i] for i in part])
@@ -465,11 +474,13 @@ def quantize_int8(
                 float_model, judged, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db,
                 group_of(range(len(samples))), o.floor_draws)
         o = dataclasses.replace(o, target=dataclasses.replace(o.target, judge=judge))
+        share = o.outputs if every is not None else None  # the verification's runs of a candidate
+        if share is not None:  # ``judged`` are the last samples: the verification keeps them for its check
+            judged_outputs = _at(share, range(len(samples) - len(judged), len(samples)))
         if every is not None and judged is not samples:
             # the final verification judges every sample: the fallback's result must pass there too
-            share = o.outputs  # the verification's runs of a candidate, shared with it
             confirm = Confirmation(samples, dataclasses.replace(o.target, judge=every), every.reference,
-                                   outputs=None if share is None else lambda m: share(m, range(len(samples))))
+                                   outputs=None if share is None else _at(share, range(len(samples))))
         stats["acceptance"] = {"metrics": judge.metric_names(), "margin": o.metric_margin,
                                "metric_target": o.metric_target, "perturbation": dict(judge.perturbation),
                                "floor": judge.floor, "floor_draws": judge.draw_count,
@@ -550,13 +561,15 @@ def quantize_int8(
     if judge is not None and correcting and (pass_stats.get("bias_correction") or {}).get("layers"):
         # bias correction is kept only where it helps the task on the held-out samples (a
         # detector's class logits can all shift by the background's mean error)
-        corrected = evaluate(float_model, quantized, judged, o.target, reference_outputs=judge.reference)
+        corrected = evaluate(float_model, quantized, judged, o.target, reference_outputs=judge.reference,
+                             candidate_outputs=None if judged_outputs is None else judged_outputs(quantized))
         initial = (quantized, pass_stats, corrected)  # the fallback's starting point, evaluated once
         stats["bias_correction"] = {"kept": True, "shortfall_corrected": round(shortfall(corrected), 6)}
         if not corrected.passed:  # a model that passes ships as it is
             correcting = False
             plain, plain_stats = make()
-            uncorrected = evaluate(float_model, plain, judged, o.target, reference_outputs=judge.reference)
+            uncorrected = evaluate(float_model, plain, judged, o.target, reference_outputs=judge.reference,
+                                   candidate_outputs=None if judged_outputs is None else judged_outputs(plain))
             # dropped only when clearly worse: the uncorrected model passes, or the corrected
             # one misses by more than twice as much (a smaller difference is within the noise
             # of a few held-out samples)
@@ -574,6 +587,7 @@ def quantize_int8(
             max_layers_ranked=o.max_layers_ranked, ranking=o.ranking, progress=o.progress,
             ranking_samples=o.ranking_samples,
             reference_outputs=None if judge is None else judge.reference, initial=initial, confirm=confirm,
+            outputs=judged_outputs,
         )
     else:
         evaluation = initial[2] if initial is not None else evaluate(float_model, quantized, judged, o.target)

@@ -37,6 +37,7 @@ from optcc.runtime.session import session_options
 from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
 __all__ = [
+    "CandidateOutputs",
     "INTEGER_OPS",
     "Target",
     "Confirmation",
@@ -298,6 +299,17 @@ def evaluate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds],
     got = _Outputs.of(candidate_outputs) if candidate_outputs is not None \
         else _Outputs(candidate, samples, optimized, stream=stream)
     return _compare(ref, got, names, target)
+
+
+# runs a candidate on the samples judged, as ``evaluate`` runs it (its outputs by name)
+CandidateOutputs = Callable[[ir.Model], Mapping[str, Sequence[np.ndarray]]]
+
+
+def _evaluated(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds], target: Target,
+               ref_outputs: _Outputs | None, outputs: CandidateOutputs | None) -> Evaluation:
+    """``evaluate`` of ``candidate`` on ``samples``, its outputs from ``outputs`` when given."""
+    return evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs,
+                    candidate_outputs=None if outputs is None else outputs(candidate))
 
 
 def shortfall(evaluation: Evaluation) -> float:
@@ -651,7 +663,7 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
              reference_outputs: Mapping[str, Sequence[np.ndarray]] | None = None,
              initial: tuple[ir.Model, dict[str, Any], Evaluation] | None = None,
              ranking_samples: int | None = RANKING_SAMPLES,
-             confirm: Confirmation | None = None,
+             confirm: Confirmation | None = None, outputs: CandidateOutputs | None = None,
              ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """Quantize; if the target is missed on ``samples``, return the most sensitive layers
     to float, worst first, until the target holds or ``max_float_layers`` are float.
@@ -694,11 +706,16 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     ``confirm``: a wider judgement a later check applies to the result (the verifier's,
     over every sample). The model found is judged there too; when it misses, the search
     goes on under that judgement, in the same order, from the number of layers found
-    (``_confirmed``), and ``report["confirmation"]`` says what happened."""
+    (``_confirmed``), and ``report["confirmation"]`` says what happened.
+
+    ``outputs``: runs a candidate on ``samples`` as ``evaluate`` runs it and returns its
+    outputs by name (the later check's runs, ``optcc.Verifier.outputs``, which keeps those
+    of the last model asked about): every candidate is evaluated on them, so the check of
+    the model returned does not run it again on those samples."""
     model, stats, report = _fallback(reference, quantize, samples, target, max_float_layers=max_float_layers,
                                      max_layers_ranked=max_layers_ranked, ranking=ranking, progress=progress,
                                      reference_outputs=reference_outputs, initial=initial,
-                                     ranking_samples=ranking_samples)
+                                     ranking_samples=ranking_samples, outputs=outputs)
     order = report.pop("order", None)
     if confirm is None or not report.get("target_met"):
         return model, stats, report
@@ -709,6 +726,7 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
               max_float_layers: int | None, max_layers_ranked: int, ranking: str, progress: Any,
               reference_outputs: Mapping[str, Sequence[np.ndarray]] | None,
               initial: tuple[ir.Model, dict[str, Any], Evaluation] | None, ranking_samples: int | None,
+              outputs: CandidateOutputs | None = None,
               ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """``fallback`` on ``samples`` alone; ``report["order"]``: the layers in the order the
     search returned them to float (absent when the fully quantized model passed)."""
@@ -719,7 +737,7 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
         model, stats, initial = initial
     else:
         model, stats = quantize(exclude=[])
-        initial = evaluate(reference, model, samples, target, reference_outputs=ref_outputs)
+        initial = _evaluated(reference, model, samples, target, ref_outputs, outputs)
     report: dict[str, Any] = {"initial": initial.to_dict(), "kept_float": [], "sensitivity": [], "tried": []}
     if initial.passed:
         report.update(evaluation=initial.to_dict(), target_met=True)
@@ -728,7 +746,7 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
     if ranking == "estimate":  # both estimates from one run
         order = _estimated_order(reference, model, stats, samples, ranking_samples, report)
         return _fallback_estimated(reference, quantize, samples, target, model, stats, initial, report,
-                                   order, max_float_layers, ref_outputs, progress)
+                                   order, max_float_layers, ref_outputs, progress, outputs)
     propagated = propagated_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
     candidates = _candidates(layers, propagated, max_layers_ranked)
     ranking = rank_sensitivity(reference, quantize, candidates, samples, target, max_layers=len(candidates),
@@ -753,7 +771,7 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
     for name, order in (("sensitivity", ranked), ("graph order", [x for x in layers if x in candidates_set])):
         limit = len(order) if max_float_layers is None else min(max_float_layers, len(order))
         k, results = _search(reference, quantize, samples, target, order, limit, initial, model, stats, tried, name,
-                             ref_outputs)
+                             ref_outputs, outputs=outputs)
         found = results[k][0]
         if best is None or found.passed or found.worst_sqnr_db > best[2][best[1]][0].worst_sqnr_db:
             best = (order, k, results)
@@ -783,7 +801,8 @@ def _estimated_order(reference: ir.Model, model: ir.Model, stats: dict[str, Any]
 def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
                         model: ir.Model, stats: dict[str, Any], initial: Evaluation, report: dict[str, Any],
                         order: Sequence[str], max_float_layers: int | None,
-                        ref_outputs: _Outputs, progress: Any = False) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
+                        ref_outputs: _Outputs, progress: Any = False, outputs: CandidateOutputs | None = None,
+                        ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """``fallback`` in ``_estimated_order``'s order (see ``fallback``)."""
     limit = len(order) if max_float_layers is None else min(max_float_layers, len(order))
     tried: list[dict[str, Any]] = []
@@ -793,7 +812,7 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
     # the budget, then doubling and bisection: at most about 2 log2(limit) + 1 candidates
     with Progress("fallback: layers back to float", 2 * max(limit, 1).bit_length() + 1, enabled=progress) as bar:
         found = _search_estimated(reference, quantize, samples, target, order, limit, report, results, tried,
-                                  ref_outputs, bar)
+                                  ref_outputs, bar, outputs)
         bar.advance(bar.total)  # the search may need fewer candidates than the bound
     return found
 
@@ -801,14 +820,15 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
 def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
                       order: Sequence[str], limit: int, report: dict[str, Any],
                       results: dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]], tried: list[dict[str, Any]],
-                      ref_outputs: _Outputs, bar: Progress) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
+                      ref_outputs: _Outputs, bar: Progress, outputs: CandidateOutputs | None,
+                      ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """``_fallback_estimated``'s search: the first ``PROBES`` layers alone, then the budget,
     then doubling and bisection between them."""
 
     def attempt(k: int) -> Evaluation:
         bar.advance()
         candidate, candidate_stats = quantize(exclude=order[:k])
-        evaluation = evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs)
+        evaluation = _evaluated(reference, candidate, samples, target, ref_outputs, outputs)
         results[k] = (evaluation, candidate, candidate_stats)
         # the search returns this one or a later one when it passes or is the budget's; else never
         _drop_models(results, [n for n in results if n != k] if evaluation.passed or k == limit else [k])
@@ -861,6 +881,7 @@ def _drop_models(results: dict[int, tuple[Evaluation, Any, dict[str, Any]]], num
 def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
             order: Sequence[str], limit: int, initial: Evaluation, model: ir.Model, stats: dict[str, Any],
             tried: list[dict[str, Any]], name: str, ref_outputs: _Outputs | None = None, start: int = 0,
+            outputs: CandidateOutputs | None = None,
             ) -> tuple[int, dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]]]:
     """The smallest ``k <= limit`` above ``start`` (whose ``initial`` evaluation misses)
     whose first ``k`` layers of ``order`` returned to float meet the target: ``k``
@@ -870,7 +891,7 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
 
     def attempt(k: int) -> Evaluation:
         candidate, candidate_stats = quantize(exclude=order[:k])
-        evaluation = evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs)
+        evaluation = _evaluated(reference, candidate, samples, target, ref_outputs, outputs)
         results[k] = (evaluation, candidate, candidate_stats)
         passing = [n for n, (e, _, _) in results.items() if n and e.passed]
         if passing:  # the search returns the smallest k that passes
@@ -924,8 +945,7 @@ def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats
     ``confirm`` accepts."""
     ref_outputs = _Outputs.of(confirm.reference_outputs)
     found = len(report.get("kept_float", []))
-    evaluation = evaluate(reference, model, confirm.samples, confirm.target, reference_outputs=ref_outputs,
-                          candidate_outputs=None if confirm.outputs is None else confirm.outputs(model))
+    evaluation = _evaluated(reference, model, confirm.samples, confirm.target, ref_outputs, confirm.outputs)
     report["confirmation"] = {"samples": len(confirm.samples), "float_layers_found": found,
                               "passed": evaluation.passed}
     if evaluation.passed:
@@ -935,7 +955,7 @@ def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats
     limit = len(order) if max_float_layers is None else min(max_float_layers, len(order))
     tried = report.setdefault("tried", [])
     k, results = _search(reference, quantize, confirm.samples, confirm.target, order, limit, evaluation, model,
-                         stats, tried, "confirmation", ref_outputs, start=found)
+                         stats, tried, "confirmation", ref_outputs, start=found, outputs=confirm.outputs)
     evaluation, model, stats = results[k]
     report.update(kept_float=list(order[:k]), evaluation=evaluation.to_dict(), target_met=evaluation.passed)
     report["confirmation"]["float_layers"] = k
