@@ -12,7 +12,7 @@ import onnxruntime as ort
 from onnx import TensorProto as TP
 
 import optcc
-from optcc.quant.bias_correction import FloatMeans, correct_biases
+from optcc.quant.bias_correction import FloatMeans, SegmentMeans, correct_biases
 from optcc.quant.calibration import calibrate
 from optcc.passes.quantize_int8 import QuantizeInt8Pass
 from optcc.quant.fallback import count_integer_nodes, evaluate
@@ -184,3 +184,50 @@ def test_gemm_layers_are_corrected_too() -> None:
     assert count_integer_nodes(q) == fused_before
     onnx.checker.check_model(optcc.ir.serialize(q), full_check=True)
 
+
+
+def test_segment_means_shared_by_candidates_run_only_what_changed(monkeypatch) -> None:
+    """One ``SegmentMeans`` serves the fully quantized model and the candidates after it (as
+    the driver's fallback does): a candidate with the last conv float computes the means of
+    its corrected convs as the first model did and runs nothing; one with the middle conv
+    float takes the first conv's means, runs the first conv once without its probe and
+    measures the last one; a model measured before runs nothing. Each comes out byte for
+    byte as corrected on its own, and its corrected convs have the float model's channel
+    means (numpy)."""
+    model, calib = biased_chain(), samples(8, 0)
+    reference = optcc.ir.load(model)
+    ranges = calibrate(model, calib, "minmax").ranges
+    excludes = ([], ["conv3"], ["dw"], [])
+    shared = [QuantizeInt8Pass(ranges, count_fused=False, exclude=e)(optcc.ir.load(model)).model for e in excludes]
+    own = [QuantizeInt8Pass(ranges, count_fused=False, exclude=e)(optcc.ir.load(model)).model for e in excludes]
+    runs: list[int] = []
+    run = ort.InferenceSession.run
+
+    def counting(self, names, feeds, options=None):
+        runs.append(1)
+        return run(self, names, feeds, options)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", counting)
+    means, measured, counts = FloatMeans(reference, calib), SegmentMeans(), []
+    for q in shared:
+        before = len(runs)
+        correct_biases(reference, q, calib, means=means, measured=measured)
+        counts.append(len(runs) - before)
+    alone = []
+    for q in own:
+        before = len(runs)
+        correct_biases(reference, q, calib)
+        alone.append(len(runs) - before)
+    monkeypatch.undo()
+    for a, b in zip(shared, own):
+        assert optcc.ir.serialize(a).SerializeToString() == optcc.ir.serialize(b).SerializeToString()
+    # alone, per sample: the float means, then a segment per corrected layer and one more; and
+    # the weights dequantized once
+    assert alone == [8 + 4 * 8 + 1, 8 + 3 * 8 + 1, 8 + 3 * 8 + 1, 8 + 4 * 8 + 1]
+    # shared: the float means once; the middle conv float: the first conv without its probe,
+    # then the last conv's two segments
+    assert counts == [8 + 4 * 8 + 1, 0, 3 * 8 + 1, 0]
+    for q, corrected in zip(shared[1:3], (["c1", "c2"], ["c1", "c3"])):
+        for name, got, expected in zip(corrected, channel_means(q, corrected, calib),
+                                       channel_means(model, corrected, calib)):
+            np.testing.assert_allclose(got, expected, atol=0.02, err_msg=name)

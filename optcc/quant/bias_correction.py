@@ -42,6 +42,7 @@ to the float bias.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ from optcc.progress import Progress
 from optcc.runtime.session import detached, session_options
 from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
-__all__ = ["FloatMeans", "correct_biases", "weight_error_shifts"]
+__all__ = ["FloatMeans", "SegmentMeans", "correct_biases", "weight_error_shifts"]
 
 Feeds = Mapping[str, np.ndarray]
 _INT32_MAX = 2**31 - 1
@@ -238,13 +239,40 @@ class FloatMeans:
         return [self.means[layer.reference] for layer in layers]
 
 
+class SegmentMeans:
+    """The channel means the segments of ``correct_biases`` measured (``_Segments``), each by
+    a digest of its computation: every node upstream of it (op, domain, opset, attributes)
+    down to the samples, the initializers' and the fed biases' contents. Models quantized
+    from one float model share them (the driver's fallback candidates): where a candidate
+    computes a layer's mean as a model measured before did (upstream of its first float
+    layer, its biases corrected alike), it takes that mean instead of running the segment;
+    the segments so skipped run only when a later one must, then as one segment without
+    probes, for the tensors it reads. The same kernels on the same inputs give the same
+    means, so the biases written are those of a measurement of its own. Bound to the
+    samples of the first ``correct_biases`` call that uses it."""
+
+    def __init__(self) -> None:
+        self.samples: Sequence[Feeds] | None = None
+        self.means: dict[bytes, np.ndarray] = {}  # by the digest of the mean's computation (``_Segments``)
+
+    def bind(self, samples: Sequence[Feeds]) -> None:
+        """Use these means for ``samples`` only (the same arrays, in order)."""
+        if self.samples is None:
+            self.samples = list(samples)
+        elif len(self.samples) != len(samples) or any(
+                a.keys() != b.keys() or any(a[k] is not b[k] for k in a) for a, b in zip(self.samples, samples)):
+            raise ValueError("SegmentMeans measured on other samples")
+
+
 def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[Feeds], *,
                    threads: int | None = None, progress: bool = False,
-                   means: FloatMeans | None = None) -> dict[str, Any]:
+                   means: FloatMeans | None = None, measured: SegmentMeans | None = None) -> dict[str, Any]:
     """Correct the biases of ``quantized``'s Convs and Gemms in place (see the module docstring);
     ``reference`` is the float model it was quantized from, ``samples`` calibration feed
     dicts. ``means``: the float means of ``reference`` on ``samples`` (``FloatMeans``), kept
-    across calls on models quantized from it; None measures them here. Returns stats:
+    across calls on models quantized from it; None measures them here. ``measured``: the
+    segments' means kept across such calls (``SegmentMeans``), taken where a segment and
+    all before it are the same. Returns stats:
     layers corrected, channels left uncorrected (int32 overflow), the mean absolute error
     of the layers' channel means before (each measured before its own correction, the
     layers before it corrected) and after, samples, seconds."""
@@ -265,8 +293,10 @@ def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[F
         while len(node.input) < 3:
             node.input.append("")
         node.input[2] = name
+    if measured is not None:
+        measured.bind(samples)
     segments = _Segments(proto, weights, [layer.result for layer in layers], [layer.rank for layer in layers],
-                         bias_inputs, prefix, samples, threads)
+                         bias_inputs, prefix, samples, threads, measured)
     del proto, weights
     biases = [layer.bias.copy() for layer in layers]  # float64; fed as float32
     fed = {name: b.astype(np.float32) for name, b in zip(bias_inputs, biases)}
@@ -338,6 +368,18 @@ def _is_constant_dequantization(node: onnx.NodeProto, initializers: Mapping[str,
             and all(name in initializers for name in node.input if name))
 
 
+@dataclass
+class _Segment:
+    """A segment to run: its model, the tensors it carries on, its mean outputs, the
+    dequantized weights it is fed and the node position it ends at."""
+
+    model: onnx.ModelProto | None
+    carried: list[str]
+    means: list[str]
+    constants: list[str]
+    end: int
+
+
 class _Segments:
     """The bias-fed QDQ model cut before each corrected layer, run segment by segment.
 
@@ -365,8 +407,14 @@ class _Segments:
 
     def __init__(self, proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], results: Sequence[str],
                  ranks: Sequence[int], bias_inputs: Sequence[str], prefix: str, samples: Sequence[Feeds],
-                 threads: int | None) -> None:
+                 threads: int | None, measured: SegmentMeans | None = None) -> None:
         self.proto, self.weights, self.prefix, self.threads = proto, weights, prefix, threads
+        self.measured = measured
+        self.pending: list[int] = []  # segments whose means were known: not run yet
+        # the digest of every value identified so far (``_identified``)
+        self.ids: dict[str, bytes] = {}
+        self.bias_names = frozenset(bias_inputs)
+        self.opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in proto.opset_import}
         self.bias_inputs, self.ranks = list(bias_inputs), list(ranks)
         self.initializers = {t.name: t for t in proto.graph.initializer}
         nodes = list(proto.graph.node)
@@ -440,19 +488,19 @@ class _Segments:
         """The bytes of a dequantization's float32 result (its quantized input's shape)."""
         return 4 * int(np.prod(self.initializers[self.constant_nodes[name].input[0]].dims, dtype=np.int64))
 
-    def _model(self, k: int) -> tuple[onnx.ModelProto, list[str], list[str], list[str]]:
-        """Segment ``k``: the model, the tensors it carries, its mean outputs and the
-        dequantized weights it reads."""
-        start, end = self._bounds(k)
+    def _nodes(self, k: int, last: int | None = None) -> tuple[list[onnx.NodeProto], list[str], set[str], int]:
+        """Segment ``k`` (with ``last``: segments ``k`` to ``last`` as one, without probes or
+        means): its nodes, its mean outputs, the names it reads and where it ends."""
+        start, end = self._bounds(k)[0], self._bounds(k if last is None else last)[1]
         nodes = list(self.nodes[start:end])
         reads: set[str] = set().union(*self.reads[start:end])
-        produced = {o for n in nodes for o in n.output if o}
-        extra: list[onnx.NodeProto] = []
         means: list[str] = []
+        if last is not None:
+            return nodes, means, reads, end
         if k:  # the previous layer's result, its bias corrected
             made, outs = _mean_nodes([self.nodes[start].output[0]], [self.ranks[k - 1]], self.opset,
                                      f"{self.prefix}_r{k}")
-            extra += made
+            nodes += made
             means += outs
         if k < len(self.positions):  # the probe: layer k as it is now
             probe = onnx.NodeProto()
@@ -462,10 +510,17 @@ class _Segments:
             probe.output.append(f"{self.prefix}_probe_{k}")
             reads |= _reads(probe)
             made, outs = _mean_nodes([probe.output[0]], [self.ranks[k]], self.opset, f"{self.prefix}_p{k}")
-            extra += [probe, *made]
+            nodes += [probe, *made]
             means += outs
+        return nodes, means, reads, end
+
+    def _model(self, k: int, last: int | None = None) -> _Segment:
+        """Segment ``k`` (``last``: see ``_nodes``) to run."""
+        nodes, means, reads, end = self._nodes(k, last)
+        produced = {o for n in nodes for o in n.output if o}
         constants = sorted(n for n in reads if n in self.constant_nodes)
-        self._dequantize(k)
+        for j in range(k, k + 1 if last is None else last + 1):
+            self._dequantize(j)
         carried = sorted(n for n in produced if self.last_read.get(n, -1) >= end)
         outside = sorted(n for n in reads if n not in produced and n in self.position_of)
         inputs = [onnx.helper.make_tensor_value_info(
@@ -474,20 +529,79 @@ class _Segments:
                    for n in self.bias_inputs if n in reads]
         inputs += [onnx.helper.make_tensor_value_info(
             n, onnx.helper.np_dtype_to_tensor_dtype(self.constants[n].dtype), None) for n in constants]
-        model = self._graph(f"segment_{k}", [*nodes, *extra], inputs, carried + means,
+        model = self._graph(f"segment_{k}", nodes, inputs, carried + means,
                             sorted(n for n in reads if n in self.initializers))
-        return model, carried, means, constants
+        return _Segment(model, carried, means, constants, end)
+
+    def _identified(self, nodes: Sequence[onnx.NodeProto], biases: Mapping[str, np.ndarray]) -> None:
+        """Give every output of ``nodes`` (in order) a digest of what computes it: the node (op,
+        domain, attributes; not its names) and its inputs' digests, those of the values it
+        reads in its subgraphs too. A value from a graph input is named by that input (the
+        samples are the same), an initializer's or a bias's by its contents (``biases``: as
+        fed now), a dequantized weight's by its DequantizeLinear."""
+        for node in nodes:
+            domain = node.domain or ""
+            digest = hashlib.sha256(f"{domain}:{self.opsets.get(domain)}:{node.op_type}".encode())
+            for attribute in node.attribute:
+                digest.update(attribute.SerializeToString(deterministic=True))
+            for name in node.input:
+                digest.update(self._identity(name, biases))
+            for name in sorted(_reads(node) - set(node.input)):  # read inside its subgraphs
+                digest.update(name.encode() + self._identity(name, biases))
+            for i, name in enumerate(node.output):
+                if name:
+                    self.ids[name] = hashlib.sha256(digest.digest() + str(i).encode()).digest()
+
+    def _identity(self, name: str, biases: Mapping[str, np.ndarray]) -> bytes:
+        """The digest of the value ``name`` (``_identified``)."""
+        if not name:
+            return b"-"
+        if name in self.bias_names:  # never kept: a bias is fed corrected later
+            return hashlib.sha256(b"bias" + np.ascontiguousarray(biases[name], np.float32).tobytes()).digest()
+        if name not in self.ids:
+            if name in self.constant_nodes:
+                self._identified([self.constant_nodes[name]], biases)
+            elif name in self.initializers:
+                init = self.initializers[name]
+                array = self.weights[name] if name in self.weights else onnx.numpy_helper.to_array(init)
+                array = np.ascontiguousarray(array)
+                self.ids[name] = hashlib.sha256(
+                    f"{init.data_type}:{array.dtype.str}:{array.shape}".encode() + array.tobytes()).digest()
+            else:  # a graph input, or a name only a subgraph defines
+                self.ids[name] = hashlib.sha256(b"input:" + name.encode()).digest()
+        return self.ids[name]
 
     def run(self, k: int, biases: Mapping[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Run segment ``k`` on every sample, carrying its tensors on; the channel means over
         the samples (float64) of the probe (layer ``k``) and of layer ``k-1`` (None where
-        there is none)."""
-        model, carried, means, constants = self._model(k)
-        session = self._session(model)
-        del model
-        fixed = {**biases, **{n: self.constants[n] for n in constants}}
+        there is none). Means ``measured`` before for the same computation (``_identified``)
+        are taken as they are, nothing run; the segments so skipped run (as one) only when
+        a later one must run."""
+        nodes, means, _, _ = self._nodes(k)
+        keys: list[bytes] = []
+        if self.measured is not None:
+            self._identified(nodes, biases)
+            keys = [self.ids[name] for name in means]
+            if all(key in self.measured.means for key in keys):
+                self.pending.append(k)
+                totals = [self.measured.means[key] for key in keys]
+                return (totals[-1] if k < len(self.positions) else None), (totals[0] if k else None)
+        if self.pending:  # the tensors this segment reads, from the segments skipped
+            self._carry(self._model(self.pending[0], self.pending[-1]), biases)
+            self.pending = []
+        totals = self._carry(self._model(k), biases)
+        if self.measured is not None:
+            self.measured.means.update(zip(keys, totals))
+        return (totals[-1] if k < len(self.positions) else None), (totals[0] if k else None)
+
+    def _carry(self, segment: _Segment, biases: Mapping[str, np.ndarray]) -> list:
+        """Run ``segment`` on every sample, carrying its tensors on; its means averaged over
+        the samples (float64)."""
+        session = self._session(segment.model)
+        segment.model = None  # onnxruntime holds what it needs
+        carried, means, end = segment.carried, segment.means, segment.end
+        fixed = {**biases, **{n: self.constants[n] for n in segment.constants}}
         wanted = [i.name for i in session.get_inputs()]
-        _, end = self._bounds(k)
         totals: list = [0.0] * len(means)
         for state in self.states:
             values = session.run(carried + means, {n: fixed[n] if n in fixed else state[n] for n in wanted})
@@ -499,8 +613,7 @@ class _Segments:
         del session
         for name in [n for n in self.constants if self.last_read.get(n, -1) < end]:
             del self.constants[name]  # no node from here on reads it
-        probe = totals[-1] if k < len(self.positions) else None
-        return probe, (totals[0] if k else None)
+        return totals
 
 
 def _write_bias(model: ir.Model, layer: _Layer, q: np.ndarray, taken: set[str]) -> None:

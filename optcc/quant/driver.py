@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from optcc import ir as oir
-from optcc.quant.bias_correction import FloatMeans, correct_biases
+from optcc.quant.bias_correction import FloatMeans, SegmentMeans, correct_biases
 from optcc.quant.calibration import CalibrationData, calibrate, load_samples, split_holdout
 from optcc.errors import BadInputError
 from optcc.infra.registry import create_pass
@@ -509,6 +509,8 @@ def quantize_int8(
     correcting = o.bias_correction  # set once by the held-out judgement below
     # the float model's channel means every corrected candidate is corrected towards, measured once
     float_means = FloatMeans(float_model, calib[:o.bias_correction_samples])
+    # and the segment means every candidate shares upstream of its first float layer, measured once
+    segment_means = SegmentMeans()
 
     def make(exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> tuple[ir.Model, dict[str, Any]]:
         # the fully quantized model (the one asked for again) is built and bias-corrected
@@ -533,7 +535,7 @@ def quantize_int8(
             try:
                 result_stats["bias_correction"] = correct_biases(
                     float_model, result.model, calib[:o.bias_correction_samples], progress=o.progress,
-                    means=float_means)
+                    means=float_means, measured=segment_means)
             except Exception as e:  # noqa: BLE001 - onnxruntime refused the measuring model:
                 # nothing was written (biases are written after the last run); keep it as is
                 result_stats["bias_correction"] = {"layers": 0, "error": _first_line(e)}
