@@ -141,7 +141,7 @@ def optimize(
     ``int8_method`` calibration, verified on the held-out last 20% of the samples;
     ``int8_options`` are passed to ``optcc.quant.driver.quantize_int8`` (e.g.
     ``{"require_speedup": False}``, ``{"target": Target(min_sqnr_db=30)}``, ``{"cpu": "x86-avx2"}``: the CPU
-    class its speed is modelled for, default this machine's); when INT8 is
+    class its speed is modelled for, default "x86-vnni" on every machine); when INT8 is
     declined (not faster, or misses the target) the report says why in a warning.
     ``int8_dynamic`` quantizes MatMuls dynamically. ``weight_only`` ("int4", "int8", or the
     options of the ``quantize-weights`` pass; MatMulNBits at -O3, else portable) quantizes

@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-int8-speed-check", action="store_true",
                    help="keep the INT8 model even when it is not faster than float32")
     g.add_argument("--int8-cpu", choices=list(CPU_CLASSES), metavar="{" + ",".join(CPU_CLASSES) + "}",
-                   help="with --int8: the CPU class the speed decision is modelled for (default: this machine's, "
-                        "from its feature flags); docs/int8.md")
+                   help="with --int8: the CPU class the speed decision is modelled for (default x86-vnni on every "
+                        "machine; the summary names this machine's class where it differs); docs/int8.md")
     g.add_argument("--int8-target-sqnr", type=float, default=25.0, metavar="DB",
                    help="INT8 accuracy target: SQNR in dB on every output, held-out samples (default 25)")
     g.add_argument("--calibration-cache", metavar="DIR",

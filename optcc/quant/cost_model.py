@@ -32,9 +32,10 @@ no shape inference is needed and the model sees the shapes the data have.
 The constants depend on the CPU: onnxruntime's integer kernels run about four times as
 many multiply-accumulates per second as its float ones on an x86-64 CPU with integer
 dot-product instructions (VNNI), and about as many on one without them. ``CPU_CLASSES``
-holds one ``CostModel`` per class; ``cpu_class`` picks the one asked for, or the class
-of this machine's CPU from its feature flags (``optcc.runtime.cpu``, never a timing).
-A CPU of no measured class (ARM, ...) gets ``DEFAULT_CPU_CLASS``, which says so.
+holds one ``CostModel`` per class; ``cpu_class`` picks the one asked for, else
+``DEFAULT_CPU_CLASS`` on every machine (so that the same call writes the same bytes
+anywhere), and says next to it the class of this machine's CPU by its feature flags
+(``optcc.runtime.cpu``, never a timing) where that differs.
 
 The constants were fitted by least squares on the log of the float32/INT8 latency ratio,
 to interleaved measurements on onnxruntime CPU (MLAS, 2 intra-op threads, default graph
@@ -100,7 +101,8 @@ CPU_CLASSES: Mapping[str, CostModel] = MappingProxyType({
     "x86-vnni": CostModel(),
     "x86-avx2": CostModel(int8_macs=1 / 26e9),
 })
-# A CPU that is not x86-64 (ARM, ...) is modelled as this class, which it was not measured on
+# The class modelled unless one is chosen, whatever machine optcc runs on: the same call
+# writes the same bytes on every machine (the design's determinism contract)
 DEFAULT_CPU_CLASS = "x86-vnni"
 
 
@@ -114,42 +116,43 @@ def class_of(cpu: CpuFeatures) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class CpuClass:
-    """The CPU class whose constants decide, and how it was chosen: ``source`` is
-    "chosen" (by the caller), "detected" (this machine's CPU, by its feature flags) or
-    "default" (this machine's CPU is of no measured class: ``DEFAULT_CPU_CLASS``)."""
+    """The CPU class whose constants decide, and how: ``source`` is "chosen" (by the
+    caller) or "default" (``DEFAULT_CPU_CLASS``). ``machine``: the class of the CPU this
+    runs on by its feature flags (None: of no measured class), said next to a default
+    that differs from it, never used to decide."""
 
     name: str
     source: str
-    cpu: str = ""  # the machine's CPU as detected (architecture, model), when detected
+    machine: str | None = None
 
     @property
     def constants(self) -> CostModel:
         return CPU_CLASSES[self.name]
 
     def describe(self) -> str:
-        """``x86-avx2 (this machine's CPU; --int8-cpu chooses another)`` and the like."""
-        other = "--int8-cpu or the INT8 option cpu chooses another"
+        """``x86-vnni (the default; this machine's CPU is x86-avx2: --int8-cpu x86-avx2 models it)``
+        and the like."""
         if self.source == "chosen":
             return f"{self.name} (chosen)"
-        if self.source == "detected":
-            return f"{self.name} (this machine's CPU; {other})"
-        return f"{self.name} (the default: this machine's CPU, {self.cpu}, was not measured; {other})"
+        if self.machine is None:
+            return f"{self.name} (the default; this machine's CPU is of no measured class; --int8-cpu chooses one)"
+        if self.machine != self.name:
+            return f"{self.name} (the default; this machine's CPU is {self.machine}: --int8-cpu {self.machine} models it)"
+        return f"{self.name} (the default, this machine's CPU's class; --int8-cpu chooses another)"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"class": self.name, "source": self.source, "cpu": self.cpu, "description": self.describe()}
+        return {"class": self.name, "source": self.source, "machine": self.machine, "description": self.describe()}
 
 
 def cpu_class(choice: str | None = None, cpu: CpuFeatures | None = None) -> CpuClass:
     """The class ``choice`` names (BadInputError when it names none of ``CPU_CLASSES``), or,
-    without one, the class of ``cpu`` (default: this machine's, by its feature flags)."""
+    without one, ``DEFAULT_CPU_CLASS``, with the class of ``cpu`` (default: this machine's,
+    by its feature flags) to say next to it."""
     if choice is not None:
         if choice not in CPU_CLASSES:
             raise BadInputError(f"unknown INT8 CPU class {choice!r} (use {', '.join(CPU_CLASSES)})")
         return CpuClass(choice, "chosen")
-    cpu = this_cpu() if cpu is None else cpu
-    found = class_of(cpu)
-    label = " ".join(part for part in (cpu.machine, cpu.model) if part)
-    return CpuClass(found, "detected", label) if found is not None else CpuClass(DEFAULT_CPU_CLASS, "default", label)
+    return CpuClass(DEFAULT_CPU_CLASS, "default", class_of(this_cpu() if cpu is None else cpu))
 
 
 @dataclasses.dataclass

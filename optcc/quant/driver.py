@@ -277,10 +277,10 @@ def quantize_int8(
       (1.1 by default) by ``optcc.quant.cost_model``, a deterministic model of
       onnxruntime CPU (integer kernels it fuses, float islands and Q/DQ boundaries left,
       bytes moved) for the CPU class ``cpu`` ("x86-vnni", "x86-avx2", ``CPU_CLASSES``;
-      default: the class of this machine's CPU by its feature flags, ``cpu_class``), never
-      by a clock: the same call gives the same decision under any load, and on any machine
-      of the same class (any machine at all, with ``cpu`` given); ``stats["latency"]["cpu"]``
-      names the class and how it was chosen. Checked on the fully quantized model first (the fastest
+      default ``DEFAULT_CPU_CLASS`` whatever the machine, ``cpu_class``), never by a clock
+      or by the machine: the same call gives the same decision under any load and on any
+      machine; ``stats["latency"]["cpu"]`` names the class, how it was chosen and, next to
+      a default, the class of this machine's CPU by its feature flags. Checked on the fully quantized model first (the fastest
       INT8 variant: when even that is not faster, no fallback is attempted), right after
       calibration and before the noise floor and the bias correction (with ``smooth``,
       after them), and again on the model the fallback returns. ``measure_latency``: also time both models on
