@@ -280,10 +280,9 @@ def quantize_int8(
       default ``DEFAULT_CPU_CLASS`` whatever the machine, ``cpu_class``), never by a clock
       or by the machine: the same call gives the same decision under any load and on any
       machine; ``stats["latency"]["cpu"]`` names the class, how it was chosen and, next to
-      a default, the class of this machine's CPU by its feature flags. Checked on the fully quantized model first (the fastest
-      INT8 variant: when even that is not faster, no fallback is attempted), right after
-      calibration and before the noise floor and the bias correction (with ``smooth``,
-      after them), and again on the model the fallback returns. ``measure_latency``: also time both models on
+      a default, the class of this machine's CPU by its feature flags. Checked on the fully
+      quantized model first (the fastest INT8 variant: when even that is not faster, no
+      fallback is attempted) and again on the model the fallback returns. ``measure_latency``: also time both models on
       onnxruntime (``speed_threads`` threads, interleaved) and report it in
       ``stats["latency"]["measured"]``; it never decides.
     - ``require_target``: when the fallback cannot meet ``target`` within
@@ -391,55 +390,6 @@ def quantize_int8(
     float_model = working
     if o.groups is not None and len(o.groups) != len(samples):
         raise BadInputError(f"{len(o.groups)} group labels for {len(samples)} samples")
-    options: dict[str, Any] = dict(o.method_options)
-    if o.bins is not None:
-        options["bins"] = o.bins
-    user_exclude = list(o.exclude)
-    counts: dict[str, float] = {}  # mean elements per sample of each calibrated tensor, for the speed model
-
-    def calibrated(part: Sequence[Any]) -> Any:
-        return calibrate(float_model, part, o.method, cache_dir=o.cache_dir, progress=o.progress,
-                         executor=o.executor, shards=o.shards, **options)
-
-    def slower(candidate: ir.Model, key: str) -> str | None:
-        modelled = compare_modelled(float_model, candidate, counts, cpu.constants)
-        latency = stats.setdefault("latency", {})
-        latency[key] = {"modelled_speedup": modelled["speedup"], "float32": modelled["float32"],
-                        "int8": modelled["int8"]}
-        latency["cpu"] = cpu.to_dict()
-        latency["constants"] = modelled["constants"]
-        if o.measure_latency:  # reported only: a clock never decides
-            latency[key]["measured"] = compare_latency(float_model, candidate, held, threads=o.speed_threads)
-        lap("speed_check")
-        speedup = f"modelled speedup {modelled['speedup']:.2f}x for {cpu.describe()}"
-        stats["speed"] = f"{speedup}, " + (f"{o.min_speedup:g}x required" if o.require_speedup else "none required")
-        if modelled["speedup"] >= o.min_speedup:
-            return None
-        return (
-            f"INT8 is not faster than float32 by the required {o.min_speedup:g}x on onnxruntime CPU "
-            f"({speedup}: {modelled['int8']['integer_kernels']} integer kernels, "
-            f"{modelled['int8']['float_kernels']} float kernels, {modelled['int8']['boundaries']} "
-            f"Q/DQ conversions left; optcc.quant.cost_model); kept float32"
-        )
-
-    # Speed first: the fully quantized model (the fastest INT8 variant; its structure does
-    # not depend on the bias correction) is modelled before any accuracy work, so a model
-    # INT8 cannot speed up is declined before its noise floor is measured. Smoothing
-    # rewrites the float model from the calibration samples first, so it is modelled after.
-    early: tuple[list[Any], Any] | None = None  # the calibration samples and their calibration
-    if not o.smooth:
-        early = (calib, calibrated(calib))
-        counts = element_counts(early[1].stats)
-        lap("calibrate")
-        structure = create_pass("quantize-int8", ranges=early[1].ranges, per_channel=o.per_channel,
-                                activation_type=o.activation_type, exclude=user_exclude,
-                                count_fused=False)(float_model.clone())
-        lap("quantize")
-        if not structure.stats.get("layers"):
-            return decline("nothing", "nothing quantizable (no layer met the preconditions)")
-        problem = slower(structure.model, "fully_quantized")  # modelled (and reported) whether or not it decides
-        if o.require_speedup and problem:
-            return decline("speed", problem + " (even with every layer quantized; no fallback attempted)")
     judged = held  # the samples every candidate is judged on
     judge: TaskJudge | None = None
     confirm: Confirmation | None = None  # the verifier's judgement of every sample, where it is shared
@@ -499,11 +449,15 @@ def quantize_int8(
     if o.smooth:
         stats["smooth"] = _run_pass(working, "smooth-activations", samples=calib)
         lap("prepare")
-    # calibrated again only where the held-out samples widened (fewer calibration samples)
-    calibration = early[1] if early is not None and early[0] is calib else calibrated(calib)
+    options: dict[str, Any] = dict(o.method_options)
+    if o.bins is not None:
+        options["bins"] = o.bins
+    calibration = calibrate(float_model, calib, o.method, cache_dir=o.cache_dir, progress=o.progress,
+                            executor=o.executor, shards=o.shards, **options)
     stats["calibration"] = {**calibration.to_dict(), "held_out_samples": len(held)}
     stats["ranges"] = {k: [float(v[0]), float(v[1])] for k, v in calibration.ranges.items()}
     lap("calibrate")
+    user_exclude = list(o.exclude)
 
     made: dict[tuple[tuple[str, ...], tuple[str, ...] | None, bool], tuple[ir.Model, dict[str, Any]]] = {}
     correcting = o.bias_correction  # set once by the held-out judgement below
@@ -543,8 +497,28 @@ def quantize_int8(
             made[key] = (result.model.clone(), dict(result_stats))
         return result.model, result_stats
 
-    if early is None:
-        counts = element_counts(calibration.stats)
+    counts = element_counts(calibration.stats)
+
+    def slower(candidate: ir.Model, key: str) -> str | None:
+        modelled = compare_modelled(float_model, candidate, counts, cpu.constants)
+        latency = stats.setdefault("latency", {})
+        latency[key] = {"modelled_speedup": modelled["speedup"], "float32": modelled["float32"],
+                        "int8": modelled["int8"]}
+        latency["cpu"] = cpu.to_dict()
+        latency["constants"] = modelled["constants"]
+        if o.measure_latency:  # reported only: a clock never decides
+            latency[key]["measured"] = compare_latency(float_model, candidate, held, threads=o.speed_threads)
+        lap("speed_check")
+        speedup = f"modelled speedup {modelled['speedup']:.2f}x for {cpu.describe()}"
+        stats["speed"] = f"{speedup}, " + (f"{o.min_speedup:g}x required" if o.require_speedup else "none required")
+        if modelled["speedup"] >= o.min_speedup:
+            return None
+        return (
+            f"INT8 is not faster than float32 by the required {o.min_speedup:g}x on onnxruntime CPU "
+            f"({speedup}: {modelled['int8']['integer_kernels']} integer kernels, "
+            f"{modelled['int8']['float_kernels']} float kernels, {modelled['int8']['boundaries']} "
+            f"Q/DQ conversions left; optcc.quant.cost_model); kept float32"
+        )
 
     quantized, pass_stats = make()
     stats["pass"] = {k: v for k, v in pass_stats.items() if k not in ("layer_outputs", "layer_ops")}
@@ -552,9 +526,9 @@ def quantize_int8(
     lap("quantize")
     if not pass_stats.get("layers"):
         return decline("nothing", "nothing quantizable (no layer met the preconditions)")
-    if early is None:  # smoothed: modelled now (above)
-        problem = slower(quantized, "fully_quantized")  # modelled (and reported) whether or not it decides
-        if o.require_speedup and problem:
+    problem = slower(quantized, "fully_quantized")  # modelled (and reported) whether or not it decides
+    if o.require_speedup:
+        if problem:
             return decline("speed", problem + " (even with every layer quantized; no fallback attempted)")
     max_float_layers = o.max_float_layers
     if max_float_layers is None:
