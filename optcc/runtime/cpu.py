@@ -24,11 +24,10 @@ class CpuFeatures:
 
     machine: str
     flags: frozenset[str]
-    model: str = ""  # the vendor's model name, where the system says it
 
     @classmethod
-    def of(cls, machine: str, flags: Iterable[str], model: str = "") -> CpuFeatures:
-        return cls(machine.lower(), frozenset(f.lower() for f in flags), model)
+    def of(cls, machine: str, flags: Iterable[str]) -> CpuFeatures:
+        return cls(machine.lower(), frozenset(f.lower() for f in flags))
 
     @property
     def x86(self) -> bool:
@@ -40,22 +39,18 @@ class CpuFeatures:
         return self.x86 and bool({"avx512_vnni", "avx_vnni"} & self.flags)
 
 
-def _cpuinfo() -> tuple[list[str], str] | None:
+def _cpuinfo() -> list[str] | None:
+    """The first non-empty ``flags`` (x86) or ``Features`` (ARM) line of ``/proc/cpuinfo``, split."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             text = f.read()
     except OSError:
         return None
-    flags: list[str] = []
-    model = ""
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("flags", "features") and not flags:
-            flags = value.split()
-        elif key == "model name" and not model:
-            model = value.strip()
-    return (flags, model) if flags else None
+        if key.strip().lower() in ("flags", "features") and value.split():
+            return value.split()
+    return None
 
 
 def _numpy_flags() -> list[str]:
@@ -72,6 +67,5 @@ def _numpy_flags() -> list[str]:
 
 def this_cpu() -> CpuFeatures:
     """The features of the CPU this process runs on (module doc)."""
-    found = _cpuinfo()
-    flags, model = found if found is not None else (_numpy_flags(), "")
-    return CpuFeatures.of(platform.machine(), flags, model)
+    flags = _cpuinfo()
+    return CpuFeatures.of(platform.machine(), flags if flags is not None else _numpy_flags())
