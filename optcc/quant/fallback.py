@@ -931,8 +931,7 @@ class Confirmation:
     samples: Sequence[Feeds]
     target: Target
     reference_outputs: Mapping[str, Sequence[np.ndarray]]
-    outputs: Callable[[ir.Model], Mapping[str, Sequence[np.ndarray]]] | None = dataclasses.field(
-        default=None, compare=False, repr=False)
+    outputs: CandidateOutputs | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats: dict[str, Any],
