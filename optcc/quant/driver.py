@@ -538,14 +538,14 @@ def quantize_int8(
         # bias correction is kept only where it helps the task on the held-out samples (a
         # detector's class logits can all shift by the background's mean error)
         corrected = evaluate(float_model, quantized, judged, o.target, reference_outputs=judge.reference,
-                             candidate_outputs=None if judged_outputs is None else judged_outputs(quantized))
+                             outputs=judged_outputs)
         initial = (quantized, pass_stats, corrected)  # the fallback's starting point, evaluated once
         stats["bias_correction"] = {"kept": True, "shortfall_corrected": round(shortfall(corrected), 6)}
         if not corrected.passed:  # a model that passes ships as it is
             correcting = False
             plain, plain_stats = make()
             uncorrected = evaluate(float_model, plain, judged, o.target, reference_outputs=judge.reference,
-                                   candidate_outputs=None if judged_outputs is None else judged_outputs(plain))
+                                   outputs=judged_outputs)
             # dropped only when clearly worse: the uncorrected model passes, or the corrected
             # one misses by more than twice as much (a smaller difference is within the noise
             # of a few held-out samples)

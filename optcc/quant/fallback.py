@@ -282,34 +282,27 @@ def model_outputs(model: ir.Model, samples: Sequence[Feeds]) -> dict[str, list[n
     return {name: outputs.get(name) for name in outputs.names}
 
 
+# runs a candidate on the samples judged, as ``evaluate`` runs it (its outputs by name)
+CandidateOutputs = Callable[[ir.Model], Mapping[str, Sequence[np.ndarray]]]
+
+
 def evaluate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds],
              target: Target = Target(), *, optimized: bool = True,
              reference_outputs: _Outputs | Mapping[str, Sequence[np.ndarray]] | None = None,
-             candidate_outputs: Mapping[str, Sequence[np.ndarray]] | None = None) -> Evaluation:
+             outputs: CandidateOutputs | None = None) -> Evaluation:
     """Compare the candidate's graph outputs with the float reference's on ``samples``, and
-    a streaming model's answers on its second step (``reference_outputs`` and
-    ``candidate_outputs``: theirs, when already computed on them, as ``model_outputs``
-    returns them; the candidate's as ``optimized`` asks)."""
+    a streaming model's answers on its second step (``reference_outputs``: the reference's,
+    when already computed on them, as ``model_outputs`` returns them; ``outputs``: what
+    runs the candidate on them, as ``optimized`` asks, in its place)."""
     stream = stream_plan(reference)
     names = [v.name for v in reference.graph.outputs]
     names = names if stream is None else stream_names(names, stream)
     if isinstance(reference_outputs, Mapping):
         reference_outputs = _Outputs.of(reference_outputs)
     ref = reference_outputs if reference_outputs is not None else _Outputs(reference, samples, False, stream=stream)
-    got = _Outputs.of(candidate_outputs) if candidate_outputs is not None \
+    got = _Outputs.of(outputs(candidate)) if outputs is not None \
         else _Outputs(candidate, samples, optimized, stream=stream)
     return _compare(ref, got, names, target)
-
-
-# runs a candidate on the samples judged, as ``evaluate`` runs it (its outputs by name)
-CandidateOutputs = Callable[[ir.Model], Mapping[str, Sequence[np.ndarray]]]
-
-
-def _evaluated(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds], target: Target,
-               ref_outputs: _Outputs | None, outputs: CandidateOutputs | None) -> Evaluation:
-    """``evaluate`` of ``candidate`` on ``samples``, its outputs from ``outputs`` when given."""
-    return evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs,
-                    candidate_outputs=None if outputs is None else outputs(candidate))
 
 
 def shortfall(evaluation: Evaluation) -> float:
@@ -737,7 +730,7 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
         model, stats, initial = initial
     else:
         model, stats = quantize(exclude=[])
-        initial = _evaluated(reference, model, samples, target, ref_outputs, outputs)
+        initial = evaluate(reference, model, samples, target, reference_outputs=ref_outputs, outputs=outputs)
     report: dict[str, Any] = {"initial": initial.to_dict(), "kept_float": [], "sensitivity": [], "tried": []}
     if initial.passed:
         report.update(evaluation=initial.to_dict(), target_met=True)
@@ -828,7 +821,7 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
     def attempt(k: int) -> Evaluation:
         bar.advance()
         candidate, candidate_stats = quantize(exclude=order[:k])
-        evaluation = _evaluated(reference, candidate, samples, target, ref_outputs, outputs)
+        evaluation = evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs, outputs=outputs)
         results[k] = (evaluation, candidate, candidate_stats)
         # the search returns this one or a later one when it passes or is the budget's; else never
         _drop_models(results, [n for n in results if n != k] if evaluation.passed or k == limit else [k])
@@ -891,7 +884,7 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
 
     def attempt(k: int) -> Evaluation:
         candidate, candidate_stats = quantize(exclude=order[:k])
-        evaluation = _evaluated(reference, candidate, samples, target, ref_outputs, outputs)
+        evaluation = evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs, outputs=outputs)
         results[k] = (evaluation, candidate, candidate_stats)
         passing = [n for n, (e, _, _) in results.items() if n and e.passed]
         if passing:  # the search returns the smallest k that passes
@@ -944,7 +937,8 @@ def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats
     ``confirm`` accepts."""
     ref_outputs = _Outputs.of(confirm.reference_outputs)
     found = len(report.get("kept_float", []))
-    evaluation = _evaluated(reference, model, confirm.samples, confirm.target, ref_outputs, confirm.outputs)
+    evaluation = evaluate(reference, model, confirm.samples, confirm.target, reference_outputs=ref_outputs,
+                          outputs=confirm.outputs)
     report["confirmation"] = {"samples": len(confirm.samples), "float_layers_found": found,
                               "passed": evaluation.passed}
     if evaluation.passed:
