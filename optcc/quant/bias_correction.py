@@ -584,14 +584,18 @@ class _Segments:
             keys = [self.ids[name] for name in means]
             if all(key in self.measured.means for key in keys):
                 self.pending.append(k)
-                totals = [self.measured.means[key] for key in keys]
-                return (totals[-1] if k < len(self.positions) else None), (totals[0] if k else None)
+                return self._probe_and_previous(k, [self.measured.means[key] for key in keys])
         if self.pending:  # the tensors this segment reads, from the segments skipped
             self._carry(self._model(self.pending[0], self.pending[-1]), biases)
             self.pending = []
         totals = self._carry(self._model(k), biases)
         if self.measured is not None:
             self.measured.means.update(zip(keys, totals))
+        return self._probe_and_previous(k, totals)
+
+    def _probe_and_previous(self, k: int, totals: Sequence[np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Segment ``k``'s means (``_nodes``' order: layer ``k-1``'s first, the probe's last)
+        as ``run`` returns them."""
         return (totals[-1] if k < len(self.positions) else None), (totals[0] if k else None)
 
     def _carry(self, segment: _Segment, biases: Mapping[str, np.ndarray]) -> list:
