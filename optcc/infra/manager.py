@@ -194,21 +194,50 @@ class PassManager:
 
     def _run_split(self, model: ir.Model, fresh: Callable[[], ir.Model], split: int) -> PipelineResult:
         """The float steps, verified (bisected and reverted on failure), then the rest from
-        their verified result: a later failure is bisected among the later steps only."""
+        their verified result: a later failure is bisected among the later steps only.
+
+        The float steps' result is proved equal to the original where it can be
+        (``Verifier.prove``): the user's samples then run on it only if it is what is
+        written, i.e. when the later steps change nothing; where they change it, the final
+        verification runs the samples on their result."""
+        assert self.verifier is not None
         options = dict(strict=self.strict, verifier=self.verifier, check_invariants=self.check_invariants)
-        head = PassManager(self.pipeline[:split], **options, _numerics=self._base_numerics).run(model, fresh=fresh)
-        if head.verification is not None and head.verification.status == "failed":
-            skipped = ", ".join(dict.fromkeys(pass_name(p) for step in self.pipeline[split:] for p in step_passes(step)))
-            message = f"not run: {skipped} (the float passes before them failed verification)"
-            return dataclasses.replace(head, warnings=[*head.warnings, message])
+        head = PassManager(self.pipeline[:split], **options, _numerics=self._base_numerics)
+        first = head._complete(model, fresh, reverts={})
+        head_run, check = first, self.verifier.prove(first.model, first.numerics(), serialized=first.serialized)
+        if check is None or not check.passed:
+            head_run, check = head._verified(first)
+        if check.status == "failed":
+            return self._split_result(head_run, check, self._not_run(split))
         # the tail's verification judges the head's changes too: at least at their tolerance
-        tail = PassManager(self.pipeline[split:], **options, _numerics=head.numerics)
-        run = tail._complete(head.model, _copier(head.model), reverts={})
-        verification = head.verification  # of this very model, when the lossy steps changed nothing
+        tail = PassManager(self.pipeline[split:], **options, _numerics=head_run.numerics())
+        run = tail._complete(head_run.model, _copier(head_run.model), reverts={})
         if run.kept:
             run, verification = tail._verified(run)
-        return PipelineResult(run.model, head.records + run.records, head.warnings + run.warnings, run.numerics(),
-                              verification, head.unconverged + run.unconverged, run.summary)
+            return PipelineResult(run.model, head_run.records + run.records, head_run.warnings + run.warnings,
+                                  run.numerics(), verification, head_run.unconverged + run.unconverged, run.summary)
+        if check.proof is not None and self.verifier.user_samples:
+            # the float steps' result is what is written: the user's samples run on it (the
+            # later steps' result, which is it: they may have worked on it and restored it)
+            head_run.model = run.model
+            head_run, check = head._verified(head_run)
+            if head_run is not first:  # a float pass was reverted: that model is written
+                return self._split_result(head_run, check, records=run.records)
+        # of this very model, when the lossy steps changed nothing
+        return PipelineResult(run.model, head_run.records + run.records, head_run.warnings + run.warnings,
+                              run.numerics(), check, head_run.unconverged + run.unconverged, run.summary)
+
+    def _not_run(self, split: int) -> list[str]:
+        """The warning for the steps from ``split`` on when the float steps before them fail."""
+        skipped = ", ".join(dict.fromkeys(pass_name(p) for step in self.pipeline[split:] for p in step_passes(step)))
+        return [f"not run: {skipped} (the float passes before them failed verification)"]
+
+    @staticmethod
+    def _split_result(head_run: _Run, check: Verification, warnings: Sequence[str] = (),
+                      records: Sequence[PassRecord] = ()) -> PipelineResult:
+        """The float steps' run as the pipeline's result, with ``warnings`` added."""
+        return PipelineResult(head_run.model, [*head_run.records, *records], [*head_run.warnings, *warnings],
+                              head_run.numerics(), check, head_run.unconverged, head_run.summary)
 
     def _complete(self, model: ir.Model, fresh: Callable[[], ir.Model], reverts: dict[int, tuple[PassLike, str]]) -> _Run:
         """Run the steps; should onnx's checker reject the result, run them again from a

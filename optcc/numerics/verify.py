@@ -526,8 +526,8 @@ class Verifier:
         that failed); elsewhere every sample runs. ``serialized``: ``model``'s bytes when the
         caller has them (``Serialized``), used instead of serializing it again."""
         tolerance = self.tolerances[numerics]
-        if numerics in ("exact", "fusion") and self._generate is not None:  # the user's samples always run
-            proved = self._proved(model, numerics, tolerance, serialized)
+        if not self.user_samples:  # the user's samples always run
+            proved = self.prove(model, numerics, serialized=serialized)
             if proved is not None:
                 return proved
         whole = serialized is not None and not serialized.aside
@@ -637,6 +637,23 @@ class Verifier:
                             else None,
                             notes=self.notes() + (_few_items(verdicts.get(self.providers[0])) if by_task else []),
                             free_running=free or None, **base)
+
+    @property
+    def user_samples(self) -> bool:
+        """Whether the samples are the user's: ``check`` then runs them on every model."""
+        return self._generate is None
+
+    def prove(self, model: ir.Model, numerics: Numerics = "exact", *,
+              serialized: Serialized | None = None) -> Verification | None:
+        """A pass by proof, whoever gave the samples: every output of ``model`` proved to be
+        the original's computation and onnxruntime loading it (a failed verification when it
+        cannot); None when ``numerics`` is looser than "fusion" or nothing is proved. A proof
+        holds on every input, so it serves a model that is only a step on the way (the float
+        passes' result that a float16 or INT8 step changes further); ``check`` proves only
+        with generated samples, as the user's own samples always run on what is written."""
+        if numerics not in ("exact", "fusion"):
+            return None
+        return self._proved(model, numerics, self.tolerances[numerics], serialized)
 
     def _candidate_session(self, source: Any, provider: str, numerics: Numerics) -> Any:
         """The session ``check`` runs a ``numerics`` candidate (``source``: ``_source``'s) in."""
