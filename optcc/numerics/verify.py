@@ -152,7 +152,8 @@ class Verification:
                     f"loads on {where}")
         worst = self.worst()
         verdict = "PASS" if self.passed else "FAIL"
-        text = (f"{verdict} on {where} ({self.numerics} tolerance, {self.samples} sample(s), "
+        steps = f" of {self.decode_steps} decode steps each (present fed back as past)" if self.decode_steps else ""
+        text = (f"{verdict} on {where} ({self.numerics} tolerance, {self.samples} sample(s){steps}, "
                 f"against {self.reference.split(' (')[0] if 'unavailable' in self.reference else self.reference})")
         if worst is not None:
             bits = [f"worst output '{worst.name}'"]
