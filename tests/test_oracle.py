@@ -573,3 +573,27 @@ def test_float64_references_of_several_sample_sets_serialize_the_original_once(m
         assert reference.outputs is not None, reference.reason
         for outputs, i in zip(reference.outputs, positions):
             np.testing.assert_allclose(outputs["y"], _float64_conv_bn(model, inputs[i]["x"]), rtol=1e-12, atol=1e-9)
+
+
+def test_the_node_check_and_evaluation_carry_non_finite_values():
+    """A picture with an infinite and a missing pixel through a 1x1 Conv (no float64 kernel
+    in onnxruntime: onnx's evaluator, checked node by node against onnxruntime): the
+    float64 outputs are numpy's, infinities and NaNs in the same places."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((3, 2, 1, 1)).astype(np.float32)
+    x = rng.standard_normal((1, 2, 4, 4)).astype(np.float32)
+    x[0, 0, 1, 1], x[0, 1, 2, 3] = np.inf, np.nan
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    reference = Float64Reference.build(model, [{"x": x}])
+    assert reference.kind == "float64 (onnx reference evaluator)", reference.reason
+    expected = np.maximum(np.einsum("mc,nchw->nmhw", w[:, :, 0, 0].astype(np.float64), x.astype(np.float64)), 0)
+    np.testing.assert_array_equal(np.isnan(reference.outputs[0]["y"]), np.isnan(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_array_equal(reference.outputs[0]["y"][~finite & ~np.isnan(expected)],
+                                  expected[~finite & ~np.isnan(expected)])
+    np.testing.assert_allclose(reference.outputs[0]["y"][finite], expected[finite], rtol=1e-12)
