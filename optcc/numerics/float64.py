@@ -175,9 +175,12 @@ class _Conv(OpRun):
             windows = _windows(X, kernel, strides, dilations, pad, 0.0)  # [N, C, *out, *kernel]
             out_shape = windows.shape[2:2 + spatial]
             cg, mg = c // group, m // group
-            if cg == 1 and mg == 1:  # depthwise
-                w = W.reshape(c, *kernel)
-                y = (windows * w.reshape(1, c, *([1] * spatial), *kernel)).sum(axis=tuple(range(-spatial, 0)))
+            if cg == 1 and mg == 1:  # depthwise: one product per kernel offset, summed in row-major order
+                w = W.reshape(c, -1).T.reshape(-1, 1, c, *([1] * spatial))  # [offsets, 1, C, 1...]
+                offsets = np.ndindex(*kernel)
+                y = windows[(..., *next(offsets))] * w[0]
+                for i, offset in enumerate(offsets, 1):
+                    y += windows[(..., *offset)] * w[i]
             else:
                 results = []
                 for g in range(group):
