@@ -11,6 +11,14 @@ function body); each ``W_i`` a 2-D float initializer ``[K, N_i]`` that is no gra
 others; ``a`` of known rank >= 2 (a 1-D ``a`` drops the last axis, and Split needs it).
 MatMuls whose result is a graph output are fine: the Split produces the same values.
 
+Only narrow weights are merged: ``N_i < 16``. onnxruntime's CPU SGEMM (MLAS, x86
+AVX/FMA3) computes 16 float columns per pass and pads a packed constant weight to a
+multiple of 16 columns, so a narrower MatMul pays for 16 columns on its own and the merged
+one fills them. A weight at least that wide already runs at full speed alone: merged,
+nothing is computed faster, and the Split copies every element of the result once more
+(onnxruntime writes each Split output to its own buffer), so Q/K/V projections of a
+transformer (``N_i`` = hidden size) run slower merged, at every row count.
+
 Numerics ("fusion"): ``y[..., j]`` is the dot product of the same row of ``a`` with the
 same column of the same weights, so the result is exact in real arithmetic; only a
 kernel that picks its accumulation order by the matrix's width could round differently
@@ -29,16 +37,19 @@ __all__ = ["FuseParallelMatMulsPass"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+# Columns one pass of onnxruntime's CPU SGEMM computes (and pads packed weights to); wider weights stay apart.
+_KERNEL_COLUMNS = 16
 
 
 def _weight(node: ir.Node) -> np.ndarray | None:
-    """The weight of ``MatMul(a, W)`` when it may be moved into a concatenation."""
+    """The weight of ``MatMul(a, W)`` when it may be moved into a concatenation: narrower
+    than one kernel pass."""
     w = node.inputs[1]
     if (w is None or not w.is_initializer() or w.is_graph_input() or w.is_graph_output()
             or w.const_value is None or len(w.uses()) != 1 or w.dtype not in _FLOATS):
         return None
     array = w.const_value.numpy()
-    return array if array.ndim == 2 else None
+    return array if array.ndim == 2 and array.shape[1] < _KERNEL_COLUMNS else None
 
 
 def _groups(graph: ir.Graph) -> list[list[tuple[ir.Node, np.ndarray]]]:

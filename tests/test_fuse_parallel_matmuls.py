@@ -1,7 +1,8 @@
 """fuse-parallel-matmuls: MatMuls of one input by constant weights become one MatMul and
 a Split. Numerics against onnx's reference evaluator (float32 within the fusion
 tolerance; float64 as the precise reference); negative cases: a shared weight, a weight
-that is a graph input, weights of different K, one MatMul, unknown rank."""
+that is a graph input, weights of different K, one MatMul, unknown rank, weights as wide
+as one CPU kernel pass (16 columns) or wider."""
 
 from __future__ import annotations
 
@@ -87,15 +88,29 @@ def test_unknown_rank_input_stays():
     assert not FuseParallelMatMulsPass()(ir.from_proto(proto)).modified
 
 
+def test_narrow_weights_merge_and_wide_ones_stay_apart():
+    """Q/K/V-like projections 16 columns wide or wider stay three MatMuls; of a group
+    mixing widths, the narrow ones (15 and 4 columns) are merged and the results of all
+    five still match the reference evaluator."""
+    wide = _model(["B", 6, 32], {"wq": [32, 16], "wk": [32, 16], "wv": [32, 64]})
+    assert not FuseParallelMatMulsPass()(ir.from_proto(wide)).modified
+    mixed = _model(["B", 6, 32], {"wq": [32, 16], "g1": [32, 15], "wk": [32, 32], "g2": [32, 4], "wv": [32, 16]})
+    result = _check(mixed, {"a": [3, 6, 32]})
+    assert _ops(result.model) == {"MatMul": 4, "Split": 1}
+    split = next(n for n in result.model.graph if n.op_type == "Split")
+    assert split.inputs[1].const_value.numpy().tolist() == [15, 4]
+    assert [v.name for v in result.model.graph.outputs] == ["y_wq", "y_g1", "y_wk", "y_g2", "y_wv"]
+
+
 def test_suite_fuse_qkv():
-    """onnx/optimizer's test_fuse_qkv: three projections of one input, 8 nodes -> 7 at
-    -O2 (onnxsim: 7, onnxoptimizer: 8)."""
+    """onnx/optimizer's test_fuse_qkv: three 320-column projections of one input stay three
+    MatMuls at -O2 (8 nodes, as onnxoptimizer leaves them); the results match the original."""
     entry = {e.name: e for e in peer_suites.build_models()}.get("test_fuse_qkv")
     if entry is None:
         pytest.skip("onnx/optimizer's suite file is not cached")
     result = optcc.optimize(entry.model, level=2, verify=False)
-    assert len(result.model.graph.node) == 7
-    assert [n.op_type for n in result.model.graph.node].count("MatMul") == 1
+    assert len(result.model.graph.node) == 8
+    assert [n.op_type for n in result.model.graph.node].count("MatMul") == 3
     feeds = random_feeds(entry.model, seed=7)
     got = expected_outputs(result.model, feeds)
     assert_close(got, expected_outputs(entry.model, feeds), EXACT_RTOL)
