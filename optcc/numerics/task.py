@@ -190,7 +190,8 @@ __all__ = [
     "projected_outputs",
     "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "REGRESSION_NAMES", "sequence_outputs",
     "float_free_outputs",
-    "measure", "deviations", "TaskJudge", "perturbation_draws", "perturbation_roles", "FLOOR_DRAWS", "ctc_greedy",
+    "measure", "deviations", "TaskJudge", "perturbation_draws", "perturbation_roles", "unmoved", "FLOOR_DRAWS",
+    "ctc_greedy",
     "map_boxes", "yolo_boxes", "box_f1", "box_layout", "class_rows", "anchor_grid",
 ]
 
@@ -531,6 +532,21 @@ def perturbation_draws(samples: Sequence[Mapping[str, np.ndarray]], draws: int, 
             how.update(described)
         result.append(moved)
     return result, how
+
+
+def unmoved(samples: Sequence[Mapping[str, np.ndarray]], moved: Sequence[Mapping[str, np.ndarray]]) -> bool:
+    """Whether every sample of ``moved`` (a ``perturbation_draws`` draw of ``samples``) holds
+    the same inputs as its sample in ``samples``, dtype and values: no input of the model
+    can move (token ids, masks). A model's outputs on them are then its outputs on
+    ``samples``, and need no run of their own."""
+
+    def same(a: np.ndarray, b: np.ndarray) -> bool:
+        a, b = np.asarray(a), np.asarray(b)
+        return a is b or (a.dtype == b.dtype and np.array_equal(a, b))
+
+    return len(samples) == len(moved) and all(
+        feeds.keys() == other.keys() and all(same(feeds[name], other[name]) for name in feeds)
+        for feeds, other in zip(samples, moved))
 
 
 # --------------------------------------------------------------------------- metrics

@@ -87,7 +87,7 @@ from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import ORIGINAL_ERROR_FACTOR, SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, TaskJudge, UserMetric,
                                  float_free_outputs, perturbation_draws, perturbation_roles, projected_outputs,
-                                 sequence_outputs)
+                                 sequence_outputs, unmoved)
 from optcc.progress import Progress
 from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, first_line, make_session, resolve_providers, run,
                                    session_options)
@@ -462,12 +462,23 @@ class Verifier:
             roles = input_roles(self._model)
             moving = perturbation_roles(roles)
             (perturbed,), how = perturbation_draws(self.feeds, 1, **moving)
-            session = self._session(self.original, provider)
+            session = None
+
+            def cases(samples: Sequence[Feeds]) -> list[list[np.ndarray]]:
+                """The original's cases on ``samples``, perturbed ones; where no input moved,
+                its cases on ``self.feeds`` (the same session options and inputs)."""
+                nonlocal session
+                if unmoved(self.feeds, samples):
+                    return float32[provider]
+                if session is None:
+                    session = self._session(self.original, provider)
+                return self._cases(session, samples)
+
             masks = None
             mask_names = [n for n, role in roles.items() if role == "mask"]
             if mask_names and self._plan is None:
                 masks = [f.get(mask_names[0]) for f in self.feeds]
-            judge = TaskJudge(self._judged(float32[provider]), self._judged(self._cases(session, perturbed)),
+            judge = TaskJudge(self._judged(float32[provider]), self._judged(cases(perturbed)),
                               perturbation=how, masks=masks,
                               groups=self._groups if self._plan is None else None,
                               sequences=sequence_outputs(self._model), heads=projected_outputs(self._model),
@@ -476,7 +487,7 @@ class Verifier:
                               **self._task)
             if self._plan is None and judge.wants_draws():  # float32's own errors excused, or a mean floor
                 more, _ = perturbation_draws(self.feeds, FLOOR_DRAWS, first=1, **moving)
-                judge = dataclasses.replace(judge, draws=[self._judged(self._cases(session, d)) for d in more])
+                judge = dataclasses.replace(judge, draws=[self._judged(cases(d)) for d in more])
             self._judges[provider] = judge
         return self._judges[provider]
 

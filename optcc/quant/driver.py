@@ -38,7 +38,7 @@ from optcc.numerics.decode import stream_plan
 from optcc.numerics.inputs import input_roles
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, MIN_ITEMS, TaskJudge, UserMetric,
                                  float_free_outputs, perturbation_draws, perturbation_roles, projected_outputs,
-                                 sequence_outputs)
+                                 sequence_outputs, unmoved)
 
 __all__ = ["Int8Options", "quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
 
@@ -116,15 +116,22 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
     moving = perturbation_roles(input_roles(model))
     stream = stream_plan(model)  # its state is judged in the second step's answers (``model_outputs``)
     moved, how = perturbation_draws(held, 1, **moving)
-    both = model_outputs(model, [*held, *moved[0]])
-    reference = {name: values[:len(held)] for name, values in both.items()}
-    perturbed = {name: values[len(held):] for name, values in both.items()}
+    if unmoved(held, moved[0]):  # no input moves: the perturbed outputs are the reference's
+        reference = model_outputs(model, held)
+        perturbed = {name: list(values) for name, values in reference.items()}
+    else:
+        both = model_outputs(model, [*held, *moved[0]])
+        reference = {name: values[:len(held)] for name, values in both.items()}
+        perturbed = {name: values[len(held):] for name, values in both.items()}
     judge = TaskJudge(reference, perturbed, metric, margin, metric_target, min_sqnr_db, how, groups=groups,
                       sequences=sequence_outputs(model), heads=projected_outputs(model), exact=float_free_outputs(model),
                       state=stream.state_outputs if stream is not None else ())
     if draws < 2 or not judge.wants_draws():
         return judge
     more, _ = perturbation_draws(held, draws, first=1, **moving)
+    if all(unmoved(held, draw) for draw in more):
+        return dataclasses.replace(judge, draws=[{name: list(values) for name, values in reference.items()}
+                                                 for _ in more])
     outputs = model_outputs(model, [feeds for draw in more for feeds in draw])
     count = len(held)
     return dataclasses.replace(judge, draws=[{name: values[d * count:(d + 1) * count]
