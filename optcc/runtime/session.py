@@ -15,9 +15,9 @@ onnxruntime's priority-based order, which makes the float32 copy of a float16 we
 (onnxruntime's CPU kernels read float16 through float32) where it is read instead of all
 of them first. A model file with external data (or past protobuf's limit) also loads
 without pre-packing, so that a model and its rewrite run the same kernels. A large
-in-memory model run as written (no graph optimizations) is not serialized with its
-weights either: they are handed over as arrays with pre-packing on, the kernels and
-results of a session of its bytes. Handed-over weights are for the CPU alone: on any other
+in-memory model is not serialized with its weights either: they are handed over as
+arrays with pre-packing on (as external initializers where graph optimizations run), the
+kernels and results of a session of its bytes. Handed-over weights are for the CPU alone: on any other
 provider such a model is saved into the scratch folder, its weights in an external file,
 and loaded from that path (a CUDA session given them in memory computes other results).
 """
@@ -128,9 +128,9 @@ def make_session(
     it is loaded as an onnx-ir model); an onnx-ir model that needs external data gets its
     large weights handed over in place (see the module docstring); one with external
     weights inside a subgraph is saved into ``scratch``. An in-memory onnx-ir model with
-    ``HANDOVER_MIN_BYTES`` of weights or more, run without graph optimizations, gets its
-    large main-graph weights handed over as arrays (``shared_weights.weighted_session``:
-    the same kernels and results as from its serialization). ``options``
+    ``HANDOVER_MIN_BYTES`` of weights or more gets its large main-graph weights handed
+    over as arrays (``shared_weights.weighted_session``, with or without graph
+    optimizations: the same kernels and results as from its serialization). ``options``
     is used for this one session (the handed-over weights are added to it)."""
     options = options or session_options()
     if isinstance(model, (str, os.PathLike)):
@@ -160,10 +160,10 @@ def make_session(
         if _external_in_bodies(model):
             return _saved_session(model, provider, options, scratch)
         return _shared_weights_session(model, provider, options)
-    if options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL \
-            and oir.weight_bytes(model) >= HANDOVER_MIN_BYTES:
-        # no serialized copy of the weights (a protobuf and its bytes: twice their size):
-        # the graph alone, the arrays handed over, pre-packed as from a full proto
+    if oir.weight_bytes(model) >= HANDOVER_MIN_BYTES:
+        # no serialized copy of the weights (a protobuf and its bytes: twice their size, and
+        # onnxruntime's own copy of them): the graph alone, the arrays handed over,
+        # pre-packed and optimized as from a full proto
         proto, weights = light_proto(model, min_bytes=SHARED_MIN_BYTES)
         return weighted_session(proto, weights, options, provider)
     return ort.InferenceSession(oir.serialize(model).SerializeToString(), options, providers=[provider_entry(provider)])
