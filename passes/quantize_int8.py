@@ -687,7 +687,9 @@ class _Rewriter:
 
     def _initializer(self, base: str, array: np.ndarray) -> ir.Value:
         name = self.names.value(base)
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        # an array is wrapped as ir.tensor() would wrap it, without its Protocol isinstance checks
+        tensor = ir.Tensor(array, name=name) if isinstance(array, np.ndarray) else ir.tensor(array, name=name)
+        value = ir.Value(name=name, const_value=tensor)
         value.dtype = ir.DataType.from_numpy(array.dtype)
         value.shape = ir.Shape(array.shape)
         self.graph.register_initializer(value)
