@@ -77,3 +77,28 @@ def test_a_check_of_another_model_runs_that_model(optimized_runs: list[int]) -> 
     assert len(optimized_runs) == 6
     (metrics,) = check.outputs
     assert metrics.sqnr_db == pytest.approx(_sqnr_db(2.5, samples), abs=0.01)
+
+
+def test_a_candidate_is_serialized_once_per_call(optimized_runs: list[int], monkeypatch) -> None:
+    """Its bytes are both what onnxruntime loads and what identifies it: the outputs kept
+    for it serve its check, and nothing serializes it a second time to digest it."""
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.uniform(0.1, 1.0, SHAPE).astype(np.float32)} for _ in range(3)]
+    candidate = _scaled(1.9)
+    serialized: list[int] = []
+    serialize = optcc.ir.serialize
+
+    def counting(model, *args, **kwargs):
+        if model is candidate:
+            serialized.append(1)
+        return serialize(model, *args, **kwargs)
+
+    with Verifier(_scaled(2.0), inputs=samples, providers=["cpu"]) as verifier:
+        monkeypatch.setattr(optcc.ir, "serialize", counting)
+        verifier.outputs(candidate, range(3))
+        assert len(serialized) == 1
+        check = verifier.check(candidate, "int8")
+        assert len(serialized) == 2  # the check's own bytes, digested to find what was kept
+    assert len(optimized_runs) == 3
+    (metrics,) = check.outputs
+    assert metrics.sqnr_db == pytest.approx(_sqnr_db(1.9, samples), abs=0.01)

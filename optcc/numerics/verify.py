@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import tempfile
@@ -576,7 +577,7 @@ class Verifier:
         with Progress("verifying", len(self.providers) * len(feeds), enabled=self._progress) as bar:
             for provider in self.providers:
                 session = None
-                kept = self._kept_cases(model, provider, positions) if numerics == "int8" else None
+                kept = self._kept_cases(model, source, provider, positions) if numerics == "int8" else None
                 if kept is not None:  # a pass had this very model run on these samples (``outputs``)
                     candidate_names, got_all = kept
                 else:
@@ -679,17 +680,18 @@ class Verifier:
     def outputs(self, model: ir.Model, positions: Sequence[int], provider: str = CPU) -> dict[str, list[np.ndarray]]:
         """An INT8 candidate's outputs by name on the samples at ``positions`` (in ``feeds``),
         run as ``check`` runs it. The last model asked about keeps its outputs, by its
-        ``content_digest``, until another is asked about or the next INT8 check on
+        digest (``_digest``), until another is asked about or the next INT8 check on
         ``provider``, which uses them when it judges that very model: a pass that judges its
         result on the verifier's samples (the INT8 pass's confirmation) and the verification
         of that result run it once. Not for a KV-cache decoder."""
-        digest = content_digest(model)
+        source = self._source(model)  # serialized once: its bytes identify the model too
+        digest = _digest(model, source)
         if self._kept is None or (self._kept.digest, self._kept.provider) != (digest, provider):
             self._kept = _KeptOutputs(digest, provider, [], {})
         kept = self._kept
         missing = [p for p in dict.fromkeys(positions) if p not in kept.cases]
         if missing:
-            session = self._candidate_session(self._source(model), provider, "int8")
+            session = self._candidate_session(source, provider, "int8")
             kept.names = [o.name for o in session.get_outputs()]
             for position, outs in zip(missing, self._cases(session, [self.feeds[p] for p in missing])):
                 kept.cases[position] = outs
@@ -698,7 +700,7 @@ class Verifier:
         names = kept.names if self._stream is None else stream_names(kept.names, self._stream)
         return {name: [kept.cases[p][i] for p in positions] for i, name in enumerate(names)}
 
-    def _kept_cases(self, model: ir.Model, provider: str,
+    def _kept_cases(self, model: ir.Model, source: Any, provider: str,
                     positions: Sequence[int]) -> tuple[list[str], list[list[np.ndarray]]] | None:
         """``model``'s output names and cases at ``positions`` on ``provider`` when ``outputs``
         kept them all for this very model; else None. What was kept is released: an INT8
@@ -708,7 +710,7 @@ class Verifier:
             return None
         self._kept = None
         if self._plan is not None or any(p not in kept.cases for p in positions) \
-                or kept.digest != content_digest(model):
+                or kept.digest != _digest(model, source):
             return None
         return kept.names, [kept.cases[p] for p in positions]
 
@@ -877,10 +879,19 @@ class Verifier:
         return result, f"float32 original (float64 unavailable: {reference.reason})"
 
 
+def _digest(model: ir.Model, source: Any) -> str:
+    """What identifies the model a session of ``source`` (``Verifier._source``'s) runs: the
+    SHA-256 of its bytes, or, for the model itself (handed over in place), its
+    ``content_digest``. Equal digests: the same graph on the same weights."""
+    if isinstance(source, bytes):
+        return "bytes:" + hashlib.sha256(source).hexdigest()
+    return "content:" + content_digest(model)
+
+
 @dataclasses.dataclass
 class _KeptOutputs:
-    """One candidate's outputs kept by ``Verifier.outputs``: its digest, the provider, its
-    output names, and its outputs by sample position."""
+    """One candidate's outputs kept by ``Verifier.outputs``: its digest (``_digest``), the
+    provider, its output names, and its outputs by sample position."""
 
     digest: str
     provider: str
