@@ -213,3 +213,27 @@ def test_an_accuracy_decline_reads_as_separate_clauses() -> None:
     assert f"(target {TARGET.min_argmax_agreement:g}); even the 1 layers the budget allows" in stats["reason"], \
         stats["reason"]
     assert stats["reason"].endswith("do not meet it; kept float32")
+
+
+def test_a_speed_decline_corrects_no_bias(monkeypatch) -> None:
+    """The decline is decided on the fully quantized model before its bias correction (which
+    can only add nodes): nothing is measured for a model that is not shipped."""
+    import optcc.quant.driver as driver
+
+    corrections: list[int] = []
+    correct = driver.correct_biases
+
+    def counting(*args, **kwargs):
+        corrections.append(1)
+        return correct(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "correct_biases", counting)
+    model = _conv_bn()
+    q, stats = quantize_int8(model, _images(10), "minmax", min_speedup=1e6)
+    assert stats["declined"] == "speed" and corrections == []
+    assert "bias_correction" not in stats["pass"]
+    _assert_same_outputs(model, q, _images(3, seed=9))
+    # accepted for speed, the model is corrected once and modelled as it ships
+    shipped, accepted = quantize_int8(model, _images(10), "minmax", min_speedup=1e-9, require_target=False)
+    assert len(corrections) == 1 and accepted["pass"]["bias_correction"]["layers"] == 2
+    assert accepted["latency"]["fully_quantized"]["modelled_speedup"] > 0

@@ -316,7 +316,8 @@ def quantize_int8(
     some returned to float (not the single-layer models of the ranking) gets its Conv and
     Gemm biases corrected for the mean shift quantization causes
     (``optcc.quant.bias_correction.correct_biases``), measured on the first
-    ``bias_correction_samples`` calibration samples. With a task judge, the fully
+    ``bias_correction_samples`` calibration samples; a model declined for speed is not
+    corrected (its speed is checked first, and again once corrected). With a task judge, the fully
     quantized model is judged with and without the correction, and the correction is
     dropped for the whole run when the corrected one fails and the correction is
     clearly worse on the held-out samples (the uncorrected model passes, or the corrected
@@ -473,15 +474,9 @@ def quantize_int8(
     # and the segment means every candidate shares upstream of its first float layer, measured once
     segment_means = SegmentMeans()
 
-    def make(exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> tuple[ir.Model, dict[str, Any]]:
-        # the fully quantized model (the one asked for again) is built and bias-corrected
-        # once; a fallback candidate is kept only by the search, which drops those it can
-        # no longer return (each holds its own INT8 weights)
-        key = (tuple(sorted(exclude)), None if only is None else tuple(sorted(only)), correcting)
-        if key in made:
-            model, made_stats = made[key]
-            return model.clone(), dict(made_stats)
-        candidate = float_model.clone()
+    def build(exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> tuple[ir.Model, dict[str, Any]]:
+        """The float model with ``exclude`` kept float (``only``: just those layers
+        quantized), its biases as quantized."""
         result = create_pass(
             "quantize-int8",
             ranges=calibration.ranges,
@@ -490,19 +485,36 @@ def quantize_int8(
             exclude=[*user_exclude, *exclude],
             only=only,
             count_fused=False,
-        )(candidate)
-        result_stats = dict(result.stats)
-        if correcting and only is None:
+        )(float_model.clone())
+        return result.model, dict(result.stats)
+
+    def with_corrected_bias(candidate: ir.Model, result_stats: dict[str, Any]) -> tuple[ir.Model, dict[str, Any]]:
+        """``candidate`` (``build``'s, all its layers quantized or some returned to float)
+        with its biases corrected in place, when the run corrects them."""
+        if correcting:
             try:
                 result_stats["bias_correction"] = correct_biases(
-                    float_model, result.model, calib[:o.bias_correction_samples], progress=o.progress,
+                    float_model, candidate, calib[:o.bias_correction_samples], progress=o.progress,
                     means=float_means, measured=segment_means)
             except Exception as e:  # noqa: BLE001 - onnxruntime refused the measuring model:
                 # nothing was written (biases are written after the last run); keep it as is
                 result_stats["bias_correction"] = {"layers": 0, "error": _first_line(e)}
+        return candidate, result_stats
+
+    def make(exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> tuple[ir.Model, dict[str, Any]]:
+        # the fully quantized model (the one asked for again) is built and bias-corrected
+        # once; a fallback candidate is kept only by the search, which drops those it can
+        # no longer return (each holds its own INT8 weights)
+        key = (tuple(sorted(exclude)), None if only is None else tuple(sorted(only)), correcting)
+        if key in made:
+            model, made_stats = made[key]
+            return model.clone(), dict(made_stats)
+        model, result_stats = build(exclude, only)
+        if only is None:
+            model, result_stats = with_corrected_bias(model, result_stats)
         if only is None and not exclude:
-            made[key] = (result.model.clone(), dict(result_stats))
-        return result.model, result_stats
+            made[key] = (model.clone(), dict(result_stats))
+        return model, result_stats
 
     counts = element_counts(calibration.stats)
 
@@ -527,16 +539,31 @@ def quantize_int8(
             f"Q/DQ conversions left; optcc.quant.cost_model); kept float32"
         )
 
-    quantized, pass_stats = make()
+    def speed_decline(fully_quantized: ir.Model) -> tuple[ir.Model, dict[str, Any]] | None:
+        """The decline when ``fully_quantized`` (the fastest INT8 variant) is not faster
+        enough; its modelled speed is reported whether or not it decides."""
+        problem = slower(fully_quantized, "fully_quantized")
+        if problem and o.require_speedup:
+            return decline("speed", problem + " (even with every layer quantized; no fallback attempted)")
+        return None
+
+    # a model declined for speed is never bias-corrected: the correction only adds nodes
+    # (a DequantizeLinear for a layer that had no bias), so the uncorrected model is modelled
+    # at least as fast, and a decline of it is the corrected one's decline
+    quantized, pass_stats = build()
     stats["pass"] = {k: v for k, v in pass_stats.items() if k not in ("layer_outputs", "layer_ops")}
     stats["layer_ops"] = dict(pass_stats.get("layer_ops") or {})  # every quantizable layer's op, for the report
     lap("quantize")
     if not pass_stats.get("layers"):
         return decline("nothing", "nothing quantizable (no layer met the preconditions)")
-    problem = slower(quantized, "fully_quantized")  # modelled (and reported) whether or not it decides
-    if o.require_speedup:
-        if problem:
-            return decline("speed", problem + " (even with every layer quantized; no fallback attempted)")
+    if (declined := speed_decline(quantized)) is not None:
+        return declined
+    quantized, pass_stats = with_corrected_bias(quantized, pass_stats)
+    made[((), None, correcting)] = (quantized.clone(), dict(pass_stats))  # ``make()``'s, asked for again
+    stats["pass"] = {k: v for k, v in pass_stats.items() if k not in ("layer_outputs", "layer_ops")}
+    lap("quantize")
+    if (declined := speed_decline(quantized)) is not None:  # as it ships: modelled and reported
+        return declined
     max_float_layers = o.max_float_layers
     if max_float_layers is None:
         max_float_layers = int(o.max_float_fraction * len(pass_stats["layers"]))
