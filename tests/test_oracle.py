@@ -597,3 +597,30 @@ def test_the_node_check_and_evaluation_carry_non_finite_values():
     np.testing.assert_array_equal(reference.outputs[0]["y"][~finite & ~np.isnan(expected)],
                                   expected[~finite & ~np.isnan(expected)])
     np.testing.assert_allclose(reference.outputs[0]["y"][finite], expected[finite], rtol=1e-12)
+
+
+@pytest.mark.parametrize("missing_pixel", [False, True])
+def test_the_node_check_refuses_an_evaluator_that_disagrees_with_onnxruntime(missing_pixel):
+    """onnxruntime's Conv output nudged by 1% (as a kernel that computed something else
+    would): the node check names that Conv, whether or not the values hold a NaN."""
+    from optcc.numerics.float64 import _check_nodes, _float32_values, _opset, _releases, to_float64
+
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((3, 2, 1, 1)).astype(np.float32)
+    x = rng.standard_normal((1, 2, 4, 4)).astype(np.float32)
+    if missing_pixel:
+        x[0, 1, 2, 3] = np.nan
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model64, _ = to_float64(model)
+    evaluator = ReferenceEvaluator(model64, new_ops=_kernels(_opset(model)))
+    values, problem = _float32_values(model, {"x": x})
+    assert problem is None
+    assert _check_nodes(model, evaluator, dict(values), _releases(model.graph, ["y"])) is None
+    values["c"] = values["c"] * np.float32(1.01)
+    problem = _check_nodes(model, evaluator, dict(values), _releases(model.graph, ["y"]))
+    assert problem is not None and "Conv 'conv'" in problem and "rel" in problem

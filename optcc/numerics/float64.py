@@ -556,12 +556,13 @@ def _check_nodes(proto: onnx.ModelProto, evaluator: ReferenceEvaluator, values: 
                 if not np.array_equal(finite, np.isfinite(mine)):
                     return (f"onnx's reference evaluator disagrees with onnxruntime on {node.op_type} "
                             f"'{node.name}' (non-finite values)")
-                if finite.size and finite.all():  # no mask to apply: the same maxima without copies
-                    scale = float(np.abs(t64).max())
-                    err = float(np.abs(mine - t64).max())
-                elif finite.any():
-                    scale = float(np.abs(t64[finite]).max())
-                    err = float(np.abs(mine[finite] - t64[finite]).max())
+                if finite.any():
+                    if finite.all():  # no mask to apply: the same maxima without copies
+                        scale = float(np.abs(t64).max())
+                        err = float(np.abs(mine - t64).max())
+                    else:
+                        scale = float(np.abs(t64[finite]).max())
+                        err = float(np.abs(mine[finite] - t64[finite]).max())
                     if err > NODE_CHECK_REL * scale + INPUT_ROUNDING_ULPS * _EPS32 * _input_scale(args) + 1e-30:
                         return (f"onnx's reference evaluator disagrees with onnxruntime on {node.op_type} "
                                 f"'{node.name}' (rel {err / scale if scale else err:.2g})")
