@@ -178,6 +178,12 @@ def _describe_miss(evaluation: Mapping[str, Any], target: Target) -> str:
     return detail
 
 
+def _reported(pass_stats: Mapping[str, Any]) -> dict[str, Any]:
+    """The quantize-int8 pass's stats as the INT8 stats report them: without its per-layer
+    output names and ops (``layer_ops`` is reported on its own)."""
+    return {k: v for k, v in pass_stats.items() if k not in ("layer_outputs", "layer_ops")}
+
+
 def _first_line(error: BaseException) -> str:
     """The error's first line (200 characters at most), or its type when it says nothing."""
     text = str(error).strip()
@@ -467,7 +473,8 @@ def quantize_int8(
     lap("calibrate")
     user_exclude = list(o.exclude)
 
-    made: dict[tuple[tuple[str, ...], tuple[str, ...] | None, bool], tuple[ir.Model, dict[str, Any]]] = {}
+    # the fully quantized model, by whether its biases are corrected: asked for again, built once
+    fully: dict[bool, tuple[ir.Model, dict[str, Any]]] = {}
     correcting = o.bias_correction  # set once by the held-out judgement below
     # the float model's channel means every corrected candidate is corrected towards, measured once
     float_means = FloatMeans(float_model, calib[:o.bias_correction_samples])
@@ -502,18 +509,17 @@ def quantize_int8(
         return candidate, result_stats
 
     def make(exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> tuple[ir.Model, dict[str, Any]]:
-        # the fully quantized model (the one asked for again) is built and bias-corrected
-        # once; a fallback candidate is kept only by the search, which drops those it can
-        # no longer return (each holds its own INT8 weights)
-        key = (tuple(sorted(exclude)), None if only is None else tuple(sorted(only)), correcting)
-        if key in made:
-            model, made_stats = made[key]
+        # a fallback candidate is kept only by the search, which drops those it can no longer
+        # return (each holds its own INT8 weights)
+        whole = only is None and not exclude
+        if whole and correcting in fully:
+            model, made_stats = fully[correcting]
             return model.clone(), dict(made_stats)
         model, result_stats = build(exclude, only)
         if only is None:
             model, result_stats = with_corrected_bias(model, result_stats)
-        if only is None and not exclude:
-            made[key] = (model.clone(), dict(result_stats))
+        if whole:
+            fully[correcting] = (model.clone(), dict(result_stats))
         return model, result_stats
 
     counts = element_counts(calibration.stats)
@@ -551,19 +557,20 @@ def quantize_int8(
     # (a DequantizeLinear for a layer that had no bias), so the uncorrected model is modelled
     # at least as fast, and a decline of it is the corrected one's decline
     quantized, pass_stats = build()
-    stats["pass"] = {k: v for k, v in pass_stats.items() if k not in ("layer_outputs", "layer_ops")}
+    stats["pass"] = _reported(pass_stats)
     stats["layer_ops"] = dict(pass_stats.get("layer_ops") or {})  # every quantizable layer's op, for the report
     lap("quantize")
     if not pass_stats.get("layers"):
         return decline("nothing", "nothing quantizable (no layer met the preconditions)")
     if (declined := speed_decline(quantized)) is not None:
         return declined
-    quantized, pass_stats = with_corrected_bias(quantized, pass_stats)
-    made[((), None, correcting)] = (quantized.clone(), dict(pass_stats))  # ``make()``'s, asked for again
-    stats["pass"] = {k: v for k, v in pass_stats.items() if k not in ("layer_outputs", "layer_ops")}
-    lap("quantize")
-    if (declined := speed_decline(quantized)) is not None:  # as it ships: modelled and reported
-        return declined
+    if correcting:
+        quantized, pass_stats = with_corrected_bias(quantized, pass_stats)
+        stats["pass"] = _reported(pass_stats)
+        lap("quantize")
+        if (declined := speed_decline(quantized)) is not None:  # as it ships: modelled and reported
+            return declined
+    fully[correcting] = (quantized.clone(), dict(pass_stats))  # ``make()``'s, asked for again
     max_float_layers = o.max_float_layers
     if max_float_layers is None:
         max_float_layers = int(o.max_float_fraction * len(pass_stats["layers"]))
@@ -603,7 +610,7 @@ def quantize_int8(
         evaluation = initial[2] if initial is not None else evaluate(float_model, quantized, judged, o.target)
         report = {"evaluation": evaluation.to_dict(), "target_met": evaluation.passed, "kept_float": []}
     lap("fallback" if o.accuracy_fallback else "evaluate")
-    stats["pass"] = {k: v for k, v in pass_stats.items() if k not in ("layer_outputs", "layer_ops")}
+    stats["pass"] = _reported(pass_stats)
     stats["fallback"] = report
     histogram = integer_op_histogram(quantized)
     stats["integer_op_histogram"] = histogram
