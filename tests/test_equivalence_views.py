@@ -491,3 +491,77 @@ def test_a_reshape_of_a_reshape_is_not_proved_as_another_or_where_the_first_may_
     assert not _proved(one, _load(_two_reshapes(SECOND)))  # valid here, but the original shows nothing of it
     # a middle dim that a -1 inferred is not read from the first target
     assert not _proved(_two_reshapes(SECOND, "-1, 4, 2, 3"), _load(one))
+
+
+# ------------------------------------------------------------------ Slice of Slice
+
+FOCUS = RNG.standard_normal((2, 3, 6, 8)).astype(np.float32)
+_FOCUS_TYPES = dict(inputs="float[N, 3, 6, 8] x", outputs="float[N, 3, 3, 4] y")
+END = 2**63 - 1
+
+
+def _ints(**lists: list[int]) -> str:
+    """Constant int64 lists, one node each."""
+    return "\n".join(f"{name} = Constant <value = int64[{len(v)}] {{{', '.join(map(str, v))}}}> ()"
+                     for name, v in lists.items())
+
+
+_CORNER = _ints(s0=[0], s1=[1], e=[END], a2=[2], a3=[3], st=[2])
+
+
+def _slices(body: str, opset: int = 17, **types: str) -> onnx.ModelProto:
+    return _model(body, opset=opset, **{**_FOCUS_TYPES, **types})
+
+
+def test_a_slice_of_a_slice_on_other_axes_merged_is_proved():
+    """A focus layer's corner (rows 0::2, then columns 1::2) as two Slices: merge-consecutive
+    makes them one Slice over both axes, and the proof keys both forms alike."""
+    proto = _slices(f"{_CORNER}\n r = Slice(x, s0, e, a2, st)\n c = Slice(r, s1, e, a3, st)\n y = Relu(c)")
+    candidate = _optimized(proto, ["merge-consecutive", "eliminate-dead-nodes"])
+    assert _ops(candidate).count("Slice") == 1
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": FOCUS})
+
+
+def test_slices_with_attributes_and_with_inputs_are_keyed_alike():
+    """Slice-1's attributes and Slice-10's inputs say the same thing (the candidate's axes
+    in the other order, its steps implied; the graph output is the Slice itself, as other
+    operators are keyed by their opset version)."""
+    proto = _slices("r = Slice <starts = [0], ends = [3], axes = [2]> (x)\n"
+                    "y = Slice <starts = [1], ends = [5], axes = [3]> (r)", opset=9)
+    candidate = _planted(proto, f"{_ints(s=[1, 0], e=[5, 3], a=[3, 2])}\n y = Slice(x, s, e, a)",
+                         opset=13, **_FOCUS_TYPES)
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": FOCUS})
+
+
+def test_a_merged_slice_with_other_entries_is_not_proved():
+    proto = _slices(f"{_CORNER}\n r = Slice(x, s0, e, a2, st)\n c = Slice(r, s1, e, a3, st)\n y = Relu(c)")
+    wrong = {
+        "axes-swapped": _ints(s=[1, 0], e=[END, END], a=[2, 3], st=[2, 2]),
+        "other-step": _ints(s=[0, 1], e=[END, END], a=[2, 3], st=[2, 1]),
+        "one-axis-only": _ints(s=[1], e=[END], a=[3], st=[2]),
+    }
+    for name, constants in wrong.items():
+        planted = _planted(proto, f"{constants}\n c = Slice(x, s, e, a, st)\n y = Relu(c)", **_FOCUS_TYPES)
+        assert not _proved(proto, planted), name
+
+
+def test_a_slice_of_a_slice_on_the_same_axis_is_not_merged_by_the_proof():
+    """Two Slices of one axis compose by clamping against its dim: the proof does not read
+    them as one Slice with both entries (a candidate of either entry alone is not proved)."""
+    proto = _slices(f"{_CORNER}\n r = Slice(x, s1, e, a3, st)\n c = Slice(r, s1, e, a3, st)\n y = Relu(c)",
+                    outputs="float[N, 3, 6, 2] y")
+    planted = _planted(proto, f"{_CORNER}\n c = Slice(x, s1, e, a3, st)\n y = Relu(c)", **_FOCUS_TYPES)
+    assert not _proved(proto, planted)
+
+
+def test_a_negative_slice_axis_is_normalized_only_against_a_known_rank():
+    def last(axis: int) -> str:
+        return f"{_ints(s=[1], e=[5], a=[axis])}\n c = Slice(x, s, e, a)\n y = Relu(c)"
+    proto = _slices(last(-1), outputs="float[N, 3, 6, 4] y")
+    positive = _planted(proto, last(3), **_FOCUS_TYPES)
+    assert _proved(proto, positive)
+    _same_in_float64(proto, positive, {"x": FOCUS})
+    unranked = dict(inputs="float x", outputs="float y")
+    assert not _proved(_slices(last(-1), **unranked), _planted(proto, last(3), **unranked))

@@ -24,6 +24,10 @@ gets a key, and two values with the same key compute the same thing for every in
 - a ``Transpose`` with an explicit permutation is keyed by its input and that permutation,
   and a Transpose of a Transpose by the composed one (output dim ``i`` is the input's dim
   ``p1[p2[i]]``, element for element); the identity permutation by its input's key;
+- a ``Slice`` whose starts, ends, axes and steps are constant integers is keyed by its
+  input and its entries per axis (negative axes normalized against a known rank), and a
+  Slice of such a Slice on other axes as one Slice over both entries (slicing one axis
+  leaves every other dim as it was; each axis is clamped against its own dim);
 - ``Unsqueeze(Squeeze(x, a), a)`` is keyed as ``x`` (the Squeeze runs only where x's dims
   at ``a`` are 1, and the Unsqueeze puts those dims back where they were: the same
   integers, normalized against the same rank), and ``Squeeze(Unsqueeze(x, a), a)`` too
@@ -549,6 +553,8 @@ class _Keys:
         self._assumed: dict[int, tuple[ir.Node, list[tuple]]] = {}
         # a Reshape's key with a read target -> (its input's key, that target, its fact)
         self._reshapes: dict[int, tuple[int, tuple, tuple]] = {}
+        # a Slice's key with constant arguments -> (its input's key, {axis: (start, end, step)})
+        self._slices: dict[int, tuple[int, dict[int, tuple[int, int, int]]]] = {}
 
     # ------------------------------------------------------------------ keys
 
@@ -921,6 +927,10 @@ class _Keys:
             viewed = self._view(node, op, version)
             if viewed is not None:
                 return viewed
+        if domain == "" and op == "Slice":
+            sliced = self._slice(node, version)
+            if sliced is not None:
+                return sliced
         keys = self._keys
         inputs = tuple(keys[id(v)] if v is not None and id(v) in keys else self.key(v) for v in node.inputs)
         if domain == "" and op in _INITIAL_STATES and len(inputs) > 5:
@@ -1063,6 +1073,62 @@ class _Keys:
         # Squeeze(Unsqueeze(x, a), a): where that Unsqueeze is valid for x's rank
         self._assume(node, (inner[2], inner[0], axes))
         return inner[0]
+
+    def _slice(self, node: ir.Node, version: int) -> int | None:
+        """The key of a Slice whose starts, ends, axes and steps are constant integers (inputs
+        from opset 10, attributes before): ``("slice", key of x, ((axis, start, end, step),
+        ...))`` sorted by axis, negative axes normalized against x's rank; a Slice of such a
+        Slice on other axes is keyed as one Slice of the first one's input over both axes' entries
+        (slicing one axis leaves every other dim as it was, and each axis is clamped against its
+        own dim). None where an element is not a constant integer, an axis repeats, a step is
+        0, or a negative axis meets an unknown rank (then the node is keyed by its structure)."""
+        if version < 10:
+            data = node.attributes.data
+            if len(node.inputs) != 1 or not set(data) <= {"starts", "ends", "axes"} \
+                    or not {"starts", "ends"} <= set(data) \
+                    or any(a.type != ir.AttributeType.INTS for a in data.values()):
+                return None
+            parts = [[int(e) for e in data[n].value] if n in data else None for n in ("starts", "ends", "axes")]
+            parts.append(None)
+        else:
+            if not 3 <= len(node.inputs) <= 5 or node.attributes.data:
+                return None
+            parts = []
+            for position in range(1, 5):
+                given = node.inputs[position] if position < len(node.inputs) else None
+                if given is None:
+                    if position < 3:
+                        return None
+                    parts.append(None)
+                    continue
+                array = self._array(given)
+                if array is None or array.dtype not in (np.int32, np.int64) or array.ndim != 1:
+                    return None
+                parts.append([int(e) for e in array])
+        starts, ends, axes, steps = parts
+        count = len(starts)
+        axes = list(range(count)) if axes is None else axes
+        steps = [1] * count if steps is None else steps
+        if count == 0 or len(ends) != count or len(axes) != count or len(steps) != count or 0 in steps:
+            return None
+        x = node.inputs[0]
+        if x is None:
+            return None
+        if any(a < 0 for a in axes):
+            rank = self.rank(x)
+            if rank is None:
+                return None
+            axes = [a + rank if a < 0 else a for a in axes]
+        if any(a < 0 for a in axes) or len(set(axes)) != count:
+            return None
+        base = self.key(x)
+        entries = dict(zip(axes, zip(starts, ends, steps)))
+        inner = self._slices.get(base)
+        if inner is not None and not set(inner[1]) & set(entries):
+            base, entries = inner[0], {**inner[1], **entries}
+        key = self.numbering.intern(("slice", base, tuple(sorted(entries.items()))))
+        self._slices[key] = (base, entries)
+        return key
 
     def _axes(self, node: ir.Node, version: int) -> tuple[int, ...] | None:
         """A Squeeze's or Unsqueeze's axes, sorted, when given explicitly (an attribute
