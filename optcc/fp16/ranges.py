@@ -37,18 +37,22 @@ class TensorRange:
     rounding_sqnr_db: float = math.inf  # the tensor's own SQNR once stored in float16 (worst sample)
 
     def merge(self, array: np.ndarray) -> None:
-        a = np.abs(array.astype(np.float64, copy=False))
-        finite = a[np.isfinite(a)]
-        if finite.size:
-            self.max_abs = max(self.max_abs, float(finite.max()))
-        if np.isinf(a).any():
-            self.max_abs = math.inf
-        nonzero = np.count_nonzero(finite)
+        # in the array's own float type: |x|, its maximum and comparisons with a power of two
+        # are exact there, so no float64 copy is needed
+        a = np.abs(array)
+        finite = np.isfinite(a)
+        if not finite.all():
+            if np.isinf(a).any():
+                self.max_abs = math.inf
+            a = a[finite]
+        if a.size and self.max_abs != math.inf:
+            self.max_abs = max(self.max_abs, float(a.max()))
+        nonzero = np.count_nonzero(a)
         if nonzero:
-            flushed = np.count_nonzero((finite > 0) & (finite < FP16_TINY / 2))
+            flushed = np.count_nonzero(a < FP16_TINY / 2) - (a.size - nonzero)  # |x| < tiny/2, not 0
             self.flushed_fraction = max(self.flushed_fraction, flushed / nonzero)
             if flushed:
-                self.rounding_sqnr_db = min(self.rounding_sqnr_db, float16_rounding_sqnr_db(finite))
+                self.rounding_sqnr_db = min(self.rounding_sqnr_db, float16_rounding_sqnr_db(a))
         self.size = max(self.size, int(array.size))
 
 

@@ -1,0 +1,75 @@
+"""The ranges the float16 conversion reads (``optcc.fp16.ranges.TensorRange``): per tensor,
+the largest finite |x| (infinite once an infinity is seen), the worst fraction of non-zero
+values that float16 flushes to zero, and that tensor's SQNR once stored in float16, merged
+over samples. Checked against the definitions written out in float64 numpy, for float16,
+float32 and float64 arrays with zeros, values below half float16's smallest subnormal,
+infinities and NaNs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from optcc.fp16.ranges import FP16_TINY, TensorRange
+
+RNG = np.random.default_rng(7)
+
+
+def _reference(arrays: list[np.ndarray]) -> tuple[float, float, float, int]:
+    max_abs, flushed_fraction, sqnr, size = 0.0, 0.0, math.inf, 0
+    for array in arrays:
+        a = np.abs(array.astype(np.float64))
+        finite = a[np.isfinite(a)]
+        if finite.size:
+            max_abs = max(max_abs, float(finite.max()))
+        if np.isinf(a).any():
+            max_abs = math.inf
+        nonzero = finite[finite > 0]
+        if nonzero.size:
+            flushed = int(np.sum(nonzero < FP16_TINY / 2))
+            flushed_fraction = max(flushed_fraction, flushed / nonzero.size)
+            if flushed:
+                stored = np.clip(finite, -65504, 65504).astype(np.float16).astype(np.float64)
+                noise = float(np.sum((finite - stored) ** 2))
+                sqnr = min(sqnr, 10 * math.log10(float(np.sum(finite ** 2)) / noise) if noise else math.inf)
+        size = max(size, array.size)
+    return max_abs, flushed_fraction, sqnr, size
+
+
+def _sample(dtype: type, kind: str) -> np.ndarray:
+    a = (RNG.standard_normal(4000) * 10).astype(dtype)
+    tiny = np.asarray(1e-9 if dtype != np.float16 else 0, dtype)
+    if kind == "zeros":
+        a[::7] = 0
+    elif kind == "tiny":
+        a[::3] = tiny
+        a[::5] = 0
+    elif kind == "inf":
+        a[::9] = tiny
+        a[4] = -np.inf
+    elif kind == "nan":
+        a[1] = np.nan
+        a[::11] = tiny
+    elif kind == "all-nan":
+        a[:] = np.nan
+    return a.reshape(40, 100)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("kinds", [("plain", "zeros"), ("tiny", "plain"), ("inf", "tiny"), ("nan", "all-nan"),
+                                   ("all-nan", "plain")])
+def test_merged_ranges_match_their_definitions(dtype, kinds):
+    arrays = [_sample(dtype, kind) for kind in kinds]
+    merged = TensorRange()
+    for array in arrays:
+        merged.merge(array)
+    max_abs, flushed_fraction, sqnr, size = _reference(arrays)
+    assert merged.max_abs == max_abs
+    assert merged.flushed_fraction == flushed_fraction
+    assert merged.rounding_sqnr_db == pytest.approx(sqnr, rel=1e-9) if math.isfinite(sqnr) \
+        else merged.rounding_sqnr_db == sqnr
+    assert merged.size == size
+    if "tiny" in kinds and dtype != np.float16:
+        assert merged.flushed_fraction > 0.3 and math.isfinite(merged.rounding_sqnr_db)
