@@ -257,6 +257,20 @@ def test_driver_judges_a_yolox_head_by_boxes() -> None:
     assert {"output:sqnr_coordinates", "output:sqnr_scores"} <= rows.keys()  # few confident boxes
 
 
+def test_a_decline_judged_by_sqnr_says_the_boxes_were_too_few() -> None:
+    """With no margin the head's INT8 misses; the reason names the SQNR rows that missed
+    and why SQNR judged them: the held-out samples hold too few boxes to judge by."""
+    model = _yolox_head_model()
+    samples = pictures(5, np.random.default_rng(0))
+    _, stats = quantize_int8(model, samples, require_speedup=False, metric_margin=0.0, accuracy_fallback=False)
+    assert stats["declined"] == "accuracy"
+    rows = stats["fallback"]["evaluation"]["task"]["metrics"]
+    missed = [name for name, row in rows.items() if row.get("judged", True) and not row.get("passed", True)]
+    assert missed and all(name.startswith("output:sqnr_") for name in missed)
+    assert all(f"{name} deviation" in stats["reason"] for name in missed)
+    assert "box_f1 over" in stats["reason"] and "not decisive; judged by SQNR" in stats["reason"]
+
+
 def _run_image(model: onnx.ModelProto, image: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"image": image})[0]

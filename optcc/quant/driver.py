@@ -166,8 +166,8 @@ def _describe_miss(evaluation: Mapping[str, Any], target: Target) -> str:
     task = evaluation.get("task")
     if task:
         misses = [f"{name} deviation {row['deviation']} > {row['allowed']} allowed (floor {row['floor']}, "
-                  f"margin {task['margin']:g})" for name, row in task["metrics"].items()
-                  if row.get("judged", True) and not row.get("passed", True)]
+                  f"margin {task['margin']:g}{'; ' + row['why'] if row.get('why') else ''})"
+                  for name, row in task["metrics"].items() if row.get("judged", True) and not row.get("passed", True)]
         return "; ".join(misses) or "the task metric misses"
     final = evaluation.get("sqnr_db", {})
     worst = min((v for v in final.values() if isinstance(v, float)), default=float("nan"))
