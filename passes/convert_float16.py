@@ -206,23 +206,25 @@ class ConvertFloat16Pass(optcc.Pass):
         self.inferred = optcc.ir.inferred_dtypes(model)
         self.feeds = self.inputs or generate_inputs(
             self.reference, self.input_shapes, samples=2, seed=0)
-        self.ref_values: list[dict[str, np.ndarray]] = []
+        self.ref_values: list[dict[str, np.ndarray]] = []  # the first sample's values (none: not run)
+        self.ranges: dict[str, fp16.ranges.TensorRange] = {}
         self.range_note = None
         try:
-            self.ref_values = self._observed()
+            first, self.ranges = self._observed()
+            self.ref_values = [first]
         except Exception as e:  # noqa: BLE001
             self.range_note = f"ranges not observed: onnxruntime cannot run the model ({e})"[:300]
-        self.ranges = fp16.ranges.ranges(self.ref_values, self.feeds)
         # onnx's inference stops at com.microsoft ops; what onnxruntime computed has a type
         for name, array in (self.ref_values[0] if self.ref_values else {}).items():
             if self.inferred.get(name) is None:
                 self.inferred[name] = ir.DataType.from_numpy(array.dtype)
 
-    def _observed(self) -> list[dict[str, np.ndarray]]:
-        """Every value on the feeds; generated feeds the model cannot run are generated again
-        with the sizes of ``RETRY_SIZES`` in turn, as the verifier does."""
+    def _observed(self) -> tuple[dict[str, np.ndarray], dict[str, fp16.ranges.TensorRange]]:
+        """The first feed's values and every float value's ranges over the feeds
+        (``observe``); generated feeds the model cannot run are generated again with the
+        sizes of ``RETRY_SIZES`` in turn, as the verifier does."""
         try:
-            return fp16.ranges.run_all(self.reference, self.feeds, self._scratch)
+            return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
         except Exception:  # noqa: BLE001
             if self.inputs:
                 raise
@@ -230,11 +232,11 @@ class ConvertFloat16Pass(optcc.Pass):
         for sizes in earlier:
             self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0, **sizes)
             try:
-                return fp16.ranges.run_all(self.reference, self.feeds, self._scratch)
+                return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
             except Exception:  # noqa: BLE001 - the next sizes are tried
                 pass
         self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0, **last)
-        return fp16.ranges.run_all(self.reference, self.feeds, self._scratch)
+        return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
 
     def _dtype(self, value: ir.Value) -> ir.DataType | None:
         return value.dtype if value.dtype is not None else self.inferred.get(value.name or "")

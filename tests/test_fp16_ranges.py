@@ -73,3 +73,31 @@ def test_merged_ranges_match_their_definitions(dtype, kinds):
     assert merged.size == size
     if "tiny" in kinds and dtype != np.float16:
         assert merged.flushed_fraction > 0.3 and math.isfinite(merged.rounding_sqnr_db)
+
+
+def test_observe_holds_the_first_samples_values_and_ranges_over_all():
+    """``observe`` on Relu(x) * 3 over three samples: the first sample's values and each
+    float value's range over all three, against numpy."""
+    import onnx
+
+    import optcc
+    from optcc.fp16.ranges import observe
+
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[2, 5] x) => (float[2, 5] y) {
+            three = Constant <value = float {3.0}> ()
+            r = Relu(x)
+            y = Mul(r, three)
+        }""")
+    samples = [{"x": (RNG.standard_normal((2, 5)) * scale).astype(np.float32)} for scale in (1.0, 50.0, 0.5)]
+    samples[2]["x"][0, 0] = 1e-9  # below half float16's smallest subnormal: flushed
+    first, ranges = observe(optcc.ir.load(proto), samples)
+    relu = [np.maximum(s["x"], 0) for s in samples]
+    np.testing.assert_array_equal(first["r"], relu[0])
+    np.testing.assert_array_equal(first["y"], relu[0] * np.float32(3))
+    for name, arrays in {"x": [s["x"] for s in samples], "r": relu, "y": [r * np.float32(3) for r in relu]}.items():
+        max_abs, flushed_fraction, _, size = _reference(arrays)
+        assert (ranges[name].max_abs, ranges[name].flushed_fraction, ranges[name].size) == \
+            (max_abs, flushed_fraction, size), name
+    assert ranges["x"].flushed_fraction > 0

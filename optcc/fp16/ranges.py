@@ -109,24 +109,32 @@ def run_all(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
     inputs can be probed with real data)."""
     probe = session(_probe(model, skip), scratch=scratch)
     names = [o.name for o in probe.get_outputs()]
-    results = []
-    for sample in feeds:
-        arrays = probe.run(None, dict(sample))
-        results.append({
-            n: np.asarray(a) for n, a in zip(names, arrays)
-            if isinstance(a, np.ndarray) and (np.issubdtype(a.dtype, np.number) or a.dtype == bool)
-        })
-    return results
+    return [_numeric(names, probe.run(None, dict(sample))) for sample in feeds]
 
 
-def ranges(values: Sequence[Mapping[str, np.ndarray]], feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, TensorRange]:
-    """Per-tensor ranges over samples (node outputs and float graph inputs)."""
+def observe(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
+            scratch: str | os.PathLike | None = None) -> tuple[dict[str, np.ndarray], dict[str, TensorRange]]:
+    """The first sample's main-graph values (as ``run_all``) and the ranges of every float
+    node output and float feed over all samples; a later sample's values are merged into the
+    ranges and dropped, so at most two samples' values are held at once."""
+    probe = session(_probe(model), scratch=scratch)
+    names = [o.name for o in probe.get_outputs()]
+    first: dict[str, np.ndarray] = {}
     found: dict[str, TensorRange] = {}
-    for sample_values, sample_feeds in zip(values, feeds):
-        for name, array in [*sample_values.items(), *sample_feeds.items()]:
+    for i, sample in enumerate(feeds):
+        values = _numeric(names, probe.run(None, dict(sample)))
+        for name, array in [*values.items(), *sample.items()]:
             if isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.floating):
                 found.setdefault(name, TensorRange()).merge(array)
-    return found
+        if i == 0:
+            first = values
+    return first, found
+
+
+def _numeric(names: Sequence[str], arrays: Sequence[object]) -> dict[str, np.ndarray]:
+    """The numeric and boolean arrays among a run's outputs, by name."""
+    return {n: np.asarray(a) for n, a in zip(names, arrays)
+            if isinstance(a, np.ndarray) and (np.issubdtype(a.dtype, np.number) or a.dtype == bool)}
 
 
 def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
