@@ -9,6 +9,17 @@ name as one size and the sizes a broadcast operator meets as equal (what the mod
 interface and its own operators state); a fusion may rely on that for the inputs the model
 accepts. Where inference fails, every answer is None and ``error`` says why.
 
+One merge is added to onnxruntime's: where the inputs of a main-graph broadcasting operator
+(or a MatMul's batch axes) meet a size ``a`` and ``Min(k, a)`` at one axis, with ``k`` an
+integer >= 2 (the rows sliced from a position-embedding table of ``k`` rows), ``Min(k, a)`` is
+renamed ``a`` everywhere. A main-graph node runs on every input; two sizes broadcast only
+where they are equal or one is 1, and ``Min(k, a)`` is 1 only where ``a`` is (``k >= 2``), so
+``Min(k, a) == a`` on every input the model accepts. ``k = 1`` is left alone (``Min(1, a)``
+is 1 where ``a`` is not), and so is ``Min(k, a)`` met by any other size. onnxruntime alone
+names the result a new unknown size and stops there, leaving every later value unknown
+(every TorchScript BERT export, at its embedding LayerNorm). Its general merge
+(``auto_merge``) is not used: it takes ``a`` and ``b`` as equal where one may be 1.
+
 Nodes that no graph output depends on (left by a fusion earlier in the pipeline, before dead
 node elimination) are left out of the copy: they do not change a live value's dims, and the
 inference stops at the first node it cannot type (e.g. a causal mask built from a cache
@@ -29,6 +40,10 @@ __all__ = ["OrtShapes", "same_dim"]
 _KEEP_ELEMENTS = 64  # initializers inference reads by value (shape targets, Range bounds)
 
 Dim = str | int | None
+# operators whose inputs broadcast against each other (MatMul: its batch axes)
+_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Mod", "Where", "Sum", "Max", "Min", "Mean",
+                           "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor",
+                           "MatMul"})
 
 
 def same_dim(a: Dim, b: Dim) -> bool:
@@ -58,14 +73,12 @@ class OrtShapes:
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
             proto = optcc.ir.without_weights(optcc.ir.serialize(self.model), keep_elements=_KEEP_ELEMENTS)
             del proto.graph.value_info[:]
             _drop_dead_nodes(proto.graph)
             # its infer_shapes() saves a file in the working directory when some shape stays
             # unknown; run its steps here and read what was found (unknown: the site is refused)
-            inference = SymbolicShapeInference(2**31 - 1, False, False, 0)
+            inference = _inference_class()(2**31 - 1, False, False, 0)
             inference._preprocess(proto)
             while inference.run_:
                 inference._infer_impl()
@@ -83,6 +96,56 @@ class OrtShapes:
                 found[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                     for d in t.shape.dim]
         return found
+
+
+def _bounded_sizes(dims: list, symbolic: dict) -> dict[str, str]:
+    """Each dim of ``dims`` that is ``Min(k, a)`` (integer ``k >= 2``) with ``a`` also in ``dims``, mapped to ``a``."""
+    import sympy  # onnxruntime's inference needs it; optcc does not otherwise
+
+    named = {d: symbolic[d] for d in dims if isinstance(d, str) and d in symbolic}
+    found = {}
+    for dim, expr in named.items():
+        if not isinstance(expr, sympy.Min) or len(expr.args) != 2:
+            continue
+        for bound, size in (expr.args, expr.args[::-1]):
+            if bound.is_Integer and int(bound) >= 2:
+                found.update({dim: other for other, e in named.items() if other != dim and e == size})
+    return found
+
+
+def _aligned_dims(op_type: str, shapes: list[list]) -> list[list]:
+    """The dims that broadcasting lines up, per axis from the right (a MatMul's batch axes only)."""
+    if op_type == "MatMul":
+        shapes = [s[:-2] for s in shapes if len(s) > 2]
+    rank = max((len(s) for s in shapes), default=0)
+    return [[s[-i] for s in shapes if len(s) >= i] for i in range(1, rank + 1)]
+
+
+def _inference_class() -> type:
+    """onnxruntime's SymbolicShapeInference with the ``Min(k, a)`` merge the module docstring states."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    class _Inference(SymbolicShapeInference):
+        def _onnx_infer_single_node(self, node: onnx.NodeProto) -> None:
+            # before onnx's inference of the node's outputs, which names a new size where the
+            # input dims differ
+            if node.op_type in _BROADCASTING and node.domain in ("", "ai.onnx"):
+                shapes = [self._get_shape(node, i) for i, name in enumerate(node.input) if name]
+                if all(shape is not None for shape in shapes):
+                    for dims in _aligned_dims(node.op_type, shapes):
+                        self._merge_bounded(dims)
+            super()._onnx_infer_single_node(node)
+
+        def _merge_bounded(self, dims: list) -> None:
+            for bounded, size in _bounded_sizes(dims, self.symbolic_dims_).items():
+                # computed dims of this expression later in the graph resolve to ``size`` too
+                self.suggested_merge_[bounded] = size
+                for info in self.known_vi_.values():
+                    for dim in info.type.tensor_type.shape.dim:
+                        if dim.dim_param == bounded:
+                            dim.dim_param = size
+
+    return _Inference
 
 
 def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
