@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
-from onnx_ir.passes.common import TopologicalSortPass
+from onnx_ir.passes.common import NameFixPass, TopologicalSortPass
 
 import optcc
 from optcc.passes import EliminateDeadNodesPass, FoldConstantsPass, NormalizeGraphPass
@@ -207,3 +207,39 @@ def test_normalize_sorts_a_graph_out_of_order() -> None:
         feeds = {"x": RNG.normal(size=3).astype(np.float32), "y": RNG.normal(size=3).astype(np.float32)}
         assert_close(onnxruntime_outputs(model, feeds), expected_outputs(ir.from_proto(_random_dag(seed, False)), feeds),
                      EXACT_RTOL, what="sorted model vs onnx reference evaluator on the ordered original")
+
+
+def _named_variant(seed: int) -> tuple[onnx.ModelProto, ir.Model]:
+    """``_random_dag(seed)``, and its model with, by ``seed % 4``: its names as they are,
+    three node names emptied, a node name repeated, or a value named as an earlier one
+    (which onnx's checker would reject, but onnx-ir holds)."""
+    rng = np.random.default_rng(seed)
+    proto = _random_dag(seed, shuffled=False)
+    model = ir.from_proto(proto)
+    nodes = list(model.graph)
+    kind = seed % 4
+    if kind == 1:
+        for i in rng.choice(len(nodes), size=3, replace=False):
+            nodes[int(i)].name = ""
+    elif kind == 2:
+        nodes[5].name = nodes[2].name
+    elif kind == 3:
+        nodes[10].outputs[0].name = nodes[3].outputs[0].name
+    return proto, model
+
+
+def test_normalize_names_as_onnx_ir_namefix_does() -> None:
+    """Normalize on graphs whose names are all unique (kept) or not (renamed): the names
+    onnx-ir's NameFixPass gives, and the values of the original."""
+    for seed in range(16):
+        proto, model = _named_variant(seed)
+        _, reference = _named_variant(seed)
+        result = NormalizeGraphPass()(model)
+        assert NameFixPass()(reference).modified is result.stats["renamed"] is (seed % 4 != 0)
+        assert [n.name for n in model.graph] == [n.name for n in reference.graph]
+        for attr in ("inputs", "outputs"):
+            assert [[v.name for v in getattr(n, attr)] for n in model.graph] == \
+                [[v.name for v in getattr(n, attr)] for n in reference.graph]
+        feeds = {"x": RNG.normal(size=3).astype(np.float32), "y": RNG.normal(size=3).astype(np.float32)}
+        assert_close(onnxruntime_outputs(model, feeds), expected_outputs(ir.from_proto(proto), feeds),
+                     EXACT_RTOL, what="normalized model vs onnx reference evaluator on the original")
