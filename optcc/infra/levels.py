@@ -4,7 +4,7 @@
 | level | pipeline |
 |---|---|
 | 0 | normalize (topological order, names) |
-| 1 | 0 + Constant nodes lifted to initializers, initializer dedup, a fixpoint of constant folding and exact eliminations (all-zero RNN initial states dropped among them), lift + dedup again, constant graph outputs stored as initializers |
+| 1 | Constant nodes lifted to initializers, then 0, initializer dedup, a fixpoint of constant folding and exact eliminations (all-zero RNN initial states dropped among them), lift + dedup again, constant graph outputs stored as initializers |
 | 2 | 1 + a fixpoint of fusions into standard ops, then the exact fixpoint, lift + dedup again, CSE (fused weights deduplicated make more nodes equal) |
 | 3 | 2 + onnxruntime's fused ops (FusedConv, MultiHeadAttention, GroupQueryAttention for causal grouped-query decoders, RotaryEmbedding below opset 23, BiasGelu/FastGelu); records the target runtime in metadata_props (SkipLayerNormalization, SkipSimplifiedLayerNormalization and EmbedLayerNormalization are opt-in: not faster than their parts on CPU) |
 """
@@ -39,7 +39,8 @@ _FUSIONS = (
     "eliminate-dead-nodes",
 )
 _TIDY = ["lift-constants", "deduplicate-initializers"]
-_O1 = ["normalize", *_TIDY, _EXACT, *_TIDY]
+# lift-constants runs before normalize: the Constant nodes it removes are never named or walked there
+_O1 = ["lift-constants", "normalize", "deduplicate-initializers", _EXACT, *_TIDY]
 # store-constant-outputs runs last: no later pass sees an initializer as a graph output.
 LEVELS: dict[int, list[str | tuple[str, ...]]] = {
     0: ["normalize"],
