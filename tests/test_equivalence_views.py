@@ -565,3 +565,42 @@ def test_a_negative_slice_axis_is_normalized_only_against_a_known_rank():
     _same_in_float64(proto, positive, {"x": FOCUS})
     unranked = dict(inputs="float x", outputs="float y")
     assert not _proved(_slices(last(-1), **unranked), _planted(proto, last(3), **unranked))
+
+
+def _declared_rank_2(body: str) -> onnx.ModelProto:
+    """``y = Reshape(x, s)`` to a shape the input ``s`` decides, declared as rank 2 among the
+    graph outputs (onnxruntime warns, and runs it at any rank), and ``z`` read from it."""
+    return _model(f"y = Reshape(x, s)\n {body}", inputs="float[n] x, int64[r] s, float[m] w",
+                  outputs="float[d0, d1] y, float z")
+
+
+def _run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_a_rank_declared_on_a_graph_output_is_not_believed():
+    """onnxruntime does not hold a graph output to its declared dims: a rank read from them
+    would make axis -1 of a rank-3 ``y`` its axis 1, and a Reshape of ``w`` to ``Shape(y)``
+    one to y's first two dims. Neither pair is proved; onnxruntime shows that they differ."""
+    w = np.arange(6, dtype=np.float32)
+    last = [_declared_rank_2(f"{_ints(st=[0], en=[1], ax=[axis])}\n z = Slice(y, st, en, ax)") for axis in (-1, 1)]
+    target = [_declared_rank_2(f"sh = Shape(y)\n {body}\n z = Reshape(w, t)") for body in (
+        "t = Identity(sh)",
+        f"{_ints(z0=[0], o1=[1], t2=[2])}\n d0 = Slice(sh, z0, o1)\n d1 = Slice(sh, o1, t2)\n t = Concat <axis = 0> (d0, d1)")]
+    for (original, candidate), dims in ((last, [2, 3, 4]), (target, [2, 3, 1])):
+        feeds = {"x": np.arange(np.prod(dims), dtype=np.float32), "s": np.array(dims, np.int64), "w": w}
+        assert _run(original, feeds)[1].shape != _run(candidate, feeds)[1].shape
+        assert not _proved(original, _load(candidate))
+
+
+def test_slice_indices_of_two_types_are_not_keyed_alike():
+    """Slice's starts, ends, axes and steps share one index type: int32 starts with int64 ends
+    is not a model onnxruntime loads, and not proved equal to one that is."""
+    proto = _slices(f"{_ints(s=[1], e=[5], a=[3])}\n c = Slice(x, s, e, a)\n y = Relu(c)", outputs="float[N, 3, 6, 4] y")
+    mixed = _planted(proto, "s = Constant <value = int32[1] {1}> ()\n"
+                            f"{_ints(e=[5], a=[3])}\n c = Slice(x, s, e, a)\n y = Relu(c)", **_FOCUS_TYPES)
+    assert not _proved(proto, mixed)

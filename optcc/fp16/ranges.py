@@ -49,7 +49,8 @@ class TensorRange:
             self.max_abs = max(self.max_abs, float(a.max()))
         nonzero = np.count_nonzero(a)
         if nonzero:
-            flushed = np.count_nonzero(a < FP16_TINY / 2) - (a.size - nonzero)  # |x| < tiny/2, not 0
+            # |x| < tiny/2, not 0 (no float16 value lies there, and tiny/2 rounds to 0 in float16)
+            flushed = 0 if a.dtype == np.float16 else np.count_nonzero(a < FP16_TINY / 2) - (a.size - nonzero)
             self.flushed_fraction = max(self.flushed_fraction, flushed / nonzero)
             if flushed:
                 self.rounding_sqnr_db = min(self.rounding_sqnr_db, float16_rounding_sqnr_db(a))

@@ -1102,7 +1102,8 @@ class _Keys:
                     parts.append(None)
                     continue
                 array = self._array(given)
-                if array is None or array.dtype not in (np.int32, np.int64) or array.ndim != 1:
+                if array is None or array.dtype not in (np.int32, np.int64) or array.ndim != 1 \
+                        or array.dtype != self._array(node.inputs[1]).dtype:  # one index type (Tind)
                     return None
                 parts.append([int(e) for e in array])
         starts, ends, axes, steps = parts
@@ -1482,6 +1483,8 @@ def _inferred_types(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) 
             for dim, size in zip(dims, input_shapes[given.name]):
                 dim.Clear()
                 dim.dim_value = size
+    for declared in proto.graph.output:  # onnxruntime does not hold outputs to their declared dims:
+        declared.type.tensor_type.ClearField("shape")  # only what inference derives counts
     inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
     return {i.name: (i.type.tensor_type.elem_type,
