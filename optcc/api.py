@@ -247,7 +247,8 @@ def optimize(
                 # with its judge, so the float model and its noise floor run once, and the pass
                 # confirms its result on every sample as the verification will, on the
                 # verifier's runs of it, which the verification then reuses
-                shared["judge"] = lambda: None if verifier is None else verifier.sample_judge()
+                shared["judge"] = lambda positions: None if verifier is None else \
+                    verifier.sample_judge(positions=positions)
                 shared["outputs"] = lambda model, positions: None if verifier is None else \
                     verifier.outputs(model, positions)
         quantizer = create_pass(INT8_PASS, samples=samples, method=int8_method, progress=progress,

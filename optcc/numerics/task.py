@@ -191,6 +191,7 @@ __all__ = [
     "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "REGRESSION_NAMES", "sequence_outputs",
     "float_free_outputs",
     "measure", "deviations", "TaskJudge", "perturbation_draws", "perturbation_roles", "unmoved", "FLOOR_DRAWS",
+    "row_metrics", "wants_draws",
     "ctc_greedy",
     "map_boxes", "yolo_boxes", "box_f1", "box_layout", "class_rows", "anchor_grid",
 ]
@@ -516,17 +517,18 @@ def perturbation_roles(roles: Mapping[str, str]) -> dict[str, set[str]]:
 
 
 def perturbation_draws(samples: Sequence[Mapping[str, np.ndarray]], draws: int, not_images: Collection[str] = (),
-                       first: int = 0, ids: Collection[str] = ()
+                       first: int = 0, ids: Collection[str] = (), at: Sequence[int] | None = None,
                        ) -> tuple[list[list[dict[str, np.ndarray]]], dict[str, str]]:
     """Independent perturbations ``first`` to ``draws - 1`` of every sample (``perturb``;
     draw 0 of sample ``i`` with seed ``i``, as the verifier's, draw ``d`` with seed
-    ``(i, d)``), per draw one list of feeds, and how each input moves."""
+    ``(i, d)``), per draw one list of feeds, and how each input moves. ``at``: only the
+    samples at these positions, in that order (each seeded by its position)."""
     result: list[list[dict[str, np.ndarray]]] = []
     how: dict[str, str] = {}
     for d in range(first, max(draws, 1)):
         moved = []
-        for i, feeds in enumerate(samples):
-            feeds_moved, described = perturb(dict(feeds), seed=i if d == 0 else (i, d), not_images=not_images,
+        for i in range(len(samples)) if at is None else at:
+            feeds_moved, described = perturb(dict(samples[i]), seed=i if d == 0 else (i, d), not_images=not_images,
                                              ids=ids)
             moved.append(feeds_moved)
             how.update(described)
@@ -1173,6 +1175,119 @@ def _finite(x: float) -> float | str:
 # --------------------------------------------------------------------------- judge
 
 
+def _row_plan(reference: Outputs, metric: Any, groups: Sequence[str] | None, sequences: Collection[str],
+              heads: Collection[str], exact: Collection[str], state: Collection[str],
+              ) -> tuple[list[tuple[str, list[int]]], dict[str, Any], dict[str, tuple[str, list[int]]]]:
+    """``TaskJudge``'s rows on ``reference`` (its fields of the same names): the samples of
+    each group, and per row (an output, or an output in a group) its metric, and its output
+    name and samples. Chosen from the reference outputs alone."""
+    count = len(next(iter(reference.values()), []))
+    if groups is None:
+        subsets: list[tuple[str, list[int]]] = [("", list(range(count)))]
+    else:
+        if len(groups) != count:
+            raise BadInputError(f"{len(groups)} group labels for {count} judged samples")
+        labels = list(dict.fromkeys(str(g) for g in groups))  # in order of first appearance
+        subsets = [(g, [i for i, x in enumerate(groups) if str(x) == g]) for g in labels]
+    plan: dict[str, str | UserMetric] = {}
+    where: dict[str, tuple[str, list[int]]] = {}
+    for group, idx in subsets:
+        chosen_by_auto: list[str] = []  # this group's rows whose metric the auto rule chose
+        if callable(metric) and not isinstance(metric, Mapping):
+            key = "*" if not group else f"*@{group}"
+            plan[key], where[key] = metric, ("*", idx)
+            continue
+        for name, values in reference.items():
+            if name in exact or name in state:
+                continue
+            if values and np.asarray(values[0]).dtype.kind in _LABEL_KINDS:  # ids, labels, flags
+                key = name if not group else f"{name}@{group}"
+                plan[key], where[key] = "labels", (name, idx)
+                continue
+            if not values or not np.issubdtype(np.asarray(values[0]).dtype, np.floating):
+                continue
+            given: Any = metric
+            if isinstance(metric, Mapping):  # most specific first: output@group, @group, output
+                names = (f"{name}@{group}", f"@{group}", name) if group else (name,)
+                given = next((metric[k] for k in names if k in metric), None)
+            chosen = choose_metric(values, name) if given in (None, "auto") else given
+            if isinstance(chosen, str) and (chosen not in _BUILT_IN or chosen == "labels"):
+                raise BadInputError(
+                    f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
+            misfit = _metric_misfit(chosen, values[0]) if isinstance(chosen, str) and values else None
+            if misfit is not None:
+                raise BadInputError(f"INT8 metric '{chosen}' does not fit output '{name}' of shape "
+                                    f"{list(np.shape(values[0]))}: {misfit} (docs/int8.md)")
+            key = name if not group else f"{name}@{group}"
+            plan[key], where[key] = chosen, (name, idx)
+            if given in (None, "auto"):
+                chosen_by_auto.append(key)
+        _scores_per_step(chosen_by_auto, plan, where, reference, heads)
+        _pooled_beside_embeddings(chosen_by_auto, plan, where, reference)
+        for key in chosen_by_auto:  # still class scores: unless their width may change
+            name = where[key][0]
+            if plan[key] == "argmax" and (
+                    name in sequences or len({np.shape(v)[-1] for v in reference[name]}) > 1):
+                plan[key] = "sqnr"  # a last axis that may change from input to input is no set of classes
+    return subsets, plan, where
+
+
+def _scores_per_step(keys: Sequence[str], plan: dict[str, Any], where: Mapping[str, tuple[str, list[int]]],
+                     reference: Outputs, heads: Collection[str]) -> None:
+    """Of ``keys`` (one group's rows whose metric the auto rule chose), a ``[N, T, C]``
+    output read as hidden states that a classifier head computes (``heads``) and that
+    decides a class step by step (``_per_step_classes``) holds class scores per token
+    (a tagger's emissions): judged by ``argmax`` per token, as its user reads the tags."""
+    for key in keys:
+        name = where[key][0]
+        values = reference[name]
+        if plan[key] == "embedding" and name in heads and np.ndim(values[0]) == 3 \
+                and _per_step_classes(values):
+            plan[key] = "argmax"
+
+
+def _pooled_beside_embeddings(keys: Sequence[str], plan: dict[str, Any],
+                              where: Mapping[str, tuple[str, list[int]]], reference: Outputs) -> None:
+    """Of ``keys`` (one group's rows whose metric the auto rule chose), a ``[N, D]`` output
+    read as class scores (or, confident nowhere, judged by SQNR) is a pooled vector when
+    another is a ``[N, T, D]`` embedding (a sentence encoder's token and sentence
+    embeddings), unless named logits: judged as an embedding too."""
+    def sample(key: str) -> np.ndarray:
+        return np.asarray(reference[where[key][0]][0])
+
+    widths = {sample(k).shape[-1] for k in keys if plan[k] == "embedding" and sample(k).ndim == 3}
+    for key in keys:
+        if plan[key] in ("argmax", "sqnr") and sample(key).ndim == 2 and sample(key).shape[-1] in widths \
+                and "logit" not in where[key][0].lower():
+            plan[key] = "embedding"
+
+
+def row_metrics(reference: Outputs, metric: str | UserMetric | Mapping[str, str | UserMetric] | None = None, *,
+                groups: Sequence[str] | None = None, sequences: Collection[str] = (), heads: Collection[str] = (),
+                exact: Collection[str] = (), state: Collection[str] = ()) -> dict[str, str | UserMetric]:
+    """Each row's metric as ``TaskJudge(reference, ..., metric=metric, ...)`` plans it (its
+    ``plan``), chosen from the reference outputs alone: a judge of some of these samples
+    given it as ``rows`` judges them as a judge of all of them would (``select``), with no
+    perturbed output of the others."""
+    return _row_plan(reference, metric, groups, sequences, heads, exact, state)[1]
+
+
+def wants_draws(rows: Mapping[str, Any]) -> bool:
+    """Whether a judge of these rows (``row_metrics``) measures its floor on ``FLOOR_DRAWS``
+    draws rather than one: some row's metric excuses float32's own errors (``_UNEXCUSED``)
+    or takes its floor as the mean over draws of a count that one draw samples coarsely
+    (``_MEAN_OF_DRAWS``)."""
+    return any(isinstance(m, str) and (m in _UNEXCUSED or m in _MEAN_OF_DRAWS) for m in rows.values())
+
+
+def _planned(metric: Any, rows: Mapping[str, Any] | None) -> Any:
+    """What plans a judge's rows: ``rows`` (a judge of more samples planned them) as the
+    metric of each row, ids and labels left to their dtype; else ``metric``."""
+    if rows is None or (callable(metric) and not isinstance(metric, Mapping)):
+        return metric
+    return {key: chosen for key, chosen in rows.items() if chosen != "labels"}
+
+
 @dataclasses.dataclass
 class TaskJudge:
     """Judges candidate outputs against the float model's, relative to its noise floor.
@@ -1202,86 +1317,18 @@ class TaskJudge:
     # a streaming model's state outputs: not judged themselves, but in the next step's answers
     # (``optcc.numerics.decode.streamed``), which the outputs hold under their own names
     state: Collection[str] = ()
+    # each row's metric as a judge of more samples planned it (``plan``; ``select``): kept, not
+    # chosen again from these samples' values
+    rows: Mapping[str, str | UserMetric] | None = None
 
     def __post_init__(self) -> None:
-        count = len(next(iter(self.reference.values()), []))
-        if self.groups is None:
-            self.subsets: list[tuple[str, list[int]]] = [("", list(range(count)))]
-        else:
-            if len(self.groups) != count:
-                raise BadInputError(f"{len(self.groups)} group labels for {count} judged samples")
-            labels = list(dict.fromkeys(str(g) for g in self.groups))  # in order of first appearance
-            self.subsets = [(g, [i for i, x in enumerate(self.groups) if str(x) == g]) for g in labels]
         # per row (an output, or an output in a group): its metric, output name and samples
-        self.plan: dict[str, str | UserMetric] = {}
-        self._where: dict[str, tuple[str, list[int]]] = {}
-        for group, idx in self.subsets:
-            chosen_by_auto: list[str] = []  # this group's rows whose metric the auto rule chose
-            if callable(self.metric) and not isinstance(self.metric, Mapping):
-                key = "*" if not group else f"*@{group}"
-                self.plan[key], self._where[key] = self.metric, ("*", idx)
-                continue
-            for name, values in self.reference.items():
-                if name in self.exact or name in self.state:
-                    continue
-                if values and np.asarray(values[0]).dtype.kind in _LABEL_KINDS:  # ids, labels, flags
-                    key = name if not group else f"{name}@{group}"
-                    self.plan[key], self._where[key] = "labels", (name, idx)
-                    continue
-                if not values or not np.issubdtype(np.asarray(values[0]).dtype, np.floating):
-                    continue
-                given: Any = self.metric
-                if isinstance(self.metric, Mapping):  # most specific first: output@group, @group, output
-                    names = (f"{name}@{group}", f"@{group}", name) if group else (name,)
-                    given = next((self.metric[k] for k in names if k in self.metric), None)
-                chosen = choose_metric(values, name) if given in (None, "auto") else given
-                if isinstance(chosen, str) and (chosen not in _BUILT_IN or chosen == "labels"):
-                    raise BadInputError(
-                        f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
-                misfit = _metric_misfit(chosen, values[0]) if isinstance(chosen, str) and values else None
-                if misfit is not None:
-                    raise BadInputError(f"INT8 metric '{chosen}' does not fit output '{name}' of shape "
-                                        f"{list(np.shape(values[0]))}: {misfit} (docs/int8.md)")
-                key = name if not group else f"{name}@{group}"
-                self.plan[key], self._where[key] = chosen, (name, idx)
-                if given in (None, "auto"):
-                    chosen_by_auto.append(key)
-            self._scores_per_step(chosen_by_auto)
-            self._pooled_beside_embeddings(chosen_by_auto)
-            for key in chosen_by_auto:  # still class scores: unless their width may change
-                name = self._where[key][0]
-                if self.plan[key] == "argmax" and (
-                        name in self.sequences or len({np.shape(v)[-1] for v in self.reference[name]}) > 1):
-                    self.plan[key] = "sqnr"  # a last axis that may change from input to input is no set of classes
+        self.subsets, self.plan, self._where = _row_plan(self.reference, _planned(self.metric, self.rows),
+                                                         self.groups, self.sequences, self.heads, self.exact,
+                                                         self.state)
         self._envelope = [self.perturbed, *self.draws]
         self.floor, self.floor_items = self._floor()
         self._sqnr_floor: dict[str, dict[str, float]] = {}  # per row key, computed when first needed
-
-    def _scores_per_step(self, keys: Sequence[str]) -> None:
-        """Of ``keys`` (one group's rows whose metric the auto rule chose), a ``[N, T, C]``
-        output read as hidden states that a classifier head computes (``heads``) and that
-        decides a class step by step (``_per_step_classes``) holds class scores per token
-        (a tagger's emissions): judged by ``argmax`` per token, as its user reads the tags."""
-        for key in keys:
-            name = self._where[key][0]
-            values = self.reference[name]
-            if self.plan[key] == "embedding" and name in self.heads and np.ndim(values[0]) == 3 \
-                    and _per_step_classes(values):
-                self.plan[key] = "argmax"
-
-    def _pooled_beside_embeddings(self, keys: Sequence[str]) -> None:
-        """Of ``keys`` (one group's rows whose metric the auto rule chose), a ``[N, D]`` output
-        read as class scores (or, confident nowhere, judged by SQNR) is a pooled vector when
-        another is a ``[N, T, D]`` embedding (a sentence encoder's token and sentence
-        embeddings), unless named logits: judged as an embedding too."""
-        def sample(key: str) -> np.ndarray:
-            return np.asarray(self.reference[self._where[key][0]][0])
-
-        widths = {sample(k).shape[-1] for k in keys if self.plan[k] == "embedding" and sample(k).ndim == 3}
-        for key in keys:
-            if self.plan[key] in ("argmax", "sqnr") and sample(key).ndim == 2 and sample(key).shape[-1] in widths \
-                    and "logit" not in self._where[key][0].lower():
-                self.plan[key] = "embedding"
 
     def _floor(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:
         """Per row and component, the float model's own deviation under the perturbation:
@@ -1311,10 +1358,9 @@ class TaskJudge:
         return any(isinstance(m, str) and m in _UNEXCUSED for m in self.plan.values())
 
     def wants_draws(self) -> bool:
-        """Whether the floor should be measured on ``FLOOR_DRAWS`` draws rather than one:
-        some row's metric excuses float32's own errors (``excuses``) or takes its floor as
-        the mean over draws of a count that one draw samples coarsely (``_MEAN_OF_DRAWS``)."""
-        return self.excuses() or any(isinstance(m, str) and m in _MEAN_OF_DRAWS for m in self.plan.values())
+        """Whether the floor should be measured on ``FLOOR_DRAWS`` draws rather than one
+        (``wants_draws``, of this judge's rows)."""
+        return wants_draws(self.plan)
 
     def _excused(self, metric: object, part: str) -> bool:
         """Whether component ``part`` of ``metric`` excuses float32's own errors here (two
@@ -1338,11 +1384,8 @@ class TaskJudge:
         sample's values are kept, not chosen again from the subset's (a map's undecided
         pixels differ from subset to subset), so a pass judging the held-out part of the
         verifier's samples judges each output as the verification will."""
-        metric = self.metric
-        if not (callable(metric) and not isinstance(metric, Mapping)):  # per row: as planned
-            metric = {key: chosen for key, chosen in self.plan.items() if chosen != "labels"}
         return dataclasses.replace(
-            self, metric=metric, reference={n: _pick(v, samples) for n, v in self.reference.items()},
+            self, rows=self.plan, reference={n: _pick(v, samples) for n, v in self.reference.items()},
             perturbed={n: _pick(v, samples) for n, v in self.perturbed.items()},
             draws=[{n: _pick(v, samples) for n, v in draw.items()} for draw in self.draws],
             masks=None if self.masks is None else _pick(self.masks, samples),

@@ -88,7 +88,7 @@ from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import ORIGINAL_ERROR_FACTOR, SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, TaskJudge, UserMetric,
                                  float_free_outputs, perturbation_draws, perturbation_roles, projected_outputs,
-                                 sequence_outputs, unmoved)
+                                 row_metrics, sequence_outputs, unmoved, wants_draws)
 from optcc.progress import Progress
 from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, first_line, make_session, resolve_providers, run,
                                    session_options)
@@ -285,7 +285,8 @@ class Verifier:
         self._task = dict(metric=task_metric, margin=task_margin, metric_target=task_target,
                           min_sqnr_db=task_min_sqnr_db)
         self._groups = None if task_groups is None else list(task_groups)
-        self._judges: dict[str, TaskJudge] = {}
+        self._judges: dict[tuple[str, tuple[int, ...]], TaskJudge] = {}  # by provider and positions
+        self._judge_plans: dict[str, _JudgePlan] = {}
         self._alternate: dict[str, list[list[np.ndarray]] | None] = {}
         self._names: list[str] = []
         self._error: str | None = None
@@ -454,52 +455,90 @@ class Verifier:
         state = self._plan.state_outputs if self._plan is not None else frozenset()
         return {name: values for name, values in self._by_name(cases).items() if name not in state}
 
-    def task_judge(self, provider: str) -> TaskJudge:
-        """The judge of INT8 results on ``provider``: the original's outputs, and its outputs
-        on the samples perturbed at their resolution (the noise floor)."""
-        if provider not in self._judges:
+    def task_judge(self, provider: str, positions: Sequence[int] | None = None) -> TaskJudge:
+        """The judge of INT8 results on ``provider`` over the samples at ``positions`` (by
+        position in ``feeds``; all of them by default): the original's outputs there, and its
+        outputs on them perturbed at their resolution (the noise floor). Its rows' metrics
+        are chosen from every sample's outputs and each sample is perturbed as among all of
+        them (draw ``d`` of sample ``i`` seeded by ``i``, then ``(i, d)``), so the judge of
+        some samples is the judge of all of them ``select``ed to those. The perturbed
+        original runs on a sample the first time a judge holds it: a judge of the held-out
+        samples runs none of the others (a KV-cache decoder's judge holds every sample:
+        its rows are decode steps)."""
+        every = list(range(len(self.feeds)))
+        positions = every if positions is None or self._plan is not None else list(positions)
+        key = (provider, tuple(positions))
+        if key not in self._judges:
+            shared = self._judge_plan(provider)
+            session = None
+
+            def cases(draw: int) -> list[list[np.ndarray]]:
+                """The original's cases on the samples at ``positions`` perturbed by ``draw``;
+                where that draw moves no input, its cases on ``self.feeds`` (the same session
+                options and inputs)."""
+                nonlocal session
+                float32 = self._float32_outputs()
+                assert float32 is not None
+                if shared.unmoved[draw]:
+                    return float32[provider] if self._plan is not None else [float32[provider][p] for p in positions]
+                kept = shared.perturbed[draw]
+                missing = [p for p in positions if p not in kept]
+                if missing:
+                    (moved,), _ = perturbation_draws(self.feeds, draw + 1, first=draw, at=missing, **shared.moving)
+                    if session is None:
+                        session = self._session(self.original, provider)
+                    if self._plan is not None:  # decode steps, not samples: never kept by position
+                        return self._cases(session, moved)
+                    kept.update(zip(missing, self._cases(session, moved)))
+                return [kept[p] for p in positions]
+
+            masks = None if shared.masks is None else [shared.masks[p] for p in positions]
+            groups = None if self._groups is None or self._plan is not None else [self._groups[p] for p in positions]
+            reference = shared.reference if positions == every else \
+                {name: [values[p] for p in positions] for name, values in shared.reference.items()}
+            self._judges[key] = TaskJudge(
+                reference, self._judged(cases(0)), perturbation=shared.how, masks=masks, groups=groups,
+                draws=[self._judged(cases(d)) for d in range(1, len(shared.unmoved))], rows=shared.rows,
+                sequences=shared.sequences, heads=shared.heads, exact=shared.exact, state=shared.state, **self._task)
+        return self._judges[key]
+
+    def _judge_plan(self, provider: str) -> _JudgePlan:
+        """What every task judge on ``provider`` shares (``_JudgePlan``), made once."""
+        if provider not in self._judge_plans:
             float32 = self._float32_outputs()
             assert float32 is not None
             roles = input_roles(self._model)
             moving = perturbation_roles(roles)
-            (perturbed,), how = perturbation_draws(self.feeds, 1, **moving)
-            session = None
-
-            def cases(samples: Sequence[Feeds]) -> list[list[np.ndarray]]:
-                """The original's cases on ``samples``, perturbed ones; where no input moved,
-                its cases on ``self.feeds`` (the same session options and inputs)."""
-                nonlocal session
-                if unmoved(self.feeds, samples):
-                    return float32[provider]
-                if session is None:
-                    session = self._session(self.original, provider)
-                return self._cases(session, samples)
-
+            reference = self._judged(float32[provider])
+            groups = self._groups if self._plan is None else None
+            fields = dict(sequences=sequence_outputs(self._model), heads=projected_outputs(self._model),
+                          exact=float_free_outputs(self._model),
+                          state=self._stream.state_outputs if self._stream is not None else ())
+            rows = row_metrics(reference, self._task["metric"], groups=groups, **fields)
+            # float32's own errors excused, or a mean floor: more draws
+            draws = FLOOR_DRAWS if self._plan is None and wants_draws(rows) else 1
+            moved, how = perturbation_draws(self.feeds, 1, **moving)
+            if draws > 1:
+                moved += perturbation_draws(self.feeds, draws, first=1, **moving)[0]
             masks = None
             mask_names = [n for n, role in roles.items() if role == "mask"]
             if mask_names and self._plan is None:
                 masks = [f.get(mask_names[0]) for f in self.feeds]
-            judge = TaskJudge(self._judged(float32[provider]), self._judged(cases(perturbed)),
-                              perturbation=how, masks=masks,
-                              groups=self._groups if self._plan is None else None,
-                              sequences=sequence_outputs(self._model), heads=projected_outputs(self._model),
-                              exact=float_free_outputs(self._model),
-                              state=self._stream.state_outputs if self._stream is not None else (),
-                              **self._task)
-            if self._plan is None and judge.wants_draws():  # float32's own errors excused, or a mean floor
-                more, _ = perturbation_draws(self.feeds, FLOOR_DRAWS, first=1, **moving)
-                judge = dataclasses.replace(judge, draws=[self._judged(cases(d)) for d in more])
-            self._judges[provider] = judge
-        return self._judges[provider]
+            self._judge_plans[provider] = _JudgePlan(
+                reference, rows, moving, how, [unmoved(self.feeds, draw) for draw in moved], masks,
+                [{} for _ in moved], **fields)
+        return self._judge_plans[provider]
 
-    def sample_judge(self, provider: str = "CPUExecutionProvider") -> TaskJudge | None:
-        """The task judge on ``provider`` with one row per sample of ``feeds``, in order (what
-        a pass judging the same samples can share: ``Int8Options.judge`` on the CPU,
-        ``ConvertFloat16Pass(judge=...)`` per provider); None for a KV-cache decoder (a row
-        per decode step), for a provider not verified on, or when the original cannot run."""
+    def sample_judge(self, provider: str = "CPUExecutionProvider",
+                     positions: Sequence[int] | None = None) -> TaskJudge | None:
+        """The task judge on ``provider`` with one row per sample of ``feeds`` at ``positions``
+        (all of them by default), in order (what a pass judging the same samples can share:
+        ``Int8Options.judge`` on the CPU, ``ConvertFloat16Pass(judge=...)`` per provider;
+        ``task_judge``); None for a KV-cache decoder (a row per decode step), for a provider
+        not verified on, or when the original cannot run."""
         if self._plan is not None or provider not in self.providers or self._float32_outputs() is None:
             return None
-        return self.task_judge(provider)
+        return self.task_judge(provider, positions)
 
     def float64_reference(self, positions: Sequence[int]) -> Float64Reference:
         """The original's float64 outputs on the samples at ``positions`` (by position in
@@ -886,6 +925,27 @@ def _digest(model: ir.Model, source: Any) -> str:
     if isinstance(source, bytes):
         return "bytes:" + hashlib.sha256(source).hexdigest()
     return "content:" + content_digest(model)
+
+
+@dataclasses.dataclass
+class _JudgePlan:
+    """What every task judge of one provider shares (``Verifier.task_judge``): the original's
+    judged outputs on every sample, each row's metric chosen from them, how the inputs move
+    and how they were described, per perturbation draw whether it moves no input, the
+    attention masks per sample, per draw the original's cases on the perturbed samples run
+    so far (by position), and the judge's fields read from the model."""
+
+    reference: dict[str, list[np.ndarray]]
+    rows: dict[str, Any]
+    moving: dict[str, set[str]]
+    how: dict[str, str]
+    unmoved: list[bool]
+    masks: list[Any] | None
+    perturbed: list[dict[int, list[np.ndarray]]]
+    sequences: Any = ()
+    heads: Any = ()
+    exact: Any = ()
+    state: Any = ()
 
 
 @dataclasses.dataclass

@@ -38,7 +38,7 @@ from optcc.numerics.decode import stream_plan
 from optcc.numerics.inputs import input_roles
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, MIN_ITEMS, TaskJudge, UserMetric,
                                  float_free_outputs, perturbation_draws, perturbation_roles, projected_outputs,
-                                 sequence_outputs, unmoved)
+                                 sequence_outputs, unmoved, wants_draws)
 
 __all__ = ["Int8Options", "quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
 
@@ -138,15 +138,17 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
                                               for name, values in outputs.items()} for d in range(len(more))])
 
 
-def _given_judge(o: Int8Options, count: int) -> TaskJudge | None:
-    """``o.judge``'s judge when it judges ``count`` samples as ``o`` asks (metric, margin,
-    targets, groups), else None: then the pass measures its own."""
-    given = o.judge() if o.judge is not None else None
-    if given is None or len(next(iter(given.reference.values()), [])) != count:
+def _given_judge(o: Int8Options, positions: Sequence[int]) -> TaskJudge | None:
+    """``o.judge``'s judge of the samples at ``positions`` when it judges them as ``o`` asks
+    (metric, margin, targets, groups), else None: then the pass measures its own."""
+    given = o.judge(positions) if o.judge is not None else None
+    if given is None or len(next(iter(given.reference.values()), [])) != len(positions):
         return None
-    if given.draw_count != (o.floor_draws if o.floor_draws > 1 and given.wants_draws() else 1):
+    # whether its floor takes more draws is decided by the rows of every sample it was planned among
+    wanted = wants_draws(given.plan if given.rows is None else given.rows)
+    if given.draw_count != (o.floor_draws if o.floor_draws > 1 and wanted else 1):
         return None  # its floor is measured on other perturbation draws
-    groups = None if o.groups is None else list(o.groups)
+    groups = None if o.groups is None else [o.groups[i] for i in positions]
     metric = "auto" if given.metric is None else given.metric  # the judge reads None as "auto"
     if (metric, given.margin, given.metric_target, given.min_sqnr_db) != \
             (o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db) or \
@@ -230,7 +232,7 @@ class Int8Options:
     equalize: bool = True
     smooth: bool = False
     method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    judge: Callable[[], TaskJudge | None] | None = dataclasses.field(default=None, compare=False)
+    judge: Callable[[Sequence[int]], TaskJudge | None] | None = dataclasses.field(default=None, compare=False)
     outputs: Callable[[ir.Model, Sequence[int]], Mapping[str, Sequence[Any]]] | None = dataclasses.field(
         default=None, compare=False)
 
@@ -340,11 +342,13 @@ def quantize_int8(
     ``ranking_samples``: the fallback's per-layer error estimates are measured on that
     many of the judged samples, spread evenly (``optcc.quant.fallback.fallback``).
 
-    ``judge``: returns the task judge of every sample, in order, built on another float
-    model that computes the same (``optcc.Verifier.sample_judge``: the original's outputs
-    and noise floor, which the final verification judges with too); used, its held-out
-    part included, when it judges with this call's metric, margin, targets and groups, so
-    the float model and its perturbed copy run once for the pass and the verification.
+    ``judge``: returns the task judge of the samples at the given positions, in order,
+    built on another float model that computes the same (``optcc.Verifier.sample_judge``:
+    the original's outputs and noise floor, which the final verification judges with too,
+    each row's metric chosen from every sample); used when it judges with this call's
+    metric, margin, targets and groups, so the float model and its perturbed copy run once
+    for the pass and the verification, the perturbed copy on a sample only when a judge
+    holds it (the held-out ones; the others only for a model to confirm).
     The verification judges every sample, the calibration ones too, so the fallback's
     result is confirmed on that judge before it is accepted; when it misses there, more
     layers return to float until it passes (``fallback``'s ``confirm``;
@@ -406,17 +410,28 @@ def quantize_int8(
         raise BadInputError(f"{len(o.groups)} group labels for {len(samples)} samples")
     judged = held  # the samples every candidate is judged on
     judge: TaskJudge | None = None
-    confirm: Confirmation | None = None  # the verifier's judgement of every sample, where it is shared
+    # what makes the verifier's judgement of every sample, where it is shared
+    confirm: Callable[[], Confirmation] | None = None
     judged_outputs: CandidateOutputs | None = None  # the verification's runs of a candidate on ``judged``
     if o.metric is not None:
         group_of = (lambda part: None) if o.groups is None else (  # noqa: E731
             lambda part: [o.groups[i] for i in part])
         held_at = len(samples) - len(held)
-        every = _given_judge(o, len(samples))
+        given_at = held_at
+        given = _given_judge(o, range(given_at, len(samples)))
+        shared = given is not None  # the verifier's judges, its floor run on the samples they hold alone
+
+        def judge_from(start: int) -> TaskJudge:  # the verifier's judge of the samples from ``start`` on
+            if start == given_at and given is not None:
+                return given
+            assert o.judge is not None
+            judge = o.judge(range(start, len(samples)))
+            assert judge is not None
+            return judge
 
         def held_judge(start: int) -> TaskJudge:  # the judge of the samples from ``start`` on
-            if every is not None:
-                return every.select(range(start, len(samples)))
+            if shared:
+                return judge_from(start)
             return _task_judge(float_model, samples[start:], o.metric, o.metric_margin, o.metric_target,
                                o.target.min_sqnr_db, group_of(range(start, len(samples))), o.floor_draws)
 
@@ -434,22 +449,27 @@ def quantize_int8(
         if undecided and len(held) < len(samples):
             # too few items held out for the task metric to decide: count it over every sample
             judged = samples
-            judge = every if every is not None else _task_judge(
+            judge = judge_from(0) if shared else _task_judge(
                 float_model, judged, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db,
                 group_of(range(len(samples))), o.floor_draws)
         o = dataclasses.replace(o, target=dataclasses.replace(o.target, judge=judge))
-        share = o.outputs if every is not None else None  # the verification's runs of a candidate
+        share = o.outputs if shared else None  # the verification's runs of a candidate
         if share is not None:  # ``judged`` are the last samples: the verification keeps them for its check
             judged_outputs = _at(share, range(len(samples) - len(judged), len(samples)))
-        if every is not None and judged is not samples:
+        if shared and judged is not samples:
             # the final verification judges every sample: the fallback's result must pass there too
-            confirm = Confirmation(samples, dataclasses.replace(o.target, judge=every), every.reference,
-                                   outputs=None if share is None else _at(share, range(len(samples))))
+            # (its judge, with the floor of the samples not judged here, made only for a model found)
+            def confirm_every() -> Confirmation:
+                whole = judge_from(0)
+                return Confirmation(samples, dataclasses.replace(o.target, judge=whole), whole.reference,
+                                    outputs=None if share is None else _at(share, range(len(samples))))
+
+            confirm = confirm_every
         stats["acceptance"] = {"metrics": judge.metric_names(), "margin": o.metric_margin,
                                "metric_target": o.metric_target, "perturbation": dict(judge.perturbation),
                                "floor": judge.floor, "floor_draws": judge.draw_count,
                                "held_out_samples": len(held), "judged_samples": len(judged),
-                               "reference": "the verifier's (the original model)" if every is not None
+                               "reference": "the verifier's (the original model)" if shared
                                else "the float model this pass starts from"}
         if widened is not None:
             stats["acceptance"]["held_out_widened"] = (

@@ -656,7 +656,8 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
              reference_outputs: Mapping[str, Sequence[np.ndarray]] | None = None,
              initial: tuple[ir.Model, dict[str, Any], Evaluation] | None = None,
              ranking_samples: int | None = RANKING_SAMPLES,
-             confirm: Confirmation | None = None, outputs: CandidateOutputs | None = None,
+             confirm: Confirmation | Callable[[], Confirmation] | None = None,
+             outputs: CandidateOutputs | None = None,
              ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """Quantize; if the target is missed on ``samples``, return the most sensitive layers
     to float, worst first, until the target holds or ``max_float_layers`` are float.
@@ -697,7 +698,8 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     quantized model, its pass stats and its evaluation on ``samples``, when already made.
 
     ``confirm``: a wider judgement a later check applies to the result (the verifier's,
-    over every sample). The model found is judged there too; when it misses, the search
+    over every sample), or what makes it, called only when the search found a model (a
+    judgement can cost runs: a noise floor). The model found is judged there too; when it misses, the search
     goes on under that judgement, in the same order, from the number of layers found
     (``_confirmed``), and ``report["confirmation"]`` says what happened.
 
@@ -712,6 +714,8 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     order = report.pop("order", None)
     if confirm is None or not report.get("target_met"):
         return model, stats, report
+    if not isinstance(confirm, Confirmation):
+        confirm = confirm()
     return _confirmed(reference, quantize, model, stats, report, confirm, order, max_float_layers, ranking_samples)
 
 
