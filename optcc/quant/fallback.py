@@ -554,20 +554,29 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
         values = dict(zip(names, session.run(names, dict(feeds))))
         for layer in fetch.keys() | pairs.keys():
             # both compare with the layer's float result (layer_outputs' first name): its
-            # float64 copy and power are made once
-            r = np.asarray(values[(fetch.get(layer) or pairs[layer])[0]], np.float64)
-            power = float(np.sum(r**2))
+            # float64 copy (its own, squared in place last) and power are made once
+            r = np.array(values[(fetch.get(layer) or pairs[layer])[0]], np.float64)
+            if layer in fetch:
+                noise[layer] += _squared_distance(r, values[fetch[layer][1]])
+            if layer in pairs:
+                p_noise[layer] += _squared_distance(r, values[pairs[layer][1]])
+            power = float(np.sum(np.square(r, out=r)))
             if layer in fetch:
                 signal[layer] += power
-                noise[layer] += float(np.sum((r - np.asarray(values[fetch[layer][1]], np.float64)) ** 2))
             if layer in pairs:
                 p_signal[layer] += power
-                p_noise[layer] += float(np.sum((r - np.asarray(values[pairs[layer][1]], np.float64)) ** 2))
         del values
     del session
     release_memory()
     return ({layer: _db(p_signal[layer], p_noise[layer]) for layer in pairs},
             {layer: _db(signal[layer], noise[layer]) for layer in fetch})
+
+
+def _squared_distance(reference: np.ndarray, other: np.ndarray) -> float:
+    """``sum((reference - other) ** 2)`` in float64 (``reference`` float64, ``other`` widened
+    exactly), the same sum over the same values, with one temporary array."""
+    difference = np.subtract(reference, other, dtype=np.float64)
+    return float(np.sum(np.square(difference, out=difference)))
 
 
 def _join_quantized(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto, q_weights: Mapping[str, np.ndarray]
