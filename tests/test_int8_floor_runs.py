@@ -102,3 +102,33 @@ def test_the_judge_of_some_samples_is_the_judge_of_all_of_them_selected() -> Non
     got = {"logits": [session.run(None, data[i])[0] + rng.normal(0, 0.3, (1, 10)).astype(np.float32)
                       for i in positions]}
     assert part(got) == whole(got)
+
+
+def test_the_pass_measures_its_floor_over_every_draw_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``quantize_int8`` called alone measures its own floor: with a metric that takes several
+    draws (argmax), once, over all of them; the floor is that of float32's outputs on the
+    draws as onnxruntime computes them here."""
+    from optcc.numerics.task import TaskJudge, perturbation_draws
+    from optcc.quant.driver import _task_judge
+
+    data = _images(10, seed=7)
+    floors = []
+    measure = TaskJudge._floor
+
+    def counted(self):
+        floors.append(len(self._envelope))
+        return measure(self)
+
+    monkeypatch.setattr(TaskJudge, "_floor", counted)
+    judge = _task_judge(optcc.ir.load(str(TINYCNN)), data, "auto", 1.5, None, 25.0, draws=4)
+    monkeypatch.undo()
+    assert floors == [4] and judge.draw_count == 4
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    session = ort.InferenceSession(str(TINYCNN), options, providers=[CPU])
+    reference = {"logits": [session.run(None, f)[0] for f in data]}
+    draws = [{"logits": [session.run(None, f)[0] for f in moved]}
+             for moved in perturbation_draws(data, 4)[0]]
+    expected = TaskJudge(reference, draws[0], "auto", 1.5, None, 25.0, draws=draws[1:])
+    assert judge.plan == expected.plan == {"logits": "argmax"} and judge.floor == expected.floor

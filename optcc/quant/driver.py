@@ -38,7 +38,7 @@ from optcc.numerics.decode import stream_plan
 from optcc.numerics.inputs import input_roles
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, MIN_ITEMS, TaskJudge, UserMetric,
                                  float_free_outputs, perturbation_draws, perturbation_roles, projected_outputs,
-                                 sequence_outputs, unmoved, wants_draws)
+                                 row_metrics, sequence_outputs, unmoved, wants_draws)
 
 __all__ = ["Int8Options", "quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
 
@@ -111,8 +111,8 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
     """The judge of ``held``: the float model's outputs, and its noise floor (its outputs on
     the held-out samples perturbed at their resolution, ``optcc.numerics.task.perturb``).
     When a metric excuses float32's own errors or averages its floor over draws
-    (``TaskJudge.wants_draws``), the floor takes ``draws`` independent perturbations
-    (``perturbation_draws``); else one."""
+    (``wants_draws`` of its rows, ``row_metrics``), the floor takes ``draws`` independent
+    perturbations (``perturbation_draws``); else one."""
     moving = perturbation_roles(input_roles(model))
     stream = stream_plan(model)  # its state is judged in the second step's answers (``model_outputs``)
     moved, how = perturbation_draws(held, 1, **moving)
@@ -123,19 +123,21 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
         both = model_outputs(model, [*held, *moved[0]])
         reference = {name: values[:len(held)] for name, values in both.items()}
         perturbed = {name: values[len(held):] for name, values in both.items()}
-    judge = TaskJudge(reference, perturbed, metric, margin, metric_target, min_sqnr_db, how, groups=groups,
-                      sequences=sequence_outputs(model), heads=projected_outputs(model), exact=float_free_outputs(model),
-                      state=stream.state_outputs if stream is not None else ())
-    if draws < 2 or not judge.wants_draws():
-        return judge
-    more, _ = perturbation_draws(held, draws, first=1, **moving)
-    if all(unmoved(held, draw) for draw in more):
-        return dataclasses.replace(judge, draws=[{name: list(values) for name, values in reference.items()}
-                                                 for _ in more])
-    outputs = model_outputs(model, [feeds for draw in more for feeds in draw])
-    count = len(held)
-    return dataclasses.replace(judge, draws=[{name: values[d * count:(d + 1) * count]
-                                              for name, values in outputs.items()} for d in range(len(more))])
+    fields = dict(groups=groups, sequences=sequence_outputs(model), heads=projected_outputs(model),
+                  exact=float_free_outputs(model), state=stream.state_outputs if stream is not None else ())
+    more_outputs: list[dict[str, list[Any]]] = []
+    if draws >= 2 and wants_draws(row_metrics(reference, metric, **fields)):
+        more, _ = perturbation_draws(held, draws, first=1, **moving)
+        if all(unmoved(held, draw) for draw in more):
+            more_outputs = [{name: list(values) for name, values in reference.items()} for _ in more]
+        else:
+            outputs = model_outputs(model, [feeds for draw in more for feeds in draw])
+            count = len(held)
+            more_outputs = [{name: values[d * count:(d + 1) * count] for name, values in outputs.items()}
+                            for d in range(len(more))]
+    # made once, with its floor over every draw
+    return TaskJudge(reference, perturbed, metric, margin, metric_target, min_sqnr_db, how, draws=more_outputs,
+                     **fields)
 
 
 def _given_judge(o: Int8Options, positions: Sequence[int]) -> TaskJudge | None:
