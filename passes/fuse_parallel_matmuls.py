@@ -48,8 +48,8 @@ def _weight(node: ir.Node) -> np.ndarray | None:
     if (w is None or not w.is_initializer() or w.is_graph_input() or w.is_graph_output()
             or w.const_value is None or len(w.uses()) != 1 or w.dtype not in _FLOATS):
         return None
-    array = w.const_value.numpy()
-    return array if array.ndim == 2 and array.shape[1] < _KERNEL_COLUMNS else None
+    shape = w.const_value.shape  # read before the data: a wide weight is never loaded
+    return w.const_value.numpy() if len(shape) == 2 and shape[1] < _KERNEL_COLUMNS else None
 
 
 def _groups(graph: ir.Graph) -> list[list[tuple[ir.Node, np.ndarray]]]:

@@ -604,3 +604,11 @@ def test_slice_indices_of_two_types_are_not_keyed_alike():
     mixed = _planted(proto, "s = Constant <value = int32[1] {1}> ()\n"
                             f"{_ints(e=[5], a=[3])}\n c = Slice(x, s, e, a)\n y = Relu(c)", **_FOCUS_TYPES)
     assert not _proved(proto, mixed)
+
+
+def test_a_slice_with_axes_fed_at_run_time_is_not_keyed_as_one_without_axes():
+    """Axes given as a graph input are not the default axes an omitted input means."""
+    types = dict(inputs="float[N, 3, 6, 8] x, int64[1] ax", outputs="float y")
+    fed = _slices(f"{_ints(s=[1], e=[5])}\n y = Slice(x, s, e, ax)", **types)
+    omitted = _planted(fed, f"{_ints(s=[1], e=[5])}\n y = Slice(x, s, e)", **types)
+    assert not _proved(fed, omitted)

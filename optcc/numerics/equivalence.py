@@ -1093,19 +1093,15 @@ class _Keys:
         else:
             if not 3 <= len(node.inputs) <= 5 or node.attributes.data:
                 return None
-            parts = []
-            for position in range(1, 5):
-                given = node.inputs[position] if position < len(node.inputs) else None
-                if given is None:
-                    if position < 3:
-                        return None
-                    parts.append(None)
-                    continue
-                array = self._array(given)
-                if array is None or array.dtype not in (np.int32, np.int64) or array.ndim != 1 \
-                        or array.dtype != self._array(node.inputs[1]).dtype:  # one index type (Tind)
-                    return None
-                parts.append([int(e) for e in array])
+            inputs = [*node.inputs[1:], None, None][:4]  # starts, ends, axes, steps (None: omitted)
+            if inputs[0] is None or inputs[1] is None:
+                return None
+            arrays = [None if v is None else self._array(v) for v in inputs]
+            given = [a for v, a in zip(inputs, arrays) if v is not None]
+            if any(a is None or a.ndim != 1 for a in given) or len({a.dtype for a in given}) != 1 \
+                    or given[0].dtype not in (np.int32, np.int64):
+                return None  # an input not a constant list, or not one index type (Tind)
+            parts = [None if a is None else [int(e) for e in a] for a in arrays]
         starts, ends, axes, steps = parts
         count = len(starts)
         axes = list(range(count)) if axes is None else axes
