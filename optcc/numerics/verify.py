@@ -17,7 +17,9 @@ axis: a recurrent state's unnamed batch axis), and the report says so.
 For "exact" and "fusion" results checked on generated samples, the verifier first tries
 to prove that the candidate computes the original's function (``optcc.numerics.equivalence``):
 when every output is proved and onnxruntime loads the candidate, the check passes with
-no sample generated or run (reference "proof"). The user's own samples always run.
+no sample generated or run (reference "proof"). The user's own samples always run. Samples
+on which every output of the original is NaN, infinite or empty compare nothing (NaN and
+infinities are compared by position only): the check is then a proof or skipped, never a pass.
 
 Otherwise, what the candidate is compared with depends on what the kept passes may
 change (``optcc.numerics.kinds``):
@@ -589,6 +591,11 @@ class Verifier:
                     decode_steps=self._steps if self._plan is not None else None)
         if float32 is None:
             return Verification(status="skipped", outputs=[], reason=self._error, **base)
+        if self._compares_nothing:  # the user's samples say nothing here: a proof still holds on every input
+            proved = self.prove(model, numerics, serialized=serialized) if self.user_samples else None
+            if proved is not None:
+                return dataclasses.replace(proved, notes=[*proved.notes, self._compares_nothing])
+            return Verification(status="skipped", outputs=[], reason=self._compares_nothing, **base)
         by_task = numerics == "int8" and tolerance == TOLERANCES["int8"]
         # fp16 with its default tolerance, on the user's samples: an output failing the SQNR rule
         # may be accepted by the task (``optcc.numerics.float16``); not over a decode's steps
@@ -857,6 +864,18 @@ class Verifier:
                 return first_line(e)
         return None
 
+    @functools.cached_property
+    def _compares_nothing(self) -> str | None:
+        """Why no sample can tell any model from the original (every output of the original
+        empty, NaN or infinite on every element of every sample: the comparison skips such
+        elements), or None."""
+        cases = next(iter((self._float32_outputs() or {}).values()), [])
+        arrays = [np.asarray(value) for case in cases for value in case]
+        if not arrays or any(a.dtype.kind != "f" or np.isfinite(a).any() for a in arrays):
+            return None
+        return ("every output of the original is NaN, infinite or empty on every sample: the samples "
+                "compare nothing (give samples it computes finite values on)")
+
     def notes(self) -> list[str]:
         """Outputs the samples barely exercise: the same value everywhere, or a bounded
         kernel's output saturated near 0 (a detector's map on an image without objects)."""
@@ -873,7 +892,10 @@ class Verifier:
             values = [np.asarray(outs[index]) for outs in next(iter(float32.values()), [])]
             floats = [v.astype(np.float64) for v in values if v.dtype.kind == "f" and v.size]
             finite = [v[np.isfinite(v)] for v in floats]
-            if not finite or not any(v.size for v in finite):
+            if floats and not any(v.size for v in finite):
+                found[name] = "is NaN or infinite on every element of every sample (nothing compared)"
+                continue
+            if not finite:
                 continue
             high = max(float(np.abs(v).max()) for v in finite if v.size)
             flat = 1e-6 * max(high, 1e-30)
