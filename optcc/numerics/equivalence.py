@@ -84,6 +84,9 @@ constants alone is small and computed by its definition, those are keyed by thei
 first, and a value keyed later with the structural key of one of them (in either model)
 gets its bytes' key; ``Premise.prove`` then keys the candidate against it.
 
+Outputs are proved only between models with the same interface: the same fed inputs
+(names and dtypes) and the same outputs in the same order (callers read them by position).
+
 Never given a key equal to anything else (so never proved): nodes with subgraphs, calls of
 model-local functions, random or dropout-like operators other than the axiom above, and
 operators outside the default and ``com.microsoft`` domains. A value left unproved is not
@@ -247,16 +250,20 @@ def _compared(candidate: ir.Model, candidate_keys: _Keys, original_inputs: dict[
               original_outputs: dict[str, tuple[Callable[[], int], ir.DataType | None]], evaluated: int,
               original_facts: Callable[[], set[tuple]]) -> Proof:
     """Per candidate output: proved when both models are fed the same inputs (names and
-    dtypes) and the original's output of that name has its dtype and key, and what the
-    candidate's key assumes (``_Keys.assumed``) the original's nodes establish wherever
-    it runs (``original_facts``, called after every original output is keyed)."""
-    same_inputs = all(v.name in original_inputs and (v.dtype is None or v.dtype == original_inputs[v.name])
-                      for v in candidate.graph.inputs if v.const_value is None)
+    dtypes) and have the same outputs in the same order (a caller reads them by position),
+    the original's output of that name has its dtype and key, and what the candidate's
+    key assumes (``_Keys.assumed``) the original's nodes establish wherever it runs
+    (``original_facts``, called after every original output is keyed)."""
+    fed = {v.name: v.dtype for v in candidate.graph.inputs if v.const_value is None}
+    same_inputs = fed.keys() == original_inputs.keys() and all(
+        dtype is None or dtype == original_inputs[name] for name, dtype in fed.items())
+    same_outputs = [v.name for v in candidate.graph.outputs] == list(original_outputs)
     outputs: dict[str, bool] = {}
     for value in candidate.graph.outputs:
         twin = original_outputs.get(value.name)
         outputs[value.name or ""] = (
-            same_inputs and twin is not None and (value.dtype is None or twin[1] is None or value.dtype == twin[1])
+            same_inputs and same_outputs and twin is not None
+            and (value.dtype is None or twin[1] is None or value.dtype == twin[1])
             and candidate_keys.key(value) == twin[0]()
         )
     if candidate_keys._assumed and any(outputs.values()):
