@@ -1,7 +1,8 @@
 """A candidate whose interface differs from the original's is never passed: outputs in
 another order (a caller reads them by position), an output or a fed input dropped (a
-caller feeding it is refused). The proof path and the samples' path alike; the premise of
-each test comes from onnx's reference evaluator, never from optcc."""
+caller feeding it is refused), an output of another element type (float64 for float32,
+int32 for int64). The proof path and the samples' path alike; the premise of each test
+comes from onnx's reference evaluator, never from optcc."""
 
 from __future__ import annotations
 
@@ -71,3 +72,16 @@ def test_a_dropped_input_is_not_passed() -> None:
     assert [i.name for i in candidate.graph.input] == ["x"]
     assert not optcc.verify(original, candidate).passed
     assert not optcc.verify(original, candidate, inputs=[feeds]).passed
+
+
+@pytest.mark.parametrize("cast", [TensorProto.DOUBLE, TensorProto.INT32], ids=["float64", "int32"])
+@pytest.mark.parametrize("samples", sorted(USER))
+def test_an_output_of_another_element_type_is_not_passed(cast: int, samples: str) -> None:
+    original, candidate = _model(["a", "b", "m"]), _model(["a", "b", "m"], cast=cast)
+    expected, got = _by_position(original, SAMPLE), _by_position(candidate, SAMPLE)
+    # the premise: the same values in another dtype
+    assert any(e.dtype != g.dtype for e, g in zip(expected, got))
+    assert all(np.array_equal(e, g) for e, g in zip(expected, got))
+    report = optcc.verify(original, candidate, **USER[samples])
+    assert not report.passed
+    assert "dtype" in (report.reason or "")

@@ -124,13 +124,15 @@ def sqnr_db(signal_power: float, noise_power: float) -> float:
     return 10 * math.log10(signal_power / noise_power) if signal_power > 0 else -math.inf
 
 
-def _structural_problem(ref: np.ndarray, got: np.ndarray) -> str | None:
-    """Another shape or dtype; values that differ in a non-numeric output; NaN or
-    infinities that differ. Integer and boolean values are counted by the caller."""
+def _structural_problem(ref: np.ndarray, got: np.ndarray, dtype: np.dtype) -> str | None:
+    """Another shape, or a dtype other than the original's ``dtype`` (a caller gets the
+    candidate's: float64 for float32 or int32 for int64 is another interface); values that
+    differ in a non-numeric output; NaN or infinities that differ. Integer and boolean
+    values are counted by the caller."""
     if ref.shape != got.shape:
         return f"shape {got.shape} != original {ref.shape}"
-    if ref.dtype.kind != got.dtype.kind:
-        return f"dtype {got.dtype} != original {ref.dtype}"
+    if got.dtype != dtype or ref.dtype.kind != got.dtype.kind:
+        return f"dtype {got.dtype} != original {dtype}"
     if ref.dtype.kind in _INTEGER_KINDS:
         return None
     if ref.dtype.kind != "f":
@@ -174,7 +176,7 @@ def compare_outputs(
     for i, (ref, got) in enumerate(zip(refs, gots)):
         ref, got = np.asarray(ref), np.asarray(got)
         original = None if originals is None else np.asarray(originals[i])
-        problem = _structural_problem(ref, got)
+        problem = _structural_problem(ref, got, (ref if original is None else original).dtype)
         if problem:
             metrics.problem = problem
             return metrics
