@@ -215,7 +215,7 @@ def compare_outputs(
         dot += float(np.dot(r, g))
         norm_r += float(np.dot(r, r))
         norm_g += float(np.dot(g, g))
-        if ref.ndim == 2 and ref.shape[-1] > 1 and np.all(np.isfinite(ref)):
+        if ref.ndim == 2 and ref.shape[-1] > 1 and ref.shape[0] and np.all(np.isfinite(ref)):
             # classifier-like [N, C] outputs only: on feature maps argmax ties are noise
             agree.append(float(np.mean(np.argmax(ref, -1) == np.argmax(got, -1))))
     if differing:

@@ -871,14 +871,16 @@ class Verifier:
         elements), or None."""
         cases = next(iter((self._float32_outputs() or {}).values()), [])
         arrays = [np.asarray(value) for case in cases for value in case]
-        if not arrays or any(a.dtype.kind != "f" or np.isfinite(a).any() for a in arrays):
+        if not arrays or any(a.size and (a.dtype.kind != "f" or np.isfinite(a).any()) for a in arrays):
             return None
         return ("every output of the original is NaN, infinite or empty on every sample: the samples "
                 "compare nothing (give samples it computes finite values on)")
 
     def notes(self) -> list[str]:
-        """Outputs the samples barely exercise: the same value everywhere, or a bounded
-        kernel's output saturated near 0 (a detector's map on an image without objects)."""
+        """Outputs the samples barely exercise: empty or NaN everywhere (nothing compared; a
+        detector's boxes after its threshold on an image without objects), the same value
+        everywhere, or a bounded kernel's output saturated near 0 (a detector's map on such
+        an image)."""
         found = [f"output '{name}' {weakness}" for name, weakness in self._weak_outputs().items()]
         if found:
             found.append("give real samples (--inputs) for a stronger check")
@@ -890,6 +892,9 @@ class Verifier:
         found: dict[str, str] = {}
         for index, name in enumerate(self._names):
             values = [np.asarray(outs[index]) for outs in next(iter(float32.values()), [])]
+            if values and not any(v.size for v in values):
+                found[name] = "is empty on every sample (nothing compared)"
+                continue
             floats = [v.astype(np.float64) for v in values if v.dtype.kind == "f" and v.size]
             finite = [v[np.isfinite(v)] for v in floats]
             if floats and not any(v.size for v in finite):
