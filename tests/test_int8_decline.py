@@ -237,3 +237,40 @@ def test_a_speed_decline_corrects_no_bias(monkeypatch) -> None:
     shipped, accepted = quantize_int8(model, _images(10), "minmax", min_speedup=1e-9, require_target=False)
     assert len(corrections) == 1 and accepted["pass"]["bias_correction"]["layers"] == 2
     assert accepted["latency"]["fully_quantized"]["modelled_speedup"] > 0
+
+
+def test_onnxruntime_graph_counted_only_for_a_model_returned(monkeypatch, tmp_path) -> None:
+    """The integer kernels onnxruntime fuses are counted (a session that writes its optimized
+    graph) for the INT8 model returned, as that graph holds them; for a declined one,
+    never run again, no such session is built."""
+    import onnxruntime as ort
+
+    built: list[str] = []
+    init = ort.InferenceSession.__init__
+
+    def recorded(self, model, options=None, *args, **kwargs):  # noqa: ANN001, ANN202
+        if options is not None and options.optimized_model_filepath:
+            built.append(options.optimized_model_filepath)
+        return init(self, model, options, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "__init__", recorded)
+    model = _chain(("mm2", "mm3"), 3)
+    q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None)
+    assert stats["declined"] == "accuracy" and _ops(q) == _ops(model)
+    assert built == [] and "integer_op_histogram" not in stats
+    q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None,
+                             max_float_layers=2)
+    assert stats["modified"] and len(built) == 1
+    # onnxruntime's own extended graph of the model returned, counted here
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(optcc.ir.serialize(q).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fused = onnx.load(str(tmp_path / "fused.onnx"))
+    counted = {}
+    for node in fused.graph.node:
+        if node.op_type.startswith(("QLinear", "QGemm", "MatMulInteger")) or node.op_type in (
+                "QuantizeLinear", "DequantizeLinear"):
+            counted[node.op_type] = counted.get(node.op_type, 0) + 1
+    assert stats["integer_op_histogram"] == dict(sorted(counted.items()))
+    assert stats["integer_nodes"] == sum(n for op, n in counted.items() if op.startswith(("QLinear", "QGemm", "MatMul")))

@@ -364,8 +364,8 @@ def quantize_int8(
     ``stats``: method, seconds (wall time per phase: prepare, calibrate, quantize,
     speed_check, fallback or evaluate, report), calibration (samples, cache), ranges (per tensor), pass stats
     (quantized ops, kept float and why), fallback (per-layer sensitivity, layers kept
-    float, SQNR before/after), integer_nodes (onnxruntime's fused integer kernels),
-    size before/after (weight bytes), latency when measured.
+    float, SQNR before/after), integer_nodes (onnxruntime's fused integer kernels) and
+    size before/after (weight bytes) of an INT8 model returned, latency when measured.
     """
     o = Int8Options.of(options, **({"method": method} if method is not None else {}), **fields)
     cpu = cpu_class(o.cpu)  # the CPU class the speed decision is modelled for
@@ -634,11 +634,6 @@ def quantize_int8(
     lap("fallback" if o.accuracy_fallback else "evaluate")
     stats["pass"] = _reported(pass_stats)
     stats["fallback"] = report
-    histogram = integer_op_histogram(quantized)
-    stats["integer_op_histogram"] = histogram
-    stats["integer_nodes"] = sum(n for op, n in histogram.items() if op not in ("QuantizeLinear", "DequantizeLinear"))
-    stats["size_bytes"] = {"before": oir.weight_bytes(float_model), "after": oir.weight_bytes(quantized)}
-    lap("report")
     if o.require_target and not report.get("target_met"):
         evaluation = report.get("evaluation", {})
         if report.get("hopeless"):
@@ -656,5 +651,11 @@ def quantize_int8(
         problem = slower(quantized, "after_fallback")
         if problem and o.require_speedup:
             return decline("speed", problem + f" (after returning {len(report['kept_float'])} layers to float)")
+    # what onnxruntime runs of the model returned (a declined one is never run again)
+    histogram = integer_op_histogram(quantized)
+    stats["integer_op_histogram"] = histogram
+    stats["integer_nodes"] = sum(n for op, n in histogram.items() if op not in ("QuantizeLinear", "DequantizeLinear"))
+    stats["size_bytes"] = {"before": oir.weight_bytes(float_model), "after": oir.weight_bytes(quantized)}
+    lap("report")
     stats["modified"] = True
     return quantized, stats
