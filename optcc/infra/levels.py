@@ -6,7 +6,7 @@
 | 0 | normalize (topological order, names) |
 | 1 | Constant nodes lifted to initializers, then 0, initializer dedup, a fixpoint of constant folding and exact eliminations (all-zero RNN initial states dropped among them), lift + dedup again, constant graph outputs stored as initializers |
 | 2 | 1 + a fixpoint of fusions into standard ops, then the exact fixpoint, lift + dedup again, CSE (fused weights deduplicated make more nodes equal) |
-| 3 | 2 + onnxruntime's fused ops (FusedConv, MultiHeadAttention, GroupQueryAttention for causal grouped-query decoders, RotaryEmbedding below opset 23, BiasGelu/FastGelu); records the target runtime in metadata_props (SkipLayerNormalization, SkipSimplifiedLayerNormalization and EmbedLayerNormalization are opt-in: not faster than their parts on CPU) |
+| 3 | 2 + onnxruntime's fused ops (FusedConv, MultiHeadAttention, GroupQueryAttention for causal grouped-query decoders, Attention with packed Q/K/V weights for self-attention without a KV cache, RotaryEmbedding below opset 23, BiasGelu/FastGelu); records the target runtime in metadata_props (SkipLayerNormalization, SkipSimplifiedLayerNormalization and EmbedLayerNormalization are opt-in: not faster than their parts on CPU) |
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ LEVELS: dict[int, list[str | tuple[str, ...]]] = {
         "fuse-ort-conv-activation",
         ("fuse-ort-attention", "fuse-ort-gqa", "fuse-ort-rotary", "fuse-ort-transformer", "eliminate-dead-nodes"),
         "fuse-parallel-matmuls", _EXACT,
+        # after the exact fixpoint: it reads projections whose head split and merge it has cancelled
+        "fuse-ort-packed-attention", "eliminate-dead-nodes",
         "store-constant-outputs", "record-target"],
 }
 
