@@ -2,8 +2,10 @@
 the MultiHeadAttention that fuse-ort-attention writes and its Q/K/V projections of one input
 become one ``com.microsoft.Attention`` with packed weights, with and without a padding mask
 (the shape reads that expand the mask then read the input's shape); the optimized model run
-by onnxruntime matches onnx's reference evaluator running the original. Cross-attention, a
-weight fed at run time and a KV cache keep MultiHeadAttention, each with its reason."""
+by onnxruntime matches onnx's reference evaluator running the original; a query split into
+heads and merged back, whose split is also read for its shape, is packed too (against numpy).
+Cross-attention, a weight fed at run time and a KV cache keep MultiHeadAttention, each with
+its reason."""
 
 from __future__ import annotations
 
@@ -31,13 +33,15 @@ def _const(name: str, array: np.ndarray) -> onnx.TensorProto:
 
 
 def attention_layer(mask: bool = False, keys_from: str = "x", weight_input: bool = False,
-                    cache: bool = False) -> onnx.ModelProto:
+                    cache: bool = False, computed_split: bool = False) -> onnx.ModelProto:
     """``y = Add(MatMul(attention(x), wo), bo)`` with q/k/v = ``Add(MatMul(src, W), b)`` split into
     heads, scores ``MatMul(q, kt) * 1/sqrt(d)`` plus, with ``mask``, the additive
     ``(1 - attention_mask) * -10000`` on the key axis; keys and values projected from
     ``keys_from`` (``"x"`` or another input ``"memory"``); with ``weight_input`` the key weight
     is a graph input; with ``cache`` the keys and values are ``Concat(past, new, axis=2)``,
-    returned as presents."""
+    returned as presents; with ``computed_split`` each head split's target is computed from the
+    projection's shape, ``Concat(Shape(p)[0:2], [heads, head])``, as TorchScript's eager export
+    writes it."""
     rng = np.random.default_rng(0)
     inits = [_const(f"w{n}", (rng.standard_normal((HIDDEN, HIDDEN)) / 3).astype(np.float32)) for n in "qvo"]
     inits += [_const(f"b{n}", rng.standard_normal(HIDDEN).astype(np.float32)) for n in "qkvo"]
@@ -45,7 +49,8 @@ def attention_layer(mask: bool = False, keys_from: str = "x", weight_input: bool
               _const("merge", np.array([0, 0, HIDDEN], np.int64)),
               _const("scale", np.array(1 / np.sqrt(HEAD), np.float32)),
               _const("one_f", np.array(1.0, np.float32)), _const("fill", np.array(-10000.0, np.float32)),
-              _const("axes12", np.array([1, 2], np.int64))]
+              _const("axes12", np.array([1, 2], np.int64)), _const("zero", np.array([0], np.int64)),
+              _const("two", np.array([2], np.int64)), _const("heads_dims", np.array([HEADS, HEAD], np.int64))]
     wk = (rng.standard_normal((HIDDEN, HIDDEN)) / 3).astype(np.float32)
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN])]
     if weight_input:
@@ -56,9 +61,15 @@ def attention_layer(mask: bool = False, keys_from: str = "x", weight_input: bool
         inputs.append(helper.make_tensor_value_info(keys_from, TensorProto.FLOAT, ["batch", "kv_seq", HIDDEN]))
     nodes = []
     for name, src in (("q", "x"), ("k", keys_from), ("v", keys_from)):
+        split = "split"
         nodes += [helper.make_node("MatMul", [src, f"w{name}"], [f"{name}_mm"]),
-                  helper.make_node("Add", [f"{name}_mm", f"b{name}"], [f"{name}_flat"]),
-                  helper.make_node("Reshape", [f"{name}_flat", "split"], [f"{name}_split"]),
+                  helper.make_node("Add", [f"{name}_mm", f"b{name}"], [f"{name}_flat"])]
+        if computed_split:
+            split = f"{name}_target"
+            nodes += [helper.make_node("Shape", [f"{name}_flat"], [f"{name}_shape"]),
+                      helper.make_node("Slice", [f"{name}_shape", "zero", "two"], [f"{name}_lead"]),
+                      helper.make_node("Concat", [f"{name}_lead", "heads_dims"], [split], axis=0)]
+        nodes += [helper.make_node("Reshape", [f"{name}_flat", split], [f"{name}_split"]),
                   helper.make_node("Transpose", [f"{name}_split"], [f"{name}_heads"], perm=[0, 2, 1, 3])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", HIDDEN])]
     keys, values = "k_heads", "v_heads"
@@ -117,9 +128,9 @@ def _packed_stats(result: optcc.OptimizeResult) -> dict:
     return entries[-1].stats
 
 
-@pytest.mark.parametrize("mask", [False, True])
-def test_self_attention_becomes_packed_attention_and_matches_the_reference(mask: bool) -> None:
-    model = attention_layer(mask=mask)
+@pytest.mark.parametrize(("mask", "computed_split"), [(False, False), (True, False), (True, True)])
+def test_self_attention_becomes_packed_attention_and_matches_the_reference(mask: bool, computed_split: bool) -> None:
+    model = attention_layer(mask=mask, computed_split=computed_split)
     result = optcc.optimize(model, level=3, verify=False)
     ops = _ops(result.model)
     assert ops["com.microsoft.Attention"] == 1 and ops["com.microsoft.MultiHeadAttention"] == 0, ops
@@ -165,3 +176,61 @@ def test_other_attention_keeps_multi_head_attention_and_says_why(kwargs: dict, r
     assert reason in verdict, verdict
     optimized = optcc.optimize(attention_layer(**kwargs), level=3, verify=False).model
     assert _ops(optimized)["com.microsoft.MultiHeadAttention"] == 1
+
+
+def _mha_with_merged_query() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A MultiHeadAttention as -O3 leaves some exports: the query split into heads and merged
+    back (``Reshape(Reshape(q, [0, 0, H, D]), [0, 0, -1])``), its split also transposed and read
+    for its shape alone, which sizes the mask's Expand."""
+    rng = np.random.default_rng(1)
+    weights = {f"w{n}": (rng.standard_normal((HIDDEN, HIDDEN)) / 3).astype(np.float32) for n in "qkv"}
+    weights.update({f"b{n}": rng.standard_normal(HIDDEN).astype(np.float32) for n in "qkv"})
+    inits = [_const(k, v) for k, v in weights.items()]
+    inits += [_const("split", np.array([0, 0, HEADS, HEAD], np.int64)), _const("flat", np.array([0, 0, -1], np.int64)),
+              _const("lead", np.array([1, 1], np.int64)), _const("seq_axis", np.array([2], np.int64))]
+    nodes = []
+    for name in "qkv":
+        nodes += [helper.make_node("MatMul", ["x", f"w{name}"], [f"{name}_mm"]),
+                  helper.make_node("Add", [f"{name}_mm", f"b{name}"], [f"{name}_flat"]),
+                  helper.make_node("Reshape", [f"{name}_flat", "split"], [f"{name}_split"])]
+    nodes += [helper.make_node("Transpose", [f"{n}_split"], [f"{n}_heads"], perm=[0, 2, 1, 3]) for n in "qkv"]
+    nodes += [helper.make_node("Reshape", ["q_split", "flat"], ["q"]),
+              helper.make_node("Shape", ["q_heads"], ["q_shape"]),
+              helper.make_node("Gather", ["q_shape", "seq_axis"], ["seq"], axis=0),
+              helper.make_node("Concat", ["lead", "seq", "seq"], ["mask_target"], axis=0),
+              helper.make_node("Expand", ["bias", "mask_target"], ["mask"]),
+              helper.make_node("MultiHeadAttention", ["q", "k_heads", "v_heads", "", "", "mask"], ["y"],
+                               domain="com.microsoft", num_heads=HEADS)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", HIDDEN]),
+              helper.make_tensor_value_info("bias", TensorProto.FLOAT, ["batch", 1, 1, "seq"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", HIDDEN])]
+    graph = helper.make_graph(nodes, "mha", inputs, outputs, inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=9), weights
+
+
+def _numpy_attention(weights: dict[str, np.ndarray], x: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    batch, seq, _ = x.shape
+    q, k, v = ((x.astype(np.float64) @ weights[f"w{n}"] + weights[f"b{n}"]).reshape(batch, seq, HEADS, HEAD)
+               .transpose(0, 2, 1, 3) for n in "qkv")
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(HEAD) + bias
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return (probs @ v).transpose(0, 2, 1, 3).reshape(batch, seq, HIDDEN)
+
+
+def test_a_merged_query_and_shape_only_readers_are_packed() -> None:
+    model, weights = _mha_with_merged_query()
+    result = optcc.optimize(model, passes=["fuse-ort-packed-attention", "eliminate-dead-nodes"], verify=False)
+    ops = _ops(result.model)
+    assert ops["com.microsoft.Attention"] == 1 and "com.microsoft.MultiHeadAttention" not in ops, ops
+    assert "MatMul" not in ops and "Reshape" not in ops and "Transpose" not in ops, ops
+    assert _packed_stats(result)["shape_reads"] == 1
+    rng = np.random.default_rng(2)
+    for batch, seq in ((1, 3), (2, 6)):
+        x = rng.standard_normal((batch, seq, HIDDEN)).astype(np.float32)
+        bias = np.where(rng.random((batch, 1, 1, seq)) < 0.3, -10000.0, 0.0).astype(np.float32)
+        bias[..., 0] = 0.0  # every row keeps a key
+        got = _session(result.model).run(None, {"x": x, "bias": bias})[0]
+        want = _numpy_attention(weights, x, bias)
+        np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL * np.abs(want).max())
