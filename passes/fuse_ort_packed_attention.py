@@ -33,6 +33,9 @@ Preconditions, each refused with its reason per layer in ``layers``:
   float32 weights ``[K, hidden]`` that are initializers read by that MatMul only and no
   graph inputs, and constant biases of ``hidden`` elements; query, key and value of one
   ``hidden``, a multiple of ``num_heads``;
+- the query is its projection, or Reshapes of it proved (onnxruntime's shape inference) to
+  end in its own dims (an exporter's head split merged back: the same elements in the same
+  order);
 - a 4-D key or value is ``Transpose(Reshape(p, split), [0,2,1,3])`` of its projection ``p``
   with the Reshape proved (onnxruntime's shape inference) to take ``(b, s, hidden)`` to
   ``(b, s, num_heads, hidden / num_heads)``: a split of the last axis into heads, so the
@@ -57,6 +60,8 @@ Stats: ``layers``: per MultiHeadAttention, ``"fused: com.microsoft.Attention"`` 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -80,6 +85,15 @@ def _is(node: ir.Node | None, *ops: str) -> bool:
 def _const(value: ir.Value | None) -> np.ndarray | None:
     """The constant behind ``value``; a graph input (even with an initializer) is not one."""
     return None if value is None or value.is_graph_input() else optcc.ir.as_numpy(value)
+
+
+class _XAxis(NamedTuple):
+    """Axis ``axis`` of the projections' input ``x`` (rank 3)."""
+
+    axis: int
+
+
+_Dims = list[int | _XAxis]  # what a shape read returns, entry by entry
 
 
 @dataclasses.dataclass
@@ -175,10 +189,13 @@ def _projection(value: ir.Value, heads: int, shapes: OrtShapes, name: str) -> _P
 
 @dataclasses.dataclass
 class _Site:
+    """A MultiHeadAttention to rewrite: its query, key and value projections, and the Shape
+    nodes reading them with what each returns."""
+
     node: ir.Node
     heads: int
     parts: list[_Projection]
-    shape_reads: list[ir.Node]
+    shape_reads: list[tuple[ir.Node, _Dims]]
 
 
 def _site(node: ir.Node, shapes: OrtShapes) -> _Site | str:
@@ -220,21 +237,21 @@ def _site(node: ir.Node, shapes: OrtShapes) -> _Site | str:
                 return "a projection is read by more than its attention (it would be computed twice)"
             reads.extend(found)
     x_dims = shapes.dims(parts[0].x)
-    for read in reads:
-        if _shape_pieces(read, shapes, x_dims) is None:
-            return "a shape read of a projection is not proved from the input's shape"
-    return _Site(node, heads, parts, reads)
+    pieces = [_shape_pieces(read, shapes, x_dims) for read in reads]
+    if any(p is None for p in pieces):
+        return "a shape read of a projection is not proved from the input's shape"
+    return _Site(node, heads, parts, list(zip(reads, pieces)))
 
 
-def _shape_pieces(read: ir.Node, shapes: OrtShapes, x_dims: list) -> list[int | str] | None:
-    """What ``Shape`` node ``read`` returns, per entry: an integer, or ``"x<i>"`` for axis
-    ``i`` of ``x``; None when some entry is neither."""
+def _shape_pieces(read: ir.Node, shapes: OrtShapes, x_dims: list) -> _Dims | None:
+    """What ``Shape`` node ``read`` returns, per entry: an integer, or an axis of ``x``
+    (``x_dims``: its inferred dims); None when some entry is neither."""
     dims = shapes.dims(read.inputs[0])
     if dims is None:
         return None
     start, end = read.attributes.get("start"), read.attributes.get("end")
     dims = dims[start.as_int() if start is not None else 0:end.as_int() if end is not None else len(dims)]
-    pieces: list[int | str] = []
+    pieces: _Dims = []
     for dim in dims:
         if isinstance(dim, int):
             pieces.append(dim)
@@ -242,7 +259,7 @@ def _shape_pieces(read: ir.Node, shapes: OrtShapes, x_dims: list) -> list[int | 
         axis = next((i for i, d in enumerate(x_dims) if same_dim(dim, d)), None)
         if axis is None:
             return None
-        pieces.append(f"x{axis}")
+        pieces.append(_XAxis(axis))
     return pieces
 
 
@@ -273,7 +290,7 @@ class _Writer:
         return new
 
 
-def _rewrite(writer: _Writer, site: _Site, shapes: OrtShapes) -> None:
+def _rewrite(writer: _Writer, site: _Site) -> None:
     node, parts = site.node, site.parts
     x = parts[0].x
     weight = writer.const(np.concatenate([p.weight for p in parts], axis=1), node, "qkv_weight")
@@ -288,32 +305,34 @@ def _rewrite(writer: _Writer, site: _Site, shapes: OrtShapes) -> None:
     out.replace_all_uses_with(fused.outputs[0], replace_graph_outputs=True)
     writer.graph.remove(node, safe=True)
     fused.outputs[0].name, fused.outputs[0].type, fused.outputs[0].shape = name, type_, shape
-    x_shape = None
-    x_dims = shapes.dims(x)
-    for read in site.shape_reads:
-        pieces = _shape_pieces(read, shapes, x_dims)
-        assert pieces is not None  # checked by _site
-        consts = [p for p in pieces if isinstance(p, int)]
-        if len(consts) == len(pieces):
-            value = writer.const(np.array(consts, np.int64), read, "dims")
-        else:
-            if x_shape is None:
-                x_shape = writer.node("", "Shape", [x], [], site.parts[0].chain[0], "input_shape").outputs[0]
-            table = x_shape
-            if consts:
-                table = writer.node("", "Concat", [x_shape, writer.const(np.array(consts, np.int64), read, "sizes")],
-                                    [ir.AttrInt64("axis", 0)], read, "dims_table").outputs[0]
-            index, c = [], 0
-            for p in pieces:
-                if isinstance(p, int):
-                    index.append(3 + c)
-                    c += 1
-                else:
-                    index.append(int(p[1:]))
-            value = writer.node("", "Gather", [table, writer.const(np.array(index, np.int64), read, "dims_index")],
-                                [ir.AttrInt64("axis", 0)], read, "dims").outputs[0]
-        value.type, value.shape = ir.TensorType(ir.DataType.INT64), ir.Shape([len(pieces)])
-        read.outputs[0].replace_all_uses_with(value)
+    made: list[ir.Value] = []
+
+    def x_shape() -> ir.Value:  # one Shape(x) per site, made when a read needs it
+        if not made:
+            made.append(writer.node("", "Shape", [x], [], parts[0].chain[0], "input_shape").outputs[0])
+        return made[0]
+
+    for read, pieces in site.shape_reads:
+        read.outputs[0].replace_all_uses_with(_dims_value(writer, read, pieces, x_shape))
+
+
+def _dims_value(writer: _Writer, read: ir.Node, pieces: _Dims, x_shape: Callable[[], ir.Value]) -> ir.Value:
+    """``pieces`` as an int64 vector made before ``read``: a constant, or a Gather from
+    ``Concat(Shape(x), the constants)``."""
+    consts = [p for p in pieces if not isinstance(p, _XAxis)]
+    if len(consts) == len(pieces):
+        value = writer.const(np.array(consts, np.int64), read, "dims")
+    else:
+        table = x_shape()
+        if consts:
+            sizes = writer.const(np.array(consts, np.int64), read, "sizes")
+            table = writer.node("", "Concat", [table, sizes], [ir.AttrInt64("axis", 0)], read, "dims_table").outputs[0]
+        after_x = iter(range(3, 3 + len(consts)))  # the constants follow x's 3 dims in the table
+        index = [p.axis if isinstance(p, _XAxis) else next(after_x) for p in pieces]
+        value = writer.node("", "Gather", [table, writer.const(np.array(index, np.int64), read, "dims_index")],
+                            [ir.AttrInt64("axis", 0)], read, "dims").outputs[0]
+    value.type, value.shape = ir.TensorType(ir.DataType.INT64), ir.Shape([len(pieces)])
+    return value
 
 
 class FuseOrtPackedAttentionPass(optcc.Pass):
@@ -335,8 +354,8 @@ class FuseOrtPackedAttentionPass(optcc.Pass):
                 sites.append(site)
         if sites:
             writer = _Writer(model)
-            for site in sites:  # every check read the graph before any rewrite (shapes stay valid)
-                _rewrite(writer, site, shapes)
+            for site in sites:  # every site was checked on the graph its shapes were inferred from
+                _rewrite(writer, site)
             model.graph.sort()
         stats: dict[str, object] = {}
         if report:
