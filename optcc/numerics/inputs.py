@@ -4,8 +4,15 @@ Sizes. A static dimension keeps its size; a dynamic one (a symbol, an unknown ``
 legacy negative ``dim_value`` such as ``-1``) takes the size given for its input by name,
 else the size its symbol already took in another input, else the size a direct consumer
 implies (the channels a Conv's weight expects, the rows of a constant MatMul/Gemm
-operand), else 1 for the first axis and ``DEFAULT_DYNAMIC_DIM`` for the others. Samples
-the model cannot run are made again with the sizes of ``RETRY_SIZES`` in turn.
+operand), else 1 for the first axis and ``DEFAULT_DYNAMIC_DIM`` for the others. The
+first axis of an input of rank 2 or more is its batch: where nothing sizes it, the last
+sample may give it ``last_batch`` instead (the verifier asks for ``BATCH_SAMPLE``), every
+such axis the same size, so that a dim named in several inputs keeps one size in a
+sample; the other samples, and inputs of rank 1, keep 1. Where it does, that sample's
+other free dynamic dims are ``last_batch`` times shorter (32 instead of 64), so that it
+holds about as many elements as the others (as many tokens in a ``[batch, seq]`` input)
+and costs about as much to run. Samples the model cannot run are made again with the
+sizes of ``RETRY_SIZES`` in turn.
 
 Values, per input, first rule that applies:
 
@@ -83,12 +90,15 @@ import onnx_ir as ir
 from optcc.errors import BadInputError
 from optcc.numerics.state import state_pairs
 
-__all__ = ["DECODE_STEPS", "DEFAULT_DYNAMIC_DIM", "RETRY_DYNAMIC_DIM", "RETRY_SIZES", "DEFAULT_PAST_LENGTH", "generate_inputs",
+__all__ = ["BATCH_SAMPLE", "DECODE_STEPS", "DEFAULT_DYNAMIC_DIM", "RETRY_DYNAMIC_DIM", "RETRY_SIZES", "DEFAULT_PAST_LENGTH", "generate_inputs",
            "check_feeds", "check_samples_vary", "input_roles", "sizes_text"]
 
 DECODE_STEPS = 3  # steps of a KV-cache decoder's verification decode; generated inputs leave room for them
 
 DEFAULT_DYNAMIC_DIM = 64  # size chosen for a dynamic dimension other than the first
+# the batch of the verifier's last generated sample: a model whose batch is dynamic is run
+# on more than one row, so a result specialized to batch 1 shows
+BATCH_SAMPLE = 2
 # the size tried next when the model cannot run on the default (a signal reflect-padded by more)
 RETRY_DYNAMIC_DIM = 512
 # what generated inputs the original cannot run are made again with, in turn (keyword
@@ -168,11 +178,13 @@ def _dim_sizes(
     axis_sizes: Mapping[tuple[str, int], int] | None = None,
     dynamic_dim: int = DEFAULT_DYNAMIC_DIM,
     interior_dim: int | None = None,
+    batch: int = 1,
 ) -> dict[str, tuple[int, ...]]:
     """The concrete shape of every input: given shapes first (their symbols recorded),
     then ``axis_sizes`` overrides, then static dims, shared symbols, consumer-implied
-    sizes and the defaults (1 for a first axis, ``interior_dim`` when given for an axis
-    before the last, else ``dynamic_dim``)."""
+    sizes and the defaults (``batch`` for the first axis of an input of rank 2 or more, 1
+    for that of a rank-1 input, ``interior_dim`` when given for an axis before the last,
+    else ``dynamic_dim``)."""
     axis_sizes = axis_sizes or {}
     symbols: dict[str, int] = {}
     result: dict[str, tuple[int, ...]] = {}
@@ -206,7 +218,8 @@ def _dim_sizes(
             elif name and name in symbols:
                 size = symbols[name]
             else:
-                size = _consumer_size(value, axis) or _default_size(axis, len(value.shape), dynamic_dim, interior_dim)
+                size = _consumer_size(value, axis) or _default_size(axis, len(value.shape), dynamic_dim,
+                                                                    interior_dim, batch)
                 if name:
                     symbols[name] = size
             dims.append(size)
@@ -214,9 +227,9 @@ def _dim_sizes(
     return result
 
 
-def _default_size(axis: int, rank: int, dynamic_dim: int, interior_dim: int | None) -> int:
+def _default_size(axis: int, rank: int, dynamic_dim: int, interior_dim: int | None, batch: int) -> int:
     if axis == 0:
-        return 1
+        return batch if rank >= 2 else 1
     return interior_dim if interior_dim is not None and axis < rank - 1 else dynamic_dim
 
 
@@ -491,13 +504,16 @@ def generate_inputs(
     decode_steps: int = DECODE_STEPS,
     dynamic_dim: int = DEFAULT_DYNAMIC_DIM,
     interior_dim: int | None = None,
+    last_batch: int = 1,
 ) -> list[dict[str, np.ndarray]]:
     """``samples`` feed dicts that fit the model's graph inputs (see the module docstring
     for the sizes and values chosen). ``shapes`` sizes inputs by name; ``ranges`` gives
     ``(lo, hi)`` value ranges by name; a KV-cache decoder's positions leave room for a
     decode of ``decode_steps`` steps; ``dynamic_dim`` sizes the dynamic dims that nothing
     else sizes, past the first axis (``interior_dim``, when given, those before the last
-    axis). Raises BadInputError for a name that is not a
+    axis); ``last_batch`` sizes the batch axes that nothing else sizes in the last sample
+    (1 in the others), whose other free dims it then divides. The samples before the last
+    do not depend on ``last_batch``. Raises BadInputError for a name that is not a
     graph input, an empty range, an input whose shape or dtype cannot be generated, or a
     given past length that does not fit the position table."""
     shapes = dict(shapes or {})
@@ -510,6 +526,11 @@ def generate_inputs(
             raise BadInputError(f"--input-range {name}: low {lo} is above high {hi}")
     roles = input_roles(model)
     sizes = _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), dynamic_dim, interior_dim)
+    last_sizes = sizes
+    if last_batch != 1 and _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), dynamic_dim, interior_dim,
+                                  last_batch) != sizes:  # a batch to size: the other free dims shrink by as much
+        last_sizes = _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), max(1, dynamic_dim // last_batch),
+                            interior_dim, last_batch)
     for value in fed:  # a waveform whose length is dynamic in the model but given in ``shapes``
         if roles[value.name] == "plain" and value.name in shapes and value.dtype is not None \
                 and value.dtype.is_floating_point() and _signal_axis(value, sizes[value.name]) is not None:
@@ -518,10 +539,10 @@ def generate_inputs(
     kv = any(role == "past" for role in roles.values())
     rng = np.random.default_rng(seed)
     feeds_list = []
-    for _ in range(samples):
+    for index in range(samples):
         feeds = {}
         for value in fed:
-            shape = sizes[value.name]
+            shape = (last_sizes if index == samples - 1 else sizes)[value.name]
             if value.name in ranges:
                 feeds[value.name] = _in_range(value, shape, _range(value.name, ranges[value.name]), rng)
             else:
@@ -561,10 +582,11 @@ def _range(name: str, bounds: object) -> tuple[float, float]:
 def _sizes(
     model: ir.Model, fed: list[ir.Value], shapes: Mapping[str, Sequence[int]], roles: Mapping[str, str],
     more_steps: int = 0, dynamic_dim: int = DEFAULT_DYNAMIC_DIM, interior_dim: int | None = None,
+    batch: int = 1,
 ) -> dict[str, tuple[int, ...]]:
     """Input shapes, with KV-cache lengths made consistent and the positions of the step
     and of ``more_steps`` one-token steps after it kept within the position table."""
-    sizes = _dim_sizes(fed, shapes, dynamic_dim=dynamic_dim, interior_dim=interior_dim)
+    sizes = _dim_sizes(fed, shapes, dynamic_dim=dynamic_dim, interior_dim=interior_dim, batch=batch)
     positions = [v for v in fed if roles[v.name] == "position"]
     pasts = [v for v in fed if roles[v.name] == "past"]
     table = min((b for v in positions if (b := _index_bound(v)) is not None), default=None)
@@ -603,7 +625,7 @@ def _sizes(
             overrides[(value.name, last)] = past + current
         elif role in ("position", "index") and value.shape.rank() >= 2:
             overrides[(value.name, last)] = current
-    return _dim_sizes(fed, shapes, overrides, dynamic_dim, interior_dim)
+    return _dim_sizes(fed, shapes, overrides, dynamic_dim, interior_dim, batch)
 
 
 def _current_length(

@@ -8,11 +8,16 @@ or LSTM weight takes another code path, whose rounding a model can amplify past 
 tolerance). INT8 candidates are the exception: they run with onnxruntime's optimizations,
 which turn their QDQ pairs into the integer kernels a user's session runs (and the INT8
 pass judged); as written, onnxruntime would emulate them in float. Inputs are the user's
-feed dicts, else ``DEFAULT_SAMPLES`` generated samples that fit the model (``optcc.numerics.inputs``); when
-the original cannot run those, they are generated again with the sizes of
-``RETRY_SIZES`` in turn (free dynamic dims ``RETRY_DYNAMIC_DIM`` long: a reflect-padded
-or framed signal needs more than the default; then also 1 between the first and the last
-axis: a recurrent state's unnamed batch axis), and the report says so.
+feed dicts, else ``DEFAULT_SAMPLES`` generated samples that fit the model (``optcc.numerics.inputs``),
+the last of which gives the batch axes nothing sizes ``BATCH_SAMPLE`` rows (the others
+1; its other free dims are as many times shorter), so that a result specialized to batch
+1 shows. When the original cannot run those,
+they are generated again with batch 1 in every sample (a graph that assumes batch 1
+behind a symbolic dim), then with the sizes of ``RETRY_SIZES`` in turn (free dynamic
+dims ``RETRY_DYNAMIC_DIM`` long: a reflect-padded or framed signal needs more than the
+default; then also 1 between the first and the last axis: a recurrent state's unnamed
+batch axis), each with the batch sample first and without it next; samples of the
+shapes already tried are not run again. The report says which were run, and why.
 
 For "exact" and "fusion" results checked on generated samples, the verifier first tries
 to prove that the candidate computes the original's function (``optcc.numerics.equivalence``):
@@ -84,7 +89,7 @@ from optcc.numerics.decode import (DECODE_STEPS, decode_plan, free_running, run_
 from optcc.numerics.equivalence import Premise, number_original, prove_equivalent
 from optcc.numerics.float16 import ACCEPTED_BY_TASK, accept_float16, widen_float16
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
-from optcc.numerics.inputs import (DEFAULT_DYNAMIC_DIM, RETRY_SIZES, UngeneratedInputError, check_feeds,
+from optcc.numerics.inputs import (BATCH_SAMPLE, DEFAULT_DYNAMIC_DIM, RETRY_SIZES, UngeneratedInputError, check_feeds,
                                    generate_inputs, input_roles, sizes_text)
 from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import ORIGINAL_ERROR_FACTOR, SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
@@ -265,10 +270,10 @@ class Verifier:
         self.original: Any = original if isinstance(original, (str, os.PathLike)) else model
         self._feeds: list[dict[str, np.ndarray]] | None = None
         self._generate: dict[str, Any] | None = None
-        self._retried: str | None = None  # why the generated samples were made again, larger
+        self._retried: str | None = None  # why the generated samples were made again, and how
         if inputs is None:
             self._generate = dict(shapes=input_shapes, samples=samples, seed=seed, ranges=input_ranges,
-                                  decode_steps=decode_steps)
+                                  decode_steps=decode_steps, last_batch=BATCH_SAMPLE)
             generate_inputs(model, **{**self._generate, "samples": 0})  # bad options raise now
         else:
             self._feeds = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs]
@@ -380,8 +385,8 @@ class Verifier:
 
     def _float32_outputs(self) -> dict[str, list[list[np.ndarray]]] | None:
         """The original's outputs per provider and case (None when it cannot run). Generated
-        samples the original cannot run are generated again with the sizes of
-        ``RETRY_SIZES`` in turn (module docstring), and that is said in ``notes``."""
+        samples the original cannot run are generated again with batch 1, then with the
+        sizes of ``RETRY_SIZES`` in turn (module docstring), and that is said in ``notes``."""
         if self._float32 is None and self._error is None:
             try:
                 return self._run_with_retries()
@@ -395,14 +400,19 @@ class Verifier:
         error, loaded = self._run_original()
         where = ""
         if loaded and error is not None and self._generate is not None:
-            for sizes in RETRY_SIZES:
-                self._feeds = generate_inputs(self._model, **self._generate, **sizes)
+            tried = {_shapes(self.feeds)}
+            retry_error = error
+            for sizes in _RETRIES:
+                feeds = generate_inputs(self._model, **{**self._generate, **sizes})
+                if _shapes(feeds) in tried:  # no batch axis to size: the same shapes fail the same way
+                    continue
+                tried.add(_shapes(feeds))
+                self._feeds = feeds
                 retry_error, _ = self._run_original()
                 if retry_error is None:
                     break
             if retry_error is None:
-                self._retried = (f"generated inputs with free dynamic dims of {DEFAULT_DYNAMIC_DIM} did not "
-                                 f"run on the original ({error}); they were made again with {sizes_text(sizes)}")
+                self._retried = _retried_text(sizes, error)
                 error = None
             else:
                 where = " on generated inputs (give samples that fit with --inputs, or sizes with --input-shape)"
@@ -984,6 +994,29 @@ class _KeptOutputs:
     provider: str
     names: list[str]
     cases: dict[int, list[np.ndarray]]
+
+
+# what generated samples the original cannot run are made again with, in turn: batch 1
+# everywhere, then each of ``RETRY_SIZES`` with the batch sample and without it
+_RETRIES: tuple[dict[str, int], ...] = (
+    {"last_batch": 1},
+    *({**sizes, "last_batch": batch} for sizes in RETRY_SIZES for batch in (BATCH_SAMPLE, 1)),
+)
+
+
+def _shapes(samples: Sequence[Feeds]) -> tuple:
+    return tuple(tuple(sorted((name, np.shape(value)) for name, value in feeds.items())) for feeds in samples)
+
+
+def _retried_text(sizes: Mapping[str, int], error: str) -> str:
+    """Why the generated samples were made again (``error``: the first run's), and how."""
+    batch = "batch 1 in every sample (a result specialized to batch 1 goes unseen)"
+    if "dynamic_dim" not in sizes:
+        return (f"generated inputs whose last sample has batch {BATCH_SAMPLE} did not run on the original "
+                f"({error}); they were made again with {batch}")
+    return (f"generated inputs with free dynamic dims of {DEFAULT_DYNAMIC_DIM} did not run on the original "
+            f"({error}); they were made again with {sizes_text(sizes)}"
+            + (f" and {batch}" if sizes.get("last_batch") == 1 else ""))
 
 
 def _num(value: Any) -> str:
