@@ -133,7 +133,8 @@ def exported_rank(m: Match, value: ir.Value | None, depth: int = 0) -> int | Non
     if node is None or value is not node.outputs[0]:
         return None
     if node.domain == MS_DOMAIN and node.op_type in (
-            "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "MultiHeadAttention", "RotaryEmbedding"):
+            "SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "MultiHeadAttention", "Attention",
+            "RotaryEmbedding"):
         return exported_rank(m, node.inputs[0], depth + 1)  # output shaped as the first input
     if node.domain not in ("", "ai.onnx"):
         return None

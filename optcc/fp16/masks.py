@@ -15,7 +15,7 @@ A constant counts as a mask fill when every path from it runs through mask-build
 (Where, Expand, Unsqueeze, Reshape, Mul, Add, Sub, Cast, Concat, Slice, Tile, Min, Max, ...)
 and at least one reaches the input of a Softmax over the last axis, an Add feeding one,
 the ``attn_mask`` of ``Attention`` or the ``attention_bias`` of
-``com.microsoft.MultiHeadAttention``. Exact in float32 on every row with at least one
+``com.microsoft.MultiHeadAttention`` or ``com.microsoft.Attention``. Exact in float32 on every row with at least one
 unmasked key (those positions get probability 0 either way); a row in which every key is
 masked becomes a uniform average instead of NaN/0 — no valid input has one.
 """
@@ -81,7 +81,8 @@ def _reaches_mask_slot(value: ir.Value) -> bool:
                 if node.op_type == "Attention" and node.domain in ("", "ai.onnx") and idx == 3:
                     found = True
                     continue
-                if node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft" and idx == 5:
+                if node.op_type in ("MultiHeadAttention", "Attention") and node.domain == "com.microsoft" \
+                        and idx == 5:  # attention_bias of both
                     found = True
                     continue
                 if node.domain not in ("", "ai.onnx") or node.op_type not in _PASS_THROUGH:
