@@ -110,7 +110,7 @@ class _Projection:
 def _shape_reads(value: ir.Value, allowed: ir.Node) -> list[ir.Node] | None:
     """The Shape nodes among the readers of ``value`` other than ``allowed``, reached
     directly or through Reshapes and Transposes that nothing else reads; None when some
-    reader takes more than the shape, or the value is a graph output."""
+    reader takes more than the shape, or the value or a Shape read of it is a graph output."""
     found: list[ir.Node] = []
     stack = [(value, allowed)]
     while stack:
@@ -122,6 +122,8 @@ def _shape_reads(value: ir.Value, allowed: ir.Node) -> list[ir.Node] | None:
             if node is skip:
                 continue
             if _is(node, "Shape"):
+                if node.outputs[0].is_graph_output():  # a graph output's value is not replaced
+                    return None
                 found.append(node)
             elif _is(node, "Reshape", "Transpose") and use.idx == 0:
                 stack.append((node.outputs[0], None))

@@ -74,6 +74,11 @@ class OrtShapes:
         quiet.setLevel(logging.ERROR)
         try:
             proto = optcc.ir.without_weights(optcc.ir.serialize(self.model), keep_elements=_KEEP_ELEMENTS)
+            if proto.ir_version >= 4:  # an initializer that is also a graph input may be fed: no constant
+                fed = {v.name for v in proto.graph.input}
+                kept = [t for t in proto.graph.initializer if t.name not in fed]
+                del proto.graph.initializer[:]
+                proto.graph.initializer.extend(kept)
             del proto.graph.value_info[:]
             _drop_dead_nodes(proto.graph)
             # its infer_shapes() saves a file in the working directory when some shape stays
