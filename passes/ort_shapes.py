@@ -1,7 +1,9 @@
 """Symbolic dims from onnxruntime's shape inference, for the -O3 attention fusions.
 
-``OrtShapes(model)`` runs ``onnxruntime.tools.symbolic_shape_infer`` once, lazily, on a copy
-of the model without its weights (which knows onnxruntime's contrib ops) and answers
+``OrtShapes(model)`` runs ``onnxruntime.tools.symbolic_shape_infer`` (which knows onnxruntime's
+contrib ops) once, lazily, on a copy of the model without its weights (small ones kept for
+inference to read by value, except those that are also graph inputs: a caller may feed them)
+and answers
 ``dims(value)``: per axis an int, a symbolic expression such as ``"past + seq"``, or None.
 ``same_dim(a, b)`` says whether two answers are proved equal: equal ints, or equal
 expressions. The inference names one size by one expression, taking declared dims of one
