@@ -292,7 +292,9 @@ class _Writer:
         return new
 
 
-def _rewrite(writer: _Writer, site: _Site) -> None:
+def _rewrite(writer: _Writer, site: _Site) -> tuple[ir.Value, ir.Value]:
+    """Write ``site``'s Attention; returns the MultiHeadAttention's output value it replaced
+    and the Attention's output."""
     node, parts = site.node, site.parts
     x = parts[0].x
     weight = writer.const(np.concatenate([p.weight for p in parts], axis=1), node, "qkv_weight")
@@ -316,6 +318,7 @@ def _rewrite(writer: _Writer, site: _Site) -> None:
 
     for read, pieces in site.shape_reads:
         read.outputs[0].replace_all_uses_with(_dims_value(writer, read, pieces, x_shape))
+    return out, fused.outputs[0]
 
 
 def _dims_value(writer: _Writer, read: ir.Node, pieces: _Dims, x_shape: Callable[[], ir.Value]) -> ir.Value:
@@ -356,8 +359,13 @@ class FuseOrtPackedAttentionPass(optcc.Pass):
                 sites.append(site)
         if sites:
             writer = _Writer(model)
+            replaced: dict[ir.Value, ir.Value] = {}  # a rewritten layer's output: its Attention's
             for site in sites:  # every site was checked on the graph its shapes were inferred from
-                _rewrite(writer, site)
+                x = site.parts[0].x
+                if x in replaced:  # the input is an earlier layer's output, now the Attention's
+                    site.parts = [dataclasses.replace(part, x=replaced[x]) for part in site.parts]
+                old, new = _rewrite(writer, site)
+                replaced[old] = new
             model.graph.sort()
         stats: dict[str, object] = {}
         if report:

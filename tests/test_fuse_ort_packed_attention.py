@@ -234,3 +234,40 @@ def test_a_merged_query_and_shape_only_readers_are_packed() -> None:
         got = _session(result.model).run(None, {"x": x, "bias": bias})[0]
         want = _numpy_attention(weights, x, bias)
         np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL * np.abs(want).max())
+
+
+def _stacked(layers: int) -> onnx.ModelProto:
+    """``layers`` MultiHeadAttentions, each reading the previous one's output directly (no
+    residual between), each with its own Q/K/V projections ``Add(MatMul(src, W), b)``."""
+    rng = np.random.default_rng(3)
+    inits, nodes, src = [], [], "x"
+    for layer in range(layers):
+        for n in "qkv":
+            inits += [_const(f"w{n}{layer}", (rng.standard_normal((HIDDEN, HIDDEN)) / 3).astype(np.float32)),
+                      _const(f"b{n}{layer}", rng.standard_normal(HIDDEN).astype(np.float32))]
+            nodes += [helper.make_node("MatMul", [src, f"w{n}{layer}"], [f"{n}{layer}_mm"]),
+                      helper.make_node("Add", [f"{n}{layer}_mm", f"b{n}{layer}"], [f"{n}{layer}"])]
+        nodes.append(helper.make_node("MultiHeadAttention", [f"q{layer}", f"k{layer}", f"v{layer}"], [f"y{layer}"],
+                                      domain="com.microsoft", num_heads=HEADS))
+        src = f"y{layer}"
+    graph = helper.make_graph(nodes, "stacked", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                               ["batch", "seq", HIDDEN])],
+                              [helper.make_tensor_value_info(src, TensorProto.FLOAT, ["batch", "seq", HIDDEN])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=9)
+
+
+def test_a_layer_reading_the_previous_layers_output_is_packed_too() -> None:
+    model = _stacked(2)
+    result = optcc.optimize(model, passes=["fuse-ort-packed-attention", "eliminate-dead-nodes"], verify=False)
+    record = next(r for r in result.report.passes if r.name == "fuse-ort-packed-attention")
+    assert record.status == "changed" and record.stats["fused_layers"] == 2
+    assert collections.Counter(n.op_type for n in result.model.graph.node)["Attention"] == 2
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    original = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    packed = ort.InferenceSession(result.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for batch, seq in ((1, 5), (2, 3)):
+        x = np.random.default_rng(batch).standard_normal((batch, seq, HIDDEN)).astype(np.float32)
+        (want,), (got,) = original.run(None, {"x": x}), packed.run(None, {"x": x})
+        np.testing.assert_allclose(got, want, rtol=0, atol=TOL * np.abs(want).max())
