@@ -881,7 +881,7 @@ class Verifier:
         elements), or None."""
         cases = next(iter((self._float32_outputs() or {}).values()), [])
         arrays = [np.asarray(value) for case in cases for value in case]
-        if not arrays or any(a.size and (a.dtype.kind != "f" or np.isfinite(a).any()) for a in arrays):
+        if not arrays or not all(_holds_nothing(a) for a in arrays):
             return None
         return ("every output of the original is NaN, infinite or empty on every sample: the samples "
                 "compare nothing (give samples it computes finite values on)")
@@ -902,14 +902,12 @@ class Verifier:
         found: dict[str, str] = {}
         for index, name in enumerate(self._names):
             values = [np.asarray(outs[index]) for outs in next(iter(float32.values()), [])]
-            if values and not any(v.size for v in values):
-                found[name] = "is empty on every sample (nothing compared)"
+            if values and all(_holds_nothing(v) for v in values):
+                found[name] = "is NaN or infinite on every element of every sample (nothing compared)" \
+                    if any(v.size for v in values) else "is empty on every sample (nothing compared)"
                 continue
             floats = [v.astype(np.float64) for v in values if v.dtype.kind == "f" and v.size]
             finite = [v[np.isfinite(v)] for v in floats]
-            if floats and not any(v.size for v in finite):
-                found[name] = "is NaN or infinite on every element of every sample (nothing compared)"
-                continue
             if not finite:
                 continue
             high = max(float(np.abs(v).max()) for v in finite if v.size)
@@ -1017,6 +1015,12 @@ def _retried_text(sizes: Mapping[str, int], error: str) -> str:
     return (f"generated inputs with free dynamic dims of {DEFAULT_DYNAMIC_DIM} did not run on the original "
             f"({error}); they were made again with {sizes_text(sizes)}"
             + (f" and {batch}" if sizes.get("last_batch") == 1 else ""))
+
+
+def _holds_nothing(array: np.ndarray) -> bool:
+    """Whether ``array`` has no element a comparison reads: empty, or floating point with
+    only NaN and infinities (compared by position alone)."""
+    return array.size == 0 or (array.dtype.kind == "f" and not np.isfinite(array).any())
 
 
 def _num(value: Any) -> str:
