@@ -419,7 +419,7 @@ def quantize_int8(
         group_of = (lambda part: None) if o.groups is None else (  # noqa: E731
             lambda part: [o.groups[i] for i in part])
         held_at = len(samples) - len(held)
-        given_at = held_at
+        given_at = held_at  # where ``given``'s samples start (``held_at`` moves if the held-out part widens)
         given = _given_judge(o, range(given_at, len(samples)))
         shared = given is not None  # the verifier's judges, its floor run on the samples they hold alone
 
