@@ -385,6 +385,13 @@ def test_a_file_that_is_no_npz_is_named_so_and_never_unpickled(tmp_path: Path, c
     assert not marker.exists()
 
 
+def test_npz_holding_no_arrays_is_named_as_such(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _copy_example(tmp_path)
+    empty = tmp_path / "empty.npz"
+    np.savez(empty)  # a valid archive with no members
+    _refused(capsys, [str(model), "--inputs", str(empty)], "holds no arrays", model, watch=(tmp_path,))
+
+
 class _Boom:
     """Unpickling it would create a file: proof that nothing was unpickled."""
 

@@ -83,7 +83,7 @@ def load_npz_samples(
     return samples
 
 
-_NPZ_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive of .npy files
+_NPZ_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # an .npz is a zip archive of .npy files (the second: empty)
 _NPY_MAGIC = b"\x93NUMPY"
 
 
@@ -93,7 +93,7 @@ def _read(file: Path) -> dict[str, np.ndarray]:
             head = f.read(len(_NPY_MAGIC))
     except OSError as e:
         raise BadInputError(f"cannot read it ({e.strerror or e})", file) from None
-    if not (head.startswith(_NPZ_MAGIC) or head == _NPY_MAGIC):
+    if not (head.startswith(_NPZ_MAGICS) or head == _NPY_MAGIC):
         # anything else np.load would take for a pickle
         raise BadInputError("not an .npz file (a zip archive of .npy arrays, as numpy.savez writes)", file)
     try:
