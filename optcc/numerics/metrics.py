@@ -29,7 +29,7 @@ import numpy as np
 from optcc.numerics.kinds import Numerics
 
 __all__ = ["Tolerance", "TOLERANCES", "ORIGINAL_ERROR_FACTOR", "OutputMetrics", "compare_outputs", "sqnr_db",
-           "bounded_resolution", "SATURATED_BELOW"]
+           "bounded_resolution", "element_scales", "SATURATED_BELOW", "SENTINEL_FROM"]
 
 # An element may be off by this multiple of the float32 original's own error against a
 # float64 reference: a correct rewrite's rounding is of the same size as the original's.
@@ -45,6 +45,37 @@ _BOUNDED = frozenset({"Sigmoid", "HardSigmoid", "Softmax", "Tanh", "Softsign"})
 # an output below this on every sample (a detector's map on an input without objects)
 # holds rounding only: the samples cannot judge a lossy rewrite of it
 SATURATED_BELOW = 1e-3
+
+
+# A finite magnitude from this up is a mask or fill value (-3.4e38 standing for minus
+# infinity), no quantity a model computes: it must equal the reference's, and sets no scale.
+SENTINEL_FROM = 1e30
+
+# An axis scales its slices on its own when each holds at least this many elements: the
+# largest of fewer is no magnitude of a quantity, only of a few values.
+MIN_SLICE = 16
+
+# An element's scale is never below this share of its output's largest magnitude (a slice
+# of zeros or of rounding alone would otherwise allow no error at all).
+SCALE_FLOOR = 1e-3
+
+
+def element_scales(ref: np.ndarray) -> np.ndarray:
+    """Per element of ``ref`` (finite float64, sentinels and non-finite values zeroed), the
+    magnitude its error is relative to: the smallest of the largest magnitudes of the slices
+    through it (a slice per axis: the elements with its index on that axis) that hold at
+    least ``MIN_SLICE`` elements, at least ``SCALE_FLOOR`` of the whole output's largest
+    magnitude; that largest magnitude where no axis has such slices. A decoded detector's
+    [1, A, 85] rows get per column the scale of the column (class scores in [0, 1] are not
+    judged against box coordinates in pixels), per row that of the row where smaller."""
+    magnitude = np.abs(ref)
+    whole = float(magnitude.max()) if magnitude.size else 0.0
+    scales = np.full(ref.shape, whole)
+    for axis, length in enumerate(ref.shape):
+        if length > 1 and ref.size // length >= MIN_SLICE:
+            others = tuple(a for a in range(ref.ndim) if a != axis)
+            scales = np.minimum(scales, magnitude.max(axis=others, keepdims=True))
+    return np.maximum(scales, SCALE_FLOOR * whole)
 
 
 def bounded_resolution(producer_op: str | None) -> float:
@@ -143,7 +174,12 @@ def _structural_problem(ref: np.ndarray, got: np.ndarray, dtype: np.dtype) -> st
         return f"NaN in {int(got_nan.sum())} values, original {int(ref_nan.sum())}"
     infinite = ~np.isfinite(ref) | ~np.isfinite(got)
     differ = int(np.count_nonzero((ref != got) & infinite & ~ref_nan))
-    return f"{differ} infinities differ" if differ else None
+    if differ:
+        return f"{differ} infinities differ"
+    with np.errstate(invalid="ignore"):
+        sentinel = (np.abs(ref) >= SENTINEL_FROM) | (np.abs(got) >= SENTINEL_FROM)
+    differ = int(np.count_nonzero((ref != got) & sentinel & ~infinite))
+    return f"{differ} values of magnitude {SENTINEL_FROM:g} or more (mask fills) differ" if differ else None
 
 
 def compare_outputs(
@@ -187,19 +223,19 @@ def compare_outputs(
         if ref.dtype.kind != "f":
             continue
         r, g = ref.astype(np.float64), got.astype(np.float64)
-        finite = np.isfinite(r) & np.isfinite(g)
+        finite = np.isfinite(r) & np.isfinite(g) & (np.abs(r) < SENTINEL_FROM) & (np.abs(g) < SENTINEL_FROM)
+        scales = element_scales(np.where(finite, r, 0.0))[finite]
         r, g = r[finite], g[finite]
         err = np.abs(r - g)
-        scale = float(np.abs(r).max()) if r.size else 0.0
         worst_abs = max(worst_abs, float(err.max()) if err.size else 0.0)
-        rel = (float(err.max()) / scale if scale > 0 else (0.0 if not err.size or err.max() == 0 else math.inf)) \
-            if err.size else 0.0
-        worst_rel = max(worst_rel, rel)
+        rel = np.divide(err, scales, out=np.where(err > 0, math.inf, 0.0), where=scales > 0)
+        worst_rel = max(worst_rel, float(rel.max()) if rel.size else 0.0)
         if tolerance.max_rel is not None and err.size:
-            allowed = np.full(err.shape, max(tolerance.max_rel * scale, ORIGINAL_ERROR_FACTOR * resolution))
+            allowed = np.maximum(tolerance.max_rel * scales, ORIGINAL_ERROR_FACTOR * resolution)
             if original is not None:
                 own = np.abs(original.astype(np.float64)[finite] - r)
-                original_rel = max(original_rel, float(own.max()) / scale if scale > 0 else 0.0)
+                own_rel = np.divide(own, scales, out=np.where(own > 0, math.inf, 0.0), where=scales > 0)
+                original_rel = max(original_rel, float(own_rel.max()))
                 if alternates is not None and np.shape(alternates[i]) == ref.shape:
                     other = np.abs(np.asarray(alternates[i], np.float64)[finite] - r)
                     own = np.maximum(own, np.minimum(np.nan_to_num(other, nan=0.0), own.max()))

@@ -1,0 +1,98 @@
+"""Each element is judged against the magnitude of its own quantity: wrong candidates that a
+scale taken over a whole output let through. The expected values come from numpy or onnx's
+reference evaluator, never from optcc."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import optcc
+
+ANCHORS = 200
+SENTINEL = -3.4e38
+
+
+def _model(nodes: list, inputs: list, outputs: list, inits: list = ()) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _yolo(score_shift: float) -> onnx.ModelProto:
+    """A decoded YOLOv5-type head [1, A, 85]: 4 box coordinates in pixels (up to ~900),
+    objectness and 80 class scores (sigmoids), the scores moved by ``score_shift``."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ANCHORS, 85])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, ANCHORS, 85])
+    scale = np.r_[np.full(4, 160.0), np.ones(81)].astype(np.float32).reshape(1, 1, 85)
+    shift = np.r_[np.full(4, 320.0), np.full(81, -1.0)].astype(np.float32).reshape(1, 1, 85)
+    inits = [numpy_helper.from_array(scale, "scale"), numpy_helper.from_array(shift, "shift"),
+             numpy_helper.from_array(np.array([4, 81], np.int64), "split"),
+             numpy_helper.from_array(np.array(score_shift, np.float32), "moved")]
+    nodes = [helper.make_node("Mul", ["x", "scale"], ["m"]), helper.make_node("Add", ["m", "shift"], ["z"]),
+             helper.make_node("Split", ["z", "split"], ["box", "logit"], axis=2),
+             helper.make_node("Sigmoid", ["logit"], ["p"]), helper.make_node("Add", ["p", "moved"], ["q"]),
+             helper.make_node("Concat", ["box", "q"], ["y"], axis=2)]
+    return _model(nodes, [x], [y], inits)
+
+
+def _samples(shape: tuple[int, ...], count: int = 3) -> list[dict[str, np.ndarray]]:
+    return [{"x": np.random.default_rng(i).standard_normal(shape).astype(np.float32)} for i in range(count)]
+
+
+@pytest.mark.parametrize("numerics, shift", [("exact", 0.008), ("fusion", 0.076)])
+def test_class_scores_off_beyond_their_own_scale_fail(numerics: str, shift: float) -> None:
+    samples = _samples((1, ANCHORS, 85))
+    original, candidate = _yolo(0.0), _yolo(shift)
+    tolerance = {"exact": 1e-5, "fusion": 1e-4}[numerics]
+    for feeds in samples:
+        (expected,), (got,) = ReferenceEvaluator(original).run(None, feeds), ReferenceEvaluator(candidate).run(None, feeds)
+        scores, moved = expected[..., 4:], got[..., 4:]
+        # wrong by far more than the tolerance of the scores' own scale (at most 1) ...
+        assert np.abs(moved - scores).max() > 50 * tolerance * np.abs(scores).max()
+        # ... and within that of the box coordinates' (what the whole output's largest value allows)
+        assert np.abs(moved - scores).max() < tolerance * np.abs(expected).max()
+    result = optcc.verify(original, candidate, numerics=numerics, inputs=samples)
+    assert not result.passed, result.describe()
+
+
+def test_a_correct_rewrite_of_the_head_still_passes() -> None:
+    samples = _samples((1, ANCHORS, 85))
+    assert optcc.verify(_yolo(0.0), _yolo(0.0), numerics="exact", inputs=samples).passed
+
+
+def _masked(factor: float) -> onnx.ModelProto:
+    """y = Where(x > 0, factor * x, -3.4e38): a finite mask fill beside real values."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])
+    inits = [numpy_helper.from_array(np.array(factor, np.float32), "factor"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(SENTINEL, np.float32), "fill")]
+    nodes = [helper.make_node("Greater", ["x", "zero"], ["positive"]), helper.make_node("Mul", ["x", "factor"], ["m"]),
+             helper.make_node("Where", ["positive", "m", "fill"], ["y"])]
+    return _model(nodes, [x], [y], inits)
+
+
+def test_a_mask_fill_does_not_hide_the_other_elements() -> None:
+    samples = _samples((4, 64))
+    for feeds in samples:
+        x = feeds["x"].astype(np.float64)
+        expected = ReferenceEvaluator(_masked(2.0)).run(None, feeds)[0]
+        assert np.array_equal(expected, np.where(x > 0, 2 * x, SENTINEL).astype(np.float32))
+        got = ReferenceEvaluator(_masked(3.0)).run(None, feeds)[0]
+        assert np.abs(got - expected).max() > 0.5  # the positive half off by x
+    for numerics in ("exact", "fusion"):
+        result = optcc.verify(_masked(2.0), _masked(3.0), numerics=numerics, inputs=samples)
+        assert not result.passed, result.describe()
+    assert optcc.verify(_masked(2.0), _masked(2.0), numerics="exact", inputs=samples).passed
+
+
+def test_a_mask_fill_moved_fails() -> None:
+    samples = _samples((4, 64))
+    moved = _masked(2.0)
+    fill = next(t for t in moved.graph.initializer if t.name == "fill")
+    fill.CopyFrom(numpy_helper.from_array(np.array(-3.0e38, np.float32), "fill"))
+    result = optcc.verify(_masked(2.0), moved, numerics="fusion", inputs=samples)
+    assert not result.passed and "mask" in result.describe(), result.describe()
