@@ -96,3 +96,39 @@ def test_a_mask_fill_moved_fails() -> None:
     fill.CopyFrom(numpy_helper.from_array(np.array(-3.0e38, np.float32), "fill"))
     result = optcc.verify(_masked(2.0), moved, numerics="fusion", inputs=samples)
     assert not result.passed and "mask" in result.describe(), result.describe()
+
+
+def _rounded_head(*, scores_lost: bool) -> onnx.ModelProto:
+    """The head of ``_yolo(0)`` with its output rounded to float16 and back (a float16
+    conversion's error); ``scores_lost``: the objectness and class scores all 0."""
+    model = _yolo(0.0)
+    if scores_lost:
+        model.graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "nothing"))
+        model.graph.node[4].CopyFrom(helper.make_node("Mul", ["p", "nothing"], ["q"]))
+    model.graph.node[-1].output[0] = "y32"
+    model.graph.node.extend([helper.make_node("Cast", ["y32"], ["y16"], to=TensorProto.FLOAT16),
+                             helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT)])
+    return model
+
+
+def test_a_float16_result_that_lost_every_score_fails() -> None:
+    samples = _samples((1, ANCHORS, 85), count=4)
+    original, candidate = _yolo(0.0), _rounded_head(scores_lost=True)
+    for feeds in samples:
+        (expected,), (got,) = ReferenceEvaluator(original).run(None, feeds), ReferenceEvaluator(candidate).run(None, feeds)
+        confident = expected[..., 4:5] * expected[..., 5:] > 0.25  # what a user keeps
+        assert confident.sum() > 10 and not (got[..., 4:5] * got[..., 5:] > 0.25).any()
+        error, signal = got[..., :4] - expected[..., :4], expected[..., :4]
+        assert 10 * np.log10((signal ** 2).sum() / max((error ** 2).sum(), 1e-30)) > 40  # the boxes kept
+    result = optcc.verify(original, candidate, numerics="fp16", inputs=samples)
+    assert not result.passed, result.describe()
+
+
+def test_a_float16_rounding_of_the_head_passes() -> None:
+    samples = _samples((1, ANCHORS, 85), count=4)
+    original, candidate = _yolo(0.0), _rounded_head(scores_lost=False)
+    for feeds in samples:
+        (expected,), (got,) = ReferenceEvaluator(original).run(None, feeds), ReferenceEvaluator(candidate).run(None, feeds)
+        assert np.allclose(got, expected, rtol=2 ** -10, atol=0)  # float16's rounding, per element
+    result = optcc.verify(original, candidate, numerics="fp16", inputs=samples)
+    assert result.passed, result.describe()

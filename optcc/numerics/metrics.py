@@ -1,20 +1,34 @@
 """The one metrics module: how an output compares with its reference, and whether that
 meets a tolerance.
 
+An element's scale is the magnitude of its own quantity (``element_scales``): the smallest
+of the largest reference magnitudes of the slices through it (a slice per axis: the
+elements with its index on that axis; only axes whose slices hold at least ``MIN_SLICE``
+elements, ``slice_axes``), never below ``SCALE_FLOOR`` of the output's largest magnitude in
+that sample; that largest magnitude where no axis has such slices. A decoded detector's
+class scores in [0, 1] are so judged on their own scale, not on that of the box
+coordinates in pixels beside them. Finite magnitudes from ``SENTINEL_FROM`` (1e30) up are
+mask fills (-3.4e38 standing for minus infinity): like infinities, they must equal the
+reference's, and they count in no scale, SQNR or cosine.
+
 Max-rel tolerances are judged per element. An element passes when its error against the
-reference is within ``tolerance x scale`` (scale: the output's largest reference magnitude
-in that sample), or, when the reference is more precise than float32, when it is no worse
-than ``ORIGINAL_ERROR_FACTOR`` times the float32 original's own error at that element: a
-rewrite may not be blamed for the original's rounding, and may not hide inside the
-rounding of other elements either. An output a bounded kernel makes (Sigmoid, Softmax,
-Tanh) may also be off by that factor times the kernel's absolute float32 resolution. The
-original's own error at an element is the larger
-of two float32 evaluations of it (as written, and with onnxruntime's basic optimizations,
-which reassociate the same math), the second never counted above the first's largest
-error over the output. A tolerance is never widened otherwise.
+reference is within ``tolerance x scale``, or, when the reference is more precise than
+float32, when it is no worse than ``ORIGINAL_ERROR_FACTOR`` times the float32 original's
+own error at that element: a rewrite may not be blamed for the original's rounding, and
+may not hide inside the rounding of other elements either. An output a bounded kernel
+makes (Sigmoid, Softmax, Tanh) may also be off by that factor times the kernel's absolute
+float32 resolution. The original's own error at an element is the larger of two float32
+evaluations of it (as written, and with onnxruntime's basic optimizations, which
+reassociate the same math), the second never counted above the first's largest error
+over the output. A tolerance is never widened otherwise. ``max_rel`` is the largest error
+relative to its element's scale.
 
 SQNR and cosine are computed over all of an output's samples together (a blank sample
-cannot dominate them).
+cannot dominate them). A minimum SQNR holds for the whole output, and
+``SLICE_SQNR_SHARE`` of it (in dB) for each of its slices (``slice_axes``, each summed over
+the samples): one quantity cannot be lost behind the energy of another (a detector's class
+scores behind its box coordinates), while the slices' own spread about the whole's SQNR
+(float16 rounding, a few dB) is no failure.
 """
 
 from __future__ import annotations
@@ -55,9 +69,22 @@ SENTINEL_FROM = 1e30
 # largest of fewer is no magnitude of a quantity, only of a few values.
 MIN_SLICE = 16
 
+# Each slice of an output keeps at least this share of its minimum SQNR in dB (half: 20 dB
+# of 40, its error energy at most 1% of its own): a slice lost behind the others' energy
+# fails, while slices spread about the whole's SQNR, as rounding spreads, pass.
+SLICE_SQNR_SHARE = 0.5
+
 # An element's scale is never below this share of its output's largest magnitude (a slice
 # of zeros or of rounding alone would otherwise allow no error at all).
 SCALE_FLOOR = 1e-3
+
+
+def slice_axes(shape: Sequence[int]) -> list[int]:
+    """The axes of an array of ``shape`` whose slices (the elements with one index on that
+    axis) are judged on their own: longer than 1, each slice holding at least
+    ``MIN_SLICE`` elements."""
+    size = math.prod(shape)
+    return [axis for axis, length in enumerate(shape) if length > 1 and size // length >= MIN_SLICE]
 
 
 def element_scales(ref: np.ndarray) -> np.ndarray:
@@ -71,10 +98,9 @@ def element_scales(ref: np.ndarray) -> np.ndarray:
     magnitude = np.abs(ref)
     whole = float(magnitude.max()) if magnitude.size else 0.0
     scales = np.full(ref.shape, whole)
-    for axis, length in enumerate(ref.shape):
-        if length > 1 and ref.size // length >= MIN_SLICE:
-            others = tuple(a for a in range(ref.ndim) if a != axis)
-            scales = np.minimum(scales, magnitude.max(axis=others, keepdims=True))
+    for axis in slice_axes(ref.shape):
+        others = tuple(a for a in range(ref.ndim) if a != axis)
+        scales = np.minimum(scales, magnitude.max(axis=others, keepdims=True))
     return np.maximum(scales, SCALE_FLOOR * whole)
 
 
@@ -130,13 +156,17 @@ class OutputMetrics:
     # integer or boolean elements that differ from the reference's (judged by the task's
     # ``labels`` where the tolerance does not compare them exactly)
     values_differ: int | None = None
+    # the lowest SQNR of a slice (``slice_axes``), over all samples, and which: "axis A index I"
+    slice_sqnr_db: float | None = None
+    slice_sqnr_at: str | None = None
     # a float16 result's output: the rule that accepted it, "sqnr" or "task"
     # (``optcc.numerics.float16``); None elsewhere, and when neither did
     accepted_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _json_number(v) for k, v in dataclasses.asdict(self).items()
-                if k != "samples_over" and not (k in ("accepted_by", "values_differ") and v is None)}
+                if k != "samples_over" and not (k in ("accepted_by", "values_differ", "slice_sqnr_db", "slice_sqnr_at")
+                                        and v is None)}
 
 
 def _json_number(value: Any) -> Any:
@@ -176,7 +206,7 @@ def _structural_problem(ref: np.ndarray, got: np.ndarray, dtype: np.dtype) -> st
     differ = int(np.count_nonzero((ref != got) & infinite & ~ref_nan))
     if differ:
         return f"{differ} infinities differ"
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # float16 holds no sentinel: 1e30 is its inf
         sentinel = (np.abs(ref) >= SENTINEL_FROM) | (np.abs(got) >= SENTINEL_FROM)
     differ = int(np.count_nonzero((ref != got) & sentinel & ~infinite))
     return f"{differ} values of magnitude {SENTINEL_FROM:g} or more (mask fills) differ" if differ else None
@@ -209,6 +239,7 @@ def compare_outputs(
     signal = noise = dot = norm_r = norm_g = 0.0
     agree: list[float] = []
     differing = counted = 0  # integer and boolean elements: those that differ, of all
+    slices: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (axis, length): signal, noise per slice
     for i, (ref, got) in enumerate(zip(refs, gots)):
         ref, got = np.asarray(ref), np.asarray(got)
         original = None if originals is None else np.asarray(originals[i])
@@ -224,7 +255,10 @@ def compare_outputs(
             continue
         r, g = ref.astype(np.float64), got.astype(np.float64)
         finite = np.isfinite(r) & np.isfinite(g) & (np.abs(r) < SENTINEL_FROM) & (np.abs(g) < SENTINEL_FROM)
-        scales = element_scales(np.where(finite, r, 0.0))[finite]
+        whole_r = np.where(finite, r, 0.0)
+        scales = element_scales(whole_r)[finite]
+        if tolerance.min_sqnr_db is not None:
+            _add_slice_powers(slices, whole_r, np.where(finite, r - g, 0.0))
         r, g = r[finite], g[finite]
         err = np.abs(r - g)
         worst_abs = max(worst_abs, float(err.max()) if err.size else 0.0)
@@ -261,6 +295,8 @@ def compare_outputs(
             return metrics
     metrics.max_abs, metrics.max_rel = worst_abs, worst_rel
     metrics.sqnr_db = sqnr_db(signal, noise)
+    if slices:
+        metrics.slice_sqnr_db, metrics.slice_sqnr_at = _lowest_slice_sqnr(slices)
     norms = math.sqrt(norm_r * norm_g)
     metrics.cosine = dot / norms if norms > 0 else (1.0 if noise == 0 else 0.0)
     metrics.argmax_agreement = float(np.mean(agree)) if agree else None
@@ -283,9 +319,40 @@ def _meets(m: OutputMetrics, t: Tolerance, *, per_element: bool) -> tuple[bool, 
         return False, f"max rel {m.max_rel:.3g} > {t.max_rel:g}"
     if t.min_sqnr_db is not None and m.sqnr_db is not None and m.sqnr_db < t.min_sqnr_db:
         return False, f"SQNR {m.sqnr_db:.1f} dB < {t.min_sqnr_db:g} dB"
+    if t.min_sqnr_db is not None and m.slice_sqnr_db is not None \
+            and m.slice_sqnr_db < SLICE_SQNR_SHARE * t.min_sqnr_db:
+        return False, (f"SQNR {m.slice_sqnr_db:.1f} dB < {SLICE_SQNR_SHARE * t.min_sqnr_db:g} dB on the slice at "
+                       f"{m.slice_sqnr_at}")
     if t.min_cosine is not None and m.cosine is not None and m.cosine < t.min_cosine:
         return False, f"cosine {m.cosine:.6f} < {t.min_cosine:g}"
     if t.min_argmax_agreement is not None and m.argmax_agreement is not None \
             and m.argmax_agreement < t.min_argmax_agreement:
         return False, f"argmax agreement {m.argmax_agreement:.3f} < {t.min_argmax_agreement:g}"
     return True, None
+
+
+def _add_slice_powers(slices: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]], ref: np.ndarray,
+                      err: np.ndarray) -> None:
+    """Adds one sample's signal and noise power per slice (``slice_axes``) into ``slices``,
+    keyed by axis and its length (a sample of another length there starts other slices)."""
+    for axis in slice_axes(ref.shape):
+        others = tuple(a for a in range(ref.ndim) if a != axis)
+        signal, noise = np.square(ref).sum(axis=others), np.square(err).sum(axis=others)
+        key = (axis, ref.shape[axis])
+        if key in slices:
+            signal, noise = signal + slices[key][0], noise + slices[key][1]
+        slices[key] = (signal, noise)
+
+
+def _lowest_slice_sqnr(slices: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]) -> tuple[float, str]:
+    """The lowest SQNR among ``slices`` (``_add_slice_powers``) and where it is."""
+    lowest, at = math.inf, ""
+    for (axis, _), (signal, noise) in slices.items():
+        with np.errstate(divide="ignore"):
+            ratio = np.where(noise > 0, signal / np.where(noise > 0, noise, 1.0), math.inf)
+        index = int(np.argmin(ratio))
+        if ratio[index] < math.inf:
+            db = sqnr_db(float(signal[index]), float(noise[index]))
+            if db < lowest:
+                lowest, at = db, f"axis {axis} index {index}"
+    return lowest, at
