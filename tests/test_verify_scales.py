@@ -155,3 +155,32 @@ def test_a_float16_rounding_of_the_head_passes() -> None:
         assert np.allclose(got, expected, rtol=2 ** -10, atol=0)  # float16's rounding, per element
     result = optcc.verify(original, candidate, numerics="fp16", inputs=samples)
     assert result.passed, result.describe()
+
+
+def _dead_dims() -> onnx.ModelProto:
+    """y = x * gain over 64 hidden dims, two of them dead (gains 1e-32 and 1e-7, as a real
+    MiniLM's last_hidden_state has), then rounded to float16 and back: a correct float16
+    conversion that flushes the dead dims to zero and subnormal steps."""
+    gain = np.ones((1, 1, 64), np.float32)
+    gain[..., 3], gain[..., 7] = 1e-32, 1e-7
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 64])
+    nodes = [helper.make_node("Mul", ["x", "gain"], ["y32"]),
+             helper.make_node("Cast", ["y32"], ["y16"], to=TensorProto.FLOAT16),
+             helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT)]
+    return _model(nodes, [x], [y], [numpy_helper.from_array(gain, "gain")])
+
+
+def test_float16_flushing_dead_dimensions_passes() -> None:
+    samples = _samples((1, 32, 64))
+    candidate = _dead_dims()
+    original = _model([candidate.graph.node[0]], list(candidate.graph.input), list(candidate.graph.output),
+                      list(candidate.graph.initializer))
+    original.graph.node[0].output[0] = "y"
+    for feeds in samples:
+        (expected,), (got,) = ReferenceEvaluator(original).run(None, feeds), ReferenceEvaluator(candidate).run(None, feeds)
+        assert not got[..., 3].any() and np.abs(expected[..., 3]).max() > 0  # the dead dim flushed to zero
+        live = np.delete(np.arange(64), [3, 7])
+        assert np.allclose(got[..., live], expected[..., live], rtol=2 ** -10, atol=0)  # float16's rounding
+    result = optcc.verify(original, candidate, numerics="fp16", inputs=samples)
+    assert result.passed, result.describe()

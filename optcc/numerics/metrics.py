@@ -28,7 +28,9 @@ cannot dominate them). A minimum SQNR holds for the whole output, and
 ``SLICE_SQNR_SHARE`` of it (in dB) for each of its slices (``slice_axes``, each summed over
 the samples): one quantity cannot be lost behind the energy of another (a detector's class
 scores behind its box coordinates), while the slices' own spread about the whole's SQNR
-(float16 rounding, a few dB) is no failure.
+(float16 rounding, a few dB) is no failure. A slice whose reference stays below float16's
+smallest normal number (``SLICE_PEAK_FROM``, 6.1e-5: a transformer's dead hidden
+dimension at 1e-32) is left to the whole output's SQNR.
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ MIN_SLICE = 16
 # of 40, its error energy at most 1% of its own): a slice lost behind the others' energy
 # fails, while slices spread about the whole's SQNR, as rounding spreads, pass.
 SLICE_SQNR_SHARE = 0.5
+
+# A slice whose reference magnitudes all stay below float16's smallest normal number holds
+# nothing a reduced precision keeps to a relative precision (float16 flushes 1e-7 to
+# subnormal steps and 1e-32 to zero): the slice rule leaves it to the whole output's SQNR.
+SLICE_PEAK_FROM = float(np.finfo(np.float16).tiny)
 
 # An element's scale is never below this share of its output's largest magnitude (a slice
 # of zeros or of rounding alone would otherwise allow no error at all).
@@ -239,7 +246,7 @@ def compare_outputs(
     signal = noise = dot = norm_r = norm_g = 0.0
     agree: list[float] = []
     differing = counted = 0  # integer and boolean elements: those that differ, of all
-    slices: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (axis, length): signal, noise per slice
+    slices: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # (axis, length): per slice
     for i, (ref, got) in enumerate(zip(refs, gots)):
         ref, got = np.asarray(ref), np.asarray(got)
         original = None if originals is None else np.asarray(originals[i])
@@ -331,25 +338,29 @@ def _meets(m: OutputMetrics, t: Tolerance, *, per_element: bool) -> tuple[bool, 
     return True, None
 
 
-def _add_slice_powers(slices: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]], ref: np.ndarray,
+def _add_slice_powers(slices: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]], ref: np.ndarray,
                       err: np.ndarray) -> None:
-    """Adds one sample's signal and noise power per slice (``slice_axes``) into ``slices``,
-    keyed by axis and its length (a sample of another length there starts other slices)."""
+    """Adds one sample's signal and noise power and largest reference magnitude per slice
+    (``slice_axes``) into ``slices``, keyed by axis and its length (a sample of another
+    length there starts other slices)."""
     for axis in slice_axes(ref.shape):
         others = tuple(a for a in range(ref.ndim) if a != axis)
         signal, noise = np.square(ref).sum(axis=others), np.square(err).sum(axis=others)
+        peak = np.abs(ref).max(axis=others)
         key = (axis, ref.shape[axis])
         if key in slices:
-            signal, noise = signal + slices[key][0], noise + slices[key][1]
-        slices[key] = (signal, noise)
+            signal, noise, peak = signal + slices[key][0], noise + slices[key][1], np.maximum(peak, slices[key][2])
+        slices[key] = (signal, noise, peak)
 
 
-def _lowest_slice_sqnr(slices: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]) -> tuple[float, str]:
-    """The lowest SQNR among ``slices`` (``_add_slice_powers``) and where it is."""
+def _lowest_slice_sqnr(slices: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[float, str]:
+    """The lowest SQNR among ``slices`` (``_add_slice_powers``) and where it is; slices whose
+    magnitudes stay below ``SLICE_PEAK_FROM`` are not judged."""
     lowest, at = math.inf, ""
-    for (axis, _), (signal, noise) in slices.items():
+    for (axis, _), (signal, noise, peak) in slices.items():
         with np.errstate(divide="ignore"):
-            ratio = np.where(noise > 0, signal / np.where(noise > 0, noise, 1.0), math.inf)
+            ratio = np.where((noise > 0) & (peak >= SLICE_PEAK_FROM), signal / np.where(noise > 0, noise, 1.0),
+                             math.inf)
         index = int(np.argmin(ratio))
         if ratio[index] < math.inf:
             db = sqnr_db(float(signal[index]), float(noise[index]))
