@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -151,31 +152,32 @@ def _from_proto(
     return model
 
 
-# dtypes whose raw_data is exactly the NumPy array's little-endian bytes
-_PLAIN_RAW = frozenset({
-    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
-    ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
-    ir.DataType.UINT64, ir.DataType.BOOL,
-})
+# dtypes whose raw_data is exactly the NumPy array's little-endian bytes, with that array's dtype
+_PLAIN_RAW = {
+    int(dtype): dtype.numpy().newbyteorder("<")
+    for dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
+                  ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
+                  ir.DataType.UINT64, ir.DataType.BOOL)
+}
 # the TensorProto fields an in-memory tensor writes back (a name only when not empty)
 _PLAIN_FIELDS = frozenset({"name", "dims", "data_type", "raw_data"})
-# every other TensorProto field, by kind: a singular one is set when HasField says so, a
-# repeated one when it is not empty (what ListFields lists)
-_OTHER_SINGULAR = tuple(f.name for f in onnx.TensorProto.DESCRIPTOR.fields
-                        if not f.is_repeated and f.name not in _PLAIN_FIELDS)
-_OTHER_REPEATED = tuple(f.name for f in onnx.TensorProto.DESCRIPTOR.fields
-                        if f.is_repeated and f.name not in _PLAIN_FIELDS)
 
 
-def _plain_fields_only(proto: onnx.TensorProto) -> bool:
-    """Whether ``raw_data`` is set and no field outside ``_PLAIN_FIELDS`` is, and the name,
-    when set, is not empty: the fields ``ListFields`` would list, read without it
-    (``ListFields`` hands out a copy of ``raw_data``, the tensor's whole data)."""
-    has = proto.HasField
-    if not has("raw_data") or any(has(name) for name in _OTHER_SINGULAR) \
-            or any(len(getattr(proto, name)) for name in _OTHER_REPEATED):
-        return False
-    return not has("name") or bool(proto.name)
+def _plain_raw_data(proto: onnx.TensorProto) -> bytes | None:
+    """The tensor's ``raw_data`` when it is set and no field outside ``_PLAIN_FIELDS`` is,
+    its type is in ``_PLAIN_RAW`` and its name, when set, is not empty; else None. Read
+    from ``ListFields`` (a singular field listed when set, a repeated one when not empty),
+    which copies ``raw_data`` once: the copy the array is made from."""
+    if proto.data_type not in _PLAIN_RAW or not proto.HasField("raw_data"):
+        return None
+    raw = None
+    for descriptor, value in proto.ListFields():
+        name = descriptor.name
+        if name not in _PLAIN_FIELDS or name == "name" and not value:
+            return None
+        if name == "raw_data":
+            raw = value
+    return raw
 
 
 def _owned(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
@@ -184,13 +186,15 @@ def _owned(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     on every read. A plain tensor stored as ``raw_data`` with no other field set becomes
     an in-memory array (it serializes to the same TensorProto); any other keeps its
     representation in a TensorProto of its own."""
-    if not isinstance(tensor, ir.TensorProtoTensor):
-        return tensor
+    if type(tensor) is not ir.TensorProtoTensor and not isinstance(tensor, ir.TensorProtoTensor):
+        return tensor  # (``type`` first: an isinstance check of onnx-ir's classes is slow)
     proto = tensor.raw
-    if tensor.dtype in _PLAIN_RAW and _plain_fields_only(proto):
-        # a read-only view of one copy of the bytes, reshaped to the dims: exactly the
-        # raw_data (a length that does not fit the dims raises)
-        return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=proto.name or None)
+    raw = _plain_raw_data(proto)
+    if raw is not None:
+        # a read-only view of the one copy of the bytes, reshaped to the dims: exactly the
+        # raw_data, as ``tensor.numpy()`` reads it (a length that does not fit the dims raises)
+        array = np.frombuffer(raw, dtype=_PLAIN_RAW[proto.data_type]).reshape(tuple(proto.dims))
+        return ir.Tensor(array, dtype=tensor.dtype, name=proto.name or None)
     alone = onnx.TensorProto()
     alone.MergeFrom(proto)  # into an empty message: a copy of every field (upb's CopyFrom is several times slower)
     return ir.TensorProtoTensor(alone)
