@@ -300,7 +300,10 @@ class _GraphFolder:
 
     def _new_fill(self, node: ir.Node) -> np.ndarray | None:
         shape = self._const(node.inputs[0])
-        if shape is None or shape.dtype != np.int64 or shape.ndim != 1 or np.any(shape < 0):
+        if shape is None or shape.dtype != np.int64 or shape.ndim != 1:
+            return None
+        dims = tuple(shape.tolist())  # a few Python ints: checked faster than the array
+        if any(d < 0 for d in dims):
             return None
         attribute = node.attributes.get("value")
         if attribute is None:
@@ -313,7 +316,7 @@ class _GraphFolder:
             return None
         # a read-only view until stored (``_stored``): most fills of a wave may be kept for
         # their size, and copying them all only to drop them cost more than the rest
-        filled = np.broadcast_to(value.reshape(()), tuple(int(d) for d in shape))
+        filled = np.broadcast_to(value.reshape(()), dims)
         result = (self._accept(node.outputs, [filled]) or {}).get(node.outputs[0])
         if result is not None:
             self._views.add(node.outputs[0])
