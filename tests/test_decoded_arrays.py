@@ -21,6 +21,7 @@ def _parsed(name: str, dtype: int, dims: list[int], values: list, raw: bool = Fa
 @pytest.mark.parametrize("dtype,values", [
     (onnx.TensorProto.FLOAT, [1.0, -2.5, 0.0, 3.0]),  # float_data
     (onnx.TensorProto.INT64, [1, -1, 1 << 40, 0]),  # int64_data
+    (onnx.TensorProto.DOUBLE, [1e300, -0.0, 2.5, -7.0]),  # double_data
     (onnx.TensorProto.INT32, [7, -7, 0, 1]),  # int32_data
     (onnx.TensorProto.FLOAT16, [1.0, 0.5, -2.0, 65504.0]),  # int32_data holding float16 bits
     (onnx.TensorProto.BOOL, [True, False, True, True]),
@@ -83,3 +84,17 @@ def test_fresh_gives_a_writable_copy_of_the_kept_decode():
     np.testing.assert_array_equal(fresh(tensor), [1.0, 2.0, 3.0])
     array = np.ones(2, np.float32)
     assert fresh(ir.Tensor(array)) is ir.Tensor(array).numpy()  # an in-memory tensor: its own array
+
+
+def test_repeated_values_only_where_the_type_s_own_field_holds_every_value():
+    from optcc.ir.arrays import repeated_values
+
+    plain = oh.make_tensor("t", onnx.TensorProto.FLOAT, [2], [1.0, 2.0])
+    values, dtype = repeated_values(plain)
+    assert list(values) == [1.0, 2.0] and dtype == np.dtype("<f4")
+    np.testing.assert_array_equal(decoded(ir.serde.TensorProtoTensor(plain)), np.array([1.0, 2.0], np.float32))
+    mixed = oh.make_tensor("t", onnx.TensorProto.FLOAT, [2], [1.0, 2.0])
+    mixed.int32_data.extend([3, 4])  # malformed: numpy() and tobytes() read different fields
+    raw = oh.make_tensor("t", onnx.TensorProto.FLOAT, [2], np.ones(2, np.float32).tobytes(), raw=True)
+    int32 = oh.make_tensor("t", onnx.TensorProto.INT32, [2], [1, 2])
+    assert repeated_values(mixed) is None and repeated_values(raw) is None and repeated_values(int32) is None

@@ -12,10 +12,13 @@ array always holds the tensor's values.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import onnx
 import onnx_ir as ir
 
-__all__ = ["ARRAY_KEY", "KEEP_MAX_BYTES", "decoded", "fresh"]
+__all__ = ["ARRAY_KEY", "KEEP_MAX_BYTES", "decoded", "fresh", "repeated_values"]
 
 ARRAY_KEY = "optcc.array"  # the tensor's meta entry: its decoded array, read-only
 KEEP_MAX_BYTES = 1 << 16  # a larger array is kept only when the caller asks (``keep_large``)
@@ -34,12 +37,51 @@ def decoded(tensor: ir.TensorProtocol, *, keep_large: bool = False) -> np.ndarra
     meta = tensor.meta
     array = meta.data.get(ARRAY_KEY)  # the store's own dict: its Mapping methods are slow
     if array is None:
-        array = np.asarray(tensor.numpy())
+        array = _from_repeated_field(tensor.raw)
+        if array is None:
+            array = np.asarray(tensor.numpy())
         if array.nbytes > KEEP_MAX_BYTES and not keep_large:
             return array
         array.flags.writeable = False
         meta[ARRAY_KEY] = array
     return array
+
+
+# the repeated field holding a tensor's values for these types, and the array's dtype
+_REPEATED = {
+    onnx.TensorProto.FLOAT: ("float_data", np.dtype("<f4")),
+    onnx.TensorProto.INT64: ("int64_data", np.dtype("<i8")),
+    onnx.TensorProto.DOUBLE: ("double_data", np.dtype("<f8")),
+}
+_VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def repeated_values(proto: onnx.TensorProto) -> tuple[Any, np.dtype] | None:
+    """For a FLOAT, INT64 or DOUBLE tensor whose values are in the repeated field of its
+    type (``float_data``, ``int64_data``, ``double_data``) and nowhere else (no raw_data,
+    no other value field, not external): that field and the little-endian dtype of its
+    values. Then ``numpy()`` and ``tobytes()`` both read that field. None otherwise."""
+    entry = _REPEATED.get(proto.data_type)
+    if entry is None:
+        return None
+    name, dtype = entry
+    values = getattr(proto, name)
+    if not values or proto.HasField("raw_data") or proto.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    for other in _VALUE_FIELDS:
+        if other != name and len(getattr(proto, other)):
+            return None
+    return values, dtype
+
+
+def _from_repeated_field(proto: onnx.TensorProto) -> np.ndarray | None:
+    """What ``numpy()`` returns for a tensor of ``repeated_values``, read as it reads it,
+    without the checks it makes for other types; None for any other tensor."""
+    found = repeated_values(proto)
+    if found is None:
+        return None
+    values, dtype = found
+    return np.array(values, dtype=dtype).reshape(tuple(proto.dims))
 
 
 def fresh(tensor: ir.TensorProtocol) -> np.ndarray:
