@@ -59,25 +59,36 @@ class _NotComparable(Exception):
     """The node has an attribute CSE does not compare."""
 
 
-def _tensor_data(tensor: ir.TensorProtocol) -> bytes:
-    if tensor.dtype == ir.DataType.STRING:
+def _tensor_data(tensor: ir.TensorProtocol, dtype: ir.DataType | None = None) -> bytes:
+    if (tensor.dtype if dtype is None else dtype) == ir.DataType.STRING:
         return b"".join(len(s).to_bytes(8, "little") + s for s in tensor.string_data())
     return tensor.tobytes()
 
 
 _KEY_META = "optcc.cse.tensor_key"
 _WHOLE_BYTES = 64  # tensors of at most this many bytes are keyed by their bytes themselves
+_PROTO_TENSOR = ir.serde.TensorProtoTensor
 
 
 def _tensor_key(tensor: ir.TensorProtocol) -> Hashable:
     """dtype, shape, and the bytes (at most ``_WHOLE_BYTES``) or their SHA-256; kept in
     the tensor's metadata (tensors are never modified in place, so it stays true)."""
-    key = tensor.meta.get(_KEY_META)
+    meta = tensor.meta.data  # the store's own dict: its Mapping methods are slow
+    key = meta.get(_KEY_META)
     if key is None:
-        data = _tensor_data(tensor)
+        proto = tensor.raw if type(tensor) is _PROTO_TENSOR else None
+        if proto is not None:  # dtype and dims read from its proto (``shape`` builds a Shape)
+            dtype, dims = ir.DataType(proto.data_type), tuple(proto.dims)
+        else:
+            dtype, dims = tensor.dtype, tuple(tensor.shape)
+        if proto is not None and optcc.ir.repeated_values(proto) is not None:
+            # its ``tobytes()``, from its decoded array (decoded once per tensor, for every reader)
+            data = optcc.ir.decoded(tensor).tobytes()
+        else:
+            data = _tensor_data(tensor, dtype)
         whole = len(data) <= _WHOLE_BYTES
-        key = ("tensor", tensor.dtype, tuple(tensor.shape), whole, data if whole else hashlib.sha256(data).digest())
-        tensor.meta[_KEY_META] = key
+        key = ("tensor", dtype, dims, whole, data if whole else hashlib.sha256(data).digest())
+        meta[_KEY_META] = key
     return key
 
 

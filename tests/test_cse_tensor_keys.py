@@ -50,3 +50,30 @@ def test_large_constants_merge_only_when_their_bytes_are_equal():
     signed = base.copy()
     signed[31] = -signed[31]
     assert _cse_and_check([base, signed, base.copy()]) == 2
+
+
+def test_constants_stored_in_different_fields_merge_when_their_values_are_equal():
+    """A parsed tensor keeps its values in ``float_data``/``int64_data`` or in ``raw_data``:
+    CSE keys both by the values' bytes, so equal ones merge and unequal ones stay apart."""
+    values = np.array([1.5, -0.0, 3.0, 2.0], np.float32)
+    other = np.array([1.5, 0.0, 3.0, 2.0], np.float32)
+    tensors = [helper.make_tensor("t", TensorProto.FLOAT, [4], values.tolist()),  # float_data
+               helper.make_tensor("t", TensorProto.FLOAT, [4], values.tobytes(), raw=True),
+               helper.make_tensor("t", TensorProto.FLOAT, [4], other.tolist()),
+               helper.make_tensor("t", TensorProto.FLOAT, [4], other.tobytes(), raw=True)]
+    nodes = []
+    for i, t in enumerate(tensors):
+        nodes.append(helper.make_node("Constant", [], [f"c{i}"], value=t))
+        nodes.append(helper.make_node("Add", ["x", f"c{i}"], [f"y{i}"]))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [2, 4]) for i in range(4)]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], outputs),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = ir.from_proto(proto)
+    assert EliminateCommonSubexpressionsPass()(model).modified
+    result = ir.to_proto(model)
+    assert sum(n.op_type == "Constant" for n in result.graph.node) == 2
+    feed = np.random.default_rng(2).standard_normal((2, 4)).astype(np.float32)
+    got = onnx.reference.ReferenceEvaluator(result).run(None, {"x": feed})
+    for out, expected in zip(got, [values, values, other, other]):
+        np.testing.assert_array_equal(out.view(np.uint32), (feed + expected).view(np.uint32))

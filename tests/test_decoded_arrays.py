@@ -86,6 +86,26 @@ def test_fresh_gives_a_writable_copy_of_the_kept_decode():
     assert fresh(ir.Tensor(array)) is ir.Tensor(array).numpy()  # an in-memory tensor: its own array
 
 
+def test_a_shared_decode_is_kept_for_a_tensor_of_the_same_content():
+    from optcc.ir.arrays import share_decoded
+
+    first = _parsed("a", onnx.TensorProto.FLOAT, [3], [1.0, -2.0, 0.5])
+    second = _parsed("a", onnx.TensorProto.FLOAT, [3], [1.0, -2.0, 0.5])
+    array = decoded(first)
+    share_decoded(second, array)
+    assert decoded(second) is array
+    np.testing.assert_array_equal(decoded(second), second.numpy())
+    # a writable array, an in-memory tensor or a tensor with a kept decode takes nothing
+    third = _parsed("a", onnx.TensorProto.FLOAT, [3], [1.0, -2.0, 0.5])
+    share_decoded(third, np.array([1.0, -2.0, 0.5], np.float32))
+    assert decoded(third) is not array and not decoded(third).flags.writeable
+    share_decoded(second, decoded(third))
+    assert decoded(second) is array
+    in_memory = ir.Tensor(np.array([1.0, -2.0, 0.5], np.float32))
+    share_decoded(in_memory, array)
+    assert decoded(in_memory) is in_memory.numpy()
+
+
 def test_repeated_values_only_where_the_type_s_own_field_holds_every_value():
     from optcc.ir.arrays import repeated_values
 

@@ -9,7 +9,7 @@ atomically (``save``), and every pass walks graphs, nodes and names the same way
 
 from __future__ import annotations
 
-from optcc.ir.arrays import decoded, fresh, repeated_values
+from optcc.ir.arrays import decoded, fresh, repeated_values, share_decoded
 from optcc.ir.collector import clone, collect_for, collector_paused
 from optcc.ir.data_movement import reshaped, squeezed, unsqueezed
 from optcc.ir.edit import ModelNames, constant_before, as_numpy, const_tensor, inferred_dtypes, unique_value_name, upgrade_legacy_ir, value_names
@@ -24,6 +24,7 @@ __all__ = [
     "decoded",
     "fresh",
     "repeated_values",
+    "share_decoded",
     "element_type",
     "clone",
     "collect_for",

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-__all__ = ["ARRAY_KEY", "KEEP_MAX_BYTES", "decoded", "fresh", "repeated_values"]
+__all__ = ["ARRAY_KEY", "KEEP_MAX_BYTES", "decoded", "fresh", "repeated_values", "share_decoded"]
 
 ARRAY_KEY = "optcc.array"  # the tensor's meta entry: its decoded array, read-only
 KEEP_MAX_BYTES = 1 << 16  # a larger array is kept only when the caller asks (``keep_large``)
@@ -82,6 +82,18 @@ def _from_repeated_field(proto: onnx.TensorProto) -> np.ndarray | None:
         return None
     values, dtype = found
     return np.array(values, dtype=dtype).reshape(tuple(proto.dims))
+
+
+def share_decoded(tensor: ir.TensorProtocol, array: np.ndarray) -> None:
+    """Keep ``array``, read-only, as parsed ``tensor``'s decoded array (what ``decoded``
+    returns for it from then on) when ``decoded`` would keep one and none is kept yet.
+    ``array`` must be what the tensor decodes to: the caller decoded it from a tensor
+    that stores the same element type, dims and values."""
+    if type(tensor) is not _PROTO_TENSOR or array.nbytes > KEEP_MAX_BYTES or array.flags.writeable:
+        return
+    data = tensor.meta.data
+    if ARRAY_KEY not in data:
+        data[ARRAY_KEY] = array
 
 
 def fresh(tensor: ir.TensorProtocol) -> np.ndarray:

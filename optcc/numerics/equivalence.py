@@ -416,6 +416,8 @@ class _Numbering:
                 if stored is not None:
                     array.flags.writeable = False  # shared by every tensor of this content
                     self._decoded[stored] = array
+            else:
+                oir.share_decoded(tensor, array)  # the passes' later reads of it decode nothing
             known = self._tensor_arrays[id(tensor)] = (tensor, array)  # the tensor keeps its id unique
         return known[1]
 
