@@ -121,8 +121,10 @@ def test_the_pass_measures_its_floor_over_every_draw_once(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(TaskJudge, "_floor", counted)
     judge = _task_judge(optcc.ir.load(str(TINYCNN)), data, "auto", 1.5, None, 25.0, draws=4)
+    assert floors == [] and judge.draw_count == 4  # measured when a judgement first needs it
+    assert judge.floor == judge.floor
     monkeypatch.undo()
-    assert floors == [4] and judge.draw_count == 4
+    assert floors == [4] and judge.floor_measured
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.add_session_config_entry("session.disable_prepacking", "1")

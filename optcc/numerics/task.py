@@ -127,6 +127,13 @@ moves from draw to draw).
 is met: ``score >= metric_target`` for the task metrics (score = 1 - deviation for the
 built-in ones), ``SQNR >= min_sqnr_db`` for ``sqnr``.
 
+**A floor measured when it decides.** The perturbed outputs may be given as
+``DeferredOutputs``, run the first time they are read. A judge reads them only for a
+judgement the floor can change: a candidate whose every judged row is ``sqnr`` and meets
+``min_sqnr_db`` passes whatever the floor, so, while the floor is not measured, its rows
+say so and leave the floor out (``TaskJudge.floor_measured`` stays False); every other
+judgement, and ``thin`` and ``undecided`` where a row counts items, measures it.
+
 **Too few items.** The count-based components are fractions over items, and report how
 many (``items``): ``argmax`` over the confident samples, ``ctc_exact`` over the lines,
 ``cer`` over the reference characters, ``box_f1`` over the boxes of both sides (for
@@ -191,12 +198,41 @@ __all__ = [
     "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "REGRESSION_NAMES", "sequence_outputs",
     "float_free_outputs",
     "measure", "deviations", "TaskJudge", "perturbation_draws", "perturbation_roles", "unmoved", "FLOOR_DRAWS",
-    "row_metrics", "wants_draws",
+    "row_metrics", "wants_draws", "DeferredOutputs",
     "ctc_greedy",
     "map_boxes", "yolo_boxes", "box_f1", "box_layout", "class_rows", "anchor_grid",
 ]
 
 Outputs = Mapping[str, Sequence[np.ndarray]]  # output name -> one array per sample
+
+
+class DeferredOutputs(Mapping[str, Sequence[np.ndarray]]):
+    """``Outputs`` that ``compute`` returns the first time any of them is read (a noise
+    floor's perturbed runs, made only for a judgement that reads them), then kept."""
+
+    def __init__(self, compute: Callable[[], Outputs]) -> None:
+        self._compute: Callable[[], Outputs] | None = compute
+        self._values: Outputs | None = None
+
+    @property
+    def computed(self) -> bool:
+        """Whether the outputs were computed (read at least once)."""
+        return self._compute is None
+
+    def _outputs(self) -> Outputs:
+        if self._compute is not None:
+            self._values, self._compute = self._compute(), None
+        assert self._values is not None
+        return self._values
+
+    def __getitem__(self, name: str) -> Sequence[np.ndarray]:
+        return self._outputs()[name]
+
+    def __iter__(self) -> Any:
+        return iter(self._outputs())
+
+    def __len__(self) -> int:
+        return len(self._outputs())
 UserMetric = Callable[[Outputs, Outputs], float]
 _Measured = tuple[dict[str, float], dict[str, int]]  # deviation per component; items per count-based one
 METRICS = ("sqnr", "argmax", "ctc", "threshold", "detection-map", "boxes", "embedding", "added-boxes")
@@ -1327,8 +1363,46 @@ class TaskJudge:
                                                          self.groups, self.sequences, self.heads, self.exact,
                                                          self.state)
         self._envelope = [self.perturbed, *self.draws]
-        self.floor, self.floor_items = self._floor()
+        self._measured: tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]] | None = None
         self._sqnr_floor: dict[str, dict[str, float]] = {}  # per row key, computed when first needed
+
+    @property
+    def floor(self) -> dict[str, dict[str, float]]:
+        """Per row and component, the float model's own deviation under the perturbation
+        (``_floor``), measured the first time it is asked for."""
+        if self._measured is None:
+            self._measured = self._floor()
+        return self._measured[0]
+
+    @property
+    def floor_items(self) -> dict[str, dict[str, int]]:
+        """Per row, the items each count-based component of the floor is over: none for a
+        row judged by SQNR or a callable (they count nothing, so no floor is measured for it)."""
+        if self._measured is None and not self._counts_items():
+            return {key: {} for key in self.plan}
+        self.floor  # noqa: B018 - the items are measured with the floor
+        assert self._measured is not None
+        return self._measured[1]
+
+    @property
+    def floor_measured(self) -> bool:
+        """Whether the floor was measured (a judgement needed it: module docstring)."""
+        return self._measured is not None
+
+    def _counts_items(self) -> bool:
+        """Whether some row's metric counts items (a built-in metric other than ``sqnr``)."""
+        return any(isinstance(m, str) and m != "sqnr" for m in self.plan.values())
+
+    def _floor_needed(self, measured: Mapping[str, Mapping[str, float]]) -> bool:
+        """Whether the judgement of these deviations reads the floor: when it is at hand (given
+        as computed outputs, or measured already), or when it can change the judgement, unless
+        every row is judged by SQNR alone and meets ``min_sqnr_db`` (then it passes whatever
+        the floor)."""
+        at_hand = self._measured is not None or not any(
+            isinstance(draw, DeferredOutputs) and not draw.computed for draw in self._envelope)
+        # a NaN deviation meets no target
+        return at_hand or any(self.plan[key] != "sqnr" or not all(_db(d) >= self.min_sqnr_db for d in parts.values())
+                              for key, parts in measured.items())
 
     def _floor(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:
         """Per row and component, the float model's own deviation under the perturbation:
@@ -1386,8 +1460,7 @@ class TaskJudge:
         verifier's samples judges each output as the verification will."""
         return dataclasses.replace(
             self, rows=self.plan, reference={n: _pick(v, samples) for n, v in self.reference.items()},
-            perturbed={n: _pick(v, samples) for n, v in self.perturbed.items()},
-            draws=[{n: _pick(v, samples) for n, v in draw.items()} for draw in self.draws],
+            perturbed=_picked(self.perturbed, samples), draws=[_picked(draw, samples) for draw in self.draws],
             masks=None if self.masks is None else _pick(self.masks, samples),
             groups=None if self.groups is None else _pick(self.groups, samples))
 
@@ -1472,11 +1545,21 @@ class TaskJudge:
 
     def __call__(self, got: Outputs) -> dict[str, Any]:
         """``passed`` and, per output (and group) and component, the deviation next to the
-        floor (and, for the count-based components, how many items it is over)."""
+        floor (and, for the count-based components, how many items it is over); the floor
+        left out where it cannot change the judgement (module docstring)."""
         measured, counted, plain = self._deviations(got)
         keys = {key: (name, idx) for key, name, idx in self._rows()}
         rows: dict[str, dict[str, Any]] = {}
         passed = True
+        if not self._floor_needed(measured):
+            for key, parts in measured.items():
+                for part, deviation in parts.items():
+                    rows[f"{key}:{part}"] = {
+                        "metric": "sqnr", "deviation": _finite(deviation), "floor": None,
+                        "sqnr_db": _finite(_db(deviation)), "passed": True,
+                        "why": f"SQNR {_db(deviation):.1f} dB meets the {self.min_sqnr_db:g} dB target, which no "
+                               f"floor can fail: the floor is not measured"}
+            return {"passed": True, "margin": self.margin, "metrics": rows, "perturbation": dict(self.perturbation)}
         for key, parts in measured.items():
             name, idx = keys[key]
             metric = self.plan[key]
@@ -1537,3 +1620,10 @@ class TaskJudge:
 
 def _pick(values: Sequence[Any], idx: Sequence[int]) -> list[Any]:
     return [values[i] for i in idx]
+
+
+def _picked(outputs: Outputs, idx: Sequence[int]) -> Outputs:
+    """``outputs`` at the samples ``idx``; deferred ones stay deferred (``DeferredOutputs``)."""
+    if isinstance(outputs, DeferredOutputs) and not outputs.computed:
+        return DeferredOutputs(lambda: {n: _pick(v, idx) for n, v in outputs.items()})
+    return {n: _pick(v, idx) for n, v in outputs.items()}

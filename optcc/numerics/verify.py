@@ -95,8 +95,8 @@ from optcc.numerics.inputs import (BATCH_SAMPLE, DEFAULT_DYNAMIC_DIM, RETRY_SIZE
                                    generate_inputs, input_roles, sizes_text)
 from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import ORIGINAL_ERROR_FACTOR, SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
-from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, TaskJudge, UserMetric,
-                                 float_free_outputs, perturbation_draws, perturbation_roles, projected_outputs,
+from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, DeferredOutputs, TaskJudge,
+                                 UserMetric, float_free_outputs, perturbation_draws, perturbation_roles, projected_outputs,
                                  row_metrics, sequence_outputs, unmoved, wants_draws)
 from optcc.progress import Progress
 from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, first_line, make_session, resolve_providers, run,
@@ -476,9 +476,10 @@ class Verifier:
         are chosen from every sample's outputs and each sample is perturbed as among all of
         them (draw ``d`` of sample ``i`` seeded by ``i``, then ``(i, d)``), so the judge of
         some samples is the judge of all of them ``select``ed to those. The perturbed
-        original runs on a sample the first time a judge holds it: a judge of the held-out
-        samples runs none of the others (a KV-cache decoder's judge holds every sample:
-        its rows are decode steps)."""
+        original runs on a sample the first time a judge holding it needs its floor
+        (``DeferredOutputs``; none when every judgement passes whatever the floor): a judge
+        of the held-out samples runs none of the others (a KV-cache decoder's judge holds
+        every sample: its rows are decode steps)."""
         every = list(range(len(self.feeds)))
         positions = every if positions is None or self._plan is not None else list(positions)
         key = (provider, tuple(positions))
@@ -510,9 +511,12 @@ class Verifier:
             groups = None if self._groups is None or self._plan is not None else [self._groups[p] for p in positions]
             reference = shared.reference if positions == every else \
                 {name: [values[p] for p in positions] for name, values in shared.reference.items()}
+            def floor_draw(draw: int) -> DeferredOutputs:  # run when a judgement first needs the floor
+                return DeferredOutputs(lambda: self._judged(cases(draw)))
+
             self._judges[key] = TaskJudge(
-                reference, self._judged(cases(0)), perturbation=shared.how, masks=masks, groups=groups,
-                draws=[self._judged(cases(d)) for d in range(1, len(shared.unmoved))], rows=shared.rows,
+                reference, floor_draw(0), perturbation=shared.how, masks=masks, groups=groups,
+                draws=[floor_draw(d) for d in range(1, len(shared.unmoved))], rows=shared.rows,
                 sequences=shared.sequences, heads=shared.heads, exact=shared.exact, state=shared.state, **self._task)
         return self._judges[key]
 

@@ -36,9 +36,9 @@ from optcc.quant.fallback import (
 )
 from optcc.numerics.decode import stream_plan
 from optcc.numerics.inputs import input_roles
-from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, MIN_ITEMS, TaskJudge, UserMetric,
-                                 float_free_outputs, perturbation_draws, perturbation_roles, projected_outputs,
-                                 row_metrics, sequence_outputs, unmoved, wants_draws)
+from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, MIN_ITEMS, DeferredOutputs,
+                                 TaskJudge, UserMetric, float_free_outputs, perturbation_draws, perturbation_roles,
+                                 projected_outputs, row_metrics, sequence_outputs, unmoved, wants_draws)
 
 __all__ = ["Int8Options", "quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
 
@@ -109,32 +109,36 @@ def upgrade_opset(model: ir.Model, version: int = 13) -> tuple[ir.Model, str | N
 def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float, metric_target: float | None,
                 min_sqnr_db: float, groups: Sequence[str] | None = None, draws: int = FLOOR_DRAWS) -> TaskJudge:
     """The judge of ``held``: the float model's outputs, and its noise floor (its outputs on
-    the held-out samples perturbed at their resolution, ``optcc.numerics.task.perturb``).
+    the held-out samples perturbed at their resolution, ``optcc.numerics.task.perturb``),
+    run when a judgement first needs it (``DeferredOutputs``).
     When a metric excuses float32's own errors or averages its floor over draws
     (``wants_draws`` of its rows, ``row_metrics``), the floor takes ``draws`` independent
     perturbations (``perturbation_draws``); else one."""
     moving = perturbation_roles(input_roles(model))
     stream = stream_plan(model)  # its state is judged in the second step's answers (``model_outputs``)
     moved, how = perturbation_draws(held, 1, **moving)
+    reference = model_outputs(model, held)
+    perturbed: Mapping[str, Sequence[Any]]
     if unmoved(held, moved[0]):  # no input moves: the perturbed outputs are the reference's
-        reference = model_outputs(model, held)
         perturbed = {name: list(values) for name, values in reference.items()}
     else:
-        both = model_outputs(model, [*held, *moved[0]])
-        reference = {name: values[:len(held)] for name, values in both.items()}
-        perturbed = {name: values[len(held):] for name, values in both.items()}
+        perturbed = DeferredOutputs(lambda: model_outputs(model, moved[0]))
     fields = dict(groups=groups, sequences=sequence_outputs(model), heads=projected_outputs(model),
                   exact=float_free_outputs(model), state=stream.state_outputs if stream is not None else ())
-    more_outputs: list[dict[str, list[Any]]] = []
+    more_outputs: list[Mapping[str, Sequence[Any]]] = []
     if draws >= 2 and wants_draws(row_metrics(reference, metric, **fields)):
         more, _ = perturbation_draws(held, draws, first=1, **moving)
         if all(unmoved(held, draw) for draw in more):
             more_outputs = [{name: list(values) for name, values in reference.items()} for _ in more]
         else:
-            outputs = model_outputs(model, [feeds for draw in more for feeds in draw])
+            outputs = DeferredOutputs(lambda: model_outputs(model, [feeds for draw in more for feeds in draw]))
             count = len(held)
-            more_outputs = [{name: values[d * count:(d + 1) * count] for name, values in outputs.items()}
-                            for d in range(len(more))]
+
+            def draw_of(d: int) -> DeferredOutputs:  # draw ``d``'s part of the one run of every draw
+                return DeferredOutputs(lambda: {name: values[d * count:(d + 1) * count]
+                                                for name, values in outputs.items()})
+
+            more_outputs = [draw_of(d) for d in range(len(more))]
     # made once, with its floor over every draw
     return TaskJudge(reference, perturbed, metric, margin, metric_target, min_sqnr_db, how, draws=more_outputs,
                      **fields)
@@ -377,9 +381,23 @@ def quantize_int8(
         raise BadInputError("no calibration samples given (empty data)")
     stats: dict[str, Any] = {"method": o.method, "modified": False}
 
+    judged_any = False  # whether a candidate was judged (the held-out judge's floor is reported after)
+
+    def report_floor() -> None:
+        """The held-out judge's floor in ``stats["acceptance"]``, or why it was not measured."""
+        if "acceptance" not in stats:
+            return
+        measured = judge is not None and judge.floor_measured
+        stats["acceptance"]["floor"] = judge.floor if judge is not None and measured else None
+        if not measured:
+            stats["acceptance"]["floor_not_measured"] = (
+                f"every row is judged by SQNR and every candidate judged met the {o.target.min_sqnr_db:g} dB target, "
+                f"which no floor can fail" if judged_any else "no candidate was judged")
+
     def decline(kind: str, reason: str) -> tuple[ir.Model, dict[str, Any]]:
         stats.update(modified=False, declined=kind, reason=reason)
         stats.setdefault("fallback", {"kept_float": [], "target_met": None, "skipped": reason})
+        report_floor()
         return untouched, stats
 
     already = quantized_already(working)
@@ -469,7 +487,7 @@ def quantize_int8(
             confirm = confirm_every
         stats["acceptance"] = {"metrics": judge.metric_names(), "margin": o.metric_margin,
                                "metric_target": o.metric_target, "perturbation": dict(judge.perturbation),
-                               "floor": judge.floor, "floor_draws": judge.draw_count,
+                               "floor": None, "floor_draws": judge.draw_count,  # ``report_floor``
                                "held_out_samples": len(held), "judged_samples": len(judged),
                                "reference": "the verifier's (the original model)" if shared
                                else "the float model this pass starts from"}
@@ -597,6 +615,7 @@ def quantize_int8(
     if max_float_layers is None:
         max_float_layers = int(o.max_float_fraction * len(pass_stats["layers"]))
     initial = None
+    judged_any = True  # every path from here judges a candidate
     if judge is not None and correcting and (pass_stats.get("bias_correction") or {}).get("layers"):
         # bias correction is kept only where it helps the task on the held-out samples (a
         # detector's class logits can all shift by the background's mean error)
@@ -657,5 +676,6 @@ def quantize_int8(
     stats["integer_nodes"] = sum(n for op, n in histogram.items() if op not in ("QuantizeLinear", "DequantizeLinear"))
     stats["size_bytes"] = {"before": oir.weight_bytes(float_model), "after": oir.weight_bytes(quantized)}
     lap("report")
+    report_floor()
     stats["modified"] = True
     return quantized, stats

@@ -308,13 +308,19 @@ def evaluate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds],
 def shortfall(evaluation: Evaluation) -> float:
     """How far an evaluation is from its target, lower is better: with a task judge, the
     largest ``deviation / allowed`` over the judged components (a component that passes,
-    by its floor or by a user target, counts at most 1), else the negated worst output
-    SQNR in dB."""
+    by its floor or by a user target, counts at most 1; one passed by its SQNR target with
+    no floor measured, 1 unless it deviates nothing), else the negated worst output SQNR in
+    dB."""
     if evaluation.task is None:
         return -evaluation.worst_sqnr_db
     worst = 0.0
     for row in evaluation.task.get("metrics", {}).values():
-        if "passed" not in row or not isinstance(row.get("allowed"), (int, float)):
+        if "passed" not in row:
+            continue
+        if row["passed"] and row.get("floor", 0.0) is None:  # no floor to divide by: at most 1
+            worst = max(worst, 0.0 if row["deviation"] == 0.0 else 1.0)
+            continue
+        if not isinstance(row.get("allowed"), (int, float)):
             continue
         deviation = row["deviation"] if isinstance(row["deviation"], (int, float)) else math.inf
         allowed = float(row["allowed"])
