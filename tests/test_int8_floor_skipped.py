@@ -114,7 +114,9 @@ def test_the_verifier_measures_no_floor_for_an_int8_model_within_the_sqnr_target
     assert int8.status == "changed" and _sqnr_db(refs, gots) > 25.0
     assert runs["perturbed"] == 0 and acceptance["floor"] is None
     assert "no floor can fail" in acceptance["floor_not_measured"]
-    assert result.report.verification["status"] == "passed"
+    verification = result.report.verification
+    assert verification["status"] == "passed" and "the floor is not measured" in verification["reference"]
+    assert verification["task"]["metrics"]["logits:sqnr"]["floor"] is None
 
 
 def test_a_candidate_below_the_sqnr_target_is_refused_against_the_measured_floor(
