@@ -8,8 +8,10 @@ elements, ``slice_axes``), never below ``SCALE_FLOOR`` of the output's largest m
 that sample; that largest magnitude where no axis has such slices. A decoded detector's
 class scores in [0, 1] are so judged on their own scale, not on that of the box
 coordinates in pixels beside them. Finite magnitudes from ``SENTINEL_FROM`` (1e30) up are
-mask fills (-3.4e38 standing for minus infinity): like infinities, they must equal the
-reference's, and they count in no scale, SQNR or cosine.
+mask fills (-3.4e38 standing for minus infinity): the reference's fills must be fills of
+the same sign in the candidate, within the max-rel tolerance of their own magnitude (equal
+where there is none), and no other element may be one (``fills_differ``); they count in
+no scale, SQNR or cosine.
 
 Max-rel tolerances are judged per element. An element passes when its error against the
 reference is within ``tolerance x scale``, or, when the reference is more precise than
@@ -45,7 +47,7 @@ import numpy as np
 from optcc.numerics.kinds import Numerics
 
 __all__ = ["Tolerance", "TOLERANCES", "ORIGINAL_ERROR_FACTOR", "OutputMetrics", "compare_outputs", "sqnr_db",
-           "bounded_resolution", "element_scales", "SATURATED_BELOW", "SENTINEL_FROM"]
+           "bounded_resolution", "element_scales", "fills_differ", "SATURATED_BELOW", "SENTINEL_FROM"]
 
 # An element may be off by this multiple of the float32 original's own error against a
 # float64 reference: a correct rewrite's rounding is of the same size as the original's.
@@ -64,7 +66,7 @@ SATURATED_BELOW = 1e-3
 
 
 # A finite magnitude from this up is a mask or fill value (-3.4e38 standing for minus
-# infinity), no quantity a model computes: it must equal the reference's, and sets no scale.
+# infinity), no quantity a model computes: judged against its own magnitude, and no scale.
 SENTINEL_FROM = 1e30
 
 # An axis scales its slices on its own when each holds at least this many elements: the
@@ -192,11 +194,12 @@ def sqnr_db(signal_power: float, noise_power: float) -> float:
     return 10 * math.log10(signal_power / noise_power) if signal_power > 0 else -math.inf
 
 
-def _structural_problem(ref: np.ndarray, got: np.ndarray, dtype: np.dtype) -> str | None:
+def _structural_problem(ref: np.ndarray, got: np.ndarray, dtype: np.dtype, fill_rel: float) -> str | None:
     """Another shape, or a dtype other than the original's ``dtype`` (a caller gets the
     candidate's: float64 for float32 or int32 for int64 is another interface); values that
     differ in a non-numeric output; NaN or infinities that differ. Integer and boolean
-    values are counted by the caller."""
+    values are counted by the caller. Mask fills may be off by ``fill_rel`` of their own
+    magnitude (``fills_differ``)."""
     if ref.shape != got.shape:
         return f"shape {got.shape} != original {ref.shape}"
     if got.dtype != dtype or ref.dtype.kind != got.dtype.kind:
@@ -213,10 +216,23 @@ def _structural_problem(ref: np.ndarray, got: np.ndarray, dtype: np.dtype) -> st
     differ = int(np.count_nonzero((ref != got) & infinite & ~ref_nan))
     if differ:
         return f"{differ} infinities differ"
-    with np.errstate(invalid="ignore", over="ignore"):  # float16 holds no sentinel: 1e30 is its inf
-        sentinel = (np.abs(ref) >= SENTINEL_FROM) | (np.abs(got) >= SENTINEL_FROM)
-    differ = int(np.count_nonzero((ref != got) & sentinel & ~infinite))
+    differ = fills_differ(ref, got, fill_rel)
     return f"{differ} values of magnitude {SENTINEL_FROM:g} or more (mask fills) differ" if differ else None
+
+
+def fills_differ(ref: np.ndarray, got: np.ndarray, max_rel: float | None = None) -> int:
+    """How many finite elements are a mask fill (magnitude ``SENTINEL_FROM`` or more) in one
+    of ``ref`` and ``got`` and not a fill of the same sign in the other, or, with
+    ``max_rel``, one off by more than ``max_rel`` of its own magnitude (a fill's only scale:
+    -3.4e38 scaled by a folded constant rounds by a few ulp, as does a float64 reference's)."""
+    with np.errstate(invalid="ignore", over="ignore"):  # float16 holds no sentinel: 1e30 is its inf
+        fill_r, fill_g = np.abs(ref) >= SENTINEL_FROM, np.abs(got) >= SENTINEL_FROM
+        finite = np.isfinite(ref) & np.isfinite(got)
+        wrong = (fill_r != fill_g) | (np.sign(ref) != np.sign(got))
+        if max_rel is not None:
+            r, g = ref.astype(np.float64), got.astype(np.float64)
+            wrong |= np.abs(r - g) > max_rel * np.abs(r)
+    return int(np.count_nonzero(finite & (fill_r | fill_g) & wrong))
 
 
 def compare_outputs(
@@ -250,7 +266,8 @@ def compare_outputs(
     for i, (ref, got) in enumerate(zip(refs, gots)):
         ref, got = np.asarray(ref), np.asarray(got)
         original = None if originals is None else np.asarray(originals[i])
-        problem = _structural_problem(ref, got, (ref if original is None else original).dtype)
+        problem = _structural_problem(ref, got, (ref if original is None else original).dtype,
+                                      tolerance.max_rel or 0.0)
         if problem:
             metrics.problem = problem
             return metrics
@@ -265,7 +282,8 @@ def compare_outputs(
         whole_r = np.where(finite, r, 0.0)
         scales = element_scales(whole_r)[finite]
         if tolerance.min_sqnr_db is not None:
-            _add_slice_powers(slices, whole_r, np.where(finite, r - g, 0.0))
+            with np.errstate(invalid="ignore"):  # infinities are compared above; their difference is not read
+                _add_slice_powers(slices, whole_r, np.where(finite, r - g, 0.0))
         r, g = r[finite], g[finite]
         err = np.abs(r - g)
         worst_abs = max(worst_abs, float(err.max()) if err.size else 0.0)
