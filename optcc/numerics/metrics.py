@@ -1,20 +1,14 @@
 """The one metrics module: how an output compares with its reference, and whether that
 meets a tolerance.
 
-An element's scale is the magnitude of its own quantity (``element_scales``): the smallest
-of the largest reference magnitudes of the slices through it (a slice per axis: the
-elements with its index on that axis; only axes whose slices hold at least ``MIN_SLICE``
-elements, ``slice_axes``), never below ``SCALE_FLOOR`` of the output's largest magnitude in
-that sample; that largest magnitude where no axis has such slices. A decoded detector's
-class scores in [0, 1] are so judged on their own scale, not on that of the box
-coordinates in pixels beside them. Finite magnitudes from ``SENTINEL_FROM`` (1e30) up are
-mask fills (-3.4e38 standing for minus infinity): the reference's fills must be fills of
-the same sign in the candidate, within the max-rel tolerance of their own magnitude (equal
-where there is none), and no other element may be one (``fills_differ``); they count in
-no scale, SQNR or cosine.
+Finite magnitudes from ``SENTINEL_FROM`` (1e30) up are mask fills (-3.4e38 standing for
+minus infinity): the reference's fills must be fills of the same sign in the candidate,
+within the max-rel tolerance of their own magnitude (equal where there is none), and no
+other element may be one (``fills_differ``); they count in no scale, SQNR or cosine.
 
 Max-rel tolerances are judged per element. An element passes when its error against the
-reference is within ``tolerance x scale``, or, when the reference is more precise than
+reference is within ``tolerance x scale`` (scale: the output's largest reference magnitude
+in that sample, fills left out), or, when the reference is more precise than
 float32, when it is no worse than ``ORIGINAL_ERROR_FACTOR`` times the float32 original's
 own error at that element: a rewrite may not be blamed for the original's rounding, and
 may not hide inside the rounding of other elements either. An output a bounded kernel
@@ -22,8 +16,7 @@ makes (Sigmoid, Softmax, Tanh) may also be off by that factor times the kernel's
 float32 resolution. The original's own error at an element is the larger of two float32
 evaluations of it (as written, and with onnxruntime's basic optimizations, which
 reassociate the same math), the second never counted above the first's largest error
-over the output. A tolerance is never widened otherwise. ``max_rel`` is the largest error
-relative to its element's scale.
+over the output. A tolerance is never widened otherwise.
 
 SQNR and cosine are computed over all of an output's samples together (a blank sample
 cannot dominate them). A minimum SQNR holds for the whole output, and
@@ -47,7 +40,7 @@ import numpy as np
 from optcc.numerics.kinds import Numerics
 
 __all__ = ["Tolerance", "TOLERANCES", "ORIGINAL_ERROR_FACTOR", "OutputMetrics", "compare_outputs", "sqnr_db",
-           "bounded_resolution", "element_scales", "fills_differ", "SATURATED_BELOW", "SENTINEL_FROM"]
+           "bounded_resolution", "fills_differ", "SATURATED_BELOW", "SENTINEL_FROM"]
 
 # An element may be off by this multiple of the float32 original's own error against a
 # float64 reference: a correct rewrite's rounding is of the same size as the original's.
@@ -69,8 +62,8 @@ SATURATED_BELOW = 1e-3
 # infinity), no quantity a model computes: judged against its own magnitude, and no scale.
 SENTINEL_FROM = 1e30
 
-# An axis scales its slices on its own when each holds at least this many elements: the
-# largest of fewer is no magnitude of a quantity, only of a few values.
+# An axis's slices are judged on their own (their SQNR) when each holds at least this many
+# elements: fewer are no quantity's energy, only a few values'.
 MIN_SLICE = 16
 
 # Each slice of an output keeps at least this share of its minimum SQNR in dB (half: 20 dB
@@ -83,10 +76,6 @@ SLICE_SQNR_SHARE = 0.5
 # subnormal steps and 1e-32 to zero): the slice rule leaves it to the whole output's SQNR.
 SLICE_PEAK_FROM = float(np.finfo(np.float16).tiny)
 
-# An element's scale is never below this share of its output's largest magnitude (a slice
-# of zeros or of rounding alone would otherwise allow no error at all).
-SCALE_FLOOR = 1e-3
-
 
 def slice_axes(shape: Sequence[int]) -> list[int]:
     """The axes of an array of ``shape`` whose slices (the elements with one index on that
@@ -94,23 +83,6 @@ def slice_axes(shape: Sequence[int]) -> list[int]:
     ``MIN_SLICE`` elements."""
     size = math.prod(shape)
     return [axis for axis, length in enumerate(shape) if length > 1 and size // length >= MIN_SLICE]
-
-
-def element_scales(ref: np.ndarray) -> np.ndarray:
-    """Per element of ``ref`` (finite float64, sentinels and non-finite values zeroed), the
-    magnitude its error is relative to: the smallest of the largest magnitudes of the slices
-    through it (a slice per axis: the elements with its index on that axis) that hold at
-    least ``MIN_SLICE`` elements, at least ``SCALE_FLOOR`` of the whole output's largest
-    magnitude; that largest magnitude where no axis has such slices. A decoded detector's
-    [1, A, 85] rows get per column the scale of the column (class scores in [0, 1] are not
-    judged against box coordinates in pixels), per row that of the row where smaller."""
-    magnitude = np.abs(ref)
-    whole = float(magnitude.max()) if magnitude.size else 0.0
-    scales = np.full(ref.shape, whole)
-    for axis in slice_axes(ref.shape):
-        others = tuple(a for a in range(ref.ndim) if a != axis)
-        scales = np.minimum(scales, magnitude.max(axis=others, keepdims=True))
-    return np.maximum(scales, SCALE_FLOOR * whole)
 
 
 def bounded_resolution(producer_op: str | None) -> float:
@@ -280,21 +252,21 @@ def compare_outputs(
         r, g = ref.astype(np.float64), got.astype(np.float64)
         finite = np.isfinite(r) & np.isfinite(g) & (np.abs(r) < SENTINEL_FROM) & (np.abs(g) < SENTINEL_FROM)
         whole_r = np.where(finite, r, 0.0)
-        scales = element_scales(whole_r)[finite]
         if tolerance.min_sqnr_db is not None:
             with np.errstate(invalid="ignore"):  # infinities are compared above; their difference is not read
                 _add_slice_powers(slices, whole_r, np.where(finite, r - g, 0.0))
         r, g = r[finite], g[finite]
         err = np.abs(r - g)
         worst_abs = max(worst_abs, float(err.max()) if err.size else 0.0)
-        rel = np.divide(err, scales, out=np.where(err > 0, math.inf, 0.0), where=scales > 0)
-        worst_rel = max(worst_rel, float(rel.max()) if rel.size else 0.0)
+        scale = float(np.abs(r).max()) if r.size else 0.0
+        rel = (float(err.max()) / scale if scale > 0 else (0.0 if not err.size or err.max() == 0 else math.inf)) \
+            if err.size else 0.0
+        worst_rel = max(worst_rel, rel)
         if tolerance.max_rel is not None and err.size:
-            allowed = np.maximum(tolerance.max_rel * scales, ORIGINAL_ERROR_FACTOR * resolution)
+            allowed = np.full(err.shape, max(tolerance.max_rel * scale, ORIGINAL_ERROR_FACTOR * resolution))
             if original is not None:
                 own = np.abs(original.astype(np.float64)[finite] - r)
-                own_rel = np.divide(own, scales, out=np.where(own > 0, math.inf, 0.0), where=scales > 0)
-                original_rel = max(original_rel, float(own_rel.max()))
+                original_rel = max(original_rel, float(own.max()) / scale if scale > 0 else 0.0)
                 if alternates is not None and np.shape(alternates[i]) == ref.shape:
                     other = np.abs(np.asarray(alternates[i], np.float64)[finite] - r)
                     own = np.maximum(own, np.minimum(np.nan_to_num(other, nan=0.0), own.max()))
