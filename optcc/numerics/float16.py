@@ -4,9 +4,7 @@ evidence.
 An output of a float16 candidate is accepted when
 
 - **the SQNR rule** holds: its SQNR against the float32 original, summed over all samples,
-  is at least the fp16 tolerance's (40 dB) over the whole output and half that over each
-  of its slices (``optcc.numerics.metrics.slice_axes``: a detector's class scores may not
-  be lost behind its box coordinates), and its cosine at least 0.9999; or
+  is at least the fp16 tolerance's (40 dB) and its cosine at least 0.9999; or
 - **the task** decides it and passes it (``task_decides``): the INT8 task judge
   (``optcc.numerics.task.TaskJudge``: top-1 on confident samples, CTC decode, detection-map
   boxes and mask, YOLO boxes, pooled embeddings), against float32's own noise floor under

@@ -8,24 +8,18 @@ other element may be one (``fills_differ``); they count in no scale, SQNR or cos
 
 Max-rel tolerances are judged per element. An element passes when its error against the
 reference is within ``tolerance x scale`` (scale: the output's largest reference magnitude
-in that sample, fills left out), or, when the reference is more precise than
-float32, when it is no worse than ``ORIGINAL_ERROR_FACTOR`` times the float32 original's
-own error at that element: a rewrite may not be blamed for the original's rounding, and
-may not hide inside the rounding of other elements either. An output a bounded kernel
-makes (Sigmoid, Softmax, Tanh) may also be off by that factor times the kernel's absolute
-float32 resolution. The original's own error at an element is the larger of two float32
-evaluations of it (as written, and with onnxruntime's basic optimizations, which
-reassociate the same math), the second never counted above the first's largest error
-over the output. A tolerance is never widened otherwise.
+in that sample, fills left out), or, when the reference is more precise than float32, when
+it is no worse than ``ORIGINAL_ERROR_FACTOR`` times the float32 original's own error at
+that element: a rewrite may not be blamed for the original's rounding, and may not hide
+inside the rounding of other elements either. An output a bounded kernel makes (Sigmoid,
+Softmax, Tanh) may also be off by that factor times the kernel's absolute float32
+resolution. The original's own error at an element is the larger
+of two float32 evaluations of it (as written, and with onnxruntime's basic optimizations,
+which reassociate the same math), the second never counted above the first's largest
+error over the output. A tolerance is never widened otherwise.
 
 SQNR and cosine are computed over all of an output's samples together (a blank sample
-cannot dominate them). A minimum SQNR holds for the whole output, and
-``SLICE_SQNR_SHARE`` of it (in dB) for each of its slices (``slice_axes``, each summed over
-the samples): one quantity cannot be lost behind the energy of another (a detector's class
-scores behind its box coordinates), while the slices' own spread about the whole's SQNR
-(float16 rounding, a few dB) is no failure. A slice whose reference stays below float16's
-smallest normal number (``SLICE_PEAK_FROM``, 6.1e-5: a transformer's dead hidden
-dimension at 1e-32) is left to the whole output's SQNR.
+cannot dominate them).
 """
 
 from __future__ import annotations
@@ -61,28 +55,6 @@ SATURATED_BELOW = 1e-3
 # A finite magnitude from this up is a mask or fill value (-3.4e38 standing for minus
 # infinity), no quantity a model computes: judged against its own magnitude, and no scale.
 SENTINEL_FROM = 1e30
-
-# An axis's slices are judged on their own (their SQNR) when each holds at least this many
-# elements: fewer are no quantity's energy, only a few values'.
-MIN_SLICE = 16
-
-# Each slice of an output keeps at least this share of its minimum SQNR in dB (half: 20 dB
-# of 40, its error energy at most 1% of its own): a slice lost behind the others' energy
-# fails, while slices spread about the whole's SQNR, as rounding spreads, pass.
-SLICE_SQNR_SHARE = 0.5
-
-# A slice whose reference magnitudes all stay below float16's smallest normal number holds
-# nothing a reduced precision keeps to a relative precision (float16 flushes 1e-7 to
-# subnormal steps and 1e-32 to zero): the slice rule leaves it to the whole output's SQNR.
-SLICE_PEAK_FROM = float(np.finfo(np.float16).tiny)
-
-
-def slice_axes(shape: Sequence[int]) -> list[int]:
-    """The axes of an array of ``shape`` whose slices (the elements with one index on that
-    axis) are judged on their own: longer than 1, each slice holding at least
-    ``MIN_SLICE`` elements."""
-    size = math.prod(shape)
-    return [axis for axis, length in enumerate(shape) if length > 1 and size // length >= MIN_SLICE]
 
 
 def bounded_resolution(producer_op: str | None) -> float:
@@ -137,17 +109,13 @@ class OutputMetrics:
     # integer or boolean elements that differ from the reference's (judged by the task's
     # ``labels`` where the tolerance does not compare them exactly)
     values_differ: int | None = None
-    # the lowest SQNR of a slice (``slice_axes``), over all samples, and which: "axis A index I"
-    slice_sqnr_db: float | None = None
-    slice_sqnr_at: str | None = None
     # a float16 result's output: the rule that accepted it, "sqnr" or "task"
     # (``optcc.numerics.float16``); None elsewhere, and when neither did
     accepted_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _json_number(v) for k, v in dataclasses.asdict(self).items()
-                if k != "samples_over" and not (k in ("accepted_by", "values_differ", "slice_sqnr_db", "slice_sqnr_at")
-                                        and v is None)}
+                if k != "samples_over" and not (k in ("accepted_by", "values_differ") and v is None)}
 
 
 def _json_number(value: Any) -> Any:
@@ -234,7 +202,6 @@ def compare_outputs(
     signal = noise = dot = norm_r = norm_g = 0.0
     agree: list[float] = []
     differing = counted = 0  # integer and boolean elements: those that differ, of all
-    slices: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # (axis, length): per slice
     for i, (ref, got) in enumerate(zip(refs, gots)):
         ref, got = np.asarray(ref), np.asarray(got)
         original = None if originals is None else np.asarray(originals[i])
@@ -251,14 +218,10 @@ def compare_outputs(
             continue
         r, g = ref.astype(np.float64), got.astype(np.float64)
         finite = np.isfinite(r) & np.isfinite(g) & (np.abs(r) < SENTINEL_FROM) & (np.abs(g) < SENTINEL_FROM)
-        whole_r = np.where(finite, r, 0.0)
-        if tolerance.min_sqnr_db is not None:
-            with np.errstate(invalid="ignore"):  # infinities are compared above; their difference is not read
-                _add_slice_powers(slices, whole_r, np.where(finite, r - g, 0.0))
         r, g = r[finite], g[finite]
         err = np.abs(r - g)
-        worst_abs = max(worst_abs, float(err.max()) if err.size else 0.0)
         scale = float(np.abs(r).max()) if r.size else 0.0
+        worst_abs = max(worst_abs, float(err.max()) if err.size else 0.0)
         rel = (float(err.max()) / scale if scale > 0 else (0.0 if not err.size or err.max() == 0 else math.inf)) \
             if err.size else 0.0
         worst_rel = max(worst_rel, rel)
@@ -292,8 +255,6 @@ def compare_outputs(
             return metrics
     metrics.max_abs, metrics.max_rel = worst_abs, worst_rel
     metrics.sqnr_db = sqnr_db(signal, noise)
-    if slices:
-        metrics.slice_sqnr_db, metrics.slice_sqnr_at = _lowest_slice_sqnr(slices)
     norms = math.sqrt(norm_r * norm_g)
     metrics.cosine = dot / norms if norms > 0 else (1.0 if noise == 0 else 0.0)
     metrics.argmax_agreement = float(np.mean(agree)) if agree else None
@@ -316,44 +277,9 @@ def _meets(m: OutputMetrics, t: Tolerance, *, per_element: bool) -> tuple[bool, 
         return False, f"max rel {m.max_rel:.3g} > {t.max_rel:g}"
     if t.min_sqnr_db is not None and m.sqnr_db is not None and m.sqnr_db < t.min_sqnr_db:
         return False, f"SQNR {m.sqnr_db:.1f} dB < {t.min_sqnr_db:g} dB"
-    if t.min_sqnr_db is not None and m.slice_sqnr_db is not None \
-            and m.slice_sqnr_db < SLICE_SQNR_SHARE * t.min_sqnr_db:
-        return False, (f"SQNR {m.slice_sqnr_db:.1f} dB < {SLICE_SQNR_SHARE * t.min_sqnr_db:g} dB on the slice at "
-                       f"{m.slice_sqnr_at}")
     if t.min_cosine is not None and m.cosine is not None and m.cosine < t.min_cosine:
         return False, f"cosine {m.cosine:.6f} < {t.min_cosine:g}"
     if t.min_argmax_agreement is not None and m.argmax_agreement is not None \
             and m.argmax_agreement < t.min_argmax_agreement:
         return False, f"argmax agreement {m.argmax_agreement:.3f} < {t.min_argmax_agreement:g}"
     return True, None
-
-
-def _add_slice_powers(slices: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]], ref: np.ndarray,
-                      err: np.ndarray) -> None:
-    """Adds one sample's signal and noise power and largest reference magnitude per slice
-    (``slice_axes``) into ``slices``, keyed by axis and its length (a sample of another
-    length there starts other slices)."""
-    for axis in slice_axes(ref.shape):
-        others = tuple(a for a in range(ref.ndim) if a != axis)
-        signal, noise = np.square(ref).sum(axis=others), np.square(err).sum(axis=others)
-        peak = np.abs(ref).max(axis=others)
-        key = (axis, ref.shape[axis])
-        if key in slices:
-            signal, noise, peak = signal + slices[key][0], noise + slices[key][1], np.maximum(peak, slices[key][2])
-        slices[key] = (signal, noise, peak)
-
-
-def _lowest_slice_sqnr(slices: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[float, str]:
-    """The lowest SQNR among ``slices`` (``_add_slice_powers``) and where it is; slices whose
-    magnitudes stay below ``SLICE_PEAK_FROM`` are not judged."""
-    lowest, at = math.inf, ""
-    for (axis, _), (signal, noise, peak) in slices.items():
-        with np.errstate(divide="ignore"):
-            ratio = np.where((noise > 0) & (peak >= SLICE_PEAK_FROM), signal / np.where(noise > 0, noise, 1.0),
-                             math.inf)
-        index = int(np.argmin(ratio))
-        if ratio[index] < math.inf:
-            db = sqnr_db(float(signal[index]), float(noise[index]))
-            if db < lowest:
-                lowest, at = db, f"axis {axis} index {index}"
-    return lowest, at

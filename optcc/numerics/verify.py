@@ -30,8 +30,7 @@ Otherwise, what the candidate is compared with depends on what the kept passes m
 change (``optcc.numerics.kinds``):
 
 - "exact" rewrites compute the same thing with the same kernels: the candidate is compared
-  with the float32 original, each element within 1e-5 of its scale (the magnitude of its
-  own slices of the output, ``optcc.numerics.metrics``). Never widened.
+  with the float32 original, within 1e-5 of each output's scale. Never widened.
 - "fusion" results (rewrites exact in real arithmetic) pass within the tolerance of the
   float32 original. The samples an output is beyond it on are judged again per element,
   against the original evaluated in float64 on those samples (``optcc.numerics.float64``)
@@ -42,8 +41,7 @@ change (``optcc.numerics.kinds``):
   float64 that is the original's own error; against the float32 original, its difference
   to a second float32 evaluation of the same math (onnxruntime's basic optimizations,
   which fold and reassociate as fusions do). Both are computed only when needed.
-- "fp16" results are compared with the float32 original by SQNR (of the whole output, and
-  half of it in dB of each of its slices) and cosine; with the
+- "fp16" results are compared with the float32 original by SQNR and cosine; with the
   default fp16 tolerance, an output that misses them is still accepted when the task judge
   (below) decides it with enough items and finds it within float32's noise floor
   (``optcc.numerics.float16``). NaN or infinities float32 does not have always fail.
