@@ -234,6 +234,8 @@ class DeferredOutputs(Mapping[str, Sequence[np.ndarray]]):
 
     def __len__(self) -> int:
         return len(self._outputs())
+
+
 UserMetric = Callable[[Outputs, Outputs], float]
 _Measured = tuple[dict[str, float], dict[str, int]]  # deviation per component; items per count-based one
 METRICS = ("sqnr", "argmax", "ctc", "threshold", "detection-map", "boxes", "embedding", "added-boxes")
