@@ -34,7 +34,8 @@ import numpy as np
 from optcc.numerics.kinds import Numerics
 
 __all__ = ["Tolerance", "TOLERANCES", "ORIGINAL_ERROR_FACTOR", "OutputMetrics", "compare_outputs", "sqnr_db",
-           "bounded_resolution", "fills_differ", "SATURATED_BELOW", "SENTINEL_FROM"]
+           "bounded_resolution", "fills_differ", "special_values_problem", "SATURATED_BELOW",
+           "SENTINEL_FROM"]
 
 # An element may be off by this multiple of the float32 original's own error against a
 # float64 reference: a correct rewrite's rounding is of the same size as the original's.
@@ -149,6 +150,12 @@ def _structural_problem(ref: np.ndarray, got: np.ndarray, dtype: np.dtype, fill_
     if ref.dtype.kind != "f":
         mismatched = int(np.count_nonzero(ref != got))
         return f"{mismatched} of {ref.size} values differ" if mismatched else None
+    return special_values_problem(ref, got, fill_rel)
+
+
+def special_values_problem(ref: np.ndarray, got: np.ndarray, fill_rel: float | None = None) -> str | None:
+    """Where float ``got``'s NaN, infinities or mask fills are not ``ref``'s (NaN for NaN, the
+    same infinity, a fill as ``fills_differ`` with ``fill_rel`` says): what differs, or None."""
     ref_nan, got_nan = np.isnan(ref), np.isnan(got)
     if not np.array_equal(ref_nan, got_nan):
         return f"NaN in {int(got_nan.sum())} values, original {int(ref_nan.sum())}"

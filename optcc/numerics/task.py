@@ -191,7 +191,7 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
-from optcc.numerics.metrics import SENTINEL_FROM, fills_differ
+from optcc.numerics.metrics import SENTINEL_FROM, special_values_problem
 
 __all__ = [
     "METRICS", "DEFAULT_MARGIN", "MIN_DEVIATION", "Outputs", "UserMetric", "choose_metric", "perturb",
@@ -596,15 +596,14 @@ def unmoved(samples: Sequence[Mapping[str, np.ndarray]], moved: Sequence[Mapping
 def _sqnr_noise(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> float:
     """Noise power / signal power over all samples together (0 when identical). NaN,
     infinities and mask fills are no signal: they must be where the reference has them
-    (NaN for NaN, the same infinity, a fill of the same sign: ``fills_differ``), else the
-    noise is infinite."""
+    (NaN for NaN, the same infinity, a fill of the same sign: ``special_values_problem``),
+    else the noise is infinite."""
     signal = noise = 0.0
     for ref, got in zip(refs, gots):
         r, g = np.asarray(ref, np.float64), np.asarray(got, np.float64)
         real = np.isfinite(r) & np.isfinite(g) & (np.abs(r) < SENTINEL_FROM) & (np.abs(g) < SENTINEL_FROM)
         if not real.all():
-            infinite = np.isinf(r) | np.isinf(g)
-            if not np.array_equal(np.isnan(r), np.isnan(g)) or np.any((r != g) & infinite) or fills_differ(r, g):
+            if special_values_problem(r, g) is not None:
                 return math.inf
             r, g = r[real], g[real]
         signal += float(np.sum(r ** 2))
