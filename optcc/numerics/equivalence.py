@@ -1443,8 +1443,10 @@ class _Keys:
         fill = node.attributes.get("value")
         if fill is None:
             element = np.zeros(1, np.float32)
-        elif fill.type == ir.AttributeType.TENSOR and fill.value.size == 1:
+        elif fill.type == ir.AttributeType.TENSOR:
             element = self.numbering.numpy(fill.value, shared=True).reshape(-1)
+            if element.size != 1:
+                return None
         else:
             return None
         if math.prod(dims) <= SMALL_TENSOR_ELEMENTS:
