@@ -136,6 +136,24 @@ def test_fallback_bisects_to_the_fewest_float_layers() -> None:
     assert set(report["kept_float"]) == {"mm2", "mm4", "mm6"} and stats["modified"]
 
 
+def test_fallback_bisects_between_the_probes_and_the_budget() -> None:
+    """Five sensitive layers of sixteen: the probes (1, 2) miss, the budget (8) meets, and
+    bisection between them tries the midpoints 5 (meets), 3 and 4 (miss): exactly the five
+    sensitive layers stay float, and the result is as accurate as the target asks against
+    onnxruntime's float32 run of the original."""
+    sensitive = ("mm2", "mm4", "mm6", "mm8", "mm10")
+    model = _chain(sensitive, 16)
+    data = _rows(20)
+    q, stats = quantize_int8(model, data, "minmax", min_speedup=1e-9, target=TARGET, metric=None)
+    report = stats["fallback"]
+    assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [
+        (1, False), (2, False), (8, True), (5, True), (3, False), (4, False)]
+    assert set(report["kept_float"]) == set(sensitive) and stats["modified"]
+    assert set(stats["pass"]["layers"]) == {f"mm{i}" for i in range(1, 17)} - set(sensitive)
+    for sqnr, cosine in lossy_metrics(model, q, data[-4:]):
+        assert sqnr >= MIN_SQNR_DB and cosine >= MIN_COSINE, (sqnr, cosine)
+
+
 def test_accuracy_decline_returns_the_input_model_with_the_reason() -> None:
     model = _chain(("mm2", "mm3"), 3)  # both sensitive; at most int(0.5 * 3) = 1 may go float
     with_budget = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None, max_float_layers=2)[1]

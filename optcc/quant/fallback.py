@@ -7,7 +7,7 @@
   optimizations, i.e. the integer kernels the user will run.
 - ``rank_sensitivity`` and ``fallback``: when the quantized model misses the target, rank
   the quantized layers by sensitivity and return the worst to float (the top ``k``, ``k``
-  doubled then bisected) until the target holds.
+  searched by bisection) until the target holds.
 - ``measure_latency``: median latency on onnxruntime CPU (2 threads by default);
   ``compare_latency``: float and INT8 measured interleaved (reported, never deciding:
   the speed decision is ``optcc.quant.cost_model``'s).
@@ -702,7 +702,8 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     the error of a quantized model often sits in a few layers, and then this is the
     cheapest model and found in one or two evaluations); when neither meets the target,
     the budget's whole ``k`` (``max_float_layers``), and when even that misses, the search
-    stops there (hopeless); else doubling and bisection between them, as above.
+    stops there (hopeless); else a bisection between the largest ``k`` that missed and the
+    budget (``_search_estimated``: at most about ``log2(max_float_layers)`` more candidates).
     The estimates are measured on at most ``ranking_samples`` of the samples, spread evenly
     over them (``spread_samples``; None: all): a layer's SQNR sums its error over every
     element of its result, so a few samples estimate it as well as many, and the ranking
@@ -821,8 +822,9 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
     report.update(tried=tried, order=order)
     results: dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]] = {0: (initial, model, stats)}
 
-    # the budget, then doubling and bisection: at most about 2 log2(limit) + 1 candidates
-    with Progress("fallback: layers back to float", 2 * max(limit, 1).bit_length() + 1, enabled=progress) as bar:
+    # the probes, the budget, then bisection between them: at most len(PROBES) + log2(limit) + 2 candidates
+    with Progress("fallback: layers back to float", len(PROBES) + max(limit, 1).bit_length() + 1,
+                  enabled=progress) as bar:
         found = _search_estimated(reference, quantize, samples, target, order, limit, report, results, tried,
                                   ref_outputs, bar, outputs)
         bar.advance(bar.total)  # the search may need fewer candidates than the bound
@@ -835,7 +837,12 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
                       ref_outputs: _Outputs, bar: Progress, outputs: CandidateOutputs | None,
                       ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """``_fallback_estimated``'s search: the first ``PROBES`` layers alone, then the budget,
-    then doubling and bisection between them."""
+    then bisection between the largest ``k`` known to miss and the smallest known to meet.
+    The result is the ``high`` of a pair ``(low, high = low + 1)`` both measured, ``high``
+    meeting the target and ``low`` missing it: when meeting it is monotone in ``k`` (every
+    ``k`` from the smallest that meets it on meets it too), that is the smallest such ``k``;
+    when it is not, one such boundary, possibly above a smaller ``k`` that meets it but was
+    never measured. Either way the model returned is one measured to meet the target."""
 
     def attempt(k: int) -> Evaluation:
         bar.advance()
@@ -863,12 +870,7 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
             report.update(kept_float=order[:k], evaluation=evaluation.to_dict(), target_met=False, hopeless=(
                 f"even the {limit} layers the budget allows, returned to float worst first, do not meet it"))
             return model, stats, report
-        high, k = limit, max(2 * low, 1)
-        while k < high:  # doubling, below the budget known to pass
-            if attempt(k).passed:
-                high = k
-                break
-            low, k = k, k * 2
+        high = limit
     while high - low > 1:
         mid = (low + high) // 2
         if attempt(mid).passed:
