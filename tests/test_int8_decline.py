@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as nh
+import pytest
 from onnx import TensorProto as TP
 
 import optcc
@@ -136,20 +137,29 @@ def test_fallback_bisects_to_the_fewest_float_layers() -> None:
     assert set(report["kept_float"]) == {"mm2", "mm4", "mm6"} and stats["modified"]
 
 
-def test_fallback_bisects_between_the_probes_and_the_budget() -> None:
-    """Five sensitive layers of sixteen: the probes (1, 2) miss, the budget (8) meets, and
-    bisection between them tries the midpoints 5 (meets), 3 and 4 (miss): exactly the five
-    sensitive layers stay float, and the result is as accurate as the target asks against
+@pytest.mark.parametrize("n_layers, sensitive, tried", [
+    # budget 8: the geometric mean of 2 and 8 (4) misses, then 6 and 5 meet
+    (16, ("mm2", "mm4", "mm6", "mm8", "mm10"), [(1, False), (2, False), (8, True), (4, False), (6, True), (5, True)]),
+    # budget 20: 6 (the geometric mean of 2 and 20) meets, then 3: a plain bisection would try 11, 6, 4, 3
+    (40, ("mm2", "mm4", "mm6"), [(1, False), (2, False), (20, True), (6, True), (3, True)]),
+])
+def test_fallback_bisects_between_the_probes_and_the_budget(
+        n_layers: int, sensitive: tuple[str, ...], tried: list[tuple[int, bool]]) -> None:
+    """The probes (1, 2) miss, the budget (half the layers) meets, and bisection between
+    them, in log space while the range spans more than a factor of 2, ends with exactly
+    the sensitive layers float; the result is as accurate as the target asks against
     onnxruntime's float32 run of the original."""
-    sensitive = ("mm2", "mm4", "mm6", "mm8", "mm10")
-    model = _chain(sensitive, 16)
+    model = _chain(sensitive, n_layers)
     data = _rows(20)
     q, stats = quantize_int8(model, data, "minmax", min_speedup=1e-9, target=TARGET, metric=None)
     report = stats["fallback"]
-    assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [
-        (1, False), (2, False), (8, True), (5, True), (3, False), (4, False)]
+    assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == tried
     assert set(report["kept_float"]) == set(sensitive) and stats["modified"]
-    assert set(stats["pass"]["layers"]) == {f"mm{i}" for i in range(1, 17)} - set(sensitive)
+    assert set(stats["pass"]["layers"]) == {f"mm{i}" for i in range(1, n_layers + 1)} - set(sensitive)
+    proto = _proto(q)  # in the model itself: a quantized MatMul reads its weight dequantized
+    made_by = {o: n.op_type for n in proto.graph.node for o in n.output}
+    float_weights = {n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] not in made_by}
+    assert float_weights == set(sensitive)
     for sqnr, cosine in lossy_metrics(model, q, data[-4:]):
         assert sqnr >= MIN_SQNR_DB and cosine >= MIN_COSINE, (sqnr, cosine)
 

@@ -703,7 +703,7 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     cheapest model and found in one or two evaluations); when neither meets the target,
     the budget's whole ``k`` (``max_float_layers``), and when even that misses, the search
     stops there (hopeless); else a bisection between the largest ``k`` that missed and the
-    budget (``_search_estimated``: at most about ``log2(max_float_layers)`` more candidates).
+    budget, in log space while the range spans more than a factor of 2 (``_midpoint``).
     The estimates are measured on at most ``ranking_samples`` of the samples, spread evenly
     over them (``spread_samples``; None: all): a layer's SQNR sums its error over every
     element of its result, so a few samples estimate it as well as many, and the ranking
@@ -822,8 +822,8 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
     report.update(tried=tried, order=order)
     results: dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]] = {0: (initial, model, stats)}
 
-    # the probes, the budget, then bisection between them: at most len(PROBES) + log2(limit) + 2 candidates
-    with Progress("fallback: layers back to float", len(PROBES) + max(limit, 1).bit_length() + 1,
+    # the probes, the budget, then bisection between them: at most about len(PROBES) + 2 log2(limit) candidates
+    with Progress("fallback: layers back to float", len(PROBES) + 2 * max(limit, 1).bit_length() + 1,
                   enabled=progress) as bar:
         found = _search_estimated(reference, quantize, samples, target, order, limit, report, results, tried,
                                   ref_outputs, bar, outputs)
@@ -837,7 +837,8 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
                       ref_outputs: _Outputs, bar: Progress, outputs: CandidateOutputs | None,
                       ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """``_fallback_estimated``'s search: the first ``PROBES`` layers alone, then the budget,
-    then bisection between the largest ``k`` known to miss and the smallest known to meet.
+    then bisection (``_midpoint``) between the largest ``k`` known to miss and the smallest
+    known to meet.
     The result is the ``high`` of a pair ``(low, high = low + 1)`` both measured, ``high``
     meeting the target and ``low`` missing it: when meeting it is monotone in ``k`` (every
     ``k`` from the smallest that meets it on meets it too), that is the smallest such ``k``;
@@ -872,7 +873,7 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
             return model, stats, report
         high = limit
     while high - low > 1:
-        mid = (low + high) // 2
+        mid = _midpoint(low, high)
         if attempt(mid).passed:
             high = mid
         else:
@@ -880,6 +881,17 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
     evaluation, model, stats = results[high]
     report.update(kept_float=order[:high], evaluation=evaluation.to_dict(), target_met=True)
     return model, stats, report
+
+
+def _midpoint(low: int, high: int) -> int:
+    """The next ``k`` to measure strictly between ``low`` (missed) and ``high`` (met,
+    ``high - low >= 2``): their geometric mean while ``high`` is more than twice ``low``,
+    then their arithmetic mean. In log space the search takes about ``log2(log2(high /
+    low))`` steps to narrow the range to a factor of 2 around the answer ``k``, then
+    ``log2(k)``: a small ``k`` below a large budget costs a few candidates, as doubling
+    from ``low`` would, a large one about as many as plain bisection."""
+    mid = math.isqrt(low * high) if high > 2 * low else (low + high) // 2
+    return min(max(mid, low + 1), high - 1)
 
 
 def _drop_models(results: dict[int, tuple[Evaluation, Any, dict[str, Any]]], numbers: Sequence[int]) -> None:
