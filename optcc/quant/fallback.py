@@ -77,13 +77,15 @@ _QUANTIZATION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQua
 
 def _session(model: ir.Model | bytes | onnx.ModelProto, optimize: bool | str, threads: int | None = None,
              optimized_path: str | None = None, weights: Mapping[str, np.ndarray] | None = None,
-             arena: bool = True) -> ort.InferenceSession:
+             arena: bool = True, prepack: bool = True) -> ort.InferenceSession:
     """A CPU session; an onnx-ir model (or a ``light_proto`` with its ``weights``) hands
     onnxruntime its weights in place instead of a serialized copy. ``optimized_path``:
     where onnxruntime writes the graph it runs, its large weights in a file beside it.
     ``arena=False``: activations go back to the system as they are freed (the sessions
-    that measure accuracy run a few samples; the arena would keep their peak)."""
-    options = session_options(optimize=optimize, threads=threads, optimized_path=optimized_path, arena=arena)
+    that measure accuracy run a few samples; the arena would keep their peak).
+    ``prepack=False``: kernels keep their weights as stored (a session never run)."""
+    options = session_options(optimize=optimize, threads=threads, optimized_path=optimized_path, arena=arena,
+                              prepack=prepack)
     if optimized_path is not None:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                          os.path.basename(optimized_path) + ".weights")
@@ -100,7 +102,9 @@ def integer_op_histogram(model: ir.Model) -> dict[str, int]:
     restricted to integer kernels and Q/DQ nodes left unfused."""
     with tempfile.TemporaryDirectory(prefix="optcc-int8-") as folder:
         path = os.path.join(folder, "optimized.onnx")
-        _session(model, "extended", optimized_path=path)
+        # never run: its kernels need not pre-pack their weights, which happens after the
+        # graph written (the fusions counted) is final
+        _session(model, "extended", optimized_path=path, prepack=False)
         release_memory()
         saved = onnx.load(path, load_external_data=False)
     counts = collections.Counter(
