@@ -231,3 +231,24 @@ def test_segment_means_shared_by_candidates_run_only_what_changed(monkeypatch) -
         for name, got, expected in zip(corrected, channel_means(q, corrected, calib),
                                        channel_means(model, corrected, calib)):
             np.testing.assert_allclose(got, expected, atol=0.02, err_msg=name)
+
+
+def test_intermediates_named_like_the_measuring_outputs_are_corrected() -> None:
+    """Tensors of the model named as the channel means' outputs would be (the prefix's
+    ``_mean_<i>``, ``_p<k>``): the measuring models take other names, and the corrected
+    convs have the float model's channel means (numpy)."""
+    model, calib = biased_chain(), samples(8, 0)
+    for node in model.graph.node:  # relu1's result, read by the depthwise conv
+        node.input[:] = ["optcc_bias_correction_mean_1" if x == "r1" else x for x in node.input]
+        node.output[:] = ["optcc_bias_correction_mean_1" if x == "r1" else x for x in node.output]
+    model.graph.node[2].output[0] = "optcc_bias_correction_p1"  # the depthwise conv's result
+    model.graph.node[3].input[0] = "optcc_bias_correction_p1"
+    convs = ["c1", "optcc_bias_correction_p1", "c3"]
+    q = quantized(model, calib)
+    reference = channel_means(model, convs, calib)
+    before = [float(np.abs(g - r).max()) for r, g in zip(reference, channel_means(q, convs, calib))]
+    stats = correct_biases(optcc.ir.load(model), q, calib)
+    after = [float(np.abs(g - r).max()) for r, g in zip(reference, channel_means(q, convs, calib))]
+    assert stats["layers"] == 3 and before[1] > 5e-3
+    for b, a in zip(before, after):
+        assert a < 0.05 * b + 1e-5, (before, after)
