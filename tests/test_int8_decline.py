@@ -138,15 +138,19 @@ def test_fallback_bisects_to_the_fewest_float_layers() -> None:
 
 
 @pytest.mark.parametrize("n_layers, sensitive, tried", [
-    # budget 8: the geometric mean of 2 and 8 (4) misses, then 6 and 5 meet
-    (16, ("mm2", "mm4", "mm6", "mm8", "mm10"), [(1, False), (2, False), (8, True), (4, False), (6, True), (5, True)]),
-    # budget 20: 6 (the geometric mean of 2 and 20) meets, then 3: a plain bisection would try 11, 6, 4, 3
-    (40, ("mm2", "mm4", "mm6"), [(1, False), (2, False), (20, True), (6, True), (3, True)]),
+    # budget 8: the probes miss, the budget meets, then 6 (the mean of 4 and 8) and 5 meet
+    (16, ("mm2", "mm4", "mm6", "mm8", "mm10"), [(1, False), (2, False), (4, False), (8, True), (6, True), (5, True)]),
+    # budget 20: the probe 4 meets, then 3: the budget is never built
+    (40, ("mm2", "mm4", "mm6"), [(1, False), (2, False), (4, True), (3, True)]),
+    # budget 32: the probes miss, the budget meets, 11 (the geometric mean of 4 and 32) misses, 18 (that of 11
+    # and 32) meets, then 14 and 12 (arithmetic means) meet
+    (64, tuple(f"mm{i}" for i in range(2, 26, 2)), [(1, False), (2, False), (4, False), (32, True), (11, False),
+                                                     (18, True), (14, True), (12, True)]),
 ])
 def test_fallback_bisects_between_the_probes_and_the_budget(
         n_layers: int, sensitive: tuple[str, ...], tried: list[tuple[int, bool]]) -> None:
-    """The probes (1, 2) miss, the budget (half the layers) meets, and bisection between
-    them, in log space while the range spans more than a factor of 2, ends with exactly
+    """The probes (1, 2, 4) meet or miss, the budget (half the layers) meets, and bisection
+    between them, in log space while the range spans more than a factor of 2, ends with exactly
     the sensitive layers float; the result is as accurate as the target asks against
     onnxruntime's float32 run of the original."""
     model = _chain(sensitive, n_layers)

@@ -52,6 +52,7 @@ __all__ = [
     "rank_sensitivity",
     "propagated_sqnr",
     "local_sqnr",
+    "output_sqnr",
     "layer_errors",
     "fallback",
     "spread_samples",
@@ -61,7 +62,8 @@ __all__ = [
 
 Feeds = Mapping[str, np.ndarray]
 RANKING_SAMPLES = 8  # samples the fallback's per-layer error estimates are measured on
-PROBES = (1, 2)  # layers returned to float tried before the budget: where quantization error concentrates
+OUTPUT_RANKING_SAMPLES = 2  # samples a layer's error is taken to the outputs on (``output_sqnr``): a float run per layer each
+PROBES = (1, 2, 4)  # layers returned to float tried before the budget: where quantization error concentrates
 
 INTEGER_OPS = frozenset(
     {
@@ -446,9 +448,12 @@ def _db(signal: float, noise: float) -> float:
 
 
 def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
-                  samples: Sequence[Feeds], *, propagated: bool) -> tuple[dict[str, float], dict[str, float]] | None:
+                  samples: Sequence[Feeds], *, propagated: bool,
+                  deltas: dict[str, list[np.ndarray]] | None = None,
+                  ) -> tuple[dict[str, float], dict[str, float]] | None:
     """(propagated, local) SQNR per layer (``propagated=False``: local only, propagated
-    empty); None when the quantized graph cannot join the float one."""
+    empty); None when the quantized graph cannot join the float one. ``deltas``: filled
+    with each layer's local error (local result minus float result), one per sample."""
     float_proto, weights = light_proto(reference)
     q_proto, q_weights = light_proto(quantized)
     float_values = {v for node in float_proto.graph.node for v in node.output} | {
@@ -568,6 +573,8 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
             r = np.array(values[(fetch.get(layer) or pairs[layer])[0]], np.float64)
             if layer in fetch:
                 noise[layer] += _squared_distance(r, values[fetch[layer][1]])
+                if deltas is not None:
+                    deltas.setdefault(layer, []).append(np.subtract(values[fetch[layer][1]], values[fetch[layer][0]]))
             if layer in pairs:
                 p_noise[layer] += _squared_distance(r, values[pairs[layer][1]])
             power = float(np.sum(np.square(r, out=r)))
@@ -631,14 +638,72 @@ def _join_quantized(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto, q_we
     return renamed, nodes, inits, weights
 
 
+def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
+                samples: Sequence[Feeds]) -> dict[str, float]:
+    """Per layer, the worst model-output SQNR when only that layer's own quantization error
+    (``local_sqnr``'s: its quantized result with float inputs, minus its float result) is
+    added to its result in the float model: its error as the outputs see it. One session
+    of the float model with an ``Add`` after every layer's result, fed that layer's error
+    or a zero scalar; one run per layer and sample; the floating-point outputs compared.
+    Layers without a local error (or with a result other than float32) are absent."""
+    deltas: dict[str, list[np.ndarray]] = {}
+    _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=deltas)
+    proto, weights = light_proto(reference)
+    graph = proto.graph
+    produced = {o for node in graph.node for o in node.output}
+    injected = {layer: layer_outputs[layer][0] for layer, errors in deltas.items()
+                if layer_outputs[layer][0] in produced and errors[0].dtype == np.float32}
+    taken = {v for node in graph.node for v in (*node.input, *node.output)}
+    prefix = "optcc_inject/"
+    while any(name.startswith(prefix) for name in taken):
+        prefix = "_" + prefix
+    feed_of = {name: f"{prefix}{i}" for i, name in enumerate(dict.fromkeys(injected.values()))}
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        clone = onnx.NodeProto()
+        clone.CopyFrom(node)
+        adds = []
+        for j, out in enumerate(clone.output):
+            if out in feed_of:  # the result renamed; the Add writes the name its consumers read
+                clone.output[j] = feed_of[out] + "/clean"
+                adds.append(onnx.helper.make_node("Add", [feed_of[out] + "/clean", feed_of[out]], [out],
+                                                  name=feed_of[out] + "/add"))
+        nodes.append(clone)
+        nodes.extend(adds)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for name, feed in feed_of.items():
+        graph.input.append(onnx.helper.make_tensor_value_info(feed, onnx.TensorProto.FLOAT, None))
+    session = _session(proto, False, weights=weights, arena=False)
+    del proto, weights, nodes
+    outputs = [o.name for o in session.get_outputs() if o.type in ("tensor(float)", "tensor(float16)", "tensor(double)")]
+    zero = np.zeros((1,), np.float32)
+    noise = {layer: np.zeros(len(outputs)) for layer in injected}
+    power = np.zeros(len(outputs))
+    for s, feeds in enumerate(samples):
+        base = {**dict(feeds), **dict.fromkeys(feed_of.values(), zero)}
+        clean = [np.asarray(a, np.float64) for a in session.run(outputs, base)]
+        power += [float(np.sum(np.square(c))) for c in clean]
+        for layer, name in injected.items():
+            got = session.run(outputs, {**base, feed_of[name]: deltas[layer][s]})
+            noise[layer] += [_squared_distance(c, g) for c, g in zip(clean, got)]
+    del session
+    release_memory()
+    return {layer: min((_db(p, n) for p, n in zip(power, noise[layer])), default=math.inf) for layer in injected}
+
+
 def estimate_sensitivity(layers: Sequence[str], local: Mapping[str, float],
-                         propagated: Mapping[str, float]) -> list[dict[str, Any]]:
-    """Layers ranked worst first by their own error (``local_sqnr``, computed once), ties
-    (and layers without an estimate, last) in graph order."""
-    rows = [{"layer": layer, "local_sqnr_db": local.get(layer, math.nan), "position": i,
-             "propagated_sqnr_db": propagated.get(layer, math.nan)} for i, layer in enumerate(layers)]
-    rows.sort(key=lambda r: (math.isnan(r["local_sqnr_db"]),
-                             0.0 if math.isnan(r["local_sqnr_db"]) else r["local_sqnr_db"], r["position"]))
+                         propagated: Mapping[str, float], output: Mapping[str, float]) -> list[dict[str, Any]]:
+    """Layers ranked worst first by the outputs' SQNR under their own error alone
+    (``output_sqnr``), then by that error (``local_sqnr``); ties (and layers without an
+    estimate, last) in graph order."""
+    rows = [{"layer": layer, "output_sqnr_db": output.get(layer, math.nan), "local_sqnr_db": local.get(layer, math.nan),
+             "position": i, "propagated_sqnr_db": propagated.get(layer, math.nan)} for i, layer in enumerate(layers)]
+
+    def key(value: float) -> tuple[bool, float]:
+        return math.isnan(value), 0.0 if math.isnan(value) else value
+
+    rows.sort(key=lambda r: (*key(r["output_sqnr_db"]), *key(r["local_sqnr_db"]), r["position"]))
     return rows
 
 
@@ -701,10 +766,12 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
 
     ``ranking="estimate"`` (the default) replaces the measured ranking by
     ``estimate_sensitivity``: every layer's own error (``local_sqnr``, all layers in one
-    combined model run once over the samples, no single-layer model built), and searches
-    that order only: the worst layer, then the worst two, returned to float (``PROBES``:
-    the error of a quantized model often sits in a few layers, and then this is the
-    cheapest model and found in one or two evaluations); when neither meets the target,
+    combined model run once over the samples, no single-layer model built) as the outputs
+    see it when added alone to the float model (``output_sqnr``, one float run per layer
+    on ``OUTPUT_RANKING_SAMPLES`` of the samples), and searches that order only: the worst
+    layer, then the worst two, then four, returned to float (``PROBES``: the error of a
+    quantized model often sits in a few layers, and then this is the cheapest model and
+    found in a few evaluations); when none meets the target,
     the budget's whole ``k`` (``max_float_layers``), and when even that misses, the search
     stops there (hopeless); else a bisection between the largest ``k`` that missed and the
     budget, in log space while the range spans more than a factor of 2 (``_midpoint``).
@@ -808,9 +875,10 @@ def _estimated_order(reference: ir.Model, model: ir.Model, stats: dict[str, Any]
     """The quantized layers of ``model`` worst first by ``estimate_sensitivity``, its
     estimates measured once on ``ranking_samples`` of ``samples`` (``spread_samples``);
     the ranking goes to ``report["sensitivity"]``."""
-    propagated, local = layer_errors(reference, model, stats.get("layer_outputs", {}),
-                                     spread_samples(samples, ranking_samples))
-    ranking = estimate_sensitivity(list(stats.get("layers", [])), local, propagated)
+    layer_outputs = stats.get("layer_outputs", {})
+    propagated, local = layer_errors(reference, model, layer_outputs, spread_samples(samples, ranking_samples))
+    output = output_sqnr(reference, model, layer_outputs, spread_samples(samples, OUTPUT_RANKING_SAMPLES))
+    ranking = estimate_sensitivity(list(stats.get("layers", [])), local, propagated, output)
     report["sensitivity"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ranking]
     return [row["layer"] for row in ranking]
 
