@@ -107,8 +107,10 @@ def test_fallback_returns_the_top_ranked_layers_until_the_target_holds() -> None
     assert report["initial"]["passed"] is False
     assert {r["layer"] for r in report["sensitivity"][:2]} == {"mm2", "mm4"}
     assert set(report["kept_float"]) == {"mm2", "mm4"} and report["target_met"] is True
-    # the estimate's search: the worst layer alone first (misses), then the budget's 2 layers (meets)
-    assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [(1, False), (2, True)]
+    # the estimate's search: the budget's 2 layers, worst by their own error, meet; then the worst layer alone
+    # by the output ranking misses, so the budget's model is the result
+    assert [(t["order"], t["float_layers"], t["passed"]) for t in report["tried"]] == [
+        ("local", 2, True), ("estimate", 1, False)]
     assert {r["layer"] for r in report["sensitivity"][:2]} == {"mm2", "mm4"}
     assert all(r["local_sqnr_db"] < 10 for r in report["sensitivity"][:2])
     assert all(r["local_sqnr_db"] > 20 for r in report["sensitivity"][2:])
@@ -129,27 +131,27 @@ def test_fallback_bisects_to_the_fewest_float_layers() -> None:
     assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [
         (1, False), (2, False), (4, True), (3, True)]
     assert set(report["kept_float"]) == {"mm2", "mm4", "mm6"} and stats["modified"]
-    # the estimate: 1, 2 miss, the budget (4) meets, 3 meets: the same three layers
+    # the estimate: the budget (4) meets, then 1, 2 miss and 3 meets: the same three layers
     q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None)
     report = stats["fallback"]
     assert [(t["float_layers"], t["passed"]) for t in report["tried"]] == [
-        (1, False), (2, False), (4, True), (3, True)]
+        (4, True), (1, False), (2, False), (3, True)]
     assert set(report["kept_float"]) == {"mm2", "mm4", "mm6"} and stats["modified"]
 
 
 @pytest.mark.parametrize("n_layers, sensitive, tried", [
-    # budget 8: the probes miss, the budget meets, then 6 (the mean of 4 and 8) and 5 meet
-    (16, ("mm2", "mm4", "mm6", "mm8", "mm10"), [(1, False), (2, False), (4, False), (8, True), (6, True), (5, True)]),
-    # budget 20: the probe 4 meets, then 3: the budget is never built
-    (40, ("mm2", "mm4", "mm6"), [(1, False), (2, False), (4, True), (3, True)]),
-    # budget 32: the probes miss, the budget meets, 11 (the geometric mean of 4 and 32) misses, 18 (that of 11
+    # budget 8: the budget meets, the probes miss, then 6 (the mean of 4 and 8) and 5 meet
+    (16, ("mm2", "mm4", "mm6", "mm8", "mm10"), [(8, True), (1, False), (2, False), (4, False), (6, True), (5, True)]),
+    # budget 20: the budget meets, the probe 4 meets, then 3
+    (40, ("mm2", "mm4", "mm6"), [(20, True), (1, False), (2, False), (4, True), (3, True)]),
+    # budget 32: the budget meets, the probes miss, 11 (the geometric mean of 4 and 32) misses, 18 (that of 11
     # and 32) meets, then 14 and 12 (arithmetic means) meet
-    (64, tuple(f"mm{i}" for i in range(2, 26, 2)), [(1, False), (2, False), (4, False), (32, True), (11, False),
+    (64, tuple(f"mm{i}" for i in range(2, 26, 2)), [(32, True), (1, False), (2, False), (4, False), (11, False),
                                                      (18, True), (14, True), (12, True)]),
 ])
 def test_fallback_bisects_between_the_probes_and_the_budget(
         n_layers: int, sensitive: tuple[str, ...], tried: list[tuple[int, bool]]) -> None:
-    """The probes (1, 2, 4) meet or miss, the budget (half the layers) meets, and bisection
+    """The budget (half the layers) meets, the probes (1, 2, 4) meet or miss, and bisection
     between them, in log space while the range spans more than a factor of 2, ends with exactly
     the sensitive layers float; the result is as accurate as the target asks against
     onnxruntime's float32 run of the original."""
@@ -182,10 +184,13 @@ def test_accuracy_decline_returns_the_input_model_with_the_reason() -> None:
     assert {r["layer"] for r in stats["fallback"]["sensitivity"] if not r["alone_passes"]} == {"mm2", "mm3"}
     assert _ops(q) == _ops(model)  # no Q/DQ: the model as given
     assert [i.name for i in q.graph.initializers.values()] == [i.name for i in model.graph.initializer]
-    # the estimate: the budget's one layer float misses, so no smaller k is tried
+    # the estimate: the budget's one layer float misses, so no smaller k is tried and no layer's error is
+    # taken to the outputs
     q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None)
     assert stats["declined"] == "accuracy" and "even the 1 layers the budget allows" in stats["reason"]
-    assert [(t["float_layers"], t["passed"]) for t in stats["fallback"]["tried"]] == [(1, False)]
+    assert [(t["order"], t["float_layers"], t["passed"]) for t in stats["fallback"]["tried"]] == [
+        ("local", 1, False)]
+    assert all(r["output_sqnr_db"] == "nan" for r in stats["fallback"]["sensitivity"])
     assert _ops(q) == _ops(model)
 
 

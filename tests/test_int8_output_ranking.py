@@ -95,13 +95,33 @@ def test_output_sqnr_is_the_local_error_seen_at_the_outputs() -> None:
 
 
 def test_fallback_returns_the_cancelled_layers_first_and_meets_the_target() -> None:
+    """The budget (4 layers), returned to float in the order of the layers' own errors
+    (``mm1`` first), meets the target; then the output ranking puts the cancelled pair
+    first, and two layers float meet it too: ``mm1`` stays quantized."""
     model = _model()
     data = _rows(20)
-    q, stats = quantize_int8(model, data, "minmax", min_speedup=1e-9, target=TARGET, metric=None)
+    q, stats = quantize_int8(model, data, "minmax", min_speedup=1e-9, target=TARGET, metric=None,
+                             max_float_layers=4)
     report = stats["fallback"]
     assert report["initial"]["passed"] is False
     assert {r["layer"] for r in report["sensitivity"][:2]} == {"mm_a", "mm_b"}
     assert set(report["kept_float"]) == {"mm_a", "mm_b"} and report["target_met"] is True
-    assert [(t["float_layers"], t["passed"]) for t in report["tried"]][-1] == (2, True)
+    assert [(t["order"], t["float_layers"], t["passed"]) for t in report["tried"]] == [
+        ("local", 4, True), ("estimate", 1, False), ("estimate", 2, True)]
+    assert "mm1" in stats["pass"]["layers"]
     for sqnr, _ in lossy_metrics(model, q, data[-4:]):
         assert sqnr >= TARGET.min_sqnr_db, sqnr
+
+
+def test_a_budget_that_misses_declines_before_the_output_ranking() -> None:
+    """With the default budget (3 of 6 layers), the three worst by their own error
+    (``mm1``, ``mm3`` and one of the pair) leave ``d`` below the target: INT8 is declined
+    after that one candidate, and no layer's error is taken to the outputs."""
+    model = _model()
+    q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None)
+    report = stats["fallback"]
+    assert stats["declined"] == "accuracy" and report["target_met"] is False
+    assert [(t["order"], t["float_layers"], t["passed"]) for t in report["tried"]] == [("local", 3, False)]
+    assert report["sensitivity"][0]["layer"] == "mm1"
+    assert all(r["output_sqnr_db"] == "nan" for r in report["sensitivity"])
+    assert [n.op_type for n in q.graph] == [n.op_type for n in model.graph.node]  # the model as given

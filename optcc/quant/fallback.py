@@ -61,9 +61,10 @@ __all__ = [
 ]
 
 Feeds = Mapping[str, np.ndarray]
+Results = dict[int, tuple["Evaluation", Any, dict[str, Any]]]  # candidates measured, by layers returned to float
 RANKING_SAMPLES = 8  # samples the fallback's per-layer error estimates are measured on
 OUTPUT_RANKING_SAMPLES = 2  # samples a layer's error is taken to the outputs on (``output_sqnr``): a float run per layer each
-PROBES = (1, 2, 4)  # layers returned to float tried before the budget: where quantization error concentrates
+PROBES = (1, 2, 4)  # float layers tried first below a budget that meets the target: where the error concentrates
 
 INTEGER_OPS = frozenset(
     {
@@ -765,16 +766,19 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     ``target_met`` False (the driver then declines to quantize).
 
     ``ranking="estimate"`` (the default) replaces the measured ranking by
-    ``estimate_sensitivity``: every layer's own error (``local_sqnr``, all layers in one
-    combined model run once over the samples, no single-layer model built) as the outputs
-    see it when added alone to the float model (``output_sqnr``, one float run per layer
-    on ``OUTPUT_RANKING_SAMPLES`` of the samples), and searches that order only: the worst
-    layer, then the worst two, then four, returned to float (``PROBES``: the error of a
-    quantized model often sits in a few layers, and then this is the cheapest model and
-    found in a few evaluations); when none meets the target,
-    the budget's whole ``k`` (``max_float_layers``), and when even that misses, the search
-    stops there (hopeless); else a bisection between the largest ``k`` that missed and the
-    budget, in log space while the range spans more than a factor of 2 (``_midpoint``).
+    ``estimate_sensitivity``. First every layer's own error (``local_sqnr``, all layers in
+    one combined model run once over the samples, no single-layer model built) orders the
+    layers, and the budget's whole ``k`` (``max_float_layers``) returns to float in that
+    order: when even that misses, the search stops there (hopeless), having cost one
+    candidate and no further ranking. Else the layers are ranked again by those errors as
+    the outputs see them when added alone to the float model (``output_sqnr``, one float
+    run per layer on ``OUTPUT_RANKING_SAMPLES`` of the samples), and that order is
+    searched below the budget: the worst layer, then the worst two, then four, returned to
+    float (``PROBES``: the error of a quantized model often sits in a few layers, and then
+    this is the cheapest model and found in a few evaluations); when none meets the
+    target, a bisection between the largest ``k`` that missed and the budget, in log space
+    while the range spans more than a factor of 2 (``_midpoint``); when no ``k`` below the
+    budget meets it there, the budget's model, measured first, is the result.
     The estimates are measured on at most ``ranking_samples`` of the samples, spread evenly
     over them (``spread_samples``; None: all): a layer's SQNR sums its error over every
     element of its result, so a few samples estimate it as well as many, and the ranking
@@ -827,10 +831,9 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
         report.update(evaluation=initial.to_dict(), target_met=True)
         return model, stats, report
     layers = list(stats.get("layers", []))
-    if ranking == "estimate":  # both estimates from one run
-        order = _estimated_order(reference, model, stats, samples, ranking_samples, report)
+    if ranking == "estimate":
         return _fallback_estimated(reference, quantize, samples, target, model, stats, initial, report,
-                                   order, max_float_layers, ref_outputs, progress, outputs)
+                                   max_float_layers, ref_outputs, ranking_samples, progress, outputs)
     propagated = propagated_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
     candidates = _candidates(layers, propagated, max_layers_ranked)
     ranking = rank_sensitivity(reference, quantize, candidates, samples, target, max_layers=len(candidates),
@@ -872,86 +875,114 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
 
 def _estimated_order(reference: ir.Model, model: ir.Model, stats: dict[str, Any], samples: Sequence[Feeds],
                      ranking_samples: int | None, report: dict[str, Any]) -> list[str]:
-    """The quantized layers of ``model`` worst first by ``estimate_sensitivity``, its
-    estimates measured once on ``ranking_samples`` of ``samples`` (``spread_samples``);
-    the ranking goes to ``report["sensitivity"]``."""
-    layer_outputs = stats.get("layer_outputs", {})
-    propagated, local = layer_errors(reference, model, layer_outputs, spread_samples(samples, ranking_samples))
-    output = output_sqnr(reference, model, layer_outputs, spread_samples(samples, OUTPUT_RANKING_SAMPLES))
-    ranking = estimate_sensitivity(list(stats.get("layers", [])), local, propagated, output)
+    """The quantized layers of ``model`` worst first by ``estimate_sensitivity``, the
+    layers' own errors measured once on ``ranking_samples`` of ``samples``
+    (``spread_samples``) and taken to the outputs (``output_sqnr``, on
+    ``OUTPUT_RANKING_SAMPLES`` of them); the ranking goes to ``report["sensitivity"]``."""
+    errors = layer_errors(reference, model, stats.get("layer_outputs", {}), spread_samples(samples, ranking_samples))
+    return _ranked(reference, model, stats, samples, errors, report, output=True)
+
+
+def _ranked(reference: ir.Model, model: ir.Model, stats: dict[str, Any], samples: Sequence[Feeds],
+            errors: tuple[dict[str, float], dict[str, float]], report: dict[str, Any], *, output: bool) -> list[str]:
+    """The quantized layers of ``model`` worst first by ``estimate_sensitivity`` of
+    ``errors`` (``layer_errors``' propagated and local SQNR) and, with ``output``, of
+    those errors taken to the outputs (``output_sqnr`` on ``OUTPUT_RANKING_SAMPLES`` of
+    ``samples``); the ranking goes to ``report["sensitivity"]``."""
+    propagated, local = errors
+    seen = (output_sqnr(reference, model, stats.get("layer_outputs", {}),
+                        spread_samples(samples, OUTPUT_RANKING_SAMPLES)) if output else {})
+    ranking = estimate_sensitivity(list(stats.get("layers", [])), local, propagated, seen)
     report["sensitivity"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ranking]
     return [row["layer"] for row in ranking]
 
 
 def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
                         model: ir.Model, stats: dict[str, Any], initial: Evaluation, report: dict[str, Any],
-                        order: Sequence[str], max_float_layers: int | None,
-                        ref_outputs: _Outputs, progress: Any = False, outputs: CandidateOutputs | None = None,
+                        max_float_layers: int | None, ref_outputs: _Outputs, ranking_samples: int | None,
+                        progress: Any = False, outputs: CandidateOutputs | None = None,
                         ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
-    """``fallback`` in ``_estimated_order``'s order (see ``fallback``)."""
-    limit = len(order) if max_float_layers is None else min(max_float_layers, len(order))
+    """``fallback`` with ``ranking="estimate"`` (see ``fallback``): the budget in the order
+    of the layers' own errors first; only when it meets the target, the output ranking and
+    the search below it (``_search_estimated``)."""
+    errors = layer_errors(reference, model, stats.get("layer_outputs", {}), spread_samples(samples, ranking_samples))
+    local_order = _ranked(reference, model, stats, samples, errors, report, output=False)
+    limit = len(local_order) if max_float_layers is None else min(max_float_layers, len(local_order))
     tried: list[dict[str, Any]] = []
-    report.update(tried=tried, order=order)
-    results: dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]] = {0: (initial, model, stats)}
-
-    # the probes, the budget, then bisection between them: at most about len(PROBES) + 2 log2(limit) candidates
-    with Progress("fallback: layers back to float", len(PROBES) + 2 * max(limit, 1).bit_length() + 1,
+    report.update(tried=tried, order=local_order)
+    results: Results = {0: (initial, model, stats)}
+    # the budget, the probes, then bisection: at most about 1 + len(PROBES) + 2 log2(limit) candidates
+    with Progress("fallback: layers back to float", len(PROBES) + 2 * max(limit, 1).bit_length() + 2,
                   enabled=progress) as bar:
-        found = _search_estimated(reference, quantize, samples, target, order, limit, report, results, tried,
-                                  ref_outputs, bar, outputs)
+        if not limit or not _attempt(reference, quantize, samples, target, local_order, limit, limit, results,
+                                     tried, "local", ref_outputs, bar, outputs).passed:
+            evaluation, model, stats = results[limit]
+            report.update(kept_float=local_order[:limit], evaluation=evaluation.to_dict(), target_met=False,
+                          hopeless=f"even the {limit} layers the budget allows, returned to float worst first, "
+                                   "do not meet it")
+            bar.advance(bar.total)
+            return model, stats, report
+        order = _ranked(reference, model, stats, samples, errors, report, output=True)
+        found = _search_estimated(reference, quantize, samples, target, order, local_order, limit, report, results,
+                                  tried, ref_outputs, bar, outputs)
         bar.advance(bar.total)  # the search may need fewer candidates than the bound
     return found
 
 
+def _attempt(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
+             order: Sequence[str], k: int, limit: int, results: Results, tried: list[dict[str, Any]], name: str,
+             ref_outputs: _Outputs, bar: Progress, outputs: CandidateOutputs | None) -> Evaluation:
+    """The first ``k`` layers of ``order`` returned to float, judged on ``samples``, into
+    ``results[k]`` and ``tried``. Only models the search can still return keep their
+    weights: one that meets the target, or the budget's (``k == limit``)."""
+    bar.advance()
+    candidate, candidate_stats = quantize(exclude=list(order[:k]))
+    evaluation = evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs, outputs=outputs)
+    results[k] = (evaluation, candidate, candidate_stats)
+    _drop_models(results, [n for n in results if n != k] if evaluation.passed or k == limit else [k])
+    tried.append({"order": name, "float_layers": k, "worst_sqnr_db": _finite(evaluation.worst_sqnr_db),
+                  "passed": evaluation.passed})
+    return evaluation
+
+
 def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
-                      order: Sequence[str], limit: int, report: dict[str, Any],
-                      results: dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]], tried: list[dict[str, Any]],
-                      ref_outputs: _Outputs, bar: Progress, outputs: CandidateOutputs | None,
+                      order: Sequence[str], budget_order: Sequence[str], limit: int, report: dict[str, Any],
+                      results: Results, tried: list[dict[str, Any]], ref_outputs: _Outputs, bar: Progress,
+                      outputs: CandidateOutputs | None,
                       ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
-    """``_fallback_estimated``'s search: the first ``PROBES`` layers alone, then the budget,
-    then bisection (``_midpoint``) between the largest ``k`` known to miss and the smallest
-    known to meet.
+    """``_fallback_estimated``'s search below the budget, whose model (the first ``limit``
+    layers of ``budget_order`` float) is in ``results[limit]`` and meets the target: the
+    first ``PROBES`` layers of ``order`` alone, then bisection (``_midpoint``) between the
+    largest ``k`` known to miss and the smallest known to meet, in ``order``.
     The result is the ``high`` of a pair ``(low, high = low + 1)`` both measured, ``high``
     meeting the target and ``low`` missing it: when meeting it is monotone in ``k`` (every
     ``k`` from the smallest that meets it on meets it too), that is the smallest such ``k``;
     when it is not, one such boundary, possibly above a smaller ``k`` that meets it but was
-    never measured. Either way the model returned is one measured to meet the target."""
+    never measured. When no ``k`` below the budget meets it, the budget's model. Either way
+    the model returned is one measured to meet the target."""
 
-    def attempt(k: int) -> Evaluation:
-        bar.advance()
-        candidate, candidate_stats = quantize(exclude=order[:k])
-        evaluation = evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs, outputs=outputs)
-        results[k] = (evaluation, candidate, candidate_stats)
-        # the search returns this one or a later one when it passes or is the budget's; else never
-        _drop_models(results, [n for n in results if n != k] if evaluation.passed or k == limit else [k])
-        tried.append({"order": "estimate", "float_layers": k, "worst_sqnr_db": _finite(evaluation.worst_sqnr_db),
-                      "passed": evaluation.passed})
-        return evaluation
+    def attempt(k: int) -> bool:
+        return _attempt(reference, quantize, samples, target, order, k, limit, results, tried, "estimate",
+                        ref_outputs, bar, outputs).passed
 
-    low, high = 0, None  # low: the largest k known to miss; high: the smallest k known to meet
+    low, high = 0, limit  # low: the largest k known to miss; high: the smallest k known to meet
     for k in PROBES:  # the worst layers alone first: when the error sits in them, the cheapest model
         if k >= limit:
             break
-        if attempt(k).passed:
+        if attempt(k):
             high = k
             break
         low = k
-    if high is None:
-        if not limit or not attempt(limit).passed:
-            k = limit if limit else 0
-            evaluation, model, stats = results[k]
-            report.update(kept_float=order[:k], evaluation=evaluation.to_dict(), target_met=False, hopeless=(
-                f"even the {limit} layers the budget allows, returned to float worst first, do not meet it"))
-            return model, stats, report
-        high = limit
     while high - low > 1:
         mid = _midpoint(low, high)
-        if attempt(mid).passed:
+        if attempt(mid):
             high = mid
         else:
             low = mid
     evaluation, model, stats = results[high]
-    report.update(kept_float=order[:high], evaluation=evaluation.to_dict(), target_met=True)
+    kept = list((order if high < limit else budget_order)[:high])
+    report.update(kept_float=kept, evaluation=evaluation.to_dict(), target_met=True,
+                  order=order if high < limit else budget_order)
     return model, stats, report
 
 
