@@ -257,8 +257,11 @@ def _int8_layers(pass_name: str, stats: Mapping[str, Any]) -> list[dict[str, Any
 
     def error(name: str) -> float | None:
         row = sensitivity.get(name) or {}
-        value = _number(row.get("model_sqnr_db"))
-        return value if value is not None else _number(row.get("propagated_sqnr_db"))
+        for key in ("model_sqnr_db", "output_sqnr_db", "propagated_sqnr_db"):  # the outputs' view of it first
+            value = _number(row.get(key))
+            if value is not None:
+                return value
+        return None
 
     def alone(name: str) -> str:
         value = error(name)

@@ -63,7 +63,7 @@ __all__ = [
 Feeds = Mapping[str, np.ndarray]
 Results = dict[int, tuple["Evaluation", Any, dict[str, Any]]]  # candidates measured, by layers returned to float
 RANKING_SAMPLES = 8  # samples the fallback's per-layer error estimates are measured on
-OUTPUT_RANKING_SAMPLES = 2  # samples a layer's error is taken to the outputs on (``output_sqnr``): a float run per layer each
+OUTPUT_RANKING_SAMPLES = 2  # samples ``output_sqnr`` takes each layer's error to the outputs on: a float run per layer each
 PROBES = (1, 2, 4)  # float layers tried first below a budget that meets the target: where the error concentrates
 
 INTEGER_OPS = frozenset(
@@ -677,7 +677,8 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
         graph.input.append(onnx.helper.make_tensor_value_info(feed, onnx.TensorProto.FLOAT, None))
     session = _session(proto, False, weights=weights, arena=False)
     del proto, weights, nodes
-    outputs = [o.name for o in session.get_outputs() if o.type in ("tensor(float)", "tensor(float16)", "tensor(double)")]
+    floating = ("tensor(float)", "tensor(float16)", "tensor(double)")
+    outputs = [o.name for o in session.get_outputs() if o.type in floating]
     zero = np.zeros((1,), np.float32)
     noise = {layer: np.zeros(len(outputs)) for layer in injected}
     power = np.zeros(len(outputs))
