@@ -34,7 +34,7 @@ import numpy as np
 from optcc.numerics.kinds import Numerics
 
 __all__ = ["Tolerance", "TOLERANCES", "ORIGINAL_ERROR_FACTOR", "OutputMetrics", "compare_outputs", "sqnr_db",
-           "bounded_resolution", "fills_differ", "special_values_problem", "SATURATED_BELOW",
+           "bounded_resolution", "fills_differ", "real_values", "special_values_problem", "SATURATED_BELOW",
            "SENTINEL_FROM"]
 
 # An element may be off by this multiple of the float32 original's own error against a
@@ -167,6 +167,11 @@ def special_values_problem(ref: np.ndarray, got: np.ndarray, fill_rel: float | N
     return f"{differ} values of magnitude {SENTINEL_FROM:g} or more (mask fills) differ" if differ else None
 
 
+def real_values(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Where both hold a value a model computes: finite, and below a mask fill's magnitude."""
+    return np.isfinite(ref) & np.isfinite(got) & (np.abs(ref) < SENTINEL_FROM) & (np.abs(got) < SENTINEL_FROM)
+
+
 def fills_differ(ref: np.ndarray, got: np.ndarray, max_rel: float | None = None) -> int:
     """How many finite elements are a mask fill (magnitude ``SENTINEL_FROM`` or more) in one
     of ``ref`` and ``got`` and not a fill of the same sign in the other, or, with
@@ -224,7 +229,7 @@ def compare_outputs(
         if ref.dtype.kind != "f":
             continue
         r, g = ref.astype(np.float64), got.astype(np.float64)
-        finite = np.isfinite(r) & np.isfinite(g) & (np.abs(r) < SENTINEL_FROM) & (np.abs(g) < SENTINEL_FROM)
+        finite = real_values(r, g)
         r, g = r[finite], g[finite]
         err = np.abs(r - g)
         scale = float(np.abs(r).max()) if r.size else 0.0

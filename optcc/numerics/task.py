@@ -191,7 +191,7 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
-from optcc.numerics.metrics import SENTINEL_FROM, special_values_problem
+from optcc.numerics.metrics import real_values, special_values_problem
 
 __all__ = [
     "METRICS", "DEFAULT_MARGIN", "MIN_DEVIATION", "Outputs", "UserMetric", "choose_metric", "perturb",
@@ -601,7 +601,7 @@ def _sqnr_noise(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> float
     signal = noise = 0.0
     for ref, got in zip(refs, gots):
         r, g = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-        real = np.isfinite(r) & np.isfinite(g) & (np.abs(r) < SENTINEL_FROM) & (np.abs(g) < SENTINEL_FROM)
+        real = real_values(r, g)
         if not real.all():
             if special_values_problem(r, g) is not None:
                 return math.inf
