@@ -12,7 +12,7 @@ from __future__ import annotations
 from optcc.ir.arrays import decoded, fresh, repeated_values, share_decoded
 from optcc.ir.collector import clone, collect_for, collector_paused
 from optcc.ir.data_movement import reshaped, squeezed, unsqueezed
-from optcc.ir.edit import ModelNames, constant_before, as_numpy, const_tensor, inferred_dtypes, unique_value_name, upgrade_legacy_ir, value_names
+from optcc.ir.edit import ModelNames, constant_before, as_numpy, const_tensor, inferred_dtypes, unique_prefix, unique_value_name, upgrade_legacy_ir, value_names
 from optcc.ir.interface import FILLED_INTERFACE_KEY, without_weights
 from optcc.ir.loading import ModelSource, load
 from optcc.ir.opset import convert_opset, upgrade_problem
@@ -44,6 +44,7 @@ __all__ = [
     "default_opset",
     "uses_external_data",
     "external_data_files",
+    "unique_prefix",
     "unique_value_name",
     "ModelNames",
     "constant_before",

@@ -3,6 +3,8 @@ and dtype facts passes need before they rewrite."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -47,6 +49,17 @@ def unique_value_name(
         name = f"{base}_{i}"
     names.add(name)
     return name
+
+
+def unique_prefix(names: Iterable[str], base: str) -> str:
+    """``base``, else ``base_1``, ``base_2``, ...: a prefix none of ``names`` starts with, so
+    every name made by extending it is new among them."""
+    names = list(names)
+    prefix, i = base, 0
+    while any(name.startswith(prefix) for name in names):
+        i += 1
+        prefix = f"{base}_{i}"
+    return prefix
 
 
 def constant_before(before: ir.Node, array: np.ndarray, base: str) -> ir.Value:

@@ -150,17 +150,6 @@ def _reference_name(value: ir.Value, op_type: str, reference_ops: Mapping[str, s
     return None
 
 
-def _unique_prefix(model: ir.Model, base: str) -> str:
-    """``base``, else ``base_1``, ``base_2``, ...: a prefix that no value name of ``model``
-    starts with, so every name made by extending it (``<prefix>_mean_<i>``) is new there."""
-    names = oir.value_names(model)
-    prefix, i = base, 0
-    while any(name.startswith(prefix) for name in names):
-        i += 1
-        prefix = f"{base}_{i}"
-    return prefix
-
-
 def _mean_nodes(names: Sequence[str], ranks: Sequence[int], opset: int, prefix: str
                 ) -> tuple[list[onnx.NodeProto], list[str]]:
     """ReduceMean over every axis but 1 (channels) of each tensor."""
@@ -241,7 +230,7 @@ class FloatMeans:
         measured yet are measured in one session."""
         missing = list({layer.reference: layer for layer in layers if layer.reference not in self.means}.values())
         if missing:
-            prefix = _unique_prefix(self.reference, "optcc_bias_correction")
+            prefix = oir.unique_prefix(oir.value_names(self.reference), "optcc_bias_correction")
             proto, weights, outputs = _with_means(self.reference, missing, prefix, reference=True)
             measured = _average(_session(proto, self.threads, weights), outputs, self.samples)
             del proto, weights
@@ -292,7 +281,7 @@ def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[F
     layers = _corrected_layers(quantized, reference_ops)
     if not layers or not samples:
         return {"layers": 0}
-    prefix = _unique_prefix(quantized, "optcc_bias_correction")
+    prefix = oir.unique_prefix(oir.value_names(quantized), "optcc_bias_correction")
     target = (means or FloatMeans(reference, samples, threads)).of(layers)
 
     # the quantized model with each corrected layer's bias as a float graph input
@@ -678,7 +667,7 @@ def weight_error_shifts(reference: ir.Model, deltas: Sequence[tuple[ir.Node, np.
         return []
     proto, weights = light_proto(reference)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
-    prefix = _unique_prefix(reference, "optcc_weight_error")
+    prefix = oir.unique_prefix(oir.value_names(reference), "optcc_weight_error")
     by_result = {node.output[0]: node for node in proto.graph.node if node.output}
     probes, names, ranks = [], [], []
     for i, (node, delta) in enumerate(deltas):

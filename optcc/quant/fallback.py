@@ -611,9 +611,7 @@ def _join_quantized(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto, q_we
         return None
     taken = {v for node in float_proto.graph.node for v in (*node.input, *node.output, node.name)}
     taken |= {i.name for i in float_proto.graph.initializer}
-    prefix = "optcc_quantized/"
-    while any(name.startswith(prefix) for name in taken):
-        prefix = "_" + prefix
+    prefix = oir.unique_prefix(taken, "optcc_quantized/")
 
     def renamed(name: str) -> str:
         return name if not name or name in inputs else prefix + name
@@ -654,10 +652,8 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
     produced = {o for node in graph.node for o in node.output}
     injected = {layer: layer_outputs[layer][0] for layer, errors in deltas.items()
                 if layer_outputs[layer][0] in produced and errors[0].dtype == np.float32}
-    taken = {v for node in graph.node for v in (*node.input, *node.output)}
-    prefix = "optcc_inject/"
-    while any(name.startswith(prefix) for name in taken):
-        prefix = "_" + prefix
+    prefix = oir.unique_prefix((v for node in graph.node for v in (*node.input, *node.output, node.name)),
+                               "optcc_inject/")
     feed_of = {name: f"{prefix}{i}" for i, name in enumerate(dict.fromkeys(injected.values()))}
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
