@@ -149,6 +149,13 @@ def test_layouts_are_recognized() -> None:
     assert tm.box_layout(decoded) == "anchor-rows" and tm.choose_metric(decoded, "output") == "boxes"
     v8 = np.ascontiguousarray(tm.class_rows(decoded).astype(np.float32))  # [1, 4+K, A]
     assert v8.shape == (1, 4 + CLASSES, 84) and tm.box_layout(v8) == "class-rows"
+    # a sigmoid score rounded one ulp above 1 (onnxruntime's float32 Sigmoid does) is still a score
+    above = np.nextafter(np.float32(1.0), np.float32(2.0))
+    rounded, rounded_rows = v8.copy(), decoded.astype(np.float32)
+    rounded[0, 4, 0], rounded_rows[0, 0, 4] = above, above
+    assert tm.box_layout(rounded) == "class-rows" and tm.box_layout(rounded_rows) == "anchor-rows"
+    rounded[0, 4, 0], rounded_rows[0, 0, 4] = 1.01, 1.01
+    assert tm.box_layout(rounded) is None and tm.box_layout(rounded_rows) is None
     # every layout reads as the same boxes
     boxes = [tm.yolo_boxes(p)[0] for p in (raw, decoded, v8)]
     for b, c, s in boxes[1:]:
@@ -307,6 +314,9 @@ def test_final_detections_are_read_as_they_are() -> None:
                        (300, 50, 340, 90, 0.6, 0), (400, 400, 440, 440, 0.5, 0),  # one added
                        (12, 12, 58, 42, 0.2, 0)])  # below 0.25: lost
     assert tm.box_layout(ref) == "detections" and tm.choose_metric(ref, "output0") == "boxes"
+    first = ref.copy()
+    first[0, 0, 4] = np.nextafter(np.float32(1.0), np.float32(2.0))  # a sigmoid's score rounded above 1
+    assert tm.box_layout(first) == "detections"
 
     def plain(d: np.ndarray) -> list[tuple[np.ndarray, int]]:
         return [(r[:4].astype(np.float64), int(r[5])) for r in d[0] if r[4] >= 0.25]

@@ -345,3 +345,24 @@ def test_the_int8_pass_judges_each_output_as_the_verification_does() -> None:
     task = result.report.verification["task"]
     if task is not None:  # verified by the task (INT8 applied): the same metric
         assert {row["metric"] for row in task["metrics"].values() if row["metric"] != "sqnr"} == {"detection-map"}
+
+
+def test_a_probability_one_ulp_above_one_is_still_a_probability() -> None:
+    """onnxruntime's float32 Sigmoid returns one ulp above 1 at some inputs: a detection
+    map or per-frame probability holding such a pixel is judged as one all the same; a
+    value clearly above 1 is no probability, and the map is judged by SQNR."""
+    session = ort.InferenceSession(_sigmoid_map_model(), providers=["CPUExecutionProvider"])
+    maps = [session.run(None, f)[0] for f in _maps_saturated_then_soft(6, 0)]
+    assert tm.choose_metric(maps, "y") == "detection-map"
+    above = np.nextafter(np.float32(1.0), np.float32(2.0))
+    assert float(above) > 1.0
+    rounded = [m.copy() for m in maps]
+    rounded[2][0, 0, 3, 5] = above
+    assert tm.choose_metric(rounded, "y") == "detection-map"
+    rounded[2][0, 0, 3, 5] = np.float32(1.01)
+    assert tm.choose_metric(rounded, "y") == "sqnr"
+    frames = np.zeros((1, 12, 1), np.float32)
+    frames[0, 4:8, 0] = above
+    assert tm.choose_metric([frames], "speech") == "threshold"
+    frames[0, 4:8, 0] = 1.01
+    assert tm.choose_metric([frames], "speech") == "sqnr"

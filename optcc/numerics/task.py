@@ -255,6 +255,7 @@ EMBEDDING_MIN_WIDTH = 8  # entries of a vector read as an embedding
 CTC_DECIDED = 0.75  # a CTC recognizer is confident on at least this fraction of its steps
 CTC_MAX_RUN = 2.0  # steps a CTC recognizer's symbol holds on average (a spike between blanks)
 UNIT_TOLERANCE = 1e-3  # an L2-normalized row's length is 1 within float32 rounding
+PROBABILITY_ULPS = 4  # a probability computed in floating point stays this many ulps of 1 within [0, 1]
 MIN_BOX_SIDE = 3  # pixels; smaller components are dropped, as DB post-processing does
 BOX_SCORE = 0.25  # the deployment score threshold (Ultralytics' default confidence)
 NMS_IOU = 0.45
@@ -438,6 +439,14 @@ EMBEDDING_NAMES = ("embed", "pooler", "pooled", "sentence", "feature", "vector")
 REGRESSION_NAMES = ("landmark", "keypoint", "kps", "bbox", "box", "coord", "regress", "offset", "depth", "pose")
 
 
+def _unit_interval(a: np.ndarray, dtype: np.dtype | None = None) -> bool:
+    """Whether ``a``'s values are probabilities: within [0, 1] up to ``PROBABILITY_ULPS``
+    ulps of 1 in ``dtype`` (default ``a``'s). A sigmoid computed in float32 can round to one
+    ulp above 1 (onnxruntime's does, at some inputs near 17.8), and is no less a probability."""
+    slack = PROBABILITY_ULPS * float(np.finfo(a.dtype if dtype is None else dtype).eps)
+    return float(a.min()) >= -slack and float(a.max()) <= 1.0 + slack
+
+
 def _saturated(maps: Sequence[np.ndarray]) -> bool:
     """Whether at most ``MAP_UNDECIDED`` of the maps' pixels lie strictly between
     ``MAP_LOW`` and 1 - ``MAP_LOW`` (in the map's own dtype): a detector's probability map
@@ -471,10 +480,10 @@ def choose_metric(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
     if a.ndim == 3 and "logit" in name.lower() and a.shape[2] >= 2:
         return "argmax"
     if a.ndim == 3 and a.shape[1] >= 2 and a.shape[2] == 1 \
-            and all(float(v.min()) >= 0.0 and float(v.max()) <= 1.0 for v in values):
+            and all(_unit_interval(v) for v in values):
         return "threshold"  # one probability per step: the user's decision is whether it exceeds 0.5
     if a.ndim in (3, 4) and (a.ndim == 3 or a.shape[1] == 1) and min(a.shape[-2:]) >= 8 \
-            and all(float(v.min()) >= 0.0 and float(v.max()) <= 1.0 for v in values):
+            and all(_unit_interval(v) for v in values):
         return "detection-map" if _saturated(values) else "sqnr"
     if box_layout(a) is not None:
         return "boxes"
@@ -878,13 +887,13 @@ def box_layout(sample: np.ndarray) -> str | None:
     if a.ndim != 3 or not np.issubdtype(a.dtype, np.floating) or a.size == 0 or not np.isfinite(a).all():
         return None
     if 5 <= a.shape[1] < a.shape[2]:
-        return "class-rows" if float(a[:, 4:].min()) >= 0.0 and float(a[:, 4:].max()) <= 1.0 else None
+        return "class-rows" if _unit_interval(a[:, 4:]) else None
     if not 6 <= a.shape[2] < a.shape[1]:
         return None
     rows = np.asarray(a[0], np.float64)
-    if a.shape[2] == 6 and _detection_rows(rows):
+    if a.shape[2] == 6 and _detection_rows(rows, a.dtype):
         return "detections"
-    if float(rows[:, 4:].min()) < 0.0 or float(rows[:, 4:].max()) > 1.0 or float(np.median(rows[:, 4])) >= BACKGROUND:
+    if not _unit_interval(rows[:, 4:], a.dtype) or float(np.median(rows[:, 4])) >= BACKGROUND:
         return None
     coordinates = rows[:, :4]
     centres = coordinates[:, :2]
@@ -893,13 +902,14 @@ def box_layout(sample: np.ndarray) -> str | None:
     return "anchor-grid" if _raw_offsets(coordinates) else None
 
 
-def _detection_rows(rows: np.ndarray) -> bool:
-    """Whether ``[K, 6]`` rows read as a model's final detections: scores (column 4) in
-    [0, 1] and sorted from the best down, class ids (column 5) whole and not negative,
-    corners ordered (x0 <= x1, y0 <= y1). The order is the evidence: no anchor output
-    is sorted by its objectness, and a top-K selection always is."""
+def _detection_rows(rows: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether ``[K, 6]`` rows (computed in ``dtype``) read as a model's final detections:
+    scores (column 4) in [0, 1] (``_unit_interval``) and sorted from the best down, class
+    ids (column 5) whole and not negative, corners ordered (x0 <= x1, y0 <= y1). The order
+    is the evidence: no anchor output is sorted by its objectness, and a top-K selection
+    always is."""
     scores, classes = rows[:, 4], rows[:, 5]
-    return (float(scores.min()) >= 0.0 and float(scores.max()) <= 1.0 and bool(np.all(np.diff(scores) <= 0.0))
+    return (_unit_interval(scores, dtype) and bool(np.all(np.diff(scores) <= 0.0))
             and float(classes.min()) >= 0.0 and bool(np.all(classes == np.round(classes)))
             and bool(np.all(rows[:, 2] >= rows[:, 0])) and bool(np.all(rows[:, 3] >= rows[:, 1])))
 
