@@ -99,14 +99,11 @@ def _length(n: int) -> bytes:
     return _ONE_BYTE[n] if n < 128 else varint(n)
 
 
-def field(number: int, message: bytes) -> bytes:
-    """One length-delimited field: its tag, the message's length, the message."""
-    return varint(number << 3 | 2) + _length(len(message)) + message
-
-
-# the tags of the GraphProto's message fields the parts write often
-_NODE_TAG, _INPUT_TAG, _OUTPUT_TAG, _VALUE_INFO_TAG = (
-    varint(number << 3 | 2) for number in (_GRAPH_NODE, _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO))
+# the tags of the message fields the parts write often
+_NODE_TAG, _INPUT_TAG, _OUTPUT_TAG, _VALUE_INFO_TAG, _INITIALIZER_TAG = (
+    varint(number << 3 | 2) for number in (_GRAPH_NODE, _GRAPH_INPUT, _GRAPH_OUTPUT, _GRAPH_VALUE_INFO,
+                                           _GRAPH_INITIALIZER))
+_GRAPH_TAG = varint(_MODEL_GRAPH << 3 | 2)
 
 
 @dataclasses.dataclass
@@ -126,16 +123,26 @@ class Parts:
     tail: bytes
 
     def graph_bytes(self, initializers: bool = True) -> bytes:
+        return b"".join(self._graph_pieces(initializers))
+
+    def to_bytes(self, initializers: bool = True) -> bytes:
+        """The ModelProto's bytes (without the graph's initializers when asked), joined
+        once: a tensor's bytes are copied into the result and nowhere else."""
+        pieces = self._graph_pieces(initializers)
+        size = sum(map(len, pieces))
+        return b"".join([self.head, _GRAPH_TAG, _length(size), *pieces, self.tail])
+
+    def _graph_pieces(self, initializers: bool) -> list[bytes]:
+        """The GraphProto's bytes in pieces; a length-delimited element as its tag and
+        length, then its bytes."""
         pieces = [_NODE_TAG + _length(len(node)) + node for node in self.nodes]
         pieces.append(self.name)
         if initializers:
-            pieces.extend(field(_GRAPH_INITIALIZER, tensor) for _, tensor in self.initializers)
+            for _, tensor in self.initializers:
+                pieces.append(_INITIALIZER_TAG + _length(len(tensor)))
+                pieces.append(tensor)
         pieces.append(self.rest)
-        return b"".join(pieces)
-
-    def to_bytes(self, initializers: bool = True) -> bytes:
-        """The ModelProto's bytes (without the graph's initializers when asked)."""
-        return self.head + field(_MODEL_GRAPH, self.graph_bytes(initializers)) + self.tail
+        return pieces
 
 
 def serialize_bytes(model: ir.Model) -> bytes:
