@@ -32,6 +32,7 @@ from optcc import ir as oir
 from optcc.numerics.decode import DecodePlan, stream_names, stream_plan, streamed
 from optcc.numerics.metrics import sqnr_db as powers_db
 from optcc.progress import Progress
+from optcc.quant.suffix import cuttable, frontier, suffix
 from optcc.runtime.latency import median_seconds
 from optcc.runtime.session import session_options
 from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
@@ -64,6 +65,7 @@ Feeds = Mapping[str, np.ndarray]
 Results = dict[int, tuple["Evaluation", Any, dict[str, Any]]]  # candidates measured, by layers returned to float
 RANKING_SAMPLES = 8  # samples the fallback's per-layer error estimates are measured on
 OUTPUT_RANKING_SAMPLES = 2  # samples ``output_sqnr`` takes each layer's error to the outputs on: a float run per layer each
+OUTPUT_SEGMENTS = 8  # suffixes of the float model ``output_sqnr``'s runs start from
 PROBES = (1, 2, 4)  # float layers tried first below a budget that meets the target: where the error concentrates
 
 INTEGER_OPS = frozenset(
@@ -641,9 +643,13 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
                 samples: Sequence[Feeds]) -> dict[str, float]:
     """Per layer, the worst model-output SQNR when only that layer's own quantization error
     (``local_sqnr``'s: its quantized result with float inputs, minus its float result) is
-    added to its result in the float model: its error as the outputs see it. One session
-    of the float model with an ``Add`` after every layer's result, fed that layer's error
-    or a zero scalar; one run per layer and sample; the floating-point outputs compared.
+    added to its result in the float model: its error as the outputs see it. The float
+    model gets an ``Add`` after every layer's result, fed that layer's error or a zero
+    scalar; one run per layer and sample, the floating-point outputs compared with the
+    same session's run with no error added. A layer's run starts at the last of up to
+    ``OUTPUT_SEGMENTS`` cuts before it (``optcc.quant.suffix``, fed the values the whole
+    model's clean run computed): the nodes before it compute what the clean run did.
+    The sessions run with onnxruntime's graph optimizations: each compares its own runs.
     Layers without a local error (or with a result other than float32) are absent."""
     deltas: dict[str, list[np.ndarray]] = {}
     _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=deltas)
@@ -656,6 +662,7 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
                                "optcc_inject/")
     feed_of = {name: f"{prefix}{i}" for i, name in enumerate(dict.fromkeys(injected.values()))}
     nodes: list[onnx.NodeProto] = []
+    added_at: dict[str, int] = {}  # feed -> position of the Add that reads it
     for node in graph.node:
         clone = onnx.NodeProto()
         clone.CopyFrom(node)
@@ -666,28 +673,76 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
                 adds.append(onnx.helper.make_node("Add", [feed_of[out] + "/clean", feed_of[out]], [out],
                                                   name=feed_of[out] + "/add"))
         nodes.append(clone)
-        nodes.extend(adds)
+        for add in adds:
+            added_at[add.input[1]] = len(nodes)
+            nodes.append(add)
     del graph.node[:]
     graph.node.extend(nodes)
     for name, feed in feed_of.items():
         graph.input.append(onnx.helper.make_tensor_value_info(feed, onnx.TensorProto.FLOAT, None))
-    session = _session(proto, False, weights=weights, arena=False)
-    del proto, weights, nodes
     floating = ("tensor(float)", "tensor(float16)", "tensor(double)")
-    outputs = [o.name for o in session.get_outputs() if o.type in floating]
+    outputs = [o.name for o in graph.output]
+    starts = _cuts(sorted(added_at.values()), OUTPUT_SEGMENTS) if cuttable(proto) else [0]
+    carried = {start: frontier(proto, start) for start in starts[1:]}
+    whole = onnx.ModelProto()
+    whole.CopyFrom(proto)
+    whole.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(
+        name for names in carried.values() for name in names) if name not in outputs)
+    session = _session(whole, "all", weights=weights, arena=False)
+    del whole
+    types = {o.name: o.type for o in session.get_outputs()}
+    outputs = [name for name in outputs if types[name] in floating]
+    # a cut whose frontier holds a value other than a tensor (a sequence) is not used
+    starts = [0, *(start for start in starts[1:] if all(types[x].startswith("tensor(") for x in carried[start]))]
+    segment_of = {feed: max(start for start in starts if start <= at) for feed, at in added_at.items()}
     zero = np.zeros((1,), np.float32)
     noise = {layer: np.zeros(len(outputs)) for layer in injected}
     power = np.zeros(len(outputs))
-    for s, feeds in enumerate(samples):
-        base = {**dict(feeds), **dict.fromkeys(feed_of.values(), zero)}
-        clean = [np.asarray(a, np.float64) for a in session.run(outputs, base)]
-        power += [float(np.sum(np.square(c))) for c in clean]
-        for layer, name in injected.items():
-            got = session.run(outputs, {**base, feed_of[name]: deltas[layer][s]})
-            noise[layer] += [_squared_distance(c, g) for c, g in zip(clean, got)]
-    del session
+    fed: dict[int, list[dict[str, np.ndarray]]] = {start: [] for start in starts[1:]}  # each cut's frontier, by sample
+    for start in starts:
+        if start:
+            cut = suffix(proto, start, {x: _element_type(types[x]) for x in carried[start]})
+            session = _session(cut, "all", weights=weights, arena=False)
+            del cut
+        names = [o.name for o in session.get_outputs() if o.name in outputs]
+        inputs = {i.name for i in session.get_inputs()}
+        at = [outputs.index(name) for name in names]
+        layers = [layer for layer, value in injected.items() if segment_of[feed_of[value]] == start]
+        for s, feeds in enumerate(samples):
+            base = {**{k: v for k, v in dict(feeds).items() if k in inputs},
+                    **(fed[start][s] if start else {}),
+                    **{feed: zero for feed in feed_of.values() if feed in inputs}}
+            if start:
+                clean = [np.asarray(a, np.float64) for a in session.run(names, base)]
+            else:  # the whole model: also the values each cut's suffix is fed
+                later = list(dict.fromkeys(x for start in starts[1:] for x in carried[start]))
+                values = session.run([*names, *later], base)
+                clean = [np.asarray(a, np.float64) for a in values[:len(names)]]
+                power += [float(np.sum(np.square(c))) for c in clean]
+                computed = dict(zip(later, values[len(names):]))
+                for cut_at in starts[1:]:
+                    fed[cut_at].append({x: computed[x] for x in carried[cut_at]})
+                del values, computed
+            for layer in layers:
+                got = session.run(names, {**base, feed_of[injected[layer]]: deltas[layer][s]})
+                noise[layer][at] += [_squared_distance(c, g) for c, g in zip(clean, got)]
+            if start:
+                fed[start][s] = {}
+        del session
     release_memory()
     return {layer: min((_db(p, n) for p, n in zip(power, noise[layer])), default=math.inf) for layer in injected}
+
+
+def _element_type(name: str) -> int:
+    """The ONNX element type of an onnxruntime tensor type (``tensor(float)``)."""
+    return onnx.TensorProto.DataType.Value(name[len("tensor("):-1].upper())
+
+
+def _cuts(positions: Sequence[int], count: int) -> list[int]:
+    """Up to ``count`` node positions to start runs at: 0, then every
+    ``len(positions) / count``-th of ``positions`` (sorted), so each segment holds about as
+    many of them."""
+    return sorted({0, *(positions[len(positions) * i // count] for i in range(1, count) if positions)})
 
 
 def estimate_sensitivity(layers: Sequence[str], local: Mapping[str, float],
