@@ -692,6 +692,9 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
     del whole
     types = {o.name: o.type for o in session.get_outputs()}
     outputs = [name for name in outputs if types[name] in floating]
+    if not outputs:  # no error can be seen
+        del session
+        return dict.fromkeys(injected, math.inf)
     # a cut whose frontier holds a value other than a tensor (a sequence) is not used
     starts = [0, *(start for start in starts[1:] if all(types[x].startswith("tensor(") for x in carried[start]))]
     segment_of = {feed: max(start for start in starts if start <= at) for feed, at in added_at.items()}
@@ -700,6 +703,8 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
     power = np.zeros(len(outputs))
     fed: dict[int, list[dict[str, np.ndarray]]] = {start: [] for start in starts[1:]}  # each cut's frontier, by sample
     for start in starts:
+        if start and not set(outputs) & {o for node in proto.graph.node[start:] for o in node.output}:
+            continue  # the errors of the layers after this cut reach no output: no noise
         if start:
             cut = suffix(proto, start, {x: _element_type(types[x]) for x in carried[start]})
             session = _session(cut, "all", weights=weights, arena=False)
