@@ -70,3 +70,33 @@ def test_each_layer_seen_at_the_outputs_as_when_quantized_alone(monkeypatch) -> 
         expected = min(_sqnr([r[j] for r in reference], [g[j] for g in got]) for j in range(2))
         assert abs(measured[layer] - expected) < 0.01, (layer, measured[layer], expected)
     assert len(cuts) >= 4  # the later layers' runs started at cuts
+
+
+def test_a_fed_input_with_a_default_is_read_from_the_samples() -> None:
+    """A graph input that is also an initializer (a default a sample may replace), read
+    before the cuts and after them: every layer's run reads the sample's value, as
+    onnxruntime does for the model with that layer alone quantized."""
+    proto = _model()
+    graph = proto.graph
+    graph.initializer.append(nh.from_array(np.full((16,), 0.5, np.float32), "scale"))
+    graph.input.append(oh.make_tensor_value_info("scale", TP.FLOAT, [16]))
+    first = next(i for i, node in enumerate(graph.node) if node.name == "relu0")
+    graph.node.insert(first, oh.make_node("Mul", ["m0", "scale"], ["m0s"], name="scaled"))
+    graph.node[first + 1].input[0] = "m0s"
+    skip = next(node for node in graph.node if node.name == "skip")
+    skip.op_type, skip.input[1] = "Mul", "scale"  # y = h_last * scale
+    onnx.checker.check_model(proto)
+    rng = np.random.default_rng(9)
+    samples = [{"x": rng.normal(size=(8, 16)).astype(np.float32),
+                "scale": rng.uniform(2, 4, size=16).astype(np.float32)} for _ in range(4)]
+    float_model = optcc.ir.load(proto)
+    ranges = calibrate(float_model, samples, "minmax").ranges
+    result = create_pass("quantize-int8", ranges=ranges, count_fused=False)(float_model.clone())
+    layer_outputs = result.stats["layer_outputs"]
+    measured = fallback.output_sqnr(float_model, result.model, layer_outputs, samples[:2])
+    reference = [onnxruntime_outputs(proto, feeds) for feeds in samples[:2]]
+    for layer in ("mm1", "mm10"):  # one before the cuts, one after them
+        alone = create_pass("quantize-int8", ranges=ranges, only=[layer], count_fused=False)(float_model.clone())
+        got = [onnxruntime_outputs(optcc.ir.serialize(alone.model), feeds) for feeds in samples[:2]]
+        expected = min(_sqnr([r[j] for r in reference], [g[j] for g in got]) for j in range(2))
+        assert abs(measured[layer] - expected) < 0.01, (layer, measured[layer], expected)

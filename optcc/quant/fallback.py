@@ -710,7 +710,8 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
             session = _session(cut, "all", weights=weights, arena=False)
             del cut
         names = [o.name for o in session.get_outputs() if o.name in outputs]
-        inputs = {i.name for i in session.get_inputs()}
+        # the graph inputs the session reads, those with an initializer's default too (a sample may feed them)
+        inputs = {i.name for i in (*session.get_inputs(), *session.get_overridable_initializers())}
         at = [outputs.index(name) for name in names]
         layers = [layer for layer, value in injected.items() if segment_of[feed_of[value]] == start]
         for s, feeds in enumerate(samples):
