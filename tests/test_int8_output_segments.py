@@ -51,6 +51,24 @@ def _sqnr(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
     return np.inf if noise == 0 else 10 * np.log10(float(np.sum(r * r)) / noise)
 
 
+def _assert_seen_as_quantized_alone(proto: onnx.ModelProto, samples: list[dict[str, np.ndarray]],
+                                    layers: list[str] | None) -> None:
+    """``output_sqnr`` on the first 2 samples gives each of ``layers`` (default: every
+    quantized layer) the worst output SQNR of the model with that layer alone quantized,
+    run by onnxruntime, within 0.01 dB."""
+    float_model = optcc.ir.load(proto)
+    ranges = calibrate(float_model, samples, "minmax").ranges
+    result = create_pass("quantize-int8", ranges=ranges, count_fused=False)(float_model.clone())
+    layer_outputs = result.stats["layer_outputs"]
+    measured = fallback.output_sqnr(float_model, result.model, layer_outputs, samples[:2])
+    reference = [onnxruntime_outputs(proto, feeds) for feeds in samples[:2]]
+    for layer in layer_outputs if layers is None else layers:
+        alone = create_pass("quantize-int8", ranges=ranges, only=[layer], count_fused=False)(float_model.clone())
+        got = [onnxruntime_outputs(optcc.ir.serialize(alone.model), feeds) for feeds in samples[:2]]
+        expected = min(_sqnr([r[j] for r in reference], [g[j] for g in got]) for j in range(len(reference[0])))
+        assert abs(measured[layer] - expected) < 0.01, (layer, measured[layer], expected)
+
+
 def test_each_layer_seen_at_the_outputs_as_when_quantized_alone(monkeypatch) -> None:
     cuts = []
     monkeypatch.setattr(fallback, "suffix", lambda proto, start, types: cuts.append(start) or
@@ -58,17 +76,7 @@ def test_each_layer_seen_at_the_outputs_as_when_quantized_alone(monkeypatch) -> 
     rng = np.random.default_rng(8)
     samples = [{"x": rng.normal(size=(8, 16)).astype(np.float32)} for _ in range(4)]
     proto = _model()
-    float_model = optcc.ir.load(proto)
-    ranges = calibrate(float_model, samples, "minmax").ranges
-    result = create_pass("quantize-int8", ranges=ranges, count_fused=False)(float_model.clone())
-    layer_outputs = result.stats["layer_outputs"]
-    measured = fallback.output_sqnr(float_model, result.model, layer_outputs, samples[:2])
-    reference = [onnxruntime_outputs(proto, feeds) for feeds in samples[:2]]
-    for layer in layer_outputs:
-        alone = create_pass("quantize-int8", ranges=ranges, only=[layer], count_fused=False)(float_model.clone())
-        got = [onnxruntime_outputs(optcc.ir.serialize(alone.model), feeds) for feeds in samples[:2]]
-        expected = min(_sqnr([r[j] for r in reference], [g[j] for g in got]) for j in range(2))
-        assert abs(measured[layer] - expected) < 0.01, (layer, measured[layer], expected)
+    _assert_seen_as_quantized_alone(proto, samples, None)
     assert len(cuts) >= 4  # the later layers' runs started at cuts
 
 
@@ -89,14 +97,4 @@ def test_a_fed_input_with_a_default_is_read_from_the_samples() -> None:
     rng = np.random.default_rng(9)
     samples = [{"x": rng.normal(size=(8, 16)).astype(np.float32),
                 "scale": rng.uniform(2, 4, size=16).astype(np.float32)} for _ in range(4)]
-    float_model = optcc.ir.load(proto)
-    ranges = calibrate(float_model, samples, "minmax").ranges
-    result = create_pass("quantize-int8", ranges=ranges, count_fused=False)(float_model.clone())
-    layer_outputs = result.stats["layer_outputs"]
-    measured = fallback.output_sqnr(float_model, result.model, layer_outputs, samples[:2])
-    reference = [onnxruntime_outputs(proto, feeds) for feeds in samples[:2]]
-    for layer in ("mm1", "mm10"):  # one before the cuts, one after them
-        alone = create_pass("quantize-int8", ranges=ranges, only=[layer], count_fused=False)(float_model.clone())
-        got = [onnxruntime_outputs(optcc.ir.serialize(alone.model), feeds) for feeds in samples[:2]]
-        expected = min(_sqnr([r[j] for r in reference], [g[j] for g in got]) for j in range(2))
-        assert abs(measured[layer] - expected) < 0.01, (layer, measured[layer], expected)
+    _assert_seen_as_quantized_alone(proto, samples, ["mm1", "mm10"])  # one before the cuts, one after them
