@@ -702,6 +702,7 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
     noise = {layer: np.zeros(len(outputs)) for layer in injected}
     power = np.zeros(len(outputs))
     fed: dict[int, list[dict[str, np.ndarray]]] = {start: [] for start in starts[1:]}  # each cut's frontier, by sample
+    later = list(dict.fromkeys(x for start in starts[1:] for x in carried[start]))  # the values the cuts are fed
     for start in starts:
         if start and not set(outputs) & {o for node in proto.graph.node[start:] for o in node.output}:
             continue  # the errors of the layers after this cut reach no output: no noise
@@ -721,7 +722,6 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
             if start:
                 clean = [np.asarray(a, np.float64) for a in session.run(names, base)]
             else:  # the whole model: also the values each cut's suffix is fed
-                later = list(dict.fromkeys(x for start in starts[1:] for x in carried[start]))
                 values = session.run([*names, *later], base)
                 clean = [np.asarray(a, np.float64) for a in values[:len(names)]]
                 power += [float(np.sum(np.square(c))) for c in clean]
@@ -909,7 +909,7 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
     ranked = [row["layer"] for row in ranking]
     tried: list[dict[str, Any]] = []
     candidates_set = set(ranked)
-    best: tuple[list[str], int, dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]]] | None = None
+    best: tuple[list[str], int, Results] | None = None
     # the ranking first; when it cannot meet the target, the layers in graph order (the
     # first layers' error is amplified by all the others: on PP-OCRv4 rec, half the layers
     # float gave 19.2 dB in graph order, 15.4 dB in ranking order)
@@ -1055,7 +1055,7 @@ def _midpoint(low: int, high: int) -> int:
     return min(max(mid, low + 1), high - 1)
 
 
-def _drop_models(results: dict[int, tuple[Evaluation, Any, dict[str, Any]]], numbers: Sequence[int]) -> None:
+def _drop_models(results: Results, numbers: Sequence[int]) -> None:
     """Drop the candidate models of ``numbers`` from ``results`` (their evaluations and stats
     stay): the search can no longer return them, and each holds its own INT8 weights. The
     initial model (``0``) always stays."""
@@ -1069,12 +1069,12 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
             order: Sequence[str], limit: int, initial: Evaluation, model: ir.Model, stats: dict[str, Any],
             tried: list[dict[str, Any]], name: str, ref_outputs: _Outputs | None = None, start: int = 0,
             outputs: CandidateOutputs | None = None,
-            ) -> tuple[int, dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]]]:
+            ) -> tuple[int, Results]:
     """The smallest ``k <= limit`` above ``start`` (whose ``initial`` evaluation misses)
     whose first ``k`` layers of ``order`` returned to float meet the target: ``k``
     doubles until it does, then bisection. When none does, the ``k`` with the best
     worst-output SQNR. Returns ``k`` and the evaluated models by ``k``."""
-    results: dict[int, tuple[Evaluation, ir.Model, dict[str, Any]]] = {start: (initial, model, stats)}
+    results: Results = {start: (initial, model, stats)}
 
     def attempt(k: int) -> Evaluation:
         candidate, candidate_stats = quantize(exclude=order[:k])
