@@ -138,7 +138,9 @@ def optimize(
     float32 graph inputs/outputs, False makes them float16, a list keeps those names
     float32; ``int8_calibration``, when
     given, serves as range data); ``int8_calibration`` (feed dicts) quantizes to INT8 with
-    ``int8_method`` calibration, verified on the held-out last 20% of the samples;
+    ``int8_method`` calibration, judged on the held-out last 20% of the samples (of each
+    group's, with ``int8_options["groups"]``: one label per sample, by which the final
+    verification judges every sample too, so no separate ``inputs``);
     ``int8_options`` are passed to ``optcc.quant.driver.quantize_int8`` (e.g.
     ``{"require_speedup": False}``, ``{"target": Target(min_sqnr_db=30)}``, ``{"cpu": "x86-avx2"}``: the CPU
     class its speed is modelled for, default "x86-vnni" on every machine); when INT8 is
@@ -161,6 +163,10 @@ def optimize(
     that order of precedence, each carrying ``result``. ``result.precision`` says, per
     requested precision, None when applied or the reason it was not.
     """
+    if inputs is not None and inputs is not int8_calibration and dict(int8_options or {}).get("groups") is not None:
+        # the final verification judges each group apart: on samples that carry the labels
+        raise BadInputError("int8_options 'groups' label the calibration samples, and the verification judges "
+                            "each group on them: give no separate inputs")
     if inputs is not None and not isinstance(inputs, (Mapping, list)):
         same = int8_calibration is inputs
         inputs = [dict(f) for f in inputs]  # read by the FP16 pass and the verifier: consumed once here

@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -39,6 +40,7 @@ from optcc.inspect import format_inspection, inspect_model
 from optcc.numerics import TOLERANCES, SampleAxisWarning, load_npz_samples
 from optcc.numerics.task import DEFAULT_MARGIN, METRICS
 from optcc.quant.cost_model import CPU_CLASSES
+from optcc.quant.driver import check_groups
 from optcc.quant.fallback import Target
 from optcc.version import __version__
 
@@ -66,6 +68,8 @@ examples:
   optcc model.onnx -O3 -o fast.onnx --report report.json
   optcc model.onnx --fp16                   float16 weights and compute, verified
   optcc model.onnx --int8 --calibration calib.npz
+  optcc det.onnx --int8 --calibration page=pages.npz --calibration photo=photos.npz \
+        --int8-metric @photo=added-boxes    each kind of input held out and judged apart
   optcc model.onnx --overwrite-input-shape images:1,3,640,640
   optcc inspect model.onnx                  inputs, outputs, opsets, ops, sizes
   optcc compare model.onnx model.opt.onnx --numerics fusion
@@ -141,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("INT8")
     g.add_argument("--int8", action="store_true", help="quantize to INT8 after the pipeline")
-    g.add_argument("--calibration", metavar="DATA",
-                   help="calibration data (.npz or a folder of them) for --int8, or for --weights int8's bias correction")
+    g.add_argument("--calibration", action="append", default=[], metavar="[LABEL=]DATA",
+                   help="calibration data (.npz or a folder of them) for --int8, or for --weights int8's bias "
+                        "correction; with --int8, repeat it as LABEL=DATA to label each kind of input (a group): "
+                        "every group is held out and judged apart; docs/int8.md")
     g.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy", "mse"], default="minmax")
     g.add_argument("--no-int8-speed-check", action="store_true",
                    help="keep the INT8 model even when it is not faster than float32")
@@ -155,9 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --int8: keep calibration statistics in DIR (keyed by model, data and method) and reuse them")
     g.add_argument("--no-int8-bias-correction", action="store_true",
                    help="with --int8: keep the quantized Convs' and Gemms' biases as rounded (no empirical bias correction)")
-    g.add_argument("--int8-metric", choices=["auto", *METRICS, "target"],
-                   default="auto", help="with --int8: how the quantized model is judged against float32's noise floor "
-                   "(auto: from each output's nature; target: SQNR and argmax thresholds only); docs/int8.md")
+    g.add_argument("--int8-metric", action="append", default=[], metavar="[KEY=]METRIC",
+                   help="with --int8: how the quantized model is judged against float32's noise floor: "
+                   f"{', '.join(('auto', *METRICS))} (auto, the default: from each output's nature), or target "
+                   "(SQNR and argmax thresholds only); repeatable as @GROUP=METRIC, OUTPUT=METRIC or "
+                   "OUTPUT@GROUP=METRIC for one group or output; docs/int8.md")
     g.add_argument("--int8-metric-margin", type=float, default=None, metavar="X",
                    help="with --int8: accept a deviation up to X times float32's own noise floor (default "
                    f"{DEFAULT_MARGIN:g}; 1 asks for the floor itself); docs/int8.md")
@@ -264,6 +272,65 @@ def _parse_ranges(items: Sequence[str]) -> dict[str, tuple[float, float]]:
     return ranges
 
 
+_LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_METRIC_NAMES = ("auto", *METRICS)
+
+
+def _calibration_sources(items: Sequence[str]) -> list[tuple[str | None, str]]:
+    """(label or None, DATA) per ``--calibration``: ``LABEL=DATA`` when the text before the
+    first '=' holds no '/' (a path with '=' in a name is given with a folder: ``./a=b.npz``),
+    else the whole text is DATA. Every DATA is labelled, or one is given."""
+    sources: list[tuple[str | None, str]] = []
+    for item in items:
+        label, sep, data = item.partition("=")
+        if not sep or "/" in label or os.sep in label:
+            sources.append((None, item))
+            continue
+        if not label:
+            raise BadInputError(f"--calibration '{item}' names no LABEL before '=' (LABEL=DATA)")
+        if not _LABEL.fullmatch(label):
+            raise BadInputError(f"--calibration '{item}': the label '{label}' must be letters, digits, '_', '-' "
+                                "or '.' (LABEL=DATA)")
+        if not data:
+            raise BadInputError(f"--calibration '{item}' names no DATA after '{label}='")
+        sources.append((label, data))
+    labelled = sum(label is not None for label, _ in sources)
+    if labelled and labelled < len(sources):
+        raise BadInputError("--calibration: label every DATA (LABEL=DATA) or give one unlabelled DATA")
+    if not labelled and len(sources) > 1:
+        raise BadInputError("--calibration is given more than once: label each DATA (LABEL=DATA) to judge "
+                            "each kind of input apart, or put the files in one folder")
+    return sources
+
+
+def _int8_metric(items: Sequence[str]) -> str | dict[str, str] | None:
+    """The ``metric`` of ``quantize_int8`` from ``--int8-metric``: one plain METRIC
+    (default auto; "target" is None: the plain thresholds), and ``KEY=METRIC`` for an
+    output, ``@GROUP`` or ``OUTPUT@GROUP``, which make a mapping (``*``: the plain one)."""
+    plain: list[str] = []
+    keyed: dict[str, str] = {}
+    for item in items:
+        key, sep, name = item.rpartition("=")
+        if name not in _METRIC_NAMES and (sep or name != "target"):
+            allowed = ", ".join((*_METRIC_NAMES, *(() if sep else ("target",))))
+            raise BadInputError(f"--int8-metric '{item}': unknown metric '{name}' (use {allowed})")
+        if not sep:
+            plain.append(name)
+        elif not key or key == "@":
+            raise BadInputError(f"--int8-metric '{item}' names no output or @GROUP before '='")
+        elif keyed.setdefault(key, name) != name:
+            raise BadInputError(f"--int8-metric gives '{key}' two metrics ({keyed[key]}, {name})")
+    if len(set(plain)) > 1:
+        raise BadInputError(f"--int8-metric gives two metrics for every output ({', '.join(dict.fromkeys(plain))})")
+    default = plain[0] if plain else "auto"
+    if not keyed:
+        return None if default == "target" else default
+    if default == "target":
+        raise BadInputError("--int8-metric target (the SQNR and argmax thresholds alone) judges every output: "
+                            "it takes no metric per group or output")
+    return {**({"*": default} if default != "auto" else {}), **keyed}
+
+
 def default_output(model: str) -> Path:
     path = Path(model)
     return path.with_name(f"{path.stem}.opt{path.suffix or '.onnx'}")
@@ -307,6 +374,13 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise BadInputError("no MODEL given (see --help)")
     if args.int8 and not args.calibration:
         raise BadInputError("--int8 needs --calibration DATA (.npz or a folder of them)")
+    if any(label is not None for label, _ in _calibration_sources(args.calibration)):
+        if not args.int8:
+            raise BadInputError("labelled --calibration (LABEL=DATA) is used with --int8")
+        if args.inputs:
+            raise BadInputError("--inputs with labelled --calibration: the verification judges each group on "
+                                "the calibration samples (leave --inputs out)")
+    _int8_metric(args.int8_metric)  # a bad entry is a usage error before anything runs
     if args.quiet and args.verbose:
         raise BadInputError("-q and -v exclude each other (print nothing on success, or everything)")
     modes = [flag for flag, given in (("--fp16", args.fp16), ("--int8", args.int8),
@@ -346,9 +420,9 @@ def _check_flags(args: argparse.Namespace) -> None:
 def _check_not_sample_data(written: Sequence[Path | None], args: argparse.Namespace) -> None:
     """No file written may be one the samples are read from (--inputs, --calibration: a
     file, or the .npz files of a folder): writing it would destroy the user's data."""
-    for flag, given in (("--inputs", args.inputs), ("--calibration", args.calibration)):
-        if not given:
-            continue
+    given_data = [("--inputs", args.inputs)] if args.inputs else []
+    given_data += [("--calibration", data) for _, data in _calibration_sources(args.calibration)]
+    for flag, given in given_data:
         source = Path(given)
         read = sorted(source.glob("*.npz")) if source.is_dir() else [source] if source.is_file() else []
         for path in (p for p in written if p is not None and p.exists()):
@@ -385,16 +459,22 @@ def run(argv: Sequence[str] | None = None) -> int:
     _check_not_sample_data([output, report_path, data_file], args)
     input_shapes = _parse_shapes(args.input_shape)
     fixed_shapes = _parse_shapes(args.overwrite_input_shape, "--overwrite-input-shape")
+    sources = _calibration_sources(args.calibration)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always", SampleAxisWarning)
         inputs = load_npz_samples(args.inputs, args.model) if args.inputs else None
-        calibration = (load_npz_samples(args.calibration, args.model, purpose="calibration")
-                       if args.calibration else None)
+        loaded = [(label, path, load_npz_samples(path, args.model, purpose="calibration"))
+                  for label, path in sources]
     if fixed_shapes:  # samples that cannot feed the fixed inputs are the samples file's fault
-        for given, path, purpose in ((inputs, args.inputs, "verification"),
-                                     (calibration, args.calibration, "calibration")):
-            if given is not None:
-                check_fixed_feeds(given, fixed_shapes, path, purpose)
+        given_samples = [(inputs, args.inputs, "verification")] if inputs is not None else []
+        for given, path, purpose in [*given_samples, *((s, path, "calibration") for _, path, s in loaded)]:
+            check_fixed_feeds(given, fixed_shapes, path, purpose)
+    # the samples of every file in the order given; with labels, each sample's group
+    calibration = [sample for _, _, samples in loaded for sample in samples] if loaded else None
+    groups = [label for label, _, samples in loaded for _ in samples] if sources and sources[0][0] else None
+    metric = _int8_metric(args.int8_metric)
+    if calibration is not None and args.int8:
+        check_groups(groups, len(calibration), metric, None)
     for warning in said:
         if issubclass(warning.category, SampleAxisWarning):
             if not args.quiet:
@@ -441,7 +521,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                               "per_channel": not args.int8_per_tensor,
                               "bias_correction": not args.no_int8_bias_correction,
                               "activation_type": args.int8_activations,
-                              "metric": None if args.int8_metric == "target" else args.int8_metric,
+                              "metric": metric, "groups": groups,
                               "metric_margin": DEFAULT_MARGIN if args.int8_metric_margin is None
                               else args.int8_metric_margin,
                               "exclude": [e for item in args.int8_exclude for e in _split(item)]},

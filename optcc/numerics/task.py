@@ -166,7 +166,7 @@ a caller that can judge more samples instead (the INT8 driver then judges all of
 **Groups.** ``TaskJudge(groups=[label per sample])`` judges each group apart against its
 own floor, in rows ``<output>@<group>:<part>``; all must pass. A metric mapping may name
 a group: ``{"<output>@<group>": m}`` or ``{"@<group>": m}`` (every output of that group)
-before ``{"<output>": m}``. ``added-boxes`` judges a detection map by ``added_boxes``
+before ``{"<output>": m}``, and ``{"*": m}`` names every output the others do not. ``added-boxes`` judges a detection map by ``added_boxes``
 alone: for a group of inputs with nothing to detect (text-free photos for a text
 detector), where every box is a false positive and agreeing with float32's boxes or
 mask means nothing. ``added_boxes`` is a bound
@@ -1266,8 +1266,8 @@ def _row_plan(reference: Outputs, metric: Any, groups: Sequence[str] | None, seq
             if not values or not np.issubdtype(np.asarray(values[0]).dtype, np.floating):
                 continue
             given: Any = metric
-            if isinstance(metric, Mapping):  # most specific first: output@group, @group, output
-                names = (f"{name}@{group}", f"@{group}", name) if group else (name,)
+            if isinstance(metric, Mapping):  # most specific first: output@group, @group, output, *
+                names = (f"{name}@{group}", f"@{group}", name, "*") if group else (name, "*")
                 given = next((metric[k] for k in names if k in metric), None)
             chosen = choose_metric(values, name) if given in (None, "auto") else given
             if isinstance(chosen, str) and (chosen not in _BUILT_IN or chosen == "labels"):
@@ -1354,7 +1354,8 @@ class TaskJudge:
     ``reference``: the float model's outputs on the held-out samples; ``perturbed``: its
     outputs on the same samples perturbed (``perturb``). ``metric``: None or "auto" (per
     output, ``choose_metric``), a name from ``METRICS`` (every float output), a callable
-    (``UserMetric``, over all outputs), or a mapping from output name to either.
+    (``UserMetric``, over all outputs), or a mapping from output name to either (keys
+    ``<output>@<group>`` and ``@<group>`` name groups, ``*`` every output not named).
     ``groups``: one label per sample (e.g. "page", "photo"); each group is then judged
     apart, against its own floor, in rows ``<output>@<group>:<part>``, and every group
     must pass (a metric pooled over groups lets one kind of input hide another's errors).
@@ -1582,7 +1583,7 @@ class TaskJudge:
                         "sqnr_db": _finite(_db(deviation)), "passed": True,
                         "why": f"SQNR {_db(deviation):.1f} dB meets the {self.min_sqnr_db:g} dB target, which no "
                                f"floor can fail: the floor is not measured"}
-            return {"passed": True, "margin": self.margin, "metrics": rows, "perturbation": dict(self.perturbation)}
+            return self._verdict(True, rows)
         for key, parts in measured.items():
             name, idx = keys[key]
             metric = self.plan[key]
@@ -1638,7 +1639,20 @@ class TaskJudge:
                                             *([row["why"]] if "why" in row else [])])
                     rows[f"{key}:{part}"] = row
                     passed = passed and row["passed"]
-        return {"passed": passed, "margin": self.margin, "metrics": rows, "perturbation": dict(self.perturbation)}
+        return self._verdict(passed, rows)
+
+    def _verdict(self, passed: bool, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The verdict of ``__call__``; with groups, also each group's samples and whether
+        every judged row of it passed (``groups``)."""
+        verdict = {"passed": passed, "margin": self.margin, "metrics": rows, "perturbation": dict(self.perturbation)}
+        if self.groups is not None:
+            group_of = {key: group for group, idx in self.subsets for key in self.plan if self._where[key][1] is idx}
+            verdict["groups"] = {
+                group: {"samples": len(idx),
+                        "passed": all(row.get("passed", True) for name, row in rows.items()
+                                      if group_of.get(name.rpartition(":")[0]) == group and row.get("judged", True))}
+                for group, idx in self.subsets}
+        return verdict
 
 
 def _pick(values: Sequence[Any], idx: Sequence[int]) -> list[Any]:

@@ -34,7 +34,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -65,6 +65,8 @@ __all__ = [
     "calibrate",
     "load_samples",
     "split_holdout",
+    "holdout_positions",
+    "split_at",
     "model_hash",
     "data_hash",
 ]
@@ -405,15 +407,45 @@ def load_samples(data: CalibrationData) -> Iterable[Feeds]:
     return data
 
 
-def split_holdout(samples: Sequence[Feeds], fraction: float = 0.2) -> tuple[list[Feeds], list[Feeds]]:
-    """(calibration, held-out): the last ``fraction`` of the samples is held out. With
-    fewer than 2 samples both parts are the same samples."""
+def split_holdout(samples: Sequence[Feeds], fraction: float = 0.2,
+                  groups: Sequence[Hashable] | None = None) -> tuple[list[Feeds], list[Feeds]]:
+    """(calibration, held-out): the samples at ``holdout_positions`` are held out, the
+    others calibrate, each part in the samples' order. When nothing is left to calibrate
+    (fewer than 2 samples, or no fraction), both parts are all the samples."""
+    return split_at(samples, holdout_positions(len(list(samples)), fraction, groups))
+
+
+def split_at(samples: Sequence[Feeds], held: Sequence[int]) -> tuple[list[Feeds], list[Feeds]]:
+    """(calibration, held-out): the samples at positions ``held`` are held out (in that
+    order), the others calibrate; all of them when none is left."""
     samples = list(samples)
-    if len(samples) < 2 or fraction <= 0:
-        return samples, samples
-    held = max(1, int(round(len(samples) * fraction)))
-    held = min(held, len(samples) - 1)
-    return samples[:-held], samples[-held:]
+    chosen = set(held)
+    calib = [s for i, s in enumerate(samples) if i not in chosen]
+    return (calib or samples), [samples[i] for i in held]
+
+
+def holdout_positions(count: int, fraction: float = 0.2, groups: Sequence[Hashable] | None = None,
+                      *, half: bool = False) -> list[int]:
+    """Positions (ascending) of the held-out samples among ``count``: the last ``fraction``
+    of them (rounded; ``half``: the last ``n // 2``), at least one and never all. With
+    ``groups`` (one label per sample), the last part of each group's samples, so every
+    group is held out and calibrates in the same proportion. A part of fewer than 2
+    samples, or no fraction, holds out all of them (they calibrate too)."""
+    labels = [0] * count if groups is None else list(groups)
+    if len(labels) != count:
+        raise BadInputError(f"{len(labels)} group labels for {count} samples")
+    members: dict[Hashable, list[int]] = {}
+    for i, label in enumerate(labels):
+        members.setdefault(label, []).append(i)
+    held: list[int] = []
+    for part in members.values():
+        n = len(part)
+        if n < 2 or fraction <= 0:
+            held += part
+            continue
+        taken = n // 2 if half else max(1, int(round(n * fraction)))
+        held += part[n - min(max(taken, 1), n - 1):]
+    return sorted(held)
 
 
 def calibration_tensors(model: ir.Model) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.quant.bias_correction import FloatMeans, SegmentMeans, correct_biases
-from optcc.quant.calibration import CalibrationData, calibrate, load_samples, split_holdout
+from optcc.quant.calibration import CalibrationData, calibrate, holdout_positions, load_samples, split_at
 from optcc.errors import BadInputError
 from optcc.infra.registry import create_pass
 from optcc.quant.cost_model import compare_modelled, cpu_class, element_counts
@@ -163,6 +164,75 @@ def _given_judge(o: Int8Options, positions: Sequence[int]) -> TaskJudge | None:
     return given
 
 
+MIN_GROUP_SAMPLES = 2  # one calibrates, one is held out
+
+
+def check_groups(groups: Sequence[str] | None, count: int, metric: Any, outputs: Sequence[str] | None) -> None:
+    """BadInputError unless ``groups`` (None, or one label per sample of ``count``) gives
+    each group at least ``MIN_GROUP_SAMPLES`` samples, and every key of a ``metric``
+    mapping is ``*`` or names an output, ``@<group>`` a group, or ``<output>@<group>`` both
+    (``outputs`` None: output names are not checked)."""
+    labels: list[str] = []
+    if groups is not None:
+        if len(groups) != count:
+            raise BadInputError(f"{len(groups)} group labels for {count} samples")
+        sizes = Counter(str(g) for g in groups)
+        labels = list(sizes)
+        few = [f"'{g}' ({n})" for g, n in sizes.items() if n < MIN_GROUP_SAMPLES]
+        if few:
+            raise BadInputError(f"group {', '.join(few)} has too few samples: each group needs at least "
+                                f"{MIN_GROUP_SAMPLES} (one calibrates, one is held out)")
+    if not isinstance(metric, Mapping):
+        return
+    for key in metric:
+        if key == "*" or outputs is not None and key in outputs:
+            continue
+        output, at, group = str(key).rpartition("@")
+        if outputs is None and not at:
+            continue
+        if outputs is not None and (at and output and output not in outputs or not at):
+            raise BadInputError(f"INT8 metric for '{key}': the model has no output '{output or key}' "
+                                f"(outputs: {', '.join(outputs)})")
+        if not labels:
+            raise BadInputError(f"INT8 metric for '{key}' names group '{group}', but the samples have no groups")
+        if group not in labels:
+            raise BadInputError(f"INT8 metric for '{key}' names group '{group}', which no sample is in "
+                                f"(groups: {', '.join(labels)})")
+
+
+def _group_counts(groups: Sequence[str], held: Sequence[int]) -> dict[str, dict[str, int]]:
+    """Per group (in order of first appearance): its samples, and how many are held out."""
+    counts: dict[str, dict[str, int]] = {}
+    for i, label in enumerate(groups):
+        counts.setdefault(str(label), {"samples": 0, "held_out": 0})["samples"] += 1
+    for i in held:
+        counts[str(groups[i])]["held_out"] += 1
+    return counts
+
+
+def _complement(positions: Sequence[int], count: int) -> list[int]:
+    """The positions among ``count`` not in ``positions``; all of them when none is left
+    (as ``split_at`` calibrates)."""
+    taken = set(positions)
+    return [i for i in range(count) if i not in taken] or list(range(count))
+
+
+def _in_turn(positions: Sequence[int], groups: Sequence[str] | None, count: int) -> list[int]:
+    """The first ``count`` of ``positions``, taken from each group in turn (groups in order
+    of first appearance, each group's positions in order); without groups, the first."""
+    if groups is None:
+        return list(positions[:count])
+    queues: dict[str, list[int]] = {}
+    for i in positions:
+        queues.setdefault(str(groups[i]), []).append(i)
+    taken: list[int] = []
+    while len(taken) < count and any(queues.values()):
+        for queue in queues.values():
+            if queue and len(taken) < count:
+                taken.append(queue.pop(0))
+    return taken
+
+
 def _at(outputs: Callable[[ir.Model, Sequence[int]], Mapping[str, Sequence[Any]]],
         positions: Sequence[int]) -> CandidateOutputs:
     """``outputs`` (``Int8Options.outputs``) of a candidate on the samples at ``positions``."""
@@ -176,7 +246,9 @@ def _describe_miss(evaluation: Mapping[str, Any], target: Target) -> str:
         misses = [f"{name} deviation {row['deviation']} > {row['allowed']} allowed (floor {row['floor']}, "
                   f"margin {task['margin']:g}{'; ' + row['why'] if row.get('why') else ''})"
                   for name, row in task["metrics"].items() if row.get("judged", True) and not row.get("passed", True)]
-        return "; ".join(misses) or "the task metric misses"
+        groups = task.get("groups") or {}
+        verdicts = ", ".join(f"{label} {'passes' if g['passed'] else 'misses'}" for label, g in groups.items())
+        return (f"groups {verdicts}: " if groups else "") + ("; ".join(misses) or "the task metric misses")
     final = evaluation.get("sqnr_db", {})
     worst = min((v for v in final.values() if isinstance(v, float)), default=float("nan"))
     agreement = evaluation.get("argmax_agreement", {})
@@ -261,8 +333,8 @@ def quantize_int8(
     options: Int8Options | None = None,
     **fields: Any,
 ) -> tuple[ir.Model, dict[str, Any]]:
-    """Calibrate on the first ``1 - holdout_fraction`` of the samples, quantize, judge the
-    held-out rest by the task and return the most sensitive layers to float until the
+    """Calibrate on the first ``1 - holdout_fraction`` of the samples (of each group's,
+    with ``groups``), quantize, judge the held-out rest by the task and return the most sensitive layers to float until the
     judgement holds (``optcc.quant.fallback.fallback``).
 
     Acceptance (``optcc.numerics.task``): ``metric`` ("auto": per output, from its
@@ -286,9 +358,13 @@ def quantize_int8(
     floor is measured on that many independent perturbation draws and the errors float32
     makes itself under some draw are not counted; YOLO boxes take the mean over that many
     draws as their floor (``optcc.numerics.task.TaskJudge``); else one draw.
-    ``groups``: one label per sample (calibration and held-out); each group is judged
-    apart against its own floor, and a metric mapping may name a group
-    (``{"@photo": "added-boxes"}``, ``optcc.numerics.task.TaskJudge``).
+    ``groups``: one label per sample; the last ``holdout_fraction`` of each group's
+    samples is held out (and the last half of each when widened), so every group is
+    judged, apart, against its own floor; a metric mapping may name a group
+    (``{"@photo": "added-boxes"}``, ``optcc.numerics.task.TaskJudge``). Each group needs at
+    least ``MIN_GROUP_SAMPLES`` samples, and every key of a metric mapping must name an
+    output or a group (``check_groups``; else BadInputError). Bias correction measures
+    the first calibration samples of every group in turn.
 
     The INT8 model is returned only when it is worth shipping; otherwise the input model,
     unchanged, with ``stats["modified"] = False``, ``stats["declined"]`` ("speed" or
@@ -379,6 +455,7 @@ def quantize_int8(
     samples = list(load_samples(calibration_data))
     if not samples:
         raise BadInputError("no calibration samples given (empty data)")
+    check_groups(o.groups, len(samples), o.metric, [v.name for v in working.graph.outputs])
     stats: dict[str, Any] = {"method": o.method, "modified": False}
 
     judged_any = False  # whether a candidate was judged (the held-out judge's floor is reported after)
@@ -423,72 +500,71 @@ def quantize_int8(
             stats["float_fusions"] = folded
     if o.equalize:
         stats["equalize"] = _run_pass(working, "equalize-cross-layer")
-    calib, held = split_holdout(samples, o.holdout_fraction)
+    held_positions = holdout_positions(len(samples), o.holdout_fraction, o.groups)
+    calib, held = split_at(samples, held_positions)
     lap("prepare")
     float_model = working
-    if o.groups is not None and len(o.groups) != len(samples):
-        raise BadInputError(f"{len(o.groups)} group labels for {len(samples)} samples")
     judged = held  # the samples every candidate is judged on
+    judged_positions = held_positions
     judge: TaskJudge | None = None
     # what makes the verifier's judgement of every sample, where it is shared
     confirm: Callable[[], Confirmation] | None = None
     judged_outputs: CandidateOutputs | None = None  # the verification's runs of a candidate on ``judged``
     if o.metric is not None:
-        group_of = (lambda part: None) if o.groups is None else (  # noqa: E731
-            lambda part: [o.groups[i] for i in part])
-        held_at = len(samples) - len(held)
-        given_at = held_at  # where ``given``'s samples start (``held_at`` moves if the held-out part widens)
-        given = _given_judge(o, range(given_at, len(samples)))
+        every = list(range(len(samples)))
+        given_positions = held_positions  # ``given``'s samples (``held_positions`` may widen)
+        given = _given_judge(o, given_positions)
         shared = given is not None  # the verifier's judges, its floor run on the samples they hold alone
 
-        def judge_from(start: int) -> TaskJudge:  # the verifier's judge of the samples from ``start`` on
-            if start == given_at and given is not None:
+        def judge_at(positions: Sequence[int]) -> TaskJudge:  # the verifier's judge of those samples
+            if list(positions) == given_positions and given is not None:
                 return given
             assert o.judge is not None
-            judge = o.judge(range(start, len(samples)))
+            judge = o.judge(positions)
             assert judge is not None
             return judge
 
-        def held_judge(start: int) -> TaskJudge:  # the judge of the samples from ``start`` on
+        def own_judge(positions: Sequence[int]) -> TaskJudge:  # the judge of those samples, in order
             if shared:
-                return judge_from(start)
-            return _task_judge(float_model, samples[start:], o.metric, o.metric_margin, o.metric_target,
-                               o.target.min_sqnr_db, group_of(range(start, len(samples))), o.floor_draws)
+                return judge_at(positions)
+            return _task_judge(float_model, [samples[i] for i in positions], o.metric, o.metric_margin,
+                               o.metric_target, o.target.min_sqnr_db,
+                               None if o.groups is None else [o.groups[i] for i in positions], o.floor_draws)
 
-        judge = held_judge(held_at)
+        judge = own_judge(held_positions)
         thin = judge.thin()
         widened = None
-        if thin and len(held) < len(samples) // 2:
-            # the held-out items cannot show the margin: hold out half the samples instead
+        halves = holdout_positions(len(samples), o.holdout_fraction, o.groups, half=True)
+        if thin and len(held) < len(halves):
+            # the held-out items cannot show the margin: hold out half the samples (of each group) instead
             widened = f"{'; '.join(thin)} on {len(held)} held-out samples"
-            held_at = len(samples) - len(samples) // 2
-            calib, held = samples[:held_at], samples[held_at:]
+            held_positions = judged_positions = halves
+            calib, held = split_at(samples, held_positions)
             judged = held
-            judge = held_judge(held_at)
+            judge = own_judge(held_positions)
         undecided = judge.undecided()
         if undecided and len(held) < len(samples):
             # too few items held out for the task metric to decide: count it over every sample
-            judged = samples
-            judge = judge_from(0) if shared else _task_judge(
-                float_model, judged, o.metric, o.metric_margin, o.metric_target, o.target.min_sqnr_db,
-                group_of(range(len(samples))), o.floor_draws)
+            judged, judged_positions = samples, every
+            judge = own_judge(every)
         o = dataclasses.replace(o, target=dataclasses.replace(o.target, judge=judge))
         share = o.outputs if shared else None  # the verification's runs of a candidate
-        if share is not None:  # ``judged`` are the last samples: the verification keeps them for its check
-            judged_outputs = _at(share, range(len(samples) - len(judged), len(samples)))
+        if share is not None:  # the verification keeps them for its check
+            judged_outputs = _at(share, judged_positions)
         if shared and judged is not samples:
             # the final verification judges every sample: the fallback's result must pass there too
             # (its judge, with the floor of the samples not judged here, made only for a model found)
             def confirm_every() -> Confirmation:
-                whole = judge_from(0)
+                whole = judge_at(every)
                 return Confirmation(samples, dataclasses.replace(o.target, judge=whole), whole.reference,
-                                    outputs=None if share is None else _at(share, range(len(samples))))
+                                    outputs=None if share is None else _at(share, every))
 
             confirm = confirm_every
         stats["acceptance"] = {"metrics": judge.metric_names(), "margin": o.metric_margin,
                                "metric_target": o.metric_target, "perturbation": dict(judge.perturbation),
                                "floor": None, "floor_draws": judge.draw_count,  # ``report_floor``
                                "held_out_samples": len(held), "judged_samples": len(judged),
+                               **({} if o.groups is None else {"groups": _group_counts(o.groups, held_positions)}),
                                "reference": "the verifier's (the original model)" if shared
                                else "the float model this pass starts from"}
         if widened is not None:
@@ -516,8 +592,11 @@ def quantize_int8(
     # the fully quantized model, by whether its biases are corrected: asked for again, built once
     fully: dict[bool, tuple[ir.Model, dict[str, Any]]] = {}
     correcting = o.bias_correction  # set once by the held-out judgement below
+    # the samples bias correction measures: the first calibration ones, of every group in turn
+    measured_on = [samples[i] for i in _in_turn(_complement(held_positions, len(samples)), o.groups,
+                                                o.bias_correction_samples)]
     # the float model's channel means every corrected candidate is corrected towards, measured once
-    float_means = FloatMeans(float_model, calib[:o.bias_correction_samples])
+    float_means = FloatMeans(float_model, measured_on)
     # and the segment means every candidate shares upstream of its first float layer, measured once
     segment_means = SegmentMeans()
 
@@ -541,7 +620,7 @@ def quantize_int8(
         if correcting:
             try:
                 result_stats["bias_correction"] = correct_biases(
-                    float_model, candidate, calib[:o.bias_correction_samples], progress=o.progress,
+                    float_model, candidate, measured_on, progress=o.progress,
                     means=float_means, measured=segment_means)
             except Exception as e:  # noqa: BLE001 - onnxruntime refused the measuring model:
                 # nothing was written (biases are written after the last run); keep it as is
