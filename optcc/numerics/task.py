@@ -166,11 +166,12 @@ a caller that can judge more samples instead (the INT8 driver then judges all of
 **Groups.** ``TaskJudge(groups=[label per sample])`` judges each group apart against its
 own floor, in rows ``<output>@<group>:<part>``; all must pass. A metric mapping may name
 a group: ``{"<output>@<group>": m}`` or ``{"@<group>": m}`` (every output of that group)
-before ``{"<output>": m}``, and ``{"*": m}`` names every output the others do not. ``added-boxes`` judges a detection map by ``added_boxes``
-alone: for a group of inputs with nothing to detect (text-free photos for a text
-detector), where every box is a false positive and agreeing with float32's boxes or
-mask means nothing. ``added_boxes`` is a bound
-on a count, not a score: it has no item minimum and ``metric_target`` does not replace it.
+before ``{"<output>": m}``, and ``{"*": m}`` names every output the others do not.
+``added-boxes`` judges a detection map by ``added_boxes`` alone: for a group of inputs
+with nothing to detect (text-free photos for a text detector), where every box is a
+false positive and agreeing with float32's boxes or mask means nothing. ``added_boxes``
+is a bound on a count, not a score: it has no item minimum and ``metric_target`` does
+not replace it.
 
 **User metrics.** ``metric=callable(ref_outputs, got_outputs) -> float``, higher is
 better, where both arguments map each graph output name to its list of arrays (one per
