@@ -209,14 +209,32 @@ def test_every_group_is_held_out_in_the_same_proportion() -> None:
 
 
 def test_the_python_api_holds_out_each_group_too() -> None:
-    """``quantize_int8(groups=...)`` takes the held-out part as the command line does."""
+    """``quantize_int8(groups=...)`` takes the held-out part as the command line does: the
+    last 20% of each group (4 of 20 and 10 of 50 here) when each holds at least 10..."""
+    data = [{"image": x} for x in np.concatenate([_images(20, 0, 1.0), _images(50, 1, 0.5)])]
+    _, stats = quantize_int8(str(TINYCNN), data, groups=["bright"] * 20 + ["dark"] * 50, require_speedup=False,
+                             require_target=False, accuracy_fallback=False, bias_correction=False,
+                             metric={"*": "sqnr"})
+    acceptance = stats["acceptance"]
+    # 4 bright ones are too few to judge that group by: half of each group is held out
+    assert acceptance["groups"] == {"bright": {"samples": 20, "held_out": 10}, "dark": {"samples": 50, "held_out": 25}}
+    assert acceptance["held_out_widened"].startswith("group 'bright' on 4 held-out samples")
+    assert acceptance["judged_samples"] == 35 and "all_samples_judged" not in acceptance
+    assert set(stats["fallback"]["evaluation"]["task"]["groups"]) == {"bright", "dark"}
+
+
+def test_a_group_too_small_to_judge_apart_is_judged_on_every_sample() -> None:
+    """...and every sample when even half of a group is fewer than 10."""
     data = [{"image": x} for x in np.concatenate([_images(10, 0, 1.0), _images(10, 1, 0.5)])]
     _, stats = quantize_int8(str(TINYCNN), data, groups=["bright"] * 10 + ["dark"] * 10, require_speedup=False,
                              require_target=False, accuracy_fallback=False, bias_correction=False,
                              metric={"*": "sqnr"})
-    assert stats["acceptance"]["groups"] == {"bright": {"samples": 10, "held_out": 2},
-                                             "dark": {"samples": 10, "held_out": 2}}
-    assert set(stats["fallback"]["evaluation"]["task"]["groups"]) == {"bright", "dark"}
+    acceptance = stats["acceptance"]
+    assert acceptance["groups"] == {"bright": {"samples": 10, "held_out": 5}, "dark": {"samples": 10, "held_out": 5}}
+    assert acceptance["judged_samples"] == 20
+    assert "group 'bright' on 5 held-out samples" in acceptance["all_samples_judged"]
+    assert stats["fallback"]["evaluation"]["task"]["groups"] == {"bright": {"samples": 10, "passed": True},
+                                                                 "dark": {"samples": 10, "passed": True}}
 
 
 def test_groups_label_the_verification_samples_too() -> None:

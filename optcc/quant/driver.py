@@ -200,6 +200,20 @@ def check_groups(groups: Sequence[str] | None, count: int, metric: Any, outputs:
                                 f"(groups: {', '.join(labels)})")
 
 
+MIN_GROUP_HELD_OUT = 10  # held-out samples a group's verdict rests on; on fewer, it is mostly chance
+
+
+def _few_held_out(groups: Sequence[str] | None, held: Sequence[int]) -> list[str]:
+    """Why a group's held-out part is too small to judge it: one line per group with fewer
+    than ``MIN_GROUP_HELD_OUT`` samples at positions ``held`` (none without groups)."""
+    if groups is None:
+        return []
+    counts = Counter(str(groups[i]) for i in held)
+    return [f"group '{label}' on {counts[label]} held-out samples: fewer than {MIN_GROUP_HELD_OUT}, a verdict "
+            "mostly by chance (which samples they are, and the noise floor's draw)"
+            for label in dict.fromkeys(str(g) for g in groups) if counts[label] < MIN_GROUP_HELD_OUT]
+
+
 def _group_counts(groups: Sequence[str], held: Sequence[int]) -> dict[str, dict[str, int]]:
     """Per group (in order of first appearance): its samples, and how many are held out."""
     counts: dict[str, dict[str, int]] = {}
@@ -360,7 +374,9 @@ def quantize_int8(
     draws as their floor (``optcc.numerics.task.TaskJudge``); else one draw.
     ``groups``: one label per sample; the last ``holdout_fraction`` of each group's
     samples is held out (and the last half of each when widened), so every group is
-    judged, apart, against its own floor; a metric mapping may name a group
+    judged, apart, against its own floor; a group with fewer than ``MIN_GROUP_HELD_OUT``
+    samples held out widens the held-out part to half, and then has every sample judged,
+    as too few items do; a metric mapping may name a group
     (``{"@photo": "added-boxes"}``, ``optcc.numerics.task.TaskJudge``). Each group needs at
     least ``MIN_GROUP_SAMPLES`` samples, and every key of a metric mapping must name an
     output or a group (``check_groups``; else BadInputError). Bias correction measures
@@ -533,18 +549,28 @@ def quantize_int8(
 
         judge = own_judge(held_positions)
         thin = judge.thin()
-        widened = None
+        few = _few_held_out(o.groups, held_positions)
+        widened: list[str] = []
         halves = holdout_positions(len(samples), o.holdout_fraction, o.groups, half=True)
-        if thin and len(held) < len(halves):
-            # the held-out items cannot show the margin: hold out half the samples (of each group) instead
-            widened = f"{'; '.join(thin)} on {len(held)} held-out samples"
+        if (thin or few) and len(held) < len(halves):
+            # the held-out items cannot show the margin, or a group's few samples decide by
+            # chance: hold out half the samples (of each group) instead
+            if thin:
+                widened.append(f"{'; '.join(thin)} on {len(held)} held-out samples: at the allowed rate they hold "
+                               f"fewer than {FEW_EXPECTED_ERRORS:g} errors, too few to tell float32's noise floor "
+                               "from a few times it")
+            widened += few
             held_positions = judged_positions = halves
             calib, held = split_at(samples, held_positions)
             judged = held
             judge = own_judge(held_positions)
         undecided = judge.undecided()
-        if undecided and len(held) < len(samples):
-            # too few items held out for the task metric to decide: count it over every sample
+        few = _few_held_out(o.groups, held_positions)
+        everything: list[str] = []  # why every sample is judged
+        if (undecided or few) and len(held) < len(samples):
+            # too few items (or a group's samples) held out for the task metric to decide: judge every sample
+            everything = ([f"{'; '.join(undecided)} on the {len(held)} held-out samples: fewer than {MIN_ITEMS} "
+                           "items"] if undecided else []) + few
             judged, judged_positions = samples, every
             judge = own_judge(every)
         o = dataclasses.replace(o, target=dataclasses.replace(o.target, judge=judge))
@@ -567,14 +593,14 @@ def quantize_int8(
                                **({} if o.groups is None else {"groups": _group_counts(o.groups, held_positions)}),
                                "reference": "the verifier's (the original model)" if shared
                                else "the float model this pass starts from"}
-        if widened is not None:
+        if widened:
             stats["acceptance"]["held_out_widened"] = (
-                f"{widened}: at the allowed rate they hold fewer than {FEW_EXPECTED_ERRORS:g} errors, too few to "
-                f"tell float32's noise floor from a few times it, so half the samples ({len(held)}) are held out")
+                f"{'; '.join(widened)}, so half the samples{' of each group' if o.groups is not None else ''} "
+                f"({len(held)}) are held out")
         if judged is not held:
             stats["acceptance"]["all_samples_judged"] = (
-                f"{'; '.join(undecided)} on the {len(held)} held-out samples: fewer than {MIN_ITEMS} items, "
-                f"so every candidate is judged on all {len(samples)} samples (the {len(calib)} calibration ones too)")
+                f"{'; '.join(everything)}, so every candidate is judged on all {len(samples)} samples (the "
+                f"{len(calib)} calibration ones too)")
         lap("noise_floor")
     if o.smooth:
         stats["smooth"] = _run_pass(working, "smooth-activations", samples=calib)
