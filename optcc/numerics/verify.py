@@ -190,7 +190,8 @@ class Verification:
         groups = (self.task or {}).get("groups")
         if groups:
             text += "; groups judged apart: " + ", ".join(
-                f"{label} {'PASS' if g['passed'] else 'FAIL'} ({g['samples']} sample(s))" for label, g in groups.items())
+                f"{label} {'PASS' if g['passed'] else 'FAIL'} ({g['samples']} sample(s))"
+                for label, g in groups.items())
         rescued = [o for o in self.outputs if o.accepted_by == ACCEPTED_BY_TASK]
         if rescued:
             text += "; accepted by the task, below the SQNR rule or with integer values changed: " + "; ".join(

@@ -348,8 +348,8 @@ def quantize_int8(
     **fields: Any,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Calibrate on the first ``1 - holdout_fraction`` of the samples (of each group's,
-    with ``groups``), quantize, judge the held-out rest by the task and return the most sensitive layers to float until the
-    judgement holds (``optcc.quant.fallback.fallback``).
+    with ``groups``), quantize, judge the held-out rest by the task and return the most
+    sensitive layers to float until the judgement holds (``optcc.quant.fallback.fallback``).
 
     Acceptance (``optcc.numerics.task``): ``metric`` ("auto": per output, from its
     nature: argmax agreement for classifiers, CTC decode for sequence probabilities, box
