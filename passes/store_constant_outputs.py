@@ -12,8 +12,8 @@ would change the interface); main graph only (bodies and functions keep their no
 a default-domain node with a known tensor (no sparse value, no attribute reference);
 ``c`` is not a graph input (an overridable default is not a constant); ``y`` is no graph
 input; the declaration of ``y`` (kept as it is) agrees with the tensor: the same dtype,
-and the same rank with every dim a static integer equal to the tensor's (a symbolic or
-contradicting declaration leaves the node).
+and the same rank with every static dim equal to the tensor's (a symbolic dim, named or
+not, admits the tensor's; a contradicting declaration leaves the node).
 Exact: the graph returns the same tensor under the same name, type and shape; no value
 is computed differently.
 """
@@ -52,7 +52,7 @@ def _declaration_agrees(value: ir.Value, tensor: ir.TensorProtocol) -> bool:
         return True
     dims = tuple(value.shape)
     return len(dims) == len(tensor.shape) and all(
-        isinstance(d, int) and d == t for d, t in zip(dims, tensor.shape))
+        not isinstance(d, int) or d == t for d, t in zip(dims, tensor.shape))
 
 
 def _store(graph: ir.Graph, node: ir.Node) -> bool:

@@ -73,11 +73,11 @@ def test_suite_eliminate_shape_op_output_is_an_initializer_after_optimize() -> N
         assert got[0].dtype == want[0].dtype and np.array_equal(got[0], want[0])
 
 
-def test_contradicting_or_symbolic_declarations_are_left_alone() -> None:
+def test_contradicting_declarations_are_left_alone() -> None:
     model = _model("""
-    g (float[2] x) => (float[2] y, int64[3] bad, int64[N] sym, float[2] t) {
+    g (float[2] x) => (float[2] y, int64[3] bad, int64[2, 1] rank, float[2] t) {
         bad = Constant<value = int64[2] {1, 2}>()
-        sym = Constant<value = int64[2] {1, 2}>()
+        rank = Constant<value = int64[2] {1, 2}>()
         t = Constant<value = float[2] {1.0, 2.0}>()
         y = Relu(x)
     }
@@ -85,6 +85,25 @@ def test_contradicting_or_symbolic_declarations_are_left_alone() -> None:
     model.graph.outputs[3].dtype = ir.DataType.DOUBLE  # a dtype the tensor does not have
     result = StoreConstantOutputsPass()(model)
     assert not result.modified and _ops(result.model)["Constant"] == 3
+
+
+def test_symbolic_declarations_admit_the_tensor_and_are_kept() -> None:
+    """onnxscript's FoldConstantsTest.test_transpose_is_always_folded and
+    ShapeOptimizationTest.test_shape_optimization_5: a folded output declared with named or
+    unknown dims (``[M, 512]``, ``[M]``) is stored; its declaration stays as it was."""
+    model = _model("""
+    g (float[M, 2] x) => (float[M, 2] y, int64[N] sym, float[M, 3] mixed, int64[?] empty) {
+        sym = Constant<value = int64[2] {1, 2}>()
+        mixed = Constant<value = float[2, 3] {1.0, 2.0, 3.0, 4.0, 5.0, 6.0}>()
+        empty = Constant<value = int64[0] {}>()
+        y = Relu(x)
+    }
+    """)
+    result = run_exact_pass(StoreConstantOutputsPass, model)
+    assert result.stats == {"stored": 3} and _ops(result.model) == {"Relu": 1}
+    outputs = result.model.graph.outputs
+    assert [str(v.shape) for v in outputs[1:]] == ["[N]", "[M,3]", "[None]"]
+    assert result.model.graph.initializers["mixed"].const_value.numpy().shape == (2, 3)
 
 
 def test_overridable_input_subgraph_and_ir3_are_left_alone() -> None:
