@@ -40,9 +40,11 @@ Where ``x`` carries no shape annotation (arithmetic, reshape and expand rules), 
 is derived through the node that made it: a unary elementwise op (Cast, Neg, Abs, Relu,
 Not, ...) keeps its input's shape, a binary one (Add, Sub, Mul, Div, Pow, And, Or, ...)
 whose other operand is a constant that broadcasting absorbs keeps the shape of the first,
-and Gemm gives ``[M, N]`` from its rank-2 inputs (after ``transA``/``transB``), as the
-operator's definition fixes (up to ``_SHAPE_DEPTH`` producers back; anything else is
-unknown).
+Gemm gives ``[M, N]`` from its rank-2 inputs (after ``transA``/``transB``), MatMul
+``numpy.matmul``'s shape of its operands' (batch dims broadcast where static), and a
+Reshape its constant target (a ``0`` copying the input's dim without allowzero, a ``-1``
+the element count over the other entries where every dim is static), as the operator's
+definition fixes (up to ``_SHAPE_DEPTH`` producers back; anything else is unknown).
 
 Why each is exact (bit for bit): the removed node copies ``x``. For the arithmetic rules
 IEEE 754 gives ``x*1 = x/1 = x`` and ``x - (+0.0) = x + (-0.0) = x`` for every ``x``,
@@ -197,6 +199,10 @@ def shape_of(value: ir.Value, depth: int = _SHAPE_DEPTH) -> ir.Shape | None:
         return ir.Shape([a[1 if trans_a else 0], b[0 if trans_b else 1]])
     if None in inputs:
         return None
+    if node.op_type == "MatMul" and len(inputs) == 2:
+        return _matmul_shape(shape_of(inputs[0], depth - 1), shape_of(inputs[1], depth - 1))
+    if node.op_type == "Reshape" and len(inputs) == 2:
+        return _reshape_shape(node, shape_of(inputs[0], depth - 1))
     if node.op_type in _UNARY_ELEMENTWISE and len(inputs) == 1:
         return shape_of(inputs[0], depth - 1)
     if node.op_type in _BINARY_ELEMENTWISE and len(inputs) == 2:
@@ -208,6 +214,56 @@ def shape_of(value: ir.Value, depth: int = _SHAPE_DEPTH) -> ir.Shape | None:
             if _keeps_shape(shape, array.shape):
                 return shape
     return None
+
+
+def _broadcast_dim(a: object, b: object) -> int | None:
+    """The dim numpy broadcasting gives two dims, where static ones decide it (else None)."""
+    a, b = static_dim(a), static_dim(b)
+    if a is None or b is None:
+        return None
+    return a if b == 1 else b if a == 1 or a == b else None
+
+
+def _matmul_shape(a: ir.Shape | None, b: ir.Shape | None) -> ir.Shape | None:
+    """MatMul's result shape (numpy.matmul): a 1-D operand gains a unit axis that the result
+    drops; the batch axes broadcast (unknown where a dim is not static)."""
+    if a is None or b is None or a.rank() == 0 or b.rank() == 0:
+        return None
+    rows = [a[-2]] if a.rank() >= 2 else []
+    columns = [b[-1]] if b.rank() >= 2 else []
+    batch_a, batch_b = list(a)[:-2], list(b)[:-2]
+    width = max(len(batch_a), len(batch_b))
+    batch_a, batch_b = [1] * (width - len(batch_a)) + batch_a, [1] * (width - len(batch_b)) + batch_b
+    return ir.Shape([*(_broadcast_dim(x, y) for x, y in zip(batch_a, batch_b)), *rows, *columns])
+
+
+def _reshape_shape(node: ir.Node, x: ir.Shape | None) -> ir.Shape | None:
+    """A Reshape's result shape from its constant target: positive entries as they are, a
+    ``0`` (without allowzero) ``x``'s dim there, a ``-1`` the element count over the other
+    entries where every dim is static (unknown otherwise)."""
+    target = constant_array(node.inputs[1])
+    if target is None or target.ndim != 1 or target.dtype != np.int64:
+        return None
+    allowzero = bool(node.attributes.get_int("allowzero", 0))
+    dims: list[int | None] = []
+    for i, t in enumerate(int(v) for v in target):
+        if t == 0 and not allowzero:
+            if x is None or i >= x.rank():
+                return None
+            dims.append(static_dim(x[i]))
+        else:
+            dims.append(t)
+    if dims.count(-1) > 1 or any(d is not None and d < -1 for d in dims):
+        return None
+    if -1 in dims:
+        known = [d for d in dims if d != -1]
+        size = None if x is None else [static_dim(d) for d in x]
+        inferred = None
+        if size is not None and None not in size and None not in known and 0 not in known:
+            total, rest = int(np.prod(size)), int(np.prod(known))
+            inferred = total // rest if total % rest == 0 else None
+        dims[dims.index(-1)] = inferred
+    return ir.Shape(dims)
 
 
 def _keeps_shape(shape: ir.Shape | None, other: Sequence[int]) -> bool:

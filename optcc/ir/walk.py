@@ -218,6 +218,7 @@ _TYPE_OF_DATA_INPUT = frozenset({"Slice", "Unsqueeze", "Squeeze", "Reshape", "Tr
                                  "Expand", "Tile", "Pad", "Gather", "Split", "Relu", "Sigmoid", "Softmax", "Neg"})
 _TYPE_OF_EVERY_INPUT = frozenset({"Add", "Sub", "Mul", "Div", "MatMul", "Gemm", "Concat"})
 _BOOL_RESULT = frozenset({"Not", "And", "Or", "Xor", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual"})
+_INT64_RESULT = frozenset({"Shape", "Size", "NonZero", "ArgMax", "ArgMin"})  # int64 in every opset
 ELEMENT_TYPE_DEPTH = 64  # producers followed back to find an undeclared value's element type
 
 
@@ -225,8 +226,8 @@ def element_type(value: ir.Value | None, depth: int = 0) -> ir.DataType | None:
     """A value's element type: declared, else its constant's, else the one ONNX's type
     constraints fix from its default-domain producer (followed back ``ELEMENT_TYPE_DEPTH``
     producers at most): a Cast's ``to``; a ConstantOfShape's ``value`` tensor's (float32
-    without one); bool for a comparison or logical op; the data input's (input 0) for a
-    data-movement or unary op; any input's for an op whose inputs all share the output's
+    without one); bool for a comparison or logical op; int64 for Shape, Size, NonZero,
+    ArgMax and ArgMin; the data input's (input 0) for a data-movement or unary op; any input's for an op whose inputs all share the output's
     type. None where none of these says."""
     if value is None:
         return None
@@ -248,6 +249,8 @@ def element_type(value: ir.Value | None, depth: int = 0) -> ir.DataType | None:
         return fill.as_tensor().dtype if fill.type == ir.AttributeType.TENSOR else None
     if op in _BOOL_RESULT:
         return ir.DataType.BOOL
+    if op in _INT64_RESULT:
+        return ir.DataType.INT64
     inputs = node.inputs[:1] if op in _TYPE_OF_DATA_INPUT else node.inputs if op in _TYPE_OF_EVERY_INPUT else ()
     for source in inputs:
         found = element_type(source, depth + 1)

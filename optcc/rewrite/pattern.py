@@ -277,8 +277,10 @@ def static_rank(
     From the value's declared shape, else its constant data, else from its producer by
     rules that hold whatever the input data (same rank as the first input for
     elementwise, pooling, convolution and layout ops; the largest input rank for
-    broadcasting ops; any input's for Concat; 2 for Gemm/Flatten; a constant target's
-    length for Reshape; the perm's length for Transpose; ...). Producers are followed at most ``_RANK_DEPTH`` deep; ``memo``
+    broadcasting ops; any input's for Concat; 2 for Gemm/Flatten; 1 for Shape/Range; a
+    constant target's length for Reshape; the larger of the input's and the target's
+    length for Expand; the perm's length for Transpose; the data's rank plus the indices'
+    less one for Gather; ...). Producers are followed at most ``_RANK_DEPTH`` deep; ``memo``
     caches results between calls (reuse it while ranks cannot change).
     """
     memo = {} if memo is None else memo
@@ -317,8 +319,8 @@ def _rank_step(
         return (None if array is None else array.ndim), []
     if op in ("Gemm", "Flatten"):
         return 2, []
-    if op in ("Shape", "Size"):
-        return (1 if op == "Shape" else 0), []
+    if op in ("Shape", "Size", "Range"):
+        return (0 if op == "Size" else 1), []
     if op == "Transpose" and "perm" in node.attributes:
         return len(node.attributes["perm"].as_ints()), []  # perm lists every axis once
     inputs = [v for v in node.inputs if v is not None]
@@ -354,11 +356,25 @@ def _rank_step(
         if base is None:
             return None, []
         return (base + len(axes) if op == "Unsqueeze" else base - len(axes)), []
-    if op == "MatMul" and len(inputs) == 2:
+    if op == "Expand" and len(inputs) == 2:
+        target = _const_array(node.inputs[1], legacy)
+        length = target.size if target is not None and target.ndim == 1 else None
+        if length is None:
+            shape = node.inputs[1].shape
+            length = shape[0] if shape is not None and shape.rank() == 1 and isinstance(shape[0], int) else None
+        if length is None:
+            return None, []
+        if inputs[0] not in memo:
+            return None, inputs[:1]
+        base = memo[inputs[0]]
+        return (None if base is None else max(base, length)), []
+    if op in ("Gather", "MatMul") and len(inputs) == 2:
         missing = [v for v in inputs if v not in memo]
         if missing:
             return None, missing
         ra, rb = memo[inputs[0]], memo[inputs[1]]
+        if op == "Gather":  # the data's axes with the one indexed replaced by the indices'
+            return (None if ra is None or rb is None or ra < 1 else ra + rb - 1), []
         if ra is None or rb is None or ra < 2 or rb < 2:
             return None, []
         return max(ra, rb), []
