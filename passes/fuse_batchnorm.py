@@ -25,7 +25,9 @@ Rewrites (``y = BatchNormalization(t, scale, beta, mean, var)``, ``f = scale/sqr
 Preconditions: default-domain ops; inference BatchNormalization (``training_mode`` absent
 or 0, opset >= 7, ``spatial`` not 0; only output 0 used); every parameter a constant
 1-D vector of the output channel count; float16/32/64. Weights are constants read by
-nothing else, with one exception: a Conv/ConvTranspose weight read by several convolutions
+nothing else, with two exceptions: a convolution's bias may be read elsewhere too (the
+fused node gets its own bias, one value per channel, and the shared one stays for its
+other readers); and a Conv/ConvTranspose weight read by several convolutions
 (DenseNet's identical weights deduplicated) is folded when every reader is a convolution
 whose only reader is a foldable BatchNormalization (so the shared tensor dies) and the
 copies add at most 1 MiB, or are all equal (every reader's factor is the same, and
@@ -153,7 +155,7 @@ _CONV = Op(
     ("Conv", "ConvTranspose"),
     Var("x"),
     Const("w"),  # shared weights: see _shared_weight_problem
-    Const("b", optional=True, exclusive=True),
+    Const("b", optional=True),  # a shared bias stays for its other readers: one vector copied
     name="conv",
 )
 
@@ -187,9 +189,7 @@ def _foldable_reader_factor(m: Match, conv: ir.Node, w: np.ndarray) -> np.ndarra
     if len(conv.inputs) == 3 and conv.inputs[2] is not None:
         bias_value = conv.inputs[2]
         bias = m.value_array(bias_value)
-        if bias is None or bias.shape != (channels,) or bias_value.is_graph_output():
-            return None
-        if any(use.node is not conv for use in bias_value.uses()):
+        if bias is None or bias.shape != (channels,):
             return None
     out = conv.outputs[0]
     uses = list(out.uses())
