@@ -18,6 +18,8 @@ suite is not cached).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import pytest
@@ -185,7 +187,17 @@ def test_reshape_target_from_the_shape_of_a_gather_result_is_constant() -> None:
     assert np.array_equal(got, table[ids[0]].T)
 
 
-SUITE = dict(peer_suite_onnxscript.recorded())
+@functools.cache
+def _suite() -> dict[str, onnx.ModelProto]:
+    return dict(peer_suite_onnxscript.recorded())
+
+
+def _suite_model(name: str) -> onnx.ModelProto:
+    if name not in _suite():
+        pytest.skip("onnxscript's suite is not cached (python -m fixtures.peer_suites --import-from)")
+    return _suite()[name]
+
+
 _MATMUL = "onnxscript/rewriter/rules/common/_broadcast_to_matmul_test.py::"
 _FOLD = "onnxscript/optimizer/_constant_folding_test.py::FoldConstantsTest."
 SUITE_CASES = {
@@ -209,10 +221,9 @@ SUITE_CASES = {
 }
 
 
-@pytest.mark.skipif(not SUITE, reason="onnxscript's suite is not cached (python -m fixtures.peer_suites --import-from)")
 @pytest.mark.parametrize("name", sorted(SUITE_CASES))
 def test_onnxscript_suite_case(name: str) -> None:
-    model = SUITE[name]
+    model = _suite_model(name)
     optimized = _optimized(model, level=2)
     assert _ops(optimized) == SUITE_CASES[name]
     feeds = random_feeds(model, seed=4)
@@ -227,12 +238,11 @@ def test_onnxscript_suite_case(name: str) -> None:
 BART = "onnxscript/rewriter/ort_fusions/skip_normalization_test.py::TestSkipNormalization.test_bart_encoder"
 
 
-@pytest.mark.skipif(BART not in SUITE, reason="onnxscript's suite is not cached")
 def test_onnxscript_bart_encoder_shape_subgraphs_fold() -> None:
     """The per-layer Shape -> Gather -> Unsqueeze -> Concat targets become [1, -1, 16], the
     embedding scale ``* [1.0]`` and the Cast of the sequence length to int64 go: 82 nodes,
     onnxslim's count."""
-    model = SUITE[BART]
+    model = _suite_model(BART)
     optimized = _optimized(model, level=2)
     ops = _ops(optimized)
     assert len(ops) == 82 and ops.count("Shape") == 1 and "Concat" not in ops and "Cast" not in ops

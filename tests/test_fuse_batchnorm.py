@@ -244,7 +244,7 @@ def test_bias_shared_with_another_reader_is_copied_per_fused_conv() -> None:
     assert len({id(v) for v in biases}) == 2 and "b" in result.model.graph.initializers
 
 
-def test_onnxscript_suite_shared_weight_and_bias_with_equal_batchnorms() -> None:
+def test_shared_weight_and_bias_with_equal_batchnorms() -> None:
     """onnxscript's FuseBatchnormTest.test_fuse_batchnorm_skips_shared_weight_initializers:
     W and B shared by two convolutions, each followed by BatchNormalization with the same
     parameters: both fold (5 nodes -> Conv, Conv, Add, as onnxsim and onnxslim)."""
@@ -256,6 +256,10 @@ def test_onnxscript_suite_shared_weight_and_bias_with_equal_batchnorms() -> None
     model = _model(nodes, [_vi("X1", ["N", 32, 14, 16]), _vi("X2", ["N", 32, 14, 16])], [_vi("Y", None)], inits)
     result = _fuse(model, X1=[2, 32, 14, 16], X2=[2, 32, 14, 16])
     assert _ops(result.model) == {"Add": 1, "Conv": 2}
+
+
+def test_onnxscript_suite_model_shared_weight_and_bias_with_equal_batchnorms() -> None:
+    """The recorded suite model itself, at -O2."""
     recorded = dict(peer_suite_onnxscript.recorded()).get(SHARED_SUITE_CASE)
     if recorded is None:
         pytest.skip("onnxscript's suite is not cached (python -m fixtures.peer_suites --import-from)")
