@@ -183,16 +183,32 @@ _SHAPE_DEPTH = 16
 
 
 def shape_of(value: ir.Value, depth: int = _SHAPE_DEPTH) -> ir.Shape | None:
-    """``value``'s annotated shape, else the shape its elementwise producer provably keeps
-    (see the module docstring); None when unknown."""
+    """``value``'s annotated shape, else the shape its producer provably gives it (see the
+    module docstring); None when unknown."""
+    return _derived_shape(value, depth, {})
+
+
+def _derived_shape(value: ir.Value, depth: int, memo: dict[ir.Value, ir.Shape | None]) -> ir.Shape | None:
+    """``shape_of`` with ``memo`` holding the values already derived in this call (a value
+    read along several paths, e.g. both operands of a MatMul, is derived once)."""
     if value.shape is not None or depth == 0:
         return value.shape
+    if value not in memo:
+        memo[value] = _producer_shape(value, depth, memo)
+    return memo[value]
+
+
+def _producer_shape(value: ir.Value, depth: int, memo: dict[ir.Value, ir.Shape | None]) -> ir.Shape | None:
     node = value.producer()
     if node is None or node.domain not in _DEFAULT_DOMAINS or len(node.outputs) != 1:
         return None
     inputs = list(node.inputs)
+
+    def operand(v: ir.Value) -> ir.Shape | None:
+        return _derived_shape(v, depth - 1, memo)
+
     if node.op_type == "Gemm" and len(inputs) >= 2 and None not in inputs[:2]:
-        a, b = shape_of(inputs[0], depth - 1), shape_of(inputs[1], depth - 1)
+        a, b = operand(inputs[0]), operand(inputs[1])
         if a is None or b is None or a.rank() != 2 or b.rank() != 2:
             return None
         trans_a, trans_b = node.attributes.get_int("transA", 0), node.attributes.get_int("transB", 0)
@@ -200,17 +216,17 @@ def shape_of(value: ir.Value, depth: int = _SHAPE_DEPTH) -> ir.Shape | None:
     if None in inputs:
         return None
     if node.op_type == "MatMul" and len(inputs) == 2:
-        return _matmul_shape(shape_of(inputs[0], depth - 1), shape_of(inputs[1], depth - 1))
+        return _matmul_shape(operand(inputs[0]), operand(inputs[1]))
     if node.op_type == "Reshape" and len(inputs) == 2:
-        return _reshape_shape(node, shape_of(inputs[0], depth - 1))
+        return _reshape_shape(node, operand(inputs[0]))
     if node.op_type in _UNARY_ELEMENTWISE and len(inputs) == 1:
-        return shape_of(inputs[0], depth - 1)
+        return operand(inputs[0])
     if node.op_type in _BINARY_ELEMENTWISE and len(inputs) == 2:
         for x, c in (inputs, inputs[::-1]):
             array = constant_array(c)
             if array is None:
                 continue
-            shape = shape_of(x, depth - 1)
+            shape = operand(x)
             if _keeps_shape(shape, array.shape):
                 return shape
     return None

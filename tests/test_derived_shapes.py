@@ -77,6 +77,27 @@ def test_reshape_of_matmul_to_its_own_shape_is_removed(a: list[int], b: list[int
     assert got.shape == want.shape and np.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_reshape_after_matmuls_of_a_value_by_itself_is_removed() -> None:
+    # m_i = MatMul(m_(i-1), m_(i-1)): each value is read along two paths and derived once
+    chain = "\n".join(f"m{i} = MatMul(m{i - 1}, m{i - 1})" for i in range(1, 9))
+    model = _parse(f"""
+    g (float[4, 4] m0) => (float[4, 4] y) <int64[2] t = {{4, 4}}> {{
+        {chain}
+        r = Reshape(m8, t)
+        y = Tanh(r)
+    }}
+    """)
+    optimized = _optimized(model)
+    assert "Reshape" not in _ops(optimized)
+    c, s = np.cos(0.01), np.sin(0.01)  # two plane rotations: the 256th power rotates by 2.56
+    rotation = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, c, s], [0, 0, -s, c]])
+    feeds = {"m0": rotation.astype(np.float32)}
+    (got,) = _bit_equal(model, optimized, feeds)
+    c, s = np.cos(2.56), np.sin(2.56)
+    want = np.tanh(np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, c, s], [0, 0, -s, c]]))
+    assert np.allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize(("a", "target"), [
     ("N, 3, 4", "2, 3, 5"),  # a symbolic batch dim may not be 2
     ("2, 3, 4", "3, 2, 5"),  # another shape with the same elements
