@@ -7,8 +7,16 @@ gets a key, and two values with the same key compute the same thing for every in
 - a graph input: its name (the verifier feeds both models by name);
 - a constant (initializer, Constant node, or an initializer the model also lists as an
   input, which the verifier never feeds): its element type, shape and bytes;
-- a node's output: its domain, op type and opset version, its attributes (tensors by
-  bytes, floats by their bits), its inputs' keys and the output's position;
+- a node's output: its domain, op type and definition (the schema version the model's
+  opset gives it, or the oldest version listed as computing the same function on it:
+  ``optcc.numerics.op_versions``), its attributes (tensors by bytes, floats by their
+  bits), its inputs' keys and the output's position;
+- a ``Softmax`` or ``LogSoftmax`` before opset 13 with an axis that is not negative (the
+  input coerced to 2-D there) is keyed by that axis and its input, and so is the form onnx's
+  version converter gives it from 13 on, ``Reshape(Softmax(Flatten(x, axis), axis=-1),
+  shape of x)`` (the shape as ``Shape(x)`` or x's dims as integers), where onnx's shape
+  inference gives every dim of x as a positive integer (a 0 would copy a dim of the 2-D
+  value instead of x's);
 - ``Identity`` and inference-mode ``Dropout`` (opset >= 7, ``training_mode`` absent or a
   constant false) output the key of their input (and its affine form, below);
 - a ``Reshape`` whose target is read symbolically (constants, and dims of the reshaped
@@ -109,6 +117,7 @@ import onnx
 import onnx_ir as ir
 
 from optcc import ir as oir
+from optcc.numerics.op_versions import schema_version, semantics
 from optcc.runtime.session import make_session, run
 
 __all__ = ["Premise", "Proof", "number_original", "prove_equivalent"]
@@ -117,6 +126,7 @@ KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")
 MAX_FOLD_CHECK_BYTES = 64 * 1024 * 1024  # constants evaluated to check folds, in all (a fill: its one element)
 SMALL_TENSOR_ELEMENTS = 1024  # constants keyed by their bytes in the table (larger: a fill, or bucketed)
 MAX_DEFINED_DEPTH = 8  # folds computed by definition through at most this many nodes
+_UNKNOWN = object()  # not looked up yet
 
 
 @dataclasses.dataclass
@@ -321,6 +331,7 @@ class _Numbering:
         # its bytes and its array (``number_original``); the structural keys met again since
         self.folded: dict[int, tuple[int, np.ndarray]] = {}
         self.folded_met: set[int] = set()
+        self.schemas: dict[tuple[str, str, int], int | None] = {}  # (domain, op, opset) -> schema version
 
     def release(self) -> None:
         """Drop every table (and with them the tensor views they hold)."""
@@ -890,7 +901,14 @@ class _Keys:
         attributes = self._attributes(node)
         if attributes is None:
             return numbering.unique()
+        if domain == "" and op in _COERCED_OPS:
+            coerced = self._coerced(node, op, version)
+            if coerced is not None:
+                return coerced
         if domain == "" and op == "Reshape" and len(node.inputs) == 2:
+            converted = self._converted_coerced(node, version)
+            if converted is not None:
+                return converted
             target = self._shape_elements(node.inputs[1])
             if target is not None and not target[0]:
                 copy = dict(attributes).get("allowzero", ("INT", 0))[1] == 0
@@ -944,7 +962,8 @@ class _Keys:
         inputs = tuple(keys[id(v)] if v is not None and id(v) in keys else self.key(v) for v in node.inputs)
         if domain == "" and op in _INITIAL_STATES and len(inputs) > 5:
             inputs = self._without_zero_states(node, inputs, _INITIAL_STATES[op])
-        structural = numbering.intern(("node", domain, op, version, attributes, inputs, value.index()))
+        structural = numbering.intern(("node", domain, op, self._semantics(node, domain, op, version), attributes,
+                                       inputs, value.index()))
         if domain == "" and op in ("Squeeze", "Unsqueeze"):
             axes = self._axes(node, version)
             if axes is not None:
@@ -960,6 +979,66 @@ class _Keys:
                 numbering.forms[structural] = (key, form)
                 return key
         return structural
+
+    def _coerced(self, node: ir.Node, op: str, version: int) -> int | None:
+        """The key of a Softmax or LogSoftmax before opset 13 (the input coerced to 2-D at
+        ``axis``, default 1, normalized along the second of those dims) with an axis that is
+        not negative: ``("coerced", op, axis, key of x)``; None for another."""
+        if len(node.inputs) != 1 or node.inputs[0] is None or set(node.attributes.data) - {"axis"} \
+                or self._schema("", op, version) not in (1, 11):
+            return None
+        axis = node.attributes.get_int("axis", 1)
+        return self.numbering.intern(("coerced", op, axis, self.key(node.inputs[0]))) if axis >= 0 else None
+
+    def _converted_coerced(self, node: ir.Node, version: int) -> int | None:
+        """``Reshape(Softmax(Flatten(x, a), axis=-1), shape of x)`` from opset 13 on (onnx's
+        version converter writes it, the shape as ``Shape(x)``, for a Softmax or LogSoftmax
+        of an older opset) keyed as that older node (``_coerced``): Flatten coerces x to 2-D
+        at ``a`` as the older node does, the newer one normalizes along the last of those
+        dims, and the Reshape gives x's shape back. Only where onnx's shape inference gives
+        every dim of x as a positive integer (the second look, ``_Numbering.inferred``): a 0
+        in the target would copy a dim of the 2-D value instead. The target's elements are
+        read as ``_shape_elements`` reads them: each dim ``i`` of x, or that dim's integer."""
+        if node.attributes.get_int("allowzero", 0) != 0 or node.inputs[0] is None:
+            return None
+        softmax = node.inputs[0].producer()
+        if softmax is None or softmax.op_type not in _COERCED_OPS or softmax.domain not in ("", "ai.onnx") \
+                or len(softmax.inputs) != 1 or softmax.inputs[0] is None \
+                or set(softmax.attributes.data) - {"axis"} or softmax.attributes.get_int("axis", -1) not in (-1, 1) \
+                or (self._schema("", softmax.op_type, version) or 0) < 13:
+            return None
+        flatten = softmax.inputs[0].producer()
+        if flatten is None or flatten.op_type != "Flatten" or flatten.domain not in ("", "ai.onnx") \
+                or set(flatten.attributes.data) - {"axis"} or len(flatten.inputs) != 1 or flatten.inputs[0] is None:
+            return None
+        x, axis = flatten.inputs[0], flatten.attributes.get_int("axis", 1)
+        target = self._shape_elements(node.inputs[1])
+        if axis < 0 or target is None or target[0]:
+            return None
+        self.numbering.would_infer = True
+        rank = self.rank(x) if self.numbering.inferred else None
+        if rank is None or axis > rank or len(target[1]) != rank:
+            return None
+        dims, key = self.inferred_dims(x, rank), self.key(x)
+        if not all(isinstance(d, int) and d > 0 and e in (d, ("dim", key, i))
+                   for i, (d, e) in enumerate(zip(dims, target[1]))):
+            return None
+        return self.numbering.intern(("coerced", softmax.op_type, axis, key))
+
+    def _schema(self, domain: str, op: str, version: int) -> int | None:
+        """``op_versions.schema_version``, looked up once per proof."""
+        known = self.numbering.schemas
+        since = known.get((domain, op, version), _UNKNOWN)
+        if since is _UNKNOWN:
+            since = known[(domain, op, version)] = schema_version(domain, op, version)
+        return since  # type: ignore[return-value]
+
+    def _semantics(self, node: ir.Node, domain: str, op: str, version: int) -> tuple[str, int]:
+        """The definition ``node`` computes (``op_versions.semantics``): its schema, or the
+        oldest of the versions that compute its function (``SAME_FUNCTION``)."""
+        since = self._schema(domain, op, version)
+        attributes = {name: attr.value for name, attr in node.attributes.data.items()}
+        return semantics(domain, op, version, attributes, since=since) if since is not None else ("opset", version)
 
     def _flattened(self, node: ir.Node, value: ir.Value, x: int, target: tuple) -> int:
         """The key of ``Reshape(x, [e])``: wherever it succeeds (``e`` is x's element count,
@@ -1654,6 +1733,7 @@ _RANK_KEEPING_FIRST = frozenset(("Conv", "ConvTranspose", "MaxPool", "AveragePoo
 _BROADCASTING = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater", "And", "Or", "Xor",
                            "LessOrEqual", "GreaterOrEqual"))
 _VIEW_OPS = frozenset(("Transpose", "Squeeze", "Unsqueeze"))
+_COERCED_OPS = frozenset(("Softmax", "LogSoftmax"))  # over the input coerced to 2-D before opset 13
 _INITIAL_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}  # initial_h (and initial_c): input positions
 _DEFINED_OPS = frozenset(("ConstantOfShape", "Identity", "Cast", "Flatten", "Unsqueeze", "Squeeze", "Reshape"))
 _EXACT_INTEGERS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,

@@ -1,0 +1,128 @@
+"""Which versions of a default-domain operator compute the same function.
+
+A node's key in the equivalence proof (``optcc.numerics.equivalence``) names the
+operator's definition: ``semantics`` gives that name for a node of a model importing
+``opset``. Two nodes resolving to the same schema (``since_version``) share one
+definition. ``SAME_FUNCTION`` lists the newer schemas that define, for every node an
+older one accepts, the function that older one computes, where ``condition`` holds on the
+node's attributes; each entry was read against the operator changelog of the installed
+onnx (schema docs, attributes, inputs and type constraints):
+
+- types added in a newer version (bfloat16, small integers) do not matter: a node of the
+  older version has one of the older types, computed alike;
+- an attribute or optional input added with a default that keeps the older behaviour
+  (MaxPool's ``ceil_mode`` and ``dilations``, Gemm's optional ``C``, Reshape's
+  ``allowzero``, Shape's ``start``/``end``) is keyed as written: a node that sets it
+  differs from one that does not, and so is not proved;
+- a negative axis, undefined before a version and counted from the back after it:
+  only a node whose axis is absent or not negative (``_axis_from_front``);
+- padding whose description changed (``auto_pad``'s SAME modes, ``ceil_mode``'s rounding
+  of the last window): only explicit padding without ceil mode (``_explicit_padding``).
+
+Not listed, so keyed apart across versions: every change that can give another value
+for a node an older version accepts (Softmax 13 is taken along one axis, not over the
+input coerced to 2-D, and its axis defaults to -1, not 1), and versions whose changelog
+defines what was undefined before (Clip 13 with ``min > max``, Cast 13's conversion
+rules, Floor 13 on special values). Other domains, and operators onnx has no schema for,
+are keyed by the opset version the model imports, as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import onnx
+
+__all__ = ["SAME_FUNCTION", "SameFunction", "schema_version", "semantics"]
+
+Attributes = Mapping[str, Any]  # attribute name -> its value (an int, a string, a list...)
+
+
+def _explicit_padding(attributes: Attributes) -> bool:
+    """``auto_pad`` absent or NOTSET, and ``ceil_mode`` absent or 0."""
+    return attributes.get("auto_pad", "NOTSET") == "NOTSET" and attributes.get("ceil_mode", 0) == 0
+
+
+def _axis_from_front(attributes: Attributes) -> bool:
+    """``axis`` absent or not negative."""
+    axis = attributes.get("axis", 0)
+    return isinstance(axis, int) and axis >= 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SameFunction:
+    """The schema versions of ``op`` that compute one function on the nodes the oldest of
+    them accepts, where ``condition`` (None: always) holds on a node's attributes."""
+
+    op: str
+    versions: tuple[int, ...]
+    condition: Callable[[Attributes], bool] | None = None
+
+
+SAME_FUNCTION: tuple[SameFunction, ...] = (
+    # element-wise: the newer versions add types only
+    SameFunction("Relu", (6, 13, 14)),
+    SameFunction("LeakyRelu", (6, 16)),
+    SameFunction("Sigmoid", (6, 13)),
+    SameFunction("Tanh", (6, 13)),
+    SameFunction("Exp", (6, 13)),
+    SameFunction("Sqrt", (6, 13)),
+    SameFunction("Abs", (6, 13)),
+    SameFunction("Neg", (6, 13)),
+    SameFunction("Add", (7, 13, 14)),
+    SameFunction("Sub", (7, 13, 14)),
+    SameFunction("Mul", (7, 13, 14)),
+    SameFunction("Div", (7, 13, 14)),
+    SameFunction("Pow", (12, 13, 15)),
+    SameFunction("Sum", (8, 13)),
+    SameFunction("Max", (8, 12, 13)),
+    SameFunction("Min", (8, 12, 13)),
+    SameFunction("Where", (9, 16)),
+    SameFunction("Clip", (11, 12)),
+    # products and layers: types added; Gemm 11 makes C optional (a node of 9 has one)
+    SameFunction("MatMul", (9, 13)),
+    SameFunction("Gemm", (7, 9, 11, 13)),
+    SameFunction("Conv", (1, 11), _explicit_padding),
+    SameFunction("MaxPool", (8, 10, 11, 12), _explicit_padding),
+    SameFunction("AveragePool", (7, 10, 11), _explicit_padding),
+    SameFunction("LRN", (1, 13)),
+    # data movement: types added; Reshape 14's allowzero defaults to the older behaviour
+    SameFunction("Transpose", (1, 13)),
+    SameFunction("Reshape", (5, 13, 14)),
+    SameFunction("Shape", (1, 13, 15)),
+    SameFunction("Gather", (11, 13)),
+    SameFunction("Pad", (11, 13)),
+    SameFunction("Concat", (4, 11, 13), _axis_from_front),
+    SameFunction("Flatten", (9, 11, 13), _axis_from_front),
+    # the input coerced to 2-D at ``axis`` in both; 11 adds negative axes
+    SameFunction("Softmax", (1, 11), _axis_from_front),
+    SameFunction("LogSoftmax", (1, 11), _axis_from_front),
+)
+
+_BY_OP: dict[str, SameFunction] = {entry.op: entry for entry in SAME_FUNCTION}
+
+
+def schema_version(domain: str, op: str, opset: int) -> int | None:
+    """The ``since_version`` of the schema ``op`` has in ``opset`` of ``domain``; None when
+    the installed onnx has none."""
+    try:
+        return onnx.defs.get_schema(op, opset, domain).since_version
+    except onnx.defs.SchemaError:
+        return None
+
+
+def semantics(domain: str, op: str, opset: int, attributes: Attributes,
+              since: int | None = None) -> tuple[str, int]:
+    """What a node of ``op`` in a model importing ``opset`` of ``domain`` computes, as a
+    key: nodes with equal keys (and equal attributes and inputs) compute the same function.
+    ``since``: ``schema_version``'s answer, when the caller has it."""
+    if since is None:
+        since = schema_version(domain, op, opset)
+    if since is None:
+        return ("opset", opset)
+    entry = _BY_OP.get(op) if domain == "" else None
+    if entry is not None and since in entry.versions and (entry.condition is None or entry.condition(attributes)):
+        return ("same", entry.versions[0])
+    return ("schema", since)

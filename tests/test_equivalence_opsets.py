@@ -1,0 +1,190 @@
+"""The proof across opset versions (optcc.numerics.op_versions): a model and onnx's version
+converter's upgrade of it are proved equal where every operator's definition is listed as
+the same function; an operator whose definition changed between the two versions is not.
+Each verdict is checked on onnx's reference evaluator in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper, version_converter
+
+import optcc
+from optcc.numerics.equivalence import prove_equivalent
+from optcc.numerics.op_versions import SAME_FUNCTION, schema_version
+from tests.reference import expected_outputs_float64, onnxruntime_outputs
+
+RNG = np.random.default_rng(0)
+
+
+def _classifier(opset: int) -> onnx.ModelProto:
+    """x -> Conv -> Relu -> MaxPool -> Add -> Reshape -> Gemm -> LeakyRelu -> Gemm -> Sigmoid -> y."""
+    weights = [
+        numpy_helper.from_array(RNG.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(RNG.standard_normal(4).astype(np.float32), "b"),
+        numpy_helper.from_array(RNG.standard_normal((1, 4, 1, 1)).astype(np.float32), "shift"),
+        numpy_helper.from_array(np.array([1, -1], np.int64), "flat"),
+        numpy_helper.from_array(RNG.standard_normal((6, 64)).astype(np.float32), "W1"),
+        numpy_helper.from_array(RNG.standard_normal(6).astype(np.float32), "b1"),
+        numpy_helper.from_array(RNG.standard_normal((6, 5)).astype(np.float32), "W2"),
+        numpy_helper.from_array(RNG.standard_normal(5).astype(np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Add", ["p", "shift"], ["a"]),
+        helper.make_node("Reshape", ["a", "flat"], ["f"]),
+        helper.make_node("Gemm", ["f", "W1", "b1"], ["g"], transB=1),
+        helper.make_node("LeakyRelu", ["g"], ["l"], alpha=0.1),
+        helper.make_node("Gemm", ["l", "W2", "b2"], ["h"]),
+        helper.make_node("Sigmoid", ["h"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "classifier", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 5])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=4)
+
+
+def _with_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The same graph, importing another opset (what the nodes mean may change with it)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.opset_import[0].version = opset
+    copy.ir_version = max(copy.ir_version, 7)
+    return copy
+
+
+def _outputs(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    return expected_outputs_float64(model, {"x": x})
+
+
+def test_upgraded_classifier_is_proved_equal_and_computes_the_same():
+    original = _classifier(8)
+    upgraded = version_converter.convert_version(original, 13)
+    assert upgraded.opset_import[0].version == 13
+    # the converter kept every node (no adapter) but Reshape's, MaxPool's, Gemm's ... schemas moved on
+    assert [n.op_type for n in upgraded.graph.node] == [n.op_type for n in original.graph.node]
+    proof = prove_equivalent(optcc.ir.load(original), optcc.ir.load(upgraded))
+    assert proof.complete, proof.outputs
+    x = RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    for a, b in zip(_outputs(original, x), _outputs(upgraded, x)):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=0)
+
+
+def test_same_schema_in_two_opsets_is_proved_equal():
+    # Conv, Relu, MaxPool, Add, Gemm, Sigmoid and LeakyRelu have the same schemas in opsets 13 and 15
+    original = _classifier(13)
+    proof = prove_equivalent(optcc.ir.load(original), optcc.ir.load(_with_opset(original, 15)))
+    assert proof.complete, proof.outputs
+
+
+def _softmax(opset: int) -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"])], "softmax",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3, 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+def test_softmax_default_axis_change_is_not_proved():
+    # Softmax 11 (no axis: 1) normalizes over dims 1 and 2 together; Softmax 13 (no axis: -1) over dim 2 alone
+    older, newer = _softmax(12), _softmax(13)
+    proof = prove_equivalent(optcc.ir.load(older), optcc.ir.load(newer))
+    assert not proof.complete
+    x = RNG.standard_normal((2, 3, 4)).astype(np.float32)
+    # onnx's evaluator computes Softmax before 13 as 13 does: onnxruntime is the reference for the older one
+    (a,), (b,) = onnxruntime_outputs(older, {"x": x}), _outputs(newer, x)
+    assert np.abs(a - b).max() > 0.1  # the refusal is right: they compute different things
+    np.testing.assert_allclose(a.sum(axis=(1, 2)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(b.sum(axis=2), 1.0, rtol=1e-12)
+
+
+def _single(op: str, opset: int, **attributes) -> onnx.ModelProto:
+    node = helper.make_node(op, ["x"], ["y"], **attributes)
+    graph = helper.make_graph([node], op.lower(), [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+@pytest.mark.parametrize("op,older,newer,attributes", [
+    # Floor 13 defines its value on special inputs: listed nowhere, so never proved across it
+    pytest.param("Floor", 12, 13, {}, id="floor-unlisted"),
+    # ceil_mode's last window was described anew in MaxPool 12: only floor mode is listed
+    pytest.param("MaxPool", 11, 12, {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}, id="maxpool-ceil"),
+    # SAME padding was described anew in MaxPool 12: only explicit padding is listed
+    pytest.param("MaxPool", 11, 12, {"kernel_shape": [2, 2], "auto_pad": "SAME_UPPER"}, id="maxpool-same"),
+    # a negative axis is defined from Softmax 11 on, not in 1
+    pytest.param("Softmax", 10, 11, {"axis": -1}, id="softmax-negative-axis"),
+])
+def test_unlisted_or_conditioned_changes_are_not_proved(op, older, newer, attributes):
+    a, b = _single(op, older, **attributes), _single(op, newer, **attributes)
+    assert schema_version("", op, older) != schema_version("", op, newer)
+    assert not prove_equivalent(optcc.ir.load(a), optcc.ir.load(b)).complete
+
+
+def test_listed_condition_holds_proves_across_versions():
+    a = _single("MaxPool", 11, kernel_shape=[2, 2], strides=[2, 2])
+    b = _single("MaxPool", 12, kernel_shape=[2, 2], strides=[2, 2])
+    assert prove_equivalent(optcc.ir.load(a), optcc.ir.load(b)).complete
+    x = RNG.standard_normal((1, 2, 5, 5)).astype(np.float32)
+    for u, v in zip(_outputs(a, x), _outputs(b, x)):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_table_names_real_schema_versions():
+    # every listed version is a schema onnx has for that operator, oldest first
+    for entry in SAME_FUNCTION:
+        assert list(entry.versions) == sorted(set(entry.versions)), entry
+        for version in entry.versions:
+            assert schema_version("", entry.op, version) == version, (entry.op, version)
+
+
+def _conv_softmax(op: str = "Softmax", batch: int | str = 1) -> onnx.ModelProto:
+    """x -> Conv -> Softmax (opset 9: over each sample's 4x4x4 values coerced to one row) -> y."""
+    weight = numpy_helper.from_array(RNG.standard_normal((4, 3, 3, 3)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node(op, ["c"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, 4, 4, 4])], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=4)
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+def test_converter_softmax_adapter_is_proved_equal(op):
+    original = _conv_softmax(op)
+    upgraded = version_converter.convert_version(original, 13)
+    # the converter's form: Reshape(Softmax-13(Flatten(c, 1), axis=-1), Shape(c))
+    assert [n.op_type for n in upgraded.graph.node] == ["Conv", "Shape", "Flatten", op, "Reshape"]
+    # and as -O2 leaves it: Shape(c) folded to its constant dims
+    folded = optcc.optimize(upgraded, level=2, verify=False).model
+    assert "Shape" not in [n.op_type for n in folded.graph.node]
+    x = RNG.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    # onnx's evaluator computes Softmax before 13 as 13 does: onnxruntime is the reference for the original
+    (expected,) = onnxruntime_outputs(original, {"x": x})
+    for candidate in (upgraded, folded):
+        assert prove_equivalent(optcc.ir.load(original), optcc.ir.load(candidate)).complete
+        (got,) = _outputs(candidate, x)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    if op == "Softmax":
+        np.testing.assert_allclose(expected.reshape(1, -1).sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_softmax_adapter_with_unknown_dims_is_not_proved():
+    # a 0 in Shape(c) would make Reshape copy a dim of the 2-D value: a free batch dim is not proved
+    original = _conv_softmax(batch="N")
+    upgraded = version_converter.convert_version(original, 13)
+    assert "Flatten" in [n.op_type for n in upgraded.graph.node]
+    assert not prove_equivalent(optcc.ir.load(original), optcc.ir.load(upgraded)).complete
+
+
+def test_softmax_adapter_at_another_axis_is_not_proved():
+    # the Flatten coerces at axis 2, the original Softmax at its default 1: different rows
+    original = _conv_softmax()
+    upgraded = version_converter.convert_version(original, 13)
+    for node in upgraded.graph.node:
+        if node.op_type == "Flatten":
+            node.attribute[0].CopyFrom(helper.make_attribute("axis", 2))
+    assert not prove_equivalent(optcc.ir.load(original), optcc.ir.load(upgraded)).complete
+    x = RNG.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    (a,), (b,) = onnxruntime_outputs(original, {"x": x}), _outputs(upgraded, x)
+    assert np.abs(a - b).max() > 1e-3
