@@ -117,7 +117,7 @@ import onnx
 import onnx_ir as ir
 
 from optcc import ir as oir
-from optcc.numerics.op_versions import schema_version, semantics
+from optcc.numerics.op_versions import definition, schema_version
 from optcc.runtime.session import make_session, run
 
 __all__ = ["Premise", "Proof", "number_original", "prove_equivalent"]
@@ -332,6 +332,7 @@ class _Numbering:
         self.folded: dict[int, tuple[int, np.ndarray]] = {}
         self.folded_met: set[int] = set()
         self.schemas: dict[tuple[str, str, int], int | None] = {}  # (domain, op, opset) -> schema version
+        self.definitions: dict[tuple[str, str, int], tuple] = {}  # (domain, op, opset) -> ``definition``'s answer
 
     def release(self) -> None:
         """Drop every table (and with them the tensor views they hold)."""
@@ -1034,11 +1035,16 @@ class _Keys:
         return since  # type: ignore[return-value]
 
     def _semantics(self, node: ir.Node, domain: str, op: str, version: int) -> tuple[str, int]:
-        """The definition ``node`` computes (``op_versions.semantics``): its schema, or the
-        oldest of the versions that compute its function (``SAME_FUNCTION``)."""
-        since = self._schema(domain, op, version)
-        attributes = {name: attr.value for name, attr in node.attributes.data.items()}
-        return semantics(domain, op, version, attributes, since=since) if since is not None else ("opset", version)
+        """The definition ``node`` computes (``op_versions.definition``, looked up once per
+        operator and opset): its schema, or the oldest of the versions that compute its
+        function (``SAME_FUNCTION``)."""
+        known = self.numbering.definitions.get((domain, op, version))
+        if known is None:
+            known = self.numbering.definitions[(domain, op, version)] = definition(domain, op, version)
+        key, condition, same = known
+        if condition is None:
+            return key
+        return same if condition({name: attr.value for name, attr in node.attributes.data.items()}) else key
 
     def _flattened(self, node: ir.Node, value: ir.Value, x: int, target: tuple) -> int:
         """The key of ``Reshape(x, [e])``: wherever it succeeds (``e`` is x's element count,

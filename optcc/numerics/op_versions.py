@@ -1,7 +1,7 @@
 """Which versions of a default-domain operator compute the same function.
 
 A node's key in the equivalence proof (``optcc.numerics.equivalence``) names the
-operator's definition: ``semantics`` gives that name for a node of a model importing
+operator's definition: ``definition`` gives that name for a node of a model importing
 ``opset``. Two nodes resolving to the same schema (``since_version``) share one
 definition. ``SAME_FUNCTION`` lists the newer schemas that define, for every node an
 older one accepts, the function that older one computes, where ``condition`` holds on the
@@ -21,10 +21,11 @@ onnx (schema docs, attributes, inputs and type constraints):
 
 Not listed, so keyed apart across versions: every change that can give another value
 for a node an older version accepts (Softmax 13 is taken along one axis, not over the
-input coerced to 2-D, and its axis defaults to -1, not 1), and versions whose changelog
-defines what was undefined before (Clip 13 with ``min > max``, Cast 13's conversion
-rules, Floor 13 on special values). Other domains, and operators onnx has no schema for,
-are keyed by the opset version the model imports, as before.
+input coerced to 2-D, and its axis defaults to -1, not 1: the proof keys Softmax and
+LogSoftmax 1 and 11 by their own rule), and versions whose changelog defines what was
+undefined before (Clip 13 with ``min > max``, Cast 13's conversion rules, Floor 13 on
+special values). Other domains, and operators onnx has no schema for, are keyed by the
+opset version the model imports, as before.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 
 import onnx
 
-__all__ = ["SAME_FUNCTION", "SameFunction", "schema_version", "semantics"]
+__all__ = ["SAME_FUNCTION", "SameFunction", "definition", "schema_version"]
 
 Attributes = Mapping[str, Any]  # attribute name -> its value (an int, a string, a list...)
 
@@ -96,9 +97,6 @@ SAME_FUNCTION: tuple[SameFunction, ...] = (
     SameFunction("Pad", (11, 13)),
     SameFunction("Concat", (4, 11, 13), _axis_from_front),
     SameFunction("Flatten", (9, 11, 13), _axis_from_front),
-    # the input coerced to 2-D at ``axis`` in both; 11 adds negative axes
-    SameFunction("Softmax", (1, 11), _axis_from_front),
-    SameFunction("LogSoftmax", (1, 11), _axis_from_front),
 )
 
 _BY_OP: dict[str, SameFunction] = {entry.op: entry for entry in SAME_FUNCTION}
@@ -113,16 +111,19 @@ def schema_version(domain: str, op: str, opset: int) -> int | None:
         return None
 
 
-def semantics(domain: str, op: str, opset: int, attributes: Attributes,
-              since: int | None = None) -> tuple[str, int]:
-    """What a node of ``op`` in a model importing ``opset`` of ``domain`` computes, as a
-    key: nodes with equal keys (and equal attributes and inputs) compute the same function.
-    ``since``: ``schema_version``'s answer, when the caller has it."""
+def definition(domain: str, op: str, opset: int) -> tuple[tuple[str, int], Callable[[Attributes], bool] | None,
+                                                       tuple[str, int]]:
+    """What a node of ``op`` in a model importing ``opset`` of ``domain`` computes, as keys:
+    nodes with equal keys (and equal attributes and inputs) compute the same function.
+    ``(key, condition, same)``: a node's key is ``same`` where ``condition`` holds on its
+    attributes, else ``key`` (no condition: always ``key``)."""
+    since = schema_version(domain, op, opset)
     if since is None:
-        since = schema_version(domain, op, opset)
-    if since is None:
-        return ("opset", opset)
+        return ("opset", opset), None, ("opset", opset)
+    own = ("schema", since)
     entry = _BY_OP.get(op) if domain == "" else None
-    if entry is not None and since in entry.versions and (entry.condition is None or entry.condition(attributes)):
-        return ("same", entry.versions[0])
-    return ("schema", since)
+    if entry is None or since not in entry.versions:
+        return own, None, own
+    same = ("same", entry.versions[0])
+    return (same, None, same) if entry.condition is None else (own, entry.condition, same)
+
