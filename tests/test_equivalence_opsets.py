@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper, version_converter
 
 import optcc
 from optcc.numerics.equivalence import prove_equivalent
-from optcc.numerics.op_versions import SAME_FUNCTION, schema_version
+from optcc.numerics.op_versions import SAME_FUNCTION, definition, schema_version
 from tests.reference import expected_outputs_float64, onnxruntime_outputs
 
 RNG = np.random.default_rng(0)
@@ -188,3 +188,11 @@ def test_softmax_adapter_at_another_axis_is_not_proved():
     x = RNG.standard_normal((1, 3, 4, 4)).astype(np.float32)
     (a,), (b,) = onnxruntime_outputs(original, {"x": x}), _outputs(upgraded, x)
     assert np.abs(a - b).max() > 1e-3
+
+
+def test_opsets_beyond_the_installed_onnx_are_keyed_apart():
+    # the installed onnx cannot tell whether a newer opset changed Relu: keyed by the opset itself
+    newest = onnx.defs.onnx_opset_version()
+    assert definition("", "Relu", newest)[0] == definition("", "Relu", newest - 1)[0]
+    assert definition("", "Relu", newest + 1)[0] != definition("", "Relu", newest)[0]
+    assert definition("", "Relu", newest + 1)[0] != definition("", "Relu", newest + 2)[0]

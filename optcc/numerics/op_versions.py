@@ -24,8 +24,8 @@ for a node an older version accepts (Softmax 13 is taken along one axis, not ove
 input coerced to 2-D, and its axis defaults to -1, not 1: the proof keys Softmax and
 LogSoftmax 1 and 11 by their own rule), and versions whose changelog defines what was
 undefined before (Clip 13 with ``min > max``, Cast 13's conversion rules, Floor 13 on
-special values). Other domains, and operators onnx has no schema for, are keyed by the
-opset version the model imports, as before.
+special values). Other domains, operators onnx has no schema for, and opsets newer than
+the installed onnx knows are keyed by the opset version the model imports, as before.
 """
 
 from __future__ import annotations
@@ -117,7 +117,9 @@ def definition(domain: str, op: str, opset: int) -> tuple[tuple[str, int], Calla
     nodes with equal keys (and equal attributes and inputs) compute the same function.
     ``(key, condition, same)``: a node's key is ``same`` where ``condition`` holds on its
     attributes, else ``key`` (no condition: always ``key``)."""
-    since = schema_version(domain, op, opset)
+    # an opset newer than the installed onnx's may have changed the operator since its last schema here
+    newest = onnx.defs.onnx_opset_version() if domain == "" else 0
+    since = schema_version(domain, op, opset) if domain == "" and opset <= newest else None
     if since is None:
         return ("opset", opset), None, ("opset", opset)
     own = ("schema", since)
