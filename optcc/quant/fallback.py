@@ -82,15 +82,17 @@ _QUANTIZATION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQua
 
 def _session(model: ir.Model | bytes | onnx.ModelProto, optimize: bool | str, threads: int | None = None,
              optimized_path: str | None = None, weights: Mapping[str, np.ndarray] | None = None,
-             arena: bool = True, prepack: bool = True) -> ort.InferenceSession:
+             arena: bool = True, prepack: bool = True, spin: bool = False) -> ort.InferenceSession:
     """A CPU session; an onnx-ir model (or a ``light_proto`` with its ``weights``) hands
     onnxruntime its weights in place instead of a serialized copy. ``optimized_path``:
     where onnxruntime writes the graph it runs, its large weights in a file beside it.
     ``arena=False``: activations go back to the system as they are freed (the sessions
     that measure accuracy run a few samples; the arena would keep their peak).
-    ``prepack=False``: kernels keep their weights as stored (a session never run)."""
+    ``prepack=False``: kernels keep their weights as stored (a session never run).
+    ``spin``: its threads busy-wait between kernels, as onnxruntime's users run it (a
+    timed session; ``session_options``)."""
     options = session_options(optimize=optimize, threads=threads, optimized_path=optimized_path, arena=arena,
-                              prepack=prepack)
+                              prepack=prepack, spin=spin)
     if optimized_path is not None:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                          os.path.basename(optimized_path) + ".weights")
@@ -147,7 +149,7 @@ def count_integer_nodes(model: ir.Model) -> int:
 def measure_latency(model: ir.Model, feeds: Feeds, *, threads: int = 2, runs: int = 20,
                     warmup: int = 3) -> float:
     """Median seconds per run on onnxruntime CPU with all graph optimizations."""
-    session = _session(model, "all", threads=threads)
+    session = _session(model, "all", threads=threads, spin=True)
     return median_seconds(session, feeds, runs=runs, warmup=warmup)
 
 
@@ -1160,7 +1162,7 @@ def compare_latency(reference: ir.Model, candidate: ir.Model, samples: Sequence[
     ``rounds`` times, each model runs ``runs`` times on the next held-out sample
     (``optcc.runtime.latency.median_seconds``); the result is the median over rounds. Also the
     spread (max/min of the per-round medians) of each, as a noise indication."""
-    sessions = [_session(m, "all", threads=threads)
+    sessions = [_session(m, "all", threads=threads, spin=True)
                 for m in (reference, candidate)]
     per_round: list[list[float]] = [[], []]
     for r in range(rounds):
