@@ -109,6 +109,7 @@ ModelRef = Union[ir.Model, str, os.PathLike]
 DEFAULT_SAMPLES = 3
 REPARSE_MAX_BYTES = 64 * 1024 * 1024  # an original file up to this size is parsed again for the proof
 REFERENCES = ("auto", "float32")
+KEPT_OUTPUT_BYTES = 256 << 20  # ``Verifier.outputs``: the outputs kept beyond the last model's
 
 
 @dataclasses.dataclass
@@ -303,7 +304,8 @@ class Verifier:
         self._names: list[str] = []
         self._error: str | None = None
         self._float64: dict[tuple[int, ...], Float64Reference] = {}  # by the samples' positions
-        self._kept: _KeptOutputs | None = None  # the last INT8 candidate a pass had run (``outputs``)
+        # the INT8 candidates a pass had run (``outputs``), by digest and provider, the last asked about last
+        self._kept: dict[tuple[str, str], _KeptOutputs] = {}
 
     @property
     def _model(self) -> ir.Model:
@@ -747,16 +749,17 @@ class Verifier:
 
     def outputs(self, model: ir.Model, positions: Sequence[int], provider: str = CPU) -> dict[str, list[np.ndarray]]:
         """An INT8 candidate's outputs by name on the samples at ``positions`` (in ``feeds``),
-        run as ``check`` runs it. The last model asked about keeps its outputs, by its
-        digest (``_digest``), until another is asked about or the next INT8 check on
-        ``provider``, which uses them when it judges that very model: a pass that judges its
-        result on the verifier's samples (the INT8 pass's confirmation) and the verification
-        of that result run it once. Not for a KV-cache decoder."""
+        run as ``check`` runs it. The models asked about keep their outputs, by their digest
+        (``_digest``), until the next INT8 check on ``provider``, which uses them when it
+        judges one of those very models: a pass that judges its result on the verifier's
+        samples (the INT8 pass's confirmation, of a model its search measured before others)
+        and the verification of that result run it once on each sample. The outputs kept
+        beyond the last model's come to at most ``KEPT_OUTPUT_BYTES``, the oldest dropped
+        first. Not for a KV-cache decoder."""
         source = self._source(model)  # serialized once: its bytes identify the model too
-        digest = _digest(model, source)
-        if self._kept is None or (self._kept.digest, self._kept.provider) != (digest, provider):
-            self._kept = _KeptOutputs(digest, provider, [], {})
-        kept = self._kept
+        key = (_digest(model, source), provider)
+        kept = self._kept.pop(key, None) or _KeptOutputs(key[0], provider, [], {})
+        self._kept[key] = kept  # the last asked about, last
         missing = [p for p in dict.fromkeys(positions) if p not in kept.cases]
         if missing:
             session = self._candidate_session(source, provider, "int8")
@@ -765,22 +768,31 @@ class Verifier:
                 kept.cases[position] = outs
             del session
             release_memory()
+        held = sum(k.nbytes() for k in self._kept.values()) - kept.nbytes()
+        for older in list(self._kept):
+            if held <= KEPT_OUTPUT_BYTES or older == key:
+                break
+            held -= self._kept.pop(older).nbytes()
         names = kept.names if self._stream is None else stream_names(kept.names, self._stream)
         return {name: [kept.cases[p][i] for p in positions] for i, name in enumerate(names)}
 
     def _kept_cases(self, model: ir.Model, source: Any, provider: str,
                     positions: Sequence[int]) -> tuple[list[str], list[list[np.ndarray]]] | None:
         """``model``'s output names and cases at ``positions`` on ``provider`` when ``outputs``
-        kept them all for this very model; else None. What was kept is released: an INT8
-        check is the last use of the outputs a pass had made for it."""
-        kept = self._kept
-        if kept is None or kept.provider != provider:
+        kept them all for this very model; else None. What was kept for ``provider`` is
+        released: an INT8 check is the last use of the outputs a pass had made for it."""
+        kept = [k for k in self._kept.values() if k.provider == provider]
+        if not kept:
             return None
-        self._kept = None
-        if self._plan is not None or any(p not in kept.cases for p in positions) \
-                or kept.digest != _digest(model, source):
+        self._kept = {key: k for key, k in self._kept.items() if k.provider != provider}
+        if self._plan is not None:
             return None
-        return kept.names, [kept.cases[p] for p in positions]
+        whole = [k for k in kept if all(p in k.cases for p in positions)]
+        digest = _digest(model, source) if whole else None
+        found = next((k for k in whole if k.digest == digest), None)
+        if found is None:
+            return None
+        return found.names, [found.cases[p] for p in positions]
 
     def _free_running(self, session: Any, reference: Sequence[Sequence[np.ndarray]]) -> dict[str, Any]:
         """The candidate's own greedy decode from each sample against the original's
@@ -1004,6 +1016,10 @@ class _KeptOutputs:
     provider: str
     names: list[str]
     cases: dict[int, list[np.ndarray]]
+
+    def nbytes(self) -> int:
+        """The bytes of the outputs kept."""
+        return sum(int(np.asarray(a).nbytes) for outs in self.cases.values() for a in outs)
 
 
 # what generated samples the original cannot run are made again with, in turn: batch 1
