@@ -102,3 +102,39 @@ def test_a_candidate_is_serialized_once_per_call(optimized_runs: list[int], monk
     assert len(optimized_runs) == 3
     (metrics,) = check.outputs
     assert metrics.sqnr_db == pytest.approx(_sqnr_db(1.9, samples), abs=0.01)
+
+
+def test_a_model_asked_about_again_after_another_runs_only_on_samples_it_has_not(
+        optimized_runs: list[int]) -> None:
+    """The fallback's confirmation asks again about the model its search found, which it
+    may have measured before others: that model runs on the other samples alone, and its
+    check on none."""
+    rng = np.random.default_rng(3)
+    samples = [{"x": rng.uniform(0.1, 1.0, SHAPE).astype(np.float32)} for _ in range(4)]
+    with Verifier(_scaled(2.0), inputs=samples, providers=["cpu"]) as verifier:
+        found = verifier.outputs(_scaled(1.9), [2, 3])
+        verifier.outputs(_scaled(1.5), [2, 3])
+        assert len(optimized_runs) == 4
+        every = verifier.outputs(_scaled(1.9), range(4))
+        assert len(optimized_runs) == 6  # samples 0 and 1 alone
+        np.testing.assert_array_equal(every["y"][2], found["y"][0])
+        np.testing.assert_allclose(every["y"][0], samples[0]["x"] * np.float32(1.9), rtol=1e-6)
+        check = verifier.check(_scaled(1.9), "int8")
+        assert len(optimized_runs) == 6
+        verifier.outputs(_scaled(1.5), [2, 3])  # the check released what was kept
+        assert len(optimized_runs) == 8
+    (metrics,) = check.outputs
+    assert metrics.sqnr_db == pytest.approx(_sqnr_db(1.9, samples), abs=0.01)
+
+
+def test_the_outputs_kept_before_the_last_model_come_to_no_more_than_its_own(optimized_runs: list[int]) -> None:
+    rng = np.random.default_rng(4)
+    samples = [{"x": rng.uniform(0.1, 1.0, SHAPE).astype(np.float32)} for _ in range(4)]
+    with Verifier(_scaled(2.0), inputs=samples, providers=["cpu"]) as verifier:
+        verifier.outputs(_scaled(1.9), [0, 1])
+        verifier.outputs(_scaled(1.5), range(4))  # the 2 samples before fit beside its 4
+        verifier.outputs(_scaled(1.9), [0, 1])
+        assert len(optimized_runs) == 6
+        verifier.outputs(_scaled(1.2), [0])  # 1 sample: neither the 4 nor the 2 before it fit
+        verifier.outputs(_scaled(1.5), range(4))
+        assert len(optimized_runs) == 6 + 1 + 4

@@ -109,7 +109,6 @@ ModelRef = Union[ir.Model, str, os.PathLike]
 DEFAULT_SAMPLES = 3
 REPARSE_MAX_BYTES = 64 * 1024 * 1024  # an original file up to this size is parsed again for the proof
 REFERENCES = ("auto", "float32")
-KEPT_OUTPUT_BYTES = 256 << 20  # ``Verifier.outputs``: the outputs kept beyond the last model's
 
 
 @dataclasses.dataclass
@@ -753,9 +752,10 @@ class Verifier:
         (``_digest``), until the next INT8 check on ``provider``, which uses them when it
         judges one of those very models: a pass that judges its result on the verifier's
         samples (the INT8 pass's confirmation, of a model its search measured before others)
-        and the verification of that result run it once on each sample. The outputs kept
-        beyond the last model's come to at most ``KEPT_OUTPUT_BYTES``, the oldest dropped
-        first. Not for a KV-cache decoder."""
+        and the verification of that result run it once on each sample. The outputs kept of
+        the models before the last come to no more bytes than the last one's (the oldest
+        dropped first): at most twice the memory of keeping the last alone. Not for a
+        KV-cache decoder."""
         source = self._source(model)  # serialized once: its bytes identify the model too
         key = (_digest(model, source), provider)
         kept = self._kept.pop(key, None) or _KeptOutputs(key[0], provider, [], {})
@@ -770,7 +770,7 @@ class Verifier:
             release_memory()
         held = sum(k.nbytes() for k in self._kept.values()) - kept.nbytes()
         for older in list(self._kept):
-            if held <= KEPT_OUTPUT_BYTES or older == key:
+            if held <= kept.nbytes() or older == key:
                 break
             held -= self._kept.pop(older).nbytes()
         names = kept.names if self._stream is None else stream_names(kept.names, self._stream)
