@@ -63,6 +63,30 @@ def test_unmoved_compares_dtypes_and_values() -> None:
     assert not tm.unmoved([picture], moved)  # an image moves by a grey level
 
 
+def test_moves_nothing_is_unmoved_of_a_whole_draw_and_stops_at_the_first_moved_sample(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    ids = _samples(5)
+    pictures = [{"image": rng.uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(5)]
+    roles = {"not_images": set(), "ids": {"input_ids", "attention_mask"}}
+    perturbed = []
+    perturb = tm.perturb
+
+    def counting(feeds, *args, **kwargs):
+        perturbed.append(1)
+        return perturb(feeds, *args, **kwargs)
+
+    monkeypatch.setattr(tm, "perturb", counting)
+    for draw in (1, 2, 3):
+        (ids_draw,), _ = tm.perturbation_draws(ids, draw + 1, first=draw, **roles)
+        (picture_draw,), _ = tm.perturbation_draws(pictures, draw + 1, first=draw)
+        assert tm.unmoved(ids, ids_draw) and not tm.unmoved(pictures, picture_draw)
+        del perturbed[:]
+        assert tm.moves_nothing(ids, draw, **roles) and len(perturbed) == len(ids)  # every sample seen
+        del perturbed[:]
+        assert not tm.moves_nothing(pictures, draw) and len(perturbed) == 1  # the first image moves
+
+
 def test_the_drivers_floor_of_token_ids_is_the_reference_run_once(monkeypatch: pytest.MonkeyPatch) -> None:
     proto, table, w = _encoder()
     held = _samples(6)

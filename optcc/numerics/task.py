@@ -199,7 +199,8 @@ __all__ = [
     "projected_outputs",
     "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "REGRESSION_NAMES", "sequence_outputs",
     "float_free_outputs",
-    "measure", "deviations", "TaskJudge", "perturbation_draws", "perturbation_roles", "unmoved", "FLOOR_DRAWS",
+    "measure", "deviations", "TaskJudge", "perturbation_draws", "perturbation_roles", "unmoved", "moves_nothing",
+    "FLOOR_DRAWS",
     "row_metrics", "wants_draws", "DeferredOutputs",
     "ctc_greedy",
     "map_boxes", "yolo_boxes", "box_f1", "box_layout", "class_rows", "anchor_grid",
@@ -583,6 +584,15 @@ def perturbation_draws(samples: Sequence[Mapping[str, np.ndarray]], draws: int, 
             how.update(described)
         result.append(moved)
     return result, how
+
+
+def moves_nothing(samples: Sequence[Mapping[str, np.ndarray]], draw: int, not_images: Collection[str] = (),
+                  ids: Collection[str] = ()) -> bool:
+    """``unmoved(samples, moved)`` of perturbation draw ``draw`` of the samples
+    (``perturbation_draws``), perturbing one sample at a time and stopping at the first
+    whose inputs move: no draw of every sample is made to be thrown away."""
+    return all(unmoved([samples[i]], moved) for i in range(len(samples))
+               for moved in perturbation_draws(samples, draw + 1, not_images, first=draw, ids=ids, at=[i])[0])
 
 
 def unmoved(samples: Sequence[Mapping[str, np.ndarray]], moved: Sequence[Mapping[str, np.ndarray]]) -> bool:

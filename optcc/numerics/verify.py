@@ -94,8 +94,8 @@ from optcc.numerics.inputs import (BATCH_SAMPLE, DEFAULT_DYNAMIC_DIM, RETRY_SIZE
 from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import ORIGINAL_ERROR_FACTOR, SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, DeferredOutputs, TaskJudge,
-                                 UserMetric, float_free_outputs, perturbation_draws, perturbation_roles, projected_outputs,
-                                 row_metrics, sequence_outputs, unmoved, wants_draws)
+                                 UserMetric, float_free_outputs, moves_nothing, perturbation_draws, perturbation_roles,
+                                 projected_outputs, row_metrics, sequence_outputs, unmoved, wants_draws)
 from optcc.progress import Progress
 from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, first_line, make_session, resolve_providers, run,
                                    session_options)
@@ -539,16 +539,16 @@ class Verifier:
             rows = row_metrics(reference, self._task["metric"], groups=groups, **fields)
             # float32's own errors excused, or a mean floor: more draws
             draws = FLOOR_DRAWS if self._plan is None and wants_draws(rows) else 1
-            moved, how = perturbation_draws(self.feeds, 1, **moving)
-            if draws > 1:
-                moved += perturbation_draws(self.feeds, draws, first=1, **moving)[0]
+            moved, how = perturbation_draws(self.feeds, 1, **moving)  # how each input moves, from every sample
+            # per draw, whether it moves no input: the runs perturb each sample again when they need it
+            still = [unmoved(self.feeds, moved[0]), *(moves_nothing(self.feeds, d, **moving) for d in range(1, draws))]
+            del moved
             masks = None
             mask_names = [n for n, role in roles.items() if role == "mask"]
             if mask_names and self._plan is None:
                 masks = [f.get(mask_names[0]) for f in self.feeds]
             self._judge_plans[provider] = _JudgePlan(
-                reference, rows, moving, how, [unmoved(self.feeds, draw) for draw in moved], masks,
-                [{} for _ in moved], **fields)
+                reference, rows, moving, how, still, masks, [{} for _ in still], **fields)
         return self._judge_plans[provider]
 
     def sample_judge(self, provider: str = "CPUExecutionProvider",
