@@ -252,3 +252,36 @@ def test_intermediates_named_like_the_measuring_outputs_are_corrected() -> None:
     assert stats["layers"] == 3 and before[1] > 5e-3
     for b, a in zip(before, after):
         assert a < 0.05 * b + 1e-5, (before, after)
+
+
+def gained_chain() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """``biased_chain`` reading ``x * sqrt(gain)``: ``gain`` a graph input that is also an
+    initializer (default 1), fed by every sample with values far from that default."""
+    model = biased_chain()
+    graph = model.graph
+    graph.initializer.append(nh.from_array(np.ones((1, 3, 1, 1), np.float32), "gain"))
+    graph.input.append(oh.make_tensor_value_info("gain", TP.FLOAT, [1, 3, 1, 1]))
+    graph.node.insert(0, oh.make_node("Sqrt", ["gain"], ["root"], name="root"))
+    graph.node.insert(1, oh.make_node("Mul", ["x", "root"], ["xg"], name="gain"))
+    graph.node[2].input[0] = "xg"
+    onnx.checker.check_model(model)
+    rng = np.random.default_rng(3)
+    data = [{**s, "gain": rng.uniform(9, 25, size=(1, 3, 1, 1)).astype(np.float32)} for s in samples(8, 0)]
+    return model, data
+
+
+def test_a_fed_input_with_a_default_is_read_from_the_samples() -> None:
+    """The float means and the quantized segments both read the samples' value of an input
+    that has a default (an initializer of the same name), not the default."""
+    model, calib = gained_chain()
+    q = quantized(model, calib)
+    before = mean_errors(model, q, calib)
+    means = FloatMeans(optcc.ir.load(model), calib)
+    stats = correct_biases(optcc.ir.load(model), q, calib, means=means, measured=SegmentMeans())
+    after = mean_errors(model, q, calib)
+    # the means measured: numpy's over onnxruntime's results with every sample's feeds
+    for name, expected in zip(CONVS, channel_means(model, CONVS, calib)):
+        np.testing.assert_allclose(means.means[name], expected, rtol=1e-5, atol=1e-6)
+    assert stats["layers"] == 3 and before[1] > 5e-3
+    for b, a in zip(before, after):
+        assert a < 0.05 * b + 1e-5, (before, after)

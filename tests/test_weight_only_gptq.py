@@ -43,3 +43,30 @@ def test_gptq_with_an_identity_hessian_is_the_best_shrunk_rtn(bits: int) -> None
     rtn = weight_only.quantize_rtn(w, bits, 32).dequantize().astype(np.float64)
     got_error, rtn_error = ((w - got) ** 2).sum(), ((w - rtn) ** 2).sum()
     assert got_error < rtn_error if bits == 4 else got_error <= rtn_error  # at 4 bits the outlier blocks clip
+
+
+def test_hessian_reads_the_samples_value_of_an_input_with_a_default() -> None:
+    """A layer input computed from a graph input that is also an initializer (a default the
+    samples replace): the Hessian is numpy's mean ``X^T X`` of the inputs the fed values give."""
+    import onnx
+    from onnx import TensorProto as TP
+    from onnx import helper as oh
+    from onnx import numpy_helper as nh
+
+    from optcc import ir as oir
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    graph = oh.make_graph(
+        [oh.make_node("Mul", ["x", "gain"], ["xg"]), oh.make_node("MatMul", ["xg", "W"], ["y"])], "g",
+        [oh.make_tensor_value_info("x", TP.FLOAT, ["N", 16]), oh.make_tensor_value_info("gain", TP.FLOAT, [16])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, ["N", 8])],
+        [nh.from_array(w, "W"), nh.from_array(np.ones(16, np.float32), "gain")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    samples = [{"x": rng.standard_normal((5, 16)).astype(np.float32),
+                "gain": rng.uniform(3, 5, size=16).astype(np.float32)} for _ in range(4)]
+    hessians, count = weight_only.collect_hessians(oir.load(model), {"xg": 16}, samples)
+    rows = np.concatenate([s["x"].astype(np.float64) * s["gain"] for s in samples])
+    assert count == 4
+    np.testing.assert_allclose(hessians["xg"], rows.T @ rows / len(rows), rtol=1e-5)

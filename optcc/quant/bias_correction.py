@@ -55,7 +55,7 @@ import onnxruntime as ort
 
 from optcc import ir as oir
 from optcc.progress import Progress
-from optcc.runtime.session import detached, session_options
+from optcc.runtime.session import detached, feedable, session_options
 from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
 __all__ = ["FloatMeans", "SegmentMeans", "correct_biases", "weight_error_shifts"]
@@ -342,7 +342,7 @@ def _average(session: ort.InferenceSession, fetch: Sequence[str], samples: Seque
              extra: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """The fetched outputs averaged over the samples (float64), ``extra`` fed with each."""
     total: list = [0.0] * len(fetch)
-    wanted = {i.name for i in session.get_inputs()}
+    wanted = feedable(session)
     for feeds in samples:
         values = session.run(list(fetch), {k: v for k, v in {**feeds, **(extra or {})}.items() if k in wanted})
         total = [t + np.asarray(v, np.float64) / len(samples) for t, v in zip(total, values)]
@@ -416,7 +416,12 @@ class _Segments:
         self.bias_names = frozenset(bias_inputs)
         self.opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in proto.opset_import}
         self.bias_inputs, self.ranks = list(bias_inputs), list(ranks)
-        self.initializers = {t.name: t for t in proto.graph.initializer}
+        inputs = {v.name for v in proto.graph.input}
+        # an initializer that is a graph input too is a default the samples may replace: read
+        # per sample like any graph input (``states``), never a constant of the segments
+        self.initializers = {t.name: t for t in proto.graph.initializer if t.name not in inputs}
+        self.defaults = {t.name: weights[t.name] if t.name in weights else onnx.numpy_helper.to_array(t)
+                         for t in proto.graph.initializer if t.name in inputs}
         nodes = list(proto.graph.node)
         # sample-independent dequantizations, by result; the graph without them
         self.constant_nodes = {n.output[0]: n for n in nodes if _is_constant_dequantization(n, self.initializers)}
@@ -424,13 +429,13 @@ class _Segments:
         self.reads = [_reads(n) for n in self.nodes]
         producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
         self.positions = [producer[r] for r in results]
-        fed = [v.name for v in proto.graph.input if v.name not in self.initializers]
-        self.position_of = {**{name: -1 for name in fed}, **producer}  # -1: a graph input
+        self.position_of = {**{name: -1 for name in inputs}, **producer}  # -1: a graph input
         self.last_read: dict[str, int] = {}
         for i, names in enumerate(self.reads):
             for name in names:
                 self.last_read[name] = i
-        self.states = [{k: np.asarray(v) for k, v in feeds.items() if k in self.position_of} for feeds in samples]
+        self.states = [{**{k: np.asarray(v) for k, v in self.defaults.items() if k in self.last_read},
+                        **{k: np.asarray(v) for k, v in feeds.items() if k in self.position_of}} for feeds in samples]
         self.constants: dict[str, np.ndarray] = {}  # dequantized weights a node from the current segment on reads
         self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
 
@@ -567,8 +572,11 @@ class _Segments:
                 array = np.ascontiguousarray(array)
                 self.ids[name] = hashlib.sha256(
                     f"{init.data_type}:{array.dtype.str}:{array.shape}".encode() + array.tobytes()).digest()
-            else:  # a graph input, or a name only a subgraph defines
-                self.ids[name] = hashlib.sha256(b"input:" + name.encode()).digest()
+            else:  # a graph input (with its default, if any), or a name only a subgraph defines
+                digest = hashlib.sha256(b"input:" + name.encode())
+                if name in self.defaults:
+                    digest.update(np.ascontiguousarray(self.defaults[name]).tobytes())
+                self.ids[name] = digest.digest()
         return self.ids[name]
 
     def run(self, k: int, biases: Mapping[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -605,7 +613,7 @@ class _Segments:
         segment.model = None  # onnxruntime holds what it needs
         carried, means, end = segment.carried, segment.means, segment.end
         fixed = {**biases, **{n: self.constants[n] for n in segment.constants}}
-        wanted = [i.name for i in session.get_inputs()]
+        wanted = feedable(session)
         totals: list = [0.0] * len(means)
         for state in self.states:
             values = session.run(carried + means, {n: fixed[n] if n in fixed else state[n] for n in wanted})

@@ -34,7 +34,7 @@ from optcc.numerics.metrics import sqnr_db as powers_db
 from optcc.progress import Progress
 from optcc.quant.suffix import cuttable, frontier, suffix
 from optcc.runtime.latency import median_seconds
-from optcc.runtime.session import session_options
+from optcc.runtime.session import feedable, session_options
 from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
 __all__ = [
@@ -713,8 +713,7 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
             session = _session(cut, "all", weights=weights, arena=False)
             del cut
         names = [o.name for o in session.get_outputs() if o.name in outputs]
-        # the graph inputs the session reads, those with an initializer's default too (a sample may feed them)
-        inputs = {i.name for i in (*session.get_inputs(), *session.get_overridable_initializers())}
+        inputs = feedable(session)
         at = [outputs.index(name) for name in names]
         layers = [layer for layer, value in injected.items() if segment_of[feed_of[value]] == start]
         for s, feeds in enumerate(samples):

@@ -56,7 +56,7 @@ import ml_dtypes
 import numpy as np
 
 from optcc.quant.bias_correction import weight_error_shifts
-from optcc.runtime.session import session_options
+from optcc.runtime.session import feedable, session_options
 
 __all__ = [
     "BlockQuantized",
@@ -452,11 +452,11 @@ def collect_hessians(model: Any, inputs: Mapping[str, int], samples: Iterable[Ma
             for value in added:
                 graph.outputs.remove(value)
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        feeds_wanted = [i.name for i in session.get_inputs()]
+        feeds_wanted = feedable(session)
         accumulators = {name: HessianAccumulator(k) for name, k in inputs.items()}
         count = 0
         for sample in samples:
-            feeds = {name: np.asarray(sample[name]) for name in feeds_wanted if name in sample}
+            feeds = {name: np.asarray(value) for name, value in sample.items() if name in feeds_wanted}
             for name, value in zip(names, session.run(list(names), feeds)):
                 accumulators[name].add(value)
             count += 1

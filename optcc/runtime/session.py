@@ -250,6 +250,13 @@ def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray],
     return detached(session.run(None if outputs is None else list(outputs), dict(feeds)))
 
 
+def feedable(session: ort.InferenceSession) -> frozenset[str]:
+    """The names a caller may feed ``session``: its graph inputs, those with an initializer's
+    default too (onnxruntime lists them apart from ``get_inputs``, and a feed replaces the
+    default)."""
+    return frozenset(i.name for i in (*session.get_inputs(), *session.get_overridable_initializers()))
+
+
 def detached(values: Sequence[object]) -> list[np.ndarray]:
     """onnxruntime's outputs as arrays that own their memory. onnxruntime hands out its
     output buffers without a copy, and each keeps its session's whole memory arena alive
