@@ -416,12 +416,13 @@ class _Segments:
         self.bias_names = frozenset(bias_inputs)
         self.opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in proto.opset_import}
         self.bias_inputs, self.ranks = list(bias_inputs), list(ranks)
-        inputs = {v.name for v in proto.graph.input}
-        # an initializer that is a graph input too is a default the samples may replace: read
-        # per sample like any graph input (``states``), never a constant of the segments
-        self.initializers = {t.name: t for t in proto.graph.initializer if t.name not in inputs}
+        # from IR 4 on, an initializer that is a graph input too is a default the samples may
+        # replace: read per sample like any graph input (``states``), never a constant of the
+        # segments; below IR 4 it is a constant (onnxruntime does not let a caller feed it)
+        overridable = {v.name for v in proto.graph.input} if proto.ir_version >= 4 else set()
+        self.initializers = {t.name: t for t in proto.graph.initializer if t.name not in overridable}
         self.defaults = {t.name: weights[t.name] if t.name in weights else onnx.numpy_helper.to_array(t)
-                         for t in proto.graph.initializer if t.name in inputs}
+                         for t in proto.graph.initializer if t.name in overridable}
         nodes = list(proto.graph.node)
         # sample-independent dequantizations, by result; the graph without them
         self.constant_nodes = {n.output[0]: n for n in nodes if _is_constant_dequantization(n, self.initializers)}
@@ -429,7 +430,8 @@ class _Segments:
         self.reads = [_reads(n) for n in self.nodes]
         producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
         self.positions = [producer[r] for r in results]
-        self.position_of = {**{name: -1 for name in inputs}, **producer}  # -1: a graph input
+        fed = [v.name for v in proto.graph.input if v.name not in self.initializers]
+        self.position_of = {**{name: -1 for name in fed}, **producer}  # -1: a graph input
         self.last_read: dict[str, int] = {}
         for i, names in enumerate(self.reads):
             for name in names:
