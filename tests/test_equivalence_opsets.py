@@ -196,3 +196,41 @@ def test_opsets_beyond_the_installed_onnx_are_keyed_apart():
     assert definition("", "Relu", newest)[0] == definition("", "Relu", newest - 1)[0]
     assert definition("", "Relu", newest + 1)[0] != definition("", "Relu", newest)[0]
     assert definition("", "Relu", newest + 1)[0] != definition("", "Relu", newest + 2)[0]
+
+
+def _with_weight(op: str, opset: int, weight: np.ndarray, **attributes) -> onnx.ModelProto:
+    """x (1x2x5x5) -> op(x, W) -> y, W a constant (a convolution with one has an affine form)."""
+    graph = helper.make_graph([helper.make_node(op, ["x", "W"], ["y"], **attributes)], op.lower(),
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+def test_convtranspose_same_padding_redefined_in_11_is_not_proved():
+    # ConvTranspose 1 puts an odd total padding's extra element at the start for SAME_UPPER,
+    # ConvTranspose 11 at the end: 2 * (5 - 1) + 3 - 10 = 1 here. A convolution's affine form
+    # must name that definition as its node's key does.
+    weight = RNG.standard_normal((2, 3, 3, 3)).astype(np.float32)
+    same = {"auto_pad": "SAME_UPPER", "strides": [2, 2]}
+    older, newer = _with_weight("ConvTranspose", 10, weight, **same), _with_weight("ConvTranspose", 11, weight, **same)
+    assert not prove_equivalent(optcc.ir.load(older), optcc.ir.load(newer)).complete
+    # the two readings, as explicit padding in onnx's evaluator, differ
+    x = RNG.standard_normal((1, 2, 5, 5)).astype(np.float32)
+    extra_first = _with_weight("ConvTranspose", 11, weight, pads=[1, 1, 0, 0], strides=[2, 2], output_shape=[10, 10])
+    extra_last = _with_weight("ConvTranspose", 11, weight, pads=[0, 0, 1, 1], strides=[2, 2], output_shape=[10, 10])
+    (a,), (b,) = _outputs(extra_first, x), _outputs(extra_last, x)
+    assert a.shape == b.shape == (1, 3, 10, 10) and np.abs(a - b).max() > 0.1
+
+
+def test_conv_same_padding_is_not_proved_across_11_but_explicit_padding_is():
+    # Conv 11 described SAME padding anew (op_versions lists explicit padding only); the
+    # affine form of a Conv with a constant weight is keyed by that definition too
+    weight = RNG.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    for attributes, proved in (({"auto_pad": "SAME_UPPER", "strides": [2, 2]}, False),
+                               ({"pads": [1, 0, 0, 1], "strides": [2, 2]}, True)):
+        older, newer = _with_weight("Conv", 10, weight, **attributes), _with_weight("Conv", 11, weight, **attributes)
+        assert prove_equivalent(optcc.ir.load(older), optcc.ir.load(newer)).complete is proved, attributes
+    x = RNG.standard_normal((1, 2, 5, 5)).astype(np.float32)
+    for u, v in zip(_outputs(older, x), _outputs(newer, x)):  # the explicit padding, computed alike
+        np.testing.assert_array_equal(u, v)

@@ -76,7 +76,9 @@ gets a key, and two values with the same key compute the same thing for every in
   with a constant weight, or an inference BatchNormalization, followed by per-channel
   constant Mul, Add, Sub, Div or BatchNormalization, is ``op(x; W) + b`` with ``W`` and
   ``b`` composed in float64; a convolution of ``Mul(x, s)``, ``s`` finite and one element
-  or one per input channel of ``x``, is one of ``x`` with ``W`` scaled per input channel. Two forms over the same ``x`` and attributes are equal when
+  or one per input channel of ``x``, is one of ``x`` with ``W`` scaled per input channel.
+  Two forms over the same ``x``, attributes and definition (a convolution's, as its
+  node's key names it) are equal when
   every weight is within ``ROUNDING_UNITS`` roundings of the stored dtype of the other's,
   and every bias within as many roundings of the magnitude of the terms summed into it
   (an infinity or NaN agrees with nothing):
@@ -1979,7 +1981,11 @@ def _affine_form(keys: _Keys, node: ir.Node, value: ir.Value, attributes: tuple)
             if factor.size != in_channels or weight.shape[0] % group:
                 return None
             weight, factor = _scaled_per_input_channel(op, weight, factor, group), None
-        form = _new_form((op, attributes, keys.key(x)), weight, axis, bias, rank=weight.ndim, axis=1, dtype=stored)
+        # the definition as the node's own key names it: the padding auto_pad asks for changed
+        # between versions (op_versions), and forms of equal structure share one key
+        definition = keys._semantics(node, "", op, keys.opsets.get("", 0))
+        form = _new_form((op, definition, attributes, keys.key(x)), weight, axis, bias, rank=weight.ndim, axis=1,
+                         dtype=stored)
         return form if factor is None else dataclasses.replace(form, scale=np.full(len(bias), factor[0]))
     if op in ("Gemm", "MatMul") and len(inputs) >= 2:
         weight = keys._array(inputs[1])
