@@ -293,6 +293,9 @@ def _calibration_sources(items: Sequence[str]) -> list[tuple[str | None, str]]:
                                 "or '.' (LABEL=DATA)")
         if not data:
             raise BadInputError(f"--calibration '{item}' names no DATA after '{label}='")
+        if not os.path.exists(data) and os.path.exists(item):
+            raise BadInputError(f"--calibration '{item}' reads as LABEL '{label}' and DATA '{data}', which does not "
+                                f"exist; give a path with '=' in a name with its folder (./{item})")
         sources.append((label, data))
     labelled = sum(label is not None for label, _ in sources)
     if labelled and labelled < len(sources):
@@ -311,6 +314,9 @@ def _int8_metric(items: Sequence[str]) -> str | dict[str, str] | None:
     keyed: dict[str, str] = {}
     for item in items:
         key, sep, name = item.rpartition("=")
+        if sep and name == "target":
+            raise BadInputError(f"--int8-metric '{item}': target (the SQNR and argmax thresholds alone) judges every "
+                                "output: it takes no metric per group or output (give --int8-metric target alone)")
         if name not in _METRIC_NAMES and (sep or name != "target"):
             allowed = ", ".join((*_METRIC_NAMES, *(() if sep else ("target",))))
             raise BadInputError(f"--int8-metric '{item}': unknown metric '{name}' (use {allowed})")
@@ -472,15 +478,16 @@ def run(argv: Sequence[str] | None = None) -> int:
     # the samples of every file in the order given; with labels, each sample's group
     calibration = [sample for _, _, samples in loaded for sample in samples] if loaded else None
     groups = [label for label, _, samples in loaded for _ in samples] if sources and sources[0][0] else None
-    metric = _int8_metric(args.int8_metric)
-    if calibration is not None and args.int8:
-        check_groups(groups, len(calibration), metric, None)
+    # the notes come first: a file read as one sample explains a group refused as too small
     for warning in said:
         if issubclass(warning.category, SampleAxisWarning):
             if not args.quiet:
                 print(f"optcc: note: {warning.message}", file=sys.stderr)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    metric = _int8_metric(args.int8_metric)
+    if calibration is not None and args.int8:
+        check_groups(groups, len(calibration), metric, None)
     weight_only: str | dict | None = args.weights
     if args.weights and calibration is not None and not (args.int8 or args.fp16):
         # weight-only: the samples correct the convolutions' biases and are what the result is judged on

@@ -273,6 +273,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
     (["--calibration", "A", "--int8-metric", "@a=sqnr"], "the samples have no groups"),
     (["--calibration", "a=A", "--int8-metric", "@a=nope"], "unknown metric 'nope'"),
     (["--calibration", "a=A", "--int8-metric", "target", "--int8-metric", "@a=sqnr"], "takes no metric per group"),
+    (["--calibration", "a=A", "--calibration", "b=B", "--int8-metric", "@a=target"], "takes no metric per group"),
     (["--calibration", "a=A", "--int8-metric", "@a=sqnr", "--int8-metric", "@a=argmax"], "two metrics"),
     (["--calibration", "a=A", "--inputs", "B"], "--inputs with labelled --calibration"),
     (["--calibration", "a=A", "--calibration", "b=B", "--int8-metric", "scores@a=sqnr"], "no output 'scores'"),
@@ -296,3 +297,33 @@ def test_bad_groups_are_one_line_usage_errors(files: dict[str, Path], tmp_path: 
 def test_labels_need_int8(files: dict[str, Path], tmp_path: Path, capsys) -> None:
     code = cli.main([str(files["model"]), "--fp16", "--calibration", f"a={files['a']}", "-o", str(tmp_path / "o.onnx")])
     assert code == cli.EXIT_BAD_INPUT and "used with --int8" in capsys.readouterr().err
+
+
+def test_a_path_with_an_equals_sign_is_named_with_its_folder(files: dict[str, Path], tmp_path: Path, capsys,
+                                                            monkeypatch) -> None:
+    """``x=y.npz`` reads as LABEL x and DATA y.npz; when only the whole path exists, the one
+    line says how to give it, and ``./x=y.npz`` calibrates on it."""
+    shutil.copy(files["a"], tmp_path / "x=y.npz")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out.onnx"
+    code = cli.main([str(files["model"]), "--int8", "--calibration", "x=y.npz", "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_BAD_INPUT and not out.exists()
+    assert len(err) == 1 and "'x=y.npz' reads as LABEL 'x'" in err[0] and "./x=y.npz" in err[0], err
+    assert _run(str(files["model"]), "--int8", "--no-int8-speed-check", "--calibration", "./x=y.npz",
+                "-o", str(out)) == cli.EXIT_OK and out.exists()
+
+
+def test_a_file_read_as_one_sample_is_noted_before_its_group_is_refused(files: dict[str, Path], tmp_path: Path,
+                                                                        capsys) -> None:
+    """Images saved as one [N, 3, H, W] array fit the model's input as one sample of batch
+    N: the group then holds one sample, and the note saying why precedes the refusal."""
+    batch = tmp_path / "batch.npz"
+    np.savez(batch, image=_images(6, 0, 1.0)[:, 0])
+    out = tmp_path / "out.onnx"
+    code = cli.main([str(files["model"]), "--int8", "--calibration", f"day={batch}", "--calibration",
+                     f"night={files['b']}", "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_BAD_INPUT and not out.exists()
+    assert len(err) == 2 and "read as one sample of batch 6" in err[0], err
+    assert "group 'day' (1) has too few samples" in err[1], err
