@@ -277,6 +277,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
     (["--calibration", "a=A", "--int8-metric", "@a=sqnr", "--int8-metric", "@a=argmax"], "two metrics"),
     (["--calibration", "a=A", "--inputs", "B"], "--inputs with labelled --calibration"),
     (["--calibration", "a=A", "--calibration", "b=B", "--int8-metric", "scores@a=sqnr"], "no output 'scores'"),
+    (["--calibration", "a=A", "--calibration", "b=B", "--int8-metric", "b=sqnr"], "the group 'b' is '@b'"),
 ])
 def test_bad_groups_are_one_line_usage_errors(files: dict[str, Path], tmp_path: Path, capsys,
                                               flags: list[str], message: str) -> None:

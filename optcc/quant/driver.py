@@ -191,8 +191,9 @@ def check_groups(groups: Sequence[str] | None, count: int, metric: Any, outputs:
         if outputs is None and not at:
             continue
         if outputs is not None and (at and output and output not in outputs or not at):
+            hint = f"; the group '{key}' is '@{key}'" if not at and key in labels else ""
             raise BadInputError(f"INT8 metric for '{key}': the model has no output '{output or key}' "
-                                f"(outputs: {', '.join(outputs)})")
+                                f"(outputs: {', '.join(outputs)}){hint}")
         if not labels:
             raise BadInputError(f"INT8 metric for '{key}' names group '{group}', but the samples have no groups")
         if group not in labels:
