@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --int8: the CPU class the speed decision is modelled for (default x86-vnni on every "
                         "machine; the summary names this machine's class where it differs); docs/int8.md")
     g.add_argument("--int8-target-sqnr", type=float, default=25.0, metavar="DB",
-                   help="INT8 accuracy target: SQNR in dB on every output, held-out samples (default 25)")
+                   help="with --int8: an output judged by SQNR (--int8-metric sqnr or target) passes at this SQNR "
+                        "in dB (default 25); another value is also required of every output by the final "
+                        "verification; docs/int8.md")
     g.add_argument("--calibration-cache", metavar="DIR",
                    help="with --int8: keep calibration statistics in DIR (keyed by model, data and method) and reuse them")
     g.add_argument("--no-int8-bias-correction", action="store_true",
