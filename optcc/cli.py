@@ -292,7 +292,7 @@ def _calibration_sources(items: Sequence[str]) -> list[tuple[str | None, str]]:
             raise BadInputError(f"--calibration '{item}' names no LABEL before '=' (LABEL=DATA)")
         if not _LABEL.fullmatch(label):
             raise BadInputError(f"--calibration '{item}': the label '{label}' must be letters, digits, '_', '-' "
-                                "or '.' (LABEL=DATA)")
+                                "or '.', starting with a letter, digit or '_' (LABEL=DATA)")
         if not data:
             raise BadInputError(f"--calibration '{item}' names no DATA after '{label}='")
         if not os.path.exists(data) and os.path.exists(item):

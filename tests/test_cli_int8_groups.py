@@ -266,6 +266,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
     (["--calibration", "a=A", "--calibration", "B"], "label every DATA"),
     (["--calibration", "A", "--calibration", "B"], "given more than once"),
     (["--calibration", "a b=A"], "the label 'a b' must be"),
+    (["--calibration", ".a=A"], "starting with a letter, digit or '_'"),
     (["--calibration", "=A"], "names no LABEL"),
     (["--calibration", "a="], "names no DATA"),
     (["--calibration", "a=A", "--calibration", "b=ONE"], "group 'b' (1) has too few samples"),
