@@ -281,7 +281,8 @@ _METRIC_NAMES = ("auto", *METRICS)
 def _calibration_sources(items: Sequence[str]) -> list[tuple[str | None, str]]:
     """(label or None, DATA) per ``--calibration``: ``LABEL=DATA`` when the text before the
     first '=' holds no '/' (a path with '=' in a name is given with a folder: ``./a=b.npz``),
-    else the whole text is DATA. Every DATA is labelled, or one is given."""
+    else the whole text is DATA; a file named ``LABEL=DATA`` is refused as ambiguous. Every
+    DATA is labelled, or one is given."""
     sources: list[tuple[str | None, str]] = []
     for item in items:
         label, sep, data = item.partition("=")
@@ -295,9 +296,9 @@ def _calibration_sources(items: Sequence[str]) -> list[tuple[str | None, str]]:
                                 "or '.', starting with a letter, digit or '_' (LABEL=DATA)")
         if not data:
             raise BadInputError(f"--calibration '{item}' names no DATA after '{label}='")
-        if not os.path.exists(data) and os.path.exists(item):
-            raise BadInputError(f"--calibration '{item}' reads as LABEL '{label}' and DATA '{data}', which does not "
-                                f"exist; give a path with '=' in a name with its folder (./{item})")
+        if os.path.exists(item):  # a file named LABEL=DATA: which was meant is not for optcc to guess
+            raise BadInputError(f"--calibration '{item}' is a file and reads as LABEL '{label}', DATA '{data}': give "
+                                f"the file with its folder (./{item}), or the label's DATA so ({label}=./{data})")
         sources.append((label, data))
     labelled = sum(label is not None for label, _ in sources)
     if labelled and labelled < len(sources):

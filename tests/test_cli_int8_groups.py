@@ -303,16 +303,18 @@ def test_labels_need_int8(files: dict[str, Path], tmp_path: Path, capsys) -> Non
 
 def test_a_path_with_an_equals_sign_is_named_with_its_folder(files: dict[str, Path], tmp_path: Path, capsys,
                                                             monkeypatch) -> None:
-    """``x=y.npz`` reads as LABEL x and DATA y.npz; when only the whole path exists, the one
-    line says how to give it, and ``./x=y.npz`` calibrates on it."""
-    shutil.copy(files["a"], tmp_path / "x=y.npz")
+    """A file named ``a=b.npz`` also reads as LABEL a and DATA b.npz: whether b.npz exists
+    (the fixture's) or not (``a=c.npz``), one line says how to give either, and
+    ``./a=b.npz`` calibrates on the file."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out.onnx"
-    code = cli.main([str(files["model"]), "--int8", "--calibration", "x=y.npz", "-o", str(out)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == cli.EXIT_BAD_INPUT and not out.exists()
-    assert len(err) == 1 and "'x=y.npz' reads as LABEL 'x'" in err[0] and "./x=y.npz" in err[0], err
-    assert _run(str(files["model"]), "--int8", "--no-int8-speed-check", "--calibration", "./x=y.npz",
+    for name in ("a=b.npz", "a=c.npz"):
+        shutil.copy(files["a"], tmp_path / name)
+        code = cli.main([str(files["model"]), "--int8", "--calibration", name, "-o", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == cli.EXIT_BAD_INPUT and not out.exists()
+        assert len(err) == 1 and f"'{name}' is a file" in err[0] and f"./{name}" in err[0], err
+    assert _run(str(files["model"]), "--int8", "--no-int8-speed-check", "--calibration", "./a=b.npz",
                 "-o", str(out)) == cli.EXIT_OK and out.exists()
 
 
