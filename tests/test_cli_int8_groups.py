@@ -331,3 +331,19 @@ def test_a_file_read_as_one_sample_is_noted_before_its_group_is_refused(files: d
     assert code == cli.EXIT_BAD_INPUT and not out.exists()
     assert len(err) == 2 and "read as one sample of batch 6" in err[0], err
     assert "group 'day' (1) has too few samples" in err[1], err
+
+
+def test_a_declined_groups_reason_says_each_sqnr_below_the_target(files: dict[str, Path], tmp_path: Path,
+                                                                  capsys) -> None:
+    """A target no INT8 model reaches: the first line names both groups' misses, and each
+    SQNR row says its SQNR is below the target asked for, not only the floor's margin."""
+    out = tmp_path / "out.onnx"
+    code = cli.main([str(files["model"]), "--int8", "--no-int8-speed-check", "--calibration", f"a={files['a']}",
+                     "--calibration", f"b={files['b']}", "--int8-metric", "sqnr", "--int8-target-sqnr", "200",
+                     "-o", str(out)])
+    first = capsys.readouterr().err.splitlines()[0]
+    assert code == cli.EXIT_PRECISION_NOT_APPLIED and not out.exists()
+    assert "groups a misses, b misses" in first, first
+    for group in ("a", "b"):
+        row = first.split(f"logits@{group}:sqnr deviation", 1)[1].split(")", 1)[0]
+        assert "dB < 200 dB target" in row, first

@@ -258,8 +258,12 @@ def _describe_miss(evaluation: Mapping[str, Any], target: Target) -> str:
     """Which judged metrics missed, with the floor, or the worst SQNR and agreement."""
     task = evaluation.get("task")
     if task:
-        misses = [f"{name} deviation {row['deviation']} > {row['allowed']} allowed (floor {row['floor']}, "
-                  f"margin {task['margin']:g}{'; ' + row['why'] if row.get('why') else ''})"
+        def below_target(row: Mapping[str, Any]) -> str:  # an SQNR row also missed the fixed target
+            db = row.get("sqnr_db") if row.get("metric") == "sqnr" else None
+            return f"SQNR {db:.1f} dB < {target.min_sqnr_db:g} dB target; " if isinstance(db, float) else ""
+
+        misses = [f"{name} deviation {row['deviation']} > {row['allowed']} allowed ({below_target(row)}floor "
+                  f"{row['floor']}, margin {task['margin']:g}{'; ' + row['why'] if row.get('why') else ''})"
                   for name, row in task["metrics"].items() if row.get("judged", True) and not row.get("passed", True)]
         groups = task.get("groups") or {}
         verdicts = ", ".join(f"{label} {'passes' if g['passed'] else 'misses'}" for label, g in groups.items())
