@@ -390,6 +390,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise BadInputError("--inputs with labelled --calibration: the verification judges each group on "
                                 "the calibration samples (leave --inputs out)")
     _int8_metric(args.int8_metric)  # a bad entry is a usage error before anything runs
+    if args.int8_metric and not (args.int8 or args.int8_dynamic or args.weights):
+        raise BadInputError("--int8-metric is used with --int8, --int8-dynamic or --weights (it judges their result)")
     if args.quiet and args.verbose:
         raise BadInputError("-q and -v exclude each other (print nothing on success, or everything)")
     modes = [flag for flag, given in (("--fp16", args.fp16), ("--int8", args.int8),
@@ -489,8 +491,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     metric = _int8_metric(args.int8_metric)
-    if calibration is not None and args.int8:
-        check_groups(groups, len(calibration), metric, None)
+    if calibration is not None and args.int8 or isinstance(metric, dict):  # a @GROUP needs labelled samples
+        check_groups(groups, len(calibration or ()), metric, None)
     weight_only: str | dict | None = args.weights
     if args.weights and calibration is not None and not (args.int8 or args.fp16):
         # weight-only: the samples correct the convolutions' biases and are what the result is judged on

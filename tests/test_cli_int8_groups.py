@@ -296,6 +296,24 @@ def test_bad_groups_are_one_line_usage_errors(files: dict[str, Path], tmp_path: 
     assert len(err) == 1 and message in err[0], err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--int8-metric", "@a=sqnr"], "--int8-metric is used with --int8, --int8-dynamic or --weights"),
+    (["--int8-metric", "sqnr", "--inputs", "A"], "--int8-metric is used with --int8, --int8-dynamic or --weights"),
+    (["--weights", "int8", "--calibration", "A", "--int8-metric", "@a=sqnr"], "the samples have no groups"),
+    (["--int8-dynamic", "--int8-metric", "logits@a=sqnr"], "the samples have no groups"),
+])
+def test_a_metric_that_would_judge_nothing_is_refused(files: dict[str, Path], tmp_path: Path, capsys,
+                                                      flags: list[str], message: str) -> None:
+    """--int8-metric judges an INT8 result (--int8, --int8-dynamic, --weights): without one
+    it would be ignored, and a @GROUP key without labelled samples would name nothing."""
+    out = tmp_path / "out.onnx"
+    argv = [str(files["a"]) if flag == "A" else flag for flag in flags]
+    code = cli.main([str(files["model"]), *argv, "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_BAD_INPUT and not out.exists()
+    assert len(err) == 1 and message in err[0], err
+
+
 def test_labels_need_int8(files: dict[str, Path], tmp_path: Path, capsys) -> None:
     code = cli.main([str(files["model"]), "--fp16", "--calibration", f"a={files['a']}", "-o", str(tmp_path / "o.onnx")])
     assert code == cli.EXIT_BAD_INPUT and "used with --int8" in capsys.readouterr().err
