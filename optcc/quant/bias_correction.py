@@ -421,8 +421,7 @@ class _Segments:
         # segments; below IR 4 it is a constant (onnxruntime does not let a caller feed it)
         overridable = {v.name for v in proto.graph.input} if proto.ir_version >= 4 else set()
         self.initializers = {t.name: t for t in proto.graph.initializer if t.name not in overridable}
-        self.defaults = {t.name: weights[t.name] if t.name in weights else onnx.numpy_helper.to_array(t)
-                         for t in proto.graph.initializer if t.name in overridable}
+        self.defaults = {t.name: self._array(t) for t in proto.graph.initializer if t.name in overridable}
         nodes = list(proto.graph.node)
         # sample-independent dequantizations, by result; the graph without them
         self.constant_nodes = {n.output[0]: n for n in nodes if _is_constant_dequantization(n, self.initializers)}
@@ -559,6 +558,10 @@ class _Segments:
                 if name:
                     self.ids[name] = hashlib.sha256(digest.digest() + str(i).encode()).digest()
 
+    def _array(self, init: onnx.TensorProto) -> np.ndarray:
+        """An initializer's array: its weight held apart (``light_proto``), else its data."""
+        return self.weights[init.name] if init.name in self.weights else onnx.numpy_helper.to_array(init)
+
     def _identity(self, name: str, biases: Mapping[str, np.ndarray]) -> bytes:
         """The digest of the value ``name`` (``_identified``)."""
         if not name:
@@ -570,8 +573,7 @@ class _Segments:
                 self._identified([self.constant_nodes[name]], biases)
             elif name in self.initializers:
                 init = self.initializers[name]
-                array = self.weights[name] if name in self.weights else onnx.numpy_helper.to_array(init)
-                array = np.ascontiguousarray(array)
+                array = np.ascontiguousarray(self._array(init))
                 self.ids[name] = hashlib.sha256(
                     f"{init.data_type}:{array.dtype.str}:{array.shape}".encode() + array.tobytes()).digest()
             else:  # a graph input (with its default, if any), or a name only a subgraph defines

@@ -67,6 +67,7 @@ __all__ = [
     "split_holdout",
     "holdout_positions",
     "split_at",
+    "calibration_positions",
     "model_hash",
     "data_hash",
 ]
@@ -419,9 +420,14 @@ def split_at(samples: Sequence[Feeds], held: Sequence[int]) -> tuple[list[Feeds]
     """(calibration, held-out): the samples at positions ``held`` are held out (in that
     order), the others calibrate; all of them when none is left."""
     samples = list(samples)
+    return [samples[i] for i in calibration_positions(len(samples), held)], [samples[i] for i in held]
+
+
+def calibration_positions(count: int, held: Sequence[int]) -> list[int]:
+    """The positions among ``count`` not in ``held``, which calibrate; all of them when none
+    is left."""
     chosen = set(held)
-    calib = [s for i, s in enumerate(samples) if i not in chosen]
-    return (calib or samples), [samples[i] for i in held]
+    return [i for i in range(count) if i not in chosen] or list(range(count))
 
 
 def holdout_positions(count: int, fraction: float = 0.2, groups: Sequence[Hashable] | None = None,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,7 +17,8 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.quant.bias_correction import FloatMeans, SegmentMeans, correct_biases
-from optcc.quant.calibration import CalibrationData, calibrate, holdout_positions, load_samples, split_at
+from optcc.quant.calibration import (CalibrationData, calibrate, calibration_positions, holdout_positions,
+                                     load_samples, split_at)
 from optcc.errors import BadInputError
 from optcc.infra.registry import create_pass
 from optcc.quant.cost_model import compare_modelled, cpu_class, element_counts
@@ -176,7 +176,7 @@ def check_groups(groups: Sequence[str] | None, count: int, metric: Any, outputs:
     if groups is not None:
         if len(groups) != count:
             raise BadInputError(f"{len(groups)} group labels for {count} samples")
-        sizes = Counter(str(g) for g in groups)
+        sizes = {label: c["samples"] for label, c in _group_counts(groups, ()).items()}
         labels = list(sizes)
         few = [f"'{g}' ({n})" for g, n in sizes.items() if n < MIN_GROUP_SAMPLES]
         if few:
@@ -209,27 +209,19 @@ def _few_held_out(groups: Sequence[str] | None, held: Sequence[int]) -> list[str
     than ``MIN_GROUP_HELD_OUT`` samples at positions ``held`` (none without groups)."""
     if groups is None:
         return []
-    counts = Counter(str(groups[i]) for i in held)
-    return [f"group '{label}' on {counts[label]} held-out samples: fewer than {MIN_GROUP_HELD_OUT}, a verdict "
+    return [f"group '{label}' on {c['held_out']} held-out samples: fewer than {MIN_GROUP_HELD_OUT}, a verdict "
             "mostly by chance (which samples they are, and the noise floor's draw)"
-            for label in dict.fromkeys(str(g) for g in groups) if counts[label] < MIN_GROUP_HELD_OUT]
+            for label, c in _group_counts(groups, held).items() if c["held_out"] < MIN_GROUP_HELD_OUT]
 
 
 def _group_counts(groups: Sequence[str], held: Sequence[int]) -> dict[str, dict[str, int]]:
     """Per group (in order of first appearance): its samples, and how many are held out."""
     counts: dict[str, dict[str, int]] = {}
-    for i, label in enumerate(groups):
+    for label in groups:
         counts.setdefault(str(label), {"samples": 0, "held_out": 0})["samples"] += 1
     for i in held:
         counts[str(groups[i])]["held_out"] += 1
     return counts
-
-
-def _complement(positions: Sequence[int], count: int) -> list[int]:
-    """The positions among ``count`` not in ``positions``; all of them when none is left
-    (as ``split_at`` calibrates)."""
-    taken = set(positions)
-    return [i for i in range(count) if i not in taken] or list(range(count))
 
 
 def _in_turn(positions: Sequence[int], groups: Sequence[str] | None, count: int) -> list[int]:
@@ -624,7 +616,7 @@ def quantize_int8(
     fully: dict[bool, tuple[ir.Model, dict[str, Any]]] = {}
     correcting = o.bias_correction  # set once by the held-out judgement below
     # the samples bias correction measures: the first calibration ones, of every group in turn
-    measured_on = [samples[i] for i in _in_turn(_complement(held_positions, len(samples)), o.groups,
+    measured_on = [samples[i] for i in _in_turn(calibration_positions(len(samples), held_positions), o.groups,
                                                 o.bias_correction_samples)]
     # the float model's channel means every corrected candidate is corrected towards, measured once
     float_means = FloatMeans(float_model, measured_on)
