@@ -319,7 +319,8 @@ def optimize(
             if check.status == "skipped":
                 report.warnings.append(f"numerics not verified: {check.reason}")
             elif check.notes:
-                report.warnings.append("weak verification: " + "; ".join(check.notes))
+                report.warnings.append("the verification's samples could hardly show an error: "
+                                       + "; ".join(check.notes))
     finally:
         if verifier is not None:
             verifier.close()

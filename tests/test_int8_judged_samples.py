@@ -104,11 +104,11 @@ def test_an_int8_acceptance_over_too_few_items_says_so() -> None:
     result = optcc.optimize(str(TINYCNN), int8_calibration=_images(24), int8_options={"require_speedup": False})
     assert result.applied_precision == ["int8"]
     weak = [w for w in result.report.warnings if "'logits:argmax' passed over" in w]
-    assert len(weak) == 1 and "give more samples" in weak[0]
+    assert len(weak) == 1 and weak[0].startswith("the verification's samples could hardly show an error: ")
     row = result.report.verification["task"]["metrics"]["logits:argmax"]
-    assert f"over {row['items']} items" in weak[0] and row["items"] * row["allowed"] < FEW_EXPECTED_ERRORS
+    assert f"over only {row['items']} items" in weak[0] and row["items"] * row["allowed"] < FEW_EXPECTED_ERRORS
     more = math.ceil(FEW_EXPECTED_ERRORS / (row["items"] * row["allowed"]))  # samples that would hold enough
-    assert f"about {more}x as many" in weak[0] and more >= 2
+    assert weak[0].endswith(f"give about {more}x as many samples") and more >= 2
 
 
 def test_only_passing_count_rows_with_few_expected_errors_get_a_note() -> None:
@@ -117,8 +117,19 @@ def test_only_passing_count_rows_with_few_expected_errors_get_a_note() -> None:
                            "c:box_f1": {"passed": False, "items": 10, "allowed": 0.03},  # failed: a problem
                            "d:sqnr": {"passed": True, "allowed": 0.01}}}  # no items: not a count
     notes = _few_items(verdict)
-    assert len(notes) == 1 and notes[0].startswith("'b:argmax' passed over 40 items")
+    assert len(notes) == 1 and notes[0].startswith("'b:argmax' passed over only 40 items")
     assert _few_items(None) == []
+
+
+def test_a_note_on_too_few_items_says_whose_samples_to_add() -> None:
+    """What to do, in words: a group's row asks for more of that group's samples, a row on
+    generated samples for real ones (--inputs); 3 errors / (40 x 0.015) -> 5x as many."""
+    row = {"passed": True, "items": 40, "allowed": 0.015}
+    grouped = _few_items({"metrics": {"logits@day:argmax": row}})
+    assert len(grouped) == 1 and grouped[0].endswith("give group 'day' about 5x as many samples")
+    generated = _few_items({"metrics": {"logits:argmax": row}}, generated=True)
+    assert len(generated) == 1
+    assert generated[0].endswith("give real samples with --inputs, about 5x as many as were generated")
 
 
 def test_group_labels_must_match_the_samples() -> None:

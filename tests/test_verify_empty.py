@@ -71,3 +71,30 @@ def test_an_output_empty_on_every_sample_beside_one_that_compares_is_a_note() ->
     assert "output 'ids' is empty on every sample (nothing compared)" in report.notes
     (dets,) = [o for o in report.outputs if o.name == "dets"]
     assert dets.argmax_agreement is None
+
+
+def _dead_relu() -> onnx.ModelProto:
+    """``y = Relu(Conv(x) - 100)``: on inputs in [0, 1] the Conv stays far below 100, so
+    ``y`` is 0 everywhere."""
+    weight = np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32) * 0.3
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "dead", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.full(4, -100.0, np.float32), "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_note_on_the_users_own_samples_asks_for_others_not_for_inputs(tmp_path) -> None:
+    """The note on an output the samples barely exercise says what to do: with samples of
+    the user's own (--inputs), samples on which the outputs vary; it asks for --inputs only
+    where the samples were generated."""
+    path = tmp_path / "dead.onnx"
+    onnx.save(_dead_relu(), path)
+    samples = [{"x": np.random.default_rng(i).uniform(0.0, 1.0, (1, 3, 16, 16)).astype(np.float32)} for i in range(3)]
+    reference = ReferenceEvaluator(str(path))
+    assert all(not reference.run(None, s)[0].any() for s in samples)  # the premise: y is 0 throughout
+    result = optcc.optimize(str(path), inputs=samples, weight_only="int8")
+    weak = [w for w in result.report.warnings if "output 'y' has the same value" in w]
+    assert len(weak) == 1 and weak[0].endswith("give samples on which the outputs vary for a stronger check")
+    assert "--inputs" not in weak[0]

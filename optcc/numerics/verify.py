@@ -707,7 +707,7 @@ class Verifier:
             reference = "; ".join(sorted(references - {"float32 original"}))
         weak = self._weak_outputs() if any(not m.passed for m in metrics) else {}
         problems = [f"'{m.name}' on {m.provider}: {m.problem}"
-                    + (f" (the output {weak[m.name]}: give real samples with --inputs)" if m.name in weak else "")
+                    + (f" (the output {weak[m.name]}: give {self._telling_samples})" if m.name in weak else "")
                     for m in metrics if not m.passed]
         for provider, verdict in verdicts.items() if by_task else ():  # fp16: the task only accepts
             problems += [f"'{row}' on {provider}: {_task_problem(value)}"
@@ -717,7 +717,8 @@ class Verifier:
                             task=verdicts.get(self.providers[0]),
                             task_by_provider=verdicts if len(verdicts) > 1 or set(verdicts) - {self.providers[0]}
                             else None,
-                            notes=self.notes() + (_few_items(verdicts.get(self.providers[0])) if by_task else []),
+                            notes=self.notes() + (_few_items(verdicts.get(self.providers[0]),
+                                                             generated=not self.user_samples) if by_task else []),
                             free_running=free or None, **base)
 
     @property
@@ -917,8 +918,14 @@ class Verifier:
         an image)."""
         found = [f"output '{name}' {weakness}" for name, weakness in self._weak_outputs().items()]
         if found:
-            found.append("give real samples (--inputs) for a stronger check")
+            found.append(f"give {self._telling_samples} for a stronger check")
         return [self._retried, *found] if self._retried else found
+
+    @property
+    def _telling_samples(self) -> str:
+        """The samples that would check an output these barely exercise: real ones in place
+        of generated ones; other ones in place of the user's."""
+        return "samples on which the outputs vary" if self.user_samples else "real samples with --inputs"
 
     def _weak_outputs(self) -> dict[str, str]:
         """Per output the samples barely exercise, how (see ``notes``)."""
@@ -1055,19 +1062,24 @@ def _num(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
 
 
-def _few_items(verdict: Mapping[str, Any] | None) -> list[str]:
+def _few_items(verdict: Mapping[str, Any] | None, generated: bool = False) -> list[str]:
     """A note per count-based task row that passed over too few items to show the margin:
     at its allowed rate the items hold fewer than ``FEW_EXPECTED_ERRORS`` errors, so a
-    model deviating a few times its floor would often pass as well."""
+    model deviating a few times its floor would often pass as well. Each says what to do:
+    how many times the samples (those of the row's group; real ones for ``generated``)."""
     notes = []
     for row, value in (verdict or {}).get("metrics", {}).items():
         items, allowed = value.get("items"), value.get("allowed")
         if value.get("passed") and isinstance(items, int) and isinstance(allowed, (int, float)) \
                 and items * allowed < FEW_EXPECTED_ERRORS:
             more = math.ceil(FEW_EXPECTED_ERRORS / max(items * allowed, 1e-9))
-            notes.append(f"'{row}' passed over {items} items: at its allowed rate {allowed:.3g} they hold "
-                         f"{items * allowed:.1f} errors, too few to tell a model at float32's noise floor from one "
-                         f"a few times worse (give more samples: about {more}x as many)")
+            group = row.rsplit(":", 1)[0].rpartition("@")[2] if "@" in row else None
+            todo = (f"give real samples with --inputs, about {more}x as many as were generated" if generated
+                    else f"give group '{group}' about {more}x as many samples" if group
+                    else f"give about {more}x as many samples")
+            notes.append(f"'{row}' passed over only {items} items, too few to catch a model a few times worse "
+                         f"than float32's own noise (at the allowed error rate, {allowed:.3g}, {items} items hold "
+                         f"{items * allowed:.1f} errors); {todo}")
     return notes
 
 
