@@ -40,12 +40,13 @@ from optcc.inspect import format_inspection, inspect_model
 from optcc.numerics import TOLERANCES, SampleAxisWarning, load_npz_samples
 from optcc.numerics.task import DEFAULT_MARGIN, METRICS
 from optcc.quant.cost_model import CPU_CLASSES
-from optcc.quant.driver import check_groups
+from optcc.quant.driver import MIN_GROUP_SAMPLES
 from optcc.quant.fallback import Target
 from optcc.version import __version__
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_NOT_VERIFIED, EXIT_PRECISION_NOT_APPLIED = 4, 5
+DEFAULT_TARGET_SQNR_DB = TOLERANCES["int8"].min_sqnr_db
 SUBCOMMANDS = ("inspect", "compare")
 
 EXIT_HELP = """\
@@ -155,10 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--int8-cpu", choices=list(CPU_CLASSES), metavar="{" + ",".join(CPU_CLASSES) + "}",
                    help="with --int8: the CPU class the speed decision is modelled for (default x86-vnni on every "
                         "machine; the summary names this machine's class where it differs); docs/int8.md")
-    g.add_argument("--int8-target-sqnr", type=float, default=25.0, metavar="DB",
-                   help="with --int8: an output judged by SQNR (--int8-metric sqnr or target) passes at this SQNR "
-                        "in dB (default 25); another value is also required of every output by the final "
-                        "verification; docs/int8.md")
+    g.add_argument("--int8-target-sqnr", type=float, metavar="DB",
+                   help="with --int8, --int8-dynamic or --weights: an output judged by SQNR (--int8-metric sqnr or "
+                        f"target) passes at this SQNR in dB (default {DEFAULT_TARGET_SQNR_DB:g}); another value is "
+                        "also required of every output by the final verification; docs/int8.md")
     g.add_argument("--calibration-cache", metavar="DIR",
                    help="with --int8: keep calibration statistics in DIR (keyed by model, data and method) and reuse them")
     g.add_argument("--no-int8-bias-correction", action="store_true",
@@ -169,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(SQNR and argmax thresholds only); repeatable as @GROUP=METRIC, OUTPUT=METRIC or "
                    "OUTPUT@GROUP=METRIC for one group or output; docs/int8.md")
     g.add_argument("--int8-metric-margin", type=float, default=None, metavar="X",
-                   help="with --int8: accept a deviation up to X times float32's own noise floor (default "
+                   help="with --int8, --int8-dynamic or --weights: accept a deviation up to X times float32's own "
+                   "noise floor (default "
                    f"{DEFAULT_MARGIN:g}; 1 asks for the floor itself); docs/int8.md")
     g.add_argument("--int8-per-tensor", action="store_true",
                    help="with --int8: one weight scale per tensor instead of per output channel")
@@ -282,7 +284,8 @@ def _calibration_sources(items: Sequence[str]) -> list[tuple[str | None, str]]:
     """(label or None, DATA) per ``--calibration``: ``LABEL=DATA`` when the text before the
     first '=' holds no '/' (a path with '=' in a name is given with a folder: ``./a=b.npz``),
     else the whole text is DATA; a file named ``LABEL=DATA`` is refused as ambiguous. Every
-    DATA is labelled, or one is given."""
+    DATA is labelled, or one is given; a label is given once (a group of several files is
+    one folder)."""
     sources: list[tuple[str | None, str]] = []
     for item in items:
         label, sep, data = item.partition("=")
@@ -299,6 +302,10 @@ def _calibration_sources(items: Sequence[str]) -> list[tuple[str | None, str]]:
         if os.path.exists(item):  # a file named LABEL=DATA: which was meant is not for optcc to guess
             raise BadInputError(f"--calibration '{item}' is a file and reads as LABEL '{label}', DATA '{data}': give "
                                 f"the file with its folder (./{item}), or the label's DATA so ({label}=./{data})")
+        given = next((d for other, d in sources if other == label), None)
+        if given is not None:
+            raise BadInputError(f"--calibration gives the label '{label}' twice ({label}={given}, {item}): one DATA "
+                                f"per label; for a group of several files, put them in one folder ({label}=FOLDER)")
         sources.append((label, data))
     labelled = sum(label is not None for label, _ in sources)
     if labelled and labelled < len(sources):
@@ -307,6 +314,21 @@ def _calibration_sources(items: Sequence[str]) -> list[tuple[str | None, str]]:
         raise BadInputError("--calibration is given more than once: label each DATA (LABEL=DATA) to judge "
                             "each kind of input apart, or put the files in one folder")
     return sources
+
+
+def _check_metric_groups(items: Sequence[str], labels: Sequence[str]) -> None:
+    """BadInputError unless every ``@GROUP`` of ``--int8-metric`` (``@GROUP=METRIC`` or
+    ``OUTPUT@GROUP=METRIC``) is the LABEL of a ``--calibration LABEL=DATA``."""
+    for item in items:
+        key = item.rpartition("=")[0]
+        at, group = key.rpartition("@")[1:]
+        if not at or group in labels:
+            continue
+        if not labels:
+            raise BadInputError(f"--int8-metric '{item}' names group '{group}', but no --calibration is labelled "
+                                f"(give the samples of group '{group}' as --calibration {group}=DATA)")
+        raise BadInputError(f"--int8-metric '{item}' names group '{group}', which no --calibration labels "
+                            f"(labels: {', '.join(labels)})")
 
 
 def _int8_metric(items: Sequence[str]) -> str | dict[str, str] | None:
@@ -378,20 +400,27 @@ def _write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _check_flags(args: argparse.Namespace) -> None:
+def _check_flags(args: argparse.Namespace, sources: Sequence[tuple[str | None, str]]) -> None:
+    """Usage errors, before anything is read; ``sources``: ``--calibration`` parsed."""
     if not args.model:
         raise BadInputError("no MODEL given (see --help)")
     if args.int8 and not args.calibration:
         raise BadInputError("--int8 needs --calibration DATA (.npz or a folder of them)")
-    if any(label is not None for label, _ in _calibration_sources(args.calibration)):
+    labels = [label for label, _ in sources if label is not None]
+    if labels:
         if not args.int8:
             raise BadInputError("labelled --calibration (LABEL=DATA) is used with --int8")
         if args.inputs:
             raise BadInputError("--inputs with labelled --calibration: the verification judges each group on "
                                 "the calibration samples (leave --inputs out)")
     _int8_metric(args.int8_metric)  # a bad entry is a usage error before anything runs
-    if args.int8_metric and not (args.int8 or args.int8_dynamic or args.weights):
-        raise BadInputError("--int8-metric is used with --int8, --int8-dynamic or --weights (it judges their result)")
+    # the flags that say how an INT8 result is judged: without one, nothing they judge
+    judging = {"--int8-metric": bool(args.int8_metric), "--int8-metric-margin": args.int8_metric_margin is not None,
+               "--int8-target-sqnr": args.int8_target_sqnr is not None}
+    for flag, given in judging.items():
+        if given and not (args.int8 or args.int8_dynamic or args.weights):
+            raise BadInputError(f"{flag} is used with --int8, --int8-dynamic or --weights (it judges their result)")
+    _check_metric_groups(args.int8_metric, labels)
     if args.quiet and args.verbose:
         raise BadInputError("-q and -v exclude each other (print nothing on success, or everything)")
     modes = [flag for flag, given in (("--fp16", args.fp16), ("--int8", args.int8),
@@ -409,8 +438,7 @@ def _check_flags(args: argparse.Namespace) -> None:
                  "--no-int8-speed-check": args.no_int8_speed_check,
                  "--calibration-cache": args.calibration_cache, "--int8-per-tensor": args.int8_per_tensor,
                  "--int8-activations": args.int8_activations != "uint8", "--int8-exclude": args.int8_exclude,
-                 "--no-int8-bias-correction": args.no_int8_bias_correction, "--int8-cpu": args.int8_cpu,
-                 "--int8-metric-margin": args.int8_metric_margin is not None}
+                 "--no-int8-bias-correction": args.no_int8_bias_correction, "--int8-cpu": args.int8_cpu}
     for flag, given in int8_only.items():
         if given and not args.int8:
             raise BadInputError(f"{flag} is used with --int8")
@@ -428,11 +456,12 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise BadInputError(f"--external-data-location '{location}' must be a file name (no folder)")
 
 
-def _check_not_sample_data(written: Sequence[Path | None], args: argparse.Namespace) -> None:
+def _check_not_sample_data(written: Sequence[Path | None], inputs: str | None,
+                           sources: Sequence[tuple[str | None, str]]) -> None:
     """No file written may be one the samples are read from (--inputs, --calibration: a
     file, or the .npz files of a folder): writing it would destroy the user's data."""
-    given_data = [("--inputs", args.inputs)] if args.inputs else []
-    given_data += [("--calibration", data) for _, data in _calibration_sources(args.calibration)]
+    given_data = [("--inputs", inputs)] if inputs else []
+    given_data += [("--calibration", data) for _, data in sources]
     for flag, given in given_data:
         source = Path(given)
         read = sorted(source.glob("*.npz")) if source.is_dir() else [source] if source.is_file() else []
@@ -451,7 +480,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.list_passes:
         print(_list_passes())
         return EXIT_OK
-    _check_flags(args)
+    sources = _calibration_sources(args.calibration)
+    _check_flags(args, sources)
     # no file written may be the input model or one it reads its weights from (those are
     # found once, by loading the input, and only when one of the files exists already)
     output = Path(args.output or default_output(args.model))
@@ -467,10 +497,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise BadInputError("--external-data-location is the output file itself", output)
     if data_file is not None:
         oir.check_output_path(data_file, args.model, reads)
-    _check_not_sample_data([output, report_path, data_file], args)
+    _check_not_sample_data([output, report_path, data_file], args.inputs, sources)
     input_shapes = _parse_shapes(args.input_shape)
     fixed_shapes = _parse_shapes(args.overwrite_input_shape, "--overwrite-input-shape")
-    sources = _calibration_sources(args.calibration)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always", SampleAxisWarning)
         inputs = load_npz_samples(args.inputs, args.model) if args.inputs else None
@@ -483,16 +512,18 @@ def run(argv: Sequence[str] | None = None) -> int:
     # the samples of every file in the order given; with labels, each sample's group
     calibration = [sample for _, _, samples in loaded for sample in samples] if loaded else None
     groups = [label for label, _, samples in loaded for _ in samples] if sources and sources[0][0] else None
-    # the notes come first: a file read as one sample explains a group refused as too small
+    # the notes come first: a file read as one sample explains a group refused as too small. They
+    # print with -q too: how a file was read decides which samples the run uses, whatever it prints
     for warning in said:
         if issubclass(warning.category, SampleAxisWarning):
-            if not args.quiet:
-                print(f"optcc: note: {warning.message}", file=sys.stderr)
+            print(f"optcc: note: {warning.message}", file=sys.stderr)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    for label, path, samples in loaded:  # each group is one file's samples: a label is given once
+        if label is not None and len(samples) < MIN_GROUP_SAMPLES:
+            raise BadInputError(f"--calibration group '{label}' holds {len(samples)} sample(s), too few: each group "
+                                f"needs at least {MIN_GROUP_SAMPLES} (one calibrates, one is held out)", path)
     metric = _int8_metric(args.int8_metric)
-    if calibration is not None and args.int8 or isinstance(metric, dict):  # a @GROUP needs labelled samples
-        check_groups(groups, len(calibration or ()), metric, None)
     weight_only: str | dict | None = args.weights
     if args.weights and calibration is not None and not (args.int8 or args.fp16):
         # weight-only: the samples correct the convolutions' biases and are what the result is judged on
@@ -504,6 +535,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         # result, not generated inputs on which a detector's map is all near zero
         inputs = calibration
 
+    target_sqnr = DEFAULT_TARGET_SQNR_DB if args.int8_target_sqnr is None else args.int8_target_sqnr
     status, hint = EXIT_OK, None
     try:
         with warnings.catch_warnings():
@@ -528,7 +560,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 int8_calibration=calibration,
                 int8_method=args.calibration_method,
                 int8_options={"require_speedup": not args.no_int8_speed_check, "cpu": args.int8_cpu,
-                              "target": Target(min_sqnr_db=args.int8_target_sqnr),
+                              "target": Target(min_sqnr_db=target_sqnr),
                               "cache_dir": args.calibration_cache,
                               "per_channel": not args.int8_per_tensor,
                               "bias_correction": not args.no_int8_bias_correction,
@@ -537,7 +569,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                               "metric_margin": DEFAULT_MARGIN if args.int8_metric_margin is None
                               else args.int8_metric_margin,
                               "exclude": [e for item in args.int8_exclude for e in _split(item)]},
-                tolerances={"int8": dataclasses.replace(TOLERANCES["int8"], min_sqnr_db=args.int8_target_sqnr)},
+                tolerances={"int8": dataclasses.replace(TOLERANCES["int8"], min_sqnr_db=target_sqnr)},
                 int8_dynamic=args.int8_dynamic,
                 weight_only=weight_only,
                 fold_large=args.fold_large,

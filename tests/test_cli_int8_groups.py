@@ -269,9 +269,14 @@ def files(tmp_path: Path) -> dict[str, Path]:
     (["--calibration", ".a=A"], "starting with a letter, digit or '_'"),
     (["--calibration", "=A"], "names no LABEL"),
     (["--calibration", "a="], "names no DATA"),
-    (["--calibration", "a=A", "--calibration", "b=ONE"], "group 'b' (1) has too few samples"),
-    (["--calibration", "a=A", "--calibration", "b=B", "--int8-metric", "@c=sqnr"], "names group 'c'"),
-    (["--calibration", "A", "--int8-metric", "@a=sqnr"], "the samples have no groups"),
+    (["--calibration", "a=A", "--calibration", "a=B"], "--calibration gives the label 'a' twice"),
+    (["--calibration", "a=A", "--calibration", "b=ONE"], "--calibration group 'b' holds 1 sample(s), too few"),
+    (["--calibration", "a=A", "--calibration", "b=B", "--int8-metric", "@c=sqnr"],
+     "--int8-metric '@c=sqnr' names group 'c', which no --calibration labels (labels: a, b)"),
+    (["--calibration", "a=A", "--calibration", "b=B", "--int8-metric", "logits@c=sqnr"],
+     "--int8-metric 'logits@c=sqnr' names group 'c', which no --calibration labels"),
+    (["--calibration", "A", "--int8-metric", "@a=sqnr"],
+     "--int8-metric '@a=sqnr' names group 'a', but no --calibration is labelled"),
     (["--calibration", "a=A", "--int8-metric", "@a=nope"], "unknown metric 'nope'"),
     (["--calibration", "a=A", "--int8-metric", "target", "--int8-metric", "@a=sqnr"], "takes no metric per group"),
     (["--calibration", "a=A", "--calibration", "b=B", "--int8-metric", "@a=target"], "takes no metric per group"),
@@ -299,19 +304,44 @@ def test_bad_groups_are_one_line_usage_errors(files: dict[str, Path], tmp_path: 
 @pytest.mark.parametrize("flags, message", [
     (["--int8-metric", "@a=sqnr"], "--int8-metric is used with --int8, --int8-dynamic or --weights"),
     (["--int8-metric", "sqnr", "--inputs", "A"], "--int8-metric is used with --int8, --int8-dynamic or --weights"),
-    (["--weights", "int8", "--calibration", "A", "--int8-metric", "@a=sqnr"], "the samples have no groups"),
-    (["--int8-dynamic", "--int8-metric", "logits@a=sqnr"], "the samples have no groups"),
+    (["--weights", "int8", "--calibration", "A", "--int8-metric", "@a=sqnr"],
+     "--int8-metric '@a=sqnr' names group 'a', but no --calibration is labelled"),
+    (["--int8-dynamic", "--int8-metric", "logits@a=sqnr"], "--int8-metric 'logits@a=sqnr' names group 'a', but no"),
+    (["--int8-target-sqnr", "30"], "--int8-target-sqnr is used with --int8, --int8-dynamic or --weights"),
+    (["--fp16", "--int8-target-sqnr", "30"], "--int8-target-sqnr is used with --int8, --int8-dynamic or --weights"),
+    (["--int8-metric-margin", "2"], "--int8-metric-margin is used with --int8, --int8-dynamic or --weights"),
 ])
 def test_a_metric_that_would_judge_nothing_is_refused(files: dict[str, Path], tmp_path: Path, capsys,
                                                       flags: list[str], message: str) -> None:
-    """--int8-metric judges an INT8 result (--int8, --int8-dynamic, --weights): without one
-    it would be ignored, and a @GROUP key without labelled samples would name nothing."""
+    """--int8-metric, its margin and --int8-target-sqnr judge an INT8 result (--int8,
+    --int8-dynamic, --weights): without one they would be ignored, and a @GROUP key without
+    labelled samples would name nothing."""
     out = tmp_path / "out.onnx"
     argv = [str(files["a"]) if flag == "A" else flag for flag in flags]
     code = cli.main([str(files["model"]), *argv, "-o", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == cli.EXIT_BAD_INPUT and not out.exists()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_a_label_given_twice_is_refused_naming_both_files(files: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """Two files under one label would merge into one group without a word: refused, and
+    the line names both and how to give a group of several files (one folder)."""
+    out = tmp_path / "out.onnx"
+    code = cli.main([str(files["model"]), "--int8", "--calibration", f"a={files['a']}", "--calibration",
+                     f"a={files['b']}", "-o", str(out), "--report", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_BAD_INPUT and not out.exists() and not (tmp_path / "r.json").exists()
+    assert len(err) == 1 and str(files["a"]) in err[0] and str(files["b"]) in err[0], err
+    assert "label 'a' twice" in err[0] and "one folder (a=FOLDER)" in err[0], err
+    folder = tmp_path / "both"
+    folder.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(files[name], folder / f"{name}.npz")
+    code = _run(str(files["model"]), "--int8", "--no-int8-speed-check", "--calibration", f"a={folder}",
+                "--calibration", f"b={files['b']}", "-o", str(out), "--report", str(tmp_path / "r.json"))
+    groups = json.loads((tmp_path / "r.json").read_text())["verification"]["task"]["groups"]
+    assert code == cli.EXIT_OK and groups == {"a": {"samples": 12, "passed": True}, "b": {"samples": 6, "passed": True}}
 
 
 def test_labels_need_int8(files: dict[str, Path], tmp_path: Path, capsys) -> None:
@@ -348,7 +378,25 @@ def test_a_file_read_as_one_sample_is_noted_before_its_group_is_refused(files: d
     err = capsys.readouterr().err.strip().splitlines()
     assert code == cli.EXIT_BAD_INPUT and not out.exists()
     assert len(err) == 2 and "read as one sample of batch 6" in err[0], err
-    assert "group 'day' (1) has too few samples" in err[1], err
+    assert err[1] == f"optcc: error: {batch}: --calibration group 'day' holds 1 sample(s), too few: each group " \
+                     "needs at least 2 (one calibrates, one is held out)", err
+
+
+def test_the_note_that_a_file_is_one_sample_prints_with_quiet(files: dict[str, Path], tmp_path: Path,
+                                                                capsys) -> None:
+    """-q prints nothing on success, but how a file was read decides which samples the run
+    uses: a [6, 3, H, W] file verified as one sample of batch 6 is said, naming the file."""
+    batch = tmp_path / "batch.npz"
+    images = _images(6, 0, 1.0)[:, 0]
+    np.savez(batch, image=images)
+    out = tmp_path / "out.onnx"
+    assert cli.main([str(files["model"]), "--inputs", str(batch), "-q", "-o", str(out)]) == cli.EXIT_OK
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"optcc: note: {batch}: read as one sample of batch 6"), err
+    # what was run is one sample of batch 6: onnx's reference gives the written model's outputs on it
+    reference = ReferenceEvaluator(str(TINYCNN)).run(None, {"image": images})[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": images})[0]
+    assert got.shape == (6, 10) and np.allclose(got, reference, rtol=1e-4, atol=1e-5)
 
 
 def test_a_declined_groups_reason_says_each_sqnr_below_the_target(files: dict[str, Path], tmp_path: Path,
@@ -365,3 +413,22 @@ def test_a_declined_groups_reason_says_each_sqnr_below_the_target(files: dict[st
     for group in ("a", "b"):
         row = first.split(f"logits@{group}:sqnr deviation", 1)[1].split(")", 1)[0]
         assert "dB < 200 dB target" in row, first
+
+
+def test_calibration_is_parsed_once_per_run(files: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    """The flag checks, the guard against overwriting a samples file and the loading all
+    use one parse of --calibration (the samples run reaches optimize with both groups)."""
+    parses: list[list[str]] = []
+    parse = cli._calibration_sources
+    monkeypatch.setattr(cli, "_calibration_sources", lambda items: parses.append(list(items)) or parse(items))
+    seen: list[list[str]] = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["int8_options"]["groups"])
+        raise BadInputError("stop here")
+
+    monkeypatch.setattr(cli, "optimize", recording)
+    flags = ["--calibration", f"a={files['a']}", "--calibration", f"b={files['b']}"]
+    code = cli.main([str(files["model"]), "--int8", *flags, "-o", str(tmp_path / "out.onnx"), "-q"])
+    assert code == cli.EXIT_BAD_INPUT and len(parses) == 1
+    assert seen == [["a"] * 6 + ["b"] * 6]

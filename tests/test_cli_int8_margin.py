@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -51,3 +52,22 @@ def test_margin_needs_int8_and_a_positive_value(example: Path, calibration: Path
     assert cli.main([str(example), "--int8", "--calibration", str(calibration), "--int8-metric-margin", "0",
                      "-o", str(tmp_path / "o.onnx"), "-q"]) == cli.EXIT_BAD_INPUT
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("mode", [["--int8-dynamic"], ["--weights", "int8"]])
+def test_the_margin_judges_dynamic_and_weight_only_int8_too(example: Path, tmp_path: Path, mode: list[str]) -> None:
+    """The verifier judges --int8-dynamic's and --weights' results by the task against
+    float32's noise floor, as --int8's: the margin given is the multiple of the floor each
+    row allows (the floor itself where X is 1)."""
+    allowed = {}
+    for margin in ("1", "4"):
+        report = tmp_path / f"r{margin}.json"
+        out = tmp_path / f"out{margin}.onnx"
+        code = cli.main([str(example), *mode, "--int8-metric-margin", margin, "-o", str(out),
+                         "--report", str(report), "-q"])
+        assert code == cli.EXIT_OK and out.exists()
+        task = json.loads(report.read_text())["verification"]["task"]
+        assert task["margin"] == float(margin)
+        allowed[margin] = {row: value["allowed"] for row, value in task["metrics"].items() if "allowed" in value}
+    assert allowed["1"] and allowed["1"].keys() == allowed["4"].keys()
+    assert all(allowed["4"][row] == pytest.approx(4 * allowed["1"][row]) for row in allowed["1"])

@@ -93,7 +93,7 @@ def test_allow_unverified_writes_with_exactly_one_warning_and_no_onnxruntime_log
     model = _failing_reshape_model(tmp_path / "reshape.onnx")
     out = tmp_path / "out.onnx"
     samples = tmp_path / "x.npz"
-    np.savez(samples, x=np.ones((2, 3), np.float32))
+    np.savez(samples, x=np.ones((1, 2, 3), np.float32))  # one sample, with its sample axis
     assert cli.main([str(model), "-o", str(out), "--inputs", str(samples), "--allow-unverified", "-q"]) == 0
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
