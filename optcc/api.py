@@ -26,6 +26,7 @@ from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
 from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary,
                             resolve_providers)
 from optcc.quant import quantization_ops
+from optcc.quant.driver import check_groups
 
 __all__ = ["optimize", "OptimizeResult", "verify", "FOLD_GROWTH_WARNING"]
 
@@ -204,6 +205,14 @@ def optimize(
                                       ("weight_only", weight_only)) if given]
     if len(modes) > 1:  # each is a whole precision plan for the model; combined, one would undo the other's
         raise BadInputError(f"{' and '.join(modes)} exclude each other (choose one precision)")
+    metric = dict(int8_options or {}).get("metric")
+    if isinstance(metric, Mapping) and (int8_dynamic or weight_only):
+        # the verifier judges their result by it: a key naming no output or group would judge
+        # nothing (the INT8 quantizer checks its own, with the groups' sizes)
+        try:
+            check_groups(None, 0, metric, [value.name for value in loaded.graph.outputs])
+        except BadInputError as error:
+            raise BadInputError(str(error), label) from None
     # entries that keep layers float: each should name something in the model (checked after the run)
     keep_float = {"fp16 block": fp16_block if fp16 else [],
                   "int8 exclude": list(dict(int8_options or {}).get("exclude") or []) if quantizing else []}

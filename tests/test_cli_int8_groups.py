@@ -307,6 +307,8 @@ def test_bad_groups_are_one_line_usage_errors(files: dict[str, Path], tmp_path: 
     (["--weights", "int8", "--calibration", "A", "--int8-metric", "@a=sqnr"],
      "--int8-metric '@a=sqnr' names group 'a', but no --calibration is labelled"),
     (["--int8-dynamic", "--int8-metric", "logits@a=sqnr"], "--int8-metric 'logits@a=sqnr' names group 'a', but no"),
+    (["--int8-dynamic", "--int8-metric", "scores=sqnr"], "the model has no output 'scores' (outputs: logits)"),
+    (["--weights", "int8", "--int8-metric", "sqnr", "--int8-metric", "scores=argmax"], "the model has no output 'scores'"),
     (["--int8-target-sqnr", "30"], "--int8-target-sqnr is used with --int8, --int8-dynamic or --weights"),
     (["--fp16", "--int8-target-sqnr", "30"], "--int8-target-sqnr is used with --int8, --int8-dynamic or --weights"),
     (["--int8-metric-margin", "2"], "--int8-metric-margin is used with --int8, --int8-dynamic or --weights"),
@@ -315,7 +317,7 @@ def test_a_metric_that_would_judge_nothing_is_refused(files: dict[str, Path], tm
                                                       flags: list[str], message: str) -> None:
     """--int8-metric, its margin and --int8-target-sqnr judge an INT8 result (--int8,
     --int8-dynamic, --weights): without one they would be ignored, and a @GROUP key without
-    labelled samples would name nothing."""
+    labelled samples, or an OUTPUT key the model lacks, would name nothing."""
     out = tmp_path / "out.onnx"
     argv = [str(files["a"]) if flag == "A" else flag for flag in flags]
     code = cli.main([str(files["model"]), *argv, "-o", str(out)])
