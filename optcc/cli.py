@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--int8", action="store_true", help="quantize to INT8 after the pipeline")
     g.add_argument("--calibration", action="append", default=[], metavar="[LABEL=]DATA",
                    help="calibration data (.npz or a folder of them) for --int8, or for --weights int8's bias "
-                        "correction; with --int8, repeat it as LABEL=DATA to label each kind of input (a group): "
-                        "every group is held out and judged apart; docs/int8.md")
+                        "correction; with --int8, repeat it as LABEL=DATA to label each kind of input (a group; "
+                        "one DATA per LABEL): every group is held out and judged apart; docs/int8.md")
     g.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy", "mse"], default="minmax")
     g.add_argument("--no-int8-speed-check", action="store_true",
                    help="keep the INT8 model even when it is not faster than float32")
@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-int8-bias-correction", action="store_true",
                    help="with --int8: keep the quantized Convs' and Gemms' biases as rounded (no empirical bias correction)")
     g.add_argument("--int8-metric", action="append", default=[], metavar="[KEY=]METRIC",
-                   help="with --int8: how the quantized model is judged against float32's noise floor: "
+                   help="with --int8, --int8-dynamic or --weights: how the quantized model is judged against "
+                   "float32's noise floor: "
                    f"{', '.join(('auto', *METRICS))} (auto, the default: from each output's nature), or target "
                    "(SQNR and argmax thresholds only); repeatable as @GROUP=METRIC, OUTPUT=METRIC or "
                    "OUTPUT@GROUP=METRIC for one group or output; docs/int8.md")
@@ -206,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--list-passes", action="store_true", help="list the registered passes and exit")
     g.add_argument("-v", "--verbose", action="count", default=0,
                    help="also print every pass (status, time, op changes) and every output's metrics")
-    g.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing on success but the opt-in warnings and the note on a samples file read "
+                        "as one sample")
     return p
 
 
