@@ -26,7 +26,8 @@ The replaced float weights are removed (initializers, or Constant nodes) once no
 reads them, so the file shrinks to about a quarter of the weights' float32 bytes.
 
 Preconditions: default-domain MatMul/Gemm, opset >= 11, ``a`` float32, ``W`` a float32
-2-D constant of finite values (as is an embedding table) read only by MatMul (input 1) /
+2-D constant of finite values (as is an embedding table; ``optcc.ir.const_array``: a graph
+input with an initializer default is fed, no constant) read only by MatMul (input 1) /
 Gemm (input 1) nodes (a weight shared with another kind of op, or read by Gemms with
 different ``transB``, stays float; nodes sharing one weight share one quantized copy),
 node not in ``exclude`` (node names, output names). Other ops, custom domains and

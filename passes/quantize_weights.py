@@ -35,7 +35,8 @@ sample at a time, from the float model; without samples GPTQ falls back to RTN a
 so in ``stats["note"]``.
 
 Preconditions: main-graph default-domain MatMul/Gemm (``transA = 0``), activation
-float32, weight a float32 2-D constant read only by such nodes with one orientation
+float32, weight a float32 2-D constant (``optcc.ir.const_array``: not a graph input with an
+initializer default, which a caller may feed) read only by such nodes with one orientation
 (and, with ``embeddings``, by Gathers on axis 0); node not in ``exclude`` (node or output
 names). Everything else is left alone with a reason in ``stats["kept_float"]``.
 

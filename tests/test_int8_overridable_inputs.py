@@ -11,11 +11,12 @@ import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as nh
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto as TP
 
 import optcc
 from optcc.passes.quantize_int8 import QuantizeInt8Pass
-from optcc.quant.calibration import calibration_tensors
+from optcc.quant.calibration import calibration_tensors, collect_statistics
 from optcc.quant.fallback import Target
 from reference import expected_outputs_float64, onnxruntime_outputs
 
@@ -133,6 +134,15 @@ def test_below_ir4_an_initializer_listed_as_input_is_a_constant() -> None:
 def test_calibration_measures_a_fed_input_only_from_ir4() -> None:
     assert "gain" in calibration_tensors(ir.from_proto(_gain_model()))
     assert "gain" not in calibration_tensors(ir.from_proto(_gain_model(ir_version=3)))
+
+
+@pytest.mark.parametrize("bins", [0, 64])  # min/max inside the graph; tensors fetched whole
+def test_calibration_reads_the_default_where_a_sample_feeds_none(bins: int) -> None:
+    rng = np.random.default_rng(6)
+    x = [rng.normal(size=(4, 16)).astype(np.float32) for _ in range(3)]
+    samples = [{"x": x[0], "gain": np.array(30.0, np.float32)}, {"x": x[1]}, {"x": x[2], "gain": np.array(4.0, np.float32)}]
+    stats = collect_statistics(_gain_model(), samples, bins=bins)
+    assert stats.ranges()["gain"] == (1.0, 30.0)
 
 
 def test_pass_keeps_a_conv_with_a_fed_bias_float() -> None:
