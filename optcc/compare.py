@@ -34,7 +34,7 @@ from optcc.errors import BadInputError, UnverifiedError
 from optcc.ir.overwrite import check_input_shapes
 from optcc.numerics import (RETRY_SIZES, TOLERANCES, OutputMetrics, Tolerance, UngeneratedInputError, check_feeds,
                             compare_outputs, generate_inputs, sizes_text)
-from optcc.runtime.session import first_line, session_options
+from optcc.runtime.session import first_line, float16_feedable, session_options
 
 __all__ = ["Comparison", "compare_models", "format_comparison"]
 
@@ -73,7 +73,7 @@ def _session(model: ir.Model, path: str | None, label: str) -> ort.InferenceSess
 
 
 def _run(session: ort.InferenceSession, feeds: Feeds, label: str) -> dict[str, np.ndarray]:
-    float16 = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
+    float16 = float16_feedable(session)
     feeds = {k: v.astype(np.float16) if k in float16 and v.dtype == np.float32 else v for k, v in feeds.items()}
     try:
         values = session.run(None, dict(feeds))

@@ -58,14 +58,8 @@ from optcc.passes.fold_shapes import fold_shapes as fold_shape_ops
 from optcc.passes.shape_reuse import InferenceSnapshot
 from optcc.passes.shape_reuse import recall as recall_inference
 from optcc.passes.shape_reuse import remember as remember_inference
-from optcc.passes.fold_shapes import (
-    SHAPE_OPS,
-    const_array,
-    initializers_are_constant,
-    is_constant,
-    materialize,
-    remove_if_dead,
-)
+from optcc.passes.fold_shapes import SHAPE_OPS, materialize, remove_if_dead
+from optcc.ir import const_array, initializers_are_constant, is_constant
 
 __all__ = ["FoldConstantsPass", "DEFAULT_MAX_GROWTH_BYTES"]
 

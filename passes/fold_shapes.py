@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 import logging
 import math
 
@@ -34,6 +34,7 @@ import onnx
 import onnx_ir as ir
 
 import optcc
+from optcc.ir import const_array, initializers_are_constant
 from optcc.rewrite import static_rank
 
 __all__ = [
@@ -44,9 +45,6 @@ __all__ = [
     "infer_shapes",
     "shape_findings",
     "ShapeFindings",
-    "const_array",
-    "is_constant",
-    "initializers_are_constant",
     "SHAPE_OPS",
 ]
 
@@ -59,44 +57,6 @@ Dims = tuple  # of int | ir.SymbolicDim
 
 def _is_default(node: ir.Node) -> bool:
     return node.domain in _DEFAULT_DOMAINS
-
-
-def initializers_are_constant(model: ir.Model) -> bool:
-    """Whether initializers listed as graph inputs are constants: below IR version 4 every
-    initializer had to be listed as an input, so (as in onnxruntime) it is not overridable;
-    from IR version 4 on, listing it as an input means a caller may feed another value."""
-    return int(model.ir_version or 0) < 4
-
-
-def is_constant(value: ir.Value, *, inputs_constant: bool = False) -> bool:
-    """Whether the value is a constant (cheap: no tensor data is read): an initializer (one
-    that is also a graph input only with ``inputs_constant``) or a Constant node's output."""
-    if value.is_initializer():
-        return value.const_value is not None and (inputs_constant or not value.is_graph_input())
-    if value.is_graph_input():
-        return False
-    producer = value.producer()
-    return producer is not None and producer.op_type == "Constant" and _is_default(producer)
-
-
-def const_array(value: ir.Value, *, inputs_constant: bool = False,
-                decode: Callable[[ir.TensorProtocol], np.ndarray] | None = None) -> np.ndarray | None:
-    """The data of a constant value (see ``is_constant``); None for anything else.
-    ``decode`` reads a tensor's array (default ``tensor.numpy()``; a caller may cache it)."""
-    if not is_constant(value, inputs_constant=inputs_constant):
-        return None
-    decode = decode or _numpy
-    if value.is_initializer():
-        return decode(value.const_value)
-    try:
-        tensor = optcc.ir.const_tensor(value)
-        return None if tensor is None else decode(tensor)
-    except Exception:  # noqa: BLE001 - sparse or malformed Constant: not a usable constant
-        return None
-
-
-def _numpy(tensor: ir.TensorProtocol) -> np.ndarray:
-    return optcc.ir.fresh(tensor)
 
 
 def infer_shapes(model: ir.Model, values: Iterable[ir.Value] | None = None,

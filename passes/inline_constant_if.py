@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 import optcc
 from optcc.passes.eliminate_noops import bypass
-from optcc.passes.fold_shapes import const_array
+from optcc.ir import const_array
 
 __all__ = ["InlineConstantIfPass"]
 

@@ -26,7 +26,8 @@ The replaced float weights are removed (initializers, or Constant nodes) once no
 reads them, so the file shrinks to about a quarter of the weights' float32 bytes.
 
 Preconditions: default-domain MatMul/Gemm, opset >= 11, ``a`` float32, ``W`` a float32
-2-D constant of finite values (as is an embedding table) read only by MatMul (input 1) /
+2-D constant of finite values (as is an embedding table; ``optcc.ir.const_array``: a graph
+input with an initializer default is fed, no constant) read only by MatMul (input 1) /
 Gemm (input 1) nodes (a weight shared with another kind of op, or read by Gemms with
 different ``transB``, stays float; nodes sharing one weight share one quantized copy),
 node not in ``exclude`` (node names, output names). Other ops, custom domains and
@@ -122,14 +123,14 @@ class QuantizeDynamicPass(optcc.Pass):
         a, w_value = node.inputs[0], node.inputs[1]
         if a is None or w_value is None or (a.dtype is not None and a.dtype != ir.DataType.FLOAT):
             return "activation not float32"
-        w = optcc.ir.as_numpy(w_value)
+        w = optcc.ir.const_array(w_value)  # a graph input with a default is fed, not a weight
         if w is None:
             return "weight not constant"
         if w.dtype != np.float32 or w.ndim != 2:
             return "weight not a float32 matrix"
         if not np.isfinite(w).all():
             return "weight holds inf or NaN"
-        if optcc.ir.as_numpy(a) is not None:
+        if optcc.ir.const_array(a) is not None:
             return "activation constant"
         if w_value.is_graph_output() or any(
             u.node.op_type not in ("MatMul", "Gemm") or u.idx != 1 for u in w_value.uses()
@@ -205,7 +206,7 @@ class QuantizeDynamicPass(optcc.Pass):
         beta = float(_attr(node, "beta", 1.0))
         if beta == 1.0:
             return [], c
-        constant = optcc.ir.as_numpy(c)
+        constant = optcc.ir.const_array(c)  # a fed C is scaled as fed
         if constant is not None:
             folded = (constant.astype(np.float64) * beta).astype(np.float32)
             return [], _initializer(graph, optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_bias"), folded)

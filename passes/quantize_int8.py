@@ -56,7 +56,10 @@ QGemm, QLinearAdd/Mul, QLinearAveragePool, QLinearConcat, ...):
 
 A model below IR version 4 is moved to 4 first (``optcc.ir.upgrade_legacy_ir``): there every
 initializer must also be a graph input, so the scales and quantized weights would
-change the interface.
+change the interface. From IR 4 on, an initializer listed as a graph input is a default a
+caller may replace: it is no constant (``optcc.ir.is_constant``) but an activation with a
+calibrated range (a MatMul's fed B, a Mul's fed gain), and a Conv or Gemm whose weight or
+bias is fed stays float.
 
 Preconditions (else the node stays float, reason in ``stats["kept_float"]``): default
 domain, float32 tensors, a calibrated range for every activation input and output
@@ -175,14 +178,14 @@ def _is_float32(value: ir.Value) -> bool:
     return value.dtype is None or value.dtype == ir.DataType.FLOAT
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    return None if value is None else optcc.ir.as_numpy(value)
-
-
 class _Plan:
-    """What to quantize in one graph: nodes, per-value params, absorbed activations."""
+    """What to quantize in one graph: nodes, per-value params, absorbed activations.
+    ``inputs_constant``: whether initializers listed as graph inputs are constants (below
+    IR 4, ``optcc.ir.initializers_are_constant``); from IR 4 on such an input may be fed,
+    so it is an activation like any other input."""
 
-    def __init__(self) -> None:
+    def __init__(self, inputs_constant: bool) -> None:
+        self.inputs_constant = inputs_constant
         self.compute: dict[ir.Node, str] = {}  # node -> weight handling ("conv", "gemm", ...)
         self.shared: set[ir.Node] = set()
         self.rescale: dict[ir.Node, float] = {}  # Mul/Div by a positive scalar -> factor
@@ -193,6 +196,10 @@ class _Plan:
 
     def keep(self, reason: str) -> None:
         self.kept[reason] = self.kept.get(reason, 0) + 1
+
+    def const(self, value: ir.Value | None) -> np.ndarray | None:
+        """The array of a constant input (``optcc.ir.const_array``), None for an activation."""
+        return None if value is None else optcc.ir.const_array(value, inputs_constant=self.inputs_constant)
 
 
 class QuantizeInt8Pass(optcc.Pass):
@@ -243,13 +250,14 @@ class QuantizeInt8Pass(optcc.Pass):
             return optcc.PassResult(model, False, stats)
         per_channel = self.per_channel and opset >= 13
         names = optcc.ir.ModelNames(model)
+        inputs_constant = optcc.ir.initializers_are_constant(model)
         modified = False
         for graph in optcc.ir.graphs(model):
             if not isinstance(graph, ir.Graph):
                 if any(n.op_type in COMPUTE_OPS for n in graph):
                     _count(stats["kept_float"], "inside a function")
                 continue
-            plan = self._plan(graph)
+            plan = self._plan(graph, inputs_constant)
             for reason, n in plan.kept.items():
                 _count(stats["kept_float"], reason, n)
             if plan.compute or plan.shared or plan.rescale:
@@ -286,10 +294,10 @@ class QuantizeInt8Pass(optcc.Pass):
             return False
         return self.only is None or bool(self.only & names)
 
-    def _plan(self, graph: ir.Graph) -> _Plan:
-        plan = _Plan()
+    def _plan(self, graph: ir.Graph, inputs_constant: bool) -> _Plan:
+        plan = _Plan(inputs_constant)
         weight_users: dict[ir.Value, list[ir.Node]] = {}
-        rescales = {node: f for node in graph if (f := self._rescale_factor(node)) is not None}
+        rescales = {node: f for node in graph if (f := self._rescale_factor(node, plan)) is not None}
         for node in graph:
             if not _is_default(node) or node.op_type not in COMPUTE_OPS or node in rescales:
                 continue
@@ -314,7 +322,7 @@ class QuantizeInt8Pass(optcc.Pass):
         self._assign_params(graph, plan)
         return plan
 
-    def _rescale_factor(self, node: ir.Node) -> float | None:
+    def _rescale_factor(self, node: ir.Node, plan: _Plan) -> float | None:
         """``c`` for ``Mul(x, c)``, ``1 / c`` for ``Div(x, c)``, with ``c`` a positive finite
         float32 scalar constant and ``y`` shaped like ``x``; else None."""
         if not _is_default(node) or node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
@@ -324,8 +332,8 @@ class QuantizeInt8Pass(optcc.Pass):
         a, b = node.inputs
         order = [(a, b), (b, a)] if node.op_type == "Mul" else [(a, b)]
         for x, c_value in order:
-            c = _const(c_value)
-            if x is None or c is None or _const(x) is not None or self._range(x) is None:
+            c = plan.const(c_value)
+            if x is None or c is None or plan.const(x) is not None or self._range(x) is None:
                 continue
             if c.dtype != np.float32 or c.size != 1 or not np.isfinite(c).all() or not float(c.reshape(())) > 0:
                 continue
@@ -349,7 +357,7 @@ class QuantizeInt8Pass(optcc.Pass):
             if len(node.inputs) < 2 or self._range(node.inputs[0]) is None:
                 plan.keep("no calibrated input range")
                 return None
-            w = _const(node.inputs[1])
+            w = plan.const(node.inputs[1])
             if w is None or w.dtype != np.float32:
                 plan.keep("weight not a float32 constant")
                 return None
@@ -363,7 +371,7 @@ class QuantizeInt8Pass(optcc.Pass):
                 plan.keep("malformed weight")
                 return None
             if len(node.inputs) > 2 and node.inputs[2] is not None:
-                b = _const(node.inputs[2])
+                b = plan.const(node.inputs[2])
                 n_out = self._out_channels(node, w)
                 if b is None or b.dtype != np.float32 or b.ndim != 1 or b.shape[0] != n_out:
                     plan.keep("bias not a constant vector")
@@ -373,7 +381,7 @@ class QuantizeInt8Pass(optcc.Pass):
             if self._range(node.inputs[0]) is None:
                 plan.keep("no calibrated input range")
                 return None
-            w = _const(node.inputs[1])
+            w = plan.const(node.inputs[1])
             if w is not None:
                 if w.dtype != np.float32:
                     plan.keep("weight not a float32 constant")
@@ -387,12 +395,12 @@ class QuantizeInt8Pass(optcc.Pass):
         data = [v for v in node.inputs if v is not None]
         if op in ("AveragePool", "GlobalAveragePool"):
             data = data[:1]
-        consts = [v for v in data if _const(v) is not None]
+        consts = [v for v in data if plan.const(v) is not None]
         if len(consts) == len(data):
             plan.keep("all inputs constant")
             return None
         for v in data:
-            c = _const(v)
+            c = plan.const(v)
             if c is not None:
                 if c.dtype != np.float32:
                     plan.keep("constant input not float32")
@@ -401,7 +409,7 @@ class QuantizeInt8Pass(optcc.Pass):
                 plan.keep("no calibrated input range")
                 return None
         if op == "Concat":
-            spans = [hi - lo for lo, hi in (self._range(v) for v in data if _const(v) is None)]
+            spans = [hi - lo for lo, hi in (self._range(v) for v in data if plan.const(v) is None)]
             if min(spans) <= 0 or max(spans) > CONCAT_SPAN_RATIO * min(spans):
                 # one scale for all inputs would leave the narrow ones a few levels
                 plan.keep(f"Concat inputs' ranges differ more than {CONCAT_SPAN_RATIO}x")
@@ -448,7 +456,7 @@ class QuantizeInt8Pass(optcc.Pass):
             ):
                 continue  # also read by something else: the usual rules apply
             if node in plan.compute and node.op_type in ("Add", "Mul") and any(
-                v is not None and _const(v) is not None for v in node.inputs
+                v is not None and plan.const(v) is not None for v in node.inputs
             ):
                 del plan.compute[node]
                 plan.keep("logits of an output head (Add/Mul with a constant before Softmax/Sigmoid)")
@@ -457,7 +465,7 @@ class QuantizeInt8Pass(optcc.Pass):
                 continue
             if node.op_type in _PASS_THROUGH | {"Add", "Mul"}:
                 for v in node.inputs:
-                    if v is not None and _const(v) is None and v not in logits:
+                    if v is not None and plan.const(v) is None and v not in logits:
                         logits.add(v)
                         stack.append(v)
 
@@ -477,19 +485,19 @@ class QuantizeInt8Pass(optcc.Pass):
             if len(act.outputs) != 1 or self._range(act.outputs[0]) is None or uses[0].idx != 0:
                 continue
             if act.op_type == "Clip":
-                bounds = self._clip_bounds(act)
+                bounds = self._clip_bounds(act, plan)
                 if bounds is None or not bounds[0] <= 0.0 <= bounds[1]:
                     continue
             plan.absorbed[node] = act
 
     @staticmethod
-    def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    def _clip_bounds(node: ir.Node, plan: _Plan) -> tuple[float, float] | None:
         if "min" in node.attributes or "max" in node.attributes:  # opset < 11
             return (_float_attr(node, "min", -np.inf), _float_attr(node, "max", np.inf))
         bounds = [-np.inf, np.inf]
         for i in (1, 2):
             if len(node.inputs) > i and node.inputs[i] is not None:
-                c = _const(node.inputs[i])
+                c = plan.const(node.inputs[i])
                 if c is None or c.size != 1:
                     return None
                 bounds[i - 1] = float(c.reshape(()))
@@ -509,7 +517,7 @@ class QuantizeInt8Pass(optcc.Pass):
                 continue
             if not _is_default(node) or node.op_type not in SHARED_SCALE_OPS or not self._selected(node):
                 continue
-            if not node.inputs or self._range(node.inputs[0]) is None or _const(node.inputs[0]) is not None:
+            if not node.inputs or self._range(node.inputs[0]) is None or plan.const(node.inputs[0]) is not None:
                 continue
             if len(node.outputs) != 1 and node.op_type != "Split":
                 continue
@@ -531,7 +539,7 @@ class QuantizeInt8Pass(optcc.Pass):
                 data = node.inputs[:1] if node.op_type in _SINGLE_INPUT_OPS else node.inputs
                 for v in data:
                     v = alias.get(v, v)  # type: ignore[arg-type]
-                    if v is not None and _const(v) is None and v not in plan.params:
+                    if v is not None and plan.const(v) is None and v not in plan.params:
                         plan.params[v] = of_range(v)  # type: ignore[assignment]
                 out = node.outputs[0]
                 if node in plan.float_output:
@@ -539,7 +547,7 @@ class QuantizeInt8Pass(optcc.Pass):
                 source = plan.absorbed[node].outputs[0] if node in plan.absorbed else out
                 plan.params[out] = of_range(source)  # type: ignore[assignment]
             elif node in plan.shared or node in plan.rescale:
-                src = _data_input(node)
+                src = _data_input(node, plan)
                 src = alias.get(src, src)
                 if src not in plan.params:
                     plan.params[src] = of_range(src)  # type: ignore[assignment]
@@ -570,12 +578,12 @@ class QuantizeInt8Pass(optcc.Pass):
             if node.op_type != "Concat" or node not in plan.compute or node in plan.float_output or node in plan.absorbed:
                 continue
             for v in node.inputs:
-                while v is not None and _const(v) is None:
+                while v is not None and plan.const(v) is None:
                     union(node.outputs[0], v)
                     producer = v.producer()
                     if producer is None or producer not in plan.shared:
                         break
-                    v = _data_input(producer)
+                    v = _data_input(producer, plan)
         groups: dict[ir.Value, list[ir.Value]] = {}
         for v in parent:
             groups.setdefault(find(v), []).append(v)
@@ -592,9 +600,9 @@ class QuantizeInt8Pass(optcc.Pass):
         return result
 
 
-def _data_input(node: ir.Node) -> ir.Value:
+def _data_input(node: ir.Node, plan: _Plan) -> ir.Value:
     """The non-constant input of a data-movement op or a rescale."""
-    return next(v for v in node.inputs if v is not None and _const(v) is None)
+    return next(v for v in node.inputs if v is not None and plan.const(v) is None)
 
 
 # float layers whose constant weights onnxruntime quantizes per tensor when their input is
@@ -602,12 +610,12 @@ def _data_input(node: ir.Node) -> ir.Value:
 _WEIGHTED_FLOAT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 
 
-def _float_layer_channels(node: ir.Node) -> tuple[int | None, int]:
+def _float_layer_channels(node: ir.Node, plan: _Plan) -> tuple[int | None, int]:
     """(channels of the data input along its channel axis, that axis) from the weights:
     Conv ``W[M, C/group, ...]``, ConvTranspose ``W[C, M/group, ...]``, Gemm ``A[M, K]``
     (``A[K, M]`` with transA) and ``B[K, N]`` (``B[N, K]`` with transB); None when the
     weights are not constant."""
-    w = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+    w = plan.const(node.inputs[1]) if len(node.inputs) > 1 else None
     if w is None or w.ndim < 2:
         return None, 1
     if node.op_type == "Conv":
@@ -660,7 +668,7 @@ class _Rewriter:
                 self._quantize_weight_input(node, 1, axis=1 if self._two_d(node.inputs[1]) else None)
             else:
                 for i, v in enumerate(node.inputs):
-                    if v is not None and _const(v) is not None:
+                    if v is not None and self.plan.const(v) is not None:
                         self._quantize_constant_activation(node, i)
             _count(self.stats["quantized"], node.op_type)
             self.stats["layers"].append(layer_id(node))
@@ -678,9 +686,8 @@ class _Rewriter:
             for node in [n for n in self.graph if n.op_type in _WEIGHTED_FLOAT_OPS and n not in plan.compute]:
                 self._shield_float_layer(node)
 
-    @staticmethod
-    def _two_d(value: ir.Value) -> bool:
-        c = _const(value)
+    def _two_d(self, value: ir.Value) -> bool:
+        c = self.plan.const(value)
         return c is not None and c.ndim == 2
 
     # -------------------------------------------------------------- helpers
@@ -724,7 +731,7 @@ class _Rewriter:
     def _fold_rescale(self, node: ir.Node) -> None:
         """Remove ``y = x * c``: ``y``'s DQ (scale ``x_scale * c``) reads ``x``'s 8-bit
         tensor; ``y``'s Q, the node and ``x``'s DQ (when nothing else reads it) go."""
-        x_dq = _data_input(node)
+        x_dq = _data_input(node, self.plan)
         y_dq_node = self.dq_of[node.outputs[0]].producer()
         y_q_node = y_dq_node.inputs[0].producer()
         x_q = x_dq.producer().inputs[0]
@@ -752,8 +759,8 @@ class _Rewriter:
         if (not _is_default(node) or dq is None or dq.graph is not self.graph or dq.op_type != "DequantizeLinear"
                 or len(dq.inputs) < 2):
             return
-        scale, zero = _const(dq.inputs[1]), _const(dq.inputs[2]) if len(dq.inputs) > 2 else None
-        channels, axis = _float_layer_channels(node)
+        scale, zero = self.plan.const(dq.inputs[1]), self.plan.const(dq.inputs[2]) if len(dq.inputs) > 2 else None
+        channels, axis = _float_layer_channels(node, self.plan)
         if scale is None or scale.size != 1 or (zero is not None and zero.size != 1) or channels is None \
                 or channels < 2:
             return
@@ -858,7 +865,7 @@ class _Rewriter:
     def _quantize_weight_input(self, node: ir.Node, index: int, axis: int | None,
                                floor: np.ndarray | None = None) -> Params:
         value = node.inputs[index]
-        w = _const(value)
+        w = self.plan.const(value)
         assert value is not None and w is not None
         if not self.per_channel:
             axis = None
@@ -875,7 +882,7 @@ class _Rewriter:
         return scale, zero
 
     def _quantize_weighted(self, node: ir.Node) -> None:
-        w = _const(node.inputs[1])
+        w = self.plan.const(node.inputs[1])
         assert w is not None
         op = node.op_type
         axis: int | None = 0 if op == "Conv" or _int_attr(node, "transB", 0) else 1
@@ -883,7 +890,7 @@ class _Rewriter:
         x_scale = self.plan.params[self._original_input(node)][0]
         floor = None
         if has_bias:
-            b = _const(node.inputs[2])
+            b = self.plan.const(node.inputs[2])
             assert b is not None
             # smallest weight scale whose int32 bias fits: |b| / (x_scale * w_scale) <= INT32_MAX
             needed = (np.abs(b.astype(np.float64)) / (float(x_scale) * INT32_MAX)).astype(np.float32)
@@ -892,7 +899,7 @@ class _Rewriter:
             floor = needed
         w_scale, _ = self._quantize_weight_input(node, 1, axis, floor)
         if has_bias:
-            b = _const(node.inputs[2])
+            b = self.plan.const(node.inputs[2])
             assert b is not None
             bias_scale = (np.float32(x_scale) * w_scale).astype(np.float32)  # [C] or scalar
             per_element = np.broadcast_to(bias_scale, b.shape).astype(np.float64)
@@ -911,7 +918,7 @@ class _Rewriter:
 
     def _quantize_constant_activation(self, node: ir.Node, index: int) -> None:
         value = node.inputs[index]
-        c = _const(value)
+        c = self.plan.const(value)
         assert value is not None and c is not None
         lo, hi = (float(c.min()), float(c.max())) if c.size else (0.0, 0.0)
         scale, zero = activation_params(lo, hi, "uint8" if self.act_dtype == np.uint8 else "int8")

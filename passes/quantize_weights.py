@@ -35,7 +35,8 @@ sample at a time, from the float model; without samples GPTQ falls back to RTN a
 so in ``stats["note"]``.
 
 Preconditions: main-graph default-domain MatMul/Gemm (``transA = 0``), activation
-float32, weight a float32 2-D constant read only by such nodes with one orientation
+float32, weight a float32 2-D constant (``optcc.ir.const_array``: not a graph input with an
+initializer default, which a caller may feed) read only by such nodes with one orientation
 (and, with ``embeddings``, by Gathers on axis 0); node not in ``exclude`` (node or output
 names). Everything else is left alone with a reason in ``stats["kept_float"]``.
 
@@ -297,7 +298,7 @@ class QuantizeWeightsPass(optcc.Pass):
             return "Gemm with transA"
         if a is None or w_value is None or (a.dtype is not None and a.dtype != ir.DataType.FLOAT):
             return "activation not float32"
-        if optcc.ir.as_numpy(a) is not None:
+        if optcc.ir.const_array(a) is not None:
             return "activation constant"
         w = _constant_matrix(w_value)
         if w is None:
@@ -388,7 +389,7 @@ class QuantizeWeightsPass(optcc.Pass):
         if has_c:
             c = node.inputs[2]
             beta = float(_attr(node, "beta", 1.0))
-            constant = optcc.ir.as_numpy(c)
+            constant = optcc.ir.const_array(c)  # a fed C (a graph input with a default) is scaled as fed
             if beta != 1.0 and constant is not None:
                 c = _initializer(graph, _name(taken, f"{name}_bias"), (constant.astype(np.float64) * beta).astype(np.float32))
             elif beta != 1.0:
@@ -524,9 +525,9 @@ def _use_kind(use: Any) -> str | None:
 
 
 def _constant_matrix(value: ir.Value) -> np.ndarray | None:
-    if value.const_value is None and value.producer() is None:
-        return None
-    array = optcc.ir.as_numpy(value)
+    """The float32 matrix behind a constant (``optcc.ir.const_array``: a graph input with
+    an initializer default is no constant, a caller may feed it)."""
+    array = optcc.ir.const_array(value)
     if array is None or array.dtype != np.float32 or array.ndim != 2:
         return None
     return array
@@ -628,7 +629,7 @@ def _conv_reason(node: ir.Node) -> str | None:
         return "convolution without input or weight"
     if x.dtype is not None and x.dtype != ir.DataType.FLOAT:
         return "activation not float32"
-    if optcc.ir.as_numpy(x) is not None:
+    if optcc.ir.const_array(x) is not None:
         return "activation constant"
     if w_value.is_graph_input():
         return "weight is a graph input"
@@ -656,7 +657,7 @@ def _bias_reason(node: ir.Node) -> str | None:
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if bias is None:
         return None
-    array = None if bias.is_graph_input() else optcc.ir.as_numpy(bias)
+    array = optcc.ir.const_array(bias)
     if array is None or array.dtype != np.float32 or array.ndim != 1:
         return "bias not a float32 constant"
     return None

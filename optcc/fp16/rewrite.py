@@ -242,16 +242,7 @@ class Rewriter:
                         and value.const_value is not None
                         and (self._all_readers_convert(value) or value.name in self.store16)
                     ):
-                        if self.weights is not None:
-                            half, note = self.weights.get(value.const_value, value.name or "",
-                                                          in_memory=not self.external_result)
-                            self.stats.clamped.extend([note] if note else [])
-                            value.const_value = half
-                        else:
-                            array = _to_float16(value.const_value.numpy(), value.name or "", self.stats)
-                            value.const_value = ir.tensor(array, name=value.name)
-                        self._set16(value)
-                        self.stats.initializers_converted += 1
+                        self._store16(value)
             for node in graph:
                 if node.op_type != "Constant" or not _is_default(node) or "value" not in node.attributes:
                     continue
@@ -265,10 +256,26 @@ class Rewriter:
                     self._set16(out)
                     self.stats.initializers_converted += 1
 
+    def _store16(self, value: ir.Value) -> None:
+        """Hold an initializer's tensor in float16 and type the value so."""
+        assert value.const_value is not None
+        if self.weights is not None:
+            half, note = self.weights.get(value.const_value, value.name or "", in_memory=not self.external_result)
+            self.stats.clamped.extend([note] if note else [])
+            value.const_value = half
+        else:
+            array = _to_float16(value.const_value.numpy(), value.name or "", self.stats)
+            value.const_value = ir.tensor(array, name=value.name)
+        self._set16(value)
+        self.stats.initializers_converted += 1
+
     def _retype_main_inputs(self) -> None:
         for value in self.model.graph.inputs:
             if self.original_type.get(value) == FLOAT and not self.keep_io(value.name or ""):
-                self._set16(value)
+                if value.const_value is not None:  # a default a caller may replace: held in the input's type
+                    self._store16(value)
+                else:
+                    self._set16(value)
 
     def _fix_graph_outputs(self) -> None:
         for graph in self.graphs:

@@ -3,7 +3,7 @@ and dtype facts passes need before they rewrite."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -110,6 +110,42 @@ def upgrade_legacy_ir(model: ir.Model) -> int:
             graph.initializers.pop(value.name)
     model.ir_version = 4
     return len(constant_inputs)
+
+
+def initializers_are_constant(model: ir.Model) -> bool:
+    """Whether initializers listed as graph inputs are constants: below IR version 4 every
+    initializer had to be listed as an input, so (as in onnxruntime) it is not overridable;
+    from IR version 4 on, listing it as an input means a caller may feed another value."""
+    return int(model.ir_version or 0) < 4
+
+
+def is_constant(value: ir.Value, *, inputs_constant: bool = False) -> bool:
+    """Whether the value is a constant (cheap: no tensor data is read): an initializer (one
+    that is also a graph input only with ``inputs_constant``, see
+    ``initializers_are_constant``) or a default-domain Constant node's output. The one rule
+    every pass and analysis uses: a value a caller may feed is never a constant."""
+    if value.is_initializer():
+        return value.const_value is not None and (inputs_constant or not value.is_graph_input())
+    if value.is_graph_input():
+        return False
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx")
+
+
+def const_array(value: ir.Value, *, inputs_constant: bool = False,
+                decode: Callable[[ir.TensorProtocol], np.ndarray] | None = None) -> np.ndarray | None:
+    """The data of a constant value (see ``is_constant``); None for anything else.
+    ``decode`` reads a tensor's array (default ``fresh``; a caller may cache it)."""
+    if not is_constant(value, inputs_constant=inputs_constant):
+        return None
+    decode = decode or fresh
+    if value.is_initializer():
+        return decode(value.const_value)
+    try:
+        tensor = const_tensor(value)
+        return None if tensor is None else decode(tensor)
+    except Exception:  # noqa: BLE001 - sparse or malformed Constant: not a usable constant
+        return None
 
 
 def inferred_dtypes(model: ir.Model) -> dict[str, ir.DataType]:

@@ -97,8 +97,8 @@ from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAW
                                  UserMetric, float_free_outputs, moves_nothing, perturbation_draws, perturbation_roles,
                                  projected_outputs, row_metrics, sequence_outputs, unmoved, wants_draws)
 from optcc.progress import Progress
-from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, first_line, make_session, resolve_providers, run,
-                                   session_options)
+from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, first_line, float16_feedable, make_session,
+                                   resolve_providers, run, session_options)
 from optcc.runtime.shared_weights import Serialized, content_digest, light_proto, release_memory, weighted_session
 
 __all__ = ["DEFAULT_SAMPLES", "REFERENCES", "Verification", "Verifier", "verify"]
@@ -368,7 +368,7 @@ class Verifier:
         """A session's outputs on every sample (every decode step of every sample for a
         KV-cache decoder, fed the original's tokens once they are known)."""
         samples = self.feeds if samples is None else samples
-        float16_inputs = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
+        float16_inputs = float16_feedable(session)
 
         def run_one(feeds: Feeds) -> list[np.ndarray]:
             return run(session, _fit_float16(feeds, float16_inputs))
@@ -798,7 +798,7 @@ class Verifier:
     def _free_running(self, session: Any, reference: Sequence[Sequence[np.ndarray]]) -> dict[str, Any]:
         """The candidate's own greedy decode from each sample against the original's
         (``reference``: its cases, ``self._steps`` per sample)."""
-        float16_inputs = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
+        float16_inputs = float16_feedable(session)
         shares, firsts = [], []
         for i, feeds in enumerate(self.feeds):
             share, first = free_running(lambda f: run(session, _fit_float16(f, float16_inputs)), self._names,
@@ -1099,7 +1099,7 @@ def _task_problem(row: Mapping[str, Any]) -> str:
             f"(float32's own under input noise: {_num(row['floor'])})")
 
 
-def _fit_float16(feeds: Feeds, float16_inputs: set[str]) -> dict[str, np.ndarray]:
+def _fit_float16(feeds: Feeds, float16_inputs: frozenset[str]) -> dict[str, np.ndarray]:
     """float32 feeds of inputs a float16 conversion made float16 (``keep_io_types=False``),
     rounded to float16."""
     return {name: array.astype(np.float16) if name in float16_inputs and array.dtype == np.float32 else array

@@ -456,17 +456,18 @@ def holdout_positions(count: int, fraction: float = 0.2, groups: Sequence[Hashab
 
 def calibration_tensors(model: ir.Model) -> list[str]:
     """Names of the float tensors of the main graph worth calibrating: graph inputs and
-    every node output (initializers and constants excluded)."""
+    every node output, constants excluded (``optcc.ir.is_constant``: an initializer a
+    caller may feed, a graph input with a default from IR 4 on, is calibrated)."""
     names: list[str] = []
     seen: set[str] = set()
+    inputs_constant = oir.initializers_are_constant(model)
 
     def wanted(value: ir.Value | None) -> bool:
         return (
             value is not None
             and bool(value.name)
             and value.name not in seen
-            and not value.is_initializer()
-            and value.const_value is None
+            and not oir.is_constant(value, inputs_constant=inputs_constant)
             and (value.dtype is None or value.dtype in _FLOAT_TYPES)
         )
 
@@ -533,13 +534,15 @@ class _Collector:
         self.session = weighted_session(proto, weights, session_options(threads=threads))
         self.names = [n for n in names if n not in inputs]
         self.input_names = [n for n in names if n in inputs]
+        # what an input a sample does not feed holds: its initializer's default
+        self.defaults = {v.name: v for v in model.graph.inputs if v.name in self.input_names and v.is_initializer()}
 
     def run(self, feeds: Feeds) -> Iterator[tuple[str, np.ndarray]]:
         if self.names:
             for name, array in zip(self.names, self.session.run(self.names, dict(feeds))):
                 yield name, array
         for name in self.input_names:
-            yield name, feeds[name]
+            yield name, feeds[name] if name in feeds else oir.as_numpy(self.defaults[name])
 
 
 _FINITE_AWARE_OPSET = 11  # IsInf (10), Where with broadcasting (9), ReduceSum without axes

@@ -632,6 +632,8 @@ def _join_quantized(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto, q_we
         nodes.append(clone)
     inits, weights = [], {}
     for init in q_proto.graph.initializer:
+        if init.name in inputs:  # a graph input's default: the float graph holds it under the same name
+            continue
         clone = onnx.TensorProto()
         clone.CopyFrom(init)
         clone.name = renamed(init.name)

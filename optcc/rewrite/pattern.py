@@ -185,15 +185,14 @@ class _Scope:
 
 def _const_array(value: ir.Value, legacy_initializers: bool = False,
                  decode: Callable[[ir.TensorProtocol], np.ndarray] | None = None) -> np.ndarray | None:
-    """The constant array behind ``value`` (``decode`` reads a tensor's, default its
-    ``numpy()``), None when it is not a constant."""
-    if value.is_graph_input() and not (legacy_initializers and value.is_initializer()):
-        return None
-    try:
-        tensor = oir.const_tensor(value)
-        return None if tensor is None else (tensor.numpy() if decode is None else decode(tensor))
-    except Exception:  # noqa: BLE001 - malformed Constant nodes are simply not constants
-        return None
+    """The constant array behind ``value`` (``optcc.ir.const_array``: an initializer that is
+    also a graph input only with ``legacy_initializers``; ``decode`` reads a tensor's,
+    default its ``numpy()``), None when it is not a constant."""
+    return oir.const_array(value, inputs_constant=legacy_initializers, decode=decode or _tensor_numpy)
+
+
+def _tensor_numpy(tensor: ir.TensorProtocol) -> np.ndarray:
+    return tensor.numpy()
 
 
 class Match:
@@ -783,7 +782,7 @@ def apply_rules(
     ``max_iters`` worklist rounds per graph; hitting the cap warns)."""
     stats = RewriteStats()
     model_opset = oir.default_opset(model)
-    legacy = int(model.ir_version or 0) < 4
+    legacy = oir.initializers_are_constant(model)
     names = _LazyNames(model)
     for graph in list(oir.graphs(model)):
         scope = _Scope(graph, _graph_opset(graph, model_opset), legacy)

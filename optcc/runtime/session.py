@@ -257,6 +257,13 @@ def feedable(session: ort.InferenceSession) -> frozenset[str]:
     return frozenset(i.name for i in (*session.get_inputs(), *session.get_overridable_initializers()))
 
 
+def float16_feedable(session: ort.InferenceSession) -> frozenset[str]:
+    """The names among ``feedable`` of float16 type (a float16 conversion that did not keep
+    the input types made them so, a default a caller may replace included)."""
+    return frozenset(i.name for i in (*session.get_inputs(), *session.get_overridable_initializers())
+                     if i.type == "tensor(float16)")
+
+
 def detached(values: Sequence[object]) -> list[np.ndarray]:
     """onnxruntime's outputs as arrays that own their memory. onnxruntime hands out its
     output buffers without a copy, and each keeps its session's whole memory arena alive
