@@ -162,3 +162,24 @@ def test_pass_keeps_a_conv_with_a_fed_bias_float() -> None:
     feeds = {"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32), "b": np.full(4, 50.0, np.float32)}
     want = expected_outputs_float64(model, feeds)[0]
     np.testing.assert_allclose(onnxruntime_outputs(ir.to_proto(result.model), feeds)[0], want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_decline_says_which_layers_read_fed_weights_and_what_to_do() -> None:
+    """A Conv whose weight is a graph input with a default stays float; the decline names
+    how many layers read such weights and how a user whose weights are fixed gets them
+    quantized, and the model is returned unchanged (it computes the float model's values)."""
+    rng = np.random.default_rng(7)
+    weight = (rng.normal(size=(4, 3, 3, 3)) * 0.3).astype(np.float32)
+    graph = oh.make_graph([oh.make_node("Conv", ["x", "W"], ["y"], name="conv")], "g",
+                          [oh.make_tensor_value_info("x", TP.FLOAT, ["N", 3, 8, 8]),
+                           oh.make_tensor_value_info("W", TP.FLOAT, [4, 3, 3, 3])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, ["N", 4, 6, 6])], [nh.from_array(weight, "W")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    samples = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(12)]
+    result = optcc.optimize(model, int8_calibration=samples, int8_options=OPTIONS, allow_float_fallback=True)
+    reason = result.precision["int8"]
+    assert reason is not None and "1 Conv/Gemm/MatMul layer(s) read their weight from a graph input" in reason
+    assert "remove them from the model's graph inputs" in reason
+    feeds = {"x": samples[0]["x"], "W": -weight}
+    want = expected_outputs_float64(model, feeds)[0]
+    np.testing.assert_allclose(onnxruntime_outputs(result.model, feeds)[0], want, rtol=1e-5, atol=1e-4)

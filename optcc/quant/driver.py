@@ -692,7 +692,8 @@ def quantize_int8(
         enough; its modelled speed is reported whether or not it decides."""
         problem = slower(fully_quantized, "fully_quantized")
         if problem and o.require_speedup:
-            return decline("speed", problem + " (even with every layer quantized; no fallback attempted)")
+            return decline("speed", problem + " (even with every layer quantized; no fallback attempted)"
+                           + _fed_weights_note(working))
         return None
 
     # a model declined for speed is never bias-corrected: the correction only adds nodes
@@ -703,7 +704,7 @@ def quantize_int8(
     stats["layer_ops"] = dict(pass_stats.get("layer_ops") or {})  # every quantizable layer's op, for the report
     lap("quantize")
     if not pass_stats.get("layers"):
-        return decline("nothing", "nothing quantizable (no layer met the preconditions)")
+        return decline("nothing", "nothing quantizable (no layer met the preconditions)" + _fed_weights_note(working))
     if (declined := speed_decline(quantized)) is not None:
         return declined
     if correcting:
@@ -781,3 +782,20 @@ def quantize_int8(
     report_floor()
     stats["modified"] = True
     return quantized, stats
+
+
+def _fed_weights_note(model: ir.Model) -> str:
+    """Why layers whose weights a caller may feed stay float, and what the user can do: from
+    IR 4 on, an initializer listed as a graph input is a default (``oir.is_constant``), so a
+    Conv/ConvTranspose/Gemm/MatMul reading its weight from one is not quantized as weighted.
+    Empty when no layer of the main graph does."""
+    if oir.initializers_are_constant(model):
+        return ""
+    fed = sum(1 for node in model.graph if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+              and len(node.inputs) > 1 and (w := node.inputs[1]) is not None
+              and w.is_graph_input() and w.is_initializer())
+    if not fed:
+        return ""
+    return (f"; {fed} Conv/Gemm/MatMul layer(s) read their weight from a graph input with a default, which a "
+            "caller may feed, so it is no constant to quantize: if the weights are fixed, remove them from the "
+            "model's graph inputs")
