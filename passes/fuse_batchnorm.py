@@ -239,8 +239,8 @@ def _shared_weight_problem(m: Match, w: np.ndarray) -> str | None:
     factors = [_foldable_reader_factor(m, reader, w) for reader in readers]
     if any(f is None for f in factors):
         return "shared weight 'w'"
-    identical = all(np.array_equal(f, factors[0]) for f in factors[1:])
-    if not identical and (len(readers) - 1) * w.nbytes > MAX_SHARED_COPY_BYTES:
+    if (len(readers) - 1) * w.nbytes > MAX_SHARED_COPY_BYTES \
+            and not all(np.array_equal(f, factors[0]) for f in factors[1:]):  # equal copies merge again
         return "shared weight 'w' (copies would exceed 1 MiB)"
     return None
 
