@@ -155,19 +155,28 @@ def _dropout_may_train(node: ir.Node) -> bool:
     return training is None or bool(np.any(training))
 
 
+def _float_product(array: np.ndarray) -> float:
+    """The product of the elements as a float (what ``np.prod(array, dtype=np.float64)``
+    gives for a shape's few elements: an overflow is ``inf``), without a ufunc call."""
+    product = 1.0
+    for element in array.reshape(-1).tolist():
+        product *= element
+    return product
+
+
 def _estimated_bytes(node: ir.Node, arrays: Sequence[np.ndarray | None]) -> int | None:
     """Output bytes of a generator op computed from its constant inputs, before running it."""
     try:
         if node.op_type == "ConstantOfShape":
             attr = node.attributes.get("value")
             itemsize = np.dtype(attr.value.dtype.numpy()).itemsize if attr is not None else 4
-            return int(np.prod(arrays[0], dtype=np.float64)) * itemsize
+            return int(_float_product(arrays[0])) * itemsize
         data = arrays[0]
         if node.op_type == "Expand":
             shape = np.broadcast_shapes(data.shape, tuple(int(d) for d in arrays[1]))
             return math.prod(shape) * data.itemsize
         if node.op_type == "Tile":
-            return data.size * int(np.prod(arrays[1], dtype=np.float64)) * data.itemsize
+            return data.size * int(_float_product(arrays[1])) * data.itemsize
         if node.op_type == "Range":
             start, limit, delta = (float(a) for a in arrays[:3])
             count = max(math.ceil((limit - start) / delta), 0) if delta else 0
