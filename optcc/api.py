@@ -187,7 +187,9 @@ def optimize(
     parse_for_verifier = isinstance(original, (str, os.PathLike)) and (verify or verify_each)
     untouched = oir.clone(loaded) if parse_for_verifier and overwrite_input_shapes else None
     report = Report(level=None if passes is not None else level)
-    report.model_before = ModelSummary.of(working)
+    summary = oir.histogram_and_weight_bytes(working)  # the manager's first summary too: the input
+    # shapes fixed below change neither the op histogram nor the weights
+    report.model_before = ModelSummary.of(working, summary)
     report.interface = list(loaded.meta.get(oir.FILLED_INTERFACE_KEY, []))
     oir.collect_for(report.model_before.weight_bytes)
     source_files = frozenset(oir.external_data_files(working)) if label is not None else frozenset()
@@ -310,7 +312,7 @@ def optimize(
         if overwrite_input_shapes:
             fresh = _with_overwrite(fresh, overwrite_input_shapes, label)
         try:
-            outcome = manager.run(working, fresh=fresh)
+            outcome = manager.run(working, fresh=fresh, summary=summary)
         except BadInputError as error:  # raised by a pass or the verifier: it names the model given
             if error.path is not None or label is None:
                 raise

@@ -161,9 +161,11 @@ class PassManager:
 
     # ----------------------------------------------------------------- the run
 
-    def run(self, model: ir.Model, *, fresh: Callable[[], ir.Model] | None = None) -> PipelineResult:
+    def run(self, model: ir.Model, *, fresh: Callable[[], ir.Model] | None = None,
+            summary: tuple[dict[str, int], int] | None = None) -> PipelineResult:
         """Run the pipeline on ``model`` (modified in place). ``fresh`` returns a new copy of
-        the model as given, for reverts and replays (default: a copy taken now).
+        the model as given, for reverts and replays (default: a copy taken now);
+        ``summary``: ``oir.histogram_and_weight_bytes(model)``, when the caller has it.
 
         Verified once at the end, a pipeline whose later steps change the numbers on purpose
         (float16, INT8: looser numerics than a fusion's) is verified before the first of
@@ -174,8 +176,8 @@ class PassManager:
             fresh = _copier(model)
         split = self._lossy_start()
         if split is not None:
-            return self._run_split(model, fresh, split)
-        run = self._complete(model, fresh, reverts={})
+            return self._run_split(model, fresh, split, summary)
+        run = self._complete(model, fresh, reverts={}, summary=summary)
         verification = None
         if self.verifier is not None:
             run, verification = self._verified(run)
@@ -192,7 +194,8 @@ class PassManager:
                 return position if position > 0 else None
         return None
 
-    def _run_split(self, model: ir.Model, fresh: Callable[[], ir.Model], split: int) -> PipelineResult:
+    def _run_split(self, model: ir.Model, fresh: Callable[[], ir.Model], split: int,
+                   summary: tuple[dict[str, int], int] | None) -> PipelineResult:
         """The float steps, verified (bisected and reverted on failure), then the rest from
         their verified result: a later failure is bisected among the later steps only.
 
@@ -203,7 +206,7 @@ class PassManager:
         assert self.verifier is not None
         options = dict(strict=self.strict, verifier=self.verifier, check_invariants=self.check_invariants)
         head = PassManager(self.pipeline[:split], **options, _numerics=self._base_numerics)
-        first = head._complete(model, fresh, reverts={})
+        first = head._complete(model, fresh, reverts={}, summary=summary)
         head_run, check = first, self.verifier.prove(first.model, first.numerics(), serialized=first.serialized)
         if check is None or not check.passed:
             head_run, check = head._verified(first)
@@ -211,7 +214,7 @@ class PassManager:
             return self._split_result(head_run, check, self._not_run(split))
         # the tail's verification judges the head's changes too: at least at their tolerance
         tail = PassManager(self.pipeline[split:], **options, _numerics=head_run.numerics())
-        run = tail._complete(head_run.model, _copier(head_run.model), reverts={})
+        run = tail._complete(head_run.model, _copier(head_run.model), reverts={}, summary=head_run.summary)
         if run.kept:
             run, verification = tail._verified(run)
             return PipelineResult(run.model, head_run.records + run.records, head_run.warnings + run.warnings,
@@ -239,10 +242,11 @@ class PassManager:
         return PipelineResult(head_run.model, [*head_run.records, *records], [*head_run.warnings, *warnings],
                               head_run.numerics(), check, head_run.unconverged, head_run.summary)
 
-    def _complete(self, model: ir.Model, fresh: Callable[[], ir.Model], reverts: dict[int, tuple[PassLike, str]]) -> _Run:
-        """Run the steps; should onnx's checker reject the result, run them again from a
-        fresh copy checking after every pass."""
-        run = self._run_steps(model, fresh, check_each=False, reverts=reverts)
+    def _complete(self, model: ir.Model, fresh: Callable[[], ir.Model], reverts: dict[int, tuple[PassLike, str]],
+                  summary: tuple[dict[str, int], int] | None = None) -> _Run:
+        """Run the steps (``summary``: ``model``'s, when known); should onnx's checker reject
+        the result, run them again from a fresh copy checking after every pass."""
+        run = self._run_steps(model, fresh, check_each=False, reverts=reverts, summary=summary)
         if self.check_invariants:
             problems, run.serialized = checked(run.model)
             if problems:
@@ -309,14 +313,14 @@ class PassManager:
         return model
 
     def _run_steps(self, model: ir.Model, fresh: Callable[[], ir.Model], *, check_each: bool,
-                   reverts: dict[int, tuple[PassLike, str]]) -> _Run:
+                   reverts: dict[int, tuple[PassLike, str]], summary: tuple[dict[str, int], int] | None = None) -> _Run:
         """Run the steps; with Python's cyclic garbage collector paused when the steps are
         float rewrites only (exact or fusion) and not verified one by one (see
         ``_pauses_collector``)."""
         if not self._pauses_collector():
-            return self._execute_steps(model, fresh, check_each=check_each, reverts=reverts)
+            return self._execute_steps(model, fresh, check_each=check_each, reverts=reverts, summary=summary)
         with oir.collector_paused():
-            return self._execute_steps(model, fresh, check_each=check_each, reverts=reverts)
+            return self._execute_steps(model, fresh, check_each=check_each, reverts=reverts, summary=summary)
 
     def _pauses_collector(self) -> bool:
         """Whether the steps run with the cyclic garbage collector paused. Float rewrites
@@ -334,10 +338,10 @@ class PassManager:
                    for step in self.pipeline for p in step_passes(step))
 
     def _execute_steps(self, model: ir.Model, fresh: Callable[[], ir.Model], *, check_each: bool,
-                       reverts: dict[int, tuple[PassLike, str]]) -> _Run:
+                       reverts: dict[int, tuple[PassLike, str]], summary: tuple[dict[str, int], int] | None) -> _Run:
         run = _Run(fresh=fresh, signature=signature(model), check_each=check_each, reverts=reverts,
                    base=self._base_numerics)
-        run.summary = oir.histogram_and_weight_bytes(model)
+        run.summary = summary if summary is not None else oir.histogram_and_weight_bytes(model)
         run.checkpoint = fresh
         for step in self.pipeline:
             if isinstance(step, Fixpoint):
