@@ -841,7 +841,9 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     The estimates are measured on at most ``ranking_samples`` of the samples, spread evenly
     over them (``spread_samples``; None: all): a layer's SQNR sums its error over every
     element of its result, so a few samples estimate it as well as many, and the ranking
-    only orders the layers; every candidate is still judged on all ``samples``.
+    only orders the layers; every candidate is still judged on all ``samples``. A layer
+    whose own result is exact there (no error to take away) is in neither order
+    (``_ranked``): it never takes a place in the budget.
     ``ranking="measured"``: the single-layer ranking and both orders described above.
     ``reference_outputs``: the reference's outputs on ``samples`` when already computed
     (``model_outputs``), so the float model is not run again. ``initial``: the fully
@@ -947,13 +949,16 @@ def _ranked(reference: ir.Model, model: ir.Model, stats: dict[str, Any], samples
     """The quantized layers of ``model`` worst first by ``estimate_sensitivity`` of
     ``errors`` (``layer_errors``' propagated and local SQNR) and, with ``output``, of
     those errors taken to the outputs (``output_sqnr`` on ``OUTPUT_RANKING_SAMPLES`` of
-    ``samples``); the ranking goes to ``report["sensitivity"]``."""
+    ``samples``); the ranking goes to ``report["sensitivity"]``. A layer whose own result
+    is exact on the samples (local SQNR +inf: quantizing it loses nothing there) is ranked
+    but left out of the order: returning it to float gains nothing, so it never takes a
+    place in the budget or the search."""
     propagated, local = errors
     seen = (output_sqnr(reference, model, stats.get("layer_outputs", {}),
                         spread_samples(samples, OUTPUT_RANKING_SAMPLES)) if output else {})
     ranking = estimate_sensitivity(list(stats.get("layers", [])), local, propagated, seen)
     report["sensitivity"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ranking]
-    return [row["layer"] for row in ranking]
+    return [row["layer"] for row in ranking if row["local_sqnr_db"] != math.inf]
 
 
 def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
