@@ -341,11 +341,12 @@ def evaluate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds],
 
 
 def evaluate_candidate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds], target: Target,
-               ref_outputs: _Outputs | Mapping[str, Sequence[np.ndarray]] | None,
-               outputs: CandidateOutputs | None) -> Evaluation:
+                       ref_outputs: _Outputs | Mapping[str, Sequence[np.ndarray]] | None,
+                       outputs: CandidateOutputs | None) -> Evaluation:
     """``evaluate`` of a quantized candidate (``ref_outputs``: the reference's outputs, as
-    ``evaluate``'s ``reference_outputs``); one onnxruntime refuses to build misses the
-    target, its refusal as the reason (``Evaluation.refused``), and a search goes on."""
+    ``evaluate``'s ``reference_outputs``); one onnxruntime refuses (to build it, or to run
+    it on the samples) misses the target, with the refusal as the reason
+    (``Evaluation.refused``), and a search goes on."""
     try:
         return evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs, outputs=outputs)
     except (RefusedModel, *_REFUSALS) as e:
