@@ -128,3 +128,33 @@ def test_a_cut_onnxruntime_refuses_is_measured_on_the_whole_model(monkeypatch: p
     for layer in uncut:
         assert measured[layer] == pytest.approx(uncut[layer], abs=1e-9), layer
     assert all(math.isfinite(v) for v in measured.values())
+
+
+def test_quantize_int8_keeps_float_a_layer_onnxruntime_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the driver: the quantize pass's output for mm2 made one onnxruntime refuses
+    (as above); INT8 ships with mm2 float, saying why, instead of raising."""
+    from optcc.quant import driver
+
+    def refusing(name: str, **options: Any) -> Any:
+        made = create_pass(name, **options)
+
+        def run(model: ir.Model) -> Any:
+            result = made(model)
+            if name == "quantize-int8" and "mm2" in result.stats["layers"]:
+                _int16_result(result.model, result.stats["layer_outputs"]["mm2"][1])
+            return result
+
+        return run
+
+    monkeypatch.setattr(driver, "create_pass", refusing)
+    proto, rows = _chain(), _rows(24)
+    q, stats = driver.quantize_int8(proto, rows, "minmax", min_speedup=1e-9, metric=None,
+                                    target=Target(min_sqnr_db=20.0, min_argmax_agreement=0.0))
+    assert stats["modified"] is True, stats.get("reason")
+    assert list(stats["fallback"]["refused_layers"]) == ["mm2"]
+    assert "mm2" not in stats["pass"]["layers"]
+    weights = [nh.to_array(i).astype(np.float64) for i in proto.graph.initializer]
+    for feeds in rows[-4:]:
+        want = feeds["x"].astype(np.float64) @ weights[0] @ weights[1] @ weights[2]
+        (got,) = onnxruntime_outputs(optcc.ir.serialize(q), feeds)
+        assert 10 * math.log10(np.sum(want**2) / np.sum((want - got) ** 2)) >= 20.0
