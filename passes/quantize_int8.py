@@ -739,9 +739,11 @@ class _Rewriter:
         removed = [y_q_node, node]
         if len(x_dq.uses()) == 1 and not x_dq.is_graph_output():  # read by the rescale only
             removed.append(x_dq.producer())
-            for names in self.stats["layer_outputs"].values():  # that result is gone
+            # that result is gone: the layer's result is now ``y``'s DQ output, the same
+            # 8-bit tensor times ``c``, which the float model computes as ``y``
+            for names in self.stats["layer_outputs"].values():
                 if names[1] == x_dq.name:
-                    names[1] = None
+                    names[0], names[1] = node.outputs[0].name, y_dq_node.outputs[0].name
         inputs = [v for n in removed for v in n.inputs]
         for n in removed:
             self.graph.remove(n, safe=True)

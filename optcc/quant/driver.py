@@ -29,6 +29,7 @@ from optcc.quant.fallback import (
     Target,
     compare_latency,
     evaluate,
+    evaluate_candidate,
     fallback,
     integer_op_histogram,
     model_outputs,
@@ -722,11 +723,12 @@ def quantize_int8(
     if judge is not None and correcting and (pass_stats.get("bias_correction") or {}).get("layers"):
         # bias correction is kept only where it helps the task on the held-out samples (a
         # detector's class logits can all shift by the background's mean error)
-        corrected = evaluate(float_model, quantized, judged, o.target, reference_outputs=judge.reference,
-                             outputs=judged_outputs)
-        initial = (quantized, pass_stats, corrected)  # the fallback's starting point, evaluated once
-        stats["bias_correction"] = {"kept": True, "shortfall_corrected": round(shortfall(corrected), 6)}
-        if not corrected.passed:  # a model that passes ships as it is
+        corrected = evaluate_candidate(float_model, quantized, judged, o.target, judge.reference, judged_outputs)
+        # a model onnxruntime refuses is the fallback's to mend (``fallback``: its refused layers float)
+        initial = (quantized, pass_stats, corrected) if corrected.refused is None else None
+        stats["bias_correction"] = {"kept": True, "shortfall_corrected": round(shortfall(corrected), 6)} \
+            if corrected.refused is None else {"kept": True, "not_chosen": "onnxruntime refuses the INT8 model"}
+        if not corrected.passed and corrected.refused is None:  # a model that passes ships as it is
             correcting = False
             plain, plain_stats = make()
             uncorrected = evaluate(float_model, plain, judged, o.target, reference_outputs=judge.reference,
@@ -751,11 +753,15 @@ def quantize_int8(
             outputs=judged_outputs,
         )
     else:
-        evaluation = initial[2] if initial is not None else evaluate(float_model, quantized, judged, o.target)
+        evaluation = initial[2] if initial is not None else evaluate_candidate(
+            float_model, quantized, judged, o.target, None, None)
         report = {"evaluation": evaluation.to_dict(), "target_met": evaluation.passed, "kept_float": []}
     lap("fallback" if o.accuracy_fallback else "evaluate")
     stats["pass"] = _reported(pass_stats)
     stats["fallback"] = report
+    refused = report.get("evaluation", {}).get("refused")
+    if refused:  # never shipped: nothing could run it
+        return decline("nothing", f"onnxruntime refuses the INT8 model ({refused}); kept float32")
     if o.require_target and not report.get("target_met"):
         evaluation = report.get("evaluation", {})
         if report.get("hopeless"):

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from optcc import ir as oir
 from optcc.numerics.decode import DecodePlan, stream_names, stream_plan, streamed
@@ -39,6 +40,7 @@ from optcc.runtime.shared_weights import light_proto, release_memory, weighted_s
 
 __all__ = [
     "CandidateOutputs",
+    "RefusedModel",
     "INTEGER_OPS",
     "Target",
     "Confirmation",
@@ -47,6 +49,8 @@ __all__ = [
     "integer_op_histogram",
     "measure_latency",
     "evaluate",
+    "evaluate_candidate",
+    "refused_layers",
     "shortfall",
     "model_outputs",
     "sqnr_db",
@@ -78,6 +82,18 @@ INTEGER_OPS = frozenset(
     }
 )
 _QUANTIZATION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits"})
+# how onnxruntime refuses a model (no kernel for an op and its types, a graph it cannot check)
+_REFUSALS = (ort_state.Fail, ort_state.InvalidGraph, ort_state.NotImplemented, ort_state.InvalidArgument)
+
+
+class RefusedModel(Exception):
+    """onnxruntime refused to build a session of a model; the message is its first line."""
+
+
+def _first_line(error: BaseException) -> str:
+    """The error's first line (200 characters at most), or its type when it says nothing."""
+    line = next((x.strip() for x in str(error).splitlines() if x.strip()), "")
+    return line[:200] or type(error).__name__
 
 
 def _session(model: ir.Model | bytes | onnx.ModelProto, optimize: bool | str, threads: int | None = None,
@@ -98,10 +114,13 @@ def _session(model: ir.Model | bytes | onnx.ModelProto, optimize: bool | str, th
                                          os.path.basename(optimized_path) + ".weights")
     if isinstance(model, ir.Model):
         model, weights = light_proto(model)
-    if isinstance(model, onnx.ModelProto):
-        return weighted_session(model, weights or {}, options)
-    data = model if isinstance(model, bytes) else oir.serialize(model).SerializeToString()
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    try:
+        if isinstance(model, onnx.ModelProto):
+            return weighted_session(model, weights or {}, options)
+        data = model if isinstance(model, bytes) else oir.serialize(model).SerializeToString()
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except _REFUSALS as e:
+        raise RefusedModel(_first_line(e)) from e
 
 
 def integer_op_histogram(model: ir.Model) -> dict[str, int]:
@@ -185,15 +204,19 @@ class Target:
 
 @dataclasses.dataclass
 class Evaluation:
-    """Per-output SQNR (over all held-out samples) and argmax agreement."""
+    """Per-output SQNR (over all held-out samples) and argmax agreement; or, for a model
+    onnxruntime refused to build (``refused``: its message), none, and a miss."""
 
     sqnr_db: dict[str, float]
     argmax_agreement: dict[str, float]
     target: Target
     task: dict[str, Any] | None = None  # the judge's verdict, when the target has one
+    refused: str | None = None
 
     @property
     def passed(self) -> bool:
+        if self.refused is not None:
+            return False
         if self.task is not None:
             return bool(self.task["passed"])
         return all(v >= self.target.min_sqnr_db for v in self.sqnr_db.values()) and all(
@@ -202,7 +225,7 @@ class Evaluation:
 
     @property
     def worst_sqnr_db(self) -> float:
-        return min(self.sqnr_db.values(), default=math.inf)
+        return -math.inf if self.refused is not None else min(self.sqnr_db.values(), default=math.inf)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -211,6 +234,7 @@ class Evaluation:
             "argmax_agreement": self.argmax_agreement,
             "target": self.target.to_dict(),
             **({"task": self.task} if self.task is not None else {}),
+            **({"refused": self.refused} if self.refused is not None else {}),
         }
 
 
@@ -314,6 +338,19 @@ def evaluate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds],
     got = _Outputs.of(outputs(candidate)) if outputs is not None \
         else _Outputs(candidate, samples, optimized, stream=stream)
     return _compare(ref, got, names, target)
+
+
+def evaluate_candidate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds], target: Target,
+                       ref_outputs: _Outputs | Mapping[str, Sequence[np.ndarray]] | None,
+                       outputs: CandidateOutputs | None) -> Evaluation:
+    """``evaluate`` of a quantized candidate (``ref_outputs``: the reference's outputs, as
+    ``evaluate``'s ``reference_outputs``); one onnxruntime refuses (to build it, or to run
+    it on the samples) misses the target, with the refusal as the reason
+    (``Evaluation.refused``), and a search goes on."""
+    try:
+        return evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs, outputs=outputs)
+    except (RefusedModel, *_REFUSALS) as e:
+        return Evaluation({}, {}, target, refused=_first_line(e))
 
 
 def shortfall(evaluation: Evaluation) -> float:
@@ -429,8 +466,12 @@ def local_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[
     arriving from upstream). One combined model: the float graph plus, per layer, a copy
     of its Q/DQ group (input Q/DQ pairs fed by the float tensors, dequantized weights and
     bias, the op, its output Q/DQ). A layer whose input cannot be traced to a float
-    tensor (a folded rescale) gets NaN."""
-    return _layer_errors(reference, quantized, layer_outputs, samples, propagated=False)[1]
+    tensor (a folded rescale) gets NaN; every layer does when onnxruntime refuses the
+    combined model (its copies of the layers, in that form)."""
+    try:
+        return _layer_errors(reference, quantized, layer_outputs, samples, propagated=False)[1]
+    except RefusedModel:
+        return {}
 
 
 def layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
@@ -440,8 +481,11 @@ def layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappin
     renamed), so the float, quantized and local results of every layer come from the
     same run, each computed by the kernels the separate sessions would use. A quantized
     model with subgraphs, or other inputs than the float one, is measured by the two
-    functions apart."""
-    both = _layer_errors(reference, quantized, layer_outputs, samples, propagated=True)
+    functions apart, as is one whose combined model onnxruntime refuses."""
+    try:
+        both = _layer_errors(reference, quantized, layer_outputs, samples, propagated=True)
+    except RefusedModel:
+        both = None
     if both is None:
         return propagated_sqnr(reference, quantized, layer_outputs, samples), \
             local_sqnr(reference, quantized, layer_outputs, samples)
@@ -654,9 +698,14 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
     ``OUTPUT_SEGMENTS`` cuts before it (``optcc.quant.suffix``, fed the values the whole
     model's clean run computed): the nodes before it compute what the clean run did.
     The sessions run with onnxruntime's graph optimizations: each compares its own runs.
-    Layers without a local error (or with a result other than float32) are absent."""
+    Layers without a local error (or with a result other than float32) are absent, all of
+    them when onnxruntime refuses ``local_sqnr``'s combined model. A cut onnxruntime refuses
+    is not used: its layers' runs start at the graph inputs."""
     deltas: dict[str, list[np.ndarray]] = {}
-    _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=deltas)
+    try:
+        _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=deltas)
+    except RefusedModel:
+        return {}
     proto, weights = light_proto(reference)
     graph = proto.graph
     produced = {o for node in graph.node for o in node.output}
@@ -692,6 +741,8 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
     whole.CopyFrom(proto)
     whole.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(
         name for names in carried.values() for name in names) if name not in outputs)
+    spare = onnx.ModelProto()  # the whole model again, for a cut onnxruntime refuses
+    spare.CopyFrom(whole)
     session = _session(whole, "all", weights=weights, arena=False)
     del whole
     types = {o.name: o.type for o in session.get_outputs()}
@@ -712,15 +763,20 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
             continue  # the errors of the layers after this cut reach no output: no noise
         if start:
             cut = suffix(proto, start, {x: _element_type(types[x]) for x in carried[start]})
-            session = _session(cut, "all", weights=weights, arena=False)
+            try:
+                session = _session(cut, "all", weights=weights, arena=False)
+            except RefusedModel:  # its layers' runs start at the graph inputs instead: the same values
+                whole = onnx.ModelProto()
+                whole.CopyFrom(spare)
+                session = _session(whole, "all", weights=weights, arena=False)
+                del whole
             del cut
         names = [o.name for o in session.get_outputs() if o.name in outputs]
         inputs = feedable(session)
         at = [outputs.index(name) for name in names]
         layers = [layer for layer, value in injected.items() if segment_of[feed_of[value]] == start]
         for s, feeds in enumerate(samples):
-            base = {**{k: v for k, v in dict(feeds).items() if k in inputs},
-                    **(fed[start][s] if start else {}),
+            base = {**{k: v for k, v in {**dict(feeds), **(fed[start][s] if start else {})}.items() if k in inputs},
                     **{feed: zero for feed in feed_of.values() if feed in inputs}}
             if start:
                 clean = [np.asarray(a, np.float64) for a in session.run(names, base)]
@@ -826,6 +882,13 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     ``target_met``. When the target is never met, the best model seen is returned with
     ``target_met`` False (the driver then declines to quantize).
 
+    A model onnxruntime refuses to build is never returned as meeting the target: when it
+    refuses the fully quantized model, the layers it refuses quantized alone
+    (``refused_layers``) stay float in every model made after, and ``report["refused_layers"]``
+    gives each one's message; a candidate it refuses misses (``evaluate_candidate``). When
+    it still refuses the model without them, that model comes back with ``target_met``
+    False and its refusal in ``report["evaluation"]["refused"]``.
+
     ``ranking="estimate"`` (the default) replaces the measured ranking by
     ``estimate_sensitivity``. First every layer's own error (``local_sqnr``, all layers in
     one combined model run once over the samples, no single-layer model built) orders the
@@ -843,7 +906,9 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     The estimates are measured on at most ``ranking_samples`` of the samples, spread evenly
     over them (``spread_samples``; None: all): a layer's SQNR sums its error over every
     element of its result, so a few samples estimate it as well as many, and the ranking
-    only orders the layers; every candidate is still judged on all ``samples``.
+    only orders the layers; every candidate is still judged on all ``samples``. A layer
+    whose own result is exact there (no error to take away) is in neither order
+    (``_ranked``): it never takes a place in the budget.
     ``ranking="measured"``: the single-layer ranking and both orders described above.
     ``reference_outputs``: the reference's outputs on ``samples`` when already computed
     (``model_outputs``), so the float model is not run again. ``initial``: the fully
@@ -868,6 +933,8 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
         return model, stats, report
     if not isinstance(confirm, Confirmation):
         confirm = confirm()
+    if report.get("refused_layers"):
+        quantize = _excluding(quantize, list(report["refused_layers"]))
     return _confirmed(reference, quantize, model, stats, report, confirm, order, max_float_layers, ranking_samples)
 
 
@@ -886,8 +953,20 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
         model, stats, initial = initial
     else:
         model, stats = quantize(exclude=[])
-        initial = evaluate(reference, model, samples, target, reference_outputs=ref_outputs, outputs=outputs)
-    report: dict[str, Any] = {"initial": initial.to_dict(), "kept_float": [], "sensitivity": [], "tried": []}
+        initial = evaluate_candidate(reference, model, samples, target, ref_outputs, outputs)
+    refused: dict[str, str] = {}
+    if initial.refused is not None:  # the layers onnxruntime refuses stay float from here on
+        refused = refused_layers(quantize, list(stats.get("layers", [])))
+        if refused:
+            quantize = _excluding(quantize, list(refused))
+            model, stats = quantize(exclude=[])
+            initial = evaluate_candidate(reference, model, samples, target, ref_outputs, outputs)
+    report: dict[str, Any] = {"initial": initial.to_dict(), "kept_float": [], "sensitivity": [], "tried": [],
+                              **({"refused_layers": refused} if refused else {})}
+    if initial.refused is not None:  # no INT8 model onnxruntime builds to search from
+        report.update(evaluation=initial.to_dict(), target_met=False,
+                      hopeless=f"onnxruntime refuses the INT8 model ({initial.refused})")
+        return model, stats, report
     if initial.passed:
         report.update(evaluation=initial.to_dict(), target_met=True)
         return model, stats, report
@@ -949,13 +1028,16 @@ def _ranked(reference: ir.Model, model: ir.Model, stats: dict[str, Any], samples
     """The quantized layers of ``model`` worst first by ``estimate_sensitivity`` of
     ``errors`` (``layer_errors``' propagated and local SQNR) and, with ``output``, of
     those errors taken to the outputs (``output_sqnr`` on ``OUTPUT_RANKING_SAMPLES`` of
-    ``samples``); the ranking goes to ``report["sensitivity"]``."""
+    ``samples``); the ranking goes to ``report["sensitivity"]``. A layer whose own result
+    is exact on the samples (local SQNR +inf: quantizing it loses nothing there) is ranked
+    but left out of the order: returning it to float gains nothing, so it never takes a
+    place in the budget or the search."""
     propagated, local = errors
     seen = (output_sqnr(reference, model, stats.get("layer_outputs", {}),
                         spread_samples(samples, OUTPUT_RANKING_SAMPLES)) if output else {})
     ranking = estimate_sensitivity(list(stats.get("layers", [])), local, propagated, seen)
     report["sensitivity"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ranking]
-    return [row["layer"] for row in ranking]
+    return [row["layer"] for row in ranking if row["local_sqnr_db"] != math.inf]
 
 
 def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
@@ -990,6 +1072,30 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
     return found
 
 
+def refused_layers(quantize: QuantizeFn, layers: Sequence[str]) -> dict[str, str]:
+    """The layers onnxruntime refuses to build a session of (all optimizations, as
+    ``evaluate`` builds one) when each is quantized alone, with its message: a layer
+    whose quantized form it has no kernel for, or cannot check. Sessions built, never run."""
+    refused: dict[str, str] = {}
+    for layer in layers:
+        candidate, _ = quantize(only=[layer])
+        try:
+            _session(candidate, "all", prepack=False, arena=False)
+        except RefusedModel as e:
+            refused[layer] = str(e)
+        del candidate
+        release_memory()
+    return refused
+
+
+def _excluding(quantize: QuantizeFn, layers: Sequence[str]) -> QuantizeFn:
+    """``quantize`` with ``layers`` always float."""
+    def made(exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> tuple[ir.Model, dict[str, Any]]:
+        kept = [x for x in only if x not in layers] if only is not None else None
+        return quantize(exclude=[*layers, *exclude], only=kept)
+    return made
+
+
 def _attempt(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
              order: Sequence[str], k: int, limit: int, results: Results, tried: list[dict[str, Any]], name: str,
              ref_outputs: _Outputs, bar: Progress, outputs: CandidateOutputs | None) -> Evaluation:
@@ -998,12 +1104,17 @@ def _attempt(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     weights: one that meets the target, or the budget's (``k == limit``)."""
     bar.advance()
     candidate, candidate_stats = quantize(exclude=list(order[:k]))
-    evaluation = evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs, outputs=outputs)
+    evaluation = evaluate_candidate(reference, candidate, samples, target, ref_outputs, outputs)
     results[k] = (evaluation, candidate, candidate_stats)
     _drop_models(results, [n for n in results if n != k] if evaluation.passed or k == limit else [k])
-    tried.append({"order": name, "float_layers": k, "worst_sqnr_db": _finite(evaluation.worst_sqnr_db),
-                  "passed": evaluation.passed})
+    tried.append(_tried(name, k, evaluation))
     return evaluation
+
+
+def _tried(name: str, k: int, evaluation: Evaluation) -> dict[str, Any]:
+    """The report's row of a candidate: the order searched, its float layers, the verdict."""
+    return {"order": name, "float_layers": k, "worst_sqnr_db": _finite(evaluation.worst_sqnr_db),
+            "passed": evaluation.passed, **({"refused": evaluation.refused} if evaluation.refused else {})}
 
 
 def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
@@ -1081,13 +1192,12 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
 
     def attempt(k: int) -> Evaluation:
         candidate, candidate_stats = quantize(exclude=order[:k])
-        evaluation = evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs, outputs=outputs)
+        evaluation = evaluate_candidate(reference, candidate, samples, target, ref_outputs, outputs)
         results[k] = (evaluation, candidate, candidate_stats)
         passing = [n for n, (e, _, _) in results.items() if n and e.passed]
         if passing:  # the search returns the smallest k that passes
             _drop_models(results, [n for n in results if n != min(passing)])
-        tried.append({"order": name, "float_layers": k, "worst_sqnr_db": _finite(evaluation.worst_sqnr_db),
-                      "passed": evaluation.passed})
+        tried.append(_tried(name, k, evaluation))
         return evaluation
 
     low, high, k = start, None, max(2 * start, 1)  # low: largest k known to miss; high: smallest k known to meet
@@ -1134,8 +1244,7 @@ def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats
     ``confirm`` accepts."""
     ref_outputs = _Outputs.of(confirm.reference_outputs)
     found = len(report.get("kept_float", []))
-    evaluation = evaluate(reference, model, confirm.samples, confirm.target, reference_outputs=ref_outputs,
-                          outputs=confirm.outputs)
+    evaluation = evaluate_candidate(reference, model, confirm.samples, confirm.target, ref_outputs, confirm.outputs)
     report["confirmation"] = {"samples": len(confirm.samples), "float_layers_found": found,
                               "passed": evaluation.passed}
     if evaluation.passed:
