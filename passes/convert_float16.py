@@ -19,6 +19,10 @@ A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
   model cannot run them, as the verifier's) an input or output
   reaches |x| >= 65504, more than 10% of its non-zero values flush to zero in float16, or a
   reduction's partial sums / a normalization's squares would overflow;
+- it only moves data (``MOVEMENT_OPS``: Reshape, Transpose, Unsqueeze, ...) in a connected group
+  of such converting nodes whose every float input comes from float32 (a node kept float32,
+  or a graph input that keeps its type) and none from a weight: float16 there computes
+  nothing and only rounds the values it moves, behind a Cast on each side;
 - the accuracy check fails: the candidate is compared with the float32 original on the
   same feeds by the rule the final verification applies (``optcc.numerics.float16``: per
   output, SQNR over all samples >= ``min_sqnr_db`` (default 40 dB) and cosine >= 0.9999, or
@@ -81,6 +85,11 @@ _NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormali
                     "MeanVarianceNormalization", "RMSNormalization", "SkipLayerNormalization",
                     "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization"})
 _SCORE_CAP_DB = 60.0  # about float16 rounding noise: losses below it are inherent
+# ops that only move, select or repeat their float input's values (no arithmetic on them)
+MOVEMENT_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Slice",
+                          "Gather", "GatherElements", "GatherND", "Concat", "Split", "Expand", "Tile",
+                          "DepthToSpace", "SpaceToDepth"})
+MOVEMENT_REASON = "moves data between float32 values only: float16 would just round it"
 Feeds = Mapping[str, np.ndarray]
 
 
@@ -342,6 +351,64 @@ class ConvertFloat16Pass(optcc.Pass):
             else:
                 plan[node] = slots
         return keep, plan
+
+    def _movement_islands(self, keep: Mapping[int, str]) -> dict[int, str]:
+        """``keep`` plus the main-graph groups of converting data-movement nodes (connected
+        through the values they pass each other) whose float inputs all come from float32:
+        nodes kept float32, or graph inputs that keep their type; not from weights, and no
+        value of the group read inside a subgraph or a float16 graph output."""
+        graph = self.reference.graph
+        keys, _ = _node_keys(self.reference)
+
+        def slots(node: ir.Node) -> Slots | None:
+            if keys[node] in keep or optcc.ir.subgraphs(node):
+                return None
+            found = float16_slots(node, self.opset, self._dtype)
+            return None if isinstance(found, str) else found
+
+        converting = {node: s for node in graph if (s := slots(node)) is not None}
+        result = dict(keep)
+        seen: set[ir.Node] = set()
+        for start in converting:
+            if start in seen:
+                continue
+            group, stack = [], [start]
+            while stack:  # the connected group of converting nodes around ``start``
+                node = stack.pop()
+                if node in seen:
+                    continue
+                seen.add(node)
+                group.append(node)
+                for i in converting[node].inputs:
+                    producer = node.inputs[i].producer()
+                    if producer in converting:
+                        stack.append(producer)
+                for i in converting[node].outputs:
+                    stack.extend(u.node for u in node.outputs[i].uses() if u.node in converting)
+            if all(self._moves_float32(node, converting[node], converting) for node in group):
+                result.update({keys[node]: MOVEMENT_REASON for node in group})
+        return result
+
+    def _moves_float32(self, node: ir.Node, slots: Slots, converting: Mapping[ir.Node, Slots]) -> bool:
+        """Whether ``node`` only moves data, each float input from float32 or from a node of
+        its group, and each float output read in the main graph only (never a float16
+        graph output)."""
+        if node.domain not in ("", "ai.onnx") or node.op_type not in MOVEMENT_OPS:
+            return False
+        for i in slots.inputs:
+            value = node.inputs[i]
+            producer = value.producer()
+            if producer is None and not (value.is_graph_input() and self._keep_io(value.name or "")):
+                return False  # a weight (converting halves it), or a graph input made float16
+            if producer is not None and producer.op_type == "Constant" and producer not in converting:
+                return False
+        for i in slots.outputs:
+            value = node.outputs[i]
+            if value.is_graph_output() and not self._keep_io(value.name or ""):
+                return False
+            if any(u.node.graph is not node.graph for u in value.uses()):
+                return False
+        return True
 
     # -- building and judging candidates ----------------------------------------------
     def _rewrite(
@@ -616,6 +683,8 @@ class ConvertFloat16Pass(optcc.Pass):
         self.evaluations = 0
         self._fallback_labels: list[str] = []
         keep, plan = self._base_keep(self.reference)
+        keep = self._movement_islands(keep)
+        plan = {node: slots for node, slots in plan.items() if _node_keys(self.reference)[0][node] not in keep}
         stats: dict = {"providers": self.providers, "samples": len(self.feeds),
                        "note": "float16 on CPU is for size: onnxruntime runs most float16 CPU "
                                "kernels through float32"}
@@ -632,6 +701,12 @@ class ConvertFloat16Pass(optcc.Pass):
         ok, judged, candidate = self._evaluate(keep)
         if not ok:
             keep, judged, ok = self._fallback(keep, candidate)
+            if ok:  # the nodes returned to float32 may leave data movement between float32 values
+                settled = self._movement_islands(keep)
+                if settled != keep:
+                    now_ok, now_judged, _ = self._evaluate(settled)
+                    if now_ok:
+                        keep, judged = settled, now_judged
         if not ok:
             stats["skipped"] = (
                 f"nothing converted: no float16 conversion met {self.min_sqnr_db:g} dB SQNR, or the task "
