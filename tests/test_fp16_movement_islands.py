@@ -67,3 +67,4 @@ def test_a_movement_node_feeding_a_converted_layer_converts():
     result = ConvertFloat16Pass(inputs=[small])(optcc.ir.load(model))
     assert result.stats["kept_float32"] == {}
     assert result.stats["converted"].get("Unsqueeze") == 1 and result.stats["converted"].get("Conv") == 1
+
