@@ -23,6 +23,8 @@ A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
   of such converting nodes whose every float input comes from float32 (a node kept float32,
   or a graph input that keeps its type) and none from a weight: float16 there computes
   nothing and only rounds the values it moves, behind a Cast on each side;
+- it lies in a main-graph If's branch that no sample ran (the condition took one value on
+  every sample): nothing would verify float16 there;
 - the accuracy check fails: the candidate is compared with the float32 original on the
   same feeds by the rule the final verification applies (``optcc.numerics.float16``: per
   output, SQNR over all samples >= ``min_sqnr_db`` (default 40 dB) and cosine >= 0.9999, or
@@ -89,6 +91,7 @@ _SCORE_CAP_DB = 60.0  # about float16 rounding noise: losses below it are inhere
 MOVEMENT_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Slice",
                           "Gather", "GatherElements", "GatherND", "Concat", "Split", "Expand", "Tile",
                           "DepthToSpace", "SpaceToDepth"})
+UNRUN_BRANCH = "which no sample ran"  # in the reason of nodes of an If branch no sample took
 MOVEMENT_REASON = "moves data between float32 values only: float16 would just round it"
 Feeds = Mapping[str, np.ndarray]
 
@@ -217,9 +220,10 @@ class ConvertFloat16Pass(optcc.Pass):
             self.reference, self.input_shapes, samples=2, seed=0)
         self.ref_values: list[dict[str, np.ndarray]] = []  # the first sample's values (none: not run)
         self.ranges: dict[str, fp16.ranges.TensorRange] = {}
+        self.taken: dict[str, frozenset[bool]] = {}  # the values each If condition took
         self.range_note = None
         try:
-            first, self.ranges = self._observed()
+            first, self.ranges, self.taken = self._observed()
             self.ref_values = [first]
         except Exception as e:  # noqa: BLE001
             self.range_note = f"ranges not observed: onnxruntime cannot run the model ({e})"[:300]
@@ -228,9 +232,11 @@ class ConvertFloat16Pass(optcc.Pass):
             if self.inferred.get(name) is None:
                 self.inferred[name] = ir.DataType.from_numpy(array.dtype)
 
-    def _observed(self) -> tuple[dict[str, np.ndarray], dict[str, fp16.ranges.TensorRange]]:
-        """The first feed's values and every float value's ranges over the feeds
-        (``observe``); generated feeds the model cannot run are generated again with the
+    def _observed(
+        self,
+    ) -> tuple[dict[str, np.ndarray], dict[str, fp16.ranges.TensorRange], dict[str, frozenset[bool]]]:
+        """The first feed's values, every float value's ranges and the If conditions' values
+        over the feeds (``observe``); generated feeds the model cannot run are generated again with the
         sizes of ``RETRY_SIZES`` in turn, as the verifier does."""
         try:
             return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
@@ -334,12 +340,15 @@ class ConvertFloat16Pass(optcc.Pass):
         plan: dict[ir.Node, Slots] = {}
         self._probed: dict[str, str | None] = {}
         self._cpu_fallback: set[str] = set()
+        unrun = self._unrun_branches(keys)
         for node, key in keys.items():
             slots = float16_slots(node, self.opset, self._dtype)
             if isinstance(slots, str):
                 continue  # nothing to convert; not a decision worth reporting
             reason = None
-            if node.op_type in self.block or (node.name and node.name in self.block):
+            if node in unrun:
+                reason = unrun[node]
+            elif node.op_type in self.block or (node.name and node.name in self.block):
                 reason = "blocked by the user"
             elif node.name and node.name in marked:
                 reason = "kept float32 by an earlier run's accuracy check"
@@ -409,6 +418,28 @@ class ConvertFloat16Pass(optcc.Pass):
             if any(u.node.graph is not node.graph for u in value.uses()):
                 return False
         return True
+
+    def _unrun_branches(self, keys: Mapping[ir.Node, int]) -> dict[ir.Node, str]:
+        """The nodes of each main-graph If's branch that no sample ran (its condition took
+        one value on every sample), with why they stay float32: no sample can verify float16
+        there."""
+        found: dict[ir.Node, str] = {}
+        for node in self.reference.graph:
+            cond = node.inputs[0] if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.inputs else None
+            seen = self.taken.get(cond.name or "") if cond is not None else None
+            if not seen or len(seen) != 1:
+                continue
+            branch = "else_branch" if True in seen else "then_branch"
+            if branch not in node.attributes:
+                continue
+            why = (f"in {_label(node, keys[node])}'s {branch}, {UNRUN_BRANCH} (its condition was "
+                   f"{next(iter(seen))} on all {len(self.feeds)}): float16 there would go unverified")
+            stack = [node.attributes[branch].as_graph()]
+            while stack:
+                for inner in stack.pop():
+                    found[inner] = why
+                    stack.extend(optcc.ir.subgraphs(inner))
+        return found
 
     # -- building and judging candidates ----------------------------------------------
     def _rewrite(
@@ -579,8 +610,8 @@ class ConvertFloat16Pass(optcc.Pass):
         could be stored float16 behind one ``Cast(to=float)``, with their sizes: exactly
         float16-representable ones (exact), others within range without meaningful
         underflow that nodes kept float32 read (lossy: checked before use). Weights read
-        by custom-domain ops, in a slot that keeps its type, or by nodes the user blocked
-        (exact ones aside) are left alone."""
+        by custom-domain ops, in a slot that keeps its type, by nodes the user blocked or in
+        an If branch no sample ran (exact ones aside) are left alone."""
         keys, top = _node_keys(self.reference)
         exact: dict[str, int] = {}
         lossy: dict[str, int] = {}
@@ -611,8 +642,8 @@ class ConvertFloat16Pass(optcc.Pass):
                 if exactly_float16(array):
                     exact[value.name] = int(array.size)
                     continue
-                if "blocked by the user" in why:
-                    continue
+                if "blocked by the user" in why or any(w and UNRUN_BRANCH in w for w in why):
+                    continue  # rounded weights of an unrun branch: no sample would check them
                 finite = array[np.isfinite(array)]
                 if finite.size and float(np.abs(finite).max()) < FP16_MAX and \
                         fp16.ranges.float16_rounding_sqnr_db(array) >= UNDERFLOW_SQNR_DB:
