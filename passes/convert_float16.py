@@ -715,7 +715,8 @@ class ConvertFloat16Pass(optcc.Pass):
         self._fallback_labels: list[str] = []
         keep, plan = self._base_keep(self.reference)
         keep = self._movement_islands(keep)
-        plan = {node: slots for node, slots in plan.items() if _node_keys(self.reference)[0][node] not in keep}
+        reference_keys, _ = _node_keys(self.reference)
+        plan = {node: slots for node, slots in plan.items() if reference_keys[node] not in keep}
         stats: dict = {"providers": self.providers, "samples": len(self.feeds),
                        "note": "float16 on CPU is for size: onnxruntime runs most float16 CPU "
                                "kernels through float32"}
