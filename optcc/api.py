@@ -233,7 +233,7 @@ def optimize(
             shared16["judge"] = lambda provider: None  # a tolerance of the user's own: the verifier asks no task
         pipeline.append(create_pass("convert-float16", keep_io_types=fp16_keep_io, block=fp16_block,
                                     inputs=samples or inputs, input_shapes=input_shapes,
-                                    providers=providers, **shared16))
+                                    input_ranges=input_ranges, providers=providers, **shared16))
     elif quantizing:
         if not samples:
             raise BadInputError("INT8 calibration data holds no samples")

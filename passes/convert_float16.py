@@ -178,6 +178,7 @@ class ConvertFloat16Pass(optcc.Pass):
         block: Iterable[str] = (),
         inputs: Iterable[Feeds] | Feeds | None = None,
         input_shapes: Mapping[str, Sequence[int]] | None = None,
+        input_ranges: Mapping[str, tuple[float, float]] | None = None,
         min_sqnr_db: float = 40.0,
         providers: Sequence[str] | None = None,
         max_evaluations: int = 24,
@@ -189,6 +190,7 @@ class ConvertFloat16Pass(optcc.Pass):
         self.inputs = [dict(inputs)] if isinstance(inputs, Mapping) else (
             None if inputs is None else [dict(f) for f in inputs])
         self.input_shapes = dict(input_shapes or {})
+        self.input_ranges = dict(input_ranges or {})  # value ranges of the generated inputs, by name
         self.min_sqnr_db = float(min_sqnr_db)
         self.providers = resolve_providers(providers)
         self.max_evaluations = max_evaluations
@@ -217,7 +219,7 @@ class ConvertFloat16Pass(optcc.Pass):
         self.opset = optcc.ir.default_opset(model)
         self.inferred = optcc.ir.inferred_dtypes(model)
         self.feeds = self.inputs or generate_inputs(
-            self.reference, self.input_shapes, samples=2, seed=0)
+            self.reference, self.input_shapes, samples=2, seed=0, ranges=self.input_ranges)
         self.ref_values: list[dict[str, np.ndarray]] = []  # the first sample's values (none: not run)
         self.ranges: dict[str, fp16.ranges.TensorRange] = {}
         self.taken: dict[str, frozenset[bool]] = {}  # the values each If condition took
@@ -245,12 +247,14 @@ class ConvertFloat16Pass(optcc.Pass):
                 raise
         *earlier, last = RETRY_SIZES
         for sizes in earlier:
-            self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0, **sizes)
+            self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
+                                         ranges=self.input_ranges, **sizes)
             try:
                 return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
             except Exception:  # noqa: BLE001 - the next sizes are tried
                 pass
-        self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0, **last)
+        self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
+                                     ranges=self.input_ranges, **last)
         return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
 
     def _dtype(self, value: ir.Value) -> ir.DataType | None:

@@ -2,7 +2,8 @@
 Transpose, ...) whose every neighbour stays float32: converting it computes nothing in
 float16 and only rounds the values it moves, behind a Cast on each side. The melspectrogram
 front end of a wake-word model (int16-scale audio -> Unsqueeze -> STFT Conv kept float32 for
-range) rounded its input to float16's step of 16 that way."""
+range) rounded its input to float16's step of 16 that way. The same front end, given only
+--input-range, is where FP16 has to measure its ranges on that range."""
 
 from __future__ import annotations
 
@@ -68,3 +69,19 @@ def test_a_movement_node_feeding_a_converted_layer_converts():
     assert result.stats["kept_float32"] == {}
     assert result.stats["converted"].get("Unsqueeze") == 1 and result.stats["converted"].get("Conv") == 1
 
+
+
+def test_fp16_measures_its_ranges_on_the_given_input_range():
+    """--input-range sizes FP16's generated samples as the verifier's: a layer the range
+    takes past 65504 stays float32 in the pass, instead of the verifier finding inf there
+    and declining FP16 for the whole model."""
+    model, _ = _front_end()
+    result = optcc.optimize(model, level=2, fp16=True, input_ranges={"x": (-30000.0, 30000.0)})
+    assert result.applied_precision == ["fp16"], result.report.warnings
+    stats = next(r.stats for r in result.report.passes if r.name == "convert-float16")
+    assert any(">= 65504" in why for why in stats["kept_float32"].values())
+    feeds = {"x": np.random.default_rng(3).uniform(-30000, 30000, (1, 256)).astype(np.float32)}
+    want = expected_outputs_float64(model, feeds)[0]
+    got = expected_outputs_float64(result.model, feeds)[0]
+    sqnr_db = 10 * np.log10(np.sum(want ** 2) / np.sum((got - want) ** 2))
+    assert np.isfinite(got).all() and sqnr_db >= 40.0, sqnr_db
