@@ -85,3 +85,13 @@ def test_fp16_measures_its_ranges_on_the_given_input_range():
     got = expected_outputs_float64(result.model, feeds)[0]
     sqnr_db = 10 * np.log10(np.sum(want ** 2) / np.sum((got - want) ** 2))
     assert np.isfinite(got).all() and sqnr_db >= 40.0, sqnr_db
+
+
+def test_fp16_on_inputs_of_unknown_scale_says_so():
+    model, feeds = _front_end()
+    generated = optcc.optimize(model, level=2, fp16=True)
+    assert generated.applied_precision == ["fp16"]
+    assert any("standard-normal values for 'x'" in w for w in generated.report.warnings), generated.report.warnings
+    for options in ({"input_ranges": {"x": (-1.0, 1.0)}}, {"inputs": [feeds]}):
+        told = optcc.optimize(model, level=2, fp16=True, **options)
+        assert not any("standard-normal" in w for w in told.report.warnings), told.report.warnings
