@@ -24,7 +24,7 @@ from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_byte
 from optcc.ir.overwrite import check_input_shapes
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
 from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary,
-                            resolve_providers)
+                            input_roles, resolve_providers)
 from optcc.quant import quantization_ops
 from optcc.quant.driver import check_groups
 
@@ -219,6 +219,8 @@ def optimize(
     keep_float = {"fp16 block": fp16_block if fp16 else [],
                   "int8 exclude": list(dict(int8_options or {}).get("exclude") or []) if quantizing else []}
     names_before = _layer_names(working) if any(keep_float.values()) else set()
+    # float inputs FP16 can only measure on generated standard-normal values (no samples, range or role)
+    unscaled = _unscaled_inputs(working, input_ranges or {}) if fp16 and inputs is None and samples is None else []
     if fp16 or quantizing or int8_dynamic:
         disable = [*disable, "fuse-ort-conv-activation"]  # quantizers/fp16 skip contrib ops
     if int8_dynamic or weight_only:  # embeddings are quantized as Gathers
@@ -244,7 +246,7 @@ def optimize(
             shared16["judge"] = lambda provider: None  # a tolerance of the user's own: the verifier asks no task
         pipeline.append(create_pass("convert-float16", keep_io_types=fp16_keep_io, block=fp16_block,
                                     inputs=samples or inputs, input_shapes=input_shapes,
-                                    providers=providers, **shared16))
+                                    input_ranges=input_ranges, providers=providers, **shared16))
     elif quantizing:
         if not samples:
             raise BadInputError("INT8 calibration data holds no samples")
@@ -343,6 +345,11 @@ def optimize(
                                  {"fp16": fp16, "int8": quantizing, "int8-dynamic": int8_dynamic,
                                   "weights": bool(weight_only)}, generated=inputs is None)
     report.warnings.extend(held)
+    if unscaled and precision.get("fp16", "") is None:
+        report.warnings.append(
+            f"FP16 ranges were judged on generated standard-normal values for {', '.join(map(repr, unscaled))} "
+            "(nothing tells their scale): real inputs of another scale may overflow float16 where these did "
+            "not; give samples (--inputs) or the range (--input-range)")
     report.warnings.extend(f"{kind.upper()} not applied: {reason}" for kind, reason in precision.items()
                            if reason is not None)
     if target_opset is not None and oir.default_opset(outcome.model) != target_opset:
@@ -474,6 +481,14 @@ def _has_dtype(model: ir.Model, dtypes: frozenset[ir.DataType]) -> bool:
                 ir.DataType(node.attributes.get_int("to", 0)) in dtypes:
             return True
     return False
+
+
+def _unscaled_inputs(model: ir.Model, ranges: Mapping[str, Any]) -> list[str]:
+    """The float graph inputs generated as plain standard-normal values: no range given and
+    no role (image, audio, mask, ...) that sets their scale."""
+    floats = {v.name for v in model.graph.inputs if v.dtype is not None and v.dtype.is_floating_point()}
+    return [name for name, role in input_roles(model).items()
+            if role == "plain" and name in floats and name not in ranges]
 
 
 def _precision(model: ir.Model, records: Sequence[Any], requested: Mapping[str, bool],

@@ -19,6 +19,12 @@ A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
   model cannot run them, as the verifier's) an input or output
   reaches |x| >= 65504, more than 10% of its non-zero values flush to zero in float16, or a
   reduction's partial sums / a normalization's squares would overflow;
+- it only moves data (``MOVEMENT_OPS``: Reshape, Transpose, Unsqueeze, ...) in a connected group
+  of such converting nodes whose every float input comes from float32 (a node kept float32,
+  or a graph input that keeps its type) and none from a weight: float16 there computes
+  nothing and only rounds the values it moves, behind a Cast on each side;
+- it lies in a main-graph If's branch that no sample ran (the condition took one value on
+  every sample): nothing would verify float16 there;
 - the accuracy check fails: the candidate is compared with the float32 original on the
   same feeds by the rule the final verification applies (``optcc.numerics.float16``: per
   output, SQNR over all samples >= ``min_sqnr_db`` (default 40 dB) and cosine >= 0.9999, or
@@ -81,6 +87,12 @@ _NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormali
                     "MeanVarianceNormalization", "RMSNormalization", "SkipLayerNormalization",
                     "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization"})
 _SCORE_CAP_DB = 60.0  # about float16 rounding noise: losses below it are inherent
+# ops that only move, select or repeat their float input's values (no arithmetic on them)
+MOVEMENT_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Slice",
+                          "Gather", "GatherElements", "GatherND", "Concat", "Split", "Expand", "Tile",
+                          "DepthToSpace", "SpaceToDepth"})
+UNRUN_BRANCH = "which no sample ran"  # in the reason of nodes of an If branch no sample took
+MOVEMENT_REASON = "moves data between float32 values only: float16 would just round it"
 Feeds = Mapping[str, np.ndarray]
 
 
@@ -166,6 +178,7 @@ class ConvertFloat16Pass(optcc.Pass):
         block: Iterable[str] = (),
         inputs: Iterable[Feeds] | Feeds | None = None,
         input_shapes: Mapping[str, Sequence[int]] | None = None,
+        input_ranges: Mapping[str, tuple[float, float]] | None = None,
         min_sqnr_db: float = 40.0,
         providers: Sequence[str] | None = None,
         max_evaluations: int = 24,
@@ -177,6 +190,7 @@ class ConvertFloat16Pass(optcc.Pass):
         self.inputs = [dict(inputs)] if isinstance(inputs, Mapping) else (
             None if inputs is None else [dict(f) for f in inputs])
         self.input_shapes = dict(input_shapes or {})
+        self.input_ranges = dict(input_ranges or {})  # value ranges of the generated inputs, by name
         self.min_sqnr_db = float(min_sqnr_db)
         self.providers = resolve_providers(providers)
         self.max_evaluations = max_evaluations
@@ -205,12 +219,13 @@ class ConvertFloat16Pass(optcc.Pass):
         self.opset = optcc.ir.default_opset(model)
         self.inferred = optcc.ir.inferred_dtypes(model)
         self.feeds = self.inputs or generate_inputs(
-            self.reference, self.input_shapes, samples=2, seed=0)
+            self.reference, self.input_shapes, samples=2, seed=0, ranges=self.input_ranges)
         self.ref_values: list[dict[str, np.ndarray]] = []  # the first sample's values (none: not run)
         self.ranges: dict[str, fp16.ranges.TensorRange] = {}
+        self.taken: dict[str, frozenset[bool]] = {}  # the values each If condition took
         self.range_note = None
         try:
-            first, self.ranges = self._observed()
+            first, self.ranges, self.taken = self._observed()
             self.ref_values = [first]
         except Exception as e:  # noqa: BLE001
             self.range_note = f"ranges not observed: onnxruntime cannot run the model ({e})"[:300]
@@ -219,9 +234,11 @@ class ConvertFloat16Pass(optcc.Pass):
             if self.inferred.get(name) is None:
                 self.inferred[name] = ir.DataType.from_numpy(array.dtype)
 
-    def _observed(self) -> tuple[dict[str, np.ndarray], dict[str, fp16.ranges.TensorRange]]:
-        """The first feed's values and every float value's ranges over the feeds
-        (``observe``); generated feeds the model cannot run are generated again with the
+    def _observed(
+        self,
+    ) -> tuple[dict[str, np.ndarray], dict[str, fp16.ranges.TensorRange], dict[str, frozenset[bool]]]:
+        """The first feed's values, every float value's ranges and the If conditions' values
+        over the feeds (``observe``); generated feeds the model cannot run are generated again with the
         sizes of ``RETRY_SIZES`` in turn, as the verifier does."""
         try:
             return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
@@ -230,12 +247,14 @@ class ConvertFloat16Pass(optcc.Pass):
                 raise
         *earlier, last = RETRY_SIZES
         for sizes in earlier:
-            self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0, **sizes)
+            self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
+                                         ranges=self.input_ranges, **sizes)
             try:
                 return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
             except Exception:  # noqa: BLE001 - the next sizes are tried
                 pass
-        self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0, **last)
+        self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
+                                     ranges=self.input_ranges, **last)
         return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
 
     def _dtype(self, value: ir.Value) -> ir.DataType | None:
@@ -325,12 +344,15 @@ class ConvertFloat16Pass(optcc.Pass):
         plan: dict[ir.Node, Slots] = {}
         self._probed: dict[str, str | None] = {}
         self._cpu_fallback: set[str] = set()
+        unrun = self._unrun_branches(keys)
         for node, key in keys.items():
             slots = float16_slots(node, self.opset, self._dtype)
             if isinstance(slots, str):
                 continue  # nothing to convert; not a decision worth reporting
             reason = None
-            if node.op_type in self.block or (node.name and node.name in self.block):
+            if node in unrun:
+                reason = unrun[node]
+            elif node.op_type in self.block or (node.name and node.name in self.block):
                 reason = "blocked by the user"
             elif node.name and node.name in marked:
                 reason = "kept float32 by an earlier run's accuracy check"
@@ -342,6 +364,86 @@ class ConvertFloat16Pass(optcc.Pass):
             else:
                 plan[node] = slots
         return keep, plan
+
+    def _movement_islands(self, keep: Mapping[int, str]) -> dict[int, str]:
+        """``keep`` plus the main-graph groups of converting data-movement nodes (connected
+        through the values they pass each other) whose float inputs all come from float32:
+        nodes kept float32, or graph inputs that keep their type; not from weights, and no
+        value of the group read inside a subgraph or a float16 graph output."""
+        graph = self.reference.graph
+        keys, _ = _node_keys(self.reference)
+
+        def slots(node: ir.Node) -> Slots | None:
+            if keys[node] in keep or optcc.ir.subgraphs(node):
+                return None
+            found = float16_slots(node, self.opset, self._dtype)
+            return None if isinstance(found, str) else found
+
+        converting = {node: s for node in graph if (s := slots(node)) is not None}
+        result = dict(keep)
+        seen: set[ir.Node] = set()
+        for start in converting:
+            if start in seen:
+                continue
+            group, stack = [], [start]
+            while stack:  # the connected group of converting nodes around ``start``
+                node = stack.pop()
+                if node in seen:
+                    continue
+                seen.add(node)
+                group.append(node)
+                for i in converting[node].inputs:
+                    producer = node.inputs[i].producer()
+                    if producer in converting:
+                        stack.append(producer)
+                for i in converting[node].outputs:
+                    stack.extend(u.node for u in node.outputs[i].uses() if u.node in converting)
+            if all(self._moves_float32(node, converting[node], converting) for node in group):
+                result.update({keys[node]: MOVEMENT_REASON for node in group})
+        return result
+
+    def _moves_float32(self, node: ir.Node, slots: Slots, converting: Mapping[ir.Node, Slots]) -> bool:
+        """Whether ``node`` only moves data, each float input from float32 or from a node of
+        its group, and each float output read in the main graph only (never a float16
+        graph output)."""
+        if node.domain not in ("", "ai.onnx") or node.op_type not in MOVEMENT_OPS:
+            return False
+        for i in slots.inputs:
+            value = node.inputs[i]
+            producer = value.producer()
+            if producer is None and not (value.is_graph_input() and self._keep_io(value.name or "")):
+                return False  # a weight (converting halves it), or a graph input made float16
+            if producer is not None and producer.op_type == "Constant" and producer not in converting:
+                return False
+        for i in slots.outputs:
+            value = node.outputs[i]
+            if value.is_graph_output() and not self._keep_io(value.name or ""):
+                return False
+            if any(u.node.graph is not node.graph for u in value.uses()):
+                return False
+        return True
+
+    def _unrun_branches(self, keys: Mapping[ir.Node, int]) -> dict[ir.Node, str]:
+        """The nodes of each main-graph If's branch that no sample ran (its condition took
+        one value on every sample), with why they stay float32: no sample can verify float16
+        there."""
+        found: dict[ir.Node, str] = {}
+        for node in self.reference.graph:
+            cond = node.inputs[0] if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.inputs else None
+            seen = self.taken.get(cond.name or "") if cond is not None else None
+            if not seen or len(seen) != 1:
+                continue
+            branch = "else_branch" if True in seen else "then_branch"
+            if branch not in node.attributes:
+                continue
+            why = (f"in {_label(node, keys[node])}'s {branch}, {UNRUN_BRANCH} (its condition was "
+                   f"{next(iter(seen))} on all {len(self.feeds)}): float16 there would go unverified")
+            stack = [node.attributes[branch].as_graph()]
+            while stack:
+                for inner in stack.pop():
+                    found[inner] = why
+                    stack.extend(optcc.ir.subgraphs(inner))
+        return found
 
     # -- building and judging candidates ----------------------------------------------
     def _rewrite(
@@ -512,8 +614,8 @@ class ConvertFloat16Pass(optcc.Pass):
         could be stored float16 behind one ``Cast(to=float)``, with their sizes: exactly
         float16-representable ones (exact), others within range without meaningful
         underflow that nodes kept float32 read (lossy: checked before use). Weights read
-        by custom-domain ops, in a slot that keeps its type, or by nodes the user blocked
-        (exact ones aside) are left alone."""
+        by custom-domain ops, in a slot that keeps its type, by nodes the user blocked or in
+        an If branch no sample ran (exact ones aside) are left alone."""
         keys, top = _node_keys(self.reference)
         exact: dict[str, int] = {}
         lossy: dict[str, int] = {}
@@ -544,8 +646,8 @@ class ConvertFloat16Pass(optcc.Pass):
                 if exactly_float16(array):
                     exact[value.name] = int(array.size)
                     continue
-                if "blocked by the user" in why:
-                    continue
+                if "blocked by the user" in why or any(w and UNRUN_BRANCH in w for w in why):
+                    continue  # rounded weights of an unrun branch: no sample would check them
                 finite = array[np.isfinite(array)]
                 if finite.size and float(np.abs(finite).max()) < FP16_MAX and \
                         fp16.ranges.float16_rounding_sqnr_db(array) >= UNDERFLOW_SQNR_DB:
@@ -616,6 +718,9 @@ class ConvertFloat16Pass(optcc.Pass):
         self.evaluations = 0
         self._fallback_labels: list[str] = []
         keep, plan = self._base_keep(self.reference)
+        keep = self._movement_islands(keep)
+        reference_keys, _ = _node_keys(self.reference)
+        plan = {node: slots for node, slots in plan.items() if reference_keys[node] not in keep}
         stats: dict = {"providers": self.providers, "samples": len(self.feeds),
                        "note": "float16 on CPU is for size: onnxruntime runs most float16 CPU "
                                "kernels through float32"}
@@ -632,6 +737,12 @@ class ConvertFloat16Pass(optcc.Pass):
         ok, judged, candidate = self._evaluate(keep)
         if not ok:
             keep, judged, ok = self._fallback(keep, candidate)
+            if ok:  # the nodes returned to float32 may leave data movement between float32 values
+                settled = self._movement_islands(keep)
+                if settled != keep:
+                    now_ok, now_judged, _ = self._evaluate(settled)
+                    if now_ok:
+                        keep, judged = settled, now_judged
         if not ok:
             stats["skipped"] = (
                 f"nothing converted: no float16 conversion met {self.min_sqnr_db:g} dB SQNR, or the task "

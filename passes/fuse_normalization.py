@@ -20,7 +20,8 @@ Rewrites (default-domain ops; Add/Mul operands in either order):
   inside Erf; the 0.5 applied to x, to the bracket or to the product, or as ``/ 2``)
   becomes ``Gelu(x)``.
 - ``gelu-tanh`` (opset >= 20): ``x * 0.5 * (1 + Tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))``
-  (``x^3`` as ``Pow(x, 3)`` or ``x*x*x``; the 0.5 placed as above) becomes
+  (``x^3`` as ``Pow(x, 3)`` or ``x*x*x``, or the term as ``x*(x*(0.044715*x))``; the 0.5
+  placed as above) becomes
   ``Gelu(x, approximate="tanh")``.
 
 Preconditions: float32 tensors (the other types' kernels are not everywhere, and
@@ -163,12 +164,16 @@ def _gelu_bracket(kind: str, variant: str, x: Var) -> Op:
             arg = Op("Mul", x, Const("k"), commute=True, name="scale_x")
         core = Op("Erf", arg, name="core")
     else:
-        if variant == "pow":
-            cube = Op("Pow", x, Const("three"), name="cube")
+        if variant == "nested":  # x * (x * (0.044715 * x)), as jax2tf writes it
+            term = Op("Mul", x, Op("Mul", x, Op("Mul", x, Const("c0"), commute=True, name="linear"),
+                                   commute=True, name="square"), commute=True, name="term")
         else:
-            cube = Op("Mul", Op("Mul", x, x, name="square"), x, commute=True, name="cube")
-        poly = Op("Add", x, Op("Mul", cube, Const("c0"), commute=True, name="term"),
-                  commute=True, name="poly")
+            if variant == "pow":
+                cube = Op("Pow", x, Const("three"), name="cube")
+            else:
+                cube = Op("Mul", Op("Mul", x, x, name="square"), x, commute=True, name="cube")
+            term = Op("Mul", cube, Const("c0"), commute=True, name="term")
+        poly = Op("Add", x, term, commute=True, name="poly")
         core = Op("Tanh", Op("Mul", poly, Const("k"), commute=True, name="scale_x"), name="core")
     return Op("Add", core, Const("one"), commute=True, name="bracket")
 
@@ -219,7 +224,7 @@ def gelu_rules(rewrite_for, check_for, **rule_options) -> list[Rule]:  # noqa: A
     ``rewrite_for(kind)`` and ``check_for(kind)`` for kind "erf" or "tanh"."""
     rules = []
     placements = ("half-x", "half-bracket", "half-product", "div-two")
-    for kind, variants in (("erf", ("div", "mul")), ("tanh", ("pow", "mul"))):
+    for kind, variants in (("erf", ("div", "mul")), ("tanh", ("pow", "mul", "nested"))):
         for variant, placement in itertools.product(variants, placements):
             x = Var("x")
             pattern = _gelu_root(placement, x, _gelu_bracket(kind, variant, x))

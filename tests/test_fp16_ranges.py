@@ -92,7 +92,7 @@ def test_observe_holds_the_first_samples_values_and_ranges_over_all():
         }""")
     samples = [{"x": (RNG.standard_normal((2, 5)) * scale).astype(np.float32)} for scale in (1.0, 50.0, 0.5)]
     samples[2]["x"][0, 0] = 1e-9  # below half float16's smallest subnormal: flushed
-    first, ranges = observe(optcc.ir.load(proto), samples)
+    first, ranges, _ = observe(optcc.ir.load(proto), samples)
     relu = [np.maximum(s["x"], 0) for s in samples]
     np.testing.assert_array_equal(first["r"], relu[0])
     np.testing.assert_array_equal(first["y"], relu[0] * np.float32(3))

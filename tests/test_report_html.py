@@ -279,3 +279,12 @@ def test_summary_without_errors_puts_the_layers_kept_back_first():
     assert [line.split()[0] for line in text.splitlines() if line.startswith("  ")][1:] == ["kept", "q0", "q1"]
     only_int8 = Report(passes=[_record("p", {"layers": rows[:5]})]).summary(top=3)
     assert "layers: int8 5 (no per-layer error measured)" in only_int8 and "  layer" not in only_int8
+
+
+def test_summary_of_layers_all_kept_float32_says_why():
+    rows = [{"name": f"n{i}", "precision": "float32", "reason": f"'v{i}' reaches |x| = 1e+06 >= 65504"}
+            for i in range(12)]
+    text = Report(passes=[_record("p", {"layers": rows})]).summary(top=3)
+    assert "layers: float32 12 (3 shown)" in text
+    shown = [line for line in text.splitlines() if line.startswith("  n")]
+    assert len(shown) == 3 and all(">= 65504" in line for line in shown)

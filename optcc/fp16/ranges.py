@@ -114,22 +114,27 @@ def run_all(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
 
 
 def observe(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
-            scratch: str | os.PathLike | None = None) -> tuple[dict[str, np.ndarray], dict[str, TensorRange]]:
-    """The first sample's main-graph values (as ``run_all``) and the ranges of every float
-    node output and float feed over all samples; a later sample's values are merged into the
+            scratch: str | os.PathLike | None = None
+            ) -> tuple[dict[str, np.ndarray], dict[str, TensorRange], dict[str, frozenset[bool]]]:
+    """The first sample's main-graph values (as ``run_all``), the ranges of every float
+    node output and float feed over all samples, and the values each one-element boolean
+    (an If's condition) took over the samples; a later sample's values are merged into the
     ranges and dropped, so at most two samples' values are held at once."""
     probe = session(_probe(model), scratch=scratch)
     names = [o.name for o in probe.get_outputs()]
     first: dict[str, np.ndarray] = {}
     found: dict[str, TensorRange] = {}
+    taken: dict[str, frozenset[bool]] = {}
     for i, sample in enumerate(feeds):
         values = _numeric(names, probe.run(None, dict(sample)))
         for name, array in [*values.items(), *sample.items()]:
             if isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.floating):
                 found.setdefault(name, TensorRange()).merge(array)
+            elif isinstance(array, np.ndarray) and array.dtype == bool and array.size == 1:
+                taken[name] = taken.get(name, frozenset()) | {bool(array.reshape(-1)[0])}
         if i == 0:
             first = values
-    return first, found
+    return first, found, taken
 
 
 def _numeric(names: Sequence[str], arrays: Sequence[object]) -> dict[str, np.ndarray]:

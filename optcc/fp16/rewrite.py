@@ -197,9 +197,13 @@ class Rewriter:
         return self.original_type.get(value) if value is not None else None
 
     def _all_readers_convert(self, value: ir.Value) -> bool:
+        """Whether every reader reads ``value`` as float16 or reads any type (Shape); a
+        reader that keeps its types reads the value's own type, float32 where that type is
+        unknown too."""
         uses = value.uses()
         return bool(uses) and not value.is_graph_output() and all(
-            self._reads_as(u.node, u.idx) in (FLOAT16, None) for u in uses
+            self._reads_as(u.node, u.idx) == FLOAT16 or (u.node.op_type in NEUTRAL_OPS and _is_default(u.node))
+            for u in uses
         )
 
     # -- the rewrite -----------------------------------------------------------------

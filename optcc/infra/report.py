@@ -310,7 +310,9 @@ def _layer_lines(rows: Sequence[Mapping[str, Any]], top: int) -> list[str]:
     counts = {p: sum(r["precision"] == p for r in rows) for p in order}
     head = "layers: " + ", ".join(f"{p} {n}" for p, n in counts.items() if n)
     measured = any(r.get("error_db") is not None or r.get("error_rel") is not None for r in rows)
-    if not measured and len({r["precision"] for r in rows}) == 1 and len(rows) > top:
+    # rows all of one narrow precision say the same thing; rows all kept float32 each say why
+    precisions = {r["precision"] for r in rows}
+    if not measured and len(precisions) == 1 and precisions != {"float32"} and len(rows) > top:
         return [head + " (no per-layer error measured)"]
     shown = _worst_first(rows)[:top]
     if len(shown) < len(rows):

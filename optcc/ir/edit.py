@@ -148,12 +148,17 @@ def const_array(value: ir.Value, *, inputs_constant: bool = False,
         return None
 
 
+INFERENCE_KEEPS_ELEMENTS = 1024  # inferred_dtypes copies tensors this small into its inference copy
+
+
 def inferred_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
     """Element types of the values of the main graph and its If/Loop/Scan bodies, as
     declared, as an initializer's tensor holds them, or as onnx type inference finds them
     (best effort: values it cannot type are left out). Inference runs only when a node
     output is undeclared, on a serialized copy whose weights are graph inputs of the same
-    type and shape, so no weight data is copied."""
+    type and shape, so no weight data is copied; tensors of at most
+    ``INFERENCE_KEEPS_ELEMENTS`` values stay as they are, since inference reads some of them
+    (an empty Resize ``scales`` means "not given": as a graph input it stops inference there)."""
     bodies = [g for g in graphs(model) if isinstance(g, ir.Graph)]
     declared = [v for g in bodies for v in (*g.inputs, *(o for node in g for o in node.outputs))]
     types = {v.name: v.const_value.dtype for g in bodies for v in g.initializers.values()
@@ -161,7 +166,7 @@ def inferred_dtypes(model: ir.Model) -> dict[str, ir.DataType]:
     types.update((v.name, v.dtype) for v in declared if v.name and v.dtype is not None)
     if all(v.name in types for v in declared if v.name):
         return types
-    with initializers_set_aside(model, lambda t: True) as aside:
+    with initializers_set_aside(model, lambda t: t.size > INFERENCE_KEEPS_ELEMENTS) as aside:
         proto = serialize(model)
     shapes = {value.name: (tensor.dtype, tensor.shape) for value, tensor in aside}
     inputs = {v.name for v in proto.graph.input}
