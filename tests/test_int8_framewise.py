@@ -53,3 +53,21 @@ def test_a_framewise_output_is_judged_by_its_decision_per_frame():
     want = 1.0 - np.mean((ref[0].argmax(-1) == got[0].argmax(-1))[confident])
     assert row["items"] == int(confident.sum()) == len(VAD_PATH) and row["deviation"] == pytest.approx(want)
     assert want == pytest.approx(2 / len(VAD_PATH)) and row["passed"] is False
+
+
+def test_an_autoregressive_decoders_tokens_are_not_read_as_ctc():
+    """A table-structure decoder emits tokens up to its end token, then padding: a cell
+    token may repeat back to back (three cells in a row), which a CTC decode would merge.
+    Its padding never comes before a token, while a CTC recognizer's blank does, so its
+    steps are judged one by one (argmax), and three cells against two is a difference."""
+    start, row, cell, row_end, end, pad = 1, 2, 28, 4, 29, 0
+    tokens = [start, row, cell, cell, cell, row_end, row, cell, cell, cell, row_end, end]
+    path = tokens + [pad] * 28
+    samples = [_posteriors(path, 30, seed=s) for s in range(3)]
+    assert tm.choose_metric(samples, "softmax_1.tmp_0") == "argmax"
+    fewer = tokens[:3] + tokens[4:] + [pad] * 29  # one cell fewer in the first row
+    assert tm.ctc_greedy(samples[0]) == tm.ctc_greedy(_posteriors(fewer, 30))  # CTC cannot tell them apart
+    judge = tm.TaskJudge({"softmax_1.tmp_0": samples[:1]}, {"softmax_1.tmp_0": samples[:1]})
+    assert judge({"softmax_1.tmp_0": [_posteriors(fewer, 30)]})["metrics"]["softmax_1.tmp_0:argmax"]["passed"] is False
+    # a CTC line whose symbols start at its first step still has blanks between them
+    assert tm.choose_metric([_posteriors([12, 0, 40, 0, 0, 7, 0] * 4, 50, seed=s) for s in range(3)], "p") == "ctc"

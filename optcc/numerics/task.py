@@ -341,7 +341,11 @@ def _ctc_like(values: Sequence[np.ndarray]) -> bool:
     spikes, the top classes other than the one that fills most steps (the blank) holding
     for at most ``CTC_MAX_RUN`` steps on average. A framewise classifier (a VAD's states
     per frame, a tagger's tag per token) holds a decision over the frames of a segment, and
-    its posteriors over many classes are soft where the input is ambiguous."""
+    its posteriors over many classes are soft where the input is ambiguous. An
+    autoregressive decoder's tokens (a table-structure or attention recognizer's, read up to
+    its end token) are not CTC either, though they may repeat as spikes do: its filler is
+    the padding after the end, so on no line does it come before a symbol, while a CTC
+    recognizer's blank comes between (and before) its symbols."""
     lines = [line[np.all(np.isfinite(line), axis=-1)]
              for v in values for line in _batch_major(np.asarray(v, np.float64))]
     lines = [line for line in lines if len(line)]
@@ -352,11 +356,15 @@ def _ctc_like(values: Sequence[np.ndarray]) -> bool:
     best = [line.argmax(-1) for line in lines]
     filler = int(np.bincount(np.concatenate(best)).argmax())
     symbol_steps = symbol_runs = 0
+    blank_before_symbol = False  # no symbol at all leaves the question open: read as CTC
     for steps in best:
         starts = np.r_[True, steps[1:] != steps[:-1]]
-        symbol_steps += int(np.count_nonzero(steps != filler))
-        symbol_runs += int(np.count_nonzero(starts & (steps != filler)))
-    return symbol_steps <= CTC_MAX_RUN * symbol_runs
+        symbols = steps != filler
+        symbol_steps += int(np.count_nonzero(symbols))
+        symbol_runs += int(np.count_nonzero(starts & symbols))
+        # a filler step before the line's last symbol: the filler is a blank, not padding after an end
+        blank_before_symbol |= bool(symbols.any()) and bool((~symbols[:np.flatnonzero(symbols)[-1]]).any())
+    return (blank_before_symbol or not symbol_steps) and symbol_steps <= CTC_MAX_RUN * symbol_runs
 
 
 def sequence_outputs(model: ir.Model) -> set[str]:
