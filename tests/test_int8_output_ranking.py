@@ -125,31 +125,3 @@ def test_a_budget_that_misses_declines_before_the_output_ranking() -> None:
     assert report["sensitivity"][0]["layer"] == "mm1"
     assert all(r["output_sqnr_db"] == "nan" for r in report["sensitivity"])
     assert [n.op_type for n in q.graph] == [n.op_type for n in model.graph.node]  # the model as given
-
-
-def test_the_ranking_runs_give_the_output_ranking_its_local_errors() -> None:
-    """``layer_errors`` keeps each layer's local error on the samples asked for, from its own
-    runs: the difference to the float result (onnxruntime on the float model alone) whose
-    power gives ``local_sqnr`` on those samples, and ``output_sqnr`` fed them measures
-    what it measures on its own."""
-    proto, samples = _model(), _rows(7)
-    float_model = optcc.ir.load(proto)
-    ranges = calibrate(float_model, samples[:3], "minmax").ranges
-    result = create_pass("quantize-int8", ranges=ranges, count_fused=False)(float_model.clone())
-    layer_outputs = result.stats["layer_outputs"]
-    ranked, wanted = samples[3:], [0, 3]
-    deltas: dict[str, list[np.ndarray]] = {}
-    fallback.layer_errors(float_model, result.model, layer_outputs, ranked, deltas=deltas, delta_samples=wanted)
-    chosen = [ranked[i] for i in wanted]
-    assert {"mm_a", "mm_b", "mm1"} <= set(deltas) and all(len(d) == 2 for d in deltas.values())
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in ("a", "b", "h"))
-    values = [dict(zip(("d", "y", "a", "b", "h"), onnxruntime_outputs(probe, feeds))) for feeds in chosen]
-    local = fallback.local_sqnr(float_model, result.model, layer_outputs, chosen)
-    for layer, name in (("mm_a", "a"), ("mm_b", "b"), ("mm1", "h")):
-        assert all(np.any(d) for d in deltas[layer])
-        expected = 10 * math.log10(_power([v[name] for v in values]) / _power(deltas[layer]))
-        assert abs(local[layer] - expected) < 1e-6, (layer, local[layer], expected)
-    assert fallback.output_sqnr(float_model, result.model, layer_outputs, chosen, deltas) == \
-        fallback.output_sqnr(float_model, result.model, layer_outputs, chosen)

@@ -435,18 +435,14 @@ def local_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[
 
 
 def layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
-                 samples: Sequence[Feeds], *, deltas: dict[str, list[np.ndarray]] | None = None,
-                 delta_samples: Sequence[int] = ()) -> tuple[dict[str, float], dict[str, float]]:
+                 samples: Sequence[Feeds]) -> tuple[dict[str, float], dict[str, float]]:
     """``(propagated_sqnr(...), local_sqnr(...))`` from one session run once per sample:
     the combined model of ``local_sqnr`` also holds the quantized graph (its values
     renamed), so the float, quantized and local results of every layer come from the
     same run, each computed by the kernels the separate sessions would use. A quantized
     model with subgraphs, or other inputs than the float one, is measured by the two
-    functions apart (``deltas`` is then left empty). ``deltas``: filled with each layer's
-    local error on the samples at positions ``delta_samples`` of ``samples``, in that
-    order (``output_sqnr``'s, from these runs)."""
-    both = _layer_errors(reference, quantized, layer_outputs, samples, propagated=True, deltas=deltas,
-                         delta_samples=delta_samples)
+    functions apart."""
+    both = _layer_errors(reference, quantized, layer_outputs, samples, propagated=True)
     if both is None:
         return propagated_sqnr(reference, quantized, layer_outputs, samples), \
             local_sqnr(reference, quantized, layer_outputs, samples)
@@ -459,15 +455,11 @@ def _db(signal: float, noise: float) -> float:
 
 def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
                   samples: Sequence[Feeds], *, propagated: bool,
-                  deltas: dict[str, list[np.ndarray]] | None = None, delta_samples: Sequence[int] | None = None,
+                  deltas: dict[str, list[np.ndarray]] | None = None,
                   ) -> tuple[dict[str, float], dict[str, float]] | None:
     """(propagated, local) SQNR per layer (``propagated=False``: local only, propagated
     empty); None when the quantized graph cannot join the float one. ``deltas``: filled
-    with each layer's local error (local result minus float result), one per sample at
-    the positions ``delta_samples`` of ``samples`` (None: every sample), in that order. A
-    local result is computed by the same nodes on the same float values whether or not
-    the quantized graph joins the session (graph optimizations off), so its error is
-    the same either way."""
+    with each layer's local error (local result minus float result), one per sample."""
     float_proto, weights = light_proto(reference)
     q_proto, q_weights = light_proto(quantized)
     float_values = {v for node in float_proto.graph.node for v in node.output} | {
@@ -579,9 +571,7 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
     noise = dict.fromkeys(fetch, 0.0)
     p_signal = dict.fromkeys(pairs, 0.0)
     p_noise = dict.fromkeys(pairs, 0.0)
-    kept_at = {p: j for j, p in enumerate(range(len(samples)) if delta_samples is None else delta_samples)}
-    kept: list[dict[str, np.ndarray]] = [{} for _ in kept_at]  # by position in ``delta_samples``
-    for s, feeds in enumerate(samples):
+    for feeds in samples:
         values = dict(zip(names, session.run(names, dict(feeds))))
         for layer in fetch.keys() | pairs.keys():
             # both compare with the layer's float result (layer_outputs' first name): its
@@ -589,8 +579,8 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
             r = np.array(values[(fetch.get(layer) or pairs[layer])[0]], np.float64)
             if layer in fetch:
                 noise[layer] += _squared_distance(r, values[fetch[layer][1]])
-                if deltas is not None and s in kept_at:  # the local result is not read again
-                    kept[kept_at[s]][layer] = _difference(values[fetch[layer][1]], values[fetch[layer][0]])
+                if deltas is not None:  # the local result is not read again
+                    deltas.setdefault(layer, []).append(_difference(values[fetch[layer][1]], values[fetch[layer][0]]))
             if layer in pairs:
                 p_noise[layer] += _squared_distance(r, values[pairs[layer][1]])
             power = float(np.sum(np.square(r, out=r)))
@@ -600,8 +590,6 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
                 p_signal[layer] += power
         del values
     del session
-    if deltas is not None and kept:
-        deltas.update({layer: [errors[layer] for errors in kept] for layer in fetch})
     release_memory()
     return ({layer: _db(p_signal[layer], p_noise[layer]) for layer in pairs},
             {layer: _db(signal[layer], noise[layer]) for layer in fetch})
@@ -663,8 +651,7 @@ def _join_quantized(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto, q_we
 
 
 def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
-                samples: Sequence[Feeds], deltas: Mapping[str, Sequence[np.ndarray]] | None = None,
-                ) -> dict[str, float]:
+                samples: Sequence[Feeds]) -> dict[str, float]:
     """Per layer, the worst model-output SQNR when only that layer's own quantization error
     (``local_sqnr``'s: its quantized result with float inputs, minus its float result) is
     added to its result in the float model: its error as the outputs see it. The float
@@ -674,13 +661,9 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
     ``OUTPUT_SEGMENTS`` cuts before it (``optcc.quant.suffix``, fed the values the whole
     model's clean run computed): the nodes before it compute what the clean run did.
     The sessions run with onnxruntime's graph optimizations: each compares its own runs.
-    Layers without a local error (or with a result other than float32) are absent.
-    ``deltas``: the layers' local errors on ``samples`` when already measured
-    (``layer_errors``'), else measured here."""
-    if not deltas:
-        measured: dict[str, list[np.ndarray]] = {}
-        _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=measured)
-        deltas = measured
+    Layers without a local error (or with a result other than float32) are absent."""
+    deltas: dict[str, list[np.ndarray]] = {}
+    _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=deltas)
     proto, weights = light_proto(reference)
     graph = proto.graph
     produced = {o for node in graph.node for o in node.output}
@@ -796,17 +779,12 @@ def estimate_sensitivity(layers: Sequence[str], local: Mapping[str, float],
 def spread_samples(samples: Sequence[Feeds], count: int | None) -> list[Feeds]:
     """At most ``count`` of ``samples``, spread evenly over them in order (the first and the
     last included), so samples of every kind interleaved in them are represented; all of
-    them when ``count`` is None or not smaller (``spread_positions``)."""
-    return [samples[i] for i in spread_positions(len(samples), count)]
-
-
-def spread_positions(total: int, count: int | None) -> list[int]:
-    """The positions ``spread_samples`` takes of ``total`` samples, in order."""
-    if count is None or total <= count:
-        return list(range(total))
+    them when ``count`` is None or not smaller."""
+    if count is None or len(samples) <= count:
+        return list(samples)
     if count < 2:
-        return list(range(max(count, 0)))
-    return [int(i) for i in np.linspace(0, total - 1, count).round()]
+        return list(samples[:max(count, 0)])
+    return [samples[int(i)] for i in np.linspace(0, len(samples) - 1, count).round()]
 
 
 def _candidates(layers: Sequence[str], propagated: Mapping[str, float], limit: int) -> list[str]:
@@ -969,26 +947,19 @@ def _estimated_order(reference: ir.Model, model: ir.Model, stats: dict[str, Any]
     layers' own errors measured once on ``ranking_samples`` of ``samples``
     (``spread_samples``) and taken to the outputs (``output_sqnr``, on
     ``OUTPUT_RANKING_SAMPLES`` of them); the ranking goes to ``report["sensitivity"]``."""
-    ranked_on = spread_positions(len(samples), ranking_samples)
-    output_on = spread_positions(len(samples), OUTPUT_RANKING_SAMPLES)
-    deltas: dict[str, list[np.ndarray]] = {}  # the output ranking's local errors, from the same runs when it can
-    errors = layer_errors(reference, model, stats.get("layer_outputs", {}), [samples[i] for i in ranked_on],
-                          deltas=deltas, delta_samples=[ranked_on.index(i) for i in output_on]
-                          if set(output_on) <= set(ranked_on) else [])
-    return _ranked(reference, model, stats, samples, errors, report, output=True, deltas=deltas)
+    errors = layer_errors(reference, model, stats.get("layer_outputs", {}), spread_samples(samples, ranking_samples))
+    return _ranked(reference, model, stats, samples, errors, report, output=True)
 
 
 def _ranked(reference: ir.Model, model: ir.Model, stats: dict[str, Any], samples: Sequence[Feeds],
-            errors: tuple[dict[str, float], dict[str, float]], report: dict[str, Any], *, output: bool,
-            deltas: Mapping[str, Sequence[np.ndarray]] | None = None) -> list[str]:
+            errors: tuple[dict[str, float], dict[str, float]], report: dict[str, Any], *, output: bool) -> list[str]:
     """The quantized layers of ``model`` worst first by ``estimate_sensitivity`` of
     ``errors`` (``layer_errors``' propagated and local SQNR) and, with ``output``, of
     those errors taken to the outputs (``output_sqnr`` on ``OUTPUT_RANKING_SAMPLES`` of
-    ``samples``, ``deltas`` its local errors there when measured already); the ranking
-    goes to ``report["sensitivity"]``."""
+    ``samples``); the ranking goes to ``report["sensitivity"]``."""
     propagated, local = errors
     seen = (output_sqnr(reference, model, stats.get("layer_outputs", {}),
-                        spread_samples(samples, OUTPUT_RANKING_SAMPLES), deltas) if output else {})
+                        spread_samples(samples, OUTPUT_RANKING_SAMPLES)) if output else {})
     ranking = estimate_sensitivity(list(stats.get("layers", [])), local, propagated, seen)
     report["sensitivity"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ranking]
     return [row["layer"] for row in ranking]
