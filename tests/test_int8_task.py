@@ -50,6 +50,41 @@ def test_detection_map_boxes_f1_and_iou() -> None:
     assert count == 4 and len(np.unique(labels)) == 5
 
 
+def _brute_force_boxes(mask: np.ndarray) -> list[list[int]]:
+    """Boxes ``[x0, y0, x1, y1]`` of the 4-connected components of ``mask`` by flood fill,
+    in the order of each component's first pixel in row-major order."""
+    seen = np.zeros_like(mask, bool)
+    boxes = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        stack, ys, xs = [(y0, x0)], [], []
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            ys.append(y)
+            xs.append(x)
+            for v, u in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= v < mask.shape[0] and 0 <= u < mask.shape[1] and mask[v, u] and not seen[v, u]:
+                    seen[v, u] = True
+                    stack.append((v, u))
+        boxes.append([min(xs), min(ys), max(xs) + 1, max(ys) + 1])
+    return boxes
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_component_boxes_match_a_flood_fill(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    mask = rng.random((23, 31)) < (0.3 + 0.1 * seed)  # from speckles to one sprawling component
+    expected = _brute_force_boxes(mask)
+    assert tm._components(mask).tolist() == expected
+    assert tm._extents(*tm._label_numpy(mask)).tolist() == expected  # without scipy
+    kept = [b for b in expected if min(b[2] - b[0], b[3] - b[1]) >= tm.MIN_BOX_SIDE]
+    assert [b.tolist() for b in tm.map_boxes(mask[None, None].astype(np.float32))] == [kept]
+    assert tm._components(np.zeros((4, 5), bool)).shape == (0, 4)
+    assert tm._extents(*tm._label_numpy(np.zeros((4, 5), bool))).shape == (0, 4)
+
+
 def test_yolo_boxes_keep_the_best_of_overlapping_anchors() -> None:
     # [1, 4 + 2 classes, 3 anchors]: anchors 0 and 1 overlap (class 0), anchor 2 is class 1
     pred = np.array([[[10, 11, 50], [10, 10, 50], [8, 8, 6], [8, 8, 6],

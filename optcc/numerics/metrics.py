@@ -187,6 +187,11 @@ def fills_differ(ref: np.ndarray, got: np.ndarray, max_rel: float | None = None)
     return int(np.count_nonzero(finite & (fill_r | fill_g) & wrong))
 
 
+def _real(values: np.ndarray, kept: np.ndarray | None) -> np.ndarray:
+    """``values`` where ``kept`` holds (None: all of them), in order, as one row."""
+    return values.ravel() if kept is None else values[kept]
+
+
 def compare_outputs(
     name: str,
     provider: str,
@@ -230,7 +235,8 @@ def compare_outputs(
             continue
         r, g = ref.astype(np.float64), got.astype(np.float64)
         finite = real_values(r, g)
-        r, g = r[finite], g[finite]
+        kept = None if finite.all() else finite  # None: every value is real
+        r, g = _real(r, kept), _real(g, kept)
         err = np.abs(r - g)
         scale = float(np.abs(r).max()) if r.size else 0.0
         worst_abs = max(worst_abs, float(err.max()) if err.size else 0.0)
@@ -240,10 +246,10 @@ def compare_outputs(
         if tolerance.max_rel is not None and err.size:
             allowed = np.full(err.shape, max(tolerance.max_rel * scale, ORIGINAL_ERROR_FACTOR * resolution))
             if original is not None:
-                own = np.abs(original.astype(np.float64)[finite] - r)
+                own = np.abs(_real(original.astype(np.float64), kept) - r)
                 original_rel = max(original_rel, float(own.max()) / scale if scale > 0 else 0.0)
                 if alternates is not None and np.shape(alternates[i]) == ref.shape:
-                    other = np.abs(np.asarray(alternates[i], np.float64)[finite] - r)
+                    other = np.abs(_real(np.asarray(alternates[i], np.float64), kept) - r)
                     own = np.maximum(own, np.minimum(np.nan_to_num(other, nan=0.0), own.max()))
                 allowed = np.maximum(allowed, ORIGINAL_ERROR_FACTOR * own)
             sample_over = int(np.count_nonzero(err > allowed))
@@ -252,10 +258,11 @@ def compare_outputs(
             over += sample_over
             if sample_over:
                 samples_over.append(i)
-        signal += float(np.dot(r, r))
+        power = float(np.dot(r, r))
+        signal += power
         noise += float(np.dot(err, err))
         dot += float(np.dot(r, g))
-        norm_r += float(np.dot(r, r))
+        norm_r += power
         norm_g += float(np.dot(g, g))
         if ref.ndim == 2 and ref.shape[-1] > 1 and ref.shape[0] and np.all(np.isfinite(ref)):
             # classifier-like [N, C] outputs only: on feature maps argmax ties are noise

@@ -717,18 +717,22 @@ def _ctc_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _M
             {"ctc_exact": total, "cer": length})
 
 
-def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Connected components (4-neighbourhood) of a 2-D boolean mask."""
+def _components(mask: np.ndarray) -> np.ndarray:
+    """The bounding boxes ``[x0, y0, x1, y1]`` (float64, end exclusive) of the connected
+    components (4-neighbourhood) of a 2-D boolean mask, in the order of their first
+    pixel in row-major order."""
     try:
         from scipy import ndimage
     except ImportError:  # pragma: no cover - scipy is optional
-        return _label_numpy(mask)
-    labels, count = ndimage.label(mask)
-    return labels, int(count)
+        return _extents(*_label_numpy(mask))
+    labels, _ = ndimage.label(mask)
+    return np.array([[x.start, y.start, x.stop, y.stop] for y, x in ndimage.find_objects(labels)],
+                    np.float64).reshape(-1, 4)
 
 
 def _label_numpy(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Connected components by min-label propagation (no scipy)."""
+    """Connected components by min-label propagation (no scipy): labels 1..count, numbered
+    in the order of their first pixel in row-major order, 0 outside the mask."""
     h, w = mask.shape
     big = h * w
     labels = np.where(mask, np.arange(big).reshape(h, w), big)
@@ -746,6 +750,21 @@ def _label_numpy(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return relabel[labels], len(unique)
 
 
+def _extents(labels: np.ndarray, count: int) -> np.ndarray:
+    """The bounding boxes ``[x0, y0, x1, y1]`` (float64, end exclusive) of labels 1..count
+    (each present) of a 2-D label image: a label's first and last pixel in row-major order
+    give its rows, in column-major order its columns."""
+    boxes = np.zeros((count, 4))
+    for axis, (lo, hi) in ((0, (1, 3)), (1, (0, 2))):
+        flat = (labels if axis == 0 else labels.T).ravel()
+        _, first = np.unique(flat, return_index=True)
+        _, last = np.unique(flat[::-1], return_index=True)
+        line = labels.shape[1] if axis == 0 else labels.shape[0]
+        boxes[:, lo] = first[-count:] // line if count else 0
+        boxes[:, hi] = (flat.size - 1 - last[-count:]) // line + 1 if count else 0
+    return boxes
+
+
 def map_boxes(probability_map: np.ndarray, threshold: float = MAP_THRESHOLD) -> list[np.ndarray]:
     """Per image of ``[N, 1, H, W]`` / ``[N, H, W]``: the boxes ``[x0, y0, x1, y1]`` of the
     connected components of ``map > threshold`` whose sides are at least ``MIN_BOX_SIDE``."""
@@ -753,20 +772,9 @@ def map_boxes(probability_map: np.ndarray, threshold: float = MAP_THRESHOLD) -> 
     maps = maps.reshape(-1, *maps.shape[-2:])
     result = []
     for m in maps:
-        labels, count = _label(m > threshold)
-        boxes = np.zeros((count, 4))
-        if count:
-            ys, xs = np.nonzero(labels)
-            ids = labels[ys, xs] - 1
-            boxes[:, 0] = np.full(count, np.inf)
-            boxes[:, 1] = np.full(count, np.inf)
-            np.minimum.at(boxes[:, 0], ids, xs)
-            np.minimum.at(boxes[:, 1], ids, ys)
-            np.maximum.at(boxes[:, 2], ids, xs + 1)
-            np.maximum.at(boxes[:, 3], ids, ys + 1)
-            sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-            boxes = boxes[sides >= MIN_BOX_SIDE]
-        result.append(boxes)
+        boxes = _components(m > threshold)
+        sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        result.append(boxes[sides >= MIN_BOX_SIDE])
     return result
 
 

@@ -175,8 +175,9 @@ def measure_latency(model: ir.Model, feeds: Feeds, *, threads: int = 2, runs: in
 def sqnr_db(reference: np.ndarray, result: np.ndarray) -> float:
     """10 log10(signal power / noise power); inf when identical."""
     ref = reference.astype(np.float64).ravel()
-    noise = float(np.sum((ref - result.astype(np.float64).ravel()) ** 2))
-    return powers_db(float(np.sum(ref**2)), noise)
+    difference = np.subtract(ref, result.ravel(), dtype=np.float64)  # the result widened exactly
+    noise = float(np.sum(np.square(difference, out=difference)))
+    return powers_db(float(np.sum(np.square(ref, out=ref))), noise)
 
 
 def _classifier_like(array: np.ndarray) -> bool:
@@ -622,8 +623,8 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
             r = np.array(values[(fetch.get(layer) or pairs[layer])[0]], np.float64)
             if layer in fetch:
                 noise[layer] += _squared_distance(r, values[fetch[layer][1]])
-                if deltas is not None:
-                    deltas.setdefault(layer, []).append(np.subtract(values[fetch[layer][1]], values[fetch[layer][0]]))
+                if deltas is not None:  # the local result is not read again
+                    deltas.setdefault(layer, []).append(_difference(values[fetch[layer][1]], values[fetch[layer][0]]))
             if layer in pairs:
                 p_noise[layer] += _squared_distance(r, values[pairs[layer][1]])
             power = float(np.sum(np.square(r, out=r)))
@@ -636,6 +637,14 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
     release_memory()
     return ({layer: _db(p_signal[layer], p_noise[layer]) for layer in pairs},
             {layer: _db(signal[layer], noise[layer]) for layer in fetch})
+
+
+def _difference(result: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``result - reference``, written over ``result`` where it can hold it (its shape and
+    dtype those of the difference): the same values without another array."""
+    fits = result.flags.writeable and result.shape == np.broadcast_shapes(result.shape, reference.shape) \
+        and np.result_type(result, reference) == result.dtype
+    return np.subtract(result, reference, out=result if fits else None)
 
 
 def _squared_distance(reference: np.ndarray, other: np.ndarray) -> float:
