@@ -103,11 +103,13 @@ class _Facts:
         return static_rank(value, self.memo)
 
     def value_array(self, value: ir.Value) -> np.ndarray | None:
-        return optcc.ir.as_numpy(value)
+        """A constant's array (``optcc.ir.const_array``: a graph input with a default, which
+        a caller may feed, is none)."""
+        return optcc.ir.const_array(value)
 
 
 def _float32_vector(value: ir.Value | None) -> np.ndarray | None:
-    array = optcc.ir.as_numpy(value) if value is not None else None
+    array = optcc.ir.const_array(value) if value is not None else None
     return array if array is not None and array.ndim == 1 and array.dtype == np.float32 else None
 
 

@@ -26,8 +26,10 @@ The replaced float weights are removed (initializers, or Constant nodes) once no
 reads them, so the file shrinks to about a quarter of the weights' float32 bytes.
 
 Preconditions: default-domain MatMul/Gemm, opset >= 11, ``a`` float32, ``W`` a float32
-2-D constant of finite values (as is an embedding table; ``optcc.ir.const_array``: a graph
-input with an initializer default is fed, no constant) read only by MatMul (input 1) /
+2-D constant of finite values (as is an embedding table; ``optcc.ir.const_array``: from IR 4
+on a graph input with an initializer default is fed, no constant; below IR 4, where every
+initializer is listed as an input, it is a constant and the model moves to IR 4 before the
+first rewrite, ``stats["unlisted_constant_inputs"]``) read only by MatMul (input 1) /
 Gemm (input 1) nodes (a weight shared with another kind of op, or read by Gemms with
 different ``transB``, stays float; nodes sharing one weight share one quantized copy),
 node not in ``exclude`` (node names, output names). Other ops, custom domains and
@@ -72,6 +74,9 @@ class QuantizeDynamicPass(optcc.Pass):
                                "(opset 11 on); --target-opset 13 converts the model first")
             return optcc.PassResult(model, False, stats)
         taken = optcc.ir.value_names(model)
+        # below IR 4 an initializer listed as a graph input is a constant (not so from 4 on);
+        # the model moves to 4 before the first rewrite, so the new initializers need not be inputs
+        inputs_constant = optcc.ir.initializers_are_constant(model)
         for graph in optcc.ir.graphs(model):
             if not isinstance(graph, ir.Graph):
                 continue
@@ -79,10 +84,13 @@ class QuantizeDynamicPass(optcc.Pass):
             replaced: list[ir.Value] = []
             for node in list(graph):
                 if node.op_type == "Gather" and self.embeddings:
-                    reason = embedding_reason(node)
+                    reason = embedding_reason(node, inputs_constant=inputs_constant)
                     if reason is None and self.exclude & {node.name, *(v.name for v in node.outputs)}:
                         reason = "excluded"
                     if reason is None:
+                        if inputs_constant:
+                            stats["unlisted_constant_inputs"] = optcc.ir.upgrade_legacy_ir(model)
+                            inputs_constant = False
                         replaced.append(node.inputs[0])
                         quantize_gather(graph, node, node.inputs[0], taken)
                         stats["quantized"] += 1
@@ -90,12 +98,15 @@ class QuantizeDynamicPass(optcc.Pass):
                     elif reason:
                         stats["kept_float"][reason] = stats["kept_float"].get(reason, 0) + 1
                     continue
-                reason = self._reason_to_skip(node)
+                reason = self._reason_to_skip(node, inputs_constant)
                 if reason == "":
                     continue
                 if reason is not None:
                     stats["kept_float"][reason] = stats["kept_float"].get(reason, 0) + 1
                     continue
+                if inputs_constant:
+                    stats["unlisted_constant_inputs"] = optcc.ir.upgrade_legacy_ir(model)
+                    inputs_constant = False
                 replaced.append(node.inputs[1])
                 self._rewrite(graph, node, cache, taken)
                 stats["quantized"] += 1
@@ -112,8 +123,9 @@ class QuantizeDynamicPass(optcc.Pass):
                 stats["integer_nodes_error"] = str(e).splitlines()[0][:200]
         return optcc.PassResult(model, modified, stats)
 
-    def _reason_to_skip(self, node: ir.Node) -> str | None:
-        """None: rewrite; "": not a candidate at all; else why a MatMul stays float."""
+    def _reason_to_skip(self, node: ir.Node, inputs_constant: bool = False) -> str | None:
+        """None: rewrite; "": not a candidate at all; else why a MatMul stays float.
+        ``inputs_constant``: ``optcc.ir.initializers_are_constant`` of the model."""
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             return ""
         if self.exclude & {node.name, *(v.name for v in node.outputs)}:
@@ -123,14 +135,15 @@ class QuantizeDynamicPass(optcc.Pass):
         a, w_value = node.inputs[0], node.inputs[1]
         if a is None or w_value is None or (a.dtype is not None and a.dtype != ir.DataType.FLOAT):
             return "activation not float32"
-        w = optcc.ir.const_array(w_value)  # a graph input with a default is fed, not a weight
+        # from IR 4 on, a graph input with a default is fed, not a weight
+        w = optcc.ir.const_array(w_value, inputs_constant=inputs_constant)
         if w is None:
             return "weight not constant"
         if w.dtype != np.float32 or w.ndim != 2:
             return "weight not a float32 matrix"
         if not np.isfinite(w).all():
             return "weight holds inf or NaN"
-        if optcc.ir.const_array(a) is not None:
+        if optcc.ir.const_array(a, inputs_constant=inputs_constant) is not None:
             return "activation constant"
         if w_value.is_graph_output() or any(
             u.node.op_type not in ("MatMul", "Gemm") or u.idx != 1 for u in w_value.uses()

@@ -35,10 +35,13 @@ sample at a time, from the float model; without samples GPTQ falls back to RTN a
 so in ``stats["note"]``.
 
 Preconditions: main-graph default-domain MatMul/Gemm (``transA = 0``), activation
-float32, weight a float32 2-D constant (``optcc.ir.const_array``: not a graph input with an
-initializer default, which a caller may feed) read only by such nodes with one orientation
-(and, with ``embeddings``, by Gathers on axis 0); node not in ``exclude`` (node or output
-names). Everything else is left alone with a reason in ``stats["kept_float"]``.
+float32, weight a float32 2-D constant (``optcc.ir.const_array``: from IR 4 on not a graph
+input with an initializer default, which a caller may feed) read only by such nodes with
+one orientation (and, with ``embeddings``, by Gathers on axis 0); node not in ``exclude``
+(node or output names). Everything else is left alone with a reason in
+``stats["kept_float"]``. A model below IR 4, whose initializers are all listed as inputs
+(constants there), moves to IR 4 before the rewrite (``optcc.ir.upgrade_legacy_ir``;
+``stats["unlisted_constant_inputs"]``).
 
 onnxruntime's full graph optimization fuses a block-wise DequantizeLinear + MatMul into
 its own MatMulNBits with ``accuracy_level`` 4 (activations rounded to int8 inside the
@@ -137,10 +140,15 @@ class QuantizeWeightsPass(optcc.Pass):
         stats: dict[str, Any] = {"quantized": {}, "kept_float": {}, "head": [], "algorithm": self.algorithm,
                                  "bits": self.bits, "block_size": self.block_size, "target": self.target}
         graph = model.graph
-        layers, gathers, tied = self._plan(graph, stats)
-        convs = self._plan_convs(graph, stats)
+        # below IR 4 an initializer listed as a graph input is a constant (not so from 4 on);
+        # the model moves to 4 before any rewrite, so the new initializers need not be inputs
+        inputs_constant = optcc.ir.initializers_are_constant(model)
+        layers, gathers, tied = self._plan(graph, stats, inputs_constant)
+        convs = self._plan_convs(graph, stats, inputs_constant)
         if not layers and not gathers and not tied and not convs:
             return optcc.PassResult(model, False, stats)
+        if inputs_constant:
+            stats["unlisted_constant_inputs"] = optcc.ir.upgrade_legacy_ir(model)
         portable = self.target != "onnxruntime"
         needed = max(BLOCKWISE_OPSET if (portable and layers) else 0, PER_AXIS_OPSET if convs else 0)
         if optcc.ir.default_opset(model) < needed:
@@ -209,9 +217,10 @@ class QuantizeWeightsPass(optcc.Pass):
         stats["float_weight_bytes_removed"] = drop_unused_weights(graph, dict.fromkeys(replaced))
         return optcc.PassResult(model, True, stats)
 
-    def _plan(self, graph: ir.Graph, stats: dict[str, Any]
+    def _plan(self, graph: ir.Graph, stats: dict[str, Any], inputs_constant: bool = False
               ) -> tuple[list[tuple[ir.Node, ir.Value]], list[tuple[ir.Node, ir.Value]], list[ir.Value]]:
-        """(MatMul/Gemm node, weight) pairs, (Gather, table) pairs and tied tables to quantize."""
+        """(MatMul/Gemm node, weight) pairs, (Gather, table) pairs and tied tables to quantize
+        (``inputs_constant``: ``optcc.ir.initializers_are_constant`` of the model)."""
         layers: list[tuple[ir.Node, ir.Value]] = []
         gathers: list[tuple[ir.Node, ir.Value]] = []
         tied: list[ir.Value] = []
@@ -226,7 +235,7 @@ class QuantizeWeightsPass(optcc.Pass):
                 skip("excluded")
                 continue
             if node.op_type == "Gather":
-                why = _table_reason(node) if self.embeddings else ""
+                why = _table_reason(node, inputs_constant) if self.embeddings else ""
                 if why is not None:
                     if why:
                         skip(why)
@@ -240,7 +249,7 @@ class QuantizeWeightsPass(optcc.Pass):
                 elif table not in tied:
                     tied.append(table)
                 continue
-            reason = self._layer_reason(node)
+            reason = self._layer_reason(node, inputs_constant)
             if reason and reason.startswith("weight tied") and self.embeddings:
                 continue  # quantized with its table
             if reason:
@@ -251,7 +260,8 @@ class QuantizeWeightsPass(optcc.Pass):
             layers = [(n, w) for n, w in layers if w not in tied]
         return layers, gathers, tied
 
-    def _plan_convs(self, graph: ir.Graph, stats: dict[str, Any]) -> list[tuple[ir.Node, ir.Value]]:
+    def _plan_convs(self, graph: ir.Graph, stats: dict[str, Any], inputs_constant: bool = False
+                    ) -> list[tuple[ir.Node, ir.Value]]:
         """(Conv/ConvTranspose node, weight) pairs to store as per-channel int8, in graph order."""
         if not self.convs:
             return []
@@ -259,7 +269,8 @@ class QuantizeWeightsPass(optcc.Pass):
         for node in graph:
             if not _is_conv(node):
                 continue
-            reason = "excluded" if self.exclude & {node.name, *(v.name for v in node.outputs)} else _conv_reason(node)
+            reason = ("excluded" if self.exclude & {node.name, *(v.name for v in node.outputs)}
+                      else _conv_reason(node, inputs_constant))
             if reason:
                 stats["kept_float"][reason] = stats["kept_float"].get(reason, 0) + 1
                 continue
@@ -292,15 +303,15 @@ class QuantizeWeightsPass(optcc.Pass):
             stats["bias_correction"]["not_corrected"] = f"{skipped} with a bias that is not a float32 constant"
         return {node: shift for (node, _), shift in zip(deltas, shifts)}
 
-    def _layer_reason(self, node: ir.Node) -> str | None:
+    def _layer_reason(self, node: ir.Node, inputs_constant: bool = False) -> str | None:
         a, w_value = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
         if node.op_type == "Gemm" and _attr(node, "transA", 0):
             return "Gemm with transA"
         if a is None or w_value is None or (a.dtype is not None and a.dtype != ir.DataType.FLOAT):
             return "activation not float32"
-        if optcc.ir.const_array(a) is not None:
+        if optcc.ir.const_array(a, inputs_constant=inputs_constant) is not None:
             return "activation constant"
-        w = _constant_matrix(w_value)
+        w = _constant_matrix(w_value, inputs_constant)
         if w is None:
             return "weight not a constant float32 matrix"
         if not finite(w):
@@ -447,13 +458,14 @@ def row_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return bq.q.T.astype(np.int8), bq.scales.T.astype(np.float32)
 
 
-def embedding_reason(node: ir.Node) -> str | None:
+def embedding_reason(node: ir.Node, *, inputs_constant: bool = False) -> str | None:
     """None when ``node`` is a Gather of a constant float32 table of finite values that only
     axis-0 Gathers read (so ``quantize_gather`` may rewrite it); "" when it is no such
-    Gather at all; else why the table stays float."""
+    Gather at all; else why the table stays float. ``inputs_constant``:
+    ``optcc.ir.initializers_are_constant`` of the model."""
     if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
         return ""
-    why = _table_reason(node)
+    why = _table_reason(node, inputs_constant)
     if why is not None:
         return why
     table = node.inputs[0]
@@ -462,13 +474,13 @@ def embedding_reason(node: ir.Node) -> str | None:
     return None
 
 
-def _table_reason(node: ir.Node) -> str | None:
+def _table_reason(node: ir.Node, inputs_constant: bool = False) -> str | None:
     """For a Gather: "" when its table is no constant float32 matrix (no embedding to
     quantize); why it stays float when it is one but gathered on another axis or holds inf
     or NaN; None when its table may be quantized row by row, as far as this Gather tells
     (who else reads the table is the caller's question)."""
     table = node.inputs[0]
-    matrix = None if table is None else _constant_matrix(table)
+    matrix = None if table is None else _constant_matrix(table, inputs_constant)
     if matrix is None:
         return ""
     if _attr(node, "axis", 0) != 0:
@@ -524,10 +536,10 @@ def _use_kind(use: Any) -> str | None:
     return None
 
 
-def _constant_matrix(value: ir.Value) -> np.ndarray | None:
-    """The float32 matrix behind a constant (``optcc.ir.const_array``: a graph input with
-    an initializer default is no constant, a caller may feed it)."""
-    array = optcc.ir.const_array(value)
+def _constant_matrix(value: ir.Value, inputs_constant: bool = False) -> np.ndarray | None:
+    """The float32 matrix behind a constant (``optcc.ir.const_array``: from IR 4 on, a graph
+    input with an initializer default is no constant, a caller may feed it)."""
+    array = optcc.ir.const_array(value, inputs_constant=inputs_constant)
     if array is None or array.dtype != np.float32 or array.ndim != 2:
         return None
     return array
@@ -618,9 +630,9 @@ def _conv_axis(node: ir.Node) -> int:
     return 0
 
 
-def _conv_reason(node: ir.Node) -> str | None:
+def _conv_reason(node: ir.Node, inputs_constant: bool = False) -> str | None:
     """Why a Conv/ConvTranspose's weight stays float, or None: it must be a float32 constant
-    (initializer or Constant node) of rank >= 3, not a graph input or output, read only
+    (initializer or Constant node; ``optcc.ir.is_constant``) of rank >= 3, not a graph output, read only
     as the weight of Convs (ConvTransposes) that give it the same scale axis; the
     activation float32 and not constant."""
     x = node.inputs[0] if node.inputs else None
@@ -629,11 +641,11 @@ def _conv_reason(node: ir.Node) -> str | None:
         return "convolution without input or weight"
     if x.dtype is not None and x.dtype != ir.DataType.FLOAT:
         return "activation not float32"
-    if optcc.ir.const_array(x) is not None:
+    if optcc.ir.const_array(x, inputs_constant=inputs_constant) is not None:
         return "activation constant"
-    if w_value.is_graph_input():
+    if not optcc.ir.is_constant(w_value, inputs_constant=inputs_constant) and w_value.is_graph_input():
         return "weight is a graph input"
-    w = optcc.ir.as_numpy(w_value)
+    w = optcc.ir.const_array(w_value, inputs_constant=inputs_constant)
     if w is None:
         return "weight not a constant"
     if w.dtype != np.float32 or w.ndim < 3:

@@ -4,9 +4,12 @@ Value numbering over both graphs in one table (translation validation in the sty
 Necula's validators: it trusts nothing the passes say, only the two graphs). Every value
 gets a key, and two values with the same key compute the same thing for every input:
 
-- a graph input: its name (the verifier feeds both models by name);
-- a constant (initializer, Constant node, or an initializer the model also lists as an
-  input, which the verifier never feeds): its element type, shape and bytes;
+- a graph input: its name (the verifier feeds both models by name), an initializer the
+  model also lists as an input included from IR version 4 on (a default a caller may
+  replace: ``optcc.ir.is_constant``);
+- a constant (initializer, Constant node, or below IR version 4 an initializer the model
+  also lists as an input, which onnxruntime reads as a constant): its element type, shape
+  and bytes;
 - a node's output: its domain, op type and definition (the schema version the model's
   opset gives it, or the oldest version listed as computing the same function on it:
   ``optcc.numerics.op_versions``), its attributes (tensors by bytes, floats by their
@@ -214,7 +217,7 @@ def number_original(original: ir.Model, *,
     except Exception:
         numbering.release()
         raise
-    fed = {v.name: v.dtype for v in original.graph.inputs if v.const_value is None}
+    fed = {v.name: v.dtype for v in _fed_inputs(original)}
     return Premise(numbering, outputs, fed, keys.input_shapes, folds, facts)
 
 
@@ -254,8 +257,8 @@ class Premise:
 
 def _static_shapes(model: ir.Model) -> dict[str, list[int]]:
     """The model's graph inputs of static shape, by name: their dims."""
-    return {v.name: [int(d) for d in v.shape] for v in model.graph.inputs if v.const_value is None
-            and v.shape is not None and all(isinstance(d, int) and d > 0 for d in v.shape)}
+    return {v.name: [int(d) for d in v.shape] for v in _fed_inputs(model)
+            if v.shape is not None and all(isinstance(d, int) and d > 0 for d in v.shape)}
 
 
 def _compared(candidate: ir.Model, candidate_keys: _Keys, original_inputs: dict[str, ir.DataType | None],
@@ -266,7 +269,7 @@ def _compared(candidate: ir.Model, candidate_keys: _Keys, original_inputs: dict[
     the original's output of that name has its dtype and key, and what the candidate's
     key assumes (``_Keys.assumed``) the original's nodes establish wherever it runs
     (``original_facts``, called after every original output is keyed)."""
-    fed = {v.name: v.dtype for v in candidate.graph.inputs if v.const_value is None}
+    fed = {v.name: v.dtype for v in _fed_inputs(candidate)}
     same_inputs = fed.keys() == original_inputs.keys() and all(
         dtype is None or dtype == original_inputs[name] for name, dtype in fed.items())
     same_outputs = [v.name for v in candidate.graph.outputs] == list(original_outputs)
@@ -300,7 +303,7 @@ def _prove(original: ir.Model, candidate: ir.Model, numbering: _Numbering) -> Pr
     # the candidate computes the same way has no fold among its ancestors: the candidate
     # would compute that fold the same way too)
     evaluated = original_keys.evaluate(folds) if folds else 0
-    original_inputs = {v.name: v.dtype for v in original.graph.inputs if v.const_value is None}
+    original_inputs = {v.name: v.dtype for v in _fed_inputs(original)}
     # the original's outputs keyed only when compared, after the folds are keyed by their bytes
     original_outputs = {v.name: (lambda v=v: original_keys.key(v), v.dtype) for v in original.graph.outputs}
     return _compared(candidate, candidate_keys, original_inputs, original_outputs, evaluated, original_keys.facts)
@@ -551,7 +554,7 @@ class _Keys:
         numbering.models.append(self)
         self.opsets = {("" if d == "ai.onnx" else d): v for d, v in model.opset_imports.items()}
         self.functions = {(f.domain, f.name, f.overload) for f in model.functions.values()}
-        self.fed = {v.name for v in model.graph.inputs if v.const_value is None}
+        self.fed = {v.name for v in _fed_inputs(model)}
         self._keys: dict[int, int] = {}  # id(value) -> key
         self._values: dict[int, ir.Value] = {}  # keeps the ids of keyed values unique
         self._arrays: dict[int, np.ndarray] = {}  # evaluated folds, by id(value)
@@ -1391,7 +1394,7 @@ class _Keys:
         needed for a proof)."""
         for node in self.model.graph:
             if node.op_type == "Constant" or not node.inputs or not all(
-                    v is None or v.const_value is not None or (v.producer() is not None
+                    v is None or (v.const_value is not None and v.name not in self.fed) or (v.producer() is not None
                                                                and v.producer().op_type == "Constant")
                     for v in node.inputs):
                 continue
@@ -1696,6 +1699,14 @@ def _raw_bytes(tensor: ir.TensorProtocol, array: np.ndarray) -> np.ndarray:
 _PLAIN_ATTRIBUTES = {kind: kind.name for kind in (ir.AttributeType.INT, ir.AttributeType.STRING,
                                                    ir.AttributeType.INTS, ir.AttributeType.STRINGS)}
 _SCALAR_ATTRIBUTES = (ir.AttributeType.INT, ir.AttributeType.STRING)
+
+
+def _fed_inputs(model: ir.Model) -> list[ir.Value]:
+    """The main graph's inputs a caller feeds: all but the constants (``optcc.ir.is_constant``:
+    below IR version 4 an initializer listed as an input is one; from IR 4 on it is a default
+    a caller may replace, so it is fed)."""
+    inputs_constant = oir.initializers_are_constant(model)
+    return [v for v in model.graph.inputs if not oir.is_constant(v, inputs_constant=inputs_constant)]
 
 
 def _constant(value: ir.Value) -> ir.TensorProtocol | None:
