@@ -37,6 +37,13 @@ QGemm, QLinearAdd/Mul, QLinearAveragePool, QLinearConcat, ...):
   same zero point, exactly ``c * DQ(x_q)`` up to float rounding. No kernel runs for them
   and no second 8-bit rounding happens (onnxruntime has no integer Div: the op would run
   float between a DQ and a Q);
+- cancellations stay float: the inputs of an Add/Sub whose result's range is more than
+  ``CANCELLATION_RATIO`` times narrower than an input's (a variance written
+  ``E[x^2] - E[x]^2``) are computed in float32, back through sums, means, data movement
+  and scalar rescales to the quantized ops that produce them (8-bit inputs would leave the
+  result a few levels); so is the input of Sqrt/Reciprocal/Log or a Div's divisor whose
+  range comes within ``RELATIVE_STEPS`` 8-bit steps of 0 (its absolute rounding error
+  becomes the result's relative error);
 - ConvTranspose stays float: onnxruntime's CPU provider has no integer ConvTranspose
   (measured with 1.32: a QDQ ConvTranspose runs float, its weights dequantized on every
   run);
@@ -106,6 +113,18 @@ _SINGLE_INPUT_OPS = _WEIGHTED | {"AveragePool", "GlobalAveragePool"}  # other in
 INT32_MAX = 2**31 - 1
 _QUANTIZE_CHUNK = 1 << 20  # elements ``_quantize`` rounds at a time (8 MiB of float64 temporaries)
 CONCAT_SPAN_RATIO = 16  # a Concat whose inputs' ranges differ more stays float (4 bits lost)
+# An Add/Sub whose result's range is more than CANCELLATION_RATIO times narrower than an
+# input's range cancels (a variance written E[x^2] - E[x]^2): inputs rounded to 8 bits over
+# their own range leave the result fewer than 255 / CANCELLATION_RATIO levels (2 bits lost).
+CANCELLATION_RATIO = 4
+# A divisor, Sqrt or Log input whose smallest calibrated magnitude lies within
+# RELATIVE_STEPS 8-bit steps of 0 would be known to worse than 1 / (2 * RELATIVE_STEPS)
+# relative error there, and those ops turn the input's relative error into the result's.
+RELATIVE_STEPS = 16
+_RELATIVE_OPS = frozenset({"Sqrt", "Reciprocal", "Log"})  # and Div's divisor
+# Ops between a rounded value and a cancellation that neither round again nor shrink the
+# rounding error relative to the result: data movement, broadcasts, sums and means.
+_CARRY_ERROR_OPS = _PASS_THROUGH | {"Expand", "ReduceSum", "ReduceMean"}
 
 Params = tuple[np.ndarray, np.ndarray]  # (scale float32, zero point uint8/int8)
 
@@ -317,6 +336,7 @@ class QuantizeInt8Pass(optcc.Pass):
                     plan.compute.pop(node, None)
                     plan.keep("weight shared with a float op")
         self._keep_logits_float(graph, plan)
+        self._keep_precise_inputs_float(graph, plan, rescales)
         self._absorb_activations(graph, plan)
         self._plan_shared(graph, plan, rescales)
         self._assign_params(graph, plan)
@@ -468,6 +488,69 @@ class QuantizeInt8Pass(optcc.Pass):
                     if v is not None and plan.const(v) is None and v not in logits:
                         logits.add(v)
                         stack.append(v)
+
+    def _span(self, value: ir.Value) -> float | None:
+        """The width of ``value``'s 8-bit grid: its calibrated range widened to contain 0."""
+        r = self._range(value)
+        return None if r is None else max(r[1], 0.0) - min(r[0], 0.0)
+
+    def _keep_precise_inputs_float(self, graph: ir.Graph, plan: _Plan, rescales: Mapping[ir.Node, float]) -> None:
+        """Values that 8-bit rounding cannot carry are computed in float32:
+
+        - the inputs of a cancelling Add/Sub (``CANCELLATION_RATIO``): the quantized ops that
+          produce them, back through ``_CARRY_ERROR_OPS`` and scalar rescales, stay float,
+          and so does a cancelling Add itself;
+        - the input of Sqrt, Reciprocal, Log or Div's divisor whose calibrated range comes
+          within ``RELATIVE_STEPS`` steps of 0 (back through data movement and broadcasts)."""
+        precise: list[tuple[ir.Value, str]] = []
+        for node in graph:
+            if not _is_default(node) or len(node.outputs) != 1:
+                continue
+            if node.op_type in ("Add", "Sub") and len(node.inputs) == 2:
+                out_span = self._span(node.outputs[0])
+                spans = [self._span(v) for v in node.inputs if v is not None and plan.const(v) is None]
+                if out_span is None or len(spans) != 2 or None in spans:
+                    continue
+                if max(spans) > CANCELLATION_RATIO * out_span:
+                    reason = (f"input of a cancelling {node.op_type} (result's range more than "
+                              f"{CANCELLATION_RATIO}x narrower than an input's)")
+                    if node in plan.compute:
+                        del plan.compute[node]
+                        plan.keep(f"cancelling {node.op_type} (result's range more than {CANCELLATION_RATIO}x "
+                                  "narrower than an input's)")
+                    precise += [(v, reason) for v in node.inputs if v is not None]
+            elif node.op_type in _RELATIVE_OPS or (node.op_type == "Div" and len(node.inputs) == 2):
+                value = node.inputs[-1]
+                while value is not None and (producer := value.producer()) is not None and (
+                    producer.graph is graph and _is_default(producer)
+                    and producer.op_type in _PASS_THROUGH | {"Expand"}
+                ):
+                    value = producer.inputs[0]
+                if value is None or plan.const(value) is not None:
+                    continue
+                r, span = self._range(value), self._span(value)
+                if r is None or not span:
+                    continue
+                nearest = 0.0 if r[0] <= 0.0 <= r[1] else min(abs(r[0]), abs(r[1]))
+                if nearest < RELATIVE_STEPS * span / 255.0:
+                    what = "divisor" if node.op_type == "Div" else f"{node.op_type} input"
+                    precise.append((value, f"{what} near 0 (within {RELATIVE_STEPS} 8-bit steps)"))
+        seen: set[ir.Value] = set()
+        while precise:
+            value, reason = precise.pop()
+            if value in seen:
+                continue
+            seen.add(value)
+            node = value.producer()
+            if node is None or node.graph is not graph or not _is_default(node):
+                continue
+            if node in plan.compute:  # its weights' rounding would be the error too
+                del plan.compute[node]
+                plan.keep(reason)
+            elif node in rescales:
+                precise += [(v, reason) for v in node.inputs if v is not None and plan.const(v) is None]
+            elif node.op_type in _CARRY_ERROR_OPS and node.inputs and node.inputs[0] is not None:
+                precise.append((node.inputs[0], reason))
 
     def _absorb_activations(self, graph: ir.Graph, plan: _Plan) -> None:
         if self.activation_type != "uint8":

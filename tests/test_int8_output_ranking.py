@@ -16,6 +16,7 @@ from onnx import TensorProto as TP
 import optcc
 from reference import lossy_metrics, onnxruntime_outputs
 from optcc.infra.registry import create_pass
+from optcc.passes import quantize_int8 as quantize_int8_pass
 from optcc.quant import fallback
 from optcc.quant.calibration import calibrate
 from optcc.quant.driver import quantize_int8
@@ -67,12 +68,14 @@ def _power(arrays: list[np.ndarray]) -> float:
     return float(sum(np.sum(np.asarray(a, np.float64) ** 2) for a in arrays))
 
 
-def test_output_sqnr_is_the_local_error_seen_at_the_outputs() -> None:
+def test_output_sqnr_is_the_local_error_seen_at_the_outputs(monkeypatch) -> None:
     """A layer's error injected in the float model reaches an output through linear ops:
     ``mm_a``'s and ``mm_b``'s reach ``d`` unchanged (``y`` stays exact), so their output
     SQNR is their local SQNR plus the power ratio of ``a`` (or ``b``) to ``d``, here from
     onnxruntime's float run. ``mm1``'s, the worst local error, reaches ``y`` through
-    ``W3``: the least harm at the outputs."""
+    ``W3``: the least harm at the outputs. (The planning rule for cancellations, off
+    here, would keep ``mm_a`` and ``mm_b`` float.)"""
+    monkeypatch.setattr(quantize_int8_pass, "CANCELLATION_RATIO", float("inf"))
     proto, samples = _model(), _rows(6)
     float_model = optcc.ir.load(proto)
     ranges = calibrate(float_model, samples[:3], "minmax").ranges
@@ -94,10 +97,13 @@ def test_output_sqnr_is_the_local_error_seen_at_the_outputs() -> None:
     assert min(output, key=output.get) in ("mm_a", "mm_b")
 
 
-def test_fallback_returns_the_cancelled_layers_first_and_meets_the_target() -> None:
+def test_fallback_returns_the_cancelled_layers_first_and_meets_the_target(monkeypatch) -> None:
     """The budget (4 layers), returned to float in the order of the layers' own errors
     (``mm1`` first), meets the target; then the output ranking puts the cancelled pair
-    first, and two layers float meet it too: ``mm1`` stays quantized."""
+    first, and two layers float meet it too: ``mm1`` stays quantized. (The planning rule
+    for cancellations, off here, keeps ``mm_a`` and ``mm_b`` float from the start: ``d``'s
+    range is far narrower than ``a``'s, and then INT8 meets the target with no fallback.)"""
+    monkeypatch.setattr(quantize_int8_pass, "CANCELLATION_RATIO", float("inf"))
     model = _model()
     data = _rows(20)
     q, stats = quantize_int8(model, data, "minmax", min_speedup=1e-9, target=TARGET, metric=None,
@@ -113,10 +119,12 @@ def test_fallback_returns_the_cancelled_layers_first_and_meets_the_target() -> N
         assert sqnr >= TARGET.min_sqnr_db, sqnr
 
 
-def test_a_budget_that_misses_declines_before_the_output_ranking() -> None:
+def test_a_budget_that_misses_declines_before_the_output_ranking(monkeypatch) -> None:
     """With the default budget (3 of 6 layers), the three worst by their own error
     (``mm1``, ``mm3`` and one of the pair) leave ``d`` below the target: INT8 is declined
-    after that one candidate, and no layer's error is taken to the outputs."""
+    after that one candidate, and no layer's error is taken to the outputs. (The planning
+    rule for cancellations is off here.)"""
+    monkeypatch.setattr(quantize_int8_pass, "CANCELLATION_RATIO", float("inf"))
     model = _model()
     q, stats = quantize_int8(model, _rows(20), "minmax", min_speedup=1e-9, target=TARGET, metric=None)
     report = stats["fallback"]
@@ -125,3 +133,19 @@ def test_a_budget_that_misses_declines_before_the_output_ranking() -> None:
     assert report["sensitivity"][0]["layer"] == "mm1"
     assert all(r["output_sqnr_db"] == "nan" for r in report["sensitivity"])
     assert [n.op_type for n in q.graph] == [n.op_type for n in model.graph.node]  # the model as given
+
+
+def test_the_cancellation_rule_keeps_the_pair_float_without_a_fallback() -> None:
+    """With the planning rule on, ``d = a - b`` (a range far narrower than ``a``'s) keeps
+    ``mm_a`` and ``mm_b`` float from the start: the target is met with no layer returned
+    to float, ``mm1``, ``mm2`` and ``mm3`` stay quantized, and ``d`` and ``y`` meet the
+    SQNR target against onnxruntime's float run."""
+    model = _model()
+    data = _rows(20)
+    q, stats = quantize_int8(model, data, "minmax", min_speedup=1e-9, target=TARGET, metric=None)
+    assert stats["fallback"]["initial"]["passed"] is True and stats["fallback"]["tried"] == []
+    assert set(stats["pass"]["layers"]) == {"mm1", "mm2", "mm3", "add"}
+    assert stats["pass"]["kept_float"] == {
+        "input of a cancelling Sub (result's range more than 4x narrower than an input's)": 2}
+    for sqnr, _ in lossy_metrics(model, q, data[-4:]):
+        assert sqnr >= TARGET.min_sqnr_db, sqnr
