@@ -60,6 +60,7 @@ import json
 import math
 import tempfile
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -732,7 +733,7 @@ class ConvertFloat16Pass(optcc.Pass):
             stats["skipped"] = "nothing converted: " + (self.range_note or "no reference values")
             return optcc.PassResult(model, False, stats)
         if not plan and not any(self._store16_candidates(keep)):
-            stats["kept_float32"] = self._kept_report(keep)
+            self._report_kept(stats, keep)
             return optcc.PassResult(model, False, stats)
         ok, judged, candidate = self._evaluate(keep)
         if not ok:
@@ -748,7 +749,7 @@ class ConvertFloat16Pass(optcc.Pass):
                 f"nothing converted: no float16 conversion met {self.min_sqnr_db:g} dB SQNR, or the task "
                 f"judge with enough items, on every output after {self.evaluations} evaluation(s) "
                 f"({'; '.join(judged.problems) or judged.sqnr})")
-            stats["kept_float32"] = self._kept_report(keep)
+            self._report_kept(stats, keep)
             if judged.task:
                 stats["task"] = judged.task
             return optcc.PassResult(model, False, stats)
@@ -762,9 +763,9 @@ class ConvertFloat16Pass(optcc.Pass):
             names = self._name_fallback_nodes(model_keys, keep)
             marked = set(json.loads(model.metadata_props.get(KEEP_MARKER, "[]") or "[]")) | names
             model.metadata_props[KEEP_MARKER] = json.dumps(sorted(marked))
+        self._report_kept(stats, keep)
         stats.update({
             "converted": dict(sorted(result.converted_nodes.items())),
-            "kept_float32": self._kept_report(keep),
             "initializers_converted": result.initializers_converted,
             "float32_nodes_weights_stored_float16": store_report,
             "casts_inserted": result.casts_inserted,
@@ -808,6 +809,10 @@ class ConvertFloat16Pass(optcc.Pass):
                 names.add(node.name)
         return names
 
-    def _kept_report(self, keep: Mapping[int, str]) -> dict[str, str]:
+    def _report_kept(self, stats: dict[str, Any], keep: Mapping[int, str]) -> None:
+        """``stats["kept_float32"]``: label -> why, for the nodes kept float32; and
+        ``stats["kept_float32_ops"]``: label -> op type (a named node's label does not say)."""
         keys, _ = _node_keys(self.reference)
-        return {_label(n, k): keep[k] for n, k in keys.items() if k in keep}
+        kept = [(_label(n, k), n.op_type, keep[k]) for n, k in keys.items() if k in keep]
+        stats["kept_float32"] = {label: why for label, _, why in kept}
+        stats["kept_float32_ops"] = {label: op for label, op, _ in kept}

@@ -247,7 +247,8 @@ def _op_from_label(label: str) -> str | None:
 
 def _float16_layers(pass_name: str, stats: Mapping[str, Any]) -> list[dict[str, Any]]:
     kept = stats.get("kept_float32") or {}
-    return [_record(label, _op_from_label(label), "float32", reason, pass_name=pass_name)
+    ops = stats.get("kept_float32_ops") or {}
+    return [_record(label, ops.get(label) or _op_from_label(label), "float32", reason, pass_name=pass_name)
             for label, reason in kept.items()]
 
 
