@@ -221,6 +221,8 @@ def optimize(
     names_before = _layer_names(working) if any(keep_float.values()) else set()
     # float inputs FP16 can only measure on generated standard-normal values (no samples, range or role)
     unscaled = _unscaled_inputs(working, input_ranges or {}) if fp16 and inputs is None and samples is None else []
+    # graph inputs with a default that no calibration sample feeds: INT8 sees their default only
+    unfed = _unfed_defaults(working, samples) if quantizing and samples else []
     if fp16 or quantizing or int8_dynamic:
         disable = [*disable, "fuse-ort-conv-activation"]  # quantizers/fp16 skip contrib ops
     if int8_dynamic or weight_only:  # embeddings are quantized as Gathers
@@ -345,6 +347,11 @@ def optimize(
                                  {"fp16": fp16, "int8": quantizing, "int8-dynamic": int8_dynamic,
                                   "weights": bool(weight_only)}, generated=inputs is None)
     report.warnings.extend(held)
+    if unfed and precision.get("int8", "") is None:
+        report.warnings.append(
+            f"INT8 calibrated {', '.join(map(repr, unfed))} on the default value only: a graph input with a default "
+            "that no calibration sample feeds; values fed later outside that range saturate (give calibration "
+            "samples that feed it)")
     if unscaled and precision.get("fp16", "") is None:
         report.warnings.append(
             f"FP16 ranges were judged on generated standard-normal values for {', '.join(map(repr, unscaled))} "
@@ -481,6 +488,15 @@ def _has_dtype(model: ir.Model, dtypes: frozenset[ir.DataType]) -> bool:
                 ir.DataType(node.attributes.get_int("to", 0)) in dtypes:
             return True
     return False
+
+
+def _unfed_defaults(model: ir.Model, samples: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The graph inputs a caller may feed that have a default (IR 4 on: ``oir.is_constant``)
+    and that no sample feeds."""
+    if oir.initializers_are_constant(model):
+        return []
+    return [v.name for v in model.graph.inputs
+            if v.const_value is not None and not any(v.name in sample for sample in samples)]
 
 
 def _unscaled_inputs(model: ir.Model, ranges: Mapping[str, Any]) -> list[str]:

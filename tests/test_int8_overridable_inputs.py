@@ -183,3 +183,17 @@ def test_a_decline_says_which_layers_read_fed_weights_and_what_to_do() -> None:
     feeds = {"x": samples[0]["x"], "W": -weight}
     want = expected_outputs_float64(model, feeds)[0]
     np.testing.assert_allclose(onnxruntime_outputs(result.model, feeds)[0], want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_default_no_sample_feeds_is_named_in_a_warning() -> None:
+    """Calibrated on samples that never feed ``gain``, INT8 sees its default only: the report
+    names the input (values fed later beyond it saturate); samples that feed it raise no
+    such warning. Either model computes the float64 result on what it was calibrated on."""
+    model = _gain_model()
+    unfed = [{"x": s["x"]} for s in _gain_samples()]
+    result = optcc.optimize(model, int8_calibration=unfed, int8_options=OPTIONS)
+    assert result.precision["int8"] is None
+    assert any("'gain'" in w and "default value only" in w for w in result.report.warnings)
+    assert _sqnr_db(model, result.model, unfed) >= MIN_SQNR_DB
+    fed = optcc.optimize(model, int8_calibration=_gain_samples(), int8_options=OPTIONS)
+    assert not any("default value only" in w for w in fed.report.warnings)
