@@ -222,7 +222,8 @@ def optimize(
     # float inputs FP16 can only measure on generated standard-normal values (no samples, range or role)
     unscaled = _unscaled_inputs(working, input_ranges or {}) if fp16 and inputs is None and samples is None else []
     # graph inputs with a default that no calibration sample feeds: INT8 sees their default only
-    unfed = _unfed_defaults(working, samples) if quantizing and samples else []
+    unfed = [v.name for v in oir.overridable_inputs(working)
+             if not any(v.name in sample for sample in samples)] if quantizing and samples else []
     if fp16 or quantizing or int8_dynamic:
         disable = [*disable, "fuse-ort-conv-activation"]  # quantizers/fp16 skip contrib ops
     if int8_dynamic or weight_only:  # embeddings are quantized as Gathers
@@ -488,15 +489,6 @@ def _has_dtype(model: ir.Model, dtypes: frozenset[ir.DataType]) -> bool:
                 ir.DataType(node.attributes.get_int("to", 0)) in dtypes:
             return True
     return False
-
-
-def _unfed_defaults(model: ir.Model, samples: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The graph inputs a caller may feed that have a default (IR 4 on: ``oir.is_constant``)
-    and that no sample feeds."""
-    if oir.initializers_are_constant(model):
-        return []
-    return [v.name for v in model.graph.inputs
-            if v.const_value is not None and not any(v.name in sample for sample in samples)]
 
 
 def _unscaled_inputs(model: ir.Model, ranges: Mapping[str, Any]) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from optcc.ir.arrays import decoded, fresh, repeated_values, share_decoded
 from optcc.ir.collector import clone, collect_for, collector_paused
 from optcc.ir.data_movement import reshaped, squeezed, unsqueezed
-from optcc.ir.edit import ModelNames, constant_before, as_numpy, const_array, const_tensor, initializers_are_constant, is_constant, inferred_dtypes, unique_prefix, unique_value_name, upgrade_legacy_ir, value_names
+from optcc.ir.edit import ModelNames, constant_before, as_numpy, const_array, const_tensor, initializers_are_constant, is_constant, overridable_inputs, inferred_dtypes, unique_prefix, unique_value_name, upgrade_legacy_ir, value_names
 from optcc.ir.interface import FILLED_INTERFACE_KEY, without_weights
 from optcc.ir.loading import ModelSource, load
 from optcc.ir.opset import convert_opset, upgrade_problem
@@ -53,6 +53,7 @@ __all__ = [
     "const_array",
     "is_constant",
     "initializers_are_constant",
+    "overridable_inputs",
     "proto_graphs",
     "initializers_set_aside",
     "serialize_dims_only",

@@ -119,6 +119,15 @@ def initializers_are_constant(model: ir.Model) -> bool:
     return int(model.ir_version or 0) < 4
 
 
+def overridable_inputs(model: ir.Model) -> list[ir.Value]:
+    """The main graph's inputs that hold a default a caller may replace: those with an
+    initializer, from IR version 4 on (below it they are constants,
+    ``initializers_are_constant``)."""
+    if initializers_are_constant(model):
+        return []
+    return [v for v in model.graph.inputs if v.is_initializer()]
+
+
 def is_constant(value: ir.Value, *, inputs_constant: bool = False) -> bool:
     """Whether the value is a constant (cheap: no tensor data is read): an initializer (one
     that is also a graph input only with ``inputs_constant``, see

@@ -725,10 +725,11 @@ def quantize_int8(
         # detector's class logits can all shift by the background's mean error)
         corrected = evaluate_candidate(float_model, quantized, judged, o.target, judge.reference, judged_outputs)
         # a model onnxruntime refuses is the fallback's to mend (``fallback``: its refused layers float)
-        initial = (quantized, pass_stats, corrected) if corrected.refused is None else None
-        stats["bias_correction"] = {"kept": True, "shortfall_corrected": round(shortfall(corrected), 6)} \
-            if corrected.refused is None else {"kept": True, "not_chosen": "onnxruntime refuses the INT8 model"}
-        if not corrected.passed and corrected.refused is None:  # a model that passes ships as it is
+        unbuildable = corrected.refused is not None
+        initial = None if unbuildable else (quantized, pass_stats, corrected)
+        stats["bias_correction"] = {"kept": True, "not_chosen": "onnxruntime refuses the INT8 model"} if unbuildable \
+            else {"kept": True, "shortfall_corrected": round(shortfall(corrected), 6)}
+        if not corrected.passed and not unbuildable:  # a model that passes ships as it is
             correcting = False
             plain, plain_stats = make()
             uncorrected = evaluate(float_model, plain, judged, o.target, reference_outputs=judge.reference,
@@ -792,14 +793,12 @@ def quantize_int8(
 
 def _fed_weights_note(model: ir.Model) -> str:
     """Why layers whose weights a caller may feed stay float, and what the user can do: from
-    IR 4 on, an initializer listed as a graph input is a default (``oir.is_constant``), so a
+    IR 4 on, an initializer listed as a graph input is a default (``oir.overridable_inputs``), so a
     Conv/ConvTranspose/Gemm/MatMul reading its weight from one is not quantized as weighted.
     Empty when no layer of the main graph does."""
-    if oir.initializers_are_constant(model):
-        return ""
+    overridable = set(oir.overridable_inputs(model))
     fed = sum(1 for node in model.graph if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
-              and len(node.inputs) > 1 and (w := node.inputs[1]) is not None
-              and w.is_graph_input() and w.is_initializer())
+              and len(node.inputs) > 1 and node.inputs[1] in overridable)
     if not fed:
         return ""
     return (f"; {fed} Conv/Gemm/MatMul layer(s) read their weight from a graph input with a default, which a "

@@ -746,14 +746,17 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
     outputs = [o.name for o in graph.output]
     starts = _cuts(sorted(added_at.values()), OUTPUT_SEGMENTS) if cuttable(proto) else [0]
     carried = {start: frontier(proto, start) for start in starts[1:]}
-    whole = onnx.ModelProto()
-    whole.CopyFrom(proto)
-    whole.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(
-        name for names in carried.values() for name in names) if name not in outputs)
-    spare = onnx.ModelProto()  # the whole model again, for a cut onnxruntime refuses
-    spare.CopyFrom(whole)
-    session = _session(whole, "all", weights=weights, arena=False)
-    del whole
+    extra = [name for name in dict.fromkeys(name for names in carried.values() for name in names)
+             if name not in outputs]
+
+    def whole_session() -> ort.InferenceSession:
+        """A session of the whole model, whose outputs include every value a cut carries."""
+        whole = onnx.ModelProto()
+        whole.CopyFrom(proto)
+        whole.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra)
+        return _session(whole, "all", weights=weights, arena=False)
+
+    session = whole_session()
     types = {o.name: o.type for o in session.get_outputs()}
     outputs = [name for name in outputs if types[name] in floating]
     if not outputs:  # no error can be seen
@@ -775,10 +778,7 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
             try:
                 session = _session(cut, "all", weights=weights, arena=False)
             except RefusedModel:  # its layers' runs start at the graph inputs instead: the same values
-                whole = onnx.ModelProto()
-                whole.CopyFrom(spare)
-                session = _session(whole, "all", weights=weights, arena=False)
-                del whole
+                session = whole_session()
             del cut
         names = [o.name for o in session.get_outputs() if o.name in outputs]
         inputs = feedable(session)
