@@ -86,17 +86,17 @@ element ``x`` moved to ``x * (1 + DEFAULT_VARIATION * u)`` and an element that i
 ``DEFAULT_VARIATION * u`` times the tensor's root mean square, ``u`` uniform in
 ``[-1, 1)``, then clipped to the range the default's finite elements and 0 span, in the
 default's dtype; NaN and infinities stay. So signs are kept (a variance stays positive),
-the weights' scale holds (no layer after layer shrinks), and every value stays within the
-default's range (float16 meets no new overflow; an INT8 range calibrated on the default,
-which always holds 0, holds them); a default of one value throughout (LayerNorm's ones)
-moves towards 0. An all-zero default is moved by ``DEFAULT_VARIATION * u`` itself. Integer and bool defaults
-are not varied: they are shapes, axes, indices, counts or flags, whose valid values the
-model alone knows (another Reshape target or Slice end would fail, or change the output's
-shape, not probe the same computation); nor are float defaults that size a tensor (a
-Resize's or Upsample's scales, a Range's operands, directly or through Cast, Identity,
-Reshape, Squeeze, Unsqueeze, Concat, Mul or Div), for the same reason. Drawn from a
-generator of their own, seeded by ``seed``, so the other inputs' values do not depend on
-them.
+the weights' scale holds (no layer after layer shrinks), and every value stays within
+the default's range (float16 meets no new overflow; an INT8 range calibrated on the
+default, which always holds 0, holds them); a default of one value throughout
+(LayerNorm's ones) moves towards 0. An all-zero default is moved by
+``DEFAULT_VARIATION * u`` itself. Integer and bool defaults are not varied: they are
+shapes, axes, indices, counts or flags, whose valid values the model alone knows
+(another Reshape target or Slice end would fail, or change the output's shape, not
+probe the same computation); nor are float defaults that size a tensor (a Resize's or
+Upsample's scales, a Range's operands, directly or through Cast, Identity, Reshape,
+Squeeze, Unsqueeze, Concat, Mul or Div), for the same reason. Drawn from a generator of
+their own, seeded by ``seed``, so the other inputs' values do not depend on them.
 """
 
 from __future__ import annotations
@@ -111,8 +111,9 @@ from optcc import ir as oir
 from optcc.errors import BadInputError
 from optcc.numerics.state import state_pairs
 
-__all__ = ["BATCH_SAMPLE", "DECODE_STEPS", "DEFAULT_VARIATION", "variable_defaults", "varied_defaults", "DEFAULT_DYNAMIC_DIM", "RETRY_DYNAMIC_DIM", "RETRY_SIZES", "DEFAULT_PAST_LENGTH", "generate_inputs",
-           "check_feeds", "check_samples_vary", "input_roles", "sizes_text"]
+__all__ = ["BATCH_SAMPLE", "DECODE_STEPS", "DEFAULT_DYNAMIC_DIM", "RETRY_DYNAMIC_DIM", "RETRY_SIZES", "DEFAULT_PAST_LENGTH", "generate_inputs",
+           "check_feeds", "check_samples_vary", "input_roles", "sizes_text", "DEFAULT_VARIATION", "variable_defaults",
+           "varied_defaults"]
 
 DECODE_STEPS = 3  # steps of a KV-cache decoder's verification decode; generated inputs leave room for them
 
