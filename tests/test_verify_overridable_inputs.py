@@ -101,7 +101,8 @@ def test_a_candidate_that_bakes_the_default_fails(numerics: str) -> None:
         np.testing.assert_array_equal(_evaluated(baked, verifier.feeds[0]), _evaluated(original, verifier.feeds[0]))
         result = verifier.check(ir.from_proto(baked), numerics)
     assert result.status == "failed", result.describe()
-    assert result.samples_over() == [len(verifier.feeds) - 1] or numerics == "fp16"
+    if numerics != "fp16":  # judged per element: the fed sample alone is off (fp16: SQNR over all samples)
+        assert result.samples_over() == [len(verifier.feeds) - 1]
 
 
 @pytest.mark.parametrize("numerics", ["exact", "fusion"])
