@@ -506,7 +506,8 @@ def _float32_values(proto: onnx.ModelProto, feeds: Feeds) -> tuple[dict[str, Any
     except Exception as e:  # noqa: BLE001
         return None, f"onnxruntime cannot expose the original's intermediates: {first_line(e)}"
     values.update(feeds)
-    values.update({t.name: numpy_helper.to_array(t) for t in proto.graph.initializer})
+    # an initializer's default where ``feeds`` feed no value for it (a fed one replaces it)
+    values.update({t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.name not in feeds})
     return values, None
 
 

@@ -77,6 +77,26 @@ one step's positions ``P + S`` cannot fit the table is refused.
 
 Everything is drawn from one ``numpy.random.Generator`` seeded with ``seed``, input by
 input in graph order, so the feeds are a function of the model, the options and the seed.
+
+Defaults a caller may replace. From IR 4 on, an initializer listed as a graph input is a
+default (``optcc.ir.overridable_inputs``): ``generate_inputs`` leaves it out, so a run
+reads the default. ``varied_defaults`` gives values that differ from it, for a sample to
+feed (the verifier's last generated sample does): each float default with every finite
+element ``x`` moved to ``x * (1 + DEFAULT_VARIATION * u)`` and an element that is 0 to
+``DEFAULT_VARIATION * u`` times the tensor's root mean square, ``u`` uniform in
+``[-1, 1)``, then clipped to the range the default's finite elements and 0 span, in the
+default's dtype; NaN and infinities stay. So signs are kept (a variance stays positive),
+the weights' scale holds (no layer after layer shrinks), and every value stays within
+the default's range (float16 meets no new overflow; an INT8 range calibrated on the
+default, which always holds 0, holds them); a default of one value throughout
+(LayerNorm's ones) moves towards 0. An all-zero default is moved by
+``DEFAULT_VARIATION * u`` itself. Integer and bool defaults are not varied: they are
+shapes, axes, indices, counts or flags, whose valid values the model alone knows
+(another Reshape target or Slice end would fail, or change the output's shape, not
+probe the same computation); nor are float defaults that size a tensor (a Resize's or
+Upsample's scales, a Range's operands, directly or through Cast, Identity, Reshape,
+Squeeze, Unsqueeze, Concat, Mul or Div), for the same reason. Drawn from a generator of
+their own, seeded by ``seed``, so the other inputs' values do not depend on them.
 """
 
 from __future__ import annotations
@@ -87,11 +107,13 @@ from collections.abc import Collection, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from optcc import ir as oir
 from optcc.errors import BadInputError
 from optcc.numerics.state import state_pairs
 
 __all__ = ["BATCH_SAMPLE", "DECODE_STEPS", "DEFAULT_DYNAMIC_DIM", "RETRY_DYNAMIC_DIM", "RETRY_SIZES", "DEFAULT_PAST_LENGTH", "generate_inputs",
-           "check_feeds", "check_samples_vary", "input_roles", "sizes_text"]
+           "check_feeds", "check_samples_vary", "input_roles", "sizes_text", "DEFAULT_VARIATION", "variable_defaults",
+           "varied_defaults"]
 
 DECODE_STEPS = 3  # steps of a KV-cache decoder's verification decode; generated inputs leave room for them
 
@@ -109,6 +131,12 @@ RETRY_SIZES: tuple[dict[str, int], ...] = (
     {"dynamic_dim": RETRY_DYNAMIC_DIM},
     {"dynamic_dim": RETRY_DYNAMIC_DIM, "interior_dim": 1},
 )
+# the largest relative change ``varied_defaults`` makes to an element of a float default
+DEFAULT_VARIATION = 0.1
+# float operands that size a tensor, by op: Resize's and Upsample's scales, Range's operands
+_SIZE_OPERANDS = {"Resize": (2,), "Upsample": (1,), "Range": (0, 1, 2)}
+_SIZE_PASSTHROUGH = frozenset({"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Mul", "Div"})
+_DEFAULTS_STREAM = 1  # ``varied_defaults``' generator: seeded by (seed, this), apart from the inputs'
 DEFAULT_PAST_LENGTH = 16  # KV-cache length of a generated decoder step
 AUDIO_MIN_SAMPLES = 8000  # a static signal axis at least this long makes a float input waveform-like
 DEFAULT_SAMPLE_RATE = 16000
@@ -549,6 +577,49 @@ def generate_inputs(
                 feeds[value.name] = _random_array(value, shape, roles[value.name], past, kv, rng)
         feeds_list.append(feeds)
     return feeds_list
+
+
+def variable_defaults(model: ir.Model) -> list[ir.Value]:
+    """The graph inputs whose default ``varied_defaults`` varies: float defaults a caller
+    may replace that size no tensor, in graph order."""
+    return [v for v in oir.overridable_inputs(model)
+            if v.const_value is not None and v.const_value.dtype.is_floating_point() and not _read_as_size(v)]
+
+
+def varied_defaults(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per float graph input with a default a caller may replace, in graph order, values
+    that differ from that default at its own scale and dtype (module docstring); empty
+    when the model has none (below IR 4 there are none)."""
+    rng = np.random.default_rng((seed, _DEFAULTS_STREAM))
+    varied: dict[str, np.ndarray] = {}
+    for value in variable_defaults(model):
+        default = np.asarray(value.const_value.numpy())
+        x = default.astype(np.float64)
+        finite = np.isfinite(x)
+        u = rng.uniform(-1.0, 1.0, x.shape)
+        spanned = x[finite]
+        rms = float(np.sqrt(np.mean(np.square(spanned)))) if spanned.size else 0.0
+        moved = np.where(x == 0, DEFAULT_VARIATION * u * (rms or 1.0), x * (1.0 + DEFAULT_VARIATION * u))
+        if rms:  # within the range the default spans, 0 included
+            moved = np.clip(moved, min(spanned.min(), 0.0), max(spanned.max(), 0.0))
+        varied[value.name] = np.where(finite, moved, x).astype(default.dtype)
+    return varied
+
+
+def _read_as_size(value: ir.Value, depth: int = 0) -> bool:
+    """Whether a float value sizes a tensor (``_SIZE_OPERANDS``), directly or through
+    ``_SIZE_PASSTHROUGH`` ops."""
+    if depth > 6:
+        return False
+    for use in value.uses():
+        node = use.node
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if use.idx in _SIZE_OPERANDS.get(node.op_type, ()):
+            return True
+        if node.op_type in _SIZE_PASSTHROUGH and any(_read_as_size(out, depth + 1) for out in node.outputs):
+            return True
+    return False
 
 
 def _check_names(

@@ -11,7 +11,12 @@ pass judged); as written, onnxruntime would emulate them in float. Inputs are th
 feed dicts, else ``DEFAULT_SAMPLES`` generated samples that fit the model (``optcc.numerics.inputs``),
 the last of which gives the batch axes nothing sizes ``BATCH_SAMPLE`` rows (the others
 1; its other free dims are as many times shorter), so that a result specialized to batch
-1 shows. When the original cannot run those,
+1 shows. The last also feeds every float graph input with a default a caller may
+replace (an initializer listed as an input, IR 4 on) a value off that default
+(``optcc.numerics.inputs.varied_defaults``), so that a result that reads the default
+where the input is fed shows; where the original cannot run on those, the samples feed
+the defaults and ``notes`` says so, as it does when the user's samples feed no such
+input. When the original cannot run those,
 they are generated again with batch 1 in every sample (a graph that assumes batch 1
 behind a symbolic dim), then with the sizes of ``RETRY_SIZES`` in turn (free dynamic
 dims ``RETRY_DYNAMIC_DIM`` long: a reflect-padded or framed signal needs more than the
@@ -90,7 +95,8 @@ from optcc.numerics.equivalence import Premise, number_original, prove_equivalen
 from optcc.numerics.float16 import ACCEPTED_BY_TASK, accept_float16, widen_float16
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
 from optcc.numerics.inputs import (BATCH_SAMPLE, DEFAULT_DYNAMIC_DIM, RETRY_SIZES, UngeneratedInputError, check_feeds,
-                                   generate_inputs, input_roles, sizes_text)
+                                   generate_inputs, input_roles, sizes_text, variable_defaults,
+                                   varied_defaults)
 from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import ORIGINAL_ERROR_FACTOR, SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, DeferredOutputs, TaskJudge,
@@ -276,6 +282,7 @@ class Verifier:
         self._feeds: list[dict[str, np.ndarray]] | None = None
         self._generate: dict[str, Any] | None = None
         self._retried: str | None = None  # why the generated samples were made again, and how
+        self._unvaried: str | None = None  # why no generated sample feeds varied defaults (the original's error)
         if inputs is None:
             self._generate = dict(shapes=input_shapes, samples=samples, seed=seed, ranges=input_ranges,
                                   decode_steps=decode_steps, last_batch=BATCH_SAMPLE)
@@ -339,8 +346,23 @@ class Verifier:
     def feeds(self) -> list[dict[str, np.ndarray]]:
         """The samples: the user's, else generated on first use (a proof needs none)."""
         if self._feeds is None:
-            self._feeds = generate_inputs(self._model, **self._generate)
+            self._feeds = self._generated()
         return self._feeds
+
+    def _generated(self, **sizes: int) -> list[dict[str, np.ndarray]]:
+        """Samples generated with ``sizes`` over the options given, the last of which also
+        feeds every float graph input with a default a caller may replace a value off that
+        default (``varied_defaults``), unless the original was found not to run on those."""
+        samples = generate_inputs(self._model, **{**self._generate, **sizes})
+        if samples and self._varied_defaults and self._unvaried is None:
+            samples[-1] = {**samples[-1], **self._varied_defaults}
+        return samples
+
+    @functools.cached_property
+    def _varied_defaults(self) -> dict[str, np.ndarray]:
+        """What generated samples feed the original's float inputs with a default
+        (``varied_defaults``); empty for the user's samples, which feed what they feed."""
+        return {} if self._generate is None else varied_defaults(self._model, self._generate["seed"])
 
     @property
     def _scratch(self) -> tempfile.TemporaryDirectory:
@@ -403,18 +425,18 @@ class Verifier:
     def _run_with_retries(self) -> dict[str, list[list[np.ndarray]]] | None:
         """``_float32_outputs`` without its guard: the original run, retried at larger sizes
         on generated samples."""
-        error, loaded = self._run_original()
+        error, loaded = self._run_generated()
         where = ""
         if loaded and error is not None and self._generate is not None:
             tried = {_shapes(self.feeds)}
             retry_error = error
             for sizes in _RETRIES:
-                feeds = generate_inputs(self._model, **{**self._generate, **sizes})
+                feeds = self._generated(**sizes)
                 if _shapes(feeds) in tried:  # no batch axis to size: the same shapes fail the same way
                     continue
                 tried.add(_shapes(feeds))
                 self._feeds = feeds
-                retry_error, _ = self._run_original()
+                retry_error, _ = self._run_generated(sizes)
                 if retry_error is None:
                     break
             if retry_error is None:
@@ -427,6 +449,23 @@ class Verifier:
             self._float32 = None
             self._error = f"onnxruntime cannot run the original model{where}: {error}"
         return self._float32
+
+    def _run_generated(self, sizes: Mapping[str, int] | None = None) -> tuple[str | None, bool]:
+        """``_run_original``; where it fails on a last sample that feeds varied defaults, the
+        same samples again with the defaults (``sizes``: those they were generated with): when
+        the original runs on those, no generated sample varies the defaults from then on,
+        and ``notes`` says why."""
+        error, loaded = self._run_original()
+        if error is None or not loaded or self._generate is None or not self._varied_defaults \
+                or self._unvaried is not None:
+            return error, loaded
+        varied = self._feeds
+        self._unvaried = error
+        self._feeds = self._generated(**(sizes or {}))
+        plain, loaded = self._run_original()
+        if plain is not None:  # not the varied defaults: the samples fail either way
+            self._unvaried, self._feeds = None, varied
+        return (None if plain is None else error), loaded
 
     def _session(self, source: Any, provider: str, **options: Any) -> Any:
         """A session that runs ``source`` as the module docstring says every verification
@@ -531,6 +570,8 @@ class Verifier:
             assert float32 is not None
             roles = input_roles(self._model)
             moving = perturbation_roles(roles)
+            # a fed default moves by one ulp, whatever its shape (a weight's could pass for an image's)
+            moving["not_images"] |= {v.name for v in oir.overridable_inputs(self._model)}
             reference = self._judged(float32[provider])
             groups = self._groups if self._plan is None else None
             fields = dict(sequences=sequence_outputs(self._model), heads=projected_outputs(self._model),
@@ -919,7 +960,24 @@ class Verifier:
         found = [f"output '{name}' {weakness}" for name, weakness in self._weak_outputs().items()]
         if found:
             found.append(f"give {self._telling_samples} for a stronger check")
+        unfed = self._unfed_defaults()
+        if unfed:
+            found.insert(0, f"no sample feeds the graph input(s) with a default {_listed(unfed)}: every sample "
+                            "ran on their defaults, so a result that reads a default where a caller feeds its "
+                            "input goes unseen (feed other values in one sample for a stronger check)")
+        if self._unvaried is not None:
+            found.insert(0, f"onnxruntime cannot run the original with the defaults of its graph input(s) "
+                            f"{_listed(self._varied_defaults)} varied ({self._unvaried}): every "
+                            "sample ran on their defaults, so a result that reads a default where a caller feeds "
+                            "its input goes unseen")
         return [self._retried, *found] if self._retried else found
+
+    def _unfed_defaults(self) -> list[str]:
+        """The float graph inputs with a default (``variable_defaults``) that none of the
+        user's samples feeds; none for generated samples, which vary them."""
+        if not self.user_samples:
+            return []
+        return [v.name for v in variable_defaults(self._model) if not any(v.name in f for f in self.feeds)]
 
     @property
     def _telling_samples(self) -> str:
@@ -1050,6 +1108,12 @@ def _retried_text(sizes: Mapping[str, int], error: str) -> str:
     return (f"generated inputs with free dynamic dims of {DEFAULT_DYNAMIC_DIM} did not run on the original "
             f"({error}); they were made again with {sizes_text(sizes)}"
             + (f" and {batch}" if sizes.get("last_batch") == 1 else ""))
+
+
+def _listed(names: Iterable[str]) -> str:
+    """Names quoted, the first three, then how many more."""
+    quoted = [repr(n) for n in names]
+    return ", ".join(quoted[:3]) + (f" and {len(quoted) - 3} more" if len(quoted) > 3 else "")
 
 
 def _holds_nothing(array: np.ndarray) -> bool:
