@@ -5,7 +5,8 @@ computation (``shape_elements``: through ``Shape`` (start/end), ``Slice`` (const
 or more), ``Gather`` (constant indices), ``Concat``, ``Unsqueeze``/``Squeeze`` of one
 element at axis 0, and ``Cast`` to int64 or int32): each is a constant, a static dim of
 the tensor whose shape is read (declared, or found by onnx shape inference as fold-shapes
-finds it: ``infer_shapes``, run once per call when some target is assembled), or a dim of
+finds it: ``infer_shapes``, run once per call when a target left open reads the shape of a
+tensor with none declared), or a dim of
 some tensor, unknown.
 
 Rewrite (``shape-copy``): ``Reshape(x, Concat(p_0, p_1, ...))`` where every entry is
@@ -78,6 +79,20 @@ def _target_concat(reshape: ir.Node) -> ir.Node | None:
     return concat if concat is not None and concat.op_type == "Concat" else None
 
 
+_FOLLOWED_TO_SHAPE = frozenset({"Cast", "Concat", "Gather", "Slice", "Unsqueeze", "Squeeze"})
+
+
+def _reads_unshaped(value: ir.Value | None, depth: int = 0) -> bool:
+    """Whether the shape computation of ``value`` reads the Shape of a tensor with no declared
+    shape, the only case where onnx shape inference may know dims the model does not say."""
+    node = _node(value)
+    if node is None or depth > 16:
+        return False
+    if node.op_type == "Shape":
+        return node.inputs[0] is not None and node.inputs[0].shape is None
+    return node.op_type in _FOLLOWED_TO_SHAPE and any(_reads_unshaped(v, depth + 1) for v in node.inputs)
+
+
 def _constant_target(reshape: ir.Node, ranks: dict, copy_allowed: bool,
                      shapes: dict[ir.Value, ir.Shape]) -> np.ndarray | None:
     x = reshape.inputs[0]
@@ -136,10 +151,9 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
         model_opset = optcc.ir.default_opset(model)
         counts: dict[str, int] = {}
         # the static dims onnx shape inference finds for the tensors whose Shape is read, as
-        # fold-shapes trusts them; inferred once, and only when some target is assembled
-        assembled = any(n.op_type == "Reshape" and n.domain in _DEFAULT_DOMAINS and len(n.inputs) == 2
-                        and _target_concat(n) is not None for n in optcc.ir.nodes(model))
-        shapes = infer_shapes(model) if assembled else {}
+        # fold-shapes trusts them: inferred once a target left open reads an undeclared shape,
+        # then kept for the call (no rewrite here changes a shape)
+        shapes: dict[ir.Value, ir.Shape] | None = None
         for graph in optcc.ir.graphs(model):
             opset = graph_opset(graph, model_opset)
             if opset < 5:
@@ -150,7 +164,10 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
                     continue
                 # with allowzero=1 a 0 is a literal zero, not a copy
                 literal_zeros = opset >= 14 and bool(node.attributes.get_int("allowzero", 0))
-                target = _constant_target(node, ranks, copy_allowed=not literal_zeros, shapes=shapes)
+                target = _constant_target(node, ranks, copy_allowed=not literal_zeros, shapes=shapes or {})
+                if target is None and shapes is None and _reads_unshaped(node.inputs[1]):
+                    shapes = infer_shapes(model)
+                    target = _constant_target(node, ranks, copy_allowed=not literal_zeros, shapes=shapes)
                 if target is None:
                     continue
                 copies = 0 in target  # shape-copy's targets hold a 0 (never under allowzero=1), inferred-dim's none
