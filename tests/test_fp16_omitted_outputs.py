@@ -1,8 +1,9 @@
-"""FP16 and a node with an omitted optional output (g2p-id's Keras LSTM encoder, exported by
-tf2onnx: the LSTM writes only its final states, its sequence output ``Y`` is named '').
-An omitted output holds no value, so it has no type: it must not stop the node's type
-parameter from converting, nor hide the node from the report (the whole encoder stayed
-float32 and the report listed only the Transpose and Squeezes around the LSTM)."""
+"""FP16 and a node with an omitted optional output (g2p-id's Keras LSTM encoder: only its final
+states are read, so -O1's dead-node elimination omits its sequence output ``Y``, named '';
+silero-vad's LSTMs likewise). An omitted output holds no value, so it has no type: it must
+not stop the node's type parameter from converting, nor hide the node from the report (the
+whole encoder stayed float32 and the report listed only the Transpose and Squeezes around
+the LSTM)."""
 
 from __future__ import annotations
 
