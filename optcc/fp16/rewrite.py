@@ -66,6 +66,12 @@ def _is_default(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx")
 
 
+def _omitted(value: ir.Value) -> bool:
+    """An optional output the node does not write (named '' in ONNX): it holds no value and
+    has no type, so it neither converts nor stops its type parameter from converting."""
+    return value.name == "" and not value.uses()
+
+
 @dataclasses.dataclass(frozen=True)
 class Slots:
     """The input and output indices of one node that become float16."""
@@ -89,7 +95,7 @@ def float16_slots(node: ir.Node, opset: int, dtype: Callable[[ir.Value], ir.Data
         return [formals[min(i, len(formals) - 1)] if formals else None for i, _ in enumerate(values)]
 
     in_params = params(sig.inputs, node.inputs)
-    out_params = params(sig.outputs, node.outputs)
+    out_params = [None if _omitted(v) else p for v, p in zip(node.outputs, params(sig.outputs, node.outputs))]
     keep = KEEP_INPUTS.get(node.op_type, frozenset())
     kept_params = {in_params[i] for i in keep if i < len(in_params)}
     convertible = {
