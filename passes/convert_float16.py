@@ -26,7 +26,9 @@ A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
 - it lies in a main-graph If's branch that no sample ran (the condition took one value on
   every sample): nothing would verify float16 there;
 - the accuracy check fails: the candidate is compared with the float32 original on the
-  same feeds by the rule the final verification applies (``optcc.numerics.float16``: per
+  same feeds (without ``inputs``: those ``checked_samples`` returns, the samples the final
+  verification generates, so that the pass accepts what it accepts; else 2 of its own)
+  by the rule the final verification applies (``optcc.numerics.float16``: per
   output, SQNR over all samples >= ``min_sqnr_db`` (default 40 dB) and cosine >= 0.9999, or
   the task judge, ``judge`` or one measured on the user's ``inputs``, deciding it with
   enough items within float32's noise floor); when an output is not accepted, main-graph
@@ -184,6 +186,7 @@ class ConvertFloat16Pass(optcc.Pass):
         providers: Sequence[str] | None = None,
         max_evaluations: int = 24,
         judge: Callable[[str], TaskJudge | None] | None = None,
+        checked_samples: Callable[[], Sequence[Feeds] | None] | None = None,
     ) -> None:
         super().__init__()
         self.keep_io_types = keep_io_types if isinstance(keep_io_types, bool) else frozenset(keep_io_types)
@@ -196,6 +199,7 @@ class ConvertFloat16Pass(optcc.Pass):
         self.providers = resolve_providers(providers)
         self.max_evaluations = max_evaluations
         self.judge = judge
+        self.checked_samples = checked_samples
         self._scratch: str | None = None
 
     @property
@@ -219,8 +223,9 @@ class ConvertFloat16Pass(optcc.Pass):
         self.mask_fills = fp16.clamp_mask_fills(self.reference)
         self.opset = optcc.ir.default_opset(model)
         self.inferred = optcc.ir.inferred_dtypes(model)
-        self.feeds = self.inputs or generate_inputs(
-            self.reference, self.input_shapes, samples=2, seed=0, ranges=self.input_ranges)
+        checked = None if self.inputs or self.checked_samples is None else self.checked_samples()
+        self.feeds = self.inputs or ([dict(f) for f in checked] if checked else generate_inputs(
+            self.reference, self.input_shapes, samples=2, seed=0, ranges=self.input_ranges))
         self.ref_values: list[dict[str, np.ndarray]] = []  # the first sample's values (none: not run)
         self.ranges: dict[str, fp16.ranges.TensorRange] = {}
         self.taken: dict[str, frozenset[bool]] = {}  # the values each If condition took

@@ -726,6 +726,14 @@ class Verifier:
         """Whether the samples are the user's: ``check`` then runs them on every model."""
         return self._generate is None
 
+    def generated_samples(self) -> list[dict[str, np.ndarray]] | None:
+        """The generated samples ``check`` compares on, as made again for the original to run
+        (which runs it, as the first ``check`` would); None for the user's samples, or when
+        the original cannot run any."""
+        if self.user_samples or self._float32_outputs() is None:
+            return None
+        return self.feeds
+
     def prove(self, model: ir.Model, numerics: Numerics = "exact", *,
               serialized: Serialized | None = None) -> Verification | None:
         """A pass by proof, whoever gave the samples: every output of ``model`` proved to be
