@@ -1070,18 +1070,27 @@ def _num(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
 
 
+def _row_parts(row: str, groups: Iterable[str]) -> tuple[str, str | None, str]:
+    """A task row's output, group and component: a row is ``OUTPUT:PART``, or with
+    ``groups`` (a verdict's) ``OUTPUT@GROUP:PART``; an output's name may hold '@' and ':'."""
+    key, _, part = row.rpartition(":")
+    group = max((g for g in groups if key.endswith("@" + g)), key=len, default=None)
+    return (key if group is None else key[:-len(group) - 1]), group, part
+
+
 def _few_items(verdict: Mapping[str, Any] | None, generated: bool = False) -> list[str]:
     """A note per count-based task row that passed over too few items to show the margin:
     at its allowed rate the items hold fewer than ``FEW_EXPECTED_ERRORS`` errors, so a
     model deviating a few times its floor would often pass as well. Each says what to do:
     how many times the samples (those of the row's group; real ones for ``generated``)."""
     notes = []
+    groups = (verdict or {}).get("groups") or ()
     for row, value in (verdict or {}).get("metrics", {}).items():
         items, allowed = value.get("items"), value.get("allowed")
         if value.get("passed") and isinstance(items, int) and isinstance(allowed, (int, float)) \
                 and items * allowed < FEW_EXPECTED_ERRORS:
             more = math.ceil(FEW_EXPECTED_ERRORS / max(items * allowed, 1e-9))
-            group = row.rsplit(":", 1)[0].rpartition("@")[2] if "@" in row else None
+            group = _row_parts(row, groups)[1]
             todo = (f"give real samples with --inputs, about {more}x as many as were generated" if generated
                     else f"give group '{group}' about {more}x as many samples" if group
                     else f"give about {more}x as many samples")
@@ -1093,8 +1102,9 @@ def _few_items(verdict: Mapping[str, Any] | None, generated: bool = False) -> li
 
 def _task_rows_text(verdict: Mapping[str, Any] | None, output: str) -> str:
     """An output's judged task rows in words: deviation against the allowed and the floor."""
-    rows = [(row.rsplit(":", 1)[1], value) for row, value in (verdict or {}).get("metrics", {}).items()
-            if row.split("@")[0].rsplit(":", 1)[0] == output and value.get("judged", True)]
+    groups = (verdict or {}).get("groups") or ()
+    rows = [(part, value) for row, value in (verdict or {}).get("metrics", {}).items()
+            for name, _, part in [_row_parts(row, groups)] if name == output and value.get("judged", True)]
     return ", ".join(f"{part} {_num(v['deviation'])} <= {_num(v.get('allowed'))} (floor {_num(v['floor'])}"
                      + (f", {v['items']} items)" if "items" in v else ")") for part, v in rows) or "no rows"
 
