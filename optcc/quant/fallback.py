@@ -415,7 +415,7 @@ def rank_sensitivity(reference: ir.Model, quantize: QuantizeFn, layers: Sequence
             evaluation = _compare(ref_out, got, model_outputs, target)
             local = math.nan
             if float_name in ref_out.names and quant_name in got.names:
-                local = sqnr_db(_flat(ref_out.get(float_name)), _flat(got.get(quant_name)))
+                local = _own_error(sqnr_db(_flat(ref_out.get(float_name)), _flat(got.get(quant_name))))
             rows.append({"layer": layer, "model_sqnr_db": evaluation.worst_sqnr_db, "local_sqnr_db": local,
                          "alone_passes": evaluation.passed})
         del ref_out, singles
@@ -467,7 +467,8 @@ def local_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[
     arriving from upstream). One combined model: the float graph plus, per layer, a copy
     of its Q/DQ group (input Q/DQ pairs fed by the float tensors, dequantized weights and
     bias, the op, its output Q/DQ). A layer whose input cannot be traced to a float
-    tensor (a folded rescale) gets NaN; every layer does when onnxruntime refuses the
+    tensor (a folded rescale), or whose float result is all zeros (no signal to measure
+    its error against) gets NaN; every layer does when onnxruntime refuses the
     combined model (its copies of the layers, in that form)."""
     try:
         return _layer_errors(reference, quantized, layer_outputs, samples, propagated=False)[1]
@@ -636,7 +637,14 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
     del session
     release_memory()
     return ({layer: _db(p_signal[layer], p_noise[layer]) for layer in pairs},
-            {layer: _db(signal[layer], noise[layer]) for layer in fetch})
+            {layer: _own_error(_db(signal[layer], noise[layer])) for layer in fetch})
+
+
+def _own_error(db: float) -> float:
+    """A layer's own error in dB as the rankings read it: a float result of all zeros (-inf:
+    no signal to measure the error against) is no estimate (NaN), not the worst; the
+    layer's effect on the outputs, where measured, ranks it."""
+    return math.nan if db == -math.inf else db
 
 
 def _difference(result: np.ndarray, reference: np.ndarray) -> np.ndarray:
