@@ -97,8 +97,8 @@ from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAW
                                  UserMetric, float_free_outputs, moves_nothing, perturbation_draws, perturbation_roles,
                                  projected_outputs, row_metrics, sequence_outputs, unmoved, wants_draws)
 from optcc.progress import Progress
-from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, first_line, float16_feedable, make_session,
-                                   resolve_providers, run, session_options)
+from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, REFUSALS, RefusedModel, first_line, float16_feedable,
+                                   make_session, resolve_providers, run, session_options)
 from optcc.runtime.shared_weights import Serialized, content_digest, light_proto, release_memory, weighted_session
 
 __all__ = ["DEFAULT_SAMPLES", "REFERENCES", "Verification", "Verifier", "verify"]
@@ -757,7 +757,8 @@ class Verifier:
 
     def outputs(self, model: ir.Model, positions: Sequence[int], provider: str = CPU) -> dict[str, list[np.ndarray]]:
         """An INT8 candidate's outputs by name on the samples at ``positions`` (in ``feeds``),
-        run as ``check`` runs it. The models asked about keep their outputs, by their digest
+        run as ``check`` runs it (``RefusedModel`` when onnxruntime refuses to build its
+        session; what it raises running one, as raised). The models asked about keep their outputs, by their digest
         (``_digest``), until the next INT8 check on ``provider``, which uses them when it
         judges one of those very models: a pass that judges its result on the verifier's
         samples (the INT8 pass's confirmation, of a model its search measured before others)
@@ -771,7 +772,10 @@ class Verifier:
         self._kept[key] = kept  # the last asked about, last
         missing = [p for p in dict.fromkeys(positions) if p not in kept.cases]
         if missing:
-            session = self._candidate_session(source, provider, "int8")
+            try:
+                session = self._candidate_session(source, provider, "int8")
+            except REFUSALS as e:  # a model onnxruntime refuses, told apart from one that fails to run
+                raise RefusedModel(first_line(e)) from e
             kept.names = [o.name for o in session.get_outputs()]
             for position, outs in zip(missing, self._cases(session, [self.feeds[p] for p in missing])):
                 kept.cases[position] = outs
