@@ -758,14 +758,14 @@ class Verifier:
     def outputs(self, model: ir.Model, positions: Sequence[int], provider: str = CPU) -> dict[str, list[np.ndarray]]:
         """An INT8 candidate's outputs by name on the samples at ``positions`` (in ``feeds``),
         run as ``check`` runs it (``RefusedModel`` when onnxruntime refuses to build its
-        session; what it raises running one, as raised). The models asked about keep their outputs, by their digest
-        (``_digest``), until the next INT8 check on ``provider``, which uses them when it
-        judges one of those very models: a pass that judges its result on the verifier's
-        samples (the INT8 pass's confirmation, of a model its search measured before others)
-        and the verification of that result run it once on each sample. The outputs kept of
-        the models before the last come to no more bytes than the last one's (the oldest
-        dropped first): at most twice the memory of keeping the last alone. Not for a
-        KV-cache decoder."""
+        session; what it raises running one, as raised). The models asked about keep their
+        outputs, by their digest (``_digest``), until the next INT8 check on ``provider``, which
+        uses them when it judges one of those very models: a pass that judges its result on the
+        verifier's samples (the INT8 pass's confirmation, of a model its search measured before
+        others) and the verification of that result run it once on each sample. The outputs kept
+        of the models before the last come to no more bytes than the last one's (the oldest
+        dropped first): at most twice the memory of keeping the last alone. Not for a KV-cache
+        decoder."""
         source = self._source(model)  # serialized once: its bytes identify the model too
         key = (_digest(model, source), provider)
         kept = self._kept.pop(key, None) or _KeptOutputs(key[0], provider, [], {})
