@@ -15,8 +15,8 @@ A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
   one-node session per op type, opset and provider — CPU, plus CUDA when present — and
   caches the verdict; ops that CPU runs through its own inserted float32 Casts are
   converted and listed in ``stats["cpu_fp32_fallback_ops"]``);
-- data says float16 is unsafe: on the given feeds (or generated ones, made longer when the
-  model cannot run them, as the verifier's) an input or output
+- data says float16 is unsafe: on the given feeds (or 2 generated ones, made longer when
+  the model cannot run them, as the verifier's) an input or output
   reaches |x| >= 65504, more than 10% of its non-zero values flush to zero in float16, or a
   reduction's partial sums / a normalization's squares would overflow;
 - it only moves data (``MOVEMENT_OPS``: Reshape, Transpose, Unsqueeze, ...) in a connected group
@@ -226,6 +226,10 @@ class ConvertFloat16Pass(optcc.Pass):
         checked = None if self.inputs or self.checked_samples is None else self.checked_samples()
         self.feeds = self.inputs or ([dict(f) for f in checked] if checked else generate_inputs(
             self.reference, self.input_shapes, samples=2, seed=0, ranges=self.input_ranges))
+        # ranges and If conditions are observed on the user's samples, else on 2 generated ones:
+        # the verification's last, its batch sample, shows values of the same kind at up to
+        # twice the memory of every intermediate (the accuracy check judges it)
+        self.range_feeds = self.feeds if self.inputs else self.feeds[:2]
         self.ref_values: list[dict[str, np.ndarray]] = []  # the first sample's values (none: not run)
         self.ranges: dict[str, fp16.ranges.TensorRange] = {}
         self.taken: dict[str, frozenset[bool]] = {}  # the values each If condition took
@@ -247,20 +251,20 @@ class ConvertFloat16Pass(optcc.Pass):
         over the feeds (``observe``); generated feeds the model cannot run are generated again with the
         sizes of ``RETRY_SIZES`` in turn, as the verifier does."""
         try:
-            return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
+            return fp16.ranges.observe(self.reference, self.range_feeds, self._scratch)
         except Exception:  # noqa: BLE001
             if self.inputs:
                 raise
         *earlier, last = RETRY_SIZES
         for sizes in earlier:
-            self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
-                                         ranges=self.input_ranges, **sizes)
+            self.feeds = self.range_feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
+                                                            ranges=self.input_ranges, **sizes)
             try:
                 return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
             except Exception:  # noqa: BLE001 - the next sizes are tried
                 pass
-        self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
-                                     ranges=self.input_ranges, **last)
+        self.feeds = self.range_feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
+                                                        ranges=self.input_ranges, **last)
         return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
 
     def _dtype(self, value: ir.Value) -> ir.DataType | None:
@@ -443,7 +447,7 @@ class ConvertFloat16Pass(optcc.Pass):
             if branch not in node.attributes:
                 continue
             why = (f"in {_label(node, keys[node])}'s {branch}, {UNRUN_BRANCH} (its condition was "
-                   f"{next(iter(seen))} on all {len(self.feeds)}): float16 there would go unverified")
+                   f"{next(iter(seen))} on all {len(self.range_feeds)}): float16 there would go unverified")
             stack = [node.attributes[branch].as_graph()]
             while stack:
                 for inner in stack.pop():
