@@ -245,6 +245,9 @@ def optimize(
             # the pass judges the verifier's samples: it judges with the verifier's task judge, so
             # the float model's noise floor runs once and the pass accepts what the check accepts
             shared16["judge"] = lambda provider: None if verifier is None else verifier.sample_judge(provider)
+        if inputs is None and samples is None and (verify or verify_each):
+            # the pass judges the samples the verifier generates, so it accepts what the check accepts
+            shared16["checked_samples"] = lambda: None if verifier is None else verifier.generated_samples()
         if not _judged_by_task(tolerances, "fp16"):
             shared16["judge"] = lambda provider: None  # a tolerance of the user's own: the verifier asks no task
         pipeline.append(create_pass("convert-float16", keep_io_types=fp16_keep_io, block=fp16_block,

@@ -403,8 +403,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _check_flags(args: argparse.Namespace, sources: Sequence[tuple[str | None, str]]) -> None:
-    """Usage errors, before anything is read; ``sources``: ``--calibration`` parsed."""
+def _check_flags(
+    args: argparse.Namespace, sources: Sequence[tuple[str | None, str]]
+) -> str | dict[str, str] | None:
+    """Usage errors, before anything is read; ``sources``: ``--calibration`` parsed. Returns
+    ``--int8-metric`` parsed (``_int8_metric``)."""
     if not args.model:
         raise BadInputError("no MODEL given (see --help)")
     if args.int8 and not args.calibration:
@@ -416,7 +419,7 @@ def _check_flags(args: argparse.Namespace, sources: Sequence[tuple[str | None, s
         if args.inputs:
             raise BadInputError("--inputs with labelled --calibration: the verification judges each group on "
                                 "the calibration samples (leave --inputs out)")
-    _int8_metric(args.int8_metric)  # a bad entry is a usage error before anything runs
+    metric = _int8_metric(args.int8_metric)  # a bad entry is a usage error before anything runs
     # the flags that say how an INT8 result is judged: without one, nothing they judge
     judging = {"--int8-metric": bool(args.int8_metric), "--int8-metric-margin": args.int8_metric_margin is not None,
                "--int8-target-sqnr": args.int8_target_sqnr is not None}
@@ -457,6 +460,7 @@ def _check_flags(args: argparse.Namespace, sources: Sequence[tuple[str | None, s
     location = args.external_data_location
     if location is not None and (not location or Path(location).name != location or location in (".", "..")):
         raise BadInputError(f"--external-data-location '{location}' must be a file name (no folder)")
+    return metric
 
 
 def _check_not_sample_data(written: Sequence[Path | None], inputs: str | None,
@@ -484,7 +488,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(_list_passes())
         return EXIT_OK
     sources = _calibration_sources(args.calibration)
-    _check_flags(args, sources)
+    metric = _check_flags(args, sources)
     # no file written may be the input model or one it reads its weights from (those are
     # found once, by loading the input, and only when one of the files exists already)
     output = Path(args.output or default_output(args.model))
@@ -526,7 +530,6 @@ def run(argv: Sequence[str] | None = None) -> int:
         if label is not None and len(samples) < MIN_GROUP_SAMPLES:
             raise BadInputError(f"--calibration group '{label}' holds {len(samples)} sample(s), too few: each group "
                                 f"needs at least {MIN_GROUP_SAMPLES} (one calibrates, one is held out)", path)
-    metric = _int8_metric(args.int8_metric)
     weight_only: str | dict | None = args.weights
     if args.weights and calibration is not None and not (args.int8 or args.fp16):
         # weight-only: the samples correct the convolutions' biases and are what the result is judged on

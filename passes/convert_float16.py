@@ -15,8 +15,8 @@ A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
   one-node session per op type, opset and provider — CPU, plus CUDA when present — and
   caches the verdict; ops that CPU runs through its own inserted float32 Casts are
   converted and listed in ``stats["cpu_fp32_fallback_ops"]``);
-- data says float16 is unsafe: on the given feeds (or generated ones, made longer when the
-  model cannot run them, as the verifier's) an input or output
+- data says float16 is unsafe: on the given feeds (or 2 generated ones, made longer when
+  the model cannot run them, as the verifier's) an input or output
   reaches |x| >= 65504, more than 10% of its non-zero values flush to zero in float16, or a
   reduction's partial sums / a normalization's squares would overflow;
 - it only moves data (``MOVEMENT_OPS``: Reshape, Transpose, Unsqueeze, ...) in a connected group
@@ -26,7 +26,9 @@ A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
 - it lies in a main-graph If's branch that no sample ran (the condition took one value on
   every sample): nothing would verify float16 there;
 - the accuracy check fails: the candidate is compared with the float32 original on the
-  same feeds by the rule the final verification applies (``optcc.numerics.float16``: per
+  same feeds (without ``inputs``: those ``checked_samples`` returns, the samples the final
+  verification generates, so that the pass accepts what it accepts; else 2 of its own)
+  by the rule the final verification applies (``optcc.numerics.float16``: per
   output, SQNR over all samples >= ``min_sqnr_db`` (default 40 dB) and cosine >= 0.9999, or
   the task judge, ``judge`` or one measured on the user's ``inputs``, deciding it with
   enough items within float32's noise floor); when an output is not accepted, main-graph
@@ -184,6 +186,7 @@ class ConvertFloat16Pass(optcc.Pass):
         providers: Sequence[str] | None = None,
         max_evaluations: int = 24,
         judge: Callable[[str], TaskJudge | None] | None = None,
+        checked_samples: Callable[[], Sequence[Feeds] | None] | None = None,
     ) -> None:
         super().__init__()
         self.keep_io_types = keep_io_types if isinstance(keep_io_types, bool) else frozenset(keep_io_types)
@@ -196,6 +199,7 @@ class ConvertFloat16Pass(optcc.Pass):
         self.providers = resolve_providers(providers)
         self.max_evaluations = max_evaluations
         self.judge = judge
+        self.checked_samples = checked_samples
         self._scratch: str | None = None
 
     @property
@@ -219,8 +223,13 @@ class ConvertFloat16Pass(optcc.Pass):
         self.mask_fills = fp16.clamp_mask_fills(self.reference)
         self.opset = optcc.ir.default_opset(model)
         self.inferred = optcc.ir.inferred_dtypes(model)
-        self.feeds = self.inputs or generate_inputs(
-            self.reference, self.input_shapes, samples=2, seed=0, ranges=self.input_ranges)
+        checked = None if self.inputs or self.checked_samples is None else self.checked_samples()
+        self.feeds = self.inputs or ([dict(f) for f in checked] if checked else generate_inputs(
+            self.reference, self.input_shapes, samples=2, seed=0, ranges=self.input_ranges))
+        # ranges and If conditions are observed on the user's samples, else on 2 generated ones:
+        # the verification's last, its batch sample, shows values of the same kind at up to
+        # twice the memory of every intermediate (the accuracy check judges it)
+        self.range_feeds = self.feeds if self.inputs else self.feeds[:2]
         self.ref_values: list[dict[str, np.ndarray]] = []  # the first sample's values (none: not run)
         self.ranges: dict[str, fp16.ranges.TensorRange] = {}
         self.taken: dict[str, frozenset[bool]] = {}  # the values each If condition took
@@ -242,20 +251,20 @@ class ConvertFloat16Pass(optcc.Pass):
         over the feeds (``observe``); generated feeds the model cannot run are generated again with the
         sizes of ``RETRY_SIZES`` in turn, as the verifier does."""
         try:
-            return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
+            return fp16.ranges.observe(self.reference, self.range_feeds, self._scratch)
         except Exception:  # noqa: BLE001
             if self.inputs:
                 raise
         *earlier, last = RETRY_SIZES
         for sizes in earlier:
-            self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
-                                         ranges=self.input_ranges, **sizes)
+            self.feeds = self.range_feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
+                                                            ranges=self.input_ranges, **sizes)
             try:
                 return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
             except Exception:  # noqa: BLE001 - the next sizes are tried
                 pass
-        self.feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
-                                     ranges=self.input_ranges, **last)
+        self.feeds = self.range_feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
+                                                        ranges=self.input_ranges, **last)
         return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
 
     def _dtype(self, value: ir.Value) -> ir.DataType | None:
@@ -438,7 +447,7 @@ class ConvertFloat16Pass(optcc.Pass):
             if branch not in node.attributes:
                 continue
             why = (f"in {_label(node, keys[node])}'s {branch}, {UNRUN_BRANCH} (its condition was "
-                   f"{next(iter(seen))} on all {len(self.feeds)}): float16 there would go unverified")
+                   f"{next(iter(seen))} on all {len(self.range_feeds)}): float16 there would go unverified")
             stack = [node.attributes[branch].as_graph()]
             while stack:
                 for inner in stack.pop():

@@ -76,13 +76,8 @@ def _is(node: ir.Node | None, *ops: str) -> bool:
     return node is not None and node.domain in _DEFAULT and node.op_type in ops
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    """The constant behind ``value``; a graph input (even with an initializer) is not one."""
-    return None if value is None or value.is_graph_input() else optcc.ir.as_numpy(value)
-
-
 def _const_is(value: ir.Value | None, expected: float) -> bool:
-    array = _const(value)
+    array = optcc.ir.const_array(value)
     return array is not None and array.size == 1 and float(array.reshape(-1)[0]) == expected
 
 
@@ -95,7 +90,7 @@ def _scalar_root(value: ir.Value | None) -> ir.Value | None:
 
 def _unsqueeze_axes(node: ir.Node) -> list[int] | None:
     if len(node.inputs) > 1:
-        axes = _const(node.inputs[1])
+        axes = optcc.ir.const_array(node.inputs[1])
         return None if axes is None else [int(a) for a in axes.reshape(-1)]
     attr = node.attributes.get("axes")
     return None if attr is None else list(attr.as_ints())
@@ -131,7 +126,7 @@ def causal_mask_refusal(where: ir.Value) -> str | None:
     if allowed_first is None:
         return "the attention bias is not Where(key position <= query position, ...)"
     zero, fill = (a, b) if allowed_first else (b, a)
-    fill_array = _const(fill)
+    fill_array = optcc.ir.const_array(fill)
     if not _const_is(zero, 0.0) or fill_array is None or fill_array.size != 1 \
             or not float(fill_array.reshape(-1)[0]) <= _FILL_LIMIT:
         return f"the attention bias is not 0 where allowed and a constant <= {_FILL_LIMIT:g} elsewhere"
@@ -266,7 +261,7 @@ class _Facts:
         self._ranks: dict[ir.Value, int | None] = {}
 
     def value_array(self, value: ir.Value) -> np.ndarray | None:
-        return _const(value)
+        return optcc.ir.const_array(value)
 
     def rank(self, value: ir.Value) -> int | None:
         return static_rank(value, self._ranks)

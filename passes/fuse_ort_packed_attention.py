@@ -82,11 +82,6 @@ def _is(node: ir.Node | None, *ops: str) -> bool:
     return node is not None and node.domain in _DEFAULT and node.op_type in ops
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    """The constant behind ``value``; a graph input (even with an initializer) is not one."""
-    return None if value is None or value.is_graph_input() else optcc.ir.as_numpy(value)
-
-
 class _XAxis(NamedTuple):
     """Axis ``axis`` of the projections' input ``x`` (rank 3)."""
 
@@ -161,7 +156,7 @@ def _projection(value: ir.Value, heads: int, shapes: OrtShapes, name: str) -> _P
         for i in (0, 1):
             matmul = node.inputs[i].producer() if node.inputs[i] is not None else None
             if _is(matmul, "MatMul"):
-                bias = _const(node.inputs[1 - i])
+                bias = optcc.ir.const_array(node.inputs[1 - i])
                 if bias is not None:
                     break
         else:

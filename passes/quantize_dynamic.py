@@ -83,32 +83,26 @@ class QuantizeDynamicPass(optcc.Pass):
             cache: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
             replaced: list[ir.Value] = []
             for node in list(graph):
-                if node.op_type == "Gather" and self.embeddings:
+                embedding = node.op_type == "Gather" and self.embeddings
+                if embedding:
                     reason = embedding_reason(node, inputs_constant=inputs_constant)
                     if reason is None and self.exclude & {node.name, *(v.name for v in node.outputs)}:
                         reason = "excluded"
-                    if reason is None:
-                        if inputs_constant:
-                            stats["unlisted_constant_inputs"] = optcc.ir.upgrade_legacy_ir(model)
-                            inputs_constant = False
-                        replaced.append(node.inputs[0])
-                        quantize_gather(graph, node, node.inputs[0], taken)
-                        stats["quantized"] += 1
-                        stats["Gather"] = stats.get("Gather", 0) + 1
-                    elif reason:
+                else:
+                    reason = self._reason_to_skip(node, inputs_constant)
+                if reason is not None:  # "": not a candidate at all
+                    if reason:
                         stats["kept_float"][reason] = stats["kept_float"].get(reason, 0) + 1
-                    continue
-                reason = self._reason_to_skip(node, inputs_constant)
-                if reason == "":
-                    continue
-                if reason is not None:
-                    stats["kept_float"][reason] = stats["kept_float"].get(reason, 0) + 1
                     continue
                 if inputs_constant:
                     stats["unlisted_constant_inputs"] = optcc.ir.upgrade_legacy_ir(model)
                     inputs_constant = False
-                replaced.append(node.inputs[1])
-                self._rewrite(graph, node, cache, taken)
+                if embedding:
+                    replaced.append(node.inputs[0])
+                    quantize_gather(graph, node, node.inputs[0], taken)
+                else:
+                    replaced.append(node.inputs[1])
+                    self._rewrite(graph, node, cache, taken)
                 stats["quantized"] += 1
                 stats[node.op_type] = stats.get(node.op_type, 0) + 1
             stats["float_weight_bytes_removed"] = (

@@ -234,3 +234,21 @@ def test_conv_same_padding_is_not_proved_across_11_but_explicit_padding_is():
     x = RNG.standard_normal((1, 2, 5, 5)).astype(np.float32)
     for u, v in zip(_outputs(older, x), _outputs(newer, x)):  # the explicit padding, computed alike
         np.testing.assert_array_equal(u, v)
+
+
+def test_convtranspose_explicit_padding_is_proved_across_11_but_output_shape_is_not():
+    # ConvTranspose 11 described SAME padding and the pads output_shape implies anew (an odd
+    # total's extra element moved from the end to the start); explicit pads compute alike
+    weight = RNG.standard_normal((2, 3, 3, 3)).astype(np.float32)
+    explicit = {"pads": [1, 0, 0, 1], "strides": [2, 2], "output_padding": [1, 0]}
+    older, newer = _with_weight("ConvTranspose", 10, weight, **explicit), _with_weight("ConvTranspose", 11, weight,
+                                                                                       **explicit)
+    assert prove_equivalent(optcc.ir.load(older), optcc.ir.load(newer)).complete
+    x = RNG.standard_normal((1, 2, 5, 5)).astype(np.float32)
+    for u, v in zip(_outputs(older, x), _outputs(newer, x)):
+        np.testing.assert_array_equal(u, v)
+    # output_shape 10x10 from 5x5 at stride 2: 2 * 4 + 3 - 10 = 1, an odd total padding
+    shaped = {"strides": [2, 2], "output_shape": [10, 10]}
+    older, newer = _with_weight("ConvTranspose", 10, weight, **shaped), _with_weight("ConvTranspose", 11, weight,
+                                                                                     **shaped)
+    assert not prove_equivalent(optcc.ir.load(older), optcc.ir.load(newer)).complete

@@ -125,7 +125,7 @@ def test_a_note_on_too_few_items_says_whose_samples_to_add() -> None:
     """What to do, in words: a group's row asks for more of that group's samples, a row on
     generated samples for real ones (--inputs); 3 errors / (40 x 0.015) -> 5x as many."""
     row = {"passed": True, "items": 40, "allowed": 0.015}
-    grouped = _few_items({"metrics": {"logits@day:argmax": row}})
+    grouped = _few_items({"metrics": {"logits@day:argmax": row}, "groups": {"day": {"samples": 4, "passed": True}}})
     assert len(grouped) == 1 and grouped[0].endswith("give group 'day' about 5x as many samples")
     generated = _few_items({"metrics": {"logits:argmax": row}}, generated=True)
     assert len(generated) == 1

@@ -99,6 +99,43 @@ def test_a_candidate_onnxruntime_refuses_is_a_miss_with_its_reason() -> None:
     assert evaluation.to_dict()["refused"] == evaluation.refused and fallback.shortfall(evaluation) == math.inf
 
 
+def _fails_to_run(model: ir.Model, dq_name: str) -> None:
+    """Route the result of ``dq_name`` through a Reshape to 3 rows: onnxruntime builds the
+    session (the row count is dynamic), then cannot run it on 4 rows of 16 (a bug in a
+    rewrite, not a model onnxruntime refuses)."""
+    dq = next(node for node in model.graph if node.outputs[0].name == dq_name)
+    shape = ir.Value(name="optcc_test_bad_shape", const_value=ir.tensor(np.array([3, -1], np.int64)))
+    model.graph.register_initializer(shape)
+    reshaped = ir.node("Reshape", [dq.outputs[0], shape], name="optcc_test_bad_reshape")
+    dq.outputs[0].replace_all_uses_with(reshaped.outputs[0])
+    reshaped.replace_input_with(0, dq.outputs[0])
+    model.graph.insert_after(dq, reshaped)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_candidate_that_fails_to_run_is_not_a_refusal(shared: bool) -> None:
+    """Only what onnxruntime refuses to build is a refused candidate: one that builds and
+    then fails on the samples raises (the search never reads a crash as a miss), through
+    the fallback's own sessions and through the verifier's (``Verifier.outputs``), which
+    still report a candidate it refuses to build as refused."""
+    proto, rows = _chain(), _rows(12)
+    float_model = optcc.ir.load(proto)
+    result = create_pass("quantize-int8", ranges=calibrate(float_model, rows[:6], "minmax").ranges,
+                         count_fused=False)(float_model.clone())
+    outputs = None
+    if shared:
+        verifier = optcc.numerics.Verifier(proto, inputs=rows[6:])
+        outputs = lambda model: verifier.outputs(model, range(len(rows[6:])))  # noqa: E731
+    broken = result.model.clone()
+    _fails_to_run(broken, result.stats["layer_outputs"]["mm2"][1])
+    with pytest.raises(Exception, match="(?i)reshape"):
+        fallback.evaluate_candidate(float_model, broken, rows[6:], Target(), None, outputs)
+    refused = result.model.clone()
+    _int16_result(refused, result.stats["layer_outputs"]["mm2"][1])
+    evaluation = fallback.evaluate_candidate(float_model, refused, rows[6:], Target(), None, outputs)
+    assert evaluation.refused and not evaluation.passed
+
+
 def test_a_cut_onnxruntime_refuses_is_measured_on_the_whole_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """``output_sqnr`` starts each layer's runs at a cut of the float model; when onnxruntime
     refuses the cuts (here each made with an op of a domain it does not know), every layer

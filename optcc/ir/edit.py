@@ -141,11 +141,11 @@ def is_constant(value: ir.Value, *, inputs_constant: bool = False) -> bool:
     return producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx")
 
 
-def const_array(value: ir.Value, *, inputs_constant: bool = False,
+def const_array(value: ir.Value | None, *, inputs_constant: bool = False,
                 decode: Callable[[ir.TensorProtocol], np.ndarray] | None = None) -> np.ndarray | None:
-    """The data of a constant value (see ``is_constant``); None for anything else.
-    ``decode`` reads a tensor's array (default ``fresh``; a caller may cache it)."""
-    if not is_constant(value, inputs_constant=inputs_constant):
+    """The data of a constant value (see ``is_constant``); None for anything else (an
+    omitted input too). ``decode`` reads a tensor's array (default ``fresh``; a caller may cache it)."""
+    if value is None or not is_constant(value, inputs_constant=inputs_constant):
         return None
     decode = decode or fresh
     if value.is_initializer():

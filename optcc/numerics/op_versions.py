@@ -17,7 +17,8 @@ onnx (schema docs, attributes, inputs and type constraints):
 - a negative axis, undefined before a version and counted from the back after it:
   only a node whose axis is absent or not negative (``_axis_from_front``);
 - padding whose description changed (``auto_pad``'s SAME modes, ``ceil_mode``'s rounding
-  of the last window): only explicit padding without ceil mode (``_explicit_padding``).
+  of the last window, the pads ConvTranspose's ``output_shape`` implies): only explicit
+  padding without ceil mode (``_explicit_padding``) or output shape.
 
 Not listed, so keyed apart across versions: every change that can give another value
 for a node an older version accepts (Softmax 13 is taken along one axis, not over the
@@ -44,6 +45,11 @@ Attributes = Mapping[str, Any]  # attribute name -> its value (an int, a string,
 def _explicit_padding(attributes: Attributes) -> bool:
     """``auto_pad`` absent or NOTSET, and ``ceil_mode`` absent or 0."""
     return attributes.get("auto_pad", "NOTSET") == "NOTSET" and attributes.get("ceil_mode", 0) == 0
+
+
+def _explicit_transposed_padding(attributes: Attributes) -> bool:
+    """``_explicit_padding``, and no ``output_shape`` (the pads it implies were described anew)."""
+    return _explicit_padding(attributes) and "output_shape" not in attributes
 
 
 def _axis_from_front(attributes: Attributes) -> bool:
@@ -86,6 +92,7 @@ SAME_FUNCTION: tuple[SameFunction, ...] = (
     SameFunction("MatMul", (9, 13)),
     SameFunction("Gemm", (7, 9, 11, 13)),
     SameFunction("Conv", (1, 11), _explicit_padding),
+    SameFunction("ConvTranspose", (1, 11, 22), _explicit_transposed_padding),
     SameFunction("MaxPool", (8, 10, 11, 12), _explicit_padding),
     SameFunction("AveragePool", (7, 10, 11), _explicit_padding),
     SameFunction("LRN", (1, 13)),

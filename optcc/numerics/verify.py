@@ -103,8 +103,8 @@ from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAW
                                  UserMetric, float_free_outputs, moves_nothing, perturbation_draws, perturbation_roles,
                                  projected_outputs, row_metrics, sequence_outputs, unmoved, wants_draws)
 from optcc.progress import Progress
-from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, first_line, float16_feedable, make_session,
-                                   resolve_providers, run, session_options)
+from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, REFUSALS, RefusedModel, first_line, float16_feedable,
+                                   make_session, resolve_providers, run, session_options)
 from optcc.runtime.shared_weights import Serialized, content_digest, light_proto, release_memory, weighted_session
 
 __all__ = ["DEFAULT_SAMPLES", "REFERENCES", "Verification", "Verifier", "verify"]
@@ -767,6 +767,14 @@ class Verifier:
         """Whether the samples are the user's: ``check`` then runs them on every model."""
         return self._generate is None
 
+    def generated_samples(self) -> list[dict[str, np.ndarray]] | None:
+        """The generated samples ``check`` compares on, as made again for the original to run
+        (which runs it, as the first ``check`` would); None for the user's samples, or when
+        the original cannot run any."""
+        if self.user_samples or self._float32_outputs() is None:
+            return None
+        return self.feeds
+
     def prove(self, model: ir.Model, numerics: Numerics = "exact", *,
               serialized: Serialized | None = None) -> Verification | None:
         """A pass by proof, whoever gave the samples: every output of ``model`` proved to be
@@ -790,21 +798,25 @@ class Verifier:
 
     def outputs(self, model: ir.Model, positions: Sequence[int], provider: str = CPU) -> dict[str, list[np.ndarray]]:
         """An INT8 candidate's outputs by name on the samples at ``positions`` (in ``feeds``),
-        run as ``check`` runs it. The models asked about keep their outputs, by their digest
-        (``_digest``), until the next INT8 check on ``provider``, which uses them when it
-        judges one of those very models: a pass that judges its result on the verifier's
-        samples (the INT8 pass's confirmation, of a model its search measured before others)
-        and the verification of that result run it once on each sample. The outputs kept of
-        the models before the last come to no more bytes than the last one's (the oldest
-        dropped first): at most twice the memory of keeping the last alone. Not for a
-        KV-cache decoder."""
+        run as ``check`` runs it (``RefusedModel`` when onnxruntime refuses to build its
+        session; what it raises running one, as raised). The models asked about keep their
+        outputs, by their digest (``_digest``), until the next INT8 check on ``provider``, which
+        uses them when it judges one of those very models: a pass that judges its result on the
+        verifier's samples (the INT8 pass's confirmation, of a model its search measured before
+        others) and the verification of that result run it once on each sample. The outputs kept
+        of the models before the last come to no more bytes than the last one's (the oldest
+        dropped first): at most twice the memory of keeping the last alone. Not for a KV-cache
+        decoder."""
         source = self._source(model)  # serialized once: its bytes identify the model too
         key = (_digest(model, source), provider)
         kept = self._kept.pop(key, None) or _KeptOutputs(key[0], provider, [], {})
         self._kept[key] = kept  # the last asked about, last
         missing = [p for p in dict.fromkeys(positions) if p not in kept.cases]
         if missing:
-            session = self._candidate_session(source, provider, "int8")
+            try:
+                session = self._candidate_session(source, provider, "int8")
+            except REFUSALS as e:  # a model onnxruntime refuses, told apart from one that fails to run
+                raise RefusedModel(first_line(e)) from e
             kept.names = [o.name for o in session.get_outputs()]
             for position, outs in zip(missing, self._cases(session, [self.feeds[p] for p in missing])):
                 kept.cases[position] = outs
@@ -1126,18 +1138,27 @@ def _num(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
 
 
+def _row_parts(row: str, groups: Iterable[str]) -> tuple[str, str | None, str]:
+    """A task row's output, group and component: a row is ``OUTPUT:PART``, or with
+    ``groups`` (a verdict's) ``OUTPUT@GROUP:PART``; an output's name may hold '@' and ':'."""
+    key, _, part = row.rpartition(":")
+    group = max((g for g in groups if key.endswith("@" + g)), key=len, default=None)
+    return (key if group is None else key[:-len(group) - 1]), group, part
+
+
 def _few_items(verdict: Mapping[str, Any] | None, generated: bool = False) -> list[str]:
     """A note per count-based task row that passed over too few items to show the margin:
     at its allowed rate the items hold fewer than ``FEW_EXPECTED_ERRORS`` errors, so a
     model deviating a few times its floor would often pass as well. Each says what to do:
     how many times the samples (those of the row's group; real ones for ``generated``)."""
     notes = []
+    groups = (verdict or {}).get("groups") or ()
     for row, value in (verdict or {}).get("metrics", {}).items():
         items, allowed = value.get("items"), value.get("allowed")
         if value.get("passed") and isinstance(items, int) and isinstance(allowed, (int, float)) \
                 and items * allowed < FEW_EXPECTED_ERRORS:
             more = math.ceil(FEW_EXPECTED_ERRORS / max(items * allowed, 1e-9))
-            group = row.rsplit(":", 1)[0].rpartition("@")[2] if "@" in row else None
+            group = _row_parts(row, groups)[1]
             todo = (f"give real samples with --inputs, about {more}x as many as were generated" if generated
                     else f"give group '{group}' about {more}x as many samples" if group
                     else f"give about {more}x as many samples")
@@ -1149,8 +1170,9 @@ def _few_items(verdict: Mapping[str, Any] | None, generated: bool = False) -> li
 
 def _task_rows_text(verdict: Mapping[str, Any] | None, output: str) -> str:
     """An output's judged task rows in words: deviation against the allowed and the floor."""
-    rows = [(row.rsplit(":", 1)[1], value) for row, value in (verdict or {}).get("metrics", {}).items()
-            if row.split("@")[0].rsplit(":", 1)[0] == output and value.get("judged", True)]
+    groups = (verdict or {}).get("groups") or ()
+    rows = [(part, value) for row, value in (verdict or {}).get("metrics", {}).items()
+            for name, _, part in [_row_parts(row, groups)] if name == output and value.get("judged", True)]
     return ", ".join(f"{part} {_num(v['deviation'])} <= {_num(v.get('allowed'))} (floor {_num(v['floor'])}"
                      + (f", {v['items']} items)" if "items" in v else ")") for part, v in rows) or "no rows"
 

@@ -27,7 +27,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from optcc import ir as oir
 from optcc.numerics.decode import DecodePlan, stream_names, stream_plan, streamed
@@ -35,7 +34,7 @@ from optcc.numerics.metrics import sqnr_db as powers_db
 from optcc.progress import Progress
 from optcc.quant.suffix import cuttable, frontier, suffix
 from optcc.runtime.latency import median_seconds
-from optcc.runtime.session import feedable, session_options
+from optcc.runtime.session import REFUSALS, RefusedModel, feedable, session_options
 from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
 __all__ = [
@@ -82,14 +81,6 @@ INTEGER_OPS = frozenset(
     }
 )
 _QUANTIZATION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits"})
-# how onnxruntime refuses a model (no kernel for an op and its types, a graph it cannot check)
-_REFUSALS = (ort_state.Fail, ort_state.InvalidGraph, ort_state.NotImplemented, ort_state.InvalidArgument)
-
-
-class RefusedModel(Exception):
-    """onnxruntime refused to build a session of a model; the message is its first line."""
-
-
 def _first_line(error: BaseException) -> str:
     """The error's first line (200 characters at most), or its type when it says nothing."""
     line = next((x.strip() for x in str(error).splitlines() if x.strip()), "")
@@ -119,7 +110,7 @@ def _session(model: ir.Model | bytes | onnx.ModelProto, optimize: bool | str, th
             return weighted_session(model, weights or {}, options)
         data = model if isinstance(model, bytes) else oir.serialize(model).SerializeToString()
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except _REFUSALS as e:
+    except REFUSALS as e:
         raise RefusedModel(_first_line(e)) from e
 
 
@@ -345,12 +336,13 @@ def evaluate_candidate(reference: ir.Model, candidate: ir.Model, samples: Sequen
                        ref_outputs: _Outputs | Mapping[str, Sequence[np.ndarray]] | None,
                        outputs: CandidateOutputs | None) -> Evaluation:
     """``evaluate`` of a quantized candidate (``ref_outputs``: the reference's outputs, as
-    ``evaluate``'s ``reference_outputs``); one onnxruntime refuses (to build it, or to run
-    it on the samples) misses the target, with the refusal as the reason
-    (``Evaluation.refused``), and a search goes on."""
+    ``evaluate``'s ``reference_outputs``); one onnxruntime refuses to build (``RefusedModel``,
+    from ``outputs`` too) misses the target, with the refusal as the reason
+    (``Evaluation.refused``), and a search goes on. One it builds and then cannot run on
+    the samples raises: that is a fault of the candidate's making, not a refusal."""
     try:
         return evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs, outputs=outputs)
-    except (RefusedModel, *_REFUSALS) as e:
+    except RefusedModel as e:
         return Evaluation({}, {}, target, refused=_first_line(e))
 
 
@@ -415,7 +407,7 @@ def rank_sensitivity(reference: ir.Model, quantize: QuantizeFn, layers: Sequence
             evaluation = _compare(ref_out, got, model_outputs, target)
             local = math.nan
             if float_name in ref_out.names and quant_name in got.names:
-                local = sqnr_db(_flat(ref_out.get(float_name)), _flat(got.get(quant_name)))
+                local = _own_error(sqnr_db(_flat(ref_out.get(float_name)), _flat(got.get(quant_name))))
             rows.append({"layer": layer, "model_sqnr_db": evaluation.worst_sqnr_db, "local_sqnr_db": local,
                          "alone_passes": evaluation.passed})
         del ref_out, singles
@@ -467,7 +459,8 @@ def local_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[
     arriving from upstream). One combined model: the float graph plus, per layer, a copy
     of its Q/DQ group (input Q/DQ pairs fed by the float tensors, dequantized weights and
     bias, the op, its output Q/DQ). A layer whose input cannot be traced to a float
-    tensor (a folded rescale) gets NaN; every layer does when onnxruntime refuses the
+    tensor (a folded rescale), or whose float result is all zeros (no signal to measure
+    its error against) gets NaN; every layer does when onnxruntime refuses the
     combined model (its copies of the layers, in that form)."""
     try:
         return _layer_errors(reference, quantized, layer_outputs, samples, propagated=False)[1]
@@ -636,7 +629,14 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
     del session
     release_memory()
     return ({layer: _db(p_signal[layer], p_noise[layer]) for layer in pairs},
-            {layer: _db(signal[layer], noise[layer]) for layer in fetch})
+            {layer: _own_error(_db(signal[layer], noise[layer])) for layer in fetch})
+
+
+def _own_error(db: float) -> float:
+    """A layer's own error in dB as the rankings read it: a float result of all zeros (-inf:
+    no signal to measure the error against) is no estimate (NaN), not the worst; the
+    layer's effect on the outputs, where measured, ranks it."""
+    return math.nan if db == -math.inf else db
 
 
 def _difference(result: np.ndarray, reference: np.ndarray) -> np.ndarray:

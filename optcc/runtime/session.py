@@ -35,13 +35,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
 from optcc.runtime.providers import provider_entry
 from optcc.runtime.shared_weights import light_proto, weighted_session
 
-__all__ = ["session_options", "make_session", "run", "detached", "first_line", "with_outputs", "resolve_providers"]
+__all__ = ["session_options", "make_session", "run", "detached", "first_line", "with_outputs", "resolve_providers",
+           "REFUSALS", "RefusedModel"]
 
 ModelRef = Union[ir.Model, onnx.ModelProto, bytes, str, os.PathLike]
 SHARED_MIN_BYTES = 1 << 20  # initializers at least this large are handed over, not serialized
@@ -50,6 +52,14 @@ _SMALL_MODEL_FILE = 64 << 20  # a model file this small is parsed to see whether
 _FATAL_ONLY = 4  # onnxruntime log severity: a failing kernel is logged at 3 before it raises, and optcc reports it once
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 CPU = PROVIDER_ALIASES["cpu"]
+# how onnxruntime refuses to build a session: no kernel for an op and its types, a graph it
+# cannot check (the same types also report failures to run one)
+REFUSALS = (ort_state.Fail, ort_state.InvalidGraph, ort_state.NotImplemented, ort_state.InvalidArgument)
+
+
+class RefusedModel(Exception):
+    """onnxruntime refused to build a session of a model (one of ``REFUSALS``, raised while
+    building it); the message is its first line. Never raised for a session that fails to run."""
 
 
 def resolve_providers(names: Sequence[str] | None) -> list[str]:
