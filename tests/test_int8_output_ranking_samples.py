@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -95,3 +96,36 @@ def test_the_output_ranking_skips_a_sample_where_the_model_does_not_deviate(monk
     assert set(report["kept_float"]) == {"mm_a", "mm_b"} and report["target_met"] is True
     for sqnr, _ in lossy_metrics(model, q, data[-4:]):
         assert sqnr >= TARGET.min_sqnr_db, sqnr
+
+
+def test_the_ranking_run_keeps_the_errors_the_output_ranking_needs(monkeypatch) -> None:
+    """``layer_errors`` with ``deltas`` keeps each layer's local error on the samples asked
+    for (run last) and measures the same SQNRs as without; those errors are the ones
+    ``output_sqnr`` measures itself (equal arrays), and give it the same result. The local
+    error of ``mm_a`` is checked against numpy: its quantized result (the fully quantized
+    model's ``a``, whose inputs are the graph input's Q/DQ and the dequantized weight, as
+    in the float model) minus the float ``x Wa``. (The planning rule for cancellations is
+    off here: it would keep ``mm_a`` float.)"""
+    monkeypatch.setattr(quantize_int8_pass, "CANCELLATION_RATIO", float("inf"))
+    proto, samples = _model(), _rows(6)
+    float_model = optcc.ir.load(proto)
+    ranges = calibrate(float_model, samples[:3], "minmax").ranges
+    result = create_pass("quantize-int8", ranges=ranges, count_fused=False)(float_model.clone())
+    quantized, layer_outputs = result.model, result.stats["layer_outputs"]
+    held = samples[3:]
+    plain = fallback.layer_errors(float_model, quantized, layer_outputs, held)
+    deltas: dict[str, list[np.ndarray]] = {}
+    kept = fallback.layer_errors(float_model, quantized, layer_outputs, held, deltas=deltas, delta_samples={0})
+    assert kept == plain and {"mm_a", "mm_b", "mm1"} <= deltas.keys()
+    assert all(len(v) == 1 for v in deltas.values())
+    for layer, values in deltas.items():
+        probe = onnx.ModelProto()
+        probe.CopyFrom(optcc.ir.serialize(quantized))
+        probe.graph.output.append(onnx.ValueInfoProto(name=layer_outputs[layer][1]))
+        got = onnxruntime_outputs(probe, held[0])[-1]
+        if layer == "mm_a":  # its input is the graph input: the quantized model's own result
+            expected = got.astype(np.float64) - held[0]["x"].astype(np.float64) @ \
+                onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "Wa"))
+            assert np.allclose(values[0], expected, rtol=1e-5, atol=1e-5)
+    measured = fallback.output_sqnr(float_model, quantized, layer_outputs, held[:1])
+    assert fallback.output_sqnr(float_model, quantized, layer_outputs, held[:1], deltas=deltas) == measured

@@ -20,7 +20,7 @@ import dataclasses
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -484,20 +484,32 @@ def local_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[
 
 
 def layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
-                 samples: Sequence[Feeds]) -> tuple[dict[str, float], dict[str, float]]:
+                 samples: Sequence[Feeds], *, deltas: dict[str, list[np.ndarray]] | None = None,
+                 delta_samples: Collection[int] = ()) -> tuple[dict[str, float], dict[str, float]]:
     """``(propagated_sqnr(...), local_sqnr(...))`` from one session run once per sample:
     the combined model of ``local_sqnr`` also holds the quantized graph (its values
     renamed), so the float, quantized and local results of every layer come from the
     same run, each computed by the kernels the separate sessions would use. A quantized
     model with subgraphs, or other inputs than the float one, is measured by the two
-    functions apart, as is one whose combined model onnxruntime refuses."""
+    functions apart, as is one whose combined model onnxruntime refuses. ``deltas``:
+    filled with each layer's local error (its local result minus its float result) on the
+    samples at the positions ``delta_samples``, in order (``output_sqnr``'s ``deltas``);
+    empty when onnxruntime refuses ``local_sqnr``'s combined model."""
     try:
-        both = _layer_errors(reference, quantized, layer_outputs, samples, propagated=True)
+        both = _layer_errors(reference, quantized, layer_outputs, samples, propagated=True, deltas=deltas,
+                             delta_samples=delta_samples)
     except RefusedModel:
         both = None
     if both is None:
-        return propagated_sqnr(reference, quantized, layer_outputs, samples), \
-            local_sqnr(reference, quantized, layer_outputs, samples)
+        if deltas is not None:
+            deltas.clear()
+        propagated = propagated_sqnr(reference, quantized, layer_outputs, samples)
+        try:
+            local = _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=deltas,
+                                  delta_samples=delta_samples)[1]
+        except RefusedModel:
+            local = {}
+        return propagated, local
     return both
 
 
@@ -507,11 +519,12 @@ def _db(signal: float, noise: float) -> float:
 
 def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
                   samples: Sequence[Feeds], *, propagated: bool,
-                  deltas: dict[str, list[np.ndarray]] | None = None,
+                  deltas: dict[str, list[np.ndarray]] | None = None, delta_samples: Collection[int] | None = None,
                   ) -> tuple[dict[str, float], dict[str, float]] | None:
     """(propagated, local) SQNR per layer (``propagated=False``: local only, propagated
     empty); None when the quantized graph cannot join the float one. ``deltas``: filled
-    with each layer's local error (local result minus float result), one per sample."""
+    with each layer's local error (local result minus float result) on the samples at the
+    positions ``delta_samples`` (None: every sample), one per sample, in order."""
     float_proto, weights = light_proto(reference)
     q_proto, q_weights = light_proto(quantized)
     float_values = {v for node in float_proto.graph.node for v in node.output} | {
@@ -619,32 +632,34 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
     float_proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
     session = _session(float_proto, False, weights=weights, arena=False)
     del float_proto, weights, nodes, added_inits
-    signal = dict.fromkeys(fetch, 0.0)
-    noise = dict.fromkeys(fetch, 0.0)
-    p_signal = dict.fromkeys(pairs, 0.0)
-    p_noise = dict.fromkeys(pairs, 0.0)
-    for feeds in samples:
-        values = dict(zip(names, session.run(names, dict(feeds))))
+    kept = [] if deltas is None else [i for i in range(len(samples)) if delta_samples is None or i in delta_samples]
+    # per sample, per layer: (local noise, its signal, propagated noise, its signal)
+    sums: dict[int, dict[str, tuple[float, float, float, float]]] = {}
+    # the samples whose errors are kept run last: no other sample's results are made while they are held
+    for position in [*(i for i in range(len(samples)) if i not in kept), *kept]:
+        values = dict(zip(names, session.run(names, dict(samples[position]))))
+        sums[position] = {}
         for layer in fetch.keys() | pairs.keys():
             # both compare with the layer's float result (layer_outputs' first name): its
             # float64 copy (its own, squared in place last) and power are made once
             r = np.array(values[(fetch.get(layer) or pairs[layer])[0]], np.float64)
-            if layer in fetch:
-                noise[layer] += _squared_distance(r, values[fetch[layer][1]])
-                if deltas is not None:  # the local result is not read again
-                    deltas.setdefault(layer, []).append(_difference(values[fetch[layer][1]], values[fetch[layer][0]]))
-            if layer in pairs:
-                p_noise[layer] += _squared_distance(r, values[pairs[layer][1]])
+            local = _squared_distance(r, values[fetch[layer][1]]) if layer in fetch else 0.0
+            if layer in fetch and position in kept:  # the local result is not read again
+                deltas.setdefault(layer, []).append(_difference(values[fetch[layer][1]], values[fetch[layer][0]]))
+            accumulated = _squared_distance(r, values[pairs[layer][1]]) if layer in pairs else 0.0
             power = float(np.sum(np.square(r, out=r)))
-            if layer in fetch:
-                signal[layer] += power
-            if layer in pairs:
-                p_signal[layer] += power
+            sums[position][layer] = (local, power, accumulated, power)
         del values
     del session
     release_memory()
-    return ({layer: _db(p_signal[layer], p_noise[layer]) for layer in pairs},
-            {layer: _db(signal[layer], noise[layer]) for layer in fetch})
+    # each layer's sums add the samples in their order, whichever ran first
+    totals = {layer: [0.0, 0.0, 0.0, 0.0] for layer in fetch.keys() | pairs.keys()}
+    for position in range(len(samples)):
+        for layer, parts in sums[position].items():
+            for j, part in enumerate(parts):
+                totals[layer][j] += part
+    return ({layer: _db(totals[layer][3], totals[layer][2]) for layer in pairs},
+            {layer: _db(totals[layer][1], totals[layer][0]) for layer in fetch})
 
 
 def _difference(result: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -705,7 +720,8 @@ def _join_quantized(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto, q_we
 
 
 def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
-                samples: Sequence[Feeds]) -> dict[str, float]:
+                samples: Sequence[Feeds], *, deltas: Mapping[str, Sequence[np.ndarray]] | None = None,
+                ) -> dict[str, float]:
     """Per layer, the worst model-output SQNR when only that layer's own quantization error
     (``local_sqnr``'s: its quantized result with float inputs, minus its float result) is
     added to its result in the float model: its error as the outputs see it. The float
@@ -717,11 +733,16 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
     The sessions run with onnxruntime's graph optimizations: each compares its own runs.
     Layers without a local error (or with a result other than float32) are absent, all of
     them when onnxruntime refuses ``local_sqnr``'s combined model. A cut onnxruntime refuses
-    is not used: its layers' runs start at the graph inputs."""
-    deltas: dict[str, list[np.ndarray]] = {}
-    try:
-        _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=deltas)
-    except RefusedModel:
+    is not used: its layers' runs start at the graph inputs. ``deltas``: the layers' local
+    errors on ``samples`` when already measured (``layer_errors``' ``deltas``), so that
+    combined model is not run again."""
+    if deltas is None:
+        deltas = {}
+        try:
+            _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=deltas)
+        except RefusedModel:
+            return {}
+    if not deltas:
         return {}
     proto, weights = light_proto(reference)
     graph = proto.graph
@@ -1057,18 +1078,24 @@ def _estimated_order(reference: ir.Model, model: ir.Model, stats: dict[str, Any]
     """The quantized layers of ``model`` (judged on ``samples`` by ``evaluation``) worst
     first by ``estimate_sensitivity``: the layers' own errors measured once on
     ``ranking_samples`` of ``samples`` (``spread_samples``) and taken to the outputs
-    (``_output_ranking``); the ranking goes to ``report["sensitivity"]``."""
-    errors = layer_errors(reference, model, stats.get("layer_outputs", {}), spread_samples(samples, ranking_samples))
-    return _ranked(stats, errors, _output_ranking(reference, model, stats, samples, evaluation), report)
+    (``output_sqnr``) on the samples ``_shown_positions`` picks, those errors kept from
+    the one run that measured them all; the ranking goes to ``report["sensitivity"]``."""
+    ranking, shown = spread_positions(len(samples), ranking_samples), _shown_positions(samples, evaluation)
+    deltas: dict[str, list[np.ndarray]] | None = {} if set(shown) <= set(ranking) else None
+    layer_outputs = stats.get("layer_outputs", {})
+    # the layers' errors on the samples shown are kept from this run when it measures them
+    errors = layer_errors(reference, model, layer_outputs, [samples[i] for i in ranking], deltas=deltas,
+                          delta_samples={ranking.index(i) for i in shown} if deltas is not None else ())
+    seen = output_sqnr(reference, model, layer_outputs, [samples[i] for i in shown], deltas=deltas)
+    del deltas
+    return _ranked(stats, errors, seen, report)
 
 
-def _output_ranking(reference: ir.Model, model: ir.Model, stats: dict[str, Any], samples: Sequence[Feeds],
-                    evaluation: Evaluation) -> dict[str, float]:
-    """``output_sqnr`` of ``model``'s layers on ``OUTPUT_RANKING_SAMPLES`` of ``samples``
-    (``spread_positions``), less those where ``model`` deviates next to nothing
-    (``deviating_positions``, from ``evaluation``, its judgement on ``samples``)."""
-    positions = deviating_positions(evaluation, spread_positions(len(samples), OUTPUT_RANKING_SAMPLES))
-    return output_sqnr(reference, model, stats.get("layer_outputs", {}), [samples[i] for i in positions])
+def _shown_positions(samples: Sequence[Feeds], evaluation: Evaluation) -> list[int]:
+    """The positions of the samples the output ranking runs on: ``OUTPUT_RANKING_SAMPLES``
+    of ``samples`` (``spread_positions``), less those where the model ``evaluation`` judged
+    on ``samples`` deviates next to nothing (``deviating_positions``)."""
+    return deviating_positions(evaluation, spread_positions(len(samples), OUTPUT_RANKING_SAMPLES))
 
 
 def _ranked(stats: dict[str, Any], errors: tuple[dict[str, float], dict[str, float]], seen: Mapping[str, float],
@@ -1111,7 +1138,9 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
                                    "do not meet it")
             bar.advance(bar.total)
             return model, stats, report
-        order = _ranked(stats, errors, _output_ranking(reference, model, stats, samples, initial), report)
+        # the layers' errors measured again on the samples shown (not held through the candidate above)
+        shown = [samples[i] for i in _shown_positions(samples, initial)]
+        order = _ranked(stats, errors, output_sqnr(reference, model, stats.get("layer_outputs", {}), shown), report)
         found = _search_estimated(reference, quantize, samples, target, order, local_order, limit, report, results,
                                   tried, ref_outputs, bar, outputs)
         bar.advance(bar.total)  # the search may need fewer candidates than the bound
