@@ -71,20 +71,26 @@ def test_layers_from_float16_stats_name_the_blocked_node(fp16_result):
 
 
 def test_layers_from_int8_driver_stats():
-    stats = {"modified": True, "pass": {"layers": ["conv1", "conv3"], "kept_float": {}},
+    stats = {"modified": True, "pass": {"layers": ["conv1", "conv3", "conv4"], "kept_float": {}},
              "fallback": {"kept_float": ["conv2"], "target_met": True,
                           "sensitivity": [{"layer": "conv2", "model_sqnr_db": 18.25, "local_sqnr_db": 20.0,
                                            "alone_passes": False},
                                           {"layer": "conv1", "model_sqnr_db": float("nan"),
                                            "propagated_sqnr_db": 41.0, "alone_passes": True},
                                           {"layer": "conv3", "output_sqnr_db": 33.5, "local_sqnr_db": 30.0,
+                                           "propagated_sqnr_db": 12.0},
+                                          {"layer": "conv4", "output_sqnr_db": "inf", "local_sqnr_db": 30.0,
                                            "propagated_sqnr_db": 12.0}]}}
     rows = {r["name"]: r for r in layers_from_stats("quantize-int8-calibrated", stats)}
-    assert {n: r["precision"] for n, r in rows.items()} == {"conv1": "int8", "conv3": "int8", "conv2": "float32"}
+    assert {n: r["precision"] for n, r in rows.items()} == {"conv1": "int8", "conv3": "int8", "conv4": "int8",
+                                                            "conv2": "float32"}
     assert rows["conv2"]["error_db"] == 18.25 and "18.2 dB" in rows["conv2"]["reason"]
     assert rows["conv1"]["error_db"] == 41.0  # NaN model SQNR: the propagated one
     assert rows["conv3"]["error_db"] == 33.5  # the estimated ranking's: its own error at the outputs
     assert rows["conv3"]["reason"] == "quantized (quantized alone: model SQNR 33.5 dB)"
+    # its own error leaves the outputs unchanged: no error, and never the error accumulated up to it
+    assert rows["conv4"]["error_db"] is None
+    assert rows["conv4"]["reason"] == "quantized (quantized alone: the outputs do not change)"
     declined = layers_from_stats("q", {**stats, "modified": False, "declined": "accuracy", "reason": "19 dB < 25"})
     assert {r["precision"] for r in declined} == {"float32"} and all("declined" in r["reason"] for r in declined)
 

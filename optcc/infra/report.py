@@ -239,6 +239,14 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _plus_infinity(value: Any) -> bool:
+    """Whether ``value`` is +inf (a float, or the string JSON writes for it)."""
+    try:
+        return float(value) == math.inf
+    except (TypeError, ValueError):
+        return False
+
+
 def _op_from_label(label: str) -> str | None:
     """ConvertFloat16Pass labels unnamed nodes "<op>#<key>"."""
     op, sep, key = label.rpartition("#")
@@ -257,15 +265,21 @@ def _int8_layers(pass_name: str, stats: Mapping[str, Any]) -> list[dict[str, Any
     sensitivity = {row.get("layer"): row for row in fallback.get("sensitivity") or [] if isinstance(row, Mapping)}
 
     def error(name: str) -> float | None:
+        """The first measured of the layer's SQNRs, the outputs' view of it first: infinite
+        when its error alone leaves the outputs unchanged (that is measured too)."""
         row = sensitivity.get(name) or {}
-        for key in ("model_sqnr_db", "output_sqnr_db", "propagated_sqnr_db"):  # the outputs' view of it first
+        for key in ("model_sqnr_db", "output_sqnr_db", "propagated_sqnr_db"):
             value = _number(row.get(key))
+            if value is None and key != "propagated_sqnr_db" and _plus_infinity(row.get(key)):
+                return math.inf
             if value is not None:
                 return value
         return None
 
     def alone(name: str) -> str:
         value = error(name)
+        if value == math.inf:
+            return " (quantized alone: the outputs do not change)"
         return "" if value is None else f" (quantized alone: model SQNR {value:.1f} dB)"
 
     ops = stats.get("layer_ops") or {}

@@ -20,7 +20,7 @@ import dataclasses
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,8 @@ __all__ = [
     "layer_errors",
     "fallback",
     "spread_samples",
+    "spread_positions",
+    "deviating_positions",
     "RANKING_SAMPLES",
     "compare_latency",
 ]
@@ -68,6 +70,8 @@ Feeds = Mapping[str, np.ndarray]
 Results = dict[int, tuple["Evaluation", Any, dict[str, Any]]]  # candidates measured, by layers returned to float
 RANKING_SAMPLES = 8  # samples the fallback's per-layer error estimates are measured on
 OUTPUT_RANKING_SAMPLES = 2  # samples ``output_sqnr`` takes each layer's error to the outputs on: a float run per layer each
+# ... less those where the fully quantized model deviates less than this fraction of the most it does on one of them
+NEGLIGIBLE_DEVIATION = 0.01
 OUTPUT_SEGMENTS = 8  # suffixes of the float model ``output_sqnr``'s runs start from
 PROBES = (1, 2, 4)  # float layers tried first below a budget that meets the target: where the error concentrates
 
@@ -204,6 +208,8 @@ class Evaluation:
     target: Target
     task: dict[str, Any] | None = None  # the judge's verdict, when the target has one
     refused: str | None = None
+    # per floating output in ``sqnr_db``: the squared error of each sample, in order (not reported)
+    noise: dict[str, list[float]] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -286,11 +292,13 @@ class _Outputs:
 def _compare(reference: _Outputs, candidate: _Outputs, names: Sequence[str], target: Target) -> Evaluation:
     sqnr: dict[str, float] = {}
     agreement: dict[str, float] = {}
+    noise: dict[str, list[float]] = {}
     for name in names:
         refs, gots = reference.get(name), candidate.get(name)
         if not refs or not np.issubdtype(refs[0].dtype, np.floating):
             continue
         sqnr[name] = sqnr_db(np.concatenate([r.ravel() for r in refs]), np.concatenate([g.ravel() for g in gots]))
+        noise[name] = [_squared_distance(r, g) for r, g in zip(refs, gots)]
         if _classifier_like(refs[0]):
             ref_arg = np.concatenate([r.argmax(-1) for r in refs])
             got_arg = np.concatenate([g.argmax(-1) for g in gots])
@@ -298,7 +306,7 @@ def _compare(reference: _Outputs, candidate: _Outputs, names: Sequence[str], tar
     task = None
     if target.judge is not None:
         task = target.judge({name: candidate.get(name) for name in names})
-    return Evaluation(sqnr, agreement, target, task)
+    return Evaluation(sqnr, agreement, target, task, noise=noise)
 
 
 def model_outputs(model: ir.Model, samples: Sequence[Feeds]) -> dict[str, list[np.ndarray]]:
@@ -469,20 +477,32 @@ def local_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[
 
 
 def layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
-                 samples: Sequence[Feeds]) -> tuple[dict[str, float], dict[str, float]]:
+                 samples: Sequence[Feeds], *, deltas: dict[str, list[np.ndarray]] | None = None,
+                 delta_samples: Collection[int] = ()) -> tuple[dict[str, float], dict[str, float]]:
     """``(propagated_sqnr(...), local_sqnr(...))`` from one session run once per sample:
     the combined model of ``local_sqnr`` also holds the quantized graph (its values
     renamed), so the float, quantized and local results of every layer come from the
     same run, each computed by the kernels the separate sessions would use. A quantized
     model with subgraphs, or other inputs than the float one, is measured by the two
-    functions apart, as is one whose combined model onnxruntime refuses."""
+    functions apart, as is one whose combined model onnxruntime refuses. ``deltas``:
+    filled with each layer's local error (its local result minus its float result) on the
+    samples at the positions ``delta_samples``, in order (``output_sqnr``'s ``deltas``);
+    empty when onnxruntime refuses ``local_sqnr``'s combined model."""
     try:
-        both = _layer_errors(reference, quantized, layer_outputs, samples, propagated=True)
+        both = _layer_errors(reference, quantized, layer_outputs, samples, propagated=True, deltas=deltas,
+                             delta_samples=delta_samples)
     except RefusedModel:
         both = None
     if both is None:
-        return propagated_sqnr(reference, quantized, layer_outputs, samples), \
-            local_sqnr(reference, quantized, layer_outputs, samples)
+        if deltas is not None:
+            deltas.clear()
+        propagated = propagated_sqnr(reference, quantized, layer_outputs, samples)
+        try:
+            local = _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=deltas,
+                                  delta_samples=delta_samples)[1]
+        except RefusedModel:
+            local = {}
+        return propagated, local
     return both
 
 
@@ -492,11 +512,12 @@ def _db(signal: float, noise: float) -> float:
 
 def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
                   samples: Sequence[Feeds], *, propagated: bool,
-                  deltas: dict[str, list[np.ndarray]] | None = None,
+                  deltas: dict[str, list[np.ndarray]] | None = None, delta_samples: Collection[int] | None = None,
                   ) -> tuple[dict[str, float], dict[str, float]] | None:
     """(propagated, local) SQNR per layer (``propagated=False``: local only, propagated
     empty); None when the quantized graph cannot join the float one. ``deltas``: filled
-    with each layer's local error (local result minus float result), one per sample."""
+    with each layer's local error (local result minus float result) on the samples at the
+    positions ``delta_samples`` (None: every sample), one per sample, in order."""
     float_proto, weights = light_proto(reference)
     q_proto, q_weights = light_proto(quantized)
     float_values = {v for node in float_proto.graph.node for v in node.output} | {
@@ -604,32 +625,34 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
     float_proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
     session = _session(float_proto, False, weights=weights, arena=False)
     del float_proto, weights, nodes, added_inits
-    signal = dict.fromkeys(fetch, 0.0)
-    noise = dict.fromkeys(fetch, 0.0)
-    p_signal = dict.fromkeys(pairs, 0.0)
-    p_noise = dict.fromkeys(pairs, 0.0)
-    for feeds in samples:
-        values = dict(zip(names, session.run(names, dict(feeds))))
+    kept = [] if deltas is None else [i for i in range(len(samples)) if delta_samples is None or i in delta_samples]
+    # per sample, per layer: (local noise, its signal, propagated noise, its signal)
+    sums: dict[int, dict[str, tuple[float, float, float, float]]] = {}
+    # the samples whose errors are kept run last: no other sample's results are made while they are held
+    for position in [*(i for i in range(len(samples)) if i not in kept), *kept]:
+        values = dict(zip(names, session.run(names, dict(samples[position]))))
+        sums[position] = {}
         for layer in fetch.keys() | pairs.keys():
             # both compare with the layer's float result (layer_outputs' first name): its
             # float64 copy (its own, squared in place last) and power are made once
             r = np.array(values[(fetch.get(layer) or pairs[layer])[0]], np.float64)
-            if layer in fetch:
-                noise[layer] += _squared_distance(r, values[fetch[layer][1]])
-                if deltas is not None:  # the local result is not read again
-                    deltas.setdefault(layer, []).append(_difference(values[fetch[layer][1]], values[fetch[layer][0]]))
-            if layer in pairs:
-                p_noise[layer] += _squared_distance(r, values[pairs[layer][1]])
+            local = _squared_distance(r, values[fetch[layer][1]]) if layer in fetch else 0.0
+            if layer in fetch and position in kept:  # the local result is not read again
+                deltas.setdefault(layer, []).append(_difference(values[fetch[layer][1]], values[fetch[layer][0]]))
+            accumulated = _squared_distance(r, values[pairs[layer][1]]) if layer in pairs else 0.0
             power = float(np.sum(np.square(r, out=r)))
-            if layer in fetch:
-                signal[layer] += power
-            if layer in pairs:
-                p_signal[layer] += power
+            sums[position][layer] = (local, power, accumulated, power)
         del values
     del session
     release_memory()
-    return ({layer: _db(p_signal[layer], p_noise[layer]) for layer in pairs},
-            {layer: _own_error(_db(signal[layer], noise[layer])) for layer in fetch})
+    # each layer's sums add the samples in their order, whichever ran first
+    totals = {layer: [0.0, 0.0, 0.0, 0.0] for layer in fetch.keys() | pairs.keys()}
+    for position in range(len(samples)):
+        for layer, parts in sums[position].items():
+            for j, part in enumerate(parts):
+                totals[layer][j] += part
+    return ({layer: _db(totals[layer][3], totals[layer][2]) for layer in pairs},
+            {layer: _own_error(_db(totals[layer][1], totals[layer][0])) for layer in fetch})
 
 
 def _own_error(db: float) -> float:
@@ -648,8 +671,8 @@ def _difference(result: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def _squared_distance(reference: np.ndarray, other: np.ndarray) -> float:
-    """``sum((reference - other) ** 2)`` in float64 (``reference`` float64, ``other`` widened
-    exactly), the same sum over the same values, with one temporary array."""
+    """``sum((reference - other) ** 2)`` in float64 (both widened exactly: a float64
+    ``reference`` is not copied), the same sum over the same values, with one temporary array."""
     difference = np.subtract(reference, other, dtype=np.float64)
     return float(np.sum(np.square(difference, out=difference)))
 
@@ -697,7 +720,8 @@ def _join_quantized(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto, q_we
 
 
 def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
-                samples: Sequence[Feeds]) -> dict[str, float]:
+                samples: Sequence[Feeds], *, deltas: Mapping[str, Sequence[np.ndarray]] | None = None,
+                ) -> dict[str, float]:
     """Per layer, the worst model-output SQNR when only that layer's own quantization error
     (``local_sqnr``'s: its quantized result with float inputs, minus its float result) is
     added to its result in the float model: its error as the outputs see it. The float
@@ -709,11 +733,16 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
     The sessions run with onnxruntime's graph optimizations: each compares its own runs.
     Layers without a local error (or with a result other than float32) are absent, all of
     them when onnxruntime refuses ``local_sqnr``'s combined model. A cut onnxruntime refuses
-    is not used: its layers' runs start at the graph inputs."""
-    deltas: dict[str, list[np.ndarray]] = {}
-    try:
-        _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=deltas)
-    except RefusedModel:
+    is not used: its layers' runs start at the graph inputs. ``deltas``: the layers' local
+    errors on ``samples`` when already measured (``layer_errors``' ``deltas``), so that
+    combined model is not run again."""
+    if deltas is None:
+        deltas = {}
+        try:
+            _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=deltas)
+        except RefusedModel:
+            return {}
+    if not deltas:
         return {}
     proto, weights = light_proto(reference)
     graph = proto.graph
@@ -838,11 +867,32 @@ def spread_samples(samples: Sequence[Feeds], count: int | None) -> list[Feeds]:
     """At most ``count`` of ``samples``, spread evenly over them in order (the first and the
     last included), so samples of every kind interleaved in them are represented; all of
     them when ``count`` is None or not smaller."""
-    if count is None or len(samples) <= count:
-        return list(samples)
+    return [samples[i] for i in spread_positions(len(samples), count)]
+
+
+def spread_positions(total: int, count: int | None) -> list[int]:
+    """The positions ``spread_samples`` takes of ``total`` samples."""
+    if count is None or total <= count:
+        return list(range(total))
     if count < 2:
-        return list(samples[:max(count, 0)])
-    return [samples[int(i)] for i in np.linspace(0, len(samples) - 1, count).round()]
+        return list(range(max(count, 0)))
+    return [int(i) for i in np.linspace(0, total - 1, count).round()]
+
+
+def deviating_positions(evaluation: Evaluation, positions: Sequence[int]) -> list[int]:
+    """Those of ``positions`` (of the samples ``evaluation`` judged) where the judged model's
+    worst output (its lowest SQNR over those samples) deviates from the float one by at
+    least ``NEGLIGIBLE_DEVIATION`` of the most it does on one of them (squared error), in
+    order. A layer's error taken to that output (``output_sqnr``) sums its squared error over
+    the samples, so a sample where all the layers' errors together barely move the output
+    adds next to nothing to any layer's sum and cannot change their order (on a text-free
+    photo a text detector's map is blank, and stays blank quantized). All of ``positions``
+    when no sample deviates, or ``evaluation`` has no errors per sample."""
+    noise = evaluation.noise.get(min(evaluation.sqnr_db, key=evaluation.sqnr_db.__getitem__, default=""), [])
+    if len(noise) <= max(positions, default=-1):
+        return list(positions)
+    most = max((noise[i] for i in positions), default=0.0)
+    return [i for i in positions if noise[i] >= NEGLIGIBLE_DEVIATION * most] if most > 0 else list(positions)
 
 
 def _candidates(layers: Sequence[str], propagated: Mapping[str, float], limit: int) -> list[str]:
@@ -905,8 +955,9 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     order: when even that misses, the search stops there (hopeless), having cost one
     candidate and no further ranking. Else the layers are ranked again by those errors as
     the outputs see them when added alone to the float model (``output_sqnr``, one float
-    run per layer on ``OUTPUT_RANKING_SAMPLES`` of the samples), and that order is
-    searched below the budget: the worst layer, then the worst two, then four, returned to
+    run per layer on ``OUTPUT_RANKING_SAMPLES`` of the samples, spread over them, less
+    those where the fully quantized model barely deviates: ``deviating_positions``), and
+    that order is searched below the budget: the worst layer, then the worst two, then four, returned to
     float (``PROBES``: the error of a quantized model often sits in a few layers, and then
     this is the cheapest model and found in a few evaluations); when none meets the
     target, a bisection between the largest ``k`` that missed and the budget, in log space
@@ -1023,27 +1074,40 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
 
 
 def _estimated_order(reference: ir.Model, model: ir.Model, stats: dict[str, Any], samples: Sequence[Feeds],
-                     ranking_samples: int | None, report: dict[str, Any]) -> list[str]:
-    """The quantized layers of ``model`` worst first by ``estimate_sensitivity``, the
-    layers' own errors measured once on ``ranking_samples`` of ``samples``
-    (``spread_samples``) and taken to the outputs (``output_sqnr``, on
-    ``OUTPUT_RANKING_SAMPLES`` of them); the ranking goes to ``report["sensitivity"]``."""
-    errors = layer_errors(reference, model, stats.get("layer_outputs", {}), spread_samples(samples, ranking_samples))
-    return _ranked(reference, model, stats, samples, errors, report, output=True)
+                     evaluation: Evaluation, ranking_samples: int | None, report: dict[str, Any]) -> list[str]:
+    """The quantized layers of ``model`` (judged on ``samples`` by ``evaluation``) worst
+    first by ``estimate_sensitivity``: the layers' own errors measured once on
+    ``ranking_samples`` of ``samples`` (``spread_samples``) and taken to the outputs
+    (``output_sqnr``) on the samples ``_shown_positions`` picks, those errors kept from
+    the one run that measured them all; the ranking goes to ``report["sensitivity"]``."""
+    ranking, shown = spread_positions(len(samples), ranking_samples), _shown_positions(samples, evaluation)
+    deltas: dict[str, list[np.ndarray]] | None = {} if set(shown) <= set(ranking) else None
+    layer_outputs = stats.get("layer_outputs", {})
+    # the layers' errors on the samples shown are kept from this run when it measures them
+    errors = layer_errors(reference, model, layer_outputs, [samples[i] for i in ranking], deltas=deltas,
+                          delta_samples={ranking.index(i) for i in shown} if deltas is not None else ())
+    seen = output_sqnr(reference, model, layer_outputs, [samples[i] for i in shown], deltas=deltas)
+    del deltas
+    return _ranked(stats, errors, seen, report)
 
 
-def _ranked(reference: ir.Model, model: ir.Model, stats: dict[str, Any], samples: Sequence[Feeds],
-            errors: tuple[dict[str, float], dict[str, float]], report: dict[str, Any], *, output: bool) -> list[str]:
-    """The quantized layers of ``model`` worst first by ``estimate_sensitivity`` of
-    ``errors`` (``layer_errors``' propagated and local SQNR) and, with ``output``, of
-    those errors taken to the outputs (``output_sqnr`` on ``OUTPUT_RANKING_SAMPLES`` of
-    ``samples``); the ranking goes to ``report["sensitivity"]``. A layer whose own result
-    is exact on the samples (local SQNR +inf: quantizing it loses nothing there) is ranked
-    but left out of the order: returning it to float gains nothing, so it never takes a
-    place in the budget or the search."""
+def _shown_positions(samples: Sequence[Feeds], evaluation: Evaluation) -> list[int]:
+    """The positions of the samples the output ranking runs on: ``OUTPUT_RANKING_SAMPLES``
+    of ``samples`` (``spread_positions``), less those where the model ``evaluation`` judged
+    on ``samples`` deviates next to nothing (``deviating_positions``)."""
+    return deviating_positions(evaluation, spread_positions(len(samples), OUTPUT_RANKING_SAMPLES))
+
+
+def _ranked(stats: dict[str, Any], errors: tuple[dict[str, float], dict[str, float]], seen: Mapping[str, float],
+            report: dict[str, Any]) -> list[str]:
+    """The quantized layers (``stats["layers"]``) worst first by ``estimate_sensitivity`` of
+    ``errors`` (``layer_errors``' propagated and local SQNR) and of ``seen``, those errors
+    taken to the outputs (``output_sqnr``; empty when not measured); the ranking goes to
+    ``report["sensitivity"]``. A layer whose own result is exact on the samples (local
+    SQNR +inf: quantizing it loses nothing there) is ranked but left out of the order:
+    returning it to float gains nothing, so it never takes a place in the budget or the
+    search."""
     propagated, local = errors
-    seen = (output_sqnr(reference, model, stats.get("layer_outputs", {}),
-                        spread_samples(samples, OUTPUT_RANKING_SAMPLES)) if output else {})
     ranking = estimate_sensitivity(list(stats.get("layers", [])), local, propagated, seen)
     report["sensitivity"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ranking]
     return [row["layer"] for row in ranking if row["local_sqnr_db"] != math.inf]
@@ -1058,7 +1122,7 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
     of the layers' own errors first; only when it meets the target, the output ranking and
     the search below it (``_search_estimated``)."""
     errors = layer_errors(reference, model, stats.get("layer_outputs", {}), spread_samples(samples, ranking_samples))
-    local_order = _ranked(reference, model, stats, samples, errors, report, output=False)
+    local_order = _ranked(stats, errors, {}, report)
     limit = len(local_order) if max_float_layers is None else min(max_float_layers, len(local_order))
     tried: list[dict[str, Any]] = []
     report.update(tried=tried, order=local_order)
@@ -1074,7 +1138,9 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
                                    "do not meet it")
             bar.advance(bar.total)
             return model, stats, report
-        order = _ranked(reference, model, stats, samples, errors, report, output=True)
+        # the layers' errors measured again on the samples shown (not held through the candidate above)
+        shown = [samples[i] for i in _shown_positions(samples, initial)]
+        order = _ranked(stats, errors, output_sqnr(reference, model, stats.get("layer_outputs", {}), shown), report)
         found = _search_estimated(reference, quantize, samples, target, order, local_order, limit, report, results,
                                   tried, ref_outputs, bar, outputs)
         bar.advance(bar.total)  # the search may need fewer candidates than the bound
@@ -1259,7 +1325,7 @@ def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats
     if evaluation.passed:
         return model, stats, report
     if order is None:  # the fully quantized model had passed: no ranking was needed
-        order = _estimated_order(reference, model, stats, confirm.samples, ranking_samples, report)
+        order = _estimated_order(reference, model, stats, confirm.samples, evaluation, ranking_samples, report)
     limit = len(order) if max_float_layers is None else min(max_float_layers, len(order))
     tried = report.setdefault("tried", [])
     k, results = _search(reference, quantize, confirm.samples, confirm.target, order, limit, evaluation, model,
