@@ -131,3 +131,15 @@ def test_a_dequantized_weight_read_by_another_op_stays() -> None:
     x = np.random.default_rng(14).normal(size=(8, 64)).astype(np.float32)
     w1, _ = _weights64()
     np.testing.assert_allclose(_run(q, x)[1], 2 * w1, rtol=1e-6)
+
+
+def test_the_summary_says_why_matmuls_stayed_float() -> None:
+    """A MatMul of two activations has no weight to quantize: the summary counts it by reason."""
+    model = _model()
+    model.graph.node.append(oh.make_node("MatMul", ["y", "y_t"], ["gram"]))
+    model.graph.node.insert(len(model.graph.node) - 1, oh.make_node("Transpose", ["y"], ["y_t"]))
+    model.graph.output.append(oh.make_tensor_value_info("gram", TP.FLOAT, [8, 8]))
+    result = optcc.optimize(model, int8_dynamic=True, verify=False)
+    assert "quantize-dynamic kept float: 1 weight not constant" in result.report.summary().splitlines()
+    ops = [n.op_type for n in result.model.graph.node]
+    assert ops.count("MatMulInteger") == 2 and ops.count("MatMul") == 1
