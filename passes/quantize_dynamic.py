@@ -35,6 +35,13 @@ different ``transB``, stays float; nodes sharing one weight share one quantized 
 node not in ``exclude`` (node names, output names). Other ops, custom domains and
 function bodies are left alone.
 
+A MatMul/Gemm weight stored as integer levels and dequantized in the graph,
+``W = Mul(Cast<float>(q), scale)`` with constant ``q`` and ``scale``
+(``optcc.ir.dequantized_array``), counts as a constant: ``W`` is evaluated as the graph
+computes it and quantized like any float weight (its levels rounded again, to +-64), and
+its Mul, Cast and constants are removed once nothing reads them
+(``stats["dequantized_weight_bytes_removed"]``). Embedding tables must be plain constants.
+
 Numerics ("int8"): lossy, judged by SQNR/cosine/argmax agreement. The error is that of
 rounding ``a`` to 256 levels over its own min..max and ``W`` to 255 levels per column.
 """
@@ -105,8 +112,13 @@ class QuantizeDynamicPass(optcc.Pass):
                     self._rewrite(graph, node, cache, taken)
                 stats["quantized"] += 1
                 stats[node.op_type] = stats.get(node.op_type, 0) + 1
+            # a dequantized weight's Mul/Cast go first, then the constants they read
+            operands = [v for value in dict.fromkeys(replaced) for v in optcc.ir.drop_dequantization(value)]
             stats["float_weight_bytes_removed"] = (
                 stats.get("float_weight_bytes_removed", 0) + drop_unused_weights(graph, dict.fromkeys(replaced)))
+            if operands:
+                stats["dequantized_weight_bytes_removed"] = (
+                    stats.get("dequantized_weight_bytes_removed", 0) + drop_unused_weights(graph, dict.fromkeys(operands)))
         modified = stats["quantized"] > 0
         if modified and self.count_fused:
             from optcc.quant import count_integer_nodes
@@ -130,7 +142,7 @@ class QuantizeDynamicPass(optcc.Pass):
         if a is None or w_value is None or (a.dtype is not None and a.dtype != ir.DataType.FLOAT):
             return "activation not float32"
         # from IR 4 on, a graph input with a default is fed, not a weight
-        w = optcc.ir.const_array(w_value, inputs_constant=inputs_constant)
+        w = _weight_array(w_value, inputs_constant)
         if w is None:
             return "weight not constant"
         if w.dtype != np.float32 or w.ndim != 2:
@@ -151,7 +163,7 @@ class QuantizeDynamicPass(optcc.Pass):
                           ) -> tuple[ir.Value, ir.Value, ir.Value]:
         if w_value in cache:
             return cache[w_value]
-        w = optcc.ir.as_numpy(w_value)
+        w = _weight_array(w_value)
         assert w is not None
         if any(_transposed(u.node) for u in w_value.uses()):
             w = w.T  # [N, K] -> [K, N]: MatMulInteger reads the weight as [K, N]
@@ -222,6 +234,13 @@ class QuantizeDynamicPass(optcc.Pass):
         scaled = ir.node("Mul", [c, factor])
         scaled.outputs[0].name = optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_scaled_bias")
         return [scaled], scaled.outputs[0]
+
+
+def _weight_array(value: ir.Value, inputs_constant: bool = False) -> np.ndarray | None:
+    """The weight behind ``value``: a constant, or a constant integer tensor dequantized in
+    the graph (``optcc.ir.dequantized_array``); None for anything else."""
+    array = optcc.ir.const_array(value, inputs_constant=inputs_constant)
+    return array if array is not None else optcc.ir.dequantized_array(value, inputs_constant=inputs_constant)
 
 
 def _attr(node: ir.Node, name: str, default: Any) -> Any:

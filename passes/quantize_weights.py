@@ -36,7 +36,10 @@ so in ``stats["note"]``.
 
 Preconditions: main-graph default-domain MatMul/Gemm (``transA = 0``), activation
 float32, weight a float32 2-D constant (``optcc.ir.const_array``: from IR 4 on not a graph
-input with an initializer default, which a caller may feed) read only by such nodes with
+input with an initializer default, which a caller may feed) or one dequantized in the graph
+from stored integer levels (``Mul(Cast<float>(q), scale)``, ``optcc.ir.dequantized_array``:
+requantized from the float values it computes; its Mul, Cast and constants go once nothing
+else reads them; not when a Gather reads it too), read only by such nodes with
 one orientation (and, with ``embeddings``, by Gathers on axis 0); node not in ``exclude``
 (node or output names). Everything else is left alone with a reason in
 ``stats["kept_float"]``. A model below IR 4, whose initializers are all listed as inputs
@@ -214,7 +217,11 @@ class QuantizeWeightsPass(optcc.Pass):
                     replaced.append(old_bias)
             label = f"{node.op_type} int8"
             stats["quantized"][label] = stats["quantized"].get(label, 0) + 1
+        # a dequantized weight's Mul/Cast go first, then the constants they read
+        operands = [v for value in dict.fromkeys(replaced) for v in optcc.ir.drop_dequantization(value)]
         stats["float_weight_bytes_removed"] = drop_unused_weights(graph, dict.fromkeys(replaced))
+        if operands:
+            stats["dequantized_weight_bytes_removed"] = drop_unused_weights(graph, dict.fromkeys(operands))
         return optcc.PassResult(model, True, stats)
 
     def _plan(self, graph: ir.Graph, stats: dict[str, Any], inputs_constant: bool = False
@@ -312,6 +319,10 @@ class QuantizeWeightsPass(optcc.Pass):
         if optcc.ir.const_array(a, inputs_constant=inputs_constant) is not None:
             return "activation constant"
         w = _constant_matrix(w_value, inputs_constant)
+        dequantized = w is None
+        if dequantized:
+            w = optcc.ir.dequantized_array(w_value, inputs_constant=inputs_constant)
+            w = w if w is not None and w.ndim == 2 else None
         if w is None:
             return "weight not a constant float32 matrix"
         if not finite(w):
@@ -319,7 +330,8 @@ class QuantizeWeightsPass(optcc.Pass):
         if a.shape is not None and len(a.shape) < 2 and self.target == "onnxruntime":
             return "activation of rank 1"
         kinds = {_use_kind(u) for u in w_value.uses()}
-        if w_value.is_graph_output() or None in kinds:
+        # a table dequantized in the graph is no embedding this pass quantizes
+        if w_value.is_graph_output() or None in kinds or (dequantized and "gather" in kinds):
             return "weight shared with another op"
         if "gather" in kinds:
             return "weight tied to an embedding Gather (quantize embeddings to include it)"
@@ -553,7 +565,9 @@ def finite(array: np.ndarray) -> bool:
 
 
 def _weight_kn(node: ir.Node, w_value: ir.Value) -> np.ndarray:
+    """The ``[K, N]`` weight of a planned layer: a constant or one dequantized in the graph."""
     w = optcc.ir.as_numpy(w_value)
+    w = w if w is not None else optcc.ir.dequantized_array(w_value)
     assert w is not None
     return w.T if _transposed(node) else w
 

@@ -188,12 +188,24 @@ class Report:
         )
         for record in self.reverted():
             lines.append(f"  reverted {record.name}: {record.reason}")
+        lines.extend(_kept_float_line(record) for record in self.passes
+                     if record.status != "reverted" and _kept_float_line(record))
         lines.extend(_layer_lines(self.layer_table(), top))
         lines.extend(f"int8 speed: {r.stats['speed']}" for r in self.passes if isinstance(r.stats.get("speed"), str))
         if self.verification is not None:
             lines.append(f"verify: {self.verification['summary']}")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def _kept_float_line(record: PassRecord) -> str:
+    """Why a quantizing pass left nodes float, counted by reason (its ``stats["kept_float"]``:
+    reason -> count); "" when it reports none."""
+    kept = record.stats.get("kept_float")
+    if not isinstance(kept, Mapping) or not kept or not all(isinstance(n, int) for n in kept.values()):
+        return ""
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(kept.items(), key=lambda item: (-item[1], item[0])))
+    return f"{record.name} kept float: {reasons}"
 
 
 def format_bytes(n: float) -> str:
