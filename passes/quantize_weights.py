@@ -37,9 +37,10 @@ so in ``stats["note"]``.
 Preconditions: main-graph default-domain MatMul/Gemm (``transA = 0``), activation
 float32, weight a float32 2-D constant (``optcc.ir.const_array``: from IR 4 on not a graph
 input with an initializer default, which a caller may feed) or one dequantized in the graph
-from stored integer levels (``Mul(Cast<float>(q), scale)``, ``optcc.ir.dequantized_array``:
-requantized from the float values it computes; its Mul, Cast and constants go once nothing
-else reads them; not when a Gather reads it too), read only by such nodes with
+from stored integer levels of more bits than asked (``Mul(Cast<float>(q), scale)``,
+``optcc.ir.dequantized_array``: requantized from the float values it computes; its Mul,
+Cast and constants go once nothing else reads them; not when a Gather reads it too; levels
+of no more bits than asked stay as they are: re-rounding them loses accuracy and adds scales), read only by such nodes with
 one orientation (and, with ``embeddings``, by Gathers on axis 0); node not in ``exclude``
 (node or output names). Everything else is left alone with a reason in
 ``stats["kept_float"]``. A model below IR 4, whose initializers are all listed as inputs
@@ -320,6 +321,9 @@ class QuantizeWeightsPass(optcc.Pass):
             return "activation constant"
         w = _constant_matrix(w_value, inputs_constant)
         dequantized = w is None
+        stored = optcc.ir.stored_bits(w_value) if dequantized else None
+        if stored is not None and stored <= self.bits:  # re-rounding its levels would only lose
+            return f"weight already stored as {stored}-bit integers"
         if dequantized:
             w = optcc.ir.dequantized_array(w_value, inputs_constant=inputs_constant)
             w = w if w is not None and w.ndim == 2 else None

@@ -101,24 +101,35 @@ def test_dynamic_int8_quantizes_a_weight_dequantized_in_the_graph() -> None:
     assert sqnr > 30, sqnr
 
 
-def test_weight_only_int8_quantizes_a_weight_dequantized_in_the_graph() -> None:
+def test_weight_only_int4_requantizes_a_weight_stored_as_int8() -> None:
     model = _model()
-    result = QuantizeWeightsPass(bits=8, block_size=32, symmetric=True)(optcc.ir.load(model))
+    result = QuantizeWeightsPass(bits=4, block_size=32, symmetric=True, head_bits=None)(optcc.ir.load(model))
     q = optcc.ir.serialize(result.model)
     onnx.checker.check_model(q, full_check=True)
     ops = [n.op_type for n in q.graph.node]
-    assert result.stats["quantized"] == {"MatMul int8": 1, "Gemm int8": 1}
+    assert result.stats["quantized"] == {"MatMul int4": 1, "Gemm int4": 1}
     assert ops.count("DequantizeLinear") == 2 and not _chain_left(q) and "Cast" not in ops
 
     x = np.random.default_rng(13).normal(size=(8, 64)).astype(np.float32)
     got = _run(q, x)[0].astype(np.float64)
     exact = _forward(x, np.matmul)
-    # each weight moves by at most half a step of a symmetric int8 block (max|block| / 127)
+    # each weight moves by at most half a step of a symmetric int4 block (max|block| / 7)
     w1, w2 = _weights64()
     h = np.maximum(x.astype(np.float64) @ w1, 0)
-    bound1 = np.abs(x).sum(axis=1, keepdims=True) * np.abs(w1).max() / 254
-    bound = (bound1 @ np.ones((1, 96))) @ np.abs(w2) + np.abs(h).sum(axis=1, keepdims=True) * np.abs(w2).max() / 254
+    bound1 = np.abs(x).sum(axis=1, keepdims=True) * np.abs(w1).max() / 14
+    bound = (bound1 @ np.ones((1, 96))) @ np.abs(w2) + np.abs(h).sum(axis=1, keepdims=True) * np.abs(w2).max() / 14
     assert (np.abs(got - exact) <= bound + 1e-5 * np.abs(exact).max()).all()
+
+
+def test_weight_only_int8_keeps_a_weight_stored_as_int8() -> None:
+    """Re-rounding int8 levels to int8 blocks only loses accuracy and adds scales: they stay."""
+    result = QuantizeWeightsPass(bits=8, block_size=32, symmetric=True)(optcc.ir.load(_model()))
+    assert result.stats["kept_float"] == {"weight already stored as 8-bit integers": 2}
+    q = optcc.ir.serialize(result.model)
+    assert [n.op_type for n in q.graph.node].count("Cast") == 2 and "DequantizeLinear" not in {
+        n.op_type for n in q.graph.node}
+    x = np.random.default_rng(13).normal(size=(8, 64)).astype(np.float32)
+    np.testing.assert_allclose(_run(q, x)[0], _forward(x, np.matmul), rtol=1e-5, atol=1e-6)
 
 
 def test_a_dequantized_weight_read_by_another_op_stays() -> None:

@@ -53,6 +53,16 @@ def dequantized_array(value: ir.Value, *, inputs_constant: bool = False) -> np.n
     return np.multiply(q.astype(np.float32), scale, dtype=np.float32)
 
 
+def stored_bits(value: ir.Value) -> int | None:
+    """The bits of the integer levels ``value = Mul(Cast<float>(q), scale)`` reads (8 or 16
+    for an int8/uint8 or int16/uint16 ``q``), None for any other value or type."""
+    chain = _chain(value)
+    q_type = None if chain is None else chain[1].inputs[0].dtype
+    if q_type is None or q_type.numpy() not in [np.dtype(t) for t in _EXACT_IN_FLOAT32]:
+        return None
+    return int(q_type.itemsize * 8)
+
+
 def drop_dequantization(value: ir.Value) -> list[ir.Value]:
     """Remove the Mul and Cast of a ``dequantized_array`` chain behind ``value`` when nothing
     reads their outputs any more (a node still read elsewhere stays); returns the chain's
