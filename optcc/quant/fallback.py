@@ -880,19 +880,21 @@ def spread_positions(total: int, count: int | None) -> list[int]:
 
 
 def deviating_positions(evaluation: Evaluation, positions: Sequence[int]) -> list[int]:
-    """Those of ``positions`` (of the samples ``evaluation`` judged) where the judged model's
-    worst output (its lowest SQNR over those samples) deviates from the float one by at
-    least ``NEGLIGIBLE_DEVIATION`` of the most it does on one of them (squared error), in
-    order. A layer's error taken to that output (``output_sqnr``) sums its squared error over
-    the samples, so a sample where all the layers' errors together barely move the output
-    adds next to nothing to any layer's sum and cannot change their order (on a text-free
-    photo a text detector's map is blank, and stays blank quantized). All of ``positions``
-    when no sample deviates, or ``evaluation`` has no errors per sample."""
-    noise = evaluation.noise.get(min(evaluation.sqnr_db, key=evaluation.sqnr_db.__getitem__, default=""), [])
-    if len(noise) <= max(positions, default=-1):
+    """Those of ``positions`` (of the samples ``evaluation`` judged) where some floating
+    output of the judged model deviates from the float one by at least
+    ``NEGLIGIBLE_DEVIATION`` of the most that output does on one of them (squared error), in
+    order. A layer's error taken to an output (``output_sqnr``, which ranks a layer by its
+    worst output) sums its squared error over the samples, so a sample where all the layers'
+    errors together barely move every output adds little to the sums (on a text-free photo a
+    text detector's map is blank, and stays blank quantized). All of ``positions`` when no
+    sample deviates, or ``evaluation`` has no errors per sample for them."""
+    noises = [noise for noise in evaluation.noise.values() if len(noise) > max(positions, default=-1)]
+    if not noises or len(noises) < len(evaluation.noise):
         return list(positions)
-    most = max((noise[i] for i in positions), default=0.0)
-    return [i for i in positions if noise[i] >= NEGLIGIBLE_DEVIATION * most] if most > 0 else list(positions)
+    kept = [i for i in positions
+            if any(noise[i] > 0 and noise[i] >= NEGLIGIBLE_DEVIATION * max(noise[j] for j in positions)
+                   for noise in noises)]
+    return kept or list(positions)
 
 
 def _candidates(layers: Sequence[str], propagated: Mapping[str, float], limit: int) -> list[str]:
