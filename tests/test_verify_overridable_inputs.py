@@ -144,10 +144,13 @@ def test_a_pass_that_bakes_a_default_is_reverted() -> None:
 
 
 def test_defaults_the_original_cannot_run_varied_are_fed_as_they_are() -> None:
-    # y = Reshape(Neg(x), Cast(S)): a float S of [2, 2], cast to a shape; varied with seed 3 (both
-    # elements lowered), [1, 1] cannot hold x's 4 elements, so the original fails on it
+    # y = Reshape(Neg(x), Cast(S + 0)): a float S of [2, 2], cast to a shape after an Add (a
+    # route to a size the generator does not follow); varied with seed 3 (both elements
+    # lowered), [1, 1] cannot hold x's 4 elements, so the original fails on it
     def model(neg2: bool) -> onnx.ModelProto:
-        nodes = [oh.make_node("Cast", ["S"], ["t"], to=TP.INT64), oh.make_node("Reshape", ["n", "t"], ["y"])]
+        nodes = [oh.make_node("Constant", [], ["zero"], value=nh.from_array(np.zeros(2, np.float32))),
+                 oh.make_node("Add", ["S", "zero"], ["s0"]),
+                 oh.make_node("Cast", ["s0"], ["t"], to=TP.INT64), oh.make_node("Reshape", ["n", "t"], ["y"])]
         nodes[:0] = [oh.make_node("Neg", ["x"], ["m"]), oh.make_node("Neg", ["m"], ["m2"]),
                      oh.make_node("Neg", ["m2"], ["n"])] if neg2 else [oh.make_node("Neg", ["x"], ["n"])]
         graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, [4]),
@@ -197,3 +200,28 @@ def test_float64_reference_reads_a_fed_default() -> None:
     windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))  # (1, 3, 8, 8, 3, 3)
     want = np.maximum(np.einsum("nchwij,ocij->nohw", windows, w), 0.0)
     np.testing.assert_allclose(reference.outputs[0]["y"], want, rtol=1e-12, atol=1e-12)
+
+
+def test_float_defaults_that_size_a_tensor_keep_their_default() -> None:
+    """A Resize's scales (input 1 at opset 10) and a float default cast to an integer (a
+    Reshape target here) decide a shape: varied, they would change what is computed, so
+    ``varied_defaults`` leaves them; the float gain beside them is varied."""
+    nodes = [oh.make_node("Resize", ["x", "scales"], ["up"], mode="nearest"),
+             oh.make_node("Cast", ["shape_f"], ["shape_i"], to=TP.INT64),
+             oh.make_node("Reshape", ["up", "shape_i"], ["flat"]),
+             oh.make_node("Mul", ["flat", "gain"], ["y"])]
+    inits = [nh.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             nh.from_array(np.array([1, -1], np.float32), "shape_f"),
+             nh.from_array(np.linspace(0.5, 2.0, 16, dtype=np.float32).reshape(1, 16), "gain")]
+    inputs = [oh.make_tensor_value_info("x", TP.FLOAT, [1, 1, 2, 2])] + [
+        oh.make_tensor_value_info(t.name, TP.FLOAT, list(t.dims)) for t in inits]
+    graph = oh.make_graph(nodes, "g", inputs, [oh.make_tensor_value_info("y", TP.FLOAT, [1, 16])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 10)], ir_version=5)
+    varied = varied_defaults(ir.from_proto(model))
+    assert list(varied) == ["gain"] and not np.array_equal(varied["gain"], nh.to_array(inits[2]))
+    x = np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2)
+    expected = np.repeat(np.repeat(x, 2, axis=2), 2, axis=3).reshape(1, 16) * varied["gain"]
+    import onnxruntime as ort  # onnx's evaluator has no Resize-10
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x, **varied})[0], expected, rtol=1e-6)

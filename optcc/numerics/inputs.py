@@ -95,7 +95,7 @@ shapes, axes, indices, counts or flags, whose valid values the model alone knows
 (another Reshape target or Slice end would fail, or change the output's shape, not
 probe the same computation); nor are float defaults that size a tensor (a Resize's or
 Upsample's scales, a Range's operands, directly or through Cast, Identity, Reshape,
-Squeeze, Unsqueeze, Concat, Mul or Div), for the same reason. Drawn from a generator of
+Squeeze, Unsqueeze, Concat, Mul or Div) or are cast to an integer type, for the same reason. Drawn from a generator of
 their own, seeded by ``seed``, so the other inputs' values do not depend on them.
 """
 
@@ -133,8 +133,9 @@ RETRY_SIZES: tuple[dict[str, int], ...] = (
 )
 # the largest relative change ``varied_defaults`` makes to an element of a float default
 DEFAULT_VARIATION = 0.1
-# float operands that size a tensor, by op: Resize's and Upsample's scales, Range's operands
-_SIZE_OPERANDS = {"Resize": (2,), "Upsample": (1,), "Range": (0, 1, 2)}
+# float operands that size a tensor, by op: Resize's scales (input 1 up to opset 10, then its
+# roi, kept too), Upsample's scales, Range's operands
+_SIZE_OPERANDS = {"Resize": (1, 2), "Upsample": (1,), "Range": (0, 1, 2)}
 _SIZE_PASSTHROUGH = frozenset({"Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Mul", "Div"})
 _DEFAULTS_STREAM = 1  # ``varied_defaults``' generator: seeded by (seed, this), apart from the inputs'
 DEFAULT_PAST_LENGTH = 16  # KV-cache length of a generated decoder step
@@ -616,6 +617,9 @@ def _read_as_size(value: ir.Value, depth: int = 0) -> bool:
         if node.domain not in ("", "ai.onnx"):
             continue
         if use.idx in _SIZE_OPERANDS.get(node.op_type, ()):
+            return True
+        to = node.attributes.get("to") if node.op_type == "Cast" else None
+        if to is not None and not ir.DataType(to.value).is_floating_point():  # a count, index or shape
             return True
         if node.op_type in _SIZE_PASSTHROUGH and any(_read_as_size(out, depth + 1) for out in node.outputs):
             return True
