@@ -34,7 +34,7 @@ from optcc.numerics.metrics import sqnr_db as powers_db
 from optcc.progress import Progress
 from optcc.quant.suffix import cuttable, frontier, suffix
 from optcc.runtime.latency import median_seconds
-from optcc.runtime.session import REFUSALS, RefusedModel, feedable, session_options
+from optcc.runtime.session import REFUSALS, RefusedModel, feedable, first_line, session_options
 from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
 __all__ = [
@@ -85,10 +85,6 @@ INTEGER_OPS = frozenset(
     }
 )
 _QUANTIZATION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits"})
-def _first_line(error: BaseException) -> str:
-    """The error's first line (200 characters at most), or its type when it says nothing."""
-    line = next((x.strip() for x in str(error).splitlines() if x.strip()), "")
-    return line[:200] or type(error).__name__
 
 
 def _session(model: ir.Model | bytes | onnx.ModelProto, optimize: bool | str, threads: int | None = None,
@@ -115,7 +111,7 @@ def _session(model: ir.Model | bytes | onnx.ModelProto, optimize: bool | str, th
         data = model if isinstance(model, bytes) else oir.serialize(model).SerializeToString()
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except REFUSALS as e:
-        raise RefusedModel(_first_line(e)) from e
+        raise RefusedModel(first_line(e)) from e
 
 
 def integer_op_histogram(model: ir.Model) -> dict[str, int]:
@@ -351,7 +347,7 @@ def evaluate_candidate(reference: ir.Model, candidate: ir.Model, samples: Sequen
     try:
         return evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs, outputs=outputs)
     except RefusedModel as e:
-        return Evaluation({}, {}, target, refused=_first_line(e))
+        return Evaluation({}, {}, target, refused=first_line(e))
 
 
 def shortfall(evaluation: Evaluation) -> float:
@@ -461,24 +457,27 @@ def _extra_session(model: ir.Model, names: Sequence[str]) -> ort.InferenceSessio
 
 
 def local_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
-               samples: Sequence[Feeds]) -> dict[str, float]:
+               samples: Sequence[Feeds], *, deltas: dict[str, list[np.ndarray]] | None = None,
+               delta_samples: Collection[int] | None = None) -> dict[str, float]:
     """Every layer's own quantization error, all layers in one run: the SQNR of each
     quantized layer's result when its inputs come from the float model (no error
     arriving from upstream). One combined model: the float graph plus, per layer, a copy
     of its Q/DQ group (input Q/DQ pairs fed by the float tensors, dequantized weights and
     bias, the op, its output Q/DQ). A layer whose input cannot be traced to a float
     tensor (a folded rescale), or whose float result is all zeros (no signal to measure
-    its error against) gets NaN; every layer does when onnxruntime refuses the
-    combined model (its copies of the layers, in that form)."""
+    its error against) gets NaN; none has an entry when onnxruntime refuses the combined
+    model (its copies of the layers, in that form). ``deltas``, ``delta_samples``: as
+    ``layer_errors``'."""
     try:
-        return _layer_errors(reference, quantized, layer_outputs, samples, propagated=False)[1]
+        return _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=deltas,
+                             delta_samples=delta_samples)[1]
     except RefusedModel:
         return {}
 
 
 def layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
                  samples: Sequence[Feeds], *, deltas: dict[str, list[np.ndarray]] | None = None,
-                 delta_samples: Collection[int] = ()) -> tuple[dict[str, float], dict[str, float]]:
+                 delta_samples: Collection[int] | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """``(propagated_sqnr(...), local_sqnr(...))`` from one session run once per sample:
     the combined model of ``local_sqnr`` also holds the quantized graph (its values
     renamed), so the float, quantized and local results of every layer come from the
@@ -486,8 +485,9 @@ def layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappin
     model with subgraphs, or other inputs than the float one, is measured by the two
     functions apart, as is one whose combined model onnxruntime refuses. ``deltas``:
     filled with each layer's local error (its local result minus its float result) on the
-    samples at the positions ``delta_samples``, in order (``output_sqnr``'s ``deltas``);
-    empty when onnxruntime refuses ``local_sqnr``'s combined model."""
+    samples at the positions ``delta_samples`` (None: every sample), in order
+    (``output_sqnr``'s ``deltas``); empty when onnxruntime refuses ``local_sqnr``'s
+    combined model."""
     try:
         both = _layer_errors(reference, quantized, layer_outputs, samples, propagated=True, deltas=deltas,
                              delta_samples=delta_samples)
@@ -496,13 +496,8 @@ def layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappin
     if both is None:
         if deltas is not None:
             deltas.clear()
-        propagated = propagated_sqnr(reference, quantized, layer_outputs, samples)
-        try:
-            local = _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=deltas,
-                                  delta_samples=delta_samples)[1]
-        except RefusedModel:
-            local = {}
-        return propagated, local
+        return propagated_sqnr(reference, quantized, layer_outputs, samples), \
+            local_sqnr(reference, quantized, layer_outputs, samples, deltas=deltas, delta_samples=delta_samples)
     return both
 
 
@@ -1087,7 +1082,7 @@ def _estimated_order(reference: ir.Model, model: ir.Model, stats: dict[str, Any]
     layer_outputs = stats.get("layer_outputs", {})
     # the layers' errors on the samples shown are kept from this run when it measures them
     errors = layer_errors(reference, model, layer_outputs, [samples[i] for i in ranking], deltas=deltas,
-                          delta_samples={ranking.index(i) for i in shown} if deltas is not None else ())
+                          delta_samples={ranking.index(i) for i in shown})
     seen = output_sqnr(reference, model, layer_outputs, [samples[i] for i in shown], deltas=deltas)
     del deltas
     return _ranked(stats, errors, seen, report)
