@@ -224,11 +224,11 @@ class ConvertFloat16Pass(optcc.Pass):
         self.opset = optcc.ir.default_opset(model)
         self.inferred = optcc.ir.inferred_dtypes(model)
         checked = None if self.inputs or self.checked_samples is None else self.checked_samples()
+        self.given = bool(self.inputs or checked)  # samples the original is known to run: never regenerated
         self.feeds = self.inputs or ([dict(f) for f in checked] if checked else generate_inputs(
             self.reference, self.input_shapes, samples=2, seed=0, ranges=self.input_ranges))
-        # ranges and If conditions are observed on the user's samples, else on 2 generated ones:
-        # the verification's last, its batch sample, shows values of the same kind at up to
-        # twice the memory of every intermediate (the accuracy check judges it)
+        # ranges and If conditions are observed on the user's samples, else on the first 2
+        # generated ones (batch 1); the accuracy check judges every sample
         self.range_feeds = self.feeds if self.inputs else self.feeds[:2]
         self.ref_values: list[dict[str, np.ndarray]] = []  # the first sample's values (none: not run)
         self.ranges: dict[str, fp16.ranges.TensorRange] = {}
@@ -253,7 +253,7 @@ class ConvertFloat16Pass(optcc.Pass):
         try:
             return fp16.ranges.observe(self.reference, self.range_feeds, self._scratch)
         except Exception:  # noqa: BLE001
-            if self.inputs:
+            if self.given:  # the verification's samples stay what both judge
                 raise
         *earlier, last = RETRY_SIZES
         for sizes in earlier:
