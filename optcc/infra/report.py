@@ -188,8 +188,8 @@ class Report:
         )
         for record in self.reverted():
             lines.append(f"  reverted {record.name}: {record.reason}")
-        lines.extend(_kept_float_line(record) for record in self.passes
-                     if record.status != "reverted" and _kept_float_line(record))
+        kept = (_kept_float_line(record) for record in self.passes if record.status != "reverted")
+        lines.extend(line for line in kept if line)
         lines.extend(_layer_lines(self.layer_table(), top))
         lines.extend(f"int8 speed: {r.stats['speed']}" for r in self.passes if isinstance(r.stats.get("speed"), str))
         if self.verification is not None:
