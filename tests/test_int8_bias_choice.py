@@ -81,3 +81,32 @@ def test_a_corrected_model_that_passes_ships_without_the_comparison() -> None:
     _, stats = quantize_int8(model, samples, **options)
     assert stats["bias_correction"] == {"kept": True, "shortfall_corrected": 1.0}
     assert stats["pass"]["bias_correction"]["layers"] == 1
+
+
+def test_only_a_refusal_of_the_measuring_model_skips_bias_correction(monkeypatch) -> None:
+    """onnxruntime refusing bias correction's measuring model leaves the biases as they are,
+    with the reason in the stats; any other error in bias correction is a bug and raises."""
+    import pytest
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    from optcc.quant import driver
+
+    model, samples = biased_depthwise(), data(held_sign=1.0)
+    plain, _ = quantize_int8(model, samples, bias_correction=False, metric=None, **OPTIONS)
+
+    def refused(*args, **kwargs):
+        raise ort_state.NotImplemented("Could not find an implementation for Conv(17) node with name 'dw'")
+
+    monkeypatch.setattr(driver, "correct_biases", refused)
+    shipped, stats = quantize_int8(model, samples, metric=None, **OPTIONS)
+    assert stats["pass"]["bias_correction"] == {
+        "layers": 0, "error": "Could not find an implementation for Conv(17) node with name 'dw'"}
+    assert optcc.ir.serialize(shipped).SerializeToString() == optcc.ir.serialize(plain).SerializeToString()
+    assert held_out_sqnr(model, shipped, samples[-2:]) > 20.0  # the uncorrected INT8 model, against float
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug in bias correction")
+
+    monkeypatch.setattr(driver, "correct_biases", broken)
+    with pytest.raises(KeyError, match="a bug in bias correction"):
+        quantize_int8(model, samples, metric=None, **OPTIONS)

@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.quant.bias_correction import FloatMeans, SegmentMeans, correct_biases
+from optcc.runtime.session import REFUSALS, RefusedModel, first_line
 from optcc.quant.calibration import (CalibrationData, calibrate, calibration_positions, holdout_positions,
                                      load_samples, split_at)
 from optcc.errors import BadInputError
@@ -105,7 +106,7 @@ def upgrade_opset(model: ir.Model, version: int = 13) -> tuple[ir.Model, str | N
         oir.convert_opset(converted, version)
         return converted, None
     except Exception as e:  # noqa: BLE001 - the converter fails on some models
-        return model, f"cannot convert opset {current} to {version} ({_first_line(e)}); weights per tensor"
+        return model, f"cannot convert opset {current} to {version} ({first_line(e)}); weights per tensor"
 
 
 def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float, metric_target: float | None,
@@ -274,12 +275,6 @@ def _reported(pass_stats: Mapping[str, Any]) -> dict[str, Any]:
     """The quantize-int8 pass's stats as the INT8 stats report them: without its per-layer
     output names and ops (``layer_ops`` is reported on its own)."""
     return {k: v for k, v in pass_stats.items() if k not in ("layer_outputs", "layer_ops")}
-
-
-def _first_line(error: BaseException) -> str:
-    """The error's first line (200 characters at most), or its type when it says nothing."""
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -646,9 +641,9 @@ def quantize_int8(
                 result_stats["bias_correction"] = correct_biases(
                     float_model, candidate, measured_on, progress=o.progress,
                     means=float_means, measured=segment_means)
-            except Exception as e:  # noqa: BLE001 - onnxruntime refused the measuring model:
+            except (RefusedModel, *REFUSALS) as e:  # onnxruntime refused the measuring model:
                 # nothing was written (biases are written after the last run); keep it as is
-                result_stats["bias_correction"] = {"layers": 0, "error": _first_line(e)}
+                result_stats["bias_correction"] = {"layers": 0, "error": first_line(e)}
         return candidate, result_stats
 
     def make(exclude: Sequence[str] = (), only: Sequence[str] | None = None) -> tuple[ir.Model, dict[str, Any]]:
