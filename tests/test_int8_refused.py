@@ -195,3 +195,36 @@ def test_quantize_int8_keeps_float_a_layer_onnxruntime_refuses(monkeypatch: pyte
         want = feeds["x"].astype(np.float64) @ weights[0] @ weights[1] @ weights[2]
         (got,) = onnxruntime_outputs(optcc.ir.serialize(q), feeds)
         assert 10 * math.log10(np.sum(want**2) / np.sum((want - got) ** 2)) >= 20.0
+
+
+def test_a_quantized_model_that_fails_to_run_reverts_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through ``optcc.optimize``: the quantize pass's output fails to run (a rewrite's bug,
+    not a refusal), so INT8 is reverted with onnxruntime's message, and the float model is
+    what is written, equal to the numpy product."""
+    from optcc.quant import driver
+
+    def breaking(name: str, **options: Any) -> Any:
+        made = create_pass(name, **options)
+
+        def run(model: ir.Model) -> Any:
+            result = made(model)
+            if name == "quantize-int8" and "mm2" in result.stats["layers"]:
+                _fails_to_run(result.model, result.stats["layer_outputs"]["mm2"][1])
+            return result
+
+        return run
+
+    monkeypatch.setattr(driver, "create_pass", breaking)
+    proto, rows = _chain(), _rows(24)
+    result = optcc.optimize(proto, int8_calibration=rows, allow_float_fallback=True,
+                            int8_options={"min_speedup": 1e-9, "metric": None})
+    (record,) = [r for r in result.report.passes if r.name == "quantize-int8-calibrated"]
+    assert record.status == "failed", record.status
+    assert "reshape" in (record.reason or "").lower(), record.reason
+    ops = {n.op_type for n in result.model.graph.node}
+    assert ops == {"MatMul"}
+    weights = [nh.to_array(i).astype(np.float64) for i in proto.graph.initializer]
+    feeds = rows[-1]
+    want = feeds["x"].astype(np.float64) @ weights[0] @ weights[1] @ weights[2]
+    (got,) = onnxruntime_outputs(result.model, feeds)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
