@@ -19,7 +19,7 @@ from onnx import TensorProto as TP
 import optcc
 from reference import onnxruntime_outputs
 from optcc.infra.registry import create_pass
-from optcc.quant import fallback
+from optcc.quant import driver, fallback
 from optcc.quant.calibration import calibrate
 from optcc.quant.fallback import Target
 
@@ -167,32 +167,42 @@ def test_a_cut_onnxruntime_refuses_is_measured_on_the_whole_model(monkeypatch: p
     assert all(math.isfinite(v) for v in measured.values())
 
 
-def test_quantize_int8_keeps_float_a_layer_onnxruntime_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Through the driver: the quantize pass's output for mm2 made one onnxruntime refuses
-    (as above); INT8 ships with mm2 float, saying why, instead of raising."""
-    from optcc.quant import driver
+def _edit_quantized_mm2(monkeypatch: pytest.MonkeyPatch, edit: Any) -> None:
+    """Make the INT8 driver's quantize pass apply ``edit(model, name)`` to mm2's quantized
+    result (named by its DequantizeLinear output) whenever it quantizes mm2."""
 
-    def refusing(name: str, **options: Any) -> Any:
+    def editing(name: str, **options: Any) -> Any:
         made = create_pass(name, **options)
 
         def run(model: ir.Model) -> Any:
             result = made(model)
             if name == "quantize-int8" and "mm2" in result.stats["layers"]:
-                _int16_result(result.model, result.stats["layer_outputs"]["mm2"][1])
+                edit(result.model, result.stats["layer_outputs"]["mm2"][1])
             return result
 
         return run
 
-    monkeypatch.setattr(driver, "create_pass", refusing)
+    monkeypatch.setattr(driver, "create_pass", editing)
+
+
+def _product(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """``_chain``'s output in float64: x W1 W2 W3."""
+    w1, w2, w3 = (nh.to_array(i).astype(np.float64) for i in proto.graph.initializer)
+    return x.astype(np.float64) @ w1 @ w2 @ w3
+
+
+def test_quantize_int8_keeps_float_a_layer_onnxruntime_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the driver: the quantize pass's output for mm2 made one onnxruntime refuses
+    (as above); INT8 ships with mm2 float, saying why, instead of raising."""
+    _edit_quantized_mm2(monkeypatch, _int16_result)
     proto, rows = _chain(), _rows(24)
     q, stats = driver.quantize_int8(proto, rows, "minmax", min_speedup=1e-9, metric=None,
                                     target=Target(min_sqnr_db=20.0, min_argmax_agreement=0.0))
     assert stats["modified"] is True, stats.get("reason")
     assert list(stats["fallback"]["refused_layers"]) == ["mm2"]
     assert "mm2" not in stats["pass"]["layers"]
-    weights = [nh.to_array(i).astype(np.float64) for i in proto.graph.initializer]
     for feeds in rows[-4:]:
-        want = feeds["x"].astype(np.float64) @ weights[0] @ weights[1] @ weights[2]
+        want = _product(proto, feeds["x"])
         (got,) = onnxruntime_outputs(optcc.ir.serialize(q), feeds)
         assert 10 * math.log10(np.sum(want**2) / np.sum((want - got) ** 2)) >= 20.0
 
@@ -201,20 +211,7 @@ def test_a_quantized_model_that_fails_to_run_reverts_int8(monkeypatch: pytest.Mo
     """Through ``optcc.optimize``: the quantize pass's output fails to run (a rewrite's bug,
     not a refusal), so INT8 is reverted with onnxruntime's message, and the float model is
     what is written, equal to the numpy product."""
-    from optcc.quant import driver
-
-    def breaking(name: str, **options: Any) -> Any:
-        made = create_pass(name, **options)
-
-        def run(model: ir.Model) -> Any:
-            result = made(model)
-            if name == "quantize-int8" and "mm2" in result.stats["layers"]:
-                _fails_to_run(result.model, result.stats["layer_outputs"]["mm2"][1])
-            return result
-
-        return run
-
-    monkeypatch.setattr(driver, "create_pass", breaking)
+    _edit_quantized_mm2(monkeypatch, _fails_to_run)
     proto, rows = _chain(), _rows(24)
     result = optcc.optimize(proto, int8_calibration=rows, allow_float_fallback=True,
                             int8_options={"min_speedup": 1e-9, "metric": None})
@@ -223,8 +220,7 @@ def test_a_quantized_model_that_fails_to_run_reverts_int8(monkeypatch: pytest.Mo
     assert "reshape" in (record.reason or "").lower(), record.reason
     ops = {n.op_type for n in result.model.graph.node}
     assert ops == {"MatMul"}
-    weights = [nh.to_array(i).astype(np.float64) for i in proto.graph.initializer]
     feeds = rows[-1]
-    want = feeds["x"].astype(np.float64) @ weights[0] @ weights[1] @ weights[2]
+    want = _product(proto, feeds["x"])
     (got,) = onnxruntime_outputs(result.model, feeds)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
