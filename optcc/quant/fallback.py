@@ -1078,11 +1078,12 @@ def _estimated_order(reference: ir.Model, model: ir.Model, stats: dict[str, Any]
     (``output_sqnr``) on the samples ``_shown_positions`` picks, those errors kept from
     the one run that measured them all; the ranking goes to ``report["sensitivity"]``."""
     ranking, shown = spread_positions(len(samples), ranking_samples), _shown_positions(samples, evaluation)
-    deltas: dict[str, list[np.ndarray]] | None = {} if set(shown) <= set(ranking) else None
-    layer_outputs = stats.get("layer_outputs", {})
     # the layers' errors on the samples shown are kept from this run when it measures them
+    measured = set(shown) <= set(ranking)
+    deltas: dict[str, list[np.ndarray]] | None = {} if measured else None
+    layer_outputs = stats.get("layer_outputs", {})
     errors = layer_errors(reference, model, layer_outputs, [samples[i] for i in ranking], deltas=deltas,
-                          delta_samples={ranking.index(i) for i in shown})
+                          delta_samples={ranking.index(i) for i in shown} if measured else None)
     seen = output_sqnr(reference, model, layer_outputs, [samples[i] for i in shown], deltas=deltas)
     del deltas
     return _ranked(stats, errors, seen, report)
