@@ -621,8 +621,8 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
     session = _session(float_proto, False, weights=weights, arena=False)
     del float_proto, weights, nodes, added_inits
     kept = [] if deltas is None else [i for i in range(len(samples)) if delta_samples is None or i in delta_samples]
-    # per sample, per layer: (local noise, its signal, propagated noise, its signal)
-    sums: dict[int, dict[str, tuple[float, float, float, float]]] = {}
+    # per sample, per layer: (local noise, propagated noise, the float result's power: both's signal)
+    sums: dict[int, dict[str, tuple[float, float, float]]] = {}
     # the samples whose errors are kept run last: no other sample's results are made while they are held
     for position in [*(i for i in range(len(samples)) if i not in kept), *kept]:
         values = dict(zip(names, session.run(names, dict(samples[position]))))
@@ -636,18 +636,18 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
                 deltas.setdefault(layer, []).append(_difference(values[fetch[layer][1]], values[fetch[layer][0]]))
             accumulated = _squared_distance(r, values[pairs[layer][1]]) if layer in pairs else 0.0
             power = float(np.sum(np.square(r, out=r)))
-            sums[position][layer] = (local, power, accumulated, power)
+            sums[position][layer] = (local, accumulated, power)
         del values
     del session
     release_memory()
     # each layer's sums add the samples in their order, whichever ran first
-    totals = {layer: [0.0, 0.0, 0.0, 0.0] for layer in fetch.keys() | pairs.keys()}
+    totals = {layer: [0.0, 0.0, 0.0] for layer in fetch.keys() | pairs.keys()}
     for position in range(len(samples)):
         for layer, parts in sums[position].items():
             for j, part in enumerate(parts):
                 totals[layer][j] += part
-    return ({layer: _db(totals[layer][3], totals[layer][2]) for layer in pairs},
-            {layer: _own_error(_db(totals[layer][1], totals[layer][0])) for layer in fetch})
+    return ({layer: _db(totals[layer][2], totals[layer][1]) for layer in pairs},
+            {layer: _own_error(_db(totals[layer][2], totals[layer][0])) for layer in fetch})
 
 
 def _own_error(db: float) -> float:
@@ -733,10 +733,7 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
     combined model is not run again."""
     if deltas is None:
         deltas = {}
-        try:
-            _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=deltas)
-        except RefusedModel:
-            return {}
+        local_sqnr(reference, quantized, layer_outputs, samples, deltas=deltas)
     if not deltas:
         return {}
     proto, weights = light_proto(reference)
