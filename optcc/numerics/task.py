@@ -752,16 +752,15 @@ def _label_numpy(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 def _extents(labels: np.ndarray, count: int) -> np.ndarray:
     """The bounding boxes ``[x0, y0, x1, y1]`` (float64, end exclusive) of labels 1..count
-    (each present) of a 2-D label image: a label's first and last pixel in row-major order
-    give its rows, in column-major order its columns."""
+    (each present) of a 2-D label image: each label's smallest and largest column and row."""
     boxes = np.zeros((count, 4))
-    for axis, (lo, hi) in ((0, (1, 3)), (1, (0, 2))):
-        flat = (labels if axis == 0 else labels.T).ravel()
-        _, first = np.unique(flat, return_index=True)
-        _, last = np.unique(flat[::-1], return_index=True)
-        line = labels.shape[1] if axis == 0 else labels.shape[0]
-        boxes[:, lo] = first[-count:] // line if count else 0
-        boxes[:, hi] = (flat.size - 1 - last[-count:]) // line + 1 if count else 0
+    ys, xs = np.nonzero(labels)
+    ids = labels[ys, xs] - 1
+    boxes[:, :2] = np.inf
+    np.minimum.at(boxes[:, 0], ids, xs)
+    np.minimum.at(boxes[:, 1], ids, ys)
+    np.maximum.at(boxes[:, 2], ids, xs + 1)
+    np.maximum.at(boxes[:, 3], ids, ys + 1)
     return boxes
 
 
