@@ -457,7 +457,8 @@ def propagated_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Map
                     samples: Sequence[Feeds]) -> dict[str, float]:
     """SQNR of every layer's result in the fully quantized model (quantization error as
     accumulated up to that layer), streamed sample by sample: only per-layer signal and
-    noise sums are kept."""
+    noise sums are kept. A layer whose float result is all zeros (no signal to measure
+    the error against) gets NaN (``_own_error``): no estimate, not the worst."""
     pairs = {layer: names for layer, names in layer_outputs.items() if names[0] and names[1]}
     ref_session = _extra_session(reference, [names[0] for names in pairs.values()])
     got_session = _extra_session(quantized, [names[1] for names in pairs.values()])
@@ -472,11 +473,7 @@ def propagated_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Map
             r64 = np.asarray(r, np.float64)
             signal[layer] += float(np.sum(r64**2))
             noise[layer] += float(np.sum((r64 - np.asarray(g, np.float64)) ** 2))
-    return {
-        layer: math.inf if noise[layer] == 0 else (
-            10 * math.log10(signal[layer] / noise[layer]) if signal[layer] > 0 else -math.inf)
-        for layer in pairs
-    }
+    return {layer: _own_error(_db(signal[layer], noise[layer])) for layer in pairs}
 
 
 def _extra_session(model: ir.Model, names: Sequence[str]) -> ort.InferenceSession:
@@ -678,7 +675,7 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
         for layer, parts in sums[position].items():
             for j, part in enumerate(parts):
                 totals[layer][j] += part
-    return ({layer: _db(totals[layer][2], totals[layer][1]) for layer in pairs},
+    return ({layer: _own_error(_db(totals[layer][2], totals[layer][1])) for layer in pairs},
             {layer: _own_error(_db(totals[layer][2], totals[layer][0])) for layer in fetch})
 
 
@@ -925,11 +922,17 @@ def _candidates(layers: Sequence[str], propagated: Mapping[str, float], limit: i
     """The layers worth ranking: all of them when there are at most ``limit``; else half
     the budget on the first layers in graph order (their error is amplified by everything
     after them: on PP-OCR, 40 dB of noise on the first conv's result alone costs the output
-    20 dB) and the rest on the layers whose results are worst in the fully quantized model."""
+    20 dB) and the rest on the layers whose results are worst in the fully quantized model
+    (those without an estimate, NaN, last)."""
     if len(layers) <= limit:
         return list(layers)
     chosen = list(layers[: limit // 2])
-    for layer in sorted(layers, key=lambda name: propagated.get(name, math.inf)):
+
+    def estimate(name: str) -> float:
+        value = propagated.get(name, math.inf)
+        return math.inf if math.isnan(value) else value
+
+    for layer in sorted(layers, key=estimate):
         if len(chosen) >= limit:
             break
         if layer not in chosen:
