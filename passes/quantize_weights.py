@@ -492,8 +492,8 @@ def embedding_reason(node: ir.Node, *, inputs_constant: bool = False) -> str | N
 
 def _table_reason(node: ir.Node, inputs_constant: bool = False) -> str | None:
     """For a Gather: "" when its table is no constant float32 matrix (no embedding to
-    quantize); why it stays float when it is one but gathered on another axis or holds inf
-    or NaN; None when its table may be quantized row by row, as far as this Gather tells
+    quantize); why it stays float when it is one but gathered on another axis, of one
+    column or holding inf or NaN; None when its table may be quantized row by row, as far as this Gather tells
     (who else reads the table is the caller's question)."""
     table = node.inputs[0]
     matrix = None if table is None else _constant_matrix(table, inputs_constant)
@@ -501,6 +501,8 @@ def _table_reason(node: ir.Node, inputs_constant: bool = False) -> str | None:
         return ""
     if _attr(node, "axis", 0) != 0:
         return "Gather not on axis 0"
+    if matrix.shape[1] == 1:  # as the row scales quantize_gather writes are
+        return "embedding table of one column (int8 rows with a scale each would be larger)"
     if not finite(matrix):
         return "embedding table holds inf or NaN"
     return None
