@@ -74,6 +74,14 @@ def is_dequantized(value: ir.Value) -> bool:
     return scale is not None and scale.dtype == np.float32
 
 
+def stored_levels(value: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value] | None:
+    """``(the Mul, q, scale)`` when ``is_dequantized(value)``, else None."""
+    if not is_dequantized(value):
+        return None
+    mul, cast, scale = _chain(value)  # type: ignore[misc]
+    return mul, cast.inputs[0], scale
+
+
 def drop_dequantization(value: ir.Value) -> list[ir.Value]:
     """Remove the Mul and Cast of a ``dequantized_array`` chain behind ``value`` when nothing
     reads their outputs any more (a node still read elsewhere stays); returns the chain's
