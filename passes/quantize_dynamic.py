@@ -40,7 +40,10 @@ A MatMul/Gemm weight stored as integer levels and dequantized in the graph,
 (``optcc.ir.dequantized_array``), counts as a constant: ``W`` is evaluated as the graph
 computes it and quantized like any float weight (its levels rounded again, to +-64), and
 its Mul, Cast and constants are removed once nothing reads them
-(``stats["dequantized_weight_bytes_removed"]``). Embedding tables must be plain constants.
+(``stats["dequantized_weight_bytes_removed"]``). An embedding table stored so, with one
+scale per row or one for all rows, is gathered as its stored levels instead and dequantized
+after (``gather_stored_rows``: exact, the same float32 products;
+``stats["stored_rows_gathered"]``); only plain constant tables are quantized to int8 rows.
 
 Numerics ("int8"): lossy, judged by SQNR/cosine/argmax agreement. The error is that of
 rounding ``a`` to 256 levels over its own min..max and ``W`` to 255 levels per column.
@@ -55,7 +58,7 @@ import numpy as np
 import onnx_ir as ir
 
 import optcc
-from optcc.passes.quantize_weights import drop_unused_weights, embedding_reason, quantize_gather
+from optcc.passes.quantize_weights import drop_unused_weights, embedding_reason, gather_stored_rows, quantize_gather
 
 __all__ = ["QuantizeDynamicPass", "drop_unused_weights"]
 
@@ -97,6 +100,11 @@ class QuantizeDynamicPass(optcc.Pass):
                         reason = "excluded"
                 else:
                     reason = self._reason_to_skip(node, inputs_constant)
+                table = node.inputs[0] if embedding else None
+                if embedding and reason == "" and gather_stored_rows(graph, node, taken):
+                    replaced.append(table)
+                    stats["stored_rows_gathered"] = stats.get("stored_rows_gathered", 0) + 1
+                    continue
                 if reason is not None:  # "": not a candidate at all
                     if reason:
                         stats["kept_float"][reason] = stats["kept_float"].get(reason, 0) + 1
@@ -119,7 +127,7 @@ class QuantizeDynamicPass(optcc.Pass):
             if operands:
                 stats["dequantized_weight_bytes_removed"] = (
                     stats.get("dequantized_weight_bytes_removed", 0) + drop_unused_weights(graph, dict.fromkeys(operands)))
-        modified = stats["quantized"] > 0
+        modified = stats["quantized"] > 0 or "stored_rows_gathered" in stats
         if modified and self.count_fused:
             from optcc.quant import count_integer_nodes
 

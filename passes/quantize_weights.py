@@ -492,8 +492,8 @@ def embedding_reason(node: ir.Node, *, inputs_constant: bool = False) -> str | N
 
 def _table_reason(node: ir.Node, inputs_constant: bool = False) -> str | None:
     """For a Gather: "" when its table is no constant float32 matrix (no embedding to
-    quantize); why it stays float when it is one but gathered on another axis or holds inf
-    or NaN; None when its table may be quantized row by row, as far as this Gather tells
+    quantize); why it stays float when it is one but gathered on another axis, of one
+    column or holding inf or NaN; None when its table may be quantized row by row, as far as this Gather tells
     (who else reads the table is the caller's question)."""
     table = node.inputs[0]
     matrix = None if table is None else _constant_matrix(table, inputs_constant)
@@ -501,6 +501,8 @@ def _table_reason(node: ir.Node, inputs_constant: bool = False) -> str | None:
         return ""
     if _attr(node, "axis", 0) != 0:
         return "Gather not on axis 0"
+    if matrix.shape[1] == 1:  # as the row scales quantize_gather writes are
+        return "embedding table of one column (int8 rows with a scale each would be larger)"
     if not finite(matrix):
         return "embedding table holds inf or NaN"
     return None
@@ -529,6 +531,53 @@ def quantize_gather(graph: ir.Graph, node: ir.Node, table: ir.Value, taken: set[
     graph.remove(node, safe=True)
     old.name = None
     result.name = name
+
+
+def gather_stored_rows(graph: ir.Graph, node: ir.Node, taken: set[str]) -> bool:
+    """``Gather(Mul(Cast<float>(q), scale), ids)`` on axis 0, with ``q`` a ``[V, H]`` table
+    stored as integer levels (``optcc.ir.stored_levels``) that only axis-0 Gathers read and
+    ``scale`` one per row (``[V, 1]``) or one for every row (a scalar, ``[H]``, ``[1, H]``)
+    -> ``Mul(Cast<float>(Gather(q, ids)), scale or Gather(scale, ids))``, the operands in
+    the order the graph had them: each element is the same float32 product of the same
+    operands, and the table is never dequantized whole. False, nothing changed, for any
+    other Gather."""
+    table = node.inputs[0]
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or table is None or _attr(node, "axis", 0) != 0:
+        return False
+    stored = optcc.ir.stored_levels(table)
+    if stored is None or table.is_graph_output() or any(_use_kind(u) != "gather" for u in table.uses()):
+        return False
+    mul, q, scale = stored
+    levels, factor = optcc.ir.const_tensor(q), optcc.ir.const_array(scale)
+    if levels is None or factor is None or len(levels.shape) != 2:
+        return False
+    rows, width = levels.shape
+    per_row = factor.shape == (rows, 1) and rows > 1
+    if not per_row and factor.shape not in ((), (1,), (1, 1), (width,), (1, width)):
+        return False
+    ids = node.inputs[1]
+    base = table.name or "embedding"
+    gathered = ir.node("Gather", [q, ids], {"axis": 0})
+    cast = ir.node("Cast", [gathered.outputs[0]], {"to": ir.DataType.FLOAT})
+    made = [(gathered, "rows_stored"), (cast, "rows_float")]
+    if per_row:
+        row_scale = ir.node("Gather", [scale, ids], {"axis": 0})
+        made.append((row_scale, "rows_scale"))
+        scale = row_scale.outputs[0]
+    for new, suffix in made:
+        new.outputs[0].name = _name(taken, f"{base}_{suffix}")
+    old = node.outputs[0]
+    name, type_, shape = old.name, old.type, old.shape
+    result = ir.Value(name=None, type=type_, shape=shape)
+    scale_first = mul.inputs[0] is stored[2]
+    operands = [scale, cast.outputs[0]] if scale_first else [cast.outputs[0], scale]
+    product = ir.node("Mul", operands, outputs=[result], name=node.name or None)
+    graph.insert_after(node, [new for new, _ in made] + [product])
+    old.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    old.name = None
+    result.name = name
+    return True
 
 
 def _attr(node: ir.Node, name: str, default: Any) -> Any:

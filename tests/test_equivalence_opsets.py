@@ -139,6 +139,21 @@ def test_table_names_real_schema_versions():
             assert schema_version("", entry.op, version) == version, (entry.op, version)
 
 
+def test_table_versions_accept_every_older_input_type():
+    # a newer listed version accepts every type an older one did (for each input, by name),
+    # so a node of the older version is a node of the newer one
+    def input_types(schema):
+        constraints = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+        return {i.name: constraints.get(i.type_str, {i.type_str}) for i in schema.inputs}
+
+    for entry in SAME_FUNCTION:
+        for older, newer in zip(entry.versions, entry.versions[1:]):
+            before = input_types(onnx.defs.get_schema(entry.op, older, ""))
+            after = input_types(onnx.defs.get_schema(entry.op, newer, ""))
+            for name, types in before.items():
+                assert types <= after.get(name, set()), (entry.op, older, newer, name, types - after.get(name, set()))
+
+
 def _conv_softmax(op: str = "Softmax", batch: int | str = 1) -> onnx.ModelProto:
     """x -> Conv -> Softmax (opset 9: over each sample's 4x4x4 values coerced to one row) -> y."""
     weight = numpy_helper.from_array(RNG.standard_normal((4, 3, 3, 3)).astype(np.float32), "W")
@@ -252,3 +267,84 @@ def test_convtranspose_explicit_padding_is_proved_across_11_but_output_shape_is_
     older, newer = _with_weight("ConvTranspose", 10, weight, **shaped), _with_weight("ConvTranspose", 11, weight,
                                                                                      **shaped)
     assert not prove_equivalent(optcc.ir.load(older), optcc.ir.load(newer)).complete
+
+
+def _opset21_cnn(opset: int = 21) -> onnx.ModelProto:
+    """x -> Pad -> Conv -> MaxPool -> AveragePool -> Transpose -> Reshape -> Flatten -> y, with
+    Shape, Squeeze and Unsqueeze on the way: operators whose schemas change after opset 21
+    (Conv, MaxPool, AveragePool 22; Pad, Transpose, Reshape, Shape, Flatten, Squeeze,
+    Unsqueeze 23 to 25) by adding types only."""
+    weights = [
+        numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+        numpy_helper.from_array(RNG.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(RNG.standard_normal(4).astype(np.float32), "b"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([1, 2, -1], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"),
+        helper.make_node("Conv", ["p", "W", "b"], ["c"], pads=[0, 1, 1, 0]),
+        helper.make_node("MaxPool", ["c"], ["m"], kernel_shape=[2, 2], strides=[1, 1], pads=[1, 1, 0, 0]),
+        helper.make_node("AveragePool", ["m"], ["a"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                         count_include_pad=0),
+        helper.make_node("Transpose", ["a"], ["t"], perm=[0, 2, 3, 1]),
+        helper.make_node("Squeeze", ["t", "zero"], ["s"]),
+        helper.make_node("Unsqueeze", ["s", "zero"], ["u"]),
+        helper.make_node("Reshape", ["u", "shape"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["y"], axis=1),
+        helper.make_node("Shape", ["r"], ["dims"]),
+    ]
+    graph = helper.make_graph(nodes, "cnn21", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 9, 9])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("dims", onnx.TensorProto.INT64, None)], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+@pytest.mark.parametrize("target", [22, 23, 25])
+def test_opset21_model_upgraded_past_21_is_proved_equal(target):
+    original = _opset21_cnn()
+    upgraded = version_converter.convert_version(original, target)
+    assert [n.op_type for n in upgraded.graph.node] == [n.op_type for n in original.graph.node]
+    changed = {n.op_type for n in original.graph.node if schema_version("", n.op_type, 21) != schema_version("", n.op_type,
+                                                                                                            target)}
+    assert {"Conv", "MaxPool", "AveragePool"} <= changed
+    proof = prove_equivalent(optcc.ir.load(original), optcc.ir.load(upgraded))
+    assert proof.complete, proof.outputs
+    x = RNG.standard_normal((1, 3, 9, 9)).astype(np.float32)
+    for a, b in zip(_outputs(original, x), _outputs(upgraded, x)):
+        np.testing.assert_array_equal(b, a)
+
+
+def test_opset21_model_target_opset_22_is_verified_by_proof():
+    original = _opset21_cnn()
+    result = optcc.optimize(original, level=0, target_opset=22)
+    assert result.model.opset_import[0].version == 22
+    assert result.report.verification["reference"] == "proof", result.report.verification
+    x = RNG.standard_normal((1, 3, 9, 9)).astype(np.float32)
+    for a, b in zip(_outputs(original, x), _outputs(result.model, x)):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=0)
+
+
+def test_ceil_mode_pooling_redefined_in_22_is_not_proved():
+    # MaxPool 22 ignores a window that would start in the right padding (ceil mode): at
+    # 4 + 1 padding, kernel 2, stride 2, MaxPool 12 has ceil(3 / 2 + 1) = 3 windows a side,
+    # the last one all padding; MaxPool 22 has 2
+    ceil = {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 1, 1], "ceil_mode": 1}
+    for op in ("MaxPool", "AveragePool"):
+        older, newer = _with_input_side(_single(op, 21, **ceil), 4), _with_input_side(_single(op, 22, **ceil), 4)
+        assert not prove_equivalent(optcc.ir.load(older), optcc.ir.load(newer)).complete, op
+        older_windows = int(np.ceil((4 + 1 - 2) / 2 + 1))
+        (y,) = _outputs(newer, RNG.standard_normal((1, 2, 4, 4)).astype(np.float32))
+        assert older_windows == 3 and y.shape == (1, 2, 2, 2), op
+    # the same pooling without ceil mode is one function in both
+    floor = {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 1, 1]}
+    for op in ("MaxPool", "AveragePool"):
+        assert prove_equivalent(optcc.ir.load(_single(op, 21, **floor)), optcc.ir.load(_single(op, 22, **floor))).complete
+
+
+def _with_input_side(model: onnx.ModelProto, side: int) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    dims = copy.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_value = dims[3].dim_value = side
+    return copy

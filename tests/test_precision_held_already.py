@@ -134,3 +134,73 @@ def test_int8_on_a_weight_only_quantized_model_does_not_unpack_its_weights():
     assert not any(a.dtype == np.float32 and a.size == w_q.size for a in weights.values())
     for feeds in samples[:2]:
         assert_close(expected_outputs(result.model, feeds), expected_outputs(model, feeds), EXACT_RTOL)
+
+
+def _int8_weight_matmul(reader: str = "MatMul") -> onnx.ModelProto:
+    """x -> MatMul(x, Mul(Cast<float>(w_q), w_s)) -> Relu -> y: a weight stored as int8 levels
+    and dequantized in the graph (per output column), as weight-only quantizers export it,
+    2 MiB as float32 (past -O2's 1 MiB folding policy); with ``reader="Gather"`` the same
+    table is an embedding read by a Gather instead."""
+    rng = np.random.default_rng(5)
+    w_q = rng.integers(-127, 128, size=(512, 1024)).astype(np.int8)
+    w_s = rng.uniform(0.001, 0.01, size=1024).astype(np.float32)
+    if reader == "MatMul":
+        first = oh.make_node("MatMul", ["x", "w"], ["h"])
+        x = oh.make_tensor_value_info("x", TP.FLOAT, [4, 512])
+    else:
+        first = oh.make_node("Gather", ["w", "x"], ["h"])
+        x = oh.make_tensor_value_info("x", TP.INT64, [4])
+    graph = oh.make_graph(
+        [oh.make_node("Cast", ["w_q"], ["w_f"], to=TP.FLOAT), oh.make_node("Mul", ["w_f", "w_s"], ["w"]), first,
+         oh.make_node("Relu", ["h"], ["y"])], "cast_mul", [x],
+        [oh.make_tensor_value_info("y", TP.FLOAT, [4, 1024])], [nh.from_array(w_q, "w_q"), nh.from_array(w_s, "w_s")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _matmul_samples(n: int = 6) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(6)
+    return [{"x": rng.standard_normal((4, 512)).astype(np.float32)} for _ in range(n)]
+
+
+def test_int8_on_a_model_with_weights_stored_as_int8_levels_keeps_them():
+    """Static INT8 would fold ``Mul(Cast(w_q), w_s)`` to float32 and round it to int8 again:
+    the model is quantized already, declined before its weights are folded or any sample
+    calibrated, and the report says so."""
+    model = _int8_weight_matmul()
+    result = optcc.optimize(model, level=2, int8_calibration=_matmul_samples())
+    assert result.precision["int8"] is None
+    assert any(w.startswith("INT8: nothing left to convert: the model is already quantized (1 MatMul weight stored as ")
+               for w in result.report.warnings), result.report.warnings
+    record = next(r for r in result.report.passes if r.name == "quantize-int8-calibrated")
+    assert record.status == "unchanged" and record.stats["declined"] == "nothing"
+    # the preparation (folding the weight to float32) did not run for it
+    assert not any(r.status == "reverted" for r in result.report.passes), [(r.name, r.status) for r in result.report.passes]
+    weights = {t.name: nh.to_array(t) for t in result.model.graph.initializer}
+    assert any(a.dtype == np.int8 and a.shape == (512, 1024) for a in weights.values())
+    assert not any(a.dtype == np.float32 and a.size == 512 * 1024 for a in weights.values())
+    w = nh.to_array(model.graph.initializer[0]).astype(np.float64) * nh.to_array(model.graph.initializer[1])
+    for feeds in _matmul_samples(2):
+        assert_close(expected_outputs(result.model, feeds), [np.maximum(feeds["x"] @ w, 0)], EXACT_RTOL)
+
+
+def test_cli_int8_on_a_model_with_int8_weights_exits_0_with_the_reason(tmp_path, capsys):
+    source, calibration, out = tmp_path / "w.onnx", tmp_path / "cal.npz", tmp_path / "out.onnx"
+    onnx.save(_int8_weight_matmul(), source)
+    np.savez(calibration, x=np.stack([s["x"] for s in _matmul_samples()]))
+    assert cli.main([str(source), "-o", str(out), "--int8", "--calibration", str(calibration)]) == 0
+    assert "already quantized (1 MatMul weight stored as int8" in capsys.readouterr().err
+    feeds = _matmul_samples(1)[0]
+    assert_close(expected_outputs(onnx.load(out), feeds), expected_outputs(_int8_weight_matmul(), feeds), EXACT_RTOL)
+
+
+def test_weight_only_quantized_means_every_layer_weight_stored():
+    from optcc.quant import quantized_already
+    from test_int8_disable_prep import _model as one_stored_one_float
+    assert quantized_already(optcc.ir.load(_int8_weight_matmul()), stored=True) is not None
+    # static INT8 quantizes no Gather: a table stored as int8 levels is no quantized layer
+    assert quantized_already(optcc.ir.load(_int8_weight_matmul("Gather")), stored=True) is None
+    # a float layer weight beside a stored one: a float model, INT8 quantizes it (folding the stored one)
+    assert quantized_already(optcc.ir.load(one_stored_one_float()), stored=True) is None
+    assert quantized_already(optcc.ir.load(_int8_weight_matmul())) is None  # FP16's question: no quantization op

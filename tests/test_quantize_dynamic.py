@@ -152,3 +152,6 @@ def test_embedding_gather_becomes_int8_rows() -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     exact = table.astype(np.float64)[ids] @ w.astype(np.float64)
     assert 10 * np.log10((exact ** 2).sum() / ((got - exact) ** 2).sum()) > 30
+    # the row scales ([100, 1], gathered too) are no embedding table: a second run changes nothing
+    again = QuantizeDynamicPass(count_fused=False)(optcc.ir.load(q))
+    assert not again.modified, again.stats

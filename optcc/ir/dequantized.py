@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from optcc.ir.edit import const_array
+from optcc.ir.edit import const_array, is_constant
 
 # integer types whose every value a float32 holds exactly (the Cast is exact)
 _EXACT_IN_FLOAT32 = (np.int8, np.uint8, np.int16, np.uint16)
@@ -61,6 +61,25 @@ def stored_bits(value: ir.Value) -> int | None:
     if q_type is None or q_type.numpy() not in [np.dtype(t) for t in _EXACT_IN_FLOAT32]:
         return None
     return int(q_type.itemsize * 8)
+
+
+def is_dequantized(value: ir.Value) -> bool:
+    """Whether ``dequantized_array(value)`` is an array, read without computing it: ``value =
+    Mul(Cast<float>(q), scale)`` with ``q`` an 8- or 16-bit integer constant and ``scale`` a
+    float32 constant."""
+    chain = _chain(value)
+    if chain is None or stored_bits(value) is None or not is_constant(chain[1].inputs[0]):
+        return False
+    scale = const_array(chain[2])
+    return scale is not None and scale.dtype == np.float32
+
+
+def stored_levels(value: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value] | None:
+    """``(the Mul, q, scale)`` when ``is_dequantized(value)``, else None."""
+    if not is_dequantized(value):
+        return None
+    mul, cast, scale = _chain(value)  # type: ignore[misc]
+    return mul, cast.inputs[0], scale
 
 
 def drop_dequantization(value: ir.Value) -> list[ir.Value]:

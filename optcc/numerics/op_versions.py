@@ -11,9 +11,11 @@ onnx (schema docs, attributes, inputs and type constraints):
 - types added in a newer version (bfloat16, small integers) do not matter: a node of the
   older version has one of the older types, computed alike;
 - an attribute or optional input added with a default that keeps the older behaviour
-  (MaxPool's ``ceil_mode`` and ``dilations``, Gemm's optional ``C``, Reshape's
-  ``allowzero``, Shape's ``start``/``end``) is keyed as written: a node that sets it
-  differs from one that does not, and so is not proved;
+  (MaxPool's ``ceil_mode`` and ``dilations``, AveragePool 19's ``dilations``, Gemm's
+  optional ``C``, Reshape's ``allowzero``, Shape's ``start``/``end``, Pad 18's ``axes``)
+  is keyed as written: a node that sets it differs from one that does not, and so is not
+  proved; a value an attribute could not take before (Pad 19's ``wrap`` mode) is never on
+  an older node;
 - a negative axis, undefined before a version and counted from the back after it:
   only a node whose axis is absent or not negative (``_axis_from_front``);
 - padding whose description changed (``auto_pad``'s SAME modes, ``ceil_mode``'s rounding
@@ -23,10 +25,12 @@ onnx (schema docs, attributes, inputs and type constraints):
 Not listed, so keyed apart across versions: every change that can give another value
 for a node an older version accepts (Softmax 13 is taken along one axis, not over the
 input coerced to 2-D, and its axis defaults to -1, not 1: the proof keys Softmax and
-LogSoftmax 1 and 11 by their own rule), and versions whose changelog defines what was
-undefined before (Clip 13 with ``min > max``, Cast 13's conversion rules, Floor 13 on
-special values). Other domains, operators onnx has no schema for, and opsets newer than
-the installed onnx knows are keyed by the opset version the model imports, as before.
+LogSoftmax 1 and 11 by their own rule), versions that drop a type an older one accepted
+(Erf 13 has no integer inputs), versions whose changelog defines what was undefined before
+(Clip 13 with ``min > max``, Cast 13's conversion rules, Floor 13 on special values), and
+versions whose description was rewritten (Slice 13's clamping, Resize 18 and 19). Other
+domains, operators onnx has no schema for, and opsets newer than the installed onnx knows
+are keyed by the opset version the model imports, as before.
 """
 
 from __future__ import annotations
@@ -73,9 +77,15 @@ SAME_FUNCTION: tuple[SameFunction, ...] = (
     SameFunction("Relu", (6, 13, 14)),
     SameFunction("LeakyRelu", (6, 16)),
     SameFunction("Sigmoid", (6, 13)),
+    SameFunction("HardSigmoid", (6, 22)),
+    SameFunction("HardSwish", (14, 22)),
+    SameFunction("Elu", (6, 22)),
+    SameFunction("Softplus", (1, 22)),
     SameFunction("Tanh", (6, 13)),
     SameFunction("Exp", (6, 13)),
+    SameFunction("Log", (6, 13)),
     SameFunction("Sqrt", (6, 13)),
+    SameFunction("Reciprocal", (6, 13)),
     SameFunction("Abs", (6, 13)),
     SameFunction("Neg", (6, 13)),
     SameFunction("Add", (7, 13, 14)),
@@ -86,24 +96,39 @@ SAME_FUNCTION: tuple[SameFunction, ...] = (
     SameFunction("Sum", (8, 13)),
     SameFunction("Max", (8, 12, 13)),
     SameFunction("Min", (8, 12, 13)),
+    SameFunction("Equal", (7, 11, 13, 19)),
+    SameFunction("Less", (7, 9, 13)),
+    SameFunction("Greater", (7, 9, 13)),
     SameFunction("Where", (9, 16)),
     SameFunction("Clip", (11, 12)),
-    # products and layers: types added; Gemm 11 makes C optional (a node of 9 has one)
+    # products and layers: types added; Gemm 11 makes C optional (a node of 9 has one);
+    # AveragePool 19 adds dilations (absent: 1); 22 (bfloat16) describes ceil mode's last
+    # window anew, which explicit padding without ceil mode never has
     SameFunction("MatMul", (9, 13)),
     SameFunction("Gemm", (7, 9, 11, 13)),
-    SameFunction("Conv", (1, 11), _explicit_padding),
+    SameFunction("Conv", (1, 11, 22), _explicit_padding),
     SameFunction("ConvTranspose", (1, 11, 22), _explicit_transposed_padding),
-    SameFunction("MaxPool", (8, 10, 11, 12), _explicit_padding),
-    SameFunction("AveragePool", (7, 10, 11), _explicit_padding),
+    SameFunction("MaxPool", (8, 10, 11, 12, 22), _explicit_padding),
+    SameFunction("AveragePool", (7, 10, 11, 19, 22), _explicit_padding),
+    SameFunction("GlobalAveragePool", (1, 22)),
+    SameFunction("GlobalMaxPool", (1, 22)),
+    SameFunction("InstanceNormalization", (6, 22)),
     SameFunction("LRN", (1, 13)),
-    # data movement: types added; Reshape 14's allowzero defaults to the older behaviour
-    SameFunction("Transpose", (1, 13)),
-    SameFunction("Reshape", (5, 13, 14)),
-    SameFunction("Shape", (1, 13, 15)),
+    # data movement: types added; Reshape 14's allowzero defaults to the older behaviour;
+    # Pad 18 adds an optional axes input (absent: every axis) and 19 the wrap mode
+    SameFunction("Transpose", (1, 13, 21, 23, 24, 25)),
+    SameFunction("Reshape", (5, 13, 14, 19, 21, 23, 24, 25)),
+    SameFunction("Shape", (1, 13, 15, 19, 21, 23, 24, 25)),
+    SameFunction("Squeeze", (13, 21, 23, 24, 25)),
+    SameFunction("Unsqueeze", (13, 21, 23, 24, 25)),
+    SameFunction("Identity", (1, 13, 14, 16, 19, 21, 23, 24, 25)),
+    SameFunction("ConstantOfShape", (9, 20, 21, 23, 24, 25)),
+    SameFunction("Expand", (8, 13)),
+    SameFunction("Tile", (6, 13)),
     SameFunction("Gather", (11, 13)),
-    SameFunction("Pad", (11, 13)),
+    SameFunction("Pad", (11, 13, 18, 19, 21, 23, 24, 25)),
     SameFunction("Concat", (4, 11, 13), _axis_from_front),
-    SameFunction("Flatten", (9, 11, 13), _axis_from_front),
+    SameFunction("Flatten", (9, 11, 13, 21, 23, 24, 25), _axis_from_front),
 )
 
 _BY_OP: dict[str, SameFunction] = {entry.op: entry for entry in SAME_FUNCTION}

@@ -143,11 +143,43 @@ def quantization_ops(model: ir.Model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def quantized_already(model: ir.Model) -> str | None:
+# the layers whose weights static INT8 quantizes
+_WEIGHTED_LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def stored_weights(model: ir.Model) -> dict[str, tuple[int, int]]:
+    """When every constant weight of INT8's layers (Conv, ConvTranspose, Gemm, MatMul) is
+    stored as integer levels and dequantized in the graph (``Mul(Cast<float>(q), scale)``,
+    ``optcc.ir.is_dequantized``), as a weight-only quantized model holds them: those weights
+    by the op type of the layer reading each, how many and their bits. Empty when a layer
+    reads a float constant (a float model, one weight stored small or not) or none is stored."""
+    seen: set[int] = set()
+    found: dict[str, tuple[int, int]] = {}
+    for node in oir.nodes(model):
+        if node.op_type not in _WEIGHTED_LAYERS or node.domain not in ("", "ai.onnx"):
+            continue
+        for value in node.inputs[:2]:
+            if value is None or id(value) in seen:
+                continue
+            seen.add(id(value))
+            if oir.is_dequantized(value):
+                count, bits = found.get(node.op_type, (0, 0))
+                found[node.op_type] = (count + 1, max(bits, oir.stored_bits(value) or 0))
+            elif oir.is_constant(value):
+                return {}
+    return dict(sorted(found.items()))
+
+
+def quantized_already(model: ir.Model, *, stored: bool = False) -> str | None:
     """For a precision pass that declines a model holding quantization ops
-    (``quantization_ops``): the reason, naming them with their counts; else None."""
-    ops = quantization_ops(model)
-    return "the model is already quantized (" + ", ".join(f"{n} {op}" for op, n in ops.items()) + ")" if ops else None
+    (``quantization_ops``), and with ``stored`` a weight-only quantized one
+    (``stored_weights``: INT8 would round its levels again): the reason, naming them with
+    their counts; else None."""
+    found = [f"{n} {op}" for op, n in quantization_ops(model).items()]
+    if stored:
+        found += [f"{n} {op} weight{'s' if n > 1 else ''} stored as int{bits} levels (Cast, Mul)"
+                  for op, (n, bits) in stored_weights(model).items()]
+    return "the model is already quantized (" + ", ".join(found) + ")" if found else None
 
 
 def count_integer_nodes(model: ir.Model) -> int:
@@ -425,7 +457,8 @@ def propagated_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Map
                     samples: Sequence[Feeds]) -> dict[str, float]:
     """SQNR of every layer's result in the fully quantized model (quantization error as
     accumulated up to that layer), streamed sample by sample: only per-layer signal and
-    noise sums are kept."""
+    noise sums are kept. A layer whose float result is all zeros (no signal to measure
+    the error against) gets NaN (``_own_error``): no estimate, not the worst."""
     pairs = {layer: names for layer, names in layer_outputs.items() if names[0] and names[1]}
     ref_session = _extra_session(reference, [names[0] for names in pairs.values()])
     got_session = _extra_session(quantized, [names[1] for names in pairs.values()])
@@ -440,11 +473,7 @@ def propagated_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Map
             r64 = np.asarray(r, np.float64)
             signal[layer] += float(np.sum(r64**2))
             noise[layer] += float(np.sum((r64 - np.asarray(g, np.float64)) ** 2))
-    return {
-        layer: math.inf if noise[layer] == 0 else (
-            10 * math.log10(signal[layer] / noise[layer]) if signal[layer] > 0 else -math.inf)
-        for layer in pairs
-    }
+    return {layer: _own_error(_db(signal[layer], noise[layer])) for layer in pairs}
 
 
 def _extra_session(model: ir.Model, names: Sequence[str]) -> ort.InferenceSession:
@@ -646,7 +675,7 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
         for layer, parts in sums[position].items():
             for j, part in enumerate(parts):
                 totals[layer][j] += part
-    return ({layer: _db(totals[layer][2], totals[layer][1]) for layer in pairs},
+    return ({layer: _own_error(_db(totals[layer][2], totals[layer][1])) for layer in pairs},
             {layer: _own_error(_db(totals[layer][2], totals[layer][0])) for layer in fetch})
 
 
@@ -893,11 +922,17 @@ def _candidates(layers: Sequence[str], propagated: Mapping[str, float], limit: i
     """The layers worth ranking: all of them when there are at most ``limit``; else half
     the budget on the first layers in graph order (their error is amplified by everything
     after them: on PP-OCR, 40 dB of noise on the first conv's result alone costs the output
-    20 dB) and the rest on the layers whose results are worst in the fully quantized model."""
+    20 dB) and the rest on the layers whose results are worst in the fully quantized model
+    (those without an estimate, NaN, last)."""
     if len(layers) <= limit:
         return list(layers)
     chosen = list(layers[: limit // 2])
-    for layer in sorted(layers, key=lambda name: propagated.get(name, math.inf)):
+
+    def estimate(name: str) -> float:
+        value = propagated.get(name, math.inf)
+        return math.inf if math.isnan(value) else value
+
+    for layer in sorted(layers, key=estimate):
         if len(chosen) >= limit:
             break
         if layer not in chosen:
