@@ -507,10 +507,12 @@ class Builder:
         attributes: Mapping[str, ir.Attr] | None = None,
         **attrs: Any,
     ) -> ir.Value:
-        """A new node with one output; ``attributes``: ir.Attr objects to copy (e.g. a
-        matched node's), ``attrs``: Python values (int, float, str, lists)."""
-        copied = [ir.Attr(a.name, a.type, a.value) for a in (attributes or {}).values()]
-        copied = [a for a in copied if a.name not in attrs]
+        """A new node with one output; ``attributes``: ir.Attr objects to carry over (e.g. a
+        matched node's; the objects themselves: no pass modifies an attribute in place, a
+        changed attribute is a new object), ``attrs``: Python values (int, float, str, lists)."""
+        # a node's attributes: the UserDict's own dict (its Mapping methods are slow)
+        given = attributes.data if isinstance(attributes, collections.UserDict) else (attributes or {})
+        copied = [a for a in given.values() if a.name not in attrs]
         copied.extend(ir.convenience.convert_attributes(attrs))
         root_name = self._match.root.name or self._match.root.op_type
         node = ir.Node(
