@@ -321,6 +321,24 @@ def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], i
     return None
 
 
+def _shape_followers(model: ir.Model) -> set[ir.Node]:
+    """The default-domain ``_FOLLOWED`` nodes that read a Shape's output directly or
+    through other such nodes (readers in bodies included): the only nodes for which
+    ``shape_elements`` can find an element read from a Shape (``from_shape``), since it
+    follows inputs through those ops alone. Folding only replaces values by constants,
+    so the set found before folding still holds every node that could fold."""
+    found: set[ir.Node] = set()
+    frontier = [node.outputs[0] for node in optcc.ir.nodes(model)
+                if node.op_type == "Shape" and _is_default(node) and len(node.outputs) == 1]
+    while frontier:
+        for use in frontier.pop().uses():
+            reader = use.node
+            if reader not in found and reader.op_type in _FOLLOWED and _is_default(reader):
+                found.add(reader)
+                frontier.extend(reader.outputs)
+    return found
+
+
 def _fold_followed(node: ir.Node, inferred: dict[ir.Value, ir.Shape], inputs_constant: bool) -> np.ndarray | None:
     """The constant a node of ``_FOLLOWED`` computes from a shape when every element is
     known (``shape_elements``), in its output's type."""
@@ -420,6 +438,7 @@ def fold_shapes(model: ir.Model, inferred: dict[ir.Value, ir.Shape] | None = Non
     if inferred is None:
         inferred = infer_shapes(model)
     inputs_constant = initializers_are_constant(model)
+    followers = _shape_followers(model)
     for graph in optcc.ir.graphs(model):
         for node in list(graph):
             if not _is_default(node) or node.op_type not in ("Shape", "Size", "Gather", *_FOLLOWED):
@@ -427,7 +446,7 @@ def fold_shapes(model: ir.Model, inferred: dict[ir.Value, ir.Shape] | None = Non
             if node.graph is None or len(node.outputs) != 1:
                 continue  # removed already (a Shape feeding a folded Gather)
             array = _fold_value(node, inferred, inputs_constant)
-            if array is None and node.op_type in _FOLLOWED:
+            if array is None and node in followers:
                 array = _fold_followed(node, inferred, inputs_constant)
             if array is None:
                 continue

@@ -49,8 +49,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from optcc.infra import PassResult
-from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var, apply_rules, rule_roots
+from optcc.rewrite import Builder, Const, Match, Op, RewritePass, Rule, Var
 
 __all__ = [
     "FuseBatchNormPass",
@@ -410,13 +409,5 @@ class FuseBatchNormPass(RewritePass):
         super().__init__(max_iters)
         self.split_standalone = split_standalone
 
-    @property
-    def triggers(self) -> frozenset[str]:  # type: ignore[override]
-        return rule_roots(self._rules())
-
-    def _rules(self) -> tuple[Rule, ...]:
+    def active_rules(self) -> tuple[Rule, ...]:
         return (*RULES, SPLIT_RULE) if self.split_standalone else RULES
-
-    def call(self, model: ir.Model) -> PassResult:
-        stats = apply_rules(model, self._rules(), max_iters=self.max_iters)
-        return PassResult(model, stats.modified, stats.as_dict())

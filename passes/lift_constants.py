@@ -41,6 +41,8 @@ def _dims(tensor: ir.TensorProtocol) -> Iterable[int]:
 
 
 def _lift(graph: ir.Graph, node: ir.Node) -> bool:
+    """Make the Constant's readers read a new initializer of its output's name holding its
+    tensor (False: left as it is). The node, unread then, is left for the caller to remove."""
     output = node.outputs[0]
     if output.is_graph_output() or not output.name or output.name in graph.initializers:
         return False
@@ -53,7 +55,7 @@ def _lift(graph: ir.Graph, node: ir.Node) -> bool:
     name = output.name
     value = ir.Value(name=None, type=ir.TensorType(tensor.dtype), shape=ir.Shape(_dims(tensor)), const_value=tensor)
     output.replace_all_uses_with(value)
-    graph.remove(node, safe=True)
+    output.name = None  # the name passes to the initializer
     value.name = name
     graph.register_initializer(value)
     return True
@@ -79,11 +81,10 @@ class LiftConstantsPass(optcc.Pass):
                 return optcc.PassResult(model, False, {})
             stats["unlisted_constant_inputs"] = optcc.ir.upgrade_legacy_ir(model)
         graph = model.graph
-        lifted = 0
-        for node in list(graph):
-            if (node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS
-                    and len(node.outputs) == 1 and len(node.attributes) == 1):
-                lifted += _lift(graph, node)
+        lifted = [node for node in list(graph)
+                  if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS
+                  and len(node.outputs) == 1 and len(node.attributes) == 1 and _lift(graph, node)]
         if lifted:
-            stats["lifted"] = lifted
+            graph.remove(lifted, safe=True)  # one call: its checks and set-up once for all
+            stats["lifted"] = len(lifted)
         return optcc.PassResult(model, bool(stats), stats)

@@ -11,6 +11,7 @@ import onnx_ir as ir
 import optcc
 from optcc.infra.manager import Fixpoint, PassManager
 from optcc.passes import EliminateDeadNodesPass, EliminateIdentitiesPass
+from optcc.rewrite import Op, RewritePass, Rule, Var
 
 MODEL_TEXT = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -164,3 +165,27 @@ def test_rule_passes_are_triggered_by_their_rules_roots():
             return super().call(model)
 
     assert OwnCall().triggers is None
+
+
+class AbsOfNegPass(RewritePass):
+    """Abs(Neg(x)) -> Abs(x): a rule pass whose pattern names an op besides its root."""
+
+    name, numerics = "abs-of-neg", "exact"
+    rules = (Rule("abs-neg", Op("Abs", Op("Neg", Var("x"))), lambda m, b: b.op("Abs", m["x"])),)
+
+
+def test_a_rule_pass_is_not_run_while_an_op_each_rule_names_is_absent():
+    """The manager skips a rule pass while each rule's pattern names an op the model holds
+    no node of (here Neg, though the root Abs is there), and runs it once there is one."""
+    assert AbsOfNegPass().changes_nothing({"Abs", "Relu"})
+    assert not AbsOfNegPass().changes_nothing({"Abs", "Neg"})
+    header = '<ir_version: 8, opset_import: ["" : 17]>\ng (float[2,3] x) => (float[2,3] y) '
+    without = onnx.parser.parse_model(header + "{\n    a = Relu(x)\n    y = Abs(a)\n}")
+    assert PassManager([AbsOfNegPass()]).run(ir.from_proto(without)).records == []
+
+    proto = onnx.parser.parse_model(header + "{\n    a = Neg(x)\n    y = Abs(a)\n}")
+    result = PassManager([AbsOfNegPass()]).run(ir.from_proto(proto))
+    assert [(r.name, r.status) for r in result.records] == [("abs-of-neg", "changed")]
+    assert [n.op_type for n in result.model.graph] == ["Abs"]
+    x = np.random.default_rng(3).standard_normal((2, 3)).astype(np.float32)
+    np.testing.assert_array_equal(_reference(ir.to_proto(result.model), x), np.abs(x))

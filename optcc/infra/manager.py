@@ -433,12 +433,14 @@ class PassManager:
           it would see the very model it left unchanged, and passes are deterministic. One
           object serves every step that names the same pass with the same options
           (``build_pipeline``), so a later step or fixpoint skips it too;
-        - the model holds no node of its ``triggers`` (``optcc.Pass``), read from the op
-          histogram the run keeps of the current model (``_Run.summary``)."""
+        - the pass says it changes nothing in a model of the op types the run's op
+          histogram of the current model holds (``_Run.summary``): ``Pass.changes_nothing``,
+          by default when the model holds no node of its ``triggers``; a rule pass when
+          no rule's pattern can match (onnx-ir's own passes say nothing)."""
         if run.unchanged_at.get(id(pass_)) == run.version:
             return True
-        triggers = getattr(pass_, "triggers", None)
-        return triggers is not None and triggers.isdisjoint(run.summary[0])
+        changes_nothing = getattr(pass_, "changes_nothing", None)
+        return changes_nothing is not None and changes_nothing(run.summary[0])
 
     def _verifies(self) -> bool:
         return self.verifier is not None and self.verify_each

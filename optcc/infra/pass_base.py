@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from typing import Any, ClassVar
 
 import onnx_ir as ir
@@ -44,6 +45,13 @@ class Pass(ir.passes.InPlacePass):
     numerics: ClassVar[Numerics] = "exact"
     float16_interface: bool = False
     triggers: ClassVar[frozenset[str] | None] = None
+
+    def changes_nothing(self, ops: Collection[str]) -> bool:
+        """Whether the pass would change nothing in a model whose op histogram (in every
+        graph) has the keys ``ops``; the pass manager does not run it on such a model. By
+        default: the model holds no node of its ``triggers``."""
+        triggers = self.triggers
+        return triggers is not None and triggers.isdisjoint(ops)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

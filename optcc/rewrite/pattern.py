@@ -43,7 +43,7 @@ import collections
 import dataclasses
 import functools
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Union
 
 import numpy as np
@@ -507,10 +507,12 @@ class Builder:
         attributes: Mapping[str, ir.Attr] | None = None,
         **attrs: Any,
     ) -> ir.Value:
-        """A new node with one output; ``attributes``: ir.Attr objects to copy (e.g. a
-        matched node's), ``attrs``: Python values (int, float, str, lists)."""
-        copied = [ir.Attr(a.name, a.type, a.value) for a in (attributes or {}).values()]
-        copied = [a for a in copied if a.name not in attrs]
+        """A new node with one output; ``attributes``: ir.Attr objects to carry over (e.g. a
+        matched node's; the objects themselves: no pass modifies an attribute in place, a
+        changed attribute is a new object), ``attrs``: Python values (int, float, str, lists)."""
+        # a node's attributes: the UserDict's own dict (its Mapping methods are slow)
+        given = attributes.data if isinstance(attributes, collections.UserDict) else (attributes or {})
+        copied = [a for a in given.values() if a.name not in attrs]
         copied.extend(ir.convenience.convert_attributes(attrs))
         root_name = self._match.root.name or self._match.root.op_type
         node = ir.Node(
@@ -792,8 +794,9 @@ def apply_rules(
 
 class RewritePass(Pass):
     """A pass made of rules: subclasses set ``name``, ``level``, ``numerics`` and
-    ``rules`` (a tuple of ``Rule``). Stats: ``applied`` per rule, ``rejected`` per rule
-    and reason, ``capped`` when a graph hit the round cap."""
+    ``rules`` (a tuple of ``Rule``; ``active_rules`` when options choose among them).
+    Stats: ``applied`` per rule, ``rejected`` per rule and reason, ``capped`` when a graph
+    hit the round cap."""
 
     rules: ClassVar[tuple[Rule, ...]] = ()
     numerics = "fusion"
@@ -802,21 +805,57 @@ class RewritePass(Pass):
         super().__init__()
         self.max_iters = max_iters
 
+    def active_rules(self) -> tuple[Rule, ...]:
+        """The rules this pass applies (``rules`` unless its options choose others)."""
+        return self.rules
+
+    def _only_rules(self) -> bool:
+        """Whether the pass only applies its rules (no ``call`` of its own, which may do more)."""
+        return type(self).call is RewritePass.call
+
     @property
     def triggers(self) -> frozenset[str] | None:  # type: ignore[override]
         """The op types the rules are rooted at (``rule_roots``), for a pass that only
         applies its rules; None for a subclass with a ``call`` of its own, which may do more
         (it states its own triggers)."""
-        return rule_roots(self.rules) if type(self).call is RewritePass.call else None
+        return rule_roots(self.active_rules()) if self._only_rules() else None
+
+    def changes_nothing(self, ops: Collection[str]) -> bool:
+        """For a pass that only applies its rules: whether no rule can match a model whose
+        op histogram has the keys ``ops``, i.e. each rule's pattern names an ``Op`` none of
+        whose op types is among them (``_rule_ops``); with no match in its first round,
+        ``apply_rules`` rewrites nothing. Else ``Pass.changes_nothing``."""
+        if not self._only_rules():
+            return super().changes_nothing(ops)
+        return not any(all(not kinds.isdisjoint(ops) for kinds in _rule_ops(rule)) for rule in self.active_rules())
 
     def call(self, model: ir.Model) -> PassResult:
-        stats = apply_rules(model, self.rules, max_iters=self.max_iters)
+        stats = apply_rules(model, self.active_rules(), max_iters=self.max_iters)
         return PassResult(model, stats.modified, stats.as_dict())
+
+
+def _op_names(pattern: Op) -> frozenset[str]:
+    """The ``op_histogram`` keys of the nodes an ``Op`` pattern can match."""
+    if pattern.domain in DEFAULT_DOMAINS:
+        return frozenset(pattern.op_types)
+    return frozenset(f"{pattern.domain}::{op}" for op in pattern.op_types)
+
+
+def _rule_ops(rule: Rule) -> list[frozenset[str]]:
+    """For each ``Op`` in the rule's pattern, the op types (``op_histogram`` keys) of the
+    nodes it can match: a model with no node of one of these sets holds no match."""
+    found: list[frozenset[str]] = []
+    stack: list[Pattern] = [rule.pattern]
+    while stack:
+        pattern = stack.pop()
+        if isinstance(pattern, Op):
+            found.append(_op_names(pattern))
+            stack.extend(pattern.inputs)
+    return found
 
 
 def rule_roots(rules: Sequence[Rule]) -> frozenset[str]:
     """The op types ``rules`` are rooted at, as ``op_histogram`` keys: ``apply_rules`` tries
     a rule only at a node of its root's op type and domain, so in a model without one of
     these it changes nothing."""
-    return frozenset(op if rule.pattern.domain in DEFAULT_DOMAINS else f"{rule.pattern.domain}::{op}"
-                     for rule in rules for op in rule.pattern.op_types)
+    return frozenset().union(*(_op_names(rule.pattern) for rule in rules))
