@@ -43,10 +43,12 @@ def tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
-            yield from attr.tensors
+            if attr.tensors:  # (an empty repeated field is false: no iterator made for it)
+                yield from attr.tensors
             if attr.HasField("g"):
                 bodies.append(attr.g)
-            bodies.extend(attr.graphs)
+            if attr.graphs:
+                bodies.extend(attr.graphs)
     for body in bodies:
         yield from tensor_protos(body)
 

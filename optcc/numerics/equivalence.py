@@ -1342,13 +1342,18 @@ class _Keys:
         computed: set[int] = set()
         readers: list[ir.Node] = []
         graphs = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        is_constant = self._is_constant
         for node in self.model.graph:
             # inputs first: most nodes read a value computed from the graph's inputs
-            if all(v is None or id(v) in computed or self._is_constant(v) for v in node.inputs) \
-                    and not self._opaque(node) and not any(a.type in graphs for a in node.attributes.data.values()):
-                computed.update(id(v) for v in node.outputs if v is not None)
+            for v in node.inputs:
+                if v is not None and id(v) not in computed and not is_constant(v):
+                    readers.append(node)
+                    break
             else:
-                readers.append(node)
+                if not self._opaque(node) and not any(a.type in graphs for a in node.attributes.data.values()):
+                    computed.update(id(v) for v in node.outputs if v is not None)
+                else:
+                    readers.append(node)
         frontier: dict[int, ir.Value] = {}
         for value in [v for n in readers for v in n.inputs] + list(self.model.graph.outputs):
             if value is not None and id(value) in computed and not self._is_constant(value):
@@ -1804,6 +1809,9 @@ MAX_FORM_ELEMENTS = 1 << 24  # larger weights are compared by their bytes only
 MAX_SHAPE_ELEMENTS = 64  # longer integer constants are not read as shapes
 _LARGEST = float(np.finfo(np.float64).max)
 CHUNK_ELEMENTS = 1 << 14  # weights are compared in float64 chunks of this many elements (in cache)
+# a weight of at most this many elements is compared in one run: a first run of 64 elements,
+# which spares reading the rest of a weight that differs there, would save less than it costs
+WHOLE_PART_ELEMENTS = 1 << 12
 
 
 @dataclasses.dataclass
@@ -1894,9 +1902,10 @@ class _Affine:
 
     def _parts(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """The weight in consecutive runs of elements in C order (views in its stored
-        dtype, the same cuts for every form of one weight shape and axis: a first one of
-        about 64 elements, then ``CHUNK_ELEMENTS``, small enough to stay in cache), each
-        with the part of ``scale`` that broadcasts against it (None: no scale)."""
+        dtype, the same cuts for every form of one weight shape and axis: of a weight of
+        more than ``WHOLE_PART_ELEMENTS``, a first one of about 64 elements, then
+        ``CHUNK_ELEMENTS``, small enough to stay in cache; a smaller weight in one run),
+        each with the part of ``scale`` that broadcasts against it (None: no scale)."""
         shape = self.weight.shape
         channels = shape[self.weight_axis]
         before = math.prod(shape[:self.weight_axis])
@@ -1905,7 +1914,7 @@ class _Affine:
         scale = None if self.scale is None else self.scale.reshape(1, channels, 1)
         along = 0 if before > 1 else 1  # cut whole rows of the first axis longer than 1
         row = channels * after if along == 0 else after
-        start, count = 0, max(1, 64 // max(row, 1))
+        start, count = 0, max(1, (64 if weight.size > WHOLE_PART_ELEMENTS else CHUNK_ELEMENTS) // max(row, 1))
         while start < weight.shape[along]:
             part = slice(start, start + count)
             if along == 0:
