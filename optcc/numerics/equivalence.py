@@ -543,6 +543,31 @@ class _Numbering:
         return key
 
 
+_INTEGER_ARITHMETIC = ("Add", "Sub", "Mul", "Div")
+
+
+def _integer_arithmetic(op: str, parts: list[tuple[bool, list]]) -> tuple[bool, list] | None:
+    """``op`` on two shape-like integer tensors whose elements are all integers, by ONNX's
+    broadcasting (one element against a list; a scalar only with a scalar stays one), as
+    ``_shape_elements`` gives them; None where an element is a dim of unknown size, the
+    lengths do not broadcast, a Div has a negative operand or a zero divisor (integer
+    division rounds toward zero in onnxruntime, down in NumPy: the same only there), or a
+    result leaves int64 with room to spare."""
+    (scalar_a, a), (scalar_b, b) = parts
+    if not all(isinstance(e, int) for e in (*a, *b)) or len(a) != len(b) and 1 not in (len(a), len(b)):
+        return None
+    n = max(len(a), len(b))
+    pairs = list(zip(a * n if len(a) == 1 else a, b * n if len(b) == 1 else b))
+    if op == "Div" and any(x < 0 or y <= 0 for x, y in pairs):
+        return None
+    compute = {"Add": lambda x, y: x + y, "Sub": lambda x, y: x - y, "Mul": lambda x, y: x * y,
+               "Div": lambda x, y: x // y}[op]
+    result = [compute(x, y) for x, y in pairs]
+    if any(abs(r) >= 1 << 62 for r in result):
+        return None
+    return scalar_a and scalar_b, result
+
+
 class _Keys:
     """The keys of one model's top-level values, computed on demand."""
 
@@ -668,16 +693,14 @@ class _Keys:
             if op == "Cast" and attrs.get("to") not in (ir.DataType.INT64.value, ir.DataType.INT32.value):
                 return None
             return self._shape_elements(inputs[0])
-        if op not in ("Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", "Mul"):
+        if op not in ("Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", *_INTEGER_ARITHMETIC):
             return None
         parts = [self._shape_elements(v) for v in inputs]
         if op == "Mul" and len(parts) == 2 and all(p is not None and p[0] for p in parts) \
                 and 1 in (parts[0][1][0], parts[1][1][0]):
             return parts[1] if parts[0][1][0] == 1 else parts[0]  # a dim times 1
-        if op == "Mul" and len(parts) == 2 and all(p is not None and p[0] for p in parts) \
-                and all(isinstance(e, int) for p in parts for e in p[1]):
-            product = parts[0][1][0] * parts[1][1][0]  # two integer scalars
-            return (True, [product]) if abs(product) < 1 << 62 else None  # no int64 overflow
+        if op in _INTEGER_ARITHMETIC:
+            return _integer_arithmetic(op, parts) if len(parts) == 2 and None not in parts else None
         if op == "Concat" and attrs.get("axis") in (0, -1) and parts and all(p is not None and not p[0] for p in parts):
             return False, [e for p in parts for e in p[1]]
         if op == "Unsqueeze" and parts and parts[0] is not None and parts[0][0]:
@@ -706,6 +729,14 @@ class _Keys:
                 return None
             return False, parts[0][1][slice(starts[0], ends[0], steps[0])]
         return None
+
+    def _integer_list(self, value: ir.Value) -> list[int] | None:
+        """A computed 1-D integer tensor's elements, where ``_shape_elements`` reads them all
+        as integers (dims it finds static included), else None."""
+        found = self._shape_elements(value)
+        if found is None or found[0] or not all(isinstance(e, int) for e in found[1]):
+            return None
+        return found[1]
 
     def rank(self, value: ir.Value, depth: int = 0) -> int | None:
         """A value's rank (once per value): a fed graph input's, its declared rank (what
@@ -1196,11 +1227,14 @@ class _Keys:
             if inputs[0] is None or inputs[1] is None:
                 return None
             arrays = [None if v is None else self._array(v) for v in inputs]
-            given = [a for v, a in zip(inputs, arrays) if v is not None]
-            if any(a is None or a.ndim != 1 for a in given) or len({a.dtype for a in given}) != 1 \
-                    or given[0].dtype not in (np.int32, np.int64):
-                return None  # an input not a constant list, or not one index type (Tind)
-            parts = [None if a is None else [int(e) for e in a] for a in arrays]
+            given = [a for a in arrays if a is not None]
+            if any(a.ndim != 1 for a in given) or len({a.dtype for a in given}) > 1 \
+                    or any(a.dtype not in (np.int32, np.int64) for a in given):
+                return None  # a constant that is not a list, or not one index type (Tind)
+            parts = [None if v is None else [int(e) for e in a] if a is not None else self._integer_list(v)
+                     for v, a in zip(inputs, arrays)]
+            if any(part is None for v, part in zip(inputs, parts) if v is not None):
+                return None  # an entry that is not an integer read here
         starts, ends, axes, steps = parts
         count = len(starts)
         axes = list(range(count)) if axes is None else axes
