@@ -46,7 +46,7 @@ gets a key, and two values with the same key compute the same thing for every in
   a constant input from 13, negative ones from 11;
 - a ``Reshape`` to one dim is keyed as ``Reshape(x, [-1])``: where it runs its output is
   x's elements in order, whatever the one element says (a constant ``x``: the key of those
-  elements, computed by that definition);
+  elements, computed by that definition; an ``x`` of rank 1: x's own key);
 - these views (a read target dim as ``-1``, a Reshape pair, a Transpose pair, a Squeeze
   and Unsqueeze pair, a Reshape to one dim) hold only where the nodes run: a candidate's
   key that drops one (an identity Transpose or pair, a cancelled Squeeze or Unsqueeze
@@ -660,7 +660,8 @@ class _Keys:
     def _shape_elements(self, value: ir.Value | None) -> tuple[bool, list] | None:
         """A shape-like integer tensor as (is_scalar, elements), each element an int or
         ``("dim", key of x, i)`` (dim ``i`` of ``x``): constants, ``Shape`` and what
-        Gather, Slice, Concat, Unsqueeze, Squeeze (of one element) and integer Casts make
+        Gather, Slice, Concat, Unsqueeze, Squeeze (of one element), a Reshape of a list to
+        one dim, integer Casts and integer Add, Sub, Mul, Div (``_integer_arithmetic``) make
         of them; else None."""
         if value is None:
             return None
@@ -693,9 +694,14 @@ class _Keys:
             if op == "Cast" and attrs.get("to") not in (ir.DataType.INT64.value, ir.DataType.INT32.value):
                 return None
             return self._shape_elements(inputs[0])
-        if op not in ("Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", *_INTEGER_ARITHMETIC):
+        if op not in ("Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", "Reshape", *_INTEGER_ARITHMETIC):
             return None
         parts = [self._shape_elements(v) for v in inputs]
+        if op == "Reshape":  # a list in one dim is that list (-1, or its length)
+            vector, target = (parts + [None])[:2]
+            if vector is None or vector[0] or target is None or target[1] not in ([-1], [len(vector[1])]):
+                return None
+            return vector
         if op == "Mul" and len(parts) == 2 and all(p is not None and p[0] for p in parts) \
                 and 1 in (parts[0][1][0], parts[1][1][0]):
             return parts[1] if parts[0][1][0] == 1 else parts[0]  # a dim times 1
@@ -1096,6 +1102,8 @@ class _Keys:
         if array is not None and array.size <= SMALL_TENSOR_ELEMENTS and _PLAIN_ARRAYS.get(array.dtype) is not None:
             flat = self._arrays[id(value)] = array.reshape(-1)
             return self.numbering.array(flat)
+        if self.rank(node.inputs[0]) == 1:
+            return self.key(node.inputs[0])  # a vector in one dim is that vector, element for element
         return self.numbering.intern(("reshape", x, (-1,), True))
 
     def inferred_dims(self, value: ir.Value, rank: int) -> list[int | None]:
