@@ -21,7 +21,10 @@ gets a key, and two values with the same key compute the same thing for every in
   inference gives every dim of x as a positive integer (a 0 would copy a dim of the 2-D
   value instead of x's);
 - ``Identity`` and inference-mode ``Dropout`` (opset >= 7, ``training_mode`` absent or a
-  constant false) output the key of their input (and its affine form, below);
+  constant false) output the key of their input (and its affine form, below), and so do
+  ``x + 0`` (integers), ``x + (-0.0)``, ``x - 0``, ``x * 1`` and ``x / 1`` with a constant
+  of x's element type, of rank 0 or of unit dims within x's rank (IEEE 754 returns x bit
+  for bit there, signed zeros, infinities and NaN included; ``x + (+0.0)`` does not);
 - a ``Reshape`` whose target is read symbolically (constants, and dims of the reshaped
   tensor through Shape, Slice, Gather, Concat, Unsqueeze, Squeeze of one element and
   integer Casts; ``0`` copies a dim) is keyed by its input and that target; one whose
@@ -936,6 +939,10 @@ class _Keys:
             to = node.attributes.get_int("to")
             if to is not None and to == self.inferred_type(node.inputs[0]):
                 return self._passed(value, node.inputs[0])  # a Cast to the type it has copies it
+        if domain == "" and op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2 and not node.attributes.data:
+            kept = self._neutral_operand(node, op)
+            if kept is not None:
+                return self._passed(value, kept)  # x op (its identity element) returns x
         if domain == "" and op == "ConstantOfShape" and len(node.inputs) == 1 and self._constant(value) is None:
             filled = self._filled_read(node)
             if filled is not None:
@@ -1339,6 +1346,31 @@ class _Keys:
             if mode is None or bool(np.any(mode)):
                 return self.numbering.unique()
         return self._passed(value, node.inputs[0])
+
+    def _neutral_operand(self, node: ir.Node, op: str) -> ir.Value | None:
+        """The input ``x`` that ``node`` returns bit for bit: the other operand a constant
+        whose every element is the identity of ``op`` in x's (the constant's) element type
+        (``x + 0`` for integers, ``x + (-0.0)``, ``x - 0``, ``x * 1``, ``x / 1``; the
+        constant on either side of Add and Mul), of rank 0, or of dims all 1 within x's
+        known rank (the broadcast keeps x's shape); else None."""
+        pairs = [(node.inputs[0], node.inputs[1])]
+        if op in ("Add", "Mul"):
+            pairs.append((node.inputs[1], node.inputs[0]))
+        for x, c in pairs:
+            array = None if x is None or self._is_constant(x) else self._array(c)
+            if array is None or array.dtype.kind not in "fiu" or array.size == 0:
+                continue
+            if op in ("Mul", "Div"):
+                neutral = bool(np.all(array == 1))
+            elif array.dtype.kind == "f":  # -0.0 + -0.0 is -0.0, -0.0 - -0.0 is +0.0
+                neutral = bool(np.all(array == 0) and np.all(np.signbit(array) == (op == "Add")))
+            else:
+                neutral = bool(np.all(array == 0))
+            if not neutral:
+                continue
+            if array.ndim == 0 or all(d == 1 for d in array.shape) and (self.rank(x) or 0) >= array.ndim:
+                return x
+        return None
 
     def _passed(self, value: ir.Value, source: ir.Value) -> int:
         """``source``'s key for ``value``, which passes it through, and its affine form too
