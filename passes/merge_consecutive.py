@@ -26,7 +26,13 @@ Rewrites (``y = A(x)``, ``z = B(y)``; default-domain ops, in every graph):
   or ``Flatten`` in place of the first Reshape (each is a reshape: it keeps the
   elements in order), only when ``s2`` has no ``0`` entry or the Reshape has
   ``allowzero=1`` (a ``0`` would copy a dim of the view, which ``x`` may not have
-  there); the first node must have no other reader.
+  there); the first node must have no other reader. A Transpose keeps the element order
+  too when the axes of ``x`` it moves are all statically 1 (the others keep their order:
+  a unidirectional LSTM's ``[seq, 1, batch, hidden]`` output with ``perm=[0, 2, 1, 3]``);
+  after it a ``0`` of ``s2`` at a position the Transpose leaves in place copies the same
+  dim of ``x`` and stays, and a single ``0`` elsewhere becomes ``-1`` when every other
+  entry of ``s2`` is positive (the element count, the same for ``x``, then infers the dim
+  it copied); otherwise the pair stays.
 - ``unsqueeze-of-reshape``: ``Unsqueeze(Reshape(x, s), axes)`` becomes ``Reshape(x, s')``
   with ``s'`` the constant ``s`` with a ``1`` at each (normalized) axis, when ``s`` has
   no ``0`` entry or the Reshape has ``allowzero=1`` (a copied dim would move), the axes
@@ -221,10 +227,25 @@ def _squeeze_pair(node: ir.Node, opset: int) -> str | None:
 _VIEWS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")  # each keeps the element order
 
 
+def _unit_moving_transpose(value: ir.Value | None) -> ir.Node | None:
+    """The Transpose producing ``value`` when it keeps the element order: the axes of its
+    input that are not statically 1 stay in their order (only unit axes move)."""
+    node = _producer(value, "Transpose")
+    shape = None if node is None else node.inputs[0].shape
+    if shape is None:
+        return None
+    perm = _perm(node, shape.rank())
+    if perm is None or sorted(perm) != list(range(shape.rank())):
+        return None
+    kept = [p for p in perm if shape[p] != 1]
+    return node if kept == sorted(kept) else None
+
+
 def _reshapes(node: ir.Node, opset: int) -> str | None:
     if opset < 5:
         return None  # Reshape-1 takes its target as an attribute; not worth the cases
     first = next(filter(None, (_producer(node.inputs[0], view) for view in _VIEWS)), None)
+    first = first or _unit_moving_transpose(node.inputs[0])
     if first is None or not _only_reader(first.outputs[0], node):
         return None
     allowzero = node.attributes.get_int("allowzero", 0) if opset >= 14 else 0
@@ -233,12 +254,16 @@ def _reshapes(node: ir.Node, opset: int) -> str | None:
         if target is None or target.ndim != 1:
             return None
         if (target == 0).any():
-            if first.op_type != "Reshape":
+            if first.op_type == "Reshape":
+                resolved = _resolved_copies(target, first, opset)
+            elif first.op_type == "Transpose":
+                resolved = _moved_copy_inferred(target, _perm(first, first.inputs[0].shape.rank()))
+            else:
                 return None  # a copy of the view's dim, which x may not have there
-            resolved = _resolved_copies(target, first, opset)
             if resolved is None:
                 return None
-            node.replace_input_with(1, optcc.ir.constant_before(node, resolved, "target"))
+            if resolved is not target:
+                node.replace_input_with(1, optcc.ir.constant_before(node, resolved, "target"))
     node.replace_input_with(0, first.inputs[0])
     remove_if_dead(first)
     return "reshape-reshape" if first.op_type == "Reshape" else "reshape-of-view"
@@ -282,6 +307,25 @@ def _resolved_copies(target: np.ndarray, first: ir.Node, opset: int) -> np.ndarr
         if i >= first_target.size or first_target[i] < 0:
             return None
         resolved[i] = first_target[i]
+    return resolved
+
+
+def _moved_copy_inferred(target: np.ndarray, perm: list[int]) -> np.ndarray | None:
+    """``target``'s 0 entries read after a Transpose by ``perm``, as a target for its input:
+    a 0 at a position the Transpose leaves in place copies the same dim there and stays; a
+    single 0 elsewhere becomes -1 when every other entry is positive (the element count
+    then fixes it to the dim it copied); None otherwise."""
+    copies = np.flatnonzero(target == 0)
+    if copies.size and copies[-1] >= len(perm):
+        return None
+    moved = [i for i in copies if perm[i] != i]
+    if not moved:
+        return target
+    others = np.delete(target, moved[0])
+    if len(moved) != 1 or not (others > 0).all():
+        return None
+    resolved = target.astype(np.int64).copy()
+    resolved[moved[0]] = -1
     return resolved
 
 

@@ -580,3 +580,61 @@ def test_unsqueeze_of_a_copying_runtime_or_shared_reshape_stays():
     feeds = {"x": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "t": np.array([4, 6], np.int64)}
     result = _run(model, feeds)
     assert not result.modified and _ops(result.model) == {"Reshape": 3, "Unsqueeze": 3, "Neg": 1}
+
+
+def test_reshape_of_a_transpose_that_moves_only_unit_axes_reads_its_input():
+    """A dynamo-exported unidirectional LSTM: Y [seq, 1, batch, hidden] ->
+    Transpose [0, 2, 1, 3] (the unit num_directions axis moves, the element order stays)
+    -> Reshape [seq, 0, hidden]. The Reshape reads Y; its 0 copied the batch, now at
+    another position of its input, so it becomes -1 (the one entry left open, the others
+    positive). A 0 whose dim the Transpose leaves in place stays 0."""
+    model = _model("""
+    agraph (float[5, 1, B, 8] h, float[B, 1, 6] u) => (float[5, B, 8] y, float[B, 6] z)
+        <int64[3] s = {5, 0, 8}, int64[2] s2 = {0, 6}> {
+        t = Transpose<perm = [0, 2, 1, 3]>(h)
+        y = Reshape(t, s)
+        v = Transpose<perm = [0, 2, 1]>(u)
+        z = Reshape(v, s2)
+    }
+    """)
+    rng = np.random.default_rng(0)
+    feeds = {"h": rng.standard_normal((5, 1, 3, 8)).astype(np.float32),
+             "u": rng.standard_normal((3, 1, 6)).astype(np.float32)}
+    result = _run(model, feeds)
+    assert result.stats == {"reshape-of-view": 2}
+    assert _computing_ops(result.model) == {"Reshape": 2}
+    targets = [optcc.ir.as_numpy(n.inputs[1]).tolist() for n in result.model.graph if n.op_type == "Reshape"]
+    assert targets == [[5, -1, 8], [0, 6]]
+    y, z = ort_outputs(result.model, feeds)
+    assert np.array_equal(y, feeds["h"].transpose(0, 2, 1, 3).reshape(5, 3, 8))
+    assert np.array_equal(z, feeds["u"].reshape(3, 6))
+
+
+def test_reshape_of_a_transpose_that_reorders_data_or_copies_open_dims_stays():
+    """Transposes that move an axis not known to be 1 reorder the elements (or may); a copy
+    to move beside another copy or a -1 leaves no single entry to infer."""
+    text = """
+    agraph (float[2, 3, 4] x, float[5, 1, B, 8] h, float[A, 1, B, 8] g, float[5, C, B, 8] k)
+        => (float[24] y, float[5, B, 8] p, float[A, B, 8] q, float[5, B, 8] r, float[5, B, C, 8] w)
+        <int64[1] flat = {-1}, int64[3] two = {0, 0, 8}, int64[3] open = {-1, 0, 8},
+         int64[3] s = {5, 0, 8}, int64[4] s4 = {5, 0, 0, 8}> {
+        t = Transpose<perm = [0, 2, 1]>(x)
+        y = Reshape(t, flat)
+        a = Transpose<perm = [0, 2, 1, 3]>(h)
+        p = Reshape(a, two)
+        b = Transpose<perm = [0, 2, 1, 3]>(g)
+        q = Reshape(b, open)
+        c = Transpose<perm = [0, 2, 1, 3]>(k)
+        r = Reshape(c, s)
+        d = Transpose<perm = [0, 2, 1, 3]>(k)
+        w = Reshape(d, s4)
+    }
+    """
+    model = _model(text, infer=False)
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((2, 3, 4)).astype(np.float32),
+             "h": rng.standard_normal((5, 1, 3, 8)).astype(np.float32),
+             "g": rng.standard_normal((5, 1, 3, 8)).astype(np.float32),
+             "k": rng.standard_normal((5, 1, 3, 8)).astype(np.float32)}
+    result = _run(model, feeds)
+    assert not result.modified and _computing_ops(result.model) == {"Transpose": 5, "Reshape": 5}

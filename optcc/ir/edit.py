@@ -10,6 +10,7 @@ import onnx
 import onnx_ir as ir
 
 from optcc.ir.arrays import fresh
+from optcc.ir.legacy import upgrade_legacy_ir  # noqa: F401 (part of this module's interface)
 from optcc.ir.saving import initializers_set_aside, serialize
 from optcc.ir.walk import graphs, nodes, proto_graphs, subgraphs
 
@@ -92,24 +93,6 @@ class ModelNames:
     def node(self, base: str) -> str:
         """A node name no graph of the model uses (now taken)."""
         return unique_value_name(None, base, self.nodes)
-
-
-def upgrade_legacy_ir(model: ir.Model) -> int:
-    """Move a model below IR version 4 to 4, in place: initializers are no longer graph
-    inputs (those that nothing reads are dropped). Below IR 4 such inputs are constants no
-    caller can feed (onnxruntime does not list them), so the interface is unchanged; from
-    IR 4 on, a pass may add initializers without listing them as inputs. Returns how many
-    inputs were unlisted (0 for a model at IR 4 or above, which is left alone)."""
-    if int(model.ir_version or 0) >= 4:
-        return 0
-    graph = model.graph
-    constant_inputs = [v for v in graph.inputs if v.is_initializer()]
-    for value in constant_inputs:
-        graph.inputs.remove(value)
-        if not value.uses() and not value.is_graph_output():
-            graph.initializers.pop(value.name)
-    model.ir_version = 4
-    return len(constant_inputs)
 
 
 def initializers_are_constant(model: ir.Model) -> bool:

@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError
 
 from optcc.errors import BadInputError, UnsafeInputError
 from optcc.ir.collector import collector_paused
+from optcc.ir.legacy import upgrade_legacy_ir
 from optcc.ir.interface import (FILLED_INTERFACE_KEY, _apply_fills, _interface_fills, _restore, negative_dims_unknown,
                                 without_weights)
 from optcc.ir.walk import _node_protos, first_order_problem, graphs, nodes, tensor_protos
@@ -111,14 +112,18 @@ def _from_proto(
     has_external = _check_external_data(proto, base_dir, label)
     fills = _interface_fills(proto, label)
     originals = _apply_fills(proto, fills)
+    ir_version = proto.ir_version
+    unlisted = _unlisted_legacy_initializers(proto)
+    if unlisted:  # checked as the IR 4 model it is moved to just below: the rule it breaks is gone there
+        proto.ir_version = 4
     try:
-        if fills and has_external:
+        if (fills or unlisted) and has_external:
             # The checker can only resolve external data from the file, which lacks the
             # filled types; check the structure without the (already validated) weights.
             _check_structure(without_weights(proto), label)
-        elif read is not None and not fills and not has_external:
+        elif read is not None and not fills and not unlisted and not has_external:
             _check_structure(read, label)  # the very bytes parsed: the checker need not read the file again
-        elif path is not None and not fills:
+        elif path is not None and not fills and not unlisted:
             # The checker reads the file itself: it resolves external data files against
             # the model's folder (their locations were validated just above), and no
             # serialized copy of the parse is made for it (a 400 MB model: three copies of
@@ -129,10 +134,13 @@ def _from_proto(
         else:
             _check_structure(proto, label)
         read = None  # the model is built from the parse alone
+        proto.ir_version = ir_version
         try:
             with collector_paused():  # builds the model's objects only
                 model = ir.serde.deserialize_model(proto)
             _own_tensors(model)
+            if unlisted:
+                upgrade_legacy_ir(model)
         except Exception as e:  # onnx-ir rejects some malformed protos the checker lets through
             mapped = _map_typed(proto)
             if mapped is not None:
@@ -141,6 +149,7 @@ def _from_proto(
                                     label) from None
             raise BadInputError(f"malformed model: {_one_line(e)}", label) from None
     finally:
+        proto.ir_version = ir_version
         _restore(proto, originals)  # a caller's ModelProto is never modified
     notes = [note for _, _, note in fills] + negative_dims_unknown(model)
     if notes:
@@ -344,6 +353,16 @@ def _check_external_location(
             "(truncated?)",
             label,
         )
+
+
+def _unlisted_legacy_initializers(proto: onnx.ModelProto) -> bool:
+    """Whether the model is below IR version 4 yet has initializers it does not list as
+    graph inputs (as IR 3 requires). onnxruntime runs such a model with every initializer
+    a constant, which is what ``upgrade_legacy_ir`` makes of it."""
+    if proto.ir_version >= 4:
+        return False
+    listed = {v.name for v in proto.graph.input}
+    return any(t.name not in listed for t in proto.graph.initializer)
 
 
 def _check_structure(proto: onnx.ModelProto | str | bytes, label: str) -> None:

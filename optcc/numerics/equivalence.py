@@ -21,7 +21,10 @@ gets a key, and two values with the same key compute the same thing for every in
   inference gives every dim of x as a positive integer (a 0 would copy a dim of the 2-D
   value instead of x's);
 - ``Identity`` and inference-mode ``Dropout`` (opset >= 7, ``training_mode`` absent or a
-  constant false) output the key of their input (and its affine form, below);
+  constant false) output the key of their input (and its affine form, below), and so do
+  ``x + 0`` (integers), ``x + (-0.0)``, ``x - 0``, ``x * 1`` and ``x / 1`` with a constant
+  of x's element type, of rank 0 or of unit dims within x's rank (IEEE 754 returns x bit
+  for bit there, signed zeros, infinities and NaN included; ``x + (+0.0)`` does not);
 - a ``Reshape`` whose target is read symbolically (constants, and dims of the reshaped
   tensor through Shape, Slice, Gather, Concat, Unsqueeze, Squeeze of one element and
   integer Casts; ``0`` copies a dim) is keyed by its input and that target; one whose
@@ -46,7 +49,7 @@ gets a key, and two values with the same key compute the same thing for every in
   a constant input from 13, negative ones from 11;
 - a ``Reshape`` to one dim is keyed as ``Reshape(x, [-1])``: where it runs its output is
   x's elements in order, whatever the one element says (a constant ``x``: the key of those
-  elements, computed by that definition);
+  elements, computed by that definition; an ``x`` of rank 1: x's own key);
 - these views (a read target dim as ``-1``, a Reshape pair, a Transpose pair, a Squeeze
   and Unsqueeze pair, a Reshape to one dim) hold only where the nodes run: a candidate's
   key that drops one (an identity Transpose or pair, a cancelled Squeeze or Unsqueeze
@@ -543,6 +546,31 @@ class _Numbering:
         return key
 
 
+_INTEGER_ARITHMETIC = ("Add", "Sub", "Mul", "Div")
+
+
+def _integer_arithmetic(op: str, parts: list[tuple[bool, list]]) -> tuple[bool, list] | None:
+    """``op`` on two shape-like integer tensors whose elements are all integers, by ONNX's
+    broadcasting (one element against a list; a scalar only with a scalar stays one), as
+    ``_shape_elements`` gives them; None where an element is a dim of unknown size, the
+    lengths do not broadcast, a Div has a negative operand or a zero divisor (integer
+    division rounds toward zero in onnxruntime, down in NumPy: the same only there), or a
+    result leaves int64 with room to spare."""
+    (scalar_a, a), (scalar_b, b) = parts
+    if not all(isinstance(e, int) for e in (*a, *b)) or len(a) != len(b) and 1 not in (len(a), len(b)):
+        return None
+    n = max(len(a), len(b))
+    pairs = list(zip(a * n if len(a) == 1 else a, b * n if len(b) == 1 else b))
+    if op == "Div" and any(x < 0 or y <= 0 for x, y in pairs):
+        return None
+    compute = {"Add": lambda x, y: x + y, "Sub": lambda x, y: x - y, "Mul": lambda x, y: x * y,
+               "Div": lambda x, y: x // y}[op]
+    result = [compute(x, y) for x, y in pairs]
+    if any(abs(r) >= 1 << 62 for r in result):
+        return None
+    return scalar_a and scalar_b, result
+
+
 class _Keys:
     """The keys of one model's top-level values, computed on demand."""
 
@@ -635,7 +663,8 @@ class _Keys:
     def _shape_elements(self, value: ir.Value | None) -> tuple[bool, list] | None:
         """A shape-like integer tensor as (is_scalar, elements), each element an int or
         ``("dim", key of x, i)`` (dim ``i`` of ``x``): constants, ``Shape`` and what
-        Gather, Slice, Concat, Unsqueeze, Squeeze (of one element) and integer Casts make
+        Gather, Slice, Concat, Unsqueeze, Squeeze (of one element), a Reshape of a list to
+        one dim, integer Casts and integer Add, Sub, Mul, Div (``_integer_arithmetic``) make
         of them; else None."""
         if value is None:
             return None
@@ -668,16 +697,19 @@ class _Keys:
             if op == "Cast" and attrs.get("to") not in (ir.DataType.INT64.value, ir.DataType.INT32.value):
                 return None
             return self._shape_elements(inputs[0])
-        if op not in ("Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", "Mul"):
+        if op not in ("Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", "Reshape", *_INTEGER_ARITHMETIC):
             return None
         parts = [self._shape_elements(v) for v in inputs]
+        if op == "Reshape":  # a list in one dim is that list (-1, or its length)
+            vector, target = (parts + [None])[:2]
+            if vector is None or vector[0] or target is None or target[1] not in ([-1], [len(vector[1])]):
+                return None
+            return vector
         if op == "Mul" and len(parts) == 2 and all(p is not None and p[0] for p in parts) \
                 and 1 in (parts[0][1][0], parts[1][1][0]):
             return parts[1] if parts[0][1][0] == 1 else parts[0]  # a dim times 1
-        if op == "Mul" and len(parts) == 2 and all(p is not None and p[0] for p in parts) \
-                and all(isinstance(e, int) for p in parts for e in p[1]):
-            product = parts[0][1][0] * parts[1][1][0]  # two integer scalars
-            return (True, [product]) if abs(product) < 1 << 62 else None  # no int64 overflow
+        if op in _INTEGER_ARITHMETIC:
+            return _integer_arithmetic(op, parts) if len(parts) == 2 and None not in parts else None
         if op == "Concat" and attrs.get("axis") in (0, -1) and parts and all(p is not None and not p[0] for p in parts):
             return False, [e for p in parts for e in p[1]]
         if op == "Unsqueeze" and parts and parts[0] is not None and parts[0][0]:
@@ -706,6 +738,14 @@ class _Keys:
                 return None
             return False, parts[0][1][slice(starts[0], ends[0], steps[0])]
         return None
+
+    def _integer_list(self, value: ir.Value) -> list[int] | None:
+        """A computed 1-D integer tensor's elements, where ``_shape_elements`` reads them all
+        as integers (dims it finds static included), else None."""
+        found = self._shape_elements(value)
+        if found is None or found[0] or not all(isinstance(e, int) for e in found[1]):
+            return None
+        return found[1]
 
     def rank(self, value: ir.Value, depth: int = 0) -> int | None:
         """A value's rank (once per value): a fed graph input's, its declared rank (what
@@ -899,6 +939,10 @@ class _Keys:
             to = node.attributes.get_int("to")
             if to is not None and to == self.inferred_type(node.inputs[0]):
                 return self._passed(value, node.inputs[0])  # a Cast to the type it has copies it
+        if domain == "" and op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2 and not node.attributes.data:
+            kept = self._neutral_operand(node, op)
+            if kept is not None:
+                return self._passed(value, kept)  # x op (its identity element) returns x
         if domain == "" and op == "ConstantOfShape" and len(node.inputs) == 1 and self._constant(value) is None:
             filled = self._filled_read(node)
             if filled is not None:
@@ -1065,6 +1109,8 @@ class _Keys:
         if array is not None and array.size <= SMALL_TENSOR_ELEMENTS and _PLAIN_ARRAYS.get(array.dtype) is not None:
             flat = self._arrays[id(value)] = array.reshape(-1)
             return self.numbering.array(flat)
+        if self.rank(node.inputs[0]) == 1:
+            return self.key(node.inputs[0])  # a vector in one dim is that vector, element for element
         return self.numbering.intern(("reshape", x, (-1,), True))
 
     def inferred_dims(self, value: ir.Value, rank: int) -> list[int | None]:
@@ -1196,11 +1242,14 @@ class _Keys:
             if inputs[0] is None or inputs[1] is None:
                 return None
             arrays = [None if v is None else self._array(v) for v in inputs]
-            given = [a for v, a in zip(inputs, arrays) if v is not None]
-            if any(a is None or a.ndim != 1 for a in given) or len({a.dtype for a in given}) != 1 \
-                    or given[0].dtype not in (np.int32, np.int64):
-                return None  # an input not a constant list, or not one index type (Tind)
-            parts = [None if a is None else [int(e) for e in a] for a in arrays]
+            given = [a for a in arrays if a is not None]
+            if any(a.ndim != 1 for a in given) or len({a.dtype for a in given}) > 1 \
+                    or any(a.dtype not in (np.int32, np.int64) for a in given):
+                return None  # a constant that is not a list, or not one index type (Tind)
+            parts = [None if v is None else [int(e) for e in a] if a is not None else self._integer_list(v)
+                     for v, a in zip(inputs, arrays)]
+            if any(part is None for v, part in zip(inputs, parts) if v is not None):
+                return None  # an entry that is not an integer read here
         starts, ends, axes, steps = parts
         count = len(starts)
         axes = list(range(count)) if axes is None else axes
@@ -1297,6 +1346,31 @@ class _Keys:
             if mode is None or bool(np.any(mode)):
                 return self.numbering.unique()
         return self._passed(value, node.inputs[0])
+
+    def _neutral_operand(self, node: ir.Node, op: str) -> ir.Value | None:
+        """The input ``x`` that ``node`` returns bit for bit: the other operand a constant
+        whose every element is the identity of ``op`` in x's (the constant's) element type
+        (``x + 0`` for integers, ``x + (-0.0)``, ``x - 0``, ``x * 1``, ``x / 1``; the
+        constant on either side of Add and Mul), of rank 0, or of dims all 1 within x's
+        known rank (the broadcast keeps x's shape); else None."""
+        pairs = [(node.inputs[0], node.inputs[1])]
+        if op in ("Add", "Mul"):
+            pairs.append((node.inputs[1], node.inputs[0]))
+        for x, c in pairs:
+            array = None if x is None or self._is_constant(x) else self._array(c)
+            if array is None or array.dtype.kind not in "fiu" or array.size == 0:
+                continue
+            if op in ("Mul", "Div"):
+                neutral = bool(np.all(array == 1))
+            elif array.dtype.kind == "f":  # -0.0 + -0.0 is -0.0, -0.0 - -0.0 is +0.0
+                neutral = bool(np.all(array == 0) and np.all(np.signbit(array) == (op == "Add")))
+            else:
+                neutral = bool(np.all(array == 0))
+            if not neutral:
+                continue
+            if array.ndim == 0 or all(d == 1 for d in array.shape) and (self.rank(x) or 0) >= array.ndim:
+                return x
+        return None
 
     def _passed(self, value: ir.Value, source: ir.Value) -> int:
         """``source``'s key for ``value``, which passes it through, and its affine form too
