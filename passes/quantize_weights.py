@@ -537,7 +537,8 @@ def gather_stored_rows(graph: ir.Graph, node: ir.Node, taken: set[str]) -> bool:
     """``Gather(Mul(Cast<float>(q), scale), ids)`` on axis 0, with ``q`` a ``[V, H]`` table
     stored as integer levels (``optcc.ir.stored_levels``) that only axis-0 Gathers read and
     ``scale`` one per row (``[V, 1]``) or one for every row (a scalar, ``[H]``, ``[1, H]``)
-    -> ``Mul(Cast<float>(Gather(q, ids)), scale or Gather(scale, ids))``, the operands in
+    -> ``Mul(Cast<float>(Gather(q, ids)), scale or Gather(scale, ids))`` (a ``[1, H]`` scale
+    as ``[H]``: the gathered rows of 0-d ids have rank 1, as the original's), the operands in
     the order the graph had them: each element is the same float32 product of the same
     operands, and the table is never dequantized whole. False, nothing changed, for any
     other Gather."""
@@ -564,6 +565,8 @@ def gather_stored_rows(graph: ir.Graph, node: ir.Node, taken: set[str]) -> bool:
         row_scale = ir.node("Gather", [scale, ids], {"axis": 0})
         made.append((row_scale, "rows_scale"))
         scale = row_scale.outputs[0]
+    elif factor.ndim == 2:  # [1, H] or [1, 1] would broadcast the rows of 0-d ids to [1, H]
+        scale = _initializer(graph, _name(taken, f"{base}_rows_scale"), factor.reshape(factor.shape[-1:]))
     for new, suffix in made:
         new.outputs[0].name = _name(taken, f"{base}_{suffix}")
     old = node.outputs[0]

@@ -24,13 +24,14 @@ Q = RNG.integers(-127, 128, size=(V, H), dtype=np.int8)
 IDS = np.array([[0, 7, 49, 7, 3], [12, 12, 0, 48, 1]], np.int64)
 
 
-def _model(scale: np.ndarray, *, scale_first: bool = False, matmul_too: bool = False) -> onnx.ModelProto:
+def _model(scale: np.ndarray, *, scale_first: bool = False, matmul_too: bool = False,
+           ids: np.ndarray = IDS) -> onnx.ModelProto:
     """ids -> Gather(Mul(Cast(Q), scale), ids) -> e; ``matmul_too``: x @ table^T as well (tied head)."""
     mul_inputs = ["S", "qf"] if scale_first else ["qf", "S"]
     nodes = [oh.make_node("Cast", ["Q"], ["qf"], to=TP.FLOAT), oh.make_node("Mul", mul_inputs, ["table"]),
              oh.make_node("Gather", ["table", "ids"], ["e"], name="embed")]
-    inputs = [oh.make_tensor_value_info("ids", TP.INT64, list(IDS.shape))]
-    outputs = [oh.make_tensor_value_info("e", TP.FLOAT, [*IDS.shape, H])]
+    inputs = [oh.make_tensor_value_info("ids", TP.INT64, list(ids.shape))]
+    outputs = [oh.make_tensor_value_info("e", TP.FLOAT, [*ids.shape, H])]
     if matmul_too:
         nodes.append(oh.make_node("Gemm", ["x", "table"], ["logits"], transB=1))
         inputs.append(oh.make_tensor_value_info("x", TP.FLOAT, [3, H]))
@@ -67,6 +68,24 @@ def test_stored_embedding_rows_are_gathered_as_int8(kind, scale_first):
     rows = scale[IDS] if scale.ndim == 2 else scale
     np.testing.assert_array_equal(got, Q[IDS].astype(np.float32) * rows)
     assert not QuantizeDynamicPass(count_fused=False)(optcc.ir.load(q)).modified
+
+
+@pytest.mark.parametrize("scale_shape", [(1, H), (1, 1)])
+@pytest.mark.parametrize("ids", [np.array(7, np.int64), IDS], ids=["0-d ids", "2-d ids"])
+def test_a_scale_of_rank_two_for_every_row_keeps_the_gathered_shape(scale_shape, ids):
+    """A [1, H] or [1, 1] scale for every row: the rows of 0-d ids have rank 1 in the
+    original, and so in the result (the scale is not broadcast against them as [1, H])."""
+    scale = (RNG.uniform(0.5, 2.0, size=scale_shape) / 127).astype(np.float32)
+    model = _model(scale, ids=ids)
+    result = QuantizeDynamicPass(count_fused=False)(optcc.ir.load(model))
+    assert result.modified and result.stats["stored_rows_gathered"] == 1
+    q = optcc.ir.serialize(result.model)
+    onnx.checker.check_model(q, full_check=True)
+    (got,) = ReferenceEvaluator(q).run(None, {"ids": ids})
+    expected = Q[ids].astype(np.float32) * scale.reshape(-1)
+    assert got.shape == (*ids.shape, H)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, ReferenceEvaluator(model).run(None, {"ids": ids})[0])
 
 
 def test_a_stored_table_read_by_a_matmul_too_is_left_alone():
