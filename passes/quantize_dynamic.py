@@ -96,12 +96,13 @@ class QuantizeDynamicPass(optcc.Pass):
                 embedding = node.op_type == "Gather" and self.embeddings
                 if embedding:
                     reason = embedding_reason(node, inputs_constant=inputs_constant)
-                    if reason is None and self.exclude & {node.name, *(v.name for v in node.outputs)}:
+                    excluded = bool(self.exclude & {node.name, *(v.name for v in node.outputs)})
+                    if reason is None and excluded:
                         reason = "excluded"
                 else:
                     reason = self._reason_to_skip(node, inputs_constant)
                 table = node.inputs[0] if embedding else None
-                if embedding and reason == "" and gather_stored_rows(graph, node, taken):
+                if embedding and reason == "" and not excluded and gather_stored_rows(graph, node, taken):
                     replaced.append(table)
                     stats["stored_rows_gathered"] = stats.get("stored_rows_gathered", 0) + 1
                     continue

@@ -94,3 +94,14 @@ def test_a_stored_table_read_by_a_matmul_too_is_left_alone():
     q = optcc.ir.serialize(result.model)
     assert "stored_rows_gathered" not in result.stats
     assert any(n.op_type == "Gather" and n.input[0] == "table" for n in q.graph.node)
+
+
+def test_an_excluded_gather_keeps_its_stored_table():
+    """``exclude`` names the embedding's Gather: its table is read as the graph reads it."""
+    model = _model(SCALES["per-row"])
+    result = QuantizeDynamicPass(count_fused=False, exclude=["embed"])(optcc.ir.load(model))
+    assert not result.modified and "stored_rows_gathered" not in result.stats
+    q = optcc.ir.serialize(result.model)
+    assert any(n.op_type == "Gather" and n.input[0] == "table" for n in q.graph.node)
+    (got,) = ReferenceEvaluator(q).run(None, {"ids": IDS})
+    np.testing.assert_array_equal(got, Q[IDS].astype(np.float32) * SCALES["per-row"][IDS])
