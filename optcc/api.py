@@ -25,7 +25,7 @@ from optcc.ir.overwrite import check_input_shapes
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
 from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary,
                             input_roles, resolve_providers)
-from optcc.quant import quantization_ops, quantized_already
+from optcc.quant import quantization_ops
 from optcc.quant.driver import check_groups
 
 __all__ = ["optimize", "OptimizeResult", "verify", "FOLD_GROWTH_WARNING"]
@@ -278,9 +278,7 @@ def optimize(
                     verifier.outputs(model, positions)
         quantizer = create_pass(INT8_PASS, samples=samples, method=int8_method, progress=progress,
                                 **{"prepare": False, **shared, **dict(int8_options or {})})
-        # a quantized model is declined as it is: the preparation would fold its stored weights to float
-        pipeline.append(Prepared(preparation, quantizer,
-                                 unprepared=lambda model: quantized_already(model, stored=True) is not None))
+        pipeline.append(Prepared(preparation, quantizer))
     if int8_dynamic:
         pipeline.append(create_pass("quantize-dynamic"))
     if weight_only:
@@ -553,7 +551,7 @@ def _held_already(model: ir.Model, kind: str, record: Any) -> bool:
     another reason of its own."""
     stats = record.stats or {}
     if kind == "int8":
-        return stats.get("declined") == "nothing" and quantized_already(model, stored=True) is not None
+        return stats.get("declined") == "nothing" and bool(quantization_ops(model))
     if stats.get("reason"):
         return False
     if kind == "fp16":

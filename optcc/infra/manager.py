@@ -71,13 +71,10 @@ class Prepared:
     only with ``main``'s. When ``main`` leaves the model unchanged (it declines, fails or is
     reverted), the model is the one the step was given, and the preparation's records say
     they were undone. For rewrites made only for ``main`` (INT8's folded weights and fused
-    BatchNorm layers), which the model would not get without it. Where ``unprepared`` holds
-    on the model given, ``main`` runs on it as it is (it declines such a model whatever the
-    preparation, which could hide why)."""
+    BatchNorm layers), which the model would not get without it."""
 
     preparation: Sequence[PassLike]
     main: PassLike
-    unprepared: Callable[[ir.Model], bool] | None = None
 
 
 PipelineStep = Union[PassLike, Fixpoint, Prepared]
@@ -388,8 +385,7 @@ class PassManager:
         checkpoint there, and the preparation's kept runs dropped and recorded as undone."""
         given = oir.clone(model)
         kept, first, summary = len(run.kept), len(run.records), run.summary
-        preparation = [] if step.unprepared is not None and step.unprepared(model) else step.preparation
-        for pass_ in preparation:
+        for pass_ in step.preparation:
             if not self._would_change_nothing(run, pass_):
                 model, _ = self._run_pass(run, pass_, model, iteration=None)
         main_changed = False

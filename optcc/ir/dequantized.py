@@ -63,22 +63,17 @@ def stored_bits(value: ir.Value) -> int | None:
     return int(q_type.itemsize * 8)
 
 
-def is_dequantized(value: ir.Value) -> bool:
-    """Whether ``dequantized_array(value)`` is an array, read without computing it: ``value =
-    Mul(Cast<float>(q), scale)`` with ``q`` an 8- or 16-bit integer constant and ``scale`` a
-    float32 constant."""
+def stored_levels(value: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value] | None:
+    """``(the Mul, q, scale)`` when ``value = Mul(Cast<float>(q), scale)`` with ``q`` an 8-
+    or 16-bit integer constant and ``scale`` a float32 constant (``dequantized_array(value)``
+    is then an array; the product is not computed); else None."""
     chain = _chain(value)
     if chain is None or stored_bits(value) is None or not is_constant(chain[1].inputs[0]):
-        return False
-    scale = const_array(chain[2])
-    return scale is not None and scale.dtype == np.float32
-
-
-def stored_levels(value: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value] | None:
-    """``(the Mul, q, scale)`` when ``is_dequantized(value)``, else None."""
-    if not is_dequantized(value):
         return None
-    mul, cast, scale = _chain(value)  # type: ignore[misc]
+    mul, cast, scale = chain
+    factor = const_array(scale)
+    if factor is None or factor.dtype != np.float32:
+        return None
     return mul, cast.inputs[0], scale
 
 

@@ -486,8 +486,8 @@ def quantize_int8(
         report_floor()
         return untouched, stats
 
-    already = quantized_already(working, stored=True)
-    if already:  # Q/DQ over an INT8 model's Q/DQ (or its stored levels) would requantize what is quantized already
+    already = quantized_already(working)
+    if already:  # Q/DQ over an INT8 model's Q/DQ would requantize what is quantized already
         return decline("nothing", already + "; INT8 quantizes float models")
     seconds: dict[str, float] = {}
     stats["seconds"] = seconds  # wall time per phase

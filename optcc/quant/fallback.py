@@ -143,43 +143,11 @@ def quantization_ops(model: ir.Model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-# the layers whose weights static INT8 quantizes
-_WEIGHTED_LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-
-
-def stored_weights(model: ir.Model) -> dict[str, tuple[int, int]]:
-    """When every constant weight of INT8's layers (Conv, ConvTranspose, Gemm, MatMul) is
-    stored as integer levels and dequantized in the graph (``Mul(Cast<float>(q), scale)``,
-    ``optcc.ir.is_dequantized``), as a weight-only quantized model holds them: those weights
-    by the op type of the layer reading each, how many and their bits. Empty when a layer
-    reads a float constant (a float model, one weight stored small or not) or none is stored."""
-    seen: set[int] = set()
-    found: dict[str, tuple[int, int]] = {}
-    for node in oir.nodes(model):
-        if node.op_type not in _WEIGHTED_LAYERS or node.domain not in ("", "ai.onnx"):
-            continue
-        for value in node.inputs[:2]:
-            if value is None or id(value) in seen:
-                continue
-            seen.add(id(value))
-            if oir.is_dequantized(value):
-                count, bits = found.get(node.op_type, (0, 0))
-                found[node.op_type] = (count + 1, max(bits, oir.stored_bits(value) or 0))
-            elif oir.is_constant(value):
-                return {}
-    return dict(sorted(found.items()))
-
-
-def quantized_already(model: ir.Model, *, stored: bool = False) -> str | None:
+def quantized_already(model: ir.Model) -> str | None:
     """For a precision pass that declines a model holding quantization ops
-    (``quantization_ops``), and with ``stored`` a weight-only quantized one
-    (``stored_weights``: INT8 would round its levels again): the reason, naming them with
-    their counts; else None."""
-    found = [f"{n} {op}" for op, n in quantization_ops(model).items()]
-    if stored:
-        found += [f"{n} {op} weight{'s' if n > 1 else ''} stored as int{bits} levels (Cast, Mul)"
-                  for op, (n, bits) in stored_weights(model).items()]
-    return "the model is already quantized (" + ", ".join(found) + ")" if found else None
+    (``quantization_ops``): the reason, naming them with their counts; else None."""
+    ops = quantization_ops(model)
+    return "the model is already quantized (" + ", ".join(f"{n} {op}" for op, n in ops.items()) + ")" if ops else None
 
 
 def count_integer_nodes(model: ir.Model) -> int:
