@@ -60,7 +60,6 @@ __all__ = [
     "Match",
     "Builder",
     "Rule",
-    "rule_roots",
     "RewriteStats",
     "apply_rules",
     "RewritePass",
@@ -813,13 +812,6 @@ class RewritePass(Pass):
         """Whether the pass only applies its rules (no ``call`` of its own, which may do more)."""
         return type(self).call is RewritePass.call
 
-    @property
-    def triggers(self) -> frozenset[str] | None:  # type: ignore[override]
-        """The op types the rules are rooted at (``rule_roots``), for a pass that only
-        applies its rules; None for a subclass with a ``call`` of its own, which may do more
-        (it states its own triggers)."""
-        return rule_roots(self.active_rules()) if self._only_rules() else None
-
     def changes_nothing(self, ops: Collection[str]) -> bool:
         """For a pass that only applies its rules: whether no rule can match a model whose
         op histogram has the keys ``ops``, i.e. each rule's pattern names an ``Op`` none of
@@ -852,10 +844,3 @@ def _rule_ops(rule: Rule) -> list[frozenset[str]]:
             found.append(_op_names(pattern))
             stack.extend(pattern.inputs)
     return found
-
-
-def rule_roots(rules: Sequence[Rule]) -> frozenset[str]:
-    """The op types ``rules`` are rooted at, as ``op_histogram`` keys: ``apply_rules`` tries
-    a rule only at a node of its root's op type and domain, so in a model without one of
-    these it changes nothing."""
-    return frozenset().union(*(_op_names(rule.pattern) for rule in rules))
