@@ -24,7 +24,8 @@ gets a key, and two values with the same key compute the same thing for every in
   constant false) output the key of their input (and its affine form, below), and so do
   ``x + 0`` (integers), ``x + (-0.0)``, ``x - 0``, ``x * 1`` and ``x / 1`` with a constant
   of x's element type, of rank 0 or of unit dims within x's rank (IEEE 754 returns x bit
-  for bit there, signed zeros, infinities and NaN included; ``x + (+0.0)`` does not);
+  for bit there, signed zeros, infinities and quiet NaNs included, and a signalling NaN as
+  a NaN, quieted; ``x + (+0.0)`` does not: it turns -0.0 into +0.0);
 - a ``Reshape`` whose target is read symbolically (constants, and dims of the reshaped
   tensor through Shape, Slice, Gather, Concat, Unsqueeze, Squeeze of one element and
   integer Casts; ``0`` copies a dim) is keyed by its input and that target; one whose
@@ -1348,7 +1349,7 @@ class _Keys:
         return self._passed(value, node.inputs[0])
 
     def _neutral_operand(self, node: ir.Node, op: str) -> ir.Value | None:
-        """The input ``x`` that ``node`` returns bit for bit: the other operand a constant
+        """The input ``x`` that ``node`` returns bit for bit (a signalling NaN quieted): the other operand a constant
         whose every element is the identity of ``op`` in x's (the constant's) element type
         (``x + 0`` for integers, ``x + (-0.0)``, ``x - 0``, ``x * 1``, ``x / 1``; the
         constant on either side of Add and Mul), of rank 0, or of dims all 1 within x's
