@@ -90,6 +90,7 @@ _NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormali
                     "MeanVarianceNormalization", "RMSNormalization", "SkipLayerNormalization",
                     "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization"})
 _SCORE_CAP_DB = 60.0  # about float16 rounding noise: losses below it are inherent
+WHOLE_RUN_BYTES = 64 << 20  # a sample's values up to this size are ranked on one run of each model
 # ops that only move, select or repeat their float input's values (no arithmetic on them)
 MOVEMENT_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Slice",
                           "Gather", "GatherElements", "GatherND", "Concat", "Split", "Expand", "Tile",
@@ -230,28 +231,28 @@ class ConvertFloat16Pass(optcc.Pass):
         # ranges and If conditions are observed on the user's samples, else on the first 2
         # generated ones (batch 1); the accuracy check judges every sample
         self.range_feeds = self.feeds if self.inputs else self.feeds[:2]
-        self.ref_values: list[dict[str, np.ndarray]] = []  # the first sample's values (none: not run)
-        self.ranges: dict[str, fp16.ranges.TensorRange] = {}
-        self.taken: dict[str, frozenset[bool]] = {}  # the values each If condition took
+        # ranges, If conditions, and of the first sample the values' types and sizes and the
+        # graph outputs' values (None: the model did not run)
+        self.observed: fp16.ranges.Observation | None = None
         self.range_note = None
         try:
-            first, self.ranges, self.taken = self._observed()
-            self.ref_values = [first]
+            self.observed = self._observed()
         except Exception as e:  # noqa: BLE001
             self.range_note = f"ranges not observed: onnxruntime cannot run the model ({e})"[:300]
+        self.ranges = self.observed.ranges if self.observed else {}
+        self.taken = self.observed.taken if self.observed else {}  # the values each If condition took
         # onnx's inference stops at com.microsoft ops; what onnxruntime computed has a type
-        for name, array in (self.ref_values[0] if self.ref_values else {}).items():
+        for name, dtype in (self.observed.dtypes if self.observed else {}).items():
             if self.inferred.get(name) is None:
-                self.inferred[name] = ir.DataType.from_numpy(array.dtype)
+                self.inferred[name] = ir.DataType.from_numpy(dtype)
 
-    def _observed(
-        self,
-    ) -> tuple[dict[str, np.ndarray], dict[str, fp16.ranges.TensorRange], dict[str, frozenset[bool]]]:
-        """The first feed's values, every float value's ranges and the If conditions' values
-        over the feeds (``observe``); generated feeds the model cannot run are generated again with the
+    def _observed(self) -> fp16.ranges.Observation:
+        """``observe`` of the reference over the range feeds, keeping the first sample's
+        graph outputs; generated feeds the model cannot run are generated again with the
         sizes of ``RETRY_SIZES`` in turn, as the verifier does."""
+        outputs = [v.name for v in self.reference.graph.outputs]
         try:
-            return fp16.ranges.observe(self.reference, self.range_feeds, self._scratch)
+            return fp16.ranges.observe(self.reference, self.range_feeds, self._scratch, keep=outputs)
         except Exception:  # noqa: BLE001
             if self.given:  # the verification's samples stay what both judge
                 raise
@@ -260,12 +261,12 @@ class ConvertFloat16Pass(optcc.Pass):
             self.feeds = self.range_feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
                                                             ranges=self.input_ranges, **sizes)
             try:
-                return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
+                return fp16.ranges.observe(self.reference, self.feeds, self._scratch, keep=outputs)
             except Exception:  # noqa: BLE001 - the next sizes are tried
                 pass
         self.feeds = self.range_feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
                                                         ranges=self.input_ranges, **last)
-        return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
+        return fp16.ranges.observe(self.reference, self.feeds, self._scratch, keep=outputs)
 
     def _dtype(self, value: ir.Value) -> ir.DataType | None:
         return value.dtype if value.dtype is not None else self.inferred.get(value.name or "")
@@ -296,7 +297,7 @@ class ConvertFloat16Pass(optcc.Pass):
             return f"squared deviations up to {peak:.3g}^2 overflow float16"
         return None
 
-    def _probe_reason(self, node: ir.Node, slots: Slots) -> str | None:
+    def _probe_reason(self, node: ir.Node, slots: Slots, examples: Mapping[str, np.ndarray]) -> str | None:
         key = fp16.support.op_key(node.domain, node.op_type)
         if key in self._probed:
             return self._probed[key]
@@ -305,7 +306,7 @@ class ConvertFloat16Pass(optcc.Pass):
         def specs() -> list[np.ndarray | onnx.ValueInfoProto | None]:
             # built only for a probe: it reads the node's weights
             if not made:
-                made.append(self._probe_specs(node))
+                made.append(self._probe_specs(node, examples))
             return made[0]
 
         proto = ir.serde.serialize_node(node)
@@ -325,11 +326,27 @@ class ConvertFloat16Pass(optcc.Pass):
         self._probed[key] = reason
         return reason
 
-    def _probe_specs(self, node: ir.Node) -> list[np.ndarray | onnx.ValueInfoProto | None]:
-        """Per input of ``node``: an example array (a constant, the float32 run's value or
-        the feed) or its type and shape, for ``fp16.support``'s probe."""
+    def _probe_examples(self, nodes: Iterable[ir.Node]) -> dict[str, np.ndarray]:
+        """The first sample's values of the inputs that probes of ``nodes`` (in the order
+        they are judged) can read: those of the first node of each op type without a cached
+        verdict on every provider (``_probe_reason`` probes an op type once, on its first
+        node), fetched in one run of the reference (none where it did not run)."""
+        first: dict[str, ir.Node] = {}
+        for node in nodes:
+            first.setdefault(fp16.support.op_key(node.domain, node.op_type), node)
+        names = {v.name for node in first.values()
+                 if any(fp16.support.cached(node.domain, node.op_type, self.opset, p) is None for p in self.providers)
+                 for v in node.inputs if v is not None and v.name and optcc.ir.as_numpy(v) is None}
+        if self.observed is None or not names:
+            return {}
+        return fp16.ranges.values_of(self.reference, self.feeds[0], names, self._scratch)
+
+    def _probe_specs(self, node: ir.Node, values: Mapping[str, np.ndarray]
+                     ) -> list[np.ndarray | onnx.ValueInfoProto | None]:
+        """Per input of ``node``: an example array (a constant, its value in ``values``, the
+        first sample's (``_probe_examples``), or the feed) or its type and shape, for
+        ``fp16.support``'s probe."""
         specs: list[np.ndarray | onnx.ValueInfoProto | None] = []
-        values = self.ref_values[0] if self.ref_values else {}
         for v in node.inputs:
             if v is None:
                 specs.append(None)
@@ -355,6 +372,7 @@ class ConvertFloat16Pass(optcc.Pass):
         self._probed: dict[str, str | None] = {}
         self._cpu_fallback: set[str] = set()
         unrun = self._unrun_branches(keys)
+        judged: dict[ir.Node, tuple[int, Slots, str | None]] = {}  # the reasons no probe needs
         for node, key in keys.items():
             slots = float16_slots(node, self.opset, self._dtype)
             if isinstance(slots, str):
@@ -368,7 +386,10 @@ class ConvertFloat16Pass(optcc.Pass):
                 reason = "kept float32 by an earlier run's accuracy check"
             elif top.get(node) == key:
                 reason = self._range_reason(node)
-            reason = reason or self._probe_reason(node, slots)
+            judged[node] = (key, slots, reason)
+        examples = self._probe_examples(node for node, (_, _, reason) in judged.items() if not reason)
+        for node, (key, slots, reason) in judged.items():
+            reason = reason or self._probe_reason(node, slots, examples)
             if reason:
                 keep[key] = reason
             else:
@@ -491,10 +512,12 @@ class ConvertFloat16Pass(optcc.Pass):
                 v.shape = None
         return model
 
-    def _candidate_feeds(self, candidate: ir.Model) -> list[dict[str, np.ndarray]]:
+    def _candidate_feeds(self, candidate: ir.Model,
+                         feeds: Sequence[Feeds] | None = None) -> list[dict[str, np.ndarray]]:
+        """``feeds`` (default: every sample) as ``candidate`` reads them: float16 inputs cast."""
         types = {v.name: v.dtype for v in candidate.graph.inputs}
         return [{k: (a.astype(np.float16) if types.get(k) == FLOAT16 else a) for k, a in f.items()}
-                for f in self.feeds]
+                for f in (self.feeds if feeds is None else feeds)]
 
     def _original_outputs(self, provider: str) -> tuple[list[str], list[list[np.ndarray]]]:
         """The model as given: its output names and outputs per sample (run once, so that
@@ -553,28 +576,34 @@ class ConvertFloat16Pass(optcc.Pass):
     def _ranking(self, candidate: ir.Model, keep: Mapping[int, str]) -> list[set[int]]:
         """Regions (a main-graph node with the converted producers of its inputs), most
         harmful first: ranked by the SQNR the node loses between its inputs and outputs."""
-        try:
-            got = fp16.ranges.run_all(candidate, self._candidate_feeds(candidate)[:1], self._scratch,
-                                      skip=self._weight_casts)[0]
-        except Exception:  # noqa: BLE001
-            got = {}
-        ref = self.ref_values[0] if self.ref_values else {}
         keys, _ = _node_keys(self.reference)
-
-        def sqnr(value: ir.Value | None) -> float:
-            if value is None or value.name not in ref or value.name not in got:
-                return _SCORE_CAP_DB
-            return max(-_SCORE_CAP_DB, min(_SCORE_CAP_DB, fp16.ranges.sqnr_db(ref[value.name], got[value.name])))
 
         def converts(node: ir.Node) -> bool:
             return keys[node] not in keep and (
                 not isinstance(float16_slots(node, self.opset, self._dtype), str)
                 or bool(optcc.ir.subgraphs(node)))
 
+        ranked = [node for node in self.reference.graph if converts(node)]
+        measured: dict[str, float] = {}
+        if self.observed is not None:
+            nbytes = self.observed.nbytes
+            # both models' parts together hold about one sample's values, as ``observe`` did
+            part_bytes = max(WHOLE_RUN_BYTES, sum(nbytes.values()) // 2)
+            try:
+                measured = fp16.ranges.values_sqnr(
+                    self.reference, candidate, self.feeds[0], self._candidate_feeds(candidate, self.feeds[:1])[0],
+                    {v.name for node in ranked for v in (*node.inputs, *node.outputs) if v is not None},
+                    nbytes, part_bytes=part_bytes, scratch=self._scratch, skip=self._weight_casts)
+            except Exception:  # noqa: BLE001 - a candidate onnxruntime rejects ranks nothing first
+                measured = {}
+
+        def sqnr(value: ir.Value | None) -> float:
+            if value is None or value.name not in measured:
+                return _SCORE_CAP_DB
+            return max(-_SCORE_CAP_DB, min(_SCORE_CAP_DB, measured[value.name]))
+
         scores = []
-        for node in self.reference.graph:
-            if not converts(node):
-                continue
+        for node in ranked:
             lost = min((sqnr(v) for v in node.inputs), default=_SCORE_CAP_DB) - min(
                 (sqnr(v) for v in node.outputs), default=_SCORE_CAP_DB)
             region = {keys[node]} | {
@@ -738,7 +767,7 @@ class ConvertFloat16Pass(optcc.Pass):
             stats["mask_fills_clamped"] = {"to": fp16.MASK_FILL, "constants": self.mask_fills}
         if self.range_note:
             stats["ranges"] = self.range_note
-        if not self.ref_values:
+        if self.observed is None:
             stats["skipped"] = "nothing converted: " + (self.range_note or "no reference values")
             return optcc.PassResult(model, False, stats)
         if not plan and not any(self._store16_candidates(keep)):
@@ -799,7 +828,7 @@ class ConvertFloat16Pass(optcc.Pass):
         an input without objects), whose SQNR such samples cannot measure."""
         reason = (f"every layer went back to float32 to keep each output's SQNR >= {self.min_sqnr_db:g} dB "
                   f"on {len(self.feeds)} {'given' if self.inputs else 'generated'} sample(s)")
-        values = self.ref_values[0] if self.ref_values else {}
+        values = self.observed.kept if self.observed else {}
         near_zero = [v.name for v in self.reference.graph.outputs
                      if v.name in values and values[v.name].dtype.kind == "f" and values[v.name].size
                      and float(np.max(np.abs(values[v.name]))) < SATURATED_BELOW]

@@ -75,29 +75,104 @@ def test_merged_ranges_match_their_definitions(dtype, kinds):
         assert merged.flushed_fraction > 0.3 and math.isfinite(merged.rounding_sqnr_db)
 
 
-def test_observe_holds_the_first_samples_values_and_ranges_over_all():
-    """``observe`` on Relu(x) * 3 over three samples: the first sample's values and each
-    float value's range over all three, against numpy."""
+_RELU_TIMES_THREE = """
+    <ir_version: 8, opset_import: ["": 17]>
+    g (float[2, 5] x) => (float[2, 5] y) {
+        three = Constant <value = float {3.0}> ()
+        r = Relu(x)
+        y = Mul(r, three)
+    }"""
+
+
+def test_observe_keeps_the_first_samples_named_values_and_ranges_over_all():
+    """``observe`` on Relu(x) * 3 over three samples: the first sample's values of the names
+    kept (and every value's type and size there) and each float value's range over all
+    three, against numpy."""
     import onnx
 
     import optcc
     from optcc.fp16.ranges import observe
 
-    proto = onnx.parser.parse_model("""
-        <ir_version: 8, opset_import: ["": 17]>
-        g (float[2, 5] x) => (float[2, 5] y) {
-            three = Constant <value = float {3.0}> ()
-            r = Relu(x)
-            y = Mul(r, three)
-        }""")
     samples = [{"x": (RNG.standard_normal((2, 5)) * scale).astype(np.float32)} for scale in (1.0, 50.0, 0.5)]
     samples[2]["x"][0, 0] = 1e-9  # below half float16's smallest subnormal: flushed
-    first, ranges, _ = observe(optcc.ir.load(proto), samples)
+    seen = observe(optcc.ir.load(onnx.parser.parse_model(_RELU_TIMES_THREE)), samples, keep=["y"])
     relu = [np.maximum(s["x"], 0) for s in samples]
-    np.testing.assert_array_equal(first["r"], relu[0])
-    np.testing.assert_array_equal(first["y"], relu[0] * np.float32(3))
+    assert set(seen.kept) == {"y"}
+    np.testing.assert_array_equal(seen.kept["y"], relu[0] * np.float32(3))
+    assert seen.dtypes == {"three": np.float32, "r": np.float32, "y": np.float32}
+    assert seen.nbytes == {"three": 4, "r": 40, "y": 40}
     for name, arrays in {"x": [s["x"] for s in samples], "r": relu, "y": [r * np.float32(3) for r in relu]}.items():
         max_abs, flushed_fraction, _, size = _reference(arrays)
-        assert (ranges[name].max_abs, ranges[name].flushed_fraction, ranges[name].size) == \
+        assert (seen.ranges[name].max_abs, seen.ranges[name].flushed_fraction, seen.ranges[name].size) == \
             (max_abs, flushed_fraction, size), name
-    assert ranges["x"].flushed_fraction > 0
+    assert seen.ranges["x"].flushed_fraction > 0
+
+
+def test_observe_holds_one_samples_values_at_a_time(monkeypatch):
+    """When ``observe`` takes the next sample, no value of the run before it is alive but
+    those it was asked to keep: it streams over the samples."""
+    import gc
+    import weakref
+
+    import onnx
+
+    import optcc
+    from optcc.fp16 import ranges
+
+    runs: list[list[weakref.ref]] = []
+    numeric = ranges._numeric
+
+    def recorded(names, arrays):
+        values = numeric(names, arrays)
+        runs.append([weakref.ref(a) for a in values.values()])
+        return values
+
+    monkeypatch.setattr(ranges, "_numeric", recorded)
+    alive_when_taken: list[int] = []
+
+    def samples():
+        for scale in (1.0, 2.0, 3.0, 4.0):
+            gc.collect()
+            alive_when_taken.append(sum(ref() is not None for run in runs for ref in run))
+            yield {"x": np.full((2, 5), scale, np.float32)}
+
+    seen = ranges.observe(optcc.ir.load(onnx.parser.parse_model(_RELU_TIMES_THREE)), samples(), keep=["r"])
+    assert len(runs) == 4
+    assert alive_when_taken == [0, 1, 1, 1]  # the kept first-sample 'r' only
+    assert seen.ranges["y"].max_abs == 12.0
+
+
+def test_values_sqnr_compares_every_named_value_part_by_part():
+    """``values_sqnr`` of Relu(x) * 3 against Relu(x) * 3.01 (and an extra value the
+    reference lacks): each common value's SQNR against numpy's, the same whatever the part
+    size; the parts are consecutive runs of names of at most that many bytes."""
+    import onnx
+
+    import optcc
+    from optcc.fp16 import ranges
+
+    candidate = optcc.ir.load(onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[2, 5] x) => (float[2, 5] y) {
+            three = Constant <value = float {3.01}> ()
+            r = Relu(x)
+            extra = Neg(r)
+            y = Mul(r, three)
+        }"""))
+    reference = optcc.ir.load(onnx.parser.parse_model(_RELU_TIMES_THREE))
+    sample = {"x": RNG.standard_normal((2, 5)).astype(np.float32)}
+    relu = np.maximum(sample["x"], 0)  # the products are float32's, compared in float64
+    expected_y = (relu * np.float32(3)).astype(np.float64)
+    noise = float(np.sum((expected_y - (relu * np.float32(3.01)).astype(np.float64)) ** 2))
+    expected = {"r": math.inf, "y": 10 * math.log10(float(np.sum(expected_y ** 2)) / noise),
+                "three": 10 * math.log10(9.0 / (np.float64(np.float32(3)) - np.float64(np.float32(3.01))) ** 2)}
+    nbytes = {"three": 4, "r": 40, "y": 40}
+    for part_bytes in (0, 44, 1 << 20):
+        measured = ranges.values_sqnr(reference, candidate, sample, sample, {"three", "r", "y", "extra"}, nbytes,
+                                      part_bytes=part_bytes)
+        assert measured.keys() == expected.keys()
+        for name, db in expected.items():
+            assert measured[name] == pytest.approx(db, rel=1e-9), (part_bytes, name)
+    assert ranges._parts(["three", "r", "y"], nbytes, 0) == [["three"], ["r"], ["y"]]
+    assert ranges._parts(["three", "r", "y"], nbytes, 44) == [["three", "r"], ["y"]]
+    assert ranges._parts(["three", "r", "y"], nbytes, 1 << 20) == [["three", "r", "y"]]

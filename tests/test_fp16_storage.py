@@ -186,6 +186,39 @@ def test_reshape_with_a_computed_shape_is_probed_and_converted():
     assert_fp16_close(proto, result.model, [random_feeds(proto, {"x": [2, 3, 4]}, seed=s) for s in (0, 1)])
 
 
+def test_a_fresh_probe_reads_the_first_samples_computed_shape(tmp_path, monkeypatch):
+    """With no cached verdict, the probe of Reshape is given the first sample's computed
+    shape (what the reference computes there, fetched for the probes), not a placeholder
+    of its type; Reshape converts and the result stays within float16's tolerance."""
+    from optcc.fp16 import support
+
+    monkeypatch.setenv("OPTCC_CACHE", str(tmp_path))
+    probed: dict[str, list] = {}
+    probe_op = support.probe_op
+
+    def recorded(node, inputs, float16_inputs, opset, provider="CPUExecutionProvider"):
+        probed[node.op_type] = list(inputs)
+        return probe_op(node, inputs, float16_inputs, opset, provider)
+
+    monkeypatch.setattr(support, "probe_op", recorded)
+    proto = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["": 17]>
+    g (float[N, 3, 4] x) => (float[N, 12] y) {
+      s = Shape <end = 1> (x)
+      minus1 = Constant <value = int64[1] {-1}> ()
+      shape = Concat <axis = 0> (s, minus1)
+      h = Relu(x)
+      r = Reshape(h, shape)
+      y = Sigmoid(r)
+    }""")
+    samples = [random_feeds(proto, {"x": [n, 3, 4]}, seed=n) for n in (2, 5)]
+    result = run(proto, inputs=samples)
+    data, shape = probed["Reshape"]
+    np.testing.assert_array_equal(shape, [2, -1])
+    np.testing.assert_array_equal(data, np.maximum(samples[0]["x"], 0))
+    assert result.stats["converted"].get("Reshape") == 1
+    assert_fp16_close(proto, result.model, samples)
+
+
 def test_keep_io_types_false_gives_a_float16_interface_without_boundary_casts():
     w = (np.random.default_rng(4).standard_normal((64, 64)) * 0.2).astype(np.float32)
     proto = with_weights(MATMUL, w=w)

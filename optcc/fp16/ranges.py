@@ -8,6 +8,11 @@ tensor's SQNR once stored in float16, which says whether those values matter), a
 reduction extent seen by reduce ops are recorded over all samples. (Values inside
 If/Loop/Scan bodies cannot be graph outputs; the pass judges bodies by the control-flow
 node's outputs and by the final accuracy check.)
+
+One sample's values of every main-graph tensor are many times the model's size for a
+convolutional net on a large image, so no function here holds more than one sample's
+values at once: ``observe`` merges each sample into the ranges and drops it before the
+next run, and ``values_sqnr`` fetches the values it compares a part at a time.
 """
 
 from __future__ import annotations
@@ -80,17 +85,31 @@ def with_all_outputs(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def _probe(model: ir.Model, skip: Collection[str] = ()) -> ir.Model:
+def _probe(model: ir.Model, skip: Collection[str] = (), only: Collection[str] | None = None) -> ir.Model:
     """A clone of ``model`` (tensors shared, not copied) whose graph also outputs every
-    named node output of the main graph (but those named in ``skip``)."""
+    named node output of the main graph (but those named in ``skip``; with ``only``, those
+    named there alone). onnxruntime holds every graph output until the run ends, fetched
+    or not: a probe's run holds all the values it outputs."""
     probe = model.clone()
     present = set(probe.graph.outputs)
     for node in probe.graph:
         for value in node.outputs:
-            if value.name and value not in present and value.name not in skip:
+            if value.name and value not in present and value.name not in skip and (only is None or value.name in only):
                 present.add(value)
                 probe.graph.outputs.append(value)
     return probe
+
+
+def _probed_names(model: ir.Model, skip: Collection[str] = ()) -> list[str]:
+    """The names of the values ``_probe(model, skip)`` outputs, in its order."""
+    names = [v.name for v in model.graph.outputs]
+    present = set(names)
+    for node in model.graph:
+        for value in node.outputs:
+            if value.name and value.name not in present and value.name not in skip:
+                present.add(value.name)
+                names.append(value.name)
+    return names
 
 
 def session(model: ir.Model, provider: str = "CPUExecutionProvider",
@@ -103,38 +122,90 @@ def session(model: ir.Model, provider: str = "CPUExecutionProvider",
     return make_session(model, provider, scratch=scratch, options=session_options(arena=arena))
 
 
-def run_all(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
-            scratch: str | os.PathLike | None = None, skip: Collection[str] = ()) -> list[dict[str, np.ndarray]]:
-    """Every main-graph value of the model (but those named in ``skip``), per sample
-    (numeric tensors: floats for ranges and comparison, integers so that shape/index
-    inputs can be probed with real data)."""
-    probe = session(_probe(model, skip), scratch=scratch)
-    names = [o.name for o in probe.get_outputs()]
-    return [_numeric(names, probe.run(None, dict(sample))) for sample in feeds]
+def values_of(model: ir.Model, sample: Mapping[str, np.ndarray], names: Collection[str],
+              scratch: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """The numeric main-graph values named in ``names`` (node or graph outputs; others are
+    left out) of one run of ``model`` on ``sample`` that outputs only those (and the graph's)."""
+    probe = session(_probe(model, only=names), scratch=scratch, arena=False)
+    outputs = [o.name for o in probe.get_outputs()]
+    return {name: array for name, array in _numeric(outputs, probe.run(None, dict(sample))).items() if name in names}
+
+
+@dataclasses.dataclass
+class Observation:
+    """What ``observe`` saw: per float value (node outputs and feeds) its range over all
+    samples; per one-element boolean the values it took; per numeric node output its element
+    type and size in bytes on the first sample; and the first sample's values of the
+    names it was asked to keep."""
+
+    ranges: dict[str, TensorRange]
+    taken: dict[str, frozenset[bool]]
+    dtypes: dict[str, np.dtype]
+    nbytes: dict[str, int]
+    kept: dict[str, np.ndarray]
 
 
 def observe(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
-            scratch: str | os.PathLike | None = None
-            ) -> tuple[dict[str, np.ndarray], dict[str, TensorRange], dict[str, frozenset[bool]]]:
-    """The first sample's main-graph values (as ``run_all``), the ranges of every float
-    node output and float feed over all samples, and the values each one-element boolean
-    (an If's condition) took over the samples; a later sample's values are merged into the
-    ranges and dropped, so at most two samples' values are held at once."""
-    probe = session(_probe(model), scratch=scratch)
+            scratch: str | os.PathLike | None = None, keep: Collection[str] = ()) -> Observation:
+    """Run ``model`` on every sample, fetching every main-graph value, into an
+    ``Observation``: the ranges of every float node output and float feed over all samples,
+    the values each one-element boolean (an If's condition) took, and of the first sample
+    the node outputs' types and sizes and the values of those named in ``keep``. Each
+    sample's values are merged and dropped before the next run: one sample's values are
+    held at once."""
+    probe = session(_probe(model), scratch=scratch, arena=False)
     names = [o.name for o in probe.get_outputs()]
-    first: dict[str, np.ndarray] = {}
-    found: dict[str, TensorRange] = {}
-    taken: dict[str, frozenset[bool]] = {}
+    seen = Observation({}, {}, {}, {}, {})
     for i, sample in enumerate(feeds):
         values = _numeric(names, probe.run(None, dict(sample)))
         for name, array in [*values.items(), *sample.items()]:
             if isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.floating):
-                found.setdefault(name, TensorRange()).merge(array)
+                seen.ranges.setdefault(name, TensorRange()).merge(array)
             elif isinstance(array, np.ndarray) and array.dtype == bool and array.size == 1:
-                taken[name] = taken.get(name, frozenset()) | {bool(array.reshape(-1)[0])}
+                seen.taken[name] = seen.taken.get(name, frozenset()) | {bool(array.reshape(-1)[0])}
         if i == 0:
-            first = values
-    return first, found, taken
+            seen.dtypes = {name: array.dtype for name, array in values.items()}
+            seen.nbytes = {name: int(array.nbytes) for name, array in values.items()}
+            seen.kept = {name: values[name] for name in keep if name in values}
+        del values  # before the next run: its values replace these
+    return seen
+
+
+def values_sqnr(reference: ir.Model, candidate: ir.Model, reference_sample: Mapping[str, np.ndarray],
+                candidate_sample: Mapping[str, np.ndarray], names: Collection[str], nbytes: Mapping[str, int],
+                *, part_bytes: int, scratch: str | os.PathLike | None = None,
+                skip: Collection[str] = ()) -> dict[str, float]:
+    """``sqnr_db`` of each numeric main-graph value named in ``names`` that both models
+    compute (the candidate's named in ``skip`` aside), the candidate's against the
+    reference's, each model run on its sample. The values are compared in parts, in the
+    reference's order, each part holding at most ``part_bytes`` of the reference's values
+    by ``nbytes`` (a value larger than that alone): per part, each model runs once as a
+    probe that outputs that part alone, one session at a time, so about twice
+    ``part_bytes`` of values are held at once, never every value of a sample."""
+    computed = set(_probed_names(candidate, skip))
+    wanted = [name for name in _probed_names(reference) if name in names and name in computed]
+    result: dict[str, float] = {}
+    for part in _parts(wanted, nbytes, part_bytes):
+        ref = values_of(reference, reference_sample, part, scratch)
+        got = values_of(candidate, candidate_sample, part, scratch)
+        result.update({name: sqnr_db(ref[name], got[name]) for name in part if name in ref and name in got})
+        del ref, got  # before the next part's runs
+    return result
+
+
+def _parts(names: Sequence[str], nbytes: Mapping[str, int], limit: int) -> list[list[str]]:
+    """``names`` in order, cut into consecutive parts of at most ``limit`` bytes by
+    ``nbytes`` (a name missing there counts 0; one larger than ``limit`` is a part alone)."""
+    parts: list[list[str]] = []
+    held = 0
+    for name in names:
+        size = nbytes.get(name, 0)
+        if not parts or held + size > limit:
+            parts.append([])
+            held = 0
+        parts[-1].append(name)
+        held += size
+    return parts
 
 
 def _numeric(names: Sequence[str], arrays: Sequence[object]) -> dict[str, np.ndarray]:
