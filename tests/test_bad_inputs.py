@@ -304,6 +304,29 @@ def test_output_path_is_a_directory(tmp_path: Path, capsys) -> None:
     _refused(capsys, [str(model), "-o", str(tmp_path)], "directory", model)
 
 
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_output_path_that_is_no_regular_file_is_refused(tmp_path: Path, capsys, kind: str) -> None:
+    """The rename that writes the output would replace a link (not the file it points to)
+    or a device or pipe: refused, and the link, its target and the pipe stay as they were."""
+    model = _copy_example(tmp_path)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    out = sub / "out.onnx"
+    if kind == "symlink":
+        target = tmp_path / "elsewhere.onnx"
+        target.write_bytes(b"kept")
+        out.symlink_to(target)
+        needle = "symbolic link"
+    else:
+        os.mkfifo(out)
+        needle = "not a regular file"
+    _refused(capsys, [str(model), "-o", str(out)], needle, model, watch=(sub,))
+    if kind == "symlink":
+        assert out.is_symlink() and (tmp_path / "elsewhere.onnx").read_bytes() == b"kept"
+    else:
+        assert not out.is_file() and out.exists()
+
+
 @pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink", "hardlink"])
 def test_output_equal_to_input_is_refused(tmp_path: Path, capsys, spelling: str) -> None:
     sub = tmp_path / "sub"

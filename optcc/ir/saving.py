@@ -70,7 +70,8 @@ def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | N
                       input_files: Iterable[Path] | None = None) -> Path:
     """Refuse an output path before any work is done: the input model itself or a file its
     weights are read from (writing either would destroy the input), a missing or
-    unwritable folder, a directory. Returns the path. ``input_files``: the resolved files
+    unwritable folder, a directory, a symbolic link or anything else that is not a regular
+    file (the rename would replace it). Returns the path. ``input_files``: the resolved files
     the input model reads its weights from, when the caller already knows them (else the
     input model is loaded to find them, when the output exists)."""
     out = Path(path)
@@ -82,6 +83,13 @@ def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | N
         if out.resolve() in (set(input_files) if input_files is not None else read_weight_files(input_path)):
             raise BadInputError(f"output path is '{out.name}', which the input model reads its weights from; "
                                 "refusing to overwrite it", out)
+    # the rename that writes the output replaces whatever is at the path: a link (not the
+    # file it points to), a device such as /dev/null, a pipe
+    if out.is_symlink():
+        raise BadInputError("output path is a symbolic link; give the path of the file it points to", out)
+    if out.exists() and not out.is_file():
+        raise BadInputError("output path exists and is not a regular file (a device, a pipe or a socket); "
+                            "refusing to replace it", out)
     folder = out.resolve().parent
     if not folder.is_dir():
         raise BadInputError("output folder does not exist", out)
