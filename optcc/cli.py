@@ -595,6 +595,8 @@ def run(argv: Sequence[str] | None = None) -> int:
                     external_data_threshold=args.external_data_threshold,
                     external_data_location=args.external_data_location)
     if report_path is not None:
+        result.report.outcome = {"exit_code": status, "output": str(output) if written else None,
+                                 "declined": dict(result.declined_precision)}
         _write_text_atomic(report_path, result.report.render_for(report_path, model=args.model))
     if status == EXIT_OK:
         for line in _opt_in_warnings(args, result):

@@ -393,7 +393,11 @@ def test_an_unreachable_int8_target_exits_5_and_writes_nothing(example: Path, tm
     assert not out.exists()
     assert "int8 not applied" in err and "--allow-float-fallback" in err
     assert "optcc -O2 (int8 declined: " in err  # the summary header says what was not applied
-    assert json.loads(report.read_text())["verification"]["status"] == "passed"
+    data = json.loads(report.read_text())
+    assert data["verification"]["status"] == "passed"
+    # the report says the run failed, for a job that reads it instead of the exit code
+    assert data["outcome"]["exit_code"] == 5 and data["outcome"]["output"] is None
+    assert list(data["outcome"]["declined"]) == ["int8"]
 
 
 def test_an_unreachable_int8_target_with_float_fallback_writes_the_float_model_and_says_why(
@@ -411,6 +415,7 @@ def test_an_unreachable_int8_target_with_float_fallback_writes_the_float_model_a
     data = json.loads(report.read_text())
     assert any(w.startswith("INT8 not applied") for w in data["warnings"]), data["warnings"]
     assert data["verification"]["status"] == "passed" and data["verification"]["numerics"] != "int8"
+    assert data["outcome"] == {"exit_code": 0, "output": str(out), "declined": {"int8": data["outcome"]["declined"]["int8"]}}
     assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(out).graph.node)
 
 

@@ -126,6 +126,10 @@ class Report:
     peak_rss_bytes: int = 0
     # the declared graph input/output types loading changed, one line each (``optcc.ir.interface``)
     interface: list[str] = dataclasses.field(default_factory=list)
+    # how the command line ended, for a job that reads the report instead of the exit code:
+    # ``exit_code``, ``output`` (the path written, or None: nothing written) and ``declined``
+    # (each precision asked for and not applied: why); None from the Python API
+    outcome: dict[str, Any] | None = None
 
     def reverted(self) -> list[PassRecord]:
         return [p for p in self.passes if p.status in ("reverted", "failed")]
