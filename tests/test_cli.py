@@ -156,6 +156,8 @@ def test_no_verify_skips_verification(example: Path, tmp_path: Path):
     [
         (["--passes", "no-such-pass"], "unknown pass 'no-such-pass'"),
         (["--disable", "no-such-pass"], "cannot disable unknown pass"),
+        (["--passes", "fuse-bn"], "did you mean fuse-pad or fuse-batchnorm?"),
+        (["--disable", "fold-constant"], "cannot disable unknown pass 'fold-constant' (did you mean fold-constants"),
         (["-O", "7"], "usage error"),
         (["--input-shape", "image:1,x"], "--input-shape"),
         (["--providers", "tpu"], "execution provider 'tpu' is not available"),

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from optcc.errors import BadInputError
 from optcc.infra.manager import Fixpoint, PipelineStep
 from optcc.infra.levels import LEVELS
-from optcc.infra.registry import available_passes, create_pass
+from optcc.infra.registry import available_passes, create_pass, unknown_pass
 
 __all__ = ["LEVELS", "build_pipeline", "pipeline_names"]
 
@@ -50,7 +50,7 @@ def build_pipeline(
     disabled = set(disable)
     unknown = disabled - set(available_passes())
     if unknown:
-        raise BadInputError(f"cannot disable unknown pass(es): {', '.join(sorted(unknown))}")
+        raise BadInputError(f"cannot disable {unknown_pass(sorted(unknown)[0])}")
     if passes is not None:
         return [
             create(p) if isinstance(p, str) else p

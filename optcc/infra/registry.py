@@ -9,6 +9,7 @@ of importing a module.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.metadata
 import inspect
 import warnings
@@ -99,14 +100,22 @@ def register(factory: PassFactory, name: str | None = None, *, replace: bool = F
     return info
 
 
+def unknown_pass(name: str) -> str:
+    """The error for a pass name nobody registered: the registered names closest to it,
+    else every name."""
+    known = sorted(_passes())
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    if close:
+        return f"unknown pass '{name}' (did you mean {' or '.join(close)}? see --list-passes)"
+    return f"unknown pass '{name}' (known: {', '.join(known)}; see --list-passes)"
+
+
 def create_pass(name: str, **options: object) -> ir.passes.PassBase:
     """A new pass object for a registered name. Options the factory does not take, or
     options it needs and lacks, raise BadInputError naming them."""
     passes = _passes()
     if name not in passes:
-        raise BadInputError(
-            f"unknown pass '{name}' (known: {', '.join(sorted(passes))}; see --list-passes)"
-        )
+        raise BadInputError(unknown_pass(name))
     factory = passes[name].factory
     try:
         return factory(**options)
