@@ -507,8 +507,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     _check_not_sample_data([output, report_path, data_file], args.inputs, sources)
     input_shapes = _parse_shapes(args.input_shape)
     fixed_shapes = _parse_shapes(args.overwrite_input_shape, "--overwrite-input-shape")
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always", SampleAxisWarning)
+    with _sample_axis_notes():
         inputs = load_npz_samples(args.inputs, args.model) if args.inputs else None
         loaded = [(label, path, load_npz_samples(path, args.model, purpose="calibration"))
                   for label, path in sources]
@@ -519,13 +518,6 @@ def run(argv: Sequence[str] | None = None) -> int:
     # the samples of every file in the order given; with labels, each sample's group
     calibration = [sample for _, _, samples in loaded for sample in samples] if loaded else None
     groups = [label for label, _, samples in loaded for _ in samples] if sources and sources[0][0] else None
-    # the notes come first: a file read as one sample explains a group refused as too small. They
-    # print with -q too: how a file was read decides which samples the run uses, whatever it prints
-    for warning in said:
-        if issubclass(warning.category, SampleAxisWarning):
-            print(f"optcc: note: {warning.message}", file=sys.stderr)
-        else:
-            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     for label, path, samples in loaded:  # each group is one file's samples: a label is given once
         if label is not None and len(samples) < MIN_GROUP_SAMPLES:
             raise BadInputError(f"--calibration group '{label}' holds {len(samples)} sample(s), too few: each group "
@@ -680,15 +672,33 @@ def _run_inspect(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def _sample_axis_notes() -> Iterator[None]:
+    """Samples files read in the body; after it, each note that a file was read as one
+    sample (``SampleAxisWarning``) printed as an ``optcc: note:`` line, before any check of
+    the samples (a file read as one sample explains a group refused as too small). With -q
+    too: how a file was read decides which samples the run uses, whatever it prints."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", SampleAxisWarning)
+        yield
+    for warning in said:
+        if issubclass(warning.category, SampleAxisWarning):
+            print(f"optcc: note: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 def _run_compare(argv: Sequence[str]) -> int:
     args = build_compare_parser().parse_args(argv)
     if args.numerics is not None and (args.rtol is not None or args.atol is not None):
         raise BadInputError("--numerics and --rtol/--atol exclude each other")
     if args.samples < 1:
         raise BadInputError("--samples must be at least 1")
+    with _sample_axis_notes():
+        inputs = load_npz_samples(args.inputs, args.a) if args.inputs else None
     result = compare_models(
         args.a, args.b,
-        inputs=load_npz_samples(args.inputs, args.a) if args.inputs else None,
+        inputs=inputs,
         input_shapes=_parse_shapes(args.input_shape),
         samples=args.samples, seed=args.seed,
         numerics=args.numerics or "exact", rtol=args.rtol, atol=args.atol, inputs_label=args.inputs,

@@ -434,3 +434,18 @@ def test_calibration_is_parsed_once_per_run(files: dict[str, Path], tmp_path: Pa
     code = cli.main([str(files["model"]), "--int8", *flags, "-o", str(tmp_path / "out.onnx"), "-q"])
     assert code == cli.EXIT_BAD_INPUT and len(parses) == 1
     assert seen == [["a"] * 6 + ["b"] * 6]
+
+
+def test_compare_says_the_one_sample_note_as_optimize_does(files: dict[str, Path], tmp_path: Path,
+                                                           capsys) -> None:
+    """`optcc compare --inputs` with a file read as one sample of batch 6 prints the same
+    `optcc: note:` line as optimizing does (not a Python warning with its source line), and
+    compares the model with itself on that batch: equal outputs (onnx's reference agrees)."""
+    batch = tmp_path / "batch.npz"
+    images = _images(6, 0, 1.0)[:, 0]
+    np.savez(batch, image=images)
+    code = cli.main(["compare", str(files["model"]), str(files["model"]), "--inputs", str(batch)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_OK
+    assert len(err) == 1 and err[0].startswith(f"optcc: note: {batch}: read as one sample of batch 6"), err
+    assert ReferenceEvaluator(str(TINYCNN)).run(None, {"image": images})[0].shape[0] == 6
