@@ -13,6 +13,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 import optcc
 from optcc.numerics.equivalence import number_original, prove_equivalent
@@ -176,6 +177,63 @@ def test_a_squeeze_of_an_unsqueeze_the_original_does_not_have_is_not_proved():
     planted = _planted(proto, "u = Unsqueeze <axes = [3]> (x)\n v = Squeeze <axes = [3]> (u)\n y = Relu(v)",
                        inputs="float[N] x", outputs="float[N] y", opset=11)
     assert not _proved(proto, planted)
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_an_unsqueeze_of_an_unsqueeze_merged_is_proved(opset):
+    # as in a T5 encoder's attention mask: [N, S] -> [N, 1, S] -> [N, 1, 1, S]
+    proto = _model(f"""{_squeeze("Unsqueeze", "u", "x", 1, opset)}
+            {_squeeze("Unsqueeze", "v", "u", 2, opset)}
+            y = Relu(v)""", inputs="float[N, S] x", outputs="float[N, 1, 1, S] y", opset=opset)
+    candidate = _optimized(proto, ["merge-consecutive", "eliminate-dead-nodes"])
+    assert _ops(candidate) == ["Unsqueeze", "Relu"]
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": X.reshape(2, 15)})
+
+
+def _unsqueezed_axes(rank: int, first: list[int], second: list[int]) -> list[int]:
+    """Where onnx's reference evaluator puts the dims of 1 that two Unsqueezes insert into
+    a tensor of ``rank`` dims 2, 3, ... (none of them 1)."""
+    proto = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["": 13]>
+        g (float[{", ".join(str(d + 2) for d in range(rank))}] x) => (float y) {{
+            a = Constant <value = int64[{len(first)}] {{{", ".join(map(str, first))}}}> ()
+            b = Constant <value = int64[{len(second)}] {{{", ".join(map(str, second))}}}> ()
+            u = Unsqueeze(x, a)
+            y = Unsqueeze(u, b)
+        }}""")
+    x = np.zeros([d + 2 for d in range(rank)], np.float32)
+    shape = ReferenceEvaluator(proto).run(None, {"x": x})[0].shape
+    return [i for i, d in enumerate(shape) if d == 1]
+
+
+@pytest.mark.parametrize("rank,first,second", [
+    (2, [1], [2]), (2, [1], [1]), (2, [0], [3]), (1, [0, 2], [1]), (3, [3, 4], [0, 2]), (1, [1], [0, 1]),
+])
+def test_an_unsqueeze_pair_is_proved_to_be_one_unsqueeze_at_the_axes_it_inserts(rank, first, second):
+    axes = _unsqueezed_axes(rank, first, second)
+    dims = ", ".join(f"D{i}" for i in range(rank))
+    out = ", ".join(["1" if i in axes else "?" for i in range(rank + len(axes))])
+
+    def unsqueezes(*pairs):
+        return "\n".join(f"{o}_axes = Constant <value = int64[{len(a)}] {{{', '.join(map(str, a))}}}> ()\n"
+                         f" {o} = Unsqueeze({i}, {o}_axes)" for o, i, a in pairs)
+    proto = _model(f"{unsqueezes(('u', 'x', first), ('v', 'u', second))}\n y = Relu(v)",
+                   inputs=f"float[{dims}] x", outputs=f"float[{out}] y", opset=13)
+    right = _planted(proto, f"{unsqueezes(('v', 'x', axes))}\n y = Relu(v)",
+                     inputs=f"float[{dims}] x", outputs=f"float[{out}] y", opset=13)
+    assert _proved(proto, right)
+    x = RNG.standard_normal([d + 2 for d in range(rank)]).astype(np.float32)
+    _same_in_float64(proto, right, {"x": x})
+    shifted = [a + 1 for a in axes[:-1]] + [axes[-1]] if axes[-1] + 1 not in axes else axes[:-1] + [axes[-1] + 1]
+    wrong = _planted(proto, f"{unsqueezes(('v', 'x', sorted(set(shifted))))}\n y = Relu(v)",
+                     inputs=f"float[{dims}] x", outputs="float y", opset=13)
+    assert not _proved(proto, wrong)
+    # the pair in the other order is proved only where it inserts the same axes
+    if max(second) < rank + len(second) and max(first) < rank + len(first) + len(second):  # runs swapped
+        swapped = _planted(proto, f"{unsqueezes(('u', 'x', second), ('v', 'u', first))}\n y = Relu(v)",
+                           inputs=f"float[{dims}] x", outputs="float y", opset=13)
+        assert _proved(proto, swapped) == (_unsqueezed_axes(rank, second, first) == axes)
 
 
 # ------------------------------------------------------------------ Reshape to one dim

@@ -43,6 +43,10 @@ gets a key, and two values with the same key compute the same thing for every in
   input and its entries per axis (negative axes normalized against a known rank), and a
   Slice of such a Slice on other axes as one Slice over both entries (slicing one axis
   leaves every other dim as it was; each axis is clamped against its own dim);
+- an ``Unsqueeze`` at axes none of which is negative is keyed by its input and those axes,
+  and an Unsqueeze of such an Unsqueeze as one Unsqueeze of the first one's input (the
+  second one's axes, and per axis ``j`` of the first the ``j``-th position outside them:
+  the first one's output dims keep their order there; both forms run for the same ranks);
 - ``Unsqueeze(Squeeze(x, a), a)`` is keyed as ``x`` (the Squeeze runs only where x's dims
   at ``a`` are 1, and the Unsqueeze puts those dims back where they were: the same
   integers, normalized against the same rank), and ``Squeeze(Unsqueeze(x, a), a)`` too
@@ -1213,12 +1217,33 @@ class _Keys:
             return key
         axes = self._axes(node, version)
         inner = self._views.get(self.key(x)) if axes is not None else None
-        if inner is None or inner[1] != axes or inner[2] == op or inner[2] == "Transpose":
-            return None
-        # Unsqueeze(Squeeze(x, a), a): Squeeze succeeds only where x's dims at a are 1;
-        # Squeeze(Unsqueeze(x, a), a): where that Unsqueeze is valid for x's rank
-        self._assume(node, (inner[2], inner[0], axes))
-        return inner[0]
+        if inner is not None and inner[1] == axes and inner[2] != op and inner[2] != "Transpose":
+            # Unsqueeze(Squeeze(x, a), a): Squeeze succeeds only where x's dims at a are 1;
+            # Squeeze(Unsqueeze(x, a), a): where that Unsqueeze is valid for x's rank
+            self._assume(node, (inner[2], inner[0], axes))
+            return inner[0]
+        if op == "Unsqueeze" and axes is not None and axes[0] >= 0:
+            return self._unsqueezed(node, axes, inner)
+        return None
+
+    def _unsqueezed(self, node: ir.Node, axes: tuple[int, ...], inner: tuple | None) -> int:
+        """The key of an Unsqueeze of x at axes ``b`` none of which is negative:
+        ``("unsqueeze", key of x, b)``, recorded as a view; of ``Unsqueeze(x0, a)``, ``a``
+        not negative either (``inner``: that view), the key of one Unsqueeze of x0 at ``c``:
+        ``b`` and, per ``j`` in ``a``, the ``j``-th position not in ``b`` (the second
+        Unsqueeze puts the first one's output dims, in order, on the positions outside
+        ``b``; those positions do not depend on x0's rank). Exact wherever either runs: ``c``
+        is valid for x0's rank r exactly where ``a`` is (below r + |a|) and ``b`` is (below
+        r + |a| + |b|), as the positions outside ``b`` below r + |a| + |b| number r + |a|."""
+        base = self.key(node.inputs[0])
+        if inner is not None and inner[2] == "Unsqueeze" and inner[1][0] >= 0:
+            taken = set(axes)
+            outside = [p for p in range(max(inner[1]) + len(axes) + 1) if p not in taken]
+            base, axes = inner[0], tuple(sorted(taken | {outside[j] for j in inner[1]}))
+        key = self.numbering.intern(("unsqueeze", base, axes))
+        self._views[key] = (base, axes, "Unsqueeze")
+        self._fact(node, ("Unsqueeze", base, axes))
+        return key
 
     def _slice(self, node: ir.Node, version: int) -> int | None:
         """The key of a Slice whose starts, ends, axes and steps are constant integers (inputs
