@@ -13,7 +13,8 @@ gets a key, and two values with the same key compute the same thing for every in
 - a node's output: its domain, op type and definition (the schema version the model's
   opset gives it, or the oldest version listed as computing the same function on it:
   ``optcc.numerics.op_versions``), its attributes (tensors by bytes, floats by their
-  bits), its inputs' keys and the output's position;
+  bits), its inputs' keys (optional inputs given empty at the end left out: ONNX reads
+  them as not given) and the output's position;
 - a ``Softmax`` or ``LogSoftmax`` before opset 13 with an axis that is not negative (the
   input coerced to 2-D there) is keyed by that axis and its input, and so is the form onnx's
   version converter gives it from 13 on, ``Reshape(Softmax(Flatten(x, axis), axis=-1),
@@ -64,7 +65,9 @@ gets a key, and two values with the same key compute the same thing for every in
   original runs (a Transpose of the same input with a permutation of that length, a
   Squeeze or Unsqueeze of it at the same axes, a Reshape of it to the same target);
 - an LSTM, GRU or RNN whose initial state (``initial_h``, an LSTM's ``initial_c``) is a
-  constant of zero bits is keyed without it (the spec's default state is zero), where its
+  constant of zero bits, or a ConstantOfShape of a float zero of any shape (moved or
+  selected by Slice, Reshape, Expand, Tile, Squeeze, Unsqueeze, Transpose, Flatten or
+  Identity: each element one of the fill's), is keyed without it (the spec's default state is zero), where its
   recurrence weight (and peepholes) are finite constants (an infinite weight times zero
   is NaN); a candidate's key that drops one assumes the state has the shape the node
   needs, which the original's node with the same input and the same zero state shows;
@@ -1017,6 +1020,9 @@ class _Keys:
         inputs = tuple(keys[id(v)] if v is not None and id(v) in keys else self.key(v) for v in node.inputs)
         if domain == "" and op in _INITIAL_STATES and len(inputs) > 5:
             inputs = self._without_zero_states(node, inputs, _INITIAL_STATES[op])
+        absent = numbering.intern(("absent",))
+        while inputs and inputs[-1] == absent:  # an optional input given empty at the end is one not given
+            inputs = inputs[:-1]
         structural = numbering.intern(("node", domain, op, self._semantics(node, domain, op, version), attributes,
                                        inputs, value.index()))
         if domain == "" and op in ("Squeeze", "Unsqueeze"):
@@ -1166,7 +1172,13 @@ class _Keys:
             if i >= len(keys) or node.inputs[i] is None:
                 continue
             array = self._array(node.inputs[i])
-            if array is None or array.size == 0 or array.dtype.kind != "f":
+            if array is None:
+                dtype = self._zero_fill(node.inputs[i])
+                if dtype is not None:  # a shape read at run time: the state's key stands for it
+                    dropped.append((i, ("key", inputs[i]), dtype))
+                    keys[i] = absent
+                continue
+            if array.size == 0 or array.dtype.kind != "f":
                 continue
             element = array if any(array.strides) else array.reshape(-1)[:1]  # a fill: its one element
             if np.frombuffer(np.ascontiguousarray(element).tobytes(), np.uint8).any():
@@ -1180,6 +1192,30 @@ class _Keys:
         while keys and keys[-1] == absent:
             keys.pop()
         return tuple(keys)
+
+    def _zero_fill(self, value: ir.Value, depth: int = 0) -> str | None:
+        """The float element type of ``value`` where every element of it has zero bits
+        whatever its shape: a default-domain ConstantOfShape whose value is absent (float32
+        0) or one float element of zero bits, or an op whose every output element is one
+        of its first input's (``_ZERO_KEEPING``) of such a value, followed back at most
+        ``_ZERO_DEPTH`` producers; else None."""
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None \
+                or depth > _ZERO_DEPTH or value.name in self.fed:
+            return None
+        if node.op_type in _ZERO_KEEPING:
+            return self._zero_fill(node.inputs[0], depth + 1)
+        if node.op_type != "ConstantOfShape" or len(node.inputs) != 1:
+            return None
+        fill = node.attributes.get("value")
+        if fill is None:
+            return str(np.dtype(np.float32))
+        if fill.type != ir.AttributeType.TENSOR:
+            return None
+        element = self.numbering.numpy(fill.value, shared=True).reshape(-1)
+        if element.size != 1 or element.dtype.kind != "f" or np.frombuffer(element.tobytes(), np.uint8).any():
+            return None
+        return str(element.dtype)
 
     def _view(self, node: ir.Node, op: str, version: int) -> int | None:
         """The key of a default-domain Transpose, or of a Squeeze or Unsqueeze that undoes
@@ -1859,6 +1895,10 @@ _BROADCASTING = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "
 _VIEW_OPS = frozenset(("Transpose", "Squeeze", "Unsqueeze"))
 _COERCED_OPS = frozenset(("Softmax", "LogSoftmax"))  # over the input coerced to 2-D before opset 13
 _INITIAL_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}  # initial_h (and initial_c): input positions
+# ops whose every output element is one of their first input's: a zero fill stays zero
+_ZERO_KEEPING = frozenset(("Slice", "Reshape", "Expand", "Tile", "Squeeze", "Unsqueeze", "Transpose", "Flatten",
+                           "Identity"))
+_ZERO_DEPTH = 16  # the producers ``_zero_fill`` follows back at most
 _DEFINED_OPS = frozenset(("ConstantOfShape", "Identity", "Cast", "Flatten", "Unsqueeze", "Squeeze", "Reshape"))
 _EXACT_INTEGERS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                                           np.uint64)}
