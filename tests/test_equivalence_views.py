@@ -13,6 +13,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 import optcc
 from optcc.numerics.equivalence import number_original, prove_equivalent
@@ -176,6 +177,63 @@ def test_a_squeeze_of_an_unsqueeze_the_original_does_not_have_is_not_proved():
     planted = _planted(proto, "u = Unsqueeze <axes = [3]> (x)\n v = Squeeze <axes = [3]> (u)\n y = Relu(v)",
                        inputs="float[N] x", outputs="float[N] y", opset=11)
     assert not _proved(proto, planted)
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_an_unsqueeze_of_an_unsqueeze_merged_is_proved(opset):
+    # as in a T5 encoder's attention mask: [N, S] -> [N, 1, S] -> [N, 1, 1, S]
+    proto = _model(f"""{_squeeze("Unsqueeze", "u", "x", 1, opset)}
+            {_squeeze("Unsqueeze", "v", "u", 2, opset)}
+            y = Relu(v)""", inputs="float[N, S] x", outputs="float[N, 1, 1, S] y", opset=opset)
+    candidate = _optimized(proto, ["merge-consecutive", "eliminate-dead-nodes"])
+    assert _ops(candidate) == ["Unsqueeze", "Relu"]
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": X.reshape(2, 15)})
+
+
+def _unsqueezed_axes(rank: int, first: list[int], second: list[int]) -> list[int]:
+    """Where onnx's reference evaluator puts the dims of 1 that two Unsqueezes insert into
+    a tensor of ``rank`` dims 2, 3, ... (none of them 1)."""
+    proto = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["": 13]>
+        g (float[{", ".join(str(d + 2) for d in range(rank))}] x) => (float y) {{
+            a = Constant <value = int64[{len(first)}] {{{", ".join(map(str, first))}}}> ()
+            b = Constant <value = int64[{len(second)}] {{{", ".join(map(str, second))}}}> ()
+            u = Unsqueeze(x, a)
+            y = Unsqueeze(u, b)
+        }}""")
+    x = np.zeros([d + 2 for d in range(rank)], np.float32)
+    shape = ReferenceEvaluator(proto).run(None, {"x": x})[0].shape
+    return [i for i, d in enumerate(shape) if d == 1]
+
+
+@pytest.mark.parametrize("rank,first,second", [
+    (2, [1], [2]), (2, [1], [1]), (2, [0], [3]), (1, [0, 2], [1]), (3, [3, 4], [0, 2]), (1, [1], [0, 1]),
+])
+def test_an_unsqueeze_pair_is_proved_to_be_one_unsqueeze_at_the_axes_it_inserts(rank, first, second):
+    axes = _unsqueezed_axes(rank, first, second)
+    dims = ", ".join(f"D{i}" for i in range(rank))
+    out = ", ".join(["1" if i in axes else "?" for i in range(rank + len(axes))])
+
+    def unsqueezes(*pairs):
+        return "\n".join(f"{o}_axes = Constant <value = int64[{len(a)}] {{{', '.join(map(str, a))}}}> ()\n"
+                         f" {o} = Unsqueeze({i}, {o}_axes)" for o, i, a in pairs)
+    proto = _model(f"{unsqueezes(('u', 'x', first), ('v', 'u', second))}\n y = Relu(v)",
+                   inputs=f"float[{dims}] x", outputs=f"float[{out}] y", opset=13)
+    right = _planted(proto, f"{unsqueezes(('v', 'x', axes))}\n y = Relu(v)",
+                     inputs=f"float[{dims}] x", outputs=f"float[{out}] y", opset=13)
+    assert _proved(proto, right)
+    x = RNG.standard_normal([d + 2 for d in range(rank)]).astype(np.float32)
+    _same_in_float64(proto, right, {"x": x})
+    shifted = [a + 1 for a in axes[:-1]] + [axes[-1]] if axes[-1] + 1 not in axes else axes[:-1] + [axes[-1] + 1]
+    wrong = _planted(proto, f"{unsqueezes(('v', 'x', sorted(set(shifted))))}\n y = Relu(v)",
+                     inputs=f"float[{dims}] x", outputs="float y", opset=13)
+    assert not _proved(proto, wrong)
+    # the pair in the other order is proved only where it inserts the same axes
+    if max(second) < rank + len(second) and max(first) < rank + len(first) + len(second):  # runs swapped
+        swapped = _planted(proto, f"{unsqueezes(('u', 'x', second), ('v', 'u', first))}\n y = Relu(v)",
+                           inputs=f"float[{dims}] x", outputs="float y", opset=13)
+        assert _proved(proto, swapped) == (_unsqueezed_axes(rank, second, first) == axes)
 
 
 # ------------------------------------------------------------------ Reshape to one dim
@@ -447,6 +505,45 @@ def test_zero_initial_states_dropped_are_proved_and_others_are_not():
     assert not _proved(infinite, _load(_lstm("", r_scale=np.inf)))
 
 
+def _gru(states: str, inputs: str = "x, W, R, B", fill: str = "") -> onnx.ModelProto:
+    """A GRU over x [5, N, 3], hidden 4 (states: lines making h0 from ``layers``, a zero
+    fill [2, N, 4] of a shape read from x, as PyTorch exports a stacked GRU's state)."""
+    rng = np.random.default_rng(2)
+    proto = _model(f"""s = Shape(x)
+            one = Constant <value = int64[1] {{1}}> ()
+            two = Constant <value = int64[1] {{2}}> ()
+            four = Constant <value = int64[1] {{4}}> ()
+            n = Slice(s, one, two)
+            shape = Concat <axis = 0> (two, n, four)
+            layers = ConstantOfShape {fill} (shape)
+            {states}
+            y, y_h = GRU <hidden_size = 4> ({inputs})""",
+                   inputs="float[5, N, 3] x", outputs="float[5, 1, N, 4] y, float[1, N, 4] y_h")
+    proto.graph.initializer.extend([
+        numpy_helper.from_array((0.5 * rng.standard_normal((1, 12, 3))).astype(np.float32), "W"),
+        numpy_helper.from_array((0.5 * rng.standard_normal((1, 12, 4))).astype(np.float32), "R"),
+        numpy_helper.from_array((0.1 * rng.standard_normal((1, 24))).astype(np.float32), "B")])
+    return proto
+
+
+SLICED_STATE = """zero = Constant <value = int64[1] {0}> ()
+            axis = Constant <value = int64[1] {0}> ()
+            h0 = Slice(layers, one, two, axis)"""
+
+
+def test_a_zero_state_sliced_from_a_fill_of_a_read_shape_dropped_is_proved():
+    proto = _gru(SLICED_STATE, "x, W, R, B, , h0")
+    candidate = _optimized(proto, ["drop-zero-rnn-states", "eliminate-dead-nodes"])
+    assert _ops(candidate) == ["GRU"]
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": RNG.standard_normal((5, 3, 3)).astype(np.float32)})
+    # a fill of ones, or of -0.0 (other bits), is not the absent state
+    for fill in ("<value = float[1] {1.0}>", "<value = float[1] {-0.0}>"):
+        assert not _proved(_gru(SLICED_STATE, "x, W, R, B, , h0", fill), _load(_gru("")))
+    # the candidate's zero state, where the original has none, is assumed of the right shape: not proved
+    assert not _proved(_gru(""), _load(proto))
+
+
 # ------------------------------------------------------------------ a Reshape of a Reshape
 
 def _two_reshapes(second: str, first: str = "0, 0, 2, 3") -> onnx.ModelProto:
@@ -612,3 +709,26 @@ def test_a_slice_with_axes_fed_at_run_time_is_not_keyed_as_one_without_axes():
     fed = _slices(f"{_ints(s=[1], e=[5])}\n y = Slice(x, s, e, ax)", **types)
     omitted = _planted(fed, f"{_ints(s=[1], e=[5])}\n y = Slice(x, s, e)", **types)
     assert not _proved(fed, omitted)
+
+
+def _clip(inputs: list[str]) -> onnx.ModelProto:
+    """y = Clip(x, ...) over ``inputs`` ('' an optional input given empty), lo = -0.5, hi = 0.5."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 5])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5])
+    inits = [numpy_helper.from_array(np.array(-0.5, np.float32), "lo"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "hi")]
+    graph = helper.make_graph([helper.make_node("Clip", inputs, ["y"])], "g", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_an_optional_input_given_empty_at_the_end_is_proved_the_same_as_one_not_given():
+    x = RNG.standard_normal((2, 5)).astype(np.float32)
+    given, omitted = _clip(["x", "lo", ""]), _clip(["x", "lo"])
+    np.testing.assert_array_equal(ReferenceEvaluator(given).run(None, {"x": x})[0],
+                                  ReferenceEvaluator(omitted).run(None, {"x": x})[0])
+    assert _proved(given, _load(omitted)) and _proved(omitted, _load(given))
+    # an empty input before a given one keeps its position: Clip(x, '', hi) is not Clip(x, hi)
+    upper, lower = _clip(["x", "", "hi"]), _clip(["x", "hi"])
+    assert not np.array_equal(ReferenceEvaluator(upper).run(None, {"x": x})[0],
+                              ReferenceEvaluator(lower).run(None, {"x": x})[0])
+    assert not _proved(upper, _load(lower))

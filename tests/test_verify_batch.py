@@ -113,3 +113,53 @@ def test_a_static_batch_leaves_every_sample_as_long() -> None:
     model = optcc.ir.load(_shared(batch=1))
     samples = generate_inputs(model, samples=3, last_batch=BATCH_SAMPLE)
     assert [feeds["a"].shape for feeds in samples] == [(1, 64)] * 3
+
+
+def _pooled(specialized: bool) -> onnx.ModelProto:
+    """y = a 40x40 max pool of x [N, 1, H, W] (no padding: H and W below 40 cannot run), or,
+    specialized to batch 1, that pool reshaped to [1, 1, -1, W']."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    pool = helper.make_node("MaxPool", ["x"], ["p" if specialized else "y"], kernel_shape=[40, 40])
+    if not specialized:
+        return _model([pool], [x], [y])
+    inits = [numpy_helper.from_array(np.array([1, 1, -1, 25], np.int64), "target")]
+    return _model([pool, helper.make_node("Reshape", ["p", "target"], ["y"])], [x], [y], inits)
+
+
+def test_a_batch_sample_too_small_to_run_is_made_again_as_long_as_the_others() -> None:
+    original = _pooled(False)
+    with pytest.raises(Exception):  # batch 2 with the other free dims halved: too small for the pool
+        ReferenceEvaluator(original).run(None, {"x": np.zeros((2, 1, 32, 32), np.float32)})
+    two = {"x": np.random.default_rng(0).standard_normal((2, 1, 64, 64)).astype(np.float32)}
+    assert ReferenceEvaluator(original).run(None, two)[0].shape == (2, 1, 25, 25)
+    assert ReferenceEvaluator(_pooled(True)).run(None, two)[0].shape == (1, 1, 50, 25)
+    one = {"x": two["x"][:1]}
+    np.testing.assert_array_equal(ReferenceEvaluator(original).run(None, one)[0],
+                                  ReferenceEvaluator(_pooled(True)).run(None, one)[0])  # equal on batch 1
+    with Verifier(original) as verifier:
+        wrong = verifier.check(optcc.ir.load(_pooled(True)), "fusion")
+        assert wrong.status == "failed"
+        assert [f["x"].shape for f in verifier.feeds] == [(1, 1, 64, 64)] * 2 + [(2, 1, 64, 64)]
+        assert not any("made again" in n for n in [*verifier.notes(), *wrong.notes])  # batch 2 ran: no loss
+
+
+def test_a_batch_sample_that_fails_at_either_length_is_blamed_for_the_longer_ones_error() -> None:
+    """A 40x40 pool reshaped to [1, 625]: batch 2 fails in the pool at 32x32 and in the
+    Reshape at 64x64; the note gives the Reshape's error, what batch 1 was chosen over."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [numpy_helper.from_array(np.array([1, 625], np.int64), "target")]
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[40, 40], name="pool"),
+             helper.make_node("Reshape", ["p", "target"], ["y"], name="flatten")]
+    original = _model(nodes, [x], [y], inits)
+    for shape in ((2, 1, 32, 32), (2, 1, 64, 64)):
+        with pytest.raises(Exception):
+            ReferenceEvaluator(original).run(None, {"x": np.zeros(shape, np.float32)})
+    assert ReferenceEvaluator(original).run(None, {"x": np.zeros((1, 1, 64, 64), np.float32)})[0].shape == (1, 625)
+    with Verifier(original) as verifier:
+        check = verifier.check(optcc.ir.load(original), "fp16")  # no proof: the samples run
+        assert check.status == "passed" and check.samples == 3
+        assert [f["x"].shape for f in verifier.feeds] == [(1, 1, 64, 64)] * 3
+        retried = [n for n in verifier.notes() if "made again with batch 1 in every sample" in n]
+        assert len(retried) == 1 and "flatten" in retried[0] and "pool" not in retried[0], verifier.notes()

@@ -13,7 +13,8 @@ gets a key, and two values with the same key compute the same thing for every in
 - a node's output: its domain, op type and definition (the schema version the model's
   opset gives it, or the oldest version listed as computing the same function on it:
   ``optcc.numerics.op_versions``), its attributes (tensors by bytes, floats by their
-  bits), its inputs' keys and the output's position;
+  bits), its inputs' keys (optional inputs given empty at the end left out: ONNX reads
+  them as not given) and the output's position;
 - a ``Softmax`` or ``LogSoftmax`` before opset 13 with an axis that is not negative (the
   input coerced to 2-D there) is keyed by that axis and its input, and so is the form onnx's
   version converter gives it from 13 on, ``Reshape(Softmax(Flatten(x, axis), axis=-1),
@@ -43,6 +44,10 @@ gets a key, and two values with the same key compute the same thing for every in
   input and its entries per axis (negative axes normalized against a known rank), and a
   Slice of such a Slice on other axes as one Slice over both entries (slicing one axis
   leaves every other dim as it was; each axis is clamped against its own dim);
+- an ``Unsqueeze`` at axes none of which is negative is keyed by its input and those axes,
+  and an Unsqueeze of such an Unsqueeze as one Unsqueeze of the first one's input (the
+  second one's axes, and per axis ``j`` of the first the ``j``-th position outside them:
+  the first one's output dims keep their order there; both forms run for the same ranks);
 - ``Unsqueeze(Squeeze(x, a), a)`` is keyed as ``x`` (the Squeeze runs only where x's dims
   at ``a`` are 1, and the Unsqueeze puts those dims back where they were: the same
   integers, normalized against the same rank), and ``Squeeze(Unsqueeze(x, a), a)`` too
@@ -60,7 +65,9 @@ gets a key, and two values with the same key compute the same thing for every in
   original runs (a Transpose of the same input with a permutation of that length, a
   Squeeze or Unsqueeze of it at the same axes, a Reshape of it to the same target);
 - an LSTM, GRU or RNN whose initial state (``initial_h``, an LSTM's ``initial_c``) is a
-  constant of zero bits is keyed without it (the spec's default state is zero), where its
+  constant of zero bits, or a ConstantOfShape of a float zero of any shape (moved or
+  selected by Slice, Reshape, Expand, Tile, Squeeze, Unsqueeze, Transpose, Flatten or
+  Identity: each element one of the fill's), is keyed without it (the spec's default state is zero), where its
   recurrence weight (and peepholes) are finite constants (an infinite weight times zero
   is NaN); a candidate's key that drops one assumes the state has the shape the node
   needs, which the original's node with the same input and the same zero state shows;
@@ -1013,6 +1020,9 @@ class _Keys:
         inputs = tuple(keys[id(v)] if v is not None and id(v) in keys else self.key(v) for v in node.inputs)
         if domain == "" and op in _INITIAL_STATES and len(inputs) > 5:
             inputs = self._without_zero_states(node, inputs, _INITIAL_STATES[op])
+        absent = numbering.intern(("absent",))
+        while inputs and inputs[-1] == absent:  # an optional input given empty at the end is one not given
+            inputs = inputs[:-1]
         structural = numbering.intern(("node", domain, op, self._semantics(node, domain, op, version), attributes,
                                        inputs, value.index()))
         if domain == "" and op in ("Squeeze", "Unsqueeze"):
@@ -1162,7 +1172,13 @@ class _Keys:
             if i >= len(keys) or node.inputs[i] is None:
                 continue
             array = self._array(node.inputs[i])
-            if array is None or array.size == 0 or array.dtype.kind != "f":
+            if array is None:
+                dtype = self._zero_fill(node.inputs[i])
+                if dtype is not None:  # a shape read at run time: the state's key stands for it
+                    dropped.append((i, ("key", inputs[i]), dtype))
+                    keys[i] = absent
+                continue
+            if array.size == 0 or array.dtype.kind != "f":
                 continue
             element = array if any(array.strides) else array.reshape(-1)[:1]  # a fill: its one element
             if np.frombuffer(np.ascontiguousarray(element).tobytes(), np.uint8).any():
@@ -1176,6 +1192,30 @@ class _Keys:
         while keys and keys[-1] == absent:
             keys.pop()
         return tuple(keys)
+
+    def _zero_fill(self, value: ir.Value, depth: int = 0) -> str | None:
+        """The float element type of ``value`` where every element of it has zero bits
+        whatever its shape: a default-domain ConstantOfShape whose value is absent (float32
+        0) or one float element of zero bits, or an op whose every output element is one
+        of its first input's (``_ZERO_KEEPING``) of such a value, followed back at most
+        ``_ZERO_DEPTH`` producers; else None."""
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None \
+                or depth > _ZERO_DEPTH or value.name in self.fed:
+            return None
+        if node.op_type in _ZERO_KEEPING:
+            return self._zero_fill(node.inputs[0], depth + 1)
+        if node.op_type != "ConstantOfShape" or len(node.inputs) != 1:
+            return None
+        fill = node.attributes.get("value")
+        if fill is None:
+            return str(np.dtype(np.float32))
+        if fill.type != ir.AttributeType.TENSOR:
+            return None
+        element = self.numbering.numpy(fill.value, shared=True).reshape(-1)
+        if element.size != 1 or element.dtype.kind != "f" or np.frombuffer(element.tobytes(), np.uint8).any():
+            return None
+        return str(element.dtype)
 
     def _view(self, node: ir.Node, op: str, version: int) -> int | None:
         """The key of a default-domain Transpose, or of a Squeeze or Unsqueeze that undoes
@@ -1213,12 +1253,33 @@ class _Keys:
             return key
         axes = self._axes(node, version)
         inner = self._views.get(self.key(x)) if axes is not None else None
-        if inner is None or inner[1] != axes or inner[2] == op or inner[2] == "Transpose":
-            return None
-        # Unsqueeze(Squeeze(x, a), a): Squeeze succeeds only where x's dims at a are 1;
-        # Squeeze(Unsqueeze(x, a), a): where that Unsqueeze is valid for x's rank
-        self._assume(node, (inner[2], inner[0], axes))
-        return inner[0]
+        if inner is not None and inner[1] == axes and inner[2] != op and inner[2] != "Transpose":
+            # Unsqueeze(Squeeze(x, a), a): Squeeze succeeds only where x's dims at a are 1;
+            # Squeeze(Unsqueeze(x, a), a): where that Unsqueeze is valid for x's rank
+            self._assume(node, (inner[2], inner[0], axes))
+            return inner[0]
+        if op == "Unsqueeze" and axes is not None and axes[0] >= 0:
+            return self._unsqueezed(node, axes, inner)
+        return None
+
+    def _unsqueezed(self, node: ir.Node, axes: tuple[int, ...], inner: tuple | None) -> int:
+        """The key of an Unsqueeze of x at axes ``b`` none of which is negative:
+        ``("unsqueeze", key of x, b)``, recorded as a view; of ``Unsqueeze(x0, a)``, ``a``
+        not negative either (``inner``: that view), the key of one Unsqueeze of x0 at ``c``:
+        ``b`` and, per ``j`` in ``a``, the ``j``-th position not in ``b`` (the second
+        Unsqueeze puts the first one's output dims, in order, on the positions outside
+        ``b``; those positions do not depend on x0's rank). Exact wherever either runs: ``c``
+        is valid for x0's rank r exactly where ``a`` is (below r + |a|) and ``b`` is (below
+        r + |a| + |b|), as the positions outside ``b`` below r + |a| + |b| number r + |a|."""
+        base = self.key(node.inputs[0])
+        if inner is not None and inner[2] == "Unsqueeze" and inner[1][0] >= 0:
+            taken = set(axes)
+            outside = [p for p in range(max(inner[1]) + len(axes) + 1) if p not in taken]
+            base, axes = inner[0], tuple(sorted(taken | {outside[j] for j in inner[1]}))
+        key = self.numbering.intern(("unsqueeze", base, axes))
+        self._views[key] = (base, axes, "Unsqueeze")
+        self._fact(node, ("Unsqueeze", base, axes))
+        return key
 
     def _slice(self, node: ir.Node, version: int) -> int | None:
         """The key of a Slice whose starts, ends, axes and steps are constant integers (inputs
@@ -1834,6 +1895,10 @@ _BROADCASTING = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "
 _VIEW_OPS = frozenset(("Transpose", "Squeeze", "Unsqueeze"))
 _COERCED_OPS = frozenset(("Softmax", "LogSoftmax"))  # over the input coerced to 2-D before opset 13
 _INITIAL_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}  # initial_h (and initial_c): input positions
+# ops whose every output element is one of their first input's: a zero fill stays zero
+_ZERO_KEEPING = frozenset(("Slice", "Reshape", "Expand", "Tile", "Squeeze", "Unsqueeze", "Transpose", "Flatten",
+                           "Identity"))
+_ZERO_DEPTH = 16  # the producers ``_zero_fill`` follows back at most
 _DEFINED_OPS = frozenset(("ConstantOfShape", "Identity", "Cast", "Flatten", "Unsqueeze", "Squeeze", "Reshape"))
 _EXACT_INTEGERS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                                           np.uint64)}

@@ -11,7 +11,7 @@ such axis the same size, so that a dim named in several inputs keeps one size in
 sample; the other samples, and inputs of rank 1, keep 1. Where it does, that sample's
 other free dynamic dims are ``last_batch`` times shorter (32 instead of 64), so that it
 holds about as many elements as the others (as many tokens in a ``[batch, seq]`` input)
-and costs about as much to run. Samples the model cannot run are made again with the
+and costs about as much to run, unless ``last_dynamic_dim`` sizes them. Samples the model cannot run are made again with the
 sizes of ``RETRY_SIZES`` in turn.
 
 Values, per input, first rule that applies:
@@ -534,6 +534,7 @@ def generate_inputs(
     dynamic_dim: int = DEFAULT_DYNAMIC_DIM,
     interior_dim: int | None = None,
     last_batch: int = 1,
+    last_dynamic_dim: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """``samples`` feed dicts that fit the model's graph inputs (see the module docstring
     for the sizes and values chosen). ``shapes`` sizes inputs by name; ``ranges`` gives
@@ -541,8 +542,9 @@ def generate_inputs(
     decode of ``decode_steps`` steps; ``dynamic_dim`` sizes the dynamic dims that nothing
     else sizes, past the first axis (``interior_dim``, when given, those before the last
     axis); ``last_batch`` sizes the batch axes that nothing else sizes in the last sample
-    (1 in the others), whose other free dims it then divides. The samples before the last
-    do not depend on ``last_batch``. Raises BadInputError for a name that is not a
+    (1 in the others), whose other free dims it then divides (``last_dynamic_dim``, when
+    given, sizes those instead). The samples before the last do not depend on
+    ``last_batch`` or ``last_dynamic_dim``. Raises BadInputError for a name that is not a
     graph input, an empty range, an input whose shape or dtype cannot be generated, or a
     given past length that does not fit the position table."""
     shapes = dict(shapes or {})
@@ -558,8 +560,8 @@ def generate_inputs(
     last_sizes = sizes
     if last_batch != 1 and _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), dynamic_dim, interior_dim,
                                   last_batch) != sizes:  # a batch to size: the other free dims shrink by as much
-        last_sizes = _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), max(1, dynamic_dim // last_batch),
-                            interior_dim, last_batch)
+        last_dim = max(1, dynamic_dim // last_batch) if last_dynamic_dim is None else last_dynamic_dim
+        last_sizes = _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), last_dim, interior_dim, last_batch)
     for value in fed:  # a waveform whose length is dynamic in the model but given in ``shapes``
         if roles[value.name] == "plain" and value.name in shapes and value.dtype is not None \
                 and value.dtype.is_floating_point() and _signal_axis(value, sizes[value.name]) is not None:

@@ -17,7 +17,10 @@ replace (an initializer listed as an input, IR 4 on) a value off that default
 where the input is fed shows; where the original cannot run on those, the samples feed
 the defaults and ``notes`` says so, as it does when the user's samples feed no such
 input. When the original cannot run those,
-they are generated again with batch 1 in every sample (a graph that assumes batch 1
+they are generated again with the batch sample's other free dims as long as the other
+samples' (a stack of unpadded convolutions runs only above some size; no note, as that
+sample is no weaker), then with batch 1
+in every sample (a graph that assumes batch 1
 behind a symbolic dim), then with the sizes of ``RETRY_SIZES`` in turn (free dynamic
 dims ``RETRY_DYNAMIC_DIM`` long: a reflect-padded or framed signal needs more than the
 default; then also 1 between the first and the last axis: a recurrent state's unnamed
@@ -429,7 +432,7 @@ class Verifier:
         where = ""
         if loaded and error is not None and self._generate is not None:
             tried = {_shapes(self.feeds)}
-            retry_error = error
+            retry_error = failed = error  # failed: the last error met, the one the retry that runs answers
             for sizes in _RETRIES:
                 feeds = self._generated(**sizes)
                 if _shapes(feeds) in tried:  # no batch axis to size: the same shapes fail the same way
@@ -439,8 +442,9 @@ class Verifier:
                 retry_error, _ = self._run_generated(sizes)
                 if retry_error is None:
                     break
-            if retry_error is None:
-                self._retried = _retried_text(sizes, error)
+                failed = retry_error
+            if retry_error is None:  # a batch sample as long as the others is no weaker: no note
+                self._retried = None if "last_dynamic_dim" in sizes else _retried_text(sizes, error, failed)
                 error = None
             else:
                 where = " on generated inputs (give samples that fit with --inputs, or sizes with --input-shape)"
@@ -1099,9 +1103,12 @@ class _KeptOutputs:
         return sum(int(np.asarray(a).nbytes) for outs in self.cases.values() for a in outs)
 
 
-# what generated samples the original cannot run are made again with, in turn: batch 1
-# everywhere, then each of ``RETRY_SIZES`` with the batch sample and without it
+# what generated samples the original cannot run are made again with, in turn: the batch
+# sample with its other free dims as long as the other samples' (a model that cannot run
+# below some size, as a stack of unpadded convolutions), batch 1 everywhere, then each of
+# ``RETRY_SIZES`` with the batch sample and without it
 _RETRIES: tuple[dict[str, int], ...] = (
+    {"last_dynamic_dim": DEFAULT_DYNAMIC_DIM},
     {"last_batch": 1},
     *({**sizes, "last_batch": batch} for sizes in RETRY_SIZES for batch in (BATCH_SAMPLE, 1)),
 )
@@ -1111,12 +1118,13 @@ def _shapes(samples: Sequence[Feeds]) -> tuple:
     return tuple(tuple(sorted((name, np.shape(value)) for name, value in feeds.items())) for feeds in samples)
 
 
-def _retried_text(sizes: Mapping[str, int], error: str) -> str:
-    """Why the generated samples were made again (``error``: the first run's), and how."""
+def _retried_text(sizes: Mapping[str, int], error: str, failed: str) -> str:
+    """Why the generated samples were made again (``error``: the first run's; ``failed``:
+    the last failed run's, the one before ``sizes``), and how."""
     batch = "batch 1 in every sample (a result specialized to batch 1 goes unseen)"
     if "dynamic_dim" not in sizes:
         return (f"generated inputs whose last sample has batch {BATCH_SAMPLE} did not run on the original "
-                f"({error}); they were made again with {batch}")
+                f"({failed}); they were made again with {batch}")
     return (f"generated inputs with free dynamic dims of {DEFAULT_DYNAMIC_DIM} did not run on the original "
             f"({error}); they were made again with {sizes_text(sizes)}"
             + (f" and {batch}" if sizes.get("last_batch") == 1 else ""))
