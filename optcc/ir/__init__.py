@@ -13,7 +13,8 @@ from optcc.ir.arrays import decoded, fresh, repeated_values, share_decoded
 from optcc.ir.collector import clone, collect_for, collector_paused
 from optcc.ir.dequantized import dequantized_array, drop_dequantization, stored_bits, stored_levels
 from optcc.ir.data_movement import reshaped, squeezed, unsqueezed
-from optcc.ir.edit import ModelNames, constant_before, as_numpy, const_array, const_tensor, initializers_are_constant, is_constant, overridable_inputs, inferred_dtypes, unique_prefix, unique_value_name, upgrade_legacy_ir, value_names
+from optcc.ir.edit import ModelNames, constant_before, as_numpy, const_array, const_tensor, initializers_are_constant, is_constant, overridable_inputs, inferred_dtypes, unique_prefix, unique_value_name, value_names
+from optcc.ir.legacy import upgrade_legacy_ir
 from optcc.ir.interface import FILLED_INTERFACE_KEY, without_weights
 from optcc.ir.loading import ModelSource, load
 from optcc.ir.opset import convert_opset, upgrade_problem

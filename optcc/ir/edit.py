@@ -10,7 +10,6 @@ import onnx
 import onnx_ir as ir
 
 from optcc.ir.arrays import fresh
-from optcc.ir.legacy import upgrade_legacy_ir  # noqa: F401 (part of this module's interface)
 from optcc.ir.saving import initializers_set_aside, serialize
 from optcc.ir.walk import graphs, nodes, proto_graphs, subgraphs
 

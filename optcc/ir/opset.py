@@ -6,7 +6,7 @@ import onnx
 import onnx.version_converter
 import onnx_ir as ir
 
-from optcc.ir.edit import upgrade_legacy_ir
+from optcc.ir.legacy import upgrade_legacy_ir
 from optcc.ir.saving import initializers_set_aside, serialize
 from optcc.ir.walk import default_opset
 
