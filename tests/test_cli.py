@@ -442,3 +442,24 @@ def test_o3_prints_nothing_but_optcc_on_a_decoder_with_symbolic_dims(tmp_path: P
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
     want = ReferenceEvaluator(str(model)).run(["logits"], feeds)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_onnxruntime_cannot_load_is_not_blamed_on_the_passes(tmp_path: Path, capsys):
+    """A Relu of strings: onnxruntime refuses the model given, so a proof that the result
+    computes what it computes cannot be checked on onnxruntime. Not verified (exit 4, the
+    original named as what does not load), never "verification failed" (exit 1), which
+    would blame the optimized model."""
+    helper, strings = onnx.helper, onnx.TensorProto.STRING
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", strings, [2])],
+                              [helper.make_tensor_value_info("y", strings, [2])])
+    model_path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model_path)
+    with pytest.raises(Exception, match="INVALID_GRAPH"):
+        ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    for level in ("-O0", "-O2"):
+        code = cli.main([str(model_path), level, "-o", str(out), "-q"])
+        err = capsys.readouterr().err
+        assert code == 4, err
+        assert "onnxruntime cannot load the original model" in err and "optimized model" not in err
+        assert not out.exists()

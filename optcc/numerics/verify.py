@@ -936,6 +936,10 @@ class Verifier:
         base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=0, outputs=[],
                     reference="proof", proof=proof.to_dict())
         if error is not None:
+            original_error = self._load_error(self._source(self._model))
+            if original_error is not None:  # not the passes' doing: the model given does not load either
+                return Verification(status="skipped", reason=f"onnxruntime cannot load the original model: "
+                                    f"{original_error}", **base)
             return Verification(status="failed", reason=f"onnxruntime cannot load the optimized model: {error}", **base)
         return Verification(status="passed", **base)
 
