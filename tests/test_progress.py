@@ -108,3 +108,20 @@ def test_reporting_reaches_the_phases_of_optimize():
             assert [d for d, _ in run] == sorted(d for d, _ in run)
     calibrating = [total for p, _, total in seen if p == "calibrating"]
     assert 0 < calibrating[0] <= len(samples)
+
+
+def test_verification_advances_once_per_sample():
+    """The verifying phase counts samples as they run, not all at once after the last."""
+    from optcc.numerics import Verifier
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = optcc.ir.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.standard_normal((2, 3)).astype(np.float32)} for _ in range(3)]
+    seen = []
+    with Verifier(model, inputs=samples, progress=lambda *a: seen.append(a)) as verifier:
+        verdict = verifier.check(model.clone())
+    assert verdict.passed and verdict.samples == 3
+    assert [done for phase, done, total in seen if phase == "verifying"] == [0, 1, 2, 3]

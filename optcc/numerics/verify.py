@@ -389,9 +389,11 @@ class Verifier:
 
     # ----------------------------------------------------------------- references
 
-    def _cases(self, session: Any, samples: Sequence[Feeds] | None = None) -> list[list[np.ndarray]]:
+    def _cases(self, session: Any, samples: Sequence[Feeds] | None = None,
+               advance: Callable[[int], None] = lambda steps: None) -> list[list[np.ndarray]]:
         """A session's outputs on every sample (every decode step of every sample for a
-        KV-cache decoder, fed the original's tokens once they are known)."""
+        KV-cache decoder, fed the original's tokens once they are known); ``advance(1)``
+        after each sample (a progress bar's)."""
         samples = self.feeds if samples is None else samples
         float16_inputs = float16_feedable(session)
 
@@ -399,17 +401,24 @@ class Verifier:
             return run(session, _fit_float16(feeds, float16_inputs))
 
         names = [o.name for o in session.get_outputs()]
-        if self._stream is not None:  # each case: the first step's outputs, then the second's answers
-            return [streamed(run_one, names, self._stream, f) for f in samples]
-        if self._plan is None:
-            return [run_one(f) for f in samples]
         cases: list[list[np.ndarray]] = []
+        if self._stream is not None:  # each case: the first step's outputs, then the second's answers
+            for feeds in samples:
+                cases.append(streamed(run_one, names, self._stream, feeds))
+                advance(1)
+            return cases
+        if self._plan is None:
+            for feeds in samples:
+                cases.append(run_one(feeds))
+                advance(1)
+            return cases
         tokens: list[list[np.ndarray]] = []
         for i, feeds in enumerate(samples):
             given = None if self._tokens is None else self._tokens[i]
             steps, chosen = run_decode(run_one, names, self._plan, feeds, steps=self._steps, tokens=given)
             cases.extend(steps)
             tokens.append(chosen)
+            advance(1)
         if self._tokens is None:
             self._tokens = tokens
         return cases
@@ -704,12 +713,13 @@ class Verifier:
                     return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
                 if session is not None:
                     try:
-                        got_all = self._cases(session, feeds)
+                        got_all = self._cases(session, feeds, bar.advance)
                     except Exception as e:  # noqa: BLE001
                         reason = f"onnxruntime cannot run the optimized model: {first_line(e)}"
                         return Verification(status="failed", outputs=metrics, reason=reason, reference=reference,
                                             **base)
-                bar.advance(len(feeds))
+                else:
+                    bar.advance(len(feeds))  # run before, by the pass
                 if self._plan is not None and numerics not in ("exact", "fusion") and session is not None:
                     free[provider] = self._free_running(session, float32[provider])
                 if numerics in ("fp16", "int8"):
