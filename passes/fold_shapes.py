@@ -46,6 +46,7 @@ __all__ = [
     "shape_findings",
     "ShapeFindings",
     "SHAPE_OPS",
+    "FOLLOWED_OPS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -205,7 +206,8 @@ def _fold_value(
 
 
 MAX_SHAPE_ELEMENTS = 64  # elements a shape computation may hold to be followed
-_FOLLOWED = frozenset({"Gather", "Slice", "Concat", "Cast", "Unsqueeze", "Squeeze"})
+# the ops ``shape_elements`` follows a shape computation through
+FOLLOWED_OPS = frozenset({"Gather", "Slice", "Concat", "Cast", "Unsqueeze", "Squeeze"})
 _INT_TYPES = {ir.DataType.INT64.value: np.int64, ir.DataType.INT32.value: np.int32}
 
 
@@ -322,7 +324,7 @@ def shape_elements(value: ir.Value | None, inferred: dict[ir.Value, ir.Shape], i
 
 
 def _shape_followers(model: ir.Model) -> set[ir.Node]:
-    """The default-domain ``_FOLLOWED`` nodes that read a Shape's output directly or
+    """The default-domain ``FOLLOWED_OPS`` nodes that read a Shape's output directly or
     through other such nodes (readers in bodies included): the only nodes for which
     ``shape_elements`` can find an element read from a Shape (``from_shape``), since it
     follows inputs through those ops alone. Folding only replaces values by constants,
@@ -333,14 +335,14 @@ def _shape_followers(model: ir.Model) -> set[ir.Node]:
     while frontier:
         for use in frontier.pop().uses():
             reader = use.node
-            if reader not in found and reader.op_type in _FOLLOWED and _is_default(reader):
+            if reader not in found and reader.op_type in FOLLOWED_OPS and _is_default(reader):
                 found.add(reader)
                 frontier.extend(reader.outputs)
     return found
 
 
 def _fold_followed(node: ir.Node, inferred: dict[ir.Value, ir.Shape], inputs_constant: bool) -> np.ndarray | None:
-    """The constant a node of ``_FOLLOWED`` computes from a shape when every element is
+    """The constant a node of ``FOLLOWED_OPS`` computes from a shape when every element is
     known (``shape_elements``), in its output's type."""
     found = shape_elements(node.outputs[0], inferred, inputs_constant)
     if found is None or not found.from_shape or any(e is None for e in found.elements):
@@ -441,7 +443,7 @@ def fold_shapes(model: ir.Model, inferred: dict[ir.Value, ir.Shape] | None = Non
     followers = _shape_followers(model)
     for graph in optcc.ir.graphs(model):
         for node in list(graph):
-            if not _is_default(node) or node.op_type not in ("Shape", "Size", "Gather", *_FOLLOWED):
+            if not _is_default(node) or node.op_type not in ("Shape", "Size", "Gather", *FOLLOWED_OPS):
                 continue
             if node.graph is None or len(node.outputs) != 1:
                 continue  # removed already (a Shape feeding a folded Gather)

@@ -51,7 +51,7 @@ import onnx_ir as ir
 
 import optcc
 from optcc.passes.eliminate_noops import constant_array, graph_opset
-from optcc.passes.fold_shapes import infer_shapes, shape_elements
+from optcc.passes.fold_shapes import FOLLOWED_OPS, infer_shapes, shape_elements
 from optcc.rewrite import same_dim
 
 __all__ = ["SimplifyReshapeTargetsPass"]
@@ -79,9 +79,6 @@ def _target_concat(reshape: ir.Node) -> ir.Node | None:
     return concat if concat is not None and concat.op_type == "Concat" else None
 
 
-_FOLLOWED_TO_SHAPE = frozenset({"Cast", "Concat", "Gather", "Slice", "Unsqueeze", "Squeeze"})
-
-
 def _reads_unshaped(value: ir.Value | None, depth: int = 0) -> bool:
     """Whether the shape computation of ``value`` reads the Shape of a tensor with no declared
     shape, the only case where onnx shape inference may know dims the model does not say."""
@@ -90,7 +87,7 @@ def _reads_unshaped(value: ir.Value | None, depth: int = 0) -> bool:
         return False
     if node.op_type == "Shape":
         return node.inputs[0] is not None and node.inputs[0].shape is None
-    return node.op_type in _FOLLOWED_TO_SHAPE and any(_reads_unshaped(v, depth + 1) for v in node.inputs)
+    return node.op_type in FOLLOWED_OPS and any(_reads_unshaped(v, depth + 1) for v in node.inputs)
 
 
 def _constant_target(reshape: ir.Node, ranks: dict, copy_allowed: bool,
