@@ -106,7 +106,7 @@ from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAW
                                  UserMetric, float_free_outputs, moves_nothing, perturbation_draws, perturbation_roles,
                                  projected_outputs, row_metrics, sequence_outputs, unmoved, wants_draws)
 from optcc.progress import Progress
-from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, REFUSALS, RefusedModel, first_line, float16_feedable,
+from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, building_session, first_line, float16_feedable,
                                    make_session, resolve_providers, run, session_options)
 from optcc.runtime.shared_weights import Serialized, content_digest, light_proto, release_memory, weighted_session
 
@@ -827,10 +827,8 @@ class Verifier:
         self._kept[key] = kept  # the last asked about, last
         missing = [p for p in dict.fromkeys(positions) if p not in kept.cases]
         if missing:
-            try:
+            with building_session():  # a model onnxruntime refuses, told apart from one that fails to run
                 session = self._candidate_session(source, provider, "int8")
-            except REFUSALS as e:  # a model onnxruntime refuses, told apart from one that fails to run
-                raise RefusedModel(first_line(e)) from e
             kept.names = [o.name for o in session.get_outputs()]
             for position, outs in zip(missing, self._cases(session, [self.feeds[p] for p in missing])):
                 kept.cases[position] = outs

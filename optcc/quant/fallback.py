@@ -34,7 +34,7 @@ from optcc.numerics.metrics import sqnr_db as powers_db
 from optcc.progress import Progress
 from optcc.quant.suffix import cuttable, frontier, suffix
 from optcc.runtime.latency import median_seconds
-from optcc.runtime.session import REFUSALS, RefusedModel, feedable, first_line, session_options
+from optcc.runtime.session import RefusedModel, building_session, feedable, first_line, session_options
 from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
 __all__ = [
@@ -105,13 +105,11 @@ def _session(model: ir.Model | bytes | onnx.ModelProto, optimize: bool | str, th
                                          os.path.basename(optimized_path) + ".weights")
     if isinstance(model, ir.Model):
         model, weights = light_proto(model)
-    try:
+    with building_session():
         if isinstance(model, onnx.ModelProto):
             return weighted_session(model, weights or {}, options)
         data = model if isinstance(model, bytes) else oir.serialize(model).SerializeToString()
         return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except REFUSALS as e:
-        raise RefusedModel(first_line(e)) from e
 
 
 def integer_op_histogram(model: ir.Model) -> dict[str, int]:

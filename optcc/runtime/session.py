@@ -24,6 +24,7 @@ and loaded from that path (a CUDA session given them in memory computes other re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
@@ -43,7 +44,7 @@ from optcc.runtime.providers import provider_entry
 from optcc.runtime.shared_weights import light_proto, weighted_session
 
 __all__ = ["session_options", "make_session", "run", "detached", "first_line", "with_outputs", "resolve_providers",
-           "REFUSALS", "RefusedModel"]
+           "REFUSALS", "RefusedModel", "building_session"]
 
 ModelRef = Union[ir.Model, onnx.ModelProto, bytes, str, os.PathLike]
 SHARED_MIN_BYTES = 1 << 20  # initializers at least this large are handed over, not serialized
@@ -60,6 +61,16 @@ REFUSALS = (ort_state.Fail, ort_state.InvalidGraph, ort_state.NotImplemented, or
 class RefusedModel(Exception):
     """onnxruntime refused to build a session of a model (one of ``REFUSALS``, raised while
     building it); the message is its first line. Never raised for a session that fails to run."""
+
+
+@contextlib.contextmanager
+def building_session() -> Iterator[None]:
+    """Build a session in the body: a refusal (``REFUSALS``) is raised as ``RefusedModel``,
+    so that a caller tells a model onnxruntime refuses from one that then fails to run."""
+    try:
+        yield
+    except REFUSALS as e:
+        raise RefusedModel(first_line(e)) from e
 
 
 def resolve_providers(names: Sequence[str] | None) -> list[str]:
