@@ -53,14 +53,19 @@ def dequantized_array(value: ir.Value, *, inputs_constant: bool = False) -> np.n
     return np.multiply(q.astype(np.float32), scale, dtype=np.float32)
 
 
-def stored_bits(value: ir.Value) -> int | None:
-    """The bits of the integer levels ``value = Mul(Cast<float>(q), scale)`` reads (8 or 16
-    for an int8/uint8 or int16/uint16 ``q``), None for any other value or type."""
-    chain = _chain(value)
+def _levels_type(chain: tuple[ir.Node, ir.Node, ir.Value] | None) -> ir.DataType | None:
+    """The element type of a ``_chain``'s ``q`` when a float32 holds its every value, else None."""
     q_type = None if chain is None else chain[1].inputs[0].dtype
     if q_type is None or q_type.numpy() not in [np.dtype(t) for t in _EXACT_IN_FLOAT32]:
         return None
-    return int(q_type.itemsize * 8)
+    return q_type
+
+
+def stored_bits(value: ir.Value) -> int | None:
+    """The bits of the integer levels ``value = Mul(Cast<float>(q), scale)`` reads (8 or 16
+    for an int8/uint8 or int16/uint16 ``q``), None for any other value or type."""
+    q_type = _levels_type(_chain(value))
+    return None if q_type is None else int(q_type.itemsize * 8)
 
 
 def stored_levels(value: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value] | None:
@@ -68,7 +73,7 @@ def stored_levels(value: ir.Value) -> tuple[ir.Node, ir.Value, ir.Value] | None:
     or 16-bit integer constant and ``scale`` a float32 constant (``dequantized_array(value)``
     is then an array; the product is not computed); else None."""
     chain = _chain(value)
-    if chain is None or stored_bits(value) is None or not is_constant(chain[1].inputs[0]):
+    if chain is None or _levels_type(chain) is None or not is_constant(chain[1].inputs[0]):
         return None
     mul, cast, scale = chain
     factor = const_array(scale)
