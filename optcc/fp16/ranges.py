@@ -91,25 +91,27 @@ def _probe(model: ir.Model, skip: Collection[str] = (), only: Collection[str] | 
     named there alone). onnxruntime holds every graph output until the run ends, fetched
     or not: a probe's run holds all the values it outputs."""
     probe = model.clone()
-    present = set(probe.graph.outputs)
-    for node in probe.graph:
-        for value in node.outputs:
-            if value.name and value not in present and value.name not in skip and (only is None or value.name in only):
-                present.add(value)
-                probe.graph.outputs.append(value)
+    for value in _probed_values(probe.graph, skip, only):
+        probe.graph.outputs.append(value)
     return probe
 
 
 def _probed_names(model: ir.Model, skip: Collection[str] = ()) -> list[str]:
     """The names of the values ``_probe(model, skip)`` outputs, in its order."""
-    names = [v.name for v in model.graph.outputs]
-    present = set(names)
-    for node in model.graph:
+    return [v.name for v in (*model.graph.outputs, *_probed_values(model.graph, skip))]
+
+
+def _probed_values(graph: ir.Graph, skip: Collection[str] = (), only: Collection[str] | None = None) -> list[ir.Value]:
+    """The named node outputs of ``graph`` a probe adds to its outputs, in graph order: not
+    graph outputs already, none named in ``skip``, and with ``only`` those named there alone."""
+    present = set(graph.outputs)
+    found = []
+    for node in graph:
         for value in node.outputs:
-            if value.name and value.name not in present and value.name not in skip:
-                present.add(value.name)
-                names.append(value.name)
-    return names
+            if value.name and value not in present and value.name not in skip and (only is None or value.name in only):
+                present.add(value)
+                found.append(value)
+    return found
 
 
 def session(model: ir.Model, provider: str = "CPUExecutionProvider",
