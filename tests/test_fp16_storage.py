@@ -169,8 +169,8 @@ def test_underflow_is_judged_by_its_effect():
     assert_fp16_close(proto, result.model, [random_feeds(proto, seed=s) for s in (0, 1)])
 
 
-def test_reshape_with_a_computed_shape_is_probed_and_converted():
-    proto = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["": 17]>
+# Relu -> Reshape to a shape computed from the input's -> Sigmoid
+_COMPUTED_SHAPE_RESHAPE = """<ir_version: 8, opset_import: ["": 17]>
     g (float[N, 3, 4] x) => (float[N, 12] y) {
       s = Shape <end = 1> (x)
       minus1 = Constant <value = int64[1] {-1}> ()
@@ -178,7 +178,11 @@ def test_reshape_with_a_computed_shape_is_probed_and_converted():
       h = Relu(x)
       r = Reshape(h, shape)
       y = Sigmoid(r)
-    }""")
+    }"""
+
+
+def test_reshape_with_a_computed_shape_is_probed_and_converted():
+    proto = onnx.parser.parse_model(_COMPUTED_SHAPE_RESHAPE)
     result = run(proto, input_shapes={"x": [2, 3, 4]})
     assert not any("Reshape" in k for k in result.stats["kept_float32"])
     assert result.stats["converted"].get("Reshape") == 1
@@ -201,15 +205,7 @@ def test_a_fresh_probe_reads_the_first_samples_computed_shape(tmp_path, monkeypa
         return probe_op(node, inputs, float16_inputs, opset, provider)
 
     monkeypatch.setattr(support, "probe_op", recorded)
-    proto = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["": 17]>
-    g (float[N, 3, 4] x) => (float[N, 12] y) {
-      s = Shape <end = 1> (x)
-      minus1 = Constant <value = int64[1] {-1}> ()
-      shape = Concat <axis = 0> (s, minus1)
-      h = Relu(x)
-      r = Reshape(h, shape)
-      y = Sigmoid(r)
-    }""")
+    proto = onnx.parser.parse_model(_COMPUTED_SHAPE_RESHAPE)
     samples = [random_feeds(proto, {"x": [n, 3, 4]}, seed=n) for n in (2, 5)]
     result = run(proto, inputs=samples)
     data, shape = probed["Reshape"]
