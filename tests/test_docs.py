@@ -18,9 +18,9 @@ checked, one test per block (the test id names the file and the line of the fenc
 - Every Markdown table renders: its second line is the header separator and every row has
   as many cells as the header.
 
-The sample folder: ``model.onnx`` and ``fixtures/tinycnn.onnx`` (the bundled example: input
-``image`` float32 [N, 3, 32, 32], output ``logits``), ``inputs.npz`` (3 samples) and
-``calib.npz`` (16 samples), both with the key ``image`` shaped (samples, 1, 3, 32, 32).
+The sample folder is the one ``python -m fixtures.docs_samples DIR`` writes (see
+fixtures/docs_samples.py): ``model.onnx``, ``fixtures/tinycnn.onnx``, ``inputs.npz`` and
+``calib.npz``.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from fixtures.docs_samples import write_sample_folder
 from optcc import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +52,7 @@ NOT_RUN_LANGS = {"text", "json"}
 KNOWN_COMMANDS = [
     re.compile(r"python -m pytest\b"),
     re.compile(r"python -m fixtures\.corpus\b"),
+    re.compile(r"python -m fixtures\.docs_samples\b"),  # writes the sample folder this test copies
     re.compile(r"python (benchmarks/\w+\.py)\b"),  # the script must exist
     re.compile(r"(cd|ls|cat|mkdir|export)\b"),
 ]
@@ -100,14 +101,7 @@ BLOCKS = [b for doc in DOCS for b in _blocks(doc)]
 
 @pytest.fixture(scope="module")
 def sample_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("docs-template")
-    (folder / "fixtures").mkdir()
-    shutil.copy(ROOT / "fixtures" / "tinycnn.onnx", folder / "fixtures" / "tinycnn.onnx")
-    shutil.copy(ROOT / "fixtures" / "tinycnn.onnx", folder / "model.onnx")
-    rng = np.random.default_rng(0)
-    for name, count in (("inputs.npz", 3), ("calib.npz", 16)):
-        np.savez(folder / name, image=rng.standard_normal((count, 1, 3, 32, 32)).astype(np.float32))
-    return folder
+    return write_sample_folder(tmp_path_factory.mktemp("docs-template"))
 
 
 @pytest.fixture
@@ -403,3 +397,13 @@ def test_the_checks_catch_broken_docs(tmp_path: Path, sample_folder: Path, fork_
     with pytest.raises(pytest.fail.Exception, match="neither an optcc command"):
         _run_shell(bad_line, work, capsys)
     assert _run_shell(blocks[3], work, capsys) == (1, [])
+
+
+def test_docs_samples_command_writes_the_sample_folder(tmp_path: Path) -> None:
+    """The folder README and docs/cli.md tell a reader to make is the one the blocks run in."""
+    done = subprocess.run([sys.executable, "-m", "fixtures.docs_samples", str(tmp_path / "try")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    written = sorted(str(p.relative_to(tmp_path / "try")) for p in (tmp_path / "try").rglob("*") if p.is_file())
+    assert written == ["calib.npz", "fixtures/tinycnn.onnx", "inputs.npz", "model.onnx"]
+    assert (tmp_path / "try" / "model.onnx").read_bytes() == (ROOT / "fixtures" / "tinycnn.onnx").read_bytes()
