@@ -94,6 +94,13 @@ class OptimizeResult:
         oir.save(self.ir_model, path, external_data=external_data, **options)
 
 
+# INT8's speed is modelled for onnxruntime's CPU provider; a user who verifies on CUDA is
+# likely to deploy there, where the written model is not what was modelled
+CUDA_INT8_WARNING = ("INT8 is modelled for onnxruntime's CPU provider: its CUDA provider runs QDQ Conv, MatMul and "
+                     "Gemm as DequantizeLinear, a float kernel and QuantizeLinear, so this model is not faster "
+                     "there; for a GPU, --fp16 (docs/int8.md, Providers)")
+
+
 def optimize(
     model: oir.ModelSource,
     passes: Sequence[Union[str, ir.passes.PassBase]] | None = None,
@@ -363,6 +370,8 @@ def optimize(
             "not; give samples (--inputs) or the range (--input-range)")
     report.warnings.extend(f"{kind.upper()} not applied: {reason}" for kind, reason in precision.items()
                            if reason is not None)
+    if precision.get("int8", "") is None and "CUDAExecutionProvider" in resolve_providers(providers):
+        report.warnings.append(CUDA_INT8_WARNING)
     if target_opset is not None and oir.default_opset(outcome.model) != target_opset:
         why = next((r.reason for r in outcome.records if r.name == "upgrade-opset" and r.reason), "not run")
         report.warnings.append(f"opset not upgraded to {target_opset}: {why}")

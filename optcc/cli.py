@@ -432,7 +432,10 @@ def _check_flags(
     modes = [flag for flag, given in (("--fp16", args.fp16), ("--int8", args.int8),
                                       ("--int8-dynamic", args.int8_dynamic), ("--weights", args.weights)) if given]
     if len(modes) > 1:  # each is a whole precision plan for the model; combined, one would undo the other's
-        raise BadInputError(f"{' and '.join(modes)} exclude each other (choose one precision)")
+        why = ("; a mix gains nothing on the providers optcc models: onnxruntime on x86 runs float16 as float32, "
+               "its CUDA provider runs QDQ INT8 through float kernels (docs/int8.md, Providers)"
+               if {"--fp16", "--int8"} <= set(modes) else "")
+        raise BadInputError(f"{' and '.join(modes)} exclude each other (choose one precision{why})")
     if args.passes is not None and not _split(args.passes):
         raise BadInputError("--passes names no pass (give a comma-separated list, or leave it out for -O's)")
     for flag, given in (("--fp16-io", args.fp16_io != "float32"), ("--fp16-block", args.fp16_block)):

@@ -560,7 +560,8 @@ def test_no_output_may_overwrite_the_input_or_its_external_data(tmp_path: Path, 
 
 
 @pytest.mark.parametrize("flags", [["--int8-dynamic", "--weights", "int8"], ["--fp16", "--weights", "int4"],
-                                   ["--fp16", "--int8-dynamic"], ["--int8", "--weights", "int8"]])
+                                   ["--fp16", "--int8-dynamic"], ["--int8", "--weights", "int8"],
+                                   ["--fp16", "--int8"]])
 def test_two_precisions_exclude_each_other(tmp_path: Path, capsys, flags: list[str]) -> None:
     model = _copy_example(tmp_path)
     data = tmp_path / "calib.npz"
