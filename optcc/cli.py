@@ -586,6 +586,10 @@ def run(argv: Sequence[str] | None = None) -> int:
                 EXIT_PRECISION_NOT_APPLIED: "--allow-float-fallback"}[status]
         said = _note_one_sample_judgement(result, one_sample_files, len(calibration or ()))
         print(f"optcc: {args.model}: {error}{said}; nothing written ({hint} writes it)", file=sys.stderr)
+    if not args.quiet:
+        for record in result.report.passes:  # the CPU class modelled decides; this machine's would not
+            if record.status not in ("reverted", "failed") and isinstance(record.stats.get("speed_machine"), str):
+                print(f"optcc: warning: {args.model}: {record.stats['speed_machine']}", file=sys.stderr)
     written = status == EXIT_OK or (status == EXIT_VERIFY_FAILED and args.force)
     if written:
         result.save(output, external_data={"auto": None, "on": True, "off": False}[args.external_data],
