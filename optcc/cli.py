@@ -510,10 +510,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     _check_not_sample_data([output, report_path, data_file], args.inputs, sources)
     input_shapes = _parse_shapes(args.input_shape)
     fixed_shapes = _parse_shapes(args.overwrite_input_shape, "--overwrite-input-shape")
-    with _sample_axis_notes():
+    with _sample_axis_notes() as notes:
         inputs = load_npz_samples(args.inputs, args.model) if args.inputs else None
+        read_before = len(notes)
         loaded = [(label, path, load_npz_samples(path, args.model, purpose="calibration"))
                   for label, path in sources]
+    # the calibration files read as one sample
+    one_sample_files = [w.message for w in notes[read_before:] if isinstance(w.message, SampleAxisWarning)]
     if fixed_shapes:  # samples that cannot feed the fixed inputs are the samples file's fault
         given_samples = [(inputs, args.inputs, "verification")] if inputs is not None else []
         for given, path, purpose in [*given_samples, *((s, path, "calibration") for _, path, s in loaded)]:
@@ -578,12 +581,18 @@ def run(argv: Sequence[str] | None = None) -> int:
                 allow_unverified=args.allow_unverified,
                 allow_float_fallback=args.allow_float_fallback,
             )
+        said = _note_one_sample_judgement(result, one_sample_files, len(calibration or ()))
     except (VerificationError, UnverifiedError, PrecisionNotAppliedError) as error:
         result = error.result  # type: ignore[attr-defined]
         status = error.exit_code
         hint = {EXIT_VERIFY_FAILED: "--force", EXIT_NOT_VERIFIED: "--allow-unverified",
                 EXIT_PRECISION_NOT_APPLIED: "--allow-float-fallback"}[status]
-        print(f"optcc: {args.model}: {error}; nothing written ({hint} writes it)", file=sys.stderr)
+        said = _note_one_sample_judgement(result, one_sample_files, len(calibration or ()))
+        print(f"optcc: {args.model}: {error}{said}; nothing written ({hint} writes it)", file=sys.stderr)
+    if not args.quiet:
+        for record in result.report.passes:  # the CPU class modelled decides; this machine's would not
+            if record.status not in ("reverted", "failed") and isinstance(record.stats.get("speed_machine"), str):
+                print(f"optcc: warning: {args.model}: {record.stats['speed_machine']}", file=sys.stderr)
     written = status == EXIT_OK or (status == EXIT_VERIFY_FAILED and args.force)
     if written:
         result.save(output, external_data={"auto": None, "on": True, "off": False}[args.external_data],
@@ -599,6 +608,23 @@ def run(argv: Sequence[str] | None = None) -> int:
     if not args.quiet or status != EXIT_OK:
         _print_summary(args, result, output if written else None, hint)
     return status
+
+
+def _note_one_sample_judgement(result: OptimizeResult, one_sample_files: Sequence[SampleAxisWarning],
+                               samples: int) -> str:
+    """When INT8 was declined and calibration files were read as one sample each
+    (``SampleAxisWarning``), the sentence that says the judgement rested on ``samples``
+    sample(s) because of it and how to give many, appended to the decline's reason (the
+    summary, the warning and the report's outcome read it there); "" otherwise."""
+    reason = result.precision.get("int8")
+    if not reason or not one_sample_files:
+        return ""
+    files = ", ".join(f"{w.file} was read as one sample of batch {w.batch}" for w in one_sample_files)
+    batch = one_sample_files[0].batch
+    said = (f"; INT8 was judged on {samples} calibration sample{'' if samples == 1 else 's'}: {files}; for "
+            f"{batch} samples, give each array a leading sample axis (sample i is arr[i], e.g. arr[:, None])")
+    result.precision["int8"] = reason + said
+    return said
 
 
 def _verification_skipped(result: OptimizeResult) -> str | None:
@@ -676,14 +702,15 @@ def _run_inspect(argv: Sequence[str]) -> int:
 
 
 @contextlib.contextmanager
-def _sample_axis_notes() -> Iterator[None]:
+def _sample_axis_notes() -> Iterator[list[warnings.WarningMessage]]:
     """Samples files read in the body; after it, each note that a file was read as one
     sample (``SampleAxisWarning``) printed as an ``optcc: note:`` line, before any check of
     the samples (a file read as one sample explains a group refused as too small). With -q
-    too: how a file was read decides which samples the run uses, whatever it prints."""
+    too: how a file was read decides which samples the run uses, whatever it prints. The
+    body is given the warnings recorded so far, in the order said."""
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always", SampleAxisWarning)
-        yield
+        yield said
     for warning in said:
         if issubclass(warning.category, SampleAxisWarning):
             print(f"optcc: note: {warning.message}", file=sys.stderr)

@@ -4,6 +4,8 @@ class of the machine's CPU read from its feature flags (never by timing)."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +152,35 @@ def test_the_cli_refuses_an_unknown_class(convs_files, tmp_path: Path, capsys, a
 def test_python_refuses_an_unknown_class_before_calibrating() -> None:
     with pytest.raises(optcc.BadInputError, match="unknown INT8 CPU class"):
         optcc.optimize(_convs(), int8_calibration=_samples(), int8_options={"cpu": "z80"})
+
+
+@pytest.mark.parametrize("flags, warned", [({"avx2"}, True), ({"avx2", "avx512_vnni"}, False)])
+def test_a_machine_whose_class_would_decline_is_warned_and_the_bytes_stay(
+        convs_files, tmp_path: Path, capsys, monkeypatch, flags: set[str], warned: bool) -> None:
+    """The default class ships INT8 where this machine's class (x86-avx2: read from its
+    flags, here set) would decline it: one warning line names --int8-cpu; the bytes are
+    those of a machine of the default class, where nothing is said."""
+    from optcc.quant import cost_model
+
+    model, calib = convs_files
+    reference = tmp_path / "reference.onnx"  # the default class chosen: no machine is asked
+    assert cli.main([str(model), "--int8", "--calibration", str(calib), "--int8-cpu", DEFAULT_CPU_CLASS,
+                     "-o", str(reference)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(cost_model, "this_cpu", lambda: CpuFeatures.of("x86_64", flags))
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert cli.main([str(model), "--int8", "--calibration", str(calib), "-o", str(out), "--report", str(report)]) == 0
+    assert out.read_bytes() == reference.read_bytes()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("optcc: warning:")]
+    stats = next(p["stats"] for p in json.loads(report.read_text())["passes"] if "latency" in p["stats"])
+    if not warned:
+        assert lines == [] and "speed_machine" not in stats
+        return
+    # x86-avx2 chosen declines it (on the model before bias correction, which adds nodes)
+    assert cli.main([str(model), "--int8", "--calibration", str(calib), "--int8-cpu", "x86-avx2",
+                     "-o", str(tmp_path / "avx2.onnx")]) == cli.EXIT_PRECISION_NOT_APPLIED
+    declined = re.search(r"modelled speedup (\d+\.\d+)x for x86-avx2 \(chosen\)", capsys.readouterr().err)
+    said = re.search(r"x86-avx2, it is (\d+\.\d+)x, below the required 1.1x", lines[0] if lines else "")
+    assert declined is not None and said is not None and max(float(declined[1]), float(said[1])) < 1.1
+    assert stats["latency"]["fully_quantized"]["modelled_speedup"] >= 1.1
+    assert len(lines) == 1 and "--int8-cpu x86-avx2 would decline it" in lines[0] and stats["speed_machine"] in lines[0]

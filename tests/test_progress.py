@@ -125,3 +125,56 @@ def test_verification_advances_once_per_sample():
         verdict = verifier.check(model.clone())
     assert verdict.passed and verdict.samples == 3
     assert [done for phase, done, total in seen if phase == "verifying"] == [0, 1, 2, 3]
+
+
+def test_the_reference_runs_are_phases_of_their_own():
+    """The original's float32 run and a float64 reference count their samples under their
+    own names, before the candidate's "verifying"; the float64 outputs are numpy's."""
+    from optcc.numerics import Verifier
+    from optcc.numerics.verify import FLOAT64_PHASE, REFERENCE_PHASE
+
+    w = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [numpy_helper.from_array(w, "w")])
+    model = optcc.ir.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.standard_normal((2, 3)).astype(np.float32)} for _ in range(3)]
+    seen = []
+    with Verifier(model, inputs=samples, progress=lambda *a: seen.append(a)) as verifier:
+        assert verifier.check(model.clone()).passed
+        reference = verifier.float64_reference([0, 2])
+    phases = [phase for phase, _, _ in seen]
+    assert phases.index(REFERENCE_PHASE) < phases.index("verifying")
+    assert [(done, total) for phase, done, total in seen if phase == REFERENCE_PHASE] == [(0, 3), (1, 3), (2, 3),
+                                                                                          (3, 3)]
+    assert [(done, total) for phase, done, total in seen if phase == FLOAT64_PHASE] == [(0, 2), (1, 2), (2, 2)]
+    for got, feeds in zip(reference.outputs, [samples[0], samples[2]]):
+        expected = np.maximum(feeds["x"].astype(np.float64) @ w.astype(np.float64), 0)
+        np.testing.assert_allclose(got["y"], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_int8_fallback_shows_its_ranking_search_and_confirmation():
+    """The fallback's ranking (the layers' own errors, then at the outputs), its search and
+    the confirmation on every sample are phases of their own, in that order, and the
+    ranking and confirmation have wall times of their own in the driver's ``seconds``;
+    the search still ends with the layers made sensitive float."""
+    from test_int8_decline import _chain, _rows
+
+    from optcc.quant.fallback import CONFIRMATION_PHASE, OUTPUT_RANKING_PHASE, RANKING_PHASE
+
+    sensitive = ("mm2", "mm4", "mm6")
+    seen: list[tuple[str, int, int]] = []
+    with reporting(lambda *a: seen.append(a)):
+        result = optcc.optimize(_chain(sensitive, 16), int8_calibration=_rows(40),
+                                int8_options={"require_speedup": False})
+    phases = list(dict.fromkeys(phase for phase, _, _ in seen))
+    search = "fallback: layers back to float"
+    assert [p for p in phases if p.startswith("fallback")] == [RANKING_PHASE, search, OUTPUT_RANKING_PHASE,
+                                                               CONFIRMATION_PHASE]
+    assert phases.index(CONFIRMATION_PHASE) < phases.index("verifying")
+    stats = next(p.stats for p in result.report.passes if "seconds" in p.stats)
+    assert set(stats["fallback"]["kept_float"]) == set(sensitive) and stats["fallback"]["confirmation"]["passed"]
+    assert {"fallback", "fallback_ranking", "fallback_confirmation"} <= set(stats["seconds"])
+    assert "seconds" not in stats["fallback"]

@@ -84,10 +84,10 @@ def test_layers_from_int8_driver_stats():
     rows = {r["name"]: r for r in layers_from_stats("quantize-int8-calibrated", stats)}
     assert {n: r["precision"] for n, r in rows.items()} == {"conv1": "int8", "conv3": "int8", "conv4": "int8",
                                                             "conv2": "float32"}
-    assert rows["conv2"]["error_db"] == 18.25 and "18.2 dB" in rows["conv2"]["reason"]
+    assert rows["conv2"]["error_db"] == 18.25 and rows["conv2"]["reason"] == "returned to float by the accuracy fallback"
     assert rows["conv1"]["error_db"] == 41.0  # NaN model SQNR: the propagated one
     assert rows["conv3"]["error_db"] == 33.5  # the estimated ranking's: its own error at the outputs
-    assert rows["conv3"]["reason"] == "quantized (quantized alone: model SQNR 33.5 dB)"
+    assert rows["conv3"]["reason"] == "quantized"  # its SQNR is said once, in error_db
     # its own error leaves the outputs unchanged: no error, and never the error accumulated up to it
     assert rows["conv4"]["error_db"] is None
     assert rows["conv4"]["reason"] == "quantized (quantized alone: the outputs do not change)"
@@ -125,10 +125,12 @@ def test_explicit_layer_records_and_reverted_passes():
 def test_summary_shows_the_worst_layers_first():
     report = Report(passes=[_record("p", {"layers": _explicit_layers(15)})])
     text = report.summary(top=4)
-    assert "layers: int8 10, float32 5 (worst 4 by error)" in text
-    table = [line.split() for line in text.splitlines() if line.startswith("  layer")]
-    assert [row[0] for row in table[1:]] == ["layer14", "layer13", "layer12", "layer11"]
-    assert table[1][1:4] == ["Conv", "int8", "25.0"]
+    assert "layers: int8 10, float32 5 (worst 4 by SQNR)" in text
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["SQNR", "dB"] and line.endswith("layer"))
+    table = [line.split() for line in lines[head + 1:head + 5]]
+    assert [row[-1] for row in table] == ["layer14", "layer13", "layer12", "layer11"]
+    assert table[0][:3] == ["25.0", "Conv", "int8"]
     assert "layer10" not in text
     assert "layers:" not in Report(passes=[_record("p", {})]).summary()
 
@@ -282,7 +284,7 @@ def test_summary_without_errors_puts_the_layers_kept_back_first():
     rows.insert(5, {"name": "kept", "precision": "float32", "reason": "returned to float"})
     text = Report(passes=[_record("p", {"layers": rows})]).summary(top=3)
     assert "layers: int8 12, float32 1 (3 shown)" in text
-    assert [line.split()[0] for line in text.splitlines() if line.startswith("  ")][1:] == ["kept", "q0", "q1"]
+    assert [line.split()[-1] for line in _summary_table(text)] == ["layer", "kept", "q0", "q1"]
     only_int8 = Report(passes=[_record("p", {"layers": rows[:5]})]).summary(top=3)
     assert "layers: int8 5 (no per-layer error measured)" in only_int8 and "  layer" not in only_int8
 
@@ -292,5 +294,42 @@ def test_summary_of_layers_all_kept_float32_says_why():
             for i in range(12)]
     text = Report(passes=[_record("p", {"layers": rows})]).summary(top=3)
     assert "layers: float32 12 (3 shown)" in text
-    shown = [line for line in text.splitlines() if line.startswith("  n")]
-    assert len(shown) == 3 and all(">= 65504" in line for line in shown)
+    shown = _summary_table(text)[1:]
+    assert [line.split()[-1] for line in shown] == ["n0", "n1", "n2"]
+    assert all(f"'v{i}' reaches |x| = 1e+06 >= 65504" in line for i, line in enumerate(shown))
+
+
+def _summary_table(text: str) -> list[str]:
+    """summary()'s per-layer table: its header line (ending "layer") and the lines after it."""
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("  ") and line.endswith("  layer"))
+    return lines[head:]
+
+
+def test_summary_writes_whole_names_last_and_a_shared_reason_once():
+    long_name = "/backbone/stage3/block12/attention/output_projection/MatMul_quantized_branch"
+    reason = ("INT8 declined (accuracy): INT8 misses the accuracy target on 16 held-out samples: "
+              "logits:top1 deviation 0.4 > 0.015 allowed; kept float32")
+    rows = [{"name": long_name if i == 2 else f"conv{i}", "op_type": "Conv", "precision": "float32",
+             "reason": reason, "error_db": 10.0 + i} for i in range(12)]
+    text = Report(passes=[_record("p", {"layers": rows})]).summary(top=5)
+    assert text.count(reason) == 1 and f"  every row: {reason}" in text.splitlines()
+    table = _summary_table(text)
+    assert table[0].split() == ["SQNR", "dB", "op", "precision", "layer"]
+    # worst (lowest SQNR) first, each name whole, in the last column
+    assert [line.rsplit("  ", 1)[1] for line in table[1:6]] == ["conv0", "conv1", long_name, "conv3", "conv4"]
+    assert [line.split()[0] for line in table[1:6]] == ["10.0", "11.0", "12.0", "13.0", "14.0"]
+    assert "SQNR dB: the outputs' SQNR with that layer alone quantized" in text
+
+
+def test_summary_writes_a_long_reason_once_below_the_table():
+    long_reason = "returned to float because " + "its error reaches the outputs unattenuated " * 3
+    rows = [{"name": "a", "op_type": "Conv", "precision": "float32", "reason": long_reason, "error_rel": 0.5},
+            {"name": "b", "op_type": "Mul", "precision": "int8", "reason": "quantized", "error_rel": 0.01},
+            {"name": "c", "op_type": "Conv", "precision": "float32", "reason": long_reason, "error_rel": 0.2}]
+    table = _summary_table(Report(passes=[_record("p", {"layers": rows})]).summary())
+    assert table[0].split() == ["max", "rel", "op", "precision", "why", "layer"]
+    assert [line.split() for line in table[1:4]] == [["0.5", "Conv", "float32", "[1]", "a"],
+                                                     ["0.2", "Conv", "float32", "[1]", "c"],
+                                                     ["0.01", "Mul", "int8", "quantized", "b"]]
+    assert table[4:] == [f"  [1] {long_reason}"]

@@ -292,11 +292,8 @@ def _int8_layers(pass_name: str, stats: Mapping[str, Any]) -> list[dict[str, Any
                 return value
         return None
 
-    def alone(name: str) -> str:
-        value = error(name)
-        if value == math.inf:
-            return " (quantized alone: the outputs do not change)"
-        return "" if value is None else f" (quantized alone: model SQNR {value:.1f} dB)"
+    def alone(name: str) -> str:  # a finite SQNR is the row's ``error_db``, said there alone
+        return " (quantized alone: the outputs do not change)" if error(name) == math.inf else ""
 
     ops = stats.get("layer_ops") or {}
     if stats.get("declined"):
@@ -325,16 +322,15 @@ def _worst_first(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return sorted(rows, key=key)
 
 
-def _error_text(row: Mapping[str, Any]) -> str:
-    if row.get("error_db") is not None:
-        return f"{row['error_db']:.1f} dB"
-    if row.get("error_rel") is not None:
-        return f"rel {row['error_rel']:.3g}"
-    return "-"
+SHORT_REASON = 48  # a reason at most this long is written in its rows; a longer one once, below the table
+SQNR_LEGEND = "SQNR dB: the outputs' SQNR with that layer alone quantized, lower is worse"
 
 
 def _layer_lines(rows: Sequence[Mapping[str, Any]], top: int) -> list[str]:
-    """The per-layer table of summary(): counts by precision, then the ``top`` worst rows."""
+    """The per-layer table of summary(): counts by precision, then the ``top`` worst rows.
+    Each name is written whole, in the last column (a name ``--int8-exclude`` can be
+    given); a reason shared by every row is written once above the table, a long one once
+    below it (the rows say ``[n]``), a short one in its rows."""
     if not rows or top <= 0:
         return []
     order = [*LAYER_PRECISIONS, *sorted({r["precision"] for r in rows} - set(LAYER_PRECISIONS))]
@@ -346,17 +342,37 @@ def _layer_lines(rows: Sequence[Mapping[str, Any]], top: int) -> list[str]:
     if not measured and len(precisions) == 1 and precisions != {"float32"} and len(rows) > top:
         return [head + " (no per-layer error measured)"]
     shown = _worst_first(rows)[:top]
+    by_db = any(r.get("error_db") is not None for r in shown)
+    by_rel = any(r.get("error_rel") is not None for r in shown)
     if len(shown) < len(rows):
-        head += f" (worst {len(shown)} by error)" if measured else f" ({len(shown)} shown)"
+        head += (f" (worst {len(shown)} by {'SQNR' if by_db else 'max rel'})" if measured
+                 else f" ({len(shown)} shown)")
     lines = [head]
-    table = [("layer", "op", "precision", "error", "why")]
-    table += [(_clip(str(r["name"]), 40), r.get("op_type") or "-", r["precision"], _error_text(r),
-               _clip(r.get("reason") or "-", 90)) for r in shown]
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
-    for row in table:
-        lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+    if by_db:
+        lines.append(f"  {SQNR_LEGEND}")
+    reasons = list(dict.fromkeys(r.get("reason") or "-" for r in shown))
+    if len(reasons) == 1 and reasons != ["-"]:
+        lines.append(f"  every row: {reasons[0]}")
+    long = [reason for reason in reasons if len(reasons) > 1 and len(reason) > SHORT_REASON]
+
+    def why(row: Mapping[str, Any]) -> str:
+        reason = row.get("reason") or "-"
+        return f"[{long.index(reason) + 1}]" if reason in long else reason
+
+    columns: list[tuple[str, Any]] = []
+    if by_db:
+        columns.append(("SQNR dB", lambda r: "-" if r.get("error_db") is None else f"{r['error_db']:.1f}"))
+    if by_rel:
+        columns.append(("max rel", lambda r: "-" if r.get("error_rel") is None else f"{r['error_rel']:.3g}"))
+    if any(r.get("op_type") for r in shown):
+        columns.append(("op", lambda r: r.get("op_type") or "-"))
+    columns.append(("precision", lambda r: r["precision"]))
+    if len(reasons) > 1:
+        columns.append(("why", why))
+    table = [[title for title, _ in columns]] + [[cell(r) for _, cell in columns] for r in shown]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    names = ["layer"] + [str(r["name"]) for r in shown]
+    for row, name in zip(table, names):
+        lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + name)
+    lines.extend(f"  [{i}] {reason}" for i, reason in enumerate(long, 1))
     return lines
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."

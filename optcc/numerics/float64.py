@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -371,8 +371,10 @@ class Float64Reference:
 
     @classmethod
     def build(cls, proto: onnx.ModelProto, feeds: Sequence[Feeds],
-              float32_outputs: Sequence[Mapping[str, np.ndarray]] | None = None) -> Float64Reference:
-        """Evaluate ``proto`` in float64 on every feed dict (see the module docstring)."""
+              float32_outputs: Sequence[Mapping[str, np.ndarray]] | None = None,
+              advance: Callable[[int], None] = lambda steps: None) -> Float64Reference:
+        """Evaluate ``proto`` in float64 on every feed dict (see the module docstring);
+        ``advance(1)`` after each sample evaluated (a progress bar's)."""
         if proto.ByteSize() > MAX_REFERENCE_BYTES // 2:
             return cls(None, None, f"model over {MAX_REFERENCE_BYTES // 2**21} MiB of weights")
         model64, problem = to_float64(proto)
@@ -382,7 +384,10 @@ class Float64Reference:
         names = [o.name for o in proto.graph.output]
         try:
             session = make_session(model64, options=session_options())
-            outs = [dict(zip(names, run(session, f))) for f in feeds64]
+            outs = []
+            for f in feeds64:
+                outs.append(dict(zip(names, run(session, f))))
+                advance(1)
             return cls("float64 (onnxruntime)", outs)
         except Exception:  # noqa: BLE001 - no double kernel for some node: try the evaluator
             pass
@@ -410,8 +415,10 @@ class Float64Reference:
         if problem:
             return cls(None, None, problem)
         try:
-            outs = [dict(zip(names, (np.asarray(o) for o in _evaluate(evaluator, releases, names, f))))
-                    for f in feeds64]
+            outs = []
+            for f in feeds64:
+                outs.append(dict(zip(names, (np.asarray(o) for o in _evaluate(evaluator, releases, names, f)))))
+                advance(1)
         except Exception as e:  # noqa: BLE001
             return cls(None, None, f"onnx's reference evaluator failed: {first_line(e)}")
         return cls("float64 (onnx reference evaluator)", outs)

@@ -22,7 +22,11 @@ __all__ = ["SampleAxisWarning", "load_npz_samples"]
 class SampleAxisWarning(UserWarning):
     """A file read as one sample whose arrays could as well be a batch of samples: each
     has its input's rank, and a leading size above 1 where the input's first dimension is
-    not fixed."""
+    not fixed. ``file``: that file; ``batch``: that leading size."""
+
+    def __init__(self, message: str, file: Path, batch: int) -> None:
+        super().__init__(message)
+        self.file, self.batch = file, batch
 
 ModelLike = Union[ir.Model, onnx.ModelProto, str, os.PathLike]
 
@@ -116,9 +120,10 @@ def _warn_if_batched(arrays: Mapping[str, np.ndarray], model: ir.Model, file: Pa
                if v.shape is not None and v.shape.rank() and not isinstance(v.shape[0], int)}
     sizes = {a.shape[0] for key, a in arrays.items() if key in dynamic and a.ndim}
     if len(sizes) == 1 and (size := sizes.pop()) > 1:
-        warnings.warn(f"{file}: read as one sample of batch {size} (each array has its input's rank); "
-                      f"for {size} samples, give the arrays a leading sample axis (e.g. arr[:, None])",
-                      SampleAxisWarning, stacklevel=3)
+        warnings.warn(SampleAxisWarning(
+            f"{file}: read as one sample of batch {size} (each array has its input's rank); "
+            f"for {size} samples, give the arrays a leading sample axis (e.g. arr[:, None])", file, size),
+            stacklevel=3)
 
 
 def _has_sample_axis(

@@ -118,6 +118,10 @@ ModelRef = Union[ir.Model, str, os.PathLike]
 DEFAULT_SAMPLES = 3
 REPARSE_MAX_BYTES = 64 * 1024 * 1024  # an original file up to this size is parsed again for the proof
 REFERENCES = ("auto", "float32")
+# the progress phases of the reference runs, apart from the candidate's ("verifying")
+REFERENCE_PHASE = "reference: float32 original"
+FLOOR_PHASE = "noise floor: float32 on perturbed samples"
+FLOAT64_PHASE = "reference: float64"
 
 
 @dataclasses.dataclass
@@ -490,18 +494,19 @@ class Verifier:
         """Run the original on every provider and sample into ``_float32``: why not, in one
         line (None when it ran), and whether its sessions loaded."""
         self._float32 = {}
-        for provider in self.providers:
-            try:
-                session = self._session(self.original, provider)
-            except Exception as e:  # noqa: BLE001 - anything onnxruntime raises
-                return first_line(e), False
-            try:
-                self._names = [o.name for o in session.get_outputs()]
-                self._float32[provider] = self._cases(session)
-            except UngeneratedInputError:
-                raise  # no run can have samples: not a failure of the original's
-            except Exception as e:  # noqa: BLE001
-                return first_line(e), True
+        with Progress(REFERENCE_PHASE, len(self.providers) * len(self.feeds), enabled=self._progress) as bar:
+            for provider in self.providers:
+                try:
+                    session = self._session(self.original, provider)
+                except Exception as e:  # noqa: BLE001 - anything onnxruntime raises
+                    return first_line(e), False
+                try:
+                    self._names = [o.name for o in session.get_outputs()]
+                    self._float32[provider] = self._cases(session, advance=bar.advance)
+                except UngeneratedInputError:
+                    raise  # no run can have samples: not a failure of the original's
+                except Exception as e:  # noqa: BLE001
+                    return first_line(e), True
         return None, True
 
     def _alternate_outputs(self, provider: str) -> list[list[np.ndarray]] | None:
@@ -558,9 +563,11 @@ class Verifier:
                     (moved,), _ = perturbation_draws(self.feeds, draw + 1, first=draw, at=missing, **shared.moving)
                     if session is None:
                         session = self._session(self.original, provider)
+                    with Progress(FLOOR_PHASE, len(missing), enabled=self._progress) as bar:
+                        ran = self._cases(session, moved, bar.advance)
                     if self._plan is not None:  # decode steps, not samples: never kept by position
-                        return self._cases(session, moved)
-                    kept.update(zip(missing, self._cases(session, moved)))
+                        return ran
+                    kept.update(zip(missing, ran))
                 return [kept[p] for p in positions]
 
             masks = None if shared.masks is None else [shared.masks[p] for p in positions]
@@ -623,8 +630,12 @@ class Verifier:
         key = tuple(positions)
         if key not in self._float64:
             original, reason = self._float64_original
-            self._float64[key] = Float64Reference(None, None, reason) if original is None \
-                else Float64Reference.build(original, [self.feeds[i] for i in key])
+            if original is None:
+                self._float64[key] = Float64Reference(None, None, reason)
+            else:
+                with Progress(FLOAT64_PHASE, len(key), enabled=self._progress) as bar:
+                    self._float64[key] = Float64Reference.build(original, [self.feeds[i] for i in key],
+                                                                advance=bar.advance)
         return self._float64[key]
 
     @functools.cached_property

@@ -22,7 +22,7 @@ from optcc.quant.calibration import (CalibrationData, calibrate, calibration_pos
                                      load_samples, split_at)
 from optcc.errors import BadInputError
 from optcc.infra.registry import create_pass
-from optcc.quant.cost_model import compare_modelled, cpu_class, element_counts
+from optcc.quant.cost_model import CPU_CLASSES, compare_modelled, cpu_class, element_counts
 from optcc.quant.fallback import (
     RANKING_SAMPLES,
     CandidateOutputs,
@@ -386,7 +386,9 @@ def quantize_int8(
       default ``DEFAULT_CPU_CLASS`` whatever the machine, ``cpu_class``), never by a clock
       or by the machine: the same call gives the same decision under any load and on any
       machine; ``stats["latency"]["cpu"]`` names the class, how it was chosen and, next to
-      a default, the class of this machine's CPU by its feature flags. Checked on the fully
+      a default, the class of this machine's CPU by its feature flags; where INT8 ships but
+      the model for that class would decline it, ``stats["speed_machine"]`` says so, in
+      words (it never decides). Checked on the fully
       quantized model first (the fastest INT8 variant: when even that is not faster, no
       fallback is attempted) and again on the model the fallback returns. ``measure_latency``: also time both models on
       onnxruntime (``speed_threads`` threads, interleaved) and report it in
@@ -451,7 +453,8 @@ def quantize_int8(
     the confirmation nor the verification runs a model again on samples it was judged on.
 
     ``stats``: method, seconds (wall time per phase: prepare, calibrate, quantize,
-    speed_check, fallback or evaluate, report), calibration (samples, cache), ranges (per tensor), pass stats
+    speed_check, fallback (its search) or evaluate, fallback_ranking,
+    fallback_confirmation, report), calibration (samples, cache), ranges (per tensor), pass stats
     (quantized ops, kept float and why), fallback (per-layer sensitivity, layers kept
     float, SQNR before/after), integer_nodes (onnxruntime's fused integer kernels) and
     size before/after (weight bytes) of an INT8 model returned, latency when measured.
@@ -662,11 +665,20 @@ def quantize_int8(
 
     counts = element_counts(calibration.stats)
 
+    # the class of this machine's CPU where the default models another: reported, never deciding
+    machine = cpu.machine if cpu.source == "default" and cpu.machine in CPU_CLASSES and cpu.machine != cpu.name \
+        else None
+    checked: list[tuple[float, float]] = []  # per speed check: the speedup modelled, and for ``machine``
+
     def slower(candidate: ir.Model, key: str) -> str | None:
         modelled = compare_modelled(float_model, candidate, counts, cpu.constants)
         latency = stats.setdefault("latency", {})
         latency[key] = {"modelled_speedup": modelled["speedup"], "float32": modelled["float32"],
                         "int8": modelled["int8"]}
+        if machine is not None:
+            there = compare_modelled(float_model, candidate, counts, CPU_CLASSES[machine])["speedup"]
+            latency[key]["modelled_speedup_machine"] = there
+            checked.append((modelled["speedup"], there))
         latency["cpu"] = cpu.to_dict()
         latency["constants"] = modelled["constants"]
         if o.measure_latency:  # reported only: a clock never decides
@@ -682,6 +694,20 @@ def quantize_int8(
             f"{modelled['int8']['float_kernels']} float kernels, {modelled['int8']['boundaries']} "
             f"Q/DQ conversions left; optcc.quant.cost_model); kept float32"
         )
+
+    def slower_on_machine() -> None:
+        """``stats["speed_machine"]``: when the INT8 model shipped on the default class's
+        speed would miss the required speedup modelled for this machine's CPU class
+        (a slower integer MAC rate: x86-avx2 under the x86-vnni default), what that class
+        models and how to choose it. It never decides."""
+        if machine is None or not checked or not o.require_speedup:
+            return
+        here, there = checked[-1]  # the model shipped is the one checked last
+        if there < o.min_speedup <= here:
+            stats["speed_machine"] = (
+                f"INT8 ships on the speed modelled for {cpu.name} (the default, {here:.2f}x); modelled for this "
+                f"machine's CPU class, {machine}, it is {there:.2f}x, below the required {o.min_speedup:g}x: "
+                f"--int8-cpu {machine} would decline it")
 
     def speed_decline(fully_quantized: ir.Model) -> tuple[ir.Model, dict[str, Any]] | None:
         """The decline when ``fully_quantized`` (the fastest INT8 variant) is not faster
@@ -753,6 +779,9 @@ def quantize_int8(
             float_model, quantized, judged, o.target, None, None)
         report = {"evaluation": evaluation.to_dict(), "target_met": evaluation.passed, "kept_float": []}
     lap("fallback" if o.accuracy_fallback else "evaluate")
+    for step, spent in report.pop("seconds", {}).items():  # the fallback's ranking and confirmation apart
+        seconds[f"fallback_{step}"] = spent
+        seconds["fallback"] = round(seconds["fallback"] - spent, 3)
     stats["pass"] = _reported(pass_stats)
     stats["fallback"] = report
     refused = report.get("evaluation", {}).get("refused")
@@ -782,6 +811,7 @@ def quantize_int8(
     stats["size_bytes"] = {"before": oir.weight_bytes(float_model), "after": oir.weight_bytes(quantized)}
     lap("report")
     report_floor()
+    slower_on_machine()
     stats["modified"] = True
     return quantized, stats
 

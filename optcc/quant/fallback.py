@@ -16,11 +16,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import os
 import tempfile
-from collections.abc import Callable, Collection, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -73,6 +75,10 @@ OUTPUT_RANKING_SAMPLES = 2  # samples ``output_sqnr`` takes each layer's error t
 # ... less those where the fully quantized model deviates less than this fraction of the most it does on one of them
 NEGLIGIBLE_DEVIATION = 0.01
 OUTPUT_SEGMENTS = 8  # suffixes of the float model ``output_sqnr``'s runs start from
+# the progress phases of the fallback, beside the search's own ("fallback: layers back to float")
+RANKING_PHASE = "fallback: ranking layers by their own error"
+OUTPUT_RANKING_PHASE = "fallback: ranking layers by their error at the outputs"
+CONFIRMATION_PHASE = "fallback: confirming on every sample"
 PROBES = (1, 2, 4)  # float layers tried first below a budget that meets the target: where the error concentrates
 
 INTEGER_OPS = frozenset(
@@ -986,11 +992,25 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     order = report.pop("order", None)
     if confirm is None or not report.get("target_met"):
         return model, stats, report
-    if not isinstance(confirm, Confirmation):
-        confirm = confirm()
-    if report.get("refused_layers"):
-        quantize = _excluding(quantize, list(report["refused_layers"]))
-    return _confirmed(reference, quantize, model, stats, report, confirm, order, max_float_layers, ranking_samples)
+    with _phase(CONFIRMATION_PHASE, progress, report, "confirmation"):
+        if not isinstance(confirm, Confirmation):
+            confirm = confirm()
+        if report.get("refused_layers"):
+            quantize = _excluding(quantize, list(report["refused_layers"]))
+        return _confirmed(reference, quantize, model, stats, report, confirm, order, max_float_layers,
+                          ranking_samples)
+
+
+@contextlib.contextmanager
+def _phase(label: str, progress: Any, report: dict[str, Any], key: str) -> Iterator[None]:
+    """A step of the fallback shown as a progress phase of its own (``label``) and its wall
+    time added to ``report["seconds"][key]`` (reported only: no decision reads it)."""
+    start = time.perf_counter()
+    with Progress(label, 1, enabled=progress) as bar:
+        yield
+        bar.advance()
+    seconds = report.setdefault("seconds", {})
+    seconds[key] = round(seconds.get(key, 0.0) + time.perf_counter() - start, 3)
 
 
 def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target, *,
@@ -1117,7 +1137,9 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
     """``fallback`` with ``ranking="estimate"`` (see ``fallback``): the budget in the order
     of the layers' own errors first; only when it meets the target, the output ranking and
     the search below it (``_search_estimated``)."""
-    errors = layer_errors(reference, model, stats.get("layer_outputs", {}), spread_samples(samples, ranking_samples))
+    with _phase(RANKING_PHASE, progress, report, "ranking"):
+        errors = layer_errors(reference, model, stats.get("layer_outputs", {}),
+                              spread_samples(samples, ranking_samples))
     local_order = _ranked(stats, errors, {}, report)
     limit = len(local_order) if max_float_layers is None else min(max_float_layers, len(local_order))
     tried: list[dict[str, Any]] = []
@@ -1136,7 +1158,9 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
             return model, stats, report
         # the layers' errors measured again on the samples shown (not held through the candidate above)
         shown = [samples[i] for i in _shown_positions(samples, initial)]
-        order = _ranked(stats, errors, output_sqnr(reference, model, stats.get("layer_outputs", {}), shown), report)
+        with _phase(OUTPUT_RANKING_PHASE, progress, report, "ranking"):
+            seen = output_sqnr(reference, model, stats.get("layer_outputs", {}), shown)
+        order = _ranked(stats, errors, seen, report)
         found = _search_estimated(reference, quantize, samples, target, order, local_order, limit, report, results,
                                   tried, ref_outputs, bar, outputs)
         bar.advance(bar.total)  # the search may need fewer candidates than the bound
