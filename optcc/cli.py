@@ -225,10 +225,11 @@ def build_inspect_parser() -> argparse.ArgumentParser:
 
 def build_compare_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="optcc compare", formatter_class=_formatter,
-                description="Run two models on the same inputs and compare every output "
-                            "(B against A, the reference).",
+                description="Run two models on the same inputs and judge every output of B against A, the "
+                            "reference, as optcc's verifier judges an optimized model against its original "
+                            "(--numerics), or by numpy's allclose rule (--rtol/--atol).",
                 epilog="exit codes: 0 every output matches; 1 a mismatch (or an output only one model has); "
-                       "2 bad input; 4 onnxruntime cannot run A or B")
+                       "2 bad input; 4 onnxruntime cannot run A or B, or the samples compare nothing")
     p.add_argument("a", metavar="A", help="the reference model")
     p.add_argument("b", metavar="B", help="the model compared with it")
     p.add_argument("--inputs", help="inputs: an .npz with one array per graph input, leading sample axis "
@@ -240,7 +241,7 @@ def build_compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (default 0)")
     p.add_argument("--numerics", choices=list(TOLERANCES), default=None,
                    help="judge B as optcc's verifier judges this kind of change (default exact): max relative "
-                        "error with the verifier's per-element allowances (exact, fusion), SQNR or the task "
+                        "error (exact; fusion with the verifier's per-element allowances), SQNR or the task "
                         "(fp16), the task against A's noise floor (int8)")
     p.add_argument("--int8-metric", action="append", default=[], metavar="[OUTPUT=]METRIC",
                    help="with --numerics int8: the task metric, as optimizing's --int8-metric (repeatable as "
