@@ -191,3 +191,26 @@ def test_int8_is_judged_by_the_task_against_the_originals_noise_floor(tmp_path: 
     assert cli.main([*args, "--int8-metric", "sqnr", "--json"]) == 1
     assert cli.main(args) == 0
     assert "judged by: task against A's noise floor: argmax 0 <=" in capsys.readouterr().out
+
+
+def test_outputs_only_one_model_has_are_a_mismatch_and_the_shared_ones_are_still_judged(tmp_path: Path) -> None:
+    def graph(outputs: list[str], scale: float) -> onnx.ModelProto:
+        nodes = [oh.make_node("Mul", ["x", "k"], ["y"]), oh.make_node("Add", ["x", "k"], ["z"]),
+                 oh.make_node("Neg", ["x"], ["w"])]
+        g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, [2, 3])],
+                          [oh.make_tensor_value_info(n, TP.FLOAT, [2, 3]) for n in outputs],
+                          [nh.from_array(np.array(scale, np.float32), "k")])
+        return oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
+
+    a, b, c = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "c.onnx"
+    onnx.save(graph(["y", "z"], 2.0), a)
+    onnx.save(graph(["z", "w", "y"], 2.0), b)  # A's outputs in another order, and one more
+    onnx.save(graph(["y"], 3.0), c)  # one output fewer, and y = 3x where A's is 2x
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) + 1
+    result = compare_models(str(a), str(b), inputs={"x": x}, numerics="fusion")
+    assert not result.passed and result.only_in_b == ["w"] and not result.only_in_a
+    assert [(m.name, m.passed, m.max_rel) for m in result.outputs] == [("y", True, 0.0), ("z", True, 0.0)]
+    result = compare_models(str(a), str(c), inputs={"x": x}, numerics="fusion")
+    assert not result.passed and result.only_in_a == ["z"]
+    (y,) = result.outputs
+    assert not y.passed and y.max_rel == pytest.approx(float(np.abs(3 * x - 2 * x).max() / (2 * x).max()))
