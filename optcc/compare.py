@@ -11,8 +11,10 @@ Inputs are the user's samples, else those verification generates
 (``optcc.numerics.generate_inputs``: ``samples`` of them, ``DEFAULT_SAMPLES`` by default,
 the last with a free batch axis ``BATCH_SAMPLE`` long), made again at the sizes verification
 retries when A cannot run them (the notes say so). An input dynamic in A and fixed in B
-(``--overwrite-input-shape``) is generated at B's sizes. Outputs are matched by name; an
-output only one model has is a mismatch, and the others are still judged.
+(``--overwrite-input-shape``) is generated at B's sizes. A KV-cache decoder is judged over
+a short decode and a streaming model over a second step, as verification judges them.
+Outputs are matched by name; an output only one model has is a mismatch, and the others
+are still judged.
 
 Two ways to judge:
 - ``numerics`` (default ``exact``): the verifier's judge for that kind of change. "exact":
