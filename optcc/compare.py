@@ -281,7 +281,9 @@ def _judge(m: OutputMetrics, verification: Verification) -> str:
     if m.accepted_by == ACCEPTED_BY_SQNR or tolerance.min_sqnr_db is not None:
         rule = f"SQNR >= {tolerance.min_sqnr_db:g} dB and cosine >= {tolerance.min_cosine:g}"
         if not m.passed and task is not None and verification.numerics == "fp16":
-            rule += " (the task judge did not decide it)"
+            rows = task_rows_text(task, m.name)
+            rule += f" (nor did the task judge accept it: {rows})" if rows != "no rows" else \
+                f" ({task.get('unavailable') or 'the task judge had no row to decide it by'})"
         return rule
     if tolerance.max_rel is None:
         return "values equal" if m.problem is None else m.problem

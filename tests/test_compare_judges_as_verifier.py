@@ -170,6 +170,8 @@ def test_fp16_on_the_users_samples_is_judged_by_the_task(tmp_path: Path, offset:
         (metrics,) = result.outputs
         assert metrics.accepted_by == "task" and result.judges["y"].startswith("task")
         assert "argmax 0 <=" in result.judges["y"]
+    else:
+        assert "nor did the task judge accept it: argmax" in result.judges["y"]
     # on generated inputs the verifier has no task to judge by: the SQNR rule alone, in both
     generated = compare_models(str(original), str(lossy), numerics="fp16")
     assert not generated.passed and generated.judges["y"].startswith("SQNR")
