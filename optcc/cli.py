@@ -37,7 +37,7 @@ from optcc.errors import (
 )
 from optcc.infra.registry import available_passes
 from optcc.inspect import format_inspection, inspect_model
-from optcc.numerics import TOLERANCES, SampleAxisWarning, load_npz_samples
+from optcc.numerics import DEFAULT_SAMPLES, TOLERANCES, SampleAxisWarning, load_npz_samples
 from optcc.numerics.task import DEFAULT_MARGIN, METRICS
 from optcc.quant.cost_model import CPU_CLASSES
 from optcc.quant.driver import MIN_GROUP_SAMPLES
@@ -225,20 +225,30 @@ def build_inspect_parser() -> argparse.ArgumentParser:
 
 def build_compare_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="optcc compare", formatter_class=_formatter,
-                description="Run two models on the same inputs and compare every output "
-                            "(B against A, the reference).",
+                description="Run two models on the same inputs and judge every output of B against A, the "
+                            "reference, as optcc's verifier judges an optimized model against its original "
+                            "(--numerics), or by numpy's allclose rule (--rtol/--atol).",
                 epilog="exit codes: 0 every output matches; 1 a mismatch (or an output only one model has); "
-                       "2 bad input; 4 onnxruntime cannot run A or B")
+                       "2 bad input; 4 onnxruntime cannot run A or B, or the samples compare nothing")
     p.add_argument("a", metavar="A", help="the reference model")
     p.add_argument("b", metavar="B", help="the model compared with it")
     p.add_argument("--inputs", help="inputs: an .npz with one array per graph input, leading sample axis "
                                     "(default: generated from A's inputs)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
                    help="sizes for an input's dynamic dims in generated inputs (repeatable)")
-    p.add_argument("--samples", type=int, default=1, help="generated samples (default 1)")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                   help=f"generated samples, as verification generates them (default {DEFAULT_SAMPLES})")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (default 0)")
     p.add_argument("--numerics", choices=list(TOLERANCES), default=None,
-                   help="judge with optcc's tolerance for this kind of change (default exact)")
+                   help="judge B as optcc's verifier judges this kind of change (default exact): max relative "
+                        "error (exact; fusion with the verifier's per-element allowances), SQNR or the task "
+                        "(fp16), the task against A's noise floor (int8)")
+    p.add_argument("--int8-metric", action="append", default=[], metavar="[OUTPUT=]METRIC",
+                   help="with --numerics int8: the task metric, as optimizing's --int8-metric (repeatable as "
+                        "OUTPUT=METRIC)")
+    p.add_argument("--int8-metric-margin", type=float, default=None, metavar="X",
+                   help=f"with --numerics int8: accept a deviation up to X times A's own noise floor "
+                        f"(default {DEFAULT_MARGIN:g})")
     p.add_argument("--rtol", type=float, help="elementwise |b - a| <= atol + rtol * |a| instead of --numerics")
     p.add_argument("--atol", type=float, help="see --rtol")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -724,6 +734,13 @@ def _run_compare(argv: Sequence[str]) -> int:
         raise BadInputError("--numerics and --rtol/--atol exclude each other")
     if args.samples < 1:
         raise BadInputError("--samples must be at least 1")
+    if (args.int8_metric or args.int8_metric_margin is not None) and args.numerics != "int8":
+        raise BadInputError("--int8-metric and --int8-metric-margin judge --numerics int8 alone")
+    if any(item.rpartition("=")[0].startswith("@") or "@" in item.rpartition("=")[0] for item in args.int8_metric):
+        raise BadInputError("--int8-metric: compare judges one set of samples (no @GROUP)")
+    if args.int8_metric_margin is not None and not args.int8_metric_margin > 0:
+        raise BadInputError("--int8-metric-margin must be a positive number")
+    metric = _int8_metric(args.int8_metric)
     with _sample_axis_notes():
         inputs = load_npz_samples(args.inputs, args.a) if args.inputs else None
     result = compare_models(
@@ -732,6 +749,7 @@ def _run_compare(argv: Sequence[str]) -> int:
         input_shapes=_parse_shapes(args.input_shape),
         samples=args.samples, seed=args.seed,
         numerics=args.numerics or "exact", rtol=args.rtol, atol=args.atol, inputs_label=args.inputs,
+        task_metric=metric, task_margin=DEFAULT_MARGIN if args.int8_metric_margin is None else args.int8_metric_margin,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_comparison(result))
     return EXIT_OK if result.passed else EXIT_VERIFY_FAILED

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 import optcc
-from optcc.numerics.verify import FEW_EXPECTED_ERRORS, _few_items, _task_rows_text
+from optcc.numerics.verify import FEW_EXPECTED_ERRORS, _few_items, task_rows_text
 
 TINYCNN = Path(__file__).resolve().parent.parent / "fixtures" / "tinycnn.onnx"
 
@@ -53,8 +53,8 @@ def test_a_group_is_one_of_the_verdicts_groups() -> None:
 def test_rows_of_an_output_named_with_an_at_sign_are_its_own() -> None:
     rows = {"scores@v2:argmax": {"deviation": 0.01, "allowed": 0.02, "floor": 0.005, "items": 80},
             "scores:argmax": {"deviation": 0.5, "allowed": 0.02, "floor": 0.005, "items": 80}}
-    text = _task_rows_text({"metrics": rows}, "scores@v2")
+    text = task_rows_text({"metrics": rows}, "scores@v2")
     assert text == "argmax 0.01 <= 0.02 (floor 0.005, 80 items)", text
     grouped = {"scores@v2@day:argmax": rows["scores@v2:argmax"], "scores@day:argmax": rows["scores:argmax"]}
-    text = _task_rows_text({"metrics": grouped, "groups": {"day": {"samples": 4, "passed": True}}}, "scores@v2")
+    text = task_rows_text({"metrics": grouped, "groups": {"day": {"samples": 4, "passed": True}}}, "scores@v2")
     assert text == "argmax 0.01 <= 0.02 (floor 0.005, 80 items)", text

@@ -110,7 +110,7 @@ from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, building_session, fi
                                    make_session, resolve_providers, run, session_options)
 from optcc.runtime.shared_weights import Serialized, content_digest, light_proto, release_memory, weighted_session
 
-__all__ = ["DEFAULT_SAMPLES", "REFERENCES", "Verification", "Verifier", "verify"]
+__all__ = ["DEFAULT_SAMPLES", "REFERENCES", "Verification", "Verifier", "task_rows_text", "verify"]
 
 Feeds = Mapping[str, np.ndarray]
 ModelRef = Union[ir.Model, str, os.PathLike]
@@ -210,7 +210,7 @@ class Verification:
             text += "; accepted by the task, below the SQNR rule or with integer values changed: " + "; ".join(
                 f"'{o.name}' on {o.provider.replace('ExecutionProvider', '')} ("
                 + (f"SQNR {o.sqnr_db:.1f} dB, " if o.sqnr_db is not None else f"{o.values_differ} values differ, ")
-                + _task_rows_text((self.task_by_provider or {}).get(o.provider) or self.task, o.name) + ")"
+                + task_rows_text((self.task_by_provider or {}).get(o.provider) or self.task, o.name) + ")"
                 for o in rescued)
         for provider, run_ in (self.free_running or {}).items():
             text += (f"; free-running greedy tokens on {provider.replace('ExecutionProvider', '')}: "
@@ -658,14 +658,16 @@ class Verifier:
     # ----------------------------------------------------------------- checking
 
     def check(self, model: ir.Model, numerics: Numerics = "exact", samples: Sequence[int] | None = None,
-              *, serialized: Serialized | None = None) -> Verification:
+              *, serialized: Serialized | None = None, prove: bool = True) -> Verification:
         """Compare ``model`` with the reference on every provider and sample. ``samples``:
         positions in ``feeds`` to compare on alone, where the tolerance judges each sample
         by itself (a maximum relative error, no decode: a bisection's check on the samples
         that failed); elsewhere every sample runs. ``serialized``: ``model``'s bytes when the
-        caller has them (``Serialized``), used instead of serializing it again."""
+        caller has them (``Serialized``), used instead of serializing it again. ``prove``:
+        False runs the samples whatever a proof would say (a comparison that reports every
+        output's numbers)."""
         tolerance = self.tolerances[numerics]
-        if not self.user_samples:  # the user's samples always run
+        if prove and not self.user_samples:  # the user's samples always run
             proved = self.prove(model, numerics, serialized=serialized)
             if proved is not None:
                 return proved
@@ -677,7 +679,7 @@ class Verifier:
         if float32 is None:
             return Verification(status="skipped", outputs=[], reason=self._error, **base)
         if self._compares_nothing:  # the user's samples say nothing here: a proof still holds on every input
-            proved = self.prove(model, numerics, serialized=serialized) if self.user_samples else None
+            proved = self.prove(model, numerics, serialized=serialized) if self.user_samples and prove else None
             if proved is not None:
                 return dataclasses.replace(proved, notes=[*proved.notes, self._compares_nothing])
             return Verification(status="skipped", outputs=[], reason=self._compares_nothing, **base)
@@ -1199,12 +1201,14 @@ def _few_items(verdict: Mapping[str, Any] | None, generated: bool = False) -> li
     return notes
 
 
-def _task_rows_text(verdict: Mapping[str, Any] | None, output: str) -> str:
-    """An output's judged task rows in words: deviation against the allowed and the floor."""
+def task_rows_text(verdict: Mapping[str, Any] | None, output: str) -> str:
+    """An output's judged task rows in words: deviation against the allowed (a failed row's
+    beyond it) and the floor."""
     groups = (verdict or {}).get("groups") or ()
     rows = [(part, value) for row, value in (verdict or {}).get("metrics", {}).items()
             for name, _, part in [_row_parts(row, groups)] if name == output and value.get("judged", True)]
-    return ", ".join(f"{part} {_num(v['deviation'])} <= {_num(v.get('allowed'))} (floor {_num(v['floor'])}"
+    return ", ".join(f"{part} {_num(v['deviation'])} {'>' if v.get('passed') is False else '<='} "
+                     f"{_num(v.get('allowed'))} (floor {_num(v['floor'])}"
                      + (f", {v['items']} items)" if "items" in v else ")") for part, v in rows) or "no rows"
 
 
