@@ -732,3 +732,95 @@ def test_an_optional_input_given_empty_at_the_end_is_proved_the_same_as_one_not_
     assert not np.array_equal(ReferenceEvaluator(upper).run(None, {"x": x})[0],
                               ReferenceEvaluator(lower).run(None, {"x": x})[0])
     assert not _proved(upper, _load(lower))
+
+
+# ------------------------------------------------------------------ Reshape through order-keeping views
+
+_THROUGH_VIEWS = """
+    s1 = Constant <value = int64[3] {-1, 12, 1}> ()
+    m = Reshape(x, s1)
+    a = Constant <value = int64[1] {-3}> ()
+    u = Unsqueeze(m, a)
+    s2 = Constant <value = int64[4] {-1, 1, 1, 12}> ()
+    y = Reshape(u, s2)"""
+_THROUGH_TYPES = dict(inputs="float[2, 12] x", outputs="float[2, 1, 1, 12] y")
+
+
+def test_a_reshape_through_a_reshape_and_an_unsqueeze_merged_is_proved():
+    """Reshape(Unsqueeze(Reshape(x, [-1, 12, 1]), [-3]), [-1, 1, 1, 12]): the last target reads
+    no dim, so only x's elements in order count, which the views between keep: what
+    merge-consecutive makes of it (one Reshape of x) is proved."""
+    proto = _model(_THROUGH_VIEWS, **_THROUGH_TYPES)
+    candidate = _optimized(proto, ["merge-consecutive", "eliminate-dead-nodes"])
+    assert _ops(candidate) == ["Reshape"]
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": RNG.standard_normal((2, 12)).astype(np.float32)})
+
+
+def test_a_reshape_through_a_transpose_or_a_view_the_original_lacks_is_not_proved():
+    one = _model("s = Constant <value = int64[4] {-1, 1, 1, 12}> ()\n y = Reshape(x, s)", **_THROUGH_TYPES)
+    # a Transpose between changes the elements' order
+    transposed = _model("p = Transpose <perm = [1, 0]> (x)\n s = Constant <value = int64[4] {-1, 1, 1, 12}> ()\n"
+                        " y = Reshape(p, s)", inputs="float[12, 2] x", outputs="float[2, 1, 1, 12] y")
+    assert not _proved(transposed, _load(one)) and not _proved(one, _load(transposed))
+    # a candidate adding views the original never shows to run
+    assert not _proved(one, _load(_model(_THROUGH_VIEWS, **_THROUGH_TYPES)))
+    squeezed = _model("a = Constant <value = int64[1] {0}> ()\n q = Squeeze(x, a)\n"
+                      " s = Constant <value = int64[4] {-1, 1, 1, 12}> ()\n y = Reshape(q, s)", **_THROUGH_TYPES)
+    assert not _proved(one, _load(squeezed))
+    # a last target that reads a dim of the middle value is not taken through the views
+    reads = _model(_THROUGH_VIEWS.replace("{-1, 1, 1, 12}", "{0, 1, 1, 12}"), **_THROUGH_TYPES)
+    assert not _proved(reads, _load(_model("s = Constant <value = int64[4] {0, 1, 1, 12}> ()\n y = Reshape(x, s)",
+                                           **_THROUGH_TYPES)))
+
+
+def test_a_reshape_squeezed_or_unsqueezed_merged_is_proved():
+    """Unsqueeze(Reshape(x, [-1, 12]), [-1]) and Squeeze(Reshape(x, [2, 1, 12]), [1]) are x's
+    elements in order, as Reshape(x, [-1, 12, 1]) and Reshape(x, [2, 12]) give them."""
+    for body, outputs, target in [
+        ("s = Constant <value = int64[2] {-1, 12}> ()\n m = Reshape(x, s)\n a = Constant <value = int64[1] {-1}> ()\n"
+         " y = Unsqueeze(m, a)", "float[2, 12, 1] y", "{-1, 12, 1}"),
+        ("s = Constant <value = int64[3] {2, 1, 12}> ()\n m = Reshape(x, s)\n a = Constant <value = int64[1] {1}> ()\n"
+         " y = Squeeze(m, a)", "float[2, 12] y", "{2, 12}"),
+    ]:
+        proto = _model(body, inputs="float[4, 6] x", outputs=outputs)
+        rank = target.count(",") + 1
+        one = _model(f"s = Constant <value = int64[{rank}] {target}> ()\n y = Reshape(x, s)",
+                     inputs="float[4, 6] x", outputs=outputs)
+        assert _proved(proto, _load(one))
+        _same_in_float64(proto, _load(one), {"x": RNG.standard_normal((4, 6)).astype(np.float32)})
+        if "Unsqueeze" in body:  # what merge-consecutive makes of it
+            candidate = _optimized(proto, ["merge-consecutive", "eliminate-dead-nodes"])
+            assert _ops(candidate) == ["Reshape"]
+            assert _proved(proto, candidate)
+        assert not _proved(one, _load(proto))  # the original never shows the Reshape in the middle to run
+    # an Unsqueeze elsewhere, and a Squeeze of a dim the target does not give as 1, are not
+    proto = _model("s = Constant <value = int64[2] {-1, 12}> ()\n m = Reshape(x, s)\n"
+                   " a = Constant <value = int64[1] {0}> ()\n y = Unsqueeze(m, a)",
+                   inputs="float[4, 6] x", outputs="float[1, 2, 12] y")
+    wrong = _model("s = Constant <value = int64[3] {-1, 12, 1}> ()\n y = Reshape(x, s)",
+                   inputs="float[4, 6] x", outputs="float[1, 2, 12] y")
+    assert not _proved(proto, _load(wrong))
+    proto = _model("s = Constant <value = int64[3] {2, -1, 1}> ()\n m = Reshape(x, s)\n"
+                   " a = Constant <value = int64[1] {1}> ()\n y = Squeeze(m, a)",
+                   inputs="float[4, 6] x", outputs="float[2, 1] y")
+    assert not _proved(proto, _load(_model("s = Constant <value = int64[2] {2, 1}> ()\n y = Reshape(x, s)",
+                                           inputs="float[4, 6] x", outputs="float[2, 1] y")))
+
+
+def test_a_concat_of_a_concat_on_the_same_axis_merged_is_proved():
+    proto = _model("i = Concat <axis = 1> (x, x)\n y = Concat <axis = 1> (i, x)",
+                   inputs="float[2, 3] x", outputs="float[2, 9] y")
+    candidate = _optimized(proto, ["merge-consecutive", "eliminate-dead-nodes"])
+    assert _ops(candidate) == ["Concat"]
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": RNG.standard_normal((2, 3)).astype(np.float32)})
+    # other axes, or another order, are another computation
+    other = _model("i = Concat <axis = 0> (x, x)\n y = Concat <axis = 1> (i, x)",
+                   inputs="float[1, 3] x", outputs="float[2, 6] y")
+    flat = _model("y = Concat <axis = 1> (x, x, x)", inputs="float[1, 3] x", outputs="float[1, 9] y")
+    assert not _proved(other, _load(flat))
+    square = _model("w = Neg(x)\n i = Concat <axis = 1> (x, w)\n y = Concat <axis = 1> (i, x)",
+                    inputs="float[2, 3] x", outputs="float[2, 9] y")
+    assert not _proved(square, _load(_model("w = Neg(x)\n y = Concat <axis = 1> (x, x, w)",
+                                            inputs="float[2, 3] x", outputs="float[2, 9] y")))

@@ -36,7 +36,14 @@ gets a key, and two values with the same key compute the same thing for every in
   ``allowzero`` only where the target has a ``0``; a Reshape of a Reshape as one
   Reshape of the first one's input (a reshape keeps the elements in order), the middle
   value's dims the second target reads taken from the first target (a copied dim or a
-  positive integer; not one a -1 infers);
+  positive integer; not one a -1 infers); a Reshape whose target reads no dim of its input
+  (after the -1 above) as that Reshape of the value the Reshape, Squeeze and Unsqueeze
+  nodes before it read (each keeps its input's elements in order, and the target reads
+  only their count); a Squeeze or Unsqueeze of such a Reshape as one Reshape, its target
+  with the 1s removed (where the target gives them as 1) or inserted;
+- a ``Concat`` of a ``Concat`` on the same axis (the same attributes and definition) is
+  keyed as one Concat of the inner one's inputs in their place (the same elements in the
+  same order, and both run where the same dims agree);
 - a ``Transpose`` with an explicit permutation is keyed by its input and that permutation,
   and a Transpose of a Transpose by the composed one (output dim ``i`` is the input's dim
   ``p1[p2[i]]``, element for element); the identity permutation by its input's key;
@@ -57,9 +64,11 @@ gets a key, and two values with the same key compute the same thing for every in
   x's elements in order, whatever the one element says (a constant ``x``: the key of those
   elements, computed by that definition; an ``x`` of rank 1: x's own key);
 - these views (a read target dim as ``-1``, a Reshape pair, a Transpose pair, a Squeeze
-  and Unsqueeze pair, a Reshape to one dim) hold only where the nodes run: a candidate's
-  key that drops one (an identity Transpose or pair, a cancelled Squeeze or Unsqueeze
-  pair, the first of two Reshapes, a Reshape to one dim other than ``-1``, a read target
+  and Unsqueeze pair, a Reshape to one dim, a Reshape through views) hold only where the
+  nodes run: a candidate's key that drops one (an identity Transpose or pair, a cancelled
+  Squeeze or Unsqueeze pair, the first of two Reshapes, a view before a Reshape that reads
+  none of its dims or that a Squeeze or Unsqueeze reshapes, a Reshape to one dim other
+  than ``-1``, a read target
   dim as ``-1``) assumes that it does, and its
   output is proved only where the original's own nodes establish that wherever the
   original runs (a Transpose of the same input with a permutation of that length, a
@@ -615,8 +624,14 @@ class _Keys:
         self._assumed: dict[int, tuple[ir.Node, list[tuple]]] = {}
         # a Reshape's key with a read target -> (its input's key, that target, its fact)
         self._reshapes: dict[int, tuple[int, tuple, tuple]] = {}
+        # a Reshape's key with a read target -> (its input's key, its fact, and its target and
+        # allowzero where the target reads no dim): its elements are that input's in order
+        # (``_order_source``, ``_reshaped_view``)
+        self._ordered: dict[int, tuple[int, tuple, tuple | None]] = {}
         # a Slice's key with constant arguments -> (its input's key, {axis: (start, end, step)})
         self._slices: dict[int, tuple[int, dict[int, tuple[int, int, int]]]] = {}
+        # a Concat's key -> ((its definition, its attributes), the keys it concatenates)
+        self._concats: dict[int, tuple[tuple, tuple[int, ...]]] = {}
 
     # ------------------------------------------------------------------ keys
 
@@ -1002,9 +1017,12 @@ class _Keys:
                     # dim is the element count over theirs, as -1 infers it
                     self._assume(node, ("Reshape", x, canonical, copy))
                     canonical = tuple(-1 if i == read[0] else e for i, e in enumerate(canonical))
+                if all(isinstance(e, int) for e in canonical):
+                    x = self._order_source(node, x)
                 if 0 not in canonical:
                     copy = True  # allowzero only tells what a 0 means
                 key = numbering.intern(("reshape", x, canonical, copy))
+                self._ordered[key] = (x, fact, (canonical, copy) if all(isinstance(e, int) for e in canonical) else None)
                 if -1 not in canonical:
                     self._reshapes[key] = (x, canonical, fact)
                 return key
@@ -1023,8 +1041,17 @@ class _Keys:
         absent = numbering.intern(("absent",))
         while inputs and inputs[-1] == absent:  # an optional input given empty at the end is one not given
             inputs = inputs[:-1]
-        structural = numbering.intern(("node", domain, op, self._semantics(node, domain, op, version), attributes,
-                                       inputs, value.index()))
+        semantics = self._semantics(node, domain, op, version)
+        if domain == "" and op == "Concat":
+            # Concat(.., Concat(a, b), ..) on one axis: the elements of Concat(.., a, b, ..)
+            spliced: list[int] = []
+            for key in inputs:
+                inner = self._concats.get(key)
+                spliced.extend(inner[1] if inner is not None and inner[0] == (semantics, attributes) else (key,))
+            inputs = tuple(spliced)
+        structural = numbering.intern(("node", domain, op, semantics, attributes, inputs, value.index()))
+        if domain == "" and op == "Concat":
+            self._concats[structural] = ((semantics, attributes), inputs)
         if domain == "" and op in ("Squeeze", "Unsqueeze"):
             axes = self._axes(node, version)
             if axes is not None:
@@ -1217,6 +1244,22 @@ class _Keys:
             return None
         return str(element.dtype)
 
+    def _order_source(self, node: ir.Node, x: int) -> int:
+        """The key of the value that the Reshape, Squeeze and Unsqueeze nodes ``x`` is
+        computed through (none of them a Transpose) read: a Reshape whose target reads no dim
+        of its input keeps only its input's elements in order, which those views keep from
+        their own input. The views' success is assumed (``_assumed``) for ``_compared`` to
+        discharge."""
+        while True:
+            step = self._ordered.get(x)
+            if step is None:
+                view = self._views.get(x)
+                if view is None or view[2] == "Transpose":
+                    return x
+                step = (view[0], (view[2], view[0], view[1]))
+            self._assume(node, step[1])
+            x = step[0]
+
     def _view(self, node: ir.Node, op: str, version: int) -> int | None:
         """The key of a default-domain Transpose, or of a Squeeze or Unsqueeze that undoes
         the other, where it has a canonical one (module docstring), else None (then the node
@@ -1252,6 +1295,10 @@ class _Keys:
             self._views[key] = (base, perm, "Transpose")
             return key
         axes = self._axes(node, version)
+        if axes is not None:
+            reshaped = self._reshaped_view(node, op, axes)
+            if reshaped is not None:
+                return reshaped
         inner = self._views.get(self.key(x)) if axes is not None else None
         if inner is not None and inner[1] == axes and inner[2] != op and inner[2] != "Transpose":
             # Unsqueeze(Squeeze(x, a), a): Squeeze succeeds only where x's dims at a are 1;
@@ -1261,6 +1308,41 @@ class _Keys:
         if op == "Unsqueeze" and axes is not None and axes[0] >= 0:
             return self._unsqueezed(node, axes, inner)
         return None
+
+    def _reshaped_view(self, node: ir.Node, op: str, axes: tuple[int, ...]) -> int | None:
+        """The key of a Squeeze or Unsqueeze at ``axes`` of ``Reshape(x, t)``, ``t`` reading no
+        dim of x: ``Reshape(x, t')``, ``t'`` being ``t`` with a 1 inserted at each axis of the
+        Unsqueeze (normalized against its output's rank), or with the Squeeze's axes removed
+        where ``t`` has a 1 there (either keeps x's elements in order); None otherwise, and
+        for a ``t'`` of fewer than two dims (``_flattened`` keys a Reshape to one dim). The
+        Reshape's success is assumed (``_assumed``)."""
+        x = self.key(node.inputs[0])
+        inner = self._ordered.get(x)
+        if inner is None or inner[2] is None:
+            return None
+        source, fact, (target, copy) = inner
+        rank = len(target) + len(axes) if op == "Unsqueeze" else len(target)
+        at = {a + rank if a < 0 else a for a in axes}
+        if len(at) != len(axes) or not all(0 <= a < rank for a in at):
+            return None
+        if op == "Unsqueeze":
+            rest = iter(target)
+            shape = tuple(1 if i in at else next(rest) for i in range(rank))
+        elif all(target[a] == 1 for a in at):
+            shape = tuple(e for i, e in enumerate(target) if i not in at)
+        else:
+            return None
+        if len(shape) < 2:
+            return None
+        self._assume(node, fact)
+        own = (op, x, axes)
+        self._fact(node, own)
+        copy = copy or 0 not in shape
+        key = self.numbering.intern(("reshape", source, shape, copy))
+        self._ordered[key] = (source, own, (shape, copy))
+        if -1 not in shape:
+            self._reshapes[key] = (source, shape, own)
+        return key
 
     def _unsqueezed(self, node: ir.Node, axes: tuple[int, ...], inner: tuple | None) -> int:
         """The key of an Unsqueeze of x at axes ``b`` none of which is negative:
