@@ -368,9 +368,37 @@ def test_a_reshape_target_reading_another_dim_or_other_sizes_is_not_proved():
     other = _view_of(BATCH_READ.replace("{0}", "{1}").replace("{1}", "{2}", 1).replace("Squeeze(n, zero)",
                                                                                           "Squeeze(n)"))
     assert not _proved(proto, _load(other))
-    # the inferred form does not prove a candidate that reads the dim: that one may fail
+    # the inferred form does not prove a candidate that reads the dim where x's other dims
+    # are not known: that one may fail
+    dynamic = dict(inputs="float[N, M, 4] x", outputs="float[N, 4, 8] y")
+    inferred = _model("t = Constant <value = int64[3] {-1, 4, 8}> ()\n y = Reshape(x, t)", **dynamic)
+    assert not _proved(inferred, _load(_model(f"{BATCH_READ}\n y = Reshape(x, t)", **dynamic)))
+
+
+def test_a_reshape_target_reading_one_dim_of_a_value_whose_other_dims_are_known_always_runs():
+    """[dim 0 of x, 4, 8] of x [N, 8, 4]: x's element count is dim 0 times 32 = 4 * 8, so
+    the Reshape runs wherever x exists, and is [-1, 4, 8] (the form PyTorch's exporter
+    gives a view of a Transpose: a target copying the Transpose's batch dim, proved against
+    one reading that dim from another value)."""
     inferred = _view_of("t = Constant <value = int64[3] {-1, 4, 8}> ()")
-    assert not _proved(inferred, _load(proto))
+    gathered = _view_of("""s = Shape(x)
+            zero = Constant <value = int64[1] {0}> ()
+            n = Gather <axis = 0> (s, zero)
+            rest = Constant <value = int64[2] {4, 8}> ()
+            t = Concat <axis = 0> (n, rest)""")
+    assert _proved(inferred, _load(gathered))
+    copied = _model("p = Transpose <perm = [1, 0, 2]> (x)\n t = Constant <value = int64[3] {8, 0, 4}> ()\n"
+                    " y = Reshape(p, t)", inputs="float[N, 8, 4] x", outputs="float[8, N, 4] y")
+    read = _model("""p = Transpose <perm = [1, 0, 2]> (x)
+            s = Shape(x)
+            zero = Constant <value = int64[1] {0}> ()
+            n = Gather <axis = 0> (s, zero)
+            e = Constant <value = int64[1] {8}> ()
+            f = Constant <value = int64[1] {4}> ()
+            t = Concat <axis = 0> (e, n, f)
+            y = Reshape(p, t)""", inputs="float[N, 8, 4] x", outputs="float[8, N, 4] y")
+    assert _proved(read, _load(copied))
+    _same_in_float64(read, _load(copied), {"x": RNG.standard_normal((3, 8, 4)).astype(np.float32)})
 
 
 # ------------------------------------------------------------------ an affine chain through Identity
@@ -586,8 +614,11 @@ def test_a_reshape_of_a_reshape_is_not_proved_as_another_or_where_the_first_may_
                  inputs="float[N, 4, 6] x", outputs="float[N, 4, 6] y")
     assert not _proved(one, _load(_two_reshapes(SECOND, "0, 0, 5, 3")))
     assert not _proved(one, _load(_two_reshapes(SECOND)))  # valid here, but the original shows nothing of it
-    # a middle dim that a -1 inferred is not read from the first target
-    assert not _proved(_two_reshapes(SECOND, "-1, 4, 2, 3"), _load(one))
+    # a middle dim that a -1 inferred is not read from the first target; here the second
+    # target's other dims are x's (4 and 6, inferred), so it is [-1, 4, 6] of x
+    middle = _two_reshapes(SECOND, "-1, 4, 2, 3")
+    assert _proved(middle, _load(one))
+    _same_in_float64(middle, _load(one), {"x": RNG.standard_normal((2, 4, 6)).astype(np.float32)})
 
 
 # ------------------------------------------------------------------ Slice of Slice
@@ -768,10 +799,6 @@ def test_a_reshape_through_a_transpose_or_a_view_the_original_lacks_is_not_prove
     squeezed = _model("a = Constant <value = int64[1] {0}> ()\n q = Squeeze(x, a)\n"
                       " s = Constant <value = int64[4] {-1, 1, 1, 12}> ()\n y = Reshape(q, s)", **_THROUGH_TYPES)
     assert not _proved(one, _load(squeezed))
-    # a last target that reads a dim of the middle value is not taken through the views
-    reads = _model(_THROUGH_VIEWS.replace("{-1, 1, 1, 12}", "{0, 1, 1, 12}"), **_THROUGH_TYPES)
-    assert not _proved(reads, _load(_model("s = Constant <value = int64[4] {0, 1, 1, 12}> ()\n y = Reshape(x, s)",
-                                           **_THROUGH_TYPES)))
 
 
 def test_a_reshape_squeezed_or_unsqueezed_merged_is_proved():

@@ -86,7 +86,9 @@ gets a key, and two values with the same key compute the same thing for every in
   dim read from a shape that inference gives as an integer is that integer (also a dim
   a Reshape's ``0`` copies, and a Reshape's output dims its read target fixes), two such
   integer scalars multiplied are their product (a dim times 1 is that dim, in either
-  look), and a ``Cast`` to the element type its
+  look), a Reshape whose target reads one dim of its own input, the input's other dims
+  integers whose product is the target's other entries', runs wherever that input exists
+  (its element count is what the target asks: nothing assumed), and a ``Cast`` to the element type its
   input already has is keyed as its input (it copies every value);
 - a value computed from constants alone that the candidate does not compute the same way
   (a fold) is evaluated once on onnxruntime, with the kernels the original itself runs,
@@ -1015,7 +1017,8 @@ class _Keys:
                 if len(read) == 1 and all(isinstance(e, int) and e > 0 for e in canonical if not isinstance(e, tuple)):
                     # one dim read from a shape, the others positive: where the Reshape runs that
                     # dim is the element count over theirs, as -1 infers it
-                    self._assume(node, ("Reshape", x, canonical, copy))
+                    if not self._runs_always(node, x, canonical, read[0]):
+                        self._assume(node, ("Reshape", x, canonical, copy))
                     canonical = tuple(-1 if i == read[0] else e for i, e in enumerate(canonical))
                 if all(isinstance(e, int) for e in canonical):
                     x = self._order_source(node, x)
@@ -1150,6 +1153,26 @@ class _Keys:
         if self.rank(node.inputs[0]) == 1:
             return self.key(node.inputs[0])  # a vector in one dim is that vector, element for element
         return self.numbering.intern(("reshape", x, (-1,), True))
+
+    def _runs_always(self, node: ir.Node, x: int, canonical: tuple, at: int) -> bool:
+        """Whether ``Reshape(x, canonical)`` (``node``'s, x its own input) runs wherever x
+        exists: the entry at ``at`` is x's dim ``j`` and onnx's shape inference gives x's other
+        dims as integers whose product is that of the other entries (x's element count is then
+        dim ``j`` times it, what the target asks)."""
+        entry = canonical[at]
+        value = node.inputs[0]
+        if value is None or self.key(value) != x or not (isinstance(entry, tuple) and entry[0] == "dim"
+                                                          and entry[1] == x):
+            return False
+        self.numbering.would_infer = True
+        if not self.numbering.inferred:
+            return False
+        rank = self.rank(value)
+        if rank is None or not 0 <= entry[2] < rank:
+            return False
+        dims = self.inferred_dims(value, rank)
+        others = [d for i, d in enumerate(dims) if i != entry[2]]
+        return None not in others and math.prod(others) == math.prod(e for i, e in enumerate(canonical) if i != at)
 
     def inferred_dims(self, value: ir.Value, rank: int) -> list[int | None]:
         """``value``'s dims, each an int where onnx's shape inference on this model gives it
