@@ -851,3 +851,56 @@ def test_a_concat_of_a_concat_on_the_same_axis_merged_is_proved():
                     inputs="float[2, 3] x", outputs="float[2, 9] y")
     assert not _proved(square, _load(_model("w = Neg(x)\n y = Concat <axis = 1> (x, x, w)",
                                             inputs="float[2, 3] x", outputs="float[2, 9] y")))
+
+
+_SYMBOLIC_FIRST = """s = Shape(x)
+            z = Constant <value = int64[1] {0}> ()
+            o = Constant <value = int64[1] {1}> ()
+            n = Slice(s, z, o)
+            b = Squeeze(n, z)
+            three = Constant <value = int64 {3}> ()
+            bm = Mul(b, three)
+            flat = Constant <value = int64[1] {-1}> ()
+            rows = Reshape(bm, flat)
+            four = Constant <value = int64[1] {4}> ()
+            t1 = Concat <axis = 0> (rows, four)
+            m = Reshape(x, t1)
+            rest = Constant <value = int64[2] {3, 4}> ()
+            t2 = Concat <axis = 0> (n, rest)"""
+
+
+def test_a_reshape_of_a_reshape_to_a_target_not_read_is_proved_as_one_reshape():
+    """Reshape(Reshape(x, [N * 3, 4]), [N, 3, 4]) (PyTorch's view of a view, the first target
+    a product of dims the proof does not read) is Reshape(x, [N, 3, 4]): the second target
+    reads no dim of the middle value, and the first Reshape keeps x's elements in order."""
+    types = dict(inputs="float[N, 3, 4] x", outputs="float[N, 3, 4] y")
+    proto = _model(f"{_SYMBOLIC_FIRST}\n y = Reshape(m, t2)", **types)
+    one = _model(f"{_SYMBOLIC_FIRST}\n y = Reshape(x, t2)", **types)
+    assert _proved(proto, _load(one))
+    _same_in_float64(proto, _load(one), {"x": RNG.standard_normal((2, 3, 4)).astype(np.float32)})
+    assert not _proved(one, _load(proto))  # the original never shows the first Reshape to run
+
+
+def test_a_where_of_a_negated_condition_and_a_shape_of_a_negation_are_proved_swapped():
+    """Where(Not(m), Expand(0, Shape(Not(m))), -inf) selects as Where(m, -inf, Expand(0,
+    Shape(m))): Not keeps the shape and swaps the branches."""
+    types = dict(inputs="bool[2, 5] m", outputs="float[2, 5] y")
+    proto = _model("""k = Not(m)
+            s = Shape(k)
+            zero = Constant <value = float {0.0}> ()
+            z = Expand(zero, s)
+            low = Constant <value = float {-inf}> ()
+            y = Where(k, z, low)""", **types)
+    swapped = _model("""s = Shape(m)
+            zero = Constant <value = float {0.0}> ()
+            z = Expand(zero, s)
+            low = Constant <value = float {-inf}> ()
+            y = Where(m, low, z)""", **types)
+    assert _proved(proto, _load(swapped))
+    _same_in_float64(proto, _load(swapped), {"m": RNG.random((2, 5)) < 0.5})
+    unswapped = _model("""s = Shape(m)
+            zero = Constant <value = float {0.0}> ()
+            z = Expand(zero, s)
+            low = Constant <value = float {-inf}> ()
+            y = Where(m, z, low)""", **types)
+    assert not _proved(proto, _load(unswapped))

@@ -37,10 +37,14 @@ gets a key, and two values with the same key compute the same thing for every in
   Reshape of the first one's input (a reshape keeps the elements in order), the middle
   value's dims the second target reads taken from the first target (a copied dim or a
   positive integer; not one a -1 infers); a Reshape whose target reads no dim of its input
-  (after the -1 above) as that Reshape of the value the Reshape, Squeeze and Unsqueeze
+  (after the -1 above; dims of other values it may read) as that Reshape of the value the Reshape, Squeeze and Unsqueeze
   nodes before it read (each keeps its input's elements in order, and the target reads
   only their count); a Squeeze or Unsqueeze of such a Reshape as one Reshape, its target
   with the 1s removed (where the target gives them as 1) or inserted;
+- a ``Shape`` of an elementwise op of one input (Not, Neg, Relu, Cast, ...) is keyed as the
+  Shape of that input (the op keeps the shape), and ``Where(Not(c), a, b)`` as
+  ``Where(c, b, a)``; a Reshape whose target is not read still keeps its input's elements
+  in order where it runs (a Reshape through it, above);
 - a ``Concat`` of a ``Concat`` on the same axis (the same attributes and definition) is
   keyed as one Concat of the inner one's inputs in their place (the same elements in the
   same order, and both run where the same dims agree);
@@ -568,6 +572,12 @@ class _Numbering:
 _INTEGER_ARITHMETIC = ("Add", "Sub", "Mul", "Div")
 
 
+def _mentions(entry: Any, key: int) -> bool:
+    """Whether a symbolic shape entry (a tuple: a dim read, arithmetic) reads the value of
+    ``key``; any integer inside it equal to ``key`` counts (a literal as much as a key)."""
+    return isinstance(entry, tuple) and any(part == key or _mentions(part, key) for part in entry)
+
+
 def _integer_arithmetic(op: str, parts: list[tuple[bool, list]]) -> tuple[bool, list] | None:
     """``op`` on two shape-like integer tensors whose elements are all integers, by ONNX's
     broadcasting (one element against a list; a scalar only with a scalar stays one), as
@@ -1020,7 +1030,7 @@ class _Keys:
                     if not self._runs_always(node, x, canonical, read[0]):
                         self._assume(node, ("Reshape", x, canonical, copy))
                     canonical = tuple(-1 if i == read[0] else e for i, e in enumerate(canonical))
-                if all(isinstance(e, int) for e in canonical):
+                if not any(_mentions(e, x) for e in canonical):
                     x = self._order_source(node, x)
                 if 0 not in canonical:
                     copy = True  # allowzero only tells what a 0 means
@@ -1045,6 +1055,19 @@ class _Keys:
         while inputs and inputs[-1] == absent:  # an optional input given empty at the end is one not given
             inputs = inputs[:-1]
         semantics = self._semantics(node, domain, op, version)
+        if domain == "" and op == "Shape" and inputs:
+            # an elementwise unary op keeps its input's shape
+            source = node.inputs[0].producer() if node.inputs[0] is not None else None
+            while source is not None and source.domain in ("", "ai.onnx") and source.op_type in _SHAPE_KEEPING \
+                    and len(source.inputs) == 1 and source.inputs[0] is not None and len(source.outputs) == 1:
+                inputs = (self.key(source.inputs[0]),)
+                source = source.inputs[0].producer()
+        if domain == "" and op == "Where" and len(inputs) == 3:
+            # Where(Not(c), a, b) selects as Where(c, b, a)
+            condition = node.inputs[0].producer() if node.inputs[0] is not None else None
+            if condition is not None and condition.domain in ("", "ai.onnx") and condition.op_type == "Not" \
+                    and len(condition.inputs) == 1 and condition.inputs[0] is not None:
+                inputs = (self.key(condition.inputs[0]), inputs[2], inputs[1])
         if domain == "" and op == "Concat":
             # Concat(.., Concat(a, b), ..) on one axis: the elements of Concat(.., a, b, ..)
             spliced: list[int] = []
@@ -1055,6 +1078,11 @@ class _Keys:
         structural = numbering.intern(("node", domain, op, semantics, attributes, inputs, value.index()))
         if domain == "" and op == "Concat":
             self._concats[structural] = ((semantics, attributes), inputs)
+        if domain == "" and op == "Reshape" and len(inputs) == 2 and structural not in self._ordered:
+            # a target not read: the elements are still its input's in order, where it runs
+            fact = ("Reshape", inputs[0], inputs[1], attributes)
+            self._fact(node, fact)
+            self._ordered[structural] = (inputs[0], fact, None)
         if domain == "" and op in ("Squeeze", "Unsqueeze"):
             axes = self._axes(node, version)
             if axes is not None:
@@ -1998,6 +2026,9 @@ _RANK_KEEPING_FIRST = frozenset(("Conv", "ConvTranspose", "MaxPool", "AveragePoo
 _BROADCASTING = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater", "And", "Or", "Xor",
                            "LessOrEqual", "GreaterOrEqual"))
 _VIEW_OPS = frozenset(("Transpose", "Squeeze", "Unsqueeze"))
+# elementwise ops of one input: the output has the input's shape (a Shape of it reads the input's)
+_SHAPE_KEEPING = frozenset(("Not", "Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Erf", "Cast",
+                            "Identity", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "IsNaN", "IsInf"))
 _COERCED_OPS = frozenset(("Softmax", "LogSoftmax"))  # over the input coerced to 2-D before opset 13
 _INITIAL_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}  # initial_h (and initial_c): input positions
 # ops whose every output element is one of their first input's: a zero fill stays zero
