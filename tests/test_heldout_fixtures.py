@@ -22,6 +22,9 @@ def test_each_model_is_pinned_and_safe(model) -> None:
     assert model.source in ("pypi", "pypi-sdist") and model.package and model.version
     assert model.sha256 and len(model.sha256) == 64
     _check_member_name(model.member)  # raises on a path that could leave the cache
+    for member, sha256 in model.external_data:
+        _check_member_name(member)
+        assert len(sha256) == 64
     path = cached_path(model)
     if not path.is_file():
         pytest.skip(f"{model.name} not in the cache (python -m fixtures.heldout {model.name})")

@@ -217,8 +217,14 @@ def ancestors(values: Iterable[ir.Value | None]) -> set[ir.Node]:
 # type of their data input (input 0), ops whose every input has the output's type, and ops
 # whose output is bool
 _TYPE_OF_DATA_INPUT = frozenset({"Slice", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Identity", "Flatten",
-                                 "Expand", "Tile", "Pad", "Gather", "Split", "Relu", "Sigmoid", "Softmax", "Neg"})
-_TYPE_OF_EVERY_INPUT = frozenset({"Add", "Sub", "Mul", "Div", "MatMul", "Gemm", "Concat"})
+                                 "Expand", "Tile", "Pad", "Gather", "Split", "Relu", "Sigmoid", "Softmax", "Neg",
+                                 "Tanh", "Exp", "Log", "Sqrt", "Abs", "LeakyRelu", "Clip", "Erf",
+                                 "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+                                 "BatchNormalization", "InstanceNormalization", "LayerNormalization",
+                                 "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "Resize"})
+_TYPE_OF_EVERY_INPUT = frozenset({"Add", "Sub", "Mul", "Div", "MatMul", "Gemm", "Concat", "Conv", "ConvTranspose"})
+# ops whose outputs after the first have another type (indices, statistics): their first only
+_FIRST_OUTPUT_TYPED = frozenset({"MaxPool", "BatchNormalization", "LayerNormalization"})
 _BOOL_RESULT = frozenset({"Not", "And", "Or", "Xor", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual"})
 _INT64_RESULT = frozenset({"Shape", "Size", "NonZero", "ArgMax", "ArgMin"})  # int64 in every opset
 ELEMENT_TYPE_DEPTH = 64  # producers followed back to find an undeclared value's element type
@@ -229,8 +235,10 @@ def element_type(value: ir.Value | None, depth: int = 0) -> ir.DataType | None:
     constraints fix from its default-domain producer (followed back ``ELEMENT_TYPE_DEPTH``
     producers at most): a Cast's ``to``; a ConstantOfShape's ``value`` tensor's (float32
     without one); bool for a comparison or logical op; int64 for Shape, Size, NonZero,
-    ArgMax and ArgMin; the data input's (input 0) for a data-movement or unary op; any input's for an op whose inputs all share the output's
-    type. None where none of these says."""
+    ArgMax and ArgMin; the data input's (input 0) for a data-movement, unary, pooling,
+    normalization or reduction op (the first output only where later ones are indices or
+    statistics); any input's for an op whose inputs all share the output's type (Conv's
+    among them). None where none of these says."""
     if value is None:
         return None
     if value.dtype is not None:
@@ -253,6 +261,8 @@ def element_type(value: ir.Value | None, depth: int = 0) -> ir.DataType | None:
         return ir.DataType.BOOL
     if op in _INT64_RESULT:
         return ir.DataType.INT64
+    if op in _FIRST_OUTPUT_TYPED and value.index() != 0:
+        return None
     inputs = node.inputs[:1] if op in _TYPE_OF_DATA_INPUT else node.inputs if op in _TYPE_OF_EVERY_INPUT else ()
     for source in inputs:
         found = element_type(source, depth + 1)

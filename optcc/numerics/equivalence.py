@@ -36,7 +36,18 @@ gets a key, and two values with the same key compute the same thing for every in
   ``allowzero`` only where the target has a ``0``; a Reshape of a Reshape as one
   Reshape of the first one's input (a reshape keeps the elements in order), the middle
   value's dims the second target reads taken from the first target (a copied dim or a
-  positive integer; not one a -1 infers);
+  positive integer; not one a -1 infers); a Reshape whose target reads no dim of its input
+  (after the -1 above; dims of other values it may read) as that Reshape of the value the Reshape, Squeeze and Unsqueeze
+  nodes before it read (each keeps its input's elements in order, and the target reads
+  only their count); a Squeeze or Unsqueeze of such a Reshape as one Reshape, its target
+  with the 1s removed (where the target gives them as 1) or inserted;
+- a ``Shape`` of an elementwise op of one input (Not, Neg, Relu, Cast, ...) is keyed as the
+  Shape of that input (the op keeps the shape), and ``Where(Not(c), a, b)`` as
+  ``Where(c, b, a)``; a Reshape whose target is not read still keeps its input's elements
+  in order where it runs (a Reshape through it, above);
+- a ``Concat`` of a ``Concat`` on the same axis (the same attributes and definition) is
+  keyed as one Concat of the inner one's inputs in their place (the same elements in the
+  same order, and both run where the same dims agree);
 - a ``Transpose`` with an explicit permutation is keyed by its input and that permutation,
   and a Transpose of a Transpose by the composed one (output dim ``i`` is the input's dim
   ``p1[p2[i]]``, element for element); the identity permutation by its input's key;
@@ -57,9 +68,11 @@ gets a key, and two values with the same key compute the same thing for every in
   x's elements in order, whatever the one element says (a constant ``x``: the key of those
   elements, computed by that definition; an ``x`` of rank 1: x's own key);
 - these views (a read target dim as ``-1``, a Reshape pair, a Transpose pair, a Squeeze
-  and Unsqueeze pair, a Reshape to one dim) hold only where the nodes run: a candidate's
-  key that drops one (an identity Transpose or pair, a cancelled Squeeze or Unsqueeze
-  pair, the first of two Reshapes, a Reshape to one dim other than ``-1``, a read target
+  and Unsqueeze pair, a Reshape to one dim, a Reshape through views) hold only where the
+  nodes run: a candidate's key that drops one (an identity Transpose or pair, a cancelled
+  Squeeze or Unsqueeze pair, the first of two Reshapes, a view before a Reshape that reads
+  none of its dims or that a Squeeze or Unsqueeze reshapes, a Reshape to one dim other
+  than ``-1``, a read target
   dim as ``-1``) assumes that it does, and its
   output is proved only where the original's own nodes establish that wherever the
   original runs (a Transpose of the same input with a permutation of that length, a
@@ -77,7 +90,9 @@ gets a key, and two values with the same key compute the same thing for every in
   dim read from a shape that inference gives as an integer is that integer (also a dim
   a Reshape's ``0`` copies, and a Reshape's output dims its read target fixes), two such
   integer scalars multiplied are their product (a dim times 1 is that dim, in either
-  look), and a ``Cast`` to the element type its
+  look), a Reshape whose target reads one dim of its own input, the input's other dims
+  integers whose product is the target's other entries', runs wherever that input exists
+  (its element count is what the target asks: nothing assumed), and a ``Cast`` to the element type its
   input already has is keyed as its input (it copies every value);
 - a value computed from constants alone that the candidate does not compute the same way
   (a fold) is evaluated once on onnxruntime, with the kernels the original itself runs,
@@ -557,6 +572,12 @@ class _Numbering:
 _INTEGER_ARITHMETIC = ("Add", "Sub", "Mul", "Div")
 
 
+def _mentions(entry: Any, key: int) -> bool:
+    """Whether a symbolic shape entry (a tuple: a dim read, arithmetic) reads the value of
+    ``key``; any integer inside it equal to ``key`` counts (a literal as much as a key)."""
+    return isinstance(entry, tuple) and any(part == key or _mentions(part, key) for part in entry)
+
+
 def _integer_arithmetic(op: str, parts: list[tuple[bool, list]]) -> tuple[bool, list] | None:
     """``op`` on two shape-like integer tensors whose elements are all integers, by ONNX's
     broadcasting (one element against a list; a scalar only with a scalar stays one), as
@@ -615,8 +636,14 @@ class _Keys:
         self._assumed: dict[int, tuple[ir.Node, list[tuple]]] = {}
         # a Reshape's key with a read target -> (its input's key, that target, its fact)
         self._reshapes: dict[int, tuple[int, tuple, tuple]] = {}
+        # a Reshape's key with a read target -> (its input's key, its fact, and its target and
+        # allowzero where the target reads no dim): its elements are that input's in order
+        # (``_order_source``, ``_reshaped_view``)
+        self._ordered: dict[int, tuple[int, tuple, tuple | None]] = {}
         # a Slice's key with constant arguments -> (its input's key, {axis: (start, end, step)})
         self._slices: dict[int, tuple[int, dict[int, tuple[int, int, int]]]] = {}
+        # a Concat's key -> ((its definition, its attributes), the keys it concatenates)
+        self._concats: dict[int, tuple[tuple, tuple[int, ...]]] = {}
 
     # ------------------------------------------------------------------ keys
 
@@ -1000,11 +1027,15 @@ class _Keys:
                 if len(read) == 1 and all(isinstance(e, int) and e > 0 for e in canonical if not isinstance(e, tuple)):
                     # one dim read from a shape, the others positive: where the Reshape runs that
                     # dim is the element count over theirs, as -1 infers it
-                    self._assume(node, ("Reshape", x, canonical, copy))
+                    if not self._runs_always(node, x, canonical, read[0]):
+                        self._assume(node, ("Reshape", x, canonical, copy))
                     canonical = tuple(-1 if i == read[0] else e for i, e in enumerate(canonical))
+                if not any(_mentions(e, x) for e in canonical):
+                    x = self._order_source(node, x)
                 if 0 not in canonical:
                     copy = True  # allowzero only tells what a 0 means
                 key = numbering.intern(("reshape", x, canonical, copy))
+                self._ordered[key] = (x, fact, (canonical, copy) if all(isinstance(e, int) for e in canonical) else None)
                 if -1 not in canonical:
                     self._reshapes[key] = (x, canonical, fact)
                 return key
@@ -1023,8 +1054,35 @@ class _Keys:
         absent = numbering.intern(("absent",))
         while inputs and inputs[-1] == absent:  # an optional input given empty at the end is one not given
             inputs = inputs[:-1]
-        structural = numbering.intern(("node", domain, op, self._semantics(node, domain, op, version), attributes,
-                                       inputs, value.index()))
+        semantics = self._semantics(node, domain, op, version)
+        if domain == "" and op == "Shape" and inputs:
+            # an elementwise unary op keeps its input's shape
+            source = node.inputs[0].producer() if node.inputs[0] is not None else None
+            while source is not None and source.domain in ("", "ai.onnx") and source.op_type in _SHAPE_KEEPING \
+                    and len(source.inputs) == 1 and source.inputs[0] is not None and len(source.outputs) == 1:
+                inputs = (self.key(source.inputs[0]),)
+                source = source.inputs[0].producer()
+        if domain == "" and op == "Where" and len(inputs) == 3:
+            # Where(Not(c), a, b) selects as Where(c, b, a)
+            condition = node.inputs[0].producer() if node.inputs[0] is not None else None
+            if condition is not None and condition.domain in ("", "ai.onnx") and condition.op_type == "Not" \
+                    and len(condition.inputs) == 1 and condition.inputs[0] is not None:
+                inputs = (self.key(condition.inputs[0]), inputs[2], inputs[1])
+        if domain == "" and op == "Concat":
+            # Concat(.., Concat(a, b), ..) on one axis: the elements of Concat(.., a, b, ..)
+            spliced: list[int] = []
+            for key in inputs:
+                inner = self._concats.get(key)
+                spliced.extend(inner[1] if inner is not None and inner[0] == (semantics, attributes) else (key,))
+            inputs = tuple(spliced)
+        structural = numbering.intern(("node", domain, op, semantics, attributes, inputs, value.index()))
+        if domain == "" and op == "Concat":
+            self._concats[structural] = ((semantics, attributes), inputs)
+        if domain == "" and op == "Reshape" and len(inputs) == 2 and structural not in self._ordered:
+            # a target not read: the elements are still its input's in order, where it runs
+            fact = ("Reshape", inputs[0], inputs[1], attributes)
+            self._fact(node, fact)
+            self._ordered[structural] = (inputs[0], fact, None)
         if domain == "" and op in ("Squeeze", "Unsqueeze"):
             axes = self._axes(node, version)
             if axes is not None:
@@ -1124,6 +1182,26 @@ class _Keys:
             return self.key(node.inputs[0])  # a vector in one dim is that vector, element for element
         return self.numbering.intern(("reshape", x, (-1,), True))
 
+    def _runs_always(self, node: ir.Node, x: int, canonical: tuple, at: int) -> bool:
+        """Whether ``Reshape(x, canonical)`` (``node``'s, x its own input) runs wherever x
+        exists: the entry at ``at`` is x's dim ``j`` and onnx's shape inference gives x's other
+        dims as integers whose product is that of the other entries (x's element count is then
+        dim ``j`` times it, what the target asks)."""
+        entry = canonical[at]
+        value = node.inputs[0]
+        if value is None or self.key(value) != x or not (isinstance(entry, tuple) and entry[0] == "dim"
+                                                          and entry[1] == x):
+            return False
+        self.numbering.would_infer = True
+        if not self.numbering.inferred:
+            return False
+        rank = self.rank(value)
+        if rank is None or not 0 <= entry[2] < rank:
+            return False
+        dims = self.inferred_dims(value, rank)
+        others = [d for i, d in enumerate(dims) if i != entry[2]]
+        return None not in others and math.prod(others) == math.prod(e for i, e in enumerate(canonical) if i != at)
+
     def inferred_dims(self, value: ir.Value, rank: int) -> list[int | None]:
         """``value``'s dims, each an int where onnx's shape inference on this model gives it
         statically (only with ``_Numbering.inferred``), else None."""
@@ -1217,6 +1295,22 @@ class _Keys:
             return None
         return str(element.dtype)
 
+    def _order_source(self, node: ir.Node, x: int) -> int:
+        """The key of the value that the Reshape, Squeeze and Unsqueeze nodes ``x`` is
+        computed through (none of them a Transpose) read: a Reshape whose target reads no dim
+        of its input keeps only its input's elements in order, which those views keep from
+        their own input. The views' success is assumed (``_assumed``) for ``_compared`` to
+        discharge."""
+        while True:
+            step = self._ordered.get(x)
+            if step is None:
+                view = self._views.get(x)
+                if view is None or view[2] == "Transpose":
+                    return x
+                step = (view[0], (view[2], view[0], view[1]))
+            self._assume(node, step[1])
+            x = step[0]
+
     def _view(self, node: ir.Node, op: str, version: int) -> int | None:
         """The key of a default-domain Transpose, or of a Squeeze or Unsqueeze that undoes
         the other, where it has a canonical one (module docstring), else None (then the node
@@ -1252,6 +1346,10 @@ class _Keys:
             self._views[key] = (base, perm, "Transpose")
             return key
         axes = self._axes(node, version)
+        if axes is not None:
+            reshaped = self._reshaped_view(node, op, axes)
+            if reshaped is not None:
+                return reshaped
         inner = self._views.get(self.key(x)) if axes is not None else None
         if inner is not None and inner[1] == axes and inner[2] != op and inner[2] != "Transpose":
             # Unsqueeze(Squeeze(x, a), a): Squeeze succeeds only where x's dims at a are 1;
@@ -1261,6 +1359,41 @@ class _Keys:
         if op == "Unsqueeze" and axes is not None and axes[0] >= 0:
             return self._unsqueezed(node, axes, inner)
         return None
+
+    def _reshaped_view(self, node: ir.Node, op: str, axes: tuple[int, ...]) -> int | None:
+        """The key of a Squeeze or Unsqueeze at ``axes`` of ``Reshape(x, t)``, ``t`` reading no
+        dim of x: ``Reshape(x, t')``, ``t'`` being ``t`` with a 1 inserted at each axis of the
+        Unsqueeze (normalized against its output's rank), or with the Squeeze's axes removed
+        where ``t`` has a 1 there (either keeps x's elements in order); None otherwise, and
+        for a ``t'`` of fewer than two dims (``_flattened`` keys a Reshape to one dim). The
+        Reshape's success is assumed (``_assumed``)."""
+        x = self.key(node.inputs[0])
+        inner = self._ordered.get(x)
+        if inner is None or inner[2] is None:
+            return None
+        source, fact, (target, copy) = inner
+        rank = len(target) + len(axes) if op == "Unsqueeze" else len(target)
+        at = {a + rank if a < 0 else a for a in axes}
+        if len(at) != len(axes) or not all(0 <= a < rank for a in at):
+            return None
+        if op == "Unsqueeze":
+            rest = iter(target)
+            shape = tuple(1 if i in at else next(rest) for i in range(rank))
+        elif all(target[a] == 1 for a in at):
+            shape = tuple(e for i, e in enumerate(target) if i not in at)
+        else:
+            return None
+        if len(shape) < 2:
+            return None
+        self._assume(node, fact)
+        own = (op, x, axes)
+        self._fact(node, own)
+        copy = copy or 0 not in shape
+        key = self.numbering.intern(("reshape", source, shape, copy))
+        self._ordered[key] = (source, own, (shape, copy))
+        if -1 not in shape:
+            self._reshapes[key] = (source, shape, own)
+        return key
 
     def _unsqueezed(self, node: ir.Node, axes: tuple[int, ...], inner: tuple | None) -> int:
         """The key of an Unsqueeze of x at axes ``b`` none of which is negative:
@@ -1893,6 +2026,9 @@ _RANK_KEEPING_FIRST = frozenset(("Conv", "ConvTranspose", "MaxPool", "AveragePoo
 _BROADCASTING = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater", "And", "Or", "Xor",
                            "LessOrEqual", "GreaterOrEqual"))
 _VIEW_OPS = frozenset(("Transpose", "Squeeze", "Unsqueeze"))
+# elementwise ops of one input: the output has the input's shape (a Shape of it reads the input's)
+_SHAPE_KEEPING = frozenset(("Not", "Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Erf", "Cast",
+                            "Identity", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "IsNaN", "IsInf"))
 _COERCED_OPS = frozenset(("Softmax", "LogSoftmax"))  # over the input coerced to 2-D before opset 13
 _INITIAL_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}  # initial_h (and initial_c): input positions
 # ops whose every output element is one of their first input's: a zero fill stays zero

@@ -669,7 +669,8 @@ def _difference(result: np.ndarray, reference: np.ndarray) -> np.ndarray:
 def _squared_distance(reference: np.ndarray, other: np.ndarray) -> float:
     """``sum((reference - other) ** 2)`` in float64 (both widened exactly: a float64
     ``reference`` is not copied), the same sum over the same values, with one temporary array."""
-    difference = np.subtract(reference, other, dtype=np.float64)
+    # at least 1-d: numpy returns the difference of two 0-d arrays as a scalar, no array to write into
+    difference = np.atleast_1d(np.subtract(reference, other, dtype=np.float64))
     return float(np.sum(np.square(difference, out=difference)))
 
 
