@@ -263,7 +263,7 @@ class QuantizeWeightsPass(optcc.Pass):
                 skip("excluded")
                 continue
             if node.op_type == "Gather":
-                why = _table_reason(node, inputs_constant) if self.embeddings else ""
+                why = _table_reason(node, inputs_constant, float16=True) if self.embeddings else ""
                 if why is not None:
                     if why:
                         skip(why)
@@ -339,7 +339,7 @@ class QuantizeWeightsPass(optcc.Pass):
             return "activation not float32 or float16"
         if optcc.ir.const_array(a, inputs_constant=inputs_constant) is not None:
             return "activation constant"
-        w = _constant_matrix(w_value, inputs_constant)
+        w = _constant_matrix(w_value, inputs_constant, float16=True)
         if w is not None and a.dtype is not None and a.dtype != _FLOATS[w.dtype.type]:
             return "activation and weight of different float types"
         dequantized = w is None
@@ -428,6 +428,7 @@ class QuantizeWeightsPass(optcc.Pass):
         name, type_, shape = old.name, old.type, old.shape
         result = ir.Value(name=None, type=type_, shape=shape)
         tail: list[ir.Node] = []
+        folded_c: ir.Value | None = None  # a constant C that beta was folded into: dropped once unread
         alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
         has_c = node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None
         current = result if (alpha == 1.0 and not has_c) else ir.Value(name=_name(taken, f"{name}_nbits"))
@@ -443,7 +444,9 @@ class QuantizeWeightsPass(optcc.Pass):
             beta = float(_attr(node, "beta", 1.0))
             constant = optcc.ir.const_array(c)  # a fed C (a graph input with a default) is scaled as fed
             if beta != 1.0 and constant is not None:
-                c = _initializer(graph, _name(taken, f"{name}_bias"), (constant.astype(np.float64) * beta).astype(dtype))
+                scaled_c = (constant.astype(np.float64) * beta).astype(dtype)
+                folded_c = c
+                c = _initializer(graph, _name(taken, f"{name}_bias"), scaled_c)
             elif beta != 1.0:
                 factor = _initializer(graph, _name(taken, f"{name}_beta"), np.array(beta, dtype))
                 mul = ir.node("Mul", [c, factor])
@@ -456,6 +459,8 @@ class QuantizeWeightsPass(optcc.Pass):
         graph.remove(node, safe=True)
         old.name = None
         result.name = name
+        if folded_c is not None:
+            drop_unused_weights(graph, [folded_c])
 
     def _emit_tied(self, graph: ir.Graph, table: ir.Value, taken: set[str]) -> None:
         q, scale = row_int8(optcc.ir.as_numpy(table))
@@ -517,13 +522,13 @@ def embedding_reason(node: ir.Node, *, inputs_constant: bool = False) -> str | N
     return None
 
 
-def _table_reason(node: ir.Node, inputs_constant: bool = False) -> str | None:
-    """For a Gather: "" when its table is no constant float32 matrix (no embedding to
-    quantize); why it stays float when it is one but gathered on another axis, of one
+def _table_reason(node: ir.Node, inputs_constant: bool = False, float16: bool = False) -> str | None:
+    """For a Gather: "" when its table is no constant float32 (with ``float16``, or float16)
+    matrix (no embedding to quantize); why it stays float when it is one but gathered on another axis, of one
     column or holding inf or NaN; None when its table may be quantized row by row, as far as this Gather tells
     (who else reads the table is the caller's question)."""
     table = node.inputs[0]
-    matrix = None if table is None else _constant_matrix(table, inputs_constant)
+    matrix = None if table is None else _constant_matrix(table, inputs_constant, float16)
     if matrix is None:
         return ""
     if _attr(node, "axis", 0) != 0:
@@ -631,11 +636,12 @@ def _use_kind(use: Any) -> str | None:
     return None
 
 
-def _constant_matrix(value: ir.Value, inputs_constant: bool = False) -> np.ndarray | None:
-    """The float32 or float16 matrix behind a constant (``optcc.ir.const_array``: from IR 4
-    on, a graph input with an initializer default is no constant, a caller may feed it)."""
+def _constant_matrix(value: ir.Value, inputs_constant: bool = False, float16: bool = False) -> np.ndarray | None:
+    """The float32 (with ``float16``, also float16) matrix behind a constant
+    (``optcc.ir.const_array``: from IR 4 on, a graph input with an initializer default is
+    no constant, a caller may feed it)."""
     array = optcc.ir.const_array(value, inputs_constant=inputs_constant)
-    if array is None or array.dtype.type not in _FLOATS or array.ndim != 2:
+    if array is None or array.dtype.type not in (_FLOATS if float16 else (np.float32,)) or array.ndim != 2:
         return None
     return array
 

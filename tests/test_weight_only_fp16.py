@@ -171,6 +171,69 @@ def test_a_float32_layer_reading_a_float16_stored_weight_is_quantized_with_float
     np.testing.assert_allclose(got, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
 
 
+def _overflowing() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A layer whose output passes float16's range (FP16 keeps it and the next float32, and
+    stores their weights float16 behind a Cast), then a float16 one."""
+    rng = np.random.default_rng(3)
+    weights = {"W1": (rng.normal(size=(256, 256)) * 3000).astype(np.float32),
+               "W2": (rng.normal(size=(256, 128)) * 2e-5).astype(np.float32),
+               "W3": (rng.normal(size=(128, 128)) * 0.05).astype(np.float32)}
+    nodes = [oh.make_node("MatMul", ["x", "W1"], ["h"], name="big"), oh.make_node("Relu", ["h"], ["r"]),
+             oh.make_node("MatMul", ["r", "W2"], ["s"], name="down"), oh.make_node("Tanh", ["s"], ["t"]),
+             oh.make_node("MatMul", ["t", "W3"], ["y"], name="mm3")]
+    graph = oh.make_graph(nodes, "overflow", [oh.make_tensor_value_info("x", TP.FLOAT, ["N", 256])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, ["N", 128])],
+                          [nh.from_array(w, name) for name, w in weights.items()])
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)]), weights
+
+
+@pytest.mark.parametrize("level", [2, 3])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_layers_kept_float32_for_overflow_stay_float32_next_to_float16_ones(level: int, bits: int) -> None:
+    model, original = _overflowing()
+    result = optcc.optimize(model, level=level, fp16=True, weight_only=f"int{bits}", verify=False)
+    fp16_stats = next(r.stats for r in result.report.passes if r.name == "convert-float16")
+    assert set(fp16_stats["kept_float32"]) >= {"big", "down"}
+    written = result.model
+    weights = {name.removesuffix("_float32"): value for name, value in _layer_weights(written).items()}
+    assert {name: dtype for name, (_, dtype) in weights.items()} == {
+        "W1": np.float32, "W2": np.float32, "W3": np.float16}
+    assert not any(t.data_type == TP.FLOAT16 and t.name in ("W1", "W2") or "float16" in t.name
+                   for t in written.graph.initializer)  # FP16's float16 copies went with their Casts
+    x = np.random.default_rng(4).normal(size=(3, 256)).astype(np.float32)
+    got = _run(written, x)
+    h = np.maximum(x.astype(np.float64) @ weights["W1"][0], 0)
+    assert np.abs(h).max() > 65504  # the float32 layers really hold what float16 cannot
+    want = np.tanh(h @ weights["W2"][0]) @ weights["W3"][0]
+    assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
+
+
+def test_a_float16_embedding_table_is_stored_as_int8_rows_with_float16_scales() -> None:
+    rng = np.random.default_rng(6)
+    table, w = rng.normal(size=(50, 64)).astype(np.float32), (rng.normal(size=(64, 32)) * 0.1).astype(np.float32)
+    nodes = [oh.make_node("Gather", ["T", "ids"], ["e"], name="embed"), oh.make_node("MatMul", ["e", "W"], ["y"])]
+    graph = oh.make_graph(nodes, "embed", [oh.make_tensor_value_info("ids", TP.INT64, ["N", 5])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, ["N", 5, 32])],
+                          [nh.from_array(table, "T"), nh.from_array(w, "W")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)])
+    result = optcc.optimize(model, fp16=True, weight_only="int4", verify=False)
+    stats = next(r.stats for r in result.report.passes if r.name == "quantize-weights")
+    assert stats["quantized"] == {"MatMul int8": 1, "Gather int8": 1}  # the MatMul is the head: 8 bits
+    arrays = _initializers(result.model)
+    rows, row_scale = arrays["T_q8"], arrays["T_row_scale"]
+    assert rows.dtype == np.int8 and row_scale.dtype == np.float16 and row_scale.shape == (50, 1)
+    assert np.abs(rows * row_scale.astype(np.float64) - table.astype(np.float16)).max() <= \
+        0.5 * np.abs(row_scale.astype(np.float64)).max() * 1.001
+    ids = rng.integers(0, 50, size=(2, 5))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(result.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"ids": ids})[0]
+    weights = _layer_weights(result.model)
+    want = (rows[ids] * row_scale[ids].astype(np.float64)) @ weights["W"][0]
+    assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
+
+
 def test_cli_fp16_with_weights_verifies_and_reports_both(tmp_path: Path, capsys) -> None:
     source, out, report = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
     onnx.save(_mlp(), source)
