@@ -620,8 +620,10 @@ def _opt_in_warnings(args: argparse.Namespace, result: OptimizeResult) -> list[s
     skipped = _verification_skipped(result)
     if skipped is not None:
         lines.append(f"optcc: warning: {args.model}: not verified ({skipped}); written because of --allow-unverified")
+    # with --fp16 --weights, declined weights leave the float16 model: what is written is said as it is
+    written = " + ".join(result.applied_precision) + " model" if result.applied_precision else "float model"
     for kind, reason in result.declined_precision.items():
-        lines.append(f"optcc: warning: {args.model}: {kind} not applied ({reason}); the float model is written "
+        lines.append(f"optcc: warning: {args.model}: {kind} not applied ({reason}); the {written} is written "
                      "because of --allow-float-fallback")
     return lines
 

@@ -250,3 +250,20 @@ def test_cli_fp16_with_weights_verifies_and_reports_both(tmp_path: Path, capsys)
     weights_back = _layer_weights(written)
     want = _forward(x.astype(np.float64), *(weights_back[n][0] for n in ("W1", "W2", "W3")))
     assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
+
+
+def test_cli_weights_that_miss_their_judge_leave_the_float16_model(tmp_path: Path, capsys) -> None:
+    # int4 on a random MLP misses the weights' judge: exit 5 without the opt-in; with it, the
+    # float16 model, byte for byte what --fp16 alone writes
+    source, out, fp16_only = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "f.onnx"
+    onnx.save(_mlp(), source)
+    assert cli.main([str(source), "-O3", "--fp16", "--weights", "int4", "-o", str(out), "-q"]) == 5
+    assert not out.exists() and "weights not applied" in capsys.readouterr().err
+    assert cli.main([str(source), "-O3", "--fp16", "--weights", "int4", "-o", str(out), "-q",
+                     "--allow-float-fallback"]) == 0
+    assert "the fp16 model is written" in capsys.readouterr().err
+    assert cli.main([str(source), "-O3", "--fp16", "-o", str(fp16_only), "-q"]) == 0
+    assert out.read_bytes() == fp16_only.read_bytes()
+    x = np.random.default_rng(3).normal(size=(2, 256)).astype(np.float32)
+    want = _forward(x.astype(np.float64), W1.astype(np.float64), W2.astype(np.float64), W3.astype(np.float64))
+    assert np.abs(_run(str(out), x) - want).max() <= 1e-2 * np.abs(want).max()
