@@ -400,7 +400,8 @@ def optimize(
     declined = result.declined_precision
     if declined and not allow_float_fallback:
         text = "; ".join(f"{kind} not applied: {why}" for kind, why in declined.items())
-        _raise(PrecisionNotAppliedError(f"{text} (the result would be float32)"), result)
+        applied = " + ".join(result.applied_precision)  # --fp16 --weights without its weights: float16
+        _raise(PrecisionNotAppliedError(f"{text} (the result would be {applied or 'float32'})"), result)
     return result
 
 

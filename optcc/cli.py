@@ -60,8 +60,8 @@ exit codes:
      --inputs, ...); nothing written
      (--allow-unverified writes it and exits 0 with a warning)
   5  requested precision not applied: --fp16/--int8/--int8-dynamic/--weights was declined or
-     reverted, so the result would be float32; nothing written (--allow-float-fallback
-     writes the float model and exits 0 with a warning)"""
+     reverted, so the result would be float32 (float16 when --fp16 --weights declines the
+     weights); nothing written (--allow-float-fallback writes it and exits 0 with a warning)"""
 
 EXAMPLES = """\
 examples:

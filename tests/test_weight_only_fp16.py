@@ -258,7 +258,8 @@ def test_cli_weights_that_miss_their_judge_leave_the_float16_model(tmp_path: Pat
     source, out, fp16_only = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "f.onnx"
     onnx.save(_mlp(), source)
     assert cli.main([str(source), "-O3", "--fp16", "--weights", "int4", "-o", str(out), "-q"]) == 5
-    assert not out.exists() and "weights not applied" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert not out.exists() and "weights not applied" in said and "(the result would be fp16)" in said
     assert cli.main([str(source), "-O3", "--fp16", "--weights", "int4", "-o", str(out), "-q",
                      "--allow-float-fallback"]) == 0
     assert "the fp16 model is written" in capsys.readouterr().err
