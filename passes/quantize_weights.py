@@ -2,9 +2,9 @@
 per-channel INT8 of Conv and ConvTranspose with bias correction.
 
 Rewrite, for ``y = MatMul(a, W)`` / ``y = Gemm(a, B, C)`` with a constant float32 (or
-float16) 2-D weight (``W = B`` or ``B^T`` with ``transB``), the weight quantized block-wise along K by
-``optcc.quant.weight_only`` (RTN, HQQ or GPTQ; ``bits`` 4 or 8, ``block_size`` rows per
-block, symmetric or asymmetric):
+float16) 2-D weight (``W = B`` or ``B^T`` with ``transB``), the weight quantized block-wise
+along K by ``optcc.quant.weight_only`` (RTN, HQQ or GPTQ; ``bits`` 4 or 8, ``block_size``
+rows per block, symmetric or asymmetric):
 
 - ``target="onnxruntime"``: ``y = com.microsoft.MatMulNBits(a, B_q, scales[, zero_points])``
   (K, N, bits, block_size; ``accuracy_level`` only when given), followed for a Gemm by
@@ -17,23 +17,23 @@ block, symmetric or asymmetric):
 
 The float weights are removed once nothing reads them; activations stay float.
 
-A layer computes in its weight's float type: a float16 weight (a model ``ConvertFloat16Pass``
-converted first) gets float16 scales,
-each the block's float32 scale rounded once to float16 and the levels rounded against it
-(a scale below float16's range becomes 1: that block's values round to 0), so
-DequantizeLinear yields float16 and MatMulNBits runs with T1 = float16; a Gemm's alpha,
-beta and scaled bias are of that type too. Integer levels and block layout are the same
-for both types. A float32 layer reading ``Cast<float>(W16)`` of a float16 constant (how
-``ConvertFloat16Pass`` stores the weights of the layers it keeps float32) is quantized from
-those float16 values with float32 scales; the Cast and ``W16`` go once nothing reads them;
-``stats["scales"]`` counts layers by scale type. Convolutions are quantized in float32 only.
+A layer computes in its weight's float type: a float16 weight (a model
+``ConvertFloat16Pass`` converted first) gets float16 scales, each the block's scale
+rounded once to float16 and the levels rounded against it (a scale below float16's range
+becomes 1: that block's values round to 0), so DequantizeLinear yields float16 and
+MatMulNBits runs with T1 = float16; a Gemm's alpha, beta and scaled bias are of that type
+too. Integer levels and block layout are the same for both types. A float32 layer reading
+``Cast<float>(W16)`` of a float16 constant (how ``ConvertFloat16Pass`` stores the weights
+of the layers it keeps float32) is quantized from those float16 values with float32
+scales; the Cast and ``W16`` go once nothing reads them. ``stats["scales"]`` counts the
+layers by scale type. Convolutions are quantized in float32 only.
 
 Policy: with ``bits=4``, a *head* (a quantized node whose output reaches a graph output
 through data-movement and elementwise ops only: the logits projection) is quantized with
 ``head_bits`` (8 by default; None: like the body), since an int4 head is the usual cause of
 degraded generation. ``embeddings=True`` also quantizes ``Gather(table, ids)`` of a
-constant float32 (float16) ``[V, H]`` table to int8 with one scale per row of its type (rows are gathered
-first, then dequantized); a table tied to a MatMul/Gemm head is stored once as int8 per
+constant float32 (float16) ``[V, H]`` table to int8 with one scale per row, of the table's
+type (rows are gathered first, then dequantized); a table tied to a MatMul/Gemm head is stored once as int8 per
 row and dequantized once for all its readers. Without ``embeddings`` a tied table stays
 float (its readers include a Gather). ``embeddings=None`` (the default) means True with
 ``bits=4`` and False with ``bits=8``: next to a 4-bit body, int8 rows add an error far
@@ -46,8 +46,9 @@ sample at a time, from the float model; without samples GPTQ falls back to RTN a
 so in ``stats["note"]``.
 
 Preconditions: main-graph default-domain MatMul/Gemm (``transA = 0``), activation
-float32 or float16, weight a 2-D constant of the activation's type (``optcc.ir.const_array``: from IR 4 on not a graph
-input with an initializer default, which a caller may feed) or one dequantized in the graph
+float32 or float16, weight a 2-D constant of the activation's type
+(``optcc.ir.const_array``: from IR 4 on not a graph input with an initializer default,
+which a caller may feed) or one dequantized in the graph
 from stored integer levels of more bits than asked (``Mul(Cast<float>(q), scale)``,
 ``optcc.ir.dequantized_array``: requantized from the float values it computes; its Mul,
 Cast and constants go once nothing else reads them; not when a Gather reads it too; levels
@@ -502,7 +503,8 @@ def drop_unused_weights(graph: ir.Graph, values: Iterable[ir.Value]) -> int:
 def row_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 of a ``[V, H]`` table with one scale per row (``[V, 1]``, in the
     table's float type)."""
-    bq = weight_only.quantize_rtn(table.T, 8, _pow2_at_least(table.shape[1]), symmetric=True, scale_dtype=table.dtype)
+    bq = weight_only.quantize_rtn(table.T, 8, _pow2_at_least(table.shape[1]), symmetric=True,
+                                  scale_dtype=table.dtype)
     return bq.q.T.astype(np.int8), bq.scales.T
 
 
@@ -524,8 +526,8 @@ def embedding_reason(node: ir.Node, *, inputs_constant: bool = False) -> str | N
 
 def _table_reason(node: ir.Node, inputs_constant: bool = False, float16: bool = False) -> str | None:
     """For a Gather: "" when its table is no constant float32 (with ``float16``, or float16)
-    matrix (no embedding to quantize); why it stays float when it is one but gathered on another axis, of one
-    column or holding inf or NaN; None when its table may be quantized row by row, as far as this Gather tells
+    matrix (no embedding to quantize); why it stays float when it is one but gathered on
+    another axis, of one column or holding inf or NaN; None when its table may be quantized row by row, as far as this Gather tells
     (who else reads the table is the caller's question)."""
     table = node.inputs[0]
     matrix = None if table is None else _constant_matrix(table, inputs_constant, float16)
