@@ -139,6 +139,10 @@ GPT2_VARIANTS = {
     "-O3 weights int4 gptq + embeddings": {"level": 3, "weight_only": {"bits": 4, "algorithm": "gptq", "embeddings": True}},
     "-O3 weights int4 gptq bs16 + embeddings": {
         "level": 3, "weight_only": {"bits": 4, "algorithm": "gptq", "block_size": 16, "embeddings": True}},
+    "-O3 --fp16 --weights int8": {"level": 3, "fp16": True, "weight_only": "int8"},
+    "-O3 --fp16 --weights int4": {"level": 3, "fp16": True, "weight_only": "int4"},
+    "-O3 --fp16, weights int4 gptq + embeddings": {
+        "level": 3, "fp16": True, "weight_only": {"bits": 4, "algorithm": "gptq", "embeddings": True}},
 }
 
 

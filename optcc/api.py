@@ -157,7 +157,10 @@ def optimize(
     options of the ``quantize-weights`` pass; MatMulNBits at -O3, else portable) quantizes
     MatMul/Gemm weights block-wise, and with 8 bits Conv weights per output channel (their
     biases corrected on the option ``samples``). These change what is computed, so the
-    final verification uses the FP16/INT8 tolerances.
+    final verification uses the FP16/INT8 tolerances. ``fp16`` and ``weight_only`` together
+    convert to float16 first (judged as ``fp16`` alone, its float32 fallback layers
+    included), then quantize the weights of that model, float16 layers with float16 scales
+    (docs/weight-only.md, With float16); the result is verified with the INT8 tolerances.
 
     ``input_shapes`` sizes the generated verification inputs only (``input_ranges``: their
     value range per input name, ``(lo, hi)``); ``overwrite_input_shapes``
@@ -212,7 +215,9 @@ def optimize(
     quantizing = samples is not None and not fp16
     modes = [name for name, given in (("fp16", fp16), ("int8_calibration", quantizing), ("int8_dynamic", int8_dynamic),
                                       ("weight_only", weight_only)) if given]
-    if len(modes) > 1:  # each is a whole precision plan for the model; combined, one would undo the other's
+    if len(modes) > 1 and modes != ["fp16", "weight_only"]:
+        # each is a whole precision plan for the model; combined, one would undo the other's.
+        # FP16 then weight-only composes: the weights' quantization keeps each layer's float type
         raise BadInputError(f"{' and '.join(modes)} exclude each other (choose one precision)")
     metric = dict(int8_options or {}).get("metric")
     if isinstance(metric, Mapping) and (int8_dynamic or weight_only):
@@ -395,7 +400,8 @@ def optimize(
     declined = result.declined_precision
     if declined and not allow_float_fallback:
         text = "; ".join(f"{kind} not applied: {why}" for kind, why in declined.items())
-        _raise(PrecisionNotAppliedError(f"{text} (the result would be float32)"), result)
+        applied = " + ".join(result.applied_precision)  # --fp16 --weights without its weights: float16
+        _raise(PrecisionNotAppliedError(f"{text} (the result would be {applied or 'float32'})"), result)
     return result
 
 

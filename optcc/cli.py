@@ -60,14 +60,16 @@ exit codes:
      --inputs, ...); nothing written
      (--allow-unverified writes it and exits 0 with a warning)
   5  requested precision not applied: --fp16/--int8/--int8-dynamic/--weights was declined or
-     reverted, so the result would be float32; nothing written (--allow-float-fallback
-     writes the float model and exits 0 with a warning)"""
+     reverted, so the result would be float32 (float16 when --fp16 --weights declines the
+     weights); nothing written (--allow-float-fallback writes it and exits 0 with a warning)"""
 
 EXAMPLES = """\
 examples:
   optcc model.onnx                          -O2, verified, writes model.opt.onnx
   optcc model.onnx -O3 -o fast.onnx --report report.json
   optcc model.onnx --fp16                   float16 weights and compute, verified
+  optcc model.onnx -O3 --fp16 --weights int4
+                                            LLM on a GPU: float16 compute, int4 MatMulNBits weights
   optcc model.onnx --int8 --calibration calib.npz
   optcc det.onnx --int8 --calibration page=pages.npz --calibration photo=photos.npz \
         --int8-metric @photo=added-boxes    each kind of input held out and judged apart
@@ -184,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize MatMuls dynamically to INT8 (no calibration data needed)")
     g.add_argument("--weights", choices=["int4", "int8"],
                    help="weight-only quantization: MatMul/Gemm weights block-wise (MatMulNBits at -O3, else "
-                        "DequantizeLinear); with int8 also Conv weights per channel (biases corrected on --calibration)")
+                        "DequantizeLinear); with int8 also Conv weights per channel (biases corrected on --calibration); "
+                        "with --fp16, after it: float16 layers get float16 scales")
     g.add_argument("--allow-float-fallback", action="store_true",
                    help="when FP16/INT8 is declined or reverted, write the float model (exit 0, a warning) "
                         "instead of exit 5")
@@ -441,7 +444,9 @@ def _check_flags(
         raise BadInputError("-q and -v exclude each other (print nothing on success, or everything)")
     modes = [flag for flag, given in (("--fp16", args.fp16), ("--int8", args.int8),
                                       ("--int8-dynamic", args.int8_dynamic), ("--weights", args.weights)) if given]
-    if len(modes) > 1:  # each is a whole precision plan for the model; combined, one would undo the other's
+    if len(modes) > 1 and modes != ["--fp16", "--weights"]:
+        # each is a whole precision plan for the model; combined, one would undo the other's (FP16 then
+        # weight-only composes: the weights are quantized in each layer's float type)
         why = ("; a mix gains nothing on the providers optcc models: onnxruntime on x86 runs float16 as float32, "
                "its CUDA provider runs QDQ INT8 through float kernels (docs/int8.md, Providers)"
                if {"--fp16", "--int8"} <= set(modes) else "")
@@ -539,8 +544,9 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise BadInputError(f"--calibration group '{label}' holds {len(samples)} sample(s), too few: each group "
                                 f"needs at least {MIN_GROUP_SAMPLES} (one calibrates, one is held out)", path)
     weight_only: str | dict | None = args.weights
-    if args.weights and calibration is not None and not (args.int8 or args.fp16):
-        # weight-only: the samples correct the convolutions' biases and are what the result is judged on
+    if args.weights and calibration is not None and not args.int8:
+        # weight-only: the samples correct the convolutions' biases and are what the result is judged
+        # on (with --fp16 they also judge the float16 conversion)
         weight_only = {"bits": int(args.weights[3:]), "samples": calibration}
         inputs = calibration if inputs is None else inputs
         calibration = None
@@ -650,8 +656,10 @@ def _opt_in_warnings(args: argparse.Namespace, result: OptimizeResult) -> list[s
     skipped = _verification_skipped(result)
     if skipped is not None:
         lines.append(f"optcc: warning: {args.model}: not verified ({skipped}); written because of --allow-unverified")
+    # with --fp16 --weights, declined weights leave the float16 model: what is written is said as it is
+    written = " + ".join(result.applied_precision) + " model" if result.applied_precision else "float model"
     for kind, reason in result.declined_precision.items():
-        lines.append(f"optcc: warning: {args.model}: {kind} not applied ({reason}); the float model is written "
+        lines.append(f"optcc: warning: {args.model}: {kind} not applied ({reason}); the {written} is written "
                      "because of --allow-float-fallback")
     return lines
 

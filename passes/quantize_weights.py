@@ -1,10 +1,10 @@
 """QuantizeWeightsPass: weight-only quantization: block-wise INT4/INT8 of MatMul and Gemm,
 per-channel INT8 of Conv and ConvTranspose with bias correction.
 
-Rewrite, for ``y = MatMul(a, W)`` / ``y = Gemm(a, B, C)`` with a constant float32 2-D
-weight (``W = B`` or ``B^T`` with ``transB``), the weight quantized block-wise along K by
-``optcc.quant.weight_only`` (RTN, HQQ or GPTQ; ``bits`` 4 or 8, ``block_size`` rows per
-block, symmetric or asymmetric):
+Rewrite, for ``y = MatMul(a, W)`` / ``y = Gemm(a, B, C)`` with a constant float32 (or
+float16) 2-D weight (``W = B`` or ``B^T`` with ``transB``), the weight quantized block-wise
+along K by ``optcc.quant.weight_only`` (RTN, HQQ or GPTQ; ``bits`` 4 or 8, ``block_size``
+rows per block, symmetric or asymmetric):
 
 - ``target="onnxruntime"``: ``y = com.microsoft.MatMulNBits(a, B_q, scales[, zero_points])``
   (K, N, bits, block_size; ``accuracy_level`` only when given), followed for a Gemm by
@@ -17,12 +17,23 @@ block, symmetric or asymmetric):
 
 The float weights are removed once nothing reads them; activations stay float.
 
+A layer computes in its weight's float type: a float16 weight (a model
+``ConvertFloat16Pass`` converted first) gets float16 scales, each the block's scale
+rounded once to float16 and the levels rounded against it (a scale below float16's range
+becomes 1: that block's values round to 0), so DequantizeLinear yields float16 and
+MatMulNBits runs with T1 = float16; a Gemm's alpha, beta and scaled bias are of that type
+too. Integer levels and block layout are the same for both types. A float32 layer reading
+``Cast<float>(W16)`` of a float16 constant (how ``ConvertFloat16Pass`` stores the weights
+of the layers it keeps float32) is quantized from those float16 values with float32
+scales; the Cast and ``W16`` go once nothing reads them. ``stats["scales"]`` counts the
+layers by scale type. Convolutions are quantized in float32 only.
+
 Policy: with ``bits=4``, a *head* (a quantized node whose output reaches a graph output
 through data-movement and elementwise ops only: the logits projection) is quantized with
 ``head_bits`` (8 by default; None: like the body), since an int4 head is the usual cause of
 degraded generation. ``embeddings=True`` also quantizes ``Gather(table, ids)`` of a
-constant float32 ``[V, H]`` table to int8 with one scale per row (rows are gathered
-first, then dequantized); a table tied to a MatMul/Gemm head is stored once as int8 per
+constant float32 (float16) ``[V, H]`` table to int8 with one scale per row, of the table's
+type (rows are gathered first, then dequantized); a table tied to a MatMul/Gemm head is stored once as int8 per
 row and dequantized once for all its readers. Without ``embeddings`` a tied table stays
 float (its readers include a Gather). ``embeddings=None`` (the default) means True with
 ``bits=4`` and False with ``bits=8``: next to a 4-bit body, int8 rows add an error far
@@ -35,8 +46,9 @@ sample at a time, from the float model; without samples GPTQ falls back to RTN a
 so in ``stats["note"]``.
 
 Preconditions: main-graph default-domain MatMul/Gemm (``transA = 0``), activation
-float32, weight a float32 2-D constant (``optcc.ir.const_array``: from IR 4 on not a graph
-input with an initializer default, which a caller may feed) or one dequantized in the graph
+float32 or float16, weight a 2-D constant of the activation's type
+(``optcc.ir.const_array``: from IR 4 on not a graph input with an initializer default,
+which a caller may feed) or one dequantized in the graph
 from stored integer levels of more bits than asked (``Mul(Cast<float>(q), scale)``,
 ``optcc.ir.dequantized_array``: requantized from the float values it computes; its Mul,
 Cast and constants go once nothing else reads them; not when a Gather reads it too; levels
@@ -99,6 +111,9 @@ weight_only = optcc.quant.weight_only
 
 BLOCKWISE_OPSET = 21
 PER_AXIS_OPSET = 13  # DequantizeLinear's axis (one scale per channel)
+# the float types a MatMul/Gemm layer or an embedding table is quantized in (numpy -> ONNX);
+# the scales are of the layer's type
+_FLOATS = {np.float32: ir.DataType.FLOAT, np.float16: ir.DataType.FLOAT16}
 _CONVS = ("Conv", "ConvTranspose")  # default domain; and com.microsoft FusedConv (-O3), a Conv's weight
 _MS = "com.microsoft"
 # ops a head's output may pass through on its way to a graph output
@@ -190,7 +205,10 @@ class QuantizeWeightsPass(optcc.Pass):
                     if factor_key not in factors:
                         factors[factor_key] = weight_only.gptq_factor(hessian, self.block_size)
                     factor = factors[factor_key]
-                done[key] = weight_only.quantize(w, algorithm, bits, self.block_size, self.symmetric, factor=factor)
+                # a float16 layer (``--fp16`` before this pass) gets float16 scales: its
+                # dequantized weight and MatMulNBits' T1 are the activation's type
+                done[key] = weight_only.quantize(w, algorithm, bits, self.block_size, self.symmetric, factor=factor,
+                                                 scale_dtype=w.dtype)
             replaced.append(w_value)
             if portable:
                 self._emit_dequantize(graph, node, w_value, done[key], taken, emitted)
@@ -198,6 +216,8 @@ class QuantizeWeightsPass(optcc.Pass):
                 self._emit_matmul_nbits(model, node, done[key], taken, emitted)
             label = f"{node.op_type} int{bits}"
             stats["quantized"][label] = stats["quantized"].get(label, 0) + 1
+            scale_type = "float16" if done[key].scales.dtype == np.float16 else "float32"
+            stats.setdefault("scales", {})[scale_type] = stats.get("scales", {}).get(scale_type, 0) + 1
         for node, table in gathers:
             replaced.append(table)
             quantize_gather(graph, node, table, taken)
@@ -219,7 +239,8 @@ class QuantizeWeightsPass(optcc.Pass):
             label = f"{node.op_type} int8"
             stats["quantized"][label] = stats["quantized"].get(label, 0) + 1
         # a dequantized weight's Mul/Cast go first, then the constants they read
-        operands = [v for value in dict.fromkeys(replaced) for v in optcc.ir.drop_dequantization(value)]
+        operands = [v for value in dict.fromkeys(replaced)
+                    for v in (*_drop_float16_cast(value), *optcc.ir.drop_dequantization(value))]
         stats["float_weight_bytes_removed"] = drop_unused_weights(graph, dict.fromkeys(replaced))
         if operands:
             stats["dequantized_weight_bytes_removed"] = drop_unused_weights(graph, dict.fromkeys(operands))
@@ -243,7 +264,7 @@ class QuantizeWeightsPass(optcc.Pass):
                 skip("excluded")
                 continue
             if node.op_type == "Gather":
-                why = _table_reason(node, inputs_constant) if self.embeddings else ""
+                why = _table_reason(node, inputs_constant, float16=True) if self.embeddings else ""
                 if why is not None:
                     if why:
                         skip(why)
@@ -315,20 +336,24 @@ class QuantizeWeightsPass(optcc.Pass):
         a, w_value = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
         if node.op_type == "Gemm" and _attr(node, "transA", 0):
             return "Gemm with transA"
-        if a is None or w_value is None or (a.dtype is not None and a.dtype != ir.DataType.FLOAT):
-            return "activation not float32"
+        if a is None or w_value is None or (a.dtype is not None and a.dtype not in _FLOATS.values()):
+            return "activation not float32 or float16"
         if optcc.ir.const_array(a, inputs_constant=inputs_constant) is not None:
             return "activation constant"
-        w = _constant_matrix(w_value, inputs_constant)
+        w = _constant_matrix(w_value, inputs_constant, float16=True)
+        if w is not None and a.dtype is not None and a.dtype != _FLOATS[w.dtype.type]:
+            return "activation and weight of different float types"
         dequantized = w is None
         stored = optcc.ir.stored_bits(w_value) if dequantized else None
         if stored is not None and stored <= self.bits:  # re-rounding its levels would only lose
             return f"weight already stored as {stored}-bit integers"
         if dequantized:
+            w = _float16_stored(w_value, inputs_constant)
+        if dequantized and w is None:
             w = optcc.ir.dequantized_array(w_value, inputs_constant=inputs_constant)
             w = w if w is not None and w.ndim == 2 else None
         if w is None:
-            return "weight not a constant float32 matrix"
+            return "weight not a constant float32 or float16 matrix"
         if not finite(w):
             return "weight holds inf or NaN"
         if a.shape is not None and len(a.shape) < 2 and self.target == "onnxruntime":
@@ -370,13 +395,13 @@ class QuantizeWeightsPass(optcc.Pass):
             zero = None if zero is None else zero.T
         base = w_value.name or "weight"
         inputs = [_initializer(graph, _name(taken, f"{base}_q{bq.bits}"), np.ascontiguousarray(q)),
-                  _initializer(graph, _name(taken, f"{base}_scale"), np.ascontiguousarray(scales, np.float32))]
+                  _initializer(graph, _name(taken, f"{base}_scale"), np.ascontiguousarray(scales))]
         if zero is not None:
             inputs.append(_initializer(graph, _name(taken, f"{base}_zero_point"), np.ascontiguousarray(zero)))
         dq = ir.node("DequantizeLinear", inputs, {"axis": 1 if transposed else 0, "block_size": bq.block_size},
                      name=_name(taken, f"{base}_dequantize"))
         dq.outputs[0].name = _name(taken, f"{base}_dequantized")
-        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].dtype = _FLOATS[scales.dtype.type]  # DequantizeLinear computes in its scale's type
         dq.outputs[0].shape = ir.Shape(q.shape)
         graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
@@ -388,6 +413,7 @@ class QuantizeWeightsPass(optcc.Pass):
         model.opset_imports.setdefault(_MS, 1)
         k, n = bq.q.shape
         base = node.inputs[1].name or "weight"
+        dtype = bq.scales.dtype.type  # the layer's float type: its Gemm factors and bias are of it too
         if id(bq) not in emitted:  # nodes sharing a weight share its packed initializers
             b, scales, zero = weight_only.pack_matmul_nbits(bq)
             made = [_initializer(graph, _name(taken, f"{base}_q{bq.bits}"), b),
@@ -403,13 +429,14 @@ class QuantizeWeightsPass(optcc.Pass):
         name, type_, shape = old.name, old.type, old.shape
         result = ir.Value(name=None, type=type_, shape=shape)
         tail: list[ir.Node] = []
+        folded_c: ir.Value | None = None  # a constant C that beta was folded into: dropped once unread
         alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
         has_c = node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None
         current = result if (alpha == 1.0 and not has_c) else ir.Value(name=_name(taken, f"{name}_nbits"))
         mm = ir.node("MatMulNBits", inputs, attrs, domain=_MS, outputs=[current],
                      name=_name(taken, f"{node.name or base}_nbits"))
         if alpha != 1.0:
-            factor = _initializer(graph, _name(taken, f"{name}_alpha"), np.array(alpha, np.float32))
+            factor = _initializer(graph, _name(taken, f"{name}_alpha"), np.array(alpha, dtype))
             scaled = result if not has_c else ir.Value(name=_name(taken, f"{name}_scaled"))
             tail.append(ir.node("Mul", [current, factor], outputs=[scaled]))
             current = scaled
@@ -418,9 +445,11 @@ class QuantizeWeightsPass(optcc.Pass):
             beta = float(_attr(node, "beta", 1.0))
             constant = optcc.ir.const_array(c)  # a fed C (a graph input with a default) is scaled as fed
             if beta != 1.0 and constant is not None:
-                c = _initializer(graph, _name(taken, f"{name}_bias"), (constant.astype(np.float64) * beta).astype(np.float32))
+                scaled_c = (constant.astype(np.float64) * beta).astype(dtype)
+                folded_c = c
+                c = _initializer(graph, _name(taken, f"{name}_bias"), scaled_c)
             elif beta != 1.0:
-                factor = _initializer(graph, _name(taken, f"{name}_beta"), np.array(beta, np.float32))
+                factor = _initializer(graph, _name(taken, f"{name}_beta"), np.array(beta, dtype))
                 mul = ir.node("Mul", [c, factor])
                 mul.outputs[0].name = _name(taken, f"{name}_scaled_bias")
                 tail.append(mul)
@@ -431,15 +460,18 @@ class QuantizeWeightsPass(optcc.Pass):
         graph.remove(node, safe=True)
         old.name = None
         result.name = name
+        if folded_c is not None:
+            drop_unused_weights(graph, [folded_c])
 
     def _emit_tied(self, graph: ir.Graph, table: ir.Value, taken: set[str]) -> None:
         q, scale = row_int8(optcc.ir.as_numpy(table))
         base = table.name or "embedding"
-        cast = ir.node("Cast", [_initializer(graph, _name(taken, f"{base}_q8"), q)], {"to": ir.DataType.FLOAT})
+        float_type = _FLOATS[scale.dtype.type]
+        cast = ir.node("Cast", [_initializer(graph, _name(taken, f"{base}_q8"), q)], {"to": float_type})
         cast.outputs[0].name = _name(taken, f"{base}_q8_float")
         mul = ir.node("Mul", [cast.outputs[0], _initializer(graph, _name(taken, f"{base}_row_scale"), scale)])
         mul.outputs[0].name = _name(taken, f"{base}_dequantized")
-        mul.outputs[0].dtype, mul.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(q.shape)
+        mul.outputs[0].dtype, mul.outputs[0].shape = float_type, ir.Shape(q.shape)
         first = min((u.node for u in table.uses()), key=lambda n: list(graph).index(n))
         graph.insert_before(first, [cast, mul])
         for use in list(table.uses()):
@@ -469,9 +501,11 @@ def drop_unused_weights(graph: ir.Graph, values: Iterable[ir.Value]) -> int:
 
 
 def row_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 of a ``[V, H]`` table with one scale per row (``[V, 1]``)."""
-    bq = weight_only.quantize_rtn(table.T, 8, _pow2_at_least(table.shape[1]), symmetric=True)
-    return bq.q.T.astype(np.int8), bq.scales.T.astype(np.float32)
+    """Symmetric int8 of a ``[V, H]`` table with one scale per row (``[V, 1]``, in the
+    table's float type)."""
+    bq = weight_only.quantize_rtn(table.T, 8, _pow2_at_least(table.shape[1]), symmetric=True,
+                                  scale_dtype=table.dtype)
+    return bq.q.T.astype(np.int8), bq.scales.T
 
 
 def embedding_reason(node: ir.Node, *, inputs_constant: bool = False) -> str | None:
@@ -490,13 +524,13 @@ def embedding_reason(node: ir.Node, *, inputs_constant: bool = False) -> str | N
     return None
 
 
-def _table_reason(node: ir.Node, inputs_constant: bool = False) -> str | None:
-    """For a Gather: "" when its table is no constant float32 matrix (no embedding to
-    quantize); why it stays float when it is one but gathered on another axis, of one
-    column or holding inf or NaN; None when its table may be quantized row by row, as far as this Gather tells
+def _table_reason(node: ir.Node, inputs_constant: bool = False, float16: bool = False) -> str | None:
+    """For a Gather: "" when its table is no constant float32 (with ``float16``, or float16)
+    matrix (no embedding to quantize); why it stays float when it is one but gathered on
+    another axis, of one column or holding inf or NaN; None when its table may be quantized row by row, as far as this Gather tells
     (who else reads the table is the caller's question)."""
     table = node.inputs[0]
-    matrix = None if table is None else _constant_matrix(table, inputs_constant)
+    matrix = None if table is None else _constant_matrix(table, inputs_constant, float16)
     if matrix is None:
         return ""
     if _attr(node, "axis", 0) != 0:
@@ -519,7 +553,7 @@ def quantize_gather(graph: ir.Graph, node: ir.Node, table: ir.Value, taken: set[
     ids = node.inputs[1]
     gq = ir.node("Gather", [q_value, ids], {"axis": 0})
     gs = ir.node("Gather", [s_value, ids], {"axis": 0})
-    cast = ir.node("Cast", [gq.outputs[0]], {"to": ir.DataType.FLOAT})
+    cast = ir.node("Cast", [gq.outputs[0]], {"to": _FLOATS[scale.dtype.type]})
     for made, suffix in ((gq, "rows_q8"), (gs, "rows_scale"), (cast, "rows_float")):
         made.outputs[0].name = _name(taken, f"{base}_{suffix}")
     old = node.outputs[0]
@@ -604,11 +638,12 @@ def _use_kind(use: Any) -> str | None:
     return None
 
 
-def _constant_matrix(value: ir.Value, inputs_constant: bool = False) -> np.ndarray | None:
-    """The float32 matrix behind a constant (``optcc.ir.const_array``: from IR 4 on, a graph
-    input with an initializer default is no constant, a caller may feed it)."""
+def _constant_matrix(value: ir.Value, inputs_constant: bool = False, float16: bool = False) -> np.ndarray | None:
+    """The float32 (with ``float16``, also float16) matrix behind a constant
+    (``optcc.ir.const_array``: from IR 4 on, a graph input with an initializer default is
+    no constant, a caller may feed it)."""
     array = optcc.ir.const_array(value, inputs_constant=inputs_constant)
-    if array is None or array.dtype != np.float32 or array.ndim != 2:
+    if array is None or array.dtype.type not in (_FLOATS if float16 else (np.float32,)) or array.ndim != 2:
         return None
     return array
 
@@ -623,9 +658,42 @@ def finite(array: np.ndarray) -> bool:
 def _weight_kn(node: ir.Node, w_value: ir.Value) -> np.ndarray:
     """The ``[K, N]`` weight of a planned layer: a constant or one dequantized in the graph."""
     w = optcc.ir.as_numpy(w_value)
+    w = w if w is not None else _float16_stored(w_value)
     w = w if w is not None else optcc.ir.dequantized_array(w_value)
     assert w is not None
     return w.T if _transposed(node) else w
+
+
+def _float16_cast(value: ir.Value) -> ir.Node | None:
+    """The ``Cast(to=float)`` of a main-graph float16 matrix constant that computes
+    ``value`` (how ``ConvertFloat16Pass`` stores the weights of layers it keeps float32),
+    else None."""
+    node = value.producer()
+    if node is None or node.op_type != "Cast" or node.domain not in ("", "ai.onnx") \
+            or ir.DataType(_attr(node, "to", 0)) != ir.DataType.FLOAT or node.inputs[0] is None:
+        return None
+    return node
+
+
+def _float16_stored(value: ir.Value, inputs_constant: bool = False) -> np.ndarray | None:
+    """The float32 matrix ``Cast<float>(W16)`` computes (exactly the float16 values) when
+    ``value`` is such a Cast of a float16 2-D constant; else None."""
+    cast = _float16_cast(value)
+    stored = None if cast is None else optcc.ir.const_array(cast.inputs[0], inputs_constant=inputs_constant)
+    if stored is None or stored.dtype != np.float16 or stored.ndim != 2:
+        return None
+    return stored.astype(np.float32)
+
+
+def _drop_float16_cast(value: ir.Value) -> list[ir.Value]:
+    """Remove the Cast of a ``_float16_stored`` weight once nothing reads it; returns the
+    float16 constant for the caller to drop once it is unread too."""
+    cast = _float16_cast(value)
+    if cast is None or value.uses() or value.is_graph_output() or cast.graph is None:
+        return []
+    stored = cast.inputs[0]
+    cast.graph.remove(cast, safe=True)
+    return [stored]
 
 
 def _pow2_at_least(n: int) -> int:

@@ -559,9 +559,9 @@ def test_no_output_may_overwrite_the_input_or_its_external_data(tmp_path: Path, 
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("flags", [["--int8-dynamic", "--weights", "int8"], ["--fp16", "--weights", "int4"],
-                                   ["--fp16", "--int8-dynamic"], ["--int8", "--weights", "int8"],
-                                   ["--fp16", "--int8"]])
+@pytest.mark.parametrize("flags", [["--int8-dynamic", "--weights", "int8"], ["--fp16", "--int8-dynamic"],
+                                   ["--int8", "--weights", "int8"], ["--fp16", "--int8"],
+                                   ["--fp16", "--int8-dynamic", "--weights", "int8"]])
 def test_two_precisions_exclude_each_other(tmp_path: Path, capsys, flags: list[str]) -> None:
     model = _copy_example(tmp_path)
     data = tmp_path / "calib.npz"

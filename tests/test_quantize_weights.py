@@ -336,3 +336,17 @@ def test_same_input_same_bytes() -> None:
         runs = [optcc.ir.serialize(QuantizeWeightsPass(**options)(optcc.ir.load(_mlp(opset=17))).model)
                 .SerializeToString() for _ in range(2)]
         assert runs[0] == runs[1], options
+
+
+def test_matmul_nbits_leaves_no_unread_gemm_bias() -> None:
+    # Gemm's beta * C becomes a new constant next to MatMulNBits: the C it replaced goes
+    model = _mlp(opset=17)
+    result = QuantizeWeightsPass(bits=8, target="onnxruntime")(optcc.ir.load(model))
+    q = optcc.ir.serialize(result.model)
+    read = {name for node in q.graph.node for name in node.input}
+    assert [t.name for t in q.graph.initializer if t.name not in read] == []
+    got = _run(q, X)
+    by_source = {n.name.split("_nbits")[0]: _unpack_nbits(q, n) for n in q.graph.node if n.op_type == "MatMulNBits"}
+    w = _weights(model)
+    want = _forward({**w, "W1": by_source["mm1"], "W2": by_source["gemm2"].T, "W3": by_source["head"]}, X)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())

@@ -86,7 +86,7 @@ class BlockQuantized:
     """A ``[K, N]`` weight quantized in blocks of ``block_size`` rows (see module doc)."""
 
     q: np.ndarray  # [K, N] int64: signed (symmetric) or unsigned (asymmetric) levels
-    scales: np.ndarray  # [ceil(K / block_size), N] float32
+    scales: np.ndarray  # [ceil(K / block_size), N] float32, or float16 for a float16 layer
     zero_points: np.ndarray | None  # same shape, int64; None when symmetric
     bits: int
     block_size: int
@@ -96,12 +96,13 @@ class BlockQuantized:
         return self.zero_points is None
 
     def dequantize(self) -> np.ndarray:
-        """W_hat as float32, computed as DequantizeLinear does: ``(q - zero) * scale``
-        (the integer difference is exact; one float32 rounding of the product)."""
+        """W_hat in the scales' float type, computed as DequantizeLinear does:
+        ``(q - zero) * scale`` (the integer difference is exact; one rounding of the
+        product to that type)."""
         k = self.q.shape[0]
         scale = np.repeat(self.scales.astype(np.float64), self.block_size, axis=0)[:k]
         zero = 0 if self.zero_points is None else np.repeat(self.zero_points, self.block_size, axis=0)[:k]
-        return ((self.q - zero) * scale).astype(np.float32)
+        return ((self.q - zero) * scale).astype(self.scales.dtype)
 
     def storage(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(q, zero_points) as the narrow integer dtypes a DequantizeLinear reads:
@@ -157,17 +158,21 @@ def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     return padded.reshape(kb, block_size, n)
 
 
-def _params(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """RTN scale (float32) and zero point of every block of ``[kb, B, N]`` (or ``[B, N]``)."""
+def _params(blocks: np.ndarray, bits: int, symmetric: bool, scale_dtype: Any = np.float32
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """RTN scale (rounded once to ``scale_dtype``) and zero point of every block of
+    ``[kb, B, N]`` (or ``[B, N]``); a scale that rounds to 0 (an all-zero block, or one
+    below float16's smallest step) becomes 1, which rounds the block to 0 levels."""
     lo_q, hi_q = _levels(bits, symmetric)
     lo, hi = blocks.min(axis=-2), blocks.max(axis=-2)
+    one = np.array(1, scale_dtype)
     if symmetric:
         v = np.where(np.abs(hi) > np.abs(lo), hi, lo)
-        scale = (v / lo_q).astype(np.float32)
-        return np.where(scale == 0, np.float32(1), scale), None
+        scale = (v / lo_q).astype(scale_dtype)
+        return np.where(scale == 0, one, scale), None
     lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
-    scale = ((hi - lo) / (hi_q - lo_q)).astype(np.float32)
-    scale = np.where(scale == 0, np.float32(1), scale)
+    scale = ((hi - lo) / (hi_q - lo_q)).astype(scale_dtype)
+    scale = np.where(scale == 0, one, scale)
     zero = np.clip(np.rint(-lo / scale.astype(np.float64)), lo_q, hi_q).astype(np.int64)
     return scale, zero
 
@@ -179,14 +184,15 @@ def _round(blocks: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits:
     return np.clip(np.rint(blocks / s) + z, lo_q, hi_q).astype(np.int64)
 
 
-def _params_mse(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _params_mse(blocks: np.ndarray, bits: int, symmetric: bool, scale_dtype: Any = np.float32
+                ) -> tuple[np.ndarray, np.ndarray | None]:
     """Each block's parameters for the range shrink factor (see module doc, GPTQ) with the
     smallest squared reconstruction error; ``blocks`` ``[kb, B, N]`` or ``[B, N]``."""
-    best_scale, best_zero = _params(blocks, bits, symmetric)
+    best_scale, best_zero = _params(blocks, bits, symmetric, scale_dtype)
     best_error = _sq_error(blocks, best_scale, best_zero, bits)
     for i in range(1, MSE_GRID + 1):
         shrink = 1.0 - MSE_MAX_SHRINK * i / MSE_GRID
-        scale, zero = _params(blocks * shrink, bits, symmetric)
+        scale, zero = _params(blocks * shrink, bits, symmetric, scale_dtype)
         error = _sq_error(blocks, scale, zero, bits)
         better = error < best_error
         best_error = np.where(better, error, best_error)
@@ -214,11 +220,12 @@ def _check(w: np.ndarray, bits: int, block_size: int) -> None:
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
 
 
-def quantize_rtn(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False) -> BlockQuantized:
-    """Round to nearest with each block's min/max parameters."""
+def quantize_rtn(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False,
+                 scale_dtype: Any = np.float32) -> BlockQuantized:
+    """Round to nearest with each block's min/max parameters (scales in ``scale_dtype``)."""
     _check(w, bits, block_size)
     blocks = _blocks(w, block_size)
-    scale, zero = _params(blocks, bits, symmetric)
+    scale, zero = _params(blocks, bits, symmetric, scale_dtype)
     q = _round(blocks, scale, zero, bits)
     return BlockQuantized(_unblock(q, w.shape[0]), scale, zero, bits, block_size)
 
@@ -235,13 +242,13 @@ def _shrink(x: np.ndarray, beta: float, p: float) -> np.ndarray:
 
 
 def quantize_hqq(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False, *,
-                 iterations: int = 20, lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.01
-                 ) -> BlockQuantized:
+                 iterations: int = 20, lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.01,
+                 scale_dtype: Any = np.float32) -> BlockQuantized:
     """HQQ: half-quadratic optimization of each block's parameters (see module doc)."""
     _check(w, bits, block_size)
     lo_q, hi_q = _levels(bits, symmetric)
     blocks = _blocks(w, block_size)
-    rtn_scale, rtn_zero = _params(blocks, bits, symmetric)
+    rtn_scale, rtn_zero = _params(blocks, bits, symmetric, scale_dtype)
     rtn_q = _round(blocks, rtn_scale, rtn_zero, bits)
     scale = rtn_scale.astype(np.float64)
     zero = np.zeros_like(scale) if rtn_zero is None else rtn_zero.astype(np.float64)
@@ -261,11 +268,12 @@ def quantize_hqq(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: 
             scale = np.where(fitted > 0, fitted, scale)
             zero = qm - tm / scale
         beta *= kappa
-    hqq_scale = scale.astype(np.float32)
+    hqq_scale = scale.astype(scale_dtype)
+    hqq_scale = np.where(hqq_scale == 0, rtn_scale, hqq_scale)  # a fitted scale below float16's step
     hqq_zero = None if symmetric else np.clip(np.rint(zero), lo_q, hi_q).astype(np.int64)
     hqq_q = _round(blocks, hqq_scale, hqq_zero, bits)
     better = _block_sq_error(blocks, hqq_q, hqq_scale, hqq_zero) <= _block_sq_error(blocks, rtn_q, rtn_scale, rtn_zero)
-    out_scale = np.where(better, hqq_scale, rtn_scale).astype(np.float32)
+    out_scale = np.where(better, hqq_scale, rtn_scale).astype(scale_dtype)
     out_zero = None if symmetric else np.where(better, hqq_zero, rtn_zero)
     out_q = np.where(better[:, None, :], hqq_q, rtn_q)
     return BlockQuantized(_unblock(out_q, w.shape[0]), out_scale, out_zero, bits, block_size)
@@ -307,7 +315,8 @@ def gptq_factor(hessian: np.ndarray, block_size: int, *, damping: float = GPTQ_D
 
 def quantize_gptq(w: np.ndarray, hessian: np.ndarray | None, bits: int = 4, block_size: int = 32,
                   symmetric: bool = False, *, damping: float = GPTQ_DAMPING,
-                  factor: tuple[np.ndarray, np.ndarray] | None = None) -> BlockQuantized:
+                  factor: tuple[np.ndarray, np.ndarray] | None = None, scale_dtype: Any = np.float32
+                  ) -> BlockQuantized:
     """GPTQ with the layer-input Hessian ``hessian`` ([K, K], see module doc); ``factor``
     (from ``gptq_factor``) replaces the Hessian when already computed."""
     _check(w, bits, block_size)
@@ -323,7 +332,7 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray | None, bits: int = 4, bloc
     weight[:k] = w
     weight[dead] = 0.0
     q = np.zeros((kp, n), np.int64)
-    scales = np.zeros((kb, n), np.float32)
+    scales = np.zeros((kb, n), scale_dtype)
     zeros = None if symmetric else np.zeros((kb, n), np.int64)
     lazy = max(GPTQ_LAZY_ROWS, block_size)
     for i1 in range(0, kp, lazy):
@@ -335,7 +344,7 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray | None, bits: int = 4, bloc
             row = i1 + i
             if row % block_size == 0:  # parameters from the block's rows as updated so far
                 b = row // block_size
-                scale, zero = _params_mse(w1[i:i + block_size], bits, symmetric)
+                scale, zero = _params_mse(w1[i:i + block_size], bits, symmetric, scale_dtype)
                 scales[b] = scale
                 if zeros is not None:
                     zeros[b] = zero
@@ -356,10 +365,14 @@ CHUNK_ELEMENTS = 1 << 21
 
 def quantize(w: np.ndarray, algorithm: str = "rtn", bits: int = 4, block_size: int = 32,
              symmetric: bool = False, hessian: np.ndarray | None = None,
-             factor: tuple[np.ndarray, np.ndarray] | None = None) -> BlockQuantized:
+             factor: tuple[np.ndarray, np.ndarray] | None = None, scale_dtype: Any = np.float32
+             ) -> BlockQuantized:
     """Dispatch on ``algorithm``, a chunk of output columns at a time (every algorithm
     treats columns independently, so the result is the same as in one piece while the
-    temporaries stay bounded); "gptq" without a Hessian or factor raises ValueError."""
+    temporaries stay bounded); "gptq" without a Hessian or factor raises ValueError.
+    ``scale_dtype`` (float32, or float16 for a layer that computes in float16) is the type
+    the scales are stored in: each is rounded to it once, and the levels are rounded
+    against the stored scale."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown weight-only algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if algorithm == "gptq" and factor is None:
@@ -372,11 +385,12 @@ def quantize(w: np.ndarray, algorithm: str = "rtn", bits: int = 4, block_size: i
     for start in range(0, w.shape[1], step):
         chunk = w[:, start:start + step]
         if algorithm == "rtn":
-            parts.append(quantize_rtn(chunk, bits, block_size, symmetric))
+            parts.append(quantize_rtn(chunk, bits, block_size, symmetric, scale_dtype))
         elif algorithm == "hqq":
-            parts.append(quantize_hqq(chunk, bits, block_size, symmetric))
+            parts.append(quantize_hqq(chunk, bits, block_size, symmetric, scale_dtype=scale_dtype))
         else:
-            parts.append(quantize_gptq(chunk, None, bits, block_size, symmetric, factor=factor))
+            parts.append(quantize_gptq(chunk, None, bits, block_size, symmetric, factor=factor,
+                                       scale_dtype=scale_dtype))
     if len(parts) == 1:
         return parts[0]
     zeros = None if symmetric else np.concatenate([p.zero_points for p in parts], axis=1)  # type: ignore[misc]
@@ -397,7 +411,8 @@ def pack_matmul_nbits(bq: BlockQuantized) -> tuple[np.ndarray, np.ndarray, np.nd
     - B: uint8 ``[N, k_blocks, block_size * bits / 8]``, column n's K levels as unsigned
       values (symmetric levels shifted by ``2^(bits-1)``, the op's default zero point),
       padded to whole blocks, two 4-bit values per byte low nibble first;
-    - scales: float32 ``[N, k_blocks]``;
+    - scales: ``[N, k_blocks]`` in the scales' type (float32, or float16: MatMulNBits' T1,
+      which is also its activation's type);
     - zero_points (asymmetric only): uint8 ``[N, ceil(k_blocks * bits / 8)]``, packed the
       same way.
     """
@@ -409,7 +424,7 @@ def pack_matmul_nbits(bq: BlockQuantized) -> tuple[np.ndarray, np.ndarray, np.nd
     if bq.symmetric:
         levels[:, k:] = offset
     b = _pack(levels, bq.bits).reshape(n, kb, bq.block_size * bq.bits // 8)
-    scales = np.ascontiguousarray(bq.scales.T.astype(np.float32))
+    scales = np.ascontiguousarray(bq.scales.T)
     zero_points = None
     if bq.zero_points is not None:
         zero_points = _pack(np.ascontiguousarray(bq.zero_points.T.astype(np.uint8)), bq.bits)
