@@ -94,6 +94,10 @@ class OptimizeResult:
         oir.save(self.ir_model, path, external_data=external_data, **options)
 
 
+# with --fp16 (no --fold-large), the most one constant fold may grow the model: enough for the
+# shape and pad vectors a graph computes from static dims, far below any weight worth keeping computed
+FP16_MAX_GROWTH_BYTES = 1024
+
 # INT8's speed is modelled for onnxruntime's CPU provider; a user who verifies on CUDA is
 # likely to deploy there, where the written model is not what was modelled
 CUDA_INT8_WARNING = ("INT8 is modelled for onnxruntime's CPU provider: its CUDA provider runs QDQ Conv, MatMul and "
@@ -241,8 +245,8 @@ def optimize(
     if int8_dynamic or weight_only:  # embeddings are quantized as Gathers
         disable = [*disable, "fuse-ort-embed-layernorm"]
     options = {"fold-constants": {"fold_large": True}} if fold_large else None
-    if fp16 and not fold_large:  # a float16 model is wanted for its size: fold only what does not grow it
-        options = {"fold-constants": {"max_growth_bytes": 0}}
+    if fp16 and not fold_large:  # a float16 model is wanted for its size: a fold grows it by a shape vector at most
+        options = {"fold-constants": {"max_growth_bytes": FP16_MAX_GROWTH_BYTES}}
     # FusedConv's activations differ by provider: the model must build on each one it is verified on
     options = {**(options or {}), "fuse-ort-conv-activation": {"providers": resolve_providers(providers)}}
     pipeline = build_pipeline(level, passes=passes, disable=disable, options=options)
