@@ -231,8 +231,8 @@ class ConvertFloat16Pass(optcc.Pass):
         # ranges and If conditions are observed on the user's samples, else on the first 2
         # generated ones (batch 1); the accuracy check judges every sample
         self.range_feeds = self.feeds if self.inputs else self.feeds[:2]
-        # ranges, If conditions, and of the first sample the values' types and sizes and the
-        # graph outputs' values (None: the model did not run)
+        # ranges, If conditions, of the first sample the values' types and sizes, and the
+        # graph outputs per range feed (None: the model did not run)
         self.observed: fp16.ranges.Observation | None = None
         self.range_note = None
         try:
@@ -247,12 +247,11 @@ class ConvertFloat16Pass(optcc.Pass):
                 self.inferred[name] = ir.DataType.from_numpy(dtype)
 
     def _observed(self) -> fp16.ranges.Observation:
-        """``observe`` of the reference over the range feeds, keeping the first sample's
-        graph outputs; generated feeds the model cannot run are generated again with the
-        sizes of ``RETRY_SIZES`` in turn, as the verifier does."""
-        outputs = [v.name for v in self.reference.graph.outputs]
+        """``observe`` of the reference over the range feeds; generated feeds the model
+        cannot run are generated again with the sizes of ``RETRY_SIZES`` in turn, as the
+        verifier does."""
         try:
-            return fp16.ranges.observe(self.reference, self.range_feeds, self._scratch, keep=outputs)
+            return fp16.ranges.observe(self.reference, self.range_feeds, self._scratch)
         except Exception:  # noqa: BLE001
             if self.given:  # the verification's samples stay what both judge
                 raise
@@ -261,12 +260,12 @@ class ConvertFloat16Pass(optcc.Pass):
             self.feeds = self.range_feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
                                                             ranges=self.input_ranges, **sizes)
             try:
-                return fp16.ranges.observe(self.reference, self.feeds, self._scratch, keep=outputs)
+                return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
             except Exception:  # noqa: BLE001 - the next sizes are tried
                 pass
         self.feeds = self.range_feeds = generate_inputs(self.reference, self.input_shapes, samples=2, seed=0,
                                                         ranges=self.input_ranges, **last)
-        return fp16.ranges.observe(self.reference, self.feeds, self._scratch, keep=outputs)
+        return fp16.ranges.observe(self.reference, self.feeds, self._scratch)
 
     def _dtype(self, value: ir.Value) -> ir.DataType | None:
         return value.dtype if value.dtype is not None else self.inferred.get(value.name or "")
@@ -521,11 +520,19 @@ class ConvertFloat16Pass(optcc.Pass):
 
     def _original_outputs(self, provider: str) -> tuple[list[str], list[list[np.ndarray]]]:
         """The model as given: its output names and outputs per sample (run once, so that
-        no two sessions of a large model live at once)."""
+        no two sessions of a large model live at once). On the CPU, the samples ``observe``
+        ran are not run again where the reference is the model as given (no mask fill
+        clamped): its graph outputs there are these."""
         if provider not in self._originals:
-            ref = fp16.ranges.session(self.original, provider, self._scratch)
-            self._originals[provider] = ([o.name for o in ref.get_outputs()],
-                                          [optcc.runtime.detached(ref.run(None, f)) for f in self.feeds])
+            names = [v.name for v in self.original.graph.outputs]
+            seen = self.observed.outputs if self.observed is not None and not self.mask_fills \
+                and provider == "CPUExecutionProvider" else []
+            rest = self.feeds[len(seen):]
+            if rest:
+                ref = fp16.ranges.session(self.original, provider, self._scratch)
+                names = [o.name for o in ref.get_outputs()]
+                seen = [*seen, *(optcc.runtime.detached(ref.run(None, f)) for f in rest)]
+            self._originals[provider] = (names, list(seen))
         return self._originals[provider]
 
     def _task_judge(self, provider: str) -> Callable[[], TaskJudge | None] | None:
@@ -828,7 +835,8 @@ class ConvertFloat16Pass(optcc.Pass):
         an input without objects), whose SQNR such samples cannot measure."""
         reason = (f"every layer went back to float32 to keep each output's SQNR >= {self.min_sqnr_db:g} dB "
                   f"on {len(self.feeds)} {'given' if self.inputs else 'generated'} sample(s)")
-        values = self.observed.kept if self.observed else {}
+        values = dict(zip([v.name for v in self.reference.graph.outputs],
+                          self.observed.outputs[0])) if self.observed and self.observed.outputs else {}
         near_zero = [v.name for v in self.reference.graph.outputs
                      if v.name in values and values[v.name].dtype.kind == "f" and values[v.name].size
                      and float(np.max(np.abs(values[v.name]))) < SATURATED_BELOW]

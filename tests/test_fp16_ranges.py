@@ -84,9 +84,9 @@ _RELU_TIMES_THREE = """
     }"""
 
 
-def test_observe_keeps_the_first_samples_named_values_and_ranges_over_all():
-    """``observe`` on Relu(x) * 3 over three samples: the first sample's values of the names
-    kept (and every value's type and size there) and each float value's range over all
+def test_observe_keeps_every_samples_outputs_and_ranges_over_all():
+    """``observe`` on Relu(x) * 3 over three samples: every sample's graph outputs (and
+    every value's type and size on the first) and each float value's range over all
     three, against numpy."""
     import onnx
 
@@ -95,10 +95,11 @@ def test_observe_keeps_the_first_samples_named_values_and_ranges_over_all():
 
     samples = [{"x": (RNG.standard_normal((2, 5)) * scale).astype(np.float32)} for scale in (1.0, 50.0, 0.5)]
     samples[2]["x"][0, 0] = 1e-9  # below half float16's smallest subnormal: flushed
-    seen = observe(optcc.ir.load(onnx.parser.parse_model(_RELU_TIMES_THREE)), samples, keep=["y"])
+    seen = observe(optcc.ir.load(onnx.parser.parse_model(_RELU_TIMES_THREE)), samples)
     relu = [np.maximum(s["x"], 0) for s in samples]
-    assert set(seen.kept) == {"y"}
-    np.testing.assert_array_equal(seen.kept["y"], relu[0] * np.float32(3))
+    assert len(seen.outputs) == 3 and all(len(outputs) == 1 for outputs in seen.outputs)
+    for outputs, r in zip(seen.outputs, relu):
+        np.testing.assert_array_equal(outputs[0], r * np.float32(3))
     assert seen.dtypes == {"three": np.float32, "r": np.float32, "y": np.float32}
     assert seen.nbytes == {"three": 4, "r": 40, "y": 40}
     for name, arrays in {"x": [s["x"] for s in samples], "r": relu, "y": [r * np.float32(3) for r in relu]}.items():
@@ -109,8 +110,8 @@ def test_observe_keeps_the_first_samples_named_values_and_ranges_over_all():
 
 
 def test_observe_holds_one_samples_values_at_a_time(monkeypatch):
-    """When ``observe`` takes the next sample, no value of the run before it is alive but
-    those it was asked to keep: it streams over the samples."""
+    """When ``observe`` takes the next sample, no value of the run before it is alive (the
+    graph outputs it keeps are copies of their own): it streams over the samples."""
     import gc
     import weakref
 
@@ -136,10 +137,11 @@ def test_observe_holds_one_samples_values_at_a_time(monkeypatch):
             alive_when_taken.append(sum(ref() is not None for run in runs for ref in run))
             yield {"x": np.full((2, 5), scale, np.float32)}
 
-    seen = ranges.observe(optcc.ir.load(onnx.parser.parse_model(_RELU_TIMES_THREE)), samples(), keep=["r"])
+    seen = ranges.observe(optcc.ir.load(onnx.parser.parse_model(_RELU_TIMES_THREE)), samples())
     assert len(runs) == 4
-    assert alive_when_taken == [0, 1, 1, 1]  # the kept first-sample 'r' only
+    assert alive_when_taken == [0, 0, 0, 0]
     assert seen.ranges["y"].max_abs == 12.0
+    assert [float(outputs[0].max()) for outputs in seen.outputs] == [3.0, 6.0, 9.0, 12.0]
 
 
 def test_values_sqnr_compares_every_named_value_part_by_part():

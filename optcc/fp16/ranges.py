@@ -12,7 +12,8 @@ node's outputs and by the final accuracy check.)
 One sample's values of every main-graph tensor are many times the model's size for a
 convolutional net on a large image, so no function here holds more than one sample's
 values at once: ``observe`` merges each sample into the ranges and drops it before the
-next run, and ``values_sqnr`` fetches the values it compares a part at a time.
+next run (keeping only its graph outputs), and ``values_sqnr`` fetches the values it compares
+a part at a time.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import onnxruntime as ort
 
 from optcc import ir as oir
 from optcc.numerics.metrics import sqnr_db as powers_db
-from optcc.runtime import make_session, session_options
+from optcc.runtime import detached, make_session, session_options
 
 FP16_TINY = 2.0**-24  # smallest float16 subnormal; half of it rounds to zero
 
@@ -137,29 +138,34 @@ def values_of(model: ir.Model, sample: Mapping[str, np.ndarray], names: Collecti
 class Observation:
     """What ``observe`` saw: per float value (node outputs and feeds) its range over all
     samples; per one-element boolean the values it took; per numeric node output its element
-    type and size in bytes on the first sample; and the first sample's values of the
-    names it was asked to keep."""
+    type and size in bytes on the first sample; and per sample, the model's graph outputs."""
 
     ranges: dict[str, TensorRange]
     taken: dict[str, frozenset[bool]]
     dtypes: dict[str, np.dtype]
     nbytes: dict[str, int]
-    kept: dict[str, np.ndarray]
+    outputs: list[list[np.ndarray]]  # per sample, the graph outputs in the graph's order
 
 
 def observe(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
-            scratch: str | os.PathLike | None = None, keep: Collection[str] = ()) -> Observation:
+            scratch: str | os.PathLike | None = None) -> Observation:
     """Run ``model`` on every sample, fetching every main-graph value, into an
     ``Observation``: the ranges of every float node output and float feed over all samples,
-    the values each one-element boolean (an If's condition) took, and of the first sample
-    the node outputs' types and sizes and the values of those named in ``keep``. Each
-    sample's values are merged and dropped before the next run: one sample's values are
-    held at once."""
+    the values each one-element boolean (an If's condition) took, of the first sample the
+    node outputs' types and sizes, and of every sample the graph outputs. Each sample's
+    other values are merged and dropped before the next run: one sample's values are held
+    at once, and every sample's graph outputs. The graph outputs are those a session on
+    ``model`` alone computes (``session``'s options but the arena, which places values
+    without changing them): a probe's added outputs keep values alive, they change none."""
     probe = session(_probe(model), scratch=scratch, arena=False)
     names = [o.name for o in probe.get_outputs()]
-    seen = Observation({}, {}, {}, {}, {})
+    graph_outputs = len(model.graph.outputs)  # the probe's first outputs (``_probe``)
+    seen = Observation({}, {}, {}, {}, [])
     for i, sample in enumerate(feeds):
-        values = _numeric(names, probe.run(None, dict(sample)))
+        arrays = probe.run(None, dict(sample))
+        seen.outputs.append(detached(arrays[:graph_outputs]))
+        values = _numeric(names, arrays)
+        del arrays
         for name, array in [*values.items(), *sample.items()]:
             if isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.floating):
                 seen.ranges.setdefault(name, TensorRange()).merge(array)
@@ -168,7 +174,6 @@ def observe(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
         if i == 0:
             seen.dtypes = {name: array.dtype for name, array in values.items()}
             seen.nbytes = {name: int(array.nbytes) for name, array in values.items()}
-            seen.kept = {name: values[name] for name in keep if name in values}
         del values  # before the next run: its values replace these
     return seen
 
