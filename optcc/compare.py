@@ -14,7 +14,8 @@ retries when A cannot run them (the notes say so). An input dynamic in A and fix
 (``--overwrite-input-shape``) is generated at B's sizes. A KV-cache decoder is judged over
 a short decode and a streaming model over a second step, as verification judges them.
 Outputs are matched by name; an output only one model has is a mismatch, and the others
-are still judged.
+are still judged; so is B holding A's outputs in another order (as in verification: a
+caller reading outputs by position would get them swapped).
 
 Two ways to judge:
 - ``numerics`` (default ``exact``): the verifier's judge for that kind of change. "exact":
@@ -71,6 +72,7 @@ class Comparison:
     criterion: str
     only_in_a: list[str]
     only_in_b: list[str]
+    reordered: list[str] | None = None  # B's order of the shared outputs, where it is not A's
     notes: list[str] = dataclasses.field(default_factory=list)
     judges: dict[str, str] = dataclasses.field(default_factory=dict)
     verification: Verification | None = None
@@ -78,7 +80,7 @@ class Comparison:
     @property
     def passed(self) -> bool:
         judged = self.verification.passed if self.verification is not None else all(m.passed for m in self.outputs)
-        return judged and not self.only_in_a and not self.only_in_b
+        return judged and not self.only_in_a and not self.only_in_b and self.reordered is None
 
     def failed(self, output: OutputMetrics) -> str | None:
         """Why ``output`` fails (its metrics' problem, or a task row beyond its allowance), or None."""
@@ -96,7 +98,8 @@ class Comparison:
                 "outputs": [{**m.to_dict(), "passed": self.failed(m) is None,
                              **({"judged_by": self.judges[m.name]} if m.name in self.judges else {})}
                             for m in self.outputs],
-                "only_in_a": self.only_in_a, "only_in_b": self.only_in_b, "notes": self.notes,
+                "only_in_a": self.only_in_a, "only_in_b": self.only_in_b, "reordered": self.reordered,
+                "notes": self.notes,
                 "verification": verification}
 
 
@@ -120,10 +123,12 @@ def _run(session: ort.InferenceSession, feeds: Feeds, label: str) -> dict[str, n
 
 
 def _load(source: oir.ModelSource) -> tuple[ir.Model, str | None, str]:
+    """The model (a caller's ``ir.Model`` copied: judging may change its graph outputs),
+    its file or None, and its label."""
     model = oir.load(source)
     if isinstance(source, (str, os.PathLike)):
         return model, str(source), str(source)
-    return model, None, "<model>"
+    return (oir.clone(model) if model is source else model), None, "<model>"
 
 
 def _allclose(metrics: OutputMetrics, a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> OutputMetrics:
@@ -195,8 +200,10 @@ def compare_models(
             check_feeds(model_a, feeds, label=where)
     outputs_a, outputs_b = _output_names(model_a), _output_names(model_b)
     common = [n for n in outputs_a if n in outputs_b]
+    order_b = [n for n in outputs_b if n in outputs_a]  # a caller reading outputs by position sees this order
     only_in = dict(only_in_a=[n for n in outputs_a if n not in outputs_b],
-                   only_in_b=[n for n in outputs_b if n not in outputs_a])
+                   only_in_b=[n for n in outputs_b if n not in outputs_a],
+                   reordered=order_b if order_b != common else None)
     by_tolerance = rtol is None and atol is None
     criterion = f"{numerics} tolerance" if by_tolerance else f"rtol {rtol or 0:g}, atol {atol or 0:g}"
     if not common:
@@ -349,6 +356,9 @@ def format_comparison(result: Comparison) -> str:
         rows.append(f"{name:<{width}}  only in A")
     for name in result.only_in_b:
         rows.append(f"{name:<{width}}  only in B")
+    if result.reordered is not None:
+        rows.append(f"B's outputs in another order: {', '.join(result.reordered)} (a caller reading them by "
+                    "position gets them swapped)")
     rows.extend(f"note: {note}" for note in result.notes)
     if result.verification is not None:
         rows.append(f"verifier: {result.verification.describe()}")

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as nh
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
@@ -211,8 +212,29 @@ def test_outputs_only_one_model_has_are_a_mismatch_and_the_shared_ones_are_still
     x = np.arange(6, dtype=np.float32).reshape(2, 3) + 1
     result = compare_models(str(a), str(b), inputs={"x": x}, numerics="fusion")
     assert not result.passed and result.only_in_b == ["w"] and not result.only_in_a
+    assert result.reordered == ["z", "y"]
     assert [(m.name, m.passed, m.max_rel) for m in result.outputs] == [("y", True, 0.0), ("z", True, 0.0)]
     result = compare_models(str(a), str(c), inputs={"x": x}, numerics="fusion")
     assert not result.passed and result.only_in_a == ["z"]
     (y,) = result.outputs
     assert not y.passed and y.max_rel == pytest.approx(float(np.abs(3 * x - 2 * x).max() / (2 * x).max()))
+
+
+@pytest.mark.parametrize("numerics", ["exact", None])
+def test_the_same_outputs_in_another_order_are_a_mismatch(numerics: str | None) -> None:
+    """As in verification: equal values under swapped positions fail, and a caller's
+    ir.Model is not changed by the comparison."""
+    def graph(outputs: list[str]) -> onnx.ModelProto:
+        nodes = [oh.make_node("Relu", ["x"], ["y"]), oh.make_node("Neg", ["x"], ["z"])]
+        g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, [2, 3])],
+                          [oh.make_tensor_value_info(n, TP.FLOAT, [2, 3]) for n in outputs])
+        return oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
+
+    a = ir.from_proto(graph(["y", "z"]))
+    x = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
+    judged = dict(numerics=numerics) if numerics else dict(rtol=0.0, atol=0.0)
+    result = compare_models(a, graph(["z", "y"]), inputs={"x": x}, **judged)
+    assert not result.passed and result.reordered == ["z", "y"]
+    assert all(m.passed for m in result.outputs)  # each value equal by name: np.maximum(x, 0), -x
+    assert [v.name for v in a.graph.outputs] == ["y", "z"]
+    assert compare_models(a, graph(["y", "z"]), inputs={"x": x}, **judged).passed
