@@ -244,6 +244,8 @@ def optimize(
         disable = [*disable, "fuse-ort-conv-activation"]  # quantizers/fp16 skip contrib ops
     if int8_dynamic or weight_only:  # embeddings are quantized as Gathers
         disable = [*disable, "fuse-ort-embed-layernorm"]
+    if weight_only:  # the packed Q/K/V weights of com.microsoft.Attention would stay float
+        disable = [*disable, "fuse-ort-packed-attention"]
     options = {"fold-constants": {"fold_large": True}} if fold_large else None
     if fp16 and not fold_large:  # a float16 model is wanted for its size: a fold grows it by a shape vector at most
         options = {"fold-constants": {"max_growth_bytes": FP16_MAX_GROWTH_BYTES}}

@@ -271,3 +271,21 @@ def test_a_layer_reading_the_previous_layers_output_is_packed_too() -> None:
         x = np.random.default_rng(batch).standard_normal((batch, seq, HIDDEN)).astype(np.float32)
         (want,), (got,) = original.run(None, {"x": x}), packed.run(None, {"x": x})
         np.testing.assert_allclose(got, want, rtol=0, atol=TOL * np.abs(want).max())
+
+
+def test_weight_only_keeps_the_projections_separate_so_they_are_quantized() -> None:
+    """-O3 with weight-only quantization leaves MultiHeadAttention and its three projections:
+    packed into com.microsoft.Attention, their weights would stay float32."""
+    model = attention_layer(mask=True)
+    result = optcc.optimize(model, level=3, weight_only={"bits": 8, "block_size": 16}, verify=False)
+    ops = _ops(result.model)
+    assert ops["com.microsoft.Attention"] == 0 and ops["com.microsoft.MultiHeadAttention"] == 1, ops
+    assert ops["com.microsoft.MatMulNBits"] == 4 and "MatMul" not in ops  # Q, K, V and the output projection
+    floats = [i.name for i in result.model.graph.initializer
+              if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= HIDDEN * HIDDEN]
+    assert floats == []  # no weight matrix left in float32
+    reference, quantized = ReferenceEvaluator(model), _session(result.model)
+    feeds = _feeds(model, 2, 6, 3)
+    want = reference.run(None, feeds)[0]
+    got = quantized.run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05 * np.abs(want).max())
