@@ -265,8 +265,8 @@ def _node(node: ir.Node) -> bytes:
         tuple(sorted(metadata.items())) if metadata else (),
         tuple(["" if v is None else v.name for v in node.inputs]),
         tuple([v.name for v in node.outputs]),
-        tuple([id(a) for a in attributes]), tuple([(a.name, a.doc_string) for a in attributes]),
-        tuple([_tensor_fields(a.value) for a in attributes if a.type == _TENSOR]),
+        tuple([id(a) for a in attributes]),
+        tuple([(a.name, a.doc_string, _tensor_fields(a.value) if a.type == _TENSOR else ()) for a in attributes]),
     )
     meta = node.meta.data
     cached = meta.get(_NODE_KEY)
