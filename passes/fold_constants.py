@@ -319,7 +319,7 @@ class _GraphFolder:
             return None
         # a read-only view until stored (``_stored``): most fills of a wave may be kept for
         # their size, and copying them all only to drop them cost more than the rest
-        filled = np.broadcast_to(value.reshape(()), dims)
+        filled = optcc.ir.filled_view(value, dims)
         result = (self._accept(node.outputs, [filled]) or {}).get(node.outputs[0])
         if result is not None:
             self._views.add(node.outputs[0])

@@ -118,3 +118,30 @@ def test_repeated_values_only_where_the_type_s_own_field_holds_every_value():
     raw = oh.make_tensor("t", onnx.TensorProto.FLOAT, [2], np.ones(2, np.float32).tobytes(), raw=True)
     int32 = oh.make_tensor("t", onnx.TensorProto.INT32, [2], [1, 2])
     assert repeated_values(mixed) is None and repeated_values(raw) is None and repeated_values(int32) is None
+
+
+@pytest.mark.parametrize("dtype,element", [
+    (np.float32, b"\x01\x00\xc0\x7f"),  # a NaN with a payload
+    (np.float32, b"\x00\x00\x00\x80"),  # -0.0
+    (np.float16, b"\x00\x3c"),
+    (np.int64, (-3).to_bytes(8, "little", signed=True)),
+    (np.bool_, b"\x01"),
+])
+@pytest.mark.parametrize("shape", [(), (1,), (0,), (5, 0), (64, 3, 3, 3)])
+def test_filled_view_is_what_broadcast_to_gives(dtype, element, shape):
+    """A read-only view repeating the one element: the same shape, strides, bytes and
+    read-only flag as NumPy's broadcast_to of that element."""
+    one = np.frombuffer(element, dtype=dtype)
+    got = optcc.ir.filled_view(one, shape)
+    want = np.broadcast_to(one.reshape(()), shape)
+    assert got.shape == want.shape and got.dtype == want.dtype and got.strides == want.strides
+    assert not got.flags.writeable and not want.flags.writeable
+    assert got.copy().tobytes() == want.copy().tobytes() == element * int(np.prod(shape))
+
+
+def test_filled_view_of_a_shape_numpy_refuses_is_decided_by_broadcast_to():
+    one = np.ones(1, np.float32)
+    with pytest.raises(ValueError):
+        np.broadcast_to(one.reshape(()), (-1, 2))
+    with pytest.raises(ValueError):
+        optcc.ir.filled_view(one, (-1, 2))

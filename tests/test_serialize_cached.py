@@ -98,6 +98,35 @@ def test_every_kind_of_edit_is_seen():
         _same(model)
 
 
+def test_a_node_with_a_small_tensor_attribute_is_cached_and_its_tensor_edits_seen():
+    """A Constant's value tensor: its node's bytes are kept, and rewritten after each edit
+    of what can change in the tensor (name, doc string, metadata) or of the attribute."""
+    from optcc.ir.serialize_cached import _NODE_KEY
+
+    model = _annotated_model()
+    const = next(n for n in model.graph if n.op_type == "Constant")
+    _same(model)
+    assert _NODE_KEY in const.meta  # cached: written once, then read from its meta
+    tensor = lambda: const.attributes["value"].value  # noqa: E731
+    edits = [
+        lambda: setattr(tensor(), "name", "kv2"),  # a parsed tensor (its own TensorProto)
+        lambda: tensor().metadata_props.update({"t": "u"}),
+        lambda: const.attributes.__setitem__(
+            "value", ir.AttrTensor("value", ir.tensor(np.array([3.0], np.float32), name="kv3"))),
+        lambda: setattr(tensor(), "doc_string", "tensor doc"),  # an in-memory one
+        lambda: tensor().metadata_props.update({"t": "v"}),
+        lambda: setattr(tensor(), "name", None),
+    ]
+    for edit in edits:
+        edit()
+        _same(model)
+    # a tensor larger than the cache holds is written anew each time, as onnx-ir writes it
+    const.attributes["value"] = ir.AttrTensor("value", ir.tensor(np.arange(2048, dtype=np.float32), name="big"))
+    _same(model)
+    tensor().name = "big2"
+    _same(model)
+
+
 def test_an_optimized_model_is_written_as_onnx_ir_writes_it():
     model = optcc.ir.load(FIXTURES / "tinycnn.onnx")
     _same(model)

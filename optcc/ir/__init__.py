@@ -9,7 +9,7 @@ atomically (``save``), and every pass walks graphs, nodes and names the same way
 
 from __future__ import annotations
 
-from optcc.ir.arrays import decoded, fresh, repeated_values, share_decoded
+from optcc.ir.arrays import decoded, filled_view, fresh, repeated_values, share_decoded
 from optcc.ir.collector import clone, collect_for, collector_paused
 from optcc.ir.dequantized import dequantized_array, drop_dequantization, stored_bits, stored_levels
 from optcc.ir.data_movement import reshaped, squeezed, unsqueezed
@@ -24,6 +24,7 @@ from optcc.ir.walk import ancestors, default_opset, element_type, external_data_
 __all__ = [
     "ancestors",
     "decoded",
+    "filled_view",
     "fresh",
     "repeated_values",
     "share_decoded",

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-__all__ = ["ARRAY_KEY", "KEEP_MAX_BYTES", "decoded", "fresh", "repeated_values", "share_decoded"]
+__all__ = ["ARRAY_KEY", "KEEP_MAX_BYTES", "decoded", "filled_view", "fresh", "repeated_values", "share_decoded"]
 
 ARRAY_KEY = "optcc.array"  # the tensor's meta entry: its decoded array, read-only
 KEEP_MAX_BYTES = 1 << 16  # a larger array is kept only when the caller asks (``keep_large``)
@@ -104,3 +104,18 @@ def fresh(tensor: ir.TensorProtocol) -> np.ndarray:
     if type(tensor) is _PROTO_TENSOR and tensor.meta.data.get(ARRAY_KEY) is array:
         return array.copy()
     return array
+
+
+def filled_view(element: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only array of ``shape`` whose every element is ``element``'s one value, held
+    once: a view of it with every stride 0, which is what
+    ``np.broadcast_to(element.reshape(()), shape)`` returns, made by the array constructor
+    (NumPy's broadcast_to costs several times more). A shape the constructor refuses goes
+    to broadcast_to, which decides as it always did."""
+    one = element.reshape(())
+    try:
+        view = np.ndarray(shape, one.dtype, one, 0, (0,) * len(shape))
+    except (ValueError, TypeError):
+        return np.broadcast_to(one, shape)
+    view.setflags(write=False)
+    return view

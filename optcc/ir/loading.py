@@ -162,14 +162,18 @@ def _from_proto(
 
 
 # dtypes whose raw_data is exactly the NumPy array's little-endian bytes, with that array's dtype
-_PLAIN_RAW = {
-    int(dtype): dtype.numpy().newbyteorder("<")
+_PLAIN_DTYPES = {
+    int(dtype): dtype
     for dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
                   ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
                   ir.DataType.UINT64, ir.DataType.BOOL)
 }
-# the TensorProto fields an in-memory tensor writes back (a name only when not empty)
-_PLAIN_FIELDS = frozenset({"name", "dims", "data_type", "raw_data"})
+_PLAIN_RAW = {number: dtype.numpy().newbyteorder("<") for number, dtype in _PLAIN_DTYPES.items()}
+# the TensorProto fields an in-memory tensor writes back (a name only when not empty), as
+# the descriptors ``ListFields`` returns (one object per field: compared by identity)
+_TENSOR_FIELDS = onnx.TensorProto.DESCRIPTOR.fields_by_name
+_PLAIN_FIELDS = frozenset(_TENSOR_FIELDS[name] for name in ("name", "dims", "data_type", "raw_data"))
+_NAME_FIELD, _RAW_DATA_FIELD = _TENSOR_FIELDS["name"], _TENSOR_FIELDS["raw_data"]
 
 
 def _plain_raw_data(proto: onnx.TensorProto) -> bytes | None:
@@ -181,10 +185,9 @@ def _plain_raw_data(proto: onnx.TensorProto) -> bytes | None:
         return None
     raw = None
     for descriptor, value in proto.ListFields():
-        name = descriptor.name
-        if name not in _PLAIN_FIELDS or name == "name" and not value:
+        if descriptor not in _PLAIN_FIELDS or descriptor is _NAME_FIELD and not value:
             return None
-        if name == "raw_data":
+        if descriptor is _RAW_DATA_FIELD:
             raw = value
     return raw
 
@@ -201,9 +204,11 @@ def _owned(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
     raw = _plain_raw_data(proto)
     if raw is not None:
         # a read-only view of the one copy of the bytes, reshaped to the dims: exactly the
-        # raw_data, as ``tensor.numpy()`` reads it (a length that does not fit the dims raises)
-        array = np.frombuffer(raw, dtype=_PLAIN_RAW[proto.data_type]).reshape(tuple(proto.dims))
-        return ir.Tensor(array, dtype=tensor.dtype, name=proto.name or None)
+        # raw_data, as ``tensor.numpy()`` reads it (a length that does not fit the dims
+        # raises); its dtype is the one ``tensor.dtype`` gives, read from the table
+        number = proto.data_type
+        array = np.frombuffer(raw, dtype=_PLAIN_RAW[number]).reshape(proto.dims[:])  # a slice: a list of ints
+        return ir.Tensor(array, dtype=_PLAIN_DTYPES[number], name=proto.name or None)
     alone = onnx.TensorProto()
     alone.MergeFrom(proto)  # into an empty message: a copy of every field (upb's CopyFrom is several times slower)
     return ir.TensorProtoTensor(alone)

@@ -22,8 +22,11 @@ now. The key holds every field the bytes are written from:
 - node: name, op_type, domain, overload, doc_string, metadata_props, input and output
   names, and its attribute objects (by identity: an ``ir.Attr``'s value cannot be
   reassigned, and onnx-ir stores lists as tuples; their names and doc strings are part of
-  the key). Nodes with tensor attributes are not cached (a tensor's name can change under
-  the attribute, and the cache would hold a second copy of its data), nor nodes with
+  the key). A node whose TENSOR attributes hold in-memory tensors of at most
+  ``CACHE_TENSOR_BYTES`` (a Constant's or ConstantOfShape's value) is cached with each
+  such tensor's name, doc_string and metadata_props in its key (what can change under the
+  attribute; the data cannot); nodes with larger or other tensors (the cache would hold a
+  second copy of their data), TENSORS or sparse attributes are not cached, nor nodes with
   type attributes (a type's dtype can be set);
 - value annotation: name, tensor type (the object by identity, its dtype and
   denotation; other types are not cached), dims, dim denotations, doc_string,
@@ -62,11 +65,12 @@ _DIMS_ONLY_KEY = "optcc.serialized.dims_only"
 _QUANTIZATION_KEY = "quant_parameter_tensor_names"  # onnx-ir's meta key for quantization annotations
 
 _UNCACHED_ATTRIBUTES = frozenset({
-    ir.AttributeType.TENSOR, ir.AttributeType.TENSORS,
+    ir.AttributeType.TENSORS,
     ir.AttributeType.SPARSE_TENSOR, ir.AttributeType.SPARSE_TENSORS,
     ir.AttributeType.TYPE_PROTO, ir.AttributeType.TYPE_PROTOS,  # a type object's dtype can be set
 })
 _GRAPH_ATTRIBUTES = frozenset({ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS})
+_TENSOR = ir.AttributeType.TENSOR
 _CACHED_TENSOR_TYPES = (ir.Tensor, ir.serde.TensorProtoTensor)
 _PROTO_BYTES_DTYPES = frozenset(int(t) for t in (
     ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.INT8, ir.DataType.UINT8,
@@ -261,25 +265,41 @@ def _node(node: ir.Node) -> bytes:
         tuple(sorted(metadata.items())) if metadata else (),
         tuple(["" if v is None else v.name for v in node.inputs]),
         tuple([v.name for v in node.outputs]),
-        tuple([id(a) for a in attributes]), tuple([(a.name, a.doc_string) for a in attributes]),
+        tuple([id(a) for a in attributes]),
+        tuple([(a.name, a.doc_string, _tensor_fields(a.value) if a.type == _TENSOR else ()) for a in attributes]),
     )
     meta = node.meta.data
     cached = meta.get(_NODE_KEY)
     if cached is not None and cached[0] == key:
-        # the same attribute objects as when the bytes were cached, and an attribute's type
-        # and reference are fixed when it is made: they passed the checks below then
+        # the same attribute objects as when the bytes were cached, and an attribute's type,
+        # reference and value are fixed when it is made: they passed the checks below then
         return cached[1]
     cacheable = True
     for attr in attributes:
         if attr.type in _GRAPH_ATTRIBUTES or attr.ref_attr_name is not None:
             raise _Unsupported
-        if attr.type in _UNCACHED_ATTRIBUTES:
+        if attr.type in _UNCACHED_ATTRIBUTES or attr.type == _TENSOR and not _small_in_memory(attr.value):
             cacheable = False
     if not cacheable:
         return ir.serde.serialize_node(node).SerializeToString()
     data = ir.serde.serialize_node(node).SerializeToString()
     meta[_NODE_KEY] = (key, data, attributes)  # the attributes stay referenced: their ids stay theirs
     return data
+
+
+def _tensor_fields(tensor: ir.TensorProtocol | None) -> tuple:
+    """What can change in a tensor attribute's tensor (its data cannot: onnx-ir tensors
+    are immutable): its name, doc_string and metadata_props."""
+    if tensor is None:
+        return ()
+    metadata = tensor.metadata_props
+    return tensor.name, tensor.doc_string, tuple(sorted(metadata.items())) if metadata else ()
+
+
+def _small_in_memory(tensor: ir.TensorProtocol) -> bool:
+    """Whether a node with this tensor in an attribute may be cached: an in-memory tensor
+    (``type``: isinstance checks of onnx-ir's classes are slow) of at most ``CACHE_TENSOR_BYTES``."""
+    return type(tensor) in _CACHED_TENSOR_TYPES and _tensor_nbytes(tensor) <= CACHE_TENSOR_BYTES
 
 
 def _value_info(value: ir.Value) -> bytes:

@@ -554,7 +554,7 @@ class _Numbering:
         index = (element.dtype.str, shape, element.tobytes())
         known = self._fills.get(index)
         if known is None:
-            known = self._fills[index] = np.broadcast_to(element.reshape(()), shape)
+            known = self._fills[index] = oir.filled_view(element, shape)
         return known
 
     def affine(self, form: _Affine) -> int:
@@ -2054,7 +2054,7 @@ def _exact_cast(data: np.ndarray, to: Any) -> np.ndarray | None:
     one element is cast at that element, and stays such a view."""
     if data.size > 1 and not any(data.strides):  # one element repeated: cast once, repeated alike
         one = _exact_cast(data.reshape(-1)[:1], to)
-        return None if one is None else np.broadcast_to(one.reshape(()), data.shape)
+        return None if one is None else oir.filled_view(one, data.shape)
     try:
         target = np.dtype(ir.DataType(int(to)).numpy())
     except (TypeError, ValueError):
