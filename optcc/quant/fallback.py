@@ -1203,14 +1203,17 @@ def _attempt(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     evaluation = evaluate_candidate(reference, candidate, samples, target, ref_outputs, outputs)
     results[k] = (evaluation, candidate, candidate_stats)
     _drop_models(results, [n for n in results if n != k] if evaluation.passed or k == limit else [k])
-    tried.append(_tried(name, k, evaluation))
+    tried.append(_tried(name, k, evaluation, order[:k]))
     return evaluation
 
 
-def _tried(name: str, k: int, evaluation: Evaluation) -> dict[str, Any]:
-    """The report's row of a candidate: the order searched, its float layers, the verdict."""
+def _tried(name: str, k: int, evaluation: Evaluation, kept: Sequence[str]) -> dict[str, Any]:
+    """The report's row of a candidate: the order searched, its float layers, the verdict;
+    for one that meets the target, which layers it keeps float (``kept_float``), so that
+    it can be built again."""
     return {"order": name, "float_layers": k, "worst_sqnr_db": _finite(evaluation.worst_sqnr_db),
-            "passed": evaluation.passed, **({"refused": evaluation.refused} if evaluation.refused else {})}
+            "passed": evaluation.passed, **({"refused": evaluation.refused} if evaluation.refused else {}),
+            **({"kept_float": list(kept)} if evaluation.passed else {})}
 
 
 def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
@@ -1293,7 +1296,7 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
         passing = [n for n, (e, _, _) in results.items() if n and e.passed]
         if passing:  # the search returns the smallest k that passes
             _drop_models(results, [n for n in results if n != min(passing)])
-        tried.append(_tried(name, k, evaluation))
+        tried.append(_tried(name, k, evaluation, order[:k]))
         return evaluation
 
     low, high, k = start, None, max(2 * start, 1)  # low: largest k known to miss; high: smallest k known to meet

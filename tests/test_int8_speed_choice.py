@@ -1,0 +1,120 @@
+"""INT8 fallback under a speed requirement: when the fewest layers returned to float that
+meet the accuracy target are modelled too slow, the candidate the search measured to meet
+the target that is modelled fastest, at or above the requirement, ships instead; with no
+such candidate the driver declines for speed as before."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx.numpy_helper as nh
+import onnxruntime as ort
+from onnx import TensorProto as TP
+
+import optcc
+from optcc.quant.driver import quantize_int8
+from optcc.quant.fallback import Target
+
+TARGET = Target(min_sqnr_db=15.0, min_argmax_agreement=0.5)
+SENSITIVE = ("mm2", "mm4", "mm6", "mm8", "mm10")
+N_LAYERS = 16
+
+
+def _chain() -> tuple[onnx.ModelProto, list[np.ndarray]]:
+    """MatMul layers mm1..mm16, ReLU between them, and their weights. In a sensitive layer,
+    input feature 0 is always 0 (the previous weight's column 0 is zero) but the weight's
+    row 0 is huge: its per-column INT8 scale rounds every real weight to zero, so each
+    sensitive layer must return to float for the output to meet the target. Float layers
+    apart from each other each cost Q/DQ conversions on both sides; the budget's, in a row,
+    share them."""
+    rng = np.random.default_rng(7)
+    weights = [(rng.normal(size=(16, 16)) * 0.3).astype(np.float32) for _ in range(N_LAYERS)]
+    for i in range(N_LAYERS):
+        if f"mm{i + 1}" in SENSITIVE:
+            weights[i - 1][:, 0] = 0.0
+            weights[i][0, :] = 1000.0
+    nodes, inits, x = [], [], "x"
+    for i, w in enumerate(weights):
+        inits.append(nh.from_array(w, f"W{i + 1}"))
+        out = "y" if i == N_LAYERS - 1 else f"h{i + 1}"
+        nodes.append(oh.make_node("MatMul", [x, f"W{i + 1}"], [out], name=f"mm{i + 1}"))
+        if i < N_LAYERS - 1:
+            nodes.append(oh.make_node("Relu", [out], [f"r{i + 1}"], name=f"relu{i + 1}"))
+            x = f"r{i + 1}"
+    graph = oh.make_graph(nodes, "chain", [oh.make_tensor_value_info("x", TP.FLOAT, ["N", 16])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, ["N", 16])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model, weights
+
+
+def _rows(n: int = 20) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(12)
+    return [{"x": rng.normal(size=(4, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def _float64(weights: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The chain computed in numpy, float64."""
+    h = x.astype(np.float64)
+    for i, w in enumerate(weights):
+        h = h @ w.astype(np.float64)
+        if i < len(weights) - 1:
+            h = np.maximum(h, 0.0)
+    return h
+
+
+def _sqnr_db(want: np.ndarray, got: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(want ** 2) / max(np.sum((want - got) ** 2), 1e-300)))
+
+
+def _written(q: optcc.ir.Model | onnx.ModelProto) -> bytes:
+    return (q if isinstance(q, onnx.ModelProto) else optcc.ir.serialize(q)).SerializeToString()
+
+
+def _run(model_bytes: bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _quantize(min_speedup: float) -> tuple[optcc.ir.Model | onnx.ModelProto, dict]:
+    model, _ = _chain()
+    return quantize_int8(model, _rows(), "minmax", min_speedup=min_speedup, target=TARGET, metric=None)
+
+
+def test_the_fastest_accepted_candidate_ships_when_the_fewest_float_is_too_slow() -> None:
+    model, weights = _chain()
+    free_model, free = _quantize(1e-9)
+    report = free["fallback"]
+    # the budget (8, in a row) meets, the probes 1, 2, 4 miss, then 6 and 5 meet: the five sensitive layers float
+    assert [(t["order"], t["float_layers"], t["passed"]) for t in report["tried"]] == [
+        ("local", 8, True), ("estimate", 1, False), ("estimate", 2, False), ("estimate", 4, False),
+        ("estimate", 6, True), ("estimate", 5, True)]
+    assert set(report["kept_float"]) == set(SENSITIVE) and "speed_choice" not in report
+    fewest = free["latency"]["after_fallback"]["modelled_speedup"]
+
+    # a requirement just above the fewest-float model's speed, below another accepted one's
+    q, stats = _quantize(fewest * 1.0001)
+    choice = stats["fallback"]["speed_choice"]
+    speeds = [c["modelled_speedup"] for c in choice["candidates"]]
+    assert speeds == sorted(speeds, reverse=True) and speeds[0] >= fewest * 1.0001
+    assert stats["modified"] is True and "declined" not in stats
+    shipped = stats["fallback"]["kept_float"]
+    assert len(shipped) == choice["candidates"][0]["float_layers"] and set(SENSITIVE) <= set(shipped)
+    assert stats["latency"]["after_fallback"]["modelled_speedup"] == speeds[0]
+    assert "the fastest candidate measured to meet the target" in choice["chosen"]
+    # deterministic: the same command writes the same bytes
+    again, _ = _quantize(fewest * 1.0001)
+    assert _written(again) == _written(q) != _written(free_model)
+    # the model shipped keeps its float layers float and meets the target against numpy's float64 chain
+    kinds = {n.name: n.op_type for n in onnx.load_from_string(_written(q)).graph.node}
+    assert all(kinds.get(name) == "MatMul" for name in shipped)
+    for feeds in _rows(5):
+        got = _run(_written(q), feeds).astype(np.float64)
+        assert _sqnr_db(_float64(weights, feeds["x"]), got) >= TARGET.min_sqnr_db
+
+    # above every accepted candidate's speed: declined for speed, the float model written
+    q, stats = _quantize(speeds[0] * 1.0001)
+    assert stats["modified"] is False and stats["declined"] == "speed"
+    assert "chosen" not in stats["fallback"]["speed_choice"]
+    for feeds in _rows(3):
+        np.testing.assert_allclose(_run(_written(q), feeds), _float64(weights, feeds["x"]), rtol=1e-4, atol=1e-4)
