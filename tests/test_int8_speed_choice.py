@@ -118,3 +118,31 @@ def test_the_fastest_accepted_candidate_ships_when_the_fewest_float_is_too_slow(
     assert "chosen" not in stats["fallback"]["speed_choice"]
     for feeds in _rows(3):
         np.testing.assert_allclose(_run(_written(q), feeds), _float64(weights, feeds["x"]), rtol=1e-4, atol=1e-4)
+
+
+def test_the_pipeline_confirms_the_faster_candidate_on_every_sample(tmp_path) -> None:
+    """Through ``optcc.optimize`` the fallback's result is confirmed on every sample (the
+    verifier's judgement); the faster candidate shipped in its place is confirmed there
+    too, and the verification then passes it."""
+    model, weights = _chain()
+    path = tmp_path / "chain.onnx"
+    onnx.save(model, path)
+
+    def run(min_speedup: float) -> tuple[optcc.OptimizeResult, dict]:
+        result = optcc.optimize(str(path), int8_calibration=_rows(40),
+                                int8_options={"min_speedup": min_speedup, "metric": "sqnr"})
+        (int8,) = [p for p in result.report.passes if "fallback" in p.stats]
+        return result, int8.stats
+
+    _, free = run(1e-9)
+    assert free["fallback"]["confirmation"]["passed"] and free["fallback"]["kept_float"]
+    fewest = free["latency"]["after_fallback"]["modelled_speedup"]
+    result, stats = run(fewest * 1.0001)
+    best = stats["fallback"]["speed_choice"]["candidates"][0]
+    assert best["passed_again"] == {"judged": True, "confirmation": True} and best["modelled_speedup"] > fewest
+    assert stats["modified"] is True and result.report.verification["status"] == "passed"
+    assert len(stats["fallback"]["kept_float"]) == best["float_layers"]
+    written = _written(result.model)
+    for feeds in _rows(5):
+        got = _run(written, feeds).astype(np.float64)
+        assert _sqnr_db(_float64(weights, feeds["x"]), got) >= TARGET.min_sqnr_db
