@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx.helper as oh
 import onnx.numpy_helper as nh
 import onnxruntime as ort
-from onnx import TensorProto as TP
 
 import optcc
 from optcc.quant.driver import quantize_int8
 from optcc.quant.fallback import Target
+from tests.test_int8_decline import _chain as decline_chain
 
 TARGET = Target(min_sqnr_db=15.0, min_argmax_agreement=0.5)
 SENSITIVE = ("mm2", "mm4", "mm6", "mm8", "mm10")
@@ -28,25 +27,9 @@ def _chain() -> tuple[onnx.ModelProto, list[np.ndarray]]:
     sensitive layer must return to float for the output to meet the target. Float layers
     apart from each other each cost Q/DQ conversions on both sides; the budget's, in a row,
     share them."""
-    rng = np.random.default_rng(7)
-    weights = [(rng.normal(size=(16, 16)) * 0.3).astype(np.float32) for _ in range(N_LAYERS)]
-    for i in range(N_LAYERS):
-        if f"mm{i + 1}" in SENSITIVE:
-            weights[i - 1][:, 0] = 0.0
-            weights[i][0, :] = 1000.0
-    nodes, inits, x = [], [], "x"
-    for i, w in enumerate(weights):
-        inits.append(nh.from_array(w, f"W{i + 1}"))
-        out = "y" if i == N_LAYERS - 1 else f"h{i + 1}"
-        nodes.append(oh.make_node("MatMul", [x, f"W{i + 1}"], [out], name=f"mm{i + 1}"))
-        if i < N_LAYERS - 1:
-            nodes.append(oh.make_node("Relu", [out], [f"r{i + 1}"], name=f"relu{i + 1}"))
-            x = f"r{i + 1}"
-    graph = oh.make_graph(nodes, "chain", [oh.make_tensor_value_info("x", TP.FLOAT, ["N", 16])],
-                          [oh.make_tensor_value_info("y", TP.FLOAT, ["N", 16])], inits)
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    return model, weights
+    model = decline_chain(SENSITIVE, N_LAYERS)
+    weights = {t.name: nh.to_array(t) for t in model.graph.initializer}
+    return model, [weights[f"W{i + 1}"] for i in range(N_LAYERS)]
 
 
 def _rows(n: int = 20) -> list[dict[str, np.ndarray]]:
