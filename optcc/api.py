@@ -250,7 +250,8 @@ def optimize(
     if fp16 and not fold_large:  # a float16 model is wanted for its size: a fold grows it by a shape vector at most
         options = {"fold-constants": {"max_growth_bytes": FP16_MAX_GROWTH_BYTES}}
     # FusedConv's activations differ by provider: the model must build on each one it is verified on
-    options = {**(options or {}), "fuse-ort-conv-activation": {"providers": resolve_providers(providers)}}
+    verified_on = resolve_providers(providers)
+    options = {**(options or {}), "fuse-ort-conv-activation": {"providers": verified_on}}
     pipeline = build_pipeline(level, passes=passes, disable=disable, options=options)
     if target_opset is not None:
         problem = oir.upgrade_problem(working, target_opset)
@@ -381,7 +382,7 @@ def optimize(
             "not; give samples (--inputs) or the range (--input-range)")
     report.warnings.extend(f"{kind.upper()} not applied: {reason}" for kind, reason in precision.items()
                            if reason is not None)
-    if precision.get("int8", "") is None and "CUDAExecutionProvider" in resolve_providers(providers):
+    if precision.get("int8", "") is None and "CUDAExecutionProvider" in verified_on:
         report.warnings.append(CUDA_INT8_WARNING)
     if target_opset is not None and oir.default_opset(outcome.model) != target_opset:
         why = next((r.reason for r in outcome.records if r.name == "upgrade-opset" and r.reason), "not run")

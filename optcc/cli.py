@@ -466,8 +466,7 @@ def _check_flags(
     for flag, given in int8_only.items():
         if given and not args.int8:
             raise BadInputError(f"{flag} is used with --int8")
-    if args.int8_metric_margin is not None and not args.int8_metric_margin > 0:
-        raise BadInputError("--int8-metric-margin must be a positive number")
+    _check_margin(args.int8_metric_margin)
     if args.allow_float_fallback and not (args.int8 or args.fp16 or args.int8_dynamic or args.weights):
         raise BadInputError("--allow-float-fallback is used with --fp16, --int8, --int8-dynamic or --weights")
     if args.external_data == "off" and (args.external_data_threshold is not None or args.external_data_location):
@@ -626,6 +625,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+def _check_margin(margin: float | None) -> None:
+    """--int8-metric-margin, where given, is a positive number (NaN is not)."""
+    if margin is not None and not margin > 0:
+        raise BadInputError("--int8-metric-margin must be a positive number")
+
+
 def _note_one_sample_judgement(result: OptimizeResult, one_sample_files: Sequence[SampleAxisWarning],
                                samples: int) -> str:
     """When INT8 was declined and calibration files were read as one sample each
@@ -744,10 +749,9 @@ def _run_compare(argv: Sequence[str]) -> int:
         raise BadInputError("--samples must be at least 1")
     if (args.int8_metric or args.int8_metric_margin is not None) and args.numerics != "int8":
         raise BadInputError("--int8-metric and --int8-metric-margin judge --numerics int8 alone")
-    if any(item.rpartition("=")[0].startswith("@") or "@" in item.rpartition("=")[0] for item in args.int8_metric):
+    if any("@" in item.rpartition("=")[0] for item in args.int8_metric):
         raise BadInputError("--int8-metric: compare judges one set of samples (no @GROUP)")
-    if args.int8_metric_margin is not None and not args.int8_metric_margin > 0:
-        raise BadInputError("--int8-metric-margin must be a positive number")
+    _check_margin(args.int8_metric_margin)
     metric = _int8_metric(args.int8_metric)
     with _sample_axis_notes():
         inputs = load_npz_samples(args.inputs, args.a) if args.inputs else None
