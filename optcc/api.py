@@ -15,7 +15,8 @@ import onnx
 import onnx_ir as ir
 
 from optcc import ir as oir
-from optcc.errors import BadInputError, PrecisionNotAppliedError, UnverifiedError, VerificationError
+from optcc.errors import (ISSUES_URL, BadInputError, PrecisionNotAppliedError, PrecisionPassFailedError,
+                          UnverifiedError, VerificationError)
 from optcc.infra.pass_base import Numerics
 from optcc.infra.manager import PassManager, Prepared, pass_name, step_passes
 from optcc.infra.pipelines import build_pipeline
@@ -405,6 +406,12 @@ def optimize(
         reason = report.verification.get("reason") or report.verification["summary"]
         _raise(UnverifiedError(f"not verified: {reason}"), result)
     declined = result.declined_precision
+    crashed = {kind: why for kind, why in declined.items() if _crashed(outcome.records, kind)}
+    if crashed and not allow_float_fallback:
+        text = "; ".join(f"{kind} not applied: {why}" for kind, why in crashed.items())
+        applied = " + ".join(result.applied_precision)
+        _raise(PrecisionPassFailedError(f"internal error: {text} (the result would be {applied or 'float32'})"),
+               result)
     if declined and not allow_float_fallback:
         text = "; ".join(f"{kind} not applied: {why}" for kind, why in declined.items())
         applied = " + ".join(result.applied_precision)  # --fp16 --weights without its weights: float16
@@ -546,7 +553,10 @@ def _precision(model: ir.Model, records: Sequence[Any], requested: Mapping[str, 
         else:
             record = runs[-1]
             reason = (record.stats or {}).get("reason") or record.reason
-            if record.status == "reverted":
+            if record.status == "failed":
+                found[kind] = (f"pass '{name}' {record.reason}: a defect in optcc, not a property of the "
+                               f"model; please report it at {ISSUES_URL}")
+            elif record.status == "reverted":
                 found[kind] = f"reverted ({reason})" if reason else "reverted"
                 if generated and (record.reason or "").startswith("changed the numerics"):
                     found[kind] += "; judged on generated inputs: real samples (--inputs) may judge otherwise"
@@ -560,6 +570,13 @@ def _precision(model: ir.Model, records: Sequence[Any], requested: Mapping[str, 
                 found[kind] = reason or (record.stats or {}).get("skipped") \
                     or "nothing in the model could be converted"
     return found, held
+
+
+def _crashed(records: Sequence[Any], kind: str) -> bool:
+    """Whether the last run of ``kind``'s precision pass raised (the manager recorded it as
+    failed and kept the model from before it)."""
+    runs = [r for r in records if r.name == PRECISION_PASSES[kind]]
+    return bool(runs) and runs[-1].status == "failed"
 
 
 _HELD_ALREADY = {"fp16": "every float weight is float16 already", "int8": "the model is quantized already",

@@ -32,8 +32,8 @@ from optcc import ir as oir
 from optcc.api import OptimizeResult, check_fixed_feeds, optimize
 from optcc.compare import compare_models, format_comparison
 from optcc.errors import (
-    ISSUES_URL, BadInputError, OptccError, PipelineWarning, PrecisionNotAppliedError, UnverifiedError,
-    VerificationError,
+    ISSUES_URL, BadInputError, OptccError, PipelineWarning, PrecisionNotAppliedError, PrecisionPassFailedError,
+    UnverifiedError, VerificationError,
 )
 from optcc.infra.registry import available_passes
 from optcc.inspect import format_inspection, inspect_model
@@ -54,7 +54,9 @@ exit codes:
   0  success (the output is written)
   1  verification failed: nothing written (--force writes it, still exit 1)
   2  bad input or usage: one line on stderr naming the file; nothing written
-  3  internal error: one line saying where; please report it
+  3  internal error: one line saying where; please report it (nothing written; when it is
+     a --fp16/--int8/--weights pass that raised, --allow-float-fallback writes the model
+     without that precision and exits 0 with a warning)
   4  not verified: verification could not run (onnxruntime cannot run the original
      with the available inputs, custom ops without their library, a string input and no
      --inputs, ...); nothing written
@@ -597,11 +599,11 @@ def run(argv: Sequence[str] | None = None) -> int:
                 allow_float_fallback=args.allow_float_fallback,
             )
         said = _note_one_sample_judgement(result, one_sample_files, len(calibration or ()))
-    except (VerificationError, UnverifiedError, PrecisionNotAppliedError) as error:
+    except (VerificationError, UnverifiedError, PrecisionNotAppliedError, PrecisionPassFailedError) as error:
         result = error.result  # type: ignore[attr-defined]
         status = error.exit_code
         hint = {EXIT_VERIFY_FAILED: "--force", EXIT_NOT_VERIFIED: "--allow-unverified",
-                EXIT_PRECISION_NOT_APPLIED: "--allow-float-fallback"}[status]
+                EXIT_PRECISION_NOT_APPLIED: "--allow-float-fallback", EXIT_INTERNAL: "--allow-float-fallback"}[status]
         said = _note_one_sample_judgement(result, one_sample_files, len(calibration or ()))
         print(f"optcc: {args.model}: {error}{said}; nothing written ({hint} writes it)", file=sys.stderr)
     if not args.quiet:

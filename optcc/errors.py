@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["OptccError", "BadInputError", "UnsafeInputError", "VerificationError", "PassFailedError",
-           "UnverifiedError", "PrecisionNotAppliedError"]
+           "PrecisionPassFailedError", "UnverifiedError", "PrecisionNotAppliedError"]
 
 ISSUES_URL = "https://github.com/optcc/optcc/issues"
 
@@ -56,6 +56,12 @@ class PassFailedError(OptccError):
     """A pass raised or broke an invariant while the pass manager ran with ``strict=True``."""
 
     exit_code = 3
+
+
+class PrecisionPassFailedError(PassFailedError):
+    """A requested precision pass (FP16, INT8, weight-only) raised: a defect in optcc, not
+    a decline about the model (exit code 3). ``result`` holds the model without that
+    precision and its report; ``allow_float_fallback`` returns it instead, with a warning."""
 
 
 class PipelineWarning(RuntimeWarning):
