@@ -27,7 +27,7 @@ from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
 from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary,
                             input_roles, resolve_providers)
 from optcc.quant import quantization_ops
-from optcc.quant.driver import check_groups
+from optcc.quant.driver import check_distinct, check_groups
 
 __all__ = ["optimize", "OptimizeResult", "verify", "FOLD_GROWTH_WARNING"]
 
@@ -218,6 +218,8 @@ def optimize(
     if samples is not None:
         check_samples_vary(samples, label)
     quantizing = samples is not None and not fp16
+    if quantizing:
+        check_distinct(samples, label, groups=dict(int8_options or {}).get("groups"))
     modes = [name for name, given in (("fp16", fp16), ("int8_calibration", quantizing), ("int8_dynamic", int8_dynamic),
                                       ("weight_only", weight_only)) if given]
     if len(modes) > 1 and modes != ["fp16", "weight_only"]:
@@ -385,6 +387,9 @@ def optimize(
                            if reason is not None)
     if precision.get("int8", "") is None and "CUDAExecutionProvider" in verified_on:
         report.warnings.append(CUDA_INT8_WARNING)
+    if precision.get("int8", "") is None:  # the CPU class modelled decides; this machine's would not
+        report.warnings.extend(r.stats["speed_machine"] for r in outcome.records
+                               if r.status == "changed" and isinstance(r.stats.get("speed_machine"), str))
     if target_opset is not None and oir.default_opset(outcome.model) != target_opset:
         why = next((r.reason for r in outcome.records if r.name == "upgrade-opset" and r.reason), "not run")
         report.warnings.append(f"opset not upgraded to {target_opset}: {why}")

@@ -37,10 +37,10 @@ from optcc.errors import (
 )
 from optcc.infra.registry import available_passes
 from optcc.inspect import format_inspection, inspect_model
-from optcc.numerics import DEFAULT_SAMPLES, TOLERANCES, SampleAxisWarning, load_npz_samples
+from optcc.numerics import DEFAULT_SAMPLES, TOLERANCES, SampleAxisWarning, check_samples_vary, load_npz_samples
 from optcc.numerics.task import DEFAULT_MARGIN, METRICS
 from optcc.quant.cost_model import CPU_CLASSES
-from optcc.quant.driver import MIN_GROUP_SAMPLES
+from optcc.quant.driver import MIN_GROUP_SAMPLES, SPEED_MACHINE_PREFIX, check_distinct
 from optcc.quant.fallback import Target
 from optcc.version import __version__
 
@@ -544,6 +544,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         if label is not None and len(samples) < MIN_GROUP_SAMPLES:
             raise BadInputError(f"--calibration group '{label}' holds {len(samples)} sample(s), too few: each group "
                                 f"needs at least {MIN_GROUP_SAMPLES} (one calibrates, one is held out)", path)
+    if args.int8 and calibration is not None:  # said here, where the files and how they were read are known
+        check_samples_vary(calibration, args.model)
+        read_as = "".join(f"; {w.file} was read as one sample of batch {w.batch}: for {w.batch} samples, give each "
+                          "array a leading sample axis (sample i is arr[i], e.g. arr[:, None])" for w in one_sample_files)
+        check_distinct(calibration, args.model, f" (--calibration {', '.join(p for _, p in sources)}){read_as}", groups)
     weight_only: str | dict | None = args.weights
     if args.weights and calibration is not None and not args.int8:
         # weight-only: the samples correct the convolutions' biases and are what the result is judged
@@ -607,9 +612,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         said = _note_one_sample_judgement(result, one_sample_files, len(calibration or ()))
         print(f"optcc: {args.model}: {error}{said}; nothing written ({hint} writes it)", file=sys.stderr)
     if not args.quiet:
-        for record in result.report.passes:  # the CPU class modelled decides; this machine's would not
-            if record.status not in ("reverted", "failed") and isinstance(record.stats.get("speed_machine"), str):
-                print(f"optcc: warning: {args.model}: {record.stats['speed_machine']}", file=sys.stderr)
+        for line in result.report.warnings:
+            if line.startswith(SPEED_MACHINE_PREFIX):
+                print(f"optcc: warning: {args.model}: {line}", file=sys.stderr)
     written = status == EXIT_OK or (status == EXIT_VERIFY_FAILED and args.force)
     if written:
         result.save(output, external_data={"auto": None, "on": True, "off": False}[args.external_data],
@@ -683,7 +688,8 @@ def _header(args: argparse.Namespace, result: OptimizeResult) -> str:
 
 # summary warnings the CLI says in its own line (the JSON report keeps them)
 _SAID_ELSEWHERE = ("warning: numerics not verified", "warning: INT8 not applied", "warning: FP16 not applied",
-                   "warning: INT8-DYNAMIC not applied", "warning: WEIGHTS not applied")
+                   "warning: INT8-DYNAMIC not applied", "warning: WEIGHTS not applied",
+                   f"warning: {SPEED_MACHINE_PREFIX}")
 
 
 def _print_summary(args: argparse.Namespace, result: OptimizeResult, output: Path | None, hint: str | None) -> None:

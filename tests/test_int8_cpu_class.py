@@ -184,3 +184,4 @@ def test_a_machine_whose_class_would_decline_is_warned_and_the_bytes_stay(
     assert declined is not None and said is not None and max(float(declined[1]), float(said[1])) < 1.1
     assert stats["latency"]["fully_quantized"]["modelled_speedup"] >= 1.1
     assert len(lines) == 1 and "--int8-cpu x86-avx2 would decline it" in lines[0] and stats["speed_machine"] in lines[0]
+    assert stats["speed_machine"] in json.loads(report.read_text())["warnings"]  # a CI step reading the JSON sees it

@@ -18,8 +18,8 @@ import onnx_ir as ir
 from optcc import ir as oir
 from optcc.quant.bias_correction import FloatMeans, SegmentMeans, correct_biases
 from optcc.runtime.session import REFUSALS, RefusedModel, first_line
-from optcc.quant.calibration import (CalibrationData, calibrate, calibration_positions, holdout_positions,
-                                     load_samples, split_at)
+from optcc.quant.calibration import (CalibrationData, Feeds, calibrate, calibration_positions, data_hash,
+                                     holdout_positions, load_samples, split_at)
 from optcc.errors import BadInputError
 from optcc.infra.registry import create_pass
 from optcc.quant.cost_model import CPU_CLASSES, compare_modelled, cpu_class, element_counts
@@ -167,6 +167,24 @@ def _given_judge(o: Int8Options, positions: Sequence[int]) -> TaskJudge | None:
 
 
 MIN_GROUP_SAMPLES = 2  # one calibrates, one is held out
+SPEED_MACHINE_PREFIX = "INT8 ships on the speed modelled for"  # stats["speed_machine"]'s first words
+
+
+def check_distinct(samples: Sequence[Feeds], path: object | None = None, hint: str = "",
+                   groups: Sequence[str] | None = None) -> None:
+    """BadInputError (naming ``path``, ending with ``hint``) unless ``samples`` (with
+    ``groups``: each group's) hold at least ``MIN_GROUP_SAMPLES`` distinct samples: on one
+    (or copies of one) the held-out judgement would rest on the very data that calibrated."""
+    parts: dict[str | None, list[Feeds]] = {}
+    for i, feeds in enumerate(samples):
+        parts.setdefault(None if groups is None else str(groups[i]), []).append(feeds)
+    for label, part in parts.items():
+        distinct = len({data_hash([feeds]) for feeds in part})
+        if distinct < MIN_GROUP_SAMPLES:
+            whose = "the data hold" if label is None else f"group '{label}' holds"
+            copies = f" ({len(part)} samples, all the same)" if len(part) > distinct else ""
+            raise BadInputError(f"INT8 needs at least {MIN_GROUP_SAMPLES} distinct calibration samples, one to "
+                                f"calibrate and one held out to judge it; {whose} {distinct}{copies}{hint}", path)
 
 
 def check_groups(groups: Sequence[str] | None, count: int, metric: Any, outputs: Sequence[str] | None) -> None:
@@ -709,7 +727,7 @@ def quantize_int8(
         here, there = checked[-1]  # the model shipped is the one checked last
         if there < o.min_speedup <= here:
             stats["speed_machine"] = (
-                f"INT8 ships on the speed modelled for {cpu.name} (the default, {here:.2f}x); modelled for this "
+                f"{SPEED_MACHINE_PREFIX} {cpu.name} (the default, {here:.2f}x); modelled for this "
                 f"machine's CPU class, {machine}, it is {there:.2f}x, below the required {o.min_speedup:g}x: "
                 f"--int8-cpu {machine} would decline it")
 
