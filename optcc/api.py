@@ -161,8 +161,11 @@ def optimize(
     ``int8_dynamic`` quantizes MatMuls dynamically. ``weight_only`` ("int4", "int8", or the
     options of the ``quantize-weights`` pass; MatMulNBits at -O3, else portable) quantizes
     MatMul/Gemm weights block-wise, and with 8 bits Conv weights per output channel (their
-    biases corrected on the option ``samples``). These change what is computed, so the
-    final verification uses the FP16/INT8 tolerances. ``fp16`` and ``weight_only`` together
+    biases corrected on the option ``samples``). With 4 bits and verification, int4 that
+    misses the verification's check has its most sensitive layers raised to int8 until it
+    passes (the pass's ``gate``, unless the options give one; docs/weight-only.md, Mixed
+    int4/int8). These change what is computed, so the final verification uses the
+    FP16/INT8 tolerances. ``fp16`` and ``weight_only`` together
     convert to float16 first (judged as ``fp16`` alone, its float32 fallback layers
     included), then quantize the weights of that model, float16 layers with float16 scales
     (docs/weight-only.md, With float16); the result is verified with the INT8 tolerances.
@@ -308,6 +311,10 @@ def optimize(
             raise BadInputError(f"weight_only must be 'int4' or 'int8', got {weight_only!r}")
         wo = {"bits": int(weight_only[3:])} if isinstance(weight_only, str) else dict(weight_only)
         wo.setdefault("target", "onnxruntime" if level >= 3 and passes is None else "portable")
+        if verify or verify_each:
+            # int4 that misses the verification raises its most sensitive layers to int8 until it passes:
+            # each mixed candidate is judged by the check the result gets
+            wo.setdefault("gate", lambda candidate: None if verifier is None else _gate_reason(verifier, candidate))
         pipeline.append(create_pass("quantize-weights", **wo))
 
     verifier: Verifier | None = None
@@ -422,6 +429,13 @@ def optimize(
         applied = " + ".join(result.applied_precision)  # --fp16 --weights without its weights: float16
         _raise(PrecisionNotAppliedError(f"{text} (the result would be {applied or 'float32'})"), result)
     return result
+
+
+def _gate_reason(verifier: Verifier, candidate: ir.Model) -> str | None:
+    """None when ``candidate`` passes ``verifier``'s INT8 check (or the check cannot run: the
+    verification says so later); else why it failed."""
+    check = verifier.check(candidate, "int8")
+    return (check.reason or "verification failed") if check.status == "failed" else None
 
 
 def verify(

@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", choices=["int4", "int8"],
                    help="weight-only quantization: MatMul/Gemm weights block-wise (MatMulNBits at -O3, else "
                         "DequantizeLinear); with int8 also Conv weights per channel (biases corrected on --calibration); "
+                        "int4 that misses the verification raises its most sensitive layers to int8 until it passes; "
                         "with --fp16, after it: float16 layers get float16 scales")
     g.add_argument("--allow-float-fallback", action="store_true",
                    help="when FP16/INT8 is declined or reverted, write the float model (exit 0, a warning) "

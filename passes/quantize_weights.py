@@ -40,7 +40,19 @@ float (its readers include a Gather). ``embeddings=None`` (the default) means Tr
 below the body's, and a vocabulary table is a large share of a language model; next to an
 8-bit body they would be the largest error left (docs/weight-only.md has the measurements).
 
-``samples`` (feed dicts) serve GPTQ and the convolutions' bias correction. GPTQ needs
+Mixed widths (``gate``, with ``bits=4``): ``gate(candidate)`` judges a whole quantized model
+(None: it passes; else why not; ``optcc.optimize`` gives the verification's own check). When
+the all-int4 candidate misses, the body's weights are ranked once by their relative error
+at int4, ``tr(dW^T H dW) / tr(W^T H W)`` with ``H`` the mean ``X^T X`` of the layer's input
+on ``samples`` (the identity without samples: the relative weight error), and the most
+sensitive are raised to int8, as few as the search finds: 1, 2, 4, ... weights (all of them
+last) until a candidate passes, then bisection below it. Candidates are built on copies
+sharing the model's tensors, each weight quantized once per width. When even every body
+weight at int8 misses, the model is written all-int4 as without a gate (the verification
+then declines it). ``stats["mixed"]`` holds the checks, the raised weights and a summary
+line; ``stats["bit_widths"]`` each layer's width and why.
+
+``samples`` (feed dicts) serve GPTQ, the mixed widths' ranking and the convolutions' bias correction. GPTQ needs
 them: the Hessian ``X^T X`` of each layer's input is accumulated in float64 over them, one
 sample at a time, from the float model; without samples GPTQ falls back to RTN and says
 so in ``stats["note"]``.
@@ -96,7 +108,8 @@ rounding); the verifier judges the outputs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -121,6 +134,17 @@ _HEAD_PASSTHROUGH = frozenset({"Add", "Sub", "Mul", "Div", "Reshape", "Transpose
                                "Identity", "Cast", "Flatten", "Softmax", "LogSoftmax"})
 
 
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+    """What a rewrite writes, computed once on the float model: ``quantized(index, bits)``
+    (the planned layer's block-quantized weight), each planned convolution's per-channel
+    weight and its bias shift (by index; none when not corrected)."""
+
+    quantized: Callable[[int, int], Any]
+    conv_weights: list[Any]
+    conv_shifts: dict[int, np.ndarray]
+
+
 class QuantizeWeightsPass(optcc.Pass):
     """MatMul/Gemm weights -> block-wise INT4/INT8 (MatMulNBits or DequantizeLinear), Conv
     weights -> per-channel INT8 with bias correction; see module doc."""
@@ -132,7 +156,7 @@ class QuantizeWeightsPass(optcc.Pass):
                  algorithm: str = "rtn", target: str = "portable", head_bits: int | None = 8,
                  embeddings: bool | None = None, samples: Iterable[Mapping[str, np.ndarray]] | None = None,
                  accuracy_level: int | None = None, exclude: Iterable[str] = (), convs: bool | None = None,
-                 bias_correction: bool = True) -> None:
+                 bias_correction: bool = True, gate: Callable[[ir.Model], str | None] | None = None) -> None:
         super().__init__()
         if bits not in (4, 8):
             raise optcc.BadInputError(f"weight-only bits must be 4 or 8, got {bits!r}")
@@ -152,6 +176,7 @@ class QuantizeWeightsPass(optcc.Pass):
         self.exclude = frozenset(exclude)
         self.convs = (bits == 8) if convs is None else convs
         self.bias_correction = bias_correction
+        self.gate = gate
 
     # ------------------------------------------------------------------ planning
 
@@ -181,26 +206,41 @@ class QuantizeWeightsPass(optcc.Pass):
             layers, gathers, tied = self._plan(graph, scratch)
             convs = self._plan_convs(graph, scratch)
         heads = _heads(graph, {node for node, _ in layers})
+        widths = [self.head_bits if (node in heads and self.bits == 4 and self.head_bits) else self.bits
+                  for node, _ in layers]
+        stats["head"] = [{"node": node.name, "bits": bits} for (node, _), bits in zip(layers, widths) if node in heads]
         hessians = self._hessians(model, layers, stats)
+        quantized = self._quantizer(layers, hessians)
         # the convolutions' weights and bias shifts, measured on the float model before any rewrite
-        conv_weights = {w: weight_only.quantize_channels(optcc.ir.as_numpy(w), _conv_axis(node)) for node, w in convs}
-        shifts = self._conv_shifts(model, convs, conv_weights, stats)
-        taken = optcc.ir.value_names(model)
-        replaced: list[ir.Value] = []
+        by_weight = {w: weight_only.quantize_channels(optcc.ir.as_numpy(w), _conv_axis(node)) for node, w in convs}
+        conv_weights = [by_weight[w] for _, w in convs]
+        shifts = self._conv_shifts(model, convs, by_weight, stats)
+        conv_shifts = {index: shifts[node] for index, (node, _) in enumerate(convs) if node in shifts}
+        parts = _Parts(quantized, conv_weights, conv_shifts)
+        if self.bits == 4 and layers:
+            if self.gate is not None:
+                widths = self._mixed(model, layers, widths, heads, hessians, parts, stats)
+            stats["bit_widths"] = stats.get("bit_widths") or _bit_widths(layers, widths, heads, [])
+        self._rewrite(model, (layers, gathers, tied, convs), widths, parts, stats)
+        return optcc.PassResult(model, True, stats)
+
+    def _quantizer(self, layers: list[tuple[ir.Node, ir.Value]], hessians: Mapping[str, np.ndarray] | None
+                   ) -> Callable[[int, int], Any]:
+        """``quantized(index, bits)``: the planned layer's weight block-quantized with ``bits``,
+        computed once per weight and width (layers sharing a weight share it; layers reading
+        the same input share GPTQ's factorization)."""
         done: dict[tuple[ir.Value, int], Any] = {}
-        emitted: dict[int, Any] = {}  # id(quantized weight) -> what the first reader got
         factors: dict[tuple[str | None, int], Any] = {}
-        for node, w_value in layers:
-            bits = self.head_bits if (node in heads and self.bits == 4 and self.head_bits) else self.bits
-            if node in heads:
-                stats["head"].append({"node": node.name, "bits": bits})
+
+        def quantized(index: int, bits: int) -> Any:
+            node, w_value = layers[index]
             key = (w_value, bits)
             if key not in done:
                 w = _weight_kn(node, w_value)
                 hessian = hessians.get(node.inputs[0].name) if hessians else None
                 algorithm = self.algorithm if (self.algorithm != "gptq" or hessian is not None) else "rtn"
                 factor = None
-                if algorithm == "gptq":  # layers reading the same input share the factorization
+                if algorithm == "gptq":
                     factor_key = (node.inputs[0].name, w.shape[0])
                     if factor_key not in factors:
                         factors[factor_key] = weight_only.gptq_factor(hessian, self.block_size)
@@ -209,14 +249,31 @@ class QuantizeWeightsPass(optcc.Pass):
                 # dequantized weight and MatMulNBits' T1 are the activation's type
                 done[key] = weight_only.quantize(w, algorithm, bits, self.block_size, self.symmetric, factor=factor,
                                                  scale_dtype=w.dtype)
+            return done[key]
+
+        return quantized
+
+    def _rewrite(self, model: ir.Model, plan: tuple[Any, Any, Any, Any], widths: list[int], parts: _Parts,
+                 stats: dict[str, Any]) -> None:
+        """Quantize ``model`` in place as planned (``plan``: its layers, gathers, tied tables
+        and convolutions, index-aligned with those ``parts`` were computed for), layer i
+        with ``widths[i]`` bits."""
+        layers, gathers, tied, convs = plan
+        graph = model.graph
+        portable = self.target != "onnxruntime"
+        taken = optcc.ir.value_names(model)
+        replaced: list[ir.Value] = []
+        emitted: dict[int, Any] = {}  # id(quantized weight) -> what the first reader got
+        for index, ((node, w_value), bits) in enumerate(zip(layers, widths)):
+            bq = parts.quantized(index, bits)
             replaced.append(w_value)
             if portable:
-                self._emit_dequantize(graph, node, w_value, done[key], taken, emitted)
+                self._emit_dequantize(graph, node, w_value, bq, taken, emitted)
             else:
-                self._emit_matmul_nbits(model, node, done[key], taken, emitted)
+                self._emit_matmul_nbits(model, node, bq, taken, emitted)
             label = f"{node.op_type} int{bits}"
             stats["quantized"][label] = stats["quantized"].get(label, 0) + 1
-            scale_type = "float16" if done[key].scales.dtype == np.float16 else "float32"
+            scale_type = "float16" if bq.scales.dtype == np.float16 else "float32"
             stats.setdefault("scales", {})[scale_type] = stats.get("scales", {}).get(scale_type, 0) + 1
         for node, table in gathers:
             replaced.append(table)
@@ -227,13 +284,14 @@ class QuantizeWeightsPass(optcc.Pass):
             self._emit_tied(graph, table, taken)
             stats["quantized"]["tied table int8"] = stats["quantized"].get("tied table int8", 0) + 1
         conv_emitted: dict[ir.Value, ir.Value] = {}  # float weight -> its DequantizeLinear's output
-        for node, w_value in convs:
+        for index, (node, w_value) in enumerate(convs):
             replaced.append(w_value)
             if w_value not in conv_emitted:
-                conv_emitted[w_value] = _emit_channel_dequantize(graph, node, w_value, conv_weights[w_value], taken)
+                conv_emitted[w_value] = _emit_channel_dequantize(graph, node, w_value, parts.conv_weights[index],
+                                                                 taken)
             node.replace_input_with(1, conv_emitted[w_value])
-            if node in shifts:
-                old_bias = _set_bias(graph, node, shifts[node], taken)
+            if index in parts.conv_shifts:
+                old_bias = _set_bias(graph, node, parts.conv_shifts[index], taken)
                 if old_bias is not None:
                     replaced.append(old_bias)
             label = f"{node.op_type} int8"
@@ -244,7 +302,77 @@ class QuantizeWeightsPass(optcc.Pass):
         stats["float_weight_bytes_removed"] = drop_unused_weights(graph, dict.fromkeys(replaced))
         if operands:
             stats["dequantized_weight_bytes_removed"] = drop_unused_weights(graph, dict.fromkeys(operands))
-        return optcc.PassResult(model, True, stats)
+
+    # ------------------------------------------------------------------ mixed widths
+
+    def _mixed(self, model: ir.Model, layers: list[tuple[ir.Node, ir.Value]], widths: list[int],
+               heads: set[ir.Node], hessians: Mapping[str, np.ndarray] | None, parts: _Parts,
+               stats: dict[str, Any]) -> list[int]:
+        """The widths to write when ``gate`` judges candidates: every body layer int4 when
+        that passes; else the most sensitive body weights raised to int8, as few as the
+        search finds (a prefix of ``_ranking``'s order: 1, 2, 4, ... weights, every one
+        last, until one passes, then bisection below it); when even all-int8 misses,
+        all-int4 (the verification then declines it, as without a gate). Candidates are built on copies of
+        ``model`` (sharing its tensors); ``model`` itself is not changed here."""
+        assert self.gate is not None
+        checks: list[dict[str, Any]] = []
+
+        def judged(raised: Sequence[ir.Value]) -> str | None:
+            candidate = optcc.ir.clone(model)
+            scratch: dict[str, Any] = {"quantized": {}, "kept_float": {}, "head": []}
+            plan = (*self._plan(candidate.graph, scratch), self._plan_convs(candidate.graph, scratch))
+            assert [n.name for n, _ in plan[0]] == [n.name for n, _ in layers], "the copy plans other layers"
+            self._rewrite(candidate, plan, _raise(layers, widths, raised), parts, scratch)
+            reason = self.gate(candidate)
+            checks.append({"int8_weights": len(raised), "passed": reason is None,
+                           **({"reason": reason} if reason else {})})
+            return reason
+
+        missed = judged([])
+        if missed is None:
+            stats["mixed"] = {"checks": checks, "summary": "int4 passed its check; no layer raised to int8"}
+            return widths
+        if hessians is None and self.samples:
+            inputs = {node.inputs[0].name: _weight_kn(node, w).shape[0] for node, w in layers}
+            hessians = weight_only.collect_hessians(model, inputs, self.samples)[0]
+        order = _ranking(layers, widths, parts.quantized, hessians)
+        ranked = [w for w, _ in order]
+        mixed: dict[str, Any] = {"missed": missed, "ranked_by": "output error on the samples" if hessians
+                                 else "weight error (no samples)", "checks": checks}
+        stats["mixed"] = mixed
+        # the fewest first: 1, 2, 4, ... of the ranked weights (all of them last) until a count
+        # passes, then bisection between the last count that missed and the first that passed
+        low, high = 0, None
+        count = 1
+        while ranked and high is None:
+            count = min(count, len(ranked))
+            if judged(ranked[:count]) is None:
+                high = count
+            elif count == len(ranked):
+                break
+            else:
+                low, count = count, count * 2
+        if high is None:
+            mixed["declined"] = True
+            mixed["summary"] = (f"int4 missed its check ({_short(missed)}) and so does every body layer at "
+                                "int8: declined")
+            stats["bit_widths"] = _bit_widths(layers, widths, heads, order)
+            return widths
+        while high - low > 1:  # low misses, high passes
+            middle = (low + high) // 2
+            if judged(ranked[:middle]) is None:
+                high = middle
+            else:
+                low = middle
+        raised = ranked[:high]
+        chosen = _raise(layers, widths, raised)
+        count = sum(a != b for a, b in zip(widths, chosen))
+        body = sum(bits == 4 for bits in widths)
+        mixed["raised"] = [w.name for w in raised]
+        mixed["summary"] = (f"int4 missed its check ({_short(missed)}); {count} of {body} body layers "
+                            f"raised to int8 (the most sensitive by {mixed['ranked_by']}), the rest int4")
+        stats["bit_widths"] = _bit_widths(layers, chosen, heads, order, set(raised))
+        return chosen
 
     def _plan(self, graph: ir.Graph, stats: dict[str, Any], inputs_constant: bool = False
               ) -> tuple[list[tuple[ir.Node, ir.Value]], list[tuple[ir.Node, ir.Value]], list[ir.Value]]:
@@ -476,6 +604,68 @@ class QuantizeWeightsPass(optcc.Pass):
         graph.insert_before(first, [cast, mul])
         for use in list(table.uses()):
             use.node.replace_input_with(use.idx, mul.outputs[0])
+
+
+# ---------------------------------------------------------------------- mixed widths
+
+
+def _raise(layers: list[tuple[ir.Node, ir.Value]], widths: list[int], raised: Iterable[ir.Value]) -> list[int]:
+    """``widths`` with every layer reading a weight of ``raised`` at 8 bits."""
+    up = set(raised)
+    return [8 if w in up else bits for (_, w), bits in zip(layers, widths)]
+
+
+def _ranking(layers: list[tuple[ir.Node, ir.Value]], widths: list[int], quantized: Callable[[int, int], Any],
+             hessians: Mapping[str, np.ndarray] | None) -> list[tuple[ir.Value, float]]:
+    """The int4 weights, most sensitive first, each with its relative output error at int4:
+    ``sum tr(dW^T H dW) / sum tr(W^T H W)`` over the layers reading it (``H`` the mean
+    ``X^T X`` of the layer's input on the samples; the identity without them, which makes it
+    the relative squared weight error). Ties keep graph order."""
+    errors: dict[ir.Value, list[float]] = {}
+    for index, ((node, w_value), bits) in enumerate(zip(layers, widths)):
+        if bits != 4:
+            continue
+        w = _weight_kn(node, w_value).astype(np.float64)
+        d = w - quantized(index, 4).dequantize().astype(np.float64)
+        hessian = hessians.get(node.inputs[0].name) if hessians else None
+        if hessian is None:
+            error, energy = float(np.sum(d * d)), float(np.sum(w * w))
+        else:
+            error, energy = weight_only.output_error(d, np.zeros_like(d), hessian), \
+                weight_only.output_error(w, np.zeros_like(w), hessian)
+        sums = errors.setdefault(w_value, [0.0, 0.0])
+        sums[0] += error
+        sums[1] += energy
+    scored = [(w, error / energy if energy > 0 else 0.0) for w, (error, energy) in errors.items()]
+    order = sorted(range(len(scored)), key=lambda i: (-scored[i][1], i))
+    return [scored[i] for i in order]
+
+
+def _bit_widths(layers: list[tuple[ir.Node, ir.Value]], widths: list[int], heads: set[ir.Node],
+                order: Sequence[tuple[ir.Value, float]], raised: set[ir.Value] = frozenset()) -> dict[str, Any]:
+    """Each quantized layer's width and why: the head's policy, the body's width, or raised to
+    int8 by the mixed search (with its rank and error from ``order``)."""
+    rank = {w: (i + 1, error) for i, (w, error) in enumerate(order)}
+    rows: dict[str, Any] = {}
+    for (node, w_value), bits in zip(layers, widths):
+        name = node.name or node.outputs[0].name or f"{node.op_type}#{len(rows)}"
+        if node in heads and w_value not in raised and bits == 8:
+            why = "head (head_bits)"
+        elif w_value in raised:
+            place, error = rank[w_value]
+            why = f"raised to int8: rank {place} of {len(order)}, relative error {error:.2e} at int4"
+        elif w_value in rank:
+            place, error = rank[w_value]
+            why = f"int4: rank {place} of {len(order)}, relative error {error:.2e}"
+        else:
+            why = f"int{bits}"
+        rows[name] = {"bits": bits, "why": why}
+    return rows
+
+
+def _short(reason: str, limit: int = 160) -> str:
+    line = " ".join(reason.split())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------- helpers

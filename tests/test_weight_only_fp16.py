@@ -252,15 +252,33 @@ def test_cli_fp16_with_weights_verifies_and_reports_both(tmp_path: Path, capsys)
     assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
 
 
+def test_cli_int4_that_misses_its_judge_raises_layers_to_int8(tmp_path: Path, capsys) -> None:
+    # int4 on a random MLP misses the weights' judge: its most sensitive body layers go to int8
+    # until the mix passes, and that is written (verified) with a line saying so
+    source, out, report = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(_mlp(), source)
+    assert cli.main([str(source), "-O3", "--fp16", "--weights", "int4", "-o", str(out), "--report", str(report)]) == 0
+    said = capsys.readouterr().err
+    assert "weights: int4 missed its check" in said and "body layers raised to int8" in said
+    data = json.loads(report.read_text())
+    assert data["verification"]["status"] == "passed" and data["verification"]["numerics"] == "int8"
+    stats = next(p for p in data["passes"] if p["name"] == "quantize-weights")["stats"]
+    assert stats["mixed"]["raised"] and stats["quantized"]["MatMul int8"] >= 2  # the head and at least one more
+    x = np.random.default_rng(3).normal(size=(2, 256)).astype(np.float32)
+    want = _forward(x.astype(np.float64), W1.astype(np.float64), W2.astype(np.float64), W3.astype(np.float64))
+    assert np.abs(_run(str(out), x) - want).max() <= 1e-2 * np.abs(want).max()
+
+
 def test_cli_weights_that_miss_their_judge_leave_the_float16_model(tmp_path: Path, capsys) -> None:
-    # int4 on a random MLP misses the weights' judge: exit 5 without the opt-in; with it, the
-    # float16 model, byte for byte what --fp16 alone writes
+    # int4 on a random MLP misses an 80 dB judge even with every body layer at int8: exit 5
+    # without the opt-in; with it, the float16 model, byte for byte what --fp16 alone writes
     source, out, fp16_only = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "f.onnx"
     onnx.save(_mlp(), source)
-    assert cli.main([str(source), "-O3", "--fp16", "--weights", "int4", "-o", str(out), "-q"]) == 5
+    strict = ["--int8-target-sqnr", "80"]
+    assert cli.main([str(source), "-O3", "--fp16", "--weights", "int4", *strict, "-o", str(out), "-q"]) == 5
     said = capsys.readouterr().err
     assert not out.exists() and "weights not applied" in said and "(the result would be fp16)" in said
-    assert cli.main([str(source), "-O3", "--fp16", "--weights", "int4", "-o", str(out), "-q",
+    assert cli.main([str(source), "-O3", "--fp16", "--weights", "int4", *strict, "-o", str(out), "-q",
                      "--allow-float-fallback"]) == 0
     assert "the fp16 model is written" in capsys.readouterr().err
     assert cli.main([str(source), "-O3", "--fp16", "-o", str(fp16_only), "-q"]) == 0
