@@ -14,10 +14,12 @@ known, or a dim equal to ``x``'s dim at its position of the target (``Shape(x)[i
 target positions ``i..j-1``, or a dim of another tensor that ``optcc.rewrite.same_dim``
 traces to that of ``x``, e.g. the rows of a Gemm over ``Reshape(h, [0, k])`` and
 ``Shape(h)[0]``), becomes ``Reshape(x, c)`` with the known entries and ``0`` ("copy the
-input's dim", allowzero=0) at those positions. Typical source: exporters writing
-``x.reshape(x.shape[0], -1)`` as Shape->Slice->Concat->Reshape (the Concat may be in
-int32, cast to int64 after), which keeps the batch dynamic; the constant target also
-makes the result's rank static for later fusions.
+input's dim", allowzero=0) at those positions. A target that is no Concat (``Shape(h)``
+itself, or a slice of it) is read as the one piece of such a Concat. Typical sources:
+exporters writing ``x.reshape(x.shape[0], -1)`` as Shape->Slice->Concat->Reshape (the
+Concat may be in int32, cast to int64 after), which keeps the batch dynamic, and a
+GroupNorm restoring its input's shape with ``Reshape(n, Shape(h))``; the constant target
+also makes the result's rank static for later fusions.
 
 Rewrite (``inferred-dim``): ``Reshape(x, Concat(...))`` whose entries are all known and
 positive but one (an unknown dim, or a piece annotated ``[1]``), becomes ``Reshape(x, c)``
@@ -28,7 +30,7 @@ together from a tensor whose heads are static.
 Preconditions: default-domain ops; for ``shape-copy``, the Reshape without
 ``allowzero=1`` (0 must mean "copy"), and the ranks of ``x`` and of the tensors whose
 ``Shape`` is read are known (declared, or found by ``optcc.rewrite.static_rank``);
-Concat along axis 0; constant pieces of integer type. The shape subgraph stays for other
+a Concat along axis 0; constant pieces of integer type. The shape subgraph stays for other
 readers (eliminate-dead-nodes removes it when unused).
 
 Why exact: a copied entry at target position ``k`` is ``x``'s dim ``k`` (read from ``x``'s
@@ -71,12 +73,19 @@ def _ints(value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in array.reshape(-1)]
 
 
-def _target_concat(reshape: ir.Node) -> ir.Node | None:
-    """The Concat that assembles ``reshape``'s target (maybe in int32, cast back), or None."""
-    concat = _node(reshape.inputs[1])
-    if concat is not None and concat.op_type == "Cast" and concat.attributes.get_int("to", 0) == ir.DataType.INT64.value:
-        concat = _node(concat.inputs[0])  # a target assembled in int32 and cast back
-    return concat if concat is not None and concat.op_type == "Concat" else None
+def _target_pieces(reshape: ir.Node) -> tuple[list[ir.Value | None], bool] | None:
+    """The pieces that ``reshape``'s target joins (maybe in int32, cast back), and whether a
+    Concat joins them; a target that is no Concat is its own one piece. None when the Concat
+    joins along another axis than 0."""
+    target = reshape.inputs[1]
+    node = _node(target)
+    if node is not None and node.op_type == "Cast" and node.attributes.get_int("to", 0) == ir.DataType.INT64.value:
+        target, node = node.inputs[0], _node(node.inputs[0])  # a target assembled in int32 and cast back
+    if node is None or node.op_type != "Concat":
+        return [target], False
+    if node.attributes.get_int("axis", 0) not in (0, -1):
+        return None
+    return list(node.inputs), True
 
 
 def _reads_unshaped(value: ir.Value | None, depth: int = 0) -> bool:
@@ -93,22 +102,23 @@ def _reads_unshaped(value: ir.Value | None, depth: int = 0) -> bool:
 def _constant_target(reshape: ir.Node, ranks: dict, copy_allowed: bool,
                      shapes: dict[ir.Value, ir.Shape]) -> np.ndarray | None:
     x = reshape.inputs[0]
-    concat = _target_concat(reshape)
-    if x is None or concat is None:
+    joined = _target_pieces(reshape)
+    if x is None or joined is None or None in joined[0]:
         return None
-    if concat.attributes.get_int("axis", 0) not in (0, -1) or None in concat.inputs:
-        return None
+    pieces, concatenated = joined
     values: list[int] = []
     copied = False
     inferred = None  # the position of the one unknown entry
-    for piece in concat.inputs:
+    for piece in pieces:
         constant = _ints(piece)
         if constant is not None:
+            if not concatenated:
+                return None  # already a constant target
             values.extend(constant)
             continue
         found = shape_elements(piece, shapes, False, ranks)
         if found is None or not found.vector:
-            if inferred is not None or not _one_element(piece):
+            if inferred is not None or not concatenated or not _one_element(piece):
                 return None
             inferred = len(values)
             values.append(-1)

@@ -257,3 +257,32 @@ def test_tensordot_target_with_a_dim_only_shape_inference_knows_becomes_minus_on
     for f in feeds:  # independent reference: numpy
         np.testing.assert_allclose(ReferenceEvaluator(o2).run(None, f)[0],
                                    np.maximum(f["x"], 0) @ (np.arange(24) % 5 - 2.0).reshape(8, 3), rtol=1e-5, atol=1e-5)
+
+
+def test_a_target_that_is_a_shape_without_concat_is_copied():
+    """Regression (terrain-consistency-unet's GroupNorm, PyTorch dynamo export): the target
+    is Shape(x) itself, x [N, 4, 2, 3] grouped as Reshape(x, [0, 2, -1]) for
+    InstanceNormalization and restored with Reshape(n, Shape(x)): [N, 4, 2, 3] becomes
+    [0, 4, 2, 3], x's batch being n's."""
+    stats, out = _run_both("""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[N, 4, 2, 3] x) => (float[N, 4, 2, 3] y)
+      <int64[3] groups = {0, 2, -1}, float[2] scale = {1.5, 0.5}, float[2] bias = {0.25, -1}> {
+        r = Reshape(x, groups)
+        n = InstanceNormalization(r, scale, bias)
+        s = Shape(x)
+        y = Reshape(n, s)
+    }""", [{"x": np.random.default_rng(n).standard_normal((n, 4, 2, 3)).astype(np.float32)} for n in (1, 3)])
+    assert stats == {"shape-copy": 1} and _target(out) == [0, 4, 2, 3]
+
+
+def test_a_target_that_is_a_shape_slice_of_another_tensor_stays_when_no_dim_is_copied():
+    """Reshape(x, Shape(w)) with w's batch unrelated to x's: nothing provably copied and
+    more than one unknown entry, so the target stays."""
+    stats, _ = _run_both("""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[N, 6] x, float[M, K] w) => (float[P, Q] y) {
+        s = Shape(w)
+        y = Reshape(x, s)
+    }""", [{"x": np.ones((2, 6), np.float32), "w": np.ones((3, 4), np.float32)}])
+    assert stats == {}
