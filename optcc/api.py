@@ -337,7 +337,7 @@ def optimize(
         )
     # the run is one progress phase: what no inner phase covers (the passes' bookkeeping) is named too,
     # and the inner phases' log lines share its clock
-    with Progress("optimizing", 1, enabled=progress) as run_phase:
+    with Progress("optimizing", 1, enabled=progress, bar=False) as run_phase:
         try:
             manager = PassManager(pipeline, strict=strict, verifier=verifier, verify_each=verify_each,
                                   progress=progress)

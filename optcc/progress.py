@@ -77,12 +77,13 @@ class Progress:
     ``enabled``: True draws on a terminal stderr; False draws nothing; a callable is called
     as ``enabled(phase, done, total)`` instead of drawing; None (the default) does as the
     phase open around it (a pass's own phases inside the manager's ``pass NAME``), else
-    nothing. ``set_phase`` renames the phase
-    (and optionally restarts the count) on the same line.
+    nothing. ``bar=False``: no terminal line of its own (a phase that holds others, such as
+    a whole run or a pass, which the log lines and callbacks still see). ``set_phase``
+    renames the phase (and optionally restarts the count) on the same line.
     """
 
     def __init__(self, label: str, total: int, *,
-                 enabled: Union[bool, ProgressCallback, None] = None) -> None:
+                 enabled: Union[bool, ProgressCallback, None] = None, bar: bool = True) -> None:
         if enabled is None:
             enabled = _reporting_here.get()
         self.label = label
@@ -91,8 +92,8 @@ class Progress:
         self._callbacks: tuple[ProgressCallback, ...] = _callbacks.get()
         if callable(enabled):
             self._callbacks = (*self._callbacks, enabled)
-        self.enabled = enabled is True and _is_terminal(sys.stderr)
-        self._log_lines = enabled is True and not self.enabled
+        self.enabled = enabled is True and bar and _is_terminal(sys.stderr)
+        self._log_lines = enabled is True and not _is_terminal(sys.stderr)
         self.started = time.monotonic()
         self._bar: tqdm | None = None
         self._lines: _LogLines | None = None

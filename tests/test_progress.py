@@ -239,3 +239,17 @@ def test_a_pass_s_own_phases_reach_the_callback_given_to_optimize():
     assert phases[0] == "optimizing"
     assert phases.index("pass convert-float16") < phases.index(RANGES_PHASE) < phases.index(CANDIDATE_PHASE)
     assert result.precision["fp16"] is None
+
+
+def test_a_phase_that_holds_others_draws_no_terminal_line_of_its_own(monkeypatch):
+    """The run and each pass (``bar=False``) leave the terminal to the phases inside them."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with Progress("pass convert-float16", 1, enabled=True, bar=False):
+        pass
+    assert terminal.getvalue() == ""
+    with Progress("pass convert-float16", 1, enabled=True, bar=False):
+        with Progress("fp16: judging the float16 model", 2) as inner:
+            inner.advance(2)
+    text = terminal.getvalue()
+    assert "fp16: judging the float16 model:" in text and "pass convert-float16" not in text

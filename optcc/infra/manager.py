@@ -502,7 +502,7 @@ class PassManager:
             status, reason = "reverted", planned
         else:
             try:
-                with Progress(f"pass {name}", 1, enabled=self.progress) as bar:
+                with Progress(f"pass {name}", 1, enabled=self.progress, bar=False) as bar:
                     result = pass_(model)
                     bar.advance()
             except BadInputError:  # the user's data or options, unusable: no pass's failure to revert
