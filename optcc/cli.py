@@ -40,6 +40,7 @@ from optcc.infra.report import Report
 from optcc.inspect import format_inspection, inspect_model
 from optcc.numerics import DEFAULT_SAMPLES, TOLERANCES, SampleAxisWarning, load_npz_samples
 from optcc.numerics.task import DEFAULT_MARGIN, METRICS
+from optcc.progress import Progress
 from optcc.quant.cost_model import CPU_CLASSES
 from optcc.quant.driver import MIN_GROUP_SAMPLES
 from optcc.quant.fallback import Target
@@ -49,6 +50,8 @@ EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_NOT_VERIFIED, EXIT_PRECISION_NOT_APPLIED = 4, 5
 DEFAULT_TARGET_SQNR_DB = TOLERANCES["int8"].min_sqnr_db
 SUBCOMMANDS = ("inspect", "compare")
+# the command's own progress phases, before and after optimize()'s
+READING_PHASE, WRITING_PHASE = "reading the model and samples", "writing the output"
 
 EXIT_HELP = """\
 exit codes:
@@ -509,7 +512,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     report = _ReportWritten()
     try:
-        return _optimize(args, report)
+        # the command is one progress phase: reading the model and samples and writing the
+        # result are named too, and the log lines' clock starts here
+        with Progress(READING_PHASE, 1, enabled=not args.quiet, bar=False) as phase:
+            return _optimize(args, report, phase)
     except BaseException as error:  # the run ends without a result: the report says how, where it may be written
         if not report.written:
             _write_failure_report(args, error)
@@ -560,8 +566,9 @@ def _write_failure_report(args: argparse.Namespace, error: BaseException) -> Non
         pass
 
 
-def _optimize(args: argparse.Namespace, report: _ReportWritten) -> int:
-    """The optimizing command on parsed ``args``; ``report.written`` once ``--report`` is."""
+def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress) -> int:
+    """The optimizing command on parsed ``args``; ``report.written`` once ``--report`` is;
+    ``phase``: the command's progress phase, renamed as it goes."""
     sources = _calibration_sources(args.calibration)
     metric = _check_flags(args, sources)
     # no file written may be the input model or one it reads its weights from (those are
@@ -668,6 +675,7 @@ def _optimize(args: argparse.Namespace, report: _ReportWritten) -> int:
             if record.status not in ("reverted", "failed") and isinstance(record.stats.get("speed_machine"), str):
                 print(f"optcc: warning: {args.model}: {record.stats['speed_machine']}", file=sys.stderr)
     written = status == EXIT_OK or (status == EXIT_VERIFY_FAILED and args.force)
+    phase.set_phase(WRITING_PHASE)
     if written:
         result.save(output, external_data={"auto": None, "on": True, "off": False}[args.external_data],
                     external_data_threshold=args.external_data_threshold,

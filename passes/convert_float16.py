@@ -640,7 +640,7 @@ class ConvertFloat16Pass(optcc.Pass):
         low, high, best, met = 0, None, None, False
         k = 1
         # the doubling and the bisection each judge at most one candidate per bit of len(ranked)
-        bound = min(2 * len(ranked).bit_length() + 1, max(self.max_evaluations - self.evaluations, 1))
+        bound = min(2 * len(ranked).bit_length() + 2, max(self.max_evaluations - self.evaluations, 1))
         with Progress(SEARCH_PHASE, bound) as bar:
             while k <= len(ranked) and self.evaluations < self.max_evaluations:
                 ok, sqnr, _ = self._evaluate(with_prefix(k))
