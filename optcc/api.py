@@ -26,6 +26,7 @@ from optcc.ir.overwrite import check_input_shapes
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
 from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary,
                             input_roles, resolve_providers)
+from optcc.progress import Progress
 from optcc.quant import quantization_ops
 from optcc.quant.driver import check_distinct, check_groups
 
@@ -343,35 +344,40 @@ def optimize(
             parsed=loaded if handed else untouched,
             parsed_changes=handed,
         )
-    try:
-        manager = PassManager(pipeline, strict=strict, verifier=verifier, verify_each=verify_each)
-        fresh = _fresh_copies(model, original)
-        if overwrite_input_shapes:
-            fresh = _with_overwrite(fresh, overwrite_input_shapes, label)
+    # the run is one progress phase: what no inner phase covers (the passes' bookkeeping) is named too,
+    # and the inner phases' log lines share its clock
+    with Progress("optimizing", 1, enabled=progress, bar=False) as run_phase:
         try:
-            outcome = manager.run(working, fresh=fresh, summary=summary)
-        except BadInputError as error:  # raised by a pass or the verifier: it names the model given
-            if error.path is not None or label is None:
-                raise
-            raise BadInputError(str(error), label) from None
-        report.passes = outcome.records
-        report.warnings.extend(outcome.warnings)
-        if passes is not None:
-            report.warnings.extend(f"pass '{r.name}' changed nothing: {r.stats['reason']}" for r in outcome.records
-                                   if r.status == "unchanged" and r.stats.get("reason")
-                                   and r.name not in PRECISION_PASSES.values())
-        if verify and verifier is not None:
-            check = outcome.verification  # the manager verifies the result whenever it has a verifier
-            assert check is not None
-            report.verification = {**check.to_dict(), "summary": check.describe()}
-            if check.status == "skipped":
-                report.warnings.append(f"numerics not verified: {check.reason}")
-            elif check.notes:
-                report.warnings.append("the verification's samples could hardly show an error: "
-                                       + "; ".join(check.notes))
-    finally:
-        if verifier is not None:
-            verifier.close()
+            manager = PassManager(pipeline, strict=strict, verifier=verifier, verify_each=verify_each,
+                                  progress=progress)
+            fresh = _fresh_copies(model, original)
+            if overwrite_input_shapes:
+                fresh = _with_overwrite(fresh, overwrite_input_shapes, label)
+            try:
+                outcome = manager.run(working, fresh=fresh, summary=summary)
+            except BadInputError as error:  # raised by a pass or the verifier: it names the model given
+                if error.path is not None or label is None:
+                    raise
+                raise BadInputError(str(error), label) from None
+            report.passes = outcome.records
+            report.warnings.extend(outcome.warnings)
+            if passes is not None:
+                report.warnings.extend(f"pass '{r.name}' changed nothing: {r.stats['reason']}" for r in outcome.records
+                                       if r.status == "unchanged" and r.stats.get("reason")
+                                       and r.name not in PRECISION_PASSES.values())
+            if verify and verifier is not None:
+                check = outcome.verification  # the manager verifies the result whenever it has a verifier
+                assert check is not None
+                report.verification = {**check.to_dict(), "summary": check.describe()}
+                if check.status == "skipped":
+                    report.warnings.append(f"numerics not verified: {check.reason}")
+                elif check.notes:
+                    report.warnings.append("the verification's samples could hardly show an error: "
+                                           + "; ".join(check.notes))
+        finally:
+            if verifier is not None:
+                verifier.close()
+        run_phase.advance()
     oir.collect_for(report.model_before.weight_bytes)
     report.model_after = ModelSummary.of(outcome.model, outcome.summary)  # the manager's, of its result
     report.total_time_s = round(time.perf_counter() - start, 6)

@@ -36,9 +36,11 @@ from optcc.errors import (
     UnverifiedError, VerificationError,
 )
 from optcc.infra.registry import available_passes
+from optcc.infra.report import Report
 from optcc.inspect import format_inspection, inspect_model
 from optcc.numerics import DEFAULT_SAMPLES, TOLERANCES, SampleAxisWarning, check_samples_vary, load_npz_samples
 from optcc.numerics.task import DEFAULT_MARGIN, METRICS
+from optcc.progress import Progress
 from optcc.quant.cost_model import CPU_CLASSES
 from optcc.quant.driver import MIN_GROUP_SAMPLES, SPEED_MACHINE_PREFIX, check_distinct
 from optcc.quant.fallback import Target
@@ -48,6 +50,8 @@ EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_NOT_VERIFIED, EXIT_PRECISION_NOT_APPLIED = 4, 5
 DEFAULT_TARGET_SQNR_DB = TOLERANCES["int8"].min_sqnr_db
 SUBCOMMANDS = ("inspect", "compare")
+# the command's own progress phases, before and after optimize()'s
+READING_PHASE, WRITING_PHASE = "reading the model and samples", "writing the output"
 
 EXIT_HELP = """\
 exit codes:
@@ -507,6 +511,65 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.list_passes:
         print(_list_passes())
         return EXIT_OK
+    report = _ReportWritten()
+    try:
+        # the command is one progress phase: reading the model and samples and writing the
+        # result are named too, and the log lines' clock starts here
+        with Progress(READING_PHASE, 1, enabled=not args.quiet, bar=False) as phase:
+            return _optimize(args, report, phase)
+    except BaseException as error:  # the run ends without a result: the report says how, where it may be written
+        if not report.written:
+            _write_failure_report(args, error)
+        raise
+
+
+@dataclasses.dataclass
+class _ReportWritten:
+    """Whether ``--report`` was written by the run itself (its full report)."""
+
+    written: bool = False
+
+
+def _usable_report_path(args: argparse.Namespace) -> Path | None:
+    """The ``--report`` path when the report may be written there by the rules every
+    output follows (not the input model, a file it reads its weights from, the output, a
+    file of the samples, a folder, a link, a device; its folder exists and is writable);
+    else None. Used when the run ended before it checked the path itself."""
+    if not args.report:
+        return None
+    try:
+        path = oir.check_output_path(args.report, args.model)
+        output = args.output or (default_output(args.model) if args.model else None)
+        if output is not None and Path(output).resolve() == path.resolve():
+            return None
+        # every DATA as given, and as the text after a LABEL=: the calibration flags may be what failed
+        data = {part for item in args.calibration for part in (item, item.partition("=")[2]) if part}
+        _check_not_sample_data([path], args.inputs, [(None, item) for item in sorted(data)])
+    except (BadInputError, OSError):
+        return None
+    return path
+
+
+def _write_failure_report(args: argparse.Namespace, error: BaseException) -> None:
+    """A minimal report for a run that ended by ``error`` before it had a result: its
+    ``outcome`` (exit code, the one line said on stderr, nothing written), written
+    atomically where ``_usable_report_path`` allows."""
+    ended = _exit_of(error)
+    path = _usable_report_path(args) if ended is not None else None
+    if ended is None or path is None:
+        return
+    code, line = ended
+    report = Report()
+    report.outcome = {"exit_code": code, "output": None, "declined": {}, "error": line}
+    try:
+        _write_text_atomic(path, report.render_for(path, model=args.model))
+    except OSError:  # the run's own error is what matters: said on stderr as before
+        pass
+
+
+def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress) -> int:
+    """The optimizing command on parsed ``args``; ``report.written`` once ``--report`` is;
+    ``phase``: the command's progress phase, renamed as it goes."""
     sources = _calibration_sources(args.calibration)
     metric = _check_flags(args, sources)
     # no file written may be the input model or one it reads its weights from (those are
@@ -516,7 +579,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         output.resolve().parent / (args.external_data_location or f"{output.name}.data")
     written = [output, *([Path(args.report)] if args.report else []), *([data_file] if data_file else [])]
     reads = oir.read_weight_files(args.model) if any(p.exists() for p in written) else set()
-    output = oir.check_output_path(output, args.model, reads)
+    output = oir.check_output_path(args.output or output, args.model, reads)  # as given: a trailing '/'
     report_path = oir.check_output_path(args.report, args.model, reads) if args.report else None
     if report_path is not None and report_path.resolve() == output.resolve():
         raise BadInputError("--report and the output are the same file", report_path)
@@ -563,7 +626,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         inputs = calibration
 
     target_sqnr = DEFAULT_TARGET_SQNR_DB if args.int8_target_sqnr is None else args.int8_target_sqnr
-    status, hint = EXIT_OK, None
+    status, hint, error_line = EXIT_OK, None, None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PipelineWarning)  # the summary says the report's warnings
@@ -611,20 +674,24 @@ def run(argv: Sequence[str] | None = None) -> int:
         hint = {EXIT_VERIFY_FAILED: "--force", EXIT_NOT_VERIFIED: "--allow-unverified",
                 EXIT_PRECISION_NOT_APPLIED: "--allow-float-fallback", EXIT_INTERNAL: "--allow-float-fallback"}[status]
         said = _note_one_sample_judgement(result, one_sample_files, len(calibration or ()))
-        print(f"optcc: {args.model}: {error}{said}; nothing written ({hint} writes it)", file=sys.stderr)
+        error_line = f"{args.model}: {error}{said}; nothing written ({hint} writes it)"
+        print(f"optcc: {error_line}", file=sys.stderr)
     if not args.quiet:
         for line in result.report.warnings:
             if line.startswith(SPEED_MACHINE_PREFIX):
                 print(f"optcc: warning: {args.model}: {line}", file=sys.stderr)
     written = status == EXIT_OK or (status == EXIT_VERIFY_FAILED and args.force)
+    phase.set_phase(WRITING_PHASE)
     if written:
         result.save(output, external_data={"auto": None, "on": True, "off": False}[args.external_data],
                     external_data_threshold=args.external_data_threshold,
                     external_data_location=args.external_data_location)
     if report_path is not None:
         result.report.outcome = {"exit_code": status, "output": str(output) if written else None,
-                                 "declined": dict(result.declined_precision)}
+                                 "declined": dict(result.declined_precision),
+                                 **({"error": error_line} if error_line is not None else {})}
         _write_text_atomic(report_path, result.report.render_for(report_path, model=args.model))
+        report.written = True
     if status == EXIT_OK:
         for line in _opt_in_warnings(args, result):
             print(line, file=sys.stderr)  # also with --quiet: the output is not what a clean run gives
@@ -850,40 +917,49 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    try:
-        with _sigterm_unwinds():
-            return run(argv)
-    except SystemExit as stop:  # argparse's --help, --version and usage errors
-        return stop.code if isinstance(stop.code, int) else EXIT_BAD_INPUT
-    except OptccError as error:
-        print(f"optcc: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("optcc: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except _Terminated:
-        print("optcc: terminated; nothing written", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except BrokenPipeError:  # the reader of optcc's messages went away mid-run: the run stops there
-        for stream in (sys.stdout, sys.stderr):
-            _silence(stream)
-        return EXIT_INTERNAL
-    except Exception as error:  # noqa: BLE001 - the last line of defence
-        if os.environ.get("OPTCC_DEBUG"):
-            raise
+def _exit_of(error: BaseException) -> tuple[int, str] | None:
+    """The exit code of a run that ``error`` ended, and the line said on stderr for it
+    (after ``optcc: ``); None for what is no end of a run (argparse's exits)."""
+    if isinstance(error, OptccError):
+        return error.exit_code, f"error: {error}"
+    if isinstance(error, KeyboardInterrupt):
+        return 130, "interrupted; nothing written"
+    if isinstance(error, _Terminated):
+        return 128 + signal.SIGTERM, "terminated; nothing written"
+    if isinstance(error, BrokenPipeError):  # the reader of optcc's messages went away: nothing to say
+        return EXIT_INTERNAL, "the reader of optcc's messages went away; nothing written"
+    if isinstance(error, Exception):
         where = ""
         tb = error.__traceback__
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         if tb is not None:
             where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
-        print(
-            f"optcc: internal error: {type(error).__name__}: {error}{where}. "
-            f"Please report it at {ISSUES_URL} (set OPTCC_DEBUG=1 for the traceback)",
-            file=sys.stderr,
-        )
+        return EXIT_INTERNAL, (f"internal error: {type(error).__name__}: {error}{where}. "
+                               f"Please report it at {ISSUES_URL} (set OPTCC_DEBUG=1 for the traceback)")
+    return None
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    try:
+        with _sigterm_unwinds():
+            return run(argv)
+    except SystemExit as stop:  # argparse's --help, --version and usage errors
+        return stop.code if isinstance(stop.code, int) else EXIT_BAD_INPUT
+    except BrokenPipeError:  # the reader of optcc's messages went away mid-run: the run stops there
+        for stream in (sys.stdout, sys.stderr):
+            _silence(stream)
         return EXIT_INTERNAL
+    except Exception as error:  # noqa: BLE001 - the last line of defence
+        if os.environ.get("OPTCC_DEBUG") and not isinstance(error, OptccError):
+            raise
+        code, line = _exit_of(error)  # type: ignore[misc]
+        print(f"optcc: {line}", file=sys.stderr)
+        return code
+    except (KeyboardInterrupt, _Terminated) as error:
+        code, line = _exit_of(error)  # type: ignore[misc]
+        print(f"optcc: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

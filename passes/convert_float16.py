@@ -76,6 +76,7 @@ from optcc.numerics import (ACCEPTED_BY_SQNR, ACCEPTED_BY_TASK, RETRY_SIZES, SAT
                             generate_inputs, resolve_providers, widen_float16)
 from optcc.fp16 import (
     FLOAT, FLOAT16, FP16_MAX, KEEP_INPUTS, Emulator, Rewriter, Slots, exactly_float16, float16_slots)
+from optcc.progress import Progress
 from optcc.quant import quantized_already
 
 KEEP_MARKER = "optcc.fp16.keep_float32"
@@ -84,6 +85,11 @@ UNDERFLOW_FRACTION = 0.10
 UNDERFLOW_SQNR_DB = 60.0  # below float16's own rounding noise (~70 dB): the flushed values matter
 STORE16_MIN_ELEMENTS = 64  # smaller weights do not pay for the Cast node that reads them
 STORE16_TRIALS = 4  # evaluations spent on weights of float32 nodes one by one
+# the progress phases of the pass, in the order they run
+RANGES_PHASE = "fp16: measuring ranges"
+CANDIDATE_PHASE = "fp16: judging the float16 model"
+SEARCH_PHASE = "fp16: layers back to float32"
+STORE16_PHASE = "fp16: float32 layers' weights stored float16"
 _SUM_REDUCES = frozenset({"ReduceSum", "ReduceMean"})
 _SQUARE_REDUCES = frozenset({"ReduceSumSquare", "ReduceL2", "LpNormalization"})
 _NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization",
@@ -633,22 +639,29 @@ class ConvertFloat16Pass(optcc.Pass):
 
         low, high, best, met = 0, None, None, False
         k = 1
-        while k <= len(ranked) and self.evaluations < self.max_evaluations:
-            ok, sqnr, _ = self._evaluate(with_prefix(k))
-            if ok:
-                high, best, met = k, sqnr, True
-                break
-            low, k = k, min(2 * k, len(ranked)) if k < len(ranked) else k + 1
-        if high is None:
-            high = len(ranked)
-            met, best, _ = self._evaluate(with_prefix(high))
-        while high - low > 1 and self.evaluations < self.max_evaluations:
-            mid = (low + high) // 2
-            ok, sqnr, _ = self._evaluate(with_prefix(mid))
-            if ok:
-                high, best, met = mid, sqnr, True
-            else:
-                low = mid
+        # the doubling and the bisection each judge at most one candidate per bit of len(ranked)
+        bound = min(2 * len(ranked).bit_length() + 2, max(self.max_evaluations - self.evaluations, 1))
+        with Progress(SEARCH_PHASE, bound) as bar:
+            while k <= len(ranked) and self.evaluations < self.max_evaluations:
+                ok, sqnr, _ = self._evaluate(with_prefix(k))
+                bar.advance()
+                if ok:
+                    high, best, met = k, sqnr, True
+                    break
+                low, k = k, min(2 * k, len(ranked)) if k < len(ranked) else k + 1
+            if high is None:
+                high = len(ranked)
+                met, best, _ = self._evaluate(with_prefix(high))
+                bar.advance()
+            while high - low > 1 and self.evaluations < self.max_evaluations:
+                mid = (low + high) // 2
+                ok, sqnr, _ = self._evaluate(with_prefix(mid))
+                bar.advance()
+                if ok:
+                    high, best, met = mid, sqnr, True
+                else:
+                    low = mid
+            bar.advance(bound)
         self._fallback_labels = sorted({labels[key] for region in ranked[:high] for key in region})
         return with_prefix(high), best or _Judged(), met
 
@@ -709,16 +722,20 @@ class ConvertFloat16Pass(optcc.Pass):
         exact, lossy = self._store16_candidates(keep)
         chosen, report = set(exact), {"exact": len(exact), "rounded": 0}
         if lossy:
-            ok, trial_sqnr, _ = self._evaluate(keep, store16=chosen | set(lossy))
-            trials = [] if ok else sorted(lossy, key=lambda n: (-lossy[n], n))[:STORE16_TRIALS]
-            if ok:
-                chosen |= set(lossy)
-                sqnr = trial_sqnr
-            for name in trials:
-                ok, one_sqnr, _ = self._evaluate(keep, store16=chosen | {name})
+            with Progress(STORE16_PHASE, 1 + min(len(lossy), STORE16_TRIALS)) as bar:
+                ok, trial_sqnr, _ = self._evaluate(keep, store16=chosen | set(lossy))
+                bar.advance()
+                trials = [] if ok else sorted(lossy, key=lambda n: (-lossy[n], n))[:STORE16_TRIALS]
                 if ok:
-                    chosen.add(name)
-                    sqnr = one_sqnr
+                    chosen |= set(lossy)
+                    sqnr = trial_sqnr
+                for name in trials:
+                    ok, one_sqnr, _ = self._evaluate(keep, store16=chosen | {name})
+                    bar.advance()
+                    if ok:
+                        chosen.add(name)
+                        sqnr = one_sqnr
+                bar.advance(bar.total)
             report["rounded"] = len(chosen) - len(exact)
             if len(chosen) - len(exact) < len(lossy):
                 report["not_rounded"] = sorted(set(lossy) - chosen)
@@ -758,7 +775,9 @@ class ConvertFloat16Pass(optcc.Pass):
         self._external_result = optcc.ir.weight_bytes(model) > optcc.ir.EXTERNAL_DATA_THRESHOLD_BYTES
         self._weight_casts: set[str] = set()
         try:
-            self._facts(model)
+            with Progress(RANGES_PHASE, 1) as bar:
+                self._facts(model)
+                bar.advance()
         except UngeneratedInputError as e:  # a string input, say: only the user's samples can feed it
             return optcc.PassResult(model, False, {"skipped": f"nothing converted: no samples to judge float16 on: {e}"})
         self.evaluations = 0
@@ -780,7 +799,9 @@ class ConvertFloat16Pass(optcc.Pass):
         if not plan and not any(self._store16_candidates(keep)):
             self._report_kept(stats, keep)
             return optcc.PassResult(model, False, stats)
-        ok, judged, candidate = self._evaluate(keep)
+        with Progress(CANDIDATE_PHASE, 1) as bar:
+            ok, judged, candidate = self._evaluate(keep)
+            bar.advance()
         if not ok:
             keep, judged, ok = self._fallback(keep, candidate)
             if ok:  # the nodes returned to float32 may leave data movement between float32 values

@@ -271,12 +271,15 @@ class QuantizeInt8Pass(optcc.Pass):
         names = optcc.ir.ModelNames(model)
         inputs_constant = optcc.ir.initializers_are_constant(model)
         modified = False
+        # the op holding each If/Loop/Scan body: a layer there has a range only where the caller gave one
+        owners = {id(body): node.op_type for graph in optcc.ir.graphs(model) for node in graph
+                  for body in optcc.ir.subgraphs(node)}
         for graph in optcc.ir.graphs(model):
             if not isinstance(graph, ir.Graph):
                 if any(n.op_type in COMPUTE_OPS for n in graph):
                     _count(stats["kept_float"], "inside a function")
                 continue
-            plan = self._plan(graph, inputs_constant)
+            plan = self._plan(graph, inputs_constant, owners.get(id(graph)))
             for reason, n in plan.kept.items():
                 _count(stats["kept_float"], reason, n)
             if plan.compute or plan.shared or plan.rescale:
@@ -313,7 +316,8 @@ class QuantizeInt8Pass(optcc.Pass):
             return False
         return self.only is None or bool(self.only & names)
 
-    def _plan(self, graph: ir.Graph, inputs_constant: bool) -> _Plan:
+    def _plan(self, graph: ir.Graph, inputs_constant: bool, owner: str | None = None) -> _Plan:
+        """``owner``: the op type holding ``graph`` when it is an If/Loop/Scan body."""
         plan = _Plan(inputs_constant)
         weight_users: dict[ir.Value, list[ir.Node]] = {}
         rescales = {node: f for node in graph if (f := self._rescale_factor(node, plan)) is not None}
@@ -323,7 +327,7 @@ class QuantizeInt8Pass(optcc.Pass):
             if not self._selected(node):
                 plan.keep("excluded")
                 continue
-            kind = self._check(node, plan)
+            kind = self._check(node, plan, owner)
             if kind is None:
                 continue
             plan.compute[node] = kind
@@ -363,12 +367,18 @@ class QuantizeInt8Pass(optcc.Pass):
             return value if node.op_type == "Mul" else 1.0 / value
         return None
 
-    def _check(self, node: ir.Node, plan: _Plan) -> str | None:
-        """The kind of quantization for ``node``, or None (reason recorded)."""
+    def _check(self, node: ir.Node, plan: _Plan, owner: str | None = None) -> str | None:
+        """The kind of quantization for ``node``, or None (reason recorded; a missing range in
+        a body held by an ``owner`` op is said with the op and where it is: calibration
+        records the main graph's values only)."""
         op = node.op_type
         outputs = list(node.outputs)
+        unranged = "no calibrated float output range"
+        if owner is not None:
+            where = "an If branch" if owner == "If" else f"a {owner} body"
+            unranged = f"{op} inside {where}"
         if len(outputs) != 1 or self._range(outputs[0]) is None:
-            plan.keep("no calibrated float output range" if len(outputs) == 1 else "several outputs")
+            plan.keep(unranged if len(outputs) == 1 else "several outputs")
             return None
         if op in _WEIGHTED:
             if any(use.node.op_type == "BatchNormalization" for use in outputs[0].uses()):

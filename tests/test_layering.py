@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
 ]
 # What a pass may import: the facade and the subpackages' __init__ (their public API).
 PUBLIC = {"optcc", "optcc.ir", "optcc.infra", "optcc.rewrite", "optcc.numerics", "optcc.runtime",
-          "optcc.quant", "optcc.fp16", "optcc.errors"}
+          "optcc.quant", "optcc.fp16", "optcc.errors", "optcc.progress"}
 
 
 def _module_name(path: Path) -> str:

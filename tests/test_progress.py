@@ -35,7 +35,7 @@ def test_callback_sees_every_step_and_nothing_is_drawn(monkeypatch):
 def test_terminal_line_has_the_phase_and_an_eta(monkeypatch):
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    with Progress("verifying", 4) as bar:
+    with Progress("verifying", 4, enabled=True) as bar:
         bar.advance()
         bar.set_phase("verifying on CUDA")
         bar.advance(3)
@@ -46,7 +46,7 @@ def test_terminal_line_has_the_phase_and_an_eta(monkeypatch):
 
 
 def test_silent_when_stderr_is_not_a_terminal(capsys):
-    with Progress("calibrating", 5) as bar:
+    with Progress("calibrating", 5, enabled=True) as bar:
         bar.advance(5)
     assert capsys.readouterr().err == ""
 
@@ -56,7 +56,8 @@ def test_long_phases_print_a_log_line_now_and_then_when_stderr_is_not_a_terminal
 
     clock = [1000.0]
     monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
-    with Progress("calibrating", 6) as bar:
+    monkeypatch.setattr(progress, "TICK_SECONDS", 3600.0)  # lines at the steps alone: the watcher never looks
+    with Progress("calibrating", 6, enabled=True) as bar:
         for seconds in (2, 5, 6, 10, 40, 45):  # steps at 2, 7, 13, 23, 63, 108 s
             clock[0] += seconds
             bar.advance()
@@ -178,3 +179,77 @@ def test_the_int8_fallback_shows_its_ranking_search_and_confirmation():
     assert set(stats["fallback"]["kept_float"]) == set(sensitive) and stats["fallback"]["confirmation"]["passed"]
     assert {"fallback", "fallback_ranking", "fallback_confirmation"} <= set(stats["seconds"])
     assert "seconds" not in stats["fallback"]
+
+
+def test_a_phase_of_one_long_step_is_named_while_it_runs(capsys, monkeypatch):
+    """The watcher names the innermost open phase once stderr has been silent long enough,
+    without waiting for a step; the phase around it (a pass) gives way; -q prints nothing."""
+    import time
+
+    import optcc.progress as progress
+
+    monkeypatch.setattr(progress, "QUIET_SECONDS", 0.05)
+    monkeypatch.setattr(progress, "TICK_SECONDS", 0.01)
+    with Progress("pass convert-float16", 1, enabled=True):
+        with Progress("fp16: judging the float16 model", 1) as inner:  # enabled=None: as the pass
+            deadline = time.monotonic() + 30
+            while "judging" not in capsys.readouterr().err and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert time.monotonic() < deadline, "no line while the one step ran"
+            inner.advance()
+    err = capsys.readouterr().err
+    assert "pass convert-float16" not in err.split("judging")[0]
+    with Progress("pass convert-float16", 1, enabled=False):  # -q
+        with Progress("fp16: judging the float16 model", 1):
+            time.sleep(0.3)
+    assert capsys.readouterr().err == ""
+
+
+def test_silence_is_counted_over_the_run_not_per_phase(capsys, monkeypatch):
+    """Phases each shorter than QUIET_SECONDS inside one run still get a line once the run
+    has been silent that long: the first phase to step then is named, with its count."""
+    import optcc.progress as progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(progress, "TICK_SECONDS", 3600.0)
+    with Progress("optimizing", 1, enabled=True):
+        for phase in ("reference: float32 original", "calibrating", "bias correction"):
+            with Progress(phase, 4) as bar:
+                for _ in range(4):
+                    clock[0] += 1.5  # 6 s a phase
+                    bar.advance()
+    assert capsys.readouterr().err.splitlines() == ["optcc: calibrating 3/4 (4 s)"]
+
+
+def test_a_pass_s_own_phases_reach_the_callback_given_to_optimize():
+    """``optimize(..., progress=callback)``: the float16 conversion's phases, which take
+    their ``enabled`` from the phase around them, reach it inside the run's and the pass's."""
+    from optcc.passes.convert_float16 import CANDIDATE_PHASE, RANGES_PHASE
+
+    w = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    seen: list[tuple[str, int, int]] = []
+    result = optcc.optimize(model, fp16=True, progress=lambda *a: seen.append(a))
+    phases = list(dict.fromkeys(phase for phase, _, _ in seen))
+    assert phases[0] == "optimizing"
+    assert phases.index("pass convert-float16") < phases.index(RANGES_PHASE) < phases.index(CANDIDATE_PHASE)
+    assert result.precision["fp16"] is None
+
+
+def test_a_phase_that_holds_others_draws_no_terminal_line_of_its_own(monkeypatch):
+    """The run and each pass (``bar=False``) leave the terminal to the phases inside them."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with Progress("pass convert-float16", 1, enabled=True, bar=False):
+        pass
+    assert terminal.getvalue() == ""
+    with Progress("pass convert-float16", 1, enabled=True, bar=False):
+        with Progress("fp16: judging the float16 model", 2) as inner:
+            inner.advance(2)
+    text = terminal.getvalue()
+    assert "fp16: judging the float16 model:" in text and "pass convert-float16" not in text

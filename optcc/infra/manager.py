@@ -44,6 +44,7 @@ from optcc.infra.invariants import Signature, check_invariants, checked, signatu
 from optcc.infra.report import PassRecord, op_delta
 from optcc.numerics.kinds import NUMERICS_ORDER, Numerics, loosest
 from optcc.numerics.verify import Verification, Verifier
+from optcc.progress import Progress, ProgressCallback
 from optcc.runtime.shared_weights import Serialized
 
 __all__ = ["Fixpoint", "Prepared", "PassManager", "PipelineResult", "pass_name", "step_passes", "MAX_BISECTIONS"]
@@ -150,9 +151,11 @@ class PassManager:
         verifier: Verifier | None = None,
         verify_each: bool = False,
         check_invariants: bool = True,
+        progress: Union[bool, ProgressCallback] = False,
         _numerics: Numerics = "exact",  # what the model given to run() already has: the loosest kept
     ) -> None:
         self.pipeline = list(pipeline)
+        self.progress = progress  # each pass is a progress phase of its own (``pass NAME``)
         self._base_numerics = _numerics
         self.strict = strict
         self.verifier = verifier
@@ -204,7 +207,8 @@ class PassManager:
         written, i.e. when the later steps change nothing; where they change it, the final
         verification runs the samples on their result."""
         assert self.verifier is not None
-        options = dict(strict=self.strict, verifier=self.verifier, check_invariants=self.check_invariants)
+        options = dict(strict=self.strict, verifier=self.verifier, check_invariants=self.check_invariants,
+                       progress=self.progress)
         head = PassManager(self.pipeline[:split], **options, _numerics=self._base_numerics)
         first = head._complete(model, fresh, reverts={}, summary=summary)
         head_run, check = first, self.verifier.prove(first.model, first.numerics(), serialized=first.serialized)
@@ -498,7 +502,9 @@ class PassManager:
             status, reason = "reverted", planned
         else:
             try:
-                result = pass_(model)
+                with Progress(f"pass {name}", 1, enabled=self.progress, bar=False) as bar:
+                    result = pass_(model)
+                    bar.advance()
             except BadInputError:  # the user's data or options, unusable: no pass's failure to revert
                 raise
             except Exception as error:  # noqa: BLE001 - any failure of a pass is reverted

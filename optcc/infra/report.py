@@ -127,8 +127,10 @@ class Report:
     # the declared graph input/output types loading changed, one line each (``optcc.ir.interface``)
     interface: list[str] = dataclasses.field(default_factory=list)
     # how the command line ended, for a job that reads the report instead of the exit code:
-    # ``exit_code``, ``output`` (the path written, or None: nothing written) and ``declined``
-    # (each precision asked for and not applied: why); None from the Python API
+    # ``exit_code``, ``output`` (the path written, or None: nothing written), ``declined``
+    # (each precision asked for and not applied: why) and, when the run ended with an error,
+    # ``error`` (the line said, after "optcc: "); a run that ended before it had a result
+    # writes a report holding this alone; None from the Python API
     outcome: dict[str, Any] | None = None
 
     def reverted(self) -> list[PassRecord]:

@@ -83,6 +83,11 @@ def _header(report: Mapping[str, Any], title: str) -> str:
         ("versions", _e(f"optcc {report.get('optcc_version', '?')}, onnx {report.get('onnx_version', '?')}, "
                         f"onnxruntime {report.get('onnxruntime_version', '?')}")),
     ]
+    outcome = report.get("outcome")
+    if outcome:  # how the command line ended: a run that ended early has nothing else to show
+        said = f"exit {outcome.get('exit_code')}: " + (f"wrote {outcome['output']}" if outcome.get("output")
+                                                      else "nothing written")
+        facts.insert(0, ("outcome", _e(said + (f"; {outcome['error']}" if outcome.get("error") else ""))))
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in facts)
     warnings = "".join(f"<li>{_e(w)}</li>" for w in report.get("warnings") or [])
     return (f"<header><h1>{_e(title)}</h1><table class=\"facts\">{rows}</table>"

@@ -70,13 +70,19 @@ def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | N
                       input_files: Iterable[Path] | None = None) -> Path:
     """Refuse an output path before any work is done: the input model itself or a file its
     weights are read from (writing either would destroy the input), a missing or
-    unwritable folder, a directory, a symbolic link or anything else that is not a regular
-    file (the rename would replace it). Returns the path. ``input_files``: the resolved files
-    the input model reads its weights from, when the caller already knows them (else the
-    input model is loaded to find them, when the output exists)."""
+    unwritable folder, a directory, a path ending in a separator (a folder's name), a
+    symbolic link or anything else that is not a regular file (the rename would replace
+    it). Returns the path. ``input_files``: the resolved files the input model reads its
+    weights from, when the caller already knows them (else the input model is loaded to
+    find them, when the output exists)."""
     out = Path(path)
     if out.is_dir():
         raise BadInputError("output path is a directory", out)
+    text = os.fspath(path)
+    if text.endswith(tuple(sep for sep in ("/", os.sep, os.altsep) if sep)):
+        # Path() drops the separator: the file would be written under the folder's name
+        raise BadInputError(f"output path '{text}' ends in a path separator, so it names a folder that does not "
+                            "exist: give a file name (FOLDER/model.onnx, in an existing folder)", out)
     if input_path is not None and Path(input_path).is_file() and out.exists():
         if os.path.samefile(out, input_path):
             raise BadInputError("output path is the input model; refusing to overwrite it", out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -66,7 +66,7 @@ def load_npz_samples(
     ranks, ir_model = _input_ranks(model)
     samples: list[dict[str, np.ndarray]] = []
     for file in files:
-        arrays = _read(file)
+        arrays = _read(file, list(ranks or ()))
         with_axis = _has_sample_axis(arrays, ranks, file)
         for key, array in arrays.items():
             if purpose == "calibration" and np.issubdtype(array.dtype, np.floating) \
@@ -91,7 +91,9 @@ _NPZ_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # an .npz is a zip archive of .npy
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-def _read(file: Path) -> dict[str, np.ndarray]:
+def _read(file: Path, input_names: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The arrays of an .npz by name; ``input_names`` (the model's graph inputs, when known)
+    word the fix for a single .npy array."""
     try:
         with open(file, "rb") as f:
             head = f.read(len(_NPY_MAGIC))
@@ -100,6 +102,14 @@ def _read(file: Path) -> dict[str, np.ndarray]:
     if not (head.startswith(_NPZ_MAGICS) or head == _NPY_MAGIC):
         # anything else np.load would take for a pickle
         raise BadInputError("not an .npz file (a zip archive of .npy arrays, as numpy.savez writes)", file)
+    if head == _NPY_MAGIC:  # one unnamed array: which input it feeds is not for optcc to guess
+        names = list(input_names) or ["INPUT"]
+        example = ", ".join(f"{name}=np.load('{file.name}')" if i == 0 else f"{name}=..."
+                            for i, name in enumerate(names))
+        raise BadInputError(
+            "is a .npy file (one unnamed array), not an .npz: samples are an .npz with one array per graph "
+            f"input, named as the input ({', '.join(names)}), each with a leading sample axis; make one with "
+            f"np.savez('{file.stem}.npz', {example})", file)
     try:
         with np.load(file, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}

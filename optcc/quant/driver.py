@@ -797,7 +797,8 @@ def quantize_int8(
     stats["layer_ops"] = dict(pass_stats.get("layer_ops") or {})  # every quantizable layer's op, for the report
     lap("quantize")
     if not pass_stats.get("layers"):
-        return decline("nothing", "nothing quantizable (no layer met the preconditions)" + _fed_weights_note(working))
+        return decline("nothing", "nothing quantizable (no layer met the preconditions: "
+                       f"{_unmet_preconditions(working, pass_stats)})" + _fed_weights_note(working))
     if (declined := speed_decline(quantized)) is not None:
         return declined
     if correcting:
@@ -890,6 +891,28 @@ def quantize_int8(
     slower_on_machine()
     stats["modified"] = True
     return quantized, stats
+
+
+# layers with weights that INT8 leaves float whatever their ranges (no QDQ form is written for them)
+UNQUANTIZED_LAYERS = ("LSTM", "GRU", "RNN", "ConvTranspose", "Einsum")
+
+
+def _unmet_preconditions(model: ir.Model, pass_stats: Mapping[str, Any]) -> str:
+    """Why no layer was quantized, counted by reason, most first: the quantizing pass's
+    ``kept_float`` (``12 Conv inside an If branch (...)``) and the layers of an op INT8
+    never quantizes (``2 LSTM (not quantized by INT8)``)."""
+    counts = dict(pass_stats.get("kept_float") or {})
+    for graph in oir.graphs(model):
+        for node in graph:
+            if node.op_type in UNQUANTIZED_LAYERS and node.domain in ("", "ai.onnx"):
+                reason = f"{node.op_type} (not quantized by INT8)"
+                counts[reason] = counts.get(reason, 0) + 1
+    if not counts:
+        return "the model has no Conv, Gemm, MatMul, Add, Mul, Concat or pooling layer"
+    said = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    if any(" inside a" in reason for reason in counts):  # "Conv inside an If branch", "... inside a Loop body"
+        said += "; calibration records the main graph's values only, so a layer in an If/Loop/Scan body has no range"
+    return said
 
 
 def _fed_weights_note(model: ir.Model) -> str:
