@@ -195,4 +195,23 @@ def test_each_printed_task_row_is_the_rule_that_decided_it():
     verdict = TaskJudge({"y": ref}, {"y": got}, metric="sqnr")({"y": noise})
     row = verdict["metrics"]["y:sqnr"]
     assert row["deviation"] <= row["allowed"]
-    assert task_rows_text(verdict, "y") == f"sqnr {row['deviation']:.3g} <= {row['allowed']:.3g} (floor {row['floor']:.3g})"
+    want = f"sqnr {row['deviation']:.3g} <= {row['allowed']:.3g} (floor {row['floor']:.3g})"
+    assert task_rows_text(verdict, "y") == want
+
+
+def test_a_rejected_token_model_says_which_metric_judged_it_and_why():
+    model = _token_model()
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(model)
+    head = next(t for t in candidate.graph.initializer if t.name == "head")
+    weights = numpy_helper.to_array(head).copy()
+    weights[:, [5, 6]] = weights[:, [6, 5]]  # every token 5 now reads as class 6, and 6 as 5
+    head.CopyFrom(numpy_helper.from_array(weights, "head"))
+    feeds = _feeds(10)
+    with optcc.Verifier(model, inputs=feeds) as verifier:
+        verification = verifier.check(ir.from_proto(candidate), "int8")
+    ref = np.concatenate([_run(model, f) for f in feeds])
+    flips, confident = _confident_flips(ref, np.concatenate([_run(candidate, f) for f in feeds]))
+    row = verification.task["metrics"]["scores:argmax"]
+    assert verification.status == "failed" and flips > 0 and row["deviation"] == pytest.approx(flips / confident)
+    assert "judged 'scores' by argmax (one step per token of input 'ids'" in verification.reason

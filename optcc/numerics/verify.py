@@ -782,9 +782,15 @@ class Verifier:
         problems = [f"'{m.name}' on {m.provider}: {m.problem}"
                     + (f" (the output {weak[m.name]}: give {self._telling_samples})" if m.name in weak else "")
                     for m in metrics if not m.passed]
+        chosen: dict[str, str] = {}  # the failed rows' metrics and why they were chosen, said once
         for provider, verdict in verdicts.items() if by_task else ():  # fp16: the task only accepts
-            problems += [f"'{row}' on {provider}: {_task_problem(value)}"
-                         for row, value in verdict["metrics"].items() if value.get("passed") is False]
+            failed = [row for row, value in verdict["metrics"].items() if value.get("passed") is False]
+            problems += [f"'{row}' on {provider}: {_task_problem(verdict['metrics'][row])}" for row in failed]
+            keys = {row.rpartition(":")[0] for row in failed}
+            chosen.update((key, _chosen_words(key, c)) for key, c in (verdict.get("chosen") or {}).items()
+                          if key in keys)
+        if chosen:
+            problems.append(f"judged {'; '.join(chosen.values())}")
         status = "failed" if problems else "passed"
         return Verification(status=status, outputs=metrics, reason="; ".join(problems) or None, reference=reference,
                             task=verdicts.get(self.providers[0]),
@@ -1222,7 +1228,8 @@ def _row_text(part: str, v: Mapping[str, Any]) -> str:
     """One judged task row (``task_rows_text``) in words."""
     items = f", {v['items']} items" if "items" in v else ""
     if v.get("floor") is None and "sqnr_db" in v:  # passed by the SQNR target alone: no floor measured
-        return f"{part} {_num(v['sqnr_db'])} dB >= {_num(v.get('target_db'))} dB target (no floor measured: none could fail it)"
+        return (f"{part} {_num(v['sqnr_db'])} dB >= {_num(v.get('target_db'))} dB target "
+                "(no floor measured: none could fail it)")
     within = float(v["deviation"]) <= float(v["allowed"])  # "inf" and "nan" read as floats too
     floor = f"floor {_num(v['floor'])}{items}"
     if v.get("passed") is False:
@@ -1243,9 +1250,13 @@ def chosen_text(verdict: Mapping[str, Any] | None, output: str | None = None) ->
     """Which metric judged each row of a task verdict (``output``'s alone, when given), and
     why it was chosen, in words."""
     groups = (verdict or {}).get("groups") or ()
-    return "; ".join(f"'{key}' by {c['metric']} ({'as given' if c['why'] == 'given' else c['why']})"
-                     for key, c in ((verdict or {}).get("chosen") or {}).items()
+    return "; ".join(_chosen_words(key, c) for key, c in ((verdict or {}).get("chosen") or {}).items()
                      if output is None or _row_parts(f"{key}:", groups)[0] == output) or "no output judged"
+
+
+def _chosen_words(key: str, chosen: Mapping[str, str]) -> str:
+    """A row's metric and why it was chosen (a verdict's ``chosen`` entry), in words."""
+    return f"'{key}' by {chosen['metric']} ({'as given' if chosen['why'] == 'given' else chosen['why']})"
 
 
 def _task_problem(row: Mapping[str, Any]) -> str:
