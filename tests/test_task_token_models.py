@@ -215,3 +215,18 @@ def test_a_rejected_token_model_says_which_metric_judged_it_and_why():
     row = verification.task["metrics"]["scores:argmax"]
     assert verification.status == "failed" and flips > 0 and row["deviation"] == pytest.approx(flips / confident)
     assert "judged 'scores' by argmax (one step per token of input 'ids'" in verification.reason
+
+
+def test_a_recognizer_whose_blank_is_its_last_class_is_decoded_with_that_blank():
+    """A CRNN that puts its blank last (the class filling most steps) and reads a '0' (class
+    0) that the candidate loses: the line a user decodes, blank dropped, lost a character."""
+    blank = VOCAB - 1
+    path = [blank, 0, blank, blank, 4, blank, 7, 7, blank, blank, 2, blank] * 2
+    lost = [blank if c == 0 else c for c in path]
+    ref, got = _posteriors(path), _posteriors(lost, seed=1)
+    assert tm.choose_metric([ref], "softmax") == "ctc"
+    row = TaskJudge({"y": [ref]}, {"y": [ref]})({"y": [got]})["metrics"]
+    want = [c for i, c in enumerate(path) if c != blank and (i == 0 or c != path[i - 1])]
+    have = [c for i, c in enumerate(lost) if c != blank and (i == 0 or c != lost[i - 1])]
+    assert want != have and len(want) - len(have) == 2
+    assert row["y:ctc_exact"]["deviation"] == 1.0 and row["y:cer"]["deviation"] == pytest.approx(2 / len(want))

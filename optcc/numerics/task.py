@@ -23,12 +23,13 @@ output                    metric (deviation: 0 when identical)
                           or the model declares it symbolic (``sequence_outputs``:
                           per-step values of a sequence, not classes)
 ``[N, T, C]`` rows that   ``ctc``: greedy CTC decode (argmax per step, repeats merged,
-sum to 1                  blank 0 dropped); 1 - exact-match rate and the character error
-(or time-major            rate (edit distance / reference length), both judged; a
-``[T, 1, C]``: rows       ``[T, 1, C]`` sample (T > 1) is one time-major sequence
-that sum to 1, or         (a CRNN's ``[T, batch, C]``), decoded also from raw logits
-logits: named so, or      when the output's name says logits, or when they decide
-deciding per step)        classes step by step (``_per_step_classes``). Only when they
+sum to 1                  the blank dropped: the class that fills most of the reference's
+(or time-major            steps, ``_ctc_blank``); 1 - exact-match rate and the character
+``[T, 1, C]``: rows       error rate (edit distance / reference length), both judged; a
+that sum to 1, or         ``[T, 1, C]`` sample (T > 1) is one time-major sequence
+logits: named so, or      (a CRNN's ``[T, batch, C]``), decoded also from raw logits
+deciding per step)        when the output's name says logits, or when they decide
+                          classes step by step (``_per_step_classes``). Only when they
                           read as a CTC recognizer's (``_ctc_like``: peaked, symbols as
                           spikes between blanks); framewise scores (a VAD's states per
                           frame, held over a segment) are judged by ``argmax`` per frame,
@@ -733,10 +734,19 @@ def _edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
     return previous[-1]
 
 
+def _ctc_blank(refs: Sequence[np.ndarray]) -> int:
+    """The blank of a CTC recognizer's reference outputs: the class that fills most of
+    their steps (``_ctc_like``'s filler), whichever index the model gives it (0 for
+    PP-OCR, the last class for some CRNNs); the smallest such class on a tie."""
+    best = [_batch_major(np.asarray(a)).argmax(-1).reshape(-1) for a in refs]
+    return int(np.bincount(np.concatenate(best)).argmax()) if best and sum(b.size for b in best) else 0
+
+
 def _ctc_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _Measured:
     exact = total = errors = length = 0
+    blank = _ctc_blank(refs)
     for r, g in zip(refs, gots):
-        for a, b in zip(ctc_greedy(r), ctc_greedy(g)):
+        for a, b in zip(ctc_greedy(r, blank), ctc_greedy(g, blank)):
             total += 1
             exact += a == b
             errors += _edit_distance(a, b)
@@ -1149,7 +1159,8 @@ def _ctc_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
                    envelope: Sequence[Sequence[np.ndarray]]) -> dict[str, float]:
     """1 - exact match over the lines, counting only the lines whose float32 decode no draw
     of ``envelope`` changes."""
-    decode = lambda arrays: [line for a in arrays for line in ctc_greedy(a)]  # noqa: E731
+    blank = _ctc_blank(refs)
+    decode = lambda arrays: [line for a in arrays for line in ctc_greedy(a, blank)]  # noqa: E731
     ref, got = decode(refs), decode(gots)
     moved = [False] * len(ref)  # the line's float32 decode changes under some draw
     for draw in envelope:
