@@ -52,7 +52,7 @@ from optcc.numerics import (ACCEPTED_BY_SQNR, ACCEPTED_BY_TASK, DEFAULT_MARGIN, 
                             ORIGINAL_ERROR_FACTOR, TOLERANCES, OutputMetrics, Tolerance, UngeneratedInputError,
                             Verification, Verifier, check_feeds, compare_outputs)
 from optcc.numerics.task import UserMetric
-from optcc.numerics.verify import task_rows_text
+from optcc.numerics.verify import chosen_text, task_rows_text
 from optcc.runtime.session import first_line, float16_feedable, session_options
 
 __all__ = ["Comparison", "compare_models", "format_comparison"]
@@ -281,7 +281,7 @@ def _judge(m: OutputMetrics, verification: Verification) -> str:
     tolerance = verification.tolerance
     task = verification.task
     if verification.numerics == "int8" and task is not None and tolerance == TOLERANCES["int8"]:
-        return f"task against A's noise floor: {task_rows_text(task, m.name)}"
+        return f"task against A's noise floor, {chosen_text(task, m.name)}: {task_rows_text(task, m.name)}"
     if m.accepted_by == ACCEPTED_BY_TASK:
         return (f"task against A's noise floor (SQNR {m.sqnr_db:.1f} dB below {tolerance.min_sqnr_db:g}): "
                 f"{task_rows_text(task, m.name)}")

@@ -188,12 +188,12 @@ def test_int8_is_judged_by_the_task_against_the_originals_noise_floor(tmp_path: 
     assert np.array_equal(got.argmax(-1), exact.argmax(-1)) and _sqnr_db(exact, got) < 25
     np.savez(tmp_path / "x.npz", x=np.stack([f["x"] for f in feeds]))
     result = compare_models(str(original), str(lossy), inputs=feeds, numerics="int8")
-    assert result.passed and result.judges["y"].startswith("task against A's noise floor: argmax")
+    assert result.passed and result.judges["y"].startswith("task against A's noise floor, 'y' by argmax (")
     # the metric is the user's to choose, as with --int8-metric: SQNR misses its 25 dB target
     args = ["compare", str(original), str(lossy), "--inputs", str(tmp_path / "x.npz"), "--numerics", "int8"]
     assert cli.main([*args, "--int8-metric", "sqnr", "--json"]) == 1
     assert cli.main(args) == 0
-    assert "judged by: task against A's noise floor: argmax 0 <=" in capsys.readouterr().out
+    assert "class scores, confident on some sample): argmax 0 <=" in capsys.readouterr().out
 
 
 def test_outputs_only_one_model_has_are_a_mismatch_and_the_shared_ones_are_still_judged(tmp_path: Path) -> None:

@@ -23,15 +23,19 @@ output                    metric (deviation: 0 when identical)
                           or the model declares it symbolic (``sequence_outputs``:
                           per-step values of a sequence, not classes)
 ``[N, T, C]`` rows that   ``ctc``: greedy CTC decode (argmax per step, repeats merged,
-sum to 1                  blank 0 dropped); 1 - exact-match rate and the character error
-(or time-major            rate (edit distance / reference length), both judged; a
-``[T, 1, C]``: rows       ``[T, 1, C]`` sample (T > 1) is one time-major sequence
-that sum to 1, or         (a CRNN's ``[T, batch, C]``), decoded also from raw logits
-logits: named so, or      when the output's name says logits, or when they decide
-deciding per step)        classes step by step (``_per_step_classes``). Only when they
+sum to 1                  the blank dropped: the class that fills most of the reference's
+(or time-major            steps, ``_ctc_blank``); 1 - exact-match rate and the character
+``[T, 1, C]``: rows       error rate (edit distance / reference length), both judged; a
+that sum to 1, or         ``[T, 1, C]`` sample (T > 1) is one time-major sequence
+logits: named so, or      (a CRNN's ``[T, batch, C]``), decoded also from raw logits
+deciding per step)        when the output's name says logits, or when they decide
+                          classes step by step (``_per_step_classes``). Only when they
                           read as a CTC recognizer's (``_ctc_like``: peaked, symbols as
                           spikes between blanks); framewise scores (a VAD's states per
-                          frame, held over a segment) are judged by ``argmax`` per frame
+                          frame, held over a segment) are judged by ``argmax`` per frame,
+                          and so are scores with one step per token of a token-id
+                          input (``TaskJudge(tokens=...)``, ``token_outputs``: a masked
+                          language model's, a tagger's), which no CTC alignment relates
 ``[N, T, 1]``, T >= 2,    ``threshold``: each frame's decision at ``DECISION`` (0.5), above
 in [0, 1] (a probability  or not; the fraction of frames decided otherwise (value noise
 per frame: a VAD's        that moves none across 0.5 counts nothing). Named, it judges
@@ -64,6 +68,8 @@ H >= 8                    (those the attention mask keeps); 1 - mean cosine of t
                           computes them (``TaskJudge(heads=...)``, ``projected_outputs``:
                           a MatMul onto fewer columns, plus a bias) and they decide a
                           class step by step (``_per_step_classes``): a tagger's emissions
+                          (with one step per token, two classes suffice: a narrower
+                          output judged by ``sqnr`` is read so too)
 integer or boolean        ``labels`` (always; not selectable): 1 - the fraction of rows
 (ids, labels, flags)      that agree exactly, a row being a sample's entry along the
                           first axis (a line of decoded ids, one label of ``[N]``); a
@@ -74,6 +80,9 @@ anything else             ``sqnr``: noise power / signal power, summed over ALL 
                           samples (never a per-sample median or worst, which one blank
                           input would dominate); reported in dB
 ========================  ==============================================================
+
+Each row's metric comes with why it was chosen, in words (``metric_choice``'s evidence,
+or "given"): ``TaskJudge.chosen``, a verdict's ``chosen``.
 
 The fractions of ``argmax``, ``threshold``, ``ctc``, ``detection-map``, ``boxes``, ``labels`` and
 ``embedding``'s ranking count items: a component over fewer than ``MIN_ITEMS`` of them is
@@ -192,6 +201,7 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
+from optcc.numerics.inputs import input_roles
 from optcc.numerics.metrics import real_values, special_values_problem
 
 __all__ = [
@@ -201,7 +211,7 @@ __all__ = [
     "float_free_outputs",
     "measure", "deviations", "TaskJudge", "perturbation_draws", "perturbation_roles", "unmoved", "moves_nothing",
     "FLOOR_DRAWS",
-    "row_metrics", "wants_draws", "DeferredOutputs",
+    "row_metrics", "row_choices", "token_outputs", "metric_choice", "wants_draws", "DeferredOutputs",
     "ctc_greedy",
     "map_boxes", "yolo_boxes", "box_f1", "box_layout", "class_rows", "anchor_grid",
 ]
@@ -318,14 +328,14 @@ def _metric_misfit(metric: str, sample: np.ndarray) -> str | None:
     return None
 
 
-def _per_step_classes(values: Sequence[np.ndarray]) -> bool:
-    """Whether sequences of scores (``[N, T, C]`` or time-major ``[T, 1, C]``, C >= 3) hold
+def _per_step_classes(values: Sequence[np.ndarray], min_classes: int = 3) -> bool:
+    """Whether sequences of scores (``[N, T, C]`` or time-major ``[T, 1, C]``, C >= ``min_classes``) hold
     class scores decided step by step, as a recognizer's raw logits or a tagger's emissions
     do: most steps confident (``_confident``), and the top class changing along the
     sequence in some sample. Hidden states are not: bounded
     ones (an RNN's) are confident nowhere, and an outlier channel that dominates every
     step is one class throughout."""
-    if values[0].shape[-1] < 3:
+    if values[0].shape[-1] < min_classes:
         return False
     rows = _finite_rows(values)
     if not rows:
@@ -471,35 +481,54 @@ def choose_metric(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
     """The built-in metric for an output, from its samples (one array, or one per sample:
     the shape rules read the first, the value rules all of them) and its name (see the
     module doc)."""
+    return metric_choice(samples, name)[0]
+
+
+def metric_choice(samples: np.ndarray | Sequence[np.ndarray], name: str = "") -> tuple[str, str]:
+    """``choose_metric``'s metric for an output and, in words, the evidence that chose it."""
     values = [np.asarray(samples)] if isinstance(samples, np.ndarray) else [np.asarray(s) for s in samples]
     a = values[0]
     if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
-        return "sqnr"
+        return "sqnr", "no float values to read a task from"
     if a.ndim == 2 and a.shape[-1] >= 2:
         if any(token.startswith(REGRESSION_NAMES) for token in re.split(r"[^a-z0-9]+", name.lower())):
-            return "sqnr"
-        named = any(word in name.lower() for word in EMBEDDING_NAMES)
-        if named or _unit_rows(values):
-            return "embedding"
-        return "argmax" if _confident_somewhere(values) else "sqnr"
+            return "sqnr", "[N, C] named as coordinates or measured values"
+        if any(word in name.lower() for word in EMBEDDING_NAMES):
+            return "embedding", "[N, D] named as a pooled vector"
+        if _unit_rows(values):
+            return "embedding", "[N, D] rows of Euclidean length 1: an L2-normalized embedding"
+        if _confident_somewhere(values):
+            return "argmax", "[N, C] class scores, confident on some sample"
+        return "sqnr", "[N, C] confident on no sample: values, not class scores"
     sequences = _batch_major(a)
     if sequences.ndim == 3 and sequences.shape[1] >= 2 and sequences.shape[2] >= 2 and _softmax_rows(sequences):
-        return "ctc" if _ctc_like(values) else "argmax"  # a recognizer's sequence, or decisions per frame
+        return _ctc_or_framewise(values, "[N, T, C] rows that sum to 1")
     if sequences is not a and a.shape[2] >= 2 and ("logit" in name.lower() or _per_step_classes(values)):
-        return "ctc" if _ctc_like(values) else "argmax"  # time-major class scores, read likewise
+        return _ctc_or_framewise(values, "time-major [T, 1, C] class scores")
     if a.ndim == 3 and "logit" in name.lower() and a.shape[2] >= 2:
-        return "argmax"
+        return "argmax", "[N, T, C] named logits: the top class per step"
     if a.ndim == 3 and a.shape[1] >= 2 and a.shape[2] == 1 \
             and all(_unit_interval(v) for v in values):
-        return "threshold"  # one probability per step: the user's decision is whether it exceeds 0.5
+        return "threshold", "[N, T, 1] in [0, 1]: one probability per step, decided at 0.5"
     if a.ndim in (3, 4) and (a.ndim == 3 or a.shape[1] == 1) and min(a.shape[-2:]) >= 8 \
             and all(_unit_interval(v) for v in values):
-        return "detection-map" if _saturated(values) else "sqnr"
-    if box_layout(a) is not None:
-        return "boxes"
+        if _saturated(values):
+            return "detection-map", "a map in [0, 1], near 0 or 1 almost everywhere: a detector's probability map"
+        return "sqnr", "a map in [0, 1] with many pixels in between: no user thresholds it into boxes"
+    layout = box_layout(a)
+    if layout is not None:
+        return "boxes", f"YOLO-style boxes ({layout})"
     if a.ndim == 3 and a.shape[2] >= EMBEDDING_MIN_WIDTH:
-        return "embedding"
-    return "sqnr"
+        return "embedding", "[N, T, H] hidden states"
+    return "sqnr", "no task shape: values"
+
+
+def _ctc_or_framewise(values: Sequence[np.ndarray], what: str) -> tuple[str, str]:
+    """``ctc`` for class-score sequences that read as a CTC recognizer's (``_ctc_like``),
+    else ``argmax`` per step, with the evidence in words."""
+    if _ctc_like(values):
+        return "ctc", f"{what} read as a CTC recognizer's: peaked, symbols as spikes between blanks"
+    return "argmax", f"{what} decided step by step, not as CTC spikes: the top class per step"
 
 
 # --------------------------------------------------------------------------- perturbation
@@ -705,10 +734,19 @@ def _edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
     return previous[-1]
 
 
+def _ctc_blank(refs: Sequence[np.ndarray]) -> int:
+    """The blank of a CTC recognizer's reference outputs: the class that fills most of
+    their steps (``_ctc_like``'s filler), whichever index the model gives it (0 for
+    PP-OCR, the last class for some CRNNs); the smallest such class on a tie."""
+    best = [_batch_major(np.asarray(a)).argmax(-1).reshape(-1) for a in refs]
+    return int(np.bincount(np.concatenate(best)).argmax()) if best and sum(b.size for b in best) else 0
+
+
 def _ctc_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _Measured:
     exact = total = errors = length = 0
+    blank = _ctc_blank(refs)
     for r, g in zip(refs, gots):
-        for a, b in zip(ctc_greedy(r), ctc_greedy(g)):
+        for a, b in zip(ctc_greedy(r, blank), ctc_greedy(g, blank)):
             total += 1
             exact += a == b
             errors += _edit_distance(a, b)
@@ -1121,7 +1159,8 @@ def _ctc_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
                    envelope: Sequence[Sequence[np.ndarray]]) -> dict[str, float]:
     """1 - exact match over the lines, counting only the lines whose float32 decode no draw
     of ``envelope`` changes."""
-    decode = lambda arrays: [line for a in arrays for line in ctc_greedy(a)]  # noqa: E731
+    blank = _ctc_blank(refs)
+    decode = lambda arrays: [line for a in arrays for line in ctc_greedy(a, blank)]  # noqa: E731
     ref, got = decode(refs), decode(gots)
     moved = [False] * len(ref)  # the line's float32 decode changes under some draw
     for draw in envelope:
@@ -1262,10 +1301,13 @@ def _finite(x: float) -> float | str:
 
 def _row_plan(reference: Outputs, metric: Any, groups: Sequence[str] | None, sequences: Collection[str],
               heads: Collection[str], exact: Collection[str], state: Collection[str],
-              ) -> tuple[list[tuple[str, list[int]]], dict[str, Any], dict[str, tuple[str, list[int]]]]:
+              tokens: Mapping[str, str] | None = None,
+              ) -> tuple[list[tuple[str, list[int]]], dict[str, Any], dict[str, tuple[str, list[int]]], dict[str, str]]:
     """``TaskJudge``'s rows on ``reference`` (its fields of the same names): the samples of
-    each group, and per row (an output, or an output in a group) its metric, and its output
-    name and samples. Chosen from the reference outputs alone."""
+    each group, and per row (an output, or an output in a group) its metric, its output
+    name and samples, and why that metric judges it (in words). Chosen from the reference
+    outputs alone."""
+    tokens = tokens or {}
     count = len(next(iter(reference.values()), []))
     if groups is None:
         subsets: list[tuple[str, list[int]]] = [("", list(range(count)))]
@@ -1276,18 +1318,19 @@ def _row_plan(reference: Outputs, metric: Any, groups: Sequence[str] | None, seq
         subsets = [(g, [i for i, x in enumerate(groups) if str(x) == g]) for g in labels]
     plan: dict[str, str | UserMetric] = {}
     where: dict[str, tuple[str, list[int]]] = {}
+    why: dict[str, str] = {}
     for group, idx in subsets:
         chosen_by_auto: list[str] = []  # this group's rows whose metric the auto rule chose
         if callable(metric) and not isinstance(metric, Mapping):
             key = "*" if not group else f"*@{group}"
-            plan[key], where[key] = metric, ("*", idx)
+            plan[key], where[key], why[key] = metric, ("*", idx), "given"
             continue
         for name, values in reference.items():
             if name in exact or name in state:
                 continue
             if values and np.asarray(values[0]).dtype.kind in _LABEL_KINDS:  # ids, labels, flags
                 key = name if not group else f"{name}@{group}"
-                plan[key], where[key] = "labels", (name, idx)
+                plan[key], where[key], why[key] = "labels", (name, idx), "integer or boolean: ids, labels, flags"
                 continue
             if not values or not np.issubdtype(np.asarray(values[0]).dtype, np.floating):
                 continue
@@ -1295,7 +1338,10 @@ def _row_plan(reference: Outputs, metric: Any, groups: Sequence[str] | None, seq
             if isinstance(metric, Mapping):  # most specific first: output@group, @group, output, *
                 names = (f"{name}@{group}", f"@{group}", name, "*") if group else (name, "*")
                 given = next((metric[k] for k in names if k in metric), None)
-            chosen = choose_metric(values, name) if given in (None, "auto") else given
+            if given in (None, "auto"):
+                chosen, reason = metric_choice(values, name)
+            else:
+                chosen, reason = given, "given"
             if isinstance(chosen, str) and (chosen not in _BUILT_IN or chosen == "labels"):
                 raise BadInputError(
                     f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
@@ -1304,35 +1350,76 @@ def _row_plan(reference: Outputs, metric: Any, groups: Sequence[str] | None, seq
                 raise BadInputError(f"INT8 metric '{chosen}' does not fit output '{name}' of shape "
                                     f"{list(np.shape(values[0]))}: {misfit} (docs/int8.md)")
             key = name if not group else f"{name}@{group}"
-            plan[key], where[key] = chosen, (name, idx)
+            plan[key], where[key], why[key] = chosen, (name, idx), reason
             if given in (None, "auto"):
                 chosen_by_auto.append(key)
-        _scores_per_step(chosen_by_auto, plan, where, reference, heads)
-        _pooled_beside_embeddings(chosen_by_auto, plan, where, reference)
+        _scores_per_step(chosen_by_auto, plan, where, why, reference, heads, tokens)
+        _pooled_beside_embeddings(chosen_by_auto, plan, where, why, reference)
         for key in chosen_by_auto:  # still class scores: unless their width may change
             name = where[key][0]
             if plan[key] == "argmax" and (
                     name in sequences or len({np.shape(v)[-1] for v in reference[name]}) > 1):
                 plan[key] = "sqnr"  # a last axis that may change from input to input is no set of classes
-    return subsets, plan, where
+                why[key] = "a last axis that may change from input to input: per-step values, not classes"
+    return subsets, plan, where, why
+
+
+def token_outputs(model: ir.Model, samples: Sequence[Mapping[str, np.ndarray]], outputs: Outputs) -> dict[str, str]:
+    """The ``[N, T, C]`` float outputs with one step per token: on every sample, axis 1 as
+    long as the last axis of a ``[N, T]`` token-id input (``input_roles``' ``index``), each
+    mapped to that input's name. A CTC recognizer reads a signal (an image, audio) and
+    aligns its frames to a shorter label sequence; an output with one step per input token
+    (a masked language model's, a tagger's) has no such alignment to decode."""
+    ids = [name for name, role in input_roles(model).items() if role == "index"]
+    found: dict[str, str] = {}
+    for name, values in outputs.items():
+        if len(values) != len(samples) or not values:
+            continue
+        arrays = [np.asarray(v) for v in values]
+        if not all(a.ndim == 3 and np.issubdtype(a.dtype, np.floating) for a in arrays):
+            continue
+        for source in ids:
+            lengths = [np.shape(s[source]) if source in s else None for s in samples]
+            if all(shape is not None and len(shape) == 2 and a.shape[1] == shape[1]
+                   for a, shape in zip(arrays, lengths)):
+                found[name] = source
+                break
+    return found
 
 
 def _scores_per_step(keys: Sequence[str], plan: dict[str, Any], where: Mapping[str, tuple[str, list[int]]],
-                     reference: Outputs, heads: Collection[str]) -> None:
-    """Of ``keys`` (one group's rows whose metric the auto rule chose), a ``[N, T, C]``
-    output read as hidden states that a classifier head computes (``heads``) and that
-    decides a class step by step (``_per_step_classes``) holds class scores per token
-    (a tagger's emissions): judged by ``argmax`` per token, as its user reads the tags."""
+                     why: dict[str, str], reference: Outputs, heads: Collection[str],
+                     tokens: Mapping[str, str]) -> None:
+    """Of ``keys`` (one group's rows whose metric the auto rule chose), class scores per
+    token or step, judged by ``argmax`` per step as their user reads them:
+
+    - an output with one step per token of a token-id input (``tokens``) read as a CTC
+      recognizer's (a masked language model's softmax, a tagger's): no CTC alignment
+      holds between tokens and steps, and a CTC decode would merge a repeated token and
+      drop every one of the class it takes for the blank;
+    - a ``[N, T, C]`` output read as hidden states (or, narrower than an embedding, judged
+      by SQNR) that a classifier head computes (``heads``) and that decides a class step
+      by step (``_per_step_classes``; with one step per token, two classes are enough):
+      a tagger's emissions."""
     for key in keys:
         name = where[key][0]
         values = reference[name]
-        if plan[key] == "embedding" and name in heads and np.ndim(values[0]) == 3 \
-                and _per_step_classes(values):
+        source = tokens.get(name)
+        per_token = f"one step per token of input '{source}'" if source is not None else None
+        if plan[key] == "ctc" and per_token is not None:
             plan[key] = "argmax"
+            why[key] = f"{per_token}: the top class per token, not a CTC decode"
+        elif plan[key] in ("embedding", "sqnr") and name in heads and np.ndim(values[0]) == 3 \
+                and (plan[key] == "embedding" or per_token is not None) \
+                and _per_step_classes(values, 2 if per_token is not None else 3):
+            plan[key] = "argmax"
+            why[key] = (f"a classifier head's class scores, {per_token}: the top class per token" if per_token
+                        else "a classifier head's class scores, decided step by step: the top class per step")
 
 
 def _pooled_beside_embeddings(keys: Sequence[str], plan: dict[str, Any],
-                              where: Mapping[str, tuple[str, list[int]]], reference: Outputs) -> None:
+                              where: Mapping[str, tuple[str, list[int]]], why: dict[str, str],
+                              reference: Outputs) -> None:
     """Of ``keys`` (one group's rows whose metric the auto rule chose), a ``[N, D]`` output
     read as class scores (or, confident nowhere, judged by SQNR) is a pooled vector when
     another is a ``[N, T, D]`` embedding (a sentence encoder's token and sentence
@@ -1345,16 +1432,29 @@ def _pooled_beside_embeddings(keys: Sequence[str], plan: dict[str, Any],
         if plan[key] in ("argmax", "sqnr") and sample(key).ndim == 2 and sample(key).shape[-1] in widths \
                 and "logit" not in where[key][0].lower():
             plan[key] = "embedding"
+            why[key] = "[N, D] beside a [N, T, D] embedding: a pooled vector"
 
 
 def row_metrics(reference: Outputs, metric: str | UserMetric | Mapping[str, str | UserMetric] | None = None, *,
                 groups: Sequence[str] | None = None, sequences: Collection[str] = (), heads: Collection[str] = (),
-                exact: Collection[str] = (), state: Collection[str] = ()) -> dict[str, str | UserMetric]:
+                exact: Collection[str] = (), state: Collection[str] = (),
+                tokens: Mapping[str, str] | None = None) -> dict[str, str | UserMetric]:
     """Each row's metric as ``TaskJudge(reference, ..., metric=metric, ...)`` plans it (its
     ``plan``), chosen from the reference outputs alone: a judge of some of these samples
     given it as ``rows`` judges them as a judge of all of them would (``select``), with no
     perturbed output of the others."""
-    return _row_plan(reference, metric, groups, sequences, heads, exact, state)[1]
+    return row_choices(reference, metric, groups=groups, sequences=sequences, heads=heads, exact=exact,
+                       state=state, tokens=tokens)[0]
+
+
+def row_choices(reference: Outputs, metric: str | UserMetric | Mapping[str, str | UserMetric] | None = None, *,
+                groups: Sequence[str] | None = None, sequences: Collection[str] = (), heads: Collection[str] = (),
+                exact: Collection[str] = (), state: Collection[str] = (), tokens: Mapping[str, str] | None = None,
+                ) -> tuple[dict[str, str | UserMetric], dict[str, str]]:
+    """``row_metrics`` and, per row, why its metric judges it in words (a judge given them
+    as ``rows`` and ``reasons`` reports them as its own)."""
+    _, plan, _, why = _row_plan(reference, metric, groups, sequences, heads, exact, state, tokens)
+    return plan, why
 
 
 def wants_draws(rows: Mapping[str, Any]) -> bool:
@@ -1399,6 +1499,8 @@ class TaskJudge:
     draws: Sequence[Outputs] = ()  # more perturbation draws of the float model's outputs (seeds apart)
     sequences: Collection[str] = ()  # outputs whose last axis the model declares symbolic (``sequence_outputs``)
     heads: Collection[str] = ()  # outputs a classifier head computes (``projected_outputs``)
+    # outputs with one step per token, each mapped to its token-id input (``token_outputs``)
+    tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
     exact: Collection[str] = ()  # integer outputs no precision change moves (``float_free_outputs``): not judged
     # a streaming model's state outputs: not judged themselves, but in the next step's answers
     # (``optcc.numerics.decode.streamed``), which the outputs hold under their own names
@@ -1406,12 +1508,17 @@ class TaskJudge:
     # each row's metric as a judge of more samples planned it (``plan``; ``select``): kept, not
     # chosen again from these samples' values
     rows: Mapping[str, str | UserMetric] | None = None
+    # why each of ``rows``' metrics judges its row, as that judge chose them (``row_choices``)
+    reasons: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
         # per row (an output, or an output in a group): its metric, output name and samples
-        self.subsets, self.plan, self._where = _row_plan(self.reference, _planned(self.metric, self.rows),
-                                                         self.groups, self.sequences, self.heads, self.exact,
-                                                         self.state)
+        # and why that metric judges it (``chosen``)
+        self.subsets, self.plan, self._where, self._why = _row_plan(
+            self.reference, _planned(self.metric, self.rows), self.groups, self.sequences, self.heads, self.exact,
+            self.state, self.tokens)
+        if self.rows is not None and self.reasons is not None:
+            self._why = {key: self.reasons.get(key, why) for key, why in self._why.items()}
         self._envelope = [self.perturbed, *self.draws]
         self._measured: tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]] | None = None
         self._sqnr_floor: dict[str, dict[str, float]] = {}  # per row key, computed when first needed
@@ -1509,7 +1616,8 @@ class TaskJudge:
         pixels differ from subset to subset), so a pass judging the held-out part of the
         verifier's samples judges each output as the verification will."""
         return dataclasses.replace(
-            self, rows=self.plan, reference={n: _pick(v, samples) for n, v in self.reference.items()},
+            self, rows=self.plan, reasons=self._why,
+            reference={n: _pick(v, samples) for n, v in self.reference.items()},
             perturbed=_picked(self.perturbed, samples), draws=[_picked(draw, samples) for draw in self.draws],
             masks=None if self.masks is None else _pick(self.masks, samples),
             groups=None if self.groups is None else _pick(self.groups, samples))
@@ -1555,6 +1663,11 @@ class TaskJudge:
     def metric_names(self) -> dict[str, str]:
         return {name: m if isinstance(m, str) else getattr(m, "__name__", "callable") for name, m in self.plan.items()}
 
+    def chosen(self) -> dict[str, dict[str, str]]:
+        """Per row: its metric and, in words, why it judges the row ("given": named by the
+        caller; else the evidence the automatic choice read)."""
+        return {key: {"metric": metric, "why": self._why[key]} for key, metric in self.metric_names().items()}
+
     def _deviations(self, got: Outputs) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]],
                                                  dict[str, dict[str, float]]]:
         """The candidate's deviations per row and component (with two draws or more, the
@@ -1588,7 +1701,8 @@ class TaskJudge:
         allowed = self.margin * floor
         ok = deviation <= allowed or _db(deviation) >= self.min_sqnr_db
         row = {"deviation": _finite(deviation), "floor": _finite(floor), "sqnr_db": _finite(_db(deviation)),
-               "floor_sqnr_db": _finite(_db(floor)), "allowed": _finite(allowed), "passed": bool(ok)}
+               "floor_sqnr_db": _finite(_db(floor)), "allowed": _finite(allowed), "target_db": self.min_sqnr_db,
+               "passed": bool(ok)}
         if ok and deviation > allowed:  # beyond the floor's margin: the fixed target decided
             row["why"] = f"SQNR {_db(deviation):.1f} dB meets the {self.min_sqnr_db:g} dB target (not the floor's margin)"
         return row
@@ -1606,7 +1720,7 @@ class TaskJudge:
                 for part, deviation in parts.items():
                     rows[f"{key}:{part}"] = {
                         "metric": "sqnr", "deviation": _finite(deviation), "floor": None,
-                        "sqnr_db": _finite(_db(deviation)), "passed": True,
+                        "sqnr_db": _finite(_db(deviation)), "target_db": self.min_sqnr_db, "passed": True,
                         "why": f"SQNR {_db(deviation):.1f} dB meets the {self.min_sqnr_db:g} dB target, which no "
                                f"floor can fail: the floor is not measured"}
             return self._verdict(True, rows)
@@ -1653,7 +1767,9 @@ class TaskJudge:
                 if self.metric_target is not None and part not in _COUNTS:
                     ref = {n: _pick(v, idx) for n, v in self.reference.items()}
                     score = (1.0 - deviation) if isinstance(metric, str) else float(metric(ref, ref)) - deviation
-                    ok = ok or score >= self.metric_target
+                    if not ok and score >= self.metric_target:  # the user's target decided, not the floor's margin
+                        ok = True
+                        row.update(score=_finite(score), target=self.metric_target)
                 row["passed"] = bool(ok)
                 passed = passed and ok
             if undecided and isinstance(metric, str):  # only built-in metrics count items
@@ -1670,7 +1786,8 @@ class TaskJudge:
     def _verdict(self, passed: bool, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """The verdict of ``__call__``; with groups, also each group's samples and whether
         every judged row of it passed (``groups``)."""
-        verdict = {"passed": passed, "margin": self.margin, "metrics": rows, "perturbation": dict(self.perturbation)}
+        verdict = {"passed": passed, "margin": self.margin, "metrics": rows, "chosen": self.chosen(),
+                   "perturbation": dict(self.perturbation)}
         if self.groups is not None:
             group_of = {key: group for group, idx in self.subsets for key in self.plan if self._where[key][1] is idx}
             verdict["groups"] = {

@@ -104,13 +104,14 @@ from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import ORIGINAL_ERROR_FACTOR, SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, DeferredOutputs, TaskJudge,
                                  UserMetric, float_free_outputs, moves_nothing, perturbation_draws, perturbation_roles,
-                                 projected_outputs, row_metrics, sequence_outputs, unmoved, wants_draws)
+                                 projected_outputs, row_choices, sequence_outputs, token_outputs, unmoved,
+                                 wants_draws)
 from optcc.progress import Progress
 from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, building_session, first_line, float16_feedable,
                                    make_session, resolve_providers, run, session_options)
 from optcc.runtime.shared_weights import Serialized, content_digest, light_proto, release_memory, weighted_session
 
-__all__ = ["DEFAULT_SAMPLES", "REFERENCES", "Verification", "Verifier", "task_rows_text", "verify"]
+__all__ = ["DEFAULT_SAMPLES", "REFERENCES", "Verification", "Verifier", "chosen_text", "task_rows_text", "verify"]
 
 Feeds = Mapping[str, np.ndarray]
 ModelRef = Union[ir.Model, str, os.PathLike]
@@ -580,7 +581,8 @@ class Verifier:
             self._judges[key] = TaskJudge(
                 reference, floor_draw(0), perturbation=shared.how, masks=masks, groups=groups,
                 draws=[floor_draw(d) for d in range(1, len(shared.unmoved))], rows=shared.rows,
-                sequences=shared.sequences, heads=shared.heads, exact=shared.exact, state=shared.state, **self._task)
+                reasons=shared.reasons, sequences=shared.sequences, heads=shared.heads, exact=shared.exact,
+                state=shared.state, tokens=shared.tokens, **self._task)
         return self._judges[key]
 
     def _judge_plan(self, provider: str) -> _JudgePlan:
@@ -596,8 +598,9 @@ class Verifier:
             groups = self._groups if self._plan is None else None
             fields = dict(sequences=sequence_outputs(self._model), heads=projected_outputs(self._model),
                           exact=float_free_outputs(self._model),
-                          state=self._stream.state_outputs if self._stream is not None else ())
-            rows = row_metrics(reference, self._task["metric"], groups=groups, **fields)
+                          state=self._stream.state_outputs if self._stream is not None else (),
+                          tokens=token_outputs(self._model, self.feeds, reference) if self._plan is None else {})
+            rows, reasons = row_choices(reference, self._task["metric"], groups=groups, **fields)
             # float32's own errors excused, or a mean floor: more draws
             draws = FLOOR_DRAWS if self._plan is None and wants_draws(rows) else 1
             moved, how = perturbation_draws(self.feeds, 1, **moving)  # how each input moves, from every sample
@@ -609,7 +612,7 @@ class Verifier:
             if mask_names and self._plan is None:
                 masks = [f.get(mask_names[0]) for f in self.feeds]
             self._judge_plans[provider] = _JudgePlan(
-                reference, rows, moving, how, still, masks, [{} for _ in still], **fields)
+                reference, rows, reasons, moving, how, still, masks, [{} for _ in still], **fields)
         return self._judge_plans[provider]
 
     def sample_judge(self, provider: str = "CPUExecutionProvider",
@@ -771,15 +774,23 @@ class Verifier:
         if by_task and verdicts and not any(self.task_judge(provider).floor_measured for provider in verdicts):
             reference = "float32 original, judged by the task (every output's SQNR meets its target, which no " \
                         "noise floor can fail: the floor is not measured)"
+        if by_task and verdicts:
+            reference += f"; {chosen_text(verdicts[next(iter(verdicts))])}"
         if references - {"float32 original"}:
             reference = "; ".join(sorted(references - {"float32 original"}))
         weak = self._weak_outputs() if any(not m.passed for m in metrics) else {}
         problems = [f"'{m.name}' on {m.provider}: {m.problem}"
                     + (f" (the output {weak[m.name]}: give {self._telling_samples})" if m.name in weak else "")
                     for m in metrics if not m.passed]
+        chosen: dict[str, str] = {}  # the failed rows' metrics and why they were chosen, said once
         for provider, verdict in verdicts.items() if by_task else ():  # fp16: the task only accepts
-            problems += [f"'{row}' on {provider}: {_task_problem(value)}"
-                         for row, value in verdict["metrics"].items() if value.get("passed") is False]
+            failed = [row for row, value in verdict["metrics"].items() if value.get("passed") is False]
+            problems += [f"'{row}' on {provider}: {_task_problem(verdict['metrics'][row])}" for row in failed]
+            keys = {row.rpartition(":")[0] for row in failed}
+            chosen.update((key, _chosen_words(key, c)) for key, c in (verdict.get("chosen") or {}).items()
+                          if key in keys)
+        if chosen:
+            problems.append(f"judged {'; '.join(chosen.values())}")
         status = "failed" if problems else "passed"
         return Verification(status=status, outputs=metrics, reason="; ".join(problems) or None, reference=reference,
                             task=verdicts.get(self.providers[0]),
@@ -1102,6 +1113,7 @@ class _JudgePlan:
 
     reference: dict[str, list[np.ndarray]]
     rows: dict[str, Any]
+    reasons: dict[str, str]
     moving: dict[str, set[str]]
     how: dict[str, str]
     unmoved: list[bool]
@@ -1111,6 +1123,7 @@ class _JudgePlan:
     heads: Any = ()
     exact: Any = ()
     state: Any = ()
+    tokens: Any = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -1202,14 +1215,48 @@ def _few_items(verdict: Mapping[str, Any] | None, generated: bool = False) -> li
 
 
 def task_rows_text(verdict: Mapping[str, Any] | None, output: str) -> str:
-    """An output's judged task rows in words: deviation against the allowed (a failed row's
-    beyond it) and the floor."""
+    """An output's judged task rows in words, each the rule that decided it, true as written:
+    the deviation against the floor's allowance (a failed row's beyond it), or, where a
+    fixed target accepted what the allowance did not, the target met."""
     groups = (verdict or {}).get("groups") or ()
     rows = [(part, value) for row, value in (verdict or {}).get("metrics", {}).items()
             for name, _, part in [_row_parts(row, groups)] if name == output and value.get("judged", True)]
-    return ", ".join(f"{part} {_num(v['deviation'])} {'>' if v.get('passed') is False else '<='} "
-                     f"{_num(v.get('allowed'))} (floor {_num(v['floor'])}"
-                     + (f", {v['items']} items)" if "items" in v else ")") for part, v in rows) or "no rows"
+    return ", ".join(_row_text(part, v) for part, v in rows) or "no rows"
+
+
+def _row_text(part: str, v: Mapping[str, Any]) -> str:
+    """One judged task row (``task_rows_text``) in words."""
+    items = f", {v['items']} items" if "items" in v else ""
+    if v.get("floor") is None and "sqnr_db" in v:  # passed by the SQNR target alone: no floor measured
+        return (f"{part} {_num(v['sqnr_db'])} dB >= {_num(v.get('target_db'))} dB target "
+                "(no floor measured: none could fail it)")
+    within = float(v["deviation"]) <= float(v["allowed"])  # "inf" and "nan" read as floats too
+    floor = f"floor {_num(v['floor'])}{items}"
+    if v.get("passed") is False:
+        if "sqnr_db" in v:
+            return (f"{part} {_num(v['deviation'])} > {_num(v['allowed'])} ({floor}) and {_num(v['sqnr_db'])} dB "
+                    f"< {_num(v.get('target_db'))} dB target")
+        return f"{part} {_num(v['deviation'])} > {_num(v['allowed'])} ({floor})"
+    if within:
+        return f"{part} {_num(v['deviation'])} <= {_num(v['allowed'])} ({floor})"
+    if "sqnr_db" in v:  # beyond the floor's allowance: the SQNR target accepted it
+        return (f"{part} {_num(v['sqnr_db'])} dB >= {_num(v.get('target_db'))} dB target ({_num(v['deviation'])} "
+                f"> {_num(v['allowed'])} allowed by the {floor})")
+    return (f"{part} score {_num(v.get('score'))} >= target {_num(v.get('target'))} ({_num(v['deviation'])} "
+            f"> {_num(v['allowed'])} allowed by the {floor})")
+
+
+def chosen_text(verdict: Mapping[str, Any] | None, output: str | None = None) -> str:
+    """Which metric judged each row of a task verdict (``output``'s alone, when given), and
+    why it was chosen, in words."""
+    groups = (verdict or {}).get("groups") or ()
+    return "; ".join(_chosen_words(key, c) for key, c in ((verdict or {}).get("chosen") or {}).items()
+                     if output is None or _row_parts(f"{key}:", groups)[0] == output) or "no output judged"
+
+
+def _chosen_words(key: str, chosen: Mapping[str, str]) -> str:
+    """A row's metric and why it was chosen (a verdict's ``chosen`` entry), in words."""
+    return f"'{key}' by {chosen['metric']} ({'as given' if chosen['why'] == 'given' else chosen['why']})"
 
 
 def _task_problem(row: Mapping[str, Any]) -> str:

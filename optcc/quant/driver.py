@@ -41,7 +41,7 @@ from optcc.numerics.decode import stream_plan
 from optcc.numerics.inputs import input_roles
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, MIN_ITEMS, DeferredOutputs,
                                  TaskJudge, UserMetric, float_free_outputs, perturbation_draws, perturbation_roles,
-                                 projected_outputs, row_metrics, sequence_outputs, unmoved, wants_draws)
+                                 projected_outputs, row_metrics, sequence_outputs, token_outputs, unmoved, wants_draws)
 
 __all__ = ["Int8Options", "quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
 
@@ -127,7 +127,8 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
     else:
         perturbed = DeferredOutputs(lambda: model_outputs(model, moved[0]))
     fields = dict(groups=groups, sequences=sequence_outputs(model), heads=projected_outputs(model),
-                  exact=float_free_outputs(model), state=stream.state_outputs if stream is not None else ())
+                  exact=float_free_outputs(model), state=stream.state_outputs if stream is not None else (),
+                  tokens=token_outputs(model, held, reference))
     more_outputs: list[Mapping[str, Sequence[Any]]] = []
     if draws >= 2 and wants_draws(row_metrics(reference, metric, **fields)):
         more, _ = perturbation_draws(held, draws, first=1, **moving)
@@ -604,7 +605,7 @@ def quantize_int8(
                 return made[0]
 
             confirm = confirm_every
-        stats["acceptance"] = {"metrics": judge.metric_names(), "margin": o.metric_margin,
+        stats["acceptance"] = {"metrics": judge.metric_names(), "chosen": judge.chosen(), "margin": o.metric_margin,
                                "metric_target": o.metric_target, "perturbation": dict(judge.perturbation),
                                "floor": None, "floor_draws": judge.draw_count,  # ``report_floor``
                                "held_out_samples": len(held), "judged_samples": len(judged),
