@@ -4,6 +4,8 @@ model's content digest. The expected SQNRs are numpy's, from the models' arithme
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -11,6 +13,8 @@ import pytest
 
 import optcc
 from optcc.numerics import Verifier
+
+verify = importlib.import_module("optcc.numerics.verify")  # the module (the package's ``verify`` is a function)
 
 SHAPE = (1, 3, 8, 8)
 
@@ -127,7 +131,9 @@ def test_a_model_asked_about_again_after_another_runs_only_on_samples_it_has_not
     assert metrics.sqnr_db == pytest.approx(_sqnr_db(1.9, samples), abs=0.01)
 
 
-def test_the_outputs_kept_before_the_last_model_come_to_no_more_than_its_own(optimized_runs: list[int]) -> None:
+def test_the_outputs_kept_before_the_last_model_come_to_no_more_than_its_own(optimized_runs: list[int],
+                                                                           monkeypatch) -> None:
+    monkeypatch.setattr(verify, "KEPT_OUTPUT_BYTES", 0)  # no floor: the last model's bytes bound the rest
     rng = np.random.default_rng(4)
     samples = [{"x": rng.uniform(0.1, 1.0, SHAPE).astype(np.float32)} for _ in range(4)]
     with Verifier(_scaled(2.0), inputs=samples, providers=["cpu"]) as verifier:
@@ -138,3 +144,25 @@ def test_the_outputs_kept_before_the_last_model_come_to_no_more_than_its_own(opt
         verifier.outputs(_scaled(1.2), [0])  # 1 sample: neither the 4 nor the 2 before it fit
         verifier.outputs(_scaled(1.5), range(4))
         assert len(optimized_runs) == 6 + 1 + 4
+
+
+def test_small_outputs_of_every_model_asked_about_are_kept(optimized_runs: list[int]) -> None:
+    """Below ``KEPT_OUTPUT_BYTES`` the outputs of every model asked about are kept, not only
+    those of the last: a search's first candidate, judged again after several others (the
+    fastest of those that met the target), runs on no sample again."""
+    rng = np.random.default_rng(5)
+    samples = [{"x": rng.uniform(0.1, 1.0, SHAPE).astype(np.float32)} for _ in range(3)]
+    factors = (1.9, 1.5, 1.2, 2.5)
+    with Verifier(_scaled(2.0), inputs=samples, providers=["cpu"]) as verifier:
+        first = {f: verifier.outputs(_scaled(f), range(3)) for f in factors}
+        assert len(optimized_runs) == 3 * len(factors)
+        again = verifier.outputs(_scaled(1.9), range(3))  # a copy of the first: the same digest
+        assert len(optimized_runs) == 3 * len(factors)
+        check = verifier.check(_scaled(1.9), "int8")
+        assert len(optimized_runs) == 3 * len(factors)
+    for i, sample in enumerate(samples):
+        np.testing.assert_array_equal(again["y"][i], first[1.9]["y"][i])
+        expected = sample["x"].astype(np.float64) * np.float64(np.float32(1.9))
+        np.testing.assert_allclose(again["y"][i], expected, rtol=1e-6)
+    (metrics,) = check.outputs
+    assert metrics.sqnr_db == pytest.approx(_sqnr_db(1.9, samples), abs=0.01)

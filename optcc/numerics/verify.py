@@ -120,6 +120,9 @@ DEFAULT_SAMPLES = 3
 REPARSE_MAX_BYTES = 64 * 1024 * 1024  # an original file up to this size is parsed again for the proof
 REFERENCES = ("auto", "float32")
 # the progress phases of the reference runs, apart from the candidate's ("verifying")
+# the bytes of the outputs ``Verifier.outputs`` keeps of the models before the last, at the
+# least (more when the last model's own outputs are larger)
+KEPT_OUTPUT_BYTES = 64 << 20
 REFERENCE_PHASE = "reference: float32 original"
 FLOOR_PHASE = "noise floor: float32 on perturbed samples"
 FLOAT64_PHASE = "reference: float64"
@@ -842,9 +845,12 @@ class Verifier:
         uses them when it judges one of those very models: a pass that judges its result on the
         verifier's samples (the INT8 pass's confirmation, of a model its search measured before
         others) and the verification of that result run it once on each sample. The outputs kept
-        of the models before the last come to no more bytes than the last one's (the oldest
-        dropped first): at most twice the memory of keeping the last alone. Not for a KV-cache
-        decoder."""
+        of the models before the last come to no more bytes than the last one's or
+        ``KEPT_OUTPUT_BYTES``, whichever is more (the oldest dropped first): at most twice the
+        memory of keeping the last alone, or that many bytes beside it. Small outputs (a
+        score, a class vector) of every model a search judged are kept, so a later
+        judgement of an earlier candidate (the fastest of those that met the target) runs it
+        on no sample again. Not for a KV-cache decoder."""
         source = self._source(model)  # serialized once: its bytes identify the model too
         key = (_digest(model, source), provider)
         kept = self._kept.pop(key, None) or _KeptOutputs(key[0], provider, [], {})
@@ -859,8 +865,9 @@ class Verifier:
             del session
             release_memory()
         held = sum(k.nbytes() for k in self._kept.values()) - kept.nbytes()
+        allowed = max(kept.nbytes(), KEPT_OUTPUT_BYTES)
         for older in list(self._kept):
-            if held <= kept.nbytes() or older == key:
+            if held <= allowed or older == key:
                 break
             held -= self._kept.pop(older).nbytes()
         names = kept.names if self._stream is None else stream_names(kept.names, self._stream)
