@@ -140,3 +140,36 @@ def test_nodes_with_attributes_of_every_kind_are_written_as_onnx_ir_writes_them(
     nodes[1].attributes["f"] = ir.AttrFloat32("f", 2.0)
     nodes[3].name = "renamed"
     assert serialize_bytes(model) == _model_reference(model)
+
+
+def test_in_memory_tensors_are_written_as_onnx_ir_writes_them():
+    """Initializers and tensor attributes held as arrays (scalars, empty ones, 4-bit and
+    float16 ones, named and unnamed, small and larger than ``CACHE_TENSOR_BYTES``) are
+    written as onnx-ir writes them, as are the ones it is left to (doc strings, metadata,
+    strings)."""
+    arrays = [
+        ir.tensor(np.float32(2.5)),
+        ir.tensor(np.zeros((0, 3), np.float32)),
+        ir.tensor(np.arange(6, dtype=np.int64).reshape(2, 3) - 3),
+        ir.tensor(np.array([True, False])),
+        ir.tensor(np.linspace(-1, 1, 5000, dtype=np.float32).reshape(50, 100)),  # not cached
+        ir.tensor(np.ones(7, np.float16)),
+        ir.Tensor(np.array([1, -2, 3], np.int8), dtype=ir.DataType.INT4),
+        ir.tensor(np.ones(3, np.float64), doc_string="documented"),
+        ir.StringTensor([b"a", b"b"], shape=ir.Shape([2])),
+    ]
+    arrays[2].metadata_props["k"] = "v"
+    initializers = []
+    for i, tensor in enumerate(arrays):
+        value = ir.Value(name=f"w{i}", type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
+        initializers.append(value)
+    attribute = ir.AttrTensor("value", ir.tensor(np.arange(3, dtype=np.int32)))  # unnamed
+    constant = ir.Node("", "Constant", [], [attribute], num_outputs=1)
+    constant.outputs[0].name = "c"
+    node = ir.Node("", "Identity", [initializers[0]], num_outputs=1)
+    node.outputs[0].name = "y"
+    graph = ir.Graph([], [node.outputs[0], constant.outputs[0]], nodes=[constant, node], initializers=initializers,
+                     name="g", opset_imports={"": 21})
+    model = ir.Model(graph, ir_version=10)
+    assert serialize_bytes(model) == _model_reference(model)
+    assert serialize_bytes(model) == _model_reference(model)  # from the cache too

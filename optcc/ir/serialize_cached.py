@@ -517,15 +517,40 @@ def _tensor(tensor: ir.TensorProtocol) -> bytes:
         return ir.serde.serialize_tensor(tensor).SerializeToString()
     metadata = tensor.metadata_props
     if _tensor_nbytes(tensor) > CACHE_TENSOR_BYTES:  # written each time: not kept beside its data
-        return _proto_bytes(tensor, metadata) or ir.serde.serialize_tensor(tensor).SerializeToString()
+        return _proto_bytes(tensor, metadata) or _array_bytes(tensor, metadata) \
+            or ir.serde.serialize_tensor(tensor).SerializeToString()
     key = (tensor.name, tensor.doc_string, tuple(sorted(metadata.items())) if metadata else ())
     meta = tensor.meta.data
     cached = meta.get(_TENSOR_KEY)
     if cached is not None and cached[0] == key:
         return cached[1]
-    data = _proto_bytes(tensor, metadata) or ir.serde.serialize_tensor(tensor).SerializeToString()
+    data = _proto_bytes(tensor, metadata) or _array_bytes(tensor, metadata) \
+        or ir.serde.serialize_tensor(tensor).SerializeToString()
     meta[_TENSOR_KEY] = (key, data)
     return data
+
+
+def _array_bytes(tensor: ir.TensorProtocol, metadata: dict[str, str]) -> bytes | None:
+    """The TensorProto bytes onnx-ir writes for an in-memory ``ir.Tensor`` of a type other
+    than STRING without metadata or doc string: ``dims`` (1, unpacked), ``data_type`` (2),
+    ``name`` (8) when not empty and ``raw_data`` (9) holding ``tobytes()`` (present though
+    empty), in field-number order; the data copied once into the result (onnx-ir's message
+    copies it twice more). None for any other tensor."""
+    if type(tensor) is not ir.Tensor or metadata or tensor.doc_string:
+        return None
+    dtype = tensor.dtype
+    if type(dtype) is not ir.DataType or dtype == ir.DataType.STRING:
+        return None
+    pieces = []
+    for dim in tensor.shape.numpy():
+        pieces += (b"\x08", _int64(int(dim)))
+    pieces += (b"\x10", _int64(int(dtype)))
+    name = tensor.name
+    if name:
+        pieces.append(_field(b"\x42", name.encode()))
+    data = tensor.tobytes()
+    pieces += (b"\x4a", _length(len(data)), data)
+    return b"".join(pieces)
 
 
 def _proto_bytes(tensor: ir.TensorProtocol, metadata: dict[str, str]) -> bytes | None:
