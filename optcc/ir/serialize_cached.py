@@ -34,8 +34,13 @@ now. The key holds every field the bytes are written from:
 - in-memory tensor of at most ``CACHE_TENSOR_BYTES``: its name, doc_string and
   metadata_props (onnx-ir tensors are immutable; the bytes live in the tensor's meta).
 
-A parsed tensor of a plain numeric type is written as its own TensorProto's bytes (what
-onnx-ir's copy of that message serializes to); every other part by onnx-ir's serializer.
+A part that is not cached is written in one of these ways, each giving onnx-ir's bytes:
+a parsed tensor of a plain numeric type as its own TensorProto's bytes (what onnx-ir's
+copy of that message serializes to); an in-memory array tensor, a tensor-typed value
+annotation and a node whose attributes are plain scalars, lists, strings or in-memory
+tensors by encoding their protobuf fields directly (``_array_bytes``,
+``_tensor_value_info``, ``_plain_node``: the fields onnx-ir sets, in field-number order,
+as protobuf writes them); every other part by onnx-ir's serializer.
 
 Models outside the plain case get ``None`` from ``model_parts`` (callers then use
 onnx-ir's serializer): model-local functions, subgraph or reference attributes (a body's
