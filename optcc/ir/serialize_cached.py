@@ -34,8 +34,13 @@ now. The key holds every field the bytes are written from:
 - in-memory tensor of at most ``CACHE_TENSOR_BYTES``: its name, doc_string and
   metadata_props (onnx-ir tensors are immutable; the bytes live in the tensor's meta).
 
-A parsed tensor of a plain numeric type is written as its own TensorProto's bytes (what
-onnx-ir's copy of that message serializes to); every other part by onnx-ir's serializer.
+A part that is not cached is written in one of these ways, each giving onnx-ir's bytes:
+a parsed tensor of a plain numeric type as its own TensorProto's bytes (what onnx-ir's
+copy of that message serializes to); an in-memory array tensor, a tensor-typed value
+annotation and a node whose attributes are plain scalars, lists, strings or in-memory
+tensors by encoding their protobuf fields directly (``_array_bytes``,
+``_tensor_value_info``, ``_plain_node``: the fields onnx-ir sets, in field-number order,
+as protobuf writes them); every other part by onnx-ir's serializer.
 
 Models outside the plain case get ``None`` from ``model_parts`` (callers then use
 onnx-ir's serializer): model-local functions, subgraph or reference attributes (a body's
@@ -46,6 +51,8 @@ multi-device configurations.
 from __future__ import annotations
 
 import dataclasses
+import math
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -282,9 +289,132 @@ def _node(node: ir.Node) -> bytes:
             cacheable = False
     if not cacheable:
         return ir.serde.serialize_node(node).SerializeToString()
-    data = ir.serde.serialize_node(node).SerializeToString()
+    data = _plain_node(node, attributes, metadata)
+    if data is None:
+        data = ir.serde.serialize_node(node).SerializeToString()
     meta[_NODE_KEY] = (key, data, attributes)  # the attributes stay referenced: their ids stay theirs
     return data
+
+
+_INT, _FLOAT, _STRING = ir.AttributeType.INT, ir.AttributeType.FLOAT, ir.AttributeType.STRING
+_INTS, _FLOATS, _STRINGS = ir.AttributeType.INTS, ir.AttributeType.FLOATS, ir.AttributeType.STRINGS
+_INT64_MIN = -(1 << 63)
+_PACK_FLOAT = struct.Struct("<f").pack
+
+
+def _signed_int64(n: int) -> bytes | None:
+    """An int64 field's varint (a negative one as its 64-bit two's complement, ten
+    bytes); None outside int64."""
+    if 0 <= n < 128:
+        return _ONE_BYTE[n]
+    if not _INT64_MIN <= n < _INT64_END:
+        return None
+    return varint(n & 0xFFFFFFFFFFFFFFFF)
+
+
+def _float32(x: float) -> bytes | None:
+    """A float field's 4 little-endian bytes (the value rounded to float32, as protobuf
+    stores a Python float); None for an infinity, a NaN or a value float32 cannot hold."""
+    if type(x) is not float or not math.isfinite(x):
+        return None
+    try:
+        return _PACK_FLOAT(x)
+    except OverflowError:
+        return None
+
+
+def _attribute(attr: ir.Attr) -> bytes | None:
+    """The AttributeProto bytes onnx-ir writes for an INT, FLOAT, STRING (of a str), INTS,
+    FLOATS, STRINGS or TENSOR (of an in-memory tensor) attribute without doc string:
+    ``name`` (1), the value (``f`` 2 as float32, ``i`` 3, ``s`` 4 as UTF-8, ``t`` 5 as
+    ``_tensor`` writes it, or one unpacked element per item of ``floats`` 7, ``ints`` 8,
+    ``strings`` 9), then ``type`` (20); None for any other (onnx-ir writes it)."""
+    kind, value = attr.type, attr.value
+    if attr.doc_string or type(attr.name) is not str:
+        return None
+    pieces = [_field(b"\x0a", attr.name.encode())]
+    if kind == _INT:
+        number = _signed_int64(value) if type(value) is int else None
+        if number is None:
+            return None
+        pieces += (b"\x18", number)
+    elif kind == _FLOAT:
+        number = _float32(value)
+        if number is None:
+            return None
+        pieces += (b"\x15", number)
+    elif kind == _STRING:
+        if type(value) is not str:
+            return None
+        pieces.append(_field(b"\x22", value.encode()))
+    elif kind == _INTS:
+        for item in value:
+            number = _signed_int64(item) if type(item) is int else None
+            if number is None:
+                return None
+            pieces += (b"\x40", number)
+    elif kind == _FLOATS:
+        for item in value:
+            number = _float32(item)
+            if number is None:
+                return None
+            pieces += (b"\x3d", number)
+    elif kind == _STRINGS:
+        for item in value:
+            if type(item) is not str:
+                return None
+            pieces.append(_field(b"\x4a", item.encode()))
+    elif kind == _TENSOR and type(value) in _CACHED_TENSOR_TYPES:
+        pieces.append(_field(b"\x2a", _tensor(value)))  # the TensorProto onnx-ir writes for it
+    else:
+        return None
+    pieces += (b"\xa0\x01", _ONE_BYTE[int(kind)])
+    return b"".join(pieces)
+
+
+def _plain_node(node: ir.Node, attributes: tuple[ir.Attr, ...], metadata: Any) -> bytes | None:
+    """The NodeProto bytes ``onnx_ir.serde.serialize_node`` writes for a node without
+    metadata whose attributes ``_attribute`` writes: ``input`` (1; "" for a missing one),
+    ``output`` (2; without trailing unnamed ones), ``name`` (3), ``op_type`` (4),
+    ``attribute`` (5), ``doc_string`` (6), ``domain`` (7) and ``overload`` (8), each string
+    only when not empty (``op_type`` always), in field-number order as protobuf writes them;
+    None otherwise (onnx-ir writes it)."""
+    if metadata:
+        return None
+    pieces = []
+    for value in node.inputs:
+        name = "" if value is None else value.name
+        if type(name) is not str:
+            return None
+        pieces.append(_field(b"\x0a", name.encode()))
+    outputs = node.outputs
+    named = len(outputs)
+    while named and not outputs[named - 1].name:
+        named -= 1
+    for value in outputs[:named]:
+        name = value.name
+        if type(name) is not str:
+            return None
+        pieces.append(_field(b"\x12", name.encode()))
+    strings = (node.name, node.op_type, node.doc_string, node.domain, node.overload)
+    if any(s is not None and type(s) is not str for s in strings):
+        return None
+    name, op_type, doc_string, domain, overload = strings
+    if name:
+        pieces.append(_field(b"\x1a", name.encode()))
+    pieces.append(_field(b"\x22", op_type.encode()))
+    for attr in attributes:
+        data = _attribute(attr)
+        if data is None:
+            return None
+        pieces.append(_field(b"\x2a", data))
+    if doc_string:
+        pieces.append(_field(b"\x32", doc_string.encode()))
+    if domain:
+        pieces.append(_field(b"\x3a", domain.encode()))
+    if overload:
+        pieces.append(_field(b"\x42", overload.encode()))
+    return b"".join(pieces)
 
 
 def _tensor_fields(tensor: ir.TensorProtocol | None) -> tuple:
@@ -323,9 +453,51 @@ def _value_info(value: ir.Value) -> bytes:
     cached = meta.get(_VALUE_KEY)
     if cached is not None and cached[0] == key:
         return cached[1]
-    data = ir.serde.serialize_value(value).SerializeToString()
+    data = None
+    if type_ is not None and type(type_.dtype) is ir.DataType and not type_.denotation and not metadata \
+            and not value.doc_string and type(value.name) is str and (denotations is None or not any(denotations)):
+        data = _tensor_value_info(value.name, type_.dtype, dims)
+    if data is None:
+        data = ir.serde.serialize_value(value).SerializeToString()
     meta[_VALUE_KEY] = (key, data, type_)  # the type stays referenced: its id stays its own
     return data
+
+
+def _int64(n: int) -> bytes:
+    """A non-negative int64 field's varint."""
+    return _ONE_BYTE[n] if n < 128 else varint(n)
+
+
+def _field(tag: bytes, data: bytes) -> bytes:
+    return tag + _length(len(data)) + data
+
+
+_SYMBOLIC = ir.SymbolicDim
+_INT64_END = 1 << 63
+
+
+def _tensor_value_info(name: str, dtype: ir.DataType, dims: Any) -> bytes | None:
+    """The ValueInfoProto bytes ``onnx_ir.serde.serialize_value`` writes for a value of
+    ``name`` and a tensor type of ``dtype`` with neither denotation, doc string nor metadata,
+    of shape ``dims`` (None: no shape; dims without denotations): ``name`` (field 1) then
+    ``type`` (2) holding ``tensor_type`` (1) with ``elem_type`` (1) and, when the shape is
+    known, ``shape`` (2; present though empty for a scalar) with one ``dim`` (1) per dim:
+    ``dim_value`` (1) for an int, ``dim_param`` (2) for a named symbolic dim, nothing for an
+    unnamed one; fields in number order, as protobuf writes them. None for a negative dim
+    or one of any other kind (onnx-ir writes those)."""
+    tensor = b"\x08" + _int64(int(dtype))
+    if dims is not None:
+        pieces = []
+        for dim in dims:
+            if type(dim) is int and 0 <= dim < _INT64_END:
+                pieces.append(_field(b"\x0a", b"\x08" + _int64(dim)))
+            elif type(dim) is _SYMBOLIC:
+                param = dim.value
+                pieces.append(b"\x0a\x00" if param is None else _field(b"\x0a", _field(b"\x12", param.encode())))
+            else:
+                return None
+        tensor += _field(b"\x12", b"".join(pieces))
+    return _field(b"\x0a", name.encode()) + _field(b"\x12", _field(b"\x0a", tensor))
 
 
 def _dims_only(tensor: ir.TensorProtocol, name: str | None) -> bytes:
@@ -350,15 +522,40 @@ def _tensor(tensor: ir.TensorProtocol) -> bytes:
         return ir.serde.serialize_tensor(tensor).SerializeToString()
     metadata = tensor.metadata_props
     if _tensor_nbytes(tensor) > CACHE_TENSOR_BYTES:  # written each time: not kept beside its data
-        return _proto_bytes(tensor, metadata) or ir.serde.serialize_tensor(tensor).SerializeToString()
+        return _proto_bytes(tensor, metadata) or _array_bytes(tensor, metadata) \
+            or ir.serde.serialize_tensor(tensor).SerializeToString()
     key = (tensor.name, tensor.doc_string, tuple(sorted(metadata.items())) if metadata else ())
     meta = tensor.meta.data
     cached = meta.get(_TENSOR_KEY)
     if cached is not None and cached[0] == key:
         return cached[1]
-    data = _proto_bytes(tensor, metadata) or ir.serde.serialize_tensor(tensor).SerializeToString()
+    data = _proto_bytes(tensor, metadata) or _array_bytes(tensor, metadata) \
+        or ir.serde.serialize_tensor(tensor).SerializeToString()
     meta[_TENSOR_KEY] = (key, data)
     return data
+
+
+def _array_bytes(tensor: ir.TensorProtocol, metadata: dict[str, str]) -> bytes | None:
+    """The TensorProto bytes onnx-ir writes for an in-memory ``ir.Tensor`` of a type other
+    than STRING without metadata or doc string: ``dims`` (1, unpacked), ``data_type`` (2),
+    ``name`` (8) when not empty and ``raw_data`` (9) holding ``tobytes()`` (present though
+    empty), in field-number order; the data copied once into the result (onnx-ir's message
+    copies it twice more). None for any other tensor."""
+    if type(tensor) is not ir.Tensor or metadata or tensor.doc_string:
+        return None
+    dtype = tensor.dtype
+    if type(dtype) is not ir.DataType or dtype == ir.DataType.STRING:
+        return None
+    pieces = []
+    for dim in tensor.shape.numpy():
+        pieces += (b"\x08", _int64(int(dim)))
+    pieces += (b"\x10", _int64(int(dtype)))
+    name = tensor.name
+    if name:
+        pieces.append(_field(b"\x42", name.encode()))
+    data = tensor.tobytes()
+    pieces += (b"\x4a", _length(len(data)), data)
+    return b"".join(pieces)
 
 
 def _proto_bytes(tensor: ir.TensorProtocol, metadata: dict[str, str]) -> bytes | None:
