@@ -539,15 +539,31 @@ def _usable_report_path(args: argparse.Namespace) -> Path | None:
         return None
     try:
         path = oir.check_output_path(args.report, args.model)
-        output = args.output or (default_output(args.model) if args.model else None)
-        if output is not None and Path(output).resolve() == path.resolve():
-            return None
+        if args.model:
+            _check_report_path(path, *_written_paths(args))
         # every DATA as given, and as the text after a LABEL=: the calibration flags may be what failed
         data = {part for item in args.calibration for part in (item, item.partition("=")[2]) if part}
         _check_not_sample_data([path], args.inputs, [(None, item) for item in sorted(data)])
     except (BadInputError, OSError):
         return None
     return path
+
+
+def _written_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The output (default: beside the model) and the external-data file it may write
+    beside it (None with ``--external-data off``)."""
+    output = Path(args.output or default_output(args.model))
+    data_file = None if args.external_data == "off" else \
+        output.resolve().parent / (args.external_data_location or f"{output.name}.data")
+    return output, data_file
+
+
+def _check_report_path(report: Path, output: Path, data_file: Path | None) -> None:
+    """BadInputError when ``--report`` is the output or the external-data file it may write."""
+    if report.resolve() == output.resolve():
+        raise BadInputError("--report and the output are the same file", report)
+    if data_file is not None and report.resolve() == data_file.resolve():
+        raise BadInputError("--report is the output's external-data file", report)
 
 
 def _write_failure_report(args: argparse.Namespace, error: BaseException) -> None:
@@ -574,15 +590,13 @@ def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress)
     metric = _check_flags(args, sources)
     # no file written may be the input model or one it reads its weights from (those are
     # found once, by loading the input, and only when one of the files exists already)
-    output = Path(args.output or default_output(args.model))
-    data_file = None if args.external_data == "off" else \
-        output.resolve().parent / (args.external_data_location or f"{output.name}.data")
+    output, data_file = _written_paths(args)
     written = [output, *([Path(args.report)] if args.report else []), *([data_file] if data_file else [])]
     reads = oir.read_weight_files(args.model) if any(p.exists() for p in written) else set()
     output = oir.check_output_path(args.output or output, args.model, reads)  # as given: a trailing '/'
     report_path = oir.check_output_path(args.report, args.model, reads) if args.report else None
-    if report_path is not None and report_path.resolve() == output.resolve():
-        raise BadInputError("--report and the output are the same file", report_path)
+    if report_path is not None:
+        _check_report_path(report_path, output, data_file)
     if args.external_data_location and Path(args.external_data_location).name == output.name:
         raise BadInputError("--external-data-location is the output file itself", output)
     if data_file is not None:

@@ -119,6 +119,20 @@ def test_no_report_where_the_report_path_itself_is_refused(tmp_path: Path, capsy
     assert _files(tmp_path) == {"m.onnx", "calib.npz"}
 
 
+@pytest.mark.parametrize("flags", [["--external-data", "on"], ["--external-data", "auto"],
+                                   ["--external-data", "on", "--external-data-location", "w.bin"]])
+def test_the_report_never_takes_the_place_of_the_outputs_weights(tmp_path: Path, capsys, flags: list[str]):
+    """The external-data file the output may write is no report path, before the run or
+    after it failed (a report there would be read as the model's weights)."""
+    source, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    _matmul_model(source)
+    data = tmp_path / (flags[-1] if "--external-data-location" in flags else "out.onnx.data")
+    assert cli.main([str(source), *flags, "-o", str(out), "--report", str(data)]) == 2
+    assert "--report is the output's external-data file" in capsys.readouterr().err
+    assert cli.main([str(tmp_path / "missing.onnx"), *flags, "-o", str(out), "--report", str(data)]) == 2
+    assert _files(tmp_path) == {"m.onnx"}
+
+
 def test_an_internal_error_gets_its_report(tmp_path: Path, monkeypatch, capsys):
     source, report = tmp_path / "m.onnx", tmp_path / "r.json"
     _matmul_model(source)
