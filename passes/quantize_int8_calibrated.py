@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 import optcc
 from optcc.quant import METHODS, METRICS, Int8Options, cpu_class, quantize_int8
+from optcc.runtime import RefusedModel
 
 
 class CalibratedInt8Pass(ir.passes.FunctionalPass):
@@ -31,7 +32,11 @@ class CalibratedInt8Pass(ir.passes.FunctionalPass):
         _check(self.options)
 
     def call(self, model: ir.Model) -> optcc.PassResult:
-        quantized, stats = quantize_int8(model.clone(), self.samples, options=self.options)
+        try:
+            quantized, stats = quantize_int8(model.clone(), self.samples, options=self.options)
+        except RefusedModel as error:  # a session of the float model: the model's limit, not optcc's defect
+            return optcc.PassResult(model.clone(), False, {"declined": "refused",
+                                                           "reason": f"onnxruntime cannot run the model ({error})"})
         return optcc.PassResult(quantized, bool(stats["modified"]), json.loads(json.dumps(stats, default=str)))
 
 

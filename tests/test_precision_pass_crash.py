@@ -3,7 +3,8 @@ model: the command exits 3 (internal error) naming the pass and the exception, w
 nothing, and says that --allow-float-fallback writes the model without that precision; the
 Python API raises PrecisionPassFailedError with the result attached. With the fallback the
 float model is written (exit 0) and the warning still calls it a defect. The float model
-written is checked against numpy float64."""
+written is checked against numpy float64. A model onnxruntime cannot run at all is no
+defect: INT8 declines it (exit 5), saying why."""
 
 from __future__ import annotations
 
@@ -71,3 +72,22 @@ def test_the_fallback_writes_the_float_model_and_still_names_the_defect(tmp_path
     written = onnx.load(out)
     assert not [n for n in written.graph.node if n.op_type in ("DequantizeLinear", "MatMulNBits")]
     np.testing.assert_allclose(onnxruntime_outputs(written, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_on_a_model_onnxruntime_cannot_run_is_a_decline_not_a_defect(tmp_path: Path, capsys) -> None:
+    """A custom-domain op without its library: onnxruntime refuses the float model itself,
+    which is the model's limit (exit 5 and why), as FP16 says for the same model."""
+    rng = np.random.default_rng(2)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Frob", ["h"], ["y"], domain="com.acme")],
+        "custom", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])],
+        [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w")])
+    path, data, out = tmp_path / "custom.onnx", tmp_path / "calib.npz", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.acme", 1)]),
+              path)
+    np.savez(data, x=rng.standard_normal((8, 4, 64)).astype(np.float32))
+    assert main([str(path), "--int8", "--calibration", str(data), "--allow-unverified", "-o", str(out)]) == 5
+    err = capsys.readouterr().err
+    assert "int8 not applied: onnxruntime cannot run the model" in err and "com.acme" in err
+    assert "a defect in optcc" not in err and not out.exists()
