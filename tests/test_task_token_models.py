@@ -113,6 +113,9 @@ def test_token_outputs_are_those_with_one_step_per_token_of_a_token_id_input():
     feeds = _feeds(3)
     outputs = {"scores": [_run(tokens, f) for f in feeds]}
     assert tm.token_outputs(ir.from_proto(tokens), feeds, outputs) == {"scores": "ids"}
+    # exported time-major ([T, 1, C], an LSTM tagger's layout): the same steps, the same answer
+    time_major = {"scores": [a.transpose(1, 0, 2) for a in outputs["scores"]]}
+    assert tm.token_outputs(ir.from_proto(tokens), feeds, time_major) == {"scores": "ids"}
     pictures = [{"x": np.random.default_rng(i).random((1, 1, 8, STEPS), np.float32)} for i in range(3)]
     assert tm.token_outputs(ir.from_proto(image), pictures, {"scores": [_run(image, f) for f in pictures]}) == {}
     # a hidden state with one step per token is no class score: still an embedding

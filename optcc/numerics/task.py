@@ -1365,8 +1365,8 @@ def _row_plan(reference: Outputs, metric: Any, groups: Sequence[str] | None, seq
 
 
 def token_outputs(model: ir.Model, samples: Sequence[Mapping[str, np.ndarray]], outputs: Outputs) -> dict[str, str]:
-    """The ``[N, T, C]`` float outputs with one step per token: on every sample, axis 1 as
-    long as the last axis of a ``[N, T]`` token-id input (``input_roles``' ``index``), each
+    """The ``[N, T, C]`` (or time-major ``[T, 1, C]``) float outputs with one step per token:
+    on every sample, the steps as many as the last axis of a ``[N, T]`` token-id input (``input_roles``' ``index``), each
     mapped to that input's name. A CTC recognizer reads a signal (an image, audio) and
     aligns its frames to a shorter label sequence; an output with one step per input token
     (a masked language model's, a tagger's) has no such alignment to decode."""
@@ -1378,6 +1378,7 @@ def token_outputs(model: ir.Model, samples: Sequence[Mapping[str, np.ndarray]], 
         arrays = [np.asarray(v) for v in values]
         if not all(a.ndim == 3 and np.issubdtype(a.dtype, np.floating) for a in arrays):
             continue
+        arrays = [_batch_major(a) for a in arrays]  # a time-major [T, 1, C] sequence has its steps on axis 1 too
         for source in ids:
             lengths = [np.shape(s[source]) if source in s else None for s in samples]
             if all(shape is not None and len(shape) == 2 and a.shape[1] == shape[1]
