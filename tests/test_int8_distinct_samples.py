@@ -34,6 +34,11 @@ def test_a_group_of_copies_is_refused_by_name() -> None:
                        int8_options={"groups": ["page", "page", "photo", "photo"]})
 
 
+def test_group_labels_that_miss_samples_are_bad_input() -> None:
+    with pytest.raises(BadInputError, match="3 group labels for 4 samples"):
+        optcc.optimize(str(TINYCNN), int8_calibration=_images(4, 5), int8_options={"groups": ["a", "a", "b"]})
+
+
 def test_distinct_samples_pass_whatever_repeats_among_them() -> None:
     first, second = _images(2, 3)
     check_distinct([first, second])

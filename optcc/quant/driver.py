@@ -176,6 +176,8 @@ def check_distinct(samples: Sequence[Feeds], path: object | None = None, hint: s
     """BadInputError (naming ``path``, ending with ``hint``) unless ``samples`` (with
     ``groups``: each group's) hold at least ``MIN_GROUP_SAMPLES`` distinct samples: on one
     (or copies of one) the held-out judgement would rest on the very data that calibrated."""
+    if groups is not None and len(groups) != len(samples):
+        raise BadInputError(f"{len(groups)} group labels for {len(samples)} samples", path)
     parts: dict[str | None, list[Feeds]] = {}
     for i, feeds in enumerate(samples):
         parts.setdefault(None if groups is None else str(groups[i]), []).append(feeds)
