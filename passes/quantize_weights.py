@@ -322,7 +322,7 @@ class QuantizeWeightsPass(optcc.Pass):
             scratch: dict[str, Any] = {"quantized": {}, "kept_float": {}, "head": []}
             plan = (*self._plan(candidate.graph, scratch), self._plan_convs(candidate.graph, scratch))
             assert [n.name for n, _ in plan[0]] == [n.name for n, _ in layers], "the copy plans other layers"
-            self._rewrite(candidate, plan, _raise(layers, widths, raised), parts, scratch)
+            self._rewrite(candidate, plan, _with_int8(layers, widths, raised), parts, scratch)
             reason = self.gate(candidate)
             checks.append({"int8_weights": len(raised), "passed": reason is None,
                            **({"reason": reason} if reason else {})})
@@ -365,7 +365,7 @@ class QuantizeWeightsPass(optcc.Pass):
             else:
                 low = middle
         raised = ranked[:high]
-        chosen = _raise(layers, widths, raised)
+        chosen = _with_int8(layers, widths, raised)
         count = sum(a != b for a, b in zip(widths, chosen))
         body = sum(bits == 4 for bits in widths)
         mixed["raised"] = [w.name for w in raised]
@@ -609,7 +609,7 @@ class QuantizeWeightsPass(optcc.Pass):
 # ---------------------------------------------------------------------- mixed widths
 
 
-def _raise(layers: list[tuple[ir.Node, ir.Value]], widths: list[int], raised: Iterable[ir.Value]) -> list[int]:
+def _with_int8(layers: list[tuple[ir.Node, ir.Value]], widths: list[int], raised: Iterable[ir.Value]) -> list[int]:
     """``widths`` with every layer reading a weight of ``raised`` at 8 bits."""
     up = set(raised)
     return [8 if w in up else bits for (_, w), bits in zip(layers, widths)]

@@ -78,6 +78,12 @@ _UNCACHED_ATTRIBUTES = frozenset({
 })
 _GRAPH_ATTRIBUTES = frozenset({ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS})
 _TENSOR = ir.AttributeType.TENSOR
+_INT, _FLOAT, _STRING = ir.AttributeType.INT, ir.AttributeType.FLOAT, ir.AttributeType.STRING
+_INTS, _FLOATS, _STRINGS = ir.AttributeType.INTS, ir.AttributeType.FLOATS, ir.AttributeType.STRINGS
+_INT64_MIN = -(1 << 63)
+_PACK_FLOAT = struct.Struct("<f").pack
+_INT64_END = 1 << 63
+_SYMBOLIC = ir.SymbolicDim
 _CACHED_TENSOR_TYPES = (ir.Tensor, ir.serde.TensorProtoTensor)
 _PROTO_BYTES_DTYPES = frozenset(int(t) for t in (
     ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.INT8, ir.DataType.UINT8,
@@ -296,12 +302,6 @@ def _node(node: ir.Node) -> bytes:
     return data
 
 
-_INT, _FLOAT, _STRING = ir.AttributeType.INT, ir.AttributeType.FLOAT, ir.AttributeType.STRING
-_INTS, _FLOATS, _STRINGS = ir.AttributeType.INTS, ir.AttributeType.FLOATS, ir.AttributeType.STRINGS
-_INT64_MIN = -(1 << 63)
-_PACK_FLOAT = struct.Struct("<f").pack
-
-
 def _signed_int64(n: int) -> bytes | None:
     """An int64 field's varint (a negative one as its 64-bit two's complement, ten
     bytes); None outside int64."""
@@ -469,11 +469,8 @@ def _int64(n: int) -> bytes:
 
 
 def _field(tag: bytes, data: bytes) -> bytes:
+    """A length-delimited field: its tag, the data's length as a varint, the data."""
     return tag + _length(len(data)) + data
-
-
-_SYMBOLIC = ir.SymbolicDim
-_INT64_END = 1 << 63
 
 
 def _tensor_value_info(name: str, dtype: ir.DataType, dims: Any) -> bytes | None:

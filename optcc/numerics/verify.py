@@ -119,10 +119,10 @@ ModelRef = Union[ir.Model, str, os.PathLike]
 DEFAULT_SAMPLES = 3
 REPARSE_MAX_BYTES = 64 * 1024 * 1024  # an original file up to this size is parsed again for the proof
 REFERENCES = ("auto", "float32")
-# the progress phases of the reference runs, apart from the candidate's ("verifying")
 # the bytes of the outputs ``Verifier.outputs`` keeps of the models before the last, at the
 # least (more when the last model's own outputs are larger)
 KEPT_OUTPUT_BYTES = 64 << 20
+# the progress phases of the reference runs, apart from the candidate's ("verifying")
 REFERENCE_PHASE = "reference: float32 original"
 FLOOR_PHASE = "noise floor: float32 on perturbed samples"
 FLOAT64_PHASE = "reference: float64"
