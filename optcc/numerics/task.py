@@ -1366,8 +1366,8 @@ def _row_plan(reference: Outputs, metric: Any, groups: Sequence[str] | None, seq
 
 def token_outputs(model: ir.Model, samples: Sequence[Mapping[str, np.ndarray]], outputs: Outputs) -> dict[str, str]:
     """The ``[N, T, C]`` (or time-major ``[T, 1, C]``) float outputs with one step per token:
-    on every sample, the steps as many as the last axis of a ``[N, T]`` token-id input (``input_roles``' ``index``), each
-    mapped to that input's name. A CTC recognizer reads a signal (an image, audio) and
+    on every sample, as many steps as the last axis of a ``[N, T]`` token-id input
+    (``input_roles``' ``index``), each mapped to that input's name. A CTC recognizer reads a signal (an image, audio) and
     aligns its frames to a shorter label sequence; an output with one step per input token
     (a masked language model's, a tagger's) has no such alignment to decode."""
     ids = [name for name, role in input_roles(model).items() if role == "index"]
