@@ -12,13 +12,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.quant.bias_correction import FloatMeans, SegmentMeans, correct_biases
 from optcc.runtime.session import REFUSALS, RefusedModel, first_line
-from optcc.quant.calibration import (CalibrationData, Feeds, calibrate, calibration_positions, data_hash,
+from optcc.quant.calibration import (CalibrationData, Feeds, calibrate, calibration_positions,
                                      holdout_positions, load_samples, split_at)
 from optcc.errors import BadInputError
 from optcc.infra.registry import create_pass
@@ -182,12 +183,24 @@ def check_distinct(samples: Sequence[Feeds], path: object | None = None, hint: s
     for i, feeds in enumerate(samples):
         parts.setdefault(None if groups is None else str(groups[i]), []).append(feeds)
     for label, part in parts.items():
-        distinct = len({data_hash([feeds]) for feeds in part})
-        if distinct < MIN_GROUP_SAMPLES:
+        # fewer than 2 distinct samples is every one the same as the first: the first that
+        # differs ends the comparison, so valid data cost one comparison, not a pass over all
+        if not any(_differ(part[0], feeds) for feeds in part[1:]):
             whose = "the data hold" if label is None else f"group '{label}' holds"
-            copies = f" ({len(part)} samples, all the same)" if len(part) > distinct else ""
+            copies = f" ({len(part)} samples, all the same)" if len(part) > 1 else ""
             raise BadInputError(f"INT8 needs at least {MIN_GROUP_SAMPLES} distinct calibration samples, one to "
-                                f"calibrate and one held out to judge it; {whose} {distinct}{copies}{hint}", path)
+                                f"calibrate and one held out to judge it; {whose} 1{copies}{hint}", path)
+
+
+def _differ(first: Feeds, other: Feeds) -> bool:
+    """Whether two samples differ in their input names, or an input's dtype, shape or bytes."""
+    if sorted(first) != sorted(other):
+        return True
+    for name, value in first.items():
+        a, b = np.asarray(value), np.asarray(other[name])
+        if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+            return True
+    return False
 
 
 def check_groups(groups: Sequence[str] | None, count: int, metric: Any, outputs: Sequence[str] | None) -> None:
