@@ -54,7 +54,7 @@ SUBCOMMANDS = ("inspect", "compare")
 READING_PHASE, WRITING_PHASE = "reading the model and samples", "writing the output"
 
 EXIT_HELP = """\
-exit codes:
+exit codes ('nothing written' means no model: a --report is written on every exit):
   0  success (the output is written)
   1  verification failed: nothing written (--force writes it, still exit 1)
   2  bad input or usage: one line on stderr naming the file; nothing written
@@ -77,7 +77,7 @@ examples:
   optcc model.onnx -O3 --fp16 --weights int4
                                             LLM on a GPU: float16 compute, int4 MatMulNBits weights
   optcc model.onnx --int8 --calibration calib.npz
-  optcc det.onnx --int8 --calibration page=pages.npz --calibration photo=photos.npz \
+  optcc det.onnx --int8 --calibration page=pages.npz --calibration photo=photos.npz \\
         --int8-metric @photo=added-boxes    each kind of input held out and judged apart
   optcc model.onnx --overwrite-input-shape images:1,3,640,640
   optcc inspect model.onnx                  inputs, outputs, opsets, ops, sizes

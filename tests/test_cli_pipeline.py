@@ -332,11 +332,12 @@ def test_version_and_grouped_help_with_examples_and_exit_codes(capsys) -> None:
     assert optcc.__version__ in capsys.readouterr().out
     assert cli.main(["--help"]) == 0
     text = capsys.readouterr().out
-    for needle in ("examples:", "exit codes:", "input shapes:", "INT8:", "verification:", "optcc inspect",
+    for needle in ("examples:", "exit codes (", "input shapes:", "INT8:", "verification:", "optcc inspect",
                    "--allow-unverified", "--allow-float-fallback"):
         assert needle in text, needle
     for code in range(6):
         assert f"\n  {code}  " in text
+    assert "photo=photos.npz \\\n        --int8-metric" in text  # a continued example reads as two lines
 
 
 def test_list_passes_prints_the_whole_first_paragraph(capsys) -> None:

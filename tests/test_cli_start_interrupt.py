@@ -1,0 +1,47 @@
+"""Ctrl-C or SIGTERM while the command's modules load ends it with one line (exit 130 or
+143, nothing written), as it does later in a run; ``import optcc`` loads neither onnx nor
+onnxruntime until a public name needs them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from optcc import __main__ as entry
+
+
+class _InterruptCliImport:
+    """A meta-path finder that delivers ``signum`` when ``optcc.cli`` is imported."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "optcc.cli":
+            if self.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), self.signum)  # its handler runs at the next instruction, still here
+        return None
+
+
+@pytest.mark.parametrize("signum, line", [(signal.SIGINT, "optcc: interrupted; nothing written"),
+                                          (signal.SIGTERM, "optcc: terminated; nothing written")])
+def test_a_signal_while_modules_load_is_one_line(monkeypatch, capsys, signum, line):
+    monkeypatch.delitem(sys.modules, "optcc.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_InterruptCliImport(signum), *sys.meta_path])
+    before = signal.getsignal(signal.SIGTERM)
+    assert entry.main() == 128 + signum
+    assert capsys.readouterr().err.splitlines() == [line]
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's own handling takes over after
+
+
+def test_import_optcc_loads_no_runtime():
+    code = ("import sys, optcc; loaded = [m for m in ('onnx', 'onnxruntime', 'onnx_ir', 'numpy') if m in sys.modules]; "
+            "print(loaded); optcc.optimize; print('onnxruntime' in sys.modules or 'onnx' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "True"  # a public name imports what it needs
