@@ -154,7 +154,8 @@ def optimize(
     given, serves as range data); ``int8_calibration`` (feed dicts) quantizes to INT8 with
     ``int8_method`` calibration, judged on the held-out last 20% of the samples (of each
     group's, with ``int8_options["groups"]``: one label per sample, by which the final
-    verification judges every sample too, so no separate ``inputs``);
+    verification judges every sample too, so no separate ``inputs``); the result is verified
+    on every calibration sample, followed by ``inputs`` when given;
     ``int8_options`` are passed to ``optcc.quant.driver.quantize_int8`` (e.g.
     ``{"require_speedup": False}``, ``{"target": Target(min_sqnr_db=30)}``, ``{"cpu": "x86-avx2"}``: the CPU
     class its speed is modelled for, default "x86-vnni" on every machine); when INT8 is
@@ -291,7 +292,11 @@ def optimize(
             ("fold-constants", {"fold_large": True}), ("fuse-batchnorm", {}), ("fuse-conv-affine", {}),
             ("eliminate-dead-nodes", {})) if name not in disable]
         shared: dict[str, Any] = {}
-        if inputs is None:
+        if inputs is not None and inputs is not int8_calibration:
+            # the result is judged on every calibration sample, with or without inputs of the user's
+            # own, and on those inputs after them
+            inputs = [*samples, *([dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs])]
+        elif inputs is None:
             inputs = samples  # all of them: a task metric over the held-out part alone can lack items
             if (verify or verify_each) and _judged_by_task(tolerances, "int8"):
                 # the verifier (built below) judges the same samples by the task: the pass judges
