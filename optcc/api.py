@@ -27,7 +27,7 @@ from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
 from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary,
                             input_roles, resolve_providers)
 from optcc.progress import Progress
-from optcc.quant import quantization_ops
+from optcc.quant import quantization_ops, stored_weights
 from optcc.quant.driver import check_distinct, check_groups
 
 __all__ = ["optimize", "OptimizeResult", "verify", "FOLD_GROWTH_WARNING"]
@@ -308,6 +308,7 @@ def optimize(
                 shared["outputs"] = lambda model, positions: None if verifier is None else \
                     verifier.outputs(model, positions)
         quantizer = create_pass(INT8_PASS, samples=samples, method=int8_method, progress=progress,
+                                stored_weights=stored_weights(working),
                                 **{"prepare": False, **shared, **dict(int8_options or {})})
         pipeline.append(Prepared(preparation, quantizer))
     if int8_dynamic:

@@ -1,10 +1,14 @@
 """Calibrated INT8: calibrate, quantize to QDQ and fall back layer by layer, as one pass
-(the driver is ``optcc.quant.quantize_int8``)."""
+(the driver is ``optcc.quant.quantize_int8``). With ``stored_weights`` (the model's
+weights stored as integer levels before INT8's preparation folded them,
+``optcc.quant.stored_weights``), every such weight the result still reads in float32 is
+computed from its levels again: exact, and the file does not grow where INT8 keeps a
+layer float."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 import optcc
-from optcc.quant import METHODS, METRICS, Int8Options, cpu_class, quantize_int8
+from optcc.quant import METHODS, METRICS, Int8Options, StoredWeight, cpu_class, quantize_int8, restore_stored
 from optcc.runtime import RefusedModel
 
 
@@ -25,9 +29,10 @@ class CalibratedInt8Pass(ir.passes.FunctionalPass):
     numerics = "int8"
 
     def __init__(self, samples: list[dict[str, np.ndarray]], options: Int8Options | None = None,
-                 **fields: Any) -> None:
+                 stored_weights: Sequence[StoredWeight] = (), **fields: Any) -> None:
         super().__init__()
         self.samples = samples
+        self.stored_weights = stored_weights
         self.options = Int8Options.of(options, **fields)
         _check(self.options)
 
@@ -37,6 +42,8 @@ class CalibratedInt8Pass(ir.passes.FunctionalPass):
         except RefusedModel as error:  # a session of the float model: the model's limit, not optcc's defect
             return optcc.PassResult(model.clone(), False, {"declined": "refused",
                                                            "reason": f"onnxruntime cannot run the model ({error})"})
+        if stats["modified"] and self.stored_weights:
+            stats["stored_weights_restored"] = restore_stored(quantized, self.stored_weights)
         return optcc.PassResult(quantized, bool(stats["modified"]), json.loads(json.dumps(stats, default=str)))
 
 

@@ -5,6 +5,7 @@ from optcc.quant.calibration import METHODS, calibrate, collect_statistics_shard
 from optcc.quant.cost_model import CPU_CLASSES, CostModel, compare_modelled, cpu_class
 from optcc.quant.driver import Int8Options, quantize_int8
 from optcc.quant.integer_range import MIN_WEIGHT_SCALE, WEIGHT_QMAX, symmetric_weight_scale
+from optcc.quant.stored_weights import StoredWeight, restore_stored, stored_weights
 from optcc.quant.fallback import Target, count_integer_nodes, quantization_ops, quantized_already
 from optcc.numerics.task import METRICS, TaskJudge
 from optcc.quant import weight_only  # block-wise weight-only numerics (quantize-weights)
@@ -12,4 +13,4 @@ from optcc.quant import weight_only  # block-wise weight-only numerics (quantize
 __all__ = ["METHODS", "calibrate", "collect_statistics_sharded", "quantize_int8", "Int8Options", "Target", "count_integer_nodes",
            "quantization_ops", "quantized_already",
            "CPU_CLASSES", "CostModel", "compare_modelled", "cpu_class", "METRICS", "TaskJudge", "weight_only", "WEIGHT_QMAX",
-           "MIN_WEIGHT_SCALE", "symmetric_weight_scale"]
+           "MIN_WEIGHT_SCALE", "symmetric_weight_scale", "StoredWeight", "restore_stored", "stored_weights"]
