@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -434,13 +435,19 @@ def optimize(
     if crashed and not allow_float_fallback:
         text = "; ".join(f"{kind} not applied: {why}" for kind, why in crashed.items())
         applied = " + ".join(result.applied_precision)
-        _raise(PrecisionPassFailedError(f"internal error: {text} (the result would be {applied or 'float32'})"),
-               result)
+        _raise(PrecisionPassFailedError(f"internal error: {text}{_would_be(text, applied)}"), result)
     if declined and not allow_float_fallback:
         text = "; ".join(f"{kind} not applied: {why}" for kind, why in declined.items())
         applied = " + ".join(result.applied_precision)  # --fp16 --weights without its weights: float16
-        _raise(PrecisionNotAppliedError(f"{text} (the result would be {applied or 'float32'})"), result)
+        _raise(PrecisionNotAppliedError(f"{text}{_would_be(text, applied)}"), result)
     return result
+
+
+def _would_be(text: str, applied: str) -> str:
+    """What a declined precision leaves, said once: nothing when ``text``'s last clause says it
+    (``...; kept float32 (why)``)."""
+    left = applied or "float32"
+    return "" if re.search(rf"(^|; )kept {left}( \(.*\))?$", text) else f" (the result would be {left})"
 
 
 def _gate_reason(verifier: Verifier, candidate: ir.Model) -> str | None:

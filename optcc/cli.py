@@ -538,7 +538,7 @@ def _usable_report_path(args: argparse.Namespace) -> Path | None:
     if not args.report:
         return None
     try:
-        path = oir.check_output_path(args.report, args.model)
+        path = oir.check_output_path(args.report, args.model, what="report")
         if args.model:
             _check_report_path(path, *_written_paths(args))
         # every DATA as given, and as the text after a LABEL=: the calibration flags may be what failed
@@ -594,7 +594,7 @@ def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress)
     written = [output, *([Path(args.report)] if args.report else []), *([data_file] if data_file else [])]
     reads = oir.read_weight_files(args.model) if any(p.exists() for p in written) else set()
     output = oir.check_output_path(args.output or output, args.model, reads)  # as given: a trailing '/'
-    report_path = oir.check_output_path(args.report, args.model, reads) if args.report else None
+    report_path = oir.check_output_path(args.report, args.model, reads, what="report") if args.report else None
     if report_path is not None:
         _check_report_path(report_path, output, data_file)
     if args.external_data_location and Path(args.external_data_location).name == output.name:

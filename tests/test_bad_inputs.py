@@ -668,8 +668,27 @@ def test_samples_with_other_input_names_read_as_a_sentence(tmp_path: Path, capsy
     np.savez(data, img=np.zeros((2, 1, 3, 32, 32), np.float32))
     line = _refused(capsys, [str(model), "--inputs", str(data), "-o", str(tmp_path / "o.onnx")],
                     "names do not match the model's inputs", model)
-    assert f"verification sample 0 in {data}: names do not match the model's inputs: missing ['image'], " \
+    assert f"verification sample 0 in {data}: names do not match the model's inputs: missing ['image']; " \
            "unexpected ['img']" in line, line
+    np.savez(data, image=np.zeros((2, 1, 3, 32, 32), np.float32), label=np.zeros((2, 1), np.int64))
+    line = _refused(capsys, [str(model), "--inputs", str(data), "-o", str(tmp_path / "o.onnx")],
+                    "names do not match the model's inputs", model)
+    assert line.endswith("names do not match the model's inputs: unexpected ['label']"), line  # no empty list
+
+
+def test_a_report_path_that_cannot_be_written_is_called_the_report(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    for report, needle in ((model, "report path is the input model"),
+                           (tmp_path / "missing" / "r.json", "report folder does not exist")):
+        _refused(capsys, [str(model), "-o", str(tmp_path / "o.onnx"), "--report", str(report)], needle, model)
+
+
+def test_samples_of_another_dtype_say_how_to_convert_them(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    data = tmp_path / "f64.npz"
+    np.savez(data, image=np.zeros((2, 1, 3, 32, 32), np.float64))
+    _refused(capsys, [str(model), "--inputs", str(data), "-o", str(tmp_path / "o.onnx")],
+             "has dtype float64, the model expects float32 (convert it: arr.astype(np.float32))", model)
 
 
 def test_quiet_and_verbose_exclude_each_other(tmp_path: Path, capsys) -> None:
@@ -786,3 +805,15 @@ def test_an_option_a_pass_does_not_take_is_bad_input() -> None:
     with pytest.raises(BadInputError, match="pass 'fold-constants': .*no_such_option"):
         create_pass("fold-constants", no_such_option=1)
     assert create_pass("fold-constants", fold_large=True).fold_large is True
+
+
+def test_a_declined_int8_says_float32_once(tmp_path: Path, capsys) -> None:
+    model = _copy_example(tmp_path)
+    data = tmp_path / "calib.npz"
+    np.savez(data, image=np.random.default_rng(5).random((8, 1, 3, 32, 32), dtype=np.float32))
+    code = cli.main([str(model), "--int8", "--calibration", str(data), "--int8-cpu", "x86-avx2",
+                     "-o", str(tmp_path / "o.onnx")])
+    line = capsys.readouterr().err.splitlines()[0]
+    assert code == 5 and "int8 not applied" in line, line
+    assert line.count("kept float32") == 1 and "the result would be" not in line, line
+    assert not (tmp_path / "o.onnx").exists()

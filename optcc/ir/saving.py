@@ -67,42 +67,43 @@ def needs_external_data(model: ir.Model) -> bool:
 
 
 def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | None = None,
-                      input_files: Iterable[Path] | None = None) -> Path:
+                      input_files: Iterable[Path] | None = None, what: str = "output") -> Path:
     """Refuse an output path before any work is done: the input model itself or a file its
     weights are read from (writing either would destroy the input), a missing or
     unwritable folder, a directory, a path ending in a separator (a folder's name), a
     symbolic link or anything else that is not a regular file (the rename would replace
     it). Returns the path. ``input_files``: the resolved files the input model reads its
     weights from, when the caller already knows them (else the input model is loaded to
-    find them, when the output exists)."""
+    find them, when the output exists). ``what`` names the file in the messages ("output",
+    "report")."""
     out = Path(path)
     if out.is_dir():
-        raise BadInputError("output path is a directory", out)
+        raise BadInputError(f"{what} path is a directory", out)
     text = os.fspath(path)
     if text.endswith(tuple(sep for sep in ("/", os.sep, os.altsep) if sep)):
         # Path() drops the separator: the file would be written under the folder's name
-        raise BadInputError(f"output path '{text}' ends in a path separator, so it names a folder that does not "
+        raise BadInputError(f"{what} path '{text}' ends in a path separator, so it names a folder that does not "
                             "exist: give a file name (FOLDER/model.onnx, in an existing folder)", out)
     if input_path is not None and Path(input_path).is_file() and out.exists():
         if os.path.samefile(out, input_path):
-            raise BadInputError("output path is the input model; refusing to overwrite it", out)
+            raise BadInputError(f"{what} path is the input model; refusing to overwrite it", out)
         if out.resolve() in (set(input_files) if input_files is not None else read_weight_files(input_path)):
-            raise BadInputError(f"output path is '{out.name}', which the input model reads its weights from; "
+            raise BadInputError(f"{what} path is '{out.name}', which the input model reads its weights from; "
                                 "refusing to overwrite it", out)
     # the rename that writes the output replaces whatever is at the path: a link (not the
     # file it points to), a device such as /dev/null, a pipe
     if out.is_symlink():
-        raise BadInputError("output path is a symbolic link; give the path of the file it points to", out)
+        raise BadInputError(f"{what} path is a symbolic link; give the path of the file it points to", out)
     if out.exists() and not out.is_file():
-        raise BadInputError("output path exists and is not a regular file (a device, a pipe or a socket); "
+        raise BadInputError(f"{what} path exists and is not a regular file (a device, a pipe or a socket); "
                             "refusing to replace it", out)
     folder = out.resolve().parent
     if not folder.is_dir():
-        raise BadInputError("output folder does not exist", out)
+        raise BadInputError(f"{what} folder does not exist", out)
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".probe")
     except OSError as e:
-        raise BadInputError(f"output folder is not writable ({e.strerror or e})", out) from None
+        raise BadInputError(f"{what} folder is not writable ({e.strerror or e})", out) from None
     os.close(fd)
     os.unlink(probe)
     return out

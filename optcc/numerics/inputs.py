@@ -896,9 +896,8 @@ def check_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray], label: str = "
     missing = sorted(n for n, v in expected.items() if n not in feeds and not v.is_initializer())
     extra = sorted(set(feeds) - set(expected))
     if missing or extra:
-        raise BadInputError(
-            f"{label}: names do not match the model's inputs: missing {missing}, unexpected {extra}"
-        )
+        wrong = "; ".join(f"{what} {names}" for what, names in (("missing", missing), ("unexpected", extra)) if names)
+        raise BadInputError(f"{label}: names do not match the model's inputs: {wrong}")
     for name, array in feeds.items():
         value = expected[name]
         if isinstance(array, np.generic):
@@ -916,7 +915,7 @@ def check_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray], label: str = "
         elif value.dtype is not None and array.dtype != value.dtype.numpy():
             raise BadInputError(
                 f"{label}: '{name}' has dtype {array.dtype}, the model expects "
-                f"{value.dtype.numpy()}"
+                f"{value.dtype.numpy()} (convert it: arr.astype(np.{value.dtype.numpy()}))"
             )
         if value.shape is not None and (
             array.ndim != value.shape.rank()
