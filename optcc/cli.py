@@ -687,7 +687,7 @@ def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress)
         status = error.exit_code
         hint = {EXIT_VERIFY_FAILED: "--force", EXIT_NOT_VERIFIED: "--allow-unverified",
                 EXIT_PRECISION_NOT_APPLIED: "--allow-float-fallback", EXIT_INTERNAL: "--allow-float-fallback"}[status]
-        said = _note_one_sample_judgement(result, one_sample_files, len(calibration or ()))
+        said = _note_one_sample_judgement(result, one_sample_files, len(calibration or ())) + _other_precision(result)
         error_line = f"{args.model}: {error}{said}; nothing written ({hint} writes it)"
         print(f"optcc: {error_line}", file=sys.stderr)
     if not args.quiet:
@@ -772,6 +772,17 @@ def _header(args: argparse.Namespace, result: OptimizeResult) -> str:
 _SAID_ELSEWHERE = ("warning: numerics not verified", "warning: INT8 not applied", "warning: FP16 not applied",
                    "warning: INT8-DYNAMIC not applied", "warning: WEIGHTS not applied",
                    f"warning: {SPEED_MACHINE_PREFIX}")
+
+
+def _other_precision(result: OptimizeResult) -> str:
+    """Where INT8 was declined as not faster on a model of matrix products (a transformer),
+    the modes that quantize those without a speed requirement; else ""."""
+    why = result.declined_precision.get("int8") or ""
+    ops = result.report.model_before.op_histogram if result.report.model_before else {}
+    products = ops.get("MatMul", 0) + ops.get("Gemm", 0)
+    if not why.startswith("INT8 is not faster") or products <= ops.get("Conv", 0):
+        return ""
+    return "; for its MatMul/Gemm weights, --int8-dynamic or --weights int8 quantize without a speed requirement"
 
 
 def _print_summary(args: argparse.Namespace, result: OptimizeResult, output: Path | None, hint: str | None) -> None:

@@ -817,3 +817,22 @@ def test_a_declined_int8_says_float32_once(tmp_path: Path, capsys) -> None:
     assert code == 5 and "int8 not applied" in line, line
     assert line.count("kept float32") == 1 and "the result would be" not in line, line
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_int8_declined_as_not_faster_on_matrix_products_names_the_modes_that_quantize_them(tmp_path: Path,
+                                                                                            capsys) -> None:
+    rng = np.random.default_rng(9)
+    weights = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), f"w{i}") for i in range(2)]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                               helper.make_node("MatMul", ["r", "w1"], ["y"])], "mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])], weights)
+    model = tmp_path / "mlp.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=rng.random((8, 1, 64), dtype=np.float32))
+    code = cli.main([str(model), "--int8", "--calibration", str(data), "-o", str(tmp_path / "o.onnx")])
+    line = capsys.readouterr().err.splitlines()[0]
+    assert code == 5 and "INT8 is not faster" in line, line
+    assert "--int8-dynamic or --weights int8" in line, line
+    assert not (tmp_path / "o.onnx").exists()
