@@ -42,6 +42,14 @@ Weights (>= 64 values) that nodes kept float32 read are stored float16 behind on
 candidate still meets the tolerance (``stats["float32_nodes_weights_stored_float16"]``).
 Types the pass infers to rewrite are not left declared (no value_info growth).
 
+The result must save at least ``MIN_WEIGHT_SAVING`` (25%) of the bytes of the model's
+float32 weights of ``STORE16_MIN_ELEMENTS`` values or more, those the user keeps float32
+(blocked nodes', overridable inputs' defaults) aside (a full conversion saves half);
+otherwise nothing is converted and ``stats["reason"]`` says the saving and the threshold
+(``stats["float_weight_bytes"]``): the accuracy check returned most layers to float32 and
+a float16 model would be no smaller, only slower. The saving is read from the decisions
+(``Rewriter.float_weight_bytes``), and the pass stops once no later decision can reach it.
+
 Attention-mask fills (-inf, finfo(float32).min: constants that only build the additive
 mask before Softmax / Attention) are first clamped to -16384 (``optcc.fp16.masks``), so
 the mask path converts instead of staying float32 in every layer; exact in float32 on
@@ -81,10 +89,14 @@ from optcc.quant import quantized_already
 
 KEEP_MARKER = "optcc.fp16.keep_float32"
 FALLBACK_REASON = "returned to float32 by the accuracy check"
+USER_BLOCK = "blocked by the user"
 UNDERFLOW_FRACTION = 0.10
 UNDERFLOW_SQNR_DB = 60.0  # below float16's own rounding noise (~70 dB): the flushed values matter
 STORE16_MIN_ELEMENTS = 64  # smaller weights do not pay for the Cast node that reads them
 STORE16_TRIALS = 4  # evaluations spent on weights of float32 nodes one by one
+# the least share of the float32 weight bytes a float16 result must save to ship: a full
+# conversion saves half; one the accuracy check returned mostly to float32 gains nothing
+MIN_WEIGHT_SAVING = 0.25
 # the progress phases of the pass, in the order they run
 RANGES_PHASE = "fp16: measuring ranges"
 CANDIDATE_PHASE = "fp16: judging the float16 model"
@@ -386,7 +398,7 @@ class ConvertFloat16Pass(optcc.Pass):
             if node in unrun:
                 reason = unrun[node]
             elif node.op_type in self.block or (node.name and node.name in self.block):
-                reason = "blocked by the user"
+                reason = USER_BLOCK
             elif node.name and node.name in marked:
                 reason = "kept float32 by an earlier run's accuracy check"
             elif top.get(node) == key:
@@ -485,18 +497,9 @@ class ConvertFloat16Pass(optcc.Pass):
     def _rewrite(
         self, model: ir.Model, keep: Mapping[int, str], emulate: bool = False, store16: Collection[str] = ()
     ) -> ir.Model:
-        keys, top = _node_keys(model)
         annotated = {v for v in model.graph.outputs}
         declared = {v for v in _values(model)
                     if v.type is not None and not v.is_graph_output() and not v.is_graph_input()}
-
-        def slots_of(node: ir.Node) -> Slots | None:
-            key = keys[node]
-            if key in keep or top.get(node, -1) in keep:
-                return None
-            slots = float16_slots(node, self.opset, self._dtype)
-            return None if isinstance(slots, str) else slots
-
         for graph in optcc.ir.graphs(model):  # declare inferred float types before retyping
             for node in graph:
                 for v in (*node.inputs, *node.outputs):
@@ -505,7 +508,7 @@ class ConvertFloat16Pass(optcc.Pass):
                         if dtype is not None:
                             v.type = ir.TensorType(dtype)
         rewriter = (Emulator if emulate else Rewriter)(
-            model, slots_of, self._dtype, self._keep_io, store16, self.weights,
+            model, self._slots_of(model, keep), self._dtype, self._keep_io, store16, self.weights,
             external_result=self._external_result)
         self._last = rewriter.run()
         self._weight_casts = getattr(rewriter, "weight_casts", set())
@@ -516,6 +519,56 @@ class ConvertFloat16Pass(optcc.Pass):
                 v.type = None
                 v.shape = None
         return model
+
+    def _slots_of(self, model: ir.Model, keep: Mapping[int, str]) -> Callable[[ir.Node], Slots | None]:
+        """The rewrite's decision per node of ``model``: its float16 slots, or None (kept)."""
+        keys, top = _node_keys(model)
+
+        def slots_of(node: ir.Node) -> Slots | None:
+            key = keys[node]
+            if key in keep or top.get(node, -1) in keep:
+                return None
+            slots = float16_slots(node, self.opset, self._dtype)
+            return None if isinstance(slots, str) else slots
+
+        return slots_of
+
+    # -- what the result saves -----------------------------------------------------------
+    def _float_weight_bytes(self, keep: Mapping[int, str], store16: Collection[str]) -> tuple[int, int]:
+        """The bytes of the model's float32 weights (of ``STORE16_MIN_ELEMENTS`` values or
+        more: scalars and short vectors weigh nothing; none a node the user blocked reads:
+        the user keeps those float32), and theirs in the result of ``keep`` and
+        ``store16`` (each weight stored float16 takes half), read from the decisions alone."""
+        keys, top = _node_keys(self.reference)
+        blocked = {v.name for node, key in keys.items() if USER_BLOCK in (keep.get(key), keep.get(top.get(node, -1)))
+                   for v in node.inputs if v is not None and v.name}
+        return Rewriter(self.reference, self._slots_of(self.reference, keep), self._dtype, self._keep_io,
+                        store16).float_weight_bytes(STORE16_MIN_ELEMENTS, skip=blocked)
+
+    def _short_of_saving(self, keep: Mapping[int, str], store16: Collection[str], bound: bool) -> str | None:
+        """Why float16 gains too little to ship when ``keep`` and ``store16`` decide the
+        result (``bound``: when they are the most it can still convert, every later
+        decision keeping more float32): its float32 weights save less than
+        ``MIN_WEIGHT_SAVING`` of their bytes. None when they save enough, or the model has
+        no float32 weights (float16 is then its computation alone)."""
+        before, after = self._float_weight_bytes(keep, store16)
+        self._saving = (before, after)
+        if not before or before - after >= MIN_WEIGHT_SAVING * before:
+            return None
+        returned = sum(why == FALLBACK_REASON for why in keep.values())
+        return (f"float16 would save {'at most ' if bound else ''}{(before - after) / before:.1%} of the float32 "
+                f"weight bytes ({optcc.infra.format_bytes(before)} -> {optcc.infra.format_bytes(after)}), "
+                f"below the {MIN_WEIGHT_SAVING:.0%} threshold (a full conversion saves 50%): "
+                f"{len(keep)} layer(s) stay float32"
+                + (f", {returned} of them returned by the accuracy check" if returned else ""))
+
+    def _decline(self, stats: dict[str, Any], keep: Mapping[int, str], reason: str) -> dict[str, Any]:
+        """``stats`` of a conversion declined for ``reason`` before its rewrite."""
+        self._report_kept(stats, keep)
+        before, after = self._saving
+        stats.update({"reason": reason, "evaluations": self.evaluations,
+                      "float_weight_bytes": {"float32": before, "float16": after, "min_saving": MIN_WEIGHT_SAVING}})
+        return stats
 
     def _candidate_feeds(self, candidate: ir.Model,
                          feeds: Sequence[Feeds] | None = None) -> list[dict[str, np.ndarray]]:
@@ -705,7 +758,7 @@ class ConvertFloat16Pass(optcc.Pass):
                 if exactly_float16(array):
                     exact[value.name] = int(array.size)
                     continue
-                if "blocked by the user" in why or any(w and UNRUN_BRANCH in w for w in why):
+                if USER_BLOCK in why or any(w and UNRUN_BRANCH in w for w in why):
                     continue  # rounded weights of an unrun branch: no sample would check them
                 finite = array[np.isfinite(array)]
                 if finite.size and float(np.abs(finite).max()) < FP16_MAX and \
@@ -715,12 +768,17 @@ class ConvertFloat16Pass(optcc.Pass):
 
     def _choose_store16(
         self, keep: Mapping[int, str], sqnr: _Judged
-    ) -> tuple[set[str], _Judged, dict]:
+    ) -> tuple[set[str], _Judged, dict, str | None]:
         """The weights to store float16 under float32 nodes: exact ones always; the others
         only while the candidate still meets the tolerance: all at once, else one by one,
-        largest first (at most ``STORE16_TRIALS`` more evaluations)."""
+        largest first (at most ``STORE16_TRIALS`` more evaluations). And why the result
+        saves too little to ship (``_short_of_saving``; None: it saves enough), said
+        before an evaluation when even every weight it could still round would not do."""
         exact, lossy = self._store16_candidates(keep)
         chosen, report = set(exact), {"exact": len(exact), "rounded": 0}
+        short = self._short_of_saving(keep, chosen | set(lossy), bound=bool(lossy))
+        if short:
+            return chosen, sqnr, report, short
         if lossy:
             with Progress(STORE16_PHASE, 1 + min(len(lossy), STORE16_TRIALS)) as bar:
                 ok, trial_sqnr, _ = self._evaluate(keep, store16=chosen | set(lossy))
@@ -729,19 +787,26 @@ class ConvertFloat16Pass(optcc.Pass):
                 if ok:
                     chosen |= set(lossy)
                     sqnr = trial_sqnr
-                for name in trials:
+                elif short := self._short_of_saving(keep, chosen | set(trials), bound=True):
+                    return chosen, sqnr, report, short
+                for i, name in enumerate(trials):
                     ok, one_sqnr, _ = self._evaluate(keep, store16=chosen | {name})
                     bar.advance()
                     if ok:
                         chosen.add(name)
                         sqnr = one_sqnr
+                        continue
+                    left = trials[i + 1:]
+                    short = self._short_of_saving(keep, chosen | set(left), bound=bool(left))
+                    if short:
+                        return chosen, sqnr, report, short
                 bar.advance(bar.total)
             report["rounded"] = len(chosen) - len(exact)
             if len(chosen) - len(exact) < len(lossy):
                 report["not_rounded"] = sorted(set(lossy) - chosen)
         sizes = {**exact, **lossy}
         report["bytes_saved"] = 2 * sum(sizes[n] for n in chosen)
-        return chosen, sqnr, report
+        return chosen, sqnr, report, self._short_of_saving(keep, chosen, bound=False)
 
     # -- the pass ------------------------------------------------------------------------
     def call(self, model: ir.Model) -> optcc.PassResult:
@@ -796,9 +861,15 @@ class ConvertFloat16Pass(optcc.Pass):
         if self.observed is None:
             stats["skipped"] = "nothing converted: " + (self.range_note or "no reference values")
             return optcc.PassResult(model, False, stats)
-        if not plan and not any(self._store16_candidates(keep)):
+        exact, lossy = self._store16_candidates(keep)
+        if not plan and not exact and not lossy:
             self._report_kept(stats, keep)
             return optcc.PassResult(model, False, stats)
+        # the accuracy check only ever keeps more float32: decline before it where even
+        # this much float16 would save too little
+        short = self._short_of_saving(keep, {*exact, *lossy}, bound=True)
+        if short:
+            return optcc.PassResult(model, False, self._decline(stats, keep, short))
         with Progress(CANDIDATE_PHASE, 1) as bar:
             ok, judged, candidate = self._evaluate(keep)
             bar.advance()
@@ -819,7 +890,13 @@ class ConvertFloat16Pass(optcc.Pass):
             if judged.task:
                 stats["task"] = judged.task
             return optcc.PassResult(model, False, stats)
-        store16, judged, store_report = self._choose_store16(keep, judged)
+        store16, judged, store_report, short = self._choose_store16(keep, judged)
+        if short:
+            if self._fallback_labels and all(reference_keys[node] in keep for node in plan):
+                short = f"{self._all_returned_reason()}; {short}"  # no layer left float16: that comes first
+            elif self._fallback_labels:
+                short += self._near_zero_note()
+            return optcc.PassResult(model, False, self._decline(stats, keep, short))
         sqnr = judged.sqnr
         model_keys, _ = _node_keys(model)
         fp16.clamp_mask_fills(model)
@@ -843,6 +920,8 @@ class ConvertFloat16Pass(optcc.Pass):
             "min_sqnr_db": self.min_sqnr_db,
             "accepted_by": judged.accepted_by,
             "evaluations": self.evaluations,
+            "float_weight_bytes": {"float32": self._saving[0], "float16": self._saving[1],
+                                   "min_saving": MIN_WEIGHT_SAVING},
         })
         if judged.task:  # the task judge's rows, deviation against float32's noise floor
             stats["task"] = judged.task
@@ -852,17 +931,22 @@ class ConvertFloat16Pass(optcc.Pass):
 
     def _all_returned_reason(self) -> str:
         """Why nothing is left float16 after every converted layer went back to float32,
-        naming the outputs that stay near zero on generated samples (a detector's map on
-        an input without objects), whose SQNR such samples cannot measure."""
-        reason = (f"every layer went back to float32 to keep each output's SQNR >= {self.min_sqnr_db:g} dB "
-                  f"on {len(self.feeds)} {'given' if self.inputs else 'generated'} sample(s)")
+        naming the outputs that stay near zero on generated samples (``_near_zero_note``)."""
+        return (f"every layer went back to float32 to keep each output's SQNR >= {self.min_sqnr_db:g} dB "
+                f"on {len(self.feeds)} {'given' if self.inputs else 'generated'} sample(s)") + self._near_zero_note()
+
+    def _near_zero_note(self) -> str:
+        """On generated samples, ``; output ... stays below ...: give real samples`` for
+        the outputs that stay near zero there (a detector's map on an input without
+        objects), whose SQNR such samples cannot measure; else ''."""
+        reason = ""
         values = dict(zip([v.name for v in self.reference.graph.outputs],
                           self.observed.outputs[0])) if self.observed and self.observed.outputs else {}
         near_zero = [v.name for v in self.reference.graph.outputs
                      if v.name in values and values[v.name].dtype.kind == "f" and values[v.name].size
                      and float(np.max(np.abs(values[v.name]))) < SATURATED_BELOW]
         if near_zero and not self.inputs:
-            reason += (f"; output {', '.join(repr(n) for n in near_zero)} stays below {SATURATED_BELOW:g} there, "
+            reason = (f"; output {', '.join(repr(n) for n in near_zero)} stays below {SATURATED_BELOW:g} there, "
                        "where SQNR measures rounding alone: give real samples (--inputs)")
         return reason
 

@@ -18,10 +18,12 @@ from reference import expected_outputs_float64
 RNG = np.random.default_rng(11)
 W1 = (RNG.standard_normal((16, 1)) * 0.3).astype(np.float32)
 W2 = (RNG.standard_normal((16, 8)) * 0.3).astype(np.float32)
+W3 = (RNG.standard_normal((16, 64)) * 0.3).astype(np.float32)  # most of the weights: float16 halves them
 
 
 def _gated() -> onnx.ModelProto:
-    """score = Sigmoid(x @ w1); if score >= 0.5: Sigmoid(mean(Relu(x) @ w2)) else score."""
+    """score = Sigmoid(x @ w1); if score >= 0.5: Sigmoid(mean(Relu(x) @ w2)) else score;
+    beside it features = x @ w3."""
     then_nodes = [oh.make_node("Relu", ["x"], ["r"]), oh.make_node("MatMul", ["r", "w2"], ["v"]),
                   oh.make_node("ReduceMean", ["v"], ["m"], axes=[1]), oh.make_node("Sigmoid", ["m"], ["second"])]
     then_branch = oh.make_graph(then_nodes, "then", [], [oh.make_tensor_value_info("second", TP.FLOAT, [1, 1])])
@@ -32,10 +34,13 @@ def _gated() -> onnx.ModelProto:
         oh.make_node("Sigmoid", ["logit"], ["score"]),
         oh.make_node("GreaterOrEqual", ["score", "half"], ["gate"]),
         oh.make_node("If", ["gate"], ["y"], then_branch=then_branch, else_branch=else_branch),
+        oh.make_node("MatMul", ["x", "w3"], ["features"]),
     ]
-    inits = [nh.from_array(W1, "w1"), nh.from_array(W2, "w2"), nh.from_array(np.array(0.5, np.float32), "half")]
+    inits = [nh.from_array(W1, "w1"), nh.from_array(W2, "w2"), nh.from_array(W3, "w3"),
+             nh.from_array(np.array(0.5, np.float32), "half")]
     graph = oh.make_graph(nodes, "gated", [oh.make_tensor_value_info("x", TP.FLOAT, [1, 16])],
-                          [oh.make_tensor_value_info("y", TP.FLOAT, [1, 1])], inits)
+                          [oh.make_tensor_value_info("y", TP.FLOAT, [1, 1]),
+                           oh.make_tensor_value_info("features", TP.FLOAT, [1, 64])], inits)
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -67,7 +72,7 @@ def test_a_branch_no_sample_ran_stays_float32():
     kept = result.stats["kept_float32"]
     assert [why for why in kept.values() if "then_branch, which no sample ran" in why], kept
     assert [n.op_type for n in _then_nodes(proto)] == ["Relu", "MatMul", "ReduceMean", "Sigmoid"]  # no Cast
-    assert result.stats["converted"].get("MatMul") == 1  # the main graph's converts
+    assert result.stats["converted"].get("MatMul") == 2  # the main graph's two convert
     w2 = next(t for t in proto.graph.initializer if t.name == "w2")
     assert w2.data_type == TP.FLOAT  # not rounded to float16 behind a Cast: no sample would check it
     # the branch computes as before on an input that takes it
@@ -82,4 +87,4 @@ def test_a_branch_some_sample_ran_converts():
     result = ConvertFloat16Pass(inputs=samples)(optcc.ir.load(model))
     kept = result.stats["kept_float32"]
     assert not [why for why in kept.values() if "no sample ran" in why], kept
-    assert result.stats["converted"].get("MatMul") == 2
+    assert result.stats["converted"].get("MatMul") == 3

@@ -242,26 +242,71 @@ class Rewriter:
             key = node.op_type
             self.stats.converted_nodes[key] = self.stats.converted_nodes.get(key, 0) + 1
 
+    def _converts_initializer(self, value: ir.Value) -> bool:
+        """Whether ``run`` stores float32 initializer ``value`` (not a graph input) in float16."""
+        return (
+            self.original_type.get(value, self.dtype(value)) == FLOAT
+            and not value.is_graph_input()
+            and value.const_value is not None
+            and (self._all_readers_convert(value) or value.name in self.store16)
+        )
+
+    @staticmethod
+    def _float_constant(node: ir.Node) -> ir.TensorProtocol | None:
+        """The float32 tensor of a ``Constant(value=...)`` node (None for any other node)."""
+        if node.op_type != "Constant" or not _is_default(node) or "value" not in node.attributes:
+            return None
+        attr = node.attributes["value"]
+        if attr.type != ir.AttributeType.TENSOR or attr.as_tensor().dtype != FLOAT:
+            return None
+        return attr.as_tensor()
+
+    def float_weight_bytes(self, min_size: int = 1, skip: Collection[str] = ()) -> tuple[int, int]:
+        """The bytes of the float32 weights of at least ``min_size`` values (initializers,
+        ``Constant`` tensors, the defaults of main-graph inputs that become float16; not
+        the defaults of inputs that keep their type, which a caller may replace, nor those
+        named in ``skip``) before ``run``, and of the same weights after it: each one
+        ``run`` stores in float16 takes half. Read from the decisions alone; nothing is
+        rewritten."""
+        self._record_types()
+        before = after = 0
+
+        def add(tensor: ir.TensorProtocol, converts: bool, name: str | None) -> None:
+            nonlocal before, after
+            if tensor.size < min_size or name in skip:
+                return
+            before += 4 * tensor.size
+            after += (2 if converts else 4) * tensor.size
+
+        for graph in self.graphs:
+            if isinstance(graph, ir.Graph):
+                for value in graph.initializers.values():
+                    if value.const_value is None or value.const_value.dtype != FLOAT:
+                        continue
+                    if not value.is_graph_input():
+                        add(value.const_value, self._converts_initializer(value), value.name)
+                    elif graph is self.model.graph and self._converts_main_input(value):
+                        add(value.const_value, True, value.name)  # a default of an input that becomes float16
+            for node in graph:
+                tensor = self._float_constant(node)
+                if tensor is not None:
+                    out = node.outputs[0]
+                    add(tensor, self._all_readers_convert(out) or out.name in self.store16, out.name)
+        return before, after
+
     def _retype_constants(self) -> None:
         for graph in self.graphs:
             if isinstance(graph, ir.Graph):
                 for value in list(graph.initializers.values()):
-                    if (
-                        self.original_type.get(value, self.dtype(value)) == FLOAT
-                        and not value.is_graph_input()
-                        and value.const_value is not None
-                        and (self._all_readers_convert(value) or value.name in self.store16)
-                    ):
+                    if self._converts_initializer(value):
                         self._store16(value)
             for node in graph:
-                if node.op_type != "Constant" or not _is_default(node) or "value" not in node.attributes:
+                tensor = self._float_constant(node)
+                if tensor is None:
                     continue
                 out = node.outputs[0]
-                attr = node.attributes["value"]
-                if attr.type != ir.AttributeType.TENSOR or attr.as_tensor().dtype != FLOAT:
-                    continue
                 if self._all_readers_convert(out) or out.name in self.store16:
-                    array = _to_float16(attr.as_tensor().numpy(), out.name or "", self.stats)
+                    array = _to_float16(tensor.numpy(), out.name or "", self.stats)
                     node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array, name=out.name))
                     self._set16(out)
                     self.stats.initializers_converted += 1
@@ -279,9 +324,13 @@ class Rewriter:
         self._set16(value)
         self.stats.initializers_converted += 1
 
+    def _converts_main_input(self, value: ir.Value) -> bool:
+        """Whether main-graph input ``value`` becomes float16 (its default with it)."""
+        return self.original_type.get(value) == FLOAT and not self.keep_io(value.name or "")
+
     def _retype_main_inputs(self) -> None:
         for value in self.model.graph.inputs:
-            if self.original_type.get(value) == FLOAT and not self.keep_io(value.name or ""):
+            if self._converts_main_input(value):
                 if value.const_value is not None:  # a default a caller may replace: held in the input's type
                     self._store16(value)
                 else:
