@@ -7,8 +7,9 @@ element at axis 0, and ``Cast`` to int64 or int32): each is a constant, a static
 the tensor whose shape is read (declared, or found by onnx shape inference as fold-shapes
 finds it: ``shape_findings``, needed once per call when a target left open reads the shape
 of a tensor with none declared; the inference fold-constants kept with the graph is used
-when it still holds, see ``shape_reuse``, and one run by a call that changes nothing is
-kept for fold-constants in turn), or a dim of some tensor, unknown.
+when it still holds, see ``shape_reuse``, and the one this call used is kept for
+fold-constants in turn when it still holds after the call's rewrites), or a dim of some
+tensor, unknown.
 
 Rewrite (``shape-copy``): ``Reshape(x, Concat(p_0, p_1, ...))`` where every entry is
 known, or a dim equal to ``x``'s dim at its position of the target (``Shape(x)[i:j]`` at
@@ -185,9 +186,10 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
                 node.replace_input_with(1, optcc.ir.constant_before(node, target, "target"))
                 rule = "shape-copy" if copies else "inferred-dim"
                 counts[rule] = counts.get(rule, 0) + 1
-        if inference is not None and not counts:
-            # nothing changed since the inference: it holds for the graph as it is, for
-            # fold-constants (or this pass) to reuse while what changes later cannot alter it
+        if inference is not None and (not counts or inference[0].still_holds(model, *inference[1:])):
+            # the inference holds for the graph as it is (nothing changed since, or only
+            # targets it was not asked about: ``shape_reuse``), for fold-constants (or this
+            # pass) to reuse while what changes later cannot alter it
             remember(model, *inference)
         return optcc.PassResult(model, bool(counts), dict(sorted(counts.items())))
 
