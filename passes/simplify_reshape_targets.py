@@ -5,9 +5,11 @@ computation (``shape_elements``: through ``Shape`` (start/end), ``Slice`` (const
 or more), ``Gather`` (constant indices), ``Concat``, ``Unsqueeze``/``Squeeze`` of one
 element at axis 0, and ``Cast`` to int64 or int32): each is a constant, a static dim of
 the tensor whose shape is read (declared, or found by onnx shape inference as fold-shapes
-finds it: ``infer_shapes``, run once per call when a target left open reads the shape of a
-tensor with none declared), or a dim of
-some tensor, unknown.
+finds it: ``shape_findings``, needed once per call when a target left open reads the shape
+of a tensor with none declared; the inference fold-constants kept with the graph is used
+when it still holds, see ``shape_reuse``, and the one this call used is kept for
+fold-constants in turn when it still holds after the call's rewrites), or a dim of some
+tensor, unknown.
 
 Rewrite (``shape-copy``): ``Reshape(x, Concat(p_0, p_1, ...))`` where every entry is
 known, or a dim equal to ``x``'s dim at its position of the target (``Shape(x)[i:j]`` at
@@ -53,7 +55,8 @@ import onnx_ir as ir
 
 import optcc
 from optcc.passes.eliminate_noops import constant_array, graph_opset
-from optcc.passes.fold_shapes import FOLLOWED_OPS, infer_shapes, shape_elements
+from optcc.passes.fold_shapes import FOLLOWED_OPS, ShapeFindings, shape_elements, shape_findings
+from optcc.passes.shape_reuse import InferenceSnapshot, recall, remember
 from optcc.rewrite import same_dim
 
 __all__ = ["SimplifyReshapeTargetsPass"]
@@ -161,6 +164,7 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
         # fold-shapes trusts them: inferred once a target left open reads an undeclared shape,
         # then kept for the call (no rewrite here changes a shape)
         shapes: dict[ir.Value, ir.Shape] | None = None
+        inference: tuple[InferenceSnapshot, ShapeFindings] | None = None
         for graph in optcc.ir.graphs(model):
             opset = graph_opset(graph, model_opset)
             if opset < 5:
@@ -173,7 +177,8 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
                 literal_zeros = opset >= 14 and bool(node.attributes.get_int("allowzero", 0))
                 target = _constant_target(node, ranks, copy_allowed=not literal_zeros, shapes=shapes or {})
                 if target is None and shapes is None and _reads_unshaped(node.inputs[1]):
-                    shapes = infer_shapes(model)
+                    inference = _inference(model)
+                    shapes = inference[1].shapes
                     target = _constant_target(node, ranks, copy_allowed=not literal_zeros, shapes=shapes)
                 if target is None:
                     continue
@@ -181,4 +186,21 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
                 node.replace_input_with(1, optcc.ir.constant_before(node, target, "target"))
                 rule = "shape-copy" if copies else "inferred-dim"
                 counts[rule] = counts.get(rule, 0) + 1
+        if inference is not None and (not counts or inference[0].still_holds(model, *inference[1:])):
+            # the inference holds for the graph as it is (nothing changed since, or only
+            # targets it was not asked about: ``shape_reuse``), for fold-constants (or this
+            # pass) to reuse while what changes later cannot alter it
+            remember(model, *inference)
         return optcc.PassResult(model, bool(counts), dict(sorted(counts.items())))
+
+
+def _inference(model: ir.Model) -> tuple[InferenceSnapshot, ShapeFindings]:
+    """The shape inference of the model as it is now: the one fold-constants (or an earlier
+    call of this pass) kept with the graph when it still holds (``shape_reuse``), else a
+    new one. The same inference as fold-shapes runs (``shape_findings``): the Shape/Size
+    inputs' shapes, the graph's annotations merged."""
+    snapshot, findings = recall(model)
+    if snapshot is not None and findings is not None and snapshot.still_holds(model, findings):
+        return snapshot, findings
+    snapshot = InferenceSnapshot.of(model)
+    return snapshot, shape_findings(model)
