@@ -276,10 +276,10 @@ def _in_turn(positions: Sequence[int], groups: Sequence[str] | None, count: int)
     return taken
 
 
-def _at(outputs: Callable[[ir.Model, Sequence[int]], Mapping[str, Sequence[Any]]],
-        positions: Sequence[int]) -> CandidateOutputs:
-    """``outputs`` (``Int8Options.outputs``) of a candidate on the samples at ``positions``."""
-    return lambda model: outputs(model, positions)
+def _at(outputs: Callable[..., Mapping[str, Sequence[Any]]], positions: Sequence[int]) -> CandidateOutputs:
+    """``outputs`` (``Int8Options.outputs``) of a candidate on the samples at ``positions``
+    (with a ``stop``: on the first of them, up to the one after which it says True)."""
+    return lambda model, stop=None: outputs(model, positions, stop=stop)
 
 
 def _describe_miss(evaluation: Mapping[str, Any], target: Target) -> str:
@@ -352,8 +352,7 @@ class Int8Options:
     smooth: bool = False
     method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     judge: Callable[[Sequence[int]], TaskJudge | None] | None = dataclasses.field(default=None, compare=False)
-    outputs: Callable[[ir.Model, Sequence[int]], Mapping[str, Sequence[Any]]] | None = dataclasses.field(
-        default=None, compare=False)
+    outputs: Callable[..., Mapping[str, Sequence[Any]]] | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def of(cls, options: Int8Options | None = None, **fields: Any) -> Int8Options:
@@ -779,7 +778,8 @@ def quantize_int8(
                 break
             candidate, candidate_stats = make(exclude=rows[i]["kept_float"] + refused)
             evaluation = evaluate_candidate(float_model, candidate, judged, o.target,
-                                            None if judge is None else judge.reference, judged_outputs)
+                                            None if judge is None else judge.reference, judged_outputs,
+                                            verdict_only=True)
             verdicts = {"judged": evaluation.passed}
             if evaluation.passed and confirm is not None and "confirmation" in report:
                 wider = confirm()
