@@ -28,6 +28,7 @@ from optcc.quant.fallback import (
     RANKING_SAMPLES,
     CandidateOutputs,
     Confirmation,
+    SpeedBound,
     Target,
     compare_latency,
     evaluate,
@@ -855,12 +856,18 @@ def quantize_int8(
                 quantized, pass_stats, initial = plain, plain_stats, (plain, plain_stats, uncorrected)
         lap("bias_correction_choice")
     if o.accuracy_fallback:
+        # what a candidate must be modelled at to ship, where no candidate is bias-corrected: then
+        # ``build``'s is the model the search would judge and ship (``make``), its speed modelled exactly
+        speed = SpeedBound(lambda candidate: compare_modelled(float_model, candidate, counts, cpu.constants)["speedup"],
+                           lambda floats: compare_modelled(float_model, build(floats)[0], counts,
+                                                           cpu.constants)["speedup"],
+                           o.min_speedup) if o.require_speedup and not correcting else None
         quantized, pass_stats, report = fallback(
             float_model, make, judged, o.target, max_float_layers=max_float_layers,
             max_layers_ranked=o.max_layers_ranked, ranking=o.ranking, progress=o.progress,
             ranking_samples=o.ranking_samples,
             reference_outputs=None if judge is None else judge.reference, initial=initial, confirm=confirm,
-            outputs=judged_outputs,
+            outputs=judged_outputs, speed=speed,
         )
     else:
         evaluation = initial[2] if initial is not None else evaluate_candidate(

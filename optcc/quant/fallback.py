@@ -65,6 +65,7 @@ __all__ = [
     "spread_positions",
     "deviating_positions",
     "RANKING_SAMPLES",
+    "SpeedBound",
     "compare_latency",
 ]
 
@@ -198,6 +199,19 @@ class Target:
     def to_dict(self) -> dict[str, Any]:
         return {"min_sqnr_db": self.min_sqnr_db, "min_argmax_agreement": self.min_argmax_agreement,
                 "task_metric": self.judge is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedBound:
+    """The speed a candidate must be modelled at to ship (``fallback``'s ``speed``): its
+    modelled speedup over float32 (``speedup``, of a candidate as built), that of the
+    candidate with the given layers float, built as the search would build it
+    (``of_floats``, without judging it), and the speedup ``required``. Deterministic: a
+    cost model, never a clock."""
+
+    speedup: Callable[[ir.Model], float]
+    of_floats: Callable[[Sequence[str]], float]
+    required: float
 
 
 @dataclasses.dataclass
@@ -951,7 +965,7 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
              initial: tuple[ir.Model, dict[str, Any], Evaluation] | None = None,
              ranking_samples: int | None = RANKING_SAMPLES,
              confirm: Confirmation | Callable[[], Confirmation] | None = None,
-             outputs: CandidateOutputs | None = None,
+             outputs: CandidateOutputs | None = None, speed: SpeedBound | None = None,
              ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """Quantize; if the target is missed on ``samples``, return the most sensitive layers
     to float, worst first, until the target holds or ``max_float_layers`` are float.
@@ -1016,11 +1030,19 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     ``outputs``: runs a candidate on ``samples`` as ``evaluate`` runs it and returns its
     outputs by name (the later check's runs, ``optcc.Verifier.outputs``, which keeps those
     of the last model asked about): every candidate is evaluated on them, so the check of
-    the model returned does not run it again on those samples."""
+    the model returned does not run it again on those samples.
+
+    ``speed``: what a model must be modelled at to ship (``SpeedBound``), where a model
+    found too slow gives way to the fastest candidate measured to meet the target (the
+    driver's speed choice): the estimated search stops measuring once no candidate left
+    could ship in the place of the one it holds (``_search_estimated``), the model
+    returned being the one that would ship had it measured on. Not used with ``confirm``
+    (a candidate's confirmation decides too) nor once layers are refused."""
     model, stats, report = _fallback(reference, quantize, samples, target, max_float_layers=max_float_layers,
                                      max_layers_ranked=max_layers_ranked, ranking=ranking, progress=progress,
                                      reference_outputs=reference_outputs, initial=initial,
-                                     ranking_samples=ranking_samples, outputs=outputs)
+                                     ranking_samples=ranking_samples, outputs=outputs,
+                                     speed=speed if confirm is None else None)
     order = report.pop("order", None)
     if confirm is None or not report.get("target_met"):
         return model, stats, report
@@ -1049,7 +1071,7 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
               max_float_layers: int | None, max_layers_ranked: int, ranking: str, progress: Any,
               reference_outputs: Mapping[str, Sequence[np.ndarray]] | None,
               initial: tuple[ir.Model, dict[str, Any], Evaluation] | None, ranking_samples: int | None,
-              outputs: CandidateOutputs | None = None,
+              outputs: CandidateOutputs | None = None, speed: SpeedBound | None = None,
               ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """``fallback`` on ``samples`` alone; ``report["order"]``: the layers in the order the
     search returned them to float (absent when the fully quantized model passed)."""
@@ -1079,8 +1101,10 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
         return model, stats, report
     layers = list(stats.get("layers", []))
     if ranking == "estimate":
+        # the layers onnxruntime refuses are float in every candidate: no bound models them
         return _fallback_estimated(reference, quantize, samples, target, model, stats, initial, report,
-                                   max_float_layers, ref_outputs, ranking_samples, progress, outputs)
+                                   max_float_layers, ref_outputs, ranking_samples, progress, outputs,
+                                   None if refused else speed)
     propagated = propagated_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
     candidates = _candidates(layers, propagated, max_layers_ranked)
     ranking = rank_sensitivity(reference, quantize, candidates, samples, target, max_layers=len(candidates),
@@ -1164,6 +1188,7 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
                         model: ir.Model, stats: dict[str, Any], initial: Evaluation, report: dict[str, Any],
                         max_float_layers: int | None, ref_outputs: _Outputs, ranking_samples: int | None,
                         progress: Any = False, outputs: CandidateOutputs | None = None,
+                        speed: SpeedBound | None = None,
                         ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """``fallback`` with ``ranking="estimate"`` (see ``fallback``): the budget in the order
     of the layers' own errors first; only when it meets the target, the output ranking and
@@ -1192,7 +1217,7 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
             seen = output_sqnr(reference, model, stats.get("layer_outputs", {}), shown)
         order = _ranked(stats, local, seen, report)
         found = _search_estimated(reference, quantize, samples, target, order, local_order, limit, report, results,
-                                  tried, ref_outputs, bar, outputs)
+                                  tried, ref_outputs, bar, outputs, speed)
         bar.advance(bar.total)  # the search may need fewer candidates than the bound
     return found
 
@@ -1252,7 +1277,7 @@ def _tried(name: str, k: int, evaluation: Evaluation, kept: Sequence[str]) -> di
 def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
                       order: Sequence[str], budget_order: Sequence[str], limit: int, report: dict[str, Any],
                       results: Results, tried: list[dict[str, Any]], ref_outputs: _Outputs, bar: Progress,
-                      outputs: CandidateOutputs | None,
+                      outputs: CandidateOutputs | None, speed: SpeedBound | None = None,
                       ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """``_fallback_estimated``'s search below the budget, whose model (the first ``limit``
     layers of ``budget_order`` float) is in ``results[limit]`` and meets the target: the
@@ -1263,12 +1288,40 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
     ``k`` from the smallest that meets it on meets it too), that is the smallest such ``k``;
     when it is not, one such boundary, possibly above a smaller ``k`` that meets it but was
     never measured. When no ``k`` below the budget meets it, the budget's model. Either way
-    the model returned is one measured to meet the target."""
+    the model returned is one measured to meet the target.
+
+    ``speed``: the bisection stops, ``high`` its result, once no ``k`` left to measure
+    (``low < k < high``) could ship: each is modelled below ``speed.required``
+    (``SpeedBound.of_floats``), while ``high`` is modelled at or above it and faster than
+    every other candidate measured to meet the target. Measured on, the search would end
+    at ``high``, or below it at a model too slow to ship, in whose place the fastest
+    candidate measured to meet the target ships (the driver's speed choice): ``high``
+    either way. ``report["search_stopped"]`` says so."""
+    speeds: dict[int, float] = {}  # the modelled speedup of each candidate measured to meet the target
+    bounds: dict[int, float] = {}  # ``speed.of_floats`` of the first k layers of ``order`` float
 
     def attempt(k: int) -> bool:
-        return _attempt(reference, quantize, samples, target, order, k, limit, results, tried, "estimate",
-                        ref_outputs, bar, outputs).passed
+        passed = _attempt(reference, quantize, samples, target, order, k, limit, results, tried, "estimate",
+                          ref_outputs, bar, outputs).passed
+        if passed and speed is not None:  # modelled while its model is held
+            speeds[k] = speed.speedup(results[k][1])
+        return passed
 
+    def none_left_ships(low: int, high: int) -> bool:
+        """Whether no candidate strictly between ``low`` and ``high`` could ship where
+        ``high`` does (see above)."""
+        if speed is None or high - low < 2 or speeds[high] < speed.required or \
+                any(other >= speeds[high] for k, other in speeds.items() if k != high):
+            return False
+        for k in range(low + 1, high):  # the fewest float layers first: the likeliest to be fast
+            if k not in bounds:
+                bounds[k] = speed.of_floats(list(order[:k]))
+            if bounds[k] >= speed.required:
+                return False
+        return True
+
+    if speed is not None:
+        speeds[limit] = speed.speedup(results[limit][1])
     low, high = 0, limit  # low: the largest k known to miss; high: the smallest k known to meet
     for k in PROBES:  # the worst layers alone first: when the error sits in them, the cheapest model
         if k >= limit:
@@ -1278,6 +1331,14 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
             break
         low = k
     while high - low > 1:
+        if none_left_ships(low, high):
+            assert speed is not None
+            report["search_stopped"] = (
+                f"every candidate with {low + 1} to {high - 1} layers float is modelled below the required "
+                f"{speed.required:g}x speedup (at most {max(bounds[k] for k in range(low + 1, high)):.2f}x), "
+                f"and the {high} layers float found are modelled {speeds[high]:.2f}x, the fastest candidate "
+                "measured to meet the target: none left to measure could ship in its place")
+            break
         mid = _midpoint(low, high)
         if attempt(mid):
             high = mid
