@@ -388,8 +388,9 @@ def evaluate_candidate(reference: ir.Model, candidate: ir.Model, samples: Sequen
                        ref_outputs: _Outputs | Mapping[str, Sequence[np.ndarray]] | None,
                        outputs: CandidateOutputs | None, verdict_only: bool = False) -> Evaluation:
     """``evaluate`` of a quantized candidate (``ref_outputs``: the reference's outputs, as
-    ``evaluate``'s ``reference_outputs``; ``verdict_only``, as ``evaluate``'s); one onnxruntime refuses to build (``RefusedModel``,
-    from ``outputs`` too) misses the target, with the refusal as the reason
+    ``evaluate``'s ``reference_outputs``; ``verdict_only``, as ``evaluate``'s); one
+    onnxruntime refuses to build (``RefusedModel``, from ``outputs`` too) misses the
+    target, with the refusal as the reason
     (``Evaluation.refused``), and a search goes on. One it builds and then cannot run on
     the samples raises: that is a fault of the candidate's making, not a refusal."""
     try:
