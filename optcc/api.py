@@ -306,8 +306,8 @@ def optimize(
                 # verifier's runs of it, which the verification then reuses
                 shared["judge"] = lambda positions: None if verifier is None else \
                     verifier.sample_judge(positions=positions)
-                shared["outputs"] = lambda model, positions: None if verifier is None else \
-                    verifier.outputs(model, positions)
+                shared["outputs"] = lambda model, positions, stop=None: None if verifier is None else \
+                    verifier.outputs(model, positions, stop=stop)
         quantizer = create_pass(INT8_PASS, samples=samples, method=int8_method, progress=progress,
                                 stored_weights=stored_weights(working),
                                 **{"prepare": False, **shared, **dict(int8_options or {})})

@@ -137,7 +137,7 @@ def test_the_ranking_run_keeps_the_errors_the_output_ranking_needs(monkeypatch) 
 def test_the_output_ranking_measures_samples_the_ranking_run_did_not(monkeypatch) -> None:
     """With one ranking sample, the output ranking's last sample is not among those the
     ranking run measured: ``output_sqnr`` measures it itself, and the order is that of
-    the errors measured apart (``layer_errors`` then ``output_sqnr`` without kept errors)."""
+    the errors measured apart (``local_sqnr`` then ``output_sqnr`` without kept errors)."""
     monkeypatch.setattr(quantize_int8_pass, "CANCELLATION_RATIO", float("inf"))
     proto, samples = _model(), _rows(6)
     float_model = optcc.ir.load(proto)
@@ -148,7 +148,7 @@ def test_the_output_ranking_measures_samples_the_ranking_run_did_not(monkeypatch
     report: dict = {}
     order = fallback._estimated_order(float_model, result.model, result.stats, held, evaluation, 1, report)
     layer_outputs = result.stats["layer_outputs"]
-    errors = fallback.layer_errors(float_model, result.model, layer_outputs, held[:1])
+    local = fallback.local_sqnr(float_model, result.model, layer_outputs, held[:1])
     seen = fallback.output_sqnr(float_model, result.model, layer_outputs, [held[0], held[-1]])
-    assert order == fallback._ranked(result.stats, errors, seen, {})
+    assert order == fallback._ranked(result.stats, local, seen, {})
     assert {row["layer"] for row in report["sensitivity"]} == set(result.stats["layers"])

@@ -11,8 +11,9 @@ import onnx.numpy_helper as nh
 import onnxruntime as ort
 
 import optcc
+from optcc.quant import driver
 from optcc.quant.driver import quantize_int8
-from optcc.quant.fallback import Target
+from optcc.quant.fallback import SpeedBound, Target
 from tests.test_int8_decline import _chain as decline_chain
 
 TARGET = Target(min_sqnr_db=15.0, min_argmax_agreement=0.5)
@@ -59,9 +60,9 @@ def _run(model_bytes: bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
-def _quantize(min_speedup: float) -> tuple[optcc.ir.Model | onnx.ModelProto, dict]:
+def _quantize(min_speedup: float, **options) -> tuple[optcc.ir.Model | onnx.ModelProto, dict]:
     model, _ = _chain()
-    return quantize_int8(model, _rows(), "minmax", min_speedup=min_speedup, target=TARGET, metric=None)
+    return quantize_int8(model, _rows(), "minmax", min_speedup=min_speedup, target=TARGET, metric=None, **options)
 
 
 def test_the_fastest_accepted_candidate_ships_when_the_fewest_float_is_too_slow() -> None:
@@ -128,4 +129,44 @@ def test_the_pipeline_confirms_the_faster_candidate_on_every_sample(tmp_path) ->
     written = _written(result.model)
     for feeds in _rows(5):
         got = _run(written, feeds).astype(np.float64)
+        assert _sqnr_db(_float64(weights, feeds["x"]), got) >= TARGET.min_sqnr_db
+
+
+def test_the_search_stops_once_no_candidate_left_could_ship(monkeypatch) -> None:
+    """Where no candidate is bias-corrected (each is modelled as it would ship), when every
+    candidate the bisection has left is modelled below the requirement and the one it holds
+    is the fastest met, it measures none of them: the model written is the one the speed
+    choice ships when the search measures on. With bias correction (a candidate's speed
+    known only once corrected) the search measures on."""
+    model, weights = _chain()
+    _, slowest = _quantize(0.0, bias_correction=False)  # the fewest float layers meeting the target: too slow below
+    fewest = slowest["latency"]["after_fallback"]["modelled_speedup"]
+    _, measured_on = _quantize(fewest * 1.0001, bias_correction=False)
+    budget, *others = measured_on["fallback"]["speed_choice"]["candidates"]
+    assert budget["order"] == "local" and all(c["modelled_speedup"] < budget["modelled_speedup"] for c in others)
+    required = (max(c["modelled_speedup"] for c in others) + budget["modelled_speedup"]) / 2
+    q, stats = _quantize(required, bias_correction=False)
+    report = stats["fallback"]
+    assert "none left to measure could ship" in report["search_stopped"]
+    assert "speed_choice" not in report and stats["modified"] is True
+    # the budget and the probes measured, nothing after them
+    assert [(t["order"], t["float_layers"]) for t in report["tried"]] == [
+        ("local", 8), ("estimate", 1), ("estimate", 2), ("estimate", 4)]
+    assert stats["latency"]["after_fallback"]["modelled_speedup"] == budget["modelled_speedup"] >= required
+    corrected, measured = _quantize(required)
+    assert "search_stopped" not in measured["fallback"] and _written(corrected) == _written(q)
+
+    # with no bound below the requirement the search measures on, and the speed choice ships the same bytes
+    def unbounded(speedup, of_floats, required):
+        return SpeedBound(speedup, lambda floats: float("inf"), required)
+
+    monkeypatch.setattr(driver, "SpeedBound", unbounded)
+    same, on = _quantize(required, bias_correction=False)
+    assert "search_stopped" not in on["fallback"] and len(on["fallback"]["tried"]) > 4
+    assert "8 layers float (local order)" in on["fallback"]["speed_choice"]["chosen"]
+    assert _written(same) == _written(q)
+    kinds = {n.name: n.op_type for n in onnx.load_from_string(_written(q)).graph.node}
+    assert all(kinds.get(name) == "MatMul" for name in report["kept_float"])
+    for feeds in _rows(5):
+        got = _run(_written(q), feeds).astype(np.float64)
         assert _sqnr_db(_float64(weights, feeds["x"]), got) >= TARGET.min_sqnr_db

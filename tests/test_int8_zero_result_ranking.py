@@ -76,7 +76,7 @@ def test_a_layer_with_an_all_zero_float_result_does_not_rank_first() -> None:
                       np.concatenate([(y + added).ravel() for added, y in rest]))
     assert effect > 60.0
 
-    propagated, local = fallback.layer_errors(float_model, result.model, layer_outputs, samples)
-    order = [row["layer"] for row in fallback.estimate_sensitivity(result.stats["layers"], local, propagated, {})]
+    local = fallback.local_sqnr(float_model, result.model, layer_outputs, samples)
+    order = [row["layer"] for row in fallback.estimate_sensitivity(result.stats["layers"], local, {})]
     assert order.index("conv3") < order.index("conv1"), (order, local)
     assert math.isnan(local["conv1"]) and math.isfinite(local["conv3"]), local

@@ -285,12 +285,13 @@ def _int8_layers(pass_name: str, stats: Mapping[str, Any]) -> list[dict[str, Any
     sensitivity = {row.get("layer"): row for row in fallback.get("sensitivity") or [] if isinstance(row, Mapping)}
 
     def error(name: str) -> float | None:
-        """The first measured of the layer's SQNRs, the outputs' view of it first: infinite
-        when its error alone leaves the outputs unchanged (that is measured too)."""
+        """The first measured of the layer's SQNRs, the outputs' view of it first, then its
+        result's (accumulated in the quantized model, or its own error alone): infinite when
+        its error alone leaves the outputs unchanged (that is measured too)."""
         row = sensitivity.get(name) or {}
-        for key in ("model_sqnr_db", "output_sqnr_db", "propagated_sqnr_db"):
+        for key in ("model_sqnr_db", "output_sqnr_db", "propagated_sqnr_db", "local_sqnr_db"):
             value = _number(row.get(key))
-            if value is None and key != "propagated_sqnr_db" and _plus_infinity(row.get(key)):
+            if value is None and key in ("model_sqnr_db", "output_sqnr_db") and _plus_infinity(row.get(key)):
                 return math.inf
             if value is not None:
                 return value

@@ -258,6 +258,11 @@ MIN_ITEMS = 10
 # could not tell a model at float32's noise floor from one a few times worse
 FEW_EXPECTED_ERRORS = 3.0
 FLOOR_DRAWS = 4  # independent perturbation draws the INT8 driver measures the floor with
+# metrics whose deviation only grows as samples other than the reference's are added (a
+# summed noise power over a fixed signal, a count over fixed items): a miss on some
+# samples, the others as the reference, is a miss (``TaskJudge.misses_already``)
+PREFIX_DECIDED = frozenset({"sqnr", "argmax"})
+PREFIX_SLACK_DB = 1e-9  # far above log10's rounding of an SQNR, far below any SQNR that matters
 CONFIDENT_GAP = 0.1
 MAP_THRESHOLD = 0.3
 MAP_LOW = 0.1  # a map's pixel at most this, or at least 1 - this, has decided
@@ -1551,15 +1556,15 @@ class TaskJudge:
         """Whether some row's metric counts items (a built-in metric other than ``sqnr``)."""
         return any(isinstance(m, str) and m != "sqnr" for m in self.plan.values())
 
-    def _floor_needed(self, measured: Mapping[str, Mapping[str, float]]) -> bool:
+    def _floor_needed(self, measured: Mapping[str, Mapping[str, float]], target_db: float) -> bool:
         """Whether the judgement of these deviations reads the floor: when it is at hand (given
         as computed outputs, or measured already), or when it can change the judgement, unless
-        every row is judged by SQNR alone and meets ``min_sqnr_db`` (then it passes whatever
+        every row is judged by SQNR alone and meets ``target_db`` (then it passes whatever
         the floor)."""
         at_hand = self._measured is not None or not any(
             isinstance(draw, DeferredOutputs) and not draw.computed for draw in self._envelope)
         # a NaN deviation meets no target
-        return at_hand or any(self.plan[key] != "sqnr" or not all(_db(d) >= self.min_sqnr_db for d in parts.values())
+        return at_hand or any(self.plan[key] != "sqnr" or not all(_db(d) >= target_db for d in parts.values())
                               for key, parts in measured.items())
 
     def _floor(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:
@@ -1697,10 +1702,10 @@ class TaskJudge:
             result[key], items[key] = {"score": ideal - float(metric(ref, {n: _pick(v, idx) for n, v in got.items()}))}, {}
         return result, items
 
-    def _sqnr_row(self, deviation: float, floor: float) -> dict[str, Any]:
-        """The SQNR judgment: within the floor's margin, or at least ``min_sqnr_db``."""
+    def _sqnr_row(self, deviation: float, floor: float, target_db: float) -> dict[str, Any]:
+        """The SQNR judgment: within the floor's margin, or at least ``target_db``."""
         allowed = self.margin * floor
-        ok = deviation <= allowed or _db(deviation) >= self.min_sqnr_db
+        ok = deviation <= allowed or _db(deviation) >= target_db
         row = {"deviation": _finite(deviation), "floor": _finite(floor), "sqnr_db": _finite(_db(deviation)),
                "floor_sqnr_db": _finite(_db(floor)), "allowed": _finite(allowed), "target_db": self.min_sqnr_db,
                "passed": bool(ok)}
@@ -1712,11 +1717,35 @@ class TaskJudge:
         """``passed`` and, per output (and group) and component, the deviation next to the
         floor (and, for the count-based components, how many items it is over); the floor
         left out where it cannot change the judgement (module docstring)."""
+        return self._judge(got, self.min_sqnr_db)
+
+    def misses_already(self, got: Outputs) -> bool:
+        """Whether a candidate whose outputs on the first samples of this judge's (``got``:
+        by name, the same count for each, in order) are known misses, whatever its outputs
+        on the others: judged as if it computed the reference's own outputs on them. Decided
+        only where every row's metric is one of ``PREFIX_DECIDED``, whose deviation over
+        samples is a sum (SQNR's noise power over the reference's signal) or a count
+        (``argmax``'s disagreeing confident rows over the reference's confident rows): a
+        sample's outputs other than the reference's can only add to it. The floor, the
+        allowed deviation and which rows are judged come from the reference and its
+        perturbed runs alone, and every verdict is a bound on such a deviation, so a miss
+        with the others perfect is a miss whatever they are. The SQNR target is eased by
+        ``PREFIX_SLACK_DB`` here: a miss by less could be log10's rounding. False on every
+        sample (the judgement itself decides then) or on none."""
+        count = len(next(iter(got.values()), []))
+        total = len(next(iter(self.reference.values()), []))
+        if not 0 < count < total or any(m not in PREFIX_DECIDED for m in self.plan.values()):
+            return False
+        completed = {name: [*got[name], *values[count:]] for name, values in self.reference.items()}
+        return not self._judge(completed, self.min_sqnr_db - PREFIX_SLACK_DB)["passed"]
+
+    def _judge(self, got: Outputs, target_db: float) -> dict[str, Any]:
+        """``__call__`` with SQNR's fixed target at ``target_db``."""
         measured, counted, plain = self._deviations(got)
         keys = {key: (name, idx) for key, name, idx in self._rows()}
         rows: dict[str, dict[str, Any]] = {}
         passed = True
-        if not self._floor_needed(measured):
+        if not self._floor_needed(measured, target_db):
             for key, parts in measured.items():
                 for part, deviation in parts.items():
                     rows[f"{key}:{part}"] = {
@@ -1743,7 +1772,7 @@ class TaskJudge:
                     row["judged"] = False
                     continue
                 if part == "sqnr":
-                    row.update(self._sqnr_row(deviation, floor))
+                    row.update(self._sqnr_row(deviation, floor, target_db))
                     passed = passed and row["passed"]
                     continue
                 allowed = self.margin * max(floor, MIN_DEVIATION)
@@ -1777,7 +1806,7 @@ class TaskJudge:
                 floors = self.sqnr_floor(key)
                 for part, deviation in _sqnr_parts(metric, _pick(self.reference[name], idx),
                                                    _pick(got[name], idx)).items():
-                    row = {"metric": "sqnr", **self._sqnr_row(deviation, floors[part])}
+                    row = {"metric": "sqnr", **self._sqnr_row(deviation, floors[part], target_db)}
                     row["why"] = "; ".join([f"{'; '.join(undecided)}: not decisive; judged by SQNR",
                                             *([row["why"]] if "why" in row else [])])
                     rows[f"{key}:{part}"] = row

@@ -837,7 +837,9 @@ class Verifier:
         as_users_run = {"optimize": "all", "prepack": True} if numerics == "int8" else {}
         return self._session(source, provider, arena=numerics in ("exact", "fusion"), **as_users_run)
 
-    def outputs(self, model: ir.Model, positions: Sequence[int], provider: str = CPU) -> dict[str, list[np.ndarray]]:
+    def outputs(self, model: ir.Model, positions: Sequence[int], provider: str = CPU,
+                stop: Callable[[Mapping[str, Sequence[np.ndarray]]], bool] | None = None,
+                ) -> dict[str, list[np.ndarray]]:
         """An INT8 candidate's outputs by name on the samples at ``positions`` (in ``feeds``),
         run as ``check`` runs it (``RefusedModel`` when onnxruntime refuses to build its
         session; what it raises running one, as raised). The models asked about keep their
@@ -850,18 +852,29 @@ class Verifier:
         memory of keeping the last alone, or that many bytes beside it. Small outputs (a
         score, a class vector) of every model a search judged are kept, so a later
         judgement of an earlier candidate (the fastest of those that met the target) runs it
-        on no sample again. Not for a KV-cache decoder."""
+        on no sample again. Not for a KV-cache decoder. ``stop``: asked, after each sample
+        run, with the outputs on ``positions`` so far (a first part of them, by name): True
+        runs no more, and those are returned."""
         source = self._source(model)  # serialized once: its bytes identify the model too
         key = (_digest(model, source), provider)
         kept = self._kept.pop(key, None) or _KeptOutputs(key[0], provider, [], {})
         self._kept[key] = kept  # the last asked about, last
         missing = [p for p in dict.fromkeys(positions) if p not in kept.cases]
+        ran = len(positions)  # how many of ``positions`` have their outputs
         if missing:
             with building_session():  # a model onnxruntime refuses, told apart from one that fails to run
                 session = self._candidate_session(source, provider, "int8")
             kept.names = [o.name for o in session.get_outputs()]
-            for position, outs in zip(missing, self._cases(session, [self.feeds[p] for p in missing])):
-                kept.cases[position] = outs
+            if stop is None or self._plan is not None:  # a decoder's samples run together (their tokens)
+                for position, outs in zip(missing, self._cases(session, [self.feeds[p] for p in missing])):
+                    kept.cases[position] = outs
+            else:
+                for ran, position in enumerate(positions, 1):
+                    if position in kept.cases:
+                        continue
+                    kept.cases[position] = self._cases(session, [self.feeds[position]])[0]
+                    if ran < len(positions) and stop(self._named(kept, positions[:ran])):
+                        break
             del session
             release_memory()
         held = sum(k.nbytes() for k in self._kept.values()) - kept.nbytes()
@@ -870,6 +883,10 @@ class Verifier:
             if held <= allowed or older == key:
                 break
             held -= self._kept.pop(older).nbytes()
+        return self._named(kept, positions[:ran])
+
+    def _named(self, kept: _KeptOutputs, positions: Sequence[int]) -> dict[str, list[np.ndarray]]:
+        """``kept``'s outputs on ``positions``, by name (a streaming model's answers too)."""
         names = kept.names if self._stream is None else stream_names(kept.names, self._stream)
         return {name: [kept.cases[p][i] for p in positions] for i, name in enumerate(names)}
 

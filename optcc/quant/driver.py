@@ -28,6 +28,7 @@ from optcc.quant.fallback import (
     RANKING_SAMPLES,
     CandidateOutputs,
     Confirmation,
+    SpeedBound,
     Target,
     compare_latency,
     evaluate,
@@ -276,10 +277,10 @@ def _in_turn(positions: Sequence[int], groups: Sequence[str] | None, count: int)
     return taken
 
 
-def _at(outputs: Callable[[ir.Model, Sequence[int]], Mapping[str, Sequence[Any]]],
-        positions: Sequence[int]) -> CandidateOutputs:
-    """``outputs`` (``Int8Options.outputs``) of a candidate on the samples at ``positions``."""
-    return lambda model: outputs(model, positions)
+def _at(outputs: Callable[..., Mapping[str, Sequence[Any]]], positions: Sequence[int]) -> CandidateOutputs:
+    """``outputs`` (``Int8Options.outputs``) of a candidate on the samples at ``positions``
+    (with a ``stop``: on the first of them, up to the one after which it says True)."""
+    return lambda model, stop=None: outputs(model, positions, stop=stop)
 
 
 def _describe_miss(evaluation: Mapping[str, Any], target: Target) -> str:
@@ -352,8 +353,7 @@ class Int8Options:
     smooth: bool = False
     method_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     judge: Callable[[Sequence[int]], TaskJudge | None] | None = dataclasses.field(default=None, compare=False)
-    outputs: Callable[[ir.Model, Sequence[int]], Mapping[str, Sequence[Any]]] | None = dataclasses.field(
-        default=None, compare=False)
+    outputs: Callable[..., Mapping[str, Sequence[Any]]] | None = dataclasses.field(default=None, compare=False)
 
     @classmethod
     def of(cls, options: Int8Options | None = None, **fields: Any) -> Int8Options:
@@ -779,7 +779,8 @@ def quantize_int8(
                 break
             candidate, candidate_stats = make(exclude=rows[i]["kept_float"] + refused)
             evaluation = evaluate_candidate(float_model, candidate, judged, o.target,
-                                            None if judge is None else judge.reference, judged_outputs)
+                                            None if judge is None else judge.reference, judged_outputs,
+                                            verdict_only=True)
             verdicts = {"judged": evaluation.passed}
             if evaluation.passed and confirm is not None and "confirmation" in report:
                 wider = confirm()
@@ -855,12 +856,18 @@ def quantize_int8(
                 quantized, pass_stats, initial = plain, plain_stats, (plain, plain_stats, uncorrected)
         lap("bias_correction_choice")
     if o.accuracy_fallback:
+        # what a candidate must be modelled at to ship, where no candidate is bias-corrected: then
+        # ``build``'s is the model the search would judge and ship (``make``), its speed modelled exactly
+        speed = SpeedBound(lambda candidate: compare_modelled(float_model, candidate, counts, cpu.constants)["speedup"],
+                           lambda floats: compare_modelled(float_model, build(floats)[0], counts,
+                                                           cpu.constants)["speedup"],
+                           o.min_speedup) if o.require_speedup and not correcting else None
         quantized, pass_stats, report = fallback(
             float_model, make, judged, o.target, max_float_layers=max_float_layers,
             max_layers_ranked=o.max_layers_ranked, ranking=o.ranking, progress=o.progress,
             ranking_samples=o.ranking_samples,
             reference_outputs=None if judge is None else judge.reference, initial=initial, confirm=confirm,
-            outputs=judged_outputs,
+            outputs=judged_outputs, speed=speed,
         )
     else:
         evaluation = initial[2] if initial is not None else evaluate_candidate(

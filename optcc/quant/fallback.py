@@ -65,10 +65,13 @@ __all__ = [
     "spread_positions",
     "deviating_positions",
     "RANKING_SAMPLES",
+    "SpeedBound",
     "compare_latency",
 ]
 
 Feeds = Mapping[str, np.ndarray]
+# asked after each sample a candidate runs, with its outputs so far by name: True stops the runs
+Stop = Callable[[Mapping[str, Sequence[np.ndarray]]], bool]
 Results = dict[int, tuple["Evaluation", Any, dict[str, Any]]]  # candidates measured, by layers returned to float
 RANKING_SAMPLES = 8  # samples the fallback's per-layer error estimates are measured on
 OUTPUT_RANKING_SAMPLES = 2  # samples ``output_sqnr`` takes each layer's error to the outputs on: a float run per layer each
@@ -198,6 +201,19 @@ class Target:
                 "task_metric": self.judge is not None}
 
 
+@dataclasses.dataclass(frozen=True)
+class SpeedBound:
+    """The speed a candidate must be modelled at to ship (``fallback``'s ``speed``): its
+    modelled speedup over float32 (``speedup``, of a candidate as built), that of the
+    candidate with the given layers float, built as the search would build it
+    (``of_floats``, without judging it), and the speedup ``required``. Deterministic: a
+    cost model, never a clock."""
+
+    speedup: Callable[[ir.Model], float]
+    of_floats: Callable[[Sequence[str]], float]
+    required: float
+
+
 @dataclasses.dataclass
 class Evaluation:
     """Per-output SQNR (over all held-out samples) and argmax agreement; or, for a model
@@ -210,6 +226,8 @@ class Evaluation:
     refused: str | None = None
     # per floating output in ``sqnr_db``: the squared error of each sample, in order (not reported)
     noise: dict[str, list[float]] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    # run on the first samples only, that many, which decided a miss (``evaluate``'s ``verdict_only``)
+    stopped_after: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -233,6 +251,7 @@ class Evaluation:
             "target": self.target.to_dict(),
             **({"task": self.task} if self.task is not None else {}),
             **({"refused": self.refused} if self.refused is not None else {}),
+            **({"stopped_after": self.stopped_after} if self.stopped_after is not None else {}),
         }
 
 
@@ -247,10 +266,11 @@ class _Outputs:
 
     def __init__(self, model: ir.Model | onnx.ModelProto, samples: Sequence[Feeds], optimized: bool,
                  extra: Sequence[str] = (), weights: Mapping[str, np.ndarray] | None = None,
-                 stream: DecodePlan | None = None) -> None:
+                 stream: DecodePlan | None = None, stop: Stop | None = None) -> None:
         """``model``: an onnx-ir model, or a proto (a ``light_proto`` with its ``weights``).
         ``stream``: a streaming model's plan (``optcc.numerics.decode.stream_plan``): each
-        sample then also gives its second step's answers (``streamed``)."""
+        sample then also gives its second step's answers (``streamed``). ``stop``: asked
+        after each sample with the outputs so far; True runs no more samples."""
         if isinstance(model, onnx.ModelProto):
             proto, weights = model, weights or {}
         else:
@@ -267,11 +287,13 @@ class _Outputs:
         def run_one(feeds: Feeds) -> list[np.ndarray]:
             return [np.asarray(a) for a in session.run(None, dict(feeds))]
 
-        if stream is None:
-            self.values: list[list[np.ndarray]] = [run_one(f) for f in samples]
-        else:
-            self.values = [streamed(run_one, self.names, stream, f) for f in samples]
-            self.names = stream_names(self.names, stream)
+        names = self.names if stream is None else stream_names(self.names, stream)
+        self.values: list[list[np.ndarray]] = []
+        for feeds in samples:
+            self.values.append(run_one(feeds) if stream is None else streamed(run_one, self.names, stream, feeds))
+            if stop is not None and stop({name: [row[i] for row in self.values] for i, name in enumerate(names)}):
+                break
+        self.names = names
         del session
         release_memory()
 
@@ -317,39 +339,63 @@ def model_outputs(model: ir.Model, samples: Sequence[Feeds]) -> dict[str, list[n
     return {name: outputs.get(name) for name in outputs.names}
 
 
-# runs a candidate on the samples judged, as ``evaluate`` runs it (its outputs by name)
-CandidateOutputs = Callable[[ir.Model], Mapping[str, Sequence[np.ndarray]]]
+# runs a candidate on the samples judged, as ``evaluate`` runs it (its outputs by name); with a
+# ``Stop``, on the first samples only, up to the first after which it says True
+CandidateOutputs = Callable[..., Mapping[str, Sequence[np.ndarray]]]
 
 
 def evaluate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds],
              target: Target = Target(), *, optimized: bool = True,
              reference_outputs: _Outputs | Mapping[str, Sequence[np.ndarray]] | None = None,
-             outputs: CandidateOutputs | None = None) -> Evaluation:
+             outputs: CandidateOutputs | None = None, verdict_only: bool = False) -> Evaluation:
     """Compare the candidate's graph outputs with the float reference's on ``samples``, and
     a streaming model's answers on its second step (``reference_outputs``: the reference's,
     when already computed on them, as ``model_outputs`` returns them; ``outputs``: what
-    runs the candidate on them, as ``optimized`` asks, in its place)."""
+    runs the candidate on them, as ``optimized`` asks, in its place).
+    ``verdict_only``: only ``passed`` is read, so the candidate stops running once the
+    samples run make it miss whatever it gives on the others (the target's judge's
+    ``misses_already``, in sample order); the evaluation is then ``_stopped``'s."""
     stream = stream_plan(reference)
     names = [v.name for v in reference.graph.outputs]
     names = names if stream is None else stream_names(names, stream)
     if isinstance(reference_outputs, Mapping):
         reference_outputs = _Outputs.of(reference_outputs)
     ref = reference_outputs if reference_outputs is not None else _Outputs(reference, samples, False, stream=stream)
-    got = _Outputs.of(outputs(candidate)) if outputs is not None \
-        else _Outputs(candidate, samples, optimized, stream=stream)
+    stop: Stop | None = getattr(target.judge, "misses_already", None) if verdict_only else None
+    if outputs is not None:
+        got = _Outputs.of(outputs(candidate) if stop is None else outputs(candidate, stop=stop))
+    else:
+        got = _Outputs(candidate, samples, optimized, stream=stream, stop=stop)
+    if len(got.values) < len(samples):
+        return _stopped(ref, got, names, target)
     return _compare(ref, got, names, target)
+
+
+def _stopped(reference: _Outputs, got: _Outputs, names: Sequence[str], target: Target) -> Evaluation:
+    """The evaluation of a candidate run on the first samples only, which its target's
+    judge found to miss whatever the others give (``TaskJudge.misses_already``): SQNR and
+    agreement over those samples, and the judge's verdict as if the candidate gave the
+    reference's outputs on the others (a miss); ``stopped_after`` says how many it ran."""
+    count = len(got.values)
+    ran = _Outputs.of({name: reference.get(name)[:count] for name in reference.names})
+    measured = _compare(ran, got, names, dataclasses.replace(target, judge=None))
+    assert target.judge is not None
+    completed = {name: [*got.get(name), *reference.get(name)[count:]] for name in names}
+    return dataclasses.replace(measured, target=target, task=target.judge(completed), stopped_after=count)
 
 
 def evaluate_candidate(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds], target: Target,
                        ref_outputs: _Outputs | Mapping[str, Sequence[np.ndarray]] | None,
-                       outputs: CandidateOutputs | None) -> Evaluation:
+                       outputs: CandidateOutputs | None, verdict_only: bool = False) -> Evaluation:
     """``evaluate`` of a quantized candidate (``ref_outputs``: the reference's outputs, as
-    ``evaluate``'s ``reference_outputs``); one onnxruntime refuses to build (``RefusedModel``,
-    from ``outputs`` too) misses the target, with the refusal as the reason
+    ``evaluate``'s ``reference_outputs``; ``verdict_only``, as ``evaluate``'s); one
+    onnxruntime refuses to build (``RefusedModel``, from ``outputs`` too) misses the
+    target, with the refusal as the reason
     (``Evaluation.refused``), and a search goes on. One it builds and then cannot run on
     the samples raises: that is a fault of the candidate's making, not a refusal."""
     try:
-        return evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs, outputs=outputs)
+        return evaluate(reference, candidate, samples, target, reference_outputs=ref_outputs, outputs=outputs,
+                        verdict_only=verdict_only)
     except RefusedModel as e:
         return Evaluation({}, {}, target, refused=first_line(e))
 
@@ -843,12 +889,12 @@ def _cuts(positions: Sequence[int], count: int) -> list[int]:
 
 
 def estimate_sensitivity(layers: Sequence[str], local: Mapping[str, float],
-                         propagated: Mapping[str, float], output: Mapping[str, float]) -> list[dict[str, Any]]:
+                         output: Mapping[str, float]) -> list[dict[str, Any]]:
     """Layers ranked worst first by the outputs' SQNR under their own error alone
     (``output_sqnr``), then by that error (``local_sqnr``); ties (and layers without an
     estimate, last) in graph order."""
     rows = [{"layer": layer, "output_sqnr_db": output.get(layer, math.nan), "local_sqnr_db": local.get(layer, math.nan),
-             "position": i, "propagated_sqnr_db": propagated.get(layer, math.nan)} for i, layer in enumerate(layers)]
+             "position": i} for i, layer in enumerate(layers)]
 
     def key(value: float) -> tuple[bool, float]:
         return math.isnan(value), 0.0 if math.isnan(value) else value
@@ -920,7 +966,7 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
              initial: tuple[ir.Model, dict[str, Any], Evaluation] | None = None,
              ranking_samples: int | None = RANKING_SAMPLES,
              confirm: Confirmation | Callable[[], Confirmation] | None = None,
-             outputs: CandidateOutputs | None = None,
+             outputs: CandidateOutputs | None = None, speed: SpeedBound | None = None,
              ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """Quantize; if the target is missed on ``samples``, return the most sensitive layers
     to float, worst first, until the target holds or ``max_float_layers`` are float.
@@ -985,11 +1031,19 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     ``outputs``: runs a candidate on ``samples`` as ``evaluate`` runs it and returns its
     outputs by name (the later check's runs, ``optcc.Verifier.outputs``, which keeps those
     of the last model asked about): every candidate is evaluated on them, so the check of
-    the model returned does not run it again on those samples."""
+    the model returned does not run it again on those samples.
+
+    ``speed``: what a model must be modelled at to ship (``SpeedBound``), where a model
+    found too slow gives way to the fastest candidate measured to meet the target (the
+    driver's speed choice): the estimated search stops measuring once no candidate left
+    could ship in the place of the one it holds (``_search_estimated``), the model
+    returned being the one that would ship had it measured on. Not used with ``confirm``
+    (a candidate's confirmation decides too) nor once layers are refused."""
     model, stats, report = _fallback(reference, quantize, samples, target, max_float_layers=max_float_layers,
                                      max_layers_ranked=max_layers_ranked, ranking=ranking, progress=progress,
                                      reference_outputs=reference_outputs, initial=initial,
-                                     ranking_samples=ranking_samples, outputs=outputs)
+                                     ranking_samples=ranking_samples, outputs=outputs,
+                                     speed=speed if confirm is None else None)
     order = report.pop("order", None)
     if confirm is None or not report.get("target_met"):
         return model, stats, report
@@ -1018,7 +1072,7 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
               max_float_layers: int | None, max_layers_ranked: int, ranking: str, progress: Any,
               reference_outputs: Mapping[str, Sequence[np.ndarray]] | None,
               initial: tuple[ir.Model, dict[str, Any], Evaluation] | None, ranking_samples: int | None,
-              outputs: CandidateOutputs | None = None,
+              outputs: CandidateOutputs | None = None, speed: SpeedBound | None = None,
               ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """``fallback`` on ``samples`` alone; ``report["order"]``: the layers in the order the
     search returned them to float (absent when the fully quantized model passed)."""
@@ -1048,8 +1102,10 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
         return model, stats, report
     layers = list(stats.get("layers", []))
     if ranking == "estimate":
+        # the layers onnxruntime refuses are float in every candidate: no bound models them
         return _fallback_estimated(reference, quantize, samples, target, model, stats, initial, report,
-                                   max_float_layers, ref_outputs, ranking_samples, progress, outputs)
+                                   max_float_layers, ref_outputs, ranking_samples, progress, outputs,
+                                   None if refused else speed)
     propagated = propagated_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
     candidates = _candidates(layers, propagated, max_layers_ranked)
     ranking = rank_sensitivity(reference, quantize, candidates, samples, target, max_layers=len(candidates),
@@ -1101,11 +1157,11 @@ def _estimated_order(reference: ir.Model, model: ir.Model, stats: dict[str, Any]
     measured = set(shown) <= set(ranking)
     deltas: dict[str, list[np.ndarray]] | None = {} if measured else None
     layer_outputs = stats.get("layer_outputs", {})
-    errors = layer_errors(reference, model, layer_outputs, [samples[i] for i in ranking], deltas=deltas,
-                          delta_samples={ranking.index(i) for i in shown} if measured else None)
+    local = local_sqnr(reference, model, layer_outputs, [samples[i] for i in ranking], deltas=deltas,
+                       delta_samples={ranking.index(i) for i in shown} if measured else None)
     seen = output_sqnr(reference, model, layer_outputs, [samples[i] for i in shown], deltas=deltas)
     del deltas
-    return _ranked(stats, errors, seen, report)
+    return _ranked(stats, local, seen, report)
 
 
 def _shown_positions(samples: Sequence[Feeds], evaluation: Evaluation) -> list[int]:
@@ -1115,17 +1171,16 @@ def _shown_positions(samples: Sequence[Feeds], evaluation: Evaluation) -> list[i
     return deviating_positions(evaluation, spread_positions(len(samples), OUTPUT_RANKING_SAMPLES))
 
 
-def _ranked(stats: dict[str, Any], errors: tuple[dict[str, float], dict[str, float]], seen: Mapping[str, float],
+def _ranked(stats: dict[str, Any], local: Mapping[str, float], seen: Mapping[str, float],
             report: dict[str, Any]) -> list[str]:
     """The quantized layers (``stats["layers"]``) worst first by ``estimate_sensitivity`` of
-    ``errors`` (``layer_errors``' propagated and local SQNR) and of ``seen``, those errors
+    ``local`` (the layers' own errors, ``local_sqnr``) and of ``seen``, those errors
     taken to the outputs (``output_sqnr``; empty when not measured); the ranking goes to
     ``report["sensitivity"]``. A layer whose own result is exact on the samples (local
     SQNR +inf: quantizing it loses nothing there) is ranked but left out of the order:
     returning it to float gains nothing, so it never takes a place in the budget or the
     search."""
-    propagated, local = errors
-    ranking = estimate_sensitivity(list(stats.get("layers", [])), local, propagated, seen)
+    ranking = estimate_sensitivity(list(stats.get("layers", [])), local, seen)
     report["sensitivity"] = [{k: _finite(v) if isinstance(v, float) else v for k, v in r.items()} for r in ranking]
     return [row["layer"] for row in ranking if row["local_sqnr_db"] != math.inf]
 
@@ -1134,14 +1189,14 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
                         model: ir.Model, stats: dict[str, Any], initial: Evaluation, report: dict[str, Any],
                         max_float_layers: int | None, ref_outputs: _Outputs, ranking_samples: int | None,
                         progress: Any = False, outputs: CandidateOutputs | None = None,
+                        speed: SpeedBound | None = None,
                         ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """``fallback`` with ``ranking="estimate"`` (see ``fallback``): the budget in the order
     of the layers' own errors first; only when it meets the target, the output ranking and
     the search below it (``_search_estimated``)."""
     with _phase(RANKING_PHASE, progress, report, "ranking"):
-        errors = layer_errors(reference, model, stats.get("layer_outputs", {}),
-                              spread_samples(samples, ranking_samples))
-    local_order = _ranked(stats, errors, {}, report)
+        local = local_sqnr(reference, model, stats.get("layer_outputs", {}), spread_samples(samples, ranking_samples))
+    local_order = _ranked(stats, local, {}, report)
     limit = len(local_order) if max_float_layers is None else min(max_float_layers, len(local_order))
     tried: list[dict[str, Any]] = []
     report.update(tried=tried, order=local_order)
@@ -1161,9 +1216,9 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
         shown = [samples[i] for i in _shown_positions(samples, initial)]
         with _phase(OUTPUT_RANKING_PHASE, progress, report, "ranking"):
             seen = output_sqnr(reference, model, stats.get("layer_outputs", {}), shown)
-        order = _ranked(stats, errors, seen, report)
+        order = _ranked(stats, local, seen, report)
         found = _search_estimated(reference, quantize, samples, target, order, local_order, limit, report, results,
-                                  tried, ref_outputs, bar, outputs)
+                                  tried, ref_outputs, bar, outputs, speed)
         bar.advance(bar.total)  # the search may need fewer candidates than the bound
     return found
 
@@ -1197,10 +1252,13 @@ def _attempt(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
              ref_outputs: _Outputs, bar: Progress, outputs: CandidateOutputs | None) -> Evaluation:
     """The first ``k`` layers of ``order`` returned to float, judged on ``samples``, into
     ``results[k]`` and ``tried``. Only models the search can still return keep their
-    weights: one that meets the target, or the budget's (``k == limit``)."""
+    weights: one that meets the target, or the budget's (``k == limit``). Below the budget
+    only the verdict is read (a miss ends its runs: ``evaluate``'s ``verdict_only``); the
+    budget's evaluation is reported when it misses."""
     bar.advance()
     candidate, candidate_stats = quantize(exclude=list(order[:k]))
-    evaluation = evaluate_candidate(reference, candidate, samples, target, ref_outputs, outputs)
+    evaluation = evaluate_candidate(reference, candidate, samples, target, ref_outputs, outputs,
+                                    verdict_only=k < limit)
     results[k] = (evaluation, candidate, candidate_stats)
     _drop_models(results, [n for n in results if n != k] if evaluation.passed or k == limit else [k])
     tried.append(_tried(name, k, evaluation, order[:k]))
@@ -1213,13 +1271,14 @@ def _tried(name: str, k: int, evaluation: Evaluation, kept: Sequence[str]) -> di
     it can be built again."""
     return {"order": name, "float_layers": k, "worst_sqnr_db": _finite(evaluation.worst_sqnr_db),
             "passed": evaluation.passed, **({"refused": evaluation.refused} if evaluation.refused else {}),
+            **({"stopped_after": evaluation.stopped_after} if evaluation.stopped_after is not None else {}),
             **({"kept_float": list(kept)} if evaluation.passed else {})}
 
 
 def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
                       order: Sequence[str], budget_order: Sequence[str], limit: int, report: dict[str, Any],
                       results: Results, tried: list[dict[str, Any]], ref_outputs: _Outputs, bar: Progress,
-                      outputs: CandidateOutputs | None,
+                      outputs: CandidateOutputs | None, speed: SpeedBound | None = None,
                       ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """``_fallback_estimated``'s search below the budget, whose model (the first ``limit``
     layers of ``budget_order`` float) is in ``results[limit]`` and meets the target: the
@@ -1230,12 +1289,40 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
     ``k`` from the smallest that meets it on meets it too), that is the smallest such ``k``;
     when it is not, one such boundary, possibly above a smaller ``k`` that meets it but was
     never measured. When no ``k`` below the budget meets it, the budget's model. Either way
-    the model returned is one measured to meet the target."""
+    the model returned is one measured to meet the target.
+
+    ``speed``: the bisection stops, ``high`` its result, once no ``k`` left to measure
+    (``low < k < high``) could ship: each is modelled below ``speed.required``
+    (``SpeedBound.of_floats``), while ``high`` is modelled at or above it and faster than
+    every other candidate measured to meet the target. Measured on, the search would end
+    at ``high``, or below it at a model too slow to ship, in whose place the fastest
+    candidate measured to meet the target ships (the driver's speed choice): ``high``
+    either way. ``report["search_stopped"]`` says so."""
+    speeds: dict[int, float] = {}  # the modelled speedup of each candidate measured to meet the target
+    bounds: dict[int, float] = {}  # ``speed.of_floats`` of the first k layers of ``order`` float
 
     def attempt(k: int) -> bool:
-        return _attempt(reference, quantize, samples, target, order, k, limit, results, tried, "estimate",
-                        ref_outputs, bar, outputs).passed
+        passed = _attempt(reference, quantize, samples, target, order, k, limit, results, tried, "estimate",
+                          ref_outputs, bar, outputs).passed
+        if passed and speed is not None:  # modelled while its model is held
+            speeds[k] = speed.speedup(results[k][1])
+        return passed
 
+    def none_left_ships(low: int, high: int) -> bool:
+        """Whether no candidate strictly between ``low`` and ``high`` could ship where
+        ``high`` does (see above)."""
+        if speed is None or high - low < 2 or speeds[high] < speed.required or \
+                any(other >= speeds[high] for k, other in speeds.items() if k != high):
+            return False
+        for k in range(low + 1, high):  # the fewest float layers first: the likeliest to be fast
+            if k not in bounds:
+                bounds[k] = speed.of_floats(list(order[:k]))
+            if bounds[k] >= speed.required:
+                return False
+        return True
+
+    if speed is not None:
+        speeds[limit] = speed.speedup(results[limit][1])
     low, high = 0, limit  # low: the largest k known to miss; high: the smallest k known to meet
     for k in PROBES:  # the worst layers alone first: when the error sits in them, the cheapest model
         if k >= limit:
@@ -1245,6 +1332,14 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
             break
         low = k
     while high - low > 1:
+        if none_left_ships(low, high):
+            assert speed is not None
+            report["search_stopped"] = (
+                f"every candidate with {low + 1} to {high - 1} layers float is modelled below the required "
+                f"{speed.required:g}x speedup (at most {max(bounds[k] for k in range(low + 1, high)):.2f}x), "
+                f"and the {high} layers float found are modelled {speeds[high]:.2f}x, the fastest candidate "
+                "measured to meet the target: none left to measure could ship in its place")
+            break
         mid = _midpoint(low, high)
         if attempt(mid):
             high = mid
