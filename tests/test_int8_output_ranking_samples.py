@@ -102,7 +102,7 @@ def test_the_output_ranking_skips_a_sample_where_the_model_does_not_deviate(monk
 
 
 def test_the_ranking_run_keeps_the_errors_the_output_ranking_needs(monkeypatch) -> None:
-    """``layer_errors`` with ``deltas`` keeps each layer's local error on the samples asked
+    """``local_sqnr`` with ``deltas`` keeps each layer's local error on the samples asked
     for (run last) and measures the same SQNRs as without; those errors are the ones
     ``output_sqnr`` measures itself (equal arrays), and give it the same result. The local
     error of ``mm_a`` is checked against numpy: its quantized result (the fully quantized
@@ -116,9 +116,9 @@ def test_the_ranking_run_keeps_the_errors_the_output_ranking_needs(monkeypatch) 
     result = create_pass("quantize-int8", ranges=ranges, count_fused=False)(float_model.clone())
     quantized, layer_outputs = result.model, result.stats["layer_outputs"]
     held = samples[3:]
-    plain = fallback.layer_errors(float_model, quantized, layer_outputs, held)
+    plain = fallback.local_sqnr(float_model, quantized, layer_outputs, held)
     deltas: dict[str, list[np.ndarray]] = {}
-    kept = fallback.layer_errors(float_model, quantized, layer_outputs, held, deltas=deltas, delta_samples={0})
+    kept = fallback.local_sqnr(float_model, quantized, layer_outputs, held, deltas=deltas, delta_samples={0})
     assert kept == plain and {"mm_a", "mm_b", "mm1"} <= deltas.keys()
     assert all(len(v) == 1 for v in deltas.values())
     for layer, values in deltas.items():

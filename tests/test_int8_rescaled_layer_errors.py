@@ -67,7 +67,8 @@ def test_a_rescaled_hard_swish_product_has_its_own_error() -> None:
     assert float_name == "d" and quant_name is not None
 
     held = samples[4:]
-    propagated, local = fallback.layer_errors(float_model, quantized, result.stats["layer_outputs"], held)
+    local = fallback.local_sqnr(float_model, quantized, result.stats["layer_outputs"], held)
+    propagated = fallback.propagated_sqnr(float_model, quantized, result.stats["layer_outputs"], held)
     assert math.isfinite(local["hswish"]) and math.isfinite(propagated["hswish"])
 
     consts = {name: float(np.asarray(v.const_value.numpy()).reshape(()))

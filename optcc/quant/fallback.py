@@ -59,7 +59,6 @@ __all__ = [
     "propagated_sqnr",
     "local_sqnr",
     "output_sqnr",
-    "layer_errors",
     "fallback",
     "spread_samples",
     "spread_positions",
@@ -513,39 +512,16 @@ def local_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[
     bias, the op, its output Q/DQ). A layer whose input cannot be traced to a float
     tensor (a folded rescale), or whose float result is all zeros (no signal to measure
     its error against) gets NaN; none has an entry when onnxruntime refuses the combined
-    model (its copies of the layers, in that form). ``deltas``, ``delta_samples``: as
-    ``layer_errors``'."""
+    model (its copies of the layers, in that form). ``deltas``: filled with each layer's
+    local error (its local result minus its float result) on the samples at the positions
+    ``delta_samples`` (None: every sample), in order (``output_sqnr``'s ``deltas``); empty
+    when onnxruntime refuses the combined model."""
     try:
-        return _layer_errors(reference, quantized, layer_outputs, samples, propagated=False, deltas=deltas,
-                             delta_samples=delta_samples)[1]
+        return _layer_errors(reference, quantized, layer_outputs, samples, deltas=deltas, delta_samples=delta_samples)
     except RefusedModel:
-        return {}
-
-
-def layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
-                 samples: Sequence[Feeds], *, deltas: dict[str, list[np.ndarray]] | None = None,
-                 delta_samples: Collection[int] | None = None) -> tuple[dict[str, float], dict[str, float]]:
-    """``(propagated_sqnr(...), local_sqnr(...))`` from one session run once per sample:
-    the combined model of ``local_sqnr`` also holds the quantized graph (its values
-    renamed), so the float, quantized and local results of every layer come from the
-    same run, each computed by the kernels the separate sessions would use. A quantized
-    model with subgraphs, or other inputs than the float one, is measured by the two
-    functions apart, as is one whose combined model onnxruntime refuses. ``deltas``:
-    filled with each layer's local error (its local result minus its float result) on the
-    samples at the positions ``delta_samples`` (None: every sample), in order
-    (``output_sqnr``'s ``deltas``); empty when onnxruntime refuses ``local_sqnr``'s
-    combined model."""
-    try:
-        both = _layer_errors(reference, quantized, layer_outputs, samples, propagated=True, deltas=deltas,
-                             delta_samples=delta_samples)
-    except RefusedModel:
-        both = None
-    if both is None:
         if deltas is not None:
             deltas.clear()
-        return propagated_sqnr(reference, quantized, layer_outputs, samples), \
-            local_sqnr(reference, quantized, layer_outputs, samples, deltas=deltas, delta_samples=delta_samples)
-    return both
+        return {}
 
 
 def _db(signal: float, noise: float) -> float:
@@ -553,13 +529,12 @@ def _db(signal: float, noise: float) -> float:
 
 
 def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
-                  samples: Sequence[Feeds], *, propagated: bool,
+                  samples: Sequence[Feeds], *,
                   deltas: dict[str, list[np.ndarray]] | None = None, delta_samples: Collection[int] | None = None,
-                  ) -> tuple[dict[str, float], dict[str, float]] | None:
-    """(propagated, local) SQNR per layer (``propagated=False``: local only, propagated
-    empty); None when the quantized graph cannot join the float one. ``deltas``: filled
-    with each layer's local error (local result minus float result) on the samples at the
-    positions ``delta_samples`` (None: every sample), one per sample, in order."""
+                  ) -> dict[str, float]:
+    """``local_sqnr``'s SQNR per layer. ``deltas``: filled with each layer's local error
+    (local result minus float result) on the samples at the positions ``delta_samples``
+    (None: every sample), one per sample, in order."""
     float_proto, weights = light_proto(reference)
     q_proto, q_weights = light_proto(quantized)
     float_values = {v for node in float_proto.graph.node for v in node.output} | {
@@ -644,57 +619,42 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
         for node, ins, outs in chain:
             copy(node, ins, outs, tag)
         fetch[layer] = (float_name, result)
-    pairs: dict[str, tuple[str, str]] = {}  # layer -> (float name, name in the joined quantized graph)
-    if propagated:
-        joined = _join_quantized(float_proto, q_proto, q_weights)
-        if joined is None:
-            return None
-        renamed, q_nodes, q_inits, joined_weights = joined
-        pairs = {layer: (names[0], renamed(names[1])) for layer, names in layer_outputs.items()
-                 if names[0] and names[1]}
-        nodes.extend(q_nodes)
-        float_proto.graph.initializer.extend(q_inits)
-        weights.update(joined_weights)
-    if not fetch and not pairs:
-        return {}, {}
+    if not fetch:
+        return {}
     weights.update({name: q_weights[name] for name in added_inits if name in q_weights})
     del q_proto, q_weights
     float_proto.graph.node.extend(nodes)
     float_proto.graph.initializer.extend(added_inits.values())
     del float_proto.graph.output[:]
-    names = list(dict.fromkeys([*(n for pair in fetch.values() for n in pair),
-                                *(n for pair in pairs.values() for n in pair)]))
+    names = list(dict.fromkeys(n for pair in fetch.values() for n in pair))
     float_proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
     session = _session(float_proto, False, weights=weights, arena=False)
     del float_proto, weights, nodes, added_inits
     kept = [] if deltas is None else [i for i in range(len(samples)) if delta_samples is None or i in delta_samples]
-    # per sample, per layer: (local noise, propagated noise, the float result's power: both's signal)
-    sums: dict[int, dict[str, tuple[float, float, float]]] = {}
+    # per sample, per layer: (local noise, the float result's power)
+    sums: dict[int, dict[str, tuple[float, float]]] = {}
     # the samples whose errors are kept run last: no other sample's results are made while they are held
     for position in [*(i for i in range(len(samples)) if i not in kept), *kept]:
         values = dict(zip(names, session.run(names, dict(samples[position]))))
         sums[position] = {}
-        for layer in fetch.keys() | pairs.keys():
-            # both compare with the layer's float result (layer_outputs' first name): its
-            # float64 copy (its own, squared in place last) and power are made once
-            r = np.array(values[(fetch.get(layer) or pairs[layer])[0]], np.float64)
-            local = _squared_distance(r, values[fetch[layer][1]]) if layer in fetch else 0.0
-            if layer in fetch and position in kept:  # the local result is not read again
-                deltas.setdefault(layer, []).append(_difference(values[fetch[layer][1]], values[fetch[layer][0]]))
-            accumulated = _squared_distance(r, values[pairs[layer][1]]) if layer in pairs else 0.0
-            power = float(np.sum(np.square(r, out=r)))
-            sums[position][layer] = (local, accumulated, power)
+        for layer, (float_name, local_name) in fetch.items():
+            # compared with the layer's float result: its float64 copy (its own, squared in
+            # place last) and power are made once
+            r = np.array(values[float_name], np.float64)
+            local = _squared_distance(r, values[local_name])
+            if position in kept:  # the local result is not read again
+                deltas.setdefault(layer, []).append(_difference(values[local_name], values[float_name]))
+            sums[position][layer] = (local, float(np.sum(np.square(r, out=r))))
         del values
     del session
     release_memory()
     # each layer's sums add the samples in their order, whichever ran first
-    totals = {layer: [0.0, 0.0, 0.0] for layer in fetch.keys() | pairs.keys()}
+    totals = {layer: [0.0, 0.0] for layer in fetch}
     for position in range(len(samples)):
         for layer, parts in sums[position].items():
             for j, part in enumerate(parts):
                 totals[layer][j] += part
-    return ({layer: _own_error(_db(totals[layer][2], totals[layer][1])) for layer in pairs},
-            {layer: _own_error(_db(totals[layer][2], totals[layer][0])) for layer in fetch})
+    return {layer: _own_error(_db(totals[layer][1], totals[layer][0])) for layer in fetch}
 
 
 def _own_error(db: float) -> float:
@@ -720,48 +680,6 @@ def _squared_distance(reference: np.ndarray, other: np.ndarray) -> float:
     return float(np.sum(np.square(difference, out=difference)))
 
 
-def _join_quantized(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto, q_weights: Mapping[str, np.ndarray]
-                    ) -> tuple[Callable[[str], str], list[onnx.NodeProto], list[onnx.TensorProto],
-                               dict[str, np.ndarray]] | None:
-    """The quantized graph's nodes and initializers with every value but the graph inputs
-    renamed apart from the float graph (and the weights of the renamed placeholders), or
-    None when that is not possible (subgraphs read outer names; other graph inputs)."""
-    inputs = {v.name for v in q_proto.graph.input}
-    if inputs - {v.name for v in float_proto.graph.input}:
-        return None
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-           for node in q_proto.graph.node for a in node.attribute):
-        return None
-    taken = {v for node in float_proto.graph.node for v in (*node.input, *node.output, node.name)}
-    taken |= {i.name for i in float_proto.graph.initializer}
-    prefix = oir.unique_prefix(taken, "optcc_quantized/")
-
-    def renamed(name: str) -> str:
-        return name if not name or name in inputs else prefix + name
-
-    nodes = []
-    for node in q_proto.graph.node:
-        clone = onnx.NodeProto()
-        clone.CopyFrom(node)
-        clone.name = prefix + node.name if node.name else ""  # onnxruntime rejects repeated names, not empty ones
-        del clone.input[:]
-        clone.input.extend(renamed(x) for x in node.input)
-        del clone.output[:]
-        clone.output.extend(renamed(x) for x in node.output)
-        nodes.append(clone)
-    inits, weights = [], {}
-    for init in q_proto.graph.initializer:
-        if init.name in inputs:  # a graph input's default: the float graph holds it under the same name
-            continue
-        clone = onnx.TensorProto()
-        clone.CopyFrom(init)
-        clone.name = renamed(init.name)
-        inits.append(clone)
-        if init.name in q_weights:
-            weights[clone.name] = q_weights[init.name]
-    return renamed, nodes, inits, weights
-
-
 def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
                 samples: Sequence[Feeds], *, deltas: Mapping[str, Sequence[np.ndarray]] | None = None,
                 ) -> dict[str, float]:
@@ -777,7 +695,7 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
     Layers without a local error (or with a result other than float32) are absent, all of
     them when onnxruntime refuses ``local_sqnr``'s combined model. A cut onnxruntime refuses
     is not used: its layers' runs start at the graph inputs. ``deltas``: the layers' local
-    errors on ``samples`` when already measured (``layer_errors``' ``deltas``), so that
+    errors on ``samples`` when already measured (``local_sqnr``'s ``deltas``), so that
     combined model is not run again."""
     if deltas is None:
         deltas = {}
