@@ -186,3 +186,50 @@ def test_a_target_that_also_reads_another_inputs_dim_is_not_proved():
     x = np.arange(192, dtype=np.float32).reshape(3, 64)
     assert _same_on(original, rewritten, {"x": x, "k": np.zeros(32, np.float32)})
     assert _proved(original, rewritten) == {"y": False}
+
+
+_CHAINED_SIGNATURE = "g (float[N, 3, 5] x) => (float[N, 3, 8] y)"
+_CHAINED = """
+    one = Constant<value = int64 {1}>()
+    two = Constant<value = int64 {2}>()
+    half = Constant<value = float {2.0}>()
+    axis = Constant<value = int64[1] {0}>()
+    zeros = Constant<value = int64[5] {0, 0, 0, 0, 0}>()
+    s = Shape(x)
+    d = Gather<axis = 0>(s, two)
+    f = Cast<to = 1>(d)
+    h = Div(f, half)
+    c = Ceil(h)
+    back = Cast<to = 7>(c)
+    after = Sub(back, two)
+    entry = Unsqueeze(after, axis)
+    pads = Concat<axis = 0>(zeros, entry)
+    padded = Pad(x, pads)
+    s2 = Shape(padded)
+    d2 = Gather<axis = 0>(s2, two)
+    f2 = Cast<to = 1>(d2)
+    h2 = Div(f2, half)
+    c2 = Ceil(h2)
+    back2 = Cast<to = 7>(c2)
+    after2 = Sub(back2, one)
+    entry2 = Unsqueeze(after2, axis)
+    pads2 = Concat<axis = 0>(zeros, entry2)
+    y = Pad(padded, pads2)
+"""
+
+
+def test_a_dim_that_follows_from_an_evaluated_fold_is_read_in_a_later_look():
+    # the second Pad's pads read the first Pad's output dims, which shape inference knows
+    # only once the first pads are read as the constant they fold to
+    candidate = """
+    first = Constant<value = int64[6] {0, 0, 0, 0, 0, 1}>()
+    second = Constant<value = int64[6] {0, 0, 0, 0, 0, 2}>()
+    padded = Pad(x, first)
+    y = Pad(padded, second)
+"""
+    original, folded = _model(_CHAINED, _CHAINED_SIGNATURE), _model(candidate, _CHAINED_SIGNATURE)
+    assert _same_on(original, folded, {"x": np.arange(30, dtype=np.float32).reshape(2, 3, 5)})
+    assert _proved(original, folded) == {"y": True}
+    wrong = _model(candidate.replace("0, 0, 0, 0, 0, 2", "0, 0, 0, 0, 0, 3"),
+                   _CHAINED_SIGNATURE.replace("float[N, 3, 8] y", "float[N, 3, 9] y"))
+    assert _proved(original, wrong) == {"y": False}

@@ -104,6 +104,10 @@ gets a key, and two values with the same key compute the same thing for every in
   integer Cast, Slice, Gather, Squeeze or Unsqueeze of one that copies its elements, whose
   every element inference gives as an integer is a constant of those integers (and what is
   computed from it and constants alone a fold, below, evaluated with it as that constant);
+  where that look is still incomplete, another reads the original's small integer folds
+  the look before evaluated as those constants in shape inference (so the dims that
+  follow from a computed padding are static, as in a candidate that folded it), up to
+  ``MAX_LOOKS`` looks and while each evaluates a fold the one before did not;
 - a value computed from constants alone that the candidate does not compute the same way
   (a fold) is evaluated once on onnxruntime, with the kernels the original itself runs,
   and keyed by its bytes; where the operator's definition copies or moves bits without
@@ -167,6 +171,7 @@ KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")
 MAX_FOLD_CHECK_BYTES = 64 * 1024 * 1024  # constants evaluated to check folds, in all (a fill: its one element)
 SMALL_TENSOR_ELEMENTS = 1024  # constants keyed by their bytes in the table (larger: a fill, or bucketed)
 MAX_DEFINED_DEPTH = 8  # folds computed by definition through at most this many nodes
+MAX_LOOKS = 4  # looks at inferred shapes, each reading the folds the one before evaluated
 _UNKNOWN = object()  # not looked up yet
 
 
@@ -198,22 +203,29 @@ def prove_equivalent(original: ir.Model, candidate: ir.Model, *,
     for model, given in ((original, original_proto), (candidate, candidate_proto)):
         if given is not None:
             numbering.given[id(model)] = given
-    again = None
+    looks = [numbering]
     try:
         proof = _prove(original, candidate, numbering)
         if proof.complete or not numbering.would_infer:
             return proof
-        # a second look, reading the static dims and element types onnx's shape inference
-        # gives (each model's serialization reused)
-        again = _Numbering(inferred=True)
-        again._protos.update(numbering._protos)
-        return _prove(original, candidate, again)
+        fixed: dict[str, np.ndarray] = {}
+        while True:
+            # a look that reads the static dims and element types onnx's shape inference gives
+            # (each model's serialization reused), the original's small integer folds the look
+            # before evaluated read by inference as those constants (the dims that follow from
+            # them then static, as in a candidate that folded them)
+            again = _Numbering(inferred=True, fixed={id(original): fixed})
+            again._protos.update(numbering._protos)
+            looks.append(again)
+            proof = _prove(original, candidate, again)
+            if proof.complete or len(looks) > MAX_LOOKS or set(again.integer_folds) <= set(fixed):
+                return proof
+            fixed = {**fixed, **again.integer_folds}
     finally:
         # views of memory-mapped external data must not outlive the call (the file could
         # not be closed while they exist), and the tables refer to each other
-        numbering.release()
-        if again is not None:
-            again.release()
+        for look in looks:
+            look.release()
 
 
 def number_original(original: ir.Model, *,
@@ -339,6 +351,8 @@ def _prove(original: ir.Model, candidate: ir.Model, numbering: _Numbering) -> Pr
     # the candidate computes the same way has no fold among its ancestors: the candidate
     # would compute that fold the same way too)
     evaluated = original_keys.evaluate(folds) if folds else 0
+    numbering.integer_folds = {v.name: a for v in folds if (a := original_keys._arrays.get(id(v))) is not None
+                               and a.dtype.kind in "iu" and a.size <= MAX_SHAPE_ELEMENTS and v.name}
     original_inputs = {v.name: v.dtype for v in _fed_inputs(original)}
     # the original's outputs keyed only when compared, after the folds are keyed by their bytes
     original_outputs = {v.name: (lambda v=v: original_keys.key(v), v.dtype) for v in original.graph.outputs}
@@ -351,9 +365,12 @@ class _Numbering:
     model's values (``types``) where the keys ask for them (``_Keys.inferred_dim``,
     ``_Keys.inferred_type``)."""
 
-    def __init__(self, inferred: bool = False) -> None:
+    def __init__(self, inferred: bool = False, fixed: dict[int, dict[str, np.ndarray]] | None = None) -> None:
         self.inferred = inferred
         self.would_infer = False  # a key read a dim or a Cast that inferred types might settle
+        # id(model) -> values shape inference reads as these constants (folds an earlier look evaluated)
+        self.fixed = fixed or {}
+        self.integer_folds: dict[str, np.ndarray] = {}  # the original's small integer folds evaluated, by name
         self._types: dict[int, tuple[dict[str, tuple[int, tuple]], ir.Model]] = {}
         self._table: dict[tuple, int] = {}
         self._fresh: Iterator[int] = itertools.count()
@@ -437,7 +454,10 @@ class _Numbering:
         shape inference, as ``ranks`` (once per model)."""
         if id(model) not in self._types:
             try:
-                types = _inferred_types(self.proto(model), input_shapes)
+                proto = self.proto(model)
+                if self.fixed.get(id(model)):
+                    proto = _with_constants(proto, self.fixed[id(model)])
+                types = _inferred_types(proto, input_shapes)
             except Exception:  # noqa: BLE001 - then nothing is known
                 types = {}
             self._types[id(model)] = (types, model)
@@ -2009,6 +2029,18 @@ def _inferred_types(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) 
                      tuple(d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim)
                      if i.type.tensor_type.HasField("shape") else None)
             for i in infos if i.type.HasField("tensor_type")}
+
+
+def _with_constants(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``proto`` whose main-graph nodes with one output among ``values`` are
+    Constant nodes of that array instead (what shape inference then reads as data)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for i, node in enumerate(copy.graph.node):
+        if len(node.output) == 1 and node.output[0] in values:
+            tensor = onnx.numpy_helper.from_array(values[node.output[0]])
+            copy.graph.node[i].CopyFrom(onnx.helper.make_node("Constant", [], [node.output[0]], value=tensor))
+    return copy
 
 
 def _inferred_ranks(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, int]:
