@@ -85,6 +85,13 @@ gets a key, and two values with the same key compute the same thing for every in
   is NaN); a candidate's key that drops one assumes the state has the shape the node
   needs, which the original's node with the same input and the same zero state shows;
 - a ``ConstantOfShape`` whose shape is read as integers (above) is keyed by its elements;
+- integer Add, Sub, Mul, Div of a read dim is read as that expression (``2 * dim``), so a
+  Reshape target whose one read entry is such an expression gets the ``-1`` above; a scalar
+  reshaped to one dim is read as a list of one element;
+- a ``Concat`` piece with no elements wherever it is computed (a constant of none, a
+  ConstantOfShape whose shape holds a 0, an elementwise op of such a piece) is left out of
+  its key, a Concat left with one input keyed as that input; this assumes the Concat runs
+  (its pieces' other dims agree), which the original's Concat of the same inputs establishes;
 - where a proof is incomplete and a key read a dim or a Cast, a second look reads onnx's
   shape inference of each model (as ranks, below) for static dims and element types: a
   dim read from a shape that inference gives as an integer is that integer (also a dim
@@ -93,7 +100,14 @@ gets a key, and two values with the same key compute the same thing for every in
   look), a Reshape whose target reads one dim of its own input, the input's other dims
   integers whose product is the target's other entries', runs wherever that input exists
   (its element count is what the target asks: nothing assumed), and a ``Cast`` to the element type its
-  input already has is keyed as its input (it copies every value);
+  input already has is keyed as its input (it copies every value); a ``Shape``, or an
+  integer Cast, Slice, Gather, Squeeze or Unsqueeze of one that copies its elements, whose
+  every element inference gives as an integer is a constant of those integers (and what is
+  computed from it and constants alone a fold, below, evaluated with it as that constant);
+  where that look is still incomplete, another reads the original's small integer folds
+  the look before evaluated as those constants in shape inference (so the dims that
+  follow from a computed padding are static, as in a candidate that folded it), up to
+  ``MAX_LOOKS`` looks and while each evaluates a fold the one before did not;
 - a value computed from constants alone that the candidate does not compute the same way
   (a fold) is evaluated once on onnxruntime, with the kernels the original itself runs,
   and keyed by its bytes; where the operator's definition copies or moves bits without
@@ -157,6 +171,7 @@ KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")
 MAX_FOLD_CHECK_BYTES = 64 * 1024 * 1024  # constants evaluated to check folds, in all (a fill: its one element)
 SMALL_TENSOR_ELEMENTS = 1024  # constants keyed by their bytes in the table (larger: a fill, or bucketed)
 MAX_DEFINED_DEPTH = 8  # folds computed by definition through at most this many nodes
+MAX_LOOKS = 4  # looks at inferred shapes, each reading the folds the one before evaluated
 _UNKNOWN = object()  # not looked up yet
 
 
@@ -188,22 +203,29 @@ def prove_equivalent(original: ir.Model, candidate: ir.Model, *,
     for model, given in ((original, original_proto), (candidate, candidate_proto)):
         if given is not None:
             numbering.given[id(model)] = given
-    again = None
+    looks = [numbering]
     try:
         proof = _prove(original, candidate, numbering)
         if proof.complete or not numbering.would_infer:
             return proof
-        # a second look, reading the static dims and element types onnx's shape inference
-        # gives (each model's serialization reused)
-        again = _Numbering(inferred=True)
-        again._protos.update(numbering._protos)
-        return _prove(original, candidate, again)
+        fixed: dict[str, np.ndarray] = {}
+        while True:
+            # a look that reads the static dims and element types onnx's shape inference gives
+            # (each model's serialization reused), the original's small integer folds the look
+            # before evaluated read by inference as those constants (the dims that follow from
+            # them then static, as in a candidate that folded them)
+            again = _Numbering(inferred=True, fixed={id(original): fixed})
+            again._protos.update(numbering._protos)
+            looks.append(again)
+            proof = _prove(original, candidate, again)
+            if proof.complete or len(looks) > MAX_LOOKS or set(again.integer_folds) <= set(fixed):
+                return proof
+            fixed = {**fixed, **again.integer_folds}
     finally:
         # views of memory-mapped external data must not outlive the call (the file could
         # not be closed while they exist), and the tables refer to each other
-        numbering.release()
-        if again is not None:
-            again.release()
+        for look in looks:
+            look.release()
 
 
 def number_original(original: ir.Model, *,
@@ -329,6 +351,8 @@ def _prove(original: ir.Model, candidate: ir.Model, numbering: _Numbering) -> Pr
     # the candidate computes the same way has no fold among its ancestors: the candidate
     # would compute that fold the same way too)
     evaluated = original_keys.evaluate(folds) if folds else 0
+    numbering.integer_folds = {v.name: a for v in folds if (a := original_keys._arrays.get(id(v))) is not None
+                               and a.dtype.kind in "iu" and a.size <= MAX_SHAPE_ELEMENTS and v.name}
     original_inputs = {v.name: v.dtype for v in _fed_inputs(original)}
     # the original's outputs keyed only when compared, after the folds are keyed by their bytes
     original_outputs = {v.name: (lambda v=v: original_keys.key(v), v.dtype) for v in original.graph.outputs}
@@ -341,9 +365,12 @@ class _Numbering:
     model's values (``types``) where the keys ask for them (``_Keys.inferred_dim``,
     ``_Keys.inferred_type``)."""
 
-    def __init__(self, inferred: bool = False) -> None:
+    def __init__(self, inferred: bool = False, fixed: dict[int, dict[str, np.ndarray]] | None = None) -> None:
         self.inferred = inferred
         self.would_infer = False  # a key read a dim or a Cast that inferred types might settle
+        # id(model) -> values shape inference reads as these constants (folds an earlier look evaluated)
+        self.fixed = fixed or {}
+        self.integer_folds: dict[str, np.ndarray] = {}  # the original's small integer folds evaluated, by name
         self._types: dict[int, tuple[dict[str, tuple[int, tuple]], ir.Model]] = {}
         self._table: dict[tuple, int] = {}
         self._fresh: Iterator[int] = itertools.count()
@@ -427,7 +454,10 @@ class _Numbering:
         shape inference, as ``ranks`` (once per model)."""
         if id(model) not in self._types:
             try:
-                types = _inferred_types(self.proto(model), input_shapes)
+                proto = self.proto(model)
+                if self.fixed.get(id(model)):
+                    proto = _with_constants(proto, self.fixed[id(model)])
+                types = _inferred_types(proto, input_shapes)
             except Exception:  # noqa: BLE001 - then nothing is known
                 types = {}
             self._types[id(model)] = (types, model)
@@ -600,6 +630,20 @@ def _integer_arithmetic(op: str, parts: list[tuple[bool, list]]) -> tuple[bool, 
     return scalar_a and scalar_b, result
 
 
+def _symbolic_arithmetic(op: str, parts: list[tuple[bool, list]]) -> tuple[bool, list] | None:
+    """``op`` on two shape-like integer tensors, broadcast as ``_integer_arithmetic`` does,
+    where an element is not an integer: each result element the expression
+    ``("arithmetic", op, a, b)`` of its operands (a dim read or an integer). Sound as a
+    name of the value it computes: two equal expressions are the same operator on the same
+    elements. Only where an operand is not all integers (``_integer_arithmetic`` first)."""
+    (scalar_a, a), (scalar_b, b) = parts
+    if len(a) != len(b) and 1 not in (len(a), len(b)):
+        return None
+    n = max(len(a), len(b))
+    pairs = zip(a * n if len(a) == 1 else a, b * n if len(b) == 1 else b)
+    return scalar_a and scalar_b, [("arithmetic", op, x, y) for x, y in pairs]
+
+
 class _Keys:
     """The keys of one model's top-level values, computed on demand."""
 
@@ -626,6 +670,7 @@ class _Keys:
         self._warming = False  # while warming: ``rank`` answers from the memo alone
         self._shapes: dict[int, tuple[bool, list] | None] = {}  # shape-like values, by id(value)
         self._constants: dict[int, tuple[ir.Value, ir.TensorProtocol | None]] = {}  # by id(value)
+        self._selections: dict[str, np.ndarray] = {}  # static selections of a Shape, by name (``_static_selection``)
         self._node_attributes: dict[int, tuple[ir.Node, tuple | None]] = {}  # by id(node)
         # layout views (``_view``): the key of a Transpose's, Squeeze's or Unsqueeze's output ->
         # (key of its input, its permutation or sorted axes, ``_VIEW_KIND``)
@@ -692,8 +737,92 @@ class _Keys:
         attribute makes a new tensor on every read), else None."""
         known = self._constants.get(id(value))
         if known is None:
-            known = self._constants[id(value)] = (value, _constant(value))  # the value keeps its id unique
+            tensor = _constant(value)
+            if tensor is None and value.name not in self.fed:
+                tensor = self._static_selection(value)
+            known = self._constants[id(value)] = (value, tensor)  # the value keeps its id unique
         return known[1]
+
+    def _static_selection(self, value: ir.Value) -> ir.TensorProtocol | None:
+        """A ``Shape`` output, or a selection of one (``_selected``), whose every element
+        onnx's shape inference gives as an integer (in the second look:
+        ``_Numbering.inferred``), as the constant of those integers in its element type.
+        Sound where the inferred dims are the dims the model runs with (its static input
+        shapes, for which every inferred dim here is inferred): each of these operators
+        copies dims or elements of its input without arithmetic, so the selection holds the
+        same integers wherever the model runs, as the constant does. A dim inference leaves
+        symbolic (a dynamic dim) is no integer, so no selection that holds one is a constant.
+        Read without keying anything (the folds are keyed by their bytes only after this)."""
+        node = value.producer()
+        if node is None or node.op_type not in _SELECTING or node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Shape":
+            self.numbering.would_infer = True
+        if not self.numbering.inferred:
+            return None
+        found = self._selected(value, 0)
+        if found is None or None in found[2]:
+            return None
+        dtype, scalar, elements = found
+        array = self._selections[value.name] = np.array(elements, dtype=dtype).reshape(() if scalar else (-1,))
+        return ir.Tensor(array)
+
+    def _selected(self, value: ir.Value, depth: int) -> tuple[type, bool, list[int | None]] | None:
+        """A ``Shape`` output (its start and end attributes clamped as the spec clamps them)
+        or what an integer Cast, an Identity, a Slice (constant arguments, axis 0, a positive
+        step), a Gather (axis 0, constant indices within the length), a Squeeze of one element
+        or an Unsqueeze of a scalar at axis 0 makes of one: (element type, whether a scalar,
+        its elements: a dim's integer where onnx's shape inference gives it, else None);
+        None for any other value, and where a Cast to int32 could not hold an integer."""
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx") or value.index() != 0 or depth > MAX_DEFINED_DEPTH \
+                or node.op_type not in _SELECTING or not node.inputs or node.inputs[0] is None:
+            return None
+        op, inputs, opset = node.op_type, list(node.inputs), self.opsets.get("", 0)
+        attrs = {name: attr.value for name, attr in node.attributes.data.items()}
+        if op == "Shape":
+            found = self.numbering.types(self.model, self.input_shapes).get(inputs[0].name)
+            if found is None or found[1] is None or set(attrs) - {"start", "end"}:
+                return None
+            dims = [d if isinstance(d, int) and d >= 0 else None for d in found[1]]
+            return np.int64, False, dims[slice(attrs.get("start", 0), attrs.get("end", len(dims)))]
+        source = self._selected(inputs[0], depth + 1)
+        if source is None:
+            return None
+        dtype, scalar, elements = source
+        arguments = [self._array(v) for v in inputs[1:]]
+        if any(a is None or a.dtype.kind not in "iu" for a in arguments):
+            return None
+        numbers = [[int(e) for e in a.reshape(-1)] for a in arguments]
+        if op == "Identity":
+            return source
+        if op == "Cast":
+            to = {ir.DataType.INT64.value: np.int64, ir.DataType.INT32.value: np.int32}.get(attrs.get("to"))
+            if to is None or set(attrs) - {"to", "saturate"}:
+                return None
+            info = np.iinfo(to)
+            fits = all(e is None or info.min <= e <= info.max for e in elements)  # a None: no integer kept
+            return (to, scalar, elements) if to is np.int64 or fits else None
+        if op == "Slice":
+            if scalar or opset < 10 or attrs or not 2 <= len(numbers) <= 4 \
+                    or any(len(n) != 1 for n in numbers) or (len(numbers) > 2 and numbers[2] not in ([0], [-1])):
+                return None
+            step = numbers[3][0] if len(numbers) > 3 else 1
+            return (dtype, False, elements[slice(numbers[0][0], numbers[1][0], step)]) if step >= 1 else None
+        if op == "Gather":
+            if scalar or len(numbers) != 1 or attrs.get("axis", 0) != 0 or arguments[0].ndim > 1 \
+                    or not all(-len(elements) <= i < len(elements) for i in numbers[0]):
+                return None
+            return dtype, arguments[0].ndim == 0, [elements[i] for i in numbers[0]]
+        axes = numbers[0] if opset >= 13 and numbers else attrs.get("axes")
+        if (opset >= 13 and (attrs or len(numbers) > 1)) or (opset < 13 and (numbers or set(attrs) - {"axes"})):
+            return None
+        allowed = ([0], [-1]) if opset >= 11 else ([0],)  # negative axes from opset 11
+        if op == "Squeeze" and not scalar and len(elements) == 1 and (not axes or list(axes) in allowed):
+            return dtype, True, elements
+        if op == "Unsqueeze" and scalar and axes and list(axes) in allowed:
+            return dtype, False, elements
+        return None
 
     def _shape_elements(self, value: ir.Value | None) -> tuple[bool, list] | None:
         """A shape-like integer tensor as (is_scalar, elements), each element an int or
@@ -735,16 +864,18 @@ class _Keys:
         if op not in ("Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", "Reshape", *_INTEGER_ARITHMETIC):
             return None
         parts = [self._shape_elements(v) for v in inputs]
-        if op == "Reshape":  # a list in one dim is that list (-1, or its length)
+        if op == "Reshape":  # a list or a scalar in one dim is that list (-1, or its length)
             vector, target = (parts + [None])[:2]
-            if vector is None or vector[0] or target is None or target[1] not in ([-1], [len(vector[1])]):
+            if vector is None or target is None or target[1] not in ([-1], [len(vector[1])]):
                 return None
-            return vector
+            return False, vector[1]
         if op == "Mul" and len(parts) == 2 and all(p is not None and p[0] for p in parts) \
                 and 1 in (parts[0][1][0], parts[1][1][0]):
             return parts[1] if parts[0][1][0] == 1 else parts[0]  # a dim times 1
         if op in _INTEGER_ARITHMETIC:
-            return _integer_arithmetic(op, parts) if len(parts) == 2 and None not in parts else None
+            if len(parts) != 2 or None in parts:
+                return None
+            return _integer_arithmetic(op, parts) or _symbolic_arithmetic(op, parts)
         if op == "Concat" and attrs.get("axis") in (0, -1) and parts and all(p is not None and not p[0] for p in parts):
             return False, [e for p in parts for e in p[1]]
         if op == "Unsqueeze" and parts and parts[0] is not None and parts[0][0]:
@@ -1012,7 +1143,7 @@ class _Keys:
                     for e in canonical:
                         if isinstance(e, tuple) and e[0] == "dim" and e[1] == x:
                             f = inner[1][e[2]] if e[2] < len(inner[1]) else None
-                            if not (isinstance(f, int) and f > 0 or isinstance(f, tuple)):
+                            if not (isinstance(f, int) and f > 0 or isinstance(f, tuple) and f[0] == "dim"):
                                 break
                             e = f
                         composed.append(e)
@@ -1068,6 +1199,16 @@ class _Keys:
             if condition is not None and condition.domain in ("", "ai.onnx") and condition.op_type == "Not" \
                     and len(condition.inputs) == 1 and condition.inputs[0] is not None:
                 inputs = (self.key(condition.inputs[0]), inputs[2], inputs[1])
+        if domain == "" and op == "Concat" and len(inputs) == len(node.inputs) > 1:
+            # a piece of no elements adds none: where the Concat runs, it is that of the others
+            kept = tuple(key for key, v in zip(inputs, node.inputs) if not self._empty(v, 0))
+            if kept and len(kept) < len(inputs):
+                fact = ("Concat", semantics, attributes, inputs)
+                self._fact(node, fact)
+                self._assume(node, fact)
+                if len(kept) == 1:
+                    return kept[0]  # a Concat of one input copies it
+                inputs = kept
         if domain == "" and op == "Concat":
             # Concat(.., Concat(a, b), ..) on one axis: the elements of Concat(.., a, b, ..)
             spliced: list[int] = []
@@ -1163,6 +1304,28 @@ class _Keys:
         if condition is None:
             return key
         return same if condition({name: attr.value for name, attr in node.attributes.data.items()}) else key
+
+    def _empty(self, value: ir.Value | None, depth: int) -> bool:
+        """Whether ``value`` has no elements wherever it is computed: a constant of none, a
+        ConstantOfShape whose shape holds a 0 (read by ``_shape_elements``: the other dims
+        may be dynamic), or an elementwise op of such a value (one input, or two that
+        broadcast: the output's dim there is 0 as well, aligned from the right). Only the
+        ops' definitions are read, so a dynamic dim never makes a value empty."""
+        if value is None or depth > _ZERO_DEPTH:
+            return False
+        array = self._array(value)
+        if array is not None:
+            return array.size == 0
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1 or value.name in self.fed:
+            return False
+        if node.op_type == "ConstantOfShape" and len(node.inputs) == 1:
+            shape = self._shape_elements(node.inputs[0])
+            return shape is not None and not shape[0] and 0 in [e for e in shape[1] if isinstance(e, int)]
+        if node.op_type in _SHAPE_KEEPING and len(node.inputs) == 1 \
+                or node.op_type in _BROADCASTING and len(node.inputs) == 2:
+            return any(self._empty(v, depth + 1) for v in node.inputs)
+        return False
 
     def _flattened(self, node: ir.Node, value: ir.Value, x: int, target: tuple) -> int:
         """The key of ``Reshape(x, [e])``: wherever it succeeds (``e`` is x's element count,
@@ -1823,10 +1986,13 @@ class _Keys:
         proto = self.numbering.proto(self.model)
         producers = {out: node for node in proto.graph.node for out in node.output}
         needed: set[str] = set()
+        selections: dict[str, np.ndarray] = {}  # static selections read: given as constants
         stack = [v.name for v in values]
         while stack:
             name = stack.pop()
-            if name and name not in needed:
+            if name in self._selections and name not in selections:
+                selections[name] = self._selections[name]
+            elif name and name not in needed and name not in selections:
                 needed.add(name)
                 node = producers.get(name)
                 if node is not None:
@@ -1834,6 +2000,7 @@ class _Keys:
         aside, constants = self.numbering.without_data(self.model)
         initializers = [_in_memory(self.model.graph.initializers[t.name].const_value, t.name)
                         if t.name in aside else t for t in proto.graph.initializer if t.name in needed]
+        initializers += [onnx.numpy_helper.from_array(array, name) for name, array in selections.items()]
         nodes = [n for n in proto.graph.node if any(out in needed for out in n.output)]
         if constants.intersection(needed):  # their tensors back, read from the model's own nodes
             outputs = {v.name: v for node in self.model.graph for v in node.outputs if v.name in constants}
@@ -1862,6 +2029,18 @@ def _inferred_types(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) 
                      tuple(d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim)
                      if i.type.tensor_type.HasField("shape") else None)
             for i in infos if i.type.HasField("tensor_type")}
+
+
+def _with_constants(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``proto`` whose main-graph nodes with one output among ``values`` are
+    Constant nodes of that array instead (what shape inference then reads as data)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for i, node in enumerate(copy.graph.node):
+        if len(node.output) == 1 and node.output[0] in values:
+            tensor = onnx.numpy_helper.from_array(values[node.output[0]])
+            copy.graph.node[i].CopyFrom(onnx.helper.make_node("Constant", [], [node.output[0]], value=tensor))
+    return copy
 
 
 def _inferred_ranks(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, int]:
@@ -2035,6 +2214,8 @@ _INITIAL_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}  # initial_h (and i
 _ZERO_KEEPING = frozenset(("Slice", "Reshape", "Expand", "Tile", "Squeeze", "Unsqueeze", "Transpose", "Flatten",
                            "Identity"))
 _ZERO_DEPTH = 16  # the producers ``_zero_fill`` follows back at most
+# a Shape and the ops that copy its elements without arithmetic (``_Keys._selected``)
+_SELECTING = frozenset(("Shape", "Cast", "Slice", "Gather", "Squeeze", "Unsqueeze", "Identity"))
 _DEFINED_OPS = frozenset(("ConstantOfShape", "Identity", "Cast", "Flatten", "Unsqueeze", "Squeeze", "Reshape"))
 _EXACT_INTEGERS = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                                           np.uint64)}

@@ -39,9 +39,12 @@ Values, per input, first rule that applies:
   all position ids are ``past + arange(S)`` along the last axis, where ``past`` is the
   KV-cache length (0 without a cache), and their table is the smallest one they index
   (Gather rows, or a RotaryEmbedding's cos cache rows);
-- integers that index a table (Gather/GatherElements/GatherND indices, directly or
-  through Cast, Reshape, Unsqueeze, Squeeze, Flatten, Identity or an Add of a constant):
-  uniform in ``[0, n)`` for a table of ``n`` rows (token ids within the vocabulary);
+- integers that index a table (Gather/GatherElements/GatherND indices, ScatterElements/
+  ScatterND indices, directly or through Cast, Reshape, Unsqueeze, Squeeze, Flatten,
+  Identity, Expand, a Gather of them as data, or an Add of a constant): uniform in
+  ``[0, n)`` for a table of ``n`` rows (token ids within the vocabulary), ``n`` static or
+  a dynamic dim named by a symbol some graph input has, at the size this sample gives it
+  (a graph network's edge list within its nodes, its graph ids within its graphs);
 - image-like floats (rank 4 with 1 or 3 channels on axis 1 or 3): a smooth random image
   (uniform values on a coarse grid, repeated to full size, plus fine noise) mapped to
   ``[-1, 1]``. That is the range of the common ``(x/255 - 0.5)/0.5`` preprocessing and
@@ -145,7 +148,9 @@ _SAMPLE_RATE_NAMES = frozenset({"sr", "sample_rate", "sampling_rate"})
 # integer dtypes a waveform is sampled in (16-bit PCM; ``optcc.numerics.task.SIGNAL_INTEGERS``)
 _PCM = frozenset({ir.DataType.INT16, ir.DataType.UINT16})
 _PIXEL_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: the channels of a picture fed as uint8
-_INDEX_PASSTHROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
+# ops whose output elements are their first input's (a Gather's: of its data)
+_INDEX_PASSTHROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Gather"})
+_INDEXING = frozenset({"Gather", "GatherElements", "GatherND", "ScatterElements", "ScatterND"})  # indices at input 1
 _MASK_PASSTHROUGH = frozenset({"Unsqueeze", "Reshape", "Expand", "Squeeze", "Identity"})
 _POSITION_PASSTHROUGH = frozenset({"Unsqueeze", "Reshape", "Expand", "Squeeze", "Identity", "Transpose"})
 _ANGLE_OPS = frozenset({"Mul", "MatMul", "Div", "Concat"})  # position * inv_freq, cat(freqs, freqs)
@@ -273,50 +278,62 @@ def sizes_text(sizes: Mapping[str, int]) -> str:
 # --------------------------------------------------------------------------- roles
 
 
-def _index_bound(value: ir.Value, depth: int = 0) -> int | None:
-    """For an integer input used as indices (directly or through a short chain of
-    Cast/Reshape/Unsqueeze/... and Add of a constant), the number of rows it may index:
-    the smallest such bound over its uses, None when no static bound is found."""
+def _index_bound(value: ir.Value, symbols: Mapping[str, int] | None = None) -> int | None:
+    """For an integer input used as indices (``_index_bounds``), the number of rows it may
+    index: the smallest bound over its uses, a dynamic dim's taken from ``symbols`` (the
+    sizes the sample gives the graph inputs' symbolic dims); None when no bound is known."""
+    bounds = [n if symbol is None else symbols[symbol] + n for symbol, n in _index_bounds(value)
+              if symbol is None or (symbols is not None and symbol in symbols)]
+    bounds = [b for b in bounds if b > 0]
+    return min(bounds) if bounds else None
+
+
+def _index_bounds(value: ir.Value, depth: int = 0) -> list[tuple[str | None, int]]:
+    """The bounds on the values of an integer input used as indices, each ``(None, n)``
+    (a static dim ``n``) or ``(symbol, n)`` (the size of the symbolic dim ``symbol`` plus
+    ``n``): per use, the dim of the axis it indexes (Gather, GatherElements, ScatterElements:
+    the data's dim at the node's axis; GatherND, ScatterND: each axis an index tuple
+    addresses), directly or through ops whose output elements are the input's
+    (``_INDEX_PASSTHROUGH``; a Gather's data), or an Add of a constant (the bound less its
+    largest element). A dim that is neither static nor a symbol gives no bound."""
     if depth > 6:
-        return None
-    bounds = []
+        return []
+    bounds: list[tuple[str | None, int]] = []
     for use in value.uses():
         node, idx = use.node, use.idx
         table = _rotary_position_input(node, idx)
         if table is not None:  # position ids select rows of the (max_position, rotary_dim / 2) caches
             cache = node.inputs[table] if len(node.inputs) > table else None
             if cache is not None and cache.shape is not None and cache.shape.rank() == 2 and _is_static(cache.shape[0]):
-                bounds.append(int(cache.shape[0]))
+                bounds.append((None, int(cache.shape[0])))
             continue
         if node.domain not in ("", "ai.onnx"):
             continue
-        if node.op_type in ("Gather", "GatherElements", "GatherND") and idx == 1:
+        if node.op_type in _INDEXING and idx == 1:
             data = node.inputs[0]
             if data is None or data.shape is None or data.shape.rank() == 0:
                 continue
-            if node.op_type == "GatherND":  # index k of a tuple addresses axis k: all must fit
-                dims = list(data.shape)
+            if node.op_type in ("GatherND", "ScatterND"):  # index k of a tuple addresses axis k: all must fit
+                tuples = node.inputs[1].shape
+                width = tuples[-1] if tuples is not None and tuples.rank() >= 1 else None
+                dims = list(data.shape)[:int(width)] if _is_static(width) and node.attributes.get_int(
+                    "batch_dims", 0) == 0 else list(data.shape)
             else:
                 dims = [data.shape[node.attributes.get_int("axis", 0) % data.shape.rank()]]
-            if all(_is_static(d) for d in dims):
-                bounds.append(min(int(d) for d in dims))
+            bounds.extend((None, int(d)) if _is_static(d) else (_symbol(d), 0) for d in dims
+                          if _is_static(d) or _symbol(d) is not None)
         elif node.op_type in _INDEX_PASSTHROUGH and idx == 0:
             if node.op_type == "Cast" and not ir.DataType(node.attributes.get_int("to", 0)).is_integer():
                 continue
             for out in node.outputs:
-                bound = _index_bound(out, depth + 1)
-                if bound is not None:
-                    bounds.append(bound)
+                bounds.extend(_index_bounds(out, depth + 1))
         elif node.op_type == "Add" and len(node.inputs) == 2:
             other = node.inputs[1 - idx]
             offset = _constant(other)
             if offset is None or offset.size == 0:
                 continue
-            bound = _index_bound(node.outputs[0], depth + 1)
-            if bound is not None:
-                bounds.append(bound - int(np.max(offset)))
-    bounds = [b for b in bounds if b > 0]
-    return min(bounds) if bounds else None
+            bounds.extend((symbol, n - int(np.max(offset))) for symbol, n in _index_bounds(node.outputs[0], depth + 1))
+    return bounds
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
@@ -439,13 +456,15 @@ def input_roles(model: ir.Model) -> dict[str, str]:
     docstring)."""
     kv = _is_kv_decoder(model)
     states = set(state_pairs(model))
+    fed = _fed_inputs(model)
+    symbols = {_symbol(d) for v in fed if v.shape is not None for d in v.shape} - {None}
     roles = {}
-    for value in _fed_inputs(model):
-        roles[value.name] = _role(value, kv, value.name in states)
+    for value in fed:
+        roles[value.name] = _role(value, kv, value.name in states, symbols)
     return roles
 
 
-def _role(value: ir.Value, kv: bool, state: bool = False) -> str:
+def _role(value: ir.Value, kv: bool, state: bool = False, symbols: Collection[str | None] = ()) -> str:
     dtype, name = value.dtype, (value.name or "").lower()
     rank = value.shape.rank() if value.shape is not None else None
     if dtype is None:
@@ -477,8 +496,8 @@ def _role(value: ir.Value, kv: bool, state: bool = False) -> str:
     if dtype.is_integer():
         if "position" in name:
             return "position"
-        if _index_bound(value) is not None:
-            return "index"
+        if _index_bound(value) is not None or any(symbol in symbols for symbol, _ in _index_bounds(value)):
+            return "index"  # a table of static rows, or of a dim a graph input's symbol sizes
     if dtype.is_floating_point() and _channel_axis(value, (1, 3)) is not None:
         return "image"
     if dtype.is_floating_point() and _signal_axis(value) is not None:
@@ -572,12 +591,15 @@ def generate_inputs(
     feeds_list = []
     for index in range(samples):
         feeds = {}
+        shapes_now = last_sizes if index == samples - 1 else sizes
+        symbols = {_symbol(d): n for v in fed if v.shape is not None and v.shape.rank() == len(shapes_now[v.name])
+                   for d, n in zip(v.shape, shapes_now[v.name]) if _symbol(d) is not None}
         for value in fed:
-            shape = (last_sizes if index == samples - 1 else sizes)[value.name]
+            shape = shapes_now[value.name]
             if value.name in ranges:
                 feeds[value.name] = _in_range(value, shape, _range(value.name, ranges[value.name]), rng)
             else:
-                feeds[value.name] = _random_array(value, shape, roles[value.name], past, kv, rng)
+                feeds[value.name] = _random_array(value, shape, roles[value.name], past, kv, rng, symbols)
         feeds_list.append(feeds)
     return feeds_list
 
@@ -778,7 +800,8 @@ def _dtype(value: ir.Value) -> ir.DataType:
 
 
 def _random_array(
-    value: ir.Value, shape: tuple[int, ...], role: str, past: int, kv: bool, rng: np.random.Generator
+    value: ir.Value, shape: tuple[int, ...], role: str, past: int, kv: bool, rng: np.random.Generator,
+    symbols: Mapping[str, int] | None = None,
 ) -> np.ndarray:
     dtype = _dtype(value)
     np_dtype = dtype.numpy()
@@ -812,7 +835,7 @@ def _random_array(
     if role == "image":
         return _image(shape, rng).astype(np_dtype)
     if dtype.is_integer():
-        high = _index_bound(value) if role == "index" else None
+        high = _index_bound(value, symbols) if role == "index" else None
         return rng.integers(0, high or 4, shape).astype(np_dtype)
     return np.asarray(rng.standard_normal(shape)).astype(np_dtype)
 
