@@ -16,7 +16,17 @@ flipped near-tie changes every later token, so it measures when the decodes part
 same context). Forced agreement is also reported over the *decisive* steps only, those
 whose reference top-1 margin exceeds ``margin_floor`` (the reference's own logit noise):
 where the reference itself is a near-tie, its choice is no judge. ``free_running`` is the
-free-running part alone, against a reference decode already run (what a verifier holds).
+free-running part alone, against a reference decode already run.
+
+A lossy result (float16, INT8, quantized weights) is judged on the decode its user runs:
+free-running over ``FREE_RUNNING_STEPS`` steps from each of its prompts (``greedy_tokens``
+of each model from the same first feeds; ``FREE_RUNNING_PROMPTS`` generated ones where the
+user gives none), accepted when at least ``FREE_RUNNING_AGREEMENT`` of
+the tokens are the original's (``free_agreement``). A few steps of the original's own
+tokens show little: a near-tie flipped at step 20 changes every later token a user sees,
+and a decode that parts early is one that parts. Every token counts, near-ties included:
+the float32 model's own noise (every weight moved by one ulp) moves its logits by about
+1e-5, far below the top-1 margins at which lossy decodes part, so no step is excused.
 
 A streaming model (``optcc.numerics.state``: a VAD or recognizer fed chunk by chunk) runs
 the same loop without tokens (``stream_plan``): ``streamed`` runs ``STREAM_STEPS`` steps
@@ -40,9 +50,15 @@ from optcc.numerics.inputs import DECODE_STEPS, input_roles
 from optcc.numerics.metrics import sqnr_db
 from optcc.numerics.state import state_pairs
 
-__all__ = ["DECODE_STEPS", "STREAM_STEPS", "SECOND_STEP", "DecodePlan", "GreedyAgreement", "decode_plan",
-           "free_running", "greedy_agreement", "run_decode", "stream_plan", "stream_names", "streamed"]
+__all__ = ["DECODE_STEPS", "FREE_RUNNING_AGREEMENT", "FREE_RUNNING_PROMPT_LENGTH", "FREE_RUNNING_PROMPTS",
+           "FREE_RUNNING_STEPS", "STREAM_STEPS", "SECOND_STEP",
+           "DecodePlan", "GreedyAgreement", "decode_plan", "free_agreement", "free_running", "greedy_agreement",
+           "greedy_tokens", "run_decode", "stream_plan", "stream_names", "streamed"]
 
+FREE_RUNNING_STEPS = 32  # greedy tokens per sample a lossy decoder's verification decodes free-running
+FREE_RUNNING_AGREEMENT = 0.99  # the share of those tokens equal to the original's that accepts it
+FREE_RUNNING_PROMPTS = 16  # generated prompts (samples) that decode, where the user gives none
+FREE_RUNNING_PROMPT_LENGTH = 8  # random token ids in a generated prompt, from an empty cache
 STREAM_STEPS = 2  # steps a streaming model runs per sample: its state is judged in the second's answers
 SECOND_STEP = "{} (step 2)"  # the name of an output's answer on the second step of a stream
 
@@ -238,3 +254,26 @@ def free_running(
     results, _ = run_decode(candidate, names, plan, first, steps=steps)
     differs = _next_logits(results, index).argmax(-1) != _next_logits(reference, index).argmax(-1)
     return float((~differs).mean()), [int(np.argmax(row)) if row.any() else steps for row in differs]
+
+
+def greedy_tokens(run: Callable[[Feeds], Sequence[np.ndarray]], names: Sequence[str], plan: DecodePlan,
+                  first: Feeds, steps: int = FREE_RUNNING_STEPS) -> np.ndarray:
+    """[batch, steps] int64: a model's own greedy tokens (each step's argmax at the last
+    position, fed back) over ``steps`` steps from ``first``."""
+    assert plan.logits is not None
+    results, _ = run_decode(run, names, plan, first, steps=steps)
+    return _next_logits(results, list(names).index(plan.logits)).argmax(-1)
+
+
+def free_agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict:
+    """Free-running agreement of ``candidate``'s greedy tokens with ``reference``'s (one
+    [batch, steps] array per sample each, ``greedy_tokens``): the share of equal tokens
+    over every row of every sample, each row's first differing step (the step count where
+    none differs), the tokens compared and whether the share reaches
+    ``FREE_RUNNING_AGREEMENT``."""
+    differs = np.concatenate([np.asarray(c) != np.asarray(r) for r, c in zip(reference, candidate)], axis=0)
+    steps = differs.shape[1]
+    share = float((~differs).mean())
+    return {"agreement": share, "steps": steps, "rows": int(differs.shape[0]), "tokens": int(differs.size),
+            "first_divergence": [int(np.argmax(row)) if row.any() else steps for row in differs],
+            "threshold": FREE_RUNNING_AGREEMENT, "passed": share >= FREE_RUNNING_AGREEMENT}
