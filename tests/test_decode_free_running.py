@@ -140,3 +140,19 @@ def test_generated_prompts_leave_room_for_the_free_running_decode(reference) -> 
     verification = optcc.verify(_decoder(weights), _decoder(_moved(weights, 1e-4, 0)), numerics="int8")
     run = verification.free_running["CPUExecutionProvider"]
     assert verification.status == "passed" and run["steps"] == FREE_RUNNING_STEPS
+
+
+def test_the_decode_stops_once_the_candidate_cannot_pass(reference) -> None:
+    """Prompts one row each, the one whose float64 decode parts first: more of its tokens
+    differ than 1% of all the prompts' tokens, so the other prompt is not decoded."""
+    weights, want = reference
+    moved, got = _late_flip(weights, want)
+    parting = [row for row in range(want.shape[0]) if (got[row] != want[row]).any()]
+    order = parting + [row for row in range(want.shape[0]) if row not in parting]
+    prompt = _prompt()
+    samples = [{**{k: v[row:row + 1] for k, v in prompt.items()}} for row in order]
+    verification = optcc.verify(_decoder(weights), _decoder(moved), numerics="int8", inputs=samples)
+    run = verification.free_running["CPUExecutionProvider"]
+    assert verification.status == "failed"
+    assert run["tokens"] == FREE_RUNNING_STEPS and run["stopped"].startswith(f"after 1 of {len(samples)} prompts")
+    assert run["agreement"] == pytest.approx(float((got[order[0]] == want[order[0]]).mean()))

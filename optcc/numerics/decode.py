@@ -21,12 +21,13 @@ free-running part alone, against a reference decode already run.
 A lossy result (float16, INT8, quantized weights) is judged on the decode its user runs:
 free-running over ``FREE_RUNNING_STEPS`` steps from each of its prompts (``greedy_tokens``
 of each model from the same first feeds; ``FREE_RUNNING_PROMPTS`` generated ones where the
-user gives none), accepted when at least ``FREE_RUNNING_AGREEMENT`` of
-the tokens are the original's (``free_agreement``). A few steps of the original's own
+user gives none), accepted when at least ``FREE_RUNNING_AGREEMENT`` of the tokens are
+the original's (``free_agreement``). A few steps of the original's own
 tokens show little: a near-tie flipped at step 20 changes every later token a user sees,
 and a decode that parts early is one that parts. Every token counts, near-ties included:
-the float32 model's own noise (every weight moved by one ulp) moves its logits by about
-1e-5, far below the top-1 margins at which lossy decodes part, so no step is excused.
+a step whose float32 top-1 margin lies within float32's own noise (its logits' move when
+every weight moves by one ulp, some 1e-6 of a logit) would be no judge, but lossy decodes
+part at margins orders of magnitude wider (docs/weight-only.md), so no step is excused.
 
 A streaming model (``optcc.numerics.state``: a VAD or recognizer fed chunk by chunk) runs
 the same loop without tokens (``stream_plan``): ``streamed`` runs ``STREAM_STEPS`` steps

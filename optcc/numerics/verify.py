@@ -99,9 +99,9 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
-from optcc.numerics.decode import (DECODE_STEPS, FREE_RUNNING_PROMPT_LENGTH, FREE_RUNNING_PROMPTS, FREE_RUNNING_STEPS,
-                                   decode_plan, free_agreement, greedy_tokens,
-                                   run_decode, stream_names, stream_plan, streamed)
+from optcc.numerics.decode import (DECODE_STEPS, FREE_RUNNING_AGREEMENT, FREE_RUNNING_PROMPT_LENGTH,
+                                   FREE_RUNNING_PROMPTS, FREE_RUNNING_STEPS, decode_plan, free_agreement,
+                                   greedy_tokens, run_decode, stream_names, stream_plan, streamed)
 from optcc.numerics.equivalence import Premise, number_original, prove_equivalent
 from optcc.numerics.float16 import ACCEPTED_BY_TASK, accept_float16, widen_float16
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
@@ -926,17 +926,33 @@ class Verifier:
         return found.names, [found.cases[p] for p in positions]
 
     def _free_running(self, session: Any, provider: str) -> dict[str, Any]:
-        """The candidate's own greedy decode from each sample against the original's on
-        ``provider``, ``FREE_RUNNING_STEPS`` steps each (``free_agreement``); the original's
-        tokens are decoded once."""
-        def tokens(source: Any) -> list[np.ndarray]:
+        """The candidate's own greedy decode from each prompt against the original's on
+        ``provider``, ``FREE_RUNNING_STEPS`` steps each (``free_agreement``; the original's
+        tokens are decoded once). The candidate stops once more tokens differ than
+        ``FREE_RUNNING_AGREEMENT`` allows of them all: it fails whatever the prompts left
+        decode, and ``stopped`` says after how many prompts."""
+        def tokens(source: Any, feeds: Feeds) -> np.ndarray:
             float16_inputs = float16_feedable(source)
-            return [greedy_tokens(lambda f: run(source, _fit_float16(f, float16_inputs)), self._names, self._plan,
-                                  feeds, self._free_steps) for feeds in self.free_running_feeds]
+            return greedy_tokens(lambda f: run(source, _fit_float16(f, float16_inputs)), self._names, self._plan,
+                                 feeds, self._free_steps)
 
         if provider not in self._free_reference:
-            self._free_reference[provider] = tokens(self._session(self.original, provider))
-        return free_agreement(self._free_reference[provider], tokens(session))
+            original = self._session(self.original, provider)
+            self._free_reference[provider] = [tokens(original, feeds) for feeds in self.free_running_feeds]
+        reference = self._free_reference[provider]
+        total = sum(want.size for want in reference)
+        got: list[np.ndarray] = []
+        differing = 0
+        for feeds, want in zip(self.free_running_feeds, reference):
+            got.append(tokens(session, feeds))
+            differing += int((got[-1] != want).sum())
+            if differing > (1 - FREE_RUNNING_AGREEMENT) * total:
+                break
+        verdict = free_agreement(reference[:len(got)], got)
+        if len(got) < len(reference):
+            verdict["stopped"] = (f"after {len(got)} of {len(reference)} prompts: {differing} of all {total} "
+                                  f"tokens differ")
+        return verdict
 
     @functools.cached_property
     def _free_steps(self) -> int:
@@ -1271,7 +1287,8 @@ def _row_parts(row: str, groups: Iterable[str]) -> tuple[str, str | None, str]:
 def _parted(run: Mapping[str, Any]) -> str:
     """How a free-running decode (``free_agreement``'s dict) parted from the original's, in words."""
     steps = [step for step in run["first_divergence"] if step < run["steps"]]
-    return f"{len(steps)} row(s) parted, the first at step {min(steps)}" if steps else "no row parted"
+    text = f"{len(steps)} row(s) parted, the first at step {min(steps)}" if steps else "no row parted"
+    return text + (f"; stopped {run['stopped']}" if run.get("stopped") else "")
 
 
 def _few_items(verdict: Mapping[str, Any] | None, generated: bool = False) -> list[str]:
