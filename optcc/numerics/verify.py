@@ -72,8 +72,8 @@ free-running over ``FREE_RUNNING_STEPS`` steps from each prompt: it passes when 
 ``FREE_RUNNING_AGREEMENT`` of its tokens are the original's (its outputs' metrics on the
 short decode are reported, not judged). The prompts are the user's samples, else
 ``FREE_RUNNING_PROMPTS`` generated ones (``free_running_feeds``), which leave room in the
-position table for that many steps. ``held_apart`` gives a verifier of other samples, for a search that
-must not fit the samples its result is verified on. A streaming model (one whose state
+position table for that many steps. ``held_apart`` gives a verifier of other samples, for
+a search that must not fit the samples its result is verified on. A streaming model (one whose state
 outputs its caller feeds back, ``optcc.numerics.state``) runs a second step per sample
 from the state the first returned (``optcc.numerics.decode.streamed``): the task judge
 judges its answers on both steps, its state outputs only through the second.
@@ -732,7 +732,7 @@ class Verifier:
         if by_task:
             reference += ", judged by the task against its noise floor"
         if by_tokens:
-            reference += f", judged by its free-running greedy tokens over {FREE_RUNNING_STEPS} steps per sample"
+            reference += f", judged by its free-running greedy tokens over {self._free_steps} steps per prompt"
         verdicts: dict[str, Any] = {}
         free: dict[str, dict[str, Any]] = {}
         metrics: list[OutputMetrics] = []
