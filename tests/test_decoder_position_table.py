@@ -14,7 +14,7 @@ import optcc
 from fixtures.gpt2_decoder import gpt2_decoder
 from optcc.errors import BadInputError
 from optcc.numerics import Verifier
-from optcc.numerics.decode import DECODE_STEPS, FREE_RUNNING_STEPS, decode_plan, run_decode
+from optcc.numerics.decode import DECODE_STEPS, NEXT_TOKEN_STEPS, decode_plan, run_decode
 from optcc.numerics.inputs import generate_inputs
 
 LAYERS, HEADS, HIDDEN, VOCAB = 2, 2, 32, 96
@@ -112,11 +112,11 @@ def test_the_verifier_decodes_within_the_table():
 def test_a_short_position_table_is_verified_by_a_multi_step_decode(table, options):
     model = _model(table)
     lossy = "weight_only" in options or "int8_dynamic" in options
-    if lossy:  # judged by a free-running decode as long as the table allows: passed or refused on its tokens
+    if lossy:  # judged by a next-token decode as long as the table allows: passed or refused on its tokens
         written = optcc.optimize(model, verify=False, **options).model
         judged = optcc.verify(model, written, numerics="int8")
-        run_ = judged.free_running["CPUExecutionProvider"]
-        assert run_["steps"] == min(FREE_RUNNING_STEPS, table), judged.describe()
+        run_ = judged.next_token["CPUExecutionProvider"]
+        assert run_["steps"] == min(NEXT_TOKEN_STEPS, table), judged.describe()
         assert judged.status == ("passed" if run_["passed"] else "failed"), judged.describe()
         verification = judged.to_dict()
     else:

@@ -18,16 +18,16 @@ whose reference top-1 margin exceeds ``margin_floor`` (the reference's own logit
 where the reference itself is a near-tie, its choice is no judge. ``free_running`` is the
 free-running part alone, against a reference decode already run.
 
-A lossy result (float16, INT8, quantized weights) is judged on the decode its user runs:
-free-running over ``FREE_RUNNING_STEPS`` steps from each of its prompts (``greedy_tokens``
-of each model from the same first feeds; ``FREE_RUNNING_PROMPTS`` generated ones where the
-user gives none), accepted when at least ``FREE_RUNNING_AGREEMENT`` of the tokens are
-the original's (``free_agreement``). A few steps of the original's own
-tokens show little: a near-tie flipped at step 20 changes every later token a user sees,
-and a decode that parts early is one that parts. Every token counts, near-ties included:
-a step whose float32 top-1 margin lies within float32's own noise (its logits' move when
-every weight moves by one ulp, some 1e-6 of a logit) would be no judge, but lossy decodes
-part at margins orders of magnitude wider (docs/weight-only.md), so no step is excused.
+A lossy result (float16, INT8, quantized weights) is judged by its next-token agreement:
+each model decodes ``NEXT_TOKEN_STEPS`` steps from each of its prompts
+(``NEXT_TOKEN_PROMPTS`` generated ones where the user gives none), the candidate fed the
+original's greedy tokens (``greedy_tokens`` of the original, ``forced_tokens`` of the
+candidate: both see the same context at every step), and it is accepted when its argmax
+is the original's at ``NEXT_TOKEN_AGREEMENT`` of the steps (``next_token_agreement``).
+Every step counts, near-ties included. Free-running agreement (``free_agreement``: each
+model fed its own tokens) is reported beside it and decides nothing: one flipped near-tie
+changes every later token, so it measures where a row parts, and one flip early in a
+row costs a whole row's tokens.
 
 A streaming model (``optcc.numerics.state``: a VAD or recognizer fed chunk by chunk) runs
 the same loop without tokens (``stream_plan``): ``streamed`` runs ``STREAM_STEPS`` steps
@@ -51,15 +51,16 @@ from optcc.numerics.inputs import DECODE_STEPS, input_roles
 from optcc.numerics.metrics import sqnr_db
 from optcc.numerics.state import state_pairs
 
-__all__ = ["DECODE_STEPS", "FREE_RUNNING_AGREEMENT", "FREE_RUNNING_PROMPT_LENGTH", "FREE_RUNNING_PROMPTS",
-           "FREE_RUNNING_STEPS", "STREAM_STEPS", "SECOND_STEP",
-           "DecodePlan", "GreedyAgreement", "decode_plan", "free_agreement", "free_running", "greedy_agreement",
-           "greedy_tokens", "run_decode", "stream_plan", "stream_names", "streamed"]
+__all__ = ["DECODE_STEPS", "NEXT_TOKEN_AGREEMENT", "NEXT_TOKEN_PROMPT_LENGTH", "NEXT_TOKEN_PROMPTS",
+           "NEXT_TOKEN_STEPS", "STREAM_STEPS", "SECOND_STEP",
+           "DecodePlan", "GreedyAgreement", "decode_plan", "forced_tokens", "free_agreement", "free_running",
+           "greedy_agreement", "greedy_tokens", "next_token_agreement", "run_decode", "stream_plan", "stream_names",
+           "streamed"]
 
-FREE_RUNNING_STEPS = 32  # greedy tokens per sample a lossy decoder's verification decodes free-running
-FREE_RUNNING_AGREEMENT = 0.99  # the share of those tokens equal to the original's that accepts it
-FREE_RUNNING_PROMPTS = 16  # generated prompts (samples) that decode, where the user gives none
-FREE_RUNNING_PROMPT_LENGTH = 8  # random token ids in a generated prompt, from an empty cache
+NEXT_TOKEN_STEPS = 32  # steps per prompt whose next token judges a lossy decoder, each fed the original's token
+NEXT_TOKEN_AGREEMENT = 0.99  # the share of those steps whose argmax is the original's that accepts it
+NEXT_TOKEN_PROMPTS = 16  # generated prompts (samples) that decode, where the user gives none
+NEXT_TOKEN_PROMPT_LENGTH = 8  # random token ids in a generated prompt, from an empty cache
 STREAM_STEPS = 2  # steps a streaming model runs per sample: its state is judged in the second's answers
 SECOND_STEP = "{} (step 2)"  # the name of an output's answer on the second step of a stream
 
@@ -258,7 +259,7 @@ def free_running(
 
 
 def greedy_tokens(run: Callable[[Feeds], Sequence[np.ndarray]], names: Sequence[str], plan: DecodePlan,
-                  first: Feeds, steps: int = FREE_RUNNING_STEPS) -> np.ndarray:
+                  first: Feeds, steps: int = NEXT_TOKEN_STEPS) -> np.ndarray:
     """[batch, steps] int64: a model's own greedy tokens (each step's argmax at the last
     position, fed back) over ``steps`` steps from ``first``."""
     assert plan.logits is not None
@@ -266,15 +267,35 @@ def greedy_tokens(run: Callable[[Feeds], Sequence[np.ndarray]], names: Sequence[
     return _next_logits(results, list(names).index(plan.logits)).argmax(-1)
 
 
+def forced_tokens(run: Callable[[Feeds], Sequence[np.ndarray]], names: Sequence[str], plan: DecodePlan,
+                  first: Feeds, tokens: np.ndarray) -> np.ndarray:
+    """[batch, steps] int64: a model's argmax at the last position of each step from
+    ``first`` when each next step is fed ``tokens`` ([batch, steps], a reference's
+    ``greedy_tokens``: step ``i + 1`` is fed column ``i``), as many steps as ``tokens`` has."""
+    assert plan.logits is not None
+    results, _ = run_decode(run, names, plan, first, steps=tokens.shape[1], tokens=list(tokens.T[:-1]))
+    return _next_logits(results, list(names).index(plan.logits)).argmax(-1)
+
+
+def next_token_agreement(reference: Sequence[np.ndarray], forced: Sequence[np.ndarray]) -> dict:
+    """Next-token agreement of a candidate with a reference (one [batch, steps] array per
+    sample each: the reference's ``greedy_tokens`` and the candidate's ``forced_tokens`` on
+    them): the share of steps whose tokens are equal over every row of every sample, the
+    steps compared and differing, and whether the share reaches ``NEXT_TOKEN_AGREEMENT``."""
+    differs = np.concatenate([np.asarray(c) != np.asarray(r) for r, c in zip(reference, forced)], axis=0)
+    share = float((~differs).mean())
+    return {"agreement": share, "steps": differs.shape[1], "rows": int(differs.shape[0]),
+            "tokens": int(differs.size), "differing": int(differs.sum()),
+            "threshold": NEXT_TOKEN_AGREEMENT, "passed": share >= NEXT_TOKEN_AGREEMENT}
+
+
 def free_agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict:
     """Free-running agreement of ``candidate``'s greedy tokens with ``reference``'s (one
     [batch, steps] array per sample each, ``greedy_tokens``): the share of equal tokens
     over every row of every sample, each row's first differing step (the step count where
-    none differs), the tokens compared and whether the share reaches
-    ``FREE_RUNNING_AGREEMENT``."""
+    none differs) and the tokens compared."""
     differs = np.concatenate([np.asarray(c) != np.asarray(r) for r, c in zip(reference, candidate)], axis=0)
     steps = differs.shape[1]
-    share = float((~differs).mean())
-    return {"agreement": share, "steps": steps, "rows": int(differs.shape[0]), "tokens": int(differs.size),
-            "first_divergence": [int(np.argmax(row)) if row.any() else steps for row in differs],
-            "threshold": FREE_RUNNING_AGREEMENT, "passed": share >= FREE_RUNNING_AGREEMENT}
+    return {"agreement": float((~differs).mean()), "steps": steps, "rows": int(differs.shape[0]),
+            "tokens": int(differs.size),
+            "first_divergence": [int(np.argmax(row)) if row.any() else steps for row in differs]}

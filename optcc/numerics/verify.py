@@ -67,16 +67,17 @@ it runs once.
 KV-cache decoders are verified over a decode (``optcc.numerics.decode``): each sample runs
 ``DECODE_STEPS`` steps, every model feeding its own ``present`` outputs back as ``past`` and
 the original's greedy token, compared with the float32 original's decode. A lossy result
-("fp16" or "int8" with its default tolerance) is judged instead by its own greedy decode,
-free-running over ``FREE_RUNNING_STEPS`` steps from each prompt: it passes when at least
-``FREE_RUNNING_AGREEMENT`` of its tokens are the original's (its outputs' metrics on the
-short decode are reported, not judged). The prompts are the user's samples, else
-``FREE_RUNNING_PROMPTS`` generated ones (``free_running_feeds``), which leave room in the
-position table for that many steps. ``held_apart`` gives a verifier of other samples, for
-a search that must not fit the samples its result is verified on. A streaming model (one whose state
-outputs its caller feeds back, ``optcc.numerics.state``) runs a second step per sample
-from the state the first returned (``optcc.numerics.decode.streamed``): the task judge
-judges its answers on both steps, its state outputs only through the second.
+("fp16" or "int8" with its default tolerance) is judged instead by its next-token
+agreement over ``NEXT_TOKEN_STEPS`` steps from each prompt, each step fed the original's
+greedy token: it passes when its argmax is the original's at ``NEXT_TOKEN_AGREEMENT`` of
+the steps (its outputs' metrics on the short decode, and its free-running agreement, are
+reported, not judged). The prompts are the user's samples, else ``NEXT_TOKEN_PROMPTS``
+generated ones (``next_token_feeds``), which leave room in the position table for that
+many steps. ``held_apart`` gives a verifier of other samples, for a search that must not
+fit the samples its result is verified on. A streaming model (one whose state outputs its
+caller feeds back, ``optcc.numerics.state``) runs a second step per sample from the state
+the first returned (``optcc.numerics.decode.streamed``): the task judge judges its answers
+on both steps, its state outputs only through the second.
 
 A verification that cannot run (onnxruntime cannot run the original on the inputs) has
 status "skipped" with the reason; callers must not treat it as a pass.
@@ -99,9 +100,10 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
-from optcc.numerics.decode import (DECODE_STEPS, FREE_RUNNING_AGREEMENT, FREE_RUNNING_PROMPT_LENGTH,
-                                   FREE_RUNNING_PROMPTS, FREE_RUNNING_STEPS, decode_plan, free_agreement,
-                                   greedy_tokens, run_decode, stream_names, stream_plan, streamed)
+from optcc.numerics.decode import (DECODE_STEPS, NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_PROMPT_LENGTH,
+                                   NEXT_TOKEN_PROMPTS, NEXT_TOKEN_STEPS, decode_plan, forced_tokens,
+                                   free_agreement, greedy_tokens, next_token_agreement, run_decode, stream_names,
+                                   stream_plan, streamed)
 from optcc.numerics.equivalence import Premise, number_original, prove_equivalent
 from optcc.numerics.float16 import ACCEPTED_BY_TASK, accept_float16, widen_float16
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
@@ -153,8 +155,11 @@ class Verification:
     task_by_provider: dict[str, dict[str, Any]] | None = None  # every provider's, when there are several
     notes: list[str] = dataclasses.field(default_factory=list)  # what makes this check weaker
     proof: dict[str, Any] | None = None  # set when proved equal without running (reference "proof")
-    # a lossy decoder's own greedy tokens against the original's, per provider: what judges it
-    # (``optcc.numerics.decode.free_agreement``)
+    # a lossy decoder's argmax at each step fed the original's tokens, against the original's, per
+    # provider: what judges it (``optcc.numerics.decode.next_token_agreement``)
+    next_token: dict[str, dict[str, Any]] | None = None
+    # its own greedy tokens against the original's over the same prompts, per provider: reported,
+    # never decisive (``optcc.numerics.decode.free_agreement``)
     free_running: dict[str, dict[str, Any]] | None = None
 
     @property
@@ -224,11 +229,13 @@ class Verification:
                 + (f"SQNR {o.sqnr_db:.1f} dB, " if o.sqnr_db is not None else f"{o.values_differ} values differ, ")
                 + task_rows_text((self.task_by_provider or {}).get(o.provider) or self.task, o.name) + ")"
                 for o in rescued)
-        for provider, run_ in (self.free_running or {}).items():
-            text += (f"; free-running greedy tokens on {provider.replace('ExecutionProvider', '')}: "
-                     f"{run_['agreement']:.1%} of {run_['tokens']} as the original's "
-                     f"({run_['rows']} rows of {run_['steps']} steps, "
-                     f"at least {run_['threshold']:.0%} needed)")
+        for provider, run_ in (self.next_token or {}).items():
+            text += (f"; next tokens on {provider.replace('ExecutionProvider', '')}: "
+                     f"{run_['agreement']:.1%} of {run_['tokens']} steps as the original's, each fed its tokens "
+                     f"({run_['rows']} rows of {run_['steps']} steps, at least {run_['threshold']:.0%} needed)")
+            free = (self.free_running or {}).get(provider)
+            if free is not None:
+                text += f"; free-running (not judged): {free['agreement']:.1%} ({_parted(free)})"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -246,6 +253,7 @@ class Verification:
             "reason": self.reason,
             "outputs": [o.to_dict() for o in self.outputs],
             "proof": self.proof,
+            "next_token": self.next_token,
             "free_running": self.free_running,
         }
 
@@ -325,8 +333,8 @@ class Verifier:
             self._parsed = None if self._premise is not None else oir.clone(parsed)
         self._steps = decode_steps
         self._tokens: list[list[np.ndarray]] | None = None  # per sample, the original's greedy tokens
-        # per provider and sample, the original's free-running greedy tokens ([rows, steps])
-        self._free_reference: dict[str, list[np.ndarray]] = {}
+        # per provider and prompt, the original's greedy tokens ([rows, steps]) the next-token check is fed
+        self._token_reference: dict[str, list[np.ndarray]] = {}
         self._apart: Verifier | None = None
         self._float32: dict[str, list[list[np.ndarray]]] | None = None
         self._task = dict(metric=task_metric, margin=task_margin, metric_target=task_target,
@@ -708,7 +716,7 @@ class Verifier:
             if proved is not None:
                 return dataclasses.replace(proved, notes=[*proved.notes, self._compares_nothing])
             return Verification(status="skipped", outputs=[], reason=self._compares_nothing, **base)
-        # a lossy decoder with its default tolerance: judged by its free-running greedy tokens alone
+        # a lossy decoder with its default tolerance: judged by its next tokens alone
         by_tokens = self._plan is not None and numerics in ("fp16", "int8") and tolerance == TOLERANCES[numerics]
         by_task = numerics == "int8" and tolerance == TOLERANCES["int8"] and not by_tokens
         # fp16 with its default tolerance, on the user's samples: an output failing the SQNR rule
@@ -732,8 +740,9 @@ class Verifier:
         if by_task:
             reference += ", judged by the task against its noise floor"
         if by_tokens:
-            reference += f", judged by its free-running greedy tokens over {self._free_steps} steps per prompt"
+            reference += f", judged by its next tokens over {self._token_steps} steps per prompt"
         verdicts: dict[str, Any] = {}
+        next_token: dict[str, dict[str, Any]] = {}
         free: dict[str, dict[str, Any]] = {}
         metrics: list[OutputMetrics] = []
         with Progress("verifying", len(self.providers) * len(feeds), enabled=self._progress) as bar:
@@ -765,9 +774,9 @@ class Verifier:
                 if by_tokens:
                     assert session is not None  # a decoder's outputs are never kept (``_kept_cases``)
                     try:
-                        free[provider] = self._free_running(session, provider)
+                        next_token[provider], free[provider] = self._next_tokens(session, provider)
                     except Exception as e:  # noqa: BLE001
-                        reason = f"the free-running decode does not run: {first_line(e)}"
+                        reason = f"the next-token decode does not run: {first_line(e)}"
                         return Verification(status="failed", outputs=metrics, reason=reason, reference=reference,
                                             **base)
                 if numerics in ("fp16", "int8"):
@@ -823,11 +832,11 @@ class Verifier:
                           if key in keys)
         if chosen:
             problems.append(f"judged {'; '.join(chosen.values())}")
-        problems += [f"free-running greedy tokens on {provider}: {run_['agreement']:.1%} of {run_['tokens']} as the "
-                     f"original's ({run_['rows']} rows of {run_['steps']} steps; "
-                     f"at least {run_['threshold']:.0%} needed; "
-                     f"{_parted(run_)})"
-                     for provider, run_ in free.items() if not run_["passed"]]
+        problems += [f"next tokens on {provider}: {run_['agreement']:.1%} of {run_['tokens']} steps as the "
+                     f"original's, each fed its tokens ({run_['differing']} differ; {run_['rows']} rows of "
+                     f"{run_['steps']} steps; at least {run_['threshold']:.0%} needed"
+                     + (f"; stopped {run_['stopped']}" if run_.get("stopped") else "") + ")"
+                     for provider, run_ in next_token.items() if not run_["passed"]]
         status = "failed" if problems else "passed"
         return Verification(status=status, outputs=metrics, reason="; ".join(problems) or None, reference=reference,
                             task=verdicts.get(self.providers[0]),
@@ -835,7 +844,7 @@ class Verifier:
                             else None,
                             notes=self.notes() + (_few_items(verdicts.get(self.providers[0]),
                                                              generated=not self.user_samples) if by_task else []),
-                            free_running=free or None, **base)
+                            next_token=next_token or None, free_running=free or None, **base)
 
     @property
     def user_samples(self) -> bool:
@@ -925,54 +934,62 @@ class Verifier:
             return None
         return found.names, [found.cases[p] for p in positions]
 
-    def _free_running(self, session: Any, provider: str) -> dict[str, Any]:
-        """The candidate's own greedy decode from each prompt against the original's on
-        ``provider``, ``FREE_RUNNING_STEPS`` steps each (``free_agreement``; the original's
-        tokens are decoded once). The candidate stops once more tokens differ than
-        ``FREE_RUNNING_AGREEMENT`` allows of them all: it fails whatever the prompts left
-        decode, and ``stopped`` says after how many prompts."""
-        def tokens(source: Any, feeds: Feeds) -> np.ndarray:
+    def _next_tokens(self, session: Any, provider: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The candidate's argmax at each step from each prompt, fed the original's greedy
+        tokens on ``provider`` (decoded once), against them over ``NEXT_TOKEN_STEPS`` steps
+        each (``next_token_agreement``), and its own free-running decode's agreement over the
+        same prompts (``free_agreement``; reported). It stops once more steps differ than
+        ``NEXT_TOKEN_AGREEMENT`` allows of them all: it fails whatever the prompts left show,
+        and ``stopped`` says after how many prompts."""
+        def source_run(source: Any) -> Callable[[Feeds], Sequence[np.ndarray]]:
             float16_inputs = float16_feedable(source)
-            return greedy_tokens(lambda f: run(source, _fit_float16(f, float16_inputs)), self._names, self._plan,
-                                 feeds, self._free_steps)
+            return lambda f: run(source, _fit_float16(f, float16_inputs))
 
-        if provider not in self._free_reference:
-            original = self._session(self.original, provider)
-            self._free_reference[provider] = [tokens(original, feeds) for feeds in self.free_running_feeds]
-        reference = self._free_reference[provider]
+        if provider not in self._token_reference:
+            original = source_run(self._session(self.original, provider))
+            self._token_reference[provider] = [greedy_tokens(original, self._names, self._plan, feeds,
+                                                             self._token_steps) for feeds in self.next_token_feeds]
+        reference = self._token_reference[provider]
+        candidate = source_run(session)
         total = sum(want.size for want in reference)
-        got: list[np.ndarray] = []
+        forced: list[np.ndarray] = []
+        free: list[np.ndarray] = []
         differing = 0
-        for feeds, want in zip(self.free_running_feeds, reference):
-            got.append(tokens(session, feeds))
-            differing += int((got[-1] != want).sum())
-            if differing > (1 - FREE_RUNNING_AGREEMENT) * total:
+        for feeds, want in zip(self.next_token_feeds, reference):
+            forced.append(forced_tokens(candidate, self._names, self._plan, feeds, want))
+            differing += int((forced[-1] != want).sum())
+            # until a row's first differing step its free-running decode is this one: where none
+            # differs, it is the original's tokens without running it
+            free.append(want if np.array_equal(forced[-1], want)
+                        else greedy_tokens(candidate, self._names, self._plan, feeds, self._token_steps))
+            if differing > (1 - NEXT_TOKEN_AGREEMENT) * total:
                 break
-        verdict = free_agreement(reference[:len(got)], got)
-        if len(got) < len(reference):
-            verdict["stopped"] = (f"after {len(got)} of {len(reference)} prompts: {differing} of all {total} "
-                                  f"tokens differ")
-        return verdict
+        verdict = next_token_agreement(reference[:len(forced)], forced)
+        free_verdict = free_agreement(reference[:len(free)], free)
+        if len(forced) < len(reference):
+            verdict["stopped"] = free_verdict["stopped"] = (
+                f"after {len(forced)} of {len(reference)} prompts: {differing} of all {total} steps differ")
+        return verdict, free_verdict
 
     @functools.cached_property
-    def _free_steps(self) -> int:
-        """``FREE_RUNNING_STEPS``, or fewer where the position table leaves room for fewer
+    def _token_steps(self) -> int:
+        """``NEXT_TOKEN_STEPS``, or fewer where the position table leaves room for fewer
         from some prompt (``decode_room``)."""
-        rooms = [room for feeds in self.free_running_feeds if (room := decode_room(self._model, feeds)) is not None]
-        return max(1, min([FREE_RUNNING_STEPS, *rooms]))
+        rooms = [room for feeds in self.next_token_feeds if (room := decode_room(self._model, feeds)) is not None]
+        return max(1, min([NEXT_TOKEN_STEPS, *rooms]))
 
     @functools.cached_property
-    def free_running_feeds(self) -> list[dict[str, np.ndarray]]:
-        """The prompts a lossy decoder's free-running decode starts from: the user's
-        samples, else ``FREE_RUNNING_PROMPTS`` generated from the verifier's seed: each
-        ``FREE_RUNNING_PROMPT_LENGTH`` random token ids (the last sample ``BATCH_SAMPLE`` rows
-        of half as many) from an empty cache, with room for ``FREE_RUNNING_STEPS`` steps
+    def next_token_feeds(self) -> list[dict[str, np.ndarray]]:
+        """The prompts a lossy decoder's next-token decode starts from: the user's samples,
+        else ``NEXT_TOKEN_PROMPTS`` generated from the verifier's seed: each
+        ``NEXT_TOKEN_PROMPT_LENGTH`` random token ids (the last sample ``BATCH_SAMPLE`` rows
+        of half as many) from an empty cache, with room for ``NEXT_TOKEN_STEPS`` steps
         (shorter where the position table is shorter: then as many steps as it holds)."""
         if self._generate is None:
             return self.feeds
-        return generate_inputs(self._model, **{**self._generate, "samples": FREE_RUNNING_PROMPTS,
-                                               "decode_steps": FREE_RUNNING_STEPS, "past_length": 0,
-                                               "dynamic_dim": FREE_RUNNING_PROMPT_LENGTH})
+        return generate_inputs(self._model, **{**self._generate, "samples": NEXT_TOKEN_PROMPTS,
+                                               "decode_steps": NEXT_TOKEN_STEPS, "past_length": 0,
+                                               "dynamic_dim": NEXT_TOKEN_PROMPT_LENGTH})
 
     def held_apart(self) -> Verifier:
         """A verifier of the same original and options on other samples, for a search whose
@@ -1287,8 +1304,8 @@ def _row_parts(row: str, groups: Iterable[str]) -> tuple[str, str | None, str]:
 def _parted(run: Mapping[str, Any]) -> str:
     """How a free-running decode (``free_agreement``'s dict) parted from the original's, in words."""
     steps = [step for step in run["first_divergence"] if step < run["steps"]]
-    text = f"{len(steps)} row(s) parted, the first at step {min(steps)}" if steps else "no row parted"
-    return text + (f"; stopped {run['stopped']}" if run.get("stopped") else "")
+    return f"{len(steps)} of {run['rows']} rows parted, the first at step {min(steps)}" if steps \
+        else "no row parted"
 
 
 def _few_items(verdict: Mapping[str, Any] | None, generated: bool = False) -> list[str]:
