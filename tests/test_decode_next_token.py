@@ -180,3 +180,4 @@ def test_the_decode_stops_once_the_candidate_cannot_pass(reference) -> None:
     assert judged["tokens"] == judged_rows * NEXT_TOKEN_STEPS < ROWS * NEXT_TOKEN_STEPS
     assert judged["stopped"].startswith(f"after {judged_rows} of {ROWS} prompts")
     assert judged["differing"] == int(flips[order[:judged_rows]].sum())
+    assert verification.free_running is None  # a check that stopped runs no free-running decode

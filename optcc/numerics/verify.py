@@ -159,7 +159,7 @@ class Verification:
     # provider: what judges it (``optcc.numerics.decode.next_token_agreement``)
     next_token: dict[str, dict[str, Any]] | None = None
     # its own greedy tokens against the original's over the same prompts, per provider: reported,
-    # never decisive (``optcc.numerics.decode.free_agreement``)
+    # never decisive (``optcc.numerics.decode.free_agreement``); absent where the check stopped early
     free_running: dict[str, dict[str, Any]] | None = None
 
     @property
@@ -774,7 +774,9 @@ class Verifier:
                 if by_tokens:
                     assert session is not None  # a decoder's outputs are never kept (``_kept_cases``)
                     try:
-                        next_token[provider], free[provider] = self._next_tokens(session, provider)
+                        next_token[provider], free_run = self._next_tokens(session, provider)
+                        if free_run is not None:
+                            free[provider] = free_run
                     except Exception as e:  # noqa: BLE001
                         reason = f"the next-token decode does not run: {first_line(e)}"
                         return Verification(status="failed", outputs=metrics, reason=reason, reference=reference,
@@ -934,13 +936,13 @@ class Verifier:
             return None
         return found.names, [found.cases[p] for p in positions]
 
-    def _next_tokens(self, session: Any, provider: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _next_tokens(self, session: Any, provider: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The candidate's argmax at each step from each prompt, fed the original's greedy
         tokens on ``provider`` (decoded once), against them over ``NEXT_TOKEN_STEPS`` steps
         each (``next_token_agreement``), and its own free-running decode's agreement over the
         same prompts (``free_agreement``; reported). It stops once more steps differ than
         ``NEXT_TOKEN_AGREEMENT`` allows of them all: it fails whatever the prompts left show,
-        and ``stopped`` says after how many prompts."""
+        ``stopped`` says after how many prompts, and no free-running decode runs (None)."""
         def source_run(source: Any) -> Callable[[Feeds], Sequence[np.ndarray]]:
             float16_inputs = float16_feedable(source)
             return lambda f: run(source, _fit_float16(f, float16_inputs))
@@ -953,23 +955,21 @@ class Verifier:
         candidate = source_run(session)
         total = sum(want.size for want in reference)
         forced: list[np.ndarray] = []
-        free: list[np.ndarray] = []
         differing = 0
         for feeds, want in zip(self.next_token_feeds, reference):
             forced.append(forced_tokens(candidate, self._names, self._plan, feeds, want))
             differing += int((forced[-1] != want).sum())
-            # until a row's first differing step its free-running decode is this one: where none
-            # differs, it is the original's tokens without running it
-            free.append(want if np.array_equal(forced[-1], want)
-                        else greedy_tokens(candidate, self._names, self._plan, feeds, self._token_steps))
             if differing > (1 - NEXT_TOKEN_AGREEMENT) * total:
-                break
-        verdict = next_token_agreement(reference[:len(forced)], forced)
-        free_verdict = free_agreement(reference[:len(free)], free)
-        if len(forced) < len(reference):
-            verdict["stopped"] = free_verdict["stopped"] = (
-                f"after {len(forced)} of {len(reference)} prompts: {differing} of all {total} steps differ")
-        return verdict, free_verdict
+                verdict = next_token_agreement(reference[:len(forced)], forced)
+                verdict["stopped"] = (f"after {len(forced)} of {len(reference)} prompts: {differing} of all "
+                                      f"{total} steps differ")
+                return verdict, None
+        # until a row's first differing step its free-running decode is the forced one: where no
+        # step differs, it is the original's tokens without running it
+        free = [want if np.array_equal(got, want)
+                else greedy_tokens(candidate, self._names, self._plan, feeds, self._token_steps)
+                for feeds, want, got in zip(self.next_token_feeds, reference, forced)]
+        return next_token_agreement(reference, forced), free_agreement(reference, free)
 
     @functools.cached_property
     def _token_steps(self) -> int:
