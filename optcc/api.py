@@ -167,7 +167,9 @@ def optimize(
     biases corrected on the option ``samples``). With 4 bits and verification, int4 that
     misses the verification's check has its most sensitive layers raised to int8 until it
     passes (the pass's ``gate``, unless the options give one; docs/weight-only.md, Mixed
-    int4/int8). These change what is computed, so the final verification uses the
+    int4/int8): for a KV-cache decoder the search judges other samples than the
+    verification's (``Verifier.held_apart``), and the verification's check confirms what it
+    chose (the pass's ``held_out``). These change what is computed, so the final verification uses the
     FP16/INT8 tolerances. ``fp16`` and ``weight_only`` together
     convert to float16 first (judged as ``fp16`` alone, its float32 fallback layers
     included), then quantize the weights of that model, float16 layers with float16 scales
@@ -321,8 +323,12 @@ def optimize(
         wo.setdefault("target", "onnxruntime" if level >= 3 and passes is None else "portable")
         if verify or verify_each:
             # int4 that misses the verification raises its most sensitive layers to int8 until it passes:
-            # each mixed candidate is judged by the check the result gets
-            wo.setdefault("gate", lambda candidate: None if verifier is None else _gate_reason(verifier, candidate))
+            # each mixed candidate is judged by the check the result gets, on the samples held apart
+            # from the verification's for a decoder, whose choice the verification's own samples confirm
+            wo.setdefault("gate", lambda candidate: None if verifier is None else
+                          _gate_reason(verifier.held_apart(), candidate))
+            wo.setdefault("held_out", lambda candidate: None if verifier is None or verifier.held_apart() is verifier
+                          else _gate_reason(verifier, candidate))
         pipeline.append(create_pass("quantize-weights", **wo))
 
     verifier: Verifier | None = None

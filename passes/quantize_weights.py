@@ -49,8 +49,12 @@ sensitive are raised to int8, as few as the search finds: 1, 2, 4, ... weights (
 last) until a candidate passes, then bisection below it. Candidates are built on copies
 sharing the model's tensors, each weight quantized once per width. When even every body
 weight at int8 misses, the model is written all-int4 as without a gate (the verification
-then declines it). ``stats["mixed"]`` holds the checks, the raised weights and a summary
-line; ``stats["bit_widths"]`` each layer's width and why.
+then declines it). ``held_out(candidate)``, when given, judges the widths the gate chose on
+samples the gate did not see (``optcc.optimize`` gives the verification's own check where
+the gate judges other samples: a KV-cache decoder's): when it misses, the next weight in
+the ranking is raised, and the next, each candidate judged by the gate and then by
+``held_out``, until one passes both (when none does, all-int4 as above). ``stats["mixed"]``
+holds the checks, the raised weights and a summary line; ``stats["bit_widths"]`` each layer's width and why.
 
 ``samples`` (feed dicts) serve GPTQ, the mixed widths' ranking and the convolutions' bias correction. GPTQ needs
 them: the Hessian ``X^T X`` of each layer's input is accumulated in float64 over them, one
@@ -156,7 +160,8 @@ class QuantizeWeightsPass(optcc.Pass):
                  algorithm: str = "rtn", target: str = "portable", head_bits: int | None = 8,
                  embeddings: bool | None = None, samples: Iterable[Mapping[str, np.ndarray]] | None = None,
                  accuracy_level: int | None = None, exclude: Iterable[str] = (), convs: bool | None = None,
-                 bias_correction: bool = True, gate: Callable[[ir.Model], str | None] | None = None) -> None:
+                 bias_correction: bool = True, gate: Callable[[ir.Model], str | None] | None = None,
+                 held_out: Callable[[ir.Model], str | None] | None = None) -> None:
         super().__init__()
         if bits not in (4, 8):
             raise optcc.BadInputError(f"weight-only bits must be 4 or 8, got {bits!r}")
@@ -177,6 +182,7 @@ class QuantizeWeightsPass(optcc.Pass):
         self.convs = (bits == 8) if convs is None else convs
         self.bias_correction = bias_correction
         self.gate = gate
+        self.held_out = held_out
 
     # ------------------------------------------------------------------ planning
 
@@ -317,19 +323,32 @@ class QuantizeWeightsPass(optcc.Pass):
         assert self.gate is not None
         checks: list[dict[str, Any]] = []
 
-        def judged(raised: Sequence[ir.Value]) -> str | None:
-            candidate = optcc.ir.clone(model)
+        def candidate(raised: Sequence[ir.Value]) -> ir.Model:
+            copy = optcc.ir.clone(model)
             scratch: dict[str, Any] = {"quantized": {}, "kept_float": {}, "head": []}
-            plan = (*self._plan(candidate.graph, scratch), self._plan_convs(candidate.graph, scratch))
+            plan = (*self._plan(copy.graph, scratch), self._plan_convs(copy.graph, scratch))
             assert [n.name for n, _ in plan[0]] == [n.name for n, _ in layers], "the copy plans other layers"
-            self._rewrite(candidate, plan, _with_int8(layers, widths, raised), parts, scratch)
-            reason = self.gate(candidate)
-            checks.append({"int8_weights": len(raised), "passed": reason is None,
-                           **({"reason": reason} if reason else {})})
+            self._rewrite(copy, plan, _with_int8(layers, widths, raised), parts, scratch)
+            return copy
+
+        def judged(raised: Sequence[ir.Value], passed_gate: bool = False, confirm: bool = False) -> str | None:
+            """Why the candidate with ``raised`` at int8 misses the gate (unless ``passed_gate``:
+            it passed it before) or, with ``confirm``, then ``held_out``; None when it passes."""
+            built = candidate(raised)
+            reason = None
+            if not passed_gate:
+                reason = self.gate(built)
+                checks.append({"int8_weights": len(raised), "passed": reason is None,
+                               **({"reason": reason} if reason else {})})
+            if reason is None and confirm and self.held_out is not None:
+                reason = self.held_out(built)
+                checks.append({"int8_weights": len(raised), "held_out": True, "passed": reason is None,
+                               **({"reason": reason} if reason else {})})
             return reason
 
         missed = judged([])
-        if missed is None:
+        held = judged([], passed_gate=True, confirm=True) if missed is None else None
+        if missed is None and held is None:
             stats["mixed"] = {"checks": checks, "summary": "int4 passed its check; no layer raised to int8"}
             return widths
         if hessians is None and self.samples:
@@ -337,40 +356,56 @@ class QuantizeWeightsPass(optcc.Pass):
             hessians = weight_only.collect_hessians(model, inputs, self.samples)[0]
         order = _ranking(layers, widths, parts.quantized, hessians)
         ranked = [w for w, _ in order]
+        missed = missed or f"held-out check: {held}"
         mixed: dict[str, Any] = {"missed": missed, "ranked_by": "output error on the samples" if hessians
                                  else "weight error (no samples)", "checks": checks}
         stats["mixed"] = mixed
-        # the fewest first: 1, 2, 4, ... of the ranked weights (all of them last) until a count
-        # passes, then bisection between the last count that missed and the first that passed
-        low, high = 0, None
-        count = 1
-        while ranked and high is None:
-            count = min(count, len(ranked))
-            if judged(ranked[:count]) is None:
-                high = count
-            elif count == len(ranked):
-                break
-            else:
-                low, count = count, count * 2
+        high: int | None = None
+        if held is None:
+            # the fewest first: 1, 2, 4, ... of the ranked weights (all of them last) until a count
+            # passes, then bisection between the last count that missed and the first that passed
+            low, count = 0, 1
+            while ranked and high is None:
+                count = min(count, len(ranked))
+                if judged(ranked[:count]) is None:
+                    high = count
+                elif count == len(ranked):
+                    break
+                else:
+                    low, count = count, count * 2
+            while high is not None and high - low > 1:  # low misses, high passes
+                middle = (low + high) // 2
+                if judged(ranked[:middle]) is None:
+                    high = middle
+                else:
+                    low = middle
+        fewest = high
+        if held is not None or (high is not None and self.held_out is not None):
+            # the held-out samples confirm the gate's choice; where they do not, one more weight
+            # at a time is raised, each judged by the gate first and then by them
+            start, high = (1, None) if held is not None else (fewest, None)
+            for count in range(start, len(ranked) + 1):
+                if judged(ranked[:count], passed_gate=count == fewest, confirm=True) is None:
+                    high = count
+                    break
         if high is None:
             mixed["declined"] = True
             mixed["summary"] = (f"int4 missed its check ({_short(missed)}) and so does every body layer at "
-                                "int8: declined")
+                                "int8" + (" on the held-out check" if fewest is not None or held is not None else "")
+                                + ": declined")
             stats["bit_widths"] = _bit_widths(layers, widths, heads, order)
             return widths
-        while high - low > 1:  # low misses, high passes
-            middle = (low + high) // 2
-            if judged(ranked[:middle]) is None:
-                high = middle
-            else:
-                low = middle
         raised = ranked[:high]
         chosen = _with_int8(layers, widths, raised)
         count = sum(a != b for a, b in zip(widths, chosen))
         body = sum(bits == 4 for bits in widths)
         mixed["raised"] = [w.name for w in raised]
+        if fewest is not None and high != fewest:
+            mixed["gate_chose"] = fewest
         mixed["summary"] = (f"int4 missed its check ({_short(missed)}); {count} of {body} body layers "
-                            f"raised to int8 (the most sensitive by {mixed['ranked_by']}), the rest int4")
+                            f"raised to int8 (the most sensitive by {mixed['ranked_by']}), the rest int4"
+                            + (f"; the held-out check refused the {fewest} the search chose first"
+                               if fewest is not None and high != fewest else ""))
         stats["bit_widths"] = _bit_widths(layers, chosen, heads, order, set(raised))
         return chosen
 

@@ -14,7 +14,7 @@ import optcc
 from fixtures.gpt2_decoder import gpt2_decoder
 from optcc.errors import BadInputError
 from optcc.numerics import Verifier
-from optcc.numerics.decode import DECODE_STEPS, decode_plan, run_decode
+from optcc.numerics.decode import DECODE_STEPS, NEXT_TOKEN_STEPS, decode_plan, run_decode
 from optcc.numerics.inputs import generate_inputs
 
 LAYERS, HEADS, HIDDEN, VOCAB = 2, 2, 32, 96
@@ -111,21 +111,30 @@ def test_the_verifier_decodes_within_the_table():
 @pytest.mark.parametrize("table", [16, 64])
 def test_a_short_position_table_is_verified_by_a_multi_step_decode(table, options):
     model = _model(table)
-    result = optcc.optimize(model, **options)
-    verification = result.report.verification
-    assert verification["status"] == "passed", verification
+    lossy = "weight_only" in options or "int8_dynamic" in options
+    if lossy:  # judged by a next-token decode as long as the table allows: passed or refused on its tokens
+        written = optcc.optimize(model, verify=False, **options).model
+        judged = optcc.verify(model, written, numerics="int8")
+        run_ = judged.next_token["CPUExecutionProvider"]
+        assert run_["steps"] == min(NEXT_TOKEN_STEPS, table), judged.describe()
+        assert judged.status == ("passed" if run_["passed"] else "failed"), judged.describe()
+        verification = judged.to_dict()
+    else:
+        result = optcc.optimize(model, **options)
+        written, verification = result.model, result.report.verification
+        assert verification["status"] == "passed", verification
     proved = bool(verification.get("proof")) and all(verification["proof"]["outputs"].values())
     assert (verification["decode_steps"] or 0) > 1 or (options == {"level": 2} and proved), verification
     if options == {"level": 2} and proved:  # the samples a proof spares must decode too
         with Verifier(model) as verifier:
-            decoded = verifier.check(optcc.ir.load(result.model), "fp16")
+            decoded = verifier.check(optcc.ir.load(written), "fp16")
         assert decoded.status == "passed" and decoded.decode_steps == DECODE_STEPS > 1, decoded
     # independently: the verifier's first sample decodes on both models, within the table
     (first,) = generate_inputs(optcc.ir.load(model), samples=1)
     want = _hand_decode(model, first, DECODE_STEPS)
     for step in want:
         _check_step(step, table)
-    candidate = _session(result.model)
+    candidate = _session(written)
     reference = _session(model)
     for step in want:
         ref = reference.run(["logits"], step)[0]

@@ -109,9 +109,9 @@ def _gate(minimum_db: float, feeds: list[dict[str, np.ndarray]], seen: list[floa
     return gate
 
 
-def _quantized(gate=None, samples=None) -> tuple[onnx.ModelProto, dict]:  # noqa: ANN001
+def _quantized(gate=None, samples=None, held_out=None) -> tuple[onnx.ModelProto, dict]:  # noqa: ANN001
     model = optcc.ir.load(_chain())
-    result = QuantizeWeightsPass(bits=4, gate=gate, samples=samples)(model)
+    result = QuantizeWeightsPass(bits=4, gate=gate, samples=samples, held_out=held_out)(model)
     return optcc.ir.serialize(result.model), result.stats
 
 
@@ -150,6 +150,43 @@ def test_a_check_no_width_meets_keeps_int4_and_says_declined() -> None:
     # 1, 2, then all three body weights at int8: each misses
     assert [c["int8_weights"] for c in stats["mixed"]["checks"]] == [0, 1, 2, 3]
     assert all(s < 200.0 for s in seen)
+
+
+def _checks(stats: dict) -> list[tuple[int, bool, bool]]:
+    """(weights at int8, held-out check or the gate, passed) per check, in order."""
+    return [(c["int8_weights"], bool(c.get("held_out")), c["passed"]) for c in stats["mixed"]["checks"]]
+
+
+def test_a_held_out_check_confirms_the_gates_choice() -> None:
+    """The gate fits its samples; other samples confirm the layer it raised."""
+    feeds, others = _samples(), _samples(seed=5)
+    low = _sqnr_db(_quantized()[0], feeds)
+    model, stats = _quantized(_gate(low + 10, feeds, []), held_out=_gate(low + 10, others, []))
+    assert _level_types(model) == {"W1": TP.UINT4, "W2": TP.UINT8, "W3": TP.UINT4, "W4": TP.UINT8}
+    assert _sqnr_db(model, others) >= low + 10
+    assert _checks(stats) == [(0, False, False), (1, False, True), (1, True, True)]
+    assert "gate_chose" not in stats["mixed"]
+
+
+def test_int4_that_passes_the_gate_alone_is_raised_until_the_held_out_check_passes() -> None:
+    feeds, others = _samples(), _samples(seed=5)
+    low = _sqnr_db(_quantized()[0], feeds)
+    model, stats = _quantized(_gate(-100.0, feeds, []), held_out=_gate(low + 10, others, []))
+    assert _level_types(model) == {"W1": TP.UINT4, "W2": TP.UINT8, "W3": TP.UINT4, "W4": TP.UINT8}
+    assert _sqnr_db(model, others) >= low + 10
+    assert _checks(stats) == [(0, False, True), (0, True, False), (1, False, True), (1, True, True)]
+    assert stats["mixed"]["missed"].startswith("held-out check: SQNR")
+
+
+def test_a_held_out_check_no_width_meets_declines() -> None:
+    """The gate's choice and every count above it miss the held-out check: all-int4, declined."""
+    feeds = _samples()
+    low = _sqnr_db(_quantized()[0], feeds)
+    model, stats = _quantized(_gate(low + 10, feeds, []), held_out=_gate(200.0, _samples(seed=5), []))
+    assert _level_types(model) == {"W1": TP.UINT4, "W2": TP.UINT4, "W3": TP.UINT4, "W4": TP.UINT8}
+    assert stats["mixed"]["declined"] is True and "held-out" in stats["mixed"]["summary"]
+    assert _checks(stats) == [(0, False, False), (1, False, True), (1, True, False),
+                              (2, False, True), (2, True, False), (3, False, True), (3, True, False)]
 
 
 def test_optimize_raises_what_the_verification_needs() -> None:

@@ -16,7 +16,18 @@ flipped near-tie changes every later token, so it measures when the decodes part
 same context). Forced agreement is also reported over the *decisive* steps only, those
 whose reference top-1 margin exceeds ``margin_floor`` (the reference's own logit noise):
 where the reference itself is a near-tie, its choice is no judge. ``free_running`` is the
-free-running part alone, against a reference decode already run (what a verifier holds).
+free-running part alone, against a reference decode already run.
+
+A lossy result (float16, INT8, quantized weights) is judged by its next-token agreement:
+each model decodes ``NEXT_TOKEN_STEPS`` steps from each of its prompts
+(``NEXT_TOKEN_PROMPTS`` generated ones where the user gives none), the candidate fed the
+original's greedy tokens (``greedy_tokens`` of the original, ``forced_tokens`` of the
+candidate: both see the same context at every step), and it is accepted when its argmax
+is the original's at ``NEXT_TOKEN_AGREEMENT`` of the steps (``next_token_agreement``).
+Every step counts, near-ties included. Free-running agreement (``free_agreement``: each
+model fed its own tokens) is reported beside it and decides nothing: one flipped near-tie
+changes every later token, so it measures where a row parts, and one flip early in a
+row costs a whole row's tokens.
 
 A streaming model (``optcc.numerics.state``: a VAD or recognizer fed chunk by chunk) runs
 the same loop without tokens (``stream_plan``): ``streamed`` runs ``STREAM_STEPS`` steps
@@ -40,9 +51,16 @@ from optcc.numerics.inputs import DECODE_STEPS, input_roles
 from optcc.numerics.metrics import sqnr_db
 from optcc.numerics.state import state_pairs
 
-__all__ = ["DECODE_STEPS", "STREAM_STEPS", "SECOND_STEP", "DecodePlan", "GreedyAgreement", "decode_plan",
-           "free_running", "greedy_agreement", "run_decode", "stream_plan", "stream_names", "streamed"]
+__all__ = ["DECODE_STEPS", "NEXT_TOKEN_AGREEMENT", "NEXT_TOKEN_PROMPT_LENGTH", "NEXT_TOKEN_PROMPTS",
+           "NEXT_TOKEN_STEPS", "STREAM_STEPS", "SECOND_STEP",
+           "DecodePlan", "GreedyAgreement", "decode_plan", "forced_tokens", "free_agreement", "free_running",
+           "greedy_agreement", "greedy_tokens", "next_token_agreement", "run_decode", "stream_plan", "stream_names",
+           "streamed"]
 
+NEXT_TOKEN_STEPS = 32  # steps per prompt whose next token judges a lossy decoder, each fed the original's token
+NEXT_TOKEN_AGREEMENT = 0.99  # the share of those steps whose argmax is the original's that accepts it
+NEXT_TOKEN_PROMPTS = 16  # generated prompts (samples) that decode, where the user gives none
+NEXT_TOKEN_PROMPT_LENGTH = 8  # random token ids in a generated prompt, from an empty cache
 STREAM_STEPS = 2  # steps a streaming model runs per sample: its state is judged in the second's answers
 SECOND_STEP = "{} (step 2)"  # the name of an output's answer on the second step of a stream
 
@@ -238,3 +256,46 @@ def free_running(
     results, _ = run_decode(candidate, names, plan, first, steps=steps)
     differs = _next_logits(results, index).argmax(-1) != _next_logits(reference, index).argmax(-1)
     return float((~differs).mean()), [int(np.argmax(row)) if row.any() else steps for row in differs]
+
+
+def greedy_tokens(run: Callable[[Feeds], Sequence[np.ndarray]], names: Sequence[str], plan: DecodePlan,
+                  first: Feeds, steps: int = NEXT_TOKEN_STEPS) -> np.ndarray:
+    """[batch, steps] int64: a model's own greedy tokens (each step's argmax at the last
+    position, fed back) over ``steps`` steps from ``first``."""
+    assert plan.logits is not None
+    results, _ = run_decode(run, names, plan, first, steps=steps)
+    return _next_logits(results, list(names).index(plan.logits)).argmax(-1)
+
+
+def forced_tokens(run: Callable[[Feeds], Sequence[np.ndarray]], names: Sequence[str], plan: DecodePlan,
+                  first: Feeds, tokens: np.ndarray) -> np.ndarray:
+    """[batch, steps] int64: a model's argmax at the last position of each step from
+    ``first`` when each next step is fed ``tokens`` ([batch, steps], a reference's
+    ``greedy_tokens``: step ``i + 1`` is fed column ``i``), as many steps as ``tokens`` has."""
+    assert plan.logits is not None
+    results, _ = run_decode(run, names, plan, first, steps=tokens.shape[1], tokens=list(tokens.T[:-1]))
+    return _next_logits(results, list(names).index(plan.logits)).argmax(-1)
+
+
+def next_token_agreement(reference: Sequence[np.ndarray], forced: Sequence[np.ndarray]) -> dict:
+    """Next-token agreement of a candidate with a reference (one [batch, steps] array per
+    sample each: the reference's ``greedy_tokens`` and the candidate's ``forced_tokens`` on
+    them): the share of steps whose tokens are equal over every row of every sample, the
+    steps compared and differing, and whether the share reaches ``NEXT_TOKEN_AGREEMENT``."""
+    differs = np.concatenate([np.asarray(c) != np.asarray(r) for r, c in zip(reference, forced)], axis=0)
+    share = float((~differs).mean())
+    return {"agreement": share, "steps": differs.shape[1], "rows": int(differs.shape[0]),
+            "tokens": int(differs.size), "differing": int(differs.sum()),
+            "threshold": NEXT_TOKEN_AGREEMENT, "passed": share >= NEXT_TOKEN_AGREEMENT}
+
+
+def free_agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict:
+    """Free-running agreement of ``candidate``'s greedy tokens with ``reference``'s (one
+    [batch, steps] array per sample each, ``greedy_tokens``): the share of equal tokens
+    over every row of every sample, each row's first differing step (the step count where
+    none differs) and the tokens compared."""
+    differs = np.concatenate([np.asarray(c) != np.asarray(r) for r, c in zip(reference, candidate)], axis=0)
+    steps = differs.shape[1]
+    return {"agreement": float((~differs).mean()), "steps": steps, "rows": int(differs.shape[0]),
+            "tokens": int(differs.size),
+            "first_divergence": [int(np.argmax(row)) if row.any() else steps for row in differs]}

@@ -115,7 +115,8 @@ from optcc.errors import BadInputError
 from optcc.numerics.state import state_pairs
 
 __all__ = ["BATCH_SAMPLE", "DECODE_STEPS", "DEFAULT_DYNAMIC_DIM", "RETRY_DYNAMIC_DIM", "RETRY_SIZES", "DEFAULT_PAST_LENGTH", "generate_inputs",
-           "check_feeds", "check_samples_vary", "input_roles", "sizes_text", "DEFAULT_VARIATION", "variable_defaults",
+           "check_feeds", "check_samples_vary", "decode_room", "input_roles", "sizes_text", "DEFAULT_VARIATION",
+           "variable_defaults",
            "varied_defaults"]
 
 DECODE_STEPS = 3  # steps of a KV-cache decoder's verification decode; generated inputs leave room for them
@@ -554,6 +555,7 @@ def generate_inputs(
     interior_dim: int | None = None,
     last_batch: int = 1,
     last_dynamic_dim: int | None = None,
+    past_length: int = DEFAULT_PAST_LENGTH,
 ) -> list[dict[str, np.ndarray]]:
     """``samples`` feed dicts that fit the model's graph inputs (see the module docstring
     for the sizes and values chosen). ``shapes`` sizes inputs by name; ``ranges`` gives
@@ -563,7 +565,8 @@ def generate_inputs(
     axis); ``last_batch`` sizes the batch axes that nothing else sizes in the last sample
     (1 in the others), whose other free dims it then divides (``last_dynamic_dim``, when
     given, sizes those instead). The samples before the last do not depend on
-    ``last_batch`` or ``last_dynamic_dim``. Raises BadInputError for a name that is not a
+    ``last_batch`` or ``last_dynamic_dim``. ``past_length``: a KV-cache decoder's past
+    length where ``shapes`` gives none (0: a prompt from an empty cache). Raises BadInputError for a name that is not a
     graph input, an empty range, an input whose shape or dtype cannot be generated, or a
     given past length that does not fit the position table."""
     shapes = dict(shapes or {})
@@ -575,12 +578,15 @@ def generate_inputs(
         if not lo <= hi:
             raise BadInputError(f"--input-range {name}: low {lo} is above high {hi}")
     roles = input_roles(model)
-    sizes = _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), dynamic_dim, interior_dim)
+    sizes = _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), dynamic_dim, interior_dim,
+                   past_length=past_length)
     last_sizes = sizes
+    # a batch to size: the other free dims shrink by as much
     if last_batch != 1 and _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), dynamic_dim, interior_dim,
-                                  last_batch) != sizes:  # a batch to size: the other free dims shrink by as much
+                                  last_batch, past_length) != sizes:
         last_dim = max(1, dynamic_dim // last_batch) if last_dynamic_dim is None else last_dynamic_dim
-        last_sizes = _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), last_dim, interior_dim, last_batch)
+        last_sizes = _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), last_dim, interior_dim, last_batch,
+                            past_length)
     for value in fed:  # a waveform whose length is dynamic in the model but given in ``shapes``
         if roles[value.name] == "plain" and value.name in shapes and value.dtype is not None \
                 and value.dtype.is_floating_point() and _signal_axis(value, sizes[value.name]) is not None:
@@ -602,6 +608,17 @@ def generate_inputs(
                 feeds[value.name] = _random_array(value, shape, roles[value.name], past, kv, rng, symbols)
         feeds_list.append(feeds)
     return feeds_list
+
+
+def decode_room(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> int | None:
+    """How many steps of a decode from ``feeds`` (each one position further) keep every
+    position within the table its position ids index, the first step included; None when
+    no position input fed in ``feeds`` indexes a table of known size."""
+    roles = input_roles(model)
+    rooms = [bound - int(np.max(feeds[v.name])) for v in _fed_inputs(model)
+             if roles[v.name] == "position" and v.name in feeds and np.size(feeds[v.name])
+             and (bound := _index_bound(v)) is not None]
+    return min(rooms) if rooms else None
 
 
 def variable_defaults(model: ir.Model) -> list[ir.Value]:
@@ -681,7 +698,7 @@ def _range(name: str, bounds: object) -> tuple[float, float]:
 def _sizes(
     model: ir.Model, fed: list[ir.Value], shapes: Mapping[str, Sequence[int]], roles: Mapping[str, str],
     more_steps: int = 0, dynamic_dim: int = DEFAULT_DYNAMIC_DIM, interior_dim: int | None = None,
-    batch: int = 1,
+    batch: int = 1, past_length: int = DEFAULT_PAST_LENGTH,
 ) -> dict[str, tuple[int, ...]]:
     """Input shapes, with KV-cache lengths made consistent and the positions of the step
     and of ``more_steps`` one-token steps after it kept within the position table."""
@@ -694,7 +711,7 @@ def _sizes(
     current = _current_length(fed, sizes, roles)
     past_given = any(v.name in shapes for v in pasts) or any(
         v.shape is not None and _past_axis(v) is None and v.shape.rank() >= 3 for v in pasts)
-    past = _given_past_length(pasts, shapes, sizes) if pasts else 0
+    past = _given_past_length(pasts, shapes, sizes, past_length) if pasts else 0
     room = more_steps if pasts else 0  # only a KV-cache decoder is decoded
     if table is not None and past + current + room > table:
         current_given = any(v.name in shapes for v in fed if roles[v.name] in ("index", "position"))
@@ -751,7 +768,8 @@ def _past_axis(value: ir.Value) -> int | None:
     return inner[-1] if inner else dynamic[-1]
 
 
-def _given_past_length(pasts: list[ir.Value], shapes: Mapping[str, Sequence[int]], sizes) -> int:
+def _given_past_length(pasts: list[ir.Value], shapes: Mapping[str, Sequence[int]], sizes,
+                       default: int = DEFAULT_PAST_LENGTH) -> int:
     for value in pasts:
         axis = _past_axis(value)
         if value.name in shapes and axis is not None:
@@ -759,7 +777,7 @@ def _given_past_length(pasts: list[ir.Value], shapes: Mapping[str, Sequence[int]
     for value in pasts:  # a static past length
         if value.shape is not None and _past_axis(value) is None and value.shape.rank() >= 3:
             return int(sizes[value.name][-2])
-    return DEFAULT_PAST_LENGTH
+    return default
 
 
 def _past_length(fed: list[ir.Value], sizes: Mapping[str, tuple[int, ...]], roles: Mapping[str, str]) -> int:

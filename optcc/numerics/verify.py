@@ -64,12 +64,20 @@ that judges its INT8 result on the verifier's samples has it run by ``Verifier.o
 which keeps the outputs, by the model's content digest, for the check of that very model:
 it runs once.
 
-KV-cache decoders are verified over a short decode (``optcc.numerics.decode``): each
-sample runs ``DECODE_STEPS`` steps, every model feeding its own ``present`` outputs back as
-``past``, judged against the float32 original's decode. A streaming model (one whose state
-outputs its caller feeds back, ``optcc.numerics.state``) runs a second step per sample
-from the state the first returned (``optcc.numerics.decode.streamed``): the task judge
-judges its answers on both steps, its state outputs only through the second.
+KV-cache decoders are verified over a decode (``optcc.numerics.decode``): each sample runs
+``DECODE_STEPS`` steps, every model feeding its own ``present`` outputs back as ``past`` and
+the original's greedy token, compared with the float32 original's decode. A lossy result
+("fp16" or "int8" with its default tolerance) is judged instead by its next-token
+agreement over ``NEXT_TOKEN_STEPS`` steps from each prompt, each step fed the original's
+greedy token: it passes when its argmax is the original's at ``NEXT_TOKEN_AGREEMENT`` of
+the steps (its outputs' metrics on the short decode, and its free-running agreement, are
+reported, not judged). The prompts are the user's samples, else ``NEXT_TOKEN_PROMPTS``
+generated ones (``next_token_feeds``), which leave room in the position table for that
+many steps. ``held_apart`` gives a verifier of other samples, for a search that must not
+fit the samples its result is verified on. A streaming model (one whose state outputs its
+caller feeds back, ``optcc.numerics.state``) runs a second step per sample from the state
+the first returned (``optcc.numerics.decode.streamed``): the task judge judges its answers
+on both steps, its state outputs only through the second.
 
 A verification that cannot run (onnxruntime cannot run the original on the inputs) has
 status "skipped" with the reason; callers must not treat it as a pass.
@@ -92,13 +100,15 @@ import onnx_ir as ir
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
-from optcc.numerics.decode import (DECODE_STEPS, decode_plan, free_running, run_decode, stream_names, stream_plan,
-                                   streamed)
+from optcc.numerics.decode import (DECODE_STEPS, NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_PROMPT_LENGTH,
+                                   NEXT_TOKEN_PROMPTS, NEXT_TOKEN_STEPS, decode_plan, forced_tokens,
+                                   free_agreement, greedy_tokens, next_token_agreement, run_decode, stream_names,
+                                   stream_plan, streamed)
 from optcc.numerics.equivalence import Premise, number_original, prove_equivalent
 from optcc.numerics.float16 import ACCEPTED_BY_TASK, accept_float16, widen_float16
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
 from optcc.numerics.inputs import (BATCH_SAMPLE, DEFAULT_DYNAMIC_DIM, RETRY_SIZES, UngeneratedInputError, check_feeds,
-                                   generate_inputs, input_roles, sizes_text, variable_defaults,
+                                   decode_room, generate_inputs, input_roles, sizes_text, variable_defaults,
                                    varied_defaults)
 from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import ORIGINAL_ERROR_FACTOR, SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
@@ -145,8 +155,11 @@ class Verification:
     task_by_provider: dict[str, dict[str, Any]] | None = None  # every provider's, when there are several
     notes: list[str] = dataclasses.field(default_factory=list)  # what makes this check weaker
     proof: dict[str, Any] | None = None  # set when proved equal without running (reference "proof")
-    # a lossy decoder's own greedy tokens against the original's (reported, never decisive:
-    # one flipped near-tie changes every later token), per provider
+    # a lossy decoder's argmax at each step fed the original's tokens, against the original's, per
+    # provider: what judges it (``optcc.numerics.decode.next_token_agreement``)
+    next_token: dict[str, dict[str, Any]] | None = None
+    # its own greedy tokens against the original's over the same prompts, per provider: reported,
+    # never decisive (``optcc.numerics.decode.free_agreement``); absent where the check stopped early
     free_running: dict[str, dict[str, Any]] | None = None
 
     @property
@@ -216,9 +229,13 @@ class Verification:
                 + (f"SQNR {o.sqnr_db:.1f} dB, " if o.sqnr_db is not None else f"{o.values_differ} values differ, ")
                 + task_rows_text((self.task_by_provider or {}).get(o.provider) or self.task, o.name) + ")"
                 for o in rescued)
-        for provider, run_ in (self.free_running or {}).items():
-            text += (f"; free-running greedy tokens on {provider.replace('ExecutionProvider', '')}: "
-                     f"{run_['agreement']:.0%} as the original's over {run_['steps']} step(s)")
+        for provider, run_ in (self.next_token or {}).items():
+            text += (f"; next tokens on {provider.replace('ExecutionProvider', '')}: "
+                     f"{run_['agreement']:.1%} of {run_['tokens']} steps as the original's, each fed its tokens "
+                     f"({run_['rows']} rows of {run_['steps']} steps, at least {run_['threshold']:.0%} needed)")
+            free = (self.free_running or {}).get(provider)
+            if free is not None:
+                text += f"; free-running (not judged): {free['agreement']:.1%} ({_parted(free)})"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,6 +253,7 @@ class Verification:
             "reason": self.reason,
             "outputs": [o.to_dict() for o in self.outputs],
             "proof": self.proof,
+            "next_token": self.next_token,
             "free_running": self.free_running,
         }
 
@@ -294,6 +312,10 @@ class Verifier:
         self._generate: dict[str, Any] | None = None
         self._retried: str | None = None  # why the generated samples were made again, and how
         self._unvaried: str | None = None  # why no generated sample feeds varied defaults (the original's error)
+        self._options = dict(providers=providers, input_shapes=input_shapes, input_ranges=input_ranges,
+                             samples=samples, seed=seed, tolerances=tolerances, progress=progress,
+                             reference=reference, decode_steps=decode_steps, task_metric=task_metric,
+                             task_margin=task_margin, task_target=task_target, task_min_sqnr_db=task_min_sqnr_db)
         if inputs is None:
             self._generate = dict(shapes=input_shapes, samples=samples, seed=seed, ranges=input_ranges,
                                   decode_steps=decode_steps, last_batch=BATCH_SAMPLE)
@@ -311,6 +333,9 @@ class Verifier:
             self._parsed = None if self._premise is not None else oir.clone(parsed)
         self._steps = decode_steps
         self._tokens: list[list[np.ndarray]] | None = None  # per sample, the original's greedy tokens
+        # per provider and prompt, the original's greedy tokens ([rows, steps]) the next-token check is fed
+        self._token_reference: dict[str, list[np.ndarray]] = {}
+        self._apart: Verifier | None = None
         self._float32: dict[str, list[list[np.ndarray]]] | None = None
         self._task = dict(metric=task_metric, margin=task_margin, metric_target=task_target,
                           min_sqnr_db=task_min_sqnr_db)
@@ -383,6 +408,8 @@ class Verifier:
         return self._scratch_folder
 
     def close(self) -> None:
+        if self._apart is not None:
+            self._apart.close()
         if self._premise is not None:
             self._premise.release()
             self._premise = None
@@ -689,14 +716,16 @@ class Verifier:
             if proved is not None:
                 return dataclasses.replace(proved, notes=[*proved.notes, self._compares_nothing])
             return Verification(status="skipped", outputs=[], reason=self._compares_nothing, **base)
-        by_task = numerics == "int8" and tolerance == TOLERANCES["int8"]
+        # a lossy decoder with its default tolerance: judged by its next tokens alone
+        by_tokens = self._plan is not None and numerics in ("fp16", "int8") and tolerance == TOLERANCES[numerics]
+        by_task = numerics == "int8" and tolerance == TOLERANCES["int8"] and not by_tokens
         # fp16 with its default tolerance, on the user's samples: an output failing the SQNR rule
         # may be accepted by the task (``optcc.numerics.float16``); not over a decode's steps
         # (the pass cannot share that judge), nor on generated inputs (no user's task)
         float16_task = numerics == "fp16" and tolerance == TOLERANCES["fp16"] and self._plan is None \
             and self._generate is None
-        if by_task:
-            tolerance = Tolerance()  # metrics reported; the task judge decides
+        if by_task or by_tokens:
+            tolerance = Tolerance()  # metrics reported; the task judge or the tokens decide
         positions = list(range(len(self.feeds)))
         if samples and self._plan is None and tolerance == Tolerance(max_rel=tolerance.max_rel) \
                 and tolerance.max_rel is not None:
@@ -710,7 +739,10 @@ class Verifier:
         reference = "float32 original"
         if by_task:
             reference += ", judged by the task against its noise floor"
+        if by_tokens:
+            reference += f", judged by its next tokens over {self._token_steps} steps per prompt"
         verdicts: dict[str, Any] = {}
+        next_token: dict[str, dict[str, Any]] = {}
         free: dict[str, dict[str, Any]] = {}
         metrics: list[OutputMetrics] = []
         with Progress("verifying", len(self.providers) * len(feeds), enabled=self._progress) as bar:
@@ -739,8 +771,16 @@ class Verifier:
                                             **base)
                 else:
                     bar.advance(len(feeds))  # run before, by the pass
-                if self._plan is not None and numerics not in ("exact", "fusion") and session is not None:
-                    free[provider] = self._free_running(session, float32[provider])
+                if by_tokens:
+                    assert session is not None  # a decoder's outputs are never kept (``_kept_cases``)
+                    try:
+                        next_token[provider], free_run = self._next_tokens(session, provider)
+                        if free_run is not None:
+                            free[provider] = free_run
+                    except Exception as e:  # noqa: BLE001
+                        reason = f"the next-token decode does not run: {first_line(e)}"
+                        return Verification(status="failed", outputs=metrics, reason=reason, reference=reference,
+                                            **base)
                 if numerics in ("fp16", "int8"):
                     got_all = [widen_float16(outs, float32[provider][0]) for outs in got_all]
                 labelled: set[str] = set()  # integer outputs the task judges by their rows: not compared exactly
@@ -794,6 +834,11 @@ class Verifier:
                           if key in keys)
         if chosen:
             problems.append(f"judged {'; '.join(chosen.values())}")
+        problems += [f"next tokens on {provider}: {run_['agreement']:.1%} of {run_['tokens']} steps as the "
+                     f"original's, each fed its tokens ({run_['differing']} differ; {run_['rows']} rows of "
+                     f"{run_['steps']} steps; at least {run_['threshold']:.0%} needed"
+                     + (f"; stopped {run_['stopped']}" if run_.get("stopped") else "") + ")"
+                     for provider, run_ in next_token.items() if not run_["passed"]]
         status = "failed" if problems else "passed"
         return Verification(status=status, outputs=metrics, reason="; ".join(problems) or None, reference=reference,
                             task=verdicts.get(self.providers[0]),
@@ -801,7 +846,7 @@ class Verifier:
                             else None,
                             notes=self.notes() + (_few_items(verdicts.get(self.providers[0]),
                                                              generated=not self.user_samples) if by_task else []),
-                            free_running=free or None, **base)
+                            next_token=next_token or None, free_running=free or None, **base)
 
     @property
     def user_samples(self) -> bool:
@@ -908,17 +953,74 @@ class Verifier:
             return None
         return found.names, [found.cases[p] for p in positions]
 
-    def _free_running(self, session: Any, reference: Sequence[Sequence[np.ndarray]]) -> dict[str, Any]:
-        """The candidate's own greedy decode from each sample against the original's
-        (``reference``: its cases, ``self._steps`` per sample)."""
-        float16_inputs = float16_feedable(session)
-        shares, firsts = [], []
-        for i, feeds in enumerate(self.feeds):
-            share, first = free_running(lambda f: run(session, _fit_float16(f, float16_inputs)), self._names,
-                                        self._plan, feeds, reference[i * self._steps:(i + 1) * self._steps])
-            shares.append(share)
-            firsts.extend(first)
-        return {"agreement": float(np.mean(shares)), "first_divergence": firsts, "steps": self._steps}
+    def _next_tokens(self, session: Any, provider: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The candidate's argmax at each step from each prompt, fed the original's greedy
+        tokens on ``provider`` (decoded once), against them over ``NEXT_TOKEN_STEPS`` steps
+        each (``next_token_agreement``), and its own free-running decode's agreement over the
+        same prompts (``free_agreement``; reported). It stops once more steps differ than
+        ``NEXT_TOKEN_AGREEMENT`` allows of them all: it fails whatever the prompts left show,
+        ``stopped`` says after how many prompts, and no free-running decode runs (None)."""
+        def source_run(source: Any) -> Callable[[Feeds], Sequence[np.ndarray]]:
+            float16_inputs = float16_feedable(source)
+            return lambda f: run(source, _fit_float16(f, float16_inputs))
+
+        if provider not in self._token_reference:
+            original = source_run(self._session(self.original, provider))
+            self._token_reference[provider] = [greedy_tokens(original, self._names, self._plan, feeds,
+                                                             self._token_steps) for feeds in self.next_token_feeds]
+        reference = self._token_reference[provider]
+        candidate = source_run(session)
+        total = sum(want.size for want in reference)
+        forced: list[np.ndarray] = []
+        differing = 0
+        for feeds, want in zip(self.next_token_feeds, reference):
+            forced.append(forced_tokens(candidate, self._names, self._plan, feeds, want))
+            differing += int((forced[-1] != want).sum())
+            if differing > (1 - NEXT_TOKEN_AGREEMENT) * total:
+                verdict = next_token_agreement(reference[:len(forced)], forced)
+                verdict["stopped"] = (f"after {len(forced)} of {len(reference)} prompts: {differing} of all "
+                                      f"{total} steps differ")
+                return verdict, None
+        # until a row's first differing step its free-running decode is the forced one: where no
+        # step differs, it is the original's tokens without running it
+        free = [want if np.array_equal(got, want)
+                else greedy_tokens(candidate, self._names, self._plan, feeds, self._token_steps)
+                for feeds, want, got in zip(self.next_token_feeds, reference, forced)]
+        return next_token_agreement(reference, forced), free_agreement(reference, free)
+
+    @functools.cached_property
+    def _token_steps(self) -> int:
+        """``NEXT_TOKEN_STEPS``, or fewer where the position table leaves room for fewer
+        from some prompt (``decode_room``)."""
+        rooms = [room for feeds in self.next_token_feeds if (room := decode_room(self._model, feeds)) is not None]
+        return max(1, min([NEXT_TOKEN_STEPS, *rooms]))
+
+    @functools.cached_property
+    def next_token_feeds(self) -> list[dict[str, np.ndarray]]:
+        """The prompts a lossy decoder's next-token decode starts from: the user's samples,
+        else ``NEXT_TOKEN_PROMPTS`` generated from the verifier's seed: each
+        ``NEXT_TOKEN_PROMPT_LENGTH`` random token ids (the last sample ``BATCH_SAMPLE`` rows
+        of half as many) from an empty cache, with room for ``NEXT_TOKEN_STEPS`` steps
+        (shorter where the position table is shorter: then as many steps as it holds)."""
+        if self._generate is None:
+            return self.feeds
+        return generate_inputs(self._model, **{**self._generate, "samples": NEXT_TOKEN_PROMPTS,
+                                               "decode_steps": NEXT_TOKEN_STEPS, "past_length": 0,
+                                               "dynamic_dim": NEXT_TOKEN_PROMPT_LENGTH})
+
+    def held_apart(self) -> Verifier:
+        """A verifier of the same original and options on other samples, for a search whose
+        result this verifier judges: for a KV-cache decoder, generated samples of another
+        seed (prompts apart from this verifier's; the user's samples stay this verifier's
+        alone); for any other model, this
+        verifier itself (its task judge already holds out nothing a search could fit)."""
+        if self._plan is None:
+            return self
+        if self._apart is None:
+            options = dict(self._options)
+            options["seed"] = options["seed"] + 1
+            self._apart = Verifier(self.original, parsed=self._model, **options)
+        return self._apart
 
     def _source(self, model: ir.Model) -> Any:
         """What onnxruntime loads ``model`` from: its bytes; the model itself when it needs
@@ -1214,6 +1316,13 @@ def _row_parts(row: str, groups: Iterable[str]) -> tuple[str, str | None, str]:
     key, _, part = row.rpartition(":")
     group = max((g for g in groups if key.endswith("@" + g)), key=len, default=None)
     return (key if group is None else key[:-len(group) - 1]), group, part
+
+
+def _parted(run: Mapping[str, Any]) -> str:
+    """How a free-running decode (``free_agreement``'s dict) parted from the original's, in words."""
+    steps = [step for step in run["first_divergence"] if step < run["steps"]]
+    return f"{len(steps)} of {run['rows']} rows parted, the first at step {min(steps)}" if steps \
+        else "no row parted"
 
 
 def _few_items(verdict: Mapping[str, Any] | None, generated: bool = False) -> list[str]:

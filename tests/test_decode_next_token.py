@@ -1,0 +1,183 @@
+"""A lossy result of a KV-cache decoder is judged by its next-token agreement over
+``NEXT_TOKEN_STEPS`` steps per prompt, each step fed the original's greedy token: a
+candidate whose argmax differs from the original's at more than 1% of the steps (a
+decisive flip after the short decode's steps, found with a numpy float64 decode of both)
+is refused, one that differs within 1% is accepted, whatever its free-running decode
+(reported, not judged) does after the flip."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as oh
+from onnx import numpy_helper as nh
+
+import optcc
+from optcc.numerics.decode import DECODE_STEPS, NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_STEPS
+
+VOCAB, WIDTH, PROMPT, ROWS = 24, 16, 4, 8
+DECISIVE = 1e-2  # a top-1 margin (logits) far above float32's rounding of these logits
+
+
+def _weights() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(11)
+    return {"E": rng.normal(size=(VOCAB, WIDTH)), "Wq": rng.normal(size=(WIDTH, WIDTH)) * 0.5,
+            "Wk": rng.normal(size=(WIDTH, WIDTH)) * 0.5, "Wv": rng.normal(size=(WIDTH, WIDTH)),
+            "U": rng.normal(size=(WIDTH, VOCAB)) * 2}
+
+
+def _decoder(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """One attention layer over a KV cache: x = E[ids]; K, V = past ++ x Wk, x Wv;
+    h = x + softmax(x Wq K^T / 4) V; logits = tanh(h) U."""
+    nodes = [
+        oh.make_node("Gather", ["E", "input_ids"], ["x"]),
+        oh.make_node("MatMul", ["x", "Wq"], ["q"]),
+        oh.make_node("MatMul", ["x", "Wk"], ["k"]),
+        oh.make_node("MatMul", ["x", "Wv"], ["v"]),
+        oh.make_node("Concat", ["past_key", "k"], ["present_key"], axis=1),
+        oh.make_node("Concat", ["past_value", "v"], ["present_value"], axis=1),
+        oh.make_node("Transpose", ["present_key"], ["kt"], perm=[0, 2, 1]),
+        oh.make_node("MatMul", ["q", "kt"], ["s"]),
+        oh.make_node("Mul", ["s", "scale"], ["scaled"]),
+        oh.make_node("Softmax", ["scaled"], ["p"], axis=-1),
+        oh.make_node("MatMul", ["p", "present_value"], ["a"]),
+        oh.make_node("Add", ["x", "a"], ["h"]),
+        oh.make_node("Tanh", ["h"], ["t"]),
+        oh.make_node("MatMul", ["t", "U"], ["logits"]),
+    ]
+    past = [oh.make_tensor_value_info(n, TP.FLOAT, ["B", "T", WIDTH]) for n in ("past_key", "past_value")]
+    present = [oh.make_tensor_value_info(n, TP.FLOAT, ["B", "T2", WIDTH]) for n in ("present_key", "present_value")]
+    graph = oh.make_graph(
+        nodes, "decoder", [oh.make_tensor_value_info("input_ids", TP.INT64, ["B", "S"]), *past],
+        [oh.make_tensor_value_info("logits", TP.FLOAT, ["B", "S", VOCAB]), *present],
+        [nh.from_array(w.astype(np.float32), name) for name, w in weights.items()]
+        + [nh.from_array(np.array(0.25, np.float32), "scale")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _numpy_decode(weights: dict[str, np.ndarray], prompt: np.ndarray, steps: int,
+                  fed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The argmax of ``_decoder(weights)`` at each step, in float64 numpy (from its float32
+    weights), and its top-1 margin: [rows, steps] each; each next step is fed the argmax
+    (free-running) or, given ``fed`` ([rows, steps]), column ``i`` after step ``i``."""
+    w = {name: v.astype(np.float32).astype(np.float64) for name, v in weights.items()}
+    ids = prompt
+    keys = values = np.zeros((prompt.shape[0], 0, WIDTH))
+    tokens, margins = [], []
+    for step in range(steps):
+        x = w["E"][ids]
+        keys = np.concatenate([keys, x @ w["Wk"]], axis=1)
+        values = np.concatenate([values, x @ w["Wv"]], axis=1)
+        s = (x @ w["Wq"]) @ keys.transpose(0, 2, 1) * 0.25
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        logits = (np.tanh(x + p @ values) @ w["U"])[:, -1]
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        tokens.append(logits.argmax(-1))
+        margins.append(top2[:, 1] - top2[:, 0])
+        ids = (tokens[-1] if fed is None else fed[:, step])[:, None]
+    return np.stack(tokens, axis=1), np.stack(margins, axis=1)
+
+
+def _prompt() -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(2).integers(0, VOCAB, (ROWS, PROMPT))
+    empty = np.zeros((ROWS, 0, WIDTH), np.float32)
+    return {"input_ids": ids.astype(np.int64), "past_key": empty, "past_value": empty}
+
+
+def _moved(weights: dict[str, np.ndarray], scale: float, seed: int) -> dict[str, np.ndarray]:
+    """The weights with ``U`` moved by ``scale`` times a random normal matrix (a lossy rewrite)."""
+    rng = np.random.default_rng(seed)
+    return {**weights, "U": weights["U"] + scale * rng.normal(size=weights["U"].shape)}
+
+
+def _flipping(weights: dict[str, np.ndarray], want: np.ndarray, flips: range) -> tuple[dict, np.ndarray, np.ndarray]:
+    """A move of ``U`` whose float64 decode fed the original's tokens ``want`` differs from
+    them at a number of steps in ``flips``, none before the short decode's last step, every
+    step of it and of its free-running decode decisive (top-1 margin above ``DECISIVE``):
+    the move, its forced argmax and its free-running tokens."""
+    prompt = _prompt()["input_ids"]
+    for seed in range(400):
+        for scale in (0.005, 0.01, 0.02, 0.05):
+            moved = _moved(weights, scale, seed)
+            forced, margins = _numpy_decode(moved, prompt, NEXT_TOKEN_STEPS, fed=want)
+            differs = forced != want
+            if int(differs.sum()) not in flips or differs[:, :DECODE_STEPS].any() or margins.min() < DECISIVE:
+                continue
+            free, free_margins = _numpy_decode(moved, prompt, NEXT_TOKEN_STEPS)
+            if free_margins.min() >= DECISIVE:
+                return moved, forced, free
+    raise AssertionError(f"no move of U flips {flips} decisive steps")
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    weights = _weights()
+    want, margins = _numpy_decode(weights, _prompt()["input_ids"], NEXT_TOKEN_STEPS)
+    assert margins.min() >= DECISIVE  # the original's own tokens are no near-ties
+    return weights, want
+
+
+def _allowed() -> int:
+    """The most differing steps the check accepts over ``_prompt``'s rows."""
+    return int((1 - NEXT_TOKEN_AGREEMENT) * ROWS * NEXT_TOKEN_STEPS + 1e-9)
+
+
+@pytest.mark.parametrize("numerics", ["int8", "fp16"])
+def test_flips_beyond_one_percent_of_the_steps_are_refused(reference, numerics: str) -> None:
+    weights, want = reference
+    moved, forced, _ = _flipping(weights, want, range(_allowed() + 1, _allowed() + 4))
+    verification = optcc.verify(_decoder(weights), _decoder(moved), numerics=numerics, inputs=[_prompt()])
+    assert verification.status == "failed", verification.describe()
+    judged = verification.next_token["CPUExecutionProvider"]
+    assert judged["steps"] == NEXT_TOKEN_STEPS and judged["tokens"] == want.size
+    assert judged["differing"] == int((forced != want).sum())
+    assert judged["agreement"] == pytest.approx(float((forced == want).mean()))
+    assert "next tokens on CPUExecutionProvider" in verification.reason
+    assert all(o.passed for o in verification.outputs)  # the short decode sees no flip: the tokens decide
+
+
+@pytest.mark.parametrize("numerics", ["int8", "fp16"])
+def test_flips_within_one_percent_are_accepted_whatever_the_free_running_decode(reference, numerics: str) -> None:
+    weights, want = reference
+    moved, forced, free = _flipping(weights, want, range(1, _allowed() + 1))
+    verification = optcc.verify(_decoder(weights), _decoder(moved), numerics=numerics, inputs=[_prompt()])
+    assert verification.status == "passed", verification.describe()
+    judged = verification.next_token["CPUExecutionProvider"]
+    assert judged["differing"] == int((forced != want).sum()) > 0
+    free_run = verification.free_running["CPUExecutionProvider"]  # reported, not judged
+    assert free_run["agreement"] == pytest.approx(float((free == want).mean()))
+    assert free_run["first_divergence"] == [int(np.argmax(row)) if row.any() else NEXT_TOKEN_STEPS
+                                            for row in free != want]
+    assert free_run["agreement"] < judged["agreement"]  # a flip changes the rest of its row
+
+
+def test_generated_prompts_leave_room_for_the_next_token_decode(reference) -> None:
+    weights, _ = reference
+    verification = optcc.verify(_decoder(weights), _decoder(_moved(weights, 1e-4, 0)), numerics="int8")
+    judged = verification.next_token["CPUExecutionProvider"]
+    assert verification.status == "passed" and judged["steps"] == NEXT_TOKEN_STEPS
+    assert judged["agreement"] == 1.0 and verification.free_running["CPUExecutionProvider"]["agreement"] == 1.0
+
+
+def test_the_decode_stops_once_the_candidate_cannot_pass(reference) -> None:
+    """Prompts one row each, those with the most flips first: once more steps differ than
+    1% of all the prompts' steps, the prompts left are not decoded."""
+    weights, want = reference
+    moved, forced, _ = _flipping(weights, want, range(_allowed() + 1, _allowed() + 4))
+    flips = (forced != want).sum(axis=1)
+    order = [int(row) for row in np.argsort(-flips, kind="stable")]
+    judged_rows = int(np.argmax(np.cumsum(flips[order]) > _allowed())) + 1
+    prompt = _prompt()
+    samples = [{k: v[row:row + 1] for k, v in prompt.items()} for row in order]
+    verification = optcc.verify(_decoder(weights), _decoder(moved), numerics="int8", inputs=samples)
+    judged = verification.next_token["CPUExecutionProvider"]
+    assert verification.status == "failed"
+    assert judged["tokens"] == judged_rows * NEXT_TOKEN_STEPS < ROWS * NEXT_TOKEN_STEPS
+    assert judged["stopped"].startswith(f"after {judged_rows} of {ROWS} prompts")
+    assert judged["differing"] == int(flips[order[:judged_rows]].sum())
+    assert verification.free_running is None  # a check that stopped runs no free-running decode
