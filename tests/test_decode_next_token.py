@@ -181,3 +181,41 @@ def test_the_decode_stops_once_the_candidate_cannot_pass(reference) -> None:
     assert judged["stopped"].startswith(f"after {judged_rows} of {ROWS} prompts")
     assert judged["differing"] == int(flips[order[:judged_rows]].sum())
     assert verification.free_running is None  # a check that stopped runs no free-running decode
+
+
+def _with_hidden(weights: dict[str, np.ndarray], factor: float) -> onnx.ModelProto:
+    """``_decoder`` with one more output, ``hidden = h * factor`` (after the logits)."""
+    model = _decoder(weights)
+    model.graph.node.append(oh.make_node("Mul", ["h", "factor"], ["hidden"]))
+    model.graph.initializer.append(nh.from_array(np.array(factor, np.float32), "factor"))
+    model.graph.output.append(oh.make_tensor_value_info("hidden", TP.FLOAT, ["B", "S", WIDTH]))
+    return model
+
+
+@pytest.mark.parametrize("numerics", ["int8", "fp16"])
+def test_an_output_that_is_not_the_logits_or_the_cache_keeps_its_tolerance(reference, numerics: str) -> None:
+    weights, _ = reference
+    # the hidden output doubled, the logits and cache the original's: only its tolerance can refuse it
+    verification = optcc.verify(_with_hidden(weights, 1.0), _with_hidden(weights, 2.0), numerics=numerics,
+                                inputs=[_prompt()])
+    assert verification.status == "failed", verification.describe()
+    assert "'hidden'" in verification.reason and "next tokens" not in verification.reason
+    unchanged = optcc.verify(_with_hidden(weights, 1.0), _with_hidden(weights, 1.0), numerics=numerics,
+                             inputs=[_prompt()])
+    assert unchanged.status == "passed", unchanged.describe()
+    assert unchanged.next_token["CPUExecutionProvider"]["agreement"] == 1.0
+
+
+def test_a_metric_of_the_users_judges_a_decoder_instead_of_the_tokens(reference) -> None:
+    weights, want = reference
+    moved, forced, _ = _flipping(weights, want, range(1, _allowed() + 1))  # the tokens would accept it
+
+    def exact(ref, got) -> float:  # accepts only the original's logits
+        return -max(float(np.abs(np.asarray(r, np.float64) - np.asarray(g, np.float64)).max())
+                    for r, g in zip(ref["logits"], got["logits"]))
+
+    verification = optcc.verify(_decoder(weights), _decoder(moved), numerics="int8", inputs=[_prompt()],
+                                task_metric=exact, task_margin=1.0)
+    assert verification.status == "failed", verification.describe()
+    assert verification.next_token is None and verification.task is not None
+    assert int((forced != want).sum()) >= 1

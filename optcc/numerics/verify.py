@@ -231,8 +231,8 @@ class Verification:
                 for o in rescued)
         for provider, run_ in (self.next_token or {}).items():
             text += (f"; next tokens on {provider.replace('ExecutionProvider', '')}: "
-                     f"{run_['agreement']:.1%} of {run_['tokens']} steps as the original's, each fed its tokens "
-                     f"({run_['rows']} rows of {run_['steps']} steps, at least {run_['threshold']:.0%} needed)")
+                     f"{run_['agreement']:.1%} of {run_['tokens']} steps as the original's, "
+                     f"each fed the original's tokens ({run_['rows']} rows of {run_['steps']} steps, at least {run_['threshold']:.0%} needed)")
             free = (self.free_running or {}).get(provider)
             if free is not None:
                 text += f"; free-running (not judged): {free['agreement']:.1%} ({_parted(free)})"
@@ -716,9 +716,15 @@ class Verifier:
             if proved is not None:
                 return dataclasses.replace(proved, notes=[*proved.notes, self._compares_nothing])
             return Verification(status="skipped", outputs=[], reason=self._compares_nothing, **base)
-        # a lossy decoder with its default tolerance: judged by its next tokens alone
-        by_tokens = self._plan is not None and numerics in ("fp16", "int8") and tolerance == TOLERANCES[numerics]
+        # a lossy decoder with its default tolerance and no metric of the user's: its logits and the
+        # cache it feeds back are judged by its next tokens; any other output keeps its tolerance
+        # (without the argmax rule, which reads class scores: the tokens judge those)
+        by_tokens = self._plan is not None and numerics in ("fp16", "int8") and tolerance == TOLERANCES[numerics] \
+            and self._task["metric"] in (None, "auto")
         by_task = numerics == "int8" and tolerance == TOLERANCES["int8"] and not by_tokens
+        token_judged = {self._plan.logits, *self._plan.state_outputs} if by_tokens and self._plan is not None \
+            else set()
+        others = dataclasses.replace(tolerance, min_argmax_agreement=None)
         # fp16 with its default tolerance, on the user's samples: an output failing the SQNR rule
         # may be accepted by the task (``optcc.numerics.float16``); not over a decode's steps
         # (the pass cannot share that judge), nor on generated inputs (no user's task)
@@ -794,7 +800,8 @@ class Verifier:
                     resolution = 0.0 if numerics == "exact" else self._resolution.get(name, 0.0)
                     originals = [float32[provider][i][index] for i in positions]
                     gots = [outs[index] for outs in got_all]
-                    judged = dataclasses.replace(tolerance, exact_integers=False) if name in labelled else tolerance
+                    judged = dataclasses.replace(tolerance, exact_integers=False) if name in labelled else \
+                        others if by_tokens and name not in token_judged else tolerance
                     first = compare_outputs(name, provider, originals, gots, judged, resolution=resolution)
                     beyond = precise and bool(first.elements_over) and originals[0].dtype.kind == "f"
                     firsts.append((first, beyond, originals, gots, judged, resolution))
@@ -835,7 +842,7 @@ class Verifier:
         if chosen:
             problems.append(f"judged {'; '.join(chosen.values())}")
         problems += [f"next tokens on {provider}: {run_['agreement']:.1%} of {run_['tokens']} steps as the "
-                     f"original's, each fed its tokens ({run_['differing']} differ; {run_['rows']} rows of "
+                     f"original's, each fed the original's tokens ({run_['differing']} differ; {run_['rows']} rows of "
                      f"{run_['steps']} steps; at least {run_['threshold']:.0%} needed"
                      + (f"; stopped {run_['stopped']}" if run_.get("stopped") else "") + ")"
                      for provider, run_ in next_token.items() if not run_["passed"]]
@@ -978,8 +985,9 @@ class Verifier:
             differing += int((forced[-1] != want).sum())
             if differing > (1 - NEXT_TOKEN_AGREEMENT) * total:
                 verdict = next_token_agreement(reference[:len(forced)], forced)
-                verdict["stopped"] = (f"after {len(forced)} of {len(reference)} prompts: {differing} of all "
-                                      f"{total} steps differ")
+                if len(forced) < len(reference):
+                    verdict["stopped"] = (f"after {len(forced)} of {len(reference)} prompts: {differing} of all "
+                                          f"{total} steps differ")
                 return verdict, None
         # until a row's first differing step its free-running decode is the forced one: where no
         # step differs, it is the original's tokens without running it
