@@ -20,17 +20,18 @@ def _stop(signum: int, frame: object) -> None:
 
 
 def main() -> int:
-    """Run the command line (``optcc.cli.main``) and return its exit code."""
-    previous = signal.signal(signal.SIGTERM, _stop)
+    """Run the command line (``optcc.cli.main``) and return its exit code. SIGTERM stays
+    answered for the process's life: the command's run installs its own handling over
+    this one, and a signal before or after it ends the process the same way."""
+    signal.signal(signal.SIGTERM, _stop)
     try:
         from optcc.cli import main as run_command
+
+        return run_command()
     except (KeyboardInterrupt, _Stopped) as stop:
         signum = stop.args[0] if isinstance(stop, _Stopped) else signal.SIGINT
         print(f"optcc: {_STOPPED[signum]}", file=sys.stderr)
         return 128 + signum
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return run_command()
 
 
 if __name__ == "__main__":

@@ -453,7 +453,7 @@ def _would_be(text: str, applied: str) -> str:
     """What a declined precision leaves, said once: nothing when ``text``'s last clause says it
     (``...; kept float32 (why)``)."""
     left = applied or "float32"
-    return "" if re.search(rf"(^|; )kept {left}( \(.*\))?$", text) else f" (the result would be {left})"
+    return "" if re.search(rf"(^|; )kept {re.escape(left)}( \(.*\))?$", text) else f" (the result would be {left})"
 
 
 def _gate_reason(verifier: Verifier, candidate: ir.Model) -> str | None:

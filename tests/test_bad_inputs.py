@@ -688,7 +688,7 @@ def test_samples_of_another_dtype_say_how_to_convert_them(tmp_path: Path, capsys
     data = tmp_path / "f64.npz"
     np.savez(data, image=np.zeros((2, 1, 3, 32, 32), np.float64))
     _refused(capsys, [str(model), "--inputs", str(data), "-o", str(tmp_path / "o.onnx")],
-             "has dtype float64, the model expects float32 (convert it: arr.astype(np.float32))", model)
+             "has dtype float64, the model expects float32 (convert it: arr.astype('float32'))", model)
 
 
 def test_quiet_and_verbose_exclude_each_other(tmp_path: Path, capsys) -> None:

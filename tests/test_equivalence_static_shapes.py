@@ -147,6 +147,21 @@ def test_a_candidate_that_adds_an_empty_piece_is_not_proved():
     assert _proved(original, candidate) == {"y": False}
 
 
+def test_a_piece_empty_along_another_axis_is_not_removed():
+    # [0, 5] on axis 1 adds 5 columns where x has no rows: the Concat of x [0, 3] is [0, 8]
+    signature = "g (float[N, 3] x) => (int64[2] z)"
+    body = """
+    e = Constant<value = float[0, 5] {}>()
+    y = Concat<axis = 1>(x, e)
+    z = Shape(y)
+"""
+    original, removed = _model(body, signature), _model("z = Shape(x)", signature)
+    want = ReferenceEvaluator(original).run(None, {"x": np.zeros((0, 3), np.float32)})[0]
+    got = ReferenceEvaluator(removed).run(None, {"x": np.zeros((0, 3), np.float32)})[0]
+    assert want.tolist() == [0, 8] and got.tolist() == [0, 3]
+    assert _proved(original, removed) == {"z": False}
+
+
 _TARGET_SIGNATURE = "g (float[N, 64] x, float[K] k) => (float[M, 32] y)"
 _TARGET = """
     zero = Constant<value = int64[1] {0}>()

@@ -1200,8 +1200,13 @@ class _Keys:
                     and len(condition.inputs) == 1 and condition.inputs[0] is not None:
                 inputs = (self.key(condition.inputs[0]), inputs[2], inputs[1])
         if domain == "" and op == "Concat" and len(inputs) == len(node.inputs) > 1:
-            # a piece of no elements adds none: where the Concat runs, it is that of the others
-            kept = tuple(key for key, v in zip(inputs, node.inputs) if not self._empty(v, 0))
+            # a piece of no elements along the Concat's axis adds none: where the Concat runs, it
+            # is that of the others (a piece empty along another axis still adds its length)
+            axis = node.attributes.get_int("axis", 0)
+            rank = next((r for r in (self.rank(v) for v in node.inputs if v is not None) if r is not None), None)
+            along = axis if axis < 0 else (axis - rank if rank is not None else None)
+            kept = inputs if along is None else \
+                tuple(key for key, v in zip(inputs, node.inputs) if not self._empty(v, along, 0))
             if kept and len(kept) < len(inputs):
                 fact = ("Concat", semantics, attributes, inputs)
                 self._fact(node, fact)
@@ -1305,26 +1310,27 @@ class _Keys:
             return key
         return same if condition({name: attr.value for name, attr in node.attributes.data.items()}) else key
 
-    def _empty(self, value: ir.Value | None, depth: int) -> bool:
-        """Whether ``value`` has no elements wherever it is computed: a constant of none, a
-        ConstantOfShape whose shape holds a 0 (read by ``_shape_elements``: the other dims
-        may be dynamic), or an elementwise op of such a value (one input, or two that
-        broadcast: the output's dim there is 0 as well, aligned from the right). Only the
-        ops' definitions are read, so a dynamic dim never makes a value empty."""
+    def _empty(self, value: ir.Value | None, axis: int, depth: int) -> bool:
+        """Whether ``value`` has no elements along ``axis`` (negative: counted from the last
+        dim) wherever it is computed: a constant whose dim there is 0, a ConstantOfShape whose
+        shape holds a 0 there (read by ``_shape_elements``: the other dims may be dynamic),
+        or an elementwise op of such a value (one input, or two that broadcast: dims align
+        from the right, and a 0 broadcasts to 0). Only the ops' definitions are read, so a
+        dynamic dim never makes a value empty."""
         if value is None or depth > _ZERO_DEPTH:
             return False
         array = self._array(value)
         if array is not None:
-            return array.size == 0
+            return -array.ndim <= axis and array.shape[axis] == 0
         node = value.producer()
         if node is None or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1 or value.name in self.fed:
             return False
         if node.op_type == "ConstantOfShape" and len(node.inputs) == 1:
             shape = self._shape_elements(node.inputs[0])
-            return shape is not None and not shape[0] and 0 in [e for e in shape[1] if isinstance(e, int)]
+            return shape is not None and not shape[0] and -len(shape[1]) <= axis and shape[1][axis] == 0
         if node.op_type in _SHAPE_KEEPING and len(node.inputs) == 1 \
                 or node.op_type in _BROADCASTING and len(node.inputs) == 2:
-            return any(self._empty(v, depth + 1) for v in node.inputs)
+            return any(self._empty(v, axis, depth + 1) for v in node.inputs)
         return False
 
     def _flattened(self, node: ir.Node, value: ir.Value, x: int, target: tuple) -> int:

@@ -956,7 +956,7 @@ def check_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray], label: str = "
         elif value.dtype is not None and array.dtype != value.dtype.numpy():
             raise BadInputError(
                 f"{label}: '{name}' has dtype {array.dtype}, the model expects "
-                f"{value.dtype.numpy()} (convert it: arr.astype(np.{value.dtype.numpy()}))"
+                f"{value.dtype.numpy()} (convert it: arr.astype('{value.dtype.numpy()}'))"
             )
         if value.shape is not None and (
             array.ndim != value.shape.rank()

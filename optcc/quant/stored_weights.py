@@ -65,8 +65,8 @@ def stored_weights(model: ir.Model) -> list[StoredWeight]:
 
 def restore_stored(model: ir.Model, stored: Sequence[StoredWeight]) -> dict[str, int]:
     """Compute again from its levels each float32 initializer of ``model``'s main graph that
-    holds exactly one of ``stored``'s weights and that nodes read (not a graph input or
-    output), in place. Returns ``{"tensors": restored, "bytes_saved": float32 bytes less}``."""
+    holds exactly one of ``stored``'s weights, that nodes read (not a graph input or
+    output) and whose levels and scale take fewer bytes, in place. Returns ``{"tensors": restored, "bytes_saved": float32 bytes less}``."""
     by_shape: dict[tuple[int, ...], list[StoredWeight]] = {}
     for weight in stored:
         by_shape.setdefault(tuple(np.broadcast_shapes(weight.levels.shape, weight.scale.shape)), []).append(weight)
@@ -82,7 +82,7 @@ def restore_stored(model: ir.Model, stored: Sequence[StoredWeight]) -> dict[str,
         array = value.const_value.numpy()
         digest = _digest(array)
         weight = next((w for w in candidates if w.digest == digest and np.array_equal(w.product(), array)), None)
-        if weight is None:
+        if weight is None or weight.levels.nbytes + weight.scale.nbytes >= array.nbytes:
             continue
         taken = oir.value_names(model) if taken is None else taken
         _replace(graph, value, weight, taken)
