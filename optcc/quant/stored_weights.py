@@ -66,7 +66,8 @@ def stored_weights(model: ir.Model) -> list[StoredWeight]:
 def restore_stored(model: ir.Model, stored: Sequence[StoredWeight]) -> dict[str, int]:
     """Compute again from its levels each float32 initializer of ``model``'s main graph that
     holds exactly one of ``stored``'s weights, that nodes read (not a graph input or
-    output) and whose levels and scale take fewer bytes, in place. Returns ``{"tensors": restored, "bytes_saved": float32 bytes less}``."""
+    output) and whose levels and scale take fewer bytes, in place. Returns
+    ``{"tensors": restored, "bytes_saved": float32 bytes less}``."""
     by_shape: dict[tuple[int, ...], list[StoredWeight]] = {}
     for weight in stored:
         by_shape.setdefault(tuple(np.broadcast_shapes(weight.levels.shape, weight.scale.shape)), []).append(weight)
