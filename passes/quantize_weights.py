@@ -54,7 +54,8 @@ samples the gate did not see (``optcc.optimize`` gives the verification's own ch
 the gate judges other samples: a KV-cache decoder's): when it misses, the next weight in
 the ranking is raised, and the next, each candidate judged by the gate and then by
 ``held_out``, until one passes both (when none does, all-int4 as above). ``stats["mixed"]``
-holds the checks, the raised weights and a summary line; ``stats["bit_widths"]`` each layer's width and why.
+holds the checks, the raised weights and a summary line; ``stats["bit_widths"]`` each
+layer's width and why.
 
 ``samples`` (feed dicts) serve GPTQ, the mixed widths' ranking and the convolutions' bias correction. GPTQ needs
 them: the Hessian ``X^T X`` of each layer's input is accumulated in float64 over them, one

@@ -41,7 +41,8 @@ def test_a_folded_stored_weight_is_computed_from_its_levels_again_bit_for_bit() 
     stored = stored_weights(model)
     assert len(stored) == 2
     folded = _stored_mlp()  # the same model with W1, W2 folded into float32 initializers, as INT8's preparation does
-    products = {f"W{i}": np.multiply(q.astype(np.float32), s, dtype=np.float32) for i, (q, s) in enumerate(zip(LEVELS, SCALES), 1)}
+    products = {f"W{i}": np.multiply(q.astype(np.float32), s, dtype=np.float32)
+                for i, (q, s) in enumerate(zip(LEVELS, SCALES), 1)}
     del folded.graph.node[:4]
     del folded.graph.initializer[:]
     folded.graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in products.items())

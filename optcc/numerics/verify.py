@@ -232,7 +232,8 @@ class Verification:
         for provider, run_ in (self.next_token or {}).items():
             text += (f"; next tokens on {provider.replace('ExecutionProvider', '')}: "
                      f"{run_['agreement']:.1%} of {run_['tokens']} steps as the original's, "
-                     f"each fed the original's tokens ({run_['rows']} rows of {run_['steps']} steps, at least {run_['threshold']:.0%} needed)")
+                     f"each fed the original's tokens ({run_['rows']} rows of {run_['steps']} steps, "
+                     f"at least {run_['threshold']:.0%} needed)")
             free = (self.free_running or {}).get(provider)
             if free is not None:
                 text += f"; free-running (not judged): {free['agreement']:.1%} ({_parted(free)})"
