@@ -67,11 +67,12 @@ it runs once.
 KV-cache decoders are verified over a decode (``optcc.numerics.decode``): each sample runs
 ``DECODE_STEPS`` steps, every model feeding its own ``present`` outputs back as ``past`` and
 the original's greedy token, compared with the float32 original's decode. A lossy result
-("fp16" or "int8" with its default tolerance) is judged instead by its next-token
-agreement over ``NEXT_TOKEN_STEPS`` steps from each prompt, each step fed the original's
-greedy token: it passes when its argmax is the original's at ``NEXT_TOKEN_AGREEMENT`` of
-the steps (its outputs' metrics on the short decode, and its free-running agreement, are
-reported, not judged). The prompts are the user's samples, else ``NEXT_TOKEN_PROMPTS``
+("fp16" or "int8" with its default tolerance and no task metric of the user's) has its
+logits and cache judged instead by its next-token agreement over ``NEXT_TOKEN_STEPS``
+steps from each prompt, each step fed the original's greedy token: it passes when its
+argmax is the original's at ``NEXT_TOKEN_AGREEMENT`` of the steps (their metrics on the
+short decode, and its free-running agreement, are reported, not judged; any other output
+keeps its tolerance). The prompts are the user's samples, else ``NEXT_TOKEN_PROMPTS``
 generated ones (``next_token_feeds``), which leave room in the position table for that
 many steps. ``held_apart`` gives a verifier of other samples, for a search that must not
 fit the samples its result is verified on. A streaming model (one whose state outputs its
