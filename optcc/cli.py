@@ -33,7 +33,7 @@ from optcc.api import OptimizeResult, check_fixed_feeds, optimize
 from optcc.compare import compare_models, format_comparison
 from optcc.errors import (
     ISSUES_URL, BadInputError, OptccError, PipelineWarning, PrecisionNotAppliedError, PrecisionPassFailedError,
-    UnverifiedError, VerificationError,
+    Terminated, UnverifiedError, VerificationError, raise_terminated, stopped,
 )
 from optcc.infra.registry import available_passes
 from optcc.infra.report import Report
@@ -918,15 +918,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout, sys.stderr = streams
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised where the run is: not an ``Exception``, so no pass or check takes
-    it for a failure of its own, and the run unwinds as on Ctrl-C."""
-
-
-def _raise_terminated(signum: int, frame: object) -> NoReturn:
-    raise _Terminated
-
-
 @contextlib.contextmanager
 def _sigterm_unwinds() -> Iterator[None]:
     """While the block runs in the main thread, SIGTERM (a timeout, a cancelled CI job, a
@@ -935,7 +926,7 @@ def _sigterm_unwinds() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         yield
     finally:
@@ -947,10 +938,9 @@ def _exit_of(error: BaseException) -> tuple[int, str] | None:
     (after ``optcc: ``); None for what is no end of a run (argparse's exits)."""
     if isinstance(error, OptccError):
         return error.exit_code, f"error: {error}"
-    if isinstance(error, KeyboardInterrupt):
-        return 130, "interrupted; nothing written"
-    if isinstance(error, _Terminated):
-        return 128 + signal.SIGTERM, "terminated; nothing written"
+    ended = stopped(error)
+    if ended is not None:
+        return ended
     if isinstance(error, BrokenPipeError):  # the reader of optcc's messages went away: nothing to say
         return EXIT_INTERNAL, "the reader of optcc's messages went away; nothing written"
     if isinstance(error, Exception):
@@ -981,7 +971,7 @@ def _main(argv: Sequence[str] | None) -> int:
         code, line = _exit_of(error)  # type: ignore[misc]
         print(f"optcc: {line}", file=sys.stderr)
         return code
-    except (KeyboardInterrupt, _Terminated) as error:
+    except (KeyboardInterrupt, Terminated) as error:
         code, line = _exit_of(error)  # type: ignore[misc]
         print(f"optcc: {line}", file=sys.stderr)
         return code

@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
-__all__ = ["OptccError", "BadInputError", "UnsafeInputError", "VerificationError", "PassFailedError",
+from typing import NoReturn
+
+__all__ = ["Terminated", "raise_terminated", "stopped", "OptccError", "BadInputError", "UnsafeInputError", "VerificationError", "PassFailedError",
            "PrecisionPassFailedError", "UnverifiedError", "PrecisionNotAppliedError"]
 
 ISSUES_URL = "https://github.com/optcc/optcc/issues"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the run is: not an ``Exception``, so no pass or check takes
+    it for a failure of its own, and the run unwinds as on Ctrl-C."""
+
+
+def raise_terminated(signum: int, frame: object) -> NoReturn:
+    """A SIGTERM handler: ``Terminated`` where the run is."""
+    raise Terminated
+
+
+def stopped(error: BaseException) -> tuple[int, str] | None:
+    """The command's exit code and line (after ``optcc: ``) for a run Ctrl-C
+    (``KeyboardInterrupt``, 128 + SIGINT) or SIGTERM (``Terminated``, 128 + SIGTERM) ended;
+    None for any other error."""
+    if isinstance(error, KeyboardInterrupt):
+        return 130, "interrupted; nothing written"
+    if isinstance(error, Terminated):
+        return 143, "terminated; nothing written"
+    return None
 
 
 class OptccError(Exception):
