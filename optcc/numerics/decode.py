@@ -282,11 +282,9 @@ def next_token_agreement(reference: Sequence[np.ndarray], forced: Sequence[np.nd
     sample each: the reference's ``greedy_tokens`` and the candidate's ``forced_tokens`` on
     them): the share of steps whose tokens are equal over every row of every sample, the
     steps compared and differing, and whether the share reaches ``NEXT_TOKEN_AGREEMENT``."""
-    differs = np.concatenate([np.asarray(c) != np.asarray(r) for r, c in zip(reference, forced)], axis=0)
-    share = float((~differs).mean())
-    return {"agreement": share, "steps": differs.shape[1], "rows": int(differs.shape[0]),
-            "tokens": int(differs.size), "differing": int(differs.sum()),
-            "threshold": NEXT_TOKEN_AGREEMENT, "passed": share >= NEXT_TOKEN_AGREEMENT}
+    differs, counts = _token_differences(reference, forced)
+    return {**counts, "differing": int(differs.sum()), "threshold": NEXT_TOKEN_AGREEMENT,
+            "passed": counts["agreement"] >= NEXT_TOKEN_AGREEMENT}
 
 
 def free_agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict:
@@ -294,8 +292,14 @@ def free_agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
     [batch, steps] array per sample each, ``greedy_tokens``): the share of equal tokens
     over every row of every sample, each row's first differing step (the step count where
     none differs) and the tokens compared."""
-    differs = np.concatenate([np.asarray(c) != np.asarray(r) for r, c in zip(reference, candidate)], axis=0)
-    steps = differs.shape[1]
-    return {"agreement": float((~differs).mean()), "steps": steps, "rows": int(differs.shape[0]),
-            "tokens": int(differs.size),
-            "first_divergence": [int(np.argmax(row)) if row.any() else steps for row in differs]}
+    differs, counts = _token_differences(reference, candidate)
+    return {**counts, "first_divergence": [int(np.argmax(row)) if row.any() else counts["steps"] for row in differs]}
+
+
+def _token_differences(reference: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> tuple[np.ndarray, dict]:
+    """Where ``other``'s tokens differ from ``reference``'s (one [batch, steps] array per
+    sample each), every sample's rows stacked, and the counts both agreements report: the
+    share of equal tokens, the steps per row, the rows and the tokens compared."""
+    differs = np.concatenate([np.asarray(o) != np.asarray(r) for r, o in zip(reference, other)], axis=0)
+    return differs, {"agreement": float((~differs).mean()), "steps": differs.shape[1], "rows": int(differs.shape[0]),
+                     "tokens": int(differs.size)}
