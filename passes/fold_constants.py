@@ -53,9 +53,8 @@ import onnxruntime as ort
 
 import optcc
 from optcc.passes.fold_data_movement import evaluate as evaluate_without_session
-from optcc.passes.fold_shapes import ShapeFindings, shape_findings
 from optcc.passes.fold_shapes import fold_shapes as fold_shape_ops
-from optcc.passes.shape_reuse import InferenceSnapshot
+from optcc.passes.shape_reuse import holding as holding_inference
 from optcc.passes.shape_reuse import recall as recall_inference
 from optcc.passes.shape_reuse import remember as remember_inference
 from optcc.passes.fold_shapes import SHAPE_OPS, materialize, remove_if_dead
@@ -636,9 +635,8 @@ class FoldConstantsPass(optcc.Pass):
                 # findings (see ``shape_reuse``), else a new one; none without Shape/Size
                 if not _has_shape_ops(model):
                     findings, snapshot = None, None
-                elif findings is None or snapshot is None or not snapshot.still_holds(model, findings):
-                    snapshot = InferenceSnapshot.of(model)
-                    findings = shape_findings(model)
+                else:
+                    snapshot, findings = holding_inference(model, snapshot, findings)
                 shapes = fold_shape_ops(model, inferred=findings.shapes if findings is not None else {})
                 stats.folded_shapes.update(shapes)
                 changed |= bool(shapes)

@@ -43,9 +43,9 @@ from __future__ import annotations
 import onnx_ir as ir
 
 import optcc
-from optcc.passes.fold_shapes import ShapeFindings
+from optcc.passes.fold_shapes import ShapeFindings, shape_findings
 
-__all__ = ["InferenceSnapshot", "DATA_BLIND_OPS", "recall", "remember"]
+__all__ = ["InferenceSnapshot", "DATA_BLIND_OPS", "holding", "recall", "remember"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _SHAPE_OPS = ("Shape", "Size")
@@ -302,3 +302,13 @@ def recall(model: ir.Model) -> tuple[InferenceSnapshot | None, ShapeFindings | N
     """The inference ``remember`` kept for this graph, if any (check ``still_holds``)."""
     kept = model.graph.meta.get(_META_KEY)
     return (None, None) if kept is None else kept
+
+
+def holding(model: ir.Model, snapshot: InferenceSnapshot | None,
+            findings: ShapeFindings | None) -> tuple[InferenceSnapshot, ShapeFindings]:
+    """``snapshot`` and ``findings`` while they still hold for the graph as it is
+    (``InferenceSnapshot.still_holds``), else a new inference of it (``shape_findings``, the
+    one fold-shapes runs)."""
+    if snapshot is not None and findings is not None and snapshot.still_holds(model, findings):
+        return snapshot, findings
+    return InferenceSnapshot.of(model), shape_findings(model)

@@ -55,8 +55,8 @@ import onnx_ir as ir
 
 import optcc
 from optcc.passes.eliminate_noops import constant_array, graph_opset
-from optcc.passes.fold_shapes import FOLLOWED_OPS, ShapeFindings, shape_elements, shape_findings
-from optcc.passes.shape_reuse import InferenceSnapshot, recall, remember
+from optcc.passes.fold_shapes import FOLLOWED_OPS, ShapeFindings, shape_elements
+from optcc.passes.shape_reuse import InferenceSnapshot, holding, recall, remember
 from optcc.rewrite import same_dim
 
 __all__ = ["SimplifyReshapeTargetsPass"]
@@ -177,7 +177,7 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
                 literal_zeros = opset >= 14 and bool(node.attributes.get_int("allowzero", 0))
                 target = _constant_target(node, ranks, copy_allowed=not literal_zeros, shapes=shapes or {})
                 if target is None and shapes is None and _reads_unshaped(node.inputs[1]):
-                    inference = _inference(model)
+                    inference = holding(model, *recall(model))
                     shapes = inference[1].shapes
                     target = _constant_target(node, ranks, copy_allowed=not literal_zeros, shapes=shapes)
                 if target is None:
@@ -193,14 +193,3 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
             remember(model, *inference)
         return optcc.PassResult(model, bool(counts), dict(sorted(counts.items())))
 
-
-def _inference(model: ir.Model) -> tuple[InferenceSnapshot, ShapeFindings]:
-    """The shape inference of the model as it is now: the one fold-constants (or an earlier
-    call of this pass) kept with the graph when it still holds (``shape_reuse``), else a
-    new one. The same inference as fold-shapes runs (``shape_findings``): the Shape/Size
-    inputs' shapes, the graph's annotations merged."""
-    snapshot, findings = recall(model)
-    if snapshot is not None and findings is not None and snapshot.still_holds(model, findings):
-        return snapshot, findings
-    snapshot = InferenceSnapshot.of(model)
-    return snapshot, shape_findings(model)

@@ -10,22 +10,22 @@ import onnx.reference
 import onnx_ir as ir
 
 import optcc
-import optcc.passes.fold_constants as fold_constants
 from optcc.passes.fold_constants import FoldConstantsPass
+import optcc.passes.shape_reuse as shape_reuse
 from optcc.passes.shape_reuse import InferenceSnapshot
 
 
 def _run(proto: onnx.ModelProto, monkeypatch, *, reuse: bool = True) -> tuple[onnx.ModelProto, int]:
     """fold-constants on ``proto``; returns the result and how many shape inferences ran."""
     calls = []
-    real = fold_constants.shape_findings
+    real = shape_reuse.shape_findings  # fold-constants' inference (``shape_reuse.holding``)
 
     def counting(model: ir.Model):
         calls.append(1)
         return real(model)
 
     with monkeypatch.context() as patch:
-        patch.setattr(fold_constants, "shape_findings", counting)
+        patch.setattr(shape_reuse, "shape_findings", counting)
         if not reuse:
             patch.setattr(InferenceSnapshot, "still_holds", lambda self, model, findings: False)
         model = ir.from_proto(proto)

@@ -12,8 +12,8 @@ import onnx
 import onnx.reference
 import onnx_ir as ir
 
-import optcc.passes.fold_constants as fold_constants
 from optcc.passes.fold_constants import FoldConstantsPass
+import optcc.passes.shape_reuse as shape_reuse
 from optcc.passes.lift_constants import LiftConstantsPass
 from optcc.passes.shape_reuse import InferenceSnapshot
 
@@ -21,14 +21,14 @@ from optcc.passes.shape_reuse import InferenceSnapshot
 def _fold(model: ir.Model, monkeypatch, *, reuse: bool = True) -> int:
     """fold-constants on ``model`` in place; returns how many shape inferences it ran."""
     calls = []
-    real = fold_constants.shape_findings
+    real = shape_reuse.shape_findings  # fold-constants' inference (``shape_reuse.holding``)
 
     def counting(m: ir.Model):
         calls.append(1)
         return real(m)
 
     with monkeypatch.context() as patch:
-        patch.setattr(fold_constants, "shape_findings", counting)
+        patch.setattr(shape_reuse, "shape_findings", counting)
         if not reuse:
             patch.setattr(InferenceSnapshot, "still_holds", lambda self, model, findings: False)
         FoldConstantsPass()(model)
