@@ -312,6 +312,7 @@ def test_bad_groups_are_one_line_usage_errors(files: dict[str, Path], tmp_path: 
     (["--int8-dynamic", "--int8-metric", "logits@a=sqnr"], "--int8-metric 'logits@a=sqnr' names group 'a', but no"),
     (["--int8-dynamic", "--int8-metric", "scores=sqnr"], "the model has no output 'scores' (outputs: logits)"),
     (["--weights", "int8", "--int8-metric", "sqnr", "--int8-metric", "scores=argmax"], "the model has no output 'scores'"),
+    (["--int8-dynamic", "--int8-metric", "target=argmax"], "no output 'target' (outputs: logits); 'target' is a metric"),
     (["--int8-target-sqnr", "30"], "--int8-target-sqnr is used with --int8, --int8-dynamic or --weights"),
     (["--fp16", "--int8-target-sqnr", "30"], "--int8-target-sqnr is used with --int8, --int8-dynamic or --weights"),
     (["--int8-metric-margin", "2"], "--int8-metric-margin is used with --int8, --int8-dynamic or --weights"),

@@ -41,9 +41,10 @@ from optcc.quant.fallback import (
 )
 from optcc.numerics.decode import stream_plan
 from optcc.numerics.inputs import input_roles
-from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, MIN_ITEMS, DeferredOutputs,
-                                 TaskJudge, UserMetric, float_free_outputs, perturbation_draws, perturbation_roles,
-                                 projected_outputs, row_metrics, sequence_outputs, token_outputs, unmoved, wants_draws)
+from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, METRICS, MIN_ITEMS,
+                                 DeferredOutputs, TaskJudge, UserMetric, float_free_outputs, perturbation_draws,
+                                 perturbation_roles, projected_outputs, row_metrics, sequence_outputs, token_outputs,
+                                 unmoved, wants_draws)
 
 __all__ = ["Int8Options", "quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
 
@@ -229,6 +230,8 @@ def check_groups(groups: Sequence[str] | None, count: int, metric: Any, outputs:
             continue
         if outputs is not None and (at and output and output not in outputs or not at):
             hint = f"; the group '{key}' is '@{key}'" if not at and key in labels else ""
+            if not at and key in (*METRICS, "auto", "target"):
+                hint += f"; '{key}' is a metric: a key before '=' names an output or '@group'"
             raise BadInputError(f"INT8 metric for '{key}': the model has no output '{output or key}' "
                                 f"(outputs: {', '.join(outputs)}){hint}")
         if not labels:
