@@ -20,10 +20,24 @@ def main() -> int:
         from optcc.cli import main as run_command
 
         return run_command()
-    except (KeyboardInterrupt, Terminated) as error:
-        code, line = stopped(error)  # type: ignore[misc]
+    except (KeyboardInterrupt, Terminated, ImportError) as error:
+        stop = stopped(_signal_behind(error))
+        if stop is None:
+            raise
+        code, line = stop
         print(f"optcc: {line}", file=sys.stderr)
         return code
+
+
+def _signal_behind(error: BaseException) -> BaseException:
+    """The Ctrl-C or SIGTERM behind ``error``: a signal that lands inside a C extension's
+    initialisation (onnxruntime's) reaches Python as an ImportError raised from it."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if stopped(seen) is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return error
 
 
 if __name__ == "__main__":

@@ -15,30 +15,44 @@ from optcc import __main__ as entry
 
 
 class _InterruptCliImport:
-    """A meta-path finder that delivers ``signum`` when ``optcc.cli`` is imported."""
+    """A meta-path finder that delivers ``signum`` when ``optcc.cli`` is imported; with
+    ``in_extension``, as a C extension's initialisation passes it on: an ImportError
+    raised from it."""
 
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
+    def __init__(self, signum: int, in_extension: bool) -> None:
+        self.signum, self.in_extension = signum, in_extension
 
     def find_spec(self, name, path=None, target=None):
         if name == "optcc.cli":
-            if self.signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            os.kill(os.getpid(), self.signum)  # its handler runs at the next instruction, still here
+            try:
+                if self.signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                os.kill(os.getpid(), self.signum)  # its handler runs at the next instruction, still here
+            except BaseException as error:
+                if self.in_extension:
+                    raise ImportError("initialization failed") from error
+                raise
         return None
 
 
+@pytest.mark.parametrize("in_extension", [False, True])
 @pytest.mark.parametrize("signum, line", [(signal.SIGINT, "optcc: interrupted; nothing written"),
                                           (signal.SIGTERM, "optcc: terminated; nothing written")])
-def test_a_signal_while_modules_load_is_one_line(monkeypatch, capsys, signum, line):
+def test_a_signal_while_modules_load_is_one_line(monkeypatch, capsys, signum, line, in_extension):
     monkeypatch.delitem(sys.modules, "optcc.cli", raising=False)
-    monkeypatch.setattr(sys, "meta_path", [_InterruptCliImport(signum), *sys.meta_path])
+    monkeypatch.setattr(sys, "meta_path", [_InterruptCliImport(signum, in_extension), *sys.meta_path])
     before = signal.getsignal(signal.SIGTERM)
     try:
         assert entry.main() == 128 + signum
     finally:
         signal.signal(signal.SIGTERM, before)  # the entry keeps its handler for the process's life
     assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_an_import_error_of_its_own_is_not_taken_for_a_signal(monkeypatch):
+    monkeypatch.setitem(sys.modules, "optcc.cli", None)  # importing it raises ImportError
+    with pytest.raises(ImportError):
+        entry.main()
 
 
 def test_import_optcc_loads_no_runtime():
