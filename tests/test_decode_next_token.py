@@ -28,9 +28,10 @@ def _weights() -> dict[str, np.ndarray]:
             "U": rng.normal(size=(WIDTH, VOCAB)) * 2}
 
 
-def _decoder(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+def _decoder(weights: dict[str, np.ndarray], last_only: bool = False) -> onnx.ModelProto:
     """One attention layer over a KV cache: x = E[ids]; K, V = past ++ x Wk, x Wv;
-    h = x + softmax(x Wq K^T / 4) V; logits = tanh(h) U."""
+    h = x + softmax(x Wq K^T / 4) V; logits = tanh(h) U ([B, S, VOCAB]; ``last_only``:
+    the last position's alone, [B, VOCAB], as an export that returns only the next token's)."""
     nodes = [
         oh.make_node("Gather", ["E", "input_ids"], ["x"]),
         oh.make_node("MatMul", ["x", "Wq"], ["q"]),
@@ -45,15 +46,20 @@ def _decoder(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
         oh.make_node("MatMul", ["p", "present_value"], ["a"]),
         oh.make_node("Add", ["x", "a"], ["h"]),
         oh.make_node("Tanh", ["h"], ["t"]),
-        oh.make_node("MatMul", ["t", "U"], ["logits"]),
     ]
+    if last_only:
+        nodes += [oh.make_node("Gather", ["t", "last"], ["t_last"], axis=1),
+                  oh.make_node("MatMul", ["t_last", "U"], ["logits"])]
+    else:
+        nodes.append(oh.make_node("MatMul", ["t", "U"], ["logits"]))
     past = [oh.make_tensor_value_info(n, TP.FLOAT, ["B", "T", WIDTH]) for n in ("past_key", "past_value")]
     present = [oh.make_tensor_value_info(n, TP.FLOAT, ["B", "T2", WIDTH]) for n in ("present_key", "present_value")]
     graph = oh.make_graph(
         nodes, "decoder", [oh.make_tensor_value_info("input_ids", TP.INT64, ["B", "S"]), *past],
-        [oh.make_tensor_value_info("logits", TP.FLOAT, ["B", "S", VOCAB]), *present],
+        [oh.make_tensor_value_info("logits", TP.FLOAT, ["B", VOCAB] if last_only else ["B", "S", VOCAB]),
+         *present],
         [nh.from_array(w.astype(np.float32), name) for name, w in weights.items()]
-        + [nh.from_array(np.array(0.25, np.float32), "scale")])
+        + [nh.from_array(np.array(0.25, np.float32), "scale"), nh.from_array(np.array(-1, np.int64), "last")])
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     return model
@@ -127,11 +133,13 @@ def _allowed() -> int:
     return int((1 - NEXT_TOKEN_AGREEMENT) * ROWS * NEXT_TOKEN_STEPS + 1e-9)
 
 
+@pytest.mark.parametrize("last_only", [False, True], ids=["logits-per-position", "last-logits"])
 @pytest.mark.parametrize("numerics", ["int8", "fp16"])
-def test_flips_beyond_one_percent_of_the_steps_are_refused(reference, numerics: str) -> None:
+def test_flips_beyond_one_percent_of_the_steps_are_refused(reference, numerics: str, last_only: bool) -> None:
     weights, want = reference
     moved, forced, _ = _flipping(weights, want, range(_allowed() + 1, _allowed() + 4))
-    verification = optcc.verify(_decoder(weights), _decoder(moved), numerics=numerics, inputs=[_prompt()])
+    verification = optcc.verify(_decoder(weights, last_only), _decoder(moved, last_only), numerics=numerics,
+                                inputs=[_prompt()])
     assert verification.status == "failed", verification.describe()
     judged = verification.next_token["CPUExecutionProvider"]
     assert judged["steps"] == NEXT_TOKEN_STEPS and judged["tokens"] == want.size
@@ -141,11 +149,14 @@ def test_flips_beyond_one_percent_of_the_steps_are_refused(reference, numerics: 
     assert all(o.passed for o in verification.outputs)  # the short decode sees no flip: the tokens decide
 
 
+@pytest.mark.parametrize("last_only", [False, True], ids=["logits-per-position", "last-logits"])
 @pytest.mark.parametrize("numerics", ["int8", "fp16"])
-def test_flips_within_one_percent_are_accepted_whatever_the_free_running_decode(reference, numerics: str) -> None:
+def test_flips_within_one_percent_are_accepted_whatever_the_free_running_decode(reference, numerics: str,
+                                                                                 last_only: bool) -> None:
     weights, want = reference
     moved, forced, free = _flipping(weights, want, range(1, _allowed() + 1))
-    verification = optcc.verify(_decoder(weights), _decoder(moved), numerics=numerics, inputs=[_prompt()])
+    verification = optcc.verify(_decoder(weights, last_only), _decoder(moved, last_only), numerics=numerics,
+                                inputs=[_prompt()])
     assert verification.status == "passed", verification.describe()
     judged = verification.next_token["CPUExecutionProvider"]
     assert judged["differing"] == int((forced != want).sum()) > 0

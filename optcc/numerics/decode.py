@@ -24,6 +24,8 @@ each model decodes ``NEXT_TOKEN_STEPS`` steps from each of its prompts
 original's greedy tokens (``greedy_tokens`` of the original, ``forced_tokens`` of the
 candidate: both see the same context at every step), and it is accepted when its argmax
 is the original's at ``NEXT_TOKEN_AGREEMENT`` of the steps (``next_token_agreement``).
+The next token is the argmax of the logits at the last position, or of a
+``[batch, vocab]`` logits output (the last position's alone) as it is.
 Every step counts, near-ties included. Free-running agreement (``free_agreement``: each
 model fed its own tokens) is reported beside it and decides nothing: one flipped near-tie
 changes every later token, so it measures where a row parts, and one flip early in a
@@ -54,8 +56,8 @@ from optcc.numerics.state import state_pairs
 __all__ = ["DECODE_STEPS", "NEXT_TOKEN_AGREEMENT", "NEXT_TOKEN_PROMPT_LENGTH", "NEXT_TOKEN_PROMPTS",
            "NEXT_TOKEN_STEPS", "STREAM_STEPS", "SECOND_STEP",
            "DecodePlan", "GreedyAgreement", "decode_plan", "forced_tokens", "free_agreement", "free_running",
-           "greedy_agreement", "greedy_tokens", "next_token_agreement", "run_decode", "stream_plan", "stream_names",
-           "streamed"]
+           "greedy_agreement", "greedy_tokens", "last_logits", "next_token_agreement", "run_decode", "stream_plan",
+           "stream_names", "streamed"]
 
 NEXT_TOKEN_STEPS = 32  # steps per prompt whose next token judges a lossy decoder, each fed the original's token
 NEXT_TOKEN_AGREEMENT = 0.99  # the share of those steps whose argmax is the original's that accepts it
@@ -80,7 +82,9 @@ class DecodePlan:
     ids: str | None
     mask: str | None
     position: str | None
-    logits: str | None  # the output whose last position's argmax is the next token
+    # the output whose argmax is the next token: at its last position ([batch, seq, vocab]), or
+    # the last position's alone ([batch, vocab])
+    logits: str | None
 
     @property
     def state_outputs(self) -> frozenset[str]:
@@ -104,7 +108,7 @@ def decode_plan(model: ir.Model) -> DecodePlan | None:
     ids = next((n for n, r in roles.items() if r == "index"), None)
     logits = next((o.name for o in outputs if not _PRESENT.match(o.name or "")
                    and o.dtype is not None and o.dtype.is_floating_point()
-                   and o.shape is not None and o.shape.rank() == 3), None)
+                   and o.shape is not None and o.shape.rank() in (2, 3)), None)
     if ids is None or logits is None:
         return None
     mask = next((n for n, r in roles.items() if r == "mask"), None)
@@ -175,7 +179,7 @@ def run_decode(
         named = dict(zip(names, outputs))
         token = None
         if plan.logits is not None:
-            token = tokens[step] if tokens is not None else np.argmax(named[plan.logits][:, -1, :], axis=-1)
+            token = tokens[step] if tokens is not None else np.argmax(last_logits(named[plan.logits]), axis=-1)
             chosen.append(token)
         feeds = _next_feeds(plan, feeds, named, token)
     return results, chosen
@@ -197,9 +201,15 @@ class GreedyAgreement:
         return dataclasses.asdict(self)
 
 
+def last_logits(logits: np.ndarray) -> np.ndarray:
+    """[batch, vocab]: a step's logits ([batch, seq, vocab], or [batch, vocab] where the
+    model returns the last position's alone) at its last position."""
+    return logits if logits.ndim == 2 else logits[:, -1, :]
+
+
 def _next_logits(results: Sequence[Sequence[np.ndarray]], index: int) -> np.ndarray:
     """[batch, steps, vocab] float64: every step's logits at its last position."""
-    return np.stack([np.asarray(r[index], np.float64)[:, -1, :] for r in results], axis=1)
+    return np.stack([last_logits(np.asarray(r[index], np.float64)) for r in results], axis=1)
 
 
 def greedy_agreement(
