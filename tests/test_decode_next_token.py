@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto as TP
 from onnx import helper as oh
@@ -230,3 +231,50 @@ def test_a_metric_of_the_users_judges_a_decoder_instead_of_the_tokens(reference)
     assert verification.status == "failed", verification.describe()
     assert verification.next_token is None and verification.task is not None
     assert int((forced != want).sum()) >= 1
+
+
+def _length_limited(weights: dict[str, np.ndarray], rows: int) -> onnx.ModelProto:
+    """``_decoder`` that reads a row of a zero table at the cache's length less one (the same
+    logits): onnxruntime refuses a step whose cache is longer than ``rows``."""
+    model = _decoder(weights)
+    limit = [
+        oh.make_node("Shape", ["present_key"], ["key_shape"]),
+        oh.make_node("Gather", ["key_shape", "length_axis"], ["length"], axis=0),
+        oh.make_node("Sub", ["length", "one"], ["last_row"]),
+        oh.make_node("Gather", ["rows", "last_row"], ["row"], axis=0),
+        oh.make_node("Add", ["h", "row"], ["h_read"]),
+    ]
+    tanh = next(i for i, n in enumerate(model.graph.node) if n.op_type == "Tanh")
+    model.graph.node[tanh].input[0] = "h_read"
+    for offset, node in enumerate(limit):
+        model.graph.node.insert(tanh + offset, node)
+    model.graph.initializer.extend([nh.from_array(np.array(1, np.int64), "length_axis"),
+                                    nh.from_array(np.array(1, np.int64), "one"),
+                                    nh.from_array(np.zeros((rows, WIDTH), np.float32), "rows")])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_an_original_whose_next_token_decode_cannot_run_leaves_the_result_unverified(reference) -> None:
+    weights, want = reference
+    rows = PROMPT + DECODE_STEPS + 2  # room for the short decode's steps, not for the next-token decode's
+    original = _length_limited(weights, rows)
+    moved, _, _ = _flipping(weights, want, range(1, _allowed() + 1))  # a candidate the tokens would accept
+    verification = optcc.verify(original, _decoder(moved), numerics="int8", inputs=[_prompt()])
+    assert verification.status == "skipped", verification.describe()
+    assert "original's next-token decode" in verification.reason and verification.next_token is None
+    # the original itself, as written here: it runs the short decode and refuses a longer one
+    session = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
+    fed = _prompt()
+    for step in range(NEXT_TOKEN_STEPS):
+        if PROMPT + step > rows:
+            with pytest.raises(Exception, match="out of"):
+                session.run(None, fed)
+            break
+        logits, key, value = session.run(None, fed)
+        np.testing.assert_array_equal(logits[:, -1].argmax(-1), want[:, step])
+        fed = {"input_ids": want[:, step:step + 1].astype(np.int64), "past_key": key, "past_value": value}
+    assert PROMPT + step > rows > PROMPT + DECODE_STEPS
+    # the other way round: the candidate's decode that cannot run fails it
+    failed = optcc.verify(_decoder(weights), _length_limited(weights, rows), numerics="int8", inputs=[_prompt()])
+    assert failed.status == "failed" and "optimized model's next-token decode" in failed.reason, failed.describe()

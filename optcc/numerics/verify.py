@@ -75,7 +75,8 @@ short decode, and its free-running agreement, are reported, not judged; any othe
 keeps its tolerance). The prompts are the user's samples, else ``NEXT_TOKEN_PROMPTS``
 generated ones (``next_token_feeds``), which leave room in the position table for that
 many steps. ``held_apart`` gives a verifier of other samples, for a search that must not
-fit the samples its result is verified on. A streaming model (one whose state outputs its
+fit the samples its result is verified on. Where the original's own next-token decode
+cannot run, the result is "skipped", as below. A streaming model (one whose state outputs its
 caller feeds back, ``optcc.numerics.state``) runs a second step per sample from the state
 the first returned (``optcc.numerics.decode.streamed``): the task judge judges its answers
 on both steps, its state outputs only through the second.
@@ -756,6 +757,14 @@ class Verifier:
         with Progress("verifying", len(self.providers) * len(feeds), enabled=self._progress) as bar:
             for provider in self.providers:
                 session = None
+                if by_tokens:
+                    try:  # the original's own decode: where it cannot run, nothing judges the candidate
+                        self._reference_tokens(provider)
+                    except Exception as e:  # noqa: BLE001
+                        reason = (f"onnxruntime cannot run the original's next-token decode ({self._token_steps} "
+                                  f"steps per prompt): {first_line(e)}")
+                        return Verification(status="skipped", outputs=[], reason=reason, reference=reference,
+                                            **base)
                 kept = self._kept_cases(model, source, provider, positions) if numerics == "int8" else None
                 if kept is not None:  # a pass had this very model run on these samples (``outputs``)
                     candidate_names, got_all = kept
@@ -786,7 +795,7 @@ class Verifier:
                         if free_run is not None:
                             free[provider] = free_run
                     except Exception as e:  # noqa: BLE001
-                        reason = f"the next-token decode does not run: {first_line(e)}"
+                        reason = f"the optimized model's next-token decode does not run: {first_line(e)}"
                         return Verification(status="failed", outputs=metrics, reason=reason, reference=reference,
                                             **base)
                 if numerics in ("fp16", "int8"):
@@ -969,16 +978,8 @@ class Verifier:
         same prompts (``free_agreement``; reported). It stops once more steps differ than
         ``NEXT_TOKEN_AGREEMENT`` allows of them all: it fails whatever the prompts left show,
         ``stopped`` says after how many prompts, and no free-running decode runs (None)."""
-        def source_run(source: Any) -> Callable[[Feeds], Sequence[np.ndarray]]:
-            float16_inputs = float16_feedable(source)
-            return lambda f: run(source, _fit_float16(f, float16_inputs))
-
-        if provider not in self._token_reference:
-            original = source_run(self._session(self.original, provider))
-            self._token_reference[provider] = [greedy_tokens(original, self._names, self._plan, feeds,
-                                                             self._token_steps) for feeds in self.next_token_feeds]
-        reference = self._token_reference[provider]
-        candidate = source_run(session)
+        reference = self._reference_tokens(provider)
+        candidate = _feeding(session)
         total = sum(want.size for want in reference)
         forced: list[np.ndarray] = []
         differing = 0
@@ -997,6 +998,15 @@ class Verifier:
                 else greedy_tokens(candidate, self._names, self._plan, feeds, self._token_steps)
                 for feeds, want, got in zip(self.next_token_feeds, reference, forced)]
         return next_token_agreement(reference, forced), free_agreement(reference, free)
+
+    def _reference_tokens(self, provider: str) -> list[np.ndarray]:
+        """The original's greedy tokens on ``provider`` from each of ``next_token_feeds``
+        ([rows, steps] each), decoded once; what onnxruntime raises where it cannot."""
+        if provider not in self._token_reference:
+            original = _feeding(self._session(self.original, provider))
+            self._token_reference[provider] = [greedy_tokens(original, self._names, self._plan, feeds,
+                                                             self._token_steps) for feeds in self.next_token_feeds]
+        return self._token_reference[provider]
 
     @functools.cached_property
     def _token_steps(self) -> int:
@@ -1408,6 +1418,12 @@ def _task_problem(row: Mapping[str, Any]) -> str:
                 f"{_num(row.get('floor_sqnr_db'))} dB)")
     return (f"{row['metric']} deviation {_num(row['deviation'])} > allowed {_num(row['allowed'])} "
             f"(float32's own under input noise: {_num(row['floor'])})")
+
+
+def _feeding(session: Any) -> Callable[[Feeds], Sequence[np.ndarray]]:
+    """A run of ``session`` on float32 feeds (rounded to float16 where it takes float16)."""
+    float16_inputs = float16_feedable(session)
+    return lambda feeds: run(session, _fit_float16(feeds, float16_inputs))
 
 
 def _fit_float16(feeds: Feeds, float16_inputs: frozenset[str]) -> dict[str, np.ndarray]:
