@@ -16,7 +16,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 import optcc
-from optcc.numerics.decode import DECODE_STEPS, NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_STEPS
+from optcc.numerics.decode import DECODE_STEPS, NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_SEARCH_AGREEMENT, NEXT_TOKEN_STEPS
 
 VOCAB, WIDTH, PROMPT, ROWS = 24, 16, 4, 8
 DECISIVE = 1e-2  # a top-1 margin (logits) far above float32's rounding of these logits
@@ -278,3 +278,42 @@ def test_an_original_whose_next_token_decode_cannot_run_leaves_the_result_unveri
     # the other way round: the candidate's decode that cannot run fails it
     failed = optcc.verify(_decoder(weights), _length_limited(weights, rows), numerics="int8", inputs=[_prompt()])
     assert failed.status == "failed" and "optimized model's next-token decode" in failed.reason, failed.describe()
+
+
+def test_a_search_is_held_to_fewer_differing_steps_than_the_result(reference) -> None:
+    """``Verifier.held_apart`` (the mixed search's check) refuses a candidate whose flips, on
+    its own prompts, lie between its share and 1% of the steps; fed those very prompts, the
+    verification's rule (``NEXT_TOKEN_AGREEMENT``) accepts it. Flips counted with numpy float64."""
+    weights, _ = reference
+    with optcc.Verifier(optcc.ir.load(_decoder(weights))) as verifier:
+        apart = verifier.held_apart()
+        prompts = [feeds["input_ids"] for feeds in apart.next_token_feeds]
+        steps = sum(p.shape[0] for p in prompts) * NEXT_TOKEN_STEPS
+        allowed = {share: int((1 - share) * steps + 1e-9) for share in (NEXT_TOKEN_SEARCH_AGREEMENT,
+                                                                       NEXT_TOKEN_AGREEMENT)}
+        assert allowed[NEXT_TOKEN_SEARCH_AGREEMENT] < allowed[NEXT_TOKEN_AGREEMENT]
+        wants = [_numpy_decode(weights, p, NEXT_TOKEN_STEPS) for p in prompts]
+        clear = DECISIVE / 10  # a top-1 margin still far above float32's rounding of these logits
+        assert min(m.min() for _, m in wants) >= clear
+        moved = None
+        for seed in range(400):
+            for scale in (0.005, 0.01, 0.02):
+                candidate = _moved(weights, scale, seed)
+                decoded = [_numpy_decode(candidate, p, NEXT_TOKEN_STEPS, fed=w) for p, (w, _) in zip(prompts, wants)]
+                flips = sum(int((f != w).sum()) for (f, _), (w, _) in zip(decoded, wants))
+                if allowed[NEXT_TOKEN_SEARCH_AGREEMENT] < flips <= allowed[NEXT_TOKEN_AGREEMENT] \
+                        and min(m.min() for _, m in decoded) >= clear:
+                    moved = candidate
+                    break
+            if moved is not None:
+                break
+        assert moved is not None, "no move of U flips between the two shares' allowances"
+        refused = apart.check(optcc.ir.load(_decoder(moved)), "int8")
+    assert refused.status == "failed", refused.describe()
+    # (the check stops once more steps differ than its share allows)
+    assert allowed[NEXT_TOKEN_SEARCH_AGREEMENT] < refused.next_token["CPUExecutionProvider"]["differing"] <= flips
+    assert f"at least {NEXT_TOKEN_SEARCH_AGREEMENT:.1%} needed" in refused.reason
+    samples = [{**feeds} for feeds in apart.next_token_feeds]
+    accepted = optcc.verify(_decoder(weights), _decoder(moved), numerics="int8", inputs=samples)
+    assert accepted.status == "passed", accepted.describe()
+    assert accepted.next_token["CPUExecutionProvider"]["differing"] == flips
