@@ -317,3 +317,16 @@ def test_a_search_is_held_to_fewer_differing_steps_than_the_result(reference) ->
     accepted = optcc.verify(_decoder(weights), _decoder(moved), numerics="int8", inputs=samples)
     assert accepted.status == "passed", accepted.describe()
     assert accepted.next_token["CPUExecutionProvider"]["differing"] == flips
+
+
+def test_the_search_never_judges_the_users_prompts(reference) -> None:
+    """With the user's prompts, ``held_apart`` decodes generated ones: the verification's
+    check of the user's prompts judges prompts the search did not choose on."""
+    weights, _ = reference
+    user = _prompt()
+    with optcc.Verifier(optcc.ir.load(_decoder(weights)), inputs=[user]) as verifier:
+        assert [f["input_ids"].tolist() for f in verifier.next_token_feeds] == [user["input_ids"].tolist()]
+        apart = verifier.held_apart()
+        assert apart is not verifier and not apart.user_samples
+        searched = {tuple(row) for feeds in apart.next_token_feeds for row in feeds["input_ids"].tolist()}
+    assert len(searched) > ROWS and not searched & {tuple(row) for row in user["input_ids"].tolist()}
