@@ -168,8 +168,9 @@ def optimize(
     misses the verification's check has its most sensitive layers raised to int8 until it
     passes (the pass's ``gate``, unless the options give one; docs/weight-only.md, Mixed
     int4/int8): for a KV-cache decoder the search judges other samples than the
-    verification's (``Verifier.held_apart``), and the verification's check confirms what it
-    chose (the pass's ``held_out``). These change what is computed, so the final verification uses the
+    verification's (``Verifier.held_apart``, asking more of the next tokens), and the
+    verification's check confirms what it chose (the pass's ``held_out``). These change
+    what is computed, so the final verification uses the
     FP16/INT8 tolerances. ``fp16`` and ``weight_only`` together
     convert to float16 first (judged as ``fp16`` alone, its float32 fallback layers
     included), then quantize the weights of that model, float16 layers with float16 scales

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 import optcc
-from optcc.numerics.decode import DECODE_STEPS, NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_STEPS
+from optcc.numerics.decode import DECODE_STEPS, NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_SEARCH_AGREEMENT, NEXT_TOKEN_STEPS
 
 VOCAB, WIDTH, PROMPT, ROWS = 24, 16, 4, 8
 DECISIVE = 1e-2  # a top-1 margin (logits) far above float32's rounding of these logits
@@ -28,9 +29,10 @@ def _weights() -> dict[str, np.ndarray]:
             "U": rng.normal(size=(WIDTH, VOCAB)) * 2}
 
 
-def _decoder(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+def _decoder(weights: dict[str, np.ndarray], last_only: bool = False) -> onnx.ModelProto:
     """One attention layer over a KV cache: x = E[ids]; K, V = past ++ x Wk, x Wv;
-    h = x + softmax(x Wq K^T / 4) V; logits = tanh(h) U."""
+    h = x + softmax(x Wq K^T / 4) V; logits = tanh(h) U ([B, S, VOCAB]; ``last_only``:
+    the last position's alone, [B, VOCAB], as an export that returns only the next token's)."""
     nodes = [
         oh.make_node("Gather", ["E", "input_ids"], ["x"]),
         oh.make_node("MatMul", ["x", "Wq"], ["q"]),
@@ -45,15 +47,20 @@ def _decoder(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
         oh.make_node("MatMul", ["p", "present_value"], ["a"]),
         oh.make_node("Add", ["x", "a"], ["h"]),
         oh.make_node("Tanh", ["h"], ["t"]),
-        oh.make_node("MatMul", ["t", "U"], ["logits"]),
     ]
+    if last_only:
+        nodes += [oh.make_node("Gather", ["t", "last"], ["t_last"], axis=1),
+                  oh.make_node("MatMul", ["t_last", "U"], ["logits"])]
+    else:
+        nodes.append(oh.make_node("MatMul", ["t", "U"], ["logits"]))
     past = [oh.make_tensor_value_info(n, TP.FLOAT, ["B", "T", WIDTH]) for n in ("past_key", "past_value")]
     present = [oh.make_tensor_value_info(n, TP.FLOAT, ["B", "T2", WIDTH]) for n in ("present_key", "present_value")]
     graph = oh.make_graph(
         nodes, "decoder", [oh.make_tensor_value_info("input_ids", TP.INT64, ["B", "S"]), *past],
-        [oh.make_tensor_value_info("logits", TP.FLOAT, ["B", "S", VOCAB]), *present],
+        [oh.make_tensor_value_info("logits", TP.FLOAT, ["B", VOCAB] if last_only else ["B", "S", VOCAB]),
+         *present],
         [nh.from_array(w.astype(np.float32), name) for name, w in weights.items()]
-        + [nh.from_array(np.array(0.25, np.float32), "scale")])
+        + [nh.from_array(np.array(0.25, np.float32), "scale"), nh.from_array(np.array(-1, np.int64), "last")])
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     return model
@@ -127,11 +134,13 @@ def _allowed() -> int:
     return int((1 - NEXT_TOKEN_AGREEMENT) * ROWS * NEXT_TOKEN_STEPS + 1e-9)
 
 
+@pytest.mark.parametrize("last_only", [False, True], ids=["logits-per-position", "last-logits"])
 @pytest.mark.parametrize("numerics", ["int8", "fp16"])
-def test_flips_beyond_one_percent_of_the_steps_are_refused(reference, numerics: str) -> None:
+def test_flips_beyond_one_percent_of_the_steps_are_refused(reference, numerics: str, last_only: bool) -> None:
     weights, want = reference
     moved, forced, _ = _flipping(weights, want, range(_allowed() + 1, _allowed() + 4))
-    verification = optcc.verify(_decoder(weights), _decoder(moved), numerics=numerics, inputs=[_prompt()])
+    verification = optcc.verify(_decoder(weights, last_only), _decoder(moved, last_only), numerics=numerics,
+                                inputs=[_prompt()])
     assert verification.status == "failed", verification.describe()
     judged = verification.next_token["CPUExecutionProvider"]
     assert judged["steps"] == NEXT_TOKEN_STEPS and judged["tokens"] == want.size
@@ -141,11 +150,14 @@ def test_flips_beyond_one_percent_of_the_steps_are_refused(reference, numerics: 
     assert all(o.passed for o in verification.outputs)  # the short decode sees no flip: the tokens decide
 
 
+@pytest.mark.parametrize("last_only", [False, True], ids=["logits-per-position", "last-logits"])
 @pytest.mark.parametrize("numerics", ["int8", "fp16"])
-def test_flips_within_one_percent_are_accepted_whatever_the_free_running_decode(reference, numerics: str) -> None:
+def test_flips_within_one_percent_are_accepted_whatever_the_free_running_decode(reference, numerics: str,
+                                                                                 last_only: bool) -> None:
     weights, want = reference
     moved, forced, free = _flipping(weights, want, range(1, _allowed() + 1))
-    verification = optcc.verify(_decoder(weights), _decoder(moved), numerics=numerics, inputs=[_prompt()])
+    verification = optcc.verify(_decoder(weights, last_only), _decoder(moved, last_only), numerics=numerics,
+                                inputs=[_prompt()])
     assert verification.status == "passed", verification.describe()
     judged = verification.next_token["CPUExecutionProvider"]
     assert judged["differing"] == int((forced != want).sum()) > 0
@@ -219,3 +231,102 @@ def test_a_metric_of_the_users_judges_a_decoder_instead_of_the_tokens(reference)
     assert verification.status == "failed", verification.describe()
     assert verification.next_token is None and verification.task is not None
     assert int((forced != want).sum()) >= 1
+
+
+def _length_limited(weights: dict[str, np.ndarray], rows: int) -> onnx.ModelProto:
+    """``_decoder`` that reads a row of a zero table at the cache's length less one (the same
+    logits): onnxruntime refuses a step whose cache is longer than ``rows``."""
+    model = _decoder(weights)
+    limit = [
+        oh.make_node("Shape", ["present_key"], ["key_shape"]),
+        oh.make_node("Gather", ["key_shape", "length_axis"], ["length"], axis=0),
+        oh.make_node("Sub", ["length", "one"], ["last_row"]),
+        oh.make_node("Gather", ["rows", "last_row"], ["row"], axis=0),
+        oh.make_node("Add", ["h", "row"], ["h_read"]),
+    ]
+    tanh = next(i for i, n in enumerate(model.graph.node) if n.op_type == "Tanh")
+    model.graph.node[tanh].input[0] = "h_read"
+    for offset, node in enumerate(limit):
+        model.graph.node.insert(tanh + offset, node)
+    model.graph.initializer.extend([nh.from_array(np.array(1, np.int64), "length_axis"),
+                                    nh.from_array(np.array(1, np.int64), "one"),
+                                    nh.from_array(np.zeros((rows, WIDTH), np.float32), "rows")])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_an_original_whose_next_token_decode_cannot_run_leaves_the_result_unverified(reference) -> None:
+    weights, want = reference
+    rows = PROMPT + DECODE_STEPS + 2  # room for the short decode's steps, not for the next-token decode's
+    original = _length_limited(weights, rows)
+    moved, _, _ = _flipping(weights, want, range(1, _allowed() + 1))  # a candidate the tokens would accept
+    verification = optcc.verify(original, _decoder(moved), numerics="int8", inputs=[_prompt()])
+    assert verification.status == "skipped", verification.describe()
+    assert "original's next-token decode" in verification.reason and verification.next_token is None
+    # the original itself, as written here: it runs the short decode and refuses a longer one
+    session = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
+    fed = _prompt()
+    for step in range(NEXT_TOKEN_STEPS):
+        if PROMPT + step > rows:
+            with pytest.raises(Exception, match="out of"):
+                session.run(None, fed)
+            break
+        logits, key, value = session.run(None, fed)
+        np.testing.assert_array_equal(logits[:, -1].argmax(-1), want[:, step])
+        fed = {"input_ids": want[:, step:step + 1].astype(np.int64), "past_key": key, "past_value": value}
+    assert PROMPT + step > rows > PROMPT + DECODE_STEPS
+    # the other way round: the candidate's decode that cannot run fails it
+    failed = optcc.verify(_decoder(weights), _length_limited(weights, rows), numerics="int8", inputs=[_prompt()])
+    assert failed.status == "failed" and "optimized model's next-token decode" in failed.reason, failed.describe()
+
+
+def test_a_search_is_held_to_fewer_differing_steps_than_the_result(reference) -> None:
+    """``Verifier.held_apart`` (the mixed search's check) refuses a candidate whose flips, on
+    its own prompts, lie between its share and 1% of the steps; fed those very prompts, the
+    verification's rule (``NEXT_TOKEN_AGREEMENT``) accepts it. Flips counted with numpy float64."""
+    weights, _ = reference
+    with optcc.Verifier(optcc.ir.load(_decoder(weights))) as verifier:
+        apart = verifier.held_apart()
+        prompts = [feeds["input_ids"] for feeds in apart.next_token_feeds]
+        steps = sum(p.shape[0] for p in prompts) * NEXT_TOKEN_STEPS
+        allowed = {share: int((1 - share) * steps + 1e-9) for share in (NEXT_TOKEN_SEARCH_AGREEMENT,
+                                                                       NEXT_TOKEN_AGREEMENT)}
+        assert allowed[NEXT_TOKEN_SEARCH_AGREEMENT] < allowed[NEXT_TOKEN_AGREEMENT]
+        wants = [_numpy_decode(weights, p, NEXT_TOKEN_STEPS) for p in prompts]
+        clear = DECISIVE / 10  # a top-1 margin still far above float32's rounding of these logits
+        assert min(m.min() for _, m in wants) >= clear
+        moved = None
+        for seed in range(400):
+            for scale in (0.005, 0.01, 0.02):
+                candidate = _moved(weights, scale, seed)
+                decoded = [_numpy_decode(candidate, p, NEXT_TOKEN_STEPS, fed=w) for p, (w, _) in zip(prompts, wants)]
+                flips = sum(int((f != w).sum()) for (f, _), (w, _) in zip(decoded, wants))
+                if allowed[NEXT_TOKEN_SEARCH_AGREEMENT] < flips <= allowed[NEXT_TOKEN_AGREEMENT] \
+                        and min(m.min() for _, m in decoded) >= clear:
+                    moved = candidate
+                    break
+            if moved is not None:
+                break
+        assert moved is not None, "no move of U flips between the two shares' allowances"
+        refused = apart.check(optcc.ir.load(_decoder(moved)), "int8")
+    assert refused.status == "failed", refused.describe()
+    # (the check stops once more steps differ than its share allows)
+    assert allowed[NEXT_TOKEN_SEARCH_AGREEMENT] < refused.next_token["CPUExecutionProvider"]["differing"] <= flips
+    assert f"at least {NEXT_TOKEN_SEARCH_AGREEMENT:.1%} needed" in refused.reason
+    samples = [{**feeds} for feeds in apart.next_token_feeds]
+    accepted = optcc.verify(_decoder(weights), _decoder(moved), numerics="int8", inputs=samples)
+    assert accepted.status == "passed", accepted.describe()
+    assert accepted.next_token["CPUExecutionProvider"]["differing"] == flips
+
+
+def test_the_search_never_judges_the_users_prompts(reference) -> None:
+    """With the user's prompts, ``held_apart`` decodes generated ones: the verification's
+    check of the user's prompts judges prompts the search did not choose on."""
+    weights, _ = reference
+    user = _prompt()
+    with optcc.Verifier(optcc.ir.load(_decoder(weights)), inputs=[user]) as verifier:
+        assert [f["input_ids"].tolist() for f in verifier.next_token_feeds] == [user["input_ids"].tolist()]
+        apart = verifier.held_apart()
+        assert apart is not verifier and not apart.user_samples
+        searched = {tuple(row) for feeds in apart.next_token_feeds for row in feeds["input_ids"].tolist()}
+    assert len(searched) > ROWS and not searched & {tuple(row) for row in user["input_ids"].tolist()}

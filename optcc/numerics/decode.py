@@ -23,7 +23,10 @@ each model decodes ``NEXT_TOKEN_STEPS`` steps from each of its prompts
 (``NEXT_TOKEN_PROMPTS`` generated ones where the user gives none), the candidate fed the
 original's greedy tokens (``greedy_tokens`` of the original, ``forced_tokens`` of the
 candidate: both see the same context at every step), and it is accepted when its argmax
-is the original's at ``NEXT_TOKEN_AGREEMENT`` of the steps (``next_token_agreement``).
+is the original's at ``NEXT_TOKEN_AGREEMENT`` of the steps (``next_token_agreement``; a
+search that keeps the first candidate passing on its own prompts asks
+``NEXT_TOKEN_SEARCH_AGREEMENT`` there). The next token is the argmax of the logits at the
+last position, or of a ``[batch, vocab]`` logits output (the last position's alone) as it is.
 Every step counts, near-ties included. Free-running agreement (``free_agreement``: each
 model fed its own tokens) is reported beside it and decides nothing: one flipped near-tie
 changes every later token, so it measures where a row parts, and one flip early in a
@@ -52,13 +55,17 @@ from optcc.numerics.metrics import sqnr_db
 from optcc.numerics.state import state_pairs
 
 __all__ = ["DECODE_STEPS", "NEXT_TOKEN_AGREEMENT", "NEXT_TOKEN_PROMPT_LENGTH", "NEXT_TOKEN_PROMPTS",
-           "NEXT_TOKEN_STEPS", "STREAM_STEPS", "SECOND_STEP",
+           "NEXT_TOKEN_SEARCH_AGREEMENT", "NEXT_TOKEN_STEPS", "STREAM_STEPS", "SECOND_STEP",
            "DecodePlan", "GreedyAgreement", "decode_plan", "forced_tokens", "free_agreement", "free_running",
-           "greedy_agreement", "greedy_tokens", "next_token_agreement", "run_decode", "stream_plan", "stream_names",
-           "streamed"]
+           "greedy_agreement", "greedy_tokens", "last_logits", "next_token_agreement", "run_decode", "stream_plan",
+           "stream_names", "streamed"]
 
 NEXT_TOKEN_STEPS = 32  # steps per prompt whose next token judges a lossy decoder, each fed the original's token
 NEXT_TOKEN_AGREEMENT = 0.99  # the share of those steps whose argmax is the original's that accepts it
+# the share a mixed search's candidate must reach on its own (held-apart) prompts: fewer differing
+# steps than the result is allowed, since a search keeps the first candidate whose steps happen to
+# differ little on the prompts it judged
+NEXT_TOKEN_SEARCH_AGREEMENT = 0.993
 NEXT_TOKEN_PROMPTS = 16  # generated prompts (samples) that decode, where the user gives none
 NEXT_TOKEN_PROMPT_LENGTH = 8  # random token ids in a generated prompt, from an empty cache
 STREAM_STEPS = 2  # steps a streaming model runs per sample: its state is judged in the second's answers
@@ -80,7 +87,9 @@ class DecodePlan:
     ids: str | None
     mask: str | None
     position: str | None
-    logits: str | None  # the output whose last position's argmax is the next token
+    # the output whose argmax is the next token: at its last position ([batch, seq, vocab]), or
+    # the last position's alone ([batch, vocab])
+    logits: str | None
 
     @property
     def state_outputs(self) -> frozenset[str]:
@@ -104,7 +113,7 @@ def decode_plan(model: ir.Model) -> DecodePlan | None:
     ids = next((n for n, r in roles.items() if r == "index"), None)
     logits = next((o.name for o in outputs if not _PRESENT.match(o.name or "")
                    and o.dtype is not None and o.dtype.is_floating_point()
-                   and o.shape is not None and o.shape.rank() == 3), None)
+                   and o.shape is not None and o.shape.rank() in (2, 3)), None)
     if ids is None or logits is None:
         return None
     mask = next((n for n, r in roles.items() if r == "mask"), None)
@@ -175,7 +184,7 @@ def run_decode(
         named = dict(zip(names, outputs))
         token = None
         if plan.logits is not None:
-            token = tokens[step] if tokens is not None else np.argmax(named[plan.logits][:, -1, :], axis=-1)
+            token = tokens[step] if tokens is not None else np.argmax(last_logits(named[plan.logits]), axis=-1)
             chosen.append(token)
         feeds = _next_feeds(plan, feeds, named, token)
     return results, chosen
@@ -197,9 +206,15 @@ class GreedyAgreement:
         return dataclasses.asdict(self)
 
 
+def last_logits(logits: np.ndarray) -> np.ndarray:
+    """[batch, vocab]: a step's logits ([batch, seq, vocab], or [batch, vocab] where the
+    model returns the last position's alone) at its last position."""
+    return logits if logits.ndim == 2 else logits[:, -1, :]
+
+
 def _next_logits(results: Sequence[Sequence[np.ndarray]], index: int) -> np.ndarray:
     """[batch, steps, vocab] float64: every step's logits at its last position."""
-    return np.stack([np.asarray(r[index], np.float64)[:, -1, :] for r in results], axis=1)
+    return np.stack([last_logits(np.asarray(r[index], np.float64)) for r in results], axis=1)
 
 
 def greedy_agreement(
@@ -277,14 +292,15 @@ def forced_tokens(run: Callable[[Feeds], Sequence[np.ndarray]], names: Sequence[
     return _next_logits(results, list(names).index(plan.logits)).argmax(-1)
 
 
-def next_token_agreement(reference: Sequence[np.ndarray], forced: Sequence[np.ndarray]) -> dict:
+def next_token_agreement(reference: Sequence[np.ndarray], forced: Sequence[np.ndarray],
+                         threshold: float = NEXT_TOKEN_AGREEMENT) -> dict:
     """Next-token agreement of a candidate with a reference (one [batch, steps] array per
     sample each: the reference's ``greedy_tokens`` and the candidate's ``forced_tokens`` on
     them): the share of steps whose tokens are equal over every row of every sample, the
-    steps compared and differing, and whether the share reaches ``NEXT_TOKEN_AGREEMENT``."""
+    steps compared and differing, and whether the share reaches ``threshold``."""
     differs, counts = _token_differences(reference, forced)
-    return {**counts, "differing": int(differs.sum()), "threshold": NEXT_TOKEN_AGREEMENT,
-            "passed": counts["agreement"] >= NEXT_TOKEN_AGREEMENT}
+    return {**counts, "differing": int(differs.sum()), "threshold": threshold,
+            "passed": counts["agreement"] >= threshold}
 
 
 def free_agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict:

@@ -75,8 +75,10 @@ short decode, and its free-running agreement, are reported, not judged; any othe
 keeps its tolerance). The prompts are the user's samples, else ``NEXT_TOKEN_PROMPTS``
 generated ones (``next_token_feeds``), which leave room in the position table for that
 many steps. ``held_apart`` gives a verifier of other samples, for a search that must not
-fit the samples its result is verified on. A streaming model (one whose state outputs its
-caller feeds back, ``optcc.numerics.state``) runs a second step per sample from the state
+fit the samples its result is verified on; for a decoder it asks
+``NEXT_TOKEN_SEARCH_AGREEMENT`` of the steps, more than the result is asked. Where the
+original's own next-token decode cannot run, the result is "skipped", as below. A
+streaming model (one whose state outputs its caller feeds back, ``optcc.numerics.state``) runs a second step per sample from the state
 the first returned (``optcc.numerics.decode.streamed``): the task judge judges its answers
 on both steps, its state outputs only through the second.
 
@@ -102,9 +104,9 @@ import onnx_ir as ir
 from optcc import ir as oir
 from optcc.errors import BadInputError
 from optcc.numerics.decode import (DECODE_STEPS, NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_PROMPT_LENGTH,
-                                   NEXT_TOKEN_PROMPTS, NEXT_TOKEN_STEPS, decode_plan, forced_tokens,
-                                   free_agreement, greedy_tokens, next_token_agreement, run_decode, stream_names,
-                                   stream_plan, streamed)
+                                   NEXT_TOKEN_PROMPTS, NEXT_TOKEN_SEARCH_AGREEMENT, NEXT_TOKEN_STEPS, decode_plan,
+                                   forced_tokens, free_agreement, greedy_tokens, next_token_agreement, run_decode,
+                                   stream_names, stream_plan, streamed)
 from optcc.numerics.equivalence import Premise, number_original, prove_equivalent
 from optcc.numerics.float16 import ACCEPTED_BY_TASK, accept_float16, widen_float16
 from optcc.numerics.float64 import MAX_REFERENCE_BYTES, Float64Reference
@@ -234,7 +236,7 @@ class Verification:
             text += (f"; next tokens on {provider.replace('ExecutionProvider', '')}: "
                      f"{run_['agreement']:.1%} of {run_['tokens']} steps as the original's, "
                      f"each fed the original's tokens ({run_['rows']} rows of {run_['steps']} steps, "
-                     f"at least {run_['threshold']:.0%} needed)")
+                     f"at least {_percent(run_['threshold'])} needed)")
             free = (self.free_running or {}).get(provider)
             if free is not None:
                 text += f"; free-running (not judged): {free['agreement']:.1%} ({_parted(free)})"
@@ -338,6 +340,8 @@ class Verifier:
         # per provider and prompt, the original's greedy tokens ([rows, steps]) the next-token check is fed
         self._token_reference: dict[str, list[np.ndarray]] = {}
         self._apart: Verifier | None = None
+        # the share of a lossy decoder's next tokens that accepts it (``held_apart``'s: a search's margin)
+        self._agreement = NEXT_TOKEN_AGREEMENT
         self._float32: dict[str, list[list[np.ndarray]]] | None = None
         self._task = dict(metric=task_metric, margin=task_margin, metric_target=task_target,
                           min_sqnr_db=task_min_sqnr_db)
@@ -756,6 +760,14 @@ class Verifier:
         with Progress("verifying", len(self.providers) * len(feeds), enabled=self._progress) as bar:
             for provider in self.providers:
                 session = None
+                if by_tokens:
+                    try:  # the original's own decode: where it cannot run, nothing judges the candidate
+                        self._reference_tokens(provider)
+                    except Exception as e:  # noqa: BLE001
+                        reason = (f"onnxruntime cannot run the original's next-token decode ({self._token_steps} "
+                                  f"steps per prompt): {first_line(e)}")
+                        return Verification(status="skipped", outputs=[], reason=reason, reference=reference,
+                                            **base)
                 kept = self._kept_cases(model, source, provider, positions) if numerics == "int8" else None
                 if kept is not None:  # a pass had this very model run on these samples (``outputs``)
                     candidate_names, got_all = kept
@@ -786,7 +798,7 @@ class Verifier:
                         if free_run is not None:
                             free[provider] = free_run
                     except Exception as e:  # noqa: BLE001
-                        reason = f"the next-token decode does not run: {first_line(e)}"
+                        reason = f"the optimized model's next-token decode does not run: {first_line(e)}"
                         return Verification(status="failed", outputs=metrics, reason=reason, reference=reference,
                                             **base)
                 if numerics in ("fp16", "int8"):
@@ -845,7 +857,7 @@ class Verifier:
             problems.append(f"judged {'; '.join(chosen.values())}")
         problems += [f"next tokens on {provider}: {run_['agreement']:.1%} of {run_['tokens']} steps as the "
                      f"original's, each fed the original's tokens ({run_['differing']} differ; {run_['rows']} rows of "
-                     f"{run_['steps']} steps; at least {run_['threshold']:.0%} needed"
+                     f"{run_['steps']} steps; at least {_percent(run_['threshold'])} needed"
                      + (f"; stopped {run_['stopped']}" if run_.get("stopped") else "") + ")"
                      for provider, run_ in next_token.items() if not run_["passed"]]
         status = "failed" if problems else "passed"
@@ -967,26 +979,19 @@ class Verifier:
         tokens on ``provider`` (decoded once), against them over ``NEXT_TOKEN_STEPS`` steps
         each (``next_token_agreement``), and its own free-running decode's agreement over the
         same prompts (``free_agreement``; reported). It stops once more steps differ than
-        ``NEXT_TOKEN_AGREEMENT`` allows of them all: it fails whatever the prompts left show,
-        ``stopped`` says after how many prompts, and no free-running decode runs (None)."""
-        def source_run(source: Any) -> Callable[[Feeds], Sequence[np.ndarray]]:
-            float16_inputs = float16_feedable(source)
-            return lambda f: run(source, _fit_float16(f, float16_inputs))
-
-        if provider not in self._token_reference:
-            original = source_run(self._session(self.original, provider))
-            self._token_reference[provider] = [greedy_tokens(original, self._names, self._plan, feeds,
-                                                             self._token_steps) for feeds in self.next_token_feeds]
-        reference = self._token_reference[provider]
-        candidate = source_run(session)
+        the agreement asked for (``NEXT_TOKEN_AGREEMENT``, ``held_apart``'s more) allows of
+        them all: it fails whatever the prompts left show, ``stopped`` says after how many
+        prompts, and no free-running decode runs (None)."""
+        reference = self._reference_tokens(provider)
+        candidate = _feeding(session)
         total = sum(want.size for want in reference)
         forced: list[np.ndarray] = []
         differing = 0
         for feeds, want in zip(self.next_token_feeds, reference):
             forced.append(forced_tokens(candidate, self._names, self._plan, feeds, want))
             differing += int((forced[-1] != want).sum())
-            if differing > (1 - NEXT_TOKEN_AGREEMENT) * total:
-                verdict = next_token_agreement(reference[:len(forced)], forced)
+            if differing > (1 - self._agreement) * total:
+                verdict = next_token_agreement(reference[:len(forced)], forced, self._agreement)
                 if len(forced) < len(reference):
                     verdict["stopped"] = (f"after {len(forced)} of {len(reference)} prompts: {differing} of all "
                                           f"{total} steps differ")
@@ -996,7 +1001,16 @@ class Verifier:
         free = [want if np.array_equal(got, want)
                 else greedy_tokens(candidate, self._names, self._plan, feeds, self._token_steps)
                 for feeds, want, got in zip(self.next_token_feeds, reference, forced)]
-        return next_token_agreement(reference, forced), free_agreement(reference, free)
+        return next_token_agreement(reference, forced, self._agreement), free_agreement(reference, free)
+
+    def _reference_tokens(self, provider: str) -> list[np.ndarray]:
+        """The original's greedy tokens on ``provider`` from each of ``next_token_feeds``
+        ([rows, steps] each), decoded once; what onnxruntime raises where it cannot."""
+        if provider not in self._token_reference:
+            original = _feeding(self._session(self.original, provider))
+            self._token_reference[provider] = [greedy_tokens(original, self._names, self._plan, feeds,
+                                                             self._token_steps) for feeds in self.next_token_feeds]
+        return self._token_reference[provider]
 
     @functools.cached_property
     def _token_steps(self) -> int:
@@ -1022,7 +1036,10 @@ class Verifier:
         """A verifier of the same original and options on other samples, for a search whose
         result this verifier judges: for a KV-cache decoder, generated samples of another
         seed (prompts apart from this verifier's; the user's samples stay this verifier's
-        alone); for any other model, this
+        alone, so its check of them judges prompts the search never saw), whose next-token
+        check asks for ``NEXT_TOKEN_SEARCH_AGREEMENT``: a search keeps the first candidate that
+        passes, one whose steps on these prompts happen to differ less than on others, so it
+        is held to fewer differing steps than the result; for any other model, this
         verifier itself (its task judge already holds out nothing a search could fit)."""
         if self._plan is None:
             return self
@@ -1030,6 +1047,7 @@ class Verifier:
             options = dict(self._options)
             options["seed"] = options["seed"] + 1
             self._apart = Verifier(self.original, parsed=self._model, **options)
+            self._apart._agreement = NEXT_TOKEN_SEARCH_AGREEMENT
         return self._apart
 
     def _source(self, model: ir.Model) -> Any:
@@ -1408,6 +1426,17 @@ def _task_problem(row: Mapping[str, Any]) -> str:
                 f"{_num(row.get('floor_sqnr_db'))} dB)")
     return (f"{row['metric']} deviation {_num(row['deviation'])} > allowed {_num(row['allowed'])} "
             f"(float32's own under input noise: {_num(row['floor'])})")
+
+
+def _percent(share: float) -> str:
+    """A share as a percentage with no trailing zeros: 0.99 as '99%', 0.993 as '99.3%'."""
+    return f"{share * 100:g}%"
+
+
+def _feeding(session: Any) -> Callable[[Feeds], Sequence[np.ndarray]]:
+    """A run of ``session`` on float32 feeds (rounded to float16 where it takes float16)."""
+    float16_inputs = float16_feedable(session)
+    return lambda feeds: run(session, _fit_float16(feeds, float16_inputs))
 
 
 def _fit_float16(feeds: Feeds, float16_inputs: frozenset[str]) -> dict[str, np.ndarray]:
