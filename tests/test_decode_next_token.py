@@ -16,7 +16,9 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 import optcc
-from optcc.numerics.decode import DECODE_STEPS, NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_SEARCH_AGREEMENT, NEXT_TOKEN_STEPS
+from optcc import ir as oir
+from optcc.numerics.decode import (DECODE_STEPS, NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_SEARCH_AGREEMENT, NEXT_TOKEN_STEPS,
+                                   decode_plan)
 
 VOCAB, WIDTH, PROMPT, ROWS = 24, 16, 4, 8
 DECISIVE = 1e-2  # a top-1 margin (logits) far above float32's rounding of these logits
@@ -330,3 +332,15 @@ def test_the_search_never_judges_the_users_prompts(reference) -> None:
         assert apart is not verifier and not apart.user_samples
         searched = {tuple(row) for feeds in apart.next_token_feeds for row in feeds["input_ids"].tolist()}
     assert len(searched) > ROWS and not searched & {tuple(row) for row in user["input_ids"].tolist()}
+
+
+def test_a_pooled_output_before_the_logits_is_not_taken_for_them(reference) -> None:
+    """Of a decoder's float outputs, the logits over every position decide the next token
+    where the model has them; a [B, WIDTH] output before them is another output."""
+    weights, _ = reference
+    model = _decoder(weights)
+    model.graph.node.append(oh.make_node("ReduceMean", ["h"], ["pooled"], axes=[1], keepdims=0))
+    model.graph.output.insert(0, oh.make_tensor_value_info("pooled", TP.FLOAT, ["B", WIDTH]))
+    plan = decode_plan(oir.load(model))
+    assert plan is not None and plan.logits == "logits"
+    assert decode_plan(oir.load(_decoder(weights, last_only=True))).logits == "logits"

@@ -111,9 +111,10 @@ def decode_plan(model: ir.Model) -> DecodePlan | None:
     if None in pairing.values() or len(set(pairing.values())) != len(pairing):
         pairing = dict(zip(pasts, presents))
     ids = next((n for n, r in roles.items() if r == "index"), None)
-    logits = next((o.name for o in outputs if not _PRESENT.match(o.name or "")
-                   and o.dtype is not None and o.dtype.is_floating_point()
-                   and o.shape is not None and o.shape.rank() in (2, 3)), None)
+    floats = [o for o in outputs if not _PRESENT.match(o.name or "") and o.dtype is not None
+              and o.dtype.is_floating_point() and o.shape is not None]
+    # logits over every position where the model returns them, else the last position's alone
+    logits = next((o.name for rank in (3, 2) for o in floats if o.shape.rank() == rank), None)
     if ids is None or logits is None:
         return None
     mask = next((n for n, r in roles.items() if r == "mask"), None)
