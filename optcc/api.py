@@ -442,19 +442,26 @@ def optimize(
     if crashed and not allow_float_fallback:
         text = "; ".join(f"{kind} not applied: {why}" for kind, why in crashed.items())
         applied = " + ".join(result.applied_precision)
-        _raise(PrecisionPassFailedError(f"internal error: {text}{_would_be(text, applied)}"), result)
+        _raise(PrecisionPassFailedError(f"internal error: {text}{_would_be(text, applied, outcome.model)}"), result)
     if declined and not allow_float_fallback:
         text = "; ".join(f"{kind} not applied: {why}" for kind, why in declined.items())
         applied = " + ".join(result.applied_precision)  # --fp16 --weights without its weights: float16
-        _raise(PrecisionNotAppliedError(f"{text}{_would_be(text, applied)}"), result)
+        _raise(PrecisionNotAppliedError(f"{text}{_would_be(text, applied, outcome.model)}"), result)
     return result
 
 
-def _would_be(text: str, applied: str) -> str:
+def _would_be(text: str, applied: str, model: ir.Model) -> str:
     """What a declined precision leaves, said once: nothing when ``text``'s last clause says it
-    (``...; kept float32 (why)``)."""
-    left = applied or "float32"
+    (``...; kept float32 (why)``). With nothing applied that is the model's own float type."""
+    left = applied or _own_float_type(model)
     return "" if re.search(rf"(^|; )kept {re.escape(left)}( \(.*\))?$", text) else f" (the result would be {left})"
+
+
+def _own_float_type(model: ir.Model) -> str:
+    """"float16" for a model whose float graph inputs and outputs are all float16, else "float32"."""
+    floats = {value.dtype for value in (*model.graph.inputs, *model.graph.outputs)
+              if value.dtype is not None and value.dtype.is_floating_point()}
+    return "float16" if floats == {ir.DataType.FLOAT16} else "float32"
 
 
 def _gate_reason(verifier: Verifier, candidate: ir.Model) -> str | None:

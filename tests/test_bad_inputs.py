@@ -819,6 +819,25 @@ def test_a_declined_int8_says_float32_once(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "o.onnx").exists()
 
 
+def test_a_declined_int8_on_a_float16_model_says_it_stays_float16(tmp_path: Path, capsys) -> None:
+    # a model that computes in float16 (a Keras export saved in half precision) had its declined
+    # INT8 said as '(the result would be float32)'
+    rng = np.random.default_rng(3)
+    weight = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float16), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "half",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 8])], [weight])
+    model = tmp_path / "half.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=rng.standard_normal((8, 2, 16)).astype(np.float16))
+    code = cli.main([str(model), "--int8", "--calibration", str(data), "-o", str(tmp_path / "o.onnx")])
+    line = capsys.readouterr().err.splitlines()[0]
+    assert code == 5 and "int8 not applied" in line, line
+    assert "float32" not in line and "(the result would be float16)" in line, line
+    assert not (tmp_path / "o.onnx").exists()
+
+
 def test_int8_declined_as_not_faster_on_matrix_products_names_the_modes_that_quantize_them(tmp_path: Path,
                                                                                             capsys) -> None:
     rng = np.random.default_rng(9)
