@@ -27,6 +27,7 @@ from optcc.ir.overwrite import check_input_shapes
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
 from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary,
                             input_roles, resolve_providers)
+from optcc.numerics.verify import REPARSE_MAX_BYTES
 from optcc.progress import Progress
 from optcc.quant import quantization_ops, stored_weights
 from optcc.quant.driver import check_distinct, check_groups
@@ -199,7 +200,13 @@ def optimize(
     samples = None if int8_calibration is None else [dict(f) for f in int8_calibration]
     fp16_block = list(fp16_block)
     start = time.perf_counter()
-    loaded = oir.load(model)
+    # the file's parse, for the verifier's numbering of the original (handed over below, else dropped)
+    file_parse = None
+    if isinstance(model, (str, os.PathLike)) and verify and os.path.isfile(model) \
+            and os.path.getsize(model) <= REPARSE_MAX_BYTES:
+        loaded, file_parse = oir.load_keeping_parse(model)
+    else:
+        loaded = oir.load(model)
     label = str(model) if isinstance(model, (str, os.PathLike)) else None
     input_shapes = _merged_shapes(loaded, input_shapes, overwrite_input_shapes, label)
     working = oir.clone(loaded) if loaded is model else loaded
@@ -357,7 +364,9 @@ def optimize(
             **({"task_min_sqnr_db": int8["target"].min_sqnr_db} if "target" in int8 else {}),
             parsed=loaded if handed else untouched,
             parsed_changes=handed,
+            original_parse=file_parse if handed else None,
         )
+    file_parse = None
     # the run is one progress phase: what no inner phase covers (the passes' bookkeeping) is named too,
     # and the inner phases' log lines share its clock
     with Progress("optimizing", 1, enabled=progress, bar=False) as run_phase:

@@ -188,6 +188,38 @@ def test_optimize_numbers_a_files_parse_before_its_passes_and_still_catches_a_mi
     assert _max_difference(onnx.load(path), planted.model) < 1e-5  # the miscompile was undone
 
 
+def _conv_affine_concat(tmp_path) -> str:  # noqa: ANN001 - pytest's tmp_path
+    """x -> Conv -> Mul, Add per channel -> Flatten -> Concat of it twice -> y: the Concat's
+    rank is not given by the definitions (Flatten's), so the numbering infers ranks."""
+    tensors = {"W": RNG.standard_normal((4, 3, 3, 3)), "b": RNG.standard_normal(4),
+               "s": RNG.uniform(0.5, 2, (1, 4, 1, 1)), "d": RNG.standard_normal((1, 4, 1, 1))}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W", "b"], ["t"], pads=[1, 1, 1, 1]),
+         helper.make_node("Mul", ["t", "s"], ["u"]), helper.make_node("Add", ["u", "d"], ["z"]),
+         helper.make_node("Flatten", ["z"], ["f"], axis=1), helper.make_node("Concat", ["f", "f"], ["y"], axis=1)],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 512])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in tensors.items()])
+    path = str(tmp_path / "model.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_optimize_hands_the_files_parse_to_the_numbering(tmp_path, monkeypatch):  # noqa: ANN001
+    """The numbering's shape inference of the original reads the parse the file was loaded
+    from: the file is parsed once, and the fused result is proved."""
+    path = _conv_affine_concat(tmp_path)
+    parses: list[object] = []
+    real = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda *args, **kwargs: parses.append(args) or real(*args, **kwargs))
+    fused = optcc.optimize(path, passes=["fuse-conv-affine"])
+    assert [(p.name, p.status) for p in fused.report.passes] == [("fuse-conv-affine", "changed")]
+    assert fused.report.verification["reference"] == "proof"
+    assert parses == []
+    monkeypatch.setattr(onnx, "load", real)
+    assert _max_difference(onnx.load(path), fused.model) < 1e-5
+
+
 def _matmul_add(rank: int) -> onnx.ModelProto:
     shape, out = ("2, 5", "2, 4") if rank == 2 else ("2, 3, 5", "2, 3, 4")
     weights = ", ".join(str(v) for v in RNG.standard_normal(20).round(3))

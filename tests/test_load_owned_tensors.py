@@ -98,6 +98,30 @@ def test_loaded_tensors_are_detached_and_serialize_to_the_same_bytes(tmp_path: P
     np.testing.assert_allclose(got, _reference(weights, x), rtol=1e-4, atol=1e-4)
 
 
+def test_the_parse_kept_is_the_files_own_and_the_model_does_not_read_it(tmp_path: Path) -> None:
+    """``load_keeping_parse`` keeps what parsing the file gives, byte for byte; emptying that
+    parse afterwards (as the proof's numbering empties its large tensors) leaves the model's
+    weights as they were; a file whose output type loading had to fill in keeps no parse."""
+    proto, weights = _model(np.random.default_rng(0))
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    model, parse = optcc.ir.load_keeping_parse(path)
+    assert parse is not None
+    assert parse.SerializeToString() == onnx.load(path, load_external_data=False).SerializeToString()
+    for tensor in parse.graph.initializer:
+        tensor.Clear()
+    for node in parse.graph.node:
+        for attribute in node.attribute:
+            attribute.t.Clear()
+    x = np.random.default_rng(1).standard_normal((2, WIDTH)).astype(np.float32)
+    np.testing.assert_allclose(make_session(model).run(None, {"x": x})[0], _reference(weights, x), rtol=1e-4, atol=1e-4)
+    proto.graph.output[0].type.tensor_type.ClearField("shape")  # loading fills it in from inference
+    onnx.save(proto, path)
+    model, parse = optcc.ir.load_keeping_parse(path)
+    assert parse is None
+    np.testing.assert_allclose(make_session(model).run(None, {"x": x})[0], _reference(weights, x), rtol=1e-4, atol=1e-4)
+
+
 def test_a_small_file_is_checked_from_the_bytes_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The checker gets the very bytes parsed (it does not read the file again), and a file
     that the checker rejects is still refused."""

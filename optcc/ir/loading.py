@@ -48,17 +48,26 @@ def load(source: ModelSource) -> ir.Model:
         read = data if len(data) <= CHECK_READ_BYTES_MAX else None
         return _from_proto(proto, base_dir=None, label="<bytes>", read=read)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        stamp = _stamp(path)
-        proto, data = _read_model_file(path)
-        read = data if len(data) <= CHECK_READ_BYTES_MAX else None
-        del data
-        return _from_proto(proto, base_dir=path.resolve().parent, label=str(path), path=path, stamp=stamp,
-                           read=read)
+        return load_keeping_parse(source, keep=False)[0]
     raise BadInputError(
         f"cannot load a model from a {type(source).__name__}; "
         "give a path, bytes, onnx.ModelProto or onnx_ir.Model"
     )
+
+
+def load_keeping_parse(path: str | os.PathLike, keep: bool = True) -> tuple[ir.Model, onnx.ModelProto | None]:
+    """``load(path)``, and with ``keep`` the file's parse the model was built from, where
+    loading left it as the file holds it (no interface type filled in, no legacy initializer
+    moved): what parsing the file again without its external data gives. None otherwise."""
+    path = Path(path)
+    stamp = _stamp(path)
+    proto, data = _read_model_file(path)
+    read = data if len(data) <= CHECK_READ_BYTES_MAX else None
+    del data
+    unchanged: list[bool] = []
+    model = _from_proto(proto, base_dir=path.resolve().parent, label=str(path), path=path, stamp=stamp,
+                        read=read, unchanged=unchanged)
+    return model, proto if keep and unchanged else None
 
 
 def _read_model_file(path: Path) -> tuple[onnx.ModelProto, bytes]:
@@ -104,10 +113,11 @@ def _stamp(path: Path) -> tuple[int, ...] | None:
 
 def _from_proto(
     proto: onnx.ModelProto, base_dir: Path | None, label: str, path: Path | None = None,
-    stamp: tuple[int, ...] | None = None, read: bytes | None = None,
+    stamp: tuple[int, ...] | None = None, read: bytes | None = None, unchanged: list[bool] | None = None,
 ) -> ir.Model:
     """The model of ``proto`` (parsed from the file ``path``, from the bytes ``read`` when
-    given), checked and validated."""
+    given), checked and validated. ``unchanged``: a list given by a caller that keeps
+    ``proto``; True is appended when ``proto`` is left as parsed (no fill, no legacy move)."""
     _check_versions(proto, label)
     has_external = _check_external_data(proto, base_dir, label)
     fills = _interface_fills(proto, label)
@@ -158,6 +168,8 @@ def _from_proto(
         ir.external_data.set_base_dir(model.graph, base_dir)
         attributes_in_memory(model)
     _sort_or_reject_cycle(model, label)
+    if unchanged is not None and not fills and not unlisted:
+        unchanged.append(True)
     return model
 
 

@@ -2021,6 +2021,15 @@ class _Keys:
 def _inferred_types(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, tuple[int, tuple]]:
     """Value element types and dims (static ones as ints, else None) by name from onnx's
     shape inference on ``proto`` (changed: its inputs given ``input_shapes``)."""
+    return {i.name: (i.type.tensor_type.elem_type,
+                     tuple(d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim)
+                     if i.type.tensor_type.HasField("shape") else None)
+            for i in _inferred_infos(proto, input_shapes) if i.type.HasField("tensor_type")}
+
+
+def _inferred_infos(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> list[onnx.ValueInfoProto]:
+    """The value infos onnx's shape inference gives on ``proto`` (changed: its inputs given
+    ``input_shapes``, its outputs' declared dims dropped): intermediates, inputs, outputs."""
     for given in proto.graph.input:
         dims = given.type.tensor_type.shape.dim
         if given.name in input_shapes and len(dims) == len(input_shapes[given.name]):
@@ -2030,11 +2039,7 @@ def _inferred_types(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) 
     for declared in proto.graph.output:  # onnxruntime does not hold outputs to their declared dims:
         declared.type.tensor_type.ClearField("shape")  # only what inference derives counts
     inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-    return {i.name: (i.type.tensor_type.elem_type,
-                     tuple(d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim)
-                     if i.type.tensor_type.HasField("shape") else None)
-            for i in infos if i.type.HasField("tensor_type")}
+    return [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
 
 
 def _with_constants(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -2050,8 +2055,15 @@ def _with_constants(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> on
 
 
 def _inferred_ranks(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, int]:
-    """Value ranks by name from onnx's shape inference on ``proto`` (``_inferred_types``)."""
-    return {name: len(dims) for name, (_, dims) in _inferred_types(proto, input_shapes).items() if dims is not None}
+    """Value ranks by name from onnx's shape inference on ``proto``: the number of dims
+    ``_inferred_types`` gives each value (a later info of a name replaces an earlier one, as
+    there), read without building the dims."""
+    ranks: dict[str, int | None] = {}
+    for info in _inferred_infos(proto, input_shapes):
+        if info.type.HasField("tensor_type"):
+            tensor_type = info.type.tensor_type
+            ranks[info.name] = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
+    return {name: rank for name, rank in ranks.items() if rank is not None}
 
 
 def _large_or_external(tensor: ir.TensorProtocol) -> bool:

@@ -274,7 +274,10 @@ class Verifier:
     unless ``parsed_changes``: then ``parsed`` is the parse the passes go on to change in
     place, and the verifier takes from it now what a proof reads of the original
     (``number_original``; where that cannot be taken, a clone), parsing ``original`` again
-    only if it needs more (samples).
+    only if it needs more (samples). ``original_parse``: the file's protobuf parse that
+    ``parsed`` was built from, left as the file holds it (``oir.load_keeping_parse``), handed
+    over for that numbering's shape inference instead of a second parse of the file
+    (dropped after it, read or not).
     ``task_metric``, ``task_margin``, ``task_target``, ``task_groups`` and
     ``task_min_sqnr_db``: how INT8 results are judged (``TaskJudge``'s metric, margin,
     metric_target, groups and min_sqnr_db).
@@ -301,6 +304,7 @@ class Verifier:
         task_min_sqnr_db: float = TOLERANCES["int8"].min_sqnr_db,
         parsed: ir.Model | None = None,
         parsed_changes: bool = False,
+        original_parse: onnx.ModelProto | None = None,
     ) -> None:
         if reference not in REFERENCES:
             raise BadInputError(f"unknown reference '{reference}' (use {', '.join(REFERENCES)})")
@@ -331,10 +335,13 @@ class Verifier:
             for i, feeds in enumerate(self._feeds):
                 check_feeds(model, feeds, label=f"verification sample {i}")
         self._premise: Premise | None = None  # the original numbered for the first proof
+        # the file's parse handed over, for the first shape inference of the original (``_original_proto``)
+        self._handed_parse = original_parse
         if parsed_changes and model is parsed and parsed is not None:
             if self._generate is not None:  # a proof runs only on generated samples
                 self._premise = self._numbered(parsed)
             self._parsed = None if self._premise is not None else oir.clone(parsed)
+        self._handed_parse = None  # unread by the numbering: not held while the passes run
         self._steps = decode_steps
         self._tokens: list[list[np.ndarray]] | None = None  # per sample, the original's greedy tokens
         # per provider and prompt, the original's greedy tokens ([rows, steps]) the next-token check is fed
@@ -1066,10 +1073,14 @@ class Verifier:
 
     def _original_proto(self) -> onnx.ModelProto | None:
         """The original's file parsed again, without external data, when that is cheaper
-        than serializing the parse (a small file); else None."""
+        than serializing the parse (a small file); else None. The parse handed over
+        (``original_parse``: the file parsed as this would parse it) serves the first call."""
         path = self.original
         if not isinstance(path, (str, os.PathLike)) or os.path.getsize(path) > REPARSE_MAX_BYTES:
             return None
+        handed, self._handed_parse = self._handed_parse, None
+        if handed is not None:
+            return handed
         try:
             return onnx.load(path, load_external_data=False)
         except Exception:  # noqa: BLE001 - then the proof serializes the parse
