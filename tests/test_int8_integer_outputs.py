@@ -132,3 +132,52 @@ def test_integer_outputs_computed_from_no_float_value_are_compared_exactly_not_j
     outputs = {n: [np.zeros((2, 3), np.int64)] for n in ("ids_out", "grown", "top", "rounded")}
     judge = tm.TaskJudge(outputs, outputs, exact=exact)
     assert judge.metric_names() == {"top": "labels", "rounded": "labels"}
+
+
+VOCAB, TOKENS = 40, 24
+
+
+def _tagger(weight: np.ndarray, table: np.ndarray) -> onnx.ModelProto:
+    """A token tagger: ``tags = ArgMax(table[input_ids] @ weight)`` ([N, T] int64, one tag
+    per token of ``input_ids``)."""
+    graph = oh.make_graph(
+        [oh.make_node("Gather", ["table", "input_ids"], ["x"]),
+         oh.make_node("MatMul", ["x", "w"], ["scores"]),
+         oh.make_node("ArgMax", ["scores"], ["tags"], axis=-1, keepdims=0)],
+        "tagger", [oh.make_tensor_value_info("input_ids", TP.INT64, ["N", "T"])],
+        [oh.make_tensor_value_info("tags", TP.INT64, ["N", "T"])],
+        [nh.from_array(table, "table"), nh.from_array(weight, "w")])
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def test_a_taggers_labels_are_judged_per_token(tmp_path) -> None:
+    """Integer labels with one per token of a token-id input (a tagger's tags) are judged by
+    the share of tokens whose tag changed, as its user counts them: a candidate changing 10
+    of 1920 tags passes, though they fall in 10 of 80 lines (judged by lines, one changed tag
+    anywhere failed the whole line)."""
+    rng = np.random.default_rng(4)
+    table = rng.standard_normal((VOCAB, FEATURES)).astype(np.float32)
+    weight = rng.standard_normal((FEATURES, CLASSES)).astype(np.float32)
+    rare = VOCAB - 1  # a token 10 lines hold once each
+    feeds = [{"input_ids": rng.integers(0, rare, (4, TOKENS)).astype(np.int64)} for _ in range(20)]
+    for line in range(10):
+        feeds[2 * line]["input_ids"][line % 4, line] = rare
+    moved = table.copy()
+
+    def tags(t: np.ndarray) -> list[np.ndarray]:  # the float64 reference
+        return [np.argmax(t.astype(np.float64)[f["input_ids"]] @ weight.astype(np.float64), -1) for f in feeds]
+
+    own = np.argmax(table.astype(np.float64) @ weight.astype(np.float64), -1)
+    moved[rare] = table[int(np.flatnonzero(own != own[rare])[0])]  # a lossy change moved its embedding row
+    flipped = sum(int(np.count_nonzero(a != b)) for a, b in zip(tags(table), tags(moved)))
+    lines = sum(int(np.count_nonzero(np.any(a != b, -1))) for a, b in zip(tags(table), tags(moved)))
+    total = 20 * 4 * TOKENS
+    assert flipped == lines == 10  # the case this test stands for
+    original = tmp_path / "t.onnx"
+    onnx.save(_tagger(weight, table), original)
+    verifier = Verifier(str(original), inputs=feeds, providers=["CPUExecutionProvider"])
+    result = verifier.check(ir.from_proto(_tagger(weight, moved)), numerics="int8")
+    row = result.task["metrics"]["tags:labels"]
+    assert result.task["chosen"]["tags"]["metric"] == "token-labels"
+    assert row["items"] == total and row["deviation"] == pytest.approx(flipped / total)
+    assert row["passed"] is True and result.status == "passed"

@@ -191,6 +191,7 @@ floor the same with the perturbed float outputs; ``metric(ref, ref)`` must be fi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -1123,23 +1124,23 @@ def _embedding_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
     return result, {}
 
 
-def _label_rows(a: np.ndarray) -> np.ndarray:
+def _label_rows(a: np.ndarray, per_entry: bool) -> np.ndarray:
     """A sample's rows (``labels``): its entries along the first axis, each flattened; a
-    scalar is one row."""
+    scalar is one row; ``per_entry`` (``token-labels``: one label per token): each entry."""
     a = np.asarray(a)
-    return a.reshape(1, -1) if a.ndim == 0 else a.reshape(a.shape[0], -1)
+    return a.reshape(-1, 1) if per_entry or a.ndim == 0 else a.reshape(a.shape[0], -1)
 
 
-def _rows_changed(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+def _rows_changed(ref: np.ndarray, got: np.ndarray, per_entry: bool = False) -> np.ndarray:
     """Per row of ``ref``, whether ``got`` holds another (every row, when the shape changed)."""
-    rows = _label_rows(ref)
+    rows = _label_rows(ref, per_entry)
     if np.shape(got) != np.shape(ref):
         return np.ones(len(rows), bool)
-    return ~np.all(rows == _label_rows(got), axis=1)
+    return ~np.all(rows == _label_rows(got, per_entry), axis=1)
 
 
-def _labels_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _Measured:
-    changed = [_rows_changed(r, g) for r, g in zip(refs, gots)]
+def _labels_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray], per_entry: bool = False) -> _Measured:
+    changed = [_rows_changed(r, g, per_entry) for r, g in zip(refs, gots)]
     total = sum(len(c) for c in changed)
     return {"labels": sum(int(c.sum()) for c in changed) / max(total, 1)}, {"labels": total}
 
@@ -1198,14 +1199,14 @@ def _threshold_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
 
 
 def _labels_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
-                      envelope: Sequence[Sequence[np.ndarray]]) -> dict[str, float]:
+                      envelope: Sequence[Sequence[np.ndarray]], per_entry: bool = False) -> dict[str, float]:
     """1 - exact agreement over the rows, counting only the rows no draw of ``envelope``
     changes."""
     wrong = total = 0
     for i, (ref, got) in enumerate(zip(refs, gots)):
-        changed = _rows_changed(ref, got)
+        changed = _rows_changed(ref, got, per_entry)
         for draw in envelope:
-            changed &= ~_rows_changed(ref, draw[i])
+            changed &= ~_rows_changed(ref, draw[i], per_entry)
         wrong += int(changed.sum())
         total += len(changed)
     return {"labels": wrong / max(total, 1)}
@@ -1221,12 +1222,13 @@ def _labels_unexcused(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray],
 _UNEXCUSED: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray], Sequence[Sequence[np.ndarray]]],
                                dict[str, float]]] = {
     "argmax": _argmax_unexcused, "ctc": _ctc_unexcused, "labels": _labels_unexcused,
-    "threshold": _threshold_unexcused,
+    "token-labels": functools.partial(_labels_unexcused, per_entry=True), "threshold": _threshold_unexcused,
 }
 
 
 # the components ``_UNEXCUSED`` counts, per metric
-_EXCUSED_PARTS = {"argmax": ("argmax",), "ctc": ("ctc_exact",), "labels": ("labels",), "threshold": ("threshold",)}
+_EXCUSED_PARTS = {"argmax": ("argmax",), "ctc": ("ctc_exact",), "labels": ("labels",), "token-labels": ("labels",),
+                  "threshold": ("threshold",)}
 
 # metrics whose floor is the mean over ``FLOOR_DRAWS`` perturbation draws, not one draw's:
 # which near-threshold boxes cross the score threshold changes from draw to draw, so one
@@ -1243,8 +1245,13 @@ _BUILT_IN: dict[str, Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], _Mea
     "embedding": _embedding_deviation,
     "added-boxes": _added_boxes_deviation,
     "labels": _labels_deviation,
+    "token-labels": functools.partial(_labels_deviation, per_entry=True),
     "threshold": _threshold_deviation,
 }
+# integer outputs, judged by their rows whatever their count: ``labels`` a row per entry
+# along the first axis, ``token-labels`` (one label per token of a token-id input, a
+# tagger's tags) a row per token
+_LABEL_METRICS = frozenset({"labels", "token-labels"})
 REPORTED_ONLY = frozenset({"extra_boxes"})  # shown, not judged
 _COUNTS = frozenset({"added_boxes"})  # a bound on a count, not a score: no metric_target replaces it
 # a count-based component that, over too few items, leaves the decision to a component of
@@ -1335,7 +1342,11 @@ def _row_plan(reference: Outputs, metric: Any, groups: Sequence[str] | None, seq
                 continue
             if values and np.asarray(values[0]).dtype.kind in _LABEL_KINDS:  # ids, labels, flags
                 key = name if not group else f"{name}@{group}"
-                plan[key], where[key], why[key] = "labels", (name, idx), "integer or boolean: ids, labels, flags"
+                if name in tokens:
+                    plan[key], where[key], why[key] = "token-labels", (name, idx), (
+                        f"integer labels, one per token of input '{tokens[name]}': each token's")
+                else:
+                    plan[key], where[key], why[key] = "labels", (name, idx), "integer or boolean: ids, labels, flags"
                 continue
             if not values or not np.issubdtype(np.asarray(values[0]).dtype, np.floating):
                 continue
@@ -1347,7 +1358,7 @@ def _row_plan(reference: Outputs, metric: Any, groups: Sequence[str] | None, seq
                 chosen, reason = metric_choice(values, name)
             else:
                 chosen, reason = given, "given"
-            if isinstance(chosen, str) and (chosen not in _BUILT_IN or chosen == "labels"):
+            if isinstance(chosen, str) and (chosen not in _BUILT_IN or chosen in _LABEL_METRICS):
                 raise BadInputError(
                     f"unknown INT8 metric '{chosen}' (use {', '.join(METRICS)}, 'auto' or a callable)")
             misfit = _metric_misfit(chosen, values[0]) if isinstance(chosen, str) and values else None
@@ -1370,9 +1381,10 @@ def _row_plan(reference: Outputs, metric: Any, groups: Sequence[str] | None, seq
 
 
 def token_outputs(model: ir.Model, samples: Sequence[Mapping[str, np.ndarray]], outputs: Outputs) -> dict[str, str]:
-    """The ``[N, T, C]`` (or time-major ``[T, 1, C]``) float outputs with one step per token:
-    on every sample, as many steps as the last axis of a ``[N, T]`` token-id input
-    (``input_roles``' ``index``), each mapped to that input's name. A CTC recognizer reads a signal (an image, audio) and
+    """The ``[N, T, C]`` (or time-major ``[T, 1, C]``) float outputs with one step per token,
+    and the ``[N, T]`` integer outputs with one label per token: on every sample, as many
+    steps as the last axis of a ``[N, T]`` token-id input (``input_roles``' ``index``),
+    each mapped to that input's name. A CTC recognizer reads a signal (an image, audio) and
     aligns its frames to a shorter label sequence; an output with one step per input token
     (a masked language model's, a tagger's) has no such alignment to decode."""
     ids = [name for name, role in input_roles(model).items() if role == "index"]
@@ -1381,9 +1393,10 @@ def token_outputs(model: ir.Model, samples: Sequence[Mapping[str, np.ndarray]], 
         if len(values) != len(samples) or not values:
             continue
         arrays = [np.asarray(v) for v in values]
-        if not all(a.ndim == 3 and np.issubdtype(a.dtype, np.floating) for a in arrays):
+        if all(a.ndim == 3 and np.issubdtype(a.dtype, np.floating) for a in arrays):
+            arrays = [_batch_major(a) for a in arrays]  # a time-major [T, 1, C] sequence has its steps on axis 1 too
+        elif not all(a.ndim == 2 and a.dtype.kind in _LABEL_KINDS for a in arrays):
             continue
-        arrays = [_batch_major(a) for a in arrays]  # a time-major [T, 1, C] sequence has its steps on axis 1 too
         for source in ids:
             lengths = [np.shape(s[source]) if source in s else None for s in samples]
             if all(shape is not None and len(shape) == 2 and a.shape[1] == shape[1]
@@ -1476,7 +1489,7 @@ def _planned(metric: Any, rows: Mapping[str, Any] | None) -> Any:
     metric of each row, ids and labels left to their dtype; else ``metric``."""
     if rows is None or (callable(metric) and not isinstance(metric, Mapping)):
         return metric
-    return {key: chosen for key, chosen in rows.items() if chosen != "labels"}
+    return {key: chosen for key, chosen in rows.items() if chosen not in _LABEL_METRICS}
 
 
 @dataclasses.dataclass
@@ -1630,7 +1643,7 @@ class TaskJudge:
 
     def labelled_outputs(self) -> set[str]:
         """The integer outputs judged by their rows (``labels``)."""
-        return {self.output_of(key) for key, metric in self.plan.items() if metric == "labels"}
+        return {self.output_of(key) for key, metric in self.plan.items() if metric in _LABEL_METRICS}
 
     def output_of(self, key: str) -> str:
         """The output name a row key (an output, or an output in a group) judges."""
@@ -1777,7 +1790,7 @@ class TaskJudge:
                     continue
                 allowed = self.margin * max(floor, MIN_DEVIATION)
                 row["allowed"] = _finite(allowed)
-                if items is not None and items < MIN_ITEMS and metric != "labels":
+                if items is not None and items < MIN_ITEMS and metric not in _LABEL_METRICS:
                     noun = _ITEMS[part]
                     why = f"{part} over {items} {noun}{'' if items == 1 else 'es' if noun.endswith('x') else 's'}"
                     stand_in = _STAND_IN.get(part)
