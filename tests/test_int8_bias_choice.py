@@ -52,9 +52,22 @@ def held_out_sqnr(model: onnx.ModelProto, quantized: optcc.ir.Model, held: list)
     return sqnr_db
 
 
-def test_bias_correction_that_worsens_the_held_out_samples_is_dropped() -> None:
+def test_bias_correction_that_worsens_the_held_out_samples_is_dropped(monkeypatch) -> None:
+    from optcc.quant import driver
+
     model, samples = biased_depthwise(), data(held_sign=-1.0)
+    built: list[str] = []
+    create = driver.create_pass
+
+    def counting(name, **options):
+        built.append(name)
+        return create(name, **options)
+
+    monkeypatch.setattr(driver, "create_pass", counting)
     shipped, stats = quantize_int8(model, samples, **OPTIONS)
+    # the uncorrected model judged and shipped is the one built before its correction, not built again
+    assert built.count("quantize-int8") == 1
+    monkeypatch.undo()
     forced, forced_stats = quantize_int8(model, samples, metric=None, **OPTIONS)  # no judge: always corrected
     plain, _ = quantize_int8(model, samples, bias_correction=False, **OPTIONS)
     assert forced_stats["pass"]["bias_correction"]["layers"] == 1

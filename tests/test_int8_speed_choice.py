@@ -170,3 +170,40 @@ def test_the_search_stops_once_no_candidate_left_could_ship(monkeypatch) -> None
     for feeds in _rows(5):
         got = _run(_written(q), feeds).astype(np.float64)
         assert _sqnr_db(_float64(weights, feeds["x"]), got) >= TARGET.min_sqnr_db
+
+
+def test_the_speed_bound_builds_no_more_than_the_bisection_judges(monkeypatch) -> None:
+    """With a budget of 12 layers the probes leave the range (4, 12): showing that none of
+    5 to 11 could ship would build up to seven candidates where the bisection judges at
+    most four, so none is built there; the bisection measures 6 and 5 (both met, too
+    slow) and the speed choice ships the budget's model: the bytes of the search that
+    never stops for speed, and a chain that meets the target against numpy's float64."""
+    model, weights = _chain()
+    required = 0.42  # between the budget's modelled speed (12 float in a row) and every other candidate's
+    built: list[int] = []
+
+    def counting(speedup, of_floats, required):
+        def of(floats):
+            built.append(len(floats))
+            return of_floats(floats)
+        return SpeedBound(speedup, of, required)
+
+    monkeypatch.setattr(driver, "SpeedBound", counting)
+    q, stats = _quantize(required, bias_correction=False, max_float_layers=12)
+    report = stats["fallback"]
+    assert [(t["order"], t["float_layers"], t["passed"]) for t in report["tried"]] == [
+        ("local", 12, True), ("estimate", 1, False), ("estimate", 2, False), ("estimate", 4, False),
+        ("estimate", 6, True), ("estimate", 5, True)]
+    assert built == [] and "search_stopped" not in report
+    assert "12 layers float (local order)" in report["speed_choice"]["chosen"] and stats["modified"] is True
+    assert all(c["modelled_speedup"] < required for c in report["speed_choice"]["candidates"][1:])
+
+    monkeypatch.setattr(driver, "SpeedBound", lambda speedup, of_floats, required: SpeedBound(
+        speedup, lambda floats: float("inf"), required))
+    never_stops, _ = _quantize(required, bias_correction=False, max_float_layers=12)
+    assert _written(never_stops) == _written(q)
+    kinds = {n.name: n.op_type for n in onnx.load_from_string(_written(q)).graph.node}
+    assert all(kinds.get(name) == "MatMul" for name in report["kept_float"])
+    for feeds in _rows(5):
+        got = _run(_written(q), feeds).astype(np.float64)
+        assert _sqnr_db(_float64(weights, feeds["x"]), got) >= TARGET.min_sqnr_db

@@ -822,6 +822,8 @@ def quantize_int8(
     if (declined := speed_decline(quantized)) is not None:
         return declined
     if correcting:
+        if judge is not None:  # the held-out judgement below may ask for it uncorrected: built once
+            fully[False] = (quantized.clone(), dict(pass_stats))
         quantized, pass_stats = with_corrected_bias(quantized, pass_stats)
         stats["pass"] = _reported(pass_stats)
         lap("quantize")
@@ -858,6 +860,8 @@ def quantize_int8(
             else:
                 quantized, pass_stats, initial = plain, plain_stats, (plain, plain_stats, uncorrected)
         lap("bias_correction_choice")
+    if correcting:  # every model made from here is corrected
+        fully.pop(False, None)
     if o.accuracy_fallback:
         # what a candidate must be modelled at to ship, where no candidate is bias-corrected: then
         # ``build``'s is the model the search would judge and ship (``make``), its speed modelled exactly

@@ -1215,7 +1215,11 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
     every other candidate measured to meet the target. Measured on, the search would end
     at ``high``, or below it at a model too slow to ship, in whose place the fastest
     candidate measured to meet the target ships (the driver's speed choice): ``high``
-    either way. ``report["search_stopped"]`` says so."""
+    either way. ``report["search_stopped"]`` says so. Showing it builds each candidate
+    left unjudged (``SpeedBound.of_floats``, the fewest float first, up to the first that
+    could ship), so it is tried only where the candidates not yet built are at most one
+    more than the bisection would judge from there (``_bisection_count``): on a wider
+    range the bisection narrows it first, and the result is the same either way."""
     speeds: dict[int, float] = {}  # the modelled speedup of each candidate measured to meet the target
     bounds: dict[int, float] = {}  # ``speed.of_floats`` of the first k layers of ``order`` float
 
@@ -1231,6 +1235,12 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
         ``high`` does (see above)."""
         if speed is None or high - low < 2 or speeds[high] < speed.required or \
                 any(other >= speeds[high] for k, other in speeds.items() if k != high):
+            return False
+        if any(bounds.get(k, 0.0) >= speed.required for k in range(low + 1, high)):
+            return False
+        # showing it builds every unbounded candidate left: no more than the bisection judges
+        # from here at most (``_bisection_count``), and one, else the bisection goes on
+        if sum(k not in bounds for k in range(low + 1, high)) > _bisection_count(low, high) + 1:
             return False
         for k in range(low + 1, high):  # the fewest float layers first: the likeliest to be fast
             if k not in bounds:
@@ -1279,6 +1289,15 @@ def _midpoint(low: int, high: int) -> int:
     from ``low`` would, a large one about as many as plain bisection."""
     mid = math.isqrt(low * high) if high > 2 * low else (low + high) // 2
     return min(max(mid, low + 1), high - 1)
+
+
+def _bisection_count(low: int, high: int) -> int:
+    """The most candidates the bisection between ``low`` (missed) and ``high`` (met) judges
+    before they are adjacent: ``_midpoint``'s steps down its longest branch."""
+    if high - low < 2:
+        return 0
+    mid = _midpoint(low, high)
+    return 1 + max(_bisection_count(low, mid), _bisection_count(mid, high))
 
 
 def _drop_models(results: Results, numbers: Sequence[int]) -> None:
