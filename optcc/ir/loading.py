@@ -32,6 +32,15 @@ CHECK_READ_BYTES_MAX = 64 << 20
 # --------------------------------------------------------------------------- loading
 
 
+class MapTypedError(BadInputError):
+    """The model has a value whose type holds maps, which onnx-ir cannot represent;
+    ``proto``: the model as parsed (a caller's ModelProto is that ModelProto)."""
+
+    def __init__(self, message: str, path: object | None, proto: onnx.ModelProto) -> None:
+        super().__init__(message, path)
+        self.proto = proto
+
+
 def load(source: ModelSource) -> ir.Model:
     """Load and validate a model from a path, serialized bytes, a ModelProto or an ir.Model.
 
@@ -142,11 +151,11 @@ def _from_proto(
             if unlisted:
                 upgrade_legacy_ir(model)
         except Exception as e:  # onnx-ir rejects some malformed protos the checker lets through
-            mapped = _map_typed(proto)
+            mapped = map_typed_value(proto)
             if mapped is not None:
-                raise BadInputError(f"'{mapped}' holds maps (a ZipMap's output, say), a type optcc cannot "
-                                    "represent; export without it (skl2onnx: options={'zipmap': False})",
-                                    label) from None
+                raise MapTypedError(f"'{mapped}' holds maps, a type optcc cannot represent (only ZipMap "
+                                    "nodes that end the graph are set apart and put back); export without "
+                                    "them (skl2onnx: options={'zipmap': False})", label, proto) from None
             raise BadInputError(f"malformed model: {_one_line(e)}", label) from None
     finally:
         proto.ir_version = ir_version
@@ -399,7 +408,7 @@ def _sort_or_reject_cycle(model: ir.Model, label: str) -> None:
         raise BadInputError(f"invalid graph: {problem}", label)
 
 
-def _map_typed(proto: onnx.ModelProto) -> str | None:
+def map_typed_value(proto: onnx.ModelProto) -> str | None:
     """The name of the first graph input, output or annotated value whose type holds a map."""
     def holds_map(type_: onnx.TypeProto) -> bool:
         kind = type_.WhichOneof("value")
