@@ -363,7 +363,8 @@ def optimize(
     # for the final check alone of a float result that the proof may prove, the parse itself, unchanged
     # until the passes run: the verifier numbers it for its proof first (``Verifier``'s ``parsed_changes``)
     handed = parse_for_verifier and untouched is None and verify and not verify_each and target_opset is None \
-        and not (fp16 or samples is not None or int8_dynamic or weight_only) and not _contrib_fusions(pipeline)
+        and not (fp16 or samples is not None or int8_dynamic or weight_only) and not _contrib_fusions(pipeline) \
+        and not oir.holds_packed(loaded)  # a clone shares the packed attributes: cheaper than a parse again
     if parse_for_verifier and untouched is None and not handed:
         untouched = oir.clone(loaded)
     if verify or verify_each:

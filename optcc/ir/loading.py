@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from optcc.errors import BadInputError, UnsafeInputError
 from optcc.ir.collector import collector_paused
 from optcc.ir.legacy import upgrade_legacy_ir
+from optcc.ir.packed_attributes import packed_for_load, put_packed
 from optcc.ir.interface import (FILLED_INTERFACE_KEY, _apply_fills, _interface_fills, _restore, negative_dims_unknown,
                                 without_weights)
 from optcc.ir.walk import _node_protos, first_order_problem, graphs, nodes, tensor_protos
@@ -50,7 +51,7 @@ def load(source: ModelSource) -> ir.Model:
     if isinstance(source, ir.Model):
         return source
     if isinstance(source, onnx.ModelProto):
-        return _from_proto(source, base_dir=None, label="<ModelProto>")
+        return _from_proto(source, base_dir=None, label="<ModelProto>", owned=False)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         proto = _parse_bytes(data, "<bytes>")
@@ -113,10 +114,11 @@ def _stamp(path: Path) -> tuple[int, ...] | None:
 
 def _from_proto(
     proto: onnx.ModelProto, base_dir: Path | None, label: str, path: Path | None = None,
-    stamp: tuple[int, ...] | None = None, read: bytes | None = None,
+    stamp: tuple[int, ...] | None = None, read: bytes | None = None, owned: bool = True,
 ) -> ir.Model:
     """The model of ``proto`` (parsed from the file ``path``, from the bytes ``read`` when
-    given), checked and validated."""
+    given), checked and validated. A proto not ``owned`` (a caller's) is left as it was; an
+    owned one may lose what the model took from it."""
     _check_versions(proto, label)
     has_external = _check_external_data(proto, base_dir, label)
     fills = _interface_fills(proto, label)
@@ -145,8 +147,9 @@ def _from_proto(
         read = None  # the model is built from the parse alone
         proto.ir_version = ir_version
         try:
-            with collector_paused():  # builds the model's objects only
+            with collector_paused(), packed_for_load(proto, restore=not owned) as packed:  # builds the model's objects only
                 model = ir.serde.deserialize_model(proto)
+                put_packed(model, packed)
             _own_tensors(model)
             if unlisted:
                 upgrade_legacy_ir(model)

@@ -443,7 +443,7 @@ class _Numbering:
         intermediate types dropped and ``input_shapes`` for its inputs (once per model)."""
         if id(model) not in self._ranks:
             try:
-                ranks = _inferred_ranks(self.proto(model), input_shapes)
+                ranks = {} if oir.holds_packed(model) else _inferred_ranks(self.proto(model), input_shapes)
             except Exception:  # noqa: BLE001 - then no rank is known
                 ranks = {}
             self._ranks[id(model)] = (ranks, model)
@@ -454,6 +454,8 @@ class _Numbering:
         shape inference, as ``ranks`` (once per model)."""
         if id(model) not in self._types:
             try:
+                if oir.holds_packed(model):
+                    raise _NoInference
                 proto = self.proto(model)
                 if self.fixed.get(id(model)):
                     proto = _with_constants(proto, self.fixed[id(model)])
@@ -1749,6 +1751,8 @@ class _Keys:
         """A hashable form of an attribute's value; None when it holds a graph."""
         if attr.is_ref():
             return None
+        if isinstance(attr, oir.PackedAttr):  # its bytes: the same elements, the same bytes
+            return ("packed", attr.serialized)
         kind = attr.type
         tag = _PLAIN_ATTRIBUTES.get(kind)
         if tag is not None:
@@ -2047,6 +2051,12 @@ def _with_constants(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> on
             tensor = onnx.numpy_helper.from_array(values[node.output[0]])
             copy.graph.node[i].CopyFrom(onnx.helper.make_node("Constant", [], [node.output[0]], value=tensor))
     return copy
+
+
+class _NoInference(Exception):
+    """Shape inference is not run on the model: it holds a packed attribute
+    (``optcc.ir.PackedAttr``), whose millions of elements onnx's shape inference would copy
+    several times over; what the proof cannot decide without inferred types, samples judge."""
 
 
 def _inferred_ranks(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, int]:
