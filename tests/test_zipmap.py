@@ -174,3 +174,22 @@ def test_ml_ops_decline_reduced_precision(tmp_path: Path, option: str) -> None:
     out = tmp_path / "linear.opt.onnx"
     result.save(out)
     assert _run(out)["probabilities"] == _run(path)["probabilities"]
+
+
+def test_a_map_input_beside_a_zipmap_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A map the trailing ZipMap does not account for (a DictVectorizer's map input) keeps the
+    refusal (exit 2) that names it; nothing is written."""
+    maps_in = helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+    nodes = [helper.make_node("DictVectorizer", ["features"], ["X"], domain=ML, int64_vocabulary=[0, 1, 2, 3]),
+             *linear_classifier().graph.node]
+    graph = helper.make_graph(nodes, "vectorized", [helper.make_value_info("features", maps_in)],
+                              list(linear_classifier().graph.output))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(ML, 1)])
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "vectorized.onnx"
+    onnx.save(model, path)
+    out = tmp_path / "out.onnx"
+    assert cli.main([str(path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "'features' holds maps" in err and str(path) in err
+    assert not out.exists()

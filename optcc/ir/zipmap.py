@@ -61,7 +61,7 @@ def detach_zipmaps(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, DetachedZip
     none to set apart, or when a map or sequence type would remain without them (another
     node reads a ZipMap's output, a map is a graph input, a ZipMap feeds a ZipMap), or when
     its weights are stored in external data files (the part set apart is a ModelProto, which
-    has no folder to find them in). ``proto`` is not modified."""
+    has no folder to find them in). ``proto`` is not modified (the part is a copy)."""
     graph = proto.graph
     outputs = {info.name for info in graph.output}
     read = {name for node in graph.node for name in node.input}
@@ -84,14 +84,16 @@ def detach_zipmaps(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, DetachedZip
         name = node.input[0]
         if name not in outputs - zipped and name not in (info.name for info in added):
             added.append(_tensor_info(name, typed.get(name), _class_count(node)))
+    interface = onnx.GraphProto(input=graph.input, output=[info for info in graph.output if info.name not in zipped],
+                                value_info=[info for info in graph.value_info if info.name not in zipped])
+    if map_typed_value(onnx.ModelProto(graph=interface)) is not None:
+        return None  # a map the ZipMaps do not account for
     core = onnx.ModelProto()
     core.CopyFrom(proto)
     _delete(core.graph.node, lambda node: node.op_type == "ZipMap" and node.output[0] in zipped)
     _delete(core.graph.output, lambda info: info.name in zipped)
     _delete(core.graph.value_info, lambda info: info.name in zipped)
     core.graph.output.extend(added)
-    if map_typed_value(core) is not None:
-        return None
     return core, detached
 
 
