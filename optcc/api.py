@@ -220,7 +220,7 @@ def optimize(
         if detached is None:
             raise
         model, zipmaps = detached
-        del error  # with it, the original parse
+    if zipmaps is not None:  # loaded outside the handler: the error, and the parse it holds, are gone
         try:
             loaded = oir.load(model)
         except BadInputError as error:  # the part before the ZipMaps: its problem is the file's

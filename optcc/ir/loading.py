@@ -147,7 +147,8 @@ def _from_proto(
         read = None  # the model is built from the parse alone
         proto.ir_version = ir_version
         try:
-            with collector_paused(), packed_for_load(proto, restore=not owned) as packed:  # builds the model's objects only
+            # builds the model's objects only (large ml attributes packed: ``packed_attributes``)
+            with collector_paused(), packed_for_load(proto, restore=not owned) as packed:
                 model = ir.serde.deserialize_model(proto)
                 put_packed(model, packed)
             _own_tensors(model)
