@@ -219,7 +219,9 @@ def optimize(
         detached = detach_zipmaps(error.proto)
         if detached is None:
             raise
-        model, zipmaps = detached
+        core, zipmaps = detached
+        model = core.SerializeToString()  # parsed anew by the load below, which may then empty it
+        del core
     if zipmaps is not None:  # loaded outside the handler: the error, and the parse it holds, are gone
         try:
             loaded = oir.load(model)
