@@ -104,4 +104,5 @@ def put_packed(model: ir.Model, packed: list[tuple[int, str, PackedAttr]]) -> No
 
 def holds_packed(model: ir.Model) -> bool:
     """Whether a main-graph node of ``model`` holds a ``PackedAttr``."""
-    return any(type(attr) is PackedAttr for node in model.graph for attr in node.attributes.data.values())
+    return any(node.domain == ML_DOMAIN and any(type(attr) is PackedAttr for attr in node.attributes.data.values())
+               for node in model.graph)

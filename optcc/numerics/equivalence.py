@@ -440,7 +440,10 @@ class _Numbering:
 
     def ranks(self, model: ir.Model, input_shapes: dict[str, list[int]]) -> dict[str, int]:
         """Value ranks by name from onnx's shape inference on ``model`` with its declared
-        intermediate types dropped and ``input_shapes`` for its inputs (once per model)."""
+        intermediate types dropped and ``input_shapes`` for its inputs (once per model); none
+        for a model that holds packed attributes (``optcc.ir.PackedAttr``: millions of list
+        elements, which inference would copy several times over; what the proof cannot
+        decide without them, samples judge)."""
         if id(model) not in self._ranks:
             try:
                 ranks = {} if oir.holds_packed(model) else _inferred_ranks(self.proto(model), input_shapes)
@@ -454,12 +457,13 @@ class _Numbering:
         shape inference, as ``ranks`` (once per model)."""
         if id(model) not in self._types:
             try:
-                if oir.holds_packed(model):
-                    raise _NoInference
-                proto = self.proto(model)
-                if self.fixed.get(id(model)):
-                    proto = _with_constants(proto, self.fixed[id(model)])
-                types = _inferred_types(proto, input_shapes)
+                if oir.holds_packed(model):  # inference would copy its packed lists several times over
+                    types = {}
+                else:
+                    proto = self.proto(model)
+                    if self.fixed.get(id(model)):
+                        proto = _with_constants(proto, self.fixed[id(model)])
+                    types = _inferred_types(proto, input_shapes)
             except Exception:  # noqa: BLE001 - then nothing is known
                 types = {}
             self._types[id(model)] = (types, model)
@@ -2051,12 +2055,6 @@ def _with_constants(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> on
             tensor = onnx.numpy_helper.from_array(values[node.output[0]])
             copy.graph.node[i].CopyFrom(onnx.helper.make_node("Constant", [], [node.output[0]], value=tensor))
     return copy
-
-
-class _NoInference(Exception):
-    """Shape inference is not run on the model: it holds a packed attribute
-    (``optcc.ir.PackedAttr``), whose millions of elements onnx's shape inference would copy
-    several times over; what the proof cannot decide without inferred types, samples judge."""
 
 
 def _inferred_ranks(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, int]:
