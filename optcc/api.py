@@ -24,6 +24,7 @@ from optcc.infra.pipelines import build_pipeline
 from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_bytes
 from optcc.ir.overwrite import check_input_shapes
+from optcc.ir.zipmap import DetachedZipMaps, detach_zipmaps
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
 from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary,
                             input_roles, resolve_providers)
@@ -56,6 +57,7 @@ class OptimizeResult:
     source_files: frozenset[Path] = frozenset()  # the files its weights are read from: never overwritten either
     # precision requested (fp16, int8, int8-dynamic) -> None when applied, else the reason
     precision: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    zipmaps: DetachedZipMaps | None = None  # the input's trailing ZipMaps, which the model gets back when written
 
     @property
     def applied_precision(self) -> list[str]:
@@ -67,8 +69,12 @@ class OptimizeResult:
 
     @property
     def model(self) -> Union[onnx.ModelProto, ir.Model]:
-        """The optimized model in the form it was given (a path or bytes give a ModelProto)."""
-        return self.ir_model if self.given_as_ir else oir.serialize(self.ir_model)
+        """The optimized model in the form it was given (a path or bytes give a ModelProto),
+        with the input's trailing ZipMaps put back."""
+        if self.given_as_ir:
+            return self.ir_model
+        proto = oir.serialize(self.ir_model)
+        return proto if self.zipmaps is None else self.zipmaps.attach(proto)
 
     def save(
         self,
@@ -83,6 +89,11 @@ class OptimizeResult:
         tensors of at least ``external_data_threshold`` bytes (default 1024) go to
         ``external_data_location`` (a file name beside the model; default ``NAME.data``)."""
         oir.check_output_path(path, self.source, self.source_files)  # never the input model's own files
+        if self.zipmaps is not None:  # a model with maps has no external data (``detach_zipmaps``)
+            if external_data:
+                raise BadInputError("a model with ZipMap outputs is written without external data", path)
+            oir.save_proto(self.model, path)
+            return
         if external_data is not False and self.source_files:  # nor the data file written beside the output
             data = Path(path).resolve().parent / (external_data_location or f"{Path(path).name}.data")
             oir.check_output_path(data, self.source, self.source_files)
@@ -200,14 +211,32 @@ def optimize(
     samples = None if int8_calibration is None else [dict(f) for f in int8_calibration]
     fp16_block = list(fp16_block)
     start = time.perf_counter()
+    label = str(model) if isinstance(model, (str, os.PathLike)) else None
+    zipmaps: DetachedZipMaps | None = None
     # the file's parse, for the verifier's numbering of the original (handed over below, else dropped)
     file_parse = None
-    if isinstance(model, (str, os.PathLike)) and verify and os.path.isfile(model) \
-            and os.path.getsize(model) <= REPARSE_MAX_BYTES:
-        loaded, file_parse = oir.load_keeping_parse(model)
-    else:
-        loaded = oir.load(model)
-    label = str(model) if isinstance(model, (str, os.PathLike)) else None
+    try:
+        if isinstance(model, (str, os.PathLike)) and verify and os.path.isfile(model) \
+                and os.path.getsize(model) <= REPARSE_MAX_BYTES:
+            loaded, file_parse = oir.load_keeping_parse(model)
+        else:
+            loaded = oir.load(model)
+    except oir.MapTypedError as error:
+        # trailing ZipMaps are set apart: the tensors they read are optimized and verified as graph
+        # outputs (kept float32 by FP16), and the ZipMaps are put back, unchanged, on the result
+        detached = detach_zipmaps(error.proto)
+        if detached is None:
+            raise
+        core, zipmaps = detached
+        model = core.SerializeToString()  # parsed anew by the load below, which may then empty it
+        del core
+    if zipmaps is not None:  # loaded outside the handler: the error, and the parse it holds, are gone
+        try:
+            loaded = oir.load(model)
+        except BadInputError as error:  # the part before the ZipMaps: its problem is the file's
+            raise BadInputError(str(error).removeprefix(f"{error.path}: "), label) from None
+        if fp16_keep_io is not True:  # ZipMap reads float32 only
+            fp16_keep_io = [*(fp16_keep_io or ()), *zipmaps.inputs]
     input_shapes = _merged_shapes(loaded, input_shapes, overwrite_input_shapes, label)
     working = oir.clone(loaded) if loaded is model else loaded
     original: Any = model if isinstance(model, (str, os.PathLike)) else loaded
@@ -344,7 +373,8 @@ def optimize(
     # for the final check alone of a float result that the proof may prove, the parse itself, unchanged
     # until the passes run: the verifier numbers it for its proof first (``Verifier``'s ``parsed_changes``)
     handed = parse_for_verifier and untouched is None and verify and not verify_each and target_opset is None \
-        and not (fp16 or samples is not None or int8_dynamic or weight_only) and not _contrib_fusions(pipeline)
+        and not (fp16 or samples is not None or int8_dynamic or weight_only) and not _contrib_fusions(pipeline) \
+        and not oir.holds_packed(loaded)  # a clone shares the packed attributes: cheaper than a parse again
     if parse_for_verifier and untouched is None and not handed:
         untouched = oir.clone(loaded)
     if verify or verify_each:
@@ -439,7 +469,7 @@ def optimize(
     if growth is not None:
         report.warnings.append(growth)
     result = OptimizeResult(outcome.model, report, given_as_ir=isinstance(model, ir.Model), precision=precision,
-                            source=label, source_files=source_files)
+                            source=label, source_files=source_files, zipmaps=zipmaps)
     status = report.verification["status"] if report.verification is not None else None
     if status == "failed":
         _raise(VerificationError(f"verification failed: {report.verification['summary']}"), result)

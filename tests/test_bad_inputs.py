@@ -108,21 +108,20 @@ def test_truncated_protobuf(tmp_path: Path, capsys) -> None:
     _refused(capsys, [str(model)], "truncated", model, names=str(model))
 
 
-def test_map_typed_output_is_named(tmp_path: Path, capsys) -> None:
-    """skl2onnx's default classifier ends in a ZipMap (a sequence of maps): onnxruntime runs
-    it, optcc's IR has no map type; the refusal names the value and the export option."""
-    nodes = [helper.make_node("LinearClassifier", ["X"], ["label", "probs"], domain="ai.onnx.ml", classlabels_ints=[0, 1],
-                              coefficients=[1.0, -1.0, -1.0, 1.0], intercepts=[0.0, 0.0], post_transform="SOFTMAX"),
-             helper.make_node("ZipMap", ["probs"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1])]
-    maps = helper.make_sequence_type_proto(
-        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 2])],
-                              [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
-                               helper.make_value_info("probabilities", maps)])
+def test_map_typed_input_is_named(tmp_path: Path, capsys) -> None:
+    """A map that is not a trailing ZipMap's output (here a graph input, which a DictVectorizer
+    reads): onnxruntime runs it, optcc's IR has no map type; the refusal names the value and
+    the export option."""
+    vectorizer = helper.make_node("DictVectorizer", ["features"], ["X"], domain="ai.onnx.ml", int64_vocabulary=[3, 7])
+    maps = helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+    graph = helper.make_graph([vectorizer], "g", [helper.make_value_info("features", maps)],
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 2])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)])
     onnx.checker.check_model(model, full_check=True)
-    path = _write(tmp_path / "zipmap.onnx", model)
-    _refused(capsys, [str(path)], "'probabilities' holds maps", path, names=str(path))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"features": {7: 2.5}})[0].tolist() == [[0.0, 2.5]]
+    path = _write(tmp_path / "vectorizer.onnx", model)
+    _refused(capsys, [str(path)], "'features' holds maps", path, names=str(path))
 
 
 def test_npz_named_onnx(tmp_path: Path, capsys) -> None:

@@ -16,9 +16,10 @@ from optcc.ir.data_movement import reshaped, squeezed, unsqueezed
 from optcc.ir.edit import ModelNames, constant_before, as_numpy, const_array, const_tensor, initializers_are_constant, is_constant, overridable_inputs, inferred_dtypes, unique_prefix, unique_value_name, value_names
 from optcc.ir.legacy import upgrade_legacy_ir
 from optcc.ir.interface import FILLED_INTERFACE_KEY, without_weights
-from optcc.ir.loading import ModelSource, load, load_keeping_parse
+from optcc.ir.loading import MapTypedError, ModelSource, load, load_keeping_parse
+from optcc.ir.packed_attributes import PackedAttr, holds_packed
 from optcc.ir.opset import convert_opset, upgrade_problem
-from optcc.ir.saving import EXTERNAL_DATA_THRESHOLD_BYTES, PROTOBUF_LIMIT_BYTES, RAW_DTYPES, STREAM_MIN_BYTES, check_output_path, create_temp_file, initializers_set_aside, needs_external_data, read_weight_files, save, serialize, serialize_dims_only
+from optcc.ir.saving import EXTERNAL_DATA_THRESHOLD_BYTES, PROTOBUF_LIMIT_BYTES, RAW_DTYPES, STREAM_MIN_BYTES, check_output_path, create_temp_file, initializers_set_aside, needs_external_data, read_weight_files, save, save_proto, serialize, serialize_dims_only
 from optcc.ir.walk import ancestors, default_opset, element_type, external_data_files, first_order_problem, graphs, histogram_and_weight_bytes, holds_op_type, nodes, op_histogram, proto_graphs, subgraphs, tensor_protos, uses_external_data, weight_bytes
 
 __all__ = [
@@ -38,7 +39,11 @@ __all__ = [
     "ModelSource",
     "load",
     "load_keeping_parse",
+    "MapTypedError",
     "save",
+    "PackedAttr",
+    "holds_packed",
+    "save_proto",
     "graphs",
     "nodes",
     "op_histogram",

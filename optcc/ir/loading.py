@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 from optcc.errors import BadInputError, UnsafeInputError
 from optcc.ir.collector import collector_paused
 from optcc.ir.legacy import upgrade_legacy_ir
+from optcc.ir.packed_attributes import packed_for_load, put_packed
 from optcc.ir.interface import (FILLED_INTERFACE_KEY, _apply_fills, _interface_fills, _restore, negative_dims_unknown,
                                 without_weights)
 from optcc.ir.walk import _node_protos, first_order_problem, graphs, nodes, tensor_protos
@@ -32,6 +33,15 @@ CHECK_READ_BYTES_MAX = 64 << 20
 # --------------------------------------------------------------------------- loading
 
 
+class MapTypedError(BadInputError):
+    """The model has a value whose type holds maps, which onnx-ir cannot represent;
+    ``proto``: the model as parsed (a caller's ModelProto is that ModelProto)."""
+
+    def __init__(self, message: str, path: object | None, proto: onnx.ModelProto) -> None:
+        super().__init__(message, path)
+        self.proto = proto
+
+
 def load(source: ModelSource) -> ir.Model:
     """Load and validate a model from a path, serialized bytes, a ModelProto or an ir.Model.
 
@@ -41,7 +51,7 @@ def load(source: ModelSource) -> ir.Model:
     if isinstance(source, ir.Model):
         return source
     if isinstance(source, onnx.ModelProto):
-        return _from_proto(source, base_dir=None, label="<ModelProto>")
+        return _from_proto(source, base_dir=None, label="<ModelProto>", owned=False)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         proto = _parse_bytes(data, "<bytes>")
@@ -114,10 +124,13 @@ def _stamp(path: Path) -> tuple[int, ...] | None:
 def _from_proto(
     proto: onnx.ModelProto, base_dir: Path | None, label: str, path: Path | None = None,
     stamp: tuple[int, ...] | None = None, read: bytes | None = None, unchanged: list[bool] | None = None,
+    owned: bool = True,
 ) -> ir.Model:
     """The model of ``proto`` (parsed from the file ``path``, from the bytes ``read`` when
     given), checked and validated. ``unchanged``: a list given by a caller that keeps
-    ``proto``; True is appended when ``proto`` is left as parsed (no fill, no legacy move)."""
+    ``proto``; True is appended when ``proto`` is left as parsed (no fill, no legacy move, no
+    attribute packed). A proto not ``owned`` (a caller's) is left as it was; an owned one
+    may lose what the model took from it (its packed attributes' elements)."""
     _check_versions(proto, label)
     has_external = _check_external_data(proto, base_dir, label)
     fills = _interface_fills(proto, label)
@@ -146,17 +159,19 @@ def _from_proto(
         read = None  # the model is built from the parse alone
         proto.ir_version = ir_version
         try:
-            with collector_paused():  # builds the model's objects only
+            # builds the model's objects only (large ml attributes packed: ``packed_attributes``)
+            with collector_paused(), packed_for_load(proto, restore=not owned) as packed:
                 model = ir.serde.deserialize_model(proto)
+                put_packed(model, packed)
             _own_tensors(model)
             if unlisted:
                 upgrade_legacy_ir(model)
         except Exception as e:  # onnx-ir rejects some malformed protos the checker lets through
-            mapped = _map_typed(proto)
+            mapped = map_typed_value(proto)
             if mapped is not None:
-                raise BadInputError(f"'{mapped}' holds maps (a ZipMap's output, say), a type optcc cannot "
-                                    "represent; export without it (skl2onnx: options={'zipmap': False})",
-                                    label) from None
+                raise MapTypedError(f"'{mapped}' holds maps, a type optcc cannot represent (only ZipMap "
+                                    "nodes that end the graph are set apart and put back); export without "
+                                    "them (skl2onnx: options={'zipmap': False})", label, proto) from None
             raise BadInputError(f"malformed model: {_one_line(e)}", label) from None
     finally:
         proto.ir_version = ir_version
@@ -168,7 +183,7 @@ def _from_proto(
         ir.external_data.set_base_dir(model.graph, base_dir)
         attributes_in_memory(model)
     _sort_or_reject_cycle(model, label)
-    if unchanged is not None and not fills and not unlisted:
+    if unchanged is not None and not fills and not unlisted and not packed:
         unchanged.append(True)
     return model
 
@@ -411,7 +426,7 @@ def _sort_or_reject_cycle(model: ir.Model, label: str) -> None:
         raise BadInputError(f"invalid graph: {problem}", label)
 
 
-def _map_typed(proto: onnx.ModelProto) -> str | None:
+def map_typed_value(proto: onnx.ModelProto) -> str | None:
     """The name of the first graph input, output or annotated value whose type holds a map."""
     def holds_map(type_: onnx.TypeProto) -> bool:
         kind = type_.WhichOneof("value")

@@ -174,6 +174,21 @@ def save(
         raise
 
 
+def save_proto(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write ``proto`` (under 2 GB, no external data) atomically: a temporary file in the
+    target folder, then a rename."""
+    out = check_output_path(path)
+    tmp_name = create_temp_file(out.resolve().parent, out.name)
+    try:
+        with open(tmp_name, "wb") as file:
+            file.write(proto.SerializeToString())
+        os.replace(tmp_name, out)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
 # dtypes whose raw_data is the NumPy array's little-endian bytes
 RAW_DTYPES = frozenset({
     ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE,

@@ -440,10 +440,13 @@ class _Numbering:
 
     def ranks(self, model: ir.Model, input_shapes: dict[str, list[int]]) -> dict[str, int]:
         """Value ranks by name from onnx's shape inference on ``model`` with its declared
-        intermediate types dropped and ``input_shapes`` for its inputs (once per model)."""
+        intermediate types dropped and ``input_shapes`` for its inputs (once per model); none
+        for a model that holds packed attributes (``optcc.ir.PackedAttr``: millions of list
+        elements, which inference would copy several times over; what the proof cannot
+        decide without them, samples judge)."""
         if id(model) not in self._ranks:
             try:
-                ranks = _inferred_ranks(self.proto(model), input_shapes)
+                ranks = {} if oir.holds_packed(model) else _inferred_ranks(self.proto(model), input_shapes)
             except Exception:  # noqa: BLE001 - then no rank is known
                 ranks = {}
             self._ranks[id(model)] = (ranks, model)
@@ -454,10 +457,13 @@ class _Numbering:
         shape inference, as ``ranks`` (once per model)."""
         if id(model) not in self._types:
             try:
-                proto = self.proto(model)
-                if self.fixed.get(id(model)):
-                    proto = _with_constants(proto, self.fixed[id(model)])
-                types = _inferred_types(proto, input_shapes)
+                if oir.holds_packed(model):  # inference would copy its packed lists several times over
+                    types = {}
+                else:
+                    proto = self.proto(model)
+                    if self.fixed.get(id(model)):
+                        proto = _with_constants(proto, self.fixed[id(model)])
+                    types = _inferred_types(proto, input_shapes)
             except Exception:  # noqa: BLE001 - then nothing is known
                 types = {}
             self._types[id(model)] = (types, model)
@@ -1749,6 +1755,8 @@ class _Keys:
         """A hashable form of an attribute's value; None when it holds a graph."""
         if attr.is_ref():
             return None
+        if isinstance(attr, oir.PackedAttr):  # its bytes: the same elements, the same bytes
+            return ("packed", attr.serialized)
         kind = attr.type
         tag = _PLAIN_ATTRIBUTES.get(kind)
         if tag is not None:
