@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from optcc import cli
+from optcc import ir as oir
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "fixtures" / "tinycnn.onnx"
@@ -513,8 +514,6 @@ def test_missing_interface_types_are_filled(tmp_path: Path, capsys, external: bo
 
 
 def test_missing_interface_types_are_noted_and_the_callers_proto_kept() -> None:
-    from optcc import ir as oir
-
     model = _untyped_interface_model()
     before = model.SerializeToString()
     loaded = oir.load(model)
@@ -556,6 +555,18 @@ def test_no_output_may_overwrite_the_input_or_its_external_data(tmp_path: Path, 
     got = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     want = ReferenceEvaluator(onnx.load(EXAMPLE)).run(None, {"image": x})[0]  # onnx.save moved proto's data out
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_files_a_model_reads_its_weights_from_are_read_from_its_parse(tmp_path: Path) -> None:
+    """``read_weight_files`` (which files an output must not overwrite) reads the locations from
+    the file's parse, without building the model, and finds what loading it finds."""
+    (tmp_path / "w").mkdir()
+    model = tmp_path / "good.onnx"
+    onnx.save(onnx.load(EXAMPLE), model, save_as_external_data=True, location="w/good.bin", size_threshold=0)
+    assert oir.read_weight_files(model) == oir.external_data_files(oir.load(model)) == {
+        (tmp_path / "w" / "good.bin").resolve()}
+    assert oir.read_weight_files(EXAMPLE) == set()
+    assert oir.read_weight_files(tmp_path / "missing.onnx") == set()  # loading it says why
 
 
 @pytest.mark.parametrize("flags", [["--int8-dynamic", "--weights", "int8"], ["--fp16", "--int8-dynamic"],

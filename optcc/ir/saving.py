@@ -14,10 +14,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from optcc.errors import BadInputError, OptccError
-from optcc.ir.loading import attributes_in_memory, in_memory, load
+from optcc.errors import BadInputError
+from optcc.ir.loading import attributes_in_memory, in_memory
 from optcc.ir.serialize_cached import CACHE_TENSOR_BYTES, model_parts, serialize_bytes, varint
-from optcc.ir.walk import _tensor_nbytes, external_data_files, graphs, uses_external_data, weight_bytes
+from optcc.ir.walk import _tensor_nbytes, external_data_files, graphs, tensor_protos, uses_external_data, weight_bytes
 
 # Protobuf refuses messages of 2 GiB; leave room for the graph structure itself.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -110,12 +110,18 @@ def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | N
 
 
 def read_weight_files(model_path: str | os.PathLike) -> set[Path]:
-    """The external data files the model at ``model_path`` reads its weights from (none
-    when it cannot be loaded: its loading reports why)."""
+    """The external data files the model at ``model_path`` reads its weights from, read from
+    its parse alone (each external tensor's location in the model's folder, resolved as
+    ``external_data_files`` resolves a loaded model's; none when it cannot be parsed: its
+    loading reports why). Nothing is built from it, so a large model is not loaded twice."""
     try:
-        return external_data_files(load(model_path))
-    except OptccError:
+        proto = onnx.load(os.fspath(model_path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a model: loading it says why
         return set()
+    folder = Path(model_path).resolve().parent
+    return {(folder / entry.value).resolve() for tensor in tensor_protos(proto.graph)
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data if entry.key == "location" and entry.value}
 
 
 def create_temp_file(folder: str | os.PathLike, name: str, suffix: str = ".tmp") -> str:
