@@ -344,3 +344,8 @@ def test_a_pooled_output_before_the_logits_is_not_taken_for_them(reference) -> N
     plan = decode_plan(oir.load(model))
     assert plan is not None and plan.logits == "logits"
     assert decode_plan(oir.load(_decoder(weights, last_only=True))).logits == "logits"
+    # [batch, vocab] logits beside a pooled [batch, hidden] output: which is which is not known
+    last_only = _decoder(weights, last_only=True)
+    last_only.graph.node.append(oh.make_node("ReduceMean", ["h"], ["pooled"], axes=[1], keepdims=0))
+    last_only.graph.output.insert(0, oh.make_tensor_value_info("pooled", TP.FLOAT, ["B", WIDTH]))
+    assert decode_plan(oir.load(last_only)) is None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
@@ -107,3 +108,22 @@ def test_a_parse_that_lost_its_packed_lists_is_not_kept_for_the_proof(tmp_path: 
     optcc.optimize(str(path), level=2).save(out)
     x = np.random.default_rng(1).standard_normal((64, FEATURES)).astype(np.float32)
     np.testing.assert_array_equal(_run(out, x), _run(path, x))
+
+
+def test_a_packed_attribute_renamed_is_written_as_renamed(tmp_path: Path) -> None:
+    """A packed attribute given another name or a doc string is no longer its packed bytes:
+    the model's writer writes what onnx-ir's own serializer writes for it (the reference)."""
+    path = tmp_path / "stumps.onnx"
+    onnx.save(stumps(PACKED_MIN_ELEMENTS // 2 + 1), path)
+    loaded = oir.load(path)
+    ensemble = next(node for node in loaded.graph if node.op_type == "TreeEnsembleRegressor")
+    packed = ensemble.attributes["target_weights"]
+    assert isinstance(packed, PackedAttr) and packed.as_packed
+    packed.name = "weights"
+    assert not packed.as_packed
+    packed.name, packed.doc_string = "target_weights", "a note"
+    assert not packed.as_packed
+    written = onnx.ModelProto.FromString(oir.serialize(loaded).SerializeToString())
+    want = ir.serde.serialize_attribute(packed)
+    got = next(a for a in written.graph.node[0].attribute if a.name == "target_weights")
+    assert got.doc_string == "a note" and got == want

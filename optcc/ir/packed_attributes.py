@@ -29,11 +29,18 @@ class PackedAttr(ir.Attr):
     onnx-ir writes for it (its name, its elements, its type; no doc string). ``value``
     decodes it into the tuple onnx-ir would hold, on every call."""
 
-    __slots__ = ("serialized",)
+    __slots__ = ("serialized", "packed_name")
 
     def __init__(self, name: str, type_: ir.AttributeType, serialized: bytes) -> None:
         super().__init__(name, type_, None)
         self.serialized = serialized
+        self.packed_name = name
+
+    @property
+    def as_packed(self) -> bool:
+        """Whether ``serialized`` is still what onnx-ir writes for it: no name or doc string
+        set on it since (a writer and the proof read ``value`` otherwise)."""
+        return self.name == self.packed_name and not self.doc_string
 
     @property
     def value(self) -> tuple:

@@ -182,12 +182,14 @@ def save(
 
 def save_proto(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write ``proto`` (under 2 GB, no external data) atomically: a temporary file in the
-    target folder, then a rename."""
+    target folder, on disk before it is renamed to ``path``."""
     out = check_output_path(path)
     tmp_name = create_temp_file(out.resolve().parent, out.name)
     try:
         with open(tmp_name, "wb") as file:
             file.write(proto.SerializeToString())
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp_name, out)
     except BaseException:
         if os.path.exists(tmp_name):

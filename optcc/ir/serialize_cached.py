@@ -330,7 +330,7 @@ def _attribute(attr: ir.Attr) -> bytes | None:
     ``name`` (1), the value (``f`` 2 as float32, ``i`` 3, ``s`` 4 as UTF-8, ``t`` 5 as
     ``_tensor`` writes it, or one unpacked element per item of ``floats`` 7, ``ints`` 8,
     ``strings`` 9), then ``type`` (20); None for any other (onnx-ir writes it)."""
-    if type(attr) is PackedAttr:
+    if type(attr) is PackedAttr and attr.as_packed:
         return attr.serialized  # what onnx-ir writes for it, by construction
     kind, value = attr.type, attr.value
     if attr.doc_string or type(attr.name) is not str:

@@ -114,7 +114,10 @@ def decode_plan(model: ir.Model) -> DecodePlan | None:
     floats = [o for o in outputs if not _PRESENT.match(o.name or "") and o.dtype is not None
               and o.dtype.is_floating_point() and o.shape is not None]
     # logits over every position where the model returns them, else the last position's alone
-    logits = next((o.name for rank in (3, 2) for o in floats if o.shape.rank() == rank), None)
+    # where one output alone can be them (beside a pooled [batch, hidden] output, which one
+    # holds the logits is not known: no plan then, and every output keeps its tolerance)
+    last = [o.name for o in floats if o.shape.rank() == 2]
+    logits = next((o.name for o in floats if o.shape.rank() == 3), last[0] if len(last) == 1 else None)
     if ids is None or logits is None:
         return None
     mask = next((n for n, r in roles.items() if r == "mask"), None)

@@ -1755,7 +1755,7 @@ class _Keys:
         """A hashable form of an attribute's value; None when it holds a graph."""
         if attr.is_ref():
             return None
-        if isinstance(attr, oir.PackedAttr):  # its bytes: the same elements, the same bytes
+        if isinstance(attr, oir.PackedAttr) and attr.as_packed:  # its bytes: the same elements, the same bytes
             return ("packed", attr.serialized)
         kind = attr.type
         tag = _PLAIN_ATTRIBUTES.get(kind)

@@ -764,17 +764,18 @@ class Verifier:
         next_token: dict[str, dict[str, Any]] = {}
         free: dict[str, dict[str, Any]] = {}
         metrics: list[OutputMetrics] = []
+        if by_tokens:
+            try:  # the original's own decode on every provider, before any is judged: where it cannot
+                # run, nothing judges the candidate (and no provider's verdict is dropped for it)
+                for provider in self.providers:
+                    self._reference_tokens(provider)
+            except Exception as e:  # noqa: BLE001
+                reason = (f"onnxruntime cannot run the original's next-token decode ({self._token_steps} "
+                          f"steps per prompt): {first_line(e)}")
+                return Verification(status="skipped", outputs=[], reason=reason, reference=reference, **base)
         with Progress("verifying", len(self.providers) * len(feeds), enabled=self._progress) as bar:
             for provider in self.providers:
                 session = None
-                if by_tokens:
-                    try:  # the original's own decode: where it cannot run, nothing judges the candidate
-                        self._reference_tokens(provider)
-                    except Exception as e:  # noqa: BLE001
-                        reason = (f"onnxruntime cannot run the original's next-token decode ({self._token_steps} "
-                                  f"steps per prompt): {first_line(e)}")
-                        return Verification(status="skipped", outputs=[], reason=reason, reference=reference,
-                                            **base)
                 kept = self._kept_cases(model, source, provider, positions) if numerics == "int8" else None
                 if kept is not None:  # a pass had this very model run on these samples (``outputs``)
                     candidate_names, got_all = kept
