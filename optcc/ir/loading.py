@@ -68,7 +68,8 @@ def load(source: ModelSource) -> ir.Model:
 def load_keeping_parse(path: str | os.PathLike, keep: bool = True) -> tuple[ir.Model, onnx.ModelProto | None]:
     """``load(path)``, and with ``keep`` the file's parse the model was built from, where
     loading left it as the file holds it (no interface type filled in, no legacy initializer
-    moved): what parsing the file again without its external data gives. None otherwise."""
+    moved, no attribute packed): what parsing the file again without its external data gives.
+    None otherwise."""
     path = Path(path)
     stamp = _stamp(path)
     proto, data = _read_model_file(path)

@@ -1344,7 +1344,7 @@ def _row_plan(reference: Outputs, metric: Any, groups: Sequence[str] | None, seq
                 key = name if not group else f"{name}@{group}"
                 if name in tokens:
                     plan[key], where[key], why[key] = "token-labels", (name, idx), (
-                        f"integer labels, one per token of input '{tokens[name]}': each token's")
+                        f"integer labels, one per token of input '{tokens[name]}': judged token by token")
                 else:
                     plan[key], where[key], why[key] = "labels", (name, idx), "integer or boolean: ids, labels, flags"
                 continue
