@@ -48,6 +48,7 @@ import onnxruntime as ort
 from optcc import ir as oir
 from optcc.errors import BadInputError, UnverifiedError
 from optcc.ir.overwrite import check_input_shapes
+from optcc.ir.zipmap import DetachedZipMaps, detach_zipmaps
 from optcc.numerics import (ACCEPTED_BY_SQNR, ACCEPTED_BY_TASK, DEFAULT_MARGIN, DEFAULT_SAMPLES,
                             ORIGINAL_ERROR_FACTOR, TOLERANCES, OutputMetrics, Tolerance, UngeneratedInputError,
                             Verification, Verifier, check_feeds, compare_outputs)
@@ -122,13 +123,23 @@ def _run(session: ort.InferenceSession, feeds: Feeds, label: str) -> dict[str, n
     return {o.name: np.asarray(v) for o, v in zip(session.get_outputs(), values)}
 
 
-def _load(source: oir.ModelSource) -> tuple[ir.Model, str | None, str]:
+def _load(source: oir.ModelSource) -> tuple[ir.Model, str | None, str, DetachedZipMaps | None]:
     """The model (a caller's ``ir.Model`` copied: judging may change its graph outputs),
-    its file or None, and its label."""
-    model = oir.load(source)
+    its file or None, its label, and the trailing ZipMaps set apart from it (the model is
+    then the part before them, in memory: ``detach_zipmaps``), else None."""
+    label = str(source) if isinstance(source, (str, os.PathLike)) else "<model>"
+    try:
+        model = oir.load(source)
+    except oir.MapTypedError as error:
+        detached = detach_zipmaps(error.proto)
+        if detached is None:
+            raise
+        core, zipmaps = detached
+        del error
+        return oir.load(core.SerializeToString()), None, label, zipmaps
     if isinstance(source, (str, os.PathLike)):
-        return model, str(source), str(source)
-    return (oir.clone(model) if model is source else model), None, "<model>"
+        return model, str(source), label, None
+    return (oir.clone(model) if model is source else model), None, label, None
 
 
 def _allclose(metrics: OutputMetrics, a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> OutputMetrics:
@@ -180,8 +191,26 @@ def compare_models(
     for name, value in (("rtol", rtol), ("atol", atol)):
         if value is not None and not value >= 0:  # NaN too: no element would ever match
             raise BadInputError(f"{name} must be 0 or more, got {value:g}")
-    model_a, path_a, label_a = _load(a)
-    model_b, path_b, label_b = _load(b)
+    model_a, path_a, label_a, zipmaps_a = _load(a)
+    model_b, path_b, label_b, zipmaps_b = _load(b)
+    if (zipmaps_a and zipmaps_a.nodes) != (zipmaps_b and zipmaps_b.nodes):
+        raise BadInputError("the ZipMap outputs differ: each model's ZipMap nodes must be the same", label_b)
+    result = _compared(model_a, path_a, label_a, model_b, path_b, label_b, inputs=inputs, input_shapes=input_shapes,
+                       samples=samples, seed=seed, numerics=numerics, rtol=rtol, atol=atol, inputs_label=inputs_label,
+                       task_metric=task_metric, task_margin=task_margin)
+    if zipmaps_a is not None:  # as optimizing judges them: the ZipMaps the same, the tensors they read compared
+        read = ", ".join(f"'{name}'" for name in zipmaps_a.inputs)
+        result.notes = [*result.notes, f"ZipMap outputs compared through the tensors they read ({read}); "
+                                       "the ZipMaps are the same"]
+    return result
+
+
+def _compared(model_a: ir.Model, path_a: str | None, label_a: str, model_b: ir.Model, path_b: str | None,
+              label_b: str, *, inputs: Iterable[Feeds] | Feeds | None, input_shapes: Mapping[str, Sequence[int]] | None,
+              samples: int, seed: int, numerics: str, rtol: float | None, atol: float | None,
+              inputs_label: str | None, task_metric: str | UserMetric | Mapping[str, Any] | None,
+              task_margin: float) -> Comparison:
+    """``compare_models`` on the loaded models A and B (each its file or None, and its label)."""
     names_a = sorted(v.name for v in model_a.graph.inputs if not v.is_initializer())
     names_b = sorted(v.name for v in model_b.graph.inputs if not v.is_initializer())
     if names_a != names_b:

@@ -193,3 +193,34 @@ def test_a_map_input_beside_a_zipmap_is_refused(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert "'features' holds maps" in err and str(path) in err
     assert not out.exists()
+
+
+def test_compare_judges_zipmap_models_through_the_tensors_their_zipmaps_read(tmp_path: Path, capsys) -> None:
+    """``optcc compare`` of a classifier and its optimized result compares the probabilities the
+    ZipMaps read (the ZipMaps themselves must be the same); a B whose ZipMap names other
+    classes is refused, and a B whose probabilities moved fails (numpy: the reference)."""
+    from optcc.compare import compare_models
+
+    path, out = tmp_path / "linear.onnx", tmp_path / "linear.opt.onnx"
+    onnx.save(linear_classifier(), path)
+    optcc.optimize(path).save(out)
+    result = compare_models(str(path), str(out))
+    assert result.passed and {m.name for m in result.outputs} == {"label", "probabilities_tensor"}
+    assert any("ZipMap outputs compared through the tensors they read ('probabilities_tensor')" in note
+               for note in result.notes)
+    assert cli.main(["compare", str(path), str(out)]) == 0
+    assert "probabilities_tensor" in capsys.readouterr().out
+    relabelled = linear_classifier()
+    relabelled.graph.node[-1].attribute[0].ints[:] = [0, 1, 5]
+    other = tmp_path / "relabelled.onnx"
+    onnx.save(relabelled, other)
+    with pytest.raises(optcc.BadInputError, match="the ZipMap outputs differ"):
+        compare_models(str(path), str(other))
+    moved = linear_classifier()  # the intercepts moved: probabilities numpy says differ
+    shift = np.array([0.5, 0.0, -0.5])
+    next(a for a in moved.graph.node[0].attribute if a.name == "intercepts").floats[:] = (B + shift).tolist()
+    x = _samples().astype(np.float64)
+    assert not np.allclose(_softmax(x @ W.T + B + shift), _softmax(x @ W.T + B), rtol=1e-3)
+    far = tmp_path / "moved.onnx"
+    onnx.save(moved, far)
+    assert not compare_models(str(path), str(far)).passed
