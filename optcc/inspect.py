@@ -13,9 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import onnx
 import onnx_ir as ir
 
 from optcc import ir as oir
+from optcc.ir.zipmap import detach_zipmaps
 
 __all__ = ["inspect_model", "format_inspection", "dim_text"]
 
@@ -37,12 +39,29 @@ def _value(value: ir.Value) -> dict[str, Any]:
 
 
 def inspect_model(source: oir.ModelSource) -> dict[str, Any]:
-    """A JSON-ready description of ``source`` (path, bytes, ModelProto or onnx_ir.Model)."""
-    model = oir.load(source)
+    """A JSON-ready description of ``source`` (path, bytes, ModelProto or onnx_ir.Model); a
+    classifier's trailing ZipMaps, which optcc's IR cannot hold, are described from the file
+    (their outputs' types, their nodes in the counts) and the rest from the IR."""
+    zipmaps = None
+    try:
+        model = oir.load(source)
+    except oir.MapTypedError as error:
+        detached = detach_zipmaps(error.proto)
+        if detached is None:
+            raise
+        core, zipmaps = detached
+        del error
+        model = oir.load(core.SerializeToString())
     graph = model.graph
     inputs = [_value(v) for v in graph.inputs if not v.is_initializer()]
     outputs = [_value(v) for v in graph.outputs]
-    histogram = dict(sorted(oir.op_histogram(model).items(), key=lambda kv: (-kv[1], kv[0])))
+    counts = oir.op_histogram(model)
+    if zipmaps is not None:  # the original's outputs, in its order, and its ZipMaps counted
+        described = {v["name"]: v for v in outputs}
+        zipped = {node.output[0] for node in zipmaps.nodes}
+        outputs = [_map_value(info) if info.name in zipped else described[info.name] for info in zipmaps.outputs]
+        counts = {**counts, "ai.onnx.ml::ZipMap": counts.get("ai.onnx.ml::ZipMap", 0) + len(zipmaps.nodes)}
+    histogram = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     files = sorted(oir.external_data_files(model))
     info: dict[str, Any] = {
         "path": str(source) if isinstance(source, (str, os.PathLike)) else None,
@@ -63,6 +82,21 @@ def inspect_model(source: oir.ModelSource) -> dict[str, Any]:
         "metadata": dict(model.metadata_props),
     }
     return info
+
+
+def _map_value(info: onnx.ValueInfoProto) -> dict[str, Any]:
+    """A ZipMap's output: its type as ``seq(map(KEY,VALUE))`` (element types named as a
+    tensor's are), and no shape (None)."""
+    def text(type_: onnx.TypeProto) -> str:
+        kind = type_.WhichOneof("value")
+        if kind == "tensor_type":
+            return ir.DataType(type_.tensor_type.elem_type).name.lower()
+        if kind == "sequence_type":
+            return f"seq({text(type_.sequence_type.elem_type)})"
+        if kind == "map_type":
+            return f"map({ir.DataType(type_.map_type.key_type).name.lower()},{text(type_.map_type.value_type)})"
+        return "?"
+    return {"name": info.name, "dtype": text(info.type), "shape": None, "dynamic": []}
 
 
 def _shape(shape: list[int | str] | None) -> str:
@@ -90,7 +124,8 @@ def format_inspection(info: dict[str, Any]) -> str:
         lines.append(f"{title}:")
         width = max((len(v["name"]) for v in info[title]), default=0)
         for v in info[title]:
-            lines.append(f"  {v['name']:<{width}}  {v['dtype'] or '?':<8} {_shape(v['shape'])}")
+            shape = "" if (v["dtype"] or "").startswith("seq(") else f" {_shape(v['shape'])}"
+            lines.append(f"  {v['name']:<{width}}  {v['dtype'] or '?':<8}{shape}")
     if info["dynamic_dims"]:
         lines.append("dynamic dims: " + ", ".join(info["dynamic_dims"]))
     sub = f" ({info['subgraphs']} subgraph(s))" if info["subgraphs"] else ""

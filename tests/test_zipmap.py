@@ -224,3 +224,22 @@ def test_compare_judges_zipmap_models_through_the_tensors_their_zipmaps_read(tmp
     far = tmp_path / "moved.onnx"
     onnx.save(moved, far)
     assert not compare_models(str(path), str(far)).passed
+
+
+def test_inspect_describes_a_zipmap_classifier_from_its_file(tmp_path: Path, capsys) -> None:
+    """``optcc inspect`` of a classifier that ends in ZipMap: its outputs as the file declares
+    them (the maps typed, in order) and every node counted, the ZipMap's too (the
+    reference: the file's own graph)."""
+    from optcc.inspect import inspect_model
+
+    path = tmp_path / "linear.onnx"
+    model = linear_classifier()
+    onnx.save(model, path)
+    info = inspect_model(str(path))
+    assert [v["name"] for v in info["outputs"]] == [o.name for o in model.graph.output]
+    assert info["outputs"][1]["dtype"] == "seq(map(int64,float))"
+    assert info["nodes"] == len(model.graph.node)
+    counted = {(n.domain + "::" if n.domain else "") + n.op_type for n in model.graph.node}
+    assert set(info["op_histogram"]) == counted
+    assert cli.main(["inspect", str(path)]) == 0
+    assert "probabilities  seq(map(int64,float))" in capsys.readouterr().out
