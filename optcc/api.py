@@ -24,7 +24,7 @@ from optcc.infra.pipelines import build_pipeline
 from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_bytes
 from optcc.ir.overwrite import check_input_shapes
-from optcc.ir.zipmap import DetachedZipMaps, detach_zipmaps
+from optcc.ir.zipmap import DetachedZipMaps, detach_zipmaps, load_apart
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
 from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary,
                             input_roles, resolve_providers)
@@ -518,9 +518,15 @@ def verify(
     **verifier_options: Any,
 ) -> Verification:
     """One-shot verification of ``candidate`` against ``original``, each a path, bytes,
-    onnx.ModelProto or onnx_ir.Model (``verifier_options``: see ``optcc.Verifier``)."""
-    model = candidate if isinstance(candidate, ir.Model) else oir.load(candidate)
-    reference: Any = original if isinstance(original, (str, os.PathLike, ir.Model)) else oir.load(original)
+    onnx.ModelProto or onnx_ir.Model (``verifier_options``: see ``optcc.Verifier``).
+    Classifiers that end in ZipMap are verified as ``optimize`` verifies them: the tensors
+    their ZipMaps read, the ZipMaps the same in both (BadInputError otherwise)."""
+    model, zipmaps = (candidate, None) if isinstance(candidate, ir.Model) else load_apart(candidate)
+    reference: Any = original  # a path is loaded by the verifier, unless ZipMaps are set apart from it
+    if zipmaps is not None or not isinstance(original, (str, os.PathLike, ir.Model)):
+        reference, original_zipmaps = (original, None) if isinstance(original, ir.Model) else load_apart(original)
+        if (zipmaps and zipmaps.nodes) != (original_zipmaps and original_zipmaps.nodes):
+            raise BadInputError("the ZipMap outputs differ: each model's ZipMap nodes must be the same")
     with Verifier(reference, **verifier_options) as verifier:
         return verifier.check(model, numerics)  # type: ignore[arg-type]
 

@@ -48,7 +48,7 @@ import onnxruntime as ort
 from optcc import ir as oir
 from optcc.errors import BadInputError, UnverifiedError
 from optcc.ir.overwrite import check_input_shapes
-from optcc.ir.zipmap import DetachedZipMaps, detach_zipmaps
+from optcc.ir.zipmap import DetachedZipMaps, load_apart
 from optcc.numerics import (ACCEPTED_BY_SQNR, ACCEPTED_BY_TASK, DEFAULT_MARGIN, DEFAULT_SAMPLES,
                             ORIGINAL_ERROR_FACTOR, TOLERANCES, OutputMetrics, Tolerance, UngeneratedInputError,
                             Verification, Verifier, check_feeds, compare_outputs)
@@ -128,15 +128,9 @@ def _load(source: oir.ModelSource) -> tuple[ir.Model, str | None, str, DetachedZ
     its file or None, its label, and the trailing ZipMaps set apart from it (the model is
     then the part before them, in memory: ``detach_zipmaps``), else None."""
     label = str(source) if isinstance(source, (str, os.PathLike)) else "<model>"
-    try:
-        model = oir.load(source)
-    except oir.MapTypedError as error:
-        detached = detach_zipmaps(error.proto)
-        if detached is None:
-            raise
-        core, zipmaps = detached
-        del error
-        return oir.load(core.SerializeToString()), None, label, zipmaps
+    model, zipmaps = load_apart(source)
+    if zipmaps is not None:
+        return model, None, label, zipmaps
     if isinstance(source, (str, os.PathLike)):
         return model, str(source), label, None
     return (oir.clone(model) if model is source else model), None, label, None

@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from optcc import ir as oir
-from optcc.ir.zipmap import detach_zipmaps
+from optcc.ir.zipmap import load_apart
 
 __all__ = ["inspect_model", "format_inspection", "dim_text"]
 
@@ -42,16 +42,7 @@ def inspect_model(source: oir.ModelSource) -> dict[str, Any]:
     """A JSON-ready description of ``source`` (path, bytes, ModelProto or onnx_ir.Model); a
     classifier's trailing ZipMaps, which optcc's IR cannot hold, are described from the file
     (their outputs' types, their nodes in the counts) and the rest from the IR."""
-    zipmaps = None
-    try:
-        model = oir.load(source)
-    except oir.MapTypedError as error:
-        detached = detach_zipmaps(error.proto)
-        if detached is None:
-            raise
-        core, zipmaps = detached
-        del error
-        model = oir.load(core.SerializeToString())
+    model, zipmaps = load_apart(source)
     graph = model.graph
     inputs = [_value(v) for v in graph.inputs if not v.is_initializer()]
     outputs = [_value(v) for v in graph.outputs]

@@ -243,3 +243,23 @@ def test_inspect_describes_a_zipmap_classifier_from_its_file(tmp_path: Path, cap
     assert set(info["op_histogram"]) == counted
     assert cli.main(["inspect", str(path)]) == 0
     assert "probabilities  seq(map(int64,float))" in capsys.readouterr().out
+
+
+def test_verify_judges_a_zipmap_classifier_through_the_tensors_its_zipmaps_read(tmp_path: Path) -> None:
+    """``optcc.verify`` of a classifier's optimized result passes; a relabelled ZipMap is
+    refused; moved probabilities fail (numpy's softmax differs: the reference)."""
+    path, out = tmp_path / "linear.onnx", tmp_path / "linear.opt.onnx"
+    onnx.save(linear_classifier(), path)
+    optcc.optimize(path).save(out)
+    assert optcc.verify(str(path), str(out)).status == "passed"
+    assert optcc.verify(linear_classifier(), str(out)).status == "passed"
+    relabelled = linear_classifier()
+    relabelled.graph.node[-1].attribute[0].ints[:] = [0, 1, 5]
+    with pytest.raises(optcc.BadInputError, match="the ZipMap outputs differ"):
+        optcc.verify(str(path), relabelled)
+    moved = linear_classifier()
+    shift = np.array([0.5, 0.0, -0.5])
+    next(a for a in moved.graph.node[0].attribute if a.name == "intercepts").floats[:] = (B + shift).tolist()
+    x = _samples().astype(np.float64)
+    assert not np.allclose(_softmax(x @ W.T + B + shift), _softmax(x @ W.T + B), rtol=1e-3)
+    assert optcc.verify(str(path), moved).status == "failed"

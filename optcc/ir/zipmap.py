@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 
 import onnx
+import onnx_ir as ir
 
-from optcc.ir.loading import map_typed_value
+from optcc.ir.loading import MapTypedError, ModelSource, load, map_typed_value
 
 ML_DOMAIN = "ai.onnx.ml"
 
@@ -54,6 +55,19 @@ class DetachedZipMaps:
             core.opset_import.append(onnx.helper.make_opsetid(ML_DOMAIN, self.ml_opset))
         onnx.checker.check_model(core)
         return core
+
+
+def load_apart(source: ModelSource) -> tuple[ir.Model, DetachedZipMaps | None]:
+    """``load(source)`` and None; for a model whose only maps are its trailing ZipMaps' outputs,
+    the part before them (``detach_zipmaps``, loaded from its bytes) and those ZipMaps."""
+    try:
+        return load(source), None
+    except MapTypedError as error:
+        detached = detach_zipmaps(error.proto)
+        if detached is None:
+            raise
+        core, zipmaps = detached
+    return load(core.SerializeToString()), zipmaps  # the error, and the parse it holds, gone
 
 
 def detach_zipmaps(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, DetachedZipMaps] | None:
