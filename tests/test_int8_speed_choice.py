@@ -60,6 +60,21 @@ def _run(model_bytes: bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
+def _meets_the_target(model_bytes: bytes, weights: list[np.ndarray], float_layers=()) -> None:
+    """The written model keeps ``float_layers`` float (MatMul) and meets the target against
+    numpy's float64 chain on 5 rows."""
+    kinds = {n.name: n.op_type for n in onnx.load_from_string(model_bytes).graph.node}
+    assert all(kinds.get(name) == "MatMul" for name in float_layers)
+    for feeds in _rows(5):
+        got = _run(model_bytes, feeds).astype(np.float64)
+        assert _sqnr_db(_float64(weights, feeds["x"]), got) >= TARGET.min_sqnr_db
+
+
+def _never_bounded(speedup, of_floats, required) -> SpeedBound:
+    """A ``SpeedBound`` with no bound below the requirement: the search never stops for speed."""
+    return SpeedBound(speedup, lambda floats: float("inf"), required)
+
+
 def _quantize(min_speedup: float, **options) -> tuple[optcc.ir.Model | onnx.ModelProto, dict]:
     model, _ = _chain()
     return quantize_int8(model, _rows(), "minmax", min_speedup=min_speedup, target=TARGET, metric=None, **options)
@@ -90,11 +105,7 @@ def test_the_fastest_accepted_candidate_ships_when_the_fewest_float_is_too_slow(
     again, _ = _quantize(fewest * 1.0001)
     assert _written(again) == _written(q) != _written(free_model)
     # the model shipped keeps its float layers float and meets the target against numpy's float64 chain
-    kinds = {n.name: n.op_type for n in onnx.load_from_string(_written(q)).graph.node}
-    assert all(kinds.get(name) == "MatMul" for name in shipped)
-    for feeds in _rows(5):
-        got = _run(_written(q), feeds).astype(np.float64)
-        assert _sqnr_db(_float64(weights, feeds["x"]), got) >= TARGET.min_sqnr_db
+    _meets_the_target(_written(q), weights, shipped)
 
     # above every accepted candidate's speed: declined for speed, the float model written
     q, stats = _quantize(speeds[0] * 1.0001)
@@ -126,10 +137,7 @@ def test_the_pipeline_confirms_the_faster_candidate_on_every_sample(tmp_path) ->
     assert best["passed_again"] == {"judged": True, "confirmation": True} and best["modelled_speedup"] > fewest
     assert stats["modified"] is True and result.report.verification["status"] == "passed"
     assert len(stats["fallback"]["kept_float"]) == best["float_layers"]
-    written = _written(result.model)
-    for feeds in _rows(5):
-        got = _run(written, feeds).astype(np.float64)
-        assert _sqnr_db(_float64(weights, feeds["x"]), got) >= TARGET.min_sqnr_db
+    _meets_the_target(_written(result.model), weights)
 
 
 def test_the_search_stops_once_no_candidate_left_could_ship(monkeypatch) -> None:
@@ -157,19 +165,12 @@ def test_the_search_stops_once_no_candidate_left_could_ship(monkeypatch) -> None
     assert "search_stopped" not in measured["fallback"] and _written(corrected) == _written(q)
 
     # with no bound below the requirement the search measures on, and the speed choice ships the same bytes
-    def unbounded(speedup, of_floats, required):
-        return SpeedBound(speedup, lambda floats: float("inf"), required)
-
-    monkeypatch.setattr(driver, "SpeedBound", unbounded)
+    monkeypatch.setattr(driver, "SpeedBound", _never_bounded)
     same, on = _quantize(required, bias_correction=False)
     assert "search_stopped" not in on["fallback"] and len(on["fallback"]["tried"]) > 4
     assert "8 layers float (local order)" in on["fallback"]["speed_choice"]["chosen"]
     assert _written(same) == _written(q)
-    kinds = {n.name: n.op_type for n in onnx.load_from_string(_written(q)).graph.node}
-    assert all(kinds.get(name) == "MatMul" for name in report["kept_float"])
-    for feeds in _rows(5):
-        got = _run(_written(q), feeds).astype(np.float64)
-        assert _sqnr_db(_float64(weights, feeds["x"]), got) >= TARGET.min_sqnr_db
+    _meets_the_target(_written(q), weights, report["kept_float"])
 
 
 def test_the_speed_bound_builds_no_more_than_the_bisection_judges(monkeypatch) -> None:
@@ -198,12 +199,7 @@ def test_the_speed_bound_builds_no_more_than_the_bisection_judges(monkeypatch) -
     assert "12 layers float (local order)" in report["speed_choice"]["chosen"] and stats["modified"] is True
     assert all(c["modelled_speedup"] < required for c in report["speed_choice"]["candidates"][1:])
 
-    monkeypatch.setattr(driver, "SpeedBound", lambda speedup, of_floats, required: SpeedBound(
-        speedup, lambda floats: float("inf"), required))
+    monkeypatch.setattr(driver, "SpeedBound", _never_bounded)
     never_stops, _ = _quantize(required, bias_correction=False, max_float_layers=12)
     assert _written(never_stops) == _written(q)
-    kinds = {n.name: n.op_type for n in onnx.load_from_string(_written(q)).graph.node}
-    assert all(kinds.get(name) == "MatMul" for name in report["kept_float"])
-    for feeds in _rows(5):
-        got = _run(_written(q), feeds).astype(np.float64)
-        assert _sqnr_db(_float64(weights, feeds["x"]), got) >= TARGET.min_sqnr_db
+    _meets_the_target(_written(q), weights, report["kept_float"])
