@@ -24,7 +24,7 @@ from optcc.infra.pipelines import build_pipeline
 from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_bytes
 from optcc.ir.overwrite import check_input_shapes
-from optcc.ir.zipmap import DetachedZipMaps, detach_zipmaps, load_apart
+from optcc.ir.zipmap import DetachedZipMaps, load_apart
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
 from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary,
                             input_roles, resolve_providers)
@@ -212,34 +212,26 @@ def optimize(
     fp16_block = list(fp16_block)
     start = time.perf_counter()
     label = str(model) if isinstance(model, (str, os.PathLike)) else None
-    zipmaps: DetachedZipMaps | None = None
     # the file's parse, for the verifier's numbering of the original (handed over below, else dropped)
     file_parse = None
-    try:
-        if isinstance(model, (str, os.PathLike)) and verify and os.path.isfile(model) \
-                and os.path.getsize(model) <= REPARSE_MAX_BYTES:
-            loaded, file_parse = oir.load_keeping_parse(model)
-        else:
-            loaded = oir.load(model)
-    except oir.MapTypedError as error:
-        # trailing ZipMaps are set apart: the tensors they read are optimized and verified as graph
-        # outputs (kept float32 by FP16), and the ZipMaps are put back, unchanged, on the result
-        detached = detach_zipmaps(error.proto)
-        if detached is None:
-            raise
-        core, zipmaps = detached
-        model = core.SerializeToString()  # parsed anew by the load below, which may then empty it
-        del core
-    if zipmaps is not None:  # loaded outside the handler: the error, and the parse it holds, are gone
-        try:
-            loaded = oir.load(model)
-        except BadInputError as error:  # the part before the ZipMaps: its problem is the file's
-            raise BadInputError(str(error).removeprefix(f"{error.path}: "), label) from None
-        if fp16_keep_io is not True:  # ZipMap reads float32 only
-            fp16_keep_io = [*(fp16_keep_io or ()), *zipmaps.inputs]
+
+    def load_given(source: oir.ModelSource) -> ir.Model:
+        nonlocal file_parse
+        if isinstance(source, (str, os.PathLike)) and verify and os.path.isfile(source) \
+                and os.path.getsize(source) <= REPARSE_MAX_BYTES:
+            given, file_parse = oir.load_keeping_parse(source)
+            return given
+        return oir.load(source)
+
+    # trailing ZipMaps are set apart: the tensors they read are optimized and verified as graph
+    # outputs (kept float32 by FP16), and the ZipMaps are put back, unchanged, on the result
+    loaded, zipmaps = load_apart(model, load_given)
+    if zipmaps is not None and fp16_keep_io is not True:  # ZipMap reads float32 only
+        fp16_keep_io = [*(fp16_keep_io or ()), *zipmaps.inputs]
     input_shapes = _merged_shapes(loaded, input_shapes, overwrite_input_shapes, label)
     working = oir.clone(loaded) if loaded is model else loaded
-    original: Any = model if isinstance(model, (str, os.PathLike)) else loaded
+    # a path the verifier loads itself, unless it holds the ZipMaps set apart from ``loaded``
+    original: Any = model if isinstance(model, (str, os.PathLike)) and zipmaps is None else loaded
     if original is loaded and working is loaded:
         original = oir.clone(loaded)  # the passes modify ``working`` in place
     # the verifier's parse of a path: a clone sharing the (immutable) tensors, no second load (taken

@@ -11,10 +11,13 @@ onto the optimized part, so the result has the original's outputs, in the origin
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Callable
 
 import onnx
 import onnx_ir as ir
 
+from optcc.errors import BadInputError
 from optcc.ir.loading import MapTypedError, ModelSource, load, map_typed_value
 
 ML_DOMAIN = "ai.onnx.ml"
@@ -57,17 +60,25 @@ class DetachedZipMaps:
         return core
 
 
-def load_apart(source: ModelSource) -> tuple[ir.Model, DetachedZipMaps | None]:
-    """``load(source)`` and None; for a model whose only maps are its trailing ZipMaps' outputs,
-    the part before them (``detach_zipmaps``, loaded from its bytes) and those ZipMaps."""
+def load_apart(source: ModelSource, load_source: Callable[[ModelSource], ir.Model] = load,
+               ) -> tuple[ir.Model, DetachedZipMaps | None]:
+    """``load_source(source)`` and None; for a model whose only maps are its trailing ZipMaps'
+    outputs, the part before them (``detach_zipmaps``, loaded from its bytes, a problem in it
+    named as the source's) and those ZipMaps."""
     try:
-        return load(source), None
+        return load_source(source), None
     except MapTypedError as error:
         detached = detach_zipmaps(error.proto)
         if detached is None:
             raise
         core, zipmaps = detached
-    return load(core.SerializeToString()), zipmaps  # the error, and the parse it holds, gone
+    data = core.SerializeToString()  # loaded outside the handler: the error, and the parse it holds, gone
+    del core
+    try:
+        return load(data), zipmaps
+    except BadInputError as error:  # the part before the ZipMaps: its problem is the source's
+        label = str(source) if isinstance(source, (str, os.PathLike)) else None
+        raise BadInputError(str(error).removeprefix(f"{error.path}: "), label) from None
 
 
 def detach_zipmaps(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, DetachedZipMaps] | None:
