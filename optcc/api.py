@@ -24,7 +24,7 @@ from optcc.infra.pipelines import build_pipeline
 from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_bytes
 from optcc.ir.overwrite import check_input_shapes
-from optcc.ir.zipmap import DetachedZipMaps, load_apart
+from optcc.ir.zipmap import DetachedZipMaps, check_same_zipmaps, load_apart
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
 from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary,
                             input_roles, resolve_providers)
@@ -517,8 +517,7 @@ def verify(
     reference: Any = original  # a path is loaded by the verifier, unless ZipMaps are set apart from it
     if zipmaps is not None or not isinstance(original, (str, os.PathLike, ir.Model)):
         reference, original_zipmaps = (original, None) if isinstance(original, ir.Model) else load_apart(original)
-        if (zipmaps and zipmaps.nodes) != (original_zipmaps and original_zipmaps.nodes):
-            raise BadInputError("the ZipMap outputs differ: each model's ZipMap nodes must be the same")
+        check_same_zipmaps(original_zipmaps, zipmaps)
     with Verifier(reference, **verifier_options) as verifier:
         return verifier.check(model, numerics)  # type: ignore[arg-type]
 

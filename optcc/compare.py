@@ -48,7 +48,7 @@ import onnxruntime as ort
 from optcc import ir as oir
 from optcc.errors import BadInputError, UnverifiedError
 from optcc.ir.overwrite import check_input_shapes
-from optcc.ir.zipmap import DetachedZipMaps, load_apart
+from optcc.ir.zipmap import DetachedZipMaps, check_same_zipmaps, load_apart
 from optcc.numerics import (ACCEPTED_BY_SQNR, ACCEPTED_BY_TASK, DEFAULT_MARGIN, DEFAULT_SAMPLES,
                             ORIGINAL_ERROR_FACTOR, TOLERANCES, OutputMetrics, Tolerance, UngeneratedInputError,
                             Verification, Verifier, check_feeds, compare_outputs)
@@ -187,8 +187,7 @@ def compare_models(
             raise BadInputError(f"{name} must be 0 or more, got {value:g}")
     model_a, path_a, label_a, zipmaps_a = _load(a)
     model_b, path_b, label_b, zipmaps_b = _load(b)
-    if (zipmaps_a and zipmaps_a.nodes) != (zipmaps_b and zipmaps_b.nodes):
-        raise BadInputError("the ZipMap outputs differ: each model's ZipMap nodes must be the same", label_b)
+    check_same_zipmaps(zipmaps_a, zipmaps_b, label_b)
     result = _compared(model_a, path_a, label_a, model_b, path_b, label_b, inputs=inputs, input_shapes=input_shapes,
                        samples=samples, seed=seed, numerics=numerics, rtol=rtol, atol=atol, inputs_label=inputs_label,
                        task_metric=task_metric, task_margin=task_margin)

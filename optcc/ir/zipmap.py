@@ -81,6 +81,13 @@ def load_apart(source: ModelSource, load_source: Callable[[ModelSource], ir.Mode
         raise BadInputError(str(error).removeprefix(f"{error.path}: "), label) from None
 
 
+def check_same_zipmaps(a: DetachedZipMaps | None, b: DetachedZipMaps | None, label: str | None = None) -> None:
+    """BadInputError (naming ``label``, B's) unless two models set apart the same ZipMap
+    nodes, or neither any: then comparing the tensors they read compares their outputs."""
+    if (a and a.nodes) != (b and b.nodes):
+        raise BadInputError("the ZipMap outputs differ: each model's ZipMap nodes must be the same", label)
+
+
 def detach_zipmaps(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, DetachedZipMaps] | None:
     """The model without its trailing ZipMaps, and those ZipMaps; None when ``proto`` has
     none to set apart, or when a map or sequence type would remain without them (another
