@@ -484,15 +484,8 @@ def optimize(
 def _would_be(text: str, applied: str, model: ir.Model) -> str:
     """What a declined precision leaves, said once: nothing when ``text``'s last clause says it
     (``...; kept float32 (why)``). With nothing applied that is the model's own float type."""
-    left = applied or _own_float_type(model)
+    left = applied or oir.interface_float_type(model)
     return "" if re.search(rf"(^|; )kept {re.escape(left)}( \(.*\))?$", text) else f" (the result would be {left})"
-
-
-def _own_float_type(model: ir.Model) -> str:
-    """"float16" for a model whose float graph inputs and outputs are all float16, else "float32"."""
-    floats = {value.dtype for value in (*model.graph.inputs, *model.graph.outputs)
-              if value.dtype is not None and value.dtype.is_floating_point()}
-    return "float16" if floats == {ir.DataType.FLOAT16} else "float32"
 
 
 def _gate_reason(verifier: Verifier, candidate: ir.Model) -> str | None:

@@ -214,7 +214,7 @@ def test_silence_is_counted_over_the_run_not_per_phase(capsys, monkeypatch):
     monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(progress, "TICK_SECONDS", 3600.0)
     with Progress("optimizing", 1, enabled=True):
-        for phase in ("reference: float32 original", "calibrating", "bias correction"):
+        for phase in ("reference: the original", "calibrating", "bias correction"):
             with Progress(phase, 4) as bar:
                 for _ in range(4):
                     clock[0] += 1.5  # 6 s a phase

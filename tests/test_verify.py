@@ -87,6 +87,24 @@ def test_verifier_detects_a_changed_model_and_skips_what_onnxruntime_cannot_run(
     assert verdict.status == "skipped" and "cannot run the original" in verdict.reason
 
 
+@pytest.mark.parametrize("dtype", ["float", "float16"])
+def test_the_verdict_names_the_originals_own_float_type(dtype: str) -> None:
+    # a model computing in float16 is compared with itself as it is, not with a float32 model
+    original = _model(f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph ({dtype}[N, 4] x) => ({dtype}[N, 4] y) {{ y = Relu(x) }}
+    """)
+    changed = _model(f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph ({dtype}[N, 4] x) => ({dtype}[N, 4] y) {{ y = Abs(x) }}
+    """)
+    with Verifier(original, samples=2) as verifier:
+        same, other = verifier.check(original.clone(), prove=False), verifier.check(changed)
+    label = {"float": "float32", "float16": "float16"}[dtype]
+    assert same.passed and f"against {label} original" in same.describe(), same.describe()
+    assert not other.passed and f"against {label} original" in other.describe(), other.describe()
+
+
 def test_a_proved_candidate_onnxruntime_cannot_load_fails():
     # the proof equates the two graphs, but onnxruntime refuses the candidate (an IR version
     # it does not know): the load check (which runs after the proof) must turn the proof

@@ -15,7 +15,7 @@ from optcc.ir.dequantized import dequantized_array, drop_dequantization, stored_
 from optcc.ir.data_movement import reshaped, squeezed, unsqueezed
 from optcc.ir.edit import ModelNames, constant_before, as_numpy, const_array, const_tensor, initializers_are_constant, is_constant, overridable_inputs, inferred_dtypes, unique_prefix, unique_value_name, value_names
 from optcc.ir.legacy import upgrade_legacy_ir
-from optcc.ir.interface import FILLED_INTERFACE_KEY, without_weights
+from optcc.ir.interface import FILLED_INTERFACE_KEY, interface_float_type, without_weights
 from optcc.ir.loading import MapTypedError, ModelSource, load, load_keeping_parse
 from optcc.ir.packed_attributes import PackedAttr, holds_packed
 from optcc.ir.opset import convert_opset, upgrade_problem
@@ -36,6 +36,7 @@ __all__ = [
     "convert_opset",
     "upgrade_problem",
     "without_weights",
+    "interface_float_type",
     "ModelSource",
     "load",
     "load_keeping_parse",

@@ -22,6 +22,13 @@ it made unknown."""
 _MAX_TRIED_RANK = 8
 
 
+def interface_float_type(model: ir.Model) -> str:
+    """"float16" for a model whose float graph inputs and outputs are all float16, else "float32"."""
+    floats = {value.dtype for value in (*model.graph.inputs, *model.graph.outputs)
+              if value.dtype is not None and value.dtype.is_floating_point()}
+    return "float16" if floats == {ir.DataType.FLOAT16} else "float32"
+
+
 def _needs_fill(info: onnx.ValueInfoProto) -> bool:
     """A main-graph input/output onnx.checker rejects for a missing type or shape."""
     kind = info.type.WhichOneof("value")

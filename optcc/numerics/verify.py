@@ -136,7 +136,7 @@ REFERENCES = ("auto", "float32")
 # least (more when the last model's own outputs are larger)
 KEPT_OUTPUT_BYTES = 64 << 20
 # the progress phases of the reference runs, apart from the candidate's ("verifying")
-REFERENCE_PHASE = "reference: float32 original"
+REFERENCE_PHASE = "reference: the original"
 FLOOR_PHASE = "noise floor: float32 on perturbed samples"
 FLOAT64_PHASE = "reference: float64"
 
@@ -152,7 +152,7 @@ class Verification:
     samples: int
     outputs: list[OutputMetrics]
     reason: str | None = None
-    reference: str = "float32 original"
+    reference: str = "float32 original"  # "float16 original" for a model with float16 inputs and outputs
     decode_steps: int | None = None  # steps per sample for a KV-cache decoder
     task: dict[str, Any] | None = None  # the task judge's verdict on the first provider, for INT8
     task_by_provider: dict[str, dict[str, Any]] | None = None  # every provider's, when there are several
@@ -315,6 +315,7 @@ class Verifier:
         self._scratch_folder: tempfile.TemporaryDirectory | None = None  # made when a session needs one
         model = original if isinstance(original, ir.Model) else parsed if parsed is not None else oir.load(original)
         self._parsed: ir.Model | None = model  # the original, parsed (None: parse it again when needed)
+        self._original_label = f"{oir.interface_float_type(model)} original"  # what the samples compare with
         self.original: Any = original if isinstance(original, (str, os.PathLike)) else model
         self._feeds: list[dict[str, np.ndarray]] | None = None
         self._generate: dict[str, Any] | None = None
@@ -755,7 +756,7 @@ class Verifier:
         # original cannot; SQNR-type tolerances measure the loss a lossy conversion adds to it
         precise = tolerance.max_rel is not None and numerics != "exact" and not by_task
         references: set[str] = set()
-        reference = "float32 original"
+        reference = self._original_label
         if by_task:
             reference += ", judged by the task against its noise floor"
         if by_tokens:
@@ -830,7 +831,7 @@ class Verifier:
                 # the samples a float output is beyond the tolerance on: the only ones judged again
                 again = sorted({positions[j] for first, beyond, *_ in firsts if beyond for j in first.samples_over})
                 for index, (first, beyond, originals, gots, judged, resolution) in enumerate(firsts):
-                    result, used = first, "float32 original"
+                    result, used = first, self._original_label
                     if beyond:
                         result, used = self._judge_again(first, index, provider, originals, gots, judged,
                                                          resolution, positions, again)
@@ -844,12 +845,12 @@ class Verifier:
                         verdicts[provider] = verdict
                 metrics.extend(compared)
         if by_task and verdicts and not any(self.task_judge(provider).floor_measured for provider in verdicts):
-            reference = "float32 original, judged by the task (every output's SQNR meets its target, which no " \
-                        "noise floor can fail: the floor is not measured)"
+            reference = f"{self._original_label}, judged by the task (every output's SQNR meets its target, " \
+                        "which no noise floor can fail: the floor is not measured)"
         if by_task and verdicts:
             reference += f"; {chosen_text(verdicts[next(iter(verdicts))])}"
-        if references - {"float32 original"}:
-            reference = "; ".join(sorted(references - {"float32 original"}))
+        if references - {self._original_label}:
+            reference = "; ".join(sorted(references - {self._original_label}))
         weak = self._weak_outputs() if any(not m.passed for m in metrics) else {}
         problems = [f"'{m.name}' on {m.provider}: {m.problem}"
                     + (f" (the output {weak[m.name]}: give {self._telling_samples})" if m.name in weak else "")
@@ -1257,7 +1258,7 @@ class Verifier:
         if alternate is not None:  # its rounding noise against the as-written run
             noise = [alternate[i][index] for i in positions]
             result = compare_outputs(name, provider, originals, gots, tolerance, noise, resolution=resolution)
-        return result, f"float32 original (float64 unavailable: {reference.reason})"
+        return result, f"{self._original_label} (float64 unavailable: {reference.reason})"
 
 
 def _digest(model: ir.Model, source: Any) -> str:
