@@ -430,13 +430,13 @@ def optimize(
     precision, held = _precision(outcome.model, outcome.records,
                                  {"fp16": fp16, "int8": quantizing, "int8-dynamic": int8_dynamic,
                                   "weights": bool(weight_only)}, generated=inputs is None)
-    report.warnings.extend(held)
+    report.warnings.extend(held.values())
     if unfed and precision.get("int8", "") is None:
         report.warnings.append(
             f"INT8 calibrated {', '.join(map(repr, unfed))} on the default value only: a graph input with a default "
             "that no calibration sample feeds; values fed later outside that range saturate (give calibration "
             "samples that feed it)")
-    if unscaled and precision.get("fp16", "") is None:
+    if unscaled and precision.get("fp16", "") is None and "fp16" not in held:  # no range judged: nothing converted
         report.warnings.append(
             f"FP16 ranges were judged on generated standard-normal values for {', '.join(map(repr, unscaled))} "
             "(nothing tells their scale): real inputs of another scale may overflow float16 where these did "
@@ -613,14 +613,15 @@ def _unscaled_inputs(model: ir.Model, ranges: Mapping[str, Any]) -> list[str]:
 
 
 def _precision(model: ir.Model, records: Sequence[Any], requested: Mapping[str, bool],
-               generated: bool = False) -> tuple[dict[str, str | None], list[str]]:
+               generated: bool = False) -> tuple[dict[str, str | None], dict[str, str]]:
     """Per requested precision: None when the result holds tensors of that precision and
     its pass changed the model, or changed nothing for want of anything left to convert
     (the input held that precision already: a note says so); else why not (the pass's own
     reason when it gave one, under "reason" or "skipped"; a revert for its numerics judged
-    on ``generated`` inputs says that real samples may judge otherwise). And the notes."""
+    on ``generated`` inputs says that real samples may judge otherwise). And the notes, by
+    precision, for those the input held already."""
     found: dict[str, str | None] = {}
-    held: list[str] = []
+    held: dict[str, str] = {}
     for kind, wanted in requested.items():
         if not wanted:
             continue
@@ -643,7 +644,7 @@ def _precision(model: ir.Model, records: Sequence[Any], requested: Mapping[str, 
                     found[kind] += "; judged on generated inputs: real samples (--inputs) may judge otherwise"
             elif _held_already(model, kind, record):
                 found[kind] = None
-                held.append(f"{kind.upper()}: nothing left to convert: " + (reason or _HELD_ALREADY[kind]))
+                held[kind] = f"{kind.upper()}: nothing left to convert: " + (reason or _HELD_ALREADY[kind])
             else:
                 # a pass that declined without a "reason" may say why under "skipped" (FP16:
                 # no reference ranges, or no conversion met the tolerance); that is the
