@@ -17,6 +17,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 import optcc
+from fixtures.attention_decoder import attention_nodes, numpy_attention
 from optcc.numerics.decode import NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_STEPS
 from optcc.passes.quantize_dynamic import QuantizeDynamicPass
 from optcc.quant import SEARCH_CANDIDATES, fewest_float_layers
@@ -51,18 +52,7 @@ def _decoder() -> onnx.ModelProto:
     """One attention layer over a KV cache: x = E[ids]; K, V = past ++ x Wk, x Wv;
     h = x + softmax(x Wq K^T / 4) V; z = (h * D) Wz; logits = tanh(z) U."""
     nodes = [
-        oh.make_node("Gather", ["E", "input_ids"], ["x"]),
-        oh.make_node("MatMul", ["x", "Wq"], ["q"]),
-        oh.make_node("MatMul", ["x", "Wk"], ["k"]),
-        oh.make_node("MatMul", ["x", "Wv"], ["v"]),
-        oh.make_node("Concat", ["past_key", "k"], ["present_key"], axis=1),
-        oh.make_node("Concat", ["past_value", "v"], ["present_value"], axis=1),
-        oh.make_node("Transpose", ["present_key"], ["kt"], perm=[0, 2, 1]),
-        oh.make_node("MatMul", ["q", "kt"], ["s"]),
-        oh.make_node("Mul", ["s", "scale"], ["scaled"]),
-        oh.make_node("Softmax", ["scaled"], ["p"], axis=-1),
-        oh.make_node("MatMul", ["p", "present_value"], ["a"]),
-        oh.make_node("Add", ["x", "a"], ["h"]),
+        *attention_nodes(),
         oh.make_node("Mul", ["h", "D"], ["hd"]),
         oh.make_node("MatMul", ["hd", "Wz"], [DAMAGED]),
         oh.make_node("Tanh", [DAMAGED], ["t"]),
@@ -88,13 +78,7 @@ def _numpy_decode(prompt: np.ndarray) -> np.ndarray:
     keys = values = np.zeros((prompt.shape[0], 0, WIDTH))
     tokens = []
     for _ in range(NEXT_TOKEN_STEPS):
-        x = w["E"][ids]
-        keys = np.concatenate([keys, x @ w["Wk"]], axis=1)
-        values = np.concatenate([values, x @ w["Wv"]], axis=1)
-        s = (x @ w["Wq"]) @ keys.transpose(0, 2, 1) * 0.25
-        p = np.exp(s - s.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        h = x + p @ values
+        h, keys, values = numpy_attention(w, ids, keys, values)
         logits = (np.tanh((h * w["D"]) @ w["Wz"]) @ w["U"])[:, -1]
         tokens.append(logits.argmax(-1))
         ids = tokens[-1][:, None]
