@@ -129,6 +129,9 @@ def test_the_search_returns_the_damaged_layer_alone_to_float() -> None:
     assert ops.count("MatMulInteger") == 4
     record = next(r for r in result.report.passes if r.name == "quantize-dynamic")
     assert record.stats["search"]["float_layers"] == [DAMAGED]
+    assert record.stats["kept_float"].get("left float by the search") == 1
+    line = next(t for t in result.report.summary().splitlines() if t.startswith("quantize-dynamic: "))
+    assert f"1 of 5 left float, the most damaging by their output error: {DAMAGED} " in line
     assert _agreement(shipped, _unseen_prompt()) >= NEXT_TOKEN_AGREEMENT
 
 
