@@ -102,28 +102,24 @@ class QuantizeDynamicPass(optcc.Pass):
         self.samples = samples
 
     def call(self, model: ir.Model) -> optcc.PassResult:
-        if self.gate is None:
-            return self._quantized(model, self.exclude, self.count_fused)
-        search = self._search(model)
-        if search is None or search.chosen is None:
-            stats: dict[str, Any] = {"quantized": 0, "kept_float": {}}
-            if search is not None:
-                stats["search"] = {"checks": search.checks, "candidates": search.candidates}
-                stats["reason"] = (f"dynamic INT8 missed its check with every {search.candidates} candidate(s) "
-                                   "the search built (the most damaging layers left float, at most all but "
-                                   f"one): {_last_reason(search.checks)}")
-                return optcc.PassResult(model, False, stats)
-            return self._quantized(model, self.exclude, self.count_fused)
-        result = self._quantized(model, self.exclude | set(search.chosen), self.count_fused)
+        search = self._search(model) if self.gate is not None else None
+        if search is not None and search.chosen is None:  # declined: the model as it was
+            reason = (f"dynamic INT8 missed its check with every {search.candidates} candidate(s) the search built "
+                      f"(the most damaging layers left float, at most all but one): {_last_reason(search.checks)}")
+            return optcc.PassResult(model, False, {"quantized": 0, "kept_float": {}, "reason": reason, "search": {
+                "checks": search.checks, "candidates": search.candidates}})
+        chosen = search.chosen if search is not None and search.chosen else []
+        result = self._quantized(model, self.exclude | set(chosen), self.count_fused)
+        if search is None:
+            return result
         kept = result.stats["kept_float"]
-        if search.chosen:  # counted apart from the layers the caller excluded
-            kept["excluded"] -= len(search.chosen)
+        if chosen:  # counted apart from the layers the caller excluded
+            kept["excluded"] -= len(chosen)
             if not kept["excluded"]:
                 del kept["excluded"]
-            kept[SEARCHED_FLOAT] = len(search.chosen)
-        result.stats["search"] = {"float_layers": search.chosen, "checks": search.checks,
-                                  "candidates": search.candidates}
-        if search.chosen:  # the report's line (none where every layer passed at INT8)
+            kept[SEARCHED_FLOAT] = len(chosen)
+        result.stats["search"] = {"float_layers": chosen, "checks": search.checks, "candidates": search.candidates}
+        if chosen:  # the report's line (none where every layer passed at INT8)
             result.stats["search"]["summary"] = _summary(search)
         return result
 
@@ -239,8 +235,7 @@ class QuantizeDynamicPass(optcc.Pass):
                 stats["integer_nodes_error"] = str(e).splitlines()[0][:200]
         return optcc.PassResult(model, modified, stats)
 
-    def _reason_to_skip(self, node: ir.Node, inputs_constant: bool = False,
-                        exclude: frozenset[str] = frozenset()) -> str | None:
+    def _reason_to_skip(self, node: ir.Node, inputs_constant: bool, exclude: frozenset[str]) -> str | None:
         """None: rewrite; "": not a candidate at all; else why a MatMul stays float.
         ``inputs_constant``: ``optcc.ir.initializers_are_constant`` of the model; ``exclude``:
         node and output names left float."""
