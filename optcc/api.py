@@ -343,8 +343,22 @@ def optimize(
                                 stored_weights=stored_weights(working),
                                 **{"prepare": False, **shared, **dict(int8_options or {})})
         pipeline.append(Prepared(preparation, quantizer))
+    # the verification's own check of a candidate whose choice was made on the samples held apart from
+    # it (a decoder's; for any other model the search's check is the verification's: nothing to confirm)
+    confirmed = lambda candidate: None if verifier is None or verifier.held_apart() is verifier \
+        else _gate_reason(verifier, candidate)  # noqa: E731
     if int8_dynamic:
-        pipeline.append(create_pass("quantize-dynamic"))
+        searched: dict[str, Any] = {}
+        if verify or verify_each:
+            # a decoder's dynamic INT8 leaves its most damaging layers float until it passes the check the
+            # result gets on the samples held apart from the verification's, with the same margin a mixed
+            # weight search keeps; the verification's own samples confirm the choice. Any other model is
+            # judged by the verification alone (its task judge holds out nothing a search could fit)
+            searched = {"gate": lambda candidate: None if verifier is None or verifier.held_apart() is verifier
+                        else _gate_reason(verifier.held_apart(), candidate),
+                        "held_out": confirmed,
+                        "samples": lambda: None if verifier is None else verifier.held_apart().next_token_feeds}
+        pipeline.append(create_pass("quantize-dynamic", **searched))
     if weight_only:
         if isinstance(weight_only, str) and weight_only not in ("int4", "int8"):
             raise BadInputError(f"weight_only must be 'int4' or 'int8', got {weight_only!r}")
@@ -356,8 +370,7 @@ def optimize(
             # from the verification's for a decoder, whose choice the verification's own samples confirm
             wo.setdefault("gate", lambda candidate: None if verifier is None else
                           _gate_reason(verifier.held_apart(), candidate))
-            wo.setdefault("held_out", lambda candidate: None if verifier is None or verifier.held_apart() is verifier
-                          else _gate_reason(verifier, candidate))
+            wo.setdefault("held_out", confirmed)
         pipeline.append(create_pass("quantize-weights", **wo))
 
     verifier: Verifier | None = None

@@ -45,13 +45,27 @@ scale per row or one for all rows, is gathered as its stored levels instead and 
 after (``gather_stored_rows``: exact, the same float32 products;
 ``stats["stored_rows_gathered"]``); only plain constant tables are quantized to int8 rows.
 
+Layers left float (``gate``): ``gate(candidate)`` judges a whole quantized model (None:
+it passes; else why not; ``optcc.optimize`` gives a KV-cache decoder the verification's
+next-token check on prompts held apart from the verification's, asking
+``NEXT_TOKEN_SEARCH_AGREEMENT``). When the candidate with every layer quantized misses, the
+MatMul/Gemm layers are ranked by their relative output error under dynamic INT8
+(``optcc.quant.dynamic_error``, on the layers' inputs in the float model on ``samples()``,
+else by weight error alone), and the fewest of the most damaging are left float
+(``optcc.quant.fewest_float_layers``: 1, 2, 4, ... then bisection, at most all but one,
+within ``SEARCH_CANDIDATES`` candidates), each candidate confirmed by ``held_out`` where
+given (the verification's own check). When none passes, the model is left unchanged with
+the reason in ``stats["reason"]`` (the precision is declined); ``stats["search"]`` holds
+the checks and the layers left float. Candidates are built on copies sharing the model's
+tensors.
+
 Numerics ("int8"): lossy, judged by SQNR/cosine/argmax agreement. The error is that of
 rounding ``a`` to 256 levels over its own min..max and ``W`` to 255 levels per column.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,6 +73,10 @@ import onnx_ir as ir
 
 import optcc
 from optcc.passes.quantize_weights import drop_unused_weights, embedding_reason, gather_stored_rows, quantize_gather
+from optcc.quant import FloatLayerSearch, dynamic_int8_errors, fewest_float_layers, probed_values
+
+Feeds = Mapping[str, np.ndarray]
+SEARCHED_FLOAT = "left float by the search"  # the kept-float reason of the layers the search chose
 
 __all__ = ["QuantizeDynamicPass", "drop_unused_weights"]
 
@@ -70,14 +88,93 @@ class QuantizeDynamicPass(optcc.Pass):
     numerics = "int8"
 
     def __init__(self, *, per_channel: bool = True, exclude: Iterable[str] = (),
-                 count_fused: bool = True, embeddings: bool = True) -> None:
+                 count_fused: bool = True, embeddings: bool = True,
+                 gate: Callable[[ir.Model], str | None] | None = None,
+                 held_out: Callable[[ir.Model], str | None] | None = None,
+                 samples: Callable[[], Sequence[Feeds] | None] | None = None) -> None:
         super().__init__()
         self.per_channel = per_channel
         self.embeddings = embeddings
         self.exclude = frozenset(exclude)
         self.count_fused = count_fused
+        self.gate = gate
+        self.held_out = held_out
+        self.samples = samples
 
     def call(self, model: ir.Model) -> optcc.PassResult:
+        search = self._search(model) if self.gate is not None else None
+        if search is not None and search.chosen is None:  # declined: the model as it was
+            reason = (f"dynamic INT8 missed its check with every {search.candidates} candidate(s) the search built "
+                      f"(the most damaging layers left float, at most all but one): {_last_reason(search.checks)}")
+            return optcc.PassResult(model, False, {"quantized": 0, "kept_float": {}, "reason": reason, "search": {
+                "checks": search.checks, "candidates": search.candidates}})
+        chosen = search.chosen if search is not None and search.chosen else []
+        result = self._quantized(model, self.exclude | set(chosen), self.count_fused)
+        if search is None:
+            return result
+        kept = result.stats["kept_float"]
+        if chosen:  # counted apart from the layers the caller excluded
+            kept["excluded"] -= len(chosen)
+            if not kept["excluded"]:
+                del kept["excluded"]
+            kept[SEARCHED_FLOAT] = len(chosen)
+        result.stats["search"] = {"float_layers": chosen, "checks": search.checks, "candidates": search.candidates}
+        if chosen:  # the report's line (none where every layer passed at INT8)
+            result.stats["search"]["summary"] = _summary(search)
+        return result
+
+    def _search(self, model: ir.Model) -> FloatLayerSearch | None:
+        """The fewest layers left float for the candidate to pass ``gate`` and then
+        ``held_out`` (``fewest_float_layers``, over the layers ranked by their
+        ``dynamic_int8_error`` on ``samples``); None when nothing is a candidate."""
+        assert self.gate is not None
+        weights = self._layer_weights(model)
+        if not weights:
+            return None
+        built: dict[tuple[str, ...], ir.Model] = {}
+
+        def candidate(float_layers: Sequence[str]) -> ir.Model:
+            key = tuple(float_layers)
+            if key not in built:
+                built.clear()  # the last candidate alone is kept, for its confirmation
+                copy = optcc.ir.clone(model)
+                self._quantized(copy, self.exclude | set(float_layers), False)
+                built[key] = copy
+            return built[key]
+
+        def ranking() -> list[str]:
+            """The layers, most damaging first (only when the candidate with none float misses)."""
+            samples = self.samples() if self.samples is not None else None
+            runs = None
+            if samples:
+                names = sorted({name for name, _ in weights.values()})
+                runs = probed_values(model, names, samples)
+            errors = dynamic_int8_errors(weights, runs)
+            return sorted(errors, key=lambda layer: -errors[layer])  # ties keep graph order
+
+        def judge(float_layers: Sequence[str]) -> str | None:
+            return self.gate(candidate(float_layers))  # type: ignore[misc]
+
+        def confirm(float_layers: Sequence[str]) -> str | None:
+            return self.held_out(candidate(float_layers))  # type: ignore[misc]
+
+        return fewest_float_layers(ranking, judge, confirm if self.held_out is not None else None)
+
+    def _layer_weights(self, model: ir.Model) -> dict[str, tuple[str, np.ndarray]]:
+        """The MatMul/Gemm layers this pass would quantize, by output name: (the name of
+        the activation it reads, its weight as [K, N])."""
+        inputs_constant = optcc.ir.initializers_are_constant(model)
+        layers: dict[str, tuple[str, np.ndarray]] = {}
+        for node in model.graph:
+            if node.op_type == "Gather" or self._reason_to_skip(node, inputs_constant, self.exclude) is not None:
+                continue
+            w = _weight_array(node.inputs[1], inputs_constant)
+            assert w is not None and node.inputs[0] is not None
+            layers[node.outputs[0].name] = (node.inputs[0].name, w.T if _transposed(node) else w)
+        return layers
+
+    def _quantized(self, model: ir.Model, exclude: frozenset[str], count_fused: bool) -> optcc.PassResult:
+        """``model`` rewritten in place, the nodes named in ``exclude`` left float."""
         stats: dict[str, Any] = {"quantized": 0, "kept_float": {}, "float_weight_bytes_removed": 0}
         if optcc.ir.default_opset(model) < 11:
             stats["reason"] = (f"the model's opset {optcc.ir.default_opset(model)} has no DynamicQuantizeLinear "
@@ -96,11 +193,11 @@ class QuantizeDynamicPass(optcc.Pass):
                 embedding = node.op_type == "Gather" and self.embeddings
                 if embedding:
                     reason = embedding_reason(node, inputs_constant=inputs_constant)
-                    excluded = bool(self.exclude & {node.name, *(v.name for v in node.outputs)})
+                    excluded = bool(exclude & {node.name, *(v.name for v in node.outputs)})
                     if reason is None and excluded:
                         reason = "excluded"
                 else:
-                    reason = self._reason_to_skip(node, inputs_constant)
+                    reason = self._reason_to_skip(node, inputs_constant, exclude)
                 table = node.inputs[0] if embedding else None
                 if embedding and reason == "" and not excluded and gather_stored_rows(graph, node, taken):
                     replaced.append(table)
@@ -129,7 +226,7 @@ class QuantizeDynamicPass(optcc.Pass):
                 stats["dequantized_weight_bytes_removed"] = (
                     stats.get("dequantized_weight_bytes_removed", 0) + drop_unused_weights(graph, dict.fromkeys(operands)))
         modified = stats["quantized"] > 0 or "stored_rows_gathered" in stats
-        if modified and self.count_fused:
+        if modified and count_fused:
             from optcc.quant import count_integer_nodes
 
             try:
@@ -138,12 +235,13 @@ class QuantizeDynamicPass(optcc.Pass):
                 stats["integer_nodes_error"] = str(e).splitlines()[0][:200]
         return optcc.PassResult(model, modified, stats)
 
-    def _reason_to_skip(self, node: ir.Node, inputs_constant: bool = False) -> str | None:
+    def _reason_to_skip(self, node: ir.Node, inputs_constant: bool, exclude: frozenset[str]) -> str | None:
         """None: rewrite; "": not a candidate at all; else why a MatMul stays float.
-        ``inputs_constant``: ``optcc.ir.initializers_are_constant`` of the model."""
+        ``inputs_constant``: ``optcc.ir.initializers_are_constant`` of the model; ``exclude``:
+        node and output names left float."""
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             return ""
-        if self.exclude & {node.name, *(v.name for v in node.outputs)}:
+        if exclude & {node.name, *(v.name for v in node.outputs)}:
             return "excluded"
         if node.op_type == "Gemm" and _attr(node, "transA", 0):
             return "Gemm with transA"
@@ -267,3 +365,16 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value.shape = ir.Shape(array.shape)
     graph.register_initializer(value)
     return value
+
+
+def _last_reason(checks: Sequence[dict[str, Any]]) -> str:
+    """The reason of the last check that missed (the search's last word)."""
+    return next((c["reason"] for c in reversed(checks) if not c["passed"]), "no candidate")
+
+
+def _summary(search: FloatLayerSearch) -> str:
+    """One line: the layers the search left float, and why any were."""
+    missed = next(c["reason"] for c in search.checks if not c["passed"])
+    return (f"every layer at INT8 missed its check ({' '.join(missed.split())[:160]}); {len(search.chosen or [])} of "
+            f"{len(search.ranked)} left float, the most damaging by their output error: "
+            f"{', '.join(search.chosen or [])} ({search.candidates} candidate(s) judged)")

@@ -16,6 +16,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 import optcc
+from fixtures.attention_decoder import attention_nodes, numpy_attention
 from optcc import ir as oir
 from optcc.numerics.decode import (DECODE_STEPS, NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_SEARCH_AGREEMENT, NEXT_TOKEN_STEPS,
                                    decode_plan)
@@ -36,18 +37,7 @@ def _decoder(weights: dict[str, np.ndarray], last_only: bool = False) -> onnx.Mo
     h = x + softmax(x Wq K^T / 4) V; logits = tanh(h) U ([B, S, VOCAB]; ``last_only``:
     the last position's alone, [B, VOCAB], as an export that returns only the next token's)."""
     nodes = [
-        oh.make_node("Gather", ["E", "input_ids"], ["x"]),
-        oh.make_node("MatMul", ["x", "Wq"], ["q"]),
-        oh.make_node("MatMul", ["x", "Wk"], ["k"]),
-        oh.make_node("MatMul", ["x", "Wv"], ["v"]),
-        oh.make_node("Concat", ["past_key", "k"], ["present_key"], axis=1),
-        oh.make_node("Concat", ["past_value", "v"], ["present_value"], axis=1),
-        oh.make_node("Transpose", ["present_key"], ["kt"], perm=[0, 2, 1]),
-        oh.make_node("MatMul", ["q", "kt"], ["s"]),
-        oh.make_node("Mul", ["s", "scale"], ["scaled"]),
-        oh.make_node("Softmax", ["scaled"], ["p"], axis=-1),
-        oh.make_node("MatMul", ["p", "present_value"], ["a"]),
-        oh.make_node("Add", ["x", "a"], ["h"]),
+        *attention_nodes(),
         oh.make_node("Tanh", ["h"], ["t"]),
     ]
     if last_only:
@@ -78,13 +68,8 @@ def _numpy_decode(weights: dict[str, np.ndarray], prompt: np.ndarray, steps: int
     keys = values = np.zeros((prompt.shape[0], 0, WIDTH))
     tokens, margins = [], []
     for step in range(steps):
-        x = w["E"][ids]
-        keys = np.concatenate([keys, x @ w["Wk"]], axis=1)
-        values = np.concatenate([values, x @ w["Wv"]], axis=1)
-        s = (x @ w["Wq"]) @ keys.transpose(0, 2, 1) * 0.25
-        p = np.exp(s - s.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        logits = (np.tanh(x + p @ values) @ w["U"])[:, -1]
+        h, keys, values = numpy_attention(w, ids, keys, values)
+        logits = (np.tanh(h) @ w["U"])[:, -1]
         top2 = np.sort(logits, axis=-1)[:, -2:]
         tokens.append(logits.argmax(-1))
         margins.append(top2[:, 1] - top2[:, 0])

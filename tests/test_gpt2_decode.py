@@ -57,8 +57,10 @@ def test_optimized_decoder_agrees_on_every_greedy_token(original, prompt, refere
 
 
 def test_dynamic_int8_quantizes_the_gemm_layers(original, prompt, reference_tokens):
-    """GPT-2's Conv1D layers, written as Gemm, are quantized too (not skipped)."""
-    result = optcc.optimize(original, level=2, int8_dynamic=True)
+    """GPT-2's Conv1D layers, written as Gemm, are quantized too (not skipped). Unverified:
+    verified, this random-init decoder's near-ties keep it from the margin the layer search
+    asks on its held-apart prompts, and dynamic INT8 is declined."""
+    result = optcc.optimize(original, level=2, int8_dynamic=True, verify=False)
     ops = collections.Counter(n.op_type for n in result.model.graph.node)
     assert ops["Gemm"] == 0 and ops["MatMulInteger"] == 4 * LAYERS + 1, ops
     tokens = _decode(result.model, prompt)

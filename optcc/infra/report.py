@@ -200,6 +200,8 @@ class Report:
         lines.extend(f"int8 speed: {r.stats['speed']}" for r in self.passes if isinstance(r.stats.get("speed"), str))
         lines.extend(f"weights: {r.stats['mixed']['summary']}" for r in self.passes
                      if isinstance(r.stats.get("mixed"), Mapping) and isinstance(r.stats["mixed"].get("summary"), str))
+        lines.extend(f"{r.name}: {r.stats['search']['summary']}" for r in self.passes
+                     if isinstance(r.stats.get("search"), Mapping) and isinstance(r.stats["search"].get("summary"), str))
         if self.verification is not None:
             lines.append(f"verify: {self.verification['summary']}")
         lines.extend(f"warning: {w}" for w in self.warnings)

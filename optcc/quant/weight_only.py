@@ -48,15 +48,14 @@ arrays of a block-wise ``DequantizeLinear`` (opset 21, ``int4``/``uint4``/``int8
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from optcc.quant.bias_correction import weight_error_shifts
-from optcc.runtime.session import feedable, session_options
+from optcc.quant.probe import probed_values
 
 __all__ = [
     "BlockQuantized",
@@ -444,36 +443,12 @@ def collect_hessians(model: Any, inputs: Mapping[str, int], samples: Iterable[Ma
                      ) -> tuple[dict[str, np.ndarray], int]:
     """Mean ``X^T X`` of the float values ``inputs`` (name -> K) of the main graph of
     ``model`` (an onnx_ir.Model) over ``samples``, run as written on onnxruntime one
-    sample at a time; returns the Hessians by name and the number of samples. The probe
-    (the model with those values as extra outputs) is written to a temporary folder, with
-    external data when the model needs it, so no serialized copy is held in memory."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    from optcc import ir as oir
-
-    names: Sequence[str] = sorted(inputs)
-    graph = model.graph
-    by_name = {v.name: v for v in (*graph.inputs, *(o for node in graph for o in node.outputs))}
-    added = [by_name[n] for n in names if not by_name[n].is_graph_output()]
-    options = session_options()
-    with tempfile.TemporaryDirectory(prefix="optcc_gptq_") as folder:
-        path = os.path.join(folder, "probe.onnx")
-        graph.outputs.extend(added)
-        try:
-            oir.save(model, path, external_data=oir.needs_external_data(model))
-        finally:
-            for value in added:
-                graph.outputs.remove(value)
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        feeds_wanted = feedable(session)
-        accumulators = {name: HessianAccumulator(k) for name, k in inputs.items()}
-        count = 0
-        for sample in samples:
-            feeds = {name: np.asarray(value) for name, value in sample.items() if name in feeds_wanted}
-            for name, value in zip(names, session.run(list(names), feeds)):
-                accumulators[name].add(value)
-            count += 1
-        del session
+    sample at a time (``optcc.quant.probe.probed_values``); returns the Hessians by name
+    and the number of samples."""
+    accumulators = {name: HessianAccumulator(k) for name, k in inputs.items()}
+    count = 0
+    for values in probed_values(model, sorted(inputs), samples):
+        for name, value in values.items():
+            accumulators[name].add(value)
+        count += 1
     return {name: acc.hessian for name, acc in accumulators.items()}, count

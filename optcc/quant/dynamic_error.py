@@ -1,0 +1,67 @@
+"""A cheap estimate of how much dynamic INT8 changes one layer: its relative output error.
+
+For ``y = a @ W`` quantized as ``QuantizeDynamicPass`` writes it (``a`` rounded by
+DynamicQuantizeLinear to 256 levels over its own range widened to hold 0, on every run;
+``W`` symmetric per output column within ``+-WEIGHT_QMAX``), the error is
+``sum |a_hat @ W_hat - a @ W|^2 / sum |a @ W|^2`` over samples of ``a``, in float64.
+Without samples of ``a`` it is the weight's own relative squared error. It ranks layers
+for a search that judges whole models; it judges nothing itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from optcc.quant.integer_range import WEIGHT_QMAX, symmetric_weight_scale
+
+__all__ = ["dynamic_int8_error", "dynamic_int8_errors", "quantized_activation", "quantized_weight"]
+
+
+def quantized_weight(w: np.ndarray) -> np.ndarray:
+    """``w`` ([K, N]) as its int8 levels dequantized, float64: symmetric per column within
+    ``+-WEIGHT_QMAX``."""
+    scale = symmetric_weight_scale(w, 1).astype(np.float64)
+    return np.clip(np.round(w.astype(np.float64) / scale), -WEIGHT_QMAX, WEIGHT_QMAX) * scale
+
+
+def quantized_activation(a: np.ndarray) -> np.ndarray:
+    """``a`` rounded as DynamicQuantizeLinear rounds it (uint8 over ``[min(a, 0), max(a, 0)]``,
+    the zero point rounded half to even), dequantized, float64."""
+    x = np.asarray(a, np.float32)
+    low, high = min(float(x.min(initial=0.0)), 0.0), max(float(x.max(initial=0.0)), 0.0)
+    scale = np.float32((high - low) / 255) if high > low else np.float32(1.0)
+    zero = np.clip(np.round(np.float32(-low) / scale), 0, 255)
+    levels = np.clip(np.round(x / scale) + zero, 0, 255)
+    return (levels - zero).astype(np.float64) * float(scale)
+
+
+def dynamic_int8_error(w: np.ndarray, activations: Iterable[np.ndarray] | None = None) -> float:
+    """The relative output error of dynamic INT8 for the weight ``w`` ([K, N]) over the
+    layer's ``activations`` (each one run's input, ``[..., K]``), or of ``w`` alone
+    without them (module doc)."""
+    w64 = w.astype(np.float64)
+    w_hat = quantized_weight(w)
+    if activations is None:
+        energy = float(np.sum(w64 * w64))
+        return float(np.sum((w_hat - w64) ** 2)) / energy if energy > 0 else 0.0
+    error = energy = 0.0
+    for a in activations:
+        flat = np.asarray(a).reshape(-1, w.shape[0])
+        y = flat.astype(np.float64) @ w64
+        error += float(np.sum((quantized_activation(flat) @ w_hat - y) ** 2))
+        energy += float(np.sum(y * y))
+    return error / energy if energy > 0 else 0.0
+
+
+def dynamic_int8_errors(weights: Mapping[str, tuple[str, np.ndarray]],
+                        runs: Iterable[Mapping[str, np.ndarray]] | None) -> dict[str, float]:
+    """``dynamic_int8_error`` of each layer (name -> (its input's name, its [K, N] weight))
+    over ``runs`` (each run's values by name, ``optcc.quant.probe.probed_values``), or of
+    the weights alone when ``runs`` is None."""
+    if runs is None:
+        return {layer: dynamic_int8_error(w) for layer, (_, w) in weights.items()}
+    captured = [dict(values) for values in runs]
+    return {layer: dynamic_int8_error(w, [values[name] for values in captured])
+            for layer, (name, w) in weights.items()}

@@ -1,0 +1,103 @@
+"""The fewest layers a lossy rewrite must leave float for the whole model to pass a check.
+
+``fewest_float_layers`` searches prefixes of a ranking (most damaging first): the
+candidate with no layer float, then 1, 2, 4, ... layers float until one passes ``judge``,
+then bisection between the last count that missed and the first that passed. Where
+``confirm`` is given, the count found must also pass it (a check on samples ``judge`` did
+not see); where it does not, one more layer at a time is left float, each candidate
+judged by ``judge`` and then by ``confirm``. At least one layer stays quantized, and at
+most ``budget`` candidates are judged: when none passes within them, the search
+declines (None). Deterministic: the same ranking and verdicts give the same choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["SEARCH_CANDIDATES", "FloatLayerSearch", "fewest_float_layers"]
+
+SEARCH_CANDIDATES = 12  # the most candidates a search builds and judges before it declines
+
+Check = Callable[[Sequence[str]], "str | None"]  # the float layers of a candidate -> None, or why it misses
+
+
+@dataclasses.dataclass
+class FloatLayerSearch:
+    """A search's outcome: the layers left float (None: declined) and every check made."""
+
+    chosen: list[str] | None
+    checks: list[dict[str, Any]]
+    ranked: Sequence[str] = ()  # the ranking searched (empty: none was needed)
+
+    @property
+    def candidates(self) -> int:
+        """How many candidates were built (each judged once, some confirmed after)."""
+        return len({check["float_layers"] for check in self.checks})
+
+
+def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm: Check | None = None,
+                        budget: int = SEARCH_CANDIDATES) -> FloatLayerSearch:
+    """The fewest of the first layers of ``rank()`` (called only when the candidate with no
+    layer float misses) whose candidate passes ``judge`` and ``confirm`` (module doc)."""
+    checks: list[dict[str, Any]] = []
+    built: set[int] = set()
+    ranked: Sequence[str] = ()
+
+    def passes(count: int, name: str, check: Check | None) -> bool | None:
+        """Whether the candidate with ``count`` layers float passes ``check`` (True when there
+        is none); None when it would be a new candidate past the budget."""
+        if check is None:
+            return True
+        if count not in built:
+            if len(built) >= budget:
+                return None
+            built.add(count)
+        reason = check(list(ranked[:count]))
+        checks.append({"float_layers": count, "check": name, "passed": reason is None,
+                       **({"reason": reason} if reason else {})})
+        return reason is None
+
+    first = passes(0, "judge", judge)
+    if first and passes(0, "confirm", confirm):
+        return FloatLayerSearch([], checks)
+    ranked = rank()
+    most = len(ranked) - 1  # one layer at least stays quantized
+    start = 1
+    if not first:
+        low, high, count = 0, None, 1
+        while high is None and count <= most:  # 1, 2, 4, ... layers float, all but one last
+            verdict = passes(count, "judge", judge)
+            if verdict is None:
+                return FloatLayerSearch(None, checks, ranked)
+            if verdict:
+                high = count
+            elif count == most:
+                break
+            else:
+                low, count = count, min(count * 2, most)
+        while high is not None and high - low > 1:  # low misses, high passes
+            middle = (low + high) // 2
+            verdict = passes(middle, "judge", judge)
+            if verdict is None:
+                return FloatLayerSearch(None, checks, ranked)
+            low, high = (low, middle) if verdict else (middle, high)
+        if high is None:
+            return FloatLayerSearch(None, checks, ranked)
+        confirmed = passes(high, "confirm", confirm)
+        if confirmed:
+            return FloatLayerSearch(list(ranked[:high]), checks, ranked)
+        if confirmed is None:
+            return FloatLayerSearch(None, checks, ranked)
+        start = high + 1
+    # the confirmation refused the judge's choice: one more layer float at a time, each judged first
+    for count in range(start, most + 1):
+        verdict = passes(count, "judge", judge)
+        if verdict:
+            verdict = passes(count, "confirm", confirm)
+            if verdict:
+                return FloatLayerSearch(list(ranked[:count]), checks, ranked)
+        if verdict is None:
+            break
+    return FloatLayerSearch(None, checks, ranked)
