@@ -23,6 +23,7 @@ _EXACT = (
     "eliminate-noops",
     "drop-zero-rnn-states",
     "merge-consecutive",
+    "sink-layout-ops",
     "cancel-transpose-pairs",
     "eliminate-common-subexpressions",
     "eliminate-dead-nodes",
