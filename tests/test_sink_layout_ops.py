@@ -130,6 +130,21 @@ def test_pad_with_axes_moves_to_the_axes_of_the_input():
     assert _layout_count(result.model) == 0
 
 
+def test_opset_11_axes_attributes_and_pads_input():
+    model = _model("""
+    agraph (float[1, 3, 5, 6] x) => (float[1, 3, 7, 8] y) <int64[6] pads = {1, 1, 0, 1, 1, 0}, float[3] c = {1, 2, 3}> {
+        h = Transpose <perm = [0, 2, 3, 1]> (x)
+        s = Squeeze <axes = [0]> (h)
+        m = Mul (s, c)
+        p = Pad (m, pads)
+        r = Relu (p)
+        v = Unsqueeze <axes = [0]> (r)
+        y = Transpose <perm = [0, 3, 1, 2]> (v)
+    }""", opset=11)
+    result = run_exact_pass(SinkLayoutOpsPass, model)
+    assert _layout_count(result.model) == 0
+
+
 def _unchanged(body: str, inits: dict[str, np.ndarray] | None = None) -> None:
     model = _model(body, inits=inits)
     result = SinkLayoutOpsPass()(model)
@@ -170,6 +185,15 @@ def test_softmax_on_the_last_axis_stays():
         t = Transpose <perm = [1, 2, 0]> (x)
         s = Softmax <axis = -1> (t)
         y = Transpose <perm = [2, 0, 1]> (s)
+    }""")
+
+
+def test_reflect_pad_stays():
+    _unchanged("""
+    agraph (float[2, 3, 4] x) => (float[2, 3, 6] y) <int64[6] pads = {0, 1, 0, 0, 1, 0}> {
+        t = Transpose <perm = [0, 2, 1]> (x)
+        p = Pad <mode = "reflect"> (t, pads)
+        y = Transpose <perm = [0, 2, 1]> (p)
     }""")
 
 
