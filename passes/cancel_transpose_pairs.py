@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 import optcc
 from optcc.passes.eliminate_noops import remove_if_dead
+from optcc.passes.merge_consecutive import transpose_perm
 
 __all__ = ["CancelTransposePairsPass"]
 
@@ -34,17 +35,10 @@ def _transpose(node: ir.Node | None) -> bool:
             and len(node.inputs) == 1 and node.inputs[0] is not None and len(node.outputs) == 1)
 
 
-def _perm(node: ir.Node, rank: int | None) -> list[int] | None:
-    attribute = node.attributes.get("perm")
-    if attribute is None:
-        return None if rank is None else list(reversed(range(rank)))
-    return [int(p) for p in attribute.as_ints()]
-
-
 def _cancels(first: ir.Node, second: ir.Node) -> bool:
     values = (first.inputs[0], first.outputs[0], second.outputs[0])
     rank = next((v.shape.rank() for v in values if v.shape is not None), None)
-    p1, p2 = _perm(first, rank), _perm(second, rank)
+    p1, p2 = transpose_perm(first, rank), transpose_perm(second, rank)
     if p1 is None or p2 is None or len(p1) != len(p2) or sorted(p1) != list(range(len(p1))):
         return False
     return sorted(p2) == sorted(p1) and [p1[i] for i in p2] == list(range(len(p1)))

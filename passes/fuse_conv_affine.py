@@ -14,8 +14,10 @@ Rewrites (default-domain ops; ``c`` a constant; either operand order of Mul/Add)
 
 Preconditions: ``c`` is per output channel: a scalar, or of rank <= the Conv output's
 rank whose dims, right-aligned against ``[N, C, spatial...]``, are 1 except the channel
-dim (1 or C); the same dtype as the weight; W (and b for Mul) constants read by nothing
-else ("shared weight" otherwise: folding would duplicate them). For ``mul-conv``, ``c``
+dim (1 or C); the same dtype as the weight; W constant, for Mul read by nothing else ("shared
+weight" otherwise: folding would duplicate it); b constant, possibly shared (identical
+biases deduplicated into one): the rewrite writes a new bias of one element per
+channel and leaves the old one to its other readers. For ``mul-conv``, ``c``
 is per input channel the same way, and ``Mul(x, c)`` has ``x``'s shape: ``c`` is one
 element of rank <= 1, or ``x``'s static rank is known and each of ``c``'s dims is 1 or
 ``x``'s static dim (the Conv then reads a tensor of the shape it read). For chains:
@@ -75,7 +77,7 @@ def _conv(w_exclusive: bool) -> Op:
         ("Conv", "ConvTranspose"),
         Var("x"),
         Const("w", exclusive=w_exclusive),
-        Const("b", optional=True, exclusive=w_exclusive),
+        Const("b", optional=True),  # never changed in place: a new bias is written
         name="conv",
     )
 

@@ -83,7 +83,7 @@ from optcc.passes.eliminate_noops import (
     static_dim,
 )
 
-__all__ = ["MergeConsecutivePass"]
+__all__ = ["MergeConsecutivePass", "squeeze_axes", "transpose_perm"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -110,7 +110,7 @@ def _rank(*values: ir.Value | None, offsets: tuple[int, ...]) -> int | None:
     return None
 
 
-def _perm(node: ir.Node, rank: int | None) -> list[int] | None:
+def transpose_perm(node: ir.Node, rank: int | None) -> list[int] | None:
     attribute = node.attributes.get("perm")
     if attribute is None:
         return None if rank is None else list(reversed(range(rank)))
@@ -123,8 +123,8 @@ def _transposes(node: ir.Node, opset: int) -> bool:
         return False
     x, y, z = first.inputs[0], first.outputs[0], node.outputs[0]
     rank = _rank(x, y, z, offsets=(0, 0, 0))
-    p1 = _perm(first, rank)
-    p2 = _perm(node, rank if p1 is None else len(p1))
+    p1 = transpose_perm(first, rank)
+    p2 = transpose_perm(node, rank if p1 is None else len(p1))
     if p1 is None or p2 is None or sorted(p1) != list(range(len(p1))) or sorted(p2) != sorted(p1):
         return False
     composed = [p1[i] for i in p2]
@@ -164,7 +164,7 @@ def _not_not(node: ir.Node, opset: int) -> bool:
     return True
 
 
-def _axes(node: ir.Node, opset: int) -> list[int] | None:
+def squeeze_axes(node: ir.Node, opset: int) -> list[int] | None:
     """A Squeeze/Unsqueeze node's axes; [] for a Squeeze without axes; None if unknown."""
     if opset >= 13:
         if len(node.inputs) < 2 or node.inputs[1] is None:
@@ -200,7 +200,7 @@ def _squeeze_pair(node: ir.Node, opset: int) -> str | None:
     if first is None:
         return None
     x, y, z = first.inputs[0], first.outputs[0], node.outputs[0]
-    a1, a2 = _axes(first, opset), _axes(node, opset)
+    a1, a2 = squeeze_axes(first, opset), squeeze_axes(node, opset)
     if a1 is None or a2 is None:
         return None
     if first_op == "Squeeze":  # both axis lists refer to x's rank (== z's rank)
@@ -234,7 +234,7 @@ def _unit_moving_transpose(value: ir.Value | None) -> ir.Node | None:
     shape = None if node is None else node.inputs[0].shape
     if shape is None:
         return None
-    perm = _perm(node, shape.rank())
+    perm = transpose_perm(node, shape.rank())
     if perm is None or sorted(perm) != list(range(shape.rank())):
         return None
     kept = [p for p in perm if shape[p] != 1]
@@ -257,7 +257,7 @@ def _reshapes(node: ir.Node, opset: int) -> str | None:
             if first.op_type == "Reshape":
                 resolved = _resolved_copies(target, first, opset)
             elif first.op_type == "Transpose":
-                resolved = _moved_copy_inferred(target, _perm(first, first.inputs[0].shape.rank()))
+                resolved = _moved_copy_inferred(target, transpose_perm(first, first.inputs[0].shape.rank()))
             else:
                 return None  # a copy of the view's dim, which x may not have there
             if resolved is None:
@@ -273,7 +273,7 @@ def _unsqueeze_of_reshape(node: ir.Node, opset: int) -> bool:
     first = _producer(node.inputs[0], "Reshape") if opset >= 5 else None
     if first is None or len(first.inputs) < 2 or not _only_reader(first.outputs[0], node):
         return False
-    target, axes = constant_array(first.inputs[1]), _axes(node, opset)
+    target, axes = constant_array(first.inputs[1]), squeeze_axes(node, opset)
     if target is None or target.ndim != 1 or axes is None:
         return False
     allowzero = first.attributes.get_int("allowzero", 0) if opset >= 14 else 0
@@ -346,7 +346,7 @@ def _same_kind_pair(node: ir.Node, opset: int) -> str | None:
     if first is None or not _only_reader(first.outputs[0], node):
         return None
     x, y, z = first.inputs[0], first.outputs[0], node.outputs[0]
-    a1, a2 = _axes(first, opset), _axes(node, opset)
+    a1, a2 = squeeze_axes(first, opset), squeeze_axes(node, opset)
     if a1 is None or a2 is None:
         return None
     if node.op_type == "Squeeze":
@@ -439,7 +439,7 @@ def _reduce_unsqueeze(node: ir.Node, opset: int) -> bool:
         return False
     if reduce.attributes.get_int("noop_with_empty_axes", 0):
         return False
-    reduced, inserted = _reduce_axes(reduce, opset), _axes(node, opset)
+    reduced, inserted = _reduce_axes(reduce, opset), squeeze_axes(node, opset)
     if reduced is None or inserted is None:
         return False
     rank = _rank(reduce.inputs[0], z, offsets=(0, 0))

@@ -128,6 +128,17 @@ def test_shared_weight_blocks_mul_but_not_add() -> None:
     assert result.stats["applied"] == {"conv-add": 1}
 
 
+def test_shared_bias_does_not_block_mul() -> None:
+    """Identical biases deduplicated into one initializer: each Mul writes a bias of its own."""
+    body = """g (float[1, 3, 5, 5] x) => (float y, float z) {
+        t1 = Conv(x, w1, b) y = Mul(t1, s1) t2 = Conv(x, w2, b) z = Mul(t2, s2) }"""
+    inits = {"w1": _rand(1, 4, 3, 1, 1), "w2": _rand(2, 4, 3, 1, 1), "b": _rand(3, 4),
+             "s1": _rand(4, 4, 1, 1), "s2": _rand(5, 4, 1, 1)}
+    result = _fuse(_model(body, inits))
+    assert _ops(result.model) == {"Conv": 2}
+    assert result.stats["applied"] == {"conv-mul": 2}
+
+
 def test_conv_output_that_is_a_graph_output_is_kept() -> None:
     body = "g (float[1, 3, 5, 5] x) => (float y, float t) { t = Conv(x, w) y = Mul(t, s) }"
     result = _fuse(_model(body, {"w": _rand(1, 4, 3, 1, 1), "s": _rand(2, 4, 1, 1)}))

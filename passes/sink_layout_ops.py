@@ -1,0 +1,337 @@
+"""SinkLayoutOpsPass: a layout change undone after elementwise work disappears.
+
+Rewrite (default-domain ops, in every graph): a chain that starts at a layout op
+(Transpose, Squeeze, Unsqueeze) reading ``x`` and goes on through layout ops and ops
+that commute with a layout change, up to the first layout op after which the layout
+ops seen, composed, leave every axis of ``x`` where it was:
+
+    R(fn(...f1(L(x))))  becomes  fn'(...f1'(x))
+
+(``L``, ``R``: the layout ops, ``fi'``: ``fi`` in ``x``'s layout). When no point of the
+chain restores the identity but one composes to a pure permutation ``p`` of ``x``'s
+axes after at least two layout ops, the last such point gets ``Transpose(.., p)``
+instead. The channels-last export ``Conv -> Transpose -> Squeeze -> Mul -> Add -> Elu ->
+Pad -> Unsqueeze -> Transpose -> Conv`` becomes ``Conv -> Mul -> Add -> Elu -> Pad ->
+Conv``, which the Conv-affine and Pad fusions then fold.
+
+The ops a layout change commutes with, and how each is carried back to ``x``'s layout
+through the composed map of the layout ops before it:
+
+- unary elementwise ops (``_UNARY``), and Clip with constant one-element bounds;
+- binary elementwise ops (``_BINARY``; PRelu with the chain as its first input) whose
+  other operand is a constant ``c``: ``c``, right-aligned to the rank of the op's chain
+  input, is carried back axis by axis (axes the layout ops inserted dropped, unit axes
+  they removed put back as 1, leading 1s dropped). ``c``'s rank is at most the chain
+  input's (else the result's rank would grow) and its dims on inserted axes are 1;
+- Pad in ``constant`` mode with constant pads (and axes): each axis's pads move to the
+  axis of ``x`` it comes from; an inserted axis must have none, a removed one gets none.
+
+Preconditions: every value of the chain but the last is read by the next node of the
+chain only and is no graph output (nothing else sees the old layout); the last may be a
+graph output when an op moved (that op's output, or the Transpose, takes its name, type
+and shape); all nodes in one graph; the rank of ``x`` known; Squeeze
+and Unsqueeze axes constant (a Squeeze without axes ends the chain); Transpose perms
+valid. The chain's layout ops (at least one, the identity needs two unless one is
+itself a no-op) are removed, at most one Transpose is added, no node is duplicated:
+the node count never grows.
+
+Why exact: a layout op moves elements without changing them. An elementwise op gives
+each output element from the elements at the same index of its operands; carried back
+through the same index map, ``c`` pairs every element of ``x`` with the same constant
+element as before, so each element gets the same value and lands where it did
+(broadcasting is per axis, so it commutes with relabeling the axes: where ``c``
+stretches a unit axis, it stretches the axis of ``x`` that one comes from). A
+constant-mode Pad decides per axis, from an element's index on that axis alone, whether
+it is an input element or the pad value; padding the axis of ``x`` that an axis comes
+from by the same amounts gives the same array after the layout ops. No arithmetic is
+reordered: bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+import optcc
+from optcc.passes.eliminate_noops import bypass, constant_array, graph_opset, remove_if_dead
+from optcc.passes.merge_consecutive import squeeze_axes, transpose_perm
+from optcc.rewrite import static_rank
+
+__all__ = ["SinkLayoutOpsPass"]
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_LAYOUT = frozenset({"Transpose", "Squeeze", "Unsqueeze"})
+# f(x)[i] depends on x[i] alone, and no attribute names an axis
+_UNARY = frozenset({
+    "Abs", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "Cast", "Ceil", "Celu", "Cos", "Cosh",
+    "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid", "HardSwish", "Identity", "IsInf", "IsNaN",
+    "LeakyRelu", "Log", "Mish", "Neg", "Not", "Reciprocal", "Relu", "Round", "Selu", "Sigmoid",
+    "Sign", "Sin", "Sinh", "Softplus", "Softsign", "Sqrt", "Tan", "Tanh", "ThresholdedRelu",
+})
+# f(a, b)[i] depends on a[i] and b[i] alone (after broadcasting)
+_BINARY = frozenset({
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu", "And", "Or", "Xor", "Equal", "Less",
+    "LessOrEqual", "Greater", "GreaterOrEqual",
+})
+
+# An axis map of a layout change from rank ``r`` to rank ``len(src)``: output axis ``i``
+# holds input axis ``src[i]``, or is an inserted unit axis where ``src[i] == -1``; input
+# axes absent from ``src`` are unit axes removed.
+AxisMap = list[int]
+
+
+def _layout_map(node: ir.Node, opset: int, rank: int) -> AxisMap | None:
+    """The axis map of a Transpose/Squeeze/Unsqueeze reading a value of rank ``rank``."""
+    if node.op_type == "Transpose":
+        perm = transpose_perm(node, rank)
+        return perm if perm is not None and sorted(perm) == list(range(rank)) else None
+    axes = squeeze_axes(node, opset)
+    if not axes:
+        return None  # unknown, or a Squeeze of every unit axis (which needs static dims)
+    out_rank = rank - len(axes) if node.op_type == "Squeeze" else rank + len(axes)
+    limit = rank if node.op_type == "Squeeze" else out_rank
+    if any(not -limit <= a < limit for a in axes) or out_rank < 0:
+        return None
+    positions = {a % limit for a in axes}
+    if len(positions) != len(axes):
+        return None
+    if node.op_type == "Squeeze":
+        return [j for j in range(rank) if j not in positions]
+    inputs = iter(range(rank))
+    return [-1 if i in positions else next(inputs) for i in range(out_rank)]
+
+
+def _compose(first: AxisMap, second: AxisMap) -> AxisMap:
+    """The map of ``second`` applied after ``first``."""
+    return [-1 if s == -1 else first[s] for s in second]
+
+
+def _as_perm(src: AxisMap, rank: int) -> list[int] | None:
+    """The map as a permutation of ``rank`` axes, None when it changes the rank. An axis
+    inserted where unit axes were removed stands for one of them (all hold size 1), in order."""
+    if len(src) != rank:
+        return None
+    removed = iter(sorted(set(range(rank)) - set(src)))
+    return [next(removed) if s == -1 else s for s in src]
+
+
+def _carried_back(array: np.ndarray, src: AxisMap, rank: int) -> np.ndarray | None:
+    """``array`` (broadcast against a value of rank ``len(src)``) in the layout of the map's
+    input of rank ``rank``, leading 1s dropped; None when an inserted axis is not 1."""
+    if array.ndim > len(src):
+        return None
+    full = array.reshape((1,) * (len(src) - array.ndim) + array.shape)
+    if any(s == -1 and d != 1 for s, d in zip(src, full.shape)):
+        return None
+    kept = [i for i, s in enumerate(src) if s != -1]
+    order = sorted(kept, key=lambda i: src[i])
+    moved = full.transpose(order + [i for i in range(len(src)) if src[i] == -1])
+    dims = [full.shape[src.index(j)] if j in src else 1 for j in range(rank)]
+    while dims and dims[0] == 1:
+        dims.pop(0)
+    return moved.reshape(dims)
+
+
+def _full_pads(node: ir.Node, opset: int, rank: int) -> list[int] | None:
+    """A constant-mode Pad's begin and end pads for every axis of its rank-``rank`` input."""
+    if node.attributes.get_string("mode", "constant") != "constant":
+        return None
+    if opset < 11:
+        attribute = node.attributes.get("pads" if opset >= 2 else "paddings")
+        pads = None if attribute is None else [int(v) for v in attribute.as_ints()]
+        return pads if pads is not None and len(pads) == 2 * rank else None
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    array = constant_array(node.inputs[1])
+    if array is None:
+        return None
+    pads = [int(v) for v in array.reshape(-1)]
+    axes_value = node.inputs[3] if len(node.inputs) > 3 else None
+    if axes_value is None:
+        return pads if len(pads) == 2 * rank else None
+    axes = constant_array(axes_value)
+    if axes is None or 2 * axes.size != len(pads) or any(not -rank <= a < rank for a in axes.reshape(-1)):
+        return None
+    full = [0] * (2 * rank)
+    for k, axis in enumerate(int(a) % rank for a in axes.reshape(-1)):
+        full[axis], full[rank + axis] = pads[k], pads[axes.size + k]
+    return full
+
+
+@dataclass
+class _Move:
+    """How one commuting op changes: the input reading the chain, the map from ``x`` to
+    that input's layout, and the constant it gets anew (operand or pads) at ``operand``."""
+
+    node: ir.Node
+    index: int
+    src: AxisMap
+    operand: int | None = None
+    array: np.ndarray | None = None
+
+
+def _commuting(node: ir.Node, index: int, src: AxisMap, rank: int, opset: int) -> _Move | None:
+    """The change that moves ``node`` (reading the chain at input ``index``, in the layout
+    ``src`` maps ``x`` of rank ``rank`` to) before the layout ops; None if it does not
+    commute."""
+    op, inputs = node.op_type, node.inputs
+    if len(node.outputs) != 1 or index != 0 and op not in _BINARY:
+        return None
+    if op in _UNARY and len(inputs) == 1:
+        return _Move(node, index, src)
+    if op == "Clip":
+        bounds = [constant_array(v) if v is not None else np.zeros(1) for v in inputs[1:]]
+        return _Move(node, index, src) if all(b is not None and b.size == 1 for b in bounds) else None
+    if op in _BINARY and len(inputs) == 2 and not (op == "PRelu" and index != 0):
+        other = 1 - index
+        array = constant_array(inputs[other])
+        if array is None:
+            return None
+        carried = _carried_back(array, src, rank)
+        return None if carried is None else _Move(node, index, src, other, carried)
+    if op == "Pad" and index == 0:
+        pads = _full_pads(node, opset, len(src))
+        if pads is None:
+            return None
+        half = len(src)
+        if any(s == -1 and (pads[i] or pads[half + i]) for i, s in enumerate(src)):
+            return None
+        begins = [pads[src.index(j)] if j in src else 0 for j in range(rank)]
+        ends = [pads[half + src.index(j)] if j in src else 0 for j in range(rank)]
+        return _Move(node, index, src, 1, np.array(begins + ends, dtype=np.int64))
+    return None
+
+
+def _only_reader(value: ir.Value, graph: ir.Graph | ir.Function) -> tuple[ir.Node, int] | None:
+    """The one node of ``graph`` reading ``value`` once, and at which input; None when the
+    value is a graph output or read otherwise."""
+    uses = list(value.uses())
+    if value.is_graph_output() or len(uses) != 1 or uses[0].node.graph is not graph:
+        return None
+    return uses[0].node, uses[0].idx
+
+
+@dataclass
+class _Plan:
+    """A chain to rewrite: the rank of ``x``, its layout ops, its commuting ops, its last
+    node and the permutation left at its end (None: the identity)."""
+
+    rank: int
+    layouts: list[ir.Node]
+    moves: list[_Move]
+    last: ir.Node
+    perm: list[int] | None
+
+
+def _plan(start: ir.Node, opset: int) -> _Plan | None:
+    """The longest worthwhile chain from the layout op ``start``, or None."""
+    graph, x = start.graph, start.inputs[0]
+    rank = static_rank(x)
+    if rank is None:
+        return None
+    src: AxisMap = list(range(rank))
+    layouts: list[ir.Node] = []
+    moves: list[_Move] = []
+    best: _Plan | None = None
+    node, index = start, 0
+    while True:
+        if node.domain not in _DEFAULT_DOMAINS:
+            break
+        if node.op_type in _LAYOUT and index == 0 and len(node.outputs) == 1:
+            step = _layout_map(node, opset, len(src))
+            if step is None:
+                break
+            src = _compose(src, step)
+            layouts.append(node)
+            output, perm = node.outputs[0], _as_perm(src, rank)
+            if perm == list(range(rank)):
+                # a graph output is handed to the last moved op (``x`` may not take its name)
+                return best if output.is_graph_output() and not moves else _Plan(rank, layouts, moves, node, None)
+            if perm is not None and len(layouts) >= 2:
+                best = _Plan(rank, list(layouts), list(moves), node, perm)
+        else:
+            move = _commuting(node, index, src, rank, opset)
+            if move is None:
+                break
+            moves.append(move)
+        reader = _only_reader(node.outputs[0], graph)
+        if reader is None:
+            break
+        node, index = reader
+    return best
+
+
+def _carried_shape(value: ir.Value, src: AxisMap, rank: int) -> ir.Shape | None:
+    """``value``'s shape in the layout of the map's input: None when unknown."""
+    if value.shape is None or value.shape.rank() != len(src):
+        return None
+    dims = list(value.shape)
+    return ir.Shape([dims[src.index(j)] if j in src else 1 for j in range(rank)])
+
+
+def _same_bytes(old: np.ndarray | None, new: np.ndarray) -> bool:
+    return old is not None and old.shape == new.shape and old.dtype == new.dtype and old.tobytes() == new.tobytes()
+
+
+def _apply(plan: _Plan, opset: int) -> None:
+    current = plan.layouts[0].inputs[0]
+    for move in plan.moves:
+        node = move.node
+        node.replace_input_with(move.index, current)
+        if move.operand is not None:
+            if node.op_type == "Pad" and opset < 11:
+                name = "pads" if opset >= 2 else "paddings"
+                node.attributes[name] = ir.AttrInt64s(name, [int(v) for v in move.array])
+            else:
+                if node.op_type == "Pad" and len(node.inputs) > 3:
+                    node.resize_inputs(3)  # the carried pads name every axis of x, in order
+                    node.replace_input_with(1, optcc.ir.constant_before(node, move.array, "pads"))
+                elif not _same_bytes(constant_array(node.inputs[move.operand]), move.array):
+                    name = "pads" if node.op_type == "Pad" else "layout_operand"
+                    node.replace_input_with(move.operand, optcc.ir.constant_before(node, move.array, name))
+        output = node.outputs[0]
+        output.shape = _carried_shape(output, move.src, plan.rank)
+        current = output
+    end = plan.last.outputs[0]
+    if plan.perm is not None:
+        transpose = ir.node("Transpose", [current], {"perm": plan.perm})
+        plan.last.graph.insert_after(plan.last, transpose)
+        result = transpose.outputs[0]
+        result.type, result.shape = end.type, end.shape
+        end.replace_all_uses_with(result, replace_graph_outputs=True)
+        name, end.name = end.name, None
+        result.name = name
+    else:
+        handed = bypass(plan.last, end, current)
+        assert handed, "the chain's end is a graph output that its last moved op cannot name"
+    for node in reversed(plan.layouts):
+        removed = node.graph is None or remove_if_dead(node)  # (bypass removes the last one)
+        assert removed, "a layout op of a rewritten chain is still read"
+
+
+class SinkLayoutOpsPass(optcc.Pass):
+    """Remove a Transpose/Squeeze/Unsqueeze round trip around elementwise ops and Pads.
+
+    Rewrite, preconditions and why it is exact: see the module docstring.
+    """
+
+    name = "sink-layout-ops"
+    numerics = "exact"
+    triggers = _LAYOUT
+
+    def call(self, model: ir.Model) -> optcc.PassResult:
+        model_opset = optcc.ir.default_opset(model)
+        removed = 0
+        for graph in optcc.ir.graphs(model):
+            opset = graph_opset(graph, model_opset)
+            for node in list(graph):
+                if (node.graph is None or node.op_type not in _LAYOUT or node.domain not in _DEFAULT_DOMAINS
+                        or not node.inputs or node.inputs[0] is None):
+                    continue
+                plan = _plan(node, opset)
+                if plan is not None:
+                    _apply(plan, opset)
+                    removed += len(plan.layouts) - (plan.perm is not None)
+        return optcc.PassResult(model, bool(removed), {"layout_ops_removed": removed} if removed else {})
