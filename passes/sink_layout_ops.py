@@ -14,6 +14,11 @@ instead. The channels-last export ``Conv -> Transpose -> Squeeze -> Mul -> Add -
 Pad -> Unsqueeze -> Transpose -> Conv`` becomes ``Conv -> Mul -> Add -> Elu -> Pad ->
 Conv``, which the Conv-affine and Pad fusions then fold.
 
+Opt-in (``--passes``; no -O level runs it): the proof of equivalence
+(``optcc.numerics.equivalence``) does not see through a moved layout op yet, so a model
+it proves equal without the pass would be judged on generated samples with it, or left
+unverified where those samples do not run (inputs of unknown size).
+
 The ops a layout change commutes with, and how each is carried back to ``x``'s layout
 through the composed map of the layout ops before it:
 
