@@ -846,7 +846,7 @@ def quantize_int8(
             else {"kept": True, "shortfall_corrected": round(shortfall(corrected), 6)}
         if not corrected.passed and not unbuildable:  # a model that passes ships as it is
             correcting = False
-            plain, plain_stats = make()
+            plain, plain_stats = fully[False]  # judged as stored: copied only where it ships (below)
             uncorrected = evaluate(float_model, plain, judged, o.target, reference_outputs=judge.reference,
                                    outputs=judged_outputs)
             # dropped only when clearly worse: the uncorrected model passes, or the corrected
@@ -858,6 +858,8 @@ def quantize_int8(
             if kept:
                 correcting = True
             else:
+                fully[False] = (plain.clone(), dict(plain_stats))  # ``make()``'s, asked for again
+                plain_stats = dict(plain_stats)
                 quantized, pass_stats, initial = plain, plain_stats, (plain, plain_stats, uncorrected)
         lap("bias_correction_choice")
     if correcting:  # every model made from here is corrected
