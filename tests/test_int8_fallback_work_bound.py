@@ -14,6 +14,7 @@ from onnx import TensorProto as TP
 
 import optcc
 from reference import lossy_metrics
+from test_int8_output_ranking import _rows  # rows whose feature 0 is always 0
 from optcc.quant import fallback
 from optcc.quant.calibration import calibrate
 from optcc.infra.registry import create_pass
@@ -45,14 +46,6 @@ def _model() -> onnx.ModelProto:
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     return model
-
-
-def _rows(n: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(13)
-    rows = [rng.normal(size=(4, 16)).astype(np.float32) for _ in range(n)]
-    for x in rows:
-        x[:, 0] = 0.0
-    return [{"x": x} for x in rows]
 
 
 def test_the_fallback_does_bounded_work_and_ships_a_model_meeting_the_target(monkeypatch) -> None:
