@@ -76,7 +76,7 @@ RANKING_SAMPLES = 8  # samples the fallback's per-layer error estimates are meas
 OUTPUT_RANKING_SAMPLES = 2  # samples ``output_sqnr`` takes each layer's error to the outputs on: a float run per layer each
 # the output ranking's work bound: its layer runs (one per layer and sample shown), whatever the number of layers;
 # spent on the first and last layers and those worst by their own error (``_output_ranked``)
-OUTPUT_RANKING_RUNS = 64
+OUTPUT_RANKING_RUNS = 128
 # ... less those where the fully quantized model deviates less than this fraction of the most it does on one of them
 NEGLIGIBLE_DEVIATION = 0.01
 OUTPUT_SEGMENTS = 8  # suffixes of the float model ``output_sqnr``'s runs start from
