@@ -83,9 +83,9 @@ def test_the_output_ranking_skips_a_sample_where_the_model_does_not_deviate(monk
     asked: list[list[dict[str, np.ndarray]]] = []
     measure = fallback.output_sqnr
 
-    def spy(reference, quantized, layer_outputs, samples):  # noqa: ANN001, ANN202
+    def spy(reference, quantized, layer_outputs, samples, deltas=None):  # noqa: ANN001, ANN202
         asked.append(list(samples))
-        measured = measure(reference, quantized, layer_outputs, samples)
+        measured = measure(reference, quantized, layer_outputs, samples, deltas=deltas)
         with_blank = measure(reference, quantized, layer_outputs, [*samples, blank])
         assert measured.keys() == with_blank.keys()
         assert all(math.isclose(measured[k], with_blank[k], rel_tol=1e-9) for k in measured)

@@ -74,6 +74,9 @@ Stop = Callable[[Mapping[str, Sequence[np.ndarray]]], bool]
 Results = dict[int, tuple["Evaluation", Any, dict[str, Any]]]  # candidates measured, by layers returned to float
 RANKING_SAMPLES = 8  # samples the fallback's per-layer error estimates are measured on
 OUTPUT_RANKING_SAMPLES = 2  # samples ``output_sqnr`` takes each layer's error to the outputs on: a float run per layer each
+# the output ranking's work bound: its layer runs (one per layer and sample shown), whatever the number of layers;
+# spent on the first and last layers and those worst by their own error (``_output_ranked``)
+OUTPUT_RANKING_RUNS = 128
 # ... less those where the fully quantized model deviates less than this fraction of the most it does on one of them
 NEGLIGIBLE_DEVIATION = 0.01
 OUTPUT_SEGMENTS = 8  # suffixes of the float model ``output_sqnr``'s runs start from
@@ -82,6 +85,8 @@ RANKING_PHASE = "fallback: ranking layers by their own error"
 OUTPUT_RANKING_PHASE = "fallback: ranking layers by their error at the outputs"
 CONFIRMATION_PHASE = "fallback: confirming on every sample"
 PROBES = (1, 2, 4)  # float layers tried first below a budget that meets the target: where the error concentrates
+# the most candidates the estimated search builds below the budget, the probes included (``_search_estimated``)
+SEARCH_CANDIDATES = 8
 
 INTEGER_OPS = frozenset(
     {
@@ -919,16 +924,23 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     one combined model run once over the samples, no single-layer model built) orders the
     layers, and the budget's whole ``k`` (``max_float_layers``) returns to float in that
     order: when even that misses, the search stops there (hopeless), having cost one
-    candidate and no further ranking. Else the layers are ranked again by those errors as
-    the outputs see them when added alone to the float model (``output_sqnr``, one float
-    run per layer on ``OUTPUT_RANKING_SAMPLES`` of the samples, spread over them, less
-    those where the fully quantized model barely deviates: ``deviating_positions``), and
-    that order is searched below the budget: the worst layer, then the worst two, then four, returned to
+    candidate and no further ranking. Else the layers worst by their own error are ranked
+    again by those errors as the outputs see them when added alone to the float model
+    (``output_sqnr``, one float run per layer on ``OUTPUT_RANKING_SAMPLES`` of the samples,
+    spread over them, less those where the fully quantized model barely deviates:
+    ``deviating_positions``), as many layers as ``OUTPUT_RANKING_RUNS`` runs cover (the
+    first and last in graph order among them: ``_output_ranked``), ahead of the others in
+    their own-error order; that order is
+    searched below the budget: the worst layer, then the worst two, then four, returned to
     float (``PROBES``: the error of a quantized model often sits in a few layers, and then
     this is the cheapest model and found in a few evaluations); when none meets the
     target, a bisection between the largest ``k`` that missed and the budget, in log space
-    while the range spans more than a factor of 2 (``_midpoint``); when no ``k`` below the
-    budget meets it there, the budget's model, measured first, is the result.
+    while the range spans more than a factor of 2 (``_midpoint``), until at most
+    ``SEARCH_CANDIDATES`` candidates are judged below the budget; the fewest float layers
+    measured to meet the target ship, the budget's model (measured first) when no ``k``
+    below it did. So the ranking and search cost a fixed number of float runs and
+    candidates whatever the number of layers, and a ``k`` that meets the target is never
+    traded for one not measured.
     The estimates are measured on at most ``ranking_samples`` of the samples, spread evenly
     over them (``spread_samples``; None: all): a layer's SQNR sums its error over every
     element of its result, so a few samples estimate it as well as many, and the ranking
@@ -1077,9 +1089,48 @@ def _estimated_order(reference: ir.Model, model: ir.Model, stats: dict[str, Any]
     layer_outputs = stats.get("layer_outputs", {})
     local = local_sqnr(reference, model, layer_outputs, [samples[i] for i in ranking], deltas=deltas,
                        delta_samples={ranking.index(i) for i in shown} if measured else None)
-    seen = output_sqnr(reference, model, layer_outputs, [samples[i] for i in shown], deltas=deltas)
+    seen = _output_ranking(reference, model, stats, _ranked(stats, local, {}, report), [samples[i] for i in shown],
+                           deltas)
     del deltas
     return _ranked(stats, local, seen, report)
+
+
+def _output_ranked(order: Sequence[str], layers: Sequence[str], samples: int) -> list[str]:
+    """The layers the output ranking takes to the outputs: as many of ``order`` (the layers
+    worst by their own error first) as ``OUTPUT_RANKING_RUNS`` runs cover at one run per
+    layer and sample shown, at least one. A quarter of them are the first of ``order`` in
+    graph order (``layers``' order) and a quarter the last: a small error in the first
+    layers is amplified by everything after them, and the last ones write the outputs, so
+    either can harm the outputs most with a small own error (on a YOLO detector the head's
+    last layers and the stem's first do); the rest are the worst by their own error. The
+    others rank after them by their own error (``estimate_sensitivity``): the ranking costs
+    a bounded number of float runs, not one per layer and sample."""
+    count = max(OUTPUT_RANKING_RUNS // max(samples, 1), 1)
+    if len(order) <= count:
+        return list(order)
+    position = {layer: i for i, layer in enumerate(layers)}
+    by_graph = sorted(order, key=lambda layer: position.get(layer, len(position)))
+    ends = count // 4
+    picked = dict.fromkeys([*by_graph[:ends], *by_graph[len(by_graph) - ends:]])
+    for layer in order:  # the rest, worst own error first
+        if len(picked) >= count:
+            break
+        picked.setdefault(layer)
+    return list(picked)
+
+
+def _output_ranking(reference: ir.Model, model: ir.Model, stats: Mapping[str, Any], order: Sequence[str],
+                    shown: Sequence[Feeds], deltas: Mapping[str, Sequence[np.ndarray]] | None = None,
+                    ) -> dict[str, float]:
+    """``output_sqnr`` of the layers ``_output_ranked`` picks of ``order`` (the layers worst
+    by their own error first; ``stats``: the pass stats of ``model``) on the samples
+    ``shown`` (``deltas``: their errors there, when kept from the ranking run; the others'
+    are not read)."""
+    layer_outputs = stats.get("layer_outputs", {})
+    picked = [layer for layer in _output_ranked(order, list(stats.get("layers", [])), len(shown))
+              if layer in layer_outputs]
+    kept = None if deltas is None else {layer: deltas[layer] for layer in picked if layer in deltas}
+    return output_sqnr(reference, model, {layer: layer_outputs[layer] for layer in picked}, shown, deltas=kept)
 
 
 def _shown_positions(samples: Sequence[Feeds], evaluation: Evaluation) -> list[int]:
@@ -1133,7 +1184,7 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
         # the layers' errors measured again on the samples shown (not held through the candidate above)
         shown = [samples[i] for i in _shown_positions(samples, initial)]
         with _phase(OUTPUT_RANKING_PHASE, progress, report, "ranking"):
-            seen = output_sqnr(reference, model, stats.get("layer_outputs", {}), shown)
+            seen = _output_ranking(reference, model, stats, local_order, shown)
         order = _ranked(stats, local, seen, report)
         found = _search_estimated(reference, quantize, samples, target, order, local_order, limit, report, results,
                                   tried, ref_outputs, bar, outputs, speed)
@@ -1209,6 +1260,11 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
     never measured. When no ``k`` below the budget meets it, the budget's model. Either way
     the model returned is one measured to meet the target.
 
+    Work bound: at most ``SEARCH_CANDIDATES`` candidates are judged below the budget (the
+    probes included); once they are, the bisection stops and its ``high`` is the result
+    (``report["search_bounded"]``): the fewest float layers measured to meet the target,
+    whether or not meeting it is monotone in ``k``. Deterministic: a count, never a clock.
+
     ``speed``: the bisection stops, ``high`` its result, once no ``k`` left to measure
     (``low < k < high``) could ship: each is modelled below ``speed.required``
     (``SpeedBound.of_floats``), while ``high`` is modelled at or above it and faster than
@@ -1222,8 +1278,10 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
     range the bisection narrows it first, and the result is the same either way."""
     speeds: dict[int, float] = {}  # the modelled speedup of each candidate measured to meet the target
     bounds: dict[int, float] = {}  # ``speed.of_floats`` of the first k layers of ``order`` float
+    built: list[int] = []  # the candidates judged below the budget, in order: at most ``SEARCH_CANDIDATES``
 
     def attempt(k: int) -> bool:
+        built.append(k)
         passed = _attempt(reference, quantize, samples, target, order, k, limit, results, tried, "estimate",
                           ref_outputs, bar, outputs).passed
         if passed and speed is not None:  # modelled while its model is held
@@ -1260,6 +1318,11 @@ def _search_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequen
             break
         low = k
     while high - low > 1:
+        if len(built) >= SEARCH_CANDIDATES:
+            report["search_bounded"] = (
+                f"{len(built)} candidates judged below the budget, the most the search builds: the fewest float "
+                f"layers measured to meet the target ({high}) ship, {low} having missed")
+            break
         if none_left_ships(low, high):
             assert speed is not None
             report["search_stopped"] = (
@@ -1313,12 +1376,15 @@ def _drop_models(results: Results, numbers: Sequence[int]) -> None:
 def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds], target: Target,
             order: Sequence[str], limit: int, initial: Evaluation, model: ir.Model, stats: dict[str, Any],
             tried: list[dict[str, Any]], name: str, ref_outputs: _Outputs | None = None, start: int = 0,
-            outputs: CandidateOutputs | None = None,
+            outputs: CandidateOutputs | None = None, max_candidates: int | None = None,
             ) -> tuple[int, Results]:
     """The smallest ``k <= limit`` above ``start`` (whose ``initial`` evaluation misses)
     whose first ``k`` layers of ``order`` returned to float meet the target: ``k``
     doubles until it does, then bisection. When none does, the ``k`` with the best
-    worst-output SQNR. Returns ``k`` and the evaluated models by ``k``."""
+    worst-output SQNR. Returns ``k`` and the evaluated models by ``k``.
+    ``max_candidates``: the bisection stops once that many candidates are judged, its
+    result the smallest ``k`` measured to meet the target (the doubling is not bounded:
+    it ends at ``limit`` within ``log2(limit / start)`` candidates)."""
     results: Results = {start: (initial, model, stats)}
 
     def attempt(k: int) -> Evaluation:
@@ -1342,6 +1408,8 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
                 break
             k *= 2
     while high is not None and high - low > 1:
+        if max_candidates is not None and len(results) - 1 >= max_candidates:
+            break
         mid = (low + high) // 2
         if attempt(mid).passed:
             high = mid
@@ -1372,7 +1440,8 @@ def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats
     """``fallback``'s result judged by ``confirm``; when it misses, the smallest number of
     layers above the one found, returned to float in the search's order (the estimated
     ranking on ``confirm``'s samples when the fully quantized model had passed), that
-    ``confirm`` accepts."""
+    ``confirm`` accepts, the bisection bounded to ``SEARCH_CANDIDATES`` candidates
+    (``_search``)."""
     ref_outputs = _Outputs.of(confirm.reference_outputs)
     found = len(report.get("kept_float", []))
     evaluation = evaluate_candidate(reference, model, confirm.samples, confirm.target, ref_outputs, confirm.outputs)
@@ -1385,7 +1454,8 @@ def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats
     limit = len(order) if max_float_layers is None else min(max_float_layers, len(order))
     tried = report.setdefault("tried", [])
     k, results = _search(reference, quantize, confirm.samples, confirm.target, order, limit, evaluation, model,
-                         stats, tried, "confirmation", ref_outputs, start=found, outputs=confirm.outputs)
+                         stats, tried, "confirmation", ref_outputs, start=found, outputs=confirm.outputs,
+                         max_candidates=SEARCH_CANDIDATES)
     evaluation, model, stats = results[k]
     report.update(kept_float=list(order[:k]), evaluation=evaluation.to_dict(), target_met=evaluation.passed)
     report["confirmation"]["float_layers"] = k
