@@ -357,7 +357,8 @@ def optimize(
             searched = {"gate": lambda candidate: None if verifier is None or verifier.held_apart() is verifier
                         else _gate_reason(verifier.held_apart(), candidate),
                         "held_out": confirmed,
-                        "samples": lambda: None if verifier is None else verifier.held_apart().next_token_feeds}
+                        "samples": lambda: None if verifier is None else verifier.held_apart().next_token_feeds,
+                        "searched": lambda: verifier is not None and verifier.held_apart() is not verifier}
         pipeline.append(create_pass("quantize-dynamic", **searched))
     if weight_only:
         if isinstance(weight_only, str) and weight_only not in ("int4", "int8"):

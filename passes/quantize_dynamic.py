@@ -45,15 +45,16 @@ scale per row or one for all rows, is gathered as its stored levels instead and 
 after (``gather_stored_rows``: exact, the same float32 products;
 ``stats["stored_rows_gathered"]``); only plain constant tables are quantized to int8 rows.
 
-Layers left float (``gate``): ``gate(candidate)`` judges a whole quantized model (None:
-it passes; else why not; ``optcc.optimize`` gives a KV-cache decoder the verification's
-next-token check on prompts held apart from the verification's, asking
-``NEXT_TOKEN_SEARCH_AGREEMENT``). When the candidate with every layer quantized misses, the
+Layers left float (``gate``, where ``searched()`` is true or not given): ``gate(candidate)``
+judges a whole quantized model (None: it passes; else why not; ``optcc.optimize`` gives a
+KV-cache decoder the verification's next-token check on prompts held apart from the
+verification's, asking ``NEXT_TOKEN_SEARCH_AGREEMENT``, and searches no other model: its
+verification holds nothing apart). When the candidate with every layer quantized misses, the
 MatMul/Gemm layers are ranked by their relative output error under dynamic INT8
 (``optcc.quant.dynamic_error``, on the layers' inputs in the float model on ``samples()``,
 else by weight error alone), and the fewest of the most damaging are left float
 (``optcc.quant.fewest_float_layers``: 1, 2, 4, ... then bisection, at most all but one,
-within ``SEARCH_CANDIDATES`` candidates), each candidate confirmed by ``held_out`` where
+within ``FLOAT_LAYER_CANDIDATES`` candidates), each candidate confirmed by ``held_out`` where
 given (the verification's own check). When none passes, the model is left unchanged with
 the reason in ``stats["reason"]`` (the precision is declined); ``stats["search"]`` holds
 the checks and the layers left float. Candidates are built on copies sharing the model's
@@ -91,7 +92,8 @@ class QuantizeDynamicPass(optcc.Pass):
                  count_fused: bool = True, embeddings: bool = True,
                  gate: Callable[[ir.Model], str | None] | None = None,
                  held_out: Callable[[ir.Model], str | None] | None = None,
-                 samples: Callable[[], Sequence[Feeds] | None] | None = None) -> None:
+                 samples: Callable[[], Sequence[Feeds] | None] | None = None,
+                 searched: Callable[[], bool] | None = None) -> None:
         super().__init__()
         self.per_channel = per_channel
         self.embeddings = embeddings
@@ -100,9 +102,11 @@ class QuantizeDynamicPass(optcc.Pass):
         self.gate = gate
         self.held_out = held_out
         self.samples = samples
+        self.searched = searched
 
     def call(self, model: ir.Model) -> optcc.PassResult:
-        search = self._search(model) if self.gate is not None else None
+        search = self._search(model) if self.gate is not None and (self.searched is None or self.searched()) \
+            else None
         if search is not None and search.chosen is None:  # declined: the model as it was
             reason = (f"dynamic INT8 missed its check with every {search.candidates} candidate(s) the search built "
                       f"(the most damaging layers left float, at most all but one): {_last_reason(search.checks)}")
@@ -150,7 +154,8 @@ class QuantizeDynamicPass(optcc.Pass):
                 names = sorted({name for name, _ in weights.values()})
                 runs = probed_values(model, names, samples)
             errors = dynamic_int8_errors(weights, runs)
-            return sorted(errors, key=lambda layer: -errors[layer])  # ties keep graph order
+            # a NaN error (an infinite activation) ranks as the most damaging; ties keep graph order
+            return sorted(errors, key=lambda layer: (not np.isnan(errors[layer]), -errors[layer]))
 
         def judge(float_layers: Sequence[str]) -> str | None:
             return self.gate(candidate(float_layers))  # type: ignore[misc]

@@ -37,8 +37,10 @@ graph output when an op moved (that op's output, or the Transpose, takes its nam
 and shape); all nodes in one graph; the rank of ``x`` known; Squeeze
 and Unsqueeze axes constant (a Squeeze without axes ends the chain); Transpose perms
 valid. The chain's layout ops (at least one, the identity needs two unless one is
-itself a no-op) are removed, at most one Transpose is added, no node is duplicated:
-the node count never grows.
+itself a no-op) are removed, at most one Transpose is added, no node is duplicated; a
+carried constant that differs from the one it replaces is a new Constant node (lifted
+to an initializer by lift-constants), the constants nothing reads any more (the old
+operands, the layout ops' axes) are dropped.
 
 Why exact: a layout op moves elements without changing them. An elementwise op gives
 each output element from the elements at the same index of its operands; carried back
@@ -62,6 +64,7 @@ import onnx_ir as ir
 import optcc
 from optcc.passes.eliminate_noops import bypass, constant_array, graph_opset, remove_if_dead
 from optcc.passes.merge_consecutive import squeeze_axes, transpose_perm
+from optcc.passes.quantize_weights import drop_unused_weights
 from optcc.rewrite import static_rank
 
 __all__ = ["SinkLayoutOpsPass"]
@@ -282,8 +285,13 @@ def _same_bytes(old: np.ndarray | None, new: np.ndarray) -> bool:
 
 def _apply(plan: _Plan, opset: int) -> None:
     current = plan.layouts[0].inputs[0]
+    # the constants the chain read before (operands replaced, the layout ops' axes): dropped
+    # below where nothing reads them any more
+    replaced = [v for node in plan.layouts for v in node.inputs[1:] if v is not None]
     for move in plan.moves:
         node = move.node
+        if move.operand is not None:
+            replaced.extend(v for v in node.inputs[1:] if v is not None)
         node.replace_input_with(move.index, current)
         if move.operand is not None:
             if node.op_type == "Pad" and opset < 11:
@@ -311,9 +319,12 @@ def _apply(plan: _Plan, opset: int) -> None:
     else:
         handed = bypass(plan.last, end, current)
         assert handed, "the chain's end is a graph output that its last moved op cannot name"
+    graph = plan.layouts[0].graph
     for node in reversed(plan.layouts):
         removed = node.graph is None or remove_if_dead(node)  # (bypass removes the last one)
         assert removed, "a layout op of a rewritten chain is still read"
+    assert graph is not None
+    drop_unused_weights(graph, dict.fromkeys(replaced))
 
 
 class SinkLayoutOpsPass(optcc.Pass):

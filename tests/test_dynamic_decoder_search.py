@@ -20,7 +20,7 @@ import optcc
 from fixtures.attention_decoder import attention_nodes, numpy_attention
 from optcc.numerics.decode import NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_STEPS
 from optcc.passes.quantize_dynamic import QuantizeDynamicPass
-from optcc.quant import SEARCH_CANDIDATES, fewest_float_layers
+from optcc.quant import FLOAT_LAYER_CANDIDATES, fewest_float_layers
 
 VOCAB, WIDTH, PROMPT, ROWS = 8, 16, 4, 16
 OUTLIER = 1000.0  # the scale of the one activation channel that ruins its layer's dynamic rounding
@@ -148,7 +148,7 @@ def test_a_check_no_candidate_passes_declines_within_the_budget() -> None:
     assert _float_weights(optcc.ir.serialize(result.model)) == {"Wq", "Wk", "Wv", "Wz", "U"}
     # no layer float, then 1, 2 and 4 of the 5 (one at least stays quantized)
     assert judged == [5, 4, 3, 1]
-    assert len(judged) <= SEARCH_CANDIDATES
+    assert len(judged) <= FLOAT_LAYER_CANDIDATES
 
 
 @pytest.mark.parametrize("refused_by_confirm", [(), (2,), (0, 2, 3)])
@@ -171,3 +171,49 @@ def test_the_search_takes_the_fewest_that_pass_and_confirms_them(refused_by_conf
     assert search.chosen == ranked[:want]
     assert seen[:3] == [("judge", 0), ("judge", 1), ("judge", 2)]
     assert seen[-1] == ("confirm", want)
+
+
+def test_a_model_that_is_no_decoder_is_quantized_once_and_not_searched(monkeypatch) -> None:
+    # its verification holds no prompts apart, so nothing could judge a search's candidates
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    graph = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                          [oh.make_tensor_value_info("x", TP.FLOAT, [4, 64])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, [4, 32])], [nh.from_array(w, "w")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    built = []
+    quantized = QuantizeDynamicPass._quantized
+    monkeypatch.setattr(QuantizeDynamicPass, "_quantized",
+                        lambda self, m, exclude, count: built.append(sorted(exclude)) or quantized(self, m, exclude, count))
+    result = optcc.optimize(model, int8_dynamic=True, verify=True)
+    assert built == [[]]
+    record = next(r for r in result.report.passes if r.name == "quantize-dynamic")
+    assert record.status == "changed" and "search" not in record.stats
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    got = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    assert 10 * np.log10(np.sum(want ** 2) / np.sum((got - want) ** 2)) > 30  # dynamic INT8's rounding only
+
+
+def test_the_layer_estimate_is_the_error_onnxruntime_runs() -> None:
+    # the ranking's per-layer error (numpy, streamed over runs) against the relative error of
+    # the layer dynamic INT8 writes, run by onnxruntime, both against a float64 product
+    from optcc.quant import dynamic_int8_errors
+
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((32, 24)).astype(np.float32)
+    runs = [{"x": (rng.standard_normal((5, 32)) * scale).astype(np.float32)} for scale in (0.5, 3.0, 1.0)]
+    graph = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                          [oh.make_tensor_value_info("x", TP.FLOAT, [5, 32])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, [5, 32 - 8])], [nh.from_array(w, "w")])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    quantized = optcc.optimize(model, passes=["quantize-dynamic"], verify=False).model
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    error = energy = 0.0
+    for run in runs:
+        want = run["x"].astype(np.float64) @ w.astype(np.float64)
+        error += float(np.sum((session.run(None, run)[0] - want) ** 2))
+        energy += float(np.sum(want ** 2))
+    estimate = dynamic_int8_errors({"y": ("x", w)}, iter(runs))["y"]
+    assert estimate == pytest.approx(error / energy, rel=0.05)

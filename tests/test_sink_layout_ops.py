@@ -123,6 +123,24 @@ def test_permutation_left_over_becomes_one_transpose():
     assert result.model.graph.outputs[0].name == "y"
 
 
+def test_replaced_constants_are_dropped_not_kept_beside_the_carried_ones():
+    model = _model("""
+    agraph (float[2, 3, 4] x) => (float[2, 3, 4] y) <float[2] c1 = {1, 2}, float[2] c2 = {3, -1},
+                                                        int64[1] a = {0}> {
+        t = Transpose <perm = [2, 1, 0]> (x)
+        u = Unsqueeze (t, a)
+        s = Add (u, c1)
+        m = Mul (s, c2)
+        q = Squeeze (m, a)
+        y = Transpose <perm = [2, 1, 0]> (q)
+    }""")
+    result = run_exact_pass(SinkLayoutOpsPass, model)
+    assert _layout_count(result.model) == 0
+    assert not result.model.graph.initializers  # c1, c2 and the axes a: nothing reads them
+    constants = [n for n in result.model.graph if n.op_type == "Constant"]
+    assert sorted(n.attributes["value"].as_tensor().numpy().shape for n in constants) == [(2, 1, 1), (2, 1, 1)]
+
+
 def test_pad_with_axes_moves_to_the_axes_of_the_input():
     model = _model("""
     agraph (float[N, 3, 5, 6] x) => (float[N, 3, 7, 6] y) <int64[2] pads = {1, 1}, int64[1] axes = {-3}, float v = {0.5}> {

@@ -203,7 +203,7 @@ class Verification:
             elif worst.max_rel is not None:
                 bits.append(f"max rel {worst.max_rel:.3g}")
                 if worst.original_max_rel is not None:
-                    bits[-1] += f" (float32 original's own: {worst.original_max_rel:.3g})"
+                    bits[-1] += f" (the original's own: {worst.original_max_rel:.3g})"
                 if worst.passed and self.tolerance.max_rel is not None and worst.max_rel > self.tolerance.max_rel \
                         and worst.max_abs is not None:
                     # passed per element within an absolute allowance (a bounded kernel's
@@ -212,7 +212,7 @@ class Verification:
                     if worst.allowance_used is not None:
                         bits.append(f"each element within its allowance (at most {worst.allowance_used:.0%} of it; "
                                     f"{self.tolerance.max_rel:g} of the scale, or the kernel's resolution or "
-                                    f"{ORIGINAL_ERROR_FACTOR:g}x the float32 original's own error where larger)")
+                                    f"{ORIGINAL_ERROR_FACTOR:g}x the original's own error where larger)")
             if worst.sqnr_db is not None and self.numerics in ("fp16", "int8"):
                 bits.append(f"SQNR {worst.sqnr_db:.1f} dB")
             text += ": " + ", ".join(bits)

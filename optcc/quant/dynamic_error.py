@@ -41,27 +41,37 @@ def dynamic_int8_error(w: np.ndarray, activations: Iterable[np.ndarray] | None =
     """The relative output error of dynamic INT8 for the weight ``w`` ([K, N]) over the
     layer's ``activations`` (each one run's input, ``[..., K]``), or of ``w`` alone
     without them (module doc)."""
-    w64 = w.astype(np.float64)
-    w_hat = quantized_weight(w)
     if activations is None:
+        w64 = w.astype(np.float64)
         energy = float(np.sum(w64 * w64))
-        return float(np.sum((w_hat - w64) ** 2)) / energy if energy > 0 else 0.0
+        return float(np.sum((quantized_weight(w) - w64) ** 2)) / energy if energy > 0 else 0.0
     error = energy = 0.0
     for a in activations:
-        flat = np.asarray(a).reshape(-1, w.shape[0])
-        y = flat.astype(np.float64) @ w64
-        error += float(np.sum((quantized_activation(flat) @ w_hat - y) ** 2))
-        energy += float(np.sum(y * y))
+        run_error, run_energy = _output_error(w, a)
+        error, energy = error + run_error, energy + run_energy
     return error / energy if energy > 0 else 0.0
+
+
+def _output_error(w: np.ndarray, a: np.ndarray) -> tuple[float, float]:
+    """The squared error of dynamic INT8's product of one run's input ``a`` and ``w``, and
+    the squared float64 product: what ``dynamic_int8_error`` sums over runs."""
+    flat = np.asarray(a).reshape(-1, w.shape[0])
+    y = flat.astype(np.float64) @ w.astype(np.float64)
+    return float(np.sum((quantized_activation(flat) @ quantized_weight(w) - y) ** 2)), float(np.sum(y * y))
 
 
 def dynamic_int8_errors(weights: Mapping[str, tuple[str, np.ndarray]],
                         runs: Iterable[Mapping[str, np.ndarray]] | None) -> dict[str, float]:
     """``dynamic_int8_error`` of each layer (name -> (its input's name, its [K, N] weight))
     over ``runs`` (each run's values by name, ``optcc.quant.probe.probed_values``), or of
-    the weights alone when ``runs`` is None."""
+    the weights alone when ``runs`` is None. The runs are read one at a time: only one
+    run's values are held."""
     if runs is None:
         return {layer: dynamic_int8_error(w) for layer, (_, w) in weights.items()}
-    captured = [dict(values) for values in runs]
-    return {layer: dynamic_int8_error(w, [values[name] for values in captured])
-            for layer, (name, w) in weights.items()}
+    totals = {layer: [0.0, 0.0] for layer in weights}
+    for values in runs:
+        for layer, (name, w) in weights.items():
+            run_error, run_energy = _output_error(w, values[name])
+            totals[layer][0] += run_error
+            totals[layer][1] += run_energy
+    return {layer: error / energy if energy > 0 else 0.0 for layer, (error, energy) in totals.items()}

@@ -1377,14 +1377,16 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
             order: Sequence[str], limit: int, initial: Evaluation, model: ir.Model, stats: dict[str, Any],
             tried: list[dict[str, Any]], name: str, ref_outputs: _Outputs | None = None, start: int = 0,
             outputs: CandidateOutputs | None = None, max_candidates: int | None = None,
-            ) -> tuple[int, Results]:
+            bounded: dict[str, Any] | None = None) -> tuple[int, Results]:
     """The smallest ``k <= limit`` above ``start`` (whose ``initial`` evaluation misses)
     whose first ``k`` layers of ``order`` returned to float meet the target: ``k``
     doubles until it does, then bisection. When none does, the ``k`` with the best
     worst-output SQNR. Returns ``k`` and the evaluated models by ``k``.
     ``max_candidates``: the bisection stops once that many candidates are judged, its
-    result the smallest ``k`` measured to meet the target (the doubling is not bounded:
-    it ends at ``limit`` within ``log2(limit / start)`` candidates)."""
+    result the smallest ``k`` measured to meet the target, which a smaller one not measured
+    may also meet (the doubling is not bounded: it ends at ``limit`` within
+    ``log2(limit / start)`` candidates); ``bounded`` then gets ``"bounded"``: the candidates
+    judged and the range left."""
     results: Results = {start: (initial, model, stats)}
 
     def attempt(k: int) -> Evaluation:
@@ -1409,6 +1411,9 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
             k *= 2
     while high is not None and high - low > 1:
         if max_candidates is not None and len(results) - 1 >= max_candidates:
+            if bounded is not None:
+                bounded["bounded"] = (f"{len(results) - 1} candidates judged, the most the search builds: "
+                                      f"{high} float layers measured to meet the target ship, {low} having missed")
             break
         mid = (low + high) // 2
         if attempt(mid).passed:
@@ -1441,7 +1446,8 @@ def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats
     layers above the one found, returned to float in the search's order (the estimated
     ranking on ``confirm``'s samples when the fully quantized model had passed), that
     ``confirm`` accepts, the bisection bounded to ``SEARCH_CANDIDATES`` candidates
-    (``_search``)."""
+    (``_search``: then the smallest number measured to be accepted, which
+    ``report["confirmation"]["bounded"]`` says)."""
     ref_outputs = _Outputs.of(confirm.reference_outputs)
     found = len(report.get("kept_float", []))
     evaluation = evaluate_candidate(reference, model, confirm.samples, confirm.target, ref_outputs, confirm.outputs)
@@ -1455,7 +1461,7 @@ def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats
     tried = report.setdefault("tried", [])
     k, results = _search(reference, quantize, confirm.samples, confirm.target, order, limit, evaluation, model,
                          stats, tried, "confirmation", ref_outputs, start=found, outputs=confirm.outputs,
-                         max_candidates=SEARCH_CANDIDATES)
+                         max_candidates=SEARCH_CANDIDATES, bounded=report["confirmation"])
     evaluation, model, stats = results[k]
     report.update(kept_float=list(order[:k]), evaluation=evaluation.to_dict(), target_met=evaluation.passed)
     report["confirmation"]["float_layers"] = k

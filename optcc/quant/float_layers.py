@@ -16,9 +16,9 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["SEARCH_CANDIDATES", "FloatLayerSearch", "fewest_float_layers"]
+__all__ = ["FLOAT_LAYER_CANDIDATES", "FloatLayerSearch", "fewest_float_layers"]
 
-SEARCH_CANDIDATES = 12  # the most candidates a search builds and judges before it declines
+FLOAT_LAYER_CANDIDATES = 12  # the most candidates a search builds and judges before it declines
 
 Check = Callable[[Sequence[str]], "str | None"]  # the float layers of a candidate -> None, or why it misses
 
@@ -38,9 +38,11 @@ class FloatLayerSearch:
 
 
 def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm: Check | None = None,
-                        budget: int = SEARCH_CANDIDATES) -> FloatLayerSearch:
+                        budget: int | None = None) -> FloatLayerSearch:
     """The fewest of the first layers of ``rank()`` (called only when the candidate with no
-    layer float misses) whose candidate passes ``judge`` and ``confirm`` (module doc)."""
+    layer float misses) whose candidate passes ``judge`` and ``confirm`` (module doc);
+    ``budget``: ``FLOAT_LAYER_CANDIDATES`` when None."""
+    budget = FLOAT_LAYER_CANDIDATES if budget is None else budget
     checks: list[dict[str, Any]] = []
     built: set[int] = set()
     ranked: Sequence[str] = ()
@@ -56,7 +58,7 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
             built.add(count)
         reason = check(list(ranked[:count]))
         checks.append({"float_layers": count, "check": name, "passed": reason is None,
-                       **({"reason": reason} if reason else {})})
+                       **({"reason": reason} if reason is not None else {})})
         return reason is None
 
     first = passes(0, "judge", judge)
