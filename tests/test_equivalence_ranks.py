@@ -104,3 +104,26 @@ def test_ranks_read_in_graph_order_are_shape_inferences():
     ranked = {value.name: rank for value, rank in keys._rank_memo.values()}
     assert set(ranked) >= {"m", "t", "s", "r", "q", "u", "y", "p", "k", "z"}
     assert all(inferred[name] == rank for name, rank in ranked.items())
+
+
+def test_an_unknown_rank_every_path_reaches_is_sought_once_per_node(monkeypatch) -> None:
+    # a ladder of 16 rungs, each rung's two values reading both of the rung before, on top of
+    # an op whose rank no definition gives: every value reaches it along 2**rung paths.
+    # The rank of the last value is sought along each of them unless a rank not found is
+    # remembered; the number of values ranked stays within a few per node. The answer is
+    # what shape inference gives (unknown: the op's domain is unknown to it)
+    rungs = 16
+    lines = ["a0 = acme.Mystery (x)", "b0 = acme.Mystery (x)"]
+    for i in range(1, rungs + 1):
+        lines += [f"a{i} = Add (a{i - 1}, b{i - 1})", f"b{i} = Mul (a{i - 1}, b{i - 1})"]
+    lines.append(f"y = Add (a{rungs}, b{rungs})")
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17, "acme" : 1]>\n'
+        "agraph (float[2, 3] x) => (float[2, 3] y) {\n" + "\n".join(lines) + "\n}")
+    keys = _keys(proto)
+    sought = []
+    rank_of = _Keys._rank_of
+    monkeypatch.setattr(_Keys, "_rank_of", lambda self, value, depth: sought.append(value.name)
+                        or rank_of(self, value, depth))
+    assert keys.rank(_value(keys, "y")) is None
+    assert len(sought) <= 4 * (2 * rungs + 3), len(sought)

@@ -672,6 +672,8 @@ class _Keys:
         self._frozen_names: dict[int, str] | None = None  # the keyed values' names when frozen
         self._frozen_parse: Any = None  # when frozen uninferred: its parse (or a function returning it)
         self._rank_memo: dict[int, tuple[ir.Value, int]] = {}  # ranks found, by id(value)
+        # ranks not found, by id(value): (the value, ``_rank_state()`` then, the depth asked at)
+        self._rank_failures: dict[int, tuple[ir.Value, tuple, int]] = {}
         self._ranks_warmed = False  # every node output ranked by definition in graph order (``_warm_ranks``)
         self._warming = False  # while warming: ``rank`` answers from the memo alone
         self._shapes: dict[int, tuple[bool, list] | None] = {}  # shape-like values, by id(value)
@@ -936,10 +938,26 @@ class _Keys:
             return known[1]
         if self._warming:
             return None
+        state = self._rank_state()
+        failed = self._rank_failures.get(id(value))
+        if failed is not None and failed[0] is value and failed[1] == state and failed[2] <= depth:
+            return None  # not found from here with as many nodes left to read, nothing learnt since
         rank = self._rank_of(value, depth)
         if rank is not None:
             self._rank_memo[id(value)] = (value, rank)  # the value keeps its id unique
+        elif self._rank_state() == state:
+            self._rank_failures[id(value)] = (value, state, depth)
         return rank
+
+    def _rank_state(self) -> tuple:
+        """All that a rank ``_rank_of`` cannot find now may be found by later: this model's
+        ranks warmed, and per numbered model whether its ranks are inferred and frozen, how
+        many values it has keyed and how many folds it has evaluated. In one state, a rank not found at some depth is not
+        found at a larger one either (the definitions are read through fewer nodes, the rest
+        is the same): without remembering that, a value every path of a wide graph reaches
+        was ranked again along each path."""
+        return (self._ranks_warmed, tuple((m._ranks is None, m._frozen_parse is None, m._frozen_names is None,
+                                           len(m._keys), len(m._arrays)) for m in self.numbering.models))
 
     def _rank_of(self, value: ir.Value, depth: int) -> int | None:
         key = self.key(value)
