@@ -165,3 +165,19 @@ def test_a_conv_of_a_zero_pad_is_the_conv_with_those_pads(value: float, pads: li
         feeds = random_feeds(ir.to_proto(original), {"x": [1, 3, 6, 6]}, seed=2)
         assert_close(onnxruntime_outputs(fused, feeds), onnxruntime_outputs(ir.to_proto(original), feeds),
                      FUSION_RTOL, what="the Conv with the Pad's pads vs the original")
+
+
+def test_a_constant_passed_through_an_identity_is_carried_too():
+    """The candidate reads the constant itself (a scalar carries back unchanged), so the
+    original's Identity of it is no fold to evaluate: it is read through the Identity."""
+    scalar = {"s": np.array(2.5, np.float32)}
+    original = _model("""
+    agraph (float[2, 3, 5] x) => (float[A, B, D] y) {
+        t = Transpose <perm = [0, 2, 1]> (x)
+        k = Identity (s)
+        m = Add (t, k)
+        y = Transpose <perm = [0, 2, 1]> (m)
+    }""", scalar)
+    sunk = _in_place("y = Add (x, s)", scalar)
+    assert _proved(original, sunk)
+    assert not _differs(original, sunk, {"x": [2, 3, 5]})

@@ -1629,13 +1629,13 @@ class _Keys:
         if op in oir.LAYOUT_FREE_UNARY:
             index = 0 if len(inputs) == 1 else None
         elif op == "Clip":
-            bounds = [self._array(v) for v in inputs[1:] if v is not None]
+            bounds = [self._operand(v) for v in inputs[1:] if v is not None]
             index = 0 if all(b is not None and b.size == 1 for b in bounds) else None
         elif op == "Pad":
             index = 0 if node.attributes.get_string("mode", "constant") == "constant" and version >= 11 \
                 and set(node.attributes.data) <= {"mode"} and 2 <= len(inputs) <= 4 else None
         else:  # binary: exactly one constant operand (PRelu's the slope), no legacy broadcast
-            constant = [v is not None and self._array(v) is not None for v in inputs]
+            constant = [v is not None and self._operand(v) is not None for v in inputs]
             index = constant.index(False) if len(inputs) == 2 and constant.count(True) == 1 \
                 and not node.attributes.data else None
             if op == "PRelu" and index != 0:
@@ -1648,8 +1648,8 @@ class _Keys:
         layout_node, source, rank, src = layout
         moved = list(inputs)
         if op == "Pad":
-            pads = self._array(inputs[1]) if inputs[1] is not None else None
-            axes = self._array(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
+            pads = self._operand(inputs[1]) if inputs[1] is not None else None
+            axes = self._operand(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
             if pads is None or pads.dtype != np.int64 or len(inputs) > 3 and inputs[3] is not None and axes is None:
                 return None
             full = oir.full_pads([int(p) for p in pads.reshape(-1)],
@@ -1661,7 +1661,7 @@ class _Keys:
             moved[1] = self._shadow_constant(inputs[1], pads, carried)
         elif op in oir.LAYOUT_FREE_BINARY:
             other = 1 - index
-            array = self._array(inputs[other])
+            array = self._operand(inputs[other])
             carried = oir.carried_back(array, src, rank)
             if carried is None:
                 return None
@@ -1672,6 +1672,10 @@ class _Keys:
         outer = self._shadow(layout_node, [inner, *layout_node.inputs[1:]])
         self._layouts[id(value)] = (value, layout_node, inner, rank)
         return self._keyed_for(value, outer, start)
+
+    def _operand(self, value: ir.Value | None) -> np.ndarray | None:
+        """A constant's array, also through values passed through (``_aliases``)."""
+        return None if value is None else self._array(self._unaliased(value))
 
     def _keyed_for(self, value: ir.Value, shadow: ir.Value, start: int) -> int:
         """The key of ``shadow``, the last of the nodes built from ``self._shadows[start]``
