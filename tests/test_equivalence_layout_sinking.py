@@ -181,3 +181,17 @@ def test_a_constant_passed_through_an_identity_is_carried_too():
     sunk = _in_place("y = Add (x, s)", scalar)
     assert _proved(original, sunk)
     assert not _differs(original, sunk, {"x": [2, 3, 5]})
+
+
+def test_an_overridable_weight_of_a_padded_conv_is_no_constant():
+    """Two graph inputs with the same default weight: a Conv of a Pad reading one is not the
+    Conv reading the other (a caller may feed either)."""
+    w = np.random.default_rng(5).standard_normal((2, 3, 2, 2)).astype(np.float32)
+    inits = {"w1": w, "w2": w, "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)}
+    body = """
+    agraph (float[1, 3, 6, 6] x, float[2, 3, 2, 2] w1, float[2, 3, 2, 2] w2) => (float[1, 2, H, W] y) {{
+        p = Pad (x, pads)
+        y = Conv ({w})
+    }}"""
+    original, other = _model(body.format(w="p, w1"), inits), _model(body.format(w="p, w2"), inits)
+    assert not _proved(original, other)

@@ -1754,12 +1754,12 @@ class _Keys:
         """A value outside the model keyed as ``value`` (with its constant, rank, affine form
         and evaluated array)."""
         key = self.key(value)
-        stand_in = ir.Value(type=value.type, const_value=value.const_value)
+        tensor = self._constant(value) if self._is_constant(value) else None  # a fed input is none
+        stand_in = ir.Value(type=value.type, const_value=tensor)
         self._set(stand_in, key)
         rank = self.rank(value)
         if rank is not None:
             self._rank_memo[id(stand_in)] = (stand_in, rank)
-        tensor = self._constant(value)
         self._constants[id(stand_in)] = (stand_in, tensor)
         for table in (self._forms, self._arrays):
             if id(value) in table:
