@@ -14,13 +14,9 @@ instead. The channels-last export ``Conv -> Transpose -> Squeeze -> Mul -> Add -
 Pad -> Unsqueeze -> Transpose -> Conv`` becomes ``Conv -> Mul -> Add -> Elu -> Pad ->
 Conv``, which the Conv-affine and Pad fusions then fold.
 
-Opt-in (``--passes``; no -O level runs it): the proof of equivalence
-(``optcc.numerics.equivalence``) does not see through a moved layout op yet, so a model
-it proves equal without the pass would be judged on generated samples with it, or left
-unverified where those samples do not run (inputs of unknown size).
-
 The ops a layout change commutes with, and how each is carried back to ``x``'s layout
-through the composed map of the layout ops before it:
+through the composed map of the layout ops before it (``optcc.ir.layout_maps``, which the
+proof of equivalence keys a moved op by):
 
 - unary elementwise ops (``_UNARY``), and Clip with constant one-element bounds;
 - binary elementwise ops (``_BINARY``; PRelu with the chain as its first input) whose
@@ -71,23 +67,9 @@ __all__ = ["SinkLayoutOpsPass"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _LAYOUT = frozenset({"Transpose", "Squeeze", "Unsqueeze"})
-# f(x)[i] depends on x[i] alone, and no attribute names an axis
-_UNARY = frozenset({
-    "Abs", "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "Cast", "Ceil", "Celu", "Cos", "Cosh",
-    "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid", "HardSwish", "Identity", "IsInf", "IsNaN",
-    "LeakyRelu", "Log", "Mish", "Neg", "Not", "Reciprocal", "Relu", "Round", "Selu", "Sigmoid",
-    "Sign", "Sin", "Sinh", "Softplus", "Softsign", "Sqrt", "Tan", "Tanh", "ThresholdedRelu",
-})
-# f(a, b)[i] depends on a[i] and b[i] alone (after broadcasting)
-_BINARY = frozenset({
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu", "And", "Or", "Xor", "Equal", "Less",
-    "LessOrEqual", "Greater", "GreaterOrEqual",
-})
-
-# An axis map of a layout change from rank ``r`` to rank ``len(src)``: output axis ``i``
-# holds input axis ``src[i]``, or is an inserted unit axis where ``src[i] == -1``; input
-# axes absent from ``src`` are unit axes removed.
-AxisMap = list[int]
+_UNARY = optcc.ir.LAYOUT_FREE_UNARY
+_BINARY = optcc.ir.LAYOUT_FREE_BINARY
+AxisMap = optcc.ir.AxisMap
 
 
 def _layout_map(node: ir.Node, opset: int, rank: int) -> AxisMap | None:
@@ -96,24 +78,8 @@ def _layout_map(node: ir.Node, opset: int, rank: int) -> AxisMap | None:
         perm = transpose_perm(node, rank)
         return perm if perm is not None and sorted(perm) == list(range(rank)) else None
     axes = squeeze_axes(node, opset)
-    if not axes:
-        return None  # unknown, or a Squeeze of every unit axis (which needs static dims)
-    out_rank = rank - len(axes) if node.op_type == "Squeeze" else rank + len(axes)
-    limit = rank if node.op_type == "Squeeze" else out_rank
-    if any(not -limit <= a < limit for a in axes) or out_rank < 0:
-        return None
-    positions = {a % limit for a in axes}
-    if len(positions) != len(axes):
-        return None
-    if node.op_type == "Squeeze":
-        return [j for j in range(rank) if j not in positions]
-    inputs = iter(range(rank))
-    return [-1 if i in positions else next(inputs) for i in range(out_rank)]
-
-
-def _compose(first: AxisMap, second: AxisMap) -> AxisMap:
-    """The map of ``second`` applied after ``first``."""
-    return [-1 if s == -1 else first[s] for s in second]
+    # None: unknown, or a Squeeze of every unit axis (which needs static dims)
+    return optcc.ir.squeeze_map(node.op_type, axes, rank) if axes else None
 
 
 def _as_perm(src: AxisMap, rank: int) -> list[int] | None:
@@ -123,23 +89,6 @@ def _as_perm(src: AxisMap, rank: int) -> list[int] | None:
         return None
     removed = iter(sorted(set(range(rank)) - set(src)))
     return [next(removed) if s == -1 else s for s in src]
-
-
-def _carried_back(array: np.ndarray, src: AxisMap, rank: int) -> np.ndarray | None:
-    """``array`` (broadcast against a value of rank ``len(src)``) in the layout of the map's
-    input of rank ``rank``, leading 1s dropped; None when an inserted axis is not 1."""
-    if array.ndim > len(src):
-        return None
-    full = array.reshape((1,) * (len(src) - array.ndim) + array.shape)
-    if any(s == -1 and d != 1 for s, d in zip(src, full.shape)):
-        return None
-    kept = [i for i, s in enumerate(src) if s != -1]
-    order = sorted(kept, key=lambda i: src[i])
-    moved = full.transpose(order + [i for i in range(len(src)) if src[i] == -1])
-    dims = [full.shape[src.index(j)] if j in src else 1 for j in range(rank)]
-    while dims and dims[0] == 1:
-        dims.pop(0)
-    return moved.reshape(dims)
 
 
 def _full_pads(node: ir.Node, opset: int, rank: int) -> list[int] | None:
@@ -155,17 +104,12 @@ def _full_pads(node: ir.Node, opset: int, rank: int) -> list[int] | None:
     array = constant_array(node.inputs[1])
     if array is None:
         return None
-    pads = [int(v) for v in array.reshape(-1)]
     axes_value = node.inputs[3] if len(node.inputs) > 3 else None
-    if axes_value is None:
-        return pads if len(pads) == 2 * rank else None
-    axes = constant_array(axes_value)
-    if axes is None or 2 * axes.size != len(pads) or any(not -rank <= a < rank for a in axes.reshape(-1)):
+    axes = None if axes_value is None else constant_array(axes_value)
+    if axes_value is not None and axes is None:
         return None
-    full = [0] * (2 * rank)
-    for k, axis in enumerate(int(a) % rank for a in axes.reshape(-1)):
-        full[axis], full[rank + axis] = pads[k], pads[axes.size + k]
-    return full
+    return optcc.ir.full_pads([int(v) for v in array.reshape(-1)],
+                              None if axes is None else [int(a) for a in axes.reshape(-1)], rank)
 
 
 @dataclass
@@ -197,18 +141,14 @@ def _commuting(node: ir.Node, index: int, src: AxisMap, rank: int, opset: int) -
         array = constant_array(inputs[other])
         if array is None:
             return None
-        carried = _carried_back(array, src, rank)
+        carried = optcc.ir.carried_back(array, src, rank)
         return None if carried is None else _Move(node, index, src, other, carried)
     if op == "Pad" and index == 0:
         pads = _full_pads(node, opset, len(src))
         if pads is None:
             return None
-        half = len(src)
-        if any(s == -1 and (pads[i] or pads[half + i]) for i, s in enumerate(src)):
-            return None
-        begins = [pads[src.index(j)] if j in src else 0 for j in range(rank)]
-        ends = [pads[half + src.index(j)] if j in src else 0 for j in range(rank)]
-        return _Move(node, index, src, 1, np.array(begins + ends, dtype=np.int64))
+        carried = optcc.ir.carried_pads(pads, src, rank)
+        return None if carried is None else _Move(node, index, src, 1, carried)
     return None
 
 
@@ -251,7 +191,7 @@ def _plan(start: ir.Node, opset: int) -> _Plan | None:
             step = _layout_map(node, opset, len(src))
             if step is None:
                 break
-            src = _compose(src, step)
+            src = optcc.ir.compose(src, step)
             layouts.append(node)
             output, perm = node.outputs[0], _as_perm(src, rank)
             if perm == list(range(rank)):

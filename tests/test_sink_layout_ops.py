@@ -1,7 +1,7 @@
 """A channels-last export's layout round trips (Transpose/Squeeze before elementwise ops
 and Pads, Unsqueeze/Transpose after them) disappear (sink-layout-ops), bit for bit
-against onnxruntime on the original and onnx's reference evaluator; -O2 after it folds
-the freed Mul/Add/Pad into the Convs (within the fusion tolerance). Left alone: a layout
+against onnxruntime on the original and onnx's reference evaluator; at -O2 the freed
+Mul/Add/Pad then fold into the Convs (within the fusion tolerance). Left alone: a layout
 value read twice, a graph output inside the chain, a constant of a higher rank than the
 chain, an op that reads axes (Softmax), an unknown rank."""
 
@@ -92,15 +92,10 @@ def test_madmom_unit_round_trips_disappear_bit_for_bit():
         "Conv", "Mul", "Add", "Elu", "Pad", "Conv", "Mul", "Add", "Elu", "MaxPool"]
 
 
-def _sunk(model: ir.Model) -> ir.Model:
-    """``model`` after sink-layout-ops (opt-in: no -O level runs it)."""
-    return optcc.optimize(model, passes=["sink-layout-ops"], verify=False).model
-
-
 def test_madmom_unit_at_o2_folds_into_convs_and_matches_the_original():
     model = _madmom_unit()
     original = ir.to_proto(model)
-    result = optcc.optimize(_sunk(model.clone()), level=2, verify=False)
+    result = optcc.optimize(model.clone(), level=2, verify=False)
     ops = optcc.ir.op_histogram(result.model)
     assert ops == {"Unsqueeze": 1, "Transpose": 2, "Conv": 2, "Elu": 2, "MaxPool": 1, "Squeeze": 1}
     for seed, shape in ((0, [11, 9]), (1, [6, 15])):
@@ -237,8 +232,8 @@ def test_real_madmom_key_cnn_at_o2_matches_the_original():
     if not path.exists():
         pytest.skip("madmom-key-cnn is not cached (python -m fixtures.heldout madmom-key-cnn)")
     original = onnx.load(path)
-    result = optcc.optimize(_sunk(ir.from_proto(original)), level=2, verify=False)
-    ops = optcc.ir.op_histogram(result.model)
+    result = optcc.optimize(original, level=2, verify=False)
+    ops = optcc.ir.op_histogram(ir.from_proto(result.model))
     assert ops.get("Transpose", 0) <= 2 and sum(ops.values()) <= 40
     for seed in range(3):
         feeds = random_feeds(original, {"input": [100, 105]}, seed=seed)

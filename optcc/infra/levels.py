@@ -4,7 +4,7 @@
 | level | pipeline |
 |---|---|
 | 0 | normalize (topological order, names) |
-| 1 | Constant nodes lifted to initializers, then 0, initializer dedup, a fixpoint of constant folding and exact eliminations (all-zero RNN initial states dropped among them, elements read back from a sequence just built forwarded), lift + dedup again, constant graph outputs stored as initializers |
+| 1 | Constant nodes lifted to initializers, then 0, initializer dedup, a fixpoint of constant folding and exact eliminations (all-zero RNN initial states dropped among them, elements read back from a sequence just built forwarded, layout round trips around elementwise ops and Pads removed), lift + dedup again, constant graph outputs stored as initializers |
 | 2 | 1 + a fixpoint of fusions into standard ops, then the exact fixpoint, lift + dedup again, CSE (fused weights deduplicated make more nodes equal) |
 | 3 | 2 + onnxruntime's fused ops (FusedConv, MultiHeadAttention, GroupQueryAttention for causal grouped-query decoders, Attention with packed Q/K/V weights for self-attention without a KV cache, RotaryEmbedding below opset 23, BiasGelu/FastGelu); records the target runtime in metadata_props (SkipLayerNormalization, SkipSimplifiedLayerNormalization and EmbedLayerNormalization are opt-in: not faster than their parts on CPU) |
 """
@@ -23,6 +23,7 @@ _EXACT = (
     "eliminate-noops",
     "drop-zero-rnn-states",
     "merge-consecutive",
+    "sink-layout-ops",
     "cancel-transpose-pairs",
     "eliminate-common-subexpressions",
     "eliminate-dead-nodes",

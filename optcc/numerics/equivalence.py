@@ -64,6 +64,21 @@ gets a key, and two values with the same key compute the same thing for every in
   integers, normalized against the same rank), and ``Squeeze(Unsqueeze(x, a), a)`` too
   (the dims inserted are 1 and removed again); axes as the attribute before opset 13 and
   a constant input from 13, negative ones from 11;
+- an op that commutes with a layout change (a unary elementwise op; Clip with constant
+  one-element bounds; a binary elementwise op with one constant operand; a constant-mode
+  Pad with constant pads, opset 11 on) applied to the output of a Transpose, Squeeze or
+  Unsqueeze ``L(y)`` (explicit permutation or axes, ``y``'s rank known) is keyed as
+  ``L(f'(y))``, ``f'`` the op with its constant or pads carried back to ``y``'s layout by
+  ``optcc.ir.layout_maps`` (what sink-layout-ops writes), so that ``R(fn(..f1(L(x))))``
+  and ``fn'(..f1'(x))`` meet where the pair rules above cancel ``R`` against ``L``;
+  ``f'(y)`` has y's rank and y's dims on the axes ``L`` removes, so ``L`` runs on it
+  wherever it runs on y, which is what the original's nodes establish for the views built
+  (a candidate that keeps such a pair relies on the original's own ``L``);
+- a ``Conv`` of a constant-mode ``Pad`` (opset 11 on, constant pads that are not negative,
+  none on the batch and channel axes, the value absent or +0.0 to the bit), its
+  ``auto_pad`` NOTSET, is keyed as the Conv of the Pad's input with the Pad's spatial pads
+  added to its own (the Conv's padding is +0.0 on those axes: the same function), also
+  where the Pad is reached through layout pairs cancelled above or values passed through;
 - a ``Reshape`` to one dim is keyed as ``Reshape(x, [-1])``: where it runs its output is
   x's elements in order, whatever the one element says (a constant ``x``: the key of those
   elements, computed by that definition; an ``x`` of rank 1: x's own key);
@@ -697,6 +712,15 @@ class _Keys:
         self._slices: dict[int, tuple[int, dict[int, tuple[int, int, int]]]] = {}
         # a Concat's key -> ((its definition, its attributes), the keys it concatenates)
         self._concats: dict[int, tuple[tuple, tuple[int, ...]]] = {}
+        # values an op that commutes with a layout change was keyed through (``_sunk``), by
+        # id(value): (the value, the Transpose, Squeeze or Unsqueeze node whose output it
+        # equals wherever the model runs, that node's input, the input's rank)
+        self._layouts: dict[int, tuple[ir.Value, ir.Node, ir.Value, int]] = {}
+        self._shadows: list[ir.Node] = []  # the nodes ``_sunk`` built, in order
+        # a layout op's output that undoes the layout op before it (``_layout_of``), or a
+        # value passed through (``_passed``), by id: (that value, the value it equals
+        # wherever the model runs)
+        self._aliases: dict[int, tuple[ir.Value, ir.Value]] = {}
 
     # ------------------------------------------------------------------ keys
 
@@ -1141,6 +1165,14 @@ class _Keys:
         attributes = self._attributes(node)
         if attributes is None:
             return numbering.unique()
+        if domain == "" and (op in oir.LAYOUT_FREE_UNARY or op in oir.LAYOUT_FREE_BINARY or op in ("Clip", "Pad")):
+            sunk = self._sunk(node, value, op, version)
+            if sunk is not None:
+                return sunk
+        if domain == "" and op == "Conv" and self.opsets.get("", 0) >= 11:
+            padded = self._padded_conv(node, self.opsets.get("", 0))
+            if padded is not None:
+                return padded
         if domain == "" and op in _COERCED_OPS:
             coerced = self._coerced(node, op, version)
             if coerced is not None:
@@ -1197,6 +1229,9 @@ class _Keys:
         if domain == "" and op in _VIEW_OPS:
             viewed = self._view(node, op, version)
             if viewed is not None:
+                layout = self._layout_of(node.inputs[0]) if len(node.outputs) == 1 else None
+                if layout is not None and viewed == self.key(layout[1]):
+                    self._aliases[id(value)] = (value, layout[1])  # the pair undone: its source
                 return viewed
         if domain == "" and op == "Slice":
             sliced = self._slice(node, version)
@@ -1553,6 +1588,205 @@ class _Keys:
             return self._unsqueezed(node, axes, inner)
         return None
 
+    def _layout_of(self, value: ir.Value) -> tuple[ir.Node, ir.Value, int, oir.AxisMap] | None:
+        """``value`` as the output of a layout op: (the node, its input, the input's rank, the
+        node's axis map); the value's own producer where that is a default-domain Transpose
+        with an explicit permutation or a Squeeze or Unsqueeze with explicit axes, else what
+        ``_sunk`` recorded for it; None otherwise."""
+        value = self._unaliased(value)
+        recorded = self._layouts.get(id(value))
+        if recorded is not None and recorded[0] is value:
+            node, source, rank = recorded[1:]
+        else:
+            node = value.producer()
+            if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _VIEW_OPS \
+                    or len(node.outputs) != 1 or not node.inputs or node.inputs[0] is None:
+                return None
+            source = node.inputs[0]
+            rank = self.rank(source)
+            if rank is None:
+                return None
+        if node.op_type == "Transpose":
+            perm = node.attributes.get_ints("perm")
+            if len(node.inputs) != 1 or set(node.attributes.data) != {"perm"} or perm is None \
+                    or sorted(perm) != list(range(rank)):
+                return None
+            return node, source, rank, [int(p) for p in perm]
+        version = self.opsets.get("", 0)
+        axes = self._axes(node, version)
+        step = None if axes is None else oir.squeeze_map(node.op_type, axes, rank)
+        return None if step is None else (node, source, rank, step)
+
+    def _unaliased(self, value: ir.Value) -> ir.Value:
+        """The value a chain of undone layout pairs and values passed through
+        (``_aliases``) ending at ``value`` starts from."""
+        while id(value) in self._aliases and self._aliases[id(value)][0] is value:
+            value = self._aliases[id(value)][1]
+        return value
+
+    def _sunk(self, node: ir.Node, value: ir.Value, op: str, version: int) -> int | None:
+        """The key of an op that commutes with a layout change (``oir.LAYOUT_FREE_UNARY``;
+        Clip with constant one-element bounds; ``oir.LAYOUT_FREE_BINARY`` with one constant
+        operand; a constant-mode Pad with constant pads, opset 11 on) whose other input is a
+        layout op's output ``L(y)``: the key of ``L(f'(y))``, ``f'`` being the op with its
+        constant operand or pads carried back to ``y``'s layout (``oir.carried_back``,
+        ``oir.carried_pads``: what sink-layout-ops writes), built as nodes outside the model
+        (``f'`` keyed through ``y``'s own layout op in turn); None otherwise.
+
+        Exact wherever the model runs: a layout op moves elements without changing them, and
+        the carried constant pairs each element of ``y`` with the constant element it met
+        after the move (its dims on the axes the move inserts are 1). ``f'(y)`` has ``y``'s
+        rank (the carried constant has at most ``y``'s) and ``y``'s dims on the axes ``L``
+        removes (the carried constant has 1 there, and no pads), so ``L`` runs on ``f'(y)``
+        wherever it runs on ``y``: what the built nodes establish (``_facts``) and assume
+        (``_assumed``) is recorded on ``node``, where the model's own ``L``, computed
+        before it, ran."""
+        if len(node.outputs) != 1 or value.index() != 0 or version < 7:
+            return None
+        inputs = list(node.inputs)
+        if op in oir.LAYOUT_FREE_UNARY:
+            index = 0 if len(inputs) == 1 else None
+        elif op == "Clip":
+            bounds = [self._operand(v) for v in inputs[1:] if v is not None]
+            index = 0 if all(b is not None and b.size == 1 for b in bounds) else None
+        elif op == "Pad":
+            index = 0 if node.attributes.get_string("mode", "constant") == "constant" and version >= 11 \
+                and set(node.attributes.data) <= {"mode"} and 2 <= len(inputs) <= 4 else None
+        else:  # binary: exactly one constant operand (PRelu's the slope), no legacy broadcast
+            constant = [v is not None and self._operand(v) is not None for v in inputs]
+            index = constant.index(False) if len(inputs) == 2 and constant.count(True) == 1 \
+                and not node.attributes.data else None
+            if op == "PRelu" and index != 0:
+                index = None
+        if index is None or inputs[index] is None:
+            return None
+        layout = self._layout_of(inputs[index])
+        if layout is None:
+            return None
+        layout_node, source, rank, src = layout
+        moved = list(inputs)
+        if op == "Pad":
+            pads = self._operand(inputs[1]) if inputs[1] is not None else None
+            axes = self._operand(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
+            if pads is None or pads.dtype != np.int64 or len(inputs) > 3 and inputs[3] is not None and axes is None:
+                return None
+            full = oir.full_pads([int(p) for p in pads.reshape(-1)],
+                                 None if axes is None else [int(a) for a in axes.reshape(-1)], len(src))
+            carried = None if full is None else oir.carried_pads(full, src, rank)
+            if carried is None:
+                return None
+            moved = moved[:3]
+            moved[1] = self._shadow_constant(inputs[1], pads, carried)
+        elif op in oir.LAYOUT_FREE_BINARY:
+            other = 1 - index
+            array = self._operand(inputs[other])
+            carried = oir.carried_back(array, src, rank)
+            if carried is None:
+                return None
+            moved[other] = self._shadow_constant(inputs[other], array, carried)
+        moved[index] = source
+        start = len(self._shadows)
+        inner = self._shadow(node, moved)
+        outer = self._shadow(layout_node, [inner, *layout_node.inputs[1:]])
+        self._layouts[id(value)] = (value, layout_node, inner, rank)
+        return self._keyed_for(value, outer, start)
+
+    def _operand(self, value: ir.Value | None) -> np.ndarray | None:
+        """A constant's array, also through values passed through (``_aliases``)."""
+        return None if value is None else self._array(self._unaliased(value))
+
+    def _keyed_for(self, value: ir.Value, shadow: ir.Value, start: int) -> int:
+        """The key of ``shadow``, the last of the nodes built from ``self._shadows[start]``
+        on, which ``value`` equals wherever its producer runs: what those nodes establish
+        and assume is recorded as that producer's, and ``value`` takes ``shadow``'s affine
+        form."""
+        key = self.key(shadow)
+        node = value.producer()
+        for built in self._shadows[start:]:
+            for table in (self._facts, self._assumed):
+                recorded = table.pop(id(built), None)
+                if recorded is not None:
+                    table.setdefault(id(node), (node, []))[1].extend(recorded[1])
+        if id(shadow) in self._forms:
+            self._forms[id(value)] = self._forms[id(shadow)]
+        return key
+
+    def _padded_conv(self, node: ir.Node, version: int) -> int | None:
+        """The key of ``Conv(Pad(x, p), W, b?)``, the Pad in ``constant`` mode (opset 11 on)
+        with constant pads (and axes) that are not negative and none on the batch and
+        channel axes, and a value absent or a one-element constant of zero bits (+0.0): the
+        key of ``Conv(x, W, b?)`` with ``p``'s spatial pads added to the Conv's own (the
+        padding a Conv defines is of +0.0, on the spatial axes, before the kernel reads
+        them: the same function, what fuse-pad writes); None otherwise, or where the
+        Conv's ``auto_pad`` is other than NOTSET."""
+        x = self._unaliased(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None
+        pad = x.producer() if x is not None else None
+        if pad is None or pad.domain not in ("", "ai.onnx") or pad.op_type != "Pad" or version < 11 \
+                or set(pad.attributes.data) - {"mode"} or pad.attributes.get_string("mode", "constant") != "constant" \
+                or not 2 <= len(pad.inputs) <= 4 or pad.inputs[0] is None or pad.inputs[1] is None \
+                or set(node.attributes.data) - {"pads", "strides", "dilations", "group", "kernel_shape", "auto_pad"} \
+                or node.attributes.get_string("auto_pad", "NOTSET") != "NOTSET":
+            return None
+        pads = self._array(pad.inputs[1])
+        value_given, axes_given = [*pad.inputs[2:], None, None][:2]
+        fill = self._array(value_given) if value_given is not None else np.zeros(1, np.float32)
+        axes = self._array(axes_given) if axes_given is not None else None
+        if pads is None or fill is None or fill.size != 1 or any(fill.tobytes()) \
+                or axes_given is not None and axes is None:
+            return None
+        rank = self.rank(pad.inputs[0])
+        if rank is None or rank < 3:
+            return None
+        full = oir.full_pads([int(p) for p in pads.reshape(-1)],
+                             None if axes is None else [int(a) for a in axes.reshape(-1)], rank)
+        own = node.attributes.get_ints("pads", [0] * (2 * (rank - 2)))
+        if full is None or min(full) < 0 or full[0] or full[1] or full[rank] or full[rank + 1] \
+                or len(own) != 2 * (rank - 2):
+            return None
+        spatial = rank - 2
+        merged = [int(own[i]) + full[2 + i] for i in range(spatial)] + \
+            [int(own[spatial + i]) + full[rank + 2 + i] for i in range(spatial)]
+        start = len(self._shadows)
+        shadow = self._shadow(node, [pad.inputs[0], *node.inputs[1:]])
+        shadow.producer().attributes["pads"] = ir.AttrInt64s("pads", merged)
+        return self._keyed_for(node.outputs[0], shadow, start)
+
+    def _shadow_constant(self, value: ir.Value, array: np.ndarray, carried: np.ndarray) -> ir.Value:
+        """``value`` where ``carried`` is its array to the byte, else a new constant value
+        holding ``carried`` (as sink-layout-ops keeps or replaces an operand)."""
+        if array.shape == carried.shape and array.dtype == carried.dtype and array.tobytes() == carried.tobytes():
+            return value
+        return ir.Value(const_value=ir.Tensor(np.ascontiguousarray(carried)))
+
+    def _shadow(self, node: ir.Node, inputs: list[ir.Value | None]) -> ir.Value:
+        """The output of a copy of ``node`` (its domain, op type and attributes) over
+        ``inputs``, outside the model: the values of the model it reads are stood for by
+        values of the same key, so that no value of the model gets a use."""
+        stand_ins = [v if v is None or not _in_model(v) else self._stand_in(v) for v in inputs]
+        shadow = ir.Node(node.domain, node.op_type, stand_ins, attributes=list(node.attributes.values()),
+                         overload=node.overload, version=node.version, num_outputs=1)
+        self._shadows.append(shadow)
+        return shadow.outputs[0]
+
+    def _stand_in(self, value: ir.Value) -> ir.Value:
+        """A value outside the model keyed as ``value`` (with its constant, rank, affine form
+        and evaluated array)."""
+        key = self.key(value)
+        tensor = self._constant(value) if self._is_constant(value) else None  # a fed input is none
+        stand_in = ir.Value(type=value.type, const_value=tensor)
+        self._set(stand_in, key)
+        rank = self.rank(value)
+        if rank is not None:
+            self._rank_memo[id(stand_in)] = (stand_in, rank)
+        self._constants[id(stand_in)] = (stand_in, tensor)
+        for table in (self._forms, self._arrays):
+            if id(value) in table:
+                table[id(stand_in)] = table[id(value)]
+        layout = self._layout_of(value)
+        if layout is not None:
+            self._layouts[id(stand_in)] = (stand_in, *layout[:3])
+        return stand_in
+
     def _reshaped_view(self, node: ir.Node, op: str, axes: tuple[int, ...]) -> int | None:
         """The key of a Squeeze or Unsqueeze at ``axes`` of ``Reshape(x, t)``, ``t`` reading no
         dim of x: ``Reshape(x, t')``, ``t'`` being ``t`` with a 1 inserted at each axis of the
@@ -1767,6 +2001,7 @@ class _Keys:
         form = self._forms.get(id(source))
         if form is not None:
             self._forms[id(value)] = form
+        self._aliases[id(value)] = (value, source)  # a layout op's output passed on stays one
         return key
 
     def _attribute(self, attr: ir.Attr) -> Any:
@@ -2211,6 +2446,12 @@ def _constant(value: ir.Value) -> ir.TensorProtocol | None:
         return oir.const_tensor(value)
     except ValueError:
         return None
+
+
+def _in_model(value: ir.Value) -> bool:
+    """Whether ``value`` belongs to a graph (an input, initializer or node output of one)."""
+    producer = value.producer()
+    return value.graph is not None or producer is not None and producer.graph is not None
 
 
 def _ancestors(outputs: Any) -> set[int]:
