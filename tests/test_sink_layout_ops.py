@@ -239,3 +239,15 @@ def test_real_madmom_key_cnn_at_o2_matches_the_original():
         feeds = random_feeds(original, {"input": [100, 105]}, seed=seed)
         assert_close(onnxruntime_outputs(result.model, feeds), onnxruntime_outputs(original, feeds),
                      FUSION_RTOL, what="-O2 vs onnxruntime on the original")
+
+
+def test_a_binary_op_below_opset_7_stays():
+    # its legacy broadcast (``broadcast=1``, ``axis``) aligns the constant from ``axis``, not
+    # from the right: carrying it back as if right-aligned would pair other elements
+    model = _model("""
+    agraph (float[2, 3, 4] x) => (float[2, 3, 4] y) <float[3] c = {1, 2, 3}> {
+        t = Transpose <perm = [2, 1, 0]> (x)
+        m = Mul <broadcast = 1, axis = 1> (t, c)
+        y = Transpose <perm = [2, 1, 0]> (m)
+    }""", opset=6)
+    assert not SinkLayoutOpsPass()(model).modified
