@@ -23,8 +23,8 @@ proof of equivalence keys a moved op by):
   other operand is a constant ``c``: ``c``, right-aligned to the rank of the op's chain
   input, is carried back axis by axis (axes the layout ops inserted dropped, unit axes
   they removed put back as 1, leading 1s dropped). ``c``'s rank is at most the chain
-  input's (else the result's rank would grow) and its dims on inserted axes are 1; opset
-  7 on (multidirectional broadcasting);
+  input's (else the result's rank would grow) and its dims on inserted axes are 1; where
+  the op broadcasts as numpy does (``optcc.ir.broadcasts``: opset 7 on, Max and Min 8 on);
 - Pad in ``constant`` mode with constant pads (and axes): each axis's pads move to the
   axis of ``x`` it comes from; an inserted axis must have none, a removed one gets none.
 
@@ -137,8 +137,7 @@ def _commuting(node: ir.Node, index: int, src: AxisMap, rank: int, opset: int) -
     if op == "Clip":
         bounds = [constant_array(v) if v is not None else np.zeros(1) for v in inputs[1:]]
         return _Move(node, index, src) if all(b is not None and b.size == 1 for b in bounds) else None
-    # from opset 7 on: before, a binary op broadcast by its own ``broadcast``/``axis`` attributes
-    if op in _BINARY and len(inputs) == 2 and opset >= 7 and not (op == "PRelu" and index != 0):
+    if op in _BINARY and len(inputs) == 2 and optcc.ir.broadcasts(op, opset) and not (op == "PRelu" and index != 0):
         other = 1 - index
         array = constant_array(inputs[other])
         if array is None:

@@ -195,3 +195,33 @@ def test_an_overridable_weight_of_a_padded_conv_is_no_constant():
     }}"""
     original, other = _model(body.format(w="p, w1"), inits), _model(body.format(w="p, w2"), inits)
     assert not _proved(original, other)
+
+
+def test_max_before_opset_8_takes_inputs_of_one_shape_and_is_not_carried():
+    # Max-6 does not broadcast: the original's constant has the transposed value's full shape,
+    # and a constant carried back with its leading 1 dropped would make a candidate that
+    # onnxruntime refuses (proved equal, it would have shipped)
+    c = np.arange(15, dtype=np.float32).reshape(1, 3, 5)
+    original = _model("""
+    agraph (float[1, 5, 3] y) => (float[1, 5, 3] z) {
+        t = Transpose <perm = [0, 2, 1]> (y)
+        m = Max (t, c)
+        z = Transpose <perm = [0, 2, 1]> (m)
+    }""", {"c": c}, opset=7)
+    candidate = _model("""
+    agraph (float[1, 5, 3] y) => (float[1, 5, 3] z) { z = Max (y, c2) }""",
+                       {"c2": np.ascontiguousarray(c[0].T)}, opset=7)
+    assert not _proved(original, candidate)
+    from optcc.passes.sink_layout_ops import SinkLayoutOpsPass
+    assert not SinkLayoutOpsPass()(original.clone()).modified
+    feeds = {"y": np.random.default_rng(0).standard_normal((1, 5, 3)).astype(np.float32)}
+    with pytest.raises(Exception, match="same shape"):  # the candidate does not run
+        onnxruntime_outputs(ir.to_proto(candidate), feeds)
+    assert_close(onnxruntime_outputs(ir.to_proto(original), feeds),
+                 [np.maximum(feeds["y"], np.transpose(c, (0, 2, 1)))], 0.0)
+
+
+def test_pad_axes_naming_an_axis_twice_fit_no_pads():
+    # onnxruntime refuses such a Pad; read as pads, the later entry would win
+    assert optcc.ir.full_pads([1, 2, 3, 4], [2, 2], 4) is None
+    assert optcc.ir.full_pads([1, 2, 3, 4], [2, -1], 4) == [0, 0, 1, 2, 0, 0, 3, 4]

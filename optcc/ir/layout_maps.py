@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LAYOUT_FREE_BINARY", "LAYOUT_FREE_UNARY", "AxisMap", "carried_back", "carried_pads", "compose", "full_pads", "squeeze_map"]
+__all__ = ["LAYOUT_FREE_BINARY", "LAYOUT_FREE_UNARY", "AxisMap", "broadcasts", "carried_back", "carried_pads", "compose",
+           "full_pads", "squeeze_map"]
 
 # f(x)[i] depends on x[i] alone, and no attribute names an axis
 LAYOUT_FREE_UNARY = frozenset({
@@ -86,12 +87,21 @@ def carried_pads(pads: list[int], src: AxisMap, rank: int) -> np.ndarray | None:
     return np.array(begins + ends, dtype=np.int64)
 
 
+def broadcasts(op: str, opset: int) -> bool:
+    """Whether the ``LAYOUT_FREE_BINARY`` op ``op`` broadcasts its operands at ``opset`` as
+    numpy does (PRelu its slope one way), which carrying a constant back needs: from opset 7
+    on, Max and Min from 8 (Max-6 and Min-6 take inputs of one shape; earlier binary ops
+    broadcast by their own ``broadcast``/``axis`` attributes)."""
+    return opset >= (8 if op in ("Max", "Min") else 7)
+
+
 def full_pads(pads: list[int], axes: list[int] | None, rank: int) -> list[int] | None:
     """A Pad's begin and end pads (opset 11 on: its ``pads`` input, and ``axes`` where
     given) for every axis of its rank-``rank`` input; None where they do not fit."""
     if axes is None:
         return pads if len(pads) == 2 * rank else None
-    if 2 * len(axes) != len(pads) or any(not -rank <= a < rank for a in axes):
+    if 2 * len(axes) != len(pads) or any(not -rank <= a < rank for a in axes) \
+            or len({a % rank for a in axes}) != len(axes):  # an axis named twice
         return None
     full = [0] * (2 * rank)
     for k, axis in enumerate(a % rank for a in axes):

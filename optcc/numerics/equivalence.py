@@ -1656,7 +1656,7 @@ class _Keys:
             constant = [v is not None and self._operand(v) is not None for v in inputs]
             index = constant.index(False) if len(inputs) == 2 and constant.count(True) == 1 \
                 and not node.attributes.data else None
-            if op == "PRelu" and index != 0:
+            if op == "PRelu" and index != 0 or not oir.broadcasts(op, version):
                 index = None
         if index is None or inputs[index] is None:
             return None
