@@ -412,15 +412,8 @@ def _list_passes() -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = oir.create_temp_file(path.resolve().parent, path.name)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with oir.replacing(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def _check_flags(

@@ -52,3 +52,18 @@ def test_external_data_off_is_still_honoured(tmp_path):
     x = RNG.standard_normal((4, 16)).astype(np.float32)
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, np.tanh(x.astype(np.float64) @ w + b), rtol=0, atol=5e-3)
+
+
+def test_a_data_location_outside_the_folder_is_refused_and_nothing_is_left(tmp_path):
+    import pytest
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    model = optcc.ir.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(optcc.errors.BadInputError, match="must be a file name beside the model"):
+        optcc.ir.save(model, out / "m.onnx", external_data=True, location="../w.data")
+    assert list(out.iterdir()) == []  # no output, and no temporary file beside it

@@ -20,7 +20,7 @@ from optcc.ir.interface import FILLED_INTERFACE_KEY, interface_float_type, witho
 from optcc.ir.loading import MapTypedError, ModelSource, load, load_keeping_parse
 from optcc.ir.packed_attributes import PackedAttr, holds_packed
 from optcc.ir.opset import convert_opset, upgrade_problem
-from optcc.ir.saving import EXTERNAL_DATA_THRESHOLD_BYTES, PROTOBUF_LIMIT_BYTES, RAW_DTYPES, STREAM_MIN_BYTES, check_output_path, create_temp_file, initializers_set_aside, needs_external_data, read_weight_files, save, save_proto, serialize, serialize_dims_only
+from optcc.ir.saving import EXTERNAL_DATA_THRESHOLD_BYTES, PROTOBUF_LIMIT_BYTES, RAW_DTYPES, STREAM_MIN_BYTES, check_output_path, create_temp_file, initializers_set_aside, needs_external_data, read_weight_files, replacing, save, save_proto, serialize, serialize_dims_only
 from optcc.ir.walk import ancestors, default_opset, element_type, external_data_files, first_order_problem, graphs, histogram_and_weight_bytes, holds_op_type, nodes, op_histogram, proto_graphs, subgraphs, tensor_protos, uses_external_data, weight_bytes
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "PackedAttr",
     "holds_packed",
     "save_proto",
+    "replacing",
     "graphs",
     "nodes",
     "op_histogram",

@@ -139,6 +139,22 @@ def create_temp_file(folder: str | os.PathLike, name: str, suffix: str = ".tmp")
     raise FileExistsError(f"cannot create a temporary file in {folder}")
 
 
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary file beside ``path`` (``create_temp_file``) for the block to write,
+    renamed to ``path`` when the block ends and removed when it raises: ``path`` is either
+    left as it was or replaced whole."""
+    out = Path(path)
+    tmp_name = create_temp_file(out.resolve().parent, out.name)
+    try:
+        yield tmp_name
+        os.replace(tmp_name, out)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
 def save(
     model: ir.Model,
     path: str | os.PathLike,
@@ -158,11 +174,10 @@ def save(
     if external_data is None:
         external_data = needs_external_data(model)
     folder = out.resolve().parent
-    tmp_name = create_temp_file(folder, out.name)
     data_name = location or f"{out.name}.data"
     if Path(data_name).name != data_name or data_name in (".", "..") or data_name == out.name:
         raise BadInputError(f"external data location '{data_name}' must be a file name beside the model", out)
-    try:
+    with replacing(out) as tmp_name:
         if external_data:
             if (folder / data_name).resolve() in external_data_files(model):
                 raise BadInputError(
@@ -173,28 +188,15 @@ def save(
             ir.save(model, tmp_name, external_data=data_name, size_threshold_bytes=size_threshold_bytes)
         else:
             _write_streamed(model, tmp_name)
-        os.replace(tmp_name, out)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
 
 
 def save_proto(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write ``proto`` (under 2 GB, no external data) atomically: a temporary file in the
     target folder, on disk before it is renamed to ``path``."""
-    out = check_output_path(path)
-    tmp_name = create_temp_file(out.resolve().parent, out.name)
-    try:
-        with open(tmp_name, "wb") as file:
-            file.write(proto.SerializeToString())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, out)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    with replacing(check_output_path(path)) as tmp_name, open(tmp_name, "wb") as file:
+        file.write(proto.SerializeToString())
+        file.flush()
+        os.fsync(file.fileno())
 
 
 # dtypes whose raw_data is the NumPy array's little-endian bytes
