@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from optcc.errors import BadInputError
 from optcc.ir.loading import MapTypedError, ModelSource, load, map_typed_value
+from optcc.ir.walk import tensor_protos
 
 ML_DOMAIN = "ai.onnx.ml"
 
@@ -137,7 +138,9 @@ def _delete(field, condition) -> None:  # noqa: ANN001 - a repeated protobuf fie
 
 
 def _has_external_data(proto: onnx.ModelProto) -> bool:
-    return any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in proto.graph.initializer)
+    """Whether a tensor of the model (an initializer or a tensor attribute, in any graph) is
+    stored in an external data file."""
+    return any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in tensor_protos(proto.graph))
 
 
 def _tensor_info(name: str, known: onnx.ValueInfoProto | None, classes: int) -> onnx.ValueInfoProto:
