@@ -19,9 +19,8 @@ import onnx_ir as ir
 
 from optcc.errors import BadInputError
 from optcc.ir.loading import MapTypedError, ModelSource, load, map_typed_value
+from optcc.ir.packed_attributes import ML_DOMAIN
 from optcc.ir.walk import tensor_protos
-
-ML_DOMAIN = "ai.onnx.ml"
 
 
 @dataclasses.dataclass(frozen=True)
