@@ -354,11 +354,11 @@ def optimize(
             # result gets on the samples held apart from the verification's, with the same margin a mixed
             # weight search keeps; the verification's own samples confirm the choice. Any other model is
             # judged by the verification alone (its task judge holds out nothing a search could fit)
-            searched = {"gate": lambda candidate: None if verifier is None or verifier.held_apart() is verifier
-                        else _gate_reason(verifier.held_apart(), candidate),
+            # (the pass asks ``searched`` first: the others are called only where it holds)
+            searched = {"searched": lambda: verifier is not None and verifier.held_apart() is not verifier,
+                        "gate": lambda candidate: _gate_reason(verifier.held_apart(), candidate),
                         "held_out": confirmed,
-                        "samples": lambda: None if verifier is None else verifier.held_apart().next_token_feeds,
-                        "searched": lambda: verifier is not None and verifier.held_apart() is not verifier}
+                        "samples": lambda: verifier.held_apart().next_token_feeds}
         pipeline.append(create_pass("quantize-dynamic", **searched))
     if weight_only:
         if isinstance(weight_only, str) and weight_only not in ("int4", "int8"):
