@@ -220,10 +220,6 @@ def _carried_shape(value: ir.Value, src: AxisMap, rank: int) -> ir.Shape | None:
     return ir.Shape([dims[src.index(j)] if j in src else 1 for j in range(rank)])
 
 
-def _same_bytes(old: np.ndarray | None, new: np.ndarray) -> bool:
-    return old is not None and old.shape == new.shape and old.dtype == new.dtype and old.tobytes() == new.tobytes()
-
-
 def _apply(plan: _Plan, opset: int) -> None:
     current = plan.layouts[0].inputs[0]
     # the constants the chain read before (operands replaced, the layout ops' axes): dropped
@@ -231,8 +227,8 @@ def _apply(plan: _Plan, opset: int) -> None:
     replaced = [v for node in plan.layouts for v in node.inputs[1:] if v is not None]
     for move in plan.moves:
         node = move.node
-        if move.operand is not None:
-            replaced.extend(v for v in node.inputs[1:] if v is not None)
+        if move.operand is not None:  # its constants (operand; pads and axes), maybe replaced below
+            replaced.extend(v for i, v in enumerate(node.inputs) if i != move.index and v is not None)
         node.replace_input_with(move.index, current)
         if move.operand is not None:
             if node.op_type == "Pad" and opset < 11:
@@ -242,7 +238,7 @@ def _apply(plan: _Plan, opset: int) -> None:
                 if node.op_type == "Pad" and len(node.inputs) > 3:
                     node.resize_inputs(3)  # the carried pads name every axis of x, in order
                     node.replace_input_with(1, optcc.ir.constant_before(node, move.array, "pads"))
-                elif not _same_bytes(constant_array(node.inputs[move.operand]), move.array):
+                elif not optcc.ir.same_operand(constant_array(node.inputs[move.operand]), move.array):
                     name = "pads" if node.op_type == "Pad" else "layout_operand"
                     node.replace_input_with(move.operand, optcc.ir.constant_before(node, move.array, name))
         output = node.outputs[0]

@@ -251,3 +251,15 @@ def test_a_binary_op_below_opset_7_stays():
         y = Transpose <perm = [2, 1, 0]> (m)
     }""", opset=6)
     assert not SinkLayoutOpsPass()(model).modified
+
+
+def test_a_replaced_constant_before_the_chain_is_dropped_too():
+    # the constant is the op's first operand, the chain its second
+    model = _model("""
+    agraph (float[2, 3, 4] x) => (float[2, 3, 4] y) <float[2] c = {1, 2}> {
+        t = Transpose <perm = [2, 1, 0]> (x)
+        s = Sub (c, t)
+        y = Transpose <perm = [2, 1, 0]> (s)
+    }""")
+    result = run_exact_pass(SinkLayoutOpsPass, model)
+    assert _layout_count(result.model) == 0 and not result.model.graph.initializers

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["LAYOUT_FREE_BINARY", "LAYOUT_FREE_UNARY", "AxisMap", "broadcasts", "carried_back", "carried_pads", "compose",
-           "full_pads", "squeeze_map"]
+           "full_pads", "same_operand", "squeeze_map"]
 
 # f(x)[i] depends on x[i] alone, and no attribute names an axis
 LAYOUT_FREE_UNARY = frozenset({
@@ -72,6 +72,13 @@ def carried_back(array: np.ndarray, src: AxisMap, rank: int) -> np.ndarray | Non
     while dims and dims[0] == 1:
         dims.pop(0)
     return moved.reshape(dims)
+
+
+def same_operand(array: np.ndarray | None, carried: np.ndarray) -> bool:
+    """Whether a carried constant is ``array`` (an operand's own) to the byte: the operand is
+    then kept as it is, else replaced by one holding ``carried``."""
+    return array is not None and array.shape == carried.shape and array.dtype == carried.dtype \
+        and array.tobytes() == carried.tobytes()
 
 
 def carried_pads(pads: list[int], src: AxisMap, rank: int) -> np.ndarray | None:

@@ -1754,7 +1754,7 @@ class _Keys:
     def _shadow_constant(self, value: ir.Value, array: np.ndarray, carried: np.ndarray) -> ir.Value:
         """``value`` where ``carried`` is its array to the byte, else a new constant value
         holding ``carried`` (as sink-layout-ops keeps or replaces an operand)."""
-        if array.shape == carried.shape and array.dtype == carried.dtype and array.tobytes() == carried.tobytes():
+        if oir.same_operand(array, carried):
             return value
         return ir.Value(const_value=ir.Tensor(np.ascontiguousarray(carried)))
 
