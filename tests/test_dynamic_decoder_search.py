@@ -4,9 +4,12 @@ smaller, so the float product is unchanged) loses that layer to dynamic INT8's p
 rounding of the activation and flips tokens; the search returns that layer alone to float,
 and the shipped model agrees with a numpy float64 decode of the original on prompts the
 search and the verification never saw. A check no candidate passes declines, within the
-search's budget."""
+search's budget. The search's confirmation of its choice and the verification of the model
+it ships are one check: each model's next-token decode runs once on each prompt."""
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import onnx
@@ -133,6 +136,24 @@ def test_the_search_returns_the_damaged_layer_alone_to_float() -> None:
     line = next(t for t in result.report.summary().splitlines() if t.startswith("quantize-dynamic: "))
     assert f"1 of 5 left float, the most damaging by their output error: {DAMAGED} " in line
     assert _agreement(shipped, _unseen_prompt()) >= NEXT_TOKEN_AGREEMENT
+
+
+def test_the_confirmed_choice_is_decoded_once_for_its_confirmation_and_the_verification(monkeypatch) -> None:
+    verify_module = sys.modules["optcc.numerics.verify"]
+    forced = verify_module.forced_tokens
+    decodes: list[tuple[int, bytes]] = []  # per forced decode: its prompt, and the model's first logits on it
+
+    def counted(run, names, plan, first, tokens):  # noqa: ANN001, ANN202
+        decodes.append((id(first), np.asarray(run(first)[list(names).index(plan.logits)]).tobytes()))
+        return forced(run, names, plan, first, tokens)
+
+    monkeypatch.setattr(verify_module, "forced_tokens", counted)
+    result = optcc.optimize(_decoder(), int8_dynamic=True)
+    assert result.precision == {"int8-dynamic": None} and result.report.verification["status"] == "passed"
+    search = next(r for r in result.report.passes if r.name == "quantize-dynamic").stats["search"]
+    assert search["checks"][-1]["check"] == "confirm" and search["checks"][-1]["passed"]
+    assert decodes and len(decodes) == len(set(decodes))  # no model decoded twice from one prompt
+    assert _agreement(result.model, _unseen_prompt()) >= NEXT_TOKEN_AGREEMENT
 
 
 def test_a_check_no_candidate_passes_declines_within_the_budget() -> None:
