@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 import optcc
 import optcc.quant.float_layers
-from fixtures.attention_decoder import attention_nodes, numpy_attention
+from fixtures.attention_decoder import attention_nodes, float_matmul_weights, forced_agreement, numpy_attention
 from optcc.numerics.decode import NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_STEPS
 
 VOCAB, WIDTH, PROMPT, ROWS = 8, 16, 4, 16
@@ -80,26 +79,10 @@ def _numpy_decode(prompt: np.ndarray) -> np.ndarray:
 
 
 def _agreement(model: onnx.ModelProto) -> float:
-    """The share of steps at which ``model`` (onnxruntime, optimizations on, one prompt at a
-    time), fed the float64 original's greedy tokens, picks the same next token, on prompts
+    """``forced_agreement`` of ``model`` with the float64 original's greedy decode, on prompts
     of a seed neither the verification nor the search uses."""
     prompt = np.random.default_rng(2024).integers(0, VOCAB, (ROWS, PROMPT))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    same = []
-    for row, tokens in zip(prompt, _numpy_decode(prompt)):
-        empty = np.zeros((1, 0, WIDTH), np.float32)
-        feeds = {"input_ids": row[None].astype(np.int64), "past_key": empty, "past_value": empty}
-        for step in range(NEXT_TOKEN_STEPS):
-            logits, key, value = session.run(None, feeds)
-            same.append(logits[0, -1].argmax() == tokens[step])
-            feeds = {"input_ids": tokens[None, step:step + 1].astype(np.int64), "past_key": key, "past_value": value}
-    return float(np.mean(same))
-
-
-def _float_weights(model: onnx.ModelProto) -> set[str]:
-    """The float32 initializers that a MatMul reads directly (a layer left float)."""
-    floats = {t.name for t in model.graph.initializer if t.data_type == TP.FLOAT}
-    return {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in floats}
+    return forced_agreement(model, prompt, _numpy_decode(prompt))
 
 
 def test_a_budget_spent_in_the_bisection_ships_the_fewest_that_passed(monkeypatch) -> None:
@@ -111,7 +94,7 @@ def test_a_budget_spent_in_the_bisection_ships_the_fewest_that_passed(monkeypatc
     assert judged == [0, 1, 2, 4] and search["candidates"] == BUDGET and search["bounded"]
     assert search["checks"][-1] == {"float_layers": 4, "check": "confirm", "passed": True}
     assert len(search["float_layers"]) == 4 and set(DAMAGED) <= set(search["float_layers"])
-    assert {"W" + name for name in DAMAGED} <= _float_weights(result.model)
+    assert {"W" + name for name in DAMAGED} <= float_matmul_weights(result.model)
     line = next(t for t in result.report.summary().splitlines() if t.startswith("quantize-dynamic: "))
     assert "the search was bounded" in line
     assert _agreement(result.model) >= NEXT_TOKEN_AGREEMENT
