@@ -54,11 +54,12 @@ MatMul/Gemm layers are ranked by their relative output error under dynamic INT8
 (``optcc.quant.dynamic_error``, on the layers' inputs in the float model on ``samples()``,
 else by weight error alone), and the fewest of the most damaging are left float
 (``optcc.quant.fewest_float_layers``: 1, 2, 4, ... then bisection, at most all but one,
-within ``FLOAT_LAYER_CANDIDATES`` candidates), each candidate confirmed by ``held_out`` where
-given (the verification's own check). When none passes, the model is left unchanged with
-the reason in ``stats["reason"]`` (the precision is declined); ``stats["search"]`` holds
-the checks and the layers left float. Candidates are built on copies sharing the model's
-tensors.
+within ``FLOAT_LAYER_CANDIDATES`` candidates: where they run out during the bisection, the
+fewest that passed so far, and ``stats["search"]["bounded"]`` says so), each candidate
+confirmed by ``held_out`` where given (the verification's own check). When none passes,
+the model is left unchanged with the reason in ``stats["reason"]`` (the precision is
+declined); ``stats["search"]`` holds the checks and the layers left float. Candidates are
+built on copies sharing the model's tensors.
 
 Numerics ("int8"): lossy, judged by SQNR/cosine/argmax agreement. The error is that of
 rounding ``a`` to 256 levels over its own min..max and ``W`` to 255 levels per column.
@@ -122,7 +123,8 @@ class QuantizeDynamicPass(optcc.Pass):
             if not kept["excluded"]:
                 del kept["excluded"]
             kept[SEARCHED_FLOAT] = len(chosen)
-        result.stats["search"] = {"float_layers": chosen, "checks": search.checks, "candidates": search.candidates}
+        result.stats["search"] = {"float_layers": chosen, "checks": search.checks, "candidates": search.candidates,
+                                  **({"bounded": True} if search.bounded else {})}
         if chosen:  # the report's line (none where every layer passed at INT8)
             result.stats["search"]["summary"] = _summary(search)
         return result
@@ -382,4 +384,6 @@ def _summary(search: FloatLayerSearch) -> str:
     missed = next(c["reason"] for c in search.checks if not c["passed"])
     return (f"every layer at INT8 missed its check ({' '.join(missed.split())[:160]}); {len(search.chosen or [])} of "
             f"{len(search.ranked)} left float, the most damaging by their output error: "
-            f"{', '.join(search.chosen or [])} ({search.candidates} candidate(s) judged)")
+            f"{', '.join(search.chosen or [])} ({search.candidates} candidate(s) judged"
+            + ("; the search was bounded: its budget ran out before the bisection ended, fewer may pass"
+               if search.bounded else "") + ")")

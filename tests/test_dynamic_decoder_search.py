@@ -4,9 +4,12 @@ smaller, so the float product is unchanged) loses that layer to dynamic INT8's p
 rounding of the activation and flips tokens; the search returns that layer alone to float,
 and the shipped model agrees with a numpy float64 decode of the original on prompts the
 search and the verification never saw. A check no candidate passes declines, within the
-search's budget."""
+search's budget. The search's confirmation of its choice and the verification of the model
+it ships are one check: each model's next-token decode runs once on each prompt."""
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import onnx
@@ -17,7 +20,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 import optcc
-from fixtures.attention_decoder import attention_nodes, numpy_attention
+from fixtures.attention_decoder import attention_nodes, float_matmul_weights, forced_agreement, numpy_attention
 from optcc.numerics.decode import NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_STEPS
 from optcc.passes.quantize_dynamic import QuantizeDynamicPass
 from optcc.quant import FLOAT_LAYER_CANDIDATES, fewest_float_layers
@@ -86,20 +89,8 @@ def _numpy_decode(prompt: np.ndarray) -> np.ndarray:
 
 
 def _agreement(model: onnx.ModelProto, prompt: np.ndarray) -> float:
-    """The share of steps at which ``model`` (onnxruntime, its optimizations on, as a user
-    runs it), fed the float64 original's greedy tokens, picks the same next token; one
-    prompt at a time (dynamic INT8 rounds each run's activations over their own range)."""
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    want = _numpy_decode(prompt)
-    same = []
-    for row, tokens in zip(prompt, want):
-        empty = np.zeros((1, 0, WIDTH), np.float32)
-        feeds = {"input_ids": row[None].astype(np.int64), "past_key": empty, "past_value": empty}
-        for step in range(NEXT_TOKEN_STEPS):
-            logits, key, value = session.run(None, feeds)
-            same.append(logits[0, -1].argmax() == tokens[step])
-            feeds = {"input_ids": tokens[None, step:step + 1].astype(np.int64), "past_key": key, "past_value": value}
-    return float(np.mean(same))
+    """``forced_agreement`` of ``model`` with the float64 original's greedy decode of ``prompt``."""
+    return forced_agreement(model, prompt, _numpy_decode(prompt))
 
 
 def _unseen_prompt() -> np.ndarray:
@@ -107,16 +98,10 @@ def _unseen_prompt() -> np.ndarray:
     return np.random.default_rng(2024).integers(0, VOCAB, (ROWS, PROMPT))
 
 
-def _float_weights(model: onnx.ModelProto) -> set[str]:
-    """The float32 initializers that a MatMul reads directly (a layer left float)."""
-    floats = {t.name for t in model.graph.initializer if t.data_type == TP.FLOAT}
-    return {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in floats}
-
-
 def test_every_layer_at_int8_flips_tokens_the_numpy_reference_keeps() -> None:
     """The premise: without the search, dynamic INT8 of every layer misses 1% of steps."""
     quantized = QuantizeDynamicPass()(optcc.ir.load(_decoder()))
-    assert "Wz" not in _float_weights(optcc.ir.serialize(quantized.model))
+    assert "Wz" not in float_matmul_weights(optcc.ir.serialize(quantized.model))
     assert _agreement(optcc.ir.serialize(quantized.model), _unseen_prompt()) < NEXT_TOKEN_AGREEMENT
 
 
@@ -124,7 +109,7 @@ def test_the_search_returns_the_damaged_layer_alone_to_float() -> None:
     result = optcc.optimize(_decoder(), int8_dynamic=True)
     assert result.precision == {"int8-dynamic": None}
     shipped = result.model
-    assert _float_weights(shipped) == {"Wz"}  # the damaged layer float, every other one integer
+    assert float_matmul_weights(shipped) == {"Wz"}  # the damaged layer float, every other one integer
     ops = [n.op_type for n in shipped.graph.node]
     assert ops.count("MatMulInteger") == 4
     record = next(r for r in result.report.passes if r.name == "quantize-dynamic")
@@ -133,6 +118,24 @@ def test_the_search_returns_the_damaged_layer_alone_to_float() -> None:
     line = next(t for t in result.report.summary().splitlines() if t.startswith("quantize-dynamic: "))
     assert f"1 of 5 left float, the most damaging by their output error: {DAMAGED} " in line
     assert _agreement(shipped, _unseen_prompt()) >= NEXT_TOKEN_AGREEMENT
+
+
+def test_the_confirmed_choice_is_decoded_once_for_its_confirmation_and_the_verification(monkeypatch) -> None:
+    verify_module = sys.modules["optcc.numerics.verify"]
+    forced = verify_module.forced_tokens
+    decodes: list[tuple[int, bytes]] = []  # per forced decode: its prompt, and the model's first logits on it
+
+    def counted(run, names, plan, first, tokens):  # noqa: ANN001, ANN202
+        decodes.append((id(first), np.asarray(run(first)[list(names).index(plan.logits)]).tobytes()))
+        return forced(run, names, plan, first, tokens)
+
+    monkeypatch.setattr(verify_module, "forced_tokens", counted)
+    result = optcc.optimize(_decoder(), int8_dynamic=True)
+    assert result.precision == {"int8-dynamic": None} and result.report.verification["status"] == "passed"
+    search = next(r for r in result.report.passes if r.name == "quantize-dynamic").stats["search"]
+    assert search["checks"][-1]["check"] == "confirm" and search["checks"][-1]["passed"]
+    assert decodes and len(decodes) == len(set(decodes))  # no model decoded twice from one prompt
+    assert _agreement(result.model, _unseen_prompt()) >= NEXT_TOKEN_AGREEMENT
 
 
 def test_a_check_no_candidate_passes_declines_within_the_budget() -> None:
@@ -145,7 +148,7 @@ def test_a_check_no_candidate_passes_declines_within_the_budget() -> None:
     model = optcc.ir.load(_decoder())
     result = QuantizeDynamicPass(gate=refuse)(model)
     assert not result.modified and "refused" in result.stats["reason"]
-    assert _float_weights(optcc.ir.serialize(result.model)) == {"Wq", "Wk", "Wv", "Wz", "U"}
+    assert float_matmul_weights(optcc.ir.serialize(result.model)) == {"Wq", "Wk", "Wv", "Wz", "U"}
     # no layer float, then 1, 2 and 4 of the 5 (one at least stays quantized)
     assert judged == [5, 4, 3, 1]
     assert len(judged) <= FLOAT_LAYER_CANDIDATES

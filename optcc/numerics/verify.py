@@ -362,6 +362,8 @@ class Verifier:
         self._float64: dict[tuple[int, ...], Float64Reference] = {}  # by the samples' positions
         # the INT8 candidates a pass had run (``outputs``), by digest and provider, the last asked about last
         self._kept: dict[tuple[str, str], _KeptOutputs] = {}
+        # the last next-token check (``_judged_by_tokens``): its model's content digest and numerics, and verdict
+        self._token_check: tuple[tuple[str, str], Verification] | None = None
 
     @property
     def _model(self) -> ir.Model:
@@ -712,7 +714,30 @@ class Verifier:
         that failed); elsewhere every sample runs. ``serialized``: ``model``'s bytes when the
         caller has them (``Serialized``), used instead of serializing it again. ``prove``:
         False runs the samples whatever a proof would say (a comparison that reports every
-        output's numbers)."""
+        output's numbers).
+
+        A lossy decoder's check (``_judged_by_tokens``) of the model the previous such check
+        judged, with the same numerics, is that check's verification: its prompts, steps,
+        threshold and samples are this verifier's, and the model is the same when its
+        ``content_digest`` is (a search's confirmation of its choice and the verification
+        of the result that choice wrote run its decodes once)."""
+        if not self._judged_by_tokens(numerics):
+            return self._check(model, numerics, samples, serialized=serialized, prove=prove)
+        key = (content_digest(model), numerics)
+        if self._token_check is None or self._token_check[0] != key:
+            self._token_check = (key, self._check(model, numerics, samples, serialized=serialized, prove=prove))
+        return self._token_check[1]
+
+    def _judged_by_tokens(self, numerics: Numerics) -> bool:
+        """Whether ``check`` judges a ``numerics`` result by its next tokens: a lossy result
+        of a KV-cache decoder with its default tolerance and no task metric of the user's
+        (its logits and the cache it feeds back; any other output keeps its tolerance)."""
+        return numerics in ("fp16", "int8") and self.tolerances[numerics] == TOLERANCES[numerics] \
+            and self._task["metric"] in (None, "auto") and self._plan is not None
+
+    def _check(self, model: ir.Model, numerics: Numerics, samples: Sequence[int] | None, *,
+               serialized: Serialized | None, prove: bool) -> Verification:
+        """``check``, run."""
         tolerance = self.tolerances[numerics]
         if prove and not self.user_samples:  # the user's samples always run
             proved = self.prove(model, numerics, serialized=serialized)
@@ -730,11 +755,9 @@ class Verifier:
             if proved is not None:
                 return dataclasses.replace(proved, notes=[*proved.notes, self._compares_nothing])
             return Verification(status="skipped", outputs=[], reason=self._compares_nothing, **base)
-        # a lossy decoder with its default tolerance and no metric of the user's: its logits and the
-        # cache it feeds back are judged by its next tokens; any other output keeps its tolerance
+        # the tokens judge a lossy decoder's logits and cache; any other output keeps its tolerance
         # (without the argmax rule, which reads class scores: the tokens judge those)
-        by_tokens = self._plan is not None and numerics in ("fp16", "int8") and tolerance == TOLERANCES[numerics] \
-            and self._task["metric"] in (None, "auto")
+        by_tokens = self._judged_by_tokens(numerics)
         by_task = numerics == "int8" and tolerance == TOLERANCES["int8"] and not by_tokens
         token_judged = {self._plan.logits, *self._plan.state_outputs} if by_tokens and self._plan is not None \
             else set()

@@ -6,8 +6,11 @@ then bisection between the last count that missed and the first that passed. Whe
 ``confirm`` is given, the count found must also pass it (a check on samples ``judge`` did
 not see); where it does not, one more layer at a time is left float, each candidate
 judged by ``judge`` and then by ``confirm``. At least one layer stays quantized, and at
-most ``budget`` candidates are judged: when none passes within them, the search
-declines (None). Deterministic: the same ranking and verdicts give the same choice.
+most ``budget`` candidates are built: when the budget runs out during the bisection, the
+fewest that passed ``judge`` so far is the count found (confirmed as above, which builds
+no new candidate) and ``bounded`` says that fewer might have passed; when no candidate
+passes within the budget, the search declines (None). Deterministic: the same ranking
+and verdicts give the same choice.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ class FloatLayerSearch:
     chosen: list[str] | None
     checks: list[dict[str, Any]]
     ranked: Sequence[str] = ()  # the ranking searched (empty: none was needed)
+    # whether the budget ran out before the search had judged every count it would have: a
+    # choice may leave more layers float than the fewest that pass
+    bounded: bool = False
 
     @property
     def candidates(self) -> int:
@@ -46,14 +52,17 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
     checks: list[dict[str, Any]] = []
     built: set[int] = set()
     ranked: Sequence[str] = ()
+    bounded = False
 
     def passes(count: int, name: str, check: Check | None) -> bool | None:
         """Whether the candidate with ``count`` layers float passes ``check`` (True when there
         is none); None when it would be a new candidate past the budget."""
         if check is None:
             return True
+        nonlocal bounded
         if count not in built:
             if len(built) >= budget:
+                bounded = True
                 return None
             built.add(count)
         reason = check(list(ranked[:count]))
@@ -72,7 +81,7 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
         while high is None and count <= most:  # 1, 2, 4, ... layers float, all but one last
             verdict = passes(count, "judge", judge)
             if verdict is None:
-                return FloatLayerSearch(None, checks, ranked)
+                return FloatLayerSearch(None, checks, ranked, bounded)
             if verdict:
                 high = count
             elif count == most:
@@ -82,16 +91,13 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
         while high is not None and high - low > 1:  # low misses, high passes
             middle = (low + high) // 2
             verdict = passes(middle, "judge", judge)
-            if verdict is None:
-                return FloatLayerSearch(None, checks, ranked)
+            if verdict is None:  # out of budget: the fewest that passed so far is the count found
+                break
             low, high = (low, middle) if verdict else (middle, high)
         if high is None:
-            return FloatLayerSearch(None, checks, ranked)
-        confirmed = passes(high, "confirm", confirm)
-        if confirmed:
-            return FloatLayerSearch(list(ranked[:high]), checks, ranked)
-        if confirmed is None:
-            return FloatLayerSearch(None, checks, ranked)
+            return FloatLayerSearch(None, checks, ranked, bounded)
+        if passes(high, "confirm", confirm):  # ``high`` was built: its confirmation is within the budget
+            return FloatLayerSearch(list(ranked[:high]), checks, ranked, bounded)
         start = high + 1
     # the confirmation refused the judge's choice: one more layer float at a time, each judged first
     for count in range(start, most + 1):
@@ -99,7 +105,7 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
         if verdict:
             verdict = passes(count, "confirm", confirm)
             if verdict:
-                return FloatLayerSearch(list(ranked[:count]), checks, ranked)
+                return FloatLayerSearch(list(ranked[:count]), checks, ranked, bounded)
         if verdict is None:
             break
-    return FloatLayerSearch(None, checks, ranked)
+    return FloatLayerSearch(None, checks, ranked, bounded)
