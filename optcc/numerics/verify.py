@@ -362,8 +362,9 @@ class Verifier:
         self._float64: dict[tuple[int, ...], Float64Reference] = {}  # by the samples' positions
         # the INT8 candidates a pass had run (``outputs``), by digest and provider, the last asked about last
         self._kept: dict[tuple[str, str], _KeptOutputs] = {}
-        # the last next-token check (``_judged_by_tokens``): its model's content digest and numerics, and verdict
-        self._token_check: tuple[tuple[str, str], Verification] | None = None
+        # the last next-token check (``_judged_by_tokens``): its model's content digest, numerics,
+        # samples and whether a proof was allowed, and its verdict
+        self._token_check: tuple[tuple[Any, ...], Verification] | None = None
 
     @property
     def _model(self) -> ir.Model:
@@ -718,12 +719,12 @@ class Verifier:
 
         A lossy decoder's check (``_judged_by_tokens``) of the model the previous such check
         judged, with the same numerics, is that check's verification: its prompts, steps,
-        threshold and samples are this verifier's, and the model is the same when its
-        ``content_digest`` is (a search's confirmation of its choice and the verification
-        of the result that choice wrote run its decodes once)."""
+        threshold are this verifier's, the model is the same when its ``content_digest`` is,
+        and ``samples`` and ``prove`` must be the same (a search's confirmation of its choice
+        and the verification of the result that choice wrote run its decodes once)."""
         if not self._judged_by_tokens(numerics):
             return self._check(model, numerics, samples, serialized=serialized, prove=prove)
-        key = (content_digest(model), numerics)
+        key = (content_digest(model), numerics, None if samples is None else tuple(samples), prove)
         if self._token_check is None or self._token_check[0] != key:
             self._token_check = (key, self._check(model, numerics, samples, serialized=serialized, prove=prove))
         return self._token_check[1]
