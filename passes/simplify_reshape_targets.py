@@ -183,7 +183,7 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
                 if target is None:
                     continue
                 copies = 0 in target  # shape-copy's targets hold a 0 (never under allowzero=1), inferred-dim's none
-                node.replace_input_with(1, optcc.ir.constant_before(node, target, "target"))
+                node.replace_input_with(1, optcc.ir.constant_for(model, node, target, "target"))
                 rule = "shape-copy" if copies else "inferred-dim"
                 counts[rule] = counts.get(rule, 0) + 1
         if inference is not None and (not counts or inference[0].still_holds(model, *inference[1:])):

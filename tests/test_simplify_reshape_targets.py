@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from onnx.reference import ReferenceEvaluator
 
@@ -42,11 +43,17 @@ def _run_both(text: str, feeds_list: list[dict]) -> tuple[dict, onnx.ModelProto]
     return dict(result.stats), out
 
 
+def _targets(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """The targets the pass wrote (``<node>_target``, maybe numbered), by the Reshape's output name: an
+    initializer (how the pass writes one in the main graph), or a Constant node's tensor."""
+    tensors = {t.name: t for t in model.graph.initializer if "_target" in t.name}
+    tensors.update({n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant"})
+    return {n.output[0]: [int(v) for v in onnx.numpy_helper.to_array(tensors[n.input[1]])]
+            for n in model.graph.node if n.op_type == "Reshape" and n.input[1] in tensors}
+
+
 def _target(model: onnx.ModelProto) -> list[int] | None:
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output[0] in [n.input[1] for n in model.graph.node if n.op_type == "Reshape"]:
-            return [int(v) for v in onnx.numpy_helper.to_array(node.attribute[0].t)]
-    return None
+    return next(iter(_targets(model).values()), None)
 
 
 def test_paddle_style_batch_flatten_gets_a_constant_target():
@@ -64,8 +71,7 @@ def test_paddle_style_batch_flatten_gets_a_constant_target():
     assert stats == {"shape-copy": 1} and _target(out) == [0, 8]
 
 
-def test_gather_unsqueeze_pieces_and_o1_removes_the_shape_subgraph():
-    text = """
+_GATHERED_BATCH = """
     <ir_version: 8, opset_import: ["" : 13]>
     g (float[N, 8, 1, 1] x) => (float[N, 8, 1] y) <int64 i0 = {0}, int64[1] a = {0}, int64[2] c = {8, -1}> {
         s = Shape(x)
@@ -74,9 +80,12 @@ def test_gather_unsqueeze_pieces_and_o1_removes_the_shape_subgraph():
         t = Concat<axis = 0>(u, c)
         y = Reshape(x, t)
     }"""
-    stats, out = _check(text)
+
+
+def test_gather_unsqueeze_pieces_and_o1_removes_the_shape_subgraph():
+    stats, out = _check(_GATHERED_BATCH)
     assert stats == {"shape-copy": 1} and _target(out) == [0, 8, -1]
-    o1 = optcc.optimize(onnx.parser.parse_model(text), level=1, verify=False).model
+    o1 = optcc.optimize(onnx.parser.parse_model(_GATHERED_BATCH), level=1, verify=False).model
     assert [n.op_type for n in o1.graph.node] == ["Reshape"]
 
 
@@ -163,9 +172,7 @@ def test_inferred_dim_with_allowzero_and_a_batch_read_through_quantize_dequantiz
         z = Reshape<allowzero = 1>(x, tz)
     }""", batched_w=True)
     assert stats == {"inferred-dim": 2} and _target(out) == [-1, 4, 2]
-    targets = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t).tolist() for n in out.graph.node
-               if n.op_type == "Constant"}
-    assert targets[next(n.input[1] for n in out.graph.node if n.output[0] == "z")] == [-1, 8]
+    assert _targets(out)["z"] == [-1, 8]
 
 
 
@@ -222,9 +229,7 @@ def test_a_piece_of_several_dims_with_one_unknown_gives_minus_one_there():
     feeds = [{"h": np.random.default_rng(n).standard_normal((n, 2, 3, 5)).astype(np.float32)} for n in (1, 4)]
     stats, out = _run_both(text.format(heads=2), feeds)
     assert stats == {"inferred-dim": 1}
-    y_target = next(n.input[1] for n in out.graph.node if n.output[0] == "y")
-    assert [int(v) for v in onnx.numpy_helper.to_array(
-        next(n for n in out.graph.node if n.output[0] == y_target).attribute[0].t)] == [-1, 2, 3, 5]
+    assert _targets(out)["y"] == [-1, 2, 3, 5]
     stats, _ = _run_both(text.format(heads="H"), feeds)
     assert stats == {}
 
@@ -286,3 +291,48 @@ def test_a_target_that_is_a_shape_slice_of_another_tensor_stays_when_no_dim_is_c
         y = Reshape(x, s)
     }""", [{"x": np.ones((2, 6), np.float32), "w": np.ones((3, 4), np.float32)}])
     assert stats == {}
+
+
+def test_a_main_graph_target_is_an_initializer():
+    """From IR version 4 on, the target is written as lift-constants would store a
+    Constant node's tensor: an initializer named after the Reshape, no node."""
+    stats, out = _check(_GATHERED_BATCH)
+    assert stats == {"shape-copy": 1} and _target(out) == [0, 8, -1]
+    assert "Constant" not in [n.op_type for n in out.graph.node]
+    reshape = next(n for n in out.graph.node if n.op_type == "Reshape")
+    assert reshape.input[1] == "Reshape_target" and [t.name for t in out.graph.initializer][-1] == "Reshape_target"
+
+
+def test_a_legacy_target_is_a_constant_node():
+    """Below IR version 4 every initializer is also a graph input, so the target is a
+    Constant node (the graph's inputs stay as they are)."""
+    stats, out = _check("""
+    <ir_version: 3, opset_import: ["" : 9]>
+    g (float[N, 8, 1, 1] x) => (float[N, 8] y) {
+        i0 = Constant<value = int64 {0}>()
+        c = Constant<value = int64[1] {8}>()
+        s = Shape(x)
+        d = Gather(s, i0)
+        u = Unsqueeze<axes = [0]>(d)
+        t = Concat<axis = 0>(u, c)
+        y = Reshape(x, t)
+    }""")
+    assert stats == {"shape-copy": 1} and _target(out) == [0, 8]
+    assert [v.name for v in out.graph.input] == ["x"] and not out.graph.initializer
+
+
+def test_o2_lifts_nothing_after_the_target_is_written():
+    """-O2 on a batch flatten: the target the pass writes needs no lift, so every run of
+    lift-constants leaves the model unchanged and no exact pass runs a second time after
+    one; the result equals onnxruntime on the original."""
+    proto = onnx.parser.parse_model(_GATHERED_BATCH)
+    result = optcc.optimize(proto, level=2, verify=False)
+    names = [r.name for r in result.report.passes]
+    assert {r.status for r in result.report.passes if r.name == "lift-constants"} == {"unchanged"}
+    tidy = names.index("lift-constants", 1)  # the lift after the exact fixpoint
+    assert "fold-constants" in names[:tidy] and "fold-constants" not in names[tidy:]
+    x = np.random.default_rng(0).standard_normal((3, 8, 1, 1)).astype(np.float32)
+    want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert [o.op_type for o in result.model.graph.node] == ["Reshape"]
+    np.testing.assert_array_equal(got[0], want[0])

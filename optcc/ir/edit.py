@@ -77,6 +77,23 @@ def constant_before(before: ir.Node, array: np.ndarray, base: str) -> ir.Value:
     return const.outputs[0]
 
 
+def constant_for(model: ir.Model, reader: ir.Node, array: np.ndarray, base: str) -> ir.Value:
+    """A constant holding ``array`` for ``reader`` to read, named as ``constant_before``
+    names it: in the main graph of a model of IR version 4 or later, an initializer of that
+    name holding that tensor (what lift-constants makes of the Constant node, so that no
+    later lift changes the model again); elsewhere (a body or function, or below IR version
+    4, where every initializer is also a graph input) the Constant node ``constant_before``
+    inserts."""
+    graph = reader.graph
+    if graph is not model.graph or initializers_are_constant(model):
+        return constant_before(reader, array, base)
+    name = unique_value_name(graph, f"{reader.name or reader.op_type}_{base}")
+    tensor = ir.Tensor(array, name=name)
+    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
 class ModelNames:
     """The value and node names in use anywhere in a model (collected once), handing out
     fresh ones: ``base``, else ``base_1``, ``base_2``, ..."""
