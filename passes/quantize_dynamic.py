@@ -75,7 +75,7 @@ import onnx_ir as ir
 
 import optcc
 from optcc.passes.quantize_weights import drop_unused_weights, embedding_reason, gather_stored_rows, quantize_gather
-from optcc.quant import FloatLayerSearch, dynamic_int8_errors, fewest_float_layers, probed_values
+from optcc.quant import BOUNDED_NOTE, FloatLayerSearch, dynamic_int8_errors, fewest_float_layers, probed_values
 
 Feeds = Mapping[str, np.ndarray]
 SEARCHED_FLOAT = "left float by the search"  # the kept-float reason of the layers the search chose
@@ -385,5 +385,4 @@ def _summary(search: FloatLayerSearch) -> str:
     return (f"every layer at INT8 missed its check ({' '.join(missed.split())[:160]}); {len(search.chosen or [])} of "
             f"{len(search.ranked)} left float, the most damaging by their output error: "
             f"{', '.join(search.chosen or [])} ({search.candidates} candidate(s) judged"
-            + ("; the search was bounded: its budget ran out before the bisection ended, fewer may pass"
-               if search.bounded else "") + ")")
+            + (f"; {BOUNDED_NOTE}" if search.bounded else "") + ")")
