@@ -126,7 +126,7 @@ import onnx_ir as ir
 
 import optcc
 import optcc.quant
-from optcc.quant import BOUNDED_NOTE, fewest_float_layers
+from optcc.quant import BOUNDED_NOTE, fewest_float_layers, last_built
 
 __all__ = ["QuantizeWeightsPass", "drop_unused_weights", "embedding_reason", "quantize_gather"]
 
@@ -330,19 +330,15 @@ class QuantizeWeightsPass(optcc.Pass):
         assert self.gate is not None
         order: list[tuple[ir.Value, float]] = []
         by_name: dict[str, ir.Value] = {}
-        built: dict[tuple[str, ...], ir.Model] = {}
 
+        @last_built
         def candidate(raised: Sequence[str]) -> ir.Model:
-            key = tuple(raised)
-            if key not in built:
-                built.clear()  # the last candidate alone is kept, for its confirmation
-                copy = optcc.ir.clone(model)
-                scratch: dict[str, Any] = {"quantized": {}, "kept_float": {}, "head": []}
-                plan = (*self._plan(copy.graph, scratch), self._plan_convs(copy.graph, scratch))
-                assert [n.name for n, _ in plan[0]] == [n.name for n, _ in layers], "the copy plans other layers"
-                self._rewrite(copy, plan, _with_int8(layers, widths, [by_name[n] for n in raised]), parts, scratch)
-                built[key] = copy
-            return built[key]
+            copy = optcc.ir.clone(model)
+            scratch: dict[str, Any] = {"quantized": {}, "kept_float": {}, "head": []}
+            plan = (*self._plan(copy.graph, scratch), self._plan_convs(copy.graph, scratch))
+            assert [n.name for n, _ in plan[0]] == [n.name for n, _ in layers], "the copy plans other layers"
+            self._rewrite(copy, plan, _with_int8(layers, widths, [by_name[n] for n in raised]), parts, scratch)
+            return copy
 
         def ranking() -> list[str]:
             """The body's weights, most sensitive first (only when all-int4 misses a check)."""

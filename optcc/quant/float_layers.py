@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["BOUNDED_NOTE", "FLOAT_LAYER_CANDIDATES", "FloatLayerSearch", "fewest_float_layers"]
+__all__ = ["BOUNDED_NOTE", "FLOAT_LAYER_CANDIDATES", "FloatLayerSearch", "fewest_float_layers", "last_built"]
 
 FLOAT_LAYER_CANDIDATES = 12  # the most candidates a search builds and judges before it declines
 # what a summary line says of a ``bounded`` search
 BOUNDED_NOTE = "the search was bounded: its budget ran out before the bisection ended, fewer may pass"
 
+Built = TypeVar("Built")
 Check = Callable[[Sequence[str]], "str | None"]  # the float layers of a candidate -> None, or why it misses
 
 
@@ -112,3 +113,17 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
         if verdict is None:
             break
     return FloatLayerSearch(None, checks, ranked, bounded)
+
+
+def last_built(build: Callable[[Sequence[str]], Built]) -> Callable[[Sequence[str]], Built]:
+    """``build``, keeping the last candidate it built: the candidate ``judge`` built serves
+    its confirmation (the same layers) without a build again; one candidate lives at a time."""
+    last: dict[tuple[str, ...], Built] = {}
+
+    def built(layers: Sequence[str]) -> Built:
+        key = tuple(layers)
+        if key not in last:
+            last.clear()
+            last[key] = build(layers)
+        return last[key]
+    return built
