@@ -75,7 +75,8 @@ import onnx_ir as ir
 
 import optcc
 from optcc.passes.quantize_weights import drop_unused_weights, embedding_reason, gather_stored_rows, quantize_gather
-from optcc.quant import FloatLayerSearch, dynamic_int8_errors, fewest_float_layers, probed_values
+from optcc.quant import (BOUNDED_NOTE, FloatLayerSearch, dynamic_int8_errors, fewest_float_layers, last_built,
+                         probed_values)
 
 Feeds = Mapping[str, np.ndarray]
 SEARCHED_FLOAT = "left float by the search"  # the kept-float reason of the layers the search chose
@@ -137,16 +138,11 @@ class QuantizeDynamicPass(optcc.Pass):
         weights = self._layer_weights(model)
         if not weights:
             return None
-        built: dict[tuple[str, ...], ir.Model] = {}
-
+        @last_built
         def candidate(float_layers: Sequence[str]) -> ir.Model:
-            key = tuple(float_layers)
-            if key not in built:
-                built.clear()  # the last candidate alone is kept, for its confirmation
-                copy = optcc.ir.clone(model)
-                self._quantized(copy, self.exclude | set(float_layers), False)
-                built[key] = copy
-            return built[key]
+            copy = optcc.ir.clone(model)
+            self._quantized(copy, self.exclude | set(float_layers), False)
+            return copy
 
         def ranking() -> list[str]:
             """The layers, most damaging first (only when the candidate with none float misses)."""
@@ -385,5 +381,4 @@ def _summary(search: FloatLayerSearch) -> str:
     return (f"every layer at INT8 missed its check ({' '.join(missed.split())[:160]}); {len(search.chosen or [])} of "
             f"{len(search.ranked)} left float, the most damaging by their output error: "
             f"{', '.join(search.chosen or [])} ({search.candidates} candidate(s) judged"
-            + ("; the search was bounded: its budget ran out before the bisection ended, fewer may pass"
-               if search.bounded else "") + ")")
+            + (f"; {BOUNDED_NOTE}" if search.bounded else "") + ")")

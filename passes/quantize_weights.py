@@ -45,8 +45,12 @@ Mixed widths (``gate``, with ``bits=4``): ``gate(candidate)`` judges a whole qua
 the all-int4 candidate misses, the body's weights are ranked once by their relative error
 at int4, ``tr(dW^T H dW) / tr(W^T H W)`` with ``H`` the mean ``X^T X`` of the layer's input
 on ``samples`` (the identity without samples: the relative weight error), and the most
-sensitive are raised to int8, as few as the search finds: 1, 2, 4, ... weights (all of them
-last) until a candidate passes, then bisection below it. Candidates are built on copies
+sensitive are raised to int8, as few as the search finds (``optcc.quant.fewest_float_layers``,
+every weight may be raised): 1, 2, 4, ... weights (all of them last) until a candidate
+passes, then bisection below it, at most ``FLOAT_LAYER_CANDIDATES`` candidates: when they
+run out during the bisection, the fewest that passed are raised and
+``stats["mixed"]["bounded"]`` says fewer might pass; when none passed by then, declined as
+below. Candidates are built on copies
 sharing the model's tensors, each weight quantized once per width. When even every body
 weight at int8 misses, the model is written all-int4 as without a gate (the verification
 then declines it). ``held_out(candidate)``, when given, judges the widths the gate chose on
@@ -122,6 +126,7 @@ import onnx_ir as ir
 
 import optcc
 import optcc.quant
+from optcc.quant import BOUNDED_NOTE, fewest_float_layers, last_built
 
 __all__ = ["QuantizeWeightsPass", "drop_unused_weights", "embedding_reason", "quantize_gather"]
 
@@ -316,97 +321,73 @@ class QuantizeWeightsPass(optcc.Pass):
                heads: set[ir.Node], hessians: Mapping[str, np.ndarray] | None, parts: _Parts,
                stats: dict[str, Any]) -> list[int]:
         """The widths to write when ``gate`` judges candidates: every body layer int4 when
-        that passes; else the most sensitive body weights raised to int8, as few as the
-        search finds (a prefix of ``_ranking``'s order: 1, 2, 4, ... weights, every one
-        last, until one passes, then bisection below it); when even all-int8 misses,
-        all-int4 (the verification then declines it, as without a gate). Candidates are built on copies of
-        ``model`` (sharing its tensors); ``model`` itself is not changed here."""
+        that passes; else the most sensitive body weights raised to int8, as few as
+        ``optcc.quant.fewest_float_layers`` finds over ``_ranking``'s order (every weight may
+        be raised; at most ``FLOAT_LAYER_CANDIDATES`` candidates, ``bounded`` when that cut
+        the bisection short), ``held_out`` confirming its choice; when it declines,
+        all-int4 (the verification then declines it, as without a gate). Candidates are
+        built on copies of ``model`` (sharing its tensors); ``model`` itself is not changed here."""
         assert self.gate is not None
-        checks: list[dict[str, Any]] = []
+        order: list[tuple[ir.Value, float]] = []
+        by_name: dict[str, ir.Value] = {}
 
-        def candidate(raised: Sequence[ir.Value]) -> ir.Model:
+        @last_built
+        def candidate(raised: Sequence[str]) -> ir.Model:
             copy = optcc.ir.clone(model)
             scratch: dict[str, Any] = {"quantized": {}, "kept_float": {}, "head": []}
             plan = (*self._plan(copy.graph, scratch), self._plan_convs(copy.graph, scratch))
             assert [n.name for n, _ in plan[0]] == [n.name for n, _ in layers], "the copy plans other layers"
-            self._rewrite(copy, plan, _with_int8(layers, widths, raised), parts, scratch)
+            self._rewrite(copy, plan, _with_int8(layers, widths, [by_name[n] for n in raised]), parts, scratch)
             return copy
 
-        def judged(raised: Sequence[ir.Value], passed_gate: bool = False, confirm: bool = False) -> str | None:
-            """Why the candidate with ``raised`` at int8 misses the gate (unless ``passed_gate``:
-            it passed it before) or, with ``confirm``, then ``held_out``; None when it passes."""
-            built = candidate(raised)
-            reason = None
-            if not passed_gate:
-                reason = self.gate(built)
-                checks.append({"int8_weights": len(raised), "passed": reason is None,
-                               **({"reason": reason} if reason else {})})
-            if reason is None and confirm and self.held_out is not None:
-                reason = self.held_out(built)
-                checks.append({"int8_weights": len(raised), "held_out": True, "passed": reason is None,
-                               **({"reason": reason} if reason else {})})
-            return reason
+        def ranking() -> list[str]:
+            """The body's weights, most sensitive first (only when all-int4 misses a check)."""
+            sensitivity = hessians
+            if sensitivity is None and self.samples:
+                inputs = {node.inputs[0].name: _weight_kn(node, w).shape[0] for node, w in layers}
+                sensitivity = weight_only.collect_hessians(model, inputs, self.samples)[0]
+            order.extend(_ranking(layers, widths, parts.quantized, sensitivity))
+            by_name.update((w.name, w) for w, _ in order)
+            assert len(by_name) == len(order), "two ranked weights share a name"
+            stats["mixed"]["ranked_by"] = "output error on the samples" if sensitivity else "weight error (no samples)"
+            return [w.name for w, _ in order]
 
-        missed = judged([])
-        held = judged([], passed_gate=True, confirm=True) if missed is None else None
-        if missed is None and held is None:
+        held_out = self.held_out
+        stats["mixed"] = mixed = {}
+        search = fewest_float_layers(ranking, lambda raised: self.gate(candidate(raised)),
+                                     None if held_out is None else lambda raised: held_out(candidate(raised)),
+                                     keep_one=False)
+        checks = [{"int8_weights": c["float_layers"], **({"held_out": True} if c["check"] == "confirm" else {}),
+                   "passed": c["passed"], **({"reason": c["reason"]} if "reason" in c else {})} for c in search.checks]
+        if search.chosen == []:
             stats["mixed"] = {"checks": checks, "summary": "int4 passed its check; no layer raised to int8"}
             return widths
-        if hessians is None and self.samples:
-            inputs = {node.inputs[0].name: _weight_kn(node, w).shape[0] for node, w in layers}
-            hessians = weight_only.collect_hessians(model, inputs, self.samples)[0]
-        order = _ranking(layers, widths, parts.quantized, hessians)
-        ranked = [w for w, _ in order]
-        missed = missed or f"held-out check: {held}"
-        mixed: dict[str, Any] = {"missed": missed, "ranked_by": "output error on the samples" if hessians
-                                 else "weight error (no samples)", "checks": checks}
-        stats["mixed"] = mixed
-        high: int | None = None
-        if held is None:
-            # the fewest first: 1, 2, 4, ... of the ranked weights (all of them last) until a count
-            # passes, then bisection between the last count that missed and the first that passed
-            low, count = 0, 1
-            while ranked and high is None:
-                count = min(count, len(ranked))
-                if judged(ranked[:count]) is None:
-                    high = count
-                elif count == len(ranked):
-                    break
-                else:
-                    low, count = count, count * 2
-            while high is not None and high - low > 1:  # low misses, high passes
-                middle = (low + high) // 2
-                if judged(ranked[:middle]) is None:
-                    high = middle
-                else:
-                    low = middle
-        fewest = high
-        if held is not None or (high is not None and self.held_out is not None):
-            # the held-out samples confirm the gate's choice; where they do not, one more weight
-            # at a time is raised, each judged by the gate first and then by them
-            start, high = (1, None) if held is not None else (fewest, None)
-            for count in range(start, len(ranked) + 1):
-                if judged(ranked[:count], passed_gate=count == fewest, confirm=True) is None:
-                    high = count
-                    break
-        if high is None:
+        first = search.checks[0]
+        missed = first["reason"] if not first["passed"] else f"held-out check: {search.checks[1]['reason']}"
+        mixed.update({"missed": missed, "checks": checks, **({"bounded": True} if search.bounded else {})})
+        # the count the gate chose first: the first one held out to the confirmation, unless all-int4 passed the gate
+        confirmed = [c["int8_weights"] for c in checks if c.get("held_out")]
+        gate_chose = confirmed[0] if confirmed and confirmed[0] else None
+        if search.chosen is None:
             mixed["declined"] = True
-            mixed["summary"] = (f"int4 missed its check ({_short(missed)}) and so does every body layer at "
-                                "int8" + (" on the held-out check" if fewest is not None or held is not None else "")
-                                + ": declined")
+            every = (f"every one of the {search.candidates} candidates the search may build" if search.bounded
+                     else "every body layer at int8")
+            mixed["summary"] = (f"int4 missed its check ({_short(missed)}) and so does {every}"
+                                + (" on the held-out check" if confirmed else "") + ": declined")
             stats["bit_widths"] = _bit_widths(layers, widths, heads, order)
             return widths
-        raised = ranked[:high]
+        raised = [by_name[name] for name in search.chosen]
         chosen = _with_int8(layers, widths, raised)
         count = sum(a != b for a, b in zip(widths, chosen))
         body = sum(bits == 4 for bits in widths)
         mixed["raised"] = [w.name for w in raised]
-        if fewest is not None and high != fewest:
-            mixed["gate_chose"] = fewest
+        if gate_chose is not None and gate_chose != len(raised):
+            mixed["gate_chose"] = gate_chose
         mixed["summary"] = (f"int4 missed its check ({_short(missed)}); {count} of {body} body layers "
                             f"raised to int8 (the most sensitive by {mixed['ranked_by']}), the rest int4"
-                            + (f"; the held-out check refused the {fewest} the search chose first"
-                               if fewest is not None and high != fewest else ""))
+                            + (f"; the held-out check refused the {gate_chose} the search chose first"
+                               if gate_chose is not None and gate_chose != len(raised) else "")
+                            + (f"; {BOUNDED_NOTE}" if search.bounded else ""))
         stats["bit_widths"] = _bit_widths(layers, chosen, heads, order, set(raised))
         return chosen
 

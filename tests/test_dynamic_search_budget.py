@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto as TP
-from onnx import helper as oh
-from onnx import numpy_helper as nh
 
 import optcc
 import optcc.quant.float_layers
-from fixtures.attention_decoder import attention_nodes, float_matmul_weights, forced_agreement, numpy_attention
+from fixtures.attention_decoder import chain_decoder, chain_tokens, float_matmul_weights, forced_agreement
 from optcc.numerics.decode import NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_STEPS
 
 VOCAB, WIDTH, PROMPT, ROWS = 8, 16, 4, 16
@@ -42,47 +39,15 @@ def _weights() -> dict[str, np.ndarray]:
 
 
 def _decoder() -> onnx.ModelProto:
-    """One attention layer over a KV cache (``attention_nodes``: ``h``), then for each damaged
-    layer ``t = tanh((t * D) W)`` from ``t = h``, and ``logits = t U``."""
-    nodes = attention_nodes()
-    previous = "h"
-    for name in DAMAGED:
-        nodes += [oh.make_node("Mul", [previous, "D"], [name + "_in"]),
-                  oh.make_node("MatMul", [name + "_in", "W" + name], [name]),
-                  oh.make_node("Tanh", [name], [name + "_t"])]
-        previous = name + "_t"
-    nodes.append(oh.make_node("MatMul", [previous, "U"], ["logits"]))
-    past = [oh.make_tensor_value_info(n, TP.FLOAT, ["B", "T", WIDTH]) for n in ("past_key", "past_value")]
-    present = [oh.make_tensor_value_info(n, TP.FLOAT, ["B", "T2", WIDTH]) for n in ("present_key", "present_value")]
-    graph = oh.make_graph(
-        nodes, "decoder", [oh.make_tensor_value_info("input_ids", TP.INT64, ["B", "S"]), *past],
-        [oh.make_tensor_value_info("logits", TP.FLOAT, ["B", "S", VOCAB]), *present],
-        [nh.from_array(w, name) for name, w in _weights().items()] + [nh.from_array(np.array(0.25, np.float32), "scale")])
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    return model
-
-
-def _numpy_decode(prompt: np.ndarray) -> np.ndarray:
-    """The original's greedy tokens ([rows, NEXT_TOKEN_STEPS]) in float64 numpy."""
-    w = {name: v.astype(np.float64) for name, v in _weights().items()}
-    ids = prompt
-    keys = values = np.zeros((prompt.shape[0], 0, WIDTH))
-    tokens = []
-    for _ in range(NEXT_TOKEN_STEPS):
-        t, keys, values = numpy_attention(w, ids, keys, values)
-        for name in DAMAGED:
-            t = np.tanh((t * w["D"]) @ w["W" + name])
-        tokens.append((t @ w["U"])[:, -1].argmax(-1))
-        ids = tokens[-1][:, None]
-    return np.stack(tokens, axis=1)
+    """``chain_decoder`` through the damaged layers: each reads ``t * D``."""
+    return chain_decoder(_weights(), DAMAGED)
 
 
 def _agreement(model: onnx.ModelProto) -> float:
     """``forced_agreement`` of ``model`` with the float64 original's greedy decode, on prompts
     of a seed neither the verification nor the search uses."""
     prompt = np.random.default_rng(2024).integers(0, VOCAB, (ROWS, PROMPT))
-    return forced_agreement(model, prompt, _numpy_decode(prompt))
+    return forced_agreement(model, prompt, chain_tokens(_weights(), DAMAGED, prompt, NEXT_TOKEN_STEPS))
 
 
 def test_a_budget_spent_in_the_bisection_ships_the_fewest_that_passed(monkeypatch) -> None:

@@ -213,7 +213,8 @@ class PassManager:
         first = head._complete(model, fresh, reverts={}, summary=summary)
         head_run, check = first, self.verifier.prove(first.model, first.numerics(), serialized=first.serialized)
         if check is None or not check.passed:
-            head_run, check = head._verified(first)
+            # the check of this same model need not try the proof again: where it found none, none is found
+            head_run, check = head._verified(first, prove=check is not None)
         if check.status == "failed":
             return self._split_result(head_run, check, self._not_run(split))
         # the tail's verification judges the head's changes too: at least at their tolerance
@@ -262,11 +263,12 @@ class PassManager:
                 run.warnings.insert(0, message)
         return run
 
-    def _verified(self, run: _Run) -> tuple[_Run, Verification]:
+    def _verified(self, run: _Run, prove: bool = True) -> tuple[_Run, Verification]:
         """Verify the result; on failure find the pass run responsible by bisection, run the
-        pipeline again with it reverted, and verify that."""
+        pipeline again with it reverted, and verify that. ``prove``: False when a proof of
+        ``run``'s model was tried and found none (its check runs the samples alone)."""
         assert self.verifier is not None
-        check = self.verifier.check(run.model, run.numerics(), serialized=run.serialized)
+        check = self.verifier.check(run.model, run.numerics(), serialized=run.serialized, prove=prove)
         reverts: dict[int, tuple[PassLike, str]] = dict(run.reverts)
         attempts: dict[int, PassRecord] = {}  # the reverted pass runs' records, from the run that made them
         for _ in range(MAX_BISECTIONS):

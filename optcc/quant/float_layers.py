@@ -5,8 +5,9 @@ candidate with no layer float, then 1, 2, 4, ... layers float until one passes `
 then bisection between the last count that missed and the first that passed. Where
 ``confirm`` is given, the count found must also pass it (a check on samples ``judge`` did
 not see); where it does not, one more layer at a time is left float, each candidate
-judged by ``judge`` and then by ``confirm``. At least one layer stays quantized, and at
-most ``budget`` candidates are built: when the budget runs out during the bisection, the
+judged by ``judge`` and then by ``confirm``. At least one layer stays quantized (unless
+``keep_one`` is False: a caller whose prefix raises layers to a wider width, every one of
+which may be raised), and at most ``budget`` candidates are built: when the budget runs out during the bisection, the
 fewest that passed ``judge`` so far is the count found (confirmed as above, which builds
 no new candidate) and ``bounded`` says that fewer might have passed; when no candidate
 passes within the budget, the search declines (None). Deterministic: the same ranking
@@ -17,12 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["FLOAT_LAYER_CANDIDATES", "FloatLayerSearch", "fewest_float_layers"]
+__all__ = ["BOUNDED_NOTE", "FLOAT_LAYER_CANDIDATES", "FloatLayerSearch", "fewest_float_layers", "last_built"]
 
 FLOAT_LAYER_CANDIDATES = 12  # the most candidates a search builds and judges before it declines
+# what a summary line says of a ``bounded`` search
+BOUNDED_NOTE = "the search was bounded: its budget ran out before the bisection ended, fewer may pass"
 
+Built = TypeVar("Built")
 Check = Callable[[Sequence[str]], "str | None"]  # the float layers of a candidate -> None, or why it misses
 
 
@@ -44,7 +48,7 @@ class FloatLayerSearch:
 
 
 def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm: Check | None = None,
-                        budget: int | None = None) -> FloatLayerSearch:
+                        budget: int | None = None, keep_one: bool = True) -> FloatLayerSearch:
     """The fewest of the first layers of ``rank()`` (called only when the candidate with no
     layer float misses) whose candidate passes ``judge`` and ``confirm`` (module doc);
     ``budget``: ``FLOAT_LAYER_CANDIDATES`` when None."""
@@ -74,7 +78,7 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
     if first and passes(0, "confirm", confirm):
         return FloatLayerSearch([], checks)
     ranked = rank()
-    most = len(ranked) - 1  # one layer at least stays quantized
+    most = len(ranked) - 1 if keep_one else len(ranked)  # the longest prefix a candidate may take
     start = 1
     if not first:
         low, high, count = 0, None, 1
@@ -109,3 +113,17 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
         if verdict is None:
             break
     return FloatLayerSearch(None, checks, ranked, bounded)
+
+
+def last_built(build: Callable[[Sequence[str]], Built]) -> Callable[[Sequence[str]], Built]:
+    """``build``, keeping the last candidate it built: the candidate ``judge`` built serves
+    its confirmation (the same layers) without a build again; one candidate lives at a time."""
+    last: dict[tuple[str, ...], Built] = {}
+
+    def built(layers: Sequence[str]) -> Built:
+        key = tuple(layers)
+        if key not in last:
+            last.clear()
+            last[key] = build(layers)
+        return last[key]
+    return built
