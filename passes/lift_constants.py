@@ -20,7 +20,9 @@ whose data is known (sparse tensors and attribute references stay nodes); its ou
 an output of its own graph (an initializer that is also an output is left to the exporter's
 form; a body's output must be computed in the body); a body Constant's name given to no
 other value of the model (sibling bodies may reuse a name, which one main-graph name cannot
-hold for both); functions and their bodies are left alone (they see no initializers).
+hold for both); functions and their bodies are left alone (they see no initializers), and
+so are graphs held by custom-domain ops (their runtime may run them apart from the outer
+scope).
 Exact: an initializer and a Constant node hold the same tensor, and a body reads an
 outer-scope value as it reads its own (a Loop body's Constant holds the same tensor at
 every iteration); no value changes.
@@ -38,6 +40,8 @@ import optcc
 __all__ = ["LiftConstantsPass"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+# ops whose bodies read outer-scope values by the ONNX spec
+_SCOPED_OPS = frozenset({"If", "Loop", "Scan"})
 
 
 def _dims(tensor: ir.TensorProtocol) -> Iterable[int]:
@@ -47,11 +51,13 @@ def _dims(tensor: ir.TensorProtocol) -> Iterable[int]:
 
 
 def _scopes(graph: ir.Graph) -> Iterator[ir.Graph]:
-    """``graph`` and every If/Loop/Scan body nested in it, parents first."""
+    """``graph`` and every If/Loop/Scan body nested in it, parents first (a custom op's
+    graphs may run where the outer scope is not seen: they are not entered)."""
     yield graph
     for node in graph:
-        for body in optcc.ir.subgraphs(node):
-            yield from _scopes(body)
+        if node.op_type in _SCOPED_OPS and node.domain in _DEFAULT_DOMAINS:
+            for body in optcc.ir.subgraphs(node):
+                yield from _scopes(body)
 
 
 def _defined(graph: ir.Graph) -> Iterator[ir.Value]:

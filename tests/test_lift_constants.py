@@ -1,6 +1,7 @@
 """LiftConstantsPass: Constant nodes of the main graph and of its If/Loop bodies become
 main-graph initializers of the same name (value and list attributes); graph outputs, body
-outputs, names that sibling bodies share and function bodies are left alone; a model below
+outputs, names that sibling bodies share, function bodies and custom ops' graphs are left
+alone; a model below
 IR version 4 is moved to IR 4 (initializers no longer listed as inputs) unless
 ``upgrade_legacy=False``."""
 
@@ -185,3 +186,19 @@ def test_constants_in_function_bodies_stay_nodes() -> None:
     """)
     result = LiftConstantsPass()(ir.from_proto(proto))
     assert not result.modified and _ops(result.model)["Constant"] == 1
+
+
+def test_constants_in_a_custom_op_graph_stay_nodes() -> None:
+    body = helper.make_graph(
+        [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.ones(3, np.float32))),
+         helper.make_node("Add", ["a", "k"], ["o"])],
+        "body", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, [3])])
+    node = helper.make_node("Decode", ["x"], ["y"], domain="custom.ops", step=body)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("custom.ops", 1)])
+    result = LiftConstantsPass()(ir.from_proto(proto))
+    assert not result.modified and not result.model.graph.initializers
+    assert _ops(result.model) == {"Add": 1, "Constant": 1, "custom.ops::Decode": 1}
