@@ -170,6 +170,7 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
             if opset < 5:
                 continue
             ranks: dict = {}  # static ranks: no rewrite here changes one
+            taken: set[str] | None = None  # the graph's value names, once a target is replaced: the only names made here
             for node in list(graph):
                 if node.op_type != "Reshape" or node.domain not in _DEFAULT_DOMAINS or len(node.inputs) != 2:
                     continue
@@ -183,7 +184,9 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
                 if target is None:
                     continue
                 copies = 0 in target  # shape-copy's targets hold a 0 (never under allowzero=1), inferred-dim's none
-                node.replace_input_with(1, optcc.ir.constant_for(model, node, target, "target"))
+                if taken is None:
+                    taken = optcc.ir.value_names(graph)
+                node.replace_input_with(1, optcc.ir.constant_for(model, node, target, "target", taken))
                 rule = "shape-copy" if copies else "inferred-dim"
                 counts[rule] = counts.get(rule, 0) + 1
         if inference is not None and (not counts or inference[0].still_holds(model, *inference[1:])):

@@ -135,3 +135,41 @@ def test_the_verification_reuses_the_runs_of_the_model_the_confirmation_judged(m
     held = int8.stats["acceptance"]["held_out_samples"]
     assert held and [runs[f["image"].tobytes()] for f in data] == [1] * len(data)
     assert _sqnr_db(optcc.ir.load(result.model), data) >= TARGET_DB  # the test's own measure of what was judged
+
+
+def test_a_budget_the_wider_judgement_rejects_ends_the_search(monkeypatch) -> None:
+    """The budget's model (its float layers the most a candidate may have) meets the target
+    on the held-out images and misses on the bright ones beyond every calibrated range: it
+    is judged by the wider judgement before any output ranking or candidate below it, and
+    the fallback stops there, hopeless, having built two models (the fully quantized one
+    and the budget's)."""
+    import optcc.quant.fallback as fb
+
+    dim = _images(8, 0.25, seed=0)
+    bright = _images(4, 1.0, seed=1)
+    held, every = dim[4:], dim[4:] + bright
+    reference, build = _quantizer(dim[:4])
+    built: list[list[str]] = []
+
+    def quantize(exclude=(), only=None):
+        built.append(list(exclude))
+        return build(exclude=exclude, only=only)
+
+    ranked: list[int] = []
+    output_sqnr = fb.output_sqnr
+    monkeypatch.setattr(fb, "output_sqnr", lambda *a, **k: ranked.append(1) or output_sqnr(*a, **k))
+    layers = build()[1]["layers"]
+    budget = len(layers) - 1
+    target = Target(min_sqnr_db=38.0)
+    assert _sqnr_db(build()[0], held) < target.min_sqnr_db  # the fully quantized model misses
+    confirm = Confirmation(every, target, model_outputs(reference, every))
+    model, _, report = fallback(reference, quantize, held, target, max_float_layers=budget, confirm=confirm)
+    assert not report["target_met"] and "(the budget) do not meet it on all 8 samples" in report["hopeless"]
+    assert report["confirmation"] == {"samples": 8, "float_layers_found": budget, "passed": False,
+                                      "float_layers": budget}
+    assert [row["float_layers"] for row in report["tried"]] == [budget] and not ranked
+    assert [len(exclude) for exclude in built] == [0, budget]
+    # the test's own measure of the budget's model: it meets the target held out, and misses on every image
+    assert _sqnr_db(model, held) >= target.min_sqnr_db > _sqnr_db(model, every)
+    # as does every model with fewer layers float (graph order), which the search would have tried
+    assert all(_sqnr_db(build(exclude=layers[:k])[0], every) < target.min_sqnr_db for k in range(budget + 1))

@@ -336,3 +336,35 @@ def test_o2_lifts_nothing_after_the_target_is_written():
     got = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     assert [o.op_type for o in result.model.graph.node] == ["Reshape"]
     np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_many_targets_scan_the_graph_for_names_once(monkeypatch):
+    """Twenty batch flattens in a chain, each target read from its input's shape: every
+    target becomes a constant named uniquely (a name a target already takes gets a suffix),
+    the graph's names collected once for all of them, not once per target; the results
+    equal the original's on the reference evaluator."""
+    import optcc.ir.edit as edit
+
+    count = 20
+    body = "\n".join(
+        f"s{i} = Shape(x{i})\n b{i} = Gather<axis = 0>(s{i}, zero)\n t{i} = Concat<axis = 0>(b{i}, c)\n"
+        f" r{i} = Reshape(x{i}, t{i})\n x{i + 1} = Reshape(r{i}, four)" for i in range(count))
+    # a value already named as the first target's constant would be: the new one takes another
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 8, 1, 1] x) => (float[N, 8, 1, 1] y) <int64[1] zero = {{0}}, int64[1] c = {{8}},
+        int64[4] four = {{0, 8, 1, 1}}> {{
+        x0 = Identity(x)
+        {body}
+        y = Identity(x{count})
+        Reshape_target = Identity(x{count})
+    }}"""
+    scans = []
+    names = edit.value_names
+    monkeypatch.setattr(edit, "value_names", lambda scope: scans.append(1) or names(scope))
+    monkeypatch.setattr(optcc.ir, "value_names", edit.value_names)
+    stats, out = _check(text)
+    assert stats == {"shape-copy": count}
+    assert len(scans) == 1
+    targets = [t.name for t in out.graph.initializer if t.name.endswith("_target") or "_target_" in t.name]
+    assert len(targets) == count == len(set(targets)) and "Reshape_target" not in targets

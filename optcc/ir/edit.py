@@ -62,12 +62,14 @@ def unique_prefix(names: Iterable[str], base: str) -> str:
     return prefix
 
 
-def constant_before(before: ir.Node, array: np.ndarray, base: str) -> ir.Value:
+def constant_before(before: ir.Node, array: np.ndarray, base: str, taken: set[str] | None = None) -> ir.Value:
     """A Constant node holding ``array``, inserted just before ``before`` in its graph and
-    named after it (``<node>_<base>``, unique in that graph); its output, typed and shaped."""
+    named after it (``<node>_<base>``, unique in that graph); its output, typed and shaped.
+    ``taken``: ``value_names`` of that graph, kept by a caller that inserts many (the new
+    name is added to it), so the graph is not scanned again for each: the same names."""
     graph = before.graph
     assert graph is not None
-    name = unique_value_name(graph, f"{before.name or before.op_type}_{base}")
+    name = unique_value_name(graph, f"{before.name or before.op_type}_{base}", taken)
     const = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.Tensor(array, name=name))],
                     num_outputs=1, name=name)
     const.outputs[0].name = name
@@ -77,17 +79,18 @@ def constant_before(before: ir.Node, array: np.ndarray, base: str) -> ir.Value:
     return const.outputs[0]
 
 
-def constant_for(model: ir.Model, reader: ir.Node, array: np.ndarray, base: str) -> ir.Value:
+def constant_for(model: ir.Model, reader: ir.Node, array: np.ndarray, base: str,
+                 taken: set[str] | None = None) -> ir.Value:
     """A constant holding ``array`` for ``reader`` to read, named as ``constant_before``
     names it: in the main graph of a model of IR version 4 or later, an initializer of that
     name holding that tensor (what lift-constants makes of the Constant node, so that no
     later lift changes the model again); elsewhere (a body or function, or below IR version
     4, where every initializer is also a graph input) the Constant node ``constant_before``
-    inserts."""
+    inserts. ``taken``: as ``constant_before``'s."""
     graph = reader.graph
     if graph is not model.graph or initializers_are_constant(model):
-        return constant_before(reader, array, base)
-    name = unique_value_name(graph, f"{reader.name or reader.op_type}_{base}")
+        return constant_before(reader, array, base, taken)
+    name = unique_value_name(graph, f"{reader.name or reader.op_type}_{base}", taken)
     tensor = ir.Tensor(array, name=name)
     value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
     graph.register_initializer(value)

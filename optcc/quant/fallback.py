@@ -956,7 +956,10 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     over every sample), or what makes it, called only when the search found a model (a
     judgement can cost runs: a noise floor). The model found is judged there too; when it misses, the search
     goes on under that judgement, in the same order, from the number of layers found
-    (``_confirmed``), and ``report["confirmation"]`` says what happened.
+    (``_confirmed``), and ``report["confirmation"]`` says what happened. With the estimated
+    ranking the budget's model is judged there as soon as it meets the target on
+    ``samples``, before any ranking or candidate below it: when it misses there, no model is
+    accepted (hopeless, ``_fallback_estimated``).
 
     ``outputs``: runs a candidate on ``samples`` as ``evaluate`` runs it and returns its
     outputs by name (the later check's runs, ``optcc.Verifier.outputs``, which keeps those
@@ -969,21 +972,28 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     could ship in the place of the one it holds (``_search_estimated``), the model
     returned being the one that would ship had it measured on. Not used with ``confirm``
     (a candidate's confirmation decides too) nor once layers are refused."""
+    made: list[Confirmation] = []  # ``confirm``'s judgement, made once: the budget's and the result's
+
+    def confirmation() -> Confirmation:
+        if not made:
+            made.append(confirm if isinstance(confirm, Confirmation) else confirm())  # type: ignore[misc]
+        return made[0]
+
     model, stats, report = _fallback(reference, quantize, samples, target, max_float_layers=max_float_layers,
                                      max_layers_ranked=max_layers_ranked, ranking=ranking, progress=progress,
                                      reference_outputs=reference_outputs, initial=initial,
                                      ranking_samples=ranking_samples, outputs=outputs,
-                                     speed=speed if confirm is None else None)
+                                     speed=speed if confirm is None else None,
+                                     confirm=None if confirm is None else confirmation)
     order = report.pop("order", None)
+    budget = report.pop("budget_confirmation", None)  # the budget's evaluation there, when judged
     if confirm is None or not report.get("target_met"):
         return model, stats, report
     with _phase(CONFIRMATION_PHASE, progress, report, "confirmation"):
-        if not isinstance(confirm, Confirmation):
-            confirm = confirm()
         if report.get("refused_layers"):
             quantize = _excluding(quantize, list(report["refused_layers"]))
-        return _confirmed(reference, quantize, model, stats, report, confirm, order, max_float_layers,
-                          ranking_samples)
+        return _confirmed(reference, quantize, model, stats, report, confirmation(), order, max_float_layers,
+                          ranking_samples, budget)
 
 
 @contextlib.contextmanager
@@ -1003,9 +1013,13 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
               reference_outputs: Mapping[str, Sequence[np.ndarray]] | None,
               initial: tuple[ir.Model, dict[str, Any], Evaluation] | None, ranking_samples: int | None,
               outputs: CandidateOutputs | None = None, speed: SpeedBound | None = None,
+              confirm: Callable[[], Confirmation] | None = None,
               ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
-    """``fallback`` on ``samples`` alone; ``report["order"]``: the layers in the order the
-    search returned them to float (absent when the fully quantized model passed)."""
+    """``fallback`` on ``samples`` alone, but for the budget's model, which the estimated
+    search also judges by ``confirm`` (``_fallback_estimated``); ``report["order"]``: the
+    layers in the order the search returned them to float (absent when the fully quantized
+    model passed); ``report["budget_confirmation"]``: the budget's ``Evaluation`` by
+    ``confirm`` where the budget's model is the one found."""
     # the float model's outputs on the samples, computed once (or given: ``model_outputs``)
     ref_outputs = (_Outputs.of(reference_outputs) if reference_outputs is not None
                    else _Outputs(reference, samples, False, stream=stream_plan(reference)))
@@ -1035,7 +1049,7 @@ def _fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds
         # the layers onnxruntime refuses are float in every candidate: no bound models them
         return _fallback_estimated(reference, quantize, samples, target, model, stats, initial, report,
                                    max_float_layers, ref_outputs, ranking_samples, progress, outputs,
-                                   None if refused else speed)
+                                   None if refused else speed, confirm)
     propagated = propagated_sqnr(reference, model, stats.get("layer_outputs", {}), samples)
     candidates = _candidates(layers, propagated, max_layers_ranked)
     ranking = rank_sensitivity(reference, quantize, candidates, samples, target, max_layers=len(candidates),
@@ -1158,11 +1172,18 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
                         model: ir.Model, stats: dict[str, Any], initial: Evaluation, report: dict[str, Any],
                         max_float_layers: int | None, ref_outputs: _Outputs, ranking_samples: int | None,
                         progress: Any = False, outputs: CandidateOutputs | None = None,
-                        speed: SpeedBound | None = None,
+                        speed: SpeedBound | None = None, confirm: Callable[[], Confirmation] | None = None,
                         ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """``fallback`` with ``ranking="estimate"`` (see ``fallback``): the budget in the order
     of the layers' own errors first; only when it meets the target, the output ranking and
-    the search below it (``_search_estimated``)."""
+    the search below it (``_search_estimated``).
+
+    With ``confirm`` (the judgement the result must pass after the search, ``fallback``'s),
+    the budget's model is judged there too as soon as it meets the target on ``samples``:
+    when it misses there, the search stops (hopeless), as it does when the budget misses on
+    ``samples``. The budget is the most float layers a candidate may have, in the order the
+    search falls back to; the output ranking and the candidates below it are spent only
+    where the judgement their result must pass accepts that much float."""
     with _phase(RANKING_PHASE, progress, report, "ranking"):
         local = local_sqnr(reference, model, stats.get("layer_outputs", {}), spread_samples(samples, ranking_samples))
     local_order = _ranked(stats, local, {}, report)
@@ -1181,6 +1202,20 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
                                    "do not meet it")
             bar.advance(bar.total)
             return model, stats, report
+        if confirm is not None:
+            with _phase(CONFIRMATION_PHASE, progress, report, "confirmation"):
+                confirmation = confirm()
+                budget = evaluate_candidate(reference, results[limit][1], confirmation.samples, confirmation.target,
+                                            confirmation.reference_outputs, confirmation.outputs)
+            if not budget.passed:
+                evaluation, model, stats = results[limit]
+                report["confirmation"] = {"samples": len(confirmation.samples), "float_layers_found": limit,
+                                          "passed": False, "float_layers": limit}
+                report.update(kept_float=local_order[:limit], evaluation=budget.to_dict(), target_met=False,
+                              hopeless=_unconfirmed(limit, len(confirmation.samples), limit))
+                bar.advance(bar.total)
+                return model, stats, report
+            report["budget_confirmation"] = budget
         # the layers' errors measured again on the samples shown (not held through the candidate above)
         shown = [samples[i] for i in _shown_positions(samples, initial)]
         with _phase(OUTPUT_RANKING_PHASE, progress, report, "ranking"):
@@ -1188,6 +1223,8 @@ def _fallback_estimated(reference: ir.Model, quantize: QuantizeFn, samples: Sequ
         order = _ranked(stats, local, seen, report)
         found = _search_estimated(reference, quantize, samples, target, order, local_order, limit, report, results,
                                   tried, ref_outputs, bar, outputs, speed)
+        if len(report["kept_float"]) < limit:  # a model below the budget found: not the one judged by ``confirm``
+            report.pop("budget_confirmation", None)
         bar.advance(bar.total)  # the search may need fewer candidates than the bound
     return found
 
@@ -1440,17 +1477,19 @@ class Confirmation:
 
 def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats: dict[str, Any],
                report: dict[str, Any], confirm: Confirmation, order: Sequence[str] | None,
-               max_float_layers: int | None, ranking_samples: int | None,
+               max_float_layers: int | None, ranking_samples: int | None, budget: Evaluation | None = None,
                ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """``fallback``'s result judged by ``confirm``; when it misses, the smallest number of
     layers above the one found, returned to float in the search's order (the estimated
     ranking on ``confirm``'s samples when the fully quantized model had passed), that
     ``confirm`` accepts, the bisection bounded to ``SEARCH_CANDIDATES`` candidates
     (``_search``: then the smallest number measured to be accepted, which
-    ``report["confirmation"]["bounded"]`` says)."""
+    ``report["confirmation"]["bounded"]`` says). ``budget``: ``model``'s evaluation by
+    ``confirm`` when already judged (the budget's, ``_fallback_estimated``)."""
     ref_outputs = _Outputs.of(confirm.reference_outputs)
     found = len(report.get("kept_float", []))
-    evaluation = evaluate_candidate(reference, model, confirm.samples, confirm.target, ref_outputs, confirm.outputs)
+    evaluation = budget if budget is not None else \
+        evaluate_candidate(reference, model, confirm.samples, confirm.target, ref_outputs, confirm.outputs)
     report["confirmation"] = {"samples": len(confirm.samples), "float_layers_found": found,
                               "passed": evaluation.passed}
     if evaluation.passed:
@@ -1466,10 +1505,17 @@ def _confirmed(reference: ir.Model, quantize: QuantizeFn, model: ir.Model, stats
     report.update(kept_float=list(order[:k]), evaluation=evaluation.to_dict(), target_met=evaluation.passed)
     report["confirmation"]["float_layers"] = k
     if not evaluation.passed:
-        held_out = "the fully quantized model" if not found else f"{found} layers returned to float"
-        report["hopeless"] = (f"{limit} layers returned to float (the budget) do not meet it on all "
-                              f"{len(confirm.samples)} samples; on the held-out ones, {held_out} did")
+        report["hopeless"] = _unconfirmed(limit, len(confirm.samples), found)
     return model, stats, report
+
+
+def _unconfirmed(limit: int, samples: int, found: int) -> str:
+    """Why no candidate is accepted: the budget's ``limit`` float layers miss on all
+    ``samples`` samples, where ``found`` of them (the search's result) met the target on the
+    held-out ones."""
+    held_out = "the fully quantized model" if not found else f"{found} layers returned to float"
+    return (f"{limit} layers returned to float (the budget) do not meet it on all {samples} samples; "
+            f"on the held-out ones, {held_out} did")
 
 
 def compare_latency(reference: ir.Model, candidate: ir.Model, samples: Sequence[Feeds], *,
