@@ -50,10 +50,9 @@ every weight may be raised): 1, 2, 4, ... weights (all of them last) until a can
 passes, then bisection below it, at most ``FLOAT_LAYER_CANDIDATES`` candidates: when they
 run out during the bisection, the fewest that passed are raised and
 ``stats["mixed"]["bounded"]`` says fewer might pass; when none passed by then, declined as
-below. Candidates are built on copies
-sharing the model's tensors, each weight quantized once per width. When even every body
-weight at int8 misses, the model is written all-int4 as without a gate (the verification
-then declines it). ``held_out(candidate)``, when given, judges the widths the gate chose on
+below. Candidates are built on copies sharing the model's tensors, each weight quantized
+once per width. When even every body weight at int8 misses, the model is written all-int4
+as without a gate (the verification then declines it). ``held_out(candidate)``, when given, judges the widths the gate chose on
 samples the gate did not see (``optcc.optimize`` gives the verification's own check where
 the gate judges other samples: a KV-cache decoder's): when it misses, the next weight in
 the ranking is raised, and the next, each candidate judged by the gate and then by
@@ -370,10 +369,11 @@ class QuantizeWeightsPass(optcc.Pass):
         gate_chose = confirmed[0] if confirmed and confirmed[0] else None
         if search.chosen is None:
             mixed["declined"] = True
-            every = (f"every one of the {search.candidates} candidates the search may build" if search.bounded
-                     else "every body layer at int8")
-            mixed["summary"] = (f"int4 missed its check ({_short(missed)}) and so does {every}"
-                                + (" on the held-out check" if confirmed else "") + ": declined")
+            checked = "its check and the held-out one" if confirmed else "its check"
+            mixed["summary"] = (f"int4 missed its check ({_short(missed)}); none of the {search.candidates} "
+                                f"candidates the search could build passed {checked}: declined" if search.bounded
+                                else f"int4 missed its check ({_short(missed)}) and so does every body layer at "
+                                f"int8{' on the held-out check' if confirmed else ''}: declined")
             stats["bit_widths"] = _bit_widths(layers, widths, heads, order)
             return widths
         raised = [by_name[name] for name in search.chosen]

@@ -15,6 +15,7 @@ import optcc
 import optcc.quant.float_layers
 from fixtures.attention_decoder import chain_decoder, chain_tokens, float_matmul_weights, forced_agreement
 from optcc.numerics.decode import NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_STEPS
+from optcc.quant import fewest_float_layers
 
 VOCAB, WIDTH, PROMPT, ROWS = 8, 16, 4, 16
 OUTLIER = 1000.0  # the scale of the activation channel that ruins each damaged layer's dynamic rounding
@@ -70,3 +71,25 @@ def test_the_same_decoder_with_the_whole_budget_leaves_the_three_damaged_layers_
     search = next(r for r in result.report.passes if r.name == "quantize-dynamic").stats["search"]
     assert sorted(search["float_layers"]) == sorted(DAMAGED) and "bounded" not in search
     assert _agreement(result.model) >= NEXT_TOKEN_AGREEMENT
+
+
+def test_a_spent_budget_still_confirms_a_larger_candidate_already_built():
+    """Twenty layers; a candidate passes the judge with 9 or more float, the confirmation
+    with 16 or more, and the budget allows 12 candidates. The judge's search builds 0, 1,
+    2, 4, 8, 16 (the first to pass), then 12, 10, 9; the confirmation refuses 9, and one
+    more layer at a time (10 to 14) spends the budget. Past it, the 16 built before is
+    still confirmed and chosen: every candidate judged once by each check."""
+    layers = [f"mm{i}" for i in range(20)]
+    judged: list[tuple[int, str]] = []
+
+    def check(name: str, least: int):
+        def run(floating):
+            judged.append((len(floating), name))
+            return None if len(floating) >= least else f"{len(floating)} < {least}"
+        return run
+
+    search = fewest_float_layers(lambda: layers, check("judge", 9), check("confirm", 16), budget=12)
+    assert search.chosen == layers[:16] and search.bounded
+    assert len(judged) == len(set(judged))  # no candidate judged twice by one check
+    assert {count for count, _ in judged} <= {0, 1, 2, 4, 8, 16, 12, 10, 9, 11, 13, 14}
+    assert (16, "confirm") in judged and search.candidates <= 12

@@ -7,11 +7,12 @@ then bisection between the last count that missed and the first that passed. Whe
 not see); where it does not, one more layer at a time is left float, each candidate
 judged by ``judge`` and then by ``confirm``. At least one layer stays quantized (unless
 ``keep_one`` is False: a caller whose prefix raises layers to a wider width, every one of
-which may be raised), and at most ``budget`` candidates are built: when the budget runs out during the bisection, the
-fewest that passed ``judge`` so far is the count found (confirmed as above, which builds
-no new candidate) and ``bounded`` says that fewer might have passed; when no candidate
-passes within the budget, the search declines (None). Deterministic: the same ranking
-and verdicts give the same choice.
+which may be raised), and at most ``budget`` candidates are built, each judged once by
+each check. Once the budget is spent, only candidates already built are judged: in the
+bisection, the fewest that passed ``judge`` so far is the count found (confirmed as
+above); after a refused confirmation, the larger counts built before; ``bounded`` says
+that fewer layers might have passed. When no candidate passes within the budget, the
+search declines (None). Deterministic: the same ranking and verdicts give the same choice.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ __all__ = ["BOUNDED_NOTE", "FLOAT_LAYER_CANDIDATES", "FloatLayerSearch", "fewest
 
 FLOAT_LAYER_CANDIDATES = 12  # the most candidates a search builds and judges before it declines
 # what a summary line says of a ``bounded`` search
-BOUNDED_NOTE = "the search was bounded: its budget ran out before the bisection ended, fewer may pass"
+BOUNDED_NOTE = "the search was bounded: its candidate budget ran out, so fewer layers may pass"
 
 Built = TypeVar("Built")
 Check = Callable[[Sequence[str]], "str | None"]  # the float layers of a candidate -> None, or why it misses
@@ -58,11 +59,15 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
     ranked: Sequence[str] = ()
     bounded = False
 
+    verdicts: dict[tuple[int, str], bool] = {}  # each candidate's verdict by each check, judged once
+
     def passes(count: int, name: str, check: Check | None) -> bool | None:
         """Whether the candidate with ``count`` layers float passes ``check`` (True when there
         is none); None when it would be a new candidate past the budget."""
         if check is None:
             return True
+        if (count, name) in verdicts:
+            return verdicts[count, name]
         nonlocal bounded
         if count not in built:
             if len(built) >= budget:
@@ -72,6 +77,7 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
         reason = check(list(ranked[:count]))
         checks.append({"float_layers": count, "check": name, "passed": reason is None,
                        **({"reason": reason} if reason is not None else {})})
+        verdicts[count, name] = reason is None
         return reason is None
 
     first = passes(0, "judge", judge)
@@ -103,15 +109,11 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
         if passes(high, "confirm", confirm):  # ``high`` was built: its confirmation is within the budget
             return FloatLayerSearch(list(ranked[:high]), checks, ranked, bounded)
         start = high + 1
-    # the confirmation refused the judge's choice: one more layer float at a time, each judged first
+    # the confirmation refused the judge's choice: one more layer float at a time, each judged
+    # first; past the budget, only the candidates already built (a larger one may have passed)
     for count in range(start, most + 1):
-        verdict = passes(count, "judge", judge)
-        if verdict:
-            verdict = passes(count, "confirm", confirm)
-            if verdict:
-                return FloatLayerSearch(list(ranked[:count]), checks, ranked, bounded)
-        if verdict is None:
-            break
+        if passes(count, "judge", judge) and passes(count, "confirm", confirm):
+            return FloatLayerSearch(list(ranked[:count]), checks, ranked, bounded)
     return FloatLayerSearch(None, checks, ranked, bounded)
 
 
