@@ -50,14 +50,15 @@ def _dims(tensor: ir.TensorProtocol) -> Iterable[int]:
     return tensor.raw.dims if type(tensor) is ir.serde.TensorProtoTensor else tensor.shape
 
 
-def _scopes(graph: ir.Graph) -> Iterator[ir.Graph]:
+def _scopes(graph: ir.Graph, scoped_only: bool = True) -> Iterator[ir.Graph]:
     """``graph`` and every If/Loop/Scan body nested in it, parents first (a custom op's
-    graphs may run where the outer scope is not seen: they are not entered)."""
+    graphs may run where the outer scope is not seen: they are not entered unless
+    ``scoped_only`` is False, which walks every graph nested in ``graph``)."""
     yield graph
     for node in graph:
-        if node.op_type in _SCOPED_OPS and node.domain in _DEFAULT_DOMAINS:
+        if not scoped_only or node.op_type in _SCOPED_OPS and node.domain in _DEFAULT_DOMAINS:
             for body in optcc.ir.subgraphs(node):
-                yield from _scopes(body)
+                yield from _scopes(body, scoped_only)
 
 
 def _defined(graph: ir.Graph) -> Iterator[ir.Value]:
@@ -112,9 +113,10 @@ class LiftConstantsPass(optcc.Pass):
             stats["unlisted_constant_inputs"] = optcc.ir.upgrade_legacy_ir(model)
         main = model.graph
         scopes = list(_scopes(main))
-        # names that more than one value of the scopes holds: no main-graph initializer can take them
-        counts = collections.Counter(
-            value.name for graph in scopes for value in _defined(graph)) if len(scopes) > 1 else {}
+        # names that more than one value of the main graph and every graph nested in it (a custom
+        # op's too) holds: no main-graph initializer can take them
+        counts = collections.Counter(value.name for graph in _scopes(main, scoped_only=False)
+                                     for value in _defined(graph)) if len(scopes) > 1 else {}
         lifted = 0
         for graph in scopes:
             nodes = [node for node in list(graph)

@@ -202,3 +202,26 @@ def test_constants_in_a_custom_op_graph_stay_nodes() -> None:
     result = LiftConstantsPass()(ir.from_proto(proto))
     assert not result.modified and not result.model.graph.initializers
     assert _ops(result.model) == {"Add": 1, "Constant": 1, "custom.ops::Decode": 1}
+
+
+def test_a_body_constant_named_as_a_custom_op_graph_value_stays_a_node() -> None:
+    """An If branch's Constant ``c`` and a custom op's graph defining ``c`` too: a main-graph
+    initializer ``c`` would be shadowed by the custom graph's (the model would fail the
+    checker), so the branch keeps its Constant node and the model stays valid."""
+    proto = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17, "com.x" : 1]>
+    g (float[3] x, bool b) => (float[3] y, float[3] z) {
+        y = If(b) <
+            then_branch = g1 () => (float[3] o1) { c = Constant<value = float[3] {1.0, 2.0, 3.0}>() o1 = Add(x, c) },
+            else_branch = g2 () => (float[3] o2) { o2 = Neg(x) }
+        >
+        z = com.x.Foo(x) < body = g3 (float[3] i) => (float[3] o3) {
+            c = Constant<value = float[3] {4.0, 5.0, 6.0}>()
+            o3 = Add(i, c)
+        } >
+    }
+    """)
+    onnx.checker.check_model(proto)
+    result = LiftConstantsPass()(ir.from_proto(proto))
+    assert not result.modified and not result.model.graph.initializers
+    onnx.checker.check_model(ir.to_proto(result.model))
