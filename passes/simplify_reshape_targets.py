@@ -165,12 +165,14 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
         # then kept for the call (no rewrite here changes a shape)
         shapes: dict[ir.Value, ir.Shape] | None = None
         inference: tuple[InferenceSnapshot, ShapeFindings] | None = None
+        # every value name of the model, collected when the first target is replaced: a new name
+        # taken in no graph, so a body's never shadows an enclosing graph's
+        taken: set[str] | None = None
         for graph in optcc.ir.graphs(model):
             opset = graph_opset(graph, model_opset)
             if opset < 5:
                 continue
             ranks: dict = {}  # static ranks: no rewrite here changes one
-            taken: set[str] | None = None  # the graph's value names, once a target is replaced: the only names made here
             for node in list(graph):
                 if node.op_type != "Reshape" or node.domain not in _DEFAULT_DOMAINS or len(node.inputs) != 2:
                     continue
@@ -185,7 +187,7 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
                     continue
                 copies = 0 in target  # shape-copy's targets hold a 0 (never under allowzero=1), inferred-dim's none
                 if taken is None:
-                    taken = optcc.ir.value_names(graph)
+                    taken = optcc.ir.value_names(model)
                 node.replace_input_with(1, optcc.ir.constant_for(model, node, target, "target", taken))
                 rule = "shape-copy" if copies else "inferred-dim"
                 counts[rule] = counts.get(rule, 0) + 1

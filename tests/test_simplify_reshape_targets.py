@@ -368,3 +368,40 @@ def test_many_targets_scan_the_graph_for_names_once(monkeypatch):
     assert len(scans) == 1
     targets = [t.name for t in out.graph.initializer if t.name.endswith("_target") or "_target_" in t.name]
     assert len(targets) == count == len(set(targets)) and "Reshape_target" not in targets
+
+
+def test_a_body_target_takes_a_name_no_enclosing_graph_holds():
+    """Unnamed Reshapes in the main graph and in both branches of an If: each target gets
+    a name no graph of the model holds (a branch's ``Reshape_target`` would shadow the main
+    graph's and fail the checker); the result equals onnxruntime on the original."""
+    proto = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 8, 1, 1] x, bool b) => (float[N, 8, 1] y, float[N, 8, 1] z)
+        <int64 i0 = {0}, int64[1] a = {0}, int64[2] c = {8, -1}> {
+        s = Shape(x)
+        d = Gather(s, i0)
+        u = Unsqueeze(d, a)
+        t = Concat<axis = 0>(u, c)
+        y = Reshape(x, t)
+        z = If(b) <
+          then_branch = g1 () => (float[N, 8, 1] o1) {
+            s1 = Shape(x)
+            d1 = Gather(s1, i0)
+            u1 = Unsqueeze(d1, a)
+            t1 = Concat<axis = 0>(u1, c)
+            o1 = Reshape(x, t1)
+          },
+          else_branch = g2 () => (float[N, 8, 1] o2) { o2 = Reshape(x, t) }
+        >
+    }""")
+    result = SimplifyReshapeTargetsPass()(ir.from_proto(proto))
+    assert result.stats == {"shape-copy": 3}
+    out = ir.to_proto(result.model)
+    onnx.checker.check_model(out, full_check=True)
+    x = np.random.default_rng(0).standard_normal((2, 8, 1, 1)).astype(np.float32)
+    for b in (True, False):
+        feeds = {"x": x, "b": np.array(b)}
+        want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(g, w)

@@ -83,10 +83,10 @@ def constant_for(model: ir.Model, reader: ir.Node, array: np.ndarray, base: str,
                  taken: set[str] | None = None) -> ir.Value:
     """A constant holding ``array`` for ``reader`` to read, named as ``constant_before``
     names it: in the main graph of a model of IR version 4 or later, an initializer of that
-    name holding that tensor (what lift-constants makes of the Constant node, so that no
-    later lift changes the model again); elsewhere (a body or function, or below IR version
-    4, where every initializer is also a graph input) the Constant node ``constant_before``
-    inserts. ``taken``: as ``constant_before``'s."""
+    name holding that tensor (what lift-constants makes of a main-graph Constant node, so
+    that no later lift changes it); elsewhere (a body or function, or below IR version 4,
+    where every initializer is also a graph input) the Constant node ``constant_before``
+    inserts (lift-constants may still lift a body's). ``taken``: as ``constant_before``'s."""
     graph = reader.graph
     if graph is not model.graph or initializers_are_constant(model):
         return constant_before(reader, array, base, taken)
