@@ -87,7 +87,7 @@ def test_the_fallback_search_stops_a_missing_candidate_and_returns_the_same_mode
     sample, and its outputs meet the target against onnxruntime's float run."""
     monkeypatch.setattr(quantize_int8_pass, "CANCELLATION_RATIO", float("inf"))
     target = Target(min_sqnr_db=20.0, min_argmax_agreement=0.0)
-    data = _rows(50)  # 10 held out: an SQNR verdict on fewer would hold out half
+    data = _rows(20)
 
     def run() -> tuple[bytes, dict]:
         q, stats = quantize_int8(_model(), data, "minmax", min_speedup=1e-9, target=target, metric="sqnr",
@@ -103,8 +103,7 @@ def test_the_fallback_search_stops_a_missing_candidate_and_returns_the_same_mode
     assert [(t["float_layers"], t["passed"]) for t in tried] == \
         [(t["float_layers"], t["passed"]) for t in judged["fallback"]["tried"]] == [(4, True), (1, False), (2, True)]
     assert tried[1]["stopped_after"] == 1 and "stopped_after" not in judged["fallback"]["tried"][1]
-    assert stopped["fallback"]["kept_float"] == judged["fallback"]["kept_float"]
-    assert sorted(stopped["fallback"]["kept_float"]) == ["mm_a", "mm_b"]
+    assert stopped["fallback"]["kept_float"] == judged["fallback"]["kept_float"] == ["mm_a", "mm_b"]
     written = onnx.load_from_string(stopping)
     for feeds in data[-4:]:
         for want, got in zip(onnxruntime_outputs(_model(), feeds), onnxruntime_outputs(written, feeds)):
@@ -122,7 +121,7 @@ def test_through_the_pipeline_the_verifier_runs_a_missing_candidate_on_its_first
     onnx.save(_model(), path)
 
     def run() -> tuple[bytes, dict, str]:
-        result = optcc.optimize(str(path), int8_calibration=_rows(50),
+        result = optcc.optimize(str(path), int8_calibration=_rows(20),
                                 int8_options={"min_speedup": 1e-9, "metric": "sqnr", "max_float_layers": 4,
                                               "target": Target(min_sqnr_db=20.0, min_argmax_agreement=0.0)})
         (int8,) = [p for p in result.report.passes if "fallback" in p.stats]

@@ -241,7 +241,7 @@ def check_groups(groups: Sequence[str] | None, count: int, metric: Any, outputs:
                                 f"(groups: {', '.join(labels)})")
 
 
-MIN_GROUP_HELD_OUT = 10  # held-out samples a group's or an SQNR row's verdict rests on; on fewer, mostly chance
+MIN_GROUP_HELD_OUT = 10  # held-out samples a group's verdict rests on; on fewer, it is mostly chance
 
 
 def _few_held_out(groups: Sequence[str] | None, held: Sequence[int]) -> list[str]:
@@ -252,17 +252,6 @@ def _few_held_out(groups: Sequence[str] | None, held: Sequence[int]) -> list[str
     return [f"group '{label}' on {c['held_out']} held-out samples: fewer than {MIN_GROUP_HELD_OUT}, a verdict "
             "mostly by chance (which samples they are, and the noise floor's draw)"
             for label, c in _group_counts(groups, held).items() if c["held_out"] < MIN_GROUP_HELD_OUT]
-
-
-def _few_measured(judge: TaskJudge, held: Sequence[int]) -> list[str]:
-    """Why the held-out part is too small for the rows judged by SQNR: one line per such
-    row when fewer than ``MIN_GROUP_HELD_OUT`` samples are held out. A summed SQNR over a
-    few samples is mostly which samples they are: activation ranges calibrated on the
-    others may cover those few and not the inputs the user feeds."""
-    if len(held) >= MIN_GROUP_HELD_OUT:
-        return []
-    return [f"'{key}' judged by SQNR on {len(held)} held-out samples: fewer than {MIN_GROUP_HELD_OUT}, a verdict "
-            "mostly by which samples they are" for key, metric in judge.plan.items() if metric == "sqnr"]
 
 
 def _group_counts(groups: Sequence[str], held: Sequence[int]) -> dict[str, dict[str, int]]:
@@ -417,11 +406,8 @@ def quantize_int8(
     samples is held out (and the last half of each when widened), so every group is
     judged, apart, against its own floor; a group with fewer than ``MIN_GROUP_HELD_OUT``
     samples held out widens the held-out part to half, and then has every sample judged,
-    as too few items do; a row judged by SQNR on fewer than ``MIN_GROUP_HELD_OUT``
-    held-out samples widens it to half too (``_few_measured``), but never has every sample
-    judged: a summed SQNR over calibration samples says nothing of new inputs. A metric
-    mapping may name a group (``{"@photo": "added-boxes"}``,
-    ``optcc.numerics.task.TaskJudge``). Each group needs at
+    as too few items do; a metric mapping may name a group
+    (``{"@photo": "added-boxes"}``, ``optcc.numerics.task.TaskJudge``). Each group needs at
     least ``MIN_GROUP_SAMPLES`` samples, and every key of a metric mapping must name an
     output or a group (``check_groups``; else BadInputError). Bias correction measures
     the first calibration samples of every group in turn.
@@ -596,12 +582,12 @@ def quantize_int8(
 
         judge = own_judge(held_positions)
         thin = judge.thin()
-        few = _few_held_out(o.groups, held_positions) + _few_measured(judge, held_positions)
+        few = _few_held_out(o.groups, held_positions)
         widened: list[str] = []
         halves = holdout_positions(len(samples), o.holdout_fraction, o.groups, half=True)
         if (thin or few) and len(held) < len(halves):
-            # the held-out items cannot show the margin, or a group's or an SQNR row's few
-            # samples decide by chance: hold out half the samples (of each group) instead
+            # the held-out items cannot show the margin, or a group's few samples decide by
+            # chance: hold out half the samples (of each group) instead
             if thin:
                 widened.append(f"{'; '.join(thin)} on {len(held)} held-out samples: at the allowed rate they hold "
                                f"fewer than {FEW_EXPECTED_ERRORS:g} errors, too few to tell float32's noise floor "
@@ -648,10 +634,6 @@ def quantize_int8(
             stats["acceptance"]["held_out_widened"] = (
                 f"{'; '.join(widened)}, so half the samples{' of each group' if o.groups is not None else ''} "
                 f"({len(held)}) are held out")
-        if confirm is not None:
-            stats["acceptance"]["confirmation"] = (
-                f"a model the {len(held)} held-out samples pass is judged again on all {len(samples)}, the "
-                f"{len(calib)} calibration ones too: that can only reject it")
         if judged is not held:
             stats["acceptance"]["all_samples_judged"] = (
                 f"{'; '.join(everything)}, so every candidate is judged on all {len(samples)} samples (the "
