@@ -157,10 +157,11 @@ def test_the_reference_runs_are_phases_of_their_own():
 
 
 def test_the_int8_fallback_shows_its_ranking_search_and_confirmation():
-    """The fallback's ranking (the layers' own errors, then at the outputs), its search and
-    the confirmation on every sample are phases of their own, in that order, and the
-    ranking and confirmation have wall times of their own in the driver's ``seconds``;
-    the search still ends with the layers made sensitive float."""
+    """The fallback's ranking by the layers' own errors, its search, the confirmation on
+    every sample (first of the budget's model, before the search below it) and the ranking
+    at the outputs are phases of their own, first seen in that order, and the ranking and
+    confirmation have wall times of their own in the driver's ``seconds``; the search
+    still ends with the layers made sensitive float."""
     from test_int8_decline import _chain, _rows
 
     from optcc.quant.fallback import CONFIRMATION_PHASE, OUTPUT_RANKING_PHASE, RANKING_PHASE
@@ -172,8 +173,8 @@ def test_the_int8_fallback_shows_its_ranking_search_and_confirmation():
                                 int8_options={"require_speedup": False})
     phases = list(dict.fromkeys(phase for phase, _, _ in seen))
     search = "fallback: layers back to float"
-    assert [p for p in phases if p.startswith("fallback")] == [RANKING_PHASE, search, OUTPUT_RANKING_PHASE,
-                                                               CONFIRMATION_PHASE]
+    assert [p for p in phases if p.startswith("fallback")] == [RANKING_PHASE, search, CONFIRMATION_PHASE,
+                                                               OUTPUT_RANKING_PHASE]
     assert phases.index(CONFIRMATION_PHASE) < phases.index("verifying")
     stats = next(p.stats for p in result.report.passes if "seconds" in p.stats)
     assert set(stats["fallback"]["kept_float"]) == set(sensitive) and stats["fallback"]["confirmation"]["passed"]
