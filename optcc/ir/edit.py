@@ -65,8 +65,9 @@ def unique_prefix(names: Iterable[str], base: str) -> str:
 def constant_before(before: ir.Node, array: np.ndarray, base: str, taken: set[str] | None = None) -> ir.Value:
     """A Constant node holding ``array``, inserted just before ``before`` in its graph and
     named after it (``<node>_<base>``, unique in that graph); its output, typed and shaped.
-    ``taken``: ``value_names`` of that graph, kept by a caller that inserts many (the new
-    name is added to it), so the graph is not scanned again for each: the same names."""
+    ``taken``: ``value_names`` of that graph (or of the whole model, for a name no enclosing
+    graph holds either), kept by a caller that inserts many (the new name is added to it),
+    so the graph is not scanned again for each."""
     graph = before.graph
     assert graph is not None
     name = unique_value_name(graph, f"{before.name or before.op_type}_{base}", taken)

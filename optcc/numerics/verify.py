@@ -738,7 +738,8 @@ class Verifier:
 
     def _check(self, model: ir.Model, numerics: Numerics, samples: Sequence[int] | None, *,
                serialized: Serialized | None, prove: bool) -> Verification:
-        """``check``, run."""
+        """``check`` itself: the proof or the samples, without reusing a decoder's last
+        next-token verdict."""
         tolerance = self.tolerances[numerics]
         if prove and not self.user_samples:  # the user's samples always run
             proved = self.prove(model, numerics, serialized=serialized)

@@ -55,11 +55,10 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
     ``budget``: ``FLOAT_LAYER_CANDIDATES`` when None."""
     budget = FLOAT_LAYER_CANDIDATES if budget is None else budget
     checks: list[dict[str, Any]] = []
-    built: set[int] = set()
     ranked: Sequence[str] = ()
     bounded = False
-
-    verdicts: dict[tuple[int, str], bool] = {}  # each candidate's verdict by each check, judged once
+    # each candidate's verdict by each check, judged once; the candidates built are the counts here
+    verdicts: dict[tuple[int, str], bool] = {}
 
     def passes(count: int, name: str, check: Check | None) -> bool | None:
         """Whether the candidate with ``count`` layers float passes ``check`` (True when there
@@ -69,11 +68,10 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
         if (count, name) in verdicts:
             return verdicts[count, name]
         nonlocal bounded
-        if count not in built:
-            if len(built) >= budget:
-                bounded = True
-                return None
-            built.add(count)
+        built = {built_count for built_count, _ in verdicts}
+        if count not in built and len(built) >= budget:
+            bounded = True
+            return None
         reason = check(list(ranked[:count]))
         checks.append({"float_layers": count, "check": name, "passed": reason is None,
                        **({"reason": reason} if reason is not None else {})})
