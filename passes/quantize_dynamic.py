@@ -54,8 +54,8 @@ MatMul/Gemm layers are ranked by their relative output error under dynamic INT8
 (``optcc.quant.dynamic_error``, on the layers' inputs in the float model on ``samples()``,
 else by weight error alone), and the fewest of the most damaging are left float
 (``optcc.quant.fewest_float_layers``: 1, 2, 4, ... then bisection, at most all but one,
-within ``FLOAT_LAYER_CANDIDATES`` candidates: where they run out during the bisection, the
-fewest that passed so far, and ``stats["search"]["bounded"]`` says so), each candidate
+within ``FLOAT_LAYER_CANDIDATES`` candidates: once they are spent, only those built are
+judged further, the fewest that passed ship, and ``stats["search"]["bounded"]`` says so), each candidate
 confirmed by ``held_out`` where given (the verification's own check). When none passes,
 the model is left unchanged with the reason in ``stats["reason"]`` (the precision is
 declined); ``stats["search"]`` holds the checks and the layers left float. Candidates are

@@ -323,7 +323,7 @@ class QuantizeWeightsPass(optcc.Pass):
         that passes; else the most sensitive body weights raised to int8, as few as
         ``optcc.quant.fewest_float_layers`` finds over ``_ranking``'s order (every weight may
         be raised; at most ``FLOAT_LAYER_CANDIDATES`` candidates, ``bounded`` when that cut
-        the bisection short), ``held_out`` confirming its choice; when it declines,
+        the search short), ``held_out`` confirming its choice; when it declines,
         all-int4 (the verification then declines it, as without a gate). Candidates are
         built on copies of ``model`` (sharing its tensors); ``model`` itself is not changed here."""
         assert self.gate is not None
