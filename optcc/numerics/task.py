@@ -76,6 +76,10 @@ integer or boolean        ``labels`` (always; not selectable): 1 - the fraction 
                           sample whose shape changed disagrees in every row. Not for
                           one computed from no float value (``float_free_outputs``: ids
                           passed through, shapes), which is compared exactly
+a recurrent op's output   ``sqnr`` (below), whatever its shape: an LSTM's, GRU's or RNN's
+(``Y``, ``Y_h``, ``Y_c``) hidden states or state, measured values, not class scores
+through layout ops only   or a pooled vector (``TaskJudge(recurrent=...)``,
+                          ``recurrent_outputs``)
 anything else             ``sqnr``: noise power / signal power, summed over ALL held-out
                           samples (never a per-sample median or worst, which one blank
                           input would dominate); reported in dB
@@ -207,7 +211,7 @@ from optcc.numerics.metrics import real_values, special_values_problem
 
 __all__ = [
     "METRICS", "DEFAULT_MARGIN", "MIN_DEVIATION", "Outputs", "UserMetric", "choose_metric", "perturb",
-    "projected_outputs",
+    "projected_outputs", "recurrent_outputs",
     "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "REGRESSION_NAMES", "sequence_outputs",
     "float_free_outputs",
     "measure", "deviations", "TaskJudge", "perturbation_draws", "perturbation_roles", "unmoved", "moves_nothing",
@@ -424,6 +428,30 @@ def projected_outputs(model: ir.Model) -> set[str]:
             continue
         weight = _constant_shape(node.inputs[1])
         if weight is not None and len(weight) == 2 and weight[1] < weight[0]:
+            found.add(output.name)
+    return found
+
+
+# recurrent ops whose every output (Y, Y_h, Y_c) is a sequence of hidden states or a state
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+# ops that move values without computing new ones: a recurrent output behind them is still one
+LAYOUT_OPS = frozenset({"Identity", "Squeeze", "Unsqueeze", "Transpose", "Reshape", "Flatten"})
+RECURRENT_REASON = "a recurrent op's state or hidden states, through layout ops only: measured values"
+
+
+def recurrent_outputs(model: ir.Model) -> set[str]:
+    """The graph outputs that are a recurrent op's outputs (``RECURRENT_OPS``: its hidden
+    states ``Y``, its last hidden state ``Y_h``, an LSTM's cell state ``Y_c``) moved only by
+    layout ops (``LAYOUT_OPS``). They are measured values (an encoder's memory, bounded
+    activations), whatever their shape or values look like: no class is the largest entry
+    of a state, and a decoder reads every step of ``Y``, not their mean."""
+    found = set()
+    for output in model.graph.outputs:
+        node = output.producer()
+        while node is not None and node.op_type in LAYOUT_OPS and node.domain in ("", "ai.onnx") \
+                and node.inputs and node.inputs[0] is not None:
+            node = node.inputs[0].producer()
+        if node is not None and node.op_type in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
             found.add(output.name)
     return found
 
@@ -1313,7 +1341,7 @@ def _finite(x: float) -> float | str:
 
 def _row_plan(reference: Outputs, metric: Any, groups: Sequence[str] | None, sequences: Collection[str],
               heads: Collection[str], exact: Collection[str], state: Collection[str],
-              tokens: Mapping[str, str] | None = None,
+              tokens: Mapping[str, str] | None = None, recurrent: Collection[str] = (),
               ) -> tuple[list[tuple[str, list[int]]], dict[str, Any], dict[str, tuple[str, list[int]]], dict[str, str]]:
     """``TaskJudge``'s rows on ``reference`` (its fields of the same names): the samples of
     each group, and per row (an output, or an output in a group) its metric, its output
@@ -1354,7 +1382,9 @@ def _row_plan(reference: Outputs, metric: Any, groups: Sequence[str] | None, seq
             if isinstance(metric, Mapping):  # most specific first: output@group, @group, output, *
                 names = (f"{name}@{group}", f"@{group}", name, "*") if group else (name, "*")
                 given = next((metric[k] for k in names if k in metric), None)
-            if given in (None, "auto"):
+            if given in (None, "auto") and name in recurrent:
+                chosen, reason = "sqnr", RECURRENT_REASON
+            elif given in (None, "auto"):
                 chosen, reason = metric_choice(values, name)
             else:
                 chosen, reason = given, "given"
@@ -1367,7 +1397,7 @@ def _row_plan(reference: Outputs, metric: Any, groups: Sequence[str] | None, seq
                                     f"{list(np.shape(values[0]))}: {misfit} (docs/int8.md)")
             key = name if not group else f"{name}@{group}"
             plan[key], where[key], why[key] = chosen, (name, idx), reason
-            if given in (None, "auto"):
+            if given in (None, "auto") and name not in recurrent:  # the graph decided a recurrent output
                 chosen_by_auto.append(key)
         _scores_per_step(chosen_by_auto, plan, where, why, reference, heads, tokens)
         _pooled_beside_embeddings(chosen_by_auto, plan, where, why, reference)
@@ -1457,22 +1487,24 @@ def _pooled_beside_embeddings(keys: Sequence[str], plan: dict[str, Any],
 def row_metrics(reference: Outputs, metric: str | UserMetric | Mapping[str, str | UserMetric] | None = None, *,
                 groups: Sequence[str] | None = None, sequences: Collection[str] = (), heads: Collection[str] = (),
                 exact: Collection[str] = (), state: Collection[str] = (),
-                tokens: Mapping[str, str] | None = None) -> dict[str, str | UserMetric]:
+                tokens: Mapping[str, str] | None = None, recurrent: Collection[str] = (),
+                ) -> dict[str, str | UserMetric]:
     """Each row's metric as ``TaskJudge(reference, ..., metric=metric, ...)`` plans it (its
     ``plan``), chosen from the reference outputs alone: a judge of some of these samples
     given it as ``rows`` judges them as a judge of all of them would (``select``), with no
     perturbed output of the others."""
     return row_choices(reference, metric, groups=groups, sequences=sequences, heads=heads, exact=exact,
-                       state=state, tokens=tokens)[0]
+                       state=state, tokens=tokens, recurrent=recurrent)[0]
 
 
 def row_choices(reference: Outputs, metric: str | UserMetric | Mapping[str, str | UserMetric] | None = None, *,
                 groups: Sequence[str] | None = None, sequences: Collection[str] = (), heads: Collection[str] = (),
                 exact: Collection[str] = (), state: Collection[str] = (), tokens: Mapping[str, str] | None = None,
+                recurrent: Collection[str] = (),
                 ) -> tuple[dict[str, str | UserMetric], dict[str, str]]:
     """``row_metrics`` and, per row, why its metric judges it in words (a judge given them
     as ``rows`` and ``reasons`` reports them as its own)."""
-    _, plan, _, why = _row_plan(reference, metric, groups, sequences, heads, exact, state, tokens)
+    _, plan, _, why = _row_plan(reference, metric, groups, sequences, heads, exact, state, tokens, recurrent)
     return plan, why
 
 
@@ -1521,6 +1553,7 @@ class TaskJudge:
     # outputs with one step per token, each mapped to its token-id input (``token_outputs``)
     tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
     exact: Collection[str] = ()  # integer outputs no precision change moves (``float_free_outputs``): not judged
+    recurrent: Collection[str] = ()  # a recurrent op's outputs, through layout ops (``recurrent_outputs``)
     # a streaming model's state outputs: not judged themselves, but in the next step's answers
     # (``optcc.numerics.decode.streamed``), which the outputs hold under their own names
     state: Collection[str] = ()
@@ -1535,7 +1568,7 @@ class TaskJudge:
         # and why that metric judges it (``chosen``)
         self.subsets, self.plan, self._where, self._why = _row_plan(
             self.reference, _planned(self.metric, self.rows), self.groups, self.sequences, self.heads, self.exact,
-            self.state, self.tokens)
+            self.state, self.tokens, self.recurrent)
         if self.rows is not None and self.reasons is not None:
             self._why = {key: self.reasons.get(key, why) for key, why in self._why.items()}
         self._envelope = [self.perturbed, *self.draws]

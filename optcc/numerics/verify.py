@@ -117,8 +117,8 @@ from optcc.numerics.kinds import Numerics
 from optcc.numerics.metrics import ORIGINAL_ERROR_FACTOR, SATURATED_BELOW, TOLERANCES, OutputMetrics, Tolerance, bounded_resolution, compare_outputs
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, DeferredOutputs, TaskJudge,
                                  UserMetric, float_free_outputs, moves_nothing, perturbation_draws, perturbation_roles,
-                                 projected_outputs, row_choices, sequence_outputs, token_outputs, unmoved,
-                                 wants_draws)
+                                 projected_outputs, recurrent_outputs, row_choices, sequence_outputs, token_outputs,
+                                 unmoved, wants_draws)
 from optcc.progress import Progress
 from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, building_session, first_line, float16_feedable,
                                    make_session, resolve_providers, run, session_options)
@@ -629,7 +629,7 @@ class Verifier:
                 reference, floor_draw(0), perturbation=shared.how, masks=masks, groups=groups,
                 draws=[floor_draw(d) for d in range(1, len(shared.unmoved))], rows=shared.rows,
                 reasons=shared.reasons, sequences=shared.sequences, heads=shared.heads, exact=shared.exact,
-                state=shared.state, tokens=shared.tokens, **self._task)
+                state=shared.state, tokens=shared.tokens, recurrent=shared.recurrent, **self._task)
         return self._judges[key]
 
     def _judge_plan(self, provider: str) -> _JudgePlan:
@@ -644,7 +644,7 @@ class Verifier:
             reference = self._judged(float32[provider])
             groups = self._groups if self._plan is None else None
             fields = dict(sequences=sequence_outputs(self._model), heads=projected_outputs(self._model),
-                          exact=float_free_outputs(self._model),
+                          exact=float_free_outputs(self._model), recurrent=recurrent_outputs(self._model),
                           state=self._stream.state_outputs if self._stream is not None else (),
                           tokens=token_outputs(self._model, self.feeds, reference) if self._plan is None else {})
             rows, reasons = row_choices(reference, self._task["metric"], groups=groups, **fields)
@@ -1316,6 +1316,7 @@ class _JudgePlan:
     exact: Any = ()
     state: Any = ()
     tokens: Any = dataclasses.field(default_factory=dict)
+    recurrent: Any = ()
 
 
 @dataclasses.dataclass

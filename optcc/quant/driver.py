@@ -43,8 +43,8 @@ from optcc.numerics.decode import stream_plan
 from optcc.numerics.inputs import input_roles
 from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, METRICS, MIN_ITEMS,
                                  DeferredOutputs, TaskJudge, UserMetric, float_free_outputs, perturbation_draws,
-                                 perturbation_roles, projected_outputs, row_metrics, sequence_outputs, token_outputs,
-                                 unmoved, wants_draws)
+                                 perturbation_roles, projected_outputs, recurrent_outputs, row_metrics,
+                                 sequence_outputs, token_outputs, unmoved, wants_draws)
 
 __all__ = ["Int8Options", "quantize_int8", "fold_batchnorm", "prepare_float", "upgrade_opset"]
 
@@ -131,7 +131,7 @@ def _task_judge(model: ir.Model, held: Sequence[Any], metric: Any, margin: float
         perturbed = DeferredOutputs(lambda: model_outputs(model, moved[0]))
     fields = dict(groups=groups, sequences=sequence_outputs(model), heads=projected_outputs(model),
                   exact=float_free_outputs(model), state=stream.state_outputs if stream is not None else (),
-                  tokens=token_outputs(model, held, reference))
+                  tokens=token_outputs(model, held, reference), recurrent=recurrent_outputs(model))
     more_outputs: list[Mapping[str, Sequence[Any]]] = []
     if draws >= 2 and wants_draws(row_metrics(reference, metric, **fields)):
         more, _ = perturbation_draws(held, draws, first=1, **moving)
