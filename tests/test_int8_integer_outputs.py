@@ -93,6 +93,10 @@ def test_int8_verification_judges_decoded_ids_by_the_task(tmp_path, scale: float
     ids = next(m for m in result.outputs if m.name == "ids")
     assert ids.problem is None  # its values are the task's to judge, its shape still compared
     assert (result.status == "passed") is (passes and result.task["passed"])
+    if result.status == "passed":  # the summary line says the deviation next to the floor's allowance
+        line = result.describe()
+        assert "against float32's noise floor: 'scores' " in line
+        assert f"'ids' labels {row['deviation']:.3g} <= {row['allowed']:.3g} (floor 0, 320 items)" in line
     got = expected_outputs_float64(_reader(moved), feeds[0])[1]  # the candidate is what numpy says
     assert np.array_equal(got, np.argmax(feeds[0]["x"].astype(np.float64) @ moved.astype(np.float64), -1))
 
