@@ -26,8 +26,8 @@ from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_byte
 from optcc.ir.overwrite import check_input_shapes
 from optcc.ir.zipmap import DetachedZipMaps, check_same_zipmaps, load_apart
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
-from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary,
-                            input_roles, resolve_providers)
+from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_ranges,
+                            check_samples_vary, input_roles, resolve_providers)
 from optcc.numerics.verify import REPARSE_MAX_BYTES
 from optcc.progress import Progress
 from optcc.quant import quantization_ops, stored_weights
@@ -229,6 +229,11 @@ def optimize(
     if zipmaps is not None and fp16_keep_io is not True:  # ZipMap reads float32 only
         fp16_keep_io = [*(fp16_keep_io or ()), *zipmaps.inputs]
     input_shapes = _merged_shapes(loaded, input_shapes, overwrite_input_shapes, label)
+    if input_ranges:  # at every level, whether or not samples are drawn from them
+        try:
+            check_ranges(loaded, input_ranges)
+        except BadInputError as error:
+            raise BadInputError(str(error), label) from None
     working = oir.clone(loaded) if loaded is model else loaded
     # a path the verifier loads itself, unless it holds the ZipMaps set apart from ``loaded``
     original: Any = model if isinstance(model, (str, os.PathLike)) and zipmaps is None else loaded

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import signal
@@ -467,6 +468,7 @@ def _check_flags(
         if given and not args.int8:
             raise BadInputError(f"{flag} is used with --int8")
     _check_margin(args.int8_metric_margin)
+    _check_target_sqnr(args.int8_target_sqnr)
     if args.allow_float_fallback and not (args.int8 or args.fp16 or args.int8_dynamic or args.weights):
         raise BadInputError("--allow-float-fallback is used with --fp16, --int8, --int8-dynamic or --weights")
     if args.external_data == "off" and (args.external_data_threshold is not None or args.external_data_location):
@@ -711,6 +713,13 @@ def _check_margin(margin: float | None) -> None:
     """--int8-metric-margin, where given, is a positive number (NaN is not)."""
     if margin is not None and not margin > 0:
         raise BadInputError("--int8-metric-margin must be a positive number")
+
+
+def _check_target_sqnr(target_db: float | None) -> None:
+    """--int8-target-sqnr, where given, is a finite number of dB above 0: at or below 0 dB
+    (noise as strong as the signal) or NaN every candidate would pass."""
+    if target_db is not None and not (math.isfinite(target_db) and target_db > 0):
+        raise BadInputError(f"--int8-target-sqnr must be a finite number of dB above 0, got {target_db:g}")
 
 
 def _note_one_sample_judgement(result: OptimizeResult, one_sample_files: Sequence[SampleAxisWarning],
