@@ -617,11 +617,13 @@ def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress)
         if label is not None and len(samples) < MIN_GROUP_SAMPLES:
             raise BadInputError(f"--calibration group '{label}' holds {len(samples)} sample(s), too few: each group "
                                 f"needs at least {MIN_GROUP_SAMPLES} (one calibrates, one is held out)", path)
+    given_files = f" (--calibration {', '.join(p for _, p in sources)})"
+    if (args.int8 or args.fp16) and calibration is not None:  # said here, where the files are known
+        check_samples_vary(calibration, args.model, given_files)
     if args.int8 and calibration is not None:  # said here, where the files and how they were read are known
-        check_samples_vary(calibration, args.model)
         read_as = "".join(f"; {w.file} was read as one sample of batch {w.batch}: for {w.batch} samples, give each "
                           "array a leading sample axis (sample i is arr[i], e.g. arr[:, None])" for w in one_sample_files)
-        check_distinct(calibration, args.model, f" (--calibration {', '.join(p for _, p in sources)}){read_as}", groups)
+        check_distinct(calibration, args.model, f"{given_files}{read_as}", groups)
     weight_only: str | dict | None = args.weights
     if args.weights and calibration is not None and not args.int8:
         # weight-only: the samples correct the convolutions' biases and are what the result is judged

@@ -934,11 +934,13 @@ def _speech(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
 # --------------------------------------------------------------------------- checks
 
 
-def check_samples_vary(samples: Sequence[Mapping[str, np.ndarray]], label: str | None = None) -> None:
+def check_samples_vary(samples: Sequence[Mapping[str, np.ndarray]], label: str | None = None,
+                       source: str = "") -> None:
     """Refuse calibration samples that carry nothing to calibrate on: every float input of
     more than one element holds a single value throughout, in every sample (all-zero
     images, say). Ranges fitted on such samples, and an accuracy judged on them, say
-    nothing about real inputs. Samples without such float inputs (token ids) pass."""
+    nothing about real inputs. Samples without such float inputs (token ids) pass.
+    ``source``: where the samples came from, said after "calibration data" (e.g. the files)."""
     names: set[str] = set()
     for sample in samples:
         for name, value in sample.items():
@@ -949,7 +951,7 @@ def check_samples_vary(samples: Sequence[Mapping[str, np.ndarray]], label: str |
                     return
     if names:
         listed = ", ".join(f"'{n}'" for n in sorted(names))
-        raise BadInputError(f"calibration data: in each of the {len(samples)} sample(s), {listed} holds one value "
+        raise BadInputError(f"calibration data{source}: in each of the {len(samples)} sample(s), {listed} holds one value "
                             "throughout (all-zero images?); ranges fitted and accuracy judged on them say nothing "
                             "about real inputs: give real samples", label)
 
