@@ -23,6 +23,7 @@ from optcc.infra.manager import PassManager, Prepared, pass_name, step_passes
 from optcc.infra.pipelines import build_pipeline
 from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_bytes
+from optcc.ir.interface import notes_as_written
 from optcc.ir.overwrite import check_input_shapes
 from optcc.ir.zipmap import DetachedZipMaps, check_same_zipmaps, load_apart
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
@@ -252,6 +253,7 @@ def optimize(
     source_files = frozenset(oir.external_data_files(working)) if label is not None else frozenset()
     if overwrite_input_shapes:
         fix_input_shapes(working, overwrite_input_shapes, label=label)
+        report.interface = notes_as_written(report.interface, working)
         if inputs is not None:
             inputs = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs]
             check_fixed_feeds(inputs, overwrite_input_shapes, label)
