@@ -21,7 +21,7 @@ import sys
 import textwrap
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -33,7 +33,7 @@ from optcc import ir as oir
 from optcc.api import OptimizeResult, check_fixed_feeds, optimize
 from optcc.compare import compare_models, format_comparison
 from optcc.errors import (
-    ISSUES_URL, BadInputError, OptccError, PipelineWarning, PrecisionNotAppliedError, PrecisionPassFailedError,
+    ISSUES_URL, BadInputError, CacheRecomputedWarning, OptccError, PipelineWarning, PrecisionNotAppliedError, PrecisionPassFailedError,
     Terminated, UnverifiedError, VerificationError, raise_terminated, stopped,
 )
 from optcc.infra.registry import available_passes
@@ -641,6 +641,7 @@ def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PipelineWarning)  # the summary says the report's warnings
+            warnings.showwarning = _cache_notes_one_line(warnings.showwarning)  # restored on leaving the block
             result = optimize(
                 args.model,
                 passes=_split(args.passes) or None,
@@ -827,6 +828,17 @@ def _run_inspect(argv: Sequence[str]) -> int:
     info = inspect_model(args.model)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return EXIT_OK
+
+
+def _cache_notes_one_line(show: Callable[..., None]) -> Callable[..., None]:
+    """``show`` (a ``warnings.showwarning``), except that a recomputed cache entry
+    (``CacheRecomputedWarning``) is said as one ``optcc: warning:`` line."""
+    def shown(message: Warning | str, category: type[Warning], *where: Any, **how: Any) -> None:
+        if issubclass(category, CacheRecomputedWarning):
+            print(f"optcc: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *where, **how)
+    return shown
 
 
 @contextlib.contextmanager
