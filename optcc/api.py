@@ -23,11 +23,12 @@ from optcc.infra.manager import PassManager, Prepared, pass_name, step_passes
 from optcc.infra.pipelines import build_pipeline
 from optcc.infra.registry import create_pass
 from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_bytes
+from optcc.ir.interface import notes_as_written
 from optcc.ir.overwrite import check_input_shapes
 from optcc.ir.zipmap import DetachedZipMaps, check_same_zipmaps, load_apart
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
-from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_samples_vary,
-                            input_roles, resolve_providers)
+from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_ranges,
+                            check_samples_vary, input_roles, resolve_providers)
 from optcc.numerics.verify import REPARSE_MAX_BYTES
 from optcc.progress import Progress
 from optcc.quant import quantization_ops, stored_weights
@@ -229,6 +230,11 @@ def optimize(
     if zipmaps is not None and fp16_keep_io is not True:  # ZipMap reads float32 only
         fp16_keep_io = [*(fp16_keep_io or ()), *zipmaps.inputs]
     input_shapes = _merged_shapes(loaded, input_shapes, overwrite_input_shapes, label)
+    if input_ranges:  # at every level, whether or not samples are drawn from them
+        try:
+            check_ranges(loaded, input_ranges)
+        except BadInputError as error:
+            raise BadInputError(str(error), label) from None
     working = oir.clone(loaded) if loaded is model else loaded
     # a path the verifier loads itself, unless it holds the ZipMaps set apart from ``loaded``
     original: Any = model if isinstance(model, (str, os.PathLike)) and zipmaps is None else loaded
@@ -247,6 +253,7 @@ def optimize(
     source_files = frozenset(oir.external_data_files(working)) if label is not None else frozenset()
     if overwrite_input_shapes:
         fix_input_shapes(working, overwrite_input_shapes, label=label)
+        report.interface = notes_as_written(report.interface, working)
         if inputs is not None:
             inputs = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs]
             check_fixed_feeds(inputs, overwrite_input_shapes, label)

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ import sys
 import textwrap
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,7 +33,7 @@ from optcc import ir as oir
 from optcc.api import OptimizeResult, check_fixed_feeds, optimize
 from optcc.compare import compare_models, format_comparison
 from optcc.errors import (
-    ISSUES_URL, BadInputError, OptccError, PipelineWarning, PrecisionNotAppliedError, PrecisionPassFailedError,
+    ISSUES_URL, BadInputError, CacheRecomputedWarning, OptccError, PipelineWarning, PrecisionNotAppliedError, PrecisionPassFailedError,
     Terminated, UnverifiedError, VerificationError, raise_terminated, stopped,
 )
 from optcc.infra.registry import available_passes
@@ -467,6 +468,7 @@ def _check_flags(
         if given and not args.int8:
             raise BadInputError(f"{flag} is used with --int8")
     _check_margin(args.int8_metric_margin)
+    _check_target_sqnr(args.int8_target_sqnr)
     if args.allow_float_fallback and not (args.int8 or args.fp16 or args.int8_dynamic or args.weights):
         raise BadInputError("--allow-float-fallback is used with --fp16, --int8, --int8-dynamic or --weights")
     if args.external_data == "off" and (args.external_data_threshold is not None or args.external_data_location):
@@ -615,11 +617,13 @@ def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress)
         if label is not None and len(samples) < MIN_GROUP_SAMPLES:
             raise BadInputError(f"--calibration group '{label}' holds {len(samples)} sample(s), too few: each group "
                                 f"needs at least {MIN_GROUP_SAMPLES} (one calibrates, one is held out)", path)
+    given_files = f" (--calibration {', '.join(p for _, p in sources)})"
+    if (args.int8 or args.fp16) and calibration is not None:  # said here, where the files are known
+        check_samples_vary(calibration, args.model, given_files)
     if args.int8 and calibration is not None:  # said here, where the files and how they were read are known
-        check_samples_vary(calibration, args.model)
         read_as = "".join(f"; {w.file} was read as one sample of batch {w.batch}: for {w.batch} samples, give each "
                           "array a leading sample axis (sample i is arr[i], e.g. arr[:, None])" for w in one_sample_files)
-        check_distinct(calibration, args.model, f" (--calibration {', '.join(p for _, p in sources)}){read_as}", groups)
+        check_distinct(calibration, args.model, f"{given_files}{read_as}", groups)
     weight_only: str | dict | None = args.weights
     if args.weights and calibration is not None and not args.int8:
         # weight-only: the samples correct the convolutions' biases and are what the result is judged
@@ -637,6 +641,7 @@ def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PipelineWarning)  # the summary says the report's warnings
+            warnings.showwarning = _cache_notes_one_line(warnings.showwarning)  # restored on leaving the block
             result = optimize(
                 args.model,
                 passes=_split(args.passes) or None,
@@ -711,6 +716,13 @@ def _check_margin(margin: float | None) -> None:
     """--int8-metric-margin, where given, is a positive number (NaN is not)."""
     if margin is not None and not margin > 0:
         raise BadInputError("--int8-metric-margin must be a positive number")
+
+
+def _check_target_sqnr(target_db: float | None) -> None:
+    """--int8-target-sqnr, where given, is a finite number of dB above 0: at or below 0 dB
+    (noise as strong as the signal) or NaN every candidate would pass."""
+    if target_db is not None and not (math.isfinite(target_db) and target_db > 0):
+        raise BadInputError(f"--int8-target-sqnr must be a finite number of dB above 0, got {target_db:g}")
 
 
 def _note_one_sample_judgement(result: OptimizeResult, one_sample_files: Sequence[SampleAxisWarning],
@@ -816,6 +828,17 @@ def _run_inspect(argv: Sequence[str]) -> int:
     info = inspect_model(args.model)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return EXIT_OK
+
+
+def _cache_notes_one_line(show: Callable[..., None]) -> Callable[..., None]:
+    """``show`` (a ``warnings.showwarning``), except that a recomputed cache entry
+    (``CacheRecomputedWarning``) is said as one ``optcc: warning:`` line."""
+    def shown(message: Warning | str, category: type[Warning], *where: Any, **how: Any) -> None:
+        if issubclass(category, CacheRecomputedWarning):
+            print(f"optcc: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *where, **how)
+    return shown
 
 
 @contextlib.contextmanager

@@ -87,6 +87,11 @@ class PrecisionPassFailedError(PassFailedError):
     precision and its report; ``allow_float_fallback`` returns it instead, with a warning."""
 
 
+class CacheRecomputedWarning(UserWarning):
+    """A cache entry that could not be read (corrupt, or not the cache's format) was
+    recomputed and written again; the message names the file and why, on one line."""
+
+
 class PipelineWarning(RuntimeWarning):
     """Something the pass manager did that the report's warnings record as well: a
     fixpoint stopped unconverged, onnx's checker rejected the pipeline's result, a replay

@@ -6,6 +6,8 @@ full check too."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -160,6 +162,25 @@ def negative_dims_unknown(model: ir.Model) -> list[str]:
                 notes.append(f"{kind} '{value.name}': declared {_dims_text(shape)}, written "
                              f"{_dims_text(value.shape)} (negative dims made unknown)")
     return notes
+
+
+_NEGATIVE_NOTE = re.compile(r"input '(?P<name>.*)': declared (?P<declared>\[.*?\]), written (?P<written>\[.*?\]) "
+                            r"\(negative dims made unknown\)")
+
+
+def notes_as_written(notes: list[str], model: ir.Model) -> list[str]:
+    """``notes`` (``negative_dims_unknown``'s among them) with the "written" shape of each
+    graph input taken from ``model`` as it is now (its input shapes overwritten since the load)."""
+    shapes = {value.name: value.shape for value in model.graph.inputs}
+    written = []
+    for note in notes:
+        match = _NEGATIVE_NOTE.fullmatch(note)
+        shape = shapes.get(match["name"]) if match else None
+        if shape is not None and match and _dims_text(shape) != match["written"]:
+            note = (f"input '{match['name']}': declared {match['declared']}, written {_dims_text(shape)} "
+                    "(input shape overwritten)")
+        written.append(note)
+    return written
 
 
 def _dims_text(shape: ir.Shape) -> str:

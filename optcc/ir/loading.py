@@ -3,7 +3,10 @@ model's folder, nodes in topological order."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Union
 
@@ -122,6 +125,26 @@ def _stamp(path: Path) -> tuple[int, ...] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+class _UndefinedInputFilter(logging.Filter):
+    """Drops onnx-ir's warning that a node reads a value no scope defines: the load's
+    validation (``_sort_or_reject_cycle``) refuses such a graph with its own one-line error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "cannot be found in any scope" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _undefined_inputs_unlogged() -> Iterator[None]:
+    """onnx-ir's serde logger without its undefined-input warning, for the ``with`` block only."""
+    serde_logger = logging.getLogger(ir.serde.__name__)
+    undefined_filter = _UndefinedInputFilter()
+    serde_logger.addFilter(undefined_filter)
+    try:
+        yield
+    finally:
+        serde_logger.removeFilter(undefined_filter)
+
+
 def _from_proto(
     proto: onnx.ModelProto, base_dir: Path | None, label: str, path: Path | None = None,
     stamp: tuple[int, ...] | None = None, read: bytes | None = None, unchanged: list[bool] | None = None,
@@ -161,7 +184,7 @@ def _from_proto(
         proto.ir_version = ir_version
         try:
             # builds the model's objects only (large ml attributes packed: ``packed_attributes``)
-            with collector_paused(), packed_for_load(proto, restore=not owned) as packed:
+            with collector_paused(), packed_for_load(proto, restore=not owned) as packed, _undefined_inputs_unlogged():
                 model = ir.serde.deserialize_model(proto)
                 put_packed(model, packed)
             _own_tensors(model)

@@ -109,13 +109,14 @@ from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
+from ml_dtypes import finfo as ml_finfo, iinfo as ml_iinfo
 
 from optcc import ir as oir
 from optcc.errors import BadInputError
 from optcc.numerics.state import state_pairs
 
 __all__ = ["BATCH_SAMPLE", "DECODE_STEPS", "DEFAULT_DYNAMIC_DIM", "RETRY_DYNAMIC_DIM", "RETRY_SIZES", "DEFAULT_PAST_LENGTH", "generate_inputs",
-           "check_feeds", "check_samples_vary", "decode_room", "input_roles", "sizes_text", "DEFAULT_VARIATION",
+           "check_feeds", "check_ranges", "check_samples_vary", "decode_room", "input_roles", "sizes_text", "DEFAULT_VARIATION",
            "variable_defaults",
            "varied_defaults"]
 
@@ -573,10 +574,7 @@ def generate_inputs(
     ranges = dict(ranges or {})
     fed = _fed_inputs(model)
     _check_names(fed, shapes, ranges)
-    for name, bounds in ranges.items():
-        lo, hi = _range(name, bounds)
-        if not lo <= hi:
-            raise BadInputError(f"--input-range {name}: low {lo} is above high {hi}")
+    check_ranges(model, ranges)
     roles = input_roles(model)
     sizes = _sizes(model, fed, shapes, roles, max(0, decode_steps - 1), dynamic_dim, interior_dim,
                    past_length=past_length)
@@ -685,6 +683,37 @@ def _check_names(
                 f"--input-shape {name}: {len(dims)} sizes given, the input has rank "
                 f"{shape.rank()} {_shape_text(shape)}"
             )
+
+
+def check_ranges(model: ir.Model, ranges: Mapping[str, Range]) -> None:
+    """Each ``(lo, hi)`` of ``ranges`` names a graph input and is a range values can be
+    drawn from for that input's dtype: finite, ``lo <= hi``, a width ``hi - lo`` that is a
+    finite float64 (what the uniform draw computes), and both bounds within the dtype's
+    limits; else BadInputError naming the input and the bound."""
+    fed = _fed_inputs(model)
+    _check_names(fed, {}, ranges)
+    by_name = {v.name: v for v in fed}
+    for name, bounds in ranges.items():
+        lo, hi = _range(name, bounds)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise BadInputError(f"--input-range {name}: low and high must be finite numbers, got {lo:g}, {hi:g}")
+        if not lo <= hi:
+            raise BadInputError(f"--input-range {name}: low {lo:g} is above high {hi:g}")
+        if not np.isfinite(hi - lo):
+            raise BadInputError(f"--input-range {name}: the width high - low exceeds the largest float64 "
+                                f"({np.finfo(np.float64).max:.4g}); give a narrower range")
+        dtype = by_name[name].dtype
+        if dtype is None or dtype == ir.DataType.BOOL or not (dtype.is_integer() or dtype.is_floating_point()):
+            continue  # no dtype limit to hold (an input that cannot be generated is refused when drawn)
+        if dtype.is_integer():
+            limits = ml_iinfo(dtype.numpy())
+            low, high = int(limits.min), int(limits.max)
+        else:
+            high = float(ml_finfo(dtype.numpy()).max)
+            low = -high
+        if lo < low or hi > high:
+            raise BadInputError(f"--input-range {name}: range [{lo:g}, {hi:g}] exceeds {np.dtype(dtype.numpy()).name} "
+                                f"(values from {low:g} to {high:g})")
 
 
 def _range(name: str, bounds: object) -> tuple[float, float]:
@@ -905,11 +934,13 @@ def _speech(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
 # --------------------------------------------------------------------------- checks
 
 
-def check_samples_vary(samples: Sequence[Mapping[str, np.ndarray]], label: str | None = None) -> None:
+def check_samples_vary(samples: Sequence[Mapping[str, np.ndarray]], label: str | None = None,
+                       source: str = "") -> None:
     """Refuse calibration samples that carry nothing to calibrate on: every float input of
     more than one element holds a single value throughout, in every sample (all-zero
     images, say). Ranges fitted on such samples, and an accuracy judged on them, say
-    nothing about real inputs. Samples without such float inputs (token ids) pass."""
+    nothing about real inputs. Samples without such float inputs (token ids) pass.
+    ``source``: where the samples came from, said after "calibration data" (e.g. the files)."""
     names: set[str] = set()
     for sample in samples:
         for name, value in sample.items():
@@ -920,7 +951,7 @@ def check_samples_vary(samples: Sequence[Mapping[str, np.ndarray]], label: str |
                     return
     if names:
         listed = ", ".join(f"'{n}'" for n in sorted(names))
-        raise BadInputError(f"calibration data: in each of the {len(samples)} sample(s), {listed} holds one value "
+        raise BadInputError(f"calibration data{source}: in each of the {len(samples)} sample(s), {listed} holds one value "
                             "throughout (all-zero images?); ranges fitted and accuracy judged on them say nothing "
                             "about real inputs: give real samples", label)
 

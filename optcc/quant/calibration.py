@@ -34,6 +34,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -44,7 +45,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from optcc import ir as oir
-from optcc.errors import BadInputError
+from optcc.errors import BadInputError, CacheRecomputedWarning
 from optcc.numerics.samples import load_npz_samples
 from optcc.progress import Progress
 from optcc.numerics import check_feeds
@@ -898,9 +899,13 @@ def calibrate(
         folder.mkdir(parents=True, exist_ok=True)
         cache_path = folder / f"calib-{key}.npz"
         if cache_path.is_file():
-            stats = CalibrationStats.load(cache_path)
-            return CalibrationResult(_ranges(ir_model, stats, method, method_options), stats, method, True,
-                                     str(cache_path))
+            try:
+                stats = CalibrationStats.load(cache_path)
+            except BadInputError as error:  # a corrupt entry is recomputed (and rewritten) below
+                warnings.warn(f"{error}; recomputed it", CacheRecomputedWarning, stacklevel=2)
+            else:
+                return CalibrationResult(_ranges(ir_model, stats, method, method_options), stats, method, True,
+                                         str(cache_path))
     if executor is not None:
         stats = collect_statistics_sharded(ir_model, samples, executor, shards=shards, tensors=tensors, bins=bins,
                                            memory_budget_bytes=memory_budget_bytes)

@@ -31,6 +31,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from optcc import ir as oir
+from optcc.errors import BadInputError
 from optcc.numerics.decode import DecodePlan, stream_names, stream_plan, streamed
 from optcc.numerics.metrics import sqnr_db as powers_db
 from optcc.progress import Progress
@@ -199,6 +200,11 @@ class Target:
     min_argmax_agreement: float = 0.9
     judge: Callable[[Mapping[str, Sequence[np.ndarray]]], dict[str, Any]] | None = dataclasses.field(
         default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # a target at or below 0 dB (noise as strong as the signal) or NaN accepts every candidate
+        if not (math.isfinite(self.min_sqnr_db) and self.min_sqnr_db > 0):
+            raise BadInputError(f"the INT8 SQNR target must be a finite number of dB above 0, got {self.min_sqnr_db}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"min_sqnr_db": self.min_sqnr_db, "min_argmax_agreement": self.min_argmax_agreement,
