@@ -125,7 +125,7 @@ import onnx_ir as ir
 
 import optcc
 import optcc.quant
-from optcc.quant import BOUNDED_NOTE, fewest_float_layers, last_built
+from optcc.quant import BOUNDED_NOTE, KeptCandidates, fewest_float_layers
 
 __all__ = ["QuantizeWeightsPass", "drop_unused_weights", "embedding_reason", "quantize_gather"]
 
@@ -330,7 +330,7 @@ class QuantizeWeightsPass(optcc.Pass):
         order: list[tuple[ir.Value, float]] = []
         by_name: dict[str, ir.Value] = {}
 
-        @last_built
+        @KeptCandidates
         def candidate(raised: Sequence[str]) -> ir.Model:
             copy = optcc.ir.clone(model)
             scratch: dict[str, Any] = {"quantized": {}, "kept_float": {}, "head": []}
@@ -355,7 +355,7 @@ class QuantizeWeightsPass(optcc.Pass):
         stats["mixed"] = mixed = {}
         search = fewest_float_layers(ranking, lambda raised: self.gate(candidate(raised)),
                                      None if held_out is None else lambda raised: held_out(candidate(raised)),
-                                     keep_one=False)
+                                     keep_one=False, retain=candidate.retain)
         checks = [{"int8_weights": c["float_layers"], **({"held_out": True} if c["check"] == "confirm" else {}),
                    "passed": c["passed"], **({"reason": c["reason"]} if "reason" in c else {})} for c in search.checks]
         if search.chosen == []:
