@@ -707,6 +707,9 @@ def drop_unused_weights(graph: ir.Graph, values: Iterable[ir.Value]) -> int:
     return freed
 
 
+_ROWS_KEY = "optcc.row_int8"  # a table tensor's meta entry: its ``row_int8`` levels and scales
+
+
 def row_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 of a ``[V, H]`` table with one scale per row (``[V, 1]``, in the
     table's float type)."""
@@ -753,7 +756,7 @@ def quantize_gather(graph: ir.Graph, node: ir.Node, table: ir.Value, taken: set[
     """``Gather(table, ids)`` -> ``Cast<float>(Gather(table_q8, ids)) * Gather(row_scale, ids)``:
     the rows are gathered as int8 and dequantized after (exact float32 arithmetic on the
     stored levels); the output keeps its name, type and shape."""
-    q, scale = row_int8(optcc.ir.as_numpy(table))
+    q, scale = _table_rows(table)
     base = table.name or "embedding"
     q_value = _initializer(graph, _name(taken, f"{base}_q8"), q)
     s_value = _initializer(graph, _name(taken, f"{base}_row_scale"), scale)
@@ -772,6 +775,21 @@ def quantize_gather(graph: ir.Graph, node: ir.Node, table: ir.Value, taken: set[
     graph.remove(node, safe=True)
     old.name = None
     result.name = name
+
+
+def _table_rows(table: ir.Value) -> tuple[np.ndarray, np.ndarray]:
+    """``row_int8`` of ``table``'s constant, made once per tensor and kept, read-only, in its
+    metadata while the tensor lives: the candidates of a search share the float model's
+    tensors, so each quantizes a table as the first did, with the same arrays."""
+    tensor = optcc.ir.const_tensor(table)
+    assert tensor is not None, "quantize_gather reads a constant table"
+    rows = tensor.meta.get(_ROWS_KEY)
+    if rows is None:
+        rows = row_int8(optcc.ir.as_numpy(table))
+        for array in rows:
+            array.flags.writeable = False
+        tensor.meta[_ROWS_KEY] = rows
+    return rows
 
 
 def gather_stored_rows(graph: ir.Graph, node: ir.Node, taken: set[str]) -> bool:

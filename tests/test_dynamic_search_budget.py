@@ -17,6 +17,7 @@ import optcc
 import optcc.quant.float_layers
 from fixtures.attention_decoder import chain_decoder, chain_tokens, float_matmul_weights, forced_agreement
 from optcc.numerics.decode import NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_STEPS
+from optcc.passes import quantize_weights
 from optcc.passes.quantize_dynamic import QuantizeDynamicPass
 from optcc.quant import KeptCandidates, fewest_float_layers
 
@@ -103,11 +104,15 @@ def test_a_refused_confirmation_returns_to_a_candidate_built_before_without_buil
     float64 original on its own prompts) passes 4 and then 3 layers float; a confirmation
     stricter than the judge (the same decode on other prompts, and at least 4 layers float)
     refuses 3, so the search returns to the 4 it judged before the bisection's 3. Every
-    candidate is built once, 4 included, and the model shipped with those 4 float agrees
-    with the float64 decode on prompts neither check saw."""
+    candidate is built once, 4 included, the embedding table is quantized once for all of
+    them, and the model shipped with those 4 float agrees with the float64 decode on prompts
+    neither check saw."""
     weights = _weights()
     builds: list[frozenset[str]] = []
     quantized = QuantizeDynamicPass._quantized
+    tables: list[tuple[int, ...]] = []
+    row_int8 = quantize_weights.row_int8
+    monkeypatch.setattr(quantize_weights, "row_int8", lambda table: tables.append(table.shape) or row_int8(table))
 
     def counted(self, model, exclude, count_fused):  # noqa: ANN001, ANN202
         if model is not original:  # a candidate, not the model the pass rewrites last
@@ -139,6 +144,7 @@ def test_a_refused_confirmation_returns_to_a_candidate_built_before_without_buil
         (0, "judge", False), (1, "judge", False), (2, "judge", False), (4, "judge", True), (3, "judge", True),
         (3, "confirm", False), (4, "confirm", True)]
     assert len(builds) == len(set(builds)) == search["candidates"] == 5  # each built once, 4 included
+    assert tables == [(VOCAB, WIDTH)]  # E, quantized once: by the first candidate
     shipped = optcc.ir.serialize(result.model)
     assert {"W" + name for name in DAMAGED} <= float_matmul_weights(shipped) and len(search["float_layers"]) == 4
     assert _agreement(shipped) >= NEXT_TOKEN_AGREEMENT
