@@ -75,7 +75,7 @@ import onnx_ir as ir
 
 import optcc
 from optcc.passes.quantize_weights import drop_unused_weights, embedding_reason, gather_stored_rows, quantize_gather
-from optcc.quant import (BOUNDED_NOTE, FloatLayerSearch, dynamic_int8_errors, fewest_float_layers, last_built,
+from optcc.quant import (BOUNDED_NOTE, FloatLayerSearch, dynamic_int8_errors, fewest_float_layers, KeptCandidates,
                          probed_values)
 
 Feeds = Mapping[str, np.ndarray]
@@ -138,7 +138,7 @@ class QuantizeDynamicPass(optcc.Pass):
         weights = self._layer_weights(model)
         if not weights:
             return None
-        @last_built
+        @KeptCandidates
         def candidate(float_layers: Sequence[str]) -> ir.Model:
             copy = optcc.ir.clone(model)
             self._quantized(copy, self.exclude | set(float_layers), False)
@@ -161,7 +161,8 @@ class QuantizeDynamicPass(optcc.Pass):
         def confirm(float_layers: Sequence[str]) -> str | None:
             return self.held_out(candidate(float_layers))  # type: ignore[misc]
 
-        return fewest_float_layers(ranking, judge, confirm if self.held_out is not None else None)
+        return fewest_float_layers(ranking, judge, confirm if self.held_out is not None else None,
+                                   retain=candidate.retain)
 
     def _layer_weights(self, model: ir.Model) -> dict[str, tuple[str, np.ndarray]]:
         """The MatMul/Gemm layers this pass would quantize, by output name: (the name of

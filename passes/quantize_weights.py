@@ -125,7 +125,7 @@ import onnx_ir as ir
 
 import optcc
 import optcc.quant
-from optcc.quant import BOUNDED_NOTE, fewest_float_layers, last_built
+from optcc.quant import BOUNDED_NOTE, KeptCandidates, fewest_float_layers
 
 __all__ = ["QuantizeWeightsPass", "drop_unused_weights", "embedding_reason", "quantize_gather"]
 
@@ -330,7 +330,7 @@ class QuantizeWeightsPass(optcc.Pass):
         order: list[tuple[ir.Value, float]] = []
         by_name: dict[str, ir.Value] = {}
 
-        @last_built
+        @KeptCandidates
         def candidate(raised: Sequence[str]) -> ir.Model:
             copy = optcc.ir.clone(model)
             scratch: dict[str, Any] = {"quantized": {}, "kept_float": {}, "head": []}
@@ -355,7 +355,7 @@ class QuantizeWeightsPass(optcc.Pass):
         stats["mixed"] = mixed = {}
         search = fewest_float_layers(ranking, lambda raised: self.gate(candidate(raised)),
                                      None if held_out is None else lambda raised: held_out(candidate(raised)),
-                                     keep_one=False)
+                                     keep_one=False, retain=candidate.retain)
         checks = [{"int8_weights": c["float_layers"], **({"held_out": True} if c["check"] == "confirm" else {}),
                    "passed": c["passed"], **({"reason": c["reason"]} if "reason" in c else {})} for c in search.checks]
         if search.chosen == []:
@@ -707,6 +707,9 @@ def drop_unused_weights(graph: ir.Graph, values: Iterable[ir.Value]) -> int:
     return freed
 
 
+_ROWS_KEY = "optcc.row_int8"  # a table tensor's meta entry: its ``row_int8`` levels and scales
+
+
 def row_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 of a ``[V, H]`` table with one scale per row (``[V, 1]``, in the
     table's float type)."""
@@ -753,7 +756,7 @@ def quantize_gather(graph: ir.Graph, node: ir.Node, table: ir.Value, taken: set[
     """``Gather(table, ids)`` -> ``Cast<float>(Gather(table_q8, ids)) * Gather(row_scale, ids)``:
     the rows are gathered as int8 and dequantized after (exact float32 arithmetic on the
     stored levels); the output keeps its name, type and shape."""
-    q, scale = row_int8(optcc.ir.as_numpy(table))
+    q, scale = _table_rows(table)
     base = table.name or "embedding"
     q_value = _initializer(graph, _name(taken, f"{base}_q8"), q)
     s_value = _initializer(graph, _name(taken, f"{base}_row_scale"), scale)
@@ -772,6 +775,21 @@ def quantize_gather(graph: ir.Graph, node: ir.Node, table: ir.Value, taken: set[
     graph.remove(node, safe=True)
     old.name = None
     result.name = name
+
+
+def _table_rows(table: ir.Value) -> tuple[np.ndarray, np.ndarray]:
+    """``row_int8`` of ``table``'s constant, made once per tensor and kept, read-only, in its
+    metadata while the tensor lives: the candidates of a search share the float model's
+    tensors, so each quantizes a table as the first did, with the same arrays."""
+    tensor = optcc.ir.const_tensor(table)
+    assert tensor is not None, "quantize_gather reads a constant table"
+    rows = tensor.meta.get(_ROWS_KEY)
+    if rows is None:
+        rows = row_int8(optcc.ir.as_numpy(table))
+        for array in rows:
+            array.flags.writeable = False
+        tensor.meta[_ROWS_KEY] = rows
+    return rows
 
 
 def gather_stored_rows(graph: ir.Graph, node: ir.Node, taken: set[str]) -> bool:

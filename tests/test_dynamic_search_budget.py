@@ -8,6 +8,8 @@ decode of the original on prompts neither the search nor the verification saw.""
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import onnx
 
@@ -15,7 +17,9 @@ import optcc
 import optcc.quant.float_layers
 from fixtures.attention_decoder import chain_decoder, chain_tokens, float_matmul_weights, forced_agreement
 from optcc.numerics.decode import NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_STEPS
-from optcc.quant import fewest_float_layers
+from optcc.passes import quantize_weights
+from optcc.passes.quantize_dynamic import QuantizeDynamicPass
+from optcc.quant import KeptCandidates, fewest_float_layers
 
 VOCAB, WIDTH, PROMPT, ROWS = 8, 16, 4, 16
 OUTLIER = 1000.0  # the scale of the activation channel that ruins each damaged layer's dynamic rounding
@@ -93,3 +97,86 @@ def test_a_spent_budget_still_confirms_a_larger_candidate_already_built():
     assert len(judged) == len(set(judged))  # no candidate judged twice by one check
     assert {count for count, _ in judged} <= {0, 1, 2, 4, 8, 16, 12, 10, 9, 11, 13, 14}
     assert (16, "confirm") in judged and search.candidates <= 12
+
+
+def test_a_refused_confirmation_returns_to_a_candidate_built_before_without_building_it_again(monkeypatch) -> None:
+    """The three damaged layers ranked first: the judge (a forced decode against the numpy
+    float64 original on its own prompts) passes 4 and then 3 layers float; a confirmation
+    stricter than the judge (the same decode on other prompts, and at least 4 layers float)
+    refuses 3, so the search returns to the 4 it judged before the bisection's 3. Every
+    candidate is built once, 4 included, the embedding table is quantized once for all of
+    them, and the model shipped with those 4 float agrees with the float64 decode on prompts
+    neither check saw."""
+    weights = _weights()
+    builds: list[frozenset[str]] = []
+    quantized = QuantizeDynamicPass._quantized
+    tables: list[tuple[int, ...]] = []
+    row_int8 = quantize_weights.row_int8
+    monkeypatch.setattr(quantize_weights, "row_int8", lambda table: tables.append(table.shape) or row_int8(table))
+
+    def counted(self, model, exclude, count_fused):  # noqa: ANN001, ANN202
+        if model is not original:  # a candidate, not the model the pass rewrites last
+            builds.append(frozenset(exclude))
+        return quantized(self, model, exclude, count_fused)
+
+    monkeypatch.setattr(QuantizeDynamicPass, "_quantized", counted)
+
+    def decoded_by(seed: int, least: int = 0):
+        prompt = np.random.default_rng(seed).integers(0, VOCAB, (ROWS, PROMPT))
+        tokens = chain_tokens(weights, DAMAGED, prompt, NEXT_TOKEN_STEPS)
+
+        def check(candidate) -> str | None:  # noqa: ANN001
+            proto = optcc.ir.serialize(candidate)
+            floating = len(float_matmul_weights(proto))
+            share = forced_agreement(proto, prompt, tokens)
+            return None if share >= NEXT_TOKEN_AGREEMENT and floating >= least else f"{share:.3f}, {floating} float"
+        return check
+
+    def samples() -> list[dict[str, np.ndarray]]:
+        empty = np.zeros((1, 0, WIDTH), np.float32)
+        prompt = np.random.default_rng(7).integers(0, VOCAB, (4, PROMPT))
+        return [{"input_ids": row[None], "past_key": empty, "past_value": empty} for row in prompt]
+
+    original = optcc.ir.load(_decoder())
+    result = QuantizeDynamicPass(gate=decoded_by(7), held_out=decoded_by(8, least=4), samples=samples)(original)
+    search = result.stats["search"]
+    assert [(c["float_layers"], c["check"], c["passed"]) for c in search["checks"]] == [
+        (0, "judge", False), (1, "judge", False), (2, "judge", False), (4, "judge", True), (3, "judge", True),
+        (3, "confirm", False), (4, "confirm", True)]
+    assert len(builds) == len(set(builds)) == search["candidates"] == 5  # each built once, 4 included
+    assert tables == [(VOCAB, WIDTH)]  # E, quantized once: by the first candidate
+    shipped = optcc.ir.serialize(result.model)
+    assert {"W" + name for name in DAMAGED} <= float_matmul_weights(shipped) and len(search["float_layers"]) == 4
+    assert _agreement(shipped) >= NEXT_TOKEN_AGREEMENT
+
+
+def test_kept_candidates_build_each_count_once_and_keep_only_those_awaiting_confirmation() -> None:
+    """The search above (judge from 9, confirmation from 16, budget 12), its candidates built
+    through ``KeptCandidates``: none is built twice although the confirmation returns to 16
+    after 9 to 14, and no more are kept than the counts that passed the judge unconfirmed
+    (at most ceil(log2(20)) + 1)."""
+    layers = [f"mm{i}" for i in range(20)]
+    built: list[int] = []
+    alive: weakref.WeakSet = weakref.WeakSet()  # the candidates not yet freed
+    most_alive = 0
+
+    class Candidate:
+        def __init__(self, floating) -> None:  # noqa: ANN001
+            self.count = len(floating)
+            built.append(self.count)
+            alive.add(self)
+
+    candidate = KeptCandidates(Candidate)
+
+    def check(least: int):
+        def run(floating):
+            nonlocal most_alive
+            count = candidate(floating).count
+            most_alive = max(most_alive, len(alive))
+            return None if count >= least else "too few"
+        return run
+
+    search = fewest_float_layers(lambda: layers, check(9), check(16), budget=12, retain=candidate.retain)
+    assert search.chosen == layers[:16]
+    assert len(built) == len(set(built)) == search.candidates
+    assert most_alive <= 6 + 1  # those awaiting confirmation and the one judged

@@ -13,15 +13,23 @@ bisection, the fewest that passed ``judge`` so far is the count found (confirmed
 above); after a refused confirmation, the larger counts built before; ``bounded`` says
 that fewer layers might have passed. When no candidate passes within the budget, the
 search declines (None). Deterministic: the same ranking and verdicts give the same choice.
+
+``KeptCandidates(build)`` builds each candidate once: its ``retain`` handed to the search,
+it keeps only the candidates the search may still confirm (those that passed ``judge``
+and await ``confirm``), so a confirmation never builds a candidate again. Those are the
+bisection's successive counts that passed ``judge``: at most ``ceil(log2(n)) + 1`` of ``n``
+ranked layers (and never more than the budget) live besides the one being judged, each
+holding only the arrays its own rewrite made (the float model's tensors are shared).
+Without ``confirm`` none is kept past its verdict.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
-__all__ = ["BOUNDED_NOTE", "FLOAT_LAYER_CANDIDATES", "FloatLayerSearch", "fewest_float_layers", "last_built"]
+__all__ = ["BOUNDED_NOTE", "FLOAT_LAYER_CANDIDATES", "FloatLayerSearch", "KeptCandidates", "fewest_float_layers"]
 
 FLOAT_LAYER_CANDIDATES = 12  # the most candidates a search builds and judges before it declines
 # what a summary line says of a ``bounded`` search
@@ -49,10 +57,12 @@ class FloatLayerSearch:
 
 
 def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm: Check | None = None,
-                        budget: int | None = None, keep_one: bool = True) -> FloatLayerSearch:
+                        budget: int | None = None, keep_one: bool = True,
+                        retain: Callable[[list[list[str]]], None] | None = None) -> FloatLayerSearch:
     """The fewest of the first layers of ``rank()`` (called only when the candidate with no
     layer float misses) whose candidate passes ``judge`` and ``confirm`` (module doc);
-    ``budget``: ``FLOAT_LAYER_CANDIDATES`` when None."""
+    ``budget``: ``FLOAT_LAYER_CANDIDATES`` when None; ``retain``, after each verdict: the
+    float layers of every candidate the search may still confirm (``KeptCandidates.retain``)."""
     budget = FLOAT_LAYER_CANDIDATES if budget is None else budget
     checks: list[dict[str, Any]] = []
     ranked: Sequence[str] = ()
@@ -76,6 +86,9 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
         checks.append({"float_layers": count, "check": name, "passed": reason is None,
                        **({"reason": reason} if reason is not None else {})})
         verdicts[count, name] = reason is None
+        if retain is not None:  # a candidate is confirmed only after it passed ``judge``, and once
+            retain([list(ranked[:c]) for (c, check_name), passed in verdicts.items() if check_name == "judge"
+                    and passed and confirm is not None and (c, "confirm") not in verdicts])
         return reason is None
 
     first = passes(0, "judge", judge)
@@ -115,15 +128,23 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
     return FloatLayerSearch(None, checks, ranked, bounded)
 
 
-def last_built(build: Callable[[Sequence[str]], Built]) -> Callable[[Sequence[str]], Built]:
-    """``build``, keeping the last candidate it built: the candidate ``judge`` built serves
-    its confirmation (the same layers) without a build again; one candidate lives at a time."""
-    last: dict[tuple[str, ...], Built] = {}
+class KeptCandidates(Generic[Built]):
+    """``build`` called once per candidate (its float layers), the candidate kept until
+    ``retain`` leaves it out (module doc)."""
 
-    def built(layers: Sequence[str]) -> Built:
+    def __init__(self, build: Callable[[Sequence[str]], Built]) -> None:
+        self._build = build
+        self._kept: dict[tuple[str, ...], Built] = {}
+
+    def __call__(self, layers: Sequence[str]) -> Built:
         key = tuple(layers)
-        if key not in last:
-            last.clear()
-            last[key] = build(layers)
-        return last[key]
-    return built
+        if key not in self._kept:
+            self._kept[key] = self._build(layers)
+        return self._kept[key]
+
+    def retain(self, candidates: list[list[str]]) -> None:
+        """Drop every kept candidate but ``candidates``."""
+        keep = {tuple(layers) for layers in candidates}
+        for key in [key for key in self._kept if key not in keep]:
+            del self._kept[key]
+
