@@ -14,13 +14,14 @@ above); after a refused confirmation, the larger counts built before; ``bounded`
 that fewer layers might have passed. When no candidate passes within the budget, the
 search declines (None). Deterministic: the same ranking and verdicts give the same choice.
 
-``KeptCandidates(build)`` builds each candidate once: its ``retain`` handed to the search,
-it keeps only the candidates the search may still confirm (those that passed ``judge``
-and await ``confirm``), so a confirmation never builds a candidate again. Those are the
-bisection's successive counts that passed ``judge``: at most ``ceil(log2(n)) + 1`` of ``n``
-ranked layers (and never more than the budget) live besides the one being judged, each
-holding only the arrays its own rewrite made (the float model's tensors are shared).
-Without ``confirm`` none is kept past its verdict.
+``KeptCandidates(build)`` builds a candidate once while it is kept: its ``retain`` handed
+to the search, it keeps the ``KEPT_CANDIDATES`` candidates with the fewest float layers of
+those the search may still confirm (they passed ``judge`` and await ``confirm``): the one
+confirmed first and the one a refused confirmation returns to, so neither is built
+again. At most that many live besides the one being judged, each holding only the arrays
+its own rewrite made (the float model's tensors are shared): a bound on memory that does
+not grow with the model's layers; a second refused confirmation builds its candidate
+again. Without ``confirm`` none is kept past its verdict.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any, Generic, TypeVar
 __all__ = ["BOUNDED_NOTE", "FLOAT_LAYER_CANDIDATES", "FloatLayerSearch", "KeptCandidates", "fewest_float_layers"]
 
 FLOAT_LAYER_CANDIDATES = 12  # the most candidates a search builds and judges before it declines
+KEPT_CANDIDATES = 2  # the most built candidates awaiting confirmation that ``KeptCandidates`` keeps
 # what a summary line says of a ``bounded`` search
 BOUNDED_NOTE = "the search was bounded: its candidate budget ran out, so fewer layers may pass"
 
@@ -87,8 +89,9 @@ def fewest_float_layers(rank: Callable[[], Sequence[str]], judge: Check, confirm
                        **({"reason": reason} if reason is not None else {})})
         verdicts[count, name] = reason is None
         if retain is not None:  # a candidate is confirmed only after it passed ``judge``, and once
-            retain([list(ranked[:c]) for (c, check_name), passed in verdicts.items() if check_name == "judge"
-                    and passed and confirm is not None and (c, "confirm") not in verdicts])
+            awaiting = sorted(c for (c, check_name), passed in verdicts.items() if check_name == "judge"
+                              and passed and confirm is not None and (c, "confirm") not in verdicts)
+            retain([list(ranked[:c]) for c in awaiting[:KEPT_CANDIDATES]])
         return reason is None
 
     first = passes(0, "judge", judge)
