@@ -531,6 +531,7 @@ def _slices(node: ir.Node, opset: int, constants: optcc.ir.NewConstants) -> bool
     if a1 is None or a2 is None or len(a1) != len(p1[2]) or len(a2) != len(p2[2]) or a1 & a2:
         return False
     node.replace_input_with(0, x)
+    node.resize_inputs(5)  # steps written even where both Slices left them out (all 1)
     for i in range(4):
         node.replace_input_with(i + 1, constants.for_reader(node, np.array(p1[i] + p2[i], dtype=np.int64), "slice"))
     remove_if_dead(first)
