@@ -16,10 +16,10 @@ Used by ``convert_float16.ConvertFloat16Pass``, which decides which nodes to kee
   by all readers in that graph, except a small float32 initializer (``COPY_MAX_ELEMENTS``)
   whose every finite value is within +-65504 read in float16: its readers read a float16
   initializer copy beside it (the values the Cast would compute: both round to nearest
-  even), shared by every graph that sees it; an original Cast reads a value that became float16 as it
-  is (Cast accepts any type and f16->f32 is exact), and ``Cast(to=float)`` of a float16
-  value read as float16 reads the float16 value itself (f16->f32->f16 is exact;
-  f32->f16->f32 is never removed);
+  even), shared by every graph that sees it; an original Cast reads a value that became
+  float16 as it is (Cast accepts any type and f16->f32 is exact), and ``Cast(to=float)``
+  of a float16 value read as float16 reads the float16 value itself (f16->f32->f16 is
+  exact; f32->f16->f32 is never removed);
 - graph outputs keep their name and float32 type: the float16 value is renamed and one
   Cast restores the output. Subgraph (If/Loop/Scan body) and function inputs/outputs
   keep their types the same way, so control-flow nodes themselves never change type.
