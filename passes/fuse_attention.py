@@ -630,8 +630,7 @@ def _shape_from_parts(model: ir.Model, taken: set[str], shape: ir.Node, past: ir
     out = shape.outputs[0]
     made = [ir.Node("", "Shape", [past], attrs, num_outputs=1)]
     if 2 in axes:
-        onehot = optcc.ir.constant_before(model, shape, np.array([int(a == 2) for a in axes], np.int64), "seq_axis",
-                                         taken)
+        onehot = optcc.ir.constant_for(model, shape, np.array([int(a == 2) for a in axes], np.int64), "seq_axis", taken)
         made.append(ir.Node("", "Shape", [new], [ir.Attr(a.name, a.type, a.value) for a in attrs], num_outputs=1))
         made.append(ir.Node("", "Mul", [made[1].outputs[0], onehot], num_outputs=1))
         made.append(ir.Node("", "Add", [made[0].outputs[0], made[2].outputs[0]], num_outputs=1))
