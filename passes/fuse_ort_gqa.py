@@ -289,7 +289,7 @@ class FuseOrtGroupQueryAttentionPass(optcc.Pass):
                 if reason == "key and value are not repeat_kv (grouped heads)":
                     continue  # plain multi-head attention is no candidate
                 if reason is None:
-                    _rewrite(graph, site, model.ir_version < 4, lengths)
+                    _rewrite(model, site, lengths)
                     modified = True
                 report[label] = reason or FUSED
         if modified:
@@ -304,11 +304,11 @@ class FuseOrtGroupQueryAttentionPass(optcc.Pass):
 _Lengths = tuple[ir.Value, ir.Value, ir.Value]  # seqlens_k, total_sequence_length, query_seqlens
 
 
-def _rewrite(graph: ir.Graph, site: _Site, legacy: bool, lengths: dict[tuple[str, str, str], _Lengths]) -> None:
+def _rewrite(model: ir.Model, site: _Site, lengths: dict[tuple[str, str, str], _Lengths]) -> None:
     """Replace the site's MultiHeadAttention and cache Concats by one GroupQueryAttention.
     Its length inputs are shared by every site whose past length, batch and query length
     onnxruntime's shape inference names alike (``lengths``: the first such site's)."""
-    node = site.node
+    node, graph, legacy = site.node, model.graph, model.ir_version < 4
     (past_k, new_k), (past_v, new_v) = site.parts
 
     def op(op_type: str, *inputs: ir.Value, **attrs: object) -> ir.Value:
@@ -321,7 +321,7 @@ def _rewrite(graph: ir.Graph, site: _Site, legacy: bool, lengths: dict[tuple[str
 
     def const(array: np.ndarray, base: str) -> ir.Value:
         if legacy:  # below IR version 4 an initializer would also need a graph input
-            return optcc.ir.constant_before(node, array, base)
+            return optcc.ir.constant_before(model, node, array, base)
         name = optcc.ir.unique_value_name(graph, f"{node.name or 'gqa'}_{base}")
         tensor = ir.Tensor(array, name=name)
         value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=tensor.shape)

@@ -264,13 +264,13 @@ class _Writer:
     """New nodes and constants of one graph, named after the node they serve."""
 
     def __init__(self, model: ir.Model) -> None:
-        self.graph = model.graph
+        self.model, self.graph = model, model.graph
         self.legacy = model.ir_version < 4  # an initializer would also need a graph input
         self.names = optcc.ir.ModelNames(model)
 
     def const(self, array: np.ndarray, before: ir.Node, base: str) -> ir.Value:
         if self.legacy:
-            return optcc.ir.constant_before(before, array, base)
+            return optcc.ir.constant_before(self.model, before, array, base, self.names.values)
         name = self.names.value(f"{before.name or before.op_type}_{base}")
         value = ir.Value(name=name, const_value=ir.Tensor(array, name=name), type=ir.TensorType(
             ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))

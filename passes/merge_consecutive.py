@@ -54,6 +54,9 @@ Rewrites (``y = A(x)``, ``z = B(y)``; default-domain ops, in every graph):
   without start/end; rank of ``x`` known) becomes ``Shape(x, start=s', end=e')`` with
   ``s'``, ``e'`` normalized against the rank (an empty result is left alone).
 
+A constant a rewrite makes (a target, axes, a Slice's parameters) is a main-graph
+initializer, or a Constant node in a body (``optcc.ir.constant_for``).
+
 Why exact: each rewrite only moves data the same way with fewer steps (a transposition
 composed with a transposition is one; a unit axis removed then re-inserted at the same
 place is no change; nested concatenation along one axis is one concatenation of the
@@ -241,7 +244,7 @@ def _unit_moving_transpose(value: ir.Value | None) -> ir.Node | None:
     return node if kept == sorted(kept) else None
 
 
-def _reshapes(node: ir.Node, opset: int) -> str | None:
+def _reshapes(node: ir.Node, opset: int, constants: optcc.ir.NewConstants) -> str | None:
     if opset < 5:
         return None  # Reshape-1 takes its target as an attribute; not worth the cases
     first = next(filter(None, (_producer(node.inputs[0], view) for view in _VIEWS)), None)
@@ -263,13 +266,13 @@ def _reshapes(node: ir.Node, opset: int) -> str | None:
             if resolved is None:
                 return None
             if resolved is not target:
-                node.replace_input_with(1, optcc.ir.constant_before(node, resolved, "target"))
+                node.replace_input_with(1, constants.for_reader(node, resolved, "target"))
     node.replace_input_with(0, first.inputs[0])
     remove_if_dead(first)
     return "reshape-reshape" if first.op_type == "Reshape" else "reshape-of-view"
 
 
-def _unsqueeze_of_reshape(node: ir.Node, opset: int) -> bool:
+def _unsqueeze_of_reshape(node: ir.Node, opset: int, constants: optcc.ir.NewConstants) -> bool:
     first = _producer(node.inputs[0], "Reshape") if opset >= 5 else None
     if first is None or len(first.inputs) < 2 or not _only_reader(first.outputs[0], node):
         return False
@@ -285,7 +288,7 @@ def _unsqueeze_of_reshape(node: ir.Node, opset: int) -> bool:
         return False
     rest = iter(target.astype(np.int64).tolist())
     merged = np.array([1 if i in units else next(rest) for i in range(rank)], dtype=np.int64)
-    first.replace_input_with(1, optcc.ir.constant_before(first, merged, "target"))
+    first.replace_input_with(1, constants.for_reader(first, merged, "target"))
     y, z = first.outputs[0], node.outputs[0]
     y.shape, y.type = z.shape, z.type or y.type
     return bypass(node, z, y)  # y is an ordinary value read only here: never refused
@@ -329,18 +332,18 @@ def _moved_copy_inferred(target: np.ndarray, perm: list[int]) -> np.ndarray | No
     return resolved
 
 
-def _set_axes(node: ir.Node, axes: list[int], opset: int) -> None:
-    """Give a Squeeze/Unsqueeze ``axes`` (an attribute before opset 13, else a Constant
-    input; lift-constants stores it as an initializer)."""
+def _set_axes(node: ir.Node, axes: list[int], opset: int, constants: optcc.ir.NewConstants) -> None:
+    """Give a Squeeze/Unsqueeze ``axes`` (an attribute before opset 13, else a constant
+    input)."""
     if opset < 13:
         node.attributes["axes"] = ir.AttrInt64s("axes", axes)
         return
     if len(node.inputs) < 2:
         node.resize_inputs(2)
-    node.replace_input_with(1, optcc.ir.constant_before(node, np.array(axes, dtype=np.int64), "axes"))
+    node.replace_input_with(1, constants.for_reader(node, np.array(axes, dtype=np.int64), "axes"))
 
 
-def _same_kind_pair(node: ir.Node, opset: int) -> str | None:
+def _same_kind_pair(node: ir.Node, opset: int, constants: optcc.ir.NewConstants) -> str | None:
     """``squeeze-squeeze`` / ``unsqueeze-unsqueeze``."""
     first = _producer(node.inputs[0], node.op_type)
     if first is None or not _only_reader(first.outputs[0], node):
@@ -368,7 +371,7 @@ def _same_kind_pair(node: ir.Node, opset: int) -> str | None:
         slots = [i for i in range(max(s1 | s2) + len(s2) + 1) if i not in s2]  # y's axes in z
         merged = sorted(s2 | {slots[j] for j in s1})
     node.replace_input_with(0, x)
-    _set_axes(node, merged, opset)
+    _set_axes(node, merged, opset, constants)
     remove_if_dead(first)
     return f"{node.op_type.lower()}-{node.op_type.lower()}"
 
@@ -513,7 +516,7 @@ def _slice_params(node: ir.Node) -> list[list[int]] | None:
     return params if len({len(p) for p in params}) == 1 else None
 
 
-def _slices(node: ir.Node, opset: int) -> bool:
+def _slices(node: ir.Node, opset: int, constants: optcc.ir.NewConstants) -> bool:
     if opset < 10:
         return False
     first = _producer(node.inputs[0], "Slice")
@@ -528,20 +531,21 @@ def _slices(node: ir.Node, opset: int) -> bool:
     if a1 is None or a2 is None or len(a1) != len(p1[2]) or len(a2) != len(p2[2]) or a1 & a2:
         return False
     node.replace_input_with(0, x)
+    node.resize_inputs(5)  # steps written even where both Slices left them out (all 1)
     for i in range(4):
-        node.replace_input_with(i + 1, optcc.ir.constant_before(node, np.array(p1[i] + p2[i], dtype=np.int64), "slice"))
+        node.replace_input_with(i + 1, constants.for_reader(node, np.array(p1[i] + p2[i], dtype=np.int64), "slice"))
     remove_if_dead(first)
     return True
 
 
-def _merge(node: ir.Node, opset: int) -> str | None:
+def _merge(node: ir.Node, opset: int, constants: optcc.ir.NewConstants) -> str | None:
     """The rule that merged ``node`` with its producer, or None."""
     if node.op_type in _IDEMPOTENT:
         return "idempotent" if _idempotent(node, opset) else None
     if node.op_type in ("Squeeze", "Unsqueeze"):
         if node.op_type == "Unsqueeze" and _reduce_unsqueeze(node, opset):
             return "reduce-unsqueeze"
-        label = _same_kind_pair(node, opset)
+        label = _same_kind_pair(node, opset, constants)
         if label is not None:
             return label
     if node.op_type == "Concat":
@@ -549,7 +553,7 @@ def _merge(node: ir.Node, opset: int) -> str | None:
     if node.op_type == "Slice":
         if _slice_shape(node, opset):
             return "slice-shape"
-        return "slice-slice" if _slices(node, opset) else None
+        return "slice-slice" if _slices(node, opset, constants) else None
     if node.op_type == "Transpose":
         return "transpose-transpose" if _transposes(node, opset) else None
     if node.op_type == "Where":
@@ -558,11 +562,11 @@ def _merge(node: ir.Node, opset: int) -> str | None:
         return "not-not" if _not_not(node, opset) else None
     if node.op_type in ("Squeeze", "Unsqueeze"):
         label = _squeeze_pair(node, opset)
-        if label is None and node.op_type == "Unsqueeze" and _unsqueeze_of_reshape(node, opset):
+        if label is None and node.op_type == "Unsqueeze" and _unsqueeze_of_reshape(node, opset, constants):
             return "unsqueeze-of-reshape"
         return label
     if node.op_type == "Reshape":
-        return _reshapes(node, opset)
+        return _reshapes(node, opset, constants)
     return None
 
 
@@ -579,6 +583,7 @@ class MergeConsecutivePass(optcc.Pass):
     def call(self, model: ir.Model) -> optcc.PassResult:
         model_opset = optcc.ir.default_opset(model)
         merged: dict[str, int] = {}
+        constants = optcc.ir.NewConstants(model)
         for graph in optcc.ir.graphs(model):
             opset = graph_opset(graph, model_opset)
             for node in list(graph):
@@ -586,8 +591,8 @@ class MergeConsecutivePass(optcc.Pass):
                     continue
                 if len(node.outputs) != 1 or not node.inputs or node.inputs[0] is None:
                     continue
-                label = _merge(node, opset)
+                label = _merge(node, opset, constants)
                 while label is not None:  # the node may now read another link of a chain
                     merged[label] = merged.get(label, 0) + 1
-                    label = _merge(node, opset) if node.graph is not None else None
+                    label = _merge(node, opset, constants) if node.graph is not None else None
         return optcc.PassResult(model, bool(merged), merged)

@@ -35,8 +35,8 @@ and shape); all nodes in one graph; the rank of ``x`` known; Squeeze
 and Unsqueeze axes constant (a Squeeze without axes ends the chain); Transpose perms
 valid. The chain's layout ops (at least one, the identity needs two unless one is
 itself a no-op) are removed, at most one Transpose is added, no node is duplicated; a
-carried constant that differs from the one it replaces is a new Constant node (lifted
-to an initializer by lift-constants), the constants nothing reads any more (the old
+carried constant that differs from the one it replaces is a new constant
+(``optcc.ir.constant_for``: a main-graph initializer, a Constant node in a body), the constants nothing reads any more (the old
 operands, the layout ops' axes) are dropped.
 
 Why exact: a layout op moves elements without changing them. An elementwise op gives
@@ -220,7 +220,7 @@ def _carried_shape(value: ir.Value, src: AxisMap, rank: int) -> ir.Shape | None:
     return ir.Shape([dims[src.index(j)] if j in src else 1 for j in range(rank)])
 
 
-def _apply(plan: _Plan, opset: int) -> None:
+def _apply(plan: _Plan, opset: int, constants: optcc.ir.NewConstants) -> None:
     current = plan.layouts[0].inputs[0]
     # the constants the chain read before (operands replaced, the layout ops' axes): dropped
     # below where nothing reads them any more
@@ -237,10 +237,10 @@ def _apply(plan: _Plan, opset: int) -> None:
             else:
                 if node.op_type == "Pad" and len(node.inputs) > 3:
                     node.resize_inputs(3)  # the carried pads name every axis of x, in order
-                    node.replace_input_with(1, optcc.ir.constant_before(node, move.array, "pads"))
+                    node.replace_input_with(1, constants.for_reader(node, move.array, "pads"))
                 elif not optcc.ir.same_operand(constant_array(node.inputs[move.operand]), move.array):
                     name = "pads" if node.op_type == "Pad" else "layout_operand"
-                    node.replace_input_with(move.operand, optcc.ir.constant_before(node, move.array, name))
+                    node.replace_input_with(move.operand, constants.for_reader(node, move.array, name))
         output = node.outputs[0]
         output.shape = _carried_shape(output, move.src, plan.rank)
         current = output
@@ -277,6 +277,7 @@ class SinkLayoutOpsPass(optcc.Pass):
     def call(self, model: ir.Model) -> optcc.PassResult:
         model_opset = optcc.ir.default_opset(model)
         removed = 0
+        constants = optcc.ir.NewConstants(model)
         for graph in optcc.ir.graphs(model):
             opset = graph_opset(graph, model_opset)
             for node in list(graph):
@@ -285,6 +286,6 @@ class SinkLayoutOpsPass(optcc.Pass):
                     continue
                 plan = _plan(node, opset)
                 if plan is not None:
-                    _apply(plan, opset)
+                    _apply(plan, opset, constants)
                     removed += len(plan.layouts) - (plan.perm is not None)
         return optcc.PassResult(model, bool(removed), {"layout_ops_removed": removed} if removed else {})

@@ -10,6 +10,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto
 
 import optcc
 from optcc.passes.convert_float16 import KEEP_MARKER, ConvertFloat16Pass
@@ -259,6 +260,55 @@ def test_user_block_keeps_op_types_and_named_nodes():
     kept = result.stats["kept_float32"]
     assert set(kept) == {"n_c", "n_y"} and set(kept.values()) == {"blocked by the user"}
     assert node(result.model, "Mul").outputs[0].dtype == F32
+
+
+def _shared_weight_model(values: np.ndarray) -> onnx.ModelProto:
+    """``c`` read by a Min that converts and a Mul the user keeps float32."""
+    proto = parse("""<ir_version: 8, opset_import: ["": 17]>
+    g (float[2, 3] x) => (float[2, 3] y) {
+      a = Min(x, c)
+      y = Mul(a, c)
+    }""")
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(values.astype(np.float32), "c"))
+    return proto
+
+
+def test_a_small_weight_read_in_both_types_gets_a_float16_copy_not_a_cast():
+    """The float16 reader reads a float16 copy of ``c`` (the float32 reader ``c`` itself):
+    the outputs equal, bit for bit, those of the same model with ``Cast(c, to=float16)`` in
+    the copy's place (subnormal and rounding-tie values included), and onnxruntime on the
+    original within float16's error."""
+    values = np.array([0.1, -3.0e-6, 1.0 + 2.0 ** -11], np.float32)  # a float16 subnormal; a tie
+    proto = _shared_weight_model(values)
+    result = convert(proto, block=["Mul"])
+    low, mul = node(result.model, "Min"), node(result.model, "Mul")
+    assert not any(n.op_type == "Cast" and n.inputs[0].name == "c" for n in result.model.graph)
+    copy = low.inputs[1]
+    assert copy.dtype == F16 and copy.is_initializer() and mul.inputs[1].name == "c"
+    np.testing.assert_array_equal(copy.const_value.numpy(), values.astype(np.float16))
+    out = optcc.ir.serialize(result.model)
+    with_cast = onnx.ModelProto()
+    with_cast.CopyFrom(out)
+    with_cast.graph.initializer.remove(next(t for t in with_cast.graph.initializer if t.name == copy.name))
+    with_cast.graph.node.insert(0, onnx.helper.make_node("Cast", ["c"], [copy.name], to=TensorProto.FLOAT16))
+    feeds = random_feeds(proto, seed=3)
+    got, cast_form = onnxruntime_outputs(out, feeds), onnxruntime_outputs(with_cast, feeds)
+    assert got[0].tobytes() == cast_form[0].tobytes()
+    want = onnxruntime_outputs(proto, feeds)[0]
+    np.testing.assert_allclose(got[0].astype(np.float64), want, rtol=2e-3, atol=1e-3)
+
+
+def test_a_shared_weight_beyond_float16_range_or_large_keeps_its_cast():
+    """A copy would clamp 1e6 where the Cast overflows it to infinity; a large weight is
+    cast, not stored twice."""
+    for values in (np.array([1.0, 1e6, 2.0]), np.linspace(-1.0, 1.0, 3000)):
+        shape = (2, values.size) if values.size > 3 else (2, 3)
+        proto = _shared_weight_model(values)
+        proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value = shape[1]
+        proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = shape[1]
+        result = convert(proto, block=["Mul"])
+        assert node(result.model, "Min").outputs[0].dtype == F16
+        assert sum(n.op_type == "Cast" and n.inputs[0].name == "c" for n in result.model.graph) == 1
 
 
 def test_weights_beyond_float16_range_are_clamped_and_reported():

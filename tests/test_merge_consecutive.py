@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 
 import optcc
 from optcc.passes.eliminate_noops import EliminateNoOpsPass
+from optcc.passes.lift_constants import LiftConstantsPass
 from optcc.passes.merge_consecutive import MergeConsecutivePass
 from exact_pass_checks import ort_outputs, run_exact_pass
 from reference import EXACT_RTOL, assert_close, expected_outputs, random_feeds
@@ -638,3 +639,25 @@ def test_reshape_of_a_transpose_that_reorders_data_or_copies_open_dims_stays():
              "k": rng.standard_normal((5, 1, 3, 8)).astype(np.float32)}
     result = _run(model, feeds)
     assert not result.modified and _computing_ops(result.model) == {"Transpose": 5, "Reshape": 5}
+
+
+def test_new_main_graph_constants_are_initializers_that_lift_constants_leaves_alone():
+    """The merged axes, target and Slice parameters are main-graph initializers: no Constant
+    node is left for lift-constants to lift (another round of the exact fixpoint). The
+    Slices leave their steps out: the merged one gets them."""
+    model = _model("""
+    agraph (float[2, 3, 4] x) => (float[1, 1, 2, 3, 4] y, float[1, 24] r, float[1, 2, 4] s)
+      <int64[1] a = {0}, int64[3] t1 = {1, 6, 4}, int64[2] t2 = {0, -1},
+       int64[1] b0 = {0}, int64[1] e0 = {1}, int64[1] ax0 = {0}, int64[1] b1 = {1}, int64[1] e1 = {3}, int64[1] ax1 = {1}> {
+        u = Unsqueeze(x, a)
+        y = Unsqueeze(u, a)
+        v = Reshape(x, t1)
+        r = Reshape(v, t2)
+        p = Slice(x, b0, e0, ax0)
+        s = Slice(p, b1, e1, ax1)
+    }""", opset=13)
+    result = _run(model)
+    assert result.stats == {"unsqueeze-unsqueeze": 1, "reshape-reshape": 1, "slice-slice": 1}
+    assert "Constant" not in _ops(result.model)
+    assert {"Unsqueeze_axes", "Reshape_target", "Slice_slice"} <= set(result.model.graph.initializers)
+    assert not LiftConstantsPass()(result.model).modified

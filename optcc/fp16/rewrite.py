@@ -13,10 +13,13 @@ Used by ``convert_float16.ConvertFloat16Pass``, which decides which nodes to kee
   that stay float32: exact when its values are float16-representable, otherwise the caller
   checks the accuracy); otherwise it stays float32;
 - a value read in another type than it has gets one Cast per (graph, value, type), shared
-  by all readers in that graph; an original Cast reads a value that became float16 as it
-  is (Cast accepts any type and f16->f32 is exact), and ``Cast(to=float)`` of a float16
-  value read as float16 reads the float16 value itself (f16->f32->f16 is exact;
-  f32->f16->f32 is never removed);
+  by all readers in that graph, except a small float32 initializer (``COPY_MAX_ELEMENTS``)
+  whose every finite value is within +-65504 read in float16: its readers read a float16
+  initializer copy beside it (the values the Cast would compute: both round to nearest
+  even), shared by every graph that sees it; an original Cast reads a value that became
+  float16 as it is (Cast accepts any type and f16->f32 is exact), and ``Cast(to=float)``
+  of a float16 value read as float16 reads the float16 value itself (f16->f32->f16 is
+  exact; f32->f16->f32 is never removed);
 - graph outputs keep their name and float32 type: the float16 value is renamed and one
   Cast restores the output. Subgraph (If/Loop/Scan body) and function inputs/outputs
   keep their types the same way, so control-flow nodes themselves never change type.
@@ -55,6 +58,9 @@ KEEP_OPS = frozenset({
 })
 # Ops that read any element type and never need a Cast in front of them.
 NEUTRAL_OPS = frozenset({"Shape", "Size"})
+# The most elements of a float32 initializer that readers read in float16 and others in
+# float32 for which the float16 readers get a float16 copy beside it, not a Cast node.
+COPY_MAX_ELEMENTS = 1024
 # Source types whose Cast to float32 is exact, so Cast(Cast(x, f32), f16) == Cast(x, f16).
 _EXACT_IN_FLOAT = frozenset({
     ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.BOOL, ir.DataType.INT8,
@@ -190,6 +196,7 @@ class Rewriter:
                     self.plan[node] = slots
         self.original_type: dict[ir.Value, ir.DataType | None] = {}
         self.casts: dict[tuple[int, ir.Value, ir.DataType], ir.Value] = {}
+        self.copies: dict[ir.Value, ir.Value | None] = {}  # float32 initializer -> its float16 copy
 
     # -- decisions -------------------------------------------------------------------
     def _reads_as(self, node: ir.Node, index: int) -> ir.DataType | None:
@@ -365,10 +372,34 @@ class Rewriter:
             graph.append(cast)
         self.stats.casts_inserted += 1
 
+    def _float16_copy(self, value: ir.Value) -> ir.Value | None:
+        """A float16 initializer beside float32 initializer ``value`` (in its graph, seen by
+        the graphs nested there) holding what ``Cast(value, to=float16)`` computes; None for
+        a value that is no initializer, a default a caller may feed, more than
+        ``COPY_MAX_ELEMENTS`` elements, or a finite value beyond +-65504 (the Cast overflows
+        it to infinity)."""
+        if value not in self.copies:
+            tensor, owner = value.const_value, value.graph
+            copy = None
+            if (value.is_initializer() and not value.is_graph_input() and tensor is not None
+                    and tensor.dtype == FLOAT and tensor.size <= COPY_MAX_ELEMENTS and isinstance(owner, ir.Graph)):
+                array = tensor.numpy()
+                if not (np.abs(array[np.isfinite(array)]) > FP16_MAX).any():
+                    name = self.names.value(f"{value.name}_float16")
+                    copy = ir.Value(name=name, type=ir.TensorType(FLOAT16), shape=value.shape,
+                                    const_value=ir.tensor(array.astype(np.float16), name=name))
+                    owner.register_initializer(copy)
+            self.copies[value] = copy
+        return self.copies[value]
+
     def _cast(self, graph: ir.Graph | ir.Function, value: ir.Value, to: ir.DataType) -> ir.Value:
         key = (id(graph), value, to)
         if key in self.casts:
             return self.casts[key]
+        copy = self._float16_copy(value) if to == FLOAT16 else None
+        if copy is not None:
+            self.casts[key] = copy
+            return copy
         source = value
         producer = value.producer()
         if (

@@ -62,15 +62,18 @@ def unique_prefix(names: Iterable[str], base: str) -> str:
     return prefix
 
 
-def constant_before(before: ir.Node, array: np.ndarray, base: str, taken: set[str] | None = None) -> ir.Value:
-    """A Constant node holding ``array``, inserted just before ``before`` in its graph and
-    named after it (``<node>_<base>``, unique in that graph); its output, typed and shaped.
-    ``taken``: ``value_names`` of that graph (or of the whole model, for a name no enclosing
-    graph holds either), kept by a caller that inserts many (the new name is added to it),
-    so the graph is not scanned again for each."""
+def constant_before(model: ir.Model, before: ir.Node, array: np.ndarray, base: str,
+                    taken: set[str] | None = None) -> ir.Value:
+    """A Constant node holding ``array``, inserted just before ``before`` (a node of any
+    graph of ``model``) and named after it (``<node>_<base>``, a name no graph of the model
+    holds: a graph does not know the graphs enclosing it, and a body's name that an
+    enclosing graph also holds would shadow it); its output, typed and shaped. ``taken``:
+    ``value_names(model)``, kept by a caller that inserts many (the new name is added to
+    it), so the model is not scanned again for each."""
     graph = before.graph
     assert graph is not None
-    name = unique_value_name(graph, f"{before.name or before.op_type}_{base}", taken)
+    names = value_names(model) if taken is None else taken
+    name = unique_value_name(None, f"{before.name or before.op_type}_{base}", names)
     const = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.Tensor(array, name=name))],
                     num_outputs=1, name=name)
     const.outputs[0].name = name
@@ -90,12 +93,30 @@ def constant_for(model: ir.Model, reader: ir.Node, array: np.ndarray, base: str,
     inserts (lift-constants may still lift a body's). ``taken``: as ``constant_before``'s."""
     graph = reader.graph
     if graph is not model.graph or initializers_are_constant(model):
-        return constant_before(reader, array, base, taken)
-    name = unique_value_name(graph, f"{reader.name or reader.op_type}_{base}", taken)
+        return constant_before(model, reader, array, base, taken)
+    names = value_names(model) if taken is None else taken
+    name = unique_value_name(None, f"{reader.name or reader.op_type}_{base}", names)
     tensor = ir.Tensor(array, name=name)
     value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+class NewConstants:
+    """Constants for readers anywhere in one model (``constant_for``), named against every
+    value name of the model: collected when the first is made (a pass that makes none scans
+    nothing), then kept with the names made here added. Valid while the names made
+    elsewhere in the meantime are only names the model already held."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self._model = model
+        self._taken: set[str] | None = None
+
+    def for_reader(self, reader: ir.Node, array: np.ndarray, base: str) -> ir.Value:
+        """``constant_for(model, reader, array, base)``."""
+        if self._taken is None:
+            self._taken = value_names(self._model)
+        return constant_for(self._model, reader, array, base, self._taken)
 
 
 class ModelNames:
