@@ -68,7 +68,7 @@ from optcc.errors import BadInputError
 from optcc.runtime.cpu import CpuFeatures, this_cpu
 
 __all__ = ["CostModel", "CPU_CLASSES", "DEFAULT_CPU_CLASS", "CpuClass", "class_of", "cpu_class", "Costs", "FEATURES",
-           "features", "modelled_seconds", "compare_modelled", "element_counts"]
+           "features", "Workload", "modelled_seconds", "compare_modelled", "compare_workloads", "element_counts"]
 
 # ops onnxruntime turns into integer kernels when wrapped in DQ -> op -> Q
 _INTEGER = frozenset({"Conv", "MatMul", "Gemm", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Concat"})
@@ -324,19 +324,44 @@ def features(model: ir.Model, counts: Mapping[str, float]) -> tuple[dict[str, fl
     return f, Costs(0.0, integer, floating, boundaries)
 
 
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one model's modelled run time is made of (``features``), read from its graph
+    once and then costed for any CPU class's constants: the features do not depend on the
+    constants, so a model costed for two classes, or compared with many candidates, is
+    read once (``costs`` gives what ``modelled_seconds`` gives, to the bit)."""
+
+    features: dict[str, float]
+    kernels: Costs  # the kernels as classified; ``seconds`` unset
+
+    @classmethod
+    def of(cls, model: ir.Model, counts: Mapping[str, float]) -> Workload:
+        """``model``'s workload (``counts``: mean elements per sample of the float tensors)."""
+        found, kernels = features(model, counts)
+        return cls(found, kernels)
+
+    def costs(self, constants: CostModel = CostModel()) -> Costs:
+        """The modelled seconds with ``constants``, and the kernels as classified."""
+        seconds = sum(self.features[name] * getattr(constants, name) for name in FEATURES)
+        return dataclasses.replace(self.kernels, seconds=seconds)
+
+
 def modelled_seconds(model: ir.Model, counts: Mapping[str, float], constants: CostModel = CostModel()) -> Costs:
     """The modelled run time of ``model``'s main graph on onnxruntime CPU (see module doc).
     ``counts``: mean elements per sample of the float tensors, by name."""
-    f, costs = features(model, counts)
-    costs.seconds = sum(f[name] * getattr(constants, name) for name in FEATURES)
-    return costs
+    return Workload.of(model, counts).costs(constants)
 
 
 def compare_modelled(reference: ir.Model, candidate: ir.Model, counts: Mapping[str, float],
                      constants: CostModel = CostModel()) -> dict[str, Any]:
     """Modelled seconds of both models and ``speedup`` = float32 / candidate."""
-    ref = modelled_seconds(reference, counts, constants)
-    cand = modelled_seconds(candidate, counts, constants)
+    return compare_workloads(Workload.of(reference, counts), Workload.of(candidate, counts), constants)
+
+
+def compare_workloads(reference: Workload, candidate: Workload, constants: CostModel = CostModel()) -> dict[str, Any]:
+    """``compare_modelled`` of the models whose workloads these are."""
+    ref = reference.costs(constants)
+    cand = candidate.costs(constants)
     return {
         "float32": ref.to_dict(),
         "int8": cand.to_dict(),

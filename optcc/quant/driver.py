@@ -23,7 +23,7 @@ from optcc.quant.calibration import (CalibrationData, Feeds, calibrate, calibrat
                                      holdout_positions, load_samples, split_at)
 from optcc.errors import BadInputError
 from optcc.infra.registry import create_pass
-from optcc.quant.cost_model import CPU_CLASSES, compare_modelled, cpu_class, element_counts
+from optcc.quant.cost_model import CPU_CLASSES, CostModel, Workload, compare_workloads, cpu_class, element_counts
 from optcc.quant.fallback import (
     RANKING_SAMPLES,
     CandidateOutputs,
@@ -652,7 +652,10 @@ def quantize_int8(
     lap("calibrate")
     user_exclude = list(o.exclude)
 
-    # the fully quantized model, by whether its biases are corrected: asked for again, built once
+    # the fully quantized model, by whether its biases are corrected: asked for again, built once.
+    # A model stored here is complete (its biases corrected before it is stored) and from then on
+    # only read (judged, modelled, searched from) until this call returns, so the one stored may be
+    # the very model handed on: ``make()`` hands out a clone of it, equal to one taken when it was stored
     fully: dict[bool, tuple[ir.Model, dict[str, Any]]] = {}
     correcting = o.bias_correction  # set once by the held-out judgement below
     # the samples bias correction measures: the first calibration ones, of every group in turn
@@ -701,10 +704,20 @@ def quantize_int8(
         if only is None:
             model, result_stats = with_corrected_bias(model, result_stats)
         if whole:
-            fully[correcting] = (model.clone(), dict(result_stats))
+            fully[correcting] = (model, dict(result_stats))
         return model, result_stats
 
     counts = element_counts(calibration.stats)
+    # the float model's workload, read once: nothing changes the float model after calibration
+    # (candidates are built on clones of it), and its features do not depend on the CPU class
+    float_workload: list[Workload] = []
+
+    def speedup_of(candidate: ir.Model | Workload, constants: CostModel) -> dict[str, Any]:
+        """``compare_modelled`` of ``candidate`` (or its workload) against the float model."""
+        if not float_workload:
+            float_workload.append(Workload.of(float_model, counts))
+        work = candidate if isinstance(candidate, Workload) else Workload.of(candidate, counts)
+        return compare_workloads(float_workload[0], work, constants)
 
     # the class of this machine's CPU where the default models another: reported, never deciding
     machine = cpu.machine if cpu.source == "default" and cpu.machine in CPU_CLASSES and cpu.machine != cpu.name \
@@ -712,12 +725,13 @@ def quantize_int8(
     checked: list[tuple[float, float]] = []  # per speed check: the speedup modelled, and for ``machine``
 
     def slower(candidate: ir.Model, key: str) -> str | None:
-        modelled = compare_modelled(float_model, candidate, counts, cpu.constants)
+        work = Workload.of(candidate, counts)  # read once, costed for both classes
+        modelled = speedup_of(work, cpu.constants)
         latency = stats.setdefault("latency", {})
         latency[key] = {"modelled_speedup": modelled["speedup"], "float32": modelled["float32"],
                         "int8": modelled["int8"]}
         if machine is not None:
-            there = compare_modelled(float_model, candidate, counts, CPU_CLASSES[machine])["speedup"]
+            there = speedup_of(work, CPU_CLASSES[machine])["speedup"]
             latency[key]["modelled_speedup_machine"] = there
             checked.append((modelled["speedup"], there))
         latency["cpu"] = cpu.to_dict()
@@ -768,7 +782,7 @@ def quantize_int8(
         speeds = []
         for row in rows:  # each built once to model its speed, and dropped: it holds its own weights
             candidate, _ = make(exclude=row["kept_float"] + refused)
-            speeds.append(compare_modelled(float_model, candidate, counts, cpu.constants)["speedup"])
+            speeds.append(speedup_of(candidate, cpu.constants)["speedup"])
             del candidate
         ranked = sorted(range(len(rows)), key=lambda i: (-speeds[i], len(rows[i]["kept_float"]), i))
         choice: dict[str, Any] = {
@@ -829,7 +843,7 @@ def quantize_int8(
         lap("quantize")
         if (declined := speed_decline(quantized)) is not None:  # as it ships: modelled and reported
             return declined
-    fully[correcting] = (quantized.clone(), dict(pass_stats))  # ``make()``'s, asked for again
+    fully[correcting] = (quantized, dict(pass_stats))  # ``make()``'s, asked for again
     max_float_layers = o.max_float_layers
     if max_float_layers is None:
         max_float_layers = int(o.max_float_fraction * len(pass_stats["layers"]))
@@ -846,7 +860,7 @@ def quantize_int8(
             else {"kept": True, "shortfall_corrected": round(shortfall(corrected), 6)}
         if not corrected.passed and not unbuildable:  # a model that passes ships as it is
             correcting = False
-            plain, plain_stats = fully[False]  # judged as stored: copied only where it ships (below)
+            plain, plain_stats = fully[False]  # judged as stored
             uncorrected = evaluate(float_model, plain, judged, o.target, reference_outputs=judge.reference,
                                    outputs=judged_outputs)
             # dropped only when clearly worse: the uncorrected model passes, or the corrected
@@ -858,7 +872,6 @@ def quantize_int8(
             if kept:
                 correcting = True
             else:
-                fully[False] = (plain.clone(), dict(plain_stats))  # ``make()``'s, asked for again
                 plain_stats = dict(plain_stats)
                 quantized, pass_stats, initial = plain, plain_stats, (plain, plain_stats, uncorrected)
         lap("bias_correction_choice")
@@ -867,9 +880,8 @@ def quantize_int8(
     if o.accuracy_fallback:
         # what a candidate must be modelled at to ship, where no candidate is bias-corrected: then
         # ``build``'s is the model the search would judge and ship (``make``), its speed modelled exactly
-        speed = SpeedBound(lambda candidate: compare_modelled(float_model, candidate, counts, cpu.constants)["speedup"],
-                           lambda floats: compare_modelled(float_model, build(floats)[0], counts,
-                                                           cpu.constants)["speedup"],
+        speed = SpeedBound(lambda candidate: speedup_of(candidate, cpu.constants)["speedup"],
+                           lambda floats: speedup_of(build(floats)[0], cpu.constants)["speedup"],
                            o.min_speedup) if o.require_speedup and not correcting else None
         quantized, pass_stats, report = fallback(
             float_model, make, judged, o.target, max_float_layers=max_float_layers,
