@@ -618,7 +618,7 @@ def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress)
             raise BadInputError(f"--calibration group '{label}' holds {len(samples)} sample(s), too few: each group "
                                 f"needs at least {MIN_GROUP_SAMPLES} (one calibrates, one is held out)", path)
     given_files = f" (--calibration {', '.join(p for _, p in sources)})"
-    if (args.int8 or args.fp16) and calibration is not None:  # said here, where the files are known
+    if (args.int8 or args.fp16 or args.weights) and calibration is not None:  # said here, where the files are known
         check_samples_vary(calibration, args.model, given_files)
     if args.int8 and calibration is not None:  # said here, where the files and how they were read are known
         read_as = "".join(f"; {w.file} was read as one sample of batch {w.batch}: for {w.batch} samples, give each "

@@ -83,7 +83,8 @@ def _inline(node: ir.Node, branch: ir.Graph, names: collections.Counter[str],
             if value.name:
                 value.name = _fresh(value.name, names)
     for result, source in zip(list(node.outputs), outputs):
-        assert bypass(node, result, source)  # every source is an ordinary value of graph
+        handed = bypass(node, result, source)  # done outside the assert: it holds under -O too
+        assert handed  # every source is an ordinary value of graph
 
 
 class InlineConstantIfPass(optcc.Pass):

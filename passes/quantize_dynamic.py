@@ -74,7 +74,8 @@ import numpy as np
 import onnx_ir as ir
 
 import optcc
-from optcc.passes.quantize_weights import drop_unused_weights, embedding_reason, gather_stored_rows, quantize_gather
+from optcc.passes.quantize_weights import (drop_unused_weights, embedding_reason, gather_stored_rows, quantize_gather,
+                                          rows_forgotten)
 from optcc.quant import (BOUNDED_NOTE, FloatLayerSearch, dynamic_int8_errors, fewest_float_layers, KeptCandidates,
                          probed_values)
 
@@ -107,6 +108,10 @@ class QuantizeDynamicPass(optcc.Pass):
         self.searched = searched
 
     def call(self, model: ir.Model) -> optcc.PassResult:
+        with rows_forgotten(model):
+            return self._call(model)
+
+    def _call(self, model: ir.Model) -> optcc.PassResult:
         search = self._search(model) if self.gate is not None and (self.searched is None or self.searched()) \
             else None
         if search is not None and search.chosen is None:  # declined: the model as it was

@@ -116,8 +116,9 @@ rounding); the verifier judges the outputs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -127,7 +128,7 @@ import optcc
 import optcc.quant
 from optcc.quant import BOUNDED_NOTE, KeptCandidates, fewest_float_layers
 
-__all__ = ["QuantizeWeightsPass", "drop_unused_weights", "embedding_reason", "quantize_gather"]
+__all__ = ["QuantizeWeightsPass", "drop_unused_weights", "embedding_reason", "quantize_gather", "rows_forgotten"]
 
 weight_only = optcc.quant.weight_only
 
@@ -192,6 +193,10 @@ class QuantizeWeightsPass(optcc.Pass):
     # ------------------------------------------------------------------ planning
 
     def call(self, model: ir.Model) -> optcc.PassResult:
+        with rows_forgotten(model):
+            return self._call(model)
+
+    def _call(self, model: ir.Model) -> optcc.PassResult:
         stats: dict[str, Any] = {"quantized": {}, "kept_float": {}, "head": [], "algorithm": self.algorithm,
                                  "bits": self.bits, "block_size": self.block_size, "target": self.target}
         graph = model.graph
@@ -779,8 +784,9 @@ def quantize_gather(graph: ir.Graph, node: ir.Node, table: ir.Value, taken: set[
 
 def _table_rows(table: ir.Value) -> tuple[np.ndarray, np.ndarray]:
     """``row_int8`` of ``table``'s constant, made once per tensor and kept, read-only, in its
-    metadata while the tensor lives: the candidates of a search share the float model's
-    tensors, so each quantizes a table as the first did, with the same arrays."""
+    metadata until the pass's call returns (``rows_forgotten``): the candidates of a search
+    share the float model's tensors, so each quantizes a table as the first did, with the
+    same arrays."""
     tensor = optcc.ir.const_tensor(table)
     assert tensor is not None, "quantize_gather reads a constant table"
     rows = tensor.meta.get(_ROWS_KEY)
@@ -790,6 +796,20 @@ def _table_rows(table: ir.Value) -> tuple[np.ndarray, np.ndarray]:
             array.flags.writeable = False
         tensor.meta[_ROWS_KEY] = rows
     return rows
+
+
+@contextlib.contextmanager
+def rows_forgotten(model: ir.Model) -> Iterator[None]:
+    """The ``with`` block, after which no tensor of ``model``'s main-graph initializers (as
+    they were before it) keeps the rows ``_table_rows`` put in its metadata: those tensors
+    may be the caller's, which must not hold them past the pass's call."""
+    tensors = [value.const_value for value in model.graph.initializers.values()]
+    try:
+        yield
+    finally:
+        for tensor in tensors:
+            if tensor is not None:
+                tensor.meta.pop(_ROWS_KEY, None)
 
 
 def gather_stored_rows(graph: ir.Graph, node: ir.Node, taken: set[str]) -> bool:

@@ -99,14 +99,14 @@ def test_a_spent_budget_still_confirms_a_larger_candidate_already_built():
     assert (16, "confirm") in judged and search.candidates <= 12
 
 
-def test_a_refused_confirmation_returns_to_a_candidate_built_before_without_building_it_again(monkeypatch) -> None:
+def test_a_refused_confirmation_returns_to_a_candidate_judged_before(monkeypatch) -> None:
     """The three damaged layers ranked first: the judge (a forced decode against the numpy
     float64 original on its own prompts) passes 4 and then 3 layers float; a confirmation
     stricter than the judge (the same decode on other prompts, and at least 4 layers float)
-    refuses 3, so the search returns to the 4 it judged before the bisection's 3. Every
-    candidate is built once, 4 included, the embedding table is quantized once for all of
-    them, and the model shipped with those 4 float agrees with the float64 decode on prompts
-    neither check saw."""
+    refuses 3, so the search returns to the 4 it judged before the bisection's 3. 3 is
+    confirmed as kept (not built again); 4, no longer kept, is built once more; the
+    embedding table is quantized once for all of them; the model shipped with those 4
+    float agrees with the float64 decode on prompts neither check saw."""
     weights = _weights()
     builds: list[frozenset[str]] = []
     quantized = QuantizeDynamicPass._quantized
@@ -143,7 +143,8 @@ def test_a_refused_confirmation_returns_to_a_candidate_built_before_without_buil
     assert [(c["float_layers"], c["check"], c["passed"]) for c in search["checks"]] == [
         (0, "judge", False), (1, "judge", False), (2, "judge", False), (4, "judge", True), (3, "judge", True),
         (3, "confirm", False), (4, "confirm", True)]
-    assert len(builds) == len(set(builds)) == search["candidates"] == 5  # each built once, 4 included
+    assert len(set(builds)) == search["candidates"] == 5 and len(builds) == 6  # 4 built again, 3 kept
+    assert builds[-1] == builds[3] and builds.count(builds[4]) == 1
     assert tables == [(VOCAB, WIDTH)]  # E, quantized once: by the first candidate
     shipped = optcc.ir.serialize(result.model)
     assert {"W" + name for name in DAMAGED} <= float_matmul_weights(shipped) and len(search["float_layers"]) == 4
@@ -152,10 +153,10 @@ def test_a_refused_confirmation_returns_to_a_candidate_built_before_without_buil
 
 def test_kept_candidates_build_each_count_once_and_keep_only_those_awaiting_confirmation() -> None:
     """The search above (judge from 9, confirmation from 16, budget 12), its candidates built
-    through ``KeptCandidates``: the confirmation returns from 9 to 10, 11, ... 16; each
-    candidate it returns to after one refusal is the one kept, not built again; only the
-    two fewest-layer candidates awaiting confirmation are kept (a bound that does not grow
-    with the layers), so one returned to after a second refusal is built again."""
+    through ``KeptCandidates``: the bisection ends on 9, confirmed without a build again;
+    only the fewest-layer candidate awaiting confirmation is kept (a bound that does not
+    grow with the layers), so those the refused confirmations return to (10, 12, 16) are
+    built again, each once more at most."""
     layers = [f"mm{i}" for i in range(20)]
     built: list[int] = []
     alive: weakref.WeakSet = weakref.WeakSet()  # the candidates not yet freed
@@ -181,5 +182,5 @@ def test_kept_candidates_build_each_count_once_and_keep_only_those_awaiting_conf
     assert search.chosen == layers[:16]
     assert most_alive <= optcc.quant.float_layers.KEPT_CANDIDATES + 1  # those kept and the one judged
     assert max(built.count(c) for c in built) <= 2  # built for its judge, at most once more for its confirmation
-    assert built.count(9) == built.count(10) == 1  # the two kept when the first confirmation was refused
+    assert built.count(9) == 1  # the one kept: the bisection's last count that passed
     assert sorted(set(built)) == sorted({c["float_layers"] for c in search.checks})

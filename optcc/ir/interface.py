@@ -164,20 +164,22 @@ def negative_dims_unknown(model: ir.Model) -> list[str]:
     return notes
 
 
-_NEGATIVE_NOTE = re.compile(r"input '(?P<name>.*)': declared (?P<declared>\[.*?\]), written (?P<written>\[.*?\]) "
-                            r"\(negative dims made unknown\)")
+_NEGATIVE_NOTE = re.compile(r"(?P<kind>input|output) '(?P<name>.*)': declared (?P<declared>\[.*?\]), "
+                            r"written (?P<written>\[.*?\]) \(negative dims made unknown\)")
 
 
 def notes_as_written(notes: list[str], model: ir.Model) -> list[str]:
     """``notes`` (``negative_dims_unknown``'s among them) with the "written" shape of each
-    graph input taken from ``model`` as it is now (its input shapes overwritten since the load)."""
-    shapes = {value.name: value.shape for value in model.graph.inputs}
+    graph input and output taken from ``model`` as it is now (its input shapes overwritten,
+    and its outputs' inferred again, since the load)."""
+    shapes = {("input", value.name): value.shape for value in model.graph.inputs}
+    shapes.update({("output", value.name): value.shape for value in model.graph.outputs})
     written = []
     for note in notes:
         match = _NEGATIVE_NOTE.fullmatch(note)
-        shape = shapes.get(match["name"]) if match else None
+        shape = shapes.get((match["kind"], match["name"])) if match else None
         if shape is not None and match and _dims_text(shape) != match["written"]:
-            note = (f"input '{match['name']}': declared {match['declared']}, written {_dims_text(shape)} "
+            note = (f"{match['kind']} '{match['name']}': declared {match['declared']}, written {_dims_text(shape)} "
                     "(input shape overwritten)")
         written.append(note)
     return written

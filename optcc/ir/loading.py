@@ -126,11 +126,14 @@ def _stamp(path: Path) -> tuple[int, ...] | None:
 
 
 class _UndefinedInputFilter(logging.Filter):
-    """Drops onnx-ir's warning that a node reads a value no scope defines: the load's
-    validation (``_sort_or_reject_cycle``) refuses such a graph with its own one-line error."""
+    """Drops onnx-ir's warnings that a node reads a value no scope defines (and, in a body,
+    its caveat about the scope of the value it makes up): the load's validation
+    (``_sort_or_reject_cycle``) refuses such a graph with its own one-line error."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "cannot be found in any scope" not in str(record.msg)
+        message = str(record.msg)
+        return "cannot be found in any scope" not in message and \
+            not message.startswith("Caveat: The value is created in the subgraph")
 
 
 @contextlib.contextmanager

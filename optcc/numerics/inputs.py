@@ -720,7 +720,7 @@ def _range(name: str, bounds: object) -> tuple[float, float]:
     try:
         lo, hi = bounds  # type: ignore[misc]
         return float(lo), float(hi)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # an int beyond float64 overflows
         raise BadInputError(f"--input-range {name}: give two numbers, low and high") from None
 
 

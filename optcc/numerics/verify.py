@@ -223,9 +223,10 @@ class Verification:
         if self.passed and self.numerics == "int8" and self.task:  # the noise floor next to the result
             judged = dict.fromkeys(_row_parts(row, self.task.get("groups") or ())[0]
                                    for row in self.task.get("metrics", {}))
-            rows = {name: task_rows_text(self.task, name) for name in judged}
-            text += "; against float32's noise floor: " + ", ".join(
-                f"'{name}' {rows[name]}" for name in judged if rows[name] != "no rows")
+            said = {name: task_rows_text(self.task, name) for name in judged}
+            rows = [f"'{name}' {words}" for name, words in said.items() if words != "no rows"]
+            if rows:
+                text += "; against float32's noise floor: " + ", ".join(rows)
         groups = (self.task or {}).get("groups")
         if groups:
             text += "; groups judged apart: " + ", ".join(

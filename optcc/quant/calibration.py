@@ -379,6 +379,10 @@ class CalibrationStats:
                 counts, exponents = data["counts"], data["exponents"]
                 minmax, value_counts = data["minmax"], data["value_counts"]
                 samples, bins = (int(x) for x in data["meta"])
+            n = len(names)
+            if not (counts.shape == (n, bins) and exponents.shape == value_counts.shape == (n,)
+                    and minmax.shape == (n, 2)):
+                raise ValueError("arrays of mismatched shapes")
         except Exception as e:  # noqa: BLE001 - any unreadable cache is an input problem
             raise BadInputError(f"not a calibration statistics file ({type(e).__name__})", path) from None
         stats = cls(samples=samples, bins=bins)

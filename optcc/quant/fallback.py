@@ -204,7 +204,7 @@ class Target:
     def __post_init__(self) -> None:
         # a target at or below 0 dB (noise as strong as the signal) or NaN accepts every candidate
         if not (math.isfinite(self.min_sqnr_db) and self.min_sqnr_db > 0):
-            raise BadInputError(f"the INT8 SQNR target must be a finite number of dB above 0, got {self.min_sqnr_db}")
+            raise BadInputError(f"the INT8 SQNR target must be a finite number of dB above 0, got {self.min_sqnr_db:g}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"min_sqnr_db": self.min_sqnr_db, "min_argmax_agreement": self.min_argmax_agreement,

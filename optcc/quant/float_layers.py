@@ -15,13 +15,14 @@ that fewer layers might have passed. When no candidate passes within the budget,
 search declines (None). Deterministic: the same ranking and verdicts give the same choice.
 
 ``KeptCandidates(build)`` builds a candidate once while it is kept: its ``retain`` handed
-to the search, it keeps the ``KEPT_CANDIDATES`` candidates with the fewest float layers of
+to the search, it keeps the ``KEPT_CANDIDATES`` candidate with the fewest float layers of
 those the search may still confirm (they passed ``judge`` and await ``confirm``): the one
-confirmed first and the one a refused confirmation returns to, so neither is built
-again. At most that many live besides the one being judged, each holding only the arrays
-its own rewrite made (the float model's tensors are shared): a bound on memory that does
-not grow with the model's layers; a second refused confirmation builds its candidate
-again. Without ``confirm`` none is kept past its verdict.
+the bisection ends on, confirmed without a build again even when the bisection's last
+step failed after it. At most two candidates live at a time (the one kept and the one
+being judged), each holding only the arrays its own rewrite made (the float model's
+tensors are shared): a bound on memory that does not grow with the model's layers; a
+candidate a refused confirmation returns to is built again. Without ``confirm`` none is
+kept past its verdict.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any, Generic, TypeVar
 __all__ = ["BOUNDED_NOTE", "FLOAT_LAYER_CANDIDATES", "FloatLayerSearch", "KeptCandidates", "fewest_float_layers"]
 
 FLOAT_LAYER_CANDIDATES = 12  # the most candidates a search builds and judges before it declines
-KEPT_CANDIDATES = 2  # the most built candidates awaiting confirmation that ``KeptCandidates`` keeps
+KEPT_CANDIDATES = 1  # the most built candidates awaiting confirmation that ``KeptCandidates`` keeps
 # what a summary line says of a ``bounded`` search
 BOUNDED_NOTE = "the search was bounded: its candidate budget ran out, so fewer layers may pass"
 
