@@ -619,10 +619,10 @@ def cache_parts(value: ir.Value) -> tuple[ir.Value, ir.Value] | None:
 _PAST_INPUT = {("", "Attention"): 4, (MS_DOMAIN, "MultiHeadAttention"): 6}
 
 
-def _shape_from_parts(model: ir.Model, taken: set[str], shape: ir.Node, past: ir.Value, new: ir.Value) -> None:
+def _shape_from_parts(names: optcc.ir.NewConstants, shape: ir.Node, past: ir.Value, new: ir.Value) -> None:
     """``Shape(Concat(past, new, axis=2))`` (with its start/end) as ``Shape(past) +
     Shape(new) * onehot(2)``: exact, since Concat needs every other axis equal. New values
-    take names no graph of ``model`` holds (``taken``: its value names, the new ones added)."""
+    take names no graph of the model holds (``names``)."""
     graph = shape.graph
     axes = list(range(4))[slice(*(shape.attributes[a].as_int() if a in shape.attributes else None
                                    for a in ("start", "end")))]
@@ -630,12 +630,12 @@ def _shape_from_parts(model: ir.Model, taken: set[str], shape: ir.Node, past: ir
     out = shape.outputs[0]
     made = [ir.Node("", "Shape", [past], attrs, num_outputs=1)]
     if 2 in axes:
-        onehot = optcc.ir.constant_for(model, shape, np.array([int(a == 2) for a in axes], np.int64), "seq_axis", taken)
+        onehot = names.for_reader(shape, np.array([int(a == 2) for a in axes], np.int64), "seq_axis")
         made.append(ir.Node("", "Shape", [new], [ir.Attr(a.name, a.type, a.value) for a in attrs], num_outputs=1))
         made.append(ir.Node("", "Mul", [made[1].outputs[0], onehot], num_outputs=1))
         made.append(ir.Node("", "Add", [made[0].outputs[0], made[2].outputs[0]], num_outputs=1))
     for n in made:
-        n.outputs[0].name = optcc.ir.unique_value_name(None, f"{out.name}_{n.op_type.lower()}", taken)
+        n.outputs[0].name = names.value_name(f"{out.name}_{n.op_type.lower()}")
         n.name = n.outputs[0].name
         graph.insert_before(shape, n)
     result, name = made[-1].outputs[0], out.name
@@ -653,9 +653,11 @@ def _live(node: ir.Node, memo: dict[ir.Node, bool], depth: int = 0) -> bool:
     return memo[node]
 
 
-def _fold_one(model: ir.Model, graph: ir.Graph | ir.Function, node: ir.Node, past_at: int) -> str | None:
+def _fold_one(names: optcc.ir.NewConstants, graph: ir.Graph | ir.Function, node: ir.Node,
+              past_at: int) -> str | None:
     """Feed ``node`` the past key/value and the new key/value, and make its present outputs
-    replace the two cache Concats; None when done, else why not."""
+    replace the two cache Concats; None when done, else why not. A name a fold frees is
+    given to the value replacing it, so ``names`` (the model's) stays whole across folds."""
     if len(node.inputs) > past_at and any(v is not None for v in node.inputs[past_at:]):
         return "already has past inputs"
     if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
@@ -677,9 +679,8 @@ def _fold_one(model: ir.Model, graph: ir.Graph | ir.Function, node: ir.Node, pas
                                           for u in c.uses()) for c in (key, value)):
         # onnxruntime refuses past inputs without present outputs, which an unread one would lose
         return "a cache Concat is not read after the attention (its present output would be unused)"
-    taken = optcc.ir.value_names(model) if early else set()
     for reader, (past, new) in early:  # e.g. the total length read for the causal mask
-        _shape_from_parts(model, taken, reader, past, new)
+        _shape_from_parts(names, reader, past, new)
     inputs = list(node.inputs[:past_at]) + [None] * (past_at - len(node.inputs))
     inputs[1], inputs[2] = parts[0][1], parts[1][1]
     inputs += [parts[0][0], parts[1][0]]
@@ -707,13 +708,14 @@ def fold_kv_cache(model: ir.Model, op: tuple[str, str]) -> dict[str, str]:
     their names). Exact: both kernels write ``Concat(past, new, axis=2)`` as present and
     attend over it. Returns per node with a cache: "folded" or why not."""
     report = {}
+    names = optcc.ir.NewConstants(model)
     for graph in optcc.ir.graphs(model):
         for node in list(graph):
             if (node.domain if node.domain != "ai.onnx" else "", node.op_type) != op:
                 continue
             if len(node.inputs) < 3 or node.inputs[1] is None or cache_parts(node.inputs[1]) is None:
                 continue
-            reason = _fold_one(model, graph, node, _PAST_INPUT[op])
+            reason = _fold_one(names, graph, node, _PAST_INPUT[op])
             report[node.name or f"{op[1]}#{len(report)}"] = reason or "folded"
             if reason is None:
                 graph.sort()  # readers of a present output that came before the attention

@@ -265,17 +265,11 @@ class _Writer:
 
     def __init__(self, model: ir.Model) -> None:
         self.model, self.graph = model, model.graph
-        self.legacy = model.ir_version < 4  # an initializer would also need a graph input
         self.names = optcc.ir.ModelNames(model)
 
     def const(self, array: np.ndarray, before: ir.Node, base: str) -> ir.Value:
-        if self.legacy:
-            return optcc.ir.constant_before(self.model, before, array, base, self.names.values)
-        name = self.names.value(f"{before.name or before.op_type}_{base}")
-        value = ir.Value(name=name, const_value=ir.Tensor(array, name=name), type=ir.TensorType(
-            ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape))
-        self.graph.register_initializer(value)
-        return value
+        """A main-graph initializer (a Constant node below IR version 4: ``constant_for``)."""
+        return optcc.ir.constant_for(self.model, before, array, base, self.names.values)
 
     def node(self, domain: str, op: str, inputs: list[ir.Value | None], attrs: list[ir.Attr],
              before: ir.Node, base: str) -> ir.Node:

@@ -165,9 +165,9 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
         # then kept for the call (no rewrite here changes a shape)
         shapes: dict[ir.Value, ir.Shape] | None = None
         inference: tuple[InferenceSnapshot, ShapeFindings] | None = None
-        # every value name of the model, collected when the first target is replaced: a new name
-        # taken in no graph, so a body's never shadows an enclosing graph's
-        taken: set[str] | None = None
+        # new targets named against every value name of the model (collected when the first is
+        # made): a body's never shadows an enclosing graph's
+        constants = optcc.ir.NewConstants(model)
         for graph in optcc.ir.graphs(model):
             opset = graph_opset(graph, model_opset)
             if opset < 5:
@@ -186,9 +186,7 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
                 if target is None:
                     continue
                 copies = 0 in target  # shape-copy's targets hold a 0 (never under allowzero=1), inferred-dim's none
-                if taken is None:
-                    taken = optcc.ir.value_names(model)
-                node.replace_input_with(1, optcc.ir.constant_for(model, node, target, "target", taken))
+                node.replace_input_with(1, constants.for_reader(node, target, "target"))
                 rule = "shape-copy" if copies else "inferred-dim"
                 counts[rule] = counts.get(rule, 0) + 1
         if inference is not None and (not counts or inference[0].still_holds(model, *inference[1:])):

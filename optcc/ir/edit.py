@@ -72,8 +72,7 @@ def constant_before(model: ir.Model, before: ir.Node, array: np.ndarray, base: s
     it), so the model is not scanned again for each."""
     graph = before.graph
     assert graph is not None
-    names = value_names(model) if taken is None else taken
-    name = unique_value_name(None, f"{before.name or before.op_type}_{base}", names)
+    name = unique_value_name(model, f"{before.name or before.op_type}_{base}", taken)
     const = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.Tensor(array, name=name))],
                     num_outputs=1, name=name)
     const.outputs[0].name = name
@@ -94,8 +93,7 @@ def constant_for(model: ir.Model, reader: ir.Node, array: np.ndarray, base: str,
     graph = reader.graph
     if graph is not model.graph or initializers_are_constant(model):
         return constant_before(model, reader, array, base, taken)
-    names = value_names(model) if taken is None else taken
-    name = unique_value_name(None, f"{reader.name or reader.op_type}_{base}", names)
+    name = unique_value_name(model, f"{reader.name or reader.op_type}_{base}", taken)
     tensor = ir.Tensor(array, name=name)
     value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
     graph.register_initializer(value)
@@ -114,9 +112,16 @@ class NewConstants:
 
     def for_reader(self, reader: ir.Node, array: np.ndarray, base: str) -> ir.Value:
         """``constant_for(model, reader, array, base)``."""
+        return constant_for(self._model, reader, array, base, self._names())
+
+    def value_name(self, base: str) -> str:
+        """A name for a new node's output that no graph of the model holds (now taken)."""
+        return unique_value_name(None, base, self._names())
+
+    def _names(self) -> set[str]:
         if self._taken is None:
             self._taken = value_names(self._model)
-        return constant_for(self._model, reader, array, base, self._taken)
+        return self._taken
 
 
 class ModelNames:
