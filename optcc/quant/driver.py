@@ -7,6 +7,7 @@ call for ``--int8``. It never modifies its input, and returns ``(ir_model, stats
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -710,14 +711,12 @@ def quantize_int8(
     counts = element_counts(calibration.stats)
     # the float model's workload, read once: nothing changes the float model after calibration
     # (candidates are built on clones of it), and its features do not depend on the CPU class
-    float_workload: list[Workload] = []
+    float_workload = functools.cache(lambda: Workload.of(float_model, counts))
 
     def speedup_of(candidate: ir.Model | Workload, constants: CostModel) -> dict[str, Any]:
         """``compare_modelled`` of ``candidate`` (or its workload) against the float model."""
-        if not float_workload:
-            float_workload.append(Workload.of(float_model, counts))
         work = candidate if isinstance(candidate, Workload) else Workload.of(candidate, counts)
-        return compare_workloads(float_workload[0], work, constants)
+        return compare_workloads(float_workload(), work, constants)
 
     # the class of this machine's CPU where the default models another: reported, never deciding
     machine = cpu.machine if cpu.source == "default" and cpu.machine in CPU_CLASSES and cpu.machine != cpu.name \

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -978,12 +979,9 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     could ship in the place of the one it holds (``_search_estimated``), the model
     returned being the one that would ship had it measured on. Not used with ``confirm``
     (a candidate's confirmation decides too) nor once layers are refused."""
-    made: list[Confirmation] = []  # ``confirm``'s judgement, made once: the budget's and the result's
-
-    def confirmation() -> Confirmation:
-        if not made:
-            made.append(confirm if isinstance(confirm, Confirmation) else confirm())  # type: ignore[misc]
-        return made[0]
+    @functools.cache
+    def confirmation() -> Confirmation:  # ``confirm``'s judgement, made once: the budget's and the result's
+        return confirm if isinstance(confirm, Confirmation) else confirm()  # type: ignore[misc,return-value]
 
     model, stats, report = _fallback(reference, quantize, samples, target, max_float_layers=max_float_layers,
                                      max_layers_ranked=max_layers_ranked, ranking=ranking, progress=progress,

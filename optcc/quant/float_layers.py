@@ -151,4 +151,3 @@ class KeptCandidates(Generic[Built]):
         keep = {tuple(layers) for layers in candidates}
         for key in [key for key in self._kept if key not in keep]:
             del self._kept[key]
-
