@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -16,8 +18,8 @@ import onnx
 import onnx_ir as ir
 
 from optcc import ir as oir
-from optcc.errors import (ISSUES_URL, BadInputError, PrecisionNotAppliedError, PrecisionPassFailedError,
-                          UnverifiedError, VerificationError)
+from optcc.errors import (ISSUES_URL, BadInputError, CacheRecomputedWarning, PrecisionNotAppliedError,
+                          PrecisionPassFailedError, UnverifiedError, VerificationError)
 from optcc.infra.pass_base import Numerics
 from optcc.infra.manager import PassManager, Prepared, pass_name, step_passes
 from optcc.infra.pipelines import build_pipeline
@@ -34,7 +36,7 @@ from optcc.progress import Progress
 from optcc.quant import quantization_ops, stored_weights
 from optcc.quant.driver import check_distinct, check_groups
 
-__all__ = ["optimize", "OptimizeResult", "verify", "FOLD_GROWTH_WARNING"]
+__all__ = ["optimize", "OptimizeResult", "verify", "FOLD_GROWTH_WARNING", "CACHE_RECOMPUTED"]
 
 Feeds = Mapping[str, np.ndarray]
 INT8_PASS = "quantize-int8-calibrated"
@@ -42,6 +44,7 @@ INT8_PASS = "quantize-int8-calibrated"
 PRECISION_PASSES = {"fp16": "convert-float16", "int8": INT8_PASS, "int8-dynamic": "quantize-dynamic",
                     "weights": "quantize-weights"}
 FOLD_GROWTH_WARNING = 0.05  # constant folding that grows the weights by more than this is said
+CACHE_RECOMPUTED = "calibration cache: "  # begins the report's warning for each cache entry recomputed
 _INT8_DTYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8})
 _PRECISION_DTYPES = {"fp16": frozenset({ir.DataType.FLOAT16}), "int8": _INT8_DTYPES, "int8-dynamic": _INT8_DTYPES,
                      "weights": _INT8_DTYPES | {ir.DataType.INT4, ir.DataType.UINT4}}
@@ -138,6 +141,7 @@ def optimize(
     fp16: bool = False,
     fp16_block: Iterable[str] = (),
     fp16_keep_io: bool | Sequence[str] = True,
+    fp16_samples: Iterable[Feeds] | None = None,
     int8_calibration: Iterable[Feeds] | None = None,
     int8_method: str = "minmax",
     int8_dynamic: bool = False,
@@ -164,8 +168,10 @@ def optimize(
 
     After the level's pipeline: ``fp16`` converts to float16 (``fp16_keep_io``: True keeps
     float32 graph inputs/outputs, False makes them float16, a list keeps those names
-    float32; ``int8_calibration``, when
-    given, serves as range data); ``int8_calibration`` (feed dicts) quantizes to INT8 with
+    float32; ``fp16_samples``, feed dicts, are its range data and what its accuracy is
+    judged on, and without ``inputs`` what the result is verified on, as ``inputs``
+    alone would be; ``int8_calibration`` with ``fp16`` is refused: INT8 and FP16 exclude
+    each other); ``int8_calibration`` (feed dicts) quantizes to INT8 with
     ``int8_method`` calibration, judged on the held-out last 20% of the samples (of each
     group's, with ``int8_options["groups"]``: one label per sample, by which the final
     verification judges every sample too, so no separate ``inputs``); the result is verified
@@ -205,11 +211,19 @@ def optimize(
         # the final verification judges each group apart: on samples that carry the labels
         raise BadInputError("int8_options 'groups' label the calibration samples, and the verification judges "
                             "each group on them: give no separate inputs")
+    if fp16 and int8_calibration is not None:  # which precision was meant is not for optcc to guess
+        raise BadInputError("fp16 and int8_calibration exclude each other (choose one precision); give FP16's samples "
+                            "as fp16_samples= (its ranges, accuracy check and, without inputs=, the verification)")
+    if fp16_samples is not None and not fp16:
+        raise BadInputError("fp16_samples is used with fp16=True")
+    given = fp16_samples if fp16 else int8_calibration  # the samples of the precision asked for
+    if fp16 and given is not None and inputs is None:
+        inputs = given  # what FP16 was judged on judges the result, not generated inputs
     if inputs is not None and not isinstance(inputs, (Mapping, list)):
-        same = int8_calibration is inputs
+        same = given is inputs
         inputs = [dict(f) for f in inputs]  # read by the FP16 pass and the verifier: consumed once here
-        int8_calibration = inputs if same else int8_calibration
-    samples = None if int8_calibration is None else [dict(f) for f in int8_calibration]
+        given = inputs if same else given
+    samples = None if given is None else [dict(f) for f in given]
     fp16_block = list(fp16_block)
     start = time.perf_counter()
     label = str(model) if isinstance(model, (str, os.PathLike)) else None
@@ -307,7 +321,7 @@ def optimize(
         pipeline.insert(0, create_pass("upgrade-opset", version=target_opset))
     if fp16:
         shared16: dict[str, Any] = {}
-        if inputs is not None and (int8_calibration is None or int8_calibration is inputs) and (verify or verify_each):
+        if inputs is not None and (given is None or given is inputs) and (verify or verify_each):
             # the pass judges the verifier's samples: it judges with the verifier's task judge, so
             # the float model's noise floor runs once and the pass accepts what the check accepts
             shared16["judge"] = lambda provider: None if verifier is None else verifier.sample_judge(provider)
@@ -331,7 +345,7 @@ def optimize(
             ("fold-constants", {"fold_large": True}), ("fuse-batchnorm", {}), ("fuse-conv-affine", {}),
             ("eliminate-dead-nodes", {})) if name not in disable]
         shared: dict[str, Any] = {}
-        if inputs is not None and inputs is not int8_calibration:
+        if inputs is not None and inputs is not given:
             # the result is judged on every calibration sample, with or without inputs of the user's
             # own, and on those inputs after them
             inputs = [*samples, *([dict(inputs)] if isinstance(inputs, Mapping) else [dict(f) for f in inputs])]
@@ -419,14 +433,17 @@ def optimize(
             fresh = _fresh_copies(model, original)
             if overwrite_input_shapes:
                 fresh = _with_overwrite(fresh, overwrite_input_shapes, label)
+            recomputed: list[str] = []
             try:
-                outcome = manager.run(working, fresh=fresh, summary=summary)
+                with _recorded(CacheRecomputedWarning, recomputed):
+                    outcome = manager.run(working, fresh=fresh, summary=summary)
             except BadInputError as error:  # raised by a pass or the verifier: it names the model given
                 if error.path is not None or label is None:
                     raise
                 raise BadInputError(str(error), label) from None
             report.passes = outcome.records
             report.warnings.extend(outcome.warnings)
+            report.warnings.extend(CACHE_RECOMPUTED + said for said in recomputed)
             if passes is not None:
                 report.warnings.extend(f"pass '{r.name}' changed nothing: {r.stats['reason']}" for r in outcome.records
                                        if r.status == "unchanged" and r.stats.get("reason")
@@ -434,7 +451,7 @@ def optimize(
             if verify and verifier is not None:
                 check = outcome.verification  # the manager verifies the result whenever it has a verifier
                 assert check is not None
-                report.verification = {**check.to_dict(), "summary": check.describe()}
+                report.verification = _verification_record(check, weight_only)
                 if check.status == "skipped":
                     report.warnings.append(f"numerics not verified: {check.reason}")
                 elif check.notes:
@@ -500,6 +517,40 @@ def optimize(
         applied = " + ".join(result.applied_precision)  # --fp16 --weights without its weights: float16
         _raise(PrecisionNotAppliedError(f"{text}{_would_be(text, applied, outcome.model)}"), result)
     return result
+
+
+@contextlib.contextmanager
+def _recorded(category: type[Warning], said: list[str]) -> Iterator[None]:
+    """Inside the block, each ``category`` warning shown is shown as before and its message
+    added to ``said`` (what the user saw, for the report)."""
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def shown(message: Warning | str, kind: type[Warning], *where: Any, **how: Any) -> None:
+            if issubclass(kind, category):
+                said.append(str(message))
+            show(message, kind, *where, **how)
+
+        warnings.showwarning = shown  # restored on leaving the block
+        yield
+
+
+def _verification_record(check: Verification, weight_only: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The report's ``verification``: ``check``'s dict and one-line summary, saying what judged
+    it. An INT8 result judged by the task against float32's noise floor met no threshold of
+    its tolerance's own (each task row says what it met, and its target): those are null,
+    with ``judged_by`` and the task's margin. A weight-only result is judged with the
+    tolerance named int8, every integer quantization's: the summary names its weights first."""
+    record = {**check.to_dict(), "summary": check.describe()}
+    if check.numerics == "int8" and check.task is not None and check.tolerance == TOLERANCES["int8"]:
+        record["tolerance"] = {**dataclasses.asdict(Tolerance()), "judged_by": "task against float32's noise floor",
+                               "margin": check.task.get("margin")}
+    if weight_only and check.numerics == "int8":
+        weights = f"{weight_only} weights" if isinstance(weight_only, str) else \
+            f"int{weight_only['bits']} weights" if "bits" in weight_only else "weight-only quantization"
+        record["summary"] = record["summary"].replace(
+            "(int8 tolerance", f"({weights} under the int8 tolerance", 1)
+    return record
 
 
 def _would_be(text: str, applied: str, model: ir.Model) -> str:

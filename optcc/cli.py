@@ -30,7 +30,7 @@ import onnx_ir
 import onnxruntime
 
 from optcc import ir as oir
-from optcc.api import OptimizeResult, check_fixed_feeds, optimize
+from optcc.api import CACHE_RECOMPUTED, OptimizeResult, check_fixed_feeds, optimize
 from optcc.compare import compare_models, format_comparison
 from optcc.errors import (
     ISSUES_URL, BadInputError, CacheRecomputedWarning, OptccError, PipelineWarning, PrecisionNotAppliedError, PrecisionPassFailedError,
@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=_VERSION)
 
     g = p.add_argument_group("output")
-    g.add_argument("-o", "--output", metavar="OUT", help="output path (default: MODEL with .opt before the suffix)")
+    g.add_argument("-o", "--output", metavar="OUT",
+                   help="output path (default: beside MODEL, .opt before its .onnx suffix, else MODEL.opt.onnx)")
     g.add_argument("--external-data", choices=["auto", "on", "off"], default="auto",
                    help="weights in a separate file: auto (when the input had it or the weights near 2 GB), "
                         "on, off (default auto)")
@@ -123,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(also when nothing else is written)")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("-O", dest="level", type=int, choices=range(4), default=2, metavar="{0,1,2,3}",
-                   help="optimization level: -O0 normalize, -O1 exact, -O2 fusions (default), -O3 runtime ops")
+    g.add_argument("-O", dest="levels", type=int, choices=range(4), action="append", default=[], metavar="{0,1,2,3}",
+                   help="optimization level: -O0 normalize, -O1 exact, -O2 fusions (default), -O3 runtime ops; "
+                        "two different levels are refused")
     g.add_argument("--passes", help="comma-separated passes to run instead of the level's pipeline")
     g.add_argument("--disable", default="", help="comma-separated passes to leave out")
     g.add_argument("--fold-large", action="store_true",
@@ -387,8 +389,21 @@ def _int8_metric(items: Sequence[str]) -> str | dict[str, str] | None:
 
 
 def default_output(model: str) -> Path:
+    """Beside ``model``: ``.opt`` before its ``.onnx`` suffix (any case), else ``.opt.onnx``
+    after its whole name (a dot in ``net-v1.5`` starts no suffix: ``net-v1.5.opt.onnx``)."""
     path = Path(model)
-    return path.with_name(f"{path.stem}.opt{path.suffix or '.onnx'}")
+    if path.suffix.lower() == ".onnx":
+        return path.with_name(f"{path.stem}.opt{path.suffix}")
+    return path.with_name(f"{path.name}.opt.onnx")
+
+
+def optimization_level(args: argparse.Namespace) -> int:
+    """The one ``-O`` level given (2 when none); BadInputError when two differ: which was
+    meant is not for optcc to guess (the same level repeated is one level)."""
+    levels = list(dict.fromkeys(args.levels))
+    if len(levels) > 1:
+        raise BadInputError(f"{' and '.join(f'-O{n}' for n in levels)} conflict: give one optimization level")
+    return levels[0] if levels else 2
 
 
 def _first_paragraph(text: str) -> str:
@@ -441,6 +456,7 @@ def _check_flags(
         if given and not (args.int8 or args.int8_dynamic or args.weights):
             raise BadInputError(f"{flag} is used with --int8, --int8-dynamic or --weights (it judges their result)")
     _check_metric_groups(args.int8_metric, labels)
+    optimization_level(args)
     if args.quiet and args.verbose:
         raise BadInputError("-q and -v exclude each other (print nothing on success, or everything)")
     modes = [flag for flag, given in (("--fp16", args.fp16), ("--int8", args.int8),
@@ -631,10 +647,6 @@ def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress)
         weight_only = {"bits": int(args.weights[3:]), "samples": calibration}
         inputs = calibration if inputs is None else inputs
         calibration = None
-    elif args.fp16 and calibration is not None and not args.int8 and inputs is None:
-        # FP16 alone: the samples that judged the conversion (ranges, accuracy) also judge the
-        # result, not generated inputs on which a detector's map is all near zero
-        inputs = calibration
 
     target_sqnr = DEFAULT_TARGET_SQNR_DB if args.int8_target_sqnr is None else args.int8_target_sqnr
     status, hint, error_line = EXIT_OK, None, None
@@ -645,7 +657,7 @@ def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress)
             result = optimize(
                 args.model,
                 passes=_split(args.passes) or None,
-                level=args.level,
+                level=optimization_level(args),
                 verify=args.verify,
                 inputs=inputs,
                 disable=_split(args.disable),
@@ -659,7 +671,8 @@ def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress)
                 fp16=args.fp16,
                 fp16_block=[b for item in args.fp16_block for b in _split(item)],
                 fp16_keep_io=args.fp16_io == "float32",
-                int8_calibration=calibration,
+                fp16_samples=calibration if args.fp16 else None,  # without --inputs they also judge the result
+                int8_calibration=None if args.fp16 else calibration,
                 int8_method=args.calibration_method,
                 int8_options={"require_speedup": not args.no_int8_speed_check, "cpu": args.int8_cpu,
                               "target": Target(min_sqnr_db=target_sqnr),
@@ -765,18 +778,53 @@ def _opt_in_warnings(args: argparse.Namespace, result: OptimizeResult) -> list[s
 
 def _header(args: argparse.Namespace, result: OptimizeResult) -> str:
     """``optcc -O2 +int8`` or ``optcc -O2 (int8 declined: reason)``."""
-    parts = [f"-O{args.level}" if not args.passes else f"passes {args.passes}"]
+    parts = [f"-O{optimization_level(args)}" if not args.passes else f"passes {args.passes}"]
     parts += [f"+{kind}" for kind in result.applied_precision]
     for kind, reason in result.declined_precision.items():
-        short = reason if len(reason) <= 120 else reason[:117] + "..."
-        parts.append(f"({kind} declined: {short})")
+        parts.append(f"({kind} declined: {short_reason(reason)})")
     return "optcc " + " ".join(parts)
+
+
+HEADER_REASON_CHARS = 120  # a decline's reason in the header; the error or warning line above says it whole
+
+
+def short_reason(reason: str, limit: int = HEADER_REASON_CHARS) -> str:
+    """``reason`` within ``limit`` characters, cut only between words and never inside
+    parentheses: whole when it fits; else without its parenthesized asides; else its
+    leading clauses (each ended by '; ') that fit, then '; ...'; else its leading words,
+    then ' ...'."""
+    if len(reason) <= limit:
+        return reason
+    plain = _without_asides(reason)
+    if len(plain) <= limit:
+        return plain
+    clauses = plain.split("; ")
+    kept = [c for i, c in enumerate(clauses) if len("; ".join(clauses[:i + 1])) + len("; ...") <= limit]
+    if kept:
+        return "; ".join(kept) + "; ..."
+    return plain[:limit - len(" ...")].rsplit(" ", 1)[0] + " ..."
+
+
+def _without_asides(text: str) -> str:
+    """``text`` without its parenthesized parts (and the space before each); ``text`` itself
+    when its parentheses do not pair up."""
+    kept, depth = [], 0
+    for char in text:
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                return text
+        elif depth == 0:
+            kept.append(char)
+    return text if depth else re.sub(r" +(?=[;:,.]|$)", "", re.sub(r" {2,}", " ", "".join(kept)))
 
 
 # summary warnings the CLI says in its own line (the JSON report keeps them)
 _SAID_ELSEWHERE = ("warning: numerics not verified", "warning: INT8 not applied", "warning: FP16 not applied",
                    "warning: INT8-DYNAMIC not applied", "warning: WEIGHTS not applied",
-                   f"warning: {SPEED_MACHINE_PREFIX}")
+                   f"warning: {SPEED_MACHINE_PREFIX}", f"warning: {CACHE_RECOMPUTED}")
 
 
 def _other_precision(result: OptimizeResult) -> str:

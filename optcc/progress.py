@@ -8,7 +8,9 @@ same steps three ways:
   ends, so consecutive phases share one line;
 - **log line**: when ``enabled`` is true and stderr is not a terminal (a CI log, a pipe),
   once stderr has had no line of this run for ``QUIET_SECONDS``, the innermost open phase
-  prints ``optcc: <phase> <done>/<total> (<elapsed> s)`` (no count for a one-step phase):
+  prints ``optcc: <phase> <done>/<total> (<elapsed> s)`` (no count for a one-step phase;
+  a phase named as one opened before it in the run, counted anew, says which it is:
+  ``optcc: bias correction, run 3: 28/53 (3 s)``):
   at once when that phase is new since the last line, else at most once every
   ``LINE_EVERY_SECONDS``. A watcher thread checks every ``TICK_SECONDS``, so a phase of
   one long step (a confirmation, a pass) is named while it runs, not only at a step;
@@ -97,6 +99,7 @@ class Progress:
         self.started = time.monotonic()
         self._bar: tqdm | None = None
         self._lines: _LogLines | None = None
+        self._ordinal = 1  # phases of the run named so, this one included (set by the run's log lines)
         self._token: contextvars.Token[_LogLines | None] | None = None
         self._reports: Union[bool, ProgressCallback] = enabled if enabled is True or callable(enabled) else False
         self._reporting_token: contextvars.Token[Union[bool, ProgressCallback]] | None = None
@@ -128,6 +131,8 @@ class Progress:
         self.label = label
         if total is not None:
             self.total, self.done = max(int(total), 1), 0
+        if self._lines is not None:
+            self._ordinal = self._lines.named(label)
         if self._bar is not None:
             if total is not None:
                 self._bar.reset(total=self.total)
@@ -144,6 +149,8 @@ class Progress:
     def line(self, now: float) -> str:
         """The log line of this phase at ``now``: its name, count (none for one step) and time."""
         count = f" {self.done}/{self.total}" if self.total > 1 else ""
+        if self._ordinal > 1:  # another phase of the run had this name, with a count of its own
+            count = f", run {self._ordinal}" + (f":{count}" if count else "")
         return f"optcc: {self.label}{count} ({now - self.started:.0f} s)"
 
     def __exit__(self, *exc: object) -> None:
@@ -172,12 +179,20 @@ class _LogLines:
         self._last_time = time.monotonic()  # the run's start counts as a line: short work prints none
         self._last_phase: Progress | None = None
         self._stopped = threading.Event()
+        self._named: dict[str, int] = {}  # phase name -> phases given it so far
         self._watcher = threading.Thread(target=self._watch, name="optcc-progress", daemon=True)
         self._watcher.start()
 
     def open(self, phase: Progress) -> None:
+        phase._ordinal = self.named(phase.label)
         with self._lock:
             self._open.append(phase)
+
+    def named(self, label: str) -> int:
+        """How many phases of the run were given the name ``label``, counting one more now."""
+        with self._lock:
+            self._named[label] = self._named.get(label, 0) + 1
+            return self._named[label]
 
     def close(self, phase: Progress) -> None:
         with self._lock:

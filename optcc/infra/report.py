@@ -56,6 +56,7 @@ import onnx_ir as ir
 import onnxruntime
 
 from optcc import ir as oir
+from optcc.numerics.verify import task_rows_text
 
 __all__ = ["LAYER_PRECISIONS", "ModelSummary", "PassRecord", "Report", "layers_from_stats", "peak_rss_bytes"]
 
@@ -197,6 +198,7 @@ class Report:
         kept = (_kept_float_line(record) for record in self.passes if record.status != "reverted")
         lines.extend(line for line in kept if line)
         lines.extend(_layer_lines(self.layer_table(), top))
+        lines.extend(line for line in map(_fallback_line, self.passes) if line)
         lines.extend(f"int8 speed: {r.stats['speed']}" for r in self.passes if isinstance(r.stats.get("speed"), str))
         lines.extend(f"weights: {r.stats['mixed']['summary']}" for r in self.passes
                      if isinstance(r.stats.get("mixed"), Mapping) and isinstance(r.stats["mixed"].get("summary"), str))
@@ -216,6 +218,30 @@ def _kept_float_line(record: PassRecord) -> str:
         return ""
     reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(kept.items(), key=lambda item: (-item[1], item[0])))
     return f"{record.name} kept float: {reasons}"
+
+
+def _fallback_line(record: PassRecord) -> str:
+    """Why INT8's accuracy fallback returned layers to float: the fully quantized model's
+    deviation on the samples the fallback judged (each output's task rows, else its SQNR
+    and the target); "" when the model shipped returns none to float for accuracy."""
+    fallback = record.stats.get("fallback")
+    if record.status != "changed" or not isinstance(fallback, Mapping) or not fallback.get("kept_float"):
+        return ""
+    initial = fallback.get("initial")
+    if not isinstance(initial, Mapping) or initial.get("passed") is not False:
+        return ""
+    sqnr = initial.get("sqnr_db") if isinstance(initial.get("sqnr_db"), Mapping) else {}
+    task = initial.get("task")
+    if isinstance(task, Mapping):
+        said = [f"'{name}' {rows}" for name in sqnr for rows in [task_rows_text(task, name)] if rows != "no rows"]
+    else:
+        target = _number((initial.get("target") or {}).get("min_sqnr_db"))
+        said = [f"'{name}' SQNR {value:.1f} dB" + (f" < {target:g} dB target" if target is not None and value < target
+                                                   else "") for name, db in sqnr.items()
+                for value in [_number(db)] if value is not None]
+    count = len(fallback["kept_float"])
+    return (f"int8 fallback: {count} layer{'s' if count != 1 else ''} returned to float; fully quantized, on the "
+            f"samples it judged: {'; '.join(said) or 'missed the target'}")
 
 
 def format_bytes(n: float) -> str:
