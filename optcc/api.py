@@ -540,16 +540,15 @@ def _verification_record(check: Verification, weight_only: str | Mapping[str, An
     it. An INT8 result judged by the task against float32's noise floor met no threshold of
     its tolerance's own (each task row says what it met, and its target): those are null,
     with ``judged_by`` and the task's margin. A weight-only result is judged with the
-    tolerance named int8, every integer quantization's: the summary names its weights first."""
-    record = {**check.to_dict(), "summary": check.describe()}
+    tolerance named int8, every integer quantization's: the summary names its weights."""
+    quantized = None
+    if weight_only and check.numerics == "int8":
+        quantized = f"{weight_only} weights" if isinstance(weight_only, str) else \
+            f"int{weight_only['bits']} weights" if "bits" in weight_only else "weight-only quantization"
+    record = {**check.to_dict(), "summary": check.describe(quantized)}
     if check.numerics == "int8" and check.task is not None and check.tolerance == TOLERANCES["int8"]:
         record["tolerance"] = {**dataclasses.asdict(Tolerance()), "judged_by": "task against float32's noise floor",
                                "margin": check.task.get("margin")}
-    if weight_only and check.numerics == "int8":
-        weights = f"{weight_only} weights" if isinstance(weight_only, str) else \
-            f"int{weight_only['bits']} weights" if "bits" in weight_only else "weight-only quantization"
-        record["summary"] = record["summary"].replace(
-            "(int8 tolerance", f"({weights} under the int8 tolerance", 1)
     return record
 
 

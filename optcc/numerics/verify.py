@@ -180,21 +180,24 @@ class Verification:
             return failing[0]
         return max(self.outputs, key=lambda o: o.max_rel or 0.0, default=None)
 
-    def describe(self) -> str:
-        """One line: the verdict, the reference and the worst output's numbers."""
+    def describe(self, quantized: str | None = None) -> str:
+        """One line: the verdict, the reference and the worst output's numbers; ``quantized``
+        names what was quantized when the tolerance's own name does not (``int4 weights``
+        under the int8 tolerance)."""
+        named = f"{self.numerics} tolerance" if quantized is None else f"{quantized} under the {self.numerics} tolerance"
         if self.status == "skipped":
             return f"skipped ({self.reason})"
         where = ", ".join(p.replace("ExecutionProvider", "") for p in self.providers)
         if self.proof is not None:
             if not self.passed:
                 return f"FAIL on {where}: {self.reason}"
-            return (f"PASS by proof ({self.numerics} tolerance): every output is the original's computation "
+            return (f"PASS by proof ({named}): every output is the original's computation "
                     f"(value numbering, {self.proof['folds_checked']} folded constant(s) evaluated); "
                     f"loads on {where}")
         worst = self.worst()
         verdict = "PASS" if self.passed else "FAIL"
         steps = f" of {self.decode_steps} decode steps each (present fed back as past)" if self.decode_steps else ""
-        text = (f"{verdict} on {where} ({self.numerics} tolerance, {self.samples} sample(s){steps}, "
+        text = (f"{verdict} on {where} ({named}, {self.samples} sample(s){steps}, "
                 f"against {self.reference.split(' (')[0] if 'unavailable' in self.reference else self.reference})")
         if worst is not None:
             bits = [f"worst output '{worst.name}'"]
