@@ -30,7 +30,10 @@ Concat that a fused op's present output replaced), leaving every later value unk
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import sys
+from pathlib import Path
 
 import onnx
 import onnx_ir as ir
@@ -128,9 +131,32 @@ def _aligned_dims(op_type: str, shapes: list[list]) -> list[list]:
     return [[s[-i] for s in shapes if len(s) >= i] for i in range(1, rank + 1)]
 
 
+_ALONE = "optcc_ort_symbolic_shape_infer"  # the name onnxruntime's module is imported by itself under
+
+
+def _symbolic_shape_inference() -> type:
+    """onnxruntime's SymbolicShapeInference, its module run by itself where it was not
+    imported yet: importing it as ``onnxruntime.tools.symbolic_shape_infer`` first runs
+    that package's ``__init__``, which imports torch wherever torch is installed (hundreds
+    of megabytes resident, seconds) for a helper this never calls. The module imports
+    nothing of its package."""
+    imported = sys.modules.get("onnxruntime.tools.symbolic_shape_infer") or sys.modules.get(_ALONE)
+    if imported is not None:
+        return imported.SymbolicShapeInference
+    import onnxruntime
+
+    path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+    spec = importlib.util.spec_from_file_location(_ALONE, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[_ALONE] = module  # imported once, as any module is
+    return module.SymbolicShapeInference
+
+
 def _inference_class() -> type:
     """onnxruntime's SymbolicShapeInference with the ``Min(k, a)`` merge the module docstring states."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    SymbolicShapeInference = _symbolic_shape_inference()  # noqa: N806 - the class, as onnxruntime names it
 
     class _Inference(SymbolicShapeInference):
         def _onnx_infer_single_node(self, node: onnx.NodeProto) -> None:

@@ -80,7 +80,9 @@ from optcc.quant import (BOUNDED_NOTE, FloatLayerSearch, dynamic_int8_errors, fe
                          probed_values)
 
 Feeds = Mapping[str, np.ndarray]
-SEARCHED_FLOAT = "left float by the search"  # the kept-float reason of the layers the search chose
+SEARCHED_FLOAT = "left float by the search"
+LEVELS_CHUNK_BYTES = 16 << 20  # float64 bytes of weight rows rounded to int8 levels at a time
+_LEVELS_KEY = "optcc.dynamic_int8_levels"  # a weight tensor's meta entry: per_channel -> its levels, scale  # the kept-float reason of the layers the search chose
 
 __all__ = ["QuantizeDynamicPass", "drop_unused_weights"]
 
@@ -108,8 +110,14 @@ class QuantizeDynamicPass(optcc.Pass):
         self.searched = searched
 
     def call(self, model: ir.Model) -> optcc.PassResult:
+        tensors = [v.const_value for graph in optcc.ir.graphs(model) if isinstance(graph, ir.Graph)
+                   for v in graph.initializers.values() if v.const_value is not None]
         with rows_forgotten(model):
-            return self._call(model)
+            try:
+                return self._call(model)
+            finally:  # the tensors may be the caller's: they hold no levels past the call
+                for tensor in tensors:
+                    tensor.meta.pop(_LEVELS_KEY, None)
 
     def _call(self, model: ir.Model) -> optcc.PassResult:
         search = self._search(model) if self.gate is not None and (self.searched is None or self.searched()) \
@@ -279,13 +287,7 @@ class QuantizeDynamicPass(optcc.Pass):
                           ) -> tuple[ir.Value, ir.Value, ir.Value]:
         if w_value in cache:
             return cache[w_value]
-        w = _weight_array(w_value)
-        assert w is not None
-        if any(_transposed(u.node) for u in w_value.uses()):
-            w = w.T  # [N, K] -> [K, N]: MatMulInteger reads the weight as [K, N]
-        qmax = optcc.quant.WEIGHT_QMAX
-        scale = optcc.quant.symmetric_weight_scale(w, 1 if self.per_channel else None)  # [K, N]: per column
-        q = np.clip(np.round(w.astype(np.float64) / scale.astype(np.float64)), -qmax, qmax).astype(np.int8)
+        q, scale = self._levels(w_value)
         zero = np.zeros(scale.shape, np.int8)
         base = w_value.name or "weight"
         made = tuple(
@@ -294,6 +296,35 @@ class QuantizeDynamicPass(optcc.Pass):
         )
         cache[w_value] = made  # type: ignore[assignment]
         return made  # type: ignore[return-value]
+
+    def _levels(self, w_value: ir.Value) -> tuple[np.ndarray, np.ndarray]:
+        """The int8 levels (``[K, N]``) and float32 scale of the weight ``w_value`` holds. Those
+        of an initializer are made once per call and kept, read-only, in its tensor's metadata
+        until the call returns: a search's candidates share the float model's tensors, so
+        they share these arrays too, and no candidate holds levels of its own."""
+        tensor = w_value.const_value
+        kept = None if tensor is None else tensor.meta.setdefault(_LEVELS_KEY, {})
+        if kept is not None and self.per_channel in kept:
+            return kept[self.per_channel]
+        w = _weight_array(w_value)
+        assert w is not None
+        if any(_transposed(u.node) for u in w_value.uses()):
+            w = w.T  # [N, K] -> [K, N]: MatMulInteger reads the weight as [K, N]
+        scale = optcc.quant.symmetric_weight_scale(w, 1 if self.per_channel else None)  # [K, N]: per column
+        q = np.empty(w.shape, np.int8)
+        scale64 = scale.astype(np.float64)
+        rows = max(1, LEVELS_CHUNK_BYTES // max(1, w.shape[1] * 8))
+        for start in range(0, w.shape[0], rows):  # each element rounds alone: float64 work arrays of a chunk
+            chunk = w[start:start + rows].astype(np.float64)
+            np.divide(chunk, scale64, out=chunk)
+            np.round(chunk, out=chunk)
+            np.clip(chunk, -optcc.quant.WEIGHT_QMAX, optcc.quant.WEIGHT_QMAX, out=chunk)
+            q[start:start + rows] = chunk
+        for array in (q, scale):
+            array.flags.writeable = False
+        if kept is not None:
+            kept[self.per_channel] = (q, scale)
+        return q, scale
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node, cache: dict, taken: set[str]) -> None:
         a, w_value = node.inputs[0], node.inputs[1]

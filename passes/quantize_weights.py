@@ -712,15 +712,24 @@ def drop_unused_weights(graph: ir.Graph, values: Iterable[ir.Value]) -> int:
     return freed
 
 
+ROW_CHUNK_BYTES = 16 << 20  # float64 bytes of table rows ``row_int8`` quantizes at a time
 _ROWS_KEY = "optcc.row_int8"  # a table tensor's meta entry: its ``row_int8`` levels and scales
 
 
 def row_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 of a ``[V, H]`` table with one scale per row (``[V, 1]``, in the
-    table's float type)."""
-    bq = weight_only.quantize_rtn(table.T, 8, _pow2_at_least(table.shape[1]), symmetric=True,
-                                  scale_dtype=table.dtype)
-    return bq.q.T.astype(np.int8), bq.scales.T
+    table's float type), quantized ``ROW_CHUNK_BYTES`` of rows at a time: each row is its
+    own block, so the levels and scales are those of the whole table at once, and the
+    float64 work arrays stay that small whatever the table's size."""
+    q = np.empty(table.shape, np.int8)
+    scales = np.empty((table.shape[0], 1), table.dtype)
+    rows = max(1, ROW_CHUNK_BYTES // max(1, table.shape[1] * 8))
+    for start in range(0, table.shape[0], rows):
+        bq = weight_only.quantize_rtn(table[start:start + rows].T, 8, _pow2_at_least(table.shape[1]),
+                                      symmetric=True, scale_dtype=table.dtype)
+        q[start:start + rows] = bq.q.T
+        scales[start:start + rows] = bq.scales.T
+    return q, scales
 
 
 def embedding_reason(node: ir.Node, *, inputs_constant: bool = False) -> str | None:

@@ -12,13 +12,14 @@ import weakref
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 import optcc
 import optcc.quant.float_layers
 from fixtures.attention_decoder import chain_decoder, chain_tokens, float_matmul_weights, forced_agreement
 from optcc.numerics.decode import NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_STEPS
 from optcc.passes import quantize_weights
-from optcc.passes.quantize_dynamic import QuantizeDynamicPass
+from optcc.passes.quantize_dynamic import _LEVELS_KEY, QuantizeDynamicPass
 from optcc.quant import KeptCandidates, fewest_float_layers
 
 VOCAB, WIDTH, PROMPT, ROWS = 8, 16, 4, 16
@@ -184,3 +185,36 @@ def test_kept_candidates_build_each_count_once_and_keep_only_those_awaiting_conf
     assert max(built.count(c) for c in built) <= 2  # built for its judge, at most once more for its confirmation
     assert built.count(9) == 1  # the one kept: the bisection's last count that passed
     assert sorted(set(built)) == sorted({c["float_layers"] for c in search.checks})
+
+
+def test_candidates_share_each_weights_int8_levels_which_the_pass_releases() -> None:
+    """Every candidate of the search, and the model shipped, reads one int8 array per
+    quantized weight, made once (no candidate holds levels of its own); once the pass
+    returns, no tensor of the model it was given keeps them; the shipped model agrees with
+    the numpy float64 decode of the original on prompts no check saw."""
+    levels: dict[str, list[np.ndarray]] = {}
+
+    def gate(candidate) -> str | None:  # noqa: ANN001
+        for value in candidate.graph.initializers.values():
+            if value.name.endswith("_quantized") and value.const_value.dtype == ir.DataType.INT8:
+                levels.setdefault(value.name, []).append(value.const_value.numpy())
+        floating = len(float_matmul_weights(optcc.ir.serialize(candidate)))
+        return None if floating >= 3 else f"{floating} float"
+
+    def samples() -> list[dict[str, np.ndarray]]:
+        empty = np.zeros((1, 0, WIDTH), np.float32)
+        prompt = np.random.default_rng(7).integers(0, VOCAB, (4, PROMPT))
+        return [{"input_ids": row[None], "past_key": empty, "past_value": empty} for row in prompt]
+
+    original = optcc.ir.load(_decoder())
+    tensors = [value.const_value for value in original.graph.initializers.values()]
+    result = QuantizeDynamicPass(gate=gate, samples=samples)(original)
+    assert result.stats["search"]["candidates"] >= 3 and set(result.stats["search"]["float_layers"]) == set(DAMAGED)
+    shipped = {v.name: v.const_value.numpy() for v in result.model.graph.initializers.values() if v.name in levels}
+    assert shipped and all(len(levels[name]) >= 2 for name in shipped)
+    for name, arrays in levels.items():  # the same memory in every candidate that quantized the weight
+        assert all(np.shares_memory(arrays[0], other) for other in arrays[1:]), name
+        if name in shipped:
+            assert np.shares_memory(arrays[0], shipped[name]), name
+    assert not any(key in tensor.meta for tensor in tensors for key in (_LEVELS_KEY, quantize_weights._ROWS_KEY))
+    assert _agreement(optcc.ir.serialize(result.model)) >= NEXT_TOKEN_AGREEMENT

@@ -76,7 +76,9 @@ keeps its tolerance). The prompts are the user's samples, else ``NEXT_TOKEN_PROM
 generated ones (``next_token_feeds``), which leave room in the position table for that
 many steps. ``held_apart`` gives a verifier of other samples, for a search that must not
 fit the samples its result is verified on; for a decoder it asks
-``NEXT_TOKEN_SEARCH_AGREEMENT`` of the steps, more than the result is asked. Where the
+``NEXT_TOKEN_SEARCH_AGREEMENT`` of the steps, more than the result is asked, and where the
+next tokens judge every output, they alone decide: no short decode runs whose metrics
+nobody would read (the result is then verified by this verifier, short decode included). Where the
 original's own next-token decode cannot run, the result is "skipped", as below. A
 streaming model (one whose state outputs its caller feeds back, ``optcc.numerics.state``) runs a second step per sample from the state
 the first returned (``optcc.numerics.decode.streamed``): the task judge judges its answers
@@ -360,6 +362,8 @@ class Verifier:
         self._apart: Verifier | None = None
         # the share of a lossy decoder's next tokens that accepts it (``held_apart``'s: a search's margin)
         self._agreement = NEXT_TOKEN_AGREEMENT
+        # whether a decoder whose next tokens judge every output is judged by them alone (``held_apart``'s)
+        self._tokens_alone = False
         self._float32: dict[str, list[list[np.ndarray]]] | None = None
         self._task = dict(metric=task_metric, margin=task_margin, metric_target=task_target,
                           min_sqnr_db=task_min_sqnr_db)
@@ -739,6 +743,11 @@ class Verifier:
             self._token_check = (key, self._check(model, numerics, samples, serialized=serialized, prove=prove))
         return self._token_check[1]
 
+    @property
+    def _output_names(self) -> list[str]:
+        """The original's output names, as a session of it lists them."""
+        return [v.name for v in self._model.graph.outputs]
+
     def _judged_by_tokens(self, numerics: Numerics) -> bool:
         """Whether ``check`` judges a ``numerics`` result by its next tokens: a lossy result
         of a KV-cache decoder with its default tolerance and no task metric of the user's
@@ -757,12 +766,16 @@ class Verifier:
                 return proved
         whole = serialized is not None and not serialized.aside
         source = serialized.data if whole else self._source(model)
-        float32 = self._float32_outputs()
+        # a search's check of a decoder every output of which its next tokens judge: they alone
+        # decide, so no verification decode runs to be compared (its metrics would decide nothing)
+        tokens_alone = self._tokens_alone and self._judged_by_tokens(numerics) and self._plan is not None \
+            and {v.name for v in self._model.graph.outputs} <= {self._plan.logits, *self._plan.state_outputs}
+        float32 = {provider: [] for provider in self.providers} if tokens_alone else self._float32_outputs()
         base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=len(self._feeds or []),
                     decode_steps=self._steps if self._plan is not None else None)
         if float32 is None:
             return Verification(status="skipped", outputs=[], reason=self._error, **base)
-        if self._compares_nothing:  # the user's samples say nothing here: a proof still holds on every input
+        if not tokens_alone and self._compares_nothing:  # the user's samples say nothing here: a proof still holds on every input
             proved = self.prove(model, numerics, serialized=serialized) if self.user_samples and prove else None
             if proved is not None:
                 return dataclasses.replace(proved, notes=[*proved.notes, self._compares_nothing])
@@ -823,10 +836,10 @@ class Verifier:
                         return Verification(status="failed", outputs=metrics, reason=reason, reference=reference,
                                             **base)
                     candidate_names = [o.name for o in session.get_outputs()]
-                if candidate_names != self._names:
+                if candidate_names != (self._names or self._output_names):
                     reason = f"outputs {candidate_names} != original {self._names}"
                     return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
-                if session is not None:
+                if session is not None and not tokens_alone:
                     try:
                         got_all = self._cases(session, feeds, bar.advance)
                     except Exception as e:  # noqa: BLE001
@@ -845,6 +858,8 @@ class Verifier:
                         reason = f"the optimized model's next-token decode does not run: {first_line(e)}"
                         return Verification(status="failed", outputs=metrics, reason=reason, reference=reference,
                                             **base)
+                if tokens_alone:
+                    continue
                 if numerics in ("fp16", "int8"):
                     got_all = [widen_float16(outs, float32[provider][0]) for outs in got_all]
                 labelled: set[str] = set()  # integer outputs the task judges by their rows: not compared exactly
@@ -909,7 +924,7 @@ class Verifier:
                             task=verdicts.get(self.providers[0]),
                             task_by_provider=verdicts if len(verdicts) > 1 or set(verdicts) - {self.providers[0]}
                             else None,
-                            notes=self.notes() + (_few_items(verdicts.get(self.providers[0]),
+                            notes=[] if tokens_alone else self.notes() + (_few_items(verdicts.get(self.providers[0]),
                                                              generated=not self.user_samples) if by_task else []),
                             next_token=next_token or None, free_running=free or None, **base)
 
@@ -1051,7 +1066,9 @@ class Verifier:
         """The original's greedy tokens on ``provider`` from each of ``next_token_feeds``
         ([rows, steps] each), decoded once; what onnxruntime raises where it cannot."""
         if provider not in self._token_reference:
-            original = _feeding(self._session(self.original, provider))
+            session = self._session(self.original, provider)
+            self._names = self._names or [o.name for o in session.get_outputs()]
+            original = _feeding(session)
             self._token_reference[provider] = [greedy_tokens(original, self._names, self._plan, feeds,
                                                              self._token_steps) for feeds in self.next_token_feeds]
         return self._token_reference[provider]
@@ -1083,8 +1100,10 @@ class Verifier:
         alone, so its check of them judges prompts the search never saw), whose next-token
         check asks for ``NEXT_TOKEN_SEARCH_AGREEMENT``: a search keeps the first candidate that
         passes, one whose steps on these prompts happen to differ less than on others, so it
-        is held to fewer differing steps than the result; for any other model, this
-        verifier itself (its task judge already holds out nothing a search could fit)."""
+        is held to fewer differing steps than the result, and which, where the next tokens
+        judge every output (the logits and the cache), judges by them alone (module doc); for
+        any other model, this verifier itself (its task judge already holds out nothing a
+        search could fit)."""
         if self._plan is None:
             return self
         if self._apart is None:
@@ -1092,6 +1111,7 @@ class Verifier:
             options["seed"] = options["seed"] + 1
             self._apart = Verifier(self.original, parsed=self._model, **options)
             self._apart._agreement = NEXT_TOKEN_SEARCH_AGREEMENT
+            self._apart._tokens_alone = True
         return self._apart
 
     def _source(self, model: ir.Model) -> Any:

@@ -21,9 +21,13 @@ __all__ = ["dynamic_int8_error", "dynamic_int8_errors", "quantized_activation", 
 
 def quantized_weight(w: np.ndarray) -> np.ndarray:
     """``w`` ([K, N]) as its int8 levels dequantized, float64: symmetric per column within
-    ``+-WEIGHT_QMAX``."""
+    ``+-WEIGHT_QMAX``. One float64 array of ``w``'s shape is made (the steps work in place)."""
     scale = symmetric_weight_scale(w, 1).astype(np.float64)
-    return np.clip(np.round(w.astype(np.float64) / scale), -WEIGHT_QMAX, WEIGHT_QMAX) * scale
+    levels = w.astype(np.float64)
+    np.divide(levels, scale, out=levels)
+    np.round(levels, out=levels)
+    np.clip(levels, -WEIGHT_QMAX, WEIGHT_QMAX, out=levels)
+    return np.multiply(levels, scale, out=levels)
 
 
 def quantized_activation(a: np.ndarray) -> np.ndarray:
@@ -45,33 +49,36 @@ def dynamic_int8_error(w: np.ndarray, activations: Iterable[np.ndarray] | None =
         w64 = w.astype(np.float64)
         energy = float(np.sum(w64 * w64))
         return float(np.sum((quantized_weight(w) - w64) ** 2)) / energy if energy > 0 else 0.0
+    w64, w_hat = w.astype(np.float64), quantized_weight(w)
     error = energy = 0.0
-    for a in activations:
-        run_error, run_energy = _output_error(w, a)
+    for a in activations:  # summed in the runs' order
+        run_error, run_energy = _output_error(w64, w_hat, a)
         error, energy = error + run_error, energy + run_energy
     return error / energy if energy > 0 else 0.0
 
 
-def _output_error(w: np.ndarray, a: np.ndarray) -> tuple[float, float]:
-    """The squared error of dynamic INT8's product of one run's input ``a`` and ``w``, and
-    the squared float64 product: what ``dynamic_int8_error`` sums over runs."""
-    flat = np.asarray(a).reshape(-1, w.shape[0])
-    y = flat.astype(np.float64) @ w.astype(np.float64)
-    return float(np.sum((quantized_activation(flat) @ quantized_weight(w) - y) ** 2)), float(np.sum(y * y))
+def _output_error(w64: np.ndarray, w_hat: np.ndarray, a: np.ndarray) -> tuple[float, float]:
+    """The squared error of dynamic INT8's product of one run's input ``a`` and the weight
+    (``w64``: float64; ``w_hat``: ``quantized_weight``), and the squared float64 product:
+    what ``dynamic_int8_error`` sums over runs."""
+    flat = np.asarray(a).reshape(-1, w64.shape[0])
+    y = flat.astype(np.float64) @ w64
+    return float(np.sum((quantized_activation(flat) @ w_hat - y) ** 2)), float(np.sum(y * y))
 
 
 def dynamic_int8_errors(weights: Mapping[str, tuple[str, np.ndarray]],
                         runs: Iterable[Mapping[str, np.ndarray]] | None) -> dict[str, float]:
     """``dynamic_int8_error`` of each layer (name -> (its input's name, its [K, N] weight))
     over ``runs`` (each run's values by name, ``optcc.quant.probe.probed_values``), or of
-    the weights alone when ``runs`` is None. The runs are read one at a time: only one
-    run's values are held."""
+    the weights alone when ``runs`` is None. The layers' inputs over every run are copied
+    out of the runs first (a decoder's prompts: a few megabytes), then each layer is
+    measured on them alone: its weight is widened and quantized once, and only one layer's
+    float64 arrays live at a time."""
     if runs is None:
         return {layer: dynamic_int8_error(w) for layer, (_, w) in weights.items()}
-    totals = {layer: [0.0, 0.0] for layer in weights}
+    names = {name for name, _ in weights.values()}
+    inputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for values in runs:
-        for layer, (name, w) in weights.items():
-            run_error, run_energy = _output_error(w, values[name])
-            totals[layer][0] += run_error
-            totals[layer][1] += run_energy
-    return {layer: error / energy if energy > 0 else 0.0 for layer, (error, energy) in totals.items()}
+        for name in names:
+            inputs[name].append(np.array(values[name]))  # a copy: the run's buffers are onnxruntime's
+    return {layer: dynamic_int8_error(w, inputs[name]) for layer, (name, w) in weights.items()}
