@@ -401,19 +401,16 @@ def remove_if_dead(graph: ir.Graph | ir.Function, node: ir.Node, replacements: l
     for new in replacements:
         if "optcc.fold.name" not in new.meta:
             continue
-        # Names are unique in the model, so the replaced value's name is free now.
-        new.name = new.meta.pop("optcc.fold.name") or _fresh_name(graph, f"{node.op_type}_folded")
+        # The replaced value's name: unique in the model, so free now. Never empty: the
+        # values folded are read, graph outputs or a node's sole output, which onnx's checker
+        # (at load) requires named, and onnx-ir names every value a pass adds unnamed.
+        new.name = new.meta.pop("optcc.fold.name")
         if new.const_value is not None and new.producer() is None:
             new.const_value.name = new.name
             graph.register_initializer(new)
     for value in inputs:
         _drop_dead_constant(value)
     return True
-
-
-def _fresh_name(graph: ir.Graph | ir.Function, base: str) -> str:
-    """A name for a value that had none, unused in the graph and its bodies."""
-    return optcc.ir.unique_value_name(graph, base)
 
 
 def _drop_dead_constant(value: ir.Value) -> None:

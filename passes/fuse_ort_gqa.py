@@ -278,6 +278,7 @@ class FuseOrtGroupQueryAttentionPass(optcc.Pass):
         report: dict[str, str] = {}
         shapes = OrtShapes(model)
         lengths: dict[tuple[str, str, str], _Lengths] = {}
+        names = optcc.ir.NewConstants(model)
         modified = False
         for graph in [model.graph]:  # present outputs are the main graph's
             for node in list(graph):
@@ -289,7 +290,7 @@ class FuseOrtGroupQueryAttentionPass(optcc.Pass):
                 if reason == "key and value are not repeat_kv (grouped heads)":
                     continue  # plain multi-head attention is no candidate
                 if reason is None:
-                    _rewrite(model, site, lengths)
+                    _rewrite(model, site, lengths, names)
                     modified = True
                 report[label] = reason or FUSED
         if modified:
@@ -304,32 +305,26 @@ class FuseOrtGroupQueryAttentionPass(optcc.Pass):
 _Lengths = tuple[ir.Value, ir.Value, ir.Value]  # seqlens_k, total_sequence_length, query_seqlens
 
 
-def _rewrite(model: ir.Model, site: _Site, lengths: dict[tuple[str, str, str], _Lengths]) -> None:
+def _rewrite(model: ir.Model, site: _Site, lengths: dict[tuple[str, str, str], _Lengths],
+             names: optcc.ir.NewConstants) -> None:
     """Replace the site's MultiHeadAttention and cache Concats by one GroupQueryAttention.
     Its length inputs are shared by every site whose past length, batch and query length
-    onnxruntime's shape inference names alike (``lengths``: the first such site's)."""
-    node, graph, legacy = site.node, model.graph, model.ir_version < 4
+    onnxruntime's shape inference names alike (``lengths``: the first such site's). New
+    values and constants are named against every name of the model (``names``)."""
+    node, graph = site.node, model.graph
     (past_k, new_k), (past_v, new_v) = site.parts
 
     def op(op_type: str, *inputs: ir.Value, **attrs: object) -> ir.Value:
         n = ir.Node("", op_type, list(inputs), [ir.convenience.convert_attribute(k, a) for k, a in attrs.items()],
                     num_outputs=1)
-        n.outputs[0].name = optcc.ir.unique_value_name(graph, f"{node.name or 'gqa'}_{op_type.lower()}")
+        n.outputs[0].name = names.value_name(f"{node.name or 'gqa'}_{op_type.lower()}")
         n.name = n.outputs[0].name
         graph.insert_before(node, n)
         return n.outputs[0]
 
-    def const(array: np.ndarray, base: str) -> ir.Value:
-        if legacy:  # below IR version 4 an initializer would also need a graph input
-            return optcc.ir.constant_before(model, node, array, base)
-        name = optcc.ir.unique_value_name(graph, f"{node.name or 'gqa'}_{base}")
-        tensor = ir.Tensor(array, name=name)
-        value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=tensor.shape)
-        graph.register_initializer(value)
-        return value
-
     def merge(t: ir.Value) -> ir.Value:
-        return op("Reshape", op("Transpose", t, perm=[0, 2, 1, 3]), const(np.array([0, 0, -1], np.int64), "merge"))
+        heads_last = op("Transpose", t, perm=[0, 2, 1, 3])
+        return op("Reshape", heads_last, names.for_reader(node, np.array([0, 0, -1], np.int64), "merge"))
 
     query = node.inputs[0]
     shared = lengths.get(site.lengths_key) if site.lengths_key is not None else None
@@ -338,8 +333,8 @@ def _rewrite(model: ir.Model, site: _Site, lengths: dict[tuple[str, str, str], _
         total = op("Add", op("Shape", past_k, start=2, end=3), seq)
         batch = op("Shape", query, start=0, end=1)
         total32 = op("Cast", total, to=ir.DataType.INT32)
-        seqlens = op("Expand", op("Sub", total32, const(np.array([1], np.int32), "one")), batch)
-        total_scalar = op("Reshape", total32, const(np.array([], np.int64), "scalar"))
+        seqlens = op("Expand", op("Sub", total32, names.for_reader(node, np.array([1], np.int32), "one")), batch)
+        total_scalar = op("Reshape", total32, names.for_reader(node, np.array([], np.int64), "scalar"))
         query_seqlens = op("Expand", op("Cast", seq, to=ir.DataType.INT32), batch)
         shared = (seqlens, total_scalar, query_seqlens)
         if site.lengths_key is not None:

@@ -401,7 +401,7 @@ class FuseOrtRotaryPass(FuseRotaryPass):
         dims = _Dims(model, with_ort=True)
         result = self._fuse(model, dims)
         # the inference may predate this call's fusions: it is read only for values they keep
-        moved = token_layout(model.graph, dims.ort)
+        moved = token_layout(model, dims.ort)
         if moved:
             model.graph.sort()
         stats = dict(result.stats or {})
@@ -452,8 +452,8 @@ def _token_layout_site(node: ir.Node, shapes: OrtShapes) -> tuple[ir.Value, ir.V
     return x3, shape, heads
 
 
-def token_layout(graph: ir.Graph, shapes: OrtShapes) -> int:
-    """Rewrite, in ``graph``, for each ``com.microsoft.RotaryEmbedding`` between head transposes::
+def token_layout(model: ir.Model, shapes: OrtShapes) -> int:
+    """Rewrite, in the main graph, for each ``com.microsoft.RotaryEmbedding`` between head transposes::
 
         Transpose(RotaryEmbedding(Transpose(Reshape(x3, shape), [0,2,1,3]), ids, cos, sin), [0,2,1,3])
      -> Reshape(RotaryEmbedding(x3, ids, cos, sin, num_heads=heads), shape)
@@ -468,7 +468,7 @@ def token_layout(graph: ir.Graph, shapes: OrtShapes) -> int:
     writes. Exact: the op rotates each ``(b, s, h)`` row of ``head`` elements by the position
     ``ids[b, s]`` alone; the layout changes which memory holds a row, not its arithmetic (the
     same values bit for bit). Returns the number of rotary ops moved."""
-    moved = 0
+    graph, names, moved = model.graph, optcc.ir.NewConstants(model), 0
     for node in list(graph):
         site = _token_layout_site(node, shapes)
         if site is None:
@@ -478,8 +478,8 @@ def token_layout(graph: ir.Graph, shapes: OrtShapes) -> int:
         attributes.append(ir.AttrInt64("num_heads", heads))
         tokens = ir.Node(MS_DOMAIN, "RotaryEmbedding", [x3, *node.inputs[1:]], attributes, name=f"{node.name}_tokens")
         split = ir.Node("", "Reshape", [tokens.outputs[0], shape], name=f"{node.name}_heads")
-        tokens.outputs[0].name = optcc.ir.unique_value_name(graph, f"{node.outputs[0].name}_tokens")
-        split.outputs[0].name = optcc.ir.unique_value_name(graph, f"{node.outputs[0].name}_split")
+        tokens.outputs[0].name = names.value_name(f"{node.outputs[0].name}_tokens")
+        split.outputs[0].name = names.value_name(f"{node.outputs[0].name}_split")
         graph.insert_before(node, [tokens, split])
         readers = [use.node for use in node.outputs[0].uses()]
         for reader in readers:

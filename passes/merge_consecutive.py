@@ -386,6 +386,18 @@ def _concat_axis(node: ir.Node, opset: int) -> int | None:
     return None if rank is None else axis + rank
 
 
+def _take_place(node: ir.Node, new: ir.Node) -> None:
+    """Insert ``new`` (one output, unnamed) before ``node`` and make it replace ``node``,
+    its output taking the name of ``node``'s (freed as ``node`` goes): a name no graph of the
+    model holds twice, where the name onnx-ir gives a value added unnamed is unique in its
+    own graph only and in a body may shadow an enclosing graph's."""
+    name = node.outputs[0].name
+    node.graph.insert_before(node, new)
+    handed = bypass(node, node.outputs[0], new.outputs[0])  # done outside the assert: it holds under -O too
+    assert handed  # the new output is an ordinary value of this graph
+    new.outputs[0].name = name
+
+
 def _concats(node: ir.Node, opset: int) -> bool:
     axis = _concat_axis(node, opset)
     if axis is None:
@@ -403,12 +415,7 @@ def _concats(node: ir.Node, opset: int) -> bool:
             absorbed.append(inner)
     if not absorbed:
         return False
-    graph = node.graph
-    merged = ir.Node("", "Concat", inputs, [ir.AttrInt64("axis", axis)], num_outputs=1,
-                     name=node.name)
-    graph.insert_before(node, merged)
-    bypass_ok = bypass(node, node.outputs[0], merged.outputs[0])
-    assert bypass_ok  # the new Concat's output is an ordinary value of this graph
+    _take_place(node, ir.Node("", "Concat", inputs, [ir.AttrInt64("axis", axis)], num_outputs=1, name=node.name))
     for inner in absorbed:
         remove_if_dead(inner)
     return True
@@ -482,11 +489,8 @@ def _slice_shape(node: ir.Node, opset: int) -> bool:
     end = min(max(end + rank if end < 0 else end, 0), rank)
     if start >= end:
         return False
-    new = ir.Node("", "Shape", [x], [ir.AttrInt64("start", start), ir.AttrInt64("end", end)],
-                  num_outputs=1, name=node.name)
-    node.graph.insert_before(node, new)
-    handed = bypass(node, node.outputs[0], new.outputs[0])  # done outside the assert: it holds under -O too
-    assert handed
+    _take_place(node, ir.Node("", "Shape", [x], [ir.AttrInt64("start", start), ir.AttrInt64("end", end)],
+                              num_outputs=1, name=node.name))
     remove_if_dead(shape)
     return True
 

@@ -106,7 +106,7 @@ class SmoothActivationsPass(optcc.Pass):
                 got = np.abs(np.asarray(outs[wanted(name)], np.float64))
                 peak = got.reshape(-1, got.shape[-1]).max(axis=0)
                 ranges[name] = peak if ranges[name] is None else np.maximum(ranges[name], peak)
-        ratios = {}
+        ratios, new_names = {}, optcc.ir.NewConstants(model)
         for (ln, readers), name in zip(sites, names):
             a = ranges[name]
             if a is None or not np.all(np.isfinite(a)):
@@ -115,19 +115,18 @@ class SmoothActivationsPass(optcc.Pass):
             with np.errstate(divide="ignore", invalid="ignore"):
                 s = a ** STRENGTH / w ** (1.0 - STRENGTH)
             s = np.where((a > 0) & (w > 0) & np.isfinite(s) & (s > 0), s, 1.0)
-            self._rescale(ln, readers, s)
+            self._rescale(ln, readers, s, new_names)
             smoothed = a / s
             ratios[ln.name or name] = [float(a.max() / max(a.min(), 1e-30)),
                                        float(smoothed.max() / max(smoothed.min(), 1e-30))]
         return optcc.PassResult(model, bool(ratios), {"layers": len(ratios), "channel_ratio": ratios})
 
     @staticmethod
-    def _rescale(ln: ir.Node, readers: list[ir.Node], s: np.ndarray) -> None:
+    def _rescale(ln: ir.Node, readers: list[ir.Node], s: np.ndarray, names: optcc.ir.NewConstants) -> None:
         y = ln.outputs[0]
         if any(use.node not in readers for use in y.uses()):  # others read y as it is: divide for the MatMuls only
-            divisor = ir.Value(name=optcc.ir.unique_value_name(ln.graph, f"{y.name}_smoothed"), type=y.type,
-                              shape=y.shape)
-            scale = ir.Value(name=optcc.ir.unique_value_name(ln.graph, f"{y.name}_smoothing"),
+            divisor = ir.Value(name=names.value_name(f"{y.name}_smoothed"), type=y.type, shape=y.shape)
+            scale = ir.Value(name=names.value_name(f"{y.name}_smoothing"),
                              const_value=ir.Tensor((1.0 / s).astype(np.float32)))
             scale.const_value.name = scale.name
             ln.graph.register_initializer(scale)
