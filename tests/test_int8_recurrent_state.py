@@ -91,6 +91,28 @@ def test_recurrent_outputs_are_found_through_layout_ops_only() -> None:
     assert tm.recurrent_outputs(model) == {"steps", "state"}
 
 
+def test_one_direction_of_a_bidirectional_rnn_is_a_recurrent_output() -> None:
+    """Y of a bidirectional GRU is [T, 2, 1, H]: a Slice or Gather picks one direction, a
+    Concat joins the directions' last states; an Add of them computes new values."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((2, 3 * HIDDEN, n)) * 0.3).astype(np.float32), name)
+             for name, n in (("W", WIDTH), ("R", HIDDEN))]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n)
+              for n, v in (("zero", [0]), ("one", [1]), ("axis", [1]), ("first", 0))]
+    nodes = [helper.make_node("GRU", ["x", "W", "R"], ["y", "yh"], hidden_size=HIDDEN, direction="bidirectional"),
+             helper.make_node("Slice", ["y", "zero", "one", "axis"], ["forward"]),
+             helper.make_node("Gather", ["y", "first"], ["first_step"]),
+             helper.make_node("Split", ["yh"], ["yh_f", "yh_b"], axis=0, num_outputs=2),
+             helper.make_node("Concat", ["yh_b", "yh_f"], ["joined"], axis=2),
+             helper.make_node("Add", ["yh_f", "yh_b"], ["summed"]),
+             helper.make_node("Concat", ["yh_f", "x"], ["mixed"], axis=2)]
+    graph = helper.make_graph(nodes, "bigru", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, WIDTH])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                               for n in ("forward", "first_step", "joined", "summed", "mixed")], inits)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert tm.recurrent_outputs(model) == {"forward", "first_step", "joined"}
+
+
 def test_a_state_keeping_its_top_unit_is_judged_by_its_values() -> None:
     """The judge, given the graph's recurrent outputs, rejects a state within the argmax
     but far from float32's values; by values alone it reads the same state as class scores."""

@@ -107,6 +107,11 @@ def test_names_without_a_state_word_or_shapes_that_differ_are_no_pair():
     assert state_pairs(_io_model([("state", TP.FLOAT, silero)], [("stateN", TP.FLOAT, silero)])) == {"state": "stateN"}
     assert state_pairs(_io_model([("hiddenIn", TP.FLOAT, [1, 8])], [("hiddenOut", TP.FLOAT, [1, 8])])) == \
         {"hiddenIn": "hiddenOut"}
+    # an LSTM's one-letter states with the side glued on: Silero v6's ``h``/``hn``, ``c``/``cn``
+    lstm = [1, 1, 8]
+    assert state_pairs(_io_model([("h", TP.FLOAT, lstm), ("c", TP.FLOAT, lstm)],
+                                 [("hn", TP.FLOAT, lstm), ("cn", TP.FLOAT, lstm)])) == {"h": "hn", "c": "cn"}
+    assert state_pairs(_io_model([("x", TP.FLOAT, lstm)], [("xn", TP.FLOAT, lstm)])) == {}  # x: no state word
     # the capital only separates words: ``staten`` is one word, no state's
     assert state_pairs(_io_model([("state", TP.FLOAT, silero)], [("staten", TP.FLOAT, silero)])) == {}
     assert state_pairs(_io_model([("imageIn", TP.FLOAT, [1, 8])], [("imageN", TP.FLOAT, [1, 8])])) == {}

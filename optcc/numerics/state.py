@@ -9,8 +9,9 @@ conservatively: a pair is an input and an output
   each: ``in``/``input``/``past``/``prev``/``previous``/``old`` on the input's side,
   ``out``/``output``/``present``/``next``/``new``/``n`` on the output's (``in_cache0``
   and ``out_cache0``, ``state_in`` and ``state_out``, ``h`` and ``next_h``, ``state``
-  and ``stateN``), words being the name's runs of letters and of digits, a capital
-  letter after a small one starting a word; at least one side word must be dropped, and the
+  and ``stateN``, ``h`` and ``hn``), words being the name's runs of letters and of digits, a capital
+  letter after a small one starting a word, and a one-letter state word with a side word
+  glued on (``hn``, ``cn``: an LSTM's new hidden and cell state) two words; at least one side word must be dropped, and the
   words left must name a state (``STATE_WORDS``: state, cache, hidden, memory, h, c...),
   so an image-to-image model's ``input_image`` and ``output_image`` are no pair;
 - with the same floating-point dtype and rank, and dims that agree wherever both are
@@ -39,10 +40,24 @@ _WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")
 
 
 def _key(name: str, side: frozenset[str]) -> tuple[tuple[str, ...], bool]:
-    """The name's words without the words of ``side``, and whether one was dropped."""
+    """The name's words without the words of ``side``, and whether one was dropped. A last
+    word that is a state word with a side word glued on (``hn``, ``cn``) is those two words."""
     words = [w.lower() for w in _WORDS.findall(name)]
+    if words:
+        words[-1:] = _unglued(words[-1], side)
     kept = tuple(w for w in words if w not in side)
     return kept, len(kept) < len(words)
+
+
+def _unglued(word: str, side: frozenset[str]) -> list[str]:
+    """``word`` as a one-letter state word and a side word when it is the one glued to the
+    other (``hn``: ``h`` and ``n``), else ``word`` alone. A longer word stays one
+    (``staten`` is no state's: a capital, ``stateN``, separates those)."""
+    for side_word in sorted(side):
+        head = word[:-len(side_word)]
+        if word.endswith(side_word) and len(head) == 1 and head in STATE_WORDS:
+            return [head, side_word]
+    return [word]
 
 
 def _fits(a: ir.Value, b: ir.Value) -> bool:

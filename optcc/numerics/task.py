@@ -40,6 +40,10 @@ deciding per step)        when the output's name says logits, or when they decid
 in [0, 1] (a probability  or not; the fraction of frames decided otherwise (value noise
 per frame: a VAD's        that moves none across 0.5 counts nothing). Named, it judges
 speech score)             every element of any float output so
+``[N, 1]``, or ``[N]`` of   ``threshold`` as well: one binary decision's probability per
+at most ``FEW_DECISIONS``  item (a VAD's speech per chunk, a wake word's, a verifier's
+(16), in [0, 1], not one   same-or-not); a longer ``[N]`` is a sequence of activations
+softmax row               (a beat tracker's per frame, read by a peak picker): ``sqnr``
 ``[N, 1, H, W]`` or       ``detection-map``: pixels above ``MAP_THRESHOLD`` (0.3) form
 ``[N, H, W]`` in [0, 1],  the mask; its connected components' bounding boxes (sides of
 at most 10% of pixels     at least 3 pixels) are the detections; 1 - box F1 (IoU >= 0.5),
@@ -78,8 +82,8 @@ integer or boolean        ``labels`` (always; not selectable): 1 - the fraction 
                           passed through, shapes), which is compared exactly
 a recurrent op's output   ``sqnr`` (below), whatever its shape: an LSTM's, GRU's or RNN's
 (``Y``, ``Y_h``, ``Y_c``) hidden states or state, measured values, not class scores
-through layout ops only   or a pooled vector (``TaskJudge(recurrent=...)``,
-                          ``recurrent_outputs``)
+through layout ops, or    or a pooled vector (``TaskJudge(recurrent=...)``,
+a part or Concat of such  ``recurrent_outputs``)
 anything else             ``sqnr``: noise power / signal power, summed over ALL held-out
                           samples (never a per-sample median or worst, which one blank
                           input would dominate); reported in dB
@@ -105,7 +109,11 @@ fixed-seed generator; not a decoder's past caches or a streaming model's state
 float, whatever their shape. Other float inputs move by one unit in the last place
 (``numpy.spacing``), the dtype's own resolution, except their whole-number values (token
 ids, counts or flags fed as float: a model that truncates them to integers would read one
-ulp below ``k`` as ``k - 1``, a floor made of changed inputs rather than noise). A 16-bit
+ulp below ``k`` as ``k - 1``, a floor made of changed inputs rather than noise), and
+except a float waveform (``[batch, T]``, ``[batch, T, 1]`` or ``[batch, 1, T]``, T of at
+least ``WAVEFORM_MIN_SAMPLES``, every value within [-1, 1]: audio decoded from 16-bit PCM,
+the form every audio loader returns), which moves by one PCM step, +-1/32768, held within
+[-1, 1]: its recording's own resolution, which one ulp of a quiet sample is far below. A 16-bit
 integer input (``int16``/``uint16``: a signal sampled so, as 16-bit PCM audio) moves by
 one step of its dtype, +-1 LSB, held at the dtype's limits, unless it indexes a table
 (``ids``: token ids, positions, masks, as ``input_roles`` finds them); so does a uint8
@@ -272,6 +280,7 @@ CONFIDENT_GAP = 0.1
 MAP_THRESHOLD = 0.3
 MAP_LOW = 0.1  # a map's pixel at most this, or at least 1 - this, has decided
 DECISION = 0.5  # a probability above this decides yes (``threshold``: a VAD's speech per frame)
+FEW_DECISIONS = 16  # an [N] output of at most this many probabilities is one decision per item, not a sequence
 MAP_UNDECIDED = 0.1  # a detection map has at most this fraction of its pixels undecided
 EMBEDDING_MIN_WIDTH = 8  # entries of a vector read as an embedding
 CTC_DECIDED = 0.75  # a CTC recognizer is confident on at least this fraction of its steps
@@ -436,24 +445,33 @@ def projected_outputs(model: ir.Model) -> set[str]:
 RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 # ops that move values without computing new ones: a recurrent output behind them is still one
 LAYOUT_OPS = frozenset({"Identity", "Squeeze", "Unsqueeze", "Transpose", "Reshape", "Flatten"})
-RECURRENT_REASON = "a recurrent op's state or hidden states, through layout ops only: measured values"
+# ops that pick a part of their first input's values (a direction, a step, a unit range)
+PICKING_OPS = frozenset({"Slice", "Gather", "Split"})
+RECURRENT_REASON = "a recurrent op's state or hidden states, moved or picked apart only: measured values"
 
 
 def recurrent_outputs(model: ir.Model) -> set[str]:
     """The graph outputs that are a recurrent op's outputs (``RECURRENT_OPS``: its hidden
     states ``Y``, its last hidden state ``Y_h``, an LSTM's cell state ``Y_c``) moved only by
-    layout ops (``LAYOUT_OPS``). They are measured values (an encoder's memory, bounded
+    layout ops (``LAYOUT_OPS``), parts of them (``PICKING_OPS``) or Concats of them. They are measured values (an encoder's memory, bounded
     activations), whatever their shape or values look like: no class is the largest entry
     of a state, and a decoder reads every step of ``Y``, not their mean."""
-    found = set()
-    for output in model.graph.outputs:
-        node = output.producer()
-        while node is not None and node.op_type in LAYOUT_OPS and node.domain in ("", "ai.onnx") \
-                and node.inputs and node.inputs[0] is not None:
-            node = node.inputs[0].producer()
-        if node is not None and node.op_type in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
-            found.add(output.name)
-    return found
+    return {output.name for output in model.graph.outputs if _recurrent(output)}
+
+
+def _recurrent(value: ir.Value) -> bool:
+    """Whether ``value`` is a recurrent op's output moved by layout ops, a part of one
+    picked by ``PICKING_OPS`` (one direction of a bidirectional RNN's ``Y``), or a Concat
+    of such values only (``recurrent_outputs``)."""
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in RECURRENT_OPS:
+        return True
+    if node.op_type == "Concat":
+        return bool(node.inputs) and all(v is not None and _recurrent(v) for v in node.inputs)
+    moved = node.op_type in LAYOUT_OPS or node.op_type in PICKING_OPS
+    return moved and bool(node.inputs) and node.inputs[0] is not None and _recurrent(node.inputs[0])
 
 
 def _integer_like(dtype: ir.DataType | None) -> bool:
@@ -549,12 +567,29 @@ def metric_choice(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
         if _saturated(values):
             return "detection-map", "a map in [0, 1], near 0 or 1 almost everywhere: a detector's probability map"
         return "sqnr", "a map in [0, 1] with many pixels in between: no user thresholds it into boxes"
+    if _decision_per_sample(values):
+        return "threshold", "[N, 1] or a few [N] in [0, 1]: one probability per item, decided at 0.5"
     layout = box_layout(a)
     if layout is not None:
         return "boxes", f"YOLO-style boxes ({layout})"
     if a.ndim == 3 and a.shape[2] >= EMBEDDING_MIN_WIDTH:
         return "embedding", "[N, T, H] hidden states"
     return "sqnr", "no task shape: values"
+
+
+def _decision_per_sample(values: Sequence[np.ndarray]) -> bool:
+    """Whether every sample is ``[N, 1]`` or ``[N]`` with N at most ``FEW_DECISIONS``, in
+    [0, 1] (``_unit_interval``), and its ``[N]`` values are not one softmax row: a binary
+    decision's probability per item (a VAD's speech per chunk, a wake word's, a verifier's
+    same-or-not), which its user reads above ``DECISION`` or not. A longer ``[N]`` is a
+    sequence of activations (a beat or onset tracker's per frame, read by a peak picker),
+    and a row that sums to 1 is one sample's class scores."""
+    def decisions(v: np.ndarray) -> bool:
+        if v.ndim == 1:
+            return 1 <= v.shape[0] <= FEW_DECISIONS and (v.shape[0] == 1 or not _softmax_rows(v))
+        return v.ndim == 2 and v.shape[1] == 1 and v.size > 0
+
+    return all(decisions(v) and _unit_interval(v) for v in values)
 
 
 def _ctc_or_framewise(values: Sequence[np.ndarray], what: str) -> tuple[str, str]:
@@ -578,6 +613,22 @@ def _image_like(a: np.ndarray) -> int | None:
     if 1 <= a.shape[3] <= 4 and min(a.shape[1:3]) >= 8:
         return 3
     return None
+
+
+WAVEFORM_MIN_SAMPLES = 512  # 32 ms at 16 kHz: the shortest window a speech model reads (Silero's chunk)
+PCM_STEP = 1.0 / 32768.0  # one step of 16-bit PCM audio read as float in [-1, 1]
+
+
+def _waveform(a: np.ndarray) -> bool:
+    """Whether a float array is a waveform in [-1, 1], audio decoded from 16-bit PCM as
+    float: ``[batch, T]``, ``[batch, T, 1]`` or ``[batch, 1, T]`` with ``T`` at least
+    ``WAVEFORM_MIN_SAMPLES``, every value finite within [-1, 1] and not all whole numbers."""
+    if a.ndim not in (2, 3) or not np.issubdtype(a.dtype, np.floating):
+        return False
+    long_axes = [axis for axis in range(1, a.ndim) if a.shape[axis] != 1]
+    if len(long_axes) != 1 or a.shape[long_axes[0]] < WAVEFORM_MIN_SAMPLES:
+        return False
+    return bool(np.all(np.abs(a) <= 1.0)) and not bool(np.all(a == np.trunc(a)))
 
 
 # integer dtypes that hold a sampled signal (16-bit PCM): moved by one step; the other
@@ -616,6 +667,9 @@ def perturb(feeds: Mapping[str, np.ndarray], seed: int | Sequence[int] = _SEED, 
             step = (a.max(axis=others, keepdims=True) - a.min(axis=others, keepdims=True)).astype(np.float64) / 255.0
             out[name] = (a + sign * step).astype(a.dtype)
             how[name] = "+-1/255 of each channel's range (8-bit image)"
+        elif name not in not_images and _waveform(a):
+            out[name] = np.clip(a + sign * PCM_STEP, -1.0, 1.0).astype(a.dtype)
+            how[name] = "+-1/32768 (float waveform in [-1, 1]: one 16-bit PCM step)"
         else:
             # whole numbers stay (ids, counts, flags fed as float: one ulp below k truncates
             # to k - 1), and so does the dtype's maximum (one ulp above is infinity)
