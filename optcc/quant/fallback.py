@@ -74,7 +74,7 @@ Feeds = Mapping[str, np.ndarray]
 # asked after each sample a candidate runs, with its outputs so far by name: True stops the runs
 Stop = Callable[[Mapping[str, Sequence[np.ndarray]]], bool]
 Results = dict[int, tuple["Evaluation", Any, dict[str, Any]]]  # candidates measured, by layers returned to float
-RANKING_SAMPLES = 4  # samples the fallback's per-layer error estimates are measured on
+RANKING_SAMPLES = 8  # samples the fallback's per-layer error estimates are measured on
 OUTPUT_RANKING_SAMPLES = 2  # samples ``output_sqnr`` takes each layer's error to the outputs on: a float run per layer each
 # the output ranking's work bound: its layer runs (one per layer and sample shown), whatever the number of layers;
 # spent on the first and last layers and those worst by their own error (``_output_ranked``)
@@ -948,10 +948,10 @@ def fallback(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds]
     below it did. So the ranking and search cost a fixed number of float runs and
     candidates whatever the number of layers, and a ``k`` that meets the target is never
     traded for one not measured.
-    The estimates are measured on at most ``ranking_samples`` of the samples (4 by default),
-    spread evenly over them (``spread_samples``; None: all): a layer's SQNR sums its error
-    over every element of its result, so a few samples estimate it as well as many, and the
-    ranking only orders the layers; every candidate is still judged on all ``samples``. A layer
+    The estimates are measured on at most ``ranking_samples`` of the samples, spread evenly
+    over them (``spread_samples``; None: all): a layer's SQNR sums its error over every
+    element of its result, so a few samples estimate it as well as many, and the ranking
+    only orders the layers; every candidate is still judged on all ``samples``. A layer
     whose own result is exact there (no error to take away) is in neither order
     (``_ranked``): it never takes a place in the budget.
     ``ranking="measured"``: the single-layer ranking and both orders described above.
