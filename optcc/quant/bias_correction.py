@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,10 +55,11 @@ import onnxruntime as ort
 
 from optcc import ir as oir
 from optcc.progress import Progress
+from optcc.quant.calibration import channel_mean_nodes
 from optcc.runtime.session import detached, feedable, session_options
 from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
-__all__ = ["FloatMeans", "SegmentMeans", "correct_biases", "weight_error_shifts"]
+__all__ = ["FloatMeans", "SegmentMeans", "correct_biases", "float_result_ranks", "weight_error_shifts"]
 
 Feeds = Mapping[str, np.ndarray]
 _INT32_MAX = 2**31 - 1
@@ -133,6 +134,21 @@ def _corrected_layers(model: ir.Model, reference_ops: Mapping[str, str]) -> list
     return layers
 
 
+def float_result_ranks(model: ir.Model) -> dict[str, int]:
+    """The results of float ``model`` whose means ``FloatMeans`` may be asked for, with the
+    rank ``_corrected_layers`` gives the quantized layer: every main-graph Conv's with a
+    constant weight (its weight's rank) and every Gemm's (2)."""
+    ranks: dict[str, int] = {}
+    for node in model.graph:
+        if node.op_type not in ("Conv", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 \
+                or not node.outputs[0].name:
+            continue
+        weight = oir.const_tensor(node.inputs[1]) if node.inputs[1] is not None else None
+        if node.op_type == "Gemm" or weight is not None:
+            ranks[node.outputs[0].name] = 2 if weight is None or node.op_type == "Gemm" else len(weight.shape)
+    return ranks
+
+
 def _reference_name(value: ir.Value, op_type: str, reference_ops: Mapping[str, str]) -> str | None:
     """The float model's name for a layer's result: its own, or, for a graph output that the
     quantization moved to the DQ after it (the conv's result renamed), the DQ's; either
@@ -148,23 +164,6 @@ def _reference_name(value: ir.Value, op_type: str, reference_ops: Mapping[str, s
                     and reference_ops.get(out.name or "") == op_type):
                 return out.name
     return None
-
-
-def _mean_nodes(names: Sequence[str], ranks: Sequence[int], opset: int, prefix: str
-                ) -> tuple[list[onnx.NodeProto], list[str]]:
-    """ReduceMean over every axis but 1 (channels) of each tensor."""
-    nodes, outputs = [], []
-    for i, (name, rank) in enumerate(zip(names, ranks)):
-        out, axes = f"{prefix}_mean_{i}", [0, *range(2, rank)]
-        if opset >= 18:
-            axes_name = f"{prefix}_axes_{i}"
-            nodes.append(onnx.helper.make_node(
-                "Constant", [], [axes_name], value=onnx.numpy_helper.from_array(np.array(axes, np.int64))))
-            nodes.append(onnx.helper.make_node("ReduceMean", [name, axes_name], [out], keepdims=0))
-        else:
-            nodes.append(onnx.helper.make_node("ReduceMean", [name], [out], axes=axes, keepdims=0))
-        outputs.append(out)
-    return nodes, outputs
 
 
 def _session(proto: onnx.ModelProto, threads: int | None, weights: Mapping[str, np.ndarray] | None = None
@@ -188,7 +187,7 @@ def _with_means(model: ir.Model, layers: Sequence[_Layer], prefix: str, *, refer
     proto, weights = light_proto(model)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
     names = [layer.reference if reference else layer.result for layer in layers]
-    nodes, outputs = _mean_nodes(names, [layer.rank for layer in layers], opset, prefix)
+    nodes, outputs = channel_mean_nodes(names, [layer.rank for layer in layers], opset, prefix)
     # each reduction right after the node it reads, so the tensor can be freed early
     after: dict[str, list[onnx.NodeProto]] = {}
     for node in nodes:
@@ -219,11 +218,21 @@ class FloatMeans:
     measured once and kept: every model quantized from ``reference`` is corrected towards
     the same means, so the candidates of one quantization (the driver's fallback) share
     one measurement. A result's mean does not depend on which other results a session
-    reduces with it (the same kernels on the same inputs, graph optimizations off)."""
+    reduces with it (the same kernels on the same inputs, graph optimizations off).
+    ``taken``: per sample of ``samples``, in order, float32 channel means some session of
+    ``reference`` with those options already computed on it (calibration's:
+    ``optcc.quant.calibration.ChannelMeans``, of ``float_result_ranks``' results): those
+    found for every sample are averaged here as a measurement averages its own, and not
+    measured again."""
 
-    def __init__(self, reference: ir.Model, samples: Sequence[Feeds], threads: int | None = None) -> None:
+    def __init__(self, reference: ir.Model, samples: Sequence[Feeds], threads: int | None = None,
+                 taken: Sequence[Mapping[str, np.ndarray]] = ()) -> None:
         self.reference, self.samples, self.threads = reference, samples, threads
         self.means: dict[str, np.ndarray] = {}  # float64 [C] by the float model's name of the result
+        if samples and len(taken) == len(samples):
+            names = [name for name in taken[0] if all(name in means for means in taken[1:])]
+            self.means.update(zip(names, _mean_of(([means[name] for name in names] for means in taken),
+                                                  len(names), len(samples))))
 
     def of(self, layers: Sequence[_Layer]) -> list[np.ndarray]:
         """The float means of the layers' results (``_Layer.reference``), in order; those not
@@ -341,11 +350,17 @@ def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[F
 def _average(session: ort.InferenceSession, fetch: Sequence[str], samples: Sequence[Feeds],
              extra: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """The fetched outputs averaged over the samples (float64), ``extra`` fed with each."""
-    total: list = [0.0] * len(fetch)
     wanted = feedable(session)
-    for feeds in samples:
-        values = session.run(list(fetch), {k: v for k, v in {**feeds, **(extra or {})}.items() if k in wanted})
-        total = [t + np.asarray(v, np.float64) / len(samples) for t, v in zip(total, values)]
+    return _mean_of((session.run(list(fetch), {k: v for k, v in {**feeds, **(extra or {})}.items() if k in wanted})
+                     for feeds in samples), len(fetch), len(samples))
+
+
+def _mean_of(rows: Iterable[Sequence[Any]], width: int, count: int) -> list:
+    """The mean of ``count`` rows of ``width`` arrays each, array by array (float64): each
+    row's array divided by ``count`` and added in row order, the same sums whoever ran them."""
+    total: list = [0.0] * width
+    for values in rows:
+        total = [t + np.asarray(v, np.float64) / count for t, v in zip(total, values)]
     return total
 
 
@@ -504,7 +519,7 @@ class _Segments:
         if last is not None:
             return nodes, means, reads, end
         if k:  # the previous layer's result, its bias corrected
-            made, outs = _mean_nodes([self.nodes[start].output[0]], [self.ranks[k - 1]], self.opset,
+            made, outs = channel_mean_nodes([self.nodes[start].output[0]], [self.ranks[k - 1]], self.opset,
                                      f"{self.prefix}_r{k}")
             nodes += made
             means += outs
@@ -515,7 +530,7 @@ class _Segments:
             del probe.output[:]
             probe.output.append(f"{self.prefix}_probe_{k}")
             reads |= _reads(probe)
-            made, outs = _mean_nodes([probe.output[0]], [self.ranks[k]], self.opset, f"{self.prefix}_p{k}")
+            made, outs = channel_mean_nodes([probe.output[0]], [self.ranks[k]], self.opset, f"{self.prefix}_p{k}")
             nodes += [probe, *made]
             means += outs
         return nodes, means, reads, end
@@ -667,7 +682,7 @@ def weight_error_shifts(reference: ir.Model, deltas: Sequence[tuple[ir.Node, np.
     float model: weight-only quantization leaves activations float, so the error each layer
     adds is measured on the inputs it was trained for, independently of the layers before
     it). Computed by onnxruntime: a probe copy of each node reading ``x`` and ``dW`` (same
-    attributes, no bias) followed by a per-channel ReduceMean (``_mean_nodes``), the model's
+    attributes, no bias) followed by a per-channel ReduceMean (``channel_mean_nodes``), the model's
     weights handed to onnxruntime in place (``light_proto``), in float32,
     one sample at a time, averaged over the samples in float64 (``_average``). Adding the
     returned shift to the node's bias makes the quantized layer's mean output equal the
@@ -701,7 +716,7 @@ def weight_error_shifts(reference: ir.Model, deltas: Sequence[tuple[ir.Node, np.
         probes.append(probe)
         names.append(probe.output[0])
         ranks.append(delta.ndim)  # a convolution's result has its weight's rank
-    means, outputs = _mean_nodes(names, ranks, opset, prefix)
+    means, outputs = channel_mean_nodes(names, ranks, opset, prefix)
     # each probe and its reduction right after the node whose input it reads, so the
     # probe's result is freed as soon as it is reduced
     reduction_of = {m.input[0]: m for m in means if m.op_type == "ReduceMean"}

@@ -35,7 +35,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -61,6 +61,8 @@ __all__ = [
     "TensorHistogram",
     "CalibrationStats",
     "CalibrationResult",
+    "ChannelMeans",
+    "channel_mean_nodes",
     "calibration_tensors",
     "collect_statistics",
     "calibrate",
@@ -553,6 +555,41 @@ class _Collector:
 _FINITE_AWARE_OPSET = 11  # IsInf (10), Where with broadcasting (9), ReduceSum without axes
 
 
+def channel_mean_nodes(names: Sequence[str], ranks: Sequence[int], opset: int, prefix: str
+                       ) -> tuple[list[onnx.NodeProto], list[str]]:
+    """ReduceMean over every axis but 1 (channels) of each tensor (its axes a Constant from
+    opset 18 on), and the means' names, made from ``prefix``."""
+    nodes, outputs = [], []
+    for i, (name, rank) in enumerate(zip(names, ranks)):
+        out, axes = f"{prefix}_mean_{i}", [0, *range(2, rank)]
+        if opset >= 18:
+            axes_name = f"{prefix}_axes_{i}"
+            nodes.append(onnx.helper.make_node(
+                "Constant", [], [axes_name], value=onnx.numpy_helper.from_array(np.array(axes, np.int64))))
+            nodes.append(onnx.helper.make_node("ReduceMean", [name, axes_name], [out], keepdims=0))
+        else:
+            nodes.append(onnx.helper.make_node("ReduceMean", [name], [out], axes=axes, keepdims=0))
+        outputs.append(out)
+    return nodes, outputs
+
+
+@dataclasses.dataclass
+class ChannelMeans:
+    """Channel means taken while calibrating by min and max (``bins=0``): of each tensor of
+    ``ranks`` (name: rank), ``channel_mean_nodes``' ReduceMean, in the min/max session, on the
+    samples at ``positions`` of the data calibrated, into ``taken[position][name]`` (float32,
+    as onnxruntime returns them). That session runs the float model as written (graph
+    optimizations off, no arena, priority order, default threads): the same kernels on the
+    same inputs as any such session of the model with the same ReduceMean, so the same
+    means (``optcc.quant.bias_correction.FloatMeans`` takes them instead of running those
+    samples again). Nothing is taken when the statistics come from a cache or from shards,
+    or with histograms: ``taken`` then lacks the position."""
+
+    ranks: Mapping[str, int]
+    positions: Collection[int]
+    taken: dict[int, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+
+
 class _ExtremesCollector:
     """One onnxruntime session that computes each tensor's min, max and size inside the
     graph (ReduceMin/ReduceMax/Size to scalars, added per tensor). Nothing large leaves
@@ -567,8 +604,9 @@ class _ExtremesCollector:
     opset 11 fetch such tensors whole instead (one extra session)."""
 
     def __init__(self, model: ir.Model, names: Sequence[str], dtypes: Mapping[str, ir.DataType],
-                 threads: int | None) -> None:
+                 threads: int | None, means: ChannelMeans | None = None) -> None:
         self.model, self.names, self.dtypes, self.threads = model, list(names), dtypes, threads
+        self.means = means  # taken on the samples it asks for, fetched on those only
         self.finite_aware: list[str] = []  # measured over their finite values, in graph
         self.can_mask = oir.default_opset(model) >= _FINITE_AWARE_OPSET
         self.session: ort.InferenceSession | None = None
@@ -645,6 +683,17 @@ class _ExtremesCollector:
             proto.graph.output.extend(onnx.ValueInfoProto(name=m) for m in masked)
             self.masked[name] = masked  # type: ignore[assignment]
         proto.graph.initializer.extend(constants)
+        self.mean_outputs: dict[str, str] = {}  # tensor: its channel means (``ChannelMeans``)
+        if self.means is not None:
+            produced = {o for node in proto.graph.node for o in node.output}
+            opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+            prefix = oir.unique_prefix(taken, "optcc_calib_channel")
+            for i, (name, rank) in enumerate(self.means.ranks.items()):
+                if name in produced:
+                    made, (out,) = channel_mean_nodes([name], [rank], opset, f"{prefix}{i}")
+                    reductions.setdefault(name, []).extend(made)
+                    proto.graph.output.append(onnx.ValueInfoProto(name=out))
+                    self.mean_outputs[name] = out
         # each reduction right after its producer, so onnxruntime can free the tensor early
         nodes = [r for v in proto.graph.input for r in reductions.get(v.name, ())]
         for node in proto.graph.node:
@@ -659,9 +708,13 @@ class _ExtremesCollector:
         del proto, weights
         self.fetch = [o for _, *outs in self.outputs for o in outs] + [o for m in self.masked.values() for o in m]
 
-    def run(self, feeds: Feeds, stats: CalibrationStats) -> None:
+    def run(self, feeds: Feeds, stats: CalibrationStats, position: int = -1) -> None:
+        """Add sample ``position``'s min and max to ``stats`` (and its channel means, where
+        ``self.means`` asks for that position)."""
         assert self.session is not None
-        values = dict(zip(self.fetch, self.session.run(self.fetch, dict(feeds))))
+        means = self.mean_outputs if self.means is not None and position in self.means.positions else {}
+        fetch = [*self.fetch, *means.values()]
+        values = dict(zip(fetch, self.session.run(fetch, dict(feeds))))
         infinite: list[str] = []
         for name, lo_name, hi_name, _ in self.outputs:
             lo, hi = float(values[lo_name]), float(values[hi_name])
@@ -671,8 +724,11 @@ class _ExtremesCollector:
         if unmasked and self.can_mask:  # measured again, these tensors over their finite values
             self.finite_aware = [n for n in self.names if n in self.masked or n in unmasked]
             self._build()
-            self.run(feeds, stats)
+            self.run(feeds, stats, position)
             return
+        if means:
+            assert self.means is not None
+            self.means.taken[position] = {name: values[out] for name, out in means.items()}
         for name, lo_name, hi_name, size_name in self.outputs:
             lo, hi = float(values[lo_name]), float(values[hi_name])
             if lo > hi:  # empty, or only NaN
@@ -701,9 +757,11 @@ def collect_statistics(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     threads: int | None = None,
     progress: bool = False,
+    means: ChannelMeans | None = None,
 ) -> CalibrationStats:
     """Stream ``data`` (feed dicts, or an .npz path/folder) through the float model and
     return the per-tensor statistics of ``tensors`` (default: ``calibration_tensors``).
+    ``means``: channel means to take on the way (``ChannelMeans``; with ``bins=0`` only).
 
     Tensors known (declared or inferred) not to be float have no statistics and are
     not collected.
@@ -739,8 +797,8 @@ def collect_statistics(
             check_feeds(ir_model, feeds, label=f"calibration sample {i}")
             if in_graph:
                 if extremes is None:
-                    extremes = _ExtremesCollector(ir_model, in_graph, dtypes, threads)
-                extremes.run(feeds, stats)
+                    extremes = _ExtremesCollector(ir_model, in_graph, dtypes, threads, means)
+                extremes.run(feeds, stats, i)
             if names and collectors is None:
                 sizes = _estimate_sizes(ir_model, names, feeds)
                 collectors = [
@@ -865,6 +923,7 @@ def calibrate(
     progress: bool = False,
     executor: Any = None,
     shards: int | None = None,
+    means: ChannelMeans | None = None,
     **method_options: Any,
 ) -> CalibrationResult:
     """Collect statistics (or read them from ``cache_dir``) and compute ranges by ``method``.
@@ -877,6 +936,8 @@ def calibrate(
     The cache file is ``calib-<hash>.npz`` where the hash covers the model graph, the data,
     the method with its options, the bins and the tensor list. Caching needs data that can
     be read twice (a list, a tuple or a path); a one-shot iterator is not cached.
+    ``means``: channel means taken while collecting (``ChannelMeans``), where the statistics
+    are collected here, in one process.
     """
     if method not in METHODS:
         raise BadInputError(f"unknown calibration method '{method}' (use {', '.join(METHODS)})")
@@ -921,6 +982,7 @@ def calibrate(
             bins=bins,
             memory_budget_bytes=memory_budget_bytes,
             progress=progress,
+            means=means,
         )
     if cache_path is not None:
         stats.save(cache_path)

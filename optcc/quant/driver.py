@@ -18,9 +18,9 @@ import onnx
 import onnx_ir as ir
 
 from optcc import ir as oir
-from optcc.quant.bias_correction import FloatMeans, SegmentMeans, correct_biases
+from optcc.quant.bias_correction import FloatMeans, SegmentMeans, correct_biases, float_result_ranks
 from optcc.runtime.session import REFUSALS, RefusedModel, first_line
-from optcc.quant.calibration import (CalibrationData, Feeds, calibrate, calibration_positions,
+from optcc.quant.calibration import (CalibrationData, ChannelMeans, Feeds, calibrate, calibration_positions,
                                      holdout_positions, load_samples, split_at)
 from optcc.errors import BadInputError
 from optcc.infra.registry import create_pass
@@ -646,8 +646,13 @@ def quantize_int8(
     options: dict[str, Any] = dict(o.method_options)
     if o.bins is not None:
         options["bins"] = o.bins
+    # the samples bias correction measures: the first calibration ones, of every group in turn
+    calibrated = calibration_positions(len(samples), held_positions)  # ``calib``'s positions in ``samples``
+    measured_at = [calibrated.index(i) for i in _in_turn(calibrated, o.groups, o.bias_correction_samples)]
+    # the float model's channel means there, taken by calibration's runs of those samples where it can
+    taken = ChannelMeans(float_result_ranks(float_model), measured_at) if o.bias_correction else None
     calibration = calibrate(float_model, calib, o.method, cache_dir=o.cache_dir, progress=o.progress,
-                            executor=o.executor, shards=o.shards, **options)
+                            executor=o.executor, shards=o.shards, means=taken, **options)
     stats["calibration"] = {**calibration.to_dict(), "held_out_samples": len(held)}
     stats["ranges"] = {k: [float(v[0]), float(v[1])] for k, v in calibration.ranges.items()}
     lap("calibrate")
@@ -659,11 +664,10 @@ def quantize_int8(
     # the very model handed on: ``make()`` hands out a clone of it, equal to one taken when it was stored
     fully: dict[bool, tuple[ir.Model, dict[str, Any]]] = {}
     correcting = o.bias_correction  # set once by the held-out judgement below
-    # the samples bias correction measures: the first calibration ones, of every group in turn
-    measured_on = [samples[i] for i in _in_turn(calibration_positions(len(samples), held_positions), o.groups,
-                                                o.bias_correction_samples)]
+    measured_on = [calib[i] for i in measured_at]
     # the float model's channel means every corrected candidate is corrected towards, measured once
-    float_means = FloatMeans(float_model, measured_on)
+    float_means = FloatMeans(float_model, measured_on,
+                             taken=[] if taken is None else [taken.taken.get(i, {}) for i in measured_at])
     # and the segment means every candidate shares upstream of its first float layer, measured once
     segment_means = SegmentMeans()
 
