@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
 import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -18,13 +16,13 @@ import onnx
 import onnx_ir as ir
 
 from optcc import ir as oir
-from optcc.errors import (ISSUES_URL, BadInputError, CacheRecomputedWarning, PrecisionNotAppliedError,
-                          PrecisionPassFailedError, UnverifiedError, VerificationError)
+from optcc.errors import (ISSUES_URL, BadInputError, PrecisionNotAppliedError, PrecisionPassFailedError,
+                          UnverifiedError, VerificationError)
 from optcc.infra.pass_base import Numerics
 from optcc.infra.manager import PassManager, Prepared, pass_name, step_passes
 from optcc.infra.pipelines import build_pipeline
 from optcc.infra.registry import create_pass
-from optcc.infra.report import ModelSummary, Report, format_bytes, peak_rss_bytes
+from optcc.infra.report import ModelSummary, PassRecord, Report, format_bytes, peak_rss_bytes
 from optcc.ir.interface import notes_as_written
 from optcc.ir.overwrite import check_input_shapes
 from optcc.ir.zipmap import DetachedZipMaps, check_same_zipmaps, load_apart
@@ -433,17 +431,15 @@ def optimize(
             fresh = _fresh_copies(model, original)
             if overwrite_input_shapes:
                 fresh = _with_overwrite(fresh, overwrite_input_shapes, label)
-            recomputed: list[str] = []
             try:
-                with _recorded(CacheRecomputedWarning, recomputed):
-                    outcome = manager.run(working, fresh=fresh, summary=summary)
+                outcome = manager.run(working, fresh=fresh, summary=summary)
             except BadInputError as error:  # raised by a pass or the verifier: it names the model given
                 if error.path is not None or label is None:
                     raise
                 raise BadInputError(str(error), label) from None
             report.passes = outcome.records
             report.warnings.extend(outcome.warnings)
-            report.warnings.extend(CACHE_RECOMPUTED + said for said in recomputed)
+            report.warnings.extend(CACHE_RECOMPUTED + said for said in _cache_recomputed(outcome.records))
             if passes is not None:
                 report.warnings.extend(f"pass '{r.name}' changed nothing: {r.stats['reason']}" for r in outcome.records
                                        if r.status == "unchanged" and r.stats.get("reason")
@@ -519,20 +515,12 @@ def optimize(
     return result
 
 
-@contextlib.contextmanager
-def _recorded(category: type[Warning], said: list[str]) -> Iterator[None]:
-    """Inside the block, each ``category`` warning shown is shown as before and its message
-    added to ``said`` (what the user saw, for the report)."""
-    with warnings.catch_warnings():
-        show = warnings.showwarning
-
-        def shown(message: Warning | str, kind: type[Warning], *where: Any, **how: Any) -> None:
-            if issubclass(kind, category):
-                said.append(str(message))
-            show(message, kind, *where, **how)
-
-        warnings.showwarning = shown  # restored on leaving the block
-        yield
+def _cache_recomputed(records: Sequence[PassRecord]) -> list[str]:
+    """Why each calibration cache entry the passes found was recomputed, not read (the
+    warning the user saw, kept in the report)."""
+    return [calibration["cache_recomputed"] for record in records
+            for calibration in [record.stats.get("calibration")]
+            if isinstance(calibration, Mapping) and calibration.get("cache_recomputed")]
 
 
 def _verification_record(check: Verification, weight_only: str | Mapping[str, Any] | None) -> dict[str, Any]:

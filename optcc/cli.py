@@ -795,7 +795,7 @@ def short_reason(reason: str, limit: int = HEADER_REASON_CHARS) -> str:
     then ' ...'."""
     if len(reason) <= limit:
         return reason
-    plain = _without_asides(reason)
+    plain = _without_asides(reason).strip() or reason  # a reason all aside is cut as words
     if len(plain) <= limit:
         return plain
     clauses = plain.split("; ")

@@ -74,7 +74,7 @@ class OrtShapes:
     def _infer(self) -> dict[str, list[Dim]]:
         # its logger warns of sizes it does not merge ("unsupported broadcast between ..."), through
         # logging's last-resort handler onto stderr when nobody configured logging: not optcc's output
-        quiet = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+        quiet = logging.getLogger(_ORT_LOGGER)
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
@@ -132,6 +132,7 @@ def _aligned_dims(op_type: str, shapes: list[list]) -> list[list]:
 
 
 _ALONE = "optcc_ort_symbolic_shape_infer"  # the name onnxruntime's module is imported by itself under
+_ORT_LOGGER = "onnxruntime.tools.symbolic_shape_infer"  # the logger its module logs to, however imported
 
 
 def _symbolic_shape_inference() -> type:
@@ -150,6 +151,7 @@ def _symbolic_shape_inference() -> type:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    module.logger = logging.getLogger(_ORT_LOGGER)  # its logger keeps its package's name (``_infer`` quiets it)
     sys.modules[_ALONE] = module  # imported once, as any module is
     return module.SymbolicShapeInference
 

@@ -80,9 +80,10 @@ from optcc.quant import (BOUNDED_NOTE, FloatLayerSearch, dynamic_int8_errors, fe
                          probed_values)
 
 Feeds = Mapping[str, np.ndarray]
-SEARCHED_FLOAT = "left float by the search"
+SEARCHED_FLOAT = "left float by the search"  # the kept-float reason of the layers the search chose
 LEVELS_CHUNK_BYTES = 16 << 20  # float64 bytes of weight rows rounded to int8 levels at a time
-_LEVELS_KEY = "optcc.dynamic_int8_levels"  # a weight tensor's meta entry: per_channel -> its levels, scale  # the kept-float reason of the layers the search chose
+# a weight tensor's meta entry: (per_channel, read transposed) -> its levels, scale
+_LEVELS_KEY = "optcc.dynamic_int8_levels"
 
 __all__ = ["QuantizeDynamicPass", "drop_unused_weights"]
 
@@ -303,12 +304,14 @@ class QuantizeDynamicPass(optcc.Pass):
         until the call returns: a search's candidates share the float model's tensors, so
         they share these arrays too, and no candidate holds levels of its own."""
         tensor = w_value.const_value
+        transposed = any(_transposed(u.node) for u in w_value.uses())
+        key = (self.per_channel, transposed)  # values sharing a tensor may read it either way
         kept = None if tensor is None else tensor.meta.setdefault(_LEVELS_KEY, {})
-        if kept is not None and self.per_channel in kept:
-            return kept[self.per_channel]
+        if kept is not None and key in kept:
+            return kept[key]
         w = _weight_array(w_value)
         assert w is not None
-        if any(_transposed(u.node) for u in w_value.uses()):
+        if transposed:
             w = w.T  # [N, K] -> [K, N]: MatMulInteger reads the weight as [K, N]
         scale = optcc.quant.symmetric_weight_scale(w, 1 if self.per_channel else None)  # [K, N]: per column
         q = np.empty(w.shape, np.int8)
@@ -323,7 +326,7 @@ class QuantizeDynamicPass(optcc.Pass):
         for array in (q, scale):
             array.flags.writeable = False
         if kept is not None:
-            kept[self.per_channel] = (q, scale)
+            kept[key] = (q, scale)
         return q, scale
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node, cache: dict, taken: set[str]) -> None:

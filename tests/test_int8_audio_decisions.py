@@ -28,7 +28,8 @@ def _clips(count: int, seed: int) -> list[dict[str, np.ndarray]]:
     feeds = []
     for _ in range(count):
         tone = rng.uniform(0.05, 0.5, (CHUNKS, 1)) * np.sin(2 * np.pi * rng.uniform(90, 400, (CHUNKS, 1)) * t)
-        feeds.append({"audio": np.clip(tone + rng.normal(0, 0.01, (CHUNKS, SAMPLES)), -1, 1).astype(np.float32)})
+        wave = np.clip(tone + rng.normal(0, 0.01, (CHUNKS, SAMPLES)), -1, 1)
+        feeds.append({"audio": (np.round(wave * 32768) / 32768).astype(np.float32)})  # decoded 16-bit PCM
     return feeds
 
 
@@ -87,24 +88,28 @@ def test_a_probability_per_item_is_judged_by_its_decisions() -> None:
     keys = [np.exp(v) / np.exp(v).sum() for v in rng.standard_normal((3, 12))]  # one softmax row: classes
     assert tm.choose_metric(keys) == "sqnr"
     assert tm.choose_metric([np.array([[1.5], [-0.2]], np.float32)]) == "sqnr"  # not probabilities
+    # spread below 0.5: a sigmoid-bounded measurement, no decision; named so, a measurement too
+    assert tm.choose_metric([0.02 + 0.45 * p for p in per_chunk]) == "sqnr"
+    assert tm.choose_metric(per_chunk, "depth") == "sqnr"
 
 
 def test_a_float_waveform_moves_by_one_pcm_step() -> None:
     rng = np.random.default_rng(3)
-    signal = rng.uniform(-0.9, 0.9, (2, SAMPLES)).astype(np.float32)
+    signal = (rng.integers(-29491, 29491, (2, SAMPLES)) / 32768).astype(np.float32)  # 16-bit PCM read as float
     audio = signal.copy()
     audio[0, :2] = [1.0, -1.0]  # full scale: held within [-1, 1]
     column = signal[:, :, None]
     short = signal[:, :256]  # a feature vector's length, not a window of audio
-    loud = signal * 4  # not within [-1, 1]: no PCM recording read as float
-    moved, how = tm.perturb({"audio": audio, "column": column, "short": short, "loud": loud, "state": signal},
-                            not_images={"state"})
+    loud = signal * 4 + np.float32(0.1)  # not within [-1, 1] (nor whole numbers): no PCM recording read as float
+    off_grid = signal + np.float32(PCM_STEP / 3)  # within [-1, 1] but no PCM step's multiple: an embedding, say
+    moved, how = tm.perturb({"audio": audio, "column": column, "short": short, "loud": loud, "state": signal,
+                             "off_grid": off_grid}, not_images={"state"})
     for name, original in (("audio", audio), ("column", column)):
         step = np.abs(moved[name].astype(np.float64) - original.astype(np.float64))
         assert np.allclose(step[np.abs(original) < 1], PCM_STEP, rtol=1e-3) and np.all(np.abs(moved[name]) <= 1)
         assert np.all(step[np.abs(original) == 1] <= PCM_STEP * (1 + 1e-3))
         assert how[name] == "+-1/32768 (float waveform in [-1, 1]: one 16-bit PCM step)"
-    for name, original in (("short", short), ("loud", loud), ("state", signal)):
+    for name, original in (("short", short), ("loud", loud), ("state", signal), ("off_grid", off_grid)):
         assert np.array_equal(np.abs(moved[name] - original), np.spacing(np.abs(original))), name
         assert how[name] == "+-1 ulp"
 

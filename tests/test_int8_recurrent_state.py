@@ -113,6 +113,26 @@ def test_one_direction_of_a_bidirectional_rnn_is_a_recurrent_output() -> None:
     assert tm.recurrent_outputs(model) == {"forward", "first_step", "joined"}
 
 
+def test_a_long_concat_chain_of_states_is_walked_without_recursion() -> None:
+    """An unrolled loop's trace: each step's output Concat of the last and the GRU's Y, a
+    few thousand deep, and the same chain ending in an Add's values: walked once each."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array((rng.standard_normal((1, 3 * HIDDEN, n)) * 0.3).astype(np.float32), name)
+             for name, n in (("W", WIDTH), ("R", HIDDEN))]
+    nodes = [helper.make_node("GRU", ["x", "W", "R"], ["y", "yh"], hidden_size=HIDDEN),
+             helper.make_node("Add", ["y", "y"], ["noise"])]
+    for chain, first in (("states", "y"), ("values", "noise")):
+        last = first
+        for step in range(3000):
+            nodes.append(helper.make_node("Concat", [last, "y"], [f"{chain}_{step}"], axis=0))
+            last = f"{chain}_{step}"
+    graph = helper.make_graph(nodes, "unrolled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, WIDTH])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                               for n in ("states_2999", "values_2999")], inits)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert tm.recurrent_outputs(model) == {"states_2999"}
+
+
 def test_a_state_keeping_its_top_unit_is_judged_by_its_values() -> None:
     """The judge, given the graph's recurrent outputs, rejects a state within the argmax
     but far from float32's values; by values alone it reads the same state as class scores."""

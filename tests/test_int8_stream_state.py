@@ -112,6 +112,9 @@ def test_names_without_a_state_word_or_shapes_that_differ_are_no_pair():
     assert state_pairs(_io_model([("h", TP.FLOAT, lstm), ("c", TP.FLOAT, lstm)],
                                  [("hn", TP.FLOAT, lstm), ("cn", TP.FLOAT, lstm)])) == {"h": "hn", "c": "cn"}
     assert state_pairs(_io_model([("x", TP.FLOAT, lstm)], [("xn", TP.FLOAT, lstm)])) == {}  # x: no state word
+    # a conv block's channel names: only a one-letter side word is glued on
+    assert state_pairs(_io_model([("cin", TP.FLOAT, lstm), ("hin", TP.FLOAT, lstm)],
+                                 [("cout", TP.FLOAT, lstm), ("hout", TP.FLOAT, lstm)])) == {}
     # the capital only separates words: ``staten`` is one word, no state's
     assert state_pairs(_io_model([("state", TP.FLOAT, silero)], [("staten", TP.FLOAT, silero)])) == {}
     assert state_pairs(_io_model([("imageIn", TP.FLOAT, [1, 8])], [("imageN", TP.FLOAT, [1, 8])])) == {}

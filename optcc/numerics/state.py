@@ -50,13 +50,11 @@ def _key(name: str, side: frozenset[str]) -> tuple[tuple[str, ...], bool]:
 
 
 def _unglued(word: str, side: frozenset[str]) -> list[str]:
-    """``word`` as a one-letter state word and a side word when it is the one glued to the
-    other (``hn``: ``h`` and ``n``), else ``word`` alone. A longer word stays one
-    (``staten`` is no state's: a capital, ``stateN``, separates those)."""
-    for side_word in sorted(side):
-        head = word[:-len(side_word)]
-        if word.endswith(side_word) and len(head) == 1 and head in STATE_WORDS:
-            return [head, side_word]
+    """``word`` as a one-letter state word and a one-letter side word glued to it (``hn``:
+    ``h`` and ``n``), else ``word`` alone: ``cin`` and ``hout`` name channels or features,
+    and ``staten`` is no state's (a capital, ``stateN``, separates those)."""
+    if len(word) == 2 and word[0] in STATE_WORDS and word[1] in side:
+        return [word[0], word[1]]
     return [word]
 
 

@@ -43,7 +43,9 @@ speech score)             every element of any float output so
 ``[N, 1]``, or ``[N]`` of   ``threshold`` as well: one binary decision's probability per
 at most ``FEW_DECISIONS``  item (a VAD's speech per chunk, a wake word's, a verifier's
 (16), in [0, 1], not one   same-or-not); a longer ``[N]`` is a sequence of activations
-softmax row               (a beat tracker's per frame, read by a peak picker): ``sqnr``
+softmax row, on both      (a beat tracker's per frame, read by a peak picker), and values
+sides of 0.5 or near 0    on one side, spread, or named as ``REGRESSION_NAMES``, a
+or 1 almost everywhere    measurement: ``sqnr``
 ``[N, 1, H, W]`` or       ``detection-map``: pixels above ``MAP_THRESHOLD`` (0.3) form
 ``[N, H, W]`` in [0, 1],  the mask; its connected components' bounding boxes (sides of
 at most 10% of pixels     at least 3 pixels) are the detections; 1 - box F1 (IoU >= 0.5),
@@ -111,8 +113,8 @@ float, whatever their shape. Other float inputs move by one unit in the last pla
 ids, counts or flags fed as float: a model that truncates them to integers would read one
 ulp below ``k`` as ``k - 1``, a floor made of changed inputs rather than noise), and
 except a float waveform (``[batch, T]``, ``[batch, T, 1]`` or ``[batch, 1, T]``, T of at
-least ``WAVEFORM_MIN_SAMPLES``, every value within [-1, 1]: audio decoded from 16-bit PCM,
-the form every audio loader returns), which moves by one PCM step, +-1/32768, held within
+least ``WAVEFORM_MIN_SAMPLES``, every value within [-1, 1] on the 16-bit grid: audio decoded
+from 16-bit PCM, as audio loaders return it), which moves by one PCM step, +-1/32768, held within
 [-1, 1]: its recording's own resolution, which one ulp of a quiet sample is far below. A 16-bit
 integer input (``int16``/``uint16``: a signal sampled so, as 16-bit PCM audio) moves by
 one step of its dtype, +-1 LSB, held at the dtype's limits, unless it indexes a table
@@ -453,25 +455,47 @@ RECURRENT_REASON = "a recurrent op's state or hidden states, moved or picked apa
 def recurrent_outputs(model: ir.Model) -> set[str]:
     """The graph outputs that are a recurrent op's outputs (``RECURRENT_OPS``: its hidden
     states ``Y``, its last hidden state ``Y_h``, an LSTM's cell state ``Y_c``) moved only by
-    layout ops (``LAYOUT_OPS``), parts of them (``PICKING_OPS``) or Concats of them. They are measured values (an encoder's memory, bounded
-    activations), whatever their shape or values look like: no class is the largest entry
-    of a state, and a decoder reads every step of ``Y``, not their mean."""
-    return {output.name for output in model.graph.outputs if _recurrent(output)}
+    layout ops (``LAYOUT_OPS``), parts of them (``PICKING_OPS``) or Concats of them. They
+    are measured values (an encoder's memory, bounded activations), whatever their shape or
+    values look like: no class is the largest entry of a state, and a decoder reads every
+    step of ``Y``, not their mean."""
+    known: dict[ir.Value, bool] = {}
+    return {output.name for output in model.graph.outputs if _recurrent(output, known)}
 
 
-def _recurrent(value: ir.Value) -> bool:
+def _recurrent(value: ir.Value, known: dict[ir.Value, bool]) -> bool:
     """Whether ``value`` is a recurrent op's output moved by layout ops, a part of one
     picked by ``PICKING_OPS`` (one direction of a bidirectional RNN's ``Y``), or a Concat
-    of such values only (``recurrent_outputs``)."""
-    node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx"):
-        return False
-    if node.op_type in RECURRENT_OPS:
-        return True
-    if node.op_type == "Concat":
-        return bool(node.inputs) and all(v is not None and _recurrent(v) for v in node.inputs)
-    moved = node.op_type in LAYOUT_OPS or node.op_type in PICKING_OPS
-    return moved and bool(node.inputs) and node.inputs[0] is not None and _recurrent(node.inputs[0])
+    of such values only (``recurrent_outputs``). Walked without recursion, each value
+    decided once (``known``), so a long or branching Concat chain costs its size."""
+    stack = [value]
+    while stack:
+        top = stack[-1]
+        if top in known:
+            stack.pop()
+            continue
+        node = top.producer()
+        if node is None or node.domain not in ("", "ai.onnx"):
+            reads: list[ir.Value | None] | None = None
+        elif node.op_type in RECURRENT_OPS:
+            reads = []
+        elif node.op_type == "Concat":
+            reads = list(node.inputs) or None
+        elif node.op_type in LAYOUT_OPS or node.op_type in PICKING_OPS:
+            reads = list(node.inputs[:1]) or None
+        else:
+            reads = None
+        if reads is None or any(v is None for v in reads):
+            known[top] = False
+            stack.pop()
+            continue
+        pending = [v for v in reads if v not in known]
+        if pending:
+            stack.extend(pending)
+            continue
+        known[top] = all(known[v] for v in reads)
+        stack.pop()
+    return known[value]
 
 
 def _integer_like(dtype: ir.DataType | None) -> bool:
@@ -543,7 +567,7 @@ def metric_choice(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
     if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
         return "sqnr", "no float values to read a task from"
     if a.ndim == 2 and a.shape[-1] >= 2:
-        if any(token.startswith(REGRESSION_NAMES) for token in re.split(r"[^a-z0-9]+", name.lower())):
+        if _regression_named(name):
             return "sqnr", "[N, C] named as coordinates or measured values"
         if any(word in name.lower() for word in EMBEDDING_NAMES):
             return "embedding", "[N, D] named as a pooled vector"
@@ -567,7 +591,7 @@ def metric_choice(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
         if _saturated(values):
             return "detection-map", "a map in [0, 1], near 0 or 1 almost everywhere: a detector's probability map"
         return "sqnr", "a map in [0, 1] with many pixels in between: no user thresholds it into boxes"
-    if _decision_per_sample(values):
+    if _decision_per_sample(values) and not _regression_named(name):
         return "threshold", "[N, 1] or a few [N] in [0, 1]: one probability per item, decided at 0.5"
     layout = box_layout(a)
     if layout is not None:
@@ -581,7 +605,9 @@ def _decision_per_sample(values: Sequence[np.ndarray]) -> bool:
     """Whether every sample is ``[N, 1]`` or ``[N]`` with N at most ``FEW_DECISIONS``, in
     [0, 1] (``_unit_interval``), and its ``[N]`` values are not one softmax row: a binary
     decision's probability per item (a VAD's speech per chunk, a wake word's, a verifier's
-    same-or-not), which its user reads above ``DECISION`` or not. A longer ``[N]`` is a
+    same-or-not), which its user reads above ``DECISION`` or not: the items fall on both
+    sides of it, or near 0 or 1 almost everywhere (``_saturated``); values spread on one
+    side are a measurement (a sigmoid-bounded regression), judged by SQNR. A longer ``[N]`` is a
     sequence of activations (a beat or onset tracker's per frame, read by a peak picker),
     and a row that sums to 1 is one sample's class scores."""
     def decisions(v: np.ndarray) -> bool:
@@ -589,7 +615,16 @@ def _decision_per_sample(values: Sequence[np.ndarray]) -> bool:
             return 1 <= v.shape[0] <= FEW_DECISIONS and (v.shape[0] == 1 or not _softmax_rows(v))
         return v.ndim == 2 and v.shape[1] == 1 and v.size > 0
 
-    return all(decisions(v) and _unit_interval(v) for v in values)
+    if not all(decisions(v) and _unit_interval(v) for v in values):
+        return False
+    both_sides = any(float(v.max()) > DECISION for v in values) and any(float(v.min()) < DECISION for v in values)
+    return both_sides or _saturated(values)
+
+
+def _regression_named(name: str) -> bool:
+    """Whether a word of ``name`` begins with one of ``REGRESSION_NAMES``: the output is
+    coordinates or measured values, whatever its shape."""
+    return any(token.startswith(REGRESSION_NAMES) for token in re.split(r"[^a-z0-9]+", name.lower()))
 
 
 def _ctc_or_framewise(values: Sequence[np.ndarray], what: str) -> tuple[str, str]:
@@ -622,13 +657,17 @@ PCM_STEP = 1.0 / 32768.0  # one step of 16-bit PCM audio read as float in [-1, 1
 def _waveform(a: np.ndarray) -> bool:
     """Whether a float array is a waveform in [-1, 1], audio decoded from 16-bit PCM as
     float: ``[batch, T]``, ``[batch, T, 1]`` or ``[batch, 1, T]`` with ``T`` at least
-    ``WAVEFORM_MIN_SAMPLES``, every value finite within [-1, 1] and not all whole numbers."""
+    ``WAVEFORM_MIN_SAMPLES``, every value within [-1, 1] a whole number of ``PCM_STEP``
+    (so a normalized embedding of that width is none) and not all whole numbers."""
     if a.ndim not in (2, 3) or not np.issubdtype(a.dtype, np.floating):
         return False
     long_axes = [axis for axis in range(1, a.ndim) if a.shape[axis] != 1]
     if len(long_axes) != 1 or a.shape[long_axes[0]] < WAVEFORM_MIN_SAMPLES:
         return False
-    return bool(np.all(np.abs(a) <= 1.0)) and not bool(np.all(a == np.trunc(a)))
+    if not bool(np.all(np.abs(a) <= 1.0)) or bool(np.all(a == np.trunc(a))):
+        return False
+    levels = a.astype(np.float64) / PCM_STEP
+    return bool(np.all(levels == np.round(levels)))
 
 
 # integer dtypes that hold a sampled signal (16-bit PCM): moved by one step; the other

@@ -837,7 +837,7 @@ class Verifier:
                                             **base)
                     candidate_names = [o.name for o in session.get_outputs()]
                 if candidate_names != (self._names or self._output_names):
-                    reason = f"outputs {candidate_names} != original {self._names}"
+                    reason = f"outputs {candidate_names} != original {self._names or self._output_names}"
                     return Verification(status="failed", outputs=metrics, reason=reason, reference=reference, **base)
                 if session is not None and not tokens_alone:
                     try:

@@ -899,6 +899,7 @@ class CalibrationResult:
     method: str
     cache_hit: bool = False
     cache_path: str | None = None
+    cache_recomputed: str | None = None  # why the cache's entry was not read but recomputed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -907,6 +908,7 @@ class CalibrationResult:
             "tensors": len(self.ranges),
             "cache_hit": self.cache_hit,
             "cache_path": self.cache_path,
+            "cache_recomputed": self.cache_recomputed,
             "state_bytes": self.stats.nbytes(),
         }
 
@@ -946,6 +948,7 @@ def calibrate(
     ir_model = oir.load(model)
     samples = load_samples(data)
     cache_path: Path | None = None
+    recomputed: str | None = None  # why an entry found was not read
     if cache_dir is not None and isinstance(samples, (list, tuple)):
         key = hashlib.sha256(
             json.dumps(
@@ -967,7 +970,8 @@ def calibrate(
             try:
                 stats = CalibrationStats.load(cache_path)
             except BadInputError as error:  # a corrupt entry is recomputed (and rewritten) below
-                warnings.warn(f"{error}; recomputed it", CacheRecomputedWarning, stacklevel=2)
+                recomputed = f"{error}; recomputed it"
+                warnings.warn(recomputed, CacheRecomputedWarning, stacklevel=2)
             else:
                 return CalibrationResult(_ranges(ir_model, stats, method, method_options), stats, method, True,
                                          str(cache_path))
@@ -988,7 +992,7 @@ def calibrate(
         stats.save(cache_path)
     return CalibrationResult(
         _ranges(ir_model, stats, method, method_options), stats, method, False,
-        None if cache_path is None else str(cache_path),
+        None if cache_path is None else str(cache_path), recomputed,
     )
 
 

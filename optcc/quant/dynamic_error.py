@@ -70,15 +70,16 @@ def dynamic_int8_errors(weights: Mapping[str, tuple[str, np.ndarray]],
                         runs: Iterable[Mapping[str, np.ndarray]] | None) -> dict[str, float]:
     """``dynamic_int8_error`` of each layer (name -> (its input's name, its [K, N] weight))
     over ``runs`` (each run's values by name, ``optcc.quant.probe.probed_values``), or of
-    the weights alone when ``runs`` is None. The layers' inputs over every run are copied
-    out of the runs first (a decoder's prompts: a few megabytes), then each layer is
-    measured on them alone: its weight is widened and quantized once, and only one layer's
-    float64 arrays live at a time."""
+    the weights alone when ``runs`` is None. The layers' distinct inputs over every run are
+    held first (their float32 bytes summed over the runs: a decoder's hidden width times
+    every prompt token, per distinct input, e.g. ~0.4 GB for a 7B-class model's four inputs a
+    layer over 128 prompts of 8 tokens), then each layer is measured on them alone: its
+    weight is widened and quantized once, and only one layer's float64 arrays live at a time."""
     if runs is None:
         return {layer: dynamic_int8_error(w) for layer, (_, w) in weights.items()}
     names = {name for name, _ in weights.values()}
     inputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for values in runs:
         for name in names:
-            inputs[name].append(np.array(values[name]))  # a copy: the run's buffers are onnxruntime's
+            inputs[name].append(np.asarray(values[name]))  # each run's arrays are its own
     return {layer: dynamic_int8_error(w, inputs[name]) for layer, (name, w) in weights.items()}
