@@ -222,6 +222,8 @@ def optimize(
         inputs = [dict(f) for f in inputs]  # read by the FP16 pass and the verifier: consumed once here
         given = inputs if same else given
     samples = None if given is None else [dict(f) for f in given]
+    if fp16 and samples == []:
+        raise BadInputError("fp16_samples is empty: give at least one feed dict, or none at all")
     fp16_block = list(fp16_block)
     start = time.perf_counter()
     label = str(model) if isinstance(model, (str, os.PathLike)) else None

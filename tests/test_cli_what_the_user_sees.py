@@ -63,6 +63,8 @@ def test_fp16_with_int8_calibration_is_refused_and_fp16_samples_judge_the_result
         optcc.optimize(str(model), fp16=True, int8_calibration=samples)
     with pytest.raises(BadInputError, match="fp16_samples is used with fp16=True"):
         optcc.optimize(str(model), fp16_samples=samples)
+    with pytest.raises(BadInputError, match="fp16_samples is empty"):
+        optcc.optimize(str(model), fp16=True, fp16_samples=[])
     result = optcc.optimize(str(model), fp16=True, fp16_samples=samples)
     assert result.report.verification["samples"] == len(samples)  # not 3 generated inputs
     assert "16 sample(s)" in result.report.summary()
