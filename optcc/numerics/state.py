@@ -9,9 +9,10 @@ conservatively: a pair is an input and an output
   each: ``in``/``input``/``past``/``prev``/``previous``/``old`` on the input's side,
   ``out``/``output``/``present``/``next``/``new``/``n`` on the output's (``in_cache0``
   and ``out_cache0``, ``state_in`` and ``state_out``, ``h`` and ``next_h``, ``state``
-  and ``stateN``, ``h`` and ``hn``), words being the name's runs of letters and of digits, a capital
-  letter after a small one starting a word, and a one-letter state word with a side word
-  glued on (``hn``, ``cn``: an LSTM's new hidden and cell state) two words; at least one side word must be dropped, and the
+  and ``stateN``, ``h`` and ``hn``), words being the name's runs of letters and of
+  digits, a capital letter after a small one starting a word, and a one-letter state word
+  with a one-letter side word glued on (``hn``, ``cn``: an LSTM's new hidden and cell
+  state) two words; at least one side word must be dropped, and the
   words left must name a state (``STATE_WORDS``: state, cache, hidden, memory, h, c...),
   so an image-to-image model's ``input_image`` and ``output_image`` are no pair;
 - with the same floating-point dtype and rank, and dims that agree wherever both are

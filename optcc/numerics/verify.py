@@ -186,7 +186,8 @@ class Verification:
         """One line: the verdict, the reference and the worst output's numbers; ``quantized``
         names what was quantized when the tolerance's own name does not (``int4 weights``
         under the int8 tolerance)."""
-        named = f"{self.numerics} tolerance" if quantized is None else f"{quantized} under the {self.numerics} tolerance"
+        named = f"{self.numerics} tolerance" if quantized is None else \
+            f"{quantized} under the {self.numerics} tolerance"
         if self.status == "skipped":
             return f"skipped ({self.reason})"
         where = ", ".join(p.replace("ExecutionProvider", "") for p in self.providers)
@@ -775,7 +776,8 @@ class Verifier:
                     decode_steps=self._steps if self._plan is not None else None)
         if float32 is None:
             return Verification(status="skipped", outputs=[], reason=self._error, **base)
-        if not tokens_alone and self._compares_nothing:  # the user's samples say nothing here: a proof still holds on every input
+        # the user's samples say nothing here: a proof still holds on every input
+        if not tokens_alone and self._compares_nothing:
             proved = self.prove(model, numerics, serialized=serialized) if self.user_samples and prove else None
             if proved is not None:
                 return dataclasses.replace(proved, notes=[*proved.notes, self._compares_nothing])
