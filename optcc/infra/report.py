@@ -56,7 +56,7 @@ import onnx_ir as ir
 import onnxruntime
 
 from optcc import ir as oir
-from optcc.numerics.verify import task_rows_text
+from optcc.numerics.verify import named_task_rows
 
 __all__ = ["LAYER_PRECISIONS", "ModelSummary", "PassRecord", "Report", "layers_from_stats", "peak_rss_bytes"]
 
@@ -233,7 +233,7 @@ def _fallback_line(record: PassRecord) -> str:
     sqnr = initial.get("sqnr_db") if isinstance(initial.get("sqnr_db"), Mapping) else {}
     task = initial.get("task")
     if isinstance(task, Mapping):
-        said = [f"'{name}' {rows}" for name in sqnr for rows in [task_rows_text(task, name)] if rows != "no rows"]
+        said = named_task_rows(task, sqnr)
     else:
         target = _number((initial.get("target") or {}).get("min_sqnr_db"))
         said = [f"'{name}' SQNR {value:.1f} dB" + (f" < {target:g} dB target" if target is not None and value < target

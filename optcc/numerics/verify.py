@@ -126,7 +126,8 @@ from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, building_session, fi
                                    make_session, resolve_providers, run, session_options)
 from optcc.runtime.shared_weights import Serialized, content_digest, light_proto, release_memory, weighted_session
 
-__all__ = ["DEFAULT_SAMPLES", "REFERENCES", "Verification", "Verifier", "chosen_text", "task_rows_text", "verify"]
+__all__ = ["DEFAULT_SAMPLES", "REFERENCES", "Verification", "Verifier", "chosen_text", "named_task_rows", "task_rows_text",
+           "verify"]
 
 Feeds = Mapping[str, np.ndarray]
 ModelRef = Union[ir.Model, str, os.PathLike]
@@ -229,8 +230,7 @@ class Verification:
         if self.passed and self.numerics == "int8" and self.task:  # the noise floor next to the result
             judged = dict.fromkeys(_row_parts(row, self.task.get("groups") or ())[0]
                                    for row in self.task.get("metrics", {}))
-            said = {name: task_rows_text(self.task, name) for name in judged}
-            rows = [f"'{name}' {words}" for name, words in said.items() if words != "no rows"]
+            rows = named_task_rows(self.task, judged)
             if rows:
                 text += "; against float32's noise floor: " + ", ".join(rows)
         groups = (self.task or {}).get("groups")
@@ -1454,6 +1454,11 @@ def task_rows_text(verdict: Mapping[str, Any] | None, output: str) -> str:
     rows = [(part, value) for row, value in (verdict or {}).get("metrics", {}).items()
             for name, _, part in [_row_parts(row, groups)] if name == output and value.get("judged", True)]
     return ", ".join(_row_text(part, v) for part, v in rows) or "no rows"
+
+
+def named_task_rows(verdict: Mapping[str, Any] | None, outputs: Iterable[str]) -> list[str]:
+    """``'<output>' <task_rows_text>`` for each of ``outputs`` that has judged task rows."""
+    return [f"'{name}' {rows}" for name in outputs for rows in [task_rows_text(verdict, name)] if rows != "no rows"]
 
 
 def _row_text(part: str, v: Mapping[str, Any]) -> str:
