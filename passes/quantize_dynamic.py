@@ -318,11 +318,7 @@ class QuantizeDynamicPass(optcc.Pass):
         scale64 = scale.astype(np.float64)
         rows = max(1, LEVELS_CHUNK_BYTES // max(1, w.shape[1] * 8))
         for start in range(0, w.shape[0], rows):  # each element rounds alone: float64 work arrays of a chunk
-            chunk = w[start:start + rows].astype(np.float64)
-            np.divide(chunk, scale64, out=chunk)
-            np.round(chunk, out=chunk)
-            np.clip(chunk, -optcc.quant.WEIGHT_QMAX, optcc.quant.WEIGHT_QMAX, out=chunk)
-            q[start:start + rows] = chunk
+            q[start:start + rows] = optcc.quant.weight_levels(w[start:start + rows].astype(np.float64), scale64)
         for array in (q, scale):
             array.flags.writeable = False
         if kept is not None:

@@ -14,19 +14,17 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from optcc.quant.integer_range import WEIGHT_QMAX, symmetric_weight_scale
+from optcc.quant.integer_range import symmetric_weight_scale, weight_levels
 
 __all__ = ["dynamic_int8_error", "dynamic_int8_errors", "quantized_activation", "quantized_weight"]
 
 
 def quantized_weight(w: np.ndarray) -> np.ndarray:
     """``w`` ([K, N]) as its int8 levels dequantized, float64: symmetric per column within
-    ``+-WEIGHT_QMAX``. One float64 array of ``w``'s shape is made (the steps work in place)."""
+    ``+-WEIGHT_QMAX`` (``weight_levels``). One float64 array of ``w``'s shape is made (the
+    steps work in place)."""
     scale = symmetric_weight_scale(w, 1).astype(np.float64)
-    levels = w.astype(np.float64)
-    np.divide(levels, scale, out=levels)
-    np.round(levels, out=levels)
-    np.clip(levels, -WEIGHT_QMAX, WEIGHT_QMAX, out=levels)
+    levels = weight_levels(w.astype(np.float64), scale)
     return np.multiply(levels, scale, out=levels)
 
 

@@ -28,4 +28,14 @@ def symmetric_weight_scale(w: np.ndarray, axis: int | None) -> np.ndarray:
     return np.maximum(scale, MIN_WEIGHT_SCALE).astype(np.float32)
 
 
-__all__ = ["WEIGHT_QMAX", "MIN_WEIGHT_SCALE", "symmetric_weight_scale"]
+def weight_levels(w64: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``w64`` (float64, overwritten and returned) divided by ``scale`` (float64, e.g.
+    ``symmetric_weight_scale``'s widened), rounded half to even and held within
+    ``+-WEIGHT_QMAX``: a symmetric weight's int8 levels, still float64. In place, so no
+    array beside ``w64`` is made."""
+    np.divide(w64, scale, out=w64)
+    np.round(w64, out=w64)
+    return np.clip(w64, -WEIGHT_QMAX, WEIGHT_QMAX, out=w64)
+
+
+__all__ = ["WEIGHT_QMAX", "MIN_WEIGHT_SCALE", "symmetric_weight_scale", "weight_levels"]
