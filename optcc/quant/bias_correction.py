@@ -143,9 +143,10 @@ def float_result_ranks(model: ir.Model) -> dict[str, int]:
         if node.op_type not in ("Conv", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 \
                 or not node.outputs[0].name:
             continue
-        weight = oir.const_tensor(node.inputs[1]) if node.inputs[1] is not None else None
-        if node.op_type == "Gemm" or weight is not None:
-            ranks[node.outputs[0].name] = 2 if weight is None or node.op_type == "Gemm" else len(weight.shape)
+        if node.op_type == "Gemm":
+            ranks[node.outputs[0].name] = 2
+        elif node.inputs[1] is not None and (weight := oir.const_tensor(node.inputs[1])) is not None:
+            ranks[node.outputs[0].name] = len(weight.shape)  # a convolution's result has its weight's rank
     return ranks
 
 
@@ -520,7 +521,7 @@ class _Segments:
             return nodes, means, reads, end
         if k:  # the previous layer's result, its bias corrected
             made, outs = channel_mean_nodes([self.nodes[start].output[0]], [self.ranks[k - 1]], self.opset,
-                                     f"{self.prefix}_r{k}")
+                                            f"{self.prefix}_r{k}")
             nodes += made
             means += outs
         if k < len(self.positions):  # the probe: layer k as it is now
