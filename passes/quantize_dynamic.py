@@ -74,8 +74,8 @@ import numpy as np
 import onnx_ir as ir
 
 import optcc
-from optcc.passes.quantize_weights import (drop_unused_weights, embedding_reason, gather_stored_rows, quantize_gather,
-                                          rows_forgotten)
+from optcc.passes.quantize_weights import (ROWS_KEY, drop_unused_weights, embedding_reason, gather_stored_rows,
+                                          meta_forgotten, quantize_gather)
 from optcc.quant import (BOUNDED_NOTE, FloatLayerSearch, dynamic_int8_errors, fewest_float_layers, KeptCandidates,
                          probed_values)
 
@@ -111,14 +111,8 @@ class QuantizeDynamicPass(optcc.Pass):
         self.searched = searched
 
     def call(self, model: ir.Model) -> optcc.PassResult:
-        tensors = [v.const_value for graph in optcc.ir.graphs(model) if isinstance(graph, ir.Graph)
-                   for v in graph.initializers.values() if v.const_value is not None]
-        with rows_forgotten(model):
-            try:
-                return self._call(model)
-            finally:  # the tensors may be the caller's: they hold no levels past the call
-                for tensor in tensors:
-                    tensor.meta.pop(_LEVELS_KEY, None)
+        with meta_forgotten(model, ROWS_KEY, _LEVELS_KEY):  # the tensors may be the caller's
+            return self._call(model)
 
     def _call(self, model: ir.Model) -> optcc.PassResult:
         search = self._search(model) if self.gate is not None and (self.searched is None or self.searched()) \

@@ -128,7 +128,7 @@ import optcc
 import optcc.quant
 from optcc.quant import BOUNDED_NOTE, KeptCandidates, fewest_float_layers
 
-__all__ = ["QuantizeWeightsPass", "drop_unused_weights", "embedding_reason", "quantize_gather", "rows_forgotten"]
+__all__ = ["QuantizeWeightsPass", "drop_unused_weights", "embedding_reason", "quantize_gather", "meta_forgotten", "ROWS_KEY"]
 
 weight_only = optcc.quant.weight_only
 
@@ -193,7 +193,7 @@ class QuantizeWeightsPass(optcc.Pass):
     # ------------------------------------------------------------------ planning
 
     def call(self, model: ir.Model) -> optcc.PassResult:
-        with rows_forgotten(model):
+        with meta_forgotten(model, ROWS_KEY):
             return self._call(model)
 
     def _call(self, model: ir.Model) -> optcc.PassResult:
@@ -713,7 +713,7 @@ def drop_unused_weights(graph: ir.Graph, values: Iterable[ir.Value]) -> int:
 
 
 ROW_CHUNK_BYTES = 16 << 20  # float64 bytes of table rows ``row_int8`` quantizes at a time
-_ROWS_KEY = "optcc.row_int8"  # a table tensor's meta entry: its ``row_int8`` levels and scales
+ROWS_KEY = "optcc.row_int8"  # a table tensor's meta entry: its ``row_int8`` levels and scales
 
 
 def row_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -793,32 +793,34 @@ def quantize_gather(graph: ir.Graph, node: ir.Node, table: ir.Value, taken: set[
 
 def _table_rows(table: ir.Value) -> tuple[np.ndarray, np.ndarray]:
     """``row_int8`` of ``table``'s constant, made once per tensor and kept, read-only, in its
-    metadata until the pass's call returns (``rows_forgotten``): the candidates of a search
+    metadata until the pass's call returns (``meta_forgotten``): the candidates of a search
     share the float model's tensors, so each quantizes a table as the first did, with the
     same arrays."""
     tensor = optcc.ir.const_tensor(table)
     assert tensor is not None, "quantize_gather reads a constant table"
-    rows = tensor.meta.get(_ROWS_KEY)
+    rows = tensor.meta.get(ROWS_KEY)
     if rows is None:
         rows = row_int8(optcc.ir.as_numpy(table))
         for array in rows:
             array.flags.writeable = False
-        tensor.meta[_ROWS_KEY] = rows
+        tensor.meta[ROWS_KEY] = rows
     return rows
 
 
 @contextlib.contextmanager
-def rows_forgotten(model: ir.Model) -> Iterator[None]:
-    """The ``with`` block, after which no tensor of ``model``'s main-graph initializers (as
-    they were before it) keeps the rows ``_table_rows`` put in its metadata: those tensors
-    may be the caller's, which must not hold them past the pass's call."""
-    tensors = [value.const_value for value in model.graph.initializers.values()]
+def meta_forgotten(model: ir.Model, *keys: str) -> Iterator[None]:
+    """The ``with`` block, after which no tensor of ``model``'s initializers (of every graph,
+    as they were before it) keeps an entry of ``keys`` in its metadata: what a pass keeps on
+    a tensor for its call (``_table_rows``' rows, quantize-dynamic's levels), on tensors that
+    may be the caller's, which must not hold it past the call."""
+    tensors = [value.const_value for graph in optcc.ir.graphs(model) if isinstance(graph, ir.Graph)
+               for value in graph.initializers.values() if value.const_value is not None]
     try:
         yield
     finally:
         for tensor in tensors:
-            if tensor is not None:
-                tensor.meta.pop(_ROWS_KEY, None)
+            for key in keys:
+                tensor.meta.pop(key, None)
 
 
 def gather_stored_rows(graph: ir.Graph, node: ir.Node, taken: set[str]) -> bool:

@@ -216,5 +216,5 @@ def test_candidates_share_each_weights_int8_levels_which_the_pass_releases() -> 
         assert all(np.shares_memory(arrays[0], other) for other in arrays[1:]), name
         if name in shipped:
             assert np.shares_memory(arrays[0], shipped[name]), name
-    assert not any(key in tensor.meta for tensor in tensors for key in (_LEVELS_KEY, quantize_weights._ROWS_KEY))
+    assert not any(key in tensor.meta for tensor in tensors for key in (_LEVELS_KEY, quantize_weights.ROWS_KEY))
     assert _agreement(optcc.ir.serialize(result.model)) >= NEXT_TOKEN_AGREEMENT
