@@ -18,6 +18,7 @@ from onnx import TensorProto as TP
 import optcc
 from optcc.quant.driver import quantize_int8
 from optcc.quant.fallback import Target
+from calls import first_arguments
 from reference import lossy_metrics
 
 # an SQNR no 8-bit model reaches: judged by the float model's noise floor alone, both variants fail
@@ -56,14 +57,7 @@ def test_bias_correction_that_worsens_the_held_out_samples_is_dropped(monkeypatc
     from optcc.quant import driver
 
     model, samples = biased_depthwise(), data(held_sign=-1.0)
-    built: list[str] = []
-    create = driver.create_pass
-
-    def counting(name, **options):
-        built.append(name)
-        return create(name, **options)
-
-    monkeypatch.setattr(driver, "create_pass", counting)
+    built = first_arguments(monkeypatch, driver, "create_pass")
     shipped, stats = quantize_int8(model, samples, **OPTIONS)
     # the uncorrected model judged and shipped is the one built before its correction, not built again
     assert built.count("quantize-int8") == 1

@@ -17,6 +17,7 @@ from optcc.quant import cost_model, driver
 from optcc.quant.cost_model import DEFAULT_CPU_CLASS, CpuClass
 from optcc.quant.driver import quantize_int8
 from optcc.quant.fallback import Target
+from calls import first_arguments
 from reference import lossy_metrics
 
 
@@ -42,30 +43,9 @@ def samples() -> list[dict[str, np.ndarray]]:
 
 def test_float_workload_read_once_and_the_fully_quantized_model_not_copied_ahead(monkeypatch) -> None:
     model, data = conv_stack(), samples()
-    read: list[ir.Model] = []
-    features = cost_model.features
-
-    def counting_features(m, counts):
-        read.append(m)
-        return features(m, counts)
-
-    clones: list[int] = []
-    clone = ir.Model.clone
-
-    def counting_clone(self):
-        clones.append(1)
-        return clone(self)
-
-    built: list[str] = []
-    create = driver.create_pass
-
-    def counting_create(name, **options):
-        built.append(name)
-        return create(name, **options)
-
-    monkeypatch.setattr(cost_model, "features", counting_features)
-    monkeypatch.setattr(ir.Model, "clone", counting_clone)
-    monkeypatch.setattr(driver, "create_pass", counting_create)
+    read = first_arguments(monkeypatch, cost_model, "features")
+    clones = first_arguments(monkeypatch, ir.Model, "clone")
+    built = first_arguments(monkeypatch, driver, "create_pass")
     # two CPU classes modelled for every check: the default's, and this machine's (said next to it)
     monkeypatch.setattr(driver, "cpu_class", lambda choice: CpuClass(DEFAULT_CPU_CLASS, "default", "x86-avx2"))
     shipped, stats = quantize_int8(model, data, min_speedup=0.1, target=Target(min_sqnr_db=20.0), metric=None)
