@@ -619,7 +619,7 @@ def cache_parts(value: ir.Value) -> tuple[ir.Value, ir.Value] | None:
 _PAST_INPUT = {("", "Attention"): 4, (MS_DOMAIN, "MultiHeadAttention"): 6}
 
 
-def _shape_from_parts(names: optcc.ir.NewConstants, shape: ir.Node, past: ir.Value, new: ir.Value) -> None:
+def _shape_from_parts(names: optcc.ir.ModelNames, shape: ir.Node, past: ir.Value, new: ir.Value) -> None:
     """``Shape(Concat(past, new, axis=2))`` (with its start/end) as ``Shape(past) +
     Shape(new) * onehot(2)``: exact, since Concat needs every other axis equal. New values
     take names no graph of the model holds (``names``)."""
@@ -630,12 +630,12 @@ def _shape_from_parts(names: optcc.ir.NewConstants, shape: ir.Node, past: ir.Val
     out = shape.outputs[0]
     made = [ir.Node("", "Shape", [past], attrs, num_outputs=1)]
     if 2 in axes:
-        onehot = names.for_reader(shape, np.array([int(a == 2) for a in axes], np.int64), "seq_axis")
+        onehot = names.constant_for(shape, np.array([int(a == 2) for a in axes], np.int64), "seq_axis")
         made.append(ir.Node("", "Shape", [new], [ir.Attr(a.name, a.type, a.value) for a in attrs], num_outputs=1))
         made.append(ir.Node("", "Mul", [made[1].outputs[0], onehot], num_outputs=1))
         made.append(ir.Node("", "Add", [made[0].outputs[0], made[2].outputs[0]], num_outputs=1))
     for n in made:
-        n.outputs[0].name = names.value_name(f"{out.name}_{n.op_type.lower()}")
+        n.outputs[0].name = names.value(f"{out.name}_{n.op_type.lower()}")
         n.name = n.outputs[0].name
         graph.insert_before(shape, n)
     result, name = made[-1].outputs[0], out.name
@@ -653,7 +653,7 @@ def _live(node: ir.Node, memo: dict[ir.Node, bool], depth: int = 0) -> bool:
     return memo[node]
 
 
-def _fold_one(names: optcc.ir.NewConstants, graph: ir.Graph | ir.Function, node: ir.Node,
+def _fold_one(names: optcc.ir.ModelNames, graph: ir.Graph | ir.Function, node: ir.Node,
               past_at: int) -> str | None:
     """Feed ``node`` the past key/value and the new key/value, and make its present outputs
     replace the two cache Concats; None when done, else why not. A name a fold frees is
@@ -708,7 +708,7 @@ def fold_kv_cache(model: ir.Model, op: tuple[str, str]) -> dict[str, str]:
     their names). Exact: both kernels write ``Concat(past, new, axis=2)`` as present and
     attend over it. Returns per node with a cache: "folded" or why not."""
     report = {}
-    names = optcc.ir.NewConstants(model)
+    names = optcc.ir.ModelNames(model)
     for graph in optcc.ir.graphs(model):
         for node in list(graph):
             if (node.domain if node.domain != "ai.onnx" else "", node.op_type) != op:

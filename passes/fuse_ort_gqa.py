@@ -278,7 +278,7 @@ class FuseOrtGroupQueryAttentionPass(optcc.Pass):
         report: dict[str, str] = {}
         shapes = OrtShapes(model)
         lengths: dict[tuple[str, str, str], _Lengths] = {}
-        names = optcc.ir.NewConstants(model)
+        names = optcc.ir.ModelNames(model)
         modified = False
         for graph in [model.graph]:  # present outputs are the main graph's
             for node in list(graph):
@@ -306,7 +306,7 @@ _Lengths = tuple[ir.Value, ir.Value, ir.Value]  # seqlens_k, total_sequence_leng
 
 
 def _rewrite(model: ir.Model, site: _Site, lengths: dict[tuple[str, str, str], _Lengths],
-             names: optcc.ir.NewConstants) -> None:
+             names: optcc.ir.ModelNames) -> None:
     """Replace the site's MultiHeadAttention and cache Concats by one GroupQueryAttention.
     Its length inputs are shared by every site whose past length, batch and query length
     onnxruntime's shape inference names alike (``lengths``: the first such site's). New
@@ -317,14 +317,14 @@ def _rewrite(model: ir.Model, site: _Site, lengths: dict[tuple[str, str, str], _
     def op(op_type: str, *inputs: ir.Value, **attrs: object) -> ir.Value:
         n = ir.Node("", op_type, list(inputs), [ir.convenience.convert_attribute(k, a) for k, a in attrs.items()],
                     num_outputs=1)
-        n.outputs[0].name = names.value_name(f"{node.name or 'gqa'}_{op_type.lower()}")
+        n.outputs[0].name = names.value(f"{node.name or 'gqa'}_{op_type.lower()}")
         n.name = n.outputs[0].name
         graph.insert_before(node, n)
         return n.outputs[0]
 
     def merge(t: ir.Value) -> ir.Value:
         heads_last = op("Transpose", t, perm=[0, 2, 1, 3])
-        return op("Reshape", heads_last, names.for_reader(node, np.array([0, 0, -1], np.int64), "merge"))
+        return op("Reshape", heads_last, names.constant_for(node, np.array([0, 0, -1], np.int64), "merge"))
 
     query = node.inputs[0]
     shared = lengths.get(site.lengths_key) if site.lengths_key is not None else None
@@ -333,8 +333,8 @@ def _rewrite(model: ir.Model, site: _Site, lengths: dict[tuple[str, str, str], _
         total = op("Add", op("Shape", past_k, start=2, end=3), seq)
         batch = op("Shape", query, start=0, end=1)
         total32 = op("Cast", total, to=ir.DataType.INT32)
-        seqlens = op("Expand", op("Sub", total32, names.for_reader(node, np.array([1], np.int32), "one")), batch)
-        total_scalar = op("Reshape", total32, names.for_reader(node, np.array([], np.int64), "scalar"))
+        seqlens = op("Expand", op("Sub", total32, names.constant_for(node, np.array([1], np.int32), "one")), batch)
+        total_scalar = op("Reshape", total32, names.constant_for(node, np.array([], np.int64), "scalar"))
         query_seqlens = op("Expand", op("Cast", seq, to=ir.DataType.INT32), batch)
         shared = (seqlens, total_scalar, query_seqlens)
         if site.lengths_key is not None:

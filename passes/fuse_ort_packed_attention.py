@@ -269,7 +269,7 @@ class _Writer:
 
     def const(self, array: np.ndarray, before: ir.Node, base: str) -> ir.Value:
         """A main-graph initializer (a Constant node below IR version 4: ``constant_for``)."""
-        return optcc.ir.constant_for(self.model, before, array, base, self.names.values)
+        return self.names.constant_for(before, array, base)
 
     def node(self, domain: str, op: str, inputs: list[ir.Value | None], attrs: list[ir.Attr],
              before: ir.Node, base: str) -> ir.Node:

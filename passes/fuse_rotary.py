@@ -468,7 +468,7 @@ def token_layout(model: ir.Model, shapes: OrtShapes) -> int:
     writes. Exact: the op rotates each ``(b, s, h)`` row of ``head`` elements by the position
     ``ids[b, s]`` alone; the layout changes which memory holds a row, not its arithmetic (the
     same values bit for bit). Returns the number of rotary ops moved."""
-    graph, names, moved = model.graph, optcc.ir.NewConstants(model), 0
+    graph, names, moved = model.graph, optcc.ir.ModelNames(model), 0
     for node in list(graph):
         site = _token_layout_site(node, shapes)
         if site is None:
@@ -478,8 +478,8 @@ def token_layout(model: ir.Model, shapes: OrtShapes) -> int:
         attributes.append(ir.AttrInt64("num_heads", heads))
         tokens = ir.Node(MS_DOMAIN, "RotaryEmbedding", [x3, *node.inputs[1:]], attributes, name=f"{node.name}_tokens")
         split = ir.Node("", "Reshape", [tokens.outputs[0], shape], name=f"{node.name}_heads")
-        tokens.outputs[0].name = names.value_name(f"{node.outputs[0].name}_tokens")
-        split.outputs[0].name = names.value_name(f"{node.outputs[0].name}_split")
+        tokens.outputs[0].name = names.value(f"{node.outputs[0].name}_tokens")
+        split.outputs[0].name = names.value(f"{node.outputs[0].name}_split")
         graph.insert_before(node, [tokens, split])
         readers = [use.node for use in node.outputs[0].uses()]
         for reader in readers:

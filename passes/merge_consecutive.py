@@ -244,7 +244,7 @@ def _unit_moving_transpose(value: ir.Value | None) -> ir.Node | None:
     return node if kept == sorted(kept) else None
 
 
-def _reshapes(node: ir.Node, opset: int, constants: optcc.ir.NewConstants) -> str | None:
+def _reshapes(node: ir.Node, opset: int, constants: optcc.ir.ModelNames) -> str | None:
     if opset < 5:
         return None  # Reshape-1 takes its target as an attribute; not worth the cases
     first = next(filter(None, (_producer(node.inputs[0], view) for view in _VIEWS)), None)
@@ -266,13 +266,13 @@ def _reshapes(node: ir.Node, opset: int, constants: optcc.ir.NewConstants) -> st
             if resolved is None:
                 return None
             if resolved is not target:
-                node.replace_input_with(1, constants.for_reader(node, resolved, "target"))
+                node.replace_input_with(1, constants.constant_for(node, resolved, "target"))
     node.replace_input_with(0, first.inputs[0])
     remove_if_dead(first)
     return "reshape-reshape" if first.op_type == "Reshape" else "reshape-of-view"
 
 
-def _unsqueeze_of_reshape(node: ir.Node, opset: int, constants: optcc.ir.NewConstants) -> bool:
+def _unsqueeze_of_reshape(node: ir.Node, opset: int, constants: optcc.ir.ModelNames) -> bool:
     first = _producer(node.inputs[0], "Reshape") if opset >= 5 else None
     if first is None or len(first.inputs) < 2 or not _only_reader(first.outputs[0], node):
         return False
@@ -288,7 +288,7 @@ def _unsqueeze_of_reshape(node: ir.Node, opset: int, constants: optcc.ir.NewCons
         return False
     rest = iter(target.astype(np.int64).tolist())
     merged = np.array([1 if i in units else next(rest) for i in range(rank)], dtype=np.int64)
-    first.replace_input_with(1, constants.for_reader(first, merged, "target"))
+    first.replace_input_with(1, constants.constant_for(first, merged, "target"))
     y, z = first.outputs[0], node.outputs[0]
     y.shape, y.type = z.shape, z.type or y.type
     return bypass(node, z, y)  # y is an ordinary value read only here: never refused
@@ -332,7 +332,7 @@ def _moved_copy_inferred(target: np.ndarray, perm: list[int]) -> np.ndarray | No
     return resolved
 
 
-def _set_axes(node: ir.Node, axes: list[int], opset: int, constants: optcc.ir.NewConstants) -> None:
+def _set_axes(node: ir.Node, axes: list[int], opset: int, constants: optcc.ir.ModelNames) -> None:
     """Give a Squeeze/Unsqueeze ``axes`` (an attribute before opset 13, else a constant
     input)."""
     if opset < 13:
@@ -340,10 +340,10 @@ def _set_axes(node: ir.Node, axes: list[int], opset: int, constants: optcc.ir.Ne
         return
     if len(node.inputs) < 2:
         node.resize_inputs(2)
-    node.replace_input_with(1, constants.for_reader(node, np.array(axes, dtype=np.int64), "axes"))
+    node.replace_input_with(1, constants.constant_for(node, np.array(axes, dtype=np.int64), "axes"))
 
 
-def _same_kind_pair(node: ir.Node, opset: int, constants: optcc.ir.NewConstants) -> str | None:
+def _same_kind_pair(node: ir.Node, opset: int, constants: optcc.ir.ModelNames) -> str | None:
     """``squeeze-squeeze`` / ``unsqueeze-unsqueeze``."""
     first = _producer(node.inputs[0], node.op_type)
     if first is None or not _only_reader(first.outputs[0], node):
@@ -521,7 +521,7 @@ def _slice_params(node: ir.Node) -> list[list[int]] | None:
     return params if len({len(p) for p in params}) == 1 else None
 
 
-def _slices(node: ir.Node, opset: int, constants: optcc.ir.NewConstants) -> bool:
+def _slices(node: ir.Node, opset: int, constants: optcc.ir.ModelNames) -> bool:
     if opset < 10:
         return False
     first = _producer(node.inputs[0], "Slice")
@@ -538,12 +538,12 @@ def _slices(node: ir.Node, opset: int, constants: optcc.ir.NewConstants) -> bool
     node.replace_input_with(0, x)
     node.resize_inputs(5)  # steps written even where both Slices left them out (all 1)
     for i in range(4):
-        node.replace_input_with(i + 1, constants.for_reader(node, np.array(p1[i] + p2[i], dtype=np.int64), "slice"))
+        node.replace_input_with(i + 1, constants.constant_for(node, np.array(p1[i] + p2[i], dtype=np.int64), "slice"))
     remove_if_dead(first)
     return True
 
 
-def _merge(node: ir.Node, opset: int, constants: optcc.ir.NewConstants) -> str | None:
+def _merge(node: ir.Node, opset: int, constants: optcc.ir.ModelNames) -> str | None:
     """The rule that merged ``node`` with its producer, or None."""
     if node.op_type in _IDEMPOTENT:
         return "idempotent" if _idempotent(node, opset) else None
@@ -588,7 +588,7 @@ class MergeConsecutivePass(optcc.Pass):
     def call(self, model: ir.Model) -> optcc.PassResult:
         model_opset = optcc.ir.default_opset(model)
         merged: dict[str, int] = {}
-        constants = optcc.ir.NewConstants(model)
+        constants = optcc.ir.ModelNames(model)
         for graph in optcc.ir.graphs(model):
             opset = graph_opset(graph, model_opset)
             for node in list(graph):

@@ -167,7 +167,7 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
         inference: tuple[InferenceSnapshot, ShapeFindings] | None = None
         # new targets named against every value name of the model (collected when the first is
         # made): a body's never shadows an enclosing graph's
-        constants = optcc.ir.NewConstants(model)
+        constants = optcc.ir.ModelNames(model)
         for graph in optcc.ir.graphs(model):
             opset = graph_opset(graph, model_opset)
             if opset < 5:
@@ -186,7 +186,7 @@ class SimplifyReshapeTargetsPass(optcc.Pass):
                 if target is None:
                     continue
                 copies = 0 in target  # shape-copy's targets hold a 0 (never under allowzero=1), inferred-dim's none
-                node.replace_input_with(1, constants.for_reader(node, target, "target"))
+                node.replace_input_with(1, constants.constant_for(node, target, "target"))
                 rule = "shape-copy" if copies else "inferred-dim"
                 counts[rule] = counts.get(rule, 0) + 1
         if inference is not None and (not counts or inference[0].still_holds(model, *inference[1:])):

@@ -220,7 +220,7 @@ def _carried_shape(value: ir.Value, src: AxisMap, rank: int) -> ir.Shape | None:
     return ir.Shape([dims[src.index(j)] if j in src else 1 for j in range(rank)])
 
 
-def _apply(plan: _Plan, opset: int, constants: optcc.ir.NewConstants) -> None:
+def _apply(plan: _Plan, opset: int, constants: optcc.ir.ModelNames) -> None:
     current = plan.layouts[0].inputs[0]
     # the constants the chain read before (operands replaced, the layout ops' axes): dropped
     # below where nothing reads them any more
@@ -237,10 +237,10 @@ def _apply(plan: _Plan, opset: int, constants: optcc.ir.NewConstants) -> None:
             else:
                 if node.op_type == "Pad" and len(node.inputs) > 3:
                     node.resize_inputs(3)  # the carried pads name every axis of x, in order
-                    node.replace_input_with(1, constants.for_reader(node, move.array, "pads"))
+                    node.replace_input_with(1, constants.constant_for(node, move.array, "pads"))
                 elif not optcc.ir.same_operand(constant_array(node.inputs[move.operand]), move.array):
                     name = "pads" if node.op_type == "Pad" else "layout_operand"
-                    node.replace_input_with(move.operand, constants.for_reader(node, move.array, name))
+                    node.replace_input_with(move.operand, constants.constant_for(node, move.array, name))
         output = node.outputs[0]
         output.shape = _carried_shape(output, move.src, plan.rank)
         current = output
@@ -277,7 +277,7 @@ class SinkLayoutOpsPass(optcc.Pass):
     def call(self, model: ir.Model) -> optcc.PassResult:
         model_opset = optcc.ir.default_opset(model)
         removed = 0
-        constants = optcc.ir.NewConstants(model)
+        constants = optcc.ir.ModelNames(model)
         for graph in optcc.ir.graphs(model):
             opset = graph_opset(graph, model_opset)
             for node in list(graph):

@@ -106,7 +106,7 @@ class SmoothActivationsPass(optcc.Pass):
                 got = np.abs(np.asarray(outs[wanted(name)], np.float64))
                 peak = got.reshape(-1, got.shape[-1]).max(axis=0)
                 ranges[name] = peak if ranges[name] is None else np.maximum(ranges[name], peak)
-        ratios, new_names = {}, optcc.ir.NewConstants(model)
+        ratios, new_names = {}, optcc.ir.ModelNames(model)
         for (ln, readers), name in zip(sites, names):
             a = ranges[name]
             if a is None or not np.all(np.isfinite(a)):
@@ -122,11 +122,11 @@ class SmoothActivationsPass(optcc.Pass):
         return optcc.PassResult(model, bool(ratios), {"layers": len(ratios), "channel_ratio": ratios})
 
     @staticmethod
-    def _rescale(ln: ir.Node, readers: list[ir.Node], s: np.ndarray, names: optcc.ir.NewConstants) -> None:
+    def _rescale(ln: ir.Node, readers: list[ir.Node], s: np.ndarray, names: optcc.ir.ModelNames) -> None:
         y = ln.outputs[0]
         if any(use.node not in readers for use in y.uses()):  # others read y as it is: divide for the MatMuls only
-            divisor = ir.Value(name=names.value_name(f"{y.name}_smoothed"), type=y.type, shape=y.shape)
-            scale = ir.Value(name=names.value_name(f"{y.name}_smoothing"),
+            divisor = ir.Value(name=names.value(f"{y.name}_smoothed"), type=y.type, shape=y.shape)
+            scale = ir.Value(name=names.value(f"{y.name}_smoothing"),
                              const_value=ir.Tensor((1.0 / s).astype(np.float32)))
             scale.const_value.name = scale.name
             ln.graph.register_initializer(scale)

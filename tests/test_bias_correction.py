@@ -17,6 +17,7 @@ from optcc.quant.calibration import calibrate
 from optcc.passes.quantize_int8 import QuantizeInt8Pass
 from optcc.quant.fallback import count_integer_nodes, evaluate
 from optcc.quant.driver import quantize_int8
+from calls import first_arguments
 
 CONVS = ["c1", "c2", "c3"]
 
@@ -200,14 +201,7 @@ def test_segment_means_shared_by_candidates_run_only_what_changed(monkeypatch) -
     excludes = ([], ["conv3"], ["dw"], [])
     shared = [QuantizeInt8Pass(ranges, count_fused=False, exclude=e)(optcc.ir.load(model)).model for e in excludes]
     own = [QuantizeInt8Pass(ranges, count_fused=False, exclude=e)(optcc.ir.load(model)).model for e in excludes]
-    runs: list[int] = []
-    run = ort.InferenceSession.run
-
-    def counting(self, names, feeds, options=None):
-        runs.append(1)
-        return run(self, names, feeds, options)
-
-    monkeypatch.setattr(ort.InferenceSession, "run", counting)
+    runs = first_arguments(monkeypatch, ort.InferenceSession, "run")
     means, measured, counts = FloatMeans(reference, calib), SegmentMeans(), []
     for q in shared:
         before = len(runs)

@@ -20,6 +20,7 @@ from optcc.passes.deduplicate_initializers import DeduplicateInitializersPass
 from optcc.passes.eliminate_common_subexpressions import EliminateCommonSubexpressionsPass
 from exact_pass_checks import ort_outputs, run_exact_pass
 from reference import EXACT_RTOL, assert_close, expected_outputs
+from calls import first_arguments
 
 
 def _model(body: str, opset: int = 17, extra_opsets: str = "") -> ir.Model:
@@ -297,16 +298,10 @@ def test_external_data_is_read_only_for_tensors_that_could_be_equal(tmp_path, mo
     # its folder and rejects external data unless the working directory is that folder.
     model = ir.load(str(path))
     assert optcc.ir.uses_external_data(model)
-    reads: list[str] = []
-    original_numpy = ir.ExternalTensor.numpy
-
-    def counting_numpy(self):
-        reads.append(self.name)
-        return original_numpy(self)
-
-    monkeypatch.setattr(ir.ExternalTensor, "numpy", counting_numpy)
+    read = first_arguments(monkeypatch, ir.ExternalTensor, "numpy")
     result = DeduplicateInitializersPass()(model)
     monkeypatch.undo()
+    reads = [tensor.name for tensor in read]
     assert result.stats == {"initializers": 1, "bytes": w.nbytes}
     assert "unique" not in reads, "a tensor of a shape no other has is never read"
     assert reads.count("w1") <= 2 and reads.count("w2") <= 2  # hash, then confirm once

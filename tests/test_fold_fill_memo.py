@@ -13,21 +13,15 @@ import onnx_ir as ir
 
 import optcc.passes.fold_constants as fold_constants
 from optcc.passes.fold_constants import FoldConstantsPass
+from calls import first_arguments
 
 
 def _fold(text: str, monkeypatch, **options) -> tuple[onnx.ModelProto, onnx.ModelProto, int]:
     """(original, folded, fills computed)."""
     proto = onnx.parser.parse_model(text)
-    computed = []
-    real = fold_constants._GraphFolder._new_fill
-
-    def counting(self, node):
-        computed.append(node)
-        return real(self, node)
-
     model = ir.from_proto(proto)
     with monkeypatch.context() as patch:
-        patch.setattr(fold_constants._GraphFolder, "_new_fill", counting)
+        computed = first_arguments(patch, fold_constants._GraphFolder, "_new_fill")
         FoldConstantsPass(**options)(model)
     return proto, ir.to_proto(model), len(computed)
 

@@ -15,6 +15,7 @@ import optcc
 from reference import EXACT_RTOL, assert_close, lossy_metrics, onnxruntime_outputs
 from optcc.quant.fallback import Target, compare_latency
 from optcc.quant.driver import quantize_int8
+from calls import first_arguments
 
 # 16-wide random MatMuls lose ~8 dB each in INT8: the tests' target is 15 dB
 TARGET = Target(min_sqnr_db=15.0, min_argmax_agreement=0.5)
@@ -257,14 +258,7 @@ def test_a_speed_decline_corrects_no_bias(monkeypatch) -> None:
     can only add nodes): nothing is measured for a model that is not shipped."""
     import optcc.quant.driver as driver
 
-    corrections: list[int] = []
-    correct = driver.correct_biases
-
-    def counting(*args, **kwargs):
-        corrections.append(1)
-        return correct(*args, **kwargs)
-
-    monkeypatch.setattr(driver, "correct_biases", counting)
+    corrections = first_arguments(monkeypatch, driver, "correct_biases")
     model = _conv_bn()
     q, stats = quantize_int8(model, _images(10), "minmax", min_speedup=1e6)
     assert stats["declined"] == "speed" and corrections == []

@@ -14,6 +14,7 @@ import pytest
 import optcc
 from optcc.numerics import task as tm
 from optcc.quant import driver
+from calls import first_arguments
 
 VOCAB, HIDDEN, SEQ = 50, 16, 12
 
@@ -69,14 +70,7 @@ def test_moves_nothing_is_unmoved_of_a_whole_draw_and_stops_at_the_first_moved_s
     ids = _samples(5)
     pictures = [{"image": rng.uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(5)]
     roles = {"not_images": set(), "ids": {"input_ids", "attention_mask"}}
-    perturbed = []
-    perturb = tm.perturb
-
-    def counting(feeds, *args, **kwargs):
-        perturbed.append(1)
-        return perturb(feeds, *args, **kwargs)
-
-    monkeypatch.setattr(tm, "perturb", counting)
+    perturbed = first_arguments(monkeypatch, tm, "perturb")
     for draw in (1, 2, 3):
         (ids_draw,), _ = tm.perturbation_draws(ids, draw + 1, first=draw, **roles)
         (picture_draw,), _ = tm.perturbation_draws(pictures, draw + 1, first=draw)

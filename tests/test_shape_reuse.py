@@ -9,23 +9,17 @@ import onnx
 import onnx.reference
 import onnx_ir as ir
 
-import optcc
 from optcc.passes.fold_constants import FoldConstantsPass
 import optcc.passes.shape_reuse as shape_reuse
 from optcc.passes.shape_reuse import InferenceSnapshot
+from calls import first_arguments
 
 
 def _run(proto: onnx.ModelProto, monkeypatch, *, reuse: bool = True) -> tuple[onnx.ModelProto, int]:
     """fold-constants on ``proto``; returns the result and how many shape inferences ran."""
-    calls = []
-    real = shape_reuse.shape_findings  # fold-constants' inference (``shape_reuse.holding``)
-
-    def counting(model: ir.Model):
-        calls.append(1)
-        return real(model)
-
     with monkeypatch.context() as patch:
-        patch.setattr(shape_reuse, "shape_findings", counting)
+        # fold-constants' inference (``shape_reuse.holding``)
+        calls = first_arguments(patch, shape_reuse, "shape_findings")
         if not reuse:
             patch.setattr(InferenceSnapshot, "still_holds", lambda self, model, findings: False)
         model = ir.from_proto(proto)

@@ -16,19 +16,14 @@ from optcc.passes.fold_constants import FoldConstantsPass
 import optcc.passes.shape_reuse as shape_reuse
 from optcc.passes.lift_constants import LiftConstantsPass
 from optcc.passes.shape_reuse import InferenceSnapshot
+from calls import first_arguments
 
 
 def _fold(model: ir.Model, monkeypatch, *, reuse: bool = True) -> int:
     """fold-constants on ``model`` in place; returns how many shape inferences it ran."""
-    calls = []
-    real = shape_reuse.shape_findings  # fold-constants' inference (``shape_reuse.holding``)
-
-    def counting(m: ir.Model):
-        calls.append(1)
-        return real(m)
-
     with monkeypatch.context() as patch:
-        patch.setattr(shape_reuse, "shape_findings", counting)
+        # fold-constants' inference (``shape_reuse.holding``)
+        calls = first_arguments(patch, shape_reuse, "shape_findings")
         if not reuse:
             patch.setattr(InferenceSnapshot, "still_holds", lambda self, model, findings: False)
         FoldConstantsPass()(model)

@@ -17,6 +17,7 @@ from optcc.ir import const_array
 from optcc.passes.fold_constants import FoldConstantsPass
 from optcc.passes.shape_reuse import InferenceSnapshot, recall
 from optcc.passes.simplify_reshape_targets import SimplifyReshapeTargetsPass
+from calls import first_arguments
 
 # the target reads a dim of ``a`` (no declared shape: inference is asked) that is no dim
 # of ``z`` and stays unknown, so simplify-reshape-targets changes nothing; fold-constants
@@ -55,17 +56,9 @@ g (float[2,3] x, float[M,3] z) => (float[P,Q] y) {
 
 def _counted(passes, model: ir.Model, monkeypatch, *, reuse: bool) -> int:
     """Run ``passes`` on ``model`` in place; how many shape inferences they ran."""
-    calls = []
-
-    def counting(real):
-        def run(m: ir.Model):
-            calls.append(1)
-            return real(m)
-        return run
-
     with monkeypatch.context() as patch:
         # both passes infer through ``shape_reuse.holding``
-        patch.setattr(shape_reuse, "shape_findings", counting(shape_reuse.shape_findings))
+        calls = first_arguments(patch, shape_reuse, "shape_findings")
         if not reuse:
             patch.setattr(InferenceSnapshot, "still_holds", lambda self, model, findings: False)
         for pass_ in passes:

@@ -13,7 +13,7 @@ from optcc.ir.arrays import decoded, filled_view, fresh, repeated_values, share_
 from optcc.ir.collector import clone, collect_for, collector_paused
 from optcc.ir.dequantized import dequantized_array, drop_dequantization, stored_bits, stored_levels
 from optcc.ir.data_movement import reshaped, squeezed, unsqueezed
-from optcc.ir.edit import ModelNames, NewConstants, constant_before, constant_for, as_numpy, const_array, const_tensor, initializers_are_constant, is_constant, overridable_inputs, inferred_dtypes, unique_prefix, unique_value_name, value_names
+from optcc.ir.edit import ModelNames, constant_before, constant_for, as_numpy, const_array, const_tensor, initializers_are_constant, is_constant, overridable_inputs, inferred_dtypes, unique_prefix, unique_value_name, value_names
 from optcc.ir.layout_maps import LAYOUT_FREE_BINARY, LAYOUT_FREE_UNARY, AxisMap, broadcasts, carried_back, carried_pads, compose, full_pads, same_operand, squeeze_map
 from optcc.ir.legacy import upgrade_legacy_ir
 from optcc.ir.interface import FILLED_INTERFACE_KEY, interface_float_type, without_weights
@@ -69,7 +69,6 @@ __all__ = [
     "unique_prefix",
     "unique_value_name",
     "ModelNames",
-    "NewConstants",
     "constant_before",
     "constant_for",
     "value_names",

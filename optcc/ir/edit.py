@@ -100,37 +100,31 @@ def constant_for(model: ir.Model, reader: ir.Node, array: np.ndarray, base: str,
     return value
 
 
-class NewConstants:
-    """Constants for readers anywhere in one model (``constant_for``), named against every
-    value name of the model: collected when the first is made (a pass that makes none scans
-    nothing), then kept with the names made here added. Valid while the names made
-    elsewhere in the meantime are only names the model already held."""
+class ModelNames:
+    """The value and node names in use anywhere in a model, handing out fresh ones
+    (``base``, else ``base_1``, ``base_2``, ...) and constants named against them
+    (``constant_for``). Both sets are collected when first needed (a pass that names
+    nothing scans nothing), then kept with the names handed out here added; valid while
+    the names made elsewhere in the meantime are only names the model already held."""
 
     def __init__(self, model: ir.Model) -> None:
         self._model = model
-        self._taken: set[str] | None = None
+        self._values: set[str] | None = None
+        self._nodes: set[str] | None = None
 
-    def for_reader(self, reader: ir.Node, array: np.ndarray, base: str) -> ir.Value:
-        """``constant_for(model, reader, array, base)``."""
-        return constant_for(self._model, reader, array, base, self._names())
+    @property
+    def values(self) -> set[str]:
+        """The value names in use (``value_names``), this object's own included."""
+        self._collect()
+        assert self._values is not None
+        return self._values
 
-    def value_name(self, base: str) -> str:
-        """A name for a new node's output that no graph of the model holds (now taken)."""
-        return unique_value_name(None, base, self._names())
-
-    def _names(self) -> set[str]:
-        if self._taken is None:
-            self._taken = value_names(self._model)
-        return self._taken
-
-
-class ModelNames:
-    """The value and node names in use anywhere in a model (collected once), handing out
-    fresh ones: ``base``, else ``base_1``, ``base_2``, ..."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.values = value_names(model)
-        self.nodes = {node.name for node in nodes(model) if node.name}
+    @property
+    def nodes(self) -> set[str]:
+        """The node names in use, this object's own included."""
+        self._collect()
+        assert self._nodes is not None
+        return self._nodes
 
     def value(self, base: str) -> str:
         """A value name no graph of the model uses (now taken)."""
@@ -139,6 +133,15 @@ class ModelNames:
     def node(self, base: str) -> str:
         """A node name no graph of the model uses (now taken)."""
         return unique_value_name(None, base, self.nodes)
+
+    def constant_for(self, reader: ir.Node, array: np.ndarray, base: str) -> ir.Value:
+        """``constant_for(model, reader, array, base)``, its name now taken."""
+        return constant_for(self._model, reader, array, base, self.values)
+
+    def _collect(self) -> None:
+        if self._values is None:
+            self._values = value_names(self._model)
+            self._nodes = {node.name for node in nodes(self._model) if node.name}
 
 
 def initializers_are_constant(model: ir.Model) -> bool:

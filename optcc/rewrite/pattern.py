@@ -754,28 +754,6 @@ def _try_rules(
     return None
 
 
-class _LazyNames:
-    """``oir.ModelNames`` of the model, collected on the first name handed out. Names are
-    only needed once a rule rewrites, and until then the model is as it was when
-    ``apply_rules`` started, so the collected names are the same; a pass with nothing
-    to rewrite skips the scan of every graph."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self._model = model
-        self._names: oir.ModelNames | None = None
-
-    def _collected(self) -> oir.ModelNames:
-        if self._names is None:
-            self._names = oir.ModelNames(self._model)
-        return self._names
-
-    def value(self, base: str) -> str:
-        return self._collected().value(base)
-
-    def node(self, base: str) -> str:
-        return self._collected().node(base)
-
-
 def apply_rules(
     model: ir.Model, rules: Sequence[Rule], *, max_iters: int = 32
 ) -> RewriteStats:
@@ -784,7 +762,7 @@ def apply_rules(
     stats = RewriteStats()
     model_opset = oir.default_opset(model)
     legacy = oir.initializers_are_constant(model)
-    names = _LazyNames(model)
+    names = oir.ModelNames(model)  # collected on the first name a rewrite takes
     for graph in list(oir.graphs(model)):
         scope = _Scope(graph, _graph_opset(graph, model_opset), legacy)
         _rewrite_graph(scope, rules, max_iters, stats, names)
