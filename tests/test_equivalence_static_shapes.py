@@ -162,6 +162,32 @@ def test_a_piece_empty_along_another_axis_is_not_removed():
     assert _proved(original, removed) == {"z": False}
 
 
+
+def test_a_constant_piece_of_no_elements_along_the_axis_is_removed():
+    # x declares no shape: the Concat's axis is read against the constant piece's rank
+    signature = "g (float x) => (float y)"
+    body = """
+    r = Relu(x)
+    e = Constant<value = float[2, 0] {}>()
+    y = Concat<axis = 1>(r, e)
+"""
+    original, removed = _model(body, signature), _model("y = Relu(x)", signature)
+    assert _same_on(original, removed, {"x": np.arange(-3, 3, dtype=np.float32).reshape(2, 3)})
+    assert _proved(original, removed) == {"y": True}
+
+
+def test_a_concat_of_pieces_with_elements_keeps_every_piece():
+    # no piece is empty along any dim: the candidate that drops one is not proved, the same
+    # Concat written again is
+    signature = "g (float[N, 3] x, float[N, 2] w) => (float[N, 5] y)"
+    body = "y = Concat<axis = 1>(x, w)"
+    original = _model(body, signature)
+    feeds = {"x": np.ones((2, 3), np.float32), "w": np.zeros((2, 2), np.float32)}
+    assert _same_on(original, _model(body, signature), feeds)
+    assert _proved(original, _model(body, signature)) == {"y": True}
+    assert _proved(original, _model("y = Identity(x)", signature.replace("float[N, 5] y", "float[N, 3] y"))) \
+        == {"y": False}
+
 _TARGET_SIGNATURE = "g (float[N, 64] x, float[K] k) => (float[M, 32] y)"
 _TARGET = """
     zero = Constant<value = int64[1] {0}>()

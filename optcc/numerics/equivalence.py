@@ -1258,9 +1258,11 @@ class _Keys:
             if condition is not None and condition.domain in ("", "ai.onnx") and condition.op_type == "Not" \
                     and len(condition.inputs) == 1 and condition.inputs[0] is not None:
                 inputs = (self.key(condition.inputs[0]), inputs[2], inputs[1])
-        if domain == "" and op == "Concat" and len(inputs) == len(node.inputs) > 1:
+        if domain == "" and op == "Concat" and len(inputs) == len(node.inputs) > 1 \
+                and any(self._empty(v, None, 0) for v in node.inputs):
             # a piece of no elements along the Concat's axis adds none: where the Concat runs, it
-            # is that of the others (a piece empty along another axis still adds its length)
+            # is that of the others (a piece empty along another axis still adds its length);
+            # read only where some piece is empty along some axis (no rank needed otherwise)
             axis = node.attributes.get_int("axis", 0)
             rank = next((r for r in (self.rank(v) for v in node.inputs if v is not None) if r is not None), None)
             along = axis if axis < 0 else (axis - rank if rank is not None else None)
@@ -1369,24 +1371,27 @@ class _Keys:
             return key
         return same if condition({name: attr.value for name, attr in node.attributes.data.items()}) else key
 
-    def _empty(self, value: ir.Value | None, axis: int, depth: int) -> bool:
+    def _empty(self, value: ir.Value | None, axis: int | None, depth: int) -> bool:
         """Whether ``value`` has no elements along ``axis`` (negative: counted from the last
-        dim) wherever it is computed: a constant whose dim there is 0, a ConstantOfShape whose
-        shape holds a 0 there (read by ``_shape_elements``: the other dims may be dynamic),
-        or an elementwise op of such a value (one input, or two that broadcast: dims align
-        from the right, and a 0 broadcasts to 0). Only the ops' definitions are read, so a
-        dynamic dim never makes a value empty."""
+        dim; None: along some dim) wherever it is computed: a constant whose dim there is 0, a
+        ConstantOfShape whose shape holds a 0 there (read by ``_shape_elements``: the other
+        dims may be dynamic), or an elementwise op of such a value (one input, or two that
+        broadcast: dims align from the right, and a 0 broadcasts to 0). Only the ops'
+        definitions are read, so a dynamic dim never makes a value empty. Empty along an
+        axis, it is empty along some dim: None answers True wherever an axis does."""
         if value is None or depth > _ZERO_DEPTH:
             return False
         array = self._array(value)
         if array is not None:
-            return -array.ndim <= axis and array.shape[axis] == 0
+            return 0 in array.shape if axis is None else -array.ndim <= axis and array.shape[axis] == 0
         node = value.producer()
         if node is None or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1 or value.name in self.fed:
             return False
         if node.op_type == "ConstantOfShape" and len(node.inputs) == 1:
             shape = self._shape_elements(node.inputs[0])
-            return shape is not None and not shape[0] and -len(shape[1]) <= axis and shape[1][axis] == 0
+            if shape is None or shape[0]:
+                return False
+            return any(d == 0 for d in shape[1]) if axis is None else -len(shape[1]) <= axis and shape[1][axis] == 0
         if node.op_type in _SHAPE_KEEPING and len(node.inputs) == 1 \
                 or node.op_type in _BROADCASTING and len(node.inputs) == 2:
             return any(self._empty(v, axis, depth + 1) for v in node.inputs)
