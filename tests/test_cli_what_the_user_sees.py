@@ -8,7 +8,10 @@ a number is claimed.
   ``--fp16 --calibration`` does.
 - The report's ``tolerance`` of an INT8 result judged by the task holds no threshold that
   did not judge it.
-- The INT8 fallback's summary line says how far the fully quantized model was off.
+- The report's ``tolerance`` of a decoder judged by its next tokens names the outputs they
+  judged and the agreement needed; the thresholds left are those its other outputs met.
+- The INT8 fallback's summary line says how far the fully quantized model was off, an
+  SQNR row in decibels.
 - A recomputed ``--calibration-cache`` entry is in the report's warnings, said once on stderr.
 - Two different ``-O`` levels are refused; ``--weights int4``'s verify line names int4.
 - A declined precision's reason in the header is cut between clauses, never inside parentheses.
@@ -98,6 +101,28 @@ def test_int8_report_tolerance_is_what_judged_it(tmp_path: Path) -> None:
     assert row["passed"] is (row["deviation"] <= row["allowed"])
 
 
+@pytest.mark.parametrize("hidden", [False, True])
+def test_decoder_report_tolerance_is_the_next_tokens_that_judged_it(tmp_path: Path, hidden: bool) -> None:
+    from test_decode_next_token import _decoder, _prompt, _weights, _with_hidden
+
+    model, report, out = tmp_path / "decoder.onnx", tmp_path / "r.json", tmp_path / "half.onnx"
+    onnx.save(_with_hidden(_weights(), 1.0) if hidden else _decoder(_weights()), model)
+    assert cli.main([str(model), "--fp16", "-o", str(out), "--report", str(report), "-q"]) == 0
+    verification = json.loads(report.read_text())["verification"]
+    tolerance, runs = verification["tolerance"], verification["next_token"]["CPUExecutionProvider"]
+    assert tolerance["judged_by"] == "next tokens, each step fed the original's tokens"
+    assert tolerance["next_token_outputs"] == ["logits", "present_key", "present_value"]
+    assert tolerance["min_next_token_agreement"] == runs["threshold"] <= runs["agreement"]
+    # the thresholds left judged 'hidden' alone (no argmax rule: the tokens read the scores)
+    left = {k: tolerance[k] for k in ("max_rel", "min_sqnr_db", "min_cosine", "min_argmax_agreement")}
+    assert left == ({"max_rel": None, "min_sqnr_db": 40.0, "min_cosine": 0.9999, "min_argmax_agreement": None}
+                    if hidden else dict.fromkeys(left))
+    # the written model's next token after a prompt is the original's, as onnxruntime runs both
+    prompt = _prompt()
+    assert (_session(model).run(["logits"], prompt)[0][:, -1].argmax(-1)
+            == _session(out).run(["logits"], prompt)[0][:, -1].argmax(-1)).all()
+
+
 def test_int8_fallback_summary_says_the_fully_quantized_deviation(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from test_int8_decline import _chain, _rows
@@ -117,7 +142,13 @@ def test_int8_fallback_summary_says_the_fully_quantized_deviation(tmp_path: Path
               if value.get("judged", True) and value["passed"] is False]
     assert failed
     for part, value in failed:  # each row the fully quantized model failed, as the report holds it
-        assert f"{part} {value['deviation']:.3g} > {value['allowed']:.3g}" in lines[0]
+        if "sqnr_db" in value:  # in decibels, below the target and the least the floor allows
+            allowed_db = -10 * np.log10(value["allowed"])
+            assert f"{part} {value['sqnr_db'] + 0.0:.3g} dB < {value['target_db']:g} dB target and " \
+                   f"< {allowed_db:.3g} dB allowed (floor {value['floor_sqnr_db']:.3g} dB)" in lines[0], lines[0]
+            assert value["sqnr_db"] < min(value["target_db"], allowed_db) and " -0 dB" not in lines[0]
+        else:
+            assert f"{part} {value['deviation']:.3g} > {value['allowed']:.3g}" in lines[0]
     # the layers said to be float are the MatMuls that read a float weight in the written model
     written = onnx.load(out)
     weights = {init.name for init in written.graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
