@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-verify", dest="verify", action="store_false", help="skip verification")
     g.add_argument("--verify-each", action="store_true",
                    help="verify after every pass and revert any pass that breaks numerics")
-    g.add_argument("--inputs", metavar="DATA.npz", help="verification inputs: an .npz with one array per graph input, "
-                   "each with a leading sample axis")
+    g.add_argument("--inputs", metavar="DATA", help="verification inputs: an .npz with one array per graph input, "
+                   "each with a leading sample axis, or a folder of them")
     g.add_argument("--providers", help="execution providers to verify on, e.g. cpu,cuda "
                    "(default: cpu, plus cuda when available)")
     g.add_argument("--force", action="store_true", help="write the output even if verification fails (exit 1)")
@@ -245,8 +245,9 @@ def build_compare_parser() -> argparse.ArgumentParser:
                        "2 bad input; 4 onnxruntime cannot run A or B, or the samples compare nothing")
     p.add_argument("a", metavar="A", help="the reference model")
     p.add_argument("b", metavar="B", help="the model compared with it")
-    p.add_argument("--inputs", help="inputs: an .npz with one array per graph input, leading sample axis "
-                                    "(default: generated from A's inputs)")
+    p.add_argument("--inputs", metavar="DATA", help="inputs: an .npz with one array per graph input, leading "
+                                                    "sample axis, or a folder of them (default: generated from A's "
+                                                    "inputs)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
                    help="sizes for an input's dynamic dims in generated inputs (repeatable)")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,

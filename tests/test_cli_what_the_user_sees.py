@@ -17,6 +17,7 @@ a number is claimed.
 - A declined precision's reason in the header is cut between clauses, never inside parentheses.
 - A progress phase named as an earlier one says which run of it its count belongs to.
 - The default output of a model whose name has no ``.onnx`` suffix is ``NAME.opt.onnx``.
+- ``--help`` says ``--inputs`` reads a folder of ``.npz`` files too, as it does.
 """
 
 from __future__ import annotations
@@ -246,3 +247,23 @@ def test_default_output_is_beside_the_model_and_ends_in_onnx(tmp_path: Path, cap
     assert cli.main([str(model)]) == 0
     assert _files(tmp_path) == sorted([name, written])
     assert capsys.readouterr().err.splitlines()[0].endswith(f": {model} -> {tmp_path / written}")
+
+
+def test_inputs_help_says_a_folder_of_samples_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` says ``--inputs`` takes a folder as well, and a folder is read as its files'
+    samples together: the verification compares the written model with the original on each."""
+    assert cli.main(["--help"]) == 0
+    assert "or a folder of them" in " ".join(capsys.readouterr().out.split("  --inputs DATA ", 1)[1].split()[:24])
+    folder, model, report, out = tmp_path / "samples", tmp_path / "model.onnx", tmp_path / "r.json", tmp_path / "o.onnx"
+    folder.mkdir()
+    shutil.copy(EXAMPLE, model)
+    images = _images(5, seed=3)
+    np.savez(folder / "a.npz", image=images[:2])
+    np.savez(folder / "b.npz", image=images[2:])
+    assert cli.main([str(model), "--inputs", str(folder), "-o", str(out), "--report", str(report), "-q"]) == 0
+    verification = json.loads(report.read_text())["verification"]
+    assert verification["samples"] == 5 and verification["status"] == "passed"
+    original, written = _session(model), _session(out)
+    for image in images:  # what it claims on those samples, as onnxruntime runs both models
+        assert np.allclose(written.run(None, {"image": image})[0], original.run(None, {"image": image})[0],
+                           rtol=1e-4, atol=1e-5)
