@@ -118,6 +118,10 @@ def test_decoder_report_tolerance_is_the_next_tokens_that_judged_it(tmp_path: Pa
     left = {k: tolerance[k] for k in ("max_rel", "min_sqnr_db", "min_cosine", "min_argmax_agreement")}
     assert left == ({"max_rel": None, "min_sqnr_db": 40.0, "min_cosine": 0.9999, "min_argmax_agreement": None}
                     if hidden else dict.fromkeys(left))
+    # the HTML report says the same, the outputs as names
+    page = tmp_path / "r.html"
+    assert cli.main([str(model), "--fp16", "-o", str(out), "--report", str(page), "-q"]) == 0
+    assert "next_token_outputs logits, present_key, present_value; min_next_token_agreement 0.99" in page.read_text()
     # the written model's next token after a prompt is the original's, as onnxruntime runs both
     prompt = _prompt()
     assert (_session(model).run(["logits"], prompt)[0][:, -1].argmax(-1)
