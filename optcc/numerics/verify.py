@@ -1481,6 +1481,9 @@ def _row_text(part: str, v: Mapping[str, Any]) -> str:
             f"> {_num(v['allowed'])} allowed by the {floor})")
 
 
+UNMOVED_FLOOR = "float32's outputs did not move under input noise"  # why a noise floor is 0
+
+
 def _sqnr_row_text(part: str, v: Mapping[str, Any]) -> str:
     """An SQNR row in decibels, higher being better: the SQNR against the target and the
     least the floor allows (its noise ratios are what the judge compares: ``deviation <=
@@ -1490,10 +1493,10 @@ def _sqnr_row_text(part: str, v: Mapping[str, Any]) -> str:
     if v.get("floor") is None:  # passed by the SQNR target alone: no floor measured
         return f"{got} >= {target} (no floor measured: none could fail it)"
     if float(v["floor"]) == 0.0:
-        if v.get("passed") is False:
-            return f"{got} < {target} (the floor allows no noise: float32's outputs did not move under input noise)"
-        return f"{got} >= {target} (the floor allows no noise: float32's outputs did not move under input noise)"
-    allowed = f"{_decibels(-10.0 * math.log10(float(v['allowed'])))} allowed"
+        relation = "<" if v.get("passed") is False else ">="
+        return f"{got} {relation} {target} (the floor allows no noise: {UNMOVED_FLOOR})"
+    ratio = float(v["allowed"])  # > 0 here: the margin is positive and the floor is not 0
+    allowed = f"{_decibels(-10.0 * math.log10(ratio) if ratio > 0 else math.inf)} allowed"
     floor = f"floor {_decibels(v.get('floor_sqnr_db'))}"
     if v.get("passed") is False:
         return f"{got} < {target} and < {allowed} ({floor})"
