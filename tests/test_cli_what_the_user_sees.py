@@ -18,6 +18,7 @@ a number is claimed.
 - A progress phase named as an earlier one says which run of it its count belongs to.
 - The default output of a model whose name has no ``.onnx`` suffix is ``NAME.opt.onnx``.
 - ``--help`` says ``--inputs`` reads a folder of ``.npz`` files too, as it does.
+- An output file the OS refuses to replace is a bad output path (exit 2), not an internal error.
 """
 
 from __future__ import annotations
@@ -271,3 +272,31 @@ def test_inputs_help_says_a_folder_of_samples_is_read(tmp_path: Path, capsys: py
     for image in images:  # what it claims on those samples, as onnxruntime runs both models
         assert np.allclose(written.run(None, {"image": image})[0], original.run(None, {"image": image})[0],
                            rtol=1e-4, atol=1e-5)
+
+
+def test_an_output_file_that_may_not_be_replaced_is_a_bad_output_path(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder is writable but the file there may not be replaced (immutable, or another
+    user's in a sticky folder such as /tmp: the rename is refused): exit 2, one line naming
+    the file, the file and the input as they were, no temporary file left."""
+    import errno
+
+    import optcc.ir.saving as saving
+
+    model, out = tmp_path / "model.onnx", tmp_path / "theirs.onnx"
+    shutil.copy(EXAMPLE, model)
+    out.write_bytes(b"someone else's model")
+    replace = saving.os.replace
+
+    def refused(source: str, target: str) -> None:
+        if Path(target) == out:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        replace(source, target)
+
+    monkeypatch.setattr(saving.os, "replace", refused)
+    assert cli.main([str(model), "-o", str(out), "-q"]) == cli.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.splitlines() == \
+        [f"optcc: error: {out}: cannot replace the existing file (Operation not permitted)"]
+    assert out.read_bytes() == b"someone else's model" and model.read_bytes() == EXAMPLE.read_bytes()
+    assert _files(tmp_path) == ["model.onnx", "theirs.onnx"]
