@@ -29,6 +29,7 @@ from optcc.ir.zipmap import DetachedZipMaps, check_same_zipmaps, load_apart
 from optcc.ir.overwrite import overwrite_input_shapes as fix_input_shapes
 from optcc.numerics import (DEFAULT_MARGIN, TOLERANCES, Tolerance, Verification, Verifier, check_ranges,
                             check_samples_vary, input_roles, resolve_providers)
+from optcc.numerics.decode import NEXT_TOKEN_AGREEMENT
 from optcc.numerics.verify import REPARSE_MAX_BYTES
 from optcc.progress import Progress
 from optcc.quant import quantization_ops, stored_weights
@@ -529,14 +530,24 @@ def _verification_record(check: Verification, weight_only: str | Mapping[str, An
     """The report's ``verification``: ``check``'s dict and one-line summary, saying what judged
     it. An INT8 result judged by the task against float32's noise floor met no threshold of
     its tolerance's own (each task row says what it met, and its target): those are null,
-    with ``judged_by`` and the task's margin. A weight-only result is judged with the
-    tolerance named int8, every integer quantization's: the summary names its weights."""
+    with ``judged_by`` and the task's margin. A lossy decoder judged by its next tokens met
+    none for the outputs they judge: ``judged_by`` names those and the agreement needed, and
+    the thresholds left are those its other outputs met (null where it has none). A
+    weight-only result is judged with the tolerance named int8, every integer quantization's:
+    the summary names its weights."""
     quantized = None
     if weight_only and check.numerics == "int8":
         quantized = f"{weight_only} weights" if isinstance(weight_only, str) else \
             f"int{weight_only['bits']} weights" if "bits" in weight_only else "weight-only quantization"
     record = {**check.to_dict(), "summary": check.describe(quantized)}
-    if check.numerics == "int8" and check.task is not None and check.tolerance == TOLERANCES["int8"]:
+    if check.token_judged:
+        others = [o.name for o in check.outputs if o.name not in check.token_judged]
+        kept = dataclasses.replace(check.tolerance, min_argmax_agreement=None) if others else Tolerance()
+        agreement = {run["threshold"] for run in (check.next_token or {}).values()} or {NEXT_TOKEN_AGREEMENT}
+        record["tolerance"] = {**dataclasses.asdict(kept),
+                               "judged_by": "next tokens, each step fed the original's tokens",
+                               "next_token_outputs": list(check.token_judged), "min_next_token_agreement": max(agreement)}
+    elif check.numerics == "int8" and check.task is not None and check.tolerance == TOLERANCES["int8"]:
         record["tolerance"] = {**dataclasses.asdict(Tolerance()), "judged_by": "task against float32's noise floor",
                                "margin": check.task.get("margin")}
     return record

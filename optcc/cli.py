@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-verify", dest="verify", action="store_false", help="skip verification")
     g.add_argument("--verify-each", action="store_true",
                    help="verify after every pass and revert any pass that breaks numerics")
-    g.add_argument("--inputs", metavar="DATA.npz", help="verification inputs: an .npz with one array per graph input, "
-                   "each with a leading sample axis")
+    g.add_argument("--inputs", metavar="DATA", help="verification inputs: an .npz with one array per graph input, "
+                   "each with a leading sample axis, or a folder of them")
     g.add_argument("--providers", help="execution providers to verify on, e.g. cpu,cuda "
                    "(default: cpu, plus cuda when available)")
     g.add_argument("--force", action="store_true", help="write the output even if verification fails (exit 1)")
@@ -245,8 +245,9 @@ def build_compare_parser() -> argparse.ArgumentParser:
                        "2 bad input; 4 onnxruntime cannot run A or B, or the samples compare nothing")
     p.add_argument("a", metavar="A", help="the reference model")
     p.add_argument("b", metavar="B", help="the model compared with it")
-    p.add_argument("--inputs", help="inputs: an .npz with one array per graph input, leading sample axis "
-                                    "(default: generated from A's inputs)")
+    p.add_argument("--inputs", metavar="DATA", help="inputs: an .npz with one array per graph input, leading "
+                                                    "sample axis, or a folder of them (default: generated from A's "
+                                                    "inputs)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
                    help="sizes for an input's dynamic dims in generated inputs (repeatable)")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
@@ -498,18 +499,19 @@ def _check_flags(
     return metric
 
 
-def _check_not_sample_data(written: Sequence[Path | None], inputs: str | None,
+def _check_not_sample_data(written: Sequence[tuple[str, Path | None]], inputs: str | None,
                            sources: Sequence[tuple[str | None, str]]) -> None:
-    """No file written may be one the samples are read from (--inputs, --calibration: a
-    file, or the .npz files of a folder): writing it would destroy the user's data."""
+    """No file written (``written``: what it is, as the error names it, and its path) may be
+    one the samples are read from (--inputs, --calibration: a file, or the .npz files of a
+    folder): writing it would destroy the user's data."""
     given_data = [("--inputs", inputs)] if inputs else []
     given_data += [("--calibration", data) for _, data in sources]
     for flag, given in given_data:
         source = Path(given)
         read = sorted(source.glob("*.npz")) if source.is_dir() else [source] if source.is_file() else []
-        for path in (p for p in written if p is not None and p.exists()):
+        for what, path in ((w, p) for w, p in written if p is not None and p.exists()):
             if any(os.path.samefile(path, data) for data in read):
-                raise BadInputError(f"output path is a file of the {flag} data; refusing to overwrite it", path)
+                raise BadInputError(f"{what} is a file of the {flag} data; refusing to overwrite it", path)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -554,7 +556,7 @@ def _usable_report_path(args: argparse.Namespace) -> Path | None:
             _check_report_path(path, *_written_paths(args))
         # every DATA as given, and as the text after a LABEL=: the calibration flags may be what failed
         data = {part for item in args.calibration for part in (item, item.partition("=")[2]) if part}
-        _check_not_sample_data([path], args.inputs, [(None, item) for item in sorted(data)])
+        _check_not_sample_data([("report path", path)], args.inputs, [(None, item) for item in sorted(data)])
     except (BadInputError, OSError):
         return None
     return path
@@ -612,7 +614,8 @@ def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress)
         raise BadInputError("--external-data-location is the output file itself", output)
     if data_file is not None:
         oir.check_output_path(data_file, args.model, reads)
-    _check_not_sample_data([output, report_path, data_file], args.inputs, sources)
+    _check_not_sample_data([("output path", output), ("report path", report_path),
+                            ("external data file", data_file)], args.inputs, sources)
     input_shapes = _parse_shapes(args.input_shape)
     fixed_shapes = _parse_shapes(args.overwrite_input_shape, "--overwrite-input-shape")
     with _sample_axis_notes() as notes:

@@ -41,5 +41,7 @@ def test_a_file_the_samples_are_read_from_is_never_written(tmp_path: Path, capsy
     assert cli.main([str(model), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"optcc: error: {data}: ") and "refusing to overwrite" in err[0], err
+    what = "report path" if "--report" in args and args[args.index("--report") + 1] == "{data}" else "output path"
+    assert err[0].startswith(f"optcc: error: {data}: {what} is a file of the "), err  # names which file it is
     assert data.read_bytes() == before
     assert not out.exists()

@@ -8,12 +8,17 @@ a number is claimed.
   ``--fp16 --calibration`` does.
 - The report's ``tolerance`` of an INT8 result judged by the task holds no threshold that
   did not judge it.
-- The INT8 fallback's summary line says how far the fully quantized model was off.
+- The report's ``tolerance`` of a decoder judged by its next tokens names the outputs they
+  judged and the agreement needed; the thresholds left are those its other outputs met.
+- The INT8 fallback's summary line says how far the fully quantized model was off, an
+  SQNR row in decibels.
 - A recomputed ``--calibration-cache`` entry is in the report's warnings, said once on stderr.
 - Two different ``-O`` levels are refused; ``--weights int4``'s verify line names int4.
 - A declined precision's reason in the header is cut between clauses, never inside parentheses.
 - A progress phase named as an earlier one says which run of it its count belongs to.
 - The default output of a model whose name has no ``.onnx`` suffix is ``NAME.opt.onnx``.
+- ``--help`` says ``--inputs`` reads a folder of ``.npz`` files too, as it does.
+- An output file the OS refuses to replace is a bad output path (exit 2), not an internal error.
 """
 
 from __future__ import annotations
@@ -98,6 +103,32 @@ def test_int8_report_tolerance_is_what_judged_it(tmp_path: Path) -> None:
     assert row["passed"] is (row["deviation"] <= row["allowed"])
 
 
+@pytest.mark.parametrize("hidden", [False, True])
+def test_decoder_report_tolerance_is_the_next_tokens_that_judged_it(tmp_path: Path, hidden: bool) -> None:
+    from test_decode_next_token import _decoder, _prompt, _weights, _with_hidden
+
+    model, report, out = tmp_path / "decoder.onnx", tmp_path / "r.json", tmp_path / "half.onnx"
+    onnx.save(_with_hidden(_weights(), 1.0) if hidden else _decoder(_weights()), model)
+    assert cli.main([str(model), "--fp16", "-o", str(out), "--report", str(report), "-q"]) == 0
+    verification = json.loads(report.read_text())["verification"]
+    tolerance, runs = verification["tolerance"], verification["next_token"]["CPUExecutionProvider"]
+    assert tolerance["judged_by"] == "next tokens, each step fed the original's tokens"
+    assert tolerance["next_token_outputs"] == ["logits", "present_key", "present_value"]
+    assert tolerance["min_next_token_agreement"] == runs["threshold"] <= runs["agreement"]
+    # the thresholds left judged 'hidden' alone (no argmax rule: the tokens read the scores)
+    left = {k: tolerance[k] for k in ("max_rel", "min_sqnr_db", "min_cosine", "min_argmax_agreement")}
+    assert left == ({"max_rel": None, "min_sqnr_db": 40.0, "min_cosine": 0.9999, "min_argmax_agreement": None}
+                    if hidden else dict.fromkeys(left))
+    # the HTML report says the same, the outputs as names
+    page = tmp_path / "r.html"
+    assert cli.main([str(model), "--fp16", "-o", str(out), "--report", str(page), "-q"]) == 0
+    assert "next_token_outputs logits, present_key, present_value; min_next_token_agreement 0.99" in page.read_text()
+    # the written model's next token after a prompt is the original's, as onnxruntime runs both
+    prompt = _prompt()
+    assert (_session(model).run(["logits"], prompt)[0][:, -1].argmax(-1)
+            == _session(out).run(["logits"], prompt)[0][:, -1].argmax(-1)).all()
+
+
 def test_int8_fallback_summary_says_the_fully_quantized_deviation(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from test_int8_decline import _chain, _rows
@@ -117,7 +148,13 @@ def test_int8_fallback_summary_says_the_fully_quantized_deviation(tmp_path: Path
               if value.get("judged", True) and value["passed"] is False]
     assert failed
     for part, value in failed:  # each row the fully quantized model failed, as the report holds it
-        assert f"{part} {value['deviation']:.3g} > {value['allowed']:.3g}" in lines[0]
+        if "sqnr_db" in value:  # in decibels, below the target and the least the floor allows
+            allowed_db = -10 * np.log10(value["allowed"])
+            assert f"{part} {value['sqnr_db'] + 0.0:.3g} dB < {value['target_db']:g} dB target and " \
+                   f"< {allowed_db:.3g} dB allowed (floor {value['floor_sqnr_db']:.3g} dB)" in lines[0], lines[0]
+            assert value["sqnr_db"] < min(value["target_db"], allowed_db) and " -0 dB" not in lines[0]
+        else:
+            assert f"{part} {value['deviation']:.3g} > {value['allowed']:.3g}" in lines[0]
     # the layers said to be float are the MatMuls that read a float weight in the written model
     written = onnx.load(out)
     weights = {init.name for init in written.graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
@@ -215,3 +252,51 @@ def test_default_output_is_beside_the_model_and_ends_in_onnx(tmp_path: Path, cap
     assert cli.main([str(model)]) == 0
     assert _files(tmp_path) == sorted([name, written])
     assert capsys.readouterr().err.splitlines()[0].endswith(f": {model} -> {tmp_path / written}")
+
+
+def test_inputs_help_says_a_folder_of_samples_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` says ``--inputs`` takes a folder as well, and a folder is read as its files'
+    samples together: the verification compares the written model with the original on each."""
+    assert cli.main(["--help"]) == 0
+    assert "or a folder of them" in " ".join(capsys.readouterr().out.split("  --inputs DATA ", 1)[1].split()[:24])
+    folder, model, report, out = tmp_path / "samples", tmp_path / "model.onnx", tmp_path / "r.json", tmp_path / "o.onnx"
+    folder.mkdir()
+    shutil.copy(EXAMPLE, model)
+    images = _images(5, seed=3)
+    np.savez(folder / "a.npz", image=images[:2])
+    np.savez(folder / "b.npz", image=images[2:])
+    assert cli.main([str(model), "--inputs", str(folder), "-o", str(out), "--report", str(report), "-q"]) == 0
+    verification = json.loads(report.read_text())["verification"]
+    assert verification["samples"] == 5 and verification["status"] == "passed"
+    original, written = _session(model), _session(out)
+    for image in images:  # what it claims on those samples, as onnxruntime runs both models
+        assert np.allclose(written.run(None, {"image": image})[0], original.run(None, {"image": image})[0],
+                           rtol=1e-4, atol=1e-5)
+
+
+def test_an_output_file_that_may_not_be_replaced_is_a_bad_output_path(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder is writable but the file there may not be replaced (immutable, or another
+    user's in a sticky folder such as /tmp: the rename is refused): exit 2, one line naming
+    the file, the file and the input as they were, no temporary file left."""
+    import errno
+
+    import optcc.ir.saving as saving
+
+    model, out = tmp_path / "model.onnx", tmp_path / "theirs.onnx"
+    shutil.copy(EXAMPLE, model)
+    out.write_bytes(b"someone else's model")
+    replace = saving.os.replace
+
+    def refused(source: str, target: str) -> None:
+        if Path(target) == out:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        replace(source, target)
+
+    monkeypatch.setattr(saving.os, "replace", refused)
+    assert cli.main([str(model), "-o", str(out), "-q"]) == cli.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.splitlines() == \
+        [f"optcc: error: {out}: cannot replace the existing file (Operation not permitted)"]
+    assert out.read_bytes() == b"someone else's model" and model.read_bytes() == EXAMPLE.read_bytes()
+    assert _files(tmp_path) == ["model.onnx", "theirs.onnx"]

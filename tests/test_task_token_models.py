@@ -198,8 +198,27 @@ def test_each_printed_task_row_is_the_rule_that_decided_it():
     verdict = TaskJudge({"y": ref}, {"y": got}, metric="sqnr")({"y": noise})
     row = verdict["metrics"]["y:sqnr"]
     assert row["deviation"] <= row["allowed"]
-    want = f"sqnr {row['deviation']:.3g} <= {row['allowed']:.3g} (floor {row['floor']:.3g})"
+    want = f"sqnr {row['sqnr_db']:.3g} dB >= {-10 * np.log10(row['allowed']):.3g} dB allowed " \
+        f"(floor {row['floor_sqnr_db']:.3g} dB)"
     assert task_rows_text(verdict, "y") == want
+
+
+def test_an_sqnr_row_over_a_zero_floor_says_in_decibels_that_only_the_target_could_pass_it():
+    """float32's outputs unmoved by input noise: a floor of 0 allows no noise, so a row
+    below the target fails and says so in decibels, never as noise ratios against 0."""
+    rng = np.random.default_rng(1)
+    ref = [rng.normal(size=(4, 5)).astype(np.float32) for _ in range(3)]
+    far = [r + rng.normal(scale=0.5, size=r.shape).astype(np.float32) for r in ref]
+    near = [r + rng.normal(scale=0.01, size=r.shape).astype(np.float32) for r in ref]
+    failed = TaskJudge({"y": ref}, {"y": ref}, metric="sqnr")({"y": far})["metrics"]["y:sqnr"]
+    assert failed["floor"] == 0 and failed["passed"] is False
+    db = _sqnr_db(np.concatenate(ref), np.concatenate(far))
+    assert task_rows_text({"metrics": {"y:sqnr": failed}}, "y") == \
+        f"sqnr {db:.3g} dB < 25 dB target (the floor allows no noise: float32's outputs did not move under input noise)"
+    passed = TaskJudge({"y": ref}, {"y": ref}, metric="sqnr")({"y": near})["metrics"]["y:sqnr"]
+    assert passed["floor"] == 0 and passed["passed"] is True
+    assert task_rows_text({"metrics": {"y:sqnr": passed}}, "y").startswith(
+        f"sqnr {_sqnr_db(np.concatenate(ref), np.concatenate(near)):.3g} dB >= 25 dB target (the floor allows no")
 
 
 def test_a_rejected_token_model_says_which_metric_judged_it_and_why():

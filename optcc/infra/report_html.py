@@ -139,7 +139,8 @@ def _verification_section(report: Mapping[str, Any]) -> str:
     verification = report.get("verification")
     if verification is None:
         return _section("verification", "Verification", "<p>Not verified.</p>")
-    tolerance = ", ".join(f"{k} {v}" for k, v in (verification.get("tolerance") or {}).items() if v is not None)
+    tolerance = "; ".join(f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}"  # a list: the outputs judged
+                          for k, v in (verification.get("tolerance") or {}).items() if v is not None)
     reference = verification.get("reference") or "the original model on the same provider"
     facts = (f"<p>{_e(verification.get('summary') or verification.get('status', ''))}</p>"
              f"<p>numerics <b>{_e(verification.get('numerics', '-'))}</b> (tolerance: {_e(tolerance or '-')}); "

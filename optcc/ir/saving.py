@@ -148,7 +148,10 @@ def replacing(path: str | os.PathLike) -> Iterator[str]:
     tmp_name = create_temp_file(out.resolve().parent, out.name)
     try:
         yield tmp_name
-        os.replace(tmp_name, out)
+        try:
+            os.replace(tmp_name, out)
+        except PermissionError as e:  # a file there that may not be replaced (immutable; another's in a sticky folder)
+            raise BadInputError(f"cannot replace the existing file ({e.strerror or e})", out) from None
     except BaseException:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)

@@ -167,6 +167,9 @@ class Verification:
     # its own greedy tokens against the original's over the same prompts, per provider: reported,
     # never decisive (``optcc.numerics.decode.free_agreement``); absent where the check stopped early
     free_running: dict[str, dict[str, Any]] | None = None
+    # the outputs those next tokens judge (its logits and the cache fed back, in output order):
+    # any other output keeps the tolerance, without its argmax rule; () where no tokens judge
+    token_judged: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -789,6 +792,8 @@ class Verifier:
         token_judged = {self._plan.logits, *self._plan.state_outputs} if by_tokens and self._plan is not None \
             else set()
         others = dataclasses.replace(tolerance, min_argmax_agreement=None)
+        if token_judged:
+            base["token_judged"] = tuple(name for name in self._output_names if name in token_judged)
         # fp16 with its default tolerance, on the user's samples: an output failing the SQNR rule
         # may be accepted by the task (``optcc.numerics.float16``); not over a decode's steps
         # (the pass cannot share that judge), nor on generated inputs (no user's task)
@@ -1463,24 +1468,46 @@ def named_task_rows(verdict: Mapping[str, Any] | None, outputs: Iterable[str]) -
 
 def _row_text(part: str, v: Mapping[str, Any]) -> str:
     """One judged task row (``task_rows_text``) in words."""
+    if "sqnr_db" in v:
+        return _sqnr_row_text(part, v)
     items = f", {v['items']} items" if "items" in v else ""
-    if v.get("floor") is None and "sqnr_db" in v:  # passed by the SQNR target alone: no floor measured
-        return (f"{part} {_num(v['sqnr_db'])} dB >= {_num(v.get('target_db'))} dB target "
-                "(no floor measured: none could fail it)")
     within = float(v["deviation"]) <= float(v["allowed"])  # "inf" and "nan" read as floats too
     floor = f"floor {_num(v['floor'])}{items}"
     if v.get("passed") is False:
-        if "sqnr_db" in v:
-            return (f"{part} {_num(v['deviation'])} > {_num(v['allowed'])} ({floor}) and {_num(v['sqnr_db'])} dB "
-                    f"< {_num(v.get('target_db'))} dB target")
         return f"{part} {_num(v['deviation'])} > {_num(v['allowed'])} ({floor})"
     if within:
         return f"{part} {_num(v['deviation'])} <= {_num(v['allowed'])} ({floor})"
-    if "sqnr_db" in v:  # beyond the floor's allowance: the SQNR target accepted it
-        return (f"{part} {_num(v['sqnr_db'])} dB >= {_num(v.get('target_db'))} dB target ({_num(v['deviation'])} "
-                f"> {_num(v['allowed'])} allowed by the {floor})")
     return (f"{part} score {_num(v.get('score'))} >= target {_num(v.get('target'))} ({_num(v['deviation'])} "
             f"> {_num(v['allowed'])} allowed by the {floor})")
+
+
+UNMOVED_FLOOR = "float32's outputs did not move under input noise"  # why a noise floor is 0
+
+
+def _sqnr_row_text(part: str, v: Mapping[str, Any]) -> str:
+    """An SQNR row in decibels, higher being better: the SQNR against the target and the
+    least the floor allows (its noise ratios are what the judge compares: ``deviation <=
+    allowed`` is ``sqnr_db >= allowed's dB``). A floor of 0 (float32's outputs unmoved by
+    input noise) allows no noise: only the target can pass such a row."""
+    got, target = f"{part} {_decibels(v['sqnr_db'])}", f"{_num(v.get('target_db'))} dB target"
+    if v.get("floor") is None:  # passed by the SQNR target alone: no floor measured
+        return f"{got} >= {target} (no floor measured: none could fail it)"
+    if float(v["floor"]) == 0.0:
+        relation = "<" if v.get("passed") is False else ">="
+        return f"{got} {relation} {target} (the floor allows no noise: {UNMOVED_FLOOR})"
+    ratio = float(v["allowed"])  # > 0 here: the margin is positive and the floor is not 0
+    allowed = f"{_decibels(-10.0 * math.log10(ratio) if ratio > 0 else math.inf)} allowed"
+    floor = f"floor {_decibels(v.get('floor_sqnr_db'))}"
+    if v.get("passed") is False:
+        return f"{got} < {target} and < {allowed} ({floor})"
+    if float(v["deviation"]) <= float(v["allowed"]):
+        return f"{got} >= {allowed} ({floor})"
+    return f"{got} >= {target} (< {allowed} by the {floor})"
+
+
+def _decibels(value: Any) -> str:
+    """A decibel figure in words: 3 significant digits, never "-0 dB"."""
+    return f"{_num(value + 0.0 if isinstance(value, float) else value)} dB"
 
 
 def chosen_text(verdict: Mapping[str, Any] | None, output: str | None = None) -> str:
