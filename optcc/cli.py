@@ -710,16 +710,19 @@ def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress)
                 print(f"optcc: warning: {args.model}: {line}", file=sys.stderr)
     written = status == EXIT_OK or (status == EXIT_VERIFY_FAILED and args.force)
     phase.set_phase(WRITING_PHASE)
-    if written:
-        result.save(output, external_data={"auto": None, "on": True, "off": False}[args.external_data],
-                    external_data_threshold=args.external_data_threshold,
-                    external_data_location=args.external_data_location)
     if report_path is not None:
+        # the report before the model: a report file that may not be replaced stops the run
+        # with nothing written; a save failing after it has the report rewritten as that
+        # failure (``run``: ``report.written`` is set once the model is saved)
         result.report.outcome = {"exit_code": status, "output": str(output) if written else None,
                                  "declined": dict(result.declined_precision),
                                  **({"error": error_line} if error_line is not None else {})}
         _write_text_atomic(report_path, result.report.render_for(report_path, model=args.model))
-        report.written = True
+    if written:
+        result.save(output, external_data={"auto": None, "on": True, "off": False}[args.external_data],
+                    external_data_threshold=args.external_data_threshold,
+                    external_data_location=args.external_data_location)
+    report.written = report_path is not None
     if status == EXIT_OK:
         for line in _opt_in_warnings(args, result):
             print(line, file=sys.stderr)  # also with --quiet: the output is not what a clean run gives

@@ -300,3 +300,54 @@ def test_an_output_file_that_may_not_be_replaced_is_a_bad_output_path(tmp_path: 
         [f"optcc: error: {out}: cannot replace the existing file (Operation not permitted)"]
     assert out.read_bytes() == b"someone else's model" and model.read_bytes() == EXAMPLE.read_bytes()
     assert _files(tmp_path) == ["model.onnx", "theirs.onnx"]
+
+
+def test_a_report_file_that_may_not_be_replaced_stops_the_run_before_the_model_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--report`` names a file whose rename is refused: exit 2, one line naming it, and
+    neither the output nor anything else written."""
+    import errno
+
+    import optcc.ir.saving as saving
+
+    model, out, report = tmp_path / "model.onnx", tmp_path / "model.opt.onnx", tmp_path / "theirs.json"
+    shutil.copy(EXAMPLE, model)
+    report.write_text("someone else's report")
+    replace = saving.os.replace
+
+    def refused(source: str, target: str) -> None:
+        if Path(target) == report:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        replace(source, target)
+
+    monkeypatch.setattr(saving.os, "replace", refused)
+    assert cli.main([str(model), "-o", str(out), "--report", str(report), "-q"]) == cli.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.splitlines() == \
+        [f"optcc: error: {report}: cannot replace the existing file (Operation not permitted)"]
+    assert report.read_text() == "someone else's report" and model.read_bytes() == EXAMPLE.read_bytes()
+    assert _files(tmp_path) == ["model.onnx", "theirs.json"]
+
+
+def test_a_model_that_fails_to_save_leaves_a_report_of_that_failure(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report is written before the model; when the model's save fails after it, the
+    report is rewritten to say so: no output, the exit code and the line said."""
+    import errno
+
+    import optcc.ir.saving as saving
+
+    model, out, report = tmp_path / "model.onnx", tmp_path / "model.opt.onnx", tmp_path / "report.json"
+    shutil.copy(EXAMPLE, model)
+    replace = saving.os.replace
+
+    def refused(source: str, target: str) -> None:
+        if Path(target) == out:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        replace(source, target)
+
+    monkeypatch.setattr(saving.os, "replace", refused)
+    assert cli.main([str(model), "-o", str(out), "--report", str(report), "-q"]) == cli.EXIT_BAD_INPUT
+    (line,) = capsys.readouterr().err.splitlines()
+    outcome = json.loads(report.read_text())["outcome"]
+    assert outcome["output"] is None and outcome["exit_code"] == cli.EXIT_BAD_INPUT
+    assert line == f"optcc: {outcome['error']}" and not out.exists()
