@@ -38,3 +38,41 @@ def test_errors_match_a_float64_evaluation_of_the_definition() -> None:
     for layer, (name, w) in weights.items():
         expected = _reference(w, [run[name] for run in runs])
         assert expected > 0 and np.isclose(errors[layer], expected, rtol=1e-6), layer
+
+
+def _wide_layer(rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A [256, 4096] weight whose columns' scales differ (4 MiB float32) and three runs of its input."""
+    w = (rng.normal(size=(256, 4096)) * rng.uniform(0.01, 3, 4096)).astype(np.float32)
+    return w, [rng.normal(size=(1, 3, 256)).astype(np.float32) * (i + 1) for i in range(3)]
+
+
+def test_a_weight_measured_in_column_blocks_gives_the_definition(monkeypatch) -> None:
+    from optcc.quant import dynamic_error
+    monkeypatch.setattr(dynamic_error, "COLUMN_CHUNK_BYTES", 256 * 8 * 300)  # 300 columns a block: 14 blocks
+    w, runs = _wide_layer(np.random.default_rng(1))
+    for weight in (w, np.ascontiguousarray(w.T).T):  # as stored, and read transposed
+        errors = dynamic_int8_errors({"y": ("x", weight)}, [{"x": a} for a in runs])
+        assert np.isclose(errors["y"], _reference(w, runs), rtol=1e-9)
+    alone = dynamic_int8_errors({"y": ("x", w)}, None)["y"]
+    w64 = w.astype(np.float64)
+    scale = np.maximum(np.abs(w64).max(axis=0) / 64, 1e-30)
+    w_hat = np.clip(np.round(w64 / scale), -64, 64) * scale
+    assert np.isclose(alone, np.sum((w_hat - w64) ** 2) / np.sum(w64 ** 2), rtol=1e-9)
+
+
+def test_the_ranking_never_holds_a_float64_copy_of_a_whole_weight(monkeypatch) -> None:
+    """Numpy's allocations are traced: with blocks of 256 KiB of float64, the most the
+    measurement of a 4 MiB float32 weight allocates at once stays below half its float32
+    size (a float64 copy of it would be 8 MiB), with runs or without."""
+    import tracemalloc
+    from optcc.quant import dynamic_error
+    monkeypatch.setattr(dynamic_error, "COLUMN_CHUNK_BYTES", 1 << 18)
+    w, runs = _wide_layer(np.random.default_rng(2))
+    for measured in ([{"x": a} for a in runs], None):
+        tracemalloc.start()
+        try:
+            errors = dynamic_int8_errors({"y": ("x", w)}, measured)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert errors["y"] > 0 and peak < w.nbytes // 2, peak

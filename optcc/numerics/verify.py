@@ -400,6 +400,17 @@ class Verifier:
         except Exception:  # noqa: BLE001 - then a clone serves the proof
             return None
 
+    def _original_source(self, provider: str) -> Any:
+        """What the original's sessions on ``provider`` load: on the CPU, its parse where the
+        verifier holds it and its weights come to ``HANDOVER_MIN_BYTES`` or more
+        (``make_session`` hands them over in place: a session of the file would hold a copy
+        of them beside the parse, twice their size while it loads); else the original as
+        given (another provider would be handed a saved copy of the parse). Either way the
+        same graph and weights run on the same kernels (pre-packing off)."""
+        if provider == CPU and self._parsed is not None and oir.weight_bytes(self._parsed) >= HANDOVER_MIN_BYTES:
+            return self._parsed
+        return self.original
+
     @functools.cached_property
     def _plan(self) -> Any:
         return decode_plan(self._model) if self._steps > 1 else None
@@ -563,7 +574,7 @@ class Verifier:
         with Progress(REFERENCE_PHASE, len(self.providers) * len(self.feeds), enabled=self._progress) as bar:
             for provider in self.providers:
                 try:
-                    session = self._session(self.original, provider)
+                    session = self._session(self._original_source(provider), provider)
                 except Exception as e:  # noqa: BLE001 - anything onnxruntime raises
                     return first_line(e), False
                 try:
@@ -579,7 +590,7 @@ class Verifier:
         """The original's outputs with onnxruntime's basic optimizations (None: cannot run)."""
         if provider not in self._alternate:
             try:
-                session = self._session(self.original, provider, optimize=True)
+                session = self._session(self._original_source(provider), provider, optimize=True)
                 self._alternate[provider] = self._cases(session)
             except Exception:  # noqa: BLE001 - then the as-written evaluation alone counts
                 self._alternate[provider] = None
@@ -628,7 +639,7 @@ class Verifier:
                 if missing:
                     (moved,), _ = perturbation_draws(self.feeds, draw + 1, first=draw, at=missing, **shared.moving)
                     if session is None:
-                        session = self._session(self.original, provider)
+                        session = self._session(self._original_source(provider), provider)
                     with Progress(FLOOR_PHASE, len(missing), enabled=self._progress) as bar:
                         ran = self._cases(session, moved, bar.advance)
                     if self._plan is not None:  # decode steps, not samples: never kept by position
@@ -1073,7 +1084,7 @@ class Verifier:
         """The original's greedy tokens on ``provider`` from each of ``next_token_feeds``
         ([rows, steps] each), decoded once; what onnxruntime raises where it cannot."""
         if provider not in self._token_reference:
-            session = self._session(self.original, provider)
+            session = self._session(self._original_source(provider), provider)
             self._names = self._names or [o.name for o in session.get_outputs()]
             original = _feeding(session)
             self._token_reference[provider] = [greedy_tokens(original, self._names, self._plan, feeds,

@@ -18,6 +18,8 @@ from optcc.quant.integer_range import symmetric_weight_scale, weight_levels
 
 __all__ = ["dynamic_int8_error", "dynamic_int8_errors", "quantized_activation", "quantized_weight"]
 
+COLUMN_CHUNK_BYTES = 16 << 20  # float64 bytes of one weight's columns widened at a time
+
 
 def quantized_weight(w: np.ndarray) -> np.ndarray:
     """``w`` ([K, N]) as its int8 levels dequantized, float64: symmetric per column within
@@ -42,26 +44,41 @@ def quantized_activation(a: np.ndarray) -> np.ndarray:
 def dynamic_int8_error(w: np.ndarray, activations: Iterable[np.ndarray] | None = None) -> float:
     """The relative output error of dynamic INT8 for the weight ``w`` ([K, N]) over the
     layer's ``activations`` (each one run's input, ``[..., K]``), or of ``w`` alone
-    without them (module doc)."""
-    if activations is None:
-        w64 = w.astype(np.float64)
-        energy = float(np.sum(w64 * w64))
-        return float(np.sum((quantized_weight(w) - w64) ** 2)) / energy if energy > 0 else 0.0
-    w64, w_hat = w.astype(np.float64), quantized_weight(w)
+    without them (module doc). The weight is widened ``COLUMN_CHUNK_BYTES`` of float64 at
+    a time (its scales are per column, so each block of columns is quantized as in the
+    whole): no float64 copy of the whole weight is made. Every run's rows, each rounded
+    over its own run's range, are multiplied together: one product a block."""
+    rows = None if activations is None else _rows(w.shape[0], list(activations))
     error = energy = 0.0
-    for a in activations:  # summed in the runs' order
-        run_error, run_energy = _output_error(w64, w_hat, a)
-        error, energy = error + run_error, energy + run_energy
+    for columns in _column_blocks(w):
+        block = w[:, columns]
+        w64, w_hat = block.astype(np.float64), quantized_weight(block)  # scales from the float32 columns
+        if rows is None:
+            error += float(np.sum((w_hat - w64) ** 2))
+            energy += float(np.sum(w64 * w64))
+            continue
+        a64, a_hat = rows
+        y = a64 @ w64
+        error += float(np.sum((a_hat @ w_hat - y) ** 2))
+        energy += float(np.sum(y * y))
     return error / energy if energy > 0 else 0.0
 
 
-def _output_error(w64: np.ndarray, w_hat: np.ndarray, a: np.ndarray) -> tuple[float, float]:
-    """The squared error of dynamic INT8's product of one run's input ``a`` and the weight
-    (``w64``: float64; ``w_hat``: ``quantized_weight``), and the squared float64 product:
-    what ``dynamic_int8_error`` sums over runs."""
-    flat = np.asarray(a).reshape(-1, w64.shape[0])
-    y = flat.astype(np.float64) @ w64
-    return float(np.sum((quantized_activation(flat) @ w_hat - y) ** 2)), float(np.sum(y * y))
+def _rows(width: int, runs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Every run's input as rows of ``width``, stacked in the runs' order: in float64, and
+    rounded as DynamicQuantizeLinear rounds each run (``quantized_activation``)."""
+    flats = [np.asarray(a).reshape(-1, width) for a in runs]
+    empty = np.zeros((0, width))
+    a64 = np.concatenate([f.astype(np.float64) for f in flats]) if flats else empty
+    a_hat = np.concatenate([quantized_activation(f) for f in flats]) if flats else empty
+    return a64, a_hat
+
+
+def _column_blocks(w: np.ndarray) -> list[slice]:
+    """``w``'s ([K, N]) columns in consecutive blocks of at most ``COLUMN_CHUNK_BYTES`` of
+    float64 each (at least one column a block)."""
+    step = max(1, COLUMN_CHUNK_BYTES // (8 * max(w.shape[0], 1)))
+    return [slice(start, start + step) for start in range(0, w.shape[1], step)] or [slice(0, 0)]
 
 
 def dynamic_int8_errors(weights: Mapping[str, tuple[str, np.ndarray]],
@@ -72,7 +89,9 @@ def dynamic_int8_errors(weights: Mapping[str, tuple[str, np.ndarray]],
     held first (their float32 bytes summed over the runs: a decoder's hidden width times
     every prompt token, per distinct input, e.g. ~0.4 GB for a 7B-class model's four inputs a
     layer over 128 prompts of 8 tokens), then each layer is measured on them alone: its
-    weight is widened and quantized once, and only one layer's float64 arrays live at a time."""
+    input's rows widened and rounded in float64 (four times that input's float32 bytes),
+    its weight widened and quantized once, a block of columns at a time; only one layer's
+    float64 arrays live at a time."""
     if runs is None:
         return {layer: dynamic_int8_error(w) for layer, (_, w) in weights.items()}
     names = {name for name, _ in weights.values()}
