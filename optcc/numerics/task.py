@@ -10,7 +10,10 @@ output                    metric (deviation: 0 when identical)
                           float model is confident about (top-1 probability at least
                           ``CONFIDENT_GAP`` above the second); ``sqnr`` when it is
                           confident about none (coordinates or measured values, whose
-                          softmax is near uniform, ``_confident_somewhere``) and when a
+                          softmax is near uniform, ``_confident_somewhere``), when every
+                          value is positive, some above 1, within ``SCORE_SPAN`` of the
+                          smallest (scores on a scale, a MOS per aspect:
+                          ``_positive_scores``), and when a
                           word of its name begins with one of ``REGRESSION_NAMES``
                           (landmark, keypoint, bbox, coord, offset...); ``embedding``
                           (below) for a pooled vector: an output named as one
@@ -279,6 +282,7 @@ FLOOR_DRAWS = 4  # independent perturbation draws the INT8 driver measures the f
 PREFIX_DECIDED = frozenset({"sqnr", "argmax"})
 PREFIX_SLACK_DB = 1e-9  # far above log10's rounding of an SQNR, far below any SQNR that matters
 CONFIDENT_GAP = 0.1
+SCORE_SPAN = 10.0  # positive [N, C] values within this ratio of each other are scores on a scale, not classes
 MAP_THRESHOLD = 0.3
 MAP_LOW = 0.1  # a map's pixel at most this, or at least 1 - this, has decided
 DECISION = 0.5  # a probability above this decides yes (``threshold``: a VAD's speech per frame)
@@ -323,6 +327,21 @@ def _confident_somewhere(values: Sequence[np.ndarray]) -> bool:
     ``CONFIDENT_GAP`` above the second): a classifier is, on some input; coordinates or
     measured values never look so (their softmax is near uniform)."""
     return any(_confident(rows).any() for rows in _finite_rows(values))
+
+
+def _positive_scores(values: Sequence[np.ndarray]) -> bool:
+    """Whether every finite value of every sample is positive, some above 1, and the
+    largest at most ``SCORE_SPAN`` times the smallest: a row of scores on a fixed scale (a
+    speech-quality model's MOS per aspect, 1 to 5), whose values the user reads and whose
+    largest entry means nothing. A classifier's logits take both signs (softmax ignores
+    their offset, and training leaves them about 0), its log-probabilities are negative, its
+    probabilities stay within [0, 1], and exponentiated scores span orders of magnitude."""
+    rows = _finite_rows(values)
+    if not rows:
+        return False
+    low = min(float(r.min()) for r in rows)
+    high = max(float(r.max()) for r in rows)
+    return low > 0.0 and high > 1.0 and high <= SCORE_SPAN * low
 
 
 def _finite_rows(values: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -573,6 +592,8 @@ def metric_choice(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
             return "embedding", "[N, D] named as a pooled vector"
         if _unit_rows(values):
             return "embedding", "[N, D] rows of Euclidean length 1: an L2-normalized embedding"
+        if _positive_scores(values):
+            return "sqnr", "[N, C] positive values above 1 within one order of magnitude: scores on a scale, not classes"
         if _confident_somewhere(values):
             return "argmax", "[N, C] class scores, confident on some sample"
         return "sqnr", "[N, C] confident on no sample: values, not class scores"
