@@ -425,12 +425,18 @@ def optimize(
             original_parse=file_parse if handed else None,
         )
     file_parse = None
+    requested = {"fp16": fp16, "int8": quantizing, "int8-dynamic": int8_dynamic, "weights": bool(weight_only)}
+
+    def applied(records: Sequence[PassRecord], result: ir.Model) -> bool:
+        """Whether every precision requested holds in ``result``: else it is raised, not returned."""
+        return not any(_precision(result, records, requested)[0].values())
+
     # the run is one progress phase: what no inner phase covers (the passes' bookkeeping) is named too,
     # and the inner phases' log lines share its clock
     with Progress("optimizing", 1, enabled=progress, bar=False) as run_phase:
         try:
             manager = PassManager(pipeline, strict=strict, verifier=verifier, verify_each=verify_each,
-                                  progress=progress)
+                                  progress=progress, returns_float=None if allow_float_fallback else applied)
             fresh = _fresh_copies(model, original)
             if overwrite_input_shapes:
                 fresh = _with_overwrite(fresh, overwrite_input_shapes, label)
@@ -464,9 +470,7 @@ def optimize(
     report.model_after = ModelSummary.of(outcome.model, outcome.summary)  # the manager's, of its result
     report.total_time_s = round(time.perf_counter() - start, 6)
     report.peak_rss_bytes = peak_rss_bytes()
-    precision, held = _precision(outcome.model, outcome.records,
-                                 {"fp16": fp16, "int8": quantizing, "int8-dynamic": int8_dynamic,
-                                  "weights": bool(weight_only)}, generated=inputs is None)
+    precision, held = _precision(outcome.model, outcome.records, requested, generated=inputs is None)
     report.warnings.extend(held.values())
     if unfed and precision.get("int8", "") is None:
         report.warnings.append(

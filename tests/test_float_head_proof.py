@@ -1,6 +1,7 @@
 """Before an INT8 step, the float passes' result is proved equal to the original instead of
 running the user's samples on it: those run on what is written, the INT8 model, or the
-float model itself when INT8 declines. A float pass the proof cannot vouch for is checked
+float model itself when INT8 declines and the caller takes it (``allow_float_fallback``;
+without it the decline is raised, nothing is written, and the proof is its verification). A float pass the proof cannot vouch for is checked
 on the samples and reverted before INT8 starts. Every result is compared with the
 original by onnx's reference evaluator (float32 as written), never by optcc's verifier."""
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 from onnx.reference import ReferenceEvaluator
 
 import optcc
@@ -78,6 +80,19 @@ def test_a_declined_int8_runs_the_samples_on_the_float_model_it_writes(monkeypat
     assert verification["status"] == "passed" and verification["samples"] == len(data)
     assert verification["reference"] != "proof"
     assert _against_original(result, data)[0] <= 1e-4
+
+
+def test_a_declined_int8_not_taken_runs_no_sample_on_the_float_model(monkeypatch) -> None:
+    data = _images(20)
+    calls = _spy(monkeypatch)
+    with pytest.raises(optcc.PrecisionNotAppliedError) as raised:
+        optcc.optimize(str(TINYCNN), int8_calibration=data, int8_options={"min_speedup": 1000.0})
+    result = raised.value.result
+    assert "int8" in result.declined_precision
+    assert calls["prove"] == ["fusion:passed"] and calls["check"] == []  # no sample ran on the float model
+    verification = result.report.verification
+    assert verification["status"] == "passed" and verification["reference"] == "proof"
+    assert _against_original(result, data)[0] <= 1e-4  # what the proof vouched for
 
 
 def test_a_float_pass_the_proof_cannot_vouch_for_is_reverted_before_int8() -> None:

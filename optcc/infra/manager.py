@@ -152,9 +152,15 @@ class PassManager:
         verify_each: bool = False,
         check_invariants: bool = True,
         progress: Union[bool, ProgressCallback] = False,
+        returns_float: Callable[[Sequence[PassRecord], ir.Model], bool] | None = None,
         _numerics: Numerics = "exact",  # what the model given to run() already has: the loosest kept
     ) -> None:
+        """``returns_float``: whether the caller returns, as its result, a run whose lossy
+        steps changed nothing (given the run's records and model; None: it always does).
+        Where it does not (a declined precision is an error), that model is written nowhere,
+        so the user's samples do not run on it: the float steps' proof is its verification."""
         self.pipeline = list(pipeline)
+        self.returns_float = returns_float
         self.progress = progress  # each pass is a progress phase of its own (``pass NAME``)
         self._base_numerics = _numerics
         self.strict = strict
@@ -204,7 +210,8 @@ class PassManager:
 
         The float steps' result is proved equal to the original where it can be
         (``Verifier.prove``): the user's samples then run on it only if it is what is
-        written, i.e. when the later steps change nothing; where they change it, the final
+        written, i.e. when the later steps change nothing and the caller returns that model
+        (``returns_float``); where they change it, the final
         verification runs the samples on their result."""
         assert self.verifier is not None
         options = dict(strict=self.strict, verifier=self.verifier, check_invariants=self.check_invariants,
@@ -224,7 +231,8 @@ class PassManager:
             run, verification = tail._verified(run)
             return PipelineResult(run.model, head_run.records + run.records, head_run.warnings + run.warnings,
                                   run.numerics(), verification, head_run.unconverged + run.unconverged, run.summary)
-        if check.proof is not None and self.verifier.user_samples:
+        if check.proof is not None and self.verifier.user_samples and \
+                (self.returns_float is None or self.returns_float(head_run.records + run.records, run.model)):
             # the float steps' result is what is written: the user's samples run on it (the
             # later steps' result, which is it: they may have worked on it and restored it)
             head_run.model = run.model
