@@ -153,6 +153,26 @@ class _Parts:
     quantized: Callable[[int, int], Any]
     conv_weights: list[Any]
     conv_shifts: dict[int, np.ndarray]
+    # the arrays a quantized weight is written as, by (id of the weight, form): made once
+    # and shared, read-only, by every candidate of a search and the result
+    written: dict[tuple[int, str], tuple[np.ndarray | None, ...]] = dataclasses.field(default_factory=dict)
+
+    def arrays(self, bq: Any, form: str) -> tuple[np.ndarray | None, ...]:
+        """``bq`` as written: ``form`` "kn" or "nk" (DequantizeLinear's levels, scales and
+        zero points, ``[N, K]``-major for "nk"), or "nbits" (``pack_matmul_nbits``)."""
+        key = (id(bq), form)
+        if key not in self.written:
+            if form == "nbits":
+                made = weight_only.pack_matmul_nbits(bq)
+            else:
+                q, zero = bq.storage()
+                made = (q, bq.scales, zero) if form == "kn" else (q.T, bq.scales.T, None if zero is None else zero.T)
+                made = tuple(None if a is None else np.ascontiguousarray(a) for a in made)
+            for array in made:
+                if array is not None:
+                    array.flags.writeable = False
+            self.written[key] = made
+        return self.written[key]
 
 
 class QuantizeWeightsPass(optcc.Pass):
@@ -284,9 +304,9 @@ class QuantizeWeightsPass(optcc.Pass):
             bq = parts.quantized(index, bits)
             replaced.append(w_value)
             if portable:
-                self._emit_dequantize(graph, node, w_value, bq, taken, emitted)
+                self._emit_dequantize(graph, node, w_value, bq, taken, emitted, parts)
             else:
-                self._emit_matmul_nbits(model, node, bq, taken, emitted)
+                self._emit_matmul_nbits(model, node, bq, taken, emitted, parts)
             label = f"{node.op_type} int{bits}"
             stats["quantized"][label] = stats["quantized"].get(label, 0) + 1
             scale_type = "float16" if bq.scales.dtype == np.float16 else "float32"
@@ -533,21 +553,17 @@ class QuantizeWeightsPass(optcc.Pass):
     # ------------------------------------------------------------------ emission
 
     def _emit_dequantize(self, graph: ir.Graph, node: ir.Node, w_value: ir.Value, bq: Any, taken: set[str],
-                         emitted: dict[int, Any]) -> None:
+                         emitted: dict[int, Any], parts: _Parts) -> None:
         if id(bq) in emitted:  # nodes sharing a weight share its dequantization
             node.replace_input_with(1, emitted[id(bq)])
             return
         transposed = _transposed(node)
-        q, zero = bq.storage()
-        scales = bq.scales
-        if transposed:  # B is [N, K]: store it so, blocks along axis 1
-            q, scales = q.T, scales.T
-            zero = None if zero is None else zero.T
+        q, scales, zero = parts.arrays(bq, "nk" if transposed else "kn")  # "nk": B is [N, K], blocks along axis 1
         base = w_value.name or "weight"
-        inputs = [_initializer(graph, _name(taken, f"{base}_q{bq.bits}"), np.ascontiguousarray(q)),
-                  _initializer(graph, _name(taken, f"{base}_scale"), np.ascontiguousarray(scales))]
+        inputs = [_initializer(graph, _name(taken, f"{base}_q{bq.bits}"), q),
+                  _initializer(graph, _name(taken, f"{base}_scale"), scales)]
         if zero is not None:
-            inputs.append(_initializer(graph, _name(taken, f"{base}_zero_point"), np.ascontiguousarray(zero)))
+            inputs.append(_initializer(graph, _name(taken, f"{base}_zero_point"), zero))
         dq = ir.node("DequantizeLinear", inputs, {"axis": 1 if transposed else 0, "block_size": bq.block_size},
                      name=_name(taken, f"{base}_dequantize"))
         dq.outputs[0].name = _name(taken, f"{base}_dequantized")
@@ -558,14 +574,14 @@ class QuantizeWeightsPass(optcc.Pass):
         emitted[id(bq)] = dq.outputs[0]
 
     def _emit_matmul_nbits(self, model: ir.Model, node: ir.Node, bq: Any, taken: set[str],
-                           emitted: dict[int, Any]) -> None:
+                           emitted: dict[int, Any], parts: _Parts) -> None:
         graph = model.graph
         model.opset_imports.setdefault(_MS, 1)
         k, n = bq.q.shape
         base = node.inputs[1].name or "weight"
         dtype = bq.scales.dtype.type  # the layer's float type: its Gemm factors and bias are of it too
         if id(bq) not in emitted:  # nodes sharing a weight share its packed initializers
-            b, scales, zero = weight_only.pack_matmul_nbits(bq)
+            b, scales, zero = parts.arrays(bq, "nbits")
             made = [_initializer(graph, _name(taken, f"{base}_q{bq.bits}"), b),
                     _initializer(graph, _name(taken, f"{base}_scales"), scales)]
             if zero is not None:

@@ -84,7 +84,7 @@ GPTQ_LAZY_ROWS = 128
 class BlockQuantized:
     """A ``[K, N]`` weight quantized in blocks of ``block_size`` rows (see module doc)."""
 
-    q: np.ndarray  # [K, N] int64: signed (symmetric) or unsigned (asymmetric) levels
+    q: np.ndarray  # [K, N] levels: int8 (symmetric) or uint8 (asymmetric); ``level_dtype``
     scales: np.ndarray  # [ceil(K / block_size), N] float32, or float16 for a float16 layer
     zero_points: np.ndarray | None  # same shape, int64; None when symmetric
     bits: int
@@ -101,17 +101,17 @@ class BlockQuantized:
         k = self.q.shape[0]
         scale = np.repeat(self.scales.astype(np.float64), self.block_size, axis=0)[:k]
         zero = 0 if self.zero_points is None else np.repeat(self.zero_points, self.block_size, axis=0)[:k]
-        return ((self.q - zero) * scale).astype(self.scales.dtype)
+        return ((self.q - zero) * scale).astype(self.scales.dtype)  # int64 zero: no uint8 wrap
 
     def storage(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(q, zero_points) as the narrow integer dtypes a DequantizeLinear reads:
         int4/int8 when symmetric, uint4/uint8 otherwise."""
         if self.symmetric:
             dtype = ml_dtypes.int4 if self.bits == 4 else np.int8
-            return self.q.astype(np.int8).astype(dtype), None
+            return self.q.astype(dtype, copy=False), None
         dtype = ml_dtypes.uint4 if self.bits == 4 else np.uint8
         assert self.zero_points is not None
-        return self.q.astype(np.uint8).astype(dtype), self.zero_points.astype(np.uint8).astype(dtype)
+        return self.q.astype(dtype, copy=False), self.zero_points.astype(np.uint8).astype(dtype)
 
 
 @dataclasses.dataclass
@@ -148,6 +148,12 @@ def _levels(bits: int, symmetric: bool) -> tuple[int, int]:
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1)
 
 
+def level_dtype(symmetric: bool) -> type:
+    """The type levels are held in: int8 holds every signed level and uint8 every unsigned
+    one of 4 or 8 bits (a quarter of a float32 weight's bytes, where int64 took twice)."""
+    return np.int8 if symmetric else np.uint8
+
+
 def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     """``[K, N]`` -> ``[kb, block_size, N]`` float64, zero rows padding the last block."""
     k, n = w.shape
@@ -180,7 +186,7 @@ def _round(blocks: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits:
     lo_q, hi_q = _levels(bits, zero is None)
     s = scale.astype(np.float64)[..., None, :]
     z = 0 if zero is None else zero[..., None, :]
-    return np.clip(np.rint(blocks / s) + z, lo_q, hi_q).astype(np.int64)
+    return np.clip(np.rint(blocks / s) + z, lo_q, hi_q).astype(level_dtype(zero is None))
 
 
 def _params_mse(blocks: np.ndarray, bits: int, symmetric: bool, scale_dtype: Any = np.float32
@@ -330,7 +336,7 @@ def quantize_gptq(w: np.ndarray, hessian: np.ndarray | None, bits: int = 4, bloc
     weight = np.zeros((kp, n), np.float64)
     weight[:k] = w
     weight[dead] = 0.0
-    q = np.zeros((kp, n), np.int64)
+    q = np.zeros((kp, n), level_dtype(symmetric))
     scales = np.zeros((kb, n), scale_dtype)
     zeros = None if symmetric else np.zeros((kb, n), np.int64)
     lazy = max(GPTQ_LAZY_ROWS, block_size)
@@ -379,22 +385,27 @@ def quantize(w: np.ndarray, algorithm: str = "rtn", bits: int = 4, block_size: i
             raise ValueError("GPTQ needs the Hessian of the layer's inputs (calibration samples)")
         factor = gptq_factor(hessian, block_size)
     _check(w, bits, block_size)
-    step = max(1, CHUNK_ELEMENTS // max(w.shape[0], 1))
-    parts = []
-    for start in range(0, w.shape[1], step):
+    k, n = w.shape
+    kb = -(-k // block_size)
+    # the whole weight's levels and parameters, filled a chunk at a time (no list of parts
+    # to concatenate: the levels are held once)
+    q = np.empty((k, n), level_dtype(symmetric))
+    scales = np.empty((kb, n), scale_dtype)
+    zeros = None if symmetric else np.empty((kb, n), np.int64)
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    for start in range(0, n, step):
         chunk = w[:, start:start + step]
         if algorithm == "rtn":
-            parts.append(quantize_rtn(chunk, bits, block_size, symmetric, scale_dtype))
+            part = quantize_rtn(chunk, bits, block_size, symmetric, scale_dtype)
         elif algorithm == "hqq":
-            parts.append(quantize_hqq(chunk, bits, block_size, symmetric, scale_dtype=scale_dtype))
+            part = quantize_hqq(chunk, bits, block_size, symmetric, scale_dtype=scale_dtype)
         else:
-            parts.append(quantize_gptq(chunk, None, bits, block_size, symmetric, factor=factor,
-                                       scale_dtype=scale_dtype))
-    if len(parts) == 1:
-        return parts[0]
-    zeros = None if symmetric else np.concatenate([p.zero_points for p in parts], axis=1)  # type: ignore[misc]
-    return BlockQuantized(np.concatenate([p.q for p in parts], axis=1),
-                          np.concatenate([p.scales for p in parts], axis=1), zeros, bits, block_size)
+            part = quantize_gptq(chunk, None, bits, block_size, symmetric, factor=factor, scale_dtype=scale_dtype)
+        columns = slice(start, start + chunk.shape[1])
+        q[:, columns], scales[:, columns] = part.q, part.scales
+        if zeros is not None:
+            zeros[:, columns] = part.zero_points
+    return BlockQuantized(q, scales, zeros, bits, block_size)
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float:
@@ -419,7 +430,9 @@ def pack_matmul_nbits(bq: BlockQuantized) -> tuple[np.ndarray, np.ndarray, np.nd
     kb = bq.scales.shape[0]
     offset = (1 << (bq.bits - 1)) if bq.symmetric else 0
     levels = np.zeros((n, kb * bq.block_size), np.uint8)
-    levels[:, :k] = (bq.q + offset).T.astype(np.uint8)
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    for start in range(0, n, step):  # int16 holds a level plus its offset; a chunk's worth at a time
+        levels[start:start + step, :k] = (bq.q[:, start:start + step].astype(np.int16) + offset).T
     if bq.symmetric:
         levels[:, k:] = offset
     b = _pack(levels, bq.bits).reshape(n, kb, bq.block_size * bq.bits // 8)
