@@ -37,7 +37,7 @@ from optcc.errors import (
     Terminated, UnverifiedError, VerificationError, raise_terminated, stopped,
 )
 from optcc.infra.registry import available_passes
-from optcc.infra.report import Report
+from optcc.infra.report import Report, short_reason
 from optcc.inspect import format_inspection, inspect_model
 from optcc.numerics import DEFAULT_SAMPLES, TOLERANCES, SampleAxisWarning, check_samples_vary, load_npz_samples
 from optcc.numerics.task import DEFAULT_MARGIN, METRICS
@@ -787,44 +787,11 @@ def _header(args: argparse.Namespace, result: OptimizeResult) -> str:
     parts = [f"-O{optimization_level(args)}" if not args.passes else f"passes {args.passes}"]
     parts += [f"+{kind}" for kind in result.applied_precision]
     for kind, reason in result.declined_precision.items():
-        parts.append(f"({kind} declined: {short_reason(reason)})")
+        parts.append(f"({kind} declined: {short_reason(reason, HEADER_REASON_CHARS)})")
     return "optcc " + " ".join(parts)
 
 
 HEADER_REASON_CHARS = 120  # a decline's reason in the header; the error or warning line above says it whole
-
-
-def short_reason(reason: str, limit: int = HEADER_REASON_CHARS) -> str:
-    """``reason`` within ``limit`` characters, cut only between words and never inside
-    parentheses: whole when it fits; else without its parenthesized asides; else its
-    leading clauses (each ended by '; ') that fit, then '; ...'; else its leading words,
-    then ' ...'."""
-    if len(reason) <= limit:
-        return reason
-    plain = _without_asides(reason).strip() or reason  # a reason all aside is cut as words
-    if len(plain) <= limit:
-        return plain
-    clauses = plain.split("; ")
-    kept = [c for i, c in enumerate(clauses) if len("; ".join(clauses[:i + 1])) + len("; ...") <= limit]
-    if kept:
-        return "; ".join(kept) + "; ..."
-    return plain[:limit - len(" ...")].rsplit(" ", 1)[0] + " ..."
-
-
-def _without_asides(text: str) -> str:
-    """``text`` without its parenthesized parts (and the space before each); ``text`` itself
-    when its parentheses do not pair up."""
-    kept, depth = [], 0
-    for char in text:
-        if char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-            if depth < 0:
-                return text
-        elif depth == 0:
-            kept.append(char)
-    return text if depth else re.sub(r" +(?=[;:,.]|$)", "", re.sub(r" {2,}", " ", "".join(kept)))
 
 
 # summary warnings the CLI says in its own line (the JSON report keeps them)

@@ -75,7 +75,7 @@ import onnx_ir as ir
 
 import optcc
 from optcc.passes.quantize_weights import (ROWS_KEY, drop_unused_weights, embedding_reason, gather_stored_rows,
-                                          meta_forgotten, quantize_gather)
+                                          meta_forgotten, quantize_gather, summary_reason)
 from optcc.quant import (BOUNDED_NOTE, FloatLayerSearch, dynamic_int8_errors, fewest_float_layers, KeptCandidates,
                          probed_values)
 
@@ -408,7 +408,7 @@ def _last_reason(checks: Sequence[dict[str, Any]]) -> str:
 def _summary(search: FloatLayerSearch) -> str:
     """One line: the layers the search left float, and why any were."""
     missed = next(c["reason"] for c in search.checks if not c["passed"])
-    return (f"every layer at INT8 missed its check ({' '.join(missed.split())[:160]}); {len(search.chosen or [])} of "
+    return (f"every layer at INT8 missed its check ({summary_reason(missed)}); {len(search.chosen or [])} of "
             f"{len(search.ranked)} left float, the most damaging by their output error: "
             f"{', '.join(search.chosen or [])} ({search.candidates} candidate(s) judged"
             + (f"; {BOUNDED_NOTE}" if search.bounded else "") + ")")

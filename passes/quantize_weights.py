@@ -134,6 +134,7 @@ weight_only = optcc.quant.weight_only
 
 BLOCKWISE_OPSET = 21
 PER_AXIS_OPSET = 13  # DequantizeLinear's axis (one scale per channel)
+SUMMARY_REASON_CHARS = 160  # a missed check's reason quoted in a search's one-line summary
 # the float types a MatMul/Gemm layer or an embedding table is quantized in (numpy -> ONNX);
 # the scales are of the layer's type
 _FLOATS = {np.float32: ir.DataType.FLOAT, np.float16: ir.DataType.FLOAT16}
@@ -395,10 +396,10 @@ class QuantizeWeightsPass(optcc.Pass):
         if search.chosen is None:
             mixed["declined"] = True
             checked = "its check and the held-out one" if confirmed else "its check"
-            mixed["summary"] = (f"int4 missed its check ({_short(missed)}); none of the {search.candidates} "
+            mixed["summary"] = (f"int4 missed its check ({summary_reason(missed)}); none of the {search.candidates} "
                                 f"candidates the search could build passed {checked}: declined" if search.bounded
-                                else f"int4 missed its check ({_short(missed)}) and so does every body layer at "
-                                f"int8{' on the held-out check' if confirmed else ''}: declined")
+                                else f"int4 missed its check ({summary_reason(missed)}) and so does every body "
+                                f"layer at int8{' on the held-out check' if confirmed else ''}: declined")
             stats["bit_widths"] = _bit_widths(layers, widths, heads, order)
             return widths
         raised = [by_name[name] for name in search.chosen]
@@ -408,7 +409,7 @@ class QuantizeWeightsPass(optcc.Pass):
         mixed["raised"] = [w.name for w in raised]
         if gate_chose is not None and gate_chose != len(raised):
             mixed["gate_chose"] = gate_chose
-        mixed["summary"] = (f"int4 missed its check ({_short(missed)}); {count} of {body} body layers "
+        mixed["summary"] = (f"int4 missed its check ({summary_reason(missed)}); {count} of {body} body layers "
                             f"raised to int8 (the most sensitive by {mixed['ranked_by']}), the rest int4"
                             + (f"; the held-out check refused the {gate_chose} the search chose first"
                                if gate_chose is not None and gate_chose != len(raised) else "")
@@ -701,9 +702,9 @@ def _bit_widths(layers: list[tuple[ir.Node, ir.Value]], widths: list[int], heads
     return rows
 
 
-def _short(reason: str, limit: int = 160) -> str:
-    line = " ".join(reason.split())
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+def summary_reason(reason: str) -> str:
+    """A check's reason on one line, within ``SUMMARY_REASON_CHARS`` (cut between words or clauses)."""
+    return optcc.infra.short_reason(" ".join(reason.split()), SUMMARY_REASON_CHARS)
 
 
 # ---------------------------------------------------------------------- helpers

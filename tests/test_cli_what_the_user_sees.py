@@ -212,16 +212,19 @@ def test_declined_header_is_cut_between_clauses(tmp_path: Path, capsys: pytest.C
 
 
 def test_a_long_reason_is_cut_between_clauses_or_words() -> None:
+    def short(text: str) -> str:
+        return cli.short_reason(text, cli.HEADER_REASON_CHARS)
+
     clause = "the first clause says what was measured"
     long = "; ".join([clause] * 6)
-    assert cli.short_reason(long) == "; ".join([clause] * 2) + "; ..."
+    assert short(long) == "; ".join([clause] * 2) + "; ..."
     words = " ".join(["word"] * 60)
-    assert cli.short_reason(words).endswith(" ...") and " word ..." in cli.short_reason(words)
+    assert short(words).endswith(" ...") and " word ..." in short(words)
     aside = "(" + words + ")"  # all aside: cut as words, never empty
-    cut = cli.short_reason(aside)
+    cut = short(aside)
     assert cut.startswith("(word word") and cut.endswith(" ...") and len(cut) <= cli.HEADER_REASON_CHARS
     for text in (long, words, aside):
-        assert len(cli.short_reason(text)) <= cli.HEADER_REASON_CHARS
+        assert len(short(text)) <= cli.HEADER_REASON_CHARS
 
 
 def test_a_phase_named_again_says_which_run_its_count_is(capsys: pytest.CaptureFixture[str],

@@ -350,3 +350,15 @@ def test_matmul_nbits_leaves_no_unread_gemm_bias() -> None:
     w = _weights(model)
     want = _forward({**w, "W1": by_source["mm1"], "W2": by_source["gemm2"].T, "W3": by_source["head"]}, X)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_a_search_summary_quotes_a_long_reason_cut_between_words() -> None:
+    """A missed check's reason in a search's one-line summary: on one line, within
+    ``SUMMARY_REASON_CHARS``, every word of it whole."""
+    from optcc.passes.quantize_weights import SUMMARY_REASON_CHARS, summary_reason
+
+    reason = "judged 'last_hidden_state'\n  by cosine " + " ".join(f"word{i}" for i in range(60))
+    said = summary_reason(reason)
+    assert len(said) <= SUMMARY_REASON_CHARS and "\n" not in said and said.endswith(" ...")
+    assert set(said.removesuffix(" ...").split()) <= set(reason.split())
+    assert summary_reason("short  reason") == "short reason"

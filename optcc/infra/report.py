@@ -47,6 +47,7 @@ import json
 import resource
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -251,6 +252,39 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def short_reason(reason: str, limit: int) -> str:
+    """``reason`` within ``limit`` characters, cut only between words and never inside
+    parentheses: whole when it fits; else without its parenthesized asides; else its
+    leading clauses (each ended by '; ') that fit, then '; ...'; else its leading words,
+    then ' ...'."""
+    if len(reason) <= limit:
+        return reason
+    plain = _without_asides(reason).strip() or reason  # a reason all aside is cut as words
+    if len(plain) <= limit:
+        return plain
+    clauses = plain.split("; ")
+    kept = [c for i, c in enumerate(clauses) if len("; ".join(clauses[:i + 1])) + len("; ...") <= limit]
+    if kept:
+        return "; ".join(kept) + "; ..."
+    return plain[:limit - len(" ...")].rsplit(" ", 1)[0] + " ..."
+
+
+def _without_asides(text: str) -> str:
+    """``text`` without its parenthesized parts (and the space before each); ``text`` itself
+    when its parentheses do not pair up."""
+    kept, depth = [], 0
+    for char in text:
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                return text
+        elif depth == 0:
+            kept.append(char)
+    return text if depth else re.sub(r" +(?=[;:,.]|$)", "", re.sub(r" {2,}", " ", "".join(kept)))
 
 
 # --------------------------------------------------------------------------- per-layer table
