@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -148,14 +149,50 @@ def replacing(path: str | os.PathLike) -> Iterator[str]:
     tmp_name = create_temp_file(out.resolve().parent, out.name)
     try:
         yield tmp_name
-        try:
-            os.replace(tmp_name, out)
-        except PermissionError as e:  # a file there that may not be replaced (immutable; another's in a sticky folder)
-            raise BadInputError(f"cannot replace the existing file ({e.strerror or e})", out) from None
+        _moved(tmp_name, out)
     except BaseException:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
+
+
+def _moved(source: str | os.PathLike, target: Path) -> None:
+    """``source`` renamed over ``target`` (same folder); a file there that may not be
+    replaced (immutable; another user's in a sticky folder) is a BadInputError naming it."""
+    try:
+        os.replace(source, target)
+    except PermissionError as e:
+        raise BadInputError(f"cannot replace the existing file ({e.strerror or e})", target) from None
+
+
+def _save_with_data(model: ir.Model, out: Path, data_name: str, size_threshold_bytes: int) -> None:
+    """The model and its external data file written in a staging folder beside ``out``,
+    then moved into place, the model first: where its move fails nothing outside the
+    staging folder has changed; where the data's move then fails, the model that was at
+    ``out`` is put back (or the new one removed where it could not be kept), so ``out``
+    never reads data written for another model. The staging folder goes either way."""
+    folder = out.resolve().parent
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{out.name}.", suffix=".staging"))
+    try:
+        staged, previous = staging / out.name, staging / ".previous"
+        ir.save(model, staged, external_data=data_name, size_threshold_bytes=size_threshold_bytes)
+        kept = False
+        if out.exists():
+            with contextlib.suppress(OSError):  # a link may be refused (protected_hardlinks): then nothing is kept
+                os.link(out, previous)
+                kept = True
+        _moved(staged, out)
+        try:
+            if (staging / data_name).exists():  # no tensor at the threshold: no data file written
+                _moved(staging / data_name, folder / data_name)
+        except BaseException:
+            if kept:
+                os.replace(previous, out)
+            else:
+                out.unlink(missing_ok=True)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def save(
@@ -170,8 +207,9 @@ def save(
 
     With external data (automatic when the model was loaded with it or its weights are
     near 2 GB), the tensors of at least ``size_threshold_bytes`` go to ``location`` (a
-    file name beside the model; default ``<name>.data``), written first, also atomically.
-    A failure leaves no partial output behind.
+    file name beside the model; default ``<name>.data``).
+    A failure leaves no partial output behind, and the files that were there as they were
+    (``_save_with_data``).
     """
     out = check_output_path(path)
     if external_data is None:
@@ -180,17 +218,14 @@ def save(
     data_name = location or f"{out.name}.data"
     if Path(data_name).name != data_name or data_name in (".", "..") or data_name == out.name:
         raise BadInputError(f"external data location '{data_name}' must be a file name beside the model", out)
-    with replacing(out) as tmp_name:
-        if external_data:
-            if (folder / data_name).resolve() in external_data_files(model):
-                raise BadInputError(
-                    f"would overwrite '{data_name}', the external data the model reads from; "
-                    "choose another output name",
-                    out,
-                )
-            ir.save(model, tmp_name, external_data=data_name, size_threshold_bytes=size_threshold_bytes)
-        else:
+    if not external_data:
+        with replacing(out) as tmp_name:
             _write_streamed(model, tmp_name)
+        return
+    if (folder / data_name).resolve() in external_data_files(model):
+        raise BadInputError(
+            f"would overwrite '{data_name}', the external data the model reads from; choose another output name", out)
+    _save_with_data(model, out, data_name, size_threshold_bytes)
 
 
 def save_proto(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
