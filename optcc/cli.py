@@ -592,7 +592,7 @@ def _write_failure_report(args: argparse.Namespace, error: BaseException) -> Non
     report.outcome = {"exit_code": code, "output": None, "declined": {}, "error": line}
     try:
         _write_text_atomic(path, report.render_for(path, model=args.model))
-    except OSError:  # the run's own error is what matters: said on stderr as before
+    except (OSError, OptccError):  # the run's own error is what matters: said on stderr as before
         pass
 
 
@@ -719,9 +719,14 @@ def _optimize(args: argparse.Namespace, report: _ReportWritten, phase: Progress)
                                  **({"error": error_line} if error_line is not None else {})}
         _write_text_atomic(report_path, result.report.render_for(report_path, model=args.model))
     if written:
-        result.save(output, external_data={"auto": None, "on": True, "off": False}[args.external_data],
-                    external_data_threshold=args.external_data_threshold,
-                    external_data_location=args.external_data_location)
+        try:
+            result.save(output, external_data={"auto": None, "on": True, "off": False}[args.external_data],
+                        external_data_threshold=args.external_data_threshold,
+                        external_data_location=args.external_data_location)
+        except BaseException:
+            if report_path is not None:  # it says the output was written: gone before ``run`` writes the failure
+                report_path.unlink(missing_ok=True)
+            raise
     report.written = report_path is not None
     if status == EXIT_OK:
         for line in _opt_in_warnings(args, result):

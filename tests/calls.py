@@ -1,7 +1,11 @@
-"""Recording the calls a test counts: the first argument of each call of a patched function."""
+"""Patched calls a test relies on: recording the first argument of each call of a function
+(``first_arguments``), refusing the renames onto given paths (``refuse_replace``)."""
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,3 +23,19 @@ def first_arguments(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> l
 
     monkeypatch.setattr(owner, name, recorded)
     return calls
+
+
+def refuse_replace(monkeypatch: pytest.MonkeyPatch, *refused: Path) -> None:
+    """``os.replace`` as optcc's saving calls it, patched (until ``monkeypatch`` undoes it) to
+    refuse a rename onto any of ``refused`` as the system refuses to replace an immutable
+    file or another user's in a sticky folder (EPERM); other renames as before."""
+    import optcc.ir.saving as saving
+
+    replace = saving.os.replace
+
+    def move(source: str | os.PathLike, target: str | os.PathLike) -> None:
+        if Path(target) in refused:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        replace(source, target)
+
+    monkeypatch.setattr(saving.os, "replace", move)

@@ -36,6 +36,7 @@ import optcc
 from optcc import cli
 from optcc.errors import BadInputError
 from optcc.progress import Progress
+from calls import refuse_replace
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "fixtures" / "tinycnn.onnx"
@@ -283,21 +284,10 @@ def test_an_output_file_that_may_not_be_replaced_is_a_bad_output_path(tmp_path: 
     """The folder is writable but the file there may not be replaced (immutable, or another
     user's in a sticky folder such as /tmp: the rename is refused): exit 2, one line naming
     the file, the file and the input as they were, no temporary file left."""
-    import errno
-
-    import optcc.ir.saving as saving
-
     model, out = tmp_path / "model.onnx", tmp_path / "theirs.onnx"
     shutil.copy(EXAMPLE, model)
     out.write_bytes(b"someone else's model")
-    replace = saving.os.replace
-
-    def refused(source: str, target: str) -> None:
-        if Path(target) == out:
-            raise PermissionError(errno.EPERM, "Operation not permitted")
-        replace(source, target)
-
-    monkeypatch.setattr(saving.os, "replace", refused)
+    refuse_replace(monkeypatch, out)
     assert cli.main([str(model), "-o", str(out), "-q"]) == cli.EXIT_BAD_INPUT
     assert capsys.readouterr().err.splitlines() == \
         [f"optcc: error: {out}: cannot replace the existing file (Operation not permitted)"]
@@ -309,21 +299,10 @@ def test_a_report_file_that_may_not_be_replaced_stops_the_run_before_the_model_i
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """``--report`` names a file whose rename is refused: exit 2, one line naming it, and
     neither the output nor anything else written."""
-    import errno
-
-    import optcc.ir.saving as saving
-
     model, out, report = tmp_path / "model.onnx", tmp_path / "model.opt.onnx", tmp_path / "theirs.json"
     shutil.copy(EXAMPLE, model)
     report.write_text("someone else's report")
-    replace = saving.os.replace
-
-    def refused(source: str, target: str) -> None:
-        if Path(target) == report:
-            raise PermissionError(errno.EPERM, "Operation not permitted")
-        replace(source, target)
-
-    monkeypatch.setattr(saving.os, "replace", refused)
+    refuse_replace(monkeypatch, report)
     assert cli.main([str(model), "-o", str(out), "--report", str(report), "-q"]) == cli.EXIT_BAD_INPUT
     assert capsys.readouterr().err.splitlines() == \
         [f"optcc: error: {report}: cannot replace the existing file (Operation not permitted)"]
@@ -335,22 +314,48 @@ def test_a_model_that_fails_to_save_leaves_a_report_of_that_failure(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The report is written before the model; when the model's save fails after it, the
     report is rewritten to say so: no output, the exit code and the line said."""
-    import errno
-
-    import optcc.ir.saving as saving
-
     model, out, report = tmp_path / "model.onnx", tmp_path / "model.opt.onnx", tmp_path / "report.json"
     shutil.copy(EXAMPLE, model)
-    replace = saving.os.replace
-
-    def refused(source: str, target: str) -> None:
-        if Path(target) == out:
-            raise PermissionError(errno.EPERM, "Operation not permitted")
-        replace(source, target)
-
-    monkeypatch.setattr(saving.os, "replace", refused)
+    refuse_replace(monkeypatch, out)
     assert cli.main([str(model), "-o", str(out), "--report", str(report), "-q"]) == cli.EXIT_BAD_INPUT
     (line,) = capsys.readouterr().err.splitlines()
     outcome = json.loads(report.read_text())["outcome"]
     assert outcome["output"] is None and outcome["exit_code"] == cli.EXIT_BAD_INPUT
     assert line == f"optcc: {outcome['error']}" and not out.exists()
+
+
+def test_a_model_that_fails_to_save_leaves_no_report_saying_it_was_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The save fails after the report was written, and so does the report of that failure
+    (refused too): no report is left that says the output was written."""
+    model, out, report = tmp_path / "model.onnx", tmp_path / "model.opt.onnx", tmp_path / "report.json"
+    shutil.copy(EXAMPLE, model)
+    refuse_replace(monkeypatch, out)
+    render = cli.Report.render_for
+    renders: list[int] = []
+
+    def second_refused(self: cli.Report, *args: object, **kwargs: object) -> str:
+        renders.append(1)
+        if len(renders) == 2:  # the failure's report: its write is refused as well
+            refuse_replace(monkeypatch, out, report)
+        return render(self, *args, **kwargs)
+
+    monkeypatch.setattr(cli.Report, "render_for", second_refused)
+    assert cli.main([str(model), "-o", str(out), "--report", str(report), "-q"]) == cli.EXIT_BAD_INPUT
+    assert capsys.readouterr().err.splitlines() == \
+        [f"optcc: error: {out}: cannot replace the existing file (Operation not permitted)"]
+    assert len(renders) == 2 and _files(tmp_path) == ["model.onnx"]
+
+
+def test_a_refused_report_says_nothing_over_the_run_s_own_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run ends by its own error (a file that is no model) and ``--report`` names a file
+    that may not be replaced: the model's error is the one line said, with its exit code."""
+    model, report = tmp_path / "broken.onnx", tmp_path / "theirs.json"
+    model.write_bytes(b"not a model")
+    report.write_text("someone else's report")
+    refuse_replace(monkeypatch, report)
+    assert cli.main([str(model), "--report", str(report), "-q"]) == cli.EXIT_BAD_INPUT
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"optcc: error: {model}: ") and "theirs.json" not in line
+    assert report.read_text() == "someone else's report" and _files(tmp_path) == ["broken.onnx", "theirs.json"]

@@ -16,6 +16,7 @@ from onnx import helper
 import optcc.ir as oir
 from optcc.errors import BadInputError
 import optcc.ir.saving as saving
+from calls import refuse_replace
 
 
 def _model(scale: float) -> ir.Model:
@@ -41,22 +42,11 @@ def _saved_pair(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
     return out, data, {p.name: p.read_bytes() for p in (out, data)}
 
 
-def _refusing(monkeypatch: pytest.MonkeyPatch, refused: Path) -> None:
-    replace = saving.os.replace
-
-    def move(source: str, target: str) -> None:
-        if Path(target) == refused:
-            raise PermissionError(errno.EPERM, "Operation not permitted")
-        replace(source, target)
-
-    monkeypatch.setattr(saving.os, "replace", move)
-
-
 @pytest.mark.parametrize("refused", ["m.onnx", "m.onnx.data"])
 def test_a_refused_move_leaves_the_pair_that_was_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        refused: str) -> None:
     out, data, before = _saved_pair(tmp_path)
-    _refusing(monkeypatch, tmp_path / refused)
+    refuse_replace(monkeypatch, tmp_path / refused)
     with pytest.raises(BadInputError, match="cannot replace the existing file"):
         oir.save(_model(2.0), out, external_data=True, size_threshold_bytes=16)
     monkeypatch.undo()
