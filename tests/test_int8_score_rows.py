@@ -40,6 +40,12 @@ def test_scores_on_a_scale_are_values_and_class_scores_stay_classes() -> None:
     assert tm.choose_metric(_rows(np.exp(logits)), "scores") == "argmax"  # exponentiated: orders of magnitude
     sigmoid = 1.0 / (1.0 + np.exp(-logits))  # multi-label probabilities: within [0, 1]
     assert tm.choose_metric(_rows(sigmoid), "scores") == "argmax"
+    # positive scores within the scale's ratio, named as a classifier's: shifted logits, percent
+    offset = logits / 3 + 6.0
+    assert tm.choose_metric(_rows(offset), "Identity:0") == "sqnr"
+    assert tm.choose_metric(_rows(offset), "logits") == "argmax"
+    assert tm.choose_metric(_rows(mos), "class_scores") == "argmax"
+    assert tm.choose_metric(_rows(mos), "output_prob") == "argmax"
 
 
 def _mos_model(path: Path, width: int = 1024, hidden: int = 16) -> None:

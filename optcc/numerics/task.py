@@ -13,7 +13,8 @@ output                    metric (deviation: 0 when identical)
                           softmax is near uniform, ``_confident_somewhere``), when every
                           value is positive, some above 1, within ``SCORE_SPAN`` of the
                           smallest (scores on a scale, a MOS per aspect:
-                          ``_positive_scores``), and when a
+                          ``_positive_scores``; not where a word of its name begins
+                          with one of ``CLASS_NAMES``: logit, prob, class...), and when a
                           word of its name begins with one of ``REGRESSION_NAMES``
                           (landmark, keypoint, bbox, coord, offset...); ``embedding``
                           (below) for a pooled vector: an output named as one
@@ -225,7 +226,7 @@ from optcc.numerics.metrics import real_values, special_values_problem
 __all__ = [
     "METRICS", "DEFAULT_MARGIN", "MIN_DEVIATION", "Outputs", "UserMetric", "choose_metric", "perturb",
     "projected_outputs", "recurrent_outputs",
-    "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "REGRESSION_NAMES", "sequence_outputs",
+    "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "CLASS_NAMES", "REGRESSION_NAMES", "sequence_outputs",
     "float_free_outputs",
     "measure", "deviations", "TaskJudge", "perturbation_draws", "perturbation_roles", "unmoved", "moves_nothing",
     "FLOOR_DRAWS",
@@ -551,6 +552,7 @@ EMBEDDING_NAMES = ("embed", "pooler", "pooled", "sentence", "feature", "vector")
 # words that begin a word of an output's name ("bbox_pred", "landmarks", not "transpose")
 # and call a [N, C] output coordinates or measured values (a regressor's), whose largest
 # entry means nothing: judged by SQNR
+CLASS_NAMES = ("logit", "prob", "class", "cls", "label", "softmax")
 REGRESSION_NAMES = ("landmark", "keypoint", "kps", "bbox", "box", "coord", "regress", "offset", "depth", "pose")
 
 
@@ -592,8 +594,9 @@ def metric_choice(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
             return "embedding", "[N, D] named as a pooled vector"
         if _unit_rows(values):
             return "embedding", "[N, D] rows of Euclidean length 1: an L2-normalized embedding"
-        if _positive_scores(values):
-            return "sqnr", "[N, C] positive values above 1 within one order of magnitude: scores on a scale, not classes"
+        if _positive_scores(values) and not _class_named(name):
+            return "sqnr", ("[N, C] positive values above 1 within one order of magnitude: scores on a scale, "
+                            "not classes")
         if _confident_somewhere(values):
             return "argmax", "[N, C] class scores, confident on some sample"
         return "sqnr", "[N, C] confident on no sample: values, not class scores"
@@ -640,6 +643,13 @@ def _decision_per_sample(values: Sequence[np.ndarray]) -> bool:
         return False
     both_sides = any(float(v.max()) > DECISION for v in values) and any(float(v.min()) < DECISION for v in values)
     return both_sides or _saturated(values)
+
+
+def _class_named(name: str) -> bool:
+    """Whether a word of ``name`` begins with one of ``CLASS_NAMES``: the output is a
+    classifier's, whose shifted or scaled scores (logits offset to all-positive,
+    probabilities in percent) still decide by their largest entry."""
+    return any(token.startswith(CLASS_NAMES) for token in re.split(r"[^a-z0-9]+", name.lower()))
 
 
 def _regression_named(name: str) -> bool:
