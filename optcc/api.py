@@ -550,7 +550,8 @@ def _verification_record(check: Verification, weight_only: str | Mapping[str, An
         agreement = {run["threshold"] for run in (check.next_token or {}).values()} or {NEXT_TOKEN_AGREEMENT}
         record["tolerance"] = {**dataclasses.asdict(kept),
                                "judged_by": "next tokens, each step fed the original's tokens",
-                               "next_token_outputs": list(check.token_judged), "min_next_token_agreement": max(agreement)}
+                               "next_token_outputs": list(check.token_judged),
+                               "min_next_token_agreement": max(agreement)}
     elif check.numerics == "int8" and check.task is not None and check.tolerance == TOLERANCES["int8"]:
         record["tolerance"] = {**dataclasses.asdict(Tolerance()), "judged_by": "task against float32's noise floor",
                                "margin": check.task.get("margin")}

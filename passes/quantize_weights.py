@@ -154,15 +154,17 @@ class _Parts:
     quantized: Callable[[int, int], Any]
     conv_weights: list[Any]
     conv_shifts: dict[int, np.ndarray]
-    # the arrays a quantized weight is written as, by (id of the weight, form): made once
-    # and shared, read-only, by every candidate of a search and the result
-    written: dict[tuple[int, str], tuple[np.ndarray | None, ...]] = dataclasses.field(default_factory=dict)
+    # the arrays a quantized weight is written as, by (id of the weight, form), beside the
+    # weight itself (an id is only that object's while it lives): made once and shared,
+    # read-only, by every candidate of a search and the result
+    written: dict[tuple[int, str], tuple[Any, tuple[np.ndarray | None, ...]]] = \
+        dataclasses.field(default_factory=dict)
 
     def arrays(self, bq: Any, form: str) -> tuple[np.ndarray | None, ...]:
         """``bq`` as written: ``form`` "kn" or "nk" (DequantizeLinear's levels, scales and
         zero points, ``[N, K]``-major for "nk"), or "nbits" (``pack_matmul_nbits``)."""
         key = (id(bq), form)
-        if key not in self.written:
+        if key not in self.written or self.written[key][0] is not bq:
             if form == "nbits":
                 made = weight_only.pack_matmul_nbits(bq)
             else:
@@ -172,8 +174,8 @@ class _Parts:
             for array in made:
                 if array is not None:
                     array.flags.writeable = False
-            self.written[key] = made
-        return self.written[key]
+            self.written[key] = (bq, made)
+        return self.written[key][1]
 
 
 class QuantizeWeightsPass(optcc.Pass):

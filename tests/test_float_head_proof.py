@@ -1,8 +1,9 @@
 """Before an INT8 step, the float passes' result is proved equal to the original instead of
 running the user's samples on it: those run on what is written, the INT8 model, or the
 float model itself when INT8 declines and the caller takes it (``allow_float_fallback``;
-without it the decline is raised, nothing is written, and the proof is its verification). A float pass the proof cannot vouch for is checked
-on the samples and reverted before INT8 starts. Every result is compared with the
+without it the decline is raised, nothing is written, and the proof is its verification).
+A float pass the proof cannot vouch for is checked on the samples and reverted before
+INT8 starts. Every result is compared with the
 original by onnx's reference evaluator (float32 as written), never by optcc's verifier."""
 
 from __future__ import annotations

@@ -135,8 +135,13 @@ class ModelNames:
         return unique_value_name(None, base, self.nodes)
 
     def constant_for(self, reader: ir.Node, array: np.ndarray, base: str) -> ir.Value:
-        """``constant_for(model, reader, array, base)``, its name now taken."""
-        return constant_for(self._model, reader, array, base, self.values)
+        """``constant_for(model, reader, array, base)``, its name now taken (the Constant
+        node's too, where one holds it: named as its output)."""
+        value = constant_for(self._model, reader, array, base, self.values)
+        producer = value.producer()
+        if producer is not None and producer.name:
+            self.nodes.add(producer.name)
+        return value
 
     def _collect(self) -> None:
         if self._values is None:

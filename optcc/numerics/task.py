@@ -226,7 +226,8 @@ from optcc.numerics.metrics import real_values, special_values_problem
 __all__ = [
     "METRICS", "DEFAULT_MARGIN", "MIN_DEVIATION", "Outputs", "UserMetric", "choose_metric", "perturb",
     "projected_outputs", "recurrent_outputs",
-    "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "CLASS_NAMES", "REGRESSION_NAMES", "sequence_outputs",
+    "MIN_ITEMS", "FEW_EXPECTED_ERRORS", "REPORTED_ONLY", "EMBEDDING_NAMES", "CLASS_NAMES", "REGRESSION_NAMES",
+    "sequence_outputs",
     "float_free_outputs",
     "measure", "deviations", "TaskJudge", "perturbation_draws", "perturbation_roles", "unmoved", "moves_nothing",
     "FLOOR_DRAWS",
