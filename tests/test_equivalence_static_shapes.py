@@ -188,6 +188,23 @@ def test_a_concat_of_pieces_with_elements_keeps_every_piece():
     assert _proved(original, _model("y = Identity(x)", signature.replace("float[N, 5] y", "float[N, 3] y"))) \
         == {"y": False}
 
+
+def test_a_concat_of_no_empty_piece_is_numbered_without_inferring_ranks(monkeypatch):
+    # TopK's outputs have no rank by definition here, so a piece's rank is onnx's shape
+    # inference's to say: a Concat none of whose pieces is empty along any dim needs no
+    # rank, and none is inferred
+    import optcc.numerics.equivalence as equivalence
+    from calls import first_arguments
+
+    signature = "g (float[2, 3] x) => (float y)"
+    body = "k = Constant<value = int64[1] {2}>()\n    v, i = TopK(x, k)\n    y = Concat<axis = 1>(v, v)"
+    original = _model(body, signature)
+    inferred = first_arguments(monkeypatch, equivalence, "_inferred_ranks")
+    assert _proved(original, _model(body, signature)) == {"y": True}
+    assert inferred == []
+    feeds = {"x": np.arange(-3, 3, dtype=np.float32).reshape(2, 3)}
+    assert _same_on(original, _model(body, signature), feeds)
+
 _TARGET_SIGNATURE = "g (float[N, 64] x, float[K] k) => (float[M, 32] y)"
 _TARGET = """
     zero = Constant<value = int64[1] {0}>()
