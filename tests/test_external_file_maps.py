@@ -12,36 +12,27 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import optcc
-from optcc.runtime import make_session
 from optcc.ir.external_files import FILE_KEY
+from optcc.runtime import make_session
+from reference import FUSION_RTOL, assert_close, expected_outputs_float64
+from test_large_model import _chain_model
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 
 WIDTH = 1024  # 4 MiB float32 weights: handed to onnxruntime in place, not copied into its proto
-DATA = "mlp.data"
+DATA = "chain.data"
 
 
-def _model(folder: Path, rng: np.random.Generator) -> tuple[Path, dict[str, np.ndarray]]:
-    """x -> MatMul W1 -> Tanh -> MatMul W2 -> Add b -> y, weights in one external file."""
-    weights = {"W1": (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32),
-               "W2": (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32),
-               "b": rng.standard_normal(WIDTH).astype(np.float32)}
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W1"], ["m1"]), helper.make_node("Tanh", ["m1"], ["t"]),
-         helper.make_node("MatMul", ["t", "W2"], ["m2"]), helper.make_node("Add", ["m2", "b"], ["y"])],
-        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, WIDTH])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, WIDTH])],
-        [numpy_helper.from_array(a, n) for n, a in weights.items()])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    path = folder / "mlp.onnx"
-    onnx.save_model(proto, path, save_as_external_data=True, location=DATA, size_threshold=0)
-    return path, weights
+def _model(folder: Path, seed: int) -> Path:
+    """x -> (MatMul W_i -> Add b_i -> Relu) * 2, weights in one external file."""
+    path = folder / "chain.onnx"
+    onnx.save_model(_chain_model(WIDTH, 2, np.random.default_rng(seed)), path,
+                    save_as_external_data=True, location=DATA, size_threshold=0)
+    return path
 
 
 def _maps_of(data: Path) -> int:
@@ -52,7 +43,7 @@ def _maps_of(data: Path) -> int:
 
 
 def _feeds() -> dict[str, np.ndarray]:
-    return {"x": np.random.default_rng(1).standard_normal((4, WIDTH)).astype(np.float32)}
+    return {"x": np.random.default_rng(1).standard_normal((2, WIDTH)).astype(np.float32)}
 
 
 def _onnxruntime(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -61,31 +52,27 @@ def _onnxruntime(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
-def _float64(weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-    w = {k: v.astype(np.float64) for k, v in weights.items()}
-    return np.tanh(x.astype(np.float64) @ w["W1"]) @ w["W2"] + w["b"]
+def _checked(got: np.ndarray, path: Path, feeds: dict[str, np.ndarray], what: str) -> None:
+    """``got`` against onnxruntime and numpy float64 on the original file at ``path``."""
+    np.testing.assert_allclose(got, _onnxruntime(path, feeds), rtol=FUSION_RTOL, atol=FUSION_RTOL)
+    assert_close([got], expected_outputs_float64(onnx.load(str(path)), feeds), FUSION_RTOL, what=what)
+    gc.collect()  # onnxruntime's own map of the file goes with its session
 
 
 def test_two_sessions_of_one_model_read_one_map_of_its_file(tmp_path: Path) -> None:
-    path, weights = _model(tmp_path, np.random.default_rng(0))
+    path = _model(tmp_path, 0)
     data = tmp_path / DATA
     feeds = _feeds()
-    want = _onnxruntime(path, feeds)  # before any map of ours: onnxruntime's own is gone with its session
-    gc.collect()
-    assert _maps_of(data) == 0
     model = optcc.ir.load(path)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     first = make_session(model, scratch=scratch)
     second = make_session(model, scratch=scratch)
     assert _maps_of(data) == 1, "each session mapped the data file on its own"
-    for got in (first.run(None, feeds)[0], second.run(None, feeds)[0]):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(got, _float64(weights, feeds["x"]), rtol=1e-4, atol=1e-4)
-    tensor = model.graph.initializers["W1"].const_value
-    assert isinstance(tensor, ir.ExternalTensor)
-    file = tensor.meta[FILE_KEY]
+    file = model.graph.initializers["W0"].const_value.meta[FILE_KEY]
     assert all(v.const_value.meta[FILE_KEY] is file for v in model.graph.initializers.values())
+    _checked(first.run(None, feeds)[0], path, feeds, "first session vs the original")
+    _checked(second.run(None, feeds)[0], path, feeds, "second session vs the original")
     del first
     gc.collect()
     assert file.is_mapped() and _maps_of(data) == 1, "the map closed while a session still reads it"
@@ -96,17 +83,13 @@ def test_two_sessions_of_one_model_read_one_map_of_its_file(tmp_path: Path) -> N
 
 
 def test_an_optimization_run_releases_every_map_of_the_weights(tmp_path: Path) -> None:
-    path, weights = _model(tmp_path, np.random.default_rng(2))
+    path = _model(tmp_path, 2)
     data = tmp_path / DATA
-    feeds = _feeds()
-    want = _onnxruntime(path, feeds)
-    gc.collect()
     assert _maps_of(data) == 0
     result = optcc.optimize(path, level=2)
     gc.collect()
     assert _maps_of(data) == 0, "a session of the run's checks (or its map) outlived the run"
-    out = tmp_path / "out" / "mlp.opt.onnx"
+    out = tmp_path / "out" / "chain.opt.onnx"
     out.parent.mkdir()
     result.save(out)
-    np.testing.assert_allclose(_onnxruntime(out, feeds), want, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(_onnxruntime(out, feeds), _float64(weights, feeds["x"]), rtol=1e-4, atol=1e-4)
+    _checked(_onnxruntime(out, _feeds()), path, _feeds(), "optimized vs the original")
