@@ -13,6 +13,7 @@ from optcc.ir.arrays import decoded, filled_view, fresh, repeated_values, share_
 from optcc.ir.collector import clone, collect_for, collector_paused
 from optcc.ir.dequantized import dequantized_array, drop_dequantization, stored_bits, stored_levels
 from optcc.ir.data_movement import reshaped, squeezed, unsqueezed
+from optcc.ir.external_files import mapped, stored_bytes
 from optcc.ir.edit import ModelNames, constant_before, constant_for, as_numpy, const_array, const_tensor, initializers_are_constant, is_constant, overridable_inputs, inferred_dtypes, unique_prefix, unique_value_name, value_names
 from optcc.ir.layout_maps import LAYOUT_FREE_BINARY, LAYOUT_FREE_UNARY, AxisMap, broadcasts, carried_back, carried_pads, compose, full_pads, same_operand, squeeze_map
 from optcc.ir.legacy import upgrade_legacy_ir
@@ -24,6 +25,8 @@ from optcc.ir.saving import EXTERNAL_DATA_THRESHOLD_BYTES, PROTOBUF_LIMIT_BYTES,
 from optcc.ir.walk import ancestors, default_opset, element_type, external_data_files, first_order_problem, graphs, histogram_and_weight_bytes, holds_op_type, nodes, op_histogram, proto_graphs, subgraphs, tensor_protos, uses_external_data, weight_bytes
 
 __all__ = [
+    "mapped",
+    "stored_bytes",
     "ancestors",
     "AxisMap",
     "LAYOUT_FREE_BINARY",

@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from optcc.ir.external_files import mapped
+
 __all__ = ["ARRAY_KEY", "KEEP_MAX_BYTES", "decoded", "filled_view", "fresh", "repeated_values", "share_decoded"]
 
 ARRAY_KEY = "optcc.array"  # the tensor's meta entry: its decoded array, read-only
@@ -30,10 +32,11 @@ def decoded(tensor: ir.TensorProtocol, *, keep_large: bool = False) -> np.ndarra
     """``tensor.numpy()``. A parsed tensor's array is decoded once and shared, read-only,
     by every caller: those of at most ``KEEP_MAX_BYTES`` (any size with ``keep_large``)
     are kept in its metadata; a larger one is returned as decoded (writable) and not
-    kept. Any other tensor's ``numpy()`` is returned as it is. Callers never write to the
+    kept. An external tensor's values are a view of its file's shared map
+    (``external_files.mapped``); any other tensor's ``numpy()`` is returned as it is. Callers never write to the
     array."""
     if type(tensor) is not _PROTO_TENSOR:  # ``type``: isinstance checks of onnx-ir's classes are slow
-        return tensor.numpy()
+        return mapped(tensor) if isinstance(tensor, ir.ExternalTensor) else tensor.numpy()
     meta = tensor.meta
     array = meta.data.get(ARRAY_KEY)  # the store's own dict: its Mapping methods are slow
     if array is None:

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from optcc.errors import BadInputError, UnsafeInputError
 from optcc.ir.collector import collector_paused
+from optcc.ir.external_files import mapped, share_files
 from optcc.ir.legacy import upgrade_legacy_ir
 from optcc.ir.packed_attributes import packed_for_load, put_packed
 from optcc.ir.interface import (FILLED_INTERFACE_KEY, _apply_fills, _interface_fills, _restore, negative_dims_unknown,
@@ -191,6 +192,7 @@ def _from_proto(
                 model = ir.serde.deserialize_model(proto)
                 put_packed(model, packed)
             _own_tensors(model)
+            share_files(model)
             if unlisted:
                 upgrade_legacy_ir(model)
         except Exception as e:  # onnx-ir rejects some malformed protos the checker lets through
@@ -300,8 +302,9 @@ def attributes_in_memory(model: ir.Model) -> list[tuple[ir.Node, str, ir.Attr]]:
 
 
 def in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
-    """An in-memory copy of a tensor read from an external data file."""
-    return ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string)
+    """An in-memory copy of a tensor read from an external data file (through its file's
+    shared map, ``external_files``: no map of the file stays open for it)."""
+    return ir.Tensor(mapped(tensor).copy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string)
 
 
 def _own_tensors(model: ir.Model) -> None:

@@ -555,7 +555,9 @@ class _Numbering:
             try:
                 stored = self._repeated_bytes(tensor, proto, dtype) if proto is not None else None
                 if stored is None:
-                    stored = tensor.tobytes()
+                    # an external tensor's read from its file: onnx-ir's tobytes() maps the
+                    # whole file and keeps that map as long as the tensor
+                    stored = oir.stored_bytes(tensor) if isinstance(tensor, ir.ExternalTensor) else tensor.tobytes()
             except ValueError:  # e.g. an undefined type: a key equal to nothing
                 stored = None
             key = self.unique() if stored is None else self.intern(("bytes", int(dtype), dims, stored))

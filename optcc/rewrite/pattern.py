@@ -191,7 +191,8 @@ def _const_array(value: ir.Value, legacy_initializers: bool = False,
 
 
 def _tensor_numpy(tensor: ir.TensorProtocol) -> np.ndarray:
-    return tensor.numpy()
+    # an external tensor through its file's shared map (onnx-ir's own would stay open with the tensor)
+    return oir.mapped(tensor) if isinstance(tensor, ir.ExternalTensor) else tensor.numpy()
 
 
 class Match:

@@ -7,10 +7,11 @@ kept off stderr, and models with external data loaded from a file rather than by
 An onnx-ir model with external data (or too large for one protobuf) is never copied for
 its session: its graph is serialized (small external tensors, such as axes, inlined) with
 its large initializers as placeholders, and the session receives each of them as a
-read-only memory map of the tensor's own file region, or as the in-memory array itself
+view of the one read-only memory map of its file that every live session shares
+(``optcc.ir.external_files``), or as the in-memory array itself
 (``optcc.runtime.shared_weights``). onnxruntime reads the weights where they are:
-pre-packing is off (it copies every MatMul/Gemm weight), and the maps close with the
-session, so no page of them stays resident afterwards. Such a session runs nodes in
+pre-packing is off (it copies every MatMul/Gemm weight), and a map closes with the
+last session reading it, so no page of them stays resident afterwards. Such a session runs nodes in
 onnxruntime's priority-based order, which makes the float32 copy of a float16 weight
 (onnxruntime's CPU kernels read float16 through float32) where it is read instead of all
 of them first. A model file with external data (or past protobuf's limit) also loads
@@ -242,12 +243,11 @@ def _external_in_bodies(model: ir.Model) -> bool:
 
 
 def _mapped(tensor: ir.TensorProtocol) -> np.ndarray:
-    """The tensor's values without a copy: an external tensor's file region mapped
-    read-only (a map of its own, closed when the array goes), an in-memory one as is."""
+    """The tensor's values without a copy: an external tensor's file region as a view of
+    its file's one read-only map (``optcc.ir.external_files``: unmapped when its last
+    view goes), an in-memory one as is."""
     if isinstance(tensor, ir.ExternalTensor) and tensor.size > 0:
-        dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
-        return np.memmap(tensor.path, dtype=dtype, mode="r", offset=tensor.offset or 0,
-                         shape=tuple(tensor.shape.numpy()))
+        return oir.mapped(tensor)
     array = np.asarray(tensor.numpy())
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
 
