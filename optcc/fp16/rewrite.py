@@ -483,6 +483,8 @@ class Emulator(Rewriter):
                             and (self._all_readers_convert(value) or value.name in self.store16):
                         if spill:
                             rounded[(id(graph), value)] = self._read_float16(graph, value)
+                        elif self.weights is not None:  # one rounded copy shared by every candidate
+                            value.const_value = self.weights.rounded(value.const_value, value.name or "")
                         else:
                             value.const_value = ir.tensor(_rounded(value.const_value.numpy()), name=value.name)
             for node in graph:  # Constants stored float16 but read in float32
