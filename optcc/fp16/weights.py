@@ -5,9 +5,10 @@ the conversion evaluates and by the converted model itself.
 memory, as ``ir.tensor`` of the converted array, every time it is asked (small models:
 nothing to share). Its ``rounded`` tensors (float32 holding float16's values, which the
 emulated candidates read) are made once per source tensor and shared by every candidate:
-a search over many candidates then holds one rounded copy of the weights, not one each. ``spill=True`` (models with external data) writes each float16 tensor
-once into a file of a temporary folder and hands out one ``ExternalTensor`` for it (or,
-asked for, an in-memory copy read back from that file): the
+a search over many candidates then holds one rounded copy of the weights, not one each.
+``spill=True`` (models with external data) writes each float16 tensor once into a file
+of a temporary folder and hands out one ``ExternalTensor`` for it (or, asked for, an
+in-memory copy read back from that file): the
 source is read from its own file in bounded chunks (never through onnx-ir's memory map,
 whose pages would stay resident), so no float32 or float16 copy of all weights is ever
 held in memory. The folder lives as long as any tensor made in it (each holds it), so
@@ -27,11 +28,11 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from optcc.fp16.rewrite import FP16_MAX, FLOAT16, RewriteStats, _rounded, _to_float16
+from optcc.fp16.rewrite import FP16_MAX, FLOAT16, RewriteStats, _rounded, _to_float16, flat_chunks
 
 __all__ = ["Float16Weights"]
 
-_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 at a time
+_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 at a time, read from a file
 _ALIGN = 4096
 
 
@@ -55,9 +56,7 @@ def _float32_chunks(tensor: ir.TensorProtocol) -> Iterator[np.ndarray]:
                 yield np.frombuffer(data, dtype="<f4").astype(np.float32, copy=False)
                 left -= count
         return
-    flat = np.asarray(tensor.numpy(), dtype=np.float32).reshape(-1)
-    for start in range(0, flat.size, _CHUNK_ELEMENTS):
-        yield flat[start:start + _CHUNK_ELEMENTS]
+    yield from flat_chunks(np.asarray(tensor.numpy(), dtype=np.float32))
 
 
 def _rounded_in_chunks(tensor: ir.TensorProtocol) -> np.ndarray:
