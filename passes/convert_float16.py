@@ -760,8 +760,8 @@ class ConvertFloat16Pass(optcc.Pass):
                     continue
                 if USER_BLOCK in why or any(w and UNRUN_BRANCH in w for w in why):
                     continue  # rounded weights of an unrun branch: no sample would check them
-                finite = array[np.isfinite(array)]
-                if finite.size and float(np.abs(finite).max()) < FP16_MAX and \
+                peak = fp16.ranges.finite_abs_max(array)
+                if peak is not None and peak < FP16_MAX and \
                         fp16.ranges.float16_rounding_sqnr_db(array) >= UNDERFLOW_SQNR_DB:
                     lossy[value.name] = int(array.size)
         return exact, lossy

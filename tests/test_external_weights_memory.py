@@ -269,3 +269,32 @@ def test_model_with_small_constants_in_external_data_is_verified(tmp_path: Path)
     out.mkdir()
     result.save(out / "m.onnx")
     np.testing.assert_allclose(make_session(str(out / "m.onnx")).run(None, feeds)[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_float16_candidates_of_in_memory_models_share_one_rounded_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every emulated candidate of a model held in memory reads the same float32 arrays of
+    float16-rounded weights: a search over n candidates holds one rounded copy, not n."""
+    proto, weights = _mlp(np.random.default_rng(10))
+    feeds = _feeds(11)
+    seen = _spy_candidates(monkeypatch)
+    # 72 dB: the accuracy fallback judges several candidates
+    result = ConvertFloat16Pass(inputs=[feeds], min_sqnr_db=72.0)(optcc.ir.load(proto))
+    assert len(seen) >= 3, "the fallback judged too few candidates to compare"
+    rounded_arrays: dict[str, list[np.ndarray]] = {"W1": [], "W2": []}
+    for candidate in seen:
+        for name in rounded_arrays:
+            value = candidate.graph.initializers.get(name)
+            if value is None or value.dtype != ir.DataType.FLOAT:
+                continue
+            array = value.const_value.numpy()
+            if not np.array_equal(array, weights[name]):  # rounded (a float32 node's weight stays as given)
+                np.testing.assert_array_equal(array, weights[name].astype(np.float16).astype(np.float32))
+                rounded_arrays[name].append(array)
+    assert any(len(arrays) >= 2 for arrays in rounded_arrays.values()), "no weight was rounded twice"
+    for arrays in rounded_arrays.values():
+        assert all(a.dtype == np.float32 and a is arrays[0] for a in arrays), "a candidate made its own copy"
+    # the converted model against numpy float64 on the original weights
+    session = make_session(optcc.ir.serialize(result.model))
+    got = session.run(None, feeds)[0].astype(np.float64)
+    want = _reference(weights, feeds["x"])
+    assert np.abs(got - want).max() < 1e-2 * np.abs(want).max()

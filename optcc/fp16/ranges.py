@@ -29,6 +29,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from optcc import ir as oir
+from optcc.fp16.rewrite import flat_chunks
 from optcc.numerics.metrics import sqnr_db as powers_db
 from optcc.runtime import detached, make_session, session_options
 
@@ -66,10 +67,22 @@ class TensorRange:
 def float16_rounding_sqnr_db(array: np.ndarray) -> float:
     """SQNR of ``array`` against itself stored in float16 (values beyond +-65504 clamped):
     about 70 dB for normal values; far lower when values that carry the signal flush to 0."""
-    a = np.asarray(array, dtype=np.float64)
-    a = a[np.isfinite(a)]
-    rounded = np.clip(a, -65504.0, 65504.0).astype(np.float16).astype(np.float64)
-    return sqnr_db(a, rounded)
+    signal = noise = 0.0
+    for chunk in flat_chunks(array):  # a chunk's float64 temporaries at a time
+        a = np.asarray(chunk, dtype=np.float64)
+        a = a[np.isfinite(a)]
+        rounded = np.clip(a, -65504.0, 65504.0).astype(np.float16).astype(np.float64)
+        signal += float(np.sum(a ** 2))
+        noise += float(np.sum((a - rounded) ** 2))
+    return powers_db(signal, noise)
+
+
+def finite_abs_max(array: np.ndarray) -> float | None:
+    """The largest |x| over the finite values of ``array`` (None: none is finite), read a
+    chunk at a time."""
+    peaks = [float(np.abs(finite).max()) for chunk in flat_chunks(array)
+             if (finite := chunk[np.isfinite(chunk)]).size]
+    return max(peaks) if peaks else None
 
 
 def with_all_outputs(model: ir.Model) -> onnx.ModelProto:

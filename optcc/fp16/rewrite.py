@@ -159,11 +159,20 @@ def _rounded(array: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(array), clipped, array).astype(np.float32)
 
 
+CHUNK_ELEMENTS = 1 << 20  # whole-weight checks hold a chunk's temporaries, not the weight's
+
+
+def flat_chunks(array: np.ndarray) -> Iterable[np.ndarray]:
+    """``array``'s values in order, as views of at most ``CHUNK_ELEMENTS`` values."""
+    flat = np.asarray(array).reshape(-1)
+    return (flat[start:start + CHUNK_ELEMENTS] for start in range(0, flat.size, CHUNK_ELEMENTS))
+
+
 def exactly_float16(array: np.ndarray) -> bool:
     """Whether every value of a float32 array survives float32 -> float16 -> float32."""
     with np.errstate(over="ignore"):
-        back = array.astype(np.float16).astype(np.float32)
-    return bool(np.array_equal(back, array, equal_nan=True))
+        return all(np.array_equal(chunk.astype(np.float16).astype(np.float32), chunk, equal_nan=True)
+                   for chunk in flat_chunks(array))
 
 
 class Rewriter:
@@ -483,6 +492,8 @@ class Emulator(Rewriter):
                             and (self._all_readers_convert(value) or value.name in self.store16):
                         if spill:
                             rounded[(id(graph), value)] = self._read_float16(graph, value)
+                        elif self.weights is not None:  # one rounded copy shared by every candidate
+                            value.const_value = self.weights.rounded(value.const_value, value.name or "")
                         else:
                             value.const_value = ir.tensor(_rounded(value.const_value.numpy()), name=value.name)
             for node in graph:  # Constants stored float16 but read in float32

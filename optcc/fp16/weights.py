@@ -3,9 +3,12 @@ the conversion evaluates and by the converted model itself.
 
 ``Float16Weights(spill=False)`` (models held in memory) makes each float16 tensor in
 memory, as ``ir.tensor`` of the converted array, every time it is asked (small models:
-nothing to share). ``spill=True`` (models with external data) writes each float16 tensor
-once into a file of a temporary folder and hands out one ``ExternalTensor`` for it (or,
-asked for, an in-memory copy read back from that file): the
+nothing to share). Its ``rounded`` tensors (float32 holding float16's values, which the
+emulated candidates read) are made once per source tensor and shared by every candidate:
+a search over many candidates then holds one rounded copy of the weights, not one each.
+``spill=True`` (models with external data) writes each float16 tensor once into a file
+of a temporary folder and hands out one ``ExternalTensor`` for it (or, asked for, an
+in-memory copy read back from that file): the
 source is read from its own file in bounded chunks (never through onnx-ir's memory map,
 whose pages would stay resident), so no float32 or float16 copy of all weights is ever
 held in memory. The folder lives as long as any tensor made in it (each holds it), so
@@ -25,11 +28,11 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from optcc.fp16.rewrite import FP16_MAX, FLOAT16, RewriteStats, _to_float16
+from optcc.fp16.rewrite import FP16_MAX, FLOAT16, RewriteStats, _rounded, _to_float16, flat_chunks
 
 __all__ = ["Float16Weights"]
 
-_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 at a time
+_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 at a time, read from a file
 _ALIGN = 4096
 
 
@@ -53,9 +56,18 @@ def _float32_chunks(tensor: ir.TensorProtocol) -> Iterator[np.ndarray]:
                 yield np.frombuffer(data, dtype="<f4").astype(np.float32, copy=False)
                 left -= count
         return
-    flat = np.asarray(tensor.numpy(), dtype=np.float32).reshape(-1)
-    for start in range(0, flat.size, _CHUNK_ELEMENTS):
-        yield flat[start:start + _CHUNK_ELEMENTS]
+    yield from flat_chunks(np.asarray(tensor.numpy(), dtype=np.float32))
+
+
+def _rounded_in_chunks(tensor: ir.TensorProtocol) -> np.ndarray:
+    """``_rounded`` of the tensor's values, computed a chunk at a time into one array (its
+    temporaries are a chunk's, not several copies of the whole tensor)."""
+    out = np.empty(tuple(tensor.shape.numpy()), dtype=np.float32)
+    flat, start = out.reshape(-1), 0
+    for chunk in _float32_chunks(tensor):
+        flat[start:start + chunk.size] = _rounded(chunk)
+        start += chunk.size
+    return out
 
 
 class Float16Weights:
@@ -64,6 +76,8 @@ class Float16Weights:
     def __init__(self, spill: bool) -> None:
         self.spill = spill
         self._made: dict[int, tuple[ir.TensorProtocol, ir.TensorProtocol, str | None]] = {}
+        # per source tensor (kept, so that its id is not reused): its rounded float32 tensor
+        self._rounded: dict[int, tuple[ir.TensorProtocol, ir.TensorProtocol]] = {}
         self._folder: tempfile.TemporaryDirectory | None = None
         self._file: str | None = None
         self._end = 0
@@ -89,6 +103,16 @@ class Float16Weights:
                 array = np.frombuffer(f.read(half.nbytes), dtype="<f2").astype(np.float16, copy=False)
             half = ir.tensor(array.reshape(half.shape.numpy()), name=name)
         return half, note
+
+    def rounded(self, tensor: ir.TensorProtocol, name: str) -> ir.TensorProtocol:
+        """Float32 ``tensor`` as float16 storage gives it back, in float32 (clamped to
+        +-65504, non-finite kept), named ``name``: made once per source tensor, in bounded
+        chunks, and the same tensor for every later call."""
+        made = self._rounded.get(id(tensor))
+        if made is None or made[0] is not tensor:
+            made = (tensor, ir.tensor(_rounded_in_chunks(tensor), name=name))
+            self._rounded[id(tensor)] = made
+        return made[1]
 
     def _spill(self, tensor: ir.TensorProtocol, name: str) -> tuple[ir.TensorProtocol, str | None]:
         if self._folder is None:
