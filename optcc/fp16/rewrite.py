@@ -322,7 +322,7 @@ class Rewriter:
                     continue
                 out = node.outputs[0]
                 if self._all_readers_convert(out) or out.name in self.store16:
-                    array = _to_float16(tensor.numpy(), out.name or "", self.stats)
+                    array = _to_float16(oir.decoded(tensor), out.name or "", self.stats)
                     node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array, name=out.name))
                     self._set16(out)
                     self.stats.initializers_converted += 1
@@ -335,7 +335,7 @@ class Rewriter:
             self.stats.clamped.extend([note] if note else [])
             value.const_value = half
         else:
-            array = _to_float16(value.const_value.numpy(), value.name or "", self.stats)
+            array = _to_float16(oir.decoded(value.const_value), value.name or "", self.stats)
             value.const_value = ir.tensor(array, name=value.name)
         self._set16(value)
         self.stats.initializers_converted += 1
@@ -392,7 +392,7 @@ class Rewriter:
             copy = None
             if (value.is_initializer() and not value.is_graph_input() and tensor is not None
                     and tensor.dtype == FLOAT and tensor.size <= COPY_MAX_ELEMENTS and isinstance(owner, ir.Graph)):
-                array = tensor.numpy()
+                array = oir.decoded(tensor)
                 if not (np.abs(array[np.isfinite(array)]) > FP16_MAX).any():
                     name = self.names.value(f"{value.name}_float16")
                     copy = ir.Value(name=name, type=ir.TensorType(FLOAT16), shape=value.shape,

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
+from optcc import ir as oir
 from optcc.fp16.rewrite import FP16_MAX, FLOAT16, RewriteStats, _rounded, _to_float16, flat_chunks
 
 __all__ = ["Float16Weights"]
@@ -56,7 +57,7 @@ def _float32_chunks(tensor: ir.TensorProtocol) -> Iterator[np.ndarray]:
                 yield np.frombuffer(data, dtype="<f4").astype(np.float32, copy=False)
                 left -= count
         return
-    yield from flat_chunks(np.asarray(tensor.numpy(), dtype=np.float32))
+    yield from flat_chunks(np.asarray(oir.decoded(tensor), dtype=np.float32))
 
 
 def _rounded_in_chunks(tensor: ir.TensorProtocol) -> np.ndarray:
@@ -89,7 +90,7 @@ class Float16Weights:
         when spilling (the same values, read back from the file)."""
         if not self.spill:
             stats = RewriteStats()
-            array = _to_float16(tensor.numpy(), name, stats)
+            array = _to_float16(oir.decoded(tensor), name, stats)
             return ir.tensor(array, name=name), (stats.clamped[0] if stats.clamped else None)
         made = self._made.get(id(tensor))
         if made is None or made[0] is not tensor:
