@@ -36,7 +36,7 @@ def decoded(tensor: ir.TensorProtocol, *, keep_large: bool = False) -> np.ndarra
     (``external_files.mapped``); any other tensor's ``numpy()`` is returned as it is. Callers never write to the
     array."""
     if type(tensor) is not _PROTO_TENSOR:  # ``type``: isinstance checks of onnx-ir's classes are slow
-        return mapped(tensor) if isinstance(tensor, ir.ExternalTensor) else tensor.numpy()
+        return mapped(tensor)
     meta = tensor.meta
     array = meta.data.get(ARRAY_KEY)  # the store's own dict: its Mapping methods are slow
     if array is None:

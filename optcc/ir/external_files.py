@@ -55,11 +55,13 @@ class ExternalFile:
         return flat.reshape(tuple(tensor.shape.numpy()))
 
 
-def mapped(tensor: ir.ExternalTensor) -> np.ndarray:
-    """``tensor.numpy()`` without onnx-ir's map of its own: a view of its file's shared map
-    (a tensor no load shared a file with gets one of its own, kept in its metadata)."""
-    if tensor.dtype not in _WHOLE_BYTES or tensor.size == 0 or tensor.raw is not None:
-        return tensor.numpy()  # unpacked, empty, or already read through onnx-ir's map
+def mapped(tensor: ir.TensorProtocol) -> np.ndarray:
+    """``tensor.numpy()``; an external tensor's without onnx-ir's map of its own: a view of
+    its file's shared map (a tensor no load shared a file with gets one of its own, kept in
+    its metadata)."""
+    if not isinstance(tensor, ir.ExternalTensor) or tensor.dtype not in _WHOLE_BYTES or tensor.size == 0 \
+            or tensor.raw is not None:
+        return tensor.numpy()  # in memory, unpacked, empty, or already read through onnx-ir's map
     file = tensor.meta.get(FILE_KEY)
     if file is None:
         file = tensor.meta[FILE_KEY] = ExternalFile()
@@ -79,9 +81,11 @@ def share_files(model: ir.Model) -> None:
                 tensor.meta[FILE_KEY] = files.setdefault(os.path.normpath(tensor.location), ExternalFile())
 
 
-def stored_bytes(tensor: ir.ExternalTensor) -> bytes:
-    """``tensor.tobytes()`` (its bytes as the file stores them) read from its file, with no
-    map of it left open."""
+def stored_bytes(tensor: ir.TensorProtocol) -> bytes:
+    """``tensor.tobytes()``; an external tensor's (its bytes as the file stores them) read
+    from its file, with no map of it left open."""
+    if not isinstance(tensor, ir.ExternalTensor):
+        return tensor.tobytes()
     with open(tensor.path, "rb") as f:
         f.seek(tensor.offset or 0)
         return f.read(tensor.length if tensor.length is not None else tensor.nbytes)

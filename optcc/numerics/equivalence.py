@@ -557,7 +557,7 @@ class _Numbering:
                 if stored is None:
                     # an external tensor's read from its file: onnx-ir's tobytes() maps the
                     # whole file and keeps that map as long as the tensor
-                    stored = oir.stored_bytes(tensor) if isinstance(tensor, ir.ExternalTensor) else tensor.tobytes()
+                    stored = oir.stored_bytes(tensor)
             except ValueError:  # e.g. an undefined type: a key equal to nothing
                 stored = None
             key = self.unique() if stored is None else self.intern(("bytes", int(dtype), dims, stored))

@@ -80,8 +80,7 @@ def restore_stored(model: ir.Model, stored: Sequence[StoredWeight]) -> dict[str,
         if (not candidates or value.dtype != ir.DataType.FLOAT or value.const_value is None or not value.uses()
                 or value in inputs or value in outputs):
             continue
-        tensor = value.const_value
-        array = oir.mapped(tensor) if isinstance(tensor, ir.ExternalTensor) else tensor.numpy()
+        array = oir.mapped(value.const_value)
         digest = _digest(array)
         weight = next((w for w in candidates if w.digest == digest and np.array_equal(w.product(), array)), None)
         if weight is None or weight.levels.nbytes + weight.scale.nbytes >= array.nbytes:

@@ -192,7 +192,7 @@ def _const_array(value: ir.Value, legacy_initializers: bool = False,
 
 def _tensor_numpy(tensor: ir.TensorProtocol) -> np.ndarray:
     # an external tensor through its file's shared map (onnx-ir's own would stay open with the tensor)
-    return oir.mapped(tensor) if isinstance(tensor, ir.ExternalTensor) else tensor.numpy()
+    return oir.mapped(tensor)
 
 
 class Match:
