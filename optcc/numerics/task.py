@@ -589,13 +589,13 @@ def metric_choice(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
     if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
         return "sqnr", "no float values to read a task from"
     if a.ndim == 2 and a.shape[-1] >= 2:
-        if _regression_named(name):
+        if _named_as(name, REGRESSION_NAMES):
             return "sqnr", "[N, C] named as coordinates or measured values"
         if any(word in name.lower() for word in EMBEDDING_NAMES):
             return "embedding", "[N, D] named as a pooled vector"
         if _unit_rows(values):
             return "embedding", "[N, D] rows of Euclidean length 1: an L2-normalized embedding"
-        if _positive_scores(values) and not _class_named(name):
+        if _positive_scores(values) and not _named_as(name, CLASS_NAMES):
             return "sqnr", ("[N, C] positive values above 1 within one order of magnitude: scores on a scale, "
                             "not classes")
         if _confident_somewhere(values):
@@ -616,7 +616,7 @@ def metric_choice(samples: np.ndarray | Sequence[np.ndarray], name: str = "") ->
         if _saturated(values):
             return "detection-map", "a map in [0, 1], near 0 or 1 almost everywhere: a detector's probability map"
         return "sqnr", "a map in [0, 1] with many pixels in between: no user thresholds it into boxes"
-    if _decision_per_sample(values) and not _regression_named(name):
+    if _decision_per_sample(values) and not _named_as(name, REGRESSION_NAMES):
         return "threshold", "[N, 1] or a few [N] in [0, 1]: one probability per item, decided at 0.5"
     layout = box_layout(a)
     if layout is not None:
@@ -646,17 +646,12 @@ def _decision_per_sample(values: Sequence[np.ndarray]) -> bool:
     return both_sides or _saturated(values)
 
 
-def _class_named(name: str) -> bool:
-    """Whether a word of ``name`` begins with one of ``CLASS_NAMES``: the output is a
-    classifier's, whose shifted or scaled scores (logits offset to all-positive,
-    probabilities in percent) still decide by their largest entry."""
-    return any(token.startswith(CLASS_NAMES) for token in re.split(r"[^a-z0-9]+", name.lower()))
-
-
-def _regression_named(name: str) -> bool:
-    """Whether a word of ``name`` begins with one of ``REGRESSION_NAMES``: the output is
-    coordinates or measured values, whatever its shape."""
-    return any(token.startswith(REGRESSION_NAMES) for token in re.split(r"[^a-z0-9]+", name.lower()))
+def _named_as(name: str, words: tuple[str, ...]) -> bool:
+    """Whether a word of ``name`` begins with one of ``words``: ``REGRESSION_NAMES`` call
+    the output coordinates or measured values, whatever its shape; ``CLASS_NAMES`` a
+    classifier's scores, which still decide by their largest entry when shifted or scaled
+    (logits offset to all-positive, probabilities in percent)."""
+    return any(token.startswith(words) for token in re.split(r"[^a-z0-9]+", name.lower()))
 
 
 def _ctc_or_framewise(values: Sequence[np.ndarray], what: str) -> tuple[str, str]:
