@@ -128,7 +128,8 @@ import optcc
 import optcc.quant
 from optcc.quant import BOUNDED_NOTE, KeptCandidates, fewest_float_layers
 
-__all__ = ["QuantizeWeightsPass", "drop_unused_weights", "embedding_reason", "quantize_gather", "meta_forgotten", "ROWS_KEY"]
+__all__ = ["QuantizeWeightsPass", "drop_unused_weights", "embedding_reason", "quantize_gather", "meta_forgotten",
+           "ROWS_KEY", "summary_reason"]
 
 weight_only = optcc.quant.weight_only
 
