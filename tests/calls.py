@@ -1,10 +1,13 @@
-"""Patched calls a test relies on: recording the first argument of each call of a function
-(``first_arguments``), refusing the renames onto given paths (``refuse_replace``)."""
+"""Calls a test watches: recording the first argument of each call of a function
+(``first_arguments``), refusing the renames onto given paths (``refuse_replace``), the
+peak of the allocations a call makes (``traced_peak``)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +42,14 @@ def refuse_replace(monkeypatch: pytest.MonkeyPatch, *refused: Path) -> None:
         replace(source, target)
 
     monkeypatch.setattr(saving.os, "replace", move)
+
+
+def traced_peak(call: Callable[[], Any]) -> tuple[Any, int]:
+    """``call()``'s result and the peak, in bytes, of the allocations traced while it ran
+    (numpy's arrays included)."""
+    tracemalloc.start()
+    try:
+        result = call()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

@@ -64,15 +64,10 @@ def test_the_ranking_never_holds_a_float64_copy_of_a_whole_weight(monkeypatch) -
     """Numpy's allocations are traced: with blocks of 256 KiB of float64, the most the
     measurement of a 4 MiB float32 weight allocates at once stays below half its float32
     size (a float64 copy of it would be 8 MiB), with runs or without."""
-    import tracemalloc
+    from calls import traced_peak
     from optcc.quant import dynamic_error
     monkeypatch.setattr(dynamic_error, "COLUMN_CHUNK_BYTES", 1 << 18)
     w, runs = _wide_layer(np.random.default_rng(2))
     for measured in ([{"x": a} for a in runs], None):
-        tracemalloc.start()
-        try:
-            errors = dynamic_int8_errors({"y": ("x", w)}, measured)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        errors, peak = traced_peak(lambda: dynamic_int8_errors({"y": ("x", w)}, measured))
         assert errors["y"] > 0 and peak < w.nbytes // 2, peak

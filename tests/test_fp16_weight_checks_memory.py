@@ -5,12 +5,12 @@ time rather than copies of the whole weight (numpy's allocations, traced)."""
 from __future__ import annotations
 
 import math
-import tracemalloc
 
 import numpy as np
 
 from optcc.fp16.ranges import finite_abs_max, float16_rounding_sqnr_db
 from optcc.fp16.rewrite import CHUNK_ELEMENTS, exactly_float16
+from calls import traced_peak
 
 SIZE = 8 * CHUNK_ELEMENTS + 12345  # several chunks and a partial one
 
@@ -47,12 +47,7 @@ def test_checks_match_numpy_on_the_whole_array() -> None:
 def test_checks_hold_a_chunk_of_temporaries_not_the_weight() -> None:
     array = _weight(1)
     for check in (float16_rounding_sqnr_db, finite_abs_max, exactly_float16):
-        tracemalloc.start()
-        try:
-            check(array)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        _, peak = traced_peak(lambda: check(array))
         # a chunk's float64 temporaries, a few times 8 MiB: less than half of one float64
         # copy of the weight (64 MiB), of which a whole-array computation makes several
         assert peak < 8 * SIZE // 2, (check.__name__, peak)

@@ -6,7 +6,6 @@ stores (float64 matmul)."""
 
 from __future__ import annotations
 
-import tracemalloc
 
 import numpy as np
 import onnx
@@ -19,6 +18,7 @@ from onnx import numpy_helper as nh
 
 from optcc.passes.quantize_weights import QuantizeWeightsPass
 from optcc.quant import weight_only
+from calls import traced_peak
 
 K, N = 256, 1024  # 1 MiB of float32: 128 chunks of 2**11 elements
 
@@ -28,23 +28,13 @@ def _weight() -> np.ndarray:
     return (rng.standard_normal((K, N)) * rng.uniform(0.01, 2.0, N)).astype(np.float32)
 
 
-def _peak_while(fn):
-    """fn's result and the peak of traced allocations (numpy's included) while it ran."""
-    tracemalloc.start()
-    try:
-        result = fn()
-        return result, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 @pytest.mark.parametrize("algorithm", ["rtn", "hqq"])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_quantize_works_a_chunk_at_a_time(monkeypatch: pytest.MonkeyPatch, algorithm: str, symmetric: bool) -> None:
     w = _weight()
     whole = weight_only.quantize(w, algorithm, 4, 32, symmetric)  # CHUNK_ELEMENTS holds all of w
     monkeypatch.setattr(weight_only, "CHUNK_ELEMENTS", 1 << 11)
-    chunked, peak = _peak_while(lambda: weight_only.quantize(w, algorithm, 4, 32, symmetric))
+    chunked, peak = traced_peak(lambda: weight_only.quantize(w, algorithm, 4, 32, symmetric))
     assert chunked.q.dtype == (np.int8 if symmetric else np.uint8)
     np.testing.assert_array_equal(chunked.q, whole.q)
     np.testing.assert_array_equal(chunked.scales, whole.scales)
@@ -80,7 +70,7 @@ def test_pass_memory_and_output(monkeypatch: pytest.MonkeyPatch, bits: int) -> N
     model.graph.initializers["W"].const_value = ir.Tensor(w, name="W")  # read in place, as a mapped file is
     monkeypatch.setattr(weight_only, "CHUNK_ELEMENTS", 1 << 11)
     # head_bits=None: the lone MatMul makes the graph output, and `bits` applies to it
-    result, peak = _peak_while(lambda: QuantizeWeightsPass(bits=bits, head_bits=None)(model))
+    result, peak = traced_peak(lambda: QuantizeWeightsPass(bits=bits, head_bits=None)(model))
     assert result.modified
     # the levels held once as int8/uint8 and written once (int4 arrays take a byte a value):
     # about half of w's bytes; int64 levels alone took 2x
