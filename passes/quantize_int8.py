@@ -44,6 +44,10 @@ QGemm, QLinearAdd/Mul, QLinearAveragePool, QLinearConcat, ...):
   result a few levels); so is the input of Sqrt/Reciprocal/Log or a Div's divisor whose
   range comes within ``RELATIVE_STEPS`` 8-bit steps of 0 (its absolute rounding error
   becomes the result's relative error);
+- masked scores stay float: the Add producing a Softmax/LogSoftmax input whose
+  calibrated range is wider than ``MASK_SPAN`` (an attention mask added as -10000 beside
+  scores of a few units) stays a float op (one grid over mask and scores would leave the
+  scores a few levels);
 - ConvTranspose stays float: onnxruntime's CPU provider has no integer ConvTranspose
   (measured with 1.32: a QDQ ConvTranspose runs float, its weights dequantized on every
   run);
@@ -112,6 +116,10 @@ _PASS_THROUGH = SHARED_SCALE_OPS | {"Identity", "Cast"}
 _SINGLE_INPUT_OPS = _WEIGHTED | {"AveragePool", "GlobalAveragePool"}  # other inputs: weights
 INT32_MAX = 2**31 - 1
 _QUANTIZE_CHUNK = 1 << 20  # elements ``_quantize`` rounds at a time (8 MiB of float64 temporaries)
+# A Softmax input more than MASK_SPAN below its row's largest value has probability below
+# exp(-88), under float32's smallest normal number: it is masked, not scored. A calibrated
+# range that wide holds a mask beside the scores (8-bit steps of 0.35 and more).
+MASK_SPAN = 88.0
 CONCAT_SPAN_RATIO = 16  # a Concat whose inputs' ranges differ more stays float (4 bits lost)
 # An Add/Sub whose result's range is more than CANCELLATION_RATIO times narrower than an
 # input's range cancels (a variance written E[x^2] - E[x]^2): inputs rounded to 8 bits over
@@ -340,6 +348,7 @@ class QuantizeInt8Pass(optcc.Pass):
                     plan.compute.pop(node, None)
                     plan.keep("weight shared with a float op")
         self._keep_logits_float(graph, plan)
+        self._keep_masked_scores_float(graph, plan)
         self._keep_precise_inputs_float(graph, plan, rescales)
         self._absorb_activations(graph, plan)
         self._plan_shared(graph, plan, rescales)
@@ -498,6 +507,26 @@ class QuantizeInt8Pass(optcc.Pass):
                     if v is not None and plan.const(v) is None and v not in logits:
                         logits.add(v)
                         stack.append(v)
+
+    def _keep_masked_scores_float(self, graph: ir.Graph, plan: _Plan) -> None:
+        """The Add producing a Softmax/LogSoftmax input (back through data movement) stays
+        a float op when that input's calibrated range is wider than ``MASK_SPAN``: it adds
+        masked positions (an attention mask of -10000 or float32's lowest) to the scores,
+        and one 8-bit grid over both would round every score to a few levels. Other
+        producers (a MatMul of wide scores, a pooled head) keep the usual rules."""
+        for node in graph:
+            if not _is_default(node) or node.op_type not in ("Softmax", "LogSoftmax") or not node.inputs:
+                continue
+            value = node.inputs[0]
+            span = None if value is None else self._span(value)
+            if value is None or span is None or span <= MASK_SPAN:
+                continue
+            while (producer := value.producer()) is not None and producer.graph is graph and \
+                    _is_default(producer) and producer.op_type in _PASS_THROUGH and producer.inputs[0] is not None:
+                value = producer.inputs[0]
+            if producer is not None and producer.op_type == "Add" and producer in plan.compute:
+                del plan.compute[producer]
+                plan.keep(f"masked Softmax input (range wider than {MASK_SPAN:g})")
 
     def _span(self, value: ir.Value) -> float | None:
         """The width of ``value``'s 8-bit grid: its calibrated range widened to contain 0."""
