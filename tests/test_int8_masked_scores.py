@@ -1,8 +1,9 @@
 """INT8: attention scores with an additive padding mask are not rounded to 8 bits.
 
 One 8-bit grid over the masked positions (-10000, or float32's lowest) and the scores (a
-few units) rounds every score to one or two levels: attention turns uniform. The mask's
-Add stays float; without padding in the calibration data the same Add is quantized."""
+few units) rounds every score to one or two levels, and a -inf rounded to the grid's
+lowest level unmasks its position: the mask's Add stays float, whether or not the
+calibration samples are padded. An Add of a bias that masks nothing is quantized."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import pytest
 
 import optcc
 from fixtures.transformers import FLOAT32_MIN, bert_feeds, bert_layer, bert_reference
-from optcc.passes.quantize_int8 import MASK_SPAN, QuantizeInt8Pass
+from optcc.passes.quantize_int8 import QuantizeInt8Pass
 from optcc.quant.calibration import calibrate
 from reference import onnxruntime_outputs
 
 HIDDEN, HEADS = 32, 2
-REASON = f"masked Softmax input (range wider than {MASK_SPAN:g})"
+REASON = "attention mask added to a Softmax input"
 
 
 def _samples(n: int, seed: int, padded: bool = True) -> list[dict[str, np.ndarray]]:
@@ -32,12 +33,21 @@ def _samples(n: int, seed: int, padded: bool = True) -> list[dict[str, np.ndarra
     return samples
 
 
-def _eager_layer(fill: float) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """The eager-export BERT layer with ``fill`` added at masked positions."""
+def _layer(fill: float) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The BERT layer with ``fill`` added at masked positions: -inf as torch's SDPA export
+    writes it (``Where``), a finite fill as the eager export does (``(1 - mask) * fill``)."""
+    if fill == -np.inf:
+        return bert_layer("sdpa", hidden=HIDDEN, heads=HEADS)
     proto, weights = bert_layer("eager", hidden=HIDDEN, heads=HEADS)
     (mask_fill,) = [t for t in proto.graph.initializer if t.name == "f32_min"]
     mask_fill.CopyFrom(nh.from_array(np.array(fill, np.float32), "f32_min"))
     return proto, weights
+
+
+def _quantized(proto: onnx.ModelProto, padded: bool = True) -> optcc.PassResult:
+    model = optcc.ir.load(proto)
+    ranges = calibrate(model, _samples(8, 10, padded), "minmax").ranges
+    return QuantizeInt8Pass(ranges, count_fused=False)(model)
 
 
 def _softmax_input_producer(model) -> str:  # noqa: ANN001
@@ -45,27 +55,25 @@ def _softmax_input_producer(model) -> str:  # noqa: ANN001
     return softmax.inputs[0].producer().op_type
 
 
-@pytest.mark.parametrize("fill", [-10000.0, FLOAT32_MIN])
-def test_masked_scores_stay_float_and_attention_survives(fill: float) -> None:
-    proto, weights = _eager_layer(fill)
-    model = optcc.ir.load(proto)
-    result = QuantizeInt8Pass(calibrate(model, _samples(8, 10), "minmax").ranges, count_fused=False)(model)
-    assert result.stats["kept_float"].get(REASON) == 1, result.stats["kept_float"]
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("fill", [-10000.0, FLOAT32_MIN, -np.inf])
+def test_masked_scores_stay_float_and_attention_survives(fill: float, padded: bool) -> None:
+    proto, weights = _layer(fill)
+    result = _quantized(proto, padded)
+    assert REASON in result.stats["kept_float"], result.stats["kept_float"]
     assert result.stats["quantized"]["MatMul"] == 8  # q, k, v, scores, context, output, both FFN layers
     assert _softmax_input_producer(result.model) == "Add"  # the float mask Add, no DequantizeLinear
     quantized = optcc.ir.serialize(result.model)
-    for feeds in _samples(4, 50):  # fresh samples, judged against float64 numpy
+    for feeds in _samples(4, 50):  # fresh padded samples, judged against float64 numpy
         want = bert_reference(weights, feeds["hidden_states"], feeds["attention_mask"], heads=HEADS)
         got = onnxruntime_outputs(quantized, feeds)[0].astype(np.float64)
         sqnr = 10 * np.log10(np.sum(want**2) / np.sum((got - want) ** 2))
         assert sqnr >= 20, sqnr  # the mask's Add quantized too: 8-12 dB
 
 
-def test_scores_without_padding_are_quantized() -> None:
-    """Calibrated on unpadded samples the Softmax input holds scores only: its Add is
-    quantized like any other."""
-    model = optcc.ir.load(_eager_layer(-10000.0)[0])
-    result = QuantizeInt8Pass(calibrate(model, _samples(8, 10, padded=False), "minmax").ranges,
-                              count_fused=False)(model)
+def test_a_bias_that_masks_nothing_is_quantized() -> None:
+    """-5 at padded positions lowers their weight without removing them: no mask, and
+    its Add is quantized like any other."""
+    result = _quantized(_layer(-5.0)[0])
     assert REASON not in result.stats["kept_float"]
     assert _softmax_input_producer(result.model) == "DequantizeLinear"
