@@ -44,6 +44,10 @@ QGemm, QLinearAdd/Mul, QLinearAveragePool, QLinearConcat, ...):
   result a few levels); so is the input of Sqrt/Reciprocal/Log or a Div's divisor whose
   range comes within ``RELATIVE_STEPS`` 8-bit steps of 0 (its absolute rounding error
   becomes the result's relative error);
+- masked scores stay float: the Add that puts an attention mask into a Softmax/LogSoftmax
+  input (an input whose calibrated values are 0 and, masked, ``MASKED_BELOW`` or lower)
+  stays a float op (one grid over mask and scores would leave the scores a few levels,
+  and a -inf rounded to the grid's lowest level would unmask its position);
 - ConvTranspose stays float: onnxruntime's CPU provider has no integer ConvTranspose
   (measured with 1.32: a QDQ ConvTranspose runs float, its weights dequantized on every
   run);
@@ -112,6 +116,9 @@ _PASS_THROUGH = SHARED_SCALE_OPS | {"Identity", "Cast"}
 _SINGLE_INPUT_OPS = _WEIGHTED | {"AveragePool", "GlobalAveragePool"}  # other inputs: weights
 INT32_MAX = 2**31 - 1
 _QUANTIZE_CHUNK = 1 << 20  # elements ``_quantize`` rounds at a time (8 MiB of float64 temporaries)
+# A Softmax input more than 88 below its row's largest value has probability below
+# exp(-88), under float32's smallest normal number: added values at or below MASKED_BELOW mask.
+MASKED_BELOW = -88.0
 CONCAT_SPAN_RATIO = 16  # a Concat whose inputs' ranges differ more stays float (4 bits lost)
 # An Add/Sub whose result's range is more than CANCELLATION_RATIO times narrower than an
 # input's range cancels (a variance written E[x^2] - E[x]^2): inputs rounded to 8 bits over
@@ -340,6 +347,7 @@ class QuantizeInt8Pass(optcc.Pass):
                     plan.compute.pop(node, None)
                     plan.keep("weight shared with a float op")
         self._keep_logits_float(graph, plan)
+        self._keep_masked_scores_float(graph, plan)
         self._keep_precise_inputs_float(graph, plan, rescales)
         self._absorb_activations(graph, plan)
         self._plan_shared(graph, plan, rescales)
@@ -498,6 +506,42 @@ class QuantizeInt8Pass(optcc.Pass):
                     if v is not None and plan.const(v) is None and v not in logits:
                         logits.add(v)
                         stack.append(v)
+
+    def _keep_masked_scores_float(self, graph: ir.Graph, plan: _Plan) -> None:
+        """The Add producing a Softmax/LogSoftmax input (back through data movement) stays
+        a float op when it adds a mask: an input whose calibrated finite values are 0 and,
+        at masked positions, at or below ``MASKED_BELOW`` (-10000, float32's lowest; -inf
+        is left out of a range, so such a mask's range is [0, 0]). One 8-bit grid over the
+        mask and the scores would round every score to a few levels, and a -inf rounded
+        to the grid's lowest level would unmask the position. The quantized ops computing
+        the mask (back through data movement) stay float too: calibrated on unpadded
+        samples, the mask's range is [0, 0], and its 8-bit grid would hold no -10000."""
+        for node in graph:
+            if not _is_default(node) or node.op_type not in ("Softmax", "LogSoftmax") or not node.inputs:
+                continue
+            value = node.inputs[0]
+            while value is not None and (producer := value.producer()) is not None and producer.graph is graph \
+                    and _is_default(producer) and producer.op_type in _PASS_THROUGH:
+                value = producer.inputs[0]
+            producer = None if value is None else value.producer()
+            if producer is None or producer.op_type != "Add" or producer not in plan.compute:
+                continue
+            masks = [v for v in producer.inputs if v is not None and plan.const(v) is None and
+                     (r := self._range(v)) is not None and r[1] == 0.0 and (r[0] == 0.0 or r[0] <= MASKED_BELOW)]
+            if not masks:
+                continue
+            del plan.compute[producer]
+            plan.keep("attention mask added to a Softmax input")
+            while masks:  # the ops computing the mask too: a grid calibrated on unpadded samples is [0, 0]
+                producer = masks.pop().producer()
+                if producer is None or producer.graph is not graph:
+                    continue
+                if producer in plan.compute:
+                    del plan.compute[producer]
+                    plan.keep("attention mask added to a Softmax input")
+                    masks += [v for v in producer.inputs if v is not None and plan.const(v) is None]
+                elif producer.op_type in _PASS_THROUGH and producer.inputs[0] is not None:
+                    masks.append(producer.inputs[0])
 
     def _span(self, value: ir.Value) -> float | None:
         """The width of ``value``'s 8-bit grid: its calibrated range widened to contain 0."""
