@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 from calibration_probes import whole_tensor_collectors
+from calls import traced_peak
 
 import optcc
 from optcc.quant.calibration import (
@@ -213,10 +213,7 @@ def _stream(n: int):
 def test_state_size_does_not_grow_with_the_number_of_samples() -> None:
     model = _mlp()
     small = collect_statistics(model, _stream(4))
-    tracemalloc.start()
-    large = collect_statistics(model, _stream(200))
-    _, peak_large = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    large, peak_large = traced_peak(lambda: collect_statistics(model, _stream(200)))
     assert large.samples == 200 and small.samples == 4
     assert large.nbytes() == small.nbytes()  # tensors x bins, whatever the sample count
     for hist in large.histograms.values():
