@@ -17,8 +17,9 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from optcc.errors import BadInputError, UnsafeInputError
-from optcc.ir.collector import collector_paused
+from optcc.ir.collector import LARGE_MODEL_BYTES, collector_paused
 from optcc.ir.external_files import mapped, share_files
+from optcc.ir.heap import release_memory
 from optcc.ir.legacy import upgrade_legacy_ir
 from optcc.ir.packed_attributes import packed_for_load, put_packed
 from optcc.ir.interface import (FILLED_INTERFACE_KEY, _apply_fills, _interface_fills, _restore, negative_dims_unknown,
@@ -55,8 +56,12 @@ def load(source: ModelSource) -> ir.Model:
     if isinstance(source, onnx.ModelProto):
         return _from_proto(source, base_dir=None, label="<ModelProto>", owned=False)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        proto, verdict = _checked_parse(bytes(source), "<bytes>")
-        return _from_proto(proto, base_dir=None, label="<bytes>", verdict=verdict)
+        data = bytes(source)
+        proto, verdict = _checked_parse(data, "<bytes>")
+        model = _from_proto(proto, base_dir=None, label="<bytes>", verdict=verdict)
+        del proto
+        _release_after(len(data))  # the parse, freed in C, is not held as the work on the model begins
+        return model
     if isinstance(source, (str, os.PathLike)):
         return load_keeping_parse(source, keep=False)[0]
     raise BadInputError(
@@ -72,11 +77,18 @@ def load_keeping_parse(path: str | os.PathLike, keep: bool = True) -> tuple[ir.M
     None otherwise."""
     path = Path(path)
     stamp = _stamp(path)
-    proto, verdict = _checked_parse(_read_model_file(path), str(path))
+    data = _read_model_file(path)
+    size = len(data)
+    proto, verdict = _checked_parse(data, str(path))
+    del data  # parsed: not held while the model is built
     unchanged: list[bool] = []
     model = _from_proto(proto, base_dir=path.resolve().parent, label=str(path), path=path, stamp=stamp,
                         verdict=verdict, unchanged=unchanged)
-    return model, proto if keep and unchanged else None
+    if keep and unchanged:
+        return model, proto
+    del proto
+    _release_after(size)  # the parse, freed in C, is not held as the work on the model begins
+    return model, None
 
 
 def _read_model_file(path: Path) -> bytes:
@@ -113,7 +125,15 @@ def _checked_parse(data: bytes, label: str) -> tuple[onnx.ModelProto, _Verdict]:
         verdict = _Verdict(None)
     except BadInputError as error:
         verdict = _Verdict(error)
+    _release_after(len(data))  # the checker's parse, freed in C, is not held beside the parse made next
     return _parse_bytes(data, label), verdict
+
+
+def _release_after(size: int) -> None:
+    """``release_memory`` after a parse of ``size`` bytes is dropped, when it was large (a
+    small one leaves little in the heap to hand back)."""
+    if size >= LARGE_MODEL_BYTES:
+        release_memory()
 
 
 def _refuse_other_formats(data: bytes, label: str) -> None:
