@@ -14,17 +14,14 @@ import pytest
 
 import optcc
 from optcc.numerics.decode import NEXT_TOKEN_STEPS
-from tests.test_decode_verification import HIDDEN, _decoder, _greedy
+from tests.test_decode_verification import _decoder, _greedy, prompt
 
 verify_module = importlib.import_module("optcc.numerics.verify")  # the module: the package exports a function so named
 
 
 def test_no_two_verification_sessions_are_alive_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _decoder()
-    first = {"input_ids": np.array([[4, 7, 1]], np.int64),
-             "past_key": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
-             "past_value": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
-             "attention_mask": np.ones((1, 3), np.int64)}
+    first = prompt([4, 7, 1])
     candidate = optcc.optimize(model, level=2, weight_only="int8", verify=False).model
     alive: weakref.WeakSet = weakref.WeakSet()
     alive_at_build: list[int] = []
