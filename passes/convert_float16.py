@@ -591,8 +591,6 @@ class ConvertFloat16Pass(optcc.Pass):
                 ref = fp16.ranges.session(self.original, provider, self._scratch)
                 names = [o.name for o in ref.get_outputs()]
                 seen = [*seen, *(optcc.runtime.detached(ref.run(None, f)) for f in rest)]
-                del ref
-                optcc.runtime.release_memory()  # the original's session is gone before a candidate's is built
             self._originals[provider] = (names, list(seen))
         return self._originals[provider]
 
@@ -625,8 +623,6 @@ class ConvertFloat16Pass(optcc.Pass):
                    for original, f16 in zip(originals, self._candidate_feeds(candidate))]
             metrics = [compare_outputs(name, provider, [o[i] for o in originals], [g[i] for g in got], tolerance)
                        for i, name in enumerate(names)]
-            del session
-            optcc.runtime.release_memory()  # the candidate's session is gone before the next is built
             metrics, verdict = accept_float16(metrics, self._task_judge(provider),
                                               {name: [g[i] for g in got] for i, name in enumerate(names)})
             judged.add(metrics, verdict)

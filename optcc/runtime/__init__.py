@@ -1,6 +1,5 @@
 """onnxruntime: the one session factory, probes that expose intermediates, latency, the CPU it runs on."""
 
-from optcc.ir.heap import release_memory
 from optcc.runtime.cpu import CpuFeatures, this_cpu
 from optcc.runtime.latency import median_seconds
 from optcc.runtime.providers import provider_entry
@@ -8,5 +7,4 @@ from optcc.runtime.session import (REFUSALS, RefusedModel, building_session, det
                                    session_options, with_outputs)
 
 __all__ = ["CpuFeatures", "this_cpu", "median_seconds", "detached", "first_line", "make_session", "provider_entry",
-           "REFUSALS", "RefusedModel", "building_session", "resolve_providers", "run", "session_options", "with_outputs",
-           "release_memory"]
+           "REFUSALS", "RefusedModel", "building_session", "resolve_providers", "run", "session_options", "with_outputs"]
