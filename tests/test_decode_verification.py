@@ -37,6 +37,14 @@ def _decoder() -> onnx.ModelProto:
     return model
 
 
+def prompt(ids: list[int]) -> dict[str, np.ndarray]:
+    """The first decode step's feeds for ``_decoder``: one row of ``ids``, an empty cache."""
+    return {"input_ids": np.array([ids], np.int64),
+            "past_key": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
+            "past_value": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
+            "attention_mask": np.ones((1, len(ids)), np.int64)}
+
+
 def test_the_decode_plan_pairs_past_and_present():
     plan = decode_plan(optcc.ir.load(_decoder()))
     assert plan is not None
@@ -61,10 +69,7 @@ def test_a_decoder_is_verified_over_a_three_step_decode(level):
     sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
                 for m in (model, result.model)]
     plan = decode_plan(optcc.ir.load(model))
-    first = {"input_ids": np.array([[1, 2, 3]], np.int64),
-             "past_key": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
-             "past_value": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
-             "attention_mask": np.ones((1, 3), np.int64)}
+    first = prompt([1, 2, 3])
     want, tokens = run_decode(lambda f: sessions[0].run(None, dict(f)), names, plan, first, steps=4)
     got, _ = run_decode(lambda f: sessions[1].run(None, dict(f)), names, plan, first, steps=4, tokens=tokens)
     assert [w[1].shape[2] for w in want] == [3, 4, 5, 6]  # the cache grows by one token a step
@@ -91,10 +96,7 @@ def _greedy(session: ort.InferenceSession, first: dict, steps: int, fed: list[in
 @pytest.mark.parametrize("options", [{"fp16": True}, {"weight_only": "int8"}], ids=["fp16", "weights-int8"])
 def test_a_lossy_decoder_is_judged_by_its_next_token_agreement(options):
     model = _decoder()
-    first = {"input_ids": np.array([[4, 7, 1]], np.int64),
-             "past_key": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
-             "past_value": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
-             "attention_mask": np.ones((1, 3), np.int64)}
+    first = prompt([4, 7, 1])
     result = optcc.optimize(model, level=2, inputs=[first], allow_float_fallback=True, **options)
     verification = result.report.verification
     judged = verification["next_token"]["CPUExecutionProvider"]
@@ -120,10 +122,7 @@ def test_a_lossy_decoders_verdict_is_its_tokens_not_its_caches():
     """The caches feed the next step (each model its own), so they are not judged by
     themselves: an int4 candidate whose caches are off is judged by its next tokens."""
     model = _decoder()
-    first = {"input_ids": np.array([[4, 7, 1]], np.int64),
-             "past_key": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
-             "past_value": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
-             "attention_mask": np.ones((1, 3), np.int64)}
+    first = prompt([4, 7, 1])
     candidate = optcc.optimize(model, level=2, weight_only="int4", verify=False).model
     verification = optcc.verify(model, candidate, numerics="int8", inputs=[first])
     sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])

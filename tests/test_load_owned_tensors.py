@@ -2,7 +2,8 @@
 ``raw_data`` tensors become in-memory arrays, every other tensor keeps its own TensorProto;
 the model serializes to the same bytes as onnx-ir's own deserialization would; a caller's
 ModelProto changed after loading does not change the model. Loading from a path checks
-the file itself, which must be the file that was parsed. Large in-memory models get
+the bytes read before parsing them (a file with external data: the file itself, which
+must be the file that was parsed). Large in-memory models get
 sessions with their weights handed over, computing what a session of their bytes computes.
 Numerics against numpy."""
 
@@ -122,49 +123,64 @@ def test_the_parse_kept_is_the_files_own_and_the_model_does_not_read_it(tmp_path
     np.testing.assert_allclose(make_session(model).run(None, {"x": x})[0], _reference(weights, x), rtol=1e-4, atol=1e-4)
 
 
-def test_a_small_file_is_checked_from_the_bytes_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The checker gets the very bytes parsed (it does not read the file again), and a file
-    that the checker rejects is still refused."""
+def test_a_file_is_checked_from_the_bytes_read_before_they_are_parsed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checker gets the very bytes parsed (it does not read the file again), before
+    they are parsed: its own parse is gone before optcc's is made. A file that the checker
+    rejects is still refused, and one with a newer opset than onnx knows is refused with
+    that reason first (the checker's verdict waits for the checks made before it)."""
     proto, weights = _model(np.random.default_rng(0))
     path = tmp_path / "m.onnx"
     onnx.save(proto, path)
-    check = loading._check_structure
-    seen: list[object] = []
+    check, parse = loading._check_structure, loading._parse_bytes
+    seen: list[tuple[str, object]] = []
 
-    def recording(source: object, label: str) -> None:
-        seen.append(source)
+    def recording_check(source: object, label: str) -> None:
+        seen.append(("check", source))
         check(source, label)
 
-    monkeypatch.setattr(loading, "_check_structure", recording)
+    def recording_parse(data: bytes, label: str) -> onnx.ModelProto:
+        seen.append(("parse", data))
+        return parse(data, label)
+
+    monkeypatch.setattr(loading, "_check_structure", recording_check)
+    monkeypatch.setattr(loading, "_parse_bytes", recording_parse)
     model = optcc.ir.load(path)
-    assert seen == [path.read_bytes()]
+    assert seen == [("check", path.read_bytes()), ("parse", path.read_bytes())]
     x = np.random.default_rng(1).standard_normal((2, WIDTH)).astype(np.float32)
     np.testing.assert_allclose(make_session(model).run(None, {"x": x})[0], _reference(weights, x), rtol=1e-4, atol=1e-4)
     proto.graph.node[1].op_type = "NoSuchOp"
     onnx.save(proto, path)
     with pytest.raises(BadInputError, match="invalid ONNX model"):
         optcc.ir.load(path)
+    proto.opset_import[0].version = onnx.defs.onnx_opset_version() + 1
+    onnx.save(proto, path)
+    with pytest.raises(BadInputError, match="newer than this onnx"):
+        optcc.ir.load(path)
 
 
-def test_a_file_changed_while_it_is_loaded_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file too large to keep its bytes for the checker is read by the checker again:
-    it must be the file parsed."""
+def test_a_file_with_external_data_changed_while_it_is_loaded_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checker reads a file with external data itself (it resolves the data files
+    against the model's folder): it must be the file parsed."""
     proto, _ = _model(np.random.default_rng(0))
     path = tmp_path / "m.onnx"
-    onnx.save(proto, path)
+    onnx.save(proto, path, save_as_external_data=True, location="m.data")
     check = loading._check_structure
-    monkeypatch.setattr(loading, "CHECK_READ_BYTES_MAX", 0)
+    sources: list[object] = []
 
     def check_then_rewrite(source: object, label: str) -> None:
         check(source, label)
-        assert source == str(path)  # the checker reads the file itself
-        proto.graph.node[1].op_type = "Sub"
-        onnx.save(proto, tmp_path / "other.onnx")
-        os.replace(tmp_path / "other.onnx", path)  # another model in its place after the parse
+        sources.append(source)
+        if source == str(path):  # the checker reads the file itself
+            proto.graph.node[1].op_type = "Sub"
+            onnx.save(proto, tmp_path / "other.onnx", save_as_external_data=True, location="m.data")
+            os.replace(tmp_path / "other.onnx", path)  # another model in its place after the parse
 
     monkeypatch.setattr(loading, "_check_structure", check_then_rewrite)
     with pytest.raises(BadInputError, match="changed while it was being loaded"):
         optcc.ir.load(path)
+    assert sources[-1] == str(path)
 
 
 def test_large_in_memory_model_hands_its_weights_over(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ model's folder, nodes in topological order."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -16,8 +17,9 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from optcc.errors import BadInputError, UnsafeInputError
-from optcc.ir.collector import collector_paused
+from optcc.ir.collector import LARGE_MODEL_BYTES, collector_paused
 from optcc.ir.external_files import mapped, share_files
+from optcc.ir.heap import release_memory
 from optcc.ir.legacy import upgrade_legacy_ir
 from optcc.ir.packed_attributes import packed_for_load, put_packed
 from optcc.ir.interface import (FILLED_INTERFACE_KEY, _apply_fills, _interface_fills, _restore, negative_dims_unknown,
@@ -29,9 +31,6 @@ ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUMPY"
-# a file this small is checked from the bytes read (kept while the checker runs); a larger
-# one the checker reads again itself, so that its parse and the bytes are never held at once
-CHECK_READ_BYTES_MAX = 64 << 20
 
 
 # --------------------------------------------------------------------------- loading
@@ -58,9 +57,11 @@ def load(source: ModelSource) -> ir.Model:
         return _from_proto(source, base_dir=None, label="<ModelProto>", owned=False)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        proto = _parse_bytes(data, "<bytes>")
-        read = data if len(data) <= CHECK_READ_BYTES_MAX else None
-        return _from_proto(proto, base_dir=None, label="<bytes>", read=read)
+        proto, verdict = _checked_parse(data, "<bytes>")
+        model = _from_proto(proto, base_dir=None, label="<bytes>", verdict=verdict)
+        del proto
+        _release_after(len(data))  # the parse, freed in C, is not held as the work on the model begins
+        return model
     if isinstance(source, (str, os.PathLike)):
         return load_keeping_parse(source, keep=False)[0]
     raise BadInputError(
@@ -76,35 +77,75 @@ def load_keeping_parse(path: str | os.PathLike, keep: bool = True) -> tuple[ir.M
     None otherwise."""
     path = Path(path)
     stamp = _stamp(path)
-    proto, data = _read_model_file(path)
-    read = data if len(data) <= CHECK_READ_BYTES_MAX else None
-    del data
+    data = _read_model_file(path)
+    size = len(data)
+    proto, verdict = _checked_parse(data, str(path))
+    del data  # parsed: not held while the model is built
     unchanged: list[bool] = []
     model = _from_proto(proto, base_dir=path.resolve().parent, label=str(path), path=path, stamp=stamp,
-                        read=read, unchanged=unchanged)
-    return model, proto if keep and unchanged else None
+                        verdict=verdict, unchanged=unchanged)
+    if keep and unchanged:
+        return model, proto
+    del proto
+    _release_after(size)  # the parse, freed in C, is not held as the work on the model begins
+    return model, None
 
 
-def _read_model_file(path: Path) -> tuple[onnx.ModelProto, bytes]:
-    """The file parsed, and the bytes it was parsed from."""
+def _read_model_file(path: Path) -> bytes:
     if not path.exists():
         raise BadInputError("no such file", path)
     if not path.is_file():
         raise BadInputError("not a file", path)
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as e:
         raise BadInputError(f"cannot read: {e.strerror or e}", path) from None
-    return _parse_bytes(data, str(path)), data
 
 
-def _parse_bytes(data: bytes, label: str) -> onnx.ModelProto:
+@dataclasses.dataclass(frozen=True)
+class _Verdict:
+    """What onnx's checker said of the very bytes a model was parsed from: ``error`` is
+    the BadInputError its rejection raises (None: accepted)."""
+
+    error: BadInputError | None
+
+    def apply(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _checked_parse(data: bytes, label: str) -> tuple[onnx.ModelProto, _Verdict]:
+    """``data`` parsed, and the checker's verdict on ``data``, taken before the parse and
+    raised only where ``_from_proto`` checks the model: the checker's own parse is gone
+    before this one is made, so that at most two copies of the weights (the bytes and one
+    parse) are held at once, and the checker never reads the file again."""
+    _refuse_other_formats(data, label)
+    try:
+        _check_structure(data, label)
+        verdict = _Verdict(None)
+    except BadInputError as error:
+        verdict = _Verdict(error)
+    _release_after(len(data))  # the checker's parse, freed in C, is not held beside the parse made next
+    return _parse_bytes(data, label), verdict
+
+
+def _release_after(size: int) -> None:
+    """``release_memory`` after a parse of ``size`` bytes is dropped, when it was large (a
+    small one leaves little in the heap to hand back)."""
+    if size >= LARGE_MODEL_BYTES:
+        release_memory()
+
+
+def _refuse_other_formats(data: bytes, label: str) -> None:
     if not data:
         raise BadInputError("empty file, not an ONNX model", label)
     if data.startswith(_ZIP_MAGIC):
         raise BadInputError("is a zip archive (an .npz?), not an ONNX model", label)
     if data.startswith(_NPY_MAGIC):
         raise BadInputError("is a NumPy .npy array, not an ONNX model", label)
+
+
+def _parse_bytes(data: bytes, label: str) -> onnx.ModelProto:
     proto = onnx.ModelProto()
     try:
         proto.ParseFromString(data)
@@ -151,11 +192,11 @@ def _undefined_inputs_unlogged() -> Iterator[None]:
 
 def _from_proto(
     proto: onnx.ModelProto, base_dir: Path | None, label: str, path: Path | None = None,
-    stamp: tuple[int, ...] | None = None, read: bytes | None = None, unchanged: list[bool] | None = None,
+    stamp: tuple[int, ...] | None = None, verdict: _Verdict | None = None, unchanged: list[bool] | None = None,
     owned: bool = True,
 ) -> ir.Model:
-    """The model of ``proto`` (parsed from the file ``path``, from the bytes ``read`` when
-    given), checked and validated. ``unchanged``: a list given by a caller that keeps
+    """The model of ``proto`` (parsed from the file ``path``; ``verdict``: the checker's on
+    the bytes it was parsed from, when given), checked and validated. ``unchanged``: a list given by a caller that keeps
     ``proto``; True is appended when ``proto`` is left as parsed (no fill, no legacy move, no
     attribute packed). A proto not ``owned`` (a caller's) is left as it was; an owned one
     may lose what the model took from it (its packed attributes' elements)."""
@@ -172,19 +213,17 @@ def _from_proto(
             # The checker can only resolve external data from the file, which lacks the
             # filled types; check the structure without the (already validated) weights.
             _check_structure(without_weights(proto), label)
-        elif read is not None and not fills and not unlisted and not has_external:
-            _check_structure(read, label)  # the very bytes parsed: the checker need not read the file again
+        elif verdict is not None and not fills and not unlisted and not has_external:
+            verdict.apply()  # the very bytes parsed: the checker need not read the file again
         elif path is not None and not fills and not unlisted:
             # The checker reads the file itself: it resolves external data files against
-            # the model's folder (their locations were validated just above), and no
-            # serialized copy of the parse is made for it (a 400 MB model: three copies of
-            # its weights at once otherwise). The file must be the one just parsed.
+            # the model's folder (their locations were validated just above). The file
+            # must be the one just parsed.
             _check_structure(str(path), label)
             if stamp is None or _stamp(path) != stamp:
                 raise BadInputError("the file changed while it was being loaded", label)
         else:
             _check_structure(proto, label)
-        read = None  # the model is built from the parse alone
         proto.ir_version = ir_version
         try:
             # builds the model's objects only (large ml attributes packed: ``packed_attributes``)

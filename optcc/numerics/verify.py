@@ -513,6 +513,8 @@ class Verifier:
                 return self._run_with_retries()
             except UngeneratedInputError as error:  # no samples but the user's can feed it: a proof may pass
                 self._float32, self._error = None, f"no samples can be generated for the original: {error}"
+            finally:
+                release_memory()  # the original's sessions, gone before a candidate's is built
         return self._float32
 
     def _run_with_retries(self) -> dict[str, list[list[np.ndarray]]] | None:
@@ -751,12 +753,15 @@ class Verifier:
         threshold are this verifier's, the model is the same when its ``content_digest`` is,
         and ``samples`` and ``prove`` must be the same (a search's confirmation of its choice
         and the verification of the result that choice wrote run its decodes once)."""
-        if not self._judged_by_tokens(numerics):
-            return self._check(model, numerics, samples, serialized=serialized, prove=prove)
-        key = (content_digest(model), numerics, None if samples is None else tuple(samples), prove)
-        if self._token_check is None or self._token_check[0] != key:
-            self._token_check = (key, self._check(model, numerics, samples, serialized=serialized, prove=prove))
-        return self._token_check[1]
+        try:
+            if not self._judged_by_tokens(numerics):
+                return self._check(model, numerics, samples, serialized=serialized, prove=prove)
+            key = (content_digest(model), numerics, None if samples is None else tuple(samples), prove)
+            if self._token_check is None or self._token_check[0] != key:
+                self._token_check = (key, self._check(model, numerics, samples, serialized=serialized, prove=prove))
+            return self._token_check[1]
+        finally:
+            release_memory()  # the sessions it built are gone: their freed heap goes back to the system
 
     @property
     def _output_names(self) -> list[str]:
@@ -1089,6 +1094,8 @@ class Verifier:
             original = _feeding(session)
             self._token_reference[provider] = [greedy_tokens(original, self._names, self._plan, feeds,
                                                              self._token_steps) for feeds in self.next_token_feeds]
+            del session, original
+            release_memory()  # the original's session, gone before a candidate's is built
         return self._token_reference[provider]
 
     @functools.cached_property

@@ -14,15 +14,12 @@ keeps the arrays alive as long as it lives.
 ``content_digest(model)`` names what a session of ``model`` computes: a digest of that
 graph and those arrays, so that outputs computed once can be found again for the same model.
 
-``release_memory()`` hands the C heap's free memory back to the system: a session's
-buffers, once freed, stay in glibc's heap (a BERT-base session leaves ~0.5 GB there), so
-without it a process's memory only grows from one large session to the next.
+``release_memory()`` (``optcc.ir.heap``) hands the C heap's free memory back to the
+system: call it after dropping a large session.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import functools
 import hashlib
@@ -36,6 +33,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from optcc import ir as oir
+from optcc.ir.heap import release_memory
 from optcc.ir.saving import external_tensors_in_memory, initializers_set_aside
 from optcc.runtime.providers import provider_entry
 
@@ -182,20 +180,3 @@ def weighted_session(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], 
         session = ort.InferenceSession(path, options, providers=[provider_entry(provider)])
     session.optcc_weights = (arrays, values)  # onnxruntime reads them in place: they live as long as it
     return session
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> object | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim  # glibc only
-    except (OSError, AttributeError):
-        return None
-
-
-def release_memory() -> None:
-    """Return the memory freed in the C heap to the system (glibc's ``malloc_trim``;
-    nothing elsewhere). Call it after dropping a large session."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
