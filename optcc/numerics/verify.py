@@ -1111,6 +1111,18 @@ class Verifier:
                 raise _OriginalDecodeError() from e
         return decoded[:count]
 
+    def decode_first_prompt(self) -> None:
+        """The original's next-token decode of the first prompt on every provider, run now
+        (a lossy decoder's check starts from it): a caller about to make large arrays has it
+        decode first, so that the original's weights and those are never held at once.
+        Nothing for a model not judged by its next tokens; an error is left to the check."""
+        if self._judged_by_tokens("int8"):
+            for provider in self.providers:
+                try:
+                    self._reference_tokens(provider, 1)
+                except _OriginalDecodeError:
+                    return
+
     def _reference_failed(self, error: BaseException | None) -> str:
         """Why nothing judges a candidate by its next tokens: the original's decode fails."""
         return (f"onnxruntime cannot run the original's next-token decode ({self._token_steps} "
