@@ -382,12 +382,14 @@ def optimize(
                         "held_out": confirmed,
                         "samples": lambda: verifier.held_apart().next_token_feeds}
         pipeline.append(create_pass("quantize-dynamic", **searched))
+    searched_weights = False  # whether the weight-only search judges its candidates by the held-apart check
     if weight_only:
         if isinstance(weight_only, str) and weight_only not in ("int4", "int8"):
             raise BadInputError(f"weight_only must be 'int4' or 'int8', got {weight_only!r}")
         wo = {"bits": int(weight_only[3:])} if isinstance(weight_only, str) else dict(weight_only)
         wo.setdefault("target", "onnxruntime" if level >= 3 and passes is None else "portable")
         if verify or verify_each:
+            searched_weights = wo["bits"] == 4 and "gate" not in wo
             # int4 that misses the verification raises its most sensitive layers to int8 until it passes:
             # each mixed candidate is judged by the check the result gets, on the samples held apart
             # from the verification's for a decoder, whose choice the verification's own samples confirm
@@ -425,6 +427,10 @@ def optimize(
             original_parse=file_parse if handed else None,
         )
     file_parse = None
+    if verifier is not None and searched_weights:
+        # the search's first check decodes the original: it decodes now, before the quantized weights
+        # exist, so that the original's weights and those are never held at once
+        verifier.held_apart().decode_first_prompt()
     requested = {"fp16": fp16, "int8": quantizing, "int8-dynamic": int8_dynamic, "weights": bool(weight_only)}
 
     def applied(records: Sequence[PassRecord], result: ir.Model) -> bool:

@@ -7,6 +7,8 @@ is refused, one that differs within 1% is accepted, whatever its free-running de
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -130,9 +132,13 @@ def test_flips_beyond_one_percent_of_the_steps_are_refused(reference, numerics: 
                                 inputs=[_prompt()])
     assert verification.status == "failed", verification.describe()
     judged = verification.next_token["CPUExecutionProvider"]
-    assert judged["steps"] == NEXT_TOKEN_STEPS and judged["tokens"] == want.size
-    assert judged["differing"] == int((forced != want).sum())
-    assert judged["agreement"] == pytest.approx(float((forced == want).mean()))
+    # the decode stops at the step where more steps than allowed differ: the later ones cannot undo it
+    cumulative = (forced != want).sum(axis=0).cumsum()
+    last = int(np.argmax(cumulative > _allowed())) + 1
+    assert judged["steps"] == NEXT_TOKEN_STEPS and judged["tokens"] == ROWS * last
+    assert judged["differing"] == int(cumulative[last - 1]) == int((forced[:, :last] != want[:, :last]).sum())
+    assert judged["agreement"] == pytest.approx(float((forced[:, :last] == want[:, :last]).mean()))
+    assert last == NEXT_TOKEN_STEPS or judged["stopped"].startswith(f"after step {last} of {NEXT_TOKEN_STEPS}")
     assert "next tokens on CPUExecutionProvider" in verification.reason
     assert all(o.passed for o in verification.outputs)  # the short decode sees no flip: the tokens decide
 
@@ -176,10 +182,49 @@ def test_the_decode_stops_once_the_candidate_cannot_pass(reference) -> None:
     verification = optcc.verify(_decoder(weights), _decoder(moved), numerics="int8", inputs=samples)
     judged = verification.next_token["CPUExecutionProvider"]
     assert verification.status == "failed"
-    assert judged["tokens"] == judged_rows * NEXT_TOKEN_STEPS < ROWS * NEXT_TOKEN_STEPS
-    assert judged["stopped"].startswith(f"after {judged_rows} of {ROWS} prompts")
-    assert judged["differing"] == int(flips[order[:judged_rows]].sum())
+    # the last prompt judged stops at the step where more steps than allowed differ
+    before = int(flips[order[:judged_rows - 1]].sum())
+    last_row = (forced[order[judged_rows - 1]] != want[order[judged_rows - 1]]).cumsum()
+    last = int(np.argmax(before + last_row > _allowed())) + 1
+    assert judged["tokens"] == (judged_rows - 1) * NEXT_TOKEN_STEPS + last < ROWS * NEXT_TOKEN_STEPS
+    assert judged["rows"] == judged_rows
+    at = f"step {last} of {NEXT_TOKEN_STEPS} of prompt {judged_rows}" if last < NEXT_TOKEN_STEPS else judged_rows
+    assert judged["stopped"].startswith(f"after {at} of {ROWS} prompts")
+    assert judged["differing"] == before + int(last_row[last - 1]) == _allowed() + 1
     assert verification.free_running is None  # a check that stopped runs no free-running decode
+
+
+def test_a_candidate_failing_on_the_first_prompt_leaves_the_other_prompts_undecoded(reference, monkeypatch) -> None:
+    """The original's own decode runs on the first prompt alone until a candidate reaches
+    the second: a candidate refused within the first costs no decode of the others, by
+    either model."""
+    weights, want = reference
+    moved = {**weights, "U": -weights["U"]}  # the least likely token first: nearly every step differs
+    forced, _ = _numpy_decode(moved, _prompt()["input_ids"], NEXT_TOKEN_STEPS, fed=want)
+    prompt = _prompt()
+    samples = [{k: v[row:row + 1] for k, v in prompt.items()} for row in range(ROWS)]
+    verify_module = sys.modules["optcc.numerics.verify"]
+    greedy, forced_decode = verify_module.greedy_tokens, verify_module.forced_tokens
+    decoded: list[tuple[str, int]] = []  # per decode: whose, and its prompt's first token id
+
+    def original_decode(run, names, plan, first, steps):  # noqa: ANN001, ANN202
+        decoded.append(("original", int(first["input_ids"][0, 0])))
+        return greedy(run, names, plan, first, steps)
+
+    def candidate_decode(run, names, plan, first, tokens, allowed=None):  # noqa: ANN001, ANN202
+        decoded.append(("candidate", int(first["input_ids"][0, 0])))
+        return forced_decode(run, names, plan, first, tokens, allowed)
+
+    monkeypatch.setattr(verify_module, "greedy_tokens", original_decode)
+    monkeypatch.setattr(verify_module, "forced_tokens", candidate_decode)
+    verification = optcc.verify(_decoder(weights), _decoder(moved), numerics="int8", inputs=samples)
+    judged = verification.next_token["CPUExecutionProvider"]
+    first_id = int(prompt["input_ids"][0, 0])
+    assert verification.status == "failed" and decoded == [("original", first_id), ("candidate", first_id)]
+    # the numpy decode of the first row: the check stops at the step past the 1% allowed of all 8 rows
+    last = int(np.argmax(np.cumsum(forced[0] != want[0]) > _allowed())) + 1
+    assert judged["tokens"] == last < NEXT_TOKEN_STEPS and judged["differing"] == _allowed() + 1
+    assert judged["stopped"].startswith(f"after step {last} of {NEXT_TOKEN_STEPS} of prompt 1 of {ROWS} prompts")
 
 
 def _with_hidden(weights: dict[str, np.ndarray], factor: float) -> onnx.ModelProto:

@@ -3,6 +3,8 @@ outputs back as past. Checked against onnxruntime runs of the original, step by 
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import optcc
 from fixtures.transformers import gpt2_layer
 from optcc.numerics.decode import NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_STEPS, decode_plan, run_decode
+from optcc.quant import weight_only
 
 VOCAB, HIDDEN = 50, 16
 
@@ -130,9 +133,51 @@ def test_a_lossy_decoders_verdict_is_its_tokens_not_its_caches():
     want = _greedy(sessions[0], first, NEXT_TOKEN_STEPS)
     got = _greedy(sessions[1], first, NEXT_TOKEN_STEPS, fed=want)
     agreement = float(np.mean([a == b for a, b in zip(want, got)]))
-    assert verification.next_token["CPUExecutionProvider"]["agreement"] == agreement
+    # the decode stops at the step where more steps differ than the 1% allowed of all of them
+    allowed = int((1 - NEXT_TOKEN_AGREEMENT) * NEXT_TOKEN_STEPS)
+    differing = np.cumsum([a != b for a, b in zip(want, got)])
+    judged = int(np.argmax(differing > allowed)) + 1 if differing[-1] > allowed else NEXT_TOKEN_STEPS
+    assert verification.next_token["CPUExecutionProvider"]["tokens"] == judged
+    assert verification.next_token["CPUExecutionProvider"]["agreement"] == \
+        float(np.mean([a == b for a, b in zip(want[:judged], got[:judged])]))
     assert verification.passed == (agreement >= NEXT_TOKEN_AGREEMENT), verification.describe()
     assert all(o.passed for o in verification.outputs)  # reported, not judged
     # independently: the int4 candidate's caches are not the float model's on the first step
     want, got = (s.run(["present_key"], first)[0] for s in sessions)
     assert not np.allclose(want, got, rtol=1e-3, atol=1e-3 * float(np.abs(want).max()))
+
+
+def test_the_int4_search_decodes_the_original_before_any_weight_is_quantized(monkeypatch):
+    """The search's checks decode the original on prompts held apart from the verification's:
+    that decode runs before the quantized weights exist (never both held at once), and the
+    result is judged as onnxruntime's own greedy decodes of the original and the result say."""
+    events: list[str] = []
+    verify_module = sys.modules["optcc.numerics.verify"]
+    greedy, quantize = verify_module.greedy_tokens, weight_only.quantize
+
+    def original_decode(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        events.append("decode")
+        return greedy(*args, **kwargs)
+
+    def quantized(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        events.append("quantize")
+        return quantize(*args, **kwargs)
+
+    monkeypatch.setattr(verify_module, "greedy_tokens", original_decode)
+    monkeypatch.setattr(weight_only, "quantize", quantized)
+    model = _decoder()
+    first = {"input_ids": np.array([[4, 7, 1]], np.int64),
+             "past_key": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
+             "past_value": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
+             "attention_mask": np.ones((1, 3), np.int64)}
+    result = optcc.optimize(model, level=2, inputs=[first], weight_only="int4", allow_float_fallback=True)
+    assert "quantize" in events and events[0] == "decode"
+    record = next(r for r in result.report.passes if r.name == "quantize-weights")
+    assert record.stats["mixed"]["checks"]  # the search ran its checks
+    if record.status == "applied":  # the verification's verdict on the user's prompt, by onnxruntime's decodes
+        sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                    for m in (model, result.model)]
+        want = _greedy(sessions[0], first, NEXT_TOKEN_STEPS)
+        got = _greedy(sessions[1], first, NEXT_TOKEN_STEPS, fed=want)
+        judged = result.report.verification["next_token"]["CPUExecutionProvider"]
+        assert judged["differing"] == sum(a != b for a, b in zip(want, got))

@@ -125,9 +125,9 @@ def test_the_confirmed_choice_is_decoded_once_for_its_confirmation_and_the_verif
     forced = verify_module.forced_tokens
     decodes: list[tuple[int, bytes]] = []  # per forced decode: its prompt, and the model's first logits on it
 
-    def counted(run, names, plan, first, tokens):  # noqa: ANN001, ANN202
+    def counted(run, names, plan, first, tokens, allowed=None):  # noqa: ANN001, ANN202
         decodes.append((id(first), np.asarray(run(first)[list(names).index(plan.logits)]).tobytes()))
-        return forced(run, names, plan, first, tokens)
+        return forced(run, names, plan, first, tokens, allowed)
 
     monkeypatch.setattr(verify_module, "forced_tokens", counted)
     result = optcc.optimize(_decoder(), int8_dynamic=True)

@@ -173,17 +173,19 @@ def run_decode(
     *,
     steps: int = DECODE_STEPS,
     tokens: Sequence[np.ndarray] | None = None,
+    until: Callable[[Sequence[np.ndarray]], bool] | None = None,
 ) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
     """Each step's outputs for a decode from ``first``, and the tokens fed after each step
     (``tokens`` when given, else the greedy choice from the step's own logits; none for a
-    stream, whose plan has no logits)."""
+    stream, whose plan has no logits). ``until``: asked with each step's outputs; True
+    ends the decode after that step."""
     feeds: Feeds = dict(first)
     results: list[list[np.ndarray]] = []
     chosen: list[np.ndarray] = []
     for step in range(steps):
         outputs = list(run(feeds))
         results.append(outputs)
-        if step == steps - 1:
+        if (until is not None and until(outputs)) or step == steps - 1:
             break
         named = dict(zip(names, outputs))
         token = None
@@ -287,24 +289,38 @@ def greedy_tokens(run: Callable[[Feeds], Sequence[np.ndarray]], names: Sequence[
 
 
 def forced_tokens(run: Callable[[Feeds], Sequence[np.ndarray]], names: Sequence[str], plan: DecodePlan,
-                  first: Feeds, tokens: np.ndarray) -> np.ndarray:
+                  first: Feeds, tokens: np.ndarray, allowed: int | None = None) -> np.ndarray:
     """[batch, steps] int64: a model's argmax at the last position of each step from
     ``first`` when each next step is fed ``tokens`` ([batch, steps], a reference's
-    ``greedy_tokens``: step ``i + 1`` is fed column ``i``), as many steps as ``tokens`` has."""
+    ``greedy_tokens``: step ``i + 1`` is fed column ``i``), as many steps as ``tokens`` has;
+    with ``allowed``, only until the step where more than that many of its argmaxes (over
+    every row) differ from ``tokens`` (fewer steps then: the later ones cannot undo it)."""
     assert plan.logits is not None
-    results, _ = run_decode(run, names, plan, first, steps=tokens.shape[1], tokens=list(tokens.T[:-1]))
-    return _next_logits(results, list(names).index(plan.logits)).argmax(-1)
+    index = list(names).index(plan.logits)
+    chosen: list[np.ndarray] = []
+
+    def beyond_allowed(outputs: Sequence[np.ndarray]) -> bool:
+        chosen.append(last_logits(np.asarray(outputs[index], np.float64)).argmax(-1))
+        return allowed is not None and int((np.stack(chosen, axis=1) != tokens[:, :len(chosen)]).sum()) > allowed
+
+    run_decode(run, names, plan, first, steps=tokens.shape[1], tokens=list(tokens.T[:-1]), until=beyond_allowed)
+    return np.stack(chosen, axis=1)
 
 
 def next_token_agreement(reference: Sequence[np.ndarray], forced: Sequence[np.ndarray],
                          threshold: float = NEXT_TOKEN_AGREEMENT) -> dict:
     """Next-token agreement of a candidate with a reference (one [batch, steps] array per
     sample each: the reference's ``greedy_tokens`` and the candidate's ``forced_tokens`` on
-    them): the share of steps whose tokens are equal over every row of every sample, the
+    them, the last of which may hold fewer steps: a decode stopped there): the share of
+    steps whose tokens are equal over every step compared, the steps per row, the rows, the
     steps compared and differing, and whether the share reaches ``threshold``."""
-    differs, counts = _token_differences(reference, forced)
-    return {**counts, "differing": int(differs.sum()), "threshold": threshold,
-            "passed": counts["agreement"] >= threshold}
+    differs = [np.asarray(o) != np.asarray(r)[:, :np.asarray(o).shape[1]] for r, o in zip(reference, forced)]
+    compared = sum(d.size for d in differs)
+    differing = sum(int(d.sum()) for d in differs)
+    agreement = (compared - differing) / compared  # as the mean of the equal steps
+    return {"agreement": agreement, "steps": int(np.asarray(reference[0]).shape[1]),
+            "rows": sum(d.shape[0] for d in differs), "tokens": compared, "differing": differing,
+            "threshold": threshold, "passed": agreement >= threshold}
 
 
 def free_agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict:

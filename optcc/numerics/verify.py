@@ -838,13 +838,13 @@ class Verifier:
         metrics: list[OutputMetrics] = []
         if by_tokens:
             try:  # the original's own decode on every provider, before any is judged: where it cannot
-                # run, nothing judges the candidate (and no provider's verdict is dropped for it)
+                # run, nothing judges the candidate (and no provider's verdict is dropped for it); its
+                # first prompt now, the others once a candidate's decode reaches them
                 for provider in self.providers:
-                    self._reference_tokens(provider)
+                    self._reference_tokens(provider, 1)
             except Exception as e:  # noqa: BLE001
-                reason = (f"onnxruntime cannot run the original's next-token decode ({self._token_steps} "
-                          f"steps per prompt): {first_line(e)}")
-                return Verification(status="skipped", outputs=[], reason=reason, reference=reference, **base)
+                return Verification(status="skipped", outputs=[], reason=self._reference_failed(e),
+                                    reference=reference, **base)
         with Progress("verifying", len(self.providers) * len(feeds), enabled=self._progress) as bar:
             for provider in self.providers:
                 session = None
@@ -877,6 +877,9 @@ class Verifier:
                         next_token[provider], free_run = self._next_tokens(session, provider)
                         if free_run is not None:
                             free[provider] = free_run
+                    except _OriginalDecodeError as e:
+                        return Verification(status="skipped", outputs=[], reason=self._reference_failed(e.__cause__),
+                                            reference=reference, **base)
                     except Exception as e:  # noqa: BLE001
                         reason = f"the optimized model's next-token decode does not run: {first_line(e)}"
                         return Verification(status="failed", outputs=metrics, reason=reason, reference=reference,
@@ -1058,45 +1061,80 @@ class Verifier:
 
     def _next_tokens(self, session: Any, provider: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The candidate's argmax at each step from each prompt, fed the original's greedy
-        tokens on ``provider`` (decoded once), against them over ``NEXT_TOKEN_STEPS`` steps
-        each (``next_token_agreement``), and its own free-running decode's agreement over the
-        same prompts (``free_agreement``; reported). It stops once more steps differ than
-        the agreement asked for (``NEXT_TOKEN_AGREEMENT``, ``held_apart``'s more) allows of
-        them all: it fails whatever the prompts left show, ``stopped`` says after how many
-        prompts, and no free-running decode runs (None)."""
-        reference = self._reference_tokens(provider)
+        tokens on ``provider`` (decoded once: the first prompt, then the others once a
+        candidate reaches the second),
+        against them over ``NEXT_TOKEN_STEPS`` steps each (``next_token_agreement``), and its
+        own free-running decode's agreement over the same prompts (``free_agreement``;
+        reported). It stops at the step where more steps differ than the agreement asked for
+        (``NEXT_TOKEN_AGREEMENT``, ``held_apart``'s more) allows of them all: it fails whatever
+        the steps left show, ``stopped`` says where, and no free-running decode runs (None).
+        ``_OriginalDecodeError`` where the original's own decode of a prompt cannot run."""
+        prompts = self.next_token_feeds
         candidate = _feeding(session)
-        total = sum(want.size for want in reference)
+        total = self._token_steps * sum(_rows(feeds, self._plan) for feeds in prompts)
+        allowed = math.floor((1 - self._agreement) * total)  # more differing steps than this fail
         forced: list[np.ndarray] = []
         differing = 0
-        for feeds, want in zip(self.next_token_feeds, reference):
-            forced.append(forced_tokens(candidate, self._names, self._plan, feeds, want))
-            differing += int((forced[-1] != want).sum())
-            if differing > (1 - self._agreement) * total:
-                verdict = next_token_agreement(reference[:len(forced)], forced, self._agreement)
-                if len(forced) < len(reference):
-                    verdict["stopped"] = (f"after {len(forced)} of {len(reference)} prompts: {differing} of all "
+        for index, feeds in enumerate(prompts):
+            # the first prompt's reference alone at first (a candidate that fails there needs no
+            # more); every other prompt's at once, in one session of the original, once it is reached
+            want = self._reference_tokens(provider, 1 if index == 0 else len(prompts))[index]
+            forced.append(forced_tokens(candidate, self._names, self._plan, feeds, want, allowed - differing))
+            differing += int((forced[-1] != want[:, :forced[-1].shape[1]]).sum())
+            if differing > allowed:
+                reference = self._reference_tokens(provider, index + 1)
+                verdict = next_token_agreement(reference, forced, self._agreement)
+                done = forced[-1].shape[1]
+                if index + 1 < len(prompts) or done < want.shape[1]:
+                    at = f"step {done} of {want.shape[1]} of prompt {index + 1}" if done < want.shape[1] \
+                        else f"{index + 1}"
+                    verdict["stopped"] = (f"after {at} of {len(prompts)} prompts: {differing} of all "
                                           f"{total} steps differ")
                 return verdict, None
+        reference = self._reference_tokens(provider, len(prompts))
         # until a row's first differing step its free-running decode is the forced one: where no
         # step differs, it is the original's tokens without running it
         free = [want if np.array_equal(got, want)
                 else greedy_tokens(candidate, self._names, self._plan, feeds, self._token_steps)
-                for feeds, want, got in zip(self.next_token_feeds, reference, forced)]
+                for feeds, want, got in zip(prompts, reference, forced)]
         return next_token_agreement(reference, forced, self._agreement), free_agreement(reference, free)
 
-    def _reference_tokens(self, provider: str) -> list[np.ndarray]:
-        """The original's greedy tokens on ``provider`` from each of ``next_token_feeds``
-        ([rows, steps] each), decoded once; what onnxruntime raises where it cannot."""
-        if provider not in self._token_reference:
-            session = self._session(self._original_source(provider), provider)
-            self._names = self._names or [o.name for o in session.get_outputs()]
-            original = _feeding(session)
-            self._token_reference[provider] = [greedy_tokens(original, self._names, self._plan, feeds,
-                                                             self._token_steps) for feeds in self.next_token_feeds]
-            del session, original
-            release_memory()  # the original's session, gone before a candidate's is built
-        return self._token_reference[provider]
+    def _reference_tokens(self, provider: str, count: int) -> list[np.ndarray]:
+        """The original's greedy tokens on ``provider`` from the first ``count`` of
+        ``next_token_feeds`` ([rows, steps] each), each prompt decoded once (one session of
+        the original for those decoded in one call); ``_OriginalDecodeError`` from what
+        onnxruntime raises where it cannot."""
+        decoded = self._token_reference.setdefault(provider, [])
+        if len(decoded) < count:
+            try:
+                session = self._session(self._original_source(provider), provider)
+                self._names = self._names or [o.name for o in session.get_outputs()]
+                original = _feeding(session)
+                for feeds in self.next_token_feeds[len(decoded):count]:
+                    decoded.append(greedy_tokens(original, self._names, self._plan, feeds, self._token_steps))
+            except Exception as e:  # noqa: BLE001 - anything onnxruntime raises
+                raise _OriginalDecodeError() from e
+            finally:
+                session = original = None
+                release_memory()  # the original's session, gone before a candidate's is built
+        return decoded[:count]
+
+    def decode_first_prompt(self) -> None:
+        """The original's next-token decode of the first prompt on every provider, run now
+        (a lossy decoder's check starts from it): a caller about to make large arrays has it
+        decode first, so that the original's weights and those are never held at once.
+        Nothing for a model not judged by its next tokens; an error is left to the check."""
+        if self._judged_by_tokens("int8"):
+            for provider in self.providers:
+                try:
+                    self._reference_tokens(provider, 1)
+                except _OriginalDecodeError:
+                    return
+
+    def _reference_failed(self, error: BaseException | None) -> str:
+        """Why nothing judges a candidate by its next tokens: the original's decode fails."""
+        return (f"onnxruntime cannot run the original's next-token decode ({self._token_steps} "
+                f"steps per prompt): {first_line(error) if error is not None else 'unknown error'}")
 
     @functools.cached_property
     def _token_steps(self) -> int:
@@ -1552,6 +1590,15 @@ def _task_problem(row: Mapping[str, Any]) -> str:
 def _percent(share: float) -> str:
     """A share as a percentage with no trailing zeros: 0.99 as '99%', 0.993 as '99.3%'."""
     return f"{share * 100:g}%"
+
+
+class _OriginalDecodeError(Exception):
+    """The original's own next-token decode raised (the cause): nothing judges a candidate."""
+
+
+def _rows(feeds: Feeds, plan: Any) -> int:
+    """The batch rows of a decode prompt: its token ids' first dimension."""
+    return int(np.asarray(feeds[plan.ids]).shape[0])
 
 
 def _feeding(session: Any) -> Callable[[Feeds], Sequence[np.ndarray]]:
