@@ -514,8 +514,9 @@ class QuantizeInt8Pass(optcc.Pass):
         is left out of a range, so such a mask's range is [0, 0]). One 8-bit grid over the
         mask and the scores would round every score to a few levels, and a -inf rounded
         to the grid's lowest level would unmask the position. The quantized ops computing
-        the mask (back through data movement) stay float too: calibrated on unpadded
-        samples, the mask's range is [0, 0], and its 8-bit grid would hold no -10000."""
+        the mask (back through data movement, up to a MatMul, Gemm or Conv) stay float too:
+        calibrated on unpadded samples, the mask's range is [0, 0], and its 8-bit grid would
+        hold no -10000."""
         for node in graph:
             if not _is_default(node) or node.op_type not in ("Softmax", "LogSoftmax") or not node.inputs:
                 continue
@@ -534,8 +535,8 @@ class QuantizeInt8Pass(optcc.Pass):
             plan.keep("attention mask added to a Softmax input")
             while masks:  # the ops computing the mask too: a grid calibrated on unpadded samples is [0, 0]
                 producer = masks.pop().producer()
-                if producer is None or producer.graph is not graph:
-                    continue
+                if producer is None or producer.graph is not graph or producer.op_type in _WEIGHTED | {"MatMul"}:
+                    continue  # a mask is computed elementwise from an input: a weighted op's output is an activation
                 if producer in plan.compute:
                     del plan.compute[producer]
                     plan.keep("attention mask added to a Softmax input")

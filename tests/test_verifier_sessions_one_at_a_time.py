@@ -21,7 +21,7 @@ verify_module = importlib.import_module("optcc.numerics.verify")  # the module: 
 
 def test_no_two_verification_sessions_are_alive_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _decoder()
-    first = prompt([4, 7, 1])
+    prompts = [prompt([4, 7, 1]), prompt([2, 5, 9])]  # two: the original decodes the second once it is reached
     candidate = optcc.optimize(model, level=2, weight_only="int8", verify=False).model
     alive: weakref.WeakSet = weakref.WeakSet()
     alive_at_build: list[int] = []
@@ -34,13 +34,15 @@ def test_no_two_verification_sessions_are_alive_at_once(monkeypatch: pytest.Monk
         return session
 
     monkeypatch.setattr(verify_module, "make_session", counting)
-    verification = optcc.verify(model, candidate, numerics="int8", inputs=[first])
-    assert len(alive_at_build) >= 3  # the original's outputs, its greedy decode, the candidate's
+    verification = optcc.verify(model, candidate, numerics="int8", inputs=prompts)
+    assert len(alive_at_build) >= 4  # the original's outputs, its greedy decodes, the candidate's
     assert set(alive_at_build) == {0}
     # the verdict: onnxruntime's greedy decode of the original, and the candidate fed its tokens
     original, written = (ort.InferenceSession(data, providers=["CPUExecutionProvider"])
                          for data in (model.SerializeToString(), candidate.SerializeToString()))
-    want = _greedy(original, first, NEXT_TOKEN_STEPS)
-    forced = _greedy(written, first, NEXT_TOKEN_STEPS, fed=want)
+    same = []
+    for feeds in prompts:
+        want = _greedy(original, feeds, NEXT_TOKEN_STEPS)
+        same += [a == b for a, b in zip(want, _greedy(written, feeds, NEXT_TOKEN_STEPS, fed=want))]
     judged = verification.next_token["CPUExecutionProvider"]
-    assert judged["agreement"] == np.mean([a == b for a, b in zip(want, forced)])
+    assert judged["agreement"] == np.mean(same)

@@ -124,7 +124,9 @@ def _checked_parse(data: bytes, label: str) -> tuple[onnx.ModelProto, _Verdict]:
         _check_structure(data, label)
         verdict = _Verdict(None)
     except BadInputError as error:
-        verdict = _Verdict(error)
+        # kept without its traceback and context, whose frames would hold ``data`` alive
+        error.__context__ = error.__cause__ = None
+        verdict = _Verdict(error.with_traceback(None))
     _release_after(len(data))  # the checker's parse, freed in C, is not held beside the parse made next
     return _parse_bytes(data, label), verdict
 

@@ -873,17 +873,28 @@ class Verifier:
                     bar.advance(len(feeds))  # run before, by the pass
                 if by_tokens:
                     assert session is not None  # a decoder's outputs are never kept (``_kept_cases``)
+                    held, session = [session], None  # ``_next_tokens`` may drop it (and build it again)
                     try:
-                        next_token[provider], free_run = self._next_tokens(session, provider)
+                        next_token[provider], free_run = self._next_tokens(
+                            held, provider, lambda: self._candidate_session(source, provider, numerics))
                         if free_run is not None:
                             free[provider] = free_run
                     except _OriginalDecodeError as e:
+                        # an earlier provider's failure stands: nothing judging this one drops it
+                        failed = [p for p, verdict in next_token.items() if not verdict["passed"]]
+                        if failed or not all(m.passed for m in metrics):
+                            reason = (f"changed the numerics on {', '.join(failed) or 'an earlier provider'}; on "
+                                      f"{provider}, {self._reference_failed(e.__cause__)}")
+                            return Verification(status="failed", outputs=metrics, reason=reason,
+                                                reference=reference, **base)
                         return Verification(status="skipped", outputs=[], reason=self._reference_failed(e.__cause__),
                                             reference=reference, **base)
                     except Exception as e:  # noqa: BLE001
                         reason = f"the optimized model's next-token decode does not run: {first_line(e)}"
                         return Verification(status="failed", outputs=metrics, reason=reason, reference=reference,
                                             **base)
+                    finally:
+                        held.clear()
                 if tokens_alone:
                     continue
                 if numerics in ("fp16", "int8"):
@@ -1059,10 +1070,12 @@ class Verifier:
             return None
         return found.names, [found.cases[p] for p in positions]
 
-    def _next_tokens(self, session: Any, provider: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def _next_tokens(self, held: list[Any], provider: str,
+                     rebuild: Callable[[], Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The candidate's argmax at each step from each prompt, fed the original's greedy
         tokens on ``provider`` (decoded once: the first prompt, then the others once a
-        candidate reaches the second),
+        candidate reaches the second; the candidate's session, ``held[0]``, is dropped while
+        they decode and built again by ``rebuild``, so that no two sessions are alive at once),
         against them over ``NEXT_TOKEN_STEPS`` steps each (``next_token_agreement``), and its
         own free-running decode's agreement over the same prompts (``free_agreement``;
         reported). It stops at the step where more steps differ than the agreement asked for
@@ -1070,7 +1083,7 @@ class Verifier:
         the steps left show, ``stopped`` says where, and no free-running decode runs (None).
         ``_OriginalDecodeError`` where the original's own decode of a prompt cannot run."""
         prompts = self.next_token_feeds
-        candidate = _feeding(session)
+        candidate = _feeding(held[0])
         total = self._token_steps * sum(_rows(feeds, self._plan) for feeds in prompts)
         allowed = math.floor((1 - self._agreement) * total)  # more differing steps than this fail
         forced: list[np.ndarray] = []
@@ -1078,6 +1091,12 @@ class Verifier:
         for index, feeds in enumerate(prompts):
             # the first prompt's reference alone at first (a candidate that fails there needs no
             # more); every other prompt's at once, in one session of the original, once it is reached
+            if index == 1 and len(self._token_reference.get(provider, ())) < len(prompts):
+                candidate = held[0] = None
+                release_memory()  # the candidate's session, gone before the original's is built
+                self._reference_tokens(provider, len(prompts))
+                held[0] = rebuild()
+                candidate = _feeding(held[0])
             want = self._reference_tokens(provider, 1 if index == 0 else len(prompts))[index]
             forced.append(forced_tokens(candidate, self._names, self._plan, feeds, want, allowed - differing))
             differing += int((forced[-1] != want[:, :forced[-1].shape[1]]).sum())
