@@ -334,7 +334,7 @@ def free_agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarr
 
 def _token_differences(reference: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> tuple[np.ndarray, dict]:
     """Where ``other``'s tokens differ from ``reference``'s (one [batch, steps] array per
-    sample each), every sample's rows stacked, and the counts both agreements report: the
+    sample each), every sample's rows stacked, and the counts ``free_agreement`` reports: the
     share of equal tokens, the steps per row, the rows and the tokens compared."""
     differs = np.concatenate([np.asarray(o) != np.asarray(r) for r, o in zip(reference, other)], axis=0)
     return differs, {"agreement": float((~differs).mean()), "steps": differs.shape[1], "rows": int(differs.shape[0]),
