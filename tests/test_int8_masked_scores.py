@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.numpy_helper as nh
+from onnx import TensorProto as TP
+from onnx import helper as oh
 import pytest
 
 import optcc
@@ -77,3 +79,41 @@ def test_a_bias_that_masks_nothing_is_quantized() -> None:
     result = _quantized(_layer(-5.0)[0])
     assert REASON not in result.stats["kept_float"]
     assert _softmax_input_producer(result.model) == "DequantizeLinear"
+
+
+def test_the_walk_up_from_a_mask_stops_at_a_matmul() -> None:
+    """A branch that is 0 on every sample (``x @ 0``) added to attention scores is taken
+    for a mask, so its Add stays float; the ops above it that compute the activations
+    (the residual path's MatMul and Add, q/k/v) stay quantized. The quantized model is
+    judged against numpy float64 on fresh samples."""
+    rng = np.random.default_rng(0)
+    d = 16
+    weights = {n: rng.normal(0, 0.3, (d, d)).astype(np.float32) for n in ("W0", "W1", "Wq", "Wk", "Wv", "Wo")}
+    weights["Wb"] = np.zeros((d, 8), np.float32)
+    nodes = [oh.make_node("MatMul", ["inp", "W0"], ["a0"]), oh.make_node("Relu", ["a0"], ["r0"]),
+             oh.make_node("MatMul", ["r0", "W1"], ["a1"]), oh.make_node("Add", ["a1", "inp"], ["x"]),
+             oh.make_node("MatMul", ["x", "Wq"], ["q"]), oh.make_node("MatMul", ["x", "Wk"], ["k"]),
+             oh.make_node("MatMul", ["x", "Wv"], ["v"]), oh.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             oh.make_node("MatMul", ["q", "kt"], ["s"]), oh.make_node("MatMul", ["x", "Wb"], ["bias"]),
+             oh.make_node("Add", ["s", "bias"], ["sb"]), oh.make_node("Softmax", ["sb"], ["p"], axis=-1),
+             oh.make_node("MatMul", ["p", "v"], ["c"]), oh.make_node("MatMul", ["c", "Wo"], ["out"])]
+    graph = oh.make_graph(nodes, "zero_branch", [oh.make_tensor_value_info("inp", TP.FLOAT, [1, 8, d])],
+                          [oh.make_tensor_value_info("out", TP.FLOAT, [1, 8, d])],
+                          [nh.from_array(v, k) for k, v in weights.items()])
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = optcc.ir.load(proto)
+    samples = [{"inp": rng.normal(0, 1, (1, 8, d)).astype(np.float32)} for _ in range(8)]
+    result = QuantizeInt8Pass(calibrate(model, samples, "minmax").ranges, count_fused=False)(model)
+    assert result.stats["kept_float"].get(REASON) == 1, result.stats["kept_float"]
+    assert result.stats["quantized"]["MatMul"] == 9 and result.stats["quantized"]["Add"] == 1, result.stats
+    quantized = optcc.ir.serialize(result.model)
+    w = {k: v.astype(np.float64) for k, v in weights.items()}
+    for _ in range(4):
+        inp = rng.normal(0, 1, (1, 8, d)).astype(np.float32)
+        x = np.maximum(inp @ w["W0"], 0) @ w["W1"] + inp
+        s = (x @ w["Wq"]) @ (x @ w["Wk"]).transpose(0, 2, 1)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        want = (p / p.sum(-1, keepdims=True)) @ (x @ w["Wv"]) @ w["Wo"]
+        got = onnxruntime_outputs(quantized, {"inp": inp})[0].astype(np.float64)
+        assert 10 * np.log10(np.sum(want**2) / np.sum((got - want) ** 2)) >= 12  # the layer's output, 8-bit

@@ -842,7 +842,7 @@ class Verifier:
                 # first prompt now, the others once a candidate's decode reaches them
                 for provider in self.providers:
                     self._reference_tokens(provider, 1)
-            except Exception as e:  # noqa: BLE001
+            except _OriginalDecodeError as e:
                 return Verification(status="skipped", outputs=[], reason=self._reference_failed(e),
                                     reference=reference, **base)
         with Progress("verifying", len(self.providers) * len(feeds), enabled=self._progress) as bar:
@@ -884,10 +884,10 @@ class Verifier:
                         failed = [p for p, verdict in next_token.items() if not verdict["passed"]]
                         if failed or not all(m.passed for m in metrics):
                             reason = (f"changed the numerics on {', '.join(failed) or 'an earlier provider'}; on "
-                                      f"{provider}, {self._reference_failed(e.__cause__)}")
+                                      f"{provider}, {self._reference_failed(e)}")
                             return Verification(status="failed", outputs=metrics, reason=reason,
                                                 reference=reference, **base)
-                        return Verification(status="skipped", outputs=[], reason=self._reference_failed(e.__cause__),
+                        return Verification(status="skipped", outputs=[], reason=self._reference_failed(e),
                                             reference=reference, **base)
                     except Exception as e:  # noqa: BLE001
                         reason = f"the optimized model's next-token decode does not run: {first_line(e)}"
@@ -1132,7 +1132,7 @@ class Verifier:
                 for feeds in self.next_token_feeds[len(decoded):count]:
                     decoded.append(greedy_tokens(original, self._names, self._plan, feeds, self._token_steps))
             except Exception as e:  # noqa: BLE001 - anything onnxruntime raises
-                raise _OriginalDecodeError() from e
+                raise _OriginalDecodeError(first_line(e)) from e
             finally:
                 session = original = None
                 release_memory()  # the original's session, gone before a candidate's is built
@@ -1150,10 +1150,10 @@ class Verifier:
                 except _OriginalDecodeError:
                     return
 
-    def _reference_failed(self, error: BaseException | None) -> str:
+    def _reference_failed(self, error: _OriginalDecodeError) -> str:
         """Why nothing judges a candidate by its next tokens: the original's decode fails."""
         return (f"onnxruntime cannot run the original's next-token decode ({self._token_steps} "
-                f"steps per prompt): {first_line(error) if error is not None else 'unknown error'}")
+                f"steps per prompt): {error}")
 
     @functools.cached_property
     def _token_steps(self) -> int:
@@ -1612,7 +1612,8 @@ def _percent(share: float) -> str:
 
 
 class _OriginalDecodeError(Exception):
-    """The original's own next-token decode raised (the cause): nothing judges a candidate."""
+    """The original's own next-token decode raised (the cause, whose first line is this
+    error's message): nothing judges a candidate."""
 
 
 def _rows(feeds: Feeds, plan: Any) -> int:
