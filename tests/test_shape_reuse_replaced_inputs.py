@@ -11,25 +11,12 @@ import onnx
 import onnx.reference
 import onnx_ir as ir
 
-import optcc.passes.shape_reuse as shape_reuse
 from optcc.passes.eliminate_common_subexpressions import EliminateCommonSubexpressionsPass
 from optcc.passes.eliminate_noops import EliminateNoOpsPass
-from optcc.passes.fold_constants import FoldConstantsPass
-from optcc.passes.shape_reuse import InferenceSnapshot
-from calls import first_arguments
+from test_shape_reuse_across_calls import _fold  # fold-constants in place; how many inferences it ran
 
 
-def _fold(model: ir.Model, monkeypatch, *, reuse: bool) -> int:
-    """fold-constants on ``model`` in place; how many shape inferences it ran."""
-    with monkeypatch.context() as patch:
-        calls = first_arguments(patch, shape_reuse, "shape_findings")
-        if not reuse:
-            patch.setattr(InferenceSnapshot, "still_holds", lambda self, model, findings: False)
-        FoldConstantsPass()(model)
-    return len(calls)
-
-
-def _fold_around(text: str, between, monkeypatch) -> tuple[list[int], bytes]:
+def _fold_around(text: str, between, monkeypatch) -> tuple[int, bytes]:
     """fold-constants, ``between``, fold-constants, with reuse and without; the inferences
     of the second call with reuse, and the result (the same bytes either way)."""
     results, second = [], []
