@@ -31,12 +31,12 @@ checks those as well. It holds when:
   Constant's ``value`` and an initializer alike, as the tensor's type, dims and data; or
 - a node's input was replaced by another value a cone node computed (a node's output
   read in its place after a no-op was removed, or a common subexpression merged), which
-  inference finds as it found the value it replaced: either both were found of the same
-  type (element type and dims, a symbolic dim of the same name), neither is an int32/int64 tensor of rank 0 or 1 (the only values
-  onnx's data propagation gives data) and neither is a ``Constant``'s (whose data
-  inference reads); or both are the same output of nodes of the same kind and attributes
-  that read the very same values (``eliminate-common-subexpressions``), so inference gave
-  them the same type and the same propagated data.
+  inference found as it found the value it replaced: of the same type (element type and
+  dims, a symbolic dim of the same name), and either neither is an int32/int64 tensor of
+  rank 0 or 1 (the only values onnx's data propagation gives data) nor a ``Constant``'s
+  (whose data inference reads), or both are the same output of nodes of the same kind and
+  attributes that read the very same values (``eliminate-common-subexpressions``), which
+  inference gave the same propagated data.
 
 Inference derives a value's type from its ancestors alone (nodes outside the cone do not
 reach it), from what each ancestor is (kind, attributes, opset), the annotations it
@@ -48,6 +48,7 @@ anything else never reuses.
 
 from __future__ import annotations
 
+import onnx
 import onnx_ir as ir
 
 import optcc
@@ -285,7 +286,7 @@ def _plain_attribute_equal(first: ir.Attr, second: ir.Attr) -> bool:
             and first.ref_attr_name is None and second.ref_attr_name is None and first.value == second.value)
 
 
-def _may_carry_data(info) -> bool:  # noqa: ANN001 - onnx.ValueInfoProto
+def _may_carry_data(info: onnx.ValueInfoProto) -> bool:
     """Whether onnx's data propagation may give the value data: an int32/int64 tensor of
     rank 0 or 1, or one whose type or rank inference did not find."""
     if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
