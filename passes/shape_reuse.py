@@ -28,7 +28,15 @@ checks those as well. It holds when:
   inference reads its inputs' types and dims only (``DATA_BLIND_OPS``); or the value was
   a ``Constant`` node's output (its one attribute ``value``, a tensor) and the initializer
   holds that very tensor under the same name (``lift-constants``): inference reads a
-  Constant's ``value`` and an initializer alike, as the tensor's type, dims and data.
+  Constant's ``value`` and an initializer alike, as the tensor's type, dims and data; or
+- a node's input was replaced by another value a cone node computed (a node's output
+  read in its place after a no-op was removed, or a common subexpression merged), which
+  inference found as it found the value it replaced: of the same type (element type and
+  dims, a symbolic dim of the same name), and either neither is an int32/int64 tensor of
+  rank 0 or 1 (the only values onnx's data propagation gives data) nor a ``Constant``'s
+  (whose data inference reads), or both are the same output of nodes of the same kind and
+  attributes that read the very same values (``eliminate-common-subexpressions``), which
+  inference gave the same propagated data.
 
 Inference derives a value's type from its ancestors alone (nodes outside the cone do not
 reach it), from what each ancestor is (kind, attributes, opset), the annotations it
@@ -40,6 +48,7 @@ anything else never reuses.
 
 from __future__ import annotations
 
+import onnx
 import onnx_ir as ir
 
 import optcc
@@ -57,6 +66,7 @@ DATA_BLIND_OPS = frozenset({
     "BatchNormalization", "InstanceNormalization", "LayerNormalization", "PRelu",
 })
 _SHAPE_LIKE = frozenset({ir.DataType.INT32, ir.DataType.INT64})
+_SHAPE_LIKE_ELEMENTS = frozenset(int(t) for t in _SHAPE_LIKE)
 _META_KEY = "optcc.fold_constants.inference"
 
 
@@ -128,6 +138,8 @@ class InferenceSnapshot:
         self.graph = graph  # None: the model does not qualify
         self.nodes = nodes  # the cone: each node's inputs and outputs
         self.names = names
+        # each cone output's node and position (a removed node's outputs lose their producer)
+        self.producers = {value: (node, i) for node, (_, outputs) in nodes.items() for i, value in enumerate(outputs)}
         self.constants: dict[ir.Value, ir.TensorProtocol] = {}  # Constant outputs: their tensor
         # what passes other than fold-constants may change (``record``); None until recorded
         self.kept: _Kept | None = None
@@ -198,6 +210,8 @@ class InferenceSnapshot:
         input of a node of a ``data_blind`` kind (see ``DATA_BLIND_OPS``) or of any kind."""
         if old is None or new is None or old not in self.names:
             return False
+        if new in self.names:
+            return self._found_alike(old, new, findings)
         tensor = new.const_value
         if not new.is_initializer() or new.is_graph_input() or tensor is None:
             return False
@@ -222,6 +236,32 @@ class InferenceSnapshot:
             return False  # its own annotation says otherwise
         return not (tensor.dtype in _SHAPE_LIKE and len(dims) <= 1)
 
+    def _found_alike(self, old: ir.Value, new: ir.Value, findings: ShapeFindings) -> bool:
+        """Whether inference finds ``new``, another cone node's output, as it found ``old``
+        (see the module docstring). What it found for ``new`` holds by induction: every
+        cone node is checked, and ``new``'s node comes before the node reading it now."""
+        old_info, new_info = (findings.infos.get(self.names[v]) if self.names[v] else None for v in (old, new))
+        if old_info is None or new_info is None or old_info.type != new_info.type:
+            return False
+        (old_node, old_index), (new_node, new_index) = self.producers[old], self.producers[new]
+        if old_index == new_index and self._twins(old_node, new_node):
+            return True  # the same computation: the same type and the same propagated data
+        if old_node.op_type == "Constant" or new_node.op_type == "Constant":
+            return False  # inference reads a Constant's data
+        return not _may_carry_data(new_info)
+
+    def _twins(self, first: ir.Node, second: ir.Node) -> bool:
+        """Whether two cone nodes are of the same kind, with attributes of equal plain
+        values, and read the very same values (as inference saw them)."""
+        if (first.domain, first.op_type, first.overload) != (second.domain, second.op_type, second.overload):
+            return False
+        if self.nodes[first][0] != self.nodes[second][0]:
+            return False
+        ours, theirs = first.attributes.data, second.attributes.data
+        if ours.keys() != theirs.keys():
+            return False
+        return all(_plain_attribute_equal(ours[name], theirs[name]) for name in ours)
+
     def _lifted(self, old: ir.Value, new: ir.Value) -> bool:
         """Whether the initializer ``new`` holds the tensor of the Constant that computed
         ``old``, under ``old``'s name, annotated (if at all) as that tensor."""
@@ -229,6 +269,30 @@ class InferenceSnapshot:
         if new.const_value is not tensor or new.name != self.names[old]:
             return False
         return (new.shape is None or tuple(new.shape) == tuple(tensor.shape)) and new.dtype in (None, tensor.dtype)
+
+
+_PLAIN_ATTRIBUTES = frozenset({
+    ir.AttributeType.INT, ir.AttributeType.FLOAT, ir.AttributeType.STRING,
+    ir.AttributeType.INTS, ir.AttributeType.FLOATS, ir.AttributeType.STRINGS,
+})
+
+
+def _plain_attribute_equal(first: ir.Attr, second: ir.Attr) -> bool:
+    """The same attribute object, or two of the same plain type and equal values (a tensor,
+    graph or type attribute only by identity)."""
+    if first is second:
+        return True
+    return (first.type == second.type and first.type in _PLAIN_ATTRIBUTES
+            and first.ref_attr_name is None and second.ref_attr_name is None and first.value == second.value)
+
+
+def _may_carry_data(info: onnx.ValueInfoProto) -> bool:
+    """Whether onnx's data propagation may give the value data: an int32/int64 tensor of
+    rank 0 or 1, or one whose type or rank inference did not find."""
+    if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+        return True
+    tensor_type = info.type.tensor_type
+    return tensor_type.elem_type in _SHAPE_LIKE_ELEMENTS and len(tensor_type.shape.dim) <= 1
 
 
 def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:

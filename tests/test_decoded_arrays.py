@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx.numpy_helper
 import onnx_ir as ir
 import pytest
 
@@ -118,6 +119,29 @@ def test_repeated_values_only_where_the_type_s_own_field_holds_every_value():
     raw = oh.make_tensor("t", onnx.TensorProto.FLOAT, [2], np.ones(2, np.float32).tobytes(), raw=True)
     int32 = oh.make_tensor("t", onnx.TensorProto.INT32, [2], [1, 2])
     assert repeated_values(mixed) is None and repeated_values(raw) is None and repeated_values(int32) is None
+
+
+_SPECIAL_FLOAT32 = np.frombuffer(b"".join([
+    b"\x01\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\x00\x00\x80\xff", b"\x00\x00\x00\x80",  # NaN payload, +-inf, -0.0
+    b"\x01\x00\x00\x00", b"\xff\xff\x7f\x7f"]), "<f4")  # the least subnormal, the largest finite
+
+
+@pytest.mark.parametrize("dims", [[], [1], [3, 2], [17], [4, 5, 3]])  # a field read element by element, then one read whole
+@pytest.mark.parametrize("dtype", [onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.DOUBLE])
+def test_a_repeated_field_decodes_bit_for_bit_as_numpy_does(dims, dtype):
+    count = int(np.prod(dims))
+    if dtype == onnx.TensorProto.FLOAT:
+        values = np.resize(_SPECIAL_FLOAT32, count).tolist()
+    elif dtype == onnx.TensorProto.INT64:
+        values = np.resize(np.array([-(1 << 63), (1 << 63) - 1, -1, 0, 1 << 40], np.int64), count).tolist()
+    else:
+        values = np.resize(np.array([1e-310, -0.0, np.inf, 1e300, -2.5]), count).tolist()
+    proto = oh.make_tensor("t", dtype, dims, values)
+    tensor = ir.serde.TensorProtoTensor(proto)
+    reference = onnx.numpy_helper.to_array(proto)  # onnx's own decode of the field
+    array = decoded(tensor)
+    assert array.dtype == reference.dtype and array.shape == reference.shape == tuple(dims)
+    assert array.tobytes() == reference.tobytes()
 
 
 @pytest.mark.parametrize("dtype,element", [

@@ -56,6 +56,7 @@ _REPEATED = {
     onnx.TensorProto.INT64: ("int64_data", np.dtype("<i8")),
     onnx.TensorProto.DOUBLE: ("double_data", np.dtype("<f8")),
 }
+_ITERATED_MAX = 16  # fields of at most this many values are read element by element (``_from_repeated_field``)
 _VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
@@ -84,7 +85,11 @@ def _from_repeated_field(proto: onnx.TensorProto) -> np.ndarray | None:
     if found is None:
         return None
     values, dtype = found
-    return np.array(values, dtype=dtype).reshape(tuple(proto.dims))
+    count = len(values)
+    # the same elements either way: each field value as a Python number, cast to ``dtype``;
+    # ``fromiter`` skips ``np.array``'s look at the container, its cost on a short field
+    array = np.fromiter(values, dtype, count) if count <= _ITERATED_MAX else np.array(values, dtype=dtype)
+    return array.reshape(tuple(proto.dims))
 
 
 def share_decoded(tensor: ir.TensorProtocol, array: np.ndarray) -> None:
