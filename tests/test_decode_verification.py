@@ -166,10 +166,7 @@ def test_the_int4_search_decodes_the_original_before_any_weight_is_quantized(mon
     monkeypatch.setattr(verify_module, "greedy_tokens", original_decode)
     monkeypatch.setattr(weight_only, "quantize", quantized)
     model = _decoder()
-    first = {"input_ids": np.array([[4, 7, 1]], np.int64),
-             "past_key": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
-             "past_value": np.zeros((1, 2, 0, HIDDEN // 2), np.float32),
-             "attention_mask": np.ones((1, 3), np.int64)}
+    first = prompt([4, 7, 1])
     result = optcc.optimize(model, level=2, inputs=[first], weight_only="int4", allow_float_fallback=True)
     assert "quantize" in events and events[0] == "decode"
     record = next(r for r in result.report.passes if r.name == "quantize-weights")
