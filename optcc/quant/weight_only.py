@@ -105,13 +105,16 @@ class BlockQuantized:
 
     def storage(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(q, zero_points) as the narrow integer dtypes a DequantizeLinear reads:
-        int4/int8 when symmetric, uint4/uint8 otherwise."""
+        int4/int8 when symmetric, uint4/uint8 otherwise. The levels are a view of ``q``,
+        not a copy: a 4-bit type of ml_dtypes is one byte per element and reads its value
+        from the byte's low nibble (sign-extended for int4), which holds the level in
+        int8/uint8 too; every 4-bit packing masks the high nibble."""
         if self.symmetric:
             dtype = ml_dtypes.int4 if self.bits == 4 else np.int8
-            return self.q.astype(dtype, copy=False), None
+            return self.q.view(dtype), None
         dtype = ml_dtypes.uint4 if self.bits == 4 else np.uint8
         assert self.zero_points is not None
-        return self.q.astype(dtype, copy=False), self.zero_points.astype(np.uint8).astype(dtype)
+        return self.q.view(dtype), self.zero_points.astype(np.uint8).astype(dtype)
 
 
 @dataclasses.dataclass
