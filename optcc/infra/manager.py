@@ -172,7 +172,9 @@ class PassManager:
 
     def run(self, model: ir.Model, *, fresh: Callable[[], ir.Model] | None = None,
             summary: tuple[dict[str, int], int] | None = None) -> PipelineResult:
-        """Run the pipeline on ``model`` (modified in place). ``fresh`` returns a new copy of
+        """Run the pipeline on ``model`` (modified in place; where the steps split for a
+        verification before a lossy step, the lossy steps run on a copy: the result is
+        ``PipelineResult.model``, whatever ``model`` holds after). ``fresh`` returns a new copy of
         the model as given, for reverts and replays (default: a copy taken now);
         ``summary``: ``oir.histogram_and_weight_bytes(model)``, when the caller has it.
 
