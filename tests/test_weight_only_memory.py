@@ -105,6 +105,9 @@ def test_int4_levels_are_written_from_the_levels_held(symmetric: bool) -> None:
     np.testing.assert_array_equal(q, levels.q.astype(np.float64))
     if symmetric:
         assert q.min() < 0  # negative levels: their bytes' high nibble is set in the int8 levels
+    else:  # zero points are levels, held in a byte each, and written as they are
+        assert levels.zero_points.dtype == np.uint8
+        np.testing.assert_array_equal(zero, levels.zero_points.astype(np.float64))
     x = np.random.default_rng(5).standard_normal((4, K)).astype(np.float32)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
