@@ -427,10 +427,15 @@ def optimize(
             original_parse=file_parse if handed else None,
         )
     file_parse = None
-    if verifier is not None and searched_weights:
-        # the search's first check decodes the original: it decodes now, before the quantized weights
-        # exist, so that the original's weights and those are never held at once
-        verifier.held_apart().decode_first_prompt()
+    if verifier is not None:
+        # a decoder's checks decode the original's first prompt (a search's check, on the samples held
+        # apart, and the verification of a weight-only result, which always changes a decoder): it
+        # decodes now, before the quantized weights exist, so that the original's weights and those
+        # are never held at once
+        if searched_weights or int8_dynamic:
+            verifier.held_apart().decode_first_prompt()
+        if weight_only:
+            verifier.decode_first_prompt()
     requested = {"fp16": fp16, "int8": quantizing, "int8-dynamic": int8_dynamic, "weights": bool(weight_only)}
 
     def applied(records: Sequence[PassRecord], result: ir.Model) -> bool:

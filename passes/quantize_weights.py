@@ -218,7 +218,12 @@ class QuantizeWeightsPass(optcc.Pass):
 
     def call(self, model: ir.Model) -> optcc.PassResult:
         with meta_forgotten(model, ROWS_KEY):
-            return self._call(model)
+            result = self._call(model)
+        if "mixed" in result.stats:
+            # the search's candidates are reference cycles holding the arrays of widths the result
+            # does not use: a collection frees them before anything runs on the result
+            optcc.ir.collect_for(optcc.ir.weight_bytes(result.model))
+        return result
 
     def _call(self, model: ir.Model) -> optcc.PassResult:
         stats: dict[str, Any] = {"quantized": {}, "kept_float": {}, "head": [], "algorithm": self.algorithm,
@@ -634,7 +639,7 @@ class QuantizeWeightsPass(optcc.Pass):
             drop_unused_weights(graph, [folded_c])
 
     def _emit_tied(self, graph: ir.Graph, table: ir.Value, taken: set[str]) -> None:
-        q, scale = row_int8(optcc.ir.as_numpy(table))
+        q, scale = _table_rows(table)  # every candidate of a search shares the table's levels
         base = table.name or "embedding"
         float_type = _FLOATS[scale.dtype.type]
         cast = ir.node("Cast", [_initializer(graph, _name(taken, f"{base}_q8"), q)], {"to": float_type})

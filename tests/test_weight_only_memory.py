@@ -87,3 +87,32 @@ def test_pass_memory_and_output(monkeypatch: pytest.MonkeyPatch, bits: int) -> N
     step = np.repeat(np.abs(nh.to_array(next(t for t in written.graph.initializer if t.name.endswith("_scale"))))
                      .astype(np.float64), 32, axis=0)
     assert np.all(np.abs(_dequantized(written, bits) - w) <= step / 2 + 1e-6 * np.abs(w))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_levels_are_written_from_the_levels_held(symmetric: bool) -> None:
+    w = _weight()
+    levels = weight_only.quantize(w, "rtn", 4, 32, symmetric)
+    stored, _ = levels.storage()
+    assert np.shares_memory(stored, levels.q)  # the int4 array is the levels, not a second copy of them
+    model = ir.serde.deserialize_model(_model(w))
+    result = QuantizeWeightsPass(bits=4, head_bits=None, symmetric=symmetric)(model)
+    written = onnx.load_from_string(ir.serde.serialize_model(result.model).SerializeToString())
+    arrays = {t.name: nh.to_array(t) for t in written.graph.initializer}  # onnx unpacks the 4-bit bytes
+    dq = next(n for n in written.graph.node if n.op_type == "DequantizeLinear")
+    q, scale = arrays[dq.input[0]].astype(np.float64), arrays[dq.input[1]].astype(np.float64)
+    zero = arrays[dq.input[2]].astype(np.float64) if len(dq.input) > 2 else np.zeros_like(scale)
+    np.testing.assert_array_equal(q, levels.q.astype(np.float64))
+    if symmetric:
+        assert q.min() < 0  # negative levels: their bytes' high nibble is set in the int8 levels
+    else:  # zero points are levels, held in a byte each, and written as they are
+        assert levels.zero_points.dtype == np.uint8
+        np.testing.assert_array_equal(zero, levels.zero_points.astype(np.float64))
+    x = np.random.default_rng(5).standard_normal((4, K)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    got = ort.InferenceSession(written.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    w_hat = (q - np.repeat(zero, 32, axis=0)) * np.repeat(scale, 32, axis=0)
+    expected = x.astype(np.float64) @ w_hat
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

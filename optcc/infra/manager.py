@@ -172,7 +172,9 @@ class PassManager:
 
     def run(self, model: ir.Model, *, fresh: Callable[[], ir.Model] | None = None,
             summary: tuple[dict[str, int], int] | None = None) -> PipelineResult:
-        """Run the pipeline on ``model`` (modified in place). ``fresh`` returns a new copy of
+        """Run the pipeline on ``model`` (modified in place; where the steps split for a
+        verification before a lossy step, the lossy steps run on a copy: the result is
+        ``PipelineResult.model``, whatever ``model`` holds after). ``fresh`` returns a new copy of
         the model as given, for reverts and replays (default: a copy taken now);
         ``summary``: ``oir.histogram_and_weight_bytes(model)``, when the caller has it.
 
@@ -226,7 +228,11 @@ class PassManager:
             return self._split_result(head_run, check, self._not_run(split))
         # the tail's verification judges the head's changes too: at least at their tolerance
         tail = PassManager(self.pipeline[split:], **options, _numerics=head_run.numerics())
-        run = tail._complete(head_run.model, _copier(head_run.model), reverts={}, summary=head_run.summary)
+        # the tail runs on a copy (sharing the tensors): where it is reverted, the model it
+        # made is held by its run alone, which lets it go (``_verified``), while the caller's
+        # model and the head's run keep the float steps' result
+        fresh = _copier(head_run.model)
+        run = tail._complete(fresh(), fresh, reverts={}, summary=head_run.summary)
         if run.kept:
             run, verification = tail._verified(run)
             return PipelineResult(run.model, head_run.records + run.records, head_run.warnings + run.warnings,
@@ -290,7 +296,11 @@ class PassManager:
             # or a later step would repeat the rewrite, and each would cost a bisection)
             reverts[index] = (culprit, "changed the numerics: " + (failing.reason or ""))
             attempts[index] = run.records[index]
-            run = self._complete(run.fresh(), run.fresh, reverts)
+            # the failed model and its bytes go before the pipeline runs again and its result
+            # is verified: the caller's reference to this run no longer holds them
+            fresh, run.model, run.serialized = run.fresh, None, None
+            oir.collect_for(run.summary[1])  # a model is a reference cycle: a collection frees it
+            run = self._complete(fresh(), fresh, reverts)
             for at, attempt in attempts.items():  # the replay skipped them: what they did, and took, is the attempt's
                 record = run.records[at] if at < len(run.records) else None
                 if record is not None and record.name == attempt.name and record.status == "reverted":

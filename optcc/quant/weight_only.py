@@ -86,7 +86,7 @@ class BlockQuantized:
 
     q: np.ndarray  # [K, N] levels: int8 (symmetric) or uint8 (asymmetric); ``level_dtype``
     scales: np.ndarray  # [ceil(K / block_size), N] float32, or float16 for a float16 layer
-    zero_points: np.ndarray | None  # same shape, int64; None when symmetric
+    zero_points: np.ndarray | None  # same shape, integers (uint8 from ``quantize``); None when symmetric
     bits: int
     block_size: int
 
@@ -100,18 +100,22 @@ class BlockQuantized:
         product to that type)."""
         k = self.q.shape[0]
         scale = np.repeat(self.scales.astype(np.float64), self.block_size, axis=0)[:k]
-        zero = 0 if self.zero_points is None else np.repeat(self.zero_points, self.block_size, axis=0)[:k]
+        zero = 0 if self.zero_points is None else \
+            np.repeat(self.zero_points.astype(np.int64), self.block_size, axis=0)[:k]
         return ((self.q - zero) * scale).astype(self.scales.dtype)  # int64 zero: no uint8 wrap
 
     def storage(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(q, zero_points) as the narrow integer dtypes a DequantizeLinear reads:
-        int4/int8 when symmetric, uint4/uint8 otherwise."""
+        int4/int8 when symmetric, uint4/uint8 otherwise. The levels are a view of ``q``,
+        not a copy: a 4-bit type of ml_dtypes is one byte per element and reads its value
+        from the byte's low nibble (sign-extended for int4), which holds the level in
+        int8/uint8 too; every 4-bit packing masks the high nibble."""
         if self.symmetric:
             dtype = ml_dtypes.int4 if self.bits == 4 else np.int8
-            return self.q.astype(dtype, copy=False), None
+            return self.q.view(dtype), None
         dtype = ml_dtypes.uint4 if self.bits == 4 else np.uint8
         assert self.zero_points is not None
-        return self.q.astype(dtype, copy=False), self.zero_points.astype(np.uint8).astype(dtype)
+        return self.q.view(dtype), self.zero_points.astype(np.uint8).astype(dtype)
 
 
 @dataclasses.dataclass
@@ -388,10 +392,10 @@ def quantize(w: np.ndarray, algorithm: str = "rtn", bits: int = 4, block_size: i
     k, n = w.shape
     kb = -(-k // block_size)
     # the whole weight's levels and parameters, filled a chunk at a time (no list of parts
-    # to concatenate: the levels are held once)
+    # to concatenate: the levels are held once); a zero point is a level: uint8 holds it
     q = np.empty((k, n), level_dtype(symmetric))
     scales = np.empty((kb, n), scale_dtype)
-    zeros = None if symmetric else np.empty((kb, n), np.int64)
+    zeros = None if symmetric else np.empty((kb, n), np.uint8)
     step = max(1, CHUNK_ELEMENTS // max(k, 1))
     for start in range(0, n, step):
         chunk = w[:, start:start + step]
