@@ -754,7 +754,9 @@ class ConvertFloat16Pass(optcc.Pass):
                 why = [reason(u.node) for u in uses]
                 if not any(why):
                     continue  # no kept reader: the ordinary rewrite stores it in float16 already
-                array = tensor.numpy()  # read only now: most weights have no kept reader
+                # read only now (most weights have no kept reader), into an array that goes
+                # with this weight: the model's own view of an external file would stay mapped
+                array = fp16.weights.float32_values(tensor)
                 if exactly_float16(array):
                     exact[value.name] = int(array.size)
                     continue

@@ -51,3 +51,24 @@ def test_checks_hold_a_chunk_of_temporaries_not_the_weight() -> None:
         # a chunk's float64 temporaries, a few times 8 MiB: less than half of one float64
         # copy of the weight (64 MiB), of which a whole-array computation makes several
         assert peak < 8 * SIZE // 2, (check.__name__, peak)
+
+
+def test_external_weight_is_read_from_its_file_without_mapping_it(tmp_path) -> None:
+    """An external weight's values come back equal to the file's, in an array of their
+    own: onnx-ir's map of the file (whose pages would stay resident as long as the
+    model) is never opened."""
+    import onnx_ir as ir
+
+    from optcc.fp16.weights import float32_values
+
+    array = _weight(2)[:5000].reshape(1000, 5)
+    offset = 4096
+    with open(tmp_path / "w.bin", "wb") as f:
+        f.write(b"\0" * offset)
+        f.write(array.astype("<f4").tobytes())
+    tensor = ir.ExternalTensor("w.bin", offset, array.nbytes, ir.DataType.FLOAT, shape=ir.Shape(array.shape),
+                               name="w", base_dir=str(tmp_path))
+    got = float32_values(tensor)
+    np.testing.assert_array_equal(got, array)
+    assert got.shape == array.shape and got.dtype == np.float32
+    assert tensor.raw is None

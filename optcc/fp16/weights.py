@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -31,7 +31,7 @@ import onnx_ir as ir
 from optcc import ir as oir
 from optcc.fp16.rewrite import FP16_MAX, FLOAT16, RewriteStats, _rounded, _to_float16, flat_chunks
 
-__all__ = ["Float16Weights"]
+__all__ = ["Float16Weights", "float32_values"]
 
 _CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 at a time, read from a file
 _ALIGN = 4096
@@ -63,10 +63,24 @@ def _float32_chunks(tensor: ir.TensorProtocol) -> Iterator[np.ndarray]:
 def _rounded_in_chunks(tensor: ir.TensorProtocol) -> np.ndarray:
     """``_rounded`` of the tensor's values, computed a chunk at a time into one array (its
     temporaries are a chunk's, not several copies of the whole tensor)."""
+    return _filled(tensor, _rounded)
+
+
+def float32_values(tensor: ir.TensorProtocol) -> np.ndarray:
+    """A float32 tensor's values in an array of their own, which goes with its last
+    reference: an external tensor's read from its file in chunks, never through onnx-ir's
+    map of the file, whose pages stay resident as long as the tensor lives."""
+    if not isinstance(tensor, ir.ExternalTensor):
+        return tensor.numpy()
+    return _filled(tensor, lambda chunk: chunk)
+
+
+def _filled(tensor: ir.TensorProtocol, convert: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """An array of the tensor's shape holding ``convert`` of its values, a chunk at a time."""
     out = np.empty(tuple(tensor.shape.numpy()), dtype=np.float32)
     flat, start = out.reshape(-1), 0
     for chunk in _float32_chunks(tensor):
-        flat[start:start + chunk.size] = _rounded(chunk)
+        flat[start:start + chunk.size] = convert(chunk)
         start += chunk.size
     return out
 
