@@ -13,13 +13,13 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as nh
-import onnxruntime as ort
 from onnx import TensorProto as TP
 
 import optcc
 from optcc.passes.quantize_int8 import QuantizeInt8Pass
 from optcc.quant.bias_correction import correct_biases
 from optcc.quant.calibration import calibrate
+from test_int8_bias_exact import bias_of, channel_mean
 
 # (result, input channels, output channels, kernel, attributes, with a bias)
 CONVS2D = [
@@ -72,29 +72,6 @@ def model_1d() -> onnx.ModelProto:
 def samples(shape: tuple[int, ...], n: int, seed: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [{"x": rng.uniform(0, 1, size=shape).astype(np.float32)} for _ in range(n)]
-
-
-def channel_mean(proto: onnx.ModelProto, name: str, rank: int, data: list) -> np.ndarray:
-    """float64 average over ``data`` of a float32 ReduceMean over every axis but 1 of ``name``,
-    on the whole model (onnxruntime, no graph optimization)."""
-    proto = onnx.ModelProto.FromString(proto.SerializeToString())
-    proto.graph.node.append(oh.make_node("ReduceMean", [name], ["m"], axes=[0, *range(2, rank)], keepdims=0))
-    del proto.graph.output[:]
-    proto.graph.output.append(onnx.ValueInfoProto(name="m"))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    total = 0.0
-    for feeds in data:
-        total = total + session.run(["m"], feeds)[0].astype(np.float64) / len(data)
-    return total
-
-
-def bias_of(proto: onnx.ModelProto, result: str) -> tuple[onnx.TensorProto, np.ndarray]:
-    node = next(n for n in proto.graph.node if n.output[0] == result)
-    dq = next(n for n in proto.graph.node if n.output[0] == node.input[2])
-    inits = {t.name: t for t in proto.graph.initializer}
-    return inits[dq.input[0]], nh.to_array(inits[dq.input[1]]).astype(np.float64)
 
 
 def sequential(float_model: onnx.ModelProto, start: onnx.ModelProto, layers: list[str], rank: int,
