@@ -645,17 +645,18 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
     kept = [] if deltas is None else [i for i in range(len(samples)) if delta_samples is None or i in delta_samples]
     # per sample, per layer: (local noise, the float result's power)
     sums: dict[int, dict[str, tuple[float, float]]] = {}
-    scratch = _Scratch()
     # the samples whose errors are kept run last: no other sample's results are made while they are held
     for position in [*(i for i in range(len(samples)) if i not in kept), *kept]:
         values = dict(zip(names, session.run(names, dict(samples[position]))))
         sums[position] = {}
         for layer, (float_name, local_name) in fetch.items():
-            result, local = values[float_name], values[local_name]
-            noise = _squared_distance(result, local, scratch)
+            # compared with the layer's float result: its float64 copy (its own, squared in
+            # place last) and power are made once
+            r = np.array(values[float_name], np.float64)
+            local = _squared_distance(r, values[local_name])
             if position in kept:  # the local result is not read again
-                deltas.setdefault(layer, []).append(_difference(local, result))
-            sums[position][layer] = (noise, _power(result, scratch))
+                deltas.setdefault(layer, []).append(_difference(values[local_name], values[float_name]))
+            sums[position][layer] = (local, float(np.sum(np.square(r, out=r))))
         del values
     del session
     release_memory()
@@ -683,35 +684,12 @@ def _difference(result: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.subtract(result, reference, out=result if fits else None)
 
 
-class _Scratch:
-    """One float64 buffer, grown to the largest array asked for and lent out again: the
-    sums over many large results write into memory already mapped, not fresh arrays."""
-
-    def __init__(self) -> None:
-        self.buffer = np.empty(0)
-
-    def like(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A C-contiguous float64 array of ``shape`` in the buffer (its old contents)."""
-        size = math.prod(shape)
-        if self.buffer.size < size:
-            self.buffer = np.empty(size)
-        return self.buffer[:size].reshape(shape)
-
-
-def _squared_distance(reference: np.ndarray, other: np.ndarray, scratch: _Scratch | None = None) -> float:
-    """``sum((reference - other) ** 2)`` in float64 (both widened exactly), the same sum over
-    the same values in a fresh C-contiguous array or in ``scratch``'s (a contiguous array
-    of the same shape: numpy's sum adds the same values in the same order)."""
-    shape = np.broadcast_shapes(np.shape(reference), np.shape(other))
-    difference = np.empty(shape) if scratch is None else scratch.like(shape)
-    np.subtract(reference, other, out=difference, dtype=np.float64)
+def _squared_distance(reference: np.ndarray, other: np.ndarray) -> float:
+    """``sum((reference - other) ** 2)`` in float64 (both widened exactly: a float64
+    ``reference`` is not copied), the same sum over the same values, with one temporary array."""
+    # at least 1-d: numpy returns the difference of two 0-d arrays as a scalar, no array to write into
+    difference = np.atleast_1d(np.subtract(reference, other, dtype=np.float64))
     return float(np.sum(np.square(difference, out=difference)))
-
-
-def _power(result: np.ndarray, scratch: _Scratch) -> float:
-    """``sum(result ** 2)`` in float64 (widened exactly), squared into ``scratch``."""
-    squares = scratch.like(np.shape(result))
-    return float(np.sum(np.square(result, out=squares, dtype=np.float64)))
 
 
 def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
