@@ -18,9 +18,11 @@ simulation of the integer kernels, which agree with it up to rounding), cut into
 segments at the corrected layers (``_Segments``): segment ``k`` runs the nodes from layer
 ``k-1`` (with its corrected bias) up to layer ``k``, plus a probe copy of layer ``k`` fed
 its current bias whose per-channel mean (ReduceMean in the graph) is the measurement; the
-tensors later segments read are carried between segments per sample. Every node runs
-once per sample (a corrected layer twice), so the cost is about (samples) runs of the
-graph up to its last corrected layer, not (layers x samples) runs of graph prefixes.
+tensors later segments read are carried between segments per sample. A corrected Conv runs
+as its sums (the Conv without its bias) and an Add of the bias fed (``_bias_added``): the
+same values, and its probe is a copy of that Add, reading the sums computed once. Every
+node runs once per sample (a corrected Gemm twice), so the cost is about (samples) runs of
+the graph up to its last corrected layer, not (layers x samples) runs of graph prefixes.
 Each node computes what it would in one session (the same kernels on the same inputs),
 so the corrections equal those of a layer-by-layer prefix run. The weights' dequantizations
 run once, not once per sample and segment, and no weight is copied for a session: the
@@ -303,13 +305,14 @@ def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[F
         while len(node.input) < 3:
             node.input.append("")
         node.input[2] = name
+    shapes = _bias_added(proto, layers, bias_inputs, prefix)
     if measured is not None:
         measured.bind(samples)
     segments = _Segments(proto, weights, [layer.result for layer in layers], [layer.rank for layer in layers],
                          bias_inputs, prefix, samples, threads, measured)
     del proto, weights
     biases = [layer.bias.copy() for layer in layers]  # float64; fed as float32
-    fed = {name: b.astype(np.float32) for name, b in zip(bias_inputs, biases)}
+    fed = {name: b.astype(np.float32).reshape(shape) for name, b, shape in zip(bias_inputs, biases, shapes)}
     quantized_bias: list[np.ndarray] = [np.zeros(0, np.int32)] * len(layers)
     residual: list[np.ndarray] = [np.zeros(0)] * len(layers)
     before, overflow = 0.0, 0
@@ -328,7 +331,7 @@ def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[F
             overflow += int(np.sum(~fits))
             quantized_bias[k] = np.where(fits, q, np.round(layer.bias / layer.bias_scale)).astype(np.int32)
             biases[k] = quantized_bias[k] * layer.bias_scale
-            fed[bias_inputs[k]] = biases[k].astype(np.float32)
+            fed[bias_inputs[k]] = biases[k].astype(np.float32).reshape(shapes[k])
             bar.advance()
         _, residual[-1] = segments.run(len(layers), fed)  # the last layer, corrected
     del segments
@@ -346,6 +349,35 @@ def correct_biases(reference: ir.Model, quantized: ir.Model, samples: Sequence[F
         "samples": len(samples),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _bias_added(proto: onnx.ModelProto, layers: Sequence[_Layer], bias_inputs: Sequence[str], prefix: str
+                ) -> list[tuple[int, ...]]:
+    """Rewrite, in ``proto``, each corrected Conv (its bias the graph input ``bias_inputs[i]``)
+    as the Conv without its bias, then an Add of that input to its result; the shape each
+    bias input is fed in (``[C, 1, ...]`` where an Add broadcasts it over a Conv's result,
+    ``[C]`` for a Gemm, left as it is). Exact: onnxruntime's CPU Conv adds the bias to each
+    finished sum, one float32 addition per element, which is what the Add computes, so every
+    value is the one the Conv with its bias computes. The layer's probe (``_Segments``) is
+    then a copy of the Add, reading the sums its segment computed once: measuring a layer
+    costs an addition, not a second convolution. A Gemm accumulates its products onto its
+    bias (``beta``): not split, its probe is a copy of the whole node."""
+    split = {layer.result: i for i, layer in enumerate(layers) if layer.node.op_type == "Conv"}
+    nodes: list[onnx.NodeProto] = []
+    for node in proto.graph.node:
+        i = split.get(node.output[0]) if node.op_type == "Conv" and node.output else None
+        if i is None:
+            nodes.append(node)
+            continue
+        sums = onnx.NodeProto()
+        sums.CopyFrom(node)
+        del sums.input[2:]
+        sums.output[0] = f"{prefix}_sums_{i}"
+        nodes += [sums, onnx.helper.make_node("Add", [sums.output[0], bias_inputs[i]], [node.output[0]],
+                                              name=f"{prefix}_bias_add_{i}")]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return [(-1, *[1] * (layer.rank - 2)) if layer.result in split else (-1,) for layer in layers]
 
 
 def _average(session: ort.InferenceSession, fetch: Sequence[str], samples: Sequence[Feeds],
