@@ -427,15 +427,6 @@ def optimize(
             original_parse=file_parse if handed else None,
         )
     file_parse = None
-    if verifier is not None:
-        # a decoder's checks decode the original's first prompt (a search's check, on the samples held
-        # apart, and the verification of a weight-only result, which always changes a decoder): it
-        # decodes now, before the quantized weights exist, so that the original's weights and those
-        # are never held at once
-        if searched_weights or int8_dynamic:
-            verifier.held_apart().decode_first_prompt()
-        if weight_only:
-            verifier.decode_first_prompt()
     requested = {"fp16": fp16, "int8": quantizing, "int8-dynamic": int8_dynamic, "weights": bool(weight_only)}
 
     def applied(records: Sequence[PassRecord], result: ir.Model) -> bool:
@@ -446,6 +437,15 @@ def optimize(
     # and the inner phases' log lines share its clock
     with Progress("optimizing", 1, enabled=progress, bar=False) as run_phase:
         try:
+            if verifier is not None:
+                # a decoder's checks decode the original's first prompt (a search's check, on the samples
+                # held apart, and the verification of a weight-only result when the pass changed the
+                # model): it decodes now, before any quantized weight exists, so that the original's
+                # weights and those are never held at once
+                if searched_weights or int8_dynamic:
+                    verifier.held_apart().decode_first_prompt()
+                if weight_only:
+                    verifier.decode_first_prompt()
             manager = PassManager(pipeline, strict=strict, verifier=verifier, verify_each=verify_each,
                                   progress=progress, returns_float=None if allow_float_fallback else applied)
             fresh = _fresh_copies(model, original)

@@ -32,11 +32,12 @@ checks those as well. It holds when:
 - a node's input was replaced by another value a cone node computed (a node's output
   read in its place after a no-op was removed, or a common subexpression merged), which
   inference found as it found the value it replaced: of the same type (element type and
-  dims, a symbolic dim of the same name), and either neither is an int32/int64 tensor of
-  rank 0 or 1 (the only values onnx's data propagation gives data) nor a ``Constant``'s
-  (whose data inference reads), or both are the same output of nodes of the same kind and
-  attributes that read the very same values (``eliminate-common-subexpressions``), which
-  inference gave the same propagated data.
+  dims, a symbolic dim of the same name), and either neither is a tensor of rank 0 or 1
+  (the only values onnx's data propagation gives data, of any element type: a Cast carries
+  a shape's data into float) nor a ``Constant``'s (whose data inference reads), or both
+  are the same output of nodes of the same kind and attributes that read the very same
+  values (``eliminate-common-subexpressions``), which inference gave the same propagated
+  data.
 
 Inference derives a value's type from its ancestors alone (nodes outside the cone do not
 reach it), from what each ancestor is (kind, attributes, opset), the annotations it
@@ -66,7 +67,6 @@ DATA_BLIND_OPS = frozenset({
     "BatchNormalization", "InstanceNormalization", "LayerNormalization", "PRelu",
 })
 _SHAPE_LIKE = frozenset({ir.DataType.INT32, ir.DataType.INT64})
-_SHAPE_LIKE_ELEMENTS = frozenset(int(t) for t in _SHAPE_LIKE)
 _META_KEY = "optcc.fold_constants.inference"
 
 
@@ -287,12 +287,12 @@ def _plain_attribute_equal(first: ir.Attr, second: ir.Attr) -> bool:
 
 
 def _may_carry_data(info: onnx.ValueInfoProto) -> bool:
-    """Whether onnx's data propagation may give the value data: an int32/int64 tensor of
-    rank 0 or 1, or one whose type or rank inference did not find."""
+    """Whether onnx's data propagation may give the value data: a tensor of rank 0 or 1 of
+    any element type (a Cast carries a shape's data into float or bool), or one whose type
+    or rank inference did not find."""
     if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
         return True
-    tensor_type = info.type.tensor_type
-    return tensor_type.elem_type in _SHAPE_LIKE_ELEMENTS and len(tensor_type.shape.dim) <= 1
+    return len(info.type.tensor_type.shape.dim) <= 1
 
 
 def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:

@@ -171,10 +171,32 @@ def test_the_int4_search_decodes_the_original_before_any_weight_is_quantized(mon
     assert "quantize" in events and events[0] == "decode"
     record = next(r for r in result.report.passes if r.name == "quantize-weights")
     assert record.stats["mixed"]["checks"]  # the search ran its checks
-    if record.status == "applied":  # the verification's verdict on the user's prompt, by onnxruntime's decodes
+    if record.status == "changed":  # the verification's verdict on the user's prompt, by onnxruntime's decodes
         sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
                     for m in (model, result.model)]
         want = _greedy(sessions[0], first, NEXT_TOKEN_STEPS)
         got = _greedy(sessions[1], first, NEXT_TOKEN_STEPS, fed=want)
+        judged = result.report.verification["next_token"]["CPUExecutionProvider"]
+        assert judged["differing"] == sum(a != b for a, b in zip(want, got))
+
+
+def test_an_int8_weight_only_run_decodes_the_original_before_any_weight_is_quantized(monkeypatch):
+    """Without a search, the verification of a weight-only result decodes the original's
+    first prompt before the passes run: never beside the quantized weights."""
+    events: list[str] = []
+    verify_module = sys.modules["optcc.numerics.verify"]
+    greedy, quantize = verify_module.greedy_tokens, weight_only.quantize
+    monkeypatch.setattr(verify_module, "greedy_tokens",
+                        lambda *a, **k: events.append("decode") or greedy(*a, **k))
+    monkeypatch.setattr(weight_only, "quantize", lambda *a, **k: events.append("quantize") or quantize(*a, **k))
+    model = _decoder()
+    first = prompt([4, 7, 1])
+    result = optcc.optimize(model, level=2, inputs=[first], weight_only="int8", allow_float_fallback=True)
+    assert "quantize" in events and events[0] == "decode"
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = _greedy(session, first, NEXT_TOKEN_STEPS)
+    if result.report.verification["next_token"]["CPUExecutionProvider"].get("tokens"):
+        got = _greedy(ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]),
+                      first, NEXT_TOKEN_STEPS, fed=want)
         judged = result.report.verification["next_token"]["CPUExecutionProvider"]
         assert judged["differing"] == sum(a != b for a, b in zip(want, got))

@@ -126,7 +126,8 @@ _SPECIAL_FLOAT32 = np.frombuffer(b"".join([
     b"\x01\x00\x00\x00", b"\xff\xff\x7f\x7f"]), "<f4")  # the least subnormal, the largest finite
 
 
-@pytest.mark.parametrize("dims", [[], [1], [3, 2], [17], [4, 5, 3]])  # a field read element by element, then one read whole
+# fields read element by element (at most 16 values), then ones read whole
+@pytest.mark.parametrize("dims", [[], [1], [3, 2], [17], [4, 5, 3]])
 @pytest.mark.parametrize("dtype", [onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.DOUBLE])
 def test_a_repeated_field_decodes_bit_for_bit_as_numpy_does(dims, dtype):
     count = int(np.prod(dims))

@@ -119,3 +119,39 @@ def test_a_merged_twin_shape_reuses_the_inference(monkeypatch):
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[0], x.reshape(12, 3))
     np.testing.assert_array_equal(got[1], np.array([12, 3], np.int64))
+
+
+_CAST_SHAPE = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3] x, float[M] z) => (float[P,Q] r, int64[1] s) {
+    one = Constant <value = float {1.0}> ()
+    sh = Shape(x)
+    f = Cast <to = 1> (sh)
+    m = Mul(f, one)
+    c = Cast <to = 7> (m)
+    r = Reshape(z, c)
+    s = Shape <start = 1> (r)
+}"""
+
+
+def test_a_no_op_removed_between_float_values_carrying_a_shape_infers_again(monkeypatch):
+    """``Mul(f, 1)`` removed where ``f`` is a shape Cast to float: inference gives ``f`` the
+    shape's data but not the product, so the second call infers again (not reused), and
+    the result is the bytes a fresh inference gives."""
+    results, inferences = [], []
+    for reuse in (True, False):
+        model = ir.from_proto(onnx.parser.parse_model(_CAST_SHAPE))
+        _fold(model, monkeypatch, reuse=reuse)
+        assert EliminateNoOpsPass()(model).modified
+        inferences.append(_fold(model, monkeypatch, reuse=reuse))
+        results.append(ir.to_proto(model).SerializeToString())
+    assert results[0] == results[1]  # the folded Shape of the reshaped value included
+    assert inferences[0] >= 1
+    result = results[0]
+    assert "Reshape" in [n.op_type for n in onnx.ModelProto.FromString(result).graph.node]
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, 3)).astype(np.float32), "z": rng.standard_normal(6).astype(np.float32)}
+    got, want = _outputs(result, feeds), _outputs(onnx.parser.parse_model(_CAST_SHAPE), feeds)
+    np.testing.assert_array_equal(got[0], feeds["z"].reshape(2, 3))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])

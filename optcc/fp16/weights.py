@@ -67,9 +67,10 @@ def _rounded_in_chunks(tensor: ir.TensorProtocol) -> np.ndarray:
 
 
 def float32_values(tensor: ir.TensorProtocol) -> np.ndarray:
-    """A float32 tensor's values in an array of their own, which goes with its last
-    reference: an external tensor's read from its file in chunks, never through onnx-ir's
-    map of the file, whose pages stay resident as long as the tensor lives."""
+    """A float32 tensor's values: an external tensor's read from its file in chunks into an
+    array of their own, which goes with its last reference (never through onnx-ir's map of
+    the file, whose pages stay resident as long as the tensor lives); an in-memory tensor's
+    own array."""
     if not isinstance(tensor, ir.ExternalTensor):
         return tensor.numpy()
     return _filled(tensor, lambda chunk: chunk)

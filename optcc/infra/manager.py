@@ -231,7 +231,8 @@ class PassManager:
         # the tail runs on a copy (sharing the tensors): where it is reverted, the model it
         # made is held by its run alone, which lets it go (``_verified``), while the caller's
         # model and the head's run keep the float steps' result
-        fresh = _copier(head_run.model)
+        head_model = head_run.model  # never changed by the tail: copies of it are fresh ones
+        fresh = lambda: oir.clone(head_model)  # noqa: E731
         run = tail._complete(fresh(), fresh, reverts={}, summary=head_run.summary)
         if run.kept:
             run, verification = tail._verified(run)

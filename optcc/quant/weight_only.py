@@ -110,12 +110,13 @@ class BlockQuantized:
         not a copy: a 4-bit type of ml_dtypes is one byte per element and reads its value
         from the byte's low nibble (sign-extended for int4), which holds the level in
         int8/uint8 too; every 4-bit packing masks the high nibble."""
+        assert self.q.dtype == level_dtype(self.symmetric)  # one byte a level: the view reads each
         if self.symmetric:
             dtype = ml_dtypes.int4 if self.bits == 4 else np.int8
             return self.q.view(dtype), None
         dtype = ml_dtypes.uint4 if self.bits == 4 else np.uint8
         assert self.zero_points is not None
-        return self.q.view(dtype), self.zero_points.astype(np.uint8).astype(dtype)
+        return self.q.view(dtype), self.zero_points.astype(dtype)
 
 
 @dataclasses.dataclass
