@@ -181,8 +181,9 @@ def test_the_int4_search_decodes_the_original_before_any_weight_is_quantized(mon
 
 
 def test_an_int8_weight_only_run_decodes_the_original_before_any_weight_is_quantized(monkeypatch):
-    """Without a search, the verification of a weight-only result decodes the original's
-    first prompt before the passes run: never beside the quantized weights."""
+    """Without a search, the original's first prompt is decoded before any weight is
+    quantized (never beside the quantized weights), and the verification's next-token
+    verdict is the one onnxruntime's own greedy decodes of the original and the result give."""
     events: list[str] = []
     verify_module = sys.modules["optcc.numerics.verify"]
     greedy, quantize = verify_module.greedy_tokens, weight_only.quantize
