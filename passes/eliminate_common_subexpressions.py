@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 import optcc
 
-__all__ = ["EliminateCommonSubexpressionsPass"]
+__all__ = ["EliminateCommonSubexpressionsPass", "attributes_key", "same_tensors"]
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 NONDETERMINISTIC_OPS = frozenset(
@@ -113,7 +113,7 @@ def _attribute_key(attr: ir.Attr | ir.RefAttr) -> Hashable:
 
 def _head_key(node: ir.Node) -> Hashable | None:
     """The node's op and inputs, or None when it must not be merged. Attributes are
-    compared only between nodes of equal heads (``_attributes_key``)."""
+    compared only between nodes of equal heads (``attributes_key``)."""
     if node.domain not in _DEFAULT_DOMAINS or node.op_type in NONDETERMINISTIC_OPS:
         return None
     if not node.outputs:
@@ -121,7 +121,7 @@ def _head_key(node: ir.Node) -> Hashable | None:
     return (node.op_type, node.overload, len(node.outputs), tuple(map(id, node.inputs)))
 
 
-def _attributes_key(node: ir.Node) -> Hashable | None:
+def attributes_key(node: ir.Node) -> Hashable | None:
     """The node's attributes (None: an attribute CSE does not compare)."""
     try:
         return tuple(sorted((k, _attribute_key(a)) for k, a in node.attributes.items()))
@@ -133,7 +133,7 @@ def _tensors(attr: ir.Attr) -> list[ir.TensorProtocol]:
     return [attr.value] if attr.type == ir.AttributeType.TENSOR else list(attr.value)
 
 
-def _same_tensors(a: ir.Node, b: ir.Node) -> bool:
+def same_tensors(a: ir.Node, b: ir.Node) -> bool:
     """Byte-for-byte check of tensor attributes of two nodes whose attribute keys are
     equal (keys of large tensors are digests; those of small ones are their bytes)."""
     for name, attr in a.attributes.items():
@@ -179,16 +179,16 @@ def _eliminate(graph: ir.Graph | ir.Function, merged: dict[str, int]) -> None:
         if group is None:
             seen[head] = [[node, _UNSET]]
             continue
-        key = _attributes_key(node)
+        key = attributes_key(node)
         if key is None:
             continue
         for entry in group:
             if entry[1] is _UNSET:
-                entry[1] = _attributes_key(entry[0])
+                entry[1] = attributes_key(entry[0])
         kept = next((entry[0] for entry in group if entry[1] is not None and entry[1] == key), None)
         if kept is None:
             group.append([node, key])
-        elif _same_tensors(node, kept) and _replace(node, kept):
+        elif same_tensors(node, kept) and _replace(node, kept):
             merged[node.op_type] = merged.get(node.op_type, 0) + 1
 
 

@@ -53,6 +53,7 @@ import onnx
 import onnx_ir as ir
 
 import optcc
+from optcc.passes.eliminate_common_subexpressions import attributes_key, same_tensors
 from optcc.passes.fold_shapes import ShapeFindings, shape_findings
 
 __all__ = ["InferenceSnapshot", "DATA_BLIND_OPS", "holding", "recall", "remember"]
@@ -251,16 +252,15 @@ class InferenceSnapshot:
         return not _may_carry_data(new_info)
 
     def _twins(self, first: ir.Node, second: ir.Node) -> bool:
-        """Whether two cone nodes are of the same kind, with attributes of equal plain
-        values, and read the very same values (as inference saw them)."""
+        """Whether two cone nodes are of the same kind, read the very same values (as
+        inference saw them) and have attributes that eliminate-common-subexpressions finds
+        equal (``attributes_key``, ``same_tensors``)."""
         if (first.domain, first.op_type, first.overload) != (second.domain, second.op_type, second.overload):
             return False
         if self.nodes[first][0] != self.nodes[second][0]:
             return False
-        ours, theirs = first.attributes.data, second.attributes.data
-        if ours.keys() != theirs.keys():
-            return False
-        return all(_plain_attribute_equal(ours[name], theirs[name]) for name in ours)
+        key = attributes_key(first)
+        return key is not None and key == attributes_key(second) and same_tensors(first, second)
 
     def _lifted(self, old: ir.Value, new: ir.Value) -> bool:
         """Whether the initializer ``new`` holds the tensor of the Constant that computed
@@ -269,21 +269,6 @@ class InferenceSnapshot:
         if new.const_value is not tensor or new.name != self.names[old]:
             return False
         return (new.shape is None or tuple(new.shape) == tuple(tensor.shape)) and new.dtype in (None, tensor.dtype)
-
-
-_PLAIN_ATTRIBUTES = frozenset({
-    ir.AttributeType.INT, ir.AttributeType.FLOAT, ir.AttributeType.STRING,
-    ir.AttributeType.INTS, ir.AttributeType.FLOATS, ir.AttributeType.STRINGS,
-})
-
-
-def _plain_attribute_equal(first: ir.Attr, second: ir.Attr) -> bool:
-    """The same attribute object, or two of the same plain type and equal values (a tensor,
-    graph or type attribute only by identity)."""
-    if first is second:
-        return True
-    return (first.type == second.type and first.type in _PLAIN_ATTRIBUTES
-            and first.ref_attr_name is None and second.ref_attr_name is None and first.value == second.value)
 
 
 def _may_carry_data(info: onnx.ValueInfoProto) -> bool:
