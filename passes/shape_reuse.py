@@ -23,8 +23,9 @@ checks those as well. It holds when:
   dead constant); or
 - a node's input was replaced by an initializer that inference cannot tell from the value
   it replaced: either inference had found that value's exact static dims and elem type,
-  which the initializer has, it is not an int32/int64 tensor of rank 0 or 1 (the only
-  initializers onnx's data propagation reads), and the node is of a kind whose shape
+  which the initializer has, it is not a tensor of rank 0 or 1 (to which onnx's data
+  propagation may give data: an int32/int64 initializer's values, a shape cast to float),
+  and the node is of a kind whose shape
   inference reads its inputs' types and dims only (``DATA_BLIND_OPS``); or the value was
   a ``Constant`` node's output (its one attribute ``value``, a tensor) and the initializer
   holds that very tensor under the same name (``lift-constants``): inference reads a
@@ -61,13 +62,12 @@ __all__ = ["InferenceSnapshot", "DATA_BLIND_OPS", "holding", "recall", "remember
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _SHAPE_OPS = ("Shape", "Size")
 # default-domain ops whose shape inference reads no input's data, only types and dims
-# (onnx's data propagation runs for some of them, e.g. Add, but on int32/int64 tensors of
-# rank 0 or 1 only, which never count as unchanged below)
+# (onnx's data propagation runs for some of them, e.g. Add, but on tensors of rank 0 or 1
+# only, of any element type, which never count as unchanged below)
 DATA_BLIND_OPS = frozenset({
     "Add", "Sub", "Mul", "Div", "Max", "Min", "Conv", "ConvTranspose", "MatMul", "Gemm",
     "BatchNormalization", "InstanceNormalization", "LayerNormalization", "PRelu",
 })
-_SHAPE_LIKE = frozenset({ir.DataType.INT32, ir.DataType.INT64})
 _META_KEY = "optcc.fold_constants.inference"
 
 
@@ -235,7 +235,7 @@ class InferenceSnapshot:
             return False
         if (new.shape is not None and tuple(new.shape) != tuple(dims)) or (new.dtype not in (None, tensor.dtype)):
             return False  # its own annotation says otherwise
-        return not (tensor.dtype in _SHAPE_LIKE and len(dims) <= 1)
+        return len(dims) > 1  # a tensor of rank 0 or 1 may carry propagated data (``_may_carry_data``)
 
     def _found_alike(self, old: ir.Value, new: ir.Value, findings: ShapeFindings) -> bool:
         """Whether inference finds ``new``, another cone node's output, as it found ``old``
