@@ -50,8 +50,9 @@ every weight may be raised): 1, 2, 4, ... weights (all of them last) until a can
 passes, then bisection below it, at most ``FLOAT_LAYER_CANDIDATES`` candidates: when they
 run out during the bisection, the fewest that passed are raised and
 ``stats["mixed"]["bounded"]`` says fewer might pass; when none passed by then, declined as
-below. Candidates are built on copies sharing the model's tensors, each weight quantized
-once per width. When even every body weight at int8 misses, the model is written all-int4
+below. Candidates are built on copies sharing the model's tensors, each weight held at one
+width at a time (quantized again when a later candidate or the result asks for the other:
+quantizing is deterministic, so the levels are the same). When even every body weight at int8 misses, the model is written all-int4
 as without a gate (the verification then declines it). ``held_out(candidate)``, when given, judges the widths the gate chose on
 samples the gate did not see (``optcc.optimize`` gives the verification's own check where
 the gate judges other samples: a KV-cache decoder's): when it misses, the next weight in
@@ -156,8 +157,8 @@ class _Parts:
     conv_weights: list[Any]
     conv_shifts: dict[int, np.ndarray]
     # the arrays a quantized weight is written as, by (id of the weight, form), beside the
-    # weight itself (an id is only that object's while it lives): made once and shared,
-    # read-only, by every candidate of a search and the result
+    # weight itself (an id is only that object's while it lives): made once while the weight
+    # is held (``_quantizer``) and shared, read-only, by every candidate of a search and the result
     written: dict[tuple[int, str], tuple[Any, tuple[np.ndarray | None, ...]]] = \
         dataclasses.field(default_factory=dict)
 
@@ -255,13 +256,14 @@ class QuantizeWeightsPass(optcc.Pass):
                   for node, _ in layers]
         stats["head"] = [{"node": node.name, "bits": bits} for (node, _), bits in zip(layers, widths) if node in heads]
         hessians = self._hessians(model, layers, stats)
-        quantized = self._quantizer(layers, hessians)
+        written: dict[tuple[int, str], tuple[Any, tuple[np.ndarray | None, ...]]] = {}
+        quantized = self._quantizer(layers, hessians, written)
         # the convolutions' weights and bias shifts, measured on the float model before any rewrite
         by_weight = {w: weight_only.quantize_channels(optcc.ir.as_numpy(w), _conv_axis(node)) for node, w in convs}
         conv_weights = [by_weight[w] for _, w in convs]
         shifts = self._conv_shifts(model, convs, by_weight, stats)
         conv_shifts = {index: shifts[node] for index, (node, _) in enumerate(convs) if node in shifts}
-        parts = _Parts(quantized, conv_weights, conv_shifts)
+        parts = _Parts(quantized, conv_weights, conv_shifts, written)
         if self.bits == 4 and layers:
             if self.gate is not None:
                 widths = self._mixed(model, layers, widths, heads, hessians, parts, stats)
@@ -269,11 +271,14 @@ class QuantizeWeightsPass(optcc.Pass):
         self._rewrite(model, (layers, gathers, tied, convs), widths, parts, stats)
         return optcc.PassResult(model, True, stats)
 
-    def _quantizer(self, layers: list[tuple[ir.Node, ir.Value]], hessians: Mapping[str, np.ndarray] | None
-                   ) -> Callable[[int, int], Any]:
-        """``quantized(index, bits)``: the planned layer's weight block-quantized with ``bits``,
-        computed once per weight and width (layers sharing a weight share it; layers reading
-        the same input share GPTQ's factorization)."""
+    def _quantizer(self, layers: list[tuple[ir.Node, ir.Value]], hessians: Mapping[str, np.ndarray] | None,
+                   written: dict[tuple[int, str], Any]) -> Callable[[int, int], Any]:
+        """``quantized(index, bits)``: the planned layer's weight block-quantized with ``bits``
+        (layers sharing a weight share it; layers reading the same input share GPTQ's
+        factorization). One width of a weight is held at a time, with what ``written``
+        (``_Parts.written``) made of it: asking for the other drops it, so a search's candidate
+        holds each weight's levels once, not at both widths. Quantizing is deterministic, so a
+        width asked for again is the same levels, computed again."""
         done: dict[tuple[ir.Value, int], Any] = {}
         factors: dict[tuple[str | None, int], Any] = {}
 
@@ -281,6 +286,10 @@ class QuantizeWeightsPass(optcc.Pass):
             node, w_value = layers[index]
             key = (w_value, bits)
             if key not in done:
+                dropped = done.pop((w_value, 12 - bits), None)  # the other width (4 <-> 8)
+                if dropped is not None:
+                    for form in ("kn", "nk", "nbits"):
+                        written.pop((id(dropped), form), None)
                 w = _weight_kn(node, w_value)
                 hessian = hessians.get(node.inputs[0].name) if hessians else None
                 algorithm = self.algorithm if (self.algorithm != "gptq" or hessian is not None) else "rtn"
@@ -309,8 +318,10 @@ class QuantizeWeightsPass(optcc.Pass):
         taken = optcc.ir.value_names(model)
         replaced: list[ir.Value] = []
         emitted: dict[int, Any] = {}  # id(quantized weight) -> what the first reader got
+        held = []  # every quantized weight used here, alive while ``emitted`` keys them by id
         for index, ((node, w_value), bits) in enumerate(zip(layers, widths)):
             bq = parts.quantized(index, bits)
+            held.append(bq)
             replaced.append(w_value)
             if portable:
                 self._emit_dequantize(graph, node, w_value, bq, taken, emitted, parts)
@@ -366,6 +377,9 @@ class QuantizeWeightsPass(optcc.Pass):
 
         @KeptCandidates
         def candidate(raised: Sequence[str]) -> ir.Model:
+            # the candidates dropped before this one are reference cycles: a collection frees
+            # them, and with them the levels of widths this one does not hold
+            optcc.ir.collect_for(optcc.ir.weight_bytes(model))
             copy = optcc.ir.clone(model)
             scratch: dict[str, Any] = {"quantized": {}, "kept_float": {}, "head": []}
             plan = (*self._plan(copy.graph, scratch), self._plan_convs(copy.graph, scratch))

@@ -998,7 +998,13 @@ class Verifier:
         # an INT8 candidate runs as its users run it: onnxruntime fuses its QDQ pairs
         # into the integer kernels the INT8 pass judged (``optcc.quant.fallback``)
         as_users_run = {"optimize": "all", "prepack": True} if numerics == "int8" else {}
-        return self._session(source, provider, arena=numerics in ("exact", "fusion"), **as_users_run)
+        session = self._session(source, provider, arena=numerics in ("exact", "fusion"), **as_users_run)
+        if isinstance(source, ir.Model):
+            # a large model's weights were handed over: the heap its build freed (the copies
+            # its graph optimizations and pre-packing worked from) goes back to the system
+            # before the runs add theirs
+            release_memory()
+        return session
 
     def outputs(self, model: ir.Model, positions: Sequence[int], provider: str = CPU,
                 stop: Callable[[Mapping[str, Sequence[np.ndarray]]], bool] | None = None,

@@ -137,9 +137,10 @@ def weighted_session(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], 
     onnxruntime takes them as user-owned initializers (``add_initializer``: no copy;
     pre-packing, and so the kernels and results, as with a full proto); with them, as
     external initializers (``add_external_initializers``): its optimizations compute
-    wrong results around user-owned ones. It loads the graph from a file, its
-    placeholders pointing into a sparse file never read; both are deleted once the
-    session exists. Weights of at most ``INLINE_MAX_BYTES`` in all are instead copied
+    wrong results around user-owned ones. Either way it loads the graph from a file (not
+    from bytes, which would live beside onnxruntime's own parse of them while the session
+    is built), its placeholders pointing into a sparse file never read; both are deleted
+    once the session exists. Weights of at most ``INLINE_MAX_BYTES`` in all are instead copied
     into the proto, which is loaded from bytes (no files). ``proto`` is changed."""
     declared = {init.name: init for init in proto.graph.initializer
                 if init.data_location == onnx.TensorProto.EXTERNAL and init.name in weights}
@@ -153,14 +154,6 @@ def weighted_session(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], 
         session.optcc_weights = ()
         return session
     values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
-    if options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
-        # onnxruntime's graph optimizations compute wrong results around user-owned
-        # initializers (a Conv + BatchNormalization fusion reading one is off by ~60 in
-        # onnxruntime 1.32); initializers it takes as external data it folds correctly
-        options.add_external_initializers(list(values), list(values.values()))
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=[provider_entry(provider)])
-        session.optcc_weights = (arrays, values)
-        return session
     with tempfile.TemporaryDirectory(prefix="optcc-session-") as folder:
         offset = 0
         for name, init in declared.items():
@@ -173,10 +166,16 @@ def weighted_session(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray], 
         with open(os.path.join(folder, _LOCATION), "wb") as f:
             f.truncate(offset)  # sparse: no disk space; onnxruntime checks it exists, never reads it
         path = os.path.join(folder, "model.onnx")
-        with open(path, "wb") as f:
+        with open(path, "wb") as f:  # the serialized graph lives only while it is written
             f.write(proto.SerializeToString())
-        for name, value in values.items():
-            options.add_initializer(name, value)
+        if options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
+            # onnxruntime's graph optimizations compute wrong results around user-owned
+            # initializers (a Conv + BatchNormalization fusion reading one is off by ~60 in
+            # onnxruntime 1.32); initializers it takes as external data it folds correctly
+            options.add_external_initializers(list(values), list(values.values()))
+        else:
+            for name, value in values.items():
+                options.add_initializer(name, value)
         session = ort.InferenceSession(path, options, providers=[provider_entry(provider)])
     session.optcc_weights = (arrays, values)  # onnxruntime reads them in place: they live as long as it
     return session
