@@ -192,6 +192,15 @@ def test_the_decode_stops_once_the_candidate_cannot_pass(reference) -> None:
     assert judged["stopped"].startswith(f"after {at} of {ROWS} prompts")
     assert judged["differing"] == before + int(last_row[last - 1]) == _allowed() + 1
     assert verification.free_running is None  # a check that stopped runs no free-running decode
+    # its agreement is said to be over the steps compared before it stopped, not over all of them
+    total = ROWS * NEXT_TOKEN_STEPS
+    for text in (verification.describe(), verification.reason):  # said once, in the reason's words
+        assert (f"next tokens on CPUExecutionProvider: stopped after {at} of {ROWS} prompts: {_allowed() + 1} "
+                f"of all {total} steps differ, more than the {_allowed()} allowed") in text, text
+        assert f"{judged['agreement']:.1%} as the original's over the {judged['tokens']} steps compared " \
+            "before it stopped" in text, text
+        assert f"of {judged['tokens']} steps as the original's" not in text, text
+        assert text.count("next tokens on") == 1, text
 
 
 def test_a_candidate_failing_on_the_first_prompt_leaves_the_other_prompts_undecoded(reference, monkeypatch) -> None:

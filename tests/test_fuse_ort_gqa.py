@@ -152,3 +152,41 @@ def test_a_soft_mask_fill_is_refused() -> None:
     assert not result.modified
     assert set(result.stats["layers"].values()) == {
         "the attention bias is not 0 where allowed and a constant <= -1e+09 elsewhere"}
+
+
+def _with_body_value(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """``model`` with an If on a new bool input ``b`` (a new last output ``z``) whose
+    then-branch computes a value named ``name``."""
+    helper = onnx.helper
+    then = helper.make_graph([helper.make_node("Neg", ["position_ids"], [name]),
+                              helper.make_node("Abs", [name], ["z1"])],
+                             "then", [], [helper.make_tensor_value_info("z1", onnx.TensorProto.INT64, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["position_ids"], ["z2"])], "else", [],
+                              [helper.make_tensor_value_info("z2", onnx.TensorProto.INT64, None)])
+    graph = model.graph
+    graph.input.append(helper.make_tensor_value_info("b", onnx.TensorProto.BOOL, []))
+    graph.node.append(helper.make_node("If", ["b"], ["z"], then_branch=then, else_branch=other))
+    graph.output.append(helper.make_tensor_value_info("z", onnx.TensorProto.INT64, ["batch", "seq"]))
+    return model
+
+
+def test_the_new_constants_take_no_name_a_body_holds() -> None:
+    """The constants the pass computes the sequence lengths with are new main-graph
+    initializers, named against every graph of the model: named against the main graph
+    alone, the body's value of that name would shadow one, onnx's checker would refuse the
+    model and the pass would be reverted."""
+    found = optcc.optimize(_with_body_value(_model(), "unused"), level=3, verify=False).model
+    name = next(i.name for i in found.graph.initializer if i.name.endswith("_scalar"))  # one of the pass's
+    model = _with_body_value(_model(), name)
+    onnx.checker.check_model(model, full_check=True)
+    result = optcc.optimize(model, level=3, verify=False)
+    onnx.checker.check_model(result.model, full_check=True)
+    statuses = [p.status for p in result.report.passes if p.name == "fuse-ort-gqa"]
+    assert "changed" in statuses and "reverted" not in statuses, statuses
+    assert _ops(result.model)["com.microsoft.GroupQueryAttention"] == LAYERS
+    assert name not in {i.name for i in result.model.graph.initializer}
+    reference, fused = ReferenceEvaluator(model), _session(result.model)
+    for b in (True, False):
+        feeds = {**_feeds(2, 5, 3, 2), "b": np.array(b)}
+        for got, want in zip(fused.run(None, feeds), reference.run(None, feeds), strict=True):
+            np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL * max(np.abs(want).max(), 1))

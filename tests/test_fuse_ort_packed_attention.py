@@ -289,3 +289,38 @@ def test_weight_only_keeps_the_projections_separate_so_they_are_quantized() -> N
     want = reference.run(None, feeds)[0]
     got = quantized.run(None, feeds)[0]
     np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05 * np.abs(want).max())
+
+
+def _with_body_value(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """``model`` with an If on a new bool input ``b`` (a new output ``z``) whose then-branch
+    computes a value named ``name``."""
+    then = helper.make_graph([helper.make_node("Neg", ["x"], [name]), helper.make_node("Abs", [name], ["z1"])],
+                             "then", [], [helper.make_tensor_value_info("z1", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["z2"])], "else", [],
+                              [helper.make_tensor_value_info("z2", TensorProto.FLOAT, None)])
+    graph = model.graph
+    graph.input.append(helper.make_tensor_value_info("b", TensorProto.BOOL, []))
+    graph.node.append(helper.make_node("If", ["b"], ["z"], then_branch=then, else_branch=other))
+    graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", "seq", HIDDEN]))
+    return model
+
+
+def test_the_packed_weights_take_no_name_a_body_holds() -> None:
+    """The packed weights are new main-graph initializers, named against every graph of the
+    model: named against the main graph alone, the body's value of that name would shadow
+    one, onnx's checker would refuse the model and the pass would be reverted."""
+    found = optcc.optimize(_with_body_value(attention_layer(mask=True), "unused"), level=3, verify=False).model
+    weight = next(n for n in found.graph.node if n.op_type == "Attention").input[1]  # its name, no body holding it
+    model = _with_body_value(attention_layer(mask=True), weight)
+    onnx.checker.check_model(model, full_check=True)
+    result = optcc.optimize(model, level=3, verify=False)
+    onnx.checker.check_model(result.model, full_check=True)
+    statuses = [p.status for p in result.report.passes if p.name == "fuse-ort-packed-attention"]
+    assert "changed" in statuses and "reverted" not in statuses, statuses
+    attention = next(n for n in result.model.graph.node if n.op_type == "Attention")
+    assert attention.input[1] != weight
+    reference, fused = ReferenceEvaluator(model), _session(result.model)
+    for b in (True, False):
+        feeds = {**_feeds(model, 3, 7, 1), "b": np.array(b)}
+        for got, want in zip(fused.run(None, feeds), reference.run(None, feeds), strict=True):
+            np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL * np.abs(want).max())

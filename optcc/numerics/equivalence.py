@@ -2428,11 +2428,18 @@ def _stored(tensor: ir.TensorProtocol) -> tuple | None:
 
 def _raw_bytes(tensor: ir.TensorProtocol, array: np.ndarray) -> np.ndarray:
     """A tensor's bytes (``array``: its ``numpy()``) as a flat uint8 array (a view where it
-    can be)."""
+    can be), one array for one type and values however they are held: a sub-byte type's
+    value per byte with only its own bits (``_SUB_BYTE_BITS``)."""
     if tensor.dtype == ir.DataType.STRING:
         items = [x if isinstance(x, bytes) else str(x).encode() for x in array.reshape(-1).tolist()]
         return np.frombuffer(b"".join(len(x).to_bytes(8, "little") + x for x in items) or b"\0", np.uint8)
-    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    bits = _SUB_BYTE_BITS.get(tensor.dtype)
+    if bits is not None and (flat >> bits).any():
+        # ml_dtypes reads a sub-byte value from a byte's low bits; a view of wider levels (int8
+        # levels as int4) keeps the sign's bits above them, which are no part of the value
+        flat = flat & np.uint8((1 << bits) - 1)
+    return flat
 
 
 _PLAIN_ATTRIBUTES = {kind: kind.name for kind in (ir.AttributeType.INT, ir.AttributeType.STRING,
@@ -2485,6 +2492,17 @@ def _top_values(graph: ir.Graph) -> Iterator[ir.Value]:
 _PLAIN_ARRAYS = {np.dtype(t).newbyteorder("<"): ir.DataType.from_numpy(np.dtype(t)) for t in (
     np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
     np.uint64, np.bool_)}
+
+
+def _bitwidth(dtype: ir.DataType) -> int | None:
+    try:
+        return dtype.bitwidth
+    except TypeError:  # UNDEFINED, STRING
+        return None
+
+
+# the sub-byte types (int4, uint4, float4, ...), which ml_dtypes holds one value per byte, and their bits
+_SUB_BYTE_BITS = {dtype: bits for dtype in ir.DataType if (bits := _bitwidth(dtype)) is not None and bits < 8}
 MAX_RANK_DEPTH = 64  # ranks read by definition through at most this many nodes
 _RANK_KEEPING = frozenset(("Sqrt", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Neg", "Abs", "Erf", "Reciprocal",
                            "Identity", "Floor", "Ceil", "Sin", "Cos", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu",

@@ -228,10 +228,13 @@ class Verification:
             if worst.sqnr_db is not None and self.numerics in ("fp16", "int8"):
                 bits.append(f"SQNR {worst.sqnr_db:.1f} dB")
             text += ": " + ", ".join(bits)
-            if not self.passed and worst.passed and self.reason:
+            said = not self.passed and worst.passed and bool(self.reason)
+            if said:
                 text += f"; {self.reason}"
-        elif self.reason:
-            text += f": {self.reason}"
+        else:
+            said = bool(self.reason)
+            if said:
+                text += f": {self.reason}"
         if self.passed and self.numerics == "int8" and self.task:  # the noise floor next to the result
             judged = dict.fromkeys(_row_parts(row, self.task.get("groups") or ())[0]
                                    for row in self.task.get("metrics", {}))
@@ -251,10 +254,8 @@ class Verification:
                 + task_rows_text((self.task_by_provider or {}).get(o.provider) or self.task, o.name) + ")"
                 for o in rescued)
         for provider, run_ in (self.next_token or {}).items():
-            text += (f"; next tokens on {provider.replace('ExecutionProvider', '')}: "
-                     f"{run_['agreement']:.1%} of {run_['tokens']} steps as the original's, "
-                     f"each fed the original's tokens ({run_['rows']} rows of {run_['steps']} steps, "
-                     f"at least {_percent(run_['threshold'])} needed)")
+            if not (said and not run_["passed"]):  # a failed run's words are the reason's
+                text += f"; {next_token_text(provider.replace('ExecutionProvider', ''), run_)}"
             free = (self.free_running or {}).get(provider)
             if free is not None:
                 text += f"; free-running (not judged): {free['agreement']:.1%} ({_parted(free)})"
@@ -878,10 +879,11 @@ class Verifier:
                     bar.advance(len(feeds))  # run before, by the pass
                 if by_tokens:
                     assert session is not None  # a decoder's outputs are never kept (``_kept_cases``)
-                    held, session = [session], None  # ``_next_tokens`` may drop it (and build it again)
+                    # held by ``candidate`` alone, which ``_next_tokens`` may drop (and build again)
+                    candidate = _CandidateSession(lambda: self._candidate_session(source, provider, numerics), session)
+                    session = None
                     try:
-                        next_token[provider], free_run = self._next_tokens(
-                            held, provider, lambda: self._candidate_session(source, provider, numerics))
+                        next_token[provider], free_run = self._next_tokens(candidate, provider)
                         if free_run is not None:
                             free[provider] = free_run
                     except _OriginalDecodeError as e:
@@ -899,7 +901,7 @@ class Verifier:
                         return Verification(status="failed", outputs=metrics, reason=reason, reference=reference,
                                             **base)
                     finally:
-                        held.clear()
+                        candidate.drop()
                 if tokens_alone:
                     continue
                 if numerics in ("fp16", "int8"):
@@ -956,11 +958,7 @@ class Verifier:
                           if key in keys)
         if chosen:
             problems.append(f"judged {'; '.join(chosen.values())}")
-        problems += [f"next tokens on {provider}: {run_['agreement']:.1%} of {run_['tokens']} steps as the "
-                     f"original's, each fed the original's tokens ({run_['differing']} differ; {run_['rows']} rows of "
-                     f"{run_['steps']} steps; at least {_percent(run_['threshold'])} needed"
-                     + (f"; stopped {run_['stopped']}" if run_.get("stopped") else "") + ")"
-                     for provider, run_ in next_token.items() if not run_["passed"]]
+        problems += [next_token_text(provider, run_) for provider, run_ in next_token.items() if not run_["passed"]]
         status = "failed" if problems else "passed"
         return Verification(status=status, outputs=metrics, reason="; ".join(problems) or None, reference=reference,
                             task=verdicts.get(self.providers[0]),
@@ -1088,12 +1086,12 @@ class Verifier:
             return None
         return found.names, [found.cases[p] for p in positions]
 
-    def _next_tokens(self, held: list[Any], provider: str,
-                     rebuild: Callable[[], Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def _next_tokens(self, session: _CandidateSession,
+                     provider: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The candidate's argmax at each step from each prompt, fed the original's greedy
         tokens on ``provider`` (decoded once: the first prompt, then the others once a
-        candidate reaches the second; the candidate's session, ``held[0]``, is dropped while
-        they decode and built again by ``rebuild``, so that no two sessions are alive at once),
+        candidate reaches the second; the candidate's ``session`` is dropped while they
+        decode and built again, so that no two sessions are alive at once),
         against them over ``NEXT_TOKEN_STEPS`` steps each (``next_token_agreement``), and its
         own free-running decode's agreement over the same prompts (``free_agreement``;
         reported). It stops at the step where more steps differ than the agreement asked for
@@ -1101,7 +1099,7 @@ class Verifier:
         the steps left show, ``stopped`` says where, and no free-running decode runs (None).
         ``_OriginalDecodeError`` where the original's own decode of a prompt cannot run."""
         prompts = self.next_token_feeds
-        candidate = _feeding(held[0])
+        candidate = _feeding(session.get())
         total = self._token_steps * sum(_rows(feeds, self._plan) for feeds in prompts)
         allowed = math.floor((1 - self._agreement) * total)  # more differing steps than this fail
         forced: list[np.ndarray] = []
@@ -1110,11 +1108,11 @@ class Verifier:
             # the first prompt's reference alone at first (a candidate that fails there needs no
             # more); every other prompt's at once, in one session of the original, once it is reached
             if index == 1 and len(self._token_reference.get(provider, ())) < len(prompts):
-                candidate = held[0] = None
+                candidate = None
+                session.drop()
                 release_memory()  # the candidate's session, gone before the original's is built
                 self._reference_tokens(provider, len(prompts))
-                held[0] = rebuild()
-                candidate = _feeding(held[0])
+                candidate = _feeding(session.get())
             want = self._reference_tokens(provider, 1 if index == 0 else len(prompts))[index]
             forced.append(forced_tokens(candidate, self._names, self._plan, feeds, want, allowed - differing))
             differing += int((forced[-1] != want[:, :forced[-1].shape[1]]).sum())
@@ -1126,7 +1124,7 @@ class Verifier:
                     at = f"step {done} of {want.shape[1]} of prompt {index + 1}" if done < want.shape[1] \
                         else f"{index + 1}"
                     verdict["stopped"] = (f"after {at} of {len(prompts)} prompts: {differing} of all "
-                                          f"{total} steps differ")
+                                          f"{total} steps differ, more than the {allowed} allowed")
                 return verdict, None
         reference = self._reference_tokens(provider, len(prompts))
         # until a row's first differing step its free-running decode is the forced one: where no
@@ -1634,9 +1632,41 @@ def _task_problem(row: Mapping[str, Any]) -> str:
             f"(float32's own under input noise: {_num(row['floor'])})")
 
 
+def next_token_text(provider: str, run_: Mapping[str, Any]) -> str:
+    """What a next-token check found (``next_token_agreement``'s dict, with ``stopped`` where
+    the decode stopped once the verdict was decided), in words: a stopped check's agreement
+    is over the steps it compared before it stopped, not over all the steps it would have."""
+    steps = f"{run_['rows']} rows of {run_['steps']} steps"
+    if run_.get("stopped"):
+        return (f"next tokens on {provider}: stopped {run_['stopped']} (at least {_percent(run_['threshold'])} "
+                f"needed); {run_['agreement']:.1%} as the original's over the {run_['tokens']} steps compared "
+                f"before it stopped, each fed the original's tokens ({steps})")
+    return (f"next tokens on {provider}: {run_['agreement']:.1%} of {run_['tokens']} steps as the original's, each "
+            f"fed the original's tokens ({run_['differing']} differ; {steps}; at least "
+            f"{_percent(run_['threshold'])} needed)")
+
+
 def _percent(share: float) -> str:
     """A share as a percentage with no trailing zeros: 0.99 as '99%', 0.993 as '99.3%'."""
     return f"{share * 100:g}%"
+
+
+@dataclasses.dataclass
+class _CandidateSession:
+    """The candidate's onnxruntime session, held here alone so that it can be dropped while
+    the original's runs and built again (``build``) when next needed."""
+
+    build: Callable[[], Any]
+    session: Any = None
+
+    def get(self) -> Any:
+        """The session, built again where it was dropped."""
+        if self.session is None:
+            self.session = self.build()
+        return self.session
+
+    def drop(self) -> None:
+        self.session = None
 
 
 class _OriginalDecodeError(Exception):
