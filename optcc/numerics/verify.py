@@ -123,7 +123,6 @@ from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAW
                                  projected_outputs, recurrent_outputs, row_choices, sequence_outputs, token_outputs,
                                  unmoved, wants_draws)
 from optcc.progress import Progress
-from optcc.runtime.parallel import each_ordered
 from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, building_session, first_line, float16_feedable,
                                    make_session, resolve_providers, run, session_options)
 from optcc.runtime.shared_weights import Serialized, content_digest, light_proto, release_memory, weighted_session
@@ -474,12 +473,10 @@ class Verifier:
     # ----------------------------------------------------------------- references
 
     def _cases(self, session: Any, samples: Sequence[Feeds] | None = None,
-               advance: Callable[[int], None] = lambda steps: None,
-               until: Callable[[list[np.ndarray]], bool] | None = None) -> list[list[np.ndarray]]:
+               advance: Callable[[int], None] = lambda steps: None) -> list[list[np.ndarray]]:
         """A session's outputs on every sample (every decode step of every sample for a
         KV-cache decoder, fed the original's tokens once they are known); ``advance(1)``
-        after each sample (a progress bar's). ``until`` (not for a KV-cache decoder): asked
-        with each sample's case, in order; True runs no more samples."""
+        after each sample (a progress bar's)."""
         samples = self.feeds if samples is None else samples
         float16_inputs = float16_feedable(session)
 
@@ -488,16 +485,15 @@ class Verifier:
 
         names = [o.name for o in session.get_outputs()]
         cases: list[list[np.ndarray]] = []
-        if self._plan is None:  # samples side by side, taken in order (``each_ordered``: the same cases)
-            stream = self._stream  # each case: the first step's outputs, then the second's answers
-
-            def taken(case: list[np.ndarray]) -> bool:
-                cases.append(case)
+        if self._stream is not None:  # each case: the first step's outputs, then the second's answers
+            for feeds in samples:
+                cases.append(streamed(run_one, names, self._stream, feeds))
                 advance(1)
-                return until is not None and until(case)
-
-            each_ordered(run_one if stream is None else lambda feeds: streamed(run_one, names, stream, feeds),
-                         samples, taken)
+            return cases
+        if self._plan is None:
+            for feeds in samples:
+                cases.append(run_one(feeds))
+                advance(1)
             return cases
         tokens: list[list[np.ndarray]] = []
         for i, feeds in enumerate(samples):
@@ -1039,20 +1035,13 @@ class Verifier:
             if stop is None or self._plan is not None:  # a decoder's samples run together (their tokens)
                 for position, outs in zip(missing, self._cases(session, [self.feeds[p] for p in missing])):
                     kept.cases[position] = outs
-            else:  # in order of ``positions``, up to the first sample after which ``stop`` says True
-                order = iter(missing)
-
-                def taken(outs: list[np.ndarray]) -> bool:
-                    nonlocal ran
-                    position = next(order)
-                    kept.cases[position] = outs
-                    done = positions.index(position) + 1  # how many of ``positions`` have their outputs now
-                    if done < len(positions) and stop(self._named(kept, positions[:done])):
-                        ran = done
-                        return True
-                    return False
-
-                self._cases(session, [self.feeds[p] for p in missing], until=taken)
+            else:
+                for ran, position in enumerate(positions, 1):
+                    if position in kept.cases:
+                        continue
+                    kept.cases[position] = self._cases(session, [self.feeds[position]])[0]
+                    if ran < len(positions) and stop(self._named(kept, positions[:ran])):
+                        break
             del session
             release_memory()
         held = sum(k.nbytes() for k in self._kept.values()) - kept.nbytes()

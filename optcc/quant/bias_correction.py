@@ -58,7 +58,6 @@ import onnxruntime as ort
 from optcc import ir as oir
 from optcc.progress import Progress
 from optcc.quant.calibration import channel_mean_nodes
-from optcc.runtime.parallel import map_ordered
 from optcc.runtime.session import detached, feedable, session_options
 from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
@@ -385,10 +384,8 @@ def _average(session: ort.InferenceSession, fetch: Sequence[str], samples: Seque
              extra: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
     """The fetched outputs averaged over the samples (float64), ``extra`` fed with each."""
     wanted = feedable(session)
-    # the samples side by side, their rows added in sample order (``map_ordered``)
-    return _mean_of(map_ordered(lambda feeds: session.run(
-        list(fetch), {k: v for k, v in {**feeds, **(extra or {})}.items() if k in wanted}), samples),
-        len(fetch), len(samples))
+    return _mean_of((session.run(list(fetch), {k: v for k, v in {**feeds, **(extra or {})}.items() if k in wanted})
+                     for feeds in samples), len(fetch), len(samples))
 
 
 def _mean_of(rows: Iterable[Sequence[Any]], width: int, count: int) -> list:
@@ -669,18 +666,14 @@ class _Segments:
         carried, means, end = segment.carried, segment.means, segment.end
         fixed = {**biases, **{n: self.constants[n] for n in segment.constants}}
         wanted = feedable(session)
-
-        def carry(state: dict[str, np.ndarray]) -> list:
-            """Run the sample of ``state`` (its own, changed by no other sample's run); its means."""
+        totals: list = [0.0] * len(means)
+        for state in self.states:
             values = session.run(carried + means, {n: fixed[n] if n in fixed else state[n] for n in wanted})
             state.update(zip(carried, detached(values[:len(carried)])))
             for name in [n for n in state if self.last_read.get(n, -1) < end]:
                 del state[name]  # no node from here on reads it
-            return values[len(carried):]
-
-        totals: list = [0.0] * len(means)
-        for values in map_ordered(carry, self.states):  # the samples side by side, added in sample order
-            totals = [t + np.asarray(v, np.float64) / len(self.states) for t, v in zip(totals, values)]
+            totals = [t + np.asarray(v, np.float64) / len(self.states) for t, v in zip(totals, values[len(carried):])]
+            del values
         del session
         for name in [n for n in self.constants if self.last_read.get(n, -1) < end]:
             del self.constants[name]  # no node from here on reads it

@@ -49,7 +49,6 @@ from optcc.errors import BadInputError, CacheRecomputedWarning
 from optcc.numerics.samples import load_npz_samples
 from optcc.progress import Progress
 from optcc.numerics import check_feeds
-from optcc.runtime.parallel import each_ordered
 from optcc.runtime.session import session_options
 from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
@@ -617,7 +616,7 @@ class _ExtremesCollector:
 
     def _build(self) -> None:
         if self.session is not None:  # the previous session is released before the next is built
-            self.session = self.built = None
+            self.session = None
             release_memory()
         proto, weights = light_proto(self.model)
         taken = {v.name for v in proto.graph.input} | {v.name for v in proto.graph.output}
@@ -708,30 +707,14 @@ class _ExtremesCollector:
         self.session = weighted_session(proto, weights, options)
         del proto, weights
         self.fetch = [o for _, *outs in self.outputs for o in outs] + [o for m in self.masked.values() for o in m]
-        self.built = (self.session, self.fetch, self.mean_outputs)  # what ``measure`` reads, made together
 
     def run(self, feeds: Feeds, stats: CalibrationStats, position: int = -1) -> None:
         """Add sample ``position``'s min and max to ``stats`` (and its channel means, where
         ``self.means`` asks for that position)."""
-        self.add(self.measure(feeds, position), feeds, stats, position)
-
-    def measure(self, feeds: Feeds, position: int = -1, built: tuple[Any, list[str], dict[str, str]] | None = None
-                ) -> tuple[Any, dict[str, np.ndarray]]:
-        """Sample ``position``'s run, and the session it ran on. ``built``: the session
-        ``self.built`` held when the sample was started (samples may run side by side, ``add``
-        taking them in order and building the session again meanwhile); none: the current one."""
-        session, fetch, means = self.built if built is None else built
-        fetch = [*fetch, *(means.values() if self.means is not None and position in self.means.positions else ())]
-        return session, dict(zip(fetch, session.run(fetch, dict(feeds))))
-
-    def add(self, measured: tuple[Any, dict[str, np.ndarray]], feeds: Feeds, stats: CalibrationStats,
-            position: int = -1) -> None:
-        """Add a sample's ``measure``ment to ``stats`` (measured again where the session was
-        built again since, for tensors found infinite on an earlier sample)."""
-        session, values = measured
-        if session is not self.session:
-            session, values = self.measure(feeds, position)
+        assert self.session is not None
         means = self.mean_outputs if self.means is not None and position in self.means.positions else {}
+        fetch = [*self.fetch, *means.values()]
+        values = dict(zip(fetch, self.session.run(fetch, dict(feeds))))
         infinite: list[str] = []
         for name, lo_name, hi_name, _ in self.outputs:
             lo, hi = float(values[lo_name]), float(values[hi_name])
@@ -806,46 +789,28 @@ def collect_statistics(
         names = [n for n in names if n not in dtypes]
     extremes: _ExtremesCollector | None = None
     collectors: list[_Collector] | None = None
-
-    def started() -> Iterator[tuple[int, Any, Any]]:
-        """The samples with the min/max session as each starts (made when the first does)."""
-        nonlocal extremes
-        for i, feeds in enumerate(samples):
-            if in_graph and extremes is None:
-                extremes = _ExtremesCollector(ir_model, in_graph, dtypes, threads, means)
-            yield i, feeds, None if extremes is None else extremes.built
-
-    def measured(sample: tuple[int, Any, Any]) -> tuple[int, dict[str, np.ndarray], Any]:
-        """A sample checked, and its min and max."""
-        i, feeds, built = sample
-        if not isinstance(feeds, Mapping):
-            raise BadInputError(f"calibration sample {i} is a {type(feeds).__name__}, not a dict of arrays")
-        feeds = dict(feeds)
-        check_feeds(ir_model, feeds, label=f"calibration sample {i}")
-        return i, feeds, extremes.measure(feeds, i, built) if extremes is not None else None
-
-    def taken(sample: tuple[int, dict[str, np.ndarray], Any]) -> bool:
-        """Add a sample's statistics, in sample order."""
-        nonlocal collectors
-        i, feeds, extreme = sample
-        if extremes is not None:
-            extremes.add(extreme, feeds, stats, i)
-        if names and collectors is None:
-            sizes = _estimate_sizes(ir_model, names, feeds)
-            collectors = [_Collector(ir_model, chunk, threads) for chunk in _chunks(names, sizes, memory_budget_bytes)]
-        for collector in collectors or ():
-            for name, array in collector.run(feeds):
-                if np.issubdtype(np.asarray(array).dtype, np.floating):
-                    stats.add(name, array)
-        stats.samples += 1
-        bar.advance()
-        return False
-
     with Progress("calibrating", total or 1, enabled=progress if total > 0 else False) as bar:
-        # min and max only leave onnxruntime: samples side by side, each its own inference's
-        # memory, added in sample order (``each_ordered``); histograms fetch whole activations,
-        # within ``memory_budget_bytes`` for one sample at a time: one by one
-        each_ordered(measured, started(), taken, workers=1 if names else None)
+        for i, feeds in enumerate(samples):
+            if not isinstance(feeds, Mapping):
+                raise BadInputError(f"calibration sample {i} is a {type(feeds).__name__}, not a dict of arrays")
+            feeds = dict(feeds)
+            check_feeds(ir_model, feeds, label=f"calibration sample {i}")
+            if in_graph:
+                if extremes is None:
+                    extremes = _ExtremesCollector(ir_model, in_graph, dtypes, threads, means)
+                extremes.run(feeds, stats, i)
+            if names and collectors is None:
+                sizes = _estimate_sizes(ir_model, names, feeds)
+                collectors = [
+                    _Collector(ir_model, chunk, threads)
+                    for chunk in _chunks(names, sizes, memory_budget_bytes)
+                ]
+            for collector in collectors or ():
+                for name, array in collector.run(feeds):
+                    if np.issubdtype(np.asarray(array).dtype, np.floating):
+                        stats.add(name, array)
+            stats.samples += 1
+            bar.advance()
     del extremes, collectors
     release_memory()
     if stats.samples == 0:

@@ -38,7 +38,6 @@ from optcc.numerics.metrics import sqnr_db as powers_db
 from optcc.progress import Progress
 from optcc.quant.suffix import cuttable, frontier, suffix
 from optcc.runtime.latency import median_seconds
-from optcc.runtime.parallel import each_ordered, map_ordered, worker_count
 from optcc.runtime.session import RefusedModel, building_session, feedable, first_line, session_options
 from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
@@ -301,14 +300,10 @@ class _Outputs:
 
         names = self.names if stream is None else stream_names(self.names, stream)
         self.values: list[list[np.ndarray]] = []
-
-        def taken(row: list[np.ndarray]) -> bool:
-            self.values.append(row)
-            return stop is not None and stop({name: [row[i] for row in self.values] for i, name in enumerate(names)})
-
-        # samples side by side, taken in order (``each_ordered``: the same rows)
-        each_ordered(run_one if stream is None else lambda feeds: streamed(run_one, self.names, stream, feeds),
-                     samples, taken)
+        for feeds in samples:
+            self.values.append(run_one(feeds) if stream is None else streamed(run_one, self.names, stream, feeds))
+            if stop is not None and stop({name: [row[i] for row in self.values] for i, name in enumerate(names)}):
+                break
         self.names = names
         del session
         release_memory()
@@ -500,20 +495,13 @@ def propagated_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Map
     noise = dict.fromkeys(pairs, 0.0)
     ref_names = [names[0] for names in pairs.values()]
     got_names = [names[1] for names in pairs.values()]
-
-    def sums(feeds: Feeds) -> list[tuple[float, float]]:  # per layer: its float result's power, its noise
+    for feeds in samples:
         refs = ref_session.run(ref_names, dict(feeds))
         gots = got_session.run(got_names, dict(feeds))
-        parts = []
-        for r, g in zip(refs, gots):
+        for layer, r, g in zip(pairs, refs, gots):
             r64 = np.asarray(r, np.float64)
-            parts.append((float(np.sum(r64**2)), float(np.sum((r64 - np.asarray(g, np.float64)) ** 2))))
-        return parts
-
-    for parts in map_ordered(sums, samples):  # added in sample order
-        for layer, (power, error) in zip(pairs, parts):
-            signal[layer] += power
-            noise[layer] += error
+            signal[layer] += float(np.sum(r64**2))
+            noise[layer] += float(np.sum((r64 - np.asarray(g, np.float64)) ** 2))
     return {layer: _own_error(_db(signal[layer], noise[layer])) for layer in pairs}
 
 
@@ -655,42 +643,21 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
     session = _session(float_proto, False, weights=weights, arena=False)
     del float_proto, weights, nodes, added_inits
     kept = [] if deltas is None else [i for i in range(len(samples)) if delta_samples is None or i in delta_samples]
-
-    def measured(position: int) -> tuple[int, dict[str, tuple[float, float]], dict[str, np.ndarray], int]:
-        """Per layer: the sample's local noise and float result's power, and its local error
-        where kept; the bytes of the sample's fetched results."""
+    # per sample, per layer: (local noise, the float result's power)
+    sums: dict[int, dict[str, tuple[float, float]]] = {}
+    # the samples whose errors are kept run last: no other sample's results are made while they are held
+    for position in [*(i for i in range(len(samples)) if i not in kept), *kept]:
         values = dict(zip(names, session.run(names, dict(samples[position]))))
-        fetched = sum(int(np.asarray(v).nbytes) for v in values.values())
-        parts, errors = {}, {}
+        sums[position] = {}
         for layer, (float_name, local_name) in fetch.items():
             # compared with the layer's float result: its float64 copy (its own, squared in
             # place last) and power are made once
             r = np.array(values[float_name], np.float64)
             local = _squared_distance(r, values[local_name])
             if position in kept:  # the local result is not read again
-                errors[layer] = _difference(values[local_name], values[float_name])
-            parts[layer] = (local, float(np.sum(np.square(r, out=r))))
-        return position, parts, errors, fetched
-
-    # per sample, per layer: (local noise, the float result's power)
-    sums: dict[int, dict[str, tuple[float, float]]] = {}
-    # the samples whose errors are kept run last: the fewest other samples' results are made while they are held
-    order = [*(i for i in range(len(samples)) if i not in kept), *kept]
-
-    fetched = 0  # the bytes of a sample's fetched results
-
-    def taken(result: tuple[int, dict[str, tuple[float, float]], dict[str, np.ndarray], int]) -> bool:
-        nonlocal fetched
-        position, parts, errors, fetched = result
-        sums[position] = parts
-        for layer, error in errors.items():
-            assert deltas is not None
-            deltas.setdefault(layer, []).append(error)
-        return False
-
-    # the first sample alone; the others side by side (``each_ordered``), as many as their results allow
-    each_ordered(measured, order[:1], taken, workers=1)
-    each_ordered(measured, order[1:], taken, workers=worker_count(len(order) - 1, each_bytes=fetched))
+                deltas.setdefault(layer, []).append(_difference(values[local_name], values[float_name]))
+            sums[position][layer] = (local, float(np.sum(np.square(r, out=r))))
+        del values
     del session
     release_memory()
     # each layer's sums add the samples in their order, whichever ran first
@@ -829,14 +796,9 @@ def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping
                 for cut_at in starts[1:]:
                     fed[cut_at].append({x: computed[x] for x in carried[cut_at]})
                 del values, computed
-
-            def distances(layer: str) -> list[float]:  # the outputs' squared error with the layer's own error added
+            for layer in layers:
                 got = session.run(names, {**base, feed_of[injected[layer]]: deltas[layer][s]})
-                return [_squared_distance(c, g) for c, g in zip(clean, got)]
-
-            # the layers' runs side by side (``map_ordered``), added in layer order
-            for layer, added in zip(layers, map_ordered(distances, layers)):
-                noise[layer][at] += added
+                noise[layer][at] += [_squared_distance(c, g) for c, g in zip(clean, got)]
             if start:
                 fed[start][s] = {}
         del session
