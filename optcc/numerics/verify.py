@@ -90,7 +90,6 @@ status "skipped" with the reason; callers must not treat it as a pass.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -1238,16 +1237,10 @@ class Verifier:
         when ``serialized`` holds them, and the proof parses them only if it reads the
         candidate's serialization; else the candidate is serialized without its weights
         (``optcc.runtime.shared_weights``, or ``serialized``'s bytes of that form:
-        onnxruntime gets them as arrays, the proof reads only the graph).
-
-        Concurrency: a candidate loaded from its bytes is loaded on a second thread while
-        this one proves. onnxruntime builds a session with the interpreter lock released
-        (the proof is Python), so the two overlap on a second core. The load reads only
-        its own bytes and arrays (never the model or proto the proof numbers), and its
-        verdict is read only once the proof is complete, as when it ran after it. The
-        thread is joined before this returns or raises (an interrupt waits for the load
-        to finish), and an unproved candidate's load is discarded. So the verdict, the
-        reason and the report are the same as a load after the proof would give."""
+        onnxruntime gets them as arrays, the proof reads only the graph). The candidate is
+        loaded after the proof, only when proved: onnxruntime holds the interpreter lock
+        through most of a load, so a load beside the proof would not overlap it, only
+        contend with it."""
         light = None
         whole = serialized.data if serialized is not None and not serialized.aside else None
         if whole is None and not (oir.needs_external_data(model) or oir.uses_external_data(model)):
@@ -1263,27 +1256,23 @@ class Verifier:
         elif light is not None:
             parsed = functools.partial(onnx.ModelProto.FromString, light[0])
         premise, self._premise = self._premise, None  # the original numbered before the passes: once
-        # the candidate's load from its own bytes, beside the proof (see the docstring); the
-        # pool's exit joins it whatever the proof does
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as beside:
-            load = beside.submit(self._load_error, source) if isinstance(source, (bytes, tuple)) else None
-            try:
-                with oir.collector_paused():  # the proof's tables all stay alive until it returns
-                    given = proto if light is not None else parsed
-                    proof = None if premise is None else premise.prove(model, candidate_proto=given)
-                    if proof is None or not proof.complete:  # the full proof may know more (e.g. ranks)
-                        # a parse of its own: the numbering may have changed the first
-                        fresh = proto if proof is None and light is not None else None if parsed is None else parsed()
-                        proof = prove_equivalent(self._model, model, original_proto=self._original_proto,
-                                                 candidate_proto=fresh)
-            except Exception:  # noqa: BLE001 - no proof: the samples decide
-                return None
-            finally:
-                if premise is not None:
-                    premise.release()
+        try:
+            with oir.collector_paused():  # the proof's tables all stay alive until it returns
+                given = proto if light is not None else parsed
+                proof = None if premise is None else premise.prove(model, candidate_proto=given)
+                if proof is None or not proof.complete:  # the full proof may know more (e.g. ranks)
+                    # a parse of its own: the numbering may have changed the first
+                    fresh = proto if proof is None and light is not None else None if parsed is None else parsed()
+                    proof = prove_equivalent(self._model, model, original_proto=self._original_proto,
+                                             candidate_proto=fresh)
+        except Exception:  # noqa: BLE001 - no proof: the samples decide
+            return None
+        finally:
+            if premise is not None:
+                premise.release()
         if not proof.complete:
             return None
-        error = self._load_error(source) if load is None else load.result()
+        error = self._load_error(source)
         base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=0, outputs=[],
                     reference="proof", proof=proof.to_dict())
         if error is not None:
