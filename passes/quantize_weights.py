@@ -147,6 +147,16 @@ _HEAD_PASSTHROUGH = frozenset({"Add", "Sub", "Mul", "Div", "Reshape", "Transpose
                                "Identity", "Cast", "Flatten", "Softmax", "LogSoftmax"})
 
 
+_FORMS = ("kn", "nk", "nbits")  # how ``_Parts.arrays`` writes a quantized weight
+_OTHER_WIDTH = {4: 8, 8: 4}  # a weight's other width in a mixed-width search
+
+
+def _forget(written: dict[tuple[int, str], Any], bq: Any) -> None:
+    """Drop what ``_Parts.arrays`` made of ``bq`` (``written``: its store), in every form."""
+    for form in _FORMS:
+        written.pop((id(bq), form), None)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Parts:
     """What a rewrite writes, computed once on the float model: ``quantized(index, bits)``
@@ -286,10 +296,9 @@ class QuantizeWeightsPass(optcc.Pass):
             node, w_value = layers[index]
             key = (w_value, bits)
             if key not in done:
-                dropped = done.pop((w_value, 12 - bits), None)  # the other width (4 <-> 8)
+                dropped = done.pop((w_value, _OTHER_WIDTH[bits]), None)
                 if dropped is not None:
-                    for form in ("kn", "nk", "nbits"):
-                        written.pop((id(dropped), form), None)
+                    _forget(written, dropped)
                 w = _weight_kn(node, w_value)
                 hessian = hessians.get(node.inputs[0].name) if hessians else None
                 algorithm = self.algorithm if (self.algorithm != "gptq" or hessian is not None) else "rtn"

@@ -1,5 +1,5 @@
 """The proof of equivalence (optcc.numerics.equivalence) keys a constant of a sub-byte type
-(int4, uint4, float4) by its values. ml_dtypes holds such a type one value per byte and
+(int4, uint4) by its values. ml_dtypes holds such a type one value per byte and
 reads the low bits; a view of int8 levels as int4 (how weight-only quantization stores its
 levels) keeps the sign's bits above them. Two equal tensors, one held that way and one
 made by a conversion (the low bits alone), must get one key, so that the proof sees that

@@ -570,9 +570,10 @@ class _Numbering:
             key = self.intern(("filled", int(dtype), dims, element))
             self._tensor_keys[id(tensor)] = (key, tensor)  # the reference keeps the id unique
             return key
-        bucket = self._buckets.setdefault(
-            (int(tensor.dtype), dims, raw.size, bytes(raw[:64]), bytes(raw[-64:])), [])
-        key = next((k for other, k in bucket if np.array_equal(raw, other)), None)
+        mask = _PACKED_MASKS.get(tensor.dtype)
+        head, tail = (raw[:64], raw[-64:]) if mask is None else (raw[:64] & mask, raw[-64:] & mask)
+        bucket = self._buckets.setdefault((int(tensor.dtype), dims, raw.size, bytes(head), bytes(tail)), [])
+        key = next((k for other, k in bucket if _same_values(raw, other, mask)), None)
         if key is None:
             key = self.unique()
             bucket.append((raw, key))
@@ -2428,18 +2429,21 @@ def _stored(tensor: ir.TensorProtocol) -> tuple | None:
 
 def _raw_bytes(tensor: ir.TensorProtocol, array: np.ndarray) -> np.ndarray:
     """A tensor's bytes (``array``: its ``numpy()``) as a flat uint8 array (a view where it
-    can be), one array for one type and values however they are held: a sub-byte type's
-    value per byte with only its own bits (``_SUB_BYTE_BITS``)."""
+    can be); a packed type's are compared on their written bits alone (``_same_values``)."""
     if tensor.dtype == ir.DataType.STRING:
         items = [x if isinstance(x, bytes) else str(x).encode() for x in array.reshape(-1).tolist()]
         return np.frombuffer(b"".join(len(x).to_bytes(8, "little") + x for x in items) or b"\0", np.uint8)
-    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    bits = _SUB_BYTE_BITS.get(tensor.dtype)
-    if bits is not None and (flat >> bits).any():
-        # ml_dtypes reads a sub-byte value from a byte's low bits; a view of wider levels (int8
-        # levels as int4) keeps the sign's bits above them, which are no part of the value
-        flat = flat & np.uint8((1 << bits) - 1)
-    return flat
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
+def _same_values(raw: np.ndarray, other: np.ndarray, mask: np.uint8 | None) -> bool:
+    """Whether two tensors' bytes (``_raw_bytes``, one type and size) hold the same values; a
+    packed type's (``mask``: the bits of its value) compared on those bits alone, a block at
+    a time, so that neither array is copied whole."""
+    if mask is None:
+        return bool(np.array_equal(raw, other))
+    block = 1 << 20
+    return all(np.array_equal(raw[i:i + block] & mask, other[i:i + block] & mask) for i in range(0, raw.size, block))
 
 
 _PLAIN_ATTRIBUTES = {kind: kind.name for kind in (ir.AttributeType.INT, ir.AttributeType.STRING,
@@ -2501,8 +2505,12 @@ def _bitwidth(dtype: ir.DataType) -> int | None:
         return None
 
 
-# the sub-byte types (int4, uint4, float4, ...), which ml_dtypes holds one value per byte, and their bits
-_SUB_BYTE_BITS = {dtype: bits for dtype in ir.DataType if (bits := _bitwidth(dtype)) is not None and bits < 8}
+# the packed types (two or four values to a byte: int4, uint4, float4, int2, ...) and the bits of
+# one value, which ml_dtypes holds one to a byte: onnx-ir writes a value as its byte's low bits
+# (packing drops the rest), and a view of wider levels (int8 levels as int4, as weight-only
+# quantization holds them) keeps the sign's bits above them, so only the low bits are compared
+_PACKED_MASKS = {dtype: np.uint8((1 << bits) - 1) for dtype in ir.DataType
+                 if (bits := _bitwidth(dtype)) is not None and bits < 8 and 8 % bits == 0}
 MAX_RANK_DEPTH = 64  # ranks read by definition through at most this many nodes
 _RANK_KEEPING = frozenset(("Sqrt", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Neg", "Abs", "Erf", "Reciprocal",
                            "Identity", "Floor", "Ceil", "Sin", "Cos", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu",
