@@ -188,14 +188,16 @@ class QuantizeDynamicPass(optcc.Pass):
     def _quantized(self, model: ir.Model, exclude: frozenset[str], count_fused: bool) -> optcc.PassResult:
         """``model`` rewritten in place, the nodes named in ``exclude`` left float."""
         stats: dict[str, Any] = {"quantized": 0, "kept_float": {}, "float_weight_bytes_removed": 0}
-        if optcc.ir.default_opset(model) < 11:
+        # below IR 4 an initializer listed as a graph input is a constant (not so from 4 on);
+        # the model moves to 4 before the first rewrite, so the new initializers need not be inputs
+        inputs_constant = optcc.ir.initializers_are_constant(model)
+        # the opset only matters where there is something to rewrite: a model with no
+        # candidate is declined as having nothing to convert, whatever its opset
+        if optcc.ir.default_opset(model) < 11 and self._has_candidate(model, inputs_constant, exclude):
             stats["reason"] = (f"the model's opset {optcc.ir.default_opset(model)} has no DynamicQuantizeLinear "
                                "(opset 11 on); --target-opset 13 converts the model first")
             return optcc.PassResult(model, False, stats)
         taken = optcc.ir.value_names(model)
-        # below IR 4 an initializer listed as a graph input is a constant (not so from 4 on);
-        # the model moves to 4 before the first rewrite, so the new initializers need not be inputs
-        inputs_constant = optcc.ir.initializers_are_constant(model)
         for graph in optcc.ir.graphs(model):
             if not isinstance(graph, ir.Graph):
                 continue
@@ -246,6 +248,19 @@ class QuantizeDynamicPass(optcc.Pass):
             except Exception as e:  # noqa: BLE001 - reporting only
                 stats["integer_nodes_error"] = str(e).splitlines()[0][:200]
         return optcc.PassResult(model, modified, stats)
+
+    def _has_candidate(self, model: ir.Model, inputs_constant: bool, exclude: frozenset[str]) -> bool:
+        """Whether any node of ``model`` is a MatMul/Gemm (or, with ``embeddings``, a Gather)
+        this pass would rewrite."""
+        for graph in optcc.ir.graphs(model):
+            for node in graph:
+                if node.op_type == "Gather" and self.embeddings:
+                    excluded = bool(exclude & {node.name, *(v.name for v in node.outputs)})
+                    if not excluded and embedding_reason(node, inputs_constant=inputs_constant) is None:
+                        return True
+                elif self._reason_to_skip(node, inputs_constant, exclude) is None:
+                    return True
+        return False
 
     def _reason_to_skip(self, node: ir.Node, inputs_constant: bool, exclude: frozenset[str]) -> str | None:
         """None: rewrite; "": not a candidate at all; else why a MatMul stays float.
