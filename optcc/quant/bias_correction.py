@@ -58,7 +58,7 @@ import onnxruntime as ort
 from optcc import ir as oir
 from optcc.progress import Progress
 from optcc.quant.calibration import channel_mean_nodes
-from optcc.runtime.session import detached, feedable, session_options
+from optcc.runtime.session import feedable, session_options
 from optcc.runtime.shared_weights import light_proto, release_memory, weighted_session
 
 __all__ = ["FloatMeans", "SegmentMeans", "correct_biases", "float_result_ranks", "weight_error_shifts"]
@@ -438,8 +438,9 @@ class _Segments:
     (layer ``k``'s current bias), and the tensors it produced that a node at or after
     ``p_k`` reads, which later segments are fed per sample (graph inputs are carried the
     same way). What is carried per sample is the live set at one cut, never all
-    activations; carried arrays own their memory (``detached``: an onnxruntime output
-    would keep the buffers of the session that made it alive). A segment's session is
+    activations; a carried array holds its own buffer alone: the segments' sessions have no
+    memory arena, so an output of one is an allocation of its own, not a view into the
+    buffers of the session that made it (no copy is needed to free them). A segment's session is
     built when it runs, its inputs typed from the carried arrays.
 
     The DequantizeLinear nodes of initializers (the weights') do not depend on the
@@ -669,7 +670,8 @@ class _Segments:
         totals: list = [0.0] * len(means)
         for state in self.states:
             values = session.run(carried + means, {n: fixed[n] if n in fixed else state[n] for n in wanted})
-            state.update(zip(carried, detached(values[:len(carried)])))
+            # no copy: the session has no arena (``_session``), each output is its own allocation
+            state.update(zip(carried, (np.asarray(v) for v in values[:len(carried)])))
             for name in [n for n in state if self.last_read.get(n, -1) < end]:
                 del state[name]  # no node from here on reads it
             totals = [t + np.asarray(v, np.float64) / len(self.states) for t, v in zip(totals, values[len(carried):])]

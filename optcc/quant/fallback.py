@@ -649,15 +649,19 @@ def _layer_errors(reference: ir.Model, quantized: ir.Model, layer_outputs: Mappi
     for position in [*(i for i in range(len(samples)) if i not in kept), *kept]:
         values = dict(zip(names, session.run(names, dict(samples[position]))))
         sums[position] = {}
+        # a sample's float64 widenings are written over the same two arrays, made after its run
+        # (none held while onnxruntime runs): the values and sums of fresh arrays, without a
+        # new allocation (and its page faults) per layer
+        wide, difference = _Scratch(), _Scratch()
         for layer, (float_name, local_name) in fetch.items():
-            # compared with the layer's float result: its float64 copy (its own, squared in
-            # place last) and power are made once
-            r = np.array(values[float_name], np.float64)
-            local = _squared_distance(r, values[local_name])
+            # compared with the layer's float result: its float64 copy (squared in place last)
+            # and power are made once
+            r = wide.widened(values[float_name])
+            local = _squared_distance(r, values[local_name], difference)
             if position in kept:  # the local result is not read again
                 deltas.setdefault(layer, []).append(_difference(values[local_name], values[float_name]))
             sums[position][layer] = (local, float(np.sum(np.square(r, out=r))))
-        del values
+        del values, wide, difference, r
     del session
     release_memory()
     # each layer's sums add the samples in their order, whichever ran first
@@ -684,12 +688,40 @@ def _difference(result: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.subtract(result, reference, out=result if fits else None)
 
 
-def _squared_distance(reference: np.ndarray, other: np.ndarray) -> float:
+def _squared_distance(reference: np.ndarray, other: np.ndarray, scratch: _Scratch | None = None) -> float:
     """``sum((reference - other) ** 2)`` in float64 (both widened exactly: a float64
-    ``reference`` is not copied), the same sum over the same values, with one temporary array."""
-    # at least 1-d: numpy returns the difference of two 0-d arrays as a scalar, no array to write into
-    difference = np.atleast_1d(np.subtract(reference, other, dtype=np.float64))
+    ``reference`` is not copied), the same sum over the same values, with one temporary array
+    (``scratch``'s, when given and the two have one shape)."""
+    if scratch is not None and np.shape(reference) == np.shape(other):
+        difference = scratch.array(np.shape(reference))
+        np.subtract(reference, other, out=difference, dtype=np.float64)
+    else:
+        # at least 1-d: numpy returns the difference of two 0-d arrays as a scalar, no array to write into
+        difference = np.atleast_1d(np.subtract(reference, other, dtype=np.float64))
     return float(np.sum(np.square(difference, out=difference)))
+
+
+class _Scratch:
+    """One float64 array reused for every shape asked of it (grown to the largest): a
+    C-contiguous view of its first elements, which holds the same values, and sums to the
+    same bits, as a new array of that shape would."""
+
+    def __init__(self) -> None:
+        self._flat = np.empty(0, np.float64)
+
+    def array(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float64 array of ``shape`` over the reused memory (its previous contents lost)."""
+        size = math.prod(shape)
+        if size > self._flat.size:
+            self._flat = np.empty(size, np.float64)
+        return self._flat[:size].reshape(shape)
+
+    def widened(self, values: np.ndarray) -> np.ndarray:
+        """``np.array(values, np.float64)`` written over the reused memory."""
+        values = np.asarray(values)
+        wide = self.array(values.shape)
+        np.copyto(wide, values, casting="unsafe")
+        return wide
 
 
 def output_sqnr(reference: ir.Model, quantized: ir.Model, layer_outputs: Mapping[str, Sequence[str]],
