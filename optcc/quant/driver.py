@@ -382,6 +382,9 @@ def _thin_words(judge: TaskJudge, samples: int) -> str:
         key, part = name.rsplit(":", 1)
         items = judge.floor_items[key][part]
         expected = items * judge.margin * max(judge.floor[key][part], MIN_DEVIATION)
+        if not items:  # float32 finds nothing to count on these samples: no rate to scale
+            words.append(f"{name} over no items on these {samples} samples")
+            continue
         words.append(f"{name} over {items} items holds {expected:.1f} errors at the allowed rate on these "
                      f"{samples} samples; about {math.ceil(samples * FEW_EXPECTED_ERRORS / expected)} would hold "
                      f"{FEW_EXPECTED_ERRORS:g}")
