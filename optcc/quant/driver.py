@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,7 +43,7 @@ from optcc.quant.fallback import (
 )
 from optcc.numerics.decode import stream_plan
 from optcc.numerics.inputs import input_roles
-from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, METRICS, MIN_ITEMS,
+from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAWS, METRICS, MIN_DEVIATION, MIN_ITEMS,
                                  DeferredOutputs, TaskJudge, UserMetric, float_free_outputs, perturbation_draws,
                                  perturbation_roles, projected_outputs, recurrent_outputs, row_metrics,
                                  sequence_outputs, token_outputs, unmoved, wants_draws)
@@ -371,6 +372,26 @@ class Int8Options:
         return result
 
 
+def _thin_words(judge: TaskJudge, samples: int) -> str:
+    """``judge``'s thin components (``TaskJudge.thin``) in words: the errors its items hold
+    at the allowed rate and about how many samples like these would hold
+    ``FEW_EXPECTED_ERRORS``; "" when none is thin. A verdict on such a component turns on one
+    or two items: more samples (with the task's content) make it decisive."""
+    words = []
+    for name in judge.thin():
+        key, part = name.rsplit(":", 1)
+        items = judge.floor_items[key][part]
+        expected = items * judge.margin * max(judge.floor[key][part], MIN_DEVIATION)
+        if not items:  # float32 finds nothing to count on these samples: no rate to scale
+            words.append(f"{name} over no items on these {samples} samples")
+            continue
+        words.append(f"{name} over {items} items holds {expected:.1f} errors at the allowed rate on these "
+                     f"{samples} samples; about {math.ceil(samples * FEW_EXPECTED_ERRORS / expected)} would hold "
+                     f"{FEW_EXPECTED_ERRORS:g}")
+    return "; ".join(words) + (": too few errors to tell float32's noise floor from a few times it, so one or two "
+                               "items decide" if words else "")
+
+
 def quantize_int8(
     model: oir.ModelSource,
     calibration_data: CalibrationData,
@@ -557,6 +578,7 @@ def quantize_int8(
     judged = held  # the samples every candidate is judged on
     judged_positions = held_positions
     judge: TaskJudge | None = None
+    thin_words = ""  # the judged components too thin to tell the floor from a few times it, in words
     # what makes the verifier's judgement of every sample, where it is shared
     confirm: Callable[[], Confirmation] | None = None
     judged_outputs: CandidateOutputs | None = None  # the verification's runs of a candidate on ``judged``
@@ -639,6 +661,9 @@ def quantize_int8(
             stats["acceptance"]["all_samples_judged"] = (
                 f"{'; '.join(everything)}, so every candidate is judged on all {len(samples)} samples (the "
                 f"{len(calib)} calibration ones too)")
+        thin_words = _thin_words(judge, len(judged))
+        if thin_words:
+            stats["acceptance"]["thin"] = thin_words
         lap("noise_floor")
     if o.smooth:
         stats["smooth"] = _run_pass(working, "smooth-activations", samples=calib)
@@ -918,7 +943,8 @@ def quantize_int8(
         if not report.get("confirmation", {}).get("passed", True):
             where = f"all {len(samples)} samples, as the verification judges them (met on the {len(held)} held out)"
         return decline("accuracy", f"INT8 misses the accuracy target on {where}: "
-                                   f"{_describe_miss(evaluation, o.target)}; {how}; kept float32")
+                                   f"{_describe_miss(evaluation, o.target)}; {how}; kept float32"
+                                   + (f" ({thin_words})" if thin_words else ""))
     if report.get("kept_float"):
         problem = slower(quantized, "after_fallback")
         if problem and o.require_speedup:
