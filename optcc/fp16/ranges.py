@@ -13,7 +13,9 @@ One sample's values of every main-graph tensor are many times the model's size f
 convolutional net on a large image, so no function here holds more than one sample's
 values at once: ``observe`` merges each sample into the ranges and drops it before the
 next run (keeping only its graph outputs), and ``values_sqnr`` fetches the values it compares
-a part at a time.
+a part at a time. Both hand what they freed back to the system (``release_memory``): left
+in the C heap, one sample's values of a large model (0.7 GB on a 2.3 GB GPT-2) would stay
+resident for the rest of the run, beside every later session's weights.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import onnxruntime as ort
 
 from optcc import ir as oir
 from optcc.fp16.rewrite import flat_chunks
+from optcc.ir.heap import release_memory
 from optcc.numerics.metrics import sqnr_db as powers_db
 from optcc.runtime import detached, make_session, session_options
 
@@ -188,6 +191,8 @@ def observe(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]],
             seen.dtypes = {name: array.dtype for name, array in values.items()}
             seen.nbytes = {name: int(array.nbytes) for name, array in values.items()}
         del values  # before the next run: its values replace these
+    del probe
+    release_memory()  # a sample's values, freed, would stay in the C heap for the rest of the run
     return seen
 
 
@@ -210,6 +215,7 @@ def values_sqnr(reference: ir.Model, candidate: ir.Model, reference_sample: Mapp
         got = values_of(candidate, candidate_sample, part, scratch)
         result.update({name: sqnr_db(ref[name], got[name]) for name in part if name in ref and name in got})
         del ref, got  # before the next part's runs
+        release_memory()  # the part's values go back to the system, not to the C heap
     return result
 
 
