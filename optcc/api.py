@@ -331,6 +331,12 @@ def optimize(
             shared16["checked_samples"] = lambda: None if verifier is None else verifier.generated_samples()
         if not _judged_by_task(tolerances, "fp16"):
             shared16["judge"] = lambda provider: None  # a tolerance of the user's own: the verifier asks no task
+        if verify or verify_each:
+            # a KV-cache decoder's result is judged by its next tokens, which the SQNR rule reads differently:
+            # the model the pass would write is confirmed by that very check (the verifier's prompts, steps
+            # and threshold), whose verdict the verification of the same model then reuses
+            shared16["confirms"] = lambda: verifier is not None and verifier.judges_by_tokens("fp16")
+            shared16["confirm"] = lambda candidate: _gate_reason(verifier, candidate, "fp16")
         pipeline.append(create_pass("convert-float16", keep_io_types=fp16_keep_io, block=fp16_block,
                                     inputs=samples or inputs, input_shapes=input_shapes,
                                     input_ranges=input_ranges, providers=providers, **shared16))
@@ -439,13 +445,13 @@ def optimize(
         try:
             if verifier is not None:
                 # a decoder's checks decode the original's first prompt (a search's check, on the samples
-                # held apart, and the verification of a weight-only result when the pass changed the
-                # model): it decodes now, before any quantized weight exists, so that the original's
-                # weights and those are never held at once
+                # held apart, the verification of a weight-only result when the pass changed the model,
+                # and the float16 pass's confirmation of its choice): it decodes now, before any quantized
+                # or float16 weight exists, so that the original's weights and those are never held at once
                 if searched_weights or int8_dynamic:
                     verifier.held_apart().decode_first_prompt()
-                if weight_only:
-                    verifier.decode_first_prompt()
+                if weight_only or fp16:  # the result's check, or the float16 pass's confirmation of its choice
+                    verifier.decode_first_prompt("int8" if weight_only else "fp16")
             manager = PassManager(pipeline, strict=strict, verifier=verifier, verify_each=verify_each,
                                   progress=progress, returns_float=None if allow_float_fallback else applied)
             fresh = _fresh_copies(model, original)
@@ -576,10 +582,10 @@ def _would_be(text: str, applied: str, model: ir.Model) -> str:
     return "" if re.search(rf"(^|; )kept {re.escape(left)}( \(.*\))?$", text) else f" (the result would be {left})"
 
 
-def _gate_reason(verifier: Verifier, candidate: ir.Model) -> str | None:
-    """None when ``candidate`` passes ``verifier``'s INT8 check (or the check cannot run: the
-    verification says so later); else why it failed."""
-    check = verifier.check(candidate, "int8")
+def _gate_reason(verifier: Verifier, candidate: ir.Model, numerics: Numerics = "int8") -> str | None:
+    """None when ``candidate`` passes ``verifier``'s ``numerics`` check (or the check cannot
+    run: the verification says so later); else why it failed."""
+    check = verifier.check(candidate, numerics)
     return (check.reason or "verification failed") if check.status == "failed" else None
 
 

@@ -35,7 +35,16 @@ A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
   nodes are ranked by how much SQNR they lose (their inputs' SQNR minus their outputs'),
   and the smallest prefix of that ranking whose return to float32 meets the tolerance is
   found by doubling then bisection. Those nodes are recorded by name in the model's
-  ``metadata_props["optcc.fp16.keep_float32"]`` so that a second run keeps them too.
+  ``metadata_props["optcc.fp16.keep_float32"]`` so that a second run keeps them too;
+- the model as it would be written fails ``confirm`` (where ``confirms()`` holds:
+  ``optcc.optimize`` gives a KV-cache decoder's verification check, its next tokens on the
+  verifier's prompts, steps and threshold, which reads a decoder otherwise than SQNR does):
+  the SQNR choice is the first model confirmed; while one is refused, the same ranking's
+  prefix doubles (at least one region more, all of them at the most) and that model, its
+  weights chosen as above, is confirmed next, ``MAX_CONFIRMATIONS`` in all. When none is
+  confirmed nothing converts, and the reason is the check's own, which the verification
+  would give; the model confirmed is what the pass writes, so the verification reuses
+  that verdict.
 
 Weights (>= 64 values) that nodes kept float32 read are stored float16 behind one shared
 ``Cast(to=float)``: always when float16-representable (exact), otherwise only when the
@@ -94,6 +103,7 @@ UNDERFLOW_FRACTION = 0.10
 UNDERFLOW_SQNR_DB = 60.0  # below float16's own rounding noise (~70 dB): the flushed values matter
 STORE16_MIN_ELEMENTS = 64  # smaller weights do not pay for the Cast node that reads them
 STORE16_TRIALS = 4  # evaluations spent on weights of float32 nodes one by one
+MAX_CONFIRMATIONS = 4  # models ``confirm`` judges at most: the SQNR choice and 3 with more float32
 # the least share of the float32 weight bytes a float16 result must save to ship: a full
 # conversion saves half; one the accuracy check returned mostly to float32 gains nothing
 MIN_WEIGHT_SAVING = 0.25
@@ -101,6 +111,7 @@ MIN_WEIGHT_SAVING = 0.25
 RANGES_PHASE = "fp16: measuring ranges"
 CANDIDATE_PHASE = "fp16: judging the float16 model"
 SEARCH_PHASE = "fp16: layers back to float32"
+CONFIRM_PHASE = "fp16: confirming by the verification's check"
 STORE16_PHASE = "fp16: float32 layers' weights stored float16"
 _SUM_REDUCES = frozenset({"ReduceSum", "ReduceMean"})
 _SQUARE_REDUCES = frozenset({"ReduceSumSquare", "ReduceL2", "LpNormalization"})
@@ -206,6 +217,8 @@ class ConvertFloat16Pass(optcc.Pass):
         max_evaluations: int = 24,
         judge: Callable[[str], TaskJudge | None] | None = None,
         checked_samples: Callable[[], Sequence[Feeds] | None] | None = None,
+        confirm: Callable[[ir.Model], str | None] | None = None,
+        confirms: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__()
         self.keep_io_types = keep_io_types if isinstance(keep_io_types, bool) else frozenset(keep_io_types)
@@ -219,6 +232,8 @@ class ConvertFloat16Pass(optcc.Pass):
         self.max_evaluations = max_evaluations
         self.judge = judge
         self.checked_samples = checked_samples
+        self.confirm = confirm  # why the model the pass would write fails (None: it passes)
+        self.confirms = confirms  # whether ``confirm`` judges this run (None: whenever it is given)
         self._scratch: str | None = None
 
     @property
@@ -716,6 +731,7 @@ class ConvertFloat16Pass(optcc.Pass):
                     low = mid
             bar.advance(bound)
         self._fallback_labels = sorted({labels[key] for region in ranked[:high] for key in region})
+        self._ranked = (keep, ranked, high)
         return with_prefix(high), best or _Judged(), met
 
     # -- weights of float32 nodes stored in float16 --------------------------------------
@@ -849,6 +865,9 @@ class ConvertFloat16Pass(optcc.Pass):
             return optcc.PassResult(model, False, {"skipped": f"nothing converted: no samples to judge float16 on: {e}"})
         self.evaluations = 0
         self._fallback_labels: list[str] = []
+        # the accuracy check's ranking, once made: the keep it ranks from, its regions, the prefix taken
+        self._ranked: tuple[dict[int, str], list[set[int]], int] | None = None
+        self._confirmations: list[str | None] = []  # ``confirm``'s verdicts, in order
         keep, plan = self._base_keep(self.reference)
         keep = self._movement_islands(keep)
         reference_keys, _ = _node_keys(self.reference)
@@ -883,6 +902,7 @@ class ConvertFloat16Pass(optcc.Pass):
                     now_ok, now_judged, _ = self._evaluate(settled)
                     if now_ok:
                         keep, judged = settled, now_judged
+        del candidate  # no emulated model outlives the search: a confirmation builds the written one
         if not ok:
             stats["skipped"] = (
                 f"nothing converted: no float16 conversion met {self.min_sqnr_db:g} dB SQNR, or the task "
@@ -893,6 +913,12 @@ class ConvertFloat16Pass(optcc.Pass):
                 stats["task"] = judged.task
             return optcc.PassResult(model, False, stats)
         store16, judged, store_report, short = self._choose_store16(keep, judged)
+        if not short and self.confirm is not None and (self.confirms is None or self.confirms()):
+            keep, store16, judged, store_report, refused = self._confirmed(
+                model, keep, store16, judged, store_report)
+            if refused:
+                stats["confirmations"] = self._confirmations
+                return optcc.PassResult(model, False, self._decline(stats, keep, refused))
         if short:
             if self._fallback_labels and all(reference_keys[node] in keep for node in plan):
                 short = f"{self._all_returned_reason()}; {short}"  # no layer left float16: that comes first
@@ -900,14 +926,8 @@ class ConvertFloat16Pass(optcc.Pass):
                 short += self._near_zero_note()
             return optcc.PassResult(model, False, self._decline(stats, keep, short))
         sqnr = judged.sqnr
-        model_keys, _ = _node_keys(model)
-        fp16.clamp_mask_fills(model)
-        self._rewrite(model, keep, store16=store16)
+        self._write(model, keep, store16)
         result = self._last
-        if self._fallback_labels:
-            names = self._name_fallback_nodes(model_keys, keep)
-            marked = set(json.loads(model.metadata_props.get(KEEP_MARKER, "[]") or "[]")) | names
-            model.metadata_props[KEEP_MARKER] = json.dumps(sorted(marked))
         self._report_kept(stats, keep)
         stats.update({
             "converted": dict(sorted(result.converted_nodes.items())),
@@ -927,9 +947,67 @@ class ConvertFloat16Pass(optcc.Pass):
         })
         if judged.task:  # the task judge's rows, deviation against float32's noise floor
             stats["task"] = judged.task
+        if self._confirmations:
+            stats["confirmations"] = self._confirmations
         if not result.converted_nodes and self._fallback_labels:
             stats["reason"] = self._all_returned_reason()
         return optcc.PassResult(model, result.modified, stats)
+
+    def _write(self, model: ir.Model, keep: Mapping[int, str], store16: Collection[str]) -> ir.Model:
+        """``model`` rewritten in place as the pass writes it: mask fills clamped, ``keep``
+        float32, ``store16``'s weights stored float16, the nodes the accuracy check returned
+        to float32 named in ``KEEP_MARKER``."""
+        model_keys, _ = _node_keys(model)
+        fp16.clamp_mask_fills(model)
+        self._rewrite(model, keep, store16=store16)
+        if self._fallback_labels:
+            names = self._name_fallback_nodes(model_keys, keep)
+            marked = set(json.loads(model.metadata_props.get(KEEP_MARKER, "[]") or "[]")) | names
+            model.metadata_props[KEEP_MARKER] = json.dumps(sorted(marked))
+        return model
+
+    def _confirmed(
+        self, model: ir.Model, keep: dict[int, str], store16: set[str], judged: _Judged, report: dict
+    ) -> tuple[dict[int, str], set[str], _Judged, dict, str | None]:
+        """The first choice whose written model ``confirm`` passes: the SQNR rule's (``keep``,
+        ``store16``), then the accuracy check's ranking with its prefix doubled (one region
+        more at least, every region at the most), each prefix that meets the SQNR rule with
+        its weights chosen as before (``_choose_store16``), ``MAX_CONFIRMATIONS`` models in all.
+        Returns its keep, store16, judgement and store report, and why nothing converts when
+        no model was confirmed (None: one was): the check's reason, the one the verification
+        would give, after the saving's where more float32 saves too little."""
+        tried = None  # the ranking's prefix of the model confirmed last (None: the SQNR rule's own)
+        with Progress(CONFIRM_PHASE, MAX_CONFIRMATIONS) as bar:
+            while True:
+                refused = self.confirm(self._write(model.clone(), keep, store16))  # type: ignore[misc]
+                self._confirmations.append(refused)
+                bar.advance()
+                if refused is None:
+                    bar.advance(bar.total)
+                    return keep, store16, judged, report, None
+                if self._ranked is None:  # the SQNR rule took the first model: rank its layers now
+                    _, _, first = self._evaluate(keep)
+                    self._ranked = (keep, self._ranking(first, keep), 0)
+                unranked, ranked, taken = self._ranked
+                prefix = taken if tried is None else tried
+                tried, met = prefix, False
+                while not met and len(self._confirmations) < MAX_CONFIRMATIONS and prefix < len(ranked):
+                    prefix = min(max(2 * prefix, prefix + 1), len(ranked))
+                    more = self._movement_islands(
+                        {**unranked, **{key: FALLBACK_REASON for region in ranked[:prefix] for key in region}})
+                    met, now_judged, _ = self._evaluate(more)
+                if not met:
+                    return keep, store16, judged, report, (
+                        f"the verification's check refused the {len(self._confirmations)} float16 model(s) "
+                        f"tried, the last with {tried} of the {len(ranked)} layer(s) the accuracy check ranks "
+                        f"back in float32: {refused}")
+                keep, tried = more, prefix
+                labels = {k: _label(n, k) for n, k in _node_keys(self.reference)[0].items()}
+                self._fallback_labels = sorted({labels[key] for region in ranked[:prefix] for key in region})
+                store16, judged, report, short = self._choose_store16(keep, now_judged)
+                if short:
+                    return keep, store16, judged, report, \
+                        f"{short}; more float16 failed the verification's check: {refused}"
 
     def _all_returned_reason(self) -> str:
         """Why nothing is left float16 after every converted layer went back to float32,

@@ -381,7 +381,7 @@ class Verifier:
         self._float64: dict[tuple[int, ...], Float64Reference] = {}  # by the samples' positions
         # the INT8 candidates a pass had run (``outputs``), by digest and provider, the last asked about last
         self._kept: dict[tuple[str, str], _KeptOutputs] = {}
-        # the last next-token check (``_judged_by_tokens``): its model's content digest, numerics,
+        # the last next-token check (``judges_by_tokens``): its model's content digest, numerics,
         # samples and whether a proof was allowed, and its verdict
         self._token_check: tuple[tuple[Any, ...], Verification] | None = None
 
@@ -749,13 +749,13 @@ class Verifier:
         False runs the samples whatever a proof would say (a comparison that reports every
         output's numbers).
 
-        A lossy decoder's check (``_judged_by_tokens``) of the model the previous such check
+        A lossy decoder's check (``judges_by_tokens``) of the model the previous such check
         judged, with the same numerics, is that check's verification: its prompts, steps,
         threshold are this verifier's, the model is the same when its ``content_digest`` is,
         and ``samples`` and ``prove`` must be the same (a search's confirmation of its choice
         and the verification of the result that choice wrote run its decodes once)."""
         try:
-            if not self._judged_by_tokens(numerics):
+            if not self.judges_by_tokens(numerics):
                 return self._check(model, numerics, samples, serialized=serialized, prove=prove)
             key = (content_digest(model), numerics, None if samples is None else tuple(samples), prove)
             if self._token_check is None or self._token_check[0] != key:
@@ -769,7 +769,7 @@ class Verifier:
         """The original's output names, as a session of it lists them."""
         return [v.name for v in self._model.graph.outputs]
 
-    def _judged_by_tokens(self, numerics: Numerics) -> bool:
+    def judges_by_tokens(self, numerics: Numerics) -> bool:
         """Whether ``check`` judges a ``numerics`` result by its next tokens: a lossy result
         of a KV-cache decoder with its default tolerance and no task metric of the user's
         (its logits and the cache it feeds back; any other output keeps its tolerance)."""
@@ -789,7 +789,7 @@ class Verifier:
         source = serialized.data if whole else self._source(model)
         # a search's check of a decoder every output of which its next tokens judge: they alone
         # decide, so no verification decode runs to be compared (its metrics would decide nothing)
-        tokens_alone = self._tokens_alone and self._judged_by_tokens(numerics) and self._plan is not None \
+        tokens_alone = self._tokens_alone and self.judges_by_tokens(numerics) and self._plan is not None \
             and {v.name for v in self._model.graph.outputs} <= {self._plan.logits, *self._plan.state_outputs}
         float32 = {provider: [] for provider in self.providers} if tokens_alone else self._float32_outputs()
         base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=len(self._feeds or []),
@@ -804,7 +804,7 @@ class Verifier:
             return Verification(status="skipped", outputs=[], reason=self._compares_nothing, **base)
         # the tokens judge a lossy decoder's logits and cache; any other output keeps its tolerance
         # (without the argmax rule, which reads class scores: the tokens judge those)
-        by_tokens = self._judged_by_tokens(numerics)
+        by_tokens = self.judges_by_tokens(numerics)
         by_task = numerics == "int8" and tolerance == TOLERANCES["int8"] and not by_tokens
         token_judged = {self._plan.logits, *self._plan.state_outputs} if by_tokens and self._plan is not None \
             else set()
@@ -1142,12 +1142,13 @@ class Verifier:
                 release_memory()  # the original's session, gone before a candidate's is built
         return decoded[:count]
 
-    def decode_first_prompt(self) -> None:
+    def decode_first_prompt(self, numerics: Numerics = "int8") -> None:
         """The original's next-token decode of the first prompt on every provider, run now
         (a lossy decoder's check starts from it): a caller about to make large arrays has it
         decode first, so that the original's weights and those are never held at once.
-        Nothing for a model not judged by its next tokens; an error is left to the check."""
-        if self._judged_by_tokens("int8"):
+        Nothing for a model whose ``numerics`` result is not judged by its next tokens; an
+        error is left to the check."""
+        if self.judges_by_tokens(numerics):
             for provider in self.providers:
                 try:
                     self._reference_tokens(provider, 1)
