@@ -122,6 +122,7 @@ from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAW
                                  projected_outputs, recurrent_outputs, row_choices, sequence_outputs, token_outputs,
                                  unmoved, wants_draws)
 from optcc.progress import Progress
+from optcc.runtime.default_build import default_build_error
 from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, building_session, first_line, float16_feedable,
                                    make_session, resolve_providers, run, session_options)
 from optcc.runtime.shared_weights import Serialized, content_digest, light_proto, release_memory, weighted_session
@@ -133,6 +134,9 @@ Feeds = Mapping[str, np.ndarray]
 ModelRef = Union[ir.Model, str, os.PathLike]
 
 DEFAULT_SAMPLES = 3
+# the numerics of results whose element types a run converted: a user's session of them, built
+# with onnxruntime's default options, is asked for before they pass (``_default_build_error``)
+CONVERTED: tuple[Numerics, ...] = ("fp16", "int8")
 REPARSE_MAX_BYTES = 64 * 1024 * 1024  # an original file up to this size is parsed again for the proof
 REFERENCES = ("auto", "float32")
 # the bytes of the outputs ``Verifier.outputs`` keeps of the models before the last, at the
@@ -954,6 +958,10 @@ class Verifier:
         if chosen:
             problems.append(f"judged {'; '.join(chosen.values())}")
         problems += [next_token_text(provider, run_) for provider, run_ in next_token.items() if not run_["passed"]]
+        if not problems and numerics in CONVERTED:  # passed as run here: does a user's session build it?
+            built = self._default_build_error(model, source)
+            if built is not None:
+                problems.append(built)
         status = "failed" if problems else "passed"
         return Verification(status=status, outputs=metrics, reason="; ".join(problems) or None, reference=reference,
                             task=verdicts.get(self.providers[0]),
@@ -1283,6 +1291,28 @@ class Verifier:
                                     f"{original_error}", **base)
             return Verification(status="failed", reason=f"onnxruntime cannot load the optimized model: {error}", **base)
         return Verification(status="passed", **base)
+
+    def _default_build_error(self, model: ir.Model, source: Any) -> str | None:
+        """Why onnxruntime's default session (every graph optimization) cannot build
+        ``model`` on some provider, in one line; None when it builds on each. Asked of a
+        child process (``default_build_error``), which loads it saved in the scratch folder
+        (``source``: its bytes, when ``_check`` has them), external data beside it."""
+        path = os.path.join(self._scratch.name, "default-build.onnx")
+        try:
+            if isinstance(source, bytes):
+                with open(path, "wb") as file:
+                    file.write(source)
+            else:
+                oir.save(model, path, external_data=oir.needs_external_data(model) or oir.uses_external_data(model))
+            for provider in self.providers:
+                error = default_build_error(path, provider)
+                if error is not None:
+                    return error
+            return None
+        finally:
+            for leftover in (path, path + ".data"):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
 
     def _load_error(self, source: Any) -> str | None:
         """Why onnxruntime cannot load ``source`` (a model, its bytes, or a graph serialized
