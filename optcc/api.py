@@ -333,10 +333,12 @@ def optimize(
             shared16["judge"] = lambda provider: None  # a tolerance of the user's own: the verifier asks no task
         if verify or verify_each:
             # a KV-cache decoder's result is judged by its next tokens, which the SQNR rule reads differently:
-            # the model the pass would write is confirmed by that very check (the verifier's prompts, steps
-            # and threshold), whose verdict the verification of the same model then reuses
+            # the SQNR rule's model is confirmed by that very check (the verification of the same model
+            # reuses the verdict); any model tried after it, chosen because that one was refused, on
+            # prompts apart, so that the verification judges the model chosen on prompts it was not chosen on
             shared16["confirms"] = lambda: verifier is not None and verifier.judges_by_tokens("fp16")
-            shared16["confirm"] = lambda candidate: _gate_reason(verifier, candidate, "fp16")
+            shared16["confirm"] = lambda candidate, before: _gate_reason(
+                verifier if before == 0 else verifier.held_apart(), candidate, "fp16")
         pipeline.append(create_pass("convert-float16", keep_io_types=fp16_keep_io, block=fp16_block,
                                     inputs=samples or inputs, input_shapes=input_shapes,
                                     input_ranges=input_ranges, providers=providers, **shared16))

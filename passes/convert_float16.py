@@ -37,14 +37,15 @@ A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
   found by doubling then bisection. Those nodes are recorded by name in the model's
   ``metadata_props["optcc.fp16.keep_float32"]`` so that a second run keeps them too;
 - the model as it would be written fails ``confirm`` (where ``confirms()`` holds:
-  ``optcc.optimize`` gives a KV-cache decoder's verification check, its next tokens on the
-  verifier's prompts, steps and threshold, which reads a decoder otherwise than SQNR does):
-  the SQNR choice is the first model confirmed; while one is refused, the same ranking's
-  prefix doubles (at least one region more, all of them at the most) and that model, its
-  weights chosen as above, is confirmed next, ``MAX_CONFIRMATIONS`` in all. When none is
-  confirmed nothing converts, and the reason is the check's own, which the verification
-  would give; the model confirmed is what the pass writes, so the verification reuses
-  that verdict.
+  ``optcc.optimize`` gives a KV-cache decoder's next-token check, which reads a decoder
+  otherwise than SQNR does): the SQNR choice is the first model confirmed, by the
+  verification's own check (its prompts, steps and threshold: a choice made without them,
+  so the verification of that model reuses the verdict); while one is refused, the same
+  ranking's prefix doubles (at least one region more, all of them at the most) and that
+  model, its weights chosen as above, is confirmed next on prompts apart from the
+  verification's (``Verifier.held_apart``), ``MAX_CONFIRMATIONS`` models in all, so that
+  the verification still judges the model chosen on prompts the choice never saw. When
+  none is confirmed nothing converts, and the reason is the last check's own.
 
 Weights (>= 64 values) that nodes kept float32 read are stored float16 behind one shared
 ``Cast(to=float)``: always when float16-representable (exact), otherwise only when the
@@ -217,7 +218,7 @@ class ConvertFloat16Pass(optcc.Pass):
         max_evaluations: int = 24,
         judge: Callable[[str], TaskJudge | None] | None = None,
         checked_samples: Callable[[], Sequence[Feeds] | None] | None = None,
-        confirm: Callable[[ir.Model], str | None] | None = None,
+        confirm: Callable[[ir.Model, int], str | None] | None = None,
         confirms: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__()
@@ -232,7 +233,8 @@ class ConvertFloat16Pass(optcc.Pass):
         self.max_evaluations = max_evaluations
         self.judge = judge
         self.checked_samples = checked_samples
-        self.confirm = confirm  # why the model the pass would write fails (None: it passes)
+        # why the model the pass would write fails (None: it passes), given how many were judged before it
+        self.confirm = confirm
         self.confirms = confirms  # whether ``confirm`` judges this run (None: whenever it is given)
         self._scratch: str | None = None
 
@@ -979,7 +981,8 @@ class ConvertFloat16Pass(optcc.Pass):
         tried = None  # the ranking's prefix of the model confirmed last (None: the SQNR rule's own)
         with Progress(CONFIRM_PHASE, MAX_CONFIRMATIONS) as bar:
             while True:
-                refused = self.confirm(self._write(model.clone(), keep, store16))  # type: ignore[misc]
+                written = self._write(model.clone(), keep, store16)
+                refused = self.confirm(written, len(self._confirmations))  # type: ignore[misc]
                 self._confirmations.append(refused)
                 bar.advance()
                 if refused is None:
@@ -998,9 +1001,10 @@ class ConvertFloat16Pass(optcc.Pass):
                     met, now_judged, _ = self._evaluate(more)
                 if not met:
                     return keep, store16, judged, report, (
-                        f"the verification's check refused the {len(self._confirmations)} float16 model(s) "
-                        f"tried, the last with {tried} of the {len(ranked)} layer(s) the accuracy check ranks "
-                        f"back in float32: {refused}")
+                        f"the next-token check refused the {len(self._confirmations)} float16 model(s) "
+                        f"tried (the first on the verification's prompts, the rest on prompts apart), the last "
+                        f"with {tried} of the {len(ranked)} region(s) the accuracy check ranks back in float32: "
+                        f"{refused}")
                 keep, tried = more, prefix
                 labels = {k: _label(n, k) for n, k in _node_keys(self.reference)[0].items()}
                 self._fallback_labels = sorted({labels[key] for region in ranked[:prefix] for key in region})

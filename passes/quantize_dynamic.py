@@ -250,13 +250,16 @@ class QuantizeDynamicPass(optcc.Pass):
         return optcc.PassResult(model, modified, stats)
 
     def _has_candidate(self, model: ir.Model, inputs_constant: bool, exclude: frozenset[str]) -> bool:
-        """Whether any node of ``model`` is a MatMul/Gemm (or, with ``embeddings``, a Gather)
-        this pass would rewrite."""
+        """Whether any node of ``model`` is a MatMul/Gemm this pass would rewrite or, with
+        ``embeddings``, a Gather it might (one that reads rows of a stored dequantization
+        counts too: ``_quantized`` alone can tell whether its rows are rewritten)."""
         for graph in optcc.ir.graphs(model):
+            if not isinstance(graph, ir.Graph):
+                continue
             for node in graph:
                 if node.op_type == "Gather" and self.embeddings:
-                    excluded = bool(exclude & {node.name, *(v.name for v in node.outputs)})
-                    if not excluded and embedding_reason(node, inputs_constant=inputs_constant) is None:
+                    if not exclude & {node.name, *(v.name for v in node.outputs)} and \
+                            embedding_reason(node, inputs_constant=inputs_constant) in (None, ""):
                         return True
                 elif self._reason_to_skip(node, inputs_constant, exclude) is None:
                     return True

@@ -22,7 +22,7 @@ from onnx import TensorProto as TP
 import optcc
 from optcc.cli import EXIT_OK, EXIT_PRECISION_NOT_APPLIED, main
 from optcc.runtime import default_build
-from optcc.runtime.default_build import default_build_error
+from optcc.runtime.default_build import default_build as build_default
 
 
 def _transpose_matmul(dtype: int = TP.FLOAT) -> onnx.ModelProto:
@@ -133,10 +133,40 @@ def test_an_error_in_the_child_fails_the_verification_with_its_last_line(monkeyp
     assert "cannot build the result: no kernel for MatMul(float16)" in reason, reason
 
 
-def test_a_child_past_its_time_is_killed_and_reported(monkeypatch, tmp_path: Path) -> None:
+def test_a_child_past_its_time_is_killed_and_said_unchecked(monkeypatch, tmp_path: Path) -> None:
+    """A wall-clock limit must not decide what is written: past it, the build is not checked."""
     _child_runs(monkeypatch, "import time; time.sleep(60)")
-    error = default_build_error(tmp_path / "any.onnx", "CPUExecutionProvider", timeout_s=0.5)
-    assert error is not None and "does not finish building the result within 0.5 s" in error
+    built = build_default(tmp_path / "any.onnx", "CPUExecutionProvider", timeout_s=0.5)
+    assert built.problem is None and "did not finish building the result within 0.5 s" in built.unchecked
+
+
+@pytest.mark.parametrize("code, said", [
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "was killed (SIGKILL"),
+    ("import sys; sys.stderr.write('\\nthe child imports onnxruntime 0.0, not 1\\n'); sys.exit(3)",
+     "the child imports onnxruntime 0.0"),
+])
+def test_what_says_nothing_about_the_model_leaves_the_conversion_standing(monkeypatch, code: str, said: str) -> None:
+    """A child killed (out of memory) or running another onnxruntime: the float16 result
+    stands, with a warning that the build was not checked; its outputs are numpy's."""
+    _child_runs(monkeypatch, code)
+    model = _small_float_model()
+    with pytest.warns(optcc.PipelineWarning, match="not checked that a user's session builds the result"):
+        result = optcc.optimize(model, fp16=True)
+    assert result.applied_precision == ["fp16"]
+    feeds = {"x": np.random.default_rng(4).normal(size=(3, 64)).astype(np.float32)}
+    got = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    want = np.maximum(feeds["x"].astype(np.float64) @ nh.to_array(model.graph.initializer[0]).astype(np.float64), 0)
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+
+
+def test_the_child_starts_in_the_models_folder(monkeypatch, tmp_path: Path) -> None:
+    """A module named onnxruntime in the caller's working folder does not shadow the child's."""
+    (tmp_path / "onnxruntime.py").write_text("raise ImportError('shadowed')\n")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "m" / "model.onnx"
+    out.parent.mkdir()
+    onnx.save(_small_float_model(), out)
+    assert build_default(out, "CPUExecutionProvider") == default_build.DefaultBuild()
 
 
 def test_graph_only_levels_load_in_process(monkeypatch) -> None:
@@ -154,4 +184,4 @@ def test_a_converted_result_that_builds_passes(tmp_path: Path) -> None:
     assert result.applied_precision == ["fp16"]
     out = tmp_path / "out.onnx"
     result.save(out)
-    assert default_build_error(out, "CPUExecutionProvider") is None
+    assert build_default(out, "CPUExecutionProvider") == default_build.DefaultBuild()

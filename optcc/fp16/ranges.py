@@ -14,7 +14,7 @@ convolutional net on a large image, so no function here holds more than one samp
 values at once: ``observe`` merges each sample into the ranges and drops it before the
 next run (keeping only its graph outputs), and ``values_sqnr`` fetches the values it compares
 a part at a time. Both hand what they freed back to the system (``release_memory``): left
-in the C heap, one sample's values of a large model (0.7 GB on a 2.3 GB GPT-2) would stay
+in the C heap, one sample's values (a sizeable share of a large model's weights) would stay
 resident for the rest of the run, beside every later session's weights.
 """
 

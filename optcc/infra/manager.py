@@ -94,6 +94,12 @@ def step_passes(step: PipelineStep) -> list[PassLike]:
     return [step]
 
 
+def _failure_words(check: Verification) -> str:
+    """Why a failed check reverts a pass: its result cannot be loaded, or its numbers moved."""
+    what = "made a model onnxruntime cannot load" if check.unloadable else "changed the numerics"
+    return f"{what}: {check.reason or ''}"
+
+
 def _numerics(pass_: PassLike) -> Numerics:
     return getattr(pass_, "numerics", "exact")
 
@@ -292,10 +298,10 @@ class PassManager:
             index, failing = self._bisect(run, check)
             culprit = next(p for i, p in run.kept if i == index)
             if self.strict:
-                raise PassFailedError(f"pass '{pass_name(culprit)}' changed the numerics: {failing.reason}")
+                raise PassFailedError(f"pass '{pass_name(culprit)}' {_failure_words(failing)}")
             # this run of the pass and its later runs, under any instance of that name (a fixpoint
             # or a later step would repeat the rewrite, and each would cost a bisection)
-            reverts[index] = (culprit, "changed the numerics: " + (failing.reason or ""))
+            reverts[index] = (culprit, _failure_words(failing))
             attempts[index] = run.records[index]
             # the failed model and its bytes go before the pipeline runs again and its result
             # is verified: the caller's reference to this run no longer holds them
@@ -442,7 +448,7 @@ class PassManager:
             check = self.verifier.check(model, loosest([run.numerics(), _numerics(pass_)]))
             record = {**check.to_dict(), "summary": check.describe()}
             if check.status == "failed":
-                return "changed the numerics: " + (check.reason or ""), record
+                return _failure_words(check), record
             return None, record
         return None, None
 

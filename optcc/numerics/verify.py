@@ -96,6 +96,7 @@ import hashlib
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
@@ -104,7 +105,7 @@ import onnx
 import onnx_ir as ir
 
 from optcc import ir as oir
-from optcc.errors import BadInputError
+from optcc.errors import BadInputError, PipelineWarning
 from optcc.numerics.decode import (DECODE_STEPS, NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_PROMPT_LENGTH,
                                    NEXT_TOKEN_PROMPTS, NEXT_TOKEN_SEARCH_AGREEMENT, NEXT_TOKEN_STEPS, decode_plan,
                                    forced_tokens, free_agreement, greedy_tokens, next_token_agreement, run_decode,
@@ -122,7 +123,7 @@ from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAW
                                  projected_outputs, recurrent_outputs, row_choices, sequence_outputs, token_outputs,
                                  unmoved, wants_draws)
 from optcc.progress import Progress
-from optcc.runtime.default_build import default_build_error
+from optcc.runtime.default_build import default_build
 from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, building_session, first_line, float16_feedable,
                                    make_session, resolve_providers, run, session_options)
 from optcc.runtime.shared_weights import Serialized, content_digest, light_proto, release_memory, weighted_session
@@ -174,6 +175,8 @@ class Verification:
     # the outputs those next tokens judge (its logits and the cache fed back, in output order):
     # any other output keeps the tolerance, without its argmax rule; () where no tokens judge
     token_judged: tuple[str, ...] = ()
+    # failed because onnxruntime cannot load or build the result, not on its numbers
+    unloadable: bool = False
 
     @property
     def passed(self) -> bool:
@@ -373,6 +376,8 @@ class Verifier:
         self._agreement = NEXT_TOKEN_AGREEMENT
         # whether a decoder whose next tokens judge every output is judged by them alone (``held_apart``'s)
         self._tokens_alone = False
+        # ``_default_build_error``'s verdicts by model content (``_digest``), shared with ``_apart``
+        self._built: dict[str, str | None] = {}
         self._float32: dict[str, list[list[np.ndarray]]] | None = None
         self._task = dict(metric=task_metric, margin=task_margin, metric_target=task_target,
                           min_sqnr_db=task_min_sqnr_db)
@@ -862,7 +867,7 @@ class Verifier:
                     except Exception as e:  # noqa: BLE001
                         reason = f"onnxruntime cannot load the optimized model: {first_line(e)}"
                         return Verification(status="failed", outputs=metrics, reason=reason, reference=reference,
-                                            **base)
+                                            unloadable=True, **base)
                     candidate_names = [o.name for o in session.get_outputs()]
                 if candidate_names != (self._names or self._output_names):
                     reason = f"outputs {candidate_names} != original {self._names or self._output_names}"
@@ -958,10 +963,11 @@ class Verifier:
         if chosen:
             problems.append(f"judged {'; '.join(chosen.values())}")
         problems += [next_token_text(provider, run_) for provider, run_ in next_token.items() if not run_["passed"]]
+        unbuilt = None
         if not problems and numerics in CONVERTED:  # passed as run here: does a user's session build it?
-            built = self._default_build_error(model, source)
-            if built is not None:
-                problems.append(built)
+            unbuilt = self._default_build_error(model, source)
+            if unbuilt is not None:
+                problems.append(unbuilt)
         status = "failed" if problems else "passed"
         return Verification(status=status, outputs=metrics, reason="; ".join(problems) or None, reference=reference,
                             task=verdicts.get(self.providers[0]),
@@ -969,7 +975,8 @@ class Verifier:
                             else None,
                             notes=[] if tokens_alone else self.notes() + (_few_items(verdicts.get(self.providers[0]),
                                                              generated=not self.user_samples) if by_task else []),
-                            next_token=next_token or None, free_running=free or None, **base)
+                            next_token=next_token or None, free_running=free or None,
+                            unloadable=unbuilt is not None, **base)
 
     @property
     def user_samples(self) -> bool:
@@ -1207,6 +1214,7 @@ class Verifier:
             self._apart = Verifier(self.original, parsed=self._model, **options)
             self._apart._agreement = NEXT_TOKEN_SEARCH_AGREEMENT
             self._apart._tokens_alone = True
+            self._apart._built = self._built
         return self._apart
 
     def _source(self, model: ir.Model) -> Any:
@@ -1289,15 +1297,23 @@ class Verifier:
             if original_error is not None:  # not the passes' doing: the model given does not load either
                 return Verification(status="skipped", reason=f"onnxruntime cannot load the original model: "
                                     f"{original_error}", **base)
-            return Verification(status="failed", reason=f"onnxruntime cannot load the optimized model: {error}", **base)
+            return Verification(status="failed", reason=f"onnxruntime cannot load the optimized model: {error}",
+                                unloadable=True, **base)
         return Verification(status="passed", **base)
 
     def _default_build_error(self, model: ir.Model, source: Any) -> str | None:
         """Why onnxruntime's default session (every graph optimization) cannot build
-        ``model`` on some provider, in one line; None when it builds on each. Asked of a
-        child process (``default_build_error``), which loads it saved in the scratch folder
-        (``source``: its bytes, when ``_check`` has them), external data beside it."""
+        ``model`` on some provider, in one line; None when it builds on each, or where it
+        could not be asked (a ``PipelineWarning`` says why). Asked of a child process
+        (``default_build``), which loads it saved in the scratch folder (``source``: its
+        bytes, when ``_check`` has them), external data beside it; once per model content,
+        for this verifier and those held apart from it (a search's choice and the result it
+        wrote are the same model)."""
+        key = _digest(model, source)
+        if key in self._built:
+            return self._built[key]
         path = os.path.join(self._scratch.name, "default-build.onnx")
+        problem = None
         try:
             if isinstance(source, bytes):
                 with open(path, "wb") as file:
@@ -1305,14 +1321,19 @@ class Verifier:
             else:
                 oir.save(model, path, external_data=oir.needs_external_data(model) or oir.uses_external_data(model))
             for provider in self.providers:
-                error = default_build_error(path, provider)
-                if error is not None:
-                    return error
-            return None
+                built = default_build(path, provider)
+                if built.unchecked is not None:
+                    warnings.warn(f"not checked that a user's session builds the result: {built.unchecked}",
+                                  PipelineWarning, stacklevel=2)
+                if built.problem is not None:
+                    problem = built.problem
+                    break
         finally:
             for leftover in (path, path + ".data"):
                 if os.path.exists(leftover):
                     os.remove(leftover)
+        self._built[key] = problem
+        return problem
 
     def _load_error(self, source: Any) -> str | None:
         """Why onnxruntime cannot load ``source`` (a model, its bytes, or a graph serialized

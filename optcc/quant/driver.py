@@ -385,6 +385,8 @@ def _thin_words(judge: TaskJudge, samples: int) -> str:
         if not items:  # float32 finds nothing to count on these samples: no rate to scale
             words.append(f"{name} over no items on these {samples} samples")
             continue
+        if expected <= 0:  # no error allowed (a margin of 0): no count of samples makes one
+            continue
         words.append(f"{name} over {items} items holds {expected:.1f} errors at the allowed rate on these "
                      f"{samples} samples; about {math.ceil(samples * FEW_EXPECTED_ERRORS / expected)} would hold "
                      f"{FEW_EXPECTED_ERRORS:g}")
