@@ -166,12 +166,11 @@ def test_a_systematic_score_shift_is_judged_as_the_user_sees_it(layout: str) -> 
 # ------------------------------------------------------------------ the driver's floor
 
 
-def _near_threshold_model() -> onnx.ModelProto:
+def grid_detector(name: str, seed: int, weight: float, bias: float) -> onnx.ModelProto:
     """image [1, 3, 64, 64] -> YOLOv8 ``[1, 5, 64]``: fixed, disjoint boxes on an 8x8 grid,
-    and one class score per cell, Sigmoid of a stride-8 Conv whose weights (+-2 per pixel)
-    make one grey level of the input move scores near 0.25 across it."""
-    rng = np.random.default_rng(1)
-    w = rng.choice([-2.0, 2.0], size=(1, 3, 8, 8)).astype(np.float32)
+    and one class score per cell, Sigmoid of a stride-8 Conv (weights +-``weight`` per
+    pixel, of ``seed``) plus ``bias``."""
+    w = np.random.default_rng(seed).choice([-weight, weight], size=(1, 3, 8, 8)).astype(np.float32)
     cx = (8.0 * (np.arange(64) % 8) + 4.0).astype(np.float32)
     cy = (8.0 * (np.arange(64) // 8) + 4.0).astype(np.float32)
     coords = np.stack([cx, cy, np.full(64, 6.0, np.float32), np.full(64, 6.0, np.float32)])[None]
@@ -179,9 +178,15 @@ def _near_threshold_model() -> onnx.ModelProto:
              oh.make_node("Reshape", ["c", "flat"], ["logits"]),
              oh.make_node("Sigmoid", ["logits"], ["scores"]),
              oh.make_node("Concat", ["coords", "scores"], ["output"], axis=1)]
-    inits = [nh.from_array(w, "w"), nh.from_array(np.array([-0.5], np.float32), "b"),
+    inits = [nh.from_array(w, "w"), nh.from_array(np.array([bias], np.float32), "b"),
              nh.from_array(np.array([1, 1, 64], np.int64), "flat"), nh.from_array(coords, "coords")]
-    return picture_model("v8", nodes, inits, [1, 5, 64])
+    return picture_model(name, nodes, inits, [1, 5, 64])
+
+
+def _near_threshold_model() -> onnx.ModelProto:
+    """``grid_detector`` whose weights (+-2 per pixel) make one grey level of the input
+    move scores near 0.25 across it."""
+    return grid_detector("v8", seed=1, weight=2.0, bias=-0.5)
 
 
 def test_the_driver_measures_the_boxes_floor_as_a_mean_over_draws() -> None:

@@ -20,27 +20,15 @@ from image_heads import picture_model, pictures
 from optcc import ir
 from optcc.numerics.task import FEW_EXPECTED_ERRORS, FLOOR_DRAWS, perturbation_draws
 from optcc.quant.driver import quantize_int8
-from test_int8_boxes_plain import _numpy_boxes, _plain, _rows_of_class_rows
+from test_int8_boxes_plain import _numpy_boxes, _plain, _rows_of_class_rows, grid_detector
 
 SAMPLES = 16
 
 
 def _sparse_detector() -> onnx.ModelProto:
-    """image [1, 3, 64, 64] -> YOLOv8 ``[1, 5, 64]``: disjoint boxes on an 8x8 grid, one
-    class score per cell, Sigmoid of a stride-8 Conv (weights +-0.1) with a bias of -1.9: on
-    random pictures about one cell in forty scores above 0.25."""
-    rng = np.random.default_rng(5)
-    w = rng.choice([-0.1, 0.1], size=(1, 3, 8, 8)).astype(np.float32)
-    cx = (8.0 * (np.arange(64) % 8) + 4.0).astype(np.float32)
-    cy = (8.0 * (np.arange(64) // 8) + 4.0).astype(np.float32)
-    coords = np.stack([cx, cy, np.full(64, 6.0, np.float32), np.full(64, 6.0, np.float32)])[None]
-    nodes = [oh.make_node("Conv", ["image", "w", "b"], ["c"], strides=[8, 8]),
-             oh.make_node("Reshape", ["c", "flat"], ["logits"]),
-             oh.make_node("Sigmoid", ["logits"], ["scores"]),
-             oh.make_node("Concat", ["coords", "scores"], ["output"], axis=1)]
-    inits = [nh.from_array(w, "w"), nh.from_array(np.array([-1.9], np.float32), "b"),
-             nh.from_array(np.array([1, 1, 64], np.int64), "flat"), nh.from_array(coords, "coords")]
-    return picture_model("sparse", nodes, inits, [1, 5, 64])
+    """``grid_detector`` with weights +-0.1 and a bias of -1.9: on random pictures about one
+    cell in forty scores above 0.25."""
+    return grid_detector("sparse", seed=5, weight=0.1, bias=-1.9)
 
 
 def test_a_thin_box_judgement_is_reported_with_the_samples_that_would_decide() -> None:
