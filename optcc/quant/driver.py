@@ -539,6 +539,9 @@ def quantize_int8(
             return
         measured = judge is not None and judge.floor_measured
         stats["acceptance"]["floor"] = judge.floor if judge is not None and measured else None
+        thin = _thin_words(judge, len(judged)) if judge is not None and measured else ""  # never measures a floor
+        if thin:
+            stats["acceptance"]["thin"] = thin
         if not measured:
             stats["acceptance"]["floor_not_measured"] = (
                 f"every row is judged by SQNR and every candidate judged met the {o.target.min_sqnr_db:g} dB target, "
@@ -580,7 +583,6 @@ def quantize_int8(
     judged = held  # the samples every candidate is judged on
     judged_positions = held_positions
     judge: TaskJudge | None = None
-    thin_words = ""  # the judged components too thin to tell the floor from a few times it, in words
     # what makes the verifier's judgement of every sample, where it is shared
     confirm: Callable[[], Confirmation] | None = None
     judged_outputs: CandidateOutputs | None = None  # the verification's runs of a candidate on ``judged``
@@ -663,9 +665,6 @@ def quantize_int8(
             stats["acceptance"]["all_samples_judged"] = (
                 f"{'; '.join(everything)}, so every candidate is judged on all {len(samples)} samples (the "
                 f"{len(calib)} calibration ones too)")
-        thin_words = _thin_words(judge, len(judged))
-        if thin_words:
-            stats["acceptance"]["thin"] = thin_words
         lap("noise_floor")
     if o.smooth:
         stats["smooth"] = _run_pass(working, "smooth-activations", samples=calib)
@@ -944,6 +943,8 @@ def quantize_int8(
             f"all {len(judged)} samples ({len(held)} held out)"
         if not report.get("confirmation", {}).get("passed", True):
             where = f"all {len(samples)} samples, as the verification judges them (met on the {len(held)} held out)"
+        # a candidate was judged: the floor the words read is measured
+        thin_words = _thin_words(judge, len(judged)) if judge is not None and judge.floor_measured else ""
         return decline("accuracy", f"INT8 misses the accuracy target on {where}: "
                                    f"{_describe_miss(evaluation, o.target)}; {how}; kept float32"
                                    + (f" ({thin_words})" if thin_words else ""))
