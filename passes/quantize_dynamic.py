@@ -207,7 +207,7 @@ class QuantizeDynamicPass(optcc.Pass):
                 embedding = node.op_type == "Gather" and self.embeddings
                 if embedding:
                     reason = embedding_reason(node, inputs_constant=inputs_constant)
-                    excluded = bool(exclude & {node.name, *(v.name for v in node.outputs)})
+                    excluded = _excluded(node, exclude)
                     if reason is None and excluded:
                         reason = "excluded"
                 else:
@@ -258,7 +258,7 @@ class QuantizeDynamicPass(optcc.Pass):
                 continue
             for node in graph:
                 if node.op_type == "Gather" and self.embeddings:
-                    if not exclude & {node.name, *(v.name for v in node.outputs)} and \
+                    if not _excluded(node, exclude) and \
                             embedding_reason(node, inputs_constant=inputs_constant) in (None, ""):
                         return True
                 elif self._reason_to_skip(node, inputs_constant, exclude) is None:
@@ -271,7 +271,7 @@ class QuantizeDynamicPass(optcc.Pass):
         node and output names left float."""
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             return ""
-        if exclude & {node.name, *(v.name for v in node.outputs)}:
+        if _excluded(node, exclude):
             return "excluded"
         if node.op_type == "Gemm" and _attr(node, "transA", 0):
             return "Gemm with transA"
@@ -392,6 +392,11 @@ class QuantizeDynamicPass(optcc.Pass):
         scaled = ir.node("Mul", [c, factor])
         scaled.outputs[0].name = optcc.ir.unique_value_name(None, taken=taken, base=f"{base}_scaled_bias")
         return [scaled], scaled.outputs[0]
+
+
+def _excluded(node: ir.Node, exclude: frozenset[str]) -> bool:
+    """Whether the user left ``node`` float, by its name or an output's."""
+    return bool(exclude & {node.name, *(v.name for v in node.outputs)})
 
 
 def _weight_array(value: ir.Value, inputs_constant: bool = False) -> np.ndarray | None:
