@@ -446,14 +446,15 @@ def optimize(
     with Progress("optimizing", 1, enabled=progress, bar=False) as run_phase:
         try:
             if verifier is not None:
-                # a decoder's checks decode the original's first prompt (a search's check, on the samples
-                # held apart, the verification of a weight-only result when the pass changed the model,
-                # and the float16 pass's confirmation of its choice): it decodes now, before any quantized
-                # or float16 weight exists, so that the original's weights and those are never held at once
+                # a decoder's checks start from the original's decode of every prompt (a search's check, on
+                # the samples held apart, the verification of a weight-only result when the pass changed the
+                # model, and the float16 pass's confirmation of its choice): it decodes now, before any
+                # quantized or float16 weight exists, so that the original's weights and those are never held
+                # at once
                 if searched_weights or int8_dynamic:
-                    verifier.held_apart().decode_first_prompt()
+                    verifier.held_apart().decode_prompts()
                 if weight_only or fp16:  # the result's check, or the float16 pass's confirmation of its choice
-                    verifier.decode_first_prompt("int8" if weight_only else "fp16")
+                    verifier.decode_prompts("int8" if weight_only else "fp16")
             manager = PassManager(pipeline, strict=strict, verifier=verifier, verify_each=verify_each,
                                   progress=progress, returns_float=None if allow_float_fallback else applied)
             fresh = _fresh_copies(model, original)

@@ -785,6 +785,13 @@ class Verifier:
         return numerics in ("fp16", "int8") and self.tolerances[numerics] == TOLERANCES[numerics] \
             and self._task["metric"] in (None, "auto") and self._plan is not None
 
+    def _by_tokens_alone(self, numerics: Numerics) -> bool:
+        """Whether ``check`` judges a ``numerics`` result by its next tokens alone: a search's
+        check of a decoder every output of which its next tokens judge (no verification
+        samples run to be compared: their metrics would decide nothing)."""
+        return self._tokens_alone and self.judges_by_tokens(numerics) and self._plan is not None \
+            and {v.name for v in self._model.graph.outputs} <= {self._plan.logits, *self._plan.state_outputs}
+
     def _check(self, model: ir.Model, numerics: Numerics, samples: Sequence[int] | None, *,
                serialized: Serialized | None, prove: bool) -> Verification:
         """``check`` itself: the proof or the samples, without reusing a decoder's last
@@ -796,10 +803,7 @@ class Verifier:
                 return proved
         whole = serialized is not None and not serialized.aside
         source = serialized.data if whole else self._source(model)
-        # a search's check of a decoder every output of which its next tokens judge: they alone
-        # decide, so no verification decode runs to be compared (its metrics would decide nothing)
-        tokens_alone = self._tokens_alone and self.judges_by_tokens(numerics) and self._plan is not None \
-            and {v.name for v in self._model.graph.outputs} <= {self._plan.logits, *self._plan.state_outputs}
+        tokens_alone = self._by_tokens_alone(numerics)
         float32 = {provider: [] for provider in self.providers} if tokens_alone else self._float32_outputs()
         base = dict(numerics=numerics, tolerance=tolerance, providers=self.providers, samples=len(self._feeds or []),
                     decode_steps=self._steps if self._plan is not None else None)
@@ -1157,18 +1161,24 @@ class Verifier:
                 release_memory()  # the original's session, gone before a candidate's is built
         return decoded[:count]
 
-    def decode_first_prompt(self, numerics: Numerics = "int8") -> None:
-        """The original's next-token decode of the first prompt on every provider, run now
-        (a lossy decoder's check starts from it): a caller about to make large arrays has it
-        decode first, so that the original's weights and those are never held at once.
-        Nothing for a model whose ``numerics`` result is not judged by its next tokens; an
-        error is left to the check."""
-        if self.judges_by_tokens(numerics):
-            for provider in self.providers:
-                try:
-                    self._reference_tokens(provider, 1)
-                except _OriginalDecodeError:
-                    return
+    def decode_prompts(self, numerics: Numerics = "int8") -> None:
+        """The original's next-token decode of every prompt on every provider, run now, and
+        its outputs on the verification's samples where ``check`` compares them (a lossy
+        decoder's check starts from both): a caller about to make large arrays has them run
+        first, so that the original's weights and those are never held at once (the
+        original's session of a later decode would be built beside a candidate's weights,
+        alive while its session is dropped). Only the tokens and outputs are kept. Nothing
+        for a model whose ``numerics`` result is not judged by its next tokens; an error is
+        left to the check."""
+        if not self.judges_by_tokens(numerics):
+            return
+        for provider in self.providers:
+            try:
+                self._reference_tokens(provider, len(self.next_token_feeds))
+            except _OriginalDecodeError:
+                return
+        if not self._by_tokens_alone(numerics):
+            self._float32_outputs()
 
     def _reference_failed(self, error: _OriginalDecodeError) -> str:
         """Why nothing judges a candidate by its next tokens: the original's decode fails."""
