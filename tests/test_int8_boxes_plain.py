@@ -202,3 +202,45 @@ def test_the_driver_measures_the_boxes_floor_as_a_mean_over_draws() -> None:
     per_draw = [_plain(ref, run(d), _rows_of_class_rows) for d in moved]
     assert max(per_draw) > 0  # one grey level moves some boxes across 0.25
     assert judge.floor["output"]["box_f1"] == pytest.approx(float(np.mean(per_draw)), abs=1e-6)
+
+
+def _greedy_pairs(ref: list, got: list) -> int:
+    """One-to-one matches of the same class: the pair of the highest IoU left, ties to the
+    lowest (reference, candidate) index pair, while one at IoU 0.5 or more is left."""
+    pairs = sorted(((-box_iou(r[0], g[0]), i, j) for i, r in enumerate(ref) for j, g in enumerate(got)
+                    if r[1] == g[1]))
+    used_r, used_g = set(), set()
+    for negative, i, j in pairs:
+        if -negative >= 0.5 and i not in used_r and j not in used_g:
+            used_r.add(i)
+            used_g.add(j)
+    return len(used_r)
+
+
+def test_crowded_detections_decode_and_match_as_the_pairwise_definitions() -> None:
+    """Hundreds of overlapping boxes of two classes on a coarse grid of coordinates (many
+    equal IoUs, so the tie order counts): the NMS and the matching behind box F1 give
+    what the pairwise definitions give, box by box."""
+    rng = np.random.default_rng(3)
+    anchors = 400
+    outputs = []
+    for _ in range(4):
+        p = np.zeros((1, 6, anchors), np.float32)
+        p[0, :2] = rng.integers(0, 12, (2, anchors)) * 4.0  # centres on a 4-pixel grid: repeated boxes
+        p[0, 2:4] = rng.integers(2, 5, (2, anchors)) * 4.0
+        p[0, 4:] = np.round(rng.uniform(0.0, 1.0, (2, anchors)), 2)  # scores tied at 0.01 steps
+        outputs.append(p)
+    decoded = [tm.yolo_boxes(p, 0.25, "class-rows")[0] for p in outputs]
+    expected = [_numpy_boxes(_rows_of_class_rows(p), 0.25) for p in outputs]
+    for (boxes, classes, scores), want in zip(decoded, expected):
+        assert len(want) > 20
+        np.testing.assert_array_equal(boxes, np.array([b for b, _, _ in want]))
+        assert classes.tolist() == [c for _, c, _ in want]
+        np.testing.assert_array_equal(scores, np.array([s for _, _, s in want]))
+    for first, second in [(0, 1), (1, 2), (2, 3), (0, 0)]:
+        (rb, rc, _), (gb, gc, _) = decoded[first], decoded[second]
+        matched = _greedy_pairs(expected[first], expected[second])
+        assert tm._matches(rb, gb, rc, gc) == matched
+        f1, false_positives = tm.box_f1([rb], [gb], [rc], [gc])
+        assert f1 == pytest.approx(2.0 * matched / (len(rb) + len(gb)))
+        assert false_positives == len(gb) - matched

@@ -173,3 +173,52 @@ def test_a_budget_the_wider_judgement_rejects_ends_the_search(monkeypatch) -> No
     assert _sqnr_db(model, held) >= target.min_sqnr_db > _sqnr_db(model, every)
     # as does every model with fewer layers float (graph order), which the search would have tried
     assert all(_sqnr_db(build(exclude=layers[:k])[0], every) < target.min_sqnr_db for k in range(budget + 1))
+
+
+def _ort_sqnr_db(model: optcc.ir.Model, data: list[dict[str, np.ndarray]]) -> float:
+    """SQNR of ``model`` against onnxruntime's run of the original file, over ``data``."""
+    original = ort.InferenceSession(str(TINYCNN), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(optcc.ir.serialize(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = np.concatenate([original.run(None, f)[0] for f in data]).astype(np.float64).ravel()
+    got = np.concatenate([session.run(None, f)[0] for f in data]).astype(np.float64).ravel()
+    noise = float(np.sum((ref - got) ** 2))
+    return float("inf") if noise == 0 else float(10 * np.log10(float(np.sum(ref**2)) / noise))
+
+
+def test_a_confirmation_candidate_below_one_that_passed_stops_once_its_samples_decide(monkeypatch) -> None:
+    """In the confirmation's bisection a model with more float layers is known to pass, so
+    a candidate that misses is never the result: its runs stop at the first bright image
+    that decides the miss (SQNR adds up over samples, and the ones not run count as
+    perfect). The search then returns the same layers and the same bytes as when every
+    candidate runs on every image."""
+    from optcc.numerics.task import TaskJudge
+    from optcc.quant.driver import _task_judge
+
+    dim = _images(8, 0.25, seed=0)
+    bright = _images(4, 1.0, seed=1)
+    held, every = dim[4:], dim[4:] + bright
+    reference, quantize = _quantizer(dim[:4])
+
+    def search() -> tuple[bytes, dict]:
+        judge_held = _task_judge(reference, held, "sqnr", 1.5, None, TARGET_DB)
+        judge_every = _task_judge(reference, every, "sqnr", 1.5, None, TARGET_DB)
+        confirm = Confirmation(every, Target(min_sqnr_db=TARGET_DB, judge=judge_every), judge_every.reference)
+        model, _, report = fallback(reference, quantize, held, Target(min_sqnr_db=TARGET_DB, judge=judge_held),
+                                    reference_outputs=judge_held.reference, confirm=confirm)
+        return optcc.ir.serialize(model).SerializeToString(), report
+
+    stopped_bytes, stopped = search()
+    monkeypatch.setattr(TaskJudge, "misses_already", lambda self, got: False)
+    full_bytes, full = search()
+    monkeypatch.undo()
+
+    rows = [row for row in stopped["tried"] if row.get("stopped_after")]
+    assert rows and all(row["order"] == "confirmation" and not row["passed"] for row in rows)
+    assert all(row["stopped_after"] == len(held) + 1 for row in rows)  # the first bright image decides
+    assert not any("stopped_after" in row for row in full["tried"])
+    assert stopped_bytes == full_bytes
+    assert stopped["kept_float"] == full["kept_float"] and stopped["confirmation"] == full["confirmation"]
+    assert [(r["float_layers"], r["passed"]) for r in stopped["tried"]] == \
+        [(r["float_layers"], r["passed"]) for r in full["tried"]]
+    # the test's own measure of the model returned: the target on every image, against onnxruntime on the original
+    assert stopped["target_met"] and _ort_sqnr_db(optcc.ir.load(stopped_bytes), every) >= TARGET_DB

@@ -985,17 +985,23 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _matches(ref: np.ndarray, got: np.ndarray, ref_cls: np.ndarray | None = None,
              got_cls: np.ndarray | None = None) -> int:
-    """Greedy one-to-one matches at IoU >= MATCH_IOU (same class when given)."""
+    """Greedy one-to-one matches at IoU >= MATCH_IOU (same class when given): the pair
+    of the highest IoU left (the first in row-major order among equals) matches, its
+    box on either side is used, and so on while a pair at MATCH_IOU or more is left.
+    The pairs at MATCH_IOU or more, sorted once by IoU (row-major order among equals),
+    are taken in turn where neither box is used yet: the same pairs, one sort instead
+    of a search of the whole matrix per match."""
     iou = _iou(ref, got)
     if ref_cls is not None and got_cls is not None and iou.size:
         iou = np.where(ref_cls[:, None] == got_cls[None, :], iou, 0.0)
-    matched = 0
-    while iou.size and iou.max() >= MATCH_IOU:
-        i, j = np.unravel_index(int(np.argmax(iou)), iou.shape)
-        matched += 1
-        iou[i, :] = 0.0
-        iou[:, j] = 0.0
-    return matched
+    rows, cols = np.nonzero(iou >= MATCH_IOU)  # row-major, the order argmax breaks ties in (no IoU is NaN)
+    order = np.argsort(-iou[rows, cols], kind="stable")
+    used_ref, used_got = set(), set()
+    for i, j in zip(rows[order].tolist(), cols[order].tolist()):
+        if i not in used_ref and j not in used_got:
+            used_ref.add(i)
+            used_got.add(j)
+    return len(used_ref)
 
 
 def box_f1(ref_boxes: Sequence[np.ndarray], got_boxes: Sequence[np.ndarray],
@@ -1195,13 +1201,28 @@ def yolo_boxes(prediction: np.ndarray, score: float = BOX_SCORE, layout: str | N
         keep = keep[np.argsort(-scores[keep], kind="stable")][:1000]
         cx, cy, w, h = p[:4, keep]
         boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-        chosen: list[int] = []
-        for i in range(len(keep)):
-            if all(classes[keep[j]] != classes[keep[i]] or _iou(boxes[i:i + 1], boxes[j:j + 1])[0, 0] <= NMS_IOU
-                   for j in chosen):
-                chosen.append(i)
+        chosen = _nms(boxes, classes[keep])
         result.append((boxes[chosen], classes[keep[chosen]], scores[keep[chosen]]))
     return result
+
+
+def _nms(boxes: np.ndarray, classes: np.ndarray) -> list[int]:
+    """Greedy per-class NMS of ``boxes`` (best first): a box is kept unless a kept box
+    before it of its class overlaps it by IoU over ``NMS_IOU`` (a NaN IoU suppresses).
+    Each kept box marks the later boxes it suppresses at once, their IoU with it taken
+    by one ``_iou`` call whose arithmetic is elementwise (each entry the IoU of those two
+    boxes alone), so the kept boxes are those of the pairwise check."""
+    suppressed = np.zeros(len(boxes), dtype=bool)
+    chosen: list[int] = []
+    for i in range(len(boxes)):
+        if suppressed[i]:
+            continue
+        chosen.append(i)
+        later = slice(i + 1, None)
+        # IoU(later box, kept box), as the pairwise check computes it; not <= NMS_IOU: NaN suppresses too
+        overlap = ~(_iou(boxes[later], boxes[i:i + 1])[:, 0] <= NMS_IOU)
+        suppressed[later] |= overlap & (classes[later] == classes[i])
+    return chosen
 
 
 def _boxes_deviation(refs: Sequence[np.ndarray], gots: Sequence[np.ndarray]) -> _Measured:

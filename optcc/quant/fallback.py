@@ -1459,12 +1459,18 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
     result the smallest ``k`` measured to meet the target, which a smaller one not measured
     may also meet (the doubling is not bounded: it ends at ``limit`` within
     ``log2(limit / start)`` candidates); ``bounded`` then gets ``"bounded"``: the candidates
-    judged and the range left."""
+    judged and the range left.
+    Once a ``k`` is known to meet the target, the result is it or a smaller ``k`` measured
+    to meet it: a candidate that misses is only reported, so its runs stop as soon as the
+    samples run decide the miss (``evaluate``'s ``verdict_only``; the ``tried`` row then
+    says after how many samples). Until one is, every candidate runs on every sample: when
+    none meets the target, the one with the best worst-output SQNR is returned."""
     results: Results = {start: (initial, model, stats)}
 
-    def attempt(k: int) -> Evaluation:
+    def attempt(k: int, verdict_only: bool = False) -> Evaluation:
         candidate, candidate_stats = quantize(exclude=order[:k])
-        evaluation = evaluate_candidate(reference, candidate, samples, target, ref_outputs, outputs)
+        evaluation = evaluate_candidate(reference, candidate, samples, target, ref_outputs, outputs,
+                                        verdict_only=verdict_only)
         results[k] = (evaluation, candidate, candidate_stats)
         passing = [n for n, (e, _, _) in results.items() if n and e.passed]
         if passing:  # the search returns the smallest k that passes
@@ -1489,7 +1495,7 @@ def _search(reference: ir.Model, quantize: QuantizeFn, samples: Sequence[Feeds],
                                       f"{high} float layers measured to meet the target ship, {low} having missed")
             break
         mid = (low + high) // 2
-        if attempt(mid).passed:
+        if attempt(mid, verdict_only=True).passed:  # ``high`` meets the target: a miss is never returned
             high = mid
         else:
             low = mid
