@@ -46,6 +46,14 @@ A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
   verification's (``Verifier.held_apart``), ``MAX_CONFIRMATIONS`` models in all, so that
   the verification still judges the model chosen on prompts the choice never saw. When
   none is confirmed nothing converts, and the reason is the last check's own.
+- onnxruntime's default session (every graph optimization) cannot build the model as it
+  would be written, asked of ``builds`` (``optcc.optimize`` gives the verification's own
+  check, run in a child process: onnxruntime 1.32's CPU optimizers crash on a float16
+  Transpose(perm=[1, 0, 2]) feeding a MatMul by a constant): the nodes that build needs in
+  float32 are found by bisection over the main graph's converting nodes (``_built``, at
+  most ``MAX_BUILDS`` builds), kept with the build's problem as their reason, and the result
+  judged again by the accuracy check; where no prefix of nodes kept float32 builds, nothing
+  converts and the reason is the build's problem.
 
 Weights (>= 64 values) that nodes kept float32 read are stored float16 behind one shared
 ``Cast(to=float)``: always when float16-representable (exact), otherwise only when the
@@ -1072,7 +1080,7 @@ class ConvertFloat16Pass(optcc.Pass):
                 low, high = 0, high - 1  # the rest of the culprits lie before it
             bar.advance(bar.total)
         stats["default_build"] = {"problem": problem, "builds": asked,
-                                  "kept_float32": [labels[key][0] for key in found] if done else []}
+                                  "kept_float32": [labels[key][0] for key in sorted(found)] if done else []}
         if not done:
             return keep, judged, (f"{problem}; no float16 node back in float32 made it build in {asked} build(s) "
                                   "of the model as it would be written")
