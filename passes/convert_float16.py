@@ -1033,9 +1033,9 @@ class ConvertFloat16Pass(optcc.Pass):
         self, model: ir.Model, keep: dict[int, str], store16: set[str], judged: _Judged, stats: dict[str, Any]
     ) -> tuple[dict[int, str], _Judged, str | None]:
         """The chosen model as written (``keep``, ``store16``) when onnxruntime's default
-        session builds it (``builds``); else the same with the fewest float16 nodes back in
-        float32 that this search finds to make it build, each kept with the build's problem
-        as its reason. Nodes are the main graph's converting ones in graph order; keeping a
+        session builds it (``builds``); else the same with the float16 nodes this search
+        finds the build needs back in float32, each kept with the build's problem as its
+        reason. Nodes are the main graph's converting ones in graph order; keeping a
         prefix of them float32 is built, bisected to the shortest prefix that builds, whose
         last node is one the build needs in float32; with the nodes found so far kept, the
         search goes on before that node until they alone build (about log2(nodes) + 2
@@ -1074,7 +1074,8 @@ class ConvertFloat16Pass(optcc.Pass):
                 if high - low > 1 or asked >= MAX_BUILDS or not (sure or builds(nodes[:high])):
                     break
                 found.append(nodes[high - 1])  # the prefix without it fails, with it builds
-                if asked < MAX_BUILDS and builds(()):
+                # the nodes found alone: the prefix just built when it was the first node
+                if high == 1 or (asked < MAX_BUILDS and builds(())):
                     done = True
                     break
                 low, high = 0, high - 1  # the rest of the culprits lie before it
