@@ -46,6 +46,14 @@ A node stays float32 when (the reason is reported in ``stats["kept_float32"]``):
   verification's (``Verifier.held_apart``), ``MAX_CONFIRMATIONS`` models in all, so that
   the verification still judges the model chosen on prompts the choice never saw. When
   none is confirmed nothing converts, and the reason is the last check's own.
+- onnxruntime's default session (every graph optimization) cannot build the model as it
+  would be written, asked of ``builds`` (``optcc.optimize`` gives the verification's own
+  check, run in a child process: onnxruntime 1.32's CPU optimizers crash on a float16
+  Transpose(perm=[1, 0, 2]) feeding a MatMul by a constant): the nodes that build needs in
+  float32 are found by bisection over the main graph's converting nodes (``_built``, at
+  most ``MAX_BUILDS`` builds), kept with the build's problem as their reason, and the result
+  judged again by the accuracy check; where no prefix of nodes kept float32 builds, nothing
+  converts and the reason is the build's problem.
 
 Weights (>= 64 values) that nodes kept float32 read are stored float16 behind one shared
 ``Cast(to=float)``: always when float16-representable (exact), otherwise only when the
@@ -105,6 +113,7 @@ UNDERFLOW_SQNR_DB = 60.0  # below float16's own rounding noise (~70 dB): the flu
 STORE16_MIN_ELEMENTS = 64  # smaller weights do not pay for the Cast node that reads them
 STORE16_TRIALS = 4  # evaluations spent on weights of float32 nodes one by one
 MAX_CONFIRMATIONS = 4  # models ``confirm`` judges at most: the SQNR choice and 3 with more float32
+MAX_BUILDS = 24  # models ``builds`` is asked about at most: one culprit costs about log2(nodes) + 2
 # the least share of the float32 weight bytes a float16 result must save to ship: a full
 # conversion saves half; one the accuracy check returned mostly to float32 gains nothing
 MIN_WEIGHT_SAVING = 0.25
@@ -114,6 +123,7 @@ CANDIDATE_PHASE = "fp16: judging the float16 model"
 SEARCH_PHASE = "fp16: layers back to float32"
 CONFIRM_PHASE = "fp16: confirming by the verification's check"
 STORE16_PHASE = "fp16: float32 layers' weights stored float16"
+BUILD_PHASE = "fp16: nodes onnxruntime's default session cannot build in float16"
 _SUM_REDUCES = frozenset({"ReduceSum", "ReduceMean"})
 _SQUARE_REDUCES = frozenset({"ReduceSumSquare", "ReduceL2", "LpNormalization"})
 _NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization",
@@ -220,6 +230,7 @@ class ConvertFloat16Pass(optcc.Pass):
         checked_samples: Callable[[], Sequence[Feeds] | None] | None = None,
         confirm: Callable[[ir.Model, int], str | None] | None = None,
         confirms: Callable[[], bool] | None = None,
+        builds: Callable[[ir.Model], str | None] | None = None,
     ) -> None:
         super().__init__()
         self.keep_io_types = keep_io_types if isinstance(keep_io_types, bool) else frozenset(keep_io_types)
@@ -236,6 +247,8 @@ class ConvertFloat16Pass(optcc.Pass):
         # why the model the pass would write fails (None: it passes), given how many were judged before it
         self.confirm = confirm
         self.confirms = confirms  # whether ``confirm`` judges this run (None: whenever it is given)
+        # why onnxruntime's default session cannot build the model the pass would write (None: it builds)
+        self.builds = builds
         self._scratch: str | None = None
 
     @property
@@ -656,17 +669,19 @@ class ConvertFloat16Pass(optcc.Pass):
             return False, _Judged(), candidate
         return judged.passed, judged, candidate
 
+    def _converting(self, keep: Mapping[int, str]) -> list[ir.Node]:
+        """The main-graph nodes of the reference that ``keep`` leaves converting (float16
+        slots, or subgraphs converted inside), in graph order."""
+        keys, _ = _node_keys(self.reference)
+        return [node for node in self.reference.graph if keys[node] not in keep and (
+            not isinstance(float16_slots(node, self.opset, self._dtype), str) or bool(optcc.ir.subgraphs(node)))]
+
     def _ranking(self, candidate: ir.Model, keep: Mapping[int, str]) -> list[set[int]]:
         """Regions (a main-graph node with the converted producers of its inputs), most
         harmful first: ranked by the SQNR the node loses between its inputs and outputs."""
         keys, _ = _node_keys(self.reference)
-
-        def converts(node: ir.Node) -> bool:
-            return keys[node] not in keep and (
-                not isinstance(float16_slots(node, self.opset, self._dtype), str)
-                or bool(optcc.ir.subgraphs(node)))
-
-        ranked = [node for node in self.reference.graph if converts(node)]
+        ranked = self._converting(keep)
+        converting = set(ranked)
         measured: dict[str, float] = {}
         if self.observed is not None:
             nbytes = self.observed.nbytes
@@ -689,11 +704,8 @@ class ConvertFloat16Pass(optcc.Pass):
         for node in ranked:
             lost = min((sqnr(v) for v in node.inputs), default=_SCORE_CAP_DB) - min(
                 (sqnr(v) for v in node.outputs), default=_SCORE_CAP_DB)
-            region = {keys[node]} | {
-                keys[v.producer()] for v in node.inputs
-                if v is not None and v.producer() is not None and v.producer() in keys
-                and v.producer().graph is self.reference.graph and converts(v.producer())
-            }
+            region = {keys[node]} | {keys[v.producer()] for v in node.inputs
+                                     if v is not None and v.producer() in converting}
             scores.append((-lost, keys[node], region))
         return [region for _, _, region in sorted(scores, key=lambda t: (t[0], t[1]))]
 
@@ -927,6 +939,10 @@ class ConvertFloat16Pass(optcc.Pass):
             elif self._fallback_labels:
                 short += self._near_zero_note()
             return optcc.PassResult(model, False, self._decline(stats, keep, short))
+        if self.builds is not None:
+            keep, judged, unbuilt = self._built(model, keep, store16, judged, stats)
+            if unbuilt:
+                return optcc.PassResult(model, False, self._decline(stats, keep, unbuilt))
         sqnr = judged.sqnr
         self._write(model, keep, store16)
         result = self._last
@@ -1012,6 +1028,69 @@ class ConvertFloat16Pass(optcc.Pass):
                 if short:
                     return keep, store16, judged, report, \
                         f"{short}; more float16 failed the verification's check: {refused}"
+
+    def _built(
+        self, model: ir.Model, keep: dict[int, str], store16: set[str], judged: _Judged, stats: dict[str, Any]
+    ) -> tuple[dict[int, str], _Judged, str | None]:
+        """The chosen model as written (``keep``, ``store16``) when onnxruntime's default
+        session builds it (``builds``); else the same with the float16 nodes this search
+        finds the build needs back in float32, each kept with the build's problem as its
+        reason. Nodes are the main graph's converting ones in graph order; keeping a
+        prefix of them float32 is built, bisected to the shortest prefix that builds, whose
+        last node is one the build needs in float32; with the nodes found so far kept, the
+        search goes on before that node until they alone build (about log2(nodes) + 2
+        builds per node found, ``MAX_BUILDS`` in all). The result is judged again by the
+        accuracy check and the saving threshold. Returns the keep, its judgement, and why
+        nothing converts (None: a model that builds was found): the build's problem while
+        no prefix builds, or the check's or the saving's reason. ``stats["default_build"]``
+        says what the build refused and what was kept for it."""
+        problem = self.builds(self._write(model.clone(), keep, store16))
+        if problem is None:
+            return keep, judged, None
+        nodes = [_node_keys(self.reference)[0][node] for node in self._converting(keep)]
+        found: list[int] = []
+        asked = 1
+        labels = {k: (_label(n, k), n.op_type) for n, k in _node_keys(self.reference)[0].items()}
+
+        def trial(extra: Iterable[int]) -> dict[int, str]:
+            return {**keep, **{key: f"{problem} with this {labels[key][1]} in float16" for key in (*found, *extra)}}
+
+        def builds(extra: Iterable[int]) -> bool:
+            nonlocal asked
+            asked += 1
+            bar.advance()
+            return self.builds(self._write(model.clone(), trial(extra), store16)) is None  # type: ignore[misc]
+
+        # invariant: with ``found`` kept, the prefix nodes[:low] fails; nodes[:high] builds once ``sure``
+        low, high, sure, done = 0, len(nodes), False, False
+        with Progress(BUILD_PHASE, MAX_BUILDS) as bar:
+            while high - low >= 1 and asked < MAX_BUILDS:
+                while high - low > 1 and asked < MAX_BUILDS:
+                    middle = (low + high) // 2
+                    if builds(nodes[:middle]):
+                        high, sure = middle, True
+                    else:
+                        low = middle
+                if high - low > 1 or asked >= MAX_BUILDS or not (sure or builds(nodes[:high])):
+                    break
+                found.append(nodes[high - 1])  # the prefix without it fails, with it builds
+                # the nodes found alone: the prefix just built when it was the first node
+                if high == 1 or (asked < MAX_BUILDS and builds(())):
+                    done = True
+                    break
+                low, high = 0, high - 1  # the rest of the culprits lie before it
+            bar.advance(bar.total)
+        stats["default_build"] = {"problem": problem, "builds": asked,
+                                  "kept_float32": [labels[key][0] for key in sorted(found)] if done else []}
+        if not done:
+            return keep, judged, (f"{problem}; no float16 node back in float32 made it build in {asked} build(s) "
+                                  "of the model as it would be written")
+        kept = trial(())
+        ok, now_judged, _ = self._evaluate(kept, store16)
+        if not ok:
+            return kept, now_judged, (f"{problem}; with the {len(found)} node(s) it needs back in float32, the "
+                                      f"accuracy check fails ({'; '.join(now_judged.problems) or now_judged.sqnr})")
+        return kept, now_judged, self._short_of_saving(kept, store16, bound=False)
 
     def _all_returned_reason(self) -> str:
         """Why nothing is left float16 after every converted layer went back to float32,

@@ -1311,6 +1311,13 @@ class Verifier:
                                 unloadable=True, **base)
         return Verification(status="passed", **base)
 
+    def default_build_problem(self, model: ir.Model) -> str | None:
+        """Why onnxruntime's default session cannot build ``model`` on some provider, in one
+        line (None: it builds on each, or could not be asked): the verdict ``check`` asks of
+        a converted result, kept by content, so that a search asking it of the model it then
+        writes leaves the verification nothing to build again."""
+        return self._default_build_error(model, self._source(model))
+
     def _default_build_error(self, model: ir.Model, source: Any) -> str | None:
         """Why onnxruntime's default session (every graph optimization) cannot build
         ``model`` on some provider, in one line; None when it builds on each, or where it
