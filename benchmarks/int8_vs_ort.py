@@ -475,8 +475,9 @@ def worker(args: argparse.Namespace) -> dict:
     input_name = onnx.load(source, load_external_data=False).graph.input[0].name
     calib = samples(args.model, args.calibration_samples, CALIBRATION_SEED, input_name, args.documents,
                     args.real_lines)
-    held = samples(args.model, args.held_out_samples or HELD_OUT[args.model], EVALUATION_SEED, input_name,
-                   args.documents, args.real_lines) + face_samples(args.model, EVALUATION_SEED, input_name)
+    crops = args.held_out_samples or HELD_OUT[args.model]  # the evaluation's, face mosaics aside
+    held = samples(args.model, crops, EVALUATION_SEED, input_name, args.documents, args.real_lines) + \
+        face_samples(args.model, EVALUATION_SEED, input_name)
     result: dict = {"model": args.model, "config": args.config}
     out = folder / f"{args.model}.{args.config}.onnx"
     rss_before = _peak_rss_mib()
@@ -488,7 +489,7 @@ def worker(args: argparse.Namespace) -> dict:
         from optcc.quant.driver import quantize_int8
 
         # judged on its own acceptance samples, never on the evaluation ones
-        accept = samples(args.model, args.acceptance_samples or ACCEPTANCE.get(args.model, len(held)),
+        accept = samples(args.model, args.acceptance_samples or ACCEPTANCE.get(args.model, crops),
                          ACCEPTANCE_SEED, input_name, args.documents, args.real_lines) + \
             face_samples(args.model, ACCEPTANCE_SEED, input_name)
         groups = sample_groups(args.model, len(calib), args.documents)
