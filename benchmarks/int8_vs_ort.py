@@ -56,6 +56,9 @@ chelsea(), coffee() and rocket() resized to the model's input; OCR recognition a
 direction classification get crops of text lines from page() and text() (random windows,
 which often cut between lines), or with ``--real-lines`` whole lines of page() found by
 their ink rows. Calibration and held-out samples are different crops (different seeds).
+nudenet's acceptance and evaluation samples also get ``FACES`` 3 x 3 mosaics of
+scikit-image's ``lfw_subset`` faces (``face_mosaics``; disjoint faces for the two), so that
+its box verdicts count hundreds of boxes rather than a few dozen.
 
 Each configuration runs in a fresh subprocess (``--timeout`` seconds, address space
 capped at ``--memory-gb``), which reports: calibration+quantization time and the peak RSS
@@ -105,8 +108,15 @@ HELD_OUT = {"nudenet-320n": 48, "ppocrv4-det": 16, "ppocrv4-rec": 48, "ppocr-mob
 # pages, 0.35 on 24 other pages, 0.14 on the 8 evaluation pages; it hardly moves between
 # perturbation draws on the same pages, so the pages decide)
 ACCEPTANCE = {"ppocrv4-det": 48}
+# face mosaics (``face_mosaics``) added to the acceptance and the evaluation samples: the
+# crops hold about 60 nudenet boxes in 48 pictures, where a verdict at float32's own rate of
+# box changes turns on one or two boxes (about 2 errors allowed); 48 mosaics add about 220
+# boxes. The two sets take disjoint faces (``FACE_POOLS``), none is calibrated on.
+FACES = {"nudenet-320n": 48}
 # seeds of the three sample sets (module docstring): no tool sees the evaluation samples
 CALIBRATION_SEED, EVALUATION_SEED, ACCEPTANCE_SEED = 0, 1, 2
+# the ``lfw_subset`` faces each set's mosaics draw from, by seed
+FACE_POOLS = {ACCEPTANCE_SEED: range(0, 50), EVALUATION_SEED: range(50, 100)}
 CONFIGS = ["fp32", "optcc-minmax", "optcc-minmax+bc", "optcc-entropy", "optcc-minmax+fallback", "optcc-minmax+floor",
            "ort-minmax", "ort-minmax+pre", "ort-entropy"]
 _MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
@@ -146,6 +156,24 @@ def detector_images(h: int, w: int, n: int, seed: int, imagenet: bool) -> list[n
             crop = crop[:, ::-1]
         chw = crop.transpose(2, 0, 1)
         out.append(np.ascontiguousarray((chw - _MEAN) / _STD if imagenet else chw))
+    return out
+
+
+def face_mosaics(h: int, w: int, n: int, seed: int, faces: range) -> list[np.ndarray]:
+    """3 x 3 mosaics of scikit-image's ``lfw_subset`` faces (25 x 25 grey; its first 100 are
+    faces) at positions ``faces``, 9 distinct ones drawn per mosaic with ``seed``, resized to
+    the model's input and rounded to 8 bits: about four confident nudenet face boxes each,
+    where a crop of the photos holds about one box in three."""
+    from skimage import data as skd
+
+    pool = np.load(Path(skd.data_dir) / "lfw_subset.npy")[list(faces)]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        tiles = [np.stack([pool[j]] * 3, -1) for j in rng.choice(len(pool), 9, replace=False)]
+        grid = np.concatenate([np.concatenate(tiles[r * 3 : r * 3 + 3], 1) for r in range(3)], 0)
+        image = np.round(np.clip(_resize(grid, h, w), 0, 1) * 255) / 255
+        out.append(np.ascontiguousarray(image.transpose(2, 0, 1), np.float32))
     return out
 
 
@@ -240,6 +268,13 @@ def samples(model: str, n: int, seed: int, input_name: str, documents: bool = Fa
     else:
         arrays = detector_images(h, w, n, seed, imagenet=kind == "detector-imagenet")
     return [{input_name: a[None]} for a in arrays]
+
+
+def face_samples(model: str, seed: int, input_name: str) -> list[dict[str, np.ndarray]]:
+    """``FACES[model]`` face mosaics for the acceptance or the evaluation samples (``seed``),
+    from that set's faces (``FACE_POOLS``); none for other models."""
+    h, w, _ = MODELS[model]
+    return [{input_name: a[None]} for a in face_mosaics(h, w, FACES.get(model, 0), seed, FACE_POOLS[seed])]
 
 
 def sample_groups(model: str, n: int, documents: bool = False) -> list[str] | None:
@@ -440,8 +475,9 @@ def worker(args: argparse.Namespace) -> dict:
     input_name = onnx.load(source, load_external_data=False).graph.input[0].name
     calib = samples(args.model, args.calibration_samples, CALIBRATION_SEED, input_name, args.documents,
                     args.real_lines)
-    held = samples(args.model, args.held_out_samples or HELD_OUT[args.model], EVALUATION_SEED, input_name,
-                   args.documents, args.real_lines)
+    crops = args.held_out_samples or HELD_OUT[args.model]  # the evaluation's, face mosaics aside
+    held = samples(args.model, crops, EVALUATION_SEED, input_name, args.documents, args.real_lines) + \
+        face_samples(args.model, EVALUATION_SEED, input_name)
     result: dict = {"model": args.model, "config": args.config}
     out = folder / f"{args.model}.{args.config}.onnx"
     rss_before = _peak_rss_mib()
@@ -453,8 +489,9 @@ def worker(args: argparse.Namespace) -> dict:
         from optcc.quant.driver import quantize_int8
 
         # judged on its own acceptance samples, never on the evaluation ones
-        accept = samples(args.model, args.acceptance_samples or ACCEPTANCE.get(args.model, len(held)),
-                         ACCEPTANCE_SEED, input_name, args.documents, args.real_lines)
+        accept = samples(args.model, args.acceptance_samples or ACCEPTANCE.get(args.model, crops),
+                         ACCEPTANCE_SEED, input_name, args.documents, args.real_lines) + \
+            face_samples(args.model, ACCEPTANCE_SEED, input_name)
         groups = sample_groups(args.model, len(calib), args.documents)
         model, stats = quantize_int8(
             str(source), calib + accept, "minmax", holdout_fraction=len(accept) / (len(calib) + len(accept)),
