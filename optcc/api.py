@@ -341,7 +341,7 @@ def optimize(
                 verifier if before == 0 else verifier.held_apart(), candidate, "fp16")
             # a result a user's session (onnxruntime's default options) cannot build keeps float32 the nodes
             # the build needs so, found by asking the verification's own build check, which then has its verdict
-            shared16["builds"] = lambda candidate: None if verifier is None else \
+            shared16["builds"] = lambda candidate: (None, None) if verifier is None else \
                 verifier.default_build_problem(candidate)
         pipeline.append(create_pass("convert-float16", keep_io_types=fp16_keep_io, block=fp16_block,
                                     inputs=samples or inputs, input_shapes=input_shapes,

@@ -124,6 +124,12 @@ SEARCH_PHASE = "fp16: layers back to float32"
 CONFIRM_PHASE = "fp16: confirming by the verification's check"
 STORE16_PHASE = "fp16: float32 layers' weights stored float16"
 BUILD_PHASE = "fp16: nodes onnxruntime's default session cannot build in float16"
+
+
+class _BuildUnchecked(Exception):
+    """A trial model whose default-session build could not be asked (``builds``)."""
+
+
 _SUM_REDUCES = frozenset({"ReduceSum", "ReduceMean"})
 _SQUARE_REDUCES = frozenset({"ReduceSumSquare", "ReduceL2", "LpNormalization"})
 _NORMS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization",
@@ -230,7 +236,7 @@ class ConvertFloat16Pass(optcc.Pass):
         checked_samples: Callable[[], Sequence[Feeds] | None] | None = None,
         confirm: Callable[[ir.Model, int], str | None] | None = None,
         confirms: Callable[[], bool] | None = None,
-        builds: Callable[[ir.Model], str | None] | None = None,
+        builds: Callable[[ir.Model], tuple[str | None, str | None]] | None = None,
     ) -> None:
         super().__init__()
         self.keep_io_types = keep_io_types if isinstance(keep_io_types, bool) else frozenset(keep_io_types)
@@ -247,7 +253,8 @@ class ConvertFloat16Pass(optcc.Pass):
         # why the model the pass would write fails (None: it passes), given how many were judged before it
         self.confirm = confirm
         self.confirms = confirms  # whether ``confirm`` judges this run (None: whenever it is given)
-        # why onnxruntime's default session cannot build the model the pass would write (None: it builds)
+        # whether onnxruntime's default session builds the model the pass would write: (why it cannot,
+        # None), (None, why it could not be asked), or (None, None): it builds
         self.builds = builds
         self._scratch: str | None = None
 
@@ -1033,58 +1040,74 @@ class ConvertFloat16Pass(optcc.Pass):
         self, model: ir.Model, keep: dict[int, str], store16: set[str], judged: _Judged, stats: dict[str, Any]
     ) -> tuple[dict[int, str], _Judged, str | None]:
         """The chosen model as written (``keep``, ``store16``) when onnxruntime's default
-        session builds it (``builds``); else the same with the float16 nodes this search
-        finds the build needs back in float32, each kept with the build's problem as its
-        reason. Nodes are the main graph's converting ones in graph order; keeping a
-        prefix of them float32 is built, bisected to the shortest prefix that builds, whose
-        last node is one the build needs in float32; with the nodes found so far kept, the
-        search goes on before that node until they alone build (about log2(nodes) + 2
-        builds per node found, ``MAX_BUILDS`` in all). The result is judged again by the
-        accuracy check and the saving threshold. Returns the keep, its judgement, and why
-        nothing converts (None: a model that builds was found): the build's problem while
-        no prefix builds, or the check's or the saving's reason. ``stats["default_build"]``
-        says what the build refused and what was kept for it."""
-        problem = self.builds(self._write(model.clone(), keep, store16))
+        session builds it (``builds``: or could not be asked, which the verification asks
+        again); else the same with the float16 nodes this search finds the build needs back
+        in float32, each kept with the build's problem as its reason. Nodes are the main
+        graph's converting ones in graph order; keeping a prefix of them float32 is built,
+        bisected to the shortest prefix that builds, whose last node is one the build needs
+        in float32; with the nodes found so far kept, the search goes on before that node
+        until they alone build (about log2(nodes) + 2 builds per node found, ``MAX_BUILDS``
+        in all). Only a build that was asked and succeeded counts as building: a trial that
+        could not be asked ends the search, so what is written never turns on a child
+        process's fate. The result is judged again by the accuracy check and the saving
+        threshold. Returns the keep, its judgement, and why nothing converts (None: a model
+        that builds was found): the build's problem with why the search ended, or the
+        check's or the saving's reason. ``stats["default_build"]`` says what the build
+        refused, the nodes found it needs in float32, and those kept."""
+        problem, _ = self.builds(self._write(model.clone(), keep, store16))  # type: ignore[misc]
         if problem is None:
             return keep, judged, None
-        nodes = [_node_keys(self.reference)[0][node] for node in self._converting(keep)]
+        keys, _ = _node_keys(self.reference)
+        nodes = [keys[node] for node in self._converting(keep)]
+        labels = {k: (_label(n, k), n.op_type) for n, k in keys.items()}
         found: list[int] = []
         asked = 1
-        labels = {k: (_label(n, k), n.op_type) for n, k in _node_keys(self.reference)[0].items()}
+        unchecked = None
 
         def trial(extra: Iterable[int]) -> dict[int, str]:
             return {**keep, **{key: f"{problem} with this {labels[key][1]} in float16" for key in (*found, *extra)}}
 
         def builds(extra: Iterable[int]) -> bool:
-            nonlocal asked
+            nonlocal asked, unchecked
             asked += 1
             bar.advance()
-            return self.builds(self._write(model.clone(), trial(extra), store16)) is None  # type: ignore[misc]
+            refused, unchecked = self.builds(self._write(model.clone(), trial(extra), store16))  # type: ignore[misc]
+            if unchecked is not None:
+                raise _BuildUnchecked
+            return refused is None
 
         # invariant: with ``found`` kept, the prefix nodes[:low] fails; nodes[:high] builds once ``sure``
         low, high, sure, done = 0, len(nodes), False, False
         with Progress(BUILD_PHASE, MAX_BUILDS) as bar:
-            while high - low >= 1 and asked < MAX_BUILDS:
-                while high - low > 1 and asked < MAX_BUILDS:
-                    middle = (low + high) // 2
-                    if builds(nodes[:middle]):
-                        high, sure = middle, True
-                    else:
-                        low = middle
-                if high - low > 1 or asked >= MAX_BUILDS or not (sure or builds(nodes[:high])):
-                    break
-                found.append(nodes[high - 1])  # the prefix without it fails, with it builds
-                # the nodes found alone: the prefix just built when it was the first node
-                if high == 1 or (asked < MAX_BUILDS and builds(())):
-                    done = True
-                    break
-                low, high = 0, high - 1  # the rest of the culprits lie before it
+            try:
+                while high - low >= 1 and asked < MAX_BUILDS:
+                    while high - low > 1 and asked < MAX_BUILDS:
+                        middle = (low + high) // 2
+                        if builds(nodes[:middle]):
+                            high, sure = middle, True
+                        else:
+                            low = middle
+                    if high - low > 1 or asked >= MAX_BUILDS or not (sure or builds(nodes[:high])):
+                        break
+                    found.append(nodes[high - 1])  # the prefix without it fails, with it builds
+                    # the nodes found alone: the prefix just built when it was the first node
+                    if high == 1 or (asked < MAX_BUILDS and builds(())):
+                        done = True
+                        break
+                    low, high = 0, high - 1  # the rest of the culprits lie before it
+            except _BuildUnchecked:
+                pass
             bar.advance(bar.total)
-        stats["default_build"] = {"problem": problem, "builds": asked,
-                                  "kept_float32": [labels[key][0] for key in sorted(found)] if done else []}
+        needed = [labels[key][0] for key in sorted(found)]
+        stats["default_build"] = {"problem": problem, "builds": asked, "needed_float32": needed,
+                                  "kept_float32": needed if done else []}
+        if unchecked is not None:
+            return keep, judged, (f"{problem}; the search for the nodes it needs in float32 could not build a "
+                                  f"trial model: {unchecked}")
         if not done:
-            return keep, judged, (f"{problem}; no float16 node back in float32 made it build in {asked} build(s) "
-                                  "of the model as it would be written")
+            so_far = f" (found {len(found)}: {', '.join(needed)})" if found else ""
+            return keep, judged, (f"{problem}; no set of float16 nodes back in float32 was found to make it build "
+                                  f"within {asked} build(s) of the model as it would be written{so_far}")
         kept = trial(())
         ok, now_judged, _ = self._evaluate(kept, store16)
         if not ok:

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 import optcc
 from fixtures.gpt2_decoder import gpt2_decoder, greedy_decode
-from optcc.numerics.decode import NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_STEPS
+from optcc.numerics.decode import NEXT_TOKEN_AGREEMENT, NEXT_TOKEN_PROMPTS, NEXT_TOKEN_STEPS
 from optcc.quant import weight_only
 
 LAYERS, HEADS, HIDDEN, VOCAB = 2, 2, 64, 96
@@ -72,7 +72,7 @@ def test_the_original_decodes_every_prompt_before_any_weight_is_quantized(decode
     assert all(what != "decode" for what, _ in events[first_quantize:]), events
     # two verifiers (the search's prompts apart and the verification's), each prompt decoded once
     by_verifier = {who: decodes.count(who) for who in decodes}
-    assert sorted(by_verifier.values()) == sorted([len(prompts), 16]), by_verifier
+    assert sorted(by_verifier.values()) == sorted([len(prompts), NEXT_TOKEN_PROMPTS]), by_verifier
 
     # independently: onnxruntime's greedy decodes of the original, and the result fed those tokens
     plain = ort.SessionOptions()

@@ -123,7 +123,7 @@ from optcc.numerics.task import (DEFAULT_MARGIN, FEW_EXPECTED_ERRORS, FLOOR_DRAW
                                  projected_outputs, recurrent_outputs, row_choices, sequence_outputs, token_outputs,
                                  unmoved, wants_draws)
 from optcc.progress import Progress
-from optcc.runtime.default_build import default_build
+from optcc.runtime.default_build import DefaultBuild, default_build
 from optcc.runtime.session import (CPU, HANDOVER_MIN_BYTES, building_session, first_line, float16_feedable,
                                    make_session, resolve_providers, run, session_options)
 from optcc.runtime.shared_weights import Serialized, content_digest, light_proto, release_memory, weighted_session
@@ -136,7 +136,7 @@ ModelRef = Union[ir.Model, str, os.PathLike]
 
 DEFAULT_SAMPLES = 3
 # the numerics of results whose element types a run converted: a user's session of them, built
-# with onnxruntime's default options, is asked for before they pass (``_default_build_error``)
+# with onnxruntime's default options, is asked for before they pass (``_default_build``)
 CONVERTED: tuple[Numerics, ...] = ("fp16", "int8")
 REPARSE_MAX_BYTES = 64 * 1024 * 1024  # an original file up to this size is parsed again for the proof
 REFERENCES = ("auto", "float32")
@@ -376,8 +376,8 @@ class Verifier:
         self._agreement = NEXT_TOKEN_AGREEMENT
         # whether a decoder whose next tokens judge every output is judged by them alone (``held_apart``'s)
         self._tokens_alone = False
-        # ``_default_build_error``'s verdicts by model content (``_digest``), shared with ``_apart``
-        self._built: dict[str, str | None] = {}
+        # ``_default_build``'s verdicts by model content (``_digest``), shared with ``_apart``
+        self._built: dict[str, DefaultBuild] = {}
         self._float32: dict[str, list[list[np.ndarray]]] | None = None
         self._task = dict(metric=task_metric, margin=task_margin, metric_target=task_target,
                           min_sqnr_db=task_min_sqnr_db)
@@ -969,7 +969,11 @@ class Verifier:
         problems += [next_token_text(provider, run_) for provider, run_ in next_token.items() if not run_["passed"]]
         unbuilt = None
         if not problems and numerics in CONVERTED:  # passed as run here: does a user's session build it?
-            unbuilt = self._default_build_error(model, source)
+            built = self._default_build(model, source)
+            if built.unchecked is not None:
+                warnings.warn(f"not checked that a user's session builds the result: {built.unchecked}",
+                              PipelineWarning, stacklevel=2)
+            unbuilt = built.problem
             if unbuilt is not None:
                 problems.append(unbuilt)
         status = "failed" if problems else "passed"
@@ -1311,26 +1315,27 @@ class Verifier:
                                 unloadable=True, **base)
         return Verification(status="passed", **base)
 
-    def default_build_problem(self, model: ir.Model) -> str | None:
-        """Why onnxruntime's default session cannot build ``model`` on some provider, in one
-        line (None: it builds on each, or could not be asked): the verdict ``check`` asks of
-        a converted result, kept by content, so that a search asking it of the model it then
-        writes leaves the verification nothing to build again."""
-        return self._default_build_error(model, self._source(model))
+    def default_build_problem(self, model: ir.Model) -> tuple[str | None, str | None]:
+        """Whether onnxruntime's default session builds ``model`` on each provider: (why it
+        cannot, None), (None, why it could not be asked), or (None, None) when it builds;
+        the verdict ``check`` asks of a converted result, kept by content, so that a search
+        asking it of the model it then writes leaves the verification nothing to build again."""
+        built = self._default_build(model, self._source(model))
+        return built.problem, built.unchecked
 
-    def _default_build_error(self, model: ir.Model, source: Any) -> str | None:
-        """Why onnxruntime's default session (every graph optimization) cannot build
-        ``model`` on some provider, in one line; None when it builds on each, or where it
-        could not be asked (a ``PipelineWarning`` says why). Asked of a child process
+    def _default_build(self, model: ir.Model, source: Any) -> DefaultBuild:
+        """Whether onnxruntime's default session (every graph optimization) builds ``model``
+        on each provider: its problem on the first that cannot, else why some provider could
+        not be asked (``unchecked``), else neither. Asked of a child process
         (``default_build``), which loads it saved in the scratch folder (``source``: its
-        bytes, when ``_check`` has them), external data beside it; once per model content,
-        for this verifier and those held apart from it (a search's choice and the result it
-        wrote are the same model)."""
+        bytes, when ``_check`` has them), external data beside it; a checked verdict is kept
+        once per model content, for this verifier and those held apart from it (a search's
+        choice and the result it wrote are the same model); one not checked is asked again."""
         key = _digest(model, source)
         if key in self._built:
             return self._built[key]
         path = os.path.join(self._scratch.name, "default-build.onnx")
-        problem = None
+        problem = unchecked = None
         try:
             if isinstance(source, bytes):
                 with open(path, "wb") as file:
@@ -1339,18 +1344,18 @@ class Verifier:
                 oir.save(model, path, external_data=oir.needs_external_data(model) or oir.uses_external_data(model))
             for provider in self.providers:
                 built = default_build(path, provider)
-                if built.unchecked is not None:
-                    warnings.warn(f"not checked that a user's session builds the result: {built.unchecked}",
-                                  PipelineWarning, stacklevel=2)
+                unchecked = unchecked or built.unchecked
                 if built.problem is not None:
-                    problem = built.problem
+                    problem = built.problem.replace(path, os.path.basename(path))  # no scratch path in a report
                     break
         finally:
             for leftover in (path, path + ".data"):
                 if os.path.exists(leftover):
                     os.remove(leftover)
-        self._built[key] = problem
-        return problem
+        verdict = DefaultBuild(problem=problem, unchecked=None if problem is not None else unchecked)
+        if verdict.unchecked is None:
+            self._built[key] = verdict
+        return verdict
 
     def _load_error(self, source: Any) -> str | None:
         """Why onnxruntime cannot load ``source`` (a model, its bytes, or a graph serialized
