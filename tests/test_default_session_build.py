@@ -64,16 +64,21 @@ def _original_outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarr
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-def test_fp16_keeps_float32_the_transpose_that_crashes_the_default_session(tmp_path: Path, capsys) -> None:
-    """The trigger float16 model crashes a default session; --fp16 writes one that a fresh
-    process builds at the default level, with the Transpose kept float32 for that reason,
-    whose outputs are within float16's error of onnxruntime's on the original."""
+def _skip_unless_the_trigger_crashes(tmp_path: Path) -> None:
+    """Skips where this onnxruntime's default session builds the float16 trigger."""
     trigger = tmp_path / "trigger16.onnx"
     onnx.save(_transpose_matmul(TP.FLOAT16), trigger)
     probe = subprocess.run([sys.executable, "-c", "import sys, onnxruntime as o; o.InferenceSession(sys.argv[1])",
                             str(trigger)], capture_output=True, timeout=300)
     if probe.returncode >= 0:
         pytest.skip(f"this onnxruntime ({ort.__version__}) builds a float16 Transpose->MatMul at its default level")
+
+
+def test_fp16_keeps_float32_the_transpose_that_crashes_the_default_session(tmp_path: Path, capsys) -> None:
+    """The trigger float16 model crashes a default session; --fp16 writes one that a fresh
+    process builds at the default level, with the Transpose kept float32 for that reason,
+    whose outputs are within float16's error of onnxruntime's on the original."""
+    _skip_unless_the_trigger_crashes(tmp_path)
     source = tmp_path / "two_nodes.onnx"
     onnx.save(_transpose_matmul(), source)
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
@@ -320,12 +325,7 @@ def test_a_killed_child_in_the_search_never_ships_a_model_the_default_session_cr
     """The real crash, with the search's second child killed (as the out-of-memory killer
     would): nothing converts, and the model written (float32, --allow-float-fallback) builds
     at the default level in a fresh process and equals onnxruntime's outputs on the original."""
-    trigger = tmp_path / "trigger16.onnx"
-    onnx.save(_transpose_matmul(TP.FLOAT16), trigger)
-    probe = subprocess.run([sys.executable, "-c", "import sys, onnxruntime as o; o.InferenceSession(sys.argv[1])",
-                            str(trigger)], capture_output=True, timeout=300)
-    if probe.returncode >= 0:
-        pytest.skip(f"this onnxruntime ({ort.__version__}) builds a float16 Transpose->MatMul at its default level")
+    _skip_unless_the_trigger_crashes(tmp_path)
     real, asked = default_build._command, []
 
     def command(path: str, provider: str) -> list[str]:
