@@ -1346,7 +1346,7 @@ class Verifier:
                 built = default_build(path, provider)
                 unchecked = unchecked or built.unchecked
                 if built.problem is not None:
-                    problem = built.problem.replace(path, os.path.basename(path))  # no scratch path in a report
+                    problem = built.problem
                     break
         finally:
             for leftover in (path, path + ".data"):

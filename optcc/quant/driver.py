@@ -372,11 +372,14 @@ class Int8Options:
         return result
 
 
-def _thin_words(judge: TaskJudge, samples: int) -> str:
+def _thin_words(judge: TaskJudge | None, samples: int) -> str:
     """``judge``'s thin components (``TaskJudge.thin``) in words: the errors its items hold
     at the allowed rate and about how many samples like these would hold
-    ``FEW_EXPECTED_ERRORS``; "" when none is thin. A verdict on such a component turns on one
-    or two items: more samples (with the task's content) make it decisive."""
+    ``FEW_EXPECTED_ERRORS``; "" when none is thin, or no floor was measured (the words read
+    only a floor already measured: they never measure one). A verdict on such a component
+    turns on one or two items: more samples (with the task's content) make it decisive."""
+    if judge is None or not judge.floor_measured:
+        return ""
     words = []
     for name in judge.thin():
         key, part = name.rsplit(":", 1)
@@ -539,7 +542,7 @@ def quantize_int8(
             return
         measured = judge is not None and judge.floor_measured
         stats["acceptance"]["floor"] = judge.floor if judge is not None and measured else None
-        thin = _thin_words(judge, len(judged)) if judge is not None and measured else ""  # never measures a floor
+        thin = _thin_words(judge, len(judged))
         if thin:
             stats["acceptance"]["thin"] = thin
         if not measured:
@@ -943,8 +946,7 @@ def quantize_int8(
             f"all {len(judged)} samples ({len(held)} held out)"
         if not report.get("confirmation", {}).get("passed", True):
             where = f"all {len(samples)} samples, as the verification judges them (met on the {len(held)} held out)"
-        # a candidate was judged: the floor the words read is measured
-        thin_words = _thin_words(judge, len(judged)) if judge is not None and judge.floor_measured else ""
+        thin_words = _thin_words(judge, len(judged))
         return decline("accuracy", f"INT8 misses the accuracy target on {where}: "
                                    f"{_describe_miss(evaluation, o.target)}; {how}; kept float32"
                                    + (f" ({thin_words})" if thin_words else ""))

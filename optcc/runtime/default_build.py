@@ -82,7 +82,8 @@ def default_build(path: str | os.PathLike, provider: str, timeout_s: float = DEF
     except OSError as e:
         return DefaultBuild(unchecked=f"no child process could ask {what}: {e}")
     lines = [line for line in done.stderr.decode(errors="replace").splitlines() if line.strip()]
-    said = lines[-1] if lines else f"exit code {done.returncode}"
+    # the file's name, not its folder (a scratch folder's name differs between runs)
+    said = lines[-1].replace(os.fspath(path), os.path.basename(path)) if lines else f"exit code {done.returncode}"
     if done.returncode == 0:
         return DefaultBuild()
     if done.returncode < 0:
